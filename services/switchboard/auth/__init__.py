@@ -1,0 +1,1 @@
+"""The AuthService: identity, sessions, tokens and API keys."""

@@ -1,0 +1,94 @@
+"""The ``switchboard`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from importlib import metadata
+
+from switchboard.mesh import create_server
+from switchboard.platform.config import ConfigError, Settings, load_settings
+from switchboard.platform.logging import configure_logging
+from switchboard.platform.server import BindError
+
+log = logging.getLogger("switchboard.cli")
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="switchboard", description="Switchboard: a typed gRPC mesh for AI assistants."
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command")
+    serve = sub.add_parser("serve", help="run the services in one process")
+    serve.add_argument("--host", help="address to bind (SWITCHBOARD_HOST)")
+    serve.add_argument("--port", type=int, help="port, 0 for any free one (SWITCHBOARD_PORT)")
+    serve.add_argument(
+        "--services", help="comma-separated services to run (SWITCHBOARD_SERVICES); default all"
+    )
+    serve.add_argument(
+        "--dev",
+        action="store_true",
+        default=None,
+        help="development mode: built-in insecure secrets allowed (SWITCHBOARD_DEV_MODE)",
+    )
+    return parser
+
+
+async def _serve(settings: Settings) -> int:
+    server, _port = await create_server(settings)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    await stop.wait()
+    log.info("signal received")
+    await server.shutdown()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.version:
+        print(metadata.version("switchboard-mesh"))
+        return 0
+    if args.command != "serve":
+        _parser().print_help()
+        return EXIT_CONFIG
+    overrides: dict[str, object] = {
+        key: value
+        for key, value in {
+            "host": args.host,
+            "port": args.port,
+            "services": args.services,
+            "dev_mode": args.dev,
+        }.items()
+        if value is not None
+    }
+    try:
+        settings = load_settings(**overrides)
+    except ConfigError as exc:
+        print(f"switchboard: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(settings.log_level, settings.log_format)
+    for name in settings.insecure_defaults_in_use():
+        log.warning(
+            "DEV MODE: %s is the built-in insecure default; never run like this in production",
+            name,
+        )
+    try:
+        return asyncio.run(_serve(settings))
+    except BindError as exc:
+        log.error("cannot start: %s", exc)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

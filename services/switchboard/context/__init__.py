@@ -1,0 +1,1 @@
+"""The ContextService: workspaces, conversations, messages, memory and context windows."""

@@ -1,0 +1,1 @@
+"""The DispatcherService: runs, routing, handlers and streamed answers."""

@@ -1,0 +1,1 @@
+"""The EventService: the replayable event log and subscriptions."""

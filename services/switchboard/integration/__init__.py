@@ -1,0 +1,1 @@
+"""The IntegrationService: external services, health, circuit breaking and tools."""

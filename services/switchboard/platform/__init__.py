@@ -1,0 +1,1 @@
+"""Shared server plumbing: settings, errors, logging, server assembly."""

@@ -1,0 +1,146 @@
+"""Typed settings, read once from the environment at start.
+
+Every setting has the prefix ``SWITCHBOARD_`` (``SWITCHBOARD_PORT=0``). The
+object is frozen and passed to constructors; nothing reads the environment
+after start. Secrets are ``SecretStr`` so they never print in reprs or logs.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Known-insecure values that are acceptable only in dev mode. A deployment
+# that forgets to set a secret fails at start instead of running on these.
+DEV_SECRET_KEY = "dev-only-insecure-secret-key-do-not-use-in-production"  # noqa: S105
+MIN_SECRET_KEY_LENGTH = 32
+MiB = 1024 * 1024
+ALL_SERVICES = ("auth", "context", "dispatcher", "integration", "events")
+
+
+class ConfigError(Exception):
+    """The settings are unusable; the process must not start."""
+
+
+class Settings(BaseSettings):
+    """All configuration of a Switchboard process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SWITCHBOARD_",
+        frozen=True,
+        extra="forbid",
+        case_sensitive=False,
+    )
+
+    # Where and how to listen.
+    host: str = Field(default="127.0.0.1", description="Address to bind.")
+    port: int = Field(default=50051, ge=0, le=65535, description="Port; 0 picks a free one.")
+    dev_mode: bool = Field(
+        default=False,
+        description="Development mode: allows built-in insecure secrets, with loud warnings.",
+    )
+    services: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=ALL_SERVICES,
+        description="Services this process serves, comma-separated; all by default.",
+    )
+
+    # Secrets.
+    secret_key: SecretStr = Field(
+        default=SecretStr(""),
+        description="Server secret (signs page tokens and internal state); >= 32 chars.",
+    )
+
+    # Logging.
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+
+    # Transport limits. Each exists so that one client cannot exhaust the process.
+    max_receive_message_bytes: int = Field(default=4 * MiB, ge=1024, le=64 * MiB)
+    max_send_message_bytes: int = Field(default=4 * MiB, ge=1024, le=64 * MiB)
+    max_metadata_bytes: int = Field(default=16 * 1024, ge=1024, le=1 * MiB)
+    max_concurrent_streams: int = Field(default=100, ge=1, le=10_000)
+    max_concurrent_rpcs: int = Field(default=1000, ge=1, le=100_000)
+    keepalive_time_s: float = Field(default=60.0, gt=0)
+    keepalive_timeout_s: float = Field(default=20.0, gt=0)
+    keepalive_min_client_ping_interval_s: float = Field(
+        default=30.0, gt=0, description="Client pings more often than this earn strikes."
+    )
+    keepalive_max_ping_strikes: int = Field(default=2, ge=0)
+    max_connection_idle_s: float = Field(default=3600.0, gt=0)
+    max_connection_age_s: float = Field(default=0.0, ge=0, description="0 disables.")
+    max_connection_age_grace_s: float = Field(default=30.0, ge=0)
+
+    # Shutdown.
+    shutdown_grace_s: float = Field(
+        default=10.0, ge=0, description="How long in-flight calls may finish after SIGTERM."
+    )
+    shutdown_drain_delay_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="Time between health NOT_SERVING and refusing new calls, for load balancers.",
+    )
+
+    @field_validator("services", mode="before")
+    @classmethod
+    def _split_services(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("services")
+    @classmethod
+    def _known_services(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = sorted(set(value) - set(ALL_SERVICES))
+        if unknown:
+            raise ValueError(f"unknown services {unknown}; choose from {list(ALL_SERVICES)}")
+        if not value:
+            raise ValueError("at least one service must be served")
+        # Keep a stable order and drop duplicates.
+        return tuple(name for name in ALL_SERVICES if name in value)
+
+    @model_validator(mode="after")
+    def _check_secrets(self) -> Settings:
+        key = self.secret_key.get_secret_value()
+        if self.dev_mode:
+            return self
+        if not key:
+            raise ValueError(
+                "SWITCHBOARD_SECRET_KEY is required outside dev mode "
+                "(set SWITCHBOARD_DEV_MODE=true for local development)"
+            )
+        if key == DEV_SECRET_KEY:
+            raise ValueError("SWITCHBOARD_SECRET_KEY is the built-in dev key; refusing to start")
+        if len(key) < MIN_SECRET_KEY_LENGTH:
+            raise ValueError(
+                f"SWITCHBOARD_SECRET_KEY must be at least {MIN_SECRET_KEY_LENGTH} characters"
+            )
+        return self
+
+    def effective_secret_key(self) -> str:
+        """The secret in force: the configured one, or the dev key in dev mode."""
+        key = self.secret_key.get_secret_value()
+        if not key and self.dev_mode:
+            return DEV_SECRET_KEY
+        return key
+
+    def insecure_defaults_in_use(self) -> list[str]:
+        """Names of settings running on built-in dev values (for start-up warnings)."""
+        insecure: list[str] = []
+        if self.effective_secret_key() == DEV_SECRET_KEY:
+            insecure.append("SWITCHBOARD_SECRET_KEY")
+        return insecure
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment, with explicit overrides (CLI flags) on top."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"])
+            message = str(error["msg"]).removeprefix("Value error, ")
+            problems.append(f"SWITCHBOARD_{where.upper()}: {message}" if where else message)
+        raise ConfigError("; ".join(problems)) from None

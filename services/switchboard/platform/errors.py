@@ -1,0 +1,196 @@
+"""The one root exception of the mesh and its typed subclasses.
+
+Domain code raises these; it never imports grpc. One interceptor
+(``switchboard.platform.interceptors``) maps each to a ``google.rpc.Status``
+with an ``ErrorInfo`` (reason from ``switchboard.api.common.v1.ErrorReason``)
+and, where relevant, ``BadRequest``, ``RetryInfo`` or ``QuotaFailure`` details.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+ERROR_DOMAIN = "switchboard.dev"
+
+
+class Code(enum.IntEnum):
+    """Canonical status codes (google.rpc.Code), without depending on grpc."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One invalid field: its path (``workspace.display_name``) and what is wrong."""
+
+    field: str
+    description: str
+
+
+class SwitchboardError(Exception):
+    """Root of every error a client may see. Its message is shown to the client."""
+
+    code: Code = Code.INTERNAL
+    reason: str = "ERROR_REASON_INTERNAL"
+
+    def __init__(self, message: str, *, metadata: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.metadata: dict[str, str] = dict(metadata or {})
+
+
+class InvalidArgument(SwitchboardError):
+    """The request is malformed; lists every offending field."""
+
+    code = Code.INVALID_ARGUMENT
+    reason = "ERROR_REASON_INVALID_ARGUMENT"
+
+    def __init__(
+        self,
+        message: str,
+        violations: Sequence[FieldViolation] = (),
+        *,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, metadata=metadata)
+        self.violations = tuple(violations)
+
+
+class Unauthenticated(SwitchboardError):
+    """No credentials, or credentials that do not verify."""
+
+    code = Code.UNAUTHENTICATED
+    reason = "ERROR_REASON_UNAUTHENTICATED"
+
+
+class TokenExpired(Unauthenticated):
+    """The access token has expired."""
+
+    reason = "ERROR_REASON_TOKEN_EXPIRED"
+
+
+class SessionRevoked(Unauthenticated):
+    """The session behind the credentials was revoked."""
+
+    reason = "ERROR_REASON_SESSION_REVOKED"
+
+
+class PermissionDenied(SwitchboardError):
+    """Authenticated, but not allowed to do this."""
+
+    code = Code.PERMISSION_DENIED
+    reason = "ERROR_REASON_PERMISSION_DENIED"
+
+
+class NotFound(SwitchboardError):
+    """The resource does not exist or the caller may not know it exists."""
+
+    code = Code.NOT_FOUND
+    reason = "ERROR_REASON_NOT_FOUND"
+
+
+class AlreadyExists(SwitchboardError):
+    """A resource with this identity exists."""
+
+    code = Code.ALREADY_EXISTS
+    reason = "ERROR_REASON_ALREADY_EXISTS"
+
+
+class EtagMismatch(SwitchboardError):
+    """Optimistic concurrency failed: the caller's etag is stale."""
+
+    code = Code.ABORTED
+    reason = "ERROR_REASON_ETAG_MISMATCH"
+
+
+class FailedPrecondition(SwitchboardError):
+    """The resource is not in a state that allows the action."""
+
+    code = Code.FAILED_PRECONDITION
+    reason = "ERROR_REASON_FAILED_PRECONDITION"
+
+
+class RateLimited(SwitchboardError):
+    """Too many requests; retry after ``retry_after_s``."""
+
+    code = Code.RESOURCE_EXHAUSTED
+    reason = "ERROR_REASON_RATE_LIMITED"
+
+    def __init__(
+        self, message: str, *, retry_after_s: float, metadata: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(message, metadata=metadata)
+        self.retry_after_s = retry_after_s
+
+
+class QuotaExceeded(SwitchboardError):
+    """A size, count or concurrency limit was hit; ``subject`` names the limit."""
+
+    code = Code.RESOURCE_EXHAUSTED
+    reason = "ERROR_REASON_QUOTA_EXCEEDED"
+
+    def __init__(
+        self, message: str, *, subject: str, metadata: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(message, metadata=metadata)
+        self.subject = subject
+
+
+class CursorExpired(SwitchboardError):
+    """An event cursor is older than retention; metadata names the oldest cursor."""
+
+    code = Code.OUT_OF_RANGE
+    reason = "ERROR_REASON_CURSOR_EXPIRED"
+
+
+class DependencyUnavailable(SwitchboardError):
+    """A dependency is down; the caller should retry with backoff."""
+
+    code = Code.UNAVAILABLE
+    reason = "ERROR_REASON_DEPENDENCY_UNAVAILABLE"
+
+
+class ServerUnavailable(SwitchboardError):
+    """This server is shutting down or not ready."""
+
+    code = Code.UNAVAILABLE
+    reason = "ERROR_REASON_UNAVAILABLE"
+
+
+class DeadlineExceeded(SwitchboardError):
+    """The operation ran out of time."""
+
+    code = Code.DEADLINE_EXCEEDED
+    reason = "ERROR_REASON_DEADLINE_EXCEEDED"
+
+
+class NotImplementedYet(SwitchboardError):
+    """The RPC is in the contract but not served by this version."""
+
+    code = Code.UNIMPLEMENTED
+    reason = "ERROR_REASON_NOT_IMPLEMENTED"
+
+
+class InternalError(SwitchboardError):
+    """A fault the client cannot fix; the message must stay generic."""
+
+    code = Code.INTERNAL
+    reason = "ERROR_REASON_INTERNAL"

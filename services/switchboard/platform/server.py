@@ -1,0 +1,157 @@
+"""Server assembly: one grpc.aio server with limits, health, reflection and the interceptor.
+
+``build_server`` knows nothing about particular services: it takes
+registrations. ``switchboard.mesh.create_server`` decides which services run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+
+from switchboard.platform.config import Settings
+from switchboard.platform.interceptors import ErrorInterceptor
+from switchboard.platform.reflection import enable_reflection
+
+log = logging.getLogger("switchboard.server")
+
+HEALTH_SERVICE = "grpc.health.v1.Health"
+
+
+class BindError(Exception):
+    """The server could not listen on the requested address."""
+
+
+@dataclass(frozen=True)
+class ServiceRegistration:
+    """One service to serve: its full name, the servicer and the generated adder."""
+
+    name: str
+    servicer: object
+    add_to_server: Callable[[Any, aio.Server], None]
+
+
+def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    """Channel arguments enforcing the transport limits in ``settings``."""
+    ms = 1000
+    options = [
+        ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
+        ("grpc.max_send_message_length", settings.max_send_message_bytes),
+        ("grpc.max_metadata_size", settings.max_metadata_bytes),
+        ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        ("grpc.keepalive_time_ms", int(settings.keepalive_time_s * ms)),
+        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * ms)),
+        # Keepalive enforcement: a client pinging more often than this (with or
+        # without calls in flight) earns strikes and is disconnected with
+        # GOAWAY ENHANCE_YOUR_CALM after max_ping_strikes.
+        (
+            "grpc.http2.min_recv_ping_interval_without_data_ms",
+            int(settings.keepalive_min_client_ping_interval_s * ms),
+        ),
+        ("grpc.http2.min_ping_interval_without_data_ms",
+         int(settings.keepalive_min_client_ping_interval_s * ms)),
+        ("grpc.http2.max_ping_strikes", settings.keepalive_max_ping_strikes),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.max_connection_idle_ms", int(settings.max_connection_idle_s * ms)),
+        ("grpc.so_reuseport", 0),
+    ]
+    if settings.max_connection_age_s > 0:
+        options += [
+            ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * ms)),
+            ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * ms)),
+        ]
+    return options
+
+
+class SwitchboardServer:
+    """A bound server: start it, stop it gracefully, wait for it."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        server: aio.Server,
+        health: HealthServicer,
+        port: int,
+        service_names: Sequence[str],
+        resources: contextlib.AsyncExitStack,
+    ) -> None:
+        self.settings = settings
+        self.grpc_server = server
+        self.health = health
+        self.port = port
+        self.service_names = tuple(service_names)
+        self._resources = resources
+        self._stopped = asyncio.Event()
+        self._stopping = False
+
+    @property
+    def address(self) -> str:
+        host = self.settings.host
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        await self.grpc_server.start()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        for name in self.service_names:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "switchboard listening",
+            extra={"address": self.address, "port": self.port, "services": list(self.service_names)},
+        )
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Health to NOT_SERVING, optional drain delay, refuse new calls, let
+        in-flight calls finish within ``grace``, then close resources."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        grace_s = self.settings.shutdown_grace_s if grace is None else grace
+        log.info("shutting down", extra={"grace_s": grace_s})
+        await self.health.enter_graceful_shutdown()
+        if self.settings.shutdown_drain_delay_s > 0:
+            await asyncio.sleep(self.settings.shutdown_drain_delay_s)
+        await self.grpc_server.stop(grace_s)
+        await self._resources.aclose()
+        log.info("stopped")
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+async def build_server(
+    settings: Settings, registrations: Sequence[ServiceRegistration]
+) -> SwitchboardServer:
+    """Create, configure and bind the server (not started). Raises BindError."""
+    resources = contextlib.AsyncExitStack()
+    server = aio.server(
+        interceptors=[ErrorInterceptor()],
+        options=grpc_options(settings),
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    for registration in registrations:
+        registration.add_to_server(registration.servicer, server)
+    names = [r.name for r in registrations]
+    enable_reflection(server, [*names, HEALTH_SERVICE])
+    address = (
+        f"[{settings.host}]:{settings.port}" if ":" in settings.host
+        else f"{settings.host}:{settings.port}"
+    )
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise BindError(f"cannot listen on {address}: {exc}") from exc
+    if port == 0:
+        raise BindError(f"cannot listen on {address}")
+    return SwitchboardServer(settings, server, health, port, names, resources)
