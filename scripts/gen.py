@@ -57,7 +57,7 @@ def generate(out: Path) -> None:
         f"--mypy_grpc_out={out}",
         *protos,
     ]
-    done = subprocess.run(cmd, cwd=PROTO, capture_output=True, text=True)
+    done = subprocess.run(cmd, check=False, cwd=PROTO, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"gen: protoc failed:\n{done.stderr}")
     for path in sorted(out.rglob("*")):
@@ -89,7 +89,11 @@ def main() -> int:
         if args.check:
             drift = sorted(
                 set(fresh) ^ set(current)
-                | {k for k in set(fresh) & set(current) if not filecmp.cmp(fresh[k], current[k], shallow=False)}
+                | {
+                    k
+                    for k in set(fresh) & set(current)
+                    if not filecmp.cmp(fresh[k], current[k], shallow=False)
+                }
             )
             if drift:
                 print("gen/ is stale; run `make gen`. Drifted files:", *drift, sep="\n  ")

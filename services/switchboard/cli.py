@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return asyncio.run(_serve(settings))
     except BindError as exc:
-        log.error("cannot start: %s", exc)
+        log.error("cannot start: %s", exc)  # noqa: TRY400 - no traceback for a config problem
         return EXIT_CONFIG
 
 

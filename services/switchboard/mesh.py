@@ -22,30 +22,32 @@ from switchboard.platform.config import Settings
 from switchboard.platform.server import ServiceRegistration, SwitchboardServer, build_server
 
 # Short name (for SWITCHBOARD_SERVICES / --services) -> how to build it.
+# (mypy sees the generated bases' RPCs as abstract; @unimplemented_rpcs fills
+# every RPC a servicer does not define, hence the ignores.)
 SERVICE_FACTORIES: dict[str, Callable[[Settings], ServiceRegistration]] = {
     "auth": lambda _s: ServiceRegistration(
         "switchboard.api.auth.v1.AuthService",
-        AuthServiceServicer(),
+        AuthServiceServicer(),  # type: ignore[abstract]
         auth_pb2_grpc.add_AuthServiceServicer_to_server,
     ),
     "context": lambda _s: ServiceRegistration(
         "switchboard.api.context.v1.ContextService",
-        ContextServiceServicer(),
+        ContextServiceServicer(),  # type: ignore[abstract]
         context_pb2_grpc.add_ContextServiceServicer_to_server,
     ),
     "dispatcher": lambda _s: ServiceRegistration(
         "switchboard.api.dispatcher.v1.DispatcherService",
-        DispatcherServiceServicer(),
+        DispatcherServiceServicer(),  # type: ignore[abstract]
         dispatcher_pb2_grpc.add_DispatcherServiceServicer_to_server,
     ),
     "integration": lambda _s: ServiceRegistration(
         "switchboard.api.integration.v1.IntegrationService",
-        IntegrationServiceServicer(),
+        IntegrationServiceServicer(),  # type: ignore[abstract]
         integration_pb2_grpc.add_IntegrationServiceServicer_to_server,
     ),
     "events": lambda _s: ServiceRegistration(
         "switchboard.api.events.v1.EventService",
-        EventServiceServicer(),
+        EventServiceServicer(),  # type: ignore[abstract]
         events_pb2_grpc.add_EventServiceServicer_to_server,
     ),
 }

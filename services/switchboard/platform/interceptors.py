@@ -16,7 +16,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc import aio
@@ -34,6 +34,13 @@ _QUIET_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 GENERIC_INTERNAL_MESSAGE = "internal error; quote the request id when reporting it"
 
 Behavior = Callable[..., Any]
+
+if TYPE_CHECKING:
+    Handler = grpc.RpcMethodHandler[Any, Any]
+    _InterceptorBase = aio.ServerInterceptor[Any, Any]
+else:  # the runtime classes are not subscriptable
+    Handler = grpc.RpcMethodHandler
+    _InterceptorBase = aio.ServerInterceptor
 
 
 def _request_id(details: grpc.HandlerCallDetails) -> str:
@@ -76,13 +83,11 @@ class _Call:
         if isinstance(exc, SwitchboardError):
             error = exc
         else:
-            error_log.error(
-                "unhandled exception", exc_info=(type(exc), exc, exc.__traceback__)
-            )
+            error_log.error("unhandled exception", exc_info=(type(exc), exc, exc.__traceback__))
             error = InternalError(GENERIC_INTERNAL_MESSAGE)
         status = to_grpc_status(error, self.request_id)
         self.code = status.code
-        await context.abort_with_status(status)
+        await context.abort(status.code, status.details, status.trailing_metadata)
 
 
 def _wrap_unary_response(method: str, request_id: str, behavior: Behavior) -> Behavior:
@@ -98,7 +103,7 @@ def _wrap_unary_response(method: str, request_id: str, behavior: Behavior) -> Be
         except (asyncio.CancelledError, aio.AbortError):
             call.code = context.code() if _has_code(context) else grpc.StatusCode.CANCELLED
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the one place every fault is mapped
             await call.fail(context, exc)
         finally:
             call.leave(context)
@@ -125,7 +130,7 @@ def _wrap_stream_response(method: str, request_id: str, behavior: Behavior) -> B
         except (asyncio.CancelledError, aio.AbortError):
             call.code = context.code() if _has_code(context) else grpc.StatusCode.CANCELLED
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the one place every fault is mapped
             await call.fail(context, exc)
         finally:
             call.leave(context)
@@ -138,17 +143,17 @@ def _has_code(context: aio.ServicerContext[Any, Any]) -> bool:
     return isinstance(code, grpc.StatusCode)
 
 
-class ErrorInterceptor(aio.ServerInterceptor):
+class ErrorInterceptor(_InterceptorBase):
     """Wraps every handler with request-id, access-log and error-mapping logic."""
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
+    ) -> Handler:
+        handler: Handler | None = await continuation(handler_call_details)
+        if handler is None:  # unknown method: grpc answers UNIMPLEMENTED itself
+            return handler  # type: ignore[return-value]
         method = handler_call_details.method
         request_id = _request_id(handler_call_details)
         common = {

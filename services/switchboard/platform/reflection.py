@@ -13,7 +13,8 @@ from collections.abc import Iterable
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc import aio
-from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha import _async as reflection_aio
+from grpc_reflection.v1alpha import reflection_pb2
 
 V1ALPHA_SERVICE = "grpc.reflection.v1alpha.ServerReflection"
 V1_SERVICE = "grpc.reflection.v1.ServerReflection"
@@ -48,7 +49,7 @@ def enable_reflection(server: aio.Server, service_names: Iterable[str]) -> list[
     pool = descriptor_pool.Default()
     _register_v1_descriptor(pool)
     names = sorted({*service_names, V1_SERVICE, V1ALPHA_SERVICE})
-    servicer = reflection.aio.ReflectionServicer(names, pool=pool)
+    servicer = reflection_aio.ReflectionServicer(names, pool=pool)
     handler = grpc.stream_stream_rpc_method_handler(
         servicer.ServerReflectionInfo,
         request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,

@@ -56,8 +56,10 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
             "grpc.http2.min_recv_ping_interval_without_data_ms",
             int(settings.keepalive_min_client_ping_interval_s * ms),
         ),
-        ("grpc.http2.min_ping_interval_without_data_ms",
-         int(settings.keepalive_min_client_ping_interval_s * ms)),
+        (
+            "grpc.http2.min_ping_interval_without_data_ms",
+            int(settings.keepalive_min_client_ping_interval_s * ms),
+        ),
         ("grpc.http2.max_ping_strikes", settings.keepalive_max_ping_strikes),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.max_connection_idle_ms", int(settings.max_connection_idle_s * ms)),
@@ -104,7 +106,11 @@ class SwitchboardServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "switchboard listening",
-            extra={"address": self.address, "port": self.port, "services": list(self.service_names)},
+            extra={
+                "address": self.address,
+                "port": self.port,
+                "services": list(self.service_names),
+            },
         )
 
     async def shutdown(self, grace: float | None = None) -> None:
@@ -145,7 +151,8 @@ async def build_server(
     names = [r.name for r in registrations]
     enable_reflection(server, [*names, HEALTH_SERVICE])
     address = (
-        f"[{settings.host}]:{settings.port}" if ":" in settings.host
+        f"[{settings.host}]:{settings.port}"
+        if ":" in settings.host
         else f"{settings.host}:{settings.port}"
     )
     try:

@@ -44,9 +44,7 @@ def to_status_proto(error: SwitchboardError, request_id: str) -> status_pb2.Stat
         metadata["request_id"] = request_id
     details = [
         _pack(
-            error_details_pb2.ErrorInfo(
-                reason=error.reason, domain=ERROR_DOMAIN, metadata=metadata
-            )
+            error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=metadata)
         )
     ]
     if isinstance(error, InvalidArgument) and error.violations:

@@ -1,0 +1,52 @@
+# Switchboard: one command to run the mesh, one to run every check.
+#   make run    start the mesh on embedded defaults (creates .venv on first use)
+#   make test   ruff, mypy --strict, contract checks, and the whole pytest suite
+#   make gen    regenerate gen/ from proto/ (offline)
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+HOST   ?= 127.0.0.1
+PORT   ?= 50051
+
+.PHONY: run serve test check lint typecheck contracts gen tools pytest clean help
+
+help:
+	@sed -n '2,5p' Makefile
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Dev mode: built-in secrets with a loud warning. Production sets SWITCHBOARD_SECRET_KEY.
+run serve: $(STAMP)
+	$(VENV)/bin/switchboard serve --dev --host $(HOST) --port $(PORT)
+
+gen: $(STAMP)
+	$(PY) scripts/gen.py
+
+tools: $(STAMP)
+	bash scripts/install-tools.sh
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+contracts: $(STAMP)
+	bash scripts/check-contracts.sh
+
+pytest: $(STAMP) tools
+	$(VENV)/bin/pytest
+
+test check: lint typecheck contracts pytest
+
+clean:
+	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache clients/node/node_modules

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Contract checks: buf lint (STANDARD + COMMENTS), buf format, buf breaking
+# against every earlier commit that changed proto/, and no drift in gen/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+BUF=${BUF:-.venv/bin/buf}
+
+echo "contracts: buf lint"
+"$BUF" lint
+echo "contracts: buf format"
+"$BUF" format --diff --exit-code proto
+echo "contracts: buf breaking"
+compared=0
+if git rev-parse --verify -q HEAD >/dev/null; then
+  # Uncommitted edits are compared against HEAD; committed history against each
+  # earlier commit that touched proto/ (so a break anywhere in a push is caught).
+  if ! git diff --quiet HEAD -- proto; then
+    "$BUF" breaking proto --against ".git#ref=HEAD,subdir=proto"
+    compared=$((compared + 1))
+  fi
+  for ref in $(git log --format=%H -n 25 HEAD~1 -- proto 2>/dev/null || true); do
+    if git cat-file -e "$ref:proto" 2>/dev/null; then
+      "$BUF" breaking proto --against ".git#ref=$ref,subdir=proto"
+      compared=$((compared + 1))
+    fi
+  done
+fi
+echo "contracts: no breaking change against $compared earlier contract versions"
+echo "contracts: generated code"
+"$PY" scripts/gen.py --check

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Installs the external tools the tests drive, into .tools/bin (pinned versions):
+#   grpcurl, grpc-health-probe (Go), and the Node client's packages (npm ci).
+# Idempotent: a tool already at the pinned version is left alone.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+BIN="$ROOT/.tools/bin"
+mkdir -p "$BIN"
+export GOBIN="$BIN" GOFLAGS=-buildvcs=false
+
+GRPCURL_VERSION=v1.9.4
+HEALTH_PROBE_VERSION=v0.4.39
+# grpc-health-probe is not listed by the Go module proxy's index or checksum
+# database here, so `go install` refuses it; we download the module zip and pin
+# its hash ourselves instead of trusting whatever arrives.
+HEALTH_PROBE_SUM="h1:VHq7cgXihbKBxbFFT6p5ZptPNE1GOvDeStqQOa4024Y="
+
+stamp() { echo "$BIN/.$1-$2"; }
+
+if [[ ! -x "$BIN/grpcurl" || ! -e "$(stamp grpcurl $GRPCURL_VERSION)" ]]; then
+  echo "tools: installing grpcurl $GRPCURL_VERSION"
+  go install "github.com/fullstorydev/grpcurl/cmd/grpcurl@$GRPCURL_VERSION"
+  touch "$(stamp grpcurl $GRPCURL_VERSION)"
+fi
+
+if [[ ! -x "$BIN/grpc-health-probe" || ! -e "$(stamp health-probe $HEALTH_PROBE_VERSION)" ]]; then
+  echo "tools: installing grpc-health-probe $HEALTH_PROBE_VERSION"
+  info=$(GONOSUMDB=github.com/grpc-ecosystem/grpc-health-probe \
+    go mod download -json "github.com/grpc-ecosystem/grpc-health-probe@$HEALTH_PROBE_VERSION")
+  sum=$(printf '%s' "$info" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Sum"])')
+  dir=$(printf '%s' "$info" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
+  if [[ "$sum" != "$HEALTH_PROBE_SUM" ]]; then
+    echo "tools: grpc-health-probe hash mismatch: got $sum, want $HEALTH_PROBE_SUM" >&2
+    exit 1
+  fi
+  (cd "$dir" && go build -o "$BIN/grpc-health-probe" .)
+  touch "$(stamp health-probe $HEALTH_PROBE_VERSION)"
+fi
+
+if [[ ! -d clients/node/node_modules/@grpc/grpc-js ]] \
+  || [[ clients/node/package-lock.json -nt clients/node/node_modules/.package-lock.json ]]; then
+  echo "tools: installing the Node client's packages"
+  (cd clients/node && npm ci --no-audit --no-fund --loglevel=error)
+fi
+echo "tools: ready in $BIN"

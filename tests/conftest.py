@@ -1,0 +1,40 @@
+"""Shared fixtures: an in-process server on port 0 and a channel to it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from grpc import aio
+
+from switchboard.mesh import create_server
+from switchboard.platform.config import Settings
+from switchboard.platform.server import SwitchboardServer
+
+
+def make_settings(**overrides: object) -> Settings:
+    """Settings for tests: loopback, port 0, dev mode, JSON logs."""
+    values: dict[str, object] = {"host": "127.0.0.1", "port": 0, "dev_mode": True}
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return make_settings()
+
+
+@pytest.fixture
+async def mesh(settings: Settings) -> AsyncIterator[SwitchboardServer]:
+    server, _port = await create_server(settings)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.shutdown(grace=0)
+
+
+@pytest.fixture
+async def channel(mesh: SwitchboardServer) -> AsyncIterator[aio.Channel]:
+    async with aio.insecure_channel(mesh.address) as chan:
+        yield chan

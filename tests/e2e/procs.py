@@ -1,0 +1,110 @@
+"""Real `switchboard serve` processes and external tools for end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = 30.0
+
+
+def tool(name: str) -> str:
+    """Path of an external tool installed by `make tools`; a missing tool fails the test."""
+    candidates = [os.environ.get("SWITCHBOARD_TOOLS_BIN", ""), str(ROOT / ".tools" / "bin")]
+    for directory in candidates:
+        if directory and (Path(directory) / name).is_file():
+            return str(Path(directory) / name)
+    found = shutil.which(name)
+    if found:
+        return found
+    pytest.fail(f"{name} is not installed; run `make tools` (the test command does this)")
+
+
+class ServeProcess:
+    """`switchboard serve --port 0` in a subprocess; the bound port comes from its log."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.args = ["serve", "--host", "127.0.0.1", "--port", "0", *args]
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
+        full_env.update(env or {})
+        self.env = full_env
+        self.lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.log: list[dict[str, Any]] = []
+        self.proc: subprocess.Popen[str] | None = None
+        self.port = 0
+
+    def start(self) -> ServeProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "switchboard.cli", *self.args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=self.env,
+        )
+        threading.Thread(target=self._pump, daemon=True).start()
+        entry = self.wait_for("switchboard listening")
+        self.port = int(entry["port"])
+        return self
+
+    def _pump(self) -> None:
+        assert self.proc is not None
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            try:
+                entry = json.loads(raw)
+            except json.JSONDecodeError:
+                entry = {"message": raw.rstrip("\n"), "raw": True}
+            self.lines.put(entry)
+        self.lines.put(None)
+
+    def wait_for(self, message: str, timeout: float = START_TIMEOUT_S) -> dict[str, Any]:
+        """Block until a log line with this message arrives (or the process ends)."""
+        while True:
+            try:
+                entry = self.lines.get(timeout=timeout)
+            except queue.Empty:
+                pytest.fail(f"no log line {message!r} within {timeout}s; log: {self.log}")
+            if entry is None:
+                pytest.fail(f"process ended before logging {message!r}; log: {self.log}")
+            self.log.append(entry)
+            if entry.get("message") == message:
+                return entry
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def __enter__(self) -> ServeProcess:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+def run(cmd: list[str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)

@@ -1,0 +1,83 @@
+"""The real `switchboard serve` process: start-up, refusal, and SIGTERM."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.e2e.procs import ServeProcess
+
+pytestmark = pytest.mark.e2e
+
+
+def test_serve_logs_bound_address_and_stops_gracefully_on_sigterm() -> None:
+    with ServeProcess("--dev") as serve:
+        listening = serve.log[-1]
+        assert listening["address"] == serve.address
+        assert len(listening["services"]) == 5
+        with grpc.insecure_channel(serve.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            watch = stub.Watch(health_pb2.HealthCheckRequest(), timeout=30)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            assert serve.proc is not None
+            serve.proc.send_signal(__import__("signal").SIGTERM)
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            watch.cancel()
+        assert serve.terminate() == 0
+        serve.wait_for("stopped")
+
+
+def test_serve_warns_loudly_in_dev_mode() -> None:
+    with ServeProcess("--dev") as serve:
+        warnings = [e for e in serve.log if e.get("level") == "WARNING"]
+        assert any("DEV MODE" in str(e["message"]) for e in warnings)
+        assert serve.terminate() == 0
+
+
+def test_serve_refuses_default_secret_outside_dev_mode() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "switchboard.cli", "serve", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin"},
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "SWITCHBOARD_SECRET_KEY is required outside dev mode" in done.stderr
+
+
+def test_serve_runs_outside_dev_mode_with_a_real_secret() -> None:
+    with ServeProcess(env={"SWITCHBOARD_SECRET_KEY": "s" * 40}) as serve:
+        assert not [e for e in serve.log if e.get("level") == "WARNING"]
+        assert serve.terminate() == 0
+
+
+def test_serve_reports_a_port_in_use() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "switchboard.cli", "serve", "--dev", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert done.returncode == 2
+    assert "cannot listen on 127.0.0.1:" in done.stderr
+
+
+def test_serve_a_subset_of_services() -> None:
+    with ServeProcess("--dev", "--services", "auth,events") as serve:
+        assert serve.log[-1]["services"] == [
+            "switchboard.api.auth.v1.AuthService",
+            "switchboard.api.events.v1.EventService",
+        ]
+        assert serve.terminate() == 0

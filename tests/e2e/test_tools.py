@@ -1,0 +1,125 @@
+"""Real external clients: grpcurl through reflection, grpc-health-probe, and a
+Node.js client with stubs loaded from the same protos."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from tests.e2e.procs import ROOT, ServeProcess, run, tool
+from tests.service.test_reflection import EXPECTED
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def serve() -> Iterator[ServeProcess]:
+    with ServeProcess("--dev") as process:
+        yield process
+        assert process.terminate() == 0
+
+
+def test_grpcurl_lists_every_service(serve: ServeProcess) -> None:
+    done = run([tool("grpcurl"), "-plaintext", serve.address, "list"])
+    assert done.returncode == 0, done.stderr
+    assert set(done.stdout.split()) == EXPECTED
+
+
+@pytest.mark.parametrize(
+    ("service", "rpcs"),
+    [
+        ("switchboard.api.auth.v1.AuthService", ["Login", "RefreshToken", "GetJwks"]),
+        ("switchboard.api.context.v1.ContextService", ["GetContextWindow", "SearchMemoryItems"]),
+        ("switchboard.api.dispatcher.v1.DispatcherService", ["WatchRun", "Converse"]),
+        ("switchboard.api.integration.v1.IntegrationService", ["InvokeTool"]),
+        ("switchboard.api.events.v1.EventService", ["Subscribe", "Stream", "ListEvents"]),
+    ],
+)
+def test_grpcurl_describes_services(serve: ServeProcess, service: str, rpcs: list[str]) -> None:
+    done = run([tool("grpcurl"), "-plaintext", serve.address, "describe", service])
+    assert done.returncode == 0, done.stderr
+    for rpc in rpcs:
+        assert f"rpc {rpc}" in done.stdout
+
+
+def test_grpcurl_describes_a_message_with_its_oneof(serve: ServeProcess) -> None:
+    done = run(
+        [
+            tool("grpcurl"),
+            "-plaintext",
+            serve.address,
+            "describe",
+            "switchboard.api.events.v1.Event",
+        ]
+    )
+    assert done.returncode == 0, done.stderr
+    assert "oneof payload" in done.stdout
+    assert (
+        ".switchboard.api.context.v1.Message"
+        in run(
+            [
+                tool("grpcurl"),
+                "-plaintext",
+                serve.address,
+                "describe",
+                "switchboard.api.events.v1.MessageCreated",
+            ]
+        ).stdout
+    )
+
+
+def test_grpcurl_sees_rich_error_details(serve: ServeProcess) -> None:
+    done = run(
+        [
+            tool("grpcurl"),
+            "-plaintext",
+            "-d",
+            "{}",
+            serve.address,
+            "switchboard.api.auth.v1.AuthService/GetJwks",
+        ]
+    )
+    assert done.returncode != 0
+    assert "Code: Unimplemented" in done.stderr
+    assert "ERROR_REASON_NOT_IMPLEMENTED" in done.stderr
+    assert "type.googleapis.com/google.rpc.ErrorInfo" in done.stderr
+
+
+def test_grpcurl_health_check(serve: ServeProcess) -> None:
+    done = run([tool("grpcurl"), "-plaintext", serve.address, "grpc.health.v1.Health/Check"])
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"status": "SERVING"}
+
+
+@pytest.mark.parametrize("service", ["", "switchboard.api.dispatcher.v1.DispatcherService"])
+def test_grpc_health_probe_passes(serve: ServeProcess, service: str) -> None:
+    done = run([tool("grpc-health-probe"), "-addr", serve.address, "-service", service])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "status: SERVING" in done.stdout + done.stderr
+
+
+def test_grpc_health_probe_fails_for_unknown_service(serve: ServeProcess) -> None:
+    done = run([tool("grpc-health-probe"), "-addr", serve.address, "-service", "no.Such"])
+    # grpc-health-probe: 3 = the health RPC failed (NOT_FOUND for an unknown service).
+    assert done.returncode == 3, done.stdout + done.stderr
+
+
+def test_node_client_calls_health_and_an_rpc(serve: ServeProcess) -> None:
+    node_dir = ROOT / "clients" / "node"
+    if not (node_dir / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        pytest.fail("Node client dependencies missing; run `make tools`")
+    done = run([tool("node"), str(node_dir / "smoke.mjs"), serve.address])
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["health"] == {
+        "": "SERVING",
+        "switchboard.api.auth.v1.AuthService": "SERVING",
+    }
+    jwks = result["getJwks"]
+    assert jwks["ok"] is False
+    assert jwks["codeName"] == "UNIMPLEMENTED"
+    assert jwks["errorInfo"]["reason"] == "ERROR_REASON_NOT_IMPLEMENTED"
+    assert jwks["errorInfo"]["domain"] == "switchboard.dev"
+    assert len(jwks["errorInfo"]["metadata"]["request_id"]) == 32
