@@ -78,6 +78,12 @@ def test_every_reason_is_in_the_contract() -> None:
         assert cls.reason in contract, f"{cls.__name__}.reason {cls.reason} not in ErrorReason"
 
 
+def test_every_contract_reason_has_an_error_class() -> None:
+    raised = {cls.reason for cls in CLASSES}
+    missing = set(errors_pb2.ErrorReason.keys()) - raised - {"ERROR_REASON_UNSPECIFIED"}
+    assert not missing, f"ErrorReason values no error class raises: {sorted(missing)}"
+
+
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
 async def test_domain_error_maps_to_rich_status(
     error_channel: aio.Channel, cls: type[errors.SwitchboardError]

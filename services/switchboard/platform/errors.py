@@ -154,6 +154,34 @@ class QuotaExceeded(SwitchboardError):
         self.subject = subject
 
 
+class RequestTooLarge(SwitchboardError):
+    """A field or message exceeds a documented size limit."""
+
+    code = Code.RESOURCE_EXHAUSTED
+    reason = "ERROR_REASON_REQUEST_TOO_LARGE"
+
+
+class SubscriberTooSlow(SwitchboardError):
+    """A subscriber overflowed its buffer; metadata names the cursor to resume from."""
+
+    code = Code.RESOURCE_EXHAUSTED
+    reason = "ERROR_REASON_SUBSCRIBER_TOO_SLOW"
+
+
+class CircuitOpen(SwitchboardError):
+    """A remote integration's circuit breaker is open."""
+
+    code = Code.UNAVAILABLE
+    reason = "ERROR_REASON_CIRCUIT_OPEN"
+
+
+class RunCancelled(SwitchboardError):
+    """The run was cancelled before it completed."""
+
+    code = Code.CANCELLED
+    reason = "ERROR_REASON_RUN_CANCELLED"
+
+
 class CursorExpired(SwitchboardError):
     """An event cursor is older than retention; metadata names the oldest cursor."""
 

@@ -56,10 +56,6 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
             "grpc.http2.min_recv_ping_interval_without_data_ms",
             int(settings.keepalive_min_client_ping_interval_s * ms),
         ),
-        (
-            "grpc.http2.min_ping_interval_without_data_ms",
-            int(settings.keepalive_min_client_ping_interval_s * ms),
-        ),
         ("grpc.http2.max_ping_strikes", settings.keepalive_max_ping_strikes),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.max_connection_idle_ms", int(settings.max_connection_idle_s * ms)),
