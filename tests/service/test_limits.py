@@ -3,6 +3,7 @@ the connection stays usable afterwards."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -10,7 +11,9 @@ import pytest
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.context.v1 import context_pb2, context_pb2_grpc
+from switchboard.mesh import create_server
 from switchboard.platform.config import MiB
 from switchboard.platform.server import SwitchboardServer
 from tests.conftest import make_settings
@@ -71,3 +74,49 @@ async def test_oversized_metadata_is_refused_and_channel_survives(
         await stub.Check(health_pb2.HealthCheckRequest(), metadata=huge, timeout=5)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert await _healthy(channel)
+
+
+async def test_keepalive_enforcement_disconnects_a_client_that_pings_too_often() -> None:
+    settings = make_settings(keepalive_min_client_ping_interval_s=5, keepalive_max_ping_strikes=1)
+    server, _port = await create_server(settings)
+    await server.start()
+    abusive = [
+        ("grpc.keepalive_time_ms", 50),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    try:
+        async with aio.insecure_channel(server.address, options=abusive) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(), timeout=30
+            )
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+            # Nothing else is sent on the stream: the next thing that can happen is
+            # the server's GOAWAY for too many pings, which ends the call.
+            with pytest.raises(aio.AioRpcError) as caught:
+                await watch.read()
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "too many pings" in (caught.value.details() or "").lower()
+    finally:
+        await server.shutdown(grace=0)
+
+
+async def test_calls_beyond_the_process_limit_are_resource_exhausted() -> None:
+    server, auth = await start_error_server(make_settings(max_concurrent_rpcs=1))
+    try:
+        async with aio.insecure_channel(server.address) as channel:
+            stub = auth_pb2_grpc.AuthServiceStub(channel)
+            first = asyncio.ensure_future(
+                stub.GetPrincipal(auth_pb2.GetPrincipalRequest(), timeout=30)
+            )
+            await asyncio.wait_for(auth.entered.wait(), 10)
+            with pytest.raises(aio.AioRpcError) as caught:
+                await stub.Logout(auth_pb2.LogoutRequest(), timeout=10)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            auth.release.set()
+            assert (await first).principal.user == "users/slow"
+            # Capacity is back once the first call is done.
+            await stub.Logout(auth_pb2.LogoutRequest(), timeout=10)
+    finally:
+        auth.release.set()
+        await server.shutdown(grace=0)
