@@ -10,6 +10,7 @@ generic message, never the exception text.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import re
@@ -58,12 +59,25 @@ class _Call:
         self.request_id = request_id
         self.code = grpc.StatusCode.OK
         self.start = time.perf_counter()
-        self._tokens: tuple[Any, Any] | None = None
 
-    def enter(self) -> None:
-        self._tokens = (request_id_var.set(self.request_id), method_var.set(self.method))
+    @contextlib.asynccontextmanager
+    async def guard(self, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
+        """Run the handler body with the request id bound, and map what escapes it."""
+        tokens = (request_id_var.set(self.request_id), method_var.set(self.method))
+        try:
+            context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
+            yield
+        except (asyncio.CancelledError, aio.AbortError):
+            self.code = context.code() if _has_code(context) else grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:  # noqa: BLE001 - the one place every fault is mapped
+            await self._fail(context, exc)
+        finally:
+            self._log(context)
+            request_id_var.reset(tokens[0])
+            method_var.reset(tokens[1])
 
-    def leave(self, context: aio.ServicerContext[Any, Any]) -> None:
+    def _log(self, context: aio.ServicerContext[Any, Any]) -> None:
         level = logging.DEBUG if self.method.startswith(_QUIET_PREFIXES) else logging.INFO
         if log.isEnabledFor(level):
             log.log(
@@ -75,11 +89,8 @@ class _Call:
                     "peer": context.peer(),
                 },
             )
-        if self._tokens is not None:
-            request_id_var.reset(self._tokens[0])
-            method_var.reset(self._tokens[1])
 
-    async def fail(self, context: aio.ServicerContext[Any, Any], exc: BaseException) -> None:
+    async def _fail(self, context: aio.ServicerContext[Any, Any], exc: Exception) -> None:
         if isinstance(exc, SwitchboardError):
             error = exc
         else:
@@ -92,31 +103,18 @@ class _Call:
 
 def _wrap_unary_response(method: str, request_id: str, behavior: Behavior) -> Behavior:
     async def handler(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-        call = _Call(method, request_id)
-        call.enter()
-        try:
-            context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+        async with _Call(method, request_id).guard(context):
             result = behavior(request, context)
             if inspect.isawaitable(result):
                 result = await result
             return result
-        except (asyncio.CancelledError, aio.AbortError):
-            call.code = context.code() if _has_code(context) else grpc.StatusCode.CANCELLED
-            raise
-        except Exception as exc:  # noqa: BLE001 - the one place every fault is mapped
-            await call.fail(context, exc)
-        finally:
-            call.leave(context)
 
     return handler
 
 
 def _wrap_stream_response(method: str, request_id: str, behavior: Behavior) -> Behavior:
     async def handler(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-        call = _Call(method, request_id)
-        call.enter()
-        try:
-            context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+        async with _Call(method, request_id).guard(context):
             result = behavior(request, context)
             if inspect.isasyncgen(result):
                 async for item in result:
@@ -127,13 +125,6 @@ def _wrap_stream_response(method: str, request_id: str, behavior: Behavior) -> B
             else:
                 for item in result:
                     yield item
-        except (asyncio.CancelledError, aio.AbortError):
-            call.code = context.code() if _has_code(context) else grpc.StatusCode.CANCELLED
-            raise
-        except Exception as exc:  # noqa: BLE001 - the one place every fault is mapped
-            await call.fail(context, exc)
-        finally:
-            call.leave(context)
 
     return handler
 
