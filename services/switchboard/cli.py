@@ -45,11 +45,21 @@ async def _serve(settings: Settings) -> int:
     server, _port = await create_server(settings)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+
+    # signal.signal rather than loop.add_signal_handler: asyncio restores the
+    # default disposition when the loop closes, so a repeated SIGTERM arriving
+    # while the process exits after a clean drain would kill it with -15. This
+    # handler outlives the loop and ignores signals once shutdown has begun.
+    def on_signal(signum: int, _frame: object) -> None:
+        if loop.is_closed() or stop.is_set():
+            return
+        loop.call_soon_threadsafe(stop.set)
+        log.info("signal received", extra={"signal": signal.Signals(signum).name})
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        signal.signal(sig, on_signal)
     await server.start()
     await stop.wait()
-    log.info("signal received")
     await server.shutdown()
     return 0
 
@@ -84,7 +94,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             name,
         )
     try:
-        return asyncio.run(_serve(settings))
+        code = asyncio.run(_serve(settings))
+        # Interpreter teardown resets Python-level signal handlers to the default
+        # (death by signal); the drain is done, so late signals are ignored.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        log.info("exiting", extra={"exit_code": code})
+        return code
     except BindError as exc:
         log.error("cannot start: %s", exc)  # noqa: TRY400 - no traceback for a config problem
         return EXIT_CONFIG

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -25,11 +26,24 @@ def test_serve_logs_bound_address_and_stops_gracefully_on_sigterm() -> None:
             watch = stub.Watch(health_pb2.HealthCheckRequest(), timeout=30)
             assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
             assert serve.proc is not None
-            serve.proc.send_signal(__import__("signal").SIGTERM)
+            serve.proc.send_signal(signal.SIGTERM)
             assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
             watch.cancel()
-        assert serve.terminate() == 0
         serve.wait_for("stopped")
+        assert serve.proc.wait(timeout=30) == 0
+
+
+def test_repeated_sigterm_during_shutdown_still_exits_cleanly() -> None:
+    with ServeProcess("--dev") as serve:
+        assert serve.proc is not None
+        serve.proc.send_signal(signal.SIGTERM)
+        serve.wait_for("stopped")
+        serve.proc.send_signal(signal.SIGTERM)  # during shutdown's last steps
+        # After the event loop has closed: asyncio would have restored the
+        # default disposition here, and this signal would kill the process.
+        serve.wait_for("exiting")
+        serve.proc.send_signal(signal.SIGTERM)
+        assert serve.proc.wait(timeout=30) == 0
 
 
 def test_serve_warns_loudly_in_dev_mode() -> None:
