@@ -42,7 +42,7 @@ SERVICES: dict[str, tuple[type, Callable[[Any, aio.Server], None]]] = {
 }
 
 
-def registration(name: str, settings: Settings) -> ServiceRegistration:
+def registration(name: str) -> ServiceRegistration:
     """Build one service by its short name."""
     servicer_class, add_to_server = SERVICES[name]
     # Each servicer module declares SERVICE, the descriptor it implements.
@@ -52,6 +52,6 @@ def registration(name: str, settings: Settings) -> ServiceRegistration:
 
 async def create_server(settings: Settings) -> tuple[SwitchboardServer, int]:
     """Build every configured service into one bound (not yet started) server."""
-    registrations = [registration(name, settings) for name in settings.services]
+    registrations = [registration(name) for name in settings.services]
     server = await build_server(settings, registrations)
     return server, server.port

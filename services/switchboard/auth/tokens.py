@@ -132,11 +132,9 @@ class AccessTokens:
         session: str,
         scopes: Iterable[str],
         now: float | None = None,
-        extra: Mapping[str, Any] | None = None,
     ) -> tuple[str, AccessClaims]:
         issued = int(time.time() if now is None else now)
         claims: dict[str, Any] = {
-            **(extra or {}),
             "iss": self.policy.issuer,
             "aud": self.policy.audience,
             "sub": subject,

@@ -69,6 +69,11 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
     return options
 
 
+def format_address(host: str, port: int) -> str:
+    """``host:port``, with IPv6 literals bracketed."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class SwitchboardServer:
     """A bound server: start it, stop it gracefully, wait for it."""
 
@@ -92,8 +97,7 @@ class SwitchboardServer:
 
     @property
     def address(self) -> str:
-        host = self.settings.host
-        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        return format_address(self.settings.host, self.port)
 
     async def start(self) -> None:
         await self.grpc_server.start()
@@ -146,11 +150,7 @@ async def build_server(
         registration.add_to_server(registration.servicer, server)
     names = [r.name for r in registrations]
     enable_reflection(server, [*names, HEALTH_SERVICE])
-    address = (
-        f"[{settings.host}]:{settings.port}"
-        if ":" in settings.host
-        else f"{settings.host}:{settings.port}"
-    )
+    address = format_address(settings.host, settings.port)
     try:
         port = server.add_insecure_port(address)
     except RuntimeError as exc:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 from switchboard.platform.errors import (
     ERROR_DOMAIN,
@@ -90,7 +90,3 @@ def to_grpc_status(error: SwitchboardError, request_id: str) -> RpcStatus:
         details=proto.message,
         trailing_metadata=tuple(trailing),
     )
-
-
-# Kept importable so tests and clients can assert against the canonical numbering.
-CANONICAL_CODES = code_pb2

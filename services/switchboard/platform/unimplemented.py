@@ -55,8 +55,3 @@ def unimplemented_rpcs(service: ServiceDescriptor, planned: str) -> Callable[[T]
         return cls
 
     return decorate
-
-
-def implemented_rpcs(cls: type, service: ServiceDescriptor) -> list[str]:
-    """Names of the RPCs a servicer class really implements (for docs and tests)."""
-    return [m.name for m in service.methods if m.name in cls.__dict__]
