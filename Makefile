@@ -2,6 +2,7 @@
 #   make run    start the mesh on embedded defaults (creates .venv on first use)
 #   make test   ruff, mypy --strict, contract checks, and the whole pytest suite
 #   make gen    regenerate gen/ from proto/ (offline)
+#   make bench  run bench/ and write BENCHMARKS.md
 
 PYTHON ?= python3
 VENV   := .venv
@@ -10,10 +11,10 @@ STAMP  := $(VENV)/.installed-stamp
 HOST   ?= 127.0.0.1
 PORT   ?= 50051
 
-.PHONY: run serve test check lint typecheck contracts gen tools pytest clean help
+.PHONY: run serve test check lint typecheck contracts gen tools pytest bench clean help
 
 help:
-	@sed -n '2,5p' Makefile
+	@sed -n '2,6p' Makefile
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +48,9 @@ pytest: $(STAMP) tools
 	$(VENV)/bin/pytest
 
 test check: lint typecheck contracts pytest
+
+bench: $(STAMP)
+	$(PY) bench/run.py
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache clients/node/node_modules

@@ -1,0 +1,131 @@
+"""Run the benchmarks and write their figures to BENCHMARKS.md.
+
+    make bench        (or: .venv/bin/python bench/run.py [--seconds S] [--concurrency C])
+
+Each server variant runs in its own process and the load in another, both on
+loopback. On a two-core machine the client and the server share the cores, so
+figures compare variants in one run; they are not absolute capacity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+CASES = [
+    ("bare", "health", "grpc.aio, health only, no interceptor"),
+    ("switchboard", "health", "Switchboard assembly, health Check"),
+    (
+        "switchboard",
+        "unimplemented",
+        "Switchboard assembly, error path (UNIMPLEMENTED + ErrorInfo)",
+    ),
+]
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def run_case(variant: str, rpc: str, concurrency: int, seconds: float) -> dict[str, float]:
+    server = subprocess.Popen(
+        [sys.executable, str(HERE / "target.py"), variant],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        done = subprocess.run(
+            [
+                sys.executable,
+                str(HERE / "load.py"),
+                f"127.0.0.1:{port}",
+                rpc,
+                str(concurrency),
+                str(seconds),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=seconds + 120,
+        )
+        result: dict[str, float] = json.loads(done.stdout)
+        return result
+    finally:
+        assert server.stdin is not None
+        server.stdin.close()
+        server.wait(timeout=30)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    # Cases are interleaved round by round and the median round is reported, so
+    # drift on a shared machine hits every case alike.
+    results: dict[str, list[dict[str, float]]] = {label: [] for _, _, label in CASES}
+    for round_no in range(args.rounds):
+        for variant, rpc, label in CASES:
+            figures = run_case(variant, rpc, args.concurrency, args.seconds)
+            results[label].append(figures)
+            print(f"round {round_no + 1}: {label}: {figures}", flush=True)
+    rows = [
+        (label, sorted(runs, key=lambda f: f["qps"])[len(runs) // 2])
+        for label, runs in results.items()
+    ]
+    base = rows[0][1]["qps"]
+    command = (
+        f"python bench/run.py --seconds {args.seconds:g} --concurrency {args.concurrency} "
+        f"--rounds {args.rounds}"
+    )
+    lines = [
+        "# Benchmarks",
+        "",
+        "Written by `make bench` (`bench/run.py`); do not edit by hand.",
+        "",
+        "## Unary call overhead of the server assembly",
+        "",
+        f"- when: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"- machine: {os.cpu_count()} cores, {_cpu()}; Python {platform.python_version()}, "
+        f"grpcio {metadata.version('grpcio')}",
+        f"- command: `{command}`",
+        f"- shape: server and load generator in separate processes on loopback, "
+        f"{args.concurrency} concurrent callers on one channel, closed loop, "
+        f"{args.seconds:g} s per case after 200 warm-up calls, {args.rounds} interleaved "
+        "rounds, the median round (by QPS) shown. Both processes share the cores.",
+        "",
+        "| case | calls | QPS | vs bare | p50 ms | p99 ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, f in rows:
+        lines.append(
+            f"| {label} | {f['calls']:.0f} | {f['qps']:.0f} | {f['qps'] / base:.2f} "
+            f"| {f['p50_ms']:.2f} | {f['p99_ms']:.2f} |"
+        )
+    lines.append("")
+    (ROOT / "BENCHMARKS.md").write_text("\n".join(lines))
+    print(f"wrote {ROOT / 'BENCHMARKS.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
