@@ -10,12 +10,11 @@ generic message, never the exception text.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -44,40 +43,49 @@ else:  # the runtime classes are not subscriptable
     _InterceptorBase = aio.ServerInterceptor
 
 
-def _request_id(details: grpc.HandlerCallDetails) -> str:
-    for key, value in details.invocation_metadata or ():
+def _request_id(context: aio.ServicerContext[Any, Any]) -> str:
+    for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_KEY and isinstance(value, str) and _REQUEST_ID_RE.match(value):
             return value
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 class _Call:
-    """Bookkeeping for one call: context vars, outcome, timing, access line."""
+    """Bookkeeping for one call: context vars, outcome, timing, access line.
 
-    def __init__(self, method: str, request_id: str) -> None:
+    Written as explicit begin/fault/end steps rather than a context manager:
+    this runs on every call, and a generator-based context manager costs more
+    than everything else here together.
+    """
+
+    __slots__ = ("code", "context", "method", "request_id", "start", "tokens")
+
+    def __init__(self, method: str, context: aio.ServicerContext[Any, Any]) -> None:
         self.method = method
-        self.request_id = request_id
+        self.context = context
+        self.request_id = _request_id(context)
         self.code = grpc.StatusCode.OK
         self.start = time.perf_counter()
+        self.tokens = (request_id_var.set(self.request_id), method_var.set(method))
+        context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
 
-    @contextlib.asynccontextmanager
-    async def guard(self, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
-        """Run the handler body with the request id bound, and map what escapes it."""
-        tokens = (request_id_var.set(self.request_id), method_var.set(self.method))
-        try:
-            context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
-            yield
-        except (asyncio.CancelledError, aio.AbortError):
-            self.code = context.code() if _has_code(context) else grpc.StatusCode.CANCELLED
-            raise
-        except Exception as exc:  # noqa: BLE001 - the one place every fault is mapped
-            await self._fail(context, exc)
-        finally:
-            self._log(context)
-            request_id_var.reset(tokens[0])
-            method_var.reset(tokens[1])
+    def interrupted(self) -> None:
+        """Cancelled, or aborted by the handler itself: record the code and let it go."""
+        code = self.context.code()
+        self.code = code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.CANCELLED
 
-    def _log(self, context: aio.ServicerContext[Any, Any]) -> None:
+    async def fail(self, exc: Exception) -> None:
+        """Abort the call with the status ``exc`` maps to (raises AbortError)."""
+        if isinstance(exc, SwitchboardError):
+            error = exc
+        else:
+            error_log.error("unhandled exception", exc_info=(type(exc), exc, exc.__traceback__))
+            error = InternalError(GENERIC_INTERNAL_MESSAGE)
+        status = to_grpc_status(error, self.request_id)
+        self.code = status.code
+        await self.context.abort(status.code, status.details, status.trailing_metadata)
+
+    def end(self) -> None:
         level = logging.DEBUG if self.method.startswith(_QUIET_PREFIXES) else logging.INFO
         if log.isEnabledFor(level):
             log.log(
@@ -86,35 +94,36 @@ class _Call:
                 extra={
                     "code": self.code.name,
                     "duration_ms": round((time.perf_counter() - self.start) * 1000, 3),
-                    "peer": context.peer(),
+                    "peer": self.context.peer(),
                 },
             )
-
-    async def _fail(self, context: aio.ServicerContext[Any, Any], exc: Exception) -> None:
-        if isinstance(exc, SwitchboardError):
-            error = exc
-        else:
-            error_log.error("unhandled exception", exc_info=(type(exc), exc, exc.__traceback__))
-            error = InternalError(GENERIC_INTERNAL_MESSAGE)
-        status = to_grpc_status(error, self.request_id)
-        self.code = status.code
-        await context.abort(status.code, status.details, status.trailing_metadata)
+        request_id_var.reset(self.tokens[0])
+        method_var.reset(self.tokens[1])
 
 
-def _wrap_unary_response(method: str, request_id: str, behavior: Behavior) -> Behavior:
+def _wrap_unary_response(method: str, behavior: Behavior) -> Behavior:
     async def handler(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-        async with _Call(method, request_id).guard(context):
+        call = _Call(method, context)
+        try:
             result = behavior(request, context)
             if inspect.isawaitable(result):
                 result = await result
             return result
+        except (asyncio.CancelledError, aio.AbortError):
+            call.interrupted()
+            raise
+        except Exception as exc:  # noqa: BLE001 - the one place every fault is mapped
+            await call.fail(exc)
+        finally:
+            call.end()
 
     return handler
 
 
-def _wrap_stream_response(method: str, request_id: str, behavior: Behavior) -> Behavior:
+def _wrap_stream_response(method: str, behavior: Behavior) -> Behavior:
     async def handler(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-        async with _Call(method, request_id).guard(context):
+        call = _Call(method, context)
+        try:
             result = behavior(request, context)
             if inspect.isasyncgen(result):
                 async for item in result:
@@ -125,46 +134,66 @@ def _wrap_stream_response(method: str, request_id: str, behavior: Behavior) -> B
             else:
                 for item in result:
                     yield item
+        except (asyncio.CancelledError, aio.AbortError):
+            call.interrupted()
+            raise
+        except Exception as exc:  # noqa: BLE001 - the one place every fault is mapped
+            await call.fail(exc)
+        finally:
+            call.end()
 
     return handler
 
 
-def _has_code(context: aio.ServicerContext[Any, Any]) -> bool:
-    code = context.code()
-    return isinstance(code, grpc.StatusCode)
+def _wrap(method: str, handler: Handler) -> Handler:
+    common = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(
+            _wrap_unary_response(method, handler.unary_unary), **common
+        )
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(
+            _wrap_unary_response(method, handler.stream_unary), **common
+        )
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            _wrap_stream_response(method, handler.unary_stream), **common
+        )
+    if handler.stream_stream is not None:
+        return grpc.stream_stream_rpc_method_handler(
+            _wrap_stream_response(method, handler.stream_stream), **common
+        )
+    return handler
 
 
 class ErrorInterceptor(_InterceptorBase):
-    """Wraps every handler with request-id, access-log and error-mapping logic."""
+    """Wraps every handler with request-id, access-log and error-mapping logic.
+
+    The wrapped handler of each method is built once and reused: everything
+    per call (request id, timing) happens inside it, so intercepting a call is
+    a dictionary lookup. The cache holds at most one entry per registered method.
+    Consequence for any interceptor placed after this one: it is consulted once
+    per method, not once per call, so per-call work (authentication, say) must
+    live in the handler it returns, as it does here.
+    """
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, Handler] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Handler:
+        method = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None:
+            return wrapped
         handler: Handler | None = await continuation(handler_call_details)
         if handler is None:  # unknown method: grpc answers UNIMPLEMENTED itself
             return handler  # type: ignore[return-value]
-        method = handler_call_details.method
-        request_id = _request_id(handler_call_details)
-        common = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary_response(method, request_id, handler.unary_unary), **common
-            )
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary_response(method, request_id, handler.stream_unary), **common
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream_response(method, request_id, handler.unary_stream), **common
-            )
-        if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(
-                _wrap_stream_response(method, request_id, handler.stream_stream), **common
-            )
-        return handler
+        wrapped = self._wrapped[method] = _wrap(method, handler)
+        return wrapped
