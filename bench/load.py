@@ -1,9 +1,17 @@
-"""Closed-loop load from its own process: C workers call one RPC for D seconds.
+"""Closed-loop load from its own process.
 
-    python bench/load.py ADDRESS RPC CONCURRENCY SECONDS    prints one JSON line
+    python bench/load.py ADDRESS TOKEN RPC CONCURRENCY SECONDS    prints one JSON line
 
-RPC is `health` (grpc.health.v1.Health/Check, SERVING) or `unimplemented`
-(AuthService/GetJwks: the full error path, ErrorInfo and access log included).
+RPC is one of:
+- `health`: grpc.health.v1.Health/Check (SERVING);
+- `jwks`: AuthService/GetJwks without a credential (public);
+- `jwks-auth`: AuthService/GetJwks with `authorization: Bearer TOKEN`;
+- `jwks-header`: the same call to a server where GetJwks is public (the header
+  travels but nothing checks it: the transport's share of the cost);
+- `error`: AuthService/GetPrincipal without a credential (the full error path:
+  UNAUTHENTICATED with ErrorInfo, access log included);
+- `logins`: CONCURRENCY workers calling Login with the benchmark account while
+  one more worker calls health Check, to measure an unrelated RPC meanwhile.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Awaitable, Callable
 
 import grpc
 from grpc import aio
@@ -20,47 +29,92 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 
+BENCH_EMAIL = "bench@example.com"
+BENCH_PASSWORD = "measured many times 123"  # noqa: S105 - a throwaway benchmark account
 
-async def main(address: str, rpc: str, concurrency: int, seconds: float) -> None:
+
+def _summary(latencies: list[float], elapsed: float) -> dict[str, float]:
+    cuts = statistics.quantiles(latencies, n=100)
+    return {
+        "calls": len(latencies),
+        "qps": round(len(latencies) / elapsed, 1),
+        "p50_ms": round(cuts[49] * 1000, 3),
+        "p99_ms": round(cuts[98] * 1000, 3),
+    }
+
+
+async def _loop(
+    once: Callable[[], Awaitable[None]], deadline: float, latencies: list[float]
+) -> None:
+    while (start := time.perf_counter()) < deadline:
+        await once()
+        latencies.append(time.perf_counter() - start)
+
+
+async def main(address: str, token: str, rpc: str, concurrency: int, seconds: float) -> None:
     async with aio.insecure_channel(address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         auth = auth_pb2_grpc.AuthServiceStub(channel)
+        bearer = (("authorization", f"Bearer {token}"),)
 
-        async def once() -> None:
-            if rpc == "health":
-                await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
-                return
+        async def check() -> None:
+            await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+
+        async def jwks() -> None:
+            await auth.GetJwks(auth_pb2.GetJwksRequest(), timeout=10)
+
+        async def jwks_auth() -> None:
+            await auth.GetJwks(auth_pb2.GetJwksRequest(), metadata=bearer, timeout=10)
+
+        async def error() -> None:
             try:
-                await auth.GetJwks(auth_pb2.GetJwksRequest(), timeout=10)
+                await auth.GetPrincipal(auth_pb2.GetPrincipalRequest(), timeout=10)
             except aio.AioRpcError as err:
-                if err.code() != grpc.StatusCode.UNIMPLEMENTED:
+                if err.code() != grpc.StatusCode.UNAUTHENTICATED:
                     raise
 
-        for _ in range(200):  # warm-up: connection, caches, JIT-free but allocator-warm
+        async def login() -> None:
+            await auth.Login(
+                auth_pb2.LoginRequest(
+                    password=auth_pb2.PasswordCredential(email=BENCH_EMAIL, password=BENCH_PASSWORD)
+                ),
+                timeout=30,
+            )
+
+        if rpc == "logins":
+            for _ in range(3):
+                await login()
+            logins: list[float] = []
+            probes: list[float] = []
+            deadline = time.perf_counter() + seconds
+            begun = time.perf_counter()
+            await asyncio.gather(
+                _loop(check, deadline, probes),
+                *(_loop(login, deadline, logins) for _ in range(concurrency)),
+            )
+            elapsed = time.perf_counter() - begun
+            result = _summary(logins, elapsed)
+            probe = _summary(probes, elapsed)
+            result.update({"health_p50_ms": probe["p50_ms"], "health_p99_ms": probe["p99_ms"]})
+            print(json.dumps(result))
+            return
+
+        once = {
+            "health": check,
+            "jwks": jwks,
+            "jwks-header": jwks_auth,  # same bytes on the wire; the server ignores them
+            "jwks-auth": jwks_auth,
+            "error": error,
+        }[rpc]
+        for _ in range(200):  # warm-up: connection, caches, allocator
             await once()
         latencies: list[float] = []
         deadline = time.perf_counter() + seconds
-
-        async def worker() -> None:
-            while (start := time.perf_counter()) < deadline:
-                await once()
-                latencies.append(time.perf_counter() - start)
-
         begun = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(_loop(once, deadline, latencies) for _ in range(concurrency)))
         elapsed = time.perf_counter() - begun
-    cuts = statistics.quantiles(latencies, n=100)
-    print(
-        json.dumps(
-            {
-                "calls": len(latencies),
-                "qps": round(len(latencies) / elapsed, 1),
-                "p50_ms": round(cuts[49] * 1000, 3),
-                "p99_ms": round(cuts[98] * 1000, 3),
-            }
-        )
-    )
+    print(json.dumps(_summary(latencies, elapsed)))
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])))
+    asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])))

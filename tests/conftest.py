@@ -11,10 +11,17 @@ from switchboard.mesh import create_server
 from switchboard.platform.config import Settings
 from switchboard.platform.server import SwitchboardServer
 
+pytest_plugins = ["tests.infra.postgres", "tests.infra.redis"]
+
 
 def make_settings(**overrides: object) -> Settings:
-    """Settings for tests: loopback, port 0, dev mode, JSON logs."""
-    values: dict[str, object] = {"host": "127.0.0.1", "port": 0, "dev_mode": True}
+    """Settings for tests: loopback, port 0, dev mode, a private in-memory database."""
+    values: dict[str, object] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "dev_mode": True,
+        "database_url": "sqlite+aiosqlite://",
+    }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
 

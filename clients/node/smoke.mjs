@@ -1,7 +1,8 @@
 // Smoke test: node smoke.mjs <host:port>
 //
-// Checks health and calls AuthService.GetJwks over an insecure channel, then
-// prints one JSON object on stdout. An RPC error status is reported as data
+// Checks health, reads the JWKS, registers a user, calls GetPrincipal with its
+// bearer token and once without any, over an insecure channel, then prints
+// one JSON object on stdout. An RPC error status is reported as data
 // (exit 0); failing to connect or a passed deadline is fatal (exit 1).
 import { createClients, decodeStatusDetails, grpc } from './lib.mjs';
 
@@ -14,9 +15,9 @@ const deadline = () => new Date(Date.now() + TIMEOUT_MS);
 
 // Promisified unary call resolving to { ok: true, response } or
 // { ok: false, error }; only a passed deadline rejects.
-function unary(client, method, request) {
+function unary(client, method, request, metadata = new grpc.Metadata()) {
   return new Promise((resolve, reject) => {
-    client[method](request, { deadline: deadline() }, (error, response) => {
+    client[method](request, metadata, { deadline: deadline() }, (error, response) => {
       if (!error) return resolve({ ok: true, response });
       if (error.code === grpc.status.DEADLINE_EXCEEDED) {
         return reject(new FatalError(`${method}: deadline of ${TIMEOUT_MS} ms passed`));
@@ -54,6 +55,26 @@ async function main(address) {
     }
     const jwks = await unary(auth, 'getJwks', {});
     result.getJwks = jwks.ok ? { ok: true, response: jwks.response } : describeError(jwks.error);
+
+    const email = `node-${Date.now()}-${process.pid}@example.com`;
+    const registered = await unary(auth, 'register', {
+      email,
+      password: 'node client password 123',
+      displayName: 'Node',
+    });
+    result.register = registered.ok
+      ? { ok: true, user: registered.response.user.name }
+      : describeError(registered.error);
+    if (registered.ok) {
+      const bearer = new grpc.Metadata();
+      bearer.set('authorization', `Bearer ${registered.response.tokens.accessToken}`);
+      const me = await unary(auth, 'getPrincipal', {}, bearer);
+      result.getPrincipal = me.ok
+        ? { ok: true, user: me.response.principal.user, email: me.response.user.email }
+        : describeError(me.error);
+    }
+    const anonymous = await unary(auth, 'getPrincipal', {});
+    result.anonymous = anonymous.ok ? { ok: true } : describeError(anonymous.error);
 
     process.stdout.write(`${JSON.stringify(result)}\n`);
   } finally {

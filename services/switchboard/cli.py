@@ -5,13 +5,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
 from importlib import metadata
+from pathlib import Path
 
+from switchboard.auth.tokens import KeyRing, SigningKey, private_key_pem
 from switchboard.mesh import create_server
 from switchboard.platform.config import ConfigError, Settings, load_settings
+from switchboard.platform.db import open_database
 from switchboard.platform.logging import configure_logging
 from switchboard.platform.server import BindError
 
@@ -38,7 +42,40 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="development mode: built-in insecure secrets allowed (SWITCHBOARD_DEV_MODE)",
     )
+    keygen = sub.add_parser(
+        "keygen", help="write a new Ed25519 signing key (PEM) for access tokens"
+    )
+    keygen.add_argument("path", help="output file, named <kid>.pem (the stem becomes the key id)")
+    sub.add_parser("migrate", help="apply pending database migrations and exit")
     return parser
+
+
+def _keygen(path: str) -> int:
+    target = Path(path)
+    kid = target.stem
+    try:
+        key = SigningKey.generate(kid)
+        KeyRing(key)  # validates the key id
+    except ValueError as exc:
+        print(f"switchboard: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    # Created with owner-only permissions before any secret byte is written.
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(private_key_pem(key))
+    print(f"wrote signing key {kid!r} to {target}")
+    return 0
+
+
+async def _migrate(settings: Settings) -> int:
+    database = await open_database(
+        settings.database_url.get_secret_value(),
+        timeout_s=settings.database_timeout_s,
+        migrate=True,
+    )
+    await database.close()
+    log.info("database is at the latest migration")
+    return 0
 
 
 async def _serve(settings: Settings) -> int:
@@ -69,19 +106,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.version:
         print(metadata.version("switchboard-mesh"))
         return 0
-    if args.command != "serve":
+    if args.command == "keygen":
+        return _keygen(args.path)
+    if args.command not in ("serve", "migrate"):
         _parser().print_help()
         return EXIT_CONFIG
-    overrides: dict[str, object] = {
-        key: value
-        for key, value in {
-            "host": args.host,
-            "port": args.port,
-            "services": args.services,
-            "dev_mode": args.dev,
-        }.items()
-        if value is not None
-    }
+    flags = (
+        {"host": args.host, "port": args.port, "services": args.services, "dev_mode": args.dev}
+        if args.command == "serve"
+        else {}
+    )
+    overrides: dict[str, object] = {k: v for k, v in flags.items() if v is not None}
     try:
         settings = load_settings(**overrides)
     except ConfigError as exc:
@@ -94,14 +129,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             name,
         )
     try:
-        code = asyncio.run(_serve(settings))
+        code = asyncio.run(_serve(settings) if args.command == "serve" else _migrate(settings))
         # Interpreter teardown resets Python-level signal handlers to the default
         # (death by signal); the drain is done, so late signals are ignored.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
         log.info("exiting", extra={"exit_code": code})
         return code
-    except BindError as exc:
+    except (BindError, ConfigError) as exc:
         log.error("cannot start: %s", exc)  # noqa: TRY400 - no traceback for a config problem
         return EXIT_CONFIG
 

@@ -2,14 +2,19 @@
 
 All-in-one and mesh shapes run this same code: ``Settings.services`` picks the
 subset a process serves; services reach each other through their stubs.
+Every process, whatever it serves, authenticates and authorizes its callers,
+so each opens the database, the cache and the key ring.
 """
 
 from __future__ import annotations
 
-import sys
+import contextlib
+import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc import aio
 
 from switchboard.api.auth.v1 import auth_pb2_grpc
@@ -17,41 +22,191 @@ from switchboard.api.context.v1 import context_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
 from switchboard.api.events.v1 import events_pb2_grpc
 from switchboard.api.integration.v1 import integration_pb2_grpc
-from switchboard.auth.servicer import AuthServiceServicer
-from switchboard.context.servicer import ContextServiceServicer
-from switchboard.dispatcher.servicer import DispatcherServiceServicer
-from switchboard.events.servicer import EventServiceServicer
-from switchboard.integration.servicer import IntegrationServiceServicer
-from switchboard.platform.config import Settings
+from switchboard.auth import servicer as auth_servicer
+from switchboard.auth.accounts import AccountLimits, Accounts, LoginLimits
+from switchboard.auth.authenticator import CredentialAuthenticator
+from switchboard.auth.oidc import OidcVerifier
+from switchboard.auth.opaque import OpaqueSecrets
+from switchboard.auth.passwords import PasswordHasher
+from switchboard.auth.store import AuthStore
+from switchboard.auth.tokens import AccessTokens, KeyRing, SigningKey, TokenPolicy, load_key_ring
+from switchboard.context import servicer as context_servicer
+from switchboard.dispatcher import servicer as dispatcher_servicer
+from switchboard.events import servicer as events_servicer
+from switchboard.integration import servicer as integration_servicer
+from switchboard.platform.authn import Guard
+from switchboard.platform.bus import EventBus
+from switchboard.platform.cache import Cache
+from switchboard.platform.config import ConfigError, Settings
+from switchboard.platform.db import Database, open_database
+from switchboard.platform.membership import MembershipStore
+from switchboard.platform.policy import Policy
 from switchboard.platform.server import ServiceRegistration, SwitchboardServer, build_server
 
-# Short name (for SWITCHBOARD_SERVICES / --services) -> servicer class and the
-# generated function that registers it.
-SERVICES: dict[str, tuple[type, Callable[[Any, aio.Server], None]]] = {
-    "auth": (AuthServiceServicer, auth_pb2_grpc.add_AuthServiceServicer_to_server),
-    "context": (ContextServiceServicer, context_pb2_grpc.add_ContextServiceServicer_to_server),
+log = logging.getLogger("switchboard.mesh")
+
+
+@dataclass(frozen=True)
+class Deps:
+    """Everything a servicer may be constructed with; built once per process."""
+
+    settings: Settings
+    database: Database
+    cache: Cache
+    bus: EventBus
+    keys: KeyRing
+    accounts: Accounts
+    authenticator: CredentialAuthenticator
+    memberships: MembershipStore
+    policy: Policy
+
+
+Factory = Callable[[Deps], object]
+
+# Short name (for SWITCHBOARD_SERVICES / --services) -> descriptor, generated
+# adder, and how to build the servicer from the process's dependencies.
+SERVICES: dict[str, tuple[ServiceDescriptor, Callable[[Any, aio.Server], None], Factory]] = {
+    "auth": (
+        auth_servicer.SERVICE,
+        auth_pb2_grpc.add_AuthServiceServicer_to_server,
+        lambda d: auth_servicer.AuthServiceServicer(d.accounts, d.keys),
+    ),
+    "context": (
+        context_servicer.SERVICE,
+        context_pb2_grpc.add_ContextServiceServicer_to_server,
+        lambda d: context_servicer.ContextServiceServicer(),  # type: ignore[abstract]
+    ),
     "dispatcher": (
-        DispatcherServiceServicer,
+        dispatcher_servicer.SERVICE,
         dispatcher_pb2_grpc.add_DispatcherServiceServicer_to_server,
+        lambda d: dispatcher_servicer.DispatcherServiceServicer(),  # type: ignore[abstract]
     ),
     "integration": (
-        IntegrationServiceServicer,
+        integration_servicer.SERVICE,
         integration_pb2_grpc.add_IntegrationServiceServicer_to_server,
+        lambda d: integration_servicer.IntegrationServiceServicer(),  # type: ignore[abstract]
     ),
-    "events": (EventServiceServicer, events_pb2_grpc.add_EventServiceServicer_to_server),
+    "events": (
+        events_servicer.SERVICE,
+        events_pb2_grpc.add_EventServiceServicer_to_server,
+        lambda d: events_servicer.EventServiceServicer(),  # type: ignore[abstract]
+    ),
 }
 
 
-def registration(name: str) -> ServiceRegistration:
+def key_ring(settings: Settings) -> KeyRing:
+    """The configured signing keys; in dev mode without any, a fresh ephemeral key."""
+    if settings.signing_keys:
+        try:
+            return load_key_ring(settings.signing_keys)
+        except ValueError as exc:
+            raise ConfigError(f"SWITCHBOARD_SIGNING_KEYS: {exc}") from None
+    if not settings.dev_mode:  # the settings validator already refuses this
+        raise ConfigError("SWITCHBOARD_SIGNING_KEYS is required outside dev mode")
+    log.warning(
+        "DEV MODE: generated an ephemeral signing key; its tokens die with this process "
+        "and other processes will not accept them. Set SWITCHBOARD_SIGNING_KEYS."
+    )
+    return KeyRing(SigningKey.generate("dev"))
+
+
+async def open_deps(settings: Settings, resources: contextlib.AsyncExitStack) -> Deps:
+    """Open every shared resource; each closes with ``resources``."""
+    keys = key_ring(settings)
+    oidc: OidcVerifier | None = None
+    if settings.oidc_issuer:
+        try:
+            oidc = OidcVerifier.from_jwks_file(
+                settings.oidc_issuer, settings.oidc_audience, settings.oidc_jwks_file
+            )
+        except ValueError as exc:
+            raise ConfigError(f"SWITCHBOARD_OIDC_JWKS_FILE: {exc}") from None
+    database = await open_database(
+        settings.database_url.get_secret_value(),
+        timeout_s=settings.database_timeout_s,
+        migrate=settings.database_auto_migrate,
+    )
+    resources.push_async_callback(database.close)
+    cache = Cache(
+        settings.redis_url.get_secret_value(),
+        timeout_s=settings.redis_timeout_s,
+        lease_s=settings.redis_lease_s,
+    )
+    hasher = PasswordHasher(
+        threads=settings.password_hash_threads, max_pending=settings.password_hash_max_pending
+    )
+    resources.callback(hasher.close)
+    tokens = AccessTokens(
+        keys,
+        TokenPolicy(
+            issuer=settings.auth_issuer,
+            audience=settings.auth_audience,
+            access_ttl_s=settings.access_token_ttl_s,
+        ),
+    )
+    secrets = OpaqueSecrets(settings.effective_secret_key())
+    store = AuthStore(database)
+    # Subscribes to revocations, so it must exist before the cache starts.
+    authenticator = CredentialAuthenticator(
+        tokens, store, secrets, cache, token_cache_size=settings.token_cache_size
+    )
+    await cache.start()
+    resources.push_async_callback(cache.close)
+    bus = EventBus()
+    accounts = Accounts(
+        store=store,
+        hasher=hasher,
+        tokens=tokens,
+        secrets=secrets,
+        authenticator=authenticator,
+        cache=cache,
+        bus=bus,
+        oidc=oidc,
+        login_limits=LoginLimits(
+            window_s=settings.login_window_s,
+            max_failures_per_account=settings.login_max_failures_per_account,
+            max_attempts_per_address=settings.login_max_attempts_per_address,
+        ),
+        limits=AccountLimits(
+            refresh_ttl_s=settings.refresh_token_ttl_s,
+            max_sessions_per_user=settings.max_sessions_per_user,
+            max_api_keys_per_user=settings.max_api_keys_per_user,
+        ),
+    )
+    memberships = MembershipStore(database)
+    return Deps(
+        settings=settings,
+        database=database,
+        cache=cache,
+        bus=bus,
+        keys=keys,
+        accounts=accounts,
+        authenticator=authenticator,
+        memberships=memberships,
+        policy=Policy(memberships),
+    )
+
+
+def registration(name: str, deps: Deps) -> ServiceRegistration:
     """Build one service by its short name."""
-    servicer_class, add_to_server = SERVICES[name]
-    # Each servicer module declares SERVICE, the descriptor it implements.
-    descriptor = sys.modules[servicer_class.__module__].SERVICE
-    return ServiceRegistration(descriptor.full_name, servicer_class(), add_to_server)
+    descriptor, add_to_server, factory = SERVICES[name]
+    return ServiceRegistration(descriptor.full_name, factory(deps), add_to_server)
 
 
 async def create_server(settings: Settings) -> tuple[SwitchboardServer, int]:
-    """Build every configured service into one bound (not yet started) server."""
-    registrations = [registration(name) for name in settings.services]
-    server = await build_server(settings, registrations)
+    """Open resources and build every configured service into one bound (not started) server."""
+    resources = contextlib.AsyncExitStack()
+    try:
+        deps = await open_deps(settings, resources)
+        registrations = [registration(name, deps) for name in settings.services]
+        server = await build_server(
+            settings,
+            registrations,
+            guard=Guard(deps.authenticator, deps.policy),
+            resources=resources,
+            deps=deps,
+        )
+    except BaseException:
+        await resources.aclose()
+        raise
     return server, server.port

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from types import TracebackType
@@ -38,6 +39,12 @@ class ServeProcess:
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         self.args = ["serve", "--host", "127.0.0.1", "--port", "0", *args]
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
+        # Unless a test shares a database on purpose, each process gets its own
+        # (never the default file in the working directory).
+        self._tmp = tempfile.TemporaryDirectory(prefix="switchboard-e2e-")
+        full_env["SWITCHBOARD_DATABASE_URL"] = (
+            f"sqlite+aiosqlite:///{self._tmp.name}/switchboard.db"
+        )
         full_env.update(env or {})
         self.env = full_env
         self.lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
@@ -104,6 +111,7 @@ class ServeProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
+        self._tmp.cleanup()
 
 
 def run(cmd: list[str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:

@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import grpc
 import pytest
@@ -66,10 +67,53 @@ def test_serve_refuses_default_secret_outside_dev_mode() -> None:
     assert "SWITCHBOARD_SECRET_KEY is required outside dev mode" in done.stderr
 
 
-def test_serve_runs_outside_dev_mode_with_a_real_secret() -> None:
-    with ServeProcess(env={"SWITCHBOARD_SECRET_KEY": "s" * 40}) as serve:
+def test_serve_runs_outside_dev_mode_with_a_real_secret_and_keys(tmp_path: Path) -> None:
+    keygen = subprocess.run(
+        [sys.executable, "-m", "switchboard.cli", "keygen", str(tmp_path / "k1.pem")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert keygen.returncode == 0, keygen.stderr
+    assert (tmp_path / "k1.pem").stat().st_mode & 0o077 == 0  # owner-only
+    env = {"SWITCHBOARD_SECRET_KEY": "s" * 40, "SWITCHBOARD_SIGNING_KEYS": str(tmp_path / "k1.pem")}
+    with ServeProcess(env=env) as serve:
         assert not [e for e in serve.log if e.get("level") == "WARNING"]
         assert serve.terminate() == 0
+
+
+def test_serve_refuses_to_run_without_signing_keys_outside_dev_mode() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "switchboard.cli", "serve", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "SWITCHBOARD_SECRET_KEY": "s" * 40},
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "SWITCHBOARD_SIGNING_KEYS is required outside dev mode" in done.stderr
+
+
+def test_serve_refuses_an_unreadable_signing_key(tmp_path: Path) -> None:
+    (tmp_path / "bad.pem").write_text("not a key")
+    done = subprocess.run(
+        [sys.executable, "-m", "switchboard.cli", "serve", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "SWITCHBOARD_SECRET_KEY": "s" * 40,
+            "SWITCHBOARD_SIGNING_KEYS": str(tmp_path / "bad.pem"),
+            "SWITCHBOARD_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/db.sqlite",
+        },
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "is not an unencrypted Ed25519 PEM" in done.stderr
+    assert "not a key" not in done.stderr
 
 
 def test_serve_reports_a_port_in_use() -> None:

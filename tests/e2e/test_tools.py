@@ -76,15 +76,52 @@ def test_grpcurl_sees_rich_error_details(serve: ServeProcess) -> None:
             tool("grpcurl"),
             "-plaintext",
             "-d",
-            "{}",
+            '{"email": "nope", "password": "short"}',
             serve.address,
-            "switchboard.api.auth.v1.AuthService/GetJwks",
+            "switchboard.api.auth.v1.AuthService/Register",
         ]
     )
     assert done.returncode != 0
-    assert "Code: Unimplemented" in done.stderr
-    assert "ERROR_REASON_NOT_IMPLEMENTED" in done.stderr
-    assert "type.googleapis.com/google.rpc.ErrorInfo" in done.stderr
+    assert "Code: InvalidArgument" in done.stderr
+    assert "type.googleapis.com/google.rpc.BadRequest" in done.stderr
+    assert "ERROR_REASON_INVALID_ARGUMENT" in done.stderr
+
+
+def test_grpcurl_signs_up_and_calls_with_a_bearer_token(serve: ServeProcess) -> None:
+    registered = run(
+        [
+            tool("grpcurl"),
+            "-plaintext",
+            "-d",
+            '{"email": "curl@example.com", "password": "tracing the wire 123"}',
+            serve.address,
+            "switchboard.api.auth.v1.AuthService/Register",
+        ]
+    )
+    assert registered.returncode == 0, registered.stderr
+    access = json.loads(registered.stdout)["tokens"]["access_token"]
+    me = run(
+        [
+            tool("grpcurl"),
+            "-plaintext",
+            "-H",
+            f"authorization: Bearer {access}",
+            serve.address,
+            "switchboard.api.auth.v1.AuthService/GetPrincipal",
+        ]
+    )
+    assert me.returncode == 0, me.stderr
+    assert json.loads(me.stdout)["user"]["email"] == "curl@example.com"
+    anonymous = run(
+        [
+            tool("grpcurl"),
+            "-plaintext",
+            serve.address,
+            "switchboard.api.auth.v1.AuthService/GetPrincipal",
+        ]
+    )
+    assert "Code: Unauthenticated" in anonymous.stderr
+    assert "ERROR_REASON_UNAUTHENTICATED" in anonymous.stderr
 
 
 def test_grpcurl_health_check(serve: ServeProcess) -> None:
@@ -118,8 +155,18 @@ def test_node_client_calls_health_and_an_rpc(serve: ServeProcess) -> None:
         "switchboard.api.auth.v1.AuthService": "SERVING",
     }
     jwks = result["getJwks"]
-    assert jwks["ok"] is False
-    assert jwks["codeName"] == "UNIMPLEMENTED"
-    assert jwks["errorInfo"]["reason"] == "ERROR_REASON_NOT_IMPLEMENTED"
-    assert jwks["errorInfo"]["domain"] == "switchboard.dev"
-    assert len(jwks["errorInfo"]["metadata"]["request_id"]) == 32
+    assert jwks["ok"] is True
+    assert [k["kty"] for k in jwks["response"]["keys"]] == ["OKP"]
+    assert result["register"]["ok"] is True
+    assert result["getPrincipal"] == {
+        "ok": True,
+        "user": result["register"]["user"],
+        "email": result["getPrincipal"]["email"],
+    }
+    assert result["getPrincipal"]["email"].startswith("node-")
+    anonymous = result["anonymous"]
+    assert anonymous["ok"] is False
+    assert anonymous["codeName"] == "UNAUTHENTICATED"
+    assert anonymous["errorInfo"]["reason"] == "ERROR_REASON_UNAUTHENTICATED"
+    assert anonymous["errorInfo"]["domain"] == "switchboard.dev"
+    assert len(anonymous["errorInfo"]["metadata"]["request_id"]) == 32

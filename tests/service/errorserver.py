@@ -110,7 +110,7 @@ class EchoContext(ContextServiceServicer):
 
 
 async def start_error_server(settings: Settings) -> tuple[SwitchboardServer, RaisingAuth]:
-    auth = RaisingAuth()  # type: ignore[abstract]
+    auth = RaisingAuth()
     server = await build_server(
         settings,
         [

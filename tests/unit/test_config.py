@@ -41,7 +41,7 @@ def test_refuses_a_short_secret() -> None:
 
 
 def test_accepts_a_strong_secret_and_hides_it() -> None:
-    settings = load_settings(secret_key=STRONG)
+    settings = load_settings(secret_key=STRONG, signing_keys="/keys/k1.pem")
     assert settings.effective_secret_key() == STRONG
     assert STRONG not in repr(settings)
     assert STRONG not in str(settings.model_dump())
@@ -51,7 +51,37 @@ def test_accepts_a_strong_secret_and_hides_it() -> None:
 def test_dev_mode_uses_the_dev_secret_and_reports_it() -> None:
     settings = load_settings(dev_mode=True)
     assert settings.effective_secret_key() == DEV_SECRET_KEY
-    assert settings.insecure_defaults_in_use() == ["SWITCHBOARD_SECRET_KEY"]
+    assert settings.insecure_defaults_in_use() == [
+        "SWITCHBOARD_SECRET_KEY",
+        "SWITCHBOARD_SIGNING_KEYS",
+    ]
+
+
+def test_outside_dev_mode_every_missing_secret_is_named_at_once() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert "SWITCHBOARD_SECRET_KEY is required" in str(caught.value)
+    assert "SWITCHBOARD_SIGNING_KEYS is required" in str(caught.value)
+
+
+def test_signing_keys_are_a_comma_separated_list() -> None:
+    settings = load_settings(secret_key=STRONG, signing_keys="/k/new.pem, /k/old.pem")
+    assert settings.signing_keys == ("/k/new.pem", "/k/old.pem")
+
+
+def test_oidc_settings_come_together() -> None:
+    with pytest.raises(ConfigError, match="must be set together"):
+        load_settings(dev_mode=True, oidc_issuer="https://login.example.com")
+
+
+def test_database_and_redis_urls_are_secret() -> None:
+    settings = load_settings(
+        dev_mode=True,
+        database_url="postgresql+asyncpg://app:pg-password@db/app",
+        redis_url="redis://:redis-password@cache:6379/0",
+    )
+    assert "pg-password" not in repr(settings)
+    assert "redis-password" not in repr(settings)
 
 
 def test_reads_the_environment_with_the_prefix(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final
 
 import jwt
@@ -231,4 +232,38 @@ def _to_claims(claims: Mapping[str, Any], kid: str) -> AccessClaims:
         issued_at=int(claims["iat"]),
         expires_at=int(claims["exp"]),
         key_id=kid,
+    )
+
+
+def load_key_ring(paths: Sequence[str]) -> KeyRing:
+    """A key ring from Ed25519 PEM files named ``<kid>.pem``; the first one signs.
+
+    Rotation: add the new key first and keep the old one after it until every
+    token it signed has expired (the access-token lifetime), then remove it.
+    """
+    if not paths:
+        raise ValueError("no signing key files given")
+    keys: list[SigningKey] = []
+    for path in paths:
+        file = Path(path)
+        kid = file.stem
+        try:
+            pem = file.read_bytes()
+        except OSError as exc:
+            raise ValueError(f"cannot read signing key {path}: {exc.strerror}") from None
+        try:
+            keys.append(SigningKey.from_pem(kid, pem))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(
+                f"signing key {path} is not an unencrypted Ed25519 PEM: {exc}"
+            ) from None
+    return KeyRing(keys[0], keys[1:])
+
+
+def private_key_pem(key: SigningKey) -> bytes:
+    """PKCS#8 PEM of a signing key (for ``switchboard keygen``)."""
+    return key.private_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
     )

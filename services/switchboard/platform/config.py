@@ -52,6 +52,57 @@ class Settings(BaseSettings):
         description="Server secret (signs page tokens and internal state); >= 32 chars.",
     )
 
+    # Storage and cache. URLs are secrets: they may carry passwords.
+    database_url: SecretStr = Field(
+        default=SecretStr("sqlite+aiosqlite:///switchboard.db"),
+        description="SQLAlchemy async URL: sqlite+aiosqlite:///file.db or postgresql+asyncpg://...",
+    )
+    database_timeout_s: float = Field(
+        default=5.0, gt=0, le=60, description="Connect and statement timeout for the database."
+    )
+    database_auto_migrate: bool = Field(
+        default=True, description="Apply pending migrations at start (else `switchboard migrate`)."
+    )
+    redis_url: SecretStr = Field(
+        default=SecretStr(""),
+        description="redis://host:port/db; empty runs on the in-memory cache (one process only).",
+    )
+    redis_timeout_s: float = Field(
+        default=0.25, gt=0, le=5, description="Bound on every Redis command and connect."
+    )
+    redis_lease_s: float = Field(
+        default=0.75,
+        gt=0,
+        le=30,
+        description="How long a process trusts its revocation cache after Redis last answered.",
+    )
+
+    # Identity: tokens, sessions, keys.
+    auth_issuer: str = Field(default="switchboard", min_length=1, description="JWT `iss`.")
+    auth_audience: str = Field(default="switchboard", min_length=1, description="JWT `aud`.")
+    access_token_ttl_s: int = Field(default=900, ge=60, le=86_400)
+    refresh_token_ttl_s: int = Field(default=30 * 86_400, ge=300, le=365 * 86_400)
+    signing_keys: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description="Ed25519 PEM files, comma-separated, named <kid>.pem; the first signs. "
+        "Required outside dev mode.",
+    )
+    token_cache_size: int = Field(default=10_000, ge=0, le=1_000_000)
+    max_sessions_per_user: int = Field(default=100, ge=1, le=10_000)
+    max_api_keys_per_user: int = Field(default=50, ge=1, le=10_000)
+    password_hash_threads: int = Field(default=2, ge=1, le=64)
+    password_hash_max_pending: int = Field(default=64, ge=1, le=10_000)
+
+    # Federated login (all three or none).
+    oidc_issuer: str = Field(default="", description="Accepted ID-token issuer (exact `iss`).")
+    oidc_audience: str = Field(default="", description="Our client id at that issuer (`aud`).")
+    oidc_jwks_file: str = Field(default="", description="The issuer's JWKS, as a JSON file.")
+
+    # Abuse limits on Login (fixed windows).
+    login_window_s: int = Field(default=900, ge=1, le=86_400)
+    login_max_failures_per_account: int = Field(default=10, ge=1, le=100_000)
+    login_max_attempts_per_address: int = Field(default=100, ge=1, le=1_000_000)
+
     # Logging.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
@@ -82,9 +133,9 @@ class Settings(BaseSettings):
         description="Time between health NOT_SERVING and refusing new calls, for load balancers.",
     )
 
-    @field_validator("services", mode="before")
+    @field_validator("services", "signing_keys", mode="before")
     @classmethod
-    def _split_services(cls, value: object) -> object:
+    def _split_csv(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
@@ -103,19 +154,34 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_secrets(self) -> Settings:
         key = self.secret_key.get_secret_value()
+        oidc = (self.oidc_issuer, self.oidc_audience, self.oidc_jwks_file)
+        if any(oidc) and not all(oidc):
+            raise ValueError(
+                "SWITCHBOARD_OIDC_ISSUER, SWITCHBOARD_OIDC_AUDIENCE and "
+                "SWITCHBOARD_OIDC_JWKS_FILE must be set together"
+            )
         if self.dev_mode:
             return self
+        # Report every missing secret at once: fixing them one restart at a time is tedious.
+        problems = []
         if not key:
-            raise ValueError(
+            problems.append(
                 "SWITCHBOARD_SECRET_KEY is required outside dev mode "
                 "(set SWITCHBOARD_DEV_MODE=true for local development)"
             )
-        if key == DEV_SECRET_KEY:
-            raise ValueError("SWITCHBOARD_SECRET_KEY is the built-in dev key; refusing to start")
-        if len(key) < MIN_SECRET_KEY_LENGTH:
-            raise ValueError(
+        elif key == DEV_SECRET_KEY:
+            problems.append("SWITCHBOARD_SECRET_KEY is the built-in dev key; refusing to start")
+        elif len(key) < MIN_SECRET_KEY_LENGTH:
+            problems.append(
                 f"SWITCHBOARD_SECRET_KEY must be at least {MIN_SECRET_KEY_LENGTH} characters"
             )
+        if not self.signing_keys:
+            problems.append(
+                "SWITCHBOARD_SIGNING_KEYS is required outside dev mode "
+                "(Ed25519 PEM files; `switchboard keygen` makes one)"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     def effective_secret_key(self) -> str:
@@ -130,6 +196,8 @@ class Settings(BaseSettings):
         insecure: list[str] = []
         if self.effective_secret_key() == DEV_SECRET_KEY:
             insecure.append("SWITCHBOARD_SECRET_KEY")
+        if not self.signing_keys:
+            insecure.append("SWITCHBOARD_SIGNING_KEYS")
         return insecure
 
 

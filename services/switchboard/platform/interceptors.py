@@ -1,5 +1,7 @@
-"""The one server interceptor: request ids, access logs and error mapping.
+"""The one server interceptor: request ids, access logs, the auth guard and error mapping.
 
+With a ``Guard``, every call first passes its method's access check
+(``switchboard.platform.authn``), inside the same error mapping.
 Every call gets a request id (the caller's ``x-request-id`` if well formed, else
 a fresh one), returned in trailing metadata and in ``ErrorInfo.metadata``.
 A ``SwitchboardError`` becomes its rich status. Anything else is a bug: it is
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from grpc import aio
 
+from switchboard.platform.authn import Checker, Guard
 from switchboard.platform.errors import InternalError, SwitchboardError
 from switchboard.platform.logging import method_var, request_id_var
 from switchboard.platform.status import REQUEST_ID_KEY, to_grpc_status
@@ -101,10 +104,14 @@ class _Call:
         method_var.reset(self.tokens[1])
 
 
-def _wrap_unary_response(method: str, behavior: Behavior) -> Behavior:
+def _wrap_unary_response(
+    method: str, behavior: Behavior, check: Checker | None, streaming_request: bool
+) -> Behavior:
     async def handler(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         call = _Call(method, context)
         try:
+            if check is not None:
+                await check(None if streaming_request else request, context)
             result = behavior(request, context)
             if inspect.isawaitable(result):
                 result = await result
@@ -120,10 +127,14 @@ def _wrap_unary_response(method: str, behavior: Behavior) -> Behavior:
     return handler
 
 
-def _wrap_stream_response(method: str, behavior: Behavior) -> Behavior:
+def _wrap_stream_response(
+    method: str, behavior: Behavior, check: Checker | None, streaming_request: bool
+) -> Behavior:
     async def handler(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         call = _Call(method, context)
         try:
+            if check is not None:
+                await check(None if streaming_request else request, context)
             result = behavior(request, context)
             if inspect.isasyncgen(result):
                 async for item in result:
@@ -145,26 +156,30 @@ def _wrap_stream_response(method: str, behavior: Behavior) -> Behavior:
     return handler
 
 
-def _wrap(method: str, handler: Handler) -> Handler:
+def _wrap(method: str, handler: Handler, check: Checker | None) -> Handler:
     common = {
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(
-            _wrap_unary_response(method, handler.unary_unary), **common
+            _wrap_unary_response(method, handler.unary_unary, check, False),
+            **common,
         )
     if handler.stream_unary is not None:
         return grpc.stream_unary_rpc_method_handler(
-            _wrap_unary_response(method, handler.stream_unary), **common
+            _wrap_unary_response(method, handler.stream_unary, check, True),
+            **common,
         )
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(
-            _wrap_stream_response(method, handler.unary_stream), **common
+            _wrap_stream_response(method, handler.unary_stream, check, False),
+            **common,
         )
     if handler.stream_stream is not None:
         return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream_response(method, handler.stream_stream), **common
+            _wrap_stream_response(method, handler.stream_stream, check, True),
+            **common,
         )
     return handler
 
@@ -180,8 +195,9 @@ class ErrorInterceptor(_InterceptorBase):
     live in the handler it returns, as it does here.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, guard: Guard | None = None) -> None:
         self._wrapped: dict[str, Handler] = {}
+        self._guard = guard
 
     async def intercept_service(
         self,
@@ -195,5 +211,6 @@ class ErrorInterceptor(_InterceptorBase):
         handler: Handler | None = await continuation(handler_call_details)
         if handler is None:  # unknown method: grpc answers UNIMPLEMENTED itself
             return handler  # type: ignore[return-value]
-        wrapped = self._wrapped[method] = _wrap(method, handler)
+        check = self._guard.checker(method) if self._guard is not None else None
+        wrapped = self._wrapped[method] = _wrap(method, handler, check)
         return wrapped

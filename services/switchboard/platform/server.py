@@ -17,6 +17,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
+from switchboard.platform.authn import Guard
 from switchboard.platform.config import Settings
 from switchboard.platform.interceptors import ErrorInterceptor
 from switchboard.platform.reflection import enable_reflection
@@ -94,6 +95,7 @@ class SwitchboardServer:
         self._resources = resources
         self._stopped = asyncio.Event()
         self._stopping = False
+        self.deps: Any = None
 
     @property
     def address(self) -> str:
@@ -135,12 +137,22 @@ class SwitchboardServer:
 
 
 async def build_server(
-    settings: Settings, registrations: Sequence[ServiceRegistration]
+    settings: Settings,
+    registrations: Sequence[ServiceRegistration],
+    *,
+    guard: Guard | None = None,
+    resources: contextlib.AsyncExitStack | None = None,
+    deps: object = None,
 ) -> SwitchboardServer:
-    """Create, configure and bind the server (not started). Raises BindError."""
-    resources = contextlib.AsyncExitStack()
+    """Create, configure and bind the server (not started). Raises BindError.
+
+    Without a ``guard`` no call is authenticated: only tests of the transport
+    itself build servers that way. ``resources`` close at shutdown; ``deps``
+    is kept on the server for tests and tools that need the process's objects.
+    """
+    resources = resources or contextlib.AsyncExitStack()
     server = aio.server(
-        interceptors=[ErrorInterceptor()],
+        interceptors=[ErrorInterceptor(guard)],
         options=grpc_options(settings),
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
@@ -157,4 +169,6 @@ async def build_server(
         raise BindError(f"cannot listen on {address}: {exc}") from exc
     if port == 0:
         raise BindError(f"cannot listen on {address}")
-    return SwitchboardServer(settings, server, health, port, names, resources)
+    result = SwitchboardServer(settings, server, health, port, names, resources)
+    result.deps = deps
+    return result

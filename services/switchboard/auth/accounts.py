@@ -1,0 +1,569 @@
+"""Accounts: registration, login, sessions, refresh rotation, API keys.
+
+The domain of the auth service. It speaks in store rows and domain values;
+``servicer.py`` converts to and from proto. Every credential it hands out is
+shown once and stored only as a hash.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import unicodedata
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from switchboard.api.auth.v1 import auth_pb2
+from switchboard.api.events.v1 import events_pb2
+from switchboard.auth.authenticator import CredentialAuthenticator
+from switchboard.auth.oidc import OidcVerifier
+from switchboard.auth.opaque import OpaqueSecrets, looks_like_refresh_token
+from switchboard.auth.passwords import PasswordHasher, check_password_policy
+from switchboard.auth.store import AuthStore, Page, utcnow
+from switchboard.auth.tokens import AccessTokens
+from switchboard.platform.bus import EventBus
+from switchboard.platform.cache import Cache
+from switchboard.platform.errors import (
+    EtagMismatch,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    QuotaExceeded,
+    RateLimited,
+    SessionRevoked,
+    Unauthenticated,
+)
+from switchboard.platform.models import (
+    ApiKeyRow,
+    FederatedIdentityRow,
+    SessionRow,
+    UserRow,
+)
+from switchboard.platform.policy import ALL_SCOPES, AuthMethod, Principal, Scope
+
+log = logging.getLogger("switchboard.security")
+
+MAX_EMAIL = 254
+MAX_DISPLAY_NAME = 200
+MAX_USER_AGENT = 256
+MAX_DEVICE_NAME = 128
+MAX_PASSWORD_BYTES = 1024
+MAX_PAGE_SIZE = 100
+DEFAULT_PAGE_SIZE = 50
+SESSION_SCOPES = frozenset(Scope)
+DEFAULT_API_KEY_SCOPES = frozenset({Scope.READ, Scope.WRITE})
+INVALID_LOGIN = "invalid email or password"
+
+
+@dataclass(frozen=True)
+class ClientContext:
+    """What we know of the client making a credential request."""
+
+    address: str
+    user_agent: str = ""
+    device_name: str = ""
+
+
+@dataclass(frozen=True)
+class IssuedTokens:
+    access_token: str
+    access_expires_at: dt.datetime
+    refresh_token: str
+    refresh_expires_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class SignIn:
+    user: UserRow
+    identities: list[FederatedIdentityRow]
+    session: SessionRow
+    tokens: IssuedTokens
+
+
+@dataclass(frozen=True)
+class LoginLimits:
+    window_s: int
+    max_failures_per_account: int
+    max_attempts_per_address: int
+
+
+@dataclass(frozen=True)
+class AccountLimits:
+    refresh_ttl_s: int
+    max_sessions_per_user: int
+    max_api_keys_per_user: int
+
+
+def normalize_email(raw: str, field: str = "email") -> str:
+    email = unicodedata.normalize("NFKC", raw).strip().lower()
+    local, at, domain = email.partition("@")
+    problem = ""
+    if not email:
+        problem = "is required"
+    elif len(email) > MAX_EMAIL:
+        problem = f"must be at most {MAX_EMAIL} characters"
+    elif not at or not local or "." not in domain or "@" in domain:
+        problem = "is not an email address"
+    elif any(c.isspace() or unicodedata.category(c).startswith("C") for c in email):
+        problem = "must not contain spaces or control characters"
+    if problem:
+        raise InvalidArgument(f"{field} {problem}", [FieldViolation(field, problem)])
+    return email
+
+
+def clean_display_name(raw: str, field: str) -> str:
+    name = unicodedata.normalize("NFKC", raw).strip()
+    problem = ""
+    if len(name) > MAX_DISPLAY_NAME:
+        problem = f"must be at most {MAX_DISPLAY_NAME} characters"
+    elif any(unicodedata.category(c).startswith("C") for c in name):
+        problem = "must not contain control characters"
+    if problem:
+        raise InvalidArgument(f"{field} {problem}", [FieldViolation(field, problem)])
+    return name
+
+
+def page_size(requested: int) -> int:
+    if requested < 0:
+        raise InvalidArgument(
+            "page_size must not be negative", [FieldViolation("page_size", "must be >= 0")]
+        )
+    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def _client(client: ClientContext) -> ClientContext:
+    return ClientContext(
+        address=client.address[:128],
+        user_agent=client.user_agent[:MAX_USER_AGENT],
+        device_name=client.device_name[:MAX_DEVICE_NAME],
+    )
+
+
+def _hash_key(value: str) -> str:
+    # Cache keys must not carry emails or addresses in the clear.
+    return hashlib.sha256(value.encode()).hexdigest()[:32]
+
+
+class Accounts:
+    def __init__(
+        self,
+        *,
+        store: AuthStore,
+        hasher: PasswordHasher,
+        tokens: AccessTokens,
+        secrets: OpaqueSecrets,
+        authenticator: CredentialAuthenticator,
+        cache: Cache,
+        bus: EventBus,
+        oidc: OidcVerifier | None,
+        login_limits: LoginLimits,
+        limits: AccountLimits,
+    ) -> None:
+        self._store = store
+        self._hasher = hasher
+        self._tokens = tokens
+        self._secrets = secrets
+        self._authenticator = authenticator
+        self._cache = cache
+        self._bus = bus
+        self._oidc = oidc
+        self._login_limits = login_limits
+        self._limits = limits
+
+    # Security events: a structured log line always, an event when a user is concerned.
+
+    async def _security(
+        self,
+        kind: events_pb2.SecurityEventKind.ValueType,
+        *,
+        user_id: str = "",
+        session_id: str = "",
+        api_key_id: str = "",
+        client: ClientContext | None = None,
+        detail: str = "",
+    ) -> None:
+        name = events_pb2.SecurityEventKind.Name(kind).removeprefix("SECURITY_EVENT_KIND_")
+        log.info(
+            "security event",
+            extra={
+                "event": name.lower(),
+                "user": user_id,
+                "session": session_id,
+                "key_id": api_key_id,
+                "client_address": client.address if client else "",
+                "detail": detail,
+            },
+        )
+        if not user_id:
+            return
+        user = f"users/{user_id}"
+        payload = events_pb2.SecurityEvent(
+            kind=kind,
+            session=f"{user}/sessions/{session_id}" if session_id else "",
+            api_key=f"{user}/apiKeys/{api_key_id}" if api_key_id else "",
+            client_address=client.address if client else "",
+        )
+        if client is not None:
+            payload.client_info.CopyFrom(
+                auth_pb2.ClientInfo(user_agent=client.user_agent, device_name=client.device_name)
+            )
+        await self._bus.publish(
+            events_pb2.Event(
+                type=events_pb2.EVENT_TYPE_SECURITY,
+                actor=events_pb2.Actor(name=user),
+                user=user,
+                security=payload,
+            )
+        )
+
+    # Rate limits.
+
+    async def _limit_address(self, client: ClientContext) -> None:
+        limits = self._login_limits
+        count, reset_s = await self._cache.hit(
+            f"login:addr:{_hash_key(client.address)}", limits.window_s
+        )
+        if count > limits.max_attempts_per_address:
+            raise RateLimited(
+                "too many sign-in attempts from this address", retry_after_s=max(reset_s, 1.0)
+            )
+
+    async def _limit_account(self, email: str) -> None:
+        limits = self._login_limits
+        count, reset_s = await self._cache.hit(f"login:acct:{_hash_key(email)}", limits.window_s)
+        if count > limits.max_failures_per_account:
+            raise RateLimited(
+                "too many failed sign-in attempts for this account",
+                retry_after_s=max(reset_s, 1.0),
+            )
+
+    # Sign-in.
+
+    async def start_session(
+        self, user: UserRow, method: AuthMethod, client: ClientContext
+    ) -> SignIn:
+        refresh = self._secrets.new_refresh_token()
+        now = utcnow()
+        expires = now + dt.timedelta(seconds=self._limits.refresh_ttl_s)
+        session, evicted = await self._store.create_session(
+            user_id=user.id,
+            auth_method=method.value,
+            user_agent=client.user_agent,
+            device_name=client.device_name,
+            client_address=client.address,
+            expires_at=expires,
+            refresh_digest=refresh.digest,
+            max_sessions=self._limits.max_sessions_per_user,
+        )
+        for session_id in evicted:
+            await self._authenticator.announce("session", session_id)
+        access, claims = self._tokens.issue(
+            subject=user.id, session=session.id, scopes=[s.value for s in SESSION_SCOPES]
+        )
+        tokens = IssuedTokens(
+            access_token=access,
+            access_expires_at=dt.datetime.fromtimestamp(claims.expires_at, dt.UTC),
+            refresh_token=refresh.secret,
+            refresh_expires_at=expires,
+        )
+        identities = await self._store.federated_identities(user.id)
+        return SignIn(user, identities, session, tokens)
+
+    async def register(
+        self, email: str, password: str, display_name: str, client: ClientContext
+    ) -> SignIn:
+        client = _client(client)
+        violations: list[FieldViolation] = []
+        normalized = ""
+        name = ""
+        try:
+            normalized = normalize_email(email)
+        except InvalidArgument as exc:
+            violations.extend(exc.violations)
+        try:
+            name = clean_display_name(display_name, "display_name")
+        except InvalidArgument as exc:
+            violations.extend(exc.violations)
+        if len(password.encode()) > MAX_PASSWORD_BYTES:
+            violations.append(
+                FieldViolation("password", f"must be at most {MAX_PASSWORD_BYTES} bytes")
+            )
+        else:
+            try:
+                check_password_policy(password, email=normalized)
+            except InvalidArgument as exc:
+                violations.extend(exc.violations)
+        if violations:
+            raise InvalidArgument("the registration is invalid", violations)
+        # Hashing is the expensive part: registrations count against the address limit.
+        await self._limit_address(client)
+        password_hash = await self._hasher.hash(password)
+        user = await self._store.create_user(normalized, name, password_hash)
+        sign_in = await self.start_session(user, AuthMethod.PASSWORD, client)
+        await self._security(
+            events_pb2.SECURITY_EVENT_KIND_LOGIN_SUCCEEDED,
+            user_id=user.id,
+            session_id=sign_in.session.id,
+            client=client,
+            detail="registered",
+        )
+        return sign_in
+
+    async def login_password(self, email: str, password: str, client: ClientContext) -> SignIn:
+        client = _client(client)
+        if not email or not password:
+            missing = [
+                f for f, v in (("password.email", email), ("password.password", password)) if not v
+            ]
+            raise InvalidArgument(
+                "email and password are required",
+                [FieldViolation(f, "is required") for f in missing],
+            )
+        if len(password.encode()) > MAX_PASSWORD_BYTES or len(email) > MAX_EMAIL * 4:
+            raise Unauthenticated(INVALID_LOGIN)
+        await self._limit_address(client)
+        try:
+            normalized = normalize_email(email, "password.email")
+        except InvalidArgument:
+            normalized = email.strip().lower()
+        await self._limit_account(normalized)
+        user = await self._store.user_by_email(normalized)
+        stored = user.password_hash if user is not None else None
+        # Unknown user and wrong password take the same path and time.
+        if not await self._hasher.verify(stored, password) or user is None or stored is None:
+            await self._security(
+                events_pb2.SECURITY_EVENT_KIND_LOGIN_FAILED,
+                user_id=user.id if user is not None else "",
+                client=client,
+                detail="bad password",
+            )
+            raise Unauthenticated(INVALID_LOGIN)
+        await self._cache.clear(f"login:acct:{_hash_key(normalized)}")
+        if self._hasher.needs_rehash(stored):
+            await self._store.set_password_hash(user.id, await self._hasher.hash(password))
+        sign_in = await self.start_session(user, AuthMethod.PASSWORD, client)
+        await self._security(
+            events_pb2.SECURITY_EVENT_KIND_LOGIN_SUCCEEDED,
+            user_id=user.id,
+            session_id=sign_in.session.id,
+            client=client,
+        )
+        return sign_in
+
+    async def login_oidc(self, id_token: str, client: ClientContext) -> SignIn:
+        client = _client(client)
+        if self._oidc is None:
+            raise FailedPrecondition("federated login is not configured on this deployment")
+        if not id_token:
+            raise InvalidArgument(
+                "oidc.id_token is required", [FieldViolation("oidc.id_token", "is required")]
+            )
+        await self._limit_address(client)
+        identity = self._oidc.verify(id_token)
+        user = await self._store.user_by_federated_identity(identity.issuer, identity.subject)
+        if user is None:
+            # First sight: a new local user. We never link to an existing account by
+            # email, which would let whoever controls the issuer take it over.
+            if not identity.email or not identity.email_verified:
+                raise FailedPrecondition("the ID token carries no verified email")
+            email = normalize_email(identity.email, "oidc.id_token")
+            name = clean_display_name(identity.name[:MAX_DISPLAY_NAME], "oidc.id_token")
+            user = await self._store.create_federated_user(
+                identity.issuer, identity.subject, email, name
+            )
+        sign_in = await self.start_session(user, AuthMethod.OIDC, client)
+        await self._security(
+            events_pb2.SECURITY_EVENT_KIND_LOGIN_SUCCEEDED,
+            user_id=user.id,
+            session_id=sign_in.session.id,
+            client=client,
+            detail="oidc",
+        )
+        return sign_in
+
+    async def refresh(self, refresh_token: str, client: ClientContext) -> IssuedTokens:
+        client = _client(client)
+        if not refresh_token:
+            raise InvalidArgument(
+                "refresh_token is required", [FieldViolation("refresh_token", "is required")]
+            )
+        if not looks_like_refresh_token(refresh_token):
+            raise Unauthenticated("invalid refresh token")
+        new = self._secrets.new_refresh_token()
+        now = utcnow()
+        result = await self._store.redeem_refresh_token(
+            self._secrets.digest(refresh_token), new.digest, now
+        )
+        session = result.session
+        if result.outcome == "reused" and session is not None:
+            # A spent token came back: someone holds a copy. End the whole family.
+            await self._store.revoke_session_by_id(session.id, "refresh_reuse")
+            await self._authenticator.announce("session", session.id)
+            await self._security(
+                events_pb2.SECURITY_EVENT_KIND_REFRESH_REUSE_DETECTED,
+                user_id=session.user_id,
+                session_id=session.id,
+                client=client,
+            )
+            raise SessionRevoked("refresh token reuse detected; the session has been revoked")
+        if result.outcome != "rotated" or session is None:
+            raise Unauthenticated("invalid refresh token")
+        access, claims = self._tokens.issue(
+            subject=session.user_id, session=session.id, scopes=[s.value for s in SESSION_SCOPES]
+        )
+        return IssuedTokens(
+            access_token=access,
+            access_expires_at=dt.datetime.fromtimestamp(claims.expires_at, dt.UTC),
+            refresh_token=new.secret,
+            refresh_expires_at=session.expires_at,
+        )
+
+    # Sessions.
+
+    async def _revoke(self, principal: Principal, session_id: str, reason: str) -> SessionRow:
+        row = await self._store.revoke_session(principal.user_id, session_id, reason)
+        if row is None:
+            raise NotFound(f"users/{principal.user_id}/sessions/{session_id} not found")
+        await self._authenticator.announce("session", session_id)
+        await self._security(
+            events_pb2.SECURITY_EVENT_KIND_SESSION_REVOKED,
+            user_id=principal.user_id,
+            session_id=session_id,
+            detail=reason,
+        )
+        return row
+
+    async def logout(self, principal: Principal) -> None:
+        if not principal.session_id:
+            raise FailedPrecondition("API keys have no session to log out of; revoke the key")
+        await self._revoke(principal, principal.session_id, "logout")
+
+    async def revoke_session(self, principal: Principal, session_id: str) -> SessionRow:
+        return await self._revoke(principal, session_id, "revoked")
+
+    async def revoke_all_sessions(self, principal: Principal, keep_current: bool) -> int:
+        keep = principal.session_id if keep_current else ""
+        revoked = await self._store.revoke_all_sessions(principal.user_id, keep, "revoke_all")
+        if revoked:
+            await self._authenticator.announce("user", principal.user_id)
+        for session_id in revoked:
+            await self._security(
+                events_pb2.SECURITY_EVENT_KIND_SESSION_REVOKED,
+                user_id=principal.user_id,
+                session_id=session_id,
+                detail="revoke_all",
+            )
+        return len(revoked)
+
+    async def list_sessions(
+        self, principal: Principal, *, show_inactive: bool, size: int, token: str
+    ) -> Page[SessionRow]:
+        return await self._store.list_sessions(
+            principal.user_id,
+            show_inactive=show_inactive,
+            page_size=page_size(size),
+            page_token=token,
+        )
+
+    # API keys.
+
+    async def create_api_key(
+        self,
+        principal: Principal,
+        display_name: str,
+        scopes: Iterable[str],
+        expires_at: dt.datetime | None,
+    ) -> tuple[ApiKeyRow, str]:
+        violations: list[FieldViolation] = []
+        name = ""
+        try:
+            name = clean_display_name(display_name, "display_name")
+        except InvalidArgument as exc:
+            violations.extend(exc.violations)
+        requested = list(scopes)
+        unknown = sorted(set(requested) - {s.value for s in ALL_SCOPES})
+        if unknown:
+            violations.append(
+                FieldViolation(
+                    "scopes", f"unknown scopes {unknown}; choose from read, write, manage"
+                )
+            )
+        chosen = (
+            frozenset(Scope(s) for s in requested if s not in unknown) or DEFAULT_API_KEY_SCOPES
+        )
+        if not chosen <= principal.scopes:
+            violations.append(FieldViolation("scopes", "cannot exceed the caller's own scopes"))
+        if expires_at is not None and expires_at <= utcnow():
+            violations.append(FieldViolation("expire_time", "must be in the future"))
+        if violations:
+            raise InvalidArgument("the API key request is invalid", violations)
+        key_id, issued = self._secrets.new_api_key()
+        row = await self._store.create_api_key(
+            key_id=key_id,
+            user_id=principal.user_id,
+            display_name=name,
+            digest=issued.digest,
+            scopes=" ".join(sorted(s.value for s in chosen)),
+            expires_at=expires_at,
+            max_keys=self._limits.max_api_keys_per_user,
+        )
+        if row is None:
+            raise QuotaExceeded(
+                f"at most {self._limits.max_api_keys_per_user} live API keys per user",
+                subject="api_keys_per_user",
+            )
+        await self._security(
+            events_pb2.SECURITY_EVENT_KIND_API_KEY_CREATED,
+            user_id=principal.user_id,
+            api_key_id=key_id,
+        )
+        return row, issued.secret
+
+    async def list_api_keys(
+        self, principal: Principal, *, show_inactive: bool, size: int, token: str
+    ) -> Page[ApiKeyRow]:
+        return await self._store.list_api_keys(
+            principal.user_id,
+            show_inactive=show_inactive,
+            page_size=page_size(size),
+            page_token=token,
+        )
+
+    async def revoke_api_key(self, principal: Principal, key_id: str) -> ApiKeyRow:
+        row = await self._store.revoke_api_key(principal.user_id, key_id)
+        if row is None:
+            raise NotFound(f"users/{principal.user_id}/apiKeys/{key_id} not found")
+        await self._authenticator.announce("apikey", key_id)
+        await self._security(
+            events_pb2.SECURITY_EVENT_KIND_API_KEY_REVOKED,
+            user_id=principal.user_id,
+            api_key_id=key_id,
+        )
+        return row
+
+    # The user record.
+
+    async def user(self, principal: Principal) -> tuple[UserRow, list[FederatedIdentityRow]]:
+        user = await self._store.user_by_id(principal.user_id)
+        if user is None:
+            raise Unauthenticated("the account no longer exists")
+        return user, await self._store.federated_identities(user.id)
+
+    async def update_display_name(
+        self, principal: Principal, display_name: str, etag: str
+    ) -> tuple[UserRow, list[FederatedIdentityRow]]:
+        name = clean_display_name(display_name, "user.display_name")
+        expected: int | None = None
+        if etag:
+            try:
+                expected = int(etag.strip('"').removeprefix("W/").strip('"'))
+            except ValueError:
+                raise InvalidArgument(
+                    "user.etag is invalid", [FieldViolation("user.etag", "not an etag we issued")]
+                ) from None
+        user = await self._store.update_display_name(principal.user_id, name, expected)
+        if user is None:
+            raise EtagMismatch("the user changed since it was read; re-read and retry")
+        return user, await self._store.federated_identities(user.id)

@@ -1,0 +1,137 @@
+"""Every RPC's access rule, declared in this one place.
+
+An RPC is either PUBLIC (no credential needed) or AUTHENTICATED with the scope
+it needs; an RPC that names a resource also says which request field holds
+that name and what it does to it, and the interceptor asks the policy before
+the servicer runs. RPCs whose request names several resources (a list of event
+scopes, a bidirectional stream of commands) are marked ``per_item``: the
+servicer authorizes each one through the same policy.
+
+``tests/service/test_access.py`` walks every method of every service
+descriptor and fails if one has no rule here, if a rule names a field the
+request does not have, or if a request carries a resource name the rule
+ignores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from switchboard.platform.policy import Permission, Scope
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one RPC is guarded."""
+
+    public: bool = False
+    # The scope needed when no resource is named (resource rules use the permission's).
+    scope: Scope | None = None
+    # Dotted path to the resource name in the request, e.g. "conversation.name".
+    resource_field: str = ""
+    permission: Permission | None = None
+    # The servicer authorizes each named resource itself (streams, lists of scopes).
+    per_item: bool = False
+
+
+PUBLIC: Final = Rule(public=True)
+
+
+def authenticated(scope: Scope) -> Rule:
+    return Rule(scope=scope)
+
+
+def resource(field: str, permission: Permission) -> Rule:
+    return Rule(resource_field=field, permission=permission)
+
+
+def per_item(scope: Scope) -> Rule:
+    return Rule(scope=scope, per_item=True)
+
+
+READ, WRITE, ADMIN, MANAGE = (
+    Permission.READ,
+    Permission.WRITE,
+    Permission.ADMIN,
+    Permission.MANAGE,
+)
+
+_AUTH = "/switchboard.api.auth.v1.AuthService/"
+_CONTEXT = "/switchboard.api.context.v1.ContextService/"
+_DISPATCHER = "/switchboard.api.dispatcher.v1.DispatcherService/"
+_INTEGRATION = "/switchboard.api.integration.v1.IntegrationService/"
+_EVENTS = "/switchboard.api.events.v1.EventService/"
+
+RULES: Final[dict[str, Rule]] = {
+    # Auth: obtaining credentials is public; everything else acts on the caller's account.
+    _AUTH + "Register": PUBLIC,
+    _AUTH + "Login": PUBLIC,
+    _AUTH + "RefreshToken": PUBLIC,  # the refresh token in the body is the credential
+    _AUTH + "GetJwks": PUBLIC,
+    _AUTH + "Logout": authenticated(Scope.READ),
+    _AUTH + "GetPrincipal": authenticated(Scope.READ),
+    _AUTH + "ListSessions": authenticated(Scope.READ),
+    _AUTH + "RevokeSession": resource("name", MANAGE),
+    _AUTH + "RevokeAllSessions": authenticated(Scope.MANAGE),
+    _AUTH + "CreateApiKey": authenticated(Scope.MANAGE),
+    _AUTH + "ListApiKeys": authenticated(Scope.READ),
+    _AUTH + "RevokeApiKey": resource("name", MANAGE),
+    _AUTH + "UpdateUser": resource("user.name", MANAGE),
+    # Context.
+    _CONTEXT + "CreateWorkspace": authenticated(Scope.WRITE),
+    _CONTEXT + "ListWorkspaces": authenticated(Scope.READ),  # lists only the caller's
+    _CONTEXT + "GetWorkspace": resource("name", READ),
+    _CONTEXT + "UpdateWorkspace": resource("workspace.name", ADMIN),
+    _CONTEXT + "DeleteWorkspace": resource("name", ADMIN),
+    _CONTEXT + "AddWorkspaceMember": resource("parent", ADMIN),
+    _CONTEXT + "UpdateWorkspaceMember": resource("member.name", ADMIN),
+    _CONTEXT + "RemoveWorkspaceMember": resource("name", ADMIN),
+    _CONTEXT + "ListWorkspaceMembers": resource("parent", READ),
+    _CONTEXT + "CreateConversation": resource("parent", WRITE),
+    _CONTEXT + "GetConversation": resource("name", READ),
+    _CONTEXT + "ListConversations": resource("parent", READ),
+    _CONTEXT + "UpdateConversation": resource("conversation.name", WRITE),
+    _CONTEXT + "DeleteConversation": resource("name", WRITE),
+    _CONTEXT + "AppendMessage": resource("parent", WRITE),
+    _CONTEXT + "GetMessage": resource("name", READ),
+    _CONTEXT + "ListMessages": resource("parent", READ),
+    _CONTEXT + "CreateMemoryItem": resource("parent", WRITE),
+    _CONTEXT + "ListMemoryItems": resource("parent", READ),
+    _CONTEXT + "SearchMemoryItems": resource("parent", READ),
+    _CONTEXT + "DeleteMemoryItem": resource("name", WRITE),
+    _CONTEXT + "GetContextWindow": resource("conversation", READ),
+    _CONTEXT + "PruneConversation": resource("conversation", WRITE),
+    # Dispatcher.
+    _DISPATCHER + "SendMessage": resource("conversation", WRITE),
+    _DISPATCHER + "GetRun": resource("name", READ),
+    _DISPATCHER + "ListRuns": resource("parent", READ),
+    _DISPATCHER + "CancelRun": resource("name", WRITE),
+    _DISPATCHER + "WatchRun": resource("name", READ),
+    _DISPATCHER + "Converse": per_item(Scope.READ),
+    _DISPATCHER + "ListHandlers": resource("parent", READ),
+    # Integration: registering external services is an owner's decision.
+    _INTEGRATION + "CreateIntegration": resource("parent", ADMIN),
+    _INTEGRATION + "GetIntegration": resource("name", READ),
+    _INTEGRATION + "ListIntegrations": resource("parent", READ),
+    _INTEGRATION + "UpdateIntegration": resource("integration.name", ADMIN),
+    _INTEGRATION + "DeleteIntegration": resource("name", ADMIN),
+    _INTEGRATION + "WatchIntegrations": resource("parent", READ),
+    _INTEGRATION + "ListTools": resource("parent", READ),
+    _INTEGRATION + "InvokeTool": resource("name", WRITE),
+    # Events: a subscription names several scopes; each is authorized by the servicer.
+    _EVENTS + "Subscribe": per_item(Scope.READ),
+    _EVENTS + "Stream": per_item(Scope.READ),
+    _EVENTS + "ListEvents": per_item(Scope.READ),
+}
+
+# Infrastructure every orchestrator and operator must reach without credentials.
+PUBLIC_PREFIXES: Final = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+def rule_for(method: str) -> Rule | None:
+    """The rule of a full method name; None for methods nobody declared (refused)."""
+    rule = RULES.get(method)
+    if rule is None and method.startswith(PUBLIC_PREFIXES):
+        return PUBLIC
+    return rule

@@ -1,0 +1,284 @@
+"""The database: one async engine per process, SQLite or PostgreSQL.
+
+Stores get sessions from ``Database.sessions``; nothing else creates engines.
+The two supported backends are the embedded default (SQLite through
+aiosqlite) and the scaled-out one (PostgreSQL through asyncpg); any other URL
+is refused at start, so a typo cannot silently select a driver we never test.
+
+Every network wait is bounded by ``timeout_s``: connecting, each statement,
+waiting for a pooled connection, and ``ping``. A database that stops
+answering turns into an error, never into a hung RPC.
+
+SQLite notes. Python's sqlite3 driver (before 3.16) only opens a transaction
+before INSERT/UPDATE/DELETE, so SELECTs and DDL run outside it; we switch that
+off and emit BEGIN ourselves (the recipe in SQLAlchemy's SQLite docs) so
+transactions and migrations are really atomic. The BEGIN is ``IMMEDIATE`` by
+default: a deferred transaction that reads and then writes fails at once with
+"database is locked" when another connection wrote in between (the busy
+timeout does not apply to that upgrade), while an immediate one waits for the
+write lock up to the busy timeout. That is the behaviour store code written
+for PostgreSQL expects. Read-only work may opt into ``DEFERRED`` with the
+``SQLITE_BEGIN`` execution option to run concurrently with a writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import event, text
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
+
+log = logging.getLogger(__name__)
+
+SETTING_NAME: Final = "SWITCHBOARD_DATABASE_URL"
+SQLITE_DRIVER: Final = "sqlite+aiosqlite"
+POSTGRES_DRIVER: Final = "postgresql+asyncpg"
+MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
+
+# Execution option naming how a SQLite transaction begins: "IMMEDIATE" (the
+# default, takes the write lock up front) or "DEFERRED" (for read-only work).
+# Ignored on PostgreSQL. Use as
+# ``await session.connection(execution_options={SQLITE_BEGIN: "DEFERRED"})``
+# before the session's first statement.
+SQLITE_BEGIN: Final = "switchboard_sqlite_begin"
+_SQLITE_BEGIN_MODES: Final = frozenset({"DEFERRED", "IMMEDIATE", "EXCLUSIVE"})
+
+# Pool for PostgreSQL. Each process holds at most POOL_SIZE + MAX_OVERFLOW
+# connections; with one process per service and a few replicas that stays well
+# under PostgreSQL's default max_connections of 100.
+POOL_SIZE: Final = 5
+MAX_OVERFLOW: Final = 5
+# Recycle before common idle cuts (load balancers, pgbouncer) drop the socket.
+POOL_RECYCLE_S: Final = 1800
+
+# Alembic keeps the running migration in module-level proxies (alembic.context,
+# alembic.op), so two migrations interleaving on one event loop would clobber
+# each other. One lock per loop serializes them within the process; env.py's
+# database lock serializes processes.
+_alembic_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _alembic_lock() -> asyncio.Lock:
+    loop = asyncio.get_running_loop()
+    lock = _alembic_locks.get(loop)
+    if lock is None:
+        lock = _alembic_locks[loop] = asyncio.Lock()
+    return lock
+
+
+def alembic_config() -> Config:
+    """The Alembic configuration of the packaged migrations (no alembic.ini needed).
+
+    The migrations ship inside the package so an installed wheel can migrate
+    its own database. ``env.py`` expects the connection to migrate in
+    ``config.attributes["connection"]`` (see ``Database.migrate``); for
+    offline SQL generation (``sql=True``) set the ``sqlalchemy.url`` main
+    option instead.
+    """
+    config = Config()
+    # ConfigParser interpolates "%"; escape it in case the install path has one.
+    config.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
+    config.set_main_option("path_separator", "os")
+    return config
+
+
+def _parse_url(url: str) -> URL:
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        # Do not echo the value: it may hold a password.
+        raise ValueError(f"{SETTING_NAME} is not a valid database URL") from None
+    if parsed.drivername not in (SQLITE_DRIVER, POSTGRES_DRIVER):
+        raise ValueError(
+            f"{SETTING_NAME} has unsupported scheme {parsed.drivername!r}; use "
+            f"{SQLITE_DRIVER}:///path/to/file.db or "
+            f"{POSTGRES_DRIVER}://user:password@host:5432/database"
+        )
+    return parsed
+
+
+def _is_sqlite_memory(url: URL) -> bool:
+    return url.database in (None, "", ":memory:")
+
+
+class Database:
+    """One async engine and its session factory; open at start, close at shutdown."""
+
+    def __init__(self, url: str, *, timeout_s: float) -> None:
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be positive")
+        parsed = _parse_url(url)
+        self._timeout_s = timeout_s
+        # Safe to log: the password is masked.
+        self.display_url = parsed.render_as_string(hide_password=True)
+        if parsed.drivername == SQLITE_DRIVER:
+            self.engine: AsyncEngine = _sqlite_engine(parsed, timeout_s)
+        else:
+            self.engine = _postgres_engine(parsed, timeout_s)
+        # expire_on_commit=False: stores return rows after committing, and an
+        # expired attribute would otherwise trigger lazy IO outside the session.
+        self.sessions: async_sessionmaker[AsyncSession] = async_sessionmaker(
+            self.engine, expire_on_commit=False
+        )
+        # Sessions that only read (per-call credential and membership checks):
+        # on SQLite they must not queue behind the single writer. Never write
+        # through these: a deferred transaction that later writes can fail
+        # with "database is locked" instead of waiting.
+        self.readers: async_sessionmaker[AsyncSession] = async_sessionmaker(
+            self.engine.execution_options(**{SQLITE_BEGIN: "DEFERRED"}), expire_on_commit=False
+        )
+
+    @property
+    def dialect_name(self) -> str:
+        """``"sqlite"`` or ``"postgresql"``."""
+        return self.engine.dialect.name
+
+    @property
+    def timeout_s(self) -> float:
+        return self._timeout_s
+
+    async def ping(self) -> None:
+        """Run ``SELECT 1``; raise ``TimeoutError`` if the database does not answer in time."""
+        try:
+            async with asyncio.timeout(self._timeout_s), self.engine.connect() as connection:
+                # A health check must not queue behind SQLite's writer.
+                await connection.execution_options(**{SQLITE_BEGIN: "DEFERRED"})
+                await connection.execute(text("SELECT 1"))
+        except TimeoutError:
+            raise TimeoutError(
+                f"database {self.display_url} did not answer within {self._timeout_s}s"
+            ) from None
+
+    async def migrate(self) -> None:
+        """Upgrade the schema to the newest revision; a no-op when already there.
+
+        Alembic is synchronous, so it runs through ``run_sync`` on an async
+        connection: its statements still go through the async driver and the
+        event loop is never blocked. Concurrent callers are serialized: in
+        one process by a lock, across processes (mesh replicas starting
+        together) by a database lock taken in ``env.py``. No overall deadline:
+        a long migration is legitimate. On PostgreSQL each statement, and the
+        wait for another process's migration, is bounded by the command
+        timeout; raise SWITCHBOARD_DATABASE_TIMEOUT_S for a migration with
+        slow statements.
+        """
+        await self._run_alembic(lambda config: command.upgrade(config, "head"))
+
+    async def downgrade(self, revision: str) -> None:
+        """Downgrade the schema to ``revision`` (``"base"`` drops every table)."""
+        await self._run_alembic(lambda config: command.downgrade(config, revision))
+
+    async def close(self) -> None:
+        """Close every pooled connection."""
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await self.engine.dispose()
+        except TimeoutError:
+            # A server that no longer answers must not hang shutdown; the
+            # sockets die with the process.
+            log.warning(
+                "database connections did not close within %ss",
+                self._timeout_s,
+                extra={"database": self.display_url},
+            )
+
+    async def _run_alembic(self, operation: Callable[[Config], None]) -> None:
+        def run(connection: Connection) -> None:
+            config = alembic_config()
+            config.attributes["connection"] = connection
+            operation(config)
+
+        async with _alembic_lock(), self.engine.connect() as connection:
+            await connection.run_sync(run)
+            # env.py commits its own transaction; this covers anything Alembic
+            # autobegun after it (reading the version table, for instance).
+            await connection.commit()
+
+
+async def open_database(url: str, *, timeout_s: float, migrate: bool) -> Database:
+    """Open the database, check it answers, and migrate it when asked."""
+    database = Database(url, timeout_s=timeout_s)
+    try:
+        await database.ping()
+        if migrate:
+            await database.migrate()
+    except BaseException:
+        await database.close()
+        raise
+    log.info(
+        "database opened",
+        extra={"database": database.display_url, "migrated": migrate},
+    )
+    return database
+
+
+def _sqlite_engine(url: URL, timeout_s: float) -> AsyncEngine:
+    memory = _is_sqlite_memory(url)
+    options: dict[str, Any] = {
+        # Hand transaction control to SQLAlchemy (see the module docstring).
+        "connect_args": {"isolation_level": None, "timeout": timeout_s},
+    }
+    if memory:
+        # One connection, or every checkout would see its own empty database.
+        options["poolclass"] = StaticPool
+    else:
+        options["pool_timeout"] = timeout_s
+    engine = create_async_engine(url, **options)
+    busy_timeout_ms = max(1, round(timeout_s * 1000))
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            # Off by default in SQLite; our schema relies on ON DELETE CASCADE.
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
+            if not memory:
+                # Readers no longer block the writer (and vice versa).
+                cursor.execute("PRAGMA journal_mode=WAL")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        mode = str(connection.get_execution_options().get(SQLITE_BEGIN, "IMMEDIATE")).upper()
+        if mode not in _SQLITE_BEGIN_MODES:
+            raise ValueError(f"{SQLITE_BEGIN} must be one of {sorted(_SQLITE_BEGIN_MODES)}")
+        connection.exec_driver_sql(f"BEGIN {mode}")
+
+    return engine
+
+
+def _postgres_engine(url: URL, timeout_s: float) -> AsyncEngine:
+    return create_async_engine(
+        url,
+        pool_size=POOL_SIZE,
+        max_overflow=MAX_OVERFLOW,
+        pool_timeout=timeout_s,
+        pool_recycle=POOL_RECYCLE_S,
+        # A connection the server closed (restart, failover) is replaced on
+        # checkout instead of failing the caller's first statement.
+        pool_pre_ping=True,
+        connect_args={
+            "timeout": timeout_s,  # asyncpg: connect (TCP + TLS + auth)
+            "command_timeout": timeout_s,  # asyncpg: default bound on every statement
+            "server_settings": {"application_name": "switchboard"},
+        },
+    )

@@ -1,0 +1,77 @@
+"""Workspace membership, as the policy module reads it.
+
+The context service (issue 5) owns creating workspaces and managing members;
+this store is the read side every service's policy check uses, plus the
+writes the context service and tests need. One query per check: membership
+changes (a member removed) must apply to the very next call.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import select
+
+from switchboard.platform.db import Database
+from switchboard.platform.models import WorkspaceMemberRow, WorkspaceRow
+from switchboard.platform.policy import Role
+
+
+class MembershipStore:
+    def __init__(self, database: Database) -> None:
+        self._sessions = database.sessions
+        self._readers = database.readers
+
+    async def role_of(self, workspace_id: str, user_id: str) -> Role | None:
+        async with self._readers() as db:
+            role = (
+                await db.execute(
+                    select(WorkspaceMemberRow.role)
+                    .join(WorkspaceRow, WorkspaceRow.id == WorkspaceMemberRow.workspace_id)
+                    .where(
+                        WorkspaceMemberRow.workspace_id == workspace_id,
+                        WorkspaceMemberRow.user_id == user_id,
+                        WorkspaceRow.deleted_at.is_(None),
+                    )
+                )
+            ).scalar_one_or_none()
+        return Role[role.upper()] if role is not None else None
+
+    async def create_workspace(self, workspace_id: str, display_name: str, owner_id: str) -> None:
+        now = dt.datetime.now(dt.UTC)
+        async with self._sessions.begin() as db:
+            db.add(
+                WorkspaceRow(
+                    id=workspace_id,
+                    display_name=display_name,
+                    created_at=now,
+                    updated_at=now,
+                    deleted_at=None,
+                    version=1,
+                )
+            )
+            await db.flush()
+            db.add(
+                WorkspaceMemberRow(
+                    workspace_id=workspace_id,
+                    user_id=owner_id,
+                    role=Role.OWNER.name.lower(),
+                    created_at=now,
+                )
+            )
+
+    async def set_member(self, workspace_id: str, user_id: str, role: Role) -> None:
+        now = dt.datetime.now(dt.UTC)
+        async with self._sessions.begin() as db:
+            row = await db.get(WorkspaceMemberRow, (workspace_id, user_id))
+            if row is None:
+                db.add(
+                    WorkspaceMemberRow(
+                        workspace_id=workspace_id,
+                        user_id=user_id,
+                        role=role.name.lower(),
+                        created_at=now,
+                    )
+                )
+            else:
+                row.role = role.name.lower()

@@ -1,0 +1,170 @@
+"""Who may touch what: principals, scopes, workspace roles, one policy for every service.
+
+Every authorization question in the mesh is answered here, so the rules cannot
+differ between services:
+
+- A principal's *scopes* bound what it may do at all (an API key created with
+  ``read`` cannot write anywhere, whatever its owner's roles).
+- A *workspace role* (viewer < editor < owner) decides what it may do inside a
+  workspace and everything under it.
+- A principal who is not a member of a workspace gets NOT_FOUND for it and
+  for every resource under it, exactly as if it did not exist, so names cannot
+  be enumerated. A member lacking the role gets PERMISSION_DENIED: members may
+  know the workspace exists.
+- ``users/{user}/...`` resources belong to that user alone (NOT_FOUND for others).
+
+This module does not import grpc and runs no SQL itself: membership comes from
+a ``MembershipReader``.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from typing import Final, Protocol
+
+from switchboard.platform.errors import (
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
+
+
+class Scope(enum.StrEnum):
+    """Coarse capabilities carried by tokens and API keys."""
+
+    READ = "read"
+    WRITE = "write"
+    # Account management: sessions, API keys, the user record.
+    MANAGE = "manage"
+
+
+ALL_SCOPES: Final = frozenset(Scope)
+
+
+class AuthMethod(enum.StrEnum):
+    PASSWORD = "password"  # noqa: S105 - a method name, not a secret
+    OIDC = "oidc"
+    API_KEY = "api_key"
+
+
+class Role(enum.IntEnum):
+    """Workspace roles, ordered: each includes the rights of the ones below."""
+
+    VIEWER = 1
+    EDITOR = 2
+    OWNER = 3
+
+
+class Permission(enum.Enum):
+    """What an RPC does to the resource it names; maps to a scope and a minimum role."""
+
+    READ = (Scope.READ, Role.VIEWER)
+    WRITE = (Scope.WRITE, Role.EDITOR)
+    ADMIN = (Scope.WRITE, Role.OWNER)
+    MANAGE = (Scope.MANAGE, Role.OWNER)
+
+    @property
+    def scope(self) -> Scope:
+        return self.value[0]
+
+    @property
+    def min_role(self) -> Role:
+        return self.value[1]
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller."""
+
+    user_id: str
+    auth_method: AuthMethod
+    scopes: frozenset[Scope]
+    session_id: str = ""
+    api_key_id: str = ""
+    expires_at: int = 0
+    # Field order matters to nothing; equality ignores the cached name.
+    user_name: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.user_name:
+            object.__setattr__(self, "user_name", f"users/{self.user_id}")
+
+    @property
+    def session_name(self) -> str:
+        return f"users/{self.user_id}/sessions/{self.session_id}" if self.session_id else ""
+
+    @property
+    def api_key_name(self) -> str:
+        return f"users/{self.user_id}/apiKeys/{self.api_key_id}" if self.api_key_id else ""
+
+    def require_scope(self, scope: Scope) -> None:
+        if scope not in self.scopes:
+            raise PermissionDenied(f"the credential lacks the {scope.value!r} scope")
+
+
+class MembershipReader(Protocol):
+    async def role_of(self, workspace_id: str, user_id: str) -> Role | None:
+        """The user's role in a live (not deleted) workspace, or None."""
+        ...
+
+
+# Resource ids: lower-case letters, digits and hyphens (AIP-122), or our
+# 32-hex generated ids. Anything else is malformed before any lookup.
+_ID = r"[a-z0-9][a-z0-9-]{0,62}"
+_WORKSPACE_RE: Final = re.compile(rf"^workspaces/({_ID})(?:/[A-Za-z]+/{_ID})*$")
+_USER_RE: Final = re.compile(rf"^users/({_ID})(?:/[A-Za-z]+/{_ID})*$")
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Whose resource a name denotes: a workspace's or a user's."""
+
+    kind: str  # "workspace" or "user"
+    id: str
+
+
+def owner_of(name: str, field_path: str) -> Owner:
+    """Parse the owning workspace or user out of a resource name, or InvalidArgument."""
+    if match := _WORKSPACE_RE.match(name):
+        return Owner("workspace", match.group(1))
+    if match := _USER_RE.match(name):
+        return Owner("user", match.group(1))
+    description = "is required" if not name else "is not a valid resource name"
+    raise InvalidArgument(f"{field_path} {description}", [FieldViolation(field_path, description)])
+
+
+class Policy:
+    """The single answer to "may this principal do this to that"."""
+
+    def __init__(self, memberships: MembershipReader) -> None:
+        self._memberships = memberships
+
+    async def authorize(
+        self, principal: Principal | None, name: str, permission: Permission, field_path: str
+    ) -> Role | None:
+        """Allow ``permission`` on the resource ``name`` or raise.
+
+        Returns the caller's workspace role (None for user-owned resources).
+        """
+        if principal is None:
+            raise Unauthenticated("authentication required")
+        owner = owner_of(name, field_path)
+        if owner.kind == "user":
+            if owner.id != principal.user_id:
+                raise NotFound(f"{name} not found")
+            principal.require_scope(permission.scope)
+            return None
+        role = await self._memberships.role_of(owner.id, principal.user_id)
+        if role is None:
+            # Not a member: indistinguishable from a workspace that does not exist.
+            raise NotFound(f"{name} not found")
+        principal.require_scope(permission.scope)
+        if role < permission.min_role:
+            raise PermissionDenied(
+                f"this needs the {permission.min_role.name.lower()} role in the workspace"
+            )
+        return role

@@ -1,0 +1,313 @@
+"""A real PostgreSQL server for the test suite, started and stopped by the suite itself.
+
+Store tests run against PostgreSQL as well as SQLite because the two differ in
+exactly the places stores get wrong (time zones, constraint errors, locking).
+A throwaway cluster is created per test session in a temporary directory,
+tuned for speed rather than durability, and each test gets its own database.
+
+The server binaries must be installed (Debian: ``apt-get install postgresql``,
+which ``.ci/run`` does). When they are missing the fixtures fail instead of
+skipping: a skipped backend would let store bugs through unnoticed.
+
+initdb refuses to run as root, and CI runs tests as root, so under root the
+cluster belongs to the ``postgres`` system user and every server command runs
+through ``runuser``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import pwd
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
+
+SUPERUSER = "postgres"
+HOST = "127.0.0.1"
+START_TIMEOUT_S = 60
+COMMAND_TIMEOUT_S = 30.0
+PORT_ATTEMPTS = 5
+
+# Durability is worthless for a cluster that is deleted after the run.
+SERVER_SETTINGS = {
+    "fsync": "off",
+    "full_page_writes": "off",
+    "synchronous_commit": "off",
+    "max_connections": "200",
+    "log_min_messages": "warning",
+}
+
+
+class PostgresUnavailable(RuntimeError):
+    """The test PostgreSQL server could not be started."""
+
+
+@dataclass(frozen=True)
+class PostgresServer:
+    """A running throwaway cluster: superuser ``postgres``, trust auth on loopback."""
+
+    host: str
+    port: int
+    user: str
+    bin_dir: Path
+    data_dir: Path
+    socket_dir: Path
+    startup_s: float
+
+    def url(self, database: str, *, driver: str = "postgresql+asyncpg") -> str:
+        return f"{driver}://{self.user}@{self.host}:{self.port}/{database}"
+
+    def dsn(self, database: str = "postgres") -> str:
+        """A plain libpq DSN (psql, asyncpg.connect): no SQLAlchemy driver suffix."""
+        return self.url(database, driver="postgresql")
+
+
+def _version_key(bin_dir: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", bin_dir))
+
+
+def find_bin_dir() -> Path:
+    """The directory holding initdb, pg_ctl and postgres (PATH first, then Debian's layout)."""
+    candidates: list[Path] = []
+    on_path = shutil.which("initdb")
+    if on_path:
+        # Debian puts symlinks (or nothing) on PATH; initdb needs its siblings.
+        candidates.append(Path(on_path).resolve().parent)
+    debian = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=_version_key, reverse=True)
+    candidates.extend(Path(path) for path in debian)
+    for candidate in candidates:
+        if all((candidate / tool).is_file() for tool in ("initdb", "pg_ctl", "postgres")):
+            return candidate
+    raise PostgresUnavailable(
+        "PostgreSQL server binaries (initdb, pg_ctl, postgres) not found on PATH or in "
+        "/usr/lib/postgresql/*/bin; install them (Debian/Ubuntu: apt-get install postgresql, "
+        "as .ci/run does). Store tests run on PostgreSQL too and are never skipped."
+    )
+
+
+def _run_as_prefix() -> list[str]:
+    """The command prefix that runs server tools as a non-root user."""
+    if os.geteuid() != 0:
+        return []
+    try:
+        pwd.getpwnam(SUPERUSER)
+    except KeyError:
+        raise PostgresUnavailable(
+            "tests run as root, initdb refuses root, and there is no 'postgres' system user "
+            "to run it as (Debian's postgresql package creates one)"
+        ) from None
+    runuser = shutil.which("runuser")
+    if runuser is None:
+        raise PostgresUnavailable("tests run as root but runuser (util-linux) is missing")
+    return [runuser, "-u", SUPERUSER, "--"]
+
+
+def _free_port() -> int:
+    # Another process may take the port before postgres binds it; the caller
+    # retries on a bind failure.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((HOST, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _run(command: Sequence[str], *, cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        list(command),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        # Stable English messages whatever the machine's locale.
+        env={**os.environ, "LC_ALL": "C", "LANG": "C"},
+    )
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _start(bin_dir: Path, root: Path, prefix: list[str]) -> PostgresServer:
+    started = time.monotonic()
+    data_dir = root / "data"
+    socket_dir = root / "sockets"
+    socket_dir.mkdir()
+    if prefix:
+        owner = pwd.getpwnam(SUPERUSER)
+        for path in (root, socket_dir):
+            os.chown(path, owner.pw_uid, owner.pw_gid)
+    init = _run(
+        [
+            *prefix,
+            str(bin_dir / "initdb"),
+            "--pgdata",
+            str(data_dir),
+            "--username",
+            SUPERUSER,
+            "--auth-local=trust",
+            "--auth-host=trust",  # pg_hba's host lines cover loopback only
+            "--encoding=UTF8",
+            "--locale=C",
+            "--no-sync",
+            "--no-instructions",
+        ],
+        cwd=root,
+        timeout=START_TIMEOUT_S,
+    )
+    if init.returncode != 0:
+        raise PostgresUnavailable(f"initdb failed ({init.returncode}):\n{init.stdout}{init.stderr}")
+    settings = {
+        **SERVER_SETTINGS,
+        "listen_addresses": f"'{HOST}'",
+        "unix_socket_directories": f"'{socket_dir}'",
+    }
+    with (data_dir / "postgresql.conf").open("a") as conf:
+        conf.write("\n# switchboard test cluster\n")
+        conf.writelines(f"{key} = {value}\n" for key, value in settings.items())
+
+    log_file = root / "postgres.log"
+    failures: list[str] = []
+    for _ in range(PORT_ATTEMPTS):
+        port = _free_port()
+        # pg_ctl -w polls the server's own readiness report until it accepts
+        # connections, bounded by -t: no fixed sleep.
+        start = _run(
+            [
+                *prefix,
+                str(bin_dir / "pg_ctl"),
+                "--pgdata",
+                str(data_dir),
+                "--log",
+                str(log_file),
+                "--wait",
+                "--timeout",
+                str(START_TIMEOUT_S),
+                "--options",
+                f"-p {port}",
+                "start",
+            ],
+            cwd=root,
+            timeout=START_TIMEOUT_S + 10,
+        )
+        if start.returncode == 0:
+            return PostgresServer(
+                host=HOST,
+                port=port,
+                user=SUPERUSER,
+                bin_dir=bin_dir,
+                data_dir=data_dir,
+                socket_dir=socket_dir,
+                startup_s=time.monotonic() - started,
+            )
+        log = _tail(log_file)
+        failures.append(f"port {port}: {start.stdout}{start.stderr}\n{log}")
+        if "could not bind" not in log and "Address already in use" not in log:
+            break  # not a port collision: retrying would not help
+    raise PostgresUnavailable("PostgreSQL did not start:\n" + "\n---\n".join(failures))
+
+
+def _stop(server: PostgresServer, prefix: list[str]) -> None:
+    # Immediate: the cluster is discarded, so there is nothing to flush.
+    _run(
+        [
+            *prefix,
+            str(server.bin_dir / "pg_ctl"),
+            "--pgdata",
+            str(server.data_dir),
+            "--mode",
+            "immediate",
+            "--wait",
+            "stop",
+        ],
+        cwd=server.data_dir.parent,
+        timeout=COMMAND_TIMEOUT_S,
+    )
+
+
+@contextlib.contextmanager
+def running_postgres() -> Iterator[PostgresServer]:
+    """Start a throwaway cluster; stop it and delete its files on exit."""
+    bin_dir = find_bin_dir()
+    prefix = _run_as_prefix()
+    # Not pytest's tmp_path: that lives under a 0700 directory the postgres
+    # user cannot enter.
+    root = Path(tempfile.mkdtemp(prefix="switchboard-pg-"))
+    server: PostgresServer | None = None
+    try:
+        server = _start(bin_dir, root, prefix)
+        yield server
+    finally:
+        try:
+            if server is not None:
+                _stop(server, prefix)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL cluster for the whole session, started on first use."""
+    try:
+        with running_postgres() as server:
+            yield server
+    except PostgresUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+async def _admin(server: PostgresServer, sql: str) -> None:
+    """Run one statement on the maintenance database, outside a transaction.
+
+    CREATE/DROP DATABASE cannot run in a transaction, hence AUTOCOMMIT; NullPool
+    because each test has its own event loop and a pooled connection must not
+    outlive it.
+    """
+    engine = create_async_engine(
+        server.url("postgres"),
+        isolation_level="AUTOCOMMIT",
+        poolclass=NullPool,
+        connect_args={"timeout": COMMAND_TIMEOUT_S, "command_timeout": COMMAND_TIMEOUT_S},
+    )
+    try:
+        async with engine.connect() as connection:
+            await connection.exec_driver_sql(sql)
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+async def postgres_url(postgres_server: PostgresServer) -> AsyncIterator[str]:
+    """A SQLAlchemy URL (postgresql+asyncpg) of a fresh, empty database, dropped afterwards."""
+    name = f"test_{uuid.uuid4().hex}"
+    await _admin(postgres_server, f'CREATE DATABASE "{name}"')
+    try:
+        yield postgres_server.url(name)
+    finally:
+        # FORCE: a test that leaked a connection must not leak the database.
+        await _admin(postgres_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A URL of an empty database, once per backend (a SQLite file, a PostgreSQL database)."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'switchboard.db'}"
+    # Looked up lazily so SQLite-only runs never start PostgreSQL.
+    url: str = request.getfixturevalue("postgres_url")
+    return url

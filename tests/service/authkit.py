@@ -1,0 +1,87 @@
+"""Helpers for tests that sign in: register users, attach credentials, read errors."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+from grpc import aio
+
+from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
+
+PASSWORD = "correct horse battery staple 42"
+_serial = itertools.count()
+
+
+def bearer(credential: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {credential}"),)
+
+
+def unique_email(prefix: str = "user") -> str:
+    return f"{prefix}{next(_serial)}@example.com"
+
+
+async def register(
+    channel: aio.Channel, email: str | None = None, password: str = PASSWORD
+) -> auth_pb2.RegisterResponse:
+    stub = auth_pb2_grpc.AuthServiceStub(channel)
+    response: auth_pb2.RegisterResponse = await stub.Register(
+        auth_pb2.RegisterRequest(
+            email=email or unique_email(), password=password, display_name="Test User"
+        ),
+        timeout=30,
+    )
+    return response
+
+
+def user_id(user_name: str) -> str:
+    return user_name.removeprefix("users/")
+
+
+def rich_status(error: aio.AioRpcError) -> status_pb2.Status:
+    trailers: Any = error.trailing_metadata() or ()
+    for key, value in trailers:
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status()
+            status.ParseFromString(value)
+            return status
+    raise AssertionError("no grpc-status-details-bin in the trailers")
+
+
+def detail(error: aio.AioRpcError, cls: Any) -> Any:
+    for item in rich_status(error).details:
+        if item.Is(cls.DESCRIPTOR):
+            found = cls()
+            item.Unpack(found)
+            return found
+    raise AssertionError(f"no {cls.DESCRIPTOR.name} in the status details")
+
+
+def reason(error: aio.AioRpcError) -> str:
+    info: error_details_pb2.ErrorInfo = detail(error, error_details_pb2.ErrorInfo)
+    return str(info.reason)
+
+
+def code_of(error: BaseException) -> grpc.StatusCode:
+    assert isinstance(error, aio.AioRpcError), error
+    return error.code()
+
+
+async def quick_user(mesh: Any) -> tuple[str, str]:
+    """(user id, access token) of a new user, without paying for password hashing.
+
+    For tests about authorization, where hundreds of users would otherwise
+    spend most of the suite in argon2.
+    """
+    from switchboard.auth.accounts import ClientContext
+    from switchboard.auth.store import AuthStore
+    from switchboard.platform.policy import AuthMethod
+
+    store = AuthStore(mesh.deps.database)
+    user = await store.create_user(unique_email("quick"), "Quick", None)
+    sign_in = await mesh.deps.accounts.start_session(
+        user, AuthMethod.PASSWORD, ClientContext(address="127.0.0.1")
+    )
+    return user.id, sign_in.tokens.access_token

@@ -1,0 +1,450 @@
+"""The database layer: migrations match the models, on SQLite and on PostgreSQL.
+
+The drift test is the guard for every later schema change: editing
+``models.py`` without adding a migration fails here, on both backends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import glob
+import logging
+import shutil
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, delete, inspect, select, text
+from sqlalchemy.exc import IntegrityError, StatementError
+
+from switchboard.platform.db import SQLITE_BEGIN, Database, alembic_config, open_database
+from switchboard.platform.models import Base, SessionRow, UserRow
+from tests.infra import postgres as postgres_infra
+from tests.infra.postgres import PostgresServer
+
+TIMEOUT_S = 10.0
+MODEL_TABLES = frozenset(Base.metadata.tables)
+NOW = dt.datetime(2026, 1, 2, 3, 4, 5, 678_000, tzinfo=dt.UTC)
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[Database]:
+    """An empty database (not migrated), on each backend."""
+    database = Database(database_url, timeout_s=TIMEOUT_S)
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
+async def table_names(database: Database) -> set[str]:
+    async with database.engine.connect() as connection:
+        names: list[str] = await connection.run_sync(lambda sync: inspect(sync).get_table_names())
+    return set(names)
+
+
+async def current_revision(database: Database) -> str | None:
+    def read(sync: Connection) -> str | None:
+        return MigrationContext.configure(sync).get_current_revision()
+
+    async with database.engine.connect() as connection:
+        return await connection.run_sync(read)
+
+
+async def schema_snapshot(database: Database) -> dict[str, Any]:
+    """Everything a migration could change, in comparable form."""
+
+    def read(sync: Connection) -> dict[str, Any]:
+        inspector = inspect(sync)
+        snapshot: dict[str, Any] = {}
+        for table in sorted(inspector.get_table_names()):
+            snapshot[table] = {
+                "columns": [
+                    (column["name"], str(column["type"]), column["nullable"])
+                    for column in inspector.get_columns(table)
+                ],
+                "indexes": sorted(index["name"] or "" for index in inspector.get_indexes(table)),
+                "foreign_keys": sorted(
+                    fk["name"] or "" for fk in inspector.get_foreign_keys(table)
+                ),
+            }
+        return snapshot
+
+    async with database.engine.connect() as connection:
+        return await connection.run_sync(read)
+
+
+def user(user_id: str = "u1", *, created_at: dt.datetime = NOW) -> UserRow:
+    return UserRow(
+        id=user_id,
+        email=f"{user_id}@example.com",
+        created_at=created_at,
+        updated_at=created_at,
+    )
+
+
+def session_row(session_id: str, user_id: str) -> SessionRow:
+    return SessionRow(
+        id=session_id,
+        user_id=user_id,
+        auth_method="password",
+        created_at=NOW,
+        last_seen_at=NOW,
+        expires_at=NOW + dt.timedelta(days=1),
+    )
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+# Migrations
+
+
+async def test_migrate_creates_every_model_table(db: Database) -> None:
+    assert await table_names(db) == set()
+
+    await db.migrate()
+
+    assert await table_names(db) == MODEL_TABLES | {"alembic_version"}
+    assert await current_revision(db) == head_revision() == "0001"
+
+
+async def test_migrating_twice_is_a_no_op_and_keeps_data(db: Database) -> None:
+    await db.migrate()
+    before = await schema_snapshot(db)
+    async with db.sessions() as session, session.begin():
+        session.add(user())
+
+    await db.migrate()
+
+    assert await schema_snapshot(db) == before
+    async with db.sessions() as session:
+        assert (await session.scalars(select(UserRow.id))).all() == ["u1"]
+
+
+async def test_downgrade_to_base_then_upgrade_again(db: Database) -> None:
+    await db.migrate()
+    migrated = await schema_snapshot(db)
+
+    await db.downgrade("base")
+
+    assert await table_names(db) == {"alembic_version"}
+    assert await current_revision(db) is None
+
+    await db.migrate()
+
+    assert await schema_snapshot(db) == migrated
+    assert await current_revision(db) == head_revision()
+
+
+async def test_migrated_schema_matches_the_models(db: Database) -> None:
+    """Drift check: a model change without a migration fails here."""
+    await db.migrate()
+
+    def diff(sync: Connection) -> list[Any]:
+        context = MigrationContext.configure(sync, opts={"compare_type": True})
+        return list(compare_metadata(context, Base.metadata))
+
+    async with db.engine.connect() as connection:
+        differences = await connection.run_sync(diff)
+    assert differences == []
+
+
+async def test_drift_check_notices_a_missing_migration(db: Database) -> None:
+    """The drift check itself works: a table the migrations lack is reported."""
+    await db.migrate()
+    await db.downgrade("base")
+    async with db.engine.begin() as connection:
+        await connection.exec_driver_sql("CREATE TABLE stray (id INTEGER PRIMARY KEY)")
+
+    def diff(sync: Connection) -> list[Any]:
+        return list(compare_metadata(MigrationContext.configure(sync), Base.metadata))
+
+    async with db.engine.connect() as connection:
+        differences = await connection.run_sync(diff)
+    kinds = {entry[0] for entry in differences if isinstance(entry, tuple)}
+    assert {"add_table", "remove_table"} <= kinds
+
+
+async def test_concurrent_migrations_in_one_process(database_url: str) -> None:
+    """Alembic's state is process-global; overlapping migrate() calls must not mix it up."""
+    databases = [Database(database_url, timeout_s=TIMEOUT_S) for _ in range(3)]
+    try:
+        await asyncio.gather(*(database.migrate() for database in databases))
+        assert await table_names(databases[0]) == MODEL_TABLES | {"alembic_version"}
+        assert await current_revision(databases[0]) == head_revision()
+    finally:
+        for database in databases:
+            await database.close()
+
+
+# Each process connects, reports "ready", and migrates when the test says "go",
+# so the migrations really overlap instead of trailing each other's imports.
+MIGRATE_WHEN_TOLD = """
+import asyncio, sys
+from switchboard.platform.db import Database
+
+async def main() -> None:
+    database = Database(sys.argv[1], timeout_s=30)
+    try:
+        await database.ping()
+        print("ready", flush=True)
+        sys.stdin.readline()
+        await database.migrate()
+    finally:
+        await database.close()
+
+asyncio.run(main())
+"""
+
+
+async def test_processes_migrating_at_once_are_serialized(database_url: str) -> None:
+    """Mesh processes start together, each auto-migrating; exactly one creates the tables."""
+    processes = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            MIGRATE_WHEN_TOLD,
+            database_url,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        for _ in range(4)
+    ]
+    try:
+        async with asyncio.timeout(60):
+            for process in processes:
+                assert process.stdout is not None
+                assert await process.stdout.readline() == b"ready\n"
+            for process in processes:
+                assert process.stdin is not None
+                process.stdin.write(b"go\n")
+            outputs = await asyncio.gather(*(process.communicate() for process in processes))
+    finally:
+        for process in processes:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    for process, (_out, err) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, err.decode()
+    database = Database(database_url, timeout_s=TIMEOUT_S)
+    try:
+        assert await table_names(database) == MODEL_TABLES | {"alembic_version"}
+        assert await current_revision(database) == head_revision()
+    finally:
+        await database.close()
+
+
+def test_offline_mode_renders_sql_for_review(capsys: pytest.CaptureFixture[str]) -> None:
+    config = alembic_config()
+    config.set_main_option("sqlalchemy.url", "postgresql+asyncpg://localhost/switchboard")
+
+    command.upgrade(config, "head", sql=True)
+
+    sql = capsys.readouterr().out
+    assert "CREATE TABLE users" in sql
+    assert "TIMESTAMP WITH TIME ZONE" in sql
+    assert "UPDATE alembic_version" in sql or "INSERT INTO alembic_version" in sql
+
+
+def test_migrations_ship_inside_the_package() -> None:
+    location = Path(alembic_config().get_main_option("script_location") or "")
+    assert location.is_dir()
+    assert (location / "env.py").is_file()
+    assert (location / "script.py.mako").is_file()
+    assert Path(__file__).resolve().parents[2] / "services" in location.parents
+
+
+# Behaviour of the engine
+
+
+async def test_utc_datetimes_round_trip_as_aware_utc(db: Database) -> None:
+    await db.migrate()
+    plus_five = dt.timezone(dt.timedelta(hours=5, minutes=30))
+    created = NOW.astimezone(plus_five)  # same instant, other zone
+    async with db.sessions() as session, session.begin():
+        session.add(user(created_at=created))
+
+    async with db.sessions() as session:
+        stored = (await session.scalars(select(UserRow.created_at))).one()
+
+    assert stored == NOW
+    assert stored.utcoffset() == dt.timedelta(0)
+    assert stored.microsecond == NOW.microsecond
+
+
+async def test_naive_datetimes_are_refused(db: Database) -> None:
+    await db.migrate()
+    async with db.sessions() as session:
+        session.add(user(created_at=NOW.replace(tzinfo=None)))
+        with pytest.raises(StatementError, match="naive datetimes"):
+            await session.flush()
+
+
+async def test_foreign_keys_are_enforced_and_cascade(db: Database) -> None:
+    await db.migrate()
+    async with db.sessions() as session:
+        session.add(session_row("s1", user_id="nobody"))
+        with pytest.raises(IntegrityError):
+            await session.flush()
+
+    async with db.sessions() as session, session.begin():
+        session.add(user("u1"))
+        await session.flush()
+        session.add(session_row("s1", user_id="u1"))
+    async with db.sessions() as session, session.begin():
+        await session.execute(delete(UserRow).where(UserRow.id == "u1"))
+    async with db.sessions() as session:
+        assert (await session.scalars(select(SessionRow.id))).all() == []
+
+
+async def test_sqlite_connection_pragmas(tmp_path: Path) -> None:
+    database = Database(f"sqlite+aiosqlite:///{tmp_path / 'p.db'}", timeout_s=2.5)
+    try:
+        async with database.engine.connect() as connection:
+            pragmas = {
+                name: (await connection.exec_driver_sql(f"PRAGMA {name}")).scalar()
+                for name in ("foreign_keys", "journal_mode", "busy_timeout")
+            }
+    finally:
+        await database.close()
+    assert pragmas == {"foreign_keys": 1, "journal_mode": "wal", "busy_timeout": 2500}
+
+
+async def test_sqlite_in_memory_is_one_shared_database() -> None:
+    database = await open_database("sqlite+aiosqlite://", timeout_s=TIMEOUT_S, migrate=True)
+    try:
+        async with database.sessions() as session, session.begin():
+            session.add(user())
+        # A second session (another checkout) sees the same in-memory database.
+        async with database.sessions() as session:
+            assert (await session.scalars(select(UserRow.id))).all() == ["u1"]
+        async with database.engine.connect() as connection:
+            fk = (await connection.exec_driver_sql("PRAGMA foreign_keys")).scalar()
+        assert fk == 1
+    finally:
+        await database.close()
+
+
+async def test_sqlite_transactions_are_atomic(tmp_path: Path) -> None:
+    """SQLAlchemy, not the sqlite3 driver, opens transactions: a rollback undoes everything."""
+    database = await open_database(
+        f"sqlite+aiosqlite:///{tmp_path / 'tx.db'}", timeout_s=TIMEOUT_S, migrate=True
+    )
+    try:
+        async with database.engine.connect() as connection:
+            await connection.execute(text("DELETE FROM users"))  # opens the transaction
+            await connection.exec_driver_sql("CREATE TABLE scratch (id INTEGER)")
+            await connection.rollback()
+        assert "scratch" not in await table_names(database)
+    finally:
+        await database.close()
+
+
+async def test_sqlite_deferred_begin_can_be_chosen_for_reads(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'rw.db'}"
+    database = await open_database(url, timeout_s=TIMEOUT_S, migrate=True)
+    try:
+        async with database.engine.connect() as writer:
+            await writer.execute(text("DELETE FROM users"))  # holds the write lock (IMMEDIATE)
+            async with database.sessions() as session:
+                # A deferred reader is not blocked by the open write transaction.
+                await session.connection(execution_options={SQLITE_BEGIN: "DEFERRED"})
+                assert (await session.scalars(select(UserRow.id))).all() == []
+            await writer.rollback()
+    finally:
+        await database.close()
+
+
+async def test_ping_and_dialect_name(database_url: str) -> None:
+    database = await open_database(database_url, timeout_s=TIMEOUT_S, migrate=False)
+    try:
+        await database.ping()
+        assert database.dialect_name == database_url.split("+", 1)[0]
+        assert await table_names(database) == set()  # migrate=False
+    finally:
+        await database.close()
+
+
+async def test_ping_is_bounded_by_the_timeout() -> None:
+    """A server that accepts the connection but never answers becomes a TimeoutError."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    database = Database(f"postgresql+asyncpg://u:p@127.0.0.1:{port}/db", timeout_s=0.3)
+    started = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError, match=r"did not answer within 0\.3s"):
+            await database.ping()
+        elapsed = time.monotonic() - started
+    finally:
+        await database.close()
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+    assert accepted, "the client never connected"
+    assert elapsed < 3
+
+
+async def test_open_database_never_logs_the_password(
+    postgres_server: PostgresServer,
+    postgres_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Trust auth accepts any password, so a real one can ride along in the URL.
+    url = postgres_url.replace(
+        f"//{postgres_server.user}@", f"//{postgres_server.user}:hunter2-secret@"
+    )
+    assert "hunter2-secret" in url
+    caplog.set_level(logging.DEBUG)
+    database = await open_database(url, timeout_s=TIMEOUT_S, migrate=True)
+    try:
+        await database.ping()
+    finally:
+        await database.close()
+    assert "database opened" in caplog.text
+    assert "hunter2-secret" not in caplog.text
+    assert all("hunter2-secret" not in repr(record.__dict__) for record in caplog.records)
+    assert "hunter2-secret" not in database.display_url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mysql+aiomysql://root:hunter2@localhost/db",
+        "postgresql://root:hunter2@localhost/db",  # sync driver
+        "postgresql+psycopg://root:hunter2@localhost/db",
+        "sqlite:///switchboard.db",  # sync driver
+        "not a url",
+        "",
+    ],
+)
+def test_other_url_schemes_are_refused(url: str) -> None:
+    with pytest.raises(ValueError, match="SWITCHBOARD_DATABASE_URL") as caught:
+        Database(url, timeout_s=TIMEOUT_S)
+    assert "hunter2" not in str(caught.value)
+
+
+def test_missing_postgres_binaries_fail_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a server the PostgreSQL fixtures fail (with the fix), never skip."""
+    monkeypatch.setattr(shutil, "which", lambda _name: None)
+    monkeypatch.setattr(glob, "glob", lambda _pattern: [])
+    with pytest.raises(postgres_infra.PostgresUnavailable, match="apt-get install postgresql"):
+        postgres_infra.find_bin_dir()
