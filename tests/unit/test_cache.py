@@ -58,6 +58,7 @@ async def make_cache() -> AsyncIterator[CacheFactory]:
 
     yield factory
     import sys
+
     for cache in caches:
         try:
             async with asyncio.timeout(3):
