@@ -57,17 +57,8 @@ async def make_cache() -> AsyncIterator[CacheFactory]:
         return cache
 
     yield factory
-    import sys
-
     for cache in caches:
-        try:
-            async with asyncio.timeout(3):
-                await cache.close()
-        except TimeoutError:
-            print("CLOSE HUNG", file=sys.stderr)
-            for task in asyncio.all_tasks():
-                task.print_stack(file=sys.stderr)
-            raise
+        await cache.close()
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -234,6 +225,21 @@ async def test_kill_and_restart_recovers_and_resyncs(
     await wait_until(cache.fresh, EVENTUALLY_S, "resubscription")
     assert recorder.resyncs == 2, "reconnecting resyncs exactly once"
     assert (await cache.hit("k", 60))[0] == 1, "the restarted server starts empty"
+
+
+async def test_url_options_cannot_loosen_the_bounds(
+    make_cache: CacheFactory, redis_server: RedisServer
+) -> None:
+    url = f"{redis_server.url}?socket_timeout=30&protocol=3&decode_responses=false"
+    cache, recorder = await started_subscriber(make_cache, url)
+    await wait_until(cache.fresh, EVENTUALLY_S, "subscription despite ?protocol=3")
+    await cache.publish("invalidate", "x")
+    await wait_until(lambda: recorder.messages.count("x") == 2, EVENTUALLY_S, "local + echo")
+
+    redis_server.pause()
+    async with asyncio.timeout(TIMEOUT_S * 4):
+        assert (await cache.hit("k", 60))[0] == 1
+    assert state_of(cache) == "degraded"
 
 
 async def test_unreachable_at_start_degrades_and_never_logs_the_password(

@@ -61,7 +61,7 @@ from typing import Any, Final, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.connection import AbstractConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -111,18 +111,16 @@ class _Window:
 class _MemoryCounters:
     """Fixed-window counters in a bounded dict, for one process.
 
-    Windows are kept in creation order, so the oldest entry is at the front and
-    (for the usual single window length per key space) also the first to
-    expire. When full, the front is evicted: expired entries go first, and if
-    none has expired the oldest live window is sacrificed to keep memory bounded.
+    Windows are kept in creation order (a window that expires is re-created at
+    the end), so the front holds the oldest window, which for the usual single
+    window length per key space is also the first to expire. When full, the
+    front is evicted: normally an expired window, and under a flood of distinct
+    keys the oldest live one, because memory must stay bounded.
     """
 
     def __init__(self, max_entries: int) -> None:
         self._max_entries = max_entries
         self._windows: OrderedDict[str, _Window] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._windows)
 
     def hit(self, key: str, window_s: int, now: float) -> tuple[int, float]:
         window = self._windows.get(key)
@@ -138,6 +136,19 @@ class _MemoryCounters:
 
     def clear(self, key: str) -> None:
         self._windows.pop(key, None)
+
+
+def _url_options(url: str, forced: dict[str, Any]) -> dict[str, Any]:
+    """Connection settings from ``url``, with ``forced`` taking precedence.
+
+    ``from_url`` lets query parameters (``?socket_timeout=30``, ``?protocol=3``)
+    override keyword arguments; the bounds and reply shapes this module relies
+    on must not be negotiable from a config string, so the URL is parsed here
+    (exactly as ``from_url`` does) and our settings are applied last.
+    """
+    options: dict[str, Any] = dict(parse_url(url))
+    options.update(forced)
+    return options
 
 
 def _redacted(url: str) -> str:
@@ -210,7 +221,7 @@ class Cache:
             return
         # retry=Retry(NoBackoff(), 0): redis-py 6+ retries 10 times with
         # backoff by default, which would multiply every bound below.
-        common: dict[str, Any] = {
+        forced: dict[str, Any] = {
             "socket_timeout": self._timeout_s,
             "socket_connect_timeout": self._timeout_s,
             "retry_on_timeout": False,
@@ -218,16 +229,18 @@ class Cache:
             "health_check_interval": 0,
             "decode_responses": True,
         }
-        pool = BlockingConnectionPool.from_url(
-            self._url, max_connections=self._max_connections, timeout=self._timeout_s, **common
+        pool = BlockingConnectionPool(
+            max_connections=self._max_connections,
+            timeout=self._timeout_s,
+            **_url_options(self._url, forced),
         )
         self._client = Redis.from_pool(pool)
         if self._subscriptions:
             # Only used to turn the URL into connection settings: the subscriber
             # makes and owns its connections. RESP2 keeps pub/sub replies plain
             # arrays whatever the URL asks for.
-            self._sub_pool = ConnectionPool.from_url(
-                self._url, max_connections=1, protocol=2, **common
+            self._sub_pool = ConnectionPool(
+                max_connections=1, **_url_options(self._url, {**forced, "protocol": 2})
             )
         await self._probe()
         self._tasks.append(asyncio.create_task(self._probe_loop(), name="cache-probe"))
@@ -241,12 +254,16 @@ class Cache:
         if self._closed:
             return
         self._closed = True
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # One cancel() is not always enough on Python 3.11: asyncio.wait_for
+        # (which redis-py uses for socket writes) swallows a cancellation that
+        # races with its inner operation finishing. So the loops also stop on
+        # ``_closed``, and the cancel is repeated until every task is done.
+        pending = set(self._tasks)
         self._tasks.clear()
+        while pending:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=self._interval_s)
         self._last_confirmed = -math.inf
         if self._client is not None:
             # Closing sockets needs no answer from Redis, but bound it anyway.
@@ -429,7 +446,7 @@ class Cache:
             await self._bounded(client, _redis_ping)
 
     async def _probe_loop(self) -> None:
-        while True:
+        while not self._closed:
             await asyncio.sleep(self._interval_s)
             if self._down_since is not None:
                 await self._probe()
@@ -448,11 +465,11 @@ class Cache:
                 subscription.on_resync()
 
     async def _subscriber_loop(self, pool: ConnectionPool) -> None:
-        while True:
+        while not self._closed:
             try:
                 await self._subscriber_session(pool)
             except (*_REDIS_FAILURES, _Unresponsive) as exc:
-                if not self._subscription_lost:
+                if not self._subscription_lost and not self._closed:
                     self._subscription_lost = True
                     logger.warning(
                         "cache subscription lost; reconnecting",
@@ -480,14 +497,21 @@ class Cache:
             # No need to wait for the subscribe confirmations: the first pong
             # follows them on this connection, and only a pong confers freshness.
             reader = asyncio.create_task(self._read_loop(connection, pending))
+            # Its outcome is consumed by the ping loop or deliberately dropped
+            # here; never leave "exception was never retrieved" noise.
+            reader.add_done_callback(_consume_outcome)
             await self._ping_loop(connection, pending, reader)
         finally:
-            if reader is not None:
-                reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError, *_REDIS_FAILURES):
-                    await reader
-            with contextlib.suppress(*_REDIS_FAILURES):
-                await connection.disconnect(nowait=True)
+            try:
+                if reader is not None:
+                    reader.cancel()
+                    # asyncio.wait, not ``await reader``: the reader's own
+                    # CancelledError must not be confused with (and must not
+                    # swallow) a cancellation of this task.
+                    await asyncio.wait([reader])
+            finally:
+                with contextlib.suppress(*_REDIS_FAILURES):
+                    await connection.disconnect(nowait=True)
 
     async def _ping_loop(
         self,
@@ -495,7 +519,7 @@ class Cache:
         pending: deque[tuple[str, float]],
         reader: asyncio.Task[None],
     ) -> None:
-        while not reader.done():
+        while not reader.done() and not self._closed:
             now = time.monotonic()
             if pending and now - pending[0][1] >= self._lease_s:
                 # Open socket, no answers (a paused or partitioned server). The
@@ -513,6 +537,8 @@ class Cache:
             async with asyncio.timeout(self._timeout_s):
                 await connection.send_command("PING", token, check_health=False)
             await asyncio.wait([reader], timeout=self._interval_s)
+        if self._closed:
+            return
         if reader.done():
             reader.result()  # re-raise the reader's error, if any
         raise _Unresponsive("subscription connection closed")
@@ -572,6 +598,11 @@ class Cache:
                     logger.exception("cache subscriber failed to resync")
                     return False
         return True
+
+
+def _consume_outcome(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 class _Unresponsive(Exception):
