@@ -266,7 +266,7 @@ class RedisServer:
                 raise RedisServerError(
                     f"redis-server exited with code {process.returncode} on port {port}:\n{details}"
                 )
-            owner = _server_pid(port, timeout_s=0.5)
+            owner = _server_pid(port, timeout_s=0.2)
             if owner == process.pid:
                 return
             if owner is not None:
