@@ -220,24 +220,24 @@ class Accounts:
 
     # Rate limits.
 
+    async def _limit(self, key: str, limit: int, message: str) -> None:
+        count, reset_s = await self._cache.hit(key, self._login_limits.window_s)
+        if count > limit:
+            raise RateLimited(message, retry_after_s=max(reset_s, 1.0))
+
     async def _limit_address(self, client: ClientContext) -> None:
-        limits = self._login_limits
-        count, reset_s = await self._cache.hit(
-            f"login:addr:{_hash_key(client.address)}", limits.window_s
+        await self._limit(
+            f"login:addr:{_hash_key(client.address)}",
+            self._login_limits.max_attempts_per_address,
+            "too many sign-in attempts from this address",
         )
-        if count > limits.max_attempts_per_address:
-            raise RateLimited(
-                "too many sign-in attempts from this address", retry_after_s=max(reset_s, 1.0)
-            )
 
     async def _limit_account(self, email: str) -> None:
-        limits = self._login_limits
-        count, reset_s = await self._cache.hit(f"login:acct:{_hash_key(email)}", limits.window_s)
-        if count > limits.max_failures_per_account:
-            raise RateLimited(
-                "too many failed sign-in attempts for this account",
-                retry_after_s=max(reset_s, 1.0),
-            )
+        await self._limit(
+            f"login:acct:{_hash_key(email)}",
+            self._login_limits.max_failures_per_account,
+            "too many failed sign-in attempts for this account",
+        )
 
     # Sign-in.
 
@@ -271,6 +271,19 @@ class Accounts:
         identities = await self._store.federated_identities(user.id)
         return SignIn(user, identities, session, tokens)
 
+    async def _signed_in(
+        self, user: UserRow, method: AuthMethod, client: ClientContext, detail: str = ""
+    ) -> SignIn:
+        sign_in = await self.start_session(user, method, client)
+        await self._security(
+            events_pb2.SECURITY_EVENT_KIND_LOGIN_SUCCEEDED,
+            user_id=user.id,
+            session_id=sign_in.session.id,
+            client=client,
+            detail=detail,
+        )
+        return sign_in
+
     async def register(
         self, email: str, password: str, display_name: str, client: ClientContext
     ) -> SignIn:
@@ -301,15 +314,7 @@ class Accounts:
         await self._limit_address(client)
         password_hash = await self._hasher.hash(password)
         user = await self._store.create_user(normalized, name, password_hash)
-        sign_in = await self.start_session(user, AuthMethod.PASSWORD, client)
-        await self._security(
-            events_pb2.SECURITY_EVENT_KIND_LOGIN_SUCCEEDED,
-            user_id=user.id,
-            session_id=sign_in.session.id,
-            client=client,
-            detail="registered",
-        )
-        return sign_in
+        return await self._signed_in(user, AuthMethod.PASSWORD, client, "registered")
 
     async def login_password(self, email: str, password: str, client: ClientContext) -> SignIn:
         client = _client(client)
@@ -343,14 +348,7 @@ class Accounts:
         await self._cache.clear(f"login:acct:{_hash_key(normalized)}")
         if self._hasher.needs_rehash(stored):
             await self._store.set_password_hash(user.id, await self._hasher.hash(password))
-        sign_in = await self.start_session(user, AuthMethod.PASSWORD, client)
-        await self._security(
-            events_pb2.SECURITY_EVENT_KIND_LOGIN_SUCCEEDED,
-            user_id=user.id,
-            session_id=sign_in.session.id,
-            client=client,
-        )
-        return sign_in
+        return await self._signed_in(user, AuthMethod.PASSWORD, client)
 
     async def login_oidc(self, id_token: str, client: ClientContext) -> SignIn:
         client = _client(client)
@@ -370,18 +368,10 @@ class Accounts:
                 raise FailedPrecondition("the ID token carries no verified email")
             email = normalize_email(identity.email, "oidc.id_token")
             name = clean_display_name(identity.name[:MAX_DISPLAY_NAME], "oidc.id_token")
-            user = await self._store.create_federated_user(
-                identity.issuer, identity.subject, email, name
+            user = await self._store.create_user(
+                email, name, None, identity=(identity.issuer, identity.subject)
             )
-        sign_in = await self.start_session(user, AuthMethod.OIDC, client)
-        await self._security(
-            events_pb2.SECURITY_EVENT_KIND_LOGIN_SUCCEEDED,
-            user_id=user.id,
-            session_id=sign_in.session.id,
-            client=client,
-            detail="oidc",
-        )
-        return sign_in
+        return await self._signed_in(user, AuthMethod.OIDC, client, "oidc")
 
     async def refresh(self, refresh_token: str, client: ClientContext) -> IssuedTokens:
         client = _client(client)

@@ -18,10 +18,11 @@ the generation did not move while it ran.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final, Generic, TypeVar
 
@@ -60,8 +61,9 @@ class _KeyState:
     last_used_at: dt.datetime | None
 
 
-def _scopes(text: str) -> frozenset[Scope]:
-    return frozenset(Scope(s) for s in text.split() if s in ALL_SCOPES)
+def _scopes(names: Iterable[str]) -> frozenset[Scope]:
+    # Unknown names (from a newer peer) are dropped, never guessed at.
+    return frozenset(Scope(s) for s in names if s in ALL_SCOPES)
 
 
 class _Bounded(Generic[K, V]):
@@ -145,7 +147,7 @@ class CredentialAuthenticator:
             principal = Principal(
                 user_id=claims.subject,
                 auth_method=AuthMethod.PASSWORD,
-                scopes=_scopes(" ".join(claims.scopes)),
+                scopes=_scopes(claims.scopes),
                 session_id=claims.session,
                 expires_at=claims.expires_at,
             )
@@ -191,7 +193,7 @@ class CredentialAuthenticator:
             state = _KeyState(
                 user_id=row.user_id,
                 digest=row.digest,
-                scopes=_scopes(row.scopes),
+                scopes=_scopes(row.scopes.split()),
                 expires_at=row.expires_at,
                 revoked=row.revoked_at is not None,
                 last_used_at=row.last_used_at,
@@ -224,6 +226,4 @@ class CredentialAuthenticator:
             log.warning("could not record API key use", extra={"key_id": key_id})
             return
         if key_id in self._keys.data:
-            self._keys.data[key_id] = _KeyState(
-                state.user_id, state.digest, state.scopes, state.expires_at, state.revoked, now
-            )
+            self._keys.data[key_id] = dataclasses.replace(state, last_used_at=now)

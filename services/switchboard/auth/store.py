@@ -92,10 +92,16 @@ class AuthStore:
     # Users.
 
     async def create_user(
-        self, email: str, display_name: str, password_hash: str | None
+        self,
+        email: str,
+        display_name: str,
+        password_hash: str | None,
+        *,
+        identity: tuple[str, str] | None = None,
     ) -> UserRow:
+        """A new user; with ``identity`` (issuer, subject), linked to that federated identity."""
         now = utcnow()
-        row = UserRow(
+        user = UserRow(
             id=new_id(),
             email=email,
             display_name=display_name,
@@ -106,10 +112,23 @@ class AuthStore:
         )
         try:
             async with self._sessions.begin() as db:
-                db.add(row)
+                db.add(user)
+                if identity is not None:
+                    await db.flush()
+                    issuer, subject = identity
+                    db.add(
+                        FederatedIdentityRow(
+                            id=new_id(),
+                            user_id=user.id,
+                            issuer=issuer,
+                            subject=subject,
+                            created_at=now,
+                        )
+                    )
         except IntegrityError:
-            raise AlreadyExists("an account with this email already exists") from None
-        return row
+            what = "email" if identity is None else "email or identity"
+            raise AlreadyExists(f"an account with this {what} already exists") from None
+        return user
 
     async def user_by_email(self, email: str) -> UserRow | None:
         async with self._readers() as db:
@@ -168,31 +187,6 @@ class AuthStore:
                 )
             ).scalar_one_or_none()
             return row
-
-    async def create_federated_user(
-        self, issuer: str, subject: str, email: str, display_name: str
-    ) -> UserRow:
-        now = utcnow()
-        user = UserRow(
-            id=new_id(),
-            email=email,
-            display_name=display_name,
-            password_hash=None,
-            created_at=now,
-            updated_at=now,
-            version=1,
-        )
-        identity = FederatedIdentityRow(
-            id=new_id(), user_id=user.id, issuer=issuer, subject=subject, created_at=now
-        )
-        try:
-            async with self._sessions.begin() as db:
-                db.add(user)
-                await db.flush()
-                db.add(identity)
-        except IntegrityError:
-            raise AlreadyExists("an account with this email or identity already exists") from None
-        return user
 
     # Sessions and refresh tokens.
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final, Protocol
 
 from switchboard.platform.errors import (
@@ -86,12 +86,10 @@ class Principal:
     session_id: str = ""
     api_key_id: str = ""
     expires_at: int = 0
-    # Field order matters to nothing; equality ignores the cached name.
-    user_name: str = field(default="", compare=False)
 
-    def __post_init__(self) -> None:
-        if not self.user_name:
-            object.__setattr__(self, "user_name", f"users/{self.user_id}")
+    @property
+    def user_name(self) -> str:
+        return f"users/{self.user_id}"
 
     @property
     def session_name(self) -> str:
