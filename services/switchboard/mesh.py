@@ -20,7 +20,6 @@ from grpc import aio
 from switchboard.api.auth.v1 import auth_pb2_grpc
 from switchboard.api.context.v1 import context_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
-from switchboard.api.events.v1 import events_pb2_grpc
 from switchboard.api.integration.v1 import integration_pb2_grpc
 from switchboard.auth import servicer as auth_servicer
 from switchboard.auth.accounts import AccountLimits, Accounts, LoginLimits
@@ -33,17 +32,22 @@ from switchboard.auth.tokens import AccessTokens, KeyRing, SigningKey, TokenPoli
 from switchboard.context import servicer as context_servicer
 from switchboard.dispatcher import servicer as dispatcher_servicer
 from switchboard.events import servicer as events_servicer
+from switchboard.events.subscriptions import Access, Limits
 from switchboard.integration import servicer as integration_servicer
 from switchboard.platform.authn import Guard
 from switchboard.platform.bus import EventBus
 from switchboard.platform.cache import Cache
 from switchboard.platform.config import ConfigError, Settings
 from switchboard.platform.db import Database, open_database
+from switchboard.platform.eventlog import LocalLog, LogBackend, RedisLog
 from switchboard.platform.membership import MembershipStore
 from switchboard.platform.policy import Policy
 from switchboard.platform.server import ServiceRegistration, SwitchboardServer, build_server
 
 log = logging.getLogger("switchboard.mesh")
+
+#: Health entry that is NOT_SERVING while Redis is unreachable (scaled out only).
+REDIS_HEALTH = "switchboard.redis"
 
 
 @dataclass(frozen=True)
@@ -88,10 +92,47 @@ SERVICES: dict[str, tuple[ServiceDescriptor, Callable[[Any, aio.Server], None], 
     ),
     "events": (
         events_servicer.SERVICE,
-        events_pb2_grpc.add_EventServiceServicer_to_server,
-        lambda d: events_servicer.EventServiceServicer(),  # type: ignore[abstract]
+        events_servicer.add_to_server,
+        lambda d: events_servicer.EventServiceServicer(
+            d.bus, Access(d.policy, d.authenticator), event_limits(d.settings)
+        ),
     ),
 }
+
+
+def event_limits(settings: Settings) -> Limits:
+    return Limits(
+        heartbeat_s=settings.events_heartbeat_s,
+        reauthorize_s=settings.events_reauthorize_s,
+        buffer=settings.events_subscriber_buffer,
+        max_batch=settings.events_max_batch,
+        max_scopes=settings.events_max_scopes,
+        per_principal=settings.events_max_subscriptions_per_principal,
+        per_stream=settings.events_max_subscriptions_per_stream,
+    )
+
+
+def event_log(settings: Settings, database: Database) -> LogBackend:
+    """Redis Streams when Redis is configured, else the embedded database log."""
+    memory = min(settings.events_memory, settings.events_retention)
+    redis_url = settings.redis_url.get_secret_value()
+    if redis_url:
+        return RedisLog(
+            redis_url,
+            key=settings.events_stream_key,
+            timeout_s=settings.redis_timeout_s,
+            retention=settings.events_retention,
+            retention_s=settings.events_retention_s,
+            memory=memory,
+            outbox_limit=settings.events_outbox_limit,
+            dedupe_window_s=settings.events_dedupe_window_s,
+        )
+    return LocalLog(
+        database,
+        retention=settings.events_retention,
+        retention_s=settings.events_retention_s,
+        memory=memory,
+    )
 
 
 def key_ring(settings: Settings) -> KeyRing:
@@ -152,7 +193,11 @@ async def open_deps(settings: Settings, resources: contextlib.AsyncExitStack) ->
     )
     await cache.start()
     resources.push_async_callback(cache.close)
-    bus = EventBus()
+    bus = EventBus(
+        event_log(settings, database), memory=min(settings.events_memory, settings.events_retention)
+    )
+    await bus.start()
+    resources.push_async_callback(bus.close)
     accounts = Accounts(
         store=store,
         hasher=hasher,
@@ -209,4 +254,8 @@ async def create_server(settings: Settings) -> tuple[SwitchboardServer, int]:
     except BaseException:
         await resources.aclose()
         raise
+    if settings.redis_url.get_secret_value():
+        # Redis away means degraded, not down: "" stays SERVING, this entry does not.
+        server.report(REDIS_HEALTH, deps.bus.state == "ok")
+        deps.bus.on_state_change(lambda state: server.report(REDIS_HEALTH, state == "ok"))
     return server, server.port

@@ -15,7 +15,6 @@ from switchboard.api.context.v1 import context_pb2, context_pb2_grpc
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
 from switchboard.auth.servicer import AuthServiceServicer
 from switchboard.context.servicer import ContextServiceServicer
-from switchboard.events.servicer import EventServiceServicer
 from switchboard.platform import errors
 from switchboard.platform.config import Settings
 from switchboard.platform.server import ServiceRegistration, SwitchboardServer, build_server
@@ -88,7 +87,7 @@ class RaisingAuth(AuthServiceServicer):
         return auth_pb2.GetPrincipalResponse(principal=auth_pb2.Principal(user="users/slow"))
 
 
-class RaisingEvents(EventServiceServicer):
+class RaisingEvents(events_pb2_grpc.EventServiceServicer):
     """Subscribe yields one heartbeat, then raises the requested error."""
 
     async def Subscribe(

@@ -214,8 +214,10 @@ async def test_kill_and_restart_recovers_and_resyncs(
     await cache.hit("k", 60)
 
     redis_server.kill()
+    # A fresh key: "k" may already have a memory count if the hit above timed
+    # out on a busy machine and was served from memory.
     async with asyncio.timeout(TIMEOUT_S * 4):
-        assert (await cache.hit("k", 60))[0] == 1
+        assert (await cache.hit("after-kill", 60))[0] == 1
     assert cache.state == "degraded"
     # The socket was reset: freshness is withdrawn at once, not at lease end.
     await wait_until(lambda: not cache.fresh(), LEASE_S, "freshness withdrawn")

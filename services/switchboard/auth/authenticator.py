@@ -160,6 +160,35 @@ class CredentialAuthenticator:
         await self._check_session(claims.session, claims.subject)
         return principal
 
+    async def verify_principal(self, principal: Principal) -> None:
+        """Re-check that ``principal``'s session or API key still holds (for long streams).
+
+        Token expiry is not re-checked: a stream authenticated once lives on
+        until its session or key is revoked or expires.
+        """
+        if principal.api_key_id:
+            await self._check_key(principal.api_key_id)
+        else:
+            await self._check_session(principal.session_id, principal.user_id)
+
+    async def _check_key(self, key_id: str) -> None:
+        state = self._keys.data.get(key_id) if self._cache.fresh() else None
+        if state is None:
+            try:
+                row = await self._store.api_key(key_id)
+            except (SQLAlchemyError, OSError, TimeoutError):
+                log.exception("API key lookup failed")
+                raise DependencyUnavailable("credential check is unavailable; retry") from None
+            if row is None or row.revoked_at is not None:
+                raise Unauthenticated("the API key has been revoked")
+            expires_at = row.expires_at
+        else:
+            if state.revoked:
+                raise Unauthenticated("the API key has been revoked")
+            expires_at = state.expires_at
+        if expires_at is not None and expires_at <= dt.datetime.now(dt.UTC):
+            raise Unauthenticated("the API key has expired")
+
     async def _check_session(self, session_id: str, user_id: str) -> None:
         state = self._sessions.data.get(session_id) if self._cache.fresh() else None
         if state is None:

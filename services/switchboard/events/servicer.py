@@ -1,13 +1,439 @@
-"""Transport for EventService: converts proto to domain calls and nothing else."""
+"""Transport for EventService: request validation, frames on the wire, nothing else.
+
+The two streaming RPCs yield pre-serialized frames (``bytes``): an event is
+serialized once when it enters the process, and a batch for any subscriber is
+a concatenation of those bytes (``eventlog.batch_payload``). ``add_to_server``
+registers the service with an identity serializer for them; clients see the
+ordinary ``SubscribeResponse`` / ``StreamResponse`` messages.
+"""
 
 from __future__ import annotations
 
-from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
-from switchboard.platform.unimplemented import unimplemented_rpcs
+import asyncio
+import base64
+import hashlib
+import re
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Final
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpc import aio
+
+from switchboard.api.events.v1 import events_pb2
+from switchboard.events.subscriptions import (
+    Access,
+    Limits,
+    Quotas,
+    Spec,
+    Subscription,
+    Waker,
+    parse_spec,
+)
+from switchboard.platform.authn import current_principal
+from switchboard.platform.bus import EventBus
+from switchboard.platform.errors import (
+    FieldViolation,
+    InvalidArgument,
+    QuotaExceeded,
+    SwitchboardError,
+)
+from switchboard.platform.eventlog import (
+    Logged,
+    Position,
+    batch_payload,
+    format_cursor,
+    length_delimited,
+    parse_cursor,
+)
+from switchboard.platform.policy import Principal
 
 SERVICE = events_pb2.DESCRIPTOR.services_by_name["EventService"]
+_SERVICE_NAME: Final = SERVICE.full_name
+
+DEFAULT_PAGE_SIZE: Final = 100
+MAX_PAGE_SIZE: Final = 500
+#: ListEvents reads at most this many log entries per call, matching or not,
+#: so a sparse scope cannot make one call scan the whole log.
+MAX_SCAN: Final = 5_000
+#: Unsent control frames (pongs, added/ended) a Stream may pile up.
+MAX_CONTROL_BACKLOG: Final = 1_000
+_SUBSCRIPTION_ID_RE: Final = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_PAGE_TOKEN_PREFIX: Final = "v1."  # noqa: S105 - a format tag, not a secret
 
 
-@unimplemented_rpcs(SERVICE, planned="it arrives with the event backbone (issue #4)")
-class EventServiceServicer(events_pb2_grpc.EventServiceServicer):
-    """EventService transport; RPCs not defined here answer UNIMPLEMENTED."""
+def _now() -> Timestamp:
+    stamp = Timestamp()
+    stamp.GetCurrentTime()
+    return stamp
+
+
+def _subscribe_batch(items: Sequence[Logged]) -> bytes:
+    if len(items) == 1:
+        return items[0].frame()
+    return length_delimited(1, batch_payload(items))
+
+
+def _subscribe_heartbeat(cursor: str) -> bytes:
+    return events_pb2.SubscribeResponse(
+        heartbeat=events_pb2.Heartbeat(time=_now(), cursor=cursor)
+    ).SerializeToString()
+
+
+def _stream_frame(**frame: Any) -> bytes:
+    return events_pb2.StreamResponse(**frame).SerializeToString()
+
+
+def _stream_events(subscription_id: str, items: Sequence[Logged]) -> bytes:
+    inner = length_delimited(1, subscription_id.encode()) + length_delimited(
+        2, batch_payload(items)
+    )
+    return length_delimited(1, inner)
+
+
+def _ended(subscription_id: str, error: SwitchboardError | None, resume: str) -> bytes:
+    return _stream_frame(
+        ended=events_pb2.SubscriptionEnded(
+            subscription_id=subscription_id,
+            code=int(error.code) if error else 0,
+            message=error.message if error else "removed",
+            resume_cursor=resume,
+        )
+    )
+
+
+class EventServiceServicer:
+    """EventService: Subscribe, Stream and ListEvents over the process's bus."""
+
+    def __init__(self, bus: EventBus, access: Access, limits: Limits) -> None:
+        self._bus = bus
+        self._access = access
+        self._limits = limits
+        self._quotas = Quotas(limits.per_principal)
+
+    # -- Subscribe -----------------------------------------------------------------
+
+    async def Subscribe(
+        self, request: events_pb2.SubscribeRequest, context: aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[bytes]:
+        principal = current_principal()
+        spec = parse_spec(request.scopes, request.after_cursor, request.types, self._limits)
+        await self._access.authorize(principal, spec)
+        waker = Waker()
+        subscription = Subscription(self._bus, self._access, principal, spec, self._limits, waker)
+        self._quotas.acquire(principal)
+        try:
+            await subscription.open()
+            # First frame: the subscription is registered, and delivery starts after this cursor.
+            yield _subscribe_heartbeat(format_cursor(subscription.sent))
+            heartbeat_s = self._limits.heartbeat_s
+            loop = asyncio.get_running_loop()
+            last_frame = loop.time()
+            while True:
+                batch = await subscription.next_batch()
+                if batch:
+                    yield _subscribe_batch(batch)
+                    last_frame = loop.time()
+                    continue
+                idle_s = heartbeat_s - (loop.time() - last_frame)
+                wait_s = min(idle_s, subscription.seconds_to_recheck())
+                if wait_s > 0 and await waker.wait(wait_s):
+                    continue
+                if loop.time() - last_frame >= heartbeat_s:
+                    yield _subscribe_heartbeat(subscription.caught_up())
+                    last_frame = loop.time()
+        finally:
+            subscription.close()
+            self._quotas.release(principal)
+
+    # -- Stream ----------------------------------------------------------------------
+
+    async def Stream(
+        self,
+        request_iterator: AsyncIterator[events_pb2.StreamRequest],
+        context: aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[bytes]:
+        session = _StreamSession(
+            self._bus, self._access, self._quotas, self._limits, current_principal()
+        )
+        reader = asyncio.create_task(session.read(request_iterator))
+        try:
+            async for frame in session.frames():
+                yield frame
+        finally:
+            reader.cancel()
+            session.close()
+
+    # -- ListEvents ------------------------------------------------------------------
+
+    async def ListEvents(
+        self, request: events_pb2.ListEventsRequest, context: aio.ServicerContext[Any, Any]
+    ) -> events_pb2.ListEventsResponse:
+        principal = current_principal()
+        if request.page_size < 0:
+            raise InvalidArgument(
+                "page_size must not be negative", [FieldViolation("page_size", "is negative")]
+            )
+        spec = parse_spec(request.scopes, request.after_cursor, request.types, self._limits)
+        page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        fingerprint = _fingerprint(spec)
+        await self._access.authorize(principal, spec)
+        start = spec.after
+        if request.page_token:
+            start = _decode_page_token(request.page_token, fingerprint)
+        if start is None:
+            start = await self._bus.horizon()
+        await self._bus.check_cursor(start)
+        upto = self._bus.head
+        keys = frozenset(spec.keys)
+        events: list[events_pb2.Event] = []
+        position, scanned = start, 0
+        while len(events) < page_size and scanned < MAX_SCAN and position < upto:
+            page = await self._bus.read(position, upto, min(500, MAX_SCAN - scanned))
+            if not page:
+                position = upto
+                break
+            for item in page:
+                scanned += 1
+                position = item.position
+                if (item.user in keys or item.workspace in keys or item.conversation in keys) and (
+                    not spec.types or item.type in spec.types
+                ):
+                    events.append(item.event)
+                    if len(events) == page_size:
+                        break
+        response = events_pb2.ListEventsResponse(
+            events=events, oldest_cursor=format_cursor(await self._bus.horizon())
+        )
+        if position < upto:
+            response.next_page_token = _encode_page_token(position, fingerprint)
+        return response
+
+
+def _fingerprint(spec: Spec) -> str:
+    text = "|".join(f"{kind}:{name}" for kind, name in spec.scopes)
+    text += "|" + ",".join(str(t) for t in sorted(spec.types))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _encode_page_token(position: Position, fingerprint: str) -> str:
+    raw = f"{format_cursor(position)}.{fingerprint}".encode()
+    return _PAGE_TOKEN_PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_page_token(token: str, fingerprint: str) -> Position:
+    bad = InvalidArgument(
+        "page_token is not valid for this request",
+        [FieldViolation("page_token", "does not come from a ListEvents with the same scopes")],
+    )
+    if not token.startswith(_PAGE_TOKEN_PREFIX) or len(token) > 200:
+        raise bad
+    body = token[len(_PAGE_TOKEN_PREFIX) :]
+    try:
+        raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise bad from None
+    cursor, _, found = raw.partition(".")
+    position = parse_cursor(cursor)
+    if position is None or found != fingerprint:
+        raise bad
+    return position
+
+
+class _StreamSession:
+    """One bidirectional Stream: its subscriptions, control frames and writer."""
+
+    def __init__(
+        self,
+        bus: EventBus,
+        access: Access,
+        quotas: Quotas,
+        limits: Limits,
+        principal: Principal,
+    ) -> None:
+        self._bus = bus
+        self._access = access
+        self._quotas = quotas
+        self._limits = limits
+        self._principal = principal
+        self._subscriptions: dict[str, Subscription] = {}
+        self._control: deque[bytes] = deque()
+        self._waker = Waker()
+        self._fatal: SwitchboardError | None = None
+        self._client_done = False
+
+    def close(self) -> None:
+        for subscription in self._subscriptions.values():
+            subscription.close()
+            self._quotas.release(self._principal)
+        self._subscriptions.clear()
+
+    def _send(self, frame: bytes) -> None:
+        if len(self._control) >= MAX_CONTROL_BACKLOG:
+            self._fatal = QuotaExceeded(
+                "too many unanswered commands; read the stream", subject="stream/controlBacklog"
+            )
+        else:
+            self._control.append(frame)
+        self._waker()
+
+    # Reading commands runs in its own task, so a slow authorization or a busy
+    # writer never stops the other side.
+    async def read(self, requests: AsyncIterator[events_pb2.StreamRequest]) -> None:
+        try:
+            async for request in requests:
+                await self._command(request)
+                if self._fatal is not None:
+                    break
+        except SwitchboardError as exc:
+            self._fatal = exc
+        finally:
+            self._client_done = True
+            self._waker()
+
+    async def _command(self, request: events_pb2.StreamRequest) -> None:
+        frame = request.WhichOneof("frame")
+        if frame == "add":
+            await self._add(request.add)
+        elif frame == "remove":
+            self._remove(request.remove.subscription_id)
+        elif frame == "ack":
+            self._ack(request.ack)
+        elif frame == "ping":
+            if len(request.ping.nonce) > 64:
+                raise InvalidArgument(
+                    "ping.nonce is too long", [FieldViolation("ping.nonce", "at most 64 chars")]
+                )
+            self._send(_stream_frame(pong=events_pb2.Pong(nonce=request.ping.nonce, time=_now())))
+        else:
+            raise InvalidArgument("empty stream frame", [FieldViolation("frame", "is required")])
+
+    async def _add(self, add: events_pb2.AddSubscription) -> None:
+        sid = add.subscription_id
+        if not _SUBSCRIPTION_ID_RE.match(sid):
+            raise InvalidArgument(
+                "add.subscription_id is invalid",
+                [FieldViolation("add.subscription_id", "1-64 characters [A-Za-z0-9._:-]")],
+            )
+        if sid in self._subscriptions:
+            raise InvalidArgument(
+                "add.subscription_id is already in use on this stream",
+                [FieldViolation("add.subscription_id", "is already in use")],
+            )
+        try:
+            spec = parse_spec(add.scopes, add.after_cursor, add.types, self._limits, "add.")
+            await self._access.authorize(self._principal, spec, "add.")
+            if len(self._subscriptions) >= self._limits.per_stream:
+                raise QuotaExceeded(
+                    f"at most {self._limits.per_stream} subscriptions per stream",
+                    subject="stream/subscriptions",
+                )
+            self._quotas.acquire(self._principal)
+            subscription = Subscription(
+                self._bus, self._access, self._principal, spec, self._limits, self._waker
+            )
+            try:
+                await subscription.open()
+            except BaseException:
+                self._quotas.release(self._principal)
+                raise
+        except SwitchboardError as exc:
+            self._send(_ended(sid, exc, add.after_cursor))
+            return
+        self._subscriptions[sid] = subscription
+        self._send(_stream_frame(added=events_pb2.SubscriptionAdded(subscription_id=sid)))
+
+    def _remove(self, sid: str) -> None:
+        subscription = self._subscriptions.pop(sid, None)
+        if subscription is None:
+            raise InvalidArgument(
+                "remove.subscription_id names no subscription on this stream",
+                [FieldViolation("remove.subscription_id", "is not a live subscription")],
+            )
+        subscription.close()
+        self._quotas.release(self._principal)
+        self._send(_ended(sid, None, subscription.resume_cursor))
+
+    def _ack(self, ack: events_pb2.Ack) -> None:
+        subscription = self._subscriptions.get(ack.subscription_id)
+        position = parse_cursor(ack.cursor)
+        if subscription is None or position is None or not subscription.ack(position):
+            raise InvalidArgument(
+                "ack names no live subscription, or a cursor it was not sent",
+                [FieldViolation("ack", "must name a live subscription and a cursor it was sent")],
+            )
+
+    def _end(self, sid: str, error: SwitchboardError) -> bytes:
+        subscription = self._subscriptions.pop(sid)
+        subscription.close()
+        self._quotas.release(self._principal)
+        return _ended(sid, error, subscription.resume_cursor)
+
+    async def frames(self) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        heartbeat_s = self._limits.heartbeat_s
+        last_frame = loop.time()
+        while True:
+            if self._fatal is not None:
+                raise self._fatal
+            sent = False
+            while self._control:
+                yield self._control.popleft()
+                sent = True
+            for sid, subscription in list(self._subscriptions.items()):
+                if sid not in self._subscriptions or not subscription.ready():
+                    continue
+                try:
+                    batch = await subscription.next_batch()
+                except SwitchboardError as exc:
+                    yield self._end(sid, exc)
+                    sent = True
+                    continue
+                if batch:
+                    yield _stream_events(sid, batch)
+                    sent = True
+            if sent:
+                last_frame = loop.time()
+                continue
+            if self._client_done:
+                return
+            waits = [heartbeat_s - (loop.time() - last_frame)]
+            waits += [s.seconds_to_recheck() for s in self._subscriptions.values()]
+            wait_s = min(waits)
+            if wait_s > 0 and await self._waker.wait(wait_s):
+                continue
+            if loop.time() - last_frame >= heartbeat_s:
+                positions = [s.caught_up_position() for s in self._subscriptions.values()]
+                cursor = format_cursor(min(positions, default=self._bus.head))
+                yield _stream_frame(heartbeat=events_pb2.Heartbeat(time=_now(), cursor=cursor))
+                last_frame = loop.time()
+
+
+def add_to_server(servicer: EventServiceServicer, server: aio.Server) -> None:
+    """Register EventService; the streaming RPCs send pre-serialized bytes."""
+
+    def identity(frame: bytes) -> bytes:
+        return frame
+
+    handlers = {
+        "Subscribe": grpc.unary_stream_rpc_method_handler(
+            servicer.Subscribe,
+            request_deserializer=events_pb2.SubscribeRequest.FromString,
+            response_serializer=identity,
+        ),
+        "Stream": grpc.stream_stream_rpc_method_handler(
+            servicer.Stream,
+            request_deserializer=events_pb2.StreamRequest.FromString,
+            response_serializer=identity,
+        ),
+        "ListEvents": grpc.unary_unary_rpc_method_handler(
+            servicer.ListEvents,
+            request_deserializer=events_pb2.ListEventsRequest.FromString,
+            response_serializer=events_pb2.ListEventsResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(_SERVICE_NAME, handlers),)
+    )
+    server.add_registered_method_handlers(_SERVICE_NAME, handlers)  # type: ignore[attr-defined]

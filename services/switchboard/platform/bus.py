@@ -1,47 +1,206 @@
-"""The one publisher of events: every service hands its ``Event`` envelopes here.
+"""The one publisher of events, and the fan-out to this process's subscribers.
 
-Today this is the in-process fan-out with a bounded recent history; the
-replayable log with cursors and resumable subscriptions (issue 4) grows behind
-this same ``publish`` so that publishers do not change.
+Every service hands its ``Event`` envelopes to ``EventBus.publish``; the bus
+stamps them (id, time) and appends them to the log (``platform/eventlog.py``).
+Whatever the backend, events come back to the bus in log order through one
+``_deliver`` call, which appends them to the in-memory ring and pushes each to
+the subscribers whose scopes it matches. Delivery is synchronous and never
+waits on a subscriber: a push appends to the subscriber's own bounded queue,
+so one slow subscriber cannot delay the others.
+
+Events that change who may see what (a membership or workspace change, a
+revoked session or key) also tell every subscriber watching that workspace or
+user to re-check its access, in log order, before it sends anything later.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Final, Protocol
 
 from switchboard.api.events.v1 import events_pb2
+from switchboard.platform.errors import CursorExpired
+from switchboard.platform.eventlog import (
+    LogBackend,
+    Logged,
+    LogState,
+    Position,
+    Ring,
+    format_cursor,
+)
 
 log = logging.getLogger("switchboard.bus")
 
 Listener = Callable[[events_pb2.Event], None]
 
+_ACCESS_BY_WORKSPACE: Final = frozenset(
+    {events_pb2.EVENT_TYPE_MEMBER_CHANGED, events_pb2.EVENT_TYPE_WORKSPACE_CHANGED}
+)
+_ACCESS_SECURITY_KINDS: Final = frozenset(
+    {
+        events_pb2.SECURITY_EVENT_KIND_SESSION_REVOKED,
+        events_pb2.SECURITY_EVENT_KIND_REFRESH_REUSE_DETECTED,
+        events_pb2.SECURITY_EVENT_KIND_API_KEY_REVOKED,
+    }
+)
+
+
+class Sink(Protocol):
+    """A subscriber as the fan-out sees it."""
+
+    #: Resource names it follows (``users/u``, ``workspaces/w``, ``workspaces/w/conversations/c``).
+    keys: tuple[str, ...]
+    #: Workspaces and users whose access changes must make it re-check.
+    watches: tuple[str, ...]
+
+    def push(self, item: Logged) -> None:
+        """Queue ``item`` (it matched one of ``keys``); must not block or raise."""
+        ...
+
+    def recheck(self) -> None:
+        """Re-check access before sending anything queued after this point."""
+        ...
+
+
+class Fanout:
+    """Index of this process's sinks by the names they follow."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[str, dict[Sink, None]] = {}
+        self._by_watch: dict[str, dict[Sink, None]] = {}
+        self.count = 0
+
+    def attach(self, sink: Sink) -> None:
+        for key in sink.keys:
+            self._by_key.setdefault(key, {})[sink] = None
+        for name in sink.watches:
+            self._by_watch.setdefault(name, {})[sink] = None
+        self.count += 1
+
+    def detach(self, sink: Sink) -> None:
+        for index, names in ((self._by_key, sink.keys), (self._by_watch, sink.watches)):
+            for name in names:
+                sinks = index.get(name)
+                if sinks is None:
+                    continue
+                sinks.pop(sink, None)
+                if not sinks:
+                    del index[name]
+        self.count -= 1
+
+    def deliver(self, items: Sequence[Logged]) -> None:
+        by_key = self._by_key
+        for item in items:
+            for key in (item.user, item.workspace, item.conversation):
+                if key and (sinks := by_key.get(key)):
+                    for sink in sinks:
+                        sink.push(item)
+            watched = self._watched(item)
+            if watched and (watchers := self._by_watch.get(watched)):
+                for sink in watchers:
+                    sink.recheck()
+
+    @staticmethod
+    def _watched(item: Logged) -> str:
+        if item.type in _ACCESS_BY_WORKSPACE:
+            return item.workspace
+        if (
+            item.type == events_pb2.EVENT_TYPE_SECURITY
+            and item.event.security.kind in _ACCESS_SECURITY_KINDS
+        ):
+            return item.user
+        return ""
+
 
 class EventBus:
-    def __init__(self, history: int = 1000) -> None:
-        self._recent: collections.deque[events_pb2.Event] = collections.deque(maxlen=history)
+    """Publisher, in-memory ring and fan-out over one log backend."""
+
+    def __init__(self, backend: LogBackend, *, memory: int) -> None:
+        self._backend = backend
+        self.ring = Ring(memory)
+        self.fanout = Fanout()
         self._listeners: list[Listener] = []
+        self._started = False
 
-    def listen(self, listener: Listener) -> Callable[[], None]:
-        """Call ``listener`` for every event published from now on; returns an unsubscribe."""
-        self._listeners.append(listener)
-        return lambda: self._listeners.remove(listener)
+    async def start(self) -> None:
+        await self._backend.start(self._deliver, self.ring)
+        self._started = True
 
-    def recent(self) -> list[events_pb2.Event]:
-        return list(self._recent)
+    async def close(self) -> None:
+        await self._backend.close()
+
+    @property
+    def state(self) -> LogState:
+        return self._backend.state
+
+    def on_state_change(self, callback: Callable[[LogState], None]) -> None:
+        self._backend.on_state_change(callback)
+
+    @property
+    def head(self) -> Position:
+        """The newest position this process has delivered."""
+        return self.ring.head()
+
+    # -- publishing ----------------------------------------------------------------
 
     async def publish(self, event: events_pb2.Event) -> events_pb2.Event:
-        """Stamp ``event`` (id, time) and deliver it; returns the stamped envelope."""
+        """Stamp ``event`` (id, time) and append it to the log; returns the envelope.
+
+        The cursor is set when the backend knows it at return (always on the
+        embedded log; on Redis unless the event waits in the outbox).
+        """
         if not event.id:
             event.id = uuid.uuid4().hex
         if not event.HasField("time"):
             event.time.GetCurrentTime()
-        self._recent.append(event)
+        return await self._backend.append(event)
+
+    def _deliver(self, items: Sequence[Logged]) -> None:
+        self.ring.append(items)
+        self.fanout.deliver(items)
         for listener in list(self._listeners):
-            try:
-                listener(event)
-            except Exception:  # a broken listener must not break the publisher
-                log.exception("event listener failed")
-        return event
+            for item in items:
+                try:
+                    listener(item.event)
+                except Exception:  # a broken listener must not break delivery
+                    log.exception("event listener failed")
+
+    def listen(self, listener: Listener) -> Callable[[], None]:
+        """Call ``listener`` with every event delivered from now on; returns an unsubscribe."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    def recent(self) -> list[events_pb2.Event]:
+        """The events in the in-memory window, oldest first."""
+        return [item.event for item in self.ring.items()]
+
+    # -- replay --------------------------------------------------------------------
+
+    async def check_cursor(self, after: Position) -> None:
+        """Raise OUT_OF_RANGE unless every event after ``after`` is still retained."""
+        horizon = await self._backend.horizon()
+        oldest = format_cursor(horizon)
+        if after < horizon:
+            raise CursorExpired(
+                f"the cursor is older than the retained log; resume after {oldest} "
+                "(events in between are gone)",
+                metadata={"oldest_cursor": oldest},
+            )
+        if after > self.head and after > await self._backend.last_position():
+            raise CursorExpired(
+                "the cursor is ahead of the log (it comes from another deployment, or the "
+                "log was reset)",
+                metadata={"oldest_cursor": oldest, "head_cursor": format_cursor(self.head)},
+            )
+
+    async def horizon(self) -> Position:
+        """The oldest cursor a reader may resume after (everything newer is retained)."""
+        return await self._backend.horizon()
+
+    async def read(self, after: Position, upto: Position, limit: int) -> list[Logged]:
+        """Logged events with ``after < position <= upto``, oldest first, at most ``limit``."""
+        if self.ring.covers(after):
+            return self.ring.after(after, upto, limit)
+        return await self._backend.read(after, upto, limit)

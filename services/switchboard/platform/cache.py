@@ -151,6 +151,16 @@ def _url_options(url: str, forced: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
+def redis_options(url: str, forced: dict[str, Any]) -> dict[str, Any]:
+    """``_url_options`` for other modules that open their own Redis connections."""
+    return _url_options(url, forced)
+
+
+def redacted_url(url: str) -> str:
+    """A Redis URL without credentials, for logs."""
+    return _redacted(url)
+
+
 def _redacted(url: str) -> str:
     """The URL without credentials, for logs."""
     parts = urlsplit(url)

@@ -77,6 +77,59 @@ class Settings(BaseSettings):
         description="How long a process trusts its revocation cache after Redis last answered.",
     )
 
+    # Event log and subscriptions.
+    events_retention: int = Field(
+        default=100_000, ge=100, le=100_000_000, description="Events the log keeps (newest)."
+    )
+    events_retention_s: int = Field(
+        default=86_400, ge=60, le=365 * 86_400, description="Oldest event age the log keeps."
+    )
+    events_memory: int = Field(
+        default=10_000,
+        ge=10,
+        le=1_000_000,
+        description="Newest events each process also keeps in memory for fast replay.",
+    )
+    events_stream_key: str = Field(
+        default="switchboard:events",
+        min_length=1,
+        max_length=200,
+        description="Redis Stream key of the shared log (scaled out).",
+    )
+    events_outbox_limit: int = Field(
+        default=100_000,
+        ge=1,
+        le=10_000_000,
+        description="Events a process holds while Redis is away; beyond it publishing fails.",
+    )
+    events_dedupe_window_s: int = Field(
+        default=300,
+        ge=10,
+        le=86_400,
+        description="How long Redis remembers an event id, so a retried publish lands once.",
+    )
+    events_heartbeat_s: float = Field(
+        default=15.0, gt=0, le=3600, description="Heartbeat interval on idle event streams."
+    )
+    events_reauthorize_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=86_400,
+        description="How often a live subscription re-checks its credential and access.",
+    )
+    events_subscriber_buffer: int = Field(
+        default=1_000,
+        ge=1,
+        le=1_000_000,
+        description="Events queued per subscriber before it is ended as too slow.",
+    )
+    events_max_batch: int = Field(
+        default=256, ge=1, le=10_000, description="Most events coalesced into one message."
+    )
+    events_max_scopes: int = Field(default=16, ge=1, le=1_000, description="Scopes per request.")
+    events_max_subscriptions_per_principal: int = Field(default=64, ge=1, le=1_000_000)
+    events_max_subscriptions_per_stream: int = Field(default=32, ge=1, le=10_000)
+
     # Identity: tokens, sessions, keys.
     auth_issuer: str = Field(default="switchboard", min_length=1, description="JWT `iss`.")
     auth_audience: str = Field(default="switchboard", min_length=1, description="JWT `aud`.")

@@ -16,10 +16,12 @@ import datetime as dt
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     DateTime,
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -169,3 +171,30 @@ class WorkspaceMemberRow(Base):
     # "owner", "editor" or "viewer" (switchboard.platform.policy.Role).
     role: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+class EventLogRow(Base):
+    """One event of the embedded log (``platform/eventlog.py``), in cursor order.
+
+    Only the embedded default writes here; scaled out, Redis Streams is the log.
+    ``data`` is the serialized ``Event`` envelope, cursor included.
+    """
+
+    __tablename__ = "event_log"
+
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), index=True)
+
+
+class EventLogStateRow(Base):
+    """The embedded log's horizon: every seq at or below it has been trimmed.
+
+    Kept apart from the rows so that trimming everything never lets a restart
+    reuse a sequence number a client may still hold as its cursor.
+    """
+
+    __tablename__ = "event_log_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    horizon: Mapped[int] = mapped_column(BigInteger)

@@ -95,6 +95,9 @@ class SwitchboardServer:
         self._resources = resources
         self._stopped = asyncio.Event()
         self._stopping = False
+        self._started = False
+        self._components: dict[str, bool] = {}
+        self._health_updates: set[asyncio.Task[None]] = set()
         self.deps: Any = None
 
     @property
@@ -106,6 +109,9 @@ class SwitchboardServer:
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         for name in self.service_names:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._started = True
+        for name, serving in self._components.items():
+            await self.health.set(name, _status(serving))
         log.info(
             "switchboard listening",
             extra={
@@ -114,6 +120,20 @@ class SwitchboardServer:
                 "services": list(self.service_names),
             },
         )
+
+    def report(self, component: str, serving: bool) -> None:
+        """Publish a dependency's state as its own health entry (``component``).
+
+        The overall entry ("") stays SERVING: the process still answers, on its
+        fallbacks. Operators and dashboards probe the component to see "degraded".
+        """
+        self._components[component] = serving
+        if self._started and not self._stopping:
+            task = asyncio.get_running_loop().create_task(
+                self.health.set(component, _status(serving))
+            )
+            self._health_updates.add(task)
+            task.add_done_callback(self._health_updates.discard)
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Health to NOT_SERVING, optional drain delay, refuse new calls, let
@@ -134,6 +154,12 @@ class SwitchboardServer:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+def _status(serving: bool) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
+    if serving:
+        return health_pb2.HealthCheckResponse.SERVING
+    return health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 async def build_server(

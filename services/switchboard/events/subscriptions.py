@@ -1,0 +1,407 @@
+"""Subscriptions: replay from a cursor, hand over to live delivery, heartbeats, limits.
+
+A subscription attaches to the fan-out and notes the bus head *in the same
+synchronous step*, so every event is either at or before that mark (replayed
+from the log) or after it (pushed live): no gap and no duplicate at the
+hand-over. Live events wait in a bounded per-subscription queue; the writer
+drains it in batches (coalescing when it fell behind), and a queue that
+overflows ends the subscription with RESOURCE_EXHAUSTED naming the cursor to
+resume from, so the client loses nothing.
+
+Access is checked when a subscription opens, again (in log order) whenever an
+event changes who may see the watched workspace or user, and every
+``reauthorize_s``. A failed re-check ends the subscription; nothing queued
+after the change is sent.
+
+This module does not import grpc: the servicer turns batches into frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+from switchboard.api.events.v1 import events_pb2
+from switchboard.platform.bus import EventBus
+from switchboard.platform.errors import (
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    QuotaExceeded,
+    SubscriberTooSlow,
+)
+from switchboard.platform.eventlog import Logged, Position, format_cursor, parse_cursor
+from switchboard.platform.policy import Permission, Policy, Principal
+
+#: Events read from the log per replay round trip.
+REPLAY_PAGE: Final = 500
+#: A coalesced batch stays well under the default 4 MiB message limit.
+MAX_BATCH_BYTES: Final = 1024 * 1024
+
+_ID = r"[a-z0-9][a-z0-9-]{0,62}"
+_SCOPE_PATTERNS: Final = {
+    "user": re.compile(rf"^users/({_ID})$"),
+    "workspace": re.compile(rf"^workspaces/({_ID})$"),
+    "conversation": re.compile(rf"^workspaces/({_ID})/conversations/{_ID}$"),
+}
+_KNOWN_TYPES: Final = frozenset(events_pb2.EventType.values()) - {events_pb2.EVENT_TYPE_UNSPECIFIED}
+
+
+class _Recheck:
+    """Queue marker: re-check access before sending anything after it."""
+
+
+RECHECK: Final = _Recheck()
+
+
+@dataclass(frozen=True)
+class Limits:
+    heartbeat_s: float
+    reauthorize_s: float
+    buffer: int
+    max_batch: int
+    max_scopes: int
+    per_principal: int
+    per_stream: int
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A validated subscription request."""
+
+    scopes: tuple[tuple[str, str], ...]  # (kind, resource name)
+    types: frozenset[int]
+    after: Position | None
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(name for _, name in self.scopes))
+
+    @property
+    def watches(self) -> tuple[str, ...]:
+        """Workspaces and users whose access changes concern this subscription."""
+        names: dict[str, None] = {}
+        for kind, name in self.scopes:
+            if kind == "user":
+                names[name] = None
+            else:
+                names["/".join(name.split("/")[:2])] = None
+        return tuple(names)
+
+
+def parse_spec(
+    scopes: Sequence[events_pb2.Scope],
+    after_cursor: str,
+    types: Sequence[int],
+    limits: Limits,
+    prefix: str = "",
+) -> Spec:
+    """Validate scopes, cursor and types; InvalidArgument lists every problem."""
+    violations: list[FieldViolation] = []
+    if not scopes:
+        violations.append(FieldViolation(f"{prefix}scopes", "at least one scope is required"))
+    elif len(scopes) > limits.max_scopes:
+        violations.append(
+            FieldViolation(f"{prefix}scopes", f"at most {limits.max_scopes} scopes per request")
+        )
+    parsed: list[tuple[str, str]] = []
+    for i, scope in enumerate(scopes[: limits.max_scopes]):
+        kind = scope.WhichOneof("scope")
+        path = f"{prefix}scopes[{i}]"
+        if kind is None:
+            violations.append(FieldViolation(path, "set one of user, workspace, conversation"))
+            continue
+        name = getattr(scope, kind)
+        if not _SCOPE_PATTERNS[kind].match(name):
+            violations.append(FieldViolation(f"{path}.{kind}", f"is not a valid {kind} name"))
+            continue
+        parsed.append((kind, name))
+    after: Position | None = None
+    if after_cursor:
+        after = parse_cursor(after_cursor)
+        if after is None:
+            violations.append(
+                FieldViolation(f"{prefix}after_cursor", "is not a cursor this server issued")
+            )
+    if len(types) > len(_KNOWN_TYPES):
+        violations.append(FieldViolation(f"{prefix}types", "lists more types than exist"))
+    for i, value in enumerate(types[: len(_KNOWN_TYPES)]):
+        if value not in _KNOWN_TYPES:
+            violations.append(FieldViolation(f"{prefix}types[{i}]", "is not a known event type"))
+    if violations:
+        raise InvalidArgument("invalid subscription", violations)
+    return Spec(tuple(dict.fromkeys(parsed)), frozenset(types), after)
+
+
+class CredentialChecker(Protocol):
+    async def verify_principal(self, principal: Principal) -> None:
+        """Raise Unauthenticated if the principal's session or key no longer holds."""
+        ...
+
+
+class Access:
+    """Who may follow which scopes, at subscribe time and while subscribed."""
+
+    def __init__(self, policy: Policy, credentials: CredentialChecker) -> None:
+        self._policy = policy
+        self._credentials = credentials
+
+    async def authorize(self, principal: Principal, spec: Spec, prefix: str = "") -> None:
+        for i, (kind, name) in enumerate(spec.scopes):
+            await self._policy.authorize(
+                principal, name, Permission.READ, f"{prefix}scopes[{i}].{kind}"
+            )
+
+    async def recheck(self, principal: Principal, spec: Spec) -> None:
+        await self._credentials.verify_principal(principal)
+        try:
+            await self.authorize(principal, spec)
+        except (NotFound, PermissionDenied):
+            raise PermissionDenied("access to a subscribed scope was revoked") from None
+
+
+class Quotas:
+    """Live subscriptions per principal in this process."""
+
+    def __init__(self, per_principal: int) -> None:
+        self._per_principal = per_principal
+        self._counts: dict[str, int] = {}
+
+    def acquire(self, principal: Principal) -> None:
+        count = self._counts.get(principal.user_id, 0)
+        if count >= self._per_principal:
+            raise QuotaExceeded(
+                f"at most {self._per_principal} live event subscriptions per user",
+                subject=f"{principal.user_name}/eventSubscriptions",
+            )
+        self._counts[principal.user_id] = count + 1
+
+    def release(self, principal: Principal) -> None:
+        count = self._counts.get(principal.user_id, 0) - 1
+        if count > 0:
+            self._counts[principal.user_id] = count
+        else:
+            self._counts.pop(principal.user_id, None)
+
+
+class Subscription:
+    """One subscription's state: replay range, live queue, positions sent and acked."""
+
+    def __init__(
+        self,
+        bus: EventBus,
+        access: Access,
+        principal: Principal,
+        spec: Spec,
+        limits: Limits,
+        wake: Callable[[], None],
+    ) -> None:
+        self._bus = bus
+        self._access = access
+        self.principal = principal
+        self.spec = spec
+        self._limits = limits
+        self._wake = wake
+        self.keys = spec.keys
+        self.watches = spec.watches
+        self._key_set = frozenset(self.keys)
+        self._types = spec.types
+        self._queue: deque[Logged | _Recheck] = deque()
+        self._overflowed = False
+        self._attached = False
+        # Newest position queued or passed over: live pushes at or below it are ignored.
+        self._floor: Position = (0, 0)
+        # Newest position the client has been sent (events or heartbeat): where it resumes.
+        self.sent: Position = (0, 0)
+        self.acked: Position | None = None
+        self._replay_from: Position | None = None
+        self._replay_upto: Position = (0, 0)
+        self._next_check = time.monotonic() + limits.reauthorize_s
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Check the cursor, then attach and mark the hand-over point atomically."""
+        after = self.spec.after
+        if after is not None:
+            await self._bus.check_cursor(after)
+        # No await between these lines: the mark and the attach are one step.
+        mark = self._bus.head
+        self._bus.fanout.attach(self)
+        self._attached = True
+        if after is None or after >= mark:
+            # Live tail, or a cursor this process has not delivered yet (another
+            # replica got there first): everything after it arrives live.
+            start = mark if after is None else after
+            self.sent = self._floor = start
+        else:
+            self.sent = after
+            self._floor = mark
+            self._replay_from, self._replay_upto = after, mark
+
+    def close(self) -> None:
+        if self._attached:
+            self._bus.fanout.detach(self)
+            self._attached = False
+        self._queue.clear()
+
+    # -- fan-out side (synchronous, never blocks) ----------------------------------
+
+    def push(self, item: Logged) -> None:
+        if item.position <= self._floor:
+            return  # already queued through another of its scopes, or replayed
+        self._floor = item.position
+        if self._overflowed or (self._types and item.type not in self._types):
+            return
+        if len(self._queue) >= self._limits.buffer:
+            self._overflowed = True
+            self._queue.clear()
+        else:
+            self._queue.append(item)
+        self._wake()
+
+    def recheck(self) -> None:
+        if not self._overflowed:
+            self._queue.append(RECHECK)
+            self._wake()
+
+    # -- writer side -----------------------------------------------------------------
+
+    @property
+    def resume_cursor(self) -> str:
+        return format_cursor(self.acked if self.acked is not None else self.sent)
+
+    def ready(self) -> bool:
+        """Whether ``next_batch`` has work right now."""
+        return (
+            self._replay_from is not None
+            or bool(self._queue)
+            or self._overflowed
+            or time.monotonic() >= self._next_check
+        )
+
+    def seconds_to_recheck(self) -> float:
+        return max(0.0, self._next_check - time.monotonic())
+
+    async def next_batch(self) -> list[Logged]:
+        """The next events to send, oldest first; empty when there is nothing now.
+
+        Raises (a SwitchboardError) when the subscription must end.
+        """
+        if self._overflowed:
+            raise SubscriberTooSlow(
+                "the subscriber fell behind its buffer; resume from the cursor in metadata",
+                metadata={"resume_cursor": self.resume_cursor},
+            )
+        if time.monotonic() >= self._next_check:
+            await self._recheck()
+        if self._replay_from is not None:
+            batch = await self._replay()
+            if batch:
+                return batch
+        return await self._drain()
+
+    async def _recheck(self) -> None:
+        self._next_check = time.monotonic() + self._limits.reauthorize_s
+        await self._access.recheck(self.principal, self.spec)
+
+    async def _replay(self) -> list[Logged]:
+        keys, types = self._key_set, self._types
+        while self._replay_from is not None:
+            page = await self._bus.read(self._replay_from, self._replay_upto, REPLAY_PAGE)
+            if not page:
+                self._replay_from = None
+                break
+            self._replay_from = page[-1].position
+            matched = [
+                item
+                for item in page
+                if (item.user in keys or item.workspace in keys or item.conversation in keys)
+                and (not types or item.type in types)
+            ]
+            if matched:
+                matched = self._cap(matched)
+                self._replay_from = matched[-1].position
+                self.sent = matched[-1].position
+                return matched
+        return []
+
+    async def _drain(self) -> list[Logged]:
+        queue = self._queue
+        while queue and queue[0] is RECHECK:
+            queue.popleft()
+            await self._recheck()
+        batch: list[Logged] = []
+        size = 0
+        limit = self._limits.max_batch
+        while queue and len(batch) < limit:
+            head = queue[0]
+            if isinstance(head, _Recheck):
+                break  # send what came before the change first; re-check next time
+            size += len(head.item)
+            if batch and size > MAX_BATCH_BYTES:
+                break
+            queue.popleft()
+            batch.append(head)
+        if batch:
+            self.sent = batch[-1].position
+        return batch
+
+    def _cap(self, items: list[Logged]) -> list[Logged]:
+        out: list[Logged] = []
+        size = 0
+        for item in items[: self._limits.max_batch]:
+            size += len(item.item)
+            if out and size > MAX_BATCH_BYTES:
+                break
+            out.append(item)
+        return out
+
+    def caught_up_position(self) -> Position:
+        """Heartbeat position: with nothing queued or to replay, the subscriber has
+        seen everything this process delivered."""
+        if self._replay_from is None and not self._queue:
+            self.sent = max(self.sent, self._bus.head)
+        return self.sent
+
+    def caught_up(self) -> str:
+        return format_cursor(self.caught_up_position())
+
+    def ack(self, position: Position) -> bool:
+        """Record an acknowledgement; False if it acknowledges something never sent."""
+        if position > self.sent:
+            return False
+        if self.acked is None or position > self.acked:
+            self.acked = position
+        return True
+
+
+class Waker:
+    """An asyncio.Event with a cheap ``__call__`` for the fan-out."""
+
+    __slots__ = ("event",)
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+
+    def __call__(self) -> None:
+        self.event.set()
+
+    async def wait(self, timeout_s: float) -> bool:
+        """Wait until woken or ``timeout_s``; True if woken."""
+        if self.event.is_set():
+            self.event.clear()
+            return True
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.event.wait()
+        except TimeoutError:
+            return False
+        self.event.clear()
+        return True
