@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
+import tempfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from grpc import aio
@@ -14,13 +17,25 @@ from switchboard.platform.server import SwitchboardServer
 pytest_plugins = ["tests.infra.postgres", "tests.infra.redis"]
 
 
+# One directory per test run for the SQLite files of make_settings(). Files, not
+# ":memory:": an in-memory database lives in one connection, and a client that
+# cancels a call mid-query makes SQLAlchemy discard that connection (and with
+# it the whole database).
+_DATABASES = Path(tempfile.mkdtemp(prefix="switchboard-tests-"))
+_database_serial = itertools.count()
+
+
+def fresh_database_url() -> str:
+    return f"sqlite+aiosqlite:///{_DATABASES / f'test-{next(_database_serial)}.db'}"
+
+
 def make_settings(**overrides: object) -> Settings:
-    """Settings for tests: loopback, port 0, dev mode, a private in-memory database."""
+    """Settings for tests: loopback, port 0, dev mode, a private SQLite file."""
     values: dict[str, object] = {
         "host": "127.0.0.1",
         "port": 0,
         "dev_mode": True,
-        "database_url": "sqlite+aiosqlite://",
+        "database_url": fresh_database_url(),
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

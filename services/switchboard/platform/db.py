@@ -41,7 +41,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
+from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
 
 log = logging.getLogger(__name__)
 
@@ -235,11 +235,12 @@ def _sqlite_engine(url: URL, timeout_s: float) -> AsyncEngine:
         # Hand transaction control to SQLAlchemy (see the module docstring).
         "connect_args": {"isolation_level": None, "timeout": timeout_s},
     }
+    options["pool_timeout"] = timeout_s
     if memory:
-        # One connection, or every checkout would see its own empty database.
-        options["poolclass"] = StaticPool
-    else:
-        options["pool_timeout"] = timeout_s
+        # One connection, or every checkout would see its own empty database;
+        # a pool of exactly one (not StaticPool, which hands the same
+        # connection to concurrent users) makes concurrent sessions take turns.
+        options.update(poolclass=AsyncAdaptedQueuePool, pool_size=1, max_overflow=0)
     engine = create_async_engine(url, **options)
     busy_timeout_ms = max(1, round(timeout_s * 1000))
 
