@@ -29,6 +29,7 @@ from typing import Final, Protocol
 from switchboard.api.events.v1 import events_pb2
 from switchboard.platform.bus import EventBus
 from switchboard.platform.errors import (
+    DependencyUnavailable,
     FieldViolation,
     InvalidArgument,
     NotFound,
@@ -209,7 +210,8 @@ class Subscription:
         self._limits = limits
         self._wake = wake
         self.keys = spec.keys
-        self.watches = spec.watches
+        # The caller's own user too: revoking its session or key ends the subscription.
+        self.watches = tuple(dict.fromkeys((*spec.watches, principal.user_name)))
         self._key_set = frozenset(self.keys)
         self._types = spec.types
         self._queue: deque[Logged | _Recheck] = deque()
@@ -228,6 +230,9 @@ class Subscription:
 
     async def open(self) -> None:
         """Check the cursor, then attach and mark the hand-over point atomically."""
+        if not self._bus.ring.known:
+            # Started while Redis was away: where the live tail is is unknown.
+            raise DependencyUnavailable("the event log is not reachable yet; retry")
         after = self.spec.after
         if after is not None:
             await self._bus.check_cursor(after)

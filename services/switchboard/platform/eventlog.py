@@ -50,7 +50,7 @@ from typing import Any, Final, Literal, Protocol
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -66,7 +66,7 @@ Position = tuple[int, int]
 ORIGIN: Final[Position] = (0, 0)
 LogState = Literal["ok", "degraded"]
 
-_CURSOR_RE: Final = re.compile(r"^(\d{1,19})-(\d{1,19})$")
+_CURSOR_RE: Final = re.compile(r"^(\d{1,20})-(\d{1,20})$")
 _MAX_U64: Final = 2**64 - 1
 _REDIS_FAILURES: Final = (RedisError, OSError, TimeoutError)
 _DB_FAILURES: Final = (SQLAlchemyError, OSError, TimeoutError)
@@ -408,15 +408,59 @@ def _nowhere(items: Sequence[Logged]) -> None:
 # ---------------------------------------------------------------------------------
 # Scaled out: one Redis Stream is the log.
 
+# Shared by both scripts: drop every entry up to and including ``cut`` and
+# record it as the horizon (Redis's own trimming does not record what it
+# dropped: ``max-deleted-entry-id`` only follows XDEL).
+_TRIM_THROUGH: Final = """
+local function newer(a, b)
+  local ams, aseq = string.match(a, '(%d+)-(%d+)')
+  local bms, bseq = string.match(b, '(%d+)-(%d+)')
+  if tonumber(ams) ~= tonumber(bms) then return tonumber(ams) > tonumber(bms) end
+  return tonumber(aseq) > tonumber(bseq)
+end
+local function trim_through(stream, horizon_key, cut)
+  local ms, seq = string.match(cut, '(%d+)-(%d+)')
+  redis.call('XTRIM', stream, 'MINID', ms .. '-' .. (tonumber(seq) + 1))
+  local previous = redis.call('GET', horizon_key)
+  if (not previous) or newer(cut, previous) then
+    redis.call('SET', horizon_key, cut)
+  end
+end
+"""
+
 # Append once per event id: SET NX remembers the id for the dedupe window, and
 # only a first sighting is added. Atomic, so a retry racing the original cannot
-# slip between the check and the add.
-_APPEND_SCRIPT: Final = """
-if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[1]) then
-  return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'e', ARGV[3])
+# slip between the check and the add. Trimming by count happens here too, in
+# steps of ARGV[4] entries, so the horizon is always exact.
+# KEYS: stream, dedupe key, horizon key. ARGV: dedupe ms, retention, data, step.
+_APPEND_SCRIPT: Final = (
+    _TRIM_THROUGH
+    + """
+if not redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[1]) then
+  return false
 end
-return false
+local id = redis.call('XADD', KEYS[1], '*', 'e', ARGV[3])
+local excess = redis.call('XLEN', KEYS[1]) - tonumber(ARGV[2])
+if excess >= tonumber(ARGV[4]) then
+  local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', excess)
+  trim_through(KEYS[1], KEYS[3], oldest[#oldest][1])
+end
+return id
 """
+)
+
+# Trimming by age. KEYS: stream, horizon key. ARGV: the oldest id to keep.
+_AGE_TRIM_SCRIPT: Final = (
+    _TRIM_THROUGH
+    + """
+local expired = redis.call('XREVRANGE', KEYS[1], '(' .. ARGV[1], '-', 'COUNT', 1)
+if #expired == 0 then
+  return 0
+end
+trim_through(KEYS[1], KEYS[2], expired[1][1])
+return 1
+"""
+)
 
 
 def _entries(entries: Any) -> list[Logged]:
@@ -468,7 +512,6 @@ class RedisLog:
         forced: dict[str, Any] = {
             "socket_timeout": timeout_s,
             "socket_connect_timeout": timeout_s,
-            "retry_on_timeout": False,
             "retry": Retry(NoBackoff(), 0),
             "health_check_interval": 0,
             "decode_responses": False,
@@ -482,6 +525,10 @@ class RedisLog:
             )
         )
         self._append = self._client.register_script(_APPEND_SCRIPT)
+        self._age_trim = self._client.register_script(_AGE_TRIM_SCRIPT)
+        self._horizon_key = f"{key}:horizon"
+        # Trim in steps of about 1% of retention: one XRANGE + XTRIM per step.
+        self._trim_step = max(1, retention // 100)
 
     @property
     def state(self) -> LogState:
@@ -543,10 +590,11 @@ class RedisLog:
             event.cursor = format_cursor(_position(entry_id))
         return event
 
-    async def _append_one(self, event: events_pb2.Event) -> Any:
+    async def _append_one(self, event: events_pb2.Event, client: Any = None) -> Any:
         return await self._append(
-            keys=[self._key, f"{self._key}:id:{event.id}"],
-            args=[self._dedupe_ms, self._retention, event.SerializeToString()],
+            keys=[self._key, f"{self._key}:id:{event.id}", self._horizon_key],
+            args=[self._dedupe_ms, self._retention, event.SerializeToString(), self._trim_step],
+            client=client,
         )
 
     def _hold(self, event: events_pb2.Event) -> None:
@@ -566,11 +614,7 @@ class RedisLog:
                 async with asyncio.timeout(self._timeout_s * 4):
                     async with self._client.pipeline(transaction=False) as pipe:
                         for event in batch:
-                            await self._append(
-                                keys=[self._key, f"{self._key}:id:{event.id}"],
-                                args=[self._dedupe_ms, self._retention, event.SerializeToString()],
-                                client=pipe,
-                            )
+                            await self._append_one(event, client=pipe)
                         await pipe.execute()
             except _REDIS_FAILURES as exc:
                 self._mark_down(exc)
@@ -632,12 +676,8 @@ class RedisLog:
         return horizon
 
     async def _fetch_horizon(self) -> Position:
-        try:
-            info: Any = await self._client.xinfo_stream(self._key)
-        except ResponseError:  # no such key: nothing was ever trimmed
-            return ORIGIN
-        deleted = info.get(b"max-deleted-entry-id") or info.get("max-deleted-entry-id")
-        return _position(deleted) if deleted else ORIGIN
+        horizon: Any = await self._client.get(self._horizon_key)
+        return _position(horizon) if horizon else ORIGIN
 
     async def _trim_loop(self) -> None:
         while not self._closed:
@@ -645,7 +685,7 @@ class RedisLog:
             min_id = f"{int((time.time() - self._retention_s) * 1000)}-0"
             with contextlib.suppress(*_REDIS_FAILURES):
                 async with asyncio.timeout(self._timeout_s * 4):
-                    await self._client.xtrim(self._key, minid=min_id, approximate=True)
+                    await self._age_trim(keys=[self._key, self._horizon_key], args=[min_id])
 
     async def read(self, after: Position, upto: Position, limit: int) -> list[Logged]:
         try:

@@ -75,3 +75,12 @@ class MembershipStore:
                 )
             else:
                 row.role = role.name.lower()
+
+    async def remove_member(self, workspace_id: str, user_id: str) -> bool:
+        """Remove a membership; False if there was none."""
+        async with self._sessions.begin() as db:
+            row = await db.get(WorkspaceMemberRow, (workspace_id, user_id))
+            if row is None:
+                return False
+            await db.delete(row)
+            return True
