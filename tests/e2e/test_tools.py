@@ -124,6 +124,73 @@ def test_grpcurl_signs_up_and_calls_with_a_bearer_token(serve: ServeProcess) -> 
     assert "ERROR_REASON_UNAUTHENTICATED" in anonymous.stderr
 
 
+def test_grpcurl_lists_and_subscribes_to_events(serve: ServeProcess) -> None:
+    registered = run(
+        [
+            tool("grpcurl"),
+            "-plaintext",
+            "-d",
+            '{"email": "events@example.com", "password": "tracing the wire 123"}',
+            serve.address,
+            "switchboard.api.auth.v1.AuthService/Register",
+        ]
+    )
+    assert registered.returncode == 0, registered.stderr
+    body = json.loads(registered.stdout)
+    auth = f"authorization: Bearer {body['tokens']['access_token']}"
+    scope = json.dumps({"scopes": [{"user": body["user"]["name"]}]})
+    created = run(
+        [
+            tool("grpcurl"),
+            "-plaintext",
+            "-H",
+            auth,
+            "-d",
+            '{"display_name": "for events"}',
+            serve.address,
+            "switchboard.api.auth.v1.AuthService/CreateApiKey",
+        ]
+    )
+    assert created.returncode == 0, created.stderr
+    key_name = json.loads(created.stdout)["api_key"]["name"]
+    listed = run(
+        [
+            tool("grpcurl"),
+            "-plaintext",
+            "-H",
+            auth,
+            "-d",
+            scope,
+            serve.address,
+            "switchboard.api.events.v1.EventService/ListEvents",
+        ]
+    )
+    assert listed.returncode == 0, listed.stderr
+    events = json.loads(listed.stdout)["events"]
+    assert [e["security"].get("api_key") for e in events if e["type"] == "EVENT_TYPE_SECURITY"][
+        -1
+    ] == key_name
+    # A stream never ends by itself: -max-time bounds it, and what arrived is printed.
+    replay = json.dumps({**json.loads(scope), "after_cursor": events[0]["cursor"]})
+    streamed = run(
+        [
+            tool("grpcurl"),
+            "-plaintext",
+            "-max-time",
+            "3",
+            "-H",
+            auth,
+            "-d",
+            replay,
+            serve.address,
+            "switchboard.api.events.v1.EventService/Subscribe",
+        ]
+    )
+    assert "DeadlineExceeded" in streamed.stderr, streamed.stderr
+    assert '"heartbeat"' in streamed.stdout
+    assert key_name in streamed.stdout, "the replay includes the API key event"
+
+
 def test_grpcurl_health_check(serve: ServeProcess) -> None:
     done = run([tool("grpcurl"), "-plaintext", serve.address, "grpc.health.v1.Health/Check"])
     assert done.returncode == 0, done.stderr
