@@ -181,24 +181,26 @@ async def test_invalid_requests_name_their_fields(
 async def test_removed_member_stream_ends_permission_denied_before_later_events(
     mesh: SwitchboardServer, channel: aio.Channel
 ) -> None:
-    await member(mesh, "alpha", Role.OWNER)
+    _, owner_token = await member(mesh, "alpha", Role.OWNER)
     viewer_id, viewer_token = await member(mesh, "alpha", Role.VIEWER)
     sub = Subscriber(channel, viewer_token, scopes=[conv("alpha", "c1")])
     await sub.live()
+    owner = Subscriber(channel, owner_token, scopes=[ws("alpha")])
+    await owner.live()
     (visible,) = await publish(mesh, [workspace_event("alpha", "c1")])
     await sub.until(1)
     # What the context service does on RemoveWorkspaceMember: commit, then publish.
     assert await mesh.deps.memberships.remove_member("alpha", viewer_id)
-    await publish(
-        mesh,
-        [
-            workspace_event("alpha", kind=events_pb2.EVENT_TYPE_MEMBER_CHANGED),
-            workspace_event("alpha", "c1", note="after removal"),
-        ],
-    )
+    removed = workspace_event("alpha", kind=events_pb2.EVENT_TYPE_MEMBER_CHANGED)
+    removed.member_changed.change = events_pb2.CHANGE_KIND_DELETED
+    removed.member_changed.member.user = f"users/{viewer_id}"
+    await publish(mesh, [removed, workspace_event("alpha", "c1", note="after removal")])
     error = await sub.error()
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
     assert ids(sub.events) == [visible.id], "nothing after the removal is delivered"
+    # Someone else's removal does not disturb the owner's stream.
+    assert len(await owner.until(3)) == 3
+    owner.cancel()
 
 
 async def test_revoked_session_ends_its_streams(

@@ -120,6 +120,7 @@ class _Collector:
     def __init__(self, bus: EventBus, key: str = "workspaces/w") -> None:
         self.keys: tuple[str, ...] = (key,)
         self.watches: tuple[str, ...] = ()
+        self.owner = "users/collector"
         self.items: list[Logged] = []
         self._changed = asyncio.Event()
         bus.fanout.attach(self)

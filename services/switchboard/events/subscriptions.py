@@ -212,6 +212,7 @@ class Subscription:
         self.keys = spec.keys
         # The caller's own user too: revoking its session or key ends the subscription.
         self.watches = tuple(dict.fromkeys((*spec.watches, principal.user_name)))
+        self.owner = principal.user_name
         self._key_set = frozenset(self.keys)
         self._types = spec.types
         self._queue: deque[Logged | _Recheck] = deque()

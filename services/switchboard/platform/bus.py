@@ -35,8 +35,9 @@ log = logging.getLogger("switchboard.bus")
 
 Listener = Callable[[events_pb2.Event], None]
 
-_ACCESS_BY_WORKSPACE: Final = frozenset(
-    {events_pb2.EVENT_TYPE_MEMBER_CHANGED, events_pb2.EVENT_TYPE_WORKSPACE_CHANGED}
+# A renamed workspace changes nobody's access; a deleted one (or an unspecified change) may.
+_ACCESS_CHANGES: Final = frozenset(
+    {events_pb2.CHANGE_KIND_DELETED, events_pb2.CHANGE_KIND_UNSPECIFIED}
 )
 _ACCESS_SECURITY_KINDS: Final = frozenset(
     {
@@ -54,6 +55,8 @@ class Sink(Protocol):
     keys: tuple[str, ...]
     #: Workspaces and users whose access changes must make it re-check.
     watches: tuple[str, ...]
+    #: The user it acts for (``users/u``): a membership change of someone else passes it by.
+    owner: str
 
     def push(self, item: Logged) -> None:
         """Queue ``item`` (it matched one of ``keys``); must not block or raise."""
@@ -97,21 +100,29 @@ class Fanout:
                 if key and (sinks := by_key.get(key)):
                     for sink in sinks:
                         sink.push(item)
-            watched = self._watched(item)
+            watched, only = self._watched(item)
             if watched and (watchers := self._by_watch.get(watched)):
                 for sink in watchers:
-                    sink.recheck()
+                    if not only or sink.owner == only:
+                        sink.recheck()
 
     @staticmethod
-    def _watched(item: Logged) -> str:
-        if item.type in _ACCESS_BY_WORKSPACE:
-            return item.workspace
+    def _watched(item: Logged) -> tuple[str, str]:
+        """(the workspace or user whose watchers re-check, and only this user's, if set)."""
+        event = item.event
+        if item.type == events_pb2.EVENT_TYPE_MEMBER_CHANGED:
+            # Only the member concerned (all of them if the publisher did not say who).
+            return item.workspace, event.member_changed.member.user
+        if item.type == events_pb2.EVENT_TYPE_WORKSPACE_CHANGED:
+            if event.workspace_changed.change in _ACCESS_CHANGES:
+                return item.workspace, ""
+            return "", ""
         if (
             item.type == events_pb2.EVENT_TYPE_SECURITY
-            and item.event.security.kind in _ACCESS_SECURITY_KINDS
+            and event.security.kind in _ACCESS_SECURITY_KINDS
         ):
-            return item.user
-        return ""
+            return item.user, ""
+        return "", ""
 
 
 class EventBus:
