@@ -6,6 +6,11 @@ and one that comes back on the same address (restart). ``RedisServer`` runs a
 throwaway server on 127.0.0.1 with persistence off, in its own directory, and
 ``redis_server`` is the function-scoped fixture that always cleans it up.
 
+``durable=True`` (fixture ``durable_redis_server``) turns on the append-only
+file with ``appendfsync always``, as a deployment of the event log must: every
+write Redis acknowledged survives a SIGKILL, and ``restart`` reloads it from
+the same directory.
+
 The methods are synchronous so that sync and async tests can use them alike;
 ``start`` and ``restart`` block only until the server answers PING (tens of
 milliseconds).
@@ -98,10 +103,17 @@ def _server_pid(port: int, timeout_s: float) -> int | None:
 
 
 class RedisServer:
-    """One ``redis-server`` process on 127.0.0.1, no persistence, in its own directory."""
+    """One ``redis-server`` process on 127.0.0.1 in its own directory.
 
-    def __init__(self, executable: str, directory: Path | None = None) -> None:
+    Persistence is off unless ``durable``: then every acknowledged write is in
+    the append-only file (fsync per write) before Redis answers.
+    """
+
+    def __init__(
+        self, executable: str, directory: Path | None = None, *, durable: bool = False
+    ) -> None:
         self._executable = executable
+        self._durable = durable
         self._owns_directory = directory is None
         self._directory = (
             Path(tempfile.mkdtemp(prefix="redis-test-")) if directory is None else directory
@@ -218,8 +230,11 @@ class RedisServer:
             "127.0.0.1",
             "--save",
             "",
-            "--appendonly",
-            "no",
+            *(
+                ("--appendonly", "yes", "--appendfsync", "always")
+                if self._durable
+                else ("--appendonly", "no")
+            ),
             "--dir",
             str(self._directory),
             "--logfile",
@@ -281,13 +296,9 @@ class RedisServer:
             time.sleep(_POLL_INTERVAL_S)
 
 
-@pytest.fixture
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """A started, private ``redis-server``; stopped afterwards even if paused or killed.
-
-    A missing ``redis-server`` fails the test: skipping would silently drop the
-    failure-mode coverage these tests exist for.
-    """
+def _fixture_server(
+    tmp_path_factory: pytest.TempPathFactory, *, durable: bool
+) -> Iterator[RedisServer]:
     executable = find_redis_server()
     if executable is None:
         pytest.fail(
@@ -295,9 +306,26 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
             "/usr/bin/redis-server; install it (e.g. `apt-get install redis-server`).",
             pytrace=False,
         )
-    server = RedisServer(executable, tmp_path_factory.mktemp("redis"))
+    server = RedisServer(executable, tmp_path_factory.mktemp("redis"), durable=durable)
     server.start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A started, private ``redis-server``; stopped afterwards even if paused or killed.
+
+    A missing ``redis-server`` fails the test: skipping would silently drop the
+    failure-mode coverage these tests exist for.
+    """
+    yield from _fixture_server(tmp_path_factory, durable=False)
+
+
+@pytest.fixture
+def durable_redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """Like ``redis_server``, with the append-only file on (``appendfsync always``):
+    what Redis acknowledged survives ``kill`` and is back after ``restart``."""
+    yield from _fixture_server(tmp_path_factory, durable=True)

@@ -61,11 +61,15 @@ class _Call:
     than everything else here together.
     """
 
-    __slots__ = ("code", "context", "method", "request_id", "start", "tokens")
+    __slots__ = ("code", "context", "method", "peer", "request_id", "start", "tokens")
 
     def __init__(self, method: str, context: aio.ServicerContext[Any, Any]) -> None:
         self.method = method
         self.context = context
+        # Read now, not in end(): after a client cancels, the transport frees the
+        # peer string and context.peer() reads freed memory (the process can die
+        # with SIGSEGV; grpc/grpc#29069).
+        self.peer = context.peer()
         self.request_id = _request_id(context)
         self.code = grpc.StatusCode.OK
         self.start = time.perf_counter()
@@ -97,7 +101,7 @@ class _Call:
                 extra={
                     "code": self.code.name,
                     "duration_ms": round((time.perf_counter() - self.start) * 1000, 3),
-                    "peer": self.context.peer(),
+                    "peer": self.peer,
                 },
             )
         request_id_var.reset(self.tokens[0])
