@@ -5,6 +5,9 @@
 Each server variant runs in its own process and the load in another, both on
 loopback. On a two-core machine the client and the server share the cores, so
 figures compare variants in one run; they are not absolute capacity.
+
+The event delivery section comes from ``bench/events.py`` (about 4 minutes;
+``--no-events`` skips it).
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-events", action="store_true", help="skip bench/events.py")
     args = parser.parse_args()
     # Cases are interleaved round by round and the median round is reported, so
     # drift on a shared machine hits every case alike.
@@ -188,6 +192,16 @@ def main() -> int:
         "Budgets: health p99 under 50 ms while logins run; at least 25 logins/s on 2 cores.",
         "",
     ]
+    if not args.no_events:
+        # Progress goes to stderr as it runs; stdout is one JSON line with the section.
+        events = subprocess.run(
+            [sys.executable, str(HERE / "events.py"), "--json"],
+            stdout=subprocess.PIPE,
+            text=True,
+            check=True,
+            timeout=900,
+        )
+        lines += [json.loads(events.stdout)["markdown"], ""]
     (ROOT / "BENCHMARKS.md").write_text("\n".join(lines))
     print(f"wrote {ROOT / 'BENCHMARKS.md'}")
     return 0

@@ -17,7 +17,7 @@ from switchboard.mesh import create_server
 from switchboard.platform.config import ConfigError, Settings, load_settings
 from switchboard.platform.db import open_database
 from switchboard.platform.logging import configure_logging
-from switchboard.platform.server import BindError
+from switchboard.platform.server import BindError, tune_gc
 
 log = logging.getLogger("switchboard.cli")
 
@@ -95,6 +95,7 @@ async def _serve(settings: Settings) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
+    tune_gc(settings)
     await server.start()
     await stop.wait()
     await server.shutdown()

@@ -17,20 +17,17 @@ plenty for tests on a small machine). Envoy runs as root without complaint.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Final
 
 import httpx
 import pytest
 
-from tests.e2e.procs import ROOT, tool
+from tests.e2e.procs import ROOT, ManagedProcess, tool
 
 RENDER: Final = ROOT / "deploy" / "envoy" / "render.py"
 START_TIMEOUT_S: Final = 30.0
@@ -44,16 +41,15 @@ def envoy_binary() -> str:
     return str(beside) if beside.is_file() else tool("envoy")
 
 
-class EnvoyProcess:
+class EnvoyProcess(ManagedProcess):
     """Envoy proxying grpc-web on a free loopback port to ``upstream`` (HOST:PORT)."""
 
     def __init__(self, upstream: str, *, allow_origins: tuple[str, ...] = ()) -> None:
         self.upstream = upstream
         self.allow_origins = allow_origins
-        self._tmp = tempfile.TemporaryDirectory(prefix="switchboard-envoy-")
+        super().__init__("switchboard-envoy-")
         self.config = Path(self._tmp.name) / "envoy.yaml"
         self._admin_file = Path(self._tmp.name) / "admin-address"
-        self.proc: subprocess.Popen[str] | None = None
         self.log: list[str] = []
         self._new_line = threading.Event()
         self.admin_url = ""
@@ -153,21 +149,7 @@ class EnvoyProcess:
 
     def terminate(self, timeout: float = STOP_TIMEOUT_S) -> int:
         """SIGTERM and wait: Envoy drains nothing on SIGTERM and exits 0 at once."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=timeout)
+        return super().terminate(timeout)
 
     def __enter__(self) -> EnvoyProcess:
         return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=STOP_TIMEOUT_S)
-        self._tmp.cleanup()

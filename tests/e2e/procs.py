@@ -33,7 +33,35 @@ def tool(name: str) -> str:
     pytest.fail(f"{name} is not installed; run `make tools` (the test command does this)")
 
 
-class ServeProcess:
+class ManagedProcess:
+    """A child process with a private temporary directory: SIGTERM to stop it
+    politely, and a kill plus cleanup on context exit whatever happened."""
+
+    STOP_TIMEOUT_S = 10.0
+
+    def __init__(self, prefix: str) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix=prefix)
+        self.proc: subprocess.Popen[str] | None = None
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=self.STOP_TIMEOUT_S)
+        self._tmp.cleanup()
+
+
+class ServeProcess(ManagedProcess):
     """`switchboard serve --port 0` in a subprocess; the bound port comes from its log."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
@@ -41,7 +69,7 @@ class ServeProcess:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
         # Unless a test shares a database on purpose, each process gets its own
         # (never the default file in the working directory).
-        self._tmp = tempfile.TemporaryDirectory(prefix="switchboard-e2e-")
+        super().__init__("switchboard-e2e-")
         full_env["SWITCHBOARD_DATABASE_URL"] = (
             f"sqlite+aiosqlite:///{self._tmp.name}/switchboard.db"
         )
@@ -49,7 +77,6 @@ class ServeProcess:
         self.env = full_env
         self.lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.log: list[dict[str, Any]] = []
-        self.proc: subprocess.Popen[str] | None = None
         self.port = 0
 
     def start(self) -> ServeProcess:
@@ -93,25 +120,8 @@ class ServeProcess:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def terminate(self, timeout: float = 30.0) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=timeout)
-
     def __enter__(self) -> ServeProcess:
         return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        self._tmp.cleanup()
 
 
 def run(cmd: list[str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:

@@ -19,6 +19,7 @@ This module does not import grpc: the servicer turns batches into frames.
 from __future__ import annotations
 
 import asyncio
+import random
 import re
 import time
 from collections import deque
@@ -225,7 +226,7 @@ class Subscription:
         self.acked: Position | None = None
         self._replay_from: Position | None = None
         self._replay_upto: Position = (0, 0)
-        self._next_check = time.monotonic() + limits.reauthorize_s
+        self._next_check = time.monotonic() + self._check_interval()
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -306,16 +307,29 @@ class Subscription:
                 metadata={"resume_cursor": self.resume_cursor},
             )
         if time.monotonic() >= self._next_check:
-            await self._recheck()
+            await self._recheck(periodic=True)
         if self._replay_from is not None:
             batch = await self._replay()
             if batch:
                 return batch
         return await self._drain()
 
-    async def _recheck(self) -> None:
-        self._next_check = time.monotonic() + self._limits.reauthorize_s
-        await self._access.recheck(self.principal, self.spec)
+    def _check_interval(self) -> float:
+        # Jittered, so subscriptions opened together (after a restart) do not
+        # all re-check in the same instant.
+        return self._limits.reauthorize_s * random.uniform(0.8, 1.2)  # noqa: S311 - not security
+
+    async def _recheck(self, *, periodic: bool = False) -> None:
+        self._next_check = time.monotonic() + self._check_interval()
+        try:
+            await self._access.recheck(self.principal, self.spec)
+        except DependencyUnavailable:
+            if not periodic:
+                # Triggered by an access change that cannot be confirmed: fail
+                # closed; the client resumes (and is authorized afresh).
+                raise
+            # Nothing says access changed: keep going, and try again soon.
+            self._next_check = time.monotonic() + min(5.0, self._limits.reauthorize_s)
 
     async def _replay(self) -> list[Logged]:
         keys, types = self._key_set, self._types

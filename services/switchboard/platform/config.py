@@ -176,6 +176,12 @@ class Settings(BaseSettings):
     max_connection_age_s: float = Field(default=0.0, ge=0, description="0 disables.")
     max_connection_age_grace_s: float = Field(default=30.0, ge=0)
 
+    # The interpreter.
+    gc_threshold: Annotated[tuple[int, int, int], NoDecode] = Field(
+        default=(100_000, 50, 1_000),
+        description="Cyclic GC thresholds (gen0,gen1,gen2); CPython's are 700,10,10.",
+    )
+
     # Shutdown.
     shutdown_grace_s: float = Field(
         default=10.0, ge=0, description="How long in-flight calls may finish after SIGTERM."
@@ -191,6 +197,20 @@ class Settings(BaseSettings):
     def _split_csv(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("gc_threshold", mode="before")
+    @classmethod
+    def _split_ints(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(","))
+        return value
+
+    @field_validator("gc_threshold")
+    @classmethod
+    def _valid_thresholds(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(n < 0 for n in value) or value[0] == 0:
+            raise ValueError("three non-negative integers, the first above 0 (0 disables GC)")
         return value
 
     @field_validator("services")

@@ -83,6 +83,22 @@ _BACKOFF_MIN_S: Final = 0.05
 _BACKOFF_MAX_S: Final = 1.0
 
 
+class Backoff:
+    """Exponential retry delay for background loops that wait out an outage."""
+
+    def __init__(self, low_s: float = _BACKOFF_MIN_S, high_s: float = _BACKOFF_MAX_S) -> None:
+        self._low_s = low_s
+        self._high_s = high_s
+        self._next_s = low_s
+
+    async def wait(self) -> None:
+        await asyncio.sleep(self._next_s)  # retry backoff, not synchronization
+        self._next_s = min(self._next_s * 2, self._high_s)
+
+    def reset(self) -> None:
+        self._next_s = self._low_s
+
+
 def format_cursor(position: Position) -> str:
     return f"{position[0]}-{position[1]}"
 
@@ -607,7 +623,7 @@ class RedisLog:
             self._flusher = asyncio.create_task(self._flush_loop(), name="eventlog-flush")
 
     async def _flush_loop(self) -> None:
-        backoff = _BACKOFF_MIN_S
+        backoff = Backoff()
         while self._outbox and not self._closed:
             batch = [self._outbox[i] for i in range(min(len(self._outbox), _REDIS_PAGE // 10))]
             try:
@@ -618,10 +634,9 @@ class RedisLog:
                         await pipe.execute()
             except _REDIS_FAILURES as exc:
                 self._mark_down(exc)
-                await asyncio.sleep(backoff)  # retry backoff, not synchronization
-                backoff = min(backoff * 2, _BACKOFF_MAX_S)
+                await backoff.wait()
                 continue
-            backoff = _BACKOFF_MIN_S
+            backoff.reset()
             for _ in batch:
                 self._outbox.popleft()
             log.info("event outbox flushed", extra={"events": len(batch)})
@@ -631,7 +646,7 @@ class RedisLog:
     # -- reading -----------------------------------------------------------------
 
     async def _read_loop(self) -> None:
-        backoff = _BACKOFF_MIN_S
+        backoff = Backoff()
         while not self._closed:
             try:
                 last_id = self._last_id
@@ -648,10 +663,9 @@ class RedisLog:
                     )
             except _REDIS_FAILURES as exc:
                 self._mark_down(exc)
-                await asyncio.sleep(backoff)  # reconnect backoff, not synchronization
-                backoff = min(backoff * 2, _BACKOFF_MAX_S)
+                await backoff.wait()
                 continue
-            backoff = _BACKOFF_MIN_S
+            backoff.reset()
             if not self._outbox:
                 self._mark_up()
             for _key, entries in reply or ():

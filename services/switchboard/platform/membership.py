@@ -9,12 +9,17 @@ changes (a member removed) must apply to the very next call.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 
 from switchboard.platform.db import Database
+from switchboard.platform.errors import DependencyUnavailable
 from switchboard.platform.models import WorkspaceMemberRow, WorkspaceRow
 from switchboard.platform.policy import Role
+
+log = logging.getLogger("switchboard.membership")
 
 
 class MembershipStore:
@@ -23,18 +28,23 @@ class MembershipStore:
         self._readers = database.readers
 
     async def role_of(self, workspace_id: str, user_id: str) -> Role | None:
-        async with self._readers() as db:
-            role = (
-                await db.execute(
-                    select(WorkspaceMemberRow.role)
-                    .join(WorkspaceRow, WorkspaceRow.id == WorkspaceMemberRow.workspace_id)
-                    .where(
-                        WorkspaceMemberRow.workspace_id == workspace_id,
-                        WorkspaceMemberRow.user_id == user_id,
-                        WorkspaceRow.deleted_at.is_(None),
+        try:
+            async with self._readers() as db:
+                role = (
+                    await db.execute(
+                        select(WorkspaceMemberRow.role)
+                        .join(WorkspaceRow, WorkspaceRow.id == WorkspaceMemberRow.workspace_id)
+                        .where(
+                            WorkspaceMemberRow.workspace_id == workspace_id,
+                            WorkspaceMemberRow.user_id == user_id,
+                            WorkspaceRow.deleted_at.is_(None),
+                        )
                     )
-                )
-            ).scalar_one_or_none()
+                ).scalar_one_or_none()
+        except (SQLAlchemyError, OSError, TimeoutError):
+            # A pool or database timeout is an outage, not a bug: UNAVAILABLE, retryable.
+            log.warning("membership lookup failed", exc_info=True)
+            raise DependencyUnavailable("the access check is unavailable; retry") from None
         return Role[role.upper()] if role is not None else None
 
     async def create_workspace(self, workspace_id: str, display_name: str, owner_id: str) -> None:

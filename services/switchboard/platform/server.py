@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -154,6 +155,20 @@ class SwitchboardServer:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+def tune_gc(settings: Settings) -> None:
+    """Freeze what start-up allocated and apply the configured GC thresholds.
+
+    Every open stream keeps a few dozen long-lived objects, so with CPython's
+    defaults a process holding thousands of subscribers spends a large share
+    of its CPU in collections and pauses for hundreds of milliseconds
+    (BENCHMARKS.md, "What the server's garbage collector costs"). Frozen
+    objects are never scanned again; higher thresholds make collections rare.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*settings.gc_threshold)
 
 
 def _status(serving: bool) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:

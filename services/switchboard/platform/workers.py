@@ -33,7 +33,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from switchboard.platform.cache import redis_options
-from switchboard.platform.eventlog import Logged, parse_cursor
+from switchboard.platform.eventlog import Backoff, Logged, parse_cursor
 
 log = logging.getLogger("switchboard.workers")
 
@@ -42,8 +42,6 @@ Handler = Callable[[Logged], Awaitable[None]]
 _REDIS_FAILURES: Final = (RedisError, OSError, TimeoutError)
 _BATCH: Final = 100
 _BLOCK_S: Final = 1.0
-_BACKOFF_MIN_S: Final = 0.05
-_BACKOFF_MAX_S: Final = 1.0
 
 
 class StreamWorker:
@@ -89,7 +87,7 @@ class StreamWorker:
         self._task = asyncio.create_task(self.run(), name=f"worker-{self._group}-{self._consumer}")
 
     async def run(self) -> None:
-        backoff = _BACKOFF_MIN_S
+        backoff = Backoff()
         while not self._closed:
             try:
                 await self._ensure_group()
@@ -110,10 +108,9 @@ class StreamWorker:
                     "stream worker cannot reach Redis; backing off",
                     extra={"group": self._group, "error": type(exc).__name__},
                 )
-                await asyncio.sleep(backoff)  # reconnect backoff, not synchronization
-                backoff = min(backoff * 2, _BACKOFF_MAX_S)
+                await backoff.wait()
                 continue
-            backoff = _BACKOFF_MIN_S
+            backoff.reset()
 
     async def _ensure_group(self) -> None:
         try:
