@@ -25,21 +25,25 @@ export const PROTO_DIRS = [
 const CONVERSION = { longs: String, enums: String, defaults: true, oneofs: true };
 
 const packageDefinition = protoLoader.loadSync(
-  ['switchboard/api/auth/v1/auth.proto', 'grpc/health/v1/health.proto'],
+  [
+    'switchboard/api/auth/v1/auth.proto',
+    'switchboard/api/events/v1/events.proto',
+    'grpc/health/v1/health.proto',
+  ],
   { keepCase: false, ...CONVERSION, includeDirs: PROTO_DIRS },
 );
 const loaded = grpc.loadPackageDefinition(packageDefinition);
 
 /**
- * Creates AuthService and Health clients for `address` ("host:port") that
- * share one channel. Call close() when done.
+ * Creates AuthService, EventService and Health clients for `address`
+ * ("host:port") that share one channel. Call close() when done.
  */
 export function createClients(address, credentials = grpc.credentials.createInsecure()) {
   const auth = new loaded.switchboard.api.auth.v1.AuthService(address, credentials);
-  const health = new loaded.grpc.health.v1.Health(address, credentials, {
-    channelOverride: auth.getChannel(),
-  });
-  return { auth, health, close: () => auth.close() };
+  const shared = { channelOverride: auth.getChannel() };
+  const health = new loaded.grpc.health.v1.Health(address, credentials, shared);
+  const events = new loaded.switchboard.api.events.v1.EventService(address, credentials, shared);
+  return { auth, events, health, close: () => auth.close() };
 }
 
 // proto-loader builds gRPC method definitions only, not standalone message

@@ -237,3 +237,24 @@ def test_node_client_calls_health_and_an_rpc(serve: ServeProcess) -> None:
     assert anonymous["errorInfo"]["reason"] == "ERROR_REASON_UNAUTHENTICATED"
     assert anonymous["errorInfo"]["domain"] == "switchboard.dev"
     assert len(anonymous["errorInfo"]["metadata"]["request_id"]) == 32
+
+
+def test_node_client_follows_and_resumes_an_event_stream(serve: ServeProcess) -> None:
+    node_dir = ROOT / "clients" / "node"
+    if not (node_dir / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        pytest.fail("Node client dependencies missing; run `make tools`")
+    done = run([tool("node"), str(node_dir / "events.mjs"), serve.address])
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    event = result["event"]
+    assert event["type"] == "EVENT_TYPE_SECURITY"
+    assert event["kind"] == "SECURITY_EVENT_KIND_API_KEY_CREATED"
+    assert event["apiKey"] == result["apiKey"]
+    assert _position(event["cursor"]) > _position(result["liveFrom"])
+    assert result["replayedId"] == event["id"]
+    assert result["replayedFirstFrame"] == "heartbeat"
+
+
+def _position(cursor: str) -> tuple[int, int]:
+    major, _, minor = cursor.partition("-")
+    return int(major), int(minor)
