@@ -151,17 +151,42 @@ def _url_options(url: str, forced: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
-def redis_options(url: str, forced: dict[str, Any]) -> dict[str, Any]:
-    """``_url_options`` for other modules that open their own Redis connections."""
+def bounded_options(
+    url: str, *, timeout_s: float, socket_timeout_s: float | None = None, **extra: Any
+) -> dict[str, Any]:
+    """Connection settings from ``url`` with every command bounded, ``extra`` on top.
+
+    ``retry=Retry(NoBackoff(), 0)``: redis-py 6+ retries 10 times with backoff
+    by default, which would multiply every bound. ``socket_timeout_s`` is for
+    connections that block server-side (``XREAD BLOCK``) longer than a command.
+    """
+    forced: dict[str, Any] = {
+        "socket_timeout": timeout_s if socket_timeout_s is None else socket_timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "retry": Retry(NoBackoff(), 0),
+        "health_check_interval": 0,
+        **extra,
+    }
     return _url_options(url, forced)
 
 
+def binary_client(
+    url: str, *, timeout_s: float, max_connections: int, socket_timeout_s: float | None = None
+) -> Redis:
+    """A bounded client for binary payloads (stream entries): bytes replies over RESP2."""
+    return Redis(
+        **bounded_options(
+            url,
+            timeout_s=timeout_s,
+            socket_timeout_s=socket_timeout_s,
+            decode_responses=False,
+            protocol=2,
+            max_connections=max_connections,
+        )
+    )
+
+
 def redacted_url(url: str) -> str:
-    """A Redis URL without credentials, for logs."""
-    return _redacted(url)
-
-
-def _redacted(url: str) -> str:
     """The URL without credentials, for logs."""
     parts = urlsplit(url)
     host = parts.hostname or ""
@@ -193,7 +218,7 @@ class Cache:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
         self._url = redis_url
-        self._target = _redacted(redis_url) if redis_url else "memory"
+        self._target = redacted_url(redis_url) if redis_url else "memory"
         self._timeout_s = timeout_s
         self._lease_s = lease_s
         self._interval_s = lease_s / 4
@@ -229,29 +254,16 @@ class Cache:
         self._started = True
         if not self._url:
             return
-        # retry=Retry(NoBackoff(), 0): redis-py 6+ retries 10 times with
-        # backoff by default, which would multiply every bound below.
-        forced: dict[str, Any] = {
-            "socket_timeout": self._timeout_s,
-            "socket_connect_timeout": self._timeout_s,
-            "retry_on_timeout": False,
-            "retry": Retry(NoBackoff(), 0),
-            "health_check_interval": 0,
-            "decode_responses": True,
-        }
+        options = bounded_options(self._url, timeout_s=self._timeout_s, decode_responses=True)
         pool = BlockingConnectionPool(
-            max_connections=self._max_connections,
-            timeout=self._timeout_s,
-            **_url_options(self._url, forced),
+            max_connections=self._max_connections, timeout=self._timeout_s, **options
         )
         self._client = Redis.from_pool(pool)
         if self._subscriptions:
             # Only used to turn the URL into connection settings: the subscriber
             # makes and owns its connections. RESP2 keeps pub/sub replies plain
             # arrays whatever the URL asks for.
-            self._sub_pool = ConnectionPool(
-                max_connections=1, **_url_options(self._url, {**forced, "protocol": 2})
-            )
+            self._sub_pool = ConnectionPool(max_connections=1, **{**options, "protocol": 2})
         await self._probe()
         self._tasks.append(asyncio.create_task(self._probe_loop(), name="cache-probe"))
         if self._sub_pool is not None:

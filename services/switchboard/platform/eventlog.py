@@ -47,15 +47,12 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Final, Literal, Protocol
 
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from switchboard.api.events.v1 import events_pb2
-from switchboard.platform.cache import redacted_url, redis_options
+from switchboard.platform.cache import binary_client, redacted_url
 from switchboard.platform.db import Database
 from switchboard.platform.errors import DependencyUnavailable
 from switchboard.platform.models import EventLogRow, EventLogStateRow
@@ -505,7 +502,6 @@ class RedisLog:
         outbox_limit: int,
         dedupe_window_s: int,
     ) -> None:
-        self._url = redis_url
         self._target = redacted_url(redis_url)
         self._key = key
         self._timeout_s = timeout_s
@@ -525,20 +521,10 @@ class RedisLog:
         self._tasks: list[asyncio.Task[None]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._closed = False
-        forced: dict[str, Any] = {
-            "socket_timeout": timeout_s,
-            "socket_connect_timeout": timeout_s,
-            "retry": Retry(NoBackoff(), 0),
-            "health_check_interval": 0,
-            "decode_responses": False,
-            "protocol": 2,
-        }
-        self._client = Redis(**redis_options(redis_url, {**forced, "max_connections": 32}))
+        self._client = binary_client(redis_url, timeout_s=timeout_s, max_connections=32)
         # XREAD BLOCK holds its connection; its socket may wait for the block too.
-        self._reader_client = Redis(
-            **redis_options(
-                redis_url, {**forced, "socket_timeout": _BLOCK_S + timeout_s, "max_connections": 1}
-            )
+        self._reader_client = binary_client(
+            redis_url, timeout_s=timeout_s, max_connections=1, socket_timeout_s=_BLOCK_S + timeout_s
         )
         self._append = self._client.register_script(_APPEND_SCRIPT)
         self._age_trim = self._client.register_script(_AGE_TRIM_SCRIPT)
@@ -549,10 +535,6 @@ class RedisLog:
     @property
     def state(self) -> LogState:
         return "degraded" if self._down_since is not None else "ok"
-
-    @property
-    def outbox_size(self) -> int:
-        return len(self._outbox)
 
     def on_state_change(self, callback: Callable[[LogState], None]) -> None:
         self._callbacks.append(callback)

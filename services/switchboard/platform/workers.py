@@ -27,12 +27,9 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
-from switchboard.platform.cache import redis_options
+from switchboard.platform.cache import binary_client
 from switchboard.platform.eventlog import Backoff, Logged, parse_cursor
 
 log = logging.getLogger("switchboard.workers")
@@ -70,16 +67,9 @@ class StreamWorker:
         self._start = start
         self._closed = False
         self._task: asyncio.Task[None] | None = None
-        forced: dict[str, Any] = {
-            "socket_timeout": _BLOCK_S + timeout_s,
-            "socket_connect_timeout": timeout_s,
-            "retry": Retry(NoBackoff(), 0),
-            "health_check_interval": 0,
-            "decode_responses": False,
-            "protocol": 2,
-            "max_connections": 2,
-        }
-        self._client = Redis(**redis_options(redis_url, forced))
+        self._client = binary_client(
+            redis_url, timeout_s=timeout_s, max_connections=2, socket_timeout_s=_BLOCK_S + timeout_s
+        )
         self.handled = 0
 
     def start(self) -> None:
