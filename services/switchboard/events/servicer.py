@@ -29,6 +29,7 @@ from switchboard.events.subscriptions import (
     Spec,
     Subscription,
     Waker,
+    matches,
     parse_spec,
 )
 from switchboard.platform.authn import current_principal
@@ -197,9 +198,7 @@ class EventServiceServicer:
             for item in page:
                 scanned += 1
                 position = item.position
-                if (item.user in keys or item.workspace in keys or item.conversation in keys) and (
-                    not spec.types or item.type in spec.types
-                ):
+                if matches(item, keys, spec.types):
                     events.append(item.event)
                     if len(events) == page_size:
                         break

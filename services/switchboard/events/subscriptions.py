@@ -19,11 +19,12 @@ This module does not import grpc: the servicer turns batches into frames.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -60,6 +61,20 @@ class _Recheck:
 
 
 RECHECK: Final = _Recheck()
+
+
+def _until_recheck(queue: Iterable[Logged | _Recheck]) -> Iterator[Logged]:
+    for entry in queue:
+        if isinstance(entry, _Recheck):
+            return
+        yield entry
+
+
+def matches(item: Logged, keys: frozenset[str], types: frozenset[int]) -> bool:
+    """Whether ``item`` is in one of the scopes ``keys`` and of one of ``types`` (any if empty)."""
+    return (item.user in keys or item.workspace in keys or item.conversation in keys) and (
+        not types or item.type in types
+    )
 
 
 @dataclass(frozen=True)
@@ -339,14 +354,8 @@ class Subscription:
                 self._replay_from = None
                 break
             self._replay_from = page[-1].position
-            matched = [
-                item
-                for item in page
-                if (item.user in keys or item.workspace in keys or item.conversation in keys)
-                and (not types or item.type in types)
-            ]
+            matched = self._fill(item for item in page if matches(item, keys, types))
             if matched:
-                matched = self._cap(matched)
                 self._replay_from = matched[-1].position
                 self.sent = matched[-1].position
                 return matched
@@ -357,31 +366,24 @@ class Subscription:
         while queue and queue[0] is RECHECK:
             queue.popleft()
             await self._recheck()
-        batch: list[Logged] = []
-        size = 0
-        limit = self._limits.max_batch
-        while queue and len(batch) < limit:
-            head = queue[0]
-            if isinstance(head, _Recheck):
-                break  # send what came before the change first; re-check next time
-            size += len(head.item)
-            if batch and size > MAX_BATCH_BYTES:
-                break
+        # Up to the next re-check marker: what came before a change is sent first.
+        batch = self._fill(_until_recheck(queue))
+        for _ in batch:
             queue.popleft()
-            batch.append(head)
         if batch:
             self.sent = batch[-1].position
         return batch
 
-    def _cap(self, items: list[Logged]) -> list[Logged]:
-        out: list[Logged] = []
+    def _fill(self, candidates: Iterable[Logged]) -> list[Logged]:
+        """The first candidates that fit one message: ``max_batch`` events, MAX_BATCH_BYTES."""
+        batch: list[Logged] = []
         size = 0
-        for item in items[: self._limits.max_batch]:
+        for item in itertools.islice(candidates, self._limits.max_batch):
             size += len(item.item)
-            if out and size > MAX_BATCH_BYTES:
+            if batch and size > MAX_BATCH_BYTES:
                 break
-            out.append(item)
-        return out
+            batch.append(item)
+        return batch
 
     def caught_up_position(self) -> Position:
         """Heartbeat position: with nothing queued or to replay, the subscriber has
