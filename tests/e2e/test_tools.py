@@ -4,6 +4,7 @@ Node.js client with stubs loaded from the same protos."""
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Iterator
 
 import pytest
@@ -87,83 +88,59 @@ def test_grpcurl_sees_rich_error_details(serve: ServeProcess) -> None:
     assert "ERROR_REASON_INVALID_ARGUMENT" in done.stderr
 
 
+def _grpcurl(
+    serve: ServeProcess,
+    method: str,
+    data: str | None = None,
+    *,
+    access: str = "",
+    options: tuple[str, ...] = (),
+) -> subprocess.CompletedProcess[str]:
+    """grpcurl -plaintext against ``serve``, with an optional body and bearer token."""
+    command = [tool("grpcurl"), "-plaintext", *options]
+    if access:
+        command += ["-H", f"authorization: Bearer {access}"]
+    if data is not None:
+        command += ["-d", data]
+    return run([*command, serve.address, method])
+
+
 def test_grpcurl_signs_up_and_calls_with_a_bearer_token(serve: ServeProcess) -> None:
-    registered = run(
-        [
-            tool("grpcurl"),
-            "-plaintext",
-            "-d",
-            '{"email": "curl@example.com", "password": "tracing the wire 123"}',
-            serve.address,
-            "switchboard.api.auth.v1.AuthService/Register",
-        ]
+    registered = _grpcurl(
+        serve,
+        "switchboard.api.auth.v1.AuthService/Register",
+        '{"email": "curl@example.com", "password": "tracing the wire 123"}',
     )
     assert registered.returncode == 0, registered.stderr
     access = json.loads(registered.stdout)["tokens"]["access_token"]
-    me = run(
-        [
-            tool("grpcurl"),
-            "-plaintext",
-            "-H",
-            f"authorization: Bearer {access}",
-            serve.address,
-            "switchboard.api.auth.v1.AuthService/GetPrincipal",
-        ]
-    )
+    me = _grpcurl(serve, "switchboard.api.auth.v1.AuthService/GetPrincipal", access=access)
     assert me.returncode == 0, me.stderr
     assert json.loads(me.stdout)["user"]["email"] == "curl@example.com"
-    anonymous = run(
-        [
-            tool("grpcurl"),
-            "-plaintext",
-            serve.address,
-            "switchboard.api.auth.v1.AuthService/GetPrincipal",
-        ]
-    )
+    anonymous = _grpcurl(serve, "switchboard.api.auth.v1.AuthService/GetPrincipal")
     assert "Code: Unauthenticated" in anonymous.stderr
     assert "ERROR_REASON_UNAUTHENTICATED" in anonymous.stderr
 
 
 def test_grpcurl_lists_and_subscribes_to_events(serve: ServeProcess) -> None:
-    registered = run(
-        [
-            tool("grpcurl"),
-            "-plaintext",
-            "-d",
-            '{"email": "events@example.com", "password": "tracing the wire 123"}',
-            serve.address,
-            "switchboard.api.auth.v1.AuthService/Register",
-        ]
+    registered = _grpcurl(
+        serve,
+        "switchboard.api.auth.v1.AuthService/Register",
+        '{"email": "events@example.com", "password": "tracing the wire 123"}',
     )
     assert registered.returncode == 0, registered.stderr
     body = json.loads(registered.stdout)
-    auth = f"authorization: Bearer {body['tokens']['access_token']}"
+    access = body["tokens"]["access_token"]
     scope = json.dumps({"scopes": [{"user": body["user"]["name"]}]})
-    created = run(
-        [
-            tool("grpcurl"),
-            "-plaintext",
-            "-H",
-            auth,
-            "-d",
-            '{"display_name": "for events"}',
-            serve.address,
-            "switchboard.api.auth.v1.AuthService/CreateApiKey",
-        ]
+    created = _grpcurl(
+        serve,
+        "switchboard.api.auth.v1.AuthService/CreateApiKey",
+        '{"display_name": "for events"}',
+        access=access,
     )
     assert created.returncode == 0, created.stderr
     key_name = json.loads(created.stdout)["api_key"]["name"]
-    listed = run(
-        [
-            tool("grpcurl"),
-            "-plaintext",
-            "-H",
-            auth,
-            "-d",
-            scope,
-            serve.address,
-            "switchboard.api.events.v1.EventService/ListEvents",
-        ]
+    listed = _grpcurl(
+        serve, "switchboard.api.events.v1.EventService/ListEvents", scope, access=access
     )
     assert listed.returncode == 0, listed.stderr
     events = json.loads(listed.stdout)["events"]
@@ -172,19 +149,12 @@ def test_grpcurl_lists_and_subscribes_to_events(serve: ServeProcess) -> None:
     ] == key_name
     # A stream never ends by itself: -max-time bounds it, and what arrived is printed.
     replay = json.dumps({**json.loads(scope), "after_cursor": events[0]["cursor"]})
-    streamed = run(
-        [
-            tool("grpcurl"),
-            "-plaintext",
-            "-max-time",
-            "3",
-            "-H",
-            auth,
-            "-d",
-            replay,
-            serve.address,
-            "switchboard.api.events.v1.EventService/Subscribe",
-        ]
+    streamed = _grpcurl(
+        serve,
+        "switchboard.api.events.v1.EventService/Subscribe",
+        replay,
+        access=access,
+        options=("-max-time", "3"),
     )
     assert "DeadlineExceeded" in streamed.stderr, streamed.stderr
     assert '"heartbeat"' in streamed.stdout
