@@ -1,0 +1,241 @@
+"""The context-window planner: which memories and messages a handler gets.
+
+Pure: it sees only keys, token counts and expiry, so every rule below can be
+checked by property tests without a database.
+
+Inputs:
+
+- ``pinned``: memories that must always be shown, in the order to show them.
+- ``relevant``: memories retrieved for this turn, in rank order (best first).
+- ``summary``: the conversation's rolling summary, if any.
+- ``recent``: messages, **newest first**, as loaded from the store.
+- ``older_messages``: live messages older than the last ``recent`` candidate
+  that were not loaded (the store loads a bounded page, not the whole history).
+
+Rules, applied in this order:
+
+1. Expired candidates (in any slot) are never included; each goes to
+   ``excluded`` with ``Reason.EXPIRED``. An expired message is not a live
+   message, so it is never counted in ``omitted_messages``.
+2. Every non-expired pinned candidate is included, in the given order. If
+   together they exceed the budget, ``PinnedOverBudget`` is raised: silently
+   dropping something the user pinned would be worse than failing loudly.
+3. Relevant memories, in rank order, each included if it fits both the
+   remaining budget and a cap of ``int(budget * relevant_share)`` tokens for all
+   relevant items together (so retrieval cannot crowd out the conversation).
+   One that does not fit goes to ``excluded`` with ``OVER_BUDGET`` and the next
+   ones are still tried: memories are independent of each other. A relevant
+   candidate whose key is also pinned is dropped without a trace, as the pinned
+   slot already decided it. (Generally, the first candidate with a given key
+   among ``pinned`` then ``relevant`` decides that memory; later repeats are
+   dropped, so no memory is ever listed twice.)
+4. The summary, if it fits; otherwise ``excluded`` with ``OVER_BUDGET``.
+5. Recent messages, newest first, while they fit. The first one that does not
+   fit goes to ``excluded`` with ``OVER_BUDGET``; every live message older than
+   it (the rest of ``recent`` and ``older_messages``) is counted in
+   ``omitted_messages`` and not listed. Included messages are therefore always
+   a contiguous run of the newest live messages: a conversation with a hole in
+   the middle would mislead the model.
+
+``included`` is in reading order for a handler: pinned, relevant (rank order),
+the summary, then messages oldest first (chronological). ``excluded`` is in the
+order the decisions were made (pinned, relevant, summary, messages newest
+first). ``total_tokens`` is the sum over ``included`` and never exceeds the
+budget. A budget of 0 with nothing pinned is valid: everything is excluded or
+omitted. A negative budget, token count, ``older_messages`` or a
+``relevant_share`` outside ``[0, 1]`` raises ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class Reason(enum.Enum):
+    """Why a candidate is in ``Plan.included`` or ``Plan.excluded``."""
+
+    PINNED = "pinned"
+    RELEVANT = "relevant"
+    SUMMARY = "summary"
+    RECENT = "recent"
+    OVER_BUDGET = "over_budget"
+    EXPIRED = "expired"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """Something that could go into a window: its key, its cost, and whether it expired."""
+
+    key: str
+    tokens: int
+    expired: bool = False
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One decision of the planner about one candidate."""
+
+    candidate: Candidate
+    reason: Reason
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A planned window; see the module docstring for the order of each tuple."""
+
+    included: tuple[Choice, ...]
+    excluded: tuple[Choice, ...]
+    total_tokens: int
+    omitted_messages: int
+
+
+class PinnedOverBudget(Exception):
+    """The live pinned memories alone need more tokens than the window's budget."""
+
+    def __init__(self, needed: int, budget: int) -> None:
+        super().__init__(
+            f"pinned memories need {needed} tokens but the window's budget is {budget}"
+        )
+        self.needed = needed
+        self.budget = budget
+
+
+def _validate(
+    budget: int,
+    older_messages: int,
+    relevant_share: float,
+    slots: Sequence[tuple[str, Sequence[Candidate]]],
+) -> None:
+    if budget < 0:
+        raise ValueError(f"budget must not be negative, got {budget}")
+    if older_messages < 0:
+        raise ValueError(f"older_messages must not be negative, got {older_messages}")
+    # `not (0 <= x <= 1)` rather than `x < 0 or x > 1` so NaN is refused too.
+    if not (0.0 <= relevant_share <= 1.0):
+        raise ValueError(f"relevant_share must be within [0, 1], got {relevant_share}")
+    for slot, candidates in slots:
+        for candidate in candidates:
+            if candidate.tokens < 0:
+                raise ValueError(
+                    f"{slot} candidate {candidate.key!r} has negative tokens ({candidate.tokens})"
+                )
+
+
+class _Planner:
+    """The running state of one plan: what is decided so far and the tokens used."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.used = 0
+        self.included: list[Choice] = []
+        self.excluded: list[Choice] = []
+        # A memory is shown at most once: the first candidate with a key decides it.
+        self.seen_keys: set[str] = set()
+
+    def fits(self, candidate: Candidate) -> bool:
+        return self.used + candidate.tokens <= self.budget
+
+    def include(self, candidate: Candidate, reason: Reason) -> None:
+        self.included.append(Choice(candidate, reason))
+        self.used += candidate.tokens
+
+    def exclude(self, candidate: Candidate, reason: Reason) -> None:
+        self.excluded.append(Choice(candidate, reason))
+
+    def first_time(self, candidate: Candidate) -> bool:
+        if candidate.key in self.seen_keys:
+            return False
+        self.seen_keys.add(candidate.key)
+        return True
+
+    def pinned(self, pinned: Sequence[Candidate]) -> None:
+        unique = [c for c in pinned if self.first_time(c)]
+        needed = sum(c.tokens for c in unique if not c.expired)
+        if needed > self.budget:
+            raise PinnedOverBudget(needed, self.budget)
+        for candidate in unique:
+            if candidate.expired:
+                self.exclude(candidate, Reason.EXPIRED)
+            else:
+                self.include(candidate, Reason.PINNED)
+
+    def relevant(self, relevant: Sequence[Candidate], cap: int) -> None:
+        used = 0
+        for candidate in relevant:
+            if not self.first_time(candidate):
+                continue
+            if candidate.expired:
+                self.exclude(candidate, Reason.EXPIRED)
+            elif self.fits(candidate) and used + candidate.tokens <= cap:
+                self.include(candidate, Reason.RELEVANT)
+                used += candidate.tokens
+            else:
+                self.exclude(candidate, Reason.OVER_BUDGET)
+
+    def summary(self, summary: Candidate) -> None:
+        if summary.expired:
+            self.exclude(summary, Reason.EXPIRED)
+        elif self.fits(summary):
+            self.include(summary, Reason.SUMMARY)
+        else:
+            self.exclude(summary, Reason.OVER_BUDGET)
+
+    def recent(self, recent: Sequence[Candidate]) -> int:
+        """Decide the messages (newest first); return how many live ones were cut off."""
+        first_included = len(self.included)
+        omitted = 0
+        cut = False
+        for candidate in recent:
+            if candidate.expired:
+                self.exclude(candidate, Reason.EXPIRED)
+            elif cut:
+                omitted += 1
+            elif self.fits(candidate):
+                self.include(candidate, Reason.RECENT)
+            else:
+                self.exclude(candidate, Reason.OVER_BUDGET)
+                cut = True
+        # Decided newest first; a handler reads the conversation in order.
+        self.included[first_included:] = reversed(self.included[first_included:])
+        return omitted
+
+
+def plan_window(
+    *,
+    budget: int,
+    pinned: Sequence[Candidate],
+    relevant: Sequence[Candidate],
+    summary: Candidate | None,
+    recent: Sequence[Candidate],
+    older_messages: int = 0,
+    relevant_share: float = 0.25,
+) -> Plan:
+    """Plan a context window of at most ``budget`` tokens (rules in the module docstring)."""
+    _validate(
+        budget,
+        older_messages,
+        relevant_share,
+        [
+            ("pinned", pinned),
+            ("relevant", relevant),
+            ("summary", [summary] if summary is not None else []),
+            ("recent", recent),
+        ],
+    )
+    planner = _Planner(budget)
+    planner.pinned(pinned)
+    # floor() rather than int(): identical for the non-negative values allowed,
+    # and it says that the cap rounds down (never over the share).
+    planner.relevant(relevant, math.floor(budget * relevant_share))
+    if summary is not None:
+        planner.summary(summary)
+    omitted = planner.recent(recent)
+    return Plan(
+        included=tuple(planner.included),
+        excluded=tuple(planner.excluded),
+        total_tokens=planner.used,
+        omitted_messages=omitted + older_messages,
+    )

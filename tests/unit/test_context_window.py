@@ -1,0 +1,320 @@
+"""The context-window planner: its rules as properties, plus worked examples."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from switchboard.context.window import (
+    Candidate,
+    Choice,
+    PinnedOverBudget,
+    Plan,
+    Reason,
+    plan_window,
+)
+
+# The order a handler reads a window in.
+READING_ORDER = [Reason.PINNED, Reason.RELEVANT, Reason.SUMMARY, Reason.RECENT]
+
+
+@dataclass(frozen=True)
+class Inputs:
+    budget: int
+    pinned: list[Candidate]
+    relevant: list[Candidate]
+    summary: Candidate | None
+    recent: list[Candidate]  # newest first
+    older_messages: int
+    relevant_share: float
+
+    def plan(self) -> Plan:
+        return plan_window(
+            budget=self.budget,
+            pinned=self.pinned,
+            relevant=self.relevant,
+            summary=self.summary,
+            recent=self.recent,
+            older_messages=self.older_messages,
+            relevant_share=self.relevant_share,
+        )
+
+
+tokens = st.integers(min_value=0, max_value=60)
+# Mostly live, sometimes expired.
+expired = st.sampled_from([False, False, False, True])
+
+
+@st.composite
+def window_inputs(draw: st.DrawFn) -> Inputs:
+    memory_keys = [f"memory-{i}" for i in range(8)]
+    pinned_keys = draw(st.lists(st.sampled_from(memory_keys), max_size=4, unique=True))
+    # Relevant memories may repeat pinned ones, as retrieval does not know what is pinned.
+    relevant_keys = draw(st.lists(st.sampled_from(memory_keys), max_size=6, unique=True))
+    message_count = draw(st.integers(min_value=0, max_value=12))
+    return Inputs(
+        budget=draw(st.integers(min_value=0, max_value=400)),
+        pinned=[Candidate(k, draw(tokens), draw(expired)) for k in pinned_keys],
+        relevant=[Candidate(k, draw(tokens), draw(expired)) for k in relevant_keys],
+        summary=draw(st.none() | st.builds(Candidate, st.just("summary"), tokens, expired)),
+        # Key "message-N": N is the position in the conversation, so newest first
+        # means descending N.
+        recent=[
+            Candidate(f"message-{n}", draw(tokens), draw(expired))
+            for n in range(message_count + 100, 100, -1)
+        ],
+        older_messages=draw(st.integers(min_value=0, max_value=5)),
+        relevant_share=draw(st.floats(min_value=0.0, max_value=1.0)),
+    )
+
+
+def keys(choices: tuple[Choice, ...], reason: Reason | None = None) -> list[str]:
+    return [c.candidate.key for c in choices if reason is None or c.reason == reason]
+
+
+@settings(max_examples=400, deadline=None)
+@given(window_inputs())
+def test_the_plan_keeps_every_rule(inputs: Inputs) -> None:
+    live_pinned = [c for c in inputs.pinned if not c.expired]
+    needed = sum(c.tokens for c in live_pinned)
+    if needed > inputs.budget:
+        with pytest.raises(PinnedOverBudget) as raised:
+            inputs.plan()
+        assert (raised.value.needed, raised.value.budget) == (needed, inputs.budget)
+        return
+
+    plan = inputs.plan()
+
+    # The budget holds, and the total is what is included.
+    assert plan.total_tokens == sum(c.candidate.tokens for c in plan.included)
+    assert plan.total_tokens <= inputs.budget
+
+    # Expired candidates are never included, and are excluded as EXPIRED.
+    assert not [c for c in plan.included if c.candidate.expired]
+    assert all((c.reason == Reason.EXPIRED) == c.candidate.expired for c in plan.excluded)
+
+    # Every live pinned memory is included, in the given order, first.
+    assert keys(plan.included, Reason.PINNED) == [c.key for c in live_pinned]
+
+    # Reading order: pinned, relevant, summary, then messages.
+    ranks = [READING_ORDER.index(c.reason) for c in plan.included]
+    assert ranks == sorted(ranks)
+
+    # Relevant memories stay within their share and keep their rank order.
+    relevant_included = [c.candidate for c in plan.included if c.reason == Reason.RELEVANT]
+    assert sum(c.tokens for c in relevant_included) <= math.floor(
+        inputs.budget * inputs.relevant_share
+    )
+    rank = {c.key: i for i, c in enumerate(inputs.relevant)}
+    assert [rank[c.key] for c in relevant_included] == sorted(
+        rank[c.key] for c in relevant_included
+    )
+
+    # Messages: the newest live ones, contiguous, shown oldest first.
+    live_recent = [c for c in inputs.recent if not c.expired]
+    shown = [c.candidate for c in plan.included if c.reason == Reason.RECENT]
+    assert shown == list(reversed(live_recent[: len(shown)]))
+    cut_off = [
+        c
+        for c in plan.excluded
+        if c.reason == Reason.OVER_BUDGET and c.candidate.key in {m.key for m in live_recent}
+    ]
+    if len(shown) < len(live_recent):
+        # The first that did not fit is listed; everything older only counted.
+        assert [c.candidate for c in cut_off] == [live_recent[len(shown)]]
+        assert plan.total_tokens + live_recent[len(shown)].tokens > inputs.budget
+        assert plan.omitted_messages == len(live_recent) - len(shown) - 1 + inputs.older_messages
+    else:
+        assert not cut_off
+        assert plan.omitted_messages == inputs.older_messages
+
+    # Every candidate is accounted for exactly once: included, excluded, or
+    # (live messages older than the cut) counted in omitted_messages.
+    pinned_keys = {c.key for c in inputs.pinned}
+    expected = Counter(
+        [c.key for c in inputs.pinned]
+        + [c.key for c in inputs.relevant if c.key not in pinned_keys]
+        + ([inputs.summary.key] if inputs.summary else [])
+        + [c.key for c in inputs.recent]
+    )
+    listed = Counter(keys(plan.included) + keys(plan.excluded))
+    omitted_keys = expected - listed
+    assert not listed - expected, "something is listed twice or was never a candidate"
+    assert all(k.startswith("message-") for k in omitted_keys)
+    assert sum(omitted_keys.values()) + inputs.older_messages == plan.omitted_messages
+
+
+@settings(max_examples=300, deadline=None)
+@given(window_inputs())
+def test_what_is_left_out_did_not_fit(inputs: Inputs) -> None:
+    """Replays the greedy decisions: each OVER_BUDGET one really did not fit when
+    its turn came, and each included one did."""
+    try:
+        plan = inputs.plan()
+    except PinnedOverBudget:
+        return
+    decided = {c.candidate.key: c.reason for c in plan.included + plan.excluded}
+    used = sum(c.tokens for c in inputs.pinned if not c.expired)
+    relevant_cap = math.floor(inputs.budget * inputs.relevant_share)
+    relevant_used = 0
+    pinned_keys = {c.key for c in inputs.pinned}
+    for candidate in inputs.relevant:
+        if candidate.key in pinned_keys or candidate.expired:
+            continue
+        fits = (
+            used + candidate.tokens <= inputs.budget
+            and relevant_used + candidate.tokens <= relevant_cap
+        )
+        assert decided[candidate.key] == (Reason.RELEVANT if fits else Reason.OVER_BUDGET)
+        if fits:
+            used += candidate.tokens
+            relevant_used += candidate.tokens
+    if inputs.summary is not None and not inputs.summary.expired:
+        fits = used + inputs.summary.tokens <= inputs.budget
+        assert decided["summary"] == (Reason.SUMMARY if fits else Reason.OVER_BUDGET)
+        used += inputs.summary.tokens if fits else 0
+    for candidate in inputs.recent:
+        if candidate.expired:
+            continue
+        if used + candidate.tokens > inputs.budget:
+            assert decided[candidate.key] == Reason.OVER_BUDGET
+            break
+        assert decided[candidate.key] == Reason.RECENT
+        used += candidate.tokens
+    assert used == plan.total_tokens
+
+
+@settings(max_examples=100, deadline=None)
+@given(window_inputs())
+def test_the_plan_is_deterministic(inputs: Inputs) -> None:
+    try:
+        first = inputs.plan()
+    except PinnedOverBudget:
+        with pytest.raises(PinnedOverBudget):
+            inputs.plan()
+        return
+    assert inputs.plan() == first
+
+
+def test_a_worked_example() -> None:
+    plan = plan_window(
+        budget=100,
+        pinned=[Candidate("p", 10)],
+        # Cap: int(100 * 0.25) = 25 tokens of relevant memories.
+        relevant=[Candidate("r1", 20), Candidate("r2", 10), Candidate("r3", 5)],
+        summary=Candidate("s", 15),
+        recent=[Candidate("m5", 20), Candidate("m4", 20), Candidate("m3", 20), Candidate("m2", 1)],
+        older_messages=3,
+    )
+    assert [(c.candidate.key, c.reason) for c in plan.included] == [
+        ("p", Reason.PINNED),
+        ("r1", Reason.RELEVANT),
+        ("r3", Reason.RELEVANT),
+        ("s", Reason.SUMMARY),
+        ("m4", Reason.RECENT),
+        ("m5", Reason.RECENT),
+    ]
+    # r2 would break the relevant cap; r3 after it still fits. m3 is the first
+    # message that does not fit; m2 (which would) and the 3 unloaded are omitted.
+    assert [(c.candidate.key, c.reason) for c in plan.excluded] == [
+        ("r2", Reason.OVER_BUDGET),
+        ("m3", Reason.OVER_BUDGET),
+    ]
+    assert plan.total_tokens == 90
+    assert plan.omitted_messages == 4
+
+
+def test_pinned_over_budget_counts_only_live_pinned() -> None:
+    with pytest.raises(PinnedOverBudget) as raised:
+        plan_window(
+            budget=10,
+            pinned=[Candidate("a", 8), Candidate("old", 100, expired=True), Candidate("b", 5)],
+            relevant=[],
+            summary=None,
+            recent=[],
+        )
+    assert (raised.value.needed, raised.value.budget) == (13, 10)
+
+
+def test_pinned_exactly_at_budget_fits_and_leaves_nothing_else() -> None:
+    plan = plan_window(
+        budget=10,
+        pinned=[Candidate("a", 10)],
+        relevant=[Candidate("r", 0)],
+        summary=Candidate("s", 1),
+        recent=[Candidate("m", 1)],
+    )
+    assert keys(plan.included) == ["a", "r"]
+    assert keys(plan.excluded, Reason.OVER_BUDGET) == ["s", "m"]
+
+
+def test_a_zero_budget_excludes_everything() -> None:
+    plan = plan_window(
+        budget=0,
+        pinned=[],
+        relevant=[Candidate("r", 1)],
+        summary=Candidate("s", 1),
+        recent=[Candidate("m2", 1), Candidate("m1", 1)],
+        older_messages=2,
+    )
+    assert plan.included == ()
+    assert plan.total_tokens == 0
+    assert keys(plan.excluded, Reason.OVER_BUDGET) == ["r", "s", "m2"]
+    assert plan.omitted_messages == 3
+
+
+def test_a_pinned_memory_found_again_by_retrieval_is_listed_once() -> None:
+    plan = plan_window(
+        budget=100,
+        pinned=[Candidate("m", 5)],
+        relevant=[Candidate("m", 5), Candidate("n", 5)],
+        summary=None,
+        recent=[],
+    )
+    assert keys(plan.included) == ["m", "n"]
+    assert plan.excluded == ()
+    assert plan.total_tokens == 10
+
+
+def test_an_expired_message_is_skipped_without_cutting_the_conversation() -> None:
+    plan = plan_window(
+        budget=100,
+        pinned=[],
+        relevant=[],
+        summary=None,
+        recent=[Candidate("m3", 5), Candidate("m2", 5, expired=True), Candidate("m1", 5)],
+    )
+    assert keys(plan.included) == ["m1", "m3"]
+    assert [(c.candidate.key, c.reason) for c in plan.excluded] == [("m2", Reason.EXPIRED)]
+    assert plan.omitted_messages == 0
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"budget": -1},
+        {"older_messages": -1},
+        {"relevant_share": 1.5},
+        {"relevant_share": -0.1},
+        {"relevant_share": math.nan},
+        {"recent": [Candidate("m", -1)]},
+        {"pinned": [Candidate("p", -1)]},
+        {"summary": Candidate("s", -1)},
+    ],
+)
+def test_invalid_arguments_are_refused(change: dict[str, object]) -> None:
+    arguments: dict[str, object] = {
+        "budget": 10,
+        "pinned": [],
+        "relevant": [],
+        "summary": None,
+        "recent": [],
+        **change,
+    }
+    with pytest.raises(ValueError, match=r"negative|within"):
+        plan_window(**arguments)  # type: ignore[arg-type]
