@@ -18,7 +18,6 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc import aio
 
 from switchboard.api.auth.v1 import auth_pb2_grpc
-from switchboard.api.context.v1 import context_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
 from switchboard.api.integration.v1 import integration_pb2_grpc
 from switchboard.auth import servicer as auth_servicer
@@ -30,6 +29,15 @@ from switchboard.auth.passwords import PasswordHasher
 from switchboard.auth.store import AuthStore
 from switchboard.auth.tokens import AccessTokens, KeyRing, SigningKey, TokenPolicy, load_key_ring
 from switchboard.context import servicer as context_servicer
+from switchboard.context.plugins import (
+    load_entity_extractor,
+    load_summarizer,
+    load_token_counter,
+)
+from switchboard.context.service import ContextService
+from switchboard.context.service import Limits as ContextLimits
+from switchboard.context.store import ContextStore
+from switchboard.context.windowcache import WindowCache
 from switchboard.dispatcher import servicer as dispatcher_servicer
 from switchboard.events import servicer as events_servicer
 from switchboard.events.subscriptions import Access, Limits
@@ -63,6 +71,7 @@ class Deps:
     authenticator: CredentialAuthenticator
     memberships: MembershipStore
     policy: Policy
+    context: ContextService
 
 
 Factory = Callable[[Deps], object]
@@ -77,8 +86,8 @@ SERVICES: dict[str, tuple[ServiceDescriptor, Callable[[Any, aio.Server], None], 
     ),
     "context": (
         context_servicer.SERVICE,
-        context_pb2_grpc.add_ContextServiceServicer_to_server,
-        lambda d: context_servicer.ContextServiceServicer(),  # type: ignore[abstract]
+        context_servicer.add_to_server,
+        lambda d: context_servicer.ContextServiceServicer(d.context),
     ),
     "dispatcher": (
         dispatcher_servicer.SERVICE,
@@ -132,6 +141,53 @@ def event_log(settings: Settings, database: Database) -> LogBackend:
         retention=settings.events_retention,
         retention_s=settings.events_retention_s,
         memory=memory,
+    )
+
+
+def context_limits(settings: Settings) -> ContextLimits:
+    return ContextLimits(
+        max_title_chars=200,
+        max_metadata_bytes=settings.context_max_metadata_bytes,
+        max_message_bytes=settings.context_max_message_bytes,
+        max_parts=settings.context_max_message_parts,
+        max_memory_chars=settings.context_max_memory_chars,
+        max_members=settings.context_max_members,
+        max_owned_workspaces=settings.context_max_owned_workspaces,
+        max_conversations=settings.context_max_conversations,
+        max_memory_items=settings.context_max_memory_items,
+        max_pinned=settings.context_max_pinned,
+        max_window_tokens=settings.context_max_window_tokens,
+        relevant_limit=settings.context_relevant_limit,
+        auto_prune_messages=settings.context_auto_prune_messages,
+        auto_prune_tokens=settings.context_auto_prune_tokens,
+        summary_tokens=settings.context_summary_tokens,
+        purge_after_s=settings.context_purge_after_s,
+    )
+
+
+def context_service(settings: Settings, database: Database, bus: EventBus) -> ContextService:
+    """The context domain with its configured plugins; raises ConfigError for unknown ones."""
+    try:
+        counter = load_token_counter(settings.context_tokenizer)
+        summarizer = load_summarizer(settings.context_summarizer)
+        extractor = load_entity_extractor(settings.context_entity_extractor)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"context plugins: {exc}") from None
+    cache = WindowCache(
+        settings.redis_url.get_secret_value(),
+        timeout_s=settings.redis_timeout_s,
+        ttl_s=settings.context_window_cache_ttl_s,
+        max_entries=settings.context_window_cache_entries,
+        max_bytes=settings.context_window_cache_bytes,
+    )
+    return ContextService(
+        ContextStore(database),
+        bus,
+        cache,
+        counter=counter,
+        summarizer=summarizer,
+        extractor=extractor,
+        limits=context_limits(settings),
     )
 
 
@@ -219,6 +275,9 @@ async def open_deps(settings: Settings, resources: contextlib.AsyncExitStack) ->
         ),
     )
     memberships = MembershipStore(database)
+    context = context_service(settings, database, bus)
+    await context.start(maintain="context" in settings.services)
+    resources.push_async_callback(context.close)
     return Deps(
         settings=settings,
         database=database,
@@ -229,6 +288,7 @@ async def open_deps(settings: Settings, resources: contextlib.AsyncExitStack) ->
         authenticator=authenticator,
         memberships=memberships,
         policy=Policy(memberships),
+        context=context,
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -159,6 +160,75 @@ def test_grpcurl_lists_and_subscribes_to_events(serve: ServeProcess) -> None:
     assert "DeadlineExceeded" in streamed.stderr, streamed.stderr
     assert '"heartbeat"' in streamed.stdout
     assert key_name in streamed.stdout, "the replay includes the API key event"
+
+
+def test_grpcurl_runs_the_readme_context_workflow(serve: ServeProcess) -> None:
+    """The README's "Conversations and context" commands, as grpcurl sends them."""
+    registered = _grpcurl(
+        serve,
+        "switchboard.api.auth.v1.AuthService/Register",
+        '{"email": "context@example.com", "password": "tracing the wire 123"}',
+    )
+    assert registered.returncode == 0, registered.stderr
+    access = json.loads(registered.stdout)["tokens"]["access_token"]
+
+    def call(method: str, body: dict[str, object]) -> dict[str, Any]:
+        done = _grpcurl(
+            serve,
+            f"switchboard.api.context.v1.ContextService/{method}",
+            json.dumps(body),
+            access=access,
+        )
+        assert done.returncode == 0, (method, done.stderr)
+        result: dict[str, Any] = json.loads(done.stdout or "{}")
+        return result
+
+    call("CreateWorkspace", {"workspace_id": "acme", "workspace": {"display_name": "Acme"}})
+    conversation = call(
+        "CreateConversation", {"parent": "workspaces/acme", "conversation": {"title": "Trip"}}
+    )["conversation"]["name"]
+    message = call(
+        "AppendMessage",
+        {
+            "parent": conversation,
+            "message": {
+                "role": "MESSAGE_ROLE_USER",
+                "parts": [{"text": "Book a table for @ana on 2026-12-24"}],
+            },
+        },
+    )["message"]
+    memory = call(
+        "CreateMemoryItem",
+        {
+            "parent": "workspaces/acme",
+            "memory_item": {
+                "kind": "MEMORY_KIND_PREFERENCE",
+                "content": "Ana is vegetarian",
+                "pinned": True,
+            },
+        },
+    )["memory_item"]
+    window = call("GetContextWindow", {"conversation": conversation, "token_budget": 4000})[
+        "window"
+    ]
+    included = window["included"]
+    assert included[0]["memory_item"]["name"] == memory["name"]
+    assert included[0]["reason"] == "CONTEXT_ITEM_REASON_PINNED"
+    assert included[-1]["message"]["name"] == message["name"]
+    assert included[-1]["reason"] == "CONTEXT_ITEM_REASON_RECENT"
+    # The entities of the message (the mention and the date) were remembered, and
+    # rank as relevant to it.
+    entities = {
+        item["memory_item"]["content"]
+        for item in included
+        if item.get("memory_item", {}).get("kind") == "MEMORY_KIND_ENTITY"
+    }
+    assert entities == {"mention: ana", "date: 2026-12-24"}
+    found = call("SearchMemoryItems", {"parent": "workspaces/acme", "query": "vegetarian food"})
+    assert [r["memory_item"]["name"] for r in found["results"]] == [memory["name"]]
+    pruned = call("PruneConversation", {"conversation": conversation, "keep_last_messages": 50})
+    assert pruned.get("pruned_message_count", 0) == 0
+    assert pruned["kept_message_count"] == 1
 
 
 def test_grpcurl_health_check(serve: ServeProcess) -> None:

@@ -14,7 +14,6 @@ from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.context.v1 import context_pb2, context_pb2_grpc
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
 from switchboard.auth.servicer import AuthServiceServicer
-from switchboard.context.servicer import ContextServiceServicer
 from switchboard.platform import errors
 from switchboard.platform.config import Settings
 from switchboard.platform.server import ServiceRegistration, SwitchboardServer, build_server
@@ -99,7 +98,7 @@ class RaisingEvents(events_pb2_grpc.EventServiceServicer):
             raise build_error(name)
 
 
-class EchoContext(ContextServiceServicer):
+class EchoContext(context_pb2_grpc.ContextServiceServicer):
     """AppendMessage echoes its message back (to exercise size limits)."""
 
     async def AppendMessage(

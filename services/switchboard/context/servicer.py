@@ -1,13 +1,224 @@
-"""Transport for ContextService: converts proto to domain calls and nothing else."""
+"""Transport for ContextService: hands each request to the domain, wraps the result.
+
+The guard has authorized the resource each request names before a method
+here runs (``platform/access.py``); ``role_var`` holds the caller's role it found.
+"""
 
 from __future__ import annotations
 
-from switchboard.api.context.v1 import context_pb2, context_pb2_grpc
-from switchboard.platform.unimplemented import unimplemented_rpcs
+from typing import Any
 
-SERVICE = context_pb2.DESCRIPTOR.services_by_name["ContextService"]
+import grpc
+from grpc import aio
+
+from switchboard.api.context.v1 import context_pb2 as pb
+from switchboard.context.service import ContextService
+from switchboard.platform.authn import current_principal, role_var
+
+SERVICE = pb.DESCRIPTOR.services_by_name["ContextService"]
+_SERVICE_NAME = SERVICE.full_name
+
+Context = aio.ServicerContext[Any, Any]
 
 
-@unimplemented_rpcs(SERVICE, planned="it arrives with the context service (issue #5)")
-class ContextServiceServicer(context_pb2_grpc.ContextServiceServicer):
-    """ContextService transport; RPCs not defined here answer UNIMPLEMENTED."""
+class ContextServiceServicer:
+    """ContextService transport."""
+
+    def __init__(self, service: ContextService) -> None:
+        self._service = service
+
+    # Workspaces.
+
+    async def CreateWorkspace(
+        self, request: pb.CreateWorkspaceRequest, context: Context
+    ) -> pb.CreateWorkspaceResponse:
+        workspace = await self._service.create_workspace(current_principal(), request)
+        return pb.CreateWorkspaceResponse(workspace=workspace)
+
+    async def GetWorkspace(
+        self, request: pb.GetWorkspaceRequest, context: Context
+    ) -> pb.GetWorkspaceResponse:
+        workspace = await self._service.get_workspace(role_var.get(), request.name)
+        return pb.GetWorkspaceResponse(workspace=workspace)
+
+    async def ListWorkspaces(
+        self, request: pb.ListWorkspacesRequest, context: Context
+    ) -> pb.ListWorkspacesResponse:
+        return await self._service.list_workspaces(current_principal(), request)
+
+    async def UpdateWorkspace(
+        self, request: pb.UpdateWorkspaceRequest, context: Context
+    ) -> pb.UpdateWorkspaceResponse:
+        workspace = await self._service.update_workspace(current_principal(), request)
+        return pb.UpdateWorkspaceResponse(workspace=workspace)
+
+    async def DeleteWorkspace(
+        self, request: pb.DeleteWorkspaceRequest, context: Context
+    ) -> pb.DeleteWorkspaceResponse:
+        workspace = await self._service.set_workspace_deleted(
+            current_principal(), request.name, request.etag, deleted=True
+        )
+        return pb.DeleteWorkspaceResponse(workspace=workspace)
+
+    async def UndeleteWorkspace(
+        self, request: pb.UndeleteWorkspaceRequest, context: Context
+    ) -> pb.UndeleteWorkspaceResponse:
+        workspace = await self._service.set_workspace_deleted(
+            current_principal(), request.name, request.etag, deleted=False
+        )
+        return pb.UndeleteWorkspaceResponse(workspace=workspace)
+
+    # Members.
+
+    async def AddWorkspaceMember(
+        self, request: pb.AddWorkspaceMemberRequest, context: Context
+    ) -> pb.AddWorkspaceMemberResponse:
+        member = await self._service.add_member(current_principal(), request)
+        return pb.AddWorkspaceMemberResponse(member=member)
+
+    async def UpdateWorkspaceMember(
+        self, request: pb.UpdateWorkspaceMemberRequest, context: Context
+    ) -> pb.UpdateWorkspaceMemberResponse:
+        member = await self._service.update_member(current_principal(), request)
+        return pb.UpdateWorkspaceMemberResponse(member=member)
+
+    async def RemoveWorkspaceMember(
+        self, request: pb.RemoveWorkspaceMemberRequest, context: Context
+    ) -> pb.RemoveWorkspaceMemberResponse:
+        await self._service.remove_member(current_principal(), request.name)
+        return pb.RemoveWorkspaceMemberResponse()
+
+    async def ListWorkspaceMembers(
+        self, request: pb.ListWorkspaceMembersRequest, context: Context
+    ) -> pb.ListWorkspaceMembersResponse:
+        return await self._service.list_members(request)
+
+    # Conversations.
+
+    async def CreateConversation(
+        self, request: pb.CreateConversationRequest, context: Context
+    ) -> pb.CreateConversationResponse:
+        conversation = await self._service.create_conversation(current_principal(), request)
+        return pb.CreateConversationResponse(conversation=conversation)
+
+    async def GetConversation(
+        self, request: pb.GetConversationRequest, context: Context
+    ) -> pb.GetConversationResponse:
+        conversation = await self._service.get_conversation(request.name)
+        return pb.GetConversationResponse(conversation=conversation)
+
+    async def ListConversations(
+        self, request: pb.ListConversationsRequest, context: Context
+    ) -> pb.ListConversationsResponse:
+        return await self._service.list_conversations(request)
+
+    async def UpdateConversation(
+        self, request: pb.UpdateConversationRequest, context: Context
+    ) -> pb.UpdateConversationResponse:
+        conversation = await self._service.update_conversation(current_principal(), request)
+        return pb.UpdateConversationResponse(conversation=conversation)
+
+    async def DeleteConversation(
+        self, request: pb.DeleteConversationRequest, context: Context
+    ) -> pb.DeleteConversationResponse:
+        conversation = await self._service.set_conversation_deleted(
+            current_principal(), request.name, request.etag, deleted=True
+        )
+        return pb.DeleteConversationResponse(conversation=conversation)
+
+    async def UndeleteConversation(
+        self, request: pb.UndeleteConversationRequest, context: Context
+    ) -> pb.UndeleteConversationResponse:
+        conversation = await self._service.set_conversation_deleted(
+            current_principal(), request.name, request.etag, deleted=False
+        )
+        return pb.UndeleteConversationResponse(conversation=conversation)
+
+    # Messages.
+
+    async def AppendMessage(
+        self, request: pb.AppendMessageRequest, context: Context
+    ) -> pb.AppendMessageResponse:
+        message = await self._service.append_message(current_principal(), request)
+        return pb.AppendMessageResponse(message=message)
+
+    async def GetMessage(
+        self, request: pb.GetMessageRequest, context: Context
+    ) -> pb.GetMessageResponse:
+        return pb.GetMessageResponse(message=await self._service.get_message(request.name))
+
+    async def ListMessages(
+        self, request: pb.ListMessagesRequest, context: Context
+    ) -> pb.ListMessagesResponse:
+        return await self._service.list_messages(request)
+
+    # Memory.
+
+    async def CreateMemoryItem(
+        self, request: pb.CreateMemoryItemRequest, context: Context
+    ) -> pb.CreateMemoryItemResponse:
+        item = await self._service.create_memory(current_principal(), request)
+        return pb.CreateMemoryItemResponse(memory_item=item)
+
+    async def GetMemoryItem(
+        self, request: pb.GetMemoryItemRequest, context: Context
+    ) -> pb.GetMemoryItemResponse:
+        return pb.GetMemoryItemResponse(memory_item=await self._service.get_memory(request.name))
+
+    async def UpdateMemoryItem(
+        self, request: pb.UpdateMemoryItemRequest, context: Context
+    ) -> pb.UpdateMemoryItemResponse:
+        item = await self._service.update_memory(current_principal(), request)
+        return pb.UpdateMemoryItemResponse(memory_item=item)
+
+    async def ListMemoryItems(
+        self, request: pb.ListMemoryItemsRequest, context: Context
+    ) -> pb.ListMemoryItemsResponse:
+        return await self._service.list_memory(request)
+
+    async def SearchMemoryItems(
+        self, request: pb.SearchMemoryItemsRequest, context: Context
+    ) -> pb.SearchMemoryItemsResponse:
+        return await self._service.search_memory(request)
+
+    async def DeleteMemoryItem(
+        self, request: pb.DeleteMemoryItemRequest, context: Context
+    ) -> pb.DeleteMemoryItemResponse:
+        await self._service.delete_memory(current_principal(), request.name)
+        return pb.DeleteMemoryItemResponse()
+
+    # The context window.
+
+    async def GetContextWindow(
+        self, request: pb.GetContextWindowRequest, context: Context
+    ) -> bytes:
+        # Already serialized: a cached window is served as the bytes it was stored as.
+        return await self._service.context_window(current_principal(), request)
+
+    async def PruneConversation(
+        self, request: pb.PruneConversationRequest, context: Context
+    ) -> pb.PruneConversationResponse:
+        return await self._service.prune(current_principal(), request)
+
+
+def add_to_server(servicer: ContextServiceServicer, server: aio.Server) -> None:
+    """Register ContextService; GetContextWindow sends pre-serialized bytes."""
+
+    def identity(frame: bytes) -> bytes:
+        return frame
+
+    handlers = {}
+    for method in SERVICE.methods:
+        request_class: Any = getattr(pb, method.input_type.name)
+        response_class: Any = getattr(pb, method.output_type.name)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            request_deserializer=request_class.FromString,
+            response_serializer=(
+                identity if method.name == "GetContextWindow" else response_class.SerializeToString
+            ),
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(_SERVICE_NAME, handlers),)
+    )
+    server.add_registered_method_handlers(_SERVICE_NAME, handlers)  # type: ignore[attr-defined]

@@ -33,6 +33,9 @@ class Rule:
     permission: Permission | None = None
     # The servicer authorizes each named resource itself (streams, lists of scopes).
     per_item: bool = False
+    # The workspace may be soft-deleted (restoring it); otherwise a deleted
+    # workspace is NOT_FOUND like one that never existed.
+    include_deleted: bool = False
 
 
 PUBLIC: Final = Rule(public=True)
@@ -42,8 +45,8 @@ def authenticated(scope: Scope) -> Rule:
     return Rule(scope=scope)
 
 
-def resource(field: str, permission: Permission) -> Rule:
-    return Rule(resource_field=field, permission=permission)
+def resource(field: str, permission: Permission, *, include_deleted: bool = False) -> Rule:
+    return Rule(resource_field=field, permission=permission, include_deleted=include_deleted)
 
 
 def per_item(scope: Scope) -> Rule:
@@ -84,6 +87,7 @@ RULES: Final[dict[str, Rule]] = {
     _CONTEXT + "GetWorkspace": resource("name", READ),
     _CONTEXT + "UpdateWorkspace": resource("workspace.name", ADMIN),
     _CONTEXT + "DeleteWorkspace": resource("name", ADMIN),
+    _CONTEXT + "UndeleteWorkspace": resource("name", ADMIN, include_deleted=True),
     _CONTEXT + "AddWorkspaceMember": resource("parent", ADMIN),
     _CONTEXT + "UpdateWorkspaceMember": resource("member.name", ADMIN),
     _CONTEXT + "RemoveWorkspaceMember": resource("name", ADMIN),
@@ -93,10 +97,13 @@ RULES: Final[dict[str, Rule]] = {
     _CONTEXT + "ListConversations": resource("parent", READ),
     _CONTEXT + "UpdateConversation": resource("conversation.name", WRITE),
     _CONTEXT + "DeleteConversation": resource("name", WRITE),
+    _CONTEXT + "UndeleteConversation": resource("name", WRITE),
     _CONTEXT + "AppendMessage": resource("parent", WRITE),
     _CONTEXT + "GetMessage": resource("name", READ),
     _CONTEXT + "ListMessages": resource("parent", READ),
     _CONTEXT + "CreateMemoryItem": resource("parent", WRITE),
+    _CONTEXT + "GetMemoryItem": resource("name", READ),
+    _CONTEXT + "UpdateMemoryItem": resource("memory_item.name", WRITE),
     _CONTEXT + "ListMemoryItems": resource("parent", READ),
     _CONTEXT + "SearchMemoryItems": resource("parent", READ),
     _CONTEXT + "DeleteMemoryItem": resource("name", WRITE),

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from switchboard.platform.access import rule_for
 from switchboard.platform.errors import PermissionDenied, Unauthenticated
-from switchboard.platform.policy import Permission, Policy, Principal, Scope
+from switchboard.platform.policy import Permission, Policy, Principal, Role, Scope
 
 AUTHORIZATION_KEY = "authorization"
 _BEARER = "bearer "
@@ -31,6 +31,13 @@ class Authenticator(Protocol):
     async def authenticate(self, credential: str) -> Principal:
         """The principal behind a bearer credential, or Unauthenticated."""
         ...
+
+
+# The caller's role in the workspace the RPC's resource belongs to (None for
+# user-owned resources), as the guard found it: servicers need not ask again.
+role_var: contextvars.ContextVar[Role | None] = contextvars.ContextVar(
+    "switchboard_role", default=None
+)
 
 
 def current_principal() -> Principal:
@@ -89,7 +96,9 @@ class Guard:
         if rule.public:
             return None
         if rule.resource_field and rule.permission is not None:
-            return self._resource_checker(rule.resource_field, rule.permission)
+            return self._resource_checker(
+                rule.resource_field, rule.permission, include_deleted=rule.include_deleted
+            )
         if rule.scope is not None:
             return self._scope_checker(rule.scope)
         return _undeclared
@@ -102,13 +111,22 @@ class Guard:
 
         return check
 
-    def _resource_checker(self, field: str, permission: Permission) -> Checker:
+    def _resource_checker(
+        self, field: str, permission: Permission, *, include_deleted: bool
+    ) -> Checker:
         policy = self._policy
 
         async def check(request: Any, context: Any) -> None:
             principal = await self._principal(context)
             principal_var.set(principal)
-            await policy.authorize(principal, _field(request, field), permission, field)
+            role = await policy.authorize(
+                principal,
+                _field(request, field),
+                permission,
+                field,
+                include_deleted=include_deleted,
+            )
+            role_var.set(role)
 
         return check
 

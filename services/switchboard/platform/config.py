@@ -130,6 +130,48 @@ class Settings(BaseSettings):
     events_max_subscriptions_per_principal: int = Field(default=64, ge=1, le=1_000_000)
     events_max_subscriptions_per_stream: int = Field(default=32, ge=1, le=10_000)
 
+    # The context service: every size and count has a limit.
+    context_max_message_bytes: int = Field(
+        default=256 * 1024, ge=1024, le=4 * MiB, description="Serialized size of one message."
+    )
+    context_max_message_parts: int = Field(default=64, ge=1, le=10_000)
+    context_max_metadata_bytes: int = Field(default=16 * 1024, ge=256, le=1 * MiB)
+    context_max_memory_chars: int = Field(default=8 * 1024, ge=64, le=1 * MiB)
+    context_max_members: int = Field(default=1000, ge=1, le=1_000_000)
+    context_max_owned_workspaces: int = Field(default=100, ge=1, le=1_000_000)
+    context_max_conversations: int = Field(
+        default=10_000, ge=1, le=100_000_000, description="Per workspace, deleted ones included."
+    )
+    context_max_memory_items: int = Field(
+        default=10_000,
+        ge=1,
+        le=100_000_000,
+        description="Per scope (user, workspace, conversation).",
+    )
+    context_max_pinned: int = Field(
+        default=50, ge=0, le=10_000, description="Pinned items per scope."
+    )
+    context_max_window_tokens: int = Field(default=1_000_000, ge=1, le=100_000_000)
+    context_relevant_limit: int = Field(
+        default=10, ge=0, le=100, description="Relevant memory items a window considers."
+    )
+    context_auto_prune_messages: int = Field(
+        default=5000, ge=0, description="Live messages that trigger automatic pruning (0: off)."
+    )
+    context_auto_prune_tokens: int = Field(
+        default=0, ge=0, description="Live message tokens that trigger automatic pruning (0: off)."
+    )
+    context_summary_tokens: int = Field(default=512, ge=16, le=100_000)
+    context_tokenizer: str = Field(default="approx-v1", description="Token counter plugin.")
+    context_summarizer: str = Field(default="extractive-v1", description="Summarizer plugin.")
+    context_entity_extractor: str = Field(default="builtin-v1", description="Entity plugin.")
+    context_window_cache_entries: int = Field(default=10_000, ge=1, le=10_000_000)
+    context_window_cache_bytes: int = Field(default=64 * MiB, ge=1 * MiB, le=16 * 1024 * MiB)
+    context_window_cache_ttl_s: int = Field(default=600, ge=1, le=86_400)
+    context_purge_after_s: int = Field(
+        default=30 * 86_400, ge=60, description="Soft-deleted workspaces and conversations."
+    )
+
     # Identity: tokens, sessions, keys.
     auth_issuer: str = Field(default="switchboard", min_length=1, description="JWT `iss`.")
     auth_audience: str = Field(default="switchboard", min_length=1, description="JWT `aud`.")

@@ -114,6 +114,10 @@ class AlreadyExists(SwitchboardError):
     reason = "ERROR_REASON_ALREADY_EXISTS"
 
 
+class Conflict(AlreadyExists):
+    """A unique key was taken by a concurrent writer; retrying may succeed."""
+
+
 class EtagMismatch(SwitchboardError):
     """Optimistic concurrency failed: the caller's etag is stale."""
 

@@ -27,20 +27,22 @@ class MembershipStore:
         self._sessions = database.sessions
         self._readers = database.readers
 
-    async def role_of(self, workspace_id: str, user_id: str) -> Role | None:
+    async def role_of(
+        self, workspace_id: str, user_id: str, *, include_deleted: bool = False
+    ) -> Role | None:
+        query = (
+            select(WorkspaceMemberRow.role)
+            .join(WorkspaceRow, WorkspaceRow.id == WorkspaceMemberRow.workspace_id)
+            .where(
+                WorkspaceMemberRow.workspace_id == workspace_id,
+                WorkspaceMemberRow.user_id == user_id,
+            )
+        )
+        if not include_deleted:
+            query = query.where(WorkspaceRow.deleted_at.is_(None))
         try:
             async with self._readers() as db:
-                role = (
-                    await db.execute(
-                        select(WorkspaceMemberRow.role)
-                        .join(WorkspaceRow, WorkspaceRow.id == WorkspaceMemberRow.workspace_id)
-                        .where(
-                            WorkspaceMemberRow.workspace_id == workspace_id,
-                            WorkspaceMemberRow.user_id == user_id,
-                            WorkspaceRow.deleted_at.is_(None),
-                        )
-                    )
-                ).scalar_one_or_none()
+                role = (await db.execute(query)).scalar_one_or_none()
         except (SQLAlchemyError, OSError, TimeoutError):
             # A pool or database timeout is an outage, not a bug: UNAVAILABLE, retryable.
             log.warning("membership lookup failed", exc_info=True)

@@ -13,10 +13,12 @@ no zone, and PostgreSQL return the same values.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Index,
@@ -152,9 +154,10 @@ class WorkspaceRow(Base):
 
     id: Mapped[str] = mapped_column(String(63), primary_key=True)
     display_name: Mapped[str] = mapped_column(String(DISPLAY_NAME_LENGTH), default="")
+    description: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
-    deleted_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    deleted_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True, index=True)
     version: Mapped[int] = mapped_column(Integer, default=1)
 
 
@@ -171,6 +174,146 @@ class WorkspaceMemberRow(Base):
     # "owner", "editor" or "viewer" (switchboard.platform.policy.Role).
     role: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class ConversationRow(Base):
+    """A conversation. ``version`` counts every write to it or its messages and
+    memory: the context window cache is keyed by it, so a write can never be
+    answered with a window built before it."""
+
+    __tablename__ = "conversations"
+    __table_args__ = (Index("ix_conversations_listing", "workspace_id", "updated_at", "id"),)
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    workspace_id: Mapped[str] = mapped_column(ForeignKey("workspaces.id", ondelete="CASCADE"))
+    title: Mapped[str] = mapped_column(String(DISPLAY_NAME_LENGTH), default="")
+    # Serialized google.protobuf.Struct.
+    meta: Mapped[bytes] = mapped_column(LargeBinary, default=b"")
+    archived: Mapped[bool] = mapped_column(Boolean, default=False)
+    creator: Mapped[str] = mapped_column(String(128), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    deleted_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    version: Mapped[int] = mapped_column(BigInteger, default=1)
+    # The sequence of the newest message; appends take the next one under the row lock.
+    last_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Live (not archived) messages and their tokens, for the automatic pruning policy.
+    message_count: Mapped[int] = mapped_column(BigInteger, default=0)
+    token_count: Mapped[int] = mapped_column(BigInteger, default=0)
+    # The newest summary memory item (pruning), if any.
+    summary_id: Mapped[str | None] = mapped_column(String(ID_LENGTH), nullable=True)
+
+
+class MessageRow(Base):
+    """One message; ``data`` is the serialized ``Message`` (messages never change
+    after the append, except for the archive marks pruning sets)."""
+
+    __tablename__ = "messages"
+    __table_args__ = (
+        UniqueConstraint("conversation_id", "seq", name="uq_messages_conversation_seq"),
+        Index("ix_messages_live", "conversation_id", "archived", "seq"),
+    )
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    conversation_id: Mapped[str] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(BigInteger)
+    role: Mapped[str] = mapped_column(String(16))
+    token_count: Mapped[int] = mapped_column(Integer)
+    archived: Mapped[bool] = mapped_column(Boolean, default=False)
+    summary_id: Mapped[str | None] = mapped_column(String(ID_LENGTH), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class MemoryItemRow(Base):
+    """A memory item under a scope: ``users/u``, ``workspaces/w`` or a conversation.
+
+    Full-text search lives outside the models, in the migration: an FTS5 table
+    (``memory_fts``, keyed by ``fts_rowid``) on SQLite, a generated ``tsvector``
+    column with a GIN index on PostgreSQL.
+    """
+
+    __tablename__ = "memory_items"
+    __table_args__ = (
+        Index("ix_memory_items_listing", "scope", "created_at", "id"),
+        Index("ix_memory_items_pinned", "scope", "pinned"),
+    )
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    scope: Mapped[str] = mapped_column(String(160))
+    # Set for workspace and conversation scopes, so deleting them deletes their memory.
+    workspace_id: Mapped[str | None] = mapped_column(
+        ForeignKey("workspaces.id", ondelete="CASCADE"), nullable=True
+    )
+    conversation_id: Mapped[str | None] = mapped_column(
+        ForeignKey("conversations.id", ondelete="CASCADE"), nullable=True, index=True
+    )
+    user_id: Mapped[str | None] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), nullable=True
+    )
+    kind: Mapped[str] = mapped_column(String(16))
+    content: Mapped[str] = mapped_column(Text)
+    pinned: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Serialized google.protobuf.Struct.
+    meta: Mapped[bytes] = mapped_column(LargeBinary, default=b"")
+    # Space-separated message names.
+    sources: Mapped[str] = mapped_column(Text, default="")
+    creator: Mapped[str] = mapped_column(String(128), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    token_count: Mapped[int] = mapped_column(Integer)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    # The SQLite FTS5 rowid (memory_fts); NULL on PostgreSQL.
+    fts_rowid: Mapped[int | None] = mapped_column(BigInteger, nullable=True, unique=True)
+
+
+class MemoryScopeRow(Base):
+    """Version of a user's or workspace's memory, bumped on every change to it.
+
+    Part of the context window cache key (a conversation's own memory bumps
+    the conversation's version instead).
+    """
+
+    __tablename__ = "memory_scopes"
+
+    scope: Mapped[str] = mapped_column(String(160), primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class IdempotencyRow(Base):
+    """A create request's ``request_id``: a retry returns the first result."""
+
+    __tablename__ = "idempotency_keys"
+
+    # "<user>/<method>/<request_id>".
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    # SHA-256 of the request, so a reused id with a different request is refused.
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    resource: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), index=True)
+
+
+#: Schema the migrations create outside the models (full-text search); the drift
+#: check and table listings ignore it.
+SEARCH_TABLES = frozenset(
+    {"memory_fts"}
+    | {f"memory_fts_{part}" for part in ("data", "idx", "content", "docsize", "config")}
+)
+SEARCH_COLUMNS = frozenset({("memory_items", "search")})
+SEARCH_INDEXES = frozenset({"ix_memory_items_search"})
+
+
+def modelled(name: str | None, type_: str, parent_names: Mapping[str, Any]) -> bool:
+    """Alembic ``include_name`` filter: False for the search schema the models omit."""
+    if type_ == "table":
+        return name not in SEARCH_TABLES
+    if type_ == "column":
+        return (parent_names.get("table_name"), name) not in SEARCH_COLUMNS
+    if type_ == "index":
+        return name not in SEARCH_INDEXES
+    return True
 
 
 class EventLogRow(Base):

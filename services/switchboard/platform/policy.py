@@ -105,8 +105,10 @@ class Principal:
 
 
 class MembershipReader(Protocol):
-    async def role_of(self, workspace_id: str, user_id: str) -> Role | None:
-        """The user's role in a live (not deleted) workspace, or None."""
+    async def role_of(
+        self, workspace_id: str, user_id: str, *, include_deleted: bool = False
+    ) -> Role | None:
+        """The user's role in a live (or, if asked, soft-deleted) workspace, or None."""
         ...
 
 
@@ -142,7 +144,13 @@ class Policy:
         self._memberships = memberships
 
     async def authorize(
-        self, principal: Principal | None, name: str, permission: Permission, field_path: str
+        self,
+        principal: Principal | None,
+        name: str,
+        permission: Permission,
+        field_path: str,
+        *,
+        include_deleted: bool = False,
     ) -> Role | None:
         """Allow ``permission`` on the resource ``name`` or raise.
 
@@ -156,7 +164,9 @@ class Policy:
                 raise NotFound(f"{name} not found")
             principal.require_scope(permission.scope)
             return None
-        role = await self._memberships.role_of(owner.id, principal.user_id)
+        role = await self._memberships.role_of(
+            owner.id, principal.user_id, include_deleted=include_deleted
+        )
         if role is None:
             # Not a member: indistinguishable from a workspace that does not exist.
             raise NotFound(f"{name} not found")

@@ -16,7 +16,7 @@ from alembic import context
 from alembic.autogenerate.api import AutogenContext
 from sqlalchemy.engine import Connection
 
-from switchboard.platform.models import Base, UTCDateTime
+from switchboard.platform.models import Base, UTCDateTime, modelled
 
 # pg_advisory_xact_lock key ("swbd-mig" as an int64): serializes processes that
 # start at the same time and would otherwise both create the tables.
@@ -41,6 +41,8 @@ _CONFIGURE_OPTIONS: dict[str, Any] = {
     "render_as_batch": True,
     "compare_type": True,
     "render_item": _render_item,
+    # Full-text search schema is backend-specific and written by hand (0003).
+    "include_name": modelled,
 }
 
 

@@ -409,6 +409,7 @@ class Message(_message.Message):
     RUN_FIELD_NUMBER: _builtins.int
     ARCHIVED_FIELD_NUMBER: _builtins.int
     TOKEN_COUNT_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `workspaces/{workspace}/conversations/{conversation}/messages/{message}`."""
     role: Global___MessageRole.ValueType
@@ -423,6 +424,8 @@ class Message(_message.Message):
     """True once pruning folded it into a summary (output only)."""
     token_count: _builtins.int
     """Token count under the server's counter (output only)."""
+    summary: _builtins.str
+    """The summary memory item this message was folded into by pruning, if archived (output only)."""
     @_builtins.property
     def parts(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContentPart]:
         """The content, in order."""
@@ -448,10 +451,11 @@ class Message(_message.Message):
         run: _builtins.str = ...,
         archived: _builtins.bool = ...,
         token_count: _builtins.int = ...,
+        summary: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "metadata", b"metadata"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["archived", b"archived", "author", b"author", "create_time", b"create_time", "metadata", b"metadata", "name", b"name", "parts", b"parts", "role", b"role", "run", b"run", "sequence", b"sequence", "token_count", b"token_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["archived", b"archived", "author", b"author", "create_time", b"create_time", "metadata", b"metadata", "name", b"name", "parts", b"parts", "role", b"role", "run", b"run", "sequence", b"sequence", "summary", b"summary", "token_count", b"token_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -473,6 +477,8 @@ class MemoryItem(_message.Message):
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     CREATOR_FIELD_NUMBER: _builtins.int
     TOKEN_COUNT_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `{parent}/memories/{memory}` where parent is `users/{user}`,
     `workspaces/{workspace}` or `workspaces/{workspace}/conversations/{conversation}`.
@@ -487,6 +493,8 @@ class MemoryItem(_message.Message):
     """Who created it, `users/{user}` or `handlers/{handler}`."""
     token_count: _builtins.int
     """Token count under the server's counter (output only)."""
+    etag: _builtins.str
+    """Opaque version for optimistic concurrency."""
     @_builtins.property
     def source_messages(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Messages this item was derived from."""
@@ -503,6 +511,10 @@ class MemoryItem(_message.Message):
     def expire_time(self) -> _timestamp_pb2.Timestamp:
         """When it stops being used; unset means never."""
 
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was last changed (output only)."""
+
     def __init__(
         self,
         *,
@@ -516,10 +528,12 @@ class MemoryItem(_message.Message):
         expire_time: _timestamp_pb2.Timestamp | None = ...,
         creator: _builtins.str = ...,
         token_count: _builtins.int = ...,
+        etag: _builtins.str = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "metadata", b"metadata"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "metadata", b"metadata", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "create_time", b"create_time", "creator", b"creator", "expire_time", b"expire_time", "kind", b"kind", "metadata", b"metadata", "name", b"name", "pinned", b"pinned", "source_messages", b"source_messages", "token_count", b"token_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "create_time", b"create_time", "creator", b"creator", "etag", b"etag", "expire_time", b"expire_time", "kind", b"kind", "metadata", b"metadata", "name", b"name", "pinned", b"pinned", "source_messages", b"source_messages", "token_count", b"token_count", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -788,6 +802,56 @@ class DeleteWorkspaceResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteWorkspaceResponse: _TypeAlias = DeleteWorkspaceResponse  # noqa: Y015
+
+@_typing.final
+class UndeleteWorkspaceRequest(_message.Message):
+    """Request for UndeleteWorkspace."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`workspaces/{workspace}`."""
+    etag: _builtins.str
+    """If set, must match the current etag."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UndeleteWorkspaceRequest: _TypeAlias = UndeleteWorkspaceRequest  # noqa: Y015
+
+@_typing.final
+class UndeleteWorkspaceResponse(_message.Message):
+    """Response for UndeleteWorkspace."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKSPACE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def workspace(self) -> Global___Workspace:
+        """The restored workspace."""
+
+    def __init__(
+        self,
+        *,
+        workspace: Global___Workspace | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["workspace", b"workspace"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["workspace", b"workspace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UndeleteWorkspaceResponse: _TypeAlias = UndeleteWorkspaceResponse  # noqa: Y015
 
 @_typing.final
 class AddWorkspaceMemberRequest(_message.Message):
@@ -1267,6 +1331,56 @@ class DeleteConversationResponse(_message.Message):
 Global___DeleteConversationResponse: _TypeAlias = DeleteConversationResponse  # noqa: Y015
 
 @_typing.final
+class UndeleteConversationRequest(_message.Message):
+    """Request for UndeleteConversation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`workspaces/{workspace}/conversations/{conversation}`."""
+    etag: _builtins.str
+    """If set, must match the current etag."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UndeleteConversationRequest: _TypeAlias = UndeleteConversationRequest  # noqa: Y015
+
+@_typing.final
+class UndeleteConversationResponse(_message.Message):
+    """Response for UndeleteConversation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONVERSATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def conversation(self) -> Global___Conversation:
+        """The restored conversation."""
+
+    def __init__(
+        self,
+        *,
+        conversation: Global___Conversation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UndeleteConversationResponse: _TypeAlias = UndeleteConversationResponse  # noqa: Y015
+
+@_typing.final
 class AppendMessageRequest(_message.Message):
     """Request for AppendMessage."""
 
@@ -1487,6 +1601,106 @@ class CreateMemoryItemResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CreateMemoryItemResponse: _TypeAlias = CreateMemoryItemResponse  # noqa: Y015
+
+@_typing.final
+class GetMemoryItemRequest(_message.Message):
+    """Request for GetMemoryItem."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`{parent}/memories/{memory}`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMemoryItemRequest: _TypeAlias = GetMemoryItemRequest  # noqa: Y015
+
+@_typing.final
+class GetMemoryItemResponse(_message.Message):
+    """Response for GetMemoryItem."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMORY_ITEM_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def memory_item(self) -> Global___MemoryItem:
+        """The memory item."""
+
+    def __init__(
+        self,
+        *,
+        memory_item: Global___MemoryItem | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["memory_item", b"memory_item"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["memory_item", b"memory_item"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMemoryItemResponse: _TypeAlias = GetMemoryItemResponse  # noqa: Y015
+
+@_typing.final
+class UpdateMemoryItemRequest(_message.Message):
+    """Request for UpdateMemoryItem."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMORY_ITEM_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def memory_item(self) -> Global___MemoryItem:
+        """The memory item with `name`, optionally `etag`, and the new field values."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Fields to change: `content`, `pinned`, `metadata`, `expire_time`."""
+
+    def __init__(
+        self,
+        *,
+        memory_item: Global___MemoryItem | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["memory_item", b"memory_item", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["memory_item", b"memory_item", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateMemoryItemRequest: _TypeAlias = UpdateMemoryItemRequest  # noqa: Y015
+
+@_typing.final
+class UpdateMemoryItemResponse(_message.Message):
+    """Response for UpdateMemoryItem."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMORY_ITEM_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def memory_item(self) -> Global___MemoryItem:
+        """The updated memory item."""
+
+    def __init__(
+        self,
+        *,
+        memory_item: Global___MemoryItem | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["memory_item", b"memory_item"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["memory_item", b"memory_item"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateMemoryItemResponse: _TypeAlias = UpdateMemoryItemResponse  # noqa: Y015
 
 @_typing.final
 class ListMemoryItemsRequest(_message.Message):
@@ -1774,6 +1988,7 @@ class ContextWindow(_message.Message):
     INCLUDED_FIELD_NUMBER: _builtins.int
     EXCLUDED_FIELD_NUMBER: _builtins.int
     TOKENIZER_FIELD_NUMBER: _builtins.int
+    OMITTED_MESSAGES_FIELD_NUMBER: _builtins.int
     conversation: _builtins.str
     """The conversation, `workspaces/{workspace}/conversations/{conversation}`."""
     conversation_version: _builtins.int
@@ -1783,7 +1998,12 @@ class ContextWindow(_message.Message):
     total_tokens: _builtins.int
     """Tokens used by the included items."""
     tokenizer: _builtins.str
-    """The token counter used, for example "whitespace-v1"."""
+    """The token counter used, for example "approx-v1"."""
+    omitted_messages: _builtins.int
+    """Messages older than every listed one that were left out without being
+    listed: once a message does not fit, every older one is left out too, so
+    the included messages are always the newest ones, in order.
+    """
     @_builtins.property
     def included(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContextItem]:
         """Included items in the order a handler should read them."""
@@ -1802,10 +2022,11 @@ class ContextWindow(_message.Message):
         included: _abc.Iterable[Global___ContextItem] | None = ...,
         excluded: _abc.Iterable[Global___ContextItem] | None = ...,
         tokenizer: _builtins.str = ...,
+        omitted_messages: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation", "conversation_version", b"conversation_version", "excluded", b"excluded", "included", b"included", "token_budget", b"token_budget", "tokenizer", b"tokenizer", "total_tokens", b"total_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation", "conversation_version", b"conversation_version", "excluded", b"excluded", "included", b"included", "omitted_messages", b"omitted_messages", "token_budget", b"token_budget", "tokenizer", b"tokenizer", "total_tokens", b"total_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1844,22 +2065,28 @@ class PruneConversationRequest(_message.Message):
     CONVERSATION_FIELD_NUMBER: _builtins.int
     KEEP_LAST_MESSAGES_FIELD_NUMBER: _builtins.int
     VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
+    MAX_TOKENS_FIELD_NUMBER: _builtins.int
     conversation: _builtins.str
     """`workspaces/{workspace}/conversations/{conversation}`."""
     keep_last_messages: _builtins.int
-    """Keep at most this many recent messages unarchived."""
+    """Keep at most this many recent messages unarchived (0: no count limit)."""
     validate_only: _builtins.bool
     """Report what would be pruned without changing anything."""
+    max_tokens: _builtins.int
+    """Keep at most this many tokens of recent messages unarchived (0: no token
+    limit). The newest message is always kept.
+    """
     def __init__(
         self,
         *,
         conversation: _builtins.str = ...,
         keep_last_messages: _builtins.int = ...,
         validate_only: _builtins.bool = ...,
+        max_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation", "keep_last_messages", b"keep_last_messages", "validate_only", b"validate_only"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation", "keep_last_messages", b"keep_last_messages", "max_tokens", b"max_tokens", "validate_only", b"validate_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1873,8 +2100,11 @@ class PruneConversationResponse(_message.Message):
 
     SUMMARY_FIELD_NUMBER: _builtins.int
     PRUNED_MESSAGE_COUNT_FIELD_NUMBER: _builtins.int
+    KEPT_MESSAGE_COUNT_FIELD_NUMBER: _builtins.int
     pruned_message_count: _builtins.int
     """How many messages were archived."""
+    kept_message_count: _builtins.int
+    """How many live messages remain."""
     @_builtins.property
     def summary(self) -> Global___MemoryItem:
         """The summary memory item created for the pruned messages (unset if none)."""
@@ -1884,10 +2114,11 @@ class PruneConversationResponse(_message.Message):
         *,
         summary: Global___MemoryItem | None = ...,
         pruned_message_count: _builtins.int = ...,
+        kept_message_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pruned_message_count", b"pruned_message_count", "summary", b"summary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kept_message_count", b"kept_message_count", "pruned_message_count", b"pruned_message_count", "summary", b"summary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

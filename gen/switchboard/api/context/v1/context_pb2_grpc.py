@@ -65,6 +65,11 @@ class ContextServiceStub:
                 request_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.DeleteWorkspaceRequest.SerializeToString,
                 response_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.DeleteWorkspaceResponse.FromString,
                 _registered_method=True)
+        self.UndeleteWorkspace = channel.unary_unary(
+                '/switchboard.api.context.v1.ContextService/UndeleteWorkspace',
+                request_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.UndeleteWorkspaceRequest.SerializeToString,
+                response_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.UndeleteWorkspaceResponse.FromString,
+                _registered_method=True)
         self.AddWorkspaceMember = channel.unary_unary(
                 '/switchboard.api.context.v1.ContextService/AddWorkspaceMember',
                 request_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.AddWorkspaceMemberRequest.SerializeToString,
@@ -110,6 +115,11 @@ class ContextServiceStub:
                 request_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.DeleteConversationRequest.SerializeToString,
                 response_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.DeleteConversationResponse.FromString,
                 _registered_method=True)
+        self.UndeleteConversation = channel.unary_unary(
+                '/switchboard.api.context.v1.ContextService/UndeleteConversation',
+                request_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.UndeleteConversationRequest.SerializeToString,
+                response_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.UndeleteConversationResponse.FromString,
+                _registered_method=True)
         self.AppendMessage = channel.unary_unary(
                 '/switchboard.api.context.v1.ContextService/AppendMessage',
                 request_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.AppendMessageRequest.SerializeToString,
@@ -129,6 +139,16 @@ class ContextServiceStub:
                 '/switchboard.api.context.v1.ContextService/CreateMemoryItem',
                 request_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.CreateMemoryItemRequest.SerializeToString,
                 response_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.CreateMemoryItemResponse.FromString,
+                _registered_method=True)
+        self.GetMemoryItem = channel.unary_unary(
+                '/switchboard.api.context.v1.ContextService/GetMemoryItem',
+                request_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.GetMemoryItemRequest.SerializeToString,
+                response_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.GetMemoryItemResponse.FromString,
+                _registered_method=True)
+        self.UpdateMemoryItem = channel.unary_unary(
+                '/switchboard.api.context.v1.ContextService/UpdateMemoryItem',
+                request_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.UpdateMemoryItemRequest.SerializeToString,
+                response_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.UpdateMemoryItemResponse.FromString,
                 _registered_method=True)
         self.ListMemoryItems = channel.unary_unary(
                 '/switchboard.api.context.v1.ContextService/ListMemoryItems',
@@ -200,6 +220,13 @@ class ContextServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UndeleteWorkspace(self, request, context):
+        """Restores a soft-deleted workspace (its owners only) before it is purged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def AddWorkspaceMember(self, request, context):
         """Adds a user to a workspace with a role (owners only).
         """
@@ -263,6 +290,13 @@ class ContextServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UndeleteConversation(self, request, context):
+        """Restores a soft-deleted conversation before it is purged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def AppendMessage(self, request, context):
         """Appends a message to a conversation.
         """
@@ -286,6 +320,20 @@ class ContextServiceServicer:
 
     def CreateMemoryItem(self, request, context):
         """Creates a memory item scoped to a user, workspace or conversation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMemoryItem(self, request, context):
+        """Gets one memory item.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateMemoryItem(self, request, context):
+        """Updates a memory item's content, pinned flag, metadata or expiry.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -354,6 +402,11 @@ def add_ContextServiceServicer_to_server(servicer, server):
                     request_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.DeleteWorkspaceRequest.FromString,
                     response_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.DeleteWorkspaceResponse.SerializeToString,
             ),
+            'UndeleteWorkspace': grpc.unary_unary_rpc_method_handler(
+                    servicer.UndeleteWorkspace,
+                    request_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.UndeleteWorkspaceRequest.FromString,
+                    response_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.UndeleteWorkspaceResponse.SerializeToString,
+            ),
             'AddWorkspaceMember': grpc.unary_unary_rpc_method_handler(
                     servicer.AddWorkspaceMember,
                     request_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.AddWorkspaceMemberRequest.FromString,
@@ -399,6 +452,11 @@ def add_ContextServiceServicer_to_server(servicer, server):
                     request_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.DeleteConversationRequest.FromString,
                     response_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.DeleteConversationResponse.SerializeToString,
             ),
+            'UndeleteConversation': grpc.unary_unary_rpc_method_handler(
+                    servicer.UndeleteConversation,
+                    request_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.UndeleteConversationRequest.FromString,
+                    response_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.UndeleteConversationResponse.SerializeToString,
+            ),
             'AppendMessage': grpc.unary_unary_rpc_method_handler(
                     servicer.AppendMessage,
                     request_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.AppendMessageRequest.FromString,
@@ -418,6 +476,16 @@ def add_ContextServiceServicer_to_server(servicer, server):
                     servicer.CreateMemoryItem,
                     request_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.CreateMemoryItemRequest.FromString,
                     response_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.CreateMemoryItemResponse.SerializeToString,
+            ),
+            'GetMemoryItem': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMemoryItem,
+                    request_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.GetMemoryItemRequest.FromString,
+                    response_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.GetMemoryItemResponse.SerializeToString,
+            ),
+            'UpdateMemoryItem': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateMemoryItem,
+                    request_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.UpdateMemoryItemRequest.FromString,
+                    response_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.UpdateMemoryItemResponse.SerializeToString,
             ),
             'ListMemoryItems': grpc.unary_unary_rpc_method_handler(
                     servicer.ListMemoryItems,
@@ -585,6 +653,33 @@ class ContextService:
             '/switchboard.api.context.v1.ContextService/DeleteWorkspace',
             switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.DeleteWorkspaceRequest.SerializeToString,
             switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.DeleteWorkspaceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UndeleteWorkspace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.api.context.v1.ContextService/UndeleteWorkspace',
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.UndeleteWorkspaceRequest.SerializeToString,
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.UndeleteWorkspaceResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -839,6 +934,33 @@ class ContextService:
             _registered_method=True)
 
     @staticmethod
+    def UndeleteConversation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.api.context.v1.ContextService/UndeleteConversation',
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.UndeleteConversationRequest.SerializeToString,
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.UndeleteConversationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def AppendMessage(request,
             target,
             options=(),
@@ -936,6 +1058,60 @@ class ContextService:
             '/switchboard.api.context.v1.ContextService/CreateMemoryItem',
             switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.CreateMemoryItemRequest.SerializeToString,
             switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.CreateMemoryItemResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMemoryItem(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.api.context.v1.ContextService/GetMemoryItem',
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.GetMemoryItemRequest.SerializeToString,
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.GetMemoryItemResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateMemoryItem(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.api.context.v1.ContextService/UpdateMemoryItem',
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.UpdateMemoryItemRequest.SerializeToString,
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.UpdateMemoryItemResponse.FromString,
             options,
             channel_credentials,
             insecure,

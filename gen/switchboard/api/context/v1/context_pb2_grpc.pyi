@@ -49,6 +49,8 @@ class ContextServiceStub:
     """Updates a workspace (owners only)."""
     DeleteWorkspace: _grpc.UnaryUnaryMultiCallable[_context_pb2.DeleteWorkspaceRequest, _context_pb2.DeleteWorkspaceResponse]
     """Soft-deletes a workspace (owners only); it can be undeleted until purged."""
+    UndeleteWorkspace: _grpc.UnaryUnaryMultiCallable[_context_pb2.UndeleteWorkspaceRequest, _context_pb2.UndeleteWorkspaceResponse]
+    """Restores a soft-deleted workspace (its owners only) before it is purged."""
     AddWorkspaceMember: _grpc.UnaryUnaryMultiCallable[_context_pb2.AddWorkspaceMemberRequest, _context_pb2.AddWorkspaceMemberResponse]
     """Adds a user to a workspace with a role (owners only)."""
     UpdateWorkspaceMember: _grpc.UnaryUnaryMultiCallable[_context_pb2.UpdateWorkspaceMemberRequest, _context_pb2.UpdateWorkspaceMemberResponse]
@@ -67,6 +69,8 @@ class ContextServiceStub:
     """Updates a conversation's title, metadata or archived flag."""
     DeleteConversation: _grpc.UnaryUnaryMultiCallable[_context_pb2.DeleteConversationRequest, _context_pb2.DeleteConversationResponse]
     """Soft-deletes a conversation."""
+    UndeleteConversation: _grpc.UnaryUnaryMultiCallable[_context_pb2.UndeleteConversationRequest, _context_pb2.UndeleteConversationResponse]
+    """Restores a soft-deleted conversation before it is purged."""
     AppendMessage: _grpc.UnaryUnaryMultiCallable[_context_pb2.AppendMessageRequest, _context_pb2.AppendMessageResponse]
     """Appends a message to a conversation."""
     GetMessage: _grpc.UnaryUnaryMultiCallable[_context_pb2.GetMessageRequest, _context_pb2.GetMessageResponse]
@@ -75,6 +79,10 @@ class ContextServiceStub:
     """Lists a conversation's messages in order; stable under concurrent appends."""
     CreateMemoryItem: _grpc.UnaryUnaryMultiCallable[_context_pb2.CreateMemoryItemRequest, _context_pb2.CreateMemoryItemResponse]
     """Creates a memory item scoped to a user, workspace or conversation."""
+    GetMemoryItem: _grpc.UnaryUnaryMultiCallable[_context_pb2.GetMemoryItemRequest, _context_pb2.GetMemoryItemResponse]
+    """Gets one memory item."""
+    UpdateMemoryItem: _grpc.UnaryUnaryMultiCallable[_context_pb2.UpdateMemoryItemRequest, _context_pb2.UpdateMemoryItemResponse]
+    """Updates a memory item's content, pinned flag, metadata or expiry."""
     ListMemoryItems: _grpc.UnaryUnaryMultiCallable[_context_pb2.ListMemoryItemsRequest, _context_pb2.ListMemoryItemsResponse]
     """Lists memory items under a parent."""
     SearchMemoryItems: _grpc.UnaryUnaryMultiCallable[_context_pb2.SearchMemoryItemsRequest, _context_pb2.SearchMemoryItemsResponse]
@@ -106,6 +114,8 @@ class ContextServiceAsyncStub(ContextServiceStub):
     """Updates a workspace (owners only)."""
     DeleteWorkspace: _aio.UnaryUnaryMultiCallable[_context_pb2.DeleteWorkspaceRequest, _context_pb2.DeleteWorkspaceResponse]  # type: ignore[assignment]
     """Soft-deletes a workspace (owners only); it can be undeleted until purged."""
+    UndeleteWorkspace: _aio.UnaryUnaryMultiCallable[_context_pb2.UndeleteWorkspaceRequest, _context_pb2.UndeleteWorkspaceResponse]  # type: ignore[assignment]
+    """Restores a soft-deleted workspace (its owners only) before it is purged."""
     AddWorkspaceMember: _aio.UnaryUnaryMultiCallable[_context_pb2.AddWorkspaceMemberRequest, _context_pb2.AddWorkspaceMemberResponse]  # type: ignore[assignment]
     """Adds a user to a workspace with a role (owners only)."""
     UpdateWorkspaceMember: _aio.UnaryUnaryMultiCallable[_context_pb2.UpdateWorkspaceMemberRequest, _context_pb2.UpdateWorkspaceMemberResponse]  # type: ignore[assignment]
@@ -124,6 +134,8 @@ class ContextServiceAsyncStub(ContextServiceStub):
     """Updates a conversation's title, metadata or archived flag."""
     DeleteConversation: _aio.UnaryUnaryMultiCallable[_context_pb2.DeleteConversationRequest, _context_pb2.DeleteConversationResponse]  # type: ignore[assignment]
     """Soft-deletes a conversation."""
+    UndeleteConversation: _aio.UnaryUnaryMultiCallable[_context_pb2.UndeleteConversationRequest, _context_pb2.UndeleteConversationResponse]  # type: ignore[assignment]
+    """Restores a soft-deleted conversation before it is purged."""
     AppendMessage: _aio.UnaryUnaryMultiCallable[_context_pb2.AppendMessageRequest, _context_pb2.AppendMessageResponse]  # type: ignore[assignment]
     """Appends a message to a conversation."""
     GetMessage: _aio.UnaryUnaryMultiCallable[_context_pb2.GetMessageRequest, _context_pb2.GetMessageResponse]  # type: ignore[assignment]
@@ -132,6 +144,10 @@ class ContextServiceAsyncStub(ContextServiceStub):
     """Lists a conversation's messages in order; stable under concurrent appends."""
     CreateMemoryItem: _aio.UnaryUnaryMultiCallable[_context_pb2.CreateMemoryItemRequest, _context_pb2.CreateMemoryItemResponse]  # type: ignore[assignment]
     """Creates a memory item scoped to a user, workspace or conversation."""
+    GetMemoryItem: _aio.UnaryUnaryMultiCallable[_context_pb2.GetMemoryItemRequest, _context_pb2.GetMemoryItemResponse]  # type: ignore[assignment]
+    """Gets one memory item."""
+    UpdateMemoryItem: _aio.UnaryUnaryMultiCallable[_context_pb2.UpdateMemoryItemRequest, _context_pb2.UpdateMemoryItemResponse]  # type: ignore[assignment]
+    """Updates a memory item's content, pinned flag, metadata or expiry."""
     ListMemoryItems: _aio.UnaryUnaryMultiCallable[_context_pb2.ListMemoryItemsRequest, _context_pb2.ListMemoryItemsResponse]  # type: ignore[assignment]
     """Lists memory items under a parent."""
     SearchMemoryItems: _aio.UnaryUnaryMultiCallable[_context_pb2.SearchMemoryItemsRequest, _context_pb2.SearchMemoryItemsResponse]  # type: ignore[assignment]
@@ -190,6 +206,14 @@ class ContextServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_context_pb2.DeleteWorkspaceResponse, _abc.Awaitable[_context_pb2.DeleteWorkspaceResponse]]:
         """Soft-deletes a workspace (owners only); it can be undeleted until purged."""
+
+    @_abc_1.abstractmethod
+    def UndeleteWorkspace(
+        self,
+        request: _context_pb2.UndeleteWorkspaceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_context_pb2.UndeleteWorkspaceResponse, _abc.Awaitable[_context_pb2.UndeleteWorkspaceResponse]]:
+        """Restores a soft-deleted workspace (its owners only) before it is purged."""
 
     @_abc_1.abstractmethod
     def AddWorkspaceMember(
@@ -264,6 +288,14 @@ class ContextServiceServicer(metaclass=_abc_1.ABCMeta):
         """Soft-deletes a conversation."""
 
     @_abc_1.abstractmethod
+    def UndeleteConversation(
+        self,
+        request: _context_pb2.UndeleteConversationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_context_pb2.UndeleteConversationResponse, _abc.Awaitable[_context_pb2.UndeleteConversationResponse]]:
+        """Restores a soft-deleted conversation before it is purged."""
+
+    @_abc_1.abstractmethod
     def AppendMessage(
         self,
         request: _context_pb2.AppendMessageRequest,
@@ -294,6 +326,22 @@ class ContextServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_context_pb2.CreateMemoryItemResponse, _abc.Awaitable[_context_pb2.CreateMemoryItemResponse]]:
         """Creates a memory item scoped to a user, workspace or conversation."""
+
+    @_abc_1.abstractmethod
+    def GetMemoryItem(
+        self,
+        request: _context_pb2.GetMemoryItemRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_context_pb2.GetMemoryItemResponse, _abc.Awaitable[_context_pb2.GetMemoryItemResponse]]:
+        """Gets one memory item."""
+
+    @_abc_1.abstractmethod
+    def UpdateMemoryItem(
+        self,
+        request: _context_pb2.UpdateMemoryItemRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_context_pb2.UpdateMemoryItemResponse, _abc.Awaitable[_context_pb2.UpdateMemoryItemResponse]]:
+        """Updates a memory item's content, pinned flag, metadata or expiry."""
 
     @_abc_1.abstractmethod
     def ListMemoryItems(

@@ -42,7 +42,7 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     EVENT_TYPE_MESSAGE_CREATED: _EventType.ValueType  # 4
     """A message was appended."""
     EVENT_TYPE_MEMORY_CHANGED: _EventType.ValueType  # 5
-    """A memory item was created or deleted."""
+    """A memory item was created, updated or deleted."""
     EVENT_TYPE_RUN_UPDATED: _EventType.ValueType  # 6
     """A run changed state or produced output."""
     EVENT_TYPE_INTEGRATION_CHANGED: _EventType.ValueType  # 7
@@ -64,7 +64,7 @@ EVENT_TYPE_CONVERSATION_CHANGED: EventType.ValueType  # 3
 EVENT_TYPE_MESSAGE_CREATED: EventType.ValueType  # 4
 """A message was appended."""
 EVENT_TYPE_MEMORY_CHANGED: EventType.ValueType  # 5
-"""A memory item was created or deleted."""
+"""A memory item was created, updated or deleted."""
 EVENT_TYPE_RUN_UPDATED: EventType.ValueType  # 6
 """A run changed state or produced output."""
 EVENT_TYPE_INTEGRATION_CHANGED: EventType.ValueType  # 7

@@ -1,0 +1,1334 @@
+"""Persistence of the context service: workspaces, members, conversations,
+messages, memory items, full-text search and idempotency keys.
+
+All SQL of the context service lives here. Every write runs in one
+transaction; on SQLite it begins IMMEDIATE (``platform/db.py``), on PostgreSQL
+the rows that order concurrent writers (a conversation for appends) are
+locked with ``SELECT ... FOR UPDATE``, so sequence numbers and counters stay
+exact under concurrency on both.
+
+Reads that must be consistent across several statements (the context window)
+run in one read transaction: a WAL snapshot on SQLite, REPEATABLE READ on
+PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+
+from sqlalchemy import Select, and_, bindparam, delete, func, or_, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import (
+    DataError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    ProgrammingError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.elements import BindParameter
+
+from switchboard.platform.db import Database
+from switchboard.platform.errors import (
+    AlreadyExists,
+    Conflict,
+    DependencyUnavailable,
+    EtagMismatch,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    QuotaExceeded,
+)
+from switchboard.platform.models import (
+    ConversationRow,
+    IdempotencyRow,
+    MemoryItemRow,
+    MemoryScopeRow,
+    MessageRow,
+    UserRow,
+    WorkspaceMemberRow,
+    WorkspaceRow,
+)
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+log = logging.getLogger("switchboard.context.store")
+
+#: What a database outage looks like from here.
+_OUTAGES: Final = (OperationalError, InterfaceError, PoolTimeout, TimeoutError, OSError)
+
+
+#: Idempotency keys are kept this long; a retry after that creates anew.
+IDEMPOTENCY_TTL: Final = dt.timedelta(hours=24)
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def fingerprint(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()
+
+
+@dataclass(frozen=True)
+class Idempotency:
+    """A create request's idempotency key and the fingerprint of its request."""
+
+    key: str
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class Appended:
+    """What an append wrote: the message, the conversation after it, entity memory."""
+
+    message: MessageRow
+    conversation: ConversationRow
+    created_memory: list[MemoryItemRow]
+    updated_memory: list[MemoryItemRow]
+    replayed: bool = False
+
+
+@dataclass(frozen=True)
+class EntityRecord:
+    """An entity to remember from an appended message (``kind``: mention, link...)."""
+
+    content: str
+    meta: bytes
+    tokens: int
+
+
+@dataclass(frozen=True)
+class WindowRows:
+    """Everything a context window is built from, read in one snapshot."""
+
+    conversation: ConversationRow
+    workspace_version: int
+    user_version: int
+    pinned: list[MemoryItemRow]
+    relevant: list[tuple[MemoryItemRow, float]]
+    summary: MemoryItemRow | None
+    # (seq, token_count) of live messages, newest first, at least covering the budget.
+    recent: list[tuple[int, int]]
+    latest_user_message: MessageRow | None
+
+
+def check_etag(etag: str, version: int) -> None:
+    """Raise ABORTED unless ``etag`` (if given) names ``version``."""
+    if not etag:
+        return
+    value = etag.removeprefix("W/").strip('"')
+    if not value.isdigit():
+        raise InvalidArgument("etag is malformed", [FieldViolation("etag", "is malformed")])
+    if int(value) != version:
+        raise EtagMismatch("the resource changed since the etag was read; read it again")
+
+
+def etag_of(version: int) -> str:
+    return f'"{version}"'
+
+
+class ContextStore:
+    def __init__(self, database: Database) -> None:
+        self._database = database
+        self._sessions = database.sessions
+        self._readers = database.readers
+        self.sqlite = database.dialect_name == "sqlite"
+
+    # -- transactions --------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncSession]:
+        try:
+            async with self._sessions.begin() as db:
+                yield db
+        except IntegrityError as exc:
+            # Two writers raced for one key (PostgreSQL; SQLite serializes writers).
+            raise Conflict("a concurrent request wrote the same resource; retry") from exc
+        except _OUTAGES as exc:
+            # SQLite "database is locked" past the busy timeout, a statement or
+            # pool timeout, a lost connection: the database is unavailable or
+            # overloaded, not the request wrong.
+            log.warning("context database write failed", exc_info=True)
+            raise DependencyUnavailable("the database is unavailable; retry") from exc
+
+    @asynccontextmanager
+    async def _read(self, *, snapshot: bool = False) -> AsyncIterator[AsyncSession]:
+        try:
+            async with self._readers() as db:
+                if snapshot and not self.sqlite:
+                    await db.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+                yield db
+        except _OUTAGES as exc:
+            log.warning("context database read failed", exc_info=True)
+            raise DependencyUnavailable("the database is unavailable; retry") from exc
+
+    async def _retrying(self, operation: Callable[[], Awaitable[_T]]) -> _T:
+        """Run a create once more if a concurrent twin won the idempotency key.
+
+        Only PostgreSQL can get here (SQLite writers are serialized): the
+        second run finds the winner's key and returns its result.
+        """
+        try:
+            return await operation()
+        except Conflict:
+            return await operation()
+
+    def _lock(self, query: Select[_R]) -> Select[_R]:
+        return query if self.sqlite else query.with_for_update()
+
+    async def _claim(
+        self, db: AsyncSession, idempotency: Idempotency | None, resource: str
+    ) -> str | None:
+        """Record ``idempotency`` for ``resource``; the earlier resource if it was used."""
+        if idempotency is None:
+            return None
+        existing = await db.get(IdempotencyRow, idempotency.key)
+        stamp = now()
+        if existing is not None and existing.created_at > stamp - IDEMPOTENCY_TTL:
+            if existing.fingerprint != idempotency.fingerprint:
+                raise InvalidArgument(
+                    "request_id was already used for a different request",
+                    [FieldViolation("request_id", "was already used for a different request")],
+                )
+            return existing.resource
+        if existing is not None:
+            await db.delete(existing)
+            await db.flush()
+        db.add(
+            IdempotencyRow(
+                key=idempotency.key,
+                fingerprint=idempotency.fingerprint,
+                resource=resource,
+                created_at=stamp,
+            )
+        )
+        await db.flush()
+        return None
+
+    async def purge_idempotency(self) -> int:
+        async with self._write() as db:
+            result = await db.execute(
+                delete(IdempotencyRow).where(IdempotencyRow.created_at < now() - IDEMPOTENCY_TTL)
+            )
+            return int(getattr(result, "rowcount", 0) or 0)
+
+    async def _bump_scope(self, db: AsyncSession, scope: str) -> None:
+        insert = sqlite_insert if self.sqlite else pg_insert
+        statement = insert(MemoryScopeRow).values(scope=scope, version=1)
+        await db.execute(
+            statement.on_conflict_do_update(
+                index_elements=[MemoryScopeRow.scope],
+                set_={"version": MemoryScopeRow.version + 1},
+            )
+        )
+
+    # -- workspaces ------------------------------------------------------------------
+
+    async def create_workspace(
+        self,
+        workspace_id: str,
+        display_name: str,
+        description: str,
+        owner_id: str,
+        idempotency: Idempotency | None,
+        max_owned: int,
+    ) -> tuple[WorkspaceRow, bool]:
+        async def run() -> tuple[WorkspaceRow, bool]:
+            async with self._write() as db:
+                earlier = await self._claim(db, idempotency, workspace_id)
+                if earlier is not None:
+                    row = await db.get(WorkspaceRow, earlier)
+                    if row is None:
+                        raise NotFound(f"workspaces/{earlier} not found")
+                    return row, False
+                owned = (
+                    await db.execute(
+                        select(func.count())
+                        .select_from(WorkspaceMemberRow)
+                        .where(
+                            WorkspaceMemberRow.user_id == owner_id,
+                            WorkspaceMemberRow.role == "owner",
+                        )
+                    )
+                ).scalar_one()
+                if owned >= max_owned:
+                    raise QuotaExceeded(
+                        f"a user may own at most {max_owned} workspaces",
+                        subject="workspaces per owner",
+                    )
+                if await db.get(WorkspaceRow, workspace_id) is not None:
+                    raise _already_exists(f"workspaces/{workspace_id}")
+                stamp = now()
+                row = WorkspaceRow(
+                    id=workspace_id,
+                    display_name=display_name,
+                    description=description,
+                    created_at=stamp,
+                    updated_at=stamp,
+                    deleted_at=None,
+                    version=1,
+                )
+                db.add(row)
+                await db.flush()
+                db.add(
+                    WorkspaceMemberRow(
+                        workspace_id=workspace_id,
+                        user_id=owner_id,
+                        role="owner",
+                        created_at=stamp,
+                        updated_at=stamp,
+                    )
+                )
+                return row, True
+
+        return await self._retrying(run)
+
+    async def get_workspace(self, workspace_id: str) -> WorkspaceRow | None:
+        async with self._read() as db:
+            return await db.get(WorkspaceRow, workspace_id)
+
+    async def list_workspaces(
+        self,
+        user_id: str,
+        after: tuple[dt.datetime, str] | None,
+        limit: int,
+        *,
+        show_deleted: bool,
+    ) -> list[tuple[WorkspaceRow, str]]:
+        query = (
+            select(WorkspaceRow, WorkspaceMemberRow.role)
+            .join(WorkspaceMemberRow, WorkspaceMemberRow.workspace_id == WorkspaceRow.id)
+            .where(WorkspaceMemberRow.user_id == user_id)
+        )
+        if show_deleted:
+            # Deleted workspaces are visible to their owners only (to restore them).
+            query = query.where(
+                or_(WorkspaceRow.deleted_at.is_(None), WorkspaceMemberRow.role == "owner")
+            )
+        else:
+            query = query.where(WorkspaceRow.deleted_at.is_(None))
+        if after is not None:
+            query = query.where(
+                or_(
+                    WorkspaceRow.created_at > after[0],
+                    and_(WorkspaceRow.created_at == after[0], WorkspaceRow.id > after[1]),
+                )
+            )
+        query = query.order_by(WorkspaceRow.created_at, WorkspaceRow.id).limit(limit)
+        async with self._read() as db:
+            return [(row, role) for row, role in (await db.execute(query)).all()]
+
+    async def update_workspace(
+        self, workspace_id: str, etag: str, changes: dict[str, Any]
+    ) -> WorkspaceRow:
+        async with self._write() as db:
+            row = await self._workspace_for_update(db, workspace_id)
+            check_etag(etag, row.version)
+            for field, value in changes.items():
+                setattr(row, field, value)
+            row.version += 1
+            row.updated_at = now()
+            return row
+
+    async def set_workspace_deleted(
+        self, workspace_id: str, etag: str, *, deleted: bool
+    ) -> WorkspaceRow:
+        async with self._write() as db:
+            row = await self._workspace_for_update(db, workspace_id, include_deleted=True)
+            check_etag(etag, row.version)
+            if (row.deleted_at is not None) == deleted:
+                state = "deleted" if deleted else "not deleted"
+                raise FailedPrecondition(f"workspaces/{workspace_id} is already {state}")
+            stamp = now()
+            row.deleted_at = stamp if deleted else None
+            row.version += 1
+            row.updated_at = stamp
+            return row
+
+    async def _workspace_for_update(
+        self, db: AsyncSession, workspace_id: str, *, include_deleted: bool = False
+    ) -> WorkspaceRow:
+        row = (
+            await db.execute(
+                self._lock(select(WorkspaceRow).where(WorkspaceRow.id == workspace_id))
+            )
+        ).scalar_one_or_none()
+        if row is None or (row.deleted_at is not None and not include_deleted):
+            raise NotFound(f"workspaces/{workspace_id} not found")
+        return row
+
+    async def purge_workspaces(self, deleted_before: dt.datetime) -> list[str]:
+        """Hard-delete workspaces soft-deleted before ``deleted_before``; their ids."""
+        async with self._write() as db:
+            ids = list(
+                (
+                    await db.execute(
+                        select(WorkspaceRow.id).where(WorkspaceRow.deleted_at < deleted_before)
+                    )
+                ).scalars()
+            )
+            if ids:
+                if self.sqlite:
+                    await db.execute(
+                        text(
+                            "DELETE FROM memory_fts WHERE rowid IN (SELECT fts_rowid FROM "
+                            "memory_items WHERE workspace_id IN :ids)"
+                        ).bindparams(bindparam("ids", expanding=True)),
+                        {"ids": ids},
+                    )
+                await db.execute(delete(WorkspaceRow).where(WorkspaceRow.id.in_(ids)))
+            return ids
+
+    # -- members -----------------------------------------------------------------------
+
+    async def add_member(
+        self, workspace_id: str, user_id: str, role: str, max_members: int
+    ) -> WorkspaceMemberRow:
+        async with self._write() as db:
+            await self._workspace_for_update(db, workspace_id)
+            if await db.get(UserRow, user_id) is None:
+                raise NotFound(f"users/{user_id} not found")
+            if await db.get(WorkspaceMemberRow, (workspace_id, user_id)) is not None:
+                raise _already_exists(f"workspaces/{workspace_id}/members/{user_id}")
+            count = (
+                await db.execute(
+                    select(func.count())
+                    .select_from(WorkspaceMemberRow)
+                    .where(WorkspaceMemberRow.workspace_id == workspace_id)
+                )
+            ).scalar_one()
+            if count >= max_members:
+                raise QuotaExceeded(
+                    f"a workspace may have at most {max_members} members",
+                    subject="members per workspace",
+                )
+            stamp = now()
+            row = WorkspaceMemberRow(
+                workspace_id=workspace_id,
+                user_id=user_id,
+                role=role,
+                created_at=stamp,
+                updated_at=stamp,
+            )
+            db.add(row)
+            return row
+
+    async def update_member(self, workspace_id: str, user_id: str, role: str) -> WorkspaceMemberRow:
+        async with self._write() as db:
+            await self._workspace_for_update(db, workspace_id)
+            row = await self._member(db, workspace_id, user_id)
+            if row.role == "owner" and role != "owner":
+                await self._keep_an_owner(db, workspace_id)
+            row.role = role
+            row.updated_at = now()
+            return row
+
+    async def remove_member(self, workspace_id: str, user_id: str) -> WorkspaceMemberRow:
+        async with self._write() as db:
+            await self._workspace_for_update(db, workspace_id)
+            row = await self._member(db, workspace_id, user_id)
+            if row.role == "owner":
+                await self._keep_an_owner(db, workspace_id)
+            await db.delete(row)
+            return row
+
+    async def _member(
+        self, db: AsyncSession, workspace_id: str, user_id: str
+    ) -> WorkspaceMemberRow:
+        row = await db.get(WorkspaceMemberRow, (workspace_id, user_id))
+        if row is None:
+            raise NotFound(f"workspaces/{workspace_id}/members/{user_id} not found")
+        return row
+
+    async def _keep_an_owner(self, db: AsyncSession, workspace_id: str) -> None:
+        owners = (
+            await db.execute(
+                select(func.count())
+                .select_from(WorkspaceMemberRow)
+                .where(
+                    WorkspaceMemberRow.workspace_id == workspace_id,
+                    WorkspaceMemberRow.role == "owner",
+                )
+            )
+        ).scalar_one()
+        if owners <= 1:
+            raise FailedPrecondition(
+                "a workspace must keep an owner; make another member owner first"
+            )
+
+    async def list_members(
+        self, workspace_id: str, after_user: str, limit: int
+    ) -> list[WorkspaceMemberRow]:
+        query = select(WorkspaceMemberRow).where(WorkspaceMemberRow.workspace_id == workspace_id)
+        if after_user:
+            query = query.where(WorkspaceMemberRow.user_id > after_user)
+        async with self._read() as db:
+            return list(
+                (
+                    await db.execute(query.order_by(WorkspaceMemberRow.user_id).limit(limit))
+                ).scalars()
+            )
+
+    # -- conversations -----------------------------------------------------------------
+
+    async def create_conversation(
+        self,
+        workspace_id: str,
+        title: str,
+        meta: bytes,
+        creator: str,
+        idempotency: Idempotency | None,
+        max_per_workspace: int,
+    ) -> tuple[ConversationRow, bool]:
+        async def run() -> tuple[ConversationRow, bool]:
+            conversation_id = new_id()
+            async with self._write() as db:
+                await self._workspace_for_update(db, workspace_id)
+                earlier = await self._claim(db, idempotency, conversation_id)
+                if earlier is not None:
+                    row = await db.get(ConversationRow, earlier)
+                    if row is None:
+                        raise NotFound("the conversation created by this request_id is gone")
+                    return row, False
+                count = (
+                    await db.execute(
+                        select(func.count())
+                        .select_from(ConversationRow)
+                        .where(ConversationRow.workspace_id == workspace_id)
+                    )
+                ).scalar_one()
+                if count >= max_per_workspace:
+                    raise QuotaExceeded(
+                        f"a workspace may hold at most {max_per_workspace} conversations",
+                        subject="conversations per workspace",
+                    )
+                stamp = now()
+                row = ConversationRow(
+                    id=conversation_id,
+                    workspace_id=workspace_id,
+                    title=title,
+                    meta=meta,
+                    archived=False,
+                    creator=creator,
+                    created_at=stamp,
+                    updated_at=stamp,
+                    deleted_at=None,
+                    version=1,
+                    last_seq=0,
+                    message_count=0,
+                    token_count=0,
+                    summary_id=None,
+                )
+                db.add(row)
+                return row, True
+
+        return await self._retrying(run)
+
+    async def get_conversation(self, workspace_id: str, conversation_id: str) -> ConversationRow:
+        """The conversation (soft-deleted ones too), or NotFound."""
+        async with self._read() as db:
+            row = await db.get(ConversationRow, conversation_id)
+        if row is None or row.workspace_id != workspace_id:
+            raise NotFound(f"workspaces/{workspace_id}/conversations/{conversation_id} not found")
+        return row
+
+    async def list_conversations(
+        self,
+        workspace_id: str,
+        before: tuple[dt.datetime, str] | None,
+        limit: int,
+        *,
+        show_archived: bool,
+        show_deleted: bool,
+    ) -> list[ConversationRow]:
+        query = select(ConversationRow).where(ConversationRow.workspace_id == workspace_id)
+        if not show_archived:
+            query = query.where(ConversationRow.archived.is_(False))
+        if not show_deleted:
+            query = query.where(ConversationRow.deleted_at.is_(None))
+        if before is not None:
+            query = query.where(
+                or_(
+                    ConversationRow.updated_at < before[0],
+                    and_(ConversationRow.updated_at == before[0], ConversationRow.id < before[1]),
+                )
+            )
+        query = query.order_by(ConversationRow.updated_at.desc(), ConversationRow.id.desc())
+        async with self._read() as db:
+            return list((await db.execute(query.limit(limit))).scalars())
+
+    async def _conversation_for_update(
+        self,
+        db: AsyncSession,
+        workspace_id: str,
+        conversation_id: str,
+        *,
+        include_deleted: bool = False,
+        writable: bool = False,
+    ) -> ConversationRow:
+        row = (
+            await db.execute(
+                self._lock(select(ConversationRow).where(ConversationRow.id == conversation_id))
+            )
+        ).scalar_one_or_none()
+        name = f"workspaces/{workspace_id}/conversations/{conversation_id}"
+        if (
+            row is None
+            or row.workspace_id != workspace_id
+            or (row.deleted_at is not None and not include_deleted)
+        ):
+            raise NotFound(f"{name} not found")
+        if writable and row.archived:
+            raise FailedPrecondition(f"{name} is archived; unarchive it to change it")
+        return row
+
+    async def update_conversation(
+        self, workspace_id: str, conversation_id: str, etag: str, changes: dict[str, Any]
+    ) -> ConversationRow:
+        async with self._write() as db:
+            row = await self._conversation_for_update(db, workspace_id, conversation_id)
+            check_etag(etag, row.version)
+            if row.archived and set(changes) - {"archived"} and changes.get("archived", True):
+                raise FailedPrecondition(
+                    f"workspaces/{workspace_id}/conversations/{conversation_id} is archived; "
+                    "unarchive it to change it"
+                )
+            for field, value in changes.items():
+                setattr(row, field, value)
+            row.version += 1
+            row.updated_at = now()
+            return row
+
+    async def set_conversation_deleted(
+        self, workspace_id: str, conversation_id: str, etag: str, *, deleted: bool
+    ) -> ConversationRow:
+        async with self._write() as db:
+            row = await self._conversation_for_update(
+                db, workspace_id, conversation_id, include_deleted=True
+            )
+            check_etag(etag, row.version)
+            if (row.deleted_at is not None) == deleted:
+                state = "deleted" if deleted else "not deleted"
+                raise FailedPrecondition(
+                    f"workspaces/{workspace_id}/conversations/{conversation_id} is already {state}"
+                )
+            stamp = now()
+            row.deleted_at = stamp if deleted else None
+            row.version += 1
+            row.updated_at = stamp
+            return row
+
+    async def purge_conversations(self, deleted_before: dt.datetime) -> int:
+        async with self._write() as db:
+            ids = list(
+                (
+                    await db.execute(
+                        select(ConversationRow.id).where(
+                            ConversationRow.deleted_at < deleted_before
+                        )
+                    )
+                ).scalars()
+            )
+            if ids:
+                if self.sqlite:
+                    await db.execute(
+                        text(
+                            "DELETE FROM memory_fts WHERE rowid IN (SELECT fts_rowid FROM "
+                            "memory_items WHERE conversation_id IN :ids)"
+                        ).bindparams(bindparam("ids", expanding=True)),
+                        {"ids": ids},
+                    )
+                await db.execute(delete(ConversationRow).where(ConversationRow.id.in_(ids)))
+            return len(ids)
+
+    # -- messages ------------------------------------------------------------------------
+
+    async def append_message(
+        self,
+        workspace_id: str,
+        conversation_id: str,
+        *,
+        role: str,
+        tokens: int,
+        encode: Callable[[str, int, dt.datetime], bytes],
+        entities: Sequence[EntityRecord],
+        entity_creator: str,
+        max_memory_per_scope: int,
+        idempotency: Idempotency | None,
+    ) -> Appended:
+        """Append one message; ``encode(id, seq, time)`` gives its stored bytes."""
+
+        async def run() -> Appended:
+            message_id = new_id()
+            async with self._write() as db:
+                conversation = await self._conversation_for_update(
+                    db, workspace_id, conversation_id, writable=True
+                )
+                earlier = await self._claim(db, idempotency, message_id)
+                if earlier is not None:
+                    message = await db.get(MessageRow, earlier)
+                    if message is None:
+                        raise NotFound("the message created by this request_id is gone")
+                    return Appended(message, conversation, [], [], replayed=True)
+                stamp = now()
+                seq = conversation.last_seq + 1
+                message = MessageRow(
+                    id=message_id,
+                    conversation_id=conversation_id,
+                    seq=seq,
+                    role=role,
+                    token_count=tokens,
+                    archived=False,
+                    summary_id=None,
+                    created_at=stamp,
+                    data=encode(message_id, seq, stamp),
+                )
+                db.add(message)
+                conversation.last_seq = seq
+                conversation.version += 1
+                conversation.updated_at = stamp
+                conversation.message_count += 1
+                conversation.token_count += tokens
+                created, updated = await self._remember_entities(
+                    db,
+                    conversation,
+                    f"workspaces/{workspace_id}/conversations/{conversation_id}/messages/{message_id}",
+                    entities,
+                    entity_creator,
+                    max_memory_per_scope,
+                    stamp,
+                )
+                return Appended(message, conversation, created, updated)
+
+        return await self._retrying(run)
+
+    async def _remember_entities(
+        self,
+        db: AsyncSession,
+        conversation: ConversationRow,
+        message_name: str,
+        entities: Sequence[EntityRecord],
+        creator: str,
+        max_per_scope: int,
+        stamp: dt.datetime,
+    ) -> tuple[list[MemoryItemRow], list[MemoryItemRow]]:
+        if not entities:
+            return [], []
+        scope = f"workspaces/{conversation.workspace_id}/conversations/{conversation.id}"
+        existing = {
+            row.content: row
+            for row in (
+                await db.execute(
+                    select(MemoryItemRow).where(
+                        MemoryItemRow.scope == scope,
+                        MemoryItemRow.kind == "entity",
+                        MemoryItemRow.content.in_([e.content for e in entities]),
+                    )
+                )
+            ).scalars()
+        }
+        room = max_per_scope - await self._count_scope(db, scope)
+        created: list[MemoryItemRow] = []
+        updated: list[MemoryItemRow] = []
+        for entity in entities:
+            row = existing.get(entity.content)
+            if row is not None:
+                sources = row.sources.split()
+                # The newest mentions matter most; the list stays bounded.
+                if message_name not in sources:
+                    row.sources = " ".join([*sources, message_name][-MAX_SOURCES:])
+                    row.updated_at = stamp
+                    row.version += 1
+                    updated.append(row)
+                continue
+            if room <= 0:
+                break  # the scope is full; the message itself is kept
+            room -= 1
+            row = MemoryItemRow(
+                id=new_id(),
+                scope=scope,
+                workspace_id=conversation.workspace_id,
+                conversation_id=conversation.id,
+                user_id=None,
+                kind="entity",
+                content=entity.content,
+                pinned=False,
+                meta=entity.meta,
+                sources=message_name,
+                creator=creator,
+                created_at=stamp,
+                updated_at=stamp,
+                expires_at=None,
+                token_count=entity.tokens,
+                version=1,
+            )
+            await self._add_memory_row(db, row)
+            created.append(row)
+        return created, updated
+
+    async def get_message(
+        self, workspace_id: str, conversation_id: str, message_id: str
+    ) -> MessageRow:
+        async with self._read() as db:
+            conversation = await db.get(ConversationRow, conversation_id)
+            message = await db.get(MessageRow, message_id)
+        if (
+            conversation is None
+            or conversation.workspace_id != workspace_id
+            or conversation.deleted_at is not None
+            or message is None
+            or message.conversation_id != conversation_id
+        ):
+            raise NotFound(
+                f"workspaces/{workspace_id}/conversations/{conversation_id}/messages/"
+                f"{message_id} not found"
+            )
+        return message
+
+    async def list_messages(
+        self,
+        workspace_id: str,
+        conversation_id: str,
+        after_seq: int | None,
+        limit: int,
+        *,
+        show_archived: bool,
+        newest_first: bool,
+    ) -> list[MessageRow]:
+        query = select(MessageRow).where(MessageRow.conversation_id == conversation_id)
+        if not show_archived:
+            query = query.where(MessageRow.archived.is_(False))
+        if after_seq is not None:
+            query = query.where(
+                MessageRow.seq < after_seq if newest_first else MessageRow.seq > after_seq
+            )
+        query = query.order_by(MessageRow.seq.desc() if newest_first else MessageRow.seq)
+        async with self._read(snapshot=True) as db:
+            conversation = await db.get(ConversationRow, conversation_id)
+            if (
+                conversation is None
+                or conversation.workspace_id != workspace_id
+                or conversation.deleted_at is not None
+            ):
+                raise NotFound(
+                    f"workspaces/{workspace_id}/conversations/{conversation_id} not found"
+                )
+            return list((await db.execute(query.limit(limit))).scalars())
+
+    # -- memory ----------------------------------------------------------------------------
+
+    async def _count_scope(self, db: AsyncSession, scope: str) -> int:
+        count: int = (
+            await db.execute(
+                select(func.count()).select_from(MemoryItemRow).where(MemoryItemRow.scope == scope)
+            )
+        ).scalar_one()
+        return count
+
+    async def _add_memory_row(self, db: AsyncSession, row: MemoryItemRow) -> None:
+        if self.sqlite:
+            top = (await db.execute(select(func.max(MemoryItemRow.fts_rowid)))).scalar_one()
+            row.fts_rowid = (top or 0) + 1
+        db.add(row)
+        await db.flush()
+        if self.sqlite:
+            await db.execute(
+                text("INSERT INTO memory_fts(rowid, content) VALUES (:rowid, :content)"),
+                {"rowid": row.fts_rowid, "content": row.content},
+            )
+
+    async def _touch_scope(self, db: AsyncSession, row: MemoryItemRow) -> None:
+        """A memory change invalidates the windows that may include it."""
+        if row.conversation_id is not None:
+            await db.execute(
+                update(ConversationRow)
+                .where(ConversationRow.id == row.conversation_id)
+                .values(version=ConversationRow.version + 1)
+            )
+        else:
+            await self._bump_scope(db, row.scope)
+
+    async def check_conversation_live(
+        self, db: AsyncSession, workspace_id: str, conversation_id: str
+    ) -> ConversationRow:
+        return await self._conversation_for_update(db, workspace_id, conversation_id)
+
+    async def create_memory(
+        self,
+        row: MemoryItemRow,
+        *,
+        max_per_scope: int,
+        max_pinned: int,
+    ) -> MemoryItemRow:
+        async with self._write() as db:
+            await self._check_scope_live(db, row)
+            if await self._count_scope(db, row.scope) >= max_per_scope:
+                raise QuotaExceeded(
+                    f"a scope may hold at most {max_per_scope} memory items",
+                    subject="memory items per scope",
+                )
+            if row.pinned:
+                await self._check_pinned_room(db, row.scope, max_pinned)
+            await self._add_memory_row(db, row)
+            await self._touch_scope(db, row)
+            return row
+
+    async def _check_scope_live(self, db: AsyncSession, row: MemoryItemRow) -> None:
+        if row.conversation_id is not None and row.workspace_id is not None:
+            await self._conversation_for_update(db, row.workspace_id, row.conversation_id)
+        elif row.workspace_id is not None:
+            await self._workspace_for_update(db, row.workspace_id)
+        elif row.user_id is not None and await db.get(UserRow, row.user_id) is None:
+            raise NotFound(f"{row.scope} not found")
+
+    async def _check_pinned_room(self, db: AsyncSession, scope: str, max_pinned: int) -> None:
+        pinned = (
+            await db.execute(
+                select(func.count())
+                .select_from(MemoryItemRow)
+                .where(MemoryItemRow.scope == scope, MemoryItemRow.pinned.is_(True))
+            )
+        ).scalar_one()
+        if pinned >= max_pinned:
+            raise QuotaExceeded(
+                f"a scope may pin at most {max_pinned} memory items", subject="pinned memory items"
+            )
+
+    async def get_memory(self, scope: str, memory_id: str) -> MemoryItemRow:
+        async with self._read() as db:
+            row = await db.get(MemoryItemRow, memory_id)
+            if row is None or row.scope != scope:
+                raise NotFound(f"{scope}/memories/{memory_id} not found")
+            if row.conversation_id is not None:
+                conversation = await db.get(ConversationRow, row.conversation_id)
+                if conversation is None or conversation.deleted_at is not None:
+                    raise NotFound(f"{scope}/memories/{memory_id} not found")
+            return row
+
+    async def update_memory(
+        self,
+        scope: str,
+        memory_id: str,
+        etag: str,
+        changes: dict[str, Any],
+        *,
+        max_pinned: int,
+    ) -> MemoryItemRow:
+        async with self._write() as db:
+            row = await db.get(MemoryItemRow, memory_id)
+            if row is None or row.scope != scope:
+                raise NotFound(f"{scope}/memories/{memory_id} not found")
+            await self._check_scope_live(db, row)
+            check_etag(etag, row.version)
+            if changes.get("pinned") and not row.pinned:
+                await self._check_pinned_room(db, scope, max_pinned)
+            for field, value in changes.items():
+                setattr(row, field, value)
+            row.version += 1
+            row.updated_at = now()
+            if "content" in changes and self.sqlite:
+                await db.execute(
+                    text("UPDATE memory_fts SET content = :content WHERE rowid = :rowid"),
+                    {"rowid": row.fts_rowid, "content": row.content},
+                )
+            await self._touch_scope(db, row)
+            return row
+
+    async def delete_memory(self, scope: str, memory_id: str) -> MemoryItemRow:
+        async with self._write() as db:
+            row = await db.get(MemoryItemRow, memory_id)
+            if row is None or row.scope != scope:
+                raise NotFound(f"{scope}/memories/{memory_id} not found")
+            await self._check_scope_live(db, row)
+            if self.sqlite:
+                await db.execute(
+                    text("DELETE FROM memory_fts WHERE rowid = :rowid"), {"rowid": row.fts_rowid}
+                )
+            await db.delete(row)
+            await self._touch_scope(db, row)
+            return row
+
+    async def list_memory(
+        self,
+        scope: str,
+        before: tuple[dt.datetime, str] | None,
+        limit: int,
+        *,
+        kinds: Sequence[str],
+        pinned_only: bool,
+    ) -> list[MemoryItemRow]:
+        query = select(MemoryItemRow).where(MemoryItemRow.scope == scope)
+        if kinds:
+            query = query.where(MemoryItemRow.kind.in_(list(kinds)))
+        if pinned_only:
+            query = query.where(MemoryItemRow.pinned.is_(True))
+        if before is not None:
+            query = query.where(
+                or_(
+                    MemoryItemRow.created_at < before[0],
+                    and_(MemoryItemRow.created_at == before[0], MemoryItemRow.id < before[1]),
+                )
+            )
+        query = query.order_by(MemoryItemRow.created_at.desc(), MemoryItemRow.id.desc())
+        async with self._read() as db:
+            return list((await db.execute(query.limit(limit))).scalars())
+
+    async def scope_live(self, scope_row: MemoryItemRow) -> None:
+        """NotFound unless the scope (conversation, workspace, user) still exists."""
+        async with self._read() as db:
+            await self._check_scope_live(db, scope_row)
+
+    async def search_memory(
+        self,
+        scopes: Sequence[str],
+        match: str,
+        *,
+        kinds: Sequence[str],
+        limit: int,
+        offset: int = 0,
+        exclude_kinds: Sequence[str] = (),
+        unpinned_only: bool = False,
+        db: AsyncSession | None = None,
+    ) -> list[tuple[MemoryItemRow, float]]:
+        """Items matching ``match`` (fts5 syntax on SQLite, tsquery on PostgreSQL), best first."""
+        if not match or not scopes:
+            return []
+        if db is None:
+            async with self._read() as session:
+                return await self.search_memory(
+                    scopes,
+                    match,
+                    kinds=kinds,
+                    limit=limit,
+                    offset=offset,
+                    exclude_kinds=exclude_kinds,
+                    unpinned_only=unpinned_only,
+                    db=session,
+                )
+        filters = [
+            "m.scope IN :scopes",
+            "(m.expires_at IS NULL OR m.expires_at > :now)",
+        ]
+        params: dict[str, Any] = {
+            "scopes": list(scopes),
+            "match": match,
+            "limit": limit,
+            "offset": offset,
+            "now": now(),
+        }
+        binds: list[BindParameter[Any]] = [bindparam("scopes", expanding=True)]
+        if kinds:
+            filters.append("m.kind IN :kinds")
+            params["kinds"] = list(kinds)
+            binds.append(bindparam("kinds", expanding=True))
+        if exclude_kinds:
+            filters.append("m.kind NOT IN :exclude")
+            params["exclude"] = list(exclude_kinds)
+            binds.append(bindparam("exclude", expanding=True))
+        if unpinned_only:
+            filters.append("NOT m.pinned")
+        where = " AND ".join(filters)
+        # ``where`` is built from the constant fragments above; values are bound.
+        if self.sqlite:
+            sql = (
+                "SELECT m.id, -bm25(memory_fts) AS score FROM memory_fts "  # noqa: S608
+                "JOIN memory_items m ON m.fts_rowid = memory_fts.rowid "
+                f"WHERE memory_fts MATCH :match AND {where} "
+                "ORDER BY score DESC, m.id LIMIT :limit OFFSET :offset"
+            )
+        else:
+            sql = (
+                "SELECT m.id, ts_rank_cd(m.search, q) AS score "  # noqa: S608
+                "FROM memory_items m, to_tsquery('english', :match) q "
+                f"WHERE m.search @@ q AND {where} "
+                "ORDER BY score DESC, m.id LIMIT :limit OFFSET :offset"
+            )
+        try:
+            ranked = [
+                (str(row[0]), float(row[1]))
+                for row in (await db.execute(text(sql).bindparams(*binds), params)).all()
+            ]
+        except (OperationalError, ProgrammingError, DataError) as exc:
+            if not any(word in str(exc.orig).lower() for word in ("fts5", "tsquery", "syntax")):
+                raise
+            # The query builders only emit quoted terms; anything the engine
+            # still refuses is the query's fault, not an outage.
+            raise InvalidArgument(
+                "the query cannot be searched", [FieldViolation("query", "cannot be searched")]
+            ) from None
+        if not ranked:
+            return []
+        rows = {
+            row.id: row
+            for row in (
+                await db.execute(
+                    select(MemoryItemRow).where(MemoryItemRow.id.in_([i for i, _ in ranked]))
+                )
+            ).scalars()
+        }
+        return [(rows[i], score) for i, score in ranked if i in rows]
+
+    # -- the context window ----------------------------------------------------------------
+
+    async def window_version(
+        self, workspace_id: str, conversation_id: str, user_scope: str
+    ) -> tuple[ConversationRow, int, int]:
+        """The conversation and the memory versions its window depends on."""
+        async with self._read() as db:
+            return await self._window_version(db, workspace_id, conversation_id, user_scope)
+
+    async def _window_version(
+        self, db: AsyncSession, workspace_id: str, conversation_id: str, user_scope: str
+    ) -> tuple[ConversationRow, int, int]:
+        conversation = await db.get(ConversationRow, conversation_id)
+        if (
+            conversation is None
+            or conversation.workspace_id != workspace_id
+            or conversation.deleted_at is not None
+        ):
+            raise NotFound(f"workspaces/{workspace_id}/conversations/{conversation_id} not found")
+        versions = dict(
+            (
+                await db.execute(
+                    select(MemoryScopeRow.scope, MemoryScopeRow.version).where(
+                        MemoryScopeRow.scope.in_([f"workspaces/{workspace_id}", user_scope])
+                    )
+                )
+            ).all()
+        )
+        return (
+            conversation,
+            int(versions.get(f"workspaces/{workspace_id}", 0)),
+            int(versions.get(user_scope, 0)),
+        )
+
+    async def window_rows(
+        self,
+        workspace_id: str,
+        conversation_id: str,
+        user_scope: str,
+        *,
+        budget: int,
+        match: Callable[[MessageRow | None], str],
+        relevant_limit: int,
+        max_pinned: int,
+    ) -> WindowRows:
+        """Read everything a window needs in one snapshot (see the module docstring)."""
+        scopes = [
+            f"workspaces/{workspace_id}/conversations/{conversation_id}",
+            f"workspaces/{workspace_id}",
+            user_scope,
+        ]
+        async with self._read(snapshot=True) as db:
+            conversation, workspace_version, user_version = await self._window_version(
+                db, workspace_id, conversation_id, user_scope
+            )
+            pinned = list(
+                (
+                    await db.execute(
+                        select(MemoryItemRow)
+                        .where(MemoryItemRow.scope.in_(scopes), MemoryItemRow.pinned.is_(True))
+                        .order_by(MemoryItemRow.created_at, MemoryItemRow.id)
+                        .limit(max_pinned * len(scopes))
+                    )
+                ).scalars()
+            )
+            latest_user = (
+                await db.execute(
+                    select(MessageRow)
+                    .where(MessageRow.conversation_id == conversation_id, MessageRow.role == "user")
+                    .order_by(MessageRow.seq.desc())
+                    .limit(1)
+                )
+            ).scalar_one_or_none()
+            relevant = await self.search_memory(
+                scopes,
+                match(latest_user),
+                kinds=(),
+                limit=relevant_limit,
+                exclude_kinds=("summary",),
+                unpinned_only=True,
+                db=db,
+            )
+            summary = (
+                await db.get(MemoryItemRow, conversation.summary_id)
+                if conversation.summary_id
+                else None
+            )
+            recent: list[tuple[int, int]] = []
+            covered = 0
+            upper = conversation.last_seq + 1
+            # Token counts only, in pages, until the budget is covered: a long
+            # conversation never loads more than what can fit (plus one).
+            while covered <= budget:
+                page = (
+                    await db.execute(
+                        select(MessageRow.seq, MessageRow.token_count)
+                        .where(
+                            MessageRow.conversation_id == conversation_id,
+                            MessageRow.archived.is_(False),
+                            MessageRow.seq < upper,
+                        )
+                        .order_by(MessageRow.seq.desc())
+                        .limit(_RECENT_PAGE)
+                    )
+                ).all()
+                for seq, tokens in page:
+                    recent.append((int(seq), int(tokens)))
+                    covered += int(tokens)
+                    if covered > budget:
+                        break
+                if len(page) < _RECENT_PAGE:
+                    break
+                upper = int(page[-1][0])
+            return WindowRows(
+                conversation=conversation,
+                workspace_version=workspace_version,
+                user_version=user_version,
+                pinned=pinned,
+                relevant=relevant,
+                summary=summary,
+                recent=recent,
+                latest_user_message=latest_user,
+            )
+
+    async def messages_by_seq(self, conversation_id: str, seqs: Sequence[int]) -> list[MessageRow]:
+        if not seqs:
+            return []
+        async with self._read() as db:
+            return list(
+                (
+                    await db.execute(
+                        select(MessageRow)
+                        .where(
+                            MessageRow.conversation_id == conversation_id,
+                            MessageRow.seq.in_(list(seqs)),
+                        )
+                        .order_by(MessageRow.seq)
+                    )
+                ).scalars()
+            )
+
+    # -- pruning ---------------------------------------------------------------------------
+
+    async def live_tokens(self, workspace_id: str, conversation_id: str) -> list[tuple[int, int]]:
+        """(seq, tokens) of every live message, oldest first."""
+        async with self._read(snapshot=True) as db:
+            conversation = await db.get(ConversationRow, conversation_id)
+            if (
+                conversation is None
+                or conversation.workspace_id != workspace_id
+                or conversation.deleted_at is not None
+            ):
+                raise NotFound(
+                    f"workspaces/{workspace_id}/conversations/{conversation_id} not found"
+                )
+            return [
+                (int(seq), int(tokens))
+                for seq, tokens in (
+                    await db.execute(
+                        select(MessageRow.seq, MessageRow.token_count)
+                        .where(
+                            MessageRow.conversation_id == conversation_id,
+                            MessageRow.archived.is_(False),
+                        )
+                        .order_by(MessageRow.seq)
+                    )
+                ).all()
+            ]
+
+    async def prune_inputs(
+        self, conversation_id: str, upto_seq: int
+    ) -> tuple[list[MessageRow], MemoryItemRow | None]:
+        """The live messages up to ``upto_seq`` and the current summary."""
+        async with self._read(snapshot=True) as db:
+            conversation = await db.get(ConversationRow, conversation_id)
+            summary = (
+                await db.get(MemoryItemRow, conversation.summary_id)
+                if conversation is not None and conversation.summary_id
+                else None
+            )
+            messages = list(
+                (
+                    await db.execute(
+                        select(MessageRow)
+                        .where(
+                            MessageRow.conversation_id == conversation_id,
+                            MessageRow.archived.is_(False),
+                            MessageRow.seq <= upto_seq,
+                        )
+                        .order_by(MessageRow.seq)
+                    )
+                ).scalars()
+            )
+            return messages, summary
+
+    async def archive(
+        self,
+        workspace_id: str,
+        conversation_id: str,
+        *,
+        upto_seq: int,
+        expected_summary: str | None,
+        expected_count: int,
+        summary: MemoryItemRow,
+    ) -> tuple[ConversationRow, int] | None:
+        """Archive live messages up to ``upto_seq`` under ``summary``.
+
+        None if another prune got there first (the caller plans again).
+        """
+        async with self._write() as db:
+            conversation = await self._conversation_for_update(db, workspace_id, conversation_id)
+            if conversation.summary_id != expected_summary:
+                return None
+            live = (
+                await db.execute(
+                    select(func.count(), func.coalesce(func.sum(MessageRow.token_count), 0)).where(
+                        MessageRow.conversation_id == conversation_id,
+                        MessageRow.archived.is_(False),
+                        MessageRow.seq <= upto_seq,
+                    )
+                )
+            ).one()
+            if int(live[0]) != expected_count:
+                return None
+            await self._add_memory_row(db, summary)
+            await db.execute(
+                update(MessageRow)
+                .where(
+                    MessageRow.conversation_id == conversation_id,
+                    MessageRow.archived.is_(False),
+                    MessageRow.seq <= upto_seq,
+                )
+                .values(archived=True, summary_id=summary.id)
+            )
+            conversation.summary_id = summary.id
+            conversation.message_count -= int(live[0])
+            conversation.token_count -= int(live[1])
+            conversation.version += 1
+            conversation.updated_at = now()
+            return conversation, int(live[0])
+
+
+MAX_SOURCES: Final = 20
+_RECENT_PAGE: Final = 256
+
+
+def _already_exists(name: str) -> AlreadyExists:
+    return AlreadyExists(f"{name} already exists")
