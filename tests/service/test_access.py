@@ -205,6 +205,7 @@ async def test_roles_decide_what_a_member_may_do(
 ) -> None:
     allowed_roles = {
         Permission.READ: {"viewer", "editor", "owner"},
+        Permission.SELF: {"viewer", "editor", "owner"},
         Permission.WRITE: {"editor", "owner"},
         Permission.ADMIN: {"owner"},
     }

@@ -62,6 +62,7 @@ from switchboard.platform.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     RequestTooLarge,
 )
 from switchboard.platform.models import (
@@ -305,6 +306,13 @@ def _mask(
             violations.add(f"{field}.paths", f"{path!r} cannot be changed")
     violations.check()
     return list(dict.fromkeys(paths))
+
+
+def _etag(value: str, field: str) -> str:
+    """``value`` if it is empty or an etag we issued (``"N"`` or ``W/"N"``)."""
+    if value and not value.removeprefix("W/").strip('"').isdigit():
+        raise InvalidArgument(f"{field} is malformed", [FieldViolation(field, "is malformed")])
+    return value
 
 
 def _is_set(resource: ProtoMessage, path: str) -> bool:
@@ -551,7 +559,9 @@ class ContextService:
             )
             changes["description"] = workspace.description
         violations.check()
-        row = await self._store.update_workspace(workspace_id, workspace.etag, changes)
+        row = await self._store.update_workspace(
+            workspace_id, _etag(workspace.etag, "workspace.etag"), changes
+        )
         await self._workspace_event(principal, events_pb2.CHANGE_KIND_UPDATED, row)
         return workspace_proto(row, "owner")
 
@@ -559,7 +569,9 @@ class ContextService:
         self, principal: Principal, name: str, etag: str, *, deleted: bool
     ) -> pb.Workspace:
         workspace_id = _match(_WORKSPACE, name, "name").group(1)
-        row = await self._store.set_workspace_deleted(workspace_id, etag, deleted=deleted)
+        row = await self._store.set_workspace_deleted(
+            workspace_id, _etag(etag, "etag"), deleted=deleted
+        )
         change = events_pb2.CHANGE_KIND_DELETED if deleted else events_pb2.CHANGE_KIND_UPDATED
         await self._workspace_event(principal, change, row)
         return workspace_proto(row, "owner")
@@ -599,8 +611,11 @@ class ContextService:
         await self._member_event(principal, events_pb2.CHANGE_KIND_UPDATED, row)
         return member_proto(row)
 
-    async def remove_member(self, principal: Principal, name: str) -> None:
+    async def remove_member(self, principal: Principal, role: Role | None, name: str) -> None:
         found = _match(_MEMBER, name, "name")
+        # Any member may leave; removing someone else is an owner's decision.
+        if found.group(2) != principal.user_id and role != Role.OWNER:
+            raise PermissionDenied("removing another member needs the owner role in the workspace")
         row = await self._store.remove_member(found.group(1), found.group(2))
         await self._member_event(principal, events_pb2.CHANGE_KIND_DELETED, row)
 
@@ -697,7 +712,9 @@ class ContextService:
             )
         if "archived" in paths:
             changes["archived"] = conversation.archived
-        row = await self._store.update_conversation(found[1], found[2], conversation.etag, changes)
+        row = await self._store.update_conversation(
+            found[1], found[2], _etag(conversation.etag, "conversation.etag"), changes
+        )
         await self._conversation_event(principal, events_pb2.CHANGE_KIND_UPDATED, row)
         return conversation_proto(row)
 
@@ -705,7 +722,9 @@ class ContextService:
         self, principal: Principal, name: str, etag: str, *, deleted: bool
     ) -> pb.Conversation:
         found = _match(_CONVERSATION, name, "name")
-        row = await self._store.set_conversation_deleted(found[1], found[2], etag, deleted=deleted)
+        row = await self._store.set_conversation_deleted(
+            found[1], found[2], _etag(etag, "etag"), deleted=deleted
+        )
         change = events_pb2.CHANGE_KIND_DELETED if deleted else events_pb2.CHANGE_KIND_UPDATED
         await self._conversation_event(principal, change, row)
         return conversation_proto(row)
@@ -936,7 +955,11 @@ class ContextService:
         if "expire_time" in paths:
             changes["expires_at"] = self._expiry(item, "memory_item.expire_time")
         row = await self._store.update_memory(
-            scope, memory_id, item.etag, changes, max_pinned=self.limits.max_pinned
+            scope,
+            memory_id,
+            _etag(item.etag, "memory_item.etag"),
+            changes,
+            max_pinned=self.limits.max_pinned,
         )
         await self._memory_event(principal, events_pb2.CHANGE_KIND_UPDATED, row)
         return memory_proto(row)

@@ -85,7 +85,7 @@ class ContextServiceServicer:
     async def RemoveWorkspaceMember(
         self, request: pb.RemoveWorkspaceMemberRequest, context: Context
     ) -> pb.RemoveWorkspaceMemberResponse:
-        await self._service.remove_member(current_principal(), request.name)
+        await self._service.remove_member(current_principal(), role_var.get(), request.name)
         return pb.RemoveWorkspaceMemberResponse()
 
     async def ListWorkspaceMembers(

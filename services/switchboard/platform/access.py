@@ -53,8 +53,9 @@ def per_item(scope: Scope) -> Rule:
     return Rule(scope=scope, per_item=True)
 
 
-READ, WRITE, ADMIN, MANAGE = (
+READ, SELF, WRITE, ADMIN, MANAGE = (
     Permission.READ,
+    Permission.SELF,
     Permission.WRITE,
     Permission.ADMIN,
     Permission.MANAGE,
@@ -90,7 +91,8 @@ RULES: Final[dict[str, Rule]] = {
     _CONTEXT + "UndeleteWorkspace": resource("name", ADMIN, include_deleted=True),
     _CONTEXT + "AddWorkspaceMember": resource("parent", ADMIN),
     _CONTEXT + "UpdateWorkspaceMember": resource("member.name", ADMIN),
-    _CONTEXT + "RemoveWorkspaceMember": resource("name", ADMIN),
+    # Any member may leave; the servicer requires the owner role to remove someone else.
+    _CONTEXT + "RemoveWorkspaceMember": resource("name", SELF),
     _CONTEXT + "ListWorkspaceMembers": resource("parent", READ),
     _CONTEXT + "CreateConversation": resource("parent", WRITE),
     _CONTEXT + "GetConversation": resource("name", READ),

@@ -63,6 +63,8 @@ class Permission(enum.Enum):
     """What an RPC does to the resource it names; maps to a scope and a minimum role."""
 
     READ = (Scope.READ, Role.VIEWER)
+    # A change any member may make to their own membership (leaving a workspace).
+    SELF = (Scope.WRITE, Role.VIEWER)
     WRITE = (Scope.WRITE, Role.EDITOR)
     ADMIN = (Scope.WRITE, Role.OWNER)
     MANAGE = (Scope.MANAGE, Role.OWNER)
