@@ -244,7 +244,6 @@ def test_query_terms() -> None:
     assert query_terms('Deploy NEAR(the "Billing" svc) -x a* col:val deploy 7') == [
         "deploy",
         "near",
-        "the",
         "billing",
         "svc",
         "col",
@@ -252,6 +251,9 @@ def test_query_terms() -> None:
         "7",
     ]
     assert query_terms("") == []
+    # Stop words are searched only when nothing else is left.
+    assert query_terms("what is the plan for it") == ["plan"]
+    assert query_terms("to be or not to be") == ["to", "be", "or", "not"]
     assert query_terms(" ".join(f"t{i}" for i in range(100))) == [
         f"t{i}" for i in range(MAX_QUERY_TERMS)
     ]

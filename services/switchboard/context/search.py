@@ -14,6 +14,8 @@ import re
 from collections.abc import Sequence
 from typing import Final
 
+from switchboard.context.summarizer import STOPWORDS
+
 MAX_QUERY_TERMS: Final = 32
 # No real word is longer; longer "terms" are blobs, and PostgreSQL refuses
 # tsquery words beyond 2047 bytes.
@@ -28,19 +30,24 @@ def query_terms(text: str) -> list[str]:
 
     A term is a run of word characters of at least two characters (single
     letters match too much to be worth searching), or a number of any length.
+    Stop words ("the", "for"...) are left out unless the text has nothing else.
     Terms longer than ``MAX_TERM_LENGTH`` are left out.
     """
     terms: list[str] = []
+    common: list[str] = []
     seen: set[str] = set()
     # finditer, not findall: a long text stops costing once enough terms are found.
     for match in _WORD.finditer(text):
         term = match[0].lower()
         if (len(term) >= 2 or term.isdigit()) and len(term) <= MAX_TERM_LENGTH and term not in seen:
             seen.add(term)
-            terms.append(term)
+            # Stop words match nearly every item: ORed in, they make the
+            # engine score the whole scope and rank on noise. PostgreSQL's
+            # english configuration drops them too; kept only if nothing else is left.
+            (common if term in STOPWORDS else terms).append(term)
             if len(terms) == MAX_QUERY_TERMS:
                 break
-    return terms
+    return terms or common[:MAX_QUERY_TERMS]
 
 
 def fts5_match(terms: Sequence[str]) -> str:

@@ -14,7 +14,6 @@ the same resource messages.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import hashlib
 import logging
@@ -352,6 +351,7 @@ class ContextService:
             weakref.WeakValueDictionary()
         )
         self._maintenance: asyncio.Task[None] | None = None
+        self._closed = False
 
     async def start(self, *, maintain: bool = True) -> None:
         """Start background work; ``maintain`` only in processes serving ContextService."""
@@ -359,19 +359,22 @@ class ContextService:
             self._maintenance = asyncio.create_task(self._maintain(), name="context-maintenance")
 
     async def close(self) -> None:
-        tasks = [*self._pruning.values()]
+        self._closed = True
+        pending = {*self._pruning.values()}
         if self._maintenance is not None:
-            tasks.append(self._maintenance)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            pending.add(self._maintenance)
+        # One cancel() is not always enough on Python 3.11: asyncio.wait_for
+        # swallows a cancellation that races with its inner future finishing
+        # (every database call ends in one). So cancel until they are done.
+        while pending:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.1)
         await self._cache.close()
 
     async def _maintain(self) -> None:
         """Purge soft-deleted workspaces and conversations past their recovery window."""
-        while True:
+        while not self._closed:
             try:
                 cutoff = now() - dt.timedelta(seconds=self.limits.purge_after_s)
                 await self._store.purge_workspaces(cutoff)
@@ -1144,16 +1147,12 @@ class ContextService:
                 f"token_budget of {budget}; raise the budget or unpin items",
                 metadata={"pinned_tokens": str(exc.needed)},
             ) from None
-        wanted = [
-            int(choice.candidate.key)
-            for choice in (*plan.included, *plan.excluded)
-            if choice.reason in (Reason.RECENT, Reason.OVER_BUDGET)
-            and choice.candidate.key not in memories
-        ]
-        messages = {
-            row.seq: message_proto(row, workspace_id)
-            for row in await self._store.messages_by_seq(conversation_id, wanted)
-        }
+        messages: dict[int, pb.Message] = {}
+        for choice in (*plan.included, *plan.excluded):
+            key = choice.candidate.key
+            if key not in memories:
+                seq = int(key)
+                messages[seq] = pb.Message.FromString(rows.bodies[seq])
 
         def item(choice: Any) -> pb.ContextItem:
             entry = pb.ContextItem(
@@ -1213,6 +1212,13 @@ class ContextService:
         *,
         validate_only: bool = False,
     ) -> pb.PruneConversationResponse:
+        conversation = await self._store.get_conversation(workspace_id, conversation_id)
+        name = f"workspaces/{workspace_id}/conversations/{conversation_id}"
+        if conversation.deleted_at is not None:
+            raise NotFound(f"{name} not found")
+        if conversation.archived:
+            # Read-only, as for appends (the archive step re-checks under the lock).
+            raise FailedPrecondition(f"{name} is archived; unarchive it to change it")
         lock = self._prune_locks.get(conversation_id)
         if lock is None:
             lock = self._prune_locks[conversation_id] = asyncio.Lock()

@@ -18,8 +18,7 @@ import datetime as dt
 import hashlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -34,7 +33,7 @@ from sqlalchemy.exc import (
     ProgrammingError,
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import BindParameter
 
 from switchboard.platform.db import Database
@@ -125,6 +124,8 @@ class WindowRows:
     summary: MemoryItemRow | None
     # (seq, token_count) of live messages, newest first, at least covering the budget.
     recent: list[tuple[int, int]]
+    # The stored ``Message`` of each of them, by seq.
+    bodies: dict[int, bytes]
     latest_user_message: MessageRow | None
 
 
@@ -152,11 +153,12 @@ class ContextStore:
 
     # -- transactions --------------------------------------------------------------
 
-    @asynccontextmanager
-    async def _write(self) -> AsyncIterator[AsyncSession]:
+    async def _run(
+        self, work: Callable[[Session], _T], *, write: bool, snapshot: bool = False
+    ) -> _T:
+        """One transaction of synchronous ORM code (``Database.run``), errors mapped."""
         try:
-            async with self._sessions.begin() as db:
-                yield db
+            return await self._database.run(work, write=write, snapshot=snapshot)
         except IntegrityError as exc:
             # Two writers raced for one key (PostgreSQL; SQLite serializes writers).
             raise Conflict("a concurrent request wrote the same resource; retry") from exc
@@ -164,18 +166,7 @@ class ContextStore:
             # SQLite "database is locked" past the busy timeout, a statement or
             # pool timeout, a lost connection: the database is unavailable or
             # overloaded, not the request wrong.
-            log.warning("context database write failed", exc_info=True)
-            raise DependencyUnavailable("the database is unavailable; retry") from exc
-
-    @asynccontextmanager
-    async def _read(self, *, snapshot: bool = False) -> AsyncIterator[AsyncSession]:
-        try:
-            async with self._readers() as db:
-                if snapshot and not self.sqlite:
-                    await db.connection(execution_options={"isolation_level": "REPEATABLE READ"})
-                yield db
-        except _OUTAGES as exc:
-            log.warning("context database read failed", exc_info=True)
+            log.warning("context database call failed", exc_info=True)
             raise DependencyUnavailable("the database is unavailable; retry") from exc
 
     async def _retrying(self, operation: Callable[[], Awaitable[_T]]) -> _T:
@@ -192,13 +183,11 @@ class ContextStore:
     def _lock(self, query: Select[_R]) -> Select[_R]:
         return query if self.sqlite else query.with_for_update()
 
-    async def _claim(
-        self, db: AsyncSession, idempotency: Idempotency | None, resource: str
-    ) -> str | None:
+    def _claim(self, db: Session, idempotency: Idempotency | None, resource: str) -> str | None:
         """Record ``idempotency`` for ``resource``; the earlier resource if it was used."""
         if idempotency is None:
             return None
-        existing = await db.get(IdempotencyRow, idempotency.key)
+        existing = db.get(IdempotencyRow, idempotency.key)
         stamp = now()
         if existing is not None and existing.created_at > stamp - IDEMPOTENCY_TTL:
             if existing.fingerprint != idempotency.fingerprint:
@@ -208,8 +197,8 @@ class ContextStore:
                 )
             return existing.resource
         if existing is not None:
-            await db.delete(existing)
-            await db.flush()
+            db.delete(existing)
+            db.flush()
         db.add(
             IdempotencyRow(
                 key=idempotency.key,
@@ -218,20 +207,22 @@ class ContextStore:
                 created_at=stamp,
             )
         )
-        await db.flush()
+        db.flush()
         return None
 
     async def purge_idempotency(self) -> int:
-        async with self._write() as db:
-            result = await db.execute(
+        def tx(db: Session) -> int:
+            result = db.execute(
                 delete(IdempotencyRow).where(IdempotencyRow.created_at < now() - IDEMPOTENCY_TTL)
             )
             return int(getattr(result, "rowcount", 0) or 0)
 
-    async def _bump_scope(self, db: AsyncSession, scope: str) -> None:
+        return await self._run(tx, write=True)
+
+    def _bump_scope(self, db: Session, scope: str) -> None:
         insert = sqlite_insert if self.sqlite else pg_insert
         statement = insert(MemoryScopeRow).values(scope=scope, version=1)
-        await db.execute(
+        db.execute(
             statement.on_conflict_do_update(
                 index_elements=[MemoryScopeRow.scope],
                 set_={"version": MemoryScopeRow.version + 1},
@@ -250,15 +241,15 @@ class ContextStore:
         max_owned: int,
     ) -> tuple[WorkspaceRow, bool]:
         async def run() -> tuple[WorkspaceRow, bool]:
-            async with self._write() as db:
-                earlier = await self._claim(db, idempotency, workspace_id)
+            def tx(db: Session) -> tuple[WorkspaceRow, bool]:
+                earlier = self._claim(db, idempotency, workspace_id)
                 if earlier is not None:
-                    row = await db.get(WorkspaceRow, earlier)
+                    row = db.get(WorkspaceRow, earlier)
                     if row is None:
                         raise NotFound(f"workspaces/{earlier} not found")
                     return row, False
                 owned = (
-                    await db.execute(
+                    db.execute(
                         select(func.count())
                         .select_from(WorkspaceMemberRow)
                         .where(
@@ -272,7 +263,7 @@ class ContextStore:
                         f"a user may own at most {max_owned} workspaces",
                         subject="workspaces per owner",
                     )
-                if await db.get(WorkspaceRow, workspace_id) is not None:
+                if db.get(WorkspaceRow, workspace_id) is not None:
                     raise _already_exists(f"workspaces/{workspace_id}")
                 stamp = now()
                 row = WorkspaceRow(
@@ -285,7 +276,7 @@ class ContextStore:
                     version=1,
                 )
                 db.add(row)
-                await db.flush()
+                db.flush()
                 db.add(
                     WorkspaceMemberRow(
                         workspace_id=workspace_id,
@@ -297,11 +288,15 @@ class ContextStore:
                 )
                 return row, True
 
+            return await self._run(tx, write=True)
+
         return await self._retrying(run)
 
     async def get_workspace(self, workspace_id: str) -> WorkspaceRow | None:
-        async with self._read() as db:
-            return await db.get(WorkspaceRow, workspace_id)
+        def tx(db: Session) -> WorkspaceRow | None:
+            return db.get(WorkspaceRow, workspace_id)
+
+        return await self._run(tx, write=False)
 
     async def list_workspaces(
         self,
@@ -331,14 +326,17 @@ class ContextStore:
                 )
             )
         query = query.order_by(WorkspaceRow.created_at, WorkspaceRow.id).limit(limit)
-        async with self._read() as db:
-            return [(row, role) for row, role in (await db.execute(query)).all()]
+
+        def tx(db: Session) -> list[tuple[WorkspaceRow, str]]:
+            return [(row, role) for row, role in (db.execute(query)).all()]
+
+        return await self._run(tx, write=False)
 
     async def update_workspace(
         self, workspace_id: str, etag: str, changes: dict[str, Any]
     ) -> WorkspaceRow:
-        async with self._write() as db:
-            row = await self._workspace_for_update(db, workspace_id)
+        def tx(db: Session) -> WorkspaceRow:
+            row = self._workspace_for_update(db, workspace_id)
             check_etag(etag, row.version)
             for field, value in changes.items():
                 setattr(row, field, value)
@@ -346,11 +344,13 @@ class ContextStore:
             row.updated_at = now()
             return row
 
+        return await self._run(tx, write=True)
+
     async def set_workspace_deleted(
         self, workspace_id: str, etag: str, *, deleted: bool
     ) -> WorkspaceRow:
-        async with self._write() as db:
-            row = await self._workspace_for_update(db, workspace_id, include_deleted=True)
+        def tx(db: Session) -> WorkspaceRow:
+            row = self._workspace_for_update(db, workspace_id, include_deleted=True)
             check_etag(etag, row.version)
             if (row.deleted_at is not None) == deleted:
                 state = "deleted" if deleted else "not deleted"
@@ -361,13 +361,13 @@ class ContextStore:
             row.updated_at = stamp
             return row
 
-    async def _workspace_for_update(
-        self, db: AsyncSession, workspace_id: str, *, include_deleted: bool = False
+        return await self._run(tx, write=True)
+
+    def _workspace_for_update(
+        self, db: Session, workspace_id: str, *, include_deleted: bool = False
     ) -> WorkspaceRow:
         row = (
-            await db.execute(
-                self._lock(select(WorkspaceRow).where(WorkspaceRow.id == workspace_id))
-            )
+            db.execute(self._lock(select(WorkspaceRow).where(WorkspaceRow.id == workspace_id)))
         ).scalar_one_or_none()
         if row is None or (row.deleted_at is not None and not include_deleted):
             raise NotFound(f"workspaces/{workspace_id} not found")
@@ -375,39 +375,42 @@ class ContextStore:
 
     async def purge_workspaces(self, deleted_before: dt.datetime) -> list[str]:
         """Hard-delete workspaces soft-deleted before ``deleted_before``; their ids."""
-        async with self._write() as db:
+
+        def tx(db: Session) -> list[str]:
             ids = list(
                 (
-                    await db.execute(
+                    db.execute(
                         select(WorkspaceRow.id).where(WorkspaceRow.deleted_at < deleted_before)
                     )
                 ).scalars()
             )
             if ids:
                 if self.sqlite:
-                    await db.execute(
+                    db.execute(
                         text(
                             "DELETE FROM memory_fts WHERE rowid IN (SELECT fts_rowid FROM "
                             "memory_items WHERE workspace_id IN :ids)"
                         ).bindparams(bindparam("ids", expanding=True)),
                         {"ids": ids},
                     )
-                await db.execute(delete(WorkspaceRow).where(WorkspaceRow.id.in_(ids)))
+                db.execute(delete(WorkspaceRow).where(WorkspaceRow.id.in_(ids)))
             return ids
+
+        return await self._run(tx, write=True)
 
     # -- members -----------------------------------------------------------------------
 
     async def add_member(
         self, workspace_id: str, user_id: str, role: str, max_members: int
     ) -> WorkspaceMemberRow:
-        async with self._write() as db:
-            await self._workspace_for_update(db, workspace_id)
-            if await db.get(UserRow, user_id) is None:
+        def tx(db: Session) -> WorkspaceMemberRow:
+            self._workspace_for_update(db, workspace_id)
+            if db.get(UserRow, user_id) is None:
                 raise NotFound(f"users/{user_id} not found")
-            if await db.get(WorkspaceMemberRow, (workspace_id, user_id)) is not None:
+            if db.get(WorkspaceMemberRow, (workspace_id, user_id)) is not None:
                 raise _already_exists(f"workspaces/{workspace_id}/members/{user_id}")
             count = (
-                await db.execute(
+                db.execute(
                     select(func.count())
                     .select_from(WorkspaceMemberRow)
                     .where(WorkspaceMemberRow.workspace_id == workspace_id)
@@ -429,36 +432,40 @@ class ContextStore:
             db.add(row)
             return row
 
+        return await self._run(tx, write=True)
+
     async def update_member(self, workspace_id: str, user_id: str, role: str) -> WorkspaceMemberRow:
-        async with self._write() as db:
-            await self._workspace_for_update(db, workspace_id)
-            row = await self._member(db, workspace_id, user_id)
+        def tx(db: Session) -> WorkspaceMemberRow:
+            self._workspace_for_update(db, workspace_id)
+            row = self._member(db, workspace_id, user_id)
             if row.role == "owner" and role != "owner":
-                await self._keep_an_owner(db, workspace_id)
+                self._keep_an_owner(db, workspace_id)
             row.role = role
             row.updated_at = now()
             return row
 
+        return await self._run(tx, write=True)
+
     async def remove_member(self, workspace_id: str, user_id: str) -> WorkspaceMemberRow:
-        async with self._write() as db:
-            await self._workspace_for_update(db, workspace_id)
-            row = await self._member(db, workspace_id, user_id)
+        def tx(db: Session) -> WorkspaceMemberRow:
+            self._workspace_for_update(db, workspace_id)
+            row = self._member(db, workspace_id, user_id)
             if row.role == "owner":
-                await self._keep_an_owner(db, workspace_id)
-            await db.delete(row)
+                self._keep_an_owner(db, workspace_id)
+            db.delete(row)
             return row
 
-    async def _member(
-        self, db: AsyncSession, workspace_id: str, user_id: str
-    ) -> WorkspaceMemberRow:
-        row = await db.get(WorkspaceMemberRow, (workspace_id, user_id))
+        return await self._run(tx, write=True)
+
+    def _member(self, db: Session, workspace_id: str, user_id: str) -> WorkspaceMemberRow:
+        row = db.get(WorkspaceMemberRow, (workspace_id, user_id))
         if row is None:
             raise NotFound(f"workspaces/{workspace_id}/members/{user_id} not found")
         return row
 
-    async def _keep_an_owner(self, db: AsyncSession, workspace_id: str) -> None:
+    def _keep_an_owner(self, db: Session, workspace_id: str) -> None:
         owners = (
-            await db.execute(
+            db.execute(
                 select(func.count())
                 .select_from(WorkspaceMemberRow)
                 .where(
@@ -478,12 +485,13 @@ class ContextStore:
         query = select(WorkspaceMemberRow).where(WorkspaceMemberRow.workspace_id == workspace_id)
         if after_user:
             query = query.where(WorkspaceMemberRow.user_id > after_user)
-        async with self._read() as db:
+
+        def tx(db: Session) -> list[WorkspaceMemberRow]:
             return list(
-                (
-                    await db.execute(query.order_by(WorkspaceMemberRow.user_id).limit(limit))
-                ).scalars()
+                (db.execute(query.order_by(WorkspaceMemberRow.user_id).limit(limit))).scalars()
             )
+
+        return await self._run(tx, write=False)
 
     # -- conversations -----------------------------------------------------------------
 
@@ -498,16 +506,17 @@ class ContextStore:
     ) -> tuple[ConversationRow, bool]:
         async def run() -> tuple[ConversationRow, bool]:
             conversation_id = new_id()
-            async with self._write() as db:
-                await self._workspace_for_update(db, workspace_id)
-                earlier = await self._claim(db, idempotency, conversation_id)
+
+            def tx(db: Session) -> tuple[ConversationRow, bool]:
+                self._workspace_for_update(db, workspace_id)
+                earlier = self._claim(db, idempotency, conversation_id)
                 if earlier is not None:
-                    row = await db.get(ConversationRow, earlier)
+                    row = db.get(ConversationRow, earlier)
                     if row is None:
                         raise NotFound("the conversation created by this request_id is gone")
                     return row, False
                 count = (
-                    await db.execute(
+                    db.execute(
                         select(func.count())
                         .select_from(ConversationRow)
                         .where(ConversationRow.workspace_id == workspace_id)
@@ -538,12 +547,17 @@ class ContextStore:
                 db.add(row)
                 return row, True
 
+            return await self._run(tx, write=True)
+
         return await self._retrying(run)
 
     async def get_conversation(self, workspace_id: str, conversation_id: str) -> ConversationRow:
         """The conversation (soft-deleted ones too), or NotFound."""
-        async with self._read() as db:
-            row = await db.get(ConversationRow, conversation_id)
+
+        def tx(db: Session) -> ConversationRow | None:
+            return db.get(ConversationRow, conversation_id)
+
+        row = await self._run(tx, write=False)
         if row is None or row.workspace_id != workspace_id:
             raise NotFound(f"workspaces/{workspace_id}/conversations/{conversation_id} not found")
         return row
@@ -570,12 +584,15 @@ class ContextStore:
                 )
             )
         query = query.order_by(ConversationRow.updated_at.desc(), ConversationRow.id.desc())
-        async with self._read() as db:
-            return list((await db.execute(query.limit(limit))).scalars())
 
-    async def _conversation_for_update(
+        def tx(db: Session) -> list[ConversationRow]:
+            return list((db.execute(query.limit(limit))).scalars())
+
+        return await self._run(tx, write=False)
+
+    def _conversation_for_update(
         self,
-        db: AsyncSession,
+        db: Session,
         workspace_id: str,
         conversation_id: str,
         *,
@@ -583,7 +600,7 @@ class ContextStore:
         writable: bool = False,
     ) -> ConversationRow:
         row = (
-            await db.execute(
+            db.execute(
                 self._lock(select(ConversationRow).where(ConversationRow.id == conversation_id))
             )
         ).scalar_one_or_none()
@@ -601,8 +618,8 @@ class ContextStore:
     async def update_conversation(
         self, workspace_id: str, conversation_id: str, etag: str, changes: dict[str, Any]
     ) -> ConversationRow:
-        async with self._write() as db:
-            row = await self._conversation_for_update(db, workspace_id, conversation_id)
+        def tx(db: Session) -> ConversationRow:
+            row = self._conversation_for_update(db, workspace_id, conversation_id)
             check_etag(etag, row.version)
             if row.archived and set(changes) - {"archived"} and changes.get("archived", True):
                 raise FailedPrecondition(
@@ -615,11 +632,13 @@ class ContextStore:
             row.updated_at = now()
             return row
 
+        return await self._run(tx, write=True)
+
     async def set_conversation_deleted(
         self, workspace_id: str, conversation_id: str, etag: str, *, deleted: bool
     ) -> ConversationRow:
-        async with self._write() as db:
-            row = await self._conversation_for_update(
+        def tx(db: Session) -> ConversationRow:
+            row = self._conversation_for_update(
                 db, workspace_id, conversation_id, include_deleted=True
             )
             check_etag(etag, row.version)
@@ -634,11 +653,13 @@ class ContextStore:
             row.updated_at = stamp
             return row
 
+        return await self._run(tx, write=True)
+
     async def purge_conversations(self, deleted_before: dt.datetime) -> int:
-        async with self._write() as db:
+        def tx(db: Session) -> int:
             ids = list(
                 (
-                    await db.execute(
+                    db.execute(
                         select(ConversationRow.id).where(
                             ConversationRow.deleted_at < deleted_before
                         )
@@ -647,15 +668,17 @@ class ContextStore:
             )
             if ids:
                 if self.sqlite:
-                    await db.execute(
+                    db.execute(
                         text(
                             "DELETE FROM memory_fts WHERE rowid IN (SELECT fts_rowid FROM "
                             "memory_items WHERE conversation_id IN :ids)"
                         ).bindparams(bindparam("ids", expanding=True)),
                         {"ids": ids},
                     )
-                await db.execute(delete(ConversationRow).where(ConversationRow.id.in_(ids)))
+                db.execute(delete(ConversationRow).where(ConversationRow.id.in_(ids)))
             return len(ids)
+
+        return await self._run(tx, write=True)
 
     # -- messages ------------------------------------------------------------------------
 
@@ -676,13 +699,14 @@ class ContextStore:
 
         async def run() -> Appended:
             message_id = new_id()
-            async with self._write() as db:
-                conversation = await self._conversation_for_update(
+
+            def tx(db: Session) -> Appended:
+                conversation = self._conversation_for_update(
                     db, workspace_id, conversation_id, writable=True
                 )
-                earlier = await self._claim(db, idempotency, message_id)
+                earlier = self._claim(db, idempotency, message_id)
                 if earlier is not None:
-                    message = await db.get(MessageRow, earlier)
+                    message = db.get(MessageRow, earlier)
                     if message is None:
                         raise NotFound("the message created by this request_id is gone")
                     return Appended(message, conversation, [], [], replayed=True)
@@ -705,7 +729,7 @@ class ContextStore:
                 conversation.updated_at = stamp
                 conversation.message_count += 1
                 conversation.token_count += tokens
-                created, updated = await self._remember_entities(
+                created, updated = self._remember_entities(
                     db,
                     conversation,
                     f"workspaces/{workspace_id}/conversations/{conversation_id}/messages/{message_id}",
@@ -716,11 +740,13 @@ class ContextStore:
                 )
                 return Appended(message, conversation, created, updated)
 
+            return await self._run(tx, write=True)
+
         return await self._retrying(run)
 
-    async def _remember_entities(
+    def _remember_entities(
         self,
-        db: AsyncSession,
+        db: Session,
         conversation: ConversationRow,
         message_name: str,
         entities: Sequence[EntityRecord],
@@ -734,7 +760,7 @@ class ContextStore:
         existing = {
             row.content: row
             for row in (
-                await db.execute(
+                db.execute(
                     select(MemoryItemRow).where(
                         MemoryItemRow.scope == scope,
                         MemoryItemRow.kind == "entity",
@@ -743,7 +769,7 @@ class ContextStore:
                 )
             ).scalars()
         }
-        room = max_per_scope - await self._count_scope(db, scope)
+        room = max_per_scope - self._count_scope(db, scope)
         created: list[MemoryItemRow] = []
         updated: list[MemoryItemRow] = []
         for entity in entities:
@@ -778,16 +804,17 @@ class ContextStore:
                 token_count=entity.tokens,
                 version=1,
             )
-            await self._add_memory_row(db, row)
+            self._add_memory_row(db, row)
             created.append(row)
         return created, updated
 
     async def get_message(
         self, workspace_id: str, conversation_id: str, message_id: str
     ) -> MessageRow:
-        async with self._read() as db:
-            conversation = await db.get(ConversationRow, conversation_id)
-            message = await db.get(MessageRow, message_id)
+        def tx(db: Session) -> tuple[ConversationRow | None, MessageRow | None]:
+            return db.get(ConversationRow, conversation_id), db.get(MessageRow, message_id)
+
+        conversation, message = await self._run(tx, write=False)
         if (
             conversation is None
             or conversation.workspace_id != workspace_id
@@ -819,8 +846,9 @@ class ContextStore:
                 MessageRow.seq < after_seq if newest_first else MessageRow.seq > after_seq
             )
         query = query.order_by(MessageRow.seq.desc() if newest_first else MessageRow.seq)
-        async with self._read(snapshot=True) as db:
-            conversation = await db.get(ConversationRow, conversation_id)
+
+        def tx(db: Session) -> list[MessageRow]:
+            conversation = db.get(ConversationRow, conversation_id)
             if (
                 conversation is None
                 or conversation.workspace_id != workspace_id
@@ -829,45 +857,47 @@ class ContextStore:
                 raise NotFound(
                     f"workspaces/{workspace_id}/conversations/{conversation_id} not found"
                 )
-            return list((await db.execute(query.limit(limit))).scalars())
+            return list((db.execute(query.limit(limit))).scalars())
+
+        return await self._run(tx, write=False, snapshot=True)
 
     # -- memory ----------------------------------------------------------------------------
 
-    async def _count_scope(self, db: AsyncSession, scope: str) -> int:
+    def _count_scope(self, db: Session, scope: str) -> int:
         count: int = (
-            await db.execute(
+            db.execute(
                 select(func.count()).select_from(MemoryItemRow).where(MemoryItemRow.scope == scope)
             )
         ).scalar_one()
         return count
 
-    async def _add_memory_row(self, db: AsyncSession, row: MemoryItemRow) -> None:
+    def _add_memory_row(self, db: Session, row: MemoryItemRow) -> None:
         if self.sqlite:
-            top = (await db.execute(select(func.max(MemoryItemRow.fts_rowid)))).scalar_one()
+            top = (db.execute(select(func.max(MemoryItemRow.fts_rowid)))).scalar_one()
             row.fts_rowid = (top or 0) + 1
         db.add(row)
-        await db.flush()
+        db.flush()
         if self.sqlite:
-            await db.execute(
+            db.execute(
                 text("INSERT INTO memory_fts(rowid, content) VALUES (:rowid, :content)"),
                 {"rowid": row.fts_rowid, "content": row.content},
             )
 
-    async def _touch_scope(self, db: AsyncSession, row: MemoryItemRow) -> None:
+    def _touch_scope(self, db: Session, row: MemoryItemRow) -> None:
         """A memory change invalidates the windows that may include it."""
         if row.conversation_id is not None:
-            await db.execute(
+            db.execute(
                 update(ConversationRow)
                 .where(ConversationRow.id == row.conversation_id)
                 .values(version=ConversationRow.version + 1)
             )
         else:
-            await self._bump_scope(db, row.scope)
+            self._bump_scope(db, row.scope)
 
     async def check_conversation_live(
-        self, db: AsyncSession, workspace_id: str, conversation_id: str
+        self, db: Session, workspace_id: str, conversation_id: str
     ) -> ConversationRow:
-        return await self._conversation_for_update(db, workspace_id, conversation_id)
+        return self._conversation_for_update(db, workspace_id, conversation_id)
 
     async def create_memory(
         self,
@@ -876,30 +906,35 @@ class ContextStore:
         max_per_scope: int,
         max_pinned: int,
     ) -> MemoryItemRow:
-        async with self._write() as db:
-            await self._check_scope_live(db, row)
-            if await self._count_scope(db, row.scope) >= max_per_scope:
+        def tx(db: Session) -> MemoryItemRow:
+            self._check_scope_live(db, row)
+            if self._count_scope(db, row.scope) >= max_per_scope:
                 raise QuotaExceeded(
                     f"a scope may hold at most {max_per_scope} memory items",
                     subject="memory items per scope",
                 )
             if row.pinned:
-                await self._check_pinned_room(db, row.scope, max_pinned)
-            await self._add_memory_row(db, row)
-            await self._touch_scope(db, row)
+                self._check_pinned_room(db, row.scope, max_pinned)
+            self._add_memory_row(db, row)
+            self._touch_scope(db, row)
             return row
 
-    async def _check_scope_live(self, db: AsyncSession, row: MemoryItemRow) -> None:
+        return await self._run(tx, write=True)
+
+    def _check_scope_live(self, db: Session, row: MemoryItemRow, *, writable: bool = True) -> None:
+        """NotFound unless the scope exists; FailedPrecondition for writes to an archived one."""
         if row.conversation_id is not None and row.workspace_id is not None:
-            await self._conversation_for_update(db, row.workspace_id, row.conversation_id)
+            self._conversation_for_update(
+                db, row.workspace_id, row.conversation_id, writable=writable
+            )
         elif row.workspace_id is not None:
-            await self._workspace_for_update(db, row.workspace_id)
-        elif row.user_id is not None and await db.get(UserRow, row.user_id) is None:
+            self._workspace_for_update(db, row.workspace_id)
+        elif row.user_id is not None and db.get(UserRow, row.user_id) is None:
             raise NotFound(f"{row.scope} not found")
 
-    async def _check_pinned_room(self, db: AsyncSession, scope: str, max_pinned: int) -> None:
+    def _check_pinned_room(self, db: Session, scope: str, max_pinned: int) -> None:
         pinned = (
-            await db.execute(
+            db.execute(
                 select(func.count())
                 .select_from(MemoryItemRow)
                 .where(MemoryItemRow.scope == scope, MemoryItemRow.pinned.is_(True))
@@ -911,15 +946,17 @@ class ContextStore:
             )
 
     async def get_memory(self, scope: str, memory_id: str) -> MemoryItemRow:
-        async with self._read() as db:
-            row = await db.get(MemoryItemRow, memory_id)
+        def tx(db: Session) -> MemoryItemRow:
+            row = db.get(MemoryItemRow, memory_id)
             if row is None or row.scope != scope:
                 raise NotFound(f"{scope}/memories/{memory_id} not found")
             if row.conversation_id is not None:
-                conversation = await db.get(ConversationRow, row.conversation_id)
+                conversation = db.get(ConversationRow, row.conversation_id)
                 if conversation is None or conversation.deleted_at is not None:
                     raise NotFound(f"{scope}/memories/{memory_id} not found")
             return row
+
+        return await self._run(tx, write=False)
 
     async def update_memory(
         self,
@@ -930,39 +967,43 @@ class ContextStore:
         *,
         max_pinned: int,
     ) -> MemoryItemRow:
-        async with self._write() as db:
-            row = await db.get(MemoryItemRow, memory_id)
+        def tx(db: Session) -> MemoryItemRow:
+            row = db.get(MemoryItemRow, memory_id)
             if row is None or row.scope != scope:
                 raise NotFound(f"{scope}/memories/{memory_id} not found")
-            await self._check_scope_live(db, row)
+            self._check_scope_live(db, row)
             check_etag(etag, row.version)
             if changes.get("pinned") and not row.pinned:
-                await self._check_pinned_room(db, scope, max_pinned)
+                self._check_pinned_room(db, scope, max_pinned)
             for field, value in changes.items():
                 setattr(row, field, value)
             row.version += 1
             row.updated_at = now()
             if "content" in changes and self.sqlite:
-                await db.execute(
+                db.execute(
                     text("UPDATE memory_fts SET content = :content WHERE rowid = :rowid"),
                     {"rowid": row.fts_rowid, "content": row.content},
                 )
-            await self._touch_scope(db, row)
+            self._touch_scope(db, row)
             return row
 
+        return await self._run(tx, write=True)
+
     async def delete_memory(self, scope: str, memory_id: str) -> MemoryItemRow:
-        async with self._write() as db:
-            row = await db.get(MemoryItemRow, memory_id)
+        def tx(db: Session) -> MemoryItemRow:
+            row = db.get(MemoryItemRow, memory_id)
             if row is None or row.scope != scope:
                 raise NotFound(f"{scope}/memories/{memory_id} not found")
-            await self._check_scope_live(db, row)
+            self._check_scope_live(db, row)
             if self.sqlite:
-                await db.execute(
+                db.execute(
                     text("DELETE FROM memory_fts WHERE rowid = :rowid"), {"rowid": row.fts_rowid}
                 )
-            await db.delete(row)
-            await self._touch_scope(db, row)
+            db.delete(row)
+            self._touch_scope(db, row)
             return row
+
+        return await self._run(tx, write=True)
 
     async def list_memory(
         self,
@@ -986,13 +1027,19 @@ class ContextStore:
                 )
             )
         query = query.order_by(MemoryItemRow.created_at.desc(), MemoryItemRow.id.desc())
-        async with self._read() as db:
-            return list((await db.execute(query.limit(limit))).scalars())
+
+        def tx(db: Session) -> list[MemoryItemRow]:
+            return list((db.execute(query.limit(limit))).scalars())
+
+        return await self._run(tx, write=False)
 
     async def scope_live(self, scope_row: MemoryItemRow) -> None:
         """NotFound unless the scope (conversation, workspace, user) still exists."""
-        async with self._read() as db:
-            await self._check_scope_live(db, scope_row)
+
+        def tx(db: Session) -> None:
+            self._check_scope_live(db, scope_row, writable=False)
+
+        return await self._run(tx, write=False)
 
     async def search_memory(
         self,
@@ -1002,25 +1049,29 @@ class ContextStore:
         kinds: Sequence[str],
         limit: int,
         offset: int = 0,
-        exclude_kinds: Sequence[str] = (),
-        unpinned_only: bool = False,
-        db: AsyncSession | None = None,
     ) -> list[tuple[MemoryItemRow, float]]:
         """Items matching ``match`` (fts5 syntax on SQLite, tsquery on PostgreSQL), best first."""
         if not match or not scopes:
             return []
-        if db is None:
-            async with self._read() as session:
-                return await self.search_memory(
-                    scopes,
-                    match,
-                    kinds=kinds,
-                    limit=limit,
-                    offset=offset,
-                    exclude_kinds=exclude_kinds,
-                    unpinned_only=unpinned_only,
-                    db=session,
-                )
+        return await self._run(
+            lambda db: self._search(db, scopes, match, kinds=kinds, limit=limit, offset=offset),
+            write=False,
+        )
+
+    def _search(
+        self,
+        db: Session,
+        scopes: Sequence[str],
+        match: str,
+        *,
+        kinds: Sequence[str],
+        limit: int,
+        offset: int = 0,
+        exclude_kinds: Sequence[str] = (),
+        unpinned_only: bool = False,
+    ) -> list[tuple[MemoryItemRow, float]]:
+        if not match or not scopes:
+            return []
         filters = [
             "m.scope IN :scopes",
             "(m.expires_at IS NULL OR m.expires_at > :now)",
@@ -1062,7 +1113,7 @@ class ContextStore:
         try:
             ranked = [
                 (str(row[0]), float(row[1]))
-                for row in (await db.execute(text(sql).bindparams(*binds), params)).all()
+                for row in (db.execute(text(sql).bindparams(*binds), params)).all()
             ]
         except (OperationalError, ProgrammingError, DataError) as exc:
             if not any(word in str(exc.orig).lower() for word in ("fts5", "tsquery", "syntax")):
@@ -1077,7 +1128,7 @@ class ContextStore:
         rows = {
             row.id: row
             for row in (
-                await db.execute(
+                db.execute(
                     select(MemoryItemRow).where(MemoryItemRow.id.in_([i for i, _ in ranked]))
                 )
             ).scalars()
@@ -1090,13 +1141,16 @@ class ContextStore:
         self, workspace_id: str, conversation_id: str, user_scope: str
     ) -> tuple[ConversationRow, int, int]:
         """The conversation and the memory versions its window depends on."""
-        async with self._read() as db:
-            return await self._window_version(db, workspace_id, conversation_id, user_scope)
 
-    async def _window_version(
-        self, db: AsyncSession, workspace_id: str, conversation_id: str, user_scope: str
+        def tx(db: Session) -> tuple[ConversationRow, int, int]:
+            return self._window_version(db, workspace_id, conversation_id, user_scope)
+
+        return await self._run(tx, write=False)
+
+    def _window_version(
+        self, db: Session, workspace_id: str, conversation_id: str, user_scope: str
     ) -> tuple[ConversationRow, int, int]:
-        conversation = await db.get(ConversationRow, conversation_id)
+        conversation = db.get(ConversationRow, conversation_id)
         if (
             conversation is None
             or conversation.workspace_id != workspace_id
@@ -1105,7 +1159,7 @@ class ContextStore:
             raise NotFound(f"workspaces/{workspace_id}/conversations/{conversation_id} not found")
         versions = dict(
             (
-                await db.execute(
+                db.execute(
                     select(MemoryScopeRow.scope, MemoryScopeRow.version).where(
                         MemoryScopeRow.scope.in_([f"workspaces/{workspace_id}", user_scope])
                     )
@@ -1135,13 +1189,14 @@ class ContextStore:
             f"workspaces/{workspace_id}",
             user_scope,
         ]
-        async with self._read(snapshot=True) as db:
-            conversation, workspace_version, user_version = await self._window_version(
+
+        def tx(db: Session) -> WindowRows:
+            conversation, workspace_version, user_version = self._window_version(
                 db, workspace_id, conversation_id, user_scope
             )
             pinned = list(
                 (
-                    await db.execute(
+                    db.execute(
                         select(MemoryItemRow)
                         .where(MemoryItemRow.scope.in_(scopes), MemoryItemRow.pinned.is_(True))
                         .order_by(MemoryItemRow.created_at, MemoryItemRow.id)
@@ -1150,36 +1205,37 @@ class ContextStore:
                 ).scalars()
             )
             latest_user = (
-                await db.execute(
+                db.execute(
                     select(MessageRow)
                     .where(MessageRow.conversation_id == conversation_id, MessageRow.role == "user")
                     .order_by(MessageRow.seq.desc())
                     .limit(1)
                 )
             ).scalar_one_or_none()
-            relevant = await self.search_memory(
+            relevant = self._search(
+                db,
                 scopes,
                 match(latest_user),
                 kinds=(),
                 limit=relevant_limit,
                 exclude_kinds=("summary",),
                 unpinned_only=True,
-                db=db,
             )
             summary = (
-                await db.get(MemoryItemRow, conversation.summary_id)
-                if conversation.summary_id
-                else None
+                db.get(MemoryItemRow, conversation.summary_id) if conversation.summary_id else None
             )
             recent: list[tuple[int, int]] = []
+            bodies: dict[int, bytes] = {}
             covered = 0
             upper = conversation.last_seq + 1
-            # Token counts only, in pages, until the budget is covered: a long
-            # conversation never loads more than what can fit (plus one).
+            # Newest first, in pages, until the budget is covered: a long
+            # conversation never loads more than what can fit (plus one). The
+            # bodies come along (Core rows, not ORM objects): nearly all of
+            # them end up in the window.
             while covered <= budget:
                 page = (
-                    await db.execute(
-                        select(MessageRow.seq, MessageRow.token_count)
+                    db.execute(
+                        select(MessageRow.seq, MessageRow.token_count, MessageRow.data)
                         .where(
                             MessageRow.conversation_id == conversation_id,
                             MessageRow.archived.is_(False),
@@ -1189,8 +1245,9 @@ class ContextStore:
                         .limit(_RECENT_PAGE)
                     )
                 ).all()
-                for seq, tokens in page:
+                for seq, tokens, data in page:
                     recent.append((int(seq), int(tokens)))
+                    bodies[int(seq)] = data
                     covered += int(tokens)
                     if covered > budget:
                         break
@@ -1205,32 +1262,19 @@ class ContextStore:
                 relevant=relevant,
                 summary=summary,
                 recent=recent,
+                bodies=bodies,
                 latest_user_message=latest_user,
             )
 
-    async def messages_by_seq(self, conversation_id: str, seqs: Sequence[int]) -> list[MessageRow]:
-        if not seqs:
-            return []
-        async with self._read() as db:
-            return list(
-                (
-                    await db.execute(
-                        select(MessageRow)
-                        .where(
-                            MessageRow.conversation_id == conversation_id,
-                            MessageRow.seq.in_(list(seqs)),
-                        )
-                        .order_by(MessageRow.seq)
-                    )
-                ).scalars()
-            )
+        return await self._run(tx, write=False, snapshot=True)
 
     # -- pruning ---------------------------------------------------------------------------
 
     async def live_tokens(self, workspace_id: str, conversation_id: str) -> list[tuple[int, int]]:
         """(seq, tokens) of every live message, oldest first."""
-        async with self._read(snapshot=True) as db:
-            conversation = await db.get(ConversationRow, conversation_id)
+
+        def tx(db: Session) -> list[tuple[int, int]]:
+            conversation = db.get(ConversationRow, conversation_id)
             if (
                 conversation is None
                 or conversation.workspace_id != workspace_id
@@ -1242,7 +1286,7 @@ class ContextStore:
             return [
                 (int(seq), int(tokens))
                 for seq, tokens in (
-                    await db.execute(
+                    db.execute(
                         select(MessageRow.seq, MessageRow.token_count)
                         .where(
                             MessageRow.conversation_id == conversation_id,
@@ -1253,20 +1297,23 @@ class ContextStore:
                 ).all()
             ]
 
+        return await self._run(tx, write=False, snapshot=True)
+
     async def prune_inputs(
         self, conversation_id: str, upto_seq: int
     ) -> tuple[list[MessageRow], MemoryItemRow | None]:
         """The live messages up to ``upto_seq`` and the current summary."""
-        async with self._read(snapshot=True) as db:
-            conversation = await db.get(ConversationRow, conversation_id)
+
+        def tx(db: Session) -> tuple[list[MessageRow], MemoryItemRow | None]:
+            conversation = db.get(ConversationRow, conversation_id)
             summary = (
-                await db.get(MemoryItemRow, conversation.summary_id)
+                db.get(MemoryItemRow, conversation.summary_id)
                 if conversation is not None and conversation.summary_id
                 else None
             )
             messages = list(
                 (
-                    await db.execute(
+                    db.execute(
                         select(MessageRow)
                         .where(
                             MessageRow.conversation_id == conversation_id,
@@ -1278,6 +1325,8 @@ class ContextStore:
                 ).scalars()
             )
             return messages, summary
+
+        return await self._run(tx, write=False, snapshot=True)
 
     async def archive(
         self,
@@ -1293,12 +1342,15 @@ class ContextStore:
 
         None if another prune got there first (the caller plans again).
         """
-        async with self._write() as db:
-            conversation = await self._conversation_for_update(db, workspace_id, conversation_id)
+
+        def tx(db: Session) -> tuple[ConversationRow, int] | None:
+            conversation = self._conversation_for_update(
+                db, workspace_id, conversation_id, writable=True
+            )
             if conversation.summary_id != expected_summary:
                 return None
             live = (
-                await db.execute(
+                db.execute(
                     select(func.count(), func.coalesce(func.sum(MessageRow.token_count), 0)).where(
                         MessageRow.conversation_id == conversation_id,
                         MessageRow.archived.is_(False),
@@ -1308,8 +1360,8 @@ class ContextStore:
             ).one()
             if int(live[0]) != expected_count:
                 return None
-            await self._add_memory_row(db, summary)
-            await db.execute(
+            self._add_memory_row(db, summary)
+            db.execute(
                 update(MessageRow)
                 .where(
                     MessageRow.conversation_id == conversation_id,
@@ -1324,6 +1376,8 @@ class ContextStore:
             conversation.version += 1
             conversation.updated_at = now()
             return conversation, int(live[0])
+
+        return await self._run(tx, write=True)
 
 
 MAX_SOURCES: Final = 20

@@ -50,6 +50,7 @@ from typing import Any, Final, Literal, Protocol
 from redis.exceptions import RedisError
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from switchboard.api.events.v1 import events_pb2
 from switchboard.platform.cache import binary_client, redacted_url
@@ -351,34 +352,40 @@ class LocalLog:
             self._since_trim >= _TRIM_EVERY_EVENTS
             or time.monotonic() - self._last_trim >= _TRIM_EVERY_S
         )
-        async with self._bounded(), self._database.sessions() as session, session.begin():
-            await session.execute(
-                insert(EventLogRow),
-                [{"seq": i.position[0], "data": i.data, "created_at": now} for i in logged],
-            )
-            if trim:
-                await self._trim(session, logged[-1].position[0], now)
+        rows = [{"seq": i.position[0], "data": i.data, "created_at": now} for i in logged]
+        head = logged[-1].position[0]
+
+        def write(session: Session) -> int | None:
+            session.execute(insert(EventLogRow), rows)
+            return self._trim(session, head, now) if trim else None
+
+        async with self._bounded():
+            horizon = await self._database.run(write, write=True)
+        if horizon is not None:
+            # Only once the trim is committed.
+            self._horizon = horizon
         if trim:
             self._since_trim = 0
             self._last_trim = time.monotonic()
 
-    async def _trim(self, session: Any, head: int, now: dt.datetime) -> None:
+    def _trim(self, session: Session, head: int, now: dt.datetime) -> int | None:
+        """Trim in ``session``; the new horizon, or None if nothing was trimmed."""
         cut = head - self._retention
-        too_old = await session.scalar(
+        too_old = session.scalar(
             select(func.max(EventLogRow.seq)).where(
                 EventLogRow.created_at < now - dt.timedelta(seconds=self._retention_s)
             )
         )
         cut = max(cut, int(too_old or 0))
         if cut <= self._horizon:
-            return
-        await session.execute(delete(EventLogRow).where(EventLogRow.seq <= cut))
-        state = await session.get(EventLogStateRow, 1)
+            return None
+        session.execute(delete(EventLogRow).where(EventLogRow.seq <= cut))
+        state = session.get(EventLogStateRow, 1)
         if state is None:
             session.add(EventLogStateRow(id=1, horizon=cut))
         else:
             state.horizon = cut
-        self._horizon = cut
+        return cut
 
     async def read(self, after: Position, upto: Position, limit: int) -> list[Logged]:
         try:

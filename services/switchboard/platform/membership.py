@@ -24,8 +24,8 @@ log = logging.getLogger("switchboard.membership")
 
 class MembershipStore:
     def __init__(self, database: Database) -> None:
+        self._database = database
         self._sessions = database.sessions
-        self._readers = database.readers
 
     async def role_of(
         self, workspace_id: str, user_id: str, *, include_deleted: bool = False
@@ -41,8 +41,9 @@ class MembershipStore:
         if not include_deleted:
             query = query.where(WorkspaceRow.deleted_at.is_(None))
         try:
-            async with self._readers() as db:
-                role = (await db.execute(query)).scalar_one_or_none()
+            role = await self._database.run(
+                lambda db: db.execute(query).scalar_one_or_none(), write=False
+            )
         except (SQLAlchemyError, OSError, TimeoutError):
             # A pool or database timeout is an outage, not a bug: UNAVAILABLE, retryable.
             log.warning("membership lookup failed", exc_info=True)

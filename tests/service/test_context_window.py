@@ -1,0 +1,854 @@
+"""GetContextWindow and PruneConversation through the real service, on SQLite and PostgreSQL.
+
+A worked example pins down the layout of a window; property tests (Hypothesis)
+check its invariants on generated conversations: the budget always holds,
+pinned items always appear, order is preserved, pruning twice changes
+nothing, and no message is ever lost. Then automatic pruning, and the
+embedded window cache: a write followed by a window never returns the old one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import field_mask_pb2
+from google.rpc import error_details_pb2
+from grpc import aio
+from hypothesis import HealthCheck, event, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+
+from switchboard.api.context.v1 import context_pb2 as pb
+from switchboard.context import service as service_module
+from switchboard.context import store as store_module
+from switchboard.context import windowcache as windowcache_module
+from switchboard.platform.config import Settings
+from switchboard.platform.server import SwitchboardServer
+from tests.conftest import make_settings
+from tests.service.authkit import detail, quick_user
+from tests.service.windowkit import (
+    DEADLINE_S,
+    EXPIRED,
+    OVER_BUDGET,
+    PINNED,
+    RECENT,
+    RELEVANT,
+    SUMMARY,
+    Caller,
+    add_member,
+    append,
+    as_user,
+    awaiting_event,
+    check_nothing_lost,
+    check_window,
+    conversation_of,
+    expected_kept,
+    expire_in_database,
+    included_messages,
+    item_name,
+    memory_item,
+    messages,
+    names,
+    new_caller,
+    new_conversation,
+    prune,
+    range_of,
+    remember,
+    summary_created,
+    window,
+)
+
+pytestmark = pytest.mark.asyncio
+
+MAX_WINDOW_TOKENS = 50_000
+USER = pb.MESSAGE_ROLE_USER
+ASSISTANT = pb.MESSAGE_ROLE_ASSISTANT
+
+
+@pytest.fixture
+def overrides() -> dict[str, Any]:
+    """Extra settings; a test changes them with ``@pytest.mark.parametrize("overrides", ...)``."""
+    return {}
+
+
+@pytest.fixture
+def settings(database_url: str, overrides: dict[str, Any]) -> Settings:
+    # database_url runs every test here once on SQLite and once on PostgreSQL.
+    values: dict[str, Any] = {
+        "context_max_window_tokens": MAX_WINDOW_TOKENS,
+        # Short summaries, so that generated windows often have room for one.
+        "context_summary_tokens": 40,
+    }
+    values.update(overrides)
+    return make_settings(database_url=database_url, **values)
+
+
+def code_of(error: pytest.ExceptionInfo[aio.AioRpcError]) -> grpc.StatusCode:
+    return error.value.code()
+
+
+def in_the_future() -> dt.datetime:
+    return dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+
+
+# -- the worked example -----------------------------------------------------------------
+
+
+async def test_worked_example(mesh: SwitchboardServer, channel: aio.Channel) -> None:
+    c = await new_caller(mesh, channel)
+    # Another member's own pinned memory is theirs, never in this caller's window.
+    other_id, other_token = await quick_user(mesh)
+    await add_member(c, other_id, pb.WORKSPACE_ROLE_EDITOR)
+    other = as_user(c, other_id, other_token)
+    theirs = await remember(other, other.user, "Someone else likes long essays.", pinned=True)
+
+    pinned = [
+        await remember(c, c.conversation, "Project codename is Bluebird.", pinned=True),
+        await remember(
+            c, c.workspace, "Answer in British English.", pinned=True, kind=pb.MEMORY_KIND_NOTE
+        ),
+        await remember(
+            c, c.user, "Keep answers short.", pinned=True, kind=pb.MEMORY_KIND_PREFERENCE
+        ),
+    ]
+    giraffe = await remember(c, c.workspace, "Giraffe enclosure closes at noon.")
+    volcano = await remember(c, c.conversation, "Volcanoes erupt rarely.")
+
+    conversation = [
+        (USER, "Tell me about the zoo opening hours and the aquarium schedule."),
+        (ASSISTANT, "The zoo opens early every morning and stays open late in summer."),
+        (USER, "Which animals can children feed at the petting area?"),
+        (ASSISTANT, "Children can feed goats and sheep under supervision."),
+        (USER, "Are there guided tours for school groups on weekdays?"),
+        (ASSISTANT, "Yes, guided tours run on weekdays for school groups."),
+        (USER, "When does the giraffe enclosure close?"),
+        # The newest message is not the user's: relevance follows the latest
+        # *user* message, so the volcano note must not be retrieved.
+        (ASSISTANT, "Let me check; volcanoes erupt rarely, by the way."),
+    ]
+    m = [await append(c, text, role) for role, text in conversation]
+
+    pruned = await prune(c, keep_last_messages=6)
+    assert pruned.pruned_message_count == 2
+    assert pruned.kept_message_count == 6
+    summary = pruned.summary
+    assert summary.kind == pb.MEMORY_KIND_SUMMARY
+    assert summary.name.startswith(c.conversation + "/memories/")
+    assert range_of(summary) == (m[0].sequence, m[1].sequence)
+
+    # Room for the pinned items, the relevant one, the summary and the three
+    # newest messages; m[4] misses by one token, so m[2] and m[3] are omitted.
+    pinned_tokens = sum(p.token_count for p in pinned)
+    newest = m[5].token_count + m[6].token_count + m[7].token_count
+    fits = pinned_tokens + giraffe.token_count + summary.token_count + newest
+    budget = fits + m[4].token_count - 1
+    # Relevant memories may use at most a quarter of the budget (so the
+    # example really is about order and the budget, not about that cap).
+    assert giraffe.token_count <= budget // 4
+
+    win = await window(c, budget)
+    assert [i.reason for i in win.included] == [PINNED] * 3 + [RELEVANT, SUMMARY] + [RECENT] * 3
+    assert sorted(names(win.included, PINNED)) == sorted(p.name for p in pinned)
+    assert names(win.included, RELEVANT) == [giraffe.name]
+    assert names(win.included, SUMMARY) == [summary.name]
+    assert [x.name for x in included_messages(win)] == [m[5].name, m[6].name, m[7].name]
+    assert [x.sequence for x in included_messages(win)] == sorted(
+        x.sequence for x in included_messages(win)
+    )
+    assert [(item_name(i), i.reason) for i in win.excluded] == [(m[4].name, OVER_BUDGET)]
+    assert win.omitted_messages == 2
+    assert win.total_tokens == fits
+    assert win.total_tokens == sum(i.token_count for i in win.included)
+    assert win.total_tokens <= win.token_budget == budget
+    assert win.tokenizer == mesh.deps.settings.context_tokenizer
+    assert win.conversation == c.conversation
+    assert win.conversation_version == (await conversation_of(c)).version
+    listed = names(win.included) + names(win.excluded)
+    assert theirs.name not in listed
+    assert volcano.name not in listed
+    included = {item_name(i): i for i in win.included}
+    assert included[summary.name].memory_item.content == summary.content
+    assert included[m[7].name].message.parts[0].text == conversation[7][1]
+    live = await messages(c)
+    assert [x.name for x in live] == [x.name for x in m[2:]]
+    check_window(win, budget=budget, live=live, pinned=[p.name for p in pinned])
+
+    # An explicit query replaces the latest user message for retrieval.
+    asked = await window(c, budget, query="volcanoes erupt")
+    assert names(asked.included, RELEVANT) == [volcano.name]
+    assert giraffe.name not in names(asked.included) + names(asked.excluded)
+    check_window(asked, budget=budget, live=live, pinned=[p.name for p in pinned])
+
+
+async def test_expired_memories_are_listed_as_expired_and_never_included(
+    mesh: SwitchboardServer, channel: aio.Channel
+) -> None:
+    c = await new_caller(mesh, channel)
+    live_pin = await remember(c, c.conversation, "The launch is planned for spring.", pinned=True)
+    stale_pin = await remember(
+        c, c.workspace, "Use the old staging cluster.", pinned=True, expire_time=in_the_future()
+    )
+    stale_note = await remember(
+        c, c.workspace, "Giraffe feeding moved indoors.", expire_time=in_the_future()
+    )
+    fresh_note = await remember(c, c.workspace, "Giraffe feeding happens at noon.")
+    # Written before any window of this conversation exists (see expire_in_database).
+    await expire_in_database(mesh, stale_pin.name)
+    await expire_in_database(mesh, stale_note.name)
+    question = await append(c, "When is giraffe feeding?")
+
+    win = await window(c, 1000)
+    check_window(
+        win,
+        budget=1000,
+        live=[question],
+        pinned=[live_pin.name],
+        expired=[stale_pin.name],
+    )
+    assert names(win.excluded, EXPIRED) in ([stale_pin.name], [stale_pin.name, stale_note.name])
+    assert names(win.included, RELEVANT) == [fresh_note.name]
+    assert stale_note.name not in names(win.included)
+
+    # The expired pinned item does not count against the budget either: a
+    # budget too small for both pinned items together is enough for the live one.
+    tight = live_pin.token_count + stale_pin.token_count - 1
+    assert tight >= live_pin.token_count
+    small = await window(c, tight)
+    assert names(small.included, PINNED) == [live_pin.name]
+    assert stale_pin.name in names(small.excluded, EXPIRED)
+    assert small.total_tokens <= tight
+
+
+async def test_pinned_memories_over_the_budget_fail_loudly(
+    mesh: SwitchboardServer, channel: aio.Channel
+) -> None:
+    c = await new_caller(mesh, channel)
+    first = await remember(c, c.conversation, "Always cite the internal wiki.", pinned=True)
+    second = await remember(c, c.user, "Prefers metric units in every answer.", pinned=True)
+    await append(c, "Hello there")
+    needed = first.token_count + second.token_count
+
+    with pytest.raises(aio.AioRpcError) as error:
+        await window(c, needed - 1)
+    assert code_of(error) == grpc.StatusCode.FAILED_PRECONDITION
+
+    # Exactly enough: both pinned, nothing else fits.
+    win = await window(c, needed)
+    assert sorted(names(win.included)) == sorted([first.name, second.name])
+    assert win.total_tokens == needed
+
+
+# -- validation and access ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("budget", [0, -1, MAX_WINDOW_TOKENS + 1])
+async def test_token_budget_out_of_range_is_invalid(
+    mesh: SwitchboardServer, channel: aio.Channel, budget: int
+) -> None:
+    c = await new_caller(mesh, channel)
+    with pytest.raises(aio.AioRpcError) as error:
+        await window(c, budget)
+    assert code_of(error) == grpc.StatusCode.INVALID_ARGUMENT
+    bad: error_details_pb2.BadRequest = detail(error.value, error_details_pb2.BadRequest)
+    assert [v.field for v in bad.field_violations] == ["token_budget"]
+
+
+async def test_a_query_over_the_limit_is_invalid(
+    mesh: SwitchboardServer, channel: aio.Channel
+) -> None:
+    c = await new_caller(mesh, channel)
+    limit = int(mesh.deps.context.limits.max_query_chars)
+    with pytest.raises(aio.AioRpcError) as error:
+        await window(c, 100, query="q" * (limit + 1))
+    assert code_of(error) == grpc.StatusCode.INVALID_ARGUMENT
+    bad: error_details_pb2.BadRequest = detail(error.value, error_details_pb2.BadRequest)
+    assert [v.field for v in bad.field_violations] == ["query"]
+
+
+async def test_the_largest_budget_is_accepted(
+    mesh: SwitchboardServer, channel: aio.Channel
+) -> None:
+    c = await new_caller(mesh, channel)
+    await append(c, "hello")
+    win = await window(c, MAX_WINDOW_TOKENS)
+    assert win.token_budget == MAX_WINDOW_TOKENS
+    assert len(win.included) == 1
+
+
+async def test_unknown_conversations_are_not_found(
+    mesh: SwitchboardServer, channel: aio.Channel
+) -> None:
+    c = await new_caller(mesh, channel)
+    with pytest.raises(aio.AioRpcError) as error:
+        await window(c, 100, conversation=f"{c.workspace}/conversations/nope")
+    assert code_of(error) == grpc.StatusCode.NOT_FOUND
+
+    # A real conversation named under another workspace of the same caller.
+    elsewhere = await c.stub.CreateWorkspace(
+        pb.CreateWorkspaceRequest(workspace=pb.Workspace(display_name="Elsewhere")),
+        metadata=c.md,
+        timeout=DEADLINE_S,
+    )
+    conversation_id = c.conversation.rsplit("/", 1)[1]
+    wrong = f"{elsewhere.workspace.name}/conversations/{conversation_id}"
+    for call in (
+        window(c, 100, conversation=wrong),
+        prune(c, keep_last_messages=1, conversation=wrong),
+    ):
+        with pytest.raises(aio.AioRpcError) as error:
+            await call
+        assert code_of(error) == grpc.StatusCode.NOT_FOUND
+
+
+async def test_non_members_get_not_found(mesh: SwitchboardServer, channel: aio.Channel) -> None:
+    c = await new_caller(mesh, channel)
+    await append(c, "private matters")
+    stranger_id, stranger_token = await quick_user(mesh)
+    stranger = as_user(c, stranger_id, stranger_token)
+    with pytest.raises(aio.AioRpcError) as error:
+        await window(stranger, 100)
+    assert code_of(error) == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(aio.AioRpcError) as error:
+        await prune(stranger, keep_last_messages=1)
+    assert code_of(error) == grpc.StatusCode.NOT_FOUND
+
+
+async def test_viewers_read_windows_but_cannot_prune(
+    mesh: SwitchboardServer, channel: aio.Channel
+) -> None:
+    c = await new_caller(mesh, channel)
+    viewer_id, viewer_token = await quick_user(mesh)
+    await add_member(c, viewer_id, pb.WORKSPACE_ROLE_VIEWER)
+    viewer = as_user(c, viewer_id, viewer_token)
+    owners = await remember(c, c.user, "The owner likes tables.", pinned=True)
+    viewers = await remember(viewer, viewer.user, "The viewer likes lists.", pinned=True)
+    for text in ("one", "two", "three"):
+        await append(c, text)
+
+    win = await window(viewer, 1000)
+    # The user scope in a window is the caller's own.
+    assert names(win.included, PINNED) == [viewers.name]
+    assert owners.name not in names(win.included) + names(win.excluded)
+    assert len(included_messages(win)) == 3
+
+    with pytest.raises(aio.AioRpcError) as error:
+        await prune(viewer, keep_last_messages=1)
+    assert code_of(error) == grpc.StatusCode.PERMISSION_DENIED
+    assert len(await messages(c)) == 3
+
+
+async def test_an_archived_conversation_is_read_only_for_pruning(
+    mesh: SwitchboardServer, channel: aio.Channel
+) -> None:
+    c = await new_caller(mesh, channel)
+    for text in ("one", "two", "three"):
+        await append(c, text)
+    await c.stub.UpdateConversation(
+        pb.UpdateConversationRequest(
+            conversation=pb.Conversation(name=c.conversation, archived=True),
+            update_mask=field_mask_pb2.FieldMask(paths=["archived"]),
+        ),
+        metadata=c.md,
+        timeout=DEADLINE_S,
+    )
+    before = await messages(c, show_archived=True)
+    version = (await conversation_of(c)).version
+    # Its window can still be read.
+    assert len(included_messages(await window(c, 1000))) == 3
+    # "Archived conversations are read-only": pruning would archive messages
+    # and add a summary to it, so it is refused like an append.
+    with pytest.raises(aio.AioRpcError) as error:
+        await prune(c, keep_last_messages=1)
+    assert code_of(error) == grpc.StatusCode.FAILED_PRECONDITION
+    assert await messages(c, show_archived=True) == before
+    assert (await conversation_of(c)).version == version
+
+
+async def test_a_deleted_conversation_has_no_window_even_when_one_was_cached(
+    mesh: SwitchboardServer, channel: aio.Channel
+) -> None:
+    c = await new_caller(mesh, channel)
+    await append(c, "soon gone")
+    win = await window(c, 1000)
+    assert await window(c, 1000) == win
+    await c.stub.DeleteConversation(
+        pb.DeleteConversationRequest(name=c.conversation), metadata=c.md, timeout=DEADLINE_S
+    )
+    for call in (window(c, 1000), prune(c, keep_last_messages=1)):
+        with pytest.raises(aio.AioRpcError) as error:
+            await call
+        assert code_of(error) == grpc.StatusCode.NOT_FOUND
+    await c.stub.UndeleteConversation(
+        pb.UndeleteConversationRequest(name=c.conversation), metadata=c.md, timeout=DEADLINE_S
+    )
+    restored = await window(c, 1000)
+    assert [m.name for m in included_messages(restored)] == [m.name for m in included_messages(win)]
+    assert restored.conversation_version > win.conversation_version
+
+
+async def test_a_removed_member_loses_the_window_even_when_one_was_cached(
+    mesh: SwitchboardServer, channel: aio.Channel
+) -> None:
+    c = await new_caller(mesh, channel)
+    member_id, member_token = await quick_user(mesh)
+    await add_member(c, member_id, pb.WORKSPACE_ROLE_EDITOR)
+    member = as_user(c, member_id, member_token)
+    await append(c, "shared for now")
+    win = await window(member, 1000)
+    assert await window(member, 1000) == win
+    await c.stub.RemoveWorkspaceMember(
+        pb.RemoveWorkspaceMemberRequest(name=f"{c.workspace}/members/{member_id}"),
+        metadata=c.md,
+        timeout=DEADLINE_S,
+    )
+    with pytest.raises(aio.AioRpcError) as error:
+        await window(member, 1000)
+    assert code_of(error) == grpc.StatusCode.NOT_FOUND
+
+
+async def test_prune_requires_a_limit(mesh: SwitchboardServer, channel: aio.Channel) -> None:
+    c = await new_caller(mesh, channel)
+    await append(c, "hello")
+    for keep, tokens in ((0, 0), (-1, 0), (0, -5)):
+        with pytest.raises(aio.AioRpcError) as error:
+            await prune(c, keep_last_messages=keep, max_tokens=tokens)
+        assert code_of(error) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# -- properties -----------------------------------------------------------------------------
+
+_WORDS = (
+    "alpha",
+    "bravo",
+    "charlie",
+    "delta",
+    "harbor",
+    "lantern",
+    "meadow",
+    "orchard",
+    "quartz",
+    "river",
+    "summit",
+    "tundra",
+    "violet",
+    "willow",
+    "zephyr",
+    "extraordinarily",
+    "x",
+    "42",
+    "ok",
+    "?",
+)
+
+
+def _texts(max_words: int) -> st.SearchStrategy[str]:
+    return st.lists(st.sampled_from(_WORDS), min_size=1, max_size=max_words).map(" ".join)
+
+
+_MESSAGES = st.lists(
+    st.tuples(st.sampled_from([USER, ASSISTANT]), _texts(40)), min_size=1, max_size=12
+)
+# (scope, content, pinned, expired)
+_MEMORIES = st.lists(
+    st.tuples(
+        st.sampled_from(["conversation", "workspace", "user"]),
+        _texts(10),
+        st.booleans(),
+        st.booleans(),
+    ),
+    max_size=4,
+)
+# (keep_last_messages, max_tokens): one or both set (0 means no limit).
+_LIMITS = st.one_of(
+    st.tuples(st.integers(1, 8), st.just(0)),
+    st.tuples(st.just(0), st.integers(1, 250)),
+    st.tuples(st.integers(1, 8), st.integers(1, 250)),
+)
+
+
+# pytest-asyncio runs every Hypothesis example of an async test as a coroutine on
+# the test's event loop, so all examples share the one function-scoped mesh
+# (hence the suppressed health check; each example builds its own user,
+# workspace and conversation, so they stay independent). Few examples: each
+# costs a few dozen RPCs. database=None: nothing is written to .hypothesis/.
+@hypothesis_settings(
+    max_examples=25,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    texts=_MESSAGES,
+    memories=_MEMORIES,
+    budget=st.one_of(st.integers(1, 40), st.integers(41, 500)),
+    query=st.one_of(st.just(""), _texts(4)),
+    first_limits=_LIMITS,
+    second_limits=_LIMITS,
+)
+async def test_window_and_pruning_properties(
+    mesh: SwitchboardServer,
+    channel: aio.Channel,
+    texts: list[tuple[pb.MessageRole.ValueType, str]],
+    memories: list[tuple[str, str, bool, bool]],
+    budget: int,
+    query: str,
+    first_limits: tuple[int, int],
+    second_limits: tuple[int, int],
+) -> None:
+    # Every example gets its own user, workspace and conversation: independent data.
+    c = await new_caller(mesh, channel)
+    appended = [await append(c, text, role) for role, text in texts]
+    parents = {"conversation": c.conversation, "workspace": c.workspace, "user": c.user}
+    pinned: list[pb.MemoryItem] = []
+    expired_pinned: list[str] = []
+    expired: list[str] = []
+    for scope, content, is_pinned, is_expired in memories:
+        item = await remember(
+            c,
+            parents[scope],
+            content,
+            pinned=is_pinned,
+            expire_time=in_the_future() if is_expired else None,
+        )
+        if is_expired:
+            # Before the first window of this conversation (see expire_in_database).
+            await expire_in_database(mesh, item.name)
+            expired.append(item.name)
+            if is_pinned:
+                expired_pinned.append(item.name)
+        elif is_pinned:
+            pinned.append(item)
+    pinned_names = [p.name for p in pinned]
+    pinned_tokens = sum(p.token_count for p in pinned)
+
+    async def check(live: list[pb.Message]) -> pb.ContextWindow | None:
+        if pinned_tokens > budget:
+            event("pinned over budget")
+            with pytest.raises(aio.AioRpcError) as error:
+                await window(c, budget, query)
+            assert code_of(error) == grpc.StatusCode.FAILED_PRECONDITION
+            return None
+        win = await window(c, budget, query)
+        event(f"window cut messages: {win.omitted_messages > 0 or len(win.excluded) > 0}")
+        check_window(win, budget=budget, live=live, pinned=pinned_names, expired=expired_pinned)
+        assert not set(expired) & set(names(win.included))
+        assert win.conversation_version == (await conversation_of(c)).version
+        # Served again (from the cache): the very same window.
+        assert await window(c, budget, query) == win
+        return win
+
+    live = await messages(c)
+    assert [m.name for m in live] == [m.name for m in appended]
+    await check(live)
+
+    # Two prunes with (possibly) different limits, then the second again.
+    latest_summary: pb.MemoryItem | None = None
+    for keep_last, max_tokens in (first_limits, second_limits):
+        before = await messages(c)
+        kept = expected_kept([m.token_count for m in before], keep_last, max_tokens)
+        version = (await conversation_of(c)).version
+        dry = await prune(c, keep_last_messages=keep_last, max_tokens=max_tokens, dry_run=True)
+        assert (dry.pruned_message_count, dry.kept_message_count) == (len(before) - kept, kept)
+        assert not dry.HasField("summary")
+        assert await messages(c) == before
+        assert (await conversation_of(c)).version == version
+        done = await prune(c, keep_last_messages=keep_last, max_tokens=max_tokens)
+        assert (done.pruned_message_count, done.kept_message_count) == (
+            len(before) - kept,
+            kept,
+        )
+        assert done.HasField("summary") == (done.pruned_message_count > 0)
+        event(f"pruned: {done.pruned_message_count > 0}")
+        if done.pruned_message_count:
+            latest_summary = done.summary
+        assert [m.name for m in await messages(c)] == [m.name for m in before[len(before) - kept :]]
+
+    everything = await messages(c, show_archived=True)
+    version = (await conversation_of(c)).version
+    again = await prune(c, keep_last_messages=second_limits[0], max_tokens=second_limits[1])
+    assert again.pruned_message_count == 0
+    assert not again.HasField("summary")
+    assert await messages(c, show_archived=True) == everything
+    assert (await conversation_of(c)).version == version
+
+    # No message is lost: each is live, or archived under a summary covering it.
+    everything = await check_nothing_lost(c, appended)
+    live = [m for m in everything if not m.archived]
+    assert (await conversation_of(c)).message_count == len(live)
+    archived = [m for m in everything if m.archived]
+    if latest_summary is None:
+        assert archived == []
+    else:
+        # The newest summary covers everything archived so far.
+        assert range_of(latest_summary) == (archived[0].sequence, archived[-1].sequence)
+        assert archived[-1].summary == latest_summary.name
+
+    win = await check(live)
+    if win is None or latest_summary is None:
+        return
+    summaries = [
+        i
+        for i in (*win.included, *win.excluded)
+        if i.HasField("memory_item") and i.memory_item.kind == pb.MEMORY_KIND_SUMMARY
+    ]
+    # Only the latest summary is ever considered, once; included exactly when it fits
+    # after the pinned and relevant items.
+    assert [item_name(i) for i in summaries] == [latest_summary.name]
+    before_summary = sum(i.token_count for i in win.included if i.reason in (PINNED, RELEVANT))
+    fits = before_summary + latest_summary.token_count <= budget
+    assert summaries[0].reason == (SUMMARY if fits else OVER_BUDGET)
+    event(f"summary {'included' if fits else 'over budget'}")
+
+
+async def test_concurrent_appends_prunes_and_windows_keep_every_invariant(
+    mesh: SwitchboardServer, channel: aio.Channel
+) -> None:
+    c = await new_caller(mesh, channel)
+    pin = await remember(c, c.workspace, "Pinned during the storm.", pinned=True)
+    first = [await append(c, f"warm up message {i}") for i in range(6)]
+    budget = 120
+
+    async def a_window() -> pb.ContextWindow:
+        return await window(c, budget)
+
+    results = await asyncio.gather(
+        *(append(c, f"concurrent message {i}") for i in range(12)),
+        *(prune(c, keep_last_messages=k) for k in (4, 3, 5, 2)),
+        *(a_window() for _ in range(6)),
+    )
+    appended = first + sorted(
+        (r for r in results if isinstance(r, pb.Message)), key=lambda m: m.sequence
+    )
+    assert [m.sequence for m in appended] == list(range(1, 19))
+    for win in (r for r in results if isinstance(r, pb.ContextWindow)):
+        # Each window is consistent in itself: built from one snapshot.
+        assert names(win.included, PINNED) == [pin.name]
+        assert win.total_tokens == sum(i.token_count for i in win.included) <= budget
+        shown = [m.sequence for m in included_messages(win)]
+        # Live messages are a suffix of the conversation, so the newest of them
+        # have consecutive sequence numbers.
+        assert shown == list(range(shown[0], shown[0] + len(shown)))
+    everything = await check_nothing_lost(c, appended)
+    live = [m for m in everything if not m.archived]
+    check_window(await window(c, budget), budget=budget, live=live, pinned=[pin.name])
+    summaries = {m.summary for m in everything if m.archived}
+    for name in summaries:
+        assert (await memory_item(c, name)).kind == pb.MEMORY_KIND_SUMMARY
+
+
+async def test_long_conversations_are_windowed_across_pages(
+    mesh: SwitchboardServer, channel: aio.Channel
+) -> None:
+    # More live messages than the store loads in one page (256).
+    c = await new_caller(mesh, channel)
+    sent: list[pb.Message] = []
+    for batch in range(0, 300, 20):  # a few at a time: the server bounds concurrent streams
+        sent += await asyncio.gather(*(append(c, f"note {i}") for i in range(batch, batch + 20)))
+    live = await messages(c)
+    assert sorted(m.name for m in live) == sorted(m.name for m in sent)
+    everything = sum(m.token_count for m in live)
+
+    whole = await window(c, everything)
+    assert len(included_messages(whole)) == 300
+    check_window(whole, budget=everything, live=live, pinned=[])
+
+    # Room for all but the oldest five: one is cut, four are omitted.
+    budget = everything - sum(m.token_count for m in live[:5])
+    cut = await window(c, budget)
+    assert [m.name for m in included_messages(cut)] == [m.name for m in live[5:]]
+    assert names(cut.excluded) == [live[4].name]
+    assert cut.omitted_messages == 4
+    check_window(cut, budget=budget, live=live, pinned=[])
+
+
+# -- automatic pruning ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides", [{"context_auto_prune_messages": 20}])
+async def test_automatic_pruning_keeps_three_quarters_and_loses_nothing(
+    mesh: SwitchboardServer, channel: aio.Channel
+) -> None:
+    c = await new_caller(mesh, channel)
+    appended = [await append(c, f"message number {i}") for i in range(1, 21)]
+    # 20 live messages is the maximum, not over it: nothing is pruned.
+    assert len(await messages(c)) == 20
+
+    async with awaiting_event(mesh, summary_created(c.conversation)) as created:
+        appended.append(await append(c, "message number 21"))
+        event = await asyncio.wait_for(created, DEADLINE_S)
+    first = event.memory_changed.memory_item
+    # The summary is published after the archive committed: pruning is done.
+    live = await messages(c)
+    assert len(live) == 15  # 75% of 20
+    assert [m.name for m in live] == [m.name for m in appended[6:]]
+    assert range_of(first) == (appended[0].sequence, appended[5].sequence)
+    assert (await conversation_of(c)).message_count == 15
+    await check_nothing_lost(c, appended)
+
+    # Hysteresis: up to the maximum again without pruning, then over it once more.
+    appended += [await append(c, f"message number {i}") for i in range(22, 27)]
+    assert len(await messages(c)) == 20
+    async with awaiting_event(mesh, summary_created(c.conversation)) as created:
+        appended.append(await append(c, "message number 27"))
+        event = await asyncio.wait_for(created, DEADLINE_S)
+    second = event.memory_changed.memory_item
+    live = await messages(c)
+    assert [m.name for m in live] == [m.name for m in appended[12:]]
+    # The rolling summary covers everything archived, the first batch included.
+    assert range_of(second) == (appended[0].sequence, appended[11].sequence)
+    everything = await check_nothing_lost(c, appended)
+    assert {m.summary for m in everything[:6]} == {first.name}
+    assert {m.summary for m in everything[6:12]} == {second.name}
+    win = await window(c, 10_000)
+    assert names(win.included, SUMMARY) == [second.name]
+    assert first.name not in names(win.included) + names(win.excluded)
+    check_window(win, budget=10_000, live=live, pinned=[])
+
+
+# -- the embedded window cache ------------------------------------------------------------------
+
+
+async def cached(mesh: SwitchboardServer, c: Caller, budget: int) -> pb.ContextWindow:
+    """The window, read twice: the second read is served from the cache."""
+    win = await window(c, budget)
+    hits = int(mesh.deps.context._cache.hits)
+    assert await window(c, budget) == win
+    assert int(mesh.deps.context._cache.hits) == hits + 1
+    return win
+
+
+async def test_a_write_is_always_seen_by_the_next_window(
+    mesh: SwitchboardServer, channel: aio.Channel
+) -> None:
+    c = await new_caller(mesh, channel)
+    budget = 5000
+    first = await append(c, "Where are the harbor lanterns?")
+    old = await cached(mesh, c, budget)
+
+    # A message.
+    second = await append(c, "They hang along the river.", ASSISTANT)
+    win = await cached(mesh, c, budget)
+    assert [m.name for m in included_messages(win)] == [first.name, second.name]
+    assert win.conversation_version > old.conversation_version
+
+    # Memory in each scope a window reads: conversation, workspace, the caller's.
+    added: list[pb.MemoryItem] = []
+    for parent in (c.conversation, c.workspace, c.user):
+        before = await cached(mesh, c, budget)
+        item = await remember(c, parent, f"Pinned fact for {parent}.", pinned=True)
+        added.append(item)
+        win = await cached(mesh, c, budget)
+        assert item.name in names(win.included, PINNED), parent
+        assert win != before
+
+    # Updating and unpinning memory.
+    for item in added:
+        await cached(mesh, c, budget)
+        updated = (
+            await c.stub.UpdateMemoryItem(
+                pb.UpdateMemoryItemRequest(
+                    memory_item=pb.MemoryItem(name=item.name, content="Harbor lanterns are red."),
+                    update_mask=field_mask_pb2.FieldMask(paths=["content"]),
+                ),
+                metadata=c.md,
+                timeout=DEADLINE_S,
+            )
+        ).memory_item
+        win = await cached(mesh, c, budget)
+        shown = {item_name(i): i for i in win.included}
+        assert shown[item.name].memory_item.content == "Harbor lanterns are red."
+        assert shown[item.name].token_count == updated.token_count
+
+        await c.stub.UpdateMemoryItem(
+            pb.UpdateMemoryItemRequest(
+                memory_item=pb.MemoryItem(name=item.name, pinned=False),
+                update_mask=field_mask_pb2.FieldMask(paths=["pinned"]),
+            ),
+            metadata=c.md,
+            timeout=DEADLINE_S,
+        )
+        win = await cached(mesh, c, budget)
+        assert item.name not in names(win.included, PINNED)
+
+    # Deleting memory.
+    for item in added:
+        await cached(mesh, c, budget)
+        await c.stub.DeleteMemoryItem(
+            pb.DeleteMemoryItemRequest(name=item.name), metadata=c.md, timeout=DEADLINE_S
+        )
+        win = await cached(mesh, c, budget)
+        assert item.name not in names(win.included) + names(win.excluded)
+
+    # Pruning.
+    await cached(mesh, c, budget)
+    done = await prune(c, keep_last_messages=1)
+    win = await cached(mesh, c, budget)
+    assert names(win.included, SUMMARY) == [done.summary.name]
+    assert [m.name for m in included_messages(win)] == [second.name]
+
+
+async def test_windows_of_other_conversations_and_callers_are_never_mixed_up(
+    mesh: SwitchboardServer, channel: aio.Channel
+) -> None:
+    c = await new_caller(mesh, channel)
+    await append(c, "first conversation")
+    other = await new_conversation(c)
+    await append(c, "second conversation", conversation=other.name)
+    editor_id, editor_token = await quick_user(mesh)
+    await add_member(c, editor_id, pb.WORKSPACE_ROLE_EDITOR)
+    editor = as_user(c, editor_id, editor_token)
+    mine = await remember(c, c.user, "Only mine.", pinned=True)
+    await remember(c, other.name, "Pinned in the second conversation only.", pinned=True)
+
+    own = await window(c, 500)
+    theirs = await window(editor, 500)
+    elsewhere = await window(c, 500, conversation=other.name)
+    assert names(own.included, PINNED) == [mine.name]
+    assert names(theirs.included, PINNED) == []
+    assert [m.parts[0].text for m in included_messages(elsewhere)] == ["second conversation"]
+    assert [m.parts[0].text for m in included_messages(own)] == ["first conversation"]
+    # And each again, now from the cache.
+    assert await window(editor, 500) == theirs
+    assert await window(c, 500, conversation=other.name) == elsewhere
+    # A memory of the editor's own changes only the editor's window.
+    theirs_item = await remember(editor, editor.user, "Only theirs.", pinned=True)
+    assert names((await window(editor, 500)).included, PINNED) == [theirs_item.name]
+    assert await window(c, 500) == own
+
+
+async def test_a_window_ages_when_a_memory_item_in_it_expires(
+    mesh: SwitchboardServer, channel: aio.Channel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    c = await new_caller(mesh, channel)
+    soon = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=30)
+    pin = await remember(
+        c, c.conversation, "Temporary door code 1234.", pinned=True, expire_time=soon
+    )
+    note = await remember(c, c.workspace, "Giraffe feeding at noon.", expire_time=soon)
+    await append(c, "When is giraffe feeding?")
+    before = await window(c, 1000)
+    assert await window(c, 1000) == before  # cached
+    assert names(before.included, PINNED) == [pin.name]
+    assert names(before.included, RELEVANT) == [note.name]
+
+    # An hour passes without any write (the clocks the service reads move on;
+    # no sleeping): the cached window must not outlive the items in it.
+    later = dt.timedelta(hours=1)
+    monkeypatch.setattr(store_module, "now", lambda: dt.datetime.now(dt.UTC) + later)
+    monkeypatch.setattr(service_module, "now", lambda: dt.datetime.now(dt.UTC) + later)
+    monkeypatch.setattr(
+        windowcache_module,
+        "time",
+        SimpleNamespace(time=lambda: time.time() + later.total_seconds(), monotonic=time.monotonic),
+    )
+    after = await window(c, 1000)
+    assert after.conversation_version == before.conversation_version
+    assert names(after.excluded, EXPIRED) == [pin.name]
+    assert names(after.included, PINNED) == []
+    assert note.name not in names(after.included)
