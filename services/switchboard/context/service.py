@@ -1062,7 +1062,7 @@ class ContextService:
         _text(request.query, "query", self.limits.max_query_chars, violations)
         violations.check()
         user_scope = principal.user_name
-        conversation, workspace_version, user_version = await self._store.window_version(
+        version, workspace_version, user_version = await self._store.window_version(
             workspace_id, conversation_id, user_scope
         )
         key = ":".join(
@@ -1071,7 +1071,7 @@ class ContextService:
                 _WINDOW_FORMAT,
                 self._counter.name,
                 conversation_id,
-                str(conversation.version),
+                str(version),
                 str(workspace_version),
                 principal.user_id,
                 str(user_version),
@@ -1085,7 +1085,7 @@ class ContextService:
         payload, valid_until, built_version = await self._build_window(
             workspace_id, conversation_id, user_scope, request
         )
-        if built_version == (conversation.version, workspace_version, user_version):
+        if built_version == (version, workspace_version, user_version):
             # Only a window built from exactly the versions in the key is cached
             # under it; one that saw a newer write is served but not stored.
             await self._cache.put(key, payload, valid_until)

@@ -1139,13 +1139,26 @@ class ContextStore:
 
     async def window_version(
         self, workspace_id: str, conversation_id: str, user_scope: str
-    ) -> tuple[ConversationRow, int, int]:
-        """The conversation and the memory versions its window depends on."""
-
-        def tx(db: Session) -> tuple[ConversationRow, int, int]:
-            return self._window_version(db, workspace_id, conversation_id, user_scope)
-
-        return await self._run(tx, write=False)
+    ) -> tuple[int, int, int]:
+        """The versions a conversation's window depends on: the conversation's, its
+        workspace's memory and the caller's memory. One plain statement: it runs
+        on every GetContextWindow, cached or not."""
+        try:
+            rows = await self._database.fetch(
+                _WINDOW_VERSIONS,
+                {
+                    "conversation": conversation_id,
+                    "workspace_scope": f"workspaces/{workspace_id}",
+                    "user_scope": user_scope,
+                },
+            )
+        except _OUTAGES as exc:
+            log.warning("context database call failed", exc_info=True)
+            raise DependencyUnavailable("the database is unavailable; retry") from exc
+        if not rows or rows[0][0] != workspace_id or rows[0][1]:
+            raise NotFound(f"workspaces/{workspace_id}/conversations/{conversation_id} not found")
+        _, _, version, workspace_version, user_version = rows[0]
+        return int(version), int(workspace_version or 0), int(user_version or 0)
 
     def _window_version(
         self, db: Session, workspace_id: str, conversation_id: str, user_scope: str
@@ -1381,6 +1394,12 @@ class ContextStore:
 
 
 MAX_SOURCES: Final = 20
+_WINDOW_VERSIONS: Final = (
+    "SELECT c.workspace_id, c.deleted_at IS NOT NULL, c.version, "
+    "(SELECT version FROM memory_scopes WHERE scope = :workspace_scope), "
+    "(SELECT version FROM memory_scopes WHERE scope = :user_scope) "
+    "FROM conversations c WHERE c.id = :conversation"
+)
 _RECENT_PAGE: Final = 256
 
 

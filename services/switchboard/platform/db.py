@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
+import threading
 import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +37,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import URL, Connection, Engine, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -167,6 +169,11 @@ class Database:
                 expire_on_commit=False,
             )
             self._executor = ThreadPoolExecutor(SQLITE_THREADS, thread_name_prefix="sqlite")
+        # ``fetch``: one stdlib connection per worker thread, closed with the database.
+        self._sqlite_path = parsed.database or ""
+        self._thread_connections = threading.local()
+        self._raw_connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
 
     @property
     def dialect_name(self) -> str:
@@ -213,6 +220,45 @@ class Database:
             await session.commit()
             return result
 
+    async def fetch(self, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        """Rows of one read-only statement (``:name`` parameters), for hot paths.
+
+        Per-call checks (membership, versions) run on every RPC, where an ORM
+        session's bookkeeping costs more than the query. On a SQLite file the
+        statement runs on the worker thread's own stdlib connection in
+        autocommit mode: one statement is its own consistent snapshot, so no
+        BEGIN/COMMIT round trips. Values come back as the driver returns them
+        (SQLite returns times as text: select none that need converting).
+        """
+        executor = self._executor
+        if executor is not None:
+            loop = asyncio.get_running_loop()
+            return await asyncio.wait_for(
+                loop.run_in_executor(executor, self._fetch_sqlite, sql, params),
+                self._timeout_s * 3,
+            )
+        async with self.readers() as session:
+            rows = (await session.execute(text(sql), params)).all()
+            return [tuple(row) for row in rows]
+
+    def _fetch_sqlite(self, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        connection: sqlite3.Connection | None = getattr(self._thread_connections, "value", None)
+        if connection is None:
+            connection = sqlite3.connect(
+                self._sqlite_path,
+                timeout=self._timeout_s,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            self._thread_connections.value = connection
+            with self._connections_lock:
+                self._raw_connections.append(connection)
+        try:
+            return connection.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            # The same exception type as every other database error here.
+            raise OperationalError(sql, params, exc) from exc
+
     async def ping(self) -> None:
         """Run ``SELECT 1``; raise ``TimeoutError`` if the database does not answer in time."""
         try:
@@ -252,6 +298,10 @@ class Database:
             await asyncio.to_thread(executor.shutdown, wait=True)
         if self._sync_engine is not None:
             await asyncio.to_thread(self._sync_engine.dispose)
+        with self._connections_lock:
+            raw, self._raw_connections = self._raw_connections, []
+        for connection in raw:
+            connection.close()
         try:
             async with asyncio.timeout(self._timeout_s):
                 await self.engine.dispose()

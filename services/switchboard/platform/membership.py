@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 
-from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from switchboard.platform.db import Database
@@ -22,6 +21,14 @@ from switchboard.platform.policy import Role
 log = logging.getLogger("switchboard.membership")
 
 
+# Plain SQL through ``Database.fetch``: this runs before every workspace RPC.
+_ROLE_OF_INCLUDING_DELETED = (
+    "SELECT m.role FROM workspace_members m JOIN workspaces w ON w.id = m.workspace_id "
+    "WHERE m.workspace_id = :workspace AND m.user_id = :user"
+)
+_ROLE_OF = _ROLE_OF_INCLUDING_DELETED + " AND w.deleted_at IS NULL"
+
+
 class MembershipStore:
     def __init__(self, database: Database) -> None:
         self._database = database
@@ -30,24 +37,14 @@ class MembershipStore:
     async def role_of(
         self, workspace_id: str, user_id: str, *, include_deleted: bool = False
     ) -> Role | None:
-        query = (
-            select(WorkspaceMemberRow.role)
-            .join(WorkspaceRow, WorkspaceRow.id == WorkspaceMemberRow.workspace_id)
-            .where(
-                WorkspaceMemberRow.workspace_id == workspace_id,
-                WorkspaceMemberRow.user_id == user_id,
-            )
-        )
-        if not include_deleted:
-            query = query.where(WorkspaceRow.deleted_at.is_(None))
+        sql = _ROLE_OF if not include_deleted else _ROLE_OF_INCLUDING_DELETED
         try:
-            role = await self._database.run(
-                lambda db: db.execute(query).scalar_one_or_none(), write=False
-            )
+            rows = await self._database.fetch(sql, {"workspace": workspace_id, "user": user_id})
         except (SQLAlchemyError, OSError, TimeoutError):
             # A pool or database timeout is an outage, not a bug: UNAVAILABLE, retryable.
             log.warning("membership lookup failed", exc_info=True)
             raise DependencyUnavailable("the access check is unavailable; retry") from None
+        role = rows[0][0] if rows else None
         return Role[role.upper()] if role is not None else None
 
     async def create_workspace(self, workspace_id: str, display_name: str, owner_id: str) -> None:
