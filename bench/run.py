@@ -7,7 +7,8 @@ loopback. On a two-core machine the client and the server share the cores, so
 figures compare variants in one run; they are not absolute capacity.
 
 The event delivery section comes from ``bench/events.py`` (about 4 minutes;
-``--no-events`` skips it).
+``--no-events`` skips it), the context service section from ``bench/context.py``
+(about 3 minutes; ``--no-context`` skips it).
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-events", action="store_true", help="skip bench/events.py")
+    parser.add_argument("--no-context", action="store_true", help="skip bench/context.py")
     args = parser.parse_args()
     # Cases are interleaved round by round and the median round is reported, so
     # drift on a shared machine hits every case alike.
@@ -202,6 +204,16 @@ def main() -> int:
             timeout=900,
         )
         lines += [json.loads(events.stdout)["markdown"], ""]
+    if not args.no_context:
+        # The same protocol: progress on stderr, one JSON line with the section on stdout.
+        context = subprocess.run(
+            [sys.executable, str(HERE / "context.py"), "--json"],
+            stdout=subprocess.PIPE,
+            text=True,
+            check=True,
+            timeout=1200,
+        )
+        lines += [json.loads(context.stdout)["markdown"], ""]
     (ROOT / "BENCHMARKS.md").write_text("\n".join(lines))
     print(f"wrote {ROOT / 'BENCHMARKS.md'}")
     return 0

@@ -169,6 +169,7 @@ class Database:
                 expire_on_commit=False,
             )
             self._executor = ThreadPoolExecutor(SQLITE_THREADS, thread_name_prefix="sqlite")
+        self._write_turn = asyncio.Lock()
         # ``fetch``: one stdlib connection per worker thread, closed with the database.
         self._sqlite_path = parsed.database or ""
         self._thread_connections = threading.local()
@@ -210,9 +211,16 @@ class Database:
                     return result
 
             loop = asyncio.get_running_loop()
-            return await asyncio.wait_for(
-                loop.run_in_executor(executor, transaction), self._timeout_s * 3
-            )
+            async with asyncio.timeout(self._timeout_s * 3):
+                if not write:
+                    return await loop.run_in_executor(executor, transaction)
+                # SQLite has one writer at a time. Queued here, first come first
+                # served, writers neither occupy every worker thread (starving
+                # the reads behind them) nor spin in SQLite's busy-wait backoff,
+                # whose unfairness made the latency tail. Other processes are
+                # still ordered by the busy timeout.
+                async with self._write_turn:
+                    return await loop.run_in_executor(executor, transaction)
         async with (self.sessions if write else self.readers)() as session:
             if snapshot and self.dialect_name == "postgresql":
                 await session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
