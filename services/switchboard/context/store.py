@@ -34,7 +34,7 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.elements import BindParameter
+from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
 from switchboard.platform.db import Database
 from switchboard.platform.errors import (
@@ -49,6 +49,7 @@ from switchboard.platform.errors import (
     QuotaExceeded,
 )
 from switchboard.platform.models import (
+    Base,
     ConversationRow,
     IdempotencyRow,
     MemoryItemRow,
@@ -248,21 +249,17 @@ class ContextStore:
                     if row is None:
                         raise NotFound(f"workspaces/{earlier} not found")
                     return row, False
-                owned = (
-                    db.execute(
-                        select(func.count())
-                        .select_from(WorkspaceMemberRow)
-                        .where(
-                            WorkspaceMemberRow.user_id == owner_id,
-                            WorkspaceMemberRow.role == "owner",
-                        )
-                    )
-                ).scalar_one()
-                if owned >= max_owned:
-                    raise QuotaExceeded(
-                        f"a user may own at most {max_owned} workspaces",
-                        subject="workspaces per owner",
-                    )
+                _require_room(
+                    db,
+                    _counted(
+                        WorkspaceMemberRow,
+                        WorkspaceMemberRow.user_id == owner_id,
+                        WorkspaceMemberRow.role == "owner",
+                    ),
+                    max_owned,
+                    f"a user may own at most {max_owned} workspaces",
+                    "workspaces per owner",
+                )
                 if db.get(WorkspaceRow, workspace_id) is not None:
                     raise _already_exists(f"workspaces/{workspace_id}")
                 stamp = now()
@@ -409,18 +406,13 @@ class ContextStore:
                 raise NotFound(f"users/{user_id} not found")
             if db.get(WorkspaceMemberRow, (workspace_id, user_id)) is not None:
                 raise _already_exists(f"workspaces/{workspace_id}/members/{user_id}")
-            count = (
-                db.execute(
-                    select(func.count())
-                    .select_from(WorkspaceMemberRow)
-                    .where(WorkspaceMemberRow.workspace_id == workspace_id)
-                )
-            ).scalar_one()
-            if count >= max_members:
-                raise QuotaExceeded(
-                    f"a workspace may have at most {max_members} members",
-                    subject="members per workspace",
-                )
+            _require_room(
+                db,
+                _counted(WorkspaceMemberRow, WorkspaceMemberRow.workspace_id == workspace_id),
+                max_members,
+                f"a workspace may have at most {max_members} members",
+                "members per workspace",
+            )
             stamp = now()
             row = WorkspaceMemberRow(
                 workspace_id=workspace_id,
@@ -515,18 +507,13 @@ class ContextStore:
                     if row is None:
                         raise NotFound("the conversation created by this request_id is gone")
                     return row, False
-                count = (
-                    db.execute(
-                        select(func.count())
-                        .select_from(ConversationRow)
-                        .where(ConversationRow.workspace_id == workspace_id)
-                    )
-                ).scalar_one()
-                if count >= max_per_workspace:
-                    raise QuotaExceeded(
-                        f"a workspace may hold at most {max_per_workspace} conversations",
-                        subject="conversations per workspace",
-                    )
+                _require_room(
+                    db,
+                    _counted(ConversationRow, ConversationRow.workspace_id == workspace_id),
+                    max_per_workspace,
+                    f"a workspace may hold at most {max_per_workspace} conversations",
+                    "conversations per workspace",
+                )
                 stamp = now()
                 row = ConversationRow(
                     id=conversation_id,
@@ -865,9 +852,7 @@ class ContextStore:
 
     def _count_scope(self, db: Session, scope: str) -> int:
         count: int = (
-            db.execute(
-                select(func.count()).select_from(MemoryItemRow).where(MemoryItemRow.scope == scope)
-            )
+            db.execute(_counted(MemoryItemRow, MemoryItemRow.scope == scope))
         ).scalar_one()
         return count
 
@@ -893,11 +878,6 @@ class ContextStore:
             )
         else:
             self._bump_scope(db, row.scope)
-
-    async def check_conversation_live(
-        self, db: Session, workspace_id: str, conversation_id: str
-    ) -> ConversationRow:
-        return self._conversation_for_update(db, workspace_id, conversation_id)
 
     async def create_memory(
         self,
@@ -933,17 +913,13 @@ class ContextStore:
             raise NotFound(f"{row.scope} not found")
 
     def _check_pinned_room(self, db: Session, scope: str, max_pinned: int) -> None:
-        pinned = (
-            db.execute(
-                select(func.count())
-                .select_from(MemoryItemRow)
-                .where(MemoryItemRow.scope == scope, MemoryItemRow.pinned.is_(True))
-            )
-        ).scalar_one()
-        if pinned >= max_pinned:
-            raise QuotaExceeded(
-                f"a scope may pin at most {max_pinned} memory items", subject="pinned memory items"
-            )
+        _require_room(
+            db,
+            _counted(MemoryItemRow, MemoryItemRow.scope == scope, MemoryItemRow.pinned.is_(True)),
+            max_pinned,
+            f"a scope may pin at most {max_pinned} memory items",
+            "pinned memory items",
+        )
 
     async def get_memory(self, scope: str, memory_id: str) -> MemoryItemRow:
         def tx(db: Session) -> MemoryItemRow:
@@ -1401,6 +1377,18 @@ _WINDOW_VERSIONS: Final = (
     "FROM conversations c WHERE c.id = :conversation"
 )
 _RECENT_PAGE: Final = 256
+
+
+def _counted(model: type[Base], *conditions: ColumnElement[bool]) -> Select[int]:
+    return select(func.count()).select_from(model).where(*conditions)
+
+
+def _require_room(
+    db: Session, counted: Select[int], limit: int, message: str, subject: str
+) -> None:
+    """QuotaExceeded (naming ``subject``) unless the ``counted`` rows are below ``limit``."""
+    if db.execute(counted).scalar_one() >= limit:
+        raise QuotaExceeded(message, subject=subject)
 
 
 def _already_exists(name: str) -> AlreadyExists:
