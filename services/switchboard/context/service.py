@@ -21,7 +21,7 @@ import re
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeAlias, TypeVar
 
 from google.protobuf import field_mask_pb2, struct_pb2, timestamp_pb2
 from google.protobuf.message import Message as ProtoMessage
@@ -86,7 +86,10 @@ _MEMORY = re.compile(rf"^(users/{_ID}|workspaces/{_ID}(?:/conversations/{_ID})?)
 _CLIENT_ID = re.compile(r"^[a-z][a-z0-9-]{2,62}$")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
-_ROLES: Final = {
+if TYPE_CHECKING:
+    _Change: TypeAlias = events_pb2.ChangeKind.ValueType
+
+_ROLES: Final[dict[pb.WorkspaceRole.ValueType, Role]] = {
     pb.WORKSPACE_ROLE_VIEWER: Role.VIEWER,
     pb.WORKSPACE_ROLE_EDITOR: Role.EDITOR,
     pb.WORKSPACE_ROLE_OWNER: Role.OWNER,
@@ -98,7 +101,7 @@ _MESSAGE_ROLES: Final = {
     pb.MESSAGE_ROLE_SYSTEM: "system",
     pb.MESSAGE_ROLE_TOOL: "tool",
 }
-_KINDS: Final = {
+_KINDS: Final[dict[pb.MemoryKind.ValueType, str]] = {
     pb.MEMORY_KIND_FACT: "fact",
     pb.MEMORY_KIND_PREFERENCE: "preference",
     pb.MEMORY_KIND_SUMMARY: "summary",
@@ -345,7 +348,7 @@ class ContextService:
         self._summarizer = summarizer
         self._extractor = extractor
         self.limits = limits
-        self._pruning: dict[str, asyncio.Task[None]] = {}
+        self._pruning: dict[str, asyncio.Task[pb.PruneConversationResponse]] = {}
         # Weak: a conversation's lock lives only while a prune holds or awaits it.
         self._prune_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary()
@@ -360,7 +363,7 @@ class ContextService:
 
     async def close(self) -> None:
         self._closed = True
-        pending = {*self._pruning.values()}
+        pending: set[asyncio.Task[Any]] = {*self._pruning.values()}
         if self._maintenance is not None:
             pending.add(self._maintenance)
         # One cancel() is not always enough on Python 3.11: asyncio.wait_for
@@ -391,40 +394,41 @@ class ContextService:
     async def _publish(
         self,
         principal: Principal,
-        kind: int,
+        kind: events_pb2.EventType.ValueType,
         *,
         workspace: str = "",
         conversation: str = "",
         user: str = "",
-        **payload: ProtoMessage,
+        field: str,
+        payload: ProtoMessage,
     ) -> None:
+        """Publish an event of ``kind`` whose payload oneof ``field`` is ``payload``."""
         actor = events_pb2.Actor(
             name=principal.user_name,
             credential=principal.session_name or principal.api_key_name,
         )
         event = events_pb2.Event(
-            type=kind,  # type: ignore[arg-type]
-            actor=actor,
-            user=user,
-            workspace=workspace,
-            conversation=conversation,
-            **payload,  # type: ignore[arg-type]
+            type=kind, actor=actor, user=user, workspace=workspace, conversation=conversation
         )
+        getattr(event, field).CopyFrom(payload)
         await self._bus.publish(event)
 
-    async def _workspace_event(self, principal: Principal, change: int, row: WorkspaceRow) -> None:
+    async def _workspace_event(
+        self, principal: Principal, change: _Change, row: WorkspaceRow
+    ) -> None:
         await self._publish(
             principal,
             events_pb2.EVENT_TYPE_WORKSPACE_CHANGED,
             workspace=f"workspaces/{row.id}",
-            workspace_changed=events_pb2.WorkspaceChanged(
-                change=change,  # type: ignore[arg-type]
+            field="workspace_changed",
+            payload=events_pb2.WorkspaceChanged(
+                change=change,
                 workspace=workspace_proto(row),
             ),
         )
 
     async def _member_event(
-        self, principal: Principal, change: int, row: WorkspaceMemberRow
+        self, principal: Principal, change: _Change, row: WorkspaceMemberRow
     ) -> None:
         member = member_proto(row)
         await self._publish(
@@ -432,11 +436,12 @@ class ContextService:
             events_pb2.EVENT_TYPE_MEMBER_CHANGED,
             workspace=f"workspaces/{row.workspace_id}",
             user=member.user,
-            member_changed=events_pb2.MemberChanged(change=change, member=member),  # type: ignore[arg-type]
+            field="member_changed",
+            payload=events_pb2.MemberChanged(change=change, member=member),
         )
 
     async def _conversation_event(
-        self, principal: Principal, change: int, row: ConversationRow
+        self, principal: Principal, change: _Change, row: ConversationRow
     ) -> None:
         conversation = conversation_proto(row)
         await self._publish(
@@ -444,13 +449,16 @@ class ContextService:
             events_pb2.EVENT_TYPE_CONVERSATION_CHANGED,
             workspace=f"workspaces/{row.workspace_id}",
             conversation=conversation.name,
-            conversation_changed=events_pb2.ConversationChanged(
-                change=change,  # type: ignore[arg-type]
+            field="conversation_changed",
+            payload=events_pb2.ConversationChanged(
+                change=change,
                 conversation=conversation,
             ),
         )
 
-    async def _memory_event(self, principal: Principal, change: int, row: MemoryItemRow) -> None:
+    async def _memory_event(
+        self, principal: Principal, change: _Change, row: MemoryItemRow
+    ) -> None:
         scope = row.scope
         conversation = scope if row.conversation_id else ""
         workspace = f"workspaces/{row.workspace_id}" if row.workspace_id else ""
@@ -461,8 +469,9 @@ class ContextService:
             workspace=workspace,
             conversation=conversation,
             user=user,
-            memory_changed=events_pb2.MemoryChanged(
-                change=change,  # type: ignore[arg-type]
+            field="memory_changed",
+            payload=events_pb2.MemoryChanged(
+                change=change,
                 memory_item=memory_proto(row),
             ),
         )
@@ -581,8 +590,8 @@ class ContextService:
 
     # -- members ----------------------------------------------------------------------------
 
-    def _role(self, value: int, field: str) -> str:
-        role: Role | None = _ROLES.get(value)  # type: ignore[call-overload]
+    def _role(self, value: pb.WorkspaceRole.ValueType, field: str) -> str:
+        role = _ROLES.get(value)
         if role is None:
             raise InvalidArgument(
                 f"{field} is required", [FieldViolation(field, "must be viewer, editor or owner")]
@@ -799,7 +808,8 @@ class ContextService:
             events_pb2.EVENT_TYPE_MESSAGE_CREATED,
             workspace=f"workspaces/{workspace_id}",
             conversation=conversation_name,
-            message_created=events_pb2.MessageCreated(message=result),
+            field="message_created",
+            payload=events_pb2.MessageCreated(message=result),
         )
         for row in appended.created_memory:
             await self._memory_event(principal, events_pb2.CHANGE_KIND_CREATED, row)
@@ -972,10 +982,10 @@ class ContextService:
         row = await self._store.delete_memory(scope, memory_id)
         await self._memory_event(principal, events_pb2.CHANGE_KIND_DELETED, row)
 
-    def _kinds(self, kinds: Sequence[int], field: str) -> list[str]:
+    def _kinds(self, kinds: Sequence[pb.MemoryKind.ValueType], field: str) -> list[str]:
         names = []
         for index, kind in enumerate(kinds):
-            name = _KINDS.get(kind)  # type: ignore[call-overload]
+            name = _KINDS.get(kind)
             if name is None:
                 raise InvalidArgument(
                     f"{field}[{index}] is not a memory kind",
@@ -1330,7 +1340,7 @@ class ContextService:
             ),
             name=f"auto-prune-{conversation.id}",
         )
-        self._pruning[conversation.id] = task  # type: ignore[assignment]
+        self._pruning[conversation.id] = task
         task.add_done_callback(lambda t: self._pruning.pop(conversation.id, None))
         task.add_done_callback(_keep_alive)
 
