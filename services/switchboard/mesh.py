@@ -162,10 +162,13 @@ def context_limits(settings: Settings) -> ContextLimits:
         auto_prune_tokens=settings.context_auto_prune_tokens,
         summary_tokens=settings.context_summary_tokens,
         purge_after_s=settings.context_purge_after_s,
+        writes_per_minute=settings.context_max_writes_per_minute,
     )
 
 
-def context_service(settings: Settings, database: Database, bus: EventBus) -> ContextService:
+def context_service(
+    settings: Settings, database: Database, bus: EventBus, counters: Cache
+) -> ContextService:
     """The context domain with its configured plugins; raises ConfigError for unknown ones."""
     try:
         counter = load_token_counter(settings.context_tokenizer)
@@ -184,6 +187,7 @@ def context_service(settings: Settings, database: Database, bus: EventBus) -> Co
         ContextStore(database),
         bus,
         cache,
+        counters,
         counter=counter,
         summarizer=summarizer,
         extractor=extractor,
@@ -275,7 +279,7 @@ async def open_deps(settings: Settings, resources: contextlib.AsyncExitStack) ->
         ),
     )
     memberships = MembershipStore(database)
-    context = context_service(settings, database, bus)
+    context = context_service(settings, database, bus, cache)
     await context.start(maintain="context" in settings.services)
     resources.push_async_callback(context.close)
     return Deps(

@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
 from grpc import aio
 from sqlalchemy import func, select, update
 
@@ -28,7 +29,7 @@ from switchboard.platform.config import Settings
 from switchboard.platform.models import MemoryItemRow, MessageRow
 from switchboard.platform.server import SwitchboardServer
 from tests.conftest import make_settings
-from tests.service.authkit import reason
+from tests.service.authkit import detail, reason
 from tests.service.contextkit import (
     TIMEOUT_S,
     Caller,
@@ -2520,3 +2521,21 @@ async def test_counts_are_limited(database_url: str) -> None:
         assert len(entities) == 2
         assert all(list(m.source_messages) == [message.name] for m in entities)
         assert [m.name for m in await all_messages(stub, a, kept.name)] == [message.name]
+
+
+async def test_writes_per_user_are_rate_limited(database_url: str) -> None:
+    async with limited_mesh(database_url, context_max_writes_per_minute=5) as (mesh, stub):
+        world = await ctx_world(mesh, stub)  # the owner's writes: the workspace, 2 members
+        conversation = await create_conversation(stub, world.editor, world.name)
+        for text in ("one", "two", "three", "four"):
+            await append(stub, world.editor, conversation.name, text)
+        error = await refused(append(stub, world.editor, conversation.name, "five"), EXHAUSTED)
+        assert reason(error) == "ERROR_REASON_RATE_LIMITED"
+        retry = detail(error, error_details_pb2.RetryInfo)
+        assert 1 <= retry.retry_delay.seconds <= 60
+        # Nothing was written, reads go on, and the limit is each caller's own.
+        assert len(await all_messages(stub, world.viewer, conversation.name)) == 4
+        await append(stub, world.owner, conversation.name, "the owner's fourth write")
+        await append(stub, world.owner, conversation.name, "the owner's fifth write")
+        error = await refused(create_conversation(stub, world.owner, world.name), EXHAUSTED)
+        assert reason(error) == "ERROR_REASON_RATE_LIMITED"

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import hashlib
 import logging
 import re
 import weakref
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, Final, ParamSpec, TypeAlias, TypeVar
 
 from google.protobuf import field_mask_pb2, struct_pb2, timestamp_pb2
 from google.protobuf.message import Message as ProtoMessage
@@ -56,12 +57,14 @@ from switchboard.context.window import (
 from switchboard.context.windowcache import WindowCache
 from switchboard.platform import pagination
 from switchboard.platform.bus import EventBus
+from switchboard.platform.cache import Cache
 from switchboard.platform.errors import (
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    RateLimited,
     RequestTooLarge,
 )
 from switchboard.platform.models import (
@@ -146,6 +149,7 @@ class Limits:
     auto_prune_tokens: int = 0
     summary_tokens: int = 512
     purge_after_s: int = 30 * 86400
+    writes_per_minute: int = 6000
 
 
 def _ts(when: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
@@ -324,6 +328,25 @@ def _is_set(resource: ProtoMessage, path: str) -> bool:
     return bool(getattr(resource, path))
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _write(
+    method: Callable[Concatenate[ContextService, Principal, _P], Awaitable[_R]],
+) -> Callable[Concatenate[ContextService, Principal, _P], Awaitable[_R]]:
+    """A write: it spends one of the caller's writes per minute before it runs."""
+
+    @functools.wraps(method)
+    async def spend(
+        self: ContextService, principal: Principal, /, *args: _P.args, **kwargs: _P.kwargs
+    ) -> _R:
+        await self._spend_write(principal)
+        return await method(self, principal, *args, **kwargs)
+
+    return spend
+
+
 def _keep_alive(task: asyncio.Task[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("context background task failed", exc_info=task.exception())
@@ -335,6 +358,7 @@ class ContextService:
         store: ContextStore,
         bus: EventBus,
         cache: WindowCache,
+        counters: Cache,
         *,
         counter: TokenCounter,
         summarizer: Summarizer,
@@ -344,6 +368,8 @@ class ContextService:
         self._store = store
         self._bus = bus
         self._cache = cache
+        # Fixed-window rate counters (Redis when configured, memory otherwise).
+        self._counters = counters
         self._counter = counter
         self._summarizer = summarizer
         self._extractor = extractor
@@ -355,6 +381,15 @@ class ContextService:
         )
         self._maintenance: asyncio.Task[None] | None = None
         self._closed = False
+
+    async def _spend_write(self, principal: Principal) -> None:
+        limit = self.limits.writes_per_minute
+        count, reset_s = await self._counters.hit(f"context:writes:{principal.user_id}", 60)
+        if count > limit:
+            raise RateLimited(
+                f"more than {limit} context writes in a minute; slow down",
+                retry_after_s=max(reset_s, 1.0),
+            )
 
     async def start(self, *, maintain: bool = True) -> None:
         """Start background work; ``maintain`` only in processes serving ContextService."""
@@ -478,6 +513,7 @@ class ContextService:
 
     # -- workspaces -----------------------------------------------------------------------
 
+    @_write
     async def create_workspace(
         self, principal: Principal, request: pb.CreateWorkspaceRequest
     ) -> pb.Workspace:
@@ -542,6 +578,7 @@ class ContextService:
             )
         return response
 
+    @_write
     async def update_workspace(
         self, principal: Principal, request: pb.UpdateWorkspaceRequest
     ) -> pb.Workspace:
@@ -577,6 +614,7 @@ class ContextService:
         await self._workspace_event(principal, events_pb2.CHANGE_KIND_UPDATED, row)
         return workspace_proto(row, "owner")
 
+    @_write
     async def set_workspace_deleted(
         self, principal: Principal, name: str, etag: str, *, deleted: bool
     ) -> pb.Workspace:
@@ -598,6 +636,7 @@ class ContextService:
             )
         return role.name.lower()
 
+    @_write
     async def add_member(
         self, principal: Principal, request: pb.AddWorkspaceMemberRequest
     ) -> pb.WorkspaceMember:
@@ -608,6 +647,7 @@ class ContextService:
         await self._member_event(principal, events_pb2.CHANGE_KIND_CREATED, row)
         return member_proto(row)
 
+    @_write
     async def update_member(
         self, principal: Principal, request: pb.UpdateWorkspaceMemberRequest
     ) -> pb.WorkspaceMember:
@@ -623,6 +663,7 @@ class ContextService:
         await self._member_event(principal, events_pb2.CHANGE_KIND_UPDATED, row)
         return member_proto(row)
 
+    @_write
     async def remove_member(self, principal: Principal, role: Role | None, name: str) -> None:
         found = _match(_MEMBER, name, "name")
         # Any member may leave; removing someone else is an owner's decision.
@@ -648,6 +689,7 @@ class ContextService:
 
     # -- conversations ------------------------------------------------------------------------
 
+    @_write
     async def create_conversation(
         self, principal: Principal, request: pb.CreateConversationRequest
     ) -> pb.Conversation:
@@ -704,6 +746,7 @@ class ContextService:
             )
         return response
 
+    @_write
     async def update_conversation(
         self, principal: Principal, request: pb.UpdateConversationRequest
     ) -> pb.Conversation:
@@ -730,6 +773,7 @@ class ContextService:
         await self._conversation_event(principal, events_pb2.CHANGE_KIND_UPDATED, row)
         return conversation_proto(row)
 
+    @_write
     async def set_conversation_deleted(
         self, principal: Principal, name: str, etag: str, *, deleted: bool
     ) -> pb.Conversation:
@@ -743,6 +787,7 @@ class ContextService:
 
     # -- messages -------------------------------------------------------------------------------
 
+    @_write
     async def append_message(
         self, principal: Principal, request: pb.AppendMessageRequest
     ) -> pb.Message:
@@ -898,6 +943,7 @@ class ContextService:
             violations.add(field, "is required")
         _text(content, field, self.limits.max_memory_chars, violations)
 
+    @_write
     async def create_memory(
         self, principal: Principal, request: pb.CreateMemoryItemRequest
     ) -> pb.MemoryItem:
@@ -941,6 +987,7 @@ class ContextService:
         scope, memory_id = self._memory_name(name, "name")
         return memory_proto(await self._store.get_memory(scope, memory_id))
 
+    @_write
     async def update_memory(
         self, principal: Principal, request: pb.UpdateMemoryItemRequest
     ) -> pb.MemoryItem:
@@ -977,6 +1024,7 @@ class ContextService:
         await self._memory_event(principal, events_pb2.CHANGE_KIND_UPDATED, row)
         return memory_proto(row)
 
+    @_write
     async def delete_memory(self, principal: Principal, name: str) -> None:
         scope, memory_id = self._memory_name(name, "name")
         row = await self._store.delete_memory(scope, memory_id)
@@ -1194,6 +1242,7 @@ class ContextService:
 
     # -- pruning ---------------------------------------------------------------------------
 
+    @_write
     async def prune(
         self, principal: Principal, request: pb.PruneConversationRequest
     ) -> pb.PruneConversationResponse:

@@ -168,6 +168,9 @@ class Settings(BaseSettings):
     context_window_cache_entries: int = Field(default=10_000, ge=1, le=10_000_000)
     context_window_cache_bytes: int = Field(default=64 * MiB, ge=1 * MiB, le=16 * 1024 * MiB)
     context_window_cache_ttl_s: int = Field(default=600, ge=1, le=86_400)
+    context_max_writes_per_minute: int = Field(
+        default=6000, ge=1, le=10_000_000, description="Context writes per user per minute."
+    )
     context_purge_after_s: int = Field(
         default=30 * 86_400, ge=60, description="Soft-deleted workspaces and conversations."
     )
