@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 
 from switchboard.api.events.v1 import events_pb2
 from switchboard.platform.bus import EventBus
@@ -45,13 +47,13 @@ class Group:
         self.running: dict[str, StreamWorker] = {}
 
     def start(self, name: str, handler: Handler, **options: object) -> StreamWorker:
+        options.setdefault("timeout_s", TIMEOUT_S)
         worker = StreamWorker(
             self.url,
             key=KEY,
             group="g",
             consumer=name,
             handler=handler,
-            timeout_s=TIMEOUT_S,
             start="0",
             **options,  # type: ignore[arg-type]
         )
@@ -101,8 +103,11 @@ class Record:
 
 async def test_each_event_goes_to_one_member_of_the_group(bus: EventBus, group: Group) -> None:
     record = Record()
-    group.start("a", record.handler("a"))
-    group.start("b", record.handler("b"))
+    # Delivery is at least once: a command that times out (an ack, under a loaded
+    # machine) makes an event come again. Generous bounds keep this test about
+    # the normal path; the failure paths have their own tests.
+    group.start("a", record.handler("a"), timeout_s=2.0)
+    group.start("b", record.handler("b"), timeout_s=2.0)
     published = [await bus.publish(_event(str(i))) for i in range(60)]
     await record.until(60)
     handled_ids = [event_id for _, event_id in record.handled]
@@ -152,3 +157,24 @@ async def test_a_poison_event_is_dropped_after_max_deliveries(bus: EventBus, gro
         while (await client.xpending(KEY, "g"))["pending"]:  # noqa: ASYNC110 - polled state
             await asyncio.sleep(0.02)
     assert attempts == [poison.id] * 3
+
+
+async def test_a_consumer_handles_its_own_pending_entries_first(
+    bus: EventBus, group: Group, redis_server: RedisServer
+) -> None:
+    """Entries Redis handed to a consumer whose reply it lost (a read that timed out under
+    load, a restart) are handled when it resumes, not only after ``min_idle_s``."""
+    published = [await bus.publish(_event(str(i))) for i in range(5)]
+    # What a lost reply leaves behind: the entries are pending on "a", never handled.
+    reader = Redis.from_url(redis_server.url)
+    try:
+        await reader.xgroup_create(KEY, "g", id="0", mkstream=True)
+        lost: Any = await reader.xreadgroup("g", "a", {KEY: ">"}, count=100)
+        assert len(lost[0][1]) == 5
+    finally:
+        await reader.aclose()
+    record = Record()
+    # An idle claim would take a minute: only the consumer's own recovery can be in time.
+    group.start("a", record.handler("a"), min_idle_s=60)
+    await record.until(5)
+    assert sorted(event_id for _, event_id in record.handled) == sorted(e.id for e in published)

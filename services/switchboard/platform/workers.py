@@ -11,6 +11,10 @@ is handled by one member of the group. That is a Redis consumer group:
   pending. Every consumer periodically runs ``XAUTOCLAIM`` for entries idle
   longer than ``min_idle_s`` and takes them over, so no entry is stuck behind
   a dead process.
+* A consumer whose own Redis call failed mid-batch (a timeout under load, a
+  reconnect) may hold entries Redis already handed to it. Before it reads new
+  ones it re-reads its own pending entries (``XREADGROUP ... 0``), so they are
+  handled after its backoff, not after ``min_idle_s``.
 * An entry whose handler keeps failing is retried each time it is claimed;
   after ``max_deliveries`` it is acknowledged and logged as dropped, so one
   poison event cannot block the group forever.
@@ -78,10 +82,16 @@ class StreamWorker:
 
     async def run(self) -> None:
         backoff = Backoff()
+        # Our own pending entries first: at start (a restarted consumer) and
+        # after any failure (entries handed to us whose reply we lost).
+        recover = True
         while not self._closed:
             try:
                 await self._ensure_group()
                 await self._claim_stale()
+                if recover:
+                    await self._recover_own()
+                    recover = False
                 async with asyncio.timeout(_BLOCK_S + self._timeout_s * 2):
                     reply: Any = await self._client.xreadgroup(
                         self._group,
@@ -98,9 +108,29 @@ class StreamWorker:
                     "stream worker cannot reach Redis; backing off",
                     extra={"group": self._group, "error": type(exc).__name__},
                 )
+                recover = True
                 await backoff.wait()
                 continue
             backoff.reset()
+
+    async def _recover_own(self) -> None:
+        """Handle the entries pending on this consumer (``XREADGROUP`` from id 0)."""
+        after = "0"
+        while True:
+            async with asyncio.timeout(self._timeout_s):
+                reply: Any = await self._client.xreadgroup(
+                    self._group, self._consumer, {self._key: after}, count=_BATCH
+                )
+            entries = [entry for _stream, batch in reply or () for entry in batch]
+            if not entries:
+                return
+            for entry_id, fields in entries:
+                if not fields:  # trimmed while pending
+                    await self._ack(entry_id)
+                else:
+                    await self._handle(entry_id, fields, claimed=True)
+            last = entries[-1][0]
+            after = last.decode() if isinstance(last, bytes) else str(last)
 
     async def _ensure_group(self) -> None:
         try:
