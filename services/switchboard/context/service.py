@@ -124,8 +124,6 @@ _REASONS: Final = {
 # Bump when the cached window's shape or the planning rules change.
 _WINDOW_FORMAT: Final = "w1"
 
-_T = TypeVar("_T")
-
 
 @dataclass(frozen=True)
 class Limits:
@@ -1326,7 +1324,7 @@ class ContextService:
             counter=self._counter,
         )
         conversation_name = f"workspaces/{workspace_id}/conversations/{conversation_id}"
-        first = previous_first(previous) or messages[0].seq
+        first = _previous_first(previous) or messages[0].seq
         meta = struct_pb2.Struct()
         meta.update(
             {
@@ -1394,7 +1392,7 @@ class ContextService:
         task.add_done_callback(_keep_alive)
 
 
-def previous_first(previous: MemoryItemRow | None) -> int | None:
+def _previous_first(previous: MemoryItemRow | None) -> int | None:
     """The first sequence an earlier summary covered (a new one covers it too)."""
     if previous is None:
         return None
