@@ -230,7 +230,10 @@ async def test_processes_migrating_at_once_are_serialized(database_url: str) -> 
         async with asyncio.timeout(60):
             for process in processes:
                 assert process.stdout is not None
-                assert await process.stdout.readline() == b"ready\n"
+                line = await process.stdout.readline()
+                if line != b"ready\n":
+                    assert process.stderr is not None
+                    raise AssertionError(f"not ready: {(await process.stderr.read()).decode()}")
             for process in processes:
                 assert process.stdin is not None
                 process.stdin.write(b"go\n")
