@@ -683,6 +683,9 @@ async def test_automatic_pruning_keeps_three_quarters_and_loses_nothing(
         appended.append(await append(c, "message number 21"))
         event = await asyncio.wait_for(created, DEADLINE_S)
     first = event.memory_changed.memory_item
+    # The service pruned on its own: the event does not name the user who appended.
+    assert event.actor.name == "system"
+    assert not event.actor.credential
     # The summary is published after the archive committed: pruning is done.
     live = await messages(c)
     assert len(live) == 15  # 75% of 20

@@ -426,7 +426,7 @@ class ContextService:
 
     async def _publish(
         self,
-        principal: Principal,
+        principal: Principal | None,
         kind: events_pb2.EventType.ValueType,
         *,
         workspace: str = "",
@@ -435,11 +435,16 @@ class ContextService:
         field: str,
         payload: ProtoMessage,
     ) -> None:
-        """Publish an event of ``kind`` whose payload oneof ``field`` is ``payload``."""
-        actor = events_pb2.Actor(
-            name=principal.user_name,
-            credential=principal.session_name or principal.api_key_name,
-        )
+        """Publish an event of ``kind`` whose payload oneof ``field`` is ``payload``.
+
+        ``principal`` None: the service acted on its own (automatic pruning).
+        """
+        actor = events_pb2.Actor(name="system")
+        if principal is not None:
+            actor = events_pb2.Actor(
+                name=principal.user_name,
+                credential=principal.session_name or principal.api_key_name,
+            )
         event = events_pb2.Event(
             type=kind, actor=actor, user=user, workspace=workspace, conversation=conversation
         )
@@ -474,7 +479,7 @@ class ContextService:
         )
 
     async def _conversation_event(
-        self, principal: Principal, change: _Change, row: ConversationRow
+        self, principal: Principal | None, change: _Change, row: ConversationRow
     ) -> None:
         conversation = conversation_proto(row)
         await self._publish(
@@ -490,7 +495,7 @@ class ContextService:
         )
 
     async def _memory_event(
-        self, principal: Principal, change: _Change, row: MemoryItemRow
+        self, principal: Principal | None, change: _Change, row: MemoryItemRow
     ) -> None:
         scope = row.scope
         conversation = scope if row.conversation_id else ""
@@ -858,7 +863,7 @@ class ContextService:
             await self._memory_event(principal, events_pb2.CHANGE_KIND_CREATED, row)
         for row in appended.updated_memory:
             await self._memory_event(principal, events_pb2.CHANGE_KIND_UPDATED, row)
-        self._maybe_auto_prune(principal, appended.conversation)
+        self._maybe_auto_prune(appended.conversation)
         return result
 
     def _entities(self, text: str) -> list[EntityRecord]:
@@ -1262,7 +1267,7 @@ class ContextService:
 
     async def _prune(
         self,
-        principal: Principal,
+        principal: Principal | None,
         workspace_id: str,
         conversation_id: str,
         limits: PruneLimits,
@@ -1299,7 +1304,7 @@ class ContextService:
 
     async def _fold(
         self,
-        principal: Principal,
+        principal: Principal | None,
         workspace_id: str,
         conversation_id: str,
         upto: int,
@@ -1367,7 +1372,7 @@ class ContextService:
         await self._conversation_event(principal, events_pb2.CHANGE_KIND_UPDATED, conversation)
         return summary
 
-    def _maybe_auto_prune(self, principal: Principal, conversation: ConversationRow) -> None:
+    def _maybe_auto_prune(self, conversation: ConversationRow) -> None:
         limits = self.limits
         if not needs_auto_prune(
             conversation.message_count,
@@ -1380,7 +1385,7 @@ class ContextService:
             return
         task = asyncio.create_task(
             self._prune(
-                principal,
+                None,  # the service's own doing: its events name the actor "system"
                 conversation.workspace_id,
                 conversation.id,
                 auto_prune_limits(limits.auto_prune_messages, limits.auto_prune_tokens),
