@@ -20,7 +20,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, TypeVarTuple
 
 from sqlalchemy import Select, and_, bindparam, delete, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -33,7 +33,7 @@ from sqlalchemy.exc import (
     ProgrammingError,
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
 from switchboard.platform.db import Database
@@ -62,6 +62,7 @@ from switchboard.platform.models import (
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
+_Ts = TypeVarTuple("_Ts")
 
 log = logging.getLogger("switchboard.context.store")
 
@@ -180,6 +181,10 @@ class ContextStore:
             return await operation()
         except Conflict:
             return await operation()
+
+    async def _rows(self, query: Select[_R]) -> list[_R]:
+        """The ORM objects a single-entity query selects, in one read transaction."""
+        return await self._run(lambda db: list(db.execute(query).scalars()), write=False)
 
     def _lock(self, query: Select[_R]) -> Select[_R]:
         return query if self.sqlite else query.with_for_update()
@@ -315,14 +320,7 @@ class ContextStore:
             )
         else:
             query = query.where(WorkspaceRow.deleted_at.is_(None))
-        if after is not None:
-            query = query.where(
-                or_(
-                    WorkspaceRow.created_at > after[0],
-                    and_(WorkspaceRow.created_at == after[0], WorkspaceRow.id > after[1]),
-                )
-            )
-        query = query.order_by(WorkspaceRow.created_at, WorkspaceRow.id).limit(limit)
+        query = _keyset(query, WorkspaceRow.created_at, WorkspaceRow.id, after).limit(limit)
 
         def tx(db: Session) -> list[tuple[WorkspaceRow, str]]:
             return [(row, role) for row, role in (db.execute(query)).all()]
@@ -563,19 +561,10 @@ class ContextStore:
             query = query.where(ConversationRow.archived.is_(False))
         if not show_deleted:
             query = query.where(ConversationRow.deleted_at.is_(None))
-        if before is not None:
-            query = query.where(
-                or_(
-                    ConversationRow.updated_at < before[0],
-                    and_(ConversationRow.updated_at == before[0], ConversationRow.id < before[1]),
-                )
-            )
-        query = query.order_by(ConversationRow.updated_at.desc(), ConversationRow.id.desc())
-
-        def tx(db: Session) -> list[ConversationRow]:
-            return list((db.execute(query.limit(limit))).scalars())
-
-        return await self._run(tx, write=False)
+        query = _keyset(
+            query, ConversationRow.updated_at, ConversationRow.id, before, newest_first=True
+        )
+        return await self._rows(query.limit(limit))
 
     def _conversation_for_update(
         self,
@@ -995,19 +984,10 @@ class ContextStore:
             query = query.where(MemoryItemRow.kind.in_(list(kinds)))
         if pinned_only:
             query = query.where(MemoryItemRow.pinned.is_(True))
-        if before is not None:
-            query = query.where(
-                or_(
-                    MemoryItemRow.created_at < before[0],
-                    and_(MemoryItemRow.created_at == before[0], MemoryItemRow.id < before[1]),
-                )
-            )
-        query = query.order_by(MemoryItemRow.created_at.desc(), MemoryItemRow.id.desc())
-
-        def tx(db: Session) -> list[MemoryItemRow]:
-            return list((db.execute(query.limit(limit))).scalars())
-
-        return await self._run(tx, write=False)
+        query = _keyset(
+            query, MemoryItemRow.created_at, MemoryItemRow.id, before, newest_first=True
+        )
+        return await self._rows(query.limit(limit))
 
     async def scope_live(self, scope_row: MemoryItemRow) -> None:
         """NotFound unless the scope (conversation, workspace, user) still exists."""
@@ -1377,6 +1357,25 @@ _WINDOW_VERSIONS: Final = (
     "FROM conversations c WHERE c.id = :conversation"
 )
 _RECENT_PAGE: Final = 256
+
+
+def _keyset(
+    query: Select[*_Ts],
+    stamp: InstrumentedAttribute[dt.datetime],
+    key: InstrumentedAttribute[str],
+    after: tuple[dt.datetime, str] | None,
+    *,
+    newest_first: bool = False,
+) -> Select[*_Ts]:
+    """Order by (stamp, key) and start strictly after the page token's ``after``."""
+    if after is not None:
+        if newest_first:
+            query = query.where(or_(stamp < after[0], and_(stamp == after[0], key < after[1])))
+        else:
+            query = query.where(or_(stamp > after[0], and_(stamp == after[0], key > after[1])))
+    if newest_first:
+        return query.order_by(stamp.desc(), key.desc())
+    return query.order_by(stamp, key)
 
 
 def _counted(model: type[Base], *conditions: ColumnElement[bool]) -> Select[int]:
