@@ -6,7 +6,7 @@ import datetime as dt
 from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 import grpc
 from google.protobuf import field_mask_pb2, struct_pb2, timestamp_pb2
@@ -27,6 +27,13 @@ TIMEOUT_S = 20.0
 
 def context_stub(channel: aio.Channel) -> Stub:
     return context_pb2_grpc.ContextServiceStub(channel)
+
+
+class Signed(Protocol):
+    """Whatever carries a caller's credential (this kit's Caller, windowkit's)."""
+
+    @property
+    def md(self) -> Metadata: ...
 
 
 @dataclass(frozen=True)
@@ -74,7 +81,7 @@ class World:
 
 async def create_workspace(
     stub: Stub,
-    caller: Caller,
+    caller: Signed,
     display_name: str = "Test workspace",
     *,
     workspace_id: str = "",
@@ -117,7 +124,7 @@ async def ctx_world(mesh: Any, stub: Stub, display_name: str = "World") -> World
     return World(workspace, owner, editor, viewer, outsider)
 
 
-async def get_workspace(stub: Stub, caller: Caller, name: str) -> pb.Workspace:
+async def get_workspace(stub: Stub, caller: Signed, name: str) -> pb.Workspace:
     response = await stub.GetWorkspace(
         pb.GetWorkspaceRequest(name=name), metadata=caller.md, timeout=TIMEOUT_S
     )
@@ -143,7 +150,7 @@ def mask(*paths: str) -> field_mask_pb2.FieldMask:
 
 async def create_conversation(
     stub: Stub,
-    caller: Caller,
+    caller: Signed,
     parent: str,
     title: str = "A conversation",
     *,
@@ -162,7 +169,7 @@ async def create_conversation(
     return response.conversation
 
 
-async def get_conversation(stub: Stub, caller: Caller, name: str) -> pb.Conversation:
+async def get_conversation(stub: Stub, caller: Signed, name: str) -> pb.Conversation:
     response = await stub.GetConversation(
         pb.GetConversationRequest(name=name), metadata=caller.md, timeout=TIMEOUT_S
     )
@@ -179,7 +186,7 @@ def text_message(
 
 async def append(
     stub: Stub,
-    caller: Caller,
+    caller: Signed,
     conversation: str,
     *texts: str,
     request_id: str = "",
@@ -199,11 +206,12 @@ async def append(
 
 async def all_messages(
     stub: Stub,
-    caller: Caller,
+    caller: Signed,
     conversation: str,
     *,
     page_size: int = 100,
     newest_first: bool = False,
+    show_archived: bool = False,
 ) -> list[pb.Message]:
     """Every message, page after page."""
     found: list[pb.Message] = []
@@ -215,6 +223,7 @@ async def all_messages(
                 page_size=page_size,
                 page_token=token,
                 newest_first=newest_first,
+                show_archived=show_archived,
             ),
             metadata=caller.md,
             timeout=TIMEOUT_S,
@@ -253,7 +262,7 @@ def memory_item(
 
 async def remember(
     stub: Stub,
-    caller: Caller,
+    caller: Signed,
     parent: str,
     content: str,
     kind: pb.MemoryKind.ValueType = pb.MEMORY_KIND_FACT,
@@ -274,7 +283,7 @@ async def remember(
 
 async def search(
     stub: Stub,
-    caller: Caller,
+    caller: Signed,
     parent: str,
     query: str,
     *kinds: pb.MemoryKind.ValueType,

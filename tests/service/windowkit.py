@@ -19,6 +19,7 @@ from switchboard.api.context.v1 import context_pb2_grpc
 from switchboard.api.events.v1 import events_pb2
 from switchboard.platform.models import MemoryItemRow
 from switchboard.platform.server import SwitchboardServer
+from tests.service import contextkit
 from tests.service.authkit import bearer, quick_user
 
 DEADLINE_S = 10.0
@@ -112,15 +113,12 @@ async def append(
     role: pb.MessageRole.ValueType = pb.MESSAGE_ROLE_USER,
     conversation: str = "",
 ) -> pb.Message:
-    response = await caller.stub.AppendMessage(
-        pb.AppendMessageRequest(
-            parent=conversation or caller.conversation,
-            message=pb.Message(role=role, parts=[pb.ContentPart(text=text)]),
-        ),
-        metadata=caller.md,
-        timeout=DEADLINE_S,
+    return await contextkit.append(
+        caller.stub,
+        caller,
+        conversation or caller.conversation,
+        message=contextkit.text_message(text, role=role),
     )
-    return response.message
 
 
 async def remember(
@@ -132,15 +130,15 @@ async def remember(
     kind: pb.MemoryKind.ValueType = pb.MEMORY_KIND_FACT,
     expire_time: dt.datetime | None = None,
 ) -> pb.MemoryItem:
-    item = pb.MemoryItem(kind=kind, content=content, pinned=pinned)
-    if expire_time is not None:
-        item.expire_time.FromDatetime(expire_time)
-    response = await caller.stub.CreateMemoryItem(
-        pb.CreateMemoryItemRequest(parent=parent, memory_item=item),
-        metadata=caller.md,
-        timeout=DEADLINE_S,
+    return await contextkit.remember(
+        caller.stub,
+        caller,
+        parent,
+        content,
+        kind,
+        pinned=pinned,
+        expire_time=contextkit.timestamp(expire_time) if expire_time is not None else None,
     )
-    return response.memory_item
 
 
 async def window(
@@ -190,23 +188,13 @@ async def messages(
     caller: Caller, *, show_archived: bool = False, conversation: str = ""
 ) -> list[pb.Message]:
     """Every message of the conversation, oldest first, across all pages."""
-    found: list[pb.Message] = []
-    token = ""
-    while True:
-        response = await caller.stub.ListMessages(
-            pb.ListMessagesRequest(
-                parent=conversation or caller.conversation,
-                page_size=500,
-                page_token=token,
-                show_archived=show_archived,
-            ),
-            metadata=caller.md,
-            timeout=DEADLINE_S,
-        )
-        found.extend(response.messages)
-        token = response.next_page_token
-        if not token:
-            return found
+    return await contextkit.all_messages(
+        caller.stub,
+        caller,
+        conversation or caller.conversation,
+        page_size=500,
+        show_archived=show_archived,
+    )
 
 
 async def memory_item(caller: Caller, name: str) -> pb.MemoryItem:
