@@ -10,8 +10,6 @@ ordinary ``SubscribeResponse`` / ``StreamResponse`` messages.
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import re
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
@@ -26,12 +24,12 @@ from switchboard.events.subscriptions import (
     Access,
     Limits,
     Quotas,
-    Spec,
     Subscription,
     Waker,
     matches,
     parse_spec,
 )
+from switchboard.platform import pagination
 from switchboard.platform.authn import current_principal
 from switchboard.platform.bus import EventBus
 from switchboard.platform.errors import (
@@ -42,7 +40,6 @@ from switchboard.platform.errors import (
 )
 from switchboard.platform.eventlog import (
     Logged,
-    Position,
     batch_payload,
     format_cursor,
     length_delimited,
@@ -61,7 +58,6 @@ MAX_SCAN: Final = 5_000
 #: Unsent control frames (pongs, added/ended) a Stream may pile up.
 MAX_CONTROL_BACKLOG: Final = 1_000
 _SUBSCRIPTION_ID_RE: Final = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-_PAGE_TOKEN_PREFIX: Final = "v1."  # noqa: S105 - a format tag, not a secret
 
 
 def _now() -> Timestamp:
@@ -172,17 +168,16 @@ class EventServiceServicer:
         self, request: events_pb2.ListEventsRequest, context: aio.ServicerContext[Any, Any]
     ) -> events_pb2.ListEventsResponse:
         principal = current_principal()
-        if request.page_size < 0:
-            raise InvalidArgument(
-                "page_size must not be negative", [FieldViolation("page_size", "is negative")]
-            )
+        page_size = pagination.page_size(
+            request.page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE
+        )
         spec = parse_spec(request.scopes, request.after_cursor, request.types, self._limits)
-        page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        fingerprint = _fingerprint(spec)
+        fingerprint = pagination.fingerprint("events", spec.scopes, sorted(spec.types))
         await self._access.authorize(principal, spec)
         start = spec.after
         if request.page_token:
-            start = _decode_page_token(request.page_token, fingerprint)
+            major, minor = pagination.decode(request.page_token, fingerprint, 2)
+            start = (int(major), int(minor))
         if start is None:
             start = await self._bus.horizon()
         await self._bus.check_cursor(start)
@@ -206,38 +201,8 @@ class EventServiceServicer:
             events=events, oldest_cursor=format_cursor(await self._bus.horizon())
         )
         if position < upto:
-            response.next_page_token = _encode_page_token(position, fingerprint)
+            response.next_page_token = pagination.encode(position, fingerprint)
         return response
-
-
-def _fingerprint(spec: Spec) -> str:
-    text = "|".join(f"{kind}:{name}" for kind, name in spec.scopes)
-    text += "|" + ",".join(str(t) for t in sorted(spec.types))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _encode_page_token(position: Position, fingerprint: str) -> str:
-    raw = f"{format_cursor(position)}.{fingerprint}".encode()
-    return _PAGE_TOKEN_PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_page_token(token: str, fingerprint: str) -> Position:
-    bad = InvalidArgument(
-        "page_token is not valid for this request",
-        [FieldViolation("page_token", "does not come from a ListEvents with the same scopes")],
-    )
-    if not token.startswith(_PAGE_TOKEN_PREFIX) or len(token) > 200:
-        raise bad
-    body = token[len(_PAGE_TOKEN_PREFIX) :]
-    try:
-        raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode()
-    except (ValueError, UnicodeDecodeError):
-        raise bad from None
-    cursor, _, found = raw.partition(".")
-    position = parse_cursor(cursor)
-    if position is None or found != fingerprint:
-        raise bad
-    return position
 
 
 class _StreamSession:
