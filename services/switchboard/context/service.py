@@ -42,6 +42,7 @@ from switchboard.context.store import (
     EntityRecord,
     Idempotency,
     etag_of,
+    etag_version,
     fingerprint,
     new_id,
     now,
@@ -314,7 +315,7 @@ def _mask(
 
 def _etag(value: str, field: str) -> str:
     """``value`` if it is empty or an etag we issued (``"N"`` or ``W/"N"``)."""
-    if value and not value.removeprefix("W/").strip('"').isdigit():
+    if value and etag_version(value) is None:
         raise InvalidArgument(f"{field} is malformed", [FieldViolation(field, "is malformed")])
     return value
 

@@ -131,14 +131,15 @@ class WindowRows:
     latest_user_message: MessageRow | None
 
 
-def check_etag(etag: str, version: int) -> None:
-    """Raise ABORTED unless ``etag`` (if given) names ``version``."""
-    if not etag:
-        return
+def etag_version(etag: str) -> int | None:
+    """The version an etag we issued (``"N"`` or ``W/"N"``) names; None for anything else."""
     value = etag.removeprefix("W/").strip('"')
-    if not value.isdigit():
-        raise InvalidArgument("etag is malformed", [FieldViolation("etag", "is malformed")])
-    if int(value) != version:
+    return int(value) if value.isdigit() else None
+
+
+def check_etag(etag: str, version: int) -> None:
+    """Raise ABORTED unless ``etag`` (if given; the service checked its form) names ``version``."""
+    if etag and etag_version(etag) != version:
         raise EtagMismatch("the resource changed since the etag was read; read it again")
 
 
@@ -539,13 +540,10 @@ class ContextStore:
     async def get_conversation(self, workspace_id: str, conversation_id: str) -> ConversationRow:
         """The conversation (soft-deleted ones too), or NotFound."""
 
-        def tx(db: Session) -> ConversationRow | None:
-            return db.get(ConversationRow, conversation_id)
-
-        row = await self._run(tx, write=False)
-        if row is None or row.workspace_id != workspace_id:
-            raise NotFound(f"workspaces/{workspace_id}/conversations/{conversation_id} not found")
-        return row
+        return await self._run(
+            lambda db: self._conversation(db, workspace_id, conversation_id, include_deleted=True),
+            write=False,
+        )
 
     async def list_conversations(
         self,
@@ -566,20 +564,19 @@ class ContextStore:
         )
         return await self._rows(query.limit(limit))
 
-    def _conversation_for_update(
+    def _conversation(
         self,
         db: Session,
         workspace_id: str,
         conversation_id: str,
         *,
         include_deleted: bool = False,
+        lock: bool = False,
         writable: bool = False,
     ) -> ConversationRow:
-        row = (
-            db.execute(
-                self._lock(select(ConversationRow).where(ConversationRow.id == conversation_id))
-            )
-        ).scalar_one_or_none()
+        """The conversation in that workspace (locked for update with ``lock``), or NotFound."""
+        query = select(ConversationRow).where(ConversationRow.id == conversation_id)
+        row = db.execute(self._lock(query) if lock else query).scalar_one_or_none()
         name = f"workspaces/{workspace_id}/conversations/{conversation_id}"
         if (
             row is None
@@ -590,6 +587,24 @@ class ContextStore:
         if writable and row.archived:
             raise FailedPrecondition(f"{name} is archived; unarchive it to change it")
         return row
+
+    def _conversation_for_update(
+        self,
+        db: Session,
+        workspace_id: str,
+        conversation_id: str,
+        *,
+        include_deleted: bool = False,
+        writable: bool = False,
+    ) -> ConversationRow:
+        return self._conversation(
+            db,
+            workspace_id,
+            conversation_id,
+            include_deleted=include_deleted,
+            writable=writable,
+            lock=True,
+        )
 
     async def update_conversation(
         self, workspace_id: str, conversation_id: str, etag: str, changes: dict[str, Any]
@@ -787,22 +802,17 @@ class ContextStore:
     async def get_message(
         self, workspace_id: str, conversation_id: str, message_id: str
     ) -> MessageRow:
-        def tx(db: Session) -> tuple[ConversationRow | None, MessageRow | None]:
-            return db.get(ConversationRow, conversation_id), db.get(MessageRow, message_id)
+        def tx(db: Session) -> MessageRow:
+            self._conversation(db, workspace_id, conversation_id)
+            message = db.get(MessageRow, message_id)
+            if message is None or message.conversation_id != conversation_id:
+                raise NotFound(
+                    f"workspaces/{workspace_id}/conversations/{conversation_id}/messages/"
+                    f"{message_id} not found"
+                )
+            return message
 
-        conversation, message = await self._run(tx, write=False)
-        if (
-            conversation is None
-            or conversation.workspace_id != workspace_id
-            or conversation.deleted_at is not None
-            or message is None
-            or message.conversation_id != conversation_id
-        ):
-            raise NotFound(
-                f"workspaces/{workspace_id}/conversations/{conversation_id}/messages/"
-                f"{message_id} not found"
-            )
-        return message
+        return await self._run(tx, write=False)
 
     async def list_messages(
         self,
@@ -824,15 +834,7 @@ class ContextStore:
         query = query.order_by(MessageRow.seq.desc() if newest_first else MessageRow.seq)
 
         def tx(db: Session) -> list[MessageRow]:
-            conversation = db.get(ConversationRow, conversation_id)
-            if (
-                conversation is None
-                or conversation.workspace_id != workspace_id
-                or conversation.deleted_at is not None
-            ):
-                raise NotFound(
-                    f"workspaces/{workspace_id}/conversations/{conversation_id} not found"
-                )
+            self._conversation(db, workspace_id, conversation_id)
             return list((db.execute(query.limit(limit))).scalars())
 
         return await self._run(tx, write=False, snapshot=True)
@@ -1119,13 +1121,7 @@ class ContextStore:
     def _window_version(
         self, db: Session, workspace_id: str, conversation_id: str, user_scope: str
     ) -> tuple[ConversationRow, int, int]:
-        conversation = db.get(ConversationRow, conversation_id)
-        if (
-            conversation is None
-            or conversation.workspace_id != workspace_id
-            or conversation.deleted_at is not None
-        ):
-            raise NotFound(f"workspaces/{workspace_id}/conversations/{conversation_id} not found")
+        conversation = self._conversation(db, workspace_id, conversation_id)
         versions = dict(
             (
                 db.execute(
@@ -1243,15 +1239,7 @@ class ContextStore:
         """(seq, tokens) of every live message, oldest first."""
 
         def tx(db: Session) -> list[tuple[int, int]]:
-            conversation = db.get(ConversationRow, conversation_id)
-            if (
-                conversation is None
-                or conversation.workspace_id != workspace_id
-                or conversation.deleted_at is not None
-            ):
-                raise NotFound(
-                    f"workspaces/{workspace_id}/conversations/{conversation_id} not found"
-                )
+            self._conversation(db, workspace_id, conversation_id)
             return [
                 (int(seq), int(tokens))
                 for seq, tokens in (
