@@ -1101,41 +1101,23 @@ class ContextStore:
         """The versions a conversation's window depends on: the conversation's, its
         workspace's memory and the caller's memory. One plain statement: it runs
         on every GetContextWindow, cached or not."""
+        params = _window_params(workspace_id, conversation_id, user_scope)
         try:
-            rows = await self._database.fetch(
-                _WINDOW_VERSIONS,
-                {
-                    "conversation": conversation_id,
-                    "workspace_scope": f"workspaces/{workspace_id}",
-                    "user_scope": user_scope,
-                },
-            )
+            rows = await self._database.fetch(_WINDOW_VERSIONS, params)
         except _OUTAGES as exc:
             log.warning("context database call failed", exc_info=True)
             raise DependencyUnavailable("the database is unavailable; retry") from exc
-        if not rows or rows[0][0] != workspace_id or rows[0][1]:
-            raise NotFound(f"workspaces/{workspace_id}/conversations/{conversation_id} not found")
-        _, _, version, workspace_version, user_version = rows[0]
-        return int(version), int(workspace_version or 0), int(user_version or 0)
+        return _window_versions(rows, workspace_id, conversation_id)
 
     def _window_version(
         self, db: Session, workspace_id: str, conversation_id: str, user_scope: str
     ) -> tuple[ConversationRow, int, int]:
+        """The conversation row and its window's versions, in ``db``'s snapshot."""
         conversation = self._conversation(db, workspace_id, conversation_id)
-        versions = dict(
-            (
-                db.execute(
-                    select(MemoryScopeRow.scope, MemoryScopeRow.version).where(
-                        MemoryScopeRow.scope.in_([f"workspaces/{workspace_id}", user_scope])
-                    )
-                )
-            ).all()
-        )
-        return (
-            conversation,
-            int(versions.get(f"workspaces/{workspace_id}", 0)),
-            int(versions.get(user_scope, 0)),
-        )
+        params = _window_params(workspace_id, conversation_id, user_scope)
+        rows = [tuple(row) for row in db.execute(text(_WINDOW_VERSIONS), params).all()]
+        _, workspace_version, user_version = _window_versions(rows, workspace_id, conversation_id)
+        return conversation, workspace_version, user_version
 
     async def window_rows(
         self,
@@ -1364,6 +1346,24 @@ def _keyset(
     if newest_first:
         return query.order_by(stamp.desc(), key.desc())
     return query.order_by(stamp, key)
+
+
+def _window_params(workspace_id: str, conversation_id: str, user_scope: str) -> dict[str, Any]:
+    return {
+        "conversation": conversation_id,
+        "workspace_scope": f"workspaces/{workspace_id}",
+        "user_scope": user_scope,
+    }
+
+
+def _window_versions(
+    rows: Sequence[tuple[Any, ...]], workspace_id: str, conversation_id: str
+) -> tuple[int, int, int]:
+    """(conversation, workspace memory, user memory) versions from ``_WINDOW_VERSIONS``."""
+    if not rows or rows[0][0] != workspace_id or rows[0][1]:
+        raise NotFound(f"workspaces/{workspace_id}/conversations/{conversation_id} not found")
+    _, _, version, workspace_version, user_version = rows[0]
+    return int(version), int(workspace_version or 0), int(user_version or 0)
 
 
 def _counted(model: type[Base], *conditions: ColumnElement[bool]) -> Select[int]:
