@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,8 +38,27 @@ from switchboard.context.plugins import (
 from switchboard.context.service import ContextService
 from switchboard.context.service import Limits as ContextLimits
 from switchboard.context.store import ContextStore
+from switchboard.context.tokens import ApproxTokenCounter
 from switchboard.context.windowcache import WindowCache
 from switchboard.dispatcher import servicer as dispatcher_servicer
+from switchboard.dispatcher.content import load_content_policy
+from switchboard.dispatcher.contextport import ContextPort, LocalContext, RemoteContext
+from switchboard.dispatcher.feed import Feeds
+from switchboard.dispatcher.handlers import EchoHandler
+from switchboard.dispatcher.llm import (
+    LlmConfig,
+    LlmHandler,
+    Provider,
+    parse_prices,
+    parse_providers,
+)
+from switchboard.dispatcher.remote import RemoteHandler, parse_remotes
+from switchboard.dispatcher.router import Registry, Router, Routes
+from switchboard.dispatcher.scheduler import Limits as SchedulerLimits
+from switchboard.dispatcher.scheduler import Scheduler
+from switchboard.dispatcher.service import Dispatcher
+from switchboard.dispatcher.service import Limits as DispatcherLimits
+from switchboard.dispatcher.store import RunStore
 from switchboard.events import servicer as events_servicer
 from switchboard.events.subscriptions import Access, Limits
 from switchboard.integration import servicer as integration_servicer
@@ -72,6 +92,8 @@ class Deps:
     memberships: MembershipStore
     policy: Policy
     context: ContextService
+    #: Only in processes that serve DispatcherService.
+    dispatcher: Dispatcher | None = None
 
 
 Factory = Callable[[Deps], object]
@@ -92,7 +114,7 @@ SERVICES: dict[str, tuple[ServiceDescriptor, Callable[[Any, aio.Server], None], 
     "dispatcher": (
         dispatcher_servicer.SERVICE,
         dispatcher_pb2_grpc.add_DispatcherServiceServicer_to_server,
-        lambda d: dispatcher_servicer.DispatcherServiceServicer(),  # type: ignore[abstract]
+        lambda d: dispatcher_servicer.DispatcherServiceServicer(_required(d.dispatcher), d.policy),
     ),
     "integration": (
         integration_servicer.SERVICE,
@@ -107,6 +129,12 @@ SERVICES: dict[str, tuple[ServiceDescriptor, Callable[[Any, aio.Server], None], 
         ),
     ),
 }
+
+
+def _required(dispatcher: Dispatcher | None) -> Dispatcher:
+    if dispatcher is None:  # open_deps builds it whenever "dispatcher" is served
+        raise ConfigError("the dispatcher was not built for this process")
+    return dispatcher
 
 
 def event_limits(settings: Settings) -> Limits:
@@ -193,6 +221,125 @@ def context_service(
         extractor=extractor,
         limits=context_limits(settings),
     )
+
+
+def handler_registry(settings: Settings) -> Registry:
+    """Built-in handlers, entry-point plugins and the static remote experts."""
+    registry = Registry()
+    llm_ready = bool(settings.llm_base_url and settings.llm_model)
+    note = (
+        ""
+        if llm_ready
+        else "no language model is configured here; set SWITCHBOARD_LLM_BASE_URL and "
+        "SWITCHBOARD_LLM_MODEL for model answers"
+    )
+    registry.add(EchoHandler(note=note))
+    if llm_ready:
+        registry.add(llm_handler(settings))
+    try:
+        for handler_id, address in parse_remotes(settings.dispatcher_remote_handlers):
+            registry.add(
+                RemoteHandler(handler_id, address, timeout_s=settings.dispatcher_remote_timeout_s)
+            )
+        if settings.dispatcher_handler_plugins:
+            registry.load_entry_points({"settings": settings})
+    except ValueError as exc:
+        raise ConfigError(f"dispatcher handlers: {exc}") from None
+    return registry
+
+
+def llm_handler(settings: Settings) -> LlmHandler:
+    try:
+        fallbacks = parse_providers(settings.llm_fallbacks.get_secret_value() or "[]")
+        primary = Provider(
+            name="primary",
+            base_url=settings.llm_base_url,
+            api_key=settings.llm_api_key.get_secret_value(),
+            model=settings.llm_model,
+        )
+        config = LlmConfig(
+            providers=(primary, *fallbacks),
+            prices=parse_prices(settings.llm_prices or "{}"),
+            max_retries=settings.llm_max_retries,
+            breaker_failures=settings.llm_breaker_failures,
+            breaker_reset_s=settings.llm_breaker_reset_s,
+            max_output_tokens=settings.llm_max_output_tokens,
+        )
+    except ValueError as exc:
+        # The parsers' messages never quote the settings (they may hold keys).
+        raise ConfigError(f"LLM settings: {exc}") from None
+    return LlmHandler(config, count=ApproxTokenCounter().count)
+
+
+async def dispatcher_service(
+    settings: Settings,
+    database: Database,
+    bus: EventBus,
+    counters: Cache,
+    policy: Policy,
+    context: ContextPort,
+    resources: contextlib.AsyncExitStack,
+) -> Dispatcher:
+    registry = handler_registry(settings)
+    for handler in registry.all():
+        if isinstance(handler, RemoteHandler):
+            resources.push_async_callback(handler.close)
+            await handler.refresh()
+        elif isinstance(handler, LlmHandler):
+            resources.push_async_callback(handler.aclose)
+    try:
+        routes = Routes.parse(settings.dispatcher_routes)
+        content = load_content_policy(
+            settings.dispatcher_content_policy,
+            settings.dispatcher_blocklist,
+            settings.dispatcher_flag_injection,
+        )
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"dispatcher settings: {exc}") from None
+    default = settings.dispatcher_default_handler or (
+        "llm" if registry.get("llm") is not None else "echo"
+    )
+    if registry.get(default) is None:
+        raise ConfigError(f"SWITCHBOARD_DISPATCHER_DEFAULT_HANDLER: no handler {default!r}")
+    for handler_id in (*routes.prefixes.values(), *routes.workspaces.values()):
+        if registry.get(handler_id) is None:
+            raise ConfigError(f"SWITCHBOARD_DISPATCHER_ROUTES: no handler {handler_id!r}")
+    dispatcher = Dispatcher(
+        RunStore(database),
+        context,
+        bus,
+        counters,
+        Router(registry, routes, default),
+        Scheduler(
+            SchedulerLimits(
+                max_running=settings.dispatcher_max_running,
+                max_running_per_workspace=settings.dispatcher_max_running_per_workspace,
+                max_queued=settings.dispatcher_max_queued,
+                max_queued_per_workspace=settings.dispatcher_max_queued_per_workspace,
+            )
+        ),
+        Feeds(
+            retention_s=settings.dispatcher_run_retention_s,
+            max_updates=settings.dispatcher_max_updates_per_run,
+        ),
+        policy,
+        content,
+        DispatcherLimits(
+            instance_id=settings.instance_id or socket.gethostname()[:64],
+            max_input_chars=settings.dispatcher_max_input_chars,
+            messages_per_minute_per_user=settings.dispatcher_max_messages_per_minute_per_user,
+            messages_per_minute_per_workspace=(
+                settings.dispatcher_max_messages_per_minute_per_workspace
+            ),
+            default_timeout_s=settings.dispatcher_default_timeout_s,
+            max_timeout_s=settings.dispatcher_max_timeout_s,
+            heartbeat_s=settings.dispatcher_heartbeat_s,
+            recovery=settings.dispatcher_recovery,
+        ),
+    )
+    await dispatcher.start()
+    resources.push_async_callback(dispatcher.close)
+    return dispatcher
 
 
 def key_ring(settings: Settings) -> KeyRing:
@@ -282,6 +429,17 @@ async def open_deps(settings: Settings, resources: contextlib.AsyncExitStack) ->
     context = context_service(settings, database, bus, cache)
     await context.start(maintain="context" in settings.services)
     resources.push_async_callback(context.close)
+    policy = Policy(memberships)
+    dispatcher: Dispatcher | None = None
+    if "dispatcher" in settings.services:
+        port: ContextPort = LocalContext(context)
+        if settings.context_address:
+            remote = RemoteContext(settings.context_address, tokens)
+            resources.push_async_callback(remote.close)
+            port = remote
+        dispatcher = await dispatcher_service(
+            settings, database, bus, cache, policy, port, resources
+        )
     return Deps(
         settings=settings,
         database=database,
@@ -291,8 +449,9 @@ async def open_deps(settings: Settings, resources: contextlib.AsyncExitStack) ->
         accounts=accounts,
         authenticator=authenticator,
         memberships=memberships,
-        policy=Policy(memberships),
+        policy=policy,
         context=context,
+        dispatcher=dispatcher,
     )
 
 

@@ -231,6 +231,55 @@ def test_grpcurl_runs_the_readme_context_workflow(serve: ServeProcess) -> None:
     assert pruned["kept_message_count"] == 1
 
 
+def test_grpcurl_runs_the_readme_dispatcher_workflow(serve: ServeProcess) -> None:
+    """The README's "Sending messages: runs" commands, as grpcurl sends them."""
+    registered = _grpcurl(
+        serve,
+        "switchboard.api.auth.v1.AuthService/Register",
+        '{"email": "runs@example.com", "password": "watching the answers 123"}',
+    )
+    assert registered.returncode == 0, registered.stderr
+    access = json.loads(registered.stdout)["tokens"]["access_token"]
+
+    def call(method: str, body: dict[str, object]) -> subprocess.CompletedProcess[str]:
+        service = "context" if method.endswith(("Workspace", "Conversation")) else "dispatcher"
+        pascal = "ContextService" if service == "context" else "DispatcherService"
+        done = _grpcurl(
+            serve,
+            f"switchboard.api.{service}.v1.{pascal}/{method}",
+            json.dumps(body),
+            access=access,
+        )
+        assert done.returncode == 0, (method, done.stderr)
+        return done
+
+    call("CreateWorkspace", {"workspace_id": "runs", "workspace": {"display_name": "Runs"}})
+    created = call(
+        "CreateConversation", {"parent": "workspaces/runs", "conversation": {"title": "Q"}}
+    )
+    conversation = json.loads(created.stdout)["conversation"]["name"]
+    body = {
+        "conversation": conversation,
+        "message": {"parts": [{"text": "hello there"}]},
+        "request_id": "msg-1",
+    }
+    sent = json.loads(call("SendMessage", body).stdout)
+    again = json.loads(call("SendMessage", body).stdout)
+    run = sent["run"]["name"]
+    assert again["run"]["name"] == run
+    watched = call("WatchRun", {"name": run}).stdout
+    # grpcurl prints one JSON object per frame.
+    frames = [json.loads(chunk) for chunk in watched.replace("}\n{", "}\x00{").split("\x00")]
+    deltas = "".join(f["update"]["delta"]["text"] for f in frames if "delta" in f["update"])
+    assert deltas.startswith("hello there")
+    assert "answered by handlers/echo" in deltas
+    assert frames[-1]["update"]["state_change"]["run"]["state"] == "RUN_STATE_SUCCEEDED"
+    cancelled = json.loads(call("CancelRun", {"name": run, "reason": "stop"}).stdout)
+    assert cancelled["run"]["state"] == "RUN_STATE_SUCCEEDED"  # it had already finished
+    handlers = json.loads(call("ListHandlers", {"parent": "workspaces/runs"}).stdout)
+    assert [h["name"] for h in handlers["handlers"]] == ["handlers/echo"]
+
+
 def test_grpcurl_health_check(serve: ServeProcess) -> None:
     done = run([tool("grpcurl"), "-plaintext", serve.address, "grpc.health.v1.Health/Check"])
     assert done.returncode == 0, done.stderr

@@ -44,9 +44,9 @@ def build_error(name: str) -> BaseException:
                 errors.FieldViolation("password", "must be at least 12 characters"),
             ],
         )
-    if cls is errors.RateLimited:
+    if issubclass(cls, errors.RateLimited):
         return cls("too many attempts", retry_after_s=1.5)
-    if cls is errors.QuotaExceeded:
+    if issubclass(cls, errors.QuotaExceeded):
         return cls("too many subscriptions", subject="subscriptions_per_principal")
     return cls(f"{name} raised for a test", metadata={"resource": "workspaces/w1"})
 

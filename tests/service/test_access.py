@@ -266,7 +266,7 @@ async def test_no_rpc_answers_unknown_or_internal(channel: aio.Channel, world: W
 
 
 # Services whose every RPC is implemented (their own suites test them).
-BUILT_SERVICES = ("AuthService", "EventService", "ContextService")
+BUILT_SERVICES = ("AuthService", "EventService", "ContextService", "DispatcherService")
 
 
 async def test_every_rpc_not_built_answers_unimplemented_past_the_guard(

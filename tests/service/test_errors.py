@@ -110,7 +110,7 @@ async def test_domain_error_maps_to_rich_status(
         retry = detail(status, error_details_pb2.RetryInfo)
         assert isinstance(retry, error_details_pb2.RetryInfo)
         assert retry.retry_delay.ToMilliseconds() == 1500
-    elif cls is errors.QuotaExceeded:
+    elif issubclass(cls, errors.QuotaExceeded):
         quota = detail(status, error_details_pb2.QuotaFailure)
         assert isinstance(quota, error_details_pb2.QuotaFailure)
         assert quota.violations[0].subject == "subscriptions_per_principal"

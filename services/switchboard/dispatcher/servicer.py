@@ -1,13 +1,215 @@
-"""Transport for DispatcherService: converts proto to domain calls and nothing else."""
+"""Transport for DispatcherService: converts proto to domain calls and nothing else.
+
+``Converse`` multiplexes SendMessage, CancelRun and WatchRun on one stream.
+Each action is authorized like the unary RPC it stands for (the access rule
+is ``per_item``); an action that fails answers with an ``error`` frame and
+the stream stays open. Its output is one bounded queue: when a client stops
+reading, the relays of its runs wait rather than grow the queue without end.
+"""
 
 from __future__ import annotations
 
-from switchboard.api.dispatcher.v1 import dispatcher_pb2, dispatcher_pb2_grpc
-from switchboard.platform.unimplemented import unimplemented_rpcs
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Final
 
-SERVICE = dispatcher_pb2.DESCRIPTOR.services_by_name["DispatcherService"]
+from grpc import aio
+
+from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
+from switchboard.dispatcher.service import Dispatcher
+from switchboard.platform.authn import current_principal
+from switchboard.platform.errors import (
+    FieldViolation,
+    InvalidArgument,
+    QuotaExceeded,
+    SwitchboardError,
+)
+from switchboard.platform.policy import Permission, Policy, Principal
+from switchboard.platform.status import to_status_proto
+
+SERVICE = pb.DESCRIPTOR.services_by_name["DispatcherService"]
+
+Context = aio.ServicerContext[object, object]
+
+#: Frames a Converse stream may hold for a slow reader before its relays wait.
+CONVERSE_BUFFER: Final = 1_000
+#: Runs one Converse stream may relay at once.
+CONVERSE_MAX_RELAYS: Final = 32
+_CLIENT_ID_MAX: Final = 64
 
 
-@unimplemented_rpcs(SERVICE, planned="it arrives with the dispatcher (issue #6)")
+def _heartbeat() -> pb.Heartbeat:
+    beat = pb.Heartbeat()
+    beat.time.GetCurrentTime()
+    return beat
+
+
 class DispatcherServiceServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
-    """DispatcherService transport; RPCs not defined here answer UNIMPLEMENTED."""
+    def __init__(self, dispatcher: Dispatcher, policy: Policy) -> None:
+        self._dispatcher = dispatcher
+        self._policy = policy
+
+    async def SendMessage(
+        self, request: pb.SendMessageRequest, context: Context
+    ) -> pb.SendMessageResponse:
+        return await self._dispatcher.send_message(current_principal(), request)
+
+    async def GetRun(self, request: pb.GetRunRequest, context: Context) -> pb.GetRunResponse:
+        return pb.GetRunResponse(run=await self._dispatcher.get_run(request.name))
+
+    async def ListRuns(self, request: pb.ListRunsRequest, context: Context) -> pb.ListRunsResponse:
+        return await self._dispatcher.list_runs(request)
+
+    async def CancelRun(
+        self, request: pb.CancelRunRequest, context: Context
+    ) -> pb.CancelRunResponse:
+        run = await self._dispatcher.cancel_run(current_principal(), request.name, request.reason)
+        return pb.CancelRunResponse(run=run)
+
+    async def WatchRun(
+        self, request: pb.WatchRunRequest, context: Context
+    ) -> AsyncIterator[pb.WatchRunResponse]:
+        async for update in self._dispatcher.watch(request.name, request.after_sequence):
+            if update is None:
+                yield pb.WatchRunResponse(heartbeat=_heartbeat())
+            else:
+                yield pb.WatchRunResponse(update=update)
+
+    async def ListHandlers(
+        self, request: pb.ListHandlersRequest, context: Context
+    ) -> pb.ListHandlersResponse:
+        return self._dispatcher.list_handlers(request)
+
+    async def Converse(
+        self, request_iterator: AsyncIterator[pb.ConverseRequest], context: Context
+    ) -> AsyncIterator[pb.ConverseResponse]:
+        session = _Converse(self._dispatcher, self._policy, current_principal())
+        reader = asyncio.get_running_loop().create_task(session.read(request_iterator))
+        try:
+            while True:
+                frame = await session.next_frame(self._dispatcher.limits.heartbeat_s)
+                if frame is None:
+                    return
+                yield frame
+        finally:
+            reader.cancel()
+            await session.close()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
+
+class _Converse:
+    def __init__(self, dispatcher: Dispatcher, policy: Policy, principal: Principal) -> None:
+        self._dispatcher = dispatcher
+        self._policy = policy
+        self._principal = principal
+        self._out: asyncio.Queue[pb.ConverseResponse | None] = asyncio.Queue(CONVERSE_BUFFER)
+        self._relays: dict[str, asyncio.Task[None]] = {}
+        self._reading = True
+
+    async def next_frame(self, heartbeat_s: float) -> pb.ConverseResponse | None:
+        while True:
+            try:
+                async with asyncio.timeout(heartbeat_s):
+                    frame = await self._out.get()
+            except TimeoutError:
+                return pb.ConverseResponse(heartbeat=_heartbeat())
+            if frame is not None:
+                return frame
+            # The client half-closed: end once every relayed run has ended.
+            if not self._relays:
+                return None
+
+    async def read(self, requests: AsyncIterator[pb.ConverseRequest]) -> None:
+        try:
+            async for request in requests:
+                await self._action(request)
+        finally:
+            self._reading = False
+            await self._out.put(None)
+
+    async def close(self) -> None:
+        for task in self._relays.values():
+            task.cancel()
+        if self._relays:
+            await asyncio.wait(list(self._relays.values()))
+
+    async def _action(self, request: pb.ConverseRequest) -> None:
+        client_id = request.client_request_id[:_CLIENT_ID_MAX]
+        action = request.WhichOneof("action")
+        try:
+            if len(request.client_request_id) > _CLIENT_ID_MAX:
+                raise InvalidArgument(
+                    "client_request_id is too long",
+                    [FieldViolation("client_request_id", f"at most {_CLIENT_ID_MAX} characters")],
+                )
+            if action == "send_message":
+                send = request.send_message
+                await self._policy.authorize(
+                    self._principal,
+                    send.conversation,
+                    Permission.WRITE,
+                    "send_message.conversation",
+                )
+                self._room()
+                sent = await self._dispatcher.send_message(self._principal, send)
+                await self._out.put(
+                    pb.ConverseResponse(client_request_id=client_id, message_sent=sent)
+                )
+                self._relay(sent.run.name, 0)
+            elif action == "cancel_run":
+                cancel = request.cancel_run
+                await self._policy.authorize(
+                    self._principal, cancel.name, Permission.WRITE, "cancel_run.name"
+                )
+                run = await self._dispatcher.cancel_run(self._principal, cancel.name, cancel.reason)
+                await self._out.put(
+                    pb.ConverseResponse(
+                        client_request_id=client_id, run_cancelled=pb.CancelRunResponse(run=run)
+                    )
+                )
+            elif action == "watch_run":
+                watch = request.watch_run
+                await self._policy.authorize(
+                    self._principal, watch.name, Permission.READ, "watch_run.name"
+                )
+                self._room()
+                await self._dispatcher.get_run(watch.name)  # NOT_FOUND now, not in the relay
+                self._relay(watch.name, watch.after_sequence)
+            else:
+                raise InvalidArgument(
+                    "the frame has no action", [FieldViolation("action", "is required")]
+                )
+        except SwitchboardError as exc:
+            await self._out.put(
+                pb.ConverseResponse(client_request_id=client_id, error=to_status_proto(exc, ""))
+            )
+
+    def _room(self) -> None:
+        if len(self._relays) >= CONVERSE_MAX_RELAYS:
+            raise QuotaExceeded(
+                f"at most {CONVERSE_MAX_RELAYS} runs relayed at once on one stream",
+                subject="converse/relays",
+            )
+
+    def _relay(self, run: str, after: int) -> None:
+        if run in self._relays:
+            return
+        task = asyncio.get_running_loop().create_task(self._follow(run, after))
+        self._relays[run] = task
+
+    async def _follow(self, run: str, after: int) -> None:
+        try:
+            async for update in self._dispatcher.watch(run, after):
+                if update is not None:  # the stream has its own heartbeat
+                    await self._out.put(pb.ConverseResponse(update=update))
+        except SwitchboardError as exc:
+            await self._out.put(pb.ConverseResponse(error=to_status_proto(exc, "")))
+        finally:
+            self._relays.pop(run, None)
+            if not self._reading and not self._relays:
+                # Wake the writer so a half-closed stream can end.
+                with contextlib.suppress(asyncio.QueueFull):
+                    self._out.put_nowait(None)

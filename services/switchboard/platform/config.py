@@ -175,6 +175,108 @@ class Settings(BaseSettings):
         default=30 * 86_400, ge=60, description="Soft-deleted workspaces and conversations."
     )
 
+    # The dispatcher: runs, routing, filters.
+    context_address: str = Field(
+        default="",
+        description="host:port of ContextService for a dispatcher in another process "
+        "(mesh shape); empty: this process's own.",
+    )
+    instance_id: str = Field(
+        default="",
+        max_length=64,
+        description="This dispatcher replica's stable id (owns its runs across restarts); "
+        "default: the host name.",
+    )
+    dispatcher_max_running: int = Field(
+        default=64, ge=1, le=100_000, description="Runs executing at once in this process."
+    )
+    dispatcher_max_running_per_workspace: int = Field(
+        default=16, ge=1, le=100_000, description="Runs of one workspace executing at once."
+    )
+    dispatcher_max_queued: int = Field(
+        default=1_000, ge=1, le=1_000_000, description="Runs waiting in this process."
+    )
+    dispatcher_max_queued_per_workspace: int = Field(
+        default=200, ge=1, le=1_000_000, description="Runs of one workspace waiting."
+    )
+    dispatcher_default_timeout_s: float = Field(
+        default=120.0, gt=0, le=86_400, description="A run's deadline when the request sets none."
+    )
+    dispatcher_max_timeout_s: float = Field(
+        default=900.0, gt=0, le=86_400, description="Cap on a requested run timeout."
+    )
+    dispatcher_recovery: Literal["fail", "requeue"] = Field(
+        default="fail",
+        description="Runs that were RUNNING at a restart: fail (RUN_INTERRUPTED) or run again.",
+    )
+    dispatcher_default_handler: str = Field(
+        default="", description="Handler when no rule matches; default: llm if set up, else echo."
+    )
+    dispatcher_routes: str = Field(
+        default="",
+        description="Routing rules, comma-separated: /prefix=handler, type:mime/*=handler, "
+        "workspace:<id>=handler.",
+    )
+    dispatcher_remote_handlers: str = Field(
+        default="",
+        description="Static remote handlers (HandlerService), comma-separated id=host:port.",
+    )
+    dispatcher_handler_plugins: bool = Field(
+        default=True, description="Load handlers from the switchboard.handlers entry points."
+    )
+    dispatcher_max_input_chars: int = Field(
+        default=32_000, ge=1, le=4 * MiB, description="Text characters in one sent message."
+    )
+    dispatcher_max_messages_per_minute_per_user: int = Field(
+        default=600, ge=1, le=10_000_000, description="SendMessage calls per user per minute."
+    )
+    dispatcher_max_messages_per_minute_per_workspace: int = Field(
+        default=6_000, ge=1, le=10_000_000, description="SendMessage calls per workspace."
+    )
+    dispatcher_content_policy: str = Field(
+        default="builtin", description="Content policy plugin (builtin, entry point, module:attr)."
+    )
+    dispatcher_blocklist: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description="Blocked terms for the builtin policy, comma-separated (re:<regex> allowed).",
+    )
+    dispatcher_flag_injection: bool = Field(
+        default=True, description="Flag common prompt-injection markers (the run proceeds)."
+    )
+    dispatcher_run_retention_s: float = Field(
+        default=300.0, ge=0, description="How long a finished run's updates stay replayable."
+    )
+    dispatcher_max_updates_per_run: int = Field(
+        default=10_000, ge=10, le=1_000_000, description="Updates kept per run for replay."
+    )
+    dispatcher_heartbeat_s: float = Field(
+        default=15.0, gt=0, le=3600, description="WatchRun/Converse keep-alive interval."
+    )
+    dispatcher_remote_timeout_s: float = Field(
+        default=5.0, gt=0, le=600, description="Connect/capabilities timeout for remote handlers."
+    )
+
+    # The LLM handler (OpenAI-compatible Chat Completions). Off unless a base URL is set.
+    llm_base_url: str = Field(default="", description="e.g. https://api.openai.com/v1")
+    llm_api_key: SecretStr = Field(default=SecretStr(""), description="Bearer key, if needed.")
+    llm_model: str = Field(default="", description="Model of the primary provider.")
+    llm_fallbacks: SecretStr = Field(
+        default=SecretStr(""),
+        description='JSON list of fallback providers [{"name","base_url","api_key","model"}].',
+    )
+    llm_prices: str = Field(
+        default="",
+        description='JSON price table {"model": {"input_per_mtok": 0.15, "output_per_mtok": 0.6}}.',
+    )
+    llm_max_retries: int = Field(default=3, ge=0, le=20, description="Retries per provider.")
+    llm_breaker_failures: int = Field(
+        default=5, ge=1, le=1000, description="Failures in a row that open a provider's breaker."
+    )
+    llm_breaker_reset_s: float = Field(
+        default=30.0, gt=0, le=3600, description="Open breaker's wait before a trial call."
+    )
+    llm_max_output_tokens: int = Field(default=1024, ge=1, le=1_000_000)
+
     # Identity: tokens, sessions, keys.
     auth_issuer: str = Field(default="switchboard", min_length=1, description="JWT `iss`.")
     auth_audience: str = Field(default="switchboard", min_length=1, description="JWT `aud`.")
@@ -237,7 +339,7 @@ class Settings(BaseSettings):
         description="Time between health NOT_SERVING and refusing new calls, for load balancers.",
     )
 
-    @field_validator("services", "signing_keys", mode="before")
+    @field_validator("services", "signing_keys", "dispatcher_blocklist", mode="before")
     @classmethod
     def _split_csv(cls, value: object) -> object:
         if isinstance(value, str):

@@ -226,3 +226,46 @@ class InternalError(SwitchboardError):
 
     code = Code.INTERNAL
     reason = "ERROR_REASON_INTERNAL"
+
+
+class ConversationBusy(SwitchboardError):
+    """The conversation has an active run and the request's policy is REJECT.
+
+    ABORTED: a concurrency conflict the client resolves by retrying later
+    (AIP-193), not a state it must change first.
+    """
+
+    code = Code.ABORTED
+    reason = "ERROR_REASON_CONVERSATION_BUSY"
+
+
+class ContentBlocked(InvalidArgument):
+    """The content policy refused the message; violations name the parts, never the text."""
+
+    reason = "ERROR_REASON_CONTENT_BLOCKED"
+
+
+class QueueFull(QuotaExceeded):
+    """The run queue (global or a workspace's) is full."""
+
+    reason = "ERROR_REASON_QUEUE_FULL"
+
+
+class RunInterrupted(SwitchboardError):
+    """The run was running when its dispatcher stopped (restart policy ``fail``)."""
+
+    code = Code.ABORTED
+    reason = "ERROR_REASON_RUN_INTERRUPTED"
+
+
+class RunSuperseded(RunCancelled):
+    """A newer message in the conversation interrupted the run (policy INTERRUPT)."""
+
+    reason = "ERROR_REASON_RUN_SUPERSEDED"
+
+
+class HandlerFailed(SwitchboardError):
+    """The handler reported a failure; the message is the handler's own, secret-free."""
+
+    code = Code.UNAVAILABLE
+    reason = "ERROR_REASON_HANDLER_FAILED"

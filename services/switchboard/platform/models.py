@@ -295,6 +295,31 @@ class IdempotencyRow(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), index=True)
 
 
+class RunRow(Base):
+    """A dispatcher run; ``data`` is the serialized ``Run`` as last persisted,
+    ``job`` what is needed to (re)start it (``dispatcher/store.py``)."""
+
+    __tablename__ = "runs"
+    __table_args__ = (
+        Index("ix_runs_listing", "conversation_id", "created_at", "id"),
+        Index("ix_runs_active", "worker", "state"),
+    )
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    workspace_id: Mapped[str] = mapped_column(ForeignKey("workspaces.id", ondelete="CASCADE"))
+    conversation_id: Mapped[str] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
+    # RunState value; QUEUED and RUNNING are the active ones.
+    state: Mapped[int] = mapped_column(Integer)
+    # The dispatcher instance that owns it while active (SWITCHBOARD_INSTANCE_ID).
+    worker: Mapped[str] = mapped_column(String(64))
+    creator: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    # Serialized dispatcher ``Job`` (the input, parameters, credential ids).
+    job: Mapped[bytes] = mapped_column(LargeBinary)
+
+
 #: Schema the migrations create outside the models (full-text search); the drift
 #: check and table listings ignore it.
 SEARCH_TABLES = frozenset(

@@ -67,6 +67,18 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The server is shutting down or not yet ready; retry against another replica."""
     ERROR_REASON_INTERNAL: _ErrorReason.ValueType  # 21
     """An unexpected server fault; the message is generic and the request id is in metadata."""
+    ERROR_REASON_CONVERSATION_BUSY: _ErrorReason.ValueType  # 22
+    """The conversation already has an active run and the request's policy is REJECT."""
+    ERROR_REASON_CONTENT_BLOCKED: _ErrorReason.ValueType  # 23
+    """The content policy refused the message; violations name the parts."""
+    ERROR_REASON_QUEUE_FULL: _ErrorReason.ValueType  # 24
+    """The run queue (global or the workspace's) is full; retry later."""
+    ERROR_REASON_RUN_INTERRUPTED: _ErrorReason.ValueType  # 25
+    """The run was running when its dispatcher stopped; it did not complete."""
+    ERROR_REASON_HANDLER_FAILED: _ErrorReason.ValueType  # 26
+    """The handler failed; the message says what it reported."""
+    ERROR_REASON_RUN_SUPERSEDED: _ErrorReason.ValueType  # 27
+    """A newer message in the conversation interrupted the run (policy INTERRUPT)."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the machine-readable cause of a failed call. Every error the
@@ -119,4 +131,16 @@ ERROR_REASON_UNAVAILABLE: ErrorReason.ValueType  # 20
 """The server is shutting down or not yet ready; retry against another replica."""
 ERROR_REASON_INTERNAL: ErrorReason.ValueType  # 21
 """An unexpected server fault; the message is generic and the request id is in metadata."""
+ERROR_REASON_CONVERSATION_BUSY: ErrorReason.ValueType  # 22
+"""The conversation already has an active run and the request's policy is REJECT."""
+ERROR_REASON_CONTENT_BLOCKED: ErrorReason.ValueType  # 23
+"""The content policy refused the message; violations name the parts."""
+ERROR_REASON_QUEUE_FULL: ErrorReason.ValueType  # 24
+"""The run queue (global or the workspace's) is full; retry later."""
+ERROR_REASON_RUN_INTERRUPTED: ErrorReason.ValueType  # 25
+"""The run was running when its dispatcher stopped; it did not complete."""
+ERROR_REASON_HANDLER_FAILED: ErrorReason.ValueType  # 26
+"""The handler failed; the message says what it reported."""
+ERROR_REASON_RUN_SUPERSEDED: ErrorReason.ValueType  # 27
+"""A newer message in the conversation interrupted the run (policy INTERRUPT)."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

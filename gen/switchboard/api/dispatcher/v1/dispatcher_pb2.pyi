@@ -66,6 +66,34 @@ RUN_STATE_DEADLINE_EXCEEDED: RunState.ValueType  # 6
 """Its deadline passed before it finished."""
 Global___RunState: _TypeAlias = RunState  # noqa: Y015
 
+class _ConcurrencyPolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ConcurrencyPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ConcurrencyPolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CONCURRENCY_POLICY_UNSPECIFIED: _ConcurrencyPolicy.ValueType  # 0
+    """Not set: ENQUEUE."""
+    CONCURRENCY_POLICY_REJECT: _ConcurrencyPolicy.ValueType  # 1
+    """Refuse the message with ABORTED (reason CONVERSATION_BUSY); nothing is stored."""
+    CONCURRENCY_POLICY_ENQUEUE: _ConcurrencyPolicy.ValueType  # 2
+    """Store the message and run it after the conversation's earlier runs."""
+    CONCURRENCY_POLICY_INTERRUPT: _ConcurrencyPolicy.ValueType  # 3
+    """Cancel the conversation's active runs (reason RUN_SUPERSEDED) and run this one."""
+
+class ConcurrencyPolicy(_ConcurrencyPolicy, metaclass=_ConcurrencyPolicyEnumTypeWrapper):
+    """What SendMessage does when the conversation already has a queued or running run."""
+
+CONCURRENCY_POLICY_UNSPECIFIED: ConcurrencyPolicy.ValueType  # 0
+"""Not set: ENQUEUE."""
+CONCURRENCY_POLICY_REJECT: ConcurrencyPolicy.ValueType  # 1
+"""Refuse the message with ABORTED (reason CONVERSATION_BUSY); nothing is stored."""
+CONCURRENCY_POLICY_ENQUEUE: ConcurrencyPolicy.ValueType  # 2
+"""Store the message and run it after the conversation's earlier runs."""
+CONCURRENCY_POLICY_INTERRUPT: ConcurrencyPolicy.ValueType  # 3
+"""Cancel the conversation's active runs (reason RUN_SUPERSEDED) and run this one."""
+Global___ConcurrencyPolicy: _TypeAlias = ConcurrencyPolicy  # noqa: Y015
+
 class _HandlerKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -114,6 +142,9 @@ class Run(_message.Message):
     PROGRESS_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     ROUTING_REASON_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_POLICY_FIELD_NUMBER: _builtins.int
+    FLAGS_FIELD_NUMBER: _builtins.int
+    LAST_SEQUENCE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `workspaces/{w}/conversations/{c}/runs/{run}`."""
     state: Global___RunState.ValueType
@@ -128,6 +159,10 @@ class Run(_message.Message):
     """Who started it, `users/{user}`."""
     routing_reason: _builtins.str
     """Why the router chose the handler (human-readable)."""
+    concurrency_policy: Global___ConcurrencyPolicy.ValueType
+    """What happens if the conversation already had an active run."""
+    last_sequence: _builtins.int
+    """The sequence of the run's last update so far (WatchRun resumes after it)."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When it was accepted."""
@@ -156,6 +191,10 @@ class Run(_message.Message):
     def usage(self) -> _handler_pb2.Usage:
         """What it consumed."""
 
+    @_builtins.property
+    def flags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Content-policy flags raised on the input (for example "prompt-injection")."""
+
     def __init__(
         self,
         *,
@@ -173,10 +212,13 @@ class Run(_message.Message):
         progress: _handler_pb2.Progress | None = ...,
         usage: _handler_pb2.Usage | None = ...,
         routing_reason: _builtins.str = ...,
+        concurrency_policy: Global___ConcurrencyPolicy.ValueType = ...,
+        flags: _abc.Iterable[_builtins.str] | None = ...,
+        last_sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "deadline", b"deadline", "end_time", b"end_time", "error", b"error", "progress", b"progress", "start_time", b"start_time", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "creator", b"creator", "deadline", b"deadline", "end_time", b"end_time", "error", b"error", "handler", b"handler", "input_message", b"input_message", "name", b"name", "output_message", b"output_message", "progress", b"progress", "routing_reason", b"routing_reason", "start_time", b"start_time", "state", b"state", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency_policy", b"concurrency_policy", "create_time", b"create_time", "creator", b"creator", "deadline", b"deadline", "end_time", b"end_time", "error", b"error", "flags", b"flags", "handler", b"handler", "input_message", b"input_message", "last_sequence", b"last_sequence", "name", b"name", "output_message", b"output_message", "progress", b"progress", "routing_reason", b"routing_reason", "start_time", b"start_time", "state", b"state", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -194,12 +236,15 @@ class SendMessageRequest(_message.Message):
     PARAMETERS_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_POLICY_FIELD_NUMBER: _builtins.int
     conversation: _builtins.str
     """The conversation, `workspaces/{w}/conversations/{c}`."""
     handler: _builtins.str
     """Force a handler, `handlers/{handler}`; the router chooses if empty."""
     request_id: _builtins.str
     """Idempotency key; a retry with the same id returns the first run."""
+    concurrency_policy: Global___ConcurrencyPolicy.ValueType
+    """What to do if the conversation already has an active run."""
     @_builtins.property
     def message(self) -> _context_pb2.Message:
         """The user message; role must be USER or unset (then USER)."""
@@ -221,10 +266,11 @@ class SendMessageRequest(_message.Message):
         parameters: _struct_pb2.Struct | None = ...,
         timeout: _duration_pb2.Duration | None = ...,
         request_id: _builtins.str = ...,
+        concurrency_policy: Global___ConcurrencyPolicy.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "parameters", b"parameters", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation", "handler", b"handler", "message", b"message", "parameters", b"parameters", "request_id", b"request_id", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency_policy", b"concurrency_policy", "conversation", b"conversation", "handler", b"handler", "message", b"message", "parameters", b"parameters", "request_id", b"request_id", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

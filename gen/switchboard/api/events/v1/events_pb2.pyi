@@ -11,6 +11,7 @@ from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from switchboard.api.auth.v1 import auth_pb2 as _auth_pb2
+from switchboard.api.common.v1 import errors_pb2 as _errors_pb2
 from switchboard.api.context.v1 import context_pb2 as _context_pb2
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as _dispatcher_pb2
 from switchboard.api.integration.v1 import integration_pb2 as _integration_pb2
@@ -49,6 +50,8 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     """An integration's configuration or status changed."""
     EVENT_TYPE_SECURITY: _EventType.ValueType  # 8
     """A security-relevant action on the user's account."""
+    EVENT_TYPE_MESSAGE_FILTERED: _EventType.ValueType  # 9
+    """The dispatcher refused a message before any handler ran, or flagged it."""
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper):
     """What an event is about."""
@@ -71,6 +74,8 @@ EVENT_TYPE_INTEGRATION_CHANGED: EventType.ValueType  # 7
 """An integration's configuration or status changed."""
 EVENT_TYPE_SECURITY: EventType.ValueType  # 8
 """A security-relevant action on the user's account."""
+EVENT_TYPE_MESSAGE_FILTERED: EventType.ValueType  # 9
+"""The dispatcher refused a message before any handler ran, or flagged it."""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
 class _ChangeKind:
@@ -360,6 +365,50 @@ class RunUpdated(_message.Message):
 Global___RunUpdated: _TypeAlias = RunUpdated  # noqa: Y015
 
 @_typing.final
+class MessageFiltered(_message.Message):
+    """Payload: a pre-dispatch filter refused or flagged a message."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONVERSATION_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    FLAGS_FIELD_NUMBER: _builtins.int
+    RUN_FIELD_NUMBER: _builtins.int
+    conversation: _builtins.str
+    """The conversation, `workspaces/{w}/conversations/{c}`."""
+    filter: _builtins.str
+    """Which filter, for example "size", "rate-user", "rate-workspace", "content"."""
+    rejected: _builtins.bool
+    """Whether the message was refused (false: flagged and dispatched)."""
+    reason: _errors_pb2.ErrorReason.ValueType
+    """The error reason given to the caller, if refused."""
+    run: _builtins.str
+    """The run that proceeded, if flagged but dispatched."""
+    @_builtins.property
+    def flags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Flags or rule names that matched (never the matched text)."""
+
+    def __init__(
+        self,
+        *,
+        conversation: _builtins.str = ...,
+        filter: _builtins.str = ...,
+        rejected: _builtins.bool = ...,
+        reason: _errors_pb2.ErrorReason.ValueType = ...,
+        flags: _abc.Iterable[_builtins.str] | None = ...,
+        run: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversation", b"conversation", "filter", b"filter", "flags", b"flags", "reason", b"reason", "rejected", b"rejected", "run", b"run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MessageFiltered: _TypeAlias = MessageFiltered  # noqa: Y015
+
+@_typing.final
 class IntegrationChanged(_message.Message):
     """Payload: an integration changed."""
 
@@ -449,6 +498,7 @@ class Event(_message.Message):
     RUN_UPDATED_FIELD_NUMBER: _builtins.int
     INTEGRATION_CHANGED_FIELD_NUMBER: _builtins.int
     SECURITY_FIELD_NUMBER: _builtins.int
+    MESSAGE_FILTERED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Globally unique id (for deduplication by consumers)."""
     cursor: _builtins.str
@@ -501,6 +551,10 @@ class Event(_message.Message):
     def security(self) -> Global___SecurityEvent:
         """A security event."""
 
+    @_builtins.property
+    def message_filtered(self) -> Global___MessageFiltered:
+        """A pre-dispatch filter refused or flagged a message."""
+
     def __init__(
         self,
         *,
@@ -520,12 +574,13 @@ class Event(_message.Message):
         run_updated: Global___RunUpdated | None = ...,
         integration_changed: Global___IntegrationChanged | None = ...,
         security: Global___SecurityEvent | None = ...,
+        message_filtered: Global___MessageFiltered | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "conversation_changed", b"conversation_changed", "integration_changed", b"integration_changed", "member_changed", b"member_changed", "memory_changed", b"memory_changed", "message_created", b"message_created", "payload", b"payload", "run_updated", b"run_updated", "security", b"security", "time", b"time", "workspace_changed", b"workspace_changed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "conversation_changed", b"conversation_changed", "integration_changed", b"integration_changed", "member_changed", b"member_changed", "memory_changed", b"memory_changed", "message_created", b"message_created", "message_filtered", b"message_filtered", "payload", b"payload", "run_updated", b"run_updated", "security", b"security", "time", b"time", "workspace_changed", b"workspace_changed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "conversation", b"conversation", "conversation_changed", b"conversation_changed", "cursor", b"cursor", "id", b"id", "integration_changed", b"integration_changed", "member_changed", b"member_changed", "memory_changed", b"memory_changed", "message_created", b"message_created", "payload", b"payload", "run_updated", b"run_updated", "security", b"security", "time", b"time", "type", b"type", "user", b"user", "workspace", b"workspace", "workspace_changed", b"workspace_changed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "conversation", b"conversation", "conversation_changed", b"conversation_changed", "cursor", b"cursor", "id", b"id", "integration_changed", b"integration_changed", "member_changed", b"member_changed", "memory_changed", b"memory_changed", "message_created", b"message_created", "message_filtered", b"message_filtered", "payload", b"payload", "run_updated", b"run_updated", "security", b"security", "time", b"time", "type", b"type", "user", b"user", "workspace", b"workspace", "workspace_changed", b"workspace_changed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["workspace_changed", "member_changed", "conversation_changed", "message_created", "memory_changed", "run_updated", "integration_changed", "security"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["workspace_changed", "member_changed", "conversation_changed", "message_created", "memory_changed", "run_updated", "integration_changed", "security", "message_filtered"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 

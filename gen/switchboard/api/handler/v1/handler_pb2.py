@@ -23,11 +23,12 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from switchboard.api.context.v1 import context_pb2 as switchboard_dot_api_dot_context_dot_v1_dot_context__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(switchboard/api/handler/v1/handler.proto\x12\x1aswitchboard.api.handler.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a(switchboard/api/context/v1/context.proto\"\xc9\x01\n\rHandleRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x34\n\x07message\x18\x02 \x01(\x0b\x32#.switchboard.api.context.v1.Message\x12:\n\x07\x63ontext\x18\x03 \x01(\x0b\x32).switchboard.api.context.v1.ContextWindow\x12+\n\nparameters\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0c\n\x04user\x18\x05 \x01(\t\"+\n\x08Progress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x10\n\x08\x66raction\x18\x02 \x01(\x01\"\x19\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\"e\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0bintegration\x18\x02 \x01(\t\x12\x0c\n\x04tool\x18\x03 \x01(\t\x12*\n\targuments\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\"4\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x05\x12\x15\n\routput_tokens\x18\x02 \x01(\x05\"\x8f\x01\n\x0cHandleResult\x12\x36\n\x05parts\x18\x01 \x03(\x0b\x32\'.switchboard.api.context.v1.ContentPart\x12\x30\n\x05usage\x18\x02 \x01(\x0b\x32!.switchboard.api.handler.v1.Usage\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\"\x82\x02\n\x0eHandleResponse\x12\x38\n\x08progress\x18\x01 \x01(\x0b\x32$.switchboard.api.handler.v1.ProgressH\x00\x12\x36\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32%.switchboard.api.handler.v1.TextDeltaH\x00\x12\x39\n\ttool_call\x18\x03 \x01(\x0b\x32$.switchboard.api.handler.v1.ToolCallH\x00\x12:\n\x06result\x18\x04 \x01(\x0b\x32(.switchboard.api.handler.v1.HandleResultH\x00\x42\x07\n\x05\x66rame\"\x18\n\x16GetCapabilitiesRequest\"\xbf\x01\n\x13HandlerCapabilities\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0e\n\x06topics\x18\x04 \x03(\t\x12\x11\n\tstreaming\x18\x05 \x01(\x08\x12\x1a\n\x12max_context_tokens\x18\x06 \x01(\x05\x12\x32\n\x11parameters_schema\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\"`\n\x17GetCapabilitiesResponse\x12\x45\n\x0c\x63\x61pabilities\x18\x01 \x01(\x0b\x32/.switchboard.api.handler.v1.HandlerCapabilities2\xef\x01\n\x0eHandlerService\x12\x61\n\x06Handle\x12).switchboard.api.handler.v1.HandleRequest\x1a*.switchboard.api.handler.v1.HandleResponse0\x01\x12z\n\x0fGetCapabilities\x12\x32.switchboard.api.handler.v1.GetCapabilitiesRequest\x1a\x33.switchboard.api.handler.v1.GetCapabilitiesResponseB[\n\x1e\x64\x65v.switchboard.api.handler.v1P\x01Z7switchboard/gen/go/switchboard/api/handler/v1;handlerv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(switchboard/api/handler/v1/handler.proto\x12\x1aswitchboard.api.handler.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a(switchboard/api/context/v1/context.proto\"\xd8\x01\n\rHandleRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x34\n\x07message\x18\x02 \x01(\x0b\x32#.switchboard.api.context.v1.Message\x12:\n\x07\x63ontext\x18\x03 \x01(\x0b\x32).switchboard.api.context.v1.ContextWindow\x12+\n\nparameters\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0c\n\x04user\x18\x05 \x01(\t\x12\r\n\x05\x66lags\x18\x06 \x03(\t\"S\n\x08Progress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x10\n\x08\x66raction\x18\x02 \x01(\x01\x12&\n\x03\x65ta\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x19\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\"e\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0bintegration\x18\x02 \x01(\t\x12\x0c\n\x04tool\x18\x03 \x01(\t\x12*\n\targuments\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\"r\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x05\x12\x15\n\routput_tokens\x18\x02 \x01(\x05\x12\x1a\n\x12\x65stimated_cost_usd\x18\x03 \x01(\x01\x12\r\n\x05model\x18\x04 \x01(\t\x12\x11\n\testimated\x18\x05 \x01(\x08\"\x8f\x01\n\x0cHandleResult\x12\x36\n\x05parts\x18\x01 \x03(\x0b\x32\'.switchboard.api.context.v1.ContentPart\x12\x30\n\x05usage\x18\x02 \x01(\x0b\x32!.switchboard.api.handler.v1.Usage\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\"\x82\x02\n\x0eHandleResponse\x12\x38\n\x08progress\x18\x01 \x01(\x0b\x32$.switchboard.api.handler.v1.ProgressH\x00\x12\x36\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32%.switchboard.api.handler.v1.TextDeltaH\x00\x12\x39\n\ttool_call\x18\x03 \x01(\x0b\x32$.switchboard.api.handler.v1.ToolCallH\x00\x12:\n\x06result\x18\x04 \x01(\x0b\x32(.switchboard.api.handler.v1.HandleResultH\x00\x42\x07\n\x05\x66rame\"\x18\n\x16GetCapabilitiesRequest\"\xbf\x01\n\x13HandlerCapabilities\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0e\n\x06topics\x18\x04 \x03(\t\x12\x11\n\tstreaming\x18\x05 \x01(\x08\x12\x1a\n\x12max_context_tokens\x18\x06 \x01(\x05\x12\x32\n\x11parameters_schema\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\"`\n\x17GetCapabilitiesResponse\x12\x45\n\x0c\x63\x61pabilities\x18\x01 \x01(\x0b\x32/.switchboard.api.handler.v1.HandlerCapabilities2\xef\x01\n\x0eHandlerService\x12\x61\n\x06Handle\x12).switchboard.api.handler.v1.HandleRequest\x1a*.switchboard.api.handler.v1.HandleResponse0\x01\x12z\n\x0fGetCapabilities\x12\x32.switchboard.api.handler.v1.GetCapabilitiesRequest\x1a\x33.switchboard.api.handler.v1.GetCapabilitiesResponseB[\n\x1e\x64\x65v.switchboard.api.handler.v1P\x01Z7switchboard/gen/go/switchboard/api/handler/v1;handlerv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,26 +36,26 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'switchboard.api.handler.v1.
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\036dev.switchboard.api.handler.v1P\001Z7switchboard/gen/go/switchboard/api/handler/v1;handlerv1'
-  _globals['_HANDLEREQUEST']._serialized_start=145
-  _globals['_HANDLEREQUEST']._serialized_end=346
-  _globals['_PROGRESS']._serialized_start=348
-  _globals['_PROGRESS']._serialized_end=391
-  _globals['_TEXTDELTA']._serialized_start=393
-  _globals['_TEXTDELTA']._serialized_end=418
-  _globals['_TOOLCALL']._serialized_start=420
-  _globals['_TOOLCALL']._serialized_end=521
-  _globals['_USAGE']._serialized_start=523
-  _globals['_USAGE']._serialized_end=575
-  _globals['_HANDLERESULT']._serialized_start=578
-  _globals['_HANDLERESULT']._serialized_end=721
-  _globals['_HANDLERESPONSE']._serialized_start=724
-  _globals['_HANDLERESPONSE']._serialized_end=982
-  _globals['_GETCAPABILITIESREQUEST']._serialized_start=984
-  _globals['_GETCAPABILITIESREQUEST']._serialized_end=1008
-  _globals['_HANDLERCAPABILITIES']._serialized_start=1011
-  _globals['_HANDLERCAPABILITIES']._serialized_end=1202
-  _globals['_GETCAPABILITIESRESPONSE']._serialized_start=1204
-  _globals['_GETCAPABILITIESRESPONSE']._serialized_end=1300
-  _globals['_HANDLERSERVICE']._serialized_start=1303
-  _globals['_HANDLERSERVICE']._serialized_end=1542
+  _globals['_HANDLEREQUEST']._serialized_start=177
+  _globals['_HANDLEREQUEST']._serialized_end=393
+  _globals['_PROGRESS']._serialized_start=395
+  _globals['_PROGRESS']._serialized_end=478
+  _globals['_TEXTDELTA']._serialized_start=480
+  _globals['_TEXTDELTA']._serialized_end=505
+  _globals['_TOOLCALL']._serialized_start=507
+  _globals['_TOOLCALL']._serialized_end=608
+  _globals['_USAGE']._serialized_start=610
+  _globals['_USAGE']._serialized_end=724
+  _globals['_HANDLERESULT']._serialized_start=727
+  _globals['_HANDLERESULT']._serialized_end=870
+  _globals['_HANDLERESPONSE']._serialized_start=873
+  _globals['_HANDLERESPONSE']._serialized_end=1131
+  _globals['_GETCAPABILITIESREQUEST']._serialized_start=1133
+  _globals['_GETCAPABILITIESREQUEST']._serialized_end=1157
+  _globals['_HANDLERCAPABILITIES']._serialized_start=1160
+  _globals['_HANDLERCAPABILITIES']._serialized_end=1351
+  _globals['_GETCAPABILITIESRESPONSE']._serialized_start=1353
+  _globals['_GETCAPABILITIESRESPONSE']._serialized_end=1449
+  _globals['_HANDLERSERVICE']._serialized_start=1452
+  _globals['_HANDLERSERVICE']._serialized_end=1691
 # @@protoc_insertion_point(module_scope)

@@ -6,6 +6,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
@@ -32,6 +33,7 @@ class HandleRequest(_message.Message):
     CONTEXT_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
     USER_FIELD_NUMBER: _builtins.int
+    FLAGS_FIELD_NUMBER: _builtins.int
     run: _builtins.str
     """The run being served, `workspaces/{w}/conversations/{c}/runs/{run}`."""
     user: _builtins.str
@@ -48,6 +50,10 @@ class HandleRequest(_message.Message):
     def parameters(self) -> _struct_pb2.Struct:
         """Handler-specific parameters supplied by the caller of SendMessage."""
 
+    @_builtins.property
+    def flags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Content-policy flags raised on the message (for example "prompt-injection")."""
+
     def __init__(
         self,
         *,
@@ -56,10 +62,11 @@ class HandleRequest(_message.Message):
         context: _context_pb2.ContextWindow | None = ...,
         parameters: _struct_pb2.Struct | None = ...,
         user: _builtins.str = ...,
+        flags: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "message", b"message", "parameters", b"parameters"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "message", b"message", "parameters", b"parameters", "run", b"run", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "flags", b"flags", "message", b"message", "parameters", b"parameters", "run", b"run", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -73,19 +80,25 @@ class Progress(_message.Message):
 
     STAGE_FIELD_NUMBER: _builtins.int
     FRACTION_FIELD_NUMBER: _builtins.int
+    ETA_FIELD_NUMBER: _builtins.int
     stage: _builtins.str
     """Short human-readable stage, for example "searching documents"."""
     fraction: _builtins.float
     """Completion fraction in [0, 1]; negative if unknown."""
+    @_builtins.property
+    def eta(self) -> _duration_pb2.Duration:
+        """Estimated time until completion; unset if unknown."""
+
     def __init__(
         self,
         *,
         stage: _builtins.str = ...,
         fraction: _builtins.float = ...,
+        eta: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["eta", b"eta"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fraction", b"fraction", "stage", b"stage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["eta", b"eta", "fraction", b"fraction", "stage", b"stage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -157,19 +170,31 @@ class Usage(_message.Message):
 
     INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    ESTIMATED_COST_USD_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    ESTIMATED_FIELD_NUMBER: _builtins.int
     input_tokens: _builtins.int
     """Tokens read (prompt)."""
     output_tokens: _builtins.int
     """Tokens written (completion)."""
+    estimated_cost_usd: _builtins.float
+    """Estimated cost in US dollars, from the dispatcher's price table; 0 if unpriced."""
+    model: _builtins.str
+    """The provider and model that did the work, `{provider}/{model}`, if any."""
+    estimated: _builtins.bool
+    """Whether the token counts are the offline estimator's rather than the provider's."""
     def __init__(
         self,
         *,
         input_tokens: _builtins.int = ...,
         output_tokens: _builtins.int = ...,
+        estimated_cost_usd: _builtins.float = ...,
+        model: _builtins.str = ...,
+        estimated: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_tokens", b"input_tokens", "output_tokens", b"output_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["estimated", b"estimated", "estimated_cost_usd", b"estimated_cost_usd", "input_tokens", b"input_tokens", "model", b"model", "output_tokens", b"output_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

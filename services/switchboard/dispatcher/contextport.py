@@ -1,0 +1,153 @@
+"""How the dispatcher reaches the context service: through its contract only.
+
+The dispatcher stores messages and reads context windows with the context
+service's own request and response messages (``AppendMessageRequest``,
+``GetContextWindowRequest``). Two adapters carry them:
+
+* ``LocalContext``: the context service runs in this process (the embedded
+  default). The request goes straight to its domain object: the same
+  validation, limits, events and cache as over gRPC, without a loopback
+  call per message (decisions 19).
+* ``RemoteContext``: the context service is another process (the mesh
+  shape). The generated stub carries the request with an access token the
+  dispatcher mints for the run's user and session from the shared key ring,
+  so the context service authorizes the user itself, and the call's
+  deadline is the run's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Iterable
+from typing import Protocol
+
+import grpc
+from grpc import aio
+
+from switchboard.api.context.v1 import context_pb2 as cpb
+from switchboard.api.context.v1 import context_pb2_grpc
+from switchboard.platform.errors import (
+    Code,
+    DeadlineExceeded,
+    DependencyUnavailable,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    RateLimited,
+    RequestTooLarge,
+    SwitchboardError,
+    Unauthenticated,
+)
+from switchboard.platform.policy import Principal
+
+
+class ContextDomain(Protocol):
+    """What ``LocalContext`` needs of the context service's domain object."""
+
+    def append_message(
+        self, principal: Principal, /, request: cpb.AppendMessageRequest
+    ) -> Awaitable[cpb.Message]: ...
+
+    def context_window(
+        self, principal: Principal, request: cpb.GetContextWindowRequest
+    ) -> Awaitable[bytes]: ...
+
+
+class TokenIssuer(Protocol):
+    """What ``RemoteContext`` needs to mint an access token (auth's ``AccessTokens``)."""
+
+    def issue(
+        self, *, subject: str, session: str, scopes: Iterable[str], now: float | None = None
+    ) -> tuple[str, object]: ...
+
+
+class ContextPort(Protocol):
+    async def append_message(
+        self, principal: Principal, request: cpb.AppendMessageRequest, *, timeout_s: float
+    ) -> cpb.Message: ...
+
+    async def window(
+        self, principal: Principal, request: cpb.GetContextWindowRequest, *, timeout_s: float
+    ) -> cpb.ContextWindow: ...
+
+
+class LocalContext:
+    def __init__(self, service: ContextDomain) -> None:
+        self._service = service
+
+    async def append_message(
+        self, principal: Principal, request: cpb.AppendMessageRequest, *, timeout_s: float
+    ) -> cpb.Message:
+        return await self._service.append_message(principal, request)
+
+    async def window(
+        self, principal: Principal, request: cpb.GetContextWindowRequest, *, timeout_s: float
+    ) -> cpb.ContextWindow:
+        serialized = await self._service.context_window(principal, request)
+        return cpb.GetContextWindowResponse.FromString(serialized).window
+
+
+# Status codes of the context service, back to the domain errors they came from.
+_ERRORS: dict[grpc.StatusCode, type[SwitchboardError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+}
+
+
+class RemoteContext:
+    def __init__(self, address: str, tokens: TokenIssuer) -> None:
+        self._channel = aio.insecure_channel(address)
+        self._stub = context_pb2_grpc.ContextServiceStub(self._channel)
+        self._tokens = tokens
+
+    async def close(self) -> None:
+        await self._channel.close(None)
+
+    def _metadata(self, principal: Principal) -> tuple[tuple[str, str], ...]:
+        token, _ = self._tokens.issue(
+            subject=principal.user_id,
+            session=principal.session_id,
+            scopes=[scope.value for scope in principal.scopes],
+        )
+        return (("authorization", f"Bearer {token}"),)
+
+    async def append_message(
+        self, principal: Principal, request: cpb.AppendMessageRequest, *, timeout_s: float
+    ) -> cpb.Message:
+        try:
+            response = await self._stub.AppendMessage(
+                request, metadata=self._metadata(principal), timeout=timeout_s
+            )
+        except aio.AioRpcError as exc:
+            raise _mapped(exc) from None
+        return response.message
+
+    async def window(
+        self, principal: Principal, request: cpb.GetContextWindowRequest, *, timeout_s: float
+    ) -> cpb.ContextWindow:
+        try:
+            response = await self._stub.GetContextWindow(
+                request, metadata=self._metadata(principal), timeout=timeout_s
+            )
+        except aio.AioRpcError as exc:
+            raise _mapped(exc) from None
+        return response.window
+
+
+def _mapped(exc: aio.AioRpcError) -> SwitchboardError:
+    detail = exc.details() or "the context service refused the request"
+    code = exc.code()
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        if "bytes" in detail:
+            return RequestTooLarge(detail)
+        return RateLimited(detail, retry_after_s=1.0)
+    cls = _ERRORS.get(code)
+    if cls is not None:
+        return cls(detail)
+    error = DependencyUnavailable(f"the context service is unavailable ({code.name.lower()})")
+    error.code = Code.UNAVAILABLE
+    return error

@@ -1,0 +1,128 @@
+"""Each run's ordered updates, kept in memory for its watchers.
+
+A run's updates are numbered from 1 without gaps; a watcher replays those
+after the sequence it last saw and then waits for more. A finished run's feed
+stays for ``retention_s`` (bounded by ``max_feeds``) so a watcher that
+reconnects a little late still gets everything; after that, WatchRun answers
+from the stored run (``service.py``).
+
+Appending never waits on a watcher: each watcher wakes on a shared
+``asyncio.Event`` per run and reads what it has not yet seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+
+from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.platform.errors import CursorExpired
+
+
+class Feed:
+    """One run's updates."""
+
+    __slots__ = ("_wake", "done", "ended_at", "first", "max_updates", "run", "updates")
+
+    def __init__(self, run: str, *, max_updates: int, first: int = 1) -> None:
+        self.run = run
+        self.updates: list[pb.RunUpdate] = []
+        # Sequence of updates[0]; later than 1 once old deltas were dropped.
+        self.first = first
+        self.done = False
+        self.ended_at = 0.0
+        self.max_updates = max_updates
+        self._wake = asyncio.Event()
+
+    @property
+    def last(self) -> int:
+        return self.first + len(self.updates) - 1
+
+    def append(self, update: pb.RunUpdate) -> pb.RunUpdate:
+        """Number ``update`` and keep it; returns it."""
+        update.run = self.run
+        update.sequence = self.last + 1
+        update.time.GetCurrentTime()
+        self.updates.append(update)
+        if len(self.updates) > self.max_updates:
+            # Keep memory bounded on endless streams: a watcher that far behind
+            # gets OUT_OF_RANGE and can re-read the run's final state.
+            drop = len(self.updates) // 4
+            del self.updates[:drop]
+            self.first += drop
+        wake, self._wake = self._wake, asyncio.Event()
+        wake.set()
+        return update
+
+    def finish(self) -> None:
+        self.done = True
+        self.ended_at = time.monotonic()
+        wake, self._wake = self._wake, asyncio.Event()
+        wake.set()
+
+    async def follow(self, after: int, *, heartbeat_s: float) -> AsyncIterator[pb.RunUpdate | None]:
+        """Updates after ``after`` until the run ends; ``None`` when idle for ``heartbeat_s``."""
+        if after < self.first - 1:
+            raise CursorExpired(
+                f"updates up to {self.first - 1} of this run are no longer kept; "
+                "resume from the run's current state",
+                metadata={"oldest_sequence": str(self.first)},
+            )
+        position = after
+        while True:
+            while position < self.last:
+                index = position + 1 - self.first
+                if index < 0:
+                    raise CursorExpired(
+                        "the watcher fell too far behind this run's updates",
+                        metadata={"oldest_sequence": str(self.first)},
+                    )
+                update = self.updates[index]
+                position = update.sequence
+                yield update
+            if self.done:
+                return
+            wake = self._wake
+            try:
+                async with asyncio.timeout(heartbeat_s):
+                    await wake.wait()
+            except TimeoutError:
+                yield None
+
+
+class Feeds:
+    """The feeds of this process's active and recently finished runs."""
+
+    def __init__(self, *, retention_s: float, max_updates: int, max_feeds: int = 10_000) -> None:
+        self._retention_s = retention_s
+        self._max_updates = max_updates
+        self._max_feeds = max_feeds
+        self._active: dict[str, Feed] = {}
+        self._finished: OrderedDict[str, Feed] = OrderedDict()
+
+    def open(self, run: str, *, first: int = 1) -> Feed:
+        feed = Feed(run, max_updates=self._max_updates, first=first)
+        self._active[run] = feed
+        return feed
+
+    def get(self, run: str) -> Feed | None:
+        self._expire()
+        return self._active.get(run) or self._finished.get(run)
+
+    def close(self, feed: Feed) -> None:
+        feed.finish()
+        self._active.pop(feed.run, None)
+        if self._retention_s > 0:
+            self._finished[feed.run] = feed
+        self._expire()
+
+    def _expire(self) -> None:
+        cutoff = time.monotonic() - self._retention_s
+        finished = self._finished
+        while finished:
+            run, feed = next(iter(finished.items()))
+            if feed.ended_at >= cutoff and len(finished) <= self._max_feeds:
+                break
+            del finished[run]

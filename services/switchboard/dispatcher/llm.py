@@ -1,0 +1,991 @@
+"""The ``llm`` handler: answers with an OpenAI-compatible Chat Completions provider.
+
+One request is one streamed ``POST {base_url}/chat/completions``. Deltas are
+relayed as they arrive and the stream ends with one ``result`` that carries the
+whole answer, the token usage (the provider's own count when it sends one, the
+offline estimate otherwise) and its price from the configured table.
+
+Failures are absorbed only while they are invisible: until the first delta has
+reached the caller, a 429, a 5xx, a dropped connection or a garbled stream is
+retried with backoff on the same provider and then handed to the next provider
+in the chain. Once text has been shown, a failure ends the run with a
+``HandlerFailure``: silently starting the answer again would show the user a
+different answer spliced onto the first. A circuit breaker per provider keeps a
+provider that keeps failing from costing every run its retries.
+
+Every wait is bounded by the run's deadline, every message and log line is
+free of API keys, and cancelling the run closes the provider's connection, so
+the provider stops generating (and billing for) an answer nobody reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import httpx
+from google.protobuf import struct_pb2
+
+from switchboard.api.context.v1 import context_pb2
+from switchboard.api.dispatcher.v1 import dispatcher_pb2
+from switchboard.api.handler.v1 import handler_pb2
+from switchboard.dispatcher.handlers import Frame, HandleCall, HandlerFailure, capabilities
+
+log = logging.getLogger("switchboard.dispatcher.llm")
+
+MIB: Final = 1024 * 1024
+# Chat formats wrap each message in role markers; the estimate counts them as
+# the context service's counter does, so estimates and window budgets agree.
+MESSAGE_OVERHEAD: Final = 4
+# Provider error messages are relayed for diagnosis, but only this much of them:
+# an HTML error page from a proxy is noise, and long bodies can echo the prompt.
+MAX_DETAIL_CHARS: Final = 200
+# Enough for any JSON error body; the rest of a non-2xx body is not read.
+MAX_ERROR_BODY_BYTES: Final = 16 * 1024
+_INT32_MAX: Final = 2**31 - 1
+_LINGER_S: Final = 0.5
+# Request-specific rejections: the provider is up and answering, the request is
+# what it refuses, so they say nothing about the provider's health.
+_REQUEST_REJECTIONS: Final = frozenset({400, 413, 422})
+
+_ROLES: Final = {
+    context_pb2.MESSAGE_ROLE_USER: "user",
+    context_pb2.MESSAGE_ROLE_ASSISTANT: "assistant",
+    context_pb2.MESSAGE_ROLE_SYSTEM: "system",
+}
+
+
+def estimate_tokens(text: str) -> int:
+    """The four-characters-a-token rule: the fallback when no counter is given."""
+    return -(-len(text) // 4)
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True)
+class Provider:
+    """An OpenAI-compatible endpoint and the model to ask there.
+
+    ``base_url`` ends before ``/chat/completions`` (``https://api.openai.com/v1``).
+    ``api_key`` may be empty for local servers; it is kept out of ``repr``.
+    """
+
+    name: str
+    base_url: str
+    api_key: str = field(repr=False)
+    model: str
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or self.name != self.name.strip():
+            raise ValueError(
+                f"provider name {self.name!r} must be non-empty, without '/' or outer spaces"
+            )
+        if not self.base_url.startswith(("http://", "https://")):
+            # The URL itself is left out: it may carry credentials.
+            raise ValueError(f"provider {self.name!r}: base_url must start with http(s)://")
+        if not self.model.strip():
+            raise ValueError(f"provider {self.name!r}: model must be non-empty")
+        object.__setattr__(self, "base_url", self.base_url.rstrip("/"))
+
+    @property
+    def label(self) -> str:
+        """``provider/model``, as reported in ``Usage.model`` and used for prices."""
+        return f"{self.name}/{self.model}"
+
+
+@dataclass(frozen=True)
+class Price:
+    """US dollars per million tokens."""
+
+    input_per_mtok: float
+    output_per_mtok: float
+
+    def __post_init__(self) -> None:
+        for value in (self.input_per_mtok, self.output_per_mtok):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError("prices must be finite and not negative")
+
+    def cost(self, input_tokens: int, output_tokens: int) -> float:
+        return (input_tokens * self.input_per_mtok + output_tokens * self.output_per_mtok) / 1e6
+
+
+@dataclass(frozen=True)
+class LlmConfig:
+    """Everything the handler needs; built once from settings."""
+
+    #: The first is the primary; the rest are tried in order when it fails.
+    providers: tuple[Provider, ...]
+    #: Keyed by ``provider/model`` or by ``model``; the former wins.
+    prices: Mapping[str, Price] = field(default_factory=dict)
+    #: Retries per provider after the first attempt.
+    max_retries: int = 3
+    backoff_base_s: float = 0.2
+    backoff_max_s: float = 5.0
+    #: Consecutive failed attempts that open a provider's circuit.
+    breaker_failures: int = 5
+    #: How long an open circuit stays open before one trial call may pass.
+    breaker_reset_s: float = 30.0
+    connect_timeout_s: float = 5.0
+    #: The default and the ceiling of a run's ``max_tokens``.
+    max_output_tokens: int = 1024
+    #: A streamed answer longer than this (on the wire) is cut off as a failure.
+    max_response_bytes: int = 4 * MIB
+    #: Connections open at once, over all providers.
+    max_connections: int = 64
+
+    def __post_init__(self) -> None:
+        if not self.providers:
+            raise ValueError("at least one LLM provider is required")
+        names = [provider.name for provider in self.providers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"LLM provider names must be unique, got {names}")
+        if self.max_retries < 0:
+            raise ValueError("max_retries must not be negative")
+        if not (0 <= self.backoff_base_s <= self.backoff_max_s):
+            raise ValueError("backoff must satisfy 0 <= backoff_base_s <= backoff_max_s")
+        for name in ("breaker_failures", "max_output_tokens", "max_response_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        if self.breaker_reset_s < 0 or self.connect_timeout_s <= 0:
+            raise ValueError("breaker_reset_s must be >= 0 and connect_timeout_s > 0")
+
+    def price_of(self, provider: Provider) -> Price | None:
+        return self.prices.get(provider.label) or self.prices.get(provider.model)
+
+
+# The parsers raise ValueError even for wrong JSON types: a settings validator
+# (pydantic) reports a ValueError as an invalid setting, a TypeError as a crash.
+_PROVIDER_KEYS: Final = frozenset({"name", "base_url", "api_key", "model"})
+_PRICE_KEYS: Final = frozenset({"input_per_mtok", "output_per_mtok"})
+
+
+def _load_json(text: str, what: str) -> object:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        # Position only: the text may hold API keys, so none of it is quoted.
+        raise ValueError(
+            f"{what}: not valid JSON ({type(exc).__name__} at {_position(exc)})"
+        ) from None
+
+
+def _position(exc: ValueError) -> str:
+    if isinstance(exc, json.JSONDecodeError):
+        return f"line {exc.lineno} column {exc.colno}"
+    return "unknown position"
+
+
+def parse_providers(text: str) -> tuple[Provider, ...]:
+    """Providers from a JSON list of ``{name, base_url, api_key?, model}`` objects.
+
+    Blank text means none. Unknown keys are refused (a misspelt ``api_key``
+    would otherwise send requests without one).
+    """
+    if not text.strip():
+        return ()
+    data = _load_json(text, "LLM providers")
+    if not isinstance(data, list):
+        raise ValueError("LLM providers: expected a JSON list of objects")  # noqa: TRY004
+    providers: list[Provider] = []
+    for index, item in enumerate(data):
+        where = f"LLM providers: item {index}"
+        if not isinstance(item, dict):
+            raise ValueError(f"{where}: expected an object")  # noqa: TRY004
+        unknown = sorted(set(item) - _PROVIDER_KEYS)
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {unknown}; allowed: {sorted(_PROVIDER_KEYS)}")
+        for key in ("name", "base_url", "model"):
+            if not isinstance(item.get(key), str):
+                raise ValueError(f"{where}: {key!r} must be a string")  # noqa: TRY004
+        api_key = item.get("api_key", "")
+        if not isinstance(api_key, str):
+            raise ValueError(f"{where}: 'api_key' must be a string")  # noqa: TRY004
+        try:
+            providers.append(Provider(item["name"], item["base_url"], api_key, item["model"]))
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+    names = [provider.name for provider in providers]
+    if len(set(names)) != len(names):
+        raise ValueError(f"LLM providers: names must be unique, got {names}")
+    return tuple(providers)
+
+
+def parse_prices(text: str) -> dict[str, Price]:
+    """Prices from a JSON object keyed by ``model`` or ``provider/model``.
+
+    Each value is ``{"input_per_mtok": dollars, "output_per_mtok": dollars}``.
+    Blank text means none.
+    """
+    if not text.strip():
+        return {}
+    data = _load_json(text, "LLM prices")
+    if not isinstance(data, dict):
+        raise ValueError("LLM prices: expected a JSON object keyed by model")  # noqa: TRY004
+    prices: dict[str, Price] = {}
+    for key, item in data.items():
+        where = f"LLM prices: {key!r}"
+        if not isinstance(item, dict) or set(item) != _PRICE_KEYS:
+            raise ValueError(f"{where}: expected an object with exactly {sorted(_PRICE_KEYS)}")
+        values = [item["input_per_mtok"], item["output_per_mtok"]]
+        # bool is an int in Python, but "true dollars" is a typo, not a price.
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            raise ValueError(f"{where}: prices must be numbers")
+        try:
+            prices[key] = Price(float(values[0]), float(values[1]))
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+    return prices
+
+
+# ---------------------------------------------------------------------------
+# Circuit breaker
+
+
+class CircuitBreaker:
+    """Opens after ``failures`` consecutive failed attempts; after ``reset_s``
+    lets one trial call through (half-open), closing on its success and
+    reopening on its failure."""
+
+    def __init__(self, *, failures: int, reset_s: float, clock: Callable[[], float]) -> None:
+        self._threshold = failures
+        self._reset_s = reset_s
+        self._clock = clock
+        self._failures = 0
+        self._opened_at: float | None = None
+        self._trial = False
+
+    @property
+    def state(self) -> str:
+        if self._opened_at is None:
+            return "closed"
+        if self._trial or self._clock() - self._opened_at >= self._reset_s:
+            return "half-open"
+        return "open"
+
+    def allow(self) -> bool:
+        """Whether an attempt may go to the provider now; claims the trial if half-open."""
+        state = self.state
+        if state == "closed":
+            return True
+        if state == "open" or self._trial:
+            return False
+        self._trial = True
+        return True
+
+    def succeeded(self) -> None:
+        self._failures = 0
+        self._opened_at = None
+        self._trial = False
+
+    def failed(self) -> None:
+        if self._opened_at is not None:
+            # A trial (or a call that started before the circuit opened) failed:
+            # the provider is still unwell, so the open period starts over.
+            self._opened_at = self._clock()
+            self._trial = False
+            return
+        self._failures += 1
+        if self._failures >= self._threshold:
+            self._opened_at = self._clock()
+            self._failures = 0
+
+    def released(self) -> None:
+        """The attempt ended without a verdict (cancelled, or the request was refused)."""
+        self._trial = False
+
+
+# ---------------------------------------------------------------------------
+# Attempts and their failures
+
+
+class _AttemptFailed(Exception):
+    """One attempt at one provider failed; says whether another attempt may help."""
+
+    def __init__(
+        self,
+        summary: str,
+        *,
+        retryable: bool,
+        counts: bool = True,
+        retry_after: float | None = None,
+        deadline: bool = False,
+    ) -> None:
+        super().__init__(summary)
+        self.summary = summary
+        self.retryable = retryable
+        #: Whether it counts against the provider's circuit breaker.
+        self.counts = counts
+        self.retry_after = retry_after
+        #: The run's deadline passed: no provider can help any more.
+        self.deadline = deadline
+
+
+def _deadline_failure() -> _AttemptFailed:
+    return _AttemptFailed("run deadline reached", retryable=False, counts=False, deadline=True)
+
+
+def _all_failed(failures: list[tuple[str, bool]]) -> HandlerFailure:
+    """The run's failure once no provider is left; retryable if any failure was passing."""
+    return HandlerFailure(
+        "all LLM providers failed: " + "; ".join(summary for summary, _ in failures),
+        retryable=any(passing for _, passing in failures),
+    )
+
+
+def _malformed(what: str) -> _AttemptFailed:
+    return _AttemptFailed(f"malformed stream ({what})", retryable=True)
+
+
+@dataclass
+class _Outcome:
+    """What one attempt produced so far."""
+
+    pieces: list[str] = field(default_factory=list)
+    finish_reason: str = ""
+    #: ``(prompt_tokens, completion_tokens)`` as the provider reported them.
+    usage: tuple[int, int] | None = None
+    done: bool = False
+
+
+def _scrub(text: str, secrets: tuple[str, ...]) -> str:
+    """One line, at most ``MAX_DETAIL_CHARS``, with every secret replaced."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "[redacted]")
+    line = " ".join(text.split())
+    if len(line) > MAX_DETAIL_CHARS:
+        line = line[: MAX_DETAIL_CHARS - 3] + "..."
+    return line
+
+
+def _retry_after(headers: httpx.Headers) -> float | None:
+    """Seconds the provider asks to wait, from ``retry-after-ms`` or ``retry-after``.
+
+    An HTTP-date ``Retry-After`` is ignored (no provider of this API sends one)
+    and the backoff schedule applies instead.
+    """
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        raw = headers.get(name)
+        if raw is None:
+            continue
+        try:
+            value = float(raw) * scale
+        except ValueError:
+            continue
+        if math.isfinite(value) and value >= 0:
+            return value
+    return None
+
+
+def _error_detail(body: bytes) -> tuple[str, str]:
+    """``(message, code)`` of an OpenAI-style error body, or its raw text."""
+    text = body.decode("utf-8", errors="replace")
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text, ""
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, dict):
+        message = error.get("message")
+        code = error.get("code") or error.get("type") or ""
+        return (message if isinstance(message, str) else text), str(code)
+    if isinstance(error, str):
+        return error, ""
+    return text, ""
+
+
+def _choice_text(choice: object, outcome: _Outcome) -> str:
+    """The text of one streamed choice (only the first choice is used); records its finish."""
+    if not isinstance(choice, dict):
+        raise _malformed("a choice is not an object")
+    if choice.get("index", 0) != 0:
+        return ""
+    delta = choice.get("delta") or {}
+    if not isinstance(delta, dict):
+        raise _malformed("a delta is not an object")
+    text = delta.get("content")
+    if text is None:
+        # A refusal is the model's answer too; without it the user sees nothing.
+        text = delta.get("refusal")
+    if text is not None and not isinstance(text, str):
+        raise _malformed("content is not a string")
+    reason = choice.get("finish_reason")
+    if isinstance(reason, str) and reason:
+        outcome.finish_reason = reason
+    return text or ""
+
+
+def _int32(value: object) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return min(value, _INT32_MAX)
+    return None
+
+
+def _read_usage(data: object) -> tuple[int, int] | None:
+    if not isinstance(data, dict):
+        return None
+    prompt, completion = _int32(data.get("prompt_tokens")), _int32(data.get("completion_tokens"))
+    if prompt is None or completion is None:
+        return None
+    return prompt, completion
+
+
+# ---------------------------------------------------------------------------
+# Building the request
+
+
+def _plain(value: struct_pb2.Value) -> object:
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        number = value.number_value
+        if math.isfinite(number) and number.is_integer() and abs(number) <= 2**53:
+            return int(number)
+        return number if math.isfinite(number) else str(number)
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return {key: _plain(item) for key, item in value.struct_value.fields.items()}
+    if kind == "list_value":
+        return [_plain(item) for item in value.list_value.values]
+    return None
+
+
+def render(parts: Iterable[context_pb2.ContentPart]) -> str:
+    """A message's content as the text the model reads."""
+    rendered: list[str] = []
+    for part in parts:
+        kind = part.WhichOneof("part")
+        if kind == "text":
+            rendered.append(part.text)
+        elif kind == "data":
+            data = {key: _plain(item) for key, item in part.data.fields.items()}
+            rendered.append(json.dumps(data, separators=(",", ":"), sort_keys=True))
+        elif kind == "file":
+            rendered.append(f"[file {part.file.mime_type} {part.file.uri}]")
+    return "\n".join(rendered)
+
+
+def _chat_message(message: context_pb2.Message) -> dict[str, str] | None:
+    text = render(message.parts)
+    if message.role == context_pb2.MESSAGE_ROLE_TOOL:
+        # The "tool" role needs the tool_call_id of a call this request never
+        # made, so a stored tool output is shown to the model as quoted input.
+        return {"role": "user", "content": f"Tool output:\n{text}"} if text else None
+    role = _ROLES.get(message.role, "user")
+    return {"role": role, "content": text} if text else None
+
+
+def build_messages(request: handler_pb2.HandleRequest) -> list[dict[str, str]]:
+    """The Chat Completions ``messages`` for a request: what is remembered first,
+    as one system message, then the window's messages, then the new message."""
+    remembered: list[str] = []
+    summaries: list[str] = []
+    history: list[dict[str, str]] = []
+    for item in request.context.included:
+        kind = item.WhichOneof("item")
+        if kind == "memory_item":
+            memory = item.memory_item
+            if not memory.content.strip():
+                continue
+            if memory.kind == context_pb2.MEMORY_KIND_SUMMARY:
+                summaries.append(memory.content.strip())
+            else:
+                remembered.append(f"- {memory.content.strip()}")
+        elif kind == "message":
+            # The dispatcher stores the message before the window is built, so
+            # the window may already hold it; it is sent once, last.
+            if request.message.name and item.message.name == request.message.name:
+                continue
+            chat = _chat_message(item.message)
+            if chat is not None:
+                history.append(chat)
+    blocks: list[str] = []
+    if summaries:
+        blocks.append("Summary of the earlier conversation:\n" + "\n\n".join(summaries))
+    if remembered:
+        blocks.append("Remembered about this user and conversation:\n" + "\n".join(remembered))
+    messages: list[dict[str, str]] = []
+    if blocks:
+        messages.append({"role": "system", "content": "\n\n".join(blocks)})
+    messages.extend(history)
+    current = _chat_message(request.message)
+    messages.append(current or {"role": "user", "content": ""})
+    return messages
+
+
+def _parameters(parameters: struct_pb2.Struct, ceiling: int) -> tuple[float | None, int]:
+    """``(temperature, max_tokens)`` from the run's parameters; bad values fail the run."""
+    fields = parameters.fields
+    temperature: float | None = None
+    if "temperature" in fields:
+        value = fields["temperature"]
+        if value.WhichOneof("kind") != "number_value" or not 0 <= value.number_value <= 2:
+            raise HandlerFailure("parameter 'temperature' must be a number from 0 to 2")
+        temperature = value.number_value
+    max_tokens = ceiling
+    if "max_tokens" in fields:
+        value = fields["max_tokens"]
+        number = value.number_value
+        if (
+            value.WhichOneof("kind") != "number_value"
+            or not math.isfinite(number)
+            or not number.is_integer()
+            or number < 1
+        ):
+            raise HandlerFailure("parameter 'max_tokens' must be a whole number of at least 1")
+        max_tokens = min(int(number), ceiling)
+    return temperature, max_tokens
+
+
+def _parameters_schema(ceiling: int) -> struct_pb2.Struct:
+    schema = struct_pb2.Struct()
+    schema.update(
+        {
+            "type": "object",
+            "properties": {
+                "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+                "max_tokens": {"type": "integer", "minimum": 1, "maximum": ceiling},
+            },
+        }
+    )
+    return schema
+
+
+# ---------------------------------------------------------------------------
+# The handler
+
+
+class LlmHandler:
+    """Answers with the first provider of the chain that can.
+
+    ``count`` is the offline token estimator used when a provider reports no
+    usage (pass the context service's counter so estimates match budgets);
+    ``clock``, ``sleep`` and ``rng`` exist so tests can drive time and jitter.
+    """
+
+    kind = dispatcher_pb2.HANDLER_KIND_LLM
+
+    def __init__(
+        self,
+        config: LlmConfig,
+        *,
+        count: Callable[[str], int] = estimate_tokens,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rng: random.Random | None = None,
+        max_context_tokens: int = 8000,
+    ) -> None:
+        self._config = config
+        self._count = count
+        self._sleep = sleep
+        # Jitter spreads retries out; it has nothing to do with security.
+        self._rng = rng or random.Random()  # noqa: S311
+        self._breakers = {
+            provider.name: CircuitBreaker(
+                failures=config.breaker_failures, reset_s=config.breaker_reset_s, clock=clock
+            )
+            for provider in config.providers
+        }
+        self._secrets = tuple(p.api_key for p in config.providers if p.api_key)
+        self._client: httpx.AsyncClient | None = None
+        self._closed = False
+        caps = capabilities(
+            "llm",
+            "Language model",
+            "Answers in natural language with a hosted language model "
+            f"({config.providers[0].label}).",
+            topics=("general", "chat"),
+            max_context_tokens=max_context_tokens,
+        )
+        caps.parameters_schema.CopyFrom(_parameters_schema(config.max_output_tokens))
+        self._capabilities = caps
+
+    @property
+    def capabilities(self) -> handler_pb2.HandlerCapabilities:
+        return self._capabilities
+
+    @property
+    def config(self) -> LlmConfig:
+        return self._config
+
+    def available(self) -> bool:
+        return any(breaker.state != "open" for breaker in self._breakers.values())
+
+    def breaker_state(self, provider_name: str) -> str:
+        """``closed``, ``open`` or ``half-open``; ``KeyError`` for an unknown provider."""
+        return self._breakers[provider_name].state
+
+    async def aclose(self) -> None:
+        """Close the connection pool; later calls fail."""
+        self._closed = True
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._closed:
+            raise HandlerFailure("the LLM handler is shut down", retryable=True)
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                limits=httpx.Limits(
+                    max_connections=self._config.max_connections,
+                    max_keepalive_connections=self._config.max_connections,
+                ),
+                # Every request sets its own timeouts from the run's deadline.
+                timeout=httpx.Timeout(self._config.connect_timeout_s),
+                follow_redirects=False,
+                headers={"User-Agent": "switchboard-llm/1"},
+            )
+        return self._client
+
+    def _backoff(self, retry: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(retry_after, self._config.backoff_max_s)
+        ceiling = min(self._config.backoff_max_s, self._config.backoff_base_s * 2**retry)
+        return self._rng.uniform(0.0, ceiling)
+
+    async def handle(self, call: HandleCall) -> AsyncGenerator[Frame, None]:
+        temperature, max_tokens = _parameters(
+            call.request.parameters, self._config.max_output_tokens
+        )
+        messages = build_messages(call.request)
+        failures: list[tuple[str, bool]] = []
+        for provider in self._config.providers:
+            breaker = self._breakers[provider.name]
+            body: dict[str, Any] = {
+                "model": provider.model,
+                "messages": messages,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "max_tokens": max_tokens,
+            }
+            if temperature is not None:
+                body["temperature"] = temperature
+            retry = 0
+            while True:
+                if call.remaining() <= 0:
+                    failures.append((f"{provider.name}: run deadline reached", True))
+                    raise _all_failed(failures)
+                if not breaker.allow():
+                    failures.append((f"{provider.name}: circuit open", True))
+                    break
+                outcome = _Outcome()
+                try:
+                    async with contextlib.aclosing(
+                        self._attempt(provider, body, call, outcome)
+                    ) as texts:
+                        async for text in texts:
+                            yield Frame(delta=handler_pb2.TextDelta(text=text))
+                except _AttemptFailed as exc:
+                    delay = self._after_failure(provider, exc, outcome, retry, call, failures)
+                    if delay is None:
+                        break
+                    if delay > 0:
+                        await self._sleep(delay)
+                    retry += 1
+                    continue
+                except BaseException:
+                    # Cancelled, or closed by the consumer: no verdict on the provider.
+                    breaker.released()
+                    raise
+                breaker.succeeded()
+                yield Frame(result=self._result(provider, messages, outcome))
+                return
+        raise _all_failed(failures)
+
+    def _after_failure(
+        self,
+        provider: Provider,
+        exc: _AttemptFailed,
+        outcome: _Outcome,
+        retry: int,
+        call: HandleCall,
+        failures: list[tuple[str, bool]],
+    ) -> float | None:
+        """Account for a failed attempt: the delay before the next one on this
+        provider, or ``None`` to move on; raises when no attempt may follow."""
+        breaker = self._breakers[provider.name]
+        if exc.counts:
+            breaker.failed()
+        else:
+            breaker.released()
+        log.warning(
+            "LLM provider %s failed (attempt %d): %s",
+            provider.name,
+            retry + 1,
+            exc.summary,
+            extra={
+                "provider": provider.name,
+                "attempt": retry + 1,
+                "detail": exc.summary,
+                "streamed": bool(outcome.pieces),
+                "breaker": breaker.state,
+            },
+        )
+        if outcome.pieces:
+            raise HandlerFailure(
+                f"the LLM answer was cut off ({provider.name}: {exc.summary})", retryable=True
+            )
+        if exc.deadline:
+            failures.append((f"{provider.name}: {exc.summary}", True))
+            raise _all_failed(failures)
+        tries = f" after {retry + 1} attempts" if retry else ""
+        if not exc.retryable or retry >= self._config.max_retries:
+            note = ""
+        elif breaker.state != "closed":
+            note = ", circuit opened"
+        else:
+            delay = self._backoff(retry, exc.retry_after)
+            # Sleeping into the deadline would only turn this failure into a later one.
+            if delay < call.remaining():
+                return delay
+            note = ", no time left to retry"
+        failures.append((f"{provider.name}: {exc.summary}{tries}{note}", exc.retryable))
+        return None
+
+    def _result(
+        self, provider: Provider, messages: list[dict[str, str]], outcome: _Outcome
+    ) -> handler_pb2.HandleResult:
+        answer = "".join(outcome.pieces)
+        if outcome.usage is not None:
+            input_tokens, output_tokens = outcome.usage
+            estimated = False
+        else:
+            input_tokens = min(
+                sum(self._count(m["content"]) + MESSAGE_OVERHEAD for m in messages), _INT32_MAX
+            )
+            output_tokens = min(self._count(answer), _INT32_MAX)
+            estimated = True
+        price = self._config.price_of(provider)
+        return handler_pb2.HandleResult(
+            parts=[context_pb2.ContentPart(text=answer)],
+            usage=handler_pb2.Usage(
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                estimated_cost_usd=price.cost(input_tokens, output_tokens) if price else 0.0,
+                model=provider.label,
+                estimated=estimated,
+            ),
+            finish_reason=outcome.finish_reason or "stop",
+        )
+
+    async def _attempt(
+        self, provider: Provider, body: dict[str, Any], call: HandleCall, outcome: _Outcome
+    ) -> AsyncGenerator[str, None]:
+        """One POST; yields the answer's text pieces, raises ``_AttemptFailed``."""
+        response = await self._open(provider, body, call)
+        try:
+            if response.status_code != 200:
+                raise self._status_failure(response, await self._read_error(response, call))
+            if response.headers.get("content-type", "").startswith("application/json"):
+                # A server that ignores ``stream`` answers in one piece.
+                text = await self._read_whole(response, call, outcome)
+                if text:
+                    outcome.pieces.append(text)
+                    yield text
+                return
+            async with contextlib.aclosing(self._events(response, call)) as events:
+                async for data in events:
+                    if data == "[DONE]":
+                        outcome.done = True
+                        break
+                    for text in self._chunk(data, outcome):
+                        outcome.pieces.append(text)
+                        yield text
+                if outcome.done:
+                    await self._linger(events, call)
+            if not outcome.done and not outcome.finish_reason:
+                raise _AttemptFailed("stream ended before the answer was complete", retryable=True)
+        finally:
+            await response.aclose()
+
+    async def _open(
+        self, provider: Provider, body: dict[str, Any], call: HandleCall
+    ) -> httpx.Response:
+        """Send the request and wait for the response's head, within the deadline."""
+        client = self._http()
+        remaining = call.remaining()
+        if remaining <= 0:
+            raise _deadline_failure()
+        headers = {"Accept": "text/event-stream"}
+        if provider.api_key:
+            headers["Authorization"] = f"Bearer {provider.api_key}"
+        request = client.build_request(
+            "POST",
+            f"{provider.base_url}/chat/completions",
+            json=body,
+            headers=headers,
+            timeout=httpx.Timeout(
+                connect=min(self._config.connect_timeout_s, remaining),
+                read=remaining,
+                write=remaining,
+                pool=remaining,
+            ),
+        )
+        try:
+            # httpx's timeouts bound each read; this bounds them all together.
+            async with asyncio.timeout(remaining):
+                return await client.send(request, stream=True)
+        except TimeoutError:
+            raise _deadline_failure() from None
+        except httpx.ConnectTimeout:
+            raise _AttemptFailed("connect timed out", retryable=True) from None
+        except httpx.TimeoutException:
+            raise _deadline_failure() from None
+        except httpx.TransportError as exc:
+            raise self._transport_failure("connection failed", exc) from None
+
+    async def _linger(self, events: AsyncGenerator[str, None], call: HandleCall) -> None:
+        """Read the body's end after ``[DONE]``, briefly, so the connection can be reused.
+
+        Closing a response before its last chunk has been read closes the
+        connection; a server that keeps the stream open after ``[DONE]`` is
+        only given a moment, since the answer is already complete.
+        """
+        with contextlib.suppress(TimeoutError, _AttemptFailed):
+            async with asyncio.timeout(min(call.remaining(), _LINGER_S)):
+                async for _ in events:
+                    pass
+
+    def _transport_failure(self, what: str, exc: Exception) -> _AttemptFailed:
+        detail = _scrub(str(exc), self._secrets)
+        summary = f"{what} ({type(exc).__name__}{': ' + detail if detail else ''})"
+        return _AttemptFailed(summary, retryable=True)
+
+    def _status_failure(self, response: httpx.Response, body: bytes) -> _AttemptFailed:
+        status = response.status_code
+        message, code = _error_detail(body)
+        detail = _scrub(message, self._secrets)
+        summary = f"HTTP {status}" + (f" ({detail})" if detail else "")
+        if status == 429:
+            # A spent quota is not a rate limit: waiting does not bring it back.
+            quota = code == "insufficient_quota"
+            return _AttemptFailed(
+                summary, retryable=not quota, retry_after=_retry_after(response.headers)
+            )
+        if status >= 500:
+            return _AttemptFailed(
+                summary, retryable=True, retry_after=_retry_after(response.headers)
+            )
+        return _AttemptFailed(summary, retryable=False, counts=status not in _REQUEST_REJECTIONS)
+
+    async def _next(self, chunks: AsyncIterator[bytes], call: HandleCall) -> bytes | None:
+        try:
+            async with asyncio.timeout(call.remaining()):
+                return await anext(chunks, None)
+        except TimeoutError:
+            raise _deadline_failure() from None
+        except httpx.TimeoutException:
+            raise _deadline_failure() from None
+        except httpx.TransportError as exc:
+            raise self._transport_failure("connection dropped", exc) from None
+
+    async def _read_error(self, response: httpx.Response, call: HandleCall) -> bytes:
+        body = bytearray()
+        chunks = response.aiter_bytes()
+        with contextlib.suppress(_AttemptFailed):
+            while len(body) < MAX_ERROR_BODY_BYTES:
+                chunk = await self._next(chunks, call)
+                if chunk is None:
+                    break
+                body += chunk
+        return bytes(body[:MAX_ERROR_BODY_BYTES])
+
+    async def _read_whole(
+        self, response: httpx.Response, call: HandleCall, outcome: _Outcome
+    ) -> str:
+        body = bytearray()
+        chunks = response.aiter_bytes()
+        while (chunk := await self._next(chunks, call)) is not None:
+            body += chunk
+            if len(body) > self._config.max_response_bytes:
+                raise _AttemptFailed(
+                    f"response larger than {self._config.max_response_bytes} bytes",
+                    retryable=True,
+                )
+        try:
+            data = json.loads(body)
+            choice = data["choices"][0]
+            text = choice["message"].get("content") or ""
+            reason = choice.get("finish_reason") or ""
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            raise _malformed("not a chat completion") from None
+        if not isinstance(text, str) or not isinstance(reason, str):
+            raise _malformed("not a chat completion")
+        outcome.finish_reason = reason
+        outcome.usage = _read_usage(data.get("usage"))
+        outcome.done = True
+        return text
+
+    async def _events(
+        self, response: httpx.Response, call: HandleCall
+    ) -> AsyncGenerator[str, None]:
+        """The ``data`` of each server-sent event, bounded in total size."""
+        limit = self._config.max_response_bytes
+        received = 0
+        buffer = bytearray()
+        data: list[str] = []
+        chunks = response.aiter_bytes()
+        while (chunk := await self._next(chunks, call)) is not None:
+            received += len(chunk)
+            if received > limit:
+                raise _AttemptFailed(f"response larger than {limit} bytes", retryable=True)
+            buffer += chunk
+            while (end := buffer.find(b"\n")) >= 0:
+                line = bytes(buffer[:end]).rstrip(b"\r")
+                del buffer[: end + 1]
+                if not line:
+                    if data:
+                        yield "\n".join(data)
+                        data = []
+                    continue
+                name, _, value = line.partition(b":")
+                if name == b"data":
+                    try:
+                        data.append(value.removeprefix(b" ").decode("utf-8"))
+                    except UnicodeDecodeError:
+                        raise _malformed("not UTF-8") from None
+                # Comments (":" keep-alives), "event", "id" and "retry" carry
+                # nothing this API uses.
+        tail = bytes(buffer).rstrip(b"\r")
+        if tail.startswith(b"data:"):
+            # A last event without its blank line: lenient servers end this way.
+            data.append(tail[5:].removeprefix(b" ").decode("utf-8", errors="replace"))
+        if data:
+            yield "\n".join(data)
+
+    def _chunk(self, data: str, outcome: _Outcome) -> list[str]:
+        """The text pieces of one ``chat.completion.chunk``; records finish and usage."""
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            raise _malformed("a chunk is not JSON") from None
+        if not isinstance(chunk, dict):
+            raise _malformed("a chunk is not an object")
+        if "error" in chunk:
+            message, _code = _error_detail(json.dumps(chunk).encode())
+            raise _AttemptFailed(
+                f"error in stream ({_scrub(message, self._secrets)})", retryable=True
+            )
+        choices = chunk.get("choices") or []
+        if not isinstance(choices, list):
+            raise _malformed("choices is not a list")
+        texts = [text for choice in choices if (text := _choice_text(choice, outcome))]
+        usage = _read_usage(chunk.get("usage"))
+        if usage is not None:
+            outcome.usage = usage
+        return texts

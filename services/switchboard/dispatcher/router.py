@@ -1,0 +1,196 @@
+"""The handler registry and the routing rules that pick a handler for a message.
+
+Order of the rules (the first that names an available handler wins):
+
+1. the handler named in the request (``SendMessageRequest.handler``);
+2. the message's metadata key ``handler``;
+3. the message's content type: a ``type:<mime>=<handler>`` route matching a
+   part's ``mime_type`` (``image/*`` matches any image);
+4. a command prefix: a ``/<prefix>=<handler>`` route, or ``/<handler-id>``
+   itself, at the start of the text;
+5. the workspace's default (``workspace:<id>=<handler>`` routes);
+6. the process default (``SWITCHBOARD_DISPATCHER_DEFAULT_HANDLER``, else
+   ``llm`` when configured, else ``echo``).
+
+An explicit choice (rules 1 and 2) that names an unknown handler is the
+caller's mistake (INVALID_ARGUMENT); one that is unavailable (circuit open,
+remote down) is UNAVAILABLE rather than a silent substitute.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+
+from switchboard.api.context.v1 import context_pb2
+from switchboard.dispatcher.handlers import Handler
+from switchboard.platform.errors import (
+    DependencyUnavailable,
+    FieldViolation,
+    InvalidArgument,
+)
+
+log = logging.getLogger("switchboard.dispatcher.router")
+
+ENTRY_POINT_GROUP = "switchboard.handlers"
+HANDLER_ID = re.compile(r"^[a-z][a-z0-9-]{1,62}$")
+
+
+@dataclass(frozen=True)
+class Routes:
+    """Parsed ``SWITCHBOARD_DISPATCHER_ROUTES``."""
+
+    prefixes: Mapping[str, str]
+    content_types: tuple[tuple[str, str], ...]
+    workspaces: Mapping[str, str]
+
+    @classmethod
+    def parse(cls, text: str) -> Routes:
+        prefixes: dict[str, str] = {}
+        types: list[tuple[str, str]] = []
+        workspaces: dict[str, str] = {}
+        for raw in text.split(","):
+            rule = raw.strip()
+            if not rule:
+                continue
+            key, sep, handler = rule.partition("=")
+            key, handler = key.strip(), handler.strip()
+            if not sep or not HANDLER_ID.match(handler):
+                raise ValueError(f"route {rule!r}: expected <match>=<handler-id>")
+            if key.startswith("/") and len(key) > 1 and " " not in key:
+                prefixes[key[1:].lower()] = handler
+            elif key.startswith("type:") and len(key) > 5:
+                types.append((key[5:].lower(), handler))
+            elif key.startswith("workspace:") and len(key) > 10:
+                workspaces[key[10:]] = handler
+            else:
+                raise ValueError(
+                    f"route {rule!r}: the match must be /prefix, type:<mime> or workspace:<id>"
+                )
+        return cls(prefixes, tuple(types), workspaces)
+
+
+@dataclass(frozen=True)
+class Choice:
+    handler: Handler
+    reason: str
+    #: The text with a matched command prefix removed (what the handler answers).
+    strip_prefix: str = ""
+
+
+class Registry:
+    """Handlers by id; built at start, read on every message."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, Handler] = {}
+
+    def add(self, handler: Handler) -> None:
+        handler_id = handler.capabilities.id
+        if not HANDLER_ID.match(handler_id):
+            raise ValueError(f"handler id {handler_id!r} must match {HANDLER_ID.pattern}")
+        if handler_id in self._handlers:
+            raise ValueError(f"two handlers claim the id {handler_id!r}")
+        self._handlers[handler_id] = handler
+
+    def get(self, handler_id: str) -> Handler | None:
+        return self._handlers.get(handler_id)
+
+    def all(self) -> list[Handler]:
+        return [self._handlers[k] for k in sorted(self._handlers)]
+
+    def load_entry_points(self, factory_args: Mapping[str, object]) -> None:
+        """Add every handler registered in the ``switchboard.handlers`` entry point group.
+
+        An entry point names a class or factory called with keyword arguments it
+        may ignore (``**kwargs``); a broken plugin stops the start, loudly.
+        """
+        for point in entry_points(group=ENTRY_POINT_GROUP):
+            factory = point.load()
+            handler = factory(**factory_args)
+            if not isinstance(handler, Handler):
+                raise TypeError(f"entry point {point.name!r} did not build a handler")
+            self.add(handler)
+            log.info("handler loaded from entry point", extra={"handler": point.name})
+
+
+class Router:
+    def __init__(self, registry: Registry, routes: Routes, default: str) -> None:
+        self.registry = registry
+        self.routes = routes
+        self.default = default
+
+    def _named(self, handler_id: str, field: str, reason: str) -> Choice:
+        handler = self.registry.get(handler_id)
+        if handler is None:
+            raise InvalidArgument(
+                f"no handler {handler_id!r}; ListHandlers shows the available ones",
+                [FieldViolation(field, f"names unknown handler {handler_id!r}")],
+            )
+        if not handler.available():
+            raise DependencyUnavailable(
+                f"handler {handler_id!r} is unavailable now (unhealthy or circuit open)",
+                metadata={"handler": f"handlers/{handler_id}"},
+            )
+        return Choice(handler, reason)
+
+    def choose(
+        self, request_handler: str, workspace_id: str, message: context_pb2.Message
+    ) -> Choice:
+        if request_handler:
+            handler_id = request_handler.removeprefix("handlers/")
+            return self._named(handler_id, "handler", "named in the request")
+        if message.HasField("metadata") and "handler" in message.metadata.fields:
+            value = message.metadata.fields["handler"].string_value.removeprefix("handlers/")
+            return self._named(value, "message.metadata.handler", "named in message metadata")
+        for found in self._by_content_type(message.parts):
+            return found
+        text = next((p.text for p in message.parts if p.WhichOneof("part") == "text"), "")
+        if text.startswith("/"):
+            command = text[1:].split(maxsplit=1)
+            word = command[0].lower() if command else ""
+            target = self.routes.prefixes.get(word) or (word if self.registry.get(word) else "")
+            if target:
+                handler = self.registry.get(target)
+                if handler is not None and handler.available():
+                    return Choice(handler, f"command prefix /{word}", strip_prefix="/" + word)
+        ws_default = self.routes.workspaces.get(workspace_id)
+        if ws_default:
+            handler = self.registry.get(ws_default)
+            if handler is not None and handler.available():
+                return Choice(handler, "the workspace's default")
+        handler = self.registry.get(self.default)
+        if handler is not None and handler.available():
+            return Choice(handler, "the default handler")
+        for fallback in self.registry.all():  # the default is down: any available one
+            if fallback.available():
+                return Choice(fallback, f"the default {self.default!r} is unavailable")
+        raise DependencyUnavailable("no handler is available now; retry later")
+
+    def _by_content_type(self, parts: Iterable[context_pb2.ContentPart]) -> Iterable[Choice]:
+        if not self.routes.content_types:
+            return
+        for part in parts:
+            mime = _mime_of(part)
+            if not mime:
+                continue
+            for pattern, handler_id in self.routes.content_types:
+                if fnmatch.fnmatchcase(mime.lower(), pattern):
+                    handler = self.registry.get(handler_id)
+                    if handler is not None and handler.available():
+                        yield Choice(handler, f"content type {mime}")
+                        return
+
+
+def _mime_of(part: context_pb2.ContentPart) -> str:
+    kind = part.WhichOneof("part")
+    if kind == "text":
+        return "text/plain"
+    if kind == "data":
+        return "application/json"
+    if kind == "file":
+        return part.file.mime_type
+    return ""

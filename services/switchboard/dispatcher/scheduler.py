@@ -1,0 +1,181 @@
+"""Which queued run starts next: limits, fairness and one run per conversation.
+
+Pure asyncio bookkeeping, no I/O. Rules:
+
+* at most ``max_running`` runs execute at once, and at most
+  ``max_running_per_workspace`` of one workspace;
+* a conversation runs one run at a time, in the order its runs were queued
+  (a later message's answer must not overtake an earlier one's);
+* workspaces take turns: the next run comes from the waiting workspace that
+  started a run least recently, so one busy workspace cannot starve the
+  others however many runs it queues;
+* the queue is bounded globally and per workspace; ``admit`` refuses past
+  either bound with ``QueueFull`` (RESOURCE_EXHAUSTED).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from switchboard.platform.errors import QueueFull
+
+
+@dataclass(eq=False)
+class Ticket:
+    """A run's place in the scheduler."""
+
+    run_id: str
+    workspace: str
+    conversation: str
+    #: Called (synchronously) when the run may start.
+    start: Callable[[Ticket], None] = field(repr=False)
+    queued: bool = True
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_running: int
+    max_running_per_workspace: int
+    max_queued: int
+    max_queued_per_workspace: int
+
+
+class Scheduler:
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        # workspace -> conversation -> that conversation's queued tickets, FIFO.
+        self._queued: dict[str, OrderedDict[str, deque[Ticket]]] = {}
+        # When each workspace last started a run (a counter, not a clock).
+        self._last_start: dict[str, int] = {}
+        self._starts = 0
+        self._queued_count = 0
+        self._queued_by_workspace: dict[str, int] = {}
+        self._running: dict[str, Ticket] = {}
+        self._running_by_workspace: dict[str, int] = {}
+        self._running_conversations: set[str] = set()
+
+    # -- counts -------------------------------------------------------------------
+
+    @property
+    def queued(self) -> int:
+        return self._queued_count
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def active_in(self, conversation: str) -> list[str]:
+        """Run ids of the conversation that are running or queued, oldest first."""
+        found = [t.run_id for t in self._running.values() if t.conversation == conversation]
+        for conversations in self._queued.values():
+            tickets = conversations.get(conversation)
+            if tickets:
+                found.extend(t.run_id for t in tickets)
+        return found
+
+    # -- transitions ----------------------------------------------------------------
+
+    def admit(self, ticket: Ticket, *, force: bool = False) -> None:
+        """Queue ``ticket`` (QueueFull if a bound is hit, unless ``force``) and start what can."""
+        ws = ticket.workspace
+        if not force:
+            if self._queued_count >= self.limits.max_queued:
+                raise QueueFull(
+                    f"the dispatcher has {self._queued_count} runs waiting, its limit; retry later",
+                    subject="dispatcher_max_queued",
+                )
+            if self._queued_by_workspace.get(ws, 0) >= self.limits.max_queued_per_workspace:
+                raise QueueFull(
+                    "this workspace has too many runs waiting; retry later",
+                    subject="dispatcher_max_queued_per_workspace",
+                )
+        conversations = self._queued.get(ws)
+        if conversations is None:
+            conversations = self._queued[ws] = OrderedDict()
+        conversations.setdefault(ticket.conversation, deque()).append(ticket)
+        self._queued_count += 1
+        self._queued_by_workspace[ws] = self._queued_by_workspace.get(ws, 0) + 1
+        self._pump()
+
+    def withdraw(self, ticket: Ticket) -> bool:
+        """Remove a queued ticket (cancelled before it started); False if not queued."""
+        if not ticket.queued:
+            return False
+        conversations = self._queued.get(ticket.workspace)
+        tickets = conversations.get(ticket.conversation) if conversations else None
+        if conversations is None or tickets is None or ticket not in tickets:
+            return False
+        tickets.remove(ticket)
+        self._dequeued(ticket, conversations, tickets)
+        ticket.queued = False
+        self._pump()
+        return True
+
+    def finished(self, ticket: Ticket) -> None:
+        """A running ticket ended; start what can start now."""
+        if self._running.pop(ticket.run_id, None) is None:
+            return
+        ws = ticket.workspace
+        left = self._running_by_workspace[ws] - 1
+        if left:
+            self._running_by_workspace[ws] = left
+        else:
+            del self._running_by_workspace[ws]
+            if ws not in self._queued:  # idle: forget it, so the map stays bounded
+                self._last_start.pop(ws, None)
+        self._running_conversations.discard(ticket.conversation)
+        self._pump()
+
+    def _dequeued(
+        self,
+        ticket: Ticket,
+        conversations: OrderedDict[str, deque[Ticket]],
+        tickets: deque[Ticket],
+    ) -> None:
+        ws = ticket.workspace
+        if not tickets:
+            del conversations[ticket.conversation]
+        if not conversations:
+            del self._queued[ws]
+        self._queued_count -= 1
+        left = self._queued_by_workspace[ws] - 1
+        if left:
+            self._queued_by_workspace[ws] = left
+        else:
+            del self._queued_by_workspace[ws]
+
+    def _pump(self) -> None:
+        limits = self.limits
+        while len(self._running) < limits.max_running and self._queued:
+            # Least recently served first; ties keep arrival order (dicts are ordered).
+            for ws in sorted(self._queued, key=lambda w: self._last_start.get(w, -1)):
+                if self._running_by_workspace.get(ws, 0) >= limits.max_running_per_workspace:
+                    continue
+                ticket = self._next_in(ws)
+                if ticket is not None:
+                    self._start(ticket)
+                    break
+            else:
+                return
+
+    def _next_in(self, ws: str) -> Ticket | None:
+        conversations = self._queued[ws]
+        for conversation, tickets in conversations.items():
+            if conversation in self._running_conversations:
+                continue
+            ticket = tickets.popleft()
+            self._dequeued(ticket, conversations, tickets)
+            return ticket
+        return None
+
+    def _start(self, ticket: Ticket) -> None:
+        self._starts += 1
+        self._last_start[ticket.workspace] = self._starts
+        ticket.queued = False
+        self._running[ticket.run_id] = ticket
+        ws = ticket.workspace
+        self._running_by_workspace[ws] = self._running_by_workspace.get(ws, 0) + 1
+        self._running_conversations.add(ticket.conversation)
+        ticket.start(ticket)

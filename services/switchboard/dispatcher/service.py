@@ -1,0 +1,955 @@
+"""The dispatcher's domain: runs from a sent message to a terminal state.
+
+``send_message`` filters the message (size, rate limits, content policy),
+routes it, stores it through the context service's contract, persists a
+QUEUED run and hands it to the scheduler; it returns without waiting for the
+handler. When the scheduler starts the run, one asyncio task fetches the
+context window, drives the handler and records every frame as a numbered
+``RunUpdate`` in the run's feed (for WatchRun and Converse) and as a
+RUN_UPDATED event. The answer is stored as an assistant message.
+
+Cancellation is the task's: ``cancel_run`` cancels the task, which raises
+``CancelledError`` inside the handler (a remote handler's gRPC call or the
+LLM's HTTP response is closed by that), and the run ends CANCELLED. The
+deadline is an ``asyncio.timeout`` around the same task, and remote handlers
+get the remaining time as their gRPC deadline.
+
+Runs are persisted when they are queued, start and end (not for each delta:
+the feed and the event log carry those). A restarted dispatcher takes its
+runs back (``recover``): queued ones are queued again; running ones fail
+with RUN_INTERRUPTED or are queued again, by ``SWITCHBOARD_DISPATCHER_RECOVERY``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+from google.protobuf import struct_pb2
+from google.rpc import status_pb2
+
+from switchboard.api.context.v1 import context_pb2 as cpb
+from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.api.events.v1 import events_pb2
+from switchboard.api.handler.v1 import handler_pb2
+from switchboard.dispatcher.content import ContentPolicy
+from switchboard.dispatcher.contextport import ContextPort
+from switchboard.dispatcher.feed import Feed, Feeds
+from switchboard.dispatcher.handlers import HandleCall, Handler, HandlerFailure, text_of
+from switchboard.dispatcher.router import Router
+from switchboard.dispatcher.scheduler import Scheduler, Ticket
+from switchboard.dispatcher.store import NewRun, RunStore, Stored
+from switchboard.platform import pagination
+from switchboard.platform.bus import EventBus
+from switchboard.platform.cache import Cache
+from switchboard.platform.errors import (
+    ContentBlocked,
+    ConversationBusy,
+    DeadlineExceeded,
+    FailedPrecondition,
+    FieldViolation,
+    HandlerFailed,
+    InternalError,
+    InvalidArgument,
+    QueueFull,
+    RateLimited,
+    RequestTooLarge,
+    RunCancelled,
+    RunInterrupted,
+    RunSuperseded,
+    SwitchboardError,
+)
+from switchboard.platform.policy import AuthMethod, Permission, Policy, Principal, Scope
+from switchboard.platform.status import to_status_proto
+
+log = logging.getLogger("switchboard.dispatcher")
+
+_ID = r"[a-z0-9][a-z0-9-]{0,62}"
+_CONVERSATION = re.compile(rf"^workspaces/({_ID})/conversations/({_ID})$")
+_RUN = re.compile(rf"^workspaces/({_ID})/conversations/({_ID})/runs/({_ID})$")
+_WORKSPACE = re.compile(rf"^workspaces/({_ID})$")
+_HANDLER = re.compile(r"^(handlers/)?[a-z][a-z0-9-]{1,62}$")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_TERMINAL: Final = frozenset(
+    {
+        pb.RUN_STATE_SUCCEEDED,
+        pb.RUN_STATE_FAILED,
+        pb.RUN_STATE_CANCELLED,
+        pb.RUN_STATE_DEADLINE_EXCEEDED,
+    }
+)
+_POLICIES: Final = frozenset(pb.ConcurrencyPolicy.values())
+#: Parameters of one run, serialized.
+_MAX_PARAMETER_BYTES: Final = 16 * 1024
+_MAX_REASON_CHARS: Final = 500
+#: Time allowed for the bookkeeping of a run that is ending (the final save).
+_FINISH_TIMEOUT_S: Final = 10.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    instance_id: str
+    max_input_chars: int
+    messages_per_minute_per_user: int
+    messages_per_minute_per_workspace: int
+    default_timeout_s: float
+    max_timeout_s: float
+    heartbeat_s: float
+    recovery: Literal["fail", "requeue"]
+
+
+def _match(pattern: re.Pattern[str], value: str, field_path: str) -> re.Match[str]:
+    found = pattern.match(value)
+    if found is None:
+        raise InvalidArgument(
+            f"{field_path} is not a valid name",
+            [FieldViolation(field_path, f"must match {pattern.pattern}")],
+        )
+    return found
+
+
+def _error_status(error: SwitchboardError) -> status_pb2.Status:
+    return to_status_proto(error, "")
+
+
+@dataclass(eq=False)
+class Active:
+    """A run this process owns: queued or running."""
+
+    run: pb.Run
+    run_id: str
+    workspace_id: str
+    conversation_id: str
+    principal: Principal
+    handler: Handler
+    message: cpb.Message
+    parameters: struct_pb2.Struct
+    timeout_s: float
+    feed: Feed
+    ticket: Ticket | None = None
+    task: asyncio.Task[None] | None = None
+    #: Why it is being cancelled (set before the task is cancelled).
+    cancel_error: SwitchboardError | None = None
+    #: Whether its task began (a task cancelled before that never runs its code).
+    started: bool = False
+    #: Events waiting for this run's publisher, in order.
+    outbox: list[events_pb2.Event] = field(default_factory=list)
+    publisher: asyncio.Task[None] | None = None
+
+    @property
+    def conversation(self) -> str:
+        return f"workspaces/{self.workspace_id}/conversations/{self.conversation_id}"
+
+
+def _job(
+    principal: Principal, message: cpb.Message, params: struct_pb2.Struct, timeout: float
+) -> bytes:
+    return json.dumps(
+        {
+            "user": principal.user_id,
+            "method": principal.auth_method.value,
+            "scopes": sorted(s.value for s in principal.scopes),
+            "session": principal.session_id,
+            "api_key": principal.api_key_id,
+            "timeout_s": timeout,
+            "message": base64.b64encode(message.SerializeToString()).decode(),
+            "parameters": base64.b64encode(params.SerializeToString()).decode(),
+        }
+    ).encode()
+
+
+def _unjob(job: bytes) -> tuple[Principal, cpb.Message, struct_pb2.Struct, float]:
+    data = json.loads(job)
+    principal = Principal(
+        user_id=data["user"],
+        auth_method=AuthMethod(data["method"]),
+        scopes=frozenset(Scope(s) for s in data["scopes"]),
+        session_id=data["session"],
+        api_key_id=data["api_key"],
+    )
+    message = cpb.Message.FromString(base64.b64decode(data["message"]))
+    params = struct_pb2.Struct.FromString(base64.b64decode(data["parameters"]))
+    return principal, message, params, float(data["timeout_s"])
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        store: RunStore,
+        context: ContextPort,
+        bus: EventBus,
+        counters: Cache,
+        router: Router,
+        scheduler: Scheduler,
+        feeds: Feeds,
+        policy: Policy,
+        content: ContentPolicy,
+        limits: Limits,
+    ) -> None:
+        self._store = store
+        self._context = context
+        self._bus = bus
+        self._counters = counters
+        self.router = router
+        self.scheduler = scheduler
+        self._feeds = feeds
+        self._policy = policy
+        self._content = content
+        self.limits = limits
+        self._active: dict[str, Active] = {}
+        self._publishers: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.recover()
+
+    async def close(self) -> None:
+        """Stop every run this process owns; each ends by the recovery policy."""
+        self._closing = True
+        tasks = []
+        for active in list(self._active.values()):
+            if active.task is not None:
+                active.task.cancel()
+                tasks.append(active.task)
+        if tasks:
+            await asyncio.wait(tasks, timeout=_FINISH_TIMEOUT_S)
+        if self._publishers:
+            await asyncio.wait(set(self._publishers), timeout=_FINISH_TIMEOUT_S)
+
+    async def recover(self) -> None:
+        """Take back the active runs this instance owned before it stopped."""
+        stored = await self._store.owned_active(self.limits.instance_id)
+        for item in stored:
+            run = item.run
+            if run.state == pb.RUN_STATE_RUNNING and self.limits.recovery == "fail":
+                await self._end_unstarted(
+                    item, RunInterrupted("the dispatcher restarted while the run was running")
+                )
+                continue
+            principal, message, params, timeout = _unjob(item.job)
+            handler = self.router.registry.get(run.handler.removeprefix("handlers/"))
+            if handler is None:
+                await self._end_unstarted(
+                    item, HandlerFailed(f"handler {run.handler} is no longer configured")
+                )
+                continue
+            run_id = run.name.rsplit("/", 1)[-1]
+            feed = self._feeds.open(run.name, first=run.last_sequence + 1)
+            active = Active(
+                run=run,
+                run_id=run_id,
+                workspace_id=item.workspace_id,
+                conversation_id=item.conversation_id,
+                principal=principal,
+                handler=handler,
+                message=message,
+                parameters=params,
+                timeout_s=timeout,
+                feed=feed,
+            )
+            if run.state == pb.RUN_STATE_RUNNING:
+                run.state = pb.RUN_STATE_QUEUED
+                run.ClearField("start_time")
+                run.ClearField("deadline")
+                await self._store.save(run_id, run)
+                self._state_changed(active)
+            self._active[run.name] = active
+            self._admit(active, force=True)
+        if stored:
+            log.info("runs recovered", extra={"count": len(stored)})
+
+    async def _end_unstarted(self, item: Stored, error: SwitchboardError) -> None:
+        run = item.run
+        run.state = pb.RUN_STATE_FAILED
+        run.error.CopyFrom(_error_status(error))
+        run.end_time.GetCurrentTime()
+        run.last_sequence += 1
+        await self._store.save(run.name.rsplit("/", 1)[-1], run)
+        update = pb.RunUpdate(run=run.name, sequence=run.last_sequence)
+        update.time.GetCurrentTime()
+        update.state_change.run.CopyFrom(run)
+        await self._bus.publish(
+            self._event(run.name, item.workspace_id, item.conversation_id, update)
+        )
+
+    # -- sending --------------------------------------------------------------------
+
+    async def send_message(
+        self, principal: Principal, request: pb.SendMessageRequest
+    ) -> pb.SendMessageResponse:
+        found = _match(_CONVERSATION, request.conversation, "conversation")
+        workspace_id, conversation_id = found[1], found[2]
+        message = request.message
+        timeout = self._validate(request)
+        flags = await self._screen(principal, request, workspace_id)
+        choice = self.router.choose(request.handler, workspace_id, message)
+        policy = request.concurrency_policy or pb.CONCURRENCY_POLICY_ENQUEUE
+        idempotency = ""
+        digest = ""
+        if request.request_id:
+            idempotency = f"{principal.user_id}/SendMessage/{request.request_id}"
+            digest = hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
+            earlier = await self._store.replayed(idempotency, digest)
+            if earlier is not None:
+                return await self._replay(principal, earlier)
+        if policy == pb.CONCURRENCY_POLICY_REJECT and self.scheduler.active_in(
+            request.conversation
+        ):
+            raise_busy()
+        self._check_room(workspace_id)
+
+        stored_message = await self._context.append_message(
+            principal,
+            cpb.AppendMessageRequest(
+                parent=request.conversation,
+                message=cpb.Message(
+                    role=cpb.MESSAGE_ROLE_USER,
+                    author=principal.user_name,
+                    parts=message.parts,
+                    metadata=message.metadata if message.HasField("metadata") else None,
+                ),
+                request_id=request.request_id,
+            ),
+            timeout_s=self.limits.default_timeout_s,
+        )
+        run_id = uuid.uuid4().hex
+        name = f"{request.conversation}/runs/{run_id}"
+        run = pb.Run(
+            name=name,
+            state=pb.RUN_STATE_QUEUED,
+            handler=f"handlers/{choice.handler.capabilities.id}",
+            input_message=stored_message.name,
+            creator=principal.user_name,
+            routing_reason=choice.reason,
+            concurrency_policy=policy,
+            flags=flags,
+            last_sequence=1,
+        )
+        run.create_time.GetCurrentTime()
+        params = struct_pb2.Struct()
+        if request.HasField("parameters"):
+            params.CopyFrom(request.parameters)
+        if choice.strip_prefix:
+            stored_for_handler = cpb.Message()
+            stored_for_handler.CopyFrom(stored_message)
+            _strip_prefix(stored_for_handler, choice.strip_prefix)
+        else:
+            stored_for_handler = stored_message
+        created, replayed = await self._store.create(
+            NewRun(
+                run_id=run_id,
+                workspace_id=workspace_id,
+                conversation_id=conversation_id,
+                creator=principal.user_id,
+                worker=self.limits.instance_id,
+                run=run,
+                job=_job(principal, stored_for_handler, params, timeout),
+                idempotency_key=idempotency,
+                fingerprint=digest,
+                reject_if_active=policy == pb.CONCURRENCY_POLICY_REJECT,
+            )
+        )
+        if replayed:
+            return await self._replay(principal, created)
+        if policy == pb.CONCURRENCY_POLICY_INTERRUPT:
+            for earlier_name in self.scheduler.active_in(request.conversation):
+                earlier_active = self._by_id(earlier_name)
+                if earlier_active is not None:
+                    await self._cancel(
+                        earlier_active,
+                        RunSuperseded(f"a newer message started {name}"),
+                    )
+        feed = self._feeds.open(name)
+        active = Active(
+            run=run,
+            run_id=run_id,
+            workspace_id=workspace_id,
+            conversation_id=conversation_id,
+            principal=principal,
+            handler=choice.handler,
+            message=stored_for_handler,
+            parameters=params,
+            timeout_s=timeout,
+            feed=feed,
+        )
+        self._active[name] = active
+        self._state_changed(active)
+        if flags:
+            await self._filtered(
+                principal, request.conversation, "content", "", flags=flags, run=name
+            )
+        response = pb.SendMessageResponse(message=stored_message)
+        response.run.CopyFrom(run)
+        self._admit(active, force=True)
+        return response
+
+    def _validate(self, request: pb.SendMessageRequest) -> float:
+        """Field checks; returns the run's timeout in seconds."""
+        message = request.message
+        violations: list[FieldViolation] = []
+        if message.role not in (cpb.MESSAGE_ROLE_UNSPECIFIED, cpb.MESSAGE_ROLE_USER):
+            violations.append(FieldViolation("message.role", "must be USER or unset"))
+        if not message.parts:
+            violations.append(FieldViolation("message.parts", "needs at least one part"))
+        if request.handler and not _HANDLER.match(request.handler):
+            violations.append(FieldViolation("handler", "must be handlers/{id}"))
+        if request.request_id and not _REQUEST_ID.match(request.request_id):
+            violations.append(FieldViolation("request_id", "must be 1-64 of [A-Za-z0-9_-]"))
+        if request.concurrency_policy not in _POLICIES:
+            violations.append(FieldViolation("concurrency_policy", "is not a known policy"))
+        timeout = self.limits.default_timeout_s
+        if request.HasField("timeout"):
+            requested = request.timeout.ToTimedelta().total_seconds()
+            if requested <= 0:
+                violations.append(FieldViolation("timeout", "must be positive"))
+            timeout = min(requested, self.limits.max_timeout_s)
+        if request.HasField("parameters") and request.parameters.ByteSize() > _MAX_PARAMETER_BYTES:
+            violations.append(
+                FieldViolation("parameters", f"is larger than {_MAX_PARAMETER_BYTES} bytes")
+            )
+        if violations:
+            raise InvalidArgument("the request is invalid", violations)
+        return timeout
+
+    async def _screen(
+        self, principal: Principal, request: pb.SendMessageRequest, workspace_id: str
+    ) -> list[str]:
+        """The pre-dispatch filters: size, rate limits, content policy; returns the flags."""
+        # The rate limits first: a flood of refused messages is still a flood.
+        await self._rate_limit(principal, workspace_id, request.conversation)
+        text = text_of(request.message)
+        if len(text) > self.limits.max_input_chars:
+            await self._filtered(principal, request.conversation, "size", RequestTooLarge.reason)
+            raise RequestTooLarge(
+                f"the message has {len(text)} characters; the limit is "
+                f"{self.limits.max_input_chars}"
+            )
+        verdict = self._content.check(text)
+        if verdict.blocked:
+            await self._filtered(
+                principal,
+                request.conversation,
+                "content",
+                ContentBlocked.reason,
+                flags=verdict.rules,
+            )
+            raise ContentBlocked(
+                "the message was refused by the content policy",
+                [FieldViolation("message.parts", "matched a blocked term")],
+            )
+        return list(verdict.flags)
+
+    async def _replay(self, principal: Principal, earlier: Stored) -> pb.SendMessageResponse:
+        run = self._current(earlier.run)
+        response = pb.SendMessageResponse(run=run)
+        found = _RUN.match(run.name)
+        if found is not None:
+            # The stored user message, for a complete answer to the retry.
+            response.message.name = run.input_message
+        return response
+
+    def _current(self, run: pb.Run) -> pb.Run:
+        active = self._active.get(run.name)
+        if active is None:
+            return run
+        current = pb.Run()
+        current.CopyFrom(active.run)
+        current.last_sequence = active.feed.last
+        return current
+
+    def _by_id(self, run_id: str) -> Active | None:
+        for active in self._active.values():
+            if active.run_id == run_id:
+                return active
+        return None
+
+    async def _rate_limit(self, principal: Principal, workspace_id: str, conversation: str) -> None:
+        for kind, key, limit in (
+            (
+                "rate-user",
+                f"dispatch:user:{principal.user_id}",
+                self.limits.messages_per_minute_per_user,
+            ),
+            (
+                "rate-workspace",
+                f"dispatch:workspace:{workspace_id}",
+                self.limits.messages_per_minute_per_workspace,
+            ),
+        ):
+            count, reset_s = await self._counters.hit(key, 60)
+            if count > limit:
+                await self._filtered(principal, conversation, kind, RateLimited.reason)
+                raise RateLimited(
+                    f"more than {limit} messages in a minute "
+                    f"({'for you' if kind == 'rate-user' else 'in this workspace'}); slow down",
+                    retry_after_s=max(reset_s, 1.0),
+                )
+
+    def _check_room(self, workspace_id: str) -> None:
+        # Refuse before anything is stored; admission itself then cannot fail.
+        limits = self.scheduler.limits
+        if self.scheduler.queued >= limits.max_queued:
+            raise QueueFull(
+                f"the dispatcher has {self.scheduler.queued} runs waiting, its limit; retry later",
+                subject="dispatcher_max_queued",
+            )
+        waiting = sum(
+            1
+            for a in self._active.values()
+            if a.workspace_id == workspace_id and a.ticket is not None and a.ticket.queued
+        )
+        if waiting >= limits.max_queued_per_workspace:
+            raise QueueFull(
+                "this workspace has too many runs waiting; retry later",
+                subject="dispatcher_max_queued_per_workspace",
+            )
+
+    def _admit(self, active: Active, *, force: bool) -> None:
+        ticket = Ticket(
+            run_id=active.run_id,
+            workspace=active.workspace_id,
+            conversation=active.conversation,
+            start=lambda _t: self._launch(active),
+        )
+        active.ticket = ticket
+        self.scheduler.admit(ticket, force=force)
+
+    def _launch(self, active: Active) -> None:
+        if self._closing:
+            # Stopping: it stays QUEUED in the database and runs after the restart.
+            return
+        active.task = asyncio.get_running_loop().create_task(
+            self._execute(active), name=f"run-{active.run_id}"
+        )
+
+    # -- executing ------------------------------------------------------------------
+
+    async def _execute(self, active: Active) -> None:
+        active.started = True
+        run = active.run
+        if active.cancel_error is not None:  # cancelled between scheduling and starting
+            run.state = pb.RUN_STATE_CANCELLED
+            await self._finish(active, active.cancel_error)
+            return
+        error: SwitchboardError | None = None
+        try:
+            run.state = pb.RUN_STATE_RUNNING
+            run.start_time.GetCurrentTime()
+            run.deadline.FromDatetime(
+                dt.datetime.now(dt.UTC) + dt.timedelta(seconds=active.timeout_s)
+            )
+            run.last_sequence = active.feed.last + 1
+            await self._store.save(active.run_id, run)
+            self._state_changed(active)
+            output, result = await self._drive(active)
+            run.output_message = output.name
+            run.usage.CopyFrom(result.usage)
+            final = pb.RunUpdate()
+            final.result.CopyFrom(result)
+            self._emit(active, final)
+            run.state = pb.RUN_STATE_SUCCEEDED
+        except asyncio.CancelledError:
+            error = active.cancel_error
+            if error is None:  # this process is stopping
+                if self.limits.recovery == "requeue" and run.state == pb.RUN_STATE_RUNNING:
+                    await self._requeue_at_shutdown(active)
+                    return
+                error = RunInterrupted("the dispatcher stopped while the run was running")
+            interrupted = isinstance(error, RunInterrupted)
+            run.state = pb.RUN_STATE_FAILED if interrupted else pb.RUN_STATE_CANCELLED
+        except TimeoutError:
+            error = DeadlineExceeded(f"the run did not finish within {active.timeout_s:g} s")
+            run.state = pb.RUN_STATE_DEADLINE_EXCEEDED
+        except HandlerFailure as failure:
+            error = HandlerFailed(failure.message[:_MAX_REASON_CHARS])
+            run.state = pb.RUN_STATE_FAILED
+        except SwitchboardError as failure:
+            error = failure
+            run.state = pb.RUN_STATE_FAILED
+        except Exception:
+            log.exception("run failed unexpectedly", extra={"run": run.name})
+            error = InternalError("the handler failed unexpectedly")
+            run.state = pb.RUN_STATE_FAILED
+        await self._finish(active, error)
+
+    async def _drive(self, active: Active) -> tuple[cpb.Message, handler_pb2.HandleResult]:
+        """Context, handler, answer: everything a run does under its deadline."""
+        run = active.run
+        mono_deadline = time.monotonic() + active.timeout_s
+
+        def left() -> float:
+            return max(0.001, mono_deadline - time.monotonic())
+
+        async with asyncio.timeout(active.timeout_s):
+            # The member may have left since the message was queued.
+            await self._policy.authorize(
+                active.principal, active.conversation, Permission.WRITE, "conversation"
+            )
+            budget = active.handler.capabilities.max_context_tokens or 4000
+            window = await self._context.window(
+                active.principal,
+                cpb.GetContextWindowRequest(conversation=active.conversation, token_budget=budget),
+                timeout_s=left(),
+            )
+            request = handler_pb2.HandleRequest(
+                run=run.name,
+                message=active.message,
+                context=window,
+                parameters=active.parameters,
+                user=active.principal.user_name,
+                flags=run.flags,
+            )
+            result = await self._relay(active, HandleCall(request, mono_deadline))
+            output = await self._context.append_message(
+                active.principal,
+                cpb.AppendMessageRequest(
+                    parent=active.conversation,
+                    message=cpb.Message(
+                        role=cpb.MESSAGE_ROLE_ASSISTANT,
+                        author=run.handler,
+                        parts=result.parts,
+                        run=run.name,
+                    ),
+                    request_id=f"run-{active.run_id}",
+                ),
+                timeout_s=left(),
+            )
+        return output, result
+
+    async def _relay(self, active: Active, call: HandleCall) -> handler_pb2.HandleResult:
+        """The handler's frames into the run's updates; returns its result."""
+        frames = active.handler.handle(call)
+        try:
+            async for frame in frames:
+                kind = frame.WhichOneof("frame")
+                update = pb.RunUpdate()
+                if kind == "delta":
+                    update.delta.CopyFrom(frame.delta)
+                elif kind == "progress":
+                    active.run.progress.CopyFrom(frame.progress)
+                    update.progress.CopyFrom(frame.progress)
+                elif kind == "tool_call":
+                    update.tool_call.CopyFrom(frame.tool_call)
+                elif kind == "result":
+                    return frame.result
+                else:
+                    continue
+                self._emit(active, update)
+        finally:
+            # An unfinished generator is closed now, not at garbage collection:
+            # a remote call or an HTTP response ends with the run.
+            close = getattr(frames, "aclose", None)
+            if close is not None:
+                await close()
+        raise HandlerFailure("the handler ended without a result")
+
+    async def _finish(self, active: Active, error: SwitchboardError | None) -> None:
+        run = active.run
+        if error is not None:
+            run.error.CopyFrom(_error_status(error))
+        run.end_time.GetCurrentTime()
+        run.last_sequence = active.feed.last + 1
+        try:
+            async with asyncio.timeout(_FINISH_TIMEOUT_S):
+                await self._store.save(active.run_id, run)
+        except (SwitchboardError, TimeoutError):
+            # The feed and the events still say how it ended; a restart finds
+            # it active and applies the recovery policy.
+            log.warning("could not persist the end of a run", extra={"run": run.name})
+        self._state_changed(active)
+        self._feeds.close(active.feed)
+        self._active.pop(run.name, None)
+        if active.ticket is not None:
+            self.scheduler.finished(active.ticket)
+
+    async def _requeue_at_shutdown(self, active: Active) -> None:
+        run = active.run
+        run.state = pb.RUN_STATE_QUEUED
+        run.ClearField("start_time")
+        run.ClearField("deadline")
+        run.last_sequence = active.feed.last + 1
+        try:
+            async with asyncio.timeout(_FINISH_TIMEOUT_S):
+                await self._store.save(active.run_id, run)
+        except (SwitchboardError, TimeoutError):
+            log.warning("could not requeue a run at shutdown", extra={"run": run.name})
+        self._state_changed(active)
+
+    # -- updates and events -----------------------------------------------------------
+
+    def _state_changed(self, active: Active) -> None:
+        # The snapshot carries its own sequence, so a watcher that reads only
+        # the run (GetRun, a late WatchRun) knows where the stream stands.
+        active.run.last_sequence = active.feed.last + 1
+        update = pb.RunUpdate()
+        update.state_change.run.CopyFrom(active.run)
+        self._emit(active, update)
+
+    def _emit(self, active: Active, update: pb.RunUpdate) -> None:
+        active.feed.append(update)
+        active.outbox.append(
+            self._event(active.run.name, active.workspace_id, active.conversation_id, update)
+        )
+        if active.publisher is None or active.publisher.done():
+            task = asyncio.get_running_loop().create_task(self._publish(active))
+            active.publisher = task
+            self._publishers.add(task)
+            task.add_done_callback(self._publishers.discard)
+
+    @staticmethod
+    def _event(
+        run: str, workspace_id: str, conversation_id: str, update: pb.RunUpdate
+    ) -> events_pb2.Event:
+        event = events_pb2.Event(
+            type=events_pb2.EVENT_TYPE_RUN_UPDATED,
+            actor=events_pb2.Actor(name="system"),
+            workspace=f"workspaces/{workspace_id}",
+            conversation=f"workspaces/{workspace_id}/conversations/{conversation_id}",
+        )
+        event.run_updated.update.CopyFrom(update)
+        return event
+
+    async def _publish(self, active: Active) -> None:
+        # One publisher per run: its events reach the log in update order on
+        # every backend, while runs publish independently of each other.
+        outbox = active.outbox
+        while outbox:
+            event = outbox.pop(0)
+            try:
+                await self._bus.publish(event)
+            except SwitchboardError:
+                log.warning("run update not published", extra={"run": active.run.name})
+
+    async def _filtered(
+        self,
+        principal: Principal,
+        conversation: str,
+        filter_name: str,
+        reason: str,
+        *,
+        flags: Sequence[str] = (),
+        run: str = "",
+    ) -> None:
+        workspace = conversation.split("/conversations/", maxsplit=1)[0]
+        event = events_pb2.Event(
+            type=events_pb2.EVENT_TYPE_MESSAGE_FILTERED,
+            actor=events_pb2.Actor(
+                name=principal.user_name,
+                credential=principal.session_name or principal.api_key_name,
+            ),
+            user=principal.user_name,
+            workspace=workspace,
+            conversation=conversation,
+        )
+        payload = event.message_filtered
+        payload.conversation = conversation
+        payload.filter = filter_name
+        payload.rejected = bool(reason)
+        if reason:
+            payload.reason = reason  # type: ignore[assignment]
+        payload.flags.extend(flags)
+        payload.run = run
+        try:
+            await self._bus.publish(event)
+        except SwitchboardError:
+            log.warning("filter event not published", extra={"filter": filter_name})
+
+    # -- reading --------------------------------------------------------------------
+
+    async def get_run(self, name: str) -> pb.Run:
+        found = _match(_RUN, name, "name")
+        active = self._active.get(name)
+        if active is not None:
+            return self._current(active.run)
+        stored = await self._store.get(found[1], found[2], found[3])
+        return stored.run
+
+    async def list_runs(self, request: pb.ListRunsRequest) -> pb.ListRunsResponse:
+        found = _match(_CONVERSATION, request.parent, "parent")
+        size = pagination.page_size(request.page_size, default=20, maximum=100)
+        states = sorted(set(request.states))
+        token = pagination.fingerprint("runs", request.parent, states)
+        after: tuple[dt.datetime, str] | None = None
+        if request.page_token:
+            stamp, last = pagination.decode(request.page_token, token, 2)
+            after = (dt.datetime.fromisoformat(str(stamp)), str(last))
+        rows = await self._store.page(
+            found[1], found[2], states=states, after=after, limit=size + 1
+        )
+        response = pb.ListRunsResponse()
+        for row in rows[:size]:
+            response.runs.append(self._current(pb.Run.FromString(row.data)))
+        if len(rows) > size:
+            last_row = rows[size - 1]
+            response.next_page_token = pagination.encode(
+                [last_row.created_at.isoformat(), last_row.id], token
+            )
+        return response
+
+    def list_handlers(self, request: pb.ListHandlersRequest) -> pb.ListHandlersResponse:
+        _match(_WORKSPACE, request.parent, "parent")
+        size = pagination.page_size(request.page_size, default=50, maximum=100)
+        token = pagination.fingerprint("handlers", request.parent)
+        after = ""
+        if request.page_token:
+            after = str(pagination.decode(request.page_token, token, 1)[0])
+        handlers = [h for h in self.router.registry.all() if h.capabilities.id > after]
+        response = pb.ListHandlersResponse()
+        for handler in handlers[:size]:
+            response.handlers.append(
+                pb.Handler(
+                    name=f"handlers/{handler.capabilities.id}",
+                    kind=handler.kind,
+                    capabilities=handler.capabilities,
+                    available=handler.available(),
+                )
+            )
+        if len(handlers) > size:
+            response.next_page_token = pagination.encode(
+                [handlers[size - 1].capabilities.id], token
+            )
+        return response
+
+    async def watch(self, name: str, after_sequence: int) -> AsyncIterator[pb.RunUpdate | None]:
+        """The run's updates after ``after_sequence``; ``None`` for a heartbeat."""
+        found = _match(_RUN, name, "name")
+        if after_sequence < 0:
+            raise InvalidArgument(
+                "after_sequence must not be negative",
+                [FieldViolation("after_sequence", "must not be negative")],
+            )
+        feed = self._feeds.get(name)
+        if feed is None:
+            stored = await self._store.get(found[1], found[2], found[3])
+            async for update in self._watch_stored(stored.run, after_sequence):
+                yield update
+            return
+        if after_sequence < feed.first - 1:
+            # Older updates are gone (a restart, or an endless stream trimmed):
+            # start from a snapshot of the run, then follow without gaps.
+            snapshot = pb.RunUpdate(run=name, sequence=feed.first - 1)
+            snapshot.time.GetCurrentTime()
+            active = self._active.get(name)
+            if active is not None:
+                snapshot.state_change.run.CopyFrom(self._current(active.run))
+            else:
+                stored = await self._store.get(found[1], found[2], found[3])
+                snapshot.state_change.run.CopyFrom(stored.run)
+            snapshot.state_change.run.last_sequence = snapshot.sequence
+            yield snapshot
+            after_sequence = snapshot.sequence
+        async for update in feed.follow(after_sequence, heartbeat_s=self.limits.heartbeat_s):
+            yield update
+
+    async def _watch_stored(
+        self, run: pb.Run, after_sequence: int
+    ) -> AsyncIterator[pb.RunUpdate | None]:
+        """A run without a feed here: finished long ago, or owned by another replica."""
+        queue: asyncio.Queue[pb.RunUpdate] = asyncio.Queue(maxsize=10_000)
+
+        def listener(event: events_pb2.Event) -> None:
+            if (
+                event.type == events_pb2.EVENT_TYPE_RUN_UPDATED
+                and event.run_updated.update.run == run.name
+            ):
+                with contextlib.suppress(asyncio.QueueFull):
+                    queue.put_nowait(event.run_updated.update)
+
+        unsubscribe = self._bus.listen(listener)
+        try:
+            position = after_sequence
+            if run.last_sequence > position:
+                update = pb.RunUpdate(run=run.name, sequence=run.last_sequence)
+                update.time.GetCurrentTime()
+                update.state_change.run.CopyFrom(run)
+                position = run.last_sequence
+                yield update
+            if run.state in _TERMINAL:
+                return
+            while True:
+                try:
+                    async with asyncio.timeout(self.limits.heartbeat_s):
+                        update = await queue.get()
+                except TimeoutError:
+                    yield None
+                    continue
+                if update.sequence <= position:
+                    continue
+                position = update.sequence
+                yield update
+                if (
+                    update.WhichOneof("update") == "state_change"
+                    and update.state_change.run.state in _TERMINAL
+                ):
+                    return
+        finally:
+            unsubscribe()
+
+    # -- cancelling -------------------------------------------------------------------
+
+    async def cancel_run(self, principal: Principal, name: str, reason: str) -> pb.Run:
+        found = _match(_RUN, name, "name")
+        if len(reason) > _MAX_REASON_CHARS:
+            raise InvalidArgument(
+                "reason is too long",
+                [FieldViolation("reason", f"has more than {_MAX_REASON_CHARS} characters")],
+            )
+        active = self._active.get(name)
+        if active is None:
+            stored = await self._store.get(found[1], found[2], found[3])
+            if stored.run.state in _TERMINAL:
+                return stored.run
+            # Owned by another replica (the mesh shape with several dispatchers).
+            raise FailedPrecondition(
+                "the run is active on another dispatcher replica; send CancelRun to it"
+            )
+        text = reason or "cancelled"
+        await self._cancel(active, RunCancelled(f"{text} (by {principal.user_name})"))
+        return self._current(active.run)
+
+    async def _cancel(self, active: Active, error: SwitchboardError) -> None:
+        if active.run.state in _TERMINAL:
+            return
+        if active.ticket is not None and self.scheduler.withdraw(active.ticket):
+            active.run.state = pb.RUN_STATE_CANCELLED
+            active.ticket = None
+            await self._finish(active, error)
+            return
+        task = active.task
+        if task is None or task.done():
+            return
+        if active.cancel_error is None:
+            active.cancel_error = error
+        if active.started:
+            task.cancel()
+        # Wait for the handler to stop and the run to be recorded, not longer:
+        # CancelRun answers with the terminal run.
+        await asyncio.wait([task], timeout=_FINISH_TIMEOUT_S)
+
+
+def raise_busy() -> None:
+    raise ConversationBusy(
+        "the conversation already has an active run (policy REJECT); "
+        "retry when it ends, or send with ENQUEUE or INTERRUPT"
+    )
+
+
+def _strip_prefix(message: cpb.Message, prefix: str) -> None:
+    for part in message.parts:
+        if part.WhichOneof("part") == "text":
+            if part.text.startswith(prefix):
+                part.text = part.text[len(prefix) :].lstrip()
+            return

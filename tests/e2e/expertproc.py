@@ -1,0 +1,117 @@
+"""The example domain expert (examples/expert/expert.py) as a real process for tests."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.procs import ROOT, START_TIMEOUT_S, ManagedProcess
+
+EXPERT = ROOT / "examples" / "expert" / "expert.py"
+POLL_INTERVAL_S = 0.01
+
+
+class ExpertProcess(ManagedProcess):
+    """``expert.py --port 0`` in a subprocess; the bound port comes from its
+    first stdout line, and what it did from its side-effects file."""
+
+    def __init__(
+        self,
+        id: str = "weather",
+        side_effects: Path | None = None,
+        *,
+        args: Sequence[str] = (),
+    ) -> None:
+        super().__init__("switchboard-expert-")
+        self.id = id
+        tmp = Path(self._tmp.name)
+        self.side_effects = side_effects or tmp / "side-effects.log"
+        self.stderr_path = tmp / "stderr.log"
+        self.args = ["--port", "0", "--id", id, "--side-effects", str(self.side_effects), *args]
+        self.port = 0
+        self._stdout: queue.Queue[str | None] = queue.Queue()
+
+    def start(self) -> ExpertProcess:
+        env = dict(os.environ)
+        # The checkout's trees first: the expert runs this checkout's
+        # generated code whether or not (and wherever) the package is installed.
+        paths = [str(ROOT / "services"), str(ROOT / "gen"), env.get("PYTHONPATH", "")]
+        env["PYTHONPATH"] = os.pathsep.join(path for path in paths if path)
+        self.side_effects.touch()
+        with self.stderr_path.open("w") as stderr:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(EXPERT), *self.args],
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+                env=env,
+            )
+        threading.Thread(target=self._pump, daemon=True).start()
+        try:
+            first = self._stdout.get(timeout=START_TIMEOUT_S)
+        except queue.Empty:
+            pytest.fail(f"expert printed nothing within {START_TIMEOUT_S}s; {self._stderr()}")
+        if first is None or not first.startswith("LISTENING "):
+            pytest.fail(f"expert did not start (first line {first!r}); {self._stderr()}")
+        self.port = int(first.split()[1])
+        return self
+
+    def _pump(self) -> None:
+        assert self.proc is not None
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._stdout.put(line.rstrip("\n"))
+        self._stdout.put(None)
+
+    def _stderr(self) -> str:
+        return f"stderr:\n{self.stderr_path.read_text(errors='replace')}"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def lines(self) -> list[str]:
+        """The side-effects file's complete lines so far."""
+        text = self.side_effects.read_text(encoding="utf-8")
+        # A line the expert is still writing has no newline yet.
+        return text.split("\n")[:-1]
+
+    async def wait_for_line(
+        self,
+        predicate: Callable[[str], bool],
+        # A caller's asyncio.timeout could not put the file's content in the failure.
+        timeout: float = 10.0,  # noqa: ASYNC109
+    ) -> str:
+        """The first side-effects line for which ``predicate`` holds, once it is written.
+
+        The writer is another process, so this polls (every 10 ms, up to
+        ``timeout``); it fails with the file's content on timeout or if the
+        process exits first.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            lines = self.lines()
+            for line in lines:
+                if predicate(line):
+                    return line
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                pytest.fail(
+                    f"expert exited ({self.proc.returncode}) before the line;"
+                    f" side effects: {lines}; {self._stderr()}"
+                )
+            if loop.time() > deadline:
+                pytest.fail(f"no such side-effects line within {timeout}s; lines: {lines}")
+            await asyncio.sleep(POLL_INTERVAL_S)
+
+    def __enter__(self) -> ExpertProcess:
+        return self.start()

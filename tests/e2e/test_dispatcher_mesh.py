@@ -1,0 +1,120 @@
+"""The mesh shape: the dispatcher in its own process reaches the context
+service in another only through its gRPC contract (SWITCHBOARD_CONTEXT_ADDRESS),
+with a token minted for the run's user; and a dispatcher killed mid-run
+fails that run (RUN_INTERRUPTED) and runs the queued ones when it is back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from grpc import aio
+
+from switchboard.api.context.v1 import context_pb2 as cpb
+from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.auth.tokens import SigningKey, private_key_pem
+from tests.e2e.procs import ServeProcess
+from tests.service.contextkit import (
+    Caller,
+    add_member,
+    all_messages,
+    context_stub,
+    create_conversation,
+    create_workspace,
+)
+from tests.service.dispatchkit import dispatcher_stub, finished, get_run, request, send, until
+from tests.service.test_dispatcher import reason_of
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    key_file = tmp_path / "k1.pem"
+    key_file.write_bytes(private_key_pem(SigningKey.generate("k1")))
+    return {
+        "SWITCHBOARD_SECRET_KEY": "e2e-secret-key-that-is-long-enough-000000",
+        "SWITCHBOARD_SIGNING_KEYS": str(key_file),
+        "SWITCHBOARD_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/shared.db",
+        "SWITCHBOARD_INSTANCE_ID": "dispatcher-1",
+    }
+
+
+@pytest.fixture
+def context_process(env: dict[str, str]) -> Iterator[ServeProcess]:
+    with ServeProcess("--services", "auth,context,events", env=env) as process:
+        yield process
+
+
+async def _caller(address: str) -> Caller:
+    from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
+    from tests.service.authkit import PASSWORD, unique_email
+
+    async with aio.insecure_channel(address) as channel:
+        response = await auth_pb2_grpc.AuthServiceStub(channel).Register(
+            auth_pb2.RegisterRequest(email=unique_email("mesh"), password=PASSWORD), timeout=20
+        )
+    return Caller(response.user.name.removeprefix("users/"), response.tokens.access_token)
+
+
+async def test_a_dispatcher_process_uses_the_context_service_over_grpc(
+    context_process: ServeProcess, env: dict[str, str]
+) -> None:
+    ctx_address = f"127.0.0.1:{context_process.port}"
+    with ServeProcess(
+        "--services", "dispatcher", env={**env, "SWITCHBOARD_CONTEXT_ADDRESS": ctx_address}
+    ) as dispatcher_process:
+        owner = await _caller(ctx_address)
+        viewer = await _caller(ctx_address)
+        async with (
+            aio.insecure_channel(ctx_address) as ctx_channel,
+            aio.insecure_channel(f"127.0.0.1:{dispatcher_process.port}") as d_channel,
+        ):
+            stub, dstub = context_stub(ctx_channel), dispatcher_stub(d_channel)
+            workspace = await create_workspace(stub, owner, "Mesh")
+            await add_member(stub, owner, workspace.name, viewer, cpb.WORKSPACE_ROLE_VIEWER)
+            conversation = (await create_conversation(stub, owner, workspace.name)).name
+
+            sent = await send(dstub, owner, request(conversation, "across the mesh"))
+            run = await finished(dstub, owner, sent.run.name)
+            messages = await all_messages(stub, owner, conversation)
+
+            assert run.state == pb.RUN_STATE_SUCCEEDED
+            assert [m.name for m in messages] == [sent.message.name, run.output_message]
+            assert messages[1].parts[0].text.startswith("across the mesh")
+            # The context service, not the dispatcher, decides who may write.
+            with pytest.raises(aio.AioRpcError) as caught:
+                await send(dstub, viewer, request(conversation, "viewer"))
+            assert caught.value.code().name == "PERMISSION_DENIED"
+
+
+async def test_a_killed_dispatcher_fails_running_runs_and_runs_queued_ones(
+    context_process: ServeProcess, env: dict[str, str]
+) -> None:
+    ctx_address = f"127.0.0.1:{context_process.port}"
+    owner = await _caller(ctx_address)
+    async with aio.insecure_channel(ctx_address) as ctx_channel:
+        stub = context_stub(ctx_channel)
+        workspace = await create_workspace(stub, owner, "Crash")
+        conversation = (await create_conversation(stub, owner, workspace.name)).name
+
+    with ServeProcess("--services", "dispatcher", env=env) as first:
+        async with aio.insecure_channel(f"127.0.0.1:{first.port}") as channel:
+            dstub = dispatcher_stub(channel)
+            running = await send(dstub, owner, request(conversation, "slow one", delay_ms=60_000))
+            await until(dstub, owner, running.run.name, "delta")
+            queued = await send(dstub, owner, request(conversation, "queued one"))
+        assert first.proc is not None
+        first.proc.kill()  # no drain, no shutdown code: a crash
+        first.proc.wait()
+
+    with ServeProcess("--services", "dispatcher", env=env) as second:
+        async with aio.insecure_channel(f"127.0.0.1:{second.port}") as channel:
+            dstub = dispatcher_stub(channel)
+            crashed = await get_run(dstub, owner, running.run.name)
+            assert crashed.state == pb.RUN_STATE_FAILED
+            assert reason_of(crashed) == "ERROR_REASON_RUN_INTERRUPTED"
+            after = await finished(dstub, owner, queued.run.name)
+            assert after.state == pb.RUN_STATE_SUCCEEDED

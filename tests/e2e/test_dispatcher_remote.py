@@ -1,0 +1,180 @@
+"""Remote domain experts: the dispatcher drives a real second process that
+implements HandlerService (examples/expert/expert.py). Cancelling the run
+must stop the expert's own work, and the run's deadline must reach it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc import aio
+
+from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.api.handler.v1 import handler_pb2, handler_pb2_grpc
+from switchboard.mesh import create_server
+from switchboard.platform.server import SwitchboardServer
+from tests.conftest import make_settings
+from tests.e2e.expertproc import ExpertProcess
+from tests.service.contextkit import Stub, World, context_stub, create_conversation, ctx_world
+from tests.service.dispatchkit import Stub as DStub
+from tests.service.dispatchkit import (
+    cancel,
+    dispatcher_stub,
+    finished,
+    request,
+    send,
+    until,
+    watch_all,
+)
+from tests.service.test_dispatcher import reason_of
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def expert(tmp_path: Path) -> Iterator[ExpertProcess]:
+    with ExpertProcess(id="weather", side_effects=tmp_path / "effects.log") as process:
+        yield process
+
+
+@pytest.fixture
+async def mesh(expert: ExpertProcess) -> AsyncIterator[SwitchboardServer]:
+    server, _ = await create_server(
+        make_settings(dispatcher_remote_handlers=f"weather={expert.address}")
+    )
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.shutdown(grace=0)
+
+
+@pytest.fixture
+async def stubs(mesh: SwitchboardServer) -> AsyncIterator[tuple[Stub, DStub]]:
+    async with aio.insecure_channel(mesh.address) as channel:
+        yield context_stub(channel), dispatcher_stub(channel)
+
+
+@pytest.fixture
+async def world(mesh: SwitchboardServer, stubs: tuple[Stub, DStub]) -> World:
+    return await ctx_world(mesh, stubs[0])
+
+
+@pytest.fixture
+async def conversation(stubs: tuple[Stub, DStub], world: World) -> str:
+    return (await create_conversation(stubs[0], world.editor, world.name)).name
+
+
+async def test_the_expert_is_listed_and_answers_with_the_context(
+    stubs: tuple[Stub, DStub], world: World, conversation: str
+) -> None:
+    _, dstub = stubs
+    listed = await dstub.ListHandlers(
+        pb.ListHandlersRequest(parent=world.name), metadata=world.viewer.md, timeout=10
+    )
+    weather = next(h for h in listed.handlers if h.name == "handlers/weather")
+    assert weather.kind == pb.HANDLER_KIND_REMOTE
+    assert weather.available
+    assert list(weather.capabilities.topics) == ["weather"]
+
+    sent = await send(
+        dstub, world.editor, request(conversation, "rain tomorrow?", handler="handlers/weather")
+    )
+    seen = await watch_all(dstub, world.editor, sent.run.name)
+
+    assert seen.final.state == pb.RUN_STATE_SUCCEEDED
+    # The window the dispatcher sent held at least the question itself.
+    assert seen.text.startswith("expert weather heard: rain tomorrow?")
+    assert "(context items: 0)" not in seen.text
+    assert any(u.WhichOneof("update") == "progress" for u in seen.updates)
+
+
+async def test_cancel_during_the_remote_stream_stops_the_expert(
+    expert: ExpertProcess, stubs: tuple[Stub, DStub], world: World, conversation: str
+) -> None:
+    _, dstub = stubs
+    sent = await send(
+        dstub,
+        world.editor,
+        request(conversation, "long job", handler="handlers/weather", ticks=10_000, interval_ms=5),
+    )
+    run = sent.run.name
+    await until(dstub, world.editor, run, "progress")
+    await expert.wait_for_line(lambda line: line.startswith(f"tick {run} 2"))
+
+    started = time.monotonic()
+    ended = await cancel(dstub, world.editor, run)
+    took = time.monotonic() - started
+
+    assert ended.state == pb.RUN_STATE_CANCELLED
+    assert took < 0.1, f"cancel took {took * 1000:.0f} ms"
+    await expert.wait_for_line(lambda line: line == f"cancelled {run}")
+    # The expert handled a later call, so any work still going would have
+    # written by now: nothing came after its cancellation.
+    async with aio.insecure_channel(expert.address) as channel:
+        await handler_pb2_grpc.HandlerServiceStub(channel).GetCapabilities(
+            handler_pb2.GetCapabilitiesRequest(), timeout=10
+        )
+    lines = [line for line in expert.lines() if run in line]
+    assert lines[-1] == f"cancelled {run}"
+    assert f"done {run}" not in lines
+    ticks_at_cancel = len([line for line in lines if line.startswith("tick")])
+    assert ticks_at_cancel < 10_000
+
+
+async def test_the_run_deadline_reaches_the_expert(
+    expert: ExpertProcess, stubs: tuple[Stub, DStub], world: World, conversation: str
+) -> None:
+    _, dstub = stubs
+    sent = await send(
+        dstub,
+        world.editor,
+        request(
+            conversation,
+            "too slow",
+            handler="handlers/weather",
+            ticks=10_000,
+            interval_ms=50,
+            timeout_s=1.5,
+        ),
+    )
+    run = await finished(dstub, world.editor, sent.run.name)
+    assert run.state == pb.RUN_STATE_DEADLINE_EXCEEDED
+    assert reason_of(run) == "ERROR_REASON_DEADLINE_EXCEEDED"
+    line = await expert.wait_for_line(lambda text: text.startswith(f"deadline {run.name} "))
+    remaining = float(line.rsplit(" ", 1)[1])
+    assert 0 < remaining <= 1.5 + 0.05  # gRPC rounds the timeout it sends upward
+    # The expert saw its call end (deadline or cancellation) and stopped.
+    await expert.wait_for_line(lambda text: text == f"cancelled {run.name}")
+
+
+async def test_an_expert_that_dies_fails_the_run(
+    expert: ExpertProcess, stubs: tuple[Stub, DStub], world: World, conversation: str
+) -> None:
+    _, dstub = stubs
+    sent = await send(
+        dstub,
+        world.editor,
+        request(
+            conversation, "then crash", handler="handlers/weather", ticks=10_000, interval_ms=5
+        ),
+    )
+    await until(dstub, world.editor, sent.run.name, "progress")
+    assert expert.proc is not None
+    expert.proc.kill()
+    run = await finished(dstub, world.editor, sent.run.name)
+    assert run.state == pb.RUN_STATE_FAILED
+    assert reason_of(run) == "ERROR_REASON_HANDLER_FAILED"
+    assert "weather" in run.error.message
+    # Unavailable now: naming it explicitly says so rather than substituting another.
+    error = None
+    try:
+        await send(dstub, world.editor, request(conversation, "again", handler="handlers/weather"))
+    except aio.AioRpcError as exc:
+        error = exc
+    assert error is not None
+    assert error.code() == grpc.StatusCode.UNAVAILABLE

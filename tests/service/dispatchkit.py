@@ -1,0 +1,143 @@
+"""Helpers for DispatcherService tests: sending, watching and waiting on runs."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
+
+from google.protobuf import duration_pb2
+from grpc import aio
+
+from switchboard.api.context.v1 import context_pb2 as cpb
+from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
+from tests.service.contextkit import Signed, struct
+
+Stub: TypeAlias = "dispatcher_pb2_grpc.DispatcherServiceAsyncStub"
+
+TIMEOUT_S = 20.0
+TERMINAL = frozenset(
+    {
+        pb.RUN_STATE_SUCCEEDED,
+        pb.RUN_STATE_FAILED,
+        pb.RUN_STATE_CANCELLED,
+        pb.RUN_STATE_DEADLINE_EXCEEDED,
+    }
+)
+
+
+def dispatcher_stub(channel: aio.Channel) -> Stub:
+    return dispatcher_pb2_grpc.DispatcherServiceStub(channel)
+
+
+def request(
+    conversation: str,
+    text: str,
+    *,
+    handler: str = "",
+    request_id: str = "",
+    policy: int = 0,
+    timeout_s: float = 0.0,
+    **parameters: Any,
+) -> pb.SendMessageRequest:
+    built = pb.SendMessageRequest(
+        conversation=conversation,
+        message=cpb.Message(parts=[cpb.ContentPart(text=text)]),
+        handler=handler,
+        request_id=request_id,
+        concurrency_policy=policy,  # type: ignore[arg-type]
+    )
+    if parameters:
+        built.parameters.CopyFrom(struct(**parameters))
+    if timeout_s:
+        built.timeout.CopyFrom(duration_pb2.Duration(nanos=0))
+        built.timeout.FromMilliseconds(round(timeout_s * 1000))
+    return built
+
+
+async def send(stub: Stub, caller: Signed, req: pb.SendMessageRequest) -> pb.SendMessageResponse:
+    return await stub.SendMessage(req, metadata=caller.md, timeout=TIMEOUT_S)
+
+
+async def updates(
+    stub: Stub, caller: Signed, run: str, after: int = 0
+) -> AsyncIterator[pb.RunUpdate]:
+    """The run's updates (heartbeats skipped) until the stream ends."""
+    call = stub.WatchRun(
+        pb.WatchRunRequest(name=run, after_sequence=after), metadata=caller.md, timeout=TIMEOUT_S
+    )
+    async for frame in call:
+        if frame.WhichOneof("frame") == "update":
+            yield frame.update
+
+
+@dataclass
+class Watched:
+    """Everything a watcher saw of one run."""
+
+    updates: list[pb.RunUpdate] = field(default_factory=list)
+
+    @property
+    def states(self) -> list[int]:
+        return [
+            u.state_change.run.state
+            for u in self.updates
+            if u.WhichOneof("update") == "state_change"
+        ]
+
+    @property
+    def text(self) -> str:
+        return "".join(u.delta.text for u in self.updates if u.WhichOneof("update") == "delta")
+
+    @property
+    def final(self) -> pb.Run:
+        last = self.updates[-1]
+        assert last.WhichOneof("update") == "state_change"
+        return last.state_change.run
+
+    @property
+    def sequences(self) -> list[int]:
+        return [u.sequence for u in self.updates]
+
+
+async def watch_all(stub: Stub, caller: Signed, run: str, after: int = 0) -> Watched:
+    seen = Watched()
+    async for update in updates(stub, caller, run, after):
+        seen.updates.append(update)
+    return seen
+
+
+async def until(
+    stub: Stub, caller: Signed, run: str, kind: str, *, state: int = 0
+) -> tuple[aio.UnaryStreamCall[Any, Any], list[pb.RunUpdate]]:
+    """Watch ``run`` until an update of ``kind`` (and ``state``) arrives; the call stays open."""
+    call = stub.WatchRun(pb.WatchRunRequest(name=run), metadata=caller.md, timeout=TIMEOUT_S)
+    seen: list[pb.RunUpdate] = []
+    async for frame in call:
+        if frame.WhichOneof("frame") != "update":
+            continue
+        seen.append(frame.update)
+        if frame.update.WhichOneof("update") == kind and (
+            not state or frame.update.state_change.run.state == state
+        ):
+            return call, seen
+    raise AssertionError(f"the run ended without a {kind} update: {seen}")
+
+
+async def get_run(stub: Stub, caller: Signed, name: str) -> pb.Run:
+    response = await stub.GetRun(pb.GetRunRequest(name=name), metadata=caller.md, timeout=TIMEOUT_S)
+    return response.run
+
+
+async def cancel(stub: Stub, caller: Signed, name: str, reason: str = "") -> pb.Run:
+    response = await stub.CancelRun(
+        pb.CancelRunRequest(name=name, reason=reason), metadata=caller.md, timeout=TIMEOUT_S
+    )
+    return response.run
+
+
+async def finished(stub: Stub, caller: Signed, name: str) -> pb.Run:
+    """The run once it is terminal (watched, not polled)."""
+    seen = await watch_all(stub, caller, name)
+    return seen.final
