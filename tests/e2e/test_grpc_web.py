@@ -30,6 +30,8 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
 from switchboard.api.auth.v1 import auth_pb2
+from switchboard.api.context.v1 import context_pb2
+from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.events.v1 import events_pb2
 from switchboard.platform.config import Settings
 from tests.e2e.envoy import EnvoyProcess
@@ -47,6 +49,8 @@ _TRAILER_FLAG: Final = 0x80
 _COMPRESSED_FLAG: Final = 0x01
 _AUTH: Final = "/switchboard.api.auth.v1.AuthService/"
 _EVENTS: Final = "/switchboard.api.events.v1.EventService/"
+_CONTEXT: Final = "/switchboard.api.context.v1.ContextService/"
+_DISPATCHER: Final = "/switchboard.api.dispatcher.v1.DispatcherService/"
 
 M = TypeVar("M", bound=Message)
 
@@ -206,7 +210,10 @@ class GrpcWeb:
 
 @pytest.fixture(scope="module")
 def serve() -> Iterator[ServeProcess]:
-    env = {"SWITCHBOARD_EVENTS_HEARTBEAT_S": str(HEARTBEAT_S)}
+    env = {
+        "SWITCHBOARD_EVENTS_HEARTBEAT_S": str(HEARTBEAT_S),
+        "SWITCHBOARD_DISPATCHER_HEARTBEAT_S": str(HEARTBEAT_S),
+    }
     with ServeProcess("--dev", env=env) as process:
         yield process
 
@@ -325,6 +332,70 @@ async def test_subscribe_streams_heartbeats_and_events_through_envoy(
     assert ended.message
     assert ended.details.code == 16
     assert ended.detail(error_details_pb2.ErrorInfo).reason
+
+
+async def test_a_browser_sends_watches_and_cancels_a_run_through_envoy(
+    http: httpx.AsyncClient,
+) -> None:
+    """What a browser can do without upward streaming: unary SendMessage and CancelRun,
+    and the run's updates on one server stream (WatchRun), live, through Envoy."""
+    registered = await _register(http)
+    web = GrpcWeb(http, registered.tokens.access_token)
+    workspace, status = await web.unary(
+        _CONTEXT + "CreateWorkspace",
+        context_pb2.CreateWorkspaceRequest(workspace=context_pb2.Workspace(display_name="Web")),
+        context_pb2.CreateWorkspaceResponse.FromString,
+    )
+    assert status.code == 0, status
+    assert workspace is not None
+    created, status = await web.unary(
+        _CONTEXT + "CreateConversation",
+        context_pb2.CreateConversationRequest(parent=workspace.workspace.name),
+        context_pb2.CreateConversationResponse.FromString,
+    )
+    assert status.code == 0, status
+    assert created is not None
+    send = dispatcher_pb2.SendMessageRequest(
+        conversation=created.conversation.name,
+        message=context_pb2.Message(parts=[context_pb2.ContentPart(text="from the browser")]),
+    )
+    send.parameters.update({"delay_ms": 60_000})
+    sent, status = await web.unary(
+        _DISPATCHER + "SendMessage", send, dispatcher_pb2.SendMessageResponse.FromString
+    )
+    assert status.code == 0, status
+    assert sent is not None
+    parse = dispatcher_pb2.WatchRunResponse.FromString
+    watch = dispatcher_pb2.WatchRunRequest(name=sent.run.name)
+    async with web.call(_DISPATCHER + "WatchRun", watch) as call:
+        kinds: list[str] = []
+        while "delta" not in kinds:
+            frame = await call.next_message(parse)
+            assert frame is not None, "the stream ended before the first delta"
+            if frame.WhichOneof("frame") == "update":
+                kinds.append(str(frame.update.WhichOneof("update")))
+        assert call.status is None, "the response ended; it was buffered, not streamed"
+        # Idle while the handler waits: heartbeats keep the response open.
+        frame = await call.next_message(parse)
+        assert frame is not None
+        assert frame.WhichOneof("frame") == "heartbeat"
+
+        cancelled, status = await web.unary(
+            _DISPATCHER + "CancelRun",
+            dispatcher_pb2.CancelRunRequest(name=sent.run.name),
+            dispatcher_pb2.CancelRunResponse.FromString,
+        )
+        assert status.code == 0, status
+        assert cancelled is not None
+        assert cancelled.run.state == dispatcher_pb2.RUN_STATE_CANCELLED
+        last = None
+        while (frame := await call.next_message(parse)) is not None:
+            if frame.WhichOneof("frame") == "update":
+                last = frame.update
+        ended = await call.finish()
+    assert ended.code == 0, ended
+    assert last is not None
+    assert last.state_change.run.state == dispatcher_pb2.RUN_STATE_CANCELLED
 
 
 async def test_error_before_any_message_is_a_trailers_only_response(

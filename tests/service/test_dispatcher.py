@@ -326,7 +326,7 @@ async def test_a_retry_with_the_same_request_id_returns_the_first_run(
     )
     third = await send(dstub, world.editor, req)
     assert first.run.name == again.run.name == third.run.name
-    assert first.message.name == third.message.name
+    assert first.message == again.message == third.message
     await finished(dstub, world.editor, first.run.name)
     runs = await dstub.ListRuns(
         pb.ListRunsRequest(parent=conversation), metadata=world.editor.md, timeout=10

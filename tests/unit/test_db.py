@@ -22,7 +22,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, delete, inspect, select, text
+from sqlalchemy import Connection, delete, event, inspect, select, text
 from sqlalchemy.exc import IntegrityError, StatementError
 
 from switchboard.platform.db import SQLITE_BEGIN, Database, alembic_config, open_database
@@ -454,3 +454,46 @@ def test_missing_postgres_binaries_fail_loudly(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(glob, "glob", lambda _pattern: [])
     with pytest.raises(postgres_infra.PostgresUnavailable, match="apt-get install postgresql"):
         postgres_infra.find_bin_dir()
+
+
+async def test_concurrent_writes_commit_in_groups_and_a_failing_one_fails_alone(
+    db: Database,
+) -> None:
+    """Group commit (SQLite files; plain transactions elsewhere): every write that
+    returns is committed, in the order the writes were queued, and one that raises
+    rolls back alone: its neighbours in the same group still commit."""
+    await db.migrate()
+    commits = 0
+    engine = db._sync_engine  # noqa: SLF001 - the engine group commits go through
+
+    if engine is not None:
+
+        @event.listens_for(engine, "commit")
+        def _count(_connection: Connection) -> None:
+            nonlocal commits
+            commits += 1
+
+    def insert(index: int) -> Any:
+        def work(session: Any) -> str:
+            session.add(user(f"u{index:03d}"))
+            session.flush()
+            if index % 7 == 3:
+                # Its own row again: an IntegrityError after it already wrote.
+                session.add(user(f"u{index:03d}"))
+                session.flush()
+            return f"u{index:03d}"
+
+        return work
+
+    results = await asyncio.gather(
+        *(db.run(insert(i), write=True) for i in range(60)), return_exceptions=True
+    )
+
+    failed = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
+    assert failed == [i for i in range(60) if i % 7 == 3]
+    assert all(isinstance(results[i], IntegrityError) for i in failed)
+    stored = await db.run(lambda s: sorted(s.scalars(select(UserRow.id))), write=False)
+    assert stored == [f"u{i:03d}" for i in range(60) if i % 7 != 3]
+    if engine is not None:
+        # Sixty writers did not need sixty commits.
+        assert 1 <= commits < 60

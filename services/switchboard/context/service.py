@@ -56,7 +56,7 @@ from switchboard.context.window import (
     plan_window,
 )
 from switchboard.context.windowcache import WindowCache
-from switchboard.platform import pagination
+from switchboard.platform import names, pagination
 from switchboard.platform.bus import EventBus
 from switchboard.platform.cache import Cache
 from switchboard.platform.errors import (
@@ -79,16 +79,16 @@ from switchboard.platform.policy import Principal, Role
 
 log = logging.getLogger("switchboard.context")
 
-_ID = r"[a-z0-9][a-z0-9-]{0,62}"
-_WORKSPACE = re.compile(rf"^workspaces/({_ID})$")
-_CONVERSATION = re.compile(rf"^workspaces/({_ID})/conversations/({_ID})$")
-_MESSAGE = re.compile(rf"^workspaces/({_ID})/conversations/({_ID})/messages/({_ID})$")
-_MEMBER = re.compile(rf"^workspaces/({_ID})/members/({_ID})$")
-_USER = re.compile(rf"^users/({_ID})$")
+_ID = names.ID
+_WORKSPACE = names.WORKSPACE
+_CONVERSATION = names.CONVERSATION
+_MESSAGE = names.MESSAGE
+_MEMBER = names.MEMBER
+_USER = names.USER
 _SCOPE = re.compile(rf"^(users/{_ID}|workspaces/{_ID}(?:/conversations/{_ID})?)$")
 _MEMORY = re.compile(rf"^(users/{_ID}|workspaces/{_ID}(?:/conversations/{_ID})?)/memories/({_ID})$")
 _CLIENT_ID = re.compile(r"^[a-z][a-z0-9-]{2,62}$")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_REQUEST_ID = names.REQUEST_ID
 
 if TYPE_CHECKING:
     _Change: TypeAlias = events_pb2.ChangeKind.ValueType
@@ -254,12 +254,7 @@ class Violations:
             raise InvalidArgument(f"{first.field} {first.description}", self.items)
 
 
-def _match(pattern: re.Pattern[str], value: str, field: str) -> re.Match[str]:
-    found = pattern.match(value)
-    if found is None:
-        description = "is required" if not value else "is not a valid resource name"
-        raise InvalidArgument(f"{field} {description}", [FieldViolation(field, description)])
-    return found
+_match = names.match
 
 
 def _text(value: str, field: str, limit: int, violations: Violations) -> None:

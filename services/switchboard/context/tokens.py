@@ -12,15 +12,12 @@ changed heuristic must get a new name rather than silently reuse old counts.
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from collections.abc import Iterable
 from typing import Final, Protocol
 
-from google.protobuf import struct_pb2
-
 from switchboard.api.context.v1 import context_pb2
+from switchboard.platform.rendering import render_parts
 
 # Chat formats wrap each message in a role marker and separators; counting them
 # keeps a window of many short messages from overflowing.
@@ -84,57 +81,10 @@ class ApproxTokenCounter:
         return total
 
 
-def _plain(value: struct_pb2.Value) -> object:
-    """A ``Value`` as plain Python, for JSON.
-
-    Hand-rolled rather than ``json_format.MessageToDict``: that renders every
-    number as a float (``3`` becomes ``3.0``, costing tokens and confusing
-    models) and raises on NaN and infinity, which a stored ``Struct`` can hold.
-    """
-    kind = value.WhichOneof("kind")
-    if kind == "number_value":
-        number = value.number_value
-        # Integral doubles up to 2**53 are exact integers; print them as such.
-        if math.isfinite(number) and number.is_integer() and abs(number) <= 2**53:
-            return int(number)
-        return number
-    if kind == "string_value":
-        return value.string_value
-    if kind == "bool_value":
-        return value.bool_value
-    if kind == "struct_value":
-        return {key: _plain(item) for key, item in value.struct_value.fields.items()}
-    if kind == "list_value":
-        return [_plain(item) for item in value.list_value.values]
-    return None
-
-
-def _render_part(part: context_pb2.ContentPart) -> str | None:
-    kind = part.WhichOneof("part")
-    if kind == "text":
-        return part.text
-    if kind == "data":
-        data = {key: _plain(item) for key, item in part.data.fields.items()}
-        # Compact and key-sorted so equal data always renders (and counts, and
-        # caches) the same; ensure_ascii=False because \uXXXX escapes would
-        # cost several tokens per character.
-        return json.dumps(data, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
-    if kind == "file":
-        return f"[file {part.file.mime_type} {part.file.uri}]"
-    return None
-
-
-def render_parts(parts: Iterable[context_pb2.ContentPart]) -> str:
-    """Render a message's content as the text a model sees, parts joined by newlines.
-
-    Text parts are used as they are, ``data`` parts become compact JSON with
-    sorted keys, and ``file`` parts become ``[file <mime_type> <uri>]``. Parts
-    with nothing set carry no content and are left out.
-    """
-    rendered = (_render_part(part) for part in parts)
-    return "\n".join(text for text in rendered if text is not None)
-
-
 def message_tokens(counter: TokenCounter, parts: Iterable[context_pb2.ContentPart]) -> int:
     """The tokens a message costs in a window: its rendered content plus framing."""
     return counter.count(render_parts(parts)) + MESSAGE_OVERHEAD
+
+
+#: Re-exported: the context service counts exactly the text a model is shown.
+__all__ = ["MESSAGE_OVERHEAD", "ApproxTokenCounter", "TokenCounter", "message_tokens", "render_parts"]

@@ -95,7 +95,7 @@ class Feed:
 class Feeds:
     """The feeds of this process's active and recently finished runs."""
 
-    def __init__(self, *, retention_s: float, max_updates: int, max_feeds: int = 10_000) -> None:
+    def __init__(self, *, retention_s: float, max_updates: int, max_feeds: int = 2_000) -> None:
         self._retention_s = retention_s
         self._max_updates = max_updates
         self._max_feeds = max_feeds

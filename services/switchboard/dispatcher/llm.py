@@ -38,6 +38,7 @@ from switchboard.api.context.v1 import context_pb2
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.dispatcher.handlers import Frame, HandleCall, HandlerFailure, capabilities
+from switchboard.platform.rendering import render_parts
 
 log = logging.getLogger("switchboard.dispatcher.llm")
 
@@ -446,37 +447,9 @@ def _read_usage(data: object) -> tuple[int, int] | None:
 # Building the request
 
 
-def _plain(value: struct_pb2.Value) -> object:
-    kind = value.WhichOneof("kind")
-    if kind == "number_value":
-        number = value.number_value
-        if math.isfinite(number) and number.is_integer() and abs(number) <= 2**53:
-            return int(number)
-        return number if math.isfinite(number) else str(number)
-    if kind == "string_value":
-        return value.string_value
-    if kind == "bool_value":
-        return value.bool_value
-    if kind == "struct_value":
-        return {key: _plain(item) for key, item in value.struct_value.fields.items()}
-    if kind == "list_value":
-        return [_plain(item) for item in value.list_value.values]
-    return None
-
-
 def render(parts: Iterable[context_pb2.ContentPart]) -> str:
-    """A message's content as the text the model reads."""
-    rendered: list[str] = []
-    for part in parts:
-        kind = part.WhichOneof("part")
-        if kind == "text":
-            rendered.append(part.text)
-        elif kind == "data":
-            data = {key: _plain(item) for key, item in part.data.fields.items()}
-            rendered.append(json.dumps(data, separators=(",", ":"), sort_keys=True))
-        elif kind == "file":
-            rendered.append(f"[file {part.file.mime_type} {part.file.uri}]")
-    return "\n".join(rendered)
+    """A message's content as the text the model reads: the context service's rendering."""
+    return render_parts(parts)
 
 
 def _chat_message(message: context_pb2.Message) -> dict[str, str] | None:

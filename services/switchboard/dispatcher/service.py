@@ -50,7 +50,7 @@ from switchboard.dispatcher.handlers import HandleCall, Handler, HandlerFailure,
 from switchboard.dispatcher.router import Router
 from switchboard.dispatcher.scheduler import Scheduler, Ticket
 from switchboard.dispatcher.store import NewRun, RunStore, Stored
-from switchboard.platform import pagination
+from switchboard.platform import names, pagination
 from switchboard.platform.bus import EventBus
 from switchboard.platform.cache import Cache
 from switchboard.platform.errors import (
@@ -75,12 +75,11 @@ from switchboard.platform.status import to_status_proto
 
 log = logging.getLogger("switchboard.dispatcher")
 
-_ID = r"[a-z0-9][a-z0-9-]{0,62}"
-_CONVERSATION = re.compile(rf"^workspaces/({_ID})/conversations/({_ID})$")
-_RUN = re.compile(rf"^workspaces/({_ID})/conversations/({_ID})/runs/({_ID})$")
-_WORKSPACE = re.compile(rf"^workspaces/({_ID})$")
+_CONVERSATION = names.CONVERSATION
+_RUN = names.RUN
+_WORKSPACE = names.WORKSPACE
 _HANDLER = re.compile(r"^(handlers/)?[a-z][a-z0-9-]{1,62}$")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_REQUEST_ID = names.REQUEST_ID
 _TERMINAL: Final = frozenset(
     {
         pb.RUN_STATE_SUCCEEDED,
@@ -93,7 +92,7 @@ _POLICIES: Final = frozenset(pb.ConcurrencyPolicy.values())
 #: Parameters of one run, serialized.
 _MAX_PARAMETER_BYTES: Final = 16 * 1024
 _MAX_REASON_CHARS: Final = 500
-#: Time allowed for the bookkeeping of a run that is ending (the final save).
+#: Bound on one bookkeeping call (storing a message, the final save of a run).
 _FINISH_TIMEOUT_S: Final = 10.0
 
 
@@ -109,14 +108,7 @@ class Limits:
     recovery: Literal["fail", "requeue"]
 
 
-def _match(pattern: re.Pattern[str], value: str, field_path: str) -> re.Match[str]:
-    found = pattern.match(value)
-    if found is None:
-        raise InvalidArgument(
-            f"{field_path} is not a valid name",
-            [FieldViolation(field_path, f"must match {pattern.pattern}")],
-        )
-    return found
+_match = names.match
 
 
 def _error_status(error: SwitchboardError) -> status_pb2.Status:
@@ -143,6 +135,8 @@ class Active:
     cancel_error: SwitchboardError | None = None
     #: Whether its task began (a task cancelled before that never runs its code).
     started: bool = False
+    #: The write of its RUNNING state, awaited before the final one.
+    saving: asyncio.Future[None] | None = None
     #: Events waiting for this run's publisher, in order.
     outbox: list[events_pb2.Event] = field(default_factory=list)
     publisher: asyncio.Task[None] | None = None
@@ -264,8 +258,8 @@ class Dispatcher:
                 run.state = pb.RUN_STATE_QUEUED
                 run.ClearField("start_time")
                 run.ClearField("deadline")
+                self._state_changed(active)  # numbers the update (run.last_sequence)
                 await self._store.save(run_id, run)
-                self._state_changed(active)
             self._active[run.name] = active
             self._admit(active, force=True)
         if stored:
@@ -304,7 +298,7 @@ class Dispatcher:
             digest = hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
             earlier = await self._store.replayed(idempotency, digest)
             if earlier is not None:
-                return await self._replay(principal, earlier)
+                return await self._replay(principal, request, earlier)
         if policy == pb.CONCURRENCY_POLICY_REJECT and self.scheduler.active_in(
             request.conversation
         ):
@@ -313,17 +307,8 @@ class Dispatcher:
 
         stored_message = await self._context.append_message(
             principal,
-            cpb.AppendMessageRequest(
-                parent=request.conversation,
-                message=cpb.Message(
-                    role=cpb.MESSAGE_ROLE_USER,
-                    author=principal.user_name,
-                    parts=message.parts,
-                    metadata=message.metadata if message.HasField("metadata") else None,
-                ),
-                request_id=request.request_id,
-            ),
-            timeout_s=self.limits.default_timeout_s,
+            self._append_request(principal, request),
+            timeout_s=_FINISH_TIMEOUT_S,
         )
         run_id = uuid.uuid4().hex
         name = f"{request.conversation}/runs/{run_id}"
@@ -363,7 +348,7 @@ class Dispatcher:
             )
         )
         if replayed:
-            return await self._replay(principal, created)
+            return await self._replay(principal, request, created)
         if policy == pb.CONCURRENCY_POLICY_INTERRUPT:
             for earlier_name in self.scheduler.active_in(request.conversation):
                 earlier_active = self._by_id(earlier_name)
@@ -452,14 +437,34 @@ class Dispatcher:
             )
         return list(verdict.flags)
 
-    async def _replay(self, principal: Principal, earlier: Stored) -> pb.SendMessageResponse:
-        run = self._current(earlier.run)
-        response = pb.SendMessageResponse(run=run)
-        found = _RUN.match(run.name)
-        if found is not None:
-            # The stored user message, for a complete answer to the retry.
-            response.message.name = run.input_message
+    async def _replay(
+        self, principal: Principal, request: pb.SendMessageRequest, earlier: Stored
+    ) -> pb.SendMessageResponse:
+        """The answer to a retry: the first run, and the first message (the context
+        service's own idempotency returns it for the same request)."""
+        response = pb.SendMessageResponse(run=self._current(earlier.run))
+        response.message.CopyFrom(
+            await self._context.append_message(
+                principal, self._append_request(principal, request), timeout_s=_FINISH_TIMEOUT_S
+            )
+        )
         return response
+
+    @staticmethod
+    def _append_request(
+        principal: Principal, request: pb.SendMessageRequest
+    ) -> cpb.AppendMessageRequest:
+        message = request.message
+        return cpb.AppendMessageRequest(
+            parent=request.conversation,
+            message=cpb.Message(
+                role=cpb.MESSAGE_ROLE_USER,
+                author=principal.user_name,
+                parts=message.parts,
+                metadata=message.metadata if message.HasField("metadata") else None,
+            ),
+            request_id=request.request_id,
+        )
 
     def _current(self, run: pb.Run) -> pb.Run:
         active = self._active.get(run.name)
@@ -552,7 +557,13 @@ class Dispatcher:
                 dt.datetime.now(dt.UTC) + dt.timedelta(seconds=active.timeout_s)
             )
             run.last_sequence = active.feed.last + 1
-            await self._store.save(active.run_id, run)
+            # Not awaited here: the handler starts while RUNNING is being stored
+            # (writes are committed in order, so it lands before the final
+            # state). A crash before it lands leaves the run QUEUED, and the
+            # restart runs it as one that never started.
+            started = pb.Run()
+            started.CopyFrom(run)
+            active.saving = asyncio.ensure_future(self._store.save(active.run_id, started))
             self._state_changed(active)
             output, result = await self._drive(active)
             run.output_message = output.name
@@ -658,9 +669,34 @@ class Dispatcher:
 
     async def _finish(self, active: Active, error: SwitchboardError | None) -> None:
         run = active.run
+        await self._started_saved(active)
         if error is not None:
             run.error.CopyFrom(_error_status(error))
         run.end_time.GetCurrentTime()
+        await self._persist(active, "end")
+        self._feeds.close(active.feed)
+        self._active.pop(run.name, None)
+        if active.ticket is not None:
+            self.scheduler.finished(active.ticket)
+
+    async def _started_saved(self, active: Active) -> None:
+        if active.saving is not None:
+            try:
+                await active.saving
+            except SwitchboardError:
+                log.warning("could not persist the start of a run", extra={"run": active.run.name})
+
+    async def _requeue_at_shutdown(self, active: Active) -> None:
+        await self._started_saved(active)
+        run = active.run
+        run.state = pb.RUN_STATE_QUEUED
+        run.ClearField("start_time")
+        run.ClearField("deadline")
+        await self._persist(active, "requeue")
+
+    async def _persist(self, active: Active, what: str) -> None:
+        """Store the run as it now stands, then announce it as a state change."""
+        run = active.run
         run.last_sequence = active.feed.last + 1
         try:
             async with asyncio.timeout(_FINISH_TIMEOUT_S):
@@ -668,24 +704,7 @@ class Dispatcher:
         except (SwitchboardError, TimeoutError):
             # The feed and the events still say how it ended; a restart finds
             # it active and applies the recovery policy.
-            log.warning("could not persist the end of a run", extra={"run": run.name})
-        self._state_changed(active)
-        self._feeds.close(active.feed)
-        self._active.pop(run.name, None)
-        if active.ticket is not None:
-            self.scheduler.finished(active.ticket)
-
-    async def _requeue_at_shutdown(self, active: Active) -> None:
-        run = active.run
-        run.state = pb.RUN_STATE_QUEUED
-        run.ClearField("start_time")
-        run.ClearField("deadline")
-        run.last_sequence = active.feed.last + 1
-        try:
-            async with asyncio.timeout(_FINISH_TIMEOUT_S):
-                await self._store.save(active.run_id, run)
-        except (SwitchboardError, TimeoutError):
-            log.warning("could not requeue a run at shutdown", extra={"run": run.name})
+            log.warning("could not persist a run", extra={"run": run.name, "what": what})
         self._state_changed(active)
 
     # -- updates and events -----------------------------------------------------------

@@ -29,6 +29,7 @@ import sqlite3
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -66,6 +67,10 @@ _SQLITE_BEGIN_MODES: Final = frozenset({"DEFERRED", "IMMEDIATE", "EXCLUSIVE"})
 # Threads (and pooled connections) that run ``Database.run`` work on a SQLite
 # file: writers take turns anyway; WAL readers run side by side.
 SQLITE_THREADS: Final = 4
+#: Most writes committed together (bounds one group's time in the thread).
+GROUP_COMMIT_MAX: Final = 128
+#: Errors after which a group's transaction cannot be trusted (locked, I/O, disk full).
+_GROUP_FATAL: Final = (OperationalError,)
 
 _T = TypeVar("_T")
 
@@ -170,7 +175,8 @@ class Database:
                 expire_on_commit=False,
             )
             self._executor = ThreadPoolExecutor(SQLITE_THREADS, thread_name_prefix="sqlite")
-        self._write_turn = asyncio.Lock()
+        self._write_queue: deque[tuple[Callable[[Session], Any], asyncio.Future[Any]]] = deque()
+        self._writer: asyncio.Task[None] | None = None
         # ``fetch``: one stdlib connection per worker thread, closed with the database.
         self._sqlite_path = parsed.database or ""
         self._thread_connections = threading.local()
@@ -215,19 +221,91 @@ class Database:
             async with asyncio.timeout(self._timeout_s * 3):
                 if not write:
                     return await loop.run_in_executor(executor, transaction)
-                # SQLite has one writer at a time. Queued here, first come first
-                # served, writers neither occupy every worker thread (starving
-                # the reads behind them) nor spin in SQLite's busy-wait backoff,
-                # whose unfairness made the latency tail. Other processes are
-                # still ordered by the busy timeout.
-                async with self._write_turn:
-                    return await loop.run_in_executor(executor, transaction)
+                return await self._group_write(work)
         async with (self.sessions if write else self.readers)() as session:
             if snapshot and self.dialect_name == "postgresql":
                 await session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
             result = await session.run_sync(work)
             await session.commit()
             return result
+
+    async def _group_write(self, work: Callable[[Session], _T]) -> _T:
+        """Run ``work`` in the next group commit (SQLite files; see decisions 22).
+
+        SQLite has one writer at a time. Writers queue here, first come first
+        served, and one writer task takes everything queued so far into one
+        transaction: each work in its own savepoint (a work that raises rolls
+        back alone and its caller gets the exception), then one COMMIT, one
+        fsync and one thread hop for all of them. Every result is returned
+        only after that commit, so a caller sees exactly what serial
+        transactions would give it, durability included. Writers neither
+        occupy every worker thread (starving the reads behind them) nor spin
+        in SQLite's busy-wait backoff. Other processes are still ordered by
+        the busy timeout.
+        """
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._write_queue.append((work, future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(
+                self._write_loop(), name="sqlite-group-commit"
+            )
+        result: _T = await future
+        return result
+
+    async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._write_queue:
+            batch: list[tuple[Callable[[Session], Any], asyncio.Future[Any]]] = []
+            while self._write_queue and len(batch) < GROUP_COMMIT_MAX:
+                item = self._write_queue.popleft()
+                if not item[1].done():  # its caller gave up before it started
+                    batch.append(item)
+            executor = self._executor
+            if not batch:
+                continue
+            if executor is None:
+                _settle(batch, error=OperationalError("", {}, RuntimeError("database closed")))
+                continue
+            try:
+                outcomes = await loop.run_in_executor(
+                    executor, self._commit_group, [work for work, _ in batch]
+                )
+            except asyncio.CancelledError as exc:
+                _settle(batch, error=exc)
+                raise
+            except Exception as exc:  # noqa: BLE001 - BEGIN or COMMIT failed: the whole group did
+                _settle(batch, error=exc)
+                continue
+            _settle(batch, outcomes=outcomes)
+
+    def _commit_group(self, works: list[Callable[[Session], Any]]) -> list[tuple[bool, Any]]:
+        """One transaction, a savepoint per work; runs in a worker thread."""
+        engine = self._sync_engine
+        if engine is None:
+            raise OperationalError("", {}, RuntimeError("database closed"))
+        outcomes: list[tuple[bool, Any]] = []
+        with engine.connect() as connection, connection.begin():
+            for work in works:
+                session = Session(
+                    bind=connection,
+                    join_transaction_mode="create_savepoint",
+                    expire_on_commit=False,
+                )
+                try:
+                    result = work(session)
+                    session.commit()
+                    outcomes.append((True, result))
+                except _GROUP_FATAL:
+                    # Locked, I/O, disk full: the transaction itself may be gone.
+                    # Everything in the group fails and may be retried.
+                    session.close()
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the work's own error, to its caller
+                    session.rollback()
+                    outcomes.append((False, exc))
+                finally:
+                    session.close()
+        return outcomes
 
     async def fetch(self, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         """Rows of one read-only statement (``:name`` parameters), for hot paths.
@@ -368,6 +446,29 @@ def _sqlite_engine(url: URL, timeout_s: float) -> AsyncEngine:
     engine = create_async_engine(url, **options)
     _install_sqlite_hooks(engine.sync_engine, timeout_s, memory=memory)
     return engine
+
+
+def _settle(
+    batch: list[tuple[Callable[[Session], Any], asyncio.Future[Any]]],
+    *,
+    outcomes: list[tuple[bool, Any]] | None = None,
+    error: BaseException | None = None,
+) -> None:
+    """Hand each caller of a group its result, its own error, or the group's."""
+    for index, (_, future) in enumerate(batch):
+        if future.done():  # the caller gave up (its timeout); nothing to hand over
+            continue
+        if outcomes is None:
+            if isinstance(error, asyncio.CancelledError):
+                future.cancel()
+            else:
+                future.set_exception(error or RuntimeError("group commit failed"))
+            continue
+        ok, value = outcomes[index]
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
 
 
 def _sync_sqlite_engine(url: URL, timeout_s: float) -> Engine:

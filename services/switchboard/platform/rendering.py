@@ -1,0 +1,66 @@
+"""How message content is rendered as the text a model reads (and is counted in).
+
+Shared by the context service (token counts, summaries, entities) and the LLM
+handler (the prompt), so both see exactly the same text for the same parts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+
+from google.protobuf import struct_pb2
+
+from switchboard.api.context.v1 import context_pb2
+
+
+def plain(value: struct_pb2.Value) -> object:
+    """A ``Value`` as plain Python, for JSON.
+
+    Hand-rolled rather than ``json_format.MessageToDict``: that renders every
+    number as a float (``3`` becomes ``3.0``, costing tokens and confusing
+    models) and raises on NaN and infinity, which a stored ``Struct`` can hold.
+    """
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        number = value.number_value
+        # Integral doubles up to 2**53 are exact integers; print them as such.
+        if math.isfinite(number) and number.is_integer() and abs(number) <= 2**53:
+            return int(number)
+        return number
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return {key: plain(item) for key, item in value.struct_value.fields.items()}
+    if kind == "list_value":
+        return [plain(item) for item in value.list_value.values]
+    return None
+
+
+def _render_part(part: context_pb2.ContentPart) -> str | None:
+    kind = part.WhichOneof("part")
+    if kind == "text":
+        return part.text
+    if kind == "data":
+        data = {key: plain(item) for key, item in part.data.fields.items()}
+        # Compact and key-sorted so equal data always renders (and counts, and
+        # caches) the same; ensure_ascii=False because \uXXXX escapes would
+        # cost several tokens per character.
+        return json.dumps(data, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+    if kind == "file":
+        return f"[file {part.file.mime_type} {part.file.uri}]"
+    return None
+
+
+def render_parts(parts: Iterable[context_pb2.ContentPart]) -> str:
+    """Render a message's content as the text a model sees, parts joined by newlines.
+
+    Text parts are used as they are, ``data`` parts become compact JSON with
+    sorted keys, and ``file`` parts become ``[file <mime_type> <uri>]``. Parts
+    with nothing set carry no content and are left out.
+    """
+    rendered = (_render_part(part) for part in parts)
+    return "\n".join(text for text in rendered if text is not None)
