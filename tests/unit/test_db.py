@@ -464,7 +464,7 @@ async def test_concurrent_writes_commit_in_groups_and_a_failing_one_fails_alone(
     rolls back alone: its neighbours in the same group still commit."""
     await db.migrate()
     commits = 0
-    engine = db._sync_engine  # noqa: SLF001 - the engine group commits go through
+    engine = db._sync_engine
 
     if engine is not None:
 

@@ -87,4 +87,10 @@ def message_tokens(counter: TokenCounter, parts: Iterable[context_pb2.ContentPar
 
 
 #: Re-exported: the context service counts exactly the text a model is shown.
-__all__ = ["MESSAGE_OVERHEAD", "ApproxTokenCounter", "TokenCounter", "message_tokens", "render_parts"]
+__all__ = [
+    "MESSAGE_OVERHEAD",
+    "ApproxTokenCounter",
+    "TokenCounter",
+    "message_tokens",
+    "render_parts",
+]
