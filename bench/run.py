@@ -8,7 +8,8 @@ figures compare variants in one run; they are not absolute capacity.
 
 The event delivery section comes from ``bench/events.py`` (about 4 minutes;
 ``--no-events`` skips it), the context service section from ``bench/context.py``
-(about 3 minutes; ``--no-context`` skips it).
+(about 3 minutes; ``--no-context`` skips it), the dispatcher section from
+``bench/dispatcher.py`` (about 5 minutes; ``--no-dispatcher`` skips it).
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-events", action="store_true", help="skip bench/events.py")
     parser.add_argument("--no-context", action="store_true", help="skip bench/context.py")
+    parser.add_argument("--no-dispatcher", action="store_true", help="skip bench/dispatcher.py")
     args = parser.parse_args()
     # Cases are interleaved round by round and the median round is reported, so
     # drift on a shared machine hits every case alike.
@@ -214,6 +216,16 @@ def main() -> int:
             timeout=1200,
         )
         lines += [json.loads(context.stdout)["markdown"], ""]
+    if not args.no_dispatcher:
+        # The same protocol: progress on stderr, one JSON line with the section on stdout.
+        dispatcher = subprocess.run(
+            [sys.executable, str(HERE / "dispatcher.py"), "--json"],
+            stdout=subprocess.PIPE,
+            text=True,
+            check=True,
+            timeout=3600,
+        )
+        lines += [json.loads(dispatcher.stdout)["markdown"], ""]
     (ROOT / "BENCHMARKS.md").write_text("\n".join(lines))
     print(f"wrote {ROOT / 'BENCHMARKS.md'}")
     return 0

@@ -243,7 +243,7 @@ def handler_registry(settings: Settings) -> Registry:
             )
         if settings.dispatcher_handler_plugins:
             registry.load_entry_points({"settings": settings})
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise ConfigError(f"dispatcher handlers: {exc}") from None
     return registry
 

@@ -11,6 +11,7 @@ import itertools
 import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
+from importlib.metadata import EntryPoint
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,11 @@ from grpc import aio
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
+from switchboard.api.handler.v1 import handler_pb2
 from switchboard.auth.tokens import SigningKey, private_key_pem
+from switchboard.dispatcher.handlers import EchoHandler, Frame, HandleCall, text_of
 from switchboard.mesh import create_server
-from switchboard.platform.config import Settings
+from switchboard.platform.config import ConfigError, Settings
 from switchboard.platform.server import SwitchboardServer
 from tests.conftest import fresh_database_url, make_settings
 from tests.service.authkit import detail, reason
@@ -675,3 +678,69 @@ def reason_of(run: pb.Run) -> str:
         if packed.Unpack(info):
             return str(info.reason)
     return ""
+
+
+# -- handler plugins -------------------------------------------------------------------------
+
+
+class Shouter(EchoHandler):
+    """A plugin handler: registered through the ``switchboard.handlers`` entry points."""
+
+    def __init__(self, **_: Any) -> None:
+        super().__init__()
+        self._capabilities = pb.Handler().capabilities
+        self._capabilities.id = "shout"
+        self._capabilities.max_context_tokens = 500
+
+    async def handle(self, call: HandleCall) -> AsyncIterator[Frame]:
+        text = text_of(call.request.message).upper()
+        yield Frame(delta=handler_pb2.TextDelta(text=text))
+        yield Frame(
+            result=handler_pb2.HandleResult(
+                parts=[cpb.ContentPart(text=text)], finish_reason="stop"
+            )
+        )
+
+
+def _plugins(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    point = EntryPoint(name="shout", value=value, group="switchboard.handlers")
+    monkeypatch.setattr(
+        "switchboard.dispatcher.router.entry_points",
+        lambda group: [point] if group == "switchboard.handlers" else [],
+    )
+
+
+async def test_an_entry_point_handler_is_listed_and_routed_to(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _plugins(monkeypatch, "tests.service.test_dispatcher:Shouter")
+    async with limited() as (server, stub, dstub):
+        world = await ctx_world(server, stub)
+        conversation = (await create_conversation(stub, world.editor, world.name)).name
+        listed = await dstub.ListHandlers(
+            pb.ListHandlersRequest(parent=world.name, page_size=1),
+            metadata=world.viewer.md,
+            timeout=10,
+        )
+        assert [h.name for h in listed.handlers] == ["handlers/echo"]
+        rest = await dstub.ListHandlers(
+            pb.ListHandlersRequest(
+                parent=world.name, page_token=listed.next_page_token, page_size=1
+            ),
+            metadata=world.viewer.md,
+            timeout=10,
+        )
+        assert [h.name for h in rest.handlers] == ["handlers/shout"]
+        assert not rest.next_page_token
+        sent = await send(dstub, world.editor, request(conversation, "/shout quiet words"))
+        seen = await watch_all(dstub, world.editor, sent.run.name)
+    assert seen.final.handler == "handlers/shout"
+    assert seen.text == "QUIET WORDS"
+
+
+async def test_a_plugin_that_is_not_a_handler_stops_the_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _plugins(monkeypatch, "tests.service.test_dispatcher:reason_of")
+    with pytest.raises(ConfigError, match="dispatcher handlers"):
+        await create_server(make_settings())
