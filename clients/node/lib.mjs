@@ -27,6 +27,8 @@ const CONVERSION = { longs: String, enums: String, defaults: true, oneofs: true 
 const packageDefinition = protoLoader.loadSync(
   [
     'switchboard/api/auth/v1/auth.proto',
+    'switchboard/api/context/v1/context.proto',
+    'switchboard/api/dispatcher/v1/dispatcher.proto',
     'switchboard/api/events/v1/events.proto',
     'grpc/health/v1/health.proto',
   ],
@@ -35,15 +37,19 @@ const packageDefinition = protoLoader.loadSync(
 const loaded = grpc.loadPackageDefinition(packageDefinition);
 
 /**
- * Creates AuthService, EventService and Health clients for `address`
- * ("host:port") that share one channel. Call close() when done.
+ * Creates AuthService, ContextService, DispatcherService, EventService and
+ * Health clients for `address` ("host:port") that share one channel. Call
+ * close() when done.
  */
 export function createClients(address, credentials = grpc.credentials.createInsecure()) {
-  const auth = new loaded.switchboard.api.auth.v1.AuthService(address, credentials);
+  const api = loaded.switchboard.api;
+  const auth = new api.auth.v1.AuthService(address, credentials);
   const shared = { channelOverride: auth.getChannel() };
   const health = new loaded.grpc.health.v1.Health(address, credentials, shared);
-  const events = new loaded.switchboard.api.events.v1.EventService(address, credentials, shared);
-  return { auth, events, health, close: () => auth.close() };
+  const events = new api.events.v1.EventService(address, credentials, shared);
+  const context = new api.context.v1.ContextService(address, credentials, shared);
+  const dispatcher = new api.dispatcher.v1.DispatcherService(address, credentials, shared);
+  return { auth, context, dispatcher, events, health, close: () => auth.close() };
 }
 
 // proto-loader builds gRPC method definitions only, not standalone message

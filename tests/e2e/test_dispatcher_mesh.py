@@ -16,6 +16,7 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.auth.tokens import SigningKey, private_key_pem
 from tests.e2e.procs import ServeProcess
+from tests.infra.redis import RedisServer
 from tests.service.contextkit import (
     Caller,
     add_member,
@@ -24,7 +25,15 @@ from tests.service.contextkit import (
     create_conversation,
     create_workspace,
 )
-from tests.service.dispatchkit import dispatcher_stub, finished, get_run, request, send, until
+from tests.service.dispatchkit import (
+    cancel,
+    dispatcher_stub,
+    finished,
+    get_run,
+    request,
+    send,
+    until,
+)
 from tests.service.test_dispatcher import reason_of
 
 pytestmark = pytest.mark.e2e
@@ -118,3 +127,45 @@ async def test_a_killed_dispatcher_fails_running_runs_and_runs_queued_ones(
             assert reason_of(crashed) == "ERROR_REASON_RUN_INTERRUPTED"
             after = await finished(dstub, owner, queued.run.name)
             assert after.state == pb.RUN_STATE_SUCCEEDED
+
+
+async def test_another_replica_follows_a_run_through_the_shared_log(
+    context_process: ServeProcess, env: dict[str, str], redis_server: RedisServer
+) -> None:
+    """Two dispatcher replicas on one Redis: WatchRun on the replica that does not own the
+    run follows it through the run's events; CancelRun there says where to send it."""
+    shared = {**env, "SWITCHBOARD_REDIS_URL": redis_server.url}
+    ctx_address = f"127.0.0.1:{context_process.port}"
+    owner = await _caller(ctx_address)
+    async with aio.insecure_channel(ctx_address) as ctx_channel:
+        stub = context_stub(ctx_channel)
+        workspace = await create_workspace(stub, owner, "Replicas")
+        conversation = (await create_conversation(stub, owner, workspace.name)).name
+    with (
+        ServeProcess(
+            "--services", "dispatcher", env={**shared, "SWITCHBOARD_INSTANCE_ID": "replica-a"}
+        ) as a,
+        ServeProcess(
+            "--services", "dispatcher", env={**shared, "SWITCHBOARD_INSTANCE_ID": "replica-b"}
+        ) as b,
+    ):
+        async with (
+            aio.insecure_channel(f"127.0.0.1:{a.port}") as channel_a,
+            aio.insecure_channel(f"127.0.0.1:{b.port}") as channel_b,
+        ):
+            on_a, on_b = dispatcher_stub(channel_a), dispatcher_stub(channel_b)
+            sent = await send(
+                on_a, owner, request(conversation, "slow words here", delay_ms=60_000)
+            )
+            await until(on_a, owner, sent.run.name, "delta")
+            # Replica B: a snapshot first, then the live updates.
+            call, seen = await until(on_b, owner, sent.run.name, "state_change")
+            assert seen[0].state_change.run.state == pb.RUN_STATE_RUNNING
+            with pytest.raises(aio.AioRpcError) as caught:
+                await cancel(on_b, owner, sent.run.name)
+            assert caught.value.code().name == "FAILED_PRECONDITION"
+            await cancel(on_a, owner, sent.run.name)
+            rest = [f.update async for f in call if f.WhichOneof("frame") == "update"]
+    assert rest[-1].state_change.run.state == pb.RUN_STATE_CANCELLED
+    assert [u.sequence for u in rest] == sorted({u.sequence for u in rest})
+    assert rest[0].sequence > seen[0].sequence

@@ -347,3 +347,20 @@ def test_node_client_follows_and_resumes_an_event_stream(serve: ServeProcess) ->
 def _position(cursor: str) -> tuple[int, int]:
     major, _, minor = cursor.partition("-")
     return int(major), int(minor)
+
+
+def test_node_client_converses_sends_and_cancels_runs(serve: ServeProcess) -> None:
+    """A native client in another language on the bidirectional Converse stream."""
+    done = run([tool("node"), str(ROOT / "clients" / "node" / "runs.mjs"), serve.address])
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    first = result["first"]
+    assert first["sequences"] == list(range(1, len(first["sequences"]) + 1))
+    assert first["answer"].startswith("hello from node")
+    assert "answered by handlers/echo" in first["answer"]
+    assert first["state"] == "RUN_STATE_SUCCEEDED"
+    cancelled = result["cancelled"]
+    assert cancelled["ack"] == "stop"
+    assert cancelled["ackState"] == "RUN_STATE_CANCELLED"
+    assert cancelled["state"] == "RUN_STATE_CANCELLED"
+    assert "from node" in cancelled["error"]

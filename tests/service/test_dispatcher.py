@@ -744,3 +744,37 @@ async def test_a_plugin_that_is_not_a_handler_stops_the_start(
     _plugins(monkeypatch, "tests.service.test_dispatcher:reason_of")
     with pytest.raises(ConfigError, match="dispatcher handlers"):
         await create_server(make_settings())
+
+
+async def test_converse_authorizes_every_action(
+    dstub: DStub, world: World, conversation: str
+) -> None:
+    """Each action on the stream is checked like its unary RPC; a refused one
+    answers an error frame and the stream goes on."""
+    sent = await send(dstub, world.editor, request(conversation, "members only", delay_ms=SLOW))
+    await until(dstub, world.editor, sent.run.name, "delta")
+    actions = [
+        pb.ConverseRequest(client_request_id="send", send_message=request(conversation, "hi")),
+        pb.ConverseRequest(
+            client_request_id="watch", watch_run=pb.WatchRunRequest(name=sent.run.name)
+        ),
+        pb.ConverseRequest(
+            client_request_id="cancel", cancel_run=pb.CancelRunRequest(name=sent.run.name)
+        ),
+    ]
+    call = dstub.Converse(iter(actions), metadata=world.outsider.md, timeout=20)
+    frames = [f async for f in call if f.WhichOneof("frame") != "heartbeat"]
+    assert [(f.client_request_id, f.error.code) for f in frames] == [
+        ("send", grpc.StatusCode.NOT_FOUND.value[0]),
+        ("watch", grpc.StatusCode.NOT_FOUND.value[0]),
+        ("cancel", grpc.StatusCode.NOT_FOUND.value[0]),
+    ]
+    # A viewer may watch on the stream, but not send or cancel.
+    call = dstub.Converse(iter(actions[::2]), metadata=world.viewer.md, timeout=20)
+    frames = [f async for f in call if f.WhichOneof("frame") != "heartbeat"]
+    assert [(f.client_request_id, f.error.code) for f in frames] == [
+        ("send", grpc.StatusCode.PERMISSION_DENIED.value[0]),
+        ("cancel", grpc.StatusCode.PERMISSION_DENIED.value[0]),
+    ]
+    assert (await get_run(dstub, world.editor, sent.run.name)).state == pb.RUN_STATE_RUNNING
+    await cancel_run(dstub, world.editor, sent.run.name)
