@@ -29,7 +29,6 @@ from switchboard.context.plugins import (
     SUMMARIZERS,
     TOKENIZERS,
     load_entity_extractor,
-    load_plugin,
     load_summarizer,
     load_token_counter,
 )
@@ -47,6 +46,7 @@ from switchboard.context.tokens import (
     message_tokens,
     render_parts,
 )
+from switchboard.platform.plugins import load_plugin
 
 COUNTER = ApproxTokenCounter()
 

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol, runtime_checkable
 
-from switchboard.context.plugins import load_plugin
+from switchboard.platform.plugins import load_plugin
 
 CONTENT_POLICIES: Final = "switchboard.content_policies"
 BUILTIN_NAME: Final = "builtin"
@@ -344,7 +344,7 @@ def load_content_policy(name: str, blocklist: Sequence[str], flag_injection: boo
 
     ``"builtin"`` is ``BuiltinContentPolicy(blocklist, flag_injection)``. Any
     other name is an entry point of the ``switchboard.content_policies`` group
-    or ``package.module:attr`` (see ``context.plugins.load_plugin``): a class
+    or ``package.module:attr`` (see ``platform.plugins.load_plugin``): a class
     or factory is called without arguments, an instance is used as it is, and
     ``blocklist`` and ``flag_injection`` are settings of the built-in only.
     ``ValueError`` for an unknown name or a bad blocklist, ``TypeError`` if
