@@ -60,8 +60,9 @@ SLOW = 60_000  # ms between echoed words: the run outlives any test unless stopp
 
 
 @pytest.fixture
-def settings() -> Settings:
-    return make_settings(instance_id="test-dispatcher")
+def settings(database_url: str) -> Settings:
+    # The tests on the shared fixtures run on SQLite and on a real PostgreSQL server.
+    return make_settings(database_url=database_url, instance_id="test-dispatcher")
 
 
 @pytest.fixture

@@ -40,10 +40,8 @@ from switchboard.context.search import fts5_match, pg_tsquery, query_terms
 from switchboard.context.store import (
     ContextStore,
     EntityRecord,
-    Idempotency,
     etag_of,
     etag_version,
-    fingerprint,
     new_id,
     now,
 )
@@ -76,6 +74,7 @@ from switchboard.platform.models import (
     WorkspaceRow,
 )
 from switchboard.platform.policy import Principal, Role
+from switchboard.platform.storage import Idempotency, idempotency
 
 log = logging.getLogger("switchboard.context")
 
@@ -88,7 +87,6 @@ _USER = names.USER
 _SCOPE = re.compile(rf"^(users/{_ID}|workspaces/{_ID}(?:/conversations/{_ID})?)$")
 _MEMORY = re.compile(rf"^(users/{_ID}|workspaces/{_ID}(?:/conversations/{_ID})?)/memories/({_ID})$")
 _CLIENT_ID = re.compile(r"^[a-z][a-z0-9-]{2,62}$")
-_REQUEST_ID = names.REQUEST_ID
 
 if TYPE_CHECKING:
     _Change: TypeAlias = events_pb2.ChangeKind.ValueType
@@ -270,18 +268,7 @@ def _metadata(value: struct_pb2.Struct, field: str, limit: int) -> bytes:
 
 
 def _idempotency(principal: Principal, method: str, request: ProtoMessage) -> Idempotency | None:
-    request_id: str = getattr(request, "request_id", "")
-    if not request_id:
-        return None
-    if not _REQUEST_ID.match(request_id):
-        raise InvalidArgument(
-            "request_id is malformed",
-            [FieldViolation("request_id", "must be 1-64 letters, digits, '-' or '_'")],
-        )
-    return Idempotency(
-        key=f"{principal.user_id}/{method}/{request_id}",
-        fingerprint=fingerprint(request.SerializeToString(deterministic=True)),
-    )
+    return idempotency(principal.user_id, method, request)
 
 
 def _mask(

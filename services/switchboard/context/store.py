@@ -15,7 +15,6 @@ PostgreSQL.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -27,12 +26,9 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import (
     DataError,
-    IntegrityError,
-    InterfaceError,
     OperationalError,
     ProgrammingError,
 )
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
@@ -59,6 +55,13 @@ from switchboard.platform.models import (
     WorkspaceMemberRow,
     WorkspaceRow,
 )
+from switchboard.platform.storage import (
+    IDEMPOTENCY_TTL,
+    OUTAGES,
+    Idempotency,
+    claim,
+    transaction,
+)
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")
@@ -67,11 +70,7 @@ _Ts = TypeVarTuple("_Ts")
 log = logging.getLogger("switchboard.context.store")
 
 #: What a database outage looks like from here.
-_OUTAGES: Final = (OperationalError, InterfaceError, PoolTimeout, TimeoutError, OSError)
-
-
-#: Idempotency keys are kept this long; a retry after that creates anew.
-IDEMPOTENCY_TTL: Final = dt.timedelta(hours=24)
+_OUTAGES: Final = OUTAGES
 
 
 def now() -> dt.datetime:
@@ -80,18 +79,6 @@ def now() -> dt.datetime:
 
 def new_id() -> str:
     return uuid.uuid4().hex
-
-
-def fingerprint(payload: bytes) -> str:
-    return hashlib.sha256(payload).hexdigest()
-
-
-@dataclass(frozen=True)
-class Idempotency:
-    """A create request's idempotency key and the fingerprint of its request."""
-
-    key: str
-    fingerprint: str
 
 
 @dataclass(frozen=True)
@@ -160,17 +147,7 @@ class ContextStore:
         self, work: Callable[[Session], _T], *, write: bool, snapshot: bool = False
     ) -> _T:
         """One transaction of synchronous ORM code (``Database.run``), errors mapped."""
-        try:
-            return await self._database.run(work, write=write, snapshot=snapshot)
-        except IntegrityError as exc:
-            # Two writers raced for one key (PostgreSQL; SQLite serializes writers).
-            raise Conflict("a concurrent request wrote the same resource; retry") from exc
-        except _OUTAGES as exc:
-            # SQLite "database is locked" past the busy timeout, a statement or
-            # pool timeout, a lost connection: the database is unavailable or
-            # overloaded, not the request wrong.
-            log.warning("context database call failed", exc_info=True)
-            raise DependencyUnavailable("the database is unavailable; retry") from exc
+        return await transaction(self._database, work, write=write, snapshot=snapshot, log=log)
 
     async def _retrying(self, operation: Callable[[], Awaitable[_T]]) -> _T:
         """Run a create once more if a concurrent twin won the idempotency key.
@@ -189,33 +166,6 @@ class ContextStore:
 
     def _lock(self, query: Select[_R]) -> Select[_R]:
         return query if self.sqlite else query.with_for_update()
-
-    def _claim(self, db: Session, idempotency: Idempotency | None, resource: str) -> str | None:
-        """Record ``idempotency`` for ``resource``; the earlier resource if it was used."""
-        if idempotency is None:
-            return None
-        existing = db.get(IdempotencyRow, idempotency.key)
-        stamp = now()
-        if existing is not None and existing.created_at > stamp - IDEMPOTENCY_TTL:
-            if existing.fingerprint != idempotency.fingerprint:
-                raise InvalidArgument(
-                    "request_id was already used for a different request",
-                    [FieldViolation("request_id", "was already used for a different request")],
-                )
-            return existing.resource
-        if existing is not None:
-            db.delete(existing)
-            db.flush()
-        db.add(
-            IdempotencyRow(
-                key=idempotency.key,
-                fingerprint=idempotency.fingerprint,
-                resource=resource,
-                created_at=stamp,
-            )
-        )
-        db.flush()
-        return None
 
     async def purge_idempotency(self) -> int:
         def tx(db: Session) -> int:
@@ -249,7 +199,7 @@ class ContextStore:
     ) -> tuple[WorkspaceRow, bool]:
         async def run() -> tuple[WorkspaceRow, bool]:
             def tx(db: Session) -> tuple[WorkspaceRow, bool]:
-                earlier = self._claim(db, idempotency, workspace_id)
+                earlier = claim(db, idempotency, workspace_id)
                 if earlier is not None:
                     row = db.get(WorkspaceRow, earlier)
                     if row is None:
@@ -500,7 +450,7 @@ class ContextStore:
 
             def tx(db: Session) -> tuple[ConversationRow, bool]:
                 self._workspace_for_update(db, workspace_id)
-                earlier = self._claim(db, idempotency, conversation_id)
+                earlier = claim(db, idempotency, conversation_id)
                 if earlier is not None:
                     row = db.get(ConversationRow, earlier)
                     if row is None:
@@ -695,7 +645,7 @@ class ContextStore:
                 conversation = self._conversation_for_update(
                     db, workspace_id, conversation_id, writable=True
                 )
-                earlier = self._claim(db, idempotency, message_id)
+                earlier = claim(db, idempotency, message_id)
                 if earlier is not None:
                     message = db.get(MessageRow, earlier)
                     if message is None:

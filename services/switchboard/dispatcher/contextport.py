@@ -26,7 +26,6 @@ from grpc import aio
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.context.v1 import context_pb2_grpc
 from switchboard.platform.errors import (
-    Code,
     DeadlineExceeded,
     DependencyUnavailable,
     FailedPrecondition,
@@ -148,6 +147,4 @@ def _mapped(exc: aio.AioRpcError) -> SwitchboardError:
     cls = _ERRORS.get(code)
     if cls is not None:
         return cls(detail)
-    error = DependencyUnavailable(f"the context service is unavailable ({code.name.lower()})")
-    error.code = Code.UNAVAILABLE
-    return error
+    return DependencyUnavailable(f"the context service is unavailable ({code.name.lower()})")

@@ -67,7 +67,7 @@ class Scheduler:
         return len(self._running)
 
     def active_in(self, conversation: str) -> list[str]:
-        """Run ids of the conversation that are running or queued, oldest first."""
+        """Tickets' ``run_id`` of the conversation, running or queued, oldest first."""
         found = [t.run_id for t in self._running.values() if t.conversation == conversation]
         for conversations in self._queued.values():
             tickets = conversations.get(conversation)
@@ -77,20 +77,24 @@ class Scheduler:
 
     # -- transitions ----------------------------------------------------------------
 
+    def check_room(self, workspace: str) -> None:
+        """QueueFull unless one more run of ``workspace`` may wait."""
+        if self._queued_count >= self.limits.max_queued:
+            raise QueueFull(
+                f"the dispatcher has {self._queued_count} runs waiting, its limit; retry later",
+                subject="dispatcher_max_queued",
+            )
+        if self._queued_by_workspace.get(workspace, 0) >= self.limits.max_queued_per_workspace:
+            raise QueueFull(
+                "this workspace has too many runs waiting; retry later",
+                subject="dispatcher_max_queued_per_workspace",
+            )
+
     def admit(self, ticket: Ticket, *, force: bool = False) -> None:
         """Queue ``ticket`` (QueueFull if a bound is hit, unless ``force``) and start what can."""
         ws = ticket.workspace
         if not force:
-            if self._queued_count >= self.limits.max_queued:
-                raise QueueFull(
-                    f"the dispatcher has {self._queued_count} runs waiting, its limit; retry later",
-                    subject="dispatcher_max_queued",
-                )
-            if self._queued_by_workspace.get(ws, 0) >= self.limits.max_queued_per_workspace:
-                raise QueueFull(
-                    "this workspace has too many runs waiting; retry later",
-                    subject="dispatcher_max_queued_per_workspace",
-                )
+            self.check_room(ws)
         conversations = self._queued.get(ws)
         if conversations is None:
             conversations = self._queued[ws] = OrderedDict()

@@ -26,12 +26,12 @@ import asyncio
 import base64
 import contextlib
 import datetime as dt
-import hashlib
 import json
 import logging
 import re
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
@@ -62,7 +62,6 @@ from switchboard.platform.errors import (
     HandlerFailed,
     InternalError,
     InvalidArgument,
-    QueueFull,
     RateLimited,
     RequestTooLarge,
     RunCancelled,
@@ -72,6 +71,7 @@ from switchboard.platform.errors import (
 )
 from switchboard.platform.policy import AuthMethod, Permission, Policy, Principal, Scope
 from switchboard.platform.status import to_status_proto
+from switchboard.platform.storage import idempotency
 
 log = logging.getLogger("switchboard.dispatcher")
 
@@ -138,7 +138,7 @@ class Active:
     #: The write of its RUNNING state, awaited before the final one.
     saving: asyncio.Future[None] | None = None
     #: Events waiting for this run's publisher, in order.
-    outbox: list[events_pb2.Event] = field(default_factory=list)
+    outbox: deque[events_pb2.Event] = field(default_factory=deque)
     publisher: asyncio.Task[None] | None = None
 
     @property
@@ -272,11 +272,8 @@ class Dispatcher:
         run.end_time.GetCurrentTime()
         run.last_sequence += 1
         await self._store.save(run.name.rsplit("/", 1)[-1], run)
-        update = pb.RunUpdate(run=run.name, sequence=run.last_sequence)
-        update.time.GetCurrentTime()
-        update.state_change.run.CopyFrom(run)
         await self._bus.publish(
-            self._event(run.name, item.workspace_id, item.conversation_id, update)
+            self._event(run.name, item.workspace_id, item.conversation_id, _snapshot(run))
         )
 
     # -- sending --------------------------------------------------------------------
@@ -291,19 +288,17 @@ class Dispatcher:
         flags = await self._screen(principal, request, workspace_id)
         choice = self.router.choose(request.handler, workspace_id, message)
         policy = request.concurrency_policy or pb.CONCURRENCY_POLICY_ENQUEUE
-        idempotency = ""
-        digest = ""
-        if request.request_id:
-            idempotency = f"{principal.user_id}/SendMessage/{request.request_id}"
-            digest = hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest()
-            earlier = await self._store.replayed(idempotency, digest)
+        key = idempotency(principal.user_id, "SendMessage", request)
+        if key is not None:
+            earlier = await self._store.replayed(key)
             if earlier is not None:
                 return await self._replay(principal, request, earlier)
         if policy == pb.CONCURRENCY_POLICY_REJECT and self.scheduler.active_in(
             request.conversation
         ):
             raise_busy()
-        self._check_room(workspace_id)
+        # Refused before anything is stored; admission itself then cannot fail.
+        self.scheduler.check_room(workspace_id)
 
         stored_message = await self._context.append_message(
             principal,
@@ -342,8 +337,7 @@ class Dispatcher:
                 worker=self.limits.instance_id,
                 run=run,
                 job=_job(principal, stored_for_handler, params, timeout),
-                idempotency_key=idempotency,
-                fingerprint=digest,
+                idempotency=key,
                 reject_if_active=policy == pb.CONCURRENCY_POLICY_REJECT,
             )
         )
@@ -351,7 +345,7 @@ class Dispatcher:
             return await self._replay(principal, request, created)
         if policy == pb.CONCURRENCY_POLICY_INTERRUPT:
             for earlier_name in self.scheduler.active_in(request.conversation):
-                earlier_active = self._by_id(earlier_name)
+                earlier_active = self._active.get(earlier_name)
                 if earlier_active is not None:
                     await self._cancel(
                         earlier_active,
@@ -475,12 +469,6 @@ class Dispatcher:
         current.last_sequence = active.feed.last
         return current
 
-    def _by_id(self, run_id: str) -> Active | None:
-        for active in self._active.values():
-            if active.run_id == run_id:
-                return active
-        return None
-
     async def _rate_limit(self, principal: Principal, workspace_id: str, conversation: str) -> None:
         for kind, key, limit in (
             (
@@ -503,28 +491,9 @@ class Dispatcher:
                     retry_after_s=max(reset_s, 1.0),
                 )
 
-    def _check_room(self, workspace_id: str) -> None:
-        # Refuse before anything is stored; admission itself then cannot fail.
-        limits = self.scheduler.limits
-        if self.scheduler.queued >= limits.max_queued:
-            raise QueueFull(
-                f"the dispatcher has {self.scheduler.queued} runs waiting, its limit; retry later",
-                subject="dispatcher_max_queued",
-            )
-        waiting = sum(
-            1
-            for a in self._active.values()
-            if a.workspace_id == workspace_id and a.ticket is not None and a.ticket.queued
-        )
-        if waiting >= limits.max_queued_per_workspace:
-            raise QueueFull(
-                "this workspace has too many runs waiting; retry later",
-                subject="dispatcher_max_queued_per_workspace",
-            )
-
     def _admit(self, active: Active, *, force: bool) -> None:
         ticket = Ticket(
-            run_id=active.run_id,
+            run_id=active.run.name,
             workspace=active.workspace_id,
             conversation=active.conversation,
             start=lambda _t: self._launch(active),
@@ -556,7 +525,7 @@ class Dispatcher:
             run.deadline.FromDatetime(
                 dt.datetime.now(dt.UTC) + dt.timedelta(seconds=active.timeout_s)
             )
-            run.last_sequence = active.feed.last + 1
+            self._state_changed(active)
             # Not awaited here: the handler starts while RUNNING is being stored
             # (writes are committed in order, so it lands before the final
             # state). A crash before it lands leaves the run QUEUED, and the
@@ -564,7 +533,6 @@ class Dispatcher:
             started = pb.Run()
             started.CopyFrom(run)
             active.saving = asyncio.ensure_future(self._store.save(active.run_id, started))
-            self._state_changed(active)
             output, result = await self._drive(active)
             run.output_message = output.name
             run.usage.CopyFrom(result.usage)
@@ -746,7 +714,7 @@ class Dispatcher:
         # every backend, while runs publish independently of each other.
         outbox = active.outbox
         while outbox:
-            event = outbox.pop(0)
+            event = outbox.popleft()
             try:
                 await self._bus.publish(event)
             except SwitchboardError:
@@ -859,15 +827,13 @@ class Dispatcher:
         if after_sequence < feed.first - 1:
             # Older updates are gone (a restart, or an endless stream trimmed):
             # start from a snapshot of the run, then follow without gaps.
-            snapshot = pb.RunUpdate(run=name, sequence=feed.first - 1)
-            snapshot.time.GetCurrentTime()
             active = self._active.get(name)
             if active is not None:
-                snapshot.state_change.run.CopyFrom(self._current(active.run))
+                current = self._current(active.run)
             else:
-                stored = await self._store.get(found[1], found[2], found[3])
-                snapshot.state_change.run.CopyFrom(stored.run)
-            snapshot.state_change.run.last_sequence = snapshot.sequence
+                current = (await self._store.get(found[1], found[2], found[3])).run
+            current.last_sequence = feed.first - 1
+            snapshot = _snapshot(current)
             yield snapshot
             after_sequence = snapshot.sequence
         async for update in feed.follow(after_sequence, heartbeat_s=self.limits.heartbeat_s):
@@ -891,11 +857,8 @@ class Dispatcher:
         try:
             position = after_sequence
             if run.last_sequence > position:
-                update = pb.RunUpdate(run=run.name, sequence=run.last_sequence)
-                update.time.GetCurrentTime()
-                update.state_change.run.CopyFrom(run)
                 position = run.last_sequence
-                yield update
+                yield _snapshot(run)
             if run.state in _TERMINAL:
                 return
             while True:
@@ -957,6 +920,14 @@ class Dispatcher:
         # Wait for the handler to stop and the run to be recorded, not longer:
         # CancelRun answers with the terminal run.
         await asyncio.wait([task], timeout=_FINISH_TIMEOUT_S)
+
+
+def _snapshot(run: pb.Run) -> pb.RunUpdate:
+    """A state change carrying the whole run, at the run's own ``last_sequence``."""
+    update = pb.RunUpdate(run=run.name, sequence=run.last_sequence)
+    update.time.GetCurrentTime()
+    update.state_change.run.CopyFrom(run)
+    return update
 
 
 def raise_busy() -> None:

@@ -15,33 +15,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
-from sqlalchemy import and_, delete, func, or_, select, update
-from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.platform.db import Database
-from switchboard.platform.errors import (
-    Conflict,
-    ConversationBusy,
-    DependencyUnavailable,
-    FieldViolation,
-    InvalidArgument,
-    NotFound,
-)
-from switchboard.platform.models import IdempotencyRow, RunRow
+from switchboard.platform.errors import Conflict, ConversationBusy, NotFound
+from switchboard.platform.models import RunRow
+from switchboard.platform.storage import Idempotency, claim, earlier, now, transaction
 
 log = logging.getLogger("switchboard.dispatcher.store")
 
 _T = TypeVar("_T")
-_OUTAGES: Final = (OperationalError, InterfaceError, PoolTimeout, TimeoutError, OSError)
 ACTIVE: Final = (pb.RUN_STATE_QUEUED, pb.RUN_STATE_RUNNING)
-IDEMPOTENCY_TTL: Final = dt.timedelta(hours=24)
-
-
-def now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 @dataclass(frozen=True)
@@ -65,9 +51,8 @@ class NewRun:
     worker: str
     run: pb.Run
     job: bytes
-    #: "<user>/SendMessage/<request_id>" and the request's fingerprint, or empty.
-    idempotency_key: str = ""
-    fingerprint: str = ""
+    #: The request's ``request_id`` key, if it has one.
+    idempotency: Idempotency | None = None
     #: Refuse (ConversationBusy) if the conversation has an active run.
     reject_if_active: bool = False
 
@@ -77,30 +62,22 @@ class RunStore:
         self._database = database
 
     async def _run(self, work: Callable[[Session], _T], *, write: bool) -> _T:
-        try:
-            return await self._database.run(work, write=write)
-        except IntegrityError as exc:
-            raise Conflict("a concurrent request wrote the same run; retry") from exc
-        except _OUTAGES as exc:
-            log.warning("dispatcher database call failed", exc_info=True)
-            raise DependencyUnavailable("the database is unavailable; retry") from exc
+        return await transaction(self._database, work, write=write, log=log)
 
-    async def replayed(self, key: str, fingerprint: str) -> Stored | None:
+    async def replayed(self, key: Idempotency) -> Stored | None:
         """The run an earlier request with this idempotency key created, if any."""
-
-        def work(db: Session) -> Stored | None:
-            return _replayed(db, key, fingerprint)
-
-        return await self._run(work, write=False)
+        return await self._run(lambda db: _replayed(db, earlier(db, key)), write=False)
 
     async def create(self, new: NewRun) -> tuple[Stored, bool]:
         """Insert the run; (the run, True) if an earlier request with the key made it."""
 
         def work(db: Session) -> tuple[Stored, bool]:
-            if new.idempotency_key:
-                earlier = _replayed(db, new.idempotency_key, new.fingerprint)
-                if earlier is not None:
-                    return earlier, True
+            first = claim(db, new.idempotency, new.run.name)
+            if first is not None:
+                replayed = _replayed(db, first)
+                if replayed is None:
+                    raise NotFound("the run created by this request_id is gone")
+                return replayed, True
             if new.reject_if_active:
                 busy = db.scalar(
                     select(func.count())
@@ -128,18 +105,14 @@ class RunStore:
                     job=new.job,
                 )
             )
-            if new.idempotency_key:
-                db.add(
-                    IdempotencyRow(
-                        key=new.idempotency_key,
-                        fingerprint=new.fingerprint,
-                        resource=new.run.name,
-                        created_at=when,
-                    )
-                )
             return Stored(new.run, new.job, new.workspace_id, new.conversation_id), False
 
-        return await self._run(work, write=True)
+        try:
+            return await self._run(work, write=True)
+        except Conflict:
+            # A concurrent twin won the key (PostgreSQL; SQLite serializes
+            # writers): this time the claim finds its run.
+            return await self._run(work, write=True)
 
     async def save(self, run_id: str, run: pb.Run, *, worker: str | None = None) -> None:
         """Persist the run's current state (and its new owner, if given)."""
@@ -215,32 +188,12 @@ class RunStore:
 
         return [_stored(row) for row in await self._run(work, write=False)]
 
-    async def purge_idempotency(self, older_than: dt.datetime) -> None:
-        def work(db: Session) -> None:
-            db.execute(
-                delete(IdempotencyRow).where(
-                    IdempotencyRow.created_at < older_than,
-                    IdempotencyRow.key.like("%/SendMessage/%"),
-                )
-            )
 
-        await self._run(work, write=True)
-
-
-def _replayed(db: Session, key: str, fingerprint: str) -> Stored | None:
-    found = db.get(IdempotencyRow, key)
-    if found is None or found.created_at < now() - IDEMPOTENCY_TTL:
+def _replayed(db: Session, resource: str | None) -> Stored | None:
+    if resource is None:
         return None
-    if found.fingerprint != fingerprint:
-        raise InvalidArgument(
-            "request_id was already used for a different request",
-            [FieldViolation("request_id", "was used for a different request")],
-        )
-    run_id = found.resource.rsplit("/", 1)[-1]
-    row = db.get(RunRow, run_id)
-    if row is None:  # the conversation was purged since
-        return None
-    return _stored(row)
+    row = db.get(RunRow, resource.rsplit("/", 1)[-1])
+    return None if row is None else _stored(row)  # None: purged with its conversation
 
 
 def _stored(row: RunRow) -> Stored:

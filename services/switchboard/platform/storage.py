@@ -1,0 +1,131 @@
+"""What every service's store shares: one transaction with its errors mapped,
+and request_id idempotency keys.
+
+Stores own their SQL; this module owns how a transaction's failure reaches a
+client (a race is ABORTED-like Conflict, an outage UNAVAILABLE, never a stack
+trace) and how a create request's ``request_id`` makes retries safe. The keys
+of every service live in one table (``idempotency_keys``, "<user>/<method>/<id>")
+and are purged by the context service's maintenance after ``IDEMPOTENCY_TTL``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final, TypeVar
+
+from google.protobuf.message import Message as ProtoMessage
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.orm import Session
+
+from switchboard.platform import names
+from switchboard.platform.db import Database
+from switchboard.platform.errors import (
+    Conflict,
+    DependencyUnavailable,
+    FieldViolation,
+    InvalidArgument,
+)
+from switchboard.platform.models import IdempotencyRow
+
+_T = TypeVar("_T")
+
+#: What a database outage looks like from a store.
+OUTAGES: Final = (OperationalError, InterfaceError, PoolTimeout, TimeoutError, OSError)
+#: Idempotency keys are kept this long; a retry after that creates anew.
+IDEMPOTENCY_TTL: Final = dt.timedelta(hours=24)
+
+
+async def transaction(
+    database: Database,
+    work: Callable[[Session], _T],
+    *,
+    write: bool,
+    snapshot: bool = False,
+    log: logging.Logger,
+) -> _T:
+    """One transaction of synchronous ORM code (``Database.run``), errors mapped."""
+    try:
+        return await database.run(work, write=write, snapshot=snapshot)
+    except IntegrityError as exc:
+        # Two writers raced for one key (PostgreSQL; SQLite serializes writers).
+        raise Conflict("a concurrent request wrote the same resource; retry") from exc
+    except OUTAGES as exc:
+        # SQLite "database is locked" past the busy timeout, a statement or
+        # pool timeout, a lost connection: the database is unavailable or
+        # overloaded, not the request wrong.
+        log.warning("database call failed", exc_info=True)
+        raise DependencyUnavailable("the database is unavailable; retry") from exc
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True)
+class Idempotency:
+    """A create request's idempotency key and the fingerprint of its request."""
+
+    key: str
+    fingerprint: str
+
+
+def idempotency(user_id: str, method: str, request: ProtoMessage) -> Idempotency | None:
+    """The key of ``request``'s ``request_id`` (None without one); INVALID_ARGUMENT if malformed."""
+    request_id: str = getattr(request, "request_id", "")
+    if not request_id:
+        return None
+    if not names.REQUEST_ID.match(request_id):
+        raise InvalidArgument(
+            "request_id is malformed",
+            [FieldViolation("request_id", "must be 1-64 letters, digits, '-' or '_'")],
+        )
+    return Idempotency(
+        key=f"{user_id}/{method}/{request_id}",
+        fingerprint=hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest(),
+    )
+
+
+def earlier(db: Session, key: Idempotency) -> str | None:
+    """The resource an earlier request with this key created, if its key is still kept.
+
+    The same key with a different request is the caller's mistake: INVALID_ARGUMENT.
+    """
+    return _resource(db.get(IdempotencyRow, key.key), key)
+
+
+def claim(db: Session, key: Idempotency | None, resource: str) -> str | None:
+    """Record ``key`` for ``resource``; the earlier resource instead if it was used."""
+    if key is None:
+        return None
+    # One read decides: a second one could see a concurrent twin's key, just
+    # committed, and take it for an expired one.
+    existing = db.get(IdempotencyRow, key.key)
+    found = _resource(existing, key)
+    if found is not None:
+        return found
+    if existing is not None:  # expired: this request creates anew
+        db.delete(existing)
+        db.flush()
+    db.add(
+        IdempotencyRow(
+            key=key.key, fingerprint=key.fingerprint, resource=resource, created_at=now()
+        )
+    )
+    db.flush()
+    return None
+
+
+def _resource(existing: IdempotencyRow | None, key: Idempotency) -> str | None:
+    if existing is None or existing.created_at <= now() - IDEMPOTENCY_TTL:
+        return None
+    if existing.fingerprint != key.fingerprint:
+        raise InvalidArgument(
+            "request_id was already used for a different request",
+            [FieldViolation("request_id", "was already used for a different request")],
+        )
+    return existing.resource
