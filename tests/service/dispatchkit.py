@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
-from google.protobuf import duration_pb2
 from grpc import aio
 
 from switchboard.api.context.v1 import context_pb2 as cpb
@@ -51,7 +50,6 @@ def request(
     if parameters:
         built.parameters.CopyFrom(struct(**parameters))
     if timeout_s:
-        built.timeout.CopyFrom(duration_pb2.Duration(nanos=0))
         built.timeout.FromMilliseconds(round(timeout_s * 1000))
     return built
 

@@ -27,7 +27,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -447,13 +447,9 @@ def _read_usage(data: object) -> tuple[int, int] | None:
 # Building the request
 
 
-def render(parts: Iterable[context_pb2.ContentPart]) -> str:
-    """A message's content as the text the model reads: the context service's rendering."""
-    return render_parts(parts)
-
-
 def _chat_message(message: context_pb2.Message) -> dict[str, str] | None:
-    text = render(message.parts)
+    # The context service's rendering: the model reads what was counted.
+    text = render_parts(message.parts)
     if message.role == context_pb2.MESSAGE_ROLE_TOOL:
         # The "tool" role needs the tool_call_id of a call this request never
         # made, so a stored tool output is shown to the model as quoted input.

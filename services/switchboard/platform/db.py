@@ -164,12 +164,10 @@ class Database:
         # worker thread (see ``run``). Not for ":memory:", which a second
         # engine could not see.
         self._sync_engine: Engine | None = None
-        self._sync_writers: sessionmaker[Session] | None = None
         self._sync_readers: sessionmaker[Session] | None = None
         self._executor: ThreadPoolExecutor | None = None
         if parsed.drivername == SQLITE_DRIVER and not _is_sqlite_memory(parsed):
             self._sync_engine = _sync_sqlite_engine(parsed, timeout_s)
-            self._sync_writers = sessionmaker(self._sync_engine, expire_on_commit=False)
             self._sync_readers = sessionmaker(
                 self._sync_engine.execution_options(**{SQLITE_BEGIN: "DEFERRED"}),
                 expire_on_commit=False,
@@ -208,20 +206,19 @@ class Database:
         transaction does anyway. The wait is bounded: a lock wait ends at the
         busy timeout, and the whole call at three times the database timeout.
         """
-        executor, makers = self._executor, self._sync_writers if write else self._sync_readers
-        if executor is not None and makers is not None:
+        executor, readers = self._executor, self._sync_readers
+        if executor is not None and readers is not None:
 
             def transaction() -> _T:
-                with makers() as session:
+                with readers() as session:
                     result = work(session)
                     session.commit()
                     return result
 
-            loop = asyncio.get_running_loop()
             async with asyncio.timeout(self._timeout_s * 3):
-                if not write:
-                    return await loop.run_in_executor(executor, transaction)
-                return await self._group_write(work)
+                if write:
+                    return await self._group_write(work)
+                return await asyncio.get_running_loop().run_in_executor(executor, transaction)
         async with (self.sessions if write else self.readers)() as session:
             if snapshot and self.dialect_name == "postgresql":
                 await session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
