@@ -178,7 +178,7 @@ QUICK: Final = Sizes(
     qps_warmup_calls=50,
     qps_seconds=2.0,
     qps_rounds=1,
-    profile_seconds=3.0,
+    profile_seconds=15.0,
 )
 
 
@@ -505,6 +505,32 @@ async def qps_send_case(
     return figures
 
 
+async def qps_floor_case(sizes: Sizes, directory: Path) -> dict[str, Any]:
+    """An authenticated call that stores nothing (ListHandlers): the interceptor chain's cost."""
+    url = f"sqlite+aiosqlite:///{directory / f'floor-{time.monotonic_ns()}.db'}"
+    with serve(directory, url, QPS_SETTINGS) as server:
+        async with _channel(server.address) as channel:
+            account = await register(channel, "floor@example.com")
+            await make_conversations(channel, account, 1)
+        waited = await wait_quiet(sizes.quiet_wait_s)
+        figures = run_client(
+            {
+                "mode": "qps",
+                "target": "floor",
+                "address": server.address,
+                "token": account.token,
+                "server_pid": server.pid,
+                "conversations": ["workspaces/bench-000/conversations/c"],
+                "callers": sizes.qps_callers,
+                "warmup_calls": sizes.qps_warmup_calls,
+                "seconds": sizes.qps_seconds,
+                "profile": None,
+            }
+        )
+    figures["quiet_wait_s"] = waited
+    return figures
+
+
 async def qps_bare_case(sizes: Sizes) -> dict[str, Any]:
     with bare_server() as (port, pid):
         waited = await wait_quiet(sizes.quiet_wait_s)
@@ -531,6 +557,8 @@ async def qps_scenario(sizes: Sizes, directory: Path) -> dict[str, Any]:
     for round_no in range(sizes.qps_rounds):
         bare = await qps_bare_case(sizes)
         say(f"qps round {round_no + 1}: bare echo: {_brief_qps(bare)}")
+        floor = await qps_floor_case(sizes, directory)
+        say(f"qps round {round_no + 1}: authenticated ListHandlers: {_brief_qps(floor)}")
         send = await qps_send_case(sizes, directory)
         say(
             f"qps round {round_no + 1}: SendMessage: {_brief_qps(send)}; "
@@ -660,6 +688,7 @@ async def _start_profile(spec: dict[str, Any]) -> asyncio.subprocess.Process | N
         str(int(profile["seconds"])),
         "--format",
         "raw",
+        "--gil",  # only the thread holding the GIL: where the interpreter's one core goes
         "--threads",  # each stack under its thread: the event loop's apart
         "--nonblocking",  # pausing the server 100 times a second halved its throughput
         "--output",
@@ -845,6 +874,7 @@ class QpsLoad:
             ECHO_METHOD, request_serializer=None, response_deserializer=None
         )
         self.bare = spec["target"] == "bare"
+        self.floor = spec["target"] == "floor"
         self.next = 0
         self.latencies: list[float] = []
         self.errors: collections.Counter[str] = collections.Counter()
@@ -856,6 +886,13 @@ class QpsLoad:
         self.next += 1
         if self.bare:
             await self.echo(self.payloads[index], timeout=30)
+            return
+        if self.floor:
+            await self.stub.ListHandlers(
+                pb.ListHandlersRequest(parent="workspaces/bench-000", page_size=1),
+                metadata=self.metadata,
+                timeout=30,
+            )
             return
         response = await self.stub.SendMessage(
             self.requests[index], metadata=self.metadata, timeout=30
@@ -928,7 +965,7 @@ class QpsLoad:
             **cpu.figures(len(self.latencies)),
             **main.figures(),
         }
-        if not self.bare:
+        if not self.bare and not self.floor:
             figures.update(await self.backlog())
             figures["sent"] = self.sent
             figures["last_runs"] = self.last_runs
@@ -1243,6 +1280,12 @@ def write_section(text: str) -> None:
     path.write_text(updated.rstrip("\n") + "\n")
 
 
+def _keep_profiles(directory: Path, keep: Path) -> None:
+    keep.mkdir(parents=True, exist_ok=True)
+    for raw in directory.glob("profile-*.txt"):
+        shutil.copy(raw, keep / raw.name)
+
+
 async def drive(args: argparse.Namespace) -> int:
     sizes = QUICK if args.quick else FULL
     if args.rounds:
@@ -1263,13 +1306,15 @@ async def drive(args: argparse.Namespace) -> int:
             results["qps"] = await qps_scenario(sizes, directory)
         if py_spy is not None:
             results["profile"] = await profile_scenario(sizes, directory, py_spy, wanted)
+            if args.profile_dir:
+                await asyncio.to_thread(_keep_profiles, directory, Path(args.profile_dir))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
     results["host"].append(await host_speed())
     say(f"done in {time.monotonic() - started:.0f} s")
     command = " ".join(["python bench/dispatcher.py", *sys.argv[1:]])
     command = command.replace(" --json", "").replace(" --write", "")
-    command = re.sub(r" --py-spy \S+", "", command)
+    command = re.sub(r" --(py-spy|profile-dir) \S+", "", command)
     text = render(results, command, sizes)
     if args.json:
         print(json.dumps({"results": results, "markdown": text}))
@@ -1298,6 +1343,9 @@ def main() -> int:
         "--profile", action="store_true", help="py-spy on the server in extra, unmeasured runs"
     )
     parser.add_argument("--py-spy", default="", help="the py-spy executable (default: on PATH)")
+    parser.add_argument(
+        "--profile-dir", default="", help="keep py-spy's raw profiles in this directory"
+    )
     args = parser.parse_args()
     return asyncio.run(drive(args))
 

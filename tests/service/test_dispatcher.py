@@ -45,6 +45,7 @@ from tests.service.contextkit import (
 )
 from tests.service.dispatchkit import (
     TERMINAL,
+    Watched,
     dispatcher_stub,
     finished,
     get_run,
@@ -123,6 +124,37 @@ async def test_a_message_is_stored_and_answered_by_echo(
     assert messages[1].author == "handlers/echo"
     assert messages[1].parts[0].text == seen.text
     assert (await get_run(dstub, world.viewer, run.name)) == run
+
+
+async def test_deltas_ready_together_go_out_as_one_and_paced_ones_one_by_one(
+    dstub: DStub, world: World, conversation: str
+) -> None:
+    """The echo yields its words without waiting: one delta. With a pause
+    between words, each word is flushed before the next one exists. Merging
+    stops at 16 KiB, so no delta grows without bound."""
+
+    def deltas(seen: Watched) -> list[str]:
+        return [u.delta.text for u in seen.updates if u.WhichOneof("update") == "delta"]
+
+    fast = await send(dstub, world.editor, request(conversation, "one two three four"))
+    fast_seen = await watch_all(dstub, world.editor, fast.run.name)
+    assert deltas(fast_seen) == [fast_seen.text]
+    assert fast_seen.text.startswith("one two three four\n\n(answered by handlers/echo")
+
+    paced = await send(dstub, world.editor, request(conversation, "one two three four", delay_ms=5))
+    paced_seen = await watch_all(dstub, world.editor, paced.run.name)
+    # The last word and the echo's trailer come out together: no pause between them.
+    assert deltas(paced_seen)[:3] == ["one", " two", " three"]
+    assert deltas(paced_seen)[3].startswith(" four\n\n(answered by handlers/echo")
+    assert len(deltas(paced_seen)) == 4
+
+    word = "x" * 2000
+    big = await send(dstub, world.editor, request(conversation, " ".join([word] * 10)))
+    big_seen = await watch_all(dstub, world.editor, big.run.name)
+    # Nine words pass 16 KiB (8 do not): the first delta ends there.
+    assert len(deltas(big_seen)) == 2
+    assert len(deltas(big_seen)[0].split()) == 9
+    assert "".join(deltas(big_seen)) == big_seen.text
 
 
 async def test_watch_resumes_after_a_sequence_without_gaps(

@@ -68,11 +68,19 @@ async def llm_mesh(
 
 async def test_the_llm_answers_by_default_with_usage_and_cost() -> None:
     async with FakeOpenAI(api_key=KEY) as fake:
-        fake.script(Reply.text("Paris is the capital.", usage=(1000, 500)))
+        gate = asyncio.Event()
+        fake.script(
+            Reply.text("Paris is the capital.", usage=(1000, 500), hold_after_chunks=1, hold=gate)
+        )
         async with llm_mesh(fake) as (server, stub, dstub):
             world = await ctx_world(server, stub)
             conversation = (await create_conversation(stub, world.editor, world.name)).name
             sent = await send(dstub, world.editor, request(conversation, "Capital of France?"))
+            # The first chunk reaches watchers while the model is still answering.
+            call, early = await until(dstub, world.editor, sent.run.name, "delta")
+            call.cancel()
+            assert early[-1].delta.text == "Paris"
+            gate.set()
             seen = await watch_all(dstub, world.editor, sent.run.name)
             messages = await all_messages(stub, world.editor, conversation)
 
@@ -80,7 +88,7 @@ async def test_the_llm_answers_by_default_with_usage_and_cost() -> None:
     assert run.handler == "handlers/llm"
     assert run.state == pb.RUN_STATE_SUCCEEDED
     assert seen.text == "Paris is the capital."
-    assert len([u for u in seen.updates if u.WhichOneof("update") == "delta"]) > 1
+    assert next(u.delta.text for u in seen.updates if u.WhichOneof("update") == "delta") == "Paris"
     assert (run.usage.input_tokens, run.usage.output_tokens) == (1000, 500)
     assert not run.usage.estimated
     assert run.usage.model == "primary/a-1"

@@ -1126,9 +1126,12 @@ class ContextStore:
             covered = 0
             upper = conversation.last_seq + 1
             # Newest first, in pages, until the budget is covered: a long
-            # conversation never loads more than what can fit (plus one). The
-            # bodies come along (Core rows, not ORM objects): nearly all of
-            # them end up in the window.
+            # conversation never loads more than what can fit (plus one page).
+            # Pages start small and double, so a small budget over a long
+            # conversation does not fetch hundreds of bodies it cannot use.
+            # The bodies come along (Core rows, not ORM objects): nearly all
+            # of them end up in the window.
+            page_size = _RECENT_FIRST_PAGE
             while covered <= budget:
                 page = (
                     db.execute(
@@ -1139,7 +1142,7 @@ class ContextStore:
                             MessageRow.seq < upper,
                         )
                         .order_by(MessageRow.seq.desc())
-                        .limit(_RECENT_PAGE)
+                        .limit(page_size)
                     )
                 ).all()
                 for seq, tokens, data in page:
@@ -1148,9 +1151,10 @@ class ContextStore:
                     covered += int(tokens)
                     if covered > budget:
                         break
-                if len(page) < _RECENT_PAGE:
+                if len(page) < page_size:
                     break
                 upper = int(page[-1][0])
+                page_size = min(page_size * 2, _RECENT_PAGE)
             return WindowRows(
                 conversation=conversation,
                 workspace_version=workspace_version,
@@ -1277,6 +1281,7 @@ _WINDOW_VERSIONS: Final = (
     "FROM conversations c WHERE c.id = :conversation"
 )
 _RECENT_PAGE: Final = 256
+_RECENT_FIRST_PAGE: Final = 32
 
 
 def _keyset(

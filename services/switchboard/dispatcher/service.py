@@ -92,6 +92,10 @@ _POLICIES: Final = frozenset(pb.ConcurrencyPolicy.values())
 #: Parameters of one run, serialized.
 _MAX_PARAMETER_BYTES: Final = 16 * 1024
 _MAX_REASON_CHARS: Final = 500
+#: Largest delta made of merged ones (a bigger one goes out as it is).
+_MAX_MERGED_DELTA_CHARS: Final = 16 * 1024
+#: Most run updates stored in one event log call (one pipeline on Redis).
+_PUBLISH_BATCH: Final = 256
 #: Bound on one bookkeeping call (storing a message, the final save of a run).
 _FINISH_TIMEOUT_S: Final = 10.0
 
@@ -573,15 +577,21 @@ class Dispatcher:
             return max(0.001, mono_deadline - time.monotonic())
 
         async with asyncio.timeout(active.timeout_s):
-            # The member may have left since the message was queued.
-            await self._policy.authorize(
-                active.principal, active.conversation, Permission.WRITE, "conversation"
-            )
             budget = active.handler.capabilities.max_context_tokens or 4000
-            window = await self._context.window(
-                active.principal,
-                cpb.GetContextWindowRequest(conversation=active.conversation, token_budget=budget),
-                timeout_s=left(),
+            # The member may have left since the message was queued. Checked
+            # alongside the window read (two reads, one wait on the path to
+            # the first delta); nothing reaches the handler unless both succeed.
+            _, window = await asyncio.gather(
+                self._policy.authorize(
+                    active.principal, active.conversation, Permission.WRITE, "conversation"
+                ),
+                self._context.window(
+                    active.principal,
+                    cpb.GetContextWindowRequest(
+                        conversation=active.conversation, token_budget=budget
+                    ),
+                    timeout_s=left(),
+                ),
             )
             request = handler_pb2.HandleRequest(
                 run=run.name,
@@ -611,13 +621,37 @@ class Dispatcher:
     async def _relay(self, active: Active, call: HandleCall) -> handler_pb2.HandleResult:
         """The handler's frames into the run's updates; returns its result."""
         frames = active.handler.handle(call)
+        # Deltas the handler yields without waiting in between (a fast model,
+        # several chunks in one network read, a busy server) go out as one
+        # delta, flushed once the handler waits: each update costs a feed
+        # entry, a frame per watcher and an event, however little text it holds.
+        pending: list[str] = []
+        pending_chars = 0
+        loop = asyncio.get_running_loop()
+
+        def flush() -> None:
+            nonlocal pending_chars
+            if pending:
+                update = pb.RunUpdate()
+                update.delta.text = "".join(pending)
+                pending.clear()
+                pending_chars = 0
+                self._emit(active, update)
+
         try:
             async for frame in frames:
                 kind = frame.WhichOneof("frame")
-                update = pb.RunUpdate()
                 if kind == "delta":
-                    update.delta.CopyFrom(frame.delta)
-                elif kind == "progress":
+                    if not pending:
+                        loop.call_soon(flush)
+                    pending.append(frame.delta.text)
+                    pending_chars += len(frame.delta.text)
+                    if pending_chars >= _MAX_MERGED_DELTA_CHARS:
+                        flush()
+                    continue
+                flush()
+                update = pb.RunUpdate()
+                if kind == "progress":
                     active.run.progress.CopyFrom(frame.progress)
                     update.progress.CopyFrom(frame.progress)
                 elif kind == "tool_call":
@@ -627,7 +661,10 @@ class Dispatcher:
                 else:
                     continue
                 self._emit(active, update)
+            flush()
         finally:
+            # Cancelled or failed: text not yet out stays out, after the end.
+            pending.clear()
             # An unfinished generator is closed now, not at garbage collection:
             # a remote call or an HTTP response ends with the run.
             close = getattr(frames, "aclose", None)
@@ -712,13 +749,15 @@ class Dispatcher:
     async def _publish(self, active: Active) -> None:
         # One publisher per run: its events reach the log in update order on
         # every backend, while runs publish independently of each other.
+        # Everything emitted while the previous batch was being stored goes
+        # in the next one: a fast handler costs a few log writes, not one per update.
         outbox = active.outbox
         while outbox:
-            event = outbox.popleft()
+            batch = [outbox.popleft() for _ in range(min(len(outbox), _PUBLISH_BATCH))]
             try:
-                await self._bus.publish(event)
+                await self._bus.publish_many(batch)
             except SwitchboardError:
-                log.warning("run update not published", extra={"run": active.run.name})
+                log.warning("run updates not published", extra={"run": active.run.name})
 
     async def _filtered(
         self,

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.platform.db import Database
 from switchboard.platform.errors import Conflict, ConversationBusy, NotFound
-from switchboard.platform.models import RunRow
+from switchboard.platform.models import RunRow, table_of
 from switchboard.platform.storage import Idempotency, claim, earlier, now, transaction
 
 log = logging.getLogger("switchboard.dispatcher.store")
@@ -125,7 +125,9 @@ class RunStore:
             values["worker"] = worker
 
         def work(db: Session) -> None:
-            db.execute(update(RunRow).where(RunRow.id == run_id).values(**values))
+            # Core, not an ORM-enabled UPDATE: no session state to synchronize.
+            table = table_of(RunRow)
+            db.connection().execute(update(table).where(table.c.id == run_id).values(**values))
 
         await self._run(work, write=True)
 

@@ -168,6 +168,19 @@ class EventBus:
             event.time.GetCurrentTime()
         return await self._backend.append(event)
 
+    async def publish_many(self, events: Sequence[events_pb2.Event]) -> None:
+        """``publish`` for several events, stored in this order and next to each other.
+
+        One call instead of one per event: a run's updates reach the embedded
+        log in one batch (one row insert, one commit) and Redis in one round trip.
+        """
+        for event in events:
+            if not event.id:
+                event.id = uuid.uuid4().hex
+            if not event.HasField("time"):
+                event.time.GetCurrentTime()
+        await self._backend.append_many(events)
+
     def _deliver(self, items: Sequence[Logged]) -> None:
         self.ring.append(items)
         self.fanout.deliver(items)

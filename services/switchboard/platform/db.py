@@ -281,6 +281,22 @@ class Database:
         if engine is None:
             raise OperationalError("", {}, RuntimeError("database closed"))
         outcomes: list[tuple[bool, Any]] = []
+        if len(works) == 1:
+            # Alone in its group (a quiet moment): the transaction is the
+            # work's own, so no savepoint is needed to roll it back alone.
+            with (
+                engine.connect() as connection,
+                Session(bind=connection, expire_on_commit=False) as session,
+            ):
+                try:
+                    result = works[0](session)
+                    session.commit()
+                except _GROUP_FATAL:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the work's own error, to its caller
+                    session.rollback()
+                    return [(False, exc)]
+                return [(True, result)]
         with engine.connect() as connection, connection.begin():
             for work in works:
                 session = Session(

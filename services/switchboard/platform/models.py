@@ -26,6 +26,7 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     String,
+    Table,
     Text,
     TypeDecorator,
     UniqueConstraint,
@@ -68,6 +69,11 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
         if value.tzinfo is None:  # SQLite drops the zone; we only ever store UTC
             return value.replace(tzinfo=dt.UTC)
         return value.astimezone(dt.UTC)
+
+
+def table_of(model: type[Base]) -> Table:
+    """The Core table behind ``model``, for statements that skip the ORM on hot paths."""
+    return Base.metadata.tables[str(model.__tablename__)]
 
 
 class Base(DeclarativeBase):
