@@ -1127,11 +1127,11 @@ class ContextStore:
             upper = conversation.last_seq + 1
             # Newest first, in pages, until the budget is covered: a long
             # conversation never loads more than what can fit (plus one page).
-            # Pages start small and double, so a small budget over a long
-            # conversation does not fetch hundreds of bodies it cannot use.
-            # The bodies come along (Core rows, not ORM objects): nearly all
-            # of them end up in the window.
-            page_size = _RECENT_FIRST_PAGE
+            # The first page is what the budget holds at 16 tokens a message,
+            # then pages double: a small budget over a long conversation does
+            # not fetch hundreds of bodies it cannot use. The bodies come along
+            # (Core rows, not ORM objects): nearly all of them end up in the window.
+            page_size = min(max(budget // 16, _RECENT_FIRST_PAGE), _RECENT_PAGE)
             while covered <= budget:
                 page = (
                     db.execute(
