@@ -505,6 +505,29 @@ async def qps_send_case(
     return figures
 
 
+async def _no_run_qps(
+    sizes: Sizes, target: str, address: str, token: str, pid: int
+) -> dict[str, Any]:
+    """A QPS case that starts no runs (the bare echo, or the authenticated floor)."""
+    waited = await wait_quiet(sizes.quiet_wait_s)
+    figures = run_client(
+        {
+            "mode": "qps",
+            "target": target,
+            "address": address,
+            "token": token,
+            "server_pid": pid,
+            "conversations": ["workspaces/bench-000/conversations/c"],
+            "callers": sizes.qps_callers,
+            "warmup_calls": sizes.qps_warmup_calls,
+            "seconds": sizes.qps_seconds,
+            "profile": None,
+        }
+    )
+    figures["quiet_wait_s"] = waited
+    return figures
+
+
 async def qps_floor_case(sizes: Sizes, directory: Path) -> dict[str, Any]:
     """An authenticated call that stores nothing (ListHandlers): the interceptor chain's cost."""
     url = f"sqlite+aiosqlite:///{directory / f'floor-{time.monotonic_ns()}.db'}"
@@ -512,44 +535,12 @@ async def qps_floor_case(sizes: Sizes, directory: Path) -> dict[str, Any]:
         async with _channel(server.address) as channel:
             account = await register(channel, "floor@example.com")
             await make_conversations(channel, account, 1)
-        waited = await wait_quiet(sizes.quiet_wait_s)
-        figures = run_client(
-            {
-                "mode": "qps",
-                "target": "floor",
-                "address": server.address,
-                "token": account.token,
-                "server_pid": server.pid,
-                "conversations": ["workspaces/bench-000/conversations/c"],
-                "callers": sizes.qps_callers,
-                "warmup_calls": sizes.qps_warmup_calls,
-                "seconds": sizes.qps_seconds,
-                "profile": None,
-            }
-        )
-    figures["quiet_wait_s"] = waited
-    return figures
+        return await _no_run_qps(sizes, "floor", server.address, account.token, server.pid)
 
 
 async def qps_bare_case(sizes: Sizes) -> dict[str, Any]:
     with bare_server() as (port, pid):
-        waited = await wait_quiet(sizes.quiet_wait_s)
-        figures = run_client(
-            {
-                "mode": "qps",
-                "target": "bare",
-                "address": f"127.0.0.1:{port}",
-                "token": "",
-                "server_pid": pid,
-                "conversations": ["workspaces/bench-000/conversations/c"],
-                "callers": sizes.qps_callers,
-                "warmup_calls": sizes.qps_warmup_calls,
-                "seconds": sizes.qps_seconds,
-                "profile": None,
-            }
-        )
-    figures["quiet_wait_s"] = waited
-    return figures
+        return await _no_run_qps(sizes, "bare", f"127.0.0.1:{port}", "", pid)
 
 
 async def qps_scenario(sizes: Sizes, directory: Path) -> dict[str, Any]:
