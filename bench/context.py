@@ -1297,11 +1297,11 @@ def _append_section(runs: list[dict[str, Any]], sizes: Sizes) -> list[str]:
     ]
 
 
-def write_section(text: str) -> None:
-    """Replace (or append) this section of BENCHMARKS.md."""
+def write_section(text: str, section: str = SECTION) -> None:
+    """Replace (or append) ``section`` (a ``## `` heading) of BENCHMARKS.md with ``text``."""
     path = ROOT / "BENCHMARKS.md"
     current = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = current.find(f"\n{SECTION}\n")
+    start = current.find(f"\n{section}\n")
     if start == -1:
         updated = current.rstrip("\n") + "\n\n" + text
     else:

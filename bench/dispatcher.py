@@ -83,6 +83,7 @@ from bench.context import (
     register,
     say,
     serve,
+    write_section,
 )
 
 _T = TypeVar("_T")
@@ -1275,20 +1276,6 @@ def _profile_section(profiles: dict[str, Any], sizes: Sizes) -> list[str]:
     return lines
 
 
-def write_section(text: str) -> None:
-    """Replace (or append) this section of BENCHMARKS.md."""
-    path = ROOT / "BENCHMARKS.md"
-    current = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = current.find(f"\n{SECTION}\n")
-    if start == -1:
-        updated = current.rstrip("\n") + "\n\n" + text
-    else:
-        end = current.find("\n## ", start + 1)
-        tail = current[end:] if end != -1 else "\n"
-        updated = current[: start + 1] + text.rstrip("\n") + "\n" + tail
-    path.write_text(updated.rstrip("\n") + "\n")
-
-
 def _keep_profiles(directory: Path, keep: Path) -> None:
     keep.mkdir(parents=True, exist_ok=True)
     for raw in directory.glob("profile-*.txt"):
@@ -1330,7 +1317,7 @@ async def drive(args: argparse.Namespace) -> int:
     else:
         print(text)
     if args.write:
-        write_section(text)
+        write_section(text, SECTION)
     return 0
 
 

@@ -15,7 +15,7 @@ from grpc import aio
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.handler.v1 import handler_pb2, handler_pb2_grpc
-from switchboard.mesh import create_server
+from switchboard.platform.config import Settings
 from switchboard.platform.server import SwitchboardServer
 from tests.conftest import make_settings
 from tests.e2e.expertproc import ExpertProcess
@@ -42,15 +42,9 @@ def expert(tmp_path: Path) -> Iterator[ExpertProcess]:
 
 
 @pytest.fixture
-async def mesh(expert: ExpertProcess) -> AsyncIterator[SwitchboardServer]:
-    server, _ = await create_server(
-        make_settings(dispatcher_remote_handlers=f"weather={expert.address}")
-    )
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.shutdown(grace=0)
+def settings(expert: ExpertProcess) -> Settings:
+    """The shared ``mesh`` fixture, with the expert as a static remote handler."""
+    return make_settings(dispatcher_remote_handlers=f"weather={expert.address}")
 
 
 @pytest.fixture

@@ -14,24 +14,19 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from grpc import aio
-
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.mesh import create_server
 from switchboard.platform.server import SwitchboardServer
-from tests.conftest import make_settings
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.service.contextkit import (
     Stub,
     all_messages,
-    context_stub,
     create_conversation,
     ctx_world,
 )
 from tests.service.dispatchkit import Stub as DStub
-from tests.service.dispatchkit import cancel, dispatcher_stub, request, send, until, watch_all
-from tests.service.test_dispatcher import reason_of
+from tests.service.dispatchkit import cancel, request, send, until, watch_all
+from tests.service.test_dispatcher import limited, reason_of
 
 KEY = "sk-test-secret-never-logged"
 
@@ -43,27 +38,20 @@ async def llm_mesh(
     fallbacks = []
     if backup is not None:
         fallbacks.append({"name": "backup", "base_url": backup.url, "api_key": "", "model": "b-1"})
-    server, _ = await create_server(
-        make_settings(
-            llm_base_url=primary.url,
-            llm_api_key=KEY,
-            llm_model="a-1",
-            llm_fallbacks=json.dumps(fallbacks),
-            llm_prices=json.dumps(
-                {
-                    "a-1": {"input_per_mtok": 1.0, "output_per_mtok": 2.0},
-                    "b-1": {"input_per_mtok": 10.0, "output_per_mtok": 20.0},
-                }
-            ),
-            llm_max_retries=1,
-        )
-    )
-    await server.start()
-    try:
-        async with aio.insecure_channel(server.address) as channel:
-            yield server, context_stub(channel), dispatcher_stub(channel)
-    finally:
-        await server.shutdown(grace=0)
+    async with limited(
+        llm_base_url=primary.url,
+        llm_api_key=KEY,
+        llm_model="a-1",
+        llm_fallbacks=json.dumps(fallbacks),
+        llm_prices=json.dumps(
+            {
+                "a-1": {"input_per_mtok": 1.0, "output_per_mtok": 2.0},
+                "b-1": {"input_per_mtok": 10.0, "output_per_mtok": 20.0},
+            }
+        ),
+        llm_max_retries=1,
+    ) as started:
+        yield started
 
 
 async def test_the_llm_answers_by_default_with_usage_and_cost() -> None:

@@ -125,6 +125,14 @@ class Fanout:
         return "", ""
 
 
+def _stamp(event: events_pb2.Event) -> None:
+    """Give ``event`` its id and time unless the publisher set them."""
+    if not event.id:
+        event.id = uuid.uuid4().hex
+    if not event.HasField("time"):
+        event.time.GetCurrentTime()
+
+
 class EventBus:
     """Publisher, in-memory ring and fan-out over one log backend."""
 
@@ -162,10 +170,7 @@ class EventBus:
         The cursor is set when the backend knows it at return (always on the
         embedded log; on Redis unless the event waits in the outbox).
         """
-        if not event.id:
-            event.id = uuid.uuid4().hex
-        if not event.HasField("time"):
-            event.time.GetCurrentTime()
+        _stamp(event)
         return await self._backend.append(event)
 
     async def publish_many(self, events: Sequence[events_pb2.Event]) -> None:
@@ -175,10 +180,7 @@ class EventBus:
         log in one batch (one row insert, one commit) and Redis in one round trip.
         """
         for event in events:
-            if not event.id:
-                event.id = uuid.uuid4().hex
-            if not event.HasField("time"):
-                event.time.GetCurrentTime()
+            _stamp(event)
         await self._backend.append_many(events)
 
     def _deliver(self, items: Sequence[Logged]) -> None:

@@ -280,7 +280,6 @@ class Database:
         engine = self._sync_engine
         if engine is None:
             raise OperationalError("", {}, RuntimeError("database closed"))
-        outcomes: list[tuple[bool, Any]] = []
         if len(works) == 1:
             # Alone in its group (a quiet moment): the transaction is the
             # work's own, so no savepoint is needed to roll it back alone.
@@ -288,36 +287,16 @@ class Database:
                 engine.connect() as connection,
                 Session(bind=connection, expire_on_commit=False) as session,
             ):
-                try:
-                    result = works[0](session)
-                    session.commit()
-                except _GROUP_FATAL:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - the work's own error, to its caller
-                    session.rollback()
-                    return [(False, exc)]
-                return [(True, result)]
+                return [_attempt(session, works[0])]
+        outcomes: list[tuple[bool, Any]] = []
         with engine.connect() as connection, connection.begin():
             for work in works:
-                session = Session(
+                with Session(
                     bind=connection,
                     join_transaction_mode="create_savepoint",
                     expire_on_commit=False,
-                )
-                try:
-                    result = work(session)
-                    session.commit()
-                    outcomes.append((True, result))
-                except _GROUP_FATAL:
-                    # Locked, I/O, disk full: the transaction itself may be gone.
-                    # Everything in the group fails and may be retried.
-                    session.close()
-                    raise
-                except Exception as exc:  # noqa: BLE001 - the work's own error, to its caller
-                    session.rollback()
-                    outcomes.append((False, exc))
-                finally:
-                    session.close()
+                ) as session:
+                    outcomes.append(_attempt(session, work))
         return outcomes
 
     async def fetch(self, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
@@ -459,6 +438,23 @@ def _sqlite_engine(url: URL, timeout_s: float) -> AsyncEngine:
     engine = create_async_engine(url, **options)
     _install_sqlite_hooks(engine.sync_engine, timeout_s, memory=memory)
     return engine
+
+
+def _attempt(session: Session, work: Callable[[Session], Any]) -> tuple[bool, Any]:
+    """Run and commit ``work``: (True, its result), or (False, its own error) rolled back.
+
+    Errors that may have ended the group's transaction itself (locked, I/O,
+    disk full) are raised: everything in the group fails and may be retried.
+    """
+    try:
+        result = work(session)
+        session.commit()
+    except _GROUP_FATAL:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the work's own error, to its caller
+        session.rollback()
+        return False, exc
+    return True, result
 
 
 def _settle(

@@ -319,10 +319,7 @@ class LocalLog:
     async def append(self, event: events_pb2.Event) -> events_pb2.Event:
         if self._closed:
             raise DependencyUnavailable("the event log is closed")
-        future: asyncio.Future[events_pb2.Event] = asyncio.get_running_loop().create_future()
-        self._pending.append((event, future))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write_loop(), name="eventlog-writer")
+        (future,) = self._enqueue([event])
         # Shielded: a publisher that gives up waiting does not unpublish; the
         # writer still stores and delivers the event.
         return await asyncio.shield(future)
@@ -330,6 +327,13 @@ class LocalLog:
     async def append_many(self, events: Sequence[events_pb2.Event]) -> None:
         if self._closed:
             raise DependencyUnavailable("the event log is closed")
+        # Queued together, so the writer usually stores them in one insert and commit.
+        await asyncio.shield(asyncio.gather(*self._enqueue(events)))
+
+    def _enqueue(
+        self, events: Sequence[events_pb2.Event]
+    ) -> list[asyncio.Future[events_pb2.Event]]:
+        """Queue ``events`` for the writer (started if idle); a future for each."""
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[events_pb2.Event]] = []
         for event in events:
@@ -338,8 +342,7 @@ class LocalLog:
             futures.append(future)
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_loop(), name="eventlog-writer")
-        # One batch for the writer: the events usually share one row insert and commit.
-        await asyncio.shield(asyncio.gather(*futures))
+        return futures
 
     async def _write_loop(self) -> None:
         while self._pending:
@@ -623,11 +626,7 @@ class RedisLog:
             return
         try:
             async with asyncio.timeout(self._timeout_s):
-                # One connection, one round trip: Redis runs them in this order.
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for event in events:
-                        await self._append_one(event, client=pipe)
-                    entry_ids = await pipe.execute()
+                entry_ids = await self._append_pipelined(events)
         except _REDIS_FAILURES as exc:
             self._mark_down(exc)
             for event in events:
@@ -637,6 +636,14 @@ class RedisLog:
         for event, entry_id in zip(events, entry_ids, strict=True):
             if entry_id is not None:
                 event.cursor = format_cursor(_position(entry_id))
+
+    async def _append_pipelined(self, events: Sequence[events_pb2.Event]) -> list[Any]:
+        """Append ``events`` in one round trip on one connection (Redis runs them in order)."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            for event in events:
+                await self._append_one(event, client=pipe)
+            entry_ids: list[Any] = await pipe.execute()
+        return entry_ids
 
     async def _append_one(self, event: events_pb2.Event, client: Any = None) -> Any:
         return await self._append(
@@ -660,10 +667,7 @@ class RedisLog:
             batch = [self._outbox[i] for i in range(min(len(self._outbox), _REDIS_PAGE // 10))]
             try:
                 async with asyncio.timeout(self._timeout_s * 4):
-                    async with self._client.pipeline(transaction=False) as pipe:
-                        for event in batch:
-                            await self._append_one(event, client=pipe)
-                        await pipe.execute()
+                    await self._append_pipelined(batch)
             except _REDIS_FAILURES as exc:
                 self._mark_down(exc)
                 await backoff.wait()
