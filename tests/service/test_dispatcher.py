@@ -38,6 +38,7 @@ from tests.service.contextkit import (
     context_stub,
     create_conversation,
     ctx_world,
+    member_name,
     refused,
     struct,
     tap,
@@ -88,6 +89,12 @@ async def conversation(stub: Stub, world: World) -> str:
 
 def _dispatcher(mesh: SwitchboardServer) -> Any:
     return mesh.deps.dispatcher
+
+
+async def _published(dispatcher: Any) -> None:
+    """Wait until every run's publisher has handed its events to the log."""
+    if dispatcher._publishers:
+        await asyncio.wait(set(dispatcher._publishers))
 
 
 # -- a run from start to end ------------------------------------------------------------
@@ -174,7 +181,7 @@ async def test_every_update_is_published_as_an_event_in_order(
         sent = await send(dstub, world.editor, request(conversation, "evented words"))
         seen = await watch_all(dstub, world.editor, sent.run.name)
         dispatcher = _dispatcher(mesh)
-        await asyncio.wait(set(dispatcher._publishers) or {asyncio.sleep(0)})
+        await _published(dispatcher)
         published = [
             e.run_updated.update
             for e in events.take()
@@ -185,6 +192,41 @@ async def test_every_update_is_published_as_an_event_in_order(
     assert [u.WhichOneof("update") for u in published] == [
         u.WhichOneof("update") for u in seen.updates
     ]
+
+
+async def test_a_run_refused_its_context_stores_and_publishes_every_state(
+    mesh: SwitchboardServer, stub: Stub, dstub: DStub, world: World, conversation: str
+) -> None:
+    # RUNNING is stored and published only once the run has read its context;
+    # a run that never gets there must still store and publish all it went through.
+    dispatcher = _dispatcher(mesh)
+    with tap(mesh) as events:
+        busy = await send(dstub, world.editor, request(conversation, "busy one", delay_ms=SLOW))
+        await until(dstub, world.editor, busy.run.name, "delta")
+        queued = await send(dstub, world.editor, request(conversation, "behind it"))
+        watching = asyncio.ensure_future(watch_all(dstub, world.owner, queued.run.name))
+        await until(dstub, world.owner, queued.run.name, "state_change")  # the watch is open
+        await stub.RemoveWorkspaceMember(
+            cpb.RemoveWorkspaceMemberRequest(name=member_name(world.name, world.editor)),
+            metadata=world.owner.md,
+            timeout=10,
+        )
+        await cancel_run(dstub, world.owner, busy.run.name)  # the queued run starts now
+        seen = await watching
+        await _published(dispatcher)
+        published = [
+            e.run_updated.update
+            for e in events.take()
+            if e.type == events_pb2.EVENT_TYPE_RUN_UPDATED
+            and e.run_updated.update.run == queued.run.name
+        ]
+    assert seen.states == [pb.RUN_STATE_QUEUED, pb.RUN_STATE_RUNNING, pb.RUN_STATE_FAILED]
+    assert seen.text == ""
+    assert [u.sequence for u in published] == seen.sequences
+    stored = await get_run(dstub, world.owner, queued.run.name)
+    assert stored.state == pb.RUN_STATE_FAILED
+    assert stored.HasField("start_time")
+    assert stored.HasField("end_time")
 
 
 async def test_list_runs_newest_first_with_pages_and_state_filter(

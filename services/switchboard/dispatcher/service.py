@@ -141,6 +141,8 @@ class Active:
     started: bool = False
     #: The write of its RUNNING state, awaited before the final one.
     saving: asyncio.Future[None] | None = None
+    #: RUNNING is not yet stored and its events wait in the outbox (see ``_begin``).
+    held: bool = False
     #: Events waiting for this run's publisher, in order.
     outbox: deque[events_pb2.Event] = field(default_factory=deque)
     publisher: asyncio.Task[None] | None = None
@@ -529,14 +531,10 @@ class Dispatcher:
             run.deadline.FromDatetime(
                 dt.datetime.now(dt.UTC) + dt.timedelta(seconds=active.timeout_s)
             )
+            # Watchers see RUNNING now (the feed); storing it and publishing
+            # its events wait until the run has read its context (``_begin``).
+            active.held = True
             self._state_changed(active)
-            # Not awaited here: the handler starts while RUNNING is being stored
-            # (writes are committed in order, so it lands before the final
-            # state). A crash before it lands leaves the run QUEUED, and the
-            # restart runs it as one that never started.
-            started = pb.Run()
-            started.CopyFrom(run)
-            active.saving = asyncio.ensure_future(self._store.save(active.run_id, started))
             output, result = await self._drive(active)
             run.output_message = output.name
             run.usage.CopyFrom(result.usage)
@@ -593,6 +591,7 @@ class Dispatcher:
                     timeout_s=left(),
                 ),
             )
+            self._begin(active)
             request = handler_pb2.HandleRequest(
                 run=run.name,
                 message=active.message,
@@ -672,8 +671,32 @@ class Dispatcher:
                 await close()
         raise HandlerFailure("the handler ended without a result")
 
+    def _begin(self, active: Active, *, store_running: bool = True) -> None:
+        """Store RUNNING and publish the run's held events; once, before its end.
+
+        Held back until the run's context is read: the path to the first delta
+        is a chain of database reads, and these writes, started with it, made
+        each of those reads wait for the interpreter (measured: the first
+        delta of an idle server 22 -> 17 ms). Not awaited: the handler starts
+        while RUNNING is being stored (writes are committed in order, so it
+        lands before the final state). A crash before it lands leaves the run
+        QUEUED, and the restart runs it as one that never started.
+        A run ending before this (failed, cancelled, stopping) publishes the
+        held events without storing RUNNING: its end is stored next.
+        """
+        if not active.held:
+            return
+        active.held = False
+        if store_running:
+            started = pb.Run()
+            started.CopyFrom(active.run)
+            active.saving = asyncio.ensure_future(self._store.save(active.run_id, started))
+        if active.outbox:
+            self._start_publisher(active)
+
     async def _finish(self, active: Active, error: SwitchboardError | None) -> None:
         run = active.run
+        self._begin(active, store_running=False)
         await self._started_saved(active)
         if error is not None:
             run.error.CopyFrom(_error_status(error))
@@ -692,6 +715,7 @@ class Dispatcher:
                 log.warning("could not persist the start of a run", extra={"run": active.run.name})
 
     async def _requeue_at_shutdown(self, active: Active) -> None:
+        self._begin(active, store_running=False)
         await self._started_saved(active)
         run = active.run
         run.state = pb.RUN_STATE_QUEUED
@@ -727,11 +751,14 @@ class Dispatcher:
         active.outbox.append(
             self._event(active.run.name, active.workspace_id, active.conversation_id, update)
         )
-        if active.publisher is None or active.publisher.done():
-            task = asyncio.get_running_loop().create_task(self._publish(active))
-            active.publisher = task
-            self._publishers.add(task)
-            task.add_done_callback(self._publishers.discard)
+        if not active.held and (active.publisher is None or active.publisher.done()):
+            self._start_publisher(active)
+
+    def _start_publisher(self, active: Active) -> None:
+        task = asyncio.get_running_loop().create_task(self._publish(active))
+        active.publisher = task
+        self._publishers.add(task)
+        task.add_done_callback(self._publishers.discard)
 
     @staticmethod
     def _event(
