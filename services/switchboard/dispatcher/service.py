@@ -371,14 +371,20 @@ class Dispatcher:
             feed=feed,
         )
         self._active[name] = active
+        # QUEUED goes out with RUNNING if the run starts now (see ``_begin``).
+        active.held = True
         self._state_changed(active)
+        response = pb.SendMessageResponse(message=stored_message)
+        response.run.CopyFrom(run)
+        # Admitted before anything else is awaited: a stored run is never left
+        # unscheduled by a caller that goes away.
+        self._admit(active, force=True)
+        if active.task is None:  # it waits its turn: say so now
+            self._release(active)
         if flags:
             await self._filtered(
                 principal, request.conversation, "content", "", flags=flags, run=name
             )
-        response = pb.SendMessageResponse(message=stored_message)
-        response.run.CopyFrom(run)
-        self._admit(active, force=True)
         return response
 
     def _validate(self, request: pb.SendMessageRequest) -> float:
@@ -510,6 +516,7 @@ class Dispatcher:
     def _launch(self, active: Active) -> None:
         if self._closing:
             # Stopping: it stays QUEUED in the database and runs after the restart.
+            self._release(active)
             return
         active.task = asyncio.get_running_loop().create_task(
             self._execute(active), name=f"run-{active.run_id}"
@@ -671,32 +678,35 @@ class Dispatcher:
                 await close()
         raise HandlerFailure("the handler ended without a result")
 
-    def _begin(self, active: Active, *, store_running: bool = True) -> None:
-        """Store RUNNING and publish the run's held events; once, before its end.
+    def _begin(self, active: Active) -> None:
+        """The run has read its context: store RUNNING, publish its held events.
 
-        Held back until the run's context is read: the path to the first delta
-        is a chain of database reads, and these writes, started with it, made
-        each of those reads wait for the interpreter (measured: the first
-        delta of an idle server 22 -> 17 ms). Not awaited: the handler starts
-        while RUNNING is being stored (writes are committed in order, so it
-        lands before the final state). A crash before it lands leaves the run
+        Held back until now because the path to the first delta is a chain of
+        database reads, and these writes, started alongside, made each of
+        those reads wait for the interpreter (measured: the first delta of an
+        idle server 22 -> 17 ms). Not awaited: the handler starts while
+        RUNNING is being stored (writes are committed in order, so it lands
+        before the final state). A crash before it lands leaves the run
         QUEUED, and the restart runs it as one that never started.
-        A run ending before this (failed, cancelled, stopping) publishes the
-        held events without storing RUNNING: its end is stored next.
         """
         if not active.held:
             return
-        active.held = False
-        if store_running:
-            started = pb.Run()
-            started.CopyFrom(active.run)
-            active.saving = asyncio.ensure_future(self._store.save(active.run_id, started))
-        if active.outbox:
-            self._start_publisher(active)
+        started = pb.Run()
+        started.CopyFrom(active.run)
+        active.saving = asyncio.ensure_future(self._store.save(active.run_id, started))
+        self._release(active)
+
+    def _release(self, active: Active) -> None:
+        """Publish the run's held events (it waits in the queue, or it ended
+        before reading its context: its end is stored next, RUNNING never)."""
+        if active.held:
+            active.held = False
+            if active.outbox:
+                self._start_publisher(active)
 
     async def _finish(self, active: Active, error: SwitchboardError | None) -> None:
         run = active.run
-        self._begin(active, store_running=False)
+        self._release(active)
         await self._started_saved(active)
         if error is not None:
             run.error.CopyFrom(_error_status(error))
@@ -715,7 +725,7 @@ class Dispatcher:
                 log.warning("could not persist the start of a run", extra={"run": active.run.name})
 
     async def _requeue_at_shutdown(self, active: Active) -> None:
-        self._begin(active, store_running=False)
+        self._release(active)
         await self._started_saved(active)
         run = active.run
         run.state = pb.RUN_STATE_QUEUED
