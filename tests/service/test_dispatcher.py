@@ -296,6 +296,27 @@ async def test_cancel_after_the_first_delta_stops_the_handler(
     assert (await cancel_run(dstub, world.editor, sent.run.name)).state == pb.RUN_STATE_CANCELLED
 
 
+async def test_a_run_waiting_its_turn_publishes_queued_at_once(
+    mesh: SwitchboardServer, dstub: DStub, world: World, conversation: str
+) -> None:
+    # A run that starts at once publishes QUEUED with RUNNING; one that waits
+    # must not wait to say so.
+    busy = await send(dstub, world.editor, request(conversation, "busy one", delay_ms=SLOW))
+    await until(dstub, world.editor, busy.run.name, "delta")
+    with tap(mesh) as events:
+        queued = await send(dstub, world.editor, request(conversation, "waits its turn"))
+        await _published(_dispatcher(mesh))
+        states = [
+            e.run_updated.update.state_change.run.state
+            for e in events.take()
+            if e.type == events_pb2.EVENT_TYPE_RUN_UPDATED
+            and e.run_updated.update.run == queued.run.name
+        ]
+    assert states == [pb.RUN_STATE_QUEUED]
+    await cancel_run(dstub, world.editor, busy.run.name)
+    assert (await finished(dstub, world.editor, queued.run.name)).state == pb.RUN_STATE_SUCCEEDED
+
+
 async def test_cancel_before_start_never_runs_the_handler(
     dstub: DStub, world: World, conversation: str
 ) -> None:
