@@ -32,6 +32,7 @@ from switchboard.platform.server import SwitchboardServer
 from tests.conftest import fresh_database_url, make_settings
 from tests.service.authkit import detail, reason
 from tests.service.contextkit import (
+    EventTap,
     Stub,
     World,
     all_messages,
@@ -89,6 +90,15 @@ async def conversation(stub: Stub, world: World) -> str:
 
 def _dispatcher(mesh: SwitchboardServer) -> Any:
     return mesh.deps.dispatcher
+
+
+def _run_events(events: EventTap, run: str) -> list[pb.RunUpdate]:
+    """The updates of ``run`` among the events tapped since the last take."""
+    return [
+        e.run_updated.update
+        for e in events.take()
+        if e.type == events_pb2.EVENT_TYPE_RUN_UPDATED and e.run_updated.update.run == run
+    ]
 
 
 async def _published(dispatcher: Any) -> None:
@@ -182,12 +192,7 @@ async def test_every_update_is_published_as_an_event_in_order(
         seen = await watch_all(dstub, world.editor, sent.run.name)
         dispatcher = _dispatcher(mesh)
         await _published(dispatcher)
-        published = [
-            e.run_updated.update
-            for e in events.take()
-            if e.type == events_pb2.EVENT_TYPE_RUN_UPDATED
-            and e.run_updated.update.run == sent.run.name
-        ]
+        published = _run_events(events, sent.run.name)
     assert [u.sequence for u in published] == seen.sequences
     assert [u.WhichOneof("update") for u in published] == [
         u.WhichOneof("update") for u in seen.updates
@@ -214,12 +219,7 @@ async def test_a_run_refused_its_context_stores_and_publishes_every_state(
         await cancel_run(dstub, world.owner, busy.run.name)  # the queued run starts now
         seen = await watching
         await _published(dispatcher)
-        published = [
-            e.run_updated.update
-            for e in events.take()
-            if e.type == events_pb2.EVENT_TYPE_RUN_UPDATED
-            and e.run_updated.update.run == queued.run.name
-        ]
+        published = _run_events(events, queued.run.name)
     assert seen.states == [pb.RUN_STATE_QUEUED, pb.RUN_STATE_RUNNING, pb.RUN_STATE_FAILED]
     assert seen.text == ""
     assert [u.sequence for u in published] == seen.sequences
@@ -306,12 +306,7 @@ async def test_a_run_waiting_its_turn_publishes_queued_at_once(
     with tap(mesh) as events:
         queued = await send(dstub, world.editor, request(conversation, "waits its turn"))
         await _published(_dispatcher(mesh))
-        states = [
-            e.run_updated.update.state_change.run.state
-            for e in events.take()
-            if e.type == events_pb2.EVENT_TYPE_RUN_UPDATED
-            and e.run_updated.update.run == queued.run.name
-        ]
+        states = [u.state_change.run.state for u in _run_events(events, queued.run.name)]
     assert states == [pb.RUN_STATE_QUEUED]
     await cancel_run(dstub, world.editor, busy.run.name)
     assert (await finished(dstub, world.editor, queued.run.name)).state == pb.RUN_STATE_SUCCEEDED
