@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Final, TypeVar
 
 from google.protobuf.message import Message as ProtoMessage
+from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
@@ -30,7 +31,7 @@ from switchboard.platform.errors import (
     FieldViolation,
     InvalidArgument,
 )
-from switchboard.platform.models import IdempotencyRow
+from switchboard.platform.models import IdempotencyRow, table_of
 
 _T = TypeVar("_T")
 
@@ -38,6 +39,15 @@ _T = TypeVar("_T")
 OUTAGES: Final = (OperationalError, InterfaceError, PoolTimeout, TimeoutError, OSError)
 #: Idempotency keys are kept this long; a retry after that creates anew.
 IDEMPOTENCY_TTL: Final = dt.timedelta(hours=24)
+
+# ``claim`` runs in every create with a request_id (each run's answer has one):
+# Core statements built once, not the ORM's unit of work.
+_KEYS: Final = table_of(IdempotencyRow)
+_KEY: Final = select(_KEYS.c.fingerprint, _KEYS.c.resource, _KEYS.c.created_at).where(
+    _KEYS.c.key == bindparam("key")
+)
+_DROP_KEY: Final = _KEYS.delete().where(_KEYS.c.key == bindparam("key"))
+_ADD_KEY: Final = _KEYS.insert()
 
 
 async def transaction(
@@ -95,7 +105,8 @@ def earlier(db: Session, key: Idempotency) -> str | None:
 
     The same key with a different request is the caller's mistake: INVALID_ARGUMENT.
     """
-    return _resource(db.get(IdempotencyRow, key.key), key)
+    row = db.get(IdempotencyRow, key.key)
+    return _resource(row.fingerprint, row.resource, row.created_at, key) if row else None
 
 
 def claim(db: Session, key: Idempotency | None, resource: str) -> str | None:
@@ -104,28 +115,34 @@ def claim(db: Session, key: Idempotency | None, resource: str) -> str | None:
         return None
     # One read decides: a second one could see a concurrent twin's key, just
     # committed, and take it for an expired one.
-    existing = db.get(IdempotencyRow, key.key)
-    found = _resource(existing, key)
-    if found is not None:
-        return found
-    if existing is not None:  # expired: this request creates anew
-        db.delete(existing)
-        db.flush()
-    db.add(
-        IdempotencyRow(
-            key=key.key, fingerprint=key.fingerprint, resource=resource, created_at=now()
-        )
+    connection = db.connection()
+    existing = connection.execute(_KEY, {"key": key.key}).first()
+    if existing is not None:
+        found = _resource(existing.fingerprint, existing.resource, existing.created_at, key)
+        if found is not None:
+            return found
+        # Expired: this request creates anew.
+        connection.execute(_DROP_KEY, {"key": key.key})
+    connection.execute(
+        _ADD_KEY,
+        {
+            "key": key.key,
+            "fingerprint": key.fingerprint,
+            "resource": resource,
+            "created_at": now(),
+        },
     )
-    db.flush()
     return None
 
 
-def _resource(existing: IdempotencyRow | None, key: Idempotency) -> str | None:
-    if existing is None or existing.created_at <= now() - IDEMPOTENCY_TTL:
+def _resource(
+    fingerprint: str, resource: str, created_at: dt.datetime, key: Idempotency
+) -> str | None:
+    if created_at <= now() - IDEMPOTENCY_TTL:
         return None
-    if existing.fingerprint != key.fingerprint:
+    if fingerprint != key.fingerprint:
         raise InvalidArgument(
             "request_id was already used for a different request",
             [FieldViolation("request_id", "was already used for a different request")],
         )
-    return existing.resource
+    return resource
