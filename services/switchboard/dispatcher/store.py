@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
@@ -28,6 +28,17 @@ log = logging.getLogger("switchboard.dispatcher.store")
 
 _T = TypeVar("_T")
 ACTIVE: Final = (pb.RUN_STATE_QUEUED, pb.RUN_STATE_RUNNING)
+
+# A run is inserted once and saved twice (started, ended): Core statements built
+# once, not the ORM's unit of work or a statement built per call.
+_RUNS: Final = table_of(RunRow)
+_INSERT_RUN: Final = _RUNS.insert()
+_SAVE_RUN: Final = (
+    update(_RUNS)
+    .where(_RUNS.c.id == bindparam("run"))
+    .values(state=bindparam("state"), data=bindparam("data"), updated_at=bindparam("stamp"))
+)
+_SAVE_RUN_MOVED: Final = _SAVE_RUN.values(worker=bindparam("owner"))
 
 
 @dataclass(frozen=True)
@@ -91,19 +102,20 @@ class RunStore:
                         "retry when it ends, or send with ENQUEUE or INTERRUPT",
                     )
             when = now()
-            db.add(
-                RunRow(
-                    id=new.run_id,
-                    workspace_id=new.workspace_id,
-                    conversation_id=new.conversation_id,
-                    state=new.run.state,
-                    worker=new.worker,
-                    creator=new.creator,
-                    created_at=when,
-                    updated_at=when,
-                    data=new.run.SerializeToString(),
-                    job=new.job,
-                )
+            db.connection().execute(
+                _INSERT_RUN,
+                {
+                    "id": new.run_id,
+                    "workspace_id": new.workspace_id,
+                    "conversation_id": new.conversation_id,
+                    "state": new.run.state,
+                    "worker": new.worker,
+                    "creator": new.creator,
+                    "created_at": when,
+                    "updated_at": when,
+                    "data": new.run.SerializeToString(),
+                    "job": new.job,
+                },
             )
             return Stored(new.run, new.job, new.workspace_id, new.conversation_id), False
 
@@ -117,17 +129,18 @@ class RunStore:
     async def save(self, run_id: str, run: pb.Run, *, worker: str | None = None) -> None:
         """Persist the run's current state (and its new owner, if given)."""
         values: dict[str, object] = {
+            "run": run_id,
             "state": run.state,
             "data": run.SerializeToString(),
-            "updated_at": now(),
+            "stamp": now(),
         }
+        statement = _SAVE_RUN
         if worker is not None:
-            values["worker"] = worker
+            values["owner"] = worker
+            statement = _SAVE_RUN_MOVED
 
         def work(db: Session) -> None:
-            # Core, not an ORM-enabled UPDATE: no session state to synchronize.
-            table = table_of(RunRow)
-            db.connection().execute(update(table).where(table.c.id == run_id).values(**values))
+            db.connection().execute(statement, values)
 
         await self._run(work, write=True)
 
