@@ -1159,6 +1159,16 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def provenance(command: str) -> list[str]:
+    """The when / machine / command lines every BENCHMARKS.md section starts with."""
+    return [
+        f"- when: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"- machine: {os.cpu_count()} cores, {_cpu_model()}; Python "
+        f"{platform.python_version()}, grpcio {metadata.version('grpcio')}",
+        f"- command: `{command}`",
+    ]
+
+
 def _verdict(p99: float, budget: float) -> str:
     return "met" if p99 < budget else "**missed**"
 
@@ -1168,10 +1178,7 @@ def render(results: dict[str, Any], command: str, sizes: Sizes) -> str:
     lines = [
         SECTION,
         "",
-        f"- when: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-        f"- machine: {os.cpu_count()} cores, {_cpu_model()}; Python "
-        f"{platform.python_version()}, grpcio {metadata.version('grpcio')}",
-        f"- command: `{command}`",
+        *provenance(command),
         "- shape: a real `switchboard serve --dev` process (default settings, in-memory "
         "window cache, JSON access log to a file) and the measuring client "
         "(`bench/context.py client`, grpc.aio, one channel) in separate processes on "

@@ -49,7 +49,6 @@ import contextlib
 import functools
 import json
 import os
-import platform
 import random
 import re
 import shutil
@@ -59,7 +58,6 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -70,16 +68,18 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.context.v1 import context_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
+from switchboard.dispatcher.store import TERMINAL
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for bench.*
 
 from bench.context import (
     Account,
     CpuMeter,
-    _cpu_model,
+    _machine_cpu_seconds,
     _quiet_gc,
     _summary,
     host_speed,
+    provenance,
     register,
     say,
     serve,
@@ -111,14 +111,6 @@ QPS_SETTINGS: Final[dict[str, str]] = {
 FIRST_DELTA_P99_BUDGET_MS: Final = 50.0
 #: SendMessage QPS / bare echo QPS (the issue's budget).
 QPS_RATIO_BUDGET: Final = 0.5
-TERMINAL: Final = frozenset(
-    {
-        pb.RUN_STATE_SUCCEEDED,
-        pb.RUN_STATE_FAILED,
-        pb.RUN_STATE_CANCELLED,
-        pb.RUN_STATE_DEADLINE_EXCEEDED,
-    }
-)
 #: Cores others may use for the machine to count as quiet before a case starts.
 QUIET_CORES: Final = 0.25
 #: Seconds a backlog of runs may take to drain before the check gives up.
@@ -363,13 +355,6 @@ def find_py_spy(given: str) -> str | None:
     return shutil.which("py-spy")
 
 
-def _machine_busy_s() -> float:
-    """CPU seconds every process on the machine has used (busy time of all cores)."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
 async def wait_quiet(limit_s: float) -> float:
     """Wait (at most ``limit_s``) for 2 s in a row with the machine nearly idle; seconds waited.
 
@@ -380,9 +365,9 @@ async def wait_quiet(limit_s: float) -> float:
     began = time.monotonic()
     quiet = 0
     while time.monotonic() - began < limit_s:
-        before = _machine_busy_s()
+        before = _machine_cpu_seconds()
         await asyncio.sleep(0.5)  # sampling the machine's load
-        quiet = quiet + 1 if (_machine_busy_s() - before) / 0.5 < QUIET_CORES else 0
+        quiet = quiet + 1 if (_machine_cpu_seconds() - before) / 0.5 < QUIET_CORES else 0
         if quiet >= 4:
             break
     waited = round(time.monotonic() - began, 1)
@@ -1029,10 +1014,7 @@ def render(results: dict[str, Any], command: str, sizes: Sizes) -> str:
     lines = [
         SECTION,
         "",
-        f"- when: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-        f"- machine: {os.cpu_count()} cores, {_cpu_model()}; Python "
-        f"{platform.python_version()}, grpcio {metadata.version('grpcio')}",
-        f"- command: `{command}`",
+        *provenance(command),
         "- shape: a real `switchboard serve --dev` process (embedded SQLite, in-memory cache "
         "and event log, JSON access log to a file), fresh for every case, and the measuring "
         "client (`bench/dispatcher.py client`, grpc.aio) in separate processes on loopback, "

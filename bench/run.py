@@ -196,39 +196,30 @@ def main() -> int:
         "Budgets: health p99 under 50 ms while logins run; at least 25 logins/s on 2 cores.",
         "",
     ]
-    if not args.no_events:
-        # Progress goes to stderr as it runs; stdout is one JSON line with the section.
-        events = subprocess.run(
-            [sys.executable, str(HERE / "events.py"), "--json"],
-            stdout=subprocess.PIPE,
-            text=True,
-            check=True,
-            timeout=900,
-        )
-        lines += [json.loads(events.stdout)["markdown"], ""]
-    if not args.no_context:
-        # The same protocol: progress on stderr, one JSON line with the section on stdout.
-        context = subprocess.run(
-            [sys.executable, str(HERE / "context.py"), "--json"],
-            stdout=subprocess.PIPE,
-            text=True,
-            check=True,
-            timeout=1200,
-        )
-        lines += [json.loads(context.stdout)["markdown"], ""]
-    if not args.no_dispatcher:
-        # The same protocol: progress on stderr, one JSON line with the section on stdout.
-        dispatcher = subprocess.run(
-            [sys.executable, str(HERE / "dispatcher.py"), "--json"],
-            stdout=subprocess.PIPE,
-            text=True,
-            check=True,
-            timeout=3600,
-        )
-        lines += [json.loads(dispatcher.stdout)["markdown"], ""]
+    # Each section's script prints progress on stderr and one JSON line with its section.
+    for skip, script, timeout_s in (
+        (args.no_events, "events.py", 900),
+        (args.no_context, "context.py", 1200),
+        (args.no_dispatcher, "dispatcher.py", 3600),
+    ):
+        if not skip:
+            lines += [_section(script, timeout_s), ""]
     (ROOT / "BENCHMARKS.md").write_text("\n".join(lines))
     print(f"wrote {ROOT / 'BENCHMARKS.md'}")
     return 0
+
+
+def _section(script: str, timeout_s: float) -> str:
+    """The BENCHMARKS.md section one of the scenario scripts measures (``--json``)."""
+    done = subprocess.run(
+        [sys.executable, str(HERE / script), "--json"],
+        stdout=subprocess.PIPE,
+        text=True,
+        check=True,
+        timeout=timeout_s,
+    )
+    markdown: str = json.loads(done.stdout)["markdown"]
+    return markdown
 
 
 if __name__ == "__main__":

@@ -30,11 +30,11 @@ from tests.service.dispatchkit import (
     dispatcher_stub,
     finished,
     get_run,
+    reason_of,
     request,
     send,
     until,
 )
-from tests.service.test_dispatcher import reason_of
 
 pytestmark = pytest.mark.e2e
 

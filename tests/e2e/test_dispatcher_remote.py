@@ -25,12 +25,12 @@ from tests.service.dispatchkit import (
     cancel,
     dispatcher_stub,
     finished,
+    reason_of,
     request,
     send,
     until,
     watch_all,
 )
-from tests.service.test_dispatcher import reason_of
 
 pytestmark = pytest.mark.e2e
 

@@ -3,27 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
+from google.rpc import error_details_pb2
 from grpc import aio
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
-from tests.service.contextkit import Signed, struct
+from switchboard.mesh import create_server
+from switchboard.platform.server import SwitchboardServer
+from tests.conftest import make_settings
+from tests.service.contextkit import Signed, context_stub, struct
+from tests.service.contextkit import Stub as ContextStub
 
 Stub: TypeAlias = "dispatcher_pb2_grpc.DispatcherServiceAsyncStub"
 
 TIMEOUT_S = 20.0
-TERMINAL = frozenset(
-    {
-        pb.RUN_STATE_SUCCEEDED,
-        pb.RUN_STATE_FAILED,
-        pb.RUN_STATE_CANCELLED,
-        pb.RUN_STATE_DEADLINE_EXCEEDED,
-    }
-)
 
 
 def dispatcher_stub(channel: aio.Channel) -> Stub:
@@ -139,3 +137,26 @@ async def finished(stub: Stub, caller: Signed, name: str) -> pb.Run:
     """The run once it is terminal (watched, not polled)."""
     seen = await watch_all(stub, caller, name)
     return seen.final
+
+
+def reason_of(run: pb.Run) -> str:
+    """The ErrorInfo reason of a run's error (empty if it has none)."""
+    info = error_details_pb2.ErrorInfo()
+    for packed in run.error.details:
+        if packed.Unpack(info):
+            return str(info.reason)
+    return ""
+
+
+@asynccontextmanager
+async def limited(
+    **overrides: Any,
+) -> AsyncIterator[tuple[SwitchboardServer, ContextStub, Stub]]:
+    """A mesh of its own with these settings, and its context and dispatcher stubs."""
+    server, _ = await create_server(make_settings(**overrides))
+    await server.start()
+    try:
+        async with aio.insecure_channel(server.address) as channel:
+            yield server, context_stub(channel), dispatcher_stub(channel)
+    finally:
+        await server.shutdown(grace=0)

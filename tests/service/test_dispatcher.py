@@ -10,7 +10,6 @@ import asyncio
 import itertools
 import time
 from collections.abc import AsyncIterator, Awaitable
-from contextlib import asynccontextmanager
 from importlib.metadata import EntryPoint
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from switchboard.api.events.v1 import events_pb2
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.auth.tokens import SigningKey, private_key_pem
 from switchboard.dispatcher.handlers import EchoHandler, Frame, HandleCall, text_of
+from switchboard.dispatcher.store import TERMINAL
 from switchboard.mesh import create_server
 from switchboard.platform.config import ConfigError, Settings
 from switchboard.platform.server import SwitchboardServer
@@ -45,18 +45,19 @@ from tests.service.contextkit import (
     tap,
     violations,
 )
+from tests.service.dispatchkit import Stub as DStub
 from tests.service.dispatchkit import (
-    TERMINAL,
     Watched,
     dispatcher_stub,
     finished,
     get_run,
+    limited,
+    reason_of,
     request,
     send,
     until,
     watch_all,
 )
-from tests.service.dispatchkit import Stub as DStub
 from tests.service.dispatchkit import cancel as cancel_run
 
 SLOW = 60_000  # ms between echoed words: the run outlives any test unless stopped
@@ -468,17 +469,6 @@ async def test_invalid_requests_name_their_fields(
     assert violations(error) == ["message.parts"]
 
 
-@asynccontextmanager
-async def limited(**overrides: Any) -> AsyncIterator[tuple[SwitchboardServer, Stub, DStub]]:
-    server, _ = await create_server(make_settings(**overrides))
-    await server.start()
-    try:
-        async with aio.insecure_channel(server.address) as channel:
-            yield server, context_stub(channel), dispatcher_stub(channel)
-    finally:
-        await server.shutdown(grace=0)
-
-
 def _filtered(events: list[events_pb2.Event]) -> list[events_pb2.MessageFiltered]:
     return [e.message_filtered for e in events if e.type == events_pb2.EVENT_TYPE_MESSAGE_FILTERED]
 
@@ -763,14 +753,6 @@ async def test_converse_sends_relays_and_cancels_on_one_stream(
     assert [f async for f in frames if f.WhichOneof("frame") != "heartbeat"] == []
 
 
-def reason_of(run: pb.Run) -> str:
-    info = error_details_pb2.ErrorInfo()
-    for packed in run.error.details:
-        if packed.Unpack(info):
-            return str(info.reason)
-    return ""
-
-
 # -- handler plugins -------------------------------------------------------------------------
 
 
@@ -832,7 +814,7 @@ async def test_an_entry_point_handler_is_listed_and_routed_to(
 async def test_a_plugin_that_is_not_a_handler_stops_the_start(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    _plugins(monkeypatch, "tests.service.test_dispatcher:reason_of")
+    _plugins(monkeypatch, "tests.service.dispatchkit:reason_of")
     with pytest.raises(ConfigError, match="dispatcher handlers"):
         await create_server(make_settings())
 

@@ -25,8 +25,7 @@ from tests.service.contextkit import (
     ctx_world,
 )
 from tests.service.dispatchkit import Stub as DStub
-from tests.service.dispatchkit import cancel, request, send, until, watch_all
-from tests.service.test_dispatcher import limited, reason_of
+from tests.service.dispatchkit import cancel, limited, reason_of, request, send, until, watch_all
 
 KEY = "sk-test-secret-never-logged"
 

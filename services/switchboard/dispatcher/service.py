@@ -49,7 +49,7 @@ from switchboard.dispatcher.feed import Feed, Feeds
 from switchboard.dispatcher.handlers import HandleCall, Handler, HandlerFailure, text_of
 from switchboard.dispatcher.router import Router
 from switchboard.dispatcher.scheduler import Scheduler, Ticket
-from switchboard.dispatcher.store import NewRun, RunStore, Stored
+from switchboard.dispatcher.store import TERMINAL, NewRun, RunStore, Stored
 from switchboard.platform import names, pagination
 from switchboard.platform.bus import EventBus
 from switchboard.platform.cache import Cache
@@ -80,14 +80,6 @@ _RUN = names.RUN
 _WORKSPACE = names.WORKSPACE
 _HANDLER = re.compile(r"^(handlers/)?[a-z][a-z0-9-]{1,62}$")
 _REQUEST_ID = names.REQUEST_ID
-_TERMINAL: Final = frozenset(
-    {
-        pb.RUN_STATE_SUCCEEDED,
-        pb.RUN_STATE_FAILED,
-        pb.RUN_STATE_CANCELLED,
-        pb.RUN_STATE_DEADLINE_EXCEEDED,
-    }
-)
 _POLICIES: Final = frozenset(pb.ConcurrencyPolicy.values())
 #: Parameters of one run, serialized.
 _MAX_PARAMETER_BYTES: Final = 16 * 1024
@@ -935,7 +927,7 @@ class Dispatcher:
             if run.last_sequence > position:
                 position = run.last_sequence
                 yield _snapshot(run)
-            if run.state in _TERMINAL:
+            if run.state in TERMINAL:
                 return
             while True:
                 try:
@@ -950,7 +942,7 @@ class Dispatcher:
                 yield update
                 if (
                     update.WhichOneof("update") == "state_change"
-                    and update.state_change.run.state in _TERMINAL
+                    and update.state_change.run.state in TERMINAL
                 ):
                     return
         finally:
@@ -968,7 +960,7 @@ class Dispatcher:
         active = self._active.get(name)
         if active is None:
             stored = await self._store.get(found[1], found[2], found[3])
-            if stored.run.state in _TERMINAL:
+            if stored.run.state in TERMINAL:
                 return stored.run
             # Owned by another replica (the mesh shape with several dispatchers).
             raise FailedPrecondition(
@@ -979,7 +971,7 @@ class Dispatcher:
         return self._current(active.run)
 
     async def _cancel(self, active: Active, error: SwitchboardError) -> None:
-        if active.run.state in _TERMINAL:
+        if active.run.state in TERMINAL:
             return
         if active.ticket is not None and self.scheduler.withdraw(active.ticket):
             active.run.state = pb.RUN_STATE_CANCELLED

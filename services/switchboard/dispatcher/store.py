@@ -28,6 +28,15 @@ log = logging.getLogger("switchboard.dispatcher.store")
 
 _T = TypeVar("_T")
 ACTIVE: Final = (pb.RUN_STATE_QUEUED, pb.RUN_STATE_RUNNING)
+#: The states a run ends in.
+TERMINAL: Final = frozenset(
+    {
+        pb.RUN_STATE_SUCCEEDED,
+        pb.RUN_STATE_FAILED,
+        pb.RUN_STATE_CANCELLED,
+        pb.RUN_STATE_DEADLINE_EXCEEDED,
+    }
+)
 
 # A run is inserted once and saved twice (started, ended): Core statements built
 # once, not the ORM's unit of work or a statement built per call.
