@@ -49,13 +49,12 @@ from switchboard.dispatcher.feed import Feed, Feeds
 from switchboard.dispatcher.handlers import HandleCall, Handler, HandlerFailure, text_of
 from switchboard.dispatcher.router import Router
 from switchboard.dispatcher.scheduler import Scheduler, Ticket
-from switchboard.dispatcher.store import TERMINAL, NewRun, RunStore, Stored
+from switchboard.dispatcher.store import TERMINAL, NewRun, RunStore, Stored, raise_busy
 from switchboard.platform import names, pagination
 from switchboard.platform.bus import EventBus
 from switchboard.platform.cache import Cache
 from switchboard.platform.errors import (
     ContentBlocked,
-    ConversationBusy,
     DeadlineExceeded,
     FailedPrecondition,
     FieldViolation,
@@ -253,9 +252,7 @@ class Dispatcher:
                 feed=feed,
             )
             if run.state == pb.RUN_STATE_RUNNING:
-                run.state = pb.RUN_STATE_QUEUED
-                run.ClearField("start_time")
-                run.ClearField("deadline")
+                _queued_again(run)
                 self._state_changed(active)  # numbers the update (run.last_sequence)
                 await self._store.save(run_id, run)
             self._active[run.name] = active
@@ -720,9 +717,7 @@ class Dispatcher:
         self._release(active)
         await self._started_saved(active)
         run = active.run
-        run.state = pb.RUN_STATE_QUEUED
-        run.ClearField("start_time")
-        run.ClearField("deadline")
+        _queued_again(run)
         await self._persist(active, "requeue")
 
     async def _persist(self, active: Active, what: str) -> None:
@@ -998,11 +993,11 @@ def _snapshot(run: pb.Run) -> pb.RunUpdate:
     return update
 
 
-def raise_busy() -> None:
-    raise ConversationBusy(
-        "the conversation already has an active run (policy REJECT); "
-        "retry when it ends, or send with ENQUEUE or INTERRUPT"
-    )
+def _queued_again(run: pb.Run) -> None:
+    """Back to QUEUED, as a run that never started (it will run again)."""
+    run.state = pb.RUN_STATE_QUEUED
+    run.ClearField("start_time")
+    run.ClearField("deadline")
 
 
 def _strip_prefix(message: cpb.Message, prefix: str) -> None:

@@ -106,10 +106,7 @@ class RunStore:
                     .where(RunRow.state.in_(ACTIVE))
                 )
                 if busy:
-                    raise ConversationBusy(
-                        "the conversation already has an active run (policy REJECT); "
-                        "retry when it ends, or send with ENQUEUE or INTERRUPT",
-                    )
+                    raise_busy()
             when = now()
             db.connection().execute(
                 _INSERT_RUN,
@@ -211,6 +208,14 @@ class RunStore:
             )
 
         return [_stored(row) for row in await self._run(work, write=False)]
+
+
+def raise_busy() -> None:
+    """Refuse a REJECT-policy message: the conversation has an active run."""
+    raise ConversationBusy(
+        "the conversation already has an active run (policy REJECT); "
+        "retry when it ends, or send with ENQUEUE or INTERRUPT"
+    )
 
 
 def _replayed(db: Session, resource: str | None) -> Stored | None:

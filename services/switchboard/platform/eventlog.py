@@ -601,22 +601,7 @@ class RedisLog:
     # -- appending ---------------------------------------------------------------
 
     async def append(self, event: events_pb2.Event) -> events_pb2.Event:
-        if self._closed:
-            raise DependencyUnavailable("the event log is closed")
-        if self._outbox or self._down_since is not None:
-            self._hold(event)
-            return event
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                entry_id = await self._append_one(event)
-        except _REDIS_FAILURES as exc:
-            # Maybe it landed (a timeout says nothing); the dedupe key makes the retry safe.
-            self._mark_down(exc)
-            self._hold(event)
-            return event
-        self._mark_up()
-        if entry_id is not None:
-            event.cursor = format_cursor(_position(entry_id))
+        await self.append_many([event])
         return event
 
     async def append_many(self, events: Sequence[events_pb2.Event]) -> None:
@@ -628,8 +613,12 @@ class RedisLog:
             return
         try:
             async with asyncio.timeout(self._timeout_s):
-                entry_ids = await self._append_pipelined(events)
+                if len(events) == 1:  # no pipeline needed for one command
+                    entry_ids = [await self._append_one(events[0])]
+                else:
+                    entry_ids = await self._append_pipelined(events)
         except _REDIS_FAILURES as exc:
+            # Maybe they landed (a timeout says nothing); the dedupe keys make the retry safe.
             self._mark_down(exc)
             for event in events:
                 self._hold(event)
