@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar, TypeVarTuple
 
@@ -36,7 +36,6 @@ from sqlalchemy.sql.elements import BindParameter, ColumnElement
 from switchboard.platform.db import Database
 from switchboard.platform.errors import (
     AlreadyExists,
-    Conflict,
     DependencyUnavailable,
     EtagMismatch,
     FailedPrecondition,
@@ -62,6 +61,7 @@ from switchboard.platform.storage import (
     OUTAGES,
     Idempotency,
     claim,
+    retrying,
     transaction,
 )
 
@@ -200,17 +200,6 @@ class ContextStore:
         """One transaction of synchronous ORM code (``Database.run``), errors mapped."""
         return await transaction(self._database, work, write=write, snapshot=snapshot, log=log)
 
-    async def _retrying(self, operation: Callable[[], Awaitable[_T]]) -> _T:
-        """Run a create once more if a concurrent twin won the idempotency key.
-
-        Only PostgreSQL can get here (SQLite writers are serialized): the
-        second run finds the winner's key and returns its result.
-        """
-        try:
-            return await operation()
-        except Conflict:
-            return await operation()
-
     async def _rows(self, query: Select[_R]) -> list[_R]:
         """The ORM objects a single-entity query selects, in one read transaction."""
         return await self._run(lambda db: list(db.execute(query).scalars()), write=False)
@@ -294,7 +283,7 @@ class ContextStore:
 
             return await self._run(tx, write=True)
 
-        return await self._retrying(run)
+        return await retrying(run)
 
     async def get_workspace(self, workspace_id: str) -> WorkspaceRow | None:
         def tx(db: Session) -> WorkspaceRow | None:
@@ -536,7 +525,7 @@ class ContextStore:
 
             return await self._run(tx, write=True)
 
-        return await self._retrying(run)
+        return await retrying(run)
 
     async def get_conversation(self, workspace_id: str, conversation_id: str) -> ConversationRow:
         """The conversation (soft-deleted ones too), or NotFound."""
@@ -744,7 +733,7 @@ class ContextStore:
 
             return await self._run(tx, write=True)
 
-        return await self._retrying(run)
+        return await retrying(run)
 
     def _remember_entities(
         self,

@@ -20,9 +20,16 @@ from sqlalchemy.orm import Session
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.platform.db import Database
-from switchboard.platform.errors import Conflict, ConversationBusy, NotFound
+from switchboard.platform.errors import ConversationBusy, NotFound
 from switchboard.platform.models import RunRow, table_of
-from switchboard.platform.storage import Idempotency, claim, earlier, now, transaction
+from switchboard.platform.storage import (
+    Idempotency,
+    claim,
+    earlier,
+    now,
+    retrying,
+    transaction,
+)
 
 log = logging.getLogger("switchboard.dispatcher.store")
 
@@ -125,12 +132,7 @@ class RunStore:
             )
             return Stored(new.run, new.job, new.workspace_id, new.conversation_id), False
 
-        try:
-            return await self._run(work, write=True)
-        except Conflict:
-            # A concurrent twin won the key (PostgreSQL; SQLite serializes
-            # writers): this time the claim finds its run.
-            return await self._run(work, write=True)
+        return await retrying(lambda: self._run(work, write=True))
 
     async def save(self, run_id: str, run: pb.Run, *, worker: str | None = None) -> None:
         """Persist the run's current state (and its new owner, if given)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
@@ -70,6 +70,18 @@ async def transaction(
         # overloaded, not the request wrong.
         log.warning("database call failed", exc_info=True)
         raise DependencyUnavailable("the database is unavailable; retry") from exc
+
+
+async def retrying(operation: Callable[[], Awaitable[_T]]) -> _T:
+    """Run a create once more if a concurrent twin won its idempotency key.
+
+    Only PostgreSQL can get here (SQLite writers are serialized): the second
+    run finds the winner's key and returns its result.
+    """
+    try:
+        return await operation()
+    except Conflict:
+        return await operation()
 
 
 def now() -> dt.datetime:
