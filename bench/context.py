@@ -43,6 +43,7 @@ import os
 import platform
 import queue
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -1159,6 +1160,24 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def command_line(script: str) -> str:
+    """How this run was started, as the report shows it (output flags left out)."""
+    command = " ".join([f"python {script}", *sys.argv[1:]])
+    command = command.replace(" --json", "").replace(" --write", "")
+    return re.sub(r" --(py-spy|profile-dir) \S+", "", command)
+
+
+def report(results: dict[str, Any], text: str, args: argparse.Namespace, section: str) -> None:
+    """Print the section (``--json``: with the figures, for bench/run.py); ``--write``
+    also puts it into BENCHMARKS.md."""
+    if args.json:
+        print(json.dumps({"results": results, "markdown": text}))
+    else:
+        print(text)
+    if args.write:
+        write_section(text, section)
+
+
 def provenance(command: str) -> list[str]:
     """The when / machine / command lines every BENCHMARKS.md section starts with."""
     return [
@@ -1344,15 +1363,8 @@ async def drive(args: argparse.Namespace) -> int:
         shutil.rmtree(directory, ignore_errors=True)
     results["host"].append(await host_speed())
     say(f"done in {time.monotonic() - started:.0f} s")
-    command = " ".join(["python bench/context.py", *sys.argv[1:]])
-    command = command.replace(" --json", "").replace(" --write", "")
-    text = render(results, command, sizes)
-    if args.json:
-        print(json.dumps({"results": results, "markdown": text}))
-    else:
-        print(text)
-    if args.write:
-        write_section(text)
+    text = render(results, command_line("bench/context.py"), sizes)
+    report(results, text, args, SECTION)
     return 0
 
 

@@ -78,12 +78,13 @@ from bench.context import (
     _machine_cpu_seconds,
     _quiet_gc,
     _summary,
+    command_line,
     host_speed,
     provenance,
     register,
+    report,
     say,
     serve,
-    write_section,
 )
 
 _T = TypeVar("_T")
@@ -1290,16 +1291,8 @@ async def drive(args: argparse.Namespace) -> int:
         shutil.rmtree(directory, ignore_errors=True)
     results["host"].append(await host_speed())
     say(f"done in {time.monotonic() - started:.0f} s")
-    command = " ".join(["python bench/dispatcher.py", *sys.argv[1:]])
-    command = command.replace(" --json", "").replace(" --write", "")
-    command = re.sub(r" --(py-spy|profile-dir) \S+", "", command)
-    text = render(results, command, sizes)
-    if args.json:
-        print(json.dumps({"results": results, "markdown": text}))
-    else:
-        print(text)
-    if args.write:
-        write_section(text, SECTION)
+    text = render(results, command_line("bench/dispatcher.py"), sizes)
+    report(results, text, args, SECTION)
     return 0
 
 
