@@ -485,9 +485,10 @@ def _tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+def _cpu_seconds(pid: int, *, thread: int = 0) -> float:
+    """User + system CPU seconds of a process (or one of its threads), from /proc."""
+    path = f"/proc/{pid}/task/{thread}/stat" if thread else f"/proc/{pid}/stat"
+    fields = Path(path).read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 

@@ -48,7 +48,6 @@ import collections
 import contextlib
 import functools
 import json
-import os
 import random
 import re
 import shutil
@@ -75,6 +74,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, 
 from bench.context import (
     Account,
     CpuMeter,
+    _cpu_seconds,
     _machine_cpu_seconds,
     _quiet_gc,
     _summary,
@@ -682,12 +682,12 @@ class MainThreadCpu:
     """CPU of the server's main thread (its event loop) over an interval, from /proc."""
 
     def __init__(self, pid: int) -> None:
-        self.path = Path(f"/proc/{pid}/task/{pid}/stat")
+        self.pid = pid
         self._start = self._end = self._sample()
 
     def _sample(self) -> tuple[float, float]:
-        fields = self.path.read_text().rpartition(")")[2].split()
-        return time.monotonic(), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        # The main thread's id is the process id.
+        return time.monotonic(), _cpu_seconds(self.pid, thread=self.pid)
 
     def start(self) -> None:
         self._start = self._end = self._sample()
