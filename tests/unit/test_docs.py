@@ -16,3 +16,49 @@ def test_readme_configuration_table_matches_settings() -> None:
     documented = set(re.findall(r"^\| `SWITCHBOARD_([A-Z0-9_]+)` \|", table, re.MULTILINE))
     expected = {name.upper() for name in Settings.model_fields}
     assert documented == expected
+
+
+def _servicer_classes() -> dict[str, type]:
+    """Each served service's full name and the servicer class the mesh registers for it."""
+    from switchboard import mesh
+
+    classes: dict[str, type] = {}
+    for module in (
+        mesh.auth_servicer,
+        mesh.context_servicer,
+        mesh.dispatcher_servicer,
+        mesh.integration_servicer,
+        mesh.events_servicer,
+    ):
+        service = module.SERVICE
+        name = f"{service.name}Servicer"
+        classes[service.full_name] = getattr(module, name)
+    return classes
+
+
+def _built_status(service_name: str, cls: type) -> str:
+    from switchboard import mesh
+    from switchboard.platform.unimplemented import is_placeholder
+
+    descriptor = mesh.SERVICES[service_name.split(".")[2]][0]
+    built = []
+    for method in descriptor.methods:
+        rpc = getattr(cls, method.name, None)
+        # The generated base class answers UNIMPLEMENTED too; only our own code counts.
+        ours = rpc is not None and not getattr(rpc, "__module__", "").endswith("_pb2_grpc")
+        built.append(ours and not is_placeholder(rpc))
+    if all(built):
+        return "built"
+    return "partly built" if any(built) else "contract only"
+
+
+def test_readme_service_status_matches_the_servicers() -> None:
+    text = README.read_text()
+    rows = dict(re.findall(r"^\| `(switchboard\.api\.\w+\.v1\.\w+Service)` \|[^|]*\| ([^|]*)\|$",
+                           text, re.MULTILINE))
+    classes = _servicer_classes()
+    assert set(rows) == set(classes), "the README's service table must list every served service"
+    for name, cls in classes.items():
+        status = rows[name].strip()
+        expected = _built_status(name, cls)
+        assert status.split(" (")[0] == expected, f"{name}: README says {status!r}, code is {expected}"

@@ -17,6 +17,15 @@ from switchboard.platform.errors import NotImplementedYet
 
 T = TypeVar("T", bound=type)
 
+#: Set on every placeholder this module installs, so tools (and the README's status
+#: test) can tell a built RPC from an honest UNIMPLEMENTED one.
+PLACEHOLDER_ATTR = "__switchboard_unimplemented__"
+
+
+def is_placeholder(rpc: object) -> bool:
+    """Whether ``rpc`` is a placeholder installed by ``unimplemented_rpcs``."""
+    return bool(getattr(rpc, PLACEHOLDER_ATTR, False))
+
 
 def _message(service: ServiceDescriptor, method: MethodDescriptor, planned: str) -> str:
     return f"{service.name}.{method.name} is not implemented yet; {planned}"
@@ -51,6 +60,7 @@ def unimplemented_rpcs(service: ServiceDescriptor, planned: str) -> Callable[[T]
             impl = _streaming(text) if method.server_streaming else _unary(text)
             impl.__name__ = method.name
             impl.__qualname__ = f"{cls.__qualname__}.{method.name}"
+            setattr(impl, PLACEHOLDER_ATTR, True)
             setattr(cls, method.name, impl)
         return cls
 
