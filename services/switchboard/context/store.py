@@ -33,10 +33,9 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
-from switchboard.platform.db import Database
+from switchboard.platform.db import Database, DatabaseUnavailable, is_outage
 from switchboard.platform.errors import (
     AlreadyExists,
-    DependencyUnavailable,
     EtagMismatch,
     FailedPrecondition,
     FieldViolation,
@@ -58,7 +57,6 @@ from switchboard.platform.models import (
 )
 from switchboard.platform.storage import (
     IDEMPOTENCY_TTL,
-    OUTAGES,
     Idempotency,
     claim,
     retrying,
@@ -70,9 +68,6 @@ _R = TypeVar("_R")
 _Ts = TypeVarTuple("_Ts")
 
 log = logging.getLogger("switchboard.context.store")
-
-#: What a database outage looks like from here.
-_OUTAGES: Final = OUTAGES
 
 # Statements of the per-message path, built once: building a statement (its
 # clauses and cache key) cost more than running it from SQLAlchemy's cache.
@@ -1100,9 +1095,11 @@ class ContextStore:
         params = _window_params(workspace_id, conversation_id, user_scope)
         try:
             rows = await self._database.fetch(_WINDOW_VERSIONS, params)
-        except _OUTAGES as exc:
-            log.warning("context database call failed", exc_info=True)
-            raise DependencyUnavailable("the database is unavailable; retry") from exc
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            log.warning("context database call failed: %s", type(exc).__name__)
+            raise DatabaseUnavailable() from exc
         return _window_versions(rows, workspace_id, conversation_id)
 
     def _window_version(

@@ -39,7 +39,14 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import URL, Connection, Engine, make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    DisconnectionError,
+    InterfaceError,
+    OperationalError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -48,6 +55,8 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, QueuePool
+
+from switchboard.platform.errors import DependencyUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +98,90 @@ POOL_RECYCLE_S: Final = 1800
 _alembic_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
     weakref.WeakKeyDictionary()
 )
+
+
+class DatabaseUnavailable(DependencyUnavailable):
+    """The database cannot do this now (down, restarting, locked, overloaded): retry."""
+
+    def __init__(self, message: str = "the database is unavailable; retry") -> None:
+        super().__init__(message)
+
+
+# SQLite primary result codes that say "not now" rather than "wrong": busy or
+# locked past the busy timeout, I/O, full disk, cannot open, out of memory,
+# interrupted, a read-only file (permissions, a full WAL directory).
+_SQLITE_OUTAGE_CODES: Final = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_NOMEM,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_INTERRUPT,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_PROTOCOL,
+    }
+)
+# PostgreSQL SQLSTATE classes that say "not now": 08 connection exception,
+# 53 insufficient resources (too many connections, disk full), 57 operator
+# intervention (shutting down, starting up, statement timeout), 58 system
+# error (I/O); and the retryable transaction rollbacks (serialization failure,
+# deadlock) and lock_not_available.
+_PG_OUTAGE_CLASSES: Final = frozenset({"08", "53", "57", "58"})
+_PG_OUTAGE_STATES: Final = frozenset({"40001", "40P01", "55P03"})
+# Deep enough for SQLAlchemy -> adapter -> driver -> socket error chains.
+_MAX_CHAIN: Final = 8
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` means the database cannot serve now, rather than that the work is wrong.
+
+    The one classification of database failures (requests answer UNAVAILABLE
+    with retry, health probes the database, background work retries later).
+    It follows the explicit causes (``raise ... from``, SQLAlchemy's ``orig``),
+    never ``__context__``: an error raised while handling an outage is not one.
+    Drivers disagree on wrapping: asyncpg's lost-connection and shutdown errors
+    reach us as a bare ``DBAPIError`` whose ``orig`` holds the asyncpg error,
+    so the SQLSTATE decides, not the wrapper's class. A SQLite error is judged
+    by its result code ("database is locked" is BUSY), so "no such table"
+    stays a bug.
+    """
+    seen: set[int] = set()
+    operational = False
+    node: BaseException | None = exc
+    while node is not None and id(node) not in seen and len(seen) < _MAX_CHAIN:
+        seen.add(id(node))
+        verdict = _judge(node)
+        if verdict is not None:
+            return verdict
+        operational = operational or isinstance(node, OperationalError | InterfaceError)
+        orig = getattr(node, "orig", None)
+        node = orig if isinstance(orig, BaseException) else node.__cause__
+    # Nothing more specific: PEP 249's OperationalError and InterfaceError are
+    # the database's or the connection's trouble, not the statement's.
+    return operational
+
+
+def _judge(exc: BaseException) -> bool | None:
+    """True or False when ``exc`` alone decides; None to look at its cause."""
+    if isinstance(exc, DatabaseUnavailable | PoolTimeout | DisconnectionError):
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, OSError | TimeoutError):  # ConnectionError is an OSError
+        return True
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        return code is not None and (code & 0xFF) in _SQLITE_OUTAGE_CODES
+    if type(exc).__module__.startswith("asyncpg"):
+        sqlstate = getattr(exc, "sqlstate", None)
+        if isinstance(sqlstate, str) and len(sqlstate) == 5:
+            return sqlstate[:2] in _PG_OUTAGE_CLASSES or sqlstate in _PG_OUTAGE_STATES
+        # Client-side errors carry no SQLSTATE; of those only "connection is
+        # closed" (and "... was closed in the middle of operation") is an outage.
+        return "closed" in str(exc)
+    return None
 
 
 def _alembic_lock() -> asyncio.Lock:

@@ -19,15 +19,13 @@ from typing import Final, TypeVar
 
 from google.protobuf.message import Message as ProtoMessage
 from sqlalchemy import bindparam, select
-from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from switchboard.platform import names
-from switchboard.platform.db import Database
+from switchboard.platform.db import Database, DatabaseUnavailable, is_outage
 from switchboard.platform.errors import (
     Conflict,
-    DependencyUnavailable,
     FieldViolation,
     InvalidArgument,
 )
@@ -35,8 +33,6 @@ from switchboard.platform.models import IdempotencyRow, table_of
 
 _T = TypeVar("_T")
 
-#: What a database outage looks like from a store.
-OUTAGES: Final = (OperationalError, InterfaceError, PoolTimeout, TimeoutError, OSError)
 #: Idempotency keys are kept this long; a retry after that creates anew.
 IDEMPOTENCY_TTL: Final = dt.timedelta(hours=24)
 
@@ -64,12 +60,14 @@ async def transaction(
     except IntegrityError as exc:
         # Two writers raced for one key (PostgreSQL; SQLite serializes writers).
         raise Conflict("a concurrent request wrote the same resource; retry") from exc
-    except OUTAGES as exc:
+    except Exception as exc:
+        if not is_outage(exc):
+            raise
         # SQLite "database is locked" past the busy timeout, a statement or
-        # pool timeout, a lost connection: the database is unavailable or
-        # overloaded, not the request wrong.
-        log.warning("database call failed", exc_info=True)
-        raise DependencyUnavailable("the database is unavailable; retry") from exc
+        # pool timeout, a lost connection, a server shutting down: the
+        # database is unavailable or overloaded, not the request wrong.
+        log.warning("database call failed: %s", type(exc).__name__)
+        raise DatabaseUnavailable() from exc
 
 
 async def retrying(operation: Callable[[], Awaitable[_T]]) -> _T:
