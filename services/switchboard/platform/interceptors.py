@@ -24,6 +24,7 @@ import grpc
 from grpc import aio
 
 from switchboard.platform.authn import Checker, Guard
+from switchboard.platform.db import DatabaseUnavailable, is_outage
 from switchboard.platform.errors import InternalError, SwitchboardError
 from switchboard.platform.logging import method_var, request_id_var
 from switchboard.platform.status import REQUEST_ID_KEY, to_grpc_status
@@ -85,6 +86,10 @@ class _Call:
         """Abort the call with the status ``exc`` maps to (raises AbortError)."""
         if isinstance(exc, SwitchboardError):
             error = exc
+        elif is_outage(exc):
+            # A raw database/network failure no store mapped: an outage, not a bug.
+            error_log.warning("dependency unavailable: %s", type(exc).__name__)
+            error = DatabaseUnavailable("a dependency is unavailable; retry")
         else:
             error_log.error("unhandled exception", exc_info=(type(exc), exc, exc.__traceback__))
             error = InternalError(GENERIC_INTERNAL_MESSAGE)
