@@ -7,6 +7,12 @@ a fresh one), returned in trailing metadata and in ``ErrorInfo.metadata``.
 A ``SwitchboardError`` becomes its rich status. Anything else is a bug: it is
 logged with the request id and the stack, and the client sees INTERNAL with a
 generic message, never the exception text.
+
+Request bodies are decoded here too, never by grpc: a body that does not parse
+(any method, health and reflection included; any message of a client stream)
+ends the call with INVALID_ARGUMENT and a generic message. Such bodies are the
+client's fault and cost nothing to send, so they are logged at most once per
+interval, with a count of the ones left out, and never with a traceback.
 """
 
 from __future__ import annotations
@@ -14,28 +20,31 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 from grpc import aio
 
 from switchboard.platform.authn import Checker, Guard
 from switchboard.platform.db import DatabaseUnavailable, is_outage
-from switchboard.platform.errors import InternalError, SwitchboardError
+from switchboard.platform.errors import InternalError, InvalidArgument, SwitchboardError
 from switchboard.platform.logging import method_var, request_id_var
 from switchboard.platform.status import REQUEST_ID_KEY, to_grpc_status
 
 log = logging.getLogger("switchboard.access")
 error_log = logging.getLogger("switchboard.errors")
 
-_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 # Probes and reflection are chatty; their access lines go to DEBUG.
 _QUIET_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 GENERIC_INTERNAL_MESSAGE = "internal error; quote the request id when reporting it"
+#: At most one "malformed request" log line per this many seconds.
+MALFORMED_LOG_INTERVAL_S = 10.0
 
 Behavior = Callable[..., Any]
 
@@ -49,9 +58,89 @@ else:  # the runtime classes are not subscriptable
 
 def _request_id(context: aio.ServicerContext[Any, Any]) -> str:
     for key, value in context.invocation_metadata() or ():
-        if key == REQUEST_ID_KEY and isinstance(value, str) and _REQUEST_ID_RE.match(value):
+        if key == REQUEST_ID_KEY and isinstance(value, str) and _REQUEST_ID_RE.fullmatch(value):
             return value
     return os.urandom(16).hex()
+
+
+class _Undecodable:
+    """What a request deserializer returns for a body that does not parse."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<undecodable request>"
+
+
+UNDECODABLE: Final = _Undecodable()
+
+
+def tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """``deserializer`` that returns ``UNDECODABLE`` instead of raising.
+
+    grpc turns a deserializer's exception into UNKNOWN with the exception's
+    text and logs its traceback; returning a marker instead lets the handler
+    answer INVALID_ARGUMENT itself.
+    """
+    if deserializer is None:  # raw bytes: nothing to decode
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # noqa: BLE001 - whatever a body makes the parser raise is the body's fault
+            return UNDECODABLE
+
+    return deserialize
+
+
+def message_name(deserializer: Callable[[bytes], Any] | None) -> str:
+    """The full name of the message ``deserializer`` (a ``FromString``) builds."""
+    owner = getattr(deserializer, "__self__", None)
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    name = getattr(descriptor, "full_name", None)
+    return name if isinstance(name, str) else "request message"
+
+
+class MalformedLog:
+    """At most one log line per interval about undecodable requests.
+
+    An anonymous client can send garbage as fast as the network allows; the
+    line says how many were left out since the last one instead.
+    """
+
+    def __init__(
+        self,
+        interval_s: float = MALFORMED_LOG_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._interval_s = interval_s
+        self._clock = clock
+        self._quiet_until = -math.inf
+        self._suppressed = 0
+
+    def record(self, method: str, peer: str) -> None:
+        now = self._clock()
+        if now < self._quiet_until:
+            self._suppressed += 1
+            return
+        log.warning(
+            "malformed request body",
+            extra={"method": method, "peer": peer, "suppressed": self._suppressed},
+        )
+        self._suppressed = 0
+        self._quiet_until = now + self._interval_s
+
+
+class _Malformed:
+    """How one method refuses an undecodable body."""
+
+    __slots__ = ("log", "message", "method")
+
+    def __init__(self, method: str, deserializer: Callable[[bytes], Any] | None, log: MalformedLog):
+        self.method = method
+        self.log = log
+        self.message = f"the request body is not a valid {message_name(deserializer)}"
 
 
 class _Call:
@@ -62,7 +151,18 @@ class _Call:
     than everything else here together.
     """
 
-    __slots__ = ("code", "context", "method", "peer", "request_id", "start", "tokens")
+    __slots__ = (
+        "code",
+        "context",
+        "inside",
+        "malformed",
+        "method",
+        "peer",
+        "request_id",
+        "start",
+        "stopped",
+        "task",
+    )
 
     def __init__(self, method: str, context: aio.ServicerContext[Any, Any]) -> None:
         self.method = method
@@ -74,8 +174,54 @@ class _Call:
         self.request_id = _request_id(context)
         self.code = grpc.StatusCode.OK
         self.start = time.perf_counter()
-        self.tokens = (request_id_var.set(self.request_id), method_var.set(method))
+        # Set, never reset: grpc runs every call in a task of its own, so these
+        # values die with the call's context. Resetting them would fail when a
+        # cancelled stream's generator is finalized later in another context.
+        request_id_var.set(self.request_id)
+        method_var.set(method)
+        #: The refusal of an undecodable client-stream message, once one came.
+        self.malformed: InvalidArgument | None = None
+        #: Whether the call's task is awaiting the servicer (so it may be cancelled).
+        self.inside = False
+        self.stopped = False
+        self.task: asyncio.Task[Any] | None = None
         context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
+
+    def begin(self, request: Any, streaming_request: bool, how: _Malformed) -> Any:
+        """The request the servicer gets; raises the refusal of an undecodable body."""
+        if streaming_request:
+            self.task = asyncio.current_task()
+            return _Requests(request, self, how)
+        if request is UNDECODABLE:
+            raise self.refuse(how)
+        return request
+
+    def raise_if_refused(self) -> None:
+        if self.malformed is not None:
+            raise self.malformed
+
+    def refuse(self, how: _Malformed) -> InvalidArgument:
+        """The error for an undecodable body; logged at most once per interval."""
+        if self.malformed is None:
+            how.log.record(self.method, self.peer)
+            self.malformed = InvalidArgument(how.message)
+            # A servicer reading its requests in a task of its own may not end
+            # the call when that task fails: stop the call's task so the
+            # refusal becomes the call's status now.
+            task = self.task
+            if self.inside and task is not None and task is not asyncio.current_task():
+                self.stopped = True
+                task.cancel()
+        return self.malformed
+
+    def stopped_by_refusal(self) -> bool:
+        """Whether a cancellation is our own (``refuse``); if so it is taken back."""
+        if not self.stopped:
+            return False
+        self.stopped = False
+        if self.task is not None:
+            self.task.uncancel()
+        return True
 
     def interrupted(self) -> None:
         """Cancelled, or aborted by the handler itself: record the code and let it go."""
@@ -104,90 +250,160 @@ class _Call:
                 level,
                 "rpc finished",
                 extra={
+                    # Explicit, not only from the context variables: a cancelled
+                    # stream's generator may be finalized in another context.
+                    "request_id": self.request_id,
+                    "method": self.method,
                     "code": self.code.name,
                     "duration_ms": round((time.perf_counter() - self.start) * 1000, 3),
                     "peer": self.peer,
                 },
             )
-        request_id_var.reset(self.tokens[0])
-        method_var.reset(self.tokens[1])
+
+
+class _Requests:
+    """A client stream's requests; an undecodable one fails the call with INVALID_ARGUMENT.
+
+    The refusal is raised to whoever reads (so a servicer stops at it) and
+    kept on the call, so it is the call's status even if the servicer
+    swallows it or reads in another task.
+    """
+
+    __slots__ = ("_call", "_how", "_inner")
+
+    def __init__(self, inner: AsyncIterator[Any], call: _Call, how: _Malformed) -> None:
+        self._inner = inner
+        self._call = call
+        self._how = how
+
+    def __aiter__(self) -> _Requests:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._call.malformed is not None:
+            raise self._call.malformed
+        item = await self._inner.__anext__()
+        if item is UNDECODABLE:
+            raise self._call.refuse(self._how)
+        return item
 
 
 def _wrap_unary_response(
-    method: str, behavior: Behavior, check: Checker | None, streaming_request: bool
+    method: str, behavior: Behavior, check: Checker | None, streaming_request: bool, how: _Malformed
 ) -> Behavior:
     async def handler(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         call = _Call(method, context)
         try:
+            request = call.begin(request, streaming_request, how)
             if check is not None:
                 await check(None if streaming_request else request, context)
             result = behavior(request, context)
             if inspect.isawaitable(result):
-                result = await result
+                call.inside = True
+                try:
+                    result = await result
+                finally:
+                    call.inside = False
+            call.raise_if_refused()
             return result
         except (asyncio.CancelledError, aio.AbortError):
+            if call.stopped_by_refusal() and call.malformed is not None:
+                await call.fail(call.malformed)
             call.interrupted()
             raise
         except Exception as exc:  # noqa: BLE001 - the one place every fault is mapped
-            await call.fail(exc)
+            call.stopped_by_refusal()
+            await call.fail(call.malformed or exc)
         finally:
             call.end()
 
     return handler
 
 
+async def _responses(call: _Call, result: Any) -> AsyncGenerator[Any, None]:
+    """What a streaming servicer produced, whichever style it is written in."""
+    if inspect.isasyncgen(result):
+        try:
+            while True:
+                call.inside = True
+                try:
+                    item = await anext(result)
+                except StopAsyncIteration:
+                    break
+                finally:
+                    call.inside = False
+                call.raise_if_refused()
+                yield item
+        finally:
+            # Run the servicer's cleanup now, in this call's task, also when the
+            # client went away while a response was being sent.
+            await result.aclose()
+    elif inspect.isawaitable(result):
+        # context.write style handler: it writes itself and returns None.
+        call.inside = True
+        try:
+            await result
+        finally:
+            call.inside = False
+    else:
+        for item in result:
+            yield item
+    call.raise_if_refused()
+
+
 def _wrap_stream_response(
-    method: str, behavior: Behavior, check: Checker | None, streaming_request: bool
+    method: str, behavior: Behavior, check: Checker | None, streaming_request: bool, how: _Malformed
 ) -> Behavior:
     async def handler(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         call = _Call(method, context)
         try:
+            request = call.begin(request, streaming_request, how)
             if check is not None:
                 await check(None if streaming_request else request, context)
-            result = behavior(request, context)
-            if inspect.isasyncgen(result):
-                async for item in result:
+            responses = _responses(call, behavior(request, context))
+            try:
+                async for item in responses:
                     yield item
-            elif inspect.isawaitable(result):
-                # context.write style handler: it writes itself and returns None.
-                await result
-            else:
-                for item in result:
-                    yield item
+            finally:
+                await responses.aclose()
         except (asyncio.CancelledError, aio.AbortError):
+            if call.stopped_by_refusal() and call.malformed is not None:
+                await call.fail(call.malformed)
             call.interrupted()
             raise
         except Exception as exc:  # noqa: BLE001 - the one place every fault is mapped
-            await call.fail(exc)
+            call.stopped_by_refusal()
+            await call.fail(call.malformed or exc)
         finally:
             call.end()
 
     return handler
 
 
-def _wrap(method: str, handler: Handler, check: Checker | None) -> Handler:
+def _wrap(method: str, handler: Handler, check: Checker | None, malformed: MalformedLog) -> Handler:
+    how = _Malformed(method, handler.request_deserializer, malformed)
     common = {
-        "request_deserializer": handler.request_deserializer,
+        "request_deserializer": tolerant(handler.request_deserializer),
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(
-            _wrap_unary_response(method, handler.unary_unary, check, False),
+            _wrap_unary_response(method, handler.unary_unary, check, False, how),
             **common,
         )
     if handler.stream_unary is not None:
         return grpc.stream_unary_rpc_method_handler(
-            _wrap_unary_response(method, handler.stream_unary, check, True),
+            _wrap_unary_response(method, handler.stream_unary, check, True, how),
             **common,
         )
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(
-            _wrap_stream_response(method, handler.unary_stream, check, False),
+            _wrap_stream_response(method, handler.unary_stream, check, False, how),
             **common,
         )
     if handler.stream_stream is not None:
         return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream_response(method, handler.stream_stream, check, True),
+            _wrap_stream_response(method, handler.stream_stream, check, True, how),
             **common,
         )
     return handler
@@ -204,9 +420,10 @@ class ErrorInterceptor(_InterceptorBase):
     live in the handler it returns, as it does here.
     """
 
-    def __init__(self, guard: Guard | None = None) -> None:
+    def __init__(self, guard: Guard | None = None, malformed: MalformedLog | None = None) -> None:
         self._wrapped: dict[str, Handler] = {}
         self._guard = guard
+        self._malformed = malformed or MalformedLog()
 
     async def intercept_service(
         self,
@@ -221,5 +438,5 @@ class ErrorInterceptor(_InterceptorBase):
         if handler is None:  # unknown method: grpc answers UNIMPLEMENTED itself
             return handler  # type: ignore[return-value]
         check = self._guard.checker(method) if self._guard is not None else None
-        wrapped = self._wrapped[method] = _wrap(method, handler, check)
+        wrapped = self._wrapped[method] = _wrap(method, handler, check, self._malformed)
         return wrapped
