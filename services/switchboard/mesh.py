@@ -66,7 +66,7 @@ from switchboard.platform.authn import Guard
 from switchboard.platform.bus import EventBus
 from switchboard.platform.cache import Cache
 from switchboard.platform.config import ConfigError, Settings
-from switchboard.platform.db import Database, open_database
+from switchboard.platform.db import Database, lock_sqlite_file, open_database
 from switchboard.platform.eventlog import LocalLog, LogBackend, RedisLog
 from switchboard.platform.membership import MembershipStore
 from switchboard.platform.policy import Policy
@@ -76,6 +76,8 @@ log = logging.getLogger("switchboard.mesh")
 
 #: Health entry that is NOT_SERVING while Redis is unreachable (scaled out only).
 REDIS_HEALTH = "switchboard.redis"
+#: Health entry that is NOT_SERVING while the database does not answer (every process).
+DATABASE_HEALTH = "switchboard.database"
 
 
 @dataclass(frozen=True)
@@ -369,6 +371,8 @@ async def open_deps(settings: Settings, resources: contextlib.AsyncExitStack) ->
             )
         except ValueError as exc:
             raise ConfigError(f"SWITCHBOARD_OIDC_JWKS_FILE: {exc}") from None
+    # Before anything touches the file: a second process on it is refused.
+    resources.enter_context(lock_sqlite_file(settings.database_url.get_secret_value()))
     database = await open_database(
         settings.database_url.get_secret_value(),
         timeout_s=settings.database_timeout_s,
@@ -477,6 +481,9 @@ async def create_server(settings: Settings) -> tuple[SwitchboardServer, int]:
     except BaseException:
         await resources.aclose()
         raise
+    # Requests answer UNAVAILABLE meanwhile; "" stays SERVING (docs/operations.md).
+    server.report(DATABASE_HEALTH, deps.database.health.serving)
+    deps.database.health.on_state_change(lambda serving: server.report(DATABASE_HEALTH, serving))
     if settings.redis_url.get_secret_value():
         # Redis away means degraded, not down: "" stays SERVING, this entry does not.
         server.report(REDIS_HEALTH, deps.bus.state == "ok")

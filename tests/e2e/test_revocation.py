@@ -29,13 +29,16 @@ CALL_TIMEOUT_S = 5.0
 
 
 @pytest.fixture
-def pair(tmp_path: Path, redis_server: RedisServer) -> Iterator[tuple[ServeProcess, ServeProcess]]:
+def pair(
+    tmp_path: Path, redis_server: RedisServer, postgres_url: str
+) -> Iterator[tuple[ServeProcess, ServeProcess]]:
     key_file = tmp_path / "k1.pem"
     key_file.write_bytes(private_key_pem(SigningKey.generate("k1")))
     env = {
         "SWITCHBOARD_SECRET_KEY": "e2e-secret-key-that-is-long-enough-000000",
         "SWITCHBOARD_SIGNING_KEYS": str(key_file),
-        "SWITCHBOARD_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/shared.db",
+        # Processes share PostgreSQL: a SQLite file belongs to one process.
+        "SWITCHBOARD_DATABASE_URL": postgres_url,
         "SWITCHBOARD_REDIS_URL": redis_server.url,
         "SWITCHBOARD_REDIS_TIMEOUT_S": "0.2",
         "SWITCHBOARD_REDIS_LEASE_S": "0.6",

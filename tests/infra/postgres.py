@@ -241,6 +241,39 @@ def _stop(server: PostgresServer, prefix: list[str]) -> None:
     )
 
 
+def stop_postgres(server: PostgresServer) -> None:
+    """Stop ``server`` at once (``pg_ctl stop -m immediate``), as a crash would; waits for it."""
+    _stop(server, _run_as_prefix())
+
+
+def start_postgres(server: PostgresServer) -> None:
+    """Start a stopped ``server`` again, on the same port and data directory; waits until ready."""
+    root = server.data_dir.parent
+    log_file = root / "postgres.log"
+    start = _run(
+        [
+            *_run_as_prefix(),
+            str(server.bin_dir / "pg_ctl"),
+            "--pgdata",
+            str(server.data_dir),
+            "--log",
+            str(log_file),
+            "--wait",
+            "--timeout",
+            str(START_TIMEOUT_S),
+            "--options",
+            f"-p {server.port}",
+            "start",
+        ],
+        cwd=root,
+        timeout=START_TIMEOUT_S + 10,
+    )
+    if start.returncode != 0:
+        raise PostgresUnavailable(
+            f"PostgreSQL did not restart: {start.stdout}{start.stderr}\n{_tail(log_file)}"
+        )
+
+
 @contextlib.contextmanager
 def running_postgres() -> Iterator[PostgresServer]:
     """Start a throwaway cluster; stop it and delete its files on exit."""

@@ -46,8 +46,13 @@ REDIS_TIMEOUT_S = 0.2
 
 
 @pytest.fixture
-def settings(redis_server: RedisServer) -> Settings:
-    return make_settings(redis_url=redis_server.url, redis_timeout_s=REDIS_TIMEOUT_S)
+def settings(request: pytest.FixtureRequest, redis_server: RedisServer) -> Settings:
+    shared: dict[str, object] = {}
+    if "other_mesh" in request.fixturenames:
+        # Two processes share the database: PostgreSQL, as a SQLite file
+        # belongs to one process (a second one is refused).
+        shared["database_url"] = request.getfixturevalue("postgres_url")
+    return make_settings(redis_url=redis_server.url, redis_timeout_s=REDIS_TIMEOUT_S, **shared)
 
 
 def hits(mesh: SwitchboardServer) -> int:

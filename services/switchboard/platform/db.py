@@ -24,13 +24,16 @@ for PostgreSQL expects. Read-only work may opt into ``DEFERRED`` with the
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
+import os
 import sqlite3
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -38,7 +41,7 @@ from typing import Any, Final, TypeVar
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import create_engine, event, text
-from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine, ExceptionContext, make_url
 from sqlalchemy.exc import (
     ArgumentError,
     DBAPIError,
@@ -54,8 +57,9 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, QueuePool
+from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, NullPool, QueuePool
 
+from switchboard.platform.config import ConfigError
 from switchboard.platform.errors import DependencyUnavailable
 
 log = logging.getLogger(__name__)
@@ -90,6 +94,12 @@ POOL_SIZE: Final = 5
 MAX_OVERFLOW: Final = 5
 # Recycle before common idle cuts (load balancers, pgbouncer) drop the socket.
 POOL_RECYCLE_S: Final = 1800
+
+#: Health probe period while the database answers (an outage seen by a call
+#: probes at once, so this only bounds how long an idle process takes to notice).
+HEALTH_INTERVAL_S: Final = 10.0
+#: Health probe period while it does not, and the least time between two probes.
+HEALTH_RETRY_S: Final = 0.5
 
 # Alembic keeps the running migration in module-level proxies (alembic.context,
 # alembic.op), so two migrations interleaving on one event loop would clobber
@@ -227,6 +237,153 @@ def _is_sqlite_memory(url: URL) -> bool:
     return url.database in (None, "", ":memory:")
 
 
+class DatabaseHealth:
+    """Whether the database answers now; NOT_SERVING during an outage, back by itself.
+
+    Every database failure is shown to ``observe`` (from any thread); an outage
+    (``is_outage``) makes the monitor probe at once, so a stopped server is
+    noticed on the first failed call rather than a period later. The probe,
+    a trivial statement on a connection of its own (not from the pool, so a
+    saturated pool is not taken for an outage), decides: only a failed probe
+    turns the state to down, so one lock timeout or dropped connection does
+    not flap it. While down it probes every ``retry_s`` until the database
+    answers. Listeners (``on_state_change``) hear each transition.
+    """
+
+    def __init__(
+        self,
+        probe: Callable[[], Awaitable[None]],
+        *,
+        interval_s: float = HEALTH_INTERVAL_S,
+        retry_s: float = HEALTH_RETRY_S,
+    ) -> None:
+        self._probe = probe
+        self._interval_s = interval_s
+        self._retry_s = retry_s
+        self.serving = True
+        self._listeners: list[Callable[[bool], None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def on_state_change(self, listener: Callable[[bool], None]) -> None:
+        """Call ``listener(serving)`` on every transition."""
+        self._listeners.append(listener)
+
+    def start(self) -> None:
+        """Probe in the background until ``close``."""
+        if self._task is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._run(), name="database-health")
+
+    def observe(self, exc: BaseException) -> None:
+        """Note a failed database call; an outage makes the monitor probe now. Any thread."""
+        loop, wake = self._loop, self._wake
+        if loop is None or not self.serving or not is_outage(exc):
+            return
+        try:
+            if asyncio.get_running_loop() is loop:
+                wake.set()
+                return
+        except RuntimeError:  # a driver or worker thread
+            pass
+        with contextlib.suppress(RuntimeError):  # the loop already closed
+            loop.call_soon_threadsafe(wake.set)
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        wake = self._wake
+        while True:
+            if self.serving:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._interval_s):
+                        await wake.wait()
+            wake.clear()
+            try:
+                await self._probe()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - whatever stops the probe is "down"
+                self._set(False, type(exc).__name__)
+            else:
+                self._set(True, "")
+            # The least gap between probes (and the retry period while down):
+            # a burst of failing calls must not turn into a burst of probes.
+            await asyncio.sleep(self._retry_s)
+
+    def _set(self, serving: bool, error: str) -> None:
+        if serving == self.serving:
+            return
+        self.serving = serving
+        if serving:
+            log.warning("the database answers again")
+        else:
+            log.error("the database does not answer", extra={"error": error})
+        for listener in self._listeners:
+            try:
+                listener(serving)
+            except Exception:  # a broken listener must not stop the monitor
+                log.exception("database health listener failed")
+
+
+class DatabaseInUse(ConfigError):
+    """Another process serves this SQLite file (see ``lock_sqlite_file``)."""
+
+
+@contextlib.contextmanager
+def lock_sqlite_file(url: str) -> Iterator[None]:
+    """Hold ``<file>.lock`` exclusively while serving a SQLite file; DatabaseInUse if taken.
+
+    A SQLite file belongs to one serving process: two would each number the
+    embedded event log from what they remember, recover each other's runs,
+    and keep caches the other never invalidates. Refusing at start is the only
+    state that is never half right. The lock is an advisory ``flock`` on a
+    sidecar file (the database file itself is SQLite's to lock): released by
+    the kernel when the process dies, however it dies, so a crash never
+    leaves a stale lock; the holder's pid is written in it for the message.
+    Only serving takes it: ``switchboard migrate`` does not (SQLite's own
+    locks order it against a running server). PostgreSQL and ":memory:"
+    take nothing.
+    """
+    parsed = _parse_url(url)
+    if parsed.drivername != SQLITE_DRIVER or _is_sqlite_memory(parsed):
+        yield
+        return
+    path = Path(parsed.database or "").resolve()
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise ConfigError(
+            f"{SETTING_NAME}: cannot create the lock file {lock_path}: {exc.strerror}"
+        ) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            who = f"process {holder}" if holder.isdigit() else "another process"
+            raise DatabaseInUse(
+                f"the SQLite database {path} is in use by {who} (lock {lock_path}); "
+                "one process per SQLite file: stop the other one, or use PostgreSQL "
+                "for several processes"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        # Closing the descriptor releases the lock; the file stays (deleting
+        # it would race with a process that just opened it).
+        os.close(fd)
+
+
 class Database:
     """One async engine and its session factory; open at start, close at shutdown."""
 
@@ -273,6 +430,23 @@ class Database:
         self._thread_connections = threading.local()
         self._raw_connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
+        # Health probes connect on their own (PostgreSQL): a pool that is
+        # saturated, or holds connections a restarted server dropped, must not
+        # read as an outage, and an outage must not wait for the pool.
+        self._probe_engine: AsyncEngine | None = None
+        if parsed.drivername == POSTGRES_DRIVER:
+            self._probe_engine = create_async_engine(
+                parsed,
+                poolclass=NullPool,
+                connect_args={"timeout": timeout_s, "command_timeout": timeout_s},
+            )
+        self.health = DatabaseHealth(self._probe)
+        for engine in (self.engine.sync_engine, self._sync_engine):
+            if engine is not None:
+                event.listen(engine, "handle_error", self._observe_error)
+
+    def _observe_error(self, context: ExceptionContext) -> None:
+        self.health.observe(context.original_exception)
 
     @property
     def dialect_name(self) -> str:
@@ -299,6 +473,14 @@ class Database:
         transaction does anyway. The wait is bounded: a lock wait ends at the
         busy timeout, and the whole call at three times the database timeout.
         """
+        try:
+            return await self._run(work, write=write, snapshot=snapshot)
+        except Exception as exc:
+            # Timeouts and lock waits never reach the engine's error hook.
+            self.health.observe(exc)
+            raise
+
+    async def _run(self, work: Callable[[Session], _T], *, write: bool, snapshot: bool) -> _T:
         executor, readers = self._executor, self._sync_readers
         if executor is not None and readers is not None:
 
@@ -403,15 +585,19 @@ class Database:
         (SQLite returns times as text: select none that need converting).
         """
         executor = self._executor
-        if executor is not None:
-            loop = asyncio.get_running_loop()
-            return await asyncio.wait_for(
-                loop.run_in_executor(executor, self._fetch_sqlite, sql, params),
-                self._timeout_s * 3,
-            )
-        async with self.readers() as session:
-            rows = (await session.execute(text(sql), params)).all()
-            return [tuple(row) for row in rows]
+        try:
+            if executor is not None:
+                loop = asyncio.get_running_loop()
+                return await asyncio.wait_for(
+                    loop.run_in_executor(executor, self._fetch_sqlite, sql, params),
+                    self._timeout_s * 3,
+                )
+            async with self.readers() as session:
+                rows = (await session.execute(text(sql), params)).all()
+                return [tuple(row) for row in rows]
+        except Exception as exc:
+            self.health.observe(exc)
+            raise
 
     def _fetch_sqlite(self, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         connection: sqlite3.Connection | None = getattr(self._thread_connections, "value", None)
@@ -443,6 +629,15 @@ class Database:
                 f"database {self.display_url} did not answer within {self._timeout_s}s"
             ) from None
 
+    async def _probe(self) -> None:
+        """One health probe: a statement that needs the server (or the file) to answer."""
+        engine = self._probe_engine or self.engine
+        # SQLite answers "SELECT 1" without reading the file; the schema does not.
+        sql = "SELECT 1" if self._probe_engine is not None else "SELECT count(*) FROM sqlite_master"
+        async with asyncio.timeout(self._timeout_s), engine.connect() as connection:
+            await connection.execution_options(**{SQLITE_BEGIN: "DEFERRED"})
+            await connection.execute(text(sql))
+
     async def migrate(self) -> None:
         """Upgrade the schema to the newest revision; a no-op when already there.
 
@@ -464,6 +659,7 @@ class Database:
 
     async def close(self) -> None:
         """Close every pooled connection."""
+        await self.health.close()
         if self._executor is not None:
             # Work already queued finishes (its callers may still await it); no new work.
             executor, self._executor = self._executor, None
@@ -477,6 +673,8 @@ class Database:
         try:
             async with asyncio.timeout(self._timeout_s):
                 await self.engine.dispose()
+                if self._probe_engine is not None:
+                    await self._probe_engine.dispose()
         except TimeoutError:
             # A server that no longer answers must not hang shutdown; the
             # sockets die with the process.
@@ -506,6 +704,7 @@ async def open_database(url: str, *, timeout_s: float, migrate: bool) -> Databas
         await database.ping()
         if migrate:
             await database.migrate()
+        database.health.start()
     except BaseException:
         await database.close()
         raise
