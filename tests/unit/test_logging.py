@@ -1,11 +1,19 @@
-"""JSON log lines carry the request id and never the secrets in their extras."""
+"""Log lines (JSON and text) carry the request id and extras, never the secrets in them."""
 
 from __future__ import annotations
 
 import json
 import logging
 
-from switchboard.platform.logging import REDACTED, JsonFormatter, request_id_var
+import pytest
+
+from switchboard.platform.logging import (
+    REDACTED,
+    JsonFormatter,
+    TextFormatter,
+    method_var,
+    request_id_var,
+)
 
 
 def _format(record: logging.LogRecord) -> dict[str, object]:
@@ -56,3 +64,71 @@ def test_exceptions_are_serialized_on_one_line() -> None:
     record.exc_info = (ValueError, error, None)
     entry = _format(record)
     assert "ValueError: boom" in str(entry["exception"])
+
+
+# The text format carries the same fields as the JSON one.
+
+
+def _text(record: logging.LogRecord) -> str:
+    return TextFormatter().format(record)
+
+
+def test_text_line_has_the_bound_address_and_services() -> None:
+    line = _text(
+        _record("switchboard listening", address="127.0.0.1:50051", services=["auth", "events"])
+    )
+    assert line.endswith(" switchboard listening address=127.0.0.1:50051 services=auth,events")
+    assert " INFO " in line
+    assert " switchboard.test " in line
+
+
+def test_text_access_line_has_method_code_duration_peer_and_request_id() -> None:
+    request = request_id_var.set("req-7")
+    method = method_var.set("/switchboard.api.auth.v1.AuthService/Login")
+    try:
+        line = _text(
+            _record(
+                "rpc finished", code="UNAUTHENTICATED", duration_ms=3.25, peer="ipv6:[::1]:5555"
+            )
+        )
+    finally:
+        method_var.reset(method)
+        request_id_var.reset(request)
+    fields = dict(pair.split("=", 1) for pair in line.split(" rpc finished ", 1)[1].split(" "))
+    assert fields == {
+        "request_id": "req-7",
+        "method": "/switchboard.api.auth.v1.AuthService/Login",
+        "code": "UNAUTHENTICATED",
+        "duration_ms": "3.25",
+        "peer": "ipv6:[::1]:5555",
+    }
+
+
+@pytest.mark.parametrize("formatter", [JsonFormatter(), TextFormatter()])
+def test_both_formats_carry_every_extra_and_redact_secrets(formatter: logging.Formatter) -> None:
+    record = _record("signed in", user="u1", attempts=2, refresh_token="rt-secret", password="p")
+    line = formatter.format(record)
+    for fragment in ("u1", "attempts", "2", "refresh_token", "password"):
+        assert fragment in line
+    assert "rt-secret" not in line
+    assert line.count(REDACTED) == 2
+
+
+def test_text_values_and_messages_cannot_forge_a_line() -> None:
+    line = _text(_record("hello\nFAKE INFO line", agent='curl "x"\n2026 ERROR forged'))
+    assert "\n" not in line
+    assert "hello\\nFAKE INFO line" in line
+    assert 'agent="curl \\"x\\"\\n2026 ERROR forged"' in line
+
+
+def test_text_line_without_fields_is_just_the_message() -> None:
+    assert _text(_record("boot")).endswith(" switchboard.test boot")
+
+
+def test_text_traceback_follows_the_fields() -> None:
+    error = ValueError("boom")
+    record = _record("failed", step="x")
+    record.exc_info = (ValueError, error, None)
+    first, rest = _text(record).split("\n", 1)
+    assert first.endswith(" failed step=x")
+    assert "ValueError: boom" in rest

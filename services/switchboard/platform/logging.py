@@ -1,9 +1,10 @@
-"""Structured JSON logs with a request id per call.
+"""Structured logs with a request id per call: JSON lines, or text for people.
 
 The request id lives in a context variable set by the interceptor, so every
 log line written while serving a call carries it without passing it around.
-Secret-looking keys in ``extra`` are redacted as a last line of defence; the
-first line is never logging secrets at all.
+Both formats carry the same fields (the text one as ``key=value`` after the
+message). Secret-looking keys in ``extra`` are redacted as a last line of
+defence; the first line is never logging secrets at all.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any, Final
@@ -21,6 +23,7 @@ method_var: contextvars.ContextVar[str] = contextvars.ContextVar("method", defau
 _RESERVED: Final = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 _SECRET_MARKERS: Final = ("password", "secret", "token", "authorization", "api_key", "apikey")
 REDACTED: Final = "[REDACTED]"
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _redact(key: str, value: Any) -> Any:
@@ -28,6 +31,21 @@ def _redact(key: str, value: Any) -> Any:
     if any(marker in lowered for marker in _SECRET_MARKERS):
         return REDACTED
     return value
+
+
+def fields(record: logging.LogRecord) -> dict[str, Any]:
+    """The call's request id and method, then the record's extras (redacted)."""
+    found: dict[str, Any] = {}
+    request_id = request_id_var.get()
+    if request_id:
+        found["request_id"] = request_id
+    method = method_var.get()
+    if method:
+        found["method"] = method
+    for key, value in record.__dict__.items():
+        if key not in _RESERVED and not key.startswith("_"):
+            found[key] = _redact(key, value)
+    return found
 
 
 class JsonFormatter(logging.Formatter):
@@ -41,30 +59,57 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        request_id = request_id_var.get()
-        if request_id:
-            entry["request_id"] = request_id
-        method = method_var.get()
-        if method:
-            entry["method"] = method
-        for key, value in record.__dict__.items():
-            if key not in _RESERVED and not key.startswith("_"):
-                entry[key] = _redact(key, value)
+        entry.update(fields(record))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+_BARE: Final = re.compile(r"[^\s\"'=\\\x00-\x1f\x7f]+")
+
+
+def _text_value(value: Any) -> str:
+    """A value as one token: bare when it is one word, else a JSON string."""
+    if isinstance(value, list | tuple) and all(
+        isinstance(item, str) and _BARE.fullmatch(item) for item in value
+    ):
+        text = ",".join(value)  # services=auth,context,events
+    elif isinstance(value, str):
+        text = value
+    else:
+        text = json.dumps(value, default=str, ensure_ascii=False, separators=(",", ":"))
+    if _BARE.fullmatch(text):
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
 class TextFormatter(logging.Formatter):
-    """Human-readable lines for local development."""
+    """Human-readable lines: time, level, logger, message, then ``key=value`` fields.
+
+    The same fields as the JSON lines (the bound address, an access line's
+    method, code and duration, the request id). Values with spaces, quotes or
+    control characters are quoted, so a client-supplied value cannot start a
+    forged line of its own.
+    """
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s %(message)s")
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # The message escaped like a value, minus the quotes, when it has line breaks.
+        message = record.message
+        if _CONTROL.search(message):
+            record.message = json.dumps(message, ensure_ascii=False)[1:-1]
+        try:
+            return super().formatMessage(record)
+        finally:
+            record.message = message
+
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        request_id = request_id_var.get()
-        return f"{line} [request_id={request_id}]" if request_id else line
+        head, sep, trace = line.partition("\n")  # an exception's traceback follows the line
+        pairs = " ".join(f"{key}={_text_value(value)}" for key, value in fields(record).items())
+        return f"{head} {pairs}{sep}{trace}" if pairs else line
 
 
 def configure_logging(level: str, fmt: str) -> None:
