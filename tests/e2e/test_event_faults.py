@@ -1,6 +1,6 @@
 """Event delivery across real processes and real faults.
 
-Two `switchboard serve` processes, A and B, share one SQLite file and one
+Two `switchboard serve` processes, A and B, share one PostgreSQL database and one
 redis-server with the append-only file on (``appendfsync always``), so the
 event log is one Redis Stream. Events are published the way clients cause
 them: every CreateApiKey publishes a security event (API_KEY_CREATED, naming

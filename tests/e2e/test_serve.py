@@ -12,7 +12,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.e2e.procs import ServeProcess
+from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
+from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
+from tests.e2e.procs import START_TIMEOUT_S, ServeProcess
+from tests.service.authkit import PASSWORD, bearer
 
 pytestmark = pytest.mark.e2e
 
@@ -139,3 +142,64 @@ def test_serve_a_subset_of_services() -> None:
             "switchboard.api.events.v1.EventService",
         ]
         assert serve.terminate() == 0
+
+
+def test_a_second_server_on_the_same_sqlite_file_is_refused_and_the_first_works_on(
+    tmp_path: Path,
+) -> None:
+    """One process per SQLite file: a second `switchboard serve` on it exits 2 at start with
+    one line naming the file and the holder, before touching the database; the first one's
+    writes and their events keep working (they once failed until restart)."""
+    database = tmp_path / "switchboard.db"
+    env = {"SWITCHBOARD_DATABASE_URL": f"sqlite+aiosqlite:///{database}"}
+    with ServeProcess("--dev", env=env) as first:
+        assert first.proc is not None
+        second = subprocess.Popen(
+            [sys.executable, "-m", "switchboard.cli", "serve", "--dev", "--port", "0"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**first.env, **env},
+        )
+        try:
+            _, stderr = second.communicate(timeout=START_TIMEOUT_S)
+        finally:
+            if second.poll() is None:  # it started: the defect
+                second.kill()
+                second.wait(timeout=30)
+        assert second.returncode == 2, stderr
+        refusals = [line for line in stderr.splitlines() if "cannot start" in line]
+        assert len(refusals) == 1, stderr
+        assert str(database) in refusals[0]
+        assert f"process {first.proc.pid}" in refusals[0]
+        assert "Traceback" not in stderr
+
+        with grpc.insecure_channel(first.address) as channel:
+            auth = auth_pb2_grpc.AuthServiceStub(channel)
+            email = f"first-{first.proc.pid}@example.com"
+            registered = auth.Register(
+                auth_pb2.RegisterRequest(email=email, password=PASSWORD), timeout=30
+            )
+            # A write with its event (a security event to the user's scope)...
+            auth.CreateApiKey(
+                auth_pb2.CreateApiKeyRequest(display_name="after the refusal"),
+                metadata=bearer(registered.tokens.access_token),
+                timeout=30,
+            )
+            events = events_pb2_grpc.EventServiceStub(channel).ListEvents(
+                events_pb2.ListEventsRequest(scopes=[events_pb2.Scope(user=registered.user.name)]),
+                metadata=bearer(registered.tokens.access_token),
+                timeout=30,
+            )
+            assert events.events, "the write's event was not published"
+            # ...and the account is whole: signing in works.
+            auth.Login(
+                auth_pb2.LoginRequest(
+                    password=auth_pb2.PasswordCredential(email=email, password=PASSWORD)
+                ),
+                timeout=30,
+            )
+        assert first.terminate() == 0
+    # Released with its holder: the file can be served again.
+    with ServeProcess("--dev", env=env) as again:
+        assert again.terminate() == 0

@@ -10,23 +10,37 @@ import asyncio
 import datetime as dt
 import glob
 import logging
+import os
 import shutil
+import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, delete, event, inspect, select, text
-from sqlalchemy.exc import IntegrityError, StatementError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, StatementError
+from sqlalchemy.orm import Session
 
-from switchboard.platform.db import SQLITE_BEGIN, Database, alembic_config, open_database
+from switchboard.platform.db import (
+    SQLITE_BEGIN,
+    Database,
+    DatabaseInUse,
+    DatabaseUnavailable,
+    alembic_config,
+    is_outage,
+    lock_sqlite_file,
+    open_database,
+)
 from switchboard.platform.models import SEARCH_TABLES, Base, SessionRow, UserRow, modelled
+from switchboard.platform.storage import transaction
 from tests.infra import postgres as postgres_infra
 from tests.infra.postgres import PostgresServer
 
@@ -497,3 +511,201 @@ async def test_concurrent_writes_commit_in_groups_and_a_failing_one_fails_alone(
     if engine is not None:
         # Sixty writers did not need sixty commits.
         assert 1 <= commits < 60
+
+
+# -- outages ----------------------------------------------------------------------------------
+# Real failures of real servers, not constructed exceptions: the classification
+# must match what the drivers actually raise (asyncpg's lost connection reaches
+# us as a bare DBAPIError, which was once answered INTERNAL).
+
+
+@pytest.fixture(scope="module")
+def own_postgres() -> Iterator[PostgresServer]:
+    """A cluster of this module's own: these tests stop and restart it."""
+    with postgres_infra.running_postgres() as server:
+        yield server
+
+
+@pytest.fixture
+async def stoppable(own_postgres: PostgresServer) -> AsyncIterator[Database]:
+    """A migrated database on ``own_postgres``, which is running again afterwards."""
+    database = await open_database(own_postgres.url("postgres"), timeout_s=3.0, migrate=True)
+    try:
+        yield database
+    finally:
+        await database.close()
+        if not await answers(own_postgres):
+            await asyncio.to_thread(postgres_infra.start_postgres, own_postgres)
+
+
+async def answers(server: PostgresServer) -> bool:
+    try:
+        connection = await asyncpg.connect(server.dsn(), timeout=3)
+    except (OSError, asyncpg.PostgresError):
+        return False
+    await connection.close()
+    return True
+
+
+def sleeping(seconds: int) -> Callable[[Session], None]:
+    def work(session: Session) -> None:
+        session.execute(text(f"SELECT pg_sleep({seconds})"))
+
+    return work
+
+
+async def until_sleeping(server: PostgresServer) -> list[int]:
+    """The pids of backends running ``sleeping``, once there is one."""
+    admin = await asyncpg.connect(server.dsn(), timeout=3)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            rows = await admin.fetch(
+                "SELECT pid FROM pg_stat_activity "
+                "WHERE query LIKE 'SELECT pg_sleep%' AND pid <> pg_backend_pid()"
+            )
+            if rows:
+                return [row["pid"] for row in rows]
+            await asyncio.sleep(0.02)
+    finally:
+        await admin.close()
+    pytest.fail("the statement never started")
+
+
+STORE_LOG = logging.getLogger("tests.store")
+
+
+async def test_a_connection_terminated_mid_statement_is_an_outage(
+    own_postgres: PostgresServer, stoppable: Database
+) -> None:
+    """An administrator ending the backend (57P01) and the connection closed under a
+    statement: store transactions raise DatabaseUnavailable (UNAVAILABLE), not the
+    driver's error (which reached clients as INTERNAL)."""
+    call = asyncio.create_task(transaction(stoppable, sleeping(30), write=False, log=STORE_LOG))
+    pids = await until_sleeping(own_postgres)
+    admin = await asyncpg.connect(own_postgres.dsn(), timeout=3)
+    try:
+        await admin.execute("SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) pid", pids)
+    finally:
+        await admin.close()
+    with pytest.raises(DatabaseUnavailable) as caught:
+        await call
+    raw = caught.value.__cause__
+    assert isinstance(raw, DBAPIError)
+    assert is_outage(raw)
+    # The next call gets a fresh connection: nothing is left broken.
+    assert (
+        await transaction(
+            stoppable, lambda s: s.scalar(text("SELECT 1")), write=False, log=STORE_LOG
+        )
+        == 1
+    )
+
+
+async def test_postgres_stopping_under_a_statement_and_while_down_is_an_outage(
+    own_postgres: PostgresServer, stoppable: Database
+) -> None:
+    """``pg_ctl stop -m immediate`` under a running statement, calls while it is down,
+    and recovery without reopening anything once it is back."""
+    in_flight = asyncio.create_task(stoppable.run(sleeping(30), write=False))
+    await until_sleeping(own_postgres)
+    await asyncio.to_thread(postgres_infra.stop_postgres, own_postgres)
+    with pytest.raises(Exception) as mid_statement:  # noqa: PT011 - the driver's choice, judged below
+        await in_flight
+    assert is_outage(mid_statement.value), repr(mid_statement.value)
+    with pytest.raises(DatabaseUnavailable) as while_down:
+        await transaction(stoppable, sleeping(0), write=True, log=STORE_LOG)
+    assert is_outage(while_down.value.__cause__ or while_down.value)
+    with pytest.raises(DatabaseUnavailable):
+        await transaction(
+            stoppable, lambda s: s.scalar(text("SELECT 1")), write=False, log=STORE_LOG
+        )
+    await asyncio.to_thread(postgres_infra.start_postgres, own_postgres)
+    assert (
+        await transaction(
+            stoppable, lambda s: s.scalar(text("SELECT 1")), write=False, log=STORE_LOG
+        )
+        == 1
+    )
+
+
+async def test_database_health_goes_down_with_the_server_and_comes_back_by_itself(
+    own_postgres: PostgresServer, stoppable: Database
+) -> None:
+    seen: list[bool] = []
+    stoppable.health.on_state_change(seen.append)
+    assert stoppable.health.serving
+    await asyncio.to_thread(postgres_infra.stop_postgres, own_postgres)
+    # A failing call is enough for the monitor to look at once.
+    with pytest.raises(DatabaseUnavailable):
+        await transaction(stoppable, sleeping(0), write=False, log=STORE_LOG)
+    await until(lambda: not stoppable.health.serving)
+    await asyncio.to_thread(postgres_infra.start_postgres, own_postgres)
+    # Nothing calls now: the monitor's own probes notice the recovery.
+    await until(lambda: stoppable.health.serving)
+    assert seen == [False, True]
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail("the condition did not hold in time")
+        await asyncio.sleep(0.02)
+
+
+async def test_a_locked_sqlite_file_is_an_outage_and_a_missing_table_a_bug(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "locked.db"
+    database = await open_database(f"sqlite+aiosqlite:///{path}", timeout_s=0.2, migrate=True)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN EXCLUSIVE")  # another writer holds the file
+        with pytest.raises(DatabaseUnavailable) as caught:
+            await transaction(
+                database, lambda s: s.add(user("locked-out")), write=True, log=STORE_LOG
+            )
+        assert "locked" in str(caught.value.__cause__)
+        other.execute("ROLLBACK")
+        with pytest.raises(OperationalError) as bug:
+            await transaction(
+                database,
+                lambda s: s.execute(text("SELECT * FROM nope")),
+                write=False,
+                log=STORE_LOG,
+            )
+        assert not is_outage(bug.value)
+    finally:
+        other.close()
+        await database.close()
+
+
+def test_errors_of_the_work_itself_are_not_outages() -> None:
+    assert not is_outage(ValueError("bad"))
+    assert not is_outage(IntegrityError("INSERT", {}, sqlite3.IntegrityError("UNIQUE")))
+    assert not is_outage(KeyError("x"))
+    assert is_outage(ConnectionResetError())
+    assert is_outage(TimeoutError())
+
+
+# -- one process per SQLite file --------------------------------------------------------------
+
+
+def test_a_sqlite_file_is_served_by_one_process_at_a_time(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'one.db'}"
+    with lock_sqlite_file(url):
+        with pytest.raises(DatabaseInUse) as caught, lock_sqlite_file(url):
+            pass
+        assert f"process {os.getpid()}" in str(caught.value)
+        assert str(tmp_path / "one.db") in str(caught.value)
+    with lock_sqlite_file(url):  # released with its holder
+        pass
+
+
+@pytest.mark.parametrize(
+    "url", ["sqlite+aiosqlite://", "sqlite+aiosqlite:///:memory:", "postgresql+asyncpg://u@h/db"]
+)
+def test_memory_and_postgres_take_no_file_lock(url: str) -> None:
+    with lock_sqlite_file(url), lock_sqlite_file(url):
+        pass
