@@ -106,11 +106,13 @@ def replicas(
 
 @dataclass
 class Stubs:
-    auth: auth_pb2_grpc.AuthServiceStub
-    context: context_pb2_grpc.ContextServiceStub
-    dispatcher: dispatcher_pb2_grpc.DispatcherServiceStub
-    events: events_pb2_grpc.EventServiceStub
-    health: health_pb2_grpc.HealthStub
+    """The stubs of one replica (typed Any: the generated stubs are typed for sync channels)."""
+
+    auth: Any
+    context: Any
+    dispatcher: Any
+    events: Any
+    health: Any
 
     @classmethod
     def on(cls, channel: aio.Channel) -> Stubs:

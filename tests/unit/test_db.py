@@ -19,12 +19,13 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
+import asyncpg  # type: ignore[import-untyped]
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from google.rpc import error_details_pb2
 from sqlalchemy import Connection, delete, event, inspect, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, StatementError
 from sqlalchemy.orm import Session
@@ -39,7 +40,9 @@ from switchboard.platform.db import (
     lock_sqlite_file,
     open_database,
 )
+from switchboard.platform.errors import Code
 from switchboard.platform.models import SEARCH_TABLES, Base, SessionRow, UserRow, modelled
+from switchboard.platform.status import to_status_proto
 from switchboard.platform.storage import transaction
 from tests.infra import postgres as postgres_infra
 from tests.infra.postgres import PostgresServer
@@ -709,3 +712,13 @@ def test_a_sqlite_file_is_served_by_one_process_at_a_time(tmp_path: Path) -> Non
 def test_memory_and_postgres_take_no_file_lock(url: str) -> None:
     with lock_sqlite_file(url), lock_sqlite_file(url):
         pass
+
+
+def test_an_outage_answers_unavailable_with_a_retry_hint() -> None:
+    status = to_status_proto(DatabaseUnavailable(), "req-1")
+    assert status.code == Code.UNAVAILABLE
+    retries = [d for d in status.details if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR)]
+    assert len(retries) == 1
+    retry = error_details_pb2.RetryInfo()
+    retries[0].Unpack(retry)
+    assert retry.retry_delay.ToMilliseconds() == 1000

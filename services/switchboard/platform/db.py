@@ -60,7 +60,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, NullPool, QueuePool
 
 from switchboard.platform.config import ConfigError
-from switchboard.platform.errors import DependencyUnavailable
+from switchboard.platform.errors import DatabaseUnavailable as DatabaseUnavailable  # noqa: PLC0414 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +108,6 @@ HEALTH_RETRY_S: Final = 0.5
 _alembic_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
     weakref.WeakKeyDictionary()
 )
-
-
-class DatabaseUnavailable(DependencyUnavailable):
-    """The database cannot do this now (down, restarting, locked, overloaded): retry."""
-
-    def __init__(self, message: str = "the database is unavailable; retry") -> None:
-        super().__init__(message)
 
 
 # SQLite primary result codes that say "not now" rather than "wrong": busy or

@@ -198,6 +198,23 @@ class DependencyUnavailable(SwitchboardError):
 
     code = Code.UNAVAILABLE
     reason = "ERROR_REASON_DEPENDENCY_UNAVAILABLE"
+    #: The first retry delay suggested to clients (RetryInfo).
+    retry_after_s: float = 1.0
+
+
+class DatabaseUnavailable(DependencyUnavailable):
+    """The database cannot do this now (down, restarting, locked, overloaded).
+
+    Raised for what ``switchboard.platform.db.is_outage`` recognises.
+    """
+
+    def __init__(
+        self,
+        message: str = "the database is unavailable; retry",
+        *,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, metadata=metadata)
 
 
 class ServerUnavailable(SwitchboardError):
