@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import errno
 import logging
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
 from switchboard.auth.tokens import KeyRing, SigningKey, private_key_pem
-from switchboard.mesh import create_server
+from switchboard.mesh import check_settings, create_server, database_setting
 from switchboard.platform.config import ConfigError, Settings, load_settings
 from switchboard.platform.db import open_database
 from switchboard.platform.logging import configure_logging
@@ -45,12 +48,19 @@ def _parser() -> argparse.ArgumentParser:
     keygen = sub.add_parser(
         "keygen", help="write a new Ed25519 signing key (PEM) for access tokens"
     )
-    keygen.add_argument("path", help="output file, named <kid>.pem (the stem becomes the key id)")
+    keygen.add_argument(
+        "path",
+        help="output file, named <kid>.pem (the stem becomes the key id); "
+        "missing directories are created owner-only",
+    )
+    keygen.add_argument(
+        "--force", action="store_true", help="replace the file if it exists (the old key is lost)"
+    )
     sub.add_parser("migrate", help="apply pending database migrations and exit")
     return parser
 
 
-def _keygen(path: str) -> int:
+def _keygen(path: str, *, force: bool) -> int:
     target = Path(path)
     kid = target.stem
     try:
@@ -59,20 +69,68 @@ def _keygen(path: str) -> int:
     except ValueError as exc:
         print(f"switchboard: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    # Created with owner-only permissions before any secret byte is written.
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(private_key_pem(key))
+    if target.is_dir():
+        print(f"switchboard: {target} is a directory; name the key file", file=sys.stderr)
+        return EXIT_CONFIG
+    if target.exists() and not force:
+        # A signing key is not replaceable: tokens it signed stop verifying.
+        print(
+            f"switchboard: {target} exists; refusing to overwrite a signing key "
+            "(--force replaces it)",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    try:
+        _write_secret_file(target, private_key_pem(key), replace=force)
+    except FileExistsError:  # created by someone else since the check above
+        print(f"switchboard: {target} exists; refusing to overwrite it", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        where = exc.filename or target
+        print(f"switchboard: cannot write {target}: {where}: {exc.strerror}", file=sys.stderr)
+        return EXIT_CONFIG
     print(f"wrote signing key {kid!r} to {target}")
     return 0
 
 
+def _write_secret_file(target: Path, data: bytes, *, replace: bool) -> None:
+    """Write ``data`` to ``target`` owner-only and atomically: readers see no file or all of it.
+
+    Missing parent directories are created owner-only. The bytes go to a
+    temporary file (mkstemp: mode 0600 before any byte is written) in the same
+    directory, reach the disk, then take the name: by rename when replacing,
+    else by link, which fails rather than overwrite a file that appeared.
+    """
+    parent = target.parent
+    # Path.mkdir(parents=True) would give the intermediate directories the
+    # default mode; every directory made here is owner-only.
+    for directory in reversed((parent, *parent.parents)):
+        if not directory.exists():
+            directory.mkdir(mode=0o700)
+        elif not directory.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(directory))
+    fd, temporary = tempfile.mkstemp(dir=parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        if replace:
+            os.replace(temporary, target)
+        else:
+            os.link(temporary, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+
+
 async def _migrate(settings: Settings) -> int:
-    database = await open_database(
-        settings.database_url.get_secret_value(),
-        timeout_s=settings.database_timeout_s,
-        migrate=True,
-    )
+    with database_setting():
+        database = await open_database(
+            settings.database_url.get_secret_value(),
+            timeout_s=settings.database_timeout_s,
+            migrate=True,
+        )
     await database.close()
     log.info("database is at the latest migration")
     return 0
@@ -108,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(metadata.version("switchboard-mesh"))
         return 0
     if args.command == "keygen":
-        return _keygen(args.path)
+        return _keygen(args.path, force=args.force)
     if args.command not in ("serve", "migrate"):
         _parser().print_help()
         return EXIT_CONFIG
@@ -120,6 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides: dict[str, object] = {k: v for k, v in flags.items() if v is not None}
     try:
         settings = load_settings(**overrides)
+        # Before logging starts: every bad setting gets the same one-line answer.
+        check_settings(settings)
     except ConfigError as exc:
         print(f"switchboard: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -137,7 +197,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(sig, signal.SIG_IGN)
         log.info("exiting", extra={"exit_code": code})
         return code
-    except (BindError, ConfigError) as exc:
+    except BindError as exc:
+        log.error("cannot start: %s (SWITCHBOARD_HOST, SWITCHBOARD_PORT)", exc)  # noqa: TRY400
+        return EXIT_CONFIG
+    except ConfigError as exc:
         log.error("cannot start: %s", exc)  # noqa: TRY400 - no traceback for a config problem
         return EXIT_CONFIG
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc import aio
+from sqlalchemy.exc import DBAPIError
 
 from switchboard.api.auth.v1 import auth_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
@@ -41,7 +42,7 @@ from switchboard.context.store import ContextStore
 from switchboard.context.tokens import ApproxTokenCounter
 from switchboard.context.windowcache import WindowCache
 from switchboard.dispatcher import servicer as dispatcher_servicer
-from switchboard.dispatcher.content import load_content_policy
+from switchboard.dispatcher.content import BuiltinContentPolicy, load_content_policy
 from switchboard.dispatcher.contextport import ContextPort, LocalContext, RemoteContext
 from switchboard.dispatcher.feed import Feeds
 from switchboard.dispatcher.handlers import EchoHandler
@@ -53,7 +54,7 @@ from switchboard.dispatcher.llm import (
     parse_providers,
 )
 from switchboard.dispatcher.remote import RemoteHandler, parse_remotes
-from switchboard.dispatcher.router import Registry, Router, Routes
+from switchboard.dispatcher.router import HANDLER_ID, Registry, Router, Routes
 from switchboard.dispatcher.scheduler import Limits as SchedulerLimits
 from switchboard.dispatcher.scheduler import Scheduler
 from switchboard.dispatcher.service import Dispatcher
@@ -66,7 +67,7 @@ from switchboard.platform.authn import Guard
 from switchboard.platform.bus import EventBus
 from switchboard.platform.cache import Cache
 from switchboard.platform.config import ConfigError, Settings
-from switchboard.platform.db import Database, lock_sqlite_file, open_database
+from switchboard.platform.db import Database, is_outage, lock_sqlite_file, open_database
 from switchboard.platform.eventlog import LocalLog, LogBackend, RedisLog
 from switchboard.platform.membership import MembershipStore
 from switchboard.platform.policy import Policy
@@ -196,16 +197,97 @@ def context_limits(settings: Settings) -> ContextLimits:
     )
 
 
+@contextlib.contextmanager
+def setting(variable: str) -> Iterator[None]:
+    """Turn a parser's ValueError/TypeError into a ConfigError that names ``variable``.
+
+    The parsers' messages never quote the value (some settings hold keys).
+    """
+    try:
+        yield
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{variable}: {exc}") from None
+
+
+def _remote_ids(text: str) -> None:
+    ids = [handler_id for handler_id, _ in parse_remotes(text)]
+    for handler_id in ids:
+        if not HANDLER_ID.fullmatch(handler_id):
+            raise ValueError(f"handler id {handler_id!r} must match {HANDLER_ID.pattern}")
+    if len(set(ids)) != len(ids):
+        raise ValueError("each handler id may appear once")
+
+
+@contextlib.contextmanager
+def database_setting() -> Iterator[None]:
+    """A database that cannot be opened at start is a ConfigError naming SWITCHBOARD_DATABASE_URL.
+
+    Wrong host, password or path, or a server that is down: the operator gets
+    one line with the driver's reason instead of a traceback. The reason never
+    holds the password (drivers do not echo it; our own messages mask it).
+    """
+    try:
+        yield
+    except Exception as exc:
+        if not (is_outage(exc) or isinstance(exc, DBAPIError)):
+            raise
+        # The driver's own error says what is wrong; SQLAlchemy's wrapper adds a URL.
+        root: BaseException = exc
+        for _ in range(8):  # a cause chain is short; bounded in case it loops
+            orig = getattr(root, "orig", None)
+            cause = orig if isinstance(orig, BaseException) else root.__cause__
+            if cause is None:
+                break
+            root = cause
+        reason = (str(root).strip().splitlines() or [""])[0][:300]
+        raise ConfigError(
+            f"SWITCHBOARD_DATABASE_URL: cannot open the database: {type(root).__name__}: {reason}"
+        ) from None
+
+
+def check_settings(settings: Settings) -> None:
+    """Parse the settings only the services understand, before anything opens.
+
+    Settings validation (platform/config.py) knows types and ranges; the text
+    formats of routes, remote experts, LLM providers and prices and the
+    blocklist belong to the dispatcher. One ConfigError names every bad
+    variable, so a typo stops the start before the database is touched.
+    """
+    checks: tuple[tuple[str, Callable[[], object]], ...] = (
+        ("SWITCHBOARD_DISPATCHER_ROUTES", lambda: Routes.parse(settings.dispatcher_routes)),
+        (
+            "SWITCHBOARD_DISPATCHER_REMOTE_HANDLERS",
+            lambda: _remote_ids(settings.dispatcher_remote_handlers),
+        ),
+        (
+            "SWITCHBOARD_DISPATCHER_BLOCKLIST",
+            lambda: BuiltinContentPolicy(settings.dispatcher_blocklist),
+        ),
+        # Names its own variables; without a base URL the settings refuse the rest.
+        ("SWITCHBOARD_LLM_BASE_URL", lambda: settings.llm_base_url and llm_config(settings)),
+    )
+    problems = []
+    for variable, parse in checks:
+        try:
+            parse()
+        except ConfigError as exc:
+            problems.append(str(exc))
+        except (ValueError, TypeError) as exc:
+            problems.append(f"{variable}: {exc}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
 def context_service(
     settings: Settings, database: Database, bus: EventBus, counters: Cache
 ) -> ContextService:
     """The context domain with its configured plugins; raises ConfigError for unknown ones."""
-    try:
+    with setting("SWITCHBOARD_CONTEXT_TOKENIZER"):
         counter = load_token_counter(settings.context_tokenizer)
+    with setting("SWITCHBOARD_CONTEXT_SUMMARIZER"):
         summarizer = load_summarizer(settings.context_summarizer)
+    with setting("SWITCHBOARD_CONTEXT_ENTITY_EXTRACTOR"):
         extractor = load_entity_extractor(settings.context_entity_extractor)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"context plugins: {exc}") from None
     cache = WindowCache(
         settings.redis_url.get_secret_value(),
         timeout_s=settings.redis_timeout_s,
@@ -238,39 +320,44 @@ def handler_registry(settings: Settings) -> Registry:
     registry.add(EchoHandler(note=note))
     if llm_ready:
         registry.add(llm_handler(settings))
-    try:
+    with setting("SWITCHBOARD_DISPATCHER_REMOTE_HANDLERS"):
         for handler_id, address in parse_remotes(settings.dispatcher_remote_handlers):
             registry.add(
                 RemoteHandler(handler_id, address, timeout_s=settings.dispatcher_remote_timeout_s)
             )
-        if settings.dispatcher_handler_plugins:
+    if settings.dispatcher_handler_plugins:
+        with setting("SWITCHBOARD_DISPATCHER_HANDLER_PLUGINS"):
             registry.load_entry_points({"settings": settings})
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"dispatcher handlers: {exc}") from None
     return registry
 
 
-def llm_handler(settings: Settings) -> LlmHandler:
-    try:
-        fallbacks = parse_providers(settings.llm_fallbacks.get_secret_value() or "[]")
+def llm_config(settings: Settings) -> LlmConfig:
+    """The LLM handler's configuration; ConfigError naming the variable at fault."""
+    with setting("SWITCHBOARD_LLM_BASE_URL"):
         primary = Provider(
             name="primary",
             base_url=settings.llm_base_url,
             api_key=settings.llm_api_key.get_secret_value(),
             model=settings.llm_model,
         )
-        config = LlmConfig(
-            providers=(primary, *fallbacks),
-            prices=parse_prices(settings.llm_prices or "{}"),
-            max_retries=settings.llm_max_retries,
-            breaker_failures=settings.llm_breaker_failures,
-            breaker_reset_s=settings.llm_breaker_reset_s,
-            max_output_tokens=settings.llm_max_output_tokens,
-        )
-    except ValueError as exc:
-        # The parsers' messages never quote the settings (they may hold keys).
-        raise ConfigError(f"LLM settings: {exc}") from None
-    return LlmHandler(config, count=ApproxTokenCounter().count)
+    with setting("SWITCHBOARD_LLM_FALLBACKS"):
+        fallbacks = parse_providers(settings.llm_fallbacks.get_secret_value() or "[]")
+        if any(provider.name == primary.name for provider in fallbacks):
+            raise ValueError(f"the name {primary.name!r} is the primary provider's")
+    with setting("SWITCHBOARD_LLM_PRICES"):
+        prices = parse_prices(settings.llm_prices or "{}")
+    return LlmConfig(
+        providers=(primary, *fallbacks),
+        prices=prices,
+        max_retries=settings.llm_max_retries,
+        breaker_failures=settings.llm_breaker_failures,
+        breaker_reset_s=settings.llm_breaker_reset_s,
+        max_output_tokens=settings.llm_max_output_tokens,
+    )
+
+
+def llm_handler(settings: Settings) -> LlmHandler:
+    return LlmHandler(llm_config(settings), count=ApproxTokenCounter().count)
 
 
 async def dispatcher_service(
@@ -289,21 +376,21 @@ async def dispatcher_service(
             await handler.refresh()
         elif isinstance(handler, LlmHandler):
             resources.push_async_callback(handler.aclose)
-    try:
+    with setting("SWITCHBOARD_DISPATCHER_ROUTES"):
         routes = Routes.parse(settings.dispatcher_routes)
+    with setting("SWITCHBOARD_DISPATCHER_CONTENT_POLICY"):
         content = load_content_policy(
             settings.dispatcher_content_policy,
             settings.dispatcher_blocklist,
             settings.dispatcher_flag_injection,
         )
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"dispatcher settings: {exc}") from None
     default = settings.dispatcher_default_handler or (
         "llm" if registry.get("llm") is not None else "echo"
     )
     if registry.get(default) is None:
         raise ConfigError(f"SWITCHBOARD_DISPATCHER_DEFAULT_HANDLER: no handler {default!r}")
-    for handler_id in (*routes.prefixes.values(), *routes.workspaces.values()):
+    routed = (*routes.prefixes.values(), *(h for _, h in routes.content_types))
+    for handler_id in (*routed, *routes.workspaces.values()):
         if registry.get(handler_id) is None:
             raise ConfigError(f"SWITCHBOARD_DISPATCHER_ROUTES: no handler {handler_id!r}")
     dispatcher = Dispatcher(
@@ -373,11 +460,12 @@ async def open_deps(settings: Settings, resources: contextlib.AsyncExitStack) ->
             raise ConfigError(f"SWITCHBOARD_OIDC_JWKS_FILE: {exc}") from None
     # Before anything touches the file: a second process on it is refused.
     resources.enter_context(lock_sqlite_file(settings.database_url.get_secret_value()))
-    database = await open_database(
-        settings.database_url.get_secret_value(),
-        timeout_s=settings.database_timeout_s,
-        migrate=settings.database_auto_migrate,
-    )
+    with database_setting():
+        database = await open_database(
+            settings.database_url.get_secret_value(),
+            timeout_s=settings.database_timeout_s,
+            migrate=settings.database_auto_migrate,
+        )
     resources.push_async_callback(database.close)
     cache = Cache(
         settings.redis_url.get_secret_value(),
@@ -422,6 +510,7 @@ async def open_deps(settings: Settings, resources: contextlib.AsyncExitStack) ->
             window_s=settings.login_window_s,
             max_failures_per_account=settings.login_max_failures_per_account,
             max_attempts_per_address=settings.login_max_attempts_per_address,
+            max_failures_per_account_address=settings.login_max_failures_per_account_address,
         ),
         limits=AccountLimits(
             refresh_ttl_s=settings.refresh_token_ttl_s,
@@ -467,6 +556,7 @@ def registration(name: str, deps: Deps) -> ServiceRegistration:
 
 async def create_server(settings: Settings) -> tuple[SwitchboardServer, int]:
     """Open resources and build every configured service into one bound (not started) server."""
+    check_settings(settings)
     resources = contextlib.AsyncExitStack()
     try:
         deps = await open_deps(settings, resources)

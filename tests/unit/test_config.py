@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -11,6 +14,7 @@ from switchboard.platform.config import (
     ConfigError,
     Settings,
     load_settings,
+    unknown_variables,
 )
 
 STRONG = "k" * 48
@@ -128,3 +132,149 @@ def test_unknown_settings_are_rejected() -> None:
 
 def test_all_services_by_default() -> None:
     assert Settings(dev_mode=True).services == ALL_SERVICES
+
+
+# Every bad setting is refused with its variable's name, never its value.
+
+
+def test_a_short_secret_is_refused_in_dev_mode_too() -> None:
+    # Dev mode allows the built-in secret (left unset), not a weak one of the operator's.
+    with pytest.raises(ConfigError, match="SWITCHBOARD_SECRET_KEY must be at least 32") as caught:
+        load_settings(dev_mode=True, secret_key="short-secret")
+    assert "short-secret" not in str(caught.value)
+
+
+def test_dev_mode_still_accepts_the_built_in_secret_when_set() -> None:
+    assert load_settings(dev_mode=True, secret_key=DEV_SECRET_KEY).dev_mode
+
+
+@pytest.mark.parametrize(
+    ("variable", "suggestion"),
+    [
+        ("SWITCHBOARD_PROT", "SWITCHBOARD_PORT"),
+        ("SWITCHBOARD_SECRET_KY", "SWITCHBOARD_SECRET_KEY"),
+        ("switchboard_redis_ur", "SWITCHBOARD_REDIS_URL"),
+        ("SWITCHBOARD_EVENTS_HEARTBEAT", "SWITCHBOARD_EVENTS_HEARTBEAT_S"),
+    ],
+)
+def test_a_misspelt_variable_is_refused_with_the_nearest_name(
+    monkeypatch: pytest.MonkeyPatch, variable: str, suggestion: str
+) -> None:
+    monkeypatch.setenv(variable, "value-that-must-not-be-echoed")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(dev_mode=True)
+    message = str(caught.value)
+    assert f"{variable} is not a setting; did you mean {suggestion}?" in message
+    assert "value-that-must-not-be-echoed" not in message
+
+
+def test_every_misspelt_variable_is_named_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SWITCHBOARD_PROT", "1")
+    monkeypatch.setenv("SWITCHBOARD_ZZZZZZZZ", "1")
+    monkeypatch.setenv("SWITCHBOARD_LOG_LEVEL", "LOUD")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(dev_mode=True)
+    message = str(caught.value)
+    assert "SWITCHBOARD_PROT is not a setting" in message
+    assert "SWITCHBOARD_ZZZZZZZZ is not a setting" in message
+    assert "SWITCHBOARD_ZZZZZZZZ is not a setting; did you mean" not in message
+    assert "SWITCHBOARD_LOG_LEVEL:" in message
+
+
+def test_every_switchboard_variable_the_repository_mentions_is_accepted() -> None:
+    # Docs, Makefile, CI and test harnesses must never name a variable the
+    # server would refuse (SWITCHBOARD_TOOLS_BIN belongs to the e2e harness).
+    root = Path(__file__).resolve().parents[2]
+    files = [
+        root / "README.md",
+        root / "Makefile",
+        root / ".ci" / "run",
+        *root.glob("docs/*.md"),
+        *root.glob("scripts/*"),
+        *root.glob("tests/**/*.py"),
+        *root.glob("bench/*.py"),
+        *root.glob("examples/**/*.py"),
+        *root.glob("deploy/**/*.*"),
+        *root.glob("services/**/*.py"),
+    ]
+    # These two misspell variables on purpose.
+    refusing = {Path(__file__).resolve(), root / "tests" / "e2e" / "test_cli.py"}
+    mentioned = set()
+    for file in files:
+        if file.is_file() and file.resolve() not in refusing:
+            mentioned.update(re.findall(r"\bSWITCHBOARD_[A-Z0-9_]*[A-Z0-9]\b", file.read_text()))
+    assert "SWITCHBOARD_PORT" in mentioned
+    assert "SWITCHBOARD_TOOLS_BIN" in mentioned
+    environ = {name: "" for name in mentioned}
+    assert unknown_variables(environ) == []
+
+
+@pytest.mark.parametrize(
+    ("values", "fragment"),
+    [
+        ({"llm_base_url": "http://llm/v1"}, "(SWITCHBOARD_LLM_MODEL is missing)"),
+        ({"llm_model": "m-1"}, "(SWITCHBOARD_LLM_BASE_URL is missing)"),
+        ({"llm_prices": "{}"}, "SWITCHBOARD_LLM_PRICES needs SWITCHBOARD_LLM_BASE_URL"),
+        (
+            {"llm_api_key": "sk-123", "llm_fallbacks": "[]"},
+            "SWITCHBOARD_LLM_API_KEY, SWITCHBOARD_LLM_FALLBACKS need SWITCHBOARD_LLM_BASE_URL",
+        ),
+    ],
+)
+def test_half_an_llm_configuration_is_refused(values: dict[str, str], fragment: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(dev_mode=True, **values)
+    assert fragment in str(caught.value)
+    assert "sk-123" not in str(caught.value)
+
+
+def test_a_complete_llm_configuration_is_accepted() -> None:
+    settings = load_settings(dev_mode=True, llm_base_url="http://llm/v1", llm_model="m-1")
+    assert settings.llm_model == "m-1"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fragment"),
+    [
+        ("database_url", "not a url", "SWITCHBOARD_DATABASE_URL: not a valid database URL"),
+        (
+            "database_url",
+            "mysql://app:db-password@db/app",
+            "SWITCHBOARD_DATABASE_URL: unsupported scheme 'mysql'",
+        ),
+        ("redis_url", "cache:6379", "SWITCHBOARD_REDIS_URL: must start with redis://"),
+        (
+            "redis_url",
+            "redis://:redis-password@cache:port/0",
+            "SWITCHBOARD_REDIS_URL: not a valid Redis URL",
+        ),
+        ("redis_url", "redis://:redis-password@/0", "SWITCHBOARD_REDIS_URL: has no host"),
+        ("context_address", "::::", "SWITCHBOARD_CONTEXT_ADDRESS: expected host:port"),
+        ("context_address", "context service", "SWITCHBOARD_CONTEXT_ADDRESS: expected host:port"),
+        ("gc_threshold", "100,10", "SWITCHBOARD_GC_THRESHOLD: expected three"),
+    ],
+)
+def test_malformed_addresses_name_the_variable_not_the_value(
+    key: str, value: str, fragment: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(dev_mode=True, **{key: value})
+    message = str(caught.value)
+    assert fragment in message
+    assert "password" not in message.replace("user:password@host", "")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("database_url", "postgresql+asyncpg://app:pw@db:5432/app"),
+        ("database_url", "sqlite+aiosqlite:///:memory:"),
+        ("redis_url", "rediss://:pw@cache:6380/1"),
+        ("redis_url", "unix:///run/redis.sock"),
+        ("context_address", "context:50051"),
+        ("context_address", "[::1]:50051"),
+        ("context_address", "dns:///context.internal:50051"),
+    ],
+)
+def test_well_formed_addresses_are_accepted(key: str, value: str) -> None:
+    load_settings(dev_mode=True, **{key: value})

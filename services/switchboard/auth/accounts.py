@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import ipaddress
 import logging
 import unicodedata
 from collections.abc import Iterable
@@ -84,9 +85,20 @@ class SignIn:
 
 @dataclass(frozen=True)
 class LoginLimits:
+    """Fixed-window limits on sign-in, counted in the shared cache.
+
+    A password guess is throttled per account *and* address first, so an
+    attacker who hammers an account from one place cannot lock its owner out
+    from another; the account-wide ceiling is higher and bounds what many
+    addresses together may try. Every attempt also counts for its address.
+    """
+
     window_s: int
+    #: Failed password checks of one account from all addresses together.
     max_failures_per_account: int
     max_attempts_per_address: int
+    #: Failed password checks of one account from one address.
+    max_failures_per_account_address: int = 10
 
 
 @dataclass(frozen=True)
@@ -144,6 +156,24 @@ def _client(client: ClientContext) -> ClientContext:
 def _hash_key(value: str) -> str:
     # Cache keys must not carry emails or addresses in the clear.
     return hashlib.sha256(value.encode()).hexdigest()[:32]
+
+
+def throttle_address(address: str) -> str:
+    """The unit an address is throttled as: an IPv4 address, or an IPv6 /64.
+
+    One IPv6 client commonly holds a whole /64, so counting single addresses
+    would let it rotate past every per-address limit. An IPv4 address that
+    reached us as IPv4-mapped IPv6 counts as itself.
+    """
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address  # not an IP (a Unix socket peer): itself
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 class Accounts:
@@ -227,17 +257,33 @@ class Accounts:
 
     async def _limit_address(self, client: ClientContext) -> None:
         await self._limit(
-            f"login:addr:{_hash_key(client.address)}",
+            f"login:addr:{_hash_key(throttle_address(client.address))}",
             self._login_limits.max_attempts_per_address,
             "too many sign-in attempts from this address",
         )
 
-    async def _limit_account(self, email: str) -> None:
+    async def _limit_password_checks(self, email: str, client: ClientContext) -> tuple[str, ...]:
+        """Count a password check against the account from this address, then overall.
+
+        Counted before the check, atomically in the cache, so parallel guesses
+        cannot slip past a limit; a correct password resets both counts (they
+        count failures since the last success). In that order: attempts from a
+        pair that is already throttled do not spend the account-wide budget.
+        Returns the keys to reset.
+        """
+        pair = f"login:pair:{_hash_key(email + chr(0) + throttle_address(client.address))}"
+        account = f"login:acct:{_hash_key(email)}"
         await self._limit(
-            f"login:acct:{_hash_key(email)}",
+            pair,
+            self._login_limits.max_failures_per_account_address,
+            "too many failed sign-in attempts for this account from this address",
+        )
+        await self._limit(
+            account,
             self._login_limits.max_failures_per_account,
             "too many failed sign-in attempts for this account",
         )
+        return pair, account
 
     # Sign-in.
 
@@ -333,7 +379,7 @@ class Accounts:
             normalized = normalize_email(email, "password.email")
         except InvalidArgument:
             normalized = email.strip().lower()
-        await self._limit_account(normalized)
+        counted = await self._limit_password_checks(normalized, client)
         user = await self._store.user_by_email(normalized)
         stored = user.password_hash if user is not None else None
         # Unknown user and wrong password take the same path and time.
@@ -345,7 +391,8 @@ class Accounts:
                 detail="bad password",
             )
             raise Unauthenticated(INVALID_LOGIN)
-        await self._cache.clear(f"login:acct:{_hash_key(normalized)}")
+        for key in counted:
+            await self._cache.clear(key)
         if self._hasher.needs_rehash(stored):
             await self._store.set_password_hash(user.id, await self._hasher.hash(password))
         return await self._signed_in(user, AuthMethod.PASSWORD, client)

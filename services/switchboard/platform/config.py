@@ -7,10 +7,17 @@ after start. Secrets are ``SecretStr`` so they never print in reprs or logs.
 
 from __future__ import annotations
 
+import difflib
+import os
+import re
+from collections.abc import Mapping
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 # Known-insecure values that are acceptable only in dev mode. A deployment
 # that forgets to set a secret fails at start instead of running on these.
@@ -18,6 +25,15 @@ DEV_SECRET_KEY = "dev-only-insecure-secret-key-do-not-use-in-production"  # noqa
 MIN_SECRET_KEY_LENGTH = 32
 MiB = 1024 * 1024
 ALL_SERVICES = ("auth", "context", "dispatcher", "integration", "events")
+PREFIX = "SWITCHBOARD_"
+#: SWITCHBOARD_* variables that are not settings of the server but are read by
+#: the tools around it (tests/e2e/procs.py finds grpcurl through this one).
+NOT_SETTINGS = frozenset({"SWITCHBOARD_TOOLS_BIN"})
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+# A gRPC target: host:port (IPv6 in brackets), or a resolver scheme gRPC knows.
+_GRPC_TARGET = re.compile(
+    r"(?:(?:dns|ipv4|ipv6|unix|unix-abstract|vsock):\S+)|(?:\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):\d{1,5}"
+)
 
 
 class ConfigError(Exception):
@@ -28,7 +44,7 @@ class Settings(BaseSettings):
     """All configuration of a Switchboard process."""
 
     model_config = SettingsConfigDict(
-        env_prefix="SWITCHBOARD_",
+        env_prefix=PREFIX,
         frozen=True,
         extra="forbid",
         case_sensitive=False,
@@ -298,10 +314,25 @@ class Settings(BaseSettings):
     oidc_audience: str = Field(default="", description="Our client id at that issuer (`aud`).")
     oidc_jwks_file: str = Field(default="", description="The issuer's JWKS, as a JSON file.")
 
-    # Abuse limits on Login (fixed windows).
+    # Abuse limits on Login (fixed windows). A failed password counts for its
+    # account from that address and for the account as a whole; the owner's
+    # correct password from an address that is not throttled still signs in.
     login_window_s: int = Field(default=900, ge=1, le=86_400)
-    login_max_failures_per_account: int = Field(default=10, ge=1, le=100_000)
-    login_max_attempts_per_address: int = Field(default=100, ge=1, le=1_000_000)
+    login_max_failures_per_account_address: int = Field(
+        default=10,
+        ge=1,
+        le=100_000,
+        description="Failed sign-ins to one account from one address (IPv6: its /64).",
+    )
+    login_max_failures_per_account: int = Field(
+        default=100,
+        ge=1,
+        le=1_000_000,
+        description="Failed sign-ins to one account from all addresses together.",
+    )
+    login_max_attempts_per_address: int = Field(
+        default=100, ge=1, le=1_000_000, description="Sign-in attempts from one address."
+    )
 
     # Logging.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -350,7 +381,10 @@ class Settings(BaseSettings):
     @classmethod
     def _split_ints(cls, value: object) -> object:
         if isinstance(value, str):
-            return tuple(part.strip() for part in value.split(","))
+            parts = tuple(part.strip() for part in value.split(","))
+            if len(parts) != 3:
+                raise ValueError("expected three comma-separated integers (gen0,gen1,gen2)")
+            return parts
         return value
 
     @field_validator("gc_threshold")
@@ -371,19 +405,74 @@ class Settings(BaseSettings):
         # Keep a stable order and drop duplicates.
         return tuple(name for name in ALL_SERVICES if name in value)
 
+    # The URLs are secrets: no message here quotes them.
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: SecretStr) -> SecretStr:
+        # Imported here: the database module imports the platform, which imports this one.
+        from switchboard.platform.db import POSTGRES_DRIVER, SQLITE_DRIVER
+
+        try:
+            driver = make_url(value.get_secret_value()).drivername
+        except (ArgumentError, ValueError):
+            raise ValueError("not a valid database URL") from None
+        if driver not in (SQLITE_DRIVER, POSTGRES_DRIVER):
+            raise ValueError(
+                f"unsupported scheme {driver!r}; use {SQLITE_DRIVER}:///path/to/file.db or "
+                f"{POSTGRES_DRIVER}://user:password@host:5432/database"
+            )
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: SecretStr) -> SecretStr:
+        url = value.get_secret_value()
+        if not url:
+            return value
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError:
+            raise ValueError("not a valid Redis URL (the port must be a number)") from None
+        if parts.scheme not in REDIS_SCHEMES:
+            raise ValueError(
+                "must start with redis://, rediss:// or unix:// "
+                "(redis://host:6379/0; empty for the in-memory cache)"
+            )
+        if parts.scheme != "unix" and not parts.hostname:
+            raise ValueError("has no host (redis://host:6379/0)")
+        return value
+
+    @field_validator("context_address")
+    @classmethod
+    def _grpc_target(cls, value: str) -> str:
+        if value and not _GRPC_TARGET.fullmatch(value):
+            raise ValueError("expected host:port (or a gRPC target such as dns:///host:port)")
+        return value
+
     @model_validator(mode="after")
     def _check_secrets(self) -> Settings:
         key = self.secret_key.get_secret_value()
+        # Report every problem at once: fixing them one restart at a time is tedious.
+        problems = []
         oidc = (self.oidc_issuer, self.oidc_audience, self.oidc_jwks_file)
         if any(oidc) and not all(oidc):
-            raise ValueError(
+            problems.append(
                 "SWITCHBOARD_OIDC_ISSUER, SWITCHBOARD_OIDC_AUDIENCE and "
                 "SWITCHBOARD_OIDC_JWKS_FILE must be set together"
             )
+        problems.extend(self._llm_problems())
+        # A secret that is set must be strong in every mode: dev mode allows the
+        # built-in one (left unset), not a weak one that might reach production.
+        if key and key != DEV_SECRET_KEY and len(key) < MIN_SECRET_KEY_LENGTH:
+            problems.append(
+                f"SWITCHBOARD_SECRET_KEY must be at least {MIN_SECRET_KEY_LENGTH} characters"
+                + (" (leave it unset in dev mode for the built-in one)" if self.dev_mode else "")
+            )
         if self.dev_mode:
+            if problems:
+                raise ValueError("; ".join(problems))
             return self
-        # Report every missing secret at once: fixing them one restart at a time is tedious.
-        problems = []
         if not key:
             problems.append(
                 "SWITCHBOARD_SECRET_KEY is required outside dev mode "
@@ -391,10 +480,6 @@ class Settings(BaseSettings):
             )
         elif key == DEV_SECRET_KEY:
             problems.append("SWITCHBOARD_SECRET_KEY is the built-in dev key; refusing to start")
-        elif len(key) < MIN_SECRET_KEY_LENGTH:
-            problems.append(
-                f"SWITCHBOARD_SECRET_KEY must be at least {MIN_SECRET_KEY_LENGTH} characters"
-            )
         if not self.signing_keys:
             problems.append(
                 "SWITCHBOARD_SIGNING_KEYS is required outside dev mode "
@@ -403,6 +488,30 @@ class Settings(BaseSettings):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _llm_problems(self) -> list[str]:
+        # Half an LLM configuration used to be ignored without a word: the
+        # operator believed the model was on while every run was echoed.
+        if bool(self.llm_base_url) != bool(self.llm_model):
+            missing = "SWITCHBOARD_LLM_MODEL" if self.llm_base_url else "SWITCHBOARD_LLM_BASE_URL"
+            return [
+                "SWITCHBOARD_LLM_BASE_URL and SWITCHBOARD_LLM_MODEL must be set together "
+                f"({missing} is missing)"
+            ]
+        if self.llm_base_url:
+            return []
+        orphans = [
+            f"SWITCHBOARD_{name.upper()}"
+            for name in ("llm_api_key", "llm_fallbacks", "llm_prices")
+            if _text(getattr(self, name))
+        ]
+        if orphans:
+            verb = "needs" if len(orphans) == 1 else "need"
+            return [
+                f"{', '.join(orphans)} {verb} SWITCHBOARD_LLM_BASE_URL and SWITCHBOARD_LLM_MODEL "
+                "(the language model is off without them)"
+            ]
+        return []
 
     def effective_secret_key(self) -> str:
         """The secret in force: the configured one, or the dev key in dev mode."""
@@ -421,14 +530,55 @@ class Settings(BaseSettings):
         return insecure
 
 
+def _text(value: object) -> str:
+    return value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+
+
+def known_variables() -> frozenset[str]:
+    """Every environment variable that is a setting."""
+    return frozenset(PREFIX + name.upper() for name in Settings.model_fields)
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One message per ``SWITCHBOARD_*`` variable that is no setting, with the nearest name.
+
+    pydantic-settings ignores them, so a misspelt variable would silently
+    leave its setting at the default (a limit, a timeout, a secret).
+    """
+    known = known_variables()
+    problems = []
+    for variable in sorted(environ):
+        name = variable.upper()
+        if not name.startswith(PREFIX) or name in known or name in NOT_SETTINGS:
+            continue
+        # Compared without the prefix, which every name shares and would make all alike.
+        close = difflib.get_close_matches(
+            name.removeprefix(PREFIX), [k.removeprefix(PREFIX) for k in known], n=1, cutoff=0.6
+        )
+        hint = f"; did you mean {PREFIX}{close[0]}?" if close else ""
+        problems.append(f"{variable} is not a setting{hint}")
+    return problems
+
+
 def load_settings(**overrides: object) -> Settings:
-    """Read settings from the environment, with explicit overrides (CLI flags) on top."""
+    """Read settings from the environment, with explicit overrides (CLI flags) on top.
+
+    ConfigError names every bad variable at once and never quotes a value.
+    """
+    problems = unknown_variables(os.environ)
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        settings = Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
-        problems = []
         for error in exc.errors():
             where = ".".join(str(part) for part in error["loc"])
             message = str(error["msg"]).removeprefix("Value error, ")
-            problems.append(f"SWITCHBOARD_{where.upper()}: {message}" if where else message)
-        raise ConfigError("; ".join(problems)) from None
+            # gc_threshold.2 is the third item of SWITCHBOARD_GC_THRESHOLD.
+            field, _, item = where.partition(".")
+            name = f"{PREFIX}{field.upper()}" + (
+                f" (item {int(item) + 1})" if item.isdigit() else ""
+            )
+            problems.append(f"{name}: {message}" if field else message)
+    else:
+        if not problems:
+            return settings
+    raise ConfigError("; ".join(problems))

@@ -1,0 +1,259 @@
+"""The real `switchboard` command: keygen, refusing every bad setting, and text logs.
+
+An operator's mistake gets exit code 2 and one line naming what is wrong (the
+file, or the SWITCHBOARD_* variable), never a traceback and never a secret.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
+from switchboard.auth.tokens import load_key_ring
+from tests.e2e.procs import START_TIMEOUT_S
+
+pytestmark = pytest.mark.e2e
+
+EXIT_CONFIG = 2
+
+
+def _env(tmp_path: Path, **variables: str) -> dict[str, str]:
+    """The environment without the caller's SWITCHBOARD_* settings, plus ``variables``."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("SWITCHBOARD_")}
+    env["SWITCHBOARD_DATABASE_URL"] = f"sqlite+aiosqlite:///{tmp_path}/switchboard.db"
+    env.update(variables)
+    return env
+
+
+def _switchboard(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "switchboard.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=cwd,
+        check=False,
+    )
+
+
+# keygen
+
+
+def test_keygen_creates_missing_directories_owner_only(tmp_path: Path) -> None:
+    done = _switchboard("keygen", "keys/prod/k1.pem", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    for directory in (tmp_path / "keys", tmp_path / "keys" / "prod"):
+        assert directory.stat().st_mode & 0o777 == 0o700
+    key = tmp_path / "keys" / "prod" / "k1.pem"
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert load_key_ring([str(key)]).active.kid == "k1"
+    assert [p.name for p in key.parent.iterdir()] == ["k1.pem"]  # no temporary file left
+
+
+def test_keygen_refuses_to_overwrite_a_key(tmp_path: Path) -> None:
+    assert _switchboard("keygen", str(tmp_path / "k1.pem")).returncode == 0
+    before = (tmp_path / "k1.pem").read_bytes()
+    done = _switchboard("keygen", str(tmp_path / "k1.pem"))
+    assert done.returncode == EXIT_CONFIG
+    assert "Traceback" not in done.stderr
+    assert f"{tmp_path / 'k1.pem'} exists" in done.stderr
+    assert "--force" in done.stderr
+    assert (tmp_path / "k1.pem").read_bytes() == before
+
+
+def test_keygen_force_replaces_the_key_owner_only(tmp_path: Path) -> None:
+    key = tmp_path / "k1.pem"
+    key.write_text("old")
+    key.chmod(0o644)
+    done = _switchboard("keygen", "--force", str(key))
+    assert done.returncode == 0, done.stderr
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert load_key_ring([str(key)]).active.kid == "k1"
+
+
+@pytest.mark.parametrize(
+    ("make", "target", "fragment"),
+    [
+        (lambda tmp: (tmp / "file").write_text(""), "file/k1.pem", "file: not a directory"),
+        (lambda tmp: (tmp / "dir.pem").mkdir(), "dir.pem", "dir.pem is a directory"),
+        (lambda tmp: None, "bad key id!.pem", "key id"),
+    ],
+)
+def test_keygen_explains_a_path_it_cannot_use(
+    tmp_path: Path, make: Callable[[Path], object], target: str, fragment: str
+) -> None:
+    make(tmp_path)
+    done = _switchboard("keygen", target, cwd=tmp_path)
+    assert done.returncode == EXIT_CONFIG
+    assert "Traceback" not in done.stderr
+    assert fragment in done.stderr
+
+
+# Every bad setting: exit 2, one line naming the variable, no traceback, no secret.
+
+SECRET = "sk-live-do-not-print-me"
+
+
+@pytest.mark.parametrize(
+    ("variables", "named"),
+    [
+        ({"SWITCHBOARD_SECRET_KEY": SECRET[:12]}, "SWITCHBOARD_SECRET_KEY must be at least 32"),
+        ({"SWITCHBOARD_PROT": "50052"}, "SWITCHBOARD_PROT is not a setting; did you mean"),
+        ({"SWITCHBOARD_LLM_BASE_URL": "http://127.0.0.1:9/v1"}, "SWITCHBOARD_LLM_MODEL is missing"),
+        ({"SWITCHBOARD_LLM_API_KEY": SECRET}, "SWITCHBOARD_LLM_API_KEY needs"),
+        ({"SWITCHBOARD_DISPATCHER_ROUTES": "weather"}, "SWITCHBOARD_DISPATCHER_ROUTES: route"),
+        (
+            {"SWITCHBOARD_DISPATCHER_ROUTES": "/w=nosuch"},
+            "SWITCHBOARD_DISPATCHER_ROUTES: no handler",
+        ),
+        (
+            {"SWITCHBOARD_DISPATCHER_REMOTE_HANDLERS": "weather"},
+            "SWITCHBOARD_DISPATCHER_REMOTE_HANDLERS: remote handler",
+        ),
+        (
+            {"SWITCHBOARD_DISPATCHER_REMOTE_HANDLERS": "echo=127.0.0.1:9"},
+            "SWITCHBOARD_DISPATCHER_REMOTE_HANDLERS: two handlers claim the id 'echo'",
+        ),
+        (
+            {
+                "SWITCHBOARD_LLM_BASE_URL": "http://127.0.0.1:9/v1",
+                "SWITCHBOARD_LLM_MODEL": "m-1",
+                "SWITCHBOARD_LLM_FALLBACKS": f'[{{"name": "b", "api_key": "{SECRET}"',
+            },
+            "SWITCHBOARD_LLM_FALLBACKS: ",
+        ),
+        (
+            {
+                "SWITCHBOARD_LLM_BASE_URL": "http://127.0.0.1:9/v1",
+                "SWITCHBOARD_LLM_MODEL": "m-1",
+                "SWITCHBOARD_LLM_PRICES": '{"m-1": {"input_per_mtok": "free"}}',
+            },
+            "SWITCHBOARD_LLM_PRICES: ",
+        ),
+        ({"SWITCHBOARD_DISPATCHER_BLOCKLIST": "re:("}, "SWITCHBOARD_DISPATCHER_BLOCKLIST: "),
+        ({"SWITCHBOARD_CONTEXT_TOKENIZER": "nosuch"}, "SWITCHBOARD_CONTEXT_TOKENIZER: unknown"),
+        (
+            {"SWITCHBOARD_REDIS_URL": f"redis://:{SECRET}@cache:port/0"},
+            "SWITCHBOARD_REDIS_URL: not a valid Redis URL",
+        ),
+        (
+            {"SWITCHBOARD_DATABASE_URL": f"postgresql+asyncpg://app:{SECRET}@127.0.0.1:9/app"},
+            "SWITCHBOARD_DATABASE_URL: cannot open the database",
+        ),
+        (
+            {"SWITCHBOARD_DATABASE_URL": "sqlite+aiosqlite:////nonexistent/dir/x.db"},
+            "SWITCHBOARD_DATABASE_URL: ",
+        ),
+    ],
+)
+def test_serve_refuses_a_bad_setting_by_name(
+    tmp_path: Path, variables: dict[str, str], named: str
+) -> None:
+    done = _switchboard("serve", "--dev", "--port", "0", env=_env(tmp_path, **variables))
+    assert done.returncode == EXIT_CONFIG, done.stderr[-2000:]
+    assert named in done.stderr
+    assert "Traceback" not in done.stderr
+    assert SECRET not in done.stderr
+    assert SECRET[:12] not in done.stderr
+
+
+def test_migrate_names_a_database_it_cannot_open(tmp_path: Path) -> None:
+    env = _env(
+        tmp_path,
+        SWITCHBOARD_DEV_MODE="true",
+        SWITCHBOARD_DATABASE_URL="sqlite+aiosqlite:////nonexistent/dir/x.db",
+    )
+    done = _switchboard("migrate", env=env)
+    assert done.returncode == EXIT_CONFIG
+    assert "SWITCHBOARD_DATABASE_URL: cannot open the database" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_the_e2e_harness_variable_is_not_refused(tmp_path: Path) -> None:
+    # tests/e2e/procs.py reads SWITCHBOARD_TOOLS_BIN; a server started from the
+    # same shell must not refuse it. `--port -1` stops the start right after
+    # the settings are read (a variable refused would be named first).
+    env = _env(tmp_path, SWITCHBOARD_TOOLS_BIN=str(tmp_path))
+    done = _switchboard("serve", "--dev", "--port", "-1", env=env)
+    assert done.returncode == EXIT_CONFIG
+    assert "SWITCHBOARD_PORT" in done.stderr
+    assert "SWITCHBOARD_TOOLS_BIN" not in done.stderr
+
+
+# Text logs carry what JSON logs carry.
+
+
+class _Lines:
+    def __init__(self, stream: object) -> None:
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, args=(stream,), daemon=True).start()
+
+    def _pump(self, stream: object) -> None:
+        for line in stream:  # type: ignore[attr-defined]
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def until(self, fragment: str) -> str:
+        while True:
+            line = self.lines.get(timeout=START_TIMEOUT_S)
+            assert line is not None, f"the process ended before logging {fragment!r}"
+            if fragment in line:
+                return line
+
+
+def _fields(line: str, message: str) -> dict[str, str]:
+    tail = line.split(f" {message} ", 1)[1]
+    return dict(pair.split("=", 1) for pair in tail.split(" "))
+
+
+@pytest.fixture
+def text_serve(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], _Lines]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "switchboard.cli", "serve", "--dev", "--port", "0"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(tmp_path, SWITCHBOARD_LOG_FORMAT="text"),
+    )
+    assert proc.stderr is not None
+    try:
+        yield proc, _Lines(proc.stderr)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+
+
+def test_text_logs_show_the_address_and_each_call(
+    text_serve: tuple[subprocess.Popen[str], _Lines],
+) -> None:
+    proc, lines = text_serve
+    listening = _fields(lines.until("switchboard listening"), "switchboard listening")
+    address = listening["address"]
+    assert address.startswith("127.0.0.1:")
+    assert "switchboard.api.auth.v1.AuthService" in listening["services"].split(",")
+    with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError):
+        auth_pb2_grpc.AuthServiceStub(channel).GetPrincipal(
+            auth_pb2.GetPrincipalRequest(), timeout=10
+        )
+    access = _fields(lines.until("rpc finished"), "rpc finished")
+    assert access["method"] == "/switchboard.api.auth.v1.AuthService/GetPrincipal"
+    assert access["code"] == "UNAUTHENTICATED"
+    assert float(access["duration_ms"]) >= 0
+    assert access["peer"].startswith("ipv4:127.0.0.1:")
+    assert access["request_id"]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
