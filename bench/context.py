@@ -615,6 +615,7 @@ async def seed_in_process(
     from switchboard.platform.cache import Cache
     from switchboard.platform.config import Settings
     from switchboard.platform.db import open_database
+    from switchboard.platform.pagination import PageTokens
     from switchboard.platform.policy import AuthMethod, Principal, Scope
 
     settings = Settings(
@@ -626,7 +627,13 @@ async def seed_in_process(
     )
     database = await open_database(database_url, timeout_s=30.0, migrate=False)
     counters = Cache("", timeout_s=1.0, lease_s=1.0)
-    service = context_service(settings, database, cast(EventBus, _NoBus()), counters)
+    service = context_service(
+        settings,
+        database,
+        cast(EventBus, _NoBus()),
+        counters,
+        PageTokens(settings.effective_secret_key()),
+    )
     principal = Principal(
         user_id=account.user.removeprefix("users/"),
         auth_method=AuthMethod.PASSWORD,

@@ -5,6 +5,7 @@ must stop the expert's own work, and the run's deadline must reach it.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -172,3 +173,50 @@ async def test_an_expert_that_dies_fails_the_run(
         error = exc
     assert error is not None
     assert error.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def _listed_available(dstub: DStub, world: World) -> bool:
+    listed = await dstub.ListHandlers(
+        pb.ListHandlersRequest(parent=world.name), metadata=world.viewer.md, timeout=10
+    )
+    weather = next(h for h in listed.handlers if h.name == "handlers/weather")
+    return bool(weather.available)
+
+
+async def _until_listed(dstub: DStub, world: World, *, available: bool) -> None:
+    """Poll ListHandlers (every 50 ms, up to 15 s) until it says ``available``."""
+    async with asyncio.timeout(15):
+        while True:
+            if await _listed_available(dstub, world) == available:
+                return
+            await asyncio.sleep(0.05)  # another process changes it: nothing to await
+
+
+async def test_a_restarted_expert_is_listed_truthfully_and_its_first_run_succeeds(
+    expert: ExpertProcess, stubs: tuple[Stub, DStub], world: World, conversation: str
+) -> None:
+    _, dstub = stubs
+    ask = request(conversation, "sunny?", handler="handlers/weather")
+    first = await finished(dstub, world.editor, (await send(dstub, world.editor, ask)).run.name)
+    assert first.state == pb.RUN_STATE_SUCCEEDED
+    port = expert.port
+    assert expert.proc is not None
+    expert.proc.kill()
+    expert.proc.wait(timeout=30)
+
+    # Down: ListHandlers says so without any run having failed first, and a
+    # run that names it is refused at once rather than started and failed.
+    await _until_listed(dstub, world, available=False)
+    with pytest.raises(aio.AioRpcError) as caught:
+        await send(dstub, world.editor, request(conversation, "down?", handler="handlers/weather"))
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    # Back on the same port, after the channel has failed (and backed off) a few times.
+    with ExpertProcess(id="weather", args=("--port", str(port))):
+        await _until_listed(dstub, world, available=True)
+        # The very first run after ListHandlers says so succeeds.
+        back = request(conversation, "back?", handler="handlers/weather")
+        sent = await send(dstub, world.editor, back)
+        seen = await watch_all(dstub, world.editor, sent.run.name)
+        assert seen.final.state == pb.RUN_STATE_SUCCEEDED, seen.final.error.message
+        assert seen.text.startswith("expert weather heard: back?")

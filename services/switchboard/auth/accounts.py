@@ -21,7 +21,7 @@ from switchboard.auth.authenticator import CredentialAuthenticator
 from switchboard.auth.oidc import OidcVerifier
 from switchboard.auth.opaque import OpaqueSecrets, looks_like_refresh_token
 from switchboard.auth.passwords import PasswordHasher, check_password_policy
-from switchboard.auth.store import AuthStore, Page, utcnow
+from switchboard.auth.store import AuthStore, Keyset, Page, R, utcnow
 from switchboard.auth.tokens import AccessTokens
 from switchboard.platform.bus import EventBus
 from switchboard.platform.cache import Cache
@@ -42,6 +42,8 @@ from switchboard.platform.models import (
     SessionRow,
     UserRow,
 )
+from switchboard.platform.names import etag_version
+from switchboard.platform.pagination import ID, ISO_TIME, PageTokens, fingerprint
 from switchboard.platform.policy import ALL_SCOPES, AuthMethod, Principal, Scope
 
 log = logging.getLogger("switchboard.security")
@@ -190,8 +192,10 @@ class Accounts:
         oidc: OidcVerifier | None,
         login_limits: LoginLimits,
         limits: AccountLimits,
+        page_tokens: PageTokens,
     ) -> None:
         self._store = store
+        self._pages = page_tokens
         self._hasher = hasher
         self._tokens = tokens
         self._secrets = secrets
@@ -497,11 +501,28 @@ class Accounts:
     async def list_sessions(
         self, principal: Principal, *, show_inactive: bool, size: int, token: str
     ) -> Page[SessionRow]:
-        return await self._store.list_sessions(
+        limit = page_size(size)
+        request = fingerprint("sessions", principal.user_id, show_inactive)
+        rows = await self._store.list_sessions(
             principal.user_id,
             show_inactive=show_inactive,
-            page_size=page_size(size),
-            page_token=token,
+            limit=limit + 1,
+            after=self._after(token, request),
+        )
+        return self._page(rows, limit, request)
+
+    def _after(self, token: str, request: str) -> Keyset | None:
+        if not token:
+            return None
+        stamp, last = self._pages.decode(token, request, (ISO_TIME, ID))
+        return dt.datetime.fromisoformat(str(stamp)), str(last)
+
+    def _page(self, rows: list[R], limit: int, request: str) -> Page[R]:
+        if len(rows) <= limit:
+            return Page(rows, "")
+        last = rows[limit - 1]
+        return Page(
+            rows[:limit], self._pages.encode([last.created_at.isoformat(), last.id], request)
         )
 
     # API keys.
@@ -561,12 +582,15 @@ class Accounts:
     async def list_api_keys(
         self, principal: Principal, *, show_inactive: bool, size: int, token: str
     ) -> Page[ApiKeyRow]:
-        return await self._store.list_api_keys(
+        limit = page_size(size)
+        request = fingerprint("api-keys", principal.user_id, show_inactive)
+        rows = await self._store.list_api_keys(
             principal.user_id,
             show_inactive=show_inactive,
-            page_size=page_size(size),
-            page_token=token,
+            limit=limit + 1,
+            after=self._after(token, request),
         )
+        return self._page(rows, limit, request)
 
     async def revoke_api_key(self, principal: Principal, key_id: str) -> ApiKeyRow:
         row = await self._store.revoke_api_key(principal.user_id, key_id)
@@ -594,12 +618,11 @@ class Accounts:
         name = clean_display_name(display_name, "user.display_name")
         expected: int | None = None
         if etag:
-            try:
-                expected = int(etag.strip('"').removeprefix("W/").strip('"'))
-            except ValueError:
+            expected = etag_version(etag)
+            if expected is None:
                 raise InvalidArgument(
                     "user.etag is invalid", [FieldViolation("user.etag", "not an etag we issued")]
-                ) from None
+                )
         user = await self._store.update_display_name(principal.user_id, name, expected)
         if user is None:
             raise EtagMismatch("the user changed since it was read; re-read and retry")

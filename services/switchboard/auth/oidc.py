@@ -45,8 +45,8 @@ MAX_TOKEN_BYTES: Final = 16 * 1024
 MAX_JWKS_BYTES: Final = 1024 * 1024
 MIN_RSA_BITS: Final = 2048
 MAX_SUBJECT_CHARS: Final = 255  # OpenID Connect Core 1.0, section 2
-_KID_RE: Final = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-_B64URL_RE: Final = re.compile(r"^[A-Za-z0-9_-]+={0,2}$")
+_KID_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_B64URL_RE: Final = re.compile(r"[A-Za-z0-9_-]+={0,2}")
 _INVALID: Final = "invalid ID token"
 _EXPIRED: Final = "ID token expired"
 
@@ -206,7 +206,7 @@ class OidcVerifier:
         kid = header.get("kid")
         if kid is None:
             key = self._sole
-        elif isinstance(kid, str) and _KID_RE.match(kid):
+        elif isinstance(kid, str) and _KID_RE.fullmatch(kid):
             # Only ever a dictionary lookup: never a path, URL or query.
             key = self._keys.get(kid)
         else:
@@ -330,7 +330,7 @@ def _load_jwk(jwk: Mapping[str, Any]) -> _VerificationKey:
     if key_ops is not None and (not isinstance(key_ops, list) or "verify" not in key_ops):
         raise _SkipKey
     kid = jwk.get("kid")
-    if kid is not None and (not isinstance(kid, str) or not _KID_RE.match(kid)):
+    if kid is not None and (not isinstance(kid, str) or not _KID_RE.fullmatch(kid)):
         # Such a key could never be selected, since tokens' kids are held to
         # the same pattern; say so instead of failing every token later.
         raise ValueError(f"'kid' must match {_KID_RE.pattern}")
@@ -416,7 +416,7 @@ def _reject_or_skip(alg: str, kty: str) -> None:
 
 def _b64_field(jwk: Mapping[str, Any], name: str) -> bytes:
     value = jwk.get(name)
-    if not isinstance(value, str) or not _B64URL_RE.match(value):
+    if not isinstance(value, str) or not _B64URL_RE.fullmatch(value):
         raise ValueError(f"'{name}' must be base64url")
     try:
         return base64.urlsafe_b64decode(value.rstrip("=") + "=" * (-len(value.rstrip("=")) % 4))

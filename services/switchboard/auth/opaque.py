@@ -20,8 +20,8 @@ REFRESH_PREFIX: Final = "sbr_"
 API_KEY_PREFIX: Final = "sbk_"
 _SECRET_BYTES: Final = 32
 _KEY_ID_CHARS: Final = 8
-_REFRESH_RE: Final = re.compile(r"^sbr_[A-Za-z0-9_-]{43}$")
-_API_KEY_RE: Final = re.compile(r"^sbk_([a-z0-9]{8})_([A-Za-z0-9_-]{43})$")
+_REFRESH_RE: Final = re.compile(r"sbr_[A-Za-z0-9_-]{43}")
+_API_KEY_RE: Final = re.compile(r"sbk_([a-z0-9]{8})_([A-Za-z0-9_-]{43})")
 _KEY_ID_ALPHABET: Final = "abcdefghijklmnopqrstuvwxyz0123456789"
 
 
@@ -60,10 +60,10 @@ class OpaqueSecrets:
 
 
 def looks_like_refresh_token(value: str) -> bool:
-    return bool(_REFRESH_RE.match(value))
+    return bool(_REFRESH_RE.fullmatch(value))
 
 
 def parse_api_key(value: str) -> str | None:
     """The key id of a well-formed API key, else None (no lookup for malformed input)."""
-    match = _API_KEY_RE.match(value)
+    match = _API_KEY_RE.fullmatch(value)
     return match.group(1) if match else None

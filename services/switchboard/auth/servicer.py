@@ -12,6 +12,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.auth.accounts import Accounts, ClientContext, IssuedTokens, SignIn
 from switchboard.auth.tokens import KeyRing
+from switchboard.platform import names, timefields
 from switchboard.platform.authn import current_principal
 from switchboard.platform.errors import FieldViolation, InvalidArgument
 from switchboard.platform.models import ApiKeyRow, FederatedIdentityRow, SessionRow, UserRow
@@ -25,9 +26,9 @@ _AUTH_METHODS = {
     AuthMethod.OIDC.value: auth_pb2.AUTH_METHOD_OIDC,
     AuthMethod.API_KEY.value: auth_pb2.AUTH_METHOD_API_KEY,
 }
-_SESSION_NAME = re.compile(r"^users/([a-z0-9-]+)/sessions/([a-z0-9-]+)$")
-_API_KEY_NAME = re.compile(r"^users/([a-z0-9-]+)/apiKeys/([a-z0-9-]+)$")
-_PEER = re.compile(r"^(?:ipv4:|ipv6:)?\[?(.*?)\]?:\d+$")
+_SESSION_NAME = names.SESSION
+_API_KEY_NAME = names.API_KEY
+_PEER = re.compile(r"(?:ipv4:|ipv6:)?\[?(.*?)\]?:[0-9]+")
 
 
 def _ts(when: dt.datetime | None) -> Timestamp | None:
@@ -39,7 +40,7 @@ def _ts(when: dt.datetime | None) -> Timestamp | None:
 
 
 def _client(context: Any, info: auth_pb2.ClientInfo) -> ClientContext:
-    match = _PEER.match(context.peer() or "")
+    match = _PEER.fullmatch(context.peer() or "")
     address = match.group(1) if match else (context.peer() or "unknown")
     return ClientContext(address=address, user_agent=info.user_agent, device_name=info.device_name)
 
@@ -106,7 +107,7 @@ def _sign_in(result: SignIn) -> tuple[auth_pb2.User, auth_pb2.TokenPair, auth_pb
 def _name_part(pattern: re.Pattern[str], name: str, field: str) -> str:
     # The interceptor already checked the name belongs to the caller; this
     # only extracts the child id (and rejects other shapes).
-    match = pattern.match(name)
+    match = pattern.fullmatch(name)
     if match is None:
         raise InvalidArgument(f"{field} is malformed", [FieldViolation(field, "malformed name")])
     return match.group(2)
@@ -222,7 +223,9 @@ class AuthServiceServicer(auth_pb2_grpc.AuthServiceServicer):
         self, request: auth_pb2.CreateApiKeyRequest, context: Any
     ) -> auth_pb2.CreateApiKeyResponse:
         expires = (
-            request.expire_time.ToDatetime(dt.UTC) if request.HasField("expire_time") else None
+            timefields.timestamp(request.expire_time, "expire_time")
+            if request.HasField("expire_time")
+            else None
         )
         row, secret = await self._accounts.create_api_key(
             current_principal(), request.display_name, request.scopes, expires

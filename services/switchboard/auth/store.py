@@ -7,9 +7,7 @@ concurrent redemptions cannot both succeed; the loser is treated as reuse.
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
-import json
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +17,7 @@ from sqlalchemy import Select, and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from switchboard.platform.db import Database
-from switchboard.platform.errors import AlreadyExists, FieldViolation, InvalidArgument
+from switchboard.platform.errors import AlreadyExists
 from switchboard.platform.models import (
     ApiKeyRow,
     FederatedIdentityRow,
@@ -62,24 +60,8 @@ class Page(Generic[T]):
     next_page_token: str
 
 
-def _encode_cursor(created_at: dt.datetime, row_id: str) -> str:
-    raw = json.dumps({"t": created_at.isoformat(), "i": row_id}).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_cursor(token: str) -> tuple[dt.datetime, str]:
-    try:
-        padded = token + "=" * (-len(token) % 4)
-        data = json.loads(base64.urlsafe_b64decode(padded.encode()))
-        when = dt.datetime.fromisoformat(data["t"])
-        row_id = data["i"]
-        if when.tzinfo is None or not isinstance(row_id, str):
-            raise ValueError("bad cursor")  # noqa: TRY301 - one path for every malformed token
-    except (ValueError, KeyError, TypeError, json.JSONDecodeError):
-        raise InvalidArgument(
-            "page_token is invalid", [FieldViolation("page_token", "not a token we issued")]
-        ) from None
-    return when, row_id
+#: Where a page of sessions or API keys starts: after (created_at, id), newest first.
+Keyset = tuple[dt.datetime, str]
 
 
 class AuthStore:
@@ -310,13 +292,13 @@ class AuthStore:
         return row if row is not None and row.user_id == user_id else None
 
     async def list_sessions(
-        self, user_id: str, *, show_inactive: bool, page_size: int, page_token: str
-    ) -> Page[SessionRow]:
+        self, user_id: str, *, show_inactive: bool, limit: int, after: Keyset | None
+    ) -> list[SessionRow]:
         now = utcnow()
         query = select(SessionRow).where(SessionRow.user_id == user_id)
         if not show_inactive:
             query = query.where(SessionRow.revoked_at.is_(None), SessionRow.expires_at > now)
-        return await self._page(query, SessionRow, page_size, page_token)
+        return await self._page(query, SessionRow, limit, after)
 
     async def revoke_session(self, user_id: str, session_id: str, reason: str) -> SessionRow | None:
         """Revoke one of the user's sessions (idempotent); None if it is not theirs."""
@@ -410,8 +392,8 @@ class AuthStore:
             return await db.get(ApiKeyRow, key_id)
 
     async def list_api_keys(
-        self, user_id: str, *, show_inactive: bool, page_size: int, page_token: str
-    ) -> Page[ApiKeyRow]:
+        self, user_id: str, *, show_inactive: bool, limit: int, after: Keyset | None
+    ) -> list[ApiKeyRow]:
         now = utcnow()
         query = select(ApiKeyRow).where(ApiKeyRow.user_id == user_id)
         if not show_inactive:
@@ -419,7 +401,7 @@ class AuthStore:
                 ApiKeyRow.revoked_at.is_(None),
                 (ApiKeyRow.expires_at.is_(None)) | (ApiKeyRow.expires_at > now),
             )
-        return await self._page(query, ApiKeyRow, page_size, page_token)
+        return await self._page(query, ApiKeyRow, limit, after)
 
     async def revoke_api_key(self, user_id: str, key_id: str) -> ApiKeyRow | None:
         async with self._sessions.begin() as db:
@@ -439,18 +421,13 @@ class AuthStore:
     # Paging: newest first, keyset on (created_at, id) so pages are stable under inserts.
 
     async def _page(
-        self, query: Select[R], model: type[R], page_size: int, page_token: str
-    ) -> Page[R]:
-        if page_token:
-            when, last_id = _decode_cursor(page_token)
+        self, query: Select[R], model: type[R], limit: int, after: Keyset | None
+    ) -> list[R]:
+        if after is not None:
+            when, last_id = after
             query = query.where(
                 or_(model.created_at < when, and_(model.created_at == when, model.id < last_id))
             )
-        query = query.order_by(model.created_at.desc(), model.id.desc()).limit(page_size + 1)
+        query = query.order_by(model.created_at.desc(), model.id.desc()).limit(limit)
         async with self._readers() as db:
-            rows: list[R] = list((await db.execute(query)).scalars())
-        if len(rows) > page_size:
-            rows = rows[:page_size]
-            last = rows[-1]
-            return Page(rows, _encode_cursor(last.created_at, last.id))
-        return Page(rows, "")
+            return list((await db.execute(query)).scalars())

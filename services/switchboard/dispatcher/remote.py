@@ -7,8 +7,12 @@ the stream, and the ``finally`` here cancels the call itself, which the
 expert sees as its own call being cancelled (HTTP/2 RST_STREAM).
 
 Until the integration hub registers experts, they are configured statically
-(``SWITCHBOARD_DISPATCHER_REMOTE_HANDLERS=id=host:port,...``). Availability
-comes from ``GetCapabilities``: refreshed at start and after failures.
+(``SWITCHBOARD_DISPATCHER_REMOTE_HANDLERS=id=host:port,...``). What an expert
+can do comes from ``GetCapabilities``: asked at start and after it comes back.
+Whether it is available comes from the channel itself: an expert the channel
+cannot reach (TRANSIENT_FAILURE) is unavailable, one it is connected to is
+available, so ListHandlers and routing tell the truth after a restart, and a
+run never starts on a channel that is still waiting out its reconnect backoff.
 """
 
 from __future__ import annotations
@@ -27,8 +31,23 @@ from switchboard.dispatcher.handlers import Frame, HandleCall, HandlerFailure, c
 
 log = logging.getLogger("switchboard.dispatcher.remote")
 
-#: How long a remote stays unavailable after a failed call before it is tried again.
+#: How long a remote stays unavailable after a failed call, unless the channel
+#: is connected again sooner (an expert that restarted).
 RETRY_AFTER_S = 5.0
+_READY = grpc.ChannelConnectivity.READY
+_DOWN = (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN)
+CHANNEL_OPTIONS = (
+    # gRPC's reconnect backoff grows to 120 s: an expert back after a long
+    # outage would be ignored that long. Capped, it is found within seconds.
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+    # A connection whose peer vanished (host gone, no FIN) is noticed during a
+    # call. Not more often: gRPC servers by default refuse pings more frequent
+    # than every 5 minutes and answer them with GOAWAY.
+    ("grpc.keepalive_time_ms", 300_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+)
 
 
 def parse_remotes(text: str) -> list[tuple[str, str]]:
@@ -52,13 +71,16 @@ class RemoteHandler:
     def __init__(self, handler_id: str, address: str, *, timeout_s: float) -> None:
         self.address = address
         self._timeout_s = timeout_s
-        self._channel = aio.insecure_channel(address)
+        self._channel = aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = handler_pb2_grpc.HandlerServiceStub(self._channel)
         # Until GetCapabilities answers, the id and address are all we know.
         self._capabilities = capabilities(
             handler_id, handler_id, f"remote handler at {address}", max_context_tokens=4000
         )
+        # After a call could not reach it: unavailable until then, or until connected again.
         self._down_until = 0.0
+        # After it answered that it does not serve HandlerService: unavailable until then.
+        self._broken_until = 0.0
         self._refreshing: asyncio.Task[bool] | None = None
 
     @property
@@ -66,7 +88,47 @@ class RemoteHandler:
         return self._capabilities
 
     def available(self) -> bool:
-        return time.monotonic() >= self._down_until
+        """Whether a run sent now can reach the expert, as far as the channel knows."""
+        now = time.monotonic()
+        if now < self._broken_until:
+            return False
+        # Asking with try_to_connect starts a connection on an idle channel,
+        # so the next answer is about the expert as it is now.
+        state = self._channel.get_state(try_to_connect=True)
+        if state in _DOWN:
+            return False
+        if state == _READY and self._down_until:
+            # Connected again after a failure: the expert restarted. Its
+            # capabilities may have changed with it.
+            self._down_until = 0.0
+            self._refresh_soon()
+        return now >= self._down_until
+
+    def _refresh_soon(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # asked outside the event loop: the next call refreshes
+            return
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = loop.create_task(self.refresh())
+
+    async def _connect(self, within_s: float) -> bool:
+        """Whether the channel is READY, waiting at most ``within_s`` for one attempt.
+
+        False as soon as an attempt fails (TRANSIENT_FAILURE): a run must not
+        wait out the reconnect backoff of an expert that is down.
+        """
+        try:
+            async with asyncio.timeout(within_s):
+                while True:
+                    state = self._channel.get_state(try_to_connect=True)
+                    if state == _READY:
+                        return True
+                    if state in _DOWN:
+                        return False
+                    await self._channel.wait_for_state_change(state)
+        except TimeoutError:
+            return False
 
     async def refresh(self) -> bool:
         """Ask the expert what it can do; False (and unavailable for a while) if it cannot say."""
@@ -79,7 +141,7 @@ class RemoteHandler:
                 "remote handler unreachable",
                 extra={"handler": self._capabilities.id, "code": exc.code().name},
             )
-            self._down_until = time.monotonic() + RETRY_AFTER_S
+            self._failed(exc.code())
             return False
         found = response.capabilities
         # The configured id is the routing key; the expert describes the rest.
@@ -89,42 +151,67 @@ class RemoteHandler:
         self._capabilities.id = handler_id
         if self._capabilities.max_context_tokens <= 0:
             self._capabilities.max_context_tokens = 4000
-        self._down_until = 0.0
+        self._down_until = self._broken_until = 0.0
         return True
+
+    def _failed(self, code: grpc.StatusCode) -> None:
+        until = time.monotonic() + RETRY_AFTER_S
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            self._down_until = until  # unreachable: over as soon as the channel connects
+        else:
+            self._broken_until = until  # it answered, but not as a HandlerService
 
     async def close(self) -> None:
         await self._channel.close(grace=None)
 
     async def handle(self, call: HandleCall) -> AsyncIterator[Frame]:
-        remaining = call.remaining()
-        if remaining <= 0:
-            raise TimeoutError
-        stream = self._stub.Handle(call.request, timeout=remaining)
-        got_result = False
-        try:
-            async for frame in stream:
-                if frame.WhichOneof("frame") == "result":
-                    got_result = True
-                yield frame
-                if got_result:
-                    break
-        except aio.AioRpcError as exc:
-            code = exc.code()
-            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise TimeoutError from None
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED):
-                self._down_until = time.monotonic() + RETRY_AFTER_S
-                if self._refreshing is None or self._refreshing.done():
-                    self._refreshing = asyncio.get_running_loop().create_task(self.refresh())
-            raise HandlerFailure(
-                f"remote handler {self._capabilities.id!r} failed: "
-                f"{code.name}: {(exc.details() or '')[:200]}",
-                retryable=code == grpc.StatusCode.UNAVAILABLE,
-            ) from None
-        finally:
-            # Reached on cancellation too: RST_STREAM tells the expert to stop.
-            stream.cancel()
-        if not got_result:
+        # One retry, for a call that failed UNAVAILABLE before the expert
+        # answered anything: the connection looked alive but was gone (the
+        # expert restarted). UNAVAILABLE is gRPC's code for "safe to retry".
+        for attempt in range(2):
+            remaining = call.remaining()
+            if remaining <= 0:
+                raise TimeoutError
+            if not await self._connect(min(remaining, self._timeout_s)):
+                self._unreachable(grpc.StatusCode.UNAVAILABLE)
+                raise HandlerFailure(
+                    f"remote handler {self._capabilities.id!r} is unreachable", retryable=True
+                )
+            remaining = call.remaining()  # connecting took some of it
+            if remaining <= 0:
+                raise TimeoutError
+            answered = False
+            stream = self._stub.Handle(call.request, timeout=remaining)
+            try:
+                async for frame in stream:
+                    answered = True
+                    yield frame
+                    if frame.WhichOneof("frame") == "result":
+                        return
+            except aio.AioRpcError as exc:
+                code = exc.code()
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise TimeoutError from None
+                if code == grpc.StatusCode.UNAVAILABLE and not answered and attempt == 0:
+                    log.info(
+                        "remote handler connection lost before it answered; retrying once",
+                        extra={"handler": self._capabilities.id},
+                    )
+                    continue
+                if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED):
+                    self._unreachable(code)
+                raise HandlerFailure(
+                    f"remote handler {self._capabilities.id!r} failed: "
+                    f"{code.name}: {(exc.details() or '')[:200]}",
+                    retryable=code == grpc.StatusCode.UNAVAILABLE,
+                ) from None
+            finally:
+                # Reached on cancellation too: RST_STREAM tells the expert to stop.
+                stream.cancel()
             raise HandlerFailure(
                 f"remote handler {self._capabilities.id!r} ended its stream without a result"
             )
+
+    def _unreachable(self, code: grpc.StatusCode) -> None:
+        self._failed(code)
+        self._refresh_soon()

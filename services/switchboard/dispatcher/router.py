@@ -37,7 +37,7 @@ from switchboard.platform.errors import (
 log = logging.getLogger("switchboard.dispatcher.router")
 
 ENTRY_POINT_GROUP = "switchboard.handlers"
-HANDLER_ID = re.compile(r"^[a-z][a-z0-9-]{1,62}$")
+HANDLER_ID = re.compile(r"[a-z][a-z0-9-]{1,62}")
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class Routes:
                 continue
             key, sep, handler = rule.partition("=")
             key, handler = key.strip(), handler.strip()
-            if not sep or not HANDLER_ID.match(handler):
+            if not sep or not HANDLER_ID.fullmatch(handler):
                 raise ValueError(f"route {rule!r}: expected <match>=<handler-id>")
             if key.startswith("/") and len(key) > 1 and " " not in key:
                 prefixes[key[1:].lower()] = handler
@@ -90,7 +90,7 @@ class Registry:
 
     def add(self, handler: Handler) -> None:
         handler_id = handler.capabilities.id
-        if not HANDLER_ID.match(handler_id):
+        if not HANDLER_ID.fullmatch(handler_id):
             raise ValueError(f"handler id {handler_id!r} must match {HANDLER_ID.pattern}")
         if handler_id in self._handlers:
             raise ValueError(f"two handlers claim the id {handler_id!r}")

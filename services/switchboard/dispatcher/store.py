@@ -5,6 +5,11 @@ are queried: the conversation (listing, newest first), the state and the
 owning dispatcher instance (recovery after a restart). ``job`` holds what a
 restart needs to start the run again: the handler request and the ids of the
 credential it runs under.
+
+Each instance keeps a lease (``dispatcher_leases``) while it lives; the active
+runs of an instance whose lease expired are taken over by another one, and
+saves are fenced by the owner, so a replica that lost its runs cannot
+overwrite what their new owner stored.
 """
 
 from __future__ import annotations
@@ -15,13 +20,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
-from sqlalchemy import and_, bindparam, func, or_, select, update
+from sqlalchemy import and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.platform.db import Database
 from switchboard.platform.errors import ConversationBusy, NotFound
-from switchboard.platform.models import RunRow, table_of
+from switchboard.platform.models import DispatcherLeaseRow, RunRow, table_of
+from switchboard.platform.outbox import Staged, staging
 from switchboard.platform.storage import (
     Idempotency,
     claim,
@@ -49,12 +55,12 @@ TERMINAL: Final = frozenset(
 # once, not the ORM's unit of work or a statement built per call.
 _RUNS: Final = table_of(RunRow)
 _INSERT_RUN: Final = _RUNS.insert()
+# Fenced by the owner: a run another instance took over is not overwritten.
 _SAVE_RUN: Final = (
     update(_RUNS)
-    .where(_RUNS.c.id == bindparam("run"))
+    .where(_RUNS.c.id == bindparam("run"), _RUNS.c.worker == bindparam("owner"))
     .values(state=bindparam("state"), data=bindparam("data"), updated_at=bindparam("stamp"))
 )
-_SAVE_RUN_MOVED: Final = _SAVE_RUN.values(worker=bindparam("owner"))
 
 
 @dataclass(frozen=True)
@@ -134,23 +140,80 @@ class RunStore:
 
         return await retrying(lambda: self._run(work, write=True))
 
-    async def save(self, run_id: str, run: pb.Run, *, worker: str | None = None) -> None:
-        """Persist the run's current state (and its new owner, if given)."""
+    async def save(
+        self, run_id: str, run: pb.Run, *, owner: str, staged: Staged[bool] | None = None
+    ) -> bool:
+        """Persist the run's current state; False if ``owner`` no longer owns it
+        (taken over by another instance, or purged with its conversation).
+
+        ``staged``: events written in the same transaction (its build gets the result).
+        """
         values: dict[str, object] = {
             "run": run_id,
+            "owner": owner,
             "state": run.state,
             "data": run.SerializeToString(),
             "stamp": now(),
         }
-        statement = _SAVE_RUN
-        if worker is not None:
-            values["owner"] = worker
-            statement = _SAVE_RUN_MOVED
+
+        def work(db: Session) -> bool:
+            return bool(db.connection().execute(_SAVE_RUN, values).rowcount)
+
+        return await self._run(staging(staged, work), write=True)
+
+    async def renew_lease(self, instance: str, until: dt.datetime) -> None:
+        """Record that ``instance`` lives until ``until`` (its runs are not taken before)."""
 
         def work(db: Session) -> None:
-            db.connection().execute(statement, values)
+            lease = db.get(DispatcherLeaseRow, instance)
+            if lease is None:
+                db.add(DispatcherLeaseRow(instance=instance, expires_at=until))
+            else:
+                lease.expires_at = until
 
         await self._run(work, write=True)
+
+    async def expired_owners(self, instance: str) -> list[str]:
+        """Instances other than ``instance`` whose lease has expired."""
+
+        def work(db: Session) -> list[str]:
+            return list(
+                db.scalars(
+                    select(DispatcherLeaseRow.instance).where(
+                        DispatcherLeaseRow.expires_at < now(),
+                        DispatcherLeaseRow.instance != instance,
+                    )
+                )
+            )
+
+        return await self._run(work, write=False)
+
+    async def take_over(self, dead: str, instance: str) -> list[Stored]:
+        """Move ``dead``'s active runs to ``instance``, oldest first; drop its lease.
+
+        Rows are locked (PostgreSQL; SQLite serializes writers), so when two
+        instances reap the same one each run moves once. A lease renewed in
+        the meantime (the instance came back) keeps its runs.
+        """
+
+        def work(db: Session) -> list[Stored]:
+            lease = db.get(DispatcherLeaseRow, dead, with_for_update=True)
+            if lease is None or lease.expires_at >= now():
+                return []
+            rows = list(
+                db.scalars(
+                    select(RunRow)
+                    .where(RunRow.worker == dead, RunRow.state.in_(ACTIVE))
+                    .order_by(RunRow.created_at, RunRow.id)
+                    .with_for_update()
+                )
+            )
+            for row in rows:
+                row.worker = instance
+            db.execute(delete(DispatcherLeaseRow).where(DispatcherLeaseRow.instance == dead))
+            return [_stored(row) for row in rows]
+
+        return await self._run(work, write=True)
 
     async def get(self, workspace_id: str, conversation_id: str, run_id: str) -> Stored:
         def work(db: Session) -> RunRow | None:

@@ -57,7 +57,7 @@ MAX_PAGE_SIZE: Final = 500
 MAX_SCAN: Final = 5_000
 #: Unsent control frames (pongs, added/ended) a Stream may pile up.
 MAX_CONTROL_BACKLOG: Final = 1_000
-_SUBSCRIPTION_ID_RE: Final = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_SUBSCRIPTION_ID_RE: Final = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 def _now() -> Timestamp:
@@ -103,8 +103,11 @@ def _ended(subscription_id: str, error: SwitchboardError | None, resume: str) ->
 class EventServiceServicer:
     """EventService: Subscribe, Stream and ListEvents over the process's bus."""
 
-    def __init__(self, bus: EventBus, access: Access, limits: Limits) -> None:
+    def __init__(
+        self, bus: EventBus, access: Access, limits: Limits, page_tokens: pagination.PageTokens
+    ) -> None:
         self._bus = bus
+        self._pages = page_tokens
         self._access = access
         self._limits = limits
         self._quotas = Quotas(limits.per_principal)
@@ -176,7 +179,9 @@ class EventServiceServicer:
         await self._access.authorize(principal, spec)
         start = spec.after
         if request.page_token:
-            major, minor = pagination.decode(request.page_token, fingerprint, 2)
+            major, minor = self._pages.decode(
+                request.page_token, fingerprint, (pagination.U64, pagination.U64)
+            )
             start = (int(major), int(minor))
         if start is None:
             start = await self._bus.horizon()
@@ -201,7 +206,7 @@ class EventServiceServicer:
             events=events, oldest_cursor=format_cursor(await self._bus.horizon())
         )
         if position < upto:
-            response.next_page_token = pagination.encode(position, fingerprint)
+            response.next_page_token = self._pages.encode(position, fingerprint)
         return response
 
 
@@ -275,7 +280,7 @@ class _StreamSession:
 
     async def _add(self, add: events_pb2.AddSubscription) -> None:
         sid = add.subscription_id
-        if not _SUBSCRIPTION_ID_RE.match(sid):
+        if not _SUBSCRIPTION_ID_RE.fullmatch(sid):
             raise InvalidArgument(
                 "add.subscription_id is invalid",
                 [FieldViolation("add.subscription_id", "1-64 characters [A-Za-z0-9._:-]")],

@@ -49,9 +49,9 @@ MAX_BATCH_BYTES: Final = 1024 * 1024
 
 _ID = r"[a-z0-9][a-z0-9-]{0,62}"
 _SCOPE_PATTERNS: Final = {
-    "user": re.compile(rf"^users/({_ID})$"),
-    "workspace": re.compile(rf"^workspaces/({_ID})$"),
-    "conversation": re.compile(rf"^workspaces/({_ID})/conversations/{_ID}$"),
+    "user": re.compile(rf"users/({_ID})"),
+    "workspace": re.compile(rf"workspaces/({_ID})"),
+    "conversation": re.compile(rf"workspaces/({_ID})/conversations/{_ID}"),
 }
 _KNOWN_TYPES: Final = frozenset(events_pb2.EventType.values()) - {events_pb2.EVENT_TYPE_UNSPECIFIED}
 
@@ -135,7 +135,7 @@ def parse_spec(
             violations.append(FieldViolation(path, "set one of user, workspace, conversation"))
             continue
         name = getattr(scope, kind)
-        if not _SCOPE_PATTERNS[kind].match(name):
+        if not _SCOPE_PATTERNS[kind].fullmatch(name):
             violations.append(FieldViolation(f"{path}.{kind}", f"is not a valid {kind} name"))
             continue
         parsed.append((kind, name))

@@ -16,12 +16,11 @@ user to re-check its access, in log order, before it sends anything later.
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Final, Protocol
 
 from switchboard.api.events.v1 import events_pb2
-from switchboard.platform.errors import CursorExpired
+from switchboard.platform.errors import CursorExpired, SwitchboardError
 from switchboard.platform.eventlog import (
     LogBackend,
     Logged,
@@ -30,6 +29,7 @@ from switchboard.platform.eventlog import (
     Ring,
     format_cursor,
 )
+from switchboard.platform.outbox import Outbox, stamp
 
 log = logging.getLogger("switchboard.bus")
 
@@ -125,19 +125,12 @@ class Fanout:
         return "", ""
 
 
-def _stamp(event: events_pb2.Event) -> None:
-    """Give ``event`` its id and time unless the publisher set them."""
-    if not event.id:
-        event.id = uuid.uuid4().hex
-    if not event.HasField("time"):
-        event.time.GetCurrentTime()
-
-
 class EventBus:
     """Publisher, in-memory ring and fan-out over one log backend."""
 
-    def __init__(self, backend: LogBackend, *, memory: int) -> None:
+    def __init__(self, backend: LogBackend, *, memory: int, outbox: Outbox | None = None) -> None:
         self._backend = backend
+        self.outbox = outbox
         self.ring = Ring(memory)
         self.fanout = Fanout()
         self._listeners: list[Listener] = []
@@ -146,9 +139,13 @@ class EventBus:
     async def start(self) -> None:
         await self._backend.start(self._deliver, self.ring)
         self._started = True
+        if self.outbox is not None:
+            self.outbox.start(self._backend.append_many)
 
     async def close(self) -> None:
         await self._backend.close()
+        if self.outbox is not None:
+            await self.outbox.close()
 
     @property
     def state(self) -> LogState:
@@ -170,7 +167,7 @@ class EventBus:
         The cursor is set when the backend knows it at return (always on the
         embedded log; on Redis unless the event waits in the outbox).
         """
-        _stamp(event)
+        stamp(event)
         return await self._backend.append(event)
 
     async def publish_many(self, events: Sequence[events_pb2.Event]) -> None:
@@ -180,8 +177,29 @@ class EventBus:
         log in one batch (one row insert, one commit) and Redis in one round trip.
         """
         for event in events:
-            _stamp(event)
+            stamp(event)
         await self._backend.append_many(events)
+
+    async def publish_staged(self, events: Sequence[events_pb2.Event]) -> None:
+        """Publish events a write staged in its transaction (``platform/outbox.py``).
+
+        Never raises: the write is committed, and an event the log did not
+        take now is published by the outbox relay later.
+        """
+        outbox = self.outbox
+        if outbox is not None:
+            # Already being published here (a retry racing its first attempt).
+            events = [event for event in events if event.id not in outbox.pending]
+            outbox.publishing(events)
+        if not events:
+            return
+        try:
+            await self._backend.append_many(events)
+        except SwitchboardError:
+            if outbox is None:
+                raise
+            outbox.failed(events)
+            log.warning("staged events not published now; the outbox relay will")
 
     def _deliver(self, items: Sequence[Logged]) -> None:
         self.ring.append(items)

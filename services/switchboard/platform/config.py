@@ -225,6 +225,13 @@ class Settings(BaseSettings):
         default="fail",
         description="Runs that were RUNNING at a restart: fail (RUN_INTERRUPTED) or run again.",
     )
+    dispatcher_lease_s: float = Field(
+        default=30.0,
+        ge=1.0,
+        le=3600.0,
+        description="A replica that stops renewing its lease this long has its runs taken over "
+        "by another (recovered by SWITCHBOARD_DISPATCHER_RECOVERY).",
+    )
     dispatcher_default_handler: str = Field(
         default="", description="Handler when no rule matches; default: llm if set up, else echo."
     )

@@ -32,7 +32,12 @@ from grpc import aio
 
 from switchboard.platform.authn import Checker, Guard
 from switchboard.platform.db import DatabaseUnavailable, is_outage
-from switchboard.platform.errors import InternalError, InvalidArgument, SwitchboardError
+from switchboard.platform.errors import (
+    InternalError,
+    InvalidArgument,
+    NotImplementedYet,
+    SwitchboardError,
+)
 from switchboard.platform.logging import method_var, request_id_var
 from switchboard.platform.status import REQUEST_ID_KEY, to_grpc_status
 
@@ -232,6 +237,10 @@ class _Call:
         """Abort the call with the status ``exc`` maps to (raises AbortError)."""
         if isinstance(exc, SwitchboardError):
             error = exc
+        elif isinstance(exc, NotImplementedError):
+            # What a generated servicer base (or a library's, like health's
+            # List) does for a method nobody wrote: UNIMPLEMENTED, not a bug.
+            error = NotImplementedYet(f"{self.method} is not implemented by this server")
         elif is_outage(exc):
             # A raw database/network failure no store mapped: an outage, not a bug.
             error_log.warning("dependency unavailable: %s", type(exc).__name__)

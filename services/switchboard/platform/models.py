@@ -372,3 +372,30 @@ class EventLogStateRow(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     horizon: Mapped[int] = mapped_column(BigInteger)
+
+
+class EventOutboxRow(Base):
+    """An event written in the same transaction as the change it announces.
+
+    Deleted once the event is in the log; a row that stays (the process died
+    between commit and publish, or the log was away) is published by any
+    process's relay (``platform/outbox.py``). ``key`` is the write's
+    idempotency key, if any: a retried request publishes its leftover at once.
+    """
+
+    __tablename__ = "event_outbox"
+    __table_args__ = (Index("ix_event_outbox_key", "key"),)
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    key: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), index=True)
+
+
+class DispatcherLeaseRow(Base):
+    """How long a dispatcher instance is known alive; its runs are taken over after."""
+
+    __tablename__ = "dispatcher_leases"
+
+    instance: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())

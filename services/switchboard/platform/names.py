@@ -1,7 +1,10 @@
-"""Resource names (AIP-122) shared by every service: their patterns and one matcher.
+"""Resource names (AIP-122) and other client-chosen identifiers: their patterns and one matcher.
 
-A malformed name is the caller's mistake, so matching raises INVALID_ARGUMENT
-with a violation on the field that held it.
+Every pattern here is matched against the whole string (``fullmatch``):
+``re.match`` with ``$`` also accepts a final newline, and ``workspaces/acme\\n``
+must not be a name of ``workspaces/acme``. A malformed name is the caller's
+mistake, so matching raises INVALID_ARGUMENT with a violation on the field
+that held it.
 """
 
 from __future__ import annotations
@@ -13,20 +16,43 @@ from switchboard.platform.errors import FieldViolation, InvalidArgument
 
 #: One segment's id: lower case, digits and dashes, as the services generate them.
 ID: Final = r"[a-z0-9][a-z0-9-]{0,62}"
-WORKSPACE: Final = re.compile(rf"^workspaces/({ID})$")
-CONVERSATION: Final = re.compile(rf"^workspaces/({ID})/conversations/({ID})$")
-MESSAGE: Final = re.compile(rf"^workspaces/({ID})/conversations/({ID})/messages/({ID})$")
-RUN: Final = re.compile(rf"^workspaces/({ID})/conversations/({ID})/runs/({ID})$")
-MEMBER: Final = re.compile(rf"^workspaces/({ID})/members/({ID})$")
-USER: Final = re.compile(rf"^users/({ID})$")
-#: A client-chosen idempotency key (``request_id`` fields).
-REQUEST_ID: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+WORKSPACE: Final = re.compile(rf"workspaces/({ID})")
+CONVERSATION: Final = re.compile(rf"workspaces/({ID})/conversations/({ID})")
+MESSAGE: Final = re.compile(rf"workspaces/({ID})/conversations/({ID})/messages/({ID})")
+RUN: Final = re.compile(rf"workspaces/({ID})/conversations/({ID})/runs/({ID})")
+MEMBER: Final = re.compile(rf"workspaces/({ID})/members/({ID})")
+USER: Final = re.compile(rf"users/({ID})")
+SESSION: Final = re.compile(rf"users/({ID})/sessions/({ID})")
+API_KEY: Final = re.compile(rf"users/({ID})/apiKeys/({ID})")
+#: Where memory lives: a user, a workspace or a conversation.
+MEMORY_SCOPE: Final = re.compile(rf"(users/{ID}|workspaces/{ID}(?:/conversations/{ID})?)")
+MEMORY_ITEM: Final = re.compile(
+    rf"(users/{ID}|workspaces/{ID}(?:/conversations/{ID})?)/memories/({ID})"
+)
+#: Any name under a workspace or a user (the owner is the first segment pair).
+UNDER_WORKSPACE: Final = re.compile(rf"workspaces/({ID})(?:/[A-Za-z]+/{ID})*")
+UNDER_USER: Final = re.compile(rf"users/({ID})(?:/[A-Za-z]+/{ID})*")
+#: A client-chosen idempotency key (``request_id`` fields): 1-64 ASCII letters,
+#: digits, ``-`` or ``_``. The proto comments of every ``request_id`` say the same.
+REQUEST_ID: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+#: An etag we issued: ``"N"`` or ``W/"N"`` with N a version counter (quotes optional).
+ETAG: Final = re.compile(r'(?:W/)?"?([0-9]{1,18})"?')
 
 
 def match(pattern: re.Pattern[str], value: str, field: str) -> re.Match[str]:
-    """``pattern``'s match of ``value``, or INVALID_ARGUMENT naming ``field``."""
-    found = pattern.match(value)
+    """``pattern``'s match of the whole of ``value``, or INVALID_ARGUMENT naming ``field``."""
+    found = pattern.fullmatch(value)
     if found is None:
         description = "is required" if not value else "is not a valid resource name"
         raise InvalidArgument(f"{field} {description}", [FieldViolation(field, description)])
     return found
+
+
+def etag_version(etag: str) -> int | None:
+    """The version an etag we issued names; None for anything else.
+
+    ASCII digits only and at most 18 of them: ``str.isdigit`` also accepts
+    superscripts that ``int`` rejects, and a longer number overflows a column.
+    """
+    found = ETAG.fullmatch(etag)
+    return int(found.group(1)) if found else None

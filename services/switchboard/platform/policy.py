@@ -20,10 +20,10 @@ a ``MembershipReader``.
 from __future__ import annotations
 
 import enum
-import re
 from dataclasses import dataclass
 from typing import Final, Protocol
 
+from switchboard.platform import names
 from switchboard.platform.errors import (
     FieldViolation,
     InvalidArgument,
@@ -116,9 +116,9 @@ class MembershipReader(Protocol):
 
 # Resource ids: lower-case letters, digits and hyphens (AIP-122), or our
 # 32-hex generated ids. Anything else is malformed before any lookup.
-_ID = r"[a-z0-9][a-z0-9-]{0,62}"
-_WORKSPACE_RE: Final = re.compile(rf"^workspaces/({_ID})(?:/[A-Za-z]+/{_ID})*$")
-_USER_RE: Final = re.compile(rf"^users/({_ID})(?:/[A-Za-z]+/{_ID})*$")
+# Matched whole (fullmatch): a trailing newline is not part of a name.
+_WORKSPACE_RE: Final = names.UNDER_WORKSPACE
+_USER_RE: Final = names.UNDER_USER
 
 
 @dataclass(frozen=True)
@@ -131,9 +131,9 @@ class Owner:
 
 def owner_of(name: str, field_path: str) -> Owner:
     """Parse the owning workspace or user out of a resource name, or InvalidArgument."""
-    if match := _WORKSPACE_RE.match(name):
+    if match := _WORKSPACE_RE.fullmatch(name):
         return Owner("workspace", match.group(1))
-    if match := _USER_RE.match(name):
+    if match := _USER_RE.fullmatch(name):
         return Owner("user", match.group(1))
     description = "is required" if not name else "is not a valid resource name"
     raise InvalidArgument(f"{field_path} {description}", [FieldViolation(field_path, description)])

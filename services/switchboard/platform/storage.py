@@ -99,7 +99,7 @@ def idempotency(user_id: str, method: str, request: ProtoMessage) -> Idempotency
     request_id: str = getattr(request, "request_id", "")
     if not request_id:
         return None
-    if not names.REQUEST_ID.match(request_id):
+    if not names.REQUEST_ID.fullmatch(request_id):
         raise InvalidArgument(
             "request_id is malformed",
             [FieldViolation("request_id", "must be 1-64 letters, digits, '-' or '_'")],

@@ -1,0 +1,81 @@
+"""Resource-name and identifier patterns match whole strings only."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from switchboard.platform import names
+from switchboard.platform.errors import InvalidArgument
+from switchboard.platform.policy import owner_of
+
+PATTERNS = {
+    value: attr
+    for attr, value in vars(names).items()
+    if isinstance(value, re.Pattern) and attr.isupper()
+}
+SAMPLES = {
+    "WORKSPACE": "workspaces/acme",
+    "CONVERSATION": "workspaces/acme/conversations/c1",
+    "MESSAGE": "workspaces/acme/conversations/c1/messages/m1",
+    "RUN": "workspaces/acme/conversations/c1/runs/r1",
+    "MEMBER": "workspaces/acme/members/u1",
+    "USER": "users/u1",
+    "SESSION": "users/u1/sessions/s1",
+    "API_KEY": "users/u1/apiKeys/k1",
+    "MEMORY_SCOPE": "workspaces/acme/conversations/c1",
+    "MEMORY_ITEM": "users/u1/memories/m1",
+    "UNDER_WORKSPACE": "workspaces/acme/conversations/c1",
+    "UNDER_USER": "users/u1/apiKeys/k1",
+    "REQUEST_ID": "req_1-A",
+    "ETAG": 'W/"12"',
+}
+
+
+def test_every_pattern_has_a_sample() -> None:
+    assert sorted(PATTERNS.values()) == sorted(SAMPLES)
+
+
+@pytest.mark.parametrize("attr", sorted(SAMPLES))
+@pytest.mark.parametrize("suffix", ["\n", "\r\n", " ", "/", "\x00", "\u2028"])
+def test_a_pattern_refuses_anything_after_a_valid_value(attr: str, suffix: str) -> None:
+    pattern: re.Pattern[str] = getattr(names, attr)
+    assert pattern.fullmatch(SAMPLES[attr])
+    assert pattern.fullmatch(SAMPLES[attr] + suffix) is None
+    assert pattern.fullmatch(suffix + SAMPLES[attr]) is None
+
+
+def test_match_refuses_a_trailing_newline_naming_the_field() -> None:
+    assert names.match(names.WORKSPACE, "workspaces/acme", "name").group(1) == "acme"
+    with pytest.raises(InvalidArgument) as caught:
+        names.match(names.WORKSPACE, "workspaces/acme\n", "name")
+    assert [v.field for v in caught.value.violations] == ["name"]
+
+
+def test_owner_of_refuses_a_trailing_newline() -> None:
+    assert owner_of("workspaces/acme/conversations/c1", "parent").id == "acme"
+    with pytest.raises(InvalidArgument):
+        owner_of("workspaces/acme\n", "parent")
+    with pytest.raises(InvalidArgument):
+        owner_of("users/u1/apiKeys/k1\n", "name")
+
+
+@pytest.mark.parametrize(
+    ("etag", "version"),
+    [
+        ('"5"', 5),
+        ('W/"5"', 5),
+        ("5", 5),
+        ('"²"', None),  # str.isdigit() says yes, int() says no
+        ('"١٢"', None),  # non-ASCII digits
+        ('"' + "9" * 19 + '"', None),  # would overflow a BIGINT column
+        ('"5"\n', None),
+        (' "5"', None),
+        ('"+5"', None),
+        ('"1_0"', None),
+        ("", None),
+    ],
+)
+def test_etag_version(etag: str, version: int | None) -> None:
+    assert names.etag_version(etag) == version
