@@ -70,7 +70,7 @@ from switchboard.platform.config import ConfigError, Settings
 from switchboard.platform.db import Database, is_outage, lock_sqlite_file, open_database
 from switchboard.platform.eventlog import LocalLog, LogBackend, RedisLog
 from switchboard.platform.membership import MembershipStore
-from switchboard.platform.outbox import Outbox
+from switchboard.platform.pagination import PageTokens
 from switchboard.platform.policy import Policy
 from switchboard.platform.server import ServiceRegistration, SwitchboardServer, build_server
 
@@ -96,6 +96,7 @@ class Deps:
     memberships: MembershipStore
     policy: Policy
     context: ContextService
+    page_tokens: PageTokens
     #: Only in processes that serve DispatcherService.
     dispatcher: Dispatcher | None = None
 
@@ -129,7 +130,7 @@ SERVICES: dict[str, tuple[ServiceDescriptor, Callable[[Any, aio.Server], None], 
         events_servicer.SERVICE,
         events_servicer.add_to_server,
         lambda d: events_servicer.EventServiceServicer(
-            d.bus, Access(d.policy, d.authenticator), event_limits(d.settings)
+            d.bus, Access(d.policy, d.authenticator), event_limits(d.settings), d.page_tokens
         ),
     ),
 }
@@ -153,7 +154,7 @@ def event_limits(settings: Settings) -> Limits:
     )
 
 
-def event_log(settings: Settings, database: Database, outbox: Outbox | None = None) -> LogBackend:
+def event_log(settings: Settings, database: Database) -> LogBackend:
     """Redis Streams when Redis is configured, else the embedded database log."""
     memory = min(settings.events_memory, settings.events_retention)
     redis_url = settings.redis_url.get_secret_value()
@@ -167,14 +168,12 @@ def event_log(settings: Settings, database: Database, outbox: Outbox | None = No
             memory=memory,
             outbox_limit=settings.events_outbox_limit,
             dedupe_window_s=settings.events_dedupe_window_s,
-            outbox=outbox,
         )
     return LocalLog(
         database,
         retention=settings.events_retention,
         retention_s=settings.events_retention_s,
         memory=memory,
-        outbox=outbox,
     )
 
 
@@ -282,7 +281,11 @@ def check_settings(settings: Settings) -> None:
 
 
 def context_service(
-    settings: Settings, database: Database, bus: EventBus, counters: Cache
+    settings: Settings,
+    database: Database,
+    bus: EventBus,
+    counters: Cache,
+    page_tokens: PageTokens,
 ) -> ContextService:
     """The context domain with its configured plugins; raises ConfigError for unknown ones."""
     with setting("SWITCHBOARD_CONTEXT_TOKENIZER"):
@@ -307,6 +310,7 @@ def context_service(
         summarizer=summarizer,
         extractor=extractor,
         limits=context_limits(settings),
+        page_tokens=page_tokens,
     )
 
 
@@ -371,6 +375,7 @@ async def dispatcher_service(
     policy: Policy,
     context: ContextPort,
     resources: contextlib.AsyncExitStack,
+    page_tokens: PageTokens,
 ) -> Dispatcher:
     registry = handler_registry(settings)
     for handler in registry.all():
@@ -427,8 +432,8 @@ async def dispatcher_service(
             max_timeout_s=settings.dispatcher_max_timeout_s,
             heartbeat_s=settings.dispatcher_heartbeat_s,
             recovery=settings.dispatcher_recovery,
-            lease_s=settings.dispatcher_lease_s,
         ),
+        page_tokens,
     )
     await dispatcher.start()
     resources.push_async_callback(dispatcher.close)
@@ -489,6 +494,7 @@ async def open_deps(settings: Settings, resources: contextlib.AsyncExitStack) ->
         ),
     )
     secrets = OpaqueSecrets(settings.effective_secret_key())
+    page_tokens = PageTokens(settings.effective_secret_key())
     store = AuthStore(database)
     # Subscribes to revocations, so it must exist before the cache starts.
     authenticator = CredentialAuthenticator(
@@ -496,12 +502,8 @@ async def open_deps(settings: Settings, resources: contextlib.AsyncExitStack) ->
     )
     await cache.start()
     resources.push_async_callback(cache.close)
-    # Events written with their change, published whatever crashes (docs/decisions.md).
-    outbox = Outbox(database)
     bus = EventBus(
-        event_log(settings, database, outbox),
-        memory=min(settings.events_memory, settings.events_retention),
-        outbox=outbox,
+        event_log(settings, database), memory=min(settings.events_memory, settings.events_retention)
     )
     await bus.start()
     resources.push_async_callback(bus.close)
@@ -525,9 +527,10 @@ async def open_deps(settings: Settings, resources: contextlib.AsyncExitStack) ->
             max_sessions_per_user=settings.max_sessions_per_user,
             max_api_keys_per_user=settings.max_api_keys_per_user,
         ),
+        page_tokens=page_tokens,
     )
     memberships = MembershipStore(database)
-    context = context_service(settings, database, bus, cache)
+    context = context_service(settings, database, bus, cache, page_tokens)
     await context.start(maintain="context" in settings.services)
     resources.push_async_callback(context.close)
     policy = Policy(memberships)
@@ -539,7 +542,7 @@ async def open_deps(settings: Settings, resources: contextlib.AsyncExitStack) ->
             resources.push_async_callback(remote.close)
             port = remote
         dispatcher = await dispatcher_service(
-            settings, database, bus, cache, policy, port, resources
+            settings, database, bus, cache, policy, port, resources, page_tokens
         )
     return Deps(
         settings=settings,
@@ -552,6 +555,7 @@ async def open_deps(settings: Settings, resources: contextlib.AsyncExitStack) ->
         memberships=memberships,
         policy=policy,
         context=context,
+        page_tokens=page_tokens,
         dispatcher=dispatcher,
     )
 

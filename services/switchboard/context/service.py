@@ -38,7 +38,6 @@ from switchboard.context.pruning import (
 )
 from switchboard.context.search import fts5_match, pg_tsquery, query_terms
 from switchboard.context.store import (
-    Appended,
     ContextStore,
     EntityRecord,
     etag_of,
@@ -55,7 +54,7 @@ from switchboard.context.window import (
     plan_window,
 )
 from switchboard.context.windowcache import WindowCache
-from switchboard.platform import names, pagination
+from switchboard.platform import names, pagination, timefields
 from switchboard.platform.bus import EventBus
 from switchboard.platform.cache import Cache
 from switchboard.platform.errors import (
@@ -74,7 +73,6 @@ from switchboard.platform.models import (
     WorkspaceMemberRow,
     WorkspaceRow,
 )
-from switchboard.platform.outbox import Staged
 from switchboard.platform.policy import Principal, Role
 from switchboard.platform.storage import Idempotency, idempotency
 
@@ -86,9 +84,9 @@ _CONVERSATION = names.CONVERSATION
 _MESSAGE = names.MESSAGE
 _MEMBER = names.MEMBER
 _USER = names.USER
-_SCOPE = re.compile(rf"^(users/{_ID}|workspaces/{_ID}(?:/conversations/{_ID})?)$")
-_MEMORY = re.compile(rf"^(users/{_ID}|workspaces/{_ID}(?:/conversations/{_ID})?)/memories/({_ID})$")
-_CLIENT_ID = re.compile(r"^[a-z][a-z0-9-]{2,62}$")
+_SCOPE = names.MEMORY_SCOPE
+_MEMORY = names.MEMORY_ITEM
+_CLIENT_ID = re.compile(r"[a-z][a-z0-9-]{2,62}")
 
 if TYPE_CHECKING:
     _Change: TypeAlias = events_pb2.ChangeKind.ValueType
@@ -347,8 +345,10 @@ class ContextService:
         summarizer: Summarizer,
         extractor: EntityExtractor,
         limits: Limits,
+        page_tokens: pagination.PageTokens,
     ) -> None:
         self._store = store
+        self._pages = page_tokens
         self._bus = bus
         self._cache = cache
         # Fixed-window rate counters (Redis when configured, memory otherwise).
@@ -409,16 +409,7 @@ class ContextService:
 
     # -- events ---------------------------------------------------------------------------
 
-    def _staged(
-        self, build: Callable[[Any], Sequence[events_pb2.Event] | None], key: str = ""
-    ) -> Staged[Any]:
-        """The events of a write, written in its transaction (``platform/outbox.py``)."""
-        return Staged(self._bus.outbox, build, key=key)
-
-    async def _announce(self, staged: Staged[Any]) -> None:
-        await self._bus.publish_staged(staged.events)
-
-    def _event(
+    async def _publish(
         self,
         principal: Principal | None,
         kind: events_pb2.EventType.ValueType,
@@ -428,8 +419,8 @@ class ContextService:
         user: str = "",
         field: str,
         payload: ProtoMessage,
-    ) -> events_pb2.Event:
-        """An event of ``kind`` whose payload oneof ``field`` is ``payload``.
+    ) -> None:
+        """Publish an event of ``kind`` whose payload oneof ``field`` is ``payload``.
 
         ``principal`` None: the service acted on its own (automatic pruning).
         """
@@ -443,12 +434,12 @@ class ContextService:
             type=kind, actor=actor, user=user, workspace=workspace, conversation=conversation
         )
         getattr(event, field).CopyFrom(payload)
-        return event
+        await self._bus.publish(event)
 
-    def _workspace_event(
+    async def _workspace_event(
         self, principal: Principal, change: _Change, row: WorkspaceRow
-    ) -> events_pb2.Event:
-        return self._event(
+    ) -> None:
+        await self._publish(
             principal,
             events_pb2.EVENT_TYPE_WORKSPACE_CHANGED,
             workspace=f"workspaces/{row.id}",
@@ -459,11 +450,11 @@ class ContextService:
             ),
         )
 
-    def _member_event(
+    async def _member_event(
         self, principal: Principal, change: _Change, row: WorkspaceMemberRow
-    ) -> events_pb2.Event:
+    ) -> None:
         member = member_proto(row)
-        return self._event(
+        await self._publish(
             principal,
             events_pb2.EVENT_TYPE_MEMBER_CHANGED,
             workspace=f"workspaces/{row.workspace_id}",
@@ -472,11 +463,11 @@ class ContextService:
             payload=events_pb2.MemberChanged(change=change, member=member),
         )
 
-    def _conversation_event(
+    async def _conversation_event(
         self, principal: Principal | None, change: _Change, row: ConversationRow
-    ) -> events_pb2.Event:
+    ) -> None:
         conversation = conversation_proto(row)
-        return self._event(
+        await self._publish(
             principal,
             events_pb2.EVENT_TYPE_CONVERSATION_CHANGED,
             workspace=f"workspaces/{row.workspace_id}",
@@ -488,14 +479,14 @@ class ContextService:
             ),
         )
 
-    def _memory_event(
+    async def _memory_event(
         self, principal: Principal | None, change: _Change, row: MemoryItemRow
-    ) -> events_pb2.Event:
+    ) -> None:
         scope = row.scope
         conversation = scope if row.conversation_id else ""
         workspace = f"workspaces/{row.workspace_id}" if row.workspace_id else ""
         user = scope if row.user_id else ""
-        return self._event(
+        await self._publish(
             principal,
             events_pb2.EVENT_TYPE_MEMORY_CHANGED,
             workspace=workspace,
@@ -516,7 +507,7 @@ class ContextService:
     ) -> pb.Workspace:
         violations = Violations()
         workspace = request.workspace
-        if request.workspace_id and not _CLIENT_ID.match(request.workspace_id):
+        if request.workspace_id and not _CLIENT_ID.fullmatch(request.workspace_id):
             violations.add("workspace_id", "must match [a-z][a-z0-9-]{2,62}")
         if not workspace.display_name.strip():
             violations.add("workspace.display_name", "is required")
@@ -534,24 +525,16 @@ class ContextService:
         )
         violations.check()
         idempotency = _idempotency(principal, "CreateWorkspace", request)
-        staged = self._staged(
-            lambda made: (
-                [self._workspace_event(principal, events_pb2.CHANGE_KIND_CREATED, made[0])]
-                if made[1]
-                else None
-            ),
-            idempotency.key if idempotency else "",
-        )
-        row, _ = await self._store.create_workspace(
+        row, created = await self._store.create_workspace(
             request.workspace_id or f"w{new_id()[:20]}",
             workspace.display_name.strip(),
             workspace.description,
             principal.user_id,
             idempotency,
             self.limits.max_owned_workspaces,
-            staged,
         )
-        await self._announce(staged)
+        if created:
+            await self._workspace_event(principal, events_pb2.CHANGE_KIND_CREATED, row)
         return workspace_proto(row, "owner")
 
     async def get_workspace(self, role: Role | None, name: str) -> pb.Workspace:
@@ -568,7 +551,9 @@ class ContextService:
         token = pagination.fingerprint("workspaces", principal.user_id, request.show_deleted)
         after = None
         if request.page_token:
-            stamp, last = pagination.decode(request.page_token, token, 2)
+            stamp, last = self._pages.decode(
+                request.page_token, token, (pagination.MICROS, pagination.ID)
+            )
             after = (_from_micros(stamp), str(last))
         rows = await self._store.list_workspaces(
             principal.user_id, after, size + 1, show_deleted=request.show_deleted
@@ -578,7 +563,7 @@ class ContextService:
         )
         if len(rows) > size:
             last_row = rows[size - 1][0]
-            response.next_page_token = pagination.encode(
+            response.next_page_token = self._pages.encode(
                 [_micros(last_row.created_at), last_row.id], token
             )
         return response
@@ -613,13 +598,10 @@ class ContextService:
             )
             changes["description"] = workspace.description
         violations.check()
-        staged = self._staged(
-            lambda done: [self._workspace_event(principal, events_pb2.CHANGE_KIND_UPDATED, done)]
-        )
         row = await self._store.update_workspace(
-            workspace_id, _etag(workspace.etag, "workspace.etag"), changes, staged
+            workspace_id, _etag(workspace.etag, "workspace.etag"), changes
         )
-        await self._announce(staged)
+        await self._workspace_event(principal, events_pb2.CHANGE_KIND_UPDATED, row)
         return workspace_proto(row, "owner")
 
     @_write
@@ -627,12 +609,11 @@ class ContextService:
         self, principal: Principal, name: str, etag: str, *, deleted: bool
     ) -> pb.Workspace:
         workspace_id = _match(_WORKSPACE, name, "name").group(1)
-        change = events_pb2.CHANGE_KIND_DELETED if deleted else events_pb2.CHANGE_KIND_UPDATED
-        staged = self._staged(lambda done: [self._workspace_event(principal, change, done)])
         row = await self._store.set_workspace_deleted(
-            workspace_id, _etag(etag, "etag"), deleted=deleted, staged=staged
+            workspace_id, _etag(etag, "etag"), deleted=deleted
         )
-        await self._announce(staged)
+        change = events_pb2.CHANGE_KIND_DELETED if deleted else events_pb2.CHANGE_KIND_UPDATED
+        await self._workspace_event(principal, change, row)
         return workspace_proto(row, "owner")
 
     # -- members ----------------------------------------------------------------------------
@@ -652,13 +633,8 @@ class ContextService:
         workspace_id = _match(_WORKSPACE, request.parent, "parent").group(1)
         user_id = _match(_USER, request.user, "user").group(1)
         role = self._role(request.role, "role")
-        staged = self._staged(
-            lambda done: [self._member_event(principal, events_pb2.CHANGE_KIND_CREATED, done)]
-        )
-        row = await self._store.add_member(
-            workspace_id, user_id, role, self.limits.max_members, staged=staged
-        )
-        await self._announce(staged)
+        row = await self._store.add_member(workspace_id, user_id, role, self.limits.max_members)
+        await self._member_event(principal, events_pb2.CHANGE_KIND_CREATED, row)
         return member_proto(row)
 
     @_write
@@ -673,11 +649,8 @@ class ContextService:
                 [FieldViolation("update_mask.paths", "must name role")],
             )
         role = self._role(request.member.role, "member.role")
-        staged = self._staged(
-            lambda done: [self._member_event(principal, events_pb2.CHANGE_KIND_UPDATED, done)]
-        )
-        row = await self._store.update_member(found.group(1), found.group(2), role, staged=staged)
-        await self._announce(staged)
+        row = await self._store.update_member(found.group(1), found.group(2), role)
+        await self._member_event(principal, events_pb2.CHANGE_KIND_UPDATED, row)
         return member_proto(row)
 
     @_write
@@ -686,11 +659,8 @@ class ContextService:
         # Any member may leave; removing someone else is an owner's decision.
         if found.group(2) != principal.user_id and role != Role.OWNER:
             raise PermissionDenied("removing another member needs the owner role in the workspace")
-        staged = self._staged(
-            lambda done: [self._member_event(principal, events_pb2.CHANGE_KIND_DELETED, done)]
-        )
-        await self._store.remove_member(found.group(1), found.group(2), staged=staged)
-        await self._announce(staged)
+        row = await self._store.remove_member(found.group(1), found.group(2))
+        await self._member_event(principal, events_pb2.CHANGE_KIND_DELETED, row)
 
     async def list_members(
         self, request: pb.ListWorkspaceMembersRequest
@@ -700,11 +670,11 @@ class ContextService:
         token = pagination.fingerprint("members", workspace_id)
         after = ""
         if request.page_token:
-            after = str(pagination.decode(request.page_token, token, 1)[0])
+            after = str(self._pages.decode(request.page_token, token, (pagination.ID,))[0])
         rows = await self._store.list_members(workspace_id, after, size + 1)
         response = pb.ListWorkspaceMembersResponse(members=[member_proto(r) for r in rows[:size]])
         if len(rows) > size:
-            response.next_page_token = pagination.encode([rows[size - 1].user_id], token)
+            response.next_page_token = self._pages.encode([rows[size - 1].user_id], token)
         return response
 
     # -- conversations ------------------------------------------------------------------------
@@ -721,25 +691,16 @@ class ContextService:
         meta = _metadata(
             conversation.metadata, "conversation.metadata", self.limits.max_metadata_bytes
         )
-        idempotency = _idempotency(principal, "CreateConversation", request)
-        staged = self._staged(
-            lambda made: (
-                [self._conversation_event(principal, events_pb2.CHANGE_KIND_CREATED, made[0])]
-                if made[1]
-                else None
-            ),
-            idempotency.key if idempotency else "",
-        )
-        row, _ = await self._store.create_conversation(
+        row, created = await self._store.create_conversation(
             workspace_id,
             conversation.title,
             meta,
             principal.user_name,
-            idempotency,
+            _idempotency(principal, "CreateConversation", request),
             self.limits.max_conversations,
-            staged,
         )
-        await self._announce(staged)
+        if created:
+            await self._conversation_event(principal, events_pb2.CHANGE_KIND_CREATED, row)
         return conversation_proto(row)
 
     async def get_conversation(self, name: str) -> pb.Conversation:
@@ -756,7 +717,9 @@ class ContextService:
         )
         before = None
         if request.page_token:
-            stamp, last = pagination.decode(request.page_token, token, 2)
+            stamp, last = self._pages.decode(
+                request.page_token, token, (pagination.MICROS, pagination.ID)
+            )
             before = (_from_micros(stamp), str(last))
         rows = await self._store.list_conversations(
             workspace_id,
@@ -770,7 +733,7 @@ class ContextService:
         )
         if len(rows) > size:
             last_row = rows[size - 1]
-            response.next_page_token = pagination.encode(
+            response.next_page_token = self._pages.encode(
                 [_micros(last_row.updated_at), last_row.id], token
             )
         return response
@@ -796,13 +759,10 @@ class ContextService:
             )
         if "archived" in paths:
             changes["archived"] = conversation.archived
-        staged = self._staged(
-            lambda done: [self._conversation_event(principal, events_pb2.CHANGE_KIND_UPDATED, done)]
-        )
         row = await self._store.update_conversation(
-            found[1], found[2], _etag(conversation.etag, "conversation.etag"), changes, staged
+            found[1], found[2], _etag(conversation.etag, "conversation.etag"), changes
         )
-        await self._announce(staged)
+        await self._conversation_event(principal, events_pb2.CHANGE_KIND_UPDATED, row)
         return conversation_proto(row)
 
     @_write
@@ -810,12 +770,11 @@ class ContextService:
         self, principal: Principal, name: str, etag: str, *, deleted: bool
     ) -> pb.Conversation:
         found = _match(_CONVERSATION, name, "name")
-        change = events_pb2.CHANGE_KIND_DELETED if deleted else events_pb2.CHANGE_KIND_UPDATED
-        staged = self._staged(lambda done: [self._conversation_event(principal, change, done)])
         row = await self._store.set_conversation_deleted(
-            found[1], found[2], _etag(etag, "etag"), deleted=deleted, staged=staged
+            found[1], found[2], _etag(etag, "etag"), deleted=deleted
         )
-        await self._announce(staged)
+        change = events_pb2.CHANGE_KIND_DELETED if deleted else events_pb2.CHANGE_KIND_UPDATED
+        await self._conversation_event(principal, change, row)
         return conversation_proto(row)
 
     # -- messages -------------------------------------------------------------------------------
@@ -867,34 +826,6 @@ class ContextService:
             stored.create_time.FromDatetime(when)
             return stored.SerializeToString()
 
-        idempotency = _idempotency(principal, "AppendMessage", request)
-
-        def events(done: Appended) -> list[events_pb2.Event] | None:
-            if done.replayed:
-                return None
-            created = self._event(
-                principal,
-                events_pb2.EVENT_TYPE_MESSAGE_CREATED,
-                workspace=f"workspaces/{workspace_id}",
-                conversation=conversation_name,
-                field="message_created",
-                payload=events_pb2.MessageCreated(
-                    message=message_proto(done.message, workspace_id)
-                ),
-            )
-            return [
-                created,
-                *(
-                    self._memory_event(principal, events_pb2.CHANGE_KIND_CREATED, row)
-                    for row in done.created_memory
-                ),
-                *(
-                    self._memory_event(principal, events_pb2.CHANGE_KIND_UPDATED, row)
-                    for row in done.updated_memory
-                ),
-            ]
-
-        staged = self._staged(events, idempotency.key if idempotency else "")
         appended = await self._store.append_message(
             workspace_id,
             conversation_id,
@@ -904,15 +835,25 @@ class ContextService:
             entities=entities,
             entity_creator="system",
             max_memory_per_scope=self.limits.max_memory_items,
-            idempotency=idempotency,
-            staged=staged,
+            idempotency=_idempotency(principal, "AppendMessage", request),
         )
-        # A replay publishes what its first attempt left in the outbox, if anything.
-        await self._announce(staged)
+        result = message_proto(appended.message, workspace_id)
         if appended.replayed:
-            return message_proto(appended.message, workspace_id)
+            return result
+        await self._publish(
+            principal,
+            events_pb2.EVENT_TYPE_MESSAGE_CREATED,
+            workspace=f"workspaces/{workspace_id}",
+            conversation=conversation_name,
+            field="message_created",
+            payload=events_pb2.MessageCreated(message=result),
+        )
+        for row in appended.created_memory:
+            await self._memory_event(principal, events_pb2.CHANGE_KIND_CREATED, row)
+        for row in appended.updated_memory:
+            await self._memory_event(principal, events_pb2.CHANGE_KIND_UPDATED, row)
         self._maybe_auto_prune(appended.conversation)
-        return staged.events[0].message_created.message
+        return result
 
     def _entities(self, text: str) -> list[EntityRecord]:
         if not text:
@@ -944,7 +885,7 @@ class ContextService:
         )
         after = None
         if request.page_token:
-            after = int(pagination.decode(request.page_token, token, 1)[0])
+            after = int(self._pages.decode(request.page_token, token, (pagination.COUNT,))[0])
         rows = await self._store.list_messages(
             found[1],
             found[2],
@@ -957,7 +898,7 @@ class ContextService:
             messages=[message_proto(r, found[1]) for r in rows[:size]]
         )
         if len(rows) > size:
-            response.next_page_token = pagination.encode([rows[size - 1].seq], token)
+            response.next_page_token = self._pages.encode([rows[size - 1].seq], token)
         return response
 
     # -- memory -----------------------------------------------------------------------------------
@@ -982,7 +923,7 @@ class ContextService:
     def _expiry(self, item: pb.MemoryItem, field: str) -> dt.datetime | None:
         if not item.HasField("expire_time"):
             return None
-        when = item.expire_time.ToDatetime(tzinfo=dt.UTC)
+        when = timefields.timestamp(item.expire_time, field)
         if when <= now():
             raise InvalidArgument(
                 f"{field} is in the past", [FieldViolation(field, "must be in the future")]
@@ -1008,7 +949,7 @@ class ContextService:
         if len(item.source_messages) > 50:
             violations.add("memory_item.source_messages", "has more than 50 entries")
         for index, source in enumerate(item.source_messages):
-            if not _MESSAGE.match(source):
+            if not _MESSAGE.fullmatch(source):
                 violations.add(f"memory_item.source_messages[{index}]", "is not a message name")
         violations.check()
         stamp = now()
@@ -1028,16 +969,10 @@ class ContextService:
         row.expires_at = self._expiry(item, "memory_item.expire_time")
         row.token_count = self._counter.count(item.content)
         row.version = 1
-        staged = self._staged(
-            lambda done: [self._memory_event(principal, events_pb2.CHANGE_KIND_CREATED, done)]
-        )
         created = await self._store.create_memory(
-            row,
-            max_per_scope=self.limits.max_memory_items,
-            max_pinned=self.limits.max_pinned,
-            staged=staged,
+            row, max_per_scope=self.limits.max_memory_items, max_pinned=self.limits.max_pinned
         )
-        await self._announce(staged)
+        await self._memory_event(principal, events_pb2.CHANGE_KIND_CREATED, created)
         return memory_proto(created)
 
     async def get_memory(self, name: str) -> pb.MemoryItem:
@@ -1071,28 +1006,21 @@ class ContextService:
             )
         if "expire_time" in paths:
             changes["expires_at"] = self._expiry(item, "memory_item.expire_time")
-        staged = self._staged(
-            lambda done: [self._memory_event(principal, events_pb2.CHANGE_KIND_UPDATED, done)]
-        )
         row = await self._store.update_memory(
             scope,
             memory_id,
             _etag(item.etag, "memory_item.etag"),
             changes,
             max_pinned=self.limits.max_pinned,
-            staged=staged,
         )
-        await self._announce(staged)
+        await self._memory_event(principal, events_pb2.CHANGE_KIND_UPDATED, row)
         return memory_proto(row)
 
     @_write
     async def delete_memory(self, principal: Principal, name: str) -> None:
         scope, memory_id = self._memory_name(name, "name")
-        staged = self._staged(
-            lambda done: [self._memory_event(principal, events_pb2.CHANGE_KIND_DELETED, done)]
-        )
-        await self._store.delete_memory(scope, memory_id, staged=staged)
-        await self._announce(staged)
+        row = await self._store.delete_memory(scope, memory_id)
+        await self._memory_event(principal, events_pb2.CHANGE_KIND_DELETED, row)
 
     def _kinds(self, kinds: Sequence[pb.MemoryKind.ValueType], field: str) -> list[str]:
         names = []
@@ -1113,7 +1041,9 @@ class ContextService:
         token = pagination.fingerprint("memory", request.parent, sorted(kinds), request.pinned_only)
         before = None
         if request.page_token:
-            stamp, last = pagination.decode(request.page_token, token, 2)
+            stamp, last = self._pages.decode(
+                request.page_token, token, (pagination.MICROS, pagination.ID)
+            )
             before = (_from_micros(stamp), str(last))
         await self._store.scope_live(template)
         rows = await self._store.list_memory(
@@ -1122,7 +1052,7 @@ class ContextService:
         response = pb.ListMemoryItemsResponse(memory_items=[memory_proto(r) for r in rows[:size]])
         if len(rows) > size:
             last_row = rows[size - 1]
-            response.next_page_token = pagination.encode(
+            response.next_page_token = self._pages.encode(
                 [_micros(last_row.created_at), last_row.id], token
             )
         return response
@@ -1147,7 +1077,11 @@ class ContextService:
         # key (scores move as the corpus changes). The window is capped.
         offset = 0
         if request.page_token:
-            offset = int(pagination.decode(request.page_token, token, 1)[0])
+            offset = int(
+                self._pages.decode(
+                    request.page_token, token, (pagination.Int(0, _MAX_SEARCH_RESULTS),)
+                )[0]
+            )
         if offset >= _MAX_SEARCH_RESULTS:
             return pb.SearchMemoryItemsResponse()
         await self._store.scope_live(template)
@@ -1165,7 +1099,7 @@ class ContextService:
             ]
         )
         if len(rows) > size and offset + size < _MAX_SEARCH_RESULTS:
-            response.next_page_token = pagination.encode([offset + size], token)
+            response.next_page_token = self._pages.encode([offset + size], token)
         return response
 
     # -- the context window ------------------------------------------------------------------------
@@ -1418,16 +1352,6 @@ class ContextService:
             token_count=self._counter.count(text or "(no text content)"),
             version=1,
         )
-        staged = self._staged(
-            lambda done: (
-                [
-                    self._memory_event(principal, events_pb2.CHANGE_KIND_CREATED, summary),
-                    self._conversation_event(principal, events_pb2.CHANGE_KIND_UPDATED, done[0]),
-                ]
-                if done is not None
-                else []
-            )
-        )
         done = await self._store.archive(
             workspace_id,
             conversation_id,
@@ -1435,11 +1359,12 @@ class ContextService:
             expected_summary=previous.id if previous is not None else None,
             expected_count=count,
             summary=summary,
-            staged=staged,
         )
         if done is None:
             return None
-        await self._announce(staged)
+        conversation, _ = done
+        await self._memory_event(principal, events_pb2.CHANGE_KIND_CREATED, summary)
+        await self._conversation_event(principal, events_pb2.CHANGE_KIND_UPDATED, conversation)
         return summary
 
     def _maybe_auto_prune(self, conversation: ConversationRow) -> None:
