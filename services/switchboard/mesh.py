@@ -70,6 +70,7 @@ from switchboard.platform.config import ConfigError, Settings
 from switchboard.platform.db import Database, is_outage, lock_sqlite_file, open_database
 from switchboard.platform.eventlog import LocalLog, LogBackend, RedisLog
 from switchboard.platform.membership import MembershipStore
+from switchboard.platform.outbox import Outbox
 from switchboard.platform.pagination import PageTokens
 from switchboard.platform.policy import Policy
 from switchboard.platform.server import ServiceRegistration, SwitchboardServer, build_server
@@ -154,7 +155,7 @@ def event_limits(settings: Settings) -> Limits:
     )
 
 
-def event_log(settings: Settings, database: Database) -> LogBackend:
+def event_log(settings: Settings, database: Database, outbox: Outbox | None = None) -> LogBackend:
     """Redis Streams when Redis is configured, else the embedded database log."""
     memory = min(settings.events_memory, settings.events_retention)
     redis_url = settings.redis_url.get_secret_value()
@@ -168,12 +169,14 @@ def event_log(settings: Settings, database: Database) -> LogBackend:
             memory=memory,
             outbox_limit=settings.events_outbox_limit,
             dedupe_window_s=settings.events_dedupe_window_s,
+            outbox=outbox,
         )
     return LocalLog(
         database,
         retention=settings.events_retention,
         retention_s=settings.events_retention_s,
         memory=memory,
+        outbox=outbox,
     )
 
 
@@ -432,6 +435,7 @@ async def dispatcher_service(
             max_timeout_s=settings.dispatcher_max_timeout_s,
             heartbeat_s=settings.dispatcher_heartbeat_s,
             recovery=settings.dispatcher_recovery,
+            lease_s=settings.dispatcher_lease_s,
         ),
         page_tokens,
     )
@@ -502,8 +506,12 @@ async def open_deps(settings: Settings, resources: contextlib.AsyncExitStack) ->
     )
     await cache.start()
     resources.push_async_callback(cache.close)
+    # Events written with their change, published whatever crashes (docs/decisions.md).
+    outbox = Outbox(database)
     bus = EventBus(
-        event_log(settings, database), memory=min(settings.events_memory, settings.events_retention)
+        event_log(settings, database, outbox),
+        memory=min(settings.events_memory, settings.events_retention),
+        outbox=outbox,
     )
     await bus.start()
     resources.push_async_callback(bus.close)

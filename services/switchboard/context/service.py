@@ -38,6 +38,7 @@ from switchboard.context.pruning import (
 )
 from switchboard.context.search import fts5_match, pg_tsquery, query_terms
 from switchboard.context.store import (
+    Appended,
     ContextStore,
     EntityRecord,
     etag_of,
@@ -73,6 +74,7 @@ from switchboard.platform.models import (
     WorkspaceMemberRow,
     WorkspaceRow,
 )
+from switchboard.platform.outbox import Staged
 from switchboard.platform.policy import Principal, Role
 from switchboard.platform.storage import Idempotency, idempotency
 
@@ -409,7 +411,16 @@ class ContextService:
 
     # -- events ---------------------------------------------------------------------------
 
-    async def _publish(
+    def _staged(
+        self, build: Callable[[Any], Sequence[events_pb2.Event] | None], key: str = ""
+    ) -> Staged[Any]:
+        """The events of a write, written in its transaction (``platform/outbox.py``)."""
+        return Staged(self._bus.outbox, build, key=key)
+
+    async def _announce(self, staged: Staged[Any]) -> None:
+        await self._bus.publish_staged(staged.events)
+
+    def _event(
         self,
         principal: Principal | None,
         kind: events_pb2.EventType.ValueType,
@@ -419,8 +430,8 @@ class ContextService:
         user: str = "",
         field: str,
         payload: ProtoMessage,
-    ) -> None:
-        """Publish an event of ``kind`` whose payload oneof ``field`` is ``payload``.
+    ) -> events_pb2.Event:
+        """An event of ``kind`` whose payload oneof ``field`` is ``payload``.
 
         ``principal`` None: the service acted on its own (automatic pruning).
         """
@@ -434,12 +445,12 @@ class ContextService:
             type=kind, actor=actor, user=user, workspace=workspace, conversation=conversation
         )
         getattr(event, field).CopyFrom(payload)
-        await self._bus.publish(event)
+        return event
 
-    async def _workspace_event(
+    def _workspace_event(
         self, principal: Principal, change: _Change, row: WorkspaceRow
-    ) -> None:
-        await self._publish(
+    ) -> events_pb2.Event:
+        return self._event(
             principal,
             events_pb2.EVENT_TYPE_WORKSPACE_CHANGED,
             workspace=f"workspaces/{row.id}",
@@ -450,11 +461,11 @@ class ContextService:
             ),
         )
 
-    async def _member_event(
+    def _member_event(
         self, principal: Principal, change: _Change, row: WorkspaceMemberRow
-    ) -> None:
+    ) -> events_pb2.Event:
         member = member_proto(row)
-        await self._publish(
+        return self._event(
             principal,
             events_pb2.EVENT_TYPE_MEMBER_CHANGED,
             workspace=f"workspaces/{row.workspace_id}",
@@ -463,11 +474,11 @@ class ContextService:
             payload=events_pb2.MemberChanged(change=change, member=member),
         )
 
-    async def _conversation_event(
+    def _conversation_event(
         self, principal: Principal | None, change: _Change, row: ConversationRow
-    ) -> None:
+    ) -> events_pb2.Event:
         conversation = conversation_proto(row)
-        await self._publish(
+        return self._event(
             principal,
             events_pb2.EVENT_TYPE_CONVERSATION_CHANGED,
             workspace=f"workspaces/{row.workspace_id}",
@@ -479,14 +490,14 @@ class ContextService:
             ),
         )
 
-    async def _memory_event(
+    def _memory_event(
         self, principal: Principal | None, change: _Change, row: MemoryItemRow
-    ) -> None:
+    ) -> events_pb2.Event:
         scope = row.scope
         conversation = scope if row.conversation_id else ""
         workspace = f"workspaces/{row.workspace_id}" if row.workspace_id else ""
         user = scope if row.user_id else ""
-        await self._publish(
+        return self._event(
             principal,
             events_pb2.EVENT_TYPE_MEMORY_CHANGED,
             workspace=workspace,
@@ -525,16 +536,24 @@ class ContextService:
         )
         violations.check()
         idempotency = _idempotency(principal, "CreateWorkspace", request)
-        row, created = await self._store.create_workspace(
+        staged = self._staged(
+            lambda made: (
+                [self._workspace_event(principal, events_pb2.CHANGE_KIND_CREATED, made[0])]
+                if made[1]
+                else None
+            ),
+            idempotency.key if idempotency else "",
+        )
+        row, _ = await self._store.create_workspace(
             request.workspace_id or f"w{new_id()[:20]}",
             workspace.display_name.strip(),
             workspace.description,
             principal.user_id,
             idempotency,
             self.limits.max_owned_workspaces,
+            staged,
         )
-        if created:
-            await self._workspace_event(principal, events_pb2.CHANGE_KIND_CREATED, row)
+        await self._announce(staged)
         return workspace_proto(row, "owner")
 
     async def get_workspace(self, role: Role | None, name: str) -> pb.Workspace:
@@ -598,10 +617,13 @@ class ContextService:
             )
             changes["description"] = workspace.description
         violations.check()
-        row = await self._store.update_workspace(
-            workspace_id, _etag(workspace.etag, "workspace.etag"), changes
+        staged = self._staged(
+            lambda done: [self._workspace_event(principal, events_pb2.CHANGE_KIND_UPDATED, done)]
         )
-        await self._workspace_event(principal, events_pb2.CHANGE_KIND_UPDATED, row)
+        row = await self._store.update_workspace(
+            workspace_id, _etag(workspace.etag, "workspace.etag"), changes, staged
+        )
+        await self._announce(staged)
         return workspace_proto(row, "owner")
 
     @_write
@@ -609,11 +631,12 @@ class ContextService:
         self, principal: Principal, name: str, etag: str, *, deleted: bool
     ) -> pb.Workspace:
         workspace_id = _match(_WORKSPACE, name, "name").group(1)
-        row = await self._store.set_workspace_deleted(
-            workspace_id, _etag(etag, "etag"), deleted=deleted
-        )
         change = events_pb2.CHANGE_KIND_DELETED if deleted else events_pb2.CHANGE_KIND_UPDATED
-        await self._workspace_event(principal, change, row)
+        staged = self._staged(lambda done: [self._workspace_event(principal, change, done)])
+        row = await self._store.set_workspace_deleted(
+            workspace_id, _etag(etag, "etag"), deleted=deleted, staged=staged
+        )
+        await self._announce(staged)
         return workspace_proto(row, "owner")
 
     # -- members ----------------------------------------------------------------------------
@@ -633,8 +656,13 @@ class ContextService:
         workspace_id = _match(_WORKSPACE, request.parent, "parent").group(1)
         user_id = _match(_USER, request.user, "user").group(1)
         role = self._role(request.role, "role")
-        row = await self._store.add_member(workspace_id, user_id, role, self.limits.max_members)
-        await self._member_event(principal, events_pb2.CHANGE_KIND_CREATED, row)
+        staged = self._staged(
+            lambda done: [self._member_event(principal, events_pb2.CHANGE_KIND_CREATED, done)]
+        )
+        row = await self._store.add_member(
+            workspace_id, user_id, role, self.limits.max_members, staged=staged
+        )
+        await self._announce(staged)
         return member_proto(row)
 
     @_write
@@ -649,8 +677,11 @@ class ContextService:
                 [FieldViolation("update_mask.paths", "must name role")],
             )
         role = self._role(request.member.role, "member.role")
-        row = await self._store.update_member(found.group(1), found.group(2), role)
-        await self._member_event(principal, events_pb2.CHANGE_KIND_UPDATED, row)
+        staged = self._staged(
+            lambda done: [self._member_event(principal, events_pb2.CHANGE_KIND_UPDATED, done)]
+        )
+        row = await self._store.update_member(found.group(1), found.group(2), role, staged=staged)
+        await self._announce(staged)
         return member_proto(row)
 
     @_write
@@ -659,8 +690,11 @@ class ContextService:
         # Any member may leave; removing someone else is an owner's decision.
         if found.group(2) != principal.user_id and role != Role.OWNER:
             raise PermissionDenied("removing another member needs the owner role in the workspace")
-        row = await self._store.remove_member(found.group(1), found.group(2))
-        await self._member_event(principal, events_pb2.CHANGE_KIND_DELETED, row)
+        staged = self._staged(
+            lambda done: [self._member_event(principal, events_pb2.CHANGE_KIND_DELETED, done)]
+        )
+        await self._store.remove_member(found.group(1), found.group(2), staged=staged)
+        await self._announce(staged)
 
     async def list_members(
         self, request: pb.ListWorkspaceMembersRequest
@@ -691,16 +725,25 @@ class ContextService:
         meta = _metadata(
             conversation.metadata, "conversation.metadata", self.limits.max_metadata_bytes
         )
-        row, created = await self._store.create_conversation(
+        idempotency = _idempotency(principal, "CreateConversation", request)
+        staged = self._staged(
+            lambda made: (
+                [self._conversation_event(principal, events_pb2.CHANGE_KIND_CREATED, made[0])]
+                if made[1]
+                else None
+            ),
+            idempotency.key if idempotency else "",
+        )
+        row, _ = await self._store.create_conversation(
             workspace_id,
             conversation.title,
             meta,
             principal.user_name,
-            _idempotency(principal, "CreateConversation", request),
+            idempotency,
             self.limits.max_conversations,
+            staged,
         )
-        if created:
-            await self._conversation_event(principal, events_pb2.CHANGE_KIND_CREATED, row)
+        await self._announce(staged)
         return conversation_proto(row)
 
     async def get_conversation(self, name: str) -> pb.Conversation:
@@ -759,10 +802,13 @@ class ContextService:
             )
         if "archived" in paths:
             changes["archived"] = conversation.archived
-        row = await self._store.update_conversation(
-            found[1], found[2], _etag(conversation.etag, "conversation.etag"), changes
+        staged = self._staged(
+            lambda done: [self._conversation_event(principal, events_pb2.CHANGE_KIND_UPDATED, done)]
         )
-        await self._conversation_event(principal, events_pb2.CHANGE_KIND_UPDATED, row)
+        row = await self._store.update_conversation(
+            found[1], found[2], _etag(conversation.etag, "conversation.etag"), changes, staged
+        )
+        await self._announce(staged)
         return conversation_proto(row)
 
     @_write
@@ -770,11 +816,12 @@ class ContextService:
         self, principal: Principal, name: str, etag: str, *, deleted: bool
     ) -> pb.Conversation:
         found = _match(_CONVERSATION, name, "name")
-        row = await self._store.set_conversation_deleted(
-            found[1], found[2], _etag(etag, "etag"), deleted=deleted
-        )
         change = events_pb2.CHANGE_KIND_DELETED if deleted else events_pb2.CHANGE_KIND_UPDATED
-        await self._conversation_event(principal, change, row)
+        staged = self._staged(lambda done: [self._conversation_event(principal, change, done)])
+        row = await self._store.set_conversation_deleted(
+            found[1], found[2], _etag(etag, "etag"), deleted=deleted, staged=staged
+        )
+        await self._announce(staged)
         return conversation_proto(row)
 
     # -- messages -------------------------------------------------------------------------------
@@ -826,6 +873,34 @@ class ContextService:
             stored.create_time.FromDatetime(when)
             return stored.SerializeToString()
 
+        idempotency = _idempotency(principal, "AppendMessage", request)
+
+        def events(done: Appended) -> list[events_pb2.Event] | None:
+            if done.replayed:
+                return None
+            created = self._event(
+                principal,
+                events_pb2.EVENT_TYPE_MESSAGE_CREATED,
+                workspace=f"workspaces/{workspace_id}",
+                conversation=conversation_name,
+                field="message_created",
+                payload=events_pb2.MessageCreated(
+                    message=message_proto(done.message, workspace_id)
+                ),
+            )
+            return [
+                created,
+                *(
+                    self._memory_event(principal, events_pb2.CHANGE_KIND_CREATED, row)
+                    for row in done.created_memory
+                ),
+                *(
+                    self._memory_event(principal, events_pb2.CHANGE_KIND_UPDATED, row)
+                    for row in done.updated_memory
+                ),
+            ]
+
+        staged = self._staged(events, idempotency.key if idempotency else "")
         appended = await self._store.append_message(
             workspace_id,
             conversation_id,
@@ -835,25 +910,15 @@ class ContextService:
             entities=entities,
             entity_creator="system",
             max_memory_per_scope=self.limits.max_memory_items,
-            idempotency=_idempotency(principal, "AppendMessage", request),
+            idempotency=idempotency,
+            staged=staged,
         )
-        result = message_proto(appended.message, workspace_id)
+        # A replay publishes what its first attempt left in the outbox, if anything.
+        await self._announce(staged)
         if appended.replayed:
-            return result
-        await self._publish(
-            principal,
-            events_pb2.EVENT_TYPE_MESSAGE_CREATED,
-            workspace=f"workspaces/{workspace_id}",
-            conversation=conversation_name,
-            field="message_created",
-            payload=events_pb2.MessageCreated(message=result),
-        )
-        for row in appended.created_memory:
-            await self._memory_event(principal, events_pb2.CHANGE_KIND_CREATED, row)
-        for row in appended.updated_memory:
-            await self._memory_event(principal, events_pb2.CHANGE_KIND_UPDATED, row)
+            return message_proto(appended.message, workspace_id)
         self._maybe_auto_prune(appended.conversation)
-        return result
+        return staged.events[0].message_created.message
 
     def _entities(self, text: str) -> list[EntityRecord]:
         if not text:
@@ -969,10 +1034,16 @@ class ContextService:
         row.expires_at = self._expiry(item, "memory_item.expire_time")
         row.token_count = self._counter.count(item.content)
         row.version = 1
-        created = await self._store.create_memory(
-            row, max_per_scope=self.limits.max_memory_items, max_pinned=self.limits.max_pinned
+        staged = self._staged(
+            lambda done: [self._memory_event(principal, events_pb2.CHANGE_KIND_CREATED, done)]
         )
-        await self._memory_event(principal, events_pb2.CHANGE_KIND_CREATED, created)
+        created = await self._store.create_memory(
+            row,
+            max_per_scope=self.limits.max_memory_items,
+            max_pinned=self.limits.max_pinned,
+            staged=staged,
+        )
+        await self._announce(staged)
         return memory_proto(created)
 
     async def get_memory(self, name: str) -> pb.MemoryItem:
@@ -1006,21 +1077,28 @@ class ContextService:
             )
         if "expire_time" in paths:
             changes["expires_at"] = self._expiry(item, "memory_item.expire_time")
+        staged = self._staged(
+            lambda done: [self._memory_event(principal, events_pb2.CHANGE_KIND_UPDATED, done)]
+        )
         row = await self._store.update_memory(
             scope,
             memory_id,
             _etag(item.etag, "memory_item.etag"),
             changes,
             max_pinned=self.limits.max_pinned,
+            staged=staged,
         )
-        await self._memory_event(principal, events_pb2.CHANGE_KIND_UPDATED, row)
+        await self._announce(staged)
         return memory_proto(row)
 
     @_write
     async def delete_memory(self, principal: Principal, name: str) -> None:
         scope, memory_id = self._memory_name(name, "name")
-        row = await self._store.delete_memory(scope, memory_id)
-        await self._memory_event(principal, events_pb2.CHANGE_KIND_DELETED, row)
+        staged = self._staged(
+            lambda done: [self._memory_event(principal, events_pb2.CHANGE_KIND_DELETED, done)]
+        )
+        await self._store.delete_memory(scope, memory_id, staged=staged)
+        await self._announce(staged)
 
     def _kinds(self, kinds: Sequence[pb.MemoryKind.ValueType], field: str) -> list[str]:
         names = []
@@ -1352,6 +1430,16 @@ class ContextService:
             token_count=self._counter.count(text or "(no text content)"),
             version=1,
         )
+        staged = self._staged(
+            lambda done: (
+                [
+                    self._memory_event(principal, events_pb2.CHANGE_KIND_CREATED, summary),
+                    self._conversation_event(principal, events_pb2.CHANGE_KIND_UPDATED, done[0]),
+                ]
+                if done is not None
+                else []
+            )
+        )
         done = await self._store.archive(
             workspace_id,
             conversation_id,
@@ -1359,12 +1447,11 @@ class ContextService:
             expected_summary=previous.id if previous is not None else None,
             expected_count=count,
             summary=summary,
+            staged=staged,
         )
         if done is None:
             return None
-        conversation, _ = done
-        await self._memory_event(principal, events_pb2.CHANGE_KIND_CREATED, summary)
-        await self._conversation_event(principal, events_pb2.CHANGE_KIND_UPDATED, conversation)
+        await self._announce(staged)
         return summary
 
     def _maybe_auto_prune(self, conversation: ConversationRow) -> None:

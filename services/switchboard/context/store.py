@@ -56,6 +56,7 @@ from switchboard.platform.models import (
     WorkspaceRow,
     table_of,
 )
+from switchboard.platform.outbox import Staged, staging
 from switchboard.platform.storage import (
     IDEMPOTENCY_TTL,
     Idempotency,
@@ -231,6 +232,7 @@ class ContextStore:
         owner_id: str,
         idempotency: Idempotency | None,
         max_owned: int,
+        staged: Staged[Any] | None = None,
     ) -> tuple[WorkspaceRow, bool]:
         async def run() -> tuple[WorkspaceRow, bool]:
             def tx(db: Session) -> tuple[WorkspaceRow, bool]:
@@ -276,7 +278,7 @@ class ContextStore:
                 )
                 return row, True
 
-            return await self._run(tx, write=True)
+            return await self._run(staging(staged, tx), write=True)
 
         return await retrying(run)
 
@@ -314,7 +316,11 @@ class ContextStore:
         return await self._run(tx, write=False)
 
     async def update_workspace(
-        self, workspace_id: str, etag: str, changes: dict[str, Any]
+        self,
+        workspace_id: str,
+        etag: str,
+        changes: dict[str, Any],
+        staged: Staged[Any] | None = None,
     ) -> WorkspaceRow:
         def tx(db: Session) -> WorkspaceRow:
             row = self._workspace_for_update(db, workspace_id)
@@ -325,10 +331,15 @@ class ContextStore:
             row.updated_at = now()
             return row
 
-        return await self._run(tx, write=True)
+        return await self._run(staging(staged, tx), write=True)
 
     async def set_workspace_deleted(
-        self, workspace_id: str, etag: str, *, deleted: bool
+        self,
+        workspace_id: str,
+        etag: str,
+        *,
+        deleted: bool,
+        staged: Staged[Any] | None = None,
     ) -> WorkspaceRow:
         def tx(db: Session) -> WorkspaceRow:
             row = self._workspace_for_update(db, workspace_id, include_deleted=True)
@@ -342,7 +353,7 @@ class ContextStore:
             row.updated_at = stamp
             return row
 
-        return await self._run(tx, write=True)
+        return await self._run(staging(staged, tx), write=True)
 
     def _workspace_for_update(
         self, db: Session, workspace_id: str, *, include_deleted: bool = False
@@ -382,7 +393,12 @@ class ContextStore:
     # -- members -----------------------------------------------------------------------
 
     async def add_member(
-        self, workspace_id: str, user_id: str, role: str, max_members: int
+        self,
+        workspace_id: str,
+        user_id: str,
+        role: str,
+        max_members: int,
+        staged: Staged[Any] | None = None,
     ) -> WorkspaceMemberRow:
         def tx(db: Session) -> WorkspaceMemberRow:
             self._workspace_for_update(db, workspace_id)
@@ -408,9 +424,11 @@ class ContextStore:
             db.add(row)
             return row
 
-        return await self._run(tx, write=True)
+        return await self._run(staging(staged, tx), write=True)
 
-    async def update_member(self, workspace_id: str, user_id: str, role: str) -> WorkspaceMemberRow:
+    async def update_member(
+        self, workspace_id: str, user_id: str, role: str, staged: Staged[Any] | None = None
+    ) -> WorkspaceMemberRow:
         def tx(db: Session) -> WorkspaceMemberRow:
             self._workspace_for_update(db, workspace_id)
             row = self._member(db, workspace_id, user_id)
@@ -420,9 +438,11 @@ class ContextStore:
             row.updated_at = now()
             return row
 
-        return await self._run(tx, write=True)
+        return await self._run(staging(staged, tx), write=True)
 
-    async def remove_member(self, workspace_id: str, user_id: str) -> WorkspaceMemberRow:
+    async def remove_member(
+        self, workspace_id: str, user_id: str, staged: Staged[Any] | None = None
+    ) -> WorkspaceMemberRow:
         def tx(db: Session) -> WorkspaceMemberRow:
             self._workspace_for_update(db, workspace_id)
             row = self._member(db, workspace_id, user_id)
@@ -431,7 +451,7 @@ class ContextStore:
             db.delete(row)
             return row
 
-        return await self._run(tx, write=True)
+        return await self._run(staging(staged, tx), write=True)
 
     def _member(self, db: Session, workspace_id: str, user_id: str) -> WorkspaceMemberRow:
         row = db.get(WorkspaceMemberRow, (workspace_id, user_id))
@@ -479,6 +499,7 @@ class ContextStore:
         creator: str,
         idempotency: Idempotency | None,
         max_per_workspace: int,
+        staged: Staged[Any] | None = None,
     ) -> tuple[ConversationRow, bool]:
         async def run() -> tuple[ConversationRow, bool]:
             conversation_id = new_id()
@@ -518,7 +539,7 @@ class ContextStore:
                 db.add(row)
                 return row, True
 
-            return await self._run(tx, write=True)
+            return await self._run(staging(staged, tx), write=True)
 
         return await retrying(run)
 
@@ -592,7 +613,12 @@ class ContextStore:
         )
 
     async def update_conversation(
-        self, workspace_id: str, conversation_id: str, etag: str, changes: dict[str, Any]
+        self,
+        workspace_id: str,
+        conversation_id: str,
+        etag: str,
+        changes: dict[str, Any],
+        staged: Staged[Any] | None = None,
     ) -> ConversationRow:
         def tx(db: Session) -> ConversationRow:
             row = self._conversation_for_update(db, workspace_id, conversation_id)
@@ -608,10 +634,16 @@ class ContextStore:
             row.updated_at = now()
             return row
 
-        return await self._run(tx, write=True)
+        return await self._run(staging(staged, tx), write=True)
 
     async def set_conversation_deleted(
-        self, workspace_id: str, conversation_id: str, etag: str, *, deleted: bool
+        self,
+        workspace_id: str,
+        conversation_id: str,
+        etag: str,
+        *,
+        deleted: bool,
+        staged: Staged[Any] | None = None,
     ) -> ConversationRow:
         def tx(db: Session) -> ConversationRow:
             row = self._conversation_for_update(
@@ -629,7 +661,7 @@ class ContextStore:
             row.updated_at = stamp
             return row
 
-        return await self._run(tx, write=True)
+        return await self._run(staging(staged, tx), write=True)
 
     async def purge_conversations(self, deleted_before: dt.datetime) -> int:
         def tx(db: Session) -> int:
@@ -670,6 +702,7 @@ class ContextStore:
         entity_creator: str,
         max_memory_per_scope: int,
         idempotency: Idempotency | None,
+        staged: Staged[Any] | None = None,
     ) -> Appended:
         """Append one message; ``encode(id, seq, time)`` gives its stored bytes."""
 
@@ -726,7 +759,7 @@ class ContextStore:
                 )
                 return Appended(message, conversation, created, updated)
 
-            return await self._run(tx, write=True)
+            return await self._run(staging(staged, tx), write=True)
 
         return await retrying(run)
 
@@ -871,6 +904,7 @@ class ContextStore:
         *,
         max_per_scope: int,
         max_pinned: int,
+        staged: Staged[Any] | None = None,
     ) -> MemoryItemRow:
         def tx(db: Session) -> MemoryItemRow:
             self._check_scope_live(db, row)
@@ -885,7 +919,7 @@ class ContextStore:
             self._touch_scope(db, row)
             return row
 
-        return await self._run(tx, write=True)
+        return await self._run(staging(staged, tx), write=True)
 
     def _check_scope_live(self, db: Session, row: MemoryItemRow, *, writable: bool = True) -> None:
         """NotFound unless the scope exists; FailedPrecondition for writes to an archived one."""
@@ -928,6 +962,7 @@ class ContextStore:
         changes: dict[str, Any],
         *,
         max_pinned: int,
+        staged: Staged[Any] | None = None,
     ) -> MemoryItemRow:
         def tx(db: Session) -> MemoryItemRow:
             row = db.get(MemoryItemRow, memory_id)
@@ -949,9 +984,11 @@ class ContextStore:
             self._touch_scope(db, row)
             return row
 
-        return await self._run(tx, write=True)
+        return await self._run(staging(staged, tx), write=True)
 
-    async def delete_memory(self, scope: str, memory_id: str) -> MemoryItemRow:
+    async def delete_memory(
+        self, scope: str, memory_id: str, staged: Staged[Any] | None = None
+    ) -> MemoryItemRow:
         def tx(db: Session) -> MemoryItemRow:
             row = db.get(MemoryItemRow, memory_id)
             if row is None or row.scope != scope:
@@ -965,7 +1002,7 @@ class ContextStore:
             self._touch_scope(db, row)
             return row
 
-        return await self._run(tx, write=True)
+        return await self._run(staging(staged, tx), write=True)
 
     async def list_memory(
         self,
@@ -1253,6 +1290,7 @@ class ContextStore:
         expected_summary: str | None,
         expected_count: int,
         summary: MemoryItemRow,
+        staged: Staged[Any] | None = None,
     ) -> tuple[ConversationRow, int] | None:
         """Archive live messages up to ``upto_seq`` under ``summary``.
 
@@ -1293,7 +1331,7 @@ class ContextStore:
             conversation.updated_at = now()
             return conversation, int(live[0])
 
-        return await self._run(tx, write=True)
+        return await self._run(staging(staged, tx), write=True)
 
 
 MAX_SOURCES: Final = 20

@@ -15,9 +15,20 @@ deadline is an ``asyncio.timeout`` around the same task, and remote handlers
 get the remaining time as their gRPC deadline.
 
 Runs are persisted when they are queued, start and end (not for each delta:
-the feed and the event log carry those). A restarted dispatcher takes its
-runs back (``recover``): queued ones are queued again; running ones fail
-with RUN_INTERRUPTED or are queued again, by ``SWITCHBOARD_DISPATCHER_RECOVERY``.
+the feed and the event log carry those). A run's end is announced only once
+it is stored (a save that fails is retried until the database answers), so
+the store never says RUNNING while the events say it ended. A restarted
+dispatcher takes its runs back (``recover``), and so does any other replica
+once the owner's lease has expired (it died and did not come back): queued
+ones are queued again; running ones fail with RUN_INTERRUPTED or are queued
+again, by ``SWITCHBOARD_DISPATCHER_RECOVERY``.
+
+Sequences: each attempt at a run numbers its updates in its own block of
+``SEQUENCE_BLOCK``, and a recovered run continues in the block after the one
+stored. Its previous owner may have shown or published any number of updates
+the store never saw (deltas are not stored), and none of those can be
+reached from the stored block: a watcher never sees a sequence twice, and its
+closing update is always newer than anything it saw.
 """
 
 from __future__ import annotations
@@ -53,9 +64,12 @@ from switchboard.dispatcher.store import TERMINAL, NewRun, RunStore, Stored, rai
 from switchboard.platform import names, pagination, timefields
 from switchboard.platform.bus import EventBus
 from switchboard.platform.cache import Cache
+from switchboard.platform.db import DatabaseUnavailable, is_outage
 from switchboard.platform.errors import (
+    Conflict,
     ContentBlocked,
     DeadlineExceeded,
+    DependencyUnavailable,
     FailedPrecondition,
     FieldViolation,
     HandlerFailed,
@@ -68,6 +82,8 @@ from switchboard.platform.errors import (
     RunSuperseded,
     SwitchboardError,
 )
+from switchboard.platform.eventlog import Backoff
+from switchboard.platform.outbox import Staged
 from switchboard.platform.policy import AuthMethod, Permission, Policy, Principal, Scope
 from switchboard.platform.status import to_status_proto
 from switchboard.platform.storage import idempotency
@@ -89,6 +105,10 @@ _MAX_MERGED_DELTA_CHARS: Final = 16 * 1024
 _PUBLISH_BATCH: Final = 256
 #: Bound on one bookkeeping call (storing a message, the final save of a run).
 _FINISH_TIMEOUT_S: Final = 10.0
+#: Sequences of one attempt at a run (see the module docstring).
+SEQUENCE_BLOCK: Final = 2**32
+#: Updates one attempt may publish; the rest of its block is room for its end.
+_MAX_UPDATES: Final = SEQUENCE_BLOCK - 64
 
 
 @dataclass(frozen=True)
@@ -101,6 +121,8 @@ class Limits:
     max_timeout_s: float
     heartbeat_s: float
     recovery: Literal["fail", "requeue"]
+    #: How long this instance's runs are left alone after it stops renewing its lease.
+    lease_s: float = 30.0
 
 
 _match = names.match
@@ -131,7 +153,7 @@ class Active:
     #: Whether its task began (a task cancelled before that never runs its code).
     started: bool = False
     #: The write of its RUNNING state, awaited before the final one.
-    saving: asyncio.Future[None] | None = None
+    saving: asyncio.Future[bool] | None = None
     #: RUNNING is not yet stored and its events wait in the outbox (see ``_begin``).
     held: bool = False
     #: Events waiting for this run's publisher, in order.
@@ -203,15 +225,25 @@ class Dispatcher:
         self._active: dict[str, Active] = {}
         self._publishers: set[asyncio.Task[None]] = set()
         self._closing = False
+        self._leasing: asyncio.Task[None] | None = None
+        # Since when every lease renewal succeeded (None: the last one failed).
+        self._leased_since: float | None = None
+        # Runs taken over or found at start that the database refused to recover yet.
+        self._unrecovered: list[tuple[Stored, str]] = []
 
     # -- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> None:
+        await self._renew_lease()
         await self.recover()
+        self._leasing = asyncio.create_task(self._lease_loop(), name="dispatcher-lease")
 
     async def close(self) -> None:
         """Stop every run this process owns; each ends by the recovery policy."""
         self._closing = True
+        if self._leasing is not None:
+            self._leasing.cancel()
+            await asyncio.wait([self._leasing], timeout=_FINISH_TIMEOUT_S)
         tasks = []
         for active in list(self._active.values()):
             if active.task is not None:
@@ -222,45 +254,109 @@ class Dispatcher:
         if self._publishers:
             await asyncio.wait(set(self._publishers), timeout=_FINISH_TIMEOUT_S)
 
+    async def _renew_lease(self) -> None:
+        until = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.limits.lease_s)
+        await self._store.renew_lease(self.limits.instance_id, until)
+        if self._leased_since is None:
+            self._leased_since = time.monotonic()
+
+    async def _lease_loop(self) -> None:
+        """Renew this instance's lease; take over the runs of instances whose lease expired."""
+        while True:
+            await asyncio.sleep(self.limits.lease_s / 3)  # a periodic job, not synchronization
+            try:
+                await self._renew_lease()
+                if self._unrecovered:
+                    retry, self._unrecovered = self._unrecovered, []
+                    for item, why in retry:
+                        await self._recover([item], why)
+                # Only after a whole lease of renewals: when the database comes
+                # back from an outage, every live instance gets its turn to
+                # renew before anyone is judged dead.
+                leased_since = self._leased_since
+                if leased_since is not None and (
+                    time.monotonic() - leased_since >= self.limits.lease_s
+                ):
+                    await self._reap()
+            except asyncio.CancelledError:
+                raise
+            except SwitchboardError:
+                self._leased_since = None
+                log.warning("dispatcher lease not renewed; retrying")
+            except Exception:
+                self._leased_since = None
+                log.exception("dispatcher lease loop failed; retrying")
+
+    async def _reap(self) -> None:
+        for dead in await self._store.expired_owners(self.limits.instance_id):
+            taken = await self._store.take_over(dead, self.limits.instance_id)
+            if taken:
+                log.warning(
+                    "runs taken over from an instance whose lease expired",
+                    extra={"instance": dead, "count": len(taken)},
+                )
+                await self._recover(taken, f"dispatcher {dead} stopped")
+
     async def recover(self) -> None:
         """Take back the active runs this instance owned before it stopped."""
         stored = await self._store.owned_active(self.limits.instance_id)
+        await self._recover(stored, "the dispatcher restarted")
+
+    async def _recover(self, stored: Sequence[Stored], why: str) -> None:
+        """Apply the recovery policy to ``stored`` (runs this instance now owns);
+        a run the database refuses now is tried again by the lease loop."""
         for item in stored:
-            run = item.run
-            if run.state == pb.RUN_STATE_RUNNING and self.limits.recovery == "fail":
-                await self._end_unstarted(
-                    item, RunInterrupted("the dispatcher restarted while the run was running")
-                )
-                continue
-            principal, message, params, timeout = _unjob(item.job)
-            handler = self.router.registry.get(run.handler.removeprefix("handlers/"))
-            if handler is None:
-                await self._end_unstarted(
-                    item, HandlerFailed(f"handler {run.handler} is no longer configured")
-                )
-                continue
-            run_id = run.name.rsplit("/", 1)[-1]
-            feed = self._feeds.open(run.name, first=run.last_sequence + 1)
-            active = Active(
-                run=run,
-                run_id=run_id,
-                workspace_id=item.workspace_id,
-                conversation_id=item.conversation_id,
-                principal=principal,
-                handler=handler,
-                message=message,
-                parameters=params,
-                timeout_s=timeout,
-                feed=feed,
-            )
-            if run.state == pb.RUN_STATE_RUNNING:
-                _queued_again(run)
-                self._state_changed(active)  # numbers the update (run.last_sequence)
-                await self._store.save(run_id, run)
-            self._active[run.name] = active
-            self._admit(active, force=True)
+            try:
+                await self._recover_one(item, why)
+            except SwitchboardError:
+                log.warning("run not recovered yet; retrying", extra={"run": item.run.name})
+                self._unrecovered.append((item, why))
         if stored:
             log.info("runs recovered", extra={"count": len(stored)})
+
+    async def _recover_one(self, item: Stored, why: str) -> None:
+        if item.run.name in self._active:
+            return
+        run = pb.Run()
+        run.CopyFrom(item.run)  # a refused attempt is retried from what is stored
+        # A new attempt, numbered after anything the last one may have shown.
+        run.last_sequence = next_block(run.last_sequence)
+        item = Stored(run, item.job, item.workspace_id, item.conversation_id)
+        if run.state == pb.RUN_STATE_RUNNING and self.limits.recovery == "fail":
+            await self._end_unstarted(item, RunInterrupted(f"{why} while the run was running"))
+            return
+        principal, message, params, timeout = _unjob(item.job)
+        handler = self.router.registry.get(run.handler.removeprefix("handlers/"))
+        if handler is None:
+            await self._end_unstarted(
+                item, HandlerFailed(f"handler {run.handler} is no longer configured")
+            )
+            return
+        run_id = run.name.rsplit("/", 1)[-1]
+        requeued = run.state == pb.RUN_STATE_RUNNING
+        if requeued:
+            _queued_again(run)
+            run.last_sequence += 1  # its QUEUED update opens the new block
+        # The new block is stored before this attempt shows anything.
+        if not await self._store.save(run_id, run, owner=self.limits.instance_id):
+            return  # purged, or taken by another instance meanwhile
+        feed = self._feeds.open(run.name, first=run.last_sequence + (0 if requeued else 1))
+        active = Active(
+            run=run,
+            run_id=run_id,
+            workspace_id=item.workspace_id,
+            conversation_id=item.conversation_id,
+            principal=principal,
+            handler=handler,
+            message=message,
+            parameters=params,
+            timeout_s=timeout,
+            feed=feed,
+        )
+        if requeued:
+            self._state_changed(active)  # the QUEUED update, at run.last_sequence
+        self._active[run.name] = active
+        self._admit(active, force=True)
 
     async def _end_unstarted(self, item: Stored, error: SwitchboardError) -> None:
         run = item.run
@@ -268,10 +364,11 @@ class Dispatcher:
         run.error.CopyFrom(_error_status(error))
         run.end_time.GetCurrentTime()
         run.last_sequence += 1
-        await self._store.save(run.name.rsplit("/", 1)[-1], run)
-        await self._bus.publish(
-            self._event(run.name, item.workspace_id, item.conversation_id, _snapshot(run))
-        )
+        event = self._event(run.name, item.workspace_id, item.conversation_id, _snapshot(run))
+        staged: Staged[bool] = Staged(self._bus.outbox, lambda saved: [event] if saved else [])
+        run_id = run.name.rsplit("/", 1)[-1]
+        await self._store.save(run_id, run, owner=self.limits.instance_id, staged=staged)
+        await self._bus.publish_staged(staged.events)
 
     # -- sending --------------------------------------------------------------------
 
@@ -558,9 +655,13 @@ class Dispatcher:
         except SwitchboardError as failure:
             error = failure
             run.state = pb.RUN_STATE_FAILED
-        except Exception:
-            log.exception("run failed unexpectedly", extra={"run": run.name})
-            error = InternalError("the handler failed unexpectedly")
+        except Exception as exc:
+            if is_outage(exc):
+                # The database, not the handler: a precise UNAVAILABLE.
+                error = DatabaseUnavailable()
+            else:
+                log.exception("run failed unexpectedly", extra={"run": run.name})
+                error = InternalError("the handler failed unexpectedly")
             run.state = pb.RUN_STATE_FAILED
         await self._finish(active, error)
 
@@ -637,6 +738,8 @@ class Dispatcher:
 
         try:
             async for frame in frames:
+                if active.feed.last % SEQUENCE_BLOCK >= _MAX_UPDATES:
+                    raise HandlerFailure("the handler sent more updates than a run may have")
                 kind = frame.WhichOneof("frame")
                 if kind == "delta":
                     if not pending:
@@ -684,7 +787,9 @@ class Dispatcher:
             return
         started = pb.Run()
         started.CopyFrom(active.run)
-        active.saving = asyncio.ensure_future(self._store.save(active.run_id, started))
+        active.saving = asyncio.ensure_future(
+            self._store.save(active.run_id, started, owner=self.limits.instance_id)
+        )
         self._release(active)
 
     def _release(self, active: Active) -> None:
@@ -713,6 +818,7 @@ class Dispatcher:
             try:
                 await active.saving
             except SwitchboardError:
+                # The final save (retried until it lands) supersedes it.
                 log.warning("could not persist the start of a run", extra={"run": active.run.name})
 
     async def _requeue_at_shutdown(self, active: Active) -> None:
@@ -723,17 +829,65 @@ class Dispatcher:
         await self._persist(active, "requeue")
 
     async def _persist(self, active: Active, what: str) -> None:
-        """Store the run as it now stands, then announce it as a state change."""
+        """Store the run as it now stands, then announce it as a state change.
+
+        Announced only once stored: the feed and the events never say a run
+        ended while the store says it runs (GetRun, ListRuns, the REJECT
+        check, recovery). A save that fails is retried until the database
+        answers; if this process stops first, nothing was announced and the
+        next owner applies the recovery policy to what is stored.
+        """
         run = active.run
         run.last_sequence = active.feed.last + 1
-        try:
-            async with asyncio.timeout(_FINISH_TIMEOUT_S):
-                await self._store.save(active.run_id, run)
-        except (SwitchboardError, TimeoutError):
-            # The feed and the events still say how it ended; a restart finds
-            # it active and applies the recovery policy.
-            log.warning("could not persist a run", extra={"run": run.name, "what": what})
-        self._state_changed(active)
+        # Its event is written with it (the outbox): a crash right after the
+        # commit cannot leave a stored end that no watcher ever hears of.
+        update = pb.RunUpdate(run=run.name, sequence=run.last_sequence)
+        update.time.GetCurrentTime()
+        update.state_change.run.CopyFrom(run)
+        event = self._event(run.name, active.workspace_id, active.conversation_id, update)
+        staged: Staged[bool] = Staged(self._bus.outbox, lambda stored: [event] if stored else [])
+        saved = await self._save_until_stored(active, what, staged)
+        if saved:
+            active.feed.append(update)
+            outbox = self._bus.outbox
+            if outbox is not None:
+                outbox.publishing([event])
+            active.outbox.append(event)
+            if active.publisher is None or active.publisher.done():
+                self._start_publisher(active)
+        elif saved is False:
+            log.warning(
+                "a run was taken over by another instance; its end here is not announced",
+                extra={"run": run.name, "what": what},
+            )
+
+    async def _save_until_stored(
+        self, active: Active, what: str, staged: Staged[bool]
+    ) -> bool | None:
+        """True once saved, False if another instance owns it now, None if stopping first."""
+        backoff = Backoff(0.05, 2.0)
+        began = time.monotonic()
+        warned = False
+        while True:
+            try:
+                async with asyncio.timeout(_FINISH_TIMEOUT_S):
+                    return await self._store.save(
+                        active.run_id, active.run, owner=self.limits.instance_id, staged=staged
+                    )
+            except (DependencyUnavailable, Conflict, TimeoutError):
+                if self._closing and time.monotonic() - began >= _FINISH_TIMEOUT_S:
+                    log.warning(
+                        "a run could not be stored before stopping; its next owner recovers it",
+                        extra={"run": active.run.name, "what": what},
+                    )
+                    return None
+                if not warned:
+                    warned = True
+                    log.warning(
+                        "could not store a run; retrying until the database answers",
+                        extra={"run": active.run.name, "what": what},
+                    )
+            await backoff.wait()
 
     # -- updates and events -----------------------------------------------------------
 
@@ -783,6 +937,8 @@ class Dispatcher:
             try:
                 await self._bus.publish_many(batch)
             except SwitchboardError:
+                if self._bus.outbox is not None:
+                    self._bus.outbox.failed(batch)  # a stored end: the relay publishes it
                 log.warning("run updates not published", extra={"run": active.run.name})
 
     async def _filtered(
@@ -903,13 +1059,24 @@ class Dispatcher:
             snapshot = _snapshot(current)
             yield snapshot
             after_sequence = snapshot.sequence
+        position, ended = after_sequence, False
         async for update in feed.follow(after_sequence, heartbeat_s=self.limits.heartbeat_s):
+            if update is not None:
+                position = update.sequence
+                ended = update.state_change.run.state in TERMINAL
             yield update
+        if not ended:
+            # The feed closed without an end: another instance took the run over
+            # (this one lost its lease). Its end comes from the new owner's events.
+            stored = await self._store.get(found[1], found[2], found[3])
+            async for update in self._watch_stored(stored.run, position):
+                yield update
 
     async def _watch_stored(
         self, run: pb.Run, after_sequence: int
     ) -> AsyncIterator[pb.RunUpdate | None]:
         """A run without a feed here: finished long ago, or owned by another replica."""
+        found = _match(_RUN, run.name, "name")
         queue: asyncio.Queue[pb.RunUpdate] = asyncio.Queue(maxsize=10_000)
 
         def listener(event: events_pb2.Event) -> None:
@@ -933,6 +1100,12 @@ class Dispatcher:
                     async with asyncio.timeout(self.limits.heartbeat_s):
                         update = await queue.get()
                 except TimeoutError:
+                    # Idle: did it end without this process hearing of it (its
+                    # end published while this one could not read the log)?
+                    stored = await self._store.get(found[1], found[2], found[3])
+                    if stored.run.state in TERMINAL and stored.run.last_sequence > position:
+                        yield _snapshot(stored.run)
+                        return
                     yield None
                     continue
                 if update.sequence <= position:
@@ -995,6 +1168,11 @@ def _snapshot(run: pb.Run) -> pb.RunUpdate:
     update.time.GetCurrentTime()
     update.state_change.run.CopyFrom(run)
     return update
+
+
+def next_block(sequence: int) -> int:
+    """The last sequence before the block after ``sequence``'s: a new attempt's start."""
+    return (sequence // SEQUENCE_BLOCK + 1) * SEQUENCE_BLOCK
 
 
 def _queued_again(run: pb.Run) -> None:

@@ -57,6 +57,7 @@ from switchboard.platform.cache import binary_client, redacted_url
 from switchboard.platform.db import Database
 from switchboard.platform.errors import DependencyUnavailable
 from switchboard.platform.models import EventLogRow, EventLogStateRow, table_of
+from switchboard.platform.outbox import Outbox
 
 log = logging.getLogger("switchboard.eventlog")
 
@@ -272,9 +273,16 @@ class LocalLog:
     """The one-process log: a group-commit writer into the database, then delivery."""
 
     def __init__(
-        self, database: Database, *, retention: int, retention_s: int, memory: int
+        self,
+        database: Database,
+        *,
+        retention: int,
+        retention_s: int,
+        memory: int,
+        outbox: Outbox | None = None,
     ) -> None:
         self._database = database
+        self._outbox = outbox
         self._retention = retention
         self._retention_s = retention_s
         self._memory = memory
@@ -377,14 +385,21 @@ class LocalLog:
         )
         rows = [{"seq": i.position[0], "data": i.data, "created_at": now} for i in logged]
         head = logged[-1].position[0]
+        outbox = self._outbox
+        retired: list[str] = []
 
         def write(session: Session) -> int | None:
             # Core, not the ORM's bulk insert: a third of the cost, on every batch.
             session.connection().execute(_INSERT_EVENTS, rows)
+            if outbox is not None:
+                # In the same transaction: an outbox event is logged exactly once.
+                retired[:] = outbox.retire_in(session, (item.event for item in logged))
             return self._trim(session, head, now) if trim else None
 
         async with self._bounded():
             horizon = await self._database.run(write, write=True)
+        if outbox is not None and retired:
+            outbox.retired(retired)
         if horizon is not None:
             # Only once the trim is committed.
             self._horizon = horizon
@@ -532,8 +547,11 @@ class RedisLog:
         memory: int,
         outbox_limit: int,
         dedupe_window_s: int,
+        outbox: Outbox | None = None,
     ) -> None:
         self._target = redacted_url(redis_url)
+        # The database outbox (events staged with their change), not ``_outbox``.
+        self._staged = outbox
         self._key = key
         self._timeout_s = timeout_s
         self._retention = retention
@@ -627,6 +645,8 @@ class RedisLog:
         for event, entry_id in zip(events, entry_ids, strict=True):
             if entry_id is not None:
                 event.cursor = format_cursor(_position(entry_id))
+        if self._staged is not None:
+            self._staged.landed(events)
 
     async def _append_pipelined(self, events: Sequence[events_pb2.Event]) -> list[Any]:
         """Append ``events`` in one round trip on one connection (Redis runs them in order)."""
@@ -666,6 +686,8 @@ class RedisLog:
             backoff.reset()
             for _ in batch:
                 self._outbox.popleft()
+            if self._staged is not None:
+                self._staged.landed(batch)
             log.info("event outbox flushed", extra={"events": len(batch)})
         if not self._outbox:
             self._mark_up()

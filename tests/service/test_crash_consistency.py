@@ -1,0 +1,319 @@
+"""Crash consistency in process: every committed write has its event, a run's stored
+state never contradicts its events, and a run taken over after its owner died is
+numbered after everything its watchers saw.
+
+Faults are injected at the seam they stand for: the event log refusing an event
+right after the write committed (the process "died" between commit and
+publish), the database refusing a run's saves, a replica that stops renewing
+its lease. Everything else is real: servers, SQLite or PostgreSQL, Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from grpc import aio
+
+from switchboard.api.context.v1 import context_pb2 as cpb
+from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.api.events.v1 import events_pb2
+from switchboard.auth.tokens import SigningKey, private_key_pem
+from switchboard.dispatcher.service import SEQUENCE_BLOCK
+from switchboard.dispatcher.store import TERMINAL
+from switchboard.mesh import create_server
+from switchboard.platform.db import DatabaseUnavailable
+from switchboard.platform.errors import DependencyUnavailable
+from switchboard.platform.server import SwitchboardServer
+from tests.conftest import make_settings
+from tests.infra.redis import RedisServer
+from tests.service.contextkit import (
+    context_stub,
+    create_conversation,
+    ctx_world,
+)
+from tests.service.dispatchkit import (
+    dispatcher_stub,
+    get_run,
+    limited,
+    request,
+    send,
+)
+
+DEADLINE_S = 20.0
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
+    """Poll ``check`` until it holds; fail after DEADLINE_S."""
+    deadline = time.monotonic() + DEADLINE_S
+    while not await check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)  # polling a condition with a deadline
+
+
+class RefusedOnce:
+    """Makes the event log refuse the first batch holding an event ``matches``
+    picks, as if the process died right after the write committed."""
+
+    def __init__(self, server: SwitchboardServer, matches: Callable[[events_pb2.Event], bool]):
+        backend = server.deps.bus._backend
+        self.refused: list[events_pb2.Event] = []
+        append_many, append = backend.append_many, backend.append
+
+        async def refusing_many(events: Sequence[events_pb2.Event]) -> None:
+            if not self.refused and any(matches(e) for e in events):
+                self.refused.extend(events)
+                raise DependencyUnavailable("the event log is unavailable; retry")
+            await append_many(events)
+
+        async def refusing(event: events_pb2.Event) -> events_pb2.Event:
+            if not self.refused and matches(event):
+                self.refused.append(event)
+                raise DependencyUnavailable("the event log is unavailable; retry")
+            return await append(event)  # type: ignore[no-any-return]
+
+        backend.append_many = refusing_many
+        backend.append = refusing
+
+
+def logged(server: SwitchboardServer, kind: int, name: str) -> list[events_pb2.Event]:
+    """The events of ``kind`` about ``name`` in the process's log window."""
+    found = []
+    for event in server.deps.bus.recent():
+        if event.type != kind:
+            continue
+        payload = event.WhichOneof("payload")
+        if payload == "message_created" and event.message_created.message.name == name:
+            found.append(event)
+        if payload == "workspace_changed" and event.workspace_changed.workspace.name == name:
+            found.append(event)
+    return found
+
+
+# -- every committed write has its event --------------------------------------------------
+
+
+async def test_a_retried_append_publishes_the_event_its_first_attempt_lost() -> None:
+    async with limited() as (server, stub, _):
+        world = await ctx_world(server, stub)
+        conversation = (await create_conversation(stub, world.editor, world.name)).name
+        RefusedOnce(server, lambda e: e.type == events_pb2.EVENT_TYPE_MESSAGE_CREATED)
+        append = cpb.AppendMessageRequest(
+            parent=conversation,
+            message=cpb.Message(role=cpb.MESSAGE_ROLE_USER, parts=[cpb.ContentPart(text="hello")]),
+            request_id="append-once",
+        )
+        try:
+            first: cpb.Message | None = (
+                await stub.AppendMessage(append, metadata=world.editor.md, timeout=10)
+            ).message
+        except aio.AioRpcError:
+            first = None  # the client did not hear back: it retries
+        again = (await stub.AppendMessage(append, metadata=world.editor.md, timeout=10)).message
+        if first is not None:
+            assert again.name == first.name
+        # The retry's answer is acknowledged: its event is in the log now, once.
+        events = logged(server, events_pb2.EVENT_TYPE_MESSAGE_CREATED, again.name)
+        assert [e.message_created.message.name for e in events] == [again.name]
+
+
+async def test_a_write_whose_event_was_lost_gets_it_without_a_retry() -> None:
+    async with limited() as (server, stub, _):
+        world = await ctx_world(server, stub)
+        name = world.name
+        RefusedOnce(
+            server,
+            lambda e: (
+                e.type == events_pb2.EVENT_TYPE_WORKSPACE_CHANGED
+                and e.workspace_changed.change == events_pb2.CHANGE_KIND_UPDATED
+            ),
+        )
+        workspace = world.workspace
+        workspace.display_name = "Renamed"
+        update = cpb.UpdateWorkspaceRequest(workspace=workspace)
+        update.update_mask.paths.append("display_name")
+        with contextlib.suppress(aio.AioRpcError):  # committed either way; nobody retries
+            await stub.UpdateWorkspace(update, metadata=world.owner.md, timeout=10)
+
+        async def published() -> bool:
+            events = logged(server, events_pb2.EVENT_TYPE_WORKSPACE_CHANGED, name)
+            return any(e.workspace_changed.workspace.display_name == "Renamed" for e in events)
+
+        await eventually(published, "the outbox relay to publish the update")
+        renamed = [
+            e
+            for e in logged(server, events_pb2.EVENT_TYPE_WORKSPACE_CHANGED, name)
+            if e.workspace_changed.workspace.display_name == "Renamed"
+        ]
+        assert len(renamed) == 1
+
+
+# -- a run's stored state never contradicts its events -----------------------------------
+
+
+async def test_a_run_whose_final_save_fails_is_announced_only_once_stored() -> None:
+    async with limited() as (server, stub, dstub):
+        dispatcher = server.deps.dispatcher
+        store = dispatcher._store
+        save = store.save
+        outage = asyncio.Event()
+        outage.set()
+        refused: list[int] = []
+
+        async def failing_save(run_id: str, run: pb.Run, **kwargs: Any) -> bool:
+            if outage.is_set() and run.state in TERMINAL:
+                refused.append(run.state)
+                raise DatabaseUnavailable()
+            return bool(await save(run_id, run, **kwargs))
+
+        store.save = failing_save
+        world = await ctx_world(server, stub)
+        conversation = (await create_conversation(stub, world.editor, world.name)).name
+        sent = await send(dstub, world.editor, request(conversation, "quick answer"))
+        name = sent.run.name
+        found = name.split("/")
+
+        async def refused_twice() -> bool:
+            return len(refused) >= 2  # retried, not given up after one failure
+
+        await eventually(refused_twice, "the final save to be retried")
+        stored = await store.get(found[1], found[3], found[5])
+        assert stored.run.state not in TERMINAL
+        ends = [
+            e
+            for e in server.deps.bus.recent()
+            if e.type == events_pb2.EVENT_TYPE_RUN_UPDATED
+            and e.run_updated.update.run == name
+            and e.run_updated.update.state_change.run.state in TERMINAL
+        ]
+        assert ends == [], "an end was announced that the store does not have"
+
+        outage.clear()
+
+        async def stored_end() -> bool:
+            return (await store.get(found[1], found[3], found[5])).run.state in TERMINAL
+
+        await eventually(stored_end, "the run's end to be stored once the database is back")
+        final = (await store.get(found[1], found[3], found[5])).run
+        assert final.state == pb.RUN_STATE_SUCCEEDED
+        assert (await get_run(dstub, world.editor, name)).state == final.state
+
+        async def announced() -> bool:
+            return any(
+                e.type == events_pb2.EVENT_TYPE_RUN_UPDATED
+                and e.run_updated.update.run == name
+                and e.run_updated.update.state_change.run.state == final.state
+                for e in server.deps.bus.recent()
+            )
+
+        await eventually(announced, "the stored end to be published")
+        # The conversation is free again for a REJECT-policy message.
+        again = await send(
+            dstub,
+            world.editor,
+            request(conversation, "next", policy=pb.CONCURRENCY_POLICY_REJECT),
+        )
+        assert again.run.name
+
+
+# -- a dead replica's runs: taken over, numbered after everything seen ----------------------
+
+
+async def _replicas(
+    tmp_path: Path, database_url: str, redis_url: str, recovery: str
+) -> tuple[SwitchboardServer, SwitchboardServer]:
+    key_file = tmp_path / "k1.pem"
+    key_file.write_bytes(private_key_pem(SigningKey.generate("k1")))
+    servers = []
+    for instance in ("replica-a", "replica-b"):
+        server, _ = await create_server(
+            make_settings(
+                database_url=database_url,
+                redis_url=redis_url,
+                instance_id=instance,
+                dispatcher_recovery=recovery,
+                dispatcher_lease_s=1.0,
+                signing_keys=(str(key_file),),
+            )
+        )
+        await server.start()
+        servers.append(server)
+    return servers[0], servers[1]
+
+
+def _silence(server: SwitchboardServer) -> None:
+    """The replica stops renewing its lease, as if it died (its runs keep going)."""
+
+    async def refused(*_: Any, **__: Any) -> None:
+        raise DatabaseUnavailable()
+
+    server.deps.dispatcher._store.renew_lease = refused
+
+
+@pytest.mark.parametrize("recovery", ["fail", "requeue"])
+async def test_a_dead_replicas_run_is_taken_over_and_numbered_after_all_it_showed(
+    recovery: str, tmp_path: Path, postgres_url: str, redis_server: RedisServer
+) -> None:
+    a, b = await _replicas(tmp_path, postgres_url, redis_server.url, recovery)
+    try:
+        async with (
+            aio.insecure_channel(a.address) as on_a,
+            aio.insecure_channel(b.address) as on_b,
+        ):
+            stub, dstub_a, dstub_b = (
+                context_stub(on_a),
+                dispatcher_stub(on_a),
+                dispatcher_stub(on_b),
+            )
+            world = await ctx_world(a, stub)
+            conversation = (await create_conversation(stub, world.editor, world.name)).name
+            words = " ".join(f"w{i}" for i in range(40))  # outlives the takeover
+            sent = await send(dstub_a, world.editor, request(conversation, words, delay_ms=150))
+            name = sent.run.name
+            # The watcher is on the replica that survives; the run is on the other.
+            call = dstub_b.WatchRun(
+                pb.WatchRunRequest(name=name), metadata=world.editor.md, timeout=60
+            )
+            seen: list[pb.RunUpdate] = []
+            async for frame in call:
+                if not frame.HasField("update"):
+                    continue  # a heartbeat
+                update = frame.update
+                seen.append(update)
+                if len([u for u in seen if u.HasField("delta")]) >= 3:
+                    break
+            _silence(a)  # replica a "dies": its lease expires, b takes its run
+            async for frame in call:
+                if not frame.HasField("update"):
+                    continue  # a heartbeat
+                update = frame.update
+                seen.append(update)
+                if update.state_change.run.state in TERMINAL:
+                    break
+            sequences = [u.sequence for u in seen]
+            assert sequences == sorted(set(sequences)), "a sequence was reused or went back"
+            end = seen[-1].state_change.run
+            assert end.state in TERMINAL, "the watcher never saw the end"
+            assert seen[-1].sequence > SEQUENCE_BLOCK  # the new attempt's block
+            stored = await get_run(dstub_b, world.editor, name)
+            assert stored.state == end.state
+            if recovery == "fail":
+                assert stored.state == pb.RUN_STATE_FAILED
+            else:
+                assert stored.state == pb.RUN_STATE_SUCCEEDED
+                # Text since the run last started over is exactly the answer: no splice.
+                restart = max(
+                    i for i, u in enumerate(seen) if u.state_change.run.state == pb.RUN_STATE_QUEUED
+                )
+                text = "".join(u.delta.text for u in seen[restart:] if u.HasField("delta"))
+                result = [u.result for u in seen[restart:] if u.HasField("result")]
+                assert result
+                assert text == "".join(p.text for p in result[0].parts)
+    finally:
+        await a.shutdown(grace=0)
+        await b.shutdown(grace=0)
