@@ -1,6 +1,7 @@
 # Switchboard: one command to run the mesh, one to run every check.
 #   make run    start the mesh on embedded defaults (creates .venv on first use)
 #   make test   ruff, mypy --strict, contract checks, and the whole pytest suite
+#               (first installs missing system packages: scripts/install-deps.sh)
 #   make gen    regenerate gen/ from proto/ (offline)
 #   make bench  run bench/ and write BENCHMARKS.md
 
@@ -11,12 +12,13 @@ STAMP  := $(VENV)/.installed-stamp
 HOST   ?= 127.0.0.1
 PORT   ?= 50051
 
-.PHONY: run serve test check lint typecheck contracts gen tools pytest bench clean help
+.PHONY: run serve test check deps lint typecheck contracts gen tools pytest bench clean help
 
 help:
 	@sed -n '2,6p' Makefile
 
 $(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || bash scripts/install-deps.sh venv
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
@@ -31,7 +33,11 @@ run serve: $(STAMP)
 gen: $(STAMP)
 	$(PY) scripts/gen.py
 
-tools: $(STAMP)
+# System packages the tests need (Go, Node.js, redis-server, PostgreSQL, ...), when missing.
+deps:
+	@bash scripts/install-deps.sh
+
+tools: deps $(STAMP)
 	bash scripts/install-tools.sh
 
 lint: $(STAMP)
@@ -44,10 +50,13 @@ typecheck: $(STAMP)
 contracts: $(STAMP)
 	bash scripts/check-contracts.sh
 
-pytest: $(STAMP) tools
+pytest: deps $(STAMP) tools
 	$(VENV)/bin/pytest
 
-test check: lint typecheck contracts pytest
+# deps first, whatever -j says: the rest needs what it installs.
+test check:
+	@bash scripts/install-deps.sh
+	$(MAKE) --no-print-directory lint typecheck contracts pytest
 
 bench: $(STAMP)
 	$(PY) bench/run.py
