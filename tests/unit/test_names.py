@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import re
+from pathlib import Path
 
 import pytest
 
 from switchboard.platform import names
 from switchboard.platform.errors import InvalidArgument
 from switchboard.platform.policy import owner_of
+from switchboard.platform.storage import IDEMPOTENCY_TTL
 
 PATTERNS = {
     value: attr
@@ -79,3 +82,27 @@ def test_owner_of_refuses_a_trailing_newline() -> None:
 )
 def test_etag_version(etag: str, version: int | None) -> None:
     assert names.etag_version(etag) == version
+
+
+def test_every_request_id_field_documents_its_format_and_scope() -> None:
+    """The contract says what ``request_id`` accepts, and says what the server enforces."""
+    root = Path(__file__).resolve().parents[2] / "proto"
+    fields = 0
+    for proto in sorted(root.rglob("*.proto")):
+        lines = proto.read_text().splitlines()
+        for index, line in enumerate(lines):
+            if not re.fullmatch(r"\s*string request_id = \d+;", line):
+                continue
+            fields += 1
+            comment: list[str] = []
+            for above in reversed(lines[:index]):
+                if not above.strip().startswith("//"):
+                    break
+                comment.insert(0, above.strip().removeprefix("//").strip())
+            text = " ".join(comment)
+            assert "1-64 ASCII letters, digits, `-` or `_`" in text, (proto.name, index)
+            assert "24 hours" in text, (proto.name, index)
+            assert "caller and this method" in text, (proto.name, index)
+    assert fields >= 4
+    assert names.REQUEST_ID.pattern == r"[A-Za-z0-9_-]{1,64}"
+    assert dt.timedelta(hours=24) == IDEMPOTENCY_TTL

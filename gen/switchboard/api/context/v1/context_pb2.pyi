@@ -551,7 +551,12 @@ class CreateWorkspaceRequest(_message.Message):
     workspace_id: _builtins.str
     """Optional client-chosen id, `[a-z][a-z0-9-]{2,62}`; a random id if empty."""
     request_id: _builtins.str
-    """Idempotency key; a retry with the same id returns the first result."""
+    """Idempotency key: 1-64 ASCII letters, digits, `-` or `_` (anything else is
+    INVALID_ARGUMENT on `request_id`); empty for none. Scoped to the caller and
+    this method and kept for 24 hours: a retry with the same id within that time
+    returns the first result, and the same id with a different request is
+    INVALID_ARGUMENT.
+    """
     @_builtins.property
     def workspace(self) -> Global___Workspace:
         """The workspace to create; `name` is assigned by the server."""
@@ -1070,7 +1075,12 @@ class CreateConversationRequest(_message.Message):
     parent: _builtins.str
     """`workspaces/{workspace}`."""
     request_id: _builtins.str
-    """Idempotency key; a retry with the same id returns the first result."""
+    """Idempotency key: 1-64 ASCII letters, digits, `-` or `_` (anything else is
+    INVALID_ARGUMENT on `request_id`); empty for none. Scoped to the caller and
+    this method and kept for 24 hours: a retry with the same id within that time
+    returns the first result, and the same id with a different request is
+    INVALID_ARGUMENT.
+    """
     @_builtins.property
     def conversation(self) -> Global___Conversation:
         """The conversation to create; `name` is assigned by the server."""
@@ -1392,7 +1402,12 @@ class AppendMessageRequest(_message.Message):
     parent: _builtins.str
     """`workspaces/{workspace}/conversations/{conversation}`."""
     request_id: _builtins.str
-    """Idempotency key; a retry with the same id returns the first result."""
+    """Idempotency key: 1-64 ASCII letters, digits, `-` or `_` (anything else is
+    INVALID_ARGUMENT on `request_id`); empty for none. Scoped to the caller and
+    this method and kept for 24 hours: a retry with the same id within that time
+    returns the first result, and the same id with a different request is
+    INVALID_ARGUMENT.
+    """
     @_builtins.property
     def message(self) -> Global___Message:
         """The message; `name`, `sequence`, `create_time` and `token_count` are assigned."""

@@ -242,7 +242,12 @@ class SendMessageRequest(_message.Message):
     handler: _builtins.str
     """Force a handler, `handlers/{handler}`; the router chooses if empty."""
     request_id: _builtins.str
-    """Idempotency key; a retry with the same id returns the first run."""
+    """Idempotency key: 1-64 ASCII letters, digits, `-` or `_` (anything else is
+    INVALID_ARGUMENT on `request_id`); empty for none. Scoped to the caller and
+    this method and kept for 24 hours: a retry with the same id within that time
+    returns the first run, and the same id with a different request is
+    INVALID_ARGUMENT.
+    """
     concurrency_policy: Global___ConcurrencyPolicy.ValueType
     """What to do if the conversation already has an active run."""
     @_builtins.property
@@ -647,7 +652,10 @@ class ConverseRequest(_message.Message):
     CANCEL_RUN_FIELD_NUMBER: _builtins.int
     WATCH_RUN_FIELD_NUMBER: _builtins.int
     client_request_id: _builtins.str
-    """Client-chosen id echoed in the matching response frame."""
+    """Client-chosen id echoed in the matching response frame: any text of at most
+    64 characters (longer is an INVALID_ARGUMENT error frame). Not an idempotency
+    key; use `send_message.request_id` for that.
+    """
     @_builtins.property
     def send_message(self) -> Global___SendMessageRequest:
         """Send a message and start a run; its updates follow on this stream."""
