@@ -1,0 +1,401 @@
+"""Crash faults on the scaled-out shape: two `switchboard serve` replicas on one
+PostgreSQL and one Redis (all started by the suite), one of them killed with
+SIGKILL mid-load, or PostgreSQL stopped mid-run.
+
+Counted, and all must be 0: acknowledged writes lost, acknowledged writes
+without their event, events delivered twice, INTERNAL statuses, calls that
+hung past their deadline. A run on the killed replica must reach a terminal
+state under both recovery policies, and a WatchRun on the survivor must end
+with it, with strictly increasing sequences and never a spliced answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import grpc
+import pytest
+from grpc import aio
+
+from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
+from switchboard.api.context.v1 import context_pb2 as cpb
+from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
+from switchboard.auth.tokens import SigningKey, private_key_pem
+from switchboard.dispatcher.store import TERMINAL
+from tests.e2e.procs import ServeProcess
+from tests.infra.postgres import (
+    PostgresServer,
+    _admin,
+    running_postgres,
+    start_postgres,
+    stop_postgres,
+)
+from tests.infra.redis import RedisServer
+from tests.service.authkit import PASSWORD, unique_email
+from tests.service.contextkit import Caller, context_stub, create_conversation, create_workspace
+from tests.service.contextkit import Stub as ContextStub
+from tests.service.dispatchkit import dispatcher_stub, reason_of, request
+
+pytestmark = pytest.mark.e2e
+
+#: Every call's deadline: a call that needs longer counts as a hang.
+CALL_TIMEOUT_S: Final = 10.0
+#: How long a test waits for the system to settle (relay, takeover) before failing.
+SETTLE_S: Final = 45.0
+WRITERS: Final = 6
+#: Acknowledged appends before the kill.
+BEFORE_KILL: Final = 40
+#: Appends each writer makes in all.
+PER_WRITER: Final = 25
+#: Lease of each dispatcher replica (its runs are taken over this long after it dies).
+LEASE_S: Final = "2"
+RETRYABLE: Final = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+)
+
+
+def _env(tmp_path: Path, database_url: str, redis_url: str) -> dict[str, str]:
+    key_file = tmp_path / "k1.pem"
+    key_file.write_bytes(private_key_pem(SigningKey.generate("k1")))
+    return {
+        "SWITCHBOARD_SECRET_KEY": "e2e-secret-key-that-is-long-enough-000000",
+        "SWITCHBOARD_SIGNING_KEYS": str(key_file),
+        "SWITCHBOARD_DATABASE_URL": database_url,
+        "SWITCHBOARD_REDIS_URL": redis_url,
+        "SWITCHBOARD_DISPATCHER_LEASE_S": LEASE_S,
+        "SWITCHBOARD_CONTEXT_MAX_WRITES_PER_MINUTE": "100000",
+        "PYTHONFAULTHANDLER": "1",
+    }
+
+
+@pytest.fixture
+def env(tmp_path: Path, durable_redis_server: RedisServer, postgres_url: str) -> dict[str, str]:
+    return _env(tmp_path, postgres_url, durable_redis_server.url)
+
+
+def _replicas(env: dict[str, str], recovery: str = "fail") -> tuple[ServeProcess, ServeProcess]:
+    return tuple(  # type: ignore[return-value]
+        ServeProcess(
+            env={
+                **env,
+                "SWITCHBOARD_INSTANCE_ID": f"replica-{i}",
+                "SWITCHBOARD_DISPATCHER_RECOVERY": recovery,
+            }
+        )
+        for i in (1, 2)
+    )
+
+
+@dataclass
+class Tally:
+    """What the clients saw."""
+
+    acked: dict[str, str] = field(default_factory=dict)  # message name -> conversation
+    internal: list[str] = field(default_factory=list)
+    hangs: list[str] = field(default_factory=list)
+    other: list[str] = field(default_factory=list)
+
+
+async def _register(address: str) -> Caller:
+    async with aio.insecure_channel(address) as channel:
+        response = await auth_pb2_grpc.AuthServiceStub(channel).Register(
+            auth_pb2.RegisterRequest(email=unique_email("crash"), password=PASSWORD),
+            timeout=CALL_TIMEOUT_S,
+        )
+    return Caller(response.user.name.removeprefix("users/"), response.tokens.access_token)
+
+
+async def _append_with_retries(
+    stubs: list[ContextStub], caller: Caller, conversation: str, request_id: str, tally: Tally
+) -> None:
+    """One acknowledged append, retried with its request_id on the other replica."""
+    append = cpb.AppendMessageRequest(
+        parent=conversation,
+        message=cpb.Message(role=cpb.MESSAGE_ROLE_USER, parts=[cpb.ContentPart(text=request_id)]),
+        request_id=request_id,
+    )
+    deadline = time.monotonic() + SETTLE_S
+    for attempt in itertools.count():
+        stub = stubs[attempt % len(stubs)]
+        try:
+            response = await stub.AppendMessage(append, metadata=caller.md, timeout=CALL_TIMEOUT_S)
+        except aio.AioRpcError as error:
+            code = error.code()
+            if code == grpc.StatusCode.INTERNAL:
+                tally.internal.append(f"{request_id}: {error.details()}")
+            elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                tally.hangs.append(request_id)
+            elif code not in RETRYABLE:
+                tally.other.append(f"{request_id}: {code.name} {error.details()}")
+                return
+            assert time.monotonic() < deadline, f"{request_id} never acknowledged"
+            await asyncio.sleep(min(0.05 * 2**attempt, 0.5))  # retry backoff
+            continue
+        tally.acked[response.message.name] = conversation
+        return
+
+
+async def _logged(address: str, caller: Caller, workspace: str) -> list[events_pb2.Event]:
+    """Every MESSAGE_CREATED event the log retains for ``workspace``, oldest first."""
+    events: list[events_pb2.Event] = []
+    async with aio.insecure_channel(address) as channel:
+        stub = events_pb2_grpc.EventServiceStub(channel)
+        page_token = ""
+        while True:
+            page = await stub.ListEvents(
+                events_pb2.ListEventsRequest(
+                    scopes=[events_pb2.Scope(workspace=workspace)],
+                    types=[events_pb2.EVENT_TYPE_MESSAGE_CREATED],
+                    page_size=500,
+                    page_token=page_token,
+                ),
+                metadata=caller.md,
+                timeout=CALL_TIMEOUT_S,
+            )
+            events.extend(page.events)
+            page_token = page.next_page_token
+            if not page_token:
+                return events
+
+
+async def _stored(address: str, caller: Caller, conversations: list[str]) -> set[str]:
+    names: set[str] = set()
+    async with aio.insecure_channel(address) as channel:
+        stub = context_stub(channel)
+        for conversation in conversations:
+            page_token = ""
+            while True:
+                page = await stub.ListMessages(
+                    cpb.ListMessagesRequest(
+                        parent=conversation, page_size=500, page_token=page_token
+                    ),
+                    metadata=caller.md,
+                    timeout=CALL_TIMEOUT_S,
+                )
+                names.update(m.name for m in page.messages)
+                page_token = page.next_page_token
+                if not page_token:
+                    break
+    return names
+
+
+async def test_a_replica_killed_mid_load_loses_no_write_and_no_event(
+    env: dict[str, str],
+) -> None:
+    first, second = _replicas(env)
+    with first, second:
+        caller = await _register(second.address)
+        async with (
+            aio.insecure_channel(first.address) as on_first,
+            aio.insecure_channel(second.address) as on_second,
+        ):
+            stubs = [context_stub(on_first), context_stub(on_second)]
+            workspace = (await create_workspace(stubs[1], caller, "Crash")).name
+            conversations = [
+                (await create_conversation(stubs[1], caller, workspace)).name
+                for _ in range(WRITERS)
+            ]
+            tally = Tally()
+
+            async def writer(index: int) -> None:
+                # Each writer starts on the replica that will die, half of the time.
+                order = stubs if index % 2 == 0 else stubs[::-1]
+                for n in range(PER_WRITER):
+                    await _append_with_retries(
+                        order, caller, conversations[index], f"w{index}-m{n}", tally
+                    )
+
+            writers = [asyncio.create_task(writer(i)) for i in range(WRITERS)]
+            deadline = time.monotonic() + SETTLE_S
+            while len(tally.acked) < BEFORE_KILL:
+                assert time.monotonic() < deadline, "the load never got going"
+                await asyncio.sleep(0.01)  # polling progress with a deadline
+            assert first.proc is not None
+            first.proc.kill()  # SIGKILL mid-load: no drain, no shutdown code
+            await asyncio.wait_for(asyncio.gather(*writers), SETTLE_S)
+
+        assert tally.internal == []
+        assert tally.hangs == []
+        assert tally.other == []
+        assert len(tally.acked) == WRITERS * PER_WRITER
+
+        stored = await _stored(second.address, caller, conversations)
+        lost = set(tally.acked) - stored
+        assert lost == set(), f"{len(lost)} acknowledged writes lost"
+
+        # Events left in the dead replica's outbox are relayed by the survivor.
+        deadline = time.monotonic() + SETTLE_S
+        while True:
+            events = await _logged(second.address, caller, workspace)
+            names = Counter(e.message_created.message.name for e in events)
+            missing = set(tally.acked) - set(names)
+            if not missing or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)  # polling the relay with a deadline
+        assert missing == set(), f"{len(missing)} acknowledged writes have no event"
+        duplicates = {name: n for name, n in names.items() if n > 1}
+        assert duplicates == {}, f"{len(duplicates)} events delivered twice"
+
+
+@pytest.mark.parametrize("recovery", ["fail", "requeue"])
+async def test_a_run_on_a_killed_replica_ends_for_its_watcher_on_the_survivor(
+    env: dict[str, str], recovery: str
+) -> None:
+    first, second = _replicas(env, recovery)
+    with first, second:
+        caller = await _register(second.address)
+        async with (
+            aio.insecure_channel(first.address) as on_first,
+            aio.insecure_channel(second.address) as on_second,
+        ):
+            stub = context_stub(on_second)
+            workspace = (await create_workspace(stub, caller, "Runs")).name
+            conversation = (await create_conversation(stub, caller, workspace)).name
+            words = " ".join(f"word{i}" for i in range(16))
+            sent = await dispatcher_stub(on_first).SendMessage(
+                request(conversation, words, delay_ms=250),
+                metadata=caller.md,
+                timeout=CALL_TIMEOUT_S,
+            )
+            name = sent.run.name
+            survivor = dispatcher_stub(on_second)
+            call = survivor.WatchRun(
+                pb.WatchRunRequest(name=name), metadata=caller.md, timeout=SETTLE_S
+            )
+            seen: list[pb.RunUpdate] = []
+            async for frame in call:
+                if not frame.HasField("update"):
+                    continue  # a heartbeat
+                update = frame.update
+                seen.append(update)
+                if sum(u.HasField("delta") for u in seen) >= 3:
+                    break
+            assert first.proc is not None
+            first.proc.kill()  # the run's owner dies mid-stream
+            async for frame in call:
+                if not frame.HasField("update"):
+                    continue  # a heartbeat
+                update = frame.update
+                seen.append(update)
+                if update.state_change.run.state in TERMINAL:
+                    break
+
+            sequences = [u.sequence for u in seen]
+            assert sequences == sorted(set(sequences)), "a sequence was reused or went back"
+            assert seen[-1].state_change.run.state in TERMINAL, "the watcher never saw the end"
+            end = seen[-1].state_change.run
+            stored = (
+                await survivor.GetRun(
+                    pb.GetRunRequest(name=name), metadata=caller.md, timeout=CALL_TIMEOUT_S
+                )
+            ).run
+            assert stored.state == end.state
+            if recovery == "fail":
+                assert stored.state == pb.RUN_STATE_FAILED
+                assert reason_of(stored) == "ERROR_REASON_RUN_INTERRUPTED"
+            else:
+                assert stored.state == pb.RUN_STATE_SUCCEEDED
+                restart = max(
+                    i for i, u in enumerate(seen) if u.state_change.run.state == pb.RUN_STATE_QUEUED
+                )
+                text = "".join(u.delta.text for u in seen[restart:] if u.HasField("delta"))
+                results = [u.result for u in seen[restart:] if u.HasField("result")]
+                assert results, "the new attempt's result was not relayed"
+                assert text == "".join(p.text for p in results[0].parts), "a spliced answer"
+            # Nothing left active: a REJECT-policy message is accepted.
+            again = await survivor.SendMessage(
+                request(conversation, "next", policy=pb.CONCURRENCY_POLICY_REJECT),
+                metadata=caller.md,
+                timeout=CALL_TIMEOUT_S,
+            )
+            assert again.run.name
+
+
+@pytest.fixture
+async def private_postgres() -> AsyncIterator[PostgresServer]:
+    """A cluster of this test's own, stopped and started mid-test; durable, unlike the
+    suite's (a commit acknowledged before the stop must be there after it)."""
+    with running_postgres() as server:
+        for setting in ("fsync", "synchronous_commit", "full_page_writes"):
+            await _admin(server, f"ALTER SYSTEM SET {setting} = on")
+        await _admin(server, "SELECT pg_reload_conf()")
+        yield server
+
+
+async def test_a_run_across_a_database_outage_ends_stored_as_announced(
+    tmp_path: Path, durable_redis_server: RedisServer, private_postgres: PostgresServer
+) -> None:
+    env = {
+        **_env(tmp_path, private_postgres.url("postgres"), durable_redis_server.url),
+        # Longer than the outage plus a reconnect: the run stays its owner's, so
+        # the owner's retried final save is what is tested.
+        "SWITCHBOARD_DISPATCHER_LEASE_S": "20",
+    }
+    first, second = _replicas(env)
+    with first, second:
+        caller = await _register(first.address)
+        async with aio.insecure_channel(first.address) as channel:
+            stub, dstub = context_stub(channel), dispatcher_stub(channel)
+            workspace = (await create_workspace(stub, caller, "Outage")).name
+            conversation = (await create_conversation(stub, caller, workspace)).name
+            sent = await dstub.SendMessage(
+                request(conversation, "a b c d e f g h", delay_ms=300),
+                metadata=caller.md,
+                timeout=CALL_TIMEOUT_S,
+            )
+            call = dstub.WatchRun(
+                pb.WatchRunRequest(name=sent.run.name), metadata=caller.md, timeout=SETTLE_S
+            )
+            seen: list[pb.RunUpdate] = []
+            async for frame in call:
+                if not frame.HasField("update"):
+                    continue  # a heartbeat
+                update = frame.update
+                seen.append(update)
+                if update.HasField("delta"):
+                    break
+            # The run ends while the database is away: its answer cannot be
+            # stored, and neither can its end until the database is back.
+            await asyncio.to_thread(stop_postgres, private_postgres)
+            try:
+                await asyncio.sleep(5)  # the outage itself, as the issue measured it
+            finally:
+                await asyncio.to_thread(start_postgres, private_postgres)
+            async for frame in call:
+                if not frame.HasField("update"):
+                    continue  # a heartbeat
+                update = frame.update
+                seen.append(update)
+                if update.state_change.run.state in TERMINAL:
+                    break
+            end = seen[-1].state_change.run
+            assert end.state in TERMINAL
+            sequences = [u.sequence for u in seen]
+            assert sequences == sorted(set(sequences))
+            if end.state == pb.RUN_STATE_FAILED:
+                # The database, not the handler: UNAVAILABLE, never INTERNAL.
+                assert end.error.code == grpc.StatusCode.UNAVAILABLE.value[0], end.error
+            for address in (first.address, second.address):
+                async with aio.insecure_channel(address) as other:
+                    stored = (
+                        await dispatcher_stub(other).GetRun(
+                            pb.GetRunRequest(name=sent.run.name),
+                            metadata=caller.md,
+                            timeout=CALL_TIMEOUT_S,
+                        )
+                    ).run
+                assert stored.state == end.state
+            again = await dstub.SendMessage(
+                request(conversation, "next", policy=pb.CONCURRENCY_POLICY_REJECT),
+                metadata=caller.md,
+                timeout=CALL_TIMEOUT_S,
+            )
+            assert again.run.name
