@@ -815,7 +815,7 @@ async def test_a_plugin_that_is_not_a_handler_stops_the_start(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     _plugins(monkeypatch, "tests.service.dispatchkit:reason_of")
-    with pytest.raises(ConfigError, match="dispatcher handlers"):
+    with pytest.raises(ConfigError, match="SWITCHBOARD_DISPATCHER_HANDLER_PLUGINS: "):
         await create_server(make_settings())
 
 
