@@ -20,19 +20,16 @@ def test_readme_configuration_table_matches_settings() -> None:
 
 def _servicer_classes() -> dict[str, type]:
     """Each served service's full name and the servicer class the mesh registers for it."""
-    from switchboard import mesh
+    from switchboard.auth import servicer as auth
+    from switchboard.context import servicer as context
+    from switchboard.dispatcher import servicer as dispatcher
+    from switchboard.events import servicer as events
+    from switchboard.integration import servicer as integration
 
     classes: dict[str, type] = {}
-    for module in (
-        mesh.auth_servicer,
-        mesh.context_servicer,
-        mesh.dispatcher_servicer,
-        mesh.integration_servicer,
-        mesh.events_servicer,
-    ):
+    for module in (auth, context, dispatcher, integration, events):
         service = module.SERVICE
-        name = f"{service.name}Servicer"
-        classes[service.full_name] = getattr(module, name)
+        classes[service.full_name] = getattr(module, f"{service.name}Servicer")
     return classes
 
 
@@ -54,11 +51,18 @@ def _built_status(service_name: str, cls: type) -> str:
 
 def test_readme_service_status_matches_the_servicers() -> None:
     text = README.read_text()
-    rows = dict(re.findall(r"^\| `(switchboard\.api\.\w+\.v1\.\w+Service)` \|[^|]*\| ([^|]*)\|$",
-                           text, re.MULTILINE))
+    rows = dict(
+        re.findall(
+            r"^\| `(switchboard\.api\.\w+\.v1\.\w+Service)` \|[^|]*\| ([^|]*)\|$",
+            text,
+            re.MULTILINE,
+        )
+    )
     classes = _servicer_classes()
     assert set(rows) == set(classes), "the README's service table must list every served service"
     for name, cls in classes.items():
         status = rows[name].strip()
         expected = _built_status(name, cls)
-        assert status.split(" (")[0] == expected, f"{name}: README says {status!r}, code is {expected}"
+        assert status.split(" (")[0] == expected, (
+            f"{name}: README says {status!r}, code is {expected}"
+        )
