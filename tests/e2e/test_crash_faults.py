@@ -232,17 +232,60 @@ async def test_a_replica_killed_mid_load_loses_no_write_and_no_event(
         assert lost == set(), f"{len(lost)} acknowledged writes lost"
 
         # Events left in the dead replica's outbox are relayed by the survivor.
-        deadline = time.monotonic() + SETTLE_S
-        while True:
-            events = await _logged(second.address, caller, workspace)
-            names = Counter(e.message_created.message.name for e in events)
-            missing = set(tally.acked) - set(names)
-            if not missing or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.2)  # polling the relay with a deadline
+        names = await _all_logged(second.address, caller, workspace, set(tally.acked))
+        missing = set(tally.acked) - set(names)
         assert missing == set(), f"{len(missing)} acknowledged writes have no event"
         duplicates = {name: n for name, n in names.items() if n > 1}
         assert duplicates == {}, f"{len(duplicates)} events delivered twice"
+
+
+async def _all_logged(
+    address: str, caller: Caller, workspace: str, acked: set[str]
+) -> Counter[str]:
+    """MESSAGE_CREATED events per message, once every acked one has its event (or time is up)."""
+    deadline = time.monotonic() + SETTLE_S
+    while True:
+        events = await _logged(address, caller, workspace)
+        names = Counter(e.message_created.message.name for e in events)
+        if not acked - set(names) or time.monotonic() > deadline:
+            return names
+        await asyncio.sleep(0.2)  # polling the relay with a deadline
+
+
+async def test_a_replica_killed_during_a_redis_outage_loses_no_event(
+    tmp_path: Path, durable_redis_server: RedisServer, postgres_url: str
+) -> None:
+    """Events held in the dead replica's memory while Redis was away are published
+    from the database outbox by the survivor."""
+    env = {
+        **_env(tmp_path, postgres_url, durable_redis_server.url),
+        "SWITCHBOARD_REDIS_TIMEOUT_S": "0.2",
+    }
+    first, second = _replicas(env)
+    with first, second:
+        caller = await _register(second.address)
+        async with aio.insecure_channel(first.address) as channel:
+            stub = context_stub(channel)
+            workspace = (await create_workspace(stub, caller, "Held")).name
+            conversation = (await create_conversation(stub, caller, workspace)).name
+            tally = Tally()
+            durable_redis_server.pause()
+            try:
+                for n in range(10):
+                    await _append_with_retries([stub], caller, conversation, f"held-{n}", tally)
+                assert first.proc is not None
+                first.proc.kill()  # its memory outbox dies with it
+            finally:
+                durable_redis_server.resume()
+        assert tally.internal == []
+        assert tally.hangs == []
+        assert tally.other == []
+        acked = set(tally.acked)
+        assert len(acked) == 10
+        names = await _all_logged(second.address, caller, workspace, acked)
+        missing = acked - set(names)
+        assert missing == set(), f"{len(missing)} acknowledged writes have no event"
+        assert {name: n for name, n in names.items() if n > 1} == {}
 
 
 @pytest.mark.parametrize("recovery", ["fail", "requeue"])
