@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -67,7 +68,13 @@ from switchboard.platform.authn import Guard
 from switchboard.platform.bus import EventBus
 from switchboard.platform.cache import Cache
 from switchboard.platform.config import ConfigError, Settings
-from switchboard.platform.db import Database, is_outage, lock_sqlite_file, open_database
+from switchboard.platform.db import (
+    Database,
+    EventLogLock,
+    is_outage,
+    lock_sqlite_file,
+    open_database,
+)
 from switchboard.platform.eventlog import LocalLog, LogBackend, RedisLog
 from switchboard.platform.membership import MembershipStore
 from switchboard.platform.outbox import Outbox
@@ -473,7 +480,17 @@ async def open_deps(settings: Settings, resources: contextlib.AsyncExitStack) ->
             raise ConfigError(f"SWITCHBOARD_OIDC_JWKS_FILE: {exc}") from None
     # Before anything touches the file: a second process on it is refused.
     resources.enter_context(lock_sqlite_file(settings.database_url.get_secret_value()))
+    # PostgreSQL: processes with the embedded event log are refused beside any other.
+    log_lock = EventLogLock(
+        settings.database_url.get_secret_value(),
+        embedded=not settings.redis_url.get_secret_value(),
+        timeout_s=settings.database_timeout_s,
+        # Taken by another process while ours was lost: stop as on SIGTERM.
+        on_lost=lambda: signal.raise_signal(signal.SIGTERM),
+    )
+    resources.push_async_callback(log_lock.close)
     with database_setting():
+        await log_lock.acquire()
         database = await open_database(
             settings.database_url.get_secret_value(),
             timeout_s=settings.database_timeout_s,

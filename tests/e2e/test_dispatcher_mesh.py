@@ -40,14 +40,16 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
-def env(tmp_path: Path, postgres_url: str) -> dict[str, str]:
+def env(tmp_path: Path, postgres_url: str, redis_server: RedisServer) -> dict[str, str]:
     key_file = tmp_path / "k1.pem"
     key_file.write_bytes(private_key_pem(SigningKey.generate("k1")))
     return {
         "SWITCHBOARD_SECRET_KEY": "e2e-secret-key-that-is-long-enough-000000",
         "SWITCHBOARD_SIGNING_KEYS": str(key_file),
-        # Processes share PostgreSQL: a SQLite file belongs to one process.
+        # Processes share PostgreSQL (a SQLite file belongs to one process), and
+        # so their events go through Redis (the embedded log is per process).
         "SWITCHBOARD_DATABASE_URL": postgres_url,
+        "SWITCHBOARD_REDIS_URL": redis_server.url,
         "SWITCHBOARD_INSTANCE_ID": "dispatcher-1",
     }
 

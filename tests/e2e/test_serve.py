@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import asyncpg  # type: ignore[import-untyped]
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
+from switchboard.auth.tokens import SigningKey, private_key_pem
+from switchboard.platform.db import EVENT_LOG_LOCK_KEY
 from tests.e2e.procs import START_TIMEOUT_S, ServeProcess
-from tests.service.authkit import PASSWORD, bearer
+from tests.infra.redis import RedisServer
+from tests.service.authkit import PASSWORD, bearer, unique_email
 
 pytestmark = pytest.mark.e2e
 
@@ -144,6 +151,58 @@ def test_serve_a_subset_of_services() -> None:
         assert serve.terminate() == 0
 
 
+def _write_and_see_its_event(write_to: str, read_from: str) -> None:
+    """Register, then a write with its event (a security event to the user's scope) through
+    ``write_to``; the event is listed through ``read_from``, and signing in works."""
+    with grpc.insecure_channel(write_to) as channel, grpc.insecure_channel(read_from) as reader:
+        auth = auth_pb2_grpc.AuthServiceStub(channel)
+        email = unique_email("serve")
+        registered = auth.Register(
+            auth_pb2.RegisterRequest(email=email, password=PASSWORD), timeout=30
+        )
+        auth.CreateApiKey(
+            auth_pb2.CreateApiKeyRequest(display_name="after the refusal"),
+            metadata=bearer(registered.tokens.access_token),
+            timeout=30,
+        )
+        events = events_pb2_grpc.EventServiceStub(reader).ListEvents(
+            events_pb2.ListEventsRequest(scopes=[events_pb2.Scope(user=registered.user.name)]),
+            metadata=bearer(registered.tokens.access_token),
+            timeout=30,
+        )
+        assert events.events, "the write's event was not published"
+        # The account is whole (a half-committed Register once failed this).
+        auth.Login(
+            auth_pb2.LoginRequest(
+                password=auth_pb2.PasswordCredential(email=email, password=PASSWORD)
+            ),
+            timeout=30,
+        )
+
+
+def _refused(env: dict[str, str]) -> str:
+    """Start `switchboard serve` with ``env``; assert it exits 2 at start, return its one
+    refusal line."""
+    second = subprocess.Popen(
+        [sys.executable, "-m", "switchboard.cli", "serve", "--port", "0"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        _, stderr = second.communicate(timeout=START_TIMEOUT_S)
+    finally:
+        if second.poll() is None:  # it started: the defect
+            second.kill()
+            second.wait(timeout=30)
+    assert second.returncode == 2, stderr
+    refusals = [line for line in stderr.splitlines() if "cannot start" in line]
+    assert len(refusals) == 1, stderr
+    assert "Traceback" not in stderr
+    return refusals[0]
+
+
 def test_a_second_server_on_the_same_sqlite_file_is_refused_and_the_first_works_on(
     tmp_path: Path,
 ) -> None:
@@ -174,32 +233,124 @@ def test_a_second_server_on_the_same_sqlite_file_is_refused_and_the_first_works_
         assert f"process {first.proc.pid}" in refusals[0]
         assert "Traceback" not in stderr
 
-        with grpc.insecure_channel(first.address) as channel:
-            auth = auth_pb2_grpc.AuthServiceStub(channel)
-            email = f"first-{first.proc.pid}@example.com"
-            registered = auth.Register(
-                auth_pb2.RegisterRequest(email=email, password=PASSWORD), timeout=30
-            )
-            # A write with its event (a security event to the user's scope)...
-            auth.CreateApiKey(
-                auth_pb2.CreateApiKeyRequest(display_name="after the refusal"),
-                metadata=bearer(registered.tokens.access_token),
-                timeout=30,
-            )
-            events = events_pb2_grpc.EventServiceStub(channel).ListEvents(
-                events_pb2.ListEventsRequest(scopes=[events_pb2.Scope(user=registered.user.name)]),
-                metadata=bearer(registered.tokens.access_token),
-                timeout=30,
-            )
-            assert events.events, "the write's event was not published"
-            # ...and the account is whole: signing in works.
-            auth.Login(
-                auth_pb2.LoginRequest(
-                    password=auth_pb2.PasswordCredential(email=email, password=PASSWORD)
-                ),
-                timeout=30,
-            )
+        _write_and_see_its_event(first.address, first.address)
         assert first.terminate() == 0
     # Released with its holder: the file can be served again.
     with ServeProcess("--dev", env=env) as again:
         assert again.terminate() == 0
+
+
+@pytest.fixture
+def shared_keys(tmp_path: Path) -> dict[str, str]:
+    """Settings that let processes accept each other's tokens (not dev mode's own keys)."""
+    key_file = tmp_path / "k1.pem"
+    key_file.write_bytes(private_key_pem(SigningKey.generate("k1")))
+    return {
+        "SWITCHBOARD_SECRET_KEY": "e2e-secret-key-that-is-long-enough-000000",
+        "SWITCHBOARD_SIGNING_KEYS": str(key_file),
+    }
+
+
+def test_a_second_server_on_one_postgresql_database_without_redis_is_refused(
+    shared_keys: dict[str, str], postgres_url: str, redis_server: RedisServer
+) -> None:
+    """Without Redis the event log is per process: a second `switchboard serve` on the same
+    PostgreSQL database exits 2 at start naming the holder and the fix, and so does one
+    with Redis beside it (its events would go to another log); the first one's writes and
+    events keep working. With SWITCHBOARD_REDIS_URL on every process, both serve, and an
+    event written through one is listed through the other."""
+    env = {**shared_keys, "SWITCHBOARD_DATABASE_URL": postgres_url}
+    with ServeProcess(env=env) as first:
+        assert first.proc is not None
+        for extra in ({}, {"SWITCHBOARD_REDIS_URL": redis_server.url}):
+            refusal = _refused({**first.env, **extra})
+            assert "set SWITCHBOARD_REDIS_URL on every process" in refusal
+            assert f"process {first.proc.pid} on " in refusal
+            assert "without Redis" in refusal
+            assert postgres_url.rsplit("/", 1)[1] in refusal
+        _write_and_see_its_event(first.address, first.address)
+        assert first.terminate() == 0
+
+    with_redis = {**env, "SWITCHBOARD_REDIS_URL": redis_server.url}
+    with ServeProcess(env=with_redis) as a, ServeProcess(env=with_redis) as b:
+        _write_and_see_its_event(a.address, b.address)
+        # An embedded-log process is refused beside them.
+        without = {k: v for k, v in a.env.items() if k != "SWITCHBOARD_REDIS_URL"}
+        assert "with Redis, and this process has none" in _refused(without)
+        assert a.terminate() == 0
+        assert b.terminate() == 0
+
+
+async def _lock_sessions(dsn: str, *, granted: bool) -> list[int]:
+    """Backend pids holding (or waiting for) the event log lock."""
+    connection = await asyncpg.connect(dsn, timeout=30)
+    try:
+        rows = await connection.fetch(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted = $3"
+            " AND objsubid = 1 AND classid::bigint = $1 AND objid::bigint = $2",
+            (EVENT_LOG_LOCK_KEY >> 32) & 0xFFFFFFFF,
+            EVENT_LOG_LOCK_KEY & 0xFFFFFFFF,
+            granted,
+        )
+    finally:
+        await connection.close()
+    return [row["pid"] for row in rows]
+
+
+async def _until(condition: Callable[[], Awaitable[bool]], what: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not await condition():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.05)
+
+
+async def _terminate(dsn: str, pid: int) -> None:
+    connection = await asyncpg.connect(dsn, timeout=30)
+    try:
+        assert await connection.fetchval("SELECT pg_terminate_backend($1)", pid)
+    finally:
+        await connection.close()
+
+
+async def test_a_lost_event_log_lock_is_taken_again_or_the_server_stops(
+    shared_keys: dict[str, str], postgres_url: str
+) -> None:
+    """The lock's connection lost (its backend terminated): the server takes the lock again
+    and a second server is still refused; lost while another process took it, the server
+    stops (as on SIGTERM) rather than serve events beside it."""
+    dsn = postgres_url.replace("postgresql+asyncpg://", "postgresql://")
+    env = {**shared_keys, "SWITCHBOARD_DATABASE_URL": postgres_url}
+    with ServeProcess(env=env) as first:
+        assert first.proc is not None
+        (holder,) = await _lock_sessions(dsn, granted=True)
+        await _terminate(dsn, holder)
+
+        async def taken_again() -> bool:
+            return (await _lock_sessions(dsn, granted=True)) not in ([], [holder])
+
+        await _until(taken_again, "the lock was not taken again")
+        (holder,) = await _lock_sessions(dsn, granted=True)
+        assert f"process {first.proc.pid} on " in await asyncio.to_thread(_refused, first.env)
+        await asyncio.to_thread(_write_and_see_its_event, first.address, first.address)
+
+        # Another process waits for the lock and gets it the moment the backend goes.
+        thief = await asyncpg.connect(dsn, timeout=30)
+        try:
+            taking = asyncio.create_task(
+                thief.fetchval("SELECT pg_advisory_lock($1)", EVENT_LOG_LOCK_KEY, timeout=60)
+            )
+
+            async def waiting() -> bool:
+                return bool(await _lock_sessions(dsn, granted=False))
+
+            await _until(waiting, "the other session does not wait for the lock")
+            await _terminate(dsn, holder)
+            await asyncio.wait_for(taking, 30)
+            await asyncio.to_thread(first.wait_for, "exiting")
+            assert await asyncio.to_thread(first.proc.wait, 30) == 0
+            messages = [str(entry.get("message")) for entry in first.log]
+            assert any(
+                m.startswith("cannot serve on: the PostgreSQL database") for m in messages
+            ), messages
+        finally:
+            await thief.close()

@@ -26,8 +26,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
+import re
+import socket
 import sqlite3
 import threading
 import time
@@ -51,6 +54,7 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -327,7 +331,8 @@ class DatabaseHealth:
 
 
 class DatabaseInUse(ConfigError):
-    """Another process serves this SQLite file (see ``lock_sqlite_file``)."""
+    """Another process serves this database: a SQLite file (``lock_sqlite_file``), or a
+    PostgreSQL database with an event log this process cannot share (``EventLogLock``)."""
 
 
 @contextlib.contextmanager
@@ -366,7 +371,7 @@ def lock_sqlite_file(url: str) -> Iterator[None]:
             raise DatabaseInUse(
                 f"the SQLite database {path} is in use by {who} (lock {lock_path}); "
                 "one process per SQLite file: stop the other one, or use PostgreSQL "
-                "for several processes"
+                "and Redis for several processes"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -375,6 +380,210 @@ def lock_sqlite_file(url: str) -> Iterator[None]:
         # Closing the descriptor releases the lock; the file stays (deleting
         # it would race with a process that just opened it).
         os.close(fd)
+
+
+#: Key of the PostgreSQL advisory lock that says who serves events on a database
+#: (a fixed int64 derived from a name, so every version agrees on it).
+EVENT_LOG_LOCK_KEY: Final = int.from_bytes(
+    hashlib.sha256(b"switchboard.embedded-event-log").digest()[:8], "big", signed=True
+)
+#: How often the lock's connection is checked; a closed socket is noticed at once.
+EVENT_LOG_LOCK_CHECK_S: Final = 1.0
+_REDIS_FIX: Final = (
+    "several processes on one PostgreSQL database share events only through Redis: "
+    "set SWITCHBOARD_REDIS_URL on every process"
+)
+_HOLDER_SQL: Final = text(
+    "SELECT a.application_name, host(a.client_addr), l.mode"
+    " FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid"
+    " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1"
+    " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND l.classid::bigint = :high AND l.objid::bigint = :low"
+    " AND l.pid <> pg_backend_pid()"
+    " ORDER BY l.mode LIMIT 1"
+)
+
+
+class EventLogLock:
+    """Who serves events on a PostgreSQL database: one process alone, or all through Redis.
+
+    The embedded event log (no SWITCHBOARD_REDIS_URL) keeps its head, ring and
+    subscribers in its process: two such processes on one database number
+    events apart (each one's writes then fail on the other's positions) and
+    never see each other's events, and a process with Redis next to one
+    without splits the events between two logs. So a process with the
+    embedded log holds a session-level advisory lock exclusively, a process
+    with Redis holds it shared: any number of Redis processes run together,
+    and anything else is refused at start (``DatabaseInUse``, naming the
+    holder), never half working.
+
+    The lock lives as long as its connection, one of its own held for the
+    process lifetime. When that connection is lost (a restarted server, a
+    terminated backend), the lock is taken again on a new connection as soon
+    as the database answers; if another process took it meanwhile, this one
+    must not go on serving beside it: ``on_lost`` is called (the server stops,
+    as on SIGTERM) and the keeper ends. SQLite files have their own lock
+    (``lock_sqlite_file``): a no-op there. ``switchboard migrate`` takes nothing.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        embedded: bool,
+        timeout_s: float,
+        on_lost: Callable[[], None],
+        check_s: float = EVENT_LOG_LOCK_CHECK_S,
+        retry_s: float = HEALTH_RETRY_S,
+    ) -> None:
+        parsed = _parse_url(url)
+        self._embedded = embedded
+        self._timeout_s = timeout_s
+        self._on_lost = on_lost
+        self._check_s = check_s
+        self._retry_s = retry_s
+        self._display_url = parsed.render_as_string(hide_password=True)
+        self._engine: AsyncEngine | None = None
+        if parsed.drivername == POSTGRES_DRIVER:
+            # Shown to a refused process as the holder (pg_stat_activity).
+            name = f"switchboard pid={os.getpid()} host={socket.gethostname()}"
+            self._engine = create_async_engine(
+                parsed,
+                poolclass=NullPool,
+                # No transaction stays open on a connection held for hours.
+                isolation_level="AUTOCOMMIT",
+                connect_args={
+                    "timeout": timeout_s,
+                    "command_timeout": timeout_s,
+                    "server_settings": {"application_name": name[:63]},
+                },
+            )
+        self._connection: AsyncConnection | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        #: Whether this process holds the lock now (False while taking it again).
+        self.held = False
+
+    async def acquire(self) -> None:
+        """Take the lock and keep it; DatabaseInUse if another process's mode excludes ours."""
+        if self._engine is None:
+            return
+        await self._take(self._engine)
+        self._task = asyncio.get_running_loop().create_task(self._keep(), name="event-log-lock")
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._drop()
+        if self._engine is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._timeout_s):
+                    await self._engine.dispose()
+
+    async def _take(self, engine: AsyncEngine) -> None:
+        function = "pg_try_advisory_lock" if self._embedded else "pg_try_advisory_lock_shared"
+        async with asyncio.timeout(self._timeout_s):
+            connection = await engine.connect()
+            try:
+                taken = await connection.scalar(
+                    text(f"SELECT {function}(:key)"), {"key": EVENT_LOG_LOCK_KEY}
+                )
+                refusal = None if taken else await self._refusal(connection)
+                raw = await connection.get_raw_connection()
+            except BaseException:
+                await _close_quietly(connection)
+                raise
+            if refusal is not None:
+                await _close_quietly(connection)
+                raise DatabaseInUse(refusal)
+        driver = raw.driver_connection
+        if driver is not None:
+            # asyncpg tells when the socket closes: no wait for the next check.
+            driver.add_termination_listener(lambda *_: self._wake.set())
+        self._connection = connection
+        self.held = True
+
+    async def _refusal(self, connection: AsyncConnection) -> str:
+        row = (
+            await connection.execute(
+                _HOLDER_SQL,
+                {
+                    "high": (EVENT_LOG_LOCK_KEY >> 32) & 0xFFFFFFFF,
+                    "low": EVENT_LOG_LOCK_KEY & 0xFFFFFFFF,
+                },
+            )
+        ).first()
+        who = "another process"
+        embedded_holder = self._embedded
+        if row is not None:
+            name, address, mode = row
+            embedded_holder = mode == "ExclusiveLock"
+            found = re.fullmatch(r"switchboard pid=(\d+) host=(.*)", name or "")
+            if found:
+                who = f"process {found[1]} on {found[2]}"
+            if address:
+                who += f" (client {address})"
+        kind = "without Redis (the embedded event log)" if embedded_holder else "with Redis"
+        mixed = ", and this process has none" if self._embedded and not embedded_holder else ""
+        return (
+            f"the PostgreSQL database {self._display_url} is in use by {who} {kind}{mixed}; "
+            f"{_REDIS_FIX}"
+        )
+
+    async def _drop(self) -> None:
+        connection, self._connection = self._connection, None
+        self.held = False
+        if connection is not None:
+            # Closing the session releases the lock.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._timeout_s):
+                    await _close_quietly(connection)
+
+    async def _keep(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._check_s):
+                    await self._wake.wait()
+            self._wake.clear()
+            connection, engine = self._connection, self._engine
+            if engine is None:
+                return
+            try:
+                if connection is not None:
+                    async with asyncio.timeout(self._timeout_s):
+                        await connection.execute(text("SELECT 1"))
+                    continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure means the session may be gone
+                log.error(  # noqa: TRY400 - an outage, no stack
+                    "lost the connection holding the event log lock; taking it again",
+                    extra={"error": type(exc).__name__},
+                )
+            await self._drop()
+            while True:
+                await asyncio.sleep(self._retry_s)
+                try:
+                    await self._take(engine)
+                except asyncio.CancelledError:
+                    raise
+                except DatabaseInUse as exc:
+                    log.error("cannot serve on: %s", exc)  # noqa: TRY400 - not a bug
+                    self._on_lost()
+                    return
+                except Exception:  # noqa: BLE001, S112 - still down: retry
+                    continue
+                log.warning("the event log lock is held again")
+                break
+
+
+async def _close_quietly(connection: AsyncConnection) -> None:
+    """Close a connection that may already be dead (its error says nothing new)."""
+    with contextlib.suppress(Exception):
+        await connection.close()
 
 
 class Database:
