@@ -174,6 +174,6 @@ async def test_cancelling_a_stream_mid_send_logs_no_error(
         call.cancel()
         await _finished(handler, unhandled)
     assert [str(c.get("exception") or c.get("message")) for c in unhandled] == []
-    # grpc itself logs ExecuteBatchError when a send fails before it noticed the
-    # client left (a race inside grpc's own send loop, no servicer code involved).
-    assert [e for e in handler.errors if not e.startswith("ExecuteBatchError raised in core")] == []
+    # Nothing at ERROR: grpc's own ExecuteBatchError for a send that raced the
+    # client's departure is demoted too (platform.logging.quiet_client_cancellations).
+    assert handler.errors == []

@@ -132,3 +132,38 @@ def test_text_traceback_follows_the_fields() -> None:
     first, rest = _text(record).split("\n", 1)
     assert first.endswith(" failed step=x")
     assert "ValueError: boom" in rest
+
+
+def test_grpc_core_error_for_a_client_that_left_mid_send_is_demoted_to_debug() -> None:
+    from switchboard.platform.logging import quiet_client_cancellations
+
+    quiet_client_cancellations()
+    quiet_client_cancellations()  # idempotent
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    core = logging.getLogger("grpc._cython.cygrpc")
+    keep = Keep(logging.DEBUG)
+    core.addHandler(keep)
+    level = core.level
+    try:
+        core.setLevel(logging.INFO)
+        failure = RuntimeError("Failed execute_batch")
+        for message in (
+            "ExecuteBatchError raised in core by servicer method [/x.Y/Z]",
+            "Unexpected [RuntimeError] raised by servicer method [/x.Y/Z]",
+        ):
+            core.error(message, exc_info=(RuntimeError, failure, None))
+        assert [(r.levelno, r.getMessage()[:17]) for r in seen] == [
+            (logging.ERROR, "Unexpected [Runti")
+        ]
+        seen.clear()
+        core.setLevel(logging.DEBUG)
+        core.error("ExecuteBatchError raised in core by servicer method [/x.Y/Z]")
+        assert [(r.levelno, r.exc_info) for r in seen] == [(logging.DEBUG, None)]
+    finally:
+        core.removeHandler(keep)
+        core.setLevel(level)

@@ -112,6 +112,32 @@ class TextFormatter(logging.Formatter):
         return f"{head} {pairs}{sep}{trace}" if pairs else line
 
 
+_GRPC_CORE_LOGGER = "grpc._cython.cygrpc"
+
+
+class _ClientLeftMidSend(logging.Filter):
+    """grpc's own ERROR-with-traceback when a client cancels a stream while a
+    response is being sent (grpc's send loop raised before it noticed the client
+    had gone). No servicer code is involved and any client can cause it at will,
+    so at ERROR it would let an anonymous client flood the logs: it becomes one
+    DEBUG line without the traceback.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith("ExecuteBatchError raised in core"):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.exc_info, record.exc_text = None, None
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+def quiet_client_cancellations() -> None:
+    """Install the filter above on grpc's core logger (idempotent)."""
+    core = logging.getLogger(_GRPC_CORE_LOGGER)
+    if not any(isinstance(f, _ClientLeftMidSend) for f in core.filters):
+        core.addFilter(_ClientLeftMidSend())
+
+
 def configure_logging(level: str, fmt: str) -> None:
     """Install one stderr handler on the root logger (idempotent)."""
     root = logging.getLogger()

@@ -21,6 +21,7 @@ from grpc_health.v1._async import HealthServicer
 from switchboard.platform.authn import Guard
 from switchboard.platform.config import Settings
 from switchboard.platform.interceptors import ErrorInterceptor
+from switchboard.platform.logging import quiet_client_cancellations
 from switchboard.platform.reflection import enable_reflection
 
 log = logging.getLogger("switchboard.server")
@@ -192,6 +193,7 @@ async def build_server(
     is kept on the server for tests and tools that need the process's objects.
     """
     resources = resources or contextlib.AsyncExitStack()
+    quiet_client_cancellations()
     server = aio.server(
         interceptors=[ErrorInterceptor(guard)],
         options=grpc_options(settings),
