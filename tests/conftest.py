@@ -23,6 +23,7 @@ pytest_plugins = ["tests.infra.postgres", "tests.infra.redis"]
 # it the whole database).
 _DATABASES = Path(tempfile.mkdtemp(prefix="switchboard-tests-"))
 _database_serial = itertools.count()
+_instance_serial = itertools.count()
 
 
 def fresh_database_url() -> str:
@@ -30,12 +31,14 @@ def fresh_database_url() -> str:
 
 
 def make_settings(**overrides: object) -> Settings:
-    """Settings for tests: loopback, port 0, dev mode, a private SQLite file."""
+    """Settings for tests: loopback, port 0, dev mode, a private SQLite file, and a
+    dispatcher instance id of its own (servers sharing a database each need one)."""
     values: dict[str, object] = {
         "host": "127.0.0.1",
         "port": 0,
         "dev_mode": True,
         "database_url": fresh_database_url(),
+        "instance_id": f"test-{next(_instance_serial)}",
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

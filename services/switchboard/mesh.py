@@ -432,7 +432,7 @@ async def dispatcher_service(
         policy,
         content,
         DispatcherLimits(
-            instance_id=settings.instance_id or socket.gethostname()[:64],
+            instance_id=instance_id(settings),
             max_input_chars=settings.dispatcher_max_input_chars,
             messages_per_minute_per_user=settings.dispatcher_max_messages_per_minute_per_user,
             messages_per_minute_per_workspace=(
@@ -449,6 +449,11 @@ async def dispatcher_service(
     await dispatcher.start()
     resources.push_async_callback(dispatcher.close)
     return dispatcher
+
+
+def instance_id(settings: Settings) -> str:
+    """This dispatcher replica's id: the configured one, else the host name."""
+    return settings.instance_id or socket.gethostname()[:64]
 
 
 def key_ring(settings: Settings) -> KeyRing:
@@ -487,6 +492,8 @@ async def open_deps(settings: Settings, resources: contextlib.AsyncExitStack) ->
         timeout_s=settings.database_timeout_s,
         # Taken by another process while ours was lost: stop as on SIGTERM.
         on_lost=lambda: signal.raise_signal(signal.SIGTERM),
+        # A dispatcher replica owns its runs by instance id: one live process per id.
+        instance=instance_id(settings) if "dispatcher" in settings.services else "",
     )
     resources.push_async_callback(log_lock.close)
     with database_setting():

@@ -73,6 +73,8 @@ class ServeProcess(ManagedProcess):
         full_env["SWITCHBOARD_DATABASE_URL"] = (
             f"sqlite+aiosqlite:///{self._tmp.name}/switchboard.db"
         )
+        # A dispatcher replica's id is its own: two live processes may not share one.
+        full_env["SWITCHBOARD_INSTANCE_ID"] = f"e2e-{os.path.basename(self._tmp.name)}"
         full_env.update(env or {})
         self.env = full_env
         self.lines: queue.Queue[dict[str, Any] | None] = queue.Queue()

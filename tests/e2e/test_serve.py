@@ -281,6 +281,34 @@ def test_a_second_server_on_one_postgresql_database_without_redis_is_refused(
         assert b.terminate() == 0
 
 
+def test_two_dispatchers_with_one_instance_id_are_refused(
+    shared_keys: dict[str, str], postgres_url: str, redis_server: RedisServer
+) -> None:
+    """A dispatcher replica owns its runs by instance id (the host name by default, so two
+    terminals on one machine share it): a second live process with the same id would take
+    the first's running runs for its own leftovers. It is refused at start, naming the id
+    and the holder; another id on the same database and Redis serves beside the first."""
+    env = {
+        **shared_keys,
+        "SWITCHBOARD_DATABASE_URL": postgres_url,
+        "SWITCHBOARD_REDIS_URL": redis_server.url,
+        "SWITCHBOARD_INSTANCE_ID": "replica-a",
+    }
+    with ServeProcess(env=env) as first:
+        assert first.proc is not None
+        refusal = _refused(first.env)
+        assert "SWITCHBOARD_INSTANCE_ID='replica-a'" in refusal
+        assert f"process {first.proc.pid} on " in refusal
+        # A process that serves no dispatcher owns no runs: it may share the id.
+        with ServeProcess("--services", "auth,events", env=env) as events_only:
+            _write_and_see_its_event(first.address, events_only.address)
+            assert events_only.terminate() == 0
+        with ServeProcess(env={**env, "SWITCHBOARD_INSTANCE_ID": "replica-b"}) as other:
+            _write_and_see_its_event(other.address, first.address)
+            assert other.terminate() == 0
+        assert first.terminate() == 0
+
+
 async def _lock_sessions(dsn: str, *, granted: bool) -> list[int]:
     """Backend pids holding (or waiting for) the event log lock."""
     connection = await asyncpg.connect(dsn, timeout=30)

@@ -387,6 +387,15 @@ def lock_sqlite_file(url: str) -> Iterator[None]:
 EVENT_LOG_LOCK_KEY: Final = int.from_bytes(
     hashlib.sha256(b"switchboard.embedded-event-log").digest()[:8], "big", signed=True
 )
+_INSTANCE_FIX: Final = "give every dispatcher process its own SWITCHBOARD_INSTANCE_ID"
+
+
+def instance_lock_key(instance_id: str) -> int:
+    """The advisory lock key of one dispatcher instance id (see ``EventLogLock``)."""
+    digest = hashlib.sha256(f"switchboard.dispatcher-instance:{instance_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
 #: How often the lock's connection is checked; a closed socket is noticed at once.
 EVENT_LOG_LOCK_CHECK_S: Final = 1.0
 _REDIS_FIX: Final = (
@@ -417,6 +426,11 @@ class EventLogLock:
     and anything else is refused at start (``DatabaseInUse``, naming the
     holder), never half working.
 
+    A dispatcher process also holds its instance id exclusively (``instance``):
+    a replica owns its runs by that id, so a second live process with the same
+    id (two terminals on one host, whose name is the default id) would take the
+    first's running runs for its own leftovers and fail or requeue them.
+
     The lock lives as long as its connection, one of its own held for the
     process lifetime. When that connection is lost (a restarted server, a
     terminated backend), the lock is taken again on a new connection as soon
@@ -433,6 +447,7 @@ class EventLogLock:
         embedded: bool,
         timeout_s: float,
         on_lost: Callable[[], None],
+        instance: str = "",
         check_s: float = EVENT_LOG_LOCK_CHECK_S,
         retry_s: float = HEALTH_RETRY_S,
     ) -> None:
@@ -440,6 +455,7 @@ class EventLogLock:
         self._embedded = embedded
         self._timeout_s = timeout_s
         self._on_lost = on_lost
+        self._instance = instance
         self._check_s = check_s
         self._retry_s = retry_s
         self._display_url = parsed.render_as_string(hide_password=True)
@@ -492,6 +508,8 @@ class EventLogLock:
                     text(f"SELECT {function}(:key)"), {"key": EVENT_LOG_LOCK_KEY}
                 )
                 refusal = None if taken else await self._refusal(connection)
+                if refusal is None and self._instance:
+                    refusal = await self._take_instance(connection)
                 raw = await connection.get_raw_connection()
             except BaseException:
                 await _close_quietly(connection)
@@ -506,26 +524,37 @@ class EventLogLock:
         self._connection = connection
         self.held = True
 
-    async def _refusal(self, connection: AsyncConnection) -> str:
+    async def _take_instance(self, connection: AsyncConnection) -> str | None:
+        """Hold this dispatcher's instance id; the refusal if another process holds it."""
+        key = instance_lock_key(self._instance)
+        if await connection.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": key}):
+            return None
+        who, _ = await self._holder(connection, key)
+        return (
+            f"another dispatcher process on {self._display_url} uses "
+            f"SWITCHBOARD_INSTANCE_ID={self._instance!r}: {who}; {_INSTANCE_FIX}"
+        )
+
+    @staticmethod
+    async def _holder(connection: AsyncConnection, key: int) -> tuple[str, str | None]:
+        """Who holds advisory lock ``key`` (as a phrase), and in which mode."""
         row = (
             await connection.execute(
-                _HOLDER_SQL,
-                {
-                    "high": (EVENT_LOG_LOCK_KEY >> 32) & 0xFFFFFFFF,
-                    "low": EVENT_LOG_LOCK_KEY & 0xFFFFFFFF,
-                },
+                _HOLDER_SQL, {"high": (key >> 32) & 0xFFFFFFFF, "low": key & 0xFFFFFFFF}
             )
         ).first()
-        who = "another process"
-        embedded_holder = self._embedded
-        if row is not None:
-            name, address, mode = row
-            embedded_holder = mode == "ExclusiveLock"
-            found = re.fullmatch(r"switchboard pid=(\d+) host=(.*)", name or "")
-            if found:
-                who = f"process {found[1]} on {found[2]}"
-            if address:
-                who += f" (client {address})"
+        if row is None:
+            return "another process", None
+        name, address, mode = row
+        found = re.fullmatch(r"switchboard pid=(\d+) host=(.*)", name or "")
+        who = f"process {found[1]} on {found[2]}" if found else "another process"
+        if address:
+            who += f" (client {address})"
+        return who, mode
+
+    async def _refusal(self, connection: AsyncConnection) -> str:
+        who, mode = await self._holder(connection, EVENT_LOG_LOCK_KEY)
+        embedded_holder = self._embedded if mode is None else mode == "ExclusiveLock"
         kind = "without Redis (the embedded event log)" if embedded_holder else "with Redis"
         mixed = ", and this process has none" if self._embedded and not embedded_holder else ""
         return (
