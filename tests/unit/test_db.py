@@ -722,3 +722,18 @@ def test_an_outage_answers_unavailable_with_a_retry_hint() -> None:
     retry = error_details_pb2.RetryInfo()
     retries[0].Unpack(retry)
     assert retry.retry_delay.ToMilliseconds() == 1000
+
+
+def test_an_outage_is_logged_as_one_line_without_its_stack_and_a_bug_with_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from switchboard.platform.db import log_failure
+
+    logger = logging.getLogger("switchboard.test.failures")
+    caplog.set_level(logging.DEBUG, logger="switchboard.test.failures")
+    log_failure(logger, "lookup failed", ConnectionRefusedError("no server"))
+    log_failure(logger, "lookup failed", ValueError("a bug"))
+    assert [(r.levelno, r.exc_info is not None) for r in caplog.records] == [
+        (logging.DEBUG, False),
+        (logging.ERROR, True),
+    ]

@@ -170,6 +170,21 @@ def is_outage(exc: BaseException) -> bool:
     return operational
 
 
+def log_failure(logger: logging.Logger, message: str, exc: BaseException) -> None:
+    """Log a failed database call without letting an outage flood the logs.
+
+    A failure that is not an outage is a bug: logged at ERROR with its stack.
+    An outage is one DEBUG line per call: the database health monitor
+    (``DatabaseHealth``, which every failed call reaches) says once that the
+    database does not answer and once that it is back, and during an outage
+    every request would otherwise add a traceback.
+    """
+    if is_outage(exc):
+        logger.debug(message, extra={"error": type(exc).__name__})
+    else:
+        logger.error(message, exc_info=(type(exc), exc, exc.__traceback__))
+
+
 def _judge(exc: BaseException) -> bool | None:
     """True or False when ``exc`` alone decides; None to look at its cause."""
     if isinstance(exc, DatabaseUnavailable | PoolTimeout | DisconnectionError):

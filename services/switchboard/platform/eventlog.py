@@ -54,7 +54,7 @@ from sqlalchemy.orm import Session
 
 from switchboard.api.events.v1 import events_pb2
 from switchboard.platform.cache import binary_client, redacted_url
-from switchboard.platform.db import Database
+from switchboard.platform.db import Database, log_failure
 from switchboard.platform.errors import DependencyUnavailable
 from switchboard.platform.models import EventLogRow, EventLogStateRow, table_of
 from switchboard.platform.outbox import Outbox
@@ -437,8 +437,8 @@ class LocalLog:
                         .limit(limit)
                     )
                 ).all()
-        except _DB_FAILURES:
-            log.exception("event log read failed")
+        except _DB_FAILURES as exc:
+            log_failure(log, "event log read failed", exc)
             raise DependencyUnavailable("the event log is unavailable; retry") from None
         return [Logged.parse((row.seq, 0), row.data) for row in rows]
 

@@ -13,7 +13,7 @@ import logging
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from switchboard.platform.db import Database
+from switchboard.platform.db import Database, log_failure
 from switchboard.platform.errors import DependencyUnavailable
 from switchboard.platform.models import WorkspaceMemberRow, WorkspaceRow
 from switchboard.platform.policy import Role
@@ -40,9 +40,9 @@ class MembershipStore:
         sql = _ROLE_OF if not include_deleted else _ROLE_OF_INCLUDING_DELETED
         try:
             rows = await self._database.fetch(sql, {"workspace": workspace_id, "user": user_id})
-        except (SQLAlchemyError, OSError, TimeoutError):
+        except (SQLAlchemyError, OSError, TimeoutError) as exc:
             # A pool or database timeout is an outage, not a bug: UNAVAILABLE, retryable.
-            log.warning("membership lookup failed", exc_info=True)
+            log_failure(log, "membership lookup failed", exc)
             raise DependencyUnavailable("the access check is unavailable; retry") from None
         role = rows[0][0] if rows else None
         return Role[role.upper()] if role is not None else None
