@@ -62,8 +62,9 @@ from switchboard.dispatcher.service import Dispatcher
 from switchboard.dispatcher.service import Limits as DispatcherLimits
 from switchboard.dispatcher.store import RunStore
 from switchboard.events import servicer as events_servicer
-from switchboard.events.subscriptions import Access, Limits
+from switchboard.events.subscriptions import Limits
 from switchboard.integration import servicer as integration_servicer
+from switchboard.platform.accesswatch import AccessWatch
 from switchboard.platform.authn import Guard
 from switchboard.platform.bus import EventBus
 from switchboard.platform.cache import Cache
@@ -103,6 +104,8 @@ class Deps:
     authenticator: CredentialAuthenticator
     memberships: MembershipStore
     policy: Policy
+    #: Keeps every open stream's access current (platform/accesswatch.py).
+    access: AccessWatch
     context: ContextService
     page_tokens: PageTokens
     #: Only in processes that serve DispatcherService.
@@ -127,7 +130,7 @@ SERVICES: dict[str, tuple[ServiceDescriptor, Callable[[Any, aio.Server], None], 
     "dispatcher": (
         dispatcher_servicer.SERVICE,
         dispatcher_pb2_grpc.add_DispatcherServiceServicer_to_server,
-        lambda d: dispatcher_servicer.DispatcherServiceServicer(_required(d.dispatcher), d.policy),
+        lambda d: dispatcher_servicer.DispatcherServiceServicer(_required(d.dispatcher), d.access),
     ),
     "integration": (
         integration_servicer.SERVICE,
@@ -138,7 +141,7 @@ SERVICES: dict[str, tuple[ServiceDescriptor, Callable[[Any, aio.Server], None], 
         events_servicer.SERVICE,
         events_servicer.add_to_server,
         lambda d: events_servicer.EventServiceServicer(
-            d.bus, Access(d.policy, d.authenticator), event_limits(d.settings), d.page_tokens
+            d.bus, d.access, d.policy, event_limits(d.settings), d.page_tokens
         ),
     ),
 }
@@ -566,6 +569,16 @@ async def open_deps(settings: Settings, resources: contextlib.AsyncExitStack) ->
     await context.start(maintain="context" in settings.services)
     resources.push_async_callback(context.close)
     policy = Policy(memberships)
+    access = AccessWatch(
+        bus.fanout,
+        authenticator,
+        memberships,
+        reauthorize_s=settings.events_reauthorize_s,
+        # Redis away: revocation messages and other processes' events may be missed.
+        degraded=lambda: not cache.fresh() or bus.state != "ok",
+    )
+    authenticator.on_revocation(access.revoked)
+    resources.push_async_callback(access.close)
     dispatcher: Dispatcher | None = None
     if "dispatcher" in settings.services:
         port: ContextPort = LocalContext(context)
@@ -586,6 +599,7 @@ async def open_deps(settings: Settings, resources: contextlib.AsyncExitStack) ->
         authenticator=authenticator,
         memberships=memberships,
         policy=policy,
+        access=access,
         context=context,
         page_tokens=page_tokens,
         dispatcher=dispatcher,

@@ -178,7 +178,7 @@ async def test_invalid_requests_name_their_fields(
         assert {v.field for v in violations} == fields, request
 
 
-async def test_removed_member_stream_ends_permission_denied_before_later_events(
+async def test_removed_member_stream_ends_not_found_before_later_events(
     mesh: SwitchboardServer, channel: aio.Channel
 ) -> None:
     _, owner_token = await member(mesh, "alpha", Role.OWNER)
@@ -196,7 +196,8 @@ async def test_removed_member_stream_ends_permission_denied_before_later_events(
     removed.member_changed.member.user = f"users/{viewer_id}"
     await publish(mesh, [removed, workspace_event("alpha", "c1", note="after removal")])
     error = await sub.error()
-    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    # What a unary call on the scope now gets: a non-member does not see the workspace.
+    assert error.code() == grpc.StatusCode.NOT_FOUND
     assert ids(sub.events) == [visible.id], "nothing after the removal is delivered"
     # Someone else's removal does not disturb the owner's stream.
     assert len(await owner.until(3)) == 3

@@ -43,6 +43,8 @@ from switchboard.platform.policy import ALL_SCOPES, AuthMethod, Principal, Scope
 log = logging.getLogger("switchboard.auth")
 
 REVOCATION_CHANNEL: Final = "switchboard:auth:revocations"
+#: What ``on_revocation`` listeners get as the kind when any credential may have changed.
+ANY: Final = "*"
 # last_used_time is a hint for humans; writing it on every call would make
 # each API-key call a database write.
 API_KEY_TOUCH_INTERVAL: Final = dt.timedelta(seconds=60)
@@ -105,7 +107,15 @@ class CredentialAuthenticator:
         self._sessions: _Bounded[str, SessionStatus] = _Bounded(token_cache_size)
         self._keys: _Bounded[str, _KeyState] = _Bounded(token_cache_size)
         self._generation = 0
+        self._listeners: list[Callable[[str, str], None]] = []
         cache.subscribe(REVOCATION_CHANNEL, self._on_message, self._on_resync)
+
+    def on_revocation(self, listener: Callable[[str, str], None]) -> None:
+        """Call ``listener(kind, ident)`` for every revocation message, after the caches
+        dropped it (``kind`` is ``session``, ``user``, ``apikey``, or ``ANY`` when messages
+        may have been missed). It runs on the event loop and must not block or raise.
+        """
+        self._listeners.append(listener)
 
     # Invalidation.
 
@@ -122,11 +132,16 @@ class CredentialAuthenticator:
             self._keys.data.pop(ident, None)
         else:  # unknown kinds come from newer peers: forget everything, stay correct
             self._on_resync()
+            return
+        for listener in self._listeners:
+            listener(kind, ident)
 
     def _on_resync(self) -> None:
         self._generation += 1
         self._sessions.data.clear()
         self._keys.data.clear()
+        for listener in self._listeners:
+            listener(ANY, "")
 
     async def announce(self, kind: str, ident: str) -> None:
         """Tell every process sharing the deployment that ``kind:ident`` was revoked.
@@ -160,18 +175,25 @@ class CredentialAuthenticator:
         await self._check_session(claims.session, claims.subject)
         return principal
 
-    async def verify_principal(self, principal: Principal) -> None:
-        """Re-check that ``principal``'s session or API key still holds (for long streams).
+    async def verify_principal(self, principal: Principal) -> float | None:
+        """Re-check ``principal``'s credential as a new call would (for long streams).
 
-        Token expiry is not re-checked: a stream authenticated once lives on
-        until its session or key is revoked or expires.
+        Raises TokenExpired once its access token would be refused, and
+        SessionRevoked / Unauthenticated once its session or API key is revoked
+        or expired. Otherwise returns when the credential stops holding by
+        itself (epoch seconds; None for a key that never expires), so a stream
+        can end at that instant.
         """
         if principal.api_key_id:
-            await self._check_key(principal.api_key_id)
-        else:
-            await self._check_session(principal.session_id, principal.user_id)
+            return await self._check_key(principal.api_key_id)
+        if principal.expires_at and principal.expires_at <= self._clock() - self._leeway:
+            raise TokenExpired("access token expired")
+        session_until = await self._check_session(principal.session_id, principal.user_id)
+        if not principal.expires_at:
+            return session_until
+        return min(session_until, float(principal.expires_at + self._leeway))
 
-    async def _check_key(self, key_id: str) -> None:
+    async def _check_key(self, key_id: str) -> float | None:
         state = self._keys.data.get(key_id) if self._cache.fresh() else None
         if state is None:
             try:
@@ -188,8 +210,10 @@ class CredentialAuthenticator:
             expires_at = state.expires_at
         if expires_at is not None and expires_at <= dt.datetime.now(dt.UTC):
             raise Unauthenticated("the API key has expired")
+        return expires_at.timestamp() if expires_at is not None else None
 
-    async def _check_session(self, session_id: str, user_id: str) -> None:
+    async def _check_session(self, session_id: str, user_id: str) -> float:
+        """The session's expiry (epoch seconds) if it holds; SessionRevoked otherwise."""
         state = self._sessions.data.get(session_id) if self._cache.fresh() else None
         if state is None:
             generation = self._generation
@@ -204,6 +228,7 @@ class CredentialAuthenticator:
             raise SessionRevoked("the session has been revoked")
         if state.expires_at <= dt.datetime.now(dt.UTC):
             raise SessionRevoked("the session has expired")
+        return state.expires_at.timestamp()
 
     async def _api_key(self, credential: str) -> Principal:
         key_id = parse_api_key(credential)

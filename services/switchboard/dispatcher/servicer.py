@@ -1,10 +1,18 @@
 """Transport for DispatcherService: converts proto to domain calls and nothing else.
 
 ``Converse`` multiplexes SendMessage, CancelRun and WatchRun on one stream.
-Each action is authorized like the unary RPC it stands for (the access rule
-is ``per_item``); an action that fails answers with an ``error`` frame and
-the stream stays open. Its output is one bounded queue: when a client stops
-reading, the relays of its runs wait rather than grow the queue without end.
+Each action is authorized like the unary RPC it stands for, at the moment it
+arrives (the access rule is ``per_item``); an action that fails answers with
+an ``error`` frame and the stream stays open. Its output is one bounded queue:
+when a client stops reading, the relays of its runs wait rather than grow the
+queue without end.
+
+Both streams keep their access through a grant (``platform/accesswatch.py``).
+A lost credential (logged out, session or API key revoked, token expired) ends
+the stream with that status. Lost access to a relayed run (removed from its
+workspace, workspace deleted) ends WatchRun with that status, and ends a
+Converse relay with an ``error`` frame naming the run while the stream goes on.
+Nothing a run produces after the change is relayed.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from grpc import aio
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
 from switchboard.dispatcher.service import Dispatcher
+from switchboard.platform.accesswatch import AccessWatch, Grant, Hold
 from switchboard.platform.authn import current_principal
 from switchboard.platform.errors import (
     FieldViolation,
@@ -26,7 +35,8 @@ from switchboard.platform.errors import (
     QuotaExceeded,
     SwitchboardError,
 )
-from switchboard.platform.policy import Permission, Policy, Principal
+from switchboard.platform.logging import request_id_var
+from switchboard.platform.policy import Permission
 from switchboard.platform.status import to_status_proto
 
 SERVICE = pb.DESCRIPTOR.services_by_name["DispatcherService"]
@@ -46,10 +56,17 @@ def _heartbeat() -> pb.Heartbeat:
     return beat
 
 
+def _error_frame(exc: SwitchboardError, client_request_id: str = "") -> pb.ConverseResponse:
+    # The interceptor's request id, as in every other error (the task copied its context).
+    return pb.ConverseResponse(
+        client_request_id=client_request_id, error=to_status_proto(exc, request_id_var.get())
+    )
+
+
 class DispatcherServiceServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
-    def __init__(self, dispatcher: Dispatcher, policy: Policy) -> None:
+    def __init__(self, dispatcher: Dispatcher, access: AccessWatch) -> None:
         self._dispatcher = dispatcher
-        self._policy = policy
+        self._access = access
 
     async def SendMessage(
         self, request: pb.SendMessageRequest, context: Context
@@ -71,11 +88,17 @@ class DispatcherServiceServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
     async def WatchRun(
         self, request: pb.WatchRunRequest, context: Context
     ) -> AsyncIterator[pb.WatchRunResponse]:
-        async for update in self._dispatcher.watch(request.name, request.after_sequence):
-            if update is None:
-                yield pb.WatchRunResponse(heartbeat=_heartbeat())
-            else:
-                yield pb.WatchRunResponse(update=update)
+        grant = self._access.open(current_principal())
+        try:
+            hold = await grant.hold(((request.name, "name"),), Permission.READ)
+            updates = self._dispatcher.watch(request.name, request.after_sequence)
+            async for update in hold.guard(updates):
+                if update is None:
+                    yield pb.WatchRunResponse(heartbeat=_heartbeat())
+                else:
+                    yield pb.WatchRunResponse(update=update)
+        finally:
+            grant.close()
 
     async def ListHandlers(
         self, request: pb.ListHandlersRequest, context: Context
@@ -85,47 +108,72 @@ class DispatcherServiceServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
     async def Converse(
         self, request_iterator: AsyncIterator[pb.ConverseRequest], context: Context
     ) -> AsyncIterator[pb.ConverseResponse]:
-        session = _Converse(self._dispatcher, self._policy, current_principal())
-        reader = asyncio.get_running_loop().create_task(session.read(request_iterator))
+        grant = self._access.open(current_principal())
         try:
-            while True:
-                frame = await session.next_frame(self._dispatcher.limits.heartbeat_s)
-                if frame is None:
-                    return
-                yield frame
+            # A stream whose credential is already gone does not start.
+            await grant.verify()
+            session = _Converse(self._dispatcher, grant)
+            reader = asyncio.get_running_loop().create_task(session.read(request_iterator))
+            try:
+                while True:
+                    frame = await session.next_frame(self._dispatcher.limits.heartbeat_s)
+                    if frame is None:
+                        return
+                    yield frame
+            finally:
+                reader.cancel()
+                await session.close()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
         finally:
-            reader.cancel()
-            await session.close()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            grant.close()
 
 
 class _Converse:
-    def __init__(self, dispatcher: Dispatcher, policy: Policy, principal: Principal) -> None:
+    def __init__(self, dispatcher: Dispatcher, grant: Grant) -> None:
         self._dispatcher = dispatcher
-        self._policy = policy
-        self._principal = principal
+        self._grant = grant
+        self._principal = grant.principal
+        # None wakes the writer to look again: half-closed, or the credential lost.
         self._out: asyncio.Queue[pb.ConverseResponse | None] = asyncio.Queue(CONVERSE_BUFFER)
         self._relays: dict[str, asyncio.Task[None]] = {}
         self._reading = True
+        grant.on_change(self._access_changed)
+
+    def _access_changed(self) -> None:
+        if self._grant.error is not None:
+            # A full queue means the writer is not waiting; it looks before its next read.
+            with contextlib.suppress(asyncio.QueueFull):
+                self._out.put_nowait(None)
 
     async def next_frame(self, heartbeat_s: float) -> pb.ConverseResponse | None:
         while True:
+            self._unless_lost()
             try:
                 async with asyncio.timeout(heartbeat_s):
                     frame = await self._out.get()
             except TimeoutError:
                 return pb.ConverseResponse(heartbeat=_heartbeat())
+            self._unless_lost()
             if frame is not None:
                 return frame
             # The client half-closed: end once every relayed run has ended.
-            if not self._relays:
+            if not self._reading and not self._relays:
                 return None
+
+    def _unless_lost(self) -> None:
+        # Nothing queued after the credential was lost goes out: the stream ends
+        # with its status.
+        error = self._grant.error
+        if error is not None:
+            raise error
 
     async def read(self, requests: AsyncIterator[pb.ConverseRequest]) -> None:
         try:
             async for request in requests:
                 await self._action(request)
+                if self._grant.error is not None:
+                    break
         finally:
             self._reading = False
             await self._out.put(None)
@@ -147,23 +195,19 @@ class _Converse:
                 )
             if action == "send_message":
                 send = request.send_message
-                await self._policy.authorize(
-                    self._principal,
-                    send.conversation,
-                    Permission.WRITE,
-                    "send_message.conversation",
+                await self._grant.authorize(
+                    send.conversation, Permission.WRITE, "send_message.conversation"
                 )
                 self._room()
                 sent = await self._dispatcher.send_message(self._principal, send)
                 await self._out.put(
                     pb.ConverseResponse(client_request_id=client_id, message_sent=sent)
                 )
-                self._relay(sent.run.name, 0)
+                started = sent.run.name
+                self._relay(await self._hold(started, "message_sent.run.name"), started, 0)
             elif action == "cancel_run":
                 cancel = request.cancel_run
-                await self._policy.authorize(
-                    self._principal, cancel.name, Permission.WRITE, "cancel_run.name"
-                )
+                await self._grant.authorize(cancel.name, Permission.WRITE, "cancel_run.name")
                 run = await self._dispatcher.cancel_run(self._principal, cancel.name, cancel.reason)
                 await self._out.put(
                     pb.ConverseResponse(
@@ -172,20 +216,22 @@ class _Converse:
                 )
             elif action == "watch_run":
                 watch = request.watch_run
-                await self._policy.authorize(
-                    self._principal, watch.name, Permission.READ, "watch_run.name"
-                )
-                self._room()
-                await self._dispatcher.get_run(watch.name)  # NOT_FOUND now, not in the relay
-                self._relay(watch.name, watch.after_sequence)
+                hold = await self._hold(watch.name, "watch_run.name")
+                try:
+                    self._room()
+                    await self._dispatcher.get_run(watch.name)  # NOT_FOUND now, not in the relay
+                except BaseException:
+                    hold.release()
+                    raise
+                self._relay(hold, watch.name, watch.after_sequence)
             else:
                 raise InvalidArgument(
                     "the frame has no action", [FieldViolation("action", "is required")]
                 )
         except SwitchboardError as exc:
-            await self._out.put(
-                pb.ConverseResponse(client_request_id=client_id, error=to_status_proto(exc, ""))
-            )
+            if self._grant.error is not None:
+                return  # the credential is gone: the stream ends with its status
+            await self._out.put(_error_frame(exc, client_id))
 
     def _room(self) -> None:
         if len(self._relays) >= CONVERSE_MAX_RELAYS:
@@ -194,20 +240,29 @@ class _Converse:
                 subject="converse/relays",
             )
 
-    def _relay(self, run: str, after: int) -> None:
+    async def _hold(self, run: str, field: str) -> Hold:
+        """Read access to ``run``, kept for as long as it is relayed."""
+        return await self._grant.hold(((run, field),), Permission.READ)
+
+    def _relay(self, hold: Hold, run: str, after: int) -> None:
         if run in self._relays:
+            hold.release()
             return
-        task = asyncio.get_running_loop().create_task(self._follow(run, after))
+        task = asyncio.get_running_loop().create_task(self._follow(hold, run, after))
         self._relays[run] = task
 
-    async def _follow(self, run: str, after: int) -> None:
+    async def _follow(self, hold: Hold, run: str, after: int) -> None:
         try:
-            async for update in self._dispatcher.watch(run, after):
+            async for update in hold.guard(self._dispatcher.watch(run, after)):
                 if update is not None:  # the stream has its own heartbeat
                     await self._out.put(pb.ConverseResponse(update=update))
         except SwitchboardError as exc:
-            await self._out.put(pb.ConverseResponse(error=to_status_proto(exc, "")))
+            # A lost run ends its relay with an error naming it; a lost credential
+            # ends the whole stream (the writer raises it).
+            if self._grant.error is None:
+                await self._out.put(_error_frame(exc))
         finally:
+            hold.release()
             self._relays.pop(run, None)
             if not self._reading and not self._relays:
                 # Wake the writer so a half-closed stream can end.

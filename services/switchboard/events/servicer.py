@@ -21,15 +21,17 @@ from grpc import aio
 
 from switchboard.api.events.v1 import events_pb2
 from switchboard.events.subscriptions import (
-    Access,
     Limits,
     Quotas,
+    Spec,
     Subscription,
     Waker,
+    authorize,
     matches,
     parse_spec,
 )
 from switchboard.platform import pagination
+from switchboard.platform.accesswatch import AccessWatch, Grant
 from switchboard.platform.authn import current_principal
 from switchboard.platform.bus import EventBus
 from switchboard.platform.errors import (
@@ -45,7 +47,7 @@ from switchboard.platform.eventlog import (
     length_delimited,
     parse_cursor,
 )
-from switchboard.platform.policy import Principal
+from switchboard.platform.policy import Permission, Policy
 
 SERVICE = events_pb2.DESCRIPTOR.services_by_name["EventService"]
 _SERVICE_NAME: Final = SERVICE.full_name
@@ -104,11 +106,17 @@ class EventServiceServicer:
     """EventService: Subscribe, Stream and ListEvents over the process's bus."""
 
     def __init__(
-        self, bus: EventBus, access: Access, limits: Limits, page_tokens: pagination.PageTokens
+        self,
+        bus: EventBus,
+        access: AccessWatch,
+        policy: Policy,
+        limits: Limits,
+        page_tokens: pagination.PageTokens,
     ) -> None:
         self._bus = bus
         self._pages = page_tokens
         self._access = access
+        self._policy = policy
         self._limits = limits
         self._quotas = Quotas(limits.per_principal)
 
@@ -117,14 +125,26 @@ class EventServiceServicer:
     async def Subscribe(
         self, request: events_pb2.SubscribeRequest, context: aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[bytes]:
-        principal = current_principal()
         spec = parse_spec(request.scopes, request.after_cursor, request.types, self._limits)
-        await self._access.authorize(principal, spec)
-        waker = Waker()
-        subscription = Subscription(self._bus, self._access, principal, spec, self._limits, waker)
-        self._quotas.acquire(principal)
+        grant = self._access.open(current_principal())
         try:
-            await subscription.open()
+            async for frame in self._subscribe(grant, spec):
+                yield frame
+        finally:
+            grant.close()
+
+    async def _subscribe(self, grant: Grant, spec: Spec) -> AsyncIterator[bytes]:
+        principal = grant.principal
+        waker = Waker()
+        subscription = Subscription(self._bus, principal, spec, self._limits, waker)
+        hold = await grant.hold(spec.names(), Permission.READ, subscription.recheck)
+        try:
+            self._quotas.acquire(principal)
+        except BaseException:
+            hold.release()
+            raise
+        try:
+            await subscription.open(hold)
             # First frame: the subscription is registered, and delivery starts after this cursor.
             yield _subscribe_heartbeat(format_cursor(subscription.sent))
             heartbeat_s = self._limits.heartbeat_s
@@ -136,8 +156,7 @@ class EventServiceServicer:
                     yield _subscribe_batch(batch)
                     last_frame = loop.time()
                     continue
-                idle_s = heartbeat_s - (loop.time() - last_frame)
-                wait_s = min(idle_s, subscription.seconds_to_recheck())
+                wait_s = heartbeat_s - (loop.time() - last_frame)
                 if wait_s > 0 and await waker.wait(wait_s):
                     continue
                 if loop.time() - last_frame >= heartbeat_s:
@@ -154,16 +173,20 @@ class EventServiceServicer:
         request_iterator: AsyncIterator[events_pb2.StreamRequest],
         context: aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[bytes]:
-        session = _StreamSession(
-            self._bus, self._access, self._quotas, self._limits, current_principal()
-        )
-        reader = asyncio.create_task(session.read(request_iterator))
+        grant = self._access.open(current_principal())
         try:
-            async for frame in session.frames():
-                yield frame
+            # A stream whose credential is already gone does not start.
+            await grant.verify()
+            session = _StreamSession(self._bus, grant, self._quotas, self._limits)
+            reader = asyncio.create_task(session.read(request_iterator))
+            try:
+                async for frame in session.frames():
+                    yield frame
+            finally:
+                reader.cancel()
+                session.close()
         finally:
-            reader.cancel()
-            session.close()
+            grant.close()
 
     # -- ListEvents ------------------------------------------------------------------
 
@@ -176,7 +199,7 @@ class EventServiceServicer:
         )
         spec = parse_spec(request.scopes, request.after_cursor, request.types, self._limits)
         fingerprint = pagination.fingerprint("events", spec.scopes, sorted(spec.types))
-        await self._access.authorize(principal, spec)
+        await authorize(self._policy, principal, spec)
         start = spec.after
         if request.page_token:
             major, minor = self._pages.decode(
@@ -211,26 +234,25 @@ class EventServiceServicer:
 
 
 class _StreamSession:
-    """One bidirectional Stream: its subscriptions, control frames and writer."""
+    """One bidirectional Stream: its subscriptions, control frames and writer.
 
-    def __init__(
-        self,
-        bus: EventBus,
-        access: Access,
-        quotas: Quotas,
-        limits: Limits,
-        principal: Principal,
-    ) -> None:
+    The stream's grant holds its credential: once that is lost (logged out,
+    revoked, expired) the whole stream ends with that status. Each
+    subscription holds its own scopes and ends alone when access to them is lost.
+    """
+
+    def __init__(self, bus: EventBus, grant: Grant, quotas: Quotas, limits: Limits) -> None:
         self._bus = bus
-        self._access = access
+        self._grant = grant
         self._quotas = quotas
         self._limits = limits
-        self._principal = principal
+        self._principal = grant.principal
         self._subscriptions: dict[str, Subscription] = {}
         self._control: deque[bytes] = deque()
         self._waker = Waker()
         self._fatal: SwitchboardError | None = None
         self._client_done = False
+        grant.on_change(self._waker)
 
     def close(self) -> None:
         for subscription in self._subscriptions.values():
@@ -253,7 +275,7 @@ class _StreamSession:
         try:
             async for request in requests:
                 await self._command(request)
-                if self._fatal is not None:
+                if self._fatal is not None or self._grant.error is not None:
                     break
         except SwitchboardError as exc:
             self._fatal = exc
@@ -292,26 +314,36 @@ class _StreamSession:
             )
         try:
             spec = parse_spec(add.scopes, add.after_cursor, add.types, self._limits, "add.")
-            await self._access.authorize(self._principal, spec, "add.")
-            if len(self._subscriptions) >= self._limits.per_stream:
-                raise QuotaExceeded(
-                    f"at most {self._limits.per_stream} subscriptions per stream",
-                    subject="stream/subscriptions",
-                )
-            self._quotas.acquire(self._principal)
-            subscription = Subscription(
-                self._bus, self._access, self._principal, spec, self._limits, self._waker
-            )
+            subscription = Subscription(self._bus, self._principal, spec, self._limits, self._waker)
+            # Authorized like a unary call now: the credential first, then each scope.
+            hold = await self._grant.hold(spec.names("add."), Permission.READ, subscription.recheck)
             try:
-                await subscription.open()
+                self._admit()
             except BaseException:
+                hold.release()
+                raise
+            try:
+                await subscription.open(hold)
+            except BaseException:
+                hold.release()
                 self._quotas.release(self._principal)
                 raise
         except SwitchboardError as exc:
+            if self._grant.error is not None:
+                return  # the credential is gone: the whole stream ends with its status
             self._send(_ended(sid, exc, add.after_cursor))
             return
         self._subscriptions[sid] = subscription
         self._send(_stream_frame(added=events_pb2.SubscriptionAdded(subscription_id=sid)))
+
+    def _admit(self) -> None:
+        """Count one more subscription against the stream's and the user's limits."""
+        if len(self._subscriptions) >= self._limits.per_stream:
+            raise QuotaExceeded(
+                f"at most {self._limits.per_stream} subscriptions per stream",
+                subject="stream/subscriptions",
+            )
+        self._quotas.acquire(self._principal)
 
     def _remove(self, sid: str) -> None:
         subscription = self._subscriptions.pop(sid, None)
@@ -344,6 +376,8 @@ class _StreamSession:
         heartbeat_s = self._limits.heartbeat_s
         last_frame = loop.time()
         while True:
+            if self._grant.error is not None:
+                raise self._grant.error
             if self._fatal is not None:
                 raise self._fatal
             sent = False
@@ -367,9 +401,7 @@ class _StreamSession:
                 continue
             if self._client_done:
                 return
-            waits = [heartbeat_s - (loop.time() - last_frame)]
-            waits += [s.seconds_to_recheck() for s in self._subscriptions.values()]
-            wait_s = min(waits)
+            wait_s = heartbeat_s - (loop.time() - last_frame)
             if wait_s > 0 and await self._waker.wait(wait_s):
                 continue
             if loop.time() - last_frame >= heartbeat_s:

@@ -8,10 +8,13 @@ drains it in batches (coalescing when it fell behind), and a queue that
 overflows ends the subscription with RESOURCE_EXHAUSTED naming the cursor to
 resume from, so the client loses nothing.
 
-Access is checked when a subscription opens, again (in log order) whenever an
-event changes who may see the watched workspace or user, and every
-``reauthorize_s``. A failed re-check ends the subscription; nothing queued
-after the change is sent.
+Access is held through the stream's grant (``platform/accesswatch.py``): it
+is checked when a subscription opens and again whenever anything says it may
+have changed (an event that changes who may see a watched workspace or user,
+in log order; a revocation; the credential's expiry; degraded mode; every
+``reauthorize_s``). Each such wake queues a marker, and nothing queued after it
+is sent before the re-check passed; a failed one ends the subscription with
+the status a unary call would get.
 
 This module does not import grpc: the servicer turns batches into frames.
 """
@@ -20,22 +23,19 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import random
 import re
-import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Final
 
 from switchboard.api.events.v1 import events_pb2
+from switchboard.platform.accesswatch import Hold
 from switchboard.platform.bus import EventBus
 from switchboard.platform.errors import (
     DependencyUnavailable,
     FieldViolation,
     InvalidArgument,
-    NotFound,
-    PermissionDenied,
     QuotaExceeded,
     SubscriberTooSlow,
 )
@@ -57,7 +57,7 @@ _KNOWN_TYPES: Final = frozenset(events_pb2.EventType.values()) - {events_pb2.EVE
 
 
 class _Recheck:
-    """Queue marker: re-check access before sending anything after it."""
+    """Queue marker: confirm access before sending anything after it."""
 
 
 RECHECK: Final = _Recheck()
@@ -100,16 +100,11 @@ class Spec:
     def keys(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(name for _, name in self.scopes))
 
-    @property
-    def watches(self) -> tuple[str, ...]:
-        """Workspaces and users whose access changes concern this subscription."""
-        names: dict[str, None] = {}
-        for kind, name in self.scopes:
-            if kind == "user":
-                names[name] = None
-            else:
-                names["/".join(name.split("/")[:2])] = None
-        return tuple(names)
+    def names(self, prefix: str = "") -> tuple[tuple[str, str], ...]:
+        """(scope name, request field) pairs, as the policy and ``Grant.hold`` take them."""
+        return tuple(
+            (name, f"{prefix}scopes[{i}].{kind}") for i, (kind, name) in enumerate(self.scopes)
+        )
 
 
 def parse_spec(
@@ -156,31 +151,10 @@ def parse_spec(
     return Spec(tuple(dict.fromkeys(parsed)), frozenset(types), after)
 
 
-class CredentialChecker(Protocol):
-    async def verify_principal(self, principal: Principal) -> None:
-        """Raise Unauthenticated if the principal's session or key no longer holds."""
-        ...
-
-
-class Access:
-    """Who may follow which scopes, at subscribe time and while subscribed."""
-
-    def __init__(self, policy: Policy, credentials: CredentialChecker) -> None:
-        self._policy = policy
-        self._credentials = credentials
-
-    async def authorize(self, principal: Principal, spec: Spec, prefix: str = "") -> None:
-        for i, (kind, name) in enumerate(spec.scopes):
-            await self._policy.authorize(
-                principal, name, Permission.READ, f"{prefix}scopes[{i}].{kind}"
-            )
-
-    async def recheck(self, principal: Principal, spec: Spec) -> None:
-        await self._credentials.verify_principal(principal)
-        try:
-            await self.authorize(principal, spec)
-        except (NotFound, PermissionDenied):
-            raise PermissionDenied("access to a subscribed scope was revoked") from None
+async def authorize(policy: Policy, principal: Principal, spec: Spec) -> None:
+    """Whether ``principal`` may read every scope of ``spec`` now (a one-off read: ListEvents)."""
+    for name, field in spec.names():
+        await policy.authorize(principal, name, Permission.READ, field)
 
 
 class Quotas:
@@ -213,22 +187,21 @@ class Subscription:
     def __init__(
         self,
         bus: EventBus,
-        access: Access,
         principal: Principal,
         spec: Spec,
         limits: Limits,
         wake: Callable[[], None],
     ) -> None:
         self._bus = bus
-        self._access = access
         self.principal = principal
         self.spec = spec
         self._limits = limits
         self._wake = wake
         self.keys = spec.keys
-        # The caller's own user too: revoking its session or key ends the subscription.
-        self.watches = tuple(dict.fromkeys((*spec.watches, principal.user_name)))
+        # Access changes reach it through its hold (``recheck`` is its listener), not the fan-out.
+        self.watches: tuple[str, ...] = ()
         self.owner = principal.user_name
+        self._hold: Hold | None = None
         self._key_set = frozenset(self.keys)
         self._types = spec.types
         self._queue: deque[Logged | _Recheck] = deque()
@@ -241,12 +214,15 @@ class Subscription:
         self.acked: Position | None = None
         self._replay_from: Position | None = None
         self._replay_upto: Position = (0, 0)
-        self._next_check = time.monotonic() + self._check_interval()
 
     # -- lifecycle -----------------------------------------------------------------
 
-    async def open(self) -> None:
-        """Check the cursor, then attach and mark the hand-over point atomically."""
+    async def open(self, hold: Hold) -> None:
+        """Check the cursor, then attach and mark the hand-over point atomically.
+
+        ``hold`` is the access to its scopes, granted with ``recheck`` as its listener.
+        """
+        self._hold = hold
         if not self._bus.ring.known:
             # Started while Redis was away: where the live tail is is unknown.
             raise DependencyUnavailable("the event log is not reachable yet; retry")
@@ -271,6 +247,8 @@ class Subscription:
         if self._attached:
             self._bus.fanout.detach(self)
             self._attached = False
+        if self._hold is not None:
+            self._hold.release()
         self._queue.clear()
 
     # -- fan-out side (synchronous, never blocks) ----------------------------------
@@ -289,6 +267,7 @@ class Subscription:
         self._wake()
 
     def recheck(self) -> None:
+        """Access may have changed: confirm it before sending anything queued after now."""
         if not self._overflowed:
             self._queue.append(RECHECK)
             self._wake()
@@ -301,15 +280,7 @@ class Subscription:
 
     def ready(self) -> bool:
         """Whether ``next_batch`` has work right now."""
-        return (
-            self._replay_from is not None
-            or bool(self._queue)
-            or self._overflowed
-            or time.monotonic() >= self._next_check
-        )
-
-    def seconds_to_recheck(self) -> float:
-        return max(0.0, self._next_check - time.monotonic())
+        return self._replay_from is not None or bool(self._queue) or self._overflowed
 
     async def next_batch(self) -> list[Logged]:
         """The next events to send, oldest first; empty when there is nothing now.
@@ -321,30 +292,17 @@ class Subscription:
                 "the subscriber fell behind its buffer; resume from the cursor in metadata",
                 metadata={"resume_cursor": self.resume_cursor},
             )
-        if time.monotonic() >= self._next_check:
-            await self._recheck(periodic=True)
         if self._replay_from is not None:
+            # History is sent only while access holds (a change may have woken nobody's queue).
+            await self._confirm()
             batch = await self._replay()
             if batch:
                 return batch
         return await self._drain()
 
-    def _check_interval(self) -> float:
-        # Jittered, so subscriptions opened together (after a restart) do not
-        # all re-check in the same instant.
-        return self._limits.reauthorize_s * random.uniform(0.8, 1.2)  # noqa: S311 - not security
-
-    async def _recheck(self, *, periodic: bool = False) -> None:
-        self._next_check = time.monotonic() + self._check_interval()
-        try:
-            await self._access.recheck(self.principal, self.spec)
-        except DependencyUnavailable:
-            if not periodic:
-                # Triggered by an access change that cannot be confirmed: fail
-                # closed; the client resumes (and is authorized afresh).
-                raise
-            # Nothing says access changed: keep going, and try again soon.
-            self._next_check = time.monotonic() + min(5.0, self._limits.reauthorize_s)
+    async def _confirm(self) -> None:
+        if self._hold is not None:
+            await self._hold.confirm()
 
     async def _replay(self) -> list[Logged]:
         keys, types = self._key_set, self._types
@@ -365,7 +323,7 @@ class Subscription:
         queue = self._queue
         while queue and queue[0] is RECHECK:
             queue.popleft()
-            await self._recheck()
+            await self._confirm()
         # Up to the next re-check marker: what came before a change is sent first.
         batch = self._fill(_until_recheck(queue))
         for _ in batch:

@@ -34,6 +34,9 @@ from switchboard.platform.outbox import Outbox, stamp
 log = logging.getLogger("switchboard.bus")
 
 Listener = Callable[[events_pb2.Event], None]
+#: Told ``(workspace or user name, only this member's "users/u" or "")`` when an
+#: event changes who may see that workspace or user (``platform/accesswatch.py``).
+AccessListener = Callable[[str, str], None]
 
 # A renamed workspace changes nobody's access; a deleted one (or an unspecified change) may.
 _ACCESS_CHANGES: Final = frozenset(
@@ -74,6 +77,8 @@ class Fanout:
         self._by_key: dict[str, dict[Sink, None]] = {}
         self._by_watch: dict[str, dict[Sink, None]] = {}
         self.count = 0
+        # Called at the same point in log order as the sinks' recheck().
+        self.access_listeners: list[AccessListener] = []
 
     def attach(self, sink: Sink) -> None:
         for key in sink.keys:
@@ -101,10 +106,14 @@ class Fanout:
                     for sink in sinks:
                         sink.push(item)
             watched, only = self._watched(item)
-            if watched and (watchers := self._by_watch.get(watched)):
+            if not watched:
+                continue
+            if watchers := self._by_watch.get(watched):
                 for sink in watchers:
                     if not only or sink.owner == only:
                         sink.recheck()
+            for listener in self.access_listeners:
+                listener(watched, only)
 
     @staticmethod
     def _watched(item: Logged) -> tuple[str, str]:
