@@ -1,25 +1,41 @@
 """Revocation across real processes sharing a database and a real redis-server.
 
-Two `switchboard serve` processes, A and B, share one SQLite file, one Redis
+Two `switchboard serve` processes, A and B, share one database, one Redis
 and one signing key. A session revoked through A must be refused by B on the
 very next call, including while Redis is paused (SIGSTOP) or dead (SIGKILL),
-and no call may hang meanwhile.
+and no call may hang meanwhile. Streams open on B end as soon as access is
+lost through A: a member removed (the event reaches B through the shared log),
+a session logged out (the revocation message), also while Redis is paused
+(B re-checks its streams against the database).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+from grpc import aio
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
+from switchboard.api.context.v1 import context_pb2 as cpb
+from switchboard.api.dispatcher.v1 import dispatcher_pb2 as dpb
 from switchboard.auth.tokens import SigningKey, private_key_pem
 from tests.e2e.procs import ServeProcess
 from tests.infra.redis import RedisServer
-from tests.service.authkit import PASSWORD, bearer, unique_email
+from tests.service.authkit import PASSWORD, bearer, reason, register, unique_email, user_id
+from tests.service.contextkit import (
+    Caller,
+    add_member,
+    context_stub,
+    create_conversation,
+    create_workspace,
+)
+from tests.service.dispatchkit import dispatcher_stub, request, send
 
 pytestmark = pytest.mark.e2e
 
@@ -42,6 +58,8 @@ def pair(
         "SWITCHBOARD_REDIS_URL": redis_server.url,
         "SWITCHBOARD_REDIS_TIMEOUT_S": "0.2",
         "SWITCHBOARD_REDIS_LEASE_S": "0.6",
+        # A stream ended within seconds was ended by the change, not by this timer.
+        "SWITCHBOARD_EVENTS_REAUTHORIZE_S": "3600",
     }
     with ServeProcess(env=env) as a, ServeProcess(env=env) as b:
         yield a, b
@@ -138,3 +156,152 @@ def test_revoked_tokens_stay_rejected_while_redis_is_down(
                 redis_server.restart()
         assert _who(sb, during.tokens.access_token) == grpc.StatusCode.UNAUTHENTICATED
         assert _who(sb, admin.tokens.access_token) == grpc.StatusCode.OK
+
+
+# -- open streams on B, access lost through A -------------------------------------------------
+
+# What read() returns once a stream has ended (not in the type stubs).
+_EOF: Any = getattr(grpc.aio, "EOF")  # noqa: B009
+#: A run on B that produces deltas for longer than any test: 3,000 words, 20 ms apart.
+_STEADY = " ".join(["w"] * 3000)
+
+
+class _Streams:
+    """An owner and a member (editor) of a workspace made through A, and the run B executes."""
+
+    def __init__(self, a: aio.Channel, b: aio.Channel) -> None:
+        self.a, self.b = a, b
+
+    async def start(self) -> None:
+        owner, member = await register(self.a), await register(self.a)
+        self.owner = Caller(user_id(owner.user.name), owner.tokens.access_token)
+        self.member = Caller(user_id(member.user.name), member.tokens.access_token)
+        context = context_stub(self.a)
+        self.workspace = (await create_workspace(context, self.owner, "Streams")).name
+        await add_member(
+            context, self.owner, self.workspace, self.member, cpb.WORKSPACE_ROLE_EDITOR
+        )
+        self.conversation = (await create_conversation(context, self.owner, self.workspace)).name
+
+    async def steady_run(self) -> str:
+        """A run sent to B by the owner: B executes it and B's feed relays it."""
+        sent = await send(
+            dispatcher_stub(self.b), self.owner, request(self.conversation, _STEADY, delay_ms=20)
+        )
+        return sent.run.name
+
+    def watch(self, run: str) -> Any:
+        return dispatcher_stub(self.b).WatchRun(
+            dpb.WatchRunRequest(name=run), metadata=self.member.md, timeout=CALL_TIMEOUT_S * 6
+        )
+
+
+async def _outgoing(queue: asyncio.Queue[Any]) -> AsyncIterator[Any]:
+    while (item := await queue.get()) is not None:
+        yield item
+
+
+async def _until(call: Any, wanted: Any) -> Any:
+    """Read ``call`` until a frame ``wanted`` accepts, within one deadline."""
+    async with asyncio.timeout(CALL_TIMEOUT_S):
+        while True:
+            frame = await call.read()
+            assert frame is not _EOF, "the stream ended"
+            if wanted(frame):
+                return frame
+
+
+async def _ended(call: Any) -> tuple[aio.AioRpcError, float]:
+    """Read ``call`` until it fails; (the failure, seconds it took)."""
+    started = time.monotonic()
+    try:
+        await _until(call, lambda _: False)
+    except aio.AioRpcError as exc:
+        return exc, time.monotonic() - started
+    raise AssertionError("unreachable")
+
+
+def _delta(frame: Any) -> bool:
+    return bool(frame.HasField("update") and frame.update.HasField("delta"))
+
+
+async def test_removal_and_logout_through_a_end_streams_on_b(
+    pair: tuple[ServeProcess, ServeProcess],
+) -> None:
+    a, b = pair
+    async with aio.insecure_channel(a.address) as ca, aio.insecure_channel(b.address) as cb:
+        world = _Streams(ca, cb)
+        await world.start()
+        run = await world.steady_run()
+        watch = world.watch(run)
+        commands: asyncio.Queue[Any] = asyncio.Queue()
+        converse: Any = dispatcher_stub(cb).Converse(
+            _outgoing(commands), metadata=world.member.md, timeout=CALL_TIMEOUT_S * 6
+        )
+        try:
+            commands.put_nowait(
+                dpb.ConverseRequest(client_request_id="w", watch_run=dpb.WatchRunRequest(name=run))
+            )
+            await _until(watch, _delta)
+            await _until(converse, _delta)
+
+            # Removed through A: the event reaches B through the shared log.
+            await context_stub(ca).RemoveWorkspaceMember(
+                cpb.RemoveWorkspaceMemberRequest(
+                    name=f"{world.workspace}/members/{world.member.id}"
+                ),
+                metadata=world.owner.md,
+                timeout=CALL_TIMEOUT_S,
+            )
+            error, took = await _ended(watch)
+            assert error.code() == grpc.StatusCode.NOT_FOUND, error.details()
+            assert took < CALL_TIMEOUT_S
+            frame = await _until(converse, lambda f: f.HasField("error"))
+            assert frame.error.code == grpc.StatusCode.NOT_FOUND.value[0]
+            assert run in frame.error.message
+
+            # Logged out through A: the revocation message reaches B; the stream ends.
+            await auth_pb2_grpc.AuthServiceStub(ca).Logout(
+                auth_pb2.LogoutRequest(), metadata=world.member.md, timeout=CALL_TIMEOUT_S
+            )
+            error, took = await _ended(converse)
+            assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error.details()
+            assert reason(error) == "ERROR_REASON_SESSION_REVOKED"
+            assert took < CALL_TIMEOUT_S
+        finally:
+            watch.cancel()
+            converse.cancel()
+            await dispatcher_stub(cb).CancelRun(
+                dpb.CancelRunRequest(name=run), metadata=world.owner.md, timeout=CALL_TIMEOUT_S
+            )
+
+
+async def test_logout_through_a_ends_a_stream_on_b_while_redis_is_paused(
+    pair: tuple[ServeProcess, ServeProcess], redis_server: RedisServer
+) -> None:
+    a, b = pair
+    async with aio.insecure_channel(a.address) as ca, aio.insecure_channel(b.address) as cb:
+        world = _Streams(ca, cb)
+        await world.start()
+        run = await world.steady_run()
+        watch = world.watch(run)
+        try:
+            await _until(watch, _delta)
+            redis_server.pause()
+            try:
+                # A cannot publish the revocation; it waits out the lease, and B,
+                # no longer fresh, re-checks its streams against the database.
+                await auth_pb2_grpc.AuthServiceStub(ca).Logout(
+                    auth_pb2.LogoutRequest(), metadata=world.member.md, timeout=CALL_TIMEOUT_S
+                )
+                error, took = await _ended(watch)
+            finally:
+                redis_server.resume()
+            assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error.details()
+            assert reason(error) == "ERROR_REASON_SESSION_REVOKED"
+            assert took < CALL_TIMEOUT_S
+        finally:
+            watch.cancel()
+            await dispatcher_stub(cb).CancelRun(
+                dpb.CancelRunRequest(name=run), metadata=world.owner.md, timeout=CALL_TIMEOUT_S
+            )
