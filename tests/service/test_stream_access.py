@@ -73,6 +73,7 @@ CREDENTIAL_LOSSES = {
     "revoke_session": SESSION_REVOKED,
     "revoke_all_sessions": SESSION_REVOKED,
     "api_key_revoked": UNAUTHENTICATED,
+    "api_key_expired": UNAUTHENTICATED,
     "token_expired": TOKEN_EXPIRED,
 }
 #: Ways to lose access to the workspace (the credential stays good): NOT_FOUND, as for a unary call.
@@ -109,6 +110,11 @@ class Scene:
     loss: str
 
     @property
+    def expires(self) -> bool:
+        """Whether the loss is the credential running out (no call marks its moment)."""
+        return self.loss in ("token_expired", "api_key_expired")
+
+    @property
     def md(self) -> tuple[tuple[str, str], ...]:
         return bearer(self.credential)
 
@@ -139,7 +145,7 @@ class Scene:
             await auth.RevokeApiKey(
                 auth_pb2.RevokeApiKeyRequest(name=self.api_key), metadata=admin, timeout=DEADLINE_S
             )
-        elif self.loss == "token_expired":
+        elif self.loss in ("token_expired", "api_key_expired"):
             await self.expired()
         elif self.loss == "member_removed":
             await context.RemoveWorkspaceMember(
@@ -207,11 +213,12 @@ async def scene(
     await add_member(context, owner, workspace, victim, cpb.WORKSPACE_ROLE_EDITOR)
     session = f"users/{user.id}/sessions/{stream_in.session.id}"
     credential, api_key = stream_in.tokens.access_token, ""
-    if loss == "api_key_revoked":
+    if loss in ("api_key_revoked", "api_key_expired"):
+        key = auth_pb2.CreateApiKeyRequest(display_name="stream", scopes=["read", "write"])
+        if loss == "api_key_expired":
+            key.expire_time.FromSeconds(int(time.time()) + EXPIRES_IN_S)
         created = await auth_pb2_grpc.AuthServiceStub(channel).CreateApiKey(
-            auth_pb2.CreateApiKeyRequest(display_name="stream", scopes=["read", "write"]),
-            metadata=bearer(admin_in.tokens.access_token),
-            timeout=DEADLINE_S,
+            key, metadata=bearer(admin_in.tokens.access_token), timeout=DEADLINE_S
         )
         credential, api_key, session = created.secret, created.api_key.name, ""
     elif loss == "token_expired":
@@ -455,7 +462,7 @@ async def test_watch_run_ends_with_the_status_and_no_later_delta(scene: Scene) -
         mark = scene.last_sequence(run)
         error = await _failure(call, seen)
         _assert_status(error, scene.loss)
-        if scene.loss != "token_expired":  # expiry has no "moment of the call" to compare with
+        if not scene.expires:  # expiry has no "moment of the call" to compare with
             assert max(u.sequence for u in seen) <= mark, "a delta produced after the loss"
     finally:
         call.cancel()
@@ -509,7 +516,7 @@ async def test_converse_relay_ends_with_the_status_and_no_later_delta(scene: Sce
             assert await converse.rest() == [], "the relay went on after its error"
             assert await converse.call.code() == grpc.StatusCode.OK
         updates = [f.update for f in frames if f.HasField("update")]
-        if scene.loss != "token_expired":
+        if not scene.expires:
             assert all(u.sequence <= mark for u in updates), "a delta produced after the loss"
     finally:
         converse.call.cancel()

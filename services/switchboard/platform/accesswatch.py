@@ -71,6 +71,9 @@ K = TypeVar("K")
 #: Re-check interval while Redis is away. With the default 0.75 s lease this
 #: keeps a revocation made on another process within about 1 s of every stream.
 DEGRADED_RECHECK_S: Final = 0.25
+#: Database lookups one degraded-mode round runs at once: an outage of Redis
+#: must not turn into one of the database. Rounds take longer with more streams.
+SWEEP_CONCURRENCY: Final = 4
 #: After a periodic check could not reach the database: try again this soon.
 RETRY_S: Final = 5.0
 #: A timer that fires a hair early must not find the credential still valid.
@@ -94,22 +97,28 @@ def _consume(future: asyncio.Future[Any]) -> None:
 class _Lookups:
     """One round of checks: each credential and each membership is read at most once."""
 
-    def __init__(self, verifier: CredentialVerifier, memberships: MembershipReader) -> None:
+    def __init__(
+        self,
+        verifier: CredentialVerifier,
+        memberships: MembershipReader,
+        limit: asyncio.Semaphore | None = None,
+    ) -> None:
         self._verifier = verifier
         self._memberships = memberships
+        self._limit = limit
         self._credentials: dict[Principal, asyncio.Future[float | None]] = {}
         self._roles: dict[tuple[str, str, bool], asyncio.Future[Role | None]] = {}
         self.policy = Policy(self)
 
     async def verify(self, principal: Principal) -> float | None:
-        return await _shared(
+        return await self._shared(
             self._credentials, principal, lambda: self._verifier.verify_principal(principal)
         )
 
     async def role_of(
         self, workspace_id: str, user_id: str, *, include_deleted: bool = False
     ) -> Role | None:
-        return await _shared(
+        return await self._shared(
             self._roles,
             (workspace_id, user_id, include_deleted),
             lambda: self._memberships.role_of(
@@ -117,16 +126,24 @@ class _Lookups:
             ),
         )
 
+    async def _shared(
+        self,
+        cache: dict[K, asyncio.Future[T]],
+        key: K,
+        start: Callable[[], Coroutine[Any, Any, T]],
+    ) -> T:
+        future = cache.get(key)
+        if future is None:
+            future = cache[key] = asyncio.ensure_future(self._limited(start))
+            future.add_done_callback(_consume)
+        # Shielded: one waiter giving up does not cancel the lookup for the others.
+        return await asyncio.shield(future)
 
-async def _shared(
-    cache: dict[K, asyncio.Future[T]], key: K, start: Callable[[], Coroutine[Any, Any, T]]
-) -> T:
-    future = cache.get(key)
-    if future is None:
-        future = cache[key] = asyncio.ensure_future(start())
-        future.add_done_callback(_consume)
-    # Shielded: one waiter giving up does not cancel the lookup for the others.
-    return await asyncio.shield(future)
+    async def _limited(self, start: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        if self._limit is None:
+            return await start()
+        async with self._limit:
+            return await start()
 
 
 class _Wake:
@@ -170,6 +187,7 @@ class AccessWatch:
         self._by_key: dict[str, dict[Grant, None]] = {}
         self._by_user: dict[str, dict[Grant, None]] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self._rounds: set[asyncio.Task[None]] = set()
         self._closed = False
         fanout.access_listeners.append(self._access_changed)
 
@@ -203,8 +221,8 @@ class AccessWatch:
         for name in new:
             self._by_name.setdefault(name, {})[grant] = None
 
-    def lookups(self) -> _Lookups:
-        return _Lookups(self._verifier, self._memberships)
+    def lookups(self, limit: asyncio.Semaphore | None = None) -> _Lookups:
+        return _Lookups(self._verifier, self._memberships, limit)
 
     @property
     def reauthorize_s(self) -> float:
@@ -212,9 +230,11 @@ class AccessWatch:
 
     async def close(self) -> None:
         self._closed = True
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            await asyncio.wait([self._sweeper])
+        tasks = [*self._rounds, *([self._sweeper] if self._sweeper is not None else [])]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
         for grant in list(self._grants):
             grant.close()
 
@@ -234,8 +254,15 @@ class AccessWatch:
             grants = self._by_key.get(ident, ())
         elif kind == "user":
             grants = self._by_user.get(ident, ())
-        else:  # a resync, or a kind from a newer peer: anything may have changed
-            grants = self._grants
+        else:
+            # Messages may have been missed (a resync), or a kind from a newer
+            # peer: every stream re-checks, in one round that reads each
+            # credential and membership once.
+            if self._grants and not self._closed:
+                round_ = asyncio.get_running_loop().create_task(self._sweep(), name="access-resync")
+                self._rounds.add(round_)
+                round_.add_done_callback(self._rounds.discard)
+            return
         for grant in list(grants):
             grant.wake(CHANGE)
 
@@ -243,10 +270,12 @@ class AccessWatch:
         # Runs while streams are open; costs one call of degraded() per tick otherwise.
         while self._grants and not self._closed:
             await asyncio.sleep(self._degraded_recheck_s)
-            if not self._degraded():
-                continue
-            lookups = self.lookups()
-            await asyncio.gather(*(grant.sweep(lookups) for grant in list(self._grants)))
+            if self._degraded():
+                await self._sweep()
+
+    async def _sweep(self) -> None:
+        lookups = self.lookups(asyncio.Semaphore(SWEEP_CONCURRENCY))
+        await asyncio.gather(*(grant.sweep(lookups) for grant in list(self._grants)))
 
 
 def _unindex(index: dict[str, dict[Grant, None]], key: str, grant: Grant) -> None:
@@ -285,7 +314,10 @@ class Hold:
 
     def changed(self) -> None:
         if self._on_change is not None:
-            self._on_change()
+            try:
+                self._on_change()
+            except Exception:  # see Grant._notify
+                log.exception("stream access listener failed")
 
     def lose(self, error: SwitchboardError) -> None:
         if self._error is None:
@@ -366,7 +398,6 @@ class Grant:
         self._suspect = False
         self._fail_closed = False
         self._checker: asyncio.Task[None] | None = None
-        self._lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._listeners: list[Callable[[], None]] = []
         self._expiry: asyncio.TimerHandle | None = None
         self._periodic: asyncio.TimerHandle | None = None
@@ -381,13 +412,12 @@ class Grant:
         """Call ``listener`` (synchronously) whenever access may have changed or was lost."""
         self._listeners.append(listener)
 
-    @property
-    def lost(self) -> asyncio.Future[None]:
-        """Done once the credential is lost (``error`` says why)."""
-        return self._lost
-
     async def authorize(self, name: str, permission: Permission, field: str) -> Role | None:
-        """Check one new action like its unary call: credential now, then the policy."""
+        """Check one new action like its unary call: credential now, then the policy.
+
+        A lost credential also ends the grant; an outage fails this action only
+        (UNAVAILABLE, as the unary call would), not the stream.
+        """
         if self.error is not None:
             raise self.error
         watch_name = _watch_name(name, field)
@@ -395,7 +425,7 @@ class Grant:
         self._update_watches()
         try:
             lookups = self._watch.lookups()
-            await self._credential(lookups, fail_closed=True)
+            await self._credential(lookups, fail_closed=False)
             return await lookups.policy.authorize(self.principal, name, permission, field)
         finally:
             left = self._authorizing[watch_name] - 1
@@ -409,7 +439,7 @@ class Grant:
         """Check the credential alone (a new action that names no resource)."""
         if self.error is not None:
             raise self.error
-        await self._credential(self._watch.lookups(), fail_closed=True)
+        await self._credential(self._watch.lookups(), fail_closed=False)
 
     async def hold(
         self,
@@ -429,7 +459,7 @@ class Grant:
         self._update_watches()
         try:
             lookups = self._watch.lookups()
-            await self._credential(lookups, fail_closed=True)
+            await self._credential(lookups, fail_closed=False)
             for name, field in hold.names:
                 await lookups.policy.authorize(self.principal, name, permission, field)
         except BaseException:
@@ -460,8 +490,6 @@ class Grant:
                 timer.cancel()
         if self._checker is not None:
             self._checker.cancel()
-        if not self._lost.done():
-            self._lost.cancel()
         self._holds.clear()
         self._listeners.clear()
         self._watch._forget(self)
@@ -480,8 +508,13 @@ class Grant:
         self._ensure_checker()
 
     def _notify(self) -> None:
-        for listener in list(self._listeners):
-            listener()
+        # Runs inside the bus's delivery and the cache's message handler: a
+        # failing listener must not break those for everyone else.
+        for listener in self._listeners:
+            try:
+                listener()
+            except Exception:
+                log.exception("stream access listener failed")
         for hold in list(self._holds):
             hold.changed()
 
@@ -599,8 +632,6 @@ class Grant:
         if self.error is not None or self._closed:
             return
         self.error = error
-        if not self._lost.done():
-            self._lost.set_result(None)
         for hold in list(self._holds):
             hold.lose(error)
         self._notify()
