@@ -12,14 +12,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import grpc
+import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 from grpc import aio
+from jwt.algorithms import RSAAlgorithm
 
+from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
@@ -32,6 +38,7 @@ from switchboard.platform.errors import DependencyUnavailable
 from switchboard.platform.server import SwitchboardServer
 from tests.conftest import make_settings
 from tests.infra.redis import RedisServer
+from tests.service.authkit import PASSWORD, bearer, register, unique_email
 from tests.service.contextkit import (
     context_stub,
     create_conversation,
@@ -151,6 +158,206 @@ async def test_a_write_whose_event_was_lost_gets_it_without_a_retry() -> None:
             if e.workspace_changed.workspace.display_name == "Renamed"
         ]
         assert len(renamed) == 1
+
+
+# -- auth: every security event of a committed write ------------------------------------
+
+ISSUER = "https://login.example.test/tenant/v2.0"
+AUDIENCE = "switchboard-client-id"
+Act = Callable[[], Awaitable[object]]
+
+
+def _id_token(key: rsa.RSAPrivateKey) -> str:
+    now = int(time.time())
+    claims = {
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": "idp-subject-1",
+        "iat": now,
+        "exp": now + 300,
+        "email": "federated@example.com",
+        "email_verified": True,
+        "name": "Fed Erated",
+    }
+    return jwt.encode(claims, key, algorithm="RS256", headers={"kid": "idp-1"})
+
+
+class AuthWorld:
+    def __init__(self, channel: aio.Channel, idp_key: rsa.RSAPrivateKey) -> None:
+        self.channel = channel
+        self.stub = auth_pb2_grpc.AuthServiceStub(channel)
+        self.idp_key = idp_key
+
+    async def login(self, email: str) -> auth_pb2.LoginResponse:
+        response: auth_pb2.LoginResponse = await self.stub.Login(
+            auth_pb2.LoginRequest(
+                password=auth_pb2.PasswordCredential(email=email, password=PASSWORD)
+            ),
+            timeout=30,
+        )
+        return response
+
+
+async def _register(world: AuthWorld) -> Act:
+    email = unique_email("crash")
+    return lambda: register(world.channel, email)
+
+
+async def _login(world: AuthWorld) -> Act:
+    email = (await register(world.channel)).user.email
+    return lambda: world.login(email)
+
+
+async def _oidc_first_login(world: AuthWorld) -> Act:
+    token = _id_token(world.idp_key)
+    return lambda: world.stub.Login(
+        auth_pb2.LoginRequest(oidc=auth_pb2.OidcCredential(id_token=token)), timeout=10
+    )
+
+
+async def _evicting_login(world: AuthWorld) -> Act:
+    email = (await register(world.channel)).user.email
+    await world.login(email)  # the limit (2) is reached: the next login evicts one
+    return lambda: world.login(email)
+
+
+async def _logout(world: AuthWorld) -> Act:
+    token = (await register(world.channel)).tokens.access_token
+    return lambda: world.stub.Logout(auth_pb2.LogoutRequest(), metadata=bearer(token), timeout=10)
+
+
+async def _revoke_session(world: AuthWorld) -> Act:
+    registered = await register(world.channel)
+    other = (await world.login(registered.user.email)).session.name
+    return lambda: world.stub.RevokeSession(
+        auth_pb2.RevokeSessionRequest(name=other),
+        metadata=bearer(registered.tokens.access_token),
+        timeout=10,
+    )
+
+
+async def _revoke_all_sessions(world: AuthWorld) -> Act:
+    registered = await register(world.channel)
+    await world.login(registered.user.email)
+    return lambda: world.stub.RevokeAllSessions(
+        auth_pb2.RevokeAllSessionsRequest(keep_current=True),
+        metadata=bearer(registered.tokens.access_token),
+        timeout=10,
+    )
+
+
+async def _refresh_reuse(world: AuthWorld) -> Act:
+    spent = (await register(world.channel)).tokens.refresh_token
+    await world.stub.RefreshToken(auth_pb2.RefreshTokenRequest(refresh_token=spent), timeout=10)
+    return lambda: world.stub.RefreshToken(
+        auth_pb2.RefreshTokenRequest(refresh_token=spent), timeout=10
+    )
+
+
+async def _create_api_key(world: AuthWorld) -> Act:
+    token = (await register(world.channel)).tokens.access_token
+    return lambda: world.stub.CreateApiKey(
+        auth_pb2.CreateApiKeyRequest(display_name="ci"), metadata=bearer(token), timeout=10
+    )
+
+
+async def _revoke_api_key(world: AuthWorld) -> Act:
+    token = (await register(world.channel)).tokens.access_token
+    key = await world.stub.CreateApiKey(
+        auth_pb2.CreateApiKeyRequest(display_name="ci"), metadata=bearer(token), timeout=10
+    )
+    return lambda: world.stub.RevokeApiKey(
+        auth_pb2.RevokeApiKeyRequest(name=key.api_key.name), metadata=bearer(token), timeout=10
+    )
+
+
+S = events_pb2
+#: Every auth write with a security event: (its event, what the client is answered, setup).
+AUTH_WRITES: dict[str, tuple[int, grpc.StatusCode, Callable[[AuthWorld], Awaitable[Act]]]] = {
+    "register": (S.SECURITY_EVENT_KIND_LOGIN_SUCCEEDED, grpc.StatusCode.OK, _register),
+    "login": (S.SECURITY_EVENT_KIND_LOGIN_SUCCEEDED, grpc.StatusCode.OK, _login),
+    "oidc-first-login": (
+        S.SECURITY_EVENT_KIND_LOGIN_SUCCEEDED,
+        grpc.StatusCode.OK,
+        _oidc_first_login,
+    ),
+    "login-evicting-a-session": (
+        S.SECURITY_EVENT_KIND_SESSION_REVOKED,
+        grpc.StatusCode.OK,
+        _evicting_login,
+    ),
+    "logout": (S.SECURITY_EVENT_KIND_SESSION_REVOKED, grpc.StatusCode.OK, _logout),
+    "revoke-session": (S.SECURITY_EVENT_KIND_SESSION_REVOKED, grpc.StatusCode.OK, _revoke_session),
+    "revoke-all-sessions": (
+        S.SECURITY_EVENT_KIND_SESSION_REVOKED,
+        grpc.StatusCode.OK,
+        _revoke_all_sessions,
+    ),
+    "refresh-reuse": (
+        S.SECURITY_EVENT_KIND_REFRESH_REUSE_DETECTED,
+        grpc.StatusCode.UNAUTHENTICATED,  # the reuse is refused, the session revoked
+        _refresh_reuse,
+    ),
+    "create-api-key": (S.SECURITY_EVENT_KIND_API_KEY_CREATED, grpc.StatusCode.OK, _create_api_key),
+    "revoke-api-key": (S.SECURITY_EVENT_KIND_API_KEY_REVOKED, grpc.StatusCode.OK, _revoke_api_key),
+}
+
+
+@pytest.fixture(scope="module")
+def idp_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.mark.parametrize("write", list(AUTH_WRITES))
+async def test_an_auth_write_whose_event_was_lost_gets_it(
+    write: str, database_url: str, tmp_path: Path, idp_key: rsa.RSAPrivateKey
+) -> None:
+    kind, answered, prepare = AUTH_WRITES[write]
+    jwk = json.loads(RSAAlgorithm.to_jwk(idp_key.public_key()))
+    jwk.update({"kid": "idp-1", "alg": "RS256", "use": "sig"})
+    jwks_file = tmp_path / "jwks.json"
+    jwks_file.write_text(json.dumps({"keys": [jwk]}))
+    server, _ = await create_server(
+        make_settings(
+            database_url=database_url,
+            max_sessions_per_user=2,
+            oidc_issuer=ISSUER,
+            oidc_audience=AUDIENCE,
+            oidc_jwks_file=str(jwks_file),
+        )
+    )
+    await server.start()
+    try:
+        async with aio.insecure_channel(server.address) as channel:
+            act = await prepare(AuthWorld(channel, idp_key))
+            outbox = server.deps.bus.outbox
+            assert outbox is not None
+            # The relay takes rows this old (5 s in production) sooner, to keep the test short.
+            outbox._grace_s = 1.0
+            refusal = RefusedOnce(
+                server,
+                lambda e: e.type == events_pb2.EVENT_TYPE_SECURITY and e.security.kind == kind,
+            )
+            code = grpc.StatusCode.OK
+            try:
+                await act()
+            except aio.AioRpcError as exc:
+                code = exc.code()
+            lost = [e for e in refusal.refused if e.security.kind == kind]
+            assert lost, "the write published no such event"
+            ids = {e.id for e in refusal.refused}
+
+            async def published() -> bool:
+                return ids <= {e.id for e in server.deps.bus.recent()}
+
+            # The process "died" after the commit: the relay publishes the written events.
+            await eventually(published, f"the outbox relay to publish {write}'s events")
+            logged_ids = [e.id for e in server.deps.bus.recent() if e.id in ids]
+            assert sorted(logged_ids) == sorted(ids), "an event was published twice"
+            # The write was committed: the client is answered as if nothing went wrong.
+            assert code == answered
+    finally:
+        await server.shutdown(grace=0)
 
 
 # -- a run's stored state never contradicts its events -----------------------------------

@@ -12,8 +12,9 @@ import hashlib
 import ipaddress
 import logging
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from switchboard.api.auth.v1 import auth_pb2
 from switchboard.api.events.v1 import events_pb2
@@ -43,10 +44,13 @@ from switchboard.platform.models import (
     UserRow,
 )
 from switchboard.platform.names import etag_version
+from switchboard.platform.outbox import Staged
 from switchboard.platform.pagination import ID, ISO_TIME, PageTokens, fingerprint
 from switchboard.platform.policy import ALL_SCOPES, AuthMethod, Principal, Scope
 
 log = logging.getLogger("switchboard.security")
+
+_T = TypeVar("_T")
 
 MAX_EMAIL = 254
 MAX_DISPLAY_NAME = 200
@@ -178,6 +182,80 @@ def throttle_address(address: str) -> str:
     return str(ip)
 
 
+@dataclass(frozen=True)
+class Security:
+    """One security event: a structured log line, and an event when a user is concerned."""
+
+    kind: events_pb2.SecurityEventKind.ValueType
+    user_id: str
+    session_id: str = ""
+    api_key_id: str = ""
+    client: ClientContext | None = None
+    #: For the log line only.
+    detail: str = ""
+
+    def log(self) -> None:
+        name = events_pb2.SecurityEventKind.Name(self.kind).removeprefix("SECURITY_EVENT_KIND_")
+        client = self.client
+        log.info(
+            "security event",
+            extra={
+                "event": name.lower(),
+                "user": self.user_id,
+                "session": self.session_id,
+                "key_id": self.api_key_id,
+                "client_address": client.address if client else "",
+                "detail": self.detail,
+            },
+        )
+
+    def event(self) -> events_pb2.Event | None:
+        if not self.user_id:
+            return None
+        user = f"users/{self.user_id}"
+        client = self.client
+        payload = events_pb2.SecurityEvent(
+            kind=self.kind,
+            session=f"{user}/sessions/{self.session_id}" if self.session_id else "",
+            api_key=f"{user}/apiKeys/{self.api_key_id}" if self.api_key_id else "",
+            client_address=client.address if client else "",
+        )
+        if client is not None:
+            payload.client_info.CopyFrom(
+                auth_pb2.ClientInfo(user_agent=client.user_agent, device_name=client.device_name)
+            )
+        return events_pb2.Event(
+            type=events_pb2.EVENT_TYPE_SECURITY,
+            actor=events_pb2.Actor(name=user),
+            user=user,
+            security=payload,
+        )
+
+
+class Audit(Generic[_T]):
+    """The security events of one write (``platform/outbox.py``): built from its
+    result and written in its transaction (pass ``staged`` to the store), then
+    logged and published after the commit (``done``). A crash in between loses
+    nothing: the outbox relay of any process publishes what was written.
+    """
+
+    def __init__(self, bus: EventBus, notes: Callable[[_T], Iterable[Security]]) -> None:
+        self._bus = bus
+        self._notes = notes
+        self._taken: list[Security] = []
+        self.staged: Staged[_T] = Staged(bus.outbox, self._build)
+
+    def _build(self, result: _T) -> list[events_pb2.Event]:
+        self._taken = list(self._notes(result))
+        return [event for note in self._taken if (event := note.event()) is not None]
+
+    async def done(self) -> None:
+        """After the commit: log each event, publish them (never raises; see publish_staged)."""
+        for note in self._taken:
+            note.log()
+        await self._bus.publish_staged(self.staged.events)
+
+
 class Accounts:
     def __init__(
         self,
@@ -208,49 +286,15 @@ class Accounts:
 
     # Security events: a structured log line always, an event when a user is concerned.
 
-    async def _security(
-        self,
-        kind: events_pb2.SecurityEventKind.ValueType,
-        *,
-        user_id: str = "",
-        session_id: str = "",
-        api_key_id: str = "",
-        client: ClientContext | None = None,
-        detail: str = "",
-    ) -> None:
-        name = events_pb2.SecurityEventKind.Name(kind).removeprefix("SECURITY_EVENT_KIND_")
-        log.info(
-            "security event",
-            extra={
-                "event": name.lower(),
-                "user": user_id,
-                "session": session_id,
-                "key_id": api_key_id,
-                "client_address": client.address if client else "",
-                "detail": detail,
-            },
-        )
-        if not user_id:
-            return
-        user = f"users/{user_id}"
-        payload = events_pb2.SecurityEvent(
-            kind=kind,
-            session=f"{user}/sessions/{session_id}" if session_id else "",
-            api_key=f"{user}/apiKeys/{api_key_id}" if api_key_id else "",
-            client_address=client.address if client else "",
-        )
-        if client is not None:
-            payload.client_info.CopyFrom(
-                auth_pb2.ClientInfo(user_agent=client.user_agent, device_name=client.device_name)
-            )
-        await self._bus.publish(
-            events_pb2.Event(
-                type=events_pb2.EVENT_TYPE_SECURITY,
-                actor=events_pb2.Actor(name=user),
-                user=user,
-                security=payload,
-            )
-        )
+    def _audit(self, notes: Callable[[_T], Iterable[Security]]) -> Audit[_T]:
+        return Audit(self._bus, notes)
+
+    async def _security(self, note: Security) -> None:
+        """A security event that comes with no write (a failed sign-in): published now."""
+        note.log()
+        event = note.event()
+        if event is not None:
+            await self._bus.publish(event)
 
     # Rate limits.
 
@@ -292,11 +336,40 @@ class Accounts:
     # Sign-in.
 
     async def start_session(
-        self, user: UserRow, method: AuthMethod, client: ClientContext
+        self,
+        user: UserRow,
+        method: AuthMethod,
+        client: ClientContext,
+        *,
+        signed_in: str | None = None,
     ) -> SignIn:
+        """A new session for ``user``; with ``signed_in`` (the event's detail), its
+        LOGIN_SUCCEEDED event written with it. Sessions evicted to make room
+        have their SESSION_REVOKED written with it either way."""
         refresh = self._secrets.new_refresh_token()
         now = utcnow()
         expires = now + dt.timedelta(seconds=self._limits.refresh_ttl_s)
+
+        def notes(result: tuple[SessionRow, list[str]]) -> list[Security]:
+            session, evicted = result
+            revoked = events_pb2.SECURITY_EVENT_KIND_SESSION_REVOKED
+            found = [
+                Security(revoked, user.id, session_id=ident, detail="session_limit")
+                for ident in evicted
+            ]
+            if signed_in is not None:
+                found.append(
+                    Security(
+                        events_pb2.SECURITY_EVENT_KIND_LOGIN_SUCCEEDED,
+                        user.id,
+                        session_id=session.id,
+                        client=client,
+                        detail=signed_in,
+                    )
+                )
+            return found
+
+        audit = self._audit(notes)
         session, evicted = await self._store.create_session(
             user_id=user.id,
             auth_method=method.value,
@@ -306,9 +379,11 @@ class Accounts:
             expires_at=expires,
             refresh_digest=refresh.digest,
             max_sessions=self._limits.max_sessions_per_user,
+            staged=audit.staged,
         )
         for session_id in evicted:
             await self._authenticator.announce("session", session_id)
+        await audit.done()
         access, claims = self._tokens.issue(
             subject=user.id, session=session.id, scopes=[s.value for s in SESSION_SCOPES]
         )
@@ -324,15 +399,7 @@ class Accounts:
     async def _signed_in(
         self, user: UserRow, method: AuthMethod, client: ClientContext, detail: str = ""
     ) -> SignIn:
-        sign_in = await self.start_session(user, method, client)
-        await self._security(
-            events_pb2.SECURITY_EVENT_KIND_LOGIN_SUCCEEDED,
-            user_id=user.id,
-            session_id=sign_in.session.id,
-            client=client,
-            detail=detail,
-        )
-        return sign_in
+        return await self.start_session(user, method, client, signed_in=detail)
 
     async def register(
         self, email: str, password: str, display_name: str, client: ClientContext
@@ -388,11 +455,14 @@ class Accounts:
         stored = user.password_hash if user is not None else None
         # Unknown user and wrong password take the same path and time.
         if not await self._hasher.verify(stored, password) or user is None or stored is None:
+            # No write to stage it with, and a guess must stay cheap: published directly.
             await self._security(
-                events_pb2.SECURITY_EVENT_KIND_LOGIN_FAILED,
-                user_id=user.id if user is not None else "",
-                client=client,
-                detail="bad password",
+                Security(
+                    events_pb2.SECURITY_EVENT_KIND_LOGIN_FAILED,
+                    user.id if user is not None else "",
+                    client=client,
+                    detail="bad password",
+                )
             )
             raise Unauthenticated(INVALID_LOGIN)
         for key in counted:
@@ -440,14 +510,16 @@ class Accounts:
         session = result.session
         if result.outcome == "reused" and session is not None:
             # A spent token came back: someone holds a copy. End the whole family.
-            await self._store.revoke_session_by_id(session.id, "refresh_reuse")
-            await self._authenticator.announce("session", session.id)
-            await self._security(
+            reused = Security(
                 events_pb2.SECURITY_EVENT_KIND_REFRESH_REUSE_DETECTED,
-                user_id=session.user_id,
+                session.user_id,
                 session_id=session.id,
                 client=client,
             )
+            audit: Audit[None] = self._audit(lambda _: [reused])
+            await self._store.revoke_session_by_id(session.id, "refresh_reuse", audit.staged)
+            await self._authenticator.announce("session", session.id)
+            await audit.done()
             raise SessionRevoked("refresh token reuse detected; the session has been revoked")
         if result.outcome != "rotated" or session is None:
             raise Unauthenticated("invalid refresh token")
@@ -464,16 +536,18 @@ class Accounts:
     # Sessions.
 
     async def _revoke(self, principal: Principal, session_id: str, reason: str) -> SessionRow:
-        row = await self._store.revoke_session(principal.user_id, session_id, reason)
-        if row is None:
-            raise NotFound(f"users/{principal.user_id}/sessions/{session_id} not found")
-        await self._authenticator.announce("session", session_id)
-        await self._security(
+        revoked = Security(
             events_pb2.SECURITY_EVENT_KIND_SESSION_REVOKED,
-            user_id=principal.user_id,
+            principal.user_id,
             session_id=session_id,
             detail=reason,
         )
+        audit: Audit[SessionRow | None] = self._audit(lambda row: [revoked] if row else [])
+        row = await self._store.revoke_session(principal.user_id, session_id, reason, audit.staged)
+        if row is None:
+            raise NotFound(f"users/{principal.user_id}/sessions/{session_id} not found")
+        await self._authenticator.announce("session", session_id)
+        await audit.done()
         return row
 
     async def logout(self, principal: Principal) -> None:
@@ -486,16 +560,23 @@ class Accounts:
 
     async def revoke_all_sessions(self, principal: Principal, keep_current: bool) -> int:
         keep = principal.session_id if keep_current else ""
-        revoked = await self._store.revoke_all_sessions(principal.user_id, keep, "revoke_all")
+        audit: Audit[list[str]] = self._audit(
+            lambda ids: [
+                Security(
+                    events_pb2.SECURITY_EVENT_KIND_SESSION_REVOKED,
+                    principal.user_id,
+                    session_id=session_id,
+                    detail="revoke_all",
+                )
+                for session_id in ids
+            ]
+        )
+        revoked = await self._store.revoke_all_sessions(
+            principal.user_id, keep, "revoke_all", audit.staged
+        )
         if revoked:
             await self._authenticator.announce("user", principal.user_id)
-        for session_id in revoked:
-            await self._security(
-                events_pb2.SECURITY_EVENT_KIND_SESSION_REVOKED,
-                user_id=principal.user_id,
-                session_id=session_id,
-                detail="revoke_all",
-            )
+        await audit.done()
         return len(revoked)
 
     async def list_sessions(
@@ -558,6 +639,10 @@ class Accounts:
         if violations:
             raise InvalidArgument("the API key request is invalid", violations)
         key_id, issued = self._secrets.new_api_key()
+        created = Security(
+            events_pb2.SECURITY_EVENT_KIND_API_KEY_CREATED, principal.user_id, api_key_id=key_id
+        )
+        audit: Audit[ApiKeyRow | None] = self._audit(lambda row: [created] if row else [])
         row = await self._store.create_api_key(
             key_id=key_id,
             user_id=principal.user_id,
@@ -566,17 +651,14 @@ class Accounts:
             scopes=" ".join(sorted(s.value for s in chosen)),
             expires_at=expires_at,
             max_keys=self._limits.max_api_keys_per_user,
+            staged=audit.staged,
         )
         if row is None:
             raise QuotaExceeded(
                 f"at most {self._limits.max_api_keys_per_user} live API keys per user",
                 subject="api_keys_per_user",
             )
-        await self._security(
-            events_pb2.SECURITY_EVENT_KIND_API_KEY_CREATED,
-            user_id=principal.user_id,
-            api_key_id=key_id,
-        )
+        await audit.done()
         return row, issued.secret
 
     async def list_api_keys(
@@ -593,15 +675,15 @@ class Accounts:
         return self._page(rows, limit, request)
 
     async def revoke_api_key(self, principal: Principal, key_id: str) -> ApiKeyRow:
-        row = await self._store.revoke_api_key(principal.user_id, key_id)
+        revoked = Security(
+            events_pb2.SECURITY_EVENT_KIND_API_KEY_REVOKED, principal.user_id, api_key_id=key_id
+        )
+        audit: Audit[ApiKeyRow | None] = self._audit(lambda row: [revoked] if row else [])
+        row = await self._store.revoke_api_key(principal.user_id, key_id, audit.staged)
         if row is None:
             raise NotFound(f"users/{principal.user_id}/apiKeys/{key_id} not found")
         await self._authenticator.announce("apikey", key_id)
-        await self._security(
-            events_pb2.SECURITY_EVENT_KIND_API_KEY_REVOKED,
-            user_id=principal.user_id,
-            api_key_id=key_id,
-        )
+        await audit.done()
         return row
 
     # The user record.

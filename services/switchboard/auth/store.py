@@ -11,7 +11,7 @@ import datetime as dt
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Select, and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -25,6 +25,7 @@ from switchboard.platform.models import (
     SessionRow,
     UserRow,
 )
+from switchboard.platform.outbox import Staged, staged_in
 
 
 def new_id() -> str:
@@ -65,7 +66,11 @@ Keyset = tuple[dt.datetime, str]
 
 
 class AuthStore:
-    """SQL for the auth service; takes and returns ORM rows (never proto)."""
+    """SQL for the auth service; takes and returns ORM rows (never proto).
+
+    A write with events takes them as ``staged`` (``platform/outbox.py``):
+    they are built from the write's result and written in its transaction.
+    """
 
     def __init__(self, database: Database) -> None:
         self._sessions = database.sessions
@@ -183,6 +188,7 @@ class AuthStore:
         expires_at: dt.datetime,
         refresh_digest: str,
         max_sessions: int,
+        staged: Staged[Any] | None = None,
     ) -> tuple[SessionRow, list[str]]:
         """A new session with its first refresh token, and the ids of sessions
         evicted (revoked) to keep the user within ``max_sessions`` live ones."""
@@ -230,7 +236,7 @@ class AuthStore:
                     used_at=None,
                 )
             )
-        return session, evicted
+            return await staged_in(db, staged, (session, evicted))
 
     async def redeem_refresh_token(
         self, digest: str, new_digest: str, now: dt.datetime
@@ -300,7 +306,9 @@ class AuthStore:
             query = query.where(SessionRow.revoked_at.is_(None), SessionRow.expires_at > now)
         return await self._page(query, SessionRow, limit, after)
 
-    async def revoke_session(self, user_id: str, session_id: str, reason: str) -> SessionRow | None:
+    async def revoke_session(
+        self, user_id: str, session_id: str, reason: str, staged: Staged[Any] | None = None
+    ) -> SessionRow | None:
         """Revoke one of the user's sessions (idempotent); None if it is not theirs."""
         now = utcnow()
         async with self._sessions.begin() as db:
@@ -310,18 +318,21 @@ class AuthStore:
             if row.revoked_at is None:
                 row.revoked_at = now
                 row.revoke_reason = reason
-        return row
+            return await staged_in(db, staged, row)
 
-    async def revoke_session_by_id(self, session_id: str, reason: str) -> None:
+    async def revoke_session_by_id(
+        self, session_id: str, reason: str, staged: Staged[Any] | None = None
+    ) -> None:
         async with self._sessions.begin() as db:
             await db.execute(
                 update(SessionRow)
                 .where(SessionRow.id == session_id, SessionRow.revoked_at.is_(None))
                 .values(revoked_at=utcnow(), revoke_reason=reason)
             )
+            await staged_in(db, staged, None)
 
     async def revoke_all_sessions(
-        self, user_id: str, keep_session_id: str, reason: str
+        self, user_id: str, keep_session_id: str, reason: str, staged: Staged[Any] | None = None
     ) -> list[str]:
         now = utcnow()
         async with self._sessions.begin() as db:
@@ -342,7 +353,7 @@ class AuthStore:
                     .where(SessionRow.id.in_(ids))
                     .values(revoked_at=now, revoke_reason=reason)
                 )
-        return ids
+            return await staged_in(db, staged, ids)
 
     # API keys.
 
@@ -356,6 +367,7 @@ class AuthStore:
         scopes: str,
         expires_at: dt.datetime | None,
         max_keys: int,
+        staged: Staged[Any] | None = None,
     ) -> ApiKeyRow | None:
         """The new key; None if the user already has ``max_keys`` live keys."""
         now = utcnow()
@@ -385,7 +397,7 @@ class AuthStore:
             if live >= max_keys:
                 return None
             db.add(row)
-        return row
+            return await staged_in(db, staged, row)
 
     async def api_key(self, key_id: str) -> ApiKeyRow | None:
         async with self._readers() as db:
@@ -403,14 +415,16 @@ class AuthStore:
             )
         return await self._page(query, ApiKeyRow, limit, after)
 
-    async def revoke_api_key(self, user_id: str, key_id: str) -> ApiKeyRow | None:
+    async def revoke_api_key(
+        self, user_id: str, key_id: str, staged: Staged[Any] | None = None
+    ) -> ApiKeyRow | None:
         async with self._sessions.begin() as db:
             row = await db.get(ApiKeyRow, key_id)
             if row is None or row.user_id != user_id:
                 return None
             if row.revoked_at is None:
                 row.revoked_at = utcnow()
-        return row
+            return await staged_in(db, staged, row)
 
     async def touch_api_key(self, key_id: str, when: dt.datetime) -> None:
         async with self._sessions.begin() as db:

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Final, Generic, TypeVar
 
 from sqlalchemy import bindparam, select
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from switchboard.api.events.v1 import events_pb2
@@ -230,20 +231,24 @@ class Staged(Generic[_T]):
         self._key = key
         self.events: list[events_pb2.Event] = []
 
+    def write(self, db: Session, result: _T) -> None:
+        """Build the events of ``result`` and write them in ``db``'s transaction."""
+        built = self._build(result)
+        outbox = self._outbox
+        if built is None:
+            self.events = outbox.leftovers(db, self._key) if outbox and self._key else []
+            return
+        self.events = list(built)
+        if outbox is not None:
+            outbox.stage(db, self.events, self._key)
+        else:
+            for event in self.events:
+                stamp(event)
+
     def wrap(self, work: Callable[[Session], _T]) -> Callable[[Session], _T]:
         def staged(db: Session) -> _T:
             result = work(db)
-            built = self._build(result)
-            outbox = self._outbox
-            if built is None:
-                self.events = outbox.leftovers(db, self._key) if outbox and self._key else []
-                return result
-            self.events = list(built)
-            if outbox is not None:
-                outbox.stage(db, self.events, self._key)
-            else:
-                for event in self.events:
-                    stamp(event)
+            self.write(db, result)
             return result
 
         return staged
@@ -252,3 +257,11 @@ class Staged(Generic[_T]):
 def staging(staged: Staged[_T] | None, work: Callable[[Session], _T]) -> Callable[[Session], _T]:
     """``work`` with ``staged``'s events written in its transaction (``work`` itself if None)."""
     return work if staged is None else staged.wrap(work)
+
+
+async def staged_in(db: AsyncSession, staged: Staged[_T] | None, result: _T) -> _T:
+    """``staging`` for a store whose transaction is an ``AsyncSession`` (auth): call it
+    last in the transaction, with the result the transaction returns."""
+    if staged is not None:
+        await db.run_sync(staged.write, result)
+    return result
