@@ -304,7 +304,9 @@ class Hold:
         self.permission = permission
         self._on_change = on_change
         self._error: SwitchboardError | None = None
-        self._lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._released = False
+        # Readers in ``guard`` waiting for the source: woken when access is lost.
+        self._wakers: list[Callable[[], None]] = []
         self.owners = tuple(dict.fromkeys(_watch_name(name, field) for name, field in names))
 
     @property
@@ -322,15 +324,18 @@ class Hold:
     def lose(self, error: SwitchboardError) -> None:
         if self._error is None:
             self._error = error
-        if not self._lost.done():
-            self._lost.set_result(None)
+        self._wake()
         self.changed()
 
     def release(self) -> None:
         """The stream stopped relaying these resources."""
         self.grant.release(self)
-        if not self._lost.done():
-            self._lost.cancel()
+        self._released = True
+        self._wake()
+
+    def _wake(self) -> None:
+        for wake in list(self._wakers):
+            wake()
 
     async def confirm(self) -> None:
         """Return once access is confirmed after every change so far; raise if it was lost."""
@@ -342,35 +347,64 @@ class Hold:
         """``source``'s items while access holds; raises ``error`` as soon as it is lost.
 
         Ends even while ``source`` is idle, and releases nothing produced after
-        a change until access is confirmed again.
+        a change until access is confirmed again. ``source`` runs in a task of
+        its own (one task throughout, so its timeouts and context stay its own)
+        that is at most one item ahead, and is closed when this ends.
         """
-        step: asyncio.Future[T] | None = None
+        queue: asyncio.Queue[T | _Signal] = asyncio.Queue(maxsize=1)
+
+        def wake() -> None:
+            # A full queue means the reader is not waiting; it checks before its next read.
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(_WAKE)
+
+        pump = asyncio.get_running_loop().create_task(_pump(source, queue), name="access-guard")
+        self._wakers.append(wake)
         try:
             while True:
                 error = self.error
                 if error is not None:
                     raise error
-                step = asyncio.ensure_future(anext(source))
-                step.add_done_callback(_consume)
-                await asyncio.wait((step, self._lost), return_when=asyncio.FIRST_COMPLETED)
-                if not step.done():
-                    if self.error is None:
-                        return  # released: the stream stopped relaying these
-                    continue  # lost: the loop raises the error, ``finally`` stops the source
-                try:
-                    item = step.result()
-                except StopAsyncIteration:
+                if self._released:
                     return
+                item = await queue.get()
+                if isinstance(item, _Signal):
+                    if item.failure is not None:
+                        raise item.failure
+                    if item is _END:
+                        return
+                    continue
                 await self.confirm()
                 yield item
         finally:
-            if step is not None and not step.done():
-                step.cancel()
-                await asyncio.wait((step,))
-            aclose = getattr(source, "aclose", None)
-            if aclose is not None:
-                with contextlib.suppress(Exception):
-                    await aclose()
+            self._wakers.remove(wake)
+            pump.cancel()
+            await asyncio.wait((pump,))
+
+
+class _Signal:
+    """Not an item: the source ended or failed, or access may have changed."""
+
+    def __init__(self, failure: BaseException | None = None) -> None:
+        self.failure = failure
+
+
+_END: Final = _Signal()
+_WAKE: Final = _Signal()
+
+
+async def _pump(source: AsyncIterator[T], queue: asyncio.Queue[T | _Signal]) -> None:
+    try:
+        async for item in source:
+            await queue.put(item)
+        await queue.put(_END)
+    except Exception as exc:  # noqa: BLE001 - re-raised by the reader, whose caller maps it
+        await queue.put(_Signal(exc))
+    finally:
+        aclose = getattr(source, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):
+                await aclose()
 
 
 def _watch_name(name: str, field: str) -> str:
