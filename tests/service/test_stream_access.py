@@ -57,7 +57,7 @@ pytestmark = pytest.mark.asyncio
 _EOF: Any = getattr(grpc.aio, "EOF")  # noqa: B009
 
 #: The access token of an "expiry" case stops verifying this long after it is issued.
-EXPIRES_IN_S = 4
+EXPIRES_IN_S = 5
 #: A run that keeps producing deltas for the whole test: 3,000 words, 20 ms apart.
 STEADY = " ".join(["w"] * 3000)
 STEADY_DELAY_MS = 20
