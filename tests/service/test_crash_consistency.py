@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from grpc import aio
 from jwt.algorithms import RSAAlgorithm
+from sqlalchemy import event as sql_event
+from sqlalchemy import select
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.context.v1 import context_pb2 as cpb
@@ -35,10 +37,11 @@ from switchboard.dispatcher.store import TERMINAL
 from switchboard.mesh import create_server
 from switchboard.platform.db import DatabaseUnavailable
 from switchboard.platform.errors import DependencyUnavailable
+from switchboard.platform.models import UserRow
 from switchboard.platform.server import SwitchboardServer
 from tests.conftest import make_settings
 from tests.infra.redis import RedisServer
-from tests.service.authkit import PASSWORD, bearer, register, unique_email
+from tests.service.authkit import PASSWORD, bearer, register, unique_email, user_id
 from tests.service.contextkit import (
     context_stub,
     create_conversation,
@@ -308,11 +311,11 @@ def idp_key() -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
-@pytest.mark.parametrize("write", list(AUTH_WRITES))
-async def test_an_auth_write_whose_event_was_lost_gets_it(
-    write: str, database_url: str, tmp_path: Path, idp_key: rsa.RSAPrivateKey
-) -> None:
-    kind, answered, prepare = AUTH_WRITES[write]
+@contextlib.asynccontextmanager
+async def _auth_server(
+    database_url: str, tmp_path: Path, idp_key: rsa.RSAPrivateKey
+) -> AsyncIterator[tuple[SwitchboardServer, AuthWorld]]:
+    """A server with password and OIDC sign-in (at most 2 sessions per user)."""
     jwk = json.loads(RSAAlgorithm.to_jwk(idp_key.public_key()))
     jwk.update({"kid": "idp-1", "alg": "RS256", "use": "sig"})
     jwks_file = tmp_path / "jwks.json"
@@ -329,35 +332,112 @@ async def test_an_auth_write_whose_event_was_lost_gets_it(
     await server.start()
     try:
         async with aio.insecure_channel(server.address) as channel:
-            act = await prepare(AuthWorld(channel, idp_key))
-            outbox = server.deps.bus.outbox
-            assert outbox is not None
-            # The relay takes rows this old (5 s in production) sooner, to keep the test short.
-            outbox._grace_s = 1.0
-            refusal = RefusedOnce(
-                server,
-                lambda e: e.type == events_pb2.EVENT_TYPE_SECURITY and e.security.kind == kind,
-            )
-            code = grpc.StatusCode.OK
-            try:
-                await act()
-            except aio.AioRpcError as exc:
-                code = exc.code()
-            lost = [e for e in refusal.refused if e.security.kind == kind]
-            assert lost, "the write published no such event"
-            ids = {e.id for e in refusal.refused}
-
-            async def published() -> bool:
-                return ids <= {e.id for e in server.deps.bus.recent()}
-
-            # The process "died" after the commit: the relay publishes the written events.
-            await eventually(published, f"the outbox relay to publish {write}'s events")
-            logged_ids = [e.id for e in server.deps.bus.recent() if e.id in ids]
-            assert sorted(logged_ids) == sorted(ids), "an event was published twice"
-            # The write was committed: the client is answered as if nothing went wrong.
-            assert code == answered
+            yield server, AuthWorld(channel, idp_key)
     finally:
         await server.shutdown(grace=0)
+
+
+@pytest.mark.parametrize("write", list(AUTH_WRITES))
+async def test_an_auth_write_whose_event_was_lost_gets_it(
+    write: str, database_url: str, tmp_path: Path, idp_key: rsa.RSAPrivateKey
+) -> None:
+    kind, answered, prepare = AUTH_WRITES[write]
+    async with _auth_server(database_url, tmp_path, idp_key) as (server, world):
+        act = await prepare(world)
+        outbox = server.deps.bus.outbox
+        assert outbox is not None
+        # The relay takes rows this old (5 s in production) sooner, to keep the test short.
+        outbox._grace_s = 1.0
+        refusal = RefusedOnce(
+            server,
+            lambda e: e.type == events_pb2.EVENT_TYPE_SECURITY and e.security.kind == kind,
+        )
+        code = grpc.StatusCode.OK
+        try:
+            await act()
+        except aio.AioRpcError as exc:
+            code = exc.code()
+        lost = [e for e in refusal.refused if e.security.kind == kind]
+        assert lost, "the write published no such event"
+        ids = {e.id for e in refusal.refused}
+
+        async def published() -> bool:
+            return ids <= {e.id for e in server.deps.bus.recent()}
+
+        # The process "died" after the commit: the relay publishes the written events.
+        await eventually(published, f"the outbox relay to publish {write}'s events")
+        logged_ids = [e.id for e in server.deps.bus.recent() if e.id in ids]
+        assert sorted(logged_ids) == sorted(ids), "an event was published twice"
+        # The write was committed: the client is answered as if nothing went wrong.
+        assert code == answered
+
+
+class FailsOnce:
+    """The database goes away at the first statement that starts with ``prefix``
+    (as if the connection dropped there): everything before it in the same
+    transaction must be undone, nothing may stay half-written."""
+
+    def __init__(self, server: SwitchboardServer, prefix: str) -> None:
+        self.failed = False
+        self._prefix = prefix
+        self._engine = server.deps.database.engine.sync_engine
+        sql_event.listen(self._engine, "before_cursor_execute", self._before)
+
+    def _before(self, _conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if not self.failed and statement.lstrip().upper().startswith(self._prefix):
+            self.failed = True
+            raise DatabaseUnavailable()
+
+    def remove(self) -> None:
+        sql_event.remove(self._engine, "before_cursor_execute", self._before)
+
+
+async def _users_with(server: SwitchboardServer, email: str) -> list[str]:
+    async with server.deps.database.readers() as db:
+        return list((await db.execute(select(UserRow.id).where(UserRow.email == email))).scalars())
+
+
+#: Each step of a first sign-in that comes after the user's own insert.
+_AFTER_THE_USER = {
+    "session": "INSERT INTO SESSIONS",
+    "refresh-token": "INSERT INTO REFRESH_TOKENS",
+    "event": "INSERT INTO EVENT_OUTBOX",
+}
+
+
+@pytest.mark.parametrize("step", list(_AFTER_THE_USER))
+@pytest.mark.parametrize("how", ["register", "oidc-first-login"])
+async def test_a_first_sign_in_that_fails_midway_leaves_no_account_and_its_retry_works(
+    how: str, step: str, database_url: str, tmp_path: Path, idp_key: rsa.RSAPrivateKey
+) -> None:
+    async with _auth_server(database_url, tmp_path, idp_key) as (server, world):
+        email = unique_email("midway")
+        token = _id_token(idp_key)
+
+        async def sign_in() -> tuple[auth_pb2.User, auth_pb2.Session]:
+            if how == "register":
+                registered = await register(world.channel, email)
+                return registered.user, registered.session
+            response = await world.stub.Login(
+                auth_pb2.LoginRequest(oidc=auth_pb2.OidcCredential(id_token=token)), timeout=10
+            )
+            return response.user, response.session
+
+        if how == "oidc-first-login":
+            email = "federated@example.com"
+        fault = FailsOnce(server, _AFTER_THE_USER[step])
+        try:
+            with pytest.raises(aio.AioRpcError) as failed:
+                await sign_in()
+        finally:
+            fault.remove()
+        assert fault.failed
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert await _users_with(server, email) == [], "a user without its session was kept"
+        # The client retries: a new account, with its session.
+        user, session = await sign_in()
+        assert await _users_with(server, email) == [user_id(user.name)]
+        assert session.name.startswith(f"{user.name}/sessions/")
 
 
 # -- a run's stored state never contradicts its events -----------------------------------

@@ -22,11 +22,12 @@ from switchboard.auth.authenticator import CredentialAuthenticator
 from switchboard.auth.oidc import OidcVerifier
 from switchboard.auth.opaque import OpaqueSecrets, looks_like_refresh_token
 from switchboard.auth.passwords import PasswordHasher, check_password_policy
-from switchboard.auth.store import AuthStore, Keyset, Page, R, utcnow
+from switchboard.auth.store import AuthStore, Keyset, NewUser, Page, R, Redemption, utcnow
 from switchboard.auth.tokens import AccessTokens
 from switchboard.platform.bus import EventBus
 from switchboard.platform.cache import Cache
 from switchboard.platform.errors import (
+    AlreadyExists,
     EtagMismatch,
     FailedPrecondition,
     FieldViolation,
@@ -337,7 +338,7 @@ class Accounts:
 
     async def start_session(
         self,
-        user: UserRow,
+        user: UserRow | NewUser,
         method: AuthMethod,
         client: ClientContext,
         *,
@@ -345,7 +346,11 @@ class Accounts:
     ) -> SignIn:
         """A new session for ``user``; with ``signed_in`` (the event's detail), its
         LOGIN_SUCCEEDED event written with it. Sessions evicted to make room
-        have their SESSION_REVOKED written with it either way."""
+        have their SESSION_REVOKED written with it either way. A ``NewUser`` is
+        created in the session's transaction: never an account without it."""
+        new_user = user if isinstance(user, NewUser) else None
+        if isinstance(user, NewUser):
+            user = user.row
         refresh = self._secrets.new_refresh_token()
         now = utcnow()
         expires = now + dt.timedelta(seconds=self._limits.refresh_ttl_s)
@@ -379,6 +384,7 @@ class Accounts:
             expires_at=expires,
             refresh_digest=refresh.digest,
             max_sessions=self._limits.max_sessions_per_user,
+            new_user=new_user,
             staged=audit.staged,
         )
         for session_id in evicted:
@@ -397,7 +403,7 @@ class Accounts:
         return SignIn(user, identities, session, tokens)
 
     async def _signed_in(
-        self, user: UserRow, method: AuthMethod, client: ClientContext, detail: str = ""
+        self, user: UserRow | NewUser, method: AuthMethod, client: ClientContext, detail: str = ""
     ) -> SignIn:
         return await self.start_session(user, method, client, signed_in=detail)
 
@@ -430,8 +436,8 @@ class Accounts:
         # Hashing is the expensive part: registrations count against the address limit.
         await self._limit_address(client)
         password_hash = await self._hasher.hash(password)
-        user = await self._store.create_user(normalized, name, password_hash)
-        return await self._signed_in(user, AuthMethod.PASSWORD, client, "registered")
+        new = self._store.new_user(normalized, name, password_hash)
+        return await self._signed_in(new, AuthMethod.PASSWORD, client, "registered")
 
     async def login_password(self, email: str, password: str, client: ClientContext) -> SignIn:
         client = _client(client)
@@ -482,17 +488,24 @@ class Accounts:
         await self._limit_address(client)
         identity = self._oidc.verify(id_token)
         user = await self._store.user_by_federated_identity(identity.issuer, identity.subject)
-        if user is None:
-            # First sight: a new local user. We never link to an existing account by
-            # email, which would let whoever controls the issuer take it over.
-            if not identity.email or not identity.email_verified:
-                raise FailedPrecondition("the ID token carries no verified email")
-            email = normalize_email(identity.email, "oidc.id_token")
-            name = clean_display_name(identity.name[:MAX_DISPLAY_NAME], "oidc.id_token")
-            user = await self._store.create_user(
-                email, name, None, identity=(identity.issuer, identity.subject)
-            )
-        return await self._signed_in(user, AuthMethod.OIDC, client, "oidc")
+        if user is not None:
+            return await self._signed_in(user, AuthMethod.OIDC, client, "oidc")
+        # First sight: a new local user, created with its first session. We never
+        # link to an existing account by email, which would let whoever controls
+        # the issuer take it over.
+        if not identity.email or not identity.email_verified:
+            raise FailedPrecondition("the ID token carries no verified email")
+        email = normalize_email(identity.email, "oidc.id_token")
+        name = clean_display_name(identity.name[:MAX_DISPLAY_NAME], "oidc.id_token")
+        new = self._store.new_user(email, name, None, identity=(identity.issuer, identity.subject))
+        try:
+            return await self._signed_in(new, AuthMethod.OIDC, client, "oidc")
+        except AlreadyExists:
+            # A concurrent first sign-in with the same identity created the user: join it.
+            user = await self._store.user_by_federated_identity(identity.issuer, identity.subject)
+            if user is None:
+                raise  # the email belongs to another account
+            return await self._signed_in(user, AuthMethod.OIDC, client, "oidc")
 
     async def refresh(self, refresh_token: str, client: ClientContext) -> IssuedTokens:
         client = _client(client)
@@ -504,20 +517,28 @@ class Accounts:
             raise Unauthenticated("invalid refresh token")
         new = self._secrets.new_refresh_token()
         now = utcnow()
+
+        def notes(result: Redemption) -> list[Security]:
+            reused = result.session
+            if result.outcome != "reused" or reused is None:
+                return []
+            return [
+                Security(
+                    events_pb2.SECURITY_EVENT_KIND_REFRESH_REUSE_DETECTED,
+                    reused.user_id,
+                    session_id=reused.id,
+                    client=client,
+                )
+            ]
+
+        # A spent token that comes back means someone holds a copy: the store
+        # ends the whole family in the transaction that detects it.
+        audit = self._audit(notes)
         result = await self._store.redeem_refresh_token(
-            self._secrets.digest(refresh_token), new.digest, now
+            self._secrets.digest(refresh_token), new.digest, now, audit.staged
         )
         session = result.session
         if result.outcome == "reused" and session is not None:
-            # A spent token came back: someone holds a copy. End the whole family.
-            reused = Security(
-                events_pb2.SECURITY_EVENT_KIND_REFRESH_REUSE_DETECTED,
-                session.user_id,
-                session_id=session.id,
-                client=client,
-            )
-            audit: Audit[None] = self._audit(lambda _: [reused])
-            await self._store.revoke_session_by_id(session.id, "refresh_reuse", audit.staged)
             await self._authenticator.announce("session", session.id)
             await audit.done()
             raise SessionRevoked("refresh token reuse detected; the session has been revoked")

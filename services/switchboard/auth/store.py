@@ -15,6 +15,7 @@ from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Select, and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from switchboard.platform.db import Database
 from switchboard.platform.errors import AlreadyExists
@@ -61,6 +62,38 @@ class Page(Generic[T]):
     next_page_token: str
 
 
+@dataclass(frozen=True)
+class NewUser:
+    """A user to create (``AuthStore.new_user``), with its federated identity if any."""
+
+    row: UserRow
+    #: (issuer, subject) of the identity it is created for.
+    identity: tuple[str, str] | None = None
+
+
+async def _add_user(db: AsyncSession, new: NewUser) -> None:
+    """Insert ``new`` in ``db``'s transaction; AlreadyExists if its email or identity is taken."""
+    user = new.row
+    try:
+        db.add(user)
+        await db.flush()
+        if new.identity is not None:
+            issuer, subject = new.identity
+            db.add(
+                FederatedIdentityRow(
+                    id=new_id(),
+                    user_id=user.id,
+                    issuer=issuer,
+                    subject=subject,
+                    created_at=user.created_at,
+                )
+            )
+            await db.flush()
+    except IntegrityError:
+        what = "email" if new.identity is None else "email or identity"
+        raise AlreadyExists(f"an account with this {what} already exists") from None
+
+
 #: Where a page of sessions or API keys starts: after (created_at, id), newest first.
 Keyset = tuple[dt.datetime, str]
 
@@ -78,6 +111,28 @@ class AuthStore:
 
     # Users.
 
+    @staticmethod
+    def new_user(
+        email: str,
+        display_name: str,
+        password_hash: str | None,
+        *,
+        identity: tuple[str, str] | None = None,
+    ) -> NewUser:
+        """A user not stored yet: ``create_user`` stores it alone, ``create_session``
+        with its first session."""
+        now = utcnow()
+        row = UserRow(
+            id=new_id(),
+            email=email,
+            display_name=display_name,
+            password_hash=password_hash,
+            created_at=now,
+            updated_at=now,
+            version=1,
+        )
+        return NewUser(row, identity)
+
     async def create_user(
         self,
         email: str,
@@ -87,35 +142,10 @@ class AuthStore:
         identity: tuple[str, str] | None = None,
     ) -> UserRow:
         """A new user; with ``identity`` (issuer, subject), linked to that federated identity."""
-        now = utcnow()
-        user = UserRow(
-            id=new_id(),
-            email=email,
-            display_name=display_name,
-            password_hash=password_hash,
-            created_at=now,
-            updated_at=now,
-            version=1,
-        )
-        try:
-            async with self._sessions.begin() as db:
-                db.add(user)
-                if identity is not None:
-                    await db.flush()
-                    issuer, subject = identity
-                    db.add(
-                        FederatedIdentityRow(
-                            id=new_id(),
-                            user_id=user.id,
-                            issuer=issuer,
-                            subject=subject,
-                            created_at=now,
-                        )
-                    )
-        except IntegrityError:
-            what = "email" if identity is None else "email or identity"
-            raise AlreadyExists(f"an account with this {what} already exists") from None
-        return user
+        new = self.new_user(email, display_name, password_hash, identity=identity)
+        async with self._sessions.begin() as db:
+            await _add_user(db, new)
+        return new.row
 
     async def user_by_email(self, email: str) -> UserRow | None:
         async with self._readers() as db:
@@ -188,10 +218,16 @@ class AuthStore:
         expires_at: dt.datetime,
         refresh_digest: str,
         max_sessions: int,
+        new_user: NewUser | None = None,
         staged: Staged[Any] | None = None,
     ) -> tuple[SessionRow, list[str]]:
         """A new session with its first refresh token, and the ids of sessions
-        evicted (revoked) to keep the user within ``max_sessions`` live ones."""
+        evicted (revoked) to keep the user within ``max_sessions`` live ones.
+
+        With ``new_user`` (whose id is ``user_id``), the user is created in the
+        same transaction: a failure anywhere leaves no account behind that the
+        client was never told of (its retry would meet ALREADY_EXISTS).
+        """
         now = utcnow()
         session = SessionRow(
             id=new_id(),
@@ -207,6 +243,8 @@ class AuthStore:
             client_address=client_address,
         )
         async with self._sessions.begin() as db:
+            if new_user is not None:
+                await _add_user(db, new_user)
             live = (
                 await db.execute(
                     select(SessionRow.id)
@@ -239,44 +277,63 @@ class AuthStore:
             return await staged_in(db, staged, (session, evicted))
 
     async def redeem_refresh_token(
-        self, digest: str, new_digest: str, now: dt.datetime
+        self,
+        digest: str,
+        new_digest: str,
+        now: dt.datetime,
+        staged: Staged[Redemption] | None = None,
     ) -> Redemption:
         """Exchange a refresh token for a new one in the same session.
 
-        Presenting a token that was already exchanged is reuse: the caller
-        revokes the whole session (the token family).
+        Presenting a token that was already exchanged is reuse: the whole
+        session (the token family) is revoked, in the same transaction as the
+        detection and its ``staged`` events, so the answer that reports the
+        revocation never goes out without it.
         """
         async with self._sessions.begin() as db:
-            token = await db.get(RefreshTokenRow, digest)
-            if token is None:
-                return Redemption("invalid")
-            session = await db.get(SessionRow, token.session_id)
-            if session is None:
-                return Redemption("invalid")
-            if token.used_at is not None:
-                return Redemption("reused", session)
-            if session.revoked_at is not None or session.expires_at <= now:
-                return Redemption("invalid", session)
-            if token.expires_at <= now:
-                return Redemption("invalid", session)
-            claimed = await db.execute(
-                update(RefreshTokenRow)
-                .where(RefreshTokenRow.digest == digest, RefreshTokenRow.used_at.is_(None))
-                .values(used_at=now)
-            )
-            if claimed.rowcount != 1:  # type: ignore[attr-defined]
-                # Another request redeemed it between our read and this write.
-                return Redemption("reused", session)
-            db.add(
-                RefreshTokenRow(
-                    digest=new_digest,
-                    session_id=session.id,
-                    created_at=now,
-                    expires_at=session.expires_at,
-                    used_at=None,
+            result = await self._redeem(db, digest, new_digest, now)
+            if result.outcome == "reused" and result.session is not None:
+                await db.execute(
+                    update(SessionRow)
+                    .where(SessionRow.id == result.session.id, SessionRow.revoked_at.is_(None))
+                    .values(revoked_at=now, revoke_reason="refresh_reuse")
                 )
+            return await staged_in(db, staged, result)
+
+    @staticmethod
+    async def _redeem(
+        db: AsyncSession, digest: str, new_digest: str, now: dt.datetime
+    ) -> Redemption:
+        token = await db.get(RefreshTokenRow, digest)
+        if token is None:
+            return Redemption("invalid")
+        session = await db.get(SessionRow, token.session_id)
+        if session is None:
+            return Redemption("invalid")
+        if token.used_at is not None:
+            return Redemption("reused", session)
+        if session.revoked_at is not None or session.expires_at <= now:
+            return Redemption("invalid", session)
+        if token.expires_at <= now:
+            return Redemption("invalid", session)
+        claimed = await db.execute(
+            update(RefreshTokenRow)
+            .where(RefreshTokenRow.digest == digest, RefreshTokenRow.used_at.is_(None))
+            .values(used_at=now)
+        )
+        if claimed.rowcount != 1:  # type: ignore[attr-defined]
+            # Another request redeemed it between our read and this write.
+            return Redemption("reused", session)
+        db.add(
+            RefreshTokenRow(
+                digest=new_digest,
+                session_id=session.id,
+                created_at=now,
+                expires_at=session.expires_at,
+                used_at=None,
             )
-            session.last_seen_at = now
+        )
+        session.last_seen_at = now
         return Redemption("rotated", session)
 
     async def session_status(self, session_id: str) -> SessionStatus | None:
@@ -319,17 +376,6 @@ class AuthStore:
                 row.revoked_at = now
                 row.revoke_reason = reason
             return await staged_in(db, staged, row)
-
-    async def revoke_session_by_id(
-        self, session_id: str, reason: str, staged: Staged[Any] | None = None
-    ) -> None:
-        async with self._sessions.begin() as db:
-            await db.execute(
-                update(SessionRow)
-                .where(SessionRow.id == session_id, SessionRow.revoked_at.is_(None))
-                .values(revoked_at=utcnow(), revoke_reason=reason)
-            )
-            await staged_in(db, staged, None)
 
     async def revoke_all_sessions(
         self, user_id: str, keep_session_id: str, reason: str, staged: Staged[Any] | None = None
