@@ -540,6 +540,8 @@ async def open_deps(settings: Settings, resources: contextlib.AsyncExitStack) ->
         memory=min(settings.events_memory, settings.events_retention),
         outbox=outbox,
     )
+    # A revocation's event backs up its message (lost if the revoker died in between).
+    bus.listen(authenticator.on_event)
     await bus.start()
     resources.push_async_callback(bus.close)
     accounts = Accounts(

@@ -440,6 +440,116 @@ async def test_a_first_sign_in_that_fails_midway_leaves_no_account_and_its_retry
         assert session.name.startswith(f"{user.name}/sessions/")
 
 
+# -- a revocation reaches every process's cached credentials, whatever crashes -------------
+
+
+RevocationSetup = Callable[[aio.Channel], Awaitable[tuple[Act, str, int]]]
+
+
+async def _logout_on(channel: aio.Channel) -> tuple[Act, str, int]:
+    stub = auth_pb2_grpc.AuthServiceStub(channel)
+    token = (await register(channel)).tokens.access_token
+
+    def act() -> Awaitable[object]:
+        return stub.Logout(auth_pb2.LogoutRequest(), metadata=bearer(token), timeout=10)
+
+    return act, token, S.SECURITY_EVENT_KIND_SESSION_REVOKED
+
+
+async def _revoke_all_on(channel: aio.Channel) -> tuple[Act, str, int]:
+    stub = auth_pb2_grpc.AuthServiceStub(channel)
+    registered = await register(channel)
+    other = await stub.Login(
+        auth_pb2.LoginRequest(
+            password=auth_pb2.PasswordCredential(email=registered.user.email, password=PASSWORD)
+        ),
+        timeout=30,
+    )
+
+    def act() -> Awaitable[object]:
+        return stub.RevokeAllSessions(
+            auth_pb2.RevokeAllSessionsRequest(keep_current=True),
+            metadata=bearer(registered.tokens.access_token),
+            timeout=10,
+        )
+
+    return act, other.tokens.access_token, S.SECURITY_EVENT_KIND_SESSION_REVOKED
+
+
+async def _revoke_key_on(channel: aio.Channel) -> tuple[Act, str, int]:
+    stub = auth_pb2_grpc.AuthServiceStub(channel)
+    token = (await register(channel)).tokens.access_token
+    key = await stub.CreateApiKey(
+        auth_pb2.CreateApiKeyRequest(display_name="ci"), metadata=bearer(token), timeout=10
+    )
+
+    def act() -> Awaitable[object]:
+        return stub.RevokeApiKey(
+            auth_pb2.RevokeApiKeyRequest(name=key.api_key.name), metadata=bearer(token), timeout=10
+        )
+
+    return act, key.secret, S.SECURITY_EVENT_KIND_API_KEY_REVOKED
+
+
+#: Each revocation: (what revokes through A, the credential B has cached, its event).
+REVOCATIONS: dict[str, RevocationSetup] = {
+    "logout": _logout_on,
+    "revoke-all-sessions": _revoke_all_on,
+    "revoke-api-key": _revoke_key_on,
+}
+
+
+@pytest.mark.parametrize("revocation", list(REVOCATIONS))
+async def test_a_revocation_whose_message_died_with_its_process_reaches_cached_credentials(
+    revocation: str, tmp_path: Path, postgres_url: str, redis_server: RedisServer
+) -> None:
+    a, b = await _replicas(tmp_path, postgres_url, redis_server.url, "fail")
+    try:
+        async with (
+            aio.insecure_channel(a.address) as on_a,
+            aio.insecure_channel(b.address) as on_b,
+        ):
+            revoke, credential, kind = await REVOCATIONS[revocation](on_a)
+            on_b_stub = auth_pb2_grpc.AuthServiceStub(on_b)
+
+            async def principal_on_b() -> grpc.StatusCode:
+                try:
+                    await on_b_stub.GetPrincipal(
+                        auth_pb2.GetPrincipalRequest(), metadata=bearer(credential), timeout=10
+                    )
+                except aio.AioRpcError as exc:
+                    return exc.code()
+                return grpc.StatusCode.OK
+
+            # B has checked the credential and trusts its cached state while Redis is fresh.
+            assert await principal_on_b() == grpc.StatusCode.OK
+            assert await principal_on_b() == grpc.StatusCode.OK
+            for server in (a, b):
+                outbox = server.deps.bus.outbox
+                assert outbox is not None
+                outbox._grace_s = 1.0  # the relay's 5 s, shorter to keep the test short
+
+            # A "dies" right after the commit: no revocation message, no event published
+            # by A itself. Only the outbox (relayed by any process) still knows.
+            async def silent(kind: str, ident: str) -> None:
+                return None
+
+            a.deps.authenticator.announce = silent
+            refusal = RefusedOnce(
+                a, lambda e: e.type == events_pb2.EVENT_TYPE_SECURITY and e.security.kind == kind
+            )
+            await revoke()
+            assert refusal.refused, "the revocation's event was published by A"
+
+            async def refused_on_b() -> bool:
+                return await principal_on_b() == grpc.StatusCode.UNAUTHENTICATED
+
+            await eventually(refused_on_b, f"B to refuse the credential after {revocation}")
+    finally:
+        for server in (a, b):
+            await server.shutdown(grace=0)
+
+
 # -- a run's stored state never contradicts its events -----------------------------------
 
 

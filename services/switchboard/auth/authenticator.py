@@ -11,6 +11,13 @@ publish it waits out the lease, by which time every other process has stopped
 trusting its cache. While not fresh (Redis paused, killed, unreachable) every
 call reads its session from the database: slower, never open.
 
+A revoking process that dies between its commit and its message sends none.
+The revocation's security event (SESSION_REVOKED, REFRESH_REUSE_DETECTED,
+API_KEY_REVOKED) is written in the revocation's transaction (the outbox), so
+it reaches every process whatever crashes, at worst a few seconds late through
+the outbox relay: each process drops its cached state on the event too
+(``on_event``), through the same path as the message (``_invalidate``).
+
 An invalidation racing a database read must not let the stale read into the
 cache, so every invalidation bumps a generation and a read is cached only if
 the generation did not move while it ran.
@@ -28,10 +35,12 @@ from typing import Final, Generic, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from switchboard.api.events.v1 import events_pb2
 from switchboard.auth.opaque import OpaqueSecrets, parse_api_key
 from switchboard.auth.store import AuthStore, SessionStatus
 from switchboard.auth.tokens import AccessClaims, AccessTokens
 from switchboard.platform.cache import Cache
+from switchboard.platform.db import log_failure
 from switchboard.platform.errors import (
     DependencyUnavailable,
     SessionRevoked,
@@ -49,6 +58,13 @@ ANY: Final = "*"
 # each API-key call a database write.
 API_KEY_TOUCH_INTERVAL: Final = dt.timedelta(seconds=60)
 _API_KEY_PREFIX: Final = "sbk_"
+#: Security events that say a session was revoked.
+_SESSION_ENDED: Final = frozenset(
+    {
+        events_pb2.SECURITY_EVENT_KIND_SESSION_REVOKED,
+        events_pb2.SECURITY_EVENT_KIND_REFRESH_REUSE_DETECTED,
+    }
+)
 K = TypeVar("K")
 V = TypeVar("V")
 
@@ -61,6 +77,11 @@ class _KeyState:
     expires_at: dt.datetime | None
     revoked: bool
     last_used_at: dt.datetime | None
+
+
+def _last_segment(name: str) -> str:
+    """``s`` of ``users/u/sessions/s`` (and ``u`` of ``users/u``)."""
+    return name.rpartition("/")[2]
 
 
 def _scopes(names: Iterable[str]) -> frozenset[Scope]:
@@ -111,16 +132,41 @@ class CredentialAuthenticator:
         cache.subscribe(REVOCATION_CHANNEL, self._on_message, self._on_resync)
 
     def on_revocation(self, listener: Callable[[str, str], None]) -> None:
-        """Call ``listener(kind, ident)`` for every revocation message, after the caches
-        dropped it (``kind`` is ``session``, ``user``, ``apikey``, or ``ANY`` when messages
-        may have been missed). It runs on the event loop and must not block or raise.
+        """Call ``listener(kind, ident)`` for every revocation (its message or its event,
+        usually both), after the caches dropped it (``kind`` is ``session``, ``user``,
+        ``apikey``, or ``ANY`` when messages may have been missed). It runs on the event
+        loop and must not block or raise.
         """
         self._listeners.append(listener)
 
-    # Invalidation.
+    # Invalidation: a revocation message (fast) or the revocation's event (crash-proof).
 
     def _on_message(self, message: str) -> None:
         kind, _, ident = message.partition(":")
+        self._invalidate(kind, ident)
+
+    def on_event(self, event: events_pb2.Event) -> None:
+        """A delivered event (``EventBus.listen``): a revocation's drops what it revoked.
+
+        Usually the revocation message did so already; this covers a revoking
+        process that died before sending it.
+        """
+        if event.type != events_pb2.EVENT_TYPE_SECURITY:
+            return
+        security = event.security
+        if security.kind in _SESSION_ENDED:
+            if security.session:
+                self._invalidate("session", _last_segment(security.session))
+            elif event.user:
+                self._invalidate("user", _last_segment(event.user))
+        elif security.kind == events_pb2.SECURITY_EVENT_KIND_API_KEY_REVOKED:
+            if security.api_key:
+                self._invalidate("apikey", _last_segment(security.api_key))
+            elif event.user:
+                # Which key is not said: forget every key, stay correct.
+                self._invalidate(ANY, "")
+
+    def _invalidate(self, kind: str, ident: str) -> None:
         self._generation += 1
         if kind == "session":
             self._sessions.data.pop(ident, None)
@@ -198,8 +244,8 @@ class CredentialAuthenticator:
         if state is None:
             try:
                 row = await self._store.api_key(key_id)
-            except (SQLAlchemyError, OSError, TimeoutError):
-                log.exception("API key lookup failed")
+            except (SQLAlchemyError, OSError, TimeoutError) as exc:
+                log_failure(log, "API key lookup failed", exc)
                 raise DependencyUnavailable("credential check is unavailable; retry") from None
             if row is None or row.revoked_at is not None:
                 raise Unauthenticated("the API key has been revoked")
@@ -219,8 +265,8 @@ class CredentialAuthenticator:
             generation = self._generation
             try:
                 state = await self._store.session_status(session_id)
-            except (SQLAlchemyError, OSError, TimeoutError):
-                log.exception("session lookup failed")
+            except (SQLAlchemyError, OSError, TimeoutError) as exc:
+                log_failure(log, "session lookup failed", exc)
                 raise DependencyUnavailable("credential check is unavailable; retry") from None
             if state is not None and generation == self._generation and self._cache.fresh():
                 self._sessions.put(session_id, state)
@@ -239,8 +285,8 @@ class CredentialAuthenticator:
             generation = self._generation
             try:
                 row = await self._store.api_key(key_id)
-            except (SQLAlchemyError, OSError, TimeoutError):
-                log.exception("API key lookup failed")
+            except (SQLAlchemyError, OSError, TimeoutError) as exc:
+                log_failure(log, "API key lookup failed", exc)
                 raise DependencyUnavailable("credential check is unavailable; retry") from None
             if row is None:
                 raise Unauthenticated("invalid API key")
@@ -275,9 +321,9 @@ class CredentialAuthenticator:
     async def _touch(self, key_id: str, state: _KeyState, now: dt.datetime) -> None:
         try:
             await self._store.touch_api_key(key_id, now)
-        except (SQLAlchemyError, OSError, TimeoutError):
+        except (SQLAlchemyError, OSError, TimeoutError) as exc:
             # Not worth failing the caller's request over a usage timestamp.
-            log.warning("could not record API key use", extra={"key_id": key_id})
+            log_failure(log, "could not record API key use", exc)
             return
         if key_id in self._keys.data:
             self._keys.data[key_id] = dataclasses.replace(state, last_used_at=now)
