@@ -64,7 +64,7 @@ from switchboard.dispatcher.store import TERMINAL, NewRun, RunStore, Stored, rai
 from switchboard.platform import names, pagination, timefields
 from switchboard.platform.bus import EventBus
 from switchboard.platform.cache import Cache
-from switchboard.platform.db import DatabaseUnavailable, is_outage
+from switchboard.platform.db import DatabaseUnavailable, is_outage, log_failure
 from switchboard.platform.errors import (
     Conflict,
     ContentBlocked,
@@ -283,9 +283,9 @@ class Dispatcher:
             except SwitchboardError:
                 self._leased_since = None
                 log.warning("dispatcher lease not renewed; retrying")
-            except Exception:
+            except Exception as exc:  # noqa: BLE001 - logged by log_failure
                 self._leased_since = None
-                log.exception("dispatcher lease loop failed; retrying")
+                log_failure(log, "dispatcher lease loop failed; retrying", exc)
 
     async def _reap(self) -> None:
         for dead in await self._store.expired_owners(self.limits.instance_id):

@@ -12,9 +12,11 @@ whenever something says access may have changed:
 - an event that changes access to a workspace or user the grant watches (a
   member removed or changed, a workspace deleted, a session or API key
   revoked), at its place in log order, in every process (the log is shared);
-- a revocation message of the authenticator (``REVOCATION_CHANNEL``), which
-  reaches every process at once, also for revocations that publish no event
-  (a session evicted by the per-user limit);
+- a revocation of the authenticator (``on_revocation``): its message on
+  ``REVOCATION_CHANNEL``, which reaches every process at once, or the
+  revocation's own security event, which reaches them whatever crashes (a
+  session evicted by the per-user limit has its SESSION_REVOKED, detail
+  ``session_limit``, like any other revocation);
 - the credential's own expiry (a timer at the instant a unary call would start
   to refuse it);
 - every ``reauthorize_s``, jittered (a backstop for changes nothing announces);
@@ -31,8 +33,10 @@ UNAUTHENTICATED (reason SESSION_REVOKED or TOKEN_EXPIRED) for the credential,
 which ends the whole stream; NOT_FOUND (no longer a member, workspace deleted)
 or PERMISSION_DENIED (the role no longer suffices) for a held resource, which
 ends that hold only. A check that cannot reach the database fails closed
-(UNAVAILABLE) when it was woken by a change or by degraded mode; a periodic
-one keeps the stream and retries sooner, since nothing said access changed.
+(UNAVAILABLE, also for a reader that let a raw driver error out: every lookup
+maps an outage to ``DatabaseUnavailable``) when it was woken by a change or by
+degraded mode; a periodic one keeps the stream and retries sooner, since
+nothing said access changed.
 
 This module does not import grpc.
 """
@@ -48,7 +52,9 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from typing import Any, Final, Protocol, TypeVar
 
 from switchboard.platform.bus import Fanout
+from switchboard.platform.db import is_outage, log_failure
 from switchboard.platform.errors import (
+    DatabaseUnavailable,
     DependencyUnavailable,
     InternalError,
     SwitchboardError,
@@ -140,10 +146,19 @@ class _Lookups:
         return await asyncio.shield(future)
 
     async def _limited(self, start: Callable[[], Coroutine[Any, Any, T]]) -> T:
-        if self._limit is None:
-            return await start()
-        async with self._limit:
-            return await start()
+        try:
+            if self._limit is None:
+                return await start()
+            async with self._limit:
+                return await start()
+        except SwitchboardError:
+            raise
+        except Exception as exc:
+            # An outage is UNAVAILABLE whoever let it through, never an internal error.
+            if is_outage(exc):
+                log_failure(log, "access lookup failed", exc)
+                raise DatabaseUnavailable() from exc
+            raise
 
 
 class _Wake:
@@ -609,9 +624,9 @@ class Grant:
                     self._arm_timer("_periodic", RETRY_S, self._periodic_due)
             if self._confirmed >= self._generation:
                 self._suspect = False
-        except Exception:  # a bug here must end the stream, never leave it unchecked
-            log.exception("access re-check failed")
-            self._lose(InternalError("access re-check failed"))
+        # A bug here must end the stream, never leave it unchecked.
+        except Exception as exc:  # noqa: BLE001 - logged by _failed
+            self._failed(exc)
 
     async def sweep(self, lookups: _Lookups) -> None:
         """A degraded-mode round (Redis away): re-check against the database, fail closed."""
@@ -619,8 +634,15 @@ class Grant:
             return
         try:
             await self._check(lookups, fail_closed=True)
-        except Exception:
-            log.exception("access re-check failed")
+        except Exception as exc:  # noqa: BLE001 - logged by _failed
+            self._failed(exc)
+
+    def _failed(self, exc: Exception) -> None:
+        """A re-check raised what ``_check`` does not expect: end the grant, precisely."""
+        log_failure(log, "access re-check failed", exc)
+        if is_outage(exc):
+            self._lose(DatabaseUnavailable())
+        else:
             self._lose(InternalError("access re-check failed"))
 
     async def _check(self, lookups: _Lookups, *, fail_closed: bool) -> bool:

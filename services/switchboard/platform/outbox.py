@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from switchboard.api.events.v1 import events_pb2
-from switchboard.platform.db import Database, is_outage
+from switchboard.platform.db import Database, log_failure
 from switchboard.platform.errors import SwitchboardError
 from switchboard.platform.models import EventOutboxRow, table_of
 
@@ -145,9 +145,8 @@ class Outbox:
                 raise
             except SwitchboardError:
                 log.warning("outbox relay failed; retrying later")
-            except Exception as exc:
-                if not is_outage(exc):
-                    log.exception("outbox relay failed; retrying later")
+            except Exception as exc:  # noqa: BLE001 - logged by log_failure
+                log_failure(log, "outbox relay failed; retrying later", exc)
 
     async def relay_once(self, publish: Publish) -> int:
         """Publish the rows older than the grace period that nobody here is publishing."""
@@ -183,9 +182,9 @@ class Outbox:
                     await self._delete(ids)
                 except asyncio.CancelledError:
                     raise
-                except Exception as exc:
-                    if not (isinstance(exc, SwitchboardError) or is_outage(exc)):
-                        log.exception("outbox rows not deleted; retrying later")
+                except Exception as exc:  # noqa: BLE001 - logged by log_failure
+                    if not isinstance(exc, SwitchboardError):
+                        log_failure(log, "outbox rows not deleted; retrying later", exc)
                     # Kept pending, so the relay does not publish them again meanwhile.
                     await asyncio.sleep(RELAY_EVERY_S)  # retry backoff, not synchronization
                     continue
