@@ -13,7 +13,7 @@ from sqlalchemy.exc import OperationalError
 
 from switchboard.platform.accesswatch import CHANGE, AccessWatch
 from switchboard.platform.bus import Fanout
-from switchboard.platform.errors import Code, DatabaseUnavailable
+from switchboard.platform.errors import Code, DatabaseUnavailable, TokenExpired
 from switchboard.platform.policy import AuthMethod, Permission, Principal, Role, Scope
 
 PRINCIPAL = Principal(
@@ -110,5 +110,49 @@ async def test_a_degraded_round_during_an_outage_fails_closed_unavailable() -> N
         deployment.credentials_down = True
         await grant.sweep(watch.lookups())
         assert isinstance(grant.error, DatabaseUnavailable), grant.error
+    finally:
+        await watch.close()
+
+
+class Expiring:
+    """A credential that holds until ``until`` on a clock the test moves."""
+
+    def __init__(self, until: float) -> None:
+        self.now = 0.0
+        self.until = until
+
+    def clock(self) -> float:
+        return self.now
+
+    async def verify_principal(self, principal: Principal) -> float | None:
+        if self.now >= self.until:
+            raise TokenExpired("access token expired")
+        return self.until
+
+    async def role_of(
+        self, workspace_id: str, user_id: str, *, include_deleted: bool = False
+    ) -> Role | None:
+        return Role.OWNER
+
+
+async def test_nothing_is_confirmed_once_the_credential_ran_out_even_before_its_timer() -> None:
+    """A unary call at the instant of expiry is refused; so is a stream's next item, even if
+    the expiry timer (another clock, a little late) has not fired yet."""
+    credential = Expiring(until=100.0)
+    watch = AccessWatch(
+        Fanout(),
+        credential,
+        credential,
+        reauthorize_s=3600,
+        degraded=lambda: False,
+        clock=credential.clock,
+    )
+    grant = watch.open(PRINCIPAL)
+    try:
+        hold = await grant.hold([("workspaces/acme", "name")], Permission.READ)
+        await hold.confirm()  # valid now: the timer is 100 s away on the loop's clock
+        credential.now = 100.0
+        with pytest.raises(TokenExpired):
+            await hold.confirm()
     finally:
         await watch.close()

@@ -324,6 +324,10 @@ class Subscription:
         while queue and queue[0] is RECHECK:
             queue.popleft()
             await self._confirm()
+        if queue:
+            # Cheap unless a check is due: a credential that ran out since the
+            # last batch (no event marks that instant) ends the stream first.
+            await self._confirm()
         # Up to the next re-check marker: what came before a change is sent first.
         batch = self._fill(_until_recheck(queue))
         for _ in batch:

@@ -449,6 +449,10 @@ class Grant:
         self._checker: asyncio.Task[None] | None = None
         self._listeners: list[Callable[[], None]] = []
         self._expiry: asyncio.TimerHandle | None = None
+        # When the credential stops holding by itself (epoch seconds), and the
+        # instant ``confirm`` last asked for a check because it had passed.
+        self._until: float | None = None
+        self._until_checked: float | None = None
         self._periodic: asyncio.TimerHandle | None = None
         self._closed = False
         # The expiry timer is armed by the first credential check, which every
@@ -525,6 +529,13 @@ class Grant:
         while True:
             if self.error is not None:
                 raise self.error
+            until = self._until
+            if until is not None and until != self._until_checked and self._watch.clock() >= until:
+                # The credential ran out and its timer has not fired yet (timers
+                # run on another clock and a little late): check now, as a
+                # unary call at this instant would, before anything is sent.
+                self._until_checked = until
+                self.wake(CHANGE)
             if not self._suspect or self._closed:
                 return
             checker = self._ensure_checker()
@@ -595,6 +606,7 @@ class Grant:
         self.wake(PERIODIC)
 
     def _arm_expiry(self, until: float | None) -> None:
+        self._until = until
         if until is None:
             if self._expiry is not None:
                 self._expiry.cancel()
