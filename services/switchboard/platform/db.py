@@ -305,10 +305,7 @@ class DatabaseHealth:
 
     async def close(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await _cancel(task)
 
     async def _run(self) -> None:
         wake = self._wake
@@ -504,10 +501,7 @@ class EventLogLock:
 
     async def close(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await _cancel(task)
         await self._drop()
         if self._engine is not None:
             with contextlib.suppress(TimeoutError):
@@ -622,6 +616,14 @@ class EventLogLock:
                     continue
                 log.warning("the event log lock is held again")
                 break
+
+
+async def _cancel(task: asyncio.Task[None] | None) -> None:
+    """Stop a background task and wait until it has."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def _close_quietly(connection: AsyncConnection) -> None:
