@@ -538,7 +538,12 @@ class RunUpdate(_message.Message):
     run: _builtins.str
     """The run, `workspaces/{w}/conversations/{c}/runs/{run}`."""
     sequence: _builtins.int
-    """Position in the run's update stream, starting at 1, without gaps."""
+    """Position in the run's update stream: strictly increasing, starting at 1,
+    without gaps within one attempt. A run recovered after its replica stopped
+    continues in the next block of 2^32 (the k-th recovery numbers from
+    k * 2^32 + 1), so a watcher never sees a sequence twice; resume with the last
+    sequence seen, whatever its block.
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When the update happened."""

@@ -113,7 +113,7 @@ class DispatcherServiceServicer:
 
     def WatchRun(self, request, context):
         """Streams a run's updates: state changes, progress, deltas and the result.
-        Resumable: pass the last sequence seen to continue without gaps.
+        Resumable: pass the last sequence seen to continue with nothing missed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

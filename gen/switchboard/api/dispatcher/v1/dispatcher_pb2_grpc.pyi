@@ -48,7 +48,7 @@ class DispatcherServiceStub:
     """Cancels a run; the handler itself is stopped, not only the stream."""
     WatchRun: _grpc.UnaryStreamMultiCallable[_dispatcher_pb2.WatchRunRequest, _dispatcher_pb2.WatchRunResponse]
     """Streams a run's updates: state changes, progress, deltas and the result.
-    Resumable: pass the last sequence seen to continue without gaps.
+    Resumable: pass the last sequence seen to continue with nothing missed.
     """
     Converse: _grpc.StreamStreamMultiCallable[_dispatcher_pb2.ConverseRequest, _dispatcher_pb2.ConverseResponse]
     """Bidirectional: send messages and cancels, receive updates of every run
@@ -76,7 +76,7 @@ class DispatcherServiceAsyncStub(DispatcherServiceStub):
     """Cancels a run; the handler itself is stopped, not only the stream."""
     WatchRun: _aio.UnaryStreamMultiCallable[_dispatcher_pb2.WatchRunRequest, _dispatcher_pb2.WatchRunResponse]  # type: ignore[assignment]
     """Streams a run's updates: state changes, progress, deltas and the result.
-    Resumable: pass the last sequence seen to continue without gaps.
+    Resumable: pass the last sequence seen to continue with nothing missed.
     """
     Converse: _aio.StreamStreamMultiCallable[_dispatcher_pb2.ConverseRequest, _dispatcher_pb2.ConverseResponse]  # type: ignore[assignment]
     """Bidirectional: send messages and cancels, receive updates of every run
@@ -131,7 +131,7 @@ class DispatcherServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_dispatcher_pb2.WatchRunResponse], _abc.AsyncIterator[_dispatcher_pb2.WatchRunResponse]]:
         """Streams a run's updates: state changes, progress, deltas and the result.
-        Resumable: pass the last sequence seen to continue without gaps.
+        Resumable: pass the last sequence seen to continue with nothing missed.
         """
 
     @_abc_1.abstractmethod
