@@ -4,8 +4,10 @@ An RPC is either PUBLIC (no credential needed) or AUTHENTICATED with the scope
 it needs; an RPC that names a resource also says which request field holds
 that name and what it does to it, and the interceptor asks the policy before
 the servicer runs. RPCs whose request names several resources (a list of event
-scopes, a bidirectional stream of commands) are marked ``per_item``: the
-servicer authorizes each one through the same policy.
+scopes, a bidirectional stream of commands), and streams that keep their
+resource authorized for as long as they relay it (WatchRun, through its
+access grant), are marked ``per_item``: the servicer authorizes each one
+through the same policy.
 
 ``tests/service/test_access.py`` walks every method of every service
 descriptor and fails if one has no rule here, if a rule names a field the
@@ -116,7 +118,10 @@ RULES: Final[dict[str, Rule]] = {
     _DISPATCHER + "GetRun": resource("name", READ),
     _DISPATCHER + "ListRuns": resource("parent", READ),
     _DISPATCHER + "CancelRun": resource("name", WRITE),
-    _DISPATCHER + "WatchRun": resource("name", READ),
+    # Authorized by the servicer's stream grant (platform/accesswatch.py), which
+    # must hold the run for as long as it relays it: checking it here as well
+    # would read the membership twice per stream.
+    _DISPATCHER + "WatchRun": per_item(Scope.READ),
     _DISPATCHER + "Converse": per_item(Scope.READ),
     _DISPATCHER + "ListHandlers": resource("parent", READ),
     # Integration: registering external services is an owner's decision.
