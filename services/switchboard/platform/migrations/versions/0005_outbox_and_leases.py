@@ -27,8 +27,6 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_event_outbox")),
     )
-    op.create_index("ix_event_outbox_key", "event_outbox", ["key"])
-    op.create_index(op.f("ix_event_outbox_created_at"), "event_outbox", ["created_at"])
     op.create_table(
         "dispatcher_leases",
         sa.Column("instance", sa.String(length=64), nullable=False),
@@ -39,6 +37,4 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("dispatcher_leases")
-    op.drop_index(op.f("ix_event_outbox_created_at"), table_name="event_outbox")
-    op.drop_index("ix_event_outbox_key", table_name="event_outbox")
     op.drop_table("event_outbox")
