@@ -144,6 +144,35 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
+def _pg_ctl_start(
+    bin_dir: Path, data_dir: Path, port: int, prefix: list[str]
+) -> subprocess.CompletedProcess[str]:
+    """``pg_ctl start`` on ``port``, logging next to the data directory.
+
+    pg_ctl -w polls the server's own readiness report until it accepts
+    connections, bounded by -t: no fixed sleep.
+    """
+    root = data_dir.parent
+    return _run(
+        [
+            *prefix,
+            str(bin_dir / "pg_ctl"),
+            "--pgdata",
+            str(data_dir),
+            "--log",
+            str(root / "postgres.log"),
+            "--wait",
+            "--timeout",
+            str(START_TIMEOUT_S),
+            "--options",
+            f"-p {port}",
+            "start",
+        ],
+        cwd=root,
+        timeout=START_TIMEOUT_S + 10,
+    )
+
+
 def _start(bin_dir: Path, root: Path, prefix: list[str]) -> PostgresServer:
     started = time.monotonic()
     data_dir = root / "data"
@@ -186,26 +215,7 @@ def _start(bin_dir: Path, root: Path, prefix: list[str]) -> PostgresServer:
     failures: list[str] = []
     for _ in range(PORT_ATTEMPTS):
         port = _free_port()
-        # pg_ctl -w polls the server's own readiness report until it accepts
-        # connections, bounded by -t: no fixed sleep.
-        start = _run(
-            [
-                *prefix,
-                str(bin_dir / "pg_ctl"),
-                "--pgdata",
-                str(data_dir),
-                "--log",
-                str(log_file),
-                "--wait",
-                "--timeout",
-                str(START_TIMEOUT_S),
-                "--options",
-                f"-p {port}",
-                "start",
-            ],
-            cwd=root,
-            timeout=START_TIMEOUT_S + 10,
-        )
+        start = _pg_ctl_start(bin_dir, data_dir, port, prefix)
         if start.returncode == 0:
             return PostgresServer(
                 host=HOST,
@@ -248,30 +258,11 @@ def stop_postgres(server: PostgresServer) -> None:
 
 def start_postgres(server: PostgresServer) -> None:
     """Start a stopped ``server`` again, on the same port and data directory; waits until ready."""
-    root = server.data_dir.parent
-    log_file = root / "postgres.log"
-    start = _run(
-        [
-            *_run_as_prefix(),
-            str(server.bin_dir / "pg_ctl"),
-            "--pgdata",
-            str(server.data_dir),
-            "--log",
-            str(log_file),
-            "--wait",
-            "--timeout",
-            str(START_TIMEOUT_S),
-            "--options",
-            f"-p {server.port}",
-            "start",
-        ],
-        cwd=root,
-        timeout=START_TIMEOUT_S + 10,
-    )
+    start = _pg_ctl_start(server.bin_dir, server.data_dir, server.port, _run_as_prefix())
     if start.returncode != 0:
-        raise PostgresUnavailable(
-            f"PostgreSQL did not restart: {start.stdout}{start.stderr}\n{_tail(log_file)}"
-        )
+        log = _tail(server.data_dir.parent / "postgres.log")
+        output = f"{start.stdout}{start.stderr}"
+        raise PostgresUnavailable(f"PostgreSQL did not restart: {output}\n{log}")
 
 
 @contextlib.contextmanager
