@@ -33,6 +33,19 @@ def tool(name: str) -> str:
     pytest.fail(f"{name} is not installed; run `make tools` (the test command does this)")
 
 
+def shared_secrets(directory: Path) -> dict[str, str]:
+    """Settings that let several processes accept each other's tokens: one server secret and
+    one signing key (written into ``directory``), not dev mode's per-process ones."""
+    from switchboard.auth.tokens import SigningKey, private_key_pem
+
+    key_file = directory / "k1.pem"
+    key_file.write_bytes(private_key_pem(SigningKey.generate("k1")))
+    return {
+        "SWITCHBOARD_SECRET_KEY": "e2e-secret-key-that-is-long-enough-000000",
+        "SWITCHBOARD_SIGNING_KEYS": str(key_file),
+    }
+
+
 class ManagedProcess:
     """A child process with a private temporary directory: SIGTERM to stop it
     politely, and a kill plus cleanup on context exit whatever happened."""

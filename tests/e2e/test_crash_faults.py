@@ -28,9 +28,8 @@ from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
-from switchboard.auth.tokens import SigningKey, private_key_pem
 from switchboard.dispatcher.store import TERMINAL
-from tests.e2e.procs import ServeProcess
+from tests.e2e.procs import ServeProcess, shared_secrets
 from tests.infra.postgres import (
     PostgresServer,
     _admin,
@@ -63,11 +62,8 @@ RETRYABLE: Final = frozenset(
 
 
 def _env(tmp_path: Path, database_url: str, redis_url: str) -> dict[str, str]:
-    key_file = tmp_path / "k1.pem"
-    key_file.write_bytes(private_key_pem(SigningKey.generate("k1")))
     return {
-        "SWITCHBOARD_SECRET_KEY": "e2e-secret-key-that-is-long-enough-000000",
-        "SWITCHBOARD_SIGNING_KEYS": str(key_file),
+        **shared_secrets(tmp_path),
         "SWITCHBOARD_DATABASE_URL": database_url,
         "SWITCHBOARD_REDIS_URL": redis_url,
         "SWITCHBOARD_DISPATCHER_LEASE_S": LEASE_S,

@@ -38,8 +38,7 @@ from switchboard.api.context.v1 import context_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as dpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
-from switchboard.auth.tokens import SigningKey, private_key_pem
-from tests.e2e.procs import ServeProcess, tool
+from tests.e2e.procs import ServeProcess, shared_secrets, tool
 from tests.infra import postgres as pg
 from tests.infra.redis import RedisServer
 from tests.service.authkit import PASSWORD, bearer
@@ -84,11 +83,8 @@ def cluster() -> Iterator[pg.PostgresServer]:
 def replicas(
     tmp_path: Path, cluster: pg.PostgresServer, redis_server: RedisServer
 ) -> Iterator[tuple[ServeProcess, ServeProcess]]:
-    key_file = tmp_path / "k1.pem"
-    key_file.write_bytes(private_key_pem(SigningKey.generate("k1")))
     env = {
-        "SWITCHBOARD_SECRET_KEY": "e2e-secret-key-that-is-long-enough-000000",
-        "SWITCHBOARD_SIGNING_KEYS": str(key_file),
+        **shared_secrets(tmp_path),
         "SWITCHBOARD_DATABASE_URL": cluster.url("postgres"),
         "SWITCHBOARD_DATABASE_TIMEOUT_S": str(DATABASE_TIMEOUT_S),
         "SWITCHBOARD_REDIS_URL": redis_server.url,

@@ -14,8 +14,7 @@ from grpc import aio
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.auth.tokens import SigningKey, private_key_pem
-from tests.e2e.procs import ServeProcess
+from tests.e2e.procs import ServeProcess, shared_secrets
 from tests.infra.redis import RedisServer
 from tests.service.contextkit import (
     Caller,
@@ -41,11 +40,8 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture
 def env(tmp_path: Path, postgres_url: str, redis_server: RedisServer) -> dict[str, str]:
-    key_file = tmp_path / "k1.pem"
-    key_file.write_bytes(private_key_pem(SigningKey.generate("k1")))
     return {
-        "SWITCHBOARD_SECRET_KEY": "e2e-secret-key-that-is-long-enough-000000",
-        "SWITCHBOARD_SIGNING_KEYS": str(key_file),
+        **shared_secrets(tmp_path),
         # Processes share PostgreSQL (a SQLite file belongs to one process), and
         # so their events go through Redis (the embedded log is per process).
         "SWITCHBOARD_DATABASE_URL": postgres_url,

@@ -41,8 +41,7 @@ from redis.asyncio import Redis
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
-from switchboard.auth.tokens import SigningKey, private_key_pem
-from tests.e2e.procs import ServeProcess
+from tests.e2e.procs import ServeProcess, shared_secrets
 from tests.infra.redis import RedisServer
 from tests.service.authkit import bearer, register
 
@@ -76,11 +75,8 @@ KEY_CREATED: Final = events_pb2.SECURITY_EVENT_KIND_API_KEY_CREATED
 def pair(
     tmp_path: Path, durable_redis_server: RedisServer, postgres_url: str
 ) -> Iterator[tuple[ServeProcess, ServeProcess]]:
-    key_file = tmp_path / "k1.pem"
-    key_file.write_bytes(private_key_pem(SigningKey.generate("k1")))
     env = {
-        "SWITCHBOARD_SECRET_KEY": "e2e-secret-key-that-is-long-enough-000000",
-        "SWITCHBOARD_SIGNING_KEYS": str(key_file),
+        **shared_secrets(tmp_path),
         # Processes share PostgreSQL: a SQLite file belongs to one process.
         "SWITCHBOARD_DATABASE_URL": postgres_url,
         "SWITCHBOARD_REDIS_URL": durable_redis_server.url,

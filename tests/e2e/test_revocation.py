@@ -24,8 +24,7 @@ from grpc import aio
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as dpb
-from switchboard.auth.tokens import SigningKey, private_key_pem
-from tests.e2e.procs import ServeProcess
+from tests.e2e.procs import ServeProcess, shared_secrets
 from tests.infra.redis import RedisServer
 from tests.service.authkit import PASSWORD, bearer, reason, register, unique_email, user_id
 from tests.service.contextkit import (
@@ -48,11 +47,8 @@ CALL_TIMEOUT_S = 5.0
 def pair(
     tmp_path: Path, redis_server: RedisServer, postgres_url: str
 ) -> Iterator[tuple[ServeProcess, ServeProcess]]:
-    key_file = tmp_path / "k1.pem"
-    key_file.write_bytes(private_key_pem(SigningKey.generate("k1")))
     env = {
-        "SWITCHBOARD_SECRET_KEY": "e2e-secret-key-that-is-long-enough-000000",
-        "SWITCHBOARD_SIGNING_KEYS": str(key_file),
+        **shared_secrets(tmp_path),
         # Processes share PostgreSQL: a SQLite file belongs to one process.
         "SWITCHBOARD_DATABASE_URL": postgres_url,
         "SWITCHBOARD_REDIS_URL": redis_server.url,

@@ -18,9 +18,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
-from switchboard.auth.tokens import SigningKey, private_key_pem
 from switchboard.platform.db import EVENT_LOG_LOCK_KEY
-from tests.e2e.procs import START_TIMEOUT_S, ServeProcess
+from tests.e2e.procs import START_TIMEOUT_S, ServeProcess, shared_secrets
 from tests.infra.redis import RedisServer
 from tests.service.authkit import PASSWORD, bearer, unique_email
 
@@ -227,12 +226,7 @@ def test_a_second_server_on_the_same_sqlite_file_is_refused_and_the_first_works_
 @pytest.fixture
 def shared_keys(tmp_path: Path) -> dict[str, str]:
     """Settings that let processes accept each other's tokens (not dev mode's own keys)."""
-    key_file = tmp_path / "k1.pem"
-    key_file.write_bytes(private_key_pem(SigningKey.generate("k1")))
-    return {
-        "SWITCHBOARD_SECRET_KEY": "e2e-secret-key-that-is-long-enough-000000",
-        "SWITCHBOARD_SIGNING_KEYS": str(key_file),
-    }
+    return shared_secrets(tmp_path)
 
 
 def test_a_second_server_on_one_postgresql_database_without_redis_is_refused(
