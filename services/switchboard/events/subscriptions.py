@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import re
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final
 
 from switchboard.api.events.v1 import events_pb2
+from switchboard.platform import names
 from switchboard.platform.accesswatch import Hold
 from switchboard.platform.bus import EventBus
 from switchboard.platform.errors import (
@@ -47,11 +47,10 @@ REPLAY_PAGE: Final = 500
 #: A coalesced batch stays well under the default 4 MiB message limit.
 MAX_BATCH_BYTES: Final = 1024 * 1024
 
-_ID = r"[a-z0-9][a-z0-9-]{0,62}"
 _SCOPE_PATTERNS: Final = {
-    "user": re.compile(rf"users/({_ID})"),
-    "workspace": re.compile(rf"workspaces/({_ID})"),
-    "conversation": re.compile(rf"workspaces/({_ID})/conversations/{_ID}"),
+    "user": names.USER,
+    "workspace": names.WORKSPACE,
+    "conversation": names.CONVERSATION,
 }
 _KNOWN_TYPES: Final = frozenset(events_pb2.EventType.values()) - {events_pb2.EVENT_TYPE_UNSPECIFIED}
 
