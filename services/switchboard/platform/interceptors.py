@@ -369,7 +369,16 @@ def _wrap_stream_response(
             request = call.begin(request, streaming_request, how)
             if check is not None:
                 await check(None if streaming_request else request, context)
-            responses = _responses(call, behavior(request, context))
+            result = behavior(request, context)
+            # A server stream of a unary request has no client message left to
+            # refuse, so the servicer's own generator is iterated as it is (one
+            # async-generator hop less per item on the fan-out path); closing it
+            # below still runs its cleanup in this call's task.
+            responses = (
+                result
+                if not streaming_request and inspect.isasyncgen(result)
+                else _responses(call, result)
+            )
             try:
                 async for item in responses:
                     yield item
