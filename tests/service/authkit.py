@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import itertools
+import json
+import time
+from pathlib import Path
 from typing import Any
 
 import grpc
+import jwt
+from cryptography.hazmat.primitives.asymmetric import rsa
 from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
+from jwt.algorithms import RSAAlgorithm
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 
@@ -85,3 +91,34 @@ async def quick_user(mesh: Any) -> tuple[str, str]:
         user, AuthMethod.PASSWORD, ClientContext(address="127.0.0.1")
     )
     return user.id, sign_in.tokens.access_token
+
+
+# A federated identity provider of the tests' own (OIDC sign-in).
+ISSUER = "https://login.example.test/tenant/v2.0"
+AUDIENCE = "switchboard-client-id"
+
+
+def oidc_settings(directory: Path, idp_key: rsa.RSAPrivateKey) -> dict[str, str]:
+    """Settings trusting ``idp_key`` as ISSUER's signing key (its JWKS written to ``directory``)."""
+    jwk = json.loads(RSAAlgorithm.to_jwk(idp_key.public_key()))
+    jwk.update({"kid": "idp-1", "alg": "RS256", "use": "sig"})
+    jwks_file = directory / "jwks.json"
+    jwks_file.write_text(json.dumps({"keys": [jwk]}))
+    return {"oidc_issuer": ISSUER, "oidc_audience": AUDIENCE, "oidc_jwks_file": str(jwks_file)}
+
+
+def id_token(key: rsa.RSAPrivateKey, **claims: Any) -> str:
+    """An ID token ISSUER would issue for its subject ``idp-subject-1`` (``claims`` override)."""
+    now = int(time.time())
+    body = {
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "sub": "idp-subject-1",
+        "iat": now,
+        "exp": now + 300,
+        "email": "federated@example.com",
+        "email_verified": True,
+        "name": "Fed Erated",
+    }
+    body.update(claims)
+    return jwt.encode(body, key, algorithm="RS256", headers={"kid": "idp-1"})

@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
-import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from grpc import aio
-from jwt.algorithms import RSAAlgorithm
 from sqlalchemy import event as sql_event
 from sqlalchemy import select
 
@@ -41,7 +38,15 @@ from switchboard.platform.models import UserRow
 from switchboard.platform.server import SwitchboardServer
 from tests.conftest import make_settings
 from tests.infra.redis import RedisServer
-from tests.service.authkit import PASSWORD, bearer, register, unique_email, user_id
+from tests.service.authkit import (
+    PASSWORD,
+    bearer,
+    id_token,
+    oidc_settings,
+    register,
+    unique_email,
+    user_id,
+)
 from tests.service.contextkit import (
     context_stub,
     create_conversation,
@@ -165,24 +170,7 @@ async def test_a_write_whose_event_was_lost_gets_it_without_a_retry() -> None:
 
 # -- auth: every security event of a committed write ------------------------------------
 
-ISSUER = "https://login.example.test/tenant/v2.0"
-AUDIENCE = "switchboard-client-id"
 Act = Callable[[], Awaitable[object]]
-
-
-def _id_token(key: rsa.RSAPrivateKey) -> str:
-    now = int(time.time())
-    claims = {
-        "iss": ISSUER,
-        "aud": AUDIENCE,
-        "sub": "idp-subject-1",
-        "iat": now,
-        "exp": now + 300,
-        "email": "federated@example.com",
-        "email_verified": True,
-        "name": "Fed Erated",
-    }
-    return jwt.encode(claims, key, algorithm="RS256", headers={"kid": "idp-1"})
 
 
 class AuthWorld:
@@ -212,7 +200,7 @@ async def _login(world: AuthWorld) -> Act:
 
 
 async def _oidc_first_login(world: AuthWorld) -> Act:
-    token = _id_token(world.idp_key)
+    token = id_token(world.idp_key)
     return lambda: world.stub.Login(
         auth_pb2.LoginRequest(oidc=auth_pb2.OidcCredential(id_token=token)), timeout=10
     )
@@ -316,17 +304,11 @@ async def _auth_server(
     database_url: str, tmp_path: Path, idp_key: rsa.RSAPrivateKey
 ) -> AsyncIterator[tuple[SwitchboardServer, AuthWorld]]:
     """A server with password and OIDC sign-in (at most 2 sessions per user)."""
-    jwk = json.loads(RSAAlgorithm.to_jwk(idp_key.public_key()))
-    jwk.update({"kid": "idp-1", "alg": "RS256", "use": "sig"})
-    jwks_file = tmp_path / "jwks.json"
-    jwks_file.write_text(json.dumps({"keys": [jwk]}))
     server, _ = await create_server(
         make_settings(
             database_url=database_url,
             max_sessions_per_user=2,
-            oidc_issuer=ISSUER,
-            oidc_audience=AUDIENCE,
-            oidc_jwks_file=str(jwks_file),
+            **oidc_settings(tmp_path, idp_key),
         )
     )
     await server.start()
@@ -412,7 +394,7 @@ async def test_a_first_sign_in_that_fails_midway_leaves_no_account_and_its_retry
 ) -> None:
     async with _auth_server(database_url, tmp_path, idp_key) as (server, world):
         email = unique_email("midway")
-        token = _id_token(idp_key)
+        token = id_token(idp_key)
 
         async def sign_in() -> tuple[auth_pb2.User, auth_pb2.Session]:
             if how == "register":
