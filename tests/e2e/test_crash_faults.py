@@ -41,7 +41,7 @@ from tests.infra.redis import RedisServer
 from tests.service.authkit import PASSWORD, unique_email
 from tests.service.contextkit import Caller, context_stub, create_conversation, create_workspace
 from tests.service.contextkit import Stub as ContextStub
-from tests.service.dispatchkit import dispatcher_stub, reason_of, request
+from tests.service.dispatchkit import dispatcher_stub, read_until, reason_of, request
 
 pytestmark = pytest.mark.e2e
 
@@ -310,22 +310,10 @@ async def test_a_run_on_a_killed_replica_ends_for_its_watcher_on_the_survivor(
                 pb.WatchRunRequest(name=name), metadata=caller.md, timeout=SETTLE_S
             )
             seen: list[pb.RunUpdate] = []
-            async for frame in call:
-                if not frame.HasField("update"):
-                    continue  # a heartbeat
-                update = frame.update
-                seen.append(update)
-                if sum(u.HasField("delta") for u in seen) >= 3:
-                    break
+            await read_until(call, seen, lambda seen: sum(u.HasField("delta") for u in seen) >= 3)
             assert first.proc is not None
             first.proc.kill()  # the run's owner dies mid-stream
-            async for frame in call:
-                if not frame.HasField("update"):
-                    continue  # a heartbeat
-                update = frame.update
-                seen.append(update)
-                if update.state_change.run.state in TERMINAL:
-                    break
+            await read_until(call, seen, lambda seen: seen[-1].state_change.run.state in TERMINAL)
 
             sequences = [u.sequence for u in seen]
             assert sequences == sorted(set(sequences)), "a sequence was reused or went back"
@@ -394,13 +382,7 @@ async def test_a_run_across_a_database_outage_ends_stored_as_announced(
                 pb.WatchRunRequest(name=sent.run.name), metadata=caller.md, timeout=SETTLE_S
             )
             seen: list[pb.RunUpdate] = []
-            async for frame in call:
-                if not frame.HasField("update"):
-                    continue  # a heartbeat
-                update = frame.update
-                seen.append(update)
-                if update.HasField("delta"):
-                    break
+            await read_until(call, seen, lambda seen: seen[-1].HasField("delta"))
             # The run ends while the database is away: its answer cannot be
             # stored, and neither can its end until the database is back.
             await asyncio.to_thread(stop_postgres, private_postgres)
@@ -408,13 +390,7 @@ async def test_a_run_across_a_database_outage_ends_stored_as_announced(
                 await asyncio.sleep(5)  # the outage itself, as the issue measured it
             finally:
                 await asyncio.to_thread(start_postgres, private_postgres)
-            async for frame in call:
-                if not frame.HasField("update"):
-                    continue  # a heartbeat
-                update = frame.update
-                seen.append(update)
-                if update.state_change.run.state in TERMINAL:
-                    break
+            await read_until(call, seen, lambda seen: seen[-1].state_change.run.state in TERMINAL)
             end = seen[-1].state_change.run
             assert end.state in TERMINAL
             sequences = [u.sequence for u in seen]

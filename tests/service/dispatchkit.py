@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
@@ -119,6 +119,20 @@ async def until(
         ):
             return call, seen
     raise AssertionError(f"the run ended without a {kind} update: {seen}")
+
+
+async def read_until(
+    call: aio.UnaryStreamCall[Any, Any],
+    seen: list[pb.RunUpdate],
+    done: Callable[[list[pb.RunUpdate]], bool],
+) -> None:
+    """Add an open WatchRun call's updates (heartbeats skipped) to ``seen`` until
+    ``done(seen)``; the call stays open for the next read."""
+    async for frame in call:
+        if frame.WhichOneof("frame") == "update":
+            seen.append(frame.update)
+            if done(seen):
+                return
 
 
 async def get_run(stub: Stub, caller: Signed, name: str) -> pb.Run:

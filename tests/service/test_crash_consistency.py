@@ -56,6 +56,7 @@ from tests.service.dispatchkit import (
     dispatcher_stub,
     get_run,
     limited,
+    read_until,
     request,
     send,
 )
@@ -659,21 +660,11 @@ async def test_a_dead_replicas_run_is_taken_over_and_numbered_after_all_it_showe
                 pb.WatchRunRequest(name=name), metadata=world.editor.md, timeout=60
             )
             seen: list[pb.RunUpdate] = []
-            async for frame in call:
-                if not frame.HasField("update"):
-                    continue  # a heartbeat
-                update = frame.update
-                seen.append(update)
-                if len([u for u in seen if u.HasField("delta")]) >= 3:
-                    break
+            await read_until(
+                call, seen, lambda seen: len([u for u in seen if u.HasField("delta")]) >= 3
+            )
             _silence(a)  # replica a "dies": its lease expires, b takes its run
-            async for frame in call:
-                if not frame.HasField("update"):
-                    continue  # a heartbeat
-                update = frame.update
-                seen.append(update)
-                if update.state_change.run.state in TERMINAL:
-                    break
+            await read_until(call, seen, lambda seen: seen[-1].state_change.run.state in TERMINAL)
             sequences = [u.sequence for u in seen]
             assert sequences == sorted(set(sequences)), "a sequence was reused or went back"
             end = seen[-1].state_change.run
