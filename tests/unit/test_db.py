@@ -578,6 +578,13 @@ async def until_sleeping(server: PostgresServer) -> list[int]:
 STORE_LOG = logging.getLogger("tests.store")
 
 
+async def _select_one(database: Database) -> object:
+    """A trivial read through the stores' transaction runner."""
+    return await transaction(
+        database, lambda s: s.scalar(text("SELECT 1")), write=False, log=STORE_LOG
+    )
+
+
 async def test_a_connection_terminated_mid_statement_is_an_outage(
     own_postgres: PostgresServer, stoppable: Database
 ) -> None:
@@ -597,12 +604,7 @@ async def test_a_connection_terminated_mid_statement_is_an_outage(
     assert isinstance(raw, DBAPIError)
     assert is_outage(raw)
     # The next call gets a fresh connection: nothing is left broken.
-    assert (
-        await transaction(
-            stoppable, lambda s: s.scalar(text("SELECT 1")), write=False, log=STORE_LOG
-        )
-        == 1
-    )
+    assert await _select_one(stoppable) == 1
 
 
 async def test_postgres_stopping_under_a_statement_and_while_down_is_an_outage(
@@ -620,16 +622,9 @@ async def test_postgres_stopping_under_a_statement_and_while_down_is_an_outage(
         await transaction(stoppable, sleeping(0), write=True, log=STORE_LOG)
     assert is_outage(while_down.value.__cause__ or while_down.value)
     with pytest.raises(DatabaseUnavailable):
-        await transaction(
-            stoppable, lambda s: s.scalar(text("SELECT 1")), write=False, log=STORE_LOG
-        )
+        await _select_one(stoppable)
     await asyncio.to_thread(postgres_infra.start_postgres, own_postgres)
-    assert (
-        await transaction(
-            stoppable, lambda s: s.scalar(text("SELECT 1")), write=False, log=STORE_LOG
-        )
-        == 1
-    )
+    assert await _select_one(stoppable) == 1
 
 
 async def test_database_health_goes_down_with_the_server_and_comes_back_by_itself(
