@@ -169,6 +169,60 @@ async def test_a_write_whose_event_was_lost_gets_it_without_a_retry() -> None:
         assert len(renamed) == 1
 
 
+async def test_a_retry_that_read_the_leftovers_before_they_were_logged_does_not_log_twice() -> None:
+    """The race CI met: the first attempt commits; its retry (same request id)
+    replays and reads the first attempt's outbox row; the first attempt logs the
+    event and deletes the row; only then does the retry publish what it read."""
+    async with limited() as (server, stub, _):
+        world = await ctx_world(server, stub)
+        conversation = (await create_conversation(stub, world.editor, world.name)).name
+        bus, outbox = server.deps.bus, server.deps.bus.outbox
+        assert outbox is not None
+        loop = asyncio.get_running_loop()
+        first_committed, retry_read, first_logged = (
+            asyncio.Event(),
+            asyncio.Event(),
+            asyncio.Event(),
+        )
+        publish_staged, leftovers = bus.publish_staged, outbox.leftovers
+        calls = 0
+
+        async def ordered(events: Sequence[events_pb2.Event]) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:  # the first attempt: log only once the retry has read
+                first_committed.set()
+                await retry_read.wait()
+                await publish_staged(events)
+                first_logged.set()
+            else:  # the retry: publish what it read, after the first attempt logged it
+                await first_logged.wait()
+                await publish_staged(events)
+
+        def reading(db: Any, key: str) -> list[events_pb2.Event]:
+            found = leftovers(db, key)
+            loop.call_soon_threadsafe(retry_read.set)
+            return found
+
+        bus.publish_staged = ordered  # type: ignore[method-assign]
+        outbox.leftovers = reading  # type: ignore[method-assign]
+        append = cpb.AppendMessageRequest(
+            parent=conversation,
+            message=cpb.Message(role=cpb.MESSAGE_ROLE_USER, parts=[cpb.ContentPart(text="hi")]),
+            request_id="append-raced",
+        )
+        first = asyncio.ensure_future(
+            stub.AppendMessage(append, metadata=world.editor.md, timeout=10)
+        )
+        await asyncio.wait_for(first_committed.wait(), 10)
+        again = await stub.AppendMessage(append, metadata=world.editor.md, timeout=10)
+        assert (await first).message.name == again.message.name
+        assert retry_read.is_set()
+        assert calls == 2
+        events = logged(server, events_pb2.EVENT_TYPE_MESSAGE_CREATED, again.message.name)
+        assert [e.message_created.message.name for e in events] == [again.message.name]
+
+
 # -- auth: every security event of a committed write ------------------------------------
 
 Act = Callable[[], Awaitable[object]]

@@ -358,11 +358,9 @@ class LocalLog:
         while self._pending:
             batch = self._pending[:_WRITE_BATCH]
             del self._pending[:_WRITE_BATCH]
-            first = self._head + 1
             now = dt.datetime.now(dt.UTC)
-            logged = [Logged((first + i, 0), event) for i, (event, _) in enumerate(batch)]
             try:
-                await self._store(logged, now)
+                logged = await self._store([event for event, _ in batch], now)
             except _DB_FAILURES as exc:
                 log.error("event log write failed", extra={"error": type(exc).__name__})  # noqa: TRY400 - no stack for an outage
                 for _, future in batch:
@@ -371,30 +369,40 @@ class LocalLog:
                             DependencyUnavailable("the event log is unavailable; retry")
                         )
                 continue
-            self._head = logged[-1].position[0]
-            self._deliver(logged)
-            for (event, future), _ in zip(batch, logged, strict=True):
+            if logged:
+                self._head = logged[-1].position[0]
+                self._deliver(logged)
+            # An event left out was logged before (an outbox event published twice).
+            for event, future in batch:
                 if not future.done():
                     future.set_result(event)
 
-    async def _store(self, logged: list[Logged], now: dt.datetime) -> None:
-        self._since_trim += len(logged)
+    async def _store(self, events: list[events_pb2.Event], now: dt.datetime) -> list[Logged]:
+        """Store ``events`` in one transaction; the ones stored, with their positions."""
+        self._since_trim += len(events)
         trim = (
             self._since_trim >= _TRIM_EVERY_EVENTS
             or time.monotonic() - self._last_trim >= _TRIM_EVERY_S
         )
-        rows = [{"seq": i.position[0], "data": i.data, "created_at": now} for i in logged]
-        head = logged[-1].position[0]
+        first = self._head + 1
         outbox = self._outbox
         retired: list[str] = []
+        logged: list[Logged] = []
 
         def write(session: Session) -> int | None:
+            kept = events
+            if outbox is not None:
+                # In the same transaction: an outbox event is logged only by the
+                # transaction that deletes its row, so exactly once, however many
+                # publishers (a request, its retries, a relay) race to log it.
+                kept, retired[:] = outbox.retire_in(session, events)
+            logged[:] = [Logged((first + i, 0), event) for i, event in enumerate(kept)]
+            if not logged:
+                return None
+            rows = [{"seq": i.position[0], "data": i.data, "created_at": now} for i in logged]
             # Core, not the ORM's bulk insert: a third of the cost, on every batch.
             session.connection().execute(_INSERT_EVENTS, rows)
-            if outbox is not None:
-                # In the same transaction: an outbox event is logged exactly once.
-                retired[:] = outbox.retire_in(session, (item.event for item in logged))
-            return self._trim(session, head, now) if trim else None
+            return self._trim(session, logged[-1].position[0], now) if trim else None
 
         async with self._bounded():
             horizon = await self._database.run(write, write=True)
@@ -406,6 +414,7 @@ class LocalLog:
         if trim:
             self._since_trim = 0
             self._last_trim = time.monotonic()
+        return logged
 
     def _trim(self, session: Session, head: int, now: dt.datetime) -> int | None:
         """Trim in ``session``; the new horizon, or None if nothing was trimmed."""

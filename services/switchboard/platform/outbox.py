@@ -8,7 +8,8 @@ once), by the Redis log after the stream has it (``landed``). A row that stays
 (the process died between commit and publish, or the log was away and the
 process died with events in its memory) is published by the relay of any
 process sharing the database once it is ``GRACE_S`` old, with the same event id:
-Redis's dedupe window and the embedded log's single writer make that land once.
+Redis's dedupe window, and the embedded log storing an outbox event only in
+the transaction that deletes its row, make that land once.
 
 A retried request (the same ``request_id``) whose first attempt committed
 publishes its leftover rows at once (``Staged`` with a key): the client that
@@ -49,6 +50,7 @@ _BATCH: Final = 200
 _ROWS: Final = table_of(EventOutboxRow)
 _INSERT: Final = _ROWS.insert()
 _DELETE: Final = _ROWS.delete().where(_ROWS.c.id.in_(bindparam("ids", expanding=True)))
+_DELETE_RETURNING: Final = _DELETE.returning(_ROWS.c.id)
 _BY_KEY: Final = select(_ROWS.c.data).where(_ROWS.c.key == bindparam("key"))
 _STALE: Final = (
     select(_ROWS.c.id, _ROWS.c.data)
@@ -101,14 +103,31 @@ class Outbox:
             for data in db.connection().execute(_BY_KEY, {"key": key}).scalars()
         ]
 
-    def retire_in(self, db: Session, events: Iterable[events_pb2.Event]) -> list[str]:
-        """Delete, in ``db``'s transaction, the rows of those of ``events`` staged
-        here; returns their ids (call ``retired`` with them after the commit)."""
+    def retire_in(
+        self, db: Session, events: Sequence[events_pb2.Event]
+    ) -> tuple[list[events_pb2.Event], list[str]]:
+        """Delete, in ``db``'s transaction, the rows of those of ``events`` staged here.
+
+        Returns the events to log (those staged nowhere, and each staged one
+        whose row this transaction deleted, once) and the ids deleted (call
+        ``retired`` with them after the commit). A staged event whose row is
+        gone was logged already: a retry and its first attempt, or a relay,
+        published it too.
+        """
         pending = self.pending
         ids = [event.id for event in events if event.id in pending]
-        if ids:
-            db.connection().execute(_DELETE, {"ids": ids})
-        return ids
+        if not ids:
+            return list(events), []
+        deleted = set(db.connection().execute(_DELETE_RETURNING, {"ids": ids}).scalars())
+        gone = deleted.copy()
+        kept = []
+        for event in events:
+            if event.id not in pending:
+                kept.append(event)
+            elif event.id in gone:
+                gone.discard(event.id)  # once, even if it came twice in this batch
+                kept.append(event)
+        return kept, ids
 
     def retired(self, ids: Iterable[str]) -> None:
         self.pending.difference_update(ids)
