@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from grpc import aio
 from sqlalchemy import event as sql_event
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.context.v1 import context_pb2 as cpb
@@ -199,13 +200,13 @@ async def test_a_retry_that_read_the_leftovers_before_they_were_logged_does_not_
                 await first_logged.wait()
                 await publish_staged(events)
 
-        def reading(db: Any, key: str) -> list[events_pb2.Event]:
-            found = leftovers(db, key)
+        def reading(db: Session, key: str) -> list[events_pb2.Event]:
+            found: list[events_pb2.Event] = leftovers(db, key)
             loop.call_soon_threadsafe(retry_read.set)
             return found
 
-        bus.publish_staged = ordered  # type: ignore[method-assign]
-        outbox.leftovers = reading  # type: ignore[method-assign]
+        bus.publish_staged = ordered
+        outbox.leftovers = reading
         append = cpb.AppendMessageRequest(
             parent=conversation,
             message=cpb.Message(role=cpb.MESSAGE_ROLE_USER, parts=[cpb.ContentPart(text="hi")]),
