@@ -133,6 +133,8 @@ RULES: Final[dict[str, Rule]] = {
     _INTEGRATION + "WatchIntegrations": resource("parent", READ),
     _INTEGRATION + "ListTools": resource("parent", READ),
     _INTEGRATION + "InvokeTool": resource("name", WRITE),
+    _INTEGRATION + "ListWebhookDeliveries": resource("parent", READ),
+    _INTEGRATION + "RedeliverWebhook": resource("name", ADMIN),
     # Events: a subscription names several scopes; each is authorized by the servicer.
     _EVENTS + "Subscribe": per_item(Scope.READ),
     _EVENTS + "Stream": per_item(Scope.READ),

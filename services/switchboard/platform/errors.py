@@ -179,6 +179,20 @@ class CircuitOpen(SwitchboardError):
     reason = "ERROR_REASON_CIRCUIT_OPEN"
 
 
+class DestinationBlocked(InvalidArgument):
+    """An outbound address the egress policy refuses (SSRF): loopback, private,
+    link-local or metadata addresses, unless the operator allows them."""
+
+    reason = "ERROR_REASON_DESTINATION_BLOCKED"
+
+
+class ResultTooLarge(SwitchboardError):
+    """A tool's result exceeded the size limit; none of it is returned."""
+
+    code = Code.RESOURCE_EXHAUSTED
+    reason = "ERROR_REASON_RESULT_TOO_LARGE"
+
+
 class RunCancelled(SwitchboardError):
     """The run was cancelled before it completed."""
 

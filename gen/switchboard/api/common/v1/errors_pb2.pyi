@@ -79,6 +79,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The handler failed; the message says what it reported."""
     ERROR_REASON_RUN_SUPERSEDED: _ErrorReason.ValueType  # 27
     """A newer message in the conversation interrupted the run (policy INTERRUPT)."""
+    ERROR_REASON_DESTINATION_BLOCKED: _ErrorReason.ValueType  # 28
+    """An outbound address is refused by the server's egress policy (loopback,
+    private, link-local or cloud metadata addresses).
+    """
+    ERROR_REASON_RESULT_TOO_LARGE: _ErrorReason.ValueType  # 29
+    """A tool's result exceeded the size limit; nothing of it is returned."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the machine-readable cause of a failed call. Every error the
@@ -143,4 +149,10 @@ ERROR_REASON_HANDLER_FAILED: ErrorReason.ValueType  # 26
 """The handler failed; the message says what it reported."""
 ERROR_REASON_RUN_SUPERSEDED: ErrorReason.ValueType  # 27
 """A newer message in the conversation interrupted the run (policy INTERRUPT)."""
+ERROR_REASON_DESTINATION_BLOCKED: ErrorReason.ValueType  # 28
+"""An outbound address is refused by the server's egress policy (loopback,
+private, link-local or cloud metadata addresses).
+"""
+ERROR_REASON_RESULT_TOO_LARGE: ErrorReason.ValueType  # 29
+"""A tool's result exceeded the size limit; nothing of it is returned."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

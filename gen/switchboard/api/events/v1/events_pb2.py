@@ -23,7 +23,9 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from switchboard.api.auth.v1 import auth_pb2 as switchboard_dot_api_dot_auth_dot_v1_dot_auth__pb2
 from switchboard.api.common.v1 import errors_pb2 as switchboard_dot_api_dot_common_dot_v1_dot_errors__pb2
 from switchboard.api.context.v1 import context_pb2 as switchboard_dot_api_dot_context_dot_v1_dot_context__pb2
@@ -31,7 +33,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as switchboard_dot_api_
 from switchboard.api.integration.v1 import integration_pb2 as switchboard_dot_api_dot_integration_dot_v1_dot_integration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&switchboard/api/events/v1/events.proto\x12\x19switchboard.api.events.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\"switchboard/api/auth/v1/auth.proto\x1a&switchboard/api/common/v1/errors.proto\x1a(switchboard/api/context/v1/context.proto\x1a.switchboard/api/dispatcher/v1/dispatcher.proto\x1a\x30switchboard/api/integration/v1/integration.proto\"M\n\x05Scope\x12\x0e\n\x04user\x18\x01 \x01(\tH\x00\x12\x13\n\tworkspace\x18\x02 \x01(\tH\x00\x12\x16\n\x0c\x63onversation\x18\x03 \x01(\tH\x00\x42\x07\n\x05scope\")\n\x05\x41\x63tor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ncredential\x18\x02 \x01(\t\"\x83\x01\n\x10WorkspaceChanged\x12\x35\n\x06\x63hange\x18\x01 \x01(\x0e\x32%.switchboard.api.events.v1.ChangeKind\x12\x38\n\tworkspace\x18\x02 \x01(\x0b\x32%.switchboard.api.context.v1.Workspace\"\x83\x01\n\rMemberChanged\x12\x35\n\x06\x63hange\x18\x01 \x01(\x0e\x32%.switchboard.api.events.v1.ChangeKind\x12;\n\x06member\x18\x02 \x01(\x0b\x32+.switchboard.api.context.v1.WorkspaceMember\"\x8c\x01\n\x13\x43onversationChanged\x12\x35\n\x06\x63hange\x18\x01 \x01(\x0e\x32%.switchboard.api.events.v1.ChangeKind\x12>\n\x0c\x63onversation\x18\x02 \x01(\x0b\x32(.switchboard.api.context.v1.Conversation\"F\n\x0eMessageCreated\x12\x34\n\x07message\x18\x01 \x01(\x0b\x32#.switchboard.api.context.v1.Message\"\x83\x01\n\rMemoryChanged\x12\x35\n\x06\x63hange\x18\x01 \x01(\x0e\x32%.switchboard.api.events.v1.ChangeKind\x12;\n\x0bmemory_item\x18\x02 \x01(\x0b\x32&.switchboard.api.context.v1.MemoryItem\"F\n\nRunUpdated\x12\x38\n\x06update\x18\x01 \x01(\x0b\x32(.switchboard.api.dispatcher.v1.RunUpdate\"\x9d\x01\n\x0fMessageFiltered\x12\x14\n\x0c\x63onversation\x18\x01 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x02 \x01(\t\x12\x10\n\x08rejected\x18\x03 \x01(\x08\x12\x36\n\x06reason\x18\x04 \x01(\x0e\x32&.switchboard.api.common.v1.ErrorReason\x12\r\n\x05\x66lags\x18\x05 \x03(\t\x12\x0b\n\x03run\x18\x06 \x01(\t\"\x8d\x01\n\x12IntegrationChanged\x12\x35\n\x06\x63hange\x18\x01 \x01(\x0e\x32%.switchboard.api.events.v1.ChangeKind\x12@\n\x0bintegration\x18\x02 \x01(\x0b\x32+.switchboard.api.integration.v1.Integration\"\xbf\x01\n\rSecurityEvent\x12:\n\x04kind\x18\x01 \x01(\x0e\x32,.switchboard.api.events.v1.SecurityEventKind\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x0f\n\x07\x61pi_key\x18\x03 \x01(\t\x12\x16\n\x0e\x63lient_address\x18\x04 \x01(\t\x12\x38\n\x0b\x63lient_info\x18\x05 \x01(\x0b\x32#.switchboard.api.auth.v1.ClientInfo\"\xee\x06\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\x12\x32\n\x04type\x18\x03 \x01(\x0e\x32$.switchboard.api.events.v1.EventType\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x05\x61\x63tor\x18\x05 \x01(\x0b\x32 .switchboard.api.events.v1.Actor\x12\x0c\n\x04user\x18\x06 \x01(\t\x12\x11\n\tworkspace\x18\x07 \x01(\t\x12\x14\n\x0c\x63onversation\x18\x08 \x01(\t\x12H\n\x11workspace_changed\x18\n \x01(\x0b\x32+.switchboard.api.events.v1.WorkspaceChangedH\x00\x12\x42\n\x0emember_changed\x18\x0b \x01(\x0b\x32(.switchboard.api.events.v1.MemberChangedH\x00\x12N\n\x14\x63onversation_changed\x18\x0c \x01(\x0b\x32..switchboard.api.events.v1.ConversationChangedH\x00\x12\x44\n\x0fmessage_created\x18\r \x01(\x0b\x32).switchboard.api.events.v1.MessageCreatedH\x00\x12\x42\n\x0ememory_changed\x18\x0e \x01(\x0b\x32(.switchboard.api.events.v1.MemoryChangedH\x00\x12<\n\x0brun_updated\x18\x0f \x01(\x0b\x32%.switchboard.api.events.v1.RunUpdatedH\x00\x12L\n\x13integration_changed\x18\x10 \x01(\x0b\x32-.switchboard.api.events.v1.IntegrationChangedH\x00\x12<\n\x08security\x18\x11 \x01(\x0b\x32(.switchboard.api.events.v1.SecurityEventH\x00\x12\x46\n\x10message_filtered\x18\x12 \x01(\x0b\x32*.switchboard.api.events.v1.MessageFilteredH\x00\x42\t\n\x07payload\"\x8f\x01\n\x10SubscribeRequest\x12\x30\n\x06scopes\x18\x01 \x03(\x0b\x32 .switchboard.api.events.v1.Scope\x12\x14\n\x0c\x61\x66ter_cursor\x18\x02 \x01(\t\x12\x33\n\x05types\x18\x03 \x03(\x0e\x32$.switchboard.api.events.v1.EventType\"N\n\nEventBatch\x12\x30\n\x06\x65vents\x18\x01 \x03(\x0b\x32 .switchboard.api.events.v1.Event\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\"E\n\tHeartbeat\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\"\x8f\x01\n\x11SubscribeResponse\x12\x36\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32%.switchboard.api.events.v1.EventBatchH\x00\x12\x39\n\theartbeat\x18\x02 \x01(\x0b\x32$.switchboard.api.events.v1.HeartbeatH\x00\x42\x07\n\x05\x66rame\"\xa7\x01\n\x0f\x41\x64\x64Subscription\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\x12\x30\n\x06scopes\x18\x02 \x03(\x0b\x32 .switchboard.api.events.v1.Scope\x12\x14\n\x0c\x61\x66ter_cursor\x18\x03 \x01(\t\x12\x33\n\x05types\x18\x04 \x03(\x0e\x32$.switchboard.api.events.v1.EventType\"-\n\x12RemoveSubscription\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\".\n\x03\x41\x63k\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\"\x15\n\x04Ping\x12\r\n\x05nonce\x18\x01 \x01(\t\"\xf4\x01\n\rStreamRequest\x12\x39\n\x03\x61\x64\x64\x18\x01 \x01(\x0b\x32*.switchboard.api.events.v1.AddSubscriptionH\x00\x12?\n\x06remove\x18\x02 \x01(\x0b\x32-.switchboard.api.events.v1.RemoveSubscriptionH\x00\x12-\n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x1e.switchboard.api.events.v1.AckH\x00\x12/\n\x04ping\x18\x04 \x01(\x0b\x32\x1f.switchboard.api.events.v1.PingH\x00\x42\x07\n\x05\x66rame\"?\n\x04Pong\x12\r\n\x05nonce\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\",\n\x11SubscriptionAdded\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\"b\n\x11SubscriptionEnded\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x15\n\rresume_cursor\x18\x04 \x01(\t\"c\n\x12SubscriptionEvents\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\x12\x34\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32%.switchboard.api.events.v1.EventBatch\"\xc4\x02\n\x0eStreamResponse\x12?\n\x06\x65vents\x18\x01 \x01(\x0b\x32-.switchboard.api.events.v1.SubscriptionEventsH\x00\x12=\n\x05\x61\x64\x64\x65\x64\x18\x02 \x01(\x0b\x32,.switchboard.api.events.v1.SubscriptionAddedH\x00\x12=\n\x05\x65nded\x18\x03 \x01(\x0b\x32,.switchboard.api.events.v1.SubscriptionEndedH\x00\x12/\n\x04pong\x18\x04 \x01(\x0b\x32\x1f.switchboard.api.events.v1.PongH\x00\x12\x39\n\theartbeat\x18\x05 \x01(\x0b\x32$.switchboard.api.events.v1.HeartbeatH\x00\x42\x07\n\x05\x66rame\"\xb7\x01\n\x11ListEventsRequest\x12\x30\n\x06scopes\x18\x01 \x03(\x0b\x32 .switchboard.api.events.v1.Scope\x12\x14\n\x0c\x61\x66ter_cursor\x18\x02 \x01(\t\x12\x33\n\x05types\x18\x03 \x03(\x0e\x32$.switchboard.api.events.v1.EventType\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"v\n\x12ListEventsResponse\x12\x30\n\x06\x65vents\x18\x01 \x03(\x0b\x32 .switchboard.api.events.v1.Event\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x15\n\roldest_cursor\x18\x03 \x01(\t*\xc6\x02\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12 \n\x1c\x45VENT_TYPE_WORKSPACE_CHANGED\x10\x01\x12\x1d\n\x19\x45VENT_TYPE_MEMBER_CHANGED\x10\x02\x12#\n\x1f\x45VENT_TYPE_CONVERSATION_CHANGED\x10\x03\x12\x1e\n\x1a\x45VENT_TYPE_MESSAGE_CREATED\x10\x04\x12\x1d\n\x19\x45VENT_TYPE_MEMORY_CHANGED\x10\x05\x12\x1a\n\x16\x45VENT_TYPE_RUN_UPDATED\x10\x06\x12\"\n\x1e\x45VENT_TYPE_INTEGRATION_CHANGED\x10\x07\x12\x17\n\x13\x45VENT_TYPE_SECURITY\x10\x08\x12\x1f\n\x1b\x45VENT_TYPE_MESSAGE_FILTERED\x10\t*t\n\nChangeKind\x12\x1b\n\x17\x43HANGE_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43HANGE_KIND_CREATED\x10\x01\x12\x17\n\x13\x43HANGE_KIND_UPDATED\x10\x02\x12\x17\n\x13\x43HANGE_KIND_DELETED\x10\x03*\xb2\x02\n\x11SecurityEventKind\x12#\n\x1fSECURITY_EVENT_KIND_UNSPECIFIED\x10\x00\x12\'\n#SECURITY_EVENT_KIND_LOGIN_SUCCEEDED\x10\x01\x12$\n SECURITY_EVENT_KIND_LOGIN_FAILED\x10\x02\x12.\n*SECURITY_EVENT_KIND_REFRESH_REUSE_DETECTED\x10\x03\x12\'\n#SECURITY_EVENT_KIND_SESSION_REVOKED\x10\x04\x12\'\n#SECURITY_EVENT_KIND_API_KEY_CREATED\x10\x05\x12\'\n#SECURITY_EVENT_KIND_API_KEY_REVOKED\x10\x06\x32\xc6\x02\n\x0c\x45ventService\x12h\n\tSubscribe\x12+.switchboard.api.events.v1.SubscribeRequest\x1a,.switchboard.api.events.v1.SubscribeResponse0\x01\x12\x61\n\x06Stream\x12(.switchboard.api.events.v1.StreamRequest\x1a).switchboard.api.events.v1.StreamResponse(\x01\x30\x01\x12i\n\nListEvents\x12,.switchboard.api.events.v1.ListEventsRequest\x1a-.switchboard.api.events.v1.ListEventsResponseBX\n\x1d\x64\x65v.switchboard.api.events.v1P\x01Z5switchboard/gen/go/switchboard/api/events/v1;eventsv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&switchboard/api/events/v1/events.proto\x12\x19switchboard.api.events.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\"switchboard/api/auth/v1/auth.proto\x1a&switchboard/api/common/v1/errors.proto\x1a(switchboard/api/context/v1/context.proto\x1a.switchboard/api/dispatcher/v1/dispatcher.proto\x1a\x30switchboard/api/integration/v1/integration.proto\"M\n\x05Scope\x12\x0e\n\x04user\x18\x01 \x01(\tH\x00\x12\x13\n\tworkspace\x18\x02 \x01(\tH\x00\x12\x16\n\x0c\x63onversation\x18\x03 \x01(\tH\x00\x42\x07\n\x05scope\")\n\x05\x41\x63tor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ncredential\x18\x02 \x01(\t\"\x83\x01\n\x10WorkspaceChanged\x12\x35\n\x06\x63hange\x18\x01 \x01(\x0e\x32%.switchboard.api.events.v1.ChangeKind\x12\x38\n\tworkspace\x18\x02 \x01(\x0b\x32%.switchboard.api.context.v1.Workspace\"\x83\x01\n\rMemberChanged\x12\x35\n\x06\x63hange\x18\x01 \x01(\x0e\x32%.switchboard.api.events.v1.ChangeKind\x12;\n\x06member\x18\x02 \x01(\x0b\x32+.switchboard.api.context.v1.WorkspaceMember\"\x8c\x01\n\x13\x43onversationChanged\x12\x35\n\x06\x63hange\x18\x01 \x01(\x0e\x32%.switchboard.api.events.v1.ChangeKind\x12>\n\x0c\x63onversation\x18\x02 \x01(\x0b\x32(.switchboard.api.context.v1.Conversation\"F\n\x0eMessageCreated\x12\x34\n\x07message\x18\x01 \x01(\x0b\x32#.switchboard.api.context.v1.Message\"\x83\x01\n\rMemoryChanged\x12\x35\n\x06\x63hange\x18\x01 \x01(\x0e\x32%.switchboard.api.events.v1.ChangeKind\x12;\n\x0bmemory_item\x18\x02 \x01(\x0b\x32&.switchboard.api.context.v1.MemoryItem\"F\n\nRunUpdated\x12\x38\n\x06update\x18\x01 \x01(\x0b\x32(.switchboard.api.dispatcher.v1.RunUpdate\"\x9d\x01\n\x0fMessageFiltered\x12\x14\n\x0c\x63onversation\x18\x01 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x02 \x01(\t\x12\x10\n\x08rejected\x18\x03 \x01(\x08\x12\x36\n\x06reason\x18\x04 \x01(\x0e\x32&.switchboard.api.common.v1.ErrorReason\x12\r\n\x05\x66lags\x18\x05 \x03(\t\x12\x0b\n\x03run\x18\x06 \x01(\t\"\x8d\x01\n\x12IntegrationChanged\x12\x35\n\x06\x63hange\x18\x01 \x01(\x0e\x32%.switchboard.api.events.v1.ChangeKind\x12@\n\x0bintegration\x18\x02 \x01(\x0b\x32+.switchboard.api.integration.v1.Integration\"\x8b\x01\n\x0bToolInvoked\x12\x0c\n\x04tool\x18\x01 \x01(\t\x12+\n\x08\x64uration\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\"\n\x06status\x18\x03 \x01(\x0b\x32\x12.google.rpc.Status\x12\x10\n\x08is_error\x18\x04 \x01(\x08\x12\x0b\n\x03run\x18\x05 \x01(\t\"\xbf\x01\n\rSecurityEvent\x12:\n\x04kind\x18\x01 \x01(\x0e\x32,.switchboard.api.events.v1.SecurityEventKind\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x0f\n\x07\x61pi_key\x18\x03 \x01(\t\x12\x16\n\x0e\x63lient_address\x18\x04 \x01(\t\x12\x38\n\x0b\x63lient_info\x18\x05 \x01(\x0b\x32#.switchboard.api.auth.v1.ClientInfo\"\xae\x07\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\x12\x32\n\x04type\x18\x03 \x01(\x0e\x32$.switchboard.api.events.v1.EventType\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x05\x61\x63tor\x18\x05 \x01(\x0b\x32 .switchboard.api.events.v1.Actor\x12\x0c\n\x04user\x18\x06 \x01(\t\x12\x11\n\tworkspace\x18\x07 \x01(\t\x12\x14\n\x0c\x63onversation\x18\x08 \x01(\t\x12H\n\x11workspace_changed\x18\n \x01(\x0b\x32+.switchboard.api.events.v1.WorkspaceChangedH\x00\x12\x42\n\x0emember_changed\x18\x0b \x01(\x0b\x32(.switchboard.api.events.v1.MemberChangedH\x00\x12N\n\x14\x63onversation_changed\x18\x0c \x01(\x0b\x32..switchboard.api.events.v1.ConversationChangedH\x00\x12\x44\n\x0fmessage_created\x18\r \x01(\x0b\x32).switchboard.api.events.v1.MessageCreatedH\x00\x12\x42\n\x0ememory_changed\x18\x0e \x01(\x0b\x32(.switchboard.api.events.v1.MemoryChangedH\x00\x12<\n\x0brun_updated\x18\x0f \x01(\x0b\x32%.switchboard.api.events.v1.RunUpdatedH\x00\x12L\n\x13integration_changed\x18\x10 \x01(\x0b\x32-.switchboard.api.events.v1.IntegrationChangedH\x00\x12<\n\x08security\x18\x11 \x01(\x0b\x32(.switchboard.api.events.v1.SecurityEventH\x00\x12\x46\n\x10message_filtered\x18\x12 \x01(\x0b\x32*.switchboard.api.events.v1.MessageFilteredH\x00\x12>\n\x0ctool_invoked\x18\x13 \x01(\x0b\x32&.switchboard.api.events.v1.ToolInvokedH\x00\x42\t\n\x07payload\"\x8f\x01\n\x10SubscribeRequest\x12\x30\n\x06scopes\x18\x01 \x03(\x0b\x32 .switchboard.api.events.v1.Scope\x12\x14\n\x0c\x61\x66ter_cursor\x18\x02 \x01(\t\x12\x33\n\x05types\x18\x03 \x03(\x0e\x32$.switchboard.api.events.v1.EventType\"N\n\nEventBatch\x12\x30\n\x06\x65vents\x18\x01 \x03(\x0b\x32 .switchboard.api.events.v1.Event\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\"E\n\tHeartbeat\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\"\x8f\x01\n\x11SubscribeResponse\x12\x36\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32%.switchboard.api.events.v1.EventBatchH\x00\x12\x39\n\theartbeat\x18\x02 \x01(\x0b\x32$.switchboard.api.events.v1.HeartbeatH\x00\x42\x07\n\x05\x66rame\"\xa7\x01\n\x0f\x41\x64\x64Subscription\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\x12\x30\n\x06scopes\x18\x02 \x03(\x0b\x32 .switchboard.api.events.v1.Scope\x12\x14\n\x0c\x61\x66ter_cursor\x18\x03 \x01(\t\x12\x33\n\x05types\x18\x04 \x03(\x0e\x32$.switchboard.api.events.v1.EventType\"-\n\x12RemoveSubscription\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\".\n\x03\x41\x63k\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\"\x15\n\x04Ping\x12\r\n\x05nonce\x18\x01 \x01(\t\"\xf4\x01\n\rStreamRequest\x12\x39\n\x03\x61\x64\x64\x18\x01 \x01(\x0b\x32*.switchboard.api.events.v1.AddSubscriptionH\x00\x12?\n\x06remove\x18\x02 \x01(\x0b\x32-.switchboard.api.events.v1.RemoveSubscriptionH\x00\x12-\n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x1e.switchboard.api.events.v1.AckH\x00\x12/\n\x04ping\x18\x04 \x01(\x0b\x32\x1f.switchboard.api.events.v1.PingH\x00\x42\x07\n\x05\x66rame\"?\n\x04Pong\x12\r\n\x05nonce\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\",\n\x11SubscriptionAdded\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\"b\n\x11SubscriptionEnded\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x15\n\rresume_cursor\x18\x04 \x01(\t\"c\n\x12SubscriptionEvents\x12\x17\n\x0fsubscription_id\x18\x01 \x01(\t\x12\x34\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32%.switchboard.api.events.v1.EventBatch\"\xc4\x02\n\x0eStreamResponse\x12?\n\x06\x65vents\x18\x01 \x01(\x0b\x32-.switchboard.api.events.v1.SubscriptionEventsH\x00\x12=\n\x05\x61\x64\x64\x65\x64\x18\x02 \x01(\x0b\x32,.switchboard.api.events.v1.SubscriptionAddedH\x00\x12=\n\x05\x65nded\x18\x03 \x01(\x0b\x32,.switchboard.api.events.v1.SubscriptionEndedH\x00\x12/\n\x04pong\x18\x04 \x01(\x0b\x32\x1f.switchboard.api.events.v1.PongH\x00\x12\x39\n\theartbeat\x18\x05 \x01(\x0b\x32$.switchboard.api.events.v1.HeartbeatH\x00\x42\x07\n\x05\x66rame\"\xb7\x01\n\x11ListEventsRequest\x12\x30\n\x06scopes\x18\x01 \x03(\x0b\x32 .switchboard.api.events.v1.Scope\x12\x14\n\x0c\x61\x66ter_cursor\x18\x02 \x01(\t\x12\x33\n\x05types\x18\x03 \x03(\x0e\x32$.switchboard.api.events.v1.EventType\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"v\n\x12ListEventsResponse\x12\x30\n\x06\x65vents\x18\x01 \x03(\x0b\x32 .switchboard.api.events.v1.Event\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x15\n\roldest_cursor\x18\x03 \x01(\t*\xe3\x02\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12 \n\x1c\x45VENT_TYPE_WORKSPACE_CHANGED\x10\x01\x12\x1d\n\x19\x45VENT_TYPE_MEMBER_CHANGED\x10\x02\x12#\n\x1f\x45VENT_TYPE_CONVERSATION_CHANGED\x10\x03\x12\x1e\n\x1a\x45VENT_TYPE_MESSAGE_CREATED\x10\x04\x12\x1d\n\x19\x45VENT_TYPE_MEMORY_CHANGED\x10\x05\x12\x1a\n\x16\x45VENT_TYPE_RUN_UPDATED\x10\x06\x12\"\n\x1e\x45VENT_TYPE_INTEGRATION_CHANGED\x10\x07\x12\x17\n\x13\x45VENT_TYPE_SECURITY\x10\x08\x12\x1f\n\x1b\x45VENT_TYPE_MESSAGE_FILTERED\x10\t\x12\x1b\n\x17\x45VENT_TYPE_TOOL_INVOKED\x10\n*t\n\nChangeKind\x12\x1b\n\x17\x43HANGE_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43HANGE_KIND_CREATED\x10\x01\x12\x17\n\x13\x43HANGE_KIND_UPDATED\x10\x02\x12\x17\n\x13\x43HANGE_KIND_DELETED\x10\x03*\xb2\x02\n\x11SecurityEventKind\x12#\n\x1fSECURITY_EVENT_KIND_UNSPECIFIED\x10\x00\x12\'\n#SECURITY_EVENT_KIND_LOGIN_SUCCEEDED\x10\x01\x12$\n SECURITY_EVENT_KIND_LOGIN_FAILED\x10\x02\x12.\n*SECURITY_EVENT_KIND_REFRESH_REUSE_DETECTED\x10\x03\x12\'\n#SECURITY_EVENT_KIND_SESSION_REVOKED\x10\x04\x12\'\n#SECURITY_EVENT_KIND_API_KEY_CREATED\x10\x05\x12\'\n#SECURITY_EVENT_KIND_API_KEY_REVOKED\x10\x06\x32\xc6\x02\n\x0c\x45ventService\x12h\n\tSubscribe\x12+.switchboard.api.events.v1.SubscribeRequest\x1a,.switchboard.api.events.v1.SubscribeResponse0\x01\x12\x61\n\x06Stream\x12(.switchboard.api.events.v1.StreamRequest\x1a).switchboard.api.events.v1.StreamResponse(\x01\x30\x01\x12i\n\nListEvents\x12,.switchboard.api.events.v1.ListEventsRequest\x1a-.switchboard.api.events.v1.ListEventsResponseBX\n\x1d\x64\x65v.switchboard.api.events.v1P\x01Z5switchboard/gen/go/switchboard/api/events/v1;eventsv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,68 +41,70 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'switchboard.api.events.v1.e
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\035dev.switchboard.api.events.v1P\001Z5switchboard/gen/go/switchboard/api/events/v1;eventsv1'
-  _globals['_EVENTTYPE']._serialized_start=4432
-  _globals['_EVENTTYPE']._serialized_end=4758
-  _globals['_CHANGEKIND']._serialized_start=4760
-  _globals['_CHANGEKIND']._serialized_end=4876
-  _globals['_SECURITYEVENTKIND']._serialized_start=4879
-  _globals['_SECURITYEVENTKIND']._serialized_end=5185
-  _globals['_SCOPE']._serialized_start=318
-  _globals['_SCOPE']._serialized_end=395
-  _globals['_ACTOR']._serialized_start=397
-  _globals['_ACTOR']._serialized_end=438
-  _globals['_WORKSPACECHANGED']._serialized_start=441
-  _globals['_WORKSPACECHANGED']._serialized_end=572
-  _globals['_MEMBERCHANGED']._serialized_start=575
-  _globals['_MEMBERCHANGED']._serialized_end=706
-  _globals['_CONVERSATIONCHANGED']._serialized_start=709
-  _globals['_CONVERSATIONCHANGED']._serialized_end=849
-  _globals['_MESSAGECREATED']._serialized_start=851
-  _globals['_MESSAGECREATED']._serialized_end=921
-  _globals['_MEMORYCHANGED']._serialized_start=924
-  _globals['_MEMORYCHANGED']._serialized_end=1055
-  _globals['_RUNUPDATED']._serialized_start=1057
-  _globals['_RUNUPDATED']._serialized_end=1127
-  _globals['_MESSAGEFILTERED']._serialized_start=1130
-  _globals['_MESSAGEFILTERED']._serialized_end=1287
-  _globals['_INTEGRATIONCHANGED']._serialized_start=1290
-  _globals['_INTEGRATIONCHANGED']._serialized_end=1431
-  _globals['_SECURITYEVENT']._serialized_start=1434
-  _globals['_SECURITYEVENT']._serialized_end=1625
-  _globals['_EVENT']._serialized_start=1628
-  _globals['_EVENT']._serialized_end=2506
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=2509
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=2652
-  _globals['_EVENTBATCH']._serialized_start=2654
-  _globals['_EVENTBATCH']._serialized_end=2732
-  _globals['_HEARTBEAT']._serialized_start=2734
-  _globals['_HEARTBEAT']._serialized_end=2803
-  _globals['_SUBSCRIBERESPONSE']._serialized_start=2806
-  _globals['_SUBSCRIBERESPONSE']._serialized_end=2949
-  _globals['_ADDSUBSCRIPTION']._serialized_start=2952
-  _globals['_ADDSUBSCRIPTION']._serialized_end=3119
-  _globals['_REMOVESUBSCRIPTION']._serialized_start=3121
-  _globals['_REMOVESUBSCRIPTION']._serialized_end=3166
-  _globals['_ACK']._serialized_start=3168
-  _globals['_ACK']._serialized_end=3214
-  _globals['_PING']._serialized_start=3216
-  _globals['_PING']._serialized_end=3237
-  _globals['_STREAMREQUEST']._serialized_start=3240
-  _globals['_STREAMREQUEST']._serialized_end=3484
-  _globals['_PONG']._serialized_start=3486
-  _globals['_PONG']._serialized_end=3549
-  _globals['_SUBSCRIPTIONADDED']._serialized_start=3551
-  _globals['_SUBSCRIPTIONADDED']._serialized_end=3595
-  _globals['_SUBSCRIPTIONENDED']._serialized_start=3597
-  _globals['_SUBSCRIPTIONENDED']._serialized_end=3695
-  _globals['_SUBSCRIPTIONEVENTS']._serialized_start=3697
-  _globals['_SUBSCRIPTIONEVENTS']._serialized_end=3796
-  _globals['_STREAMRESPONSE']._serialized_start=3799
-  _globals['_STREAMRESPONSE']._serialized_end=4123
-  _globals['_LISTEVENTSREQUEST']._serialized_start=4126
-  _globals['_LISTEVENTSREQUEST']._serialized_end=4309
-  _globals['_LISTEVENTSRESPONSE']._serialized_start=4311
-  _globals['_LISTEVENTSRESPONSE']._serialized_end=4429
-  _globals['_EVENTSERVICE']._serialized_start=5188
-  _globals['_EVENTSERVICE']._serialized_end=5514
+  _globals['_EVENTTYPE']._serialized_start=4695
+  _globals['_EVENTTYPE']._serialized_end=5050
+  _globals['_CHANGEKIND']._serialized_start=5052
+  _globals['_CHANGEKIND']._serialized_end=5168
+  _globals['_SECURITYEVENTKIND']._serialized_start=5171
+  _globals['_SECURITYEVENTKIND']._serialized_end=5477
+  _globals['_SCOPE']._serialized_start=375
+  _globals['_SCOPE']._serialized_end=452
+  _globals['_ACTOR']._serialized_start=454
+  _globals['_ACTOR']._serialized_end=495
+  _globals['_WORKSPACECHANGED']._serialized_start=498
+  _globals['_WORKSPACECHANGED']._serialized_end=629
+  _globals['_MEMBERCHANGED']._serialized_start=632
+  _globals['_MEMBERCHANGED']._serialized_end=763
+  _globals['_CONVERSATIONCHANGED']._serialized_start=766
+  _globals['_CONVERSATIONCHANGED']._serialized_end=906
+  _globals['_MESSAGECREATED']._serialized_start=908
+  _globals['_MESSAGECREATED']._serialized_end=978
+  _globals['_MEMORYCHANGED']._serialized_start=981
+  _globals['_MEMORYCHANGED']._serialized_end=1112
+  _globals['_RUNUPDATED']._serialized_start=1114
+  _globals['_RUNUPDATED']._serialized_end=1184
+  _globals['_MESSAGEFILTERED']._serialized_start=1187
+  _globals['_MESSAGEFILTERED']._serialized_end=1344
+  _globals['_INTEGRATIONCHANGED']._serialized_start=1347
+  _globals['_INTEGRATIONCHANGED']._serialized_end=1488
+  _globals['_TOOLINVOKED']._serialized_start=1491
+  _globals['_TOOLINVOKED']._serialized_end=1630
+  _globals['_SECURITYEVENT']._serialized_start=1633
+  _globals['_SECURITYEVENT']._serialized_end=1824
+  _globals['_EVENT']._serialized_start=1827
+  _globals['_EVENT']._serialized_end=2769
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=2772
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=2915
+  _globals['_EVENTBATCH']._serialized_start=2917
+  _globals['_EVENTBATCH']._serialized_end=2995
+  _globals['_HEARTBEAT']._serialized_start=2997
+  _globals['_HEARTBEAT']._serialized_end=3066
+  _globals['_SUBSCRIBERESPONSE']._serialized_start=3069
+  _globals['_SUBSCRIBERESPONSE']._serialized_end=3212
+  _globals['_ADDSUBSCRIPTION']._serialized_start=3215
+  _globals['_ADDSUBSCRIPTION']._serialized_end=3382
+  _globals['_REMOVESUBSCRIPTION']._serialized_start=3384
+  _globals['_REMOVESUBSCRIPTION']._serialized_end=3429
+  _globals['_ACK']._serialized_start=3431
+  _globals['_ACK']._serialized_end=3477
+  _globals['_PING']._serialized_start=3479
+  _globals['_PING']._serialized_end=3500
+  _globals['_STREAMREQUEST']._serialized_start=3503
+  _globals['_STREAMREQUEST']._serialized_end=3747
+  _globals['_PONG']._serialized_start=3749
+  _globals['_PONG']._serialized_end=3812
+  _globals['_SUBSCRIPTIONADDED']._serialized_start=3814
+  _globals['_SUBSCRIPTIONADDED']._serialized_end=3858
+  _globals['_SUBSCRIPTIONENDED']._serialized_start=3860
+  _globals['_SUBSCRIPTIONENDED']._serialized_end=3958
+  _globals['_SUBSCRIPTIONEVENTS']._serialized_start=3960
+  _globals['_SUBSCRIPTIONEVENTS']._serialized_end=4059
+  _globals['_STREAMRESPONSE']._serialized_start=4062
+  _globals['_STREAMRESPONSE']._serialized_end=4386
+  _globals['_LISTEVENTSREQUEST']._serialized_start=4389
+  _globals['_LISTEVENTSREQUEST']._serialized_end=4572
+  _globals['_LISTEVENTSRESPONSE']._serialized_start=4574
+  _globals['_LISTEVENTSRESPONSE']._serialized_end=4692
+  _globals['_EVENTSERVICE']._serialized_start=5480
+  _globals['_EVENTSERVICE']._serialized_end=5806
 # @@protoc_insertion_point(module_scope)

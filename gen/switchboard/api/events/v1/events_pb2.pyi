@@ -6,10 +6,12 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.rpc import status_pb2 as _status_pb2
 from switchboard.api.auth.v1 import auth_pb2 as _auth_pb2
 from switchboard.api.common.v1 import errors_pb2 as _errors_pb2
 from switchboard.api.context.v1 import context_pb2 as _context_pb2
@@ -52,6 +54,8 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     """A security-relevant action on the user's account."""
     EVENT_TYPE_MESSAGE_FILTERED: _EventType.ValueType  # 9
     """The dispatcher refused a message before any handler ran, or flagged it."""
+    EVENT_TYPE_TOOL_INVOKED: _EventType.ValueType  # 10
+    """A tool of an integration was invoked (an audit record)."""
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper):
     """What an event is about."""
@@ -76,6 +80,8 @@ EVENT_TYPE_SECURITY: EventType.ValueType  # 8
 """A security-relevant action on the user's account."""
 EVENT_TYPE_MESSAGE_FILTERED: EventType.ValueType  # 9
 """The dispatcher refused a message before any handler ran, or flagged it."""
+EVENT_TYPE_TOOL_INVOKED: EventType.ValueType  # 10
+"""A tool of an integration was invoked (an audit record)."""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
 class _ChangeKind:
@@ -437,6 +443,50 @@ class IntegrationChanged(_message.Message):
 Global___IntegrationChanged: _TypeAlias = IntegrationChanged  # noqa: Y015
 
 @_typing.final
+class ToolInvoked(_message.Message):
+    """Payload: a tool was invoked (who is the event's actor). The arguments and
+    the credential are never recorded.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOOL_FIELD_NUMBER: _builtins.int
+    DURATION_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    IS_ERROR_FIELD_NUMBER: _builtins.int
+    RUN_FIELD_NUMBER: _builtins.int
+    tool: _builtins.str
+    """The tool, `workspaces/{w}/integrations/{i}/tools/{tool}`."""
+    is_error: _builtins.bool
+    """True if the tool answered with an error result."""
+    run: _builtins.str
+    """The run that invoked it, if any."""
+    @_builtins.property
+    def duration(self) -> _duration_pb2.Duration:
+        """How long the call took."""
+
+    @_builtins.property
+    def status(self) -> _status_pb2.Status:
+        """The call's status: OK when the tool answered (even with an error result)."""
+
+    def __init__(
+        self,
+        *,
+        tool: _builtins.str = ...,
+        duration: _duration_pb2.Duration | None = ...,
+        status: _status_pb2.Status | None = ...,
+        is_error: _builtins.bool = ...,
+        run: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "is_error", b"is_error", "run", b"run", "status", b"status", "tool", b"tool"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolInvoked: _TypeAlias = ToolInvoked  # noqa: Y015
+
+@_typing.final
 class SecurityEvent(_message.Message):
     """Payload: a security-relevant action (never carries a secret)."""
 
@@ -499,6 +549,7 @@ class Event(_message.Message):
     INTEGRATION_CHANGED_FIELD_NUMBER: _builtins.int
     SECURITY_FIELD_NUMBER: _builtins.int
     MESSAGE_FILTERED_FIELD_NUMBER: _builtins.int
+    TOOL_INVOKED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Globally unique id (for deduplication by consumers)."""
     cursor: _builtins.str
@@ -555,6 +606,10 @@ class Event(_message.Message):
     def message_filtered(self) -> Global___MessageFiltered:
         """A pre-dispatch filter refused or flagged a message."""
 
+    @_builtins.property
+    def tool_invoked(self) -> Global___ToolInvoked:
+        """A tool was invoked."""
+
     def __init__(
         self,
         *,
@@ -575,12 +630,13 @@ class Event(_message.Message):
         integration_changed: Global___IntegrationChanged | None = ...,
         security: Global___SecurityEvent | None = ...,
         message_filtered: Global___MessageFiltered | None = ...,
+        tool_invoked: Global___ToolInvoked | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "conversation_changed", b"conversation_changed", "integration_changed", b"integration_changed", "member_changed", b"member_changed", "memory_changed", b"memory_changed", "message_created", b"message_created", "message_filtered", b"message_filtered", "payload", b"payload", "run_updated", b"run_updated", "security", b"security", "time", b"time", "workspace_changed", b"workspace_changed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "conversation_changed", b"conversation_changed", "integration_changed", b"integration_changed", "member_changed", b"member_changed", "memory_changed", b"memory_changed", "message_created", b"message_created", "message_filtered", b"message_filtered", "payload", b"payload", "run_updated", b"run_updated", "security", b"security", "time", b"time", "tool_invoked", b"tool_invoked", "workspace_changed", b"workspace_changed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "conversation", b"conversation", "conversation_changed", b"conversation_changed", "cursor", b"cursor", "id", b"id", "integration_changed", b"integration_changed", "member_changed", b"member_changed", "memory_changed", b"memory_changed", "message_created", b"message_created", "message_filtered", b"message_filtered", "payload", b"payload", "run_updated", b"run_updated", "security", b"security", "time", b"time", "type", b"type", "user", b"user", "workspace", b"workspace", "workspace_changed", b"workspace_changed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "conversation", b"conversation", "conversation_changed", b"conversation_changed", "cursor", b"cursor", "id", b"id", "integration_changed", b"integration_changed", "member_changed", b"member_changed", "memory_changed", b"memory_changed", "message_created", b"message_created", "message_filtered", b"message_filtered", "payload", b"payload", "run_updated", b"run_updated", "security", b"security", "time", b"time", "tool_invoked", b"tool_invoked", "type", b"type", "user", b"user", "workspace", b"workspace", "workspace_changed", b"workspace_changed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["workspace_changed", "member_changed", "conversation_changed", "message_created", "memory_changed", "run_updated", "integration_changed", "security", "message_filtered"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["workspace_changed", "member_changed", "conversation_changed", "message_created", "memory_changed", "run_updated", "integration_changed", "security", "message_filtered", "tool_invoked"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 

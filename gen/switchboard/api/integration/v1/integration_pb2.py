@@ -30,7 +30,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n0switchboard/api/integration/v1/integration.proto\x12\x1eswitchboard.api.integration.v1\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\x8a\x02\n\x11IntegrationStatus\x12;\n\x06health\x18\x01 \x01(\x0e\x32+.switchboard.api.integration.v1.HealthState\x12=\n\x07\x63ircuit\x18\x02 \x01(\x0e\x32,.switchboard.api.integration.v1.CircuitState\x12\x33\n\x0flast_probe_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\nlast_error\x18\x04 \x01(\x0b\x32\x12.google.rpc.Status\x12\x1c\n\x14\x63onsecutive_failures\x18\x05 \x01(\x05\"\xb5\x03\n\x0bIntegration\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12=\n\x04kind\x18\x03 \x01(\x0e\x32/.switchboard.api.integration.v1.IntegrationKind\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\x12/\n\x0c\x63\x61ll_timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x06\x63onfig\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\ncredential\x18\x07 \x01(\t\x12\x41\n\x06status\x18\x08 \x01(\x0b\x32\x31.switchboard.api.integration.v1.IntegrationStatus\x12\x10\n\x08\x64isabled\x18\t \x01(\x08\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\x0c \x01(\t\"\x84\x01\n\x18\x43reateIntegrationRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12@\n\x0bintegration\x18\x02 \x01(\x0b\x32+.switchboard.api.integration.v1.Integration\x12\x16\n\x0eintegration_id\x18\x03 \x01(\t\"]\n\x19\x43reateIntegrationResponse\x12@\n\x0bintegration\x18\x01 \x01(\x0b\x32+.switchboard.api.integration.v1.Integration\"%\n\x15GetIntegrationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"Z\n\x16GetIntegrationResponse\x12@\n\x0bintegration\x18\x01 \x01(\x0b\x32+.switchboard.api.integration.v1.Integration\"P\n\x17ListIntegrationsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"v\n\x18ListIntegrationsResponse\x12\x41\n\x0cintegrations\x18\x01 \x03(\x0b\x32+.switchboard.api.integration.v1.Integration\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x8d\x01\n\x18UpdateIntegrationRequest\x12@\n\x0bintegration\x18\x01 \x01(\x0b\x32+.switchboard.api.integration.v1.Integration\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"]\n\x19UpdateIntegrationResponse\x12@\n\x0bintegration\x18\x01 \x01(\x0b\x32+.switchboard.api.integration.v1.Integration\"6\n\x18\x44\x65leteIntegrationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"\x1b\n\x19\x44\x65leteIntegrationResponse\"*\n\x18WatchIntegrationsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\"\x89\x01\n\x19WatchIntegrationsResponse\x12@\n\x0bintegration\x18\x01 \x01(\x0b\x32+.switchboard.api.integration.v1.Integration\x12\x0f\n\x07\x64\x65leted\x18\x02 \x01(\x08\x12\x19\n\x11snapshot_complete\x18\x03 \x01(\x08\"X\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12-\n\x0cinput_schema\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"I\n\x10ListToolsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"a\n\x11ListToolsResponse\x12\x33\n\x05tools\x18\x01 \x03(\x0b\x32$.switchboard.api.integration.v1.Tool\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"y\n\x11InvokeToolRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\targuments\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12*\n\x07timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x89\x01\n\x12InvokeToolResponse\x12\'\n\x06result\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08is_error\x18\x03 \x01(\x08\x12*\n\x07latency\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration*\x95\x01\n\x0fIntegrationKind\x12 \n\x1cINTEGRATION_KIND_UNSPECIFIED\x10\x00\x12!\n\x1dINTEGRATION_KIND_GRPC_HANDLER\x10\x01\x12\x1f\n\x1bINTEGRATION_KIND_MCP_SERVER\x10\x02\x12\x1c\n\x18INTEGRATION_KIND_WEBHOOK\x10\x03*|\n\x0bHealthState\x12\x1c\n\x18HEALTH_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14HEALTH_STATE_HEALTHY\x10\x01\x12\x19\n\x15HEALTH_STATE_DEGRADED\x10\x02\x12\x1a\n\x16HEALTH_STATE_UNHEALTHY\x10\x03*|\n\x0c\x43ircuitState\x12\x1d\n\x19\x43IRCUIT_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43IRCUIT_STATE_CLOSED\x10\x01\x12\x16\n\x12\x43IRCUIT_STATE_OPEN\x10\x02\x12\x1b\n\x17\x43IRCUIT_STATE_HALF_OPEN\x10\x03\x32\xb2\x08\n\x12IntegrationService\x12\x88\x01\n\x11\x43reateIntegration\x12\x38.switchboard.api.integration.v1.CreateIntegrationRequest\x1a\x39.switchboard.api.integration.v1.CreateIntegrationResponse\x12\x7f\n\x0eGetIntegration\x12\x35.switchboard.api.integration.v1.GetIntegrationRequest\x1a\x36.switchboard.api.integration.v1.GetIntegrationResponse\x12\x85\x01\n\x10ListIntegrations\x12\x37.switchboard.api.integration.v1.ListIntegrationsRequest\x1a\x38.switchboard.api.integration.v1.ListIntegrationsResponse\x12\x88\x01\n\x11UpdateIntegration\x12\x38.switchboard.api.integration.v1.UpdateIntegrationRequest\x1a\x39.switchboard.api.integration.v1.UpdateIntegrationResponse\x12\x88\x01\n\x11\x44\x65leteIntegration\x12\x38.switchboard.api.integration.v1.DeleteIntegrationRequest\x1a\x39.switchboard.api.integration.v1.DeleteIntegrationResponse\x12\x8a\x01\n\x11WatchIntegrations\x12\x38.switchboard.api.integration.v1.WatchIntegrationsRequest\x1a\x39.switchboard.api.integration.v1.WatchIntegrationsResponse0\x01\x12p\n\tListTools\x12\x30.switchboard.api.integration.v1.ListToolsRequest\x1a\x31.switchboard.api.integration.v1.ListToolsResponse\x12s\n\nInvokeTool\x12\x31.switchboard.api.integration.v1.InvokeToolRequest\x1a\x32.switchboard.api.integration.v1.InvokeToolResponseBg\n\"dev.switchboard.api.integration.v1P\x01Z?switchboard/gen/go/switchboard/api/integration/v1;integrationv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n0switchboard/api/integration/v1/integration.proto\x12\x1eswitchboard.api.integration.v1\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xf4\x02\n\x11IntegrationStatus\x12;\n\x06health\x18\x01 \x01(\x0e\x32+.switchboard.api.integration.v1.HealthState\x12=\n\x07\x63ircuit\x18\x02 \x01(\x0e\x32,.switchboard.api.integration.v1.CircuitState\x12\x33\n\x0flast_probe_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\nlast_error\x18\x04 \x01(\x0b\x32\x12.google.rpc.Status\x12\x1c\n\x14\x63onsecutive_failures\x18\x05 \x01(\x05\x12\x30\n\x0chealth_since\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x12\x63ircuit_retry_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe2\x03\n\x0bIntegration\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12=\n\x04kind\x18\x03 \x01(\x0e\x32/.switchboard.api.integration.v1.IntegrationKind\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\x12/\n\x0c\x63\x61ll_timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x06\x63onfig\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\ncredential\x18\x07 \x01(\t\x12\x41\n\x06status\x18\x08 \x01(\x0b\x32\x31.switchboard.api.integration.v1.IntegrationStatus\x12\x10\n\x08\x64isabled\x18\t \x01(\x08\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\x0c \x01(\t\x12\x16\n\x0ehas_credential\x18\r \x01(\x08\x12\x13\n\x0b\x65vent_types\x18\x0e \x03(\t\"\x98\x01\n\x18\x43reateIntegrationRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12@\n\x0bintegration\x18\x02 \x01(\x0b\x32+.switchboard.api.integration.v1.Integration\x12\x16\n\x0eintegration_id\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"]\n\x19\x43reateIntegrationResponse\x12@\n\x0bintegration\x18\x01 \x01(\x0b\x32+.switchboard.api.integration.v1.Integration\"%\n\x15GetIntegrationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"Z\n\x16GetIntegrationResponse\x12@\n\x0bintegration\x18\x01 \x01(\x0b\x32+.switchboard.api.integration.v1.Integration\"P\n\x17ListIntegrationsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"v\n\x18ListIntegrationsResponse\x12\x41\n\x0cintegrations\x18\x01 \x03(\x0b\x32+.switchboard.api.integration.v1.Integration\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x8d\x01\n\x18UpdateIntegrationRequest\x12@\n\x0bintegration\x18\x01 \x01(\x0b\x32+.switchboard.api.integration.v1.Integration\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"]\n\x19UpdateIntegrationResponse\x12@\n\x0bintegration\x18\x01 \x01(\x0b\x32+.switchboard.api.integration.v1.Integration\"6\n\x18\x44\x65leteIntegrationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"\x1b\n\x19\x44\x65leteIntegrationResponse\"*\n\x18WatchIntegrationsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\"\x89\x01\n\x19WatchIntegrationsResponse\x12@\n\x0bintegration\x18\x01 \x01(\x0b\x32+.switchboard.api.integration.v1.Integration\x12\x0f\n\x07\x64\x65leted\x18\x02 \x01(\x08\x12\x19\n\x11snapshot_complete\x18\x03 \x01(\x08\"\x97\x01\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12-\n\x0cinput_schema\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05title\x18\x04 \x01(\t\x12.\n\routput_schema\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\"I\n\x10ListToolsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"a\n\x11ListToolsResponse\x12\x33\n\x05tools\x18\x01 \x03(\x0b\x32$.switchboard.api.integration.v1.Tool\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"y\n\x11InvokeToolRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\targuments\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12*\n\x07timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x89\x01\n\x12InvokeToolResponse\x12\'\n\x06result\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08is_error\x18\x03 \x01(\x08\x12*\n\x07latency\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xe2\x02\n\x0fWebhookDelivery\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x12\n\nevent_type\x18\x03 \x01(\t\x12<\n\x05state\x18\x04 \x01(\x0e\x32-.switchboard.api.integration.v1.DeliveryState\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\x05\x12\x18\n\x10last_http_status\x18\x06 \x01(\x05\x12\x12\n\nlast_error\x18\x07 \x01(\t\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11last_attempt_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11next_attempt_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"U\n\x1cListWebhookDeliveriesRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"}\n\x1dListWebhookDeliveriesResponse\x12\x43\n\ndeliveries\x18\x01 \x03(\x0b\x32/.switchboard.api.integration.v1.WebhookDelivery\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x17RedeliverWebhookRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"]\n\x18RedeliverWebhookResponse\x12\x41\n\x08\x64\x65livery\x18\x01 \x01(\x0b\x32/.switchboard.api.integration.v1.WebhookDelivery*\x95\x01\n\x0fIntegrationKind\x12 \n\x1cINTEGRATION_KIND_UNSPECIFIED\x10\x00\x12!\n\x1dINTEGRATION_KIND_GRPC_HANDLER\x10\x01\x12\x1f\n\x1bINTEGRATION_KIND_MCP_SERVER\x10\x02\x12\x1c\n\x18INTEGRATION_KIND_WEBHOOK\x10\x03*|\n\x0bHealthState\x12\x1c\n\x18HEALTH_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14HEALTH_STATE_HEALTHY\x10\x01\x12\x19\n\x15HEALTH_STATE_DEGRADED\x10\x02\x12\x1a\n\x16HEALTH_STATE_UNHEALTHY\x10\x03*|\n\x0c\x43ircuitState\x12\x1d\n\x19\x43IRCUIT_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43IRCUIT_STATE_CLOSED\x10\x01\x12\x16\n\x12\x43IRCUIT_STATE_OPEN\x10\x02\x12\x1b\n\x17\x43IRCUIT_STATE_HALF_OPEN\x10\x03*\x84\x01\n\rDeliveryState\x12\x1e\n\x1a\x44\x45LIVERY_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x44\x45LIVERY_STATE_PENDING\x10\x01\x12\x1c\n\x18\x44\x45LIVERY_STATE_SUCCEEDED\x10\x02\x12\x19\n\x15\x44\x45LIVERY_STATE_FAILED\x10\x03\x32\xd1\n\n\x12IntegrationService\x12\x88\x01\n\x11\x43reateIntegration\x12\x38.switchboard.api.integration.v1.CreateIntegrationRequest\x1a\x39.switchboard.api.integration.v1.CreateIntegrationResponse\x12\x7f\n\x0eGetIntegration\x12\x35.switchboard.api.integration.v1.GetIntegrationRequest\x1a\x36.switchboard.api.integration.v1.GetIntegrationResponse\x12\x85\x01\n\x10ListIntegrations\x12\x37.switchboard.api.integration.v1.ListIntegrationsRequest\x1a\x38.switchboard.api.integration.v1.ListIntegrationsResponse\x12\x88\x01\n\x11UpdateIntegration\x12\x38.switchboard.api.integration.v1.UpdateIntegrationRequest\x1a\x39.switchboard.api.integration.v1.UpdateIntegrationResponse\x12\x88\x01\n\x11\x44\x65leteIntegration\x12\x38.switchboard.api.integration.v1.DeleteIntegrationRequest\x1a\x39.switchboard.api.integration.v1.DeleteIntegrationResponse\x12\x8a\x01\n\x11WatchIntegrations\x12\x38.switchboard.api.integration.v1.WatchIntegrationsRequest\x1a\x39.switchboard.api.integration.v1.WatchIntegrationsResponse0\x01\x12p\n\tListTools\x12\x30.switchboard.api.integration.v1.ListToolsRequest\x1a\x31.switchboard.api.integration.v1.ListToolsResponse\x12s\n\nInvokeTool\x12\x31.switchboard.api.integration.v1.InvokeToolRequest\x1a\x32.switchboard.api.integration.v1.InvokeToolResponse\x12\x94\x01\n\x15ListWebhookDeliveries\x12<.switchboard.api.integration.v1.ListWebhookDeliveriesRequest\x1a=.switchboard.api.integration.v1.ListWebhookDeliveriesResponse\x12\x85\x01\n\x10RedeliverWebhook\x12\x37.switchboard.api.integration.v1.RedeliverWebhookRequest\x1a\x38.switchboard.api.integration.v1.RedeliverWebhookResponseBg\n\"dev.switchboard.api.integration.v1P\x01Z?switchboard/gen/go/switchboard/api/integration/v1;integrationv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,50 +38,62 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'switchboard.api.integration
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\"dev.switchboard.api.integration.v1P\001Z?switchboard/gen/go/switchboard/api/integration/v1;integrationv1'
-  _globals['_INTEGRATIONKIND']._serialized_start=2546
-  _globals['_INTEGRATIONKIND']._serialized_end=2695
-  _globals['_HEALTHSTATE']._serialized_start=2697
-  _globals['_HEALTHSTATE']._serialized_end=2821
-  _globals['_CIRCUITSTATE']._serialized_start=2823
-  _globals['_CIRCUITSTATE']._serialized_end=2947
+  _globals['_INTEGRATIONKIND']._serialized_start=3488
+  _globals['_INTEGRATIONKIND']._serialized_end=3637
+  _globals['_HEALTHSTATE']._serialized_start=3639
+  _globals['_HEALTHSTATE']._serialized_end=3763
+  _globals['_CIRCUITSTATE']._serialized_start=3765
+  _globals['_CIRCUITSTATE']._serialized_end=3889
+  _globals['_DELIVERYSTATE']._serialized_start=3892
+  _globals['_DELIVERYSTATE']._serialized_end=4024
   _globals['_INTEGRATIONSTATUS']._serialized_start=239
-  _globals['_INTEGRATIONSTATUS']._serialized_end=505
-  _globals['_INTEGRATION']._serialized_start=508
-  _globals['_INTEGRATION']._serialized_end=945
-  _globals['_CREATEINTEGRATIONREQUEST']._serialized_start=948
-  _globals['_CREATEINTEGRATIONREQUEST']._serialized_end=1080
-  _globals['_CREATEINTEGRATIONRESPONSE']._serialized_start=1082
-  _globals['_CREATEINTEGRATIONRESPONSE']._serialized_end=1175
-  _globals['_GETINTEGRATIONREQUEST']._serialized_start=1177
-  _globals['_GETINTEGRATIONREQUEST']._serialized_end=1214
-  _globals['_GETINTEGRATIONRESPONSE']._serialized_start=1216
-  _globals['_GETINTEGRATIONRESPONSE']._serialized_end=1306
-  _globals['_LISTINTEGRATIONSREQUEST']._serialized_start=1308
-  _globals['_LISTINTEGRATIONSREQUEST']._serialized_end=1388
-  _globals['_LISTINTEGRATIONSRESPONSE']._serialized_start=1390
-  _globals['_LISTINTEGRATIONSRESPONSE']._serialized_end=1508
-  _globals['_UPDATEINTEGRATIONREQUEST']._serialized_start=1511
-  _globals['_UPDATEINTEGRATIONREQUEST']._serialized_end=1652
-  _globals['_UPDATEINTEGRATIONRESPONSE']._serialized_start=1654
-  _globals['_UPDATEINTEGRATIONRESPONSE']._serialized_end=1747
-  _globals['_DELETEINTEGRATIONREQUEST']._serialized_start=1749
-  _globals['_DELETEINTEGRATIONREQUEST']._serialized_end=1803
-  _globals['_DELETEINTEGRATIONRESPONSE']._serialized_start=1805
-  _globals['_DELETEINTEGRATIONRESPONSE']._serialized_end=1832
-  _globals['_WATCHINTEGRATIONSREQUEST']._serialized_start=1834
-  _globals['_WATCHINTEGRATIONSREQUEST']._serialized_end=1876
-  _globals['_WATCHINTEGRATIONSRESPONSE']._serialized_start=1879
-  _globals['_WATCHINTEGRATIONSRESPONSE']._serialized_end=2016
-  _globals['_TOOL']._serialized_start=2018
-  _globals['_TOOL']._serialized_end=2106
-  _globals['_LISTTOOLSREQUEST']._serialized_start=2108
-  _globals['_LISTTOOLSREQUEST']._serialized_end=2181
-  _globals['_LISTTOOLSRESPONSE']._serialized_start=2183
-  _globals['_LISTTOOLSRESPONSE']._serialized_end=2280
-  _globals['_INVOKETOOLREQUEST']._serialized_start=2282
-  _globals['_INVOKETOOLREQUEST']._serialized_end=2403
-  _globals['_INVOKETOOLRESPONSE']._serialized_start=2406
-  _globals['_INVOKETOOLRESPONSE']._serialized_end=2543
-  _globals['_INTEGRATIONSERVICE']._serialized_start=2950
-  _globals['_INTEGRATIONSERVICE']._serialized_end=4024
+  _globals['_INTEGRATIONSTATUS']._serialized_end=611
+  _globals['_INTEGRATION']._serialized_start=614
+  _globals['_INTEGRATION']._serialized_end=1096
+  _globals['_CREATEINTEGRATIONREQUEST']._serialized_start=1099
+  _globals['_CREATEINTEGRATIONREQUEST']._serialized_end=1251
+  _globals['_CREATEINTEGRATIONRESPONSE']._serialized_start=1253
+  _globals['_CREATEINTEGRATIONRESPONSE']._serialized_end=1346
+  _globals['_GETINTEGRATIONREQUEST']._serialized_start=1348
+  _globals['_GETINTEGRATIONREQUEST']._serialized_end=1385
+  _globals['_GETINTEGRATIONRESPONSE']._serialized_start=1387
+  _globals['_GETINTEGRATIONRESPONSE']._serialized_end=1477
+  _globals['_LISTINTEGRATIONSREQUEST']._serialized_start=1479
+  _globals['_LISTINTEGRATIONSREQUEST']._serialized_end=1559
+  _globals['_LISTINTEGRATIONSRESPONSE']._serialized_start=1561
+  _globals['_LISTINTEGRATIONSRESPONSE']._serialized_end=1679
+  _globals['_UPDATEINTEGRATIONREQUEST']._serialized_start=1682
+  _globals['_UPDATEINTEGRATIONREQUEST']._serialized_end=1823
+  _globals['_UPDATEINTEGRATIONRESPONSE']._serialized_start=1825
+  _globals['_UPDATEINTEGRATIONRESPONSE']._serialized_end=1918
+  _globals['_DELETEINTEGRATIONREQUEST']._serialized_start=1920
+  _globals['_DELETEINTEGRATIONREQUEST']._serialized_end=1974
+  _globals['_DELETEINTEGRATIONRESPONSE']._serialized_start=1976
+  _globals['_DELETEINTEGRATIONRESPONSE']._serialized_end=2003
+  _globals['_WATCHINTEGRATIONSREQUEST']._serialized_start=2005
+  _globals['_WATCHINTEGRATIONSREQUEST']._serialized_end=2047
+  _globals['_WATCHINTEGRATIONSRESPONSE']._serialized_start=2050
+  _globals['_WATCHINTEGRATIONSRESPONSE']._serialized_end=2187
+  _globals['_TOOL']._serialized_start=2190
+  _globals['_TOOL']._serialized_end=2341
+  _globals['_LISTTOOLSREQUEST']._serialized_start=2343
+  _globals['_LISTTOOLSREQUEST']._serialized_end=2416
+  _globals['_LISTTOOLSRESPONSE']._serialized_start=2418
+  _globals['_LISTTOOLSRESPONSE']._serialized_end=2515
+  _globals['_INVOKETOOLREQUEST']._serialized_start=2517
+  _globals['_INVOKETOOLREQUEST']._serialized_end=2638
+  _globals['_INVOKETOOLRESPONSE']._serialized_start=2641
+  _globals['_INVOKETOOLRESPONSE']._serialized_end=2778
+  _globals['_WEBHOOKDELIVERY']._serialized_start=2781
+  _globals['_WEBHOOKDELIVERY']._serialized_end=3135
+  _globals['_LISTWEBHOOKDELIVERIESREQUEST']._serialized_start=3137
+  _globals['_LISTWEBHOOKDELIVERIESREQUEST']._serialized_end=3222
+  _globals['_LISTWEBHOOKDELIVERIESRESPONSE']._serialized_start=3224
+  _globals['_LISTWEBHOOKDELIVERIESRESPONSE']._serialized_end=3349
+  _globals['_REDELIVERWEBHOOKREQUEST']._serialized_start=3351
+  _globals['_REDELIVERWEBHOOKREQUEST']._serialized_end=3390
+  _globals['_REDELIVERWEBHOOKRESPONSE']._serialized_start=3392
+  _globals['_REDELIVERWEBHOOKRESPONSE']._serialized_end=3485
+  _globals['_INTEGRATIONSERVICE']._serialized_start=4027
+  _globals['_INTEGRATIONSERVICE']._serialized_end=5388
 # @@protoc_insertion_point(module_scope)

@@ -109,6 +109,34 @@ CIRCUIT_STATE_HALF_OPEN: CircuitState.ValueType  # 3
 """A few trial calls are allowed to test recovery."""
 Global___CircuitState: _TypeAlias = CircuitState  # noqa: Y015
 
+class _DeliveryState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DeliveryStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DeliveryState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DELIVERY_STATE_UNSPECIFIED: _DeliveryState.ValueType  # 0
+    """Not set."""
+    DELIVERY_STATE_PENDING: _DeliveryState.ValueType  # 1
+    """Waiting for its first or next attempt."""
+    DELIVERY_STATE_SUCCEEDED: _DeliveryState.ValueType  # 2
+    """The receiver answered 2xx."""
+    DELIVERY_STATE_FAILED: _DeliveryState.ValueType  # 3
+    """Every attempt failed, or the endpoint was disabled; it will not be retried."""
+
+class DeliveryState(_DeliveryState, metaclass=_DeliveryStateEnumTypeWrapper):
+    """Where a webhook delivery stands."""
+
+DELIVERY_STATE_UNSPECIFIED: DeliveryState.ValueType  # 0
+"""Not set."""
+DELIVERY_STATE_PENDING: DeliveryState.ValueType  # 1
+"""Waiting for its first or next attempt."""
+DELIVERY_STATE_SUCCEEDED: DeliveryState.ValueType  # 2
+"""The receiver answered 2xx."""
+DELIVERY_STATE_FAILED: DeliveryState.ValueType  # 3
+"""Every attempt failed, or the endpoint was disabled; it will not be retried."""
+Global___DeliveryState: _TypeAlias = DeliveryState  # noqa: Y015
+
 @_typing.final
 class IntegrationStatus(_message.Message):
     """The live status of an integration."""
@@ -120,6 +148,8 @@ class IntegrationStatus(_message.Message):
     LAST_PROBE_TIME_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
     CONSECUTIVE_FAILURES_FIELD_NUMBER: _builtins.int
+    HEALTH_SINCE_FIELD_NUMBER: _builtins.int
+    CIRCUIT_RETRY_TIME_FIELD_NUMBER: _builtins.int
     health: Global___HealthState.ValueType
     """Health from the latest probes."""
     circuit: Global___CircuitState.ValueType
@@ -134,6 +164,14 @@ class IntegrationStatus(_message.Message):
     def last_error(self) -> _status_pb2.Status:
         """The latest failure, if any."""
 
+    @_builtins.property
+    def health_since(self) -> _timestamp_pb2.Timestamp:
+        """Since when `health` has had its current value."""
+
+    @_builtins.property
+    def circuit_retry_time(self) -> _timestamp_pb2.Timestamp:
+        """While the circuit is open: when the next trial call is allowed."""
+
     def __init__(
         self,
         *,
@@ -142,10 +180,12 @@ class IntegrationStatus(_message.Message):
         last_probe_time: _timestamp_pb2.Timestamp | None = ...,
         last_error: _status_pb2.Status | None = ...,
         consecutive_failures: _builtins.int = ...,
+        health_since: _timestamp_pb2.Timestamp | None = ...,
+        circuit_retry_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["last_error", b"last_error", "last_probe_time", b"last_probe_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["circuit_retry_time", b"circuit_retry_time", "health_since", b"health_since", "last_error", b"last_error", "last_probe_time", b"last_probe_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["circuit", b"circuit", "consecutive_failures", b"consecutive_failures", "health", b"health", "last_error", b"last_error", "last_probe_time", b"last_probe_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["circuit", b"circuit", "circuit_retry_time", b"circuit_retry_time", "consecutive_failures", b"consecutive_failures", "health", b"health", "health_since", b"health_since", "last_error", b"last_error", "last_probe_time", b"last_probe_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -169,6 +209,8 @@ class Integration(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
+    HAS_CREDENTIAL_FIELD_NUMBER: _builtins.int
+    EVENT_TYPES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `workspaces/{workspace}/integrations/{integration}`."""
     display_name: _builtins.str
@@ -183,6 +225,8 @@ class Integration(_message.Message):
     """Disabled integrations are neither probed nor called."""
     etag: _builtins.str
     """Opaque version for optimistic concurrency."""
+    has_credential: _builtins.bool
+    """Whether a credential is set (output only; the credential itself is never returned)."""
     @_builtins.property
     def call_timeout(self) -> _duration_pb2.Duration:
         """Per-call timeout; the server caps it."""
@@ -203,6 +247,13 @@ class Integration(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When it was last changed."""
 
+    @_builtins.property
+    def event_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Webhooks: the event types delivered, as `switchboard.api.events.v1.EventType`
+        names without the prefix (for example `MESSAGE_CREATED`); all of the
+        workspace's if empty. Other kinds ignore it.
+        """
+
     def __init__(
         self,
         *,
@@ -218,10 +269,12 @@ class Integration(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         etag: _builtins.str = ...,
+        has_credential: _builtins.bool = ...,
+        event_types: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["call_timeout", b"call_timeout", "config", b"config", "create_time", b"create_time", "status", b"status", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_timeout", b"call_timeout", "config", b"config", "create_time", b"create_time", "credential", b"credential", "disabled", b"disabled", "display_name", b"display_name", "endpoint", b"endpoint", "etag", b"etag", "kind", b"kind", "name", b"name", "status", b"status", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_timeout", b"call_timeout", "config", b"config", "create_time", b"create_time", "credential", b"credential", "disabled", b"disabled", "display_name", b"display_name", "endpoint", b"endpoint", "etag", b"etag", "event_types", b"event_types", "has_credential", b"has_credential", "kind", b"kind", "name", b"name", "status", b"status", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -236,10 +289,15 @@ class CreateIntegrationRequest(_message.Message):
     PARENT_FIELD_NUMBER: _builtins.int
     INTEGRATION_FIELD_NUMBER: _builtins.int
     INTEGRATION_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     parent: _builtins.str
     """`workspaces/{workspace}`."""
     integration_id: _builtins.str
     """Optional client-chosen id, `[a-z][a-z0-9-]{1,62}`."""
+    request_id: _builtins.str
+    """Idempotency key: a retry with the same key (by the same caller, within a
+    day) returns the integration the first attempt created.
+    """
     @_builtins.property
     def integration(self) -> Global___Integration:
         """The integration; `name` and `status` are assigned."""
@@ -250,10 +308,11 @@ class CreateIntegrationRequest(_message.Message):
         parent: _builtins.str = ...,
         integration: Global___Integration | None = ...,
         integration_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["integration", b"integration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["integration", b"integration", "integration_id", b"integration_id", "parent", b"parent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["integration", b"integration", "integration_id", b"integration_id", "parent", b"parent", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -402,7 +461,7 @@ class UpdateIntegrationRequest(_message.Message):
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """Fields to change: `display_name`, `endpoint`, `call_timeout`, `config`,
-        `credential`, `disabled`.
+        `credential`, `disabled`, `event_types`.
         """
 
     def __init__(
@@ -551,13 +610,21 @@ class Tool(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     INPUT_SCHEMA_FIELD_NUMBER: _builtins.int
+    TITLE_FIELD_NUMBER: _builtins.int
+    OUTPUT_SCHEMA_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `workspaces/{w}/integrations/{i}/tools/{tool}`."""
     description: _builtins.str
     """What it does."""
+    title: _builtins.str
+    """Human-readable title, if the integration gives one."""
     @_builtins.property
     def input_schema(self) -> _struct_pb2.Struct:
         """Its arguments, as a JSON Schema."""
+
+    @_builtins.property
+    def output_schema(self) -> _struct_pb2.Struct:
+        """Its structured output, as a JSON Schema, if declared."""
 
     def __init__(
         self,
@@ -565,10 +632,12 @@ class Tool(_message.Message):
         name: _builtins.str = ...,
         description: _builtins.str = ...,
         input_schema: _struct_pb2.Struct | None = ...,
+        title: _builtins.str = ...,
+        output_schema: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["input_schema", b"input_schema"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["input_schema", b"input_schema", "output_schema", b"output_schema"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "input_schema", b"input_schema", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "input_schema", b"input_schema", "name", b"name", "output_schema", b"output_schema", "title", b"title"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -703,3 +772,171 @@ class InvokeToolResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InvokeToolResponse: _TypeAlias = InvokeToolResponse  # noqa: Y015
+
+@_typing.final
+class WebhookDelivery(_message.Message):
+    """One event sent (or to be sent) to one webhook endpoint."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    EVENT_TYPE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    LAST_HTTP_STATUS_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    LAST_ATTEMPT_TIME_FIELD_NUMBER: _builtins.int
+    NEXT_ATTEMPT_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Resource name, `workspaces/{w}/integrations/{i}/deliveries/{delivery}`."""
+    event_id: _builtins.str
+    """The event's id; also the `webhook-id` header, the receiver's dedupe key."""
+    event_type: _builtins.str
+    """The event's type, for example `MESSAGE_CREATED`."""
+    state: Global___DeliveryState.ValueType
+    """Where it stands."""
+    attempts: _builtins.int
+    """Attempts made so far."""
+    last_http_status: _builtins.int
+    """The HTTP status of the latest attempt; 0 if none answered."""
+    last_error: _builtins.str
+    """Why the latest attempt failed, if it did."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was recorded."""
+
+    @_builtins.property
+    def last_attempt_time(self) -> _timestamp_pb2.Timestamp:
+        """When the latest attempt ended."""
+
+    @_builtins.property
+    def next_attempt_time(self) -> _timestamp_pb2.Timestamp:
+        """While pending: when the next attempt is due."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        event_id: _builtins.str = ...,
+        event_type: _builtins.str = ...,
+        state: Global___DeliveryState.ValueType = ...,
+        attempts: _builtins.int = ...,
+        last_http_status: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        last_attempt_time: _timestamp_pb2.Timestamp | None = ...,
+        next_attempt_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "last_attempt_time", b"last_attempt_time", "next_attempt_time", b"next_attempt_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "create_time", b"create_time", "event_id", b"event_id", "event_type", b"event_type", "last_attempt_time", b"last_attempt_time", "last_error", b"last_error", "last_http_status", b"last_http_status", "name", b"name", "next_attempt_time", b"next_attempt_time", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookDelivery: _TypeAlias = WebhookDelivery  # noqa: Y015
+
+@_typing.final
+class ListWebhookDeliveriesRequest(_message.Message):
+    """Request for ListWebhookDeliveries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """`workspaces/{workspace}/integrations/{integration}` (a webhook)."""
+    page_size: _builtins.int
+    """Maximum to return; capped at 100, default 20."""
+    page_token: _builtins.str
+    """Token from a previous response."""
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "parent", b"parent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWebhookDeliveriesRequest: _TypeAlias = ListWebhookDeliveriesRequest  # noqa: Y015
+
+@_typing.final
+class ListWebhookDeliveriesResponse(_message.Message):
+    """Response for ListWebhookDeliveries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERIES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def deliveries(self) -> _containers.RepeatedCompositeFieldContainer[Global___WebhookDelivery]:
+        """The deliveries, newest first."""
+
+    def __init__(
+        self,
+        *,
+        deliveries: _abc.Iterable[Global___WebhookDelivery] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliveries", b"deliveries", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWebhookDeliveriesResponse: _TypeAlias = ListWebhookDeliveriesResponse  # noqa: Y015
+
+@_typing.final
+class RedeliverWebhookRequest(_message.Message):
+    """Request for RedeliverWebhook."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`workspaces/{w}/integrations/{i}/deliveries/{delivery}`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RedeliverWebhookRequest: _TypeAlias = RedeliverWebhookRequest  # noqa: Y015
+
+@_typing.final
+class RedeliverWebhookResponse(_message.Message):
+    """Response for RedeliverWebhook."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def delivery(self) -> Global___WebhookDelivery:
+        """The delivery, pending again."""
+
+    def __init__(
+        self,
+        *,
+        delivery: Global___WebhookDelivery | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delivery", b"delivery"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery", b"delivery"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RedeliverWebhookResponse: _TypeAlias = RedeliverWebhookResponse  # noqa: Y015

@@ -80,6 +80,16 @@ class IntegrationServiceStub:
                 request_serializer=switchboard_dot_api_dot_integration_dot_v1_dot_integration__pb2.InvokeToolRequest.SerializeToString,
                 response_deserializer=switchboard_dot_api_dot_integration_dot_v1_dot_integration__pb2.InvokeToolResponse.FromString,
                 _registered_method=True)
+        self.ListWebhookDeliveries = channel.unary_unary(
+                '/switchboard.api.integration.v1.IntegrationService/ListWebhookDeliveries',
+                request_serializer=switchboard_dot_api_dot_integration_dot_v1_dot_integration__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+                response_deserializer=switchboard_dot_api_dot_integration_dot_v1_dot_integration__pb2.ListWebhookDeliveriesResponse.FromString,
+                _registered_method=True)
+        self.RedeliverWebhook = channel.unary_unary(
+                '/switchboard.api.integration.v1.IntegrationService/RedeliverWebhook',
+                request_serializer=switchboard_dot_api_dot_integration_dot_v1_dot_integration__pb2.RedeliverWebhookRequest.SerializeToString,
+                response_deserializer=switchboard_dot_api_dot_integration_dot_v1_dot_integration__pb2.RedeliverWebhookResponse.FromString,
+                _registered_method=True)
 
 
 class IntegrationServiceServicer:
@@ -146,6 +156,20 @@ class IntegrationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListWebhookDeliveries(self, request, context):
+        """Lists a webhook integration's recent deliveries, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RedeliverWebhook(self, request, context):
+        """Delivers a recorded webhook delivery's event again, as a new attempt series.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IntegrationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -188,6 +212,16 @@ def add_IntegrationServiceServicer_to_server(servicer, server):
                     servicer.InvokeTool,
                     request_deserializer=switchboard_dot_api_dot_integration_dot_v1_dot_integration__pb2.InvokeToolRequest.FromString,
                     response_serializer=switchboard_dot_api_dot_integration_dot_v1_dot_integration__pb2.InvokeToolResponse.SerializeToString,
+            ),
+            'ListWebhookDeliveries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWebhookDeliveries,
+                    request_deserializer=switchboard_dot_api_dot_integration_dot_v1_dot_integration__pb2.ListWebhookDeliveriesRequest.FromString,
+                    response_serializer=switchboard_dot_api_dot_integration_dot_v1_dot_integration__pb2.ListWebhookDeliveriesResponse.SerializeToString,
+            ),
+            'RedeliverWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.RedeliverWebhook,
+                    request_deserializer=switchboard_dot_api_dot_integration_dot_v1_dot_integration__pb2.RedeliverWebhookRequest.FromString,
+                    response_serializer=switchboard_dot_api_dot_integration_dot_v1_dot_integration__pb2.RedeliverWebhookResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -411,6 +445,60 @@ class IntegrationService:
             '/switchboard.api.integration.v1.IntegrationService/InvokeTool',
             switchboard_dot_api_dot_integration_dot_v1_dot_integration__pb2.InvokeToolRequest.SerializeToString,
             switchboard_dot_api_dot_integration_dot_v1_dot_integration__pb2.InvokeToolResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWebhookDeliveries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.api.integration.v1.IntegrationService/ListWebhookDeliveries',
+            switchboard_dot_api_dot_integration_dot_v1_dot_integration__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+            switchboard_dot_api_dot_integration_dot_v1_dot_integration__pb2.ListWebhookDeliveriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RedeliverWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.api.integration.v1.IntegrationService/RedeliverWebhook',
+            switchboard_dot_api_dot_integration_dot_v1_dot_integration__pb2.RedeliverWebhookRequest.SerializeToString,
+            switchboard_dot_api_dot_integration_dot_v1_dot_integration__pb2.RedeliverWebhookResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -55,6 +55,10 @@ class IntegrationServiceStub:
     """Lists the tools an integration offers."""
     InvokeTool: _grpc.UnaryUnaryMultiCallable[_integration_pb2.InvokeToolRequest, _integration_pb2.InvokeToolResponse]
     """Invokes one tool of an integration."""
+    ListWebhookDeliveries: _grpc.UnaryUnaryMultiCallable[_integration_pb2.ListWebhookDeliveriesRequest, _integration_pb2.ListWebhookDeliveriesResponse]
+    """Lists a webhook integration's recent deliveries, newest first."""
+    RedeliverWebhook: _grpc.UnaryUnaryMultiCallable[_integration_pb2.RedeliverWebhookRequest, _integration_pb2.RedeliverWebhookResponse]
+    """Delivers a recorded webhook delivery's event again, as a new attempt series."""
 
 @_typing.type_check_only
 class IntegrationServiceAsyncStub(IntegrationServiceStub):
@@ -82,6 +86,10 @@ class IntegrationServiceAsyncStub(IntegrationServiceStub):
     """Lists the tools an integration offers."""
     InvokeTool: _aio.UnaryUnaryMultiCallable[_integration_pb2.InvokeToolRequest, _integration_pb2.InvokeToolResponse]  # type: ignore[assignment]
     """Invokes one tool of an integration."""
+    ListWebhookDeliveries: _aio.UnaryUnaryMultiCallable[_integration_pb2.ListWebhookDeliveriesRequest, _integration_pb2.ListWebhookDeliveriesResponse]  # type: ignore[assignment]
+    """Lists a webhook integration's recent deliveries, newest first."""
+    RedeliverWebhook: _aio.UnaryUnaryMultiCallable[_integration_pb2.RedeliverWebhookRequest, _integration_pb2.RedeliverWebhookResponse]  # type: ignore[assignment]
+    """Delivers a recorded webhook delivery's event again, as a new attempt series."""
 
 class IntegrationServiceServicer(metaclass=_abc_1.ABCMeta):
     """IntegrationService is the hub for external services a workspace connects:
@@ -154,5 +162,21 @@ class IntegrationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_integration_pb2.InvokeToolResponse, _abc.Awaitable[_integration_pb2.InvokeToolResponse]]:
         """Invokes one tool of an integration."""
+
+    @_abc_1.abstractmethod
+    def ListWebhookDeliveries(
+        self,
+        request: _integration_pb2.ListWebhookDeliveriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_integration_pb2.ListWebhookDeliveriesResponse, _abc.Awaitable[_integration_pb2.ListWebhookDeliveriesResponse]]:
+        """Lists a webhook integration's recent deliveries, newest first."""
+
+    @_abc_1.abstractmethod
+    def RedeliverWebhook(
+        self,
+        request: _integration_pb2.RedeliverWebhookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_integration_pb2.RedeliverWebhookResponse, _abc.Awaitable[_integration_pb2.RedeliverWebhookResponse]]:
+        """Delivers a recorded webhook delivery's event again, as a new attempt series."""
 
 def add_IntegrationServiceServicer_to_server(servicer: IntegrationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
