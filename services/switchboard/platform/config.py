@@ -300,6 +300,67 @@ class Settings(BaseSettings):
     )
     llm_max_output_tokens: int = Field(default=1024, ge=1, le=1_000_000)
 
+    # The integration hub (integration/): quotas, calls, probes, breakers, webhooks.
+    integration_max_per_workspace: int = Field(
+        default=50, ge=1, le=10_000, description="Integrations per workspace."
+    )
+    integration_max_config_bytes: int = Field(
+        default=16_384, ge=256, le=1_048_576, description="Serialized size of one config."
+    )
+    integration_default_call_timeout_s: float = Field(
+        default=30.0, gt=0, le=3600, description="Call timeout when an integration sets none."
+    )
+    integration_max_call_timeout_s: float = Field(
+        default=300.0, gt=0, le=3600, description="Cap on any integration's call timeout."
+    )
+    integration_max_result_bytes: int = Field(
+        default=1_048_576, ge=1024, le=64 * 1_048_576, description="Largest tool result kept."
+    )
+    integration_tool_calls_per_minute: int = Field(
+        default=600, ge=1, le=1_000_000, description="InvokeTool calls per workspace per minute."
+    )
+    integration_probe_interval_s: float = Field(
+        default=30.0, gt=0, le=3600, description="Health probe interval (with jitter)."
+    )
+    integration_breaker_failures: int = Field(
+        default=5, ge=1, le=1000, description="Failures in a row that open a circuit."
+    )
+    integration_breaker_reset_s: float = Field(
+        default=30.0, gt=0, le=3600, description="Open circuit's wait before a trial call."
+    )
+    integration_mcp_stdio_servers: str = Field(
+        default="",
+        description='Operator-configured stdio MCP servers, JSON {"id": {"command": [...], '
+        '"env": {...}}}; an API call never starts a process.',
+    )
+    egress_allow_loopback: bool = Field(
+        default=False, description="Let integrations reach loopback addresses (dev and tests)."
+    )
+    egress_allow_private: bool = Field(
+        default=False, description="Let integrations reach private and link-local networks."
+    )
+    egress_allow_cidrs: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(), description="Comma-separated networks allowed despite the rules above."
+    )
+    webhook_timeout_s: float = Field(
+        default=15.0, gt=0, le=300, description="One webhook delivery attempt's timeout."
+    )
+    webhook_max_attempts: int = Field(
+        default=12, ge=1, le=100, description="Attempts before a delivery is failed."
+    )
+    webhook_disable_after_s: float = Field(
+        default=86_400.0,
+        gt=0,
+        le=30 * 86_400,
+        description="An endpoint failing without a success this long is disabled.",
+    )
+    webhook_secret_overlap_s: float = Field(
+        default=86_400.0,
+        ge=0,
+        le=30 * 86_400,
+        description="After a secret rotation, how long the previous secret also signs.",
+    )
+
     # Identity: tokens, sessions, keys.
     auth_issuer: str = Field(default="switchboard", min_length=1, description="JWT `iss`.")
     auth_audience: str = Field(default="switchboard", min_length=1, description="JWT `aud`.")
@@ -377,7 +438,9 @@ class Settings(BaseSettings):
         description="Time between health NOT_SERVING and refusing new calls, for load balancers.",
     )
 
-    @field_validator("services", "signing_keys", "dispatcher_blocklist", mode="before")
+    @field_validator(
+        "services", "signing_keys", "dispatcher_blocklist", "egress_allow_cidrs", mode="before"
+    )
     @classmethod
     def _split_csv(cls, value: object) -> object:
         if isinstance(value, str):

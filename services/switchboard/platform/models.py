@@ -21,6 +21,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     ForeignKey,
+    ForeignKeyConstraint,
     Index,
     Integer,
     LargeBinary,
@@ -403,3 +404,102 @@ class DispatcherLeaseRow(Base):
 
     instance: Mapped[str] = mapped_column(String(64), primary_key=True)
     expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+class IntegrationRow(Base):
+    """An external service registered in a workspace (``integration/``).
+
+    ``credential`` is sealed (``platform/secretbox.py``) and never leaves the
+    hub; ``previous_credential`` keeps a rotated webhook secret signing until
+    ``previous_until``. The health columns are written by the prober when the
+    health changes, so they say how it stood at the last change.
+    """
+
+    __tablename__ = "integrations"
+    __table_args__ = (Index("ix_integrations_listing", "workspace_id", "created_at", "id"),)
+
+    workspace_id: Mapped[str] = mapped_column(
+        ForeignKey("workspaces.id", ondelete="CASCADE"), primary_key=True
+    )
+    id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    # IntegrationKind value.
+    kind: Mapped[int] = mapped_column(Integer)
+    display_name: Mapped[str] = mapped_column(String(DISPLAY_NAME_LENGTH), default="")
+    endpoint: Mapped[str] = mapped_column(String(2048))
+    call_timeout_ms: Mapped[int] = mapped_column(Integer, default=0)
+    # Serialized google.protobuf.Struct.
+    config: Mapped[bytes] = mapped_column(LargeBinary, default=b"")
+    # Webhooks: subscribed event type names, space-separated (all if empty).
+    event_types: Mapped[str] = mapped_column(Text, default="")
+    credential: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    previous_credential: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    previous_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    creator: Mapped[str] = mapped_column(String(128), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    # HealthState value, since when, and the latest failure (serialized google.rpc.Status).
+    health: Mapped[int] = mapped_column(Integer, default=0)
+    health_since: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    last_probe_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    last_error: Mapped[bytes] = mapped_column(LargeBinary, default=b"")
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class WebhookDeliveryRow(Base):
+    """One event to deliver to one webhook endpoint (``integration/webhooks.py``).
+
+    Unique per endpoint and event: however many replicas see the event, it is
+    recorded (and so delivered) once. ``data`` is the serialized ``Event``.
+    """
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        UniqueConstraint(
+            "workspace_id", "integration_id", "event_id", name="uq_webhook_deliveries_event"
+        ),
+        ForeignKeyConstraint(
+            ["workspace_id", "integration_id"],
+            ["integrations.workspace_id", "integrations.id"],
+            ondelete="CASCADE",
+        ),
+        Index("ix_webhook_deliveries_listing", "workspace_id", "integration_id", "seq"),
+        Index("ix_webhook_deliveries_due", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    workspace_id: Mapped[str] = mapped_column(String(63))
+    integration_id: Mapped[str] = mapped_column(String(63))
+    # Log order of the event: deliveries to one endpoint go out in this order.
+    seq: Mapped[int] = mapped_column(BigInteger)
+    event_id: Mapped[str] = mapped_column(String(64))
+    event_type: Mapped[str] = mapped_column(String(64))
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    # DeliveryState value.
+    state: Mapped[int] = mapped_column(Integer)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_http_status: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str] = mapped_column(String(500), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    last_attempt_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # The replica sending it now, and until when that claim holds.
+    claimed_by: Mapped[str] = mapped_column(String(64), default="")
+    claimed_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class WebhookCursorRow(Base):
+    """How far the webhook feeder has read the event log, and who feeds now.
+
+    One row: the replica holding the lease turns new events into deliveries
+    and advances the cursor in the same transaction, so an event becomes
+    deliveries exactly once whichever replica reads it.
+    """
+
+    __tablename__ = "webhook_cursor"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    cursor: Mapped[str] = mapped_column(String(64), default="")
+    holder: Mapped[str] = mapped_column(String(64), default="")
+    lease_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
