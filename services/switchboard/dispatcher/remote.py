@@ -6,8 +6,10 @@ time as the gRPC deadline, so the expert sees the deadline
 the stream, and the ``finally`` here cancels the call itself, which the
 expert sees as its own call being cancelled (HTTP/2 RST_STREAM).
 
-Until the integration hub registers experts, they are configured statically
-(``SWITCHBOARD_DISPATCHER_REMOTE_HANDLERS=id=host:port,...``). What an expert
+Operator-level experts are configured statically
+(``SWITCHBOARD_DISPATCHER_REMOTE_HANDLERS=id=host:port,...``); a workspace's
+own experts are integrations of the hub, built into the same class by
+``experts.py`` (an egress-checked target and the credential). What an expert
 can do comes from ``GetCapabilities``: asked at start and after it comes back.
 Whether it is available comes from the channel itself: an expert the channel
 cannot reach (TRANSIENT_FAILURE) is unavailable, one it is connected to is
@@ -20,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 from grpc import aio
@@ -28,26 +30,13 @@ from grpc import aio
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.handler.v1 import handler_pb2, handler_pb2_grpc
 from switchboard.dispatcher.handlers import Frame, HandleCall, HandlerFailure, capabilities
+from switchboard.platform.channels import DOWN, READY, ChannelOptions, connected, expert_channel
 
 log = logging.getLogger("switchboard.dispatcher.remote")
 
 #: How long a remote stays unavailable after a failed call, unless the channel
 #: is connected again sooner (an expert that restarted).
 RETRY_AFTER_S = 5.0
-_READY = grpc.ChannelConnectivity.READY
-_DOWN = (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN)
-CHANNEL_OPTIONS = (
-    # gRPC's reconnect backoff grows to 120 s: an expert back after a long
-    # outage would be ignored that long. Capped, it is found within seconds.
-    ("grpc.initial_reconnect_backoff_ms", 250),
-    ("grpc.min_reconnect_backoff_ms", 250),
-    ("grpc.max_reconnect_backoff_ms", 2_000),
-    # A connection whose peer vanished (host gone, no FIN) is noticed during a
-    # call. Not more often: gRPC servers by default refuse pings more frequent
-    # than every 5 minutes and answer them with GOAWAY.
-    ("grpc.keepalive_time_ms", 300_000),
-    ("grpc.keepalive_timeout_ms", 20_000),
-)
 
 
 def parse_remotes(text: str) -> list[tuple[str, str]]:
@@ -68,14 +57,31 @@ def parse_remotes(text: str) -> list[tuple[str, str]]:
 class RemoteHandler:
     kind = dispatcher_pb2.HANDLER_KIND_REMOTE
 
-    def __init__(self, handler_id: str, address: str, *, timeout_s: float) -> None:
+    def __init__(
+        self,
+        handler_id: str,
+        address: str,
+        *,
+        timeout_s: float,
+        channel_options: ChannelOptions = (),
+        metadata: Sequence[tuple[str, str]] = (),
+        shown_as: str = "",
+    ) -> None:
+        """``address`` is the target dialled; ``channel_options`` and ``metadata``
+        (sent with every call: an expert's credential) come from the hub for a
+        workspace's experts; ``shown_as`` is the address shown until the
+        expert describes itself (the endpoint, not the checked IP)."""
         self.address = address
         self._timeout_s = timeout_s
-        self._channel = aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._metadata = tuple(metadata)
+        self._channel = expert_channel(address, channel_options)
         self._stub = handler_pb2_grpc.HandlerServiceStub(self._channel)
         # Until GetCapabilities answers, the id and address are all we know.
         self._capabilities = capabilities(
-            handler_id, handler_id, f"remote handler at {address}", max_context_tokens=4000
+            handler_id,
+            handler_id,
+            f"remote handler at {shown_as or address}",
+            max_context_tokens=4000,
         )
         # After a call could not reach it: unavailable until then, or until connected again.
         self._down_until = 0.0
@@ -95,9 +101,9 @@ class RemoteHandler:
         # Asking with try_to_connect starts a connection on an idle channel,
         # so the next answer is about the expert as it is now.
         state = self._channel.get_state(try_to_connect=True)
-        if state in _DOWN:
+        if state in DOWN:
             return False
-        if state == _READY and self._down_until:
+        if state == READY and self._down_until:
             # Connected again after a failure: the expert restarted. Its
             # capabilities may have changed with it.
             self._down_until = 0.0
@@ -112,29 +118,13 @@ class RemoteHandler:
         if self._refreshing is None or self._refreshing.done():
             self._refreshing = loop.create_task(self.refresh())
 
-    async def _connect(self, within_s: float) -> bool:
-        """Whether the channel is READY, waiting at most ``within_s`` for one attempt.
-
-        False as soon as an attempt fails (TRANSIENT_FAILURE): a run must not
-        wait out the reconnect backoff of an expert that is down.
-        """
-        try:
-            async with asyncio.timeout(within_s):
-                while True:
-                    state = self._channel.get_state(try_to_connect=True)
-                    if state == _READY:
-                        return True
-                    if state in _DOWN:
-                        return False
-                    await self._channel.wait_for_state_change(state)
-        except TimeoutError:
-            return False
-
     async def refresh(self) -> bool:
         """Ask the expert what it can do; False (and unavailable for a while) if it cannot say."""
         try:
             response = await self._stub.GetCapabilities(
-                handler_pb2.GetCapabilitiesRequest(), timeout=self._timeout_s
+                handler_pb2.GetCapabilitiesRequest(),
+                timeout=self._timeout_s,
+                metadata=self._metadata,
             )
         except aio.AioRpcError as exc:
             log.warning(
@@ -172,7 +162,7 @@ class RemoteHandler:
             remaining = call.remaining()
             if remaining <= 0:
                 raise TimeoutError
-            if not await self._connect(min(remaining, self._timeout_s)):
+            if not await connected(self._channel, min(remaining, self._timeout_s)):
                 self._unreachable(grpc.StatusCode.UNAVAILABLE)
                 raise HandlerFailure(
                     f"remote handler {self._capabilities.id!r} is unreachable", retryable=True
@@ -181,7 +171,7 @@ class RemoteHandler:
             if remaining <= 0:
                 raise TimeoutError
             answered = False
-            stream = self._stub.Handle(call.request, timeout=remaining)
+            stream = self._stub.Handle(call.request, timeout=remaining, metadata=self._metadata)
             try:
                 async for frame in stream:
                     answered = True

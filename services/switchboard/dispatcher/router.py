@@ -15,6 +15,11 @@ Order of the rules (the first that names an available handler wins):
 An explicit choice (rules 1 and 2) that names an unknown handler is the
 caller's mistake (INVALID_ARGUMENT); one that is unavailable (circuit open,
 remote down) is UNAVAILABLE rather than a silent substitute.
+
+Handlers are the operator's (the registry: built-ins, the LLM, plugins,
+statically configured experts) and each workspace's own (its domain experts,
+integrations of the hub: ``experts.py``). Rules 1, 2 and 4 may name a
+workspace's expert; an id both claim is the operator's, always.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from types import MappingProxyType
+from typing import Final, Protocol
 
 from switchboard.api.context.v1 import context_pb2
 from switchboard.dispatcher.handlers import Handler
@@ -117,14 +124,55 @@ class Registry:
             log.info("handler loaded from entry point", extra={"handler": point.name})
 
 
+class WorkspaceHandlers(Protocol):
+    """A workspace's own handlers (``experts.WorkspaceExperts``)."""
+
+    async def of(self, workspace_id: str) -> Mapping[str, Handler]:
+        """The workspace's handlers by id; raises DependencyUnavailable if unknown now."""
+        ...
+
+
+_NONE: Final[Mapping[str, Handler]] = MappingProxyType({})
+
+
 class Router:
-    def __init__(self, registry: Registry, routes: Routes, default: str) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        routes: Routes,
+        default: str,
+        experts: WorkspaceHandlers | None = None,
+    ) -> None:
         self.registry = registry
         self.routes = routes
         self.default = default
+        self.experts = experts
 
-    def _named(self, handler_id: str, field: str, reason: str) -> Choice:
-        handler = self.registry.get(handler_id)
+    async def local(self, workspace_id: str) -> Mapping[str, Handler]:
+        """The workspace's own handlers, to pass to ``choose``."""
+        if self.experts is None:
+            return _NONE
+        return await self.experts.of(workspace_id)
+
+    async def find(self, workspace_id: str, handler_id: str) -> Handler | None:
+        """The handler a run of ``workspace_id`` names, the operator's first."""
+        return self._get(handler_id, await self.local(workspace_id))
+
+    async def listed(self, workspace_id: str) -> list[Handler]:
+        """Every handler ``workspace_id`` may route to, by id."""
+        local = await self.local(workspace_id)
+        found = {k: h for k, h in local.items() if self.registry.get(k) is None}
+        found.update((h.capabilities.id, h) for h in self.registry.all())
+        return [found[k] for k in sorted(found)]
+
+    def _get(self, handler_id: str, local: Mapping[str, Handler]) -> Handler | None:
+        # The operator's handler wins a clash, whatever the workspace registered.
+        return self.registry.get(handler_id) or local.get(handler_id)
+
+    def _named(
+        self, handler_id: str, field: str, reason: str, local: Mapping[str, Handler]
+    ) -> Choice:
+        handler = self._get(handler_id, local)
         if handler is None:
             raise InvalidArgument(
                 f"no handler {handler_id!r}; ListHandlers shows the available ones",
@@ -138,23 +186,30 @@ class Router:
         return Choice(handler, reason)
 
     def choose(
-        self, request_handler: str, workspace_id: str, message: context_pb2.Message
+        self,
+        request_handler: str,
+        workspace_id: str,
+        message: context_pb2.Message,
+        local: Mapping[str, Handler] = _NONE,
     ) -> Choice:
+        """The handler for ``message``; ``local`` is ``await self.local(workspace_id)``."""
         if request_handler:
             handler_id = request_handler.removeprefix("handlers/")
-            return self._named(handler_id, "handler", "named in the request")
+            return self._named(handler_id, "handler", "named in the request", local)
         if message.HasField("metadata") and "handler" in message.metadata.fields:
             value = message.metadata.fields["handler"].string_value.removeprefix("handlers/")
-            return self._named(value, "message.metadata.handler", "named in message metadata")
+            return self._named(
+                value, "message.metadata.handler", "named in message metadata", local
+            )
         for found in self._by_content_type(message.parts):
             return found
         text = next((p.text for p in message.parts if p.WhichOneof("part") == "text"), "")
         if text.startswith("/"):
             command = text[1:].split(maxsplit=1)
             word = command[0].lower() if command else ""
-            target = self.routes.prefixes.get(word) or (word if self.registry.get(word) else "")
+            target = self.routes.prefixes.get(word) or word
             if target:
-                handler = self.registry.get(target)
+                handler = self._get(target, local)
                 if handler is not None and handler.available():
                     return Choice(handler, f"command prefix /{word}", strip_prefix="/" + word)
         ws_default = self.routes.workspaces.get(workspace_id)

@@ -326,7 +326,7 @@ class Dispatcher:
             await self._end_unstarted(item, RunInterrupted(f"{why} while the run was running"))
             return
         principal, message, params, timeout = _unjob(item.job)
-        handler = self.router.registry.get(run.handler.removeprefix("handlers/"))
+        handler = await self.router.find(item.workspace_id, run.handler.removeprefix("handlers/"))
         if handler is None:
             await self._end_unstarted(
                 item, HandlerFailed(f"handler {run.handler} is no longer configured")
@@ -380,7 +380,8 @@ class Dispatcher:
         message = request.message
         timeout = self._validate(request)
         flags = await self._screen(principal, request, workspace_id)
-        choice = self.router.choose(request.handler, workspace_id, message)
+        local = await self.router.local(workspace_id)
+        choice = self.router.choose(request.handler, workspace_id, message, local)
         policy = request.concurrency_policy or pb.CONCURRENCY_POLICY_ENQUEUE
         key = idempotency(principal.user_id, "SendMessage", request)
         if key is not None:
@@ -1009,14 +1010,15 @@ class Dispatcher:
             )
         return response
 
-    def list_handlers(self, request: pb.ListHandlersRequest) -> pb.ListHandlersResponse:
-        _match(_WORKSPACE, request.parent, "parent")
+    async def list_handlers(self, request: pb.ListHandlersRequest) -> pb.ListHandlersResponse:
+        workspace_id = _match(_WORKSPACE, request.parent, "parent")[1]
         size = pagination.page_size(request.page_size, default=50, maximum=100)
         token = pagination.fingerprint("handlers", request.parent)
         after = ""
         if request.page_token:
             after = str(self._pages.decode(request.page_token, token, (pagination.ID,))[0])
-        handlers = [h for h in self.router.registry.all() if h.capabilities.id > after]
+        listed = await self.router.listed(workspace_id)
+        handlers = [h for h in listed if h.capabilities.id > after]
         response = pb.ListHandlersResponse()
         for handler in handlers[:size]:
             response.handlers.append(
@@ -1025,6 +1027,8 @@ class Dispatcher:
                     kind=handler.kind,
                     capabilities=handler.capabilities,
                     available=handler.available(),
+                    # Set for a workspace's own experts (operator-level handlers have none).
+                    integration=getattr(handler, "integration", ""),
                 )
             )
         if len(handlers) > size:

@@ -103,7 +103,7 @@ class DispatcherServiceServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
     async def ListHandlers(
         self, request: pb.ListHandlersRequest, context: Context
     ) -> pb.ListHandlersResponse:
-        return self._dispatcher.list_handlers(request)
+        return await self._dispatcher.list_handlers(request)
 
     async def Converse(
         self, request_iterator: AsyncIterator[pb.ConverseRequest], context: Context
