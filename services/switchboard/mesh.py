@@ -14,15 +14,10 @@ import signal
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 from google.protobuf.descriptor import ServiceDescriptor
-from grpc import aio
 from sqlalchemy.exc import DBAPIError
 
-from switchboard.api.auth.v1 import auth_pb2_grpc
-from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
-from switchboard.api.integration.v1 import integration_pb2_grpc
 from switchboard.auth import servicer as auth_servicer
 from switchboard.auth.accounts import AccountLimits, Accounts, LoginLimits
 from switchboard.auth.authenticator import CredentialAuthenticator
@@ -114,32 +109,34 @@ class Deps:
 
 Factory = Callable[[Deps], object]
 
-# Short name (for SWITCHBOARD_SERVICES / --services) -> descriptor, generated
-# adder, and how to build the servicer from the process's dependencies.
-SERVICES: dict[str, tuple[ServiceDescriptor, Callable[[Any, aio.Server], None], Factory]] = {
+# Short name (for SWITCHBOARD_SERVICES / --services) -> descriptor, methods
+# answered with pre-serialized bytes, and how to build the servicer from the
+# process's dependencies. Registration follows the descriptor
+# (platform/registration.py).
+SERVICES: dict[str, tuple[ServiceDescriptor, frozenset[str], Factory]] = {
     "auth": (
         auth_servicer.SERVICE,
-        auth_pb2_grpc.add_AuthServiceServicer_to_server,
+        frozenset(),
         lambda d: auth_servicer.AuthServiceServicer(d.accounts, d.keys),
     ),
     "context": (
         context_servicer.SERVICE,
-        context_servicer.add_to_server,
+        context_servicer.PRESERIALIZED,
         lambda d: context_servicer.ContextServiceServicer(d.context),
     ),
     "dispatcher": (
         dispatcher_servicer.SERVICE,
-        dispatcher_pb2_grpc.add_DispatcherServiceServicer_to_server,
+        frozenset(),
         lambda d: dispatcher_servicer.DispatcherServiceServicer(_required(d.dispatcher), d.access),
     ),
     "integration": (
         integration_servicer.SERVICE,
-        integration_pb2_grpc.add_IntegrationServiceServicer_to_server,
+        frozenset(),
         lambda d: integration_servicer.IntegrationServiceServicer(),  # type: ignore[abstract]
     ),
     "events": (
         events_servicer.SERVICE,
-        events_servicer.add_to_server,
+        events_servicer.PRESERIALIZED,
         lambda d: events_servicer.EventServiceServicer(
             d.bus, d.access, d.policy, event_limits(d.settings), d.page_tokens
         ),
@@ -610,8 +607,8 @@ async def open_deps(settings: Settings, resources: contextlib.AsyncExitStack) ->
 
 def registration(name: str, deps: Deps) -> ServiceRegistration:
     """Build one service by its short name."""
-    descriptor, add_to_server, factory = SERVICES[name]
-    return ServiceRegistration(descriptor.full_name, factory(deps), add_to_server)
+    descriptor, preserialized, factory = SERVICES[name]
+    return ServiceRegistration(descriptor, factory(deps), preserialized)
 
 
 async def create_server(settings: Settings) -> tuple[SwitchboardServer, int]:

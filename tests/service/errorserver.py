@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
+from switchboard.api.auth.v1 import auth_pb2
 from switchboard.api.context.v1 import context_pb2, context_pb2_grpc
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
 from switchboard.auth.servicer import AuthServiceServicer
@@ -112,20 +112,14 @@ async def start_error_server(settings: Settings) -> tuple[SwitchboardServer, Rai
     server = await build_server(
         settings,
         [
+            ServiceRegistration(auth_pb2.DESCRIPTOR.services_by_name["AuthService"], auth),
             ServiceRegistration(
-                "switchboard.api.auth.v1.AuthService",
-                auth,
-                auth_pb2_grpc.add_AuthServiceServicer_to_server,
-            ),
-            ServiceRegistration(
-                "switchboard.api.events.v1.EventService",
+                events_pb2.DESCRIPTOR.services_by_name["EventService"],
                 RaisingEvents(),  # type: ignore[abstract]
-                events_pb2_grpc.add_EventServiceServicer_to_server,
             ),
             ServiceRegistration(
-                "switchboard.api.context.v1.ContextService",
+                context_pb2.DESCRIPTOR.services_by_name["ContextService"],
                 EchoContext(),  # type: ignore[abstract]
-                context_pb2_grpc.add_ContextServiceServicer_to_server,
             ),
         ],
     )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import grpc
 from grpc import aio
 
 from switchboard.api.context.v1 import context_pb2 as pb
@@ -16,7 +15,6 @@ from switchboard.context.service import ContextService
 from switchboard.platform.authn import current_principal, role_var
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ContextService"]
-_SERVICE_NAME = SERVICE.full_name
 
 Context = aio.ServicerContext[Any, Any]
 
@@ -201,24 +199,5 @@ class ContextServiceServicer:
         return await self._service.prune(current_principal(), request)
 
 
-def add_to_server(servicer: ContextServiceServicer, server: aio.Server) -> None:
-    """Register ContextService; GetContextWindow sends pre-serialized bytes."""
-
-    def identity(frame: bytes) -> bytes:
-        return frame
-
-    handlers = {}
-    for method in SERVICE.methods:
-        request_class: Any = getattr(pb, method.input_type.name)
-        response_class: Any = getattr(pb, method.output_type.name)
-        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, method.name),
-            request_deserializer=request_class.FromString,
-            response_serializer=(
-                identity if method.name == "GetContextWindow" else response_class.SerializeToString
-            ),
-        )
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(_SERVICE_NAME, handlers),)
-    )
-    server.add_registered_method_handlers(_SERVICE_NAME, handlers)  # type: ignore[attr-defined]
+#: Answered with the bytes a cached window was stored as.
+PRESERIALIZED = frozenset({"GetContextWindow"})

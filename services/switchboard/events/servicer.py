@@ -2,9 +2,10 @@
 
 The two streaming RPCs yield pre-serialized frames (``bytes``): an event is
 serialized once when it enters the process, and a batch for any subscriber is
-a concatenation of those bytes (``eventlog.batch_payload``). ``add_to_server``
-registers the service with an identity serializer for them; clients see the
-ordinary ``SubscribeResponse`` / ``StreamResponse`` messages.
+a concatenation of those bytes (``eventlog.batch_payload``). ``PRESERIALIZED``
+names them for the registration (``platform/registration.py``), which sends
+them as they are; clients see the ordinary ``SubscribeResponse`` /
+``StreamResponse`` messages.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Final
 
-import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc import aio
 
@@ -50,7 +50,6 @@ from switchboard.platform.eventlog import (
 from switchboard.platform.policy import Permission, Policy
 
 SERVICE = events_pb2.DESCRIPTOR.services_by_name["EventService"]
-_SERVICE_NAME: Final = SERVICE.full_name
 
 DEFAULT_PAGE_SIZE: Final = 100
 MAX_PAGE_SIZE: Final = 500
@@ -411,30 +410,5 @@ class _StreamSession:
                 last_frame = loop.time()
 
 
-def add_to_server(servicer: EventServiceServicer, server: aio.Server) -> None:
-    """Register EventService; the streaming RPCs send pre-serialized bytes."""
-
-    def identity(frame: bytes) -> bytes:
-        return frame
-
-    handlers = {
-        "Subscribe": grpc.unary_stream_rpc_method_handler(
-            servicer.Subscribe,
-            request_deserializer=events_pb2.SubscribeRequest.FromString,
-            response_serializer=identity,
-        ),
-        "Stream": grpc.stream_stream_rpc_method_handler(
-            servicer.Stream,
-            request_deserializer=events_pb2.StreamRequest.FromString,
-            response_serializer=identity,
-        ),
-        "ListEvents": grpc.unary_unary_rpc_method_handler(
-            servicer.ListEvents,
-            request_deserializer=events_pb2.ListEventsRequest.FromString,
-            response_serializer=events_pb2.ListEventsResponse.SerializeToString,
-        ),
-    }
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(_SERVICE_NAME, handlers),)
-    )
-    server.add_registered_method_handlers(_SERVICE_NAME, handlers)  # type: ignore[attr-defined]
+#: Streams of event batches framed once for every subscriber (``eventlog.batch_payload``).
+PRESERIALIZED = frozenset({"Subscribe", "Stream"})

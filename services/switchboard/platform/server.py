@@ -10,10 +10,11 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
@@ -23,6 +24,7 @@ from switchboard.platform.config import Settings
 from switchboard.platform.interceptors import ErrorInterceptor
 from switchboard.platform.logging import quiet_client_cancellations
 from switchboard.platform.reflection import enable_reflection
+from switchboard.platform.registration import register
 
 log = logging.getLogger("switchboard.server")
 
@@ -35,11 +37,16 @@ class BindError(Exception):
 
 @dataclass(frozen=True)
 class ServiceRegistration:
-    """One service to serve: its full name, the servicer and the generated adder."""
+    """One service to serve: its descriptor, the servicer, and the methods whose
+    servicer answers with bytes it serialized itself (``platform/registration.py``)."""
 
-    name: str
+    service: ServiceDescriptor
     servicer: object
-    add_to_server: Callable[[Any, aio.Server], None]
+    preserialized: frozenset[str] = frozenset()
+
+    @property
+    def name(self) -> str:
+        return self.service.full_name
 
 
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:
@@ -202,7 +209,12 @@ async def build_server(
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for registration in registrations:
-        registration.add_to_server(registration.servicer, server)
+        register(
+            server,
+            registration.service,
+            registration.servicer,
+            preserialized=registration.preserialized,
+        )
     names = [r.name for r in registrations]
     enable_reflection(server, [*names, HEALTH_SERVICE])
     address = format_address(settings.host, settings.port)
