@@ -64,11 +64,25 @@ import httpx
 
 from switchboard.platform.config import ConfigError
 from switchboard.platform.errors import (
-    DependencyUnavailable,
     DestinationBlocked,
     FieldViolation,
     InvalidArgument,
+    ResolutionFailed,
 )
+
+__all__ = [
+    "METADATA_ADDRESSES",
+    "EgressPolicy",
+    "GrpcEndpoint",
+    "HttpEndpoint",
+    "ResolutionFailed",
+    "check_host",
+    "grpc_target",
+    "http_client",
+    "parse_grpc_endpoint",
+    "parse_http_endpoint",
+    "resolve_checked",
+]
 
 if TYPE_CHECKING:
     from switchboard.platform.config import Settings
@@ -250,10 +264,6 @@ class EgressPolicy:
             raise InvalidArgument("not an IP address") from None
         if not allowed:
             raise DestinationBlocked(_BLOCKED_MESSAGE)
-
-
-class ResolutionFailed(DependencyUnavailable):
-    """A host name did not resolve (unknown name, DNS failure or DNS timeout)."""
 
 
 # ---------------------------------------------------------------------------

@@ -173,10 +173,21 @@ class SubscriberTooSlow(SwitchboardError):
 
 
 class CircuitOpen(SwitchboardError):
-    """A remote integration's circuit breaker is open."""
+    """A remote integration's circuit breaker is open; a trial call is allowed
+    after ``retry_after_s`` (sent as RetryInfo)."""
 
     code = Code.UNAVAILABLE
     reason = "ERROR_REASON_CIRCUIT_OPEN"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after_s: float = 1.0,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, metadata=metadata)
+        self.retry_after_s = retry_after_s
 
 
 class DestinationBlocked(InvalidArgument):
@@ -225,6 +236,29 @@ class DatabaseUnavailable(DependencyUnavailable):
     def __init__(
         self,
         message: str = "the database is unavailable; retry",
+        *,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, metadata=metadata)
+
+
+class ResolutionFailed(DependencyUnavailable):
+    """An outbound host name did not resolve (unknown name, DNS failure or timeout).
+
+    Raised by ``switchboard.platform.egress``; names only the host the user gave.
+    """
+
+
+class SecretUnreadable(FailedPrecondition):
+    """A sealed credential does not open (``switchboard.platform.secretbox``): the
+    server secret changed or the stored value is damaged. Never carries the content."""
+
+    def __init__(
+        self,
+        message: str = (
+            "a stored credential cannot be read (the server secret changed or the stored "
+            "value is damaged); set the credential again"
+        ),
         *,
         metadata: Mapping[str, str] | None = None,
     ) -> None:

@@ -29,7 +29,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from switchboard.platform.errors import FailedPrecondition, RequestTooLarge
+from switchboard.platform.errors import RequestTooLarge, SecretUnreadable
+
+__all__ = ["MAX_PLAINTEXT_BYTES", "SecretBox", "SecretUnreadable"]
 
 VERSION: Final = 1
 #: Largest plaintext sealed (credentials are tokens and keys, not documents).
@@ -38,20 +40,6 @@ _NONCE_BYTES: Final = 12
 _TAG_BYTES: Final = 16
 _SALT: Final = b"switchboard/secretbox"
 _INFO: Final = b"switchboard secretbox v1 aes-256-gcm"
-
-
-class SecretUnreadable(FailedPrecondition):
-    """A sealed credential does not open: the server secret changed, or the data
-    is damaged. The message never carries the content."""
-
-    def __init__(
-        self,
-        message: str = (
-            "a stored credential cannot be read (the server secret changed or the stored "
-            "value is damaged); set the credential again"
-        ),
-    ) -> None:
-        super().__init__(message)
 
 
 class SecretBox:

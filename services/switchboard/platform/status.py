@@ -10,6 +10,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from switchboard.platform.errors import (
     ERROR_DOMAIN,
+    CircuitOpen,
     DependencyUnavailable,
     InvalidArgument,
     QuotaExceeded,
@@ -61,7 +62,7 @@ def to_status_proto(error: SwitchboardError, request_id: str) -> status_pb2.Stat
                 )
             )
         )
-    if isinstance(error, RateLimited | DependencyUnavailable):
+    if isinstance(error, RateLimited | DependencyUnavailable | CircuitOpen):
         delay = duration_pb2.Duration()
         delay.FromMilliseconds(max(1, round(error.retry_after_s * 1000)))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
