@@ -38,6 +38,7 @@ from switchboard.api.context.v1 import context_pb2
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.dispatcher.handlers import Frame, HandleCall, HandlerFailure, capabilities
+from switchboard.platform.breaker import CircuitBreaker
 from switchboard.platform.rendering import render_parts
 
 log = logging.getLogger("switchboard.dispatcher.llm")
@@ -248,63 +249,6 @@ def parse_prices(text: str) -> dict[str, Price]:
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
     return prices
-
-
-# ---------------------------------------------------------------------------
-# Circuit breaker
-
-
-class CircuitBreaker:
-    """Opens after ``failures`` consecutive failed attempts; after ``reset_s``
-    lets one trial call through (half-open), closing on its success and
-    reopening on its failure."""
-
-    def __init__(self, *, failures: int, reset_s: float, clock: Callable[[], float]) -> None:
-        self._threshold = failures
-        self._reset_s = reset_s
-        self._clock = clock
-        self._failures = 0
-        self._opened_at: float | None = None
-        self._trial = False
-
-    @property
-    def state(self) -> str:
-        if self._opened_at is None:
-            return "closed"
-        if self._trial or self._clock() - self._opened_at >= self._reset_s:
-            return "half-open"
-        return "open"
-
-    def allow(self) -> bool:
-        """Whether an attempt may go to the provider now; claims the trial if half-open."""
-        state = self.state
-        if state == "closed":
-            return True
-        if state == "open" or self._trial:
-            return False
-        self._trial = True
-        return True
-
-    def succeeded(self) -> None:
-        self._failures = 0
-        self._opened_at = None
-        self._trial = False
-
-    def failed(self) -> None:
-        if self._opened_at is not None:
-            # A trial (or a call that started before the circuit opened) failed:
-            # the provider is still unwell, so the open period starts over.
-            self._opened_at = self._clock()
-            self._trial = False
-            return
-        self._failures += 1
-        if self._failures >= self._threshold:
-            self._opened_at = self._clock()
-            self._failures = 0
-
-    def released(self) -> None:
-        """The attempt ended without a verdict (cancelled, or the request was refused)."""
-        self._trial = False
 
 
 # ---------------------------------------------------------------------------
