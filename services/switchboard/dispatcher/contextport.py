@@ -20,24 +20,15 @@ from __future__ import annotations
 from collections.abc import Awaitable, Iterable
 from typing import Protocol
 
-import grpc
 from grpc import aio
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.context.v1 import context_pb2_grpc
 from switchboard.platform.errors import (
-    DeadlineExceeded,
-    DependencyUnavailable,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    PermissionDenied,
-    RateLimited,
-    RequestTooLarge,
     SwitchboardError,
-    Unauthenticated,
 )
 from switchboard.platform.policy import Principal
+from switchboard.platform.rpcerrors import from_rpc_error
 
 
 class ContextDomain(Protocol):
@@ -87,16 +78,6 @@ class LocalContext:
 
 
 # Status codes of the context service, back to the domain errors they came from.
-_ERRORS: dict[grpc.StatusCode, type[SwitchboardError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
-    grpc.StatusCode.NOT_FOUND: NotFound,
-    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
-    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
-    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
-}
-
-
 class RemoteContext:
     def __init__(self, address: str, tokens: TokenIssuer) -> None:
         self._channel = aio.insecure_channel(address)
@@ -138,13 +119,4 @@ class RemoteContext:
 
 
 def _mapped(exc: aio.AioRpcError) -> SwitchboardError:
-    detail = exc.details() or "the context service refused the request"
-    code = exc.code()
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        if "bytes" in detail:
-            return RequestTooLarge(detail)
-        return RateLimited(detail, retry_after_s=1.0)
-    cls = _ERRORS.get(code)
-    if cls is not None:
-        return cls(detail)
-    return DependencyUnavailable(f"the context service is unavailable ({code.name.lower()})")
+    return from_rpc_error(exc, peer="the context service")
