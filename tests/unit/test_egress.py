@@ -512,3 +512,10 @@ async def test_grpc_target_keeps_the_tls_name() -> None:
     assert target == "ipv6:[::1]:8443"
     assert ("grpc.ssl_target_name_override", "::1") in options
     assert ("grpc.default_authority", "[::1]:8443") in options
+
+
+@pytest.mark.parametrize("host", ["2130706433", "0x7f.1", "127.1", "017700000001"])
+async def test_odd_spellings_of_loopback_are_refused_after_resolution(host: str) -> None:
+    endpoint = parse_http_endpoint(f"http://{host}:8080/", "f")
+    with pytest.raises(DestinationBlocked):
+        await check_host(endpoint.host, endpoint.port, STRICT, timeout_s=5)
