@@ -1,0 +1,735 @@
+"""Webhook deliveries: every event of a workspace, signed, to each subscribed endpoint.
+
+Two loops per process, over the tables of ``webhookstore.py``:
+
+* **The feeder** turns events of the log into delivery rows. One replica at a
+  time feeds: the one holding the lease in ``webhook_cursor`` (renewed with
+  every batch, taken over by another replica once it expires). It reads the
+  log after the stored cursor, matches each event's workspace against that
+  workspace's enabled webhooks and their event types, and inserts the
+  deliveries *and* advances the cursor in one transaction (compare-and-set on
+  the holder and the old cursor). So an event becomes one delivery per
+  endpoint, whatever the number of replicas and whoever crashes when; the
+  unique (workspace, integration, event) key makes a repeat harmless. It
+  wakes on live events (``EventBus.listen``) and catches up every ``poll_s``.
+  A cursor older than the log's horizon (the feeder was away longer than the
+  retention) skips to the horizon with a warning: those events are gone.
+  A new deployment starts at the log's head. Events from before a webhook was
+  created are not delivered to it.
+* **The sender** claims due deliveries and POSTs them. Deliveries to one
+  endpoint go out **in log order, one at a time**: a delivery is sent only
+  when every earlier delivery of its endpoint has succeeded or failed for
+  good, so a failing delivery holds back the later ones of its endpoint
+  (never those of other endpoints) until it succeeds or runs out of
+  attempts. Claims carry an expiry, so a replica that dies mid-send leaves
+  its deliveries to the others after ``claim_s``; the attempt may then reach
+  the receiver twice (at least once: receivers dedupe by ``webhook-id``).
+
+The request (Standard Webhooks, https://www.standardwebhooks.com): ``POST``
+with ``content-type: application/json`` and the body
+
+    {"type": "message.created", "timestamp": "2025-01-01T00:00:00Z", "data": {...}}
+
+``type`` is the event type in lower case with dots (``MESSAGE_CREATED`` ->
+``message.created``), ``timestamp`` the event's time, ``data`` the whole
+``switchboard.api.events.v1.Event`` in protobuf's JSON mapping (so
+``json_format.ParseDict(body["data"], Event())`` reads it back). Headers:
+``webhook-id`` (the event id, the same on every retry), ``webhook-timestamp``
+(Unix seconds of this attempt) and ``webhook-signature`` (``v1,<base64
+HMAC-SHA256>`` from the ``standardwebhooks`` library; during a secret
+rotation, until ``previous_until``, one signature per secret, space-separated).
+
+Retries: 2xx is success. Anything else (3xx included: redirects are not
+followed), a timeout or a connection failure is a failed attempt; after
+attempt *n* the next waits a uniformly random time in
+``[0, min(backoff_max_s, backoff_base_s * 2**(n-1))]`` (full jitter; 30 s
+base and 4 h cap by default: about 6 h of retries over 12 attempts),
+never less than a ``Retry-After`` the receiver sent (capped at the
+maximum). After ``max_attempts`` attempts the delivery is FAILED. An open
+circuit refuses an attempt without counting it, and retries after the
+circuit's cool-down. A webhook that has had no success for
+``disable_after_s`` while failing is disabled through ``on_disable``, and its
+pending deliveries are FAILED ("endpoint disabled"); they can be redelivered
+once it is enabled again. Finished deliveries are kept ``RETENTION``.
+
+This module does not import grpc.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import email.utils
+import json
+import logging
+import random
+import re
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+import httpx
+from google.protobuf import json_format
+from google.rpc import code_pb2
+from standardwebhooks.webhooks import Webhook
+
+from switchboard.api.events.v1 import events_pb2
+from switchboard.api.integration.v1 import integration_pb2
+from switchboard.integration.webhookstore import (
+    PENDING,
+    SUCCEEDED,
+    Claimed,
+    NewDelivery,
+    Outcome,
+    Subscriber,
+    WebhookStore,
+)
+from switchboard.platform import pagination
+from switchboard.platform.breaker import Breakers
+from switchboard.platform.bus import EventBus
+from switchboard.platform.db import Database, log_failure
+from switchboard.platform.egress import EgressPolicy, ResolutionFailed, http_client
+from switchboard.platform.errors import (
+    CircuitOpen,
+    CursorExpired,
+    DestinationBlocked,
+    FailedPrecondition,
+    NotFound,
+    SwitchboardError,
+)
+from switchboard.platform.eventlog import Backoff, Logged, Position, format_cursor, parse_cursor
+from switchboard.platform.secretbox import SecretBox
+from switchboard.platform.storage import now
+
+if TYPE_CHECKING:
+    from switchboard.platform.config import Settings
+    from switchboard.platform.models import WebhookDeliveryRow
+
+log = logging.getLogger("switchboard.integration.webhooks")
+
+#: Finished (succeeded or failed) deliveries are deleted this long after they were recorded.
+RETENTION: Final = dt.timedelta(days=7)
+#: Events read from the log per feeder transaction.
+FEED_BATCH: Final = 200
+#: Rows deleted per pruning transaction, and how often pruning runs.
+PRUNE_BATCH: Final = 1000
+MAINTAIN_EVERY_S: Final = 60.0
+#: Response body bytes kept for ``last_error``.
+SNIPPET_BYTES: Final = 200
+MAX_ERROR_CHARS: Final = 500
+#: Bound on a graceful close's own database calls.
+CLOSE_TIMEOUT_S: Final = 5.0
+USER_AGENT: Final = "Switchboard-Webhooks/1"
+_DISABLED_ERROR: Final = "endpoint disabled"
+# A Redis stream entry id is (milliseconds, counter); the embedded log's is (seq, 0).
+_MINOR_BITS: Final = 20
+_MINOR_MAX: Final = (1 << _MINOR_BITS) - 1
+_UNPRINTABLE: Final = re.compile(r"[^\x20-\x7e]+")
+
+#: ``(workspace_id, integration_id, reason)``: disable the webhook and announce it.
+OnDisable = Callable[[str, str, str], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class WebhookLimits:
+    """How deliveries are timed; ``from_settings`` for the configured ones."""
+
+    #: One attempt (connect, send, answer) ends after this.
+    timeout_s: float = 15.0
+    max_attempts: int = 12
+    #: A webhook failing without a success this long is disabled.
+    disable_after_s: float = 86_400.0
+    backoff_base_s: float = 30.0
+    backoff_max_s: float = 4 * 3600.0
+    #: The feeder's lease; another replica takes over this long after a holder died.
+    lease_s: float = 15.0
+    #: Catch-up period of the feeder and of the sender (deliveries recorded by other replicas).
+    poll_s: float = 1.0
+    #: Endpoints sent to at once by one process.
+    max_in_flight: int = 32
+    #: How long a claim holds a delivery; 0: the attempt's timeout plus 30 s.
+    claim_s: float = 0.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WebhookLimits:
+        return cls(
+            timeout_s=settings.webhook_timeout_s,
+            max_attempts=settings.webhook_max_attempts,
+            disable_after_s=settings.webhook_disable_after_s,
+        )
+
+    @property
+    def claim_for_s(self) -> float:
+        return self.claim_s or self.timeout_s + 30.0
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What one POST came back with."""
+
+    status: int
+    error: str
+    retry_after_s: float | None = None
+
+
+def integration_name(workspace_id: str, integration_id: str) -> str:
+    return f"workspaces/{workspace_id}/integrations/{integration_id}"
+
+
+def delivery_name(workspace_id: str, integration_id: str, delivery_id: str) -> str:
+    return f"{integration_name(workspace_id, integration_id)}/deliveries/{delivery_id}"
+
+
+def type_name(event_type: int) -> str:
+    """``MESSAGE_CREATED`` for ``EVENT_TYPE_MESSAGE_CREATED`` (the subscription's spelling)."""
+    try:
+        name = events_pb2.EventType.Name(event_type)  # type: ignore[arg-type]
+    except ValueError:
+        return str(event_type)
+    return name.removeprefix("EVENT_TYPE_")
+
+
+def payload(event: events_pb2.Event) -> str:
+    """The JSON body delivered for ``event`` (see the module doc)."""
+    body = {
+        "type": type_name(event.type).lower().replace("_", "."),
+        "timestamp": event.time.ToJsonString(),
+        "data": json_format.MessageToDict(event),
+    }
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+
+
+def signature(secrets: Sequence[str], msg_id: str, timestamp: dt.datetime, body: str) -> str:
+    """The ``webhook-signature`` header: one ``v1,...`` per secret, space-separated."""
+    return " ".join(Webhook(secret).sign(msg_id, timestamp, body) for secret in secrets)
+
+
+def retry_delay(
+    failures: int,
+    *,
+    base_s: float,
+    max_s: float,
+    retry_after_s: float | None,
+    rng: random.Random,
+) -> float:
+    """Seconds before the next attempt after ``failures`` failed ones (full jitter)."""
+    ceiling = min(max_s, base_s * 2.0 ** min(max(failures - 1, 0), 62))
+    delay = rng.uniform(0.0, ceiling)
+    if retry_after_s is not None:
+        delay = max(delay, min(retry_after_s, max_s))
+    return delay
+
+
+def parse_retry_after(value: str | None, current: dt.datetime) -> float | None:
+    """``Retry-After`` as seconds (delta-seconds or an HTTP date); None if absent or malformed."""
+    if not value:
+        return None
+    text = value.strip()
+    if text.isascii() and text.isdigit() and len(text) <= 10:
+        return float(text)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return max(0.0, (when - current).total_seconds())
+
+
+def sequence_of(position: Position) -> int:
+    """A delivery's ``seq``: the log position as one 63-bit integer, in log order."""
+    major, minor = position
+    return (major << _MINOR_BITS) | min(minor, _MINOR_MAX)
+
+
+def safe_text(raw: bytes | str, limit: int = SNIPPET_BYTES) -> str:
+    """Printable ASCII only, at most ``limit`` characters (for ``last_error``)."""
+    text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
+    return _UNPRINTABLE.sub(" ", text).strip()[:limit]
+
+
+def delivery_message(row: WebhookDeliveryRow) -> integration_pb2.WebhookDelivery:
+    message = integration_pb2.WebhookDelivery(
+        name=delivery_name(row.workspace_id, row.integration_id, row.id),
+        event_id=row.event_id,
+        event_type=row.event_type,
+        state=row.state,  # type: ignore[arg-type]
+        attempts=row.attempts,
+        last_http_status=row.last_http_status,
+        last_error=row.last_error,
+    )
+    message.create_time.FromDatetime(row.created_at)
+    if row.last_attempt_at is not None:
+        message.last_attempt_time.FromDatetime(row.last_attempt_at)
+    if row.state == PENDING and row.next_attempt_at is not None:
+        message.next_attempt_time.FromDatetime(row.next_attempt_at)
+    return message
+
+
+def _matches(subscriber: Subscriber, item: Logged, created: dt.datetime) -> bool:
+    if created < subscriber.created_at:
+        return False
+    return not subscriber.event_types or type_name(item.type) in subscriber.event_types
+
+
+def _describe(exc: BaseException, timeout_s: float) -> str:
+    """A failed attempt's cause, without addresses or exception text from the network."""
+    if isinstance(exc, TimeoutError | httpx.TimeoutException):
+        return f"timed out after {timeout_s:g} s"
+    if isinstance(exc, DestinationBlocked):
+        return "the destination address is not allowed by the egress policy"
+    if isinstance(exc, ResolutionFailed):
+        return "the host name could not be resolved"
+    if isinstance(exc, httpx.ConnectError):
+        return "the connection failed"
+    if isinstance(exc, httpx.RemoteProtocolError | httpx.LocalProtocolError):
+        return "the receiver broke the HTTP protocol"
+    if isinstance(exc, httpx.HTTPError | OSError):
+        return "the request failed"
+    return "the request failed"
+
+
+class WebhookEngine:
+    """The feeder, the sender and the queries of webhook deliveries in one process.
+
+    ``start()`` runs the loops; ``close()`` stops them, hands this process's
+    claims and lease back (so another replica continues at once) within a
+    bounded time.
+    """
+
+    def __init__(
+        self,
+        database: Database,
+        bus: EventBus,
+        secrets: SecretBox,
+        egress: EgressPolicy,
+        breakers: Breakers,
+        limits: WebhookLimits,
+        *,
+        instance_id: str,
+        on_disable: OnDisable,
+        page_tokens: pagination.PageTokens,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = WebhookStore(database)
+        self._bus = bus
+        self._secrets = secrets
+        self._egress = egress
+        self._breakers = breakers
+        self.limits = limits
+        self._me = instance_id
+        self._on_disable = on_disable
+        self._pages = page_tokens
+        self._rng = rng or random.SystemRandom()
+        self._feed_wake = asyncio.Event()
+        self._send_wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._workers: set[asyncio.Task[None]] = set()
+        self._client: httpx.AsyncClient | None = None
+        self._unlisten: Callable[[], None] | None = None
+        #: Whether this process fed last (it holds the lease, as far as it knows).
+        self.feeding = False
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._client = http_client(
+            self._egress,
+            timeout_s=self.limits.timeout_s,
+            headers={"user-agent": USER_AGENT, "content-type": "application/json"},
+            limits=httpx.Limits(
+                max_connections=self.limits.max_in_flight * 2,
+                max_keepalive_connections=self.limits.max_in_flight,
+            ),
+        )
+        self._unlisten = self._bus.listen(self._on_event)
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._feed_loop(), name="webhook-feeder"),
+            loop.create_task(self._send_loop(), name="webhook-sender"),
+            loop.create_task(self._maintain_loop(), name="webhook-maintenance"),
+        ]
+
+    async def close(self, *, release: bool = True) -> None:
+        """Stop; ``release=False`` leaves claims and lease to expire (as a crash would)."""
+        if self._unlisten is not None:
+            self._unlisten()
+            self._unlisten = None
+        tasks = [*self._tasks, *self._workers]
+        self._tasks = []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if release:
+            try:
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await self.store.release(self._me)
+                    if self.feeding:
+                        await self.store.release_lease(self._me)
+            except Exception as exc:  # noqa: BLE001 - the claims expire by themselves
+                log_failure(log, "webhook claims not released at close", exc)
+        self.feeding = False
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def _on_event(self, event: events_pb2.Event) -> None:
+        if event.workspace:
+            self._feed_wake.set()
+
+    # -- the feeder ------------------------------------------------------------------
+
+    async def _feed_loop(self) -> None:
+        backoff = Backoff(0.1, self.limits.poll_s * 5)
+        while True:
+            try:
+                more = await self.feed_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - an outage or a bug must not stop feeding
+                log_failure(log, "webhook feeder round failed", exc)
+                await backoff.wait()
+                continue
+            backoff.reset()
+            if more:
+                continue
+            # A holder renews its lease well before it runs out; the others
+            # look again as often, so one takes over soon after it lapses.
+            wait_s = min(self.limits.poll_s, self.limits.lease_s / 3)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_s):
+                    await self._feed_wake.wait()
+            self._feed_wake.clear()
+
+    def _lease_until(self) -> dt.datetime:
+        return now() + dt.timedelta(seconds=self.limits.lease_s)
+
+    async def feed_once(self) -> bool:
+        """One feeder round; True if there may be more to read at once."""
+        cursor = await self.store.take_lease(self._me, self._lease_until())
+        if cursor is None:
+            self.feeding = False
+            return False
+        self.feeding = True
+        position = parse_cursor(cursor)
+        if position is None:
+            # First run of the deployment (or an unreadable cursor): from the head on.
+            start = self._bus.head
+            return await self._advance(cursor, format_cursor(start), [])
+        try:
+            await self._bus.check_cursor(position)
+        except CursorExpired:
+            horizon = await self._bus.horizon()
+            log.warning(
+                "webhook feeder cursor is outside the retained event log; events in "
+                "between are not delivered",
+                extra={"cursor": cursor, "resume_after": format_cursor(horizon)},
+            )
+            return await self._advance(cursor, format_cursor(horizon), [])
+        upto = self._bus.head
+        if position >= upto:
+            return False  # the lease was renewed by take_lease
+        items = await self._bus.read(position, upto, FEED_BATCH)
+        if not items:
+            return False
+        await self._advance(cursor, items[-1].cursor, items)
+        return len(items) == FEED_BATCH
+
+    async def _advance(self, old: str, new: str, items: Sequence[Logged]) -> bool:
+        workspaces: dict[str, None] = {}
+        for item in items:
+            workspace = item.workspace.removeprefix("workspaces/")
+            if item.workspace.startswith("workspaces/") and workspace:
+                workspaces[workspace] = None
+
+        def deliveries(subscribers: list[Subscriber]) -> list[NewDelivery]:
+            by_workspace: dict[str, list[Subscriber]] = {}
+            for subscriber in subscribers:
+                by_workspace.setdefault(subscriber.workspace_id, []).append(subscriber)
+            rows: list[NewDelivery] = []
+            for item in items:
+                mine = by_workspace.get(item.workspace.removeprefix("workspaces/"))
+                if not mine or not item.workspace.startswith("workspaces/"):
+                    continue
+                created = item.event.time.ToDatetime(tzinfo=dt.UTC)
+                for subscriber in mine:
+                    if _matches(subscriber, item, created):
+                        rows.append(
+                            NewDelivery(
+                                id=uuid.uuid4().hex,
+                                workspace_id=subscriber.workspace_id,
+                                integration_id=subscriber.integration_id,
+                                seq=sequence_of(item.position),
+                                event_id=item.event.id,
+                                event_type=type_name(item.type),
+                                data=item.data,
+                            )
+                        )
+            return rows
+
+        recorded = await self.store.feed(
+            self._me, old, new, self._lease_until(), deliveries, list(workspaces)
+        )
+        if recorded is None:
+            self.feeding = False  # another replica took over meanwhile
+            return False
+        if recorded:
+            self._send_wake.set()
+        return True
+
+    # -- the sender ------------------------------------------------------------------
+
+    async def _send_loop(self) -> None:
+        backoff = Backoff(0.1, self.limits.poll_s * 5)
+        while True:
+            wait_s = self.limits.poll_s
+            free = self.limits.max_in_flight - len(self._workers)
+            self._send_wake.clear()
+            if free > 0:
+                until = now() + dt.timedelta(seconds=self.limits.claim_for_s)
+                try:
+                    claimed, due = await self.store.claim(self._me, until, free)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - retried after a pause
+                    log_failure(log, "webhook claim failed", exc)
+                    await backoff.wait()
+                    continue
+                backoff.reset()
+                for delivery in claimed:
+                    self._spawn(delivery)
+                if due is not None:
+                    wait_s = min(wait_s, max(0.0, (due - now()).total_seconds()))
+                if len(claimed) == free:
+                    wait_s = 0.0  # there may be more due
+            if wait_s > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait_s):
+                        await self._send_wake.wait()
+
+    def _spawn(self, claimed: Claimed) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._work(claimed), name=f"webhook-{claimed.id}"
+        )
+        self._workers.add(task)
+
+        def done(finished: asyncio.Task[None]) -> None:
+            self._workers.discard(finished)
+            self._send_wake.set()
+
+        task.add_done_callback(done)
+
+    async def _work(self, claimed: Claimed) -> None:
+        """Send ``claimed``, then each following delivery of its endpoint that is due."""
+        current: Claimed | None = claimed
+        while current is not None:
+            try:
+                current = await self._deliver(current)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - its claim expires; another round retries
+                log_failure(log, "webhook delivery not recorded", exc)
+                return
+
+    async def _deliver(self, claimed: Claimed) -> Claimed | None:
+        outcome = await self._attempt(claimed)
+        until = now() + dt.timedelta(seconds=self.limits.claim_for_s)
+        recorded, following = await self.store.record(claimed, self._me, outcome, until)
+        if recorded and not outcome.succeeded:
+            await self._maybe_disable(claimed, outcome)
+        return following
+
+    def _signing_secrets(self, claimed: Claimed, name: str) -> list[str]:
+        if claimed.credential is None:
+            return []
+        secrets = [self._secrets.open(claimed.credential, purpose=name)]
+        if (
+            claimed.previous_credential is not None
+            and claimed.previous_until is not None
+            and claimed.previous_until > now()
+        ):
+            secrets.append(self._secrets.open(claimed.previous_credential, purpose=name))
+        return secrets
+
+    def _failed(
+        self, claimed: Claimed, status: int, error: str, retry_after_s: float | None
+    ) -> Outcome:
+        failures = claimed.attempts + 1
+        if failures >= self.limits.max_attempts:
+            return Outcome(False, status, error, None)
+        delay = retry_delay(
+            failures,
+            base_s=self.limits.backoff_base_s,
+            max_s=self.limits.backoff_max_s,
+            retry_after_s=retry_after_s,
+            rng=self._rng,
+        )
+        return Outcome(False, status, error, now() + dt.timedelta(seconds=delay))
+
+    async def _attempt(self, claimed: Claimed) -> Outcome:
+        name = integration_name(claimed.workspace_id, claimed.integration_id)
+        try:
+            secrets = self._signing_secrets(claimed, name)
+        except Exception:  # noqa: BLE001 - a sealed secret this server cannot open
+            log.warning("webhook signing secret cannot be opened", extra={"integration": name})
+            return self._failed(claimed, 0, "the signing secret cannot be read", None)
+        if not secrets:
+            return self._failed(claimed, 0, "the webhook has no signing secret", None)
+        try:
+            permit = await self._breakers.acquire(name, label=f"integration {name}")
+        except CircuitOpen as exc:
+            retry_s = max(0.1, exc.retry_after_s)
+            return Outcome(
+                False,
+                0,
+                "the circuit is open after repeated failures",
+                now() + dt.timedelta(seconds=retry_s),
+                counted=False,
+            )
+        try:
+            answer = await self._post(claimed, secrets)
+        except asyncio.CancelledError:
+            permit.released()
+            raise
+        except DestinationBlocked as exc:
+            # The receiver was never contacted: says nothing about its health.
+            permit.released()
+            return self._failed(claimed, 0, _describe(exc, self.limits.timeout_s), None)
+        except (TimeoutError, httpx.HTTPError, OSError, SwitchboardError) as exc:
+            await permit.failed()
+            return self._failed(claimed, 0, _describe(exc, self.limits.timeout_s), None)
+        except BaseException:
+            permit.released()
+            raise
+        if 200 <= answer.status < 300:
+            await permit.succeeded()
+            return Outcome(True, answer.status, "", None)
+        await permit.failed()
+        return self._failed(claimed, answer.status, answer.error, answer.retry_after_s)
+
+    async def _post(self, claimed: Claimed, secrets: Sequence[str]) -> Attempt:
+        client = self._client
+        if client is None:
+            raise RuntimeError("the webhook engine is not started")
+        event = events_pb2.Event.FromString(claimed.data)
+        body = payload(event)
+        sent_at = now()
+        headers = {
+            "webhook-id": claimed.event_id,
+            "webhook-timestamp": str(int(sent_at.timestamp())),
+            "webhook-signature": signature(secrets, claimed.event_id, sent_at, body),
+        }
+        # The client's timeout bounds each phase; this bounds the whole attempt.
+        async with (
+            asyncio.timeout(self.limits.timeout_s),
+            client.stream("POST", claimed.endpoint, content=body.encode(), headers=headers) as r,
+        ):
+            if 200 <= r.status_code < 300:
+                return Attempt(r.status_code, "")
+            snippet = b""
+            async for chunk in r.aiter_raw():
+                snippet += chunk
+                if len(snippet) >= SNIPPET_BYTES:
+                    break
+            error = f"HTTP {r.status_code}"
+            if text := safe_text(snippet):
+                error = f"{error}: {text}"
+            return Attempt(
+                r.status_code,
+                error[:MAX_ERROR_CHARS],
+                parse_retry_after(r.headers.get("retry-after"), now()),
+            )
+
+    async def _maybe_disable(self, claimed: Claimed, outcome: Outcome) -> None:
+        since = await self.store.failing_since(claimed)
+        failing_s = (now() - since).total_seconds()
+        if failing_s < self.limits.disable_after_s:
+            return
+        reason = (
+            f"webhook disabled: no successful delivery for {failing_s:.0f} s; "
+            f"last error: {outcome.error or 'none'}"
+        )[:MAX_ERROR_CHARS]
+        name = integration_name(claimed.workspace_id, claimed.integration_id)
+        log.warning("disabling a failing webhook", extra={"integration": name})
+        await self._on_disable(claimed.workspace_id, claimed.integration_id, reason)
+        await self.store.fail_disabled(_DISABLED_ERROR)
+
+    # -- maintenance -----------------------------------------------------------------
+
+    async def _maintain_loop(self) -> None:
+        while True:
+            try:
+                if self.feeding:
+                    await self.maintain()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - tried again next period
+                log_failure(log, "webhook maintenance failed", exc)
+            await asyncio.sleep(MAINTAIN_EVERY_S)  # a period, not synchronization
+
+    async def maintain(self) -> None:
+        """Fail what waits for disabled endpoints; delete finished deliveries past ``RETENTION``."""
+        await self.store.fail_disabled(_DISABLED_ERROR)
+        before = now() - RETENTION
+        while await self.store.prune(before, PRUNE_BATCH) == PRUNE_BATCH:
+            pass
+
+    # -- queries and commands ----------------------------------------------------------
+
+    async def list_deliveries(
+        self, workspace_id: str, integration_id: str, *, page_size: int, page_token: str
+    ) -> tuple[list[integration_pb2.WebhookDelivery], str]:
+        """The webhook's deliveries, newest first, and the next page's token ("" at the end)."""
+        fingerprint = pagination.fingerprint("webhook-deliveries", workspace_id, integration_id)
+        before: tuple[int, str] | None = None
+        if page_token:
+            seq, last = self._pages.decode(
+                page_token, fingerprint, (pagination.COUNT, pagination.ID)
+            )
+            before = (int(seq), str(last))
+        rows = await self.store.page(workspace_id, integration_id, page_size + 1, before)
+        token = ""
+        if len(rows) > page_size:
+            rows = rows[:page_size]
+            token = self._pages.encode([rows[-1].seq, rows[-1].id], fingerprint)
+        return [delivery_message(row) for row in rows], token
+
+    async def redeliver(
+        self, workspace_id: str, integration_id: str, delivery_id: str
+    ) -> integration_pb2.WebhookDelivery:
+        """Send the delivery again as a new attempt series (attempts start from 0).
+
+        It goes out before the endpoint's later pending deliveries (it keeps its
+        place in log order). A pending one is left as it is.
+        """
+        webhook = await self.store.webhook(workspace_id, integration_id)
+        name = delivery_name(workspace_id, integration_id, delivery_id)
+        if webhook is None:
+            raise NotFound(f"{name} not found")
+        if webhook[1]:
+            raise FailedPrecondition(
+                f"{integration_name(workspace_id, integration_id)} is disabled; enable it to "
+                "redeliver"
+            )
+        row = await self.store.redeliver(workspace_id, integration_id, delivery_id)
+        if row is None:
+            raise NotFound(f"{name} not found")
+        self._send_wake.set()
+        return delivery_message(row)
+
+    async def health(self, workspace_id: str, integration_id: str) -> tuple[int, str] | None:
+        """The webhook's health from its latest attempted delivery: (google.rpc code, error).
+
+        None if nothing was attempted yet. OK after a success; UNAVAILABLE with
+        the delivery's error after a failed attempt (retrying or given up).
+        """
+        row = await self.store.last_attempted(workspace_id, integration_id)
+        if row is None:
+            return None
+        if row.state == SUCCEEDED:
+            return code_pb2.OK, ""
+        return code_pb2.UNAVAILABLE, row.last_error or f"HTTP {row.last_http_status}"
