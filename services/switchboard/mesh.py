@@ -59,8 +59,13 @@ from switchboard.dispatcher.store import RunStore
 from switchboard.events import servicer as events_servicer
 from switchboard.events.subscriptions import Limits
 from switchboard.integration import servicer as integration_servicer
+from switchboard.integration.kinds import connector_factory, reserved_handler_ids, stdio_servers
+from switchboard.integration.service import IntegrationHub
+from switchboard.integration.service import Limits as IntegrationLimits
+from switchboard.integration.store import IntegrationStore
 from switchboard.platform.accesswatch import AccessWatch
 from switchboard.platform.authn import Guard
+from switchboard.platform.breaker import Breakers
 from switchboard.platform.bus import EventBus
 from switchboard.platform.cache import Cache
 from switchboard.platform.config import ConfigError, Settings
@@ -71,11 +76,13 @@ from switchboard.platform.db import (
     lock_sqlite_file,
     open_database,
 )
+from switchboard.platform.egress import EgressPolicy
 from switchboard.platform.eventlog import LocalLog, LogBackend, RedisLog
 from switchboard.platform.membership import MembershipStore
 from switchboard.platform.outbox import Outbox
 from switchboard.platform.pagination import PageTokens
 from switchboard.platform.policy import Policy
+from switchboard.platform.secretbox import SecretBox
 from switchboard.platform.server import ServiceRegistration, SwitchboardServer, build_server
 
 log = logging.getLogger("switchboard.mesh")
@@ -103,6 +110,8 @@ class Deps:
     access: AccessWatch
     context: ContextService
     page_tokens: PageTokens
+    #: The integration hub (every process: the dispatcher reaches tools through it).
+    integration: IntegrationHub
     #: Only in processes that serve DispatcherService.
     dispatcher: Dispatcher | None = None
 
@@ -132,7 +141,7 @@ SERVICES: dict[str, tuple[ServiceDescriptor, frozenset[str], Factory]] = {
     "integration": (
         integration_servicer.SERVICE,
         frozenset(),
-        lambda d: integration_servicer.IntegrationServiceServicer(),  # type: ignore[abstract]
+        lambda d: integration_servicer.IntegrationServiceServicer(d.integration, d.access),
     ),
     "events": (
         events_servicer.SERVICE,
@@ -451,6 +460,65 @@ async def dispatcher_service(
     return dispatcher
 
 
+def integration_limits(settings: Settings, egress: EgressPolicy) -> IntegrationLimits:
+    return IntegrationLimits(
+        max_per_workspace=settings.integration_max_per_workspace,
+        max_config_bytes=settings.integration_max_config_bytes,
+        default_call_timeout_s=settings.integration_default_call_timeout_s,
+        max_call_timeout_s=settings.integration_max_call_timeout_s,
+        max_result_bytes=settings.integration_max_result_bytes,
+        tool_calls_per_minute=settings.integration_tool_calls_per_minute,
+        probe_interval_s=settings.integration_probe_interval_s,
+        allow_plain_http=egress.allow_loopback or egress.allow_private,
+        secret_overlap_s=settings.webhook_secret_overlap_s,
+    )
+
+
+async def integration_hub(
+    settings: Settings,
+    database: Database,
+    bus: EventBus,
+    counters: Cache,
+    page_tokens: PageTokens,
+    resources: contextlib.AsyncExitStack,
+) -> IntegrationHub:
+    """The hub, with its breakers, sealed credentials and egress policy."""
+    with setting("SWITCHBOARD_EGRESS_ALLOW_CIDRS"):
+        egress = EgressPolicy.from_settings(settings)
+    with setting("SWITCHBOARD_INTEGRATION_MCP_STDIO_SERVERS"):
+        stdio = stdio_servers(settings)
+    breakers = Breakers(
+        settings.redis_url.get_secret_value(),
+        failures=settings.integration_breaker_failures,
+        reset_s=settings.integration_breaker_reset_s,
+        timeout_s=settings.redis_timeout_s,
+    )
+    await breakers.start()
+    resources.push_async_callback(breakers.close)
+    hub: IntegrationHub | None = None
+
+    def tools_changed(name: str) -> None:
+        if hub is not None:
+            hub.tools_changed(name)
+
+    hub = IntegrationHub(
+        IntegrationStore(database),
+        bus,
+        counters,
+        breakers,
+        SecretBox(settings.effective_secret_key()),
+        egress,
+        page_tokens,
+        integration_limits(settings, egress),
+        connector_factory(settings, egress, stdio, tools_changed),
+        stdio_servers=frozenset(stdio),
+        reserved_handler_ids=reserved_handler_ids(settings),
+    )
+    await hub.start(probe="integration" in settings.services)
+    resources.push_async_callback(hub.close)
+    return hub
+
+
 def instance_id(settings: Settings) -> str:
     """This dispatcher replica's id: the configured one, else the host name."""
     return settings.instance_id or socket.gethostname()[:64]
@@ -578,6 +646,7 @@ async def open_deps(settings: Settings, resources: contextlib.AsyncExitStack) ->
     )
     authenticator.on_revocation(access.revoked)
     resources.push_async_callback(access.close)
+    integration = await integration_hub(settings, database, bus, cache, page_tokens, resources)
     dispatcher: Dispatcher | None = None
     if "dispatcher" in settings.services:
         port: ContextPort = LocalContext(context)
@@ -601,6 +670,7 @@ async def open_deps(settings: Settings, resources: contextlib.AsyncExitStack) ->
         access=access,
         context=context,
         page_tokens=page_tokens,
+        integration=integration,
         dispatcher=dispatcher,
     )
 

@@ -130,7 +130,8 @@ RULES: Final[dict[str, Rule]] = {
     _INTEGRATION + "ListIntegrations": resource("parent", READ),
     _INTEGRATION + "UpdateIntegration": resource("integration.name", ADMIN),
     _INTEGRATION + "DeleteIntegration": resource("name", ADMIN),
-    _INTEGRATION + "WatchIntegrations": resource("parent", READ),
+    # Authorized by the servicer's stream grant, which keeps the workspace held.
+    _INTEGRATION + "WatchIntegrations": per_item(Scope.READ),
     _INTEGRATION + "ListTools": resource("parent", READ),
     _INTEGRATION + "InvokeTool": resource("name", WRITE),
     _INTEGRATION + "ListWebhookDeliveries": resource("parent", READ),

@@ -1,0 +1,73 @@
+"""One connector per kind: which client speaks to an integration.
+
+gRPC domain experts get a HandlerService channel (``experts.py``), MCP servers
+an MCP session through the official SDK (``mcp.py``), webhooks no connector at
+all (they are only ever sent events, by ``webhooks.py``). Every connector dials
+through the egress policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from switchboard.api.integration.v1 import integration_pb2 as pb
+from switchboard.dispatcher.remote import parse_remotes
+from switchboard.integration.connectors import Connector
+from switchboard.integration.mapping import name_of
+from switchboard.integration.service import ConnectorFactory
+from switchboard.integration.store import IntegrationRecord
+from switchboard.platform.config import Settings
+from switchboard.platform.egress import EgressPolicy
+
+#: Built-in handler ids a workspace's expert may not take.
+BUILTIN_HANDLERS = frozenset({"echo", "llm"})
+
+
+def reserved_handler_ids(settings: Settings) -> frozenset[str]:
+    """Operator-level handler ids: built-ins and the statically configured experts."""
+    static = {handler_id for handler_id, _ in parse_remotes(settings.dispatcher_remote_handlers)}
+    return BUILTIN_HANDLERS | static
+
+
+def stdio_servers(settings: Settings) -> Mapping[str, Any]:
+    """The operator's stdio MCP servers by id (ValueError if the setting is malformed)."""
+    if not settings.integration_mcp_stdio_servers.strip():
+        return {}
+    from switchboard.integration.mcp import parse_stdio_servers
+
+    return parse_stdio_servers(settings.integration_mcp_stdio_servers)
+
+
+def connector_factory(
+    settings: Settings,
+    egress: EgressPolicy,
+    stdio: Mapping[str, Any],
+    tools_changed: Callable[[str], None],
+) -> ConnectorFactory:
+    connect_timeout_s = min(settings.integration_default_call_timeout_s, 10.0)
+
+    def build(record: IntegrationRecord, credential: str | None) -> Connector | None:
+        name = name_of(record)
+        if record.kind == pb.INTEGRATION_KIND_MCP_SERVER:
+            from switchboard.integration.mcp import McpConnector
+
+            headers = {"Authorization": f"Bearer {credential}"} if credential else {}
+            server = None
+            if record.endpoint.startswith("stdio:"):
+                server = stdio[record.endpoint.removeprefix("stdio:")]
+            return McpConnector(
+                record.endpoint,
+                headers=headers,
+                egress=egress,
+                connect_timeout_s=connect_timeout_s,
+                on_tools_changed=lambda: tools_changed(name),
+                stdio=server,
+            )
+        if record.kind == pb.INTEGRATION_KIND_GRPC_HANDLER:
+            from switchboard.integration.experts import GrpcExpertConnector
+
+            return GrpcExpertConnector(record.endpoint, egress, credential=credential or "")
+        return None
+
+    return build

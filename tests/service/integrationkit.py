@@ -1,0 +1,86 @@
+"""Helpers for IntegrationService tests: a stub, builders, a mesh that may reach loopback."""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, TypeAlias
+
+from google.protobuf import duration_pb2
+from grpc import aio
+
+from switchboard.api.integration.v1 import integration_pb2 as ipb
+from switchboard.api.integration.v1 import integration_pb2_grpc
+from switchboard.mesh import create_server
+from switchboard.platform.server import SwitchboardServer
+from tests.conftest import make_settings
+from tests.service.contextkit import Signed
+
+Stub: TypeAlias = "integration_pb2_grpc.IntegrationServiceAsyncStub"
+
+TIMEOUT_S = 20.0
+
+
+def integration_stub(channel: aio.Channel) -> Stub:
+    return integration_pb2_grpc.IntegrationServiceStub(channel)
+
+
+def webhook_secret() -> str:
+    return "whsec_" + base64.b64encode(os.urandom(32)).decode()
+
+
+def expert(endpoint: str = "127.0.0.1:1", **fields: Any) -> ipb.Integration:
+    fields.setdefault("display_name", "Expert")
+    return ipb.Integration(kind=ipb.INTEGRATION_KIND_GRPC_HANDLER, endpoint=endpoint, **fields)
+
+
+def webhook(endpoint: str = "http://127.0.0.1:1/hook", **fields: Any) -> ipb.Integration:
+    fields.setdefault("credential", webhook_secret())
+    return ipb.Integration(kind=ipb.INTEGRATION_KIND_WEBHOOK, endpoint=endpoint, **fields)
+
+
+def seconds(value: float) -> duration_pb2.Duration:
+    duration = duration_pb2.Duration()
+    duration.FromNanoseconds(int(value * 1e9))
+    return duration
+
+
+async def create(
+    stub: Stub,
+    caller: Signed,
+    parent: str,
+    integration: ipb.Integration,
+    *,
+    integration_id: str = "",
+    request_id: str = "",
+) -> ipb.Integration:
+    response = await stub.CreateIntegration(
+        ipb.CreateIntegrationRequest(
+            parent=parent,
+            integration=integration,
+            integration_id=integration_id,
+            request_id=request_id,
+        ),
+        metadata=caller.md,
+        timeout=TIMEOUT_S,
+    )
+    return response.integration
+
+
+@asynccontextmanager
+async def hub_mesh(**overrides: Any) -> AsyncIterator[tuple[SwitchboardServer, aio.Channel]]:
+    """A mesh whose integrations may reach loopback; probes only when a test asks."""
+    values: dict[str, Any] = {
+        "egress_allow_loopback": True,
+        "integration_probe_interval_s": 3600.0,
+    }
+    values.update(overrides)
+    server, _ = await create_server(make_settings(**values))
+    await server.start()
+    try:
+        async with aio.insecure_channel(server.address) as channel:
+            yield server, channel
+    finally:
+        await server.shutdown(grace=0)
