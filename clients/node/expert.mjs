@@ -1,18 +1,20 @@
 // A Switchboard domain expert in Node.js: a server of
 // switchboard.api.handler.v1.HandlerService (and grpc.health.v1.Health).
 //
-//   node expert.mjs [--port 0] [--host 127.0.0.1] [--id translator] [--token SECRET]
+//   node expert.mjs [--port 0] [--host 127.0.0.1] [--id translator] [--token SECRET] [--no-health]
 //
 // Register it in a workspace as an integration of kind
 // INTEGRATION_KIND_GRPC_HANDLER with endpoint "host:port"; the dispatcher
 // routes messages to it by the integration's id (SendMessage `handler`, or a
 // `/id` command prefix). It answers deterministically ("<id> heard: <text>"),
-// streaming one delta per word and then the result, so tests can check what
-// it saw. Parameters: `shout` (bool) upper-cases the answer; `fail` (string)
+// streaming a progress frame, one delta per word and then the result, so
+// tests can check what it saw. Parameters: `shout` (bool) upper-cases the answer; `fail` (string)
 // ends the call with FAILED_PRECONDITION and that message.
 //
 // With --token, every call must carry `authorization: Bearer <token>` (the
-// integration's credential); others are refused UNAUTHENTICATED.
+// integration's credential); others are refused UNAUTHENTICATED. With
+// --no-health it serves no grpc.health.v1 (Switchboard then probes it with
+// GetCapabilities).
 //
 // The first stdout line is `LISTENING <port>` once it serves. SIGTERM or
 // SIGINT marks it NOT_SERVING and stops it (calls in flight are cancelled).
@@ -34,6 +36,7 @@ const { values: args } = parseArgs({
     host: { type: 'string', default: '127.0.0.1' },
     id: { type: 'string', default: 'translator' },
     token: { type: 'string', default: '' },
+    'no-health': { type: 'boolean', default: false },
   },
 });
 if (!HANDLER_ID.test(args.id)) {
@@ -127,7 +130,8 @@ server.addService(handlerService, {
     }
     let answer = `${args.id} heard: ${heard}`;
     if (parameter(call.request, 'shout') === true) answer = answer.toUpperCase();
-    // One delta per word, then the result: a streaming expert in miniature.
+    // Progress, one delta per word, then the result: a streaming expert in miniature.
+    call.write({ progress: { stage: 'answering', fraction: 0.5 } });
     const words = answer.split(/(?<=\s)/);
     for (const word of words) {
       if (call.cancelled) return;
@@ -143,7 +147,7 @@ server.addService(handlerService, {
     call.end();
   },
 });
-server.addService(healthService, {
+if (!args['no-health']) server.addService(healthService, {
   Check(call, callback) {
     const status = health.get(call.request.service);
     if (status === undefined) {

@@ -9,6 +9,7 @@ so each opens the database, the cache and the key ring.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import signal
 import socket
@@ -40,6 +41,7 @@ from switchboard.context.windowcache import WindowCache
 from switchboard.dispatcher import servicer as dispatcher_servicer
 from switchboard.dispatcher.content import BuiltinContentPolicy, load_content_policy
 from switchboard.dispatcher.contextport import ContextPort, LocalContext, RemoteContext
+from switchboard.dispatcher.experts import CircuitBreakers, WorkspaceExperts
 from switchboard.dispatcher.feed import Feeds
 from switchboard.dispatcher.handlers import EchoHandler
 from switchboard.dispatcher.llm import (
@@ -59,6 +61,7 @@ from switchboard.dispatcher.store import RunStore
 from switchboard.events import servicer as events_servicer
 from switchboard.events.subscriptions import Limits
 from switchboard.integration import servicer as integration_servicer
+from switchboard.integration.directory import workspace_experts
 from switchboard.integration.kinds import connector_factory, reserved_handler_ids, stdio_servers
 from switchboard.integration.service import IntegrationHub
 from switchboard.integration.service import Limits as IntegrationLimits
@@ -395,7 +398,9 @@ async def dispatcher_service(
     context: ContextPort,
     resources: contextlib.AsyncExitStack,
     page_tokens: PageTokens,
+    breakers: CircuitBreakers | None = None,
 ) -> Dispatcher:
+    """``breakers``: the integration hub's, so an expert's circuit is one for runs and tools."""
     registry = handler_registry(settings)
     for handler in registry.all():
         if isinstance(handler, RemoteHandler):
@@ -420,12 +425,27 @@ async def dispatcher_service(
     for handler_id in (*routed, *routes.workspaces.values()):
         if registry.get(handler_id) is None:
             raise ConfigError(f"SWITCHBOARD_DISPATCHER_ROUTES: no handler {handler_id!r}")
+    experts = WorkspaceExperts(
+        functools.partial(
+            workspace_experts,
+            database,
+            SecretBox(settings.effective_secret_key()),
+            limit=settings.integration_max_per_workspace,
+        ),
+        EgressPolicy.from_settings(settings),
+        timeout_s=settings.dispatcher_remote_timeout_s,
+        reserved=lambda handler_id: registry.get(handler_id) is not None,
+        breakers=breakers,
+    )
+    # Closed after the dispatcher (the stack unwinds in reverse): runs stop first.
+    resources.push_async_callback(experts.close)
+    resources.callback(bus.listen(experts.on_event))
     dispatcher = Dispatcher(
         RunStore(database),
         context,
         bus,
         counters,
-        Router(registry, routes, default),
+        Router(registry, routes, default, experts),
         Scheduler(
             SchedulerLimits(
                 max_running=settings.dispatcher_max_running,

@@ -66,15 +66,17 @@ class RemoteHandler:
         channel_options: ChannelOptions = (),
         metadata: Sequence[tuple[str, str]] = (),
         shown_as: str = "",
+        tls: bool = False,
     ) -> None:
         """``address`` is the target dialled; ``channel_options`` and ``metadata``
         (sent with every call: an expert's credential) come from the hub for a
         workspace's experts; ``shown_as`` is the address shown until the
-        expert describes itself (the endpoint, not the checked IP)."""
+        expert describes itself (the endpoint, not the checked IP); ``tls``
+        verifies the expert's certificate against the system's roots."""
         self.address = address
         self._timeout_s = timeout_s
         self._metadata = tuple(metadata)
-        self._channel = expert_channel(address, channel_options)
+        self._channel = expert_channel(address, channel_options, tls=tls)
         self._stub = handler_pb2_grpc.HandlerServiceStub(self._channel)
         # Until GetCapabilities answers, the id and address are all we know.
         self._capabilities = capabilities(
@@ -88,6 +90,7 @@ class RemoteHandler:
         # After it answered that it does not serve HandlerService: unavailable until then.
         self._broken_until = 0.0
         self._refreshing: asyncio.Task[bool] | None = None
+        self._closed = False
 
     @property
     def capabilities(self) -> handler_pb2.HandlerCapabilities:
@@ -151,7 +154,14 @@ class RemoteHandler:
         else:
             self._broken_until = until  # it answered, but not as a HandlerService
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     async def close(self) -> None:
+        self._closed = True
+        if self._refreshing is not None:
+            self._refreshing.cancel()
         await self._channel.close(grace=None)
 
     async def handle(self, call: HandleCall) -> AsyncIterator[Frame]:

@@ -34,13 +34,17 @@ CHANNEL_OPTIONS: Final[tuple[tuple[str, Any], ...]] = (
 )
 
 
-def expert_channel(target: str, options: ChannelOptions = ()) -> aio.Channel:
+def expert_channel(target: str, options: ChannelOptions = (), *, tls: bool = False) -> aio.Channel:
     """A channel to one expert at ``target``; ``options`` come after (and override) the defaults.
 
     ``options`` carry what the egress check decided (``platform/egress.py``):
-    the checked address is the target, the host name stays the authority.
+    the checked address is the target, the host name stays the authority and
+    the name TLS verifies. ``tls`` uses the system's trusted roots.
     """
-    return aio.insecure_channel(target, options=(*CHANNEL_OPTIONS, *options))
+    merged = (*CHANNEL_OPTIONS, *options)
+    if tls:
+        return aio.secure_channel(target, grpc.ssl_channel_credentials(), options=merged)
+    return aio.insecure_channel(target, options=merged)
 
 
 async def connected(channel: aio.Channel, within_s: float) -> bool:

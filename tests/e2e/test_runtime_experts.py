@@ -1,0 +1,569 @@
+"""Domain experts registered at runtime: a Node.js HandlerService expert
+(clients/node/expert.mjs) as a real process, added to a workspace as an
+integration of kind GRPC_HANDLER while the server runs.
+
+It appears in that workspace's ListHandlers (and no other's), takes routed
+messages, becomes unavailable when stopped, answers the first run after it is
+restarted, and stops being routable once deleted or disabled. The hub's
+client of the same expert (``GrpcExpertConnector``) probes it, lists its one
+tool and calls it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import queue
+import subprocess
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+import pytest
+from grpc import aio
+from sqlalchemy import delete, update
+from sqlalchemy.orm import Session
+
+from switchboard.api.context.v1 import context_pb2
+from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.api.events.v1 import events_pb2
+from switchboard.api.handler.v1 import handler_pb2
+from switchboard.api.integration.v1 import integration_pb2
+from switchboard.dispatcher.experts import WorkspaceExpert, WorkspaceExperts
+from switchboard.dispatcher.handlers import HandleCall, HandlerFailure
+from switchboard.integration.connectors import ToolNotFound, Unreachable
+from switchboard.integration.directory import ExpertEntry
+from switchboard.integration.experts import GrpcExpertConnector
+from switchboard.platform.breaker import Breakers
+from switchboard.platform.egress import EgressPolicy
+from switchboard.platform.errors import DestinationBlocked, ResultTooLarge
+from switchboard.platform.models import IntegrationRow
+from switchboard.platform.secretbox import SecretBox
+from switchboard.platform.server import SwitchboardServer
+from tests.e2e.procs import ROOT, START_TIMEOUT_S, ManagedProcess
+from tests.service.contextkit import Stub as CStub
+from tests.service.contextkit import World, create_conversation, create_workspace, ctx_world
+from tests.service.dispatchkit import Stub as DStub
+from tests.service.dispatchkit import limited, request, send, watch_all
+
+pytestmark = pytest.mark.e2e
+
+EXPERT = ROOT / "clients" / "node" / "expert.mjs"
+TOKEN = "expert-token-0123456789"
+POLL_S = 0.05
+WAIT_S = 15.0
+LOOPBACK = EgressPolicy(allow_loopback=True)
+
+
+class NodeExpert(ManagedProcess):
+    """``node clients/node/expert.mjs``; the bound port comes from its first stdout line."""
+
+    def __init__(self, *args: str, port: int = 0) -> None:
+        super().__init__("switchboard-node-expert-")
+        self.args = ["--port", str(port), *args]
+        self.port = port
+        self._stdout: queue.Queue[str | None] = queue.Queue()
+        self._stderr_path = os.path.join(self._tmp.name, "stderr.log")
+
+    def start(self) -> NodeExpert:
+        with open(self._stderr_path, "w") as stderr:
+            self.proc = subprocess.Popen(
+                ["node", str(EXPERT), *self.args],
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+                cwd=EXPERT.parent,
+            )
+        threading.Thread(target=self._pump, daemon=True).start()
+        try:
+            first = self._stdout.get(timeout=START_TIMEOUT_S)
+        except queue.Empty:
+            pytest.fail(f"the Node expert printed nothing within {START_TIMEOUT_S}s")
+        if first is None or not first.startswith("LISTENING "):
+            with open(self._stderr_path) as stderr:
+                pytest.fail(f"the Node expert did not start ({first!r}): {stderr.read()}")
+        self.port = int(first.split()[1])
+        return self
+
+    def _pump(self) -> None:
+        assert self.proc is not None
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._stdout.put(line.rstrip("\n"))
+        self._stdout.put(None)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=self.STOP_TIMEOUT_S)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def __enter__(self) -> NodeExpert:
+        return self.start()
+
+
+# -- registering (rows and events, as the integration service writes them) --------------
+
+
+@dataclass(frozen=True)
+class Registered:
+    workspace_id: str
+    id: str
+    endpoint: str
+
+    @property
+    def name(self) -> str:
+        return f"workspaces/{self.workspace_id}/integrations/{self.id}"
+
+
+async def _changed(
+    server: SwitchboardServer, expert: Registered, change: int, *, disabled: bool = False
+) -> None:
+    integration = integration_pb2.Integration(
+        name=expert.name,
+        kind=integration_pb2.INTEGRATION_KIND_GRPC_HANDLER,
+        endpoint=expert.endpoint,
+        disabled=disabled,
+    )
+    await server.deps.bus.publish(
+        events_pb2.Event(
+            type=events_pb2.EVENT_TYPE_INTEGRATION_CHANGED,
+            workspace=f"workspaces/{expert.workspace_id}",
+            integration_changed=events_pb2.IntegrationChanged(
+                change=change,  # type: ignore[arg-type]
+                integration=integration,
+            ),
+        )
+    )
+
+
+async def register(
+    server: SwitchboardServer,
+    workspace_id: str,
+    integration_id: str,
+    endpoint: str,
+    *,
+    credential: str = "",
+) -> Registered:
+    """Insert the integration row and publish INTEGRATION_CHANGED (CREATED)."""
+    expert = Registered(workspace_id, integration_id, endpoint)
+    now = dt.datetime.now(dt.UTC)
+    sealed = None
+    if credential:
+        box = SecretBox(server.deps.settings.effective_secret_key())
+        sealed = box.seal(credential, purpose=expert.name)
+    row = IntegrationRow(
+        workspace_id=workspace_id,
+        id=integration_id,
+        kind=integration_pb2.INTEGRATION_KIND_GRPC_HANDLER,
+        display_name=f"expert {integration_id}",
+        endpoint=endpoint,
+        call_timeout_ms=0,
+        config=b"",
+        event_types="",
+        credential=sealed,
+        disabled=False,
+        creator="test",
+        created_at=now,
+        updated_at=now,
+        version=1,
+    )
+    await server.deps.database.run(lambda db: db.add(row), write=True)
+    await _changed(server, expert, events_pb2.CHANGE_KIND_CREATED)
+    return expert
+
+
+async def set_disabled(server: SwitchboardServer, expert: Registered, disabled: bool) -> None:
+    def write(db: Session) -> None:
+        db.execute(
+            update(IntegrationRow)
+            .where(
+                IntegrationRow.workspace_id == expert.workspace_id,
+                IntegrationRow.id == expert.id,
+            )
+            .values(disabled=disabled, version=IntegrationRow.version + 1)
+        )
+
+    await server.deps.database.run(write, write=True)
+    await _changed(server, expert, events_pb2.CHANGE_KIND_UPDATED, disabled=disabled)
+
+
+async def unregister(server: SwitchboardServer, expert: Registered) -> None:
+    def write(db: Session) -> None:
+        db.execute(
+            delete(IntegrationRow).where(
+                IntegrationRow.workspace_id == expert.workspace_id,
+                IntegrationRow.id == expert.id,
+            )
+        )
+
+    await server.deps.database.run(write, write=True)
+    await _changed(server, expert, events_pb2.CHANGE_KIND_DELETED)
+
+
+# -- reading what the dispatcher says -----------------------------------------------------
+
+
+async def listed(dstub: DStub, world: World, workspace: str = "") -> dict[str, pb.Handler]:
+    response = await dstub.ListHandlers(
+        pb.ListHandlersRequest(parent=workspace or world.name, page_size=100),
+        metadata=world.owner.md,
+        timeout=10,
+    )
+    return {h.name: h for h in response.handlers}
+
+
+async def until_listed(
+    dstub: DStub, world: World, name: str, *, available: bool | None
+) -> pb.Handler | None:
+    """Poll ListHandlers until ``name`` is listed with ``available`` (None: until it is
+    not listed). Another process's channel and the event relay change it: nothing to await."""
+    async with asyncio.timeout(WAIT_S):
+        while True:
+            found = (await listed(dstub, world)).get(name)
+            if available is None and found is None:
+                return None
+            if found is not None and found.available == available:
+                return found
+            await asyncio.sleep(POLL_S)
+
+
+async def refused(dstub: DStub, world: World, conversation: str, handler: str) -> grpc.StatusCode:
+    with pytest.raises(aio.AioRpcError) as caught:
+        await send(dstub, world.editor, request(conversation, "anyone?", handler=handler))
+    return caught.value.code()
+
+
+# -- fixtures -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[SwitchboardServer, CStub, DStub]]:
+    async with limited(egress_allow_loopback=True) as found:
+        yield found
+
+
+@pytest.fixture
+async def world(served: tuple[SwitchboardServer, CStub, DStub]) -> World:
+    server, cstub, _ = served
+    return await ctx_world(server, cstub)
+
+
+@pytest.fixture
+def expert() -> Iterator[NodeExpert]:
+    with NodeExpert("--token", TOKEN) as process:
+        yield process
+
+
+# -- the dispatcher -----------------------------------------------------------------------
+
+
+async def test_a_node_expert_registered_at_runtime_is_routed_stops_restarts_and_is_removed(
+    served: tuple[SwitchboardServer, CStub, DStub], world: World, expert: NodeExpert
+) -> None:
+    server, cstub, dstub = served
+    conversation = (await create_conversation(cstub, world.editor, world.name)).name
+    name = "handlers/node-expert"
+    assert name not in await listed(dstub, world)
+    assert await refused(dstub, world, conversation, name) == grpc.StatusCode.INVALID_ARGUMENT
+
+    registered = await register(server, world.id, "node-expert", expert.address, credential=TOKEN)
+    handler = await until_listed(dstub, world, name, available=True)
+    assert handler is not None
+    # A workspace's own expert names its integration; the operator's handlers do not.
+    assert handler.integration == registered.name
+    assert handler.kind == pb.HANDLER_KIND_REMOTE
+    assert handler.capabilities.id == "node-expert"
+    assert handler.capabilities.display_name == "Node expert translator"
+    assert not (await listed(dstub, world))["handlers/echo"].integration
+    # Another workspace does not see it.
+    other = await create_workspace(cstub, world.owner, "Other")
+    assert name not in await listed(dstub, world, other.name)
+
+    # Routed by name (the credential reached it: it refuses calls without one).
+    sent = await send(dstub, world.editor, request(conversation, "hello node", handler=name))
+    seen = await watch_all(dstub, world.editor, sent.run.name)
+    assert seen.final.state == pb.RUN_STATE_SUCCEEDED, seen.final.error.message
+    assert seen.text == "translator heard: hello node"
+    assert seen.final.handler == name
+    # And by its command prefix, which the expert does not see.
+    sent = await send(dstub, world.editor, request(conversation, "/node-expert bonjour"))
+    seen = await watch_all(dstub, world.editor, sent.run.name)
+    assert seen.final.handler == name
+    assert seen.text == "translator heard: bonjour"
+
+    # Stopped: ListHandlers and routing say so.
+    port = expert.port
+    expert.kill()
+    await until_listed(dstub, world, name, available=False)
+    assert await refused(dstub, world, conversation, name) == grpc.StatusCode.UNAVAILABLE
+
+    # Restarted on the same port: available again by itself, and the first run succeeds.
+    with NodeExpert("--token", TOKEN, port=port):
+        await until_listed(dstub, world, name, available=True)
+        sent = await send(dstub, world.editor, request(conversation, "back?", handler=name))
+        seen = await watch_all(dstub, world.editor, sent.run.name)
+        assert seen.final.state == pb.RUN_STATE_SUCCEEDED, seen.final.error.message
+        assert seen.text == "translator heard: back?"
+
+        # Deleted: not listed, and naming it is the caller's mistake again.
+        cached = await _expert_of(server, world.id, "node-expert")
+        await unregister(server, registered)
+        await until_listed(dstub, world, name, available=None)
+        code = await refused(dstub, world, conversation, name)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        # Its channel is closed (no run was using it).
+        assert cached.remote is not None
+        await _until(lambda: cached.remote is not None and cached.remote.closed)
+
+
+async def _expert_of(
+    server: SwitchboardServer, workspace_id: str, handler_id: str
+) -> WorkspaceExpert:
+    experts = server.deps.dispatcher.router.experts
+    found = (await experts.of(workspace_id))[handler_id]
+    assert isinstance(found, WorkspaceExpert)
+    return found
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """Poll ``condition`` (a channel's or a circuit's state: nothing to await)."""
+    async with asyncio.timeout(WAIT_S):
+        while True:
+            if condition():
+                return
+            await asyncio.sleep(POLL_S)
+
+
+async def test_the_first_run_right_after_a_restart_succeeds(
+    served: tuple[SwitchboardServer, CStub, DStub], world: World, expert: NodeExpert
+) -> None:
+    """No poll in between: the channel still holds the dead connection (or is idle),
+    and the run connects again or retries its UNAVAILABLE once."""
+    server, cstub, dstub = served
+    conversation = (await create_conversation(cstub, world.editor, world.name)).name
+    await register(server, world.id, "quick", expert.address, credential=TOKEN)
+    await until_listed(dstub, world, "handlers/quick", available=True)
+    ask = request(conversation, "one", handler="handlers/quick")
+    first = await watch_all(dstub, world.editor, (await send(dstub, world.editor, ask)).run.name)
+    assert first.final.state == pb.RUN_STATE_SUCCEEDED
+
+    port = expert.port
+    expert.kill()
+    with NodeExpert("--token", TOKEN, port=port):
+        ask = request(conversation, "two", handler="handlers/quick")
+        sent = await send(dstub, world.editor, ask)
+        seen = await watch_all(dstub, world.editor, sent.run.name)
+        assert seen.final.state == pb.RUN_STATE_SUCCEEDED, seen.final.error.message
+        assert seen.text == "translator heard: two"
+
+
+async def test_disabling_an_expert_stops_routing_until_it_is_enabled(
+    served: tuple[SwitchboardServer, CStub, DStub], world: World, expert: NodeExpert
+) -> None:
+    server, cstub, dstub = served
+    conversation = (await create_conversation(cstub, world.editor, world.name)).name
+    registered = await register(server, world.id, "switchable", expert.address, credential=TOKEN)
+    await until_listed(dstub, world, "handlers/switchable", available=True)
+
+    await set_disabled(server, registered, True)
+    found = await until_listed(dstub, world, "handlers/switchable", available=False)
+    assert found is not None
+    assert "disabled" in found.capabilities.description
+    code = await refused(dstub, world, conversation, "handlers/switchable")
+    assert code == grpc.StatusCode.UNAVAILABLE
+
+    await set_disabled(server, registered, False)
+    await until_listed(dstub, world, "handlers/switchable", available=True)
+    sent = await send(
+        dstub, world.editor, request(conversation, "on", handler="handlers/switchable")
+    )
+    assert (await watch_all(dstub, world.editor, sent.run.name)).text == "translator heard: on"
+
+
+async def test_an_operator_handler_id_is_never_shadowed_by_a_workspace_expert(
+    served: tuple[SwitchboardServer, CStub, DStub], world: World, expert: NodeExpert
+) -> None:
+    server, cstub, dstub = served
+    conversation = (await create_conversation(cstub, world.editor, world.name)).name
+    await register(server, world.id, "echo", expert.address, credential=TOKEN)
+    await register(server, world.id, "after-echo", expert.address, credential=TOKEN)
+    # Listed once the event is in; "echo" is the built-in, once.
+    await until_listed(dstub, world, "handlers/after-echo", available=True)
+    handlers = await listed(dstub, world)
+    assert handlers["handlers/echo"].kind == pb.HANDLER_KIND_BUILTIN
+    assert not handlers["handlers/echo"].integration
+    sent = await send(dstub, world.editor, request(conversation, "who", handler="handlers/echo"))
+    seen = await watch_all(dstub, world.editor, sent.run.name)
+    assert seen.text.startswith("who\n\n(answered by handlers/echo")
+
+
+async def test_an_expert_at_a_blocked_address_is_listed_unavailable() -> None:
+    async with limited() as (server, cstub, dstub):  # loopback not allowed here
+        world = await ctx_world(server, cstub)
+        conversation = (await create_conversation(cstub, world.editor, world.name)).name
+        await register(server, world.id, "inside", "127.0.0.1:9")
+        found = await until_listed(dstub, world, "handlers/inside", available=False)
+        assert found is not None
+        assert "not an allowed destination" in found.capabilities.description
+        assert "127.0.0.1" in found.capabilities.description  # the endpoint as given
+        code = await refused(dstub, world, conversation, "handlers/inside")
+        assert code == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_an_open_circuit_makes_the_expert_unavailable_and_a_success_closes_it(
+    expert: NodeExpert,
+) -> None:
+    """WorkspaceExperts with the hub's Breakers: a failed run opens the circuit
+    (one failure here), the router sees it unavailable, the trial closes it."""
+    port = expert.port
+    entry = ExpertEntry(
+        id="breaking",
+        display_name="",
+        endpoint=expert.address,
+        timeout_s=0,
+        credential=TOKEN,
+        disabled=False,
+    )
+
+    async def read(workspace_id: str) -> Sequence[ExpertEntry]:
+        return [entry]
+
+    breakers = Breakers(failures=1, reset_s=0.2)
+    experts = WorkspaceExperts(
+        read, LOOPBACK, timeout_s=5, reserved=lambda _: False, breakers=breakers
+    )
+    try:
+        found = (await experts.of("w1"))["breaking"]
+        assert found.available()
+        expert.kill()
+        with pytest.raises(HandlerFailure):
+            async for _ in found.handle(_call("down")):
+                pass
+        assert breakers.state("workspaces/w1/integrations/breaking").state == "open"
+        assert not found.available()
+        with NodeExpert("--token", TOKEN, port=port):
+            # After the cool-down the trial goes, and its success closes the circuit.
+            await _until(found.available)
+            frames = [frame async for frame in found.handle(_call("up"))]
+            assert frames[-1].result.parts[0].text == "translator heard: up"
+            assert breakers.state("workspaces/w1/integrations/breaking").state == "closed"
+    finally:
+        await experts.close()
+        await breakers.close()
+    assert isinstance(found, WorkspaceExpert)
+    assert found.remote is not None
+    assert found.remote.closed
+
+
+def _call(text: str) -> HandleCall:
+    message = context_pb2.Message(parts=[context_pb2.ContentPart(text=text)])
+    return HandleCall(
+        request=handler_pb2.HandleRequest(message=message), deadline=time.monotonic() + 10
+    )
+
+
+# -- the hub's connector ------------------------------------------------------------------
+
+
+async def test_the_connector_probes_lists_and_calls_the_expert(expert: NodeExpert) -> None:
+    connector = GrpcExpertConnector(expert.address, LOOPBACK, credential=TOKEN)
+    try:
+        await connector.probe(5)
+        tools = await connector.list_tools(5)
+        assert [tool.name for tool in tools] == ["translator"]
+        assert tools[0].title == "Node expert translator"
+        assert tools[0].input_schema == {
+            "type": "object",
+            "properties": {
+                "input": {"type": "string"},
+                "parameters": {"type": "object", "properties": {"shout": {"type": "boolean"}}},
+            },
+            "required": ["input"],
+        }
+        progress: list[tuple[float, float | None, str]] = []
+
+        async def report(done: float, total: float | None, message: str) -> None:
+            progress.append((done, total, message))
+
+        result = await connector.call_tool(
+            "translator",
+            {"input": "quiet please", "parameters": {"shout": True}},
+            timeout_s=5,
+            max_result_bytes=10_000,
+            progress=report,
+        )
+        assert not result.is_error
+        assert result.text == "TRANSLATOR HEARD: QUIET PLEASE"
+        assert result.structured is not None
+        assert result.structured["finish_reason"] == "stop"
+        assert progress == [(0.5, 1.0, "answering")]
+
+        failed = await connector.call_tool(
+            "translator",
+            {"input": "x", "parameters": {"fail": "no can do"}},
+            timeout_s=5,
+            max_result_bytes=10_000,
+        )
+        assert failed.is_error
+        assert failed.text == "FAILED_PRECONDITION: no can do"
+        with pytest.raises(ToolNotFound):
+            await connector.call_tool("other", {"input": "x"}, timeout_s=5, max_result_bytes=100)
+        with pytest.raises(ResultTooLarge):
+            await connector.call_tool(
+                "translator", {"input": "y" * 200}, timeout_s=5, max_result_bytes=100
+            )
+    finally:
+        await connector.close()
+
+
+async def test_the_connector_without_the_credential_is_refused(expert: NodeExpert) -> None:
+    connector = GrpcExpertConnector(expert.address, LOOPBACK)
+    try:
+        with pytest.raises(Unreachable, match="UNAUTHENTICATED"):
+            await connector.list_tools(5)
+    finally:
+        await connector.close()
+
+
+async def test_the_connector_probe_follows_the_expert_down_and_up(expert: NodeExpert) -> None:
+    connector = GrpcExpertConnector(expert.address, LOOPBACK, credential=TOKEN)
+    try:
+        await connector.probe(5)
+        port = expert.port
+        expert.kill()
+        with pytest.raises(Unreachable):
+            await connector.probe(5)
+        # Back: the very next probe answers (a fresh channel, no reconnect backoff).
+        with NodeExpert("--token", TOKEN, port=port):
+            await connector.probe(5)
+            result = await connector.call_tool(
+                "translator", {"input": "again"}, timeout_s=5, max_result_bytes=10_000
+            )
+            assert result.text == "translator heard: again"
+    finally:
+        await connector.close()
+
+
+async def test_an_expert_without_the_health_service_is_probed_by_its_capabilities() -> None:
+    with NodeExpert("--no-health") as bare:
+        connector = GrpcExpertConnector(bare.address, LOOPBACK)
+        try:
+            await connector.probe(5)
+        finally:
+            await connector.close()
+
+
+async def test_the_connector_refuses_a_blocked_destination(expert: NodeExpert) -> None:
+    connector = GrpcExpertConnector(expert.address, EgressPolicy(), credential=TOKEN)
+    try:
+        with pytest.raises(DestinationBlocked):
+            await connector.probe(5)
+    finally:
+        await connector.close()
