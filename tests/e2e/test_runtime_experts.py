@@ -23,15 +23,15 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
+from google.protobuf import field_mask_pb2
 from grpc import aio
-from sqlalchemy import delete, update
-from sqlalchemy.orm import Session
 
 from switchboard.api.context.v1 import context_pb2
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.api.integration.v1 import integration_pb2
+from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.dispatcher.experts import WorkspaceExpert, WorkspaceExperts
 from switchboard.dispatcher.handlers import HandleCall, HandlerFailure
 from switchboard.integration.connectors import ToolNotFound, Unreachable
@@ -48,6 +48,9 @@ from tests.service.contextkit import Stub as CStub
 from tests.service.contextkit import World, create_conversation, create_workspace, ctx_world
 from tests.service.dispatchkit import Stub as DStub
 from tests.service.dispatchkit import limited, request, send, watch_all
+from tests.service.integrationkit import Stub as IStub
+from tests.service.integrationkit import create, integration_stub
+from tests.service.integrationkit import expert as expert_integration
 
 pytestmark = pytest.mark.e2e
 
@@ -108,7 +111,8 @@ class NodeExpert(ManagedProcess):
         return self.start()
 
 
-# -- registering (rows and events, as the integration service writes them) --------------
+# -- registering behind the API's back (rows and events, as the integration service writes
+# them): for what CreateIntegration refuses, an operator-level id or a blocked address ----
 
 
 @dataclass(frozen=True)
@@ -122,14 +126,11 @@ class Registered:
         return f"workspaces/{self.workspace_id}/integrations/{self.id}"
 
 
-async def _changed(
-    server: SwitchboardServer, expert: Registered, change: int, *, disabled: bool = False
-) -> None:
+async def _changed(server: SwitchboardServer, expert: Registered, change: int) -> None:
     integration = integration_pb2.Integration(
         name=expert.name,
         kind=integration_pb2.INTEGRATION_KIND_GRPC_HANDLER,
         endpoint=expert.endpoint,
-        disabled=disabled,
     )
     await server.deps.bus.publish(
         events_pb2.Event(
@@ -151,7 +152,8 @@ async def register(
     *,
     credential: str = "",
 ) -> Registered:
-    """Insert the integration row and publish INTEGRATION_CHANGED (CREATED)."""
+    """Insert the integration row and publish INTEGRATION_CHANGED (CREATED), as a
+    row written before the rule, or an address whose DNS changed since, would be."""
     expert = Registered(workspace_id, integration_id, endpoint)
     now = dt.datetime.now(dt.UTC)
     sealed = None
@@ -177,34 +179,6 @@ async def register(
     await server.deps.database.run(lambda db: db.add(row), write=True)
     await _changed(server, expert, events_pb2.CHANGE_KIND_CREATED)
     return expert
-
-
-async def set_disabled(server: SwitchboardServer, expert: Registered, disabled: bool) -> None:
-    def write(db: Session) -> None:
-        db.execute(
-            update(IntegrationRow)
-            .where(
-                IntegrationRow.workspace_id == expert.workspace_id,
-                IntegrationRow.id == expert.id,
-            )
-            .values(disabled=disabled, version=IntegrationRow.version + 1)
-        )
-
-    await server.deps.database.run(write, write=True)
-    await _changed(server, expert, events_pb2.CHANGE_KIND_UPDATED, disabled=disabled)
-
-
-async def unregister(server: SwitchboardServer, expert: Registered) -> None:
-    def write(db: Session) -> None:
-        db.execute(
-            delete(IntegrationRow).where(
-                IntegrationRow.workspace_id == expert.workspace_id,
-                IntegrationRow.id == expert.id,
-            )
-        )
-
-    await server.deps.database.run(write, write=True)
-    await _changed(server, expert, events_pb2.CHANGE_KIND_DELETED)
 
 
 # -- reading what the dispatcher says -----------------------------------------------------
@@ -245,8 +219,15 @@ async def refused(dstub: DStub, world: World, conversation: str, handler: str) -
 
 @pytest.fixture
 async def served() -> AsyncIterator[tuple[SwitchboardServer, CStub, DStub]]:
-    async with limited(egress_allow_loopback=True) as found:
+    # Probes only when a test asks: these tests watch routing, not the prober.
+    async with limited(egress_allow_loopback=True, integration_probe_interval_s=3600.0) as found:
         yield found
+
+
+@pytest.fixture
+async def istub(served: tuple[SwitchboardServer, CStub, DStub]) -> AsyncIterator[IStub]:
+    async with aio.insecure_channel(served[0].address) as channel:
+        yield integration_stub(channel)
 
 
 @pytest.fixture
@@ -265,7 +246,10 @@ def expert() -> Iterator[NodeExpert]:
 
 
 async def test_a_node_expert_registered_at_runtime_is_routed_stops_restarts_and_is_removed(
-    served: tuple[SwitchboardServer, CStub, DStub], world: World, expert: NodeExpert
+    served: tuple[SwitchboardServer, CStub, DStub],
+    istub: IStub,
+    world: World,
+    expert: NodeExpert,
 ) -> None:
     server, cstub, dstub = served
     conversation = (await create_conversation(cstub, world.editor, world.name)).name
@@ -273,7 +257,14 @@ async def test_a_node_expert_registered_at_runtime_is_routed_stops_restarts_and_
     assert name not in await listed(dstub, world)
     assert await refused(dstub, world, conversation, name) == grpc.StatusCode.INVALID_ARGUMENT
 
-    registered = await register(server, world.id, "node-expert", expert.address, credential=TOKEN)
+    # Registered through the API, with its credential.
+    registered = await create(
+        istub,
+        world.owner,
+        world.name,
+        expert_integration(expert.address, credential=TOKEN),
+        integration_id="node-expert",
+    )
     handler = await until_listed(dstub, world, name, available=True)
     assert handler is not None
     # A workspace's own expert names its integration; the operator's handlers do not.
@@ -314,7 +305,9 @@ async def test_a_node_expert_registered_at_runtime_is_routed_stops_restarts_and_
 
         # Deleted: not listed, and naming it is the caller's mistake again.
         cached = await _expert_of(server, world.id, "node-expert")
-        await unregister(server, registered)
+        await istub.DeleteIntegration(
+            ipb.DeleteIntegrationRequest(name=registered.name), metadata=world.owner.md, timeout=10
+        )
         await until_listed(dstub, world, name, available=None)
         code = await refused(dstub, world, conversation, name)
         assert code == grpc.StatusCode.INVALID_ARGUMENT
@@ -364,22 +357,42 @@ async def test_the_first_run_right_after_a_restart_succeeds(
         assert seen.text == "translator heard: two"
 
 
+async def _set_disabled(istub: IStub, world: World, name: str, disabled: bool) -> None:
+    await istub.UpdateIntegration(
+        ipb.UpdateIntegrationRequest(
+            integration=ipb.Integration(name=name, disabled=disabled),
+            update_mask=field_mask_pb2.FieldMask(paths=["disabled"]),
+        ),
+        metadata=world.owner.md,
+        timeout=10,
+    )
+
+
 async def test_disabling_an_expert_stops_routing_until_it_is_enabled(
-    served: tuple[SwitchboardServer, CStub, DStub], world: World, expert: NodeExpert
+    served: tuple[SwitchboardServer, CStub, DStub],
+    istub: IStub,
+    world: World,
+    expert: NodeExpert,
 ) -> None:
-    server, cstub, dstub = served
+    _, cstub, dstub = served
     conversation = (await create_conversation(cstub, world.editor, world.name)).name
-    registered = await register(server, world.id, "switchable", expert.address, credential=TOKEN)
+    registered = await create(
+        istub,
+        world.owner,
+        world.name,
+        expert_integration(expert.address, credential=TOKEN),
+        integration_id="switchable",
+    )
     await until_listed(dstub, world, "handlers/switchable", available=True)
 
-    await set_disabled(server, registered, True)
+    await _set_disabled(istub, world, registered.name, True)
     found = await until_listed(dstub, world, "handlers/switchable", available=False)
     assert found is not None
     assert "disabled" in found.capabilities.description
     code = await refused(dstub, world, conversation, "handlers/switchable")
     assert code == grpc.StatusCode.UNAVAILABLE
 
-    await set_disabled(server, registered, False)
+    await _set_disabled(istub, world, registered.name, False)
     await until_listed(dstub, world, "handlers/switchable", available=True)
     sent = await send(
         dstub, world.editor, request(conversation, "on", handler="handlers/switchable")
