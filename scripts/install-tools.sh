@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the external tools the tests drive, into .tools/bin (pinned versions):
-#   grpcurl, grpc-health-probe (Go), and the Node client's packages (npm ci).
+#   grpcurl, grpc-health-probe (Go), the Node client's packages and the MCP
+#   reference server the connector tests run (tests/mcp, npm ci).
 # Idempotent: a tool already at the pinned version is left alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,5 +43,10 @@ if [[ ! -d clients/node/node_modules/@grpc/grpc-js ]] \
   || [[ clients/node/package-lock.json -nt clients/node/node_modules/.package-lock.json ]]; then
   echo "tools: installing the Node client's packages"
   (cd clients/node && npm ci --no-audit --no-fund --loglevel=error)
+fi
+if [[ ! -f tests/mcp/node_modules/@modelcontextprotocol/server-everything/dist/index.js ]] \
+  || [[ tests/mcp/package-lock.json -nt tests/mcp/node_modules/.package-lock.json ]]; then
+  echo "tools: installing the MCP test servers' packages"
+  (cd tests/mcp && npm ci --no-audit --no-fund --loglevel=error)
 fi
 echo "tools: ready in $BIN"
