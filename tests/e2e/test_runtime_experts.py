@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
@@ -43,11 +44,20 @@ from switchboard.platform.errors import DestinationBlocked, ResultTooLarge
 from switchboard.platform.models import IntegrationRow
 from switchboard.platform.secretbox import SecretBox
 from switchboard.platform.server import SwitchboardServer
-from tests.e2e.procs import ROOT, START_TIMEOUT_S, ManagedProcess
+from tests.e2e.procs import ROOT, START_TIMEOUT_S, ManagedProcess, ServeProcess, shared_secrets
+from tests.infra.redis import RedisServer
+from tests.service.authkit import register as register_user
+from tests.service.contextkit import (
+    Caller,
+    World,
+    context_stub,
+    create_conversation,
+    create_workspace,
+    ctx_world,
+)
 from tests.service.contextkit import Stub as CStub
-from tests.service.contextkit import World, create_conversation, create_workspace, ctx_world
 from tests.service.dispatchkit import Stub as DStub
-from tests.service.dispatchkit import limited, request, send, watch_all
+from tests.service.dispatchkit import dispatcher_stub, limited, request, send, watch_all
 from tests.service.integrationkit import Stub as IStub
 from tests.service.integrationkit import create, integration_stub
 from tests.service.integrationkit import expert as expert_integration
@@ -580,3 +590,58 @@ async def test_the_connector_refuses_a_blocked_destination(expert: NodeExpert) -
             await connector.probe(5)
     finally:
         await connector.close()
+
+
+# -- another process ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def pair(
+    tmp_path: Path, redis_server: RedisServer, postgres_url: str
+) -> Iterator[tuple[ServeProcess, ServeProcess]]:
+    """Two servers sharing PostgreSQL, Redis (the event log) and their secrets."""
+    env = {
+        **shared_secrets(tmp_path),
+        "SWITCHBOARD_DATABASE_URL": postgres_url,
+        "SWITCHBOARD_REDIS_URL": redis_server.url,
+        "SWITCHBOARD_EGRESS_ALLOW_LOOPBACK": "true",
+        "SWITCHBOARD_INTEGRATION_PROBE_INTERVAL_S": "3600",
+    }
+    with ServeProcess(env=env) as a, ServeProcess(env=env) as b:
+        yield a, b
+
+
+async def test_an_expert_registered_through_one_process_is_routed_by_another(
+    pair: tuple[ServeProcess, ServeProcess], expert: NodeExpert
+) -> None:
+    """B's dispatcher learns of A's CreateIntegration and DeleteIntegration from the
+    shared event log, although it had already read (and cached) the workspace's experts."""
+    a, b = pair
+    async with aio.insecure_channel(a.address) as ca, aio.insecure_channel(b.address) as cb:
+        signed = await register_user(ca)
+        me = Caller(signed.user.name.removeprefix("users/"), signed.tokens.access_token)
+        workspace = await create_workspace(context_stub(ca), me, "Across")
+        world = World(workspace, me, me, me, me)  # one user in every role
+        conversation = (await create_conversation(context_stub(ca), me, workspace.name)).name
+        istub, dstub = integration_stub(ca), dispatcher_stub(cb)
+        assert "handlers/far" not in await listed(dstub, world)  # B has read them now
+
+        registered = await create(
+            istub,
+            me,
+            workspace.name,
+            expert_integration(expert.address, credential=TOKEN),
+            integration_id="far",
+        )
+        await until_listed(dstub, world, "handlers/far", available=True)
+        sent = await send(dstub, me, request(conversation, "from afar", handler="handlers/far"))
+        seen = await watch_all(dstub, me, sent.run.name)
+        assert seen.final.state == pb.RUN_STATE_SUCCEEDED, seen.final.error.message
+        assert seen.text == "translator heard: from afar"
+
+        await istub.DeleteIntegration(
+            ipb.DeleteIntegrationRequest(name=registered.name), metadata=me.md, timeout=10
+        )
+        await until_listed(dstub, world, "handlers/far", available=None)
+        code = await refused(dstub, world, conversation, "handlers/far")
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
