@@ -37,7 +37,8 @@ once), sends ``tools/call`` with a progress token and forwards
 send ``notifications/cancelled`` for the request before ``TimeoutError`` or
 ``CancelledError`` reaches the caller. Text content is joined by newlines,
 ``structuredContent`` kept, ``isError`` becomes ``ToolResult.is_error``, and
-a JSON-RPC error from the server for the call is a tool error too. A result
+a JSON-RPC error the server answers the call with is a tool error too (an
+HTTP error status is ``Unreachable``). A result
 whose text plus serialized structured content exceeds ``max_result_bytes``
 raises ``ResultTooLarge``; over HTTP the response is cut off once it carries
 ``raw_limit(max_result_bytes)`` bytes, and the server is told to stop.
@@ -345,8 +346,15 @@ class _EgressBridge(httpx2.AsyncBaseTransport):
         ]
         headers.append(("accept-encoding", "identity"))
         timeout = request.extensions.get("timeout") or {}
-        # A standalone GET stream waits for notifications as long as the session lives.
-        read = timeout.get("read") if is_post else None
+        # The standalone GET stream (no request of ours behind it) waits for
+        # notifications as long as the session lives; closing the session ends it.
+        if request.method == "GET" and record is None:
+            read = None
+        elif request.method == "DELETE":
+            # Ending a session is a courtesy: not worth waiting for long.
+            read = timeout.get("connect")
+        else:
+            read = timeout.get("read")
         outgoing = self._client.build_request(
             request.method,
             str(request.url),
