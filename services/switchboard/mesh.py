@@ -675,7 +675,15 @@ async def open_deps(settings: Settings, resources: contextlib.AsyncExitStack) ->
             resources.push_async_callback(remote.close)
             port = remote
         dispatcher = await dispatcher_service(
-            settings, database, bus, cache, policy, port, resources, page_tokens
+            settings,
+            database,
+            bus,
+            cache,
+            policy,
+            port,
+            resources,
+            page_tokens,
+            breakers=integration.breakers,
         )
     return Deps(
         settings=settings,

@@ -28,6 +28,7 @@ def _over_the_wire(error: SwitchboardError) -> aio.AioRpcError:
         aio.Metadata(),
         aio.Metadata(*status.trailing_metadata),
         details=status.details,
+        debug_error_string="",
     )
 
 
@@ -86,12 +87,17 @@ def test_a_status_without_our_details_gets_a_message_of_our_own() -> None:
         aio.Metadata(),
         aio.Metadata(),
         details="failed to connect to all addresses; last error: 10.0.0.7:50051 refused",
+        debug_error_string="",
     )
     back = from_rpc_error(transport, peer="the context service")
     assert isinstance(back, DependencyUnavailable)
     assert "10.0.0.7" not in back.message
     assert "the context service" in back.message
     denied = aio.AioRpcError(
-        grpc.StatusCode.PERMISSION_DENIED, aio.Metadata(), aio.Metadata(), details="x"
+        grpc.StatusCode.PERMISSION_DENIED,
+        aio.Metadata(),
+        aio.Metadata(),
+        details="x",
+        debug_error_string="",
     )
     assert isinstance(from_rpc_error(denied, peer="p"), errors.PermissionDenied)

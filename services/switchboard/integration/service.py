@@ -243,6 +243,8 @@ class IntegrationHub:
         self._bus = bus
         self._counters = counters
         self._breakers = breakers
+        #: Shared with the dispatcher: an expert's circuit is one for runs and tools.
+        self.breakers = breakers
         self._secrets = secrets
         self._egress = egress
         self._pages = page_tokens
