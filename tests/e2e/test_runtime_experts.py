@@ -13,10 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import os
-import queue
-import subprocess
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -44,7 +40,7 @@ from switchboard.platform.errors import DestinationBlocked, ResultTooLarge
 from switchboard.platform.models import IntegrationRow
 from switchboard.platform.secretbox import SecretBox
 from switchboard.platform.server import SwitchboardServer
-from tests.e2e.procs import ROOT, START_TIMEOUT_S, ManagedProcess, ServeProcess, shared_secrets
+from tests.e2e.procs import NodeExpert, ServeProcess, shared_secrets
 from tests.infra.redis import RedisServer
 from tests.service.authkit import register as register_user
 from tests.service.contextkit import (
@@ -64,61 +60,10 @@ from tests.service.integrationkit import expert as expert_integration
 
 pytestmark = pytest.mark.e2e
 
-EXPERT = ROOT / "clients" / "node" / "expert.mjs"
 TOKEN = "expert-token-0123456789"
 POLL_S = 0.05
 WAIT_S = 15.0
 LOOPBACK = EgressPolicy(allow_loopback=True)
-
-
-class NodeExpert(ManagedProcess):
-    """``node clients/node/expert.mjs``; the bound port comes from its first stdout line."""
-
-    def __init__(self, *args: str, port: int = 0) -> None:
-        super().__init__("switchboard-node-expert-")
-        self.args = ["--port", str(port), *args]
-        self.port = port
-        self._stdout: queue.Queue[str | None] = queue.Queue()
-        self._stderr_path = os.path.join(self._tmp.name, "stderr.log")
-
-    def start(self) -> NodeExpert:
-        with open(self._stderr_path, "w") as stderr:
-            self.proc = subprocess.Popen(
-                ["node", str(EXPERT), *self.args],
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                text=True,
-                cwd=EXPERT.parent,
-            )
-        threading.Thread(target=self._pump, daemon=True).start()
-        try:
-            first = self._stdout.get(timeout=START_TIMEOUT_S)
-        except queue.Empty:
-            pytest.fail(f"the Node expert printed nothing within {START_TIMEOUT_S}s")
-        if first is None or not first.startswith("LISTENING "):
-            with open(self._stderr_path) as stderr:
-                pytest.fail(f"the Node expert did not start ({first!r}): {stderr.read()}")
-        self.port = int(first.split()[1])
-        return self
-
-    def _pump(self) -> None:
-        assert self.proc is not None
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._stdout.put(line.rstrip("\n"))
-        self._stdout.put(None)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(timeout=self.STOP_TIMEOUT_S)
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def __enter__(self) -> NodeExpert:
-        return self.start()
 
 
 # -- registering behind the API's back (rows and events, as the integration service writes
