@@ -66,6 +66,7 @@ from switchboard.integration.kinds import connector_factory, reserved_handler_id
 from switchboard.integration.service import IntegrationHub
 from switchboard.integration.service import Limits as IntegrationLimits
 from switchboard.integration.store import IntegrationStore
+from switchboard.integration.webhooks import WebhookEngine, WebhookLimits
 from switchboard.platform.accesswatch import AccessWatch
 from switchboard.platform.authn import Guard
 from switchboard.platform.breaker import Breakers
@@ -521,12 +522,13 @@ async def integration_hub(
         if hub is not None:
             hub.tools_changed(name)
 
+    secrets = SecretBox(settings.effective_secret_key())
     hub = IntegrationHub(
         IntegrationStore(database),
         bus,
         counters,
         breakers,
-        SecretBox(settings.effective_secret_key()),
+        secrets,
         egress,
         page_tokens,
         integration_limits(settings, egress),
@@ -536,6 +538,24 @@ async def integration_hub(
     )
     await hub.start(probe="integration" in settings.services)
     resources.push_async_callback(hub.close)
+    if "integration" in settings.services:
+        # Deliveries run where the hub is served; every replica feeds and sends,
+        # and the database decides which one does each (integration/webhooks.py).
+        webhooks = WebhookEngine(
+            database,
+            bus,
+            secrets,
+            egress,
+            breakers,
+            WebhookLimits.from_settings(settings),
+            instance_id=instance_id(settings),
+            on_disable=hub.disable,
+            page_tokens=page_tokens,
+        )
+        hub.webhooks = webhooks
+        hub.webhook_health = webhooks.health
+        await webhooks.start()
+        resources.push_async_callback(webhooks.close)
     return hub
 
 

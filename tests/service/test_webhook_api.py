@@ -1,0 +1,175 @@
+"""Webhooks through IntegrationService: registered by an owner, fed from the event log,
+signed (Standard Webhooks), listed, redelivered, rotated, and probed by their deliveries.
+
+The receiver is a real HTTP server that verifies every request with the
+``standardwebhooks`` library (tests/infra/webhookreceiver.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from google.protobuf import field_mask_pb2
+
+from switchboard.api.integration.v1 import integration_pb2 as ipb
+from switchboard.platform.server import SwitchboardServer
+from tests.infra.webhookreceiver import WebhookReceiver, running_receiver, until
+from tests.service.contextkit import Stub as CStub
+from tests.service.contextkit import (
+    World,
+    append,
+    context_stub,
+    create_conversation,
+    ctx_world,
+    refused,
+)
+from tests.service.integrationkit import (
+    TIMEOUT_S,
+    Stub,
+    create,
+    hub_mesh,
+    integration_stub,
+    webhook,
+    webhook_secret,
+)
+
+CODE = grpc.StatusCode
+
+
+@pytest.fixture
+async def setup() -> AsyncIterator[tuple[SwitchboardServer, Stub, CStub, World, WebhookReceiver]]:
+    async with running_receiver() as receiver, hub_mesh() as (server, channel):
+        contexts = context_stub(channel)
+        world = await ctx_world(server, contexts)
+        yield server, integration_stub(channel), contexts, world, receiver
+
+
+async def _deliveries(stub: Stub, world: World, name: str) -> list[ipb.WebhookDelivery]:
+    found: list[ipb.WebhookDelivery] = []
+    token = ""
+    while True:
+        page = await stub.ListWebhookDeliveries(
+            ipb.ListWebhookDeliveriesRequest(parent=name, page_size=2, page_token=token),
+            metadata=world.viewer.md,
+            timeout=TIMEOUT_S,
+        )
+        found += page.deliveries
+        token = page.next_page_token
+        if not token:
+            return found
+
+
+async def test_a_registered_webhook_receives_each_subscribed_event_once_signed(
+    setup: tuple[SwitchboardServer, Stub, CStub, World, WebhookReceiver],
+) -> None:
+    server, stub, contexts, world, receiver = setup
+    secret = webhook_secret()
+    endpoint = receiver.endpoint("main", [secret])
+    hook = await create(
+        stub,
+        world.owner,
+        world.name,
+        webhook(receiver.url("main"), credential=secret, event_types=["MESSAGE_CREATED"]),
+        integration_id="main-hook",
+    )
+    assert list(hook.event_types) == ["MESSAGE_CREATED"]
+    conversation = await create_conversation(contexts, world.editor, world.name)
+    sent = [
+        (await append(contexts, world.editor, conversation.name, f"message {i}")).name
+        for i in range(3)
+    ]
+    await until(lambda: len(endpoint.accepted) >= 3, "three deliveries")
+    assert endpoint.bad == []
+    bodies = [item.body for item in endpoint.accepted]
+    assert [b["type"] for b in bodies] == ["message.created"] * 3
+    assert len(set(endpoint.ids)) == 3
+    assert all(name in str(bodies) for name in sent)
+    listed = await _deliveries(stub, world, hook.name)
+    assert len(listed) == 3
+    assert {d.state for d in listed} == {ipb.DELIVERY_STATE_SUCCEEDED}
+    assert {d.event_id for d in listed} == set(endpoint.ids)
+    assert all(d.event_type == "MESSAGE_CREATED" for d in listed)
+    # Health comes from the latest delivery.
+    await server.deps.integration.probe_all()
+    got = await stub.GetIntegration(
+        ipb.GetIntegrationRequest(name=hook.name), metadata=world.viewer.md, timeout=TIMEOUT_S
+    )
+    assert got.integration.status.health == ipb.HEALTH_STATE_HEALTHY
+
+    again = await stub.RedeliverWebhook(
+        ipb.RedeliverWebhookRequest(name=listed[0].name),
+        metadata=world.owner.md,
+        timeout=TIMEOUT_S,
+    )
+    assert again.delivery.state == ipb.DELIVERY_STATE_PENDING
+    await until(lambda: len(endpoint.accepted) >= 4, "the redelivery")
+    assert endpoint.ids[-1] == listed[0].event_id
+    await refused(
+        stub.RedeliverWebhook(
+            ipb.RedeliverWebhookRequest(name=listed[0].name),
+            metadata=world.editor.md,
+            timeout=TIMEOUT_S,
+        ),
+        CODE.PERMISSION_DENIED,
+    )
+
+
+async def test_a_rotated_secret_signs_beside_the_new_one(
+    setup: tuple[SwitchboardServer, Stub, CStub, World, WebhookReceiver],
+) -> None:
+    _, stub, contexts, world, receiver = setup
+    old, new = webhook_secret(), webhook_secret()
+    receiver.endpoint("rotating", [old])
+    hook = await create(
+        stub, world.owner, world.name, webhook(receiver.url("rotating"), credential=old)
+    )
+    rotated = await stub.UpdateIntegration(
+        ipb.UpdateIntegrationRequest(
+            integration=ipb.Integration(name=hook.name, credential=new),
+            update_mask=field_mask_pb2.FieldMask(paths=["credential"]),
+        ),
+        metadata=world.owner.md,
+        timeout=TIMEOUT_S,
+    )
+    assert rotated.integration.credential == ""
+    # Every request must verify with each secret: both sign during the overlap.
+    both = receiver.endpoint("rotating", [old, new])
+    conversation = await create_conversation(contexts, world.editor, world.name)
+    await until(
+        lambda: conversation.name in str([item.body for item in both.accepted]),
+        "the conversation's event, signed with both secrets",
+    )
+    assert both.bad == []
+
+
+async def test_deliveries_are_only_for_webhooks_and_members(
+    setup: tuple[SwitchboardServer, Stub, CStub, World, WebhookReceiver],
+) -> None:
+    _, stub, _, world, receiver = setup
+    hook = await create(stub, world.owner, world.name, webhook(receiver.url("x")))
+    await refused(
+        stub.ListWebhookDeliveries(
+            ipb.ListWebhookDeliveriesRequest(parent=hook.name),
+            metadata=world.outsider.md,
+            timeout=TIMEOUT_S,
+        ),
+        CODE.NOT_FOUND,
+    )
+    await refused(
+        stub.RedeliverWebhook(
+            ipb.RedeliverWebhookRequest(name=f"{hook.name}/deliveries/nope"),
+            metadata=world.owner.md,
+            timeout=TIMEOUT_S,
+        ),
+        CODE.NOT_FOUND,
+    )
+    await refused(
+        stub.RedeliverWebhook(
+            ipb.RedeliverWebhookRequest(name=f"{hook.name}/deliveries/Not_A_Name"),
+            metadata=world.owner.md,
+            timeout=TIMEOUT_S,
+        ),
+        CODE.INVALID_ARGUMENT,
+    )
