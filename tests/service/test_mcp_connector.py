@@ -13,9 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
-import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -28,12 +25,9 @@ from switchboard.integration.connectors import ToolNotFound, Unreachable
 from switchboard.integration.mcp import McpConnector, StdioServer, parse_stdio_servers
 from switchboard.platform.egress import EgressPolicy
 from switchboard.platform.errors import DestinationBlocked, InvalidArgument, ResultTooLarge
+from tests.infra.mcpeverything import EVERYTHING_MAIN, EverythingServer
 from tests.infra.mcpserver import McpTestServer
 
-ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ROOT / "tests" / "mcp"
-EVERYTHING = PACKAGES / "node_modules" / "@modelcontextprotocol" / "server-everything"
-EVERYTHING_MAIN = EVERYTHING / "dist" / "index.js"
 LOOPBACK = EgressPolicy(allow_loopback=True)
 DEADLINE_S = 15.0
 
@@ -47,62 +41,6 @@ async def eventually(condition: Callable[[], Any], what: str, timeout_s: float =
             return value
         await asyncio.sleep(0.05)
     pytest.fail(f"timed out waiting for {what}")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class EverythingServer:
-    """server-everything over streamable HTTP, its stderr in a file the tests read."""
-
-    def __init__(self) -> None:
-        if not EVERYTHING_MAIN.is_file():
-            pytest.fail(
-                "server-everything is not installed; run `make tools` (scripts/install-tools.sh)"
-            )
-        self._tmp = tempfile.TemporaryDirectory(prefix="mcp-everything-")
-        self.log = Path(self._tmp.name) / "stderr.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/mcp"
-
-    def stderr(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def start(self) -> None:
-        # A port picked here may be taken before node binds it: try another.
-        for _ in range(3):
-            self.port = _free_port()
-            with self.log.open("wb") as err:
-                self.proc = subprocess.Popen(
-                    ["node", "--import", "./observe.mjs", str(EVERYTHING_MAIN), "streamableHttp"],
-                    cwd=PACKAGES,
-                    env={**os.environ, "PORT": str(self.port)},
-                    stdout=subprocess.DEVNULL,
-                    stderr=err,
-                )
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and self.proc.poll() is None:
-                if f"listening on port {self.port}" in self.stderr():
-                    return
-                time.sleep(0.05)
-            self.stop()
-            if "EADDRINUSE" not in self.stderr() and "already in use" not in self.stderr():
-                break
-        pytest.fail(f"server-everything did not start: {self.stderr()[-2000:]}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-        if self.proc is not None:
-            self.proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,13 @@ through the egress policy.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
 
 from switchboard.api.integration.v1 import integration_pb2 as pb
 from switchboard.dispatcher.remote import parse_remotes
 from switchboard.integration.connectors import Connector
+from switchboard.integration.experts import GrpcExpertConnector
 from switchboard.integration.mapping import name_of
+from switchboard.integration.mcp import McpConnector, StdioServer, parse_stdio_servers, raw_limit
 from switchboard.integration.service import ConnectorFactory
 from switchboard.integration.store import IntegrationRecord
 from switchboard.platform.config import Settings
@@ -30,19 +31,17 @@ def reserved_handler_ids(settings: Settings) -> frozenset[str]:
     return BUILTIN_HANDLERS | static
 
 
-def stdio_servers(settings: Settings) -> Mapping[str, Any]:
+def stdio_servers(settings: Settings) -> Mapping[str, StdioServer]:
     """The operator's stdio MCP servers by id (ValueError if the setting is malformed)."""
     if not settings.integration_mcp_stdio_servers.strip():
         return {}
-    from switchboard.integration.mcp import parse_stdio_servers
-
     return parse_stdio_servers(settings.integration_mcp_stdio_servers)
 
 
 def connector_factory(
     settings: Settings,
     egress: EgressPolicy,
-    stdio: Mapping[str, Any],
+    stdio: Mapping[str, StdioServer],
     tools_changed: Callable[[str], None],
 ) -> ConnectorFactory:
     connect_timeout_s = min(settings.integration_default_call_timeout_s, 10.0)
@@ -50,8 +49,6 @@ def connector_factory(
     def build(record: IntegrationRecord, credential: str | None) -> Connector | None:
         name = name_of(record)
         if record.kind == pb.INTEGRATION_KIND_MCP_SERVER:
-            from switchboard.integration.mcp import McpConnector
-
             headers = {"Authorization": f"Bearer {credential}"} if credential else {}
             server = None
             if record.endpoint.startswith("stdio:"):
@@ -63,10 +60,10 @@ def connector_factory(
                 connect_timeout_s=connect_timeout_s,
                 on_tools_changed=lambda: tools_changed(name),
                 stdio=server,
+                # A result up to the limit must arrive whole, to be judged by it.
+                max_message_bytes=max(16 << 20, raw_limit(settings.integration_max_result_bytes)),
             )
         if record.kind == pb.INTEGRATION_KIND_GRPC_HANDLER:
-            from switchboard.integration.experts import GrpcExpertConnector
-
             return GrpcExpertConnector(record.endpoint, egress, credential=credential or "")
         return None
 
