@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -44,7 +45,7 @@ def mcp(endpoint: str) -> ipb.Integration:
     )
 
 
-def arguments(**values: object) -> struct_pb2.Struct:
+def arguments(**values: Any) -> struct_pb2.Struct:
     found = struct_pb2.Struct()
     found.update(values)
     return found
