@@ -65,6 +65,7 @@ import json
 import logging
 import random
 import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -331,6 +332,8 @@ class WebhookEngine:
         self._unlisten: Callable[[], None] | None = None
         #: Whether this process fed last (it holds the lease, as far as it knows).
         self.feeding = False
+        self._cursor: str | None = None
+        self._renew_at = 0.0
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -373,6 +376,7 @@ class WebhookEngine:
             except Exception as exc:  # noqa: BLE001 - the claims expire by themselves
                 log_failure(log, "webhook claims not released at close", exc)
         self.feeding = False
+        self._cursor = None
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -392,6 +396,7 @@ class WebhookEngine:
                 raise
             except Exception as exc:  # noqa: BLE001 - an outage or a bug must not stop feeding
                 log_failure(log, "webhook feeder round failed", exc)
+                self._cursor = None  # the round may have committed: read it again
                 await backoff.wait()
                 continue
             backoff.reset()
@@ -405,16 +410,26 @@ class WebhookEngine:
                     await self._feed_wake.wait()
             self._feed_wake.clear()
 
+    def _leased(self, cursor: str) -> None:
+        """The lease was taken or renewed with ``cursor`` as the stored one."""
+        self._cursor = cursor
+        # Renewed well before it runs out; between renewals the cursor is
+        # taken from memory (the compare-and-set catches a takeover).
+        self._renew_at = time.monotonic() + self.limits.lease_s / 3
+
     def _lease_until(self) -> dt.datetime:
         return now() + dt.timedelta(seconds=self.limits.lease_s)
 
     async def feed_once(self) -> bool:
         """One feeder round; True if there may be more to read at once."""
-        cursor = await self.store.take_lease(self._me, self._lease_until())
-        if cursor is None:
-            self.feeding = False
-            return False
-        self.feeding = True
+        cursor = self._cursor
+        if not self.feeding or cursor is None or time.monotonic() >= self._renew_at:
+            cursor = await self.store.take_lease(self._me, self._lease_until())
+            if cursor is None:
+                self.feeding = False
+                return False
+            self.feeding = True
+            self._leased(cursor)
         position = parse_cursor(cursor)
         if position is None:
             # First run of the deployment (or an unreadable cursor): from the head on.
@@ -432,7 +447,7 @@ class WebhookEngine:
             return await self._advance(cursor, format_cursor(horizon), [])
         upto = self._bus.head
         if position >= upto:
-            return False  # the lease was renewed by take_lease
+            return False
         items = await self._bus.read(position, upto, FEED_BATCH)
         if not items:
             return False
@@ -476,7 +491,9 @@ class WebhookEngine:
         )
         if recorded is None:
             self.feeding = False  # another replica took over meanwhile
+            self._cursor = None
             return False
+        self._leased(new)
         if recorded:
             self._send_wake.set()
         return True

@@ -188,8 +188,25 @@ class WebhookStore:
         """Hold or keep the feeder's lease until ``until``: the cursor, or None if another holds it.
 
         The cursor is read under the row lock, so a replica taking over sees
-        everything its predecessor committed.
+        everything its predecessor committed. A lease another replica holds is
+        seen in a read transaction first: the replicas that wait write nothing.
         """
+
+        def held(db: Session) -> bool:
+            row = db.execute(
+                select(WebhookCursorRow.holder, WebhookCursorRow.lease_until).where(
+                    WebhookCursorRow.id == _CURSOR_ID
+                )
+            ).first()
+            return (
+                row is not None
+                and row.holder not in ("", holder)
+                and row.lease_until is not None
+                and row.lease_until > now()
+            )
+
+        if await self._run(held, write=False):
+            return None
 
         def work(db: Session) -> str | None:
             insert = sqlite_insert if self._sqlite else pg_insert
@@ -313,8 +330,37 @@ class WebhookStore:
         """Claim up to ``limit`` due deliveries, each the head of its endpoint's queue.
 
         Also returns when the next pending delivery falls due (a hint for how
-        long the sender may sleep), or None if none waits.
+        long the sender may sleep), or None if none waits. A read transaction
+        looks first, so an idle sender writes nothing.
         """
+
+        def due(db: Session, current: dt.datetime) -> dt.datetime | None:
+            return db.scalar(
+                select(func.min(WebhookDeliveryRow.next_attempt_at)).where(
+                    WebhookDeliveryRow.state == PENDING,
+                    WebhookDeliveryRow.next_attempt_at > current,
+                )
+            )
+
+        def look(db: Session) -> tuple[bool, dt.datetime | None]:
+            current = now()
+            found = db.execute(
+                select(WebhookDeliveryRow.id)
+                .join(
+                    IntegrationRow,
+                    and_(
+                        IntegrationRow.workspace_id == WebhookDeliveryRow.workspace_id,
+                        IntegrationRow.id == WebhookDeliveryRow.integration_id,
+                    ),
+                )
+                .where(_claimable(current), IntegrationRow.disabled.is_(False))
+                .limit(1)
+            ).first()
+            return found is not None, due(db, current)
+
+        anything, next_due = await self._run(look, write=False)
+        if not anything:
+            return [], next_due
 
         def work(db: Session) -> tuple[list[Claimed], dt.datetime | None]:
             current = now()
@@ -323,14 +369,7 @@ class WebhookStore:
                 .order_by(WebhookDeliveryRow.next_attempt_at, WebhookDeliveryRow.seq)
                 .limit(limit)
             ).all()
-            claimed = _claim(db, rows, holder, until)
-            due = db.scalar(
-                select(func.min(WebhookDeliveryRow.next_attempt_at)).where(
-                    WebhookDeliveryRow.state == PENDING,
-                    WebhookDeliveryRow.next_attempt_at > current,
-                )
-            )
-            return claimed, due
+            return _claim(db, rows, holder, until), due(db, current)
 
         return await self._run(work, write=True)
 
