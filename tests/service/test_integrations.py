@@ -430,3 +430,40 @@ async def test_a_webhook_secret_must_be_whsec_base64(
     made = await create(stub, world.owner, world.name, webhook(credential=webhook_secret()))
     assert made.has_credential
     assert made.kind == ipb.INTEGRATION_KIND_WEBHOOK
+
+
+async def test_tool_calls_are_rate_limited_per_workspace() -> None:
+    async with hub_mesh(integration_tool_calls_per_minute=2) as (server, channel):
+        world = await ctx_world(server, context_stub(channel))
+        stub = integration_stub(channel)
+        call = ipb.InvokeToolRequest(name=f"{world.name}/integrations/none/tools/t")
+        for _ in range(2):
+            await refused(
+                stub.InvokeTool(call, metadata=world.editor.md, timeout=TIMEOUT_S), CODE.NOT_FOUND
+            )
+        limited = await refused(
+            stub.InvokeTool(call, metadata=world.editor.md, timeout=TIMEOUT_S),
+            CODE.RESOURCE_EXHAUSTED,
+        )
+        assert reason(limited) == "ERROR_REASON_RATE_LIMITED"
+
+
+async def test_the_server_disabling_a_failing_webhook_announces_it(
+    hub: tuple[SwitchboardServer, Stub, World],
+) -> None:
+    server, stub, world = hub
+    made = await create(stub, world.owner, world.name, webhook(), integration_id="failing")
+    with tap(server) as events:
+        await server.deps.integration.disable(world.id, "failing", "no success for a day")
+        await server.deps.integration.disable(world.id, "failing", "again")  # already: nothing
+        changed = [
+            e.integration_changed for e in events.take() if e.HasField("integration_changed")
+        ]
+    assert len(changed) == 1
+    assert changed[0].integration.disabled
+    assert changed[0].integration.status.last_error.message == "no success for a day"
+    assert changed[0].integration.etag != made.etag
+    got = await stub.GetIntegration(
+        ipb.GetIntegrationRequest(name=made.name), metadata=world.viewer.md, timeout=TIMEOUT_S
+    )
+    assert got.integration.disabled
