@@ -1,4 +1,5 @@
-"""The example domain expert (examples/expert/expert.py) as a real process for tests."""
+"""Domain experts as real processes for tests: the Python example (examples/expert/expert.py)
+and the Node.js one (clients/node/expert.mjs). Each prints ``LISTENING <port>`` first."""
 
 from __future__ import annotations
 
@@ -16,10 +17,61 @@ import pytest
 from tests.e2e.procs import ROOT, START_TIMEOUT_S, ManagedProcess
 
 EXPERT = ROOT / "examples" / "expert" / "expert.py"
+NODE_EXPERT = ROOT / "clients" / "node" / "expert.mjs"
 POLL_INTERVAL_S = 0.01
 
 
-class ExpertProcess(ManagedProcess):
+class ListeningProcess(ManagedProcess):
+    """A server process whose first stdout line is ``LISTENING <port>``."""
+
+    def __init__(self, prefix: str, port: int = 0) -> None:
+        super().__init__(prefix)
+        self.port = port
+        self.stderr_path = Path(self._tmp.name) / "stderr.log"
+        self._stdout: queue.Queue[str | None] = queue.Queue()
+
+    def _launch(
+        self,
+        argv: Sequence[str],
+        what: str,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
+        with self.stderr_path.open("w") as stderr:
+            self.proc = subprocess.Popen(
+                list(argv), stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, cwd=cwd
+            )
+        threading.Thread(target=self._pump, daemon=True).start()
+        try:
+            first = self._stdout.get(timeout=START_TIMEOUT_S)
+        except queue.Empty:
+            pytest.fail(f"{what} printed nothing within {START_TIMEOUT_S}s; {self._stderr()}")
+        if first is None or not first.startswith("LISTENING "):
+            pytest.fail(f"{what} did not start (first line {first!r}); {self._stderr()}")
+        self.port = int(first.split()[1])
+
+    def _pump(self) -> None:
+        assert self.proc is not None
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._stdout.put(line.rstrip("\n"))
+        self._stdout.put(None)
+
+    def _stderr(self) -> str:
+        return f"stderr:\n{self.stderr_path.read_text(errors='replace')}"
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=self.STOP_TIMEOUT_S)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+class ExpertProcess(ListeningProcess):
     """``expert.py --port 0`` in a subprocess; the bound port comes from its
     first stdout line, and what it did from its side-effects file."""
 
@@ -32,12 +84,8 @@ class ExpertProcess(ManagedProcess):
     ) -> None:
         super().__init__("switchboard-expert-")
         self.id = id
-        tmp = Path(self._tmp.name)
-        self.side_effects = side_effects or tmp / "side-effects.log"
-        self.stderr_path = tmp / "stderr.log"
+        self.side_effects = side_effects or Path(self._tmp.name) / "side-effects.log"
         self.args = ["--port", "0", "--id", id, "--side-effects", str(self.side_effects), *args]
-        self.port = 0
-        self._stdout: queue.Queue[str | None] = queue.Queue()
 
     def start(self) -> ExpertProcess:
         env = dict(os.environ)
@@ -46,37 +94,8 @@ class ExpertProcess(ManagedProcess):
         paths = [str(ROOT / "services"), str(ROOT / "gen"), env.get("PYTHONPATH", "")]
         env["PYTHONPATH"] = os.pathsep.join(path for path in paths if path)
         self.side_effects.touch()
-        with self.stderr_path.open("w") as stderr:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(EXPERT), *self.args],
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                text=True,
-                env=env,
-            )
-        threading.Thread(target=self._pump, daemon=True).start()
-        try:
-            first = self._stdout.get(timeout=START_TIMEOUT_S)
-        except queue.Empty:
-            pytest.fail(f"expert printed nothing within {START_TIMEOUT_S}s; {self._stderr()}")
-        if first is None or not first.startswith("LISTENING "):
-            pytest.fail(f"expert did not start (first line {first!r}); {self._stderr()}")
-        self.port = int(first.split()[1])
+        self._launch([sys.executable, str(EXPERT), *self.args], "the expert", env=env)
         return self
-
-    def _pump(self) -> None:
-        assert self.proc is not None
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._stdout.put(line.rstrip("\n"))
-        self._stdout.put(None)
-
-    def _stderr(self) -> str:
-        return f"stderr:\n{self.stderr_path.read_text(errors='replace')}"
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
 
     def lines(self) -> list[str]:
         """The side-effects file's complete lines so far."""
@@ -114,4 +133,21 @@ class ExpertProcess(ManagedProcess):
             await asyncio.sleep(POLL_INTERVAL_S)
 
     def __enter__(self) -> ExpertProcess:
+        return self.start()
+
+
+class NodeExpert(ListeningProcess):
+    """``node clients/node/expert.mjs`` (a HandlerService expert with grpc.health.v1)."""
+
+    def __init__(self, *args: str, port: int = 0) -> None:
+        super().__init__("switchboard-node-expert-", port)
+        self.args = ["--port", str(port), *args]
+
+    def start(self) -> NodeExpert:
+        self._launch(
+            ["node", str(NODE_EXPERT), *self.args], "the Node expert", cwd=NODE_EXPERT.parent
+        )
+        return self
+
+    def __enter__(self) -> NodeExpert:
         return self.start()

@@ -21,7 +21,7 @@ from grpc import aio
 from switchboard.api.events.v1 import events_pb2
 from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.platform.server import SwitchboardServer
-from tests.e2e.procs import NodeExpert
+from tests.e2e.expertproc import NodeExpert
 from tests.service.authkit import detail, reason
 from tests.service.contextkit import World, context_stub, ctx_world, refused, tap, violations
 from tests.service.integrationkit import TIMEOUT_S, Stub, create, expert, hub_mesh, integration_stub

@@ -40,7 +40,8 @@ from switchboard.platform.errors import DestinationBlocked, ResultTooLarge
 from switchboard.platform.models import IntegrationRow
 from switchboard.platform.secretbox import SecretBox
 from switchboard.platform.server import SwitchboardServer
-from tests.e2e.procs import NodeExpert, ServeProcess, shared_secrets
+from tests.e2e.expertproc import NodeExpert
+from tests.e2e.procs import ServeProcess, shared_secrets
 from tests.infra.redis import RedisServer
 from tests.service.authkit import register as register_user
 from tests.service.contextkit import (
