@@ -66,6 +66,7 @@ from switchboard.platform.errors import (
     PermissionDenied,
     RateLimited,
     RequestTooLarge,
+    Violations,
 )
 from switchboard.platform.models import (
     ConversationRow,
@@ -237,21 +238,6 @@ def memory_proto(row: MemoryItemRow) -> pb.MemoryItem:
 
 
 # -- validation ---------------------------------------------------------------------------
-
-
-class Violations:
-    """Collects every invalid field of a request, then raises once."""
-
-    def __init__(self) -> None:
-        self.items: list[FieldViolation] = []
-
-    def add(self, field: str, description: str) -> None:
-        self.items.append(FieldViolation(field, description))
-
-    def check(self) -> None:
-        if self.items:
-            first = self.items[0]
-            raise InvalidArgument(f"{first.field} {first.description}", self.items)
 
 
 _match = names.match

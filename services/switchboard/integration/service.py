@@ -68,6 +68,7 @@ from switchboard.platform.errors import (
     ResultTooLarge,
     SubscriberTooSlow,
     SwitchboardError,
+    Violations,
 )
 from switchboard.platform.outbox import Staged
 from switchboard.platform.policy import Principal
@@ -151,19 +152,6 @@ class Limits:
     allow_plain_http: bool = False
     #: After a webhook secret is rotated, how long the previous one also signs.
     secret_overlap_s: float = 86_400.0
-
-
-class Violations:
-    def __init__(self) -> None:
-        self.items: list[FieldViolation] = []
-
-    def add(self, field: str, description: str) -> None:
-        self.items.append(FieldViolation(field, description))
-
-    def check(self) -> None:
-        if self.items:
-            first = self.items[0]
-            raise InvalidArgument(f"{first.field} {first.description}", self.items)
 
 
 def _match(pattern: re.Pattern[str], value: str, field: str) -> re.Match[str]:

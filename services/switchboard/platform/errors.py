@@ -74,6 +74,21 @@ class InvalidArgument(SwitchboardError):
         self.violations = tuple(violations)
 
 
+class Violations:
+    """Collects every invalid field of a request, then raises once (``check``)."""
+
+    def __init__(self) -> None:
+        self.items: list[FieldViolation] = []
+
+    def add(self, field: str, description: str) -> None:
+        self.items.append(FieldViolation(field, description))
+
+    def check(self) -> None:
+        if self.items:
+            first = self.items[0]
+            raise InvalidArgument(f"{first.field} {first.description}", self.items)
+
+
 class Unauthenticated(SwitchboardError):
     """No credentials, or credentials that do not verify."""
 
