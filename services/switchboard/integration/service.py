@@ -278,7 +278,8 @@ class IntegrationHub:
 
     async def _close(self, connector: Connector) -> None:
         try:
-            async with asyncio.timeout(5):
+            # A stdio server gets stdin closed, then SIGTERM, then SIGKILL: about 7 s.
+            async with asyncio.timeout(10):
                 await connector.close()
         except Exception:  # closing must not fail a shutdown or an update
             log.warning("closing an integration's connector failed", exc_info=True)
