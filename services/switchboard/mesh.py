@@ -61,10 +61,10 @@ from switchboard.dispatcher.store import RunStore
 from switchboard.events import servicer as events_servicer
 from switchboard.events.subscriptions import Limits
 from switchboard.integration import servicer as integration_servicer
+from switchboard.integration.connections import Limits as IntegrationLimits
 from switchboard.integration.directory import workspace_experts
 from switchboard.integration.kinds import connector_factory, reserved_handler_ids, stdio_servers
 from switchboard.integration.service import IntegrationHub
-from switchboard.integration.service import Limits as IntegrationLimits
 from switchboard.integration.store import IntegrationStore
 from switchboard.integration.webhooks import WebhookEngine, WebhookLimits
 from switchboard.platform.accesswatch import AccessWatch

@@ -12,11 +12,11 @@ from collections.abc import Callable, Mapping
 
 from switchboard.api.integration.v1 import integration_pb2 as pb
 from switchboard.dispatcher.remote import parse_remotes
+from switchboard.integration.connections import ConnectorFactory
 from switchboard.integration.connectors import Connector
 from switchboard.integration.experts import GrpcExpertConnector
 from switchboard.integration.mapping import name_of
 from switchboard.integration.mcp import McpConnector, StdioServer, parse_stdio_servers, raw_limit
-from switchboard.integration.service import ConnectorFactory
 from switchboard.integration.store import IntegrationRecord
 from switchboard.platform.config import Settings
 from switchboard.platform.egress import EgressPolicy

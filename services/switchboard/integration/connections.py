@@ -1,0 +1,180 @@
+"""This process's clients of its integrations: one connector each, behind its breaker.
+
+A connector (``connectors.py``) is built from an integration's stored record,
+for that record's version; a change to the integration (its event, in any
+process) retires it, and the next call builds one for the new version. Every
+call goes through the integration's circuit breaker (``platform/breaker.py``)
+and a timeout, and its failures come out as the errors clients get.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from switchboard.integration.connectors import Connector, ConnectorError, ToolNotFound, Unreachable
+from switchboard.integration.mapping import name_of
+from switchboard.integration.store import IntegrationRecord, IntegrationStore
+from switchboard.platform import names
+from switchboard.platform.breaker import Breakers
+from switchboard.platform.errors import (
+    DeadlineExceeded,
+    DependencyUnavailable,
+    DestinationBlocked,
+    FailedPrecondition,
+    NotFound,
+    SwitchboardError,
+)
+from switchboard.platform.secretbox import SecretBox
+
+log = logging.getLogger("switchboard.integration")
+
+INTEGRATION: Final = re.compile(rf"workspaces/({names.ID})/integrations/({names.ID})")
+
+#: Builds the connector of a record, given its credential in clear (None if unset).
+ConnectorFactory = Callable[[IntegrationRecord, str | None], Connector | None]
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_per_workspace: int = 50
+    max_config_bytes: int = 16_384
+    default_call_timeout_s: float = 30.0
+    max_call_timeout_s: float = 300.0
+    max_result_bytes: int = 1_048_576
+    tool_calls_per_minute: int = 600
+    probe_interval_s: float = 30.0
+    #: Plain http:// endpoints are accepted (only where loopback or private
+    #: destinations are allowed: dev mode and tests).
+    allow_plain_http: bool = False
+    #: After a webhook secret is rotated, how long the previous one also signs.
+    secret_overlap_s: float = 86_400.0
+
+
+async def find(store: IntegrationStore, name: str, field: str) -> IntegrationRecord:
+    """The integration ``name`` names (the request's ``field``), or NOT_FOUND."""
+    found = names.match(INTEGRATION, name, field)
+    record = await store.get(found[1], found[2])
+    if record is None:
+        raise NotFound(f"{name} not found")
+    return record
+
+
+@dataclass
+class _Live:
+    """A connector built for one version of a record."""
+
+    version: int
+    connector: Connector
+
+
+class Connections:
+    def __init__(
+        self, build: ConnectorFactory, secrets: SecretBox, breakers: Breakers, limits: Limits
+    ) -> None:
+        self._build = build
+        self._secrets = secrets
+        self._breakers = breakers
+        self._limits = limits
+        self._live: dict[str, _Live] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, work: Awaitable[Any], name: str) -> None:
+        """Run ``work`` in the background; cancelled by ``close``."""
+
+        async def run() -> None:
+            await work
+
+        task = asyncio.get_running_loop().create_task(run(), name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _close(self, connector: Connector) -> None:
+        try:
+            # A stdio server gets stdin closed, then SIGTERM, then SIGKILL: about 7 s.
+            async with asyncio.timeout(10):
+                await connector.close()
+        except Exception:  # closing must not fail a shutdown or an update
+            log.warning("closing an integration's connector failed", exc_info=True)
+
+    def get(self, record: IntegrationRecord) -> Connector:
+        """The connector for ``record`` as it now stands (FAILED_PRECONDITION for webhooks)."""
+        name = name_of(record)
+        live = self._live.get(name)
+        if live is not None and live.version == record.version:
+            return live.connector
+        if live is not None:
+            self.spawn(self._close(live.connector), "integration-close")
+        credential = None
+        if record.credential is not None:
+            credential = self._secrets.open(record.credential, purpose=name)
+        connector = self._build(record, credential)
+        if connector is None:
+            raise FailedPrecondition(f"{name} is a webhook; webhooks offer no tools")
+        self._live[name] = _Live(record.version, connector)
+        return connector
+
+    def forget(self, name: str, version: int | None) -> bool:
+        """Retire ``name``'s connector unless it was built for ``version`` (None: always)."""
+        live = self._live.get(name)
+        if live is None or (version is not None and live.version == version):
+            return False
+        del self._live[name]
+        self.spawn(self._close(live.connector), "integration-close")
+        return True
+
+    def timeout_s(self, record: IntegrationRecord) -> float:
+        configured = record.call_timeout_ms / 1000 or self._limits.default_call_timeout_s
+        return min(configured, self._limits.max_call_timeout_s)
+
+    async def guarded(
+        self, record: IntegrationRecord, call: Callable[[], Awaitable[Any]], timeout_s: float
+    ) -> Any:
+        """``call`` inside the integration's breaker and timeout, failures mapped."""
+        name = name_of(record)
+        permit = await self._breakers.acquire(name, label=f"integration {name}")
+        try:
+            async with asyncio.timeout(timeout_s):
+                result = await call()
+        except TimeoutError:
+            await permit.failed()
+            raise DeadlineExceeded(
+                f"{name} did not answer within {timeout_s:g} s", metadata={"integration": name}
+            ) from None
+        except ToolNotFound:
+            await permit.succeeded()  # it answered: the tool is not there
+            raise
+        except (Unreachable, ConnectorError) as exc:
+            await permit.failed()
+            raise DependencyUnavailable(
+                f"{name} is unreachable: {exc}"[:300], metadata={"integration": name}
+            ) from None
+        except asyncio.CancelledError:
+            permit.released()
+            raise
+        except DestinationBlocked as exc:
+            permit.released()
+            raise FailedPrecondition(
+                f"{name}: {exc.message}", metadata={"integration": name}
+            ) from None
+        except SwitchboardError:
+            permit.released()
+            raise
+        except BaseException:
+            permit.released()
+            raise
+        await permit.succeeded()
+        return result
+
+    async def close(self) -> None:
+        tasks = [task for task in self._tasks if not task.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+        live, self._live = self._live, {}
+        await asyncio.gather(*(self._close(item.connector) for item in live.values()))

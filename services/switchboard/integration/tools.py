@@ -1,0 +1,323 @@
+"""Tools: what an integration offers (``ListTools``) and calling one (``InvokeTool``).
+
+A tool list is cached per integration version for ``TOOLS_TTL_S`` and dropped
+when the integration says it changed (MCP ``list_changed``). A call is
+validated against the tool's JSON Schema with ``jsonschema`` before anything
+is sent, limited per workspace, bounded by the shortest of its timeouts, made
+through the integration's breaker, and audited (``TOOL_INVOKED``) whatever its
+outcome, never with its arguments, result or credential.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Final
+
+import jsonschema
+from google.protobuf import json_format
+from google.rpc import code_pb2, status_pb2
+from referencing.exceptions import Unresolvable
+
+from switchboard.api.events.v1 import events_pb2
+from switchboard.api.integration.v1 import integration_pb2 as pb
+from switchboard.integration.connections import Connections, Limits, find
+from switchboard.integration.connectors import ToolNotFound, ToolResult, ToolSpec
+from switchboard.integration.mapping import integration_name, name_of
+from switchboard.integration.store import IntegrationRecord, IntegrationStore
+from switchboard.platform import names, pagination, timefields
+from switchboard.platform.bus import EventBus
+from switchboard.platform.cache import Cache
+from switchboard.platform.errors import (
+    DependencyUnavailable,
+    FailedPrecondition,
+    NotFound,
+    RateLimited,
+    ResultTooLarge,
+    SwitchboardError,
+    Violations,
+)
+from switchboard.platform.policy import Principal
+
+log = logging.getLogger("switchboard.integration")
+
+#: MCP tool names: letters, digits, ``_``, ``-`` and ``.`` (the MCP spec's
+#: recommendation), at most 128 characters.
+TOOL: Final = re.compile(
+    rf"workspaces/({names.ID})/integrations/({names.ID})/tools/([A-Za-z0-9_.-]{{1,128}})"
+)
+MAX_VIOLATIONS: Final = 20
+#: Tools an integration's list is cached for before it is asked again.
+TOOLS_TTL_S: Final = 300.0
+
+
+def _jsonable(value: Any) -> Any:
+    """Struct numbers are doubles; JSON has one number type, so 3.0 is 3 again."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _jsonable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(item) for item in value]
+    return value
+
+
+def _path(error: jsonschema.ValidationError) -> str:
+    parts = ["arguments"]
+    for part in error.absolute_path:
+        parts.append(f"[{part}]" if isinstance(part, int) else f".{part}")
+    return "".join(parts).replace(".[", "[")
+
+
+@dataclass
+class _Tools:
+    version: int
+    fetched: float
+    tools: list[ToolSpec]
+
+
+class Tools:
+    def __init__(
+        self,
+        store: IntegrationStore,
+        connections: Connections,
+        bus: EventBus,
+        counters: Cache,
+        page_tokens: pagination.PageTokens,
+        limits: Limits,
+    ) -> None:
+        self._store = store
+        self._connections = connections
+        self._bus = bus
+        self._counters = counters
+        self._pages = page_tokens
+        self._limits = limits
+        self._tools: dict[str, _Tools] = {}
+
+    def forget(self, name: str) -> None:
+        """Drop ``name``'s cached tools (it changed, said so, or lost a tool)."""
+        self._tools.pop(name, None)
+
+    async def _tool_list(self, record: IntegrationRecord) -> list[ToolSpec]:
+        name = name_of(record)
+        cached = self._tools.get(name)
+        if (
+            cached is not None
+            and cached.version == record.version
+            and time.monotonic() - cached.fetched < TOOLS_TTL_S
+        ):
+            return cached.tools
+        if record.disabled:
+            raise FailedPrecondition(f"{name} is disabled")
+        connector = self._connections.get(record)
+        timeout_s = self._connections.timeout_s(record)
+        tools: list[ToolSpec] = await self._connections.guarded(
+            record, lambda: connector.list_tools(timeout_s), timeout_s
+        )
+        self._tools[name] = _Tools(record.version, time.monotonic(), tools)
+        return tools
+
+    async def list_tools(self, request: pb.ListToolsRequest) -> pb.ListToolsResponse:
+        record = await find(self._store, request.parent, "parent")
+        size = pagination.page_size(request.page_size, default=50, maximum=200)
+        if record.kind == pb.INTEGRATION_KIND_WEBHOOK:
+            return pb.ListToolsResponse()
+        tools: list[ToolSpec] = sorted(await self._tool_list(record), key=lambda tool: tool.name)
+        fingerprint = pagination.fingerprint("tools", request.parent)
+        start = 0
+        if request.page_token:
+            (position,) = self._pages.decode(request.page_token, fingerprint, (pagination.COUNT,))
+            start = int(position)
+        page = tools[start : start + size]
+        response = pb.ListToolsResponse(
+            tools=[self._tool_proto(request.parent, tool) for tool in page]
+        )
+        if start + size < len(tools):
+            response.next_page_token = self._pages.encode([start + size], fingerprint)
+        return response
+
+    @staticmethod
+    def _tool_proto(parent: str, tool: ToolSpec) -> pb.Tool:
+        message = pb.Tool(
+            name=f"{parent}/tools/{tool.name}", description=tool.description, title=tool.title
+        )
+        with contextlib.suppress(json_format.ParseError, TypeError, ValueError):
+            json_format.ParseDict(dict(tool.input_schema), message.input_schema)
+        if tool.output_schema:
+            with contextlib.suppress(json_format.ParseError, TypeError, ValueError):
+                json_format.ParseDict(dict(tool.output_schema), message.output_schema)
+        return message
+
+    async def invoke_tool(
+        self,
+        principal: Principal,
+        request: pb.InvokeToolRequest,
+        *,
+        deadline_s: float | None = None,
+        run: str = "",
+    ) -> pb.InvokeToolResponse:
+        found = names.match(TOOL, request.name, "name")
+        workspace_id, integration_id, tool_name = found[1], found[2], found[3]
+        violations = Violations()
+        requested_s = timefields.seconds(request.timeout, "timeout")
+        if requested_s < 0:
+            violations.add("timeout", "must not be negative")
+        violations.check()
+        await self._spend(workspace_id)
+        record = await self._store.get(workspace_id, integration_id)
+        parent = integration_name(workspace_id, integration_id)
+        if record is None:
+            raise NotFound(f"{parent} not found")
+        if record.disabled:
+            raise FailedPrecondition(f"{parent} is disabled; enable it to call its tools")
+        if record.kind == pb.INTEGRATION_KIND_WEBHOOK:
+            raise FailedPrecondition(f"{parent} is a webhook; webhooks offer no tools")
+        tools = {tool.name: tool for tool in await self._tool_list(record)}
+        tool = tools.get(tool_name)
+        if tool is None:
+            raise NotFound(f"{request.name} not found")
+        arguments = _jsonable(json_format.MessageToDict(request.arguments))
+        self._validate(tool, arguments)
+        timeout_s = self._connections.timeout_s(record)
+        if requested_s > 0:
+            timeout_s = min(timeout_s, requested_s)
+        if deadline_s is not None:
+            timeout_s = min(timeout_s, max(deadline_s, 0.001))
+        return await self._call(principal, record, request.name, arguments, timeout_s, run)
+
+    async def _call(
+        self,
+        principal: Principal,
+        record: IntegrationRecord,
+        tool: str,
+        arguments: Any,
+        timeout_s: float,
+        run: str,
+    ) -> pb.InvokeToolResponse:
+        """Call a validated tool through the breaker; audit it whatever the outcome."""
+        parent = name_of(record)
+        tool_name = tool.rsplit("/", 1)[1]
+        connector = self._connections.get(record)
+        limit = self._limits.max_result_bytes
+        started = time.monotonic()
+        status = status_pb2.Status(code=code_pb2.OK)
+        result: ToolResult | None = None
+        try:
+            result = await self._connections.guarded(
+                record,
+                lambda: connector.call_tool(
+                    tool_name, arguments, timeout_s=timeout_s, max_result_bytes=limit
+                ),
+                timeout_s,
+            )
+        except SwitchboardError as exc:
+            status = status_pb2.Status(code=int(exc.code), message=exc.message[:300])
+            raise
+        except ToolNotFound:
+            status = status_pb2.Status(code=code_pb2.NOT_FOUND, message="no such tool")
+            self._tools.pop(parent, None)
+            raise NotFound(f"{tool} not found") from None
+        except asyncio.CancelledError:
+            status = status_pb2.Status(code=code_pb2.CANCELLED, message="cancelled")
+            raise
+        finally:
+            elapsed = time.monotonic() - started
+            self._audit(principal, tool, elapsed, status, result, run)
+        if result is None:  # _guarded returns the result or raises
+            raise DependencyUnavailable(f"{parent} gave no answer")
+        return self._tool_response(result, elapsed, limit)
+
+    def _validate(self, tool: ToolSpec, arguments: Any) -> None:
+        schema = dict(tool.input_schema) or {"type": "object"}
+        try:
+            validator_class = jsonschema.validators.validator_for(schema)
+            validator_class.check_schema(schema)
+        except jsonschema.SchemaError:
+            raise FailedPrecondition(
+                f"the tool {tool.name!r} declares an invalid input schema"
+            ) from None
+        validator = validator_class(schema)
+        violations = Violations()
+        try:
+            errors = sorted(
+                validator.iter_errors(arguments), key=lambda e: [str(p) for p in e.path]
+            )
+        except (jsonschema.SchemaError, Unresolvable, re.error, RecursionError, ValueError):
+            # An unresolvable $ref (never fetched: no outbound call on a
+            # server's say-so), a bad pattern, a schema nested too deep.
+            raise FailedPrecondition(
+                f"the tool {tool.name!r} declares an input schema that cannot be checked"
+            ) from None
+        for error in errors:
+            if len(violations.items) >= MAX_VIOLATIONS:
+                break
+            violations.add(_path(error), error.message[:300])
+        violations.check()
+
+    def _tool_response(
+        self, result: ToolResult, elapsed: float, limit: int
+    ) -> pb.InvokeToolResponse:
+        response = pb.InvokeToolResponse(text=result.text, is_error=result.is_error)
+        if result.structured is not None:
+            try:
+                json_format.ParseDict(dict(result.structured), response.result)
+            except (json_format.ParseError, TypeError, ValueError):
+                raise DependencyUnavailable(
+                    "the tool answered with a structured result that is not a JSON object"
+                ) from None
+        response.latency.FromNanoseconds(int(elapsed * 1e9))
+        if response.ByteSize() > limit:
+            raise ResultTooLarge(f"the tool's result is larger than {limit} bytes")
+        return response
+
+    def _audit(
+        self,
+        principal: Principal,
+        tool: str,
+        elapsed: float,
+        status: status_pb2.Status,
+        result: ToolResult | None,
+        run: str,
+    ) -> None:
+        """One TOOL_INVOKED event per call: who, which tool, how long, the outcome.
+
+        Never the arguments or the result (they may hold anything) and never
+        the credential.
+        """
+        workspace = tool.split("/integrations/", 1)[0]
+        event = events_pb2.Event(
+            type=events_pb2.EVENT_TYPE_TOOL_INVOKED,
+            actor=events_pb2.Actor(
+                name=principal.user_name,
+                credential=principal.session_name or principal.api_key_name,
+            ),
+            workspace=workspace,
+            tool_invoked=events_pb2.ToolInvoked(
+                tool=tool,
+                status=status,
+                is_error=bool(result and result.is_error),
+                run=run,
+            ),
+        )
+        event.tool_invoked.duration.FromNanoseconds(int(elapsed * 1e9))
+        self._connections.spawn(self._publish_audit(event), "integration-audit")
+
+    async def _publish_audit(self, event: events_pb2.Event) -> None:
+        try:
+            async with asyncio.timeout(10):
+                await self._bus.publish(event)
+        except Exception:  # noqa: BLE001 - the call happened; a lost audit record is logged
+            log.warning("tool audit event not published", extra={"tool": event.tool_invoked.tool})
+
+    async def _spend(self, workspace_id: str) -> None:
+        limit = self._limits.tool_calls_per_minute
+        count, reset_s = await self._counters.hit(f"integration:tools:{workspace_id}", 60)
+        if count > limit:
+            raise RateLimited(
+                f"more than {limit} tool calls in a minute in this workspace; slow down",
+                retry_after_s=max(reset_s, 1.0),
+            )
