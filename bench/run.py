@@ -9,7 +9,9 @@ figures compare variants in one run; they are not absolute capacity.
 The event delivery section comes from ``bench/events.py`` (about 4 minutes;
 ``--no-events`` skips it), the context service section from ``bench/context.py``
 (about 3 minutes; ``--no-context`` skips it), the dispatcher section from
-``bench/dispatcher.py`` (about 5 minutes; ``--no-dispatcher`` skips it).
+``bench/dispatcher.py`` (about 5 minutes; ``--no-dispatcher`` skips it), the
+integration hub section from ``bench/integration.py`` (about 4 minutes;
+``--no-integration`` skips it).
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ def main() -> int:
     parser.add_argument("--no-events", action="store_true", help="skip bench/events.py")
     parser.add_argument("--no-context", action="store_true", help="skip bench/context.py")
     parser.add_argument("--no-dispatcher", action="store_true", help="skip bench/dispatcher.py")
+    parser.add_argument("--no-integration", action="store_true", help="skip bench/integration.py")
     args = parser.parse_args()
     # Cases are interleaved round by round and the median round is reported, so
     # drift on a shared machine hits every case alike.
@@ -201,6 +204,7 @@ def main() -> int:
         (args.no_events, "events.py", 900),
         (args.no_context, "context.py", 1200),
         (args.no_dispatcher, "dispatcher.py", 3600),
+        (args.no_integration, "integration.py", 1800),
     ):
         if not skip:
             lines += [_section(script, timeout_s), ""]
