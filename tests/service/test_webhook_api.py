@@ -8,10 +8,12 @@ The receiver is a real HTTP server that verifies every request with the
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
+from sqlalchemy import event as sql_event
 
 from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.platform.server import SwitchboardServer
@@ -22,6 +24,7 @@ from tests.service.contextkit import (
     append,
     context_stub,
     create_conversation,
+    create_workspace,
     ctx_world,
     refused,
 )
@@ -173,3 +176,45 @@ async def test_deliveries_are_only_for_webhooks_and_members(
         ),
         CODE.INVALID_ARGUMENT,
     )
+
+
+async def test_events_no_webhook_wants_cost_the_feeder_no_write(
+    setup: tuple[SwitchboardServer, Stub, CStub, World, WebhookReceiver],
+) -> None:
+    """The feeder passes over other workspaces' events in memory: a busy workspace without
+    webhooks adds no transaction per event (the cursor is stored with the next delivery)."""
+    server, stub, contexts, world, receiver = setup
+    other = await create_workspace(contexts, world.owner, "Other")
+    secret = webhook_secret()
+    endpoint = receiver.endpoint("other", [secret])
+    await create(
+        stub,
+        world.owner,
+        other.name,
+        webhook(receiver.url("other"), credential=secret, event_types=["MESSAGE_CREATED"]),
+    )
+    hooked = await create_conversation(contexts, world.owner, other.name)
+    await append(contexts, world.owner, hooked.name, "first")
+    await until(lambda: len(endpoint.accepted) >= 1, "the first delivery")
+    writes: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        text = statement.lstrip().upper()
+        if text.startswith("UPDATE") and "WEBHOOK_CURSOR" in text:
+            writes.append(text)
+
+    database = server.deps.database
+    # SQLite's transactions (Database.run) run on its own synchronous engine.
+    engine = getattr(database, "_sync_engine", None) or database.engine.sync_engine
+    sql_event.listen(engine, "before_cursor_execute", count)
+    try:
+        busy = await create_conversation(contexts, world.editor, world.name)
+        for i in range(20):
+            await append(contexts, world.editor, busy.name, f"busy {i}")
+        await append(contexts, world.owner, hooked.name, "second")
+        await until(lambda: len(endpoint.accepted) >= 2, "the second delivery")
+    finally:
+        sql_event.remove(engine, "before_cursor_execute", count)
+    assert endpoint.bad == []
+    # The delivery's batch, and at most one lease renewal on a slow machine.
+    assert 1 <= len(writes) <= 2

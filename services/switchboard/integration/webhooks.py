@@ -133,6 +133,18 @@ _UNPRINTABLE: Final = re.compile(r"[^\x20-\x7e]+")
 OnDisable = Callable[[str, str, str], Awaitable[None]]
 
 
+def _announces_webhook(event: events_pb2.Event) -> bool:
+    """An INTEGRATION_CHANGED about a webhook that is (still) enabled."""
+    if event.type != events_pb2.EVENT_TYPE_INTEGRATION_CHANGED:
+        return False
+    change = event.integration_changed
+    return (
+        change.integration.kind == integration_pb2.INTEGRATION_KIND_WEBHOOK
+        and change.change != events_pb2.CHANGE_KIND_DELETED
+        and not change.integration.disabled
+    )
+
+
 @dataclass(frozen=True)
 class WebhookLimits:
     """How deliveries are timed; ``from_settings`` for the configured ones."""
@@ -332,8 +344,13 @@ class WebhookEngine:
         self._unlisten: Callable[[], None] | None = None
         #: Whether this process fed last (it holds the lease, as far as it knows).
         self.feeding = False
+        #: How far this replica has fed (ahead of the stored cursor while the
+        #: events read since concerned no webhook) and the stored cursor.
         self._cursor: str | None = None
+        self._stored: str | None = None
         self._renew_at = 0.0
+        #: Workspaces with an enabled webhook, as of the feed position (None: read them).
+        self._subscribed: set[str] | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -382,7 +399,14 @@ class WebhookEngine:
             self._client = None
 
     def _on_event(self, event: events_pb2.Event) -> None:
-        if event.workspace:
+        # Only events a webhook may want wake the feeder; the others are passed
+        # over in its next round (memory only), whenever that comes.
+        subscribed = self._subscribed
+        if event.workspace and (
+            subscribed is None
+            or event.workspace.removeprefix("workspaces/") in subscribed
+            or _announces_webhook(event)
+        ):
             self._feed_wake.set()
 
     # -- the feeder ------------------------------------------------------------------
@@ -412,7 +436,7 @@ class WebhookEngine:
 
     def _leased(self, cursor: str) -> None:
         """The lease was taken or renewed with ``cursor`` as the stored one."""
-        self._cursor = cursor
+        self._cursor = self._stored = cursor
         # Renewed well before it runs out; between renewals the cursor is
         # taken from memory (the compare-and-set catches a takeover).
         self._renew_at = time.monotonic() + self.limits.lease_s / 3
@@ -422,19 +446,29 @@ class WebhookEngine:
 
     async def feed_once(self) -> bool:
         """One feeder round; True if there may be more to read at once."""
+        if not self.feeding or self._cursor is None or time.monotonic() >= self._renew_at:
+            stored, fed = self._stored, self._cursor
+            if self.feeding and stored is not None and fed is not None and fed != stored:
+                # Renewing the lease stores how far the passed-over events went.
+                if not await self._advance(stored, fed, []):
+                    return False
+            else:
+                taken = await self.store.take_lease(self._me, self._lease_until())
+                if taken is None:
+                    self.feeding = False
+                    return False
+                self.feeding = True
+                self._leased(taken)
+            self._subscribed = None  # read again with each lease renewal
         cursor = self._cursor
-        if not self.feeding or cursor is None or time.monotonic() >= self._renew_at:
-            cursor = await self.store.take_lease(self._me, self._lease_until())
-            if cursor is None:
-                self.feeding = False
-                return False
-            self.feeding = True
-            self._leased(cursor)
+        stored = self._stored
+        if cursor is None or stored is None:
+            return False
         position = parse_cursor(cursor)
         if position is None:
             # First run of the deployment (or an unreadable cursor): from the head on.
             start = self._bus.head
-            return await self._advance(cursor, format_cursor(start), [])
+            return await self._advance(stored, format_cursor(start), [])
         try:
             await self._bus.check_cursor(position)
         except CursorExpired:
@@ -444,15 +478,41 @@ class WebhookEngine:
                 "between are not delivered",
                 extra={"cursor": cursor, "resume_after": format_cursor(horizon)},
             )
-            return await self._advance(cursor, format_cursor(horizon), [])
+            return await self._advance(stored, format_cursor(horizon), [])
         upto = self._bus.head
         if position >= upto:
             return False
         items = await self._bus.read(position, upto, FEED_BATCH)
         if not items:
             return False
-        await self._advance(cursor, items[-1].cursor, items)
+        if self._subscribed is None:
+            self._subscribed = await self.store.subscribed_workspaces()
+        if not self._concern_webhooks(items, self._subscribed):
+            # Nothing for any webhook: no transaction; the cursor is stored
+            # with the next batch that records deliveries, or the lease renewal.
+            self._cursor = items[-1].cursor
+            return len(items) == FEED_BATCH
+        await self._advance(stored, items[-1].cursor, items)
         return len(items) == FEED_BATCH
+
+    @staticmethod
+    def _concern_webhooks(items: Sequence[Logged], subscribed: set[str]) -> bool:
+        """Whether any of ``items`` belongs to a workspace that has (or gains) a webhook.
+
+        In log order: a webhook's own INTEGRATION_CHANGED adds its workspace
+        before the events after it are looked at, so a webhook created just
+        now gets what follows its creation even before the set is read again.
+        """
+        found = False
+        for item in items:
+            workspace = item.workspace.removeprefix("workspaces/")
+            if not item.workspace.startswith("workspaces/") or not workspace:
+                continue
+            if _announces_webhook(item.event):
+                subscribed.add(workspace)
+            if workspace in subscribed:
+                found = True
+        return found
 
     async def _advance(self, old: str, new: str, items: Sequence[Logged]) -> bool:
         workspaces: dict[str, None] = {}

@@ -252,6 +252,20 @@ class WebhookStore:
 
         return await self._run(work, write=False)
 
+    async def subscribed_workspaces(self) -> set[str]:
+        """The workspaces with at least one enabled webhook."""
+
+        def work(db: Session) -> set[str]:
+            return set(
+                db.execute(
+                    select(IntegrationRow.workspace_id)
+                    .where(IntegrationRow.kind == WEBHOOK, IntegrationRow.disabled.is_(False))
+                    .distinct()
+                ).scalars()
+            )
+
+        return await self._run(work, write=False)
+
     async def feed(
         self,
         holder: str,
