@@ -466,6 +466,9 @@ class WebhookDeliveryRow(Base):
         ),
         Index("ix_webhook_deliveries_listing", "workspace_id", "integration_id", "seq"),
         Index("ix_webhook_deliveries_due", "state", "next_attempt_at"),
+        # The head of an endpoint's queue (its oldest pending delivery) is one
+        # seek, whatever the number of finished deliveries kept beside it.
+        Index("ix_webhook_deliveries_queue", "workspace_id", "integration_id", "state", "seq"),
     )
 
     id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)

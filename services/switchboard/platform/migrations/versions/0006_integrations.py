@@ -100,6 +100,12 @@ def upgrade() -> None:
         unique=False,
     )
     op.create_index(
+        "ix_webhook_deliveries_queue",
+        "webhook_deliveries",
+        ["workspace_id", "integration_id", "state", "seq"],
+        unique=False,
+    )
+    op.create_index(
         "ix_webhook_deliveries_listing",
         "webhook_deliveries",
         ["workspace_id", "integration_id", "seq"],
@@ -109,6 +115,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_index("ix_webhook_deliveries_listing", table_name="webhook_deliveries")
+    op.drop_index("ix_webhook_deliveries_queue", table_name="webhook_deliveries")
     op.drop_index("ix_webhook_deliveries_due", table_name="webhook_deliveries")
     op.drop_table("webhook_deliveries")
     op.drop_index("ix_integrations_listing", table_name="integrations")
