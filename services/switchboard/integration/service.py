@@ -260,8 +260,9 @@ class IntegrationHub:
         integration = event.integration_changed.integration
         deleted = event.integration_changed.change == events_pb2.CHANGE_KIND_DELETED
         version = None if deleted else names.etag_version(integration.etag) or 0
-        if self._connections.forget(integration.name, version):
-            self._tools.forget(integration.name)
+        self._connections.forget(integration.name, version)
+        # Every change, status ones included: a call reads the record again.
+        self._tools.forget(integration.name)
         for watcher in self._watchers.get(event.workspace, ()):
             watcher.offer(event)
 

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import jsonschema
@@ -53,6 +53,9 @@ TOOL: Final = re.compile(
 MAX_VIOLATIONS: Final = 20
 #: Tools an integration's list is cached for before it is asked again.
 TOOLS_TTL_S: Final = 300.0
+#: A record read for calls is dropped on its change's event; this is the backstop.
+RECORD_TTL_S: Final = 5.0
+MAX_RECORDS: Final = 10_000
 
 
 def _jsonable(value: Any) -> Any:
@@ -78,6 +81,8 @@ class _Tools:
     version: int
     fetched: float
     tools: list[ToolSpec]
+    #: Each tool's argument validator, compiled on its first call.
+    validators: dict[str, Any] = field(default_factory=dict)
 
 
 class Tools:
@@ -97,10 +102,27 @@ class Tools:
         self._pages = page_tokens
         self._limits = limits
         self._tools: dict[str, _Tools] = {}
+        #: Records read for calls, by name: dropped on every change of theirs
+        #: (``forget``, on the integration's event in every process), and kept
+        #: at most RECORD_TTL_S as a backstop.
+        self._records: dict[str, tuple[float, IntegrationRecord]] = {}
 
     def forget(self, name: str) -> None:
-        """Drop ``name``'s cached tools (it changed, said so, or lost a tool)."""
+        """Drop what is cached of ``name`` (it changed, said so, or lost a tool)."""
         self._tools.pop(name, None)
+        self._records.pop(name, None)
+
+    async def _record(self, workspace_id: str, integration_id: str) -> IntegrationRecord | None:
+        name = integration_name(workspace_id, integration_id)
+        cached = self._records.get(name)
+        if cached is not None and time.monotonic() - cached[0] < RECORD_TTL_S:
+            return cached[1]
+        record = await self._store.get(workspace_id, integration_id)
+        if record is not None:
+            if len(self._records) >= MAX_RECORDS:
+                self._records.clear()  # rare; a bound, not an eviction policy
+            self._records[name] = (time.monotonic(), record)
+        return record
 
     async def _tool_list(self, record: IntegrationRecord) -> list[ToolSpec]:
         name = name_of(record)
@@ -168,7 +190,7 @@ class Tools:
             violations.add("timeout", "must not be negative")
         violations.check()
         await self._spend(workspace_id)
-        record = await self._store.get(workspace_id, integration_id)
+        record = await self._record(workspace_id, integration_id)
         parent = integration_name(workspace_id, integration_id)
         if record is None:
             raise NotFound(f"{parent} not found")
@@ -181,7 +203,7 @@ class Tools:
         if tool is None:
             raise NotFound(f"{request.name} not found")
         arguments = _jsonable(json_format.MessageToDict(request.arguments))
-        self._validate(tool, arguments)
+        self._validate(record, tool, arguments)
         timeout_s = self._connections.timeout_s(record)
         if requested_s > 0:
             timeout_s = min(timeout_s, requested_s)
@@ -231,7 +253,12 @@ class Tools:
             raise DependencyUnavailable(f"{parent} gave no answer")
         return self._tool_response(result, elapsed, limit)
 
-    def _validate(self, tool: ToolSpec, arguments: Any) -> None:
+    def _validator(self, record: IntegrationRecord, tool: ToolSpec) -> Any:
+        """The tool's compiled validator, kept with its tool list (one check_schema per list)."""
+        cached = self._tools.get(name_of(record))
+        found = cached.validators.get(tool.name) if cached is not None else None
+        if found is not None:
+            return found
         schema = dict(tool.input_schema) or {"type": "object"}
         try:
             validator_class = jsonschema.validators.validator_for(schema)
@@ -241,6 +268,12 @@ class Tools:
                 f"the tool {tool.name!r} declares an invalid input schema"
             ) from None
         validator = validator_class(schema)
+        if cached is not None and cached.version == record.version:
+            cached.validators[tool.name] = validator
+        return validator
+
+    def _validate(self, record: IntegrationRecord, tool: ToolSpec, arguments: Any) -> None:
+        validator = self._validator(record, tool)
         violations = Violations()
         try:
             errors = sorted(
