@@ -295,8 +295,11 @@ class CreateIntegrationRequest(_message.Message):
     integration_id: _builtins.str
     """Optional client-chosen id, `[a-z][a-z0-9-]{1,62}`."""
     request_id: _builtins.str
-    """Idempotency key: a retry with the same key (by the same caller, within a
-    day) returns the integration the first attempt created.
+    """Idempotency key: 1-64 ASCII letters, digits, `-` or `_` (anything else is
+    INVALID_ARGUMENT on `request_id`); empty for none. Scoped to the caller and
+    this method and kept for 24 hours: a retry with the same id within that time
+    returns the first result, and the same id with a different request is
+    INVALID_ARGUMENT.
     """
     @_builtins.property
     def integration(self) -> Global___Integration:
