@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Concatenate, Final, ParamSpec, TypeAlias, TypeVar
 
-from google.protobuf import field_mask_pb2, struct_pb2, timestamp_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 from google.protobuf.message import Message as ProtoMessage
 
 from switchboard.api.context.v1 import context_pb2 as pb
@@ -41,8 +41,6 @@ from switchboard.context.store import (
     Appended,
     ContextStore,
     EntityRecord,
-    etag_of,
-    etag_version,
     new_id,
     now,
 )
@@ -68,6 +66,7 @@ from switchboard.platform.errors import (
     RequestTooLarge,
     Violations,
 )
+from switchboard.platform.fieldmask import update_paths
 from switchboard.platform.models import (
     ConversationRow,
     MemoryItemRow,
@@ -75,7 +74,9 @@ from switchboard.platform.models import (
     WorkspaceMemberRow,
     WorkspaceRow,
 )
+from switchboard.platform.names import checked_etag, etag_of
 from switchboard.platform.outbox import Staged
+from switchboard.platform.pagination import from_micros, micros
 from switchboard.platform.policy import Principal, Role
 from switchboard.platform.storage import Idempotency, idempotency
 
@@ -257,44 +258,6 @@ def _metadata(value: struct_pb2.Struct, field: str, limit: int) -> bytes:
 
 def _idempotency(principal: Principal, method: str, request: ProtoMessage) -> Idempotency | None:
     return idempotency(principal.user_id, method, request)
-
-
-def _mask(
-    mask: field_mask_pb2.FieldMask,
-    resource: ProtoMessage,
-    mutable: Sequence[str],
-    field: str,
-) -> list[str]:
-    """The fields to update (AIP-134); unknown or immutable paths are INVALID_ARGUMENT."""
-    paths = list(mask.paths)
-    if not paths:
-        # No mask: every mutable field the request sets (a proto3 default means "not set").
-        return [p for p in mutable if _is_set(resource, p)]
-    if paths == ["*"]:
-        return list(mutable)
-    violations = Violations()
-    known = {f.name for f in resource.DESCRIPTOR.fields}
-    for path in paths:
-        if path not in known:
-            violations.add(f"{field}.paths", f"{path!r} is not a field")
-        elif path not in mutable:
-            violations.add(f"{field}.paths", f"{path!r} cannot be changed")
-    violations.check()
-    return list(dict.fromkeys(paths))
-
-
-def _etag(value: str, field: str) -> str:
-    """``value`` if it is empty or an etag we issued (``"N"`` or ``W/"N"``)."""
-    if value and etag_version(value) is None:
-        raise InvalidArgument(f"{field} is malformed", [FieldViolation(field, "is malformed")])
-    return value
-
-
-def _is_set(resource: ProtoMessage, path: str) -> bool:
-    descriptor = resource.DESCRIPTOR.fields_by_name[path]
-    if descriptor.message_type is not None:
-        return resource.HasField(path)
-    return bool(getattr(resource, path))
 
 
 _P = ParamSpec("_P")
@@ -559,7 +522,7 @@ class ContextService:
             stamp, last = self._pages.decode(
                 request.page_token, token, (pagination.MICROS, pagination.ID)
             )
-            after = (_from_micros(stamp), str(last))
+            after = (from_micros(stamp), str(last))
         rows = await self._store.list_workspaces(
             principal.user_id, after, size + 1, show_deleted=request.show_deleted
         )
@@ -569,7 +532,7 @@ class ContextService:
         if len(rows) > size:
             last_row = rows[size - 1][0]
             response.next_page_token = self._pages.encode(
-                [_micros(last_row.created_at), last_row.id], token
+                [micros(last_row.created_at), last_row.id], token
             )
         return response
 
@@ -579,7 +542,7 @@ class ContextService:
     ) -> pb.Workspace:
         workspace = request.workspace
         workspace_id = _match(_WORKSPACE, workspace.name, "workspace.name").group(1)
-        paths = _mask(
+        paths = update_paths(
             request.update_mask, workspace, ("display_name", "description"), "update_mask"
         )
         violations = Violations()
@@ -607,7 +570,7 @@ class ContextService:
             lambda done: [self._workspace_event(principal, events_pb2.CHANGE_KIND_UPDATED, done)]
         )
         row = await self._store.update_workspace(
-            workspace_id, _etag(workspace.etag, "workspace.etag"), changes, staged
+            workspace_id, checked_etag(workspace.etag, "workspace.etag"), changes, staged
         )
         await self._announce(staged)
         return workspace_proto(row, "owner")
@@ -620,7 +583,7 @@ class ContextService:
         change = events_pb2.CHANGE_KIND_DELETED if deleted else events_pb2.CHANGE_KIND_UPDATED
         staged = self._staged(lambda done: [self._workspace_event(principal, change, done)])
         row = await self._store.set_workspace_deleted(
-            workspace_id, _etag(etag, "etag"), deleted=deleted, staged=staged
+            workspace_id, checked_etag(etag, "etag"), deleted=deleted, staged=staged
         )
         await self._announce(staged)
         return workspace_proto(row, "owner")
@@ -656,7 +619,7 @@ class ContextService:
         self, principal: Principal, request: pb.UpdateWorkspaceMemberRequest
     ) -> pb.WorkspaceMember:
         found = _match(_MEMBER, request.member.name, "member.name")
-        paths = _mask(request.update_mask, request.member, ("role",), "update_mask")
+        paths = update_paths(request.update_mask, request.member, ("role",), "update_mask")
         if "role" not in paths:
             raise InvalidArgument(
                 "update_mask must name role",
@@ -749,7 +712,7 @@ class ContextService:
             stamp, last = self._pages.decode(
                 request.page_token, token, (pagination.MICROS, pagination.ID)
             )
-            before = (_from_micros(stamp), str(last))
+            before = (from_micros(stamp), str(last))
         rows = await self._store.list_conversations(
             workspace_id,
             before,
@@ -763,7 +726,7 @@ class ContextService:
         if len(rows) > size:
             last_row = rows[size - 1]
             response.next_page_token = self._pages.encode(
-                [_micros(last_row.updated_at), last_row.id], token
+                [micros(last_row.updated_at), last_row.id], token
             )
         return response
 
@@ -773,7 +736,7 @@ class ContextService:
     ) -> pb.Conversation:
         conversation = request.conversation
         found = _match(_CONVERSATION, conversation.name, "conversation.name")
-        paths = _mask(
+        paths = update_paths(
             request.update_mask, conversation, ("title", "metadata", "archived"), "update_mask"
         )
         violations = Violations()
@@ -792,7 +755,11 @@ class ContextService:
             lambda done: [self._conversation_event(principal, events_pb2.CHANGE_KIND_UPDATED, done)]
         )
         row = await self._store.update_conversation(
-            found[1], found[2], _etag(conversation.etag, "conversation.etag"), changes, staged
+            found[1],
+            found[2],
+            checked_etag(conversation.etag, "conversation.etag"),
+            changes,
+            staged,
         )
         await self._announce(staged)
         return conversation_proto(row)
@@ -805,7 +772,7 @@ class ContextService:
         change = events_pb2.CHANGE_KIND_DELETED if deleted else events_pb2.CHANGE_KIND_UPDATED
         staged = self._staged(lambda done: [self._conversation_event(principal, change, done)])
         row = await self._store.set_conversation_deleted(
-            found[1], found[2], _etag(etag, "etag"), deleted=deleted, staged=staged
+            found[1], found[2], checked_etag(etag, "etag"), deleted=deleted, staged=staged
         )
         await self._announce(staged)
         return conversation_proto(row)
@@ -1042,7 +1009,7 @@ class ContextService:
     ) -> pb.MemoryItem:
         item = request.memory_item
         scope, memory_id = self._memory_name(item.name, "memory_item.name")
-        paths = _mask(
+        paths = update_paths(
             request.update_mask,
             item,
             ("content", "pinned", "metadata", "expire_time"),
@@ -1069,7 +1036,7 @@ class ContextService:
         row = await self._store.update_memory(
             scope,
             memory_id,
-            _etag(item.etag, "memory_item.etag"),
+            checked_etag(item.etag, "memory_item.etag"),
             changes,
             max_pinned=self.limits.max_pinned,
             staged=staged,
@@ -1108,7 +1075,7 @@ class ContextService:
             stamp, last = self._pages.decode(
                 request.page_token, token, (pagination.MICROS, pagination.ID)
             )
-            before = (_from_micros(stamp), str(last))
+            before = (from_micros(stamp), str(last))
         await self._store.scope_live(template)
         rows = await self._store.list_memory(
             request.parent, before, size + 1, kinds=kinds, pinned_only=request.pinned_only
@@ -1117,7 +1084,7 @@ class ContextService:
         if len(rows) > size:
             last_row = rows[size - 1]
             response.next_page_token = self._pages.encode(
-                [_micros(last_row.created_at), last_row.id], token
+                [micros(last_row.created_at), last_row.id], token
             )
         return response
 
@@ -1478,21 +1445,3 @@ def _previous_first(previous: MemoryItemRow | None) -> int | None:
 
 _MAX_SEARCH_RESULTS: Final = 500
 _PRUNE_ATTEMPTS: Final = 5
-
-
-_EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-
-
-def _micros(when: dt.datetime) -> int:
-    # Exact integer arithmetic: a float timestamp can be off by a microsecond,
-    # and a keyset token must name the row's key exactly.
-    return (when - _EPOCH) // dt.timedelta(microseconds=1)
-
-
-def _from_micros(value: str | int) -> dt.datetime:
-    if not isinstance(value, int):
-        raise InvalidArgument(
-            "page_token is not valid for this request",
-            [FieldViolation("page_token", "is malformed")],
-        )
-    return _EPOCH + dt.timedelta(microseconds=value)

@@ -177,10 +177,6 @@ def check_etag(etag: str, version: int) -> None:
         raise EtagMismatch("the resource changed since the etag was read; read it again")
 
 
-def etag_of(version: int) -> str:
-    return f'"{version}"'
-
-
 class ContextStore:
     def __init__(self, database: Database) -> None:
         self._database = database

@@ -15,6 +15,7 @@ from google.rpc import status_pb2
 from switchboard.api.integration.v1 import integration_pb2 as pb
 from switchboard.integration.store import IntegrationRecord
 from switchboard.platform.breaker import BreakerState
+from switchboard.platform.names import etag_of
 
 _CIRCUIT = {
     "closed": pb.CIRCUIT_STATE_CLOSED,
@@ -35,10 +36,6 @@ def timestamp(when: dt.datetime) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromDatetime(when)
     return stamp
-
-
-def etag_of(version: int) -> str:
-    return f'"{version}"'
 
 
 def integration_proto(

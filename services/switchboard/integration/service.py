@@ -61,6 +61,8 @@ from switchboard.platform.errors import (
     SubscriberTooSlow,
     Violations,
 )
+from switchboard.platform.fieldmask import update_paths
+from switchboard.platform.names import checked_etag
 from switchboard.platform.outbox import Staged
 from switchboard.platform.policy import Principal
 from switchboard.platform.secretbox import SecretBox
@@ -460,22 +462,18 @@ class IntegrationHub:
         fingerprint = pagination.fingerprint("integrations", workspace_id)
         after = None
         if request.page_token:
-            micros, last = self._pages.decode(
+            stamp, last = self._pages.decode(
                 request.page_token, fingerprint, (pagination.MICROS, pagination.ID)
             )
-            after = (
-                dt.datetime.fromtimestamp(0, dt.UTC) + dt.timedelta(microseconds=int(micros)),
-                str(last),
-            )
+            after = (pagination.from_micros(stamp), str(last))
         records = await self._store.page(workspace_id, after, size + 1)
         response = pb.ListIntegrationsResponse(
             integrations=[self._proto(record) for record in records[:size]]
         )
         if len(records) > size:
             last_record = records[size - 1]
-            stamp = last_record.created_at - dt.datetime.fromtimestamp(0, dt.UTC)
             response.next_page_token = self._pages.encode(
-                [stamp // dt.timedelta(microseconds=1), last_record.id], fingerprint
+                [pagination.micros(last_record.created_at), last_record.id], fingerprint
             )
         return response
 
@@ -485,15 +483,11 @@ class IntegrationHub:
         given = request.integration
         found = _match(INTEGRATION, given.name, "integration.name")
         workspace_id, integration_id = found[1], found[2]
-        paths = self._mask(request, given)
+        paths = update_paths(request.update_mask, given, _MUTABLE)
         current = await self._store.get(workspace_id, integration_id)
         if current is None:
             raise NotFound(f"{given.name} not found")
-        if given.etag and names.etag_version(given.etag) is None:
-            raise InvalidArgument(
-                "integration.etag is malformed",
-                [FieldViolation("integration.etag", "is malformed")],
-            )
+        checked_etag(given.etag, "integration.etag")
         kind = current.kind
         violations = Violations()
         changes: dict[str, Any] = {}
@@ -550,26 +544,9 @@ class IntegrationHub:
         await self._bus.publish_staged(staged.events)
         return self._proto(record)
 
-    def _mask(self, request: pb.UpdateIntegrationRequest, given: pb.Integration) -> list[str]:
-        paths = list(request.update_mask.paths)
-        if not paths:
-            return [p for p in _MUTABLE if _is_set(given, p)]
-        if paths == ["*"]:
-            return list(_MUTABLE)
-        violations = Violations()
-        known = {f.name for f in given.DESCRIPTOR.fields}
-        for path in paths:
-            if path not in known:
-                violations.add("update_mask.paths", f"{path!r} is not a field")
-            elif path not in _MUTABLE:
-                violations.add("update_mask.paths", f"{path!r} cannot be changed")
-        violations.check()
-        return list(dict.fromkeys(paths))
-
     async def delete(self, principal: Principal, name: str, etag: str) -> None:
         found = _match(INTEGRATION, name, "name")
-        if etag and names.etag_version(etag) is None:
-            raise InvalidArgument("etag is malformed", [FieldViolation("etag", "is malformed")])
+        checked_etag(etag, "etag")
         staged = self._staged(
             lambda done: [self._event(principal, events_pb2.CHANGE_KIND_DELETED, done)]
         )
@@ -661,14 +638,3 @@ class IntegrationHub:
         found = _match(_DELIVERY, name, "name")
         record = await self.webhook(integration_name(found[1], found[2]), "name")
         return await self._deliveries().redeliver(record.workspace_id, record.id, found[3])
-
-
-def _is_set(resource: pb.Integration, path: str) -> bool:
-    descriptor = resource.DESCRIPTOR.fields_by_name[path]
-    if descriptor.message_type is not None and not _repeated(descriptor):
-        return resource.HasField(path)  # type: ignore[arg-type]
-    return bool(getattr(resource, path))
-
-
-def _repeated(descriptor: Any) -> bool:
-    return bool(getattr(descriptor, "is_repeated", False))

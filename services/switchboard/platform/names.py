@@ -56,3 +56,15 @@ def etag_version(etag: str) -> int | None:
     """
     found = ETAG.fullmatch(etag)
     return int(found.group(1)) if found else None
+
+
+def checked_etag(etag: str, field: str) -> str:
+    """``etag`` if it is empty or one we issued (``"N"`` or ``W/"N"``); else INVALID_ARGUMENT."""
+    if etag and etag_version(etag) is None:
+        raise InvalidArgument(f"{field} is malformed", [FieldViolation(field, "is malformed")])
+    return etag
+
+
+def etag_of(version: int) -> str:
+    """The etag of a resource at ``version``."""
+    return f'"{version}"'

@@ -166,3 +166,25 @@ def page_size(requested: int, *, default: int, maximum: int, field: str = "page_
             f"{field} must not be negative", [FieldViolation(field, "must not be negative")]
         )
     return min(requested or default, maximum)
+
+
+_EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def micros(when: dt.datetime) -> int:
+    """``when`` as microseconds since the epoch, for a keyset token (``MICROS``).
+
+    Exact integer arithmetic: a float timestamp can be off by a microsecond, and
+    a keyset token must name the row's key exactly.
+    """
+    return (when - _EPOCH) // dt.timedelta(microseconds=1)
+
+
+def from_micros(value: str | int) -> dt.datetime:
+    """The instant a decoded ``MICROS`` part names (INVALID_ARGUMENT if it is not one)."""
+    if not isinstance(value, int):
+        raise InvalidArgument(
+            "page_token is not valid for this request",
+            [FieldViolation("page_token", "is malformed")],
+        )
+    return _EPOCH + dt.timedelta(microseconds=value)
