@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from switchboard.integration.connectors import Connector, ConnectorError, ToolNotFound, Unreachable
+from switchboard.integration.connectors import Connector, ConnectorError, ToolNotFound
 from switchboard.integration.mapping import name_of
 from switchboard.integration.store import IntegrationRecord, IntegrationStore
 from switchboard.platform import names
@@ -27,7 +27,6 @@ from switchboard.platform.errors import (
     DestinationBlocked,
     FailedPrecondition,
     NotFound,
-    SwitchboardError,
 )
 from switchboard.platform.secretbox import SecretBox
 
@@ -148,23 +147,18 @@ class Connections:
         except ToolNotFound:
             await permit.succeeded()  # it answered: the tool is not there
             raise
-        except (Unreachable, ConnectorError) as exc:
+        except ConnectorError as exc:  # unreachable, or broke the protocol
             await permit.failed()
             raise DependencyUnavailable(
                 f"{name} is unreachable: {exc}"[:300], metadata={"integration": name}
             ) from None
-        except asyncio.CancelledError:
-            permit.released()
-            raise
         except DestinationBlocked as exc:
             permit.released()
             raise FailedPrecondition(
                 f"{name}: {exc.message}", metadata={"integration": name}
             ) from None
-        except SwitchboardError:
-            permit.released()
-            raise
         except BaseException:
+            # Cancelled, or refused on our side: no verdict on the integration.
             permit.released()
             raise
         await permit.succeeded()

@@ -8,7 +8,6 @@ in the same transaction, so every committed change has its INTEGRATION_CHANGED.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -339,7 +338,3 @@ class IntegrationStore:
             return _record(row) if row is not None else None
 
         return await self._run(staging(staged, tx), write=True)
-
-
-def replace(record: IntegrationRecord, **changes: Any) -> IntegrationRecord:
-    return dataclasses.replace(record, **changes)
