@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 
 from switchboard.platform.breaker import KEY_PREFIX, Breakers, BreakerState
 from switchboard.platform.errors import CircuitOpen
+from tests.infra.clock import FakeClock
 from tests.infra.redis import RedisServer
 
 KEY = "workspaces/w/integrations/i"
@@ -19,22 +20,14 @@ LABEL = f"integration {KEY}"
 DEADLINE_S = 10.0
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> FakeClock:
+    return FakeClock(1_700_000_000.0)
 
 
 @pytest.fixture
 async def replicas(
-    redis_server: RedisServer, clock: Clock
+    redis_server: RedisServer, clock: FakeClock
 ) -> AsyncIterator[tuple[Breakers, Breakers]]:
     pair = tuple(
         Breakers(
@@ -76,7 +69,7 @@ async def until(condition: Callable[[], Awaitable[bool]]) -> None:
 
 
 async def test_replicas_share_one_circuit(
-    replicas: tuple[Breakers, Breakers], clock: Clock, redis_server: RedisServer
+    replicas: tuple[Breakers, Breakers], clock: FakeClock, redis_server: RedisServer
 ) -> None:
     a, b = replicas
     changes: dict[str, list[BreakerState]] = {"a": [], "b": []}
@@ -136,7 +129,7 @@ async def test_replicas_share_one_circuit(
 
 
 async def test_without_redis_each_replica_carries_on_alone(
-    replicas: tuple[Breakers, Breakers], clock: Clock, redis_server: RedisServer
+    replicas: tuple[Breakers, Breakers], clock: FakeClock, redis_server: RedisServer
 ) -> None:
     a, b = replicas
     await fail(a, 2)
@@ -194,7 +187,7 @@ async def test_a_hung_redis_does_not_hold_callers(
 
 
 async def test_start_with_redis_away_is_degraded_not_fatal(
-    redis_server: RedisServer, clock: Clock
+    redis_server: RedisServer, clock: FakeClock
 ) -> None:
     redis_server.kill()
     breakers = Breakers(redis_server.url, failures=1, reset_s=1.0, timeout_s=0.2, clock=clock)

@@ -9,26 +9,19 @@ from google.rpc import error_details_pb2
 from switchboard.platform.breaker import Breakers, BreakerState, CircuitBreaker, Permit
 from switchboard.platform.errors import CircuitOpen, Code
 from switchboard.platform.status import to_status_proto
+from tests.infra.clock import FakeClock
 
 KEY = "workspaces/w/integrations/i"
 LABEL = f"integration {KEY}"
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(1_700_000_000.0)
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def breakers(clock: Clock) -> Breakers:
+def breakers(clock: FakeClock) -> Breakers:
     return Breakers(failures=3, reset_s=10.0, clock=clock)
 
 
@@ -43,7 +36,7 @@ async def refused(breakers: Breakers, key: str = KEY) -> CircuitOpen:
     return caught.value
 
 
-async def test_closed_until_n_failures_in_a_row(breakers: Breakers, clock: Clock) -> None:
+async def test_closed_until_n_failures_in_a_row(breakers: Breakers, clock: FakeClock) -> None:
     assert breakers.state(KEY) == BreakerState("closed", 0, None)
     await fail(breakers, 2)
     assert breakers.state(KEY) == BreakerState("closed", 2, None)
@@ -57,7 +50,7 @@ async def test_closed_until_n_failures_in_a_row(breakers: Breakers, clock: Clock
 
 
 async def test_an_open_circuit_refuses_at_once_with_the_retry_time(
-    breakers: Breakers, clock: Clock
+    breakers: Breakers, clock: FakeClock
 ) -> None:
     await fail(breakers, 3)
     clock.now += 2.5
@@ -75,7 +68,7 @@ async def test_an_open_circuit_refuses_at_once_with_the_retry_time(
 
 
 async def test_half_open_lets_one_trial_through_and_closes_on_success(
-    breakers: Breakers, clock: Clock
+    breakers: Breakers, clock: FakeClock
 ) -> None:
     await fail(breakers, 3)
     clock.now += 10
@@ -92,7 +85,7 @@ async def test_half_open_lets_one_trial_through_and_closes_on_success(
     assert not permit.trial
 
 
-async def test_a_failed_trial_reopens(breakers: Breakers, clock: Clock) -> None:
+async def test_a_failed_trial_reopens(breakers: Breakers, clock: FakeClock) -> None:
     await fail(breakers, 3)
     clock.now += 11
     await (await breakers.acquire(KEY, label=LABEL)).failed()
@@ -104,7 +97,7 @@ async def test_a_failed_trial_reopens(breakers: Breakers, clock: Clock) -> None:
 
 
 async def test_a_released_trial_frees_the_circuit_for_the_next(
-    breakers: Breakers, clock: Clock
+    breakers: Breakers, clock: FakeClock
 ) -> None:
     await fail(breakers, 3)
     clock.now += 10
@@ -115,7 +108,7 @@ async def test_a_released_trial_frees_the_circuit_for_the_next(
     assert (await breakers.acquire(KEY, label=LABEL)).trial
 
 
-async def test_a_lost_trial_expires_with_its_lease(clock: Clock) -> None:
+async def test_a_lost_trial_expires_with_its_lease(clock: FakeClock) -> None:
     breakers = Breakers(failures=1, reset_s=10.0, clock=clock, trial_lease_s=3.0)
     await fail(breakers, 1)
     clock.now += 10
@@ -130,7 +123,9 @@ async def test_a_lost_trial_expires_with_its_lease(clock: Clock) -> None:
     await refused(breakers)
 
 
-async def test_a_late_failure_restarts_the_open_period(breakers: Breakers, clock: Clock) -> None:
+async def test_a_late_failure_restarts_the_open_period(
+    breakers: Breakers, clock: FakeClock
+) -> None:
     early = await breakers.acquire(KEY, label=LABEL)
     await fail(breakers, 3)
     clock.now += 5
@@ -145,7 +140,7 @@ async def test_a_late_success_closes(breakers: Breakers) -> None:
     assert breakers.state(KEY) == BreakerState("closed", 0, None)
 
 
-async def test_only_the_first_verdict_counts(breakers: Breakers, clock: Clock) -> None:
+async def test_only_the_first_verdict_counts(breakers: Breakers, clock: FakeClock) -> None:
     permit = await breakers.acquire(KEY, label=LABEL)
     await permit.failed()
     await permit.failed()
@@ -160,7 +155,7 @@ async def test_only_the_first_verdict_counts(breakers: Breakers, clock: Clock) -
     assert breakers.state(KEY).state == "closed"
 
 
-async def test_on_change_reports_every_transition(breakers: Breakers, clock: Clock) -> None:
+async def test_on_change_reports_every_transition(breakers: Breakers, clock: FakeClock) -> None:
     seen: list[tuple[str, BreakerState]] = []
     breakers.on_change(lambda key, state: seen.append((key, state)))
 
@@ -210,7 +205,7 @@ def test_arguments_are_checked() -> None:
         Breakers(failures=1, reset_s=0)
 
 
-def test_circuit_breaker_single(clock: Clock) -> None:
+def test_circuit_breaker_single(clock: FakeClock) -> None:
     breaker = CircuitBreaker(failures=2, reset_s=10.0, clock=clock)
     assert breaker.allow()
     breaker.failed()

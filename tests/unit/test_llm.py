@@ -37,6 +37,7 @@ from switchboard.dispatcher.llm import (
     parse_providers,
 )
 from tests.fakes.openai_server import FakeOpenAI, Reply
+from tests.infra.clock import FakeClock
 
 KEY = "sk-test-9f8e7d6c5b4a39281706"
 MODEL = "gpt-fake"
@@ -53,19 +54,6 @@ class Sleeps:
 
     async def __call__(self, delay: float) -> None:
         self.delays.append(delay)
-
-
-class Clock:
-    """A monotonic clock that moves only when told to."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class CeilingRandom(random.Random):
@@ -98,15 +86,15 @@ def sleeps() -> Sleeps:
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> FakeClock:
+    return FakeClock(1000.0)
 
 
 Make = Callable[..., LlmHandler]
 
 
 @pytest.fixture
-async def make(sleeps: Sleeps, clock: Clock) -> AsyncIterator[Make]:
+async def make(sleeps: Sleeps, clock: FakeClock) -> AsyncIterator[Make]:
     """Builds handlers over providers (fakes or ``Provider``s); closes them afterwards."""
     built: list[LlmHandler] = []
 
@@ -539,7 +527,7 @@ async def test_when_every_provider_fails_each_is_named(
 
 
 async def test_breaker_opens_half_opens_closes_and_reopens(
-    primary: FakeOpenAI, backup: FakeOpenAI, make: Make, clock: Clock
+    primary: FakeOpenAI, backup: FakeOpenAI, make: Make, clock: FakeClock
 ) -> None:
     backup.default = Reply.text("backup")
     handler = make(primary, backup, max_retries=0, breaker_failures=2, breaker_reset_s=30.0)
@@ -582,7 +570,7 @@ async def test_breaker_opens_half_opens_closes_and_reopens(
 
 
 async def test_half_open_lets_one_trial_call_through(
-    primary: FakeOpenAI, backup: FakeOpenAI, make: Make, clock: Clock
+    primary: FakeOpenAI, backup: FakeOpenAI, make: Make, clock: FakeClock
 ) -> None:
     backup.default = Reply.text("backup")
     handler = make(primary, backup, max_retries=0, breaker_failures=1, breaker_reset_s=10.0)
@@ -608,7 +596,7 @@ async def test_half_open_lets_one_trial_call_through(
 
 
 async def test_a_cancelled_trial_lets_the_next_call_try(
-    primary: FakeOpenAI, backup: FakeOpenAI, make: Make, clock: Clock
+    primary: FakeOpenAI, backup: FakeOpenAI, make: Make, clock: FakeClock
 ) -> None:
     handler = make(primary, backup, max_retries=0, breaker_failures=1, breaker_reset_s=10.0)
     primary.script(Reply.error(500))
@@ -629,7 +617,7 @@ async def test_a_cancelled_trial_lets_the_next_call_try(
 
 
 async def test_unavailable_only_while_every_breaker_is_open(
-    primary: FakeOpenAI, backup: FakeOpenAI, make: Make, clock: Clock
+    primary: FakeOpenAI, backup: FakeOpenAI, make: Make, clock: FakeClock
 ) -> None:
     handler = make(primary, backup, max_retries=0, breaker_failures=1, breaker_reset_s=5.0)
     primary.script(Reply.error(500))

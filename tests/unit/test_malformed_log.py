@@ -8,18 +8,11 @@ import pytest
 
 from switchboard.api.events.v1 import events_pb2
 from switchboard.platform.interceptors import UNDECODABLE, MalformedLog, message_name, tolerant
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.infra.clock import FakeClock
 
 
 def test_one_line_per_interval_with_the_count_of_the_rest(caplog: pytest.LogCaptureFixture) -> None:
-    clock = Clock()
+    clock = FakeClock(100.0)
     malformed = MalformedLog(interval_s=10.0, clock=clock)
     with caplog.at_level(logging.WARNING, logger="switchboard.access"):
         for _ in range(500):
