@@ -344,6 +344,17 @@ class RunSuperseded(RunCancelled):
     reason = "ERROR_REASON_RUN_SUPERSEDED"
 
 
+class ApprovalExpired(SwitchboardError):
+    """A run's tool calls waited for a decision longer than the approval timeout.
+
+    DEADLINE_EXCEEDED: the wait had a limit and reached it; the run is FAILED
+    (not DEADLINE_EXCEEDED, which is the run's own deadline).
+    """
+
+    code = Code.DEADLINE_EXCEEDED
+    reason = "ERROR_REASON_APPROVAL_EXPIRED"
+
+
 class HandlerFailed(SwitchboardError):
     """The handler reported a failure; the message is the handler's own, secret-free."""
 

@@ -85,6 +85,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_RESULT_TOO_LARGE: _ErrorReason.ValueType  # 29
     """A tool's result exceeded the size limit; nothing of it is returned."""
+    ERROR_REASON_APPROVAL_EXPIRED: _ErrorReason.ValueType  # 30
+    """A run waited for a tool approval longer than the approval timeout."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the machine-readable cause of a failed call. Every error the
@@ -155,4 +157,6 @@ private, link-local or cloud metadata addresses).
 """
 ERROR_REASON_RESULT_TOO_LARGE: ErrorReason.ValueType  # 29
 """A tool's result exceeded the size limit; nothing of it is returned."""
+ERROR_REASON_APPROVAL_EXPIRED: ErrorReason.ValueType  # 30
+"""A run waited for a tool approval longer than the approval timeout."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -336,6 +336,8 @@ class ContentPart(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     FILE_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_FIELD_NUMBER: _builtins.int
+    TOOL_RESULT_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """Plain or markdown text."""
     @_builtins.property
@@ -346,22 +348,104 @@ class ContentPart(_message.Message):
     def file(self) -> Global___FileReference:
         """A reference to content stored elsewhere."""
 
+    @_builtins.property
+    def tool_call(self) -> Global___ToolCallContent:
+        """A tool call a handler made (in an ASSISTANT message)."""
+
+    @_builtins.property
+    def tool_result(self) -> Global___ToolResultContent:
+        """The outcome of a tool call (in a TOOL message)."""
+
     def __init__(
         self,
         *,
         text: _builtins.str = ...,
         data: _struct_pb2.Struct | None = ...,
         file: Global___FileReference | None = ...,
+        tool_call: Global___ToolCallContent | None = ...,
+        tool_result: Global___ToolResultContent | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "file", b"file", "part", b"part", "text", b"text"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "file", b"file", "part", b"part", "text", b"text", "tool_call", b"tool_call", "tool_result", b"tool_result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "file", b"file", "part", b"part", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "file", b"file", "part", b"part", "text", b"text", "tool_call", b"tool_call", "tool_result", b"tool_result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["text", "data", "file"]  # noqa: Y015
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["text", "data", "file", "tool_call", "tool_result"]  # noqa: Y015
     _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
 
 Global___ContentPart: _TypeAlias = ContentPart  # noqa: Y015
+
+@_typing.final
+class ToolCallContent(_message.Message):
+    """A tool call, as stored in the conversation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    TOOL_FIELD_NUMBER: _builtins.int
+    FUNCTION_NAME_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The call's id, unique within its run."""
+    tool: _builtins.str
+    """The tool, `workspaces/{w}/integrations/{i}/tools/{tool}`; empty if the call
+    named no known tool.
+    """
+    function_name: _builtins.str
+    """The name the model called it by."""
+    @_builtins.property
+    def arguments(self) -> _struct_pb2.Struct:
+        """The arguments."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        tool: _builtins.str = ...,
+        function_name: _builtins.str = ...,
+        arguments: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments", "function_name", b"function_name", "id", b"id", "tool", b"tool"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolCallContent: _TypeAlias = ToolCallContent  # noqa: Y015
+
+@_typing.final
+class ToolResultContent(_message.Message):
+    """The outcome of a tool call, as stored in the conversation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    TOOL_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The id of the call it answers."""
+    tool: _builtins.str
+    """The tool, `workspaces/{w}/integrations/{i}/tools/{tool}`, if known."""
+    outcome: _builtins.str
+    """"succeeded", "error", "failed" or "denied"."""
+    text: _builtins.str
+    """The text given to the model."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        tool: _builtins.str = ...,
+        outcome: _builtins.str = ...,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "outcome", b"outcome", "text", b"text", "tool", b"tool"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolResultContent: _TypeAlias = ToolResultContent  # noqa: Y015
 
 @_typing.final
 class FileReference(_message.Message):

@@ -24,6 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
@@ -31,7 +32,7 @@ from switchboard.api.context.v1 import context_pb2 as switchboard_dot_api_dot_co
 from switchboard.api.handler.v1 import handler_pb2 as switchboard_dot_api_dot_handler_dot_v1_dot_handler__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.switchboard/api/dispatcher/v1/dispatcher.proto\x12\x1dswitchboard.api.dispatcher.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a(switchboard/api/context/v1/context.proto\x1a(switchboard/api/handler/v1/handler.proto\"\xf2\x04\n\x03Run\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x36\n\x05state\x18\x02 \x01(\x0e\x32\'.switchboard.api.dispatcher.v1.RunState\x12\x0f\n\x07handler\x18\x03 \x01(\t\x12\x15\n\rinput_message\x18\x04 \x01(\t\x12\x16\n\x0eoutput_message\x18\x05 \x01(\t\x12\x0f\n\x07\x63reator\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x64\x65\x61\x64line\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12!\n\x05\x65rror\x18\x0b \x01(\x0b\x32\x12.google.rpc.Status\x12\x36\n\x08progress\x18\x0c \x01(\x0b\x32$.switchboard.api.handler.v1.Progress\x12\x30\n\x05usage\x18\r \x01(\x0b\x32!.switchboard.api.handler.v1.Usage\x12\x16\n\x0erouting_reason\x18\x0e \x01(\t\x12L\n\x12\x63oncurrency_policy\x18\x0f \x01(\x0e\x32\x30.switchboard.api.dispatcher.v1.ConcurrencyPolicy\x12\r\n\x05\x66lags\x18\x10 \x03(\t\x12\x15\n\rlast_sequence\x18\x11 \x01(\x03\"\xac\x02\n\x12SendMessageRequest\x12\x14\n\x0c\x63onversation\x18\x01 \x01(\t\x12\x34\n\x07message\x18\x02 \x01(\x0b\x32#.switchboard.api.context.v1.Message\x12\x0f\n\x07handler\x18\x03 \x01(\t\x12+\n\nparameters\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12*\n\x07timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12L\n\x12\x63oncurrency_policy\x18\x07 \x01(\x0e\x32\x30.switchboard.api.dispatcher.v1.ConcurrencyPolicy\"|\n\x13SendMessageResponse\x12/\n\x03run\x18\x01 \x01(\x0b\x32\".switchboard.api.dispatcher.v1.Run\x12\x34\n\x07message\x18\x02 \x01(\x0b\x32#.switchboard.api.context.v1.Message\"\x1d\n\rGetRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"A\n\x0eGetRunResponse\x12/\n\x03run\x18\x01 \x01(\x0b\x32\".switchboard.api.dispatcher.v1.Run\"\x81\x01\n\x0fListRunsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x37\n\x06states\x18\x04 \x03(\x0e\x32\'.switchboard.api.dispatcher.v1.RunState\"]\n\x10ListRunsResponse\x12\x30\n\x04runs\x18\x01 \x03(\x0b\x32\".switchboard.api.dispatcher.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"0\n\x10\x43\x61ncelRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"D\n\x11\x43\x61ncelRunResponse\x12/\n\x03run\x18\x01 \x01(\x0b\x32\".switchboard.api.dispatcher.v1.Run\"7\n\x0fWatchRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"A\n\x0eRunStateChange\x12/\n\x03run\x18\x01 \x01(\x0b\x32\".switchboard.api.dispatcher.v1.Run\"\x8e\x03\n\tRunUpdate\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x45\n\x0cstate_change\x18\x04 \x01(\x0b\x32-.switchboard.api.dispatcher.v1.RunStateChangeH\x00\x12\x38\n\x08progress\x18\x05 \x01(\x0b\x32$.switchboard.api.handler.v1.ProgressH\x00\x12\x36\n\x05\x64\x65lta\x18\x06 \x01(\x0b\x32%.switchboard.api.handler.v1.TextDeltaH\x00\x12\x39\n\ttool_call\x18\x07 \x01(\x0b\x32$.switchboard.api.handler.v1.ToolCallH\x00\x12:\n\x06result\x18\x08 \x01(\x0b\x32(.switchboard.api.handler.v1.HandleResultH\x00\x42\x08\n\x06update\"\x96\x01\n\x10WatchRunResponse\x12:\n\x06update\x18\x01 \x01(\x0b\x32(.switchboard.api.dispatcher.v1.RunUpdateH\x00\x12=\n\theartbeat\x18\x02 \x01(\x0b\x32(.switchboard.api.dispatcher.v1.HeartbeatH\x00\x42\x07\n\x05\x66rame\"5\n\tHeartbeat\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8d\x02\n\x0f\x43onverseRequest\x12\x19\n\x11\x63lient_request_id\x18\x01 \x01(\t\x12I\n\x0csend_message\x18\x02 \x01(\x0b\x32\x31.switchboard.api.dispatcher.v1.SendMessageRequestH\x00\x12\x45\n\ncancel_run\x18\x03 \x01(\x0b\x32/.switchboard.api.dispatcher.v1.CancelRunRequestH\x00\x12\x43\n\twatch_run\x18\x04 \x01(\x0b\x32..switchboard.api.dispatcher.v1.WatchRunRequestH\x00\x42\x08\n\x06\x61\x63tion\"\xed\x02\n\x10\x43onverseResponse\x12\x19\n\x11\x63lient_request_id\x18\x01 \x01(\t\x12J\n\x0cmessage_sent\x18\x02 \x01(\x0b\x32\x32.switchboard.api.dispatcher.v1.SendMessageResponseH\x00\x12I\n\rrun_cancelled\x18\x03 \x01(\x0b\x32\x30.switchboard.api.dispatcher.v1.CancelRunResponseH\x00\x12:\n\x06update\x18\x04 \x01(\x0b\x32(.switchboard.api.dispatcher.v1.RunUpdateH\x00\x12#\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x12=\n\theartbeat\x18\x06 \x01(\x0b\x32(.switchboard.api.dispatcher.v1.HeartbeatH\x00\x42\x07\n\x05\x66rame\"\xc0\x01\n\x07Handler\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x38\n\x04kind\x18\x02 \x01(\x0e\x32*.switchboard.api.dispatcher.v1.HandlerKind\x12\x45\n\x0c\x63\x61pabilities\x18\x03 \x01(\x0b\x32/.switchboard.api.handler.v1.HandlerCapabilities\x12\x13\n\x0bintegration\x18\x04 \x01(\t\x12\x11\n\tavailable\x18\x05 \x01(\x08\"L\n\x13ListHandlersRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"i\n\x14ListHandlersResponse\x12\x38\n\x08handlers\x18\x01 \x03(\x0b\x32&.switchboard.api.dispatcher.v1.Handler\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xbb\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10RUN_STATE_QUEUED\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x17\n\x13RUN_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10RUN_STATE_FAILED\x10\x04\x12\x17\n\x13RUN_STATE_CANCELLED\x10\x05\x12\x1f\n\x1bRUN_STATE_DEADLINE_EXCEEDED\x10\x06*\x98\x01\n\x11\x43oncurrencyPolicy\x12\"\n\x1e\x43ONCURRENCY_POLICY_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x43ONCURRENCY_POLICY_REJECT\x10\x01\x12\x1e\n\x1a\x43ONCURRENCY_POLICY_ENQUEUE\x10\x02\x12 \n\x1c\x43ONCURRENCY_POLICY_INTERRUPT\x10\x03*t\n\x0bHandlerKind\x12\x1c\n\x18HANDLER_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14HANDLER_KIND_BUILTIN\x10\x01\x12\x14\n\x10HANDLER_KIND_LLM\x10\x02\x12\x17\n\x13HANDLER_KIND_REMOTE\x10\x03\x32\xa6\x06\n\x11\x44ispatcherService\x12t\n\x0bSendMessage\x12\x31.switchboard.api.dispatcher.v1.SendMessageRequest\x1a\x32.switchboard.api.dispatcher.v1.SendMessageResponse\x12\x65\n\x06GetRun\x12,.switchboard.api.dispatcher.v1.GetRunRequest\x1a-.switchboard.api.dispatcher.v1.GetRunResponse\x12k\n\x08ListRuns\x12..switchboard.api.dispatcher.v1.ListRunsRequest\x1a/.switchboard.api.dispatcher.v1.ListRunsResponse\x12n\n\tCancelRun\x12/.switchboard.api.dispatcher.v1.CancelRunRequest\x1a\x30.switchboard.api.dispatcher.v1.CancelRunResponse\x12m\n\x08WatchRun\x12..switchboard.api.dispatcher.v1.WatchRunRequest\x1a/.switchboard.api.dispatcher.v1.WatchRunResponse0\x01\x12o\n\x08\x43onverse\x12..switchboard.api.dispatcher.v1.ConverseRequest\x1a/.switchboard.api.dispatcher.v1.ConverseResponse(\x01\x30\x01\x12w\n\x0cListHandlers\x12\x32.switchboard.api.dispatcher.v1.ListHandlersRequest\x1a\x33.switchboard.api.dispatcher.v1.ListHandlersResponseBd\n!dev.switchboard.api.dispatcher.v1P\x01Z=switchboard/gen/go/switchboard/api/dispatcher/v1;dispatcherv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.switchboard/api/dispatcher/v1/dispatcher.proto\x12\x1dswitchboard.api.dispatcher.v1\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a(switchboard/api/context/v1/context.proto\x1a(switchboard/api/handler/v1/handler.proto\"\xe6\x05\n\x03Run\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x36\n\x05state\x18\x02 \x01(\x0e\x32\'.switchboard.api.dispatcher.v1.RunState\x12\x0f\n\x07handler\x18\x03 \x01(\t\x12\x15\n\rinput_message\x18\x04 \x01(\t\x12\x16\n\x0eoutput_message\x18\x05 \x01(\t\x12\x0f\n\x07\x63reator\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x64\x65\x61\x64line\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12!\n\x05\x65rror\x18\x0b \x01(\x0b\x32\x12.google.rpc.Status\x12\x36\n\x08progress\x18\x0c \x01(\x0b\x32$.switchboard.api.handler.v1.Progress\x12\x30\n\x05usage\x18\r \x01(\x0b\x32!.switchboard.api.handler.v1.Usage\x12\x16\n\x0erouting_reason\x18\x0e \x01(\t\x12L\n\x12\x63oncurrency_policy\x18\x0f \x01(\x0e\x32\x30.switchboard.api.dispatcher.v1.ConcurrencyPolicy\x12\r\n\x05\x66lags\x18\x10 \x03(\t\x12\x15\n\rlast_sequence\x18\x11 \x01(\x03\x12\x46\n\x0frequired_action\x18\x12 \x01(\x0b\x32-.switchboard.api.dispatcher.v1.RequiredAction\x12\x11\n\tassistant\x18\x13 \x01(\t\x12\x17\n\x0ftool_call_count\x18\x14 \x01(\x05\"\x85\x01\n\x0eRequiredAction\x12\x42\n\ntool_calls\x18\x01 \x03(\x0b\x32..switchboard.api.dispatcher.v1.PendingToolCall\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe1\x01\n\x0fPendingToolCall\x12\x32\n\x04\x63\x61ll\x18\x01 \x01(\x0b\x32$.switchboard.api.handler.v1.ToolCall\x12\x45\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0e\x32\x33.switchboard.api.dispatcher.v1.ToolApprovalDecision\x12\x12\n\ndecided_by\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12/\n\x0b\x64\x65\x63ide_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbf\x02\n\x12SendMessageRequest\x12\x14\n\x0c\x63onversation\x18\x01 \x01(\t\x12\x34\n\x07message\x18\x02 \x01(\x0b\x32#.switchboard.api.context.v1.Message\x12\x0f\n\x07handler\x18\x03 \x01(\t\x12+\n\nparameters\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12*\n\x07timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12L\n\x12\x63oncurrency_policy\x18\x07 \x01(\x0e\x32\x30.switchboard.api.dispatcher.v1.ConcurrencyPolicy\x12\x11\n\tassistant\x18\x08 \x01(\t\"|\n\x13SendMessageResponse\x12/\n\x03run\x18\x01 \x01(\x0b\x32\".switchboard.api.dispatcher.v1.Run\x12\x34\n\x07message\x18\x02 \x01(\x0b\x32#.switchboard.api.context.v1.Message\"\x1d\n\rGetRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"A\n\x0eGetRunResponse\x12/\n\x03run\x18\x01 \x01(\x0b\x32\".switchboard.api.dispatcher.v1.Run\"\x81\x01\n\x0fListRunsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x37\n\x06states\x18\x04 \x03(\x0e\x32\'.switchboard.api.dispatcher.v1.RunState\"]\n\x10ListRunsResponse\x12\x30\n\x04runs\x18\x01 \x03(\x0b\x32\".switchboard.api.dispatcher.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"0\n\x10\x43\x61ncelRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"D\n\x11\x43\x61ncelRunResponse\x12/\n\x03run\x18\x01 \x01(\x0b\x32\".switchboard.api.dispatcher.v1.Run\"7\n\x0fWatchRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"A\n\x0eRunStateChange\x12/\n\x03run\x18\x01 \x01(\x0b\x32\".switchboard.api.dispatcher.v1.Run\"\xcd\x03\n\tRunUpdate\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x45\n\x0cstate_change\x18\x04 \x01(\x0b\x32-.switchboard.api.dispatcher.v1.RunStateChangeH\x00\x12\x38\n\x08progress\x18\x05 \x01(\x0b\x32$.switchboard.api.handler.v1.ProgressH\x00\x12\x36\n\x05\x64\x65lta\x18\x06 \x01(\x0b\x32%.switchboard.api.handler.v1.TextDeltaH\x00\x12\x39\n\ttool_call\x18\x07 \x01(\x0b\x32$.switchboard.api.handler.v1.ToolCallH\x00\x12:\n\x06result\x18\x08 \x01(\x0b\x32(.switchboard.api.handler.v1.HandleResultH\x00\x12=\n\x0btool_result\x18\t \x01(\x0b\x32&.switchboard.api.handler.v1.ToolResultH\x00\x42\x08\n\x06update\"\x96\x01\n\x10WatchRunResponse\x12:\n\x06update\x18\x01 \x01(\x0b\x32(.switchboard.api.dispatcher.v1.RunUpdateH\x00\x12=\n\theartbeat\x18\x02 \x01(\x0b\x32(.switchboard.api.dispatcher.v1.HeartbeatH\x00\x42\x07\n\x05\x66rame\"5\n\tHeartbeat\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe9\x02\n\x0f\x43onverseRequest\x12\x19\n\x11\x63lient_request_id\x18\x01 \x01(\t\x12I\n\x0csend_message\x18\x02 \x01(\x0b\x32\x31.switchboard.api.dispatcher.v1.SendMessageRequestH\x00\x12\x45\n\ncancel_run\x18\x03 \x01(\x0b\x32/.switchboard.api.dispatcher.v1.CancelRunRequestH\x00\x12\x43\n\twatch_run\x18\x04 \x01(\x0b\x32..switchboard.api.dispatcher.v1.WatchRunRequestH\x00\x12Z\n\x15submit_tool_approvals\x18\x05 \x01(\x0b\x32\x39.switchboard.api.dispatcher.v1.SubmitToolApprovalsRequestH\x00\x42\x08\n\x06\x61\x63tion\"\xcd\x03\n\x10\x43onverseResponse\x12\x19\n\x11\x63lient_request_id\x18\x01 \x01(\t\x12J\n\x0cmessage_sent\x18\x02 \x01(\x0b\x32\x32.switchboard.api.dispatcher.v1.SendMessageResponseH\x00\x12I\n\rrun_cancelled\x18\x03 \x01(\x0b\x32\x30.switchboard.api.dispatcher.v1.CancelRunResponseH\x00\x12:\n\x06update\x18\x04 \x01(\x0b\x32(.switchboard.api.dispatcher.v1.RunUpdateH\x00\x12#\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x12=\n\theartbeat\x18\x06 \x01(\x0b\x32(.switchboard.api.dispatcher.v1.HeartbeatH\x00\x12^\n\x18tool_approvals_submitted\x18\x07 \x01(\x0b\x32:.switchboard.api.dispatcher.v1.SubmitToolApprovalsResponseH\x00\x42\x07\n\x05\x66rame\"\xc0\x01\n\x07Handler\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x38\n\x04kind\x18\x02 \x01(\x0e\x32*.switchboard.api.dispatcher.v1.HandlerKind\x12\x45\n\x0c\x63\x61pabilities\x18\x03 \x01(\x0b\x32/.switchboard.api.handler.v1.HandlerCapabilities\x12\x13\n\x0bintegration\x18\x04 \x01(\t\x12\x11\n\tavailable\x18\x05 \x01(\x08\"L\n\x13ListHandlersRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"i\n\x14ListHandlersResponse\x12\x38\n\x08handlers\x18\x01 \x03(\x0b\x32&.switchboard.api.dispatcher.v1.Handler\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"{\n\x0cToolApproval\x12\x14\n\x0ctool_call_id\x18\x01 \x01(\t\x12\x45\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0e\x32\x33.switchboard.api.dispatcher.v1.ToolApprovalDecision\x12\x0e\n\x06reason\x18\x03 \x01(\t\"j\n\x1aSubmitToolApprovalsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12>\n\tapprovals\x18\x02 \x03(\x0b\x32+.switchboard.api.dispatcher.v1.ToolApproval\"N\n\x1bSubmitToolApprovalsResponse\x12/\n\x03run\x18\x01 \x01(\x0b\x32\".switchboard.api.dispatcher.v1.Run\"p\n\x0e\x41ssistantTools\x12\x13\n\x0bintegration\x18\x01 \x01(\t\x12\r\n\x05tools\x18\x02 \x03(\t\x12\x19\n\x11requires_approval\x18\x03 \x01(\x08\x12\x1f\n\x17\x61pproval_required_tools\x18\x04 \x03(\t\"\xa4\x03\n\tAssistant\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x14\n\x0cinstructions\x18\x04 \x01(\t\x12\x0f\n\x07handler\x18\x05 \x01(\t\x12\x38\n\x05model\x18\x06 \x01(\x0b\x32).switchboard.api.handler.v1.ModelSettings\x12<\n\x05tools\x18\x07 \x03(\x0b\x32-.switchboard.api.dispatcher.v1.AssistantTools\x12\x1c\n\x14\x63ontext_token_budget\x18\x08 \x01(\x05\x12\x16\n\x0emax_tool_steps\x18\t \x01(\x05\x12\x19\n\x11workspace_default\x18\n \x01(\x08\x12\x0c\n\x04\x65tag\x18\x0b \x01(\t\x12/\n\x0b\x63reate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8f\x01\n\x16\x43reateAssistantRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12;\n\tassistant\x18\x02 \x01(\x0b\x32(.switchboard.api.dispatcher.v1.Assistant\x12\x14\n\x0c\x61ssistant_id\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"V\n\x17\x43reateAssistantResponse\x12;\n\tassistant\x18\x01 \x01(\x0b\x32(.switchboard.api.dispatcher.v1.Assistant\"#\n\x13GetAssistantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"S\n\x14GetAssistantResponse\x12;\n\tassistant\x18\x01 \x01(\x0b\x32(.switchboard.api.dispatcher.v1.Assistant\"N\n\x15ListAssistantsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"o\n\x16ListAssistantsResponse\x12<\n\nassistants\x18\x01 \x03(\x0b\x32(.switchboard.api.dispatcher.v1.Assistant\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x86\x01\n\x16UpdateAssistantRequest\x12;\n\tassistant\x18\x01 \x01(\x0b\x32(.switchboard.api.dispatcher.v1.Assistant\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"V\n\x17UpdateAssistantResponse\x12;\n\tassistant\x18\x01 \x01(\x0b\x32(.switchboard.api.dispatcher.v1.Assistant\"4\n\x16\x44\x65leteAssistantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"\x19\n\x17\x44\x65leteAssistantResponse\"W\n\x1b\x44\x65scribeConversationRequest\x12\x14\n\x0c\x63onversation\x18\x01 \x01(\t\x12\x11\n\tassistant\x18\x02 \x01(\t\x12\x0f\n\x07handler\x18\x03 \x01(\t\"\xaf\x02\n\x1c\x44\x65scribeConversationResponse\x12;\n\tassistant\x18\x01 \x01(\x0b\x32(.switchboard.api.dispatcher.v1.Assistant\x12\x37\n\x07handler\x18\x02 \x01(\x0b\x32&.switchboard.api.dispatcher.v1.Handler\x12\r\n\x05model\x18\x03 \x01(\t\x12\x39\n\x05tools\x18\x04 \x03(\x0b\x32*.switchboard.api.handler.v1.ToolDefinition\x12\x19\n\x11unavailable_tools\x18\x05 \x03(\t\x12\x1c\n\x14\x63ontext_token_budget\x18\x06 \x01(\x05\x12\x16\n\x0emax_tool_steps\x18\x07 \x01(\x05*\xda\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10RUN_STATE_QUEUED\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x17\n\x13RUN_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10RUN_STATE_FAILED\x10\x04\x12\x17\n\x13RUN_STATE_CANCELLED\x10\x05\x12\x1f\n\x1bRUN_STATE_DEADLINE_EXCEEDED\x10\x06\x12\x1d\n\x19RUN_STATE_REQUIRES_ACTION\x10\x07*\x83\x01\n\x14ToolApprovalDecision\x12&\n\"TOOL_APPROVAL_DECISION_UNSPECIFIED\x10\x00\x12\"\n\x1eTOOL_APPROVAL_DECISION_APPROVE\x10\x01\x12\x1f\n\x1bTOOL_APPROVAL_DECISION_DENY\x10\x02*\x98\x01\n\x11\x43oncurrencyPolicy\x12\"\n\x1e\x43ONCURRENCY_POLICY_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x43ONCURRENCY_POLICY_REJECT\x10\x01\x12\x1e\n\x1a\x43ONCURRENCY_POLICY_ENQUEUE\x10\x02\x12 \n\x1c\x43ONCURRENCY_POLICY_INTERRUPT\x10\x03*t\n\x0bHandlerKind\x12\x1c\n\x18HANDLER_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14HANDLER_KIND_BUILTIN\x10\x01\x12\x14\n\x10HANDLER_KIND_LLM\x10\x02\x12\x17\n\x13HANDLER_KIND_REMOTE\x10\x03\x32\xc8\r\n\x11\x44ispatcherService\x12t\n\x0bSendMessage\x12\x31.switchboard.api.dispatcher.v1.SendMessageRequest\x1a\x32.switchboard.api.dispatcher.v1.SendMessageResponse\x12\x65\n\x06GetRun\x12,.switchboard.api.dispatcher.v1.GetRunRequest\x1a-.switchboard.api.dispatcher.v1.GetRunResponse\x12k\n\x08ListRuns\x12..switchboard.api.dispatcher.v1.ListRunsRequest\x1a/.switchboard.api.dispatcher.v1.ListRunsResponse\x12n\n\tCancelRun\x12/.switchboard.api.dispatcher.v1.CancelRunRequest\x1a\x30.switchboard.api.dispatcher.v1.CancelRunResponse\x12m\n\x08WatchRun\x12..switchboard.api.dispatcher.v1.WatchRunRequest\x1a/.switchboard.api.dispatcher.v1.WatchRunResponse0\x01\x12o\n\x08\x43onverse\x12..switchboard.api.dispatcher.v1.ConverseRequest\x1a/.switchboard.api.dispatcher.v1.ConverseResponse(\x01\x30\x01\x12w\n\x0cListHandlers\x12\x32.switchboard.api.dispatcher.v1.ListHandlersRequest\x1a\x33.switchboard.api.dispatcher.v1.ListHandlersResponse\x12\x8c\x01\n\x13SubmitToolApprovals\x12\x39.switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest\x1a:.switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse\x12\x80\x01\n\x0f\x43reateAssistant\x12\x35.switchboard.api.dispatcher.v1.CreateAssistantRequest\x1a\x36.switchboard.api.dispatcher.v1.CreateAssistantResponse\x12w\n\x0cGetAssistant\x12\x32.switchboard.api.dispatcher.v1.GetAssistantRequest\x1a\x33.switchboard.api.dispatcher.v1.GetAssistantResponse\x12}\n\x0eListAssistants\x12\x34.switchboard.api.dispatcher.v1.ListAssistantsRequest\x1a\x35.switchboard.api.dispatcher.v1.ListAssistantsResponse\x12\x80\x01\n\x0fUpdateAssistant\x12\x35.switchboard.api.dispatcher.v1.UpdateAssistantRequest\x1a\x36.switchboard.api.dispatcher.v1.UpdateAssistantResponse\x12\x80\x01\n\x0f\x44\x65leteAssistant\x12\x35.switchboard.api.dispatcher.v1.DeleteAssistantRequest\x1a\x36.switchboard.api.dispatcher.v1.DeleteAssistantResponse\x12\x8f\x01\n\x14\x44\x65scribeConversation\x12:.switchboard.api.dispatcher.v1.DescribeConversationRequest\x1a;.switchboard.api.dispatcher.v1.DescribeConversationResponseBd\n!dev.switchboard.api.dispatcher.v1P\x01Z=switchboard/gen/go/switchboard/api/dispatcher/v1;dispatcherv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,50 +40,90 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'switchboard.api.dispatcher.
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n!dev.switchboard.api.dispatcher.v1P\001Z=switchboard/gen/go/switchboard/api/dispatcher/v1;dispatcherv1'
-  _globals['_RUNSTATE']._serialized_start=3542
-  _globals['_RUNSTATE']._serialized_end=3729
-  _globals['_CONCURRENCYPOLICY']._serialized_start=3732
-  _globals['_CONCURRENCYPOLICY']._serialized_end=3884
-  _globals['_HANDLERKIND']._serialized_start=3886
-  _globals['_HANDLERKIND']._serialized_end=4002
-  _globals['_RUN']._serialized_start=286
-  _globals['_RUN']._serialized_end=912
-  _globals['_SENDMESSAGEREQUEST']._serialized_start=915
-  _globals['_SENDMESSAGEREQUEST']._serialized_end=1215
-  _globals['_SENDMESSAGERESPONSE']._serialized_start=1217
-  _globals['_SENDMESSAGERESPONSE']._serialized_end=1341
-  _globals['_GETRUNREQUEST']._serialized_start=1343
-  _globals['_GETRUNREQUEST']._serialized_end=1372
-  _globals['_GETRUNRESPONSE']._serialized_start=1374
-  _globals['_GETRUNRESPONSE']._serialized_end=1439
-  _globals['_LISTRUNSREQUEST']._serialized_start=1442
-  _globals['_LISTRUNSREQUEST']._serialized_end=1571
-  _globals['_LISTRUNSRESPONSE']._serialized_start=1573
-  _globals['_LISTRUNSRESPONSE']._serialized_end=1666
-  _globals['_CANCELRUNREQUEST']._serialized_start=1668
-  _globals['_CANCELRUNREQUEST']._serialized_end=1716
-  _globals['_CANCELRUNRESPONSE']._serialized_start=1718
-  _globals['_CANCELRUNRESPONSE']._serialized_end=1786
-  _globals['_WATCHRUNREQUEST']._serialized_start=1788
-  _globals['_WATCHRUNREQUEST']._serialized_end=1843
-  _globals['_RUNSTATECHANGE']._serialized_start=1845
-  _globals['_RUNSTATECHANGE']._serialized_end=1910
-  _globals['_RUNUPDATE']._serialized_start=1913
-  _globals['_RUNUPDATE']._serialized_end=2311
-  _globals['_WATCHRUNRESPONSE']._serialized_start=2314
-  _globals['_WATCHRUNRESPONSE']._serialized_end=2464
-  _globals['_HEARTBEAT']._serialized_start=2466
-  _globals['_HEARTBEAT']._serialized_end=2519
-  _globals['_CONVERSEREQUEST']._serialized_start=2522
-  _globals['_CONVERSEREQUEST']._serialized_end=2791
-  _globals['_CONVERSERESPONSE']._serialized_start=2794
-  _globals['_CONVERSERESPONSE']._serialized_end=3159
-  _globals['_HANDLER']._serialized_start=3162
-  _globals['_HANDLER']._serialized_end=3354
-  _globals['_LISTHANDLERSREQUEST']._serialized_start=3356
-  _globals['_LISTHANDLERSREQUEST']._serialized_end=3432
-  _globals['_LISTHANDLERSRESPONSE']._serialized_start=3434
-  _globals['_LISTHANDLERSRESPONSE']._serialized_end=3539
-  _globals['_DISPATCHERSERVICE']._serialized_start=4005
-  _globals['_DISPATCHERSERVICE']._serialized_end=4811
+  _globals['_RUNSTATE']._serialized_start=6426
+  _globals['_RUNSTATE']._serialized_end=6644
+  _globals['_TOOLAPPROVALDECISION']._serialized_start=6647
+  _globals['_TOOLAPPROVALDECISION']._serialized_end=6778
+  _globals['_CONCURRENCYPOLICY']._serialized_start=6781
+  _globals['_CONCURRENCYPOLICY']._serialized_end=6933
+  _globals['_HANDLERKIND']._serialized_start=6935
+  _globals['_HANDLERKIND']._serialized_end=7051
+  _globals['_RUN']._serialized_start=320
+  _globals['_RUN']._serialized_end=1062
+  _globals['_REQUIREDACTION']._serialized_start=1065
+  _globals['_REQUIREDACTION']._serialized_end=1198
+  _globals['_PENDINGTOOLCALL']._serialized_start=1201
+  _globals['_PENDINGTOOLCALL']._serialized_end=1426
+  _globals['_SENDMESSAGEREQUEST']._serialized_start=1429
+  _globals['_SENDMESSAGEREQUEST']._serialized_end=1748
+  _globals['_SENDMESSAGERESPONSE']._serialized_start=1750
+  _globals['_SENDMESSAGERESPONSE']._serialized_end=1874
+  _globals['_GETRUNREQUEST']._serialized_start=1876
+  _globals['_GETRUNREQUEST']._serialized_end=1905
+  _globals['_GETRUNRESPONSE']._serialized_start=1907
+  _globals['_GETRUNRESPONSE']._serialized_end=1972
+  _globals['_LISTRUNSREQUEST']._serialized_start=1975
+  _globals['_LISTRUNSREQUEST']._serialized_end=2104
+  _globals['_LISTRUNSRESPONSE']._serialized_start=2106
+  _globals['_LISTRUNSRESPONSE']._serialized_end=2199
+  _globals['_CANCELRUNREQUEST']._serialized_start=2201
+  _globals['_CANCELRUNREQUEST']._serialized_end=2249
+  _globals['_CANCELRUNRESPONSE']._serialized_start=2251
+  _globals['_CANCELRUNRESPONSE']._serialized_end=2319
+  _globals['_WATCHRUNREQUEST']._serialized_start=2321
+  _globals['_WATCHRUNREQUEST']._serialized_end=2376
+  _globals['_RUNSTATECHANGE']._serialized_start=2378
+  _globals['_RUNSTATECHANGE']._serialized_end=2443
+  _globals['_RUNUPDATE']._serialized_start=2446
+  _globals['_RUNUPDATE']._serialized_end=2907
+  _globals['_WATCHRUNRESPONSE']._serialized_start=2910
+  _globals['_WATCHRUNRESPONSE']._serialized_end=3060
+  _globals['_HEARTBEAT']._serialized_start=3062
+  _globals['_HEARTBEAT']._serialized_end=3115
+  _globals['_CONVERSEREQUEST']._serialized_start=3118
+  _globals['_CONVERSEREQUEST']._serialized_end=3479
+  _globals['_CONVERSERESPONSE']._serialized_start=3482
+  _globals['_CONVERSERESPONSE']._serialized_end=3943
+  _globals['_HANDLER']._serialized_start=3946
+  _globals['_HANDLER']._serialized_end=4138
+  _globals['_LISTHANDLERSREQUEST']._serialized_start=4140
+  _globals['_LISTHANDLERSREQUEST']._serialized_end=4216
+  _globals['_LISTHANDLERSRESPONSE']._serialized_start=4218
+  _globals['_LISTHANDLERSRESPONSE']._serialized_end=4323
+  _globals['_TOOLAPPROVAL']._serialized_start=4325
+  _globals['_TOOLAPPROVAL']._serialized_end=4448
+  _globals['_SUBMITTOOLAPPROVALSREQUEST']._serialized_start=4450
+  _globals['_SUBMITTOOLAPPROVALSREQUEST']._serialized_end=4556
+  _globals['_SUBMITTOOLAPPROVALSRESPONSE']._serialized_start=4558
+  _globals['_SUBMITTOOLAPPROVALSRESPONSE']._serialized_end=4636
+  _globals['_ASSISTANTTOOLS']._serialized_start=4638
+  _globals['_ASSISTANTTOOLS']._serialized_end=4750
+  _globals['_ASSISTANT']._serialized_start=4753
+  _globals['_ASSISTANT']._serialized_end=5173
+  _globals['_CREATEASSISTANTREQUEST']._serialized_start=5176
+  _globals['_CREATEASSISTANTREQUEST']._serialized_end=5319
+  _globals['_CREATEASSISTANTRESPONSE']._serialized_start=5321
+  _globals['_CREATEASSISTANTRESPONSE']._serialized_end=5407
+  _globals['_GETASSISTANTREQUEST']._serialized_start=5409
+  _globals['_GETASSISTANTREQUEST']._serialized_end=5444
+  _globals['_GETASSISTANTRESPONSE']._serialized_start=5446
+  _globals['_GETASSISTANTRESPONSE']._serialized_end=5529
+  _globals['_LISTASSISTANTSREQUEST']._serialized_start=5531
+  _globals['_LISTASSISTANTSREQUEST']._serialized_end=5609
+  _globals['_LISTASSISTANTSRESPONSE']._serialized_start=5611
+  _globals['_LISTASSISTANTSRESPONSE']._serialized_end=5722
+  _globals['_UPDATEASSISTANTREQUEST']._serialized_start=5725
+  _globals['_UPDATEASSISTANTREQUEST']._serialized_end=5859
+  _globals['_UPDATEASSISTANTRESPONSE']._serialized_start=5861
+  _globals['_UPDATEASSISTANTRESPONSE']._serialized_end=5947
+  _globals['_DELETEASSISTANTREQUEST']._serialized_start=5949
+  _globals['_DELETEASSISTANTREQUEST']._serialized_end=6001
+  _globals['_DELETEASSISTANTRESPONSE']._serialized_start=6003
+  _globals['_DELETEASSISTANTRESPONSE']._serialized_end=6028
+  _globals['_DESCRIBECONVERSATIONREQUEST']._serialized_start=6030
+  _globals['_DESCRIBECONVERSATIONREQUEST']._serialized_end=6117
+  _globals['_DESCRIBECONVERSATIONRESPONSE']._serialized_start=6120
+  _globals['_DESCRIBECONVERSATIONRESPONSE']._serialized_end=6423
+  _globals['_DISPATCHERSERVICE']._serialized_start=7054
+  _globals['_DISPATCHERSERVICE']._serialized_end=8790
 # @@protoc_insertion_point(module_scope)

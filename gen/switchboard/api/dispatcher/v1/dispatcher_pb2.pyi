@@ -7,6 +7,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -46,6 +47,11 @@ class _RunStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RunState.Val
     """Cancelled by a caller."""
     RUN_STATE_DEADLINE_EXCEEDED: _RunState.ValueType  # 6
     """Its deadline passed before it finished."""
+    RUN_STATE_REQUIRES_ACTION: _RunState.ValueType  # 7
+    """Paused: tool calls wait for a person's decision (see Run.required_action).
+    Its deadline keeps running; the pause ends with SubmitToolApprovals, a
+    cancel, or its expiry (then FAILED with reason APPROVAL_EXPIRED).
+    """
 
 class RunState(_RunState, metaclass=_RunStateEnumTypeWrapper):
     """The lifecycle state of a run."""
@@ -64,7 +70,36 @@ RUN_STATE_CANCELLED: RunState.ValueType  # 5
 """Cancelled by a caller."""
 RUN_STATE_DEADLINE_EXCEEDED: RunState.ValueType  # 6
 """Its deadline passed before it finished."""
+RUN_STATE_REQUIRES_ACTION: RunState.ValueType  # 7
+"""Paused: tool calls wait for a person's decision (see Run.required_action).
+Its deadline keeps running; the pause ends with SubmitToolApprovals, a
+cancel, or its expiry (then FAILED with reason APPROVAL_EXPIRED).
+"""
 Global___RunState: _TypeAlias = RunState  # noqa: Y015
+
+class _ToolApprovalDecision:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ToolApprovalDecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ToolApprovalDecision.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TOOL_APPROVAL_DECISION_UNSPECIFIED: _ToolApprovalDecision.ValueType  # 0
+    """Not decided yet."""
+    TOOL_APPROVAL_DECISION_APPROVE: _ToolApprovalDecision.ValueType  # 1
+    """Run it."""
+    TOOL_APPROVAL_DECISION_DENY: _ToolApprovalDecision.ValueType  # 2
+    """Do not run it; the model is told it was denied."""
+
+class ToolApprovalDecision(_ToolApprovalDecision, metaclass=_ToolApprovalDecisionEnumTypeWrapper):
+    """A decision on a tool call."""
+
+TOOL_APPROVAL_DECISION_UNSPECIFIED: ToolApprovalDecision.ValueType  # 0
+"""Not decided yet."""
+TOOL_APPROVAL_DECISION_APPROVE: ToolApprovalDecision.ValueType  # 1
+"""Run it."""
+TOOL_APPROVAL_DECISION_DENY: ToolApprovalDecision.ValueType  # 2
+"""Do not run it; the model is told it was denied."""
+Global___ToolApprovalDecision: _TypeAlias = ToolApprovalDecision  # noqa: Y015
 
 class _ConcurrencyPolicy:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -145,6 +180,9 @@ class Run(_message.Message):
     CONCURRENCY_POLICY_FIELD_NUMBER: _builtins.int
     FLAGS_FIELD_NUMBER: _builtins.int
     LAST_SEQUENCE_FIELD_NUMBER: _builtins.int
+    REQUIRED_ACTION_FIELD_NUMBER: _builtins.int
+    ASSISTANT_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_COUNT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `workspaces/{w}/conversations/{c}/runs/{run}`."""
     state: Global___RunState.ValueType
@@ -163,6 +201,10 @@ class Run(_message.Message):
     """What happens if the conversation already had an active run."""
     last_sequence: _builtins.int
     """The sequence of the run's last update so far (WatchRun resumes after it)."""
+    assistant: _builtins.str
+    """The assistant the run uses, `workspaces/{w}/assistants/{a}`, if any."""
+    tool_call_count: _builtins.int
+    """Tool calls the run made so far."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When it was accepted."""
@@ -195,6 +237,12 @@ class Run(_message.Message):
     def flags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Content-policy flags raised on the input (for example "prompt-injection")."""
 
+    @_builtins.property
+    def required_action(self) -> Global___RequiredAction:
+        """What the run waits for, while REQUIRES_ACTION (kept afterwards as the last
+        decisions made).
+        """
+
     def __init__(
         self,
         *,
@@ -215,14 +263,89 @@ class Run(_message.Message):
         concurrency_policy: Global___ConcurrencyPolicy.ValueType = ...,
         flags: _abc.Iterable[_builtins.str] | None = ...,
         last_sequence: _builtins.int = ...,
+        required_action: Global___RequiredAction | None = ...,
+        assistant: _builtins.str = ...,
+        tool_call_count: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "deadline", b"deadline", "end_time", b"end_time", "error", b"error", "progress", b"progress", "start_time", b"start_time", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "deadline", b"deadline", "end_time", b"end_time", "error", b"error", "progress", b"progress", "required_action", b"required_action", "start_time", b"start_time", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency_policy", b"concurrency_policy", "create_time", b"create_time", "creator", b"creator", "deadline", b"deadline", "end_time", b"end_time", "error", b"error", "flags", b"flags", "handler", b"handler", "input_message", b"input_message", "last_sequence", b"last_sequence", "name", b"name", "output_message", b"output_message", "progress", b"progress", "routing_reason", b"routing_reason", "start_time", b"start_time", "state", b"state", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "concurrency_policy", b"concurrency_policy", "create_time", b"create_time", "creator", b"creator", "deadline", b"deadline", "end_time", b"end_time", "error", b"error", "flags", b"flags", "handler", b"handler", "input_message", b"input_message", "last_sequence", b"last_sequence", "name", b"name", "output_message", b"output_message", "progress", b"progress", "required_action", b"required_action", "routing_reason", b"routing_reason", "start_time", b"start_time", "state", b"state", "tool_call_count", b"tool_call_count", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Run: _TypeAlias = Run  # noqa: Y015
+
+@_typing.final
+class RequiredAction(_message.Message):
+    """The tool calls a paused run waits on."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___PendingToolCall]:
+        """The calls that need a decision, in the order the handler made them."""
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the run fails (APPROVAL_EXPIRED) if a call is still undecided."""
+
+    def __init__(
+        self,
+        *,
+        tool_calls: _abc.Iterable[Global___PendingToolCall] | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "tool_calls", b"tool_calls"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequiredAction: _TypeAlias = RequiredAction  # noqa: Y015
+
+@_typing.final
+class PendingToolCall(_message.Message):
+    """A tool call that needs a person's approval, and its decision so far."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_FIELD_NUMBER: _builtins.int
+    DECISION_FIELD_NUMBER: _builtins.int
+    DECIDED_BY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DECIDE_TIME_FIELD_NUMBER: _builtins.int
+    decision: Global___ToolApprovalDecision.ValueType
+    """The decision; UNSPECIFIED while undecided."""
+    decided_by: _builtins.str
+    """Who decided, `users/{user}`."""
+    reason: _builtins.str
+    """The reason they gave (a denial's reason is shown to the model)."""
+    @_builtins.property
+    def call(self) -> _handler_pb2.ToolCall:
+        """The call, with its tool and arguments."""
+
+    @_builtins.property
+    def decide_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was decided."""
+
+    def __init__(
+        self,
+        *,
+        call: _handler_pb2.ToolCall | None = ...,
+        decision: Global___ToolApprovalDecision.ValueType = ...,
+        decided_by: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        decide_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "decide_time", b"decide_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "decide_time", b"decide_time", "decided_by", b"decided_by", "decision", b"decision", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PendingToolCall: _TypeAlias = PendingToolCall  # noqa: Y015
 
 @_typing.final
 class SendMessageRequest(_message.Message):
@@ -237,6 +360,7 @@ class SendMessageRequest(_message.Message):
     TIMEOUT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     CONCURRENCY_POLICY_FIELD_NUMBER: _builtins.int
+    ASSISTANT_FIELD_NUMBER: _builtins.int
     conversation: _builtins.str
     """The conversation, `workspaces/{w}/conversations/{c}`."""
     handler: _builtins.str
@@ -250,6 +374,11 @@ class SendMessageRequest(_message.Message):
     """
     concurrency_policy: Global___ConcurrencyPolicy.ValueType
     """What to do if the conversation already has an active run."""
+    assistant: _builtins.str
+    """The assistant to answer with, `workspaces/{w}/assistants/{a}` (same
+    workspace); the workspace's default assistant if empty and no `handler` is
+    forced. With both set, `handler` must be the assistant's handler.
+    """
     @_builtins.property
     def message(self) -> _context_pb2.Message:
         """The user message; role must be USER or unset (then USER)."""
@@ -272,10 +401,11 @@ class SendMessageRequest(_message.Message):
         timeout: _duration_pb2.Duration | None = ...,
         request_id: _builtins.str = ...,
         concurrency_policy: Global___ConcurrencyPolicy.ValueType = ...,
+        assistant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "parameters", b"parameters", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency_policy", b"concurrency_policy", "conversation", b"conversation", "handler", b"handler", "message", b"message", "parameters", b"parameters", "request_id", b"request_id", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "concurrency_policy", b"concurrency_policy", "conversation", b"conversation", "handler", b"handler", "message", b"message", "parameters", b"parameters", "request_id", b"request_id", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -535,6 +665,7 @@ class RunUpdate(_message.Message):
     DELTA_FIELD_NUMBER: _builtins.int
     TOOL_CALL_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
+    TOOL_RESULT_FIELD_NUMBER: _builtins.int
     run: _builtins.str
     """The run, `workspaces/{w}/conversations/{c}/runs/{run}`."""
     sequence: _builtins.int
@@ -568,6 +699,10 @@ class RunUpdate(_message.Message):
     def result(self) -> _handler_pb2.HandleResult:
         """The final result."""
 
+    @_builtins.property
+    def tool_result(self) -> _handler_pb2.ToolResult:
+        """The outcome of a tool call (answers the `tool_call` with the same id)."""
+
     def __init__(
         self,
         *,
@@ -579,12 +714,13 @@ class RunUpdate(_message.Message):
         delta: _handler_pb2.TextDelta | None = ...,
         tool_call: _handler_pb2.ToolCall | None = ...,
         result: _handler_pb2.HandleResult | None = ...,
+        tool_result: _handler_pb2.ToolResult | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "progress", b"progress", "result", b"result", "state_change", b"state_change", "time", b"time", "tool_call", b"tool_call", "update", b"update"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "progress", b"progress", "result", b"result", "state_change", b"state_change", "time", b"time", "tool_call", b"tool_call", "tool_result", b"tool_result", "update", b"update"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "progress", b"progress", "result", b"result", "run", b"run", "sequence", b"sequence", "state_change", b"state_change", "time", b"time", "tool_call", b"tool_call", "update", b"update"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "progress", b"progress", "result", b"result", "run", b"run", "sequence", b"sequence", "state_change", b"state_change", "time", b"time", "tool_call", b"tool_call", "tool_result", b"tool_result", "update", b"update"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_update: _TypeAlias = _typing.Literal["state_change", "progress", "delta", "tool_call", "result"]  # noqa: Y015
+    _WhichOneofReturnType_update: _TypeAlias = _typing.Literal["state_change", "progress", "delta", "tool_call", "result", "tool_result"]  # noqa: Y015
     _WhichOneofArgType_update: _TypeAlias = _typing.Literal["update", b"update"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_update) -> _WhichOneofReturnType_update | None: ...
 
@@ -656,6 +792,7 @@ class ConverseRequest(_message.Message):
     SEND_MESSAGE_FIELD_NUMBER: _builtins.int
     CANCEL_RUN_FIELD_NUMBER: _builtins.int
     WATCH_RUN_FIELD_NUMBER: _builtins.int
+    SUBMIT_TOOL_APPROVALS_FIELD_NUMBER: _builtins.int
     client_request_id: _builtins.str
     """Client-chosen id echoed in the matching response frame: any text of at most
     64 characters (longer is an INVALID_ARGUMENT error frame). Not an idempotency
@@ -673,6 +810,10 @@ class ConverseRequest(_message.Message):
     def watch_run(self) -> Global___WatchRunRequest:
         """Start relaying an existing run's updates on this stream."""
 
+    @_builtins.property
+    def submit_tool_approvals(self) -> Global___SubmitToolApprovalsRequest:
+        """Approve or deny tool calls a run waits on."""
+
     def __init__(
         self,
         *,
@@ -680,12 +821,13 @@ class ConverseRequest(_message.Message):
         send_message: Global___SendMessageRequest | None = ...,
         cancel_run: Global___CancelRunRequest | None = ...,
         watch_run: Global___WatchRunRequest | None = ...,
+        submit_tool_approvals: Global___SubmitToolApprovalsRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "cancel_run", b"cancel_run", "send_message", b"send_message", "watch_run", b"watch_run"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "cancel_run", b"cancel_run", "send_message", b"send_message", "submit_tool_approvals", b"submit_tool_approvals", "watch_run", b"watch_run"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "cancel_run", b"cancel_run", "client_request_id", b"client_request_id", "send_message", b"send_message", "watch_run", b"watch_run"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "cancel_run", b"cancel_run", "client_request_id", b"client_request_id", "send_message", b"send_message", "submit_tool_approvals", b"submit_tool_approvals", "watch_run", b"watch_run"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["send_message", "cancel_run", "watch_run"]  # noqa: Y015
+    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["send_message", "cancel_run", "watch_run", "submit_tool_approvals"]  # noqa: Y015
     _WhichOneofArgType_action: _TypeAlias = _typing.Literal["action", b"action"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_action) -> _WhichOneofReturnType_action | None: ...
 
@@ -703,6 +845,7 @@ class ConverseResponse(_message.Message):
     UPDATE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
+    TOOL_APPROVALS_SUBMITTED_FIELD_NUMBER: _builtins.int
     client_request_id: _builtins.str
     """Echo of the request frame this answers; empty for run updates."""
     @_builtins.property
@@ -725,6 +868,10 @@ class ConverseResponse(_message.Message):
     def heartbeat(self) -> Global___Heartbeat:
         """Keep-alive sent when idle."""
 
+    @_builtins.property
+    def tool_approvals_submitted(self) -> Global___SubmitToolApprovalsResponse:
+        """The result of a submit_tool_approvals action."""
+
     def __init__(
         self,
         *,
@@ -734,12 +881,13 @@ class ConverseResponse(_message.Message):
         update: Global___RunUpdate | None = ...,
         error: _status_pb2.Status | None = ...,
         heartbeat: Global___Heartbeat | None = ...,
+        tool_approvals_submitted: Global___SubmitToolApprovalsResponse | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "frame", b"frame", "heartbeat", b"heartbeat", "message_sent", b"message_sent", "run_cancelled", b"run_cancelled", "update", b"update"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "frame", b"frame", "heartbeat", b"heartbeat", "message_sent", b"message_sent", "run_cancelled", b"run_cancelled", "tool_approvals_submitted", b"tool_approvals_submitted", "update", b"update"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_request_id", b"client_request_id", "error", b"error", "frame", b"frame", "heartbeat", b"heartbeat", "message_sent", b"message_sent", "run_cancelled", b"run_cancelled", "update", b"update"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_request_id", b"client_request_id", "error", b"error", "frame", b"frame", "heartbeat", b"heartbeat", "message_sent", b"message_sent", "run_cancelled", b"run_cancelled", "tool_approvals_submitted", b"tool_approvals_submitted", "update", b"update"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["message_sent", "run_cancelled", "update", "error", "heartbeat"]  # noqa: Y015
+    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["message_sent", "run_cancelled", "update", "error", "heartbeat", "tool_approvals_submitted"]  # noqa: Y015
     _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
 
@@ -842,3 +990,563 @@ class ListHandlersResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListHandlersResponse: _TypeAlias = ListHandlersResponse  # noqa: Y015
+
+@_typing.final
+class ToolApproval(_message.Message):
+    """One decision in SubmitToolApprovals."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
+    DECISION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    tool_call_id: _builtins.str
+    """The id of the pending call (`PendingToolCall.call.id`)."""
+    decision: Global___ToolApprovalDecision.ValueType
+    """APPROVE or DENY."""
+    reason: _builtins.str
+    """Why (at most 500 characters); a denial's reason is shown to the model."""
+    def __init__(
+        self,
+        *,
+        tool_call_id: _builtins.str = ...,
+        decision: Global___ToolApprovalDecision.ValueType = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "reason", b"reason", "tool_call_id", b"tool_call_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolApproval: _TypeAlias = ToolApproval  # noqa: Y015
+
+@_typing.final
+class SubmitToolApprovalsRequest(_message.Message):
+    """Request for SubmitToolApprovals."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    APPROVALS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The run, `workspaces/{w}/conversations/{c}/runs/{run}`."""
+    @_builtins.property
+    def approvals(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolApproval]:
+        """Decisions on some or all of its pending calls (each call at most once; a
+        call already decided the same way is accepted again, the other way is
+        FAILED_PRECONDITION).
+        """
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        approvals: _abc.Iterable[Global___ToolApproval] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approvals", b"approvals", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitToolApprovalsRequest: _TypeAlias = SubmitToolApprovalsRequest  # noqa: Y015
+
+@_typing.final
+class SubmitToolApprovalsResponse(_message.Message):
+    """Response for SubmitToolApprovals."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def run(self) -> Global___Run:
+        """The run after the decisions: still REQUIRES_ACTION while a call is
+        undecided, RUNNING once all are.
+        """
+
+    def __init__(
+        self,
+        *,
+        run: Global___Run | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitToolApprovalsResponse: _TypeAlias = SubmitToolApprovalsResponse  # noqa: Y015
+
+@_typing.final
+class AssistantTools(_message.Message):
+    """Tools of one integration an assistant enables."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INTEGRATION_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
+    REQUIRES_APPROVAL_FIELD_NUMBER: _builtins.int
+    APPROVAL_REQUIRED_TOOLS_FIELD_NUMBER: _builtins.int
+    integration: _builtins.str
+    """The integration, `workspaces/{w}/integrations/{i}` (the assistant's workspace)."""
+    requires_approval: _builtins.bool
+    """Whether every call to this integration's tools needs a person's approval."""
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The tools enabled, by tool name; all of the integration's tools if empty."""
+
+    @_builtins.property
+    def approval_required_tools(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Tools (by name) whose calls need a person's approval."""
+
+    def __init__(
+        self,
+        *,
+        integration: _builtins.str = ...,
+        tools: _abc.Iterable[_builtins.str] | None = ...,
+        requires_approval: _builtins.bool = ...,
+        approval_required_tools: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_required_tools", b"approval_required_tools", "integration", b"integration", "requires_approval", b"requires_approval", "tools", b"tools"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AssistantTools: _TypeAlias = AssistantTools  # noqa: Y015
+
+@_typing.final
+class Assistant(_message.Message):
+    """How a workspace's messages are answered: instructions, model, tools, budget."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    INSTRUCTIONS_FIELD_NUMBER: _builtins.int
+    HANDLER_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
+    CONTEXT_TOKEN_BUDGET_FIELD_NUMBER: _builtins.int
+    MAX_TOOL_STEPS_FIELD_NUMBER: _builtins.int
+    WORKSPACE_DEFAULT_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Resource name, `workspaces/{w}/assistants/{a}`."""
+    display_name: _builtins.str
+    """Human-readable name (at most 200 characters)."""
+    description: _builtins.str
+    """What it is for (at most 2,000 characters)."""
+    instructions: _builtins.str
+    """The system prompt given to the model first (at most 32,000 characters)."""
+    handler: _builtins.str
+    """The handler that answers, `handlers/{handler}`; `handlers/llm` if empty."""
+    context_token_budget: _builtins.int
+    """The context window's token budget; the handler's own if 0."""
+    max_tool_steps: _builtins.int
+    """Most tool steps per run (1-32); the server's default if 0."""
+    workspace_default: _builtins.bool
+    """Whether messages that name no assistant and force no handler use this one.
+    At most one per workspace: setting it clears it on the previous default.
+    """
+    etag: _builtins.str
+    """Checksum for optimistic concurrency (output only; send it back to update)."""
+    @_builtins.property
+    def model(self) -> _handler_pb2.ModelSettings:
+        """Model and sampling settings (for the llm handler)."""
+
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___AssistantTools]:
+        """The tools enabled, per integration (at most 32 integrations)."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was created (output only)."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When it last changed (output only)."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        instructions: _builtins.str = ...,
+        handler: _builtins.str = ...,
+        model: _handler_pb2.ModelSettings | None = ...,
+        tools: _abc.Iterable[Global___AssistantTools] | None = ...,
+        context_token_budget: _builtins.int = ...,
+        max_tool_steps: _builtins.int = ...,
+        workspace_default: _builtins.bool = ...,
+        etag: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "model", b"model", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_token_budget", b"context_token_budget", "create_time", b"create_time", "description", b"description", "display_name", b"display_name", "etag", b"etag", "handler", b"handler", "instructions", b"instructions", "max_tool_steps", b"max_tool_steps", "model", b"model", "name", b"name", "tools", b"tools", "update_time", b"update_time", "workspace_default", b"workspace_default"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Assistant: _TypeAlias = Assistant  # noqa: Y015
+
+@_typing.final
+class CreateAssistantRequest(_message.Message):
+    """Request for CreateAssistant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    ASSISTANT_FIELD_NUMBER: _builtins.int
+    ASSISTANT_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """`workspaces/{workspace}`."""
+    assistant_id: _builtins.str
+    """Optional client-chosen id, `[a-z][a-z0-9-]{1,62}`."""
+    request_id: _builtins.str
+    """Idempotency key: 1-64 ASCII letters, digits, `-` or `_` (anything else is
+    INVALID_ARGUMENT on `request_id`); empty for none. Scoped to the caller and
+    this method and kept for 24 hours: a retry with the same id within that time
+    returns the first result, and the same id with a different request is
+    INVALID_ARGUMENT.
+    """
+    @_builtins.property
+    def assistant(self) -> Global___Assistant:
+        """The assistant; `name`, `etag` and the times are assigned."""
+
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        assistant: Global___Assistant | None = ...,
+        assistant_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "assistant_id", b"assistant_id", "parent", b"parent", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateAssistantRequest: _TypeAlias = CreateAssistantRequest  # noqa: Y015
+
+@_typing.final
+class CreateAssistantResponse(_message.Message):
+    """Response for CreateAssistant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ASSISTANT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def assistant(self) -> Global___Assistant:
+        """The new assistant."""
+
+    def __init__(
+        self,
+        *,
+        assistant: Global___Assistant | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateAssistantResponse: _TypeAlias = CreateAssistantResponse  # noqa: Y015
+
+@_typing.final
+class GetAssistantRequest(_message.Message):
+    """Request for GetAssistant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`workspaces/{workspace}/assistants/{assistant}`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAssistantRequest: _TypeAlias = GetAssistantRequest  # noqa: Y015
+
+@_typing.final
+class GetAssistantResponse(_message.Message):
+    """Response for GetAssistant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ASSISTANT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def assistant(self) -> Global___Assistant:
+        """The assistant."""
+
+    def __init__(
+        self,
+        *,
+        assistant: Global___Assistant | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAssistantResponse: _TypeAlias = GetAssistantResponse  # noqa: Y015
+
+@_typing.final
+class ListAssistantsRequest(_message.Message):
+    """Request for ListAssistants."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """`workspaces/{workspace}`."""
+    page_size: _builtins.int
+    """Maximum to return; capped at 100, default 50."""
+    page_token: _builtins.str
+    """Token from a previous response."""
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "parent", b"parent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAssistantsRequest: _TypeAlias = ListAssistantsRequest  # noqa: Y015
+
+@_typing.final
+class ListAssistantsResponse(_message.Message):
+    """Response for ListAssistants."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ASSISTANTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def assistants(self) -> _containers.RepeatedCompositeFieldContainer[Global___Assistant]:
+        """The assistants, by id."""
+
+    def __init__(
+        self,
+        *,
+        assistants: _abc.Iterable[Global___Assistant] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistants", b"assistants", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAssistantsResponse: _TypeAlias = ListAssistantsResponse  # noqa: Y015
+
+@_typing.final
+class UpdateAssistantRequest(_message.Message):
+    """Request for UpdateAssistant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ASSISTANT_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def assistant(self) -> Global___Assistant:
+        """The assistant with `name`, optionally `etag`, and the new field values."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Fields to change: `display_name`, `description`, `instructions`, `handler`,
+        `model`, `tools`, `context_token_budget`, `max_tool_steps`,
+        `workspace_default`.
+        """
+
+    def __init__(
+        self,
+        *,
+        assistant: Global___Assistant | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateAssistantRequest: _TypeAlias = UpdateAssistantRequest  # noqa: Y015
+
+@_typing.final
+class UpdateAssistantResponse(_message.Message):
+    """Response for UpdateAssistant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ASSISTANT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def assistant(self) -> Global___Assistant:
+        """The updated assistant."""
+
+    def __init__(
+        self,
+        *,
+        assistant: Global___Assistant | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateAssistantResponse: _TypeAlias = UpdateAssistantResponse  # noqa: Y015
+
+@_typing.final
+class DeleteAssistantRequest(_message.Message):
+    """Request for DeleteAssistant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`workspaces/{workspace}/assistants/{assistant}`."""
+    etag: _builtins.str
+    """If set, must match the current etag."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteAssistantRequest: _TypeAlias = DeleteAssistantRequest  # noqa: Y015
+
+@_typing.final
+class DeleteAssistantResponse(_message.Message):
+    """Response for DeleteAssistant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteAssistantResponse: _TypeAlias = DeleteAssistantResponse  # noqa: Y015
+
+@_typing.final
+class DescribeConversationRequest(_message.Message):
+    """Request for DescribeConversation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONVERSATION_FIELD_NUMBER: _builtins.int
+    ASSISTANT_FIELD_NUMBER: _builtins.int
+    HANDLER_FIELD_NUMBER: _builtins.int
+    conversation: _builtins.str
+    """`workspaces/{w}/conversations/{c}`."""
+    assistant: _builtins.str
+    """The assistant a message would name; the workspace default if empty."""
+    handler: _builtins.str
+    """The handler a message would force, `handlers/{handler}`; optional."""
+    def __init__(
+        self,
+        *,
+        conversation: _builtins.str = ...,
+        assistant: _builtins.str = ...,
+        handler: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "conversation", b"conversation", "handler", b"handler"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DescribeConversationRequest: _TypeAlias = DescribeConversationRequest  # noqa: Y015
+
+@_typing.final
+class DescribeConversationResponse(_message.Message):
+    """Response for DescribeConversation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ASSISTANT_FIELD_NUMBER: _builtins.int
+    HANDLER_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
+    UNAVAILABLE_TOOLS_FIELD_NUMBER: _builtins.int
+    CONTEXT_TOKEN_BUDGET_FIELD_NUMBER: _builtins.int
+    MAX_TOOL_STEPS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model, `{provider}/{model}`, for the llm handler."""
+    context_token_budget: _builtins.int
+    """The context window's token budget."""
+    max_tool_steps: _builtins.int
+    """Most tool steps per run."""
+    @_builtins.property
+    def assistant(self) -> Global___Assistant:
+        """The assistant that would answer; unset if none applies."""
+
+    @_builtins.property
+    def handler(self) -> Global___Handler:
+        """The handler that would answer (for a message without a handler prefix)."""
+
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedCompositeFieldContainer[_handler_pb2.ToolDefinition]:
+        """The tools a run would be offered, with their approval rules."""
+
+    @_builtins.property
+    def unavailable_tools(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Enabled tools that cannot be offered now, each with why (for example "the
+        integration is disabled").
+        """
+
+    def __init__(
+        self,
+        *,
+        assistant: Global___Assistant | None = ...,
+        handler: Global___Handler | None = ...,
+        model: _builtins.str = ...,
+        tools: _abc.Iterable[_handler_pb2.ToolDefinition] | None = ...,
+        unavailable_tools: _abc.Iterable[_builtins.str] | None = ...,
+        context_token_budget: _builtins.int = ...,
+        max_tool_steps: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "handler", b"handler"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "context_token_budget", b"context_token_budget", "handler", b"handler", "max_tool_steps", b"max_tool_steps", "model", b"model", "tools", b"tools", "unavailable_tools", b"unavailable_tools"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DescribeConversationResponse: _TypeAlias = DescribeConversationResponse  # noqa: Y015

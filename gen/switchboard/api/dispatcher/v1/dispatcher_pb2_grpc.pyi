@@ -56,6 +56,25 @@ class DispatcherServiceStub:
     """
     ListHandlers: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.ListHandlersRequest, _dispatcher_pb2.ListHandlersResponse]
     """Lists the handlers a workspace can route to."""
+    SubmitToolApprovals: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.SubmitToolApprovalsRequest, _dispatcher_pb2.SubmitToolApprovalsResponse]
+    """Approves or denies tool calls a run waits on (state REQUIRES_ACTION). The
+    run continues once every pending call is decided; a denied call goes back
+    to the model as a DENIED result.
+    """
+    CreateAssistant: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.CreateAssistantRequest, _dispatcher_pb2.CreateAssistantResponse]
+    """Creates an assistant: instructions, model, tools and budget a message can name."""
+    GetAssistant: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.GetAssistantRequest, _dispatcher_pb2.GetAssistantResponse]
+    """Gets an assistant."""
+    ListAssistants: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.ListAssistantsRequest, _dispatcher_pb2.ListAssistantsResponse]
+    """Lists a workspace's assistants, by id."""
+    UpdateAssistant: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.UpdateAssistantRequest, _dispatcher_pb2.UpdateAssistantResponse]
+    """Updates an assistant (FieldMask, etag)."""
+    DeleteAssistant: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.DeleteAssistantRequest, _dispatcher_pb2.DeleteAssistantResponse]
+    """Deletes an assistant; runs already started keep the settings they started with."""
+    DescribeConversation: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.DescribeConversationRequest, _dispatcher_pb2.DescribeConversationResponse]
+    """What a message sent to a conversation now would use: the assistant, the
+    handler, the model, the tools (with their approval rules) and the budget.
+    """
 
 @_typing.type_check_only
 class DispatcherServiceAsyncStub(DispatcherServiceStub):
@@ -84,6 +103,25 @@ class DispatcherServiceAsyncStub(DispatcherServiceStub):
     """
     ListHandlers: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.ListHandlersRequest, _dispatcher_pb2.ListHandlersResponse]  # type: ignore[assignment]
     """Lists the handlers a workspace can route to."""
+    SubmitToolApprovals: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.SubmitToolApprovalsRequest, _dispatcher_pb2.SubmitToolApprovalsResponse]  # type: ignore[assignment]
+    """Approves or denies tool calls a run waits on (state REQUIRES_ACTION). The
+    run continues once every pending call is decided; a denied call goes back
+    to the model as a DENIED result.
+    """
+    CreateAssistant: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.CreateAssistantRequest, _dispatcher_pb2.CreateAssistantResponse]  # type: ignore[assignment]
+    """Creates an assistant: instructions, model, tools and budget a message can name."""
+    GetAssistant: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.GetAssistantRequest, _dispatcher_pb2.GetAssistantResponse]  # type: ignore[assignment]
+    """Gets an assistant."""
+    ListAssistants: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.ListAssistantsRequest, _dispatcher_pb2.ListAssistantsResponse]  # type: ignore[assignment]
+    """Lists a workspace's assistants, by id."""
+    UpdateAssistant: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.UpdateAssistantRequest, _dispatcher_pb2.UpdateAssistantResponse]  # type: ignore[assignment]
+    """Updates an assistant (FieldMask, etag)."""
+    DeleteAssistant: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.DeleteAssistantRequest, _dispatcher_pb2.DeleteAssistantResponse]  # type: ignore[assignment]
+    """Deletes an assistant; runs already started keep the settings they started with."""
+    DescribeConversation: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.DescribeConversationRequest, _dispatcher_pb2.DescribeConversationResponse]  # type: ignore[assignment]
+    """What a message sent to a conversation now would use: the assistant, the
+    handler, the model, the tools (with their approval rules) and the budget.
+    """
 
 class DispatcherServiceServicer(metaclass=_abc_1.ABCMeta):
     """DispatcherService takes a user message, routes it to a handler (built-in, an
@@ -151,5 +189,66 @@ class DispatcherServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_dispatcher_pb2.ListHandlersResponse, _abc.Awaitable[_dispatcher_pb2.ListHandlersResponse]]:
         """Lists the handlers a workspace can route to."""
+
+    @_abc_1.abstractmethod
+    def SubmitToolApprovals(
+        self,
+        request: _dispatcher_pb2.SubmitToolApprovalsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_pb2.SubmitToolApprovalsResponse, _abc.Awaitable[_dispatcher_pb2.SubmitToolApprovalsResponse]]:
+        """Approves or denies tool calls a run waits on (state REQUIRES_ACTION). The
+        run continues once every pending call is decided; a denied call goes back
+        to the model as a DENIED result.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateAssistant(
+        self,
+        request: _dispatcher_pb2.CreateAssistantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_pb2.CreateAssistantResponse, _abc.Awaitable[_dispatcher_pb2.CreateAssistantResponse]]:
+        """Creates an assistant: instructions, model, tools and budget a message can name."""
+
+    @_abc_1.abstractmethod
+    def GetAssistant(
+        self,
+        request: _dispatcher_pb2.GetAssistantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_pb2.GetAssistantResponse, _abc.Awaitable[_dispatcher_pb2.GetAssistantResponse]]:
+        """Gets an assistant."""
+
+    @_abc_1.abstractmethod
+    def ListAssistants(
+        self,
+        request: _dispatcher_pb2.ListAssistantsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_pb2.ListAssistantsResponse, _abc.Awaitable[_dispatcher_pb2.ListAssistantsResponse]]:
+        """Lists a workspace's assistants, by id."""
+
+    @_abc_1.abstractmethod
+    def UpdateAssistant(
+        self,
+        request: _dispatcher_pb2.UpdateAssistantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_pb2.UpdateAssistantResponse, _abc.Awaitable[_dispatcher_pb2.UpdateAssistantResponse]]:
+        """Updates an assistant (FieldMask, etag)."""
+
+    @_abc_1.abstractmethod
+    def DeleteAssistant(
+        self,
+        request: _dispatcher_pb2.DeleteAssistantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_pb2.DeleteAssistantResponse, _abc.Awaitable[_dispatcher_pb2.DeleteAssistantResponse]]:
+        """Deletes an assistant; runs already started keep the settings they started with."""
+
+    @_abc_1.abstractmethod
+    def DescribeConversation(
+        self,
+        request: _dispatcher_pb2.DescribeConversationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_pb2.DescribeConversationResponse, _abc.Awaitable[_dispatcher_pb2.DescribeConversationResponse]]:
+        """What a message sent to a conversation now would use: the assistant, the
+        handler, the model, the tools (with their approval rules) and the budget.
+        """
 
 def add_DispatcherServiceServicer_to_server(servicer: DispatcherServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -56,6 +56,8 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     """The dispatcher refused a message before any handler ran, or flagged it."""
     EVENT_TYPE_TOOL_INVOKED: _EventType.ValueType  # 10
     """A tool of an integration was invoked (an audit record)."""
+    EVENT_TYPE_ASSISTANT_CHANGED: _EventType.ValueType  # 11
+    """An assistant was created, updated or deleted."""
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper):
     """What an event is about."""
@@ -82,6 +84,8 @@ EVENT_TYPE_MESSAGE_FILTERED: EventType.ValueType  # 9
 """The dispatcher refused a message before any handler ran, or flagged it."""
 EVENT_TYPE_TOOL_INVOKED: EventType.ValueType  # 10
 """A tool of an integration was invoked (an audit record)."""
+EVENT_TYPE_ASSISTANT_CHANGED: EventType.ValueType  # 11
+"""An assistant was created, updated or deleted."""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
 class _ChangeKind:
@@ -443,6 +447,34 @@ class IntegrationChanged(_message.Message):
 Global___IntegrationChanged: _TypeAlias = IntegrationChanged  # noqa: Y015
 
 @_typing.final
+class AssistantChanged(_message.Message):
+    """Payload: an assistant changed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGE_FIELD_NUMBER: _builtins.int
+    ASSISTANT_FIELD_NUMBER: _builtins.int
+    change: Global___ChangeKind.ValueType
+    """How it changed."""
+    @_builtins.property
+    def assistant(self) -> _dispatcher_pb2.Assistant:
+        """The assistant after the change (before it, for a deletion)."""
+
+    def __init__(
+        self,
+        *,
+        change: Global___ChangeKind.ValueType = ...,
+        assistant: _dispatcher_pb2.Assistant | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "change", b"change"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AssistantChanged: _TypeAlias = AssistantChanged  # noqa: Y015
+
+@_typing.final
 class ToolInvoked(_message.Message):
     """Payload: a tool was invoked (who is the event's actor). The arguments and
     the credential are never recorded.
@@ -550,6 +582,7 @@ class Event(_message.Message):
     SECURITY_FIELD_NUMBER: _builtins.int
     MESSAGE_FILTERED_FIELD_NUMBER: _builtins.int
     TOOL_INVOKED_FIELD_NUMBER: _builtins.int
+    ASSISTANT_CHANGED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Globally unique id (for deduplication by consumers)."""
     cursor: _builtins.str
@@ -610,6 +643,10 @@ class Event(_message.Message):
     def tool_invoked(self) -> Global___ToolInvoked:
         """A tool was invoked."""
 
+    @_builtins.property
+    def assistant_changed(self) -> Global___AssistantChanged:
+        """An assistant changed."""
+
     def __init__(
         self,
         *,
@@ -631,12 +668,13 @@ class Event(_message.Message):
         security: Global___SecurityEvent | None = ...,
         message_filtered: Global___MessageFiltered | None = ...,
         tool_invoked: Global___ToolInvoked | None = ...,
+        assistant_changed: Global___AssistantChanged | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "conversation_changed", b"conversation_changed", "integration_changed", b"integration_changed", "member_changed", b"member_changed", "memory_changed", b"memory_changed", "message_created", b"message_created", "message_filtered", b"message_filtered", "payload", b"payload", "run_updated", b"run_updated", "security", b"security", "time", b"time", "tool_invoked", b"tool_invoked", "workspace_changed", b"workspace_changed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "assistant_changed", b"assistant_changed", "conversation_changed", b"conversation_changed", "integration_changed", b"integration_changed", "member_changed", b"member_changed", "memory_changed", b"memory_changed", "message_created", b"message_created", "message_filtered", b"message_filtered", "payload", b"payload", "run_updated", b"run_updated", "security", b"security", "time", b"time", "tool_invoked", b"tool_invoked", "workspace_changed", b"workspace_changed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "conversation", b"conversation", "conversation_changed", b"conversation_changed", "cursor", b"cursor", "id", b"id", "integration_changed", b"integration_changed", "member_changed", b"member_changed", "memory_changed", b"memory_changed", "message_created", b"message_created", "message_filtered", b"message_filtered", "payload", b"payload", "run_updated", b"run_updated", "security", b"security", "time", b"time", "tool_invoked", b"tool_invoked", "type", b"type", "user", b"user", "workspace", b"workspace", "workspace_changed", b"workspace_changed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "assistant_changed", b"assistant_changed", "conversation", b"conversation", "conversation_changed", b"conversation_changed", "cursor", b"cursor", "id", b"id", "integration_changed", b"integration_changed", "member_changed", b"member_changed", "memory_changed", b"memory_changed", "message_created", b"message_created", "message_filtered", b"message_filtered", "payload", b"payload", "run_updated", b"run_updated", "security", b"security", "time", b"time", "tool_invoked", b"tool_invoked", "type", b"type", "user", b"user", "workspace", b"workspace", "workspace_changed", b"workspace_changed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["workspace_changed", "member_changed", "conversation_changed", "message_created", "memory_changed", "run_updated", "integration_changed", "security", "message_filtered", "tool_invoked"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["workspace_changed", "member_changed", "conversation_changed", "message_created", "memory_changed", "run_updated", "integration_changed", "security", "message_filtered", "tool_invoked", "assistant_changed"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 

@@ -10,6 +10,8 @@ from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.rpc import status_pb2 as _status_pb2
 from switchboard.api.context.v1 import context_pb2 as _context_pb2
 import builtins as _builtins
 import sys
@@ -21,6 +23,44 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ToolOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ToolOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ToolOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TOOL_OUTCOME_UNSPECIFIED: _ToolOutcome.ValueType  # 0
+    """Not set."""
+    TOOL_OUTCOME_SUCCEEDED: _ToolOutcome.ValueType  # 1
+    """The tool ran and returned a result."""
+    TOOL_OUTCOME_ERROR: _ToolOutcome.ValueType  # 2
+    """The tool ran and reported an error in its result."""
+    TOOL_OUTCOME_FAILED: _ToolOutcome.ValueType  # 3
+    """The call could not be made: an unknown tool, invalid arguments, an
+    integration that is unavailable, disabled or whose circuit is open, a timeout
+    (see ToolResult.error).
+    """
+    TOOL_OUTCOME_DENIED: _ToolOutcome.ValueType  # 4
+    """A person denied the call (see ToolResult.error for the reason)."""
+
+class ToolOutcome(_ToolOutcome, metaclass=_ToolOutcomeEnumTypeWrapper):
+    """How a tool call ended."""
+
+TOOL_OUTCOME_UNSPECIFIED: ToolOutcome.ValueType  # 0
+"""Not set."""
+TOOL_OUTCOME_SUCCEEDED: ToolOutcome.ValueType  # 1
+"""The tool ran and returned a result."""
+TOOL_OUTCOME_ERROR: ToolOutcome.ValueType  # 2
+"""The tool ran and reported an error in its result."""
+TOOL_OUTCOME_FAILED: ToolOutcome.ValueType  # 3
+"""The call could not be made: an unknown tool, invalid arguments, an
+integration that is unavailable, disabled or whose circuit is open, a timeout
+(see ToolResult.error).
+"""
+TOOL_OUTCOME_DENIED: ToolOutcome.ValueType  # 4
+"""A person denied the call (see ToolResult.error for the reason)."""
+Global___ToolOutcome: _TypeAlias = ToolOutcome  # noqa: Y015
 
 @_typing.final
 class HandleRequest(_message.Message):
@@ -34,10 +74,19 @@ class HandleRequest(_message.Message):
     PARAMETERS_FIELD_NUMBER: _builtins.int
     USER_FIELD_NUMBER: _builtins.int
     FLAGS_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    INSTRUCTIONS_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    MAX_TOOL_STEPS_FIELD_NUMBER: _builtins.int
     run: _builtins.str
     """The run being served, `workspaces/{w}/conversations/{c}/runs/{run}`."""
     user: _builtins.str
     """The user on whose behalf the run executes, `users/{user}`."""
+    instructions: _builtins.str
+    """The run's assistant's instructions (the system prompt), if it has one."""
+    max_tool_steps: _builtins.int
+    """Most tool steps the run may take; 0 when it may call no tools."""
     @_builtins.property
     def message(self) -> _context_pb2.Message:
         """The user message to answer."""
@@ -54,6 +103,25 @@ class HandleRequest(_message.Message):
     def flags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Content-policy flags raised on the message (for example "prompt-injection")."""
 
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolDefinition]:
+        """The tools the run may call (the run's assistant decides which). The llm
+        handler offers them to the model; an interactive handler may request them.
+        """
+
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolStep]:
+        """Tool steps this run already took, oldest first. Set when a run continues
+        after its dispatcher restarted (for example while it waited for an
+        approval): the handler continues from them instead of starting over. A last
+        step with fewer results than calls is still being resolved; its results
+        follow (as `tool_result` frames on HandleInteractive).
+        """
+
+    @_builtins.property
+    def model(self) -> Global___ModelSettings:
+        """The run's assistant's model settings, if it has one."""
+
     def __init__(
         self,
         *,
@@ -63,14 +131,196 @@ class HandleRequest(_message.Message):
         parameters: _struct_pb2.Struct | None = ...,
         user: _builtins.str = ...,
         flags: _abc.Iterable[_builtins.str] | None = ...,
+        tools: _abc.Iterable[Global___ToolDefinition] | None = ...,
+        steps: _abc.Iterable[Global___ToolStep] | None = ...,
+        instructions: _builtins.str = ...,
+        model: Global___ModelSettings | None = ...,
+        max_tool_steps: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "message", b"message", "parameters", b"parameters"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "message", b"message", "model", b"model", "parameters", b"parameters"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "flags", b"flags", "message", b"message", "parameters", b"parameters", "run", b"run", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "flags", b"flags", "instructions", b"instructions", "max_tool_steps", b"max_tool_steps", "message", b"message", "model", b"model", "parameters", b"parameters", "run", b"run", "steps", b"steps", "tools", b"tools", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HandleRequest: _TypeAlias = HandleRequest  # noqa: Y015
+
+@_typing.final
+class ToolDefinition(_message.Message):
+    """A tool a run may call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOOL_FIELD_NUMBER: _builtins.int
+    FUNCTION_NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    INPUT_SCHEMA_FIELD_NUMBER: _builtins.int
+    REQUIRES_APPROVAL_FIELD_NUMBER: _builtins.int
+    tool: _builtins.str
+    """The tool, `workspaces/{w}/integrations/{i}/tools/{tool}`."""
+    function_name: _builtins.str
+    """The name a model calls it by: 1-64 ASCII letters, digits, `_` or `-`,
+    unique within the run.
+    """
+    description: _builtins.str
+    """What it does."""
+    requires_approval: _builtins.bool
+    """Whether a person must approve each call before it runs."""
+    @_builtins.property
+    def input_schema(self) -> _struct_pb2.Struct:
+        """Its arguments, as a JSON Schema."""
+
+    def __init__(
+        self,
+        *,
+        tool: _builtins.str = ...,
+        function_name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        input_schema: _struct_pb2.Struct | None = ...,
+        requires_approval: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["input_schema", b"input_schema"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "function_name", b"function_name", "input_schema", b"input_schema", "requires_approval", b"requires_approval", "tool", b"tool"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolDefinition: _TypeAlias = ToolDefinition  # noqa: Y015
+
+@_typing.final
+class ModelSettings(_message.Message):
+    """Model settings of an assistant; unset fields take the server's defaults."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    TEMPERATURE_FIELD_NUMBER: _builtins.int
+    TOP_P_FIELD_NUMBER: _builtins.int
+    MAX_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    provider: _builtins.str
+    """The configured provider to use first (its name), or empty for the
+    configured chain in order.
+    """
+    model: _builtins.str
+    """The model to ask for at that provider, or empty for the provider's model."""
+    temperature: _builtins.float
+    """Sampling temperature, 0 to 2."""
+    top_p: _builtins.float
+    """Nucleus sampling, 0 to 1."""
+    max_output_tokens: _builtins.int
+    """Most tokens per model answer; capped by the server's limit."""
+    def __init__(
+        self,
+        *,
+        provider: _builtins.str = ...,
+        model: _builtins.str = ...,
+        temperature: _builtins.float | None = ...,
+        top_p: _builtins.float | None = ...,
+        max_output_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "_top_p", b"_top_p", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "_top_p", b"_top_p", "max_output_tokens", b"max_output_tokens", "model", b"model", "provider", b"provider", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
+    _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
+    _WhichOneofReturnType__top_p: _TypeAlias = _typing.Literal["top_p"]  # noqa: Y015
+    _WhichOneofArgType__top_p: _TypeAlias = _typing.Literal["_top_p", b"_top_p"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature) -> _WhichOneofReturnType__temperature | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__top_p) -> _WhichOneofReturnType__top_p | None: ...
+
+Global___ModelSettings: _TypeAlias = ModelSettings  # noqa: Y015
+
+@_typing.final
+class ToolResult(_message.Message):
+    """The outcome of a tool call, as returned to the handler (and the model)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    TOOL_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    DURATION_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The id of the ToolCall it answers."""
+    tool: _builtins.str
+    """The tool, `workspaces/{w}/integrations/{i}/tools/{tool}`; empty if the
+    call named no known tool.
+    """
+    outcome: Global___ToolOutcome.ValueType
+    """How it ended."""
+    text: _builtins.str
+    """Text output (for FAILED and DENIED: the explanation given to the model)."""
+    @_builtins.property
+    def result(self) -> _struct_pb2.Struct:
+        """Structured output, if the tool returned one."""
+
+    @_builtins.property
+    def duration(self) -> _duration_pb2.Duration:
+        """How long the call took (0 if it never ran)."""
+
+    @_builtins.property
+    def error(self) -> _status_pb2.Status:
+        """Why, for FAILED and DENIED."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        tool: _builtins.str = ...,
+        outcome: Global___ToolOutcome.ValueType = ...,
+        text: _builtins.str = ...,
+        result: _struct_pb2.Struct | None = ...,
+        duration: _duration_pb2.Duration | None = ...,
+        error: _status_pb2.Status | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "error", b"error", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "error", b"error", "id", b"id", "outcome", b"outcome", "result", b"result", "text", b"text", "tool", b"tool"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolResult: _TypeAlias = ToolResult  # noqa: Y015
+
+@_typing.final
+class ToolStep(_message.Message):
+    """One round of tool calls: the calls a handler made together and their results."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALLS_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """Text the handler streamed in the step, before its calls."""
+    @_builtins.property
+    def calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCall]:
+        """The calls, in the order the handler made them."""
+
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolResult]:
+        """Their results, in the order of `calls`."""
+
+    def __init__(
+        self,
+        *,
+        calls: _abc.Iterable[Global___ToolCall] | None = ...,
+        results: _abc.Iterable[Global___ToolResult] | None = ...,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "results", b"results", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolStep: _TypeAlias = ToolStep  # noqa: Y015
 
 @_typing.final
 class Progress(_message.Message):
@@ -136,12 +386,23 @@ class ToolCall(_message.Message):
     INTEGRATION_FIELD_NUMBER: _builtins.int
     TOOL_FIELD_NUMBER: _builtins.int
     ARGUMENTS_FIELD_NUMBER: _builtins.int
+    INVALID_ARGUMENTS_FIELD_NUMBER: _builtins.int
+    REQUIRES_APPROVAL_FIELD_NUMBER: _builtins.int
+    FUNCTION_NAME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Handler-chosen id, unique within the run."""
     integration: _builtins.str
     """The integration that provides the tool, `workspaces/{w}/integrations/{i}`."""
     tool: _builtins.str
     """The tool's name."""
+    invalid_arguments: _builtins.str
+    """The arguments as the handler sent them, when they were not a JSON object
+    (the call is then answered with a FAILED result instead of being run).
+    """
+    requires_approval: _builtins.bool
+    """Whether a person must approve it before it runs (set by the dispatcher)."""
+    function_name: _builtins.str
+    """The name the model called it by, if a model made the call."""
     @_builtins.property
     def arguments(self) -> _struct_pb2.Struct:
         """The arguments, matching the tool's input schema."""
@@ -153,10 +414,13 @@ class ToolCall(_message.Message):
         integration: _builtins.str = ...,
         tool: _builtins.str = ...,
         arguments: _struct_pb2.Struct | None = ...,
+        invalid_arguments: _builtins.str = ...,
+        requires_approval: _builtins.bool = ...,
+        function_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments", "id", b"id", "integration", b"integration", "tool", b"tool"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments", "function_name", b"function_name", "id", b"id", "integration", b"integration", "invalid_arguments", b"invalid_arguments", "requires_approval", b"requires_approval", "tool", b"tool"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -308,6 +572,7 @@ class HandlerCapabilities(_message.Message):
     STREAMING_FIELD_NUMBER: _builtins.int
     MAX_CONTEXT_TOKENS_FIELD_NUMBER: _builtins.int
     PARAMETERS_SCHEMA_FIELD_NUMBER: _builtins.int
+    INTERACTIVE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Stable id, `[a-z][a-z0-9-]{1,62}`."""
     display_name: _builtins.str
@@ -318,6 +583,10 @@ class HandlerCapabilities(_message.Message):
     """Whether it streams deltas before the result."""
     max_context_tokens: _builtins.int
     """Largest context window, in tokens, it wants."""
+    interactive: _builtins.bool
+    """Whether it implements HandleInteractive (requests tool calls and reads
+    their results); the dispatcher then calls that instead of Handle.
+    """
     @_builtins.property
     def topics(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Topics or intents it claims, used by the router (for example "billing")."""
@@ -336,14 +605,71 @@ class HandlerCapabilities(_message.Message):
         streaming: _builtins.bool = ...,
         max_context_tokens: _builtins.int = ...,
         parameters_schema: _struct_pb2.Struct | None = ...,
+        interactive: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["parameters_schema", b"parameters_schema"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "display_name", b"display_name", "id", b"id", "max_context_tokens", b"max_context_tokens", "parameters_schema", b"parameters_schema", "streaming", b"streaming", "topics", b"topics"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "display_name", b"display_name", "id", b"id", "interactive", b"interactive", "max_context_tokens", b"max_context_tokens", "parameters_schema", b"parameters_schema", "streaming", b"streaming", "topics", b"topics"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HandlerCapabilities: _TypeAlias = HandlerCapabilities  # noqa: Y015
+
+@_typing.final
+class HandleInteractiveRequest(_message.Message):
+    """Request for HandleInteractive: one frame sent by the dispatcher."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    TOOL_RESULT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def start(self) -> Global___HandleRequest:
+        """The first frame: what Handle would have received."""
+
+    @_builtins.property
+    def tool_result(self) -> Global___ToolResult:
+        """The outcome of a tool call the handler requested."""
+
+    def __init__(
+        self,
+        *,
+        start: Global___HandleRequest | None = ...,
+        tool_result: Global___ToolResult | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["frame", b"frame", "start", b"start", "tool_result", b"tool_result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["frame", b"frame", "start", b"start", "tool_result", b"tool_result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["start", "tool_result"]  # noqa: Y015
+    _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
+
+Global___HandleInteractiveRequest: _TypeAlias = HandleInteractiveRequest  # noqa: Y015
+
+@_typing.final
+class HandleInteractiveResponse(_message.Message):
+    """Response for HandleInteractive: one frame sent by the handler."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FRAME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def frame(self) -> Global___HandleResponse:
+        """The frame, as on Handle; a `tool_call` is a request to run the tool."""
+
+    def __init__(
+        self,
+        *,
+        frame: Global___HandleResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HandleInteractiveResponse: _TypeAlias = HandleInteractiveResponse  # noqa: Y015
 
 @_typing.final
 class GetCapabilitiesResponse(_message.Message):

@@ -50,6 +50,11 @@ class HandlerServiceStub:
                 request_serializer=switchboard_dot_api_dot_handler_dot_v1_dot_handler__pb2.GetCapabilitiesRequest.SerializeToString,
                 response_deserializer=switchboard_dot_api_dot_handler_dot_v1_dot_handler__pb2.GetCapabilitiesResponse.FromString,
                 _registered_method=True)
+        self.HandleInteractive = channel.stream_stream(
+                '/switchboard.api.handler.v1.HandlerService/HandleInteractive',
+                request_serializer=switchboard_dot_api_dot_handler_dot_v1_dot_handler__pb2.HandleInteractiveRequest.SerializeToString,
+                response_deserializer=switchboard_dot_api_dot_handler_dot_v1_dot_handler__pb2.HandleInteractiveResponse.FromString,
+                _registered_method=True)
 
 
 class HandlerServiceServicer:
@@ -75,6 +80,18 @@ class HandlerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def HandleInteractive(self, request_iterator, context):
+        """Handle, for a handler that requests tool calls: the first request frame
+        carries the HandleRequest; each `tool_call` frame the handler sends asks the
+        dispatcher to run that tool (through the integration hub, with the run's
+        approval rules), and its outcome comes back as a `tool_result` request
+        frame with the call's id. The dispatcher calls this instead of Handle when
+        the handler's capabilities say `interactive`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HandlerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -87,6 +104,11 @@ def add_HandlerServiceServicer_to_server(servicer, server):
                     servicer.GetCapabilities,
                     request_deserializer=switchboard_dot_api_dot_handler_dot_v1_dot_handler__pb2.GetCapabilitiesRequest.FromString,
                     response_serializer=switchboard_dot_api_dot_handler_dot_v1_dot_handler__pb2.GetCapabilitiesResponse.SerializeToString,
+            ),
+            'HandleInteractive': grpc.stream_stream_rpc_method_handler(
+                    servicer.HandleInteractive,
+                    request_deserializer=switchboard_dot_api_dot_handler_dot_v1_dot_handler__pb2.HandleInteractiveRequest.FromString,
+                    response_serializer=switchboard_dot_api_dot_handler_dot_v1_dot_handler__pb2.HandleInteractiveResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -148,6 +170,33 @@ class HandlerService:
             '/switchboard.api.handler.v1.HandlerService/GetCapabilities',
             switchboard_dot_api_dot_handler_dot_v1_dot_handler__pb2.GetCapabilitiesRequest.SerializeToString,
             switchboard_dot_api_dot_handler_dot_v1_dot_handler__pb2.GetCapabilitiesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HandleInteractive(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/switchboard.api.handler.v1.HandlerService/HandleInteractive',
+            switchboard_dot_api_dot_handler_dot_v1_dot_handler__pb2.HandleInteractiveRequest.SerializeToString,
+            switchboard_dot_api_dot_handler_dot_v1_dot_handler__pb2.HandleInteractiveResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,14 @@ class HandlerServiceStub:
     """
     GetCapabilities: _grpc.UnaryUnaryMultiCallable[_handler_pb2.GetCapabilitiesRequest, _handler_pb2.GetCapabilitiesResponse]
     """Describes what the handler can do, so the dispatcher can route to it."""
+    HandleInteractive: _grpc.StreamStreamMultiCallable[_handler_pb2.HandleInteractiveRequest, _handler_pb2.HandleInteractiveResponse]
+    """Handle, for a handler that requests tool calls: the first request frame
+    carries the HandleRequest; each `tool_call` frame the handler sends asks the
+    dispatcher to run that tool (through the integration hub, with the run's
+    approval rules), and its outcome comes back as a `tool_result` request
+    frame with the call's id. The dispatcher calls this instead of Handle when
+    the handler's capabilities say `interactive`.
+    """
 
 @_typing.type_check_only
 class HandlerServiceAsyncStub(HandlerServiceStub):
@@ -62,6 +70,14 @@ class HandlerServiceAsyncStub(HandlerServiceStub):
     """
     GetCapabilities: _aio.UnaryUnaryMultiCallable[_handler_pb2.GetCapabilitiesRequest, _handler_pb2.GetCapabilitiesResponse]  # type: ignore[assignment]
     """Describes what the handler can do, so the dispatcher can route to it."""
+    HandleInteractive: _aio.StreamStreamMultiCallable[_handler_pb2.HandleInteractiveRequest, _handler_pb2.HandleInteractiveResponse]  # type: ignore[assignment]
+    """Handle, for a handler that requests tool calls: the first request frame
+    carries the HandleRequest; each `tool_call` frame the handler sends asks the
+    dispatcher to run that tool (through the integration hub, with the run's
+    approval rules), and its outcome comes back as a `tool_result` request
+    frame with the call's id. The dispatcher calls this instead of Handle when
+    the handler's capabilities say `interactive`.
+    """
 
 class HandlerServiceServicer(metaclass=_abc_1.ABCMeta):
     """HandlerService is the contract a remote "domain expert" implements. The
@@ -88,5 +104,19 @@ class HandlerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_handler_pb2.GetCapabilitiesResponse, _abc.Awaitable[_handler_pb2.GetCapabilitiesResponse]]:
         """Describes what the handler can do, so the dispatcher can route to it."""
+
+    @_abc_1.abstractmethod
+    def HandleInteractive(
+        self,
+        request_iterator: _MaybeAsyncIterator[_handler_pb2.HandleInteractiveRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_handler_pb2.HandleInteractiveResponse], _abc.AsyncIterator[_handler_pb2.HandleInteractiveResponse]]:
+        """Handle, for a handler that requests tool calls: the first request frame
+        carries the HandleRequest; each `tool_call` frame the handler sends asks the
+        dispatcher to run that tool (through the integration hub, with the run's
+        approval rules), and its outcome comes back as a `tool_result` request
+        frame with the call's id. The dispatcher calls this instead of Handle when
+        the handler's capabilities say `interactive`.
+        """
 
 def add_HandlerServiceServicer_to_server(servicer: HandlerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
