@@ -1372,7 +1372,14 @@ async def test_messages_get_increasing_sequences_and_token_counts(stub: Stub, wo
         text_message("be brief", role=pb.MESSAGE_ROLE_SYSTEM),
         pb.Message(
             role=pb.MESSAGE_ROLE_TOOL,
-            parts=[pb.ContentPart(data=struct(temperature=21.5, unit="C"))],
+            parts=[
+                pb.ContentPart(
+                    tool_result=pb.ToolResultContent(
+                        id="call_1", outcome="succeeded", text="21.5 C"
+                    )
+                ),
+                pb.ContentPart(data=struct(temperature=21.5, unit="C")),
+            ],
         ),
         pb.Message(
             role=pb.MESSAGE_ROLE_USER,

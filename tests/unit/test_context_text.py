@@ -9,6 +9,7 @@ import math
 import re
 import sqlite3
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from google.protobuf import struct_pb2
@@ -47,6 +48,7 @@ from switchboard.context.tokens import (
     render_parts,
 )
 from switchboard.platform.plugins import load_plugin
+from switchboard.platform.rendering import render_parts_briefly
 
 COUNTER = ApproxTokenCounter()
 
@@ -128,6 +130,70 @@ def test_render_parts_accepts_data_json_cannot_hold() -> None:
     data = struct_pb2.Struct()
     data.update({"x": math.nan, "big": 1e300})
     assert render_parts([context_pb2.ContentPart(data=data)]) == '{"big":1e+300,"x":NaN}'
+
+
+TOOL = "workspaces/w1/integrations/weather/tools/forecast"
+
+
+def tool_call(
+    call_id: str, function_name: str = "", tool: str = "", **arguments: Any
+) -> context_pb2.ContentPart:
+    args = struct_pb2.Struct()
+    args.update(arguments)
+    return context_pb2.ContentPart(
+        tool_call=context_pb2.ToolCallContent(
+            id=call_id, tool=tool, function_name=function_name, arguments=args
+        )
+    )
+
+
+def tool_result(
+    call_id: str, outcome: str, text: str = "", tool: str = ""
+) -> context_pb2.ContentPart:
+    return context_pb2.ContentPart(
+        tool_result=context_pb2.ToolResultContent(id=call_id, tool=tool, outcome=outcome, text=text)
+    )
+
+
+def test_render_parts_renders_tool_calls_and_results() -> None:
+    parts = [
+        text_part("Checking."),
+        tool_call("call_1", "forecast", TOOL, days=3, city="Zürich"),
+        # Named by its tool when the model gave no function name; no arguments.
+        tool_call("call_2", tool=TOOL),
+    ]
+    assert render_parts(parts) == (
+        f'Checking.\n[tool call forecast({{"city":"Zürich","days":3}})]\n[tool call {TOOL}({{}})]'
+    )
+    assert render_parts([tool_result("call_1", "succeeded", "Sunny.\nWarm.", TOOL)]) == (
+        f"[tool result {TOOL}: succeeded]\nSunny.\nWarm."
+    )
+    # No tool, no text: just the outcome line.
+    assert render_parts([tool_result("call_1", "denied")]) == "[tool result: denied]"
+
+
+def test_render_parts_briefly_keeps_what_happened_without_payloads() -> None:
+    parts = [
+        text_part("Checking."),
+        tool_call("call_1", "forecast", TOOL, city="Zürich"),
+        tool_result("call_1", "failed", "a long traceback", TOOL),
+        context_pb2.ContentPart(),
+    ]
+    assert render_parts_briefly(parts) == (
+        f"Checking.\n[tool call forecast]\n[tool result {TOOL}: failed]"
+    )
+    # Everything else renders as render_parts does.
+    others = [text_part("a"), context_pb2.ContentPart(data=struct_pb2.Struct())]
+    assert render_parts_briefly(others) == render_parts(others) == "a\n{}"
+
+
+def test_tool_text_and_arguments_cost_tokens() -> None:
+    short = [tool_result("c", "succeeded", "ok")]
+    long = [tool_result("c", "succeeded", "ok " * 50)]
+    assert message_tokens(COUNTER, long) > message_tokens(COUNTER, short) + 40
+    assert message_tokens(COUNTER, [tool_call("c", "f", city="Oslo")]) > message_tokens(
+        COUNTER, [tool_call("c", "f")]
+    )
 
 
 def test_message_tokens_adds_the_framing() -> None:

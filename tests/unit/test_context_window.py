@@ -318,3 +318,155 @@ def test_invalid_arguments_are_refused(change: dict[str, object]) -> None:
     }
     with pytest.raises(ValueError, match=r"negative|within"):
         plan_window(**arguments)  # type: ignore[arg-type]
+
+
+# -- rule 6: a tool result is never shown without its call --------------------------------
+
+OVER = Reason.OVER_BUDGET
+
+
+def message(key: str, tokens: int, *, calls: str = "", answers: str = "") -> Candidate:
+    """A message candidate; ``calls`` and ``answers`` are space-separated call ids."""
+    return Candidate(
+        key, tokens, calls=frozenset(calls.split()), answers=frozenset(answers.split())
+    )
+
+
+def messages_only(budget: int, recent: list[Candidate]) -> Plan:
+    return plan_window(budget=budget, pinned=[], relevant=[], summary=None, recent=recent)
+
+
+def decisions(plan: Plan) -> tuple[list[str], list[tuple[str, Reason]]]:
+    return keys(plan.included), [(c.candidate.key, c.reason) for c in plan.excluded]
+
+
+def test_results_whose_call_does_not_fit_are_left_out_with_it() -> None:
+    # Oldest first: u, a (calls c1, c2), t1, t2, z; newest first to the planner.
+    recent = [
+        message("z", 5),
+        message("t2", 5, answers="c2"),
+        message("t1", 5, answers="c1"),
+        message("a", 10, calls="c1 c2"),
+        message("u", 5),
+    ]
+    assert decisions(messages_only(25, recent)) == (["a", "t1", "t2", "z"], [("u", OVER)])
+    plan = messages_only(24, recent)
+    assert decisions(plan) == (["z"], [("t2", OVER), ("t1", OVER), ("a", OVER)])
+    assert (plan.total_tokens, plan.omitted_messages) == (5, 1)
+    # Only one result fits: it goes too.
+    plan = messages_only(10, recent)
+    assert decisions(plan) == (["z"], [("t2", OVER), ("t1", OVER)])
+    assert plan.omitted_messages == 2
+
+
+def test_a_message_between_a_call_and_its_result_goes_with_the_call() -> None:
+    recent = [
+        message("z", 5),
+        message("t1", 5, answers="c1"),
+        message("aside", 5),
+        message("a", 10, calls="c1"),
+    ]
+    assert decisions(messages_only(15, recent)) == (
+        ["z"],
+        [("t1", OVER), ("aside", OVER), ("a", OVER)],
+    )
+    # A call left out that nothing shown answers cuts nothing more.
+    recent = [message("z", 5), message("aside", 5), message("a", 10, calls="c1")]
+    assert decisions(messages_only(10, recent)) == (["aside", "z"], [("a", OVER)])
+
+
+def test_a_result_whose_call_is_gone_never_opens_the_window() -> None:
+    # The call was pruned away (or never stored): everything fits, but a result
+    # with no call before it would open the window.
+    recent = [message("z", 5), message("t2", 5, answers="c2"), message("t1", 5, answers="c1")]
+    plan = messages_only(100, recent)
+    assert decisions(plan) == (["z"], [("t2", OVER), ("t1", OVER)])
+    assert plan.omitted_messages == 0
+
+
+def test_a_result_with_an_unknown_call_inside_the_window_stays() -> None:
+    recent = [message("z", 5), message("t", 5, answers="never-made"), message("u", 5)]
+    assert decisions(messages_only(100, recent)) == (["u", "t", "z"], [])
+
+
+def test_cutting_a_call_cuts_the_results_answering_it_later() -> None:
+    # Oldest first: a1 (c1), t1 (c1), a2 (c2), t2 (c1 again, and c2). Cutting
+    # at a1 drops t1; a2 then opens the window, and t2's c1 is now left out
+    # by what was cut, so a2 and t2 go too.
+    recent = [
+        message("z", 1),
+        message("t2", 1, answers="c1 c2"),
+        message("a2", 1, calls="c2"),
+        message("t1", 1, answers="c1"),
+        message("a1", 10, calls="c1"),
+    ]
+    assert decisions(messages_only(5, recent)) == (
+        ["z"],
+        [("t2", OVER), ("a2", OVER), ("t1", OVER), ("a1", OVER)],
+    )
+
+
+@st.composite
+def tool_conversations(draw: st.DrawFn) -> tuple[int, list[Candidate]]:
+    """A budget and messages (newest first) with assistant calls and tool results
+    answering them, sometimes answering calls that are unknown or far away."""
+    ids = [f"c{i}" for i in range(6)]
+    made: list[str] = []
+    oldest_first: list[Candidate] = []
+    for n in range(draw(st.integers(min_value=0, max_value=14))):
+        kind = draw(st.sampled_from(["plain", "call", "result", "result"]))
+        tokens = draw(st.integers(min_value=0, max_value=30))
+        if kind == "call":
+            calls = draw(st.lists(st.sampled_from(ids), min_size=1, max_size=3, unique=True))
+            made.extend(calls)
+            candidate = message(f"m{n}", tokens, calls=" ".join(calls))
+        elif kind == "result":
+            pool = made or ids
+            answers = draw(st.lists(st.sampled_from(pool), min_size=1, max_size=2, unique=True))
+            candidate = message(f"m{n}", tokens, answers=" ".join(answers))
+        else:
+            candidate = message(f"m{n}", tokens)
+        oldest_first.append(candidate)
+    return draw(st.integers(min_value=0, max_value=200)), list(reversed(oldest_first))
+
+
+def _valid_run(run: list[Candidate], outside: list[Candidate]) -> bool:
+    """Rule 6 for a run (oldest first) of the candidates, ``outside`` being the rest."""
+    made_outside = {call for c in outside for call in c.calls}
+    made: set[str] = set()
+    for index, candidate in enumerate(run):
+        missing = candidate.answers - made
+        if missing and (index == 0 or missing & made_outside):
+            return False
+        made |= candidate.calls
+    return True
+
+
+@settings(max_examples=500, deadline=None)
+@given(tool_conversations())
+def test_tool_results_are_never_separated_from_calls_that_are_left_out(
+    conversation: tuple[int, list[Candidate]],
+) -> None:
+    budget, recent = conversation
+    plan = messages_only(budget, recent)
+    shown = [c.candidate for c in plan.included]
+    # Still the newest messages, contiguous, oldest first, within the budget.
+    assert shown == list(reversed(recent[: len(shown)]))
+    assert plan.total_tokens == sum(c.tokens for c in shown) <= budget
+    # Rule 5 alone would have shown the newest `fitting`; rule 6 only takes
+    # away from the old end of that, and lists what it took as OVER_BUDGET.
+    fitting = 0
+    used = 0
+    for candidate in recent:
+        if used + candidate.tokens > budget:
+            break
+        fitting += 1
+        used += candidate.tokens
+    assert len(shown) <= fitting
+    cut = recent[len(shown) : fitting + 1]
+    assert plan.excluded == tuple(Choice(c, OVER) for c in cut)
+    assert plan.omitted_messages == len(recent) - len(shown) - len(cut)
+    # The run shown keeps rule 6 and is the longest that does.
+    assert _valid_run(list(reversed(recent[: len(shown)])), recent[len(shown) :])
+    for longer in range(len(shown) + 1, fitting + 1):
+        assert not _valid_run(list(reversed(recent[:longer])), recent[longer:]), longer

@@ -78,6 +78,7 @@ from switchboard.platform.names import checked_etag, etag_of
 from switchboard.platform.outbox import Staged
 from switchboard.platform.pagination import from_micros, micros
 from switchboard.platform.policy import Principal, Role
+from switchboard.platform.rendering import render_parts_briefly
 from switchboard.platform.storage import Idempotency, idempotency
 
 log = logging.getLogger("switchboard.context")
@@ -91,6 +92,14 @@ _USER = names.USER
 _SCOPE = names.MEMORY_SCOPE
 _MEMORY = names.MEMORY_ITEM
 _CLIENT_ID = re.compile(r"[a-z][a-z0-9-]{2,62}")
+#: A tool, as the integration hub names them (MCP tool names: letters, digits,
+#: ``_``, ``-`` and ``.``, at most 128).
+_TOOL: Final = re.compile(rf"workspaces/({_ID})/integrations/({_ID})/tools/[A-Za-z0-9_.-]{{1,128}}")
+#: A tool call's id, as models and the dispatcher make them.
+_TOOL_CALL_ID: Final = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+#: A function name as chat APIs accept it.
+_FUNCTION_NAME: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+TOOL_OUTCOMES: Final = ("succeeded", "error", "failed", "denied")
 
 if TYPE_CHECKING:
     _Change: TypeAlias = events_pb2.ChangeKind.ValueType
@@ -125,7 +134,7 @@ _REASONS: Final = {
 }
 
 # Bump when the cached window's shape or the planning rules change.
-_WINDOW_FORMAT: Final = "w1"
+_WINDOW_FORMAT: Final = "w2"
 
 
 @dataclass(frozen=True)
@@ -254,6 +263,88 @@ def _metadata(value: struct_pb2.Struct, field: str, limit: int) -> bytes:
     if len(data) > limit:
         raise RequestTooLarge(f"{field} is larger than {limit} bytes")
     return data
+
+
+class _ToolParts:
+    """Checks the ``tool_call`` and ``tool_result`` parts of one appended message."""
+
+    def __init__(
+        self, role: pb.MessageRole.ValueType, workspace_id: str, violations: Violations
+    ) -> None:
+        self._role = role
+        self._workspace_id = workspace_id
+        self._violations = violations
+        # (kind, id) to the part that used it first: ids pair calls with
+        # results, so one message repeating an id would be ambiguous.
+        self._seen: dict[tuple[str, str], int] = {}
+        self.results = 0
+
+    def check(self, index: int, part: pb.ContentPart) -> None:
+        kind = part.WhichOneof("part")
+        field = f"message.parts[{index}].{kind}"
+        if kind == "tool_call":
+            call = part.tool_call
+            self._placed(field, pb.MESSAGE_ROLE_ASSISTANT)
+            self._id(field, kind, index, call.id)
+            self._tool(field, call.tool)
+            if not call.function_name:
+                if not call.tool:
+                    self._violations.add(f"{field}.function_name", "is required when tool is empty")
+            elif _FUNCTION_NAME.fullmatch(call.function_name) is None:
+                self._violations.add(
+                    f"{field}.function_name", "must be at most 64 letters, digits, '_' or '-'"
+                )
+        elif kind == "tool_result":
+            result = part.tool_result
+            self.results += 1
+            self._placed(field, pb.MESSAGE_ROLE_TOOL)
+            self._id(field, kind, index, result.id)
+            self._tool(field, result.tool)
+            if result.outcome not in TOOL_OUTCOMES:
+                self._violations.add(
+                    f"{field}.outcome",
+                    f"must be one of {', '.join(TOOL_OUTCOMES)}"
+                    if result.outcome
+                    else "is required",
+                )
+
+    def _placed(self, field: str, wanted: pb.MessageRole.ValueType) -> None:
+        # An unknown role is reported on message.role already.
+        if self._role in _MESSAGE_ROLES and self._role != wanted:
+            self._violations.add(field, f"is only allowed in {_MESSAGE_ROLES[wanted]} messages")
+
+    def _id(self, field: str, kind: str, index: int, value: str) -> None:
+        if not value:
+            self._violations.add(f"{field}.id", "is required")
+        elif _TOOL_CALL_ID.fullmatch(value) is None:
+            self._violations.add(
+                f"{field}.id", "must be 1-128 letters, digits, '_', '.', ':' or '-'"
+            )
+        elif (kind, value) in self._seen:
+            first = self._seen[kind, value]
+            self._violations.add(f"{field}.id", f"repeats message.parts[{first}].{kind}.id")
+        else:
+            self._seen[kind, value] = index
+
+    def _tool(self, field: str, value: str) -> None:
+        if not value:
+            return
+        found = _TOOL.fullmatch(value)
+        if found is None:
+            self._violations.add(
+                f"{field}.tool", "must be a tool name, workspaces/{w}/integrations/{i}/tools/{tool}"
+            )
+        elif found[1] != self._workspace_id:
+            self._violations.add(
+                f"{field}.tool", f"must be a tool of workspaces/{self._workspace_id}"
+            )
+
+
+def _tool_links(message: pb.Message) -> tuple[frozenset[str], frozenset[str]]:
+    """The ids of the tool calls a message makes and of those it answers."""
+    calls = frozenset(p.tool_call.id for p in message.parts if p.HasField("tool_call"))
+    answers = frozenset(p.tool_result.id for p in message.parts if p.HasField("tool_result"))
+    return calls, answers
 
 
 def _idempotency(principal: Principal, method: str, request: ProtoMessage) -> Idempotency | None:
@@ -794,9 +885,13 @@ class ContextService:
             violations.add("message.parts", "needs at least one part")
         if len(message.parts) > self.limits.max_parts:
             violations.add("message.parts", f"has more than {self.limits.max_parts} parts")
+        tools = _ToolParts(message.role, workspace_id, violations)
         for index, part in enumerate(message.parts):
             if part.WhichOneof("part") is None:
                 violations.add(f"message.parts[{index}]", "is empty")
+            tools.check(index, part)
+        if message.role == pb.MESSAGE_ROLE_TOOL and message.parts and not tools.results:
+            violations.add("message.parts", "needs a tool_result part in a tool message")
         author = message.author or principal.user_name
         if author != principal.user_name and not author.startswith("handlers/"):
             violations.add("message.author", "must be the caller or a handlers/ name")
@@ -815,9 +910,19 @@ class ContextService:
         )
         if message.HasField("metadata"):
             _metadata(message.metadata, "message.metadata", self.limits.max_metadata_bytes)
+        for index, part in enumerate(message.parts):
+            if part.HasField("tool_call"):
+                # Arguments are client data like metadata, and bounded the same way.
+                _metadata(
+                    part.tool_call.arguments,
+                    f"message.parts[{index}].tool_call.arguments",
+                    self.limits.max_metadata_bytes,
+                )
         tokens = message_tokens(self._counter, message.parts)
         stored.token_count = tokens
         conversation_name = request.parent
+        # Text parts only: tool arguments and outputs are machine text (and
+        # outputs come from outside), not entities a person mentioned.
         entities = self._entities(render_parts(p for p in message.parts if p.HasField("text")))
 
         def encode(message_id: str, seq: int, when: dt.datetime) -> bytes:
@@ -1218,7 +1323,13 @@ class ContextService:
             return Candidate(key=key, tokens=row.token_count, expired=expired)
 
         conversation = rows.conversation
-        recent = [Candidate(key=str(seq), tokens=tokens) for seq, tokens in rows.recent]
+        # Every loaded body: most are shown, and the planner pairs tool calls
+        # with their results (window.py, rule 6).
+        messages = {seq: pb.Message.FromString(rows.bodies[seq]) for seq, _ in rows.recent}
+        recent = []
+        for seq, tokens in rows.recent:
+            calls, answers = _tool_links(messages[seq])
+            recent.append(Candidate(key=str(seq), tokens=tokens, calls=calls, answers=answers))
         try:
             plan = plan_window(
                 budget=budget,
@@ -1234,12 +1345,6 @@ class ContextService:
                 f"token_budget of {budget}; raise the budget or unpin items",
                 metadata={"pinned_tokens": str(exc.needed)},
             ) from None
-        messages: dict[int, pb.Message] = {}
-        for choice in (*plan.included, *plan.excluded):
-            key = choice.candidate.key
-            if key not in memories:
-                seq = int(key)
-                messages[seq] = pb.Message.FromString(rows.bodies[seq])
 
         def item(choice: Any) -> pb.ContextItem:
             entry = pb.ContextItem(
@@ -1343,7 +1448,8 @@ class ContextService:
             SummaryInput(
                 role=row.role,
                 author=proto.author,
-                text=render_parts(proto.parts),
+                # Tool calls and results as one line each: what happened, not the payloads.
+                text=render_parts_briefly(proto.parts),
             )
             for row in messages
             for proto in (message_proto(row, workspace_id),)

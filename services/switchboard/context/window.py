@@ -1,7 +1,8 @@
 """The context-window planner: which memories and messages a handler gets.
 
-Pure: it sees only keys, token counts and expiry, so every rule below can be
-checked by property tests without a database.
+Pure: it sees only keys, token counts, expiry and the tool call ids a message
+makes or answers, so every rule below can be checked by property tests
+without a database.
 
 Inputs:
 
@@ -36,6 +37,18 @@ Rules, applied in this order:
    ``omitted_messages`` and not listed. Included messages are therefore always
    a contiguous run of the newest live messages: a conversation with a hole in
    the middle would mislead the model.
+6. A tool result is never shown without its call. An assistant message's tool
+   calls (``calls``) and the tool messages answering them (``answers``) are a
+   unit, so the run of messages from rule 5 loses its oldest messages, up to
+   and including the newest tool message that answers a call not made before
+   it in the run, if that call is known to be left out (a candidate outside
+   the run made it) or the tool message would be the first of the run. The
+   run stays contiguous, and a handler never reads a result whose call it
+   cannot see (chat APIs reject that, and it misleads a model). What is taken
+   away goes to ``excluded`` with ``OVER_BUDGET`` (its calls did not fit, or
+   were pruned away), newest first, ahead of the message that did not fit.
+   A tool message further in whose call is unknown (never stored) stays:
+   cutting all the history before it would cost more than it saves.
 
 ``included`` is in reading order for a handler: pinned, relevant (rank order),
 the summary, then messages oldest first (chronological). ``excluded`` is in the
@@ -67,11 +80,17 @@ class Reason(enum.Enum):
 
 @dataclass(frozen=True)
 class Candidate:
-    """Something that could go into a window: its key, its cost, and whether it expired."""
+    """Something that could go into a window: its key, its cost, and whether it expired.
+
+    For messages, ``calls`` are the ids of the tool calls it makes (an assistant
+    message) and ``answers`` the ids of the calls it answers (a tool message).
+    """
 
     key: str
     tokens: int
     expired: bool = False
+    calls: frozenset[str] = frozenset()
+    answers: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -185,22 +204,62 @@ class _Planner:
 
     def recent(self, recent: Sequence[Candidate]) -> int:
         """Decide the messages (newest first); return how many live ones were cut off."""
+        # The newest live messages that fit (rule 5), as indexes, newest first.
+        fitting: list[int] = []
+        cut = len(recent)
+        used = self.used
+        for index, candidate in enumerate(recent):
+            if candidate.expired:
+                continue
+            if used + candidate.tokens > self.budget:
+                cut = index
+                break
+            fitting.append(index)
+            used += candidate.tokens
+        chosen = set(fitting)
+        left_out = {
+            call
+            for index, candidate in enumerate(recent)
+            if index not in chosen
+            for call in candidate.calls
+        }
+        run = [recent[index] for index in reversed(fitting)]
+        separated = set(fitting[len(fitting) - _separated(run, left_out) :])
         first_included = len(self.included)
         omitted = 0
-        cut = False
-        for candidate in recent:
+        for index, candidate in enumerate(recent):
             if candidate.expired:
                 self.exclude(candidate, Reason.EXPIRED)
-            elif cut:
+            elif index > cut:
                 omitted += 1
-            elif self.fits(candidate):
-                self.include(candidate, Reason.RECENT)
-            else:
+            elif index == cut or index in separated:
                 self.exclude(candidate, Reason.OVER_BUDGET)
-                cut = True
+            else:
+                self.include(candidate, Reason.RECENT)
         # Decided newest first; a handler reads the conversation in order.
         self.included[first_included:] = reversed(self.included[first_included:])
         return omitted
+
+
+def _separated(run: Sequence[Candidate], left_out: set[str]) -> int:
+    """How many of the oldest messages of ``run`` (oldest first) rule 6 leaves out.
+
+    ``left_out`` holds the call ids made by candidates outside ``run``.
+    """
+    start = 0
+    made: set[str] = set()
+    left_out = set(left_out)  # grows with what is cut; the caller's set stays as it was
+    for index, candidate in enumerate(run):
+        missing = candidate.answers - made
+        if missing and (index == start or not missing.isdisjoint(left_out)):
+            # Cut after it: calls made by what is cut are now left out too.
+            for dropped in run[start : index + 1]:
+                left_out |= dropped.calls
+            start = index + 1
+            made = set()
+        else:
+            made |= candidate.calls
+    return start
 
 
 def plan_window(

@@ -40,18 +40,44 @@ def plain(value: struct_pb2.Value) -> object:
     return None
 
 
-def _render_part(part: context_pb2.ContentPart) -> str | None:
+def compact_json(value: struct_pb2.Struct) -> str:
+    """A ``Struct`` as compact JSON with sorted keys.
+
+    Compact and key-sorted so equal data always renders (and counts, and
+    caches) the same; ensure_ascii=False because \\uXXXX escapes would cost
+    several tokens per character.
+    """
+    data = {key: plain(item) for key, item in value.fields.items()}
+    return json.dumps(data, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+
+
+def _tool_call_head(call: context_pb2.ToolCallContent) -> str:
+    return f"[tool call {call.function_name or call.tool}"
+
+
+def _tool_result_head(result: context_pb2.ToolResultContent) -> str:
+    # No double space when the result names no tool.
+    tool = f" {result.tool}" if result.tool else ""
+    return f"[tool result{tool}: {result.outcome}]"
+
+
+def _render_part(part: context_pb2.ContentPart, *, brief: bool) -> str | None:
     kind = part.WhichOneof("part")
     if kind == "text":
         return part.text
     if kind == "data":
-        data = {key: plain(item) for key, item in part.data.fields.items()}
-        # Compact and key-sorted so equal data always renders (and counts, and
-        # caches) the same; ensure_ascii=False because \uXXXX escapes would
-        # cost several tokens per character.
-        return json.dumps(data, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+        return compact_json(part.data)
     if kind == "file":
         return f"[file {part.file.mime_type} {part.file.uri}]"
+    if kind == "tool_call":
+        if brief:
+            return _tool_call_head(part.tool_call) + "]"
+        return f"{_tool_call_head(part.tool_call)}({compact_json(part.tool_call.arguments)})]"
+    if kind == "tool_result":
+        head = _tool_result_head(part.tool_result)
+        if brief or not part.tool_result.text:
+            return head
+        return f"{head}\n{part.tool_result.text}"
     return None
 
 
@@ -59,8 +85,25 @@ def render_parts(parts: Iterable[context_pb2.ContentPart]) -> str:
     """Render a message's content as the text a model sees, parts joined by newlines.
 
     Text parts are used as they are, ``data`` parts become compact JSON with
-    sorted keys, and ``file`` parts become ``[file <mime_type> <uri>]``. Parts
-    with nothing set carry no content and are left out.
+    sorted keys, and ``file`` parts become ``[file <mime_type> <uri>]``. A
+    ``tool_call`` becomes ``[tool call <function_name>(<arguments as compact
+    JSON>)]`` (the ``tool`` name when it has no function name), and a
+    ``tool_result`` becomes ``[tool result <tool>: <outcome>]`` followed by a
+    newline and its text, if any (``[tool result: <outcome>]`` when it names no
+    tool). Ids are not rendered. Parts with nothing set carry no content and
+    are left out.
     """
-    rendered = (_render_part(part) for part in parts)
+    rendered = (_render_part(part, brief=False) for part in parts)
+    return "\n".join(text for text in rendered if text is not None)
+
+
+def render_parts_briefly(parts: Iterable[context_pb2.ContentPart]) -> str:
+    """``render_parts``, with tool calls and results cut down to what happened.
+
+    A ``tool_call`` is ``[tool call <function_name>]`` (no arguments) and a
+    ``tool_result`` only its ``[tool result <tool>: <outcome>]`` line. For
+    summaries of pruned messages: a tool's arguments and output are bulky
+    machine text that would crowd out what people said.
+    """
+    rendered = (_render_part(part, brief=True) for part in parts)
     return "\n".join(text for text in rendered if text is not None)
