@@ -60,6 +60,9 @@ const capabilities = {
   topics: ['example', 'node'],
   streaming: true,
   max_context_tokens: 2000,
+  // It asks for no tool calls: the dispatcher calls Handle, not HandleInteractive
+  // (which this example does not implement; grpc-js answers it UNIMPLEMENTED).
+  interactive: false,
   // google.protobuf.Struct in proto-loader's object form (protobufjs bundles
   // the well-known types with camelCase field names, whatever keepCase says).
   parameters_schema: {

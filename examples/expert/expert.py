@@ -1,6 +1,6 @@
 """A remote domain expert: a standalone server of ``switchboard.api.handler.v1.HandlerService``.
 
-    python examples/expert/expert.py --port 0 [--id weather] [--side-effects FILE]
+    python examples/expert/expert.py --port 0 [--id weather] [--side-effects FILE] [--interactive]
 
 It answers deterministically, so tests can run it as a real process behind
 the dispatcher, and it is a minimal example of what an expert implements. Its
@@ -18,10 +18,20 @@ for ``--grace`` seconds, cancels the rest and exits 0.
 - ``fail`` (a string): after the first word, end the call with
   FAILED_PRECONDITION and that message.
 
+With ``--interactive`` its capabilities say ``interactive``, so the
+dispatcher calls ``HandleInteractive`` instead: the first request frame is
+the HandleRequest, and with the parameter ``tool`` (the function name of a
+tool the run offers in ``HandleRequest.tools``) it sends one ``tool_call``
+frame for that tool with the parameter ``arguments`` (an object), waits for
+the ``tool_result`` frame with its id, and appends ``; <tool> <OUTCOME>:
+<result text>`` to the usual answer. Without ``tool`` it answers as
+``Handle`` does.
+
 The side-effects file is how a test sees what the expert did, from outside
 its process: ``deadline <run> <seconds>`` when a call starts (``inf``
-without a deadline), ``tick <run> <i>``, then ``done <run>``, ``failed
-<run>`` or ``cancelled <run>``. Each line is flushed as it is written.
+without a deadline), ``tick <run> <i>``, ``tool_call <run> <tool>`` and
+``tool_result <run> <OUTCOME>``, then ``done <run>``, ``failed <run>`` or
+``cancelled <run>``. Each line is flushed as it is written.
 
 It depends only on the generated contract (``gen/``), not on Switchboard's
 services: an expert is a separate program that speaks the contract.
@@ -31,14 +41,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import math
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from pathlib import Path
-from typing import Final, TextIO
+from typing import Any, Final, TextIO
 
 import grpc
 from google.protobuf import struct_pb2
@@ -53,8 +64,13 @@ SERVICE_NAME: Final = handler_pb2.DESCRIPTOR.services_by_name["HandlerService"].
 MAX_INTERVAL_MS: Final = 60_000.0
 MAX_TICKS: Final = 1_000_000
 HANDLER_ID: Final = re.compile(r"[a-z][a-z0-9-]{1,62}")
+#: How long a call whose requests ended waits for its cancellation to arrive.
+REQUESTS_ENDED_GRACE_S: Final = 10.0
 
 Context = aio.ServicerContext[handler_pb2.HandleRequest, handler_pb2.HandleResponse]
+InteractiveContext = aio.ServicerContext[
+    handler_pb2.HandleInteractiveRequest, handler_pb2.HandleInteractiveResponse
+]
 
 log = logging.getLogger("expert")
 
@@ -124,10 +140,93 @@ class Expert(handler_pb2_grpc.HandlerServiceServicer):
     async def Handle(
         self, request: handler_pb2.HandleRequest, context: Context
     ) -> AsyncIterator[handler_pb2.HandleResponse]:
+        run = self._started(request, context)
+        # Closed with this generator: a cancelled call stops the answer too.
+        async with contextlib.aclosing(self._answer(request, context, run)) as frames:
+            async for frame in frames:
+                yield frame
+
+    async def HandleInteractive(
+        self,
+        request_iterator: AsyncIterator[handler_pb2.HandleInteractiveRequest],
+        context: InteractiveContext,
+    ) -> AsyncIterator[handler_pb2.HandleInteractiveResponse]:
+        # The first frame is the request; later ones are results of the tool
+        # calls this expert asks for (with the id it gave each call).
+        requests = aiter(request_iterator)
+        first = await anext(requests, None)
+        if first is None or first.WhichOneof("frame") != "start":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first frame must be start")
+        request = first.start
+        run = self._started(request, context)
+        fields = request.parameters.fields
+        wanted = fields["tool"].string_value if "tool" in fields else ""
+        said = ""
+        if wanted:
+            # The run offers its tools by the names a model would call them.
+            offered = next((tool for tool in request.tools if tool.function_name == wanted), None)
+            if offered is None:
+                self._effects.write(f"failed {run}")
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION, f"the run offers no tool {wanted!r}"
+                )
+            integration, _, tool = offered.tool.rpartition("/tools/")
+            call = handler_pb2.ToolCall(id="call-1", integration=integration, tool=tool)
+            if "arguments" in fields:
+                call.arguments.CopyFrom(fields["arguments"].struct_value)
+            ended = asyncio.Event()
+            # grpc-stubs declares the callback as a class of its own, not a callable.
+            context.add_done_callback(lambda _: ended.set())  # type: ignore[arg-type]
+            try:
+                self._effects.write(f"tool_call {run} {wanted}")
+                yield handler_pb2.HandleInteractiveResponse(
+                    frame=handler_pb2.HandleResponse(tool_call=call)
+                )
+                frame = await anext(requests, None)
+                if frame is None:
+                    # The dispatcher never ends its requests first: it went
+                    # away, and the cancellation of this call follows.
+                    try:
+                        await asyncio.wait_for(ended.wait(), REQUESTS_ENDED_GRACE_S)
+                    except TimeoutError:
+                        self._effects.write(f"failed {run}")
+                        await context.abort(
+                            grpc.StatusCode.INVALID_ARGUMENT,
+                            "the requests ended before the tool result",
+                        )
+                    self._effects.write(f"cancelled {run}")
+                    return
+            except (asyncio.CancelledError, GeneratorExit):
+                self._effects.write(f"cancelled {run}")
+                raise
+            if frame.WhichOneof("frame") != "tool_result" or frame.tool_result.id != call.id:
+                self._effects.write(f"failed {run}")
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected the tool's result")
+            result = frame.tool_result
+            outcome = handler_pb2.ToolOutcome.Name(result.outcome).removeprefix("TOOL_OUTCOME_")
+            self._effects.write(f"tool_result {run} {outcome}")
+            said = f"; {wanted} {outcome}: {result.text}"
+        async with contextlib.aclosing(self._answer(request, context, run, said)) as frames:
+            async for answer in frames:
+                yield handler_pb2.HandleInteractiveResponse(frame=answer)
+
+    def _started(
+        self, request: handler_pb2.HandleRequest, context: aio.ServicerContext[Any, Any]
+    ) -> str:
         # Run names are resource names; anything else must not split a line.
         run = "_".join(request.run.split()) or "-"
         remaining = context.time_remaining()
         self._effects.write(f"deadline {run} {remaining if remaining is not None else math.inf}")
+        return run
+
+    async def _answer(
+        self,
+        request: handler_pb2.HandleRequest,
+        context: aio.ServicerContext[Any, Any],
+        run: str,
+        said: str = "",
+    ) -> AsyncGenerator[handler_pb2.HandleResponse, None]:
+        """The answer to ``request``, after its ticks; ``said`` is appended to it."""
         try:
             interval = _number(request.parameters, "interval_ms", 0.0, MAX_INTERVAL_MS) / 1000
             ticks = int(_number(request.parameters, "ticks", 0.0, MAX_TICKS))
@@ -139,7 +238,7 @@ class Expert(handler_pb2_grpc.HandlerServiceServicer):
         text = _text_of(request.message)
         answer = (
             f"expert {self._capabilities.id} heard: {text}"
-            f" (context items: {len(request.context.included)})"
+            f" (context items: {len(request.context.included)}){said}"
         )
         pieces = _pieces(answer)
         try:
@@ -176,18 +275,19 @@ class Expert(handler_pb2_grpc.HandlerServiceServicer):
         )
 
 
-def capabilities(handler_id: str, topics: Sequence[str]) -> handler_pb2.HandlerCapabilities:
+def capabilities(
+    handler_id: str, topics: Sequence[str], *, interactive: bool = False
+) -> handler_pb2.HandlerCapabilities:
+    properties: dict[str, Any] = {
+        "interval_ms": {"type": "number", "minimum": 0, "maximum": MAX_INTERVAL_MS},
+        "ticks": {"type": "integer", "minimum": 0, "maximum": MAX_TICKS},
+        "fail": {"type": "string"},
+    }
+    if interactive:
+        properties["tool"] = {"type": "string", "description": "function name of a run's tool"}
+        properties["arguments"] = {"type": "object", "description": "the tool's arguments"}
     schema = struct_pb2.Struct()
-    schema.update(
-        {
-            "type": "object",
-            "properties": {
-                "interval_ms": {"type": "number", "minimum": 0, "maximum": MAX_INTERVAL_MS},
-                "ticks": {"type": "integer", "minimum": 0, "maximum": MAX_TICKS},
-                "fail": {"type": "string"},
-            },
-        }
-    )
+    schema.update({"type": "object", "properties": properties})
     return handler_pb2.HandlerCapabilities(
         id=handler_id,
         display_name=f"{handler_id.capitalize()} expert",
@@ -197,12 +297,13 @@ def capabilities(handler_id: str, topics: Sequence[str]) -> handler_pb2.HandlerC
         streaming=True,
         max_context_tokens=2000,
         parameters_schema=schema,
+        interactive=interactive,
     )
 
 
 async def serve(args: argparse.Namespace, effects: SideEffects) -> None:
     server = aio.server()
-    expert = Expert(capabilities(args.id, args.topics), effects)
+    expert = Expert(capabilities(args.id, args.topics, interactive=args.interactive), effects)
     handler_pb2_grpc.add_HandlerServiceServicer_to_server(expert, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -236,6 +337,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="comma-separated topics it claims (default: weather)",
     )
     parser.add_argument("--side-effects", type=Path, default=None, metavar="FILE")
+    parser.add_argument(
+        "--interactive",
+        action="store_true",
+        help="say so in its capabilities: the dispatcher then calls HandleInteractive",
+    )
     parser.add_argument(
         "--grace", type=float, default=5.0, help="seconds calls in flight get on SIGTERM"
     )

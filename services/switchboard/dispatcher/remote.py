@@ -6,6 +6,14 @@ time as the gRPC deadline, so the expert sees the deadline
 the stream, and the ``finally`` here cancels the call itself, which the
 expert sees as its own call being cancelled (HTTP/2 RST_STREAM).
 
+An expert whose capabilities say ``interactive`` is called on
+``HandleInteractive`` instead, with the same deadline, metadata, retry and
+cancellation: its ``tool_call`` frames are requests, run through the run's
+``ToolRunner`` (approvals included) while the expert keeps streaming, and
+each result is written back as a ``tool_result`` frame. The runner shows the
+calls and results as run updates, so those frames are not relayed. A run
+that may call no tools answers every request FAILED.
+
 Operator-level experts are configured statically
 (``SWITCHBOARD_DISPATCHER_REMOTE_HANDLERS=id=host:port,...``); a workspace's
 own experts are integrations of the hub, built into the same class by
@@ -20,23 +28,40 @@ run never starts on a channel that is still waiting out its reconnect backoff.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc import aio
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.handler.v1 import handler_pb2, handler_pb2_grpc
-from switchboard.dispatcher.handlers import Frame, HandleCall, HandlerFailure, capabilities
+from switchboard.dispatcher.handlers import (
+    Frame,
+    HandleCall,
+    HandlerFailure,
+    ToolRunner,
+    capabilities,
+)
 from switchboard.platform.channels import DOWN, READY, ChannelOptions, connected, expert_channel
+from switchboard.platform.errors import FailedPrecondition, QuotaExceeded, SwitchboardError
+from switchboard.platform.status import to_status_proto
 
 log = logging.getLogger("switchboard.dispatcher.remote")
 
 #: How long a remote stays unavailable after a failed call, unless the channel
 #: is connected again sooner (an expert that restarted).
 RETRY_AFTER_S = 5.0
+
+#: Tool calls of one interactive call that may run at once; more are answered FAILED.
+MAX_TOOL_CALLS_IN_FLIGHT = 16
+#: How long a closing call waits for its cancelled tool calls to end.
+TOOL_CANCEL_GRACE_S = 5.0
 
 
 def parse_remotes(text: str) -> list[tuple[str, str]]:
@@ -180,19 +205,25 @@ class RemoteHandler:
             remaining = call.remaining()  # connecting took some of it
             if remaining <= 0:
                 raise TimeoutError
-            answered = False
-            stream = self._stub.Handle(call.request, timeout=remaining, metadata=self._metadata)
+            progress = _Attempt()
+            frames = (
+                self._interactive(call, remaining, progress)
+                if self._capabilities.interactive
+                else self._streamed(call, remaining, progress)
+            )
             try:
-                async for frame in stream:
-                    answered = True
-                    yield frame
-                    if frame.WhichOneof("frame") == "result":
-                        return
+                # Closing the frames on the way out (cancellation included)
+                # cancels the call: RST_STREAM tells the expert to stop.
+                async with contextlib.aclosing(frames):
+                    async for frame in frames:
+                        yield frame
+                        if frame.WhichOneof("frame") == "result":
+                            return
             except aio.AioRpcError as exc:
                 code = exc.code()
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                     raise TimeoutError from None
-                if code == grpc.StatusCode.UNAVAILABLE and not answered and attempt == 0:
+                if code == grpc.StatusCode.UNAVAILABLE and not progress.answered and attempt == 0:
                     log.info(
                         "remote handler connection lost before it answered; retrying once",
                         extra={"handler": self._capabilities.id},
@@ -205,13 +236,182 @@ class RemoteHandler:
                     f"{code.name}: {(exc.details() or '')[:200]}",
                     retryable=code == grpc.StatusCode.UNAVAILABLE,
                 ) from None
-            finally:
-                # Reached on cancellation too: RST_STREAM tells the expert to stop.
-                stream.cancel()
             raise HandlerFailure(
                 f"remote handler {self._capabilities.id!r} ended its stream without a result"
             )
 
+    async def _streamed(
+        self, call: HandleCall, remaining: float, progress: _Attempt
+    ) -> AsyncGenerator[Frame, None]:
+        """``Handle``: every frame is relayed, tool calls as reports of what it did."""
+        stream = self._stub.Handle(call.request, timeout=remaining, metadata=self._metadata)
+        try:
+            async for frame in stream:
+                progress.answered = True
+                yield frame
+        finally:
+            stream.cancel()
+
+    async def _interactive(
+        self, call: HandleCall, remaining: float, progress: _Attempt
+    ) -> AsyncGenerator[Frame, None]:
+        """``HandleInteractive``: tool calls are run for the expert, not relayed.
+
+        The run's tool runner shows each call and result as run updates
+        itself. Ends (without raising) when the expert ends its stream; an
+        exception of the runner (cancellation, the deadline, an expired
+        approval) ends it with that exception.
+        """
+        stream = self._stub.HandleInteractive(None, timeout=remaining, metadata=self._metadata)
+        tools = _ToolCalls(stream, call.tools, self._capabilities.id)
+        read: asyncio.Task[object] | None = None
+        try:
+            # InvalidStateError: the call is already over, and reading it says how.
+            with contextlib.suppress(asyncio.InvalidStateError):
+                await tools.send(handler_pb2.HandleInteractiveRequest(start=call.request))
+            # A run that continues after a restart may have a step whose calls
+            # were not all answered: they are resolved now, as one step again.
+            if call.request.steps:
+                last = call.request.steps[-1]
+                pending = list(last.calls[len(last.results) :])
+                if pending:
+                    await tools.request(pending)
+            while True:
+                read = asyncio.ensure_future(stream.read())
+                await asyncio.wait((read, tools.failed), return_when=asyncio.FIRST_COMPLETED)
+                tools.raise_failure()
+                response = read.result()
+                read = None
+                if not isinstance(response, handler_pb2.HandleInteractiveResponse):
+                    return  # EOF: the expert ended its stream
+                progress.answered = True
+                frame = response.frame
+                if frame.WhichOneof("frame") == "tool_call":
+                    await tools.request([frame.tool_call])
+                    continue
+                yield frame
+        finally:
+            stream.cancel()
+            if read is not None:
+                _discard(read)
+            await tools.close()
+
     def _unreachable(self, code: grpc.StatusCode) -> None:
         self._failed(code)
         self._refresh_soon()
+
+
+@dataclass
+class _Attempt:
+    #: Whether the expert sent anything on this attempt's call (then it is not retried).
+    answered: bool = False
+
+
+_NO_TOOLS = "this run may not call tools"
+_TOO_MANY = "too many tool calls in flight"
+
+ToolStream = aio.StreamStreamCall[
+    handler_pb2.HandleInteractiveRequest, handler_pb2.HandleInteractiveResponse
+]
+
+
+def _discard(task: asyncio.Future[Any]) -> None:
+    """Cancel ``task`` and consume its outcome, so nothing logs it as never retrieved."""
+    task.cancel()
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())
+
+
+def _refused(tool_call: handler_pb2.ToolCall, error: SwitchboardError) -> handler_pb2.ToolResult:
+    return handler_pb2.ToolResult(
+        id=tool_call.id,
+        outcome=handler_pb2.TOOL_OUTCOME_FAILED,
+        text=error.message,
+        error=to_status_proto(error, ""),
+    )
+
+
+class _ToolCalls:
+    """The tool calls an interactive expert has in flight on one call.
+
+    Each request of the expert runs in its own task, so several run at once
+    and each is answered as soon as it is done. Answers are written one at a
+    time (gRPC allows one outstanding write per call) under ``_writing``.
+    """
+
+    def __init__(self, stream: ToolStream, runner: ToolRunner | None, handler_id: str) -> None:
+        self._stream = stream
+        self._runner = runner
+        self._handler_id = handler_id
+        self._writing = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._in_flight = 0
+        self._closing = False
+        self._error: BaseException | None = None
+        #: Done when a call's runner raised (the run is over); its exception is ``_error``.
+        self.failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def send(self, request: handler_pb2.HandleInteractiveRequest) -> None:
+        async with self._writing:
+            await self._stream.write(request)
+
+    async def request(self, calls: list[handler_pb2.ToolCall]) -> None:
+        """Start running ``calls`` (made together), or refuse them at once.
+
+        A refusal is written here, not from a task: an expert flooding the
+        call with requests is slowed down to the pace of its own answers.
+        """
+        if self._runner is None:
+            await self._refuse(calls, FailedPrecondition(_NO_TOOLS))
+            return
+        if self._in_flight + len(calls) > MAX_TOOL_CALLS_IN_FLIGHT:
+            await self._refuse(calls, QuotaExceeded(_TOO_MANY, subject="tool calls in flight"))
+            return
+        task = asyncio.create_task(self._run(self._runner, calls))
+        self._tasks.add(task)
+        self._in_flight += len(calls)
+        task.add_done_callback(functools.partial(self._done, len(calls)))
+
+    async def _refuse(self, calls: list[handler_pb2.ToolCall], error: SwitchboardError) -> None:
+        for tool_call in calls:
+            await self.send(
+                handler_pb2.HandleInteractiveRequest(tool_result=_refused(tool_call, error))
+            )
+
+    async def _run(self, runner: ToolRunner, calls: list[handler_pb2.ToolCall]) -> None:
+        results = await runner.run(calls)
+        if len(results) != len(calls):
+            raise RuntimeError(
+                f"tool runner returned {len(results)} results for {len(calls)} calls"
+            )
+        for result in results:
+            try:
+                await self.send(handler_pb2.HandleInteractiveRequest(tool_result=result))
+            except (aio.AioRpcError, asyncio.InvalidStateError):
+                # The call is over; how it ended is what the reader reports.
+                log.debug("tool result not delivered", extra={"handler": self._handler_id})
+                return
+
+    def _done(self, count: int, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._in_flight -= count
+        if task.cancelled():
+            error: BaseException | None = None if self._closing else asyncio.CancelledError()
+        else:
+            error = task.exception()  # consumed here in every case
+        if error is not None and not self._closing and not self.failed.done():
+            self._error = error
+            self.failed.set_result(None)
+
+    def raise_failure(self) -> None:
+        """Raise what a runner raised, if one did."""
+        if self._error is not None:
+            raise self._error
+
+    async def close(self) -> None:
+        """Cancel the calls still running and wait (a little) for them to end."""
+        self._closing = True
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=TOOL_CANCEL_GRACE_S)
