@@ -1,0 +1,582 @@
+"""Assistants: how a workspace's messages are answered (instructions, model, tools, budget).
+
+Owners define them (CreateAssistant, UpdateAssistant, DeleteAssistant; the
+access table checks the role before any of this runs), members read them and
+name one in SendMessage; a message that names none and forces no handler uses
+the workspace's default assistant, if it has one (at most one: setting the flag
+on one clears it on the previous default in the same transaction).
+
+Every change is written with its ASSISTANT_CHANGED event (the outbox, so an
+acknowledged write has its event whatever crashes). ``get`` and
+``list_assistants`` read the database; ``resolve``, on the path of every
+SendMessage, reads a per-workspace cache that every process drops on the
+workspace's ASSISTANT_CHANGED event, kept at most ``CACHE_TTL_S`` in case an
+event from another process was missed.
+
+This module does not import grpc; the servicer is transport only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import re
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from google.protobuf import field_mask_pb2
+
+from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.api.events.v1 import events_pb2
+from switchboard.api.handler.v1 import handler_pb2
+from switchboard.dispatcher.assistantstore import AssistantRecord, AssistantStore, IdTaken, Written
+from switchboard.platform import names, pagination
+from switchboard.platform.bus import EventBus
+from switchboard.platform.errors import (
+    AlreadyExists,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    Violations,
+)
+from switchboard.platform.fieldmask import update_paths
+from switchboard.platform.outbox import Staged
+from switchboard.platform.pagination import PageTokens
+from switchboard.platform.policy import Principal
+from switchboard.platform.storage import idempotency
+
+log = logging.getLogger("switchboard.dispatcher.assistants")
+
+_CLIENT_ID: Final = re.compile(r"[a-z][a-z0-9-]{1,62}")
+_HANDLER: Final = re.compile(rf"handlers/({names.ID})")
+#: Tool names as the integration hub accepts them (MCP's recommendation).
+_TOOL_NAME: Final = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+#: What UpdateAssistant may change, in the contract's order.
+MUTABLE: Final = (
+    "display_name",
+    "description",
+    "instructions",
+    "handler",
+    "model",
+    "tools",
+    "context_token_budget",
+    "max_tool_steps",
+    "workspace_default",
+)
+#: The fields kept in the stored blob (``workspace_default`` is a column).
+_SETTINGS: Final = tuple(path for path in MUTABLE if path != "workspace_default")
+MAX_DISPLAY_NAME: Final = 200
+MAX_DESCRIPTION: Final = 2_000
+MAX_INSTRUCTIONS: Final = 32_000
+MAX_MODEL_NAME: Final = 200
+MAX_TOOL_ENTRIES: Final = 32
+MAX_TOOLS_PER_ENTRY: Final = 128
+MIN_CONTEXT_BUDGET: Final = 100
+MAX_CONTEXT_BUDGET: Final = 1_000_000
+MAX_TEMPERATURE: Final = 2.0
+#: A cached workspace is dropped on its ASSISTANT_CHANGED event; this is the
+#: backstop for an event from another process that never arrived.
+CACHE_TTL_S: Final = 5.0
+#: Workspaces kept in the resolve cache; the least recently used beyond it are dropped.
+MAX_CACHED_WORKSPACES: Final = 10_000
+#: Serialized bytes the resolve cache holds at most (an assistant may carry
+#: 32,000 characters of instructions): least recently used workspaces go first.
+MAX_CACHED_BYTES: Final = 64 * 1024 * 1024
+#: Assistants read per workspace into the cache (the ceiling of the per-workspace quota).
+MAX_LOADED: Final = 10_000
+
+
+@dataclass(frozen=True)
+class AssistantLimits:
+    max_per_workspace: int
+    #: Names of the configured LLM providers (``ModelSettings.provider`` must be one).
+    providers: tuple[str, ...]
+    #: The ceiling of ``ModelSettings.max_output_tokens``.
+    max_output_tokens: int
+    #: The ceiling of ``max_tool_steps``.
+    max_tool_steps: int
+
+
+@dataclass(frozen=True)
+class _Workspace:
+    """A workspace's assistants as the resolve cache holds them."""
+
+    by_id: dict[str, pb.Assistant]
+    default: pb.Assistant | None
+    #: When its read started (monotonic): what it shows is at least that recent.
+    loaded_at: float
+    size: int
+
+
+def assistant_name(workspace_id: str, assistant_id: str) -> str:
+    return f"workspaces/{workspace_id}/assistants/{assistant_id}"
+
+
+def _proto(record: AssistantRecord) -> pb.Assistant:
+    assistant = pb.Assistant.FromString(record.data)
+    assistant.name = assistant_name(record.workspace_id, record.id)
+    assistant.workspace_default = record.is_default
+    assistant.etag = names.etag_of(record.version)
+    assistant.create_time.FromDatetime(record.created_at)
+    assistant.update_time.FromDatetime(record.updated_at)
+    return assistant
+
+
+def _copy(assistant: pb.Assistant) -> pb.Assistant:
+    copied = pb.Assistant()
+    copied.CopyFrom(assistant)
+    return copied
+
+
+class Assistants:
+    def __init__(
+        self,
+        store: AssistantStore,
+        bus: EventBus,
+        page_tokens: PageTokens,
+        limits: AssistantLimits,
+        *,
+        handler_exists: Callable[[str, str], Awaitable[bool]],
+        integration_exists: Callable[[str], Awaitable[bool]],
+    ) -> None:
+        self._store = store
+        self._bus = bus
+        self._pages = page_tokens
+        self.limits = limits
+        self._handler_exists = handler_exists
+        self._integration_exists = integration_exists
+        self._cache: OrderedDict[str, _Workspace] = OrderedDict()
+        self._cached_bytes = 0
+        #: The read in flight per workspace; a change drops it from here, and a
+        #: read no longer here does not fill the cache (it may predate the change).
+        self._loading: dict[str, asyncio.Task[_Workspace]] = {}
+        self._unlisten: Callable[[], None] | None = None
+        #: The resolve cache's clock (tests move it instead of sleeping).
+        self.clock: Callable[[], float] = time.monotonic
+
+    async def start(self) -> None:
+        """Begin following ASSISTANT_CHANGED events (the resolve cache)."""
+        self._unlisten = self._bus.listen(self._on_event)
+
+    async def close(self) -> None:
+        """Stop following events."""
+        if self._unlisten is not None:
+            self._unlisten()
+            self._unlisten = None
+        loading = list(self._loading.values())
+        self._loading.clear()
+        for task in loading:
+            task.cancel()
+        if loading:
+            await asyncio.gather(*loading, return_exceptions=True)
+        self._forget_all()
+
+    # -- events ---------------------------------------------------------------------------
+
+    def _event(
+        self,
+        principal: Principal,
+        change: events_pb2.ChangeKind.ValueType,
+        record: AssistantRecord,
+    ) -> events_pb2.Event:
+        return events_pb2.Event(
+            type=events_pb2.EVENT_TYPE_ASSISTANT_CHANGED,
+            actor=events_pb2.Actor(
+                name=principal.user_name,
+                credential=principal.session_name or principal.api_key_name,
+            ),
+            workspace=f"workspaces/{record.workspace_id}",
+            assistant_changed=events_pb2.AssistantChanged(change=change, assistant=_proto(record)),
+        )
+
+    def _written(
+        self, principal: Principal, change: events_pb2.ChangeKind.ValueType, done: Written
+    ) -> list[events_pb2.Event]:
+        # The previous default's change first: a reader never sees two defaults.
+        events = [self._event(principal, events_pb2.CHANGE_KIND_UPDATED, r) for r in done.cleared]
+        events.append(self._event(principal, change, done.record))
+        return events
+
+    def _on_event(self, event: events_pb2.Event) -> None:
+        """Every process: a workspace's assistants changed, so its cached ones are stale."""
+        if event.type != events_pb2.EVENT_TYPE_ASSISTANT_CHANGED:
+            return
+        found = names.WORKSPACE.fullmatch(event.workspace)
+        if found is not None:
+            self._forget(found[1])
+
+    # -- validation -----------------------------------------------------------------------
+
+    async def _settings(
+        self, workspace_id: str, given: pb.Assistant, paths: Sequence[str], fallback_name: str
+    ) -> pb.Assistant:
+        """The stored settings of ``given``'s ``paths`` (INVALID_ARGUMENT naming each bad field)."""
+        violations = Violations()
+        clean = pb.Assistant()
+        self._texts(given, paths, fallback_name, clean, violations)
+        self._numbers(given, paths, clean, violations)
+        if "model" in paths and given.HasField("model"):
+            self._model(given.model, violations)
+            clean.model.CopyFrom(given.model)
+        lookups: dict[str, str] = {}
+        if "tools" in paths:
+            lookups = self._tools(workspace_id, given.tools, violations)
+            clean.tools.extend(given.tools)
+        handler_id = ""
+        if "handler" in paths and given.handler:
+            found = _HANDLER.fullmatch(given.handler)
+            if found is None:
+                violations.add("assistant.handler", "must be handlers/{handler}, or empty for llm")
+            else:
+                handler_id = found[1]
+            clean.handler = given.handler
+        # The cheap checks first: a request they refuse costs no lookups.
+        violations.check()
+        if handler_id and not await self._handler_exists(workspace_id, handler_id):
+            violations.add(
+                "assistant.handler",
+                f"names no handler of this workspace ({given.handler}); see ListHandlers",
+            )
+        if lookups:
+            exists = await asyncio.gather(*(self._integration_exists(n) for n in lookups))
+            for (integration, field), there in zip(lookups.items(), exists, strict=True):
+                if not there:
+                    violations.add(field, f"names no integration of this workspace ({integration})")
+        violations.check()
+        return clean
+
+    @staticmethod
+    def _texts(
+        given: pb.Assistant,
+        paths: Sequence[str],
+        fallback_name: str,
+        clean: pb.Assistant,
+        violations: Violations,
+    ) -> None:
+        if "display_name" in paths:
+            display_name = given.display_name.strip()
+            if len(display_name) > MAX_DISPLAY_NAME:
+                violations.add(
+                    "assistant.display_name", f"is longer than {MAX_DISPLAY_NAME} characters"
+                )
+            clean.display_name = display_name or fallback_name
+        if "description" in paths:
+            if len(given.description) > MAX_DESCRIPTION:
+                violations.add(
+                    "assistant.description", f"is longer than {MAX_DESCRIPTION} characters"
+                )
+            clean.description = given.description
+        if "instructions" in paths:
+            if len(given.instructions) > MAX_INSTRUCTIONS:
+                violations.add(
+                    "assistant.instructions", f"is longer than {MAX_INSTRUCTIONS} characters"
+                )
+            clean.instructions = given.instructions
+
+    def _numbers(
+        self, given: pb.Assistant, paths: Sequence[str], clean: pb.Assistant, violations: Violations
+    ) -> None:
+        if "context_token_budget" in paths:
+            budget = given.context_token_budget
+            if budget and not MIN_CONTEXT_BUDGET <= budget <= MAX_CONTEXT_BUDGET:
+                violations.add(
+                    "assistant.context_token_budget",
+                    f"must be 0 (the handler's own) or {MIN_CONTEXT_BUDGET:,} to "
+                    f"{MAX_CONTEXT_BUDGET:,}",
+                )
+            clean.context_token_budget = budget
+        if "max_tool_steps" in paths:
+            if not 0 <= given.max_tool_steps <= self.limits.max_tool_steps:
+                violations.add(
+                    "assistant.max_tool_steps",
+                    f"must be 0 (the server's default) to {self.limits.max_tool_steps}",
+                )
+            clean.max_tool_steps = given.max_tool_steps
+
+    def _model(self, model: handler_pb2.ModelSettings, violations: Violations) -> None:
+        if model.provider and model.provider not in self.limits.providers:
+            configured = ", ".join(self.limits.providers) or "none"
+            violations.add(
+                "assistant.model.provider",
+                f"is not a configured provider (configured: {configured}); empty for the chain",
+            )
+        if len(model.model) > MAX_MODEL_NAME:
+            violations.add("assistant.model.model", f"is longer than {MAX_MODEL_NAME} characters")
+        # ``not a <= x <= b`` also refuses NaN.
+        if model.HasField("temperature") and not 0.0 <= model.temperature <= MAX_TEMPERATURE:
+            violations.add("assistant.model.temperature", f"must be 0 to {MAX_TEMPERATURE:g}")
+        if model.HasField("top_p") and not 0.0 <= model.top_p <= 1.0:
+            violations.add("assistant.model.top_p", "must be 0 to 1")
+        if not 0 <= model.max_output_tokens <= self.limits.max_output_tokens:
+            violations.add(
+                "assistant.model.max_output_tokens",
+                f"must be 0 (the server's default) to {self.limits.max_output_tokens}",
+            )
+
+    def _tools(
+        self, workspace_id: str, entries: Sequence[pb.AssistantTools], violations: Violations
+    ) -> dict[str, str]:
+        """Check the form of the tool entries; returns the integrations still to be
+        looked up, each with the field that named it."""
+        if len(entries) > MAX_TOOL_ENTRIES:
+            violations.add("assistant.tools", f"may name at most {MAX_TOOL_ENTRIES} integrations")
+            return {}
+        lookups: dict[str, str] = {}
+        seen: set[str] = set()
+        for index, entry in enumerate(entries):
+            field = f"assistant.tools[{index}]"
+            found = names.INTEGRATION.fullmatch(entry.integration)
+            if found is None:
+                violations.add(
+                    f"{field}.integration",
+                    "must be workspaces/{w}/integrations/{i}"
+                    if entry.integration
+                    else "is required",
+                )
+            elif found[1] != workspace_id:
+                violations.add(f"{field}.integration", "must be an integration of this workspace")
+            elif entry.integration in seen:
+                violations.add(f"{field}.integration", "is named by an earlier entry")
+            else:
+                seen.add(entry.integration)
+                lookups[entry.integration] = f"{field}.integration"
+            tools = self._tool_names(entry.tools, f"{field}.tools", violations)
+            required = self._tool_names(
+                entry.approval_required_tools, f"{field}.approval_required_tools", violations
+            )
+            if tools:
+                for position, tool in enumerate(entry.approval_required_tools):
+                    if tool in required and tool not in tools:
+                        violations.add(
+                            f"{field}.approval_required_tools[{position}]",
+                            f"is not one of the entry's tools ({tool})",
+                        )
+        return lookups
+
+    @staticmethod
+    def _tool_names(values: Sequence[str], field: str, violations: Violations) -> set[str]:
+        if len(values) > MAX_TOOLS_PER_ENTRY:
+            violations.add(field, f"may name at most {MAX_TOOLS_PER_ENTRY} tools")
+            return set()
+        valid: set[str] = set()
+        for index, value in enumerate(values):
+            if not _TOOL_NAME.fullmatch(value):
+                violations.add(
+                    f"{field}[{index}]", "must be 1-128 letters, digits, '_', '.' or '-'"
+                )
+            elif value in valid:
+                violations.add(f"{field}[{index}]", f"repeats {value}")
+            else:
+                valid.add(value)
+        return valid
+
+    # -- CRUD -----------------------------------------------------------------------------
+
+    async def create(
+        self, principal: Principal, request: pb.CreateAssistantRequest
+    ) -> pb.Assistant:
+        workspace_id = names.match(names.WORKSPACE, request.parent, "parent")[1]
+        if request.assistant_id and not _CLIENT_ID.fullmatch(request.assistant_id):
+            raise InvalidArgument(
+                "assistant_id is malformed",
+                [FieldViolation("assistant_id", "must match [a-z][a-z0-9-]{1,62}")],
+            )
+        key = idempotency(principal.user_id, "CreateAssistant", request)
+        assistant_id = request.assistant_id or uuid.uuid4().hex
+        given = request.assistant
+        settings = await self._settings(workspace_id, given, _SETTINGS, assistant_id)
+        staged: Staged[Written] = Staged(
+            self._bus.outbox,
+            lambda done: (
+                self._written(principal, events_pb2.CHANGE_KIND_CREATED, done)
+                if done.fresh
+                else None
+            ),
+            key=key.key if key else "",
+        )
+        try:
+            written = await self._store.create(
+                workspace_id,
+                assistant_id,
+                data=settings.SerializeToString(deterministic=True),
+                is_default=given.workspace_default,
+                creator=principal.user_name,
+                idempotency=key,
+                max_per_workspace=self.limits.max_per_workspace,
+                staged=staged,
+            )
+        except IdTaken:
+            raise AlreadyExists(
+                f"{assistant_name(workspace_id, assistant_id)} already exists"
+            ) from None
+        self._forget(workspace_id)
+        await self._bus.publish_staged(staged.events)
+        return _proto(written.record)
+
+    async def get(self, name: str) -> pb.Assistant:
+        found = names.match(names.ASSISTANT, name, "name")
+        record = await self._store.get(found[1], found[2])
+        if record is None:
+            raise NotFound(f"{name} not found")
+        return _proto(record)
+
+    async def list_assistants(self, request: pb.ListAssistantsRequest) -> pb.ListAssistantsResponse:
+        workspace_id = names.match(names.WORKSPACE, request.parent, "parent")[1]
+        size = pagination.page_size(request.page_size, default=50, maximum=100)
+        fingerprint = pagination.fingerprint("assistants", workspace_id)
+        after = None
+        if request.page_token:
+            (last,) = self._pages.decode(request.page_token, fingerprint, (pagination.ID,))
+            after = str(last)
+        records = await self._store.page(workspace_id, after, size + 1)
+        response = pb.ListAssistantsResponse(assistants=[_proto(r) for r in records[:size]])
+        if len(records) > size:
+            response.next_page_token = self._pages.encode([records[size - 1].id], fingerprint)
+        return response
+
+    async def update(
+        self, principal: Principal, request: pb.UpdateAssistantRequest
+    ) -> pb.Assistant:
+        given = request.assistant
+        found = names.match(names.ASSISTANT, given.name, "assistant.name")
+        workspace_id, assistant_id = found[1], found[2]
+        # No mask replaces every field: an assistant is edited as a whole form.
+        paths = (
+            update_paths(request.update_mask, given, MUTABLE)
+            if request.update_mask.paths
+            else list(MUTABLE)
+        )
+        names.checked_etag(given.etag, "assistant.etag")
+        settings = await self._settings(workspace_id, given, paths, assistant_id)
+        mask = field_mask_pb2.FieldMask(paths=[p for p in paths if p in _SETTINGS])
+
+        def edit(data: bytes) -> bytes:
+            stored = pb.Assistant.FromString(data)
+            mask.MergeMessage(
+                settings, stored, replace_message_field=True, replace_repeated_field=True
+            )
+            return stored.SerializeToString(deterministic=True)
+
+        staged: Staged[Written | None] = Staged(
+            self._bus.outbox,
+            lambda done: (
+                self._written(principal, events_pb2.CHANGE_KIND_UPDATED, done) if done else []
+            ),
+        )
+        written = await self._store.update(
+            workspace_id,
+            assistant_id,
+            given.etag,
+            edit,
+            given.workspace_default if "workspace_default" in paths else None,
+            staged,
+        )
+        if written is None:
+            raise NotFound(f"{given.name} not found")
+        self._forget(workspace_id)
+        await self._bus.publish_staged(staged.events)
+        return _proto(written.record)
+
+    async def delete(self, principal: Principal, name: str, etag: str) -> None:
+        found = names.match(names.ASSISTANT, name, "name")
+        names.checked_etag(etag, "etag")
+        staged: Staged[AssistantRecord | None] = Staged(
+            self._bus.outbox,
+            lambda done: (
+                [self._event(principal, events_pb2.CHANGE_KIND_DELETED, done)] if done else []
+            ),
+        )
+        deleted = await self._store.delete(found[1], found[2], etag, staged)
+        if deleted is None:
+            raise NotFound(f"{name} not found")
+        self._forget(found[1])
+        await self._bus.publish_staged(staged.events)
+
+    # -- resolution (the hot path) ----------------------------------------------------------
+
+    async def resolve(
+        self, workspace_id: str, name: str, field: str = "assistant"
+    ) -> pb.Assistant | None:
+        """The assistant ``name`` names (NOT_FOUND on ``field`` if it does not exist, or
+        INVALID_ARGUMENT if it is not in ``workspace_id``), or for an empty name the
+        workspace's default one (None if it has none). Cached per workspace."""
+        assistant_id = ""
+        if name:
+            found = names.match(names.ASSISTANT, name, field)
+            if found[1] != workspace_id:
+                raise InvalidArgument(
+                    f"{field} is not an assistant of workspaces/{workspace_id}",
+                    [FieldViolation(field, f"must be an assistant of workspaces/{workspace_id}")],
+                )
+            assistant_id = found[2]
+        cached = await self._workspace(workspace_id)
+        if not assistant_id:
+            return _copy(cached.default) if cached.default is not None else None
+        assistant = cached.by_id.get(assistant_id)
+        if assistant is None:
+            raise NotFound(f"{name} not found", metadata={"assistant": name})
+        # A copy: callers may change what they are given, and the cache is shared.
+        return _copy(assistant)
+
+    async def _workspace(self, workspace_id: str) -> _Workspace:
+        cached = self._cache.get(workspace_id)
+        if cached is not None and self.clock() - cached.loaded_at < CACHE_TTL_S:
+            self._cache.move_to_end(workspace_id)
+            return cached
+        task = self._loading.get(workspace_id)
+        if task is None:
+            # One read per workspace however many messages wait for it.
+            task = asyncio.get_running_loop().create_task(
+                self._load(workspace_id), name=f"assistants-{workspace_id}"
+            )
+            self._loading[workspace_id] = task
+            task.add_done_callback(functools.partial(self._loaded, workspace_id))
+        # Shielded: a caller that gives up does not cancel the others' read.
+        return await asyncio.shield(task)
+
+    async def _load(self, workspace_id: str) -> _Workspace:
+        started = self.clock()
+        records = await self._store.page(workspace_id, None, MAX_LOADED)
+        by_id = {record.id: _proto(record) for record in records}
+        default = next((by_id[r.id] for r in records if r.is_default), None)
+        return _Workspace(by_id, default, started, sum(len(r.data) for r in records))
+
+    def _loaded(self, workspace_id: str, task: asyncio.Task[_Workspace]) -> None:
+        if task.cancelled():
+            return
+        failed = task.exception()  # retrieved even if every waiter gave up
+        if self._loading.get(workspace_id) is not task:
+            return  # a change came during the read: the next lookup reads again
+        del self._loading[workspace_id]
+        if failed is not None:
+            return
+        self._put(workspace_id, task.result())
+
+    def _put(self, workspace_id: str, entry: _Workspace) -> None:
+        self._drop(workspace_id)
+        if entry.size > MAX_CACHED_BYTES:
+            return  # served, not kept
+        self._cache[workspace_id] = entry
+        self._cached_bytes += entry.size
+        while len(self._cache) > MAX_CACHED_WORKSPACES or self._cached_bytes > MAX_CACHED_BYTES:
+            oldest = next(iter(self._cache))
+            self._drop(oldest)
+
+    def _drop(self, workspace_id: str) -> None:
+        entry = self._cache.pop(workspace_id, None)
+        if entry is not None:
+            self._cached_bytes -= entry.size
+
+    def _forget(self, workspace_id: str) -> None:
+        """The workspace's assistants changed: drop them, and any read in flight."""
+        self._drop(workspace_id)
+        self._loading.pop(workspace_id, None)
+
+    def _forget_all(self) -> None:
+        self._cache.clear()
+        self._cached_bytes = 0
