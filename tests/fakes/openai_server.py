@@ -1,4 +1,4 @@
-"""A test fake of the hosted OpenAI Chat Completions HTTP API.
+"""A local server of the OpenAI Chat Completions HTTP API, for tests and local runs.
 
 The hosted API cannot be reached from the machines these tests run on, so this
 module serves the same protocol on ``127.0.0.1``: ``POST /v1/chat/completions``
@@ -10,27 +10,47 @@ the API's shapes::
            "delta": {"content": ...}, "finish_reason": null}], ...}
 
 then a chunk with ``finish_reason``, a usage chunk (``"choices": []``) when
-``stream_options.include_usage`` is set, and ``data: [DONE]``. Errors are JSON
-``{"error": {"message", "type", "param", "code"}}`` with the API's status codes.
-It checks requests as the API does (a model, a non-empty ``messages`` list,
-``temperature`` in 0..2, ``stream_options`` only with ``stream``) and honours
-``max_tokens`` by cutting the answer with ``finish_reason: "length"``.
+``stream_options.include_usage`` is set, and ``data: [DONE]``. Tool calls stream
+as the API streams them: the first fragment of each call carries its ``index``,
+``id``, ``type`` and ``function.name`` with empty ``arguments``, the arguments
+follow in pieces keyed by the same ``index``, and the answer ends with
+``finish_reason: "tool_calls"``. Errors are JSON ``{"error": {"message",
+"type", "param", "code"}}`` with the API's status codes. It checks requests as
+the API does (a model, a non-empty ``messages`` list, ``temperature`` in 0..2,
+``top_p`` in 0..1, ``stream_options`` only with ``stream``, ``tools`` as
+function objects with valid names, ``tool_choice`` only with ``tools``, every
+assistant ``tool_calls`` answered by the ``tool`` messages right after it and
+every ``tool`` message answering such a call) and honours ``max_tokens`` by
+cutting the answer with ``finish_reason: "length"``.
 
-Each request takes the next scripted ``Reply``; tests see every request
-(headers and parsed body) and every connection the client closed.
+Each request takes the next scripted ``Reply`` (or calls a scripted function of
+the request body that returns one); tests see every request (headers and
+parsed body) and every connection the client closed.
+
+Run on its own (from the repository root)::
+
+    .venv/bin/python -m tests.fakes.openai_server --port 0 [--model echo|scripted]
+
+prints its base URL (``http://127.0.0.1:<port>/v1``) on the first line of
+stdout and serves until it is killed. See docs/local-model.md.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import itertools
 import json
+import re
+import signal
+import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from pathlib import Path
+from typing import Any, Final, TypeAlias
 
 _REASONS: Final = {
     200: "OK",
@@ -59,6 +79,32 @@ _ERROR_TYPES: Final = {
 
 _MAX_HEADER_LINES: Final = 100
 _ROLES: Final = frozenset({"system", "developer", "user", "assistant", "tool"})
+_FUNCTION_NAME: Final = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+_MAX_TOOLS: Final = 128
+_TOOL_CHOICES: Final = frozenset({"none", "auto", "required"})
+
+
+@dataclass(frozen=True)
+class FakeToolCall:
+    """One tool call of a scripted answer.
+
+    ``arguments`` is the JSON text sent (a test may send text that is not
+    JSON); ``id`` ``None`` gets a generated ``call_...`` id, ``""`` sends none.
+    """
+
+    name: str
+    arguments: str = "{}"
+    id: str | None = None
+
+
+#: A tool call as ``Reply.tool_calls`` takes it: a ``FakeToolCall``, or
+#: ``(name, arguments)`` / ``(name, arguments, id)`` where ``arguments`` is a
+#: dict (sent as its JSON) or a string (sent as it is).
+CallSpec: TypeAlias = (
+    FakeToolCall
+    | tuple[str, "dict[str, Any] | str"]
+    | tuple[str, "dict[str, Any] | str", "str | None"]
+)
 
 
 @dataclass(frozen=True)
@@ -89,6 +135,10 @@ class Reply:
     malformed_after_chunks: int | None = None
     #: Answer with a whole ``chat.completion`` JSON even when asked to stream.
     ignore_stream: bool = False
+    #: Tool calls, after the content.
+    calls: tuple[FakeToolCall, ...] = ()
+    #: Characters of arguments per streamed fragment.
+    chunk_chars: int = 8
 
     @classmethod
     def text(
@@ -113,6 +163,45 @@ class Reply:
             chunk_words=chunk_words,
             usage=usage,
             finish_reason=finish_reason,
+            hold_after_chunks=hold_after_chunks,
+            hold=hold,
+            ignore_stream=ignore_stream,
+        )
+
+    @classmethod
+    def tool_calls(
+        cls,
+        calls: Sequence[CallSpec],
+        *,
+        content: str = "",
+        chunk_chars: int = 8,
+        chunk_words: int = 1,
+        usage: bool | tuple[int, int] = True,
+        finish_reason: str = "tool_calls",
+        drop_after_chunks: int | None = None,
+        hold_after_chunks: int | None = None,
+        hold: asyncio.Event | None = None,
+        ignore_stream: bool = False,
+    ) -> Reply:
+        """Answer with ``content`` (streamed by words first, may be empty) and then
+        tool calls, their arguments streamed ``chunk_chars`` characters a fragment.
+
+        ``drop_after_chunks`` and ``hold_after_chunks`` count every delta chunk
+        after the role chunk: content chunks, then each call's first fragment
+        and its argument fragments.
+        """
+        if not calls:
+            raise ValueError("a tool call answer needs at least one call")
+        if (hold is None) != (hold_after_chunks is None):
+            raise ValueError("hold and hold_after_chunks go together")
+        return cls(
+            content=content,
+            chunk_words=chunk_words,
+            usage=usage,
+            finish_reason=finish_reason,
+            calls=tuple(_tool_call(spec) for spec in calls),
+            chunk_chars=max(1, chunk_chars),
+            drop_after_chunks=drop_after_chunks,
             hold_after_chunks=hold_after_chunks,
             hold=hold,
             ignore_stream=ignore_stream,
@@ -159,6 +248,20 @@ class Reply:
         return cls(content=text, malformed_after_chunks=n_chunks)
 
 
+#: What answers one request: a Reply, or a function of the parsed request body
+#: that returns one (to answer from what the request holds, e.g. tool results).
+Answer: TypeAlias = "Reply | Callable[[dict[str, Any]], Reply]"
+
+
+def _tool_call(spec: CallSpec) -> FakeToolCall:
+    if isinstance(spec, FakeToolCall):
+        return spec
+    name, arguments, *rest = spec
+    call_id = rest[0] if rest else None
+    text = arguments if isinstance(arguments, str) else json.dumps(arguments)
+    return FakeToolCall(name=name, arguments=text, id=call_id)
+
+
 @dataclass(frozen=True)
 class Received:
     """One request as the fake read it."""
@@ -185,7 +288,12 @@ class FakeOpenAI:
     """
 
     api_key: str | None = None
-    default: Reply | None = None
+    default: Answer | None = None
+    host: str = "127.0.0.1"
+    #: The port to listen on; 0 picks a free one.
+    listen_port: int = 0
+    #: Called with each request as it arrives (the command line logs them).
+    on_request: Callable[[Received], None] | None = None
     requests: list[Received] = field(default_factory=list)
     #: Connections accepted.
     connections: int = 0
@@ -193,7 +301,7 @@ class FakeOpenAI:
     client_closed: int = 0
     #: Of those, the ones closed while a response was being sent.
     client_closed_mid_response: int = 0
-    _script: deque[Reply] = field(default_factory=deque)
+    _script: deque[Answer] = field(default_factory=deque)
     _server: asyncio.Server | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
@@ -207,7 +315,7 @@ class FakeOpenAI:
         await self.close()
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._connection, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._connection, self.host, self.listen_port)
 
     async def close(self) -> None:
         if self._server is None:
@@ -228,11 +336,12 @@ class FakeOpenAI:
 
     @property
     def url(self) -> str:
-        """The base URL, ``http://127.0.0.1:<port>/v1``."""
-        return f"http://127.0.0.1:{self.port}/v1"
+        """The base URL, ``http://<host>:<port>/v1``."""
+        return f"http://{self.host}:{self.port}/v1"
 
-    def script(self, *replies: Reply) -> None:
-        """Queue replies; each request takes the next one."""
+    def script(self, *replies: Answer) -> None:
+        """Queue replies; each request takes the next one. A function is called
+        with the request's parsed body and answers with the Reply it returns."""
         self._script.extend(replies)
 
     @property
@@ -287,6 +396,8 @@ class FakeOpenAI:
                 await self._notify()
                 return
             self.requests.append(request)
+            if self.on_request is not None:
+                self.on_request(request)
             await self._notify()
             try:
                 keep_alive = await self._respond(request, reader, writer)
@@ -329,10 +440,11 @@ class FakeOpenAI:
             await _send_error(writer, 400, problem[0], param=problem[1])
             return keep_alive
 
-        reply = self._script.popleft() if self._script else self.default
-        if reply is None:
+        answer = self._script.popleft() if self._script else self.default
+        if answer is None:
             await _send_error(writer, 500, "fake: no scripted reply left", type_="server_error")
             return keep_alive
+        reply = answer if isinstance(answer, Reply) else answer(request.body)
         if reply.first_byte_after_s:
             await _wait_or_disconnect(reader, asyncio.sleep(reply.first_byte_after_s))
         if reply.gate is not None:
@@ -365,14 +477,24 @@ class FakeOpenAI:
             return pieces[:limit], "length"
         return pieces, reply.finish_reason
 
+    def _call_ids(self, reply: Reply) -> list[str | None]:
+        """Each call's id as sent (``None``: no id field)."""
+        ids: list[str | None] = []
+        for call in reply.calls:
+            if call.id is None:
+                ids.append(f"call_fake{next(self._ids)}")
+            else:
+                ids.append(call.id or None)
+        return ids
+
     def _usage(self, reply: Reply, body: dict[str, Any], pieces: list[str]) -> dict[str, int]:
         if isinstance(reply.usage, tuple):
             prompt, completion = reply.usage
         else:
-            prompt = sum(
-                len(str(message.get("content", "")).split()) + 4 for message in body["messages"]
+            prompt = sum(_words(message) + 4 for message in body["messages"])
+            completion = len("".join(pieces).split()) + sum(
+                len(call.name.split("_")) + len(call.arguments) // 4 + 1 for call in reply.calls
             )
-            completion = len("".join(pieces).split())
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
@@ -381,6 +503,20 @@ class FakeOpenAI:
 
     def _completion(self, reply: Reply, body: dict[str, Any]) -> dict[str, Any]:
         pieces, finish = self._answer(reply, body)
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": "".join(pieces) if pieces or not reply.calls else None,
+            "refusal": None,
+        }
+        if reply.calls:
+            message["tool_calls"] = [
+                {
+                    **({"id": call_id} if call_id is not None else {}),
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": call.arguments},
+                }
+                for call, call_id in zip(reply.calls, self._call_ids(reply), strict=True)
+            ]
         answer: dict[str, Any] = {
             "id": f"chatcmpl-fake{next(self._ids)}",
             "object": "chat.completion",
@@ -388,17 +524,34 @@ class FakeOpenAI:
             "model": body["model"],
             "system_fingerprint": "fp_fake",
             "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": "".join(pieces), "refusal": None},
-                    "logprobs": None,
-                    "finish_reason": finish,
-                }
+                {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
             ],
         }
         if reply.usage is not False:
             answer["usage"] = self._usage(reply, body, pieces)
         return answer
+
+    def _deltas(self, reply: Reply, pieces: list[str]) -> list[dict[str, Any]]:
+        """The answer's delta chunks after the role chunk: content, then tool calls."""
+        size = max(1, reply.chunk_words)
+        deltas: list[dict[str, Any]] = [
+            {"content": "".join(pieces[i : i + size])} for i in range(0, len(pieces), size)
+        ]
+        for index, (call, call_id) in enumerate(
+            zip(reply.calls, self._call_ids(reply), strict=True)
+        ):
+            first: dict[str, Any] = {"index": index}
+            if call_id is not None:
+                first["id"] = call_id
+            first["type"] = "function"
+            first["function"] = {"name": call.name, "arguments": ""}
+            deltas.append({"tool_calls": [first]})
+            text, step = call.arguments, reply.chunk_chars
+            deltas.extend(
+                {"tool_calls": [{"index": index, "function": {"arguments": text[i : i + step]}}]}
+                for i in range(0, len(text), step)
+            )
+        return deltas
 
     async def _stream(
         self,
@@ -448,12 +601,12 @@ class FakeOpenAI:
                 },
             )
         )
+        # The API opens a call-only answer with content null, a text answer with "".
+        opening = None if reply.calls and not pieces else ""
         await _send_event(
-            writer, chunk({"role": "assistant", "content": "", "refusal": None}, None)
+            writer, chunk({"role": "assistant", "content": opening, "refusal": None}, None)
         )
-        size = max(1, reply.chunk_words)
-        groups = ["".join(pieces[i : i + size]) for i in range(0, len(pieces), size)]
-        for sent, group in enumerate(groups):
+        for sent, delta in enumerate(self._deltas(reply, pieces)):
             if reply.drop_after_chunks == sent:
                 return False
             if reply.malformed_after_chunks == sent:
@@ -463,7 +616,7 @@ class FakeOpenAI:
                 return True
             if reply.hold_after_chunks == sent and reply.hold is not None:
                 await _wait_or_disconnect(reader, reply.hold.wait())
-            await _send_event(writer, chunk({"content": group}, None))
+            await _send_event(writer, chunk(delta, None))
         if reply.drop_after_chunks is not None:
             return False
         await _send_event(writer, chunk({}, finish))
@@ -474,6 +627,16 @@ class FakeOpenAI:
         await _send_data(writer, "[DONE]")
         await _end_chunks(writer)
         return True
+
+
+def _words(message: dict[str, Any]) -> int:
+    content = message.get("content")
+    if isinstance(content, list):
+        content = " ".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    words = len(content.split()) if isinstance(content, str) else 0
+    for call in message.get("tool_calls") or ():
+        words += len(str(call.get("function", {}).get("arguments", ""))) // 4 + 1
+    return words
 
 
 # -- HTTP/1.1 -----------------------------------------------------------------
@@ -514,7 +677,10 @@ async def _read_request(reader: asyncio.StreamReader) -> Received | None:
     return Received(method=method, path=path.split("?")[0], headers=headers, body=body)
 
 
-def _invalid(body: Any) -> tuple[str, str | None] | None:
+Problem: TypeAlias = tuple[str, "str | None"]
+
+
+def _invalid(body: Any) -> Problem | None:
     """What the API would refuse in a request body: ``(message, param)``."""
     if not isinstance(body, dict):
         return (
@@ -527,16 +693,17 @@ def _invalid(body: Any) -> tuple[str, str | None] | None:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         return "[] is too short - 'messages'", "messages"
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in _ROLES:
-            return f"Invalid value for 'messages[{index}].role'.", f"messages.[{index}].role"
-        if not isinstance(message.get("content"), str | list):
-            return f"Invalid type for 'messages[{index}].content'.", f"messages.[{index}].content"
+    problem = _invalid_messages(messages) or _invalid_tools(body)
+    if problem is not None:
+        return problem
     temperature = body.get("temperature")
     if temperature is not None and not (
         isinstance(temperature, int | float) and 0 <= temperature <= 2
     ):
         return "Invalid 'temperature': must be a number from 0 to 2.", "temperature"
+    top_p = body.get("top_p")
+    if top_p is not None and not (isinstance(top_p, int | float) and 0 <= top_p <= 1):
+        return "Invalid 'top_p': must be a number from 0 to 1.", "top_p"
     max_tokens = body.get("max_tokens")
     if max_tokens is not None and not (isinstance(max_tokens, int) and max_tokens >= 1):
         return "Invalid 'max_tokens': integer below minimum value.", "max_tokens"
@@ -546,6 +713,167 @@ def _invalid(body: Any) -> tuple[str, str | None] | None:
             "stream_options",
         )
     return None
+
+
+def _invalid_messages(messages: list[Any]) -> Problem | None:
+    """Roles and contents, and the API's pairing of tool calls with tool messages:
+    an assistant message's ``tool_calls`` must each be answered by the ``tool``
+    messages right after it, and a ``tool`` message must answer one of them."""
+    unanswered: list[str] = []
+    open_ids: set[str] = set()
+    opened_at = 0
+    for index, message in enumerate(messages):
+        where = f"messages.[{index}]"
+        if not isinstance(message, dict) or message.get("role") not in _ROLES:
+            return f"Invalid value for 'messages[{index}].role'.", f"{where}.role"
+        role = message["role"]
+        if role != "tool" and unanswered:
+            return _unanswered(unanswered, opened_at)
+        calls = message.get("tool_calls") if role == "assistant" else None
+        content = message.get("content")
+        content_optional = role == "assistant" and calls is not None
+        if not (isinstance(content, str | list) or (content_optional and content is None)):
+            return (
+                f"Invalid type for 'messages[{index}].content': expected one of a string or "
+                f"array of objects, but got {_json_type(content)} instead.",
+                f"{where}.content",
+            )
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if not isinstance(call_id, str):
+                return (
+                    f"Missing required parameter: 'messages[{index}].tool_call_id'.",
+                    f"{where}.tool_call_id",
+                )
+            if call_id not in open_ids:
+                return (
+                    "Invalid parameter: messages with role 'tool' must be a response to a "
+                    "preceeding message with 'tool_calls'.",
+                    f"{where}.role",
+                )
+            if call_id in unanswered:
+                unanswered.remove(call_id)
+            continue
+        open_ids = set()
+        if calls is None:
+            continue
+        problem = _invalid_calls(calls, index)
+        if problem is not None:
+            return problem
+        unanswered = [call["id"] for call in calls]
+        open_ids = set(unanswered)
+        opened_at = index
+    if unanswered:
+        return _unanswered(unanswered, opened_at)
+    return None
+
+
+def _unanswered(ids: list[str], index: int) -> Problem:
+    return (
+        "An assistant message with 'tool_calls' must be followed by tool messages responding "
+        "to each 'tool_call_id'. The following tool_call_ids did not have response messages: "
+        + ", ".join(ids),
+        f"messages.[{index}].role",
+    )
+
+
+def _invalid_calls(calls: Any, index: int) -> Problem | None:
+    where = f"messages[{index}].tool_calls"
+    if not isinstance(calls, list) or not calls:
+        return f"Invalid '{where}': empty array. Expected an array with minimum length 1.", where
+    for number, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if (
+            not isinstance(function, dict)
+            or not isinstance(call.get("id"), str)
+            or call.get("type") != "function"
+            or not isinstance(function.get("name"), str)
+            or not isinstance(function.get("arguments"), str)
+        ):
+            return f"Invalid value for '{where}[{number}]'.", f"{where}[{number}]"
+        if not _FUNCTION_NAME.fullmatch(function["name"]):
+            return _bad_name(f"{where}[{number}].function.name")
+    return None
+
+
+def _invalid_tools(body: dict[str, Any]) -> Problem | None:
+    tools = body.get("tools")
+    if tools is not None:
+        problem = _invalid_tool_list(tools)
+        if problem is not None:
+            return problem
+    choice = body.get("tool_choice")
+    if choice is None:
+        return None
+    if tools is None:
+        return (
+            "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' "
+            "are specified.",
+            "tool_choice",
+        )
+    names = {tool["function"]["name"] for tool in tools}
+    if choice in _TOOL_CHOICES:
+        return None
+    if (
+        isinstance(choice, dict)
+        and choice.get("type") == "function"
+        and isinstance(choice.get("function"), dict)
+        and choice["function"].get("name") in names
+    ):
+        return None
+    return "Invalid value for 'tool_choice'.", "tool_choice"
+
+
+def _invalid_tool_list(tools: object) -> Problem | None:
+    if not isinstance(tools, list):
+        return "Invalid type for 'tools': expected an array.", "tools"
+    if not tools:
+        return "Invalid 'tools': empty array. Expected an array with minimum length 1.", "tools"
+    if len(tools) > _MAX_TOOLS:
+        return (
+            f"Invalid 'tools': array too long. Expected an array with maximum length "
+            f"{_MAX_TOOLS}, but got an array with length {len(tools)} instead.",
+            "tools",
+        )
+    for index, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or tool.get("type") != "function":
+            return f"Invalid value for 'tools[{index}]'.", f"tools[{index}]"
+        if not isinstance(function.get("name"), str) or not _FUNCTION_NAME.fullmatch(
+            function["name"]
+        ):
+            return _bad_name(f"tools[{index}].function.name")
+        if not isinstance(function.get("description", ""), str):
+            return (
+                f"Invalid type for 'tools[{index}].function.description'.",
+                f"tools[{index}].function.description",
+            )
+        if not isinstance(function.get("parameters", {}), dict):
+            return (
+                f"Invalid type for 'tools[{index}].function.parameters'.",
+                f"tools[{index}].function.parameters",
+            )
+    return None
+
+
+def _bad_name(param: str) -> Problem:
+    return (
+        f"Invalid '{param}': string does not match pattern. Expected a string that matches "
+        "the pattern '^[a-zA-Z0-9_-]{1,64}$'.",
+        param,
+    )
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, dict):
+        return "an object"
+    return "a value"
 
 
 def _head(status: int, headers: dict[str, str]) -> bytes:
@@ -621,3 +949,205 @@ async def _wait_or_disconnect(reader: asyncio.StreamReader, waiting: Any) -> Non
         if eof_task.result():
             raise AssertionError("fake: the client sent data while awaiting a response")
         raise _Disconnected
+
+
+# -- the echo model -------------------------------------------------------------
+
+_CALL_HEAD: Final = re.compile(r"\s*call\s+([a-zA-Z0-9_-]{1,64})\s+")
+
+
+def _text(content: object) -> str:
+    if isinstance(content, list):
+        return "".join(
+            str(part.get("text", ""))
+            for part in content
+            if isinstance(part, dict) and part.get("type") == "text"
+        )
+    return content if isinstance(content, str) else ""
+
+
+def parse_call_lines(text: str) -> list[tuple[str, str]] | None:
+    """``[(function name, arguments JSON)]`` if ``text`` is nothing but one or more
+    ``call <function_name> <json object>`` (the object may span lines), else ``None``."""
+    decoder = json.JSONDecoder()
+    calls: list[tuple[str, str]] = []
+    position = 0
+    text = text.strip()
+    while position < len(text):
+        head = _CALL_HEAD.match(text, position)
+        if head is None:
+            return None
+        try:
+            value, end = decoder.raw_decode(text, head.end())
+        except ValueError:
+            return None
+        if not isinstance(value, dict):
+            return None
+        calls.append((head.group(1), text[head.end() : end]))
+        position = end
+        while position < len(text) and text[position].isspace():
+            position += 1
+    return calls or None
+
+
+def echo_reply(body: dict[str, Any]) -> Reply:
+    """The ``echo`` model: repeats the last user message, word by word.
+
+    With tools offered (``tool_choice`` not ``"none"``), a last user message of
+    ``call <function_name> <json object>`` lines is answered with those tool
+    calls, whether the functions were offered or not. After tool results it
+    answers ``Tool <name> returned: <text>``, one line per result.
+    """
+    messages: list[dict[str, Any]] = body["messages"]
+    if messages[-1].get("role") == "tool":
+        first = len(messages) - 1
+        while first > 0 and messages[first - 1].get("role") == "tool":
+            first -= 1
+        asked = (messages[first - 1].get("tool_calls") or []) if first else []
+        names = {call["id"]: call["function"]["name"] for call in asked}
+        return Reply.text(
+            "\n".join(
+                f"Tool {names.get(message['tool_call_id'], '?')} returned: "
+                f"{_text(message.get('content'))}"
+                for message in messages[first:]
+            )
+        )
+    users = [message for message in messages if message.get("role") == "user"]
+    text = _text(users[-1].get("content")) if users else ""
+    if body.get("tools") and body.get("tool_choice", "auto") != "none":
+        calls = parse_call_lines(text)
+        if calls is not None:
+            return Reply.tool_calls(calls)
+    return Reply.text(text or "(empty message)")
+
+
+# -- scripts and the command line --------------------------------------------------
+
+
+def reply_from_json(item: object) -> Reply:
+    """A Reply from its JSON form, as ``--script`` files hold them:
+
+    ``{"text": "...", "chunk_words": 1, "usage": [prompt, completion], "finish_reason": "stop"}``,
+    ``{"tool_calls": [{"name": "...", "arguments": {...} or "raw text", "id": "..."}],
+    "content": "", "chunk_chars": 8, "usage": ...}`` or
+    ``{"error": 429, "message": "...", "code": "...", "retry_after": 1.5}``.
+    """
+    if not isinstance(item, dict):
+        raise TypeError(f"a reply must be an object, got {item!r}")
+    usage_value = item.get("usage", True)
+    usage: bool | tuple[int, int] = (
+        (int(usage_value[0]), int(usage_value[1]))
+        if isinstance(usage_value, list)
+        else bool(usage_value)
+    )
+    if "error" in item:
+        return Reply.error(
+            int(item["error"]),
+            message=str(item.get("message", "")),
+            code=item.get("code"),
+            retry_after=item.get("retry_after"),
+        )
+    if "tool_calls" in item:
+        calls = [
+            FakeToolCall(
+                name=str(call["name"]),
+                arguments=(
+                    call["arguments"]
+                    if isinstance(call.get("arguments"), str)
+                    else json.dumps(call.get("arguments", {}))
+                ),
+                id=call.get("id"),
+            )
+            for call in item["tool_calls"]
+        ]
+        return Reply.tool_calls(
+            calls,
+            content=str(item.get("content", "")),
+            chunk_chars=int(item.get("chunk_chars", 8)),
+            usage=usage,
+        )
+    if "text" in item:
+        return Reply.text(
+            str(item["text"]),
+            chunk_words=int(item.get("chunk_words", 1)),
+            usage=usage,
+            finish_reason=str(item.get("finish_reason", "stop")),
+        )
+    raise ValueError(f"a reply needs 'text', 'tool_calls' or 'error', got keys {sorted(item)}")
+
+
+def load_script(path: Path) -> list[Reply]:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, list):
+        raise TypeError(f"{path}: expected a JSON list of replies")
+    return [reply_from_json(item) for item in data]
+
+
+def _log_request(request: Received) -> None:
+    body = request.body if isinstance(request.body, dict) else {}
+    messages = body.get("messages")
+    print(
+        f"{request.method} {request.path} model={body.get('model')!r} "
+        f"messages={len(messages) if isinstance(messages, list) else '?'} "
+        f"tools={len(body.get('tools') or [])} tool_choice={body.get('tool_choice')!r}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    fake = FakeOpenAI(
+        api_key=args.api_key,
+        default=echo_reply if args.model == "echo" else None,
+        host=args.host,
+        listen_port=args.port,
+        on_request=None if args.quiet else _log_request,
+    )
+    fake.script(*args.replies)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await fake.start()
+    try:
+        print(fake.url, flush=True)
+        await stop.wait()
+    finally:
+        await fake.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.fakes.openai_server",
+        description="A local server of the OpenAI Chat Completions API (streaming and tool "
+        "calls). Prints its base URL on the first line of stdout and serves until killed.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=0, help="port; 0 picks a free one")
+    parser.add_argument(
+        "--model",
+        choices=("echo", "scripted"),
+        default="echo",
+        help="echo: repeat the last user message (and make 'call <function> {json}' tool "
+        "calls); scripted: only the --script replies, then errors",
+    )
+    parser.add_argument("--script", type=Path, help="JSON list of replies answered first, in order")
+    parser.add_argument("--api-key", help="require this bearer key")
+    parser.add_argument("--quiet", action="store_true", help="do not log requests to stderr")
+    args = parser.parse_args(argv)
+    if args.model == "scripted" and args.script is None:
+        parser.error("--model scripted needs --script")
+    try:
+        args.replies = load_script(args.script) if args.script is not None else []
+    except (ValueError, TypeError, KeyError, OSError) as exc:
+        parser.error(f"--script: {exc}")
+    try:
+        asyncio.run(_serve(args))
+    except OSError as exc:
+        print(f"openai_server: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,6 +16,15 @@ provider that keeps failing from costing every run its retries.
 Every wait is bounded by the run's deadline, every message and log line is
 free of API keys, and cancelling the run closes the provider's connection, so
 the provider stops generating (and billing for) an answer nobody reads.
+
+Tools: when the run may call tools, they are offered to the model as
+functions. An answer with tool calls is not the end of the run: its calls go to
+the run's ``ToolRunner`` as one batch, their results go back to the model as
+``tool`` messages, and the model is asked again, until it answers without
+calls or the run's tool steps are spent (the last request then forbids calls).
+A run continued after a restart rebuilds its conversation from the steps it
+already took. The text of every pass streams to the caller, the result holds
+the last pass's text, and the usage is the sum over every model call.
 """
 
 from __future__ import annotations
@@ -26,9 +35,18 @@ import json
 import logging
 import math
 import random
+import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 import httpx
@@ -39,7 +57,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.dispatcher.handlers import Frame, HandleCall, HandlerFailure, capabilities
 from switchboard.platform.breaker import CircuitBreaker
-from switchboard.platform.rendering import render_parts
+from switchboard.platform.rendering import plain, render_parts
 
 log = logging.getLogger("switchboard.dispatcher.llm")
 
@@ -57,6 +75,21 @@ _LINGER_S: Final = 0.5
 # Request-specific rejections: the provider is up and answering, the request is
 # what it refuses, so they say nothing about the provider's health.
 _REQUEST_REJECTIONS: Final = frozenset({400, 413, 422})
+# More calls than this in one answer is a broken stream, not a plan: the
+# dispatcher's own per-step limit is far lower and answers the extra ones.
+MAX_TOOL_CALLS: Final = 128
+# The Chat Completions API accepts at most this many tools in one request.
+MAX_TOOLS: Final = 128
+# Arguments that are not a JSON object are kept for the record, this much of them.
+MAX_INVALID_ARGUMENTS_CHARS: Final = 2000
+# A provider's call id longer than this is replaced by one of ours.
+MAX_CALL_ID_CHARS: Final = 128
+# A function name as stored on a ToolCall (a model may invent any name).
+MAX_FUNCTION_NAME_CHARS: Final = 256
+# What the API accepts as a function name; other names are refused with a 400.
+FUNCTION_NAME: Final = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+_NOT_A_NAME: Final = re.compile(r"[^a-zA-Z0-9_-]")
+_TOOL_PARTS: Final = frozenset({"tool_call", "tool_result"})
 
 _ROLES: Final = {
     context_pb2.MESSAGE_ROLE_USER: "user",
@@ -294,6 +327,25 @@ def _malformed(what: str) -> _AttemptFailed:
 
 
 @dataclass
+class _CallParts:
+    """One tool call of an answer, as its fragments arrive."""
+
+    id: str = ""
+    name: str = ""
+    arguments: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _ModelCall:
+    """A complete tool call as the model made it."""
+
+    id: str
+    name: str
+    #: The arguments' JSON text, as sent.
+    arguments: str
+
+
+@dataclass
 class _Outcome:
     """What one attempt produced so far."""
 
@@ -302,6 +354,15 @@ class _Outcome:
     #: ``(prompt_tokens, completion_tokens)`` as the provider reported them.
     usage: tuple[int, int] | None = None
     done: bool = False
+    #: Tool calls by the stream's ``index``.
+    calls: dict[int, _CallParts] = field(default_factory=dict)
+    argument_chars: int = 0
+
+    def tool_calls(self) -> list[_ModelCall]:
+        return [
+            _ModelCall(parts.id, parts.name, "".join(parts.arguments))
+            for _, parts in sorted(self.calls.items())
+        ]
 
 
 def _scrub(text: str, secrets: tuple[str, ...]) -> str:
@@ -351,8 +412,62 @@ def _error_detail(body: bytes) -> tuple[str, str]:
     return text, ""
 
 
-def _choice_text(choice: object, outcome: _Outcome) -> str:
-    """The text of one streamed choice (only the first choice is used); records its finish."""
+def _optional_string(data: dict[str, Any], key: str, what: str) -> str:
+    value = data.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _malformed(f"{what} is not a string")
+    return value
+
+
+def _add_call_fragment(entry: object, position: int | None, outcome: _Outcome, limit: int) -> None:
+    """Merge one ``tool_calls`` entry into the answer's calls.
+
+    Streamed entries are keyed by ``index``: the first fragment of a call has
+    its ``id`` and ``function.name``, later ones add pieces of
+    ``function.arguments``. A whole message's entries (``position`` given) are
+    complete calls. As the official SDKs do, ``id`` and ``name`` replace and
+    ``arguments`` append, so servers that repeat the id on every fragment work too.
+    """
+    if not isinstance(entry, dict):
+        raise _malformed("a tool call is not an object")
+    index = entry.get("index") if position is None else position
+    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+        raise _malformed("a tool call without an index")
+    parts = outcome.calls.get(index)
+    if parts is None:
+        if len(outcome.calls) >= MAX_TOOL_CALLS:
+            raise _malformed(f"more than {MAX_TOOL_CALLS} tool calls in one answer")
+        parts = outcome.calls[index] = _CallParts()
+    parts.id = _optional_string(entry, "id", "a tool call id") or parts.id
+    function = entry.get("function")
+    if function is None:
+        return
+    if not isinstance(function, dict):
+        raise _malformed("a tool call's function is not an object")
+    parts.name = _optional_string(function, "name", "a function name") or parts.name
+    arguments = function.get("arguments")
+    if isinstance(arguments, dict):
+        # Some compatible servers send the object itself instead of its JSON text.
+        function = {"arguments": json.dumps(arguments, ensure_ascii=False)}
+    arguments = _optional_string(function, "arguments", "function arguments")
+    outcome.argument_chars += len(arguments)
+    if outcome.argument_chars > limit:
+        raise _AttemptFailed(f"tool call arguments larger than {limit} bytes", retryable=True)
+    if arguments:
+        parts.arguments.append(arguments)
+
+
+def _check_calls(outcome: _Outcome) -> None:
+    """A finished answer's calls must each name a function: nothing can run a nameless one."""
+    if any(not parts.name for parts in outcome.calls.values()):
+        raise _malformed("a tool call without a function name")
+
+
+def _choice_text(choice: object, outcome: _Outcome, limit: int) -> str:
+    """The text of one streamed choice (only the first choice is used); records its
+    tool call fragments and its finish."""
     if not isinstance(choice, dict):
         raise _malformed("a choice is not an object")
     if choice.get("index", 0) != 0:
@@ -360,6 +475,12 @@ def _choice_text(choice: object, outcome: _Outcome) -> str:
     delta = choice.get("delta") or {}
     if not isinstance(delta, dict):
         raise _malformed("a delta is not an object")
+    fragments = delta.get("tool_calls")
+    if fragments is not None:
+        if not isinstance(fragments, list):
+            raise _malformed("tool_calls is not a list")
+        for entry in fragments:
+            _add_call_fragment(entry, None, outcome, limit)
     text = delta.get("content")
     if text is None:
         # A refusal is the model's answer too; without it the user sees nothing.
@@ -391,23 +512,159 @@ def _read_usage(data: object) -> tuple[int, int] | None:
 # Building the request
 
 
-def _chat_message(message: context_pb2.Message) -> dict[str, str] | None:
-    # The context service's rendering: the model reads what was counted.
-    text = render_parts(message.parts)
+def _text_of(parts: Iterable[context_pb2.ContentPart]) -> str:
+    """The context service's rendering of the parts that are not tool parts, so
+    the model reads what was counted; tool parts become structured messages."""
+    return render_parts(part for part in parts if part.WhichOneof("part") not in _TOOL_PARTS)
+
+
+def _json_text(struct: struct_pb2.Struct) -> str:
+    return json.dumps(
+        {key: plain(value) for key, value in struct.fields.items()},
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+
+
+def _wire_name(name: str) -> str:
+    """A function name the API accepts: a model's invented name (``foo.bar``)
+    would make it refuse the whole conversation, so it is sent cleaned."""
+    cleaned = _NOT_A_NAME.sub("_", name)[:64]
+    return cleaned or "unknown_tool"
+
+
+def _short_tool(resource: str) -> str:
+    """``add`` for ``workspaces/w/integrations/i/tools/add``."""
+    return resource.rsplit("/", 1)[-1]
+
+
+def _assistant_calls(text: str, calls: Iterable[tuple[str, str, str]]) -> dict[str, Any]:
+    """An assistant message with ``(id, function name, arguments JSON)`` calls."""
+    return {
+        "role": "assistant",
+        "content": text or None,
+        "tool_calls": [
+            {
+                "id": call_id,
+                "type": "function",
+                "function": {"name": _wire_name(name), "arguments": arguments},
+            }
+            for call_id, name, arguments in calls
+        ],
+    }
+
+
+def _tool_message(call_id: str, text: str) -> dict[str, Any]:
+    # Some compatible servers refuse an empty tool message; the model should
+    # know the call returned nothing rather than see a gap.
+    return {"role": "tool", "tool_call_id": call_id, "content": text or "(no output)"}
+
+
+def _chat_message(message: context_pb2.Message) -> dict[str, Any] | None:
     if message.role == context_pb2.MESSAGE_ROLE_TOOL:
-        # The "tool" role needs the tool_call_id of a call this request never
-        # made, so a stored tool output is shown to the model as quoted input.
-        return {"role": "user", "content": f"Tool output:\n{text}"} if text else None
+        return _orphan_tool_output(message.parts)
+    text = _text_of(message.parts)
     role = _ROLES.get(message.role, "user")
     return {"role": role, "content": text} if text else None
 
 
-def build_messages(request: handler_pb2.HandleRequest) -> list[dict[str, str]]:
-    """The Chat Completions ``messages`` for a request: what is remembered first,
-    as one system message, then the window's messages, then the new message."""
+def _orphan_tool_output(parts: Sequence[context_pb2.ContentPart]) -> dict[str, Any] | None:
+    """Tool output whose call is not in the messages sent: the ``tool`` role
+    needs the id of a call the request shows, so it is quoted as user input."""
+    blocks: list[str] = []
+    for part in parts:
+        if part.WhichOneof("part") == "tool_result":
+            name = _short_tool(part.tool_result.tool)
+            label = f"Tool output ({name})" if name else "Tool output"
+            blocks.append(f"{label}:\n{part.tool_result.text}")
+    rest = _text_of(parts)
+    if rest:
+        blocks.append(f"Tool output:\n{rest}")
+    return {"role": "user", "content": "\n\n".join(blocks)} if blocks else None
+
+
+def _call_note(call: context_pb2.ToolCallContent) -> str:
+    return f"[called tool {call.function_name or _short_tool(call.tool) or 'unknown'}]"
+
+
+def _tool_exchange(
+    assistant: context_pb2.Message, followers: Sequence[context_pb2.Message]
+) -> list[dict[str, Any]]:
+    """An assistant message with tool calls and the TOOL messages right after it.
+
+    The API requires an assistant message's calls to be answered by the
+    ``tool`` messages that immediately follow it, each call exactly once. So
+    only calls answered in ``followers`` stay calls; one whose result left the
+    window is mentioned in the text instead, and results whose call is not
+    here are quoted as user input after the exchange.
+    """
+    calls: list[context_pb2.ToolCallContent] = []
+    for part in assistant.parts:
+        if part.WhichOneof("part") == "tool_call":
+            calls.append(part.tool_call)
+    wanted = {call.id for call in calls if call.id}
+    # The first result for each call, and where it is (follower, part).
+    answers: dict[str, tuple[int, int, str]] = {}
+    for position, message in enumerate(followers):
+        for number, part in enumerate(message.parts):
+            if part.WhichOneof("part") == "tool_result" and part.tool_result.id in wanted:
+                answers.setdefault(part.tool_result.id, (position, number, part.tool_result.text))
+    paired: list[context_pb2.ToolCallContent] = []
+    notes: list[str] = []
+    for call in calls:
+        if call.id in answers and all(call.id != done.id for done in paired):
+            paired.append(call)
+        elif call.id not in answers:
+            notes.append(_call_note(call))
+    text = "\n".join(piece for piece in (_text_of(assistant.parts), *notes) if piece)
+    rendered: list[dict[str, Any]] = []
+    if paired:
+        exchange = [
+            (call.id, call.function_name or _short_tool(call.tool), _json_text(call.arguments))
+            for call in paired
+        ]
+        rendered.append(_assistant_calls(text, exchange))
+        rendered.extend(_tool_message(call.id, answers[call.id][2]) for call in paired)
+    elif text:
+        rendered.append({"role": "assistant", "content": text})
+    used = {(position, number) for position, number, _ in answers.values()}
+    for position, message in enumerate(followers):
+        leftover = [
+            part for number, part in enumerate(message.parts) if (position, number) not in used
+        ]
+        orphan = _orphan_tool_output(leftover)
+        if orphan is not None:
+            rendered.append(orphan)
+    return rendered
+
+
+def _history(messages: Sequence[context_pb2.Message]) -> list[dict[str, Any]]:
+    rendered: list[dict[str, Any]] = []
+    index = 0
+    while index < len(messages):
+        message = messages[index]
+        index += 1
+        has_calls = any(part.WhichOneof("part") == "tool_call" for part in message.parts)
+        if message.role == context_pb2.MESSAGE_ROLE_ASSISTANT and has_calls:
+            followers: list[context_pb2.Message] = []
+            while index < len(messages) and messages[index].role == context_pb2.MESSAGE_ROLE_TOOL:
+                followers.append(messages[index])
+                index += 1
+            rendered.extend(_tool_exchange(message, followers))
+            continue
+        chat = _chat_message(message)
+        if chat is not None:
+            rendered.append(chat)
+    return rendered
+
+
+def build_messages(request: handler_pb2.HandleRequest) -> list[dict[str, Any]]:
+    """The Chat Completions ``messages`` for a request: the assistant's
+    instructions, what is remembered (one system message), the window's
+    messages (stored tool calls paired with their results), then the new message."""
     remembered: list[str] = []
     summaries: list[str] = []
-    history: list[dict[str, str]] = []
+    window: list[context_pb2.Message] = []
     for item in request.context.included:
         kind = item.WhichOneof("item")
         if kind == "memory_item":
@@ -423,25 +680,58 @@ def build_messages(request: handler_pb2.HandleRequest) -> list[dict[str, str]]:
             # the window may already hold it; it is sent once, last.
             if request.message.name and item.message.name == request.message.name:
                 continue
-            chat = _chat_message(item.message)
-            if chat is not None:
-                history.append(chat)
+            window.append(item.message)
     blocks: list[str] = []
     if summaries:
         blocks.append("Summary of the earlier conversation:\n" + "\n\n".join(summaries))
     if remembered:
         blocks.append("Remembered about this user and conversation:\n" + "\n".join(remembered))
-    messages: list[dict[str, str]] = []
+    messages: list[dict[str, Any]] = []
+    if request.instructions.strip():
+        messages.append({"role": "system", "content": request.instructions})
     if blocks:
         messages.append({"role": "system", "content": "\n\n".join(blocks)})
-    messages.extend(history)
+    messages.extend(_history(window))
     current = _chat_message(request.message)
     messages.append(current or {"role": "user", "content": ""})
     return messages
 
 
-def _parameters(parameters: struct_pb2.Struct, ceiling: int) -> tuple[float | None, int]:
-    """``(temperature, max_tokens)`` from the run's parameters; bad values fail the run."""
+@dataclass(frozen=True)
+class _Sampling:
+    temperature: float | None
+    top_p: float | None
+    max_tokens: int
+
+
+def _sampling(request: handler_pb2.HandleRequest, ceiling: int) -> _Sampling:
+    """The run's sampling: its parameters, else its assistant's settings, else
+    the defaults; ``max_tokens`` never above the ceiling. Bad values fail the run."""
+    settings = request.model
+    temperature: float | None = None
+    if settings.HasField("temperature"):
+        temperature = settings.temperature
+        if not 0 <= temperature <= 2:
+            raise HandlerFailure("the assistant's temperature must be a number from 0 to 2")
+    top_p: float | None = None
+    if settings.HasField("top_p"):
+        top_p = settings.top_p
+        if not 0 <= top_p <= 1:
+            raise HandlerFailure("the assistant's top_p must be a number from 0 to 1")
+    max_tokens = ceiling
+    if settings.max_output_tokens > 0:
+        max_tokens = min(settings.max_output_tokens, ceiling)
+    given_temperature, given_max = _parameters(request.parameters, ceiling)
+    return _Sampling(
+        temperature=given_temperature if given_temperature is not None else temperature,
+        top_p=top_p,
+        max_tokens=given_max if given_max is not None else max_tokens,
+    )
+
+
+def _parameters(parameters: struct_pb2.Struct, ceiling: int) -> tuple[float | None, int | None]:
+    """``(temperature, max_tokens)`` given in the run's parameters (``None``
+    where not given); bad values fail the run."""
     fields = parameters.fields
     temperature: float | None = None
     if "temperature" in fields:
@@ -449,7 +739,7 @@ def _parameters(parameters: struct_pb2.Struct, ceiling: int) -> tuple[float | No
         if value.WhichOneof("kind") != "number_value" or not 0 <= value.number_value <= 2:
             raise HandlerFailure("parameter 'temperature' must be a number from 0 to 2")
         temperature = value.number_value
-    max_tokens = ceiling
+    max_tokens: int | None = None
     if "max_tokens" in fields:
         value = fields["max_tokens"]
         number = value.number_value
@@ -462,6 +752,95 @@ def _parameters(parameters: struct_pb2.Struct, ceiling: int) -> tuple[float | No
             raise HandlerFailure("parameter 'max_tokens' must be a whole number of at least 1")
         max_tokens = min(int(number), ceiling)
     return temperature, max_tokens
+
+
+class _Toolbox:
+    """The tools offered to the model, by the function name it calls them by."""
+
+    def __init__(self, definitions: Sequence[handler_pb2.ToolDefinition]) -> None:
+        self.by_name: dict[str, handler_pb2.ToolDefinition] = {}
+        for definition in definitions:
+            name = definition.function_name
+            if not FUNCTION_NAME.fullmatch(name):
+                # The API would refuse the whole request over it.
+                log.warning("tool %s has an invalid function name; not offered", definition.tool)
+                continue
+            self.by_name.setdefault(name, definition)
+        if len(self.by_name) > MAX_TOOLS:
+            raise HandlerFailure(
+                f"the run offers {len(self.by_name)} tools; a model accepts at most {MAX_TOOLS}"
+            )
+        self.specs: list[dict[str, Any]] = [
+            {
+                "type": "function",
+                "function": {
+                    "name": name,
+                    "description": definition.description,
+                    "parameters": _schema(definition.input_schema),
+                },
+            }
+            for name, definition in self.by_name.items()
+        ]
+
+    def call(self, made: _ModelCall, call_id: str) -> handler_pb2.ToolCall:
+        """The ToolCall for a call the model made (the runner answers unknown
+        functions and invalid arguments with a FAILED result)."""
+        call = handler_pb2.ToolCall(id=call_id, function_name=made.name[:MAX_FUNCTION_NAME_CHARS])
+        definition = self.by_name.get(made.name)
+        if definition is None:
+            call.tool = call.function_name
+        else:
+            segments = definition.tool.split("/")
+            if len(segments) == 6 and segments[0] == "workspaces" and segments[2] == "integrations":
+                call.integration = "/".join(segments[:4])
+            call.tool = segments[-1]
+        arguments = _arguments(made.arguments)
+        if arguments is None:
+            call.invalid_arguments = made.arguments[:MAX_INVALID_ARGUMENTS_CHARS]
+        else:
+            call.arguments.CopyFrom(arguments)
+        return call
+
+
+def _schema(schema: struct_pb2.Struct) -> dict[str, Any]:
+    if not schema.fields:
+        return {"type": "object", "properties": {}}
+    return {key: plain(value) for key, value in schema.fields.items()}
+
+
+def _arguments(text: str) -> struct_pb2.Struct | None:
+    """The arguments as a Struct, or ``None`` if they are not a JSON object.
+
+    Blank arguments are an empty object: models send them for functions
+    without parameters.
+    """
+    if not text.strip():
+        return struct_pb2.Struct()
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    struct = struct_pb2.Struct()
+    try:
+        struct.update(data)
+    except (ValueError, TypeError, RecursionError):
+        return None
+    return struct
+
+
+def _result_text(result: handler_pb2.ToolResult) -> str:
+    """What the model reads of a result: its text, else its structured output."""
+    if result.text:
+        return result.text
+    if result.result.fields:
+        return _json_text(result.result)
+    return ""
+
+
+def _step_arguments(call: handler_pb2.ToolCall) -> str:
+    return call.invalid_arguments or _json_text(call.arguments)
 
 
 def _parameters_schema(ceiling: int) -> struct_pb2.Struct:
@@ -480,6 +859,41 @@ def _parameters_schema(ceiling: int) -> struct_pb2.Struct:
 
 # ---------------------------------------------------------------------------
 # The handler
+
+
+@dataclass
+class _Run:
+    """What one run of the handler has done so far, over all its model calls."""
+
+    #: Whether any text of the run reached the caller.
+    shown: bool = False
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost: float = 0.0
+    estimated: bool = False
+    #: Tool call ids of the run so far (they must be unique within it).
+    used_ids: set[str] = field(default_factory=set)
+    serial: int = 0
+
+    def call_id(self, proposed: str) -> str:
+        """The provider's id for a call, or ``call_<n>`` when it sent none (or
+        one the run already used, or an absurd one)."""
+        if not proposed or len(proposed) > MAX_CALL_ID_CHARS or proposed in self.used_ids:
+            while True:
+                self.serial += 1
+                proposed = f"call_{self.serial}"
+                if proposed not in self.used_ids:
+                    break
+        self.used_ids.add(proposed)
+        return proposed
+
+
+@dataclass
+class _Answer:
+    """Where a model call leaves its answer and the provider that gave it."""
+
+    outcome: _Outcome = field(default_factory=_Outcome)
+    provider: Provider | None = None
 
 
 class LlmHandler:
@@ -572,25 +986,164 @@ class LlmHandler:
         return self._rng.uniform(0.0, ceiling)
 
     async def handle(self, call: HandleCall) -> AsyncGenerator[Frame, None]:
-        temperature, max_tokens = _parameters(
-            call.request.parameters, self._config.max_output_tokens
-        )
-        messages = build_messages(call.request)
+        request = call.request
+        sampling = _sampling(request, self._config.max_output_tokens)
+        chain = self._chain(request.model)
+        toolbox: _Toolbox | None = None
+        if call.tools is not None and request.tools and request.max_tool_steps > 0:
+            toolbox = _Toolbox(request.tools)
+            if not toolbox.specs:
+                toolbox = None
+        messages = build_messages(request)
+        # Text shown before a restart counts as shown: the run's answer has begun.
+        run = _Run(shown=any(step.text for step in request.steps))
+        steps = await self._resume(call, messages, run)
+        while True:
+            offer = toolbox is not None and steps < request.max_tool_steps
+            extra: dict[str, Any] = {}
+            if toolbox is not None:
+                # Past the limit the tools stay described (the conversation
+                # shows calls to them) but may not be called.
+                extra = {"tools": toolbox.specs, "tool_choice": "auto" if offer else "none"}
+            answer = _Answer()
+            async with contextlib.aclosing(
+                self._ask(chain, messages, sampling, extra, call, run, answer)
+            ) as frames:
+                async for frame in frames:
+                    yield frame
+            outcome, provider = answer.outcome, answer.provider
+            if provider is None:
+                raise RuntimeError("a model call ended without an answer or a failure")
+            self._account(run, provider, messages, extra, outcome)
+            made = outcome.tool_calls()
+            if not made:
+                yield Frame(result=self._result(run, provider, outcome))
+                return
+            if toolbox is None:
+                raise HandlerFailure("the model asked for a tool, but this run may call none")
+            if not offer:
+                raise HandlerFailure(
+                    "the model asked for tools after the run's limit of "
+                    f"{request.max_tool_steps} tool steps"
+                )
+            calls = [toolbox.call(call_made, run.call_id(call_made.id)) for call_made in made]
+            results = await self._run_tools(call, calls)
+            # The model gets its own arguments back as it wrote them.
+            exchange = [
+                (tool_call.id, tool_call.function_name, call_made.arguments or "{}")
+                for tool_call, call_made in zip(calls, made, strict=True)
+            ]
+            messages.append(_assistant_calls("".join(outcome.pieces), exchange))
+            messages.extend(
+                _tool_message(tool_call.id, _result_text(result))
+                for tool_call, result in zip(calls, results, strict=True)
+            )
+            steps += 1
+
+    def _chain(self, settings: handler_pb2.ModelSettings) -> tuple[Provider, ...]:
+        """The providers in the order to try: the assistant's choice first, with
+        its model, then the rest of the configured chain as fallback."""
+        providers = list(self._config.providers)
+        if settings.provider:
+            names = [provider.name for provider in providers]
+            if settings.provider not in names:
+                raise HandlerFailure(
+                    f"the model provider {settings.provider[:100]!r} is not configured "
+                    f"(configured: {', '.join(names)})"
+                )
+            providers.insert(0, providers.pop(names.index(settings.provider)))
+        if settings.model:
+            if len(settings.model) > 256 or not settings.model.strip():
+                raise HandlerFailure("the assistant's model name must be 1 to 256 characters")
+            providers[0] = replace(providers[0], model=settings.model)
+        return tuple(providers)
+
+    async def _resume(self, call: HandleCall, messages: list[dict[str, Any]], run: _Run) -> int:
+        """Append the steps the run already took to ``messages``, first running
+        the calls of an unfinished last step; the number of steps."""
+        steps = call.request.steps
+        for position, step in enumerate(steps):
+            results = {result.id: result for result in reversed(step.results)}
+            pending = [tool_call for tool_call in step.calls if tool_call.id not in results]
+            if pending:
+                if position != len(steps) - 1:
+                    raise HandlerFailure(
+                        f"tool step {position + 1} of {len(steps)} lacks results, "
+                        "but only the last step can be unfinished"
+                    )
+                ran = await self._run_tools(call, pending)
+                results.update(
+                    (tool_call.id, result) for tool_call, result in zip(pending, ran, strict=True)
+                )
+            run.used_ids.update(tool_call.id for tool_call in step.calls)
+            messages.append(
+                _assistant_calls(
+                    step.text,
+                    (
+                        (
+                            tool_call.id,
+                            tool_call.function_name or tool_call.tool,
+                            _step_arguments(tool_call),
+                        )
+                        for tool_call in step.calls
+                    ),
+                )
+            )
+            messages.extend(
+                _tool_message(tool_call.id, _result_text(results[tool_call.id]))
+                for tool_call in step.calls
+            )
+        return len(steps)
+
+    async def _run_tools(
+        self, call: HandleCall, calls: Sequence[handler_pb2.ToolCall]
+    ) -> list[handler_pb2.ToolResult]:
+        # The runner bounds its own waits by the run's deadline (approvals
+        # included) and raises when it passes; cancellation propagates.
+        if call.tools is None:
+            raise HandlerFailure("the run has tool calls to finish, but may call no tools")
+        results = list(await call.tools.run(calls))
+        if len(results) != len(calls):
+            raise RuntimeError(
+                f"the tool runner returned {len(results)} results for {len(calls)} calls"
+            )
+        return results
+
+    async def _ask(
+        self,
+        chain: tuple[Provider, ...],
+        messages: list[dict[str, Any]],
+        sampling: _Sampling,
+        extra: dict[str, Any],
+        call: HandleCall,
+        run: _Run,
+        answer: _Answer,
+    ) -> AsyncGenerator[Frame, None]:
+        """One model call: relays its text and sets ``answer``; retries and falls
+        back along ``chain`` as long as nothing of the run was shown."""
         failures: list[tuple[str, bool]] = []
-        for provider in self._config.providers:
+        for provider in chain:
             breaker = self._breakers[provider.name]
             body: dict[str, Any] = {
                 "model": provider.model,
                 "messages": messages,
                 "stream": True,
                 "stream_options": {"include_usage": True},
-                "max_tokens": max_tokens,
+                "max_tokens": sampling.max_tokens,
+                **extra,
             }
-            if temperature is not None:
-                body["temperature"] = temperature
+            if sampling.temperature is not None:
+                body["temperature"] = sampling.temperature
+            if sampling.top_p is not None:
+                body["top_p"] = sampling.top_p
             retry = 0
             while True:
                 if call.remaining() <= 0:
+                    if run.shown:
+                        raise HandlerFailure(
+                            f"the LLM answer was cut off ({provider.name}: run deadline reached)",
+                            retryable=True,
+                        )
                     failures.append((f"{provider.name}: run deadline reached", True))
                     raise _all_failed(failures)
                 if not breaker.allow():
@@ -602,9 +1155,12 @@ class LlmHandler:
                         self._attempt(provider, body, call, outcome)
                     ) as texts:
                         async for text in texts:
+                            run.shown = True
                             yield Frame(delta=handler_pb2.TextDelta(text=text))
                 except _AttemptFailed as exc:
-                    delay = self._after_failure(provider, exc, outcome, retry, call, failures)
+                    delay = self._after_failure(
+                        provider, exc, outcome, retry, call, failures, shown=run.shown
+                    )
                     if delay is None:
                         break
                     if delay > 0:
@@ -616,7 +1172,7 @@ class LlmHandler:
                     breaker.released()
                     raise
                 breaker.succeeded()
-                yield Frame(result=self._result(provider, messages, outcome))
+                answer.outcome, answer.provider = outcome, provider
                 return
         raise _all_failed(failures)
 
@@ -628,6 +1184,8 @@ class LlmHandler:
         retry: int,
         call: HandleCall,
         failures: list[tuple[str, bool]],
+        *,
+        shown: bool,
     ) -> float | None:
         """Account for a failed attempt: the delay before the next one on this
         provider, or ``None`` to move on; raises when no attempt may follow."""
@@ -645,11 +1203,13 @@ class LlmHandler:
                 "provider": provider.name,
                 "attempt": retry + 1,
                 "detail": exc.summary,
-                "streamed": bool(outcome.pieces),
+                "streamed": shown,
                 "breaker": breaker.state,
             },
         )
-        if outcome.pieces:
+        if shown:
+            # Text of this run was shown (maybe in an earlier pass): another
+            # attempt would splice a different answer onto it.
             raise HandlerFailure(
                 f"the LLM answer was cut off ({provider.name}: {exc.summary})", retryable=True
             )
@@ -670,28 +1230,48 @@ class LlmHandler:
         failures.append((f"{provider.name}: {exc.summary}{tries}{note}", exc.retryable))
         return None
 
-    def _result(
-        self, provider: Provider, messages: list[dict[str, str]], outcome: _Outcome
-    ) -> handler_pb2.HandleResult:
-        answer = "".join(outcome.pieces)
+    def _account(
+        self,
+        run: _Run,
+        provider: Provider,
+        messages: list[dict[str, Any]],
+        extra: dict[str, Any],
+        outcome: _Outcome,
+    ) -> None:
+        """Add one model call's usage and cost to the run's."""
         if outcome.usage is not None:
             input_tokens, output_tokens = outcome.usage
-            estimated = False
         else:
-            input_tokens = min(
-                sum(self._count(m["content"]) + MESSAGE_OVERHEAD for m in messages), _INT32_MAX
+            input_tokens = sum(self._message_tokens(message) for message in messages)
+            if "tools" in extra:
+                input_tokens += self._count(json.dumps(extra["tools"], ensure_ascii=False))
+            output_tokens = self._count("".join(outcome.pieces)) + sum(
+                self._count(made.name) + self._count(made.arguments)
+                for made in outcome.tool_calls()
             )
-            output_tokens = min(self._count(answer), _INT32_MAX)
-            estimated = True
+            run.estimated = True
         price = self._config.price_of(provider)
+        run.input_tokens += input_tokens
+        run.output_tokens += output_tokens
+        if price is not None:
+            run.cost += price.cost(input_tokens, output_tokens)
+
+    def _message_tokens(self, message: dict[str, Any]) -> int:
+        tokens = self._count(message.get("content") or "") + MESSAGE_OVERHEAD
+        for tool_call in message.get("tool_calls", ()):
+            function = tool_call["function"]
+            tokens += self._count(function["name"]) + self._count(function["arguments"])
+        return tokens
+
+    def _result(self, run: _Run, provider: Provider, outcome: _Outcome) -> handler_pb2.HandleResult:
         return handler_pb2.HandleResult(
-            parts=[context_pb2.ContentPart(text=answer)],
+            parts=[context_pb2.ContentPart(text="".join(outcome.pieces))],
             usage=handler_pb2.Usage(
-                input_tokens=input_tokens,
-                output_tokens=output_tokens,
-                estimated_cost_usd=price.cost(input_tokens, output_tokens) if price else 0.0,
+                input_tokens=min(run.input_tokens, _INT32_MAX),
+                output_tokens=min(run.output_tokens, _INT32_MAX),
+                estimated_cost_usd=run.cost,
                 model=provider.label,
-                estimated=estimated,
+                estimated=run.estimated,
             ),
             finish_reason=outcome.finish_reason or "stop",
         )
@@ -723,6 +1303,7 @@ class LlmHandler:
                     await self._linger(events, call)
             if not outcome.done and not outcome.finish_reason:
                 raise _AttemptFailed("stream ended before the answer was complete", retryable=True)
+            _check_calls(outcome)
         finally:
             await response.aclose()
 
@@ -835,10 +1416,13 @@ class LlmHandler:
             choice = data["choices"][0]
             text = choice["message"].get("content") or ""
             reason = choice.get("finish_reason") or ""
+            calls = choice["message"].get("tool_calls") or []
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise _malformed("not a chat completion") from None
-        if not isinstance(text, str) or not isinstance(reason, str):
+        if not isinstance(text, str) or not isinstance(reason, str) or not isinstance(calls, list):
             raise _malformed("not a chat completion")
+        for position, entry in enumerate(calls):
+            _add_call_fragment(entry, position, outcome, self._config.max_response_bytes)
         outcome.finish_reason = reason
         outcome.usage = _read_usage(data.get("usage"))
         outcome.done = True
@@ -897,7 +1481,8 @@ class LlmHandler:
         choices = chunk.get("choices") or []
         if not isinstance(choices, list):
             raise _malformed("choices is not a list")
-        texts = [text for choice in choices if (text := _choice_text(choice, outcome))]
+        limit = self._config.max_response_bytes
+        texts = [text for choice in choices if (text := _choice_text(choice, outcome, limit))]
         usage = _read_usage(chunk.get("usage"))
         if usage is not None:
             outcome.usage = usage
