@@ -712,6 +712,16 @@ async def test_resolve_reads_a_workspace_once_until_its_change_event_arrives(
     )
     await d.assistants.resolve(d.world.id, "")
     assert counter.reads == 2
+    # A deleted workspace takes its assistants along, without events of their own.
+    await d.server.deps.bus.publish(
+        events_pb2.Event(
+            type=events_pb2.EVENT_TYPE_WORKSPACE_CHANGED,
+            workspace=d.world.name,
+            workspace_changed=events_pb2.WorkspaceChanged(change=events_pb2.CHANGE_KIND_DELETED),
+        )
+    )
+    await d.assistants.resolve(d.world.id, "")
+    assert counter.reads == 3
 
 
 async def test_a_missed_event_is_outlived_by_the_cache_ttl(

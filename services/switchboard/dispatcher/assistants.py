@@ -203,8 +203,13 @@ class Assistants:
         return events
 
     def _on_event(self, event: events_pb2.Event) -> None:
-        """Every process: a workspace's assistants changed, so its cached ones are stale."""
-        if event.type != events_pb2.EVENT_TYPE_ASSISTANT_CHANGED:
+        """Every process: a workspace's assistants changed (or it was deleted, which takes
+        them along without events of their own), so its cached ones are stale."""
+        deleted = (
+            event.type == events_pb2.EVENT_TYPE_WORKSPACE_CHANGED
+            and event.workspace_changed.change == events_pb2.CHANGE_KIND_DELETED
+        )
+        if event.type != events_pb2.EVENT_TYPE_ASSISTANT_CHANGED and not deleted:
             return
         found = names.WORKSPACE.fullmatch(event.workspace)
         if found is not None:
