@@ -39,6 +39,8 @@ from switchboard.context.store import ContextStore
 from switchboard.context.tokens import ApproxTokenCounter
 from switchboard.context.windowcache import WindowCache
 from switchboard.dispatcher import servicer as dispatcher_servicer
+from switchboard.dispatcher.assistants import AssistantLimits, Assistants
+from switchboard.dispatcher.assistantstore import AssistantStore
 from switchboard.dispatcher.content import BuiltinContentPolicy, load_content_policy
 from switchboard.dispatcher.contextport import ContextPort, LocalContext, RemoteContext
 from switchboard.dispatcher.experts import CircuitBreakers, WorkspaceExperts
@@ -58,6 +60,8 @@ from switchboard.dispatcher.scheduler import Scheduler
 from switchboard.dispatcher.service import Dispatcher
 from switchboard.dispatcher.service import Limits as DispatcherLimits
 from switchboard.dispatcher.store import RunStore
+from switchboard.dispatcher.toolport import LocalTools
+from switchboard.dispatcher.toolrunner import ToolLimits
 from switchboard.events import servicer as events_servicer
 from switchboard.events.subscriptions import Limits
 from switchboard.integration import servicer as integration_servicer
@@ -81,6 +85,7 @@ from switchboard.platform.db import (
     open_database,
 )
 from switchboard.platform.egress import EgressPolicy
+from switchboard.platform.errors import NotFound
 from switchboard.platform.eventlog import LocalLog, LogBackend, RedisLog
 from switchboard.platform.membership import MembershipStore
 from switchboard.platform.outbox import Outbox
@@ -399,9 +404,11 @@ async def dispatcher_service(
     context: ContextPort,
     resources: contextlib.AsyncExitStack,
     page_tokens: PageTokens,
-    breakers: CircuitBreakers | None = None,
+    integration: IntegrationHub,
 ) -> Dispatcher:
-    """``breakers``: the integration hub's, so an expert's circuit is one for runs and tools."""
+    """``integration``: the hub, for tools and for its breakers (an expert's circuit
+    is one for runs and tools)."""
+    breakers: CircuitBreakers = integration.breakers
     registry = handler_registry(settings)
     for handler in registry.all():
         if isinstance(handler, RemoteHandler):
@@ -441,12 +448,42 @@ async def dispatcher_service(
     # Closed after the dispatcher (the stack unwinds in reverse): runs stop first.
     resources.push_async_callback(experts.close)
     resources.callback(bus.listen(experts.on_event))
+    router = Router(registry, routes, default, experts)
+
+    async def handler_exists(workspace_id: str, handler_id: str) -> bool:
+        return await router.find(workspace_id, handler_id) is not None
+
+    async def integration_exists(name: str) -> bool:
+        try:
+            await integration.get(name)
+        except NotFound:
+            return False
+        return True
+
+    llm = registry.get("llm")
+    assistants = Assistants(
+        AssistantStore(database),
+        bus,
+        page_tokens,
+        AssistantLimits(
+            max_per_workspace=settings.dispatcher_max_assistants_per_workspace,
+            providers=(
+                tuple(p.name for p in llm.config.providers) if isinstance(llm, LlmHandler) else ()
+            ),
+            max_output_tokens=settings.llm_max_output_tokens,
+            max_tool_steps=settings.dispatcher_max_tool_steps,
+        ),
+        handler_exists=handler_exists,
+        integration_exists=integration_exists,
+    )
+    await assistants.start()
+    resources.push_async_callback(assistants.close)
     dispatcher = Dispatcher(
         RunStore(database),
         context,
         bus,
         counters,
-        Router(registry, routes, default, experts),
+        router,
         Scheduler(
             SchedulerLimits(
                 max_running=settings.dispatcher_max_running,
@@ -475,6 +512,14 @@ async def dispatcher_service(
             lease_s=settings.dispatcher_lease_s,
         ),
         page_tokens,
+        assistants=assistants,
+        tools=LocalTools(integration, policy),
+        tool_limits=ToolLimits(
+            max_steps=settings.dispatcher_max_tool_steps,
+            max_calls_per_step=settings.dispatcher_max_tool_calls_per_step,
+            approval_timeout_s=settings.dispatcher_approval_timeout_s,
+            max_result_chars=settings.dispatcher_max_tool_result_chars,
+        ),
     )
     await dispatcher.start()
     resources.push_async_callback(dispatcher.close)
@@ -703,7 +748,7 @@ async def open_deps(settings: Settings, resources: contextlib.AsyncExitStack) ->
             port,
             resources,
             page_tokens,
-            breakers=integration.breakers,
+            integration,
         )
     return Deps(
         settings=settings,

@@ -254,14 +254,19 @@ async def test_an_owner_creates_reads_lists_updates_and_deletes_an_assistant(
     assert await list_all(d) == []
 
 
-async def test_an_update_without_a_mask_replaces_every_field(desk: Desk) -> None:
+async def test_an_update_without_a_mask_changes_the_fields_it_sets_and_star_replaces_all(
+    desk: Desk,
+) -> None:
     made = await create(
         desk,
         pb.Assistant(display_name="Full", instructions="Long", max_tool_steps=2),
         assistant_id="full",
     )
-    replaced = await update(desk, pb.Assistant(name=made.name, description="Only this"))
-    assert replaced.description == "Only this"
+    changed = await update(desk, pb.Assistant(name=made.name, description="Only this"))
+    assert changed.description == "Only this"
+    assert changed.instructions == "Long"
+    assert changed.max_tool_steps == 2
+    replaced = await update(desk, pb.Assistant(name=made.name, description="Only this"), "*")
     assert replaced.instructions == ""
     assert replaced.max_tool_steps == 0
     assert replaced.display_name == "full"  # an empty display name falls back to the id

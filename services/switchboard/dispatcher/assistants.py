@@ -450,12 +450,10 @@ class Assistants:
         given = request.assistant
         found = names.match(names.ASSISTANT, given.name, "assistant.name")
         workspace_id, assistant_id = found[1], found[2]
-        # No mask replaces every field: an assistant is edited as a whole form.
-        paths = (
-            update_paths(request.update_mask, given, MUTABLE)
-            if request.update_mask.paths
-            else list(MUTABLE)
-        )
+        # No mask: the fields the request sets (AIP-134, as for integrations);
+        # "*" replaces every field, the way a form that edits the whole
+        # assistant saves it.
+        paths = update_paths(request.update_mask, given, MUTABLE)
         names.checked_etag(given.etag, "assistant.etag")
         settings = await self._settings(workspace_id, given, paths, assistant_id)
         mask = field_mask_pb2.FieldMask(paths=[p for p in paths if p in _SETTINGS])

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -24,6 +24,22 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.handler.v1 import handler_pb2
 
 Frame = handler_pb2.HandleResponse
+
+
+class ToolRunner(Protocol):
+    """Runs a handler's tool calls for its run (``dispatcher/toolrunner.py``).
+
+    ``run`` takes the calls a handler makes together (one model answer, or one
+    request of an interactive expert), shows each as a run update, waits for a
+    person's approval where the run's assistant asks for it (the run is then
+    REQUIRES_ACTION), calls the approved ones concurrently through the
+    integration hub and returns one ``ToolResult`` per call, in call order. A
+    tool that fails, is denied, unknown or unavailable is a result (FAILED,
+    DENIED, ERROR), never an exception: the handler gives it to its model.
+    Cancellation, the run's deadline and an expired approval do raise.
+    """
+
+    async def run(self, calls: Sequence[handler_pb2.ToolCall]) -> list[handler_pb2.ToolResult]: ...
 
 
 @dataclass
@@ -35,6 +51,8 @@ class HandleCall:
     deadline: float
     #: Metadata for the handler's own use (never shown to clients).
     attributes: dict[str, str] = field(default_factory=dict)
+    #: Runs tool calls; ``None`` when the run may call no tools.
+    tools: ToolRunner | None = None
 
     def remaining(self) -> float:
         """Seconds left before the deadline (never negative)."""

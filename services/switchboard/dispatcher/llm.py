@@ -1040,6 +1040,13 @@ class LlmHandler:
             )
             steps += 1
 
+    def model_label(self, settings: handler_pb2.ModelSettings | None) -> str:
+        """``provider/model`` a run with these settings asks first (DescribeConversation)."""
+        try:
+            return self._chain(settings or handler_pb2.ModelSettings())[0].label
+        except HandlerFailure:
+            return ""
+
     def _chain(self, settings: handler_pb2.ModelSettings) -> tuple[Provider, ...]:
         """The providers in the order to try: the assistant's choice first, with
         its model, then the rest of the configured chain as fallback."""

@@ -55,6 +55,9 @@ class Scheduler:
         self._running: dict[str, Ticket] = {}
         self._running_by_workspace: dict[str, int] = {}
         self._running_conversations: set[str] = set()
+        # Paused runs (waiting for a person): their conversation stays busy,
+        # their worker slot is free for others.
+        self._paused: dict[str, Ticket] = {}
 
     # -- counts -------------------------------------------------------------------
 
@@ -68,7 +71,11 @@ class Scheduler:
 
     def active_in(self, conversation: str) -> list[str]:
         """Tickets' ``run_id`` of the conversation, running or queued, oldest first."""
-        found = [t.run_id for t in self._running.values() if t.conversation == conversation]
+        found = [
+            t.run_id
+            for t in (*self._running.values(), *self._paused.values())
+            if t.conversation == conversation
+        ]
         for conversations in self._queued.values():
             tickets = conversations.get(conversation)
             if tickets:
@@ -117,11 +124,38 @@ class Scheduler:
         self._pump()
         return True
 
-    def finished(self, ticket: Ticket) -> None:
-        """A running ticket ended; start what can start now."""
+    def paused(self, ticket: Ticket) -> None:
+        """A running ticket waits for a person: its slot goes to the next run, while its
+        conversation stays busy (its later messages still wait for it)."""
         if self._running.pop(ticket.run_id, None) is None:
             return
+        self._paused[ticket.run_id] = ticket
+        self._release_slot(ticket.workspace)
+        self._pump()
+
+    def resumed(self, ticket: Ticket) -> None:
+        """A paused ticket runs again. It takes its slot back even past the limits:
+        it is already under way, and making it queue behind new runs would let a
+        person's approval wait on strangers' work."""
+        if self._paused.pop(ticket.run_id, None) is None:
+            return
+        self._running[ticket.run_id] = ticket
         ws = ticket.workspace
+        self._running_by_workspace[ws] = self._running_by_workspace.get(ws, 0) + 1
+
+    def finished(self, ticket: Ticket) -> None:
+        """A running (or paused) ticket ended; start what can start now."""
+        if self._paused.pop(ticket.run_id, None) is not None:
+            self._running_conversations.discard(ticket.conversation)
+            self._pump()
+            return
+        if self._running.pop(ticket.run_id, None) is None:
+            return
+        self._release_slot(ticket.workspace)
+        self._running_conversations.discard(ticket.conversation)
+        self._pump()
+
+    def _release_slot(self, ws: str) -> None:
         left = self._running_by_workspace[ws] - 1
         if left:
             self._running_by_workspace[ws] = left
@@ -129,8 +163,6 @@ class Scheduler:
             del self._running_by_workspace[ws]
             if ws not in self._queued:  # idle: forget it, so the map stays bounded
                 self._last_start.pop(ws, None)
-        self._running_conversations.discard(ticket.conversation)
-        self._pump()
 
     def _dequeued(
         self,

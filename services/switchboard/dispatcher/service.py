@@ -42,9 +42,8 @@ import logging
 import re
 import time
 import uuid
-from collections import deque
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Final, Literal
 
 from google.protobuf import struct_pb2
@@ -54,13 +53,19 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.api.handler.v1 import handler_pb2
+from switchboard.dispatcher.assistants import Assistants
 from switchboard.dispatcher.content import ContentPolicy
 from switchboard.dispatcher.contextport import ContextPort
-from switchboard.dispatcher.feed import Feed, Feeds
-from switchboard.dispatcher.handlers import HandleCall, Handler, HandlerFailure, text_of
-from switchboard.dispatcher.router import Router
+from switchboard.dispatcher.feed import Feeds
+from switchboard.dispatcher.handlers import HandleCall, HandlerFailure, text_of
+from switchboard.dispatcher.lifecycle import Active
+from switchboard.dispatcher.llm import LlmHandler
+from switchboard.dispatcher.router import Choice, Router
 from switchboard.dispatcher.scheduler import Scheduler, Ticket
 from switchboard.dispatcher.store import TERMINAL, NewRun, RunStore, Stored, raise_busy
+from switchboard.dispatcher.toolport import ToolPort
+from switchboard.dispatcher.toolrunner import RunTools, ToolLimits, offered_tools
+from switchboard.internal.dispatcher.v1 import job_pb2
 from switchboard.platform import names, pagination, timefields
 from switchboard.platform.bus import EventBus
 from switchboard.platform.cache import Cache
@@ -81,6 +86,7 @@ from switchboard.platform.errors import (
     RunInterrupted,
     RunSuperseded,
     SwitchboardError,
+    Violations,
 )
 from switchboard.platform.eventlog import Backoff
 from switchboard.platform.outbox import Staged
@@ -99,6 +105,9 @@ _POLICIES: Final = frozenset(pb.ConcurrencyPolicy.values())
 #: Parameters of one run, serialized.
 _MAX_PARAMETER_BYTES: Final = 16 * 1024
 _MAX_REASON_CHARS: Final = 500
+#: Decisions in one SubmitToolApprovals.
+_MAX_APPROVALS: Final = 128
+_DECISIONS: Final = frozenset({pb.TOOL_APPROVAL_DECISION_APPROVE, pb.TOOL_APPROVAL_DECISION_DENY})
 #: Largest delta made of merged ones (a bigger one goes out as it is).
 _MAX_MERGED_DELTA_CHARS: Final = 16 * 1024
 #: Most run updates stored in one event log call (one pipeline on Redis).
@@ -132,68 +141,56 @@ def _error_status(error: SwitchboardError) -> status_pb2.Status:
     return to_status_proto(error, "")
 
 
-@dataclass(eq=False)
-class Active:
-    """A run this process owns: queued or running."""
-
-    run: pb.Run
-    run_id: str
-    workspace_id: str
-    conversation_id: str
-    principal: Principal
-    handler: Handler
-    message: cpb.Message
-    parameters: struct_pb2.Struct
-    timeout_s: float
-    feed: Feed
-    ticket: Ticket | None = None
-    task: asyncio.Task[None] | None = None
-    #: Why it is being cancelled (set before the task is cancelled).
-    cancel_error: SwitchboardError | None = None
-    #: Whether its task began (a task cancelled before that never runs its code).
-    started: bool = False
-    #: The write of its RUNNING state, awaited before the final one.
-    saving: asyncio.Future[bool] | None = None
-    #: RUNNING is not yet stored and its events wait in the outbox (see ``_begin``).
-    held: bool = False
-    #: Events waiting for this run's publisher, in order.
-    outbox: deque[events_pb2.Event] = field(default_factory=deque)
-    publisher: asyncio.Task[None] | None = None
-
-    @property
-    def conversation(self) -> str:
-        return f"workspaces/{self.workspace_id}/conversations/{self.conversation_id}"
-
-
-def _job(
-    principal: Principal, message: cpb.Message, params: struct_pb2.Struct, timeout: float
-) -> bytes:
-    return json.dumps(
-        {
-            "user": principal.user_id,
-            "method": principal.auth_method.value,
-            "scopes": sorted(s.value for s in principal.scopes),
-            "session": principal.session_id,
-            "api_key": principal.api_key_id,
-            "timeout_s": timeout,
-            "message": base64.b64encode(message.SerializeToString()).decode(),
-            "parameters": base64.b64encode(params.SerializeToString()).decode(),
-        }
-    ).encode()
-
-
-def _unjob(job: bytes) -> tuple[Principal, cpb.Message, struct_pb2.Struct, float]:
-    data = json.loads(job)
-    principal = Principal(
-        user_id=data["user"],
-        auth_method=AuthMethod(data["method"]),
-        scopes=frozenset(Scope(s) for s in data["scopes"]),
-        session_id=data["session"],
-        api_key_id=data["api_key"],
+def _new_job(
+    principal: Principal,
+    message: cpb.Message,
+    params: struct_pb2.Struct,
+    timeout: float,
+    assistant: pb.Assistant | None,
+) -> job_pb2.RunJob:
+    job = job_pb2.RunJob(
+        user_id=principal.user_id,
+        auth_method=principal.auth_method.value,
+        scopes=sorted(s.value for s in principal.scopes),
+        session_id=principal.session_id,
+        api_key_id=principal.api_key_id,
+        timeout_seconds=timeout,
     )
-    message = cpb.Message.FromString(base64.b64decode(data["message"]))
-    params = struct_pb2.Struct.FromString(base64.b64decode(data["parameters"]))
-    return principal, message, params, float(data["timeout_s"])
+    job.message.CopyFrom(message)
+    job.parameters.CopyFrom(params)
+    if assistant is not None:
+        job.assistant.CopyFrom(assistant)
+    return job
+
+
+def _read_job(data: bytes) -> tuple[Principal, job_pb2.RunJob]:
+    """The stored job, and the principal the run acts for."""
+    job = _legacy_job(data) if data[:1] == b"{" else job_pb2.RunJob.FromString(data)
+    principal = Principal(
+        user_id=job.user_id,
+        auth_method=AuthMethod(job.auth_method),
+        scopes=frozenset(Scope(s) for s in job.scopes),
+        session_id=job.session_id,
+        api_key_id=job.api_key_id,
+    )
+    return principal, job
+
+
+def _legacy_job(data: bytes) -> job_pb2.RunJob:
+    """A job stored before runs had tools (JSON with base64 inside): runs queued
+    or running across the upgrade still recover."""
+    raw = json.loads(data)
+    job = job_pb2.RunJob(
+        user_id=raw["user"],
+        auth_method=raw["method"],
+        scopes=raw["scopes"],
+        session_id=raw["session"] or "",
+        api_key_id=raw["api_key"] or "",
+        timeout_seconds=float(raw["timeout_s"]),
+    )
+    job.message.ParseFromString(base64.b64decode(raw["message"]))
+    job.parameters.ParseFromString(base64.b64decode(raw["parameters"]))
+    return job
 
 
 class Dispatcher:
@@ -210,7 +207,14 @@ class Dispatcher:
         content: ContentPolicy,
         limits: Limits,
         page_tokens: pagination.PageTokens,
+        *,
+        assistants: Assistants,
+        tools: ToolPort,
+        tool_limits: ToolLimits,
     ) -> None:
+        self.assistants = assistants
+        self._tools = tools
+        self.tool_limits = tool_limits
         self._store = store
         self._pages = page_tokens
         self._context = context
@@ -325,7 +329,7 @@ class Dispatcher:
         if run.state == pb.RUN_STATE_RUNNING and self.limits.recovery == "fail":
             await self._end_unstarted(item, RunInterrupted(f"{why} while the run was running"))
             return
-        principal, message, params, timeout = _unjob(item.job)
+        principal, job = _read_job(item.job)
         handler = await self.router.find(item.workspace_id, run.handler.removeprefix("handlers/"))
         if handler is None:
             await self._end_unstarted(
@@ -333,7 +337,9 @@ class Dispatcher:
             )
             return
         run_id = run.name.rsplit("/", 1)[-1]
-        requeued = run.state == pb.RUN_STATE_RUNNING
+        # A paused run resumes whatever the policy: waiting for a person is a
+        # state it was meant to be stored in, and its steps are in its job.
+        requeued = run.state in (pb.RUN_STATE_RUNNING, pb.RUN_STATE_REQUIRES_ACTION)
         if requeued:
             _queued_again(run)
             run.last_sequence += 1  # its QUEUED update opens the new block
@@ -348,9 +354,7 @@ class Dispatcher:
             conversation_id=item.conversation_id,
             principal=principal,
             handler=handler,
-            message=message,
-            parameters=params,
-            timeout_s=timeout,
+            job=job,
             feed=feed,
         )
         if requeued:
@@ -377,11 +381,9 @@ class Dispatcher:
     ) -> pb.SendMessageResponse:
         found = _match(_CONVERSATION, request.conversation, "conversation")
         workspace_id, conversation_id = found[1], found[2]
-        message = request.message
         timeout = self._validate(request)
         flags = await self._screen(principal, request, workspace_id)
-        local = await self.router.local(workspace_id)
-        choice = self.router.choose(request.handler, workspace_id, message, local)
+        assistant, choice = await self._choose(workspace_id, request)
         policy = request.concurrency_policy or pb.CONCURRENCY_POLICY_ENQUEUE
         key = idempotency(principal.user_id, "SendMessage", request)
         if key is not None:
@@ -412,6 +414,7 @@ class Dispatcher:
             concurrency_policy=policy,
             flags=flags,
             last_sequence=1,
+            assistant=assistant.name if assistant is not None else "",
         )
         run.create_time.GetCurrentTime()
         params = struct_pb2.Struct()
@@ -423,6 +426,7 @@ class Dispatcher:
             _strip_prefix(stored_for_handler, choice.strip_prefix)
         else:
             stored_for_handler = stored_message
+        job = _new_job(principal, stored_for_handler, params, timeout, assistant)
         created, replayed = await self._store.create(
             NewRun(
                 run_id=run_id,
@@ -431,7 +435,7 @@ class Dispatcher:
                 creator=principal.user_id,
                 worker=self.limits.instance_id,
                 run=run,
-                job=_job(principal, stored_for_handler, params, timeout),
+                job=job.SerializeToString(),
                 idempotency=key,
                 reject_if_active=policy == pb.CONCURRENCY_POLICY_REJECT,
             )
@@ -454,9 +458,7 @@ class Dispatcher:
             conversation_id=conversation_id,
             principal=principal,
             handler=choice.handler,
-            message=stored_for_handler,
-            parameters=params,
-            timeout_s=timeout,
+            job=job,
             feed=feed,
         )
         self._active[name] = active
@@ -475,6 +477,31 @@ class Dispatcher:
                 principal, request.conversation, "content", "", flags=flags, run=name
             )
         return response
+
+    async def _choose(
+        self, workspace_id: str, request: pb.SendMessageRequest
+    ) -> tuple[pb.Assistant | None, Choice]:
+        """The message's assistant (if any) and the handler that answers it."""
+        assistant = await self._assistant_for(workspace_id, request.assistant, request.handler)
+        forced = request.handler
+        if assistant is not None:
+            forced = assistant.handler or "handlers/llm"
+            if request.handler and _handler_id(request.handler) != _handler_id(forced):
+                raise InvalidArgument(
+                    "the handler is not the assistant's",
+                    [FieldViolation("handler", f"must be empty or {forced} (the assistant's)")],
+                )
+        local = await self.router.local(workspace_id)
+        return assistant, self.router.choose(forced, workspace_id, request.message, local)
+
+    async def _assistant_for(
+        self, workspace_id: str, named: str, handler: str
+    ) -> pb.Assistant | None:
+        """The message's assistant: the one it names, else the workspace default
+        unless the message forces a handler."""
+        if not named and handler:
+            return None
+        return await self.assistants.resolve(workspace_id, named, "assistant")
 
     def _validate(self, request: pb.SendMessageRequest) -> float:
         """Field checks; returns the run's timeout in seconds."""
@@ -617,12 +644,12 @@ class Dispatcher:
         active.started = True
         run = active.run
         if active.cancel_error is not None:  # cancelled between scheduling and starting
-            run.state = pb.RUN_STATE_CANCELLED
+            active.to(pb.RUN_STATE_CANCELLED)
             await self._finish(active, active.cancel_error)
             return
         error: SwitchboardError | None = None
         try:
-            run.state = pb.RUN_STATE_RUNNING
+            active.to(pb.RUN_STATE_RUNNING)
             run.start_time.GetCurrentTime()
             run.deadline.FromDatetime(
                 dt.datetime.now(dt.UTC) + dt.timedelta(seconds=active.timeout_s)
@@ -637,25 +664,29 @@ class Dispatcher:
             final = pb.RunUpdate()
             final.result.CopyFrom(result)
             self._emit(active, final)
-            run.state = pb.RUN_STATE_SUCCEEDED
+            active.to(pb.RUN_STATE_SUCCEEDED)
         except asyncio.CancelledError:
             error = active.cancel_error
             if error is None:  # this process is stopping
+                if run.state == pb.RUN_STATE_REQUIRES_ACTION:
+                    # Stored paused with its steps: the restart resumes it.
+                    await self._leave_paused(active)
+                    return
                 if self.limits.recovery == "requeue" and run.state == pb.RUN_STATE_RUNNING:
                     await self._requeue_at_shutdown(active)
                     return
                 error = RunInterrupted("the dispatcher stopped while the run was running")
             interrupted = isinstance(error, RunInterrupted)
-            run.state = pb.RUN_STATE_FAILED if interrupted else pb.RUN_STATE_CANCELLED
+            active.to(pb.RUN_STATE_FAILED if interrupted else pb.RUN_STATE_CANCELLED)
         except TimeoutError:
             error = DeadlineExceeded(f"the run did not finish within {active.timeout_s:g} s")
-            run.state = pb.RUN_STATE_DEADLINE_EXCEEDED
+            active.to(pb.RUN_STATE_DEADLINE_EXCEEDED)
         except HandlerFailure as failure:
             error = HandlerFailed(failure.message[:_MAX_REASON_CHARS])
-            run.state = pb.RUN_STATE_FAILED
+            active.to(pb.RUN_STATE_FAILED)
         except SwitchboardError as failure:
             error = failure
-            run.state = pb.RUN_STATE_FAILED
+            active.to(pb.RUN_STATE_FAILED)
         except Exception as exc:
             if is_outage(exc):
                 # The database, not the handler: a precise UNAVAILABLE.
@@ -663,7 +694,9 @@ class Dispatcher:
             else:
                 log.exception("run failed unexpectedly", extra={"run": run.name})
                 error = InternalError("the handler failed unexpectedly")
-            run.state = pb.RUN_STATE_FAILED
+            active.to(pb.RUN_STATE_FAILED)
+        finally:
+            active.tools = None
         await self._finish(active, error)
 
     async def _drive(self, active: Active) -> tuple[cpb.Message, handler_pb2.HandleResult]:
@@ -675,11 +708,17 @@ class Dispatcher:
             return max(0.001, mono_deadline - time.monotonic())
 
         async with asyncio.timeout(active.timeout_s):
-            budget = active.handler.capabilities.max_context_tokens or 4000
+            assistant = active.assistant
+            budget = (
+                (assistant.context_token_budget if assistant is not None else 0)
+                or active.handler.capabilities.max_context_tokens
+                or 4000
+            )
             # The member may have left since the message was queued. Checked
-            # alongside the window read (two reads, one wait on the path to
-            # the first delta); nothing reaches the handler unless both succeed.
-            _, window = await asyncio.gather(
+            # alongside the window read (and the listing of the assistant's
+            # tools: one wait on the path to the first delta); nothing reaches
+            # the handler unless all succeed.
+            reads = asyncio.gather(
                 self._policy.authorize(
                     active.principal, active.conversation, Permission.WRITE, "conversation"
                 ),
@@ -691,6 +730,13 @@ class Dispatcher:
                     timeout_s=left(),
                 ),
             )
+            definitions: list[handler_pb2.ToolDefinition] = []
+            if assistant is not None and assistant.tools:
+                (_, window), (definitions, _) = await asyncio.gather(
+                    reads, offered_tools(self._tools, active.principal, assistant)
+                )
+            else:
+                _, window = await reads
             self._begin(active)
             request = handler_pb2.HandleRequest(
                 run=run.name,
@@ -699,8 +745,22 @@ class Dispatcher:
                 parameters=active.parameters,
                 user=active.principal.user_name,
                 flags=run.flags,
+                tools=definitions,
+                steps=active.job.steps,
             )
-            result = await self._relay(active, HandleCall(request, mono_deadline))
+            if assistant is not None:
+                request.instructions = assistant.instructions
+                if assistant.HasField("model"):
+                    request.model.CopyFrom(assistant.model)
+            runner = self._runner(active, definitions, left)
+            if runner is not None:
+                limit = self.tool_limits.max_steps
+                if assistant is not None and assistant.max_tool_steps:
+                    limit = min(limit, assistant.max_tool_steps)
+                request.max_tool_steps = limit
+            result = await self._relay(active, HandleCall(request, mono_deadline, tools=runner))
+            if runner is not None:
+                await runner.drain()
             output = await self._context.append_message(
                 active.principal,
                 cpb.AppendMessageRequest(
@@ -716,6 +776,38 @@ class Dispatcher:
                 timeout_s=left(),
             )
         return output, result
+
+    def _runner(
+        self,
+        active: Active,
+        definitions: Sequence[handler_pb2.ToolDefinition],
+        left: Callable[[], float],
+    ) -> RunTools | None:
+        """The run's tool runner: when its assistant offers tools, or its handler is
+        an interactive expert (which may name any tool of the workspace when the
+        run has no assistant to say which)."""
+        interactive = active.handler.capabilities.interactive
+        if not definitions and not interactive:
+            return None
+        assistant = active.assistant
+        limit = self.tool_limits.max_steps
+        if assistant is not None and assistant.max_tool_steps:
+            limit = min(limit, assistant.max_tool_steps)
+        runner = RunTools(
+            _RunHost(self, active),
+            self._tools,
+            self.tool_limits,
+            principal=active.principal,
+            run=active.run,
+            job=active.job,
+            definitions=definitions,
+            workspace_id=active.workspace_id,
+            open_workspace=interactive and assistant is None,
+            max_steps=limit,
+            deadline=left,
+        )
+        active.tools = runner
+        return runner
 
     async def _relay(self, active: Active, call: HandleCall) -> handler_pb2.HandleResult:
         """The handler's frames into the run's updates; returns its result."""
@@ -737,6 +829,10 @@ class Dispatcher:
                 pending_chars = 0
                 self._emit(active, update)
 
+        runner = active.tools
+        saw_text = runner.saw_text if runner is not None else _ignore
+        if runner is not None:
+            runner.flush = flush  # a tool update goes after the text before it
         try:
             async for frame in frames:
                 if active.feed.last % SEQUENCE_BLOCK >= _MAX_UPDATES:
@@ -747,6 +843,7 @@ class Dispatcher:
                         loop.call_soon(flush)
                     pending.append(frame.delta.text)
                     pending_chars += len(frame.delta.text)
+                    saw_text(frame.delta.text)
                     if pending_chars >= _MAX_MERGED_DELTA_CHARS:
                         flush()
                     continue
@@ -826,10 +923,38 @@ class Dispatcher:
         self._release(active)
         await self._started_saved(active)
         run = active.run
+        active.to(pb.RUN_STATE_QUEUED)
         _queued_again(run)
         await self._persist(active, "requeue")
 
-    async def _persist(self, active: Active, what: str) -> None:
+    async def _leave_paused(self, active: Active) -> None:
+        """Stopping while it waits for approvals: it stays stored as it is."""
+        self._release(active)
+        await self._started_saved(active)
+        self._feeds.close(active.feed)
+        self._active.pop(active.run.name, None)
+
+    # -- pausing for approvals (the runner's host) ---------------------------------------
+
+    async def _pause(self, active: Active) -> None:
+        await self._started_saved(active)
+        active.to(pb.RUN_STATE_REQUIRES_ACTION)
+        if active.ticket is not None:
+            self.scheduler.paused(active.ticket)
+        await self._persist(active, "pause", job=True)
+
+    async def _resume(self, active: Active) -> None:
+        active.to(pb.RUN_STATE_RUNNING)
+        if active.ticket is not None:
+            self.scheduler.resumed(active.ticket)
+        await self._persist(active, "resume")
+
+    async def _save_job(self, active: Active) -> None:
+        await self._store.save_job(
+            active.run_id, active.job.SerializeToString(), owner=self.limits.instance_id
+        )
+
+    async def _persist(self, active: Active, what: str, *, job: bool = False) -> None:
         """Store the run as it now stands, then announce it as a state change.
 
         Announced only once stored: the feed and the events never say a run
@@ -838,6 +963,10 @@ class Dispatcher:
         answers; if this process stops first, nothing was announced and the
         next owner applies the recovery policy to what is stored.
         """
+        async with active.persisting:
+            await self._persist_now(active, what, job)
+
+    async def _persist_now(self, active: Active, what: str, job: bool) -> None:
         run = active.run
         run.last_sequence = active.feed.last + 1
         # Its event is written with it (the outbox): a crash right after the
@@ -847,9 +976,15 @@ class Dispatcher:
         update.state_change.run.CopyFrom(run)
         event = self._event(run.name, active.workspace_id, active.conversation_id, update)
         staged: Staged[bool] = Staged(self._bus.outbox, lambda stored: [event] if stored else [])
-        saved = await self._save_until_stored(active, what, staged)
+        data = active.job.SerializeToString() if job else None
+        saved = await self._save_until_stored(active, what, staged, data)
         if saved:
+            planned = update.sequence
             active.feed.append(update)
+            if update.sequence != planned:
+                # An interactive expert streamed while this was stored: the
+                # feed numbered it after those updates; the event says the same.
+                event.run_updated.update.sequence = update.sequence
             outbox = self._bus.outbox
             if outbox is not None:
                 outbox.publishing([event])
@@ -863,7 +998,7 @@ class Dispatcher:
             )
 
     async def _save_until_stored(
-        self, active: Active, what: str, staged: Staged[bool]
+        self, active: Active, what: str, staged: Staged[bool], job: bytes | None = None
     ) -> bool | None:
         """True once saved, False if another instance owns it now, None if stopping first."""
         backoff = Backoff(0.05, 2.0)
@@ -873,7 +1008,11 @@ class Dispatcher:
             try:
                 async with asyncio.timeout(_FINISH_TIMEOUT_S):
                     return await self._store.save(
-                        active.run_id, active.run, owner=self.limits.instance_id, staged=staged
+                        active.run_id,
+                        active.run,
+                        owner=self.limits.instance_id,
+                        staged=staged,
+                        job=job,
                     )
             except (DependencyUnavailable, Conflict, TimeoutError):
                 if self._closing and time.monotonic() - began >= _FINISH_TIMEOUT_S:
@@ -1124,6 +1263,106 @@ class Dispatcher:
         finally:
             unsubscribe()
 
+    # -- approvals and setup ------------------------------------------------------------
+
+    async def submit_tool_approvals(
+        self, principal: Principal, request: pb.SubmitToolApprovalsRequest
+    ) -> pb.Run:
+        found = _match(_RUN, request.name, "name")
+        _check_approvals(request)
+        active = self._active.get(request.name)
+        if active is None:
+            stored = await self._store.get(found[1], found[2], found[3])
+            if stored.run.state != pb.RUN_STATE_REQUIRES_ACTION:
+                raise FailedPrecondition("the run is not waiting for tool approvals")
+            raise FailedPrecondition(
+                "the run is active on another dispatcher replica; send SubmitToolApprovals to it"
+            )
+        waiting = {
+            pending.call.id: pending
+            for pending in active.run.required_action.tool_calls
+            if active.run.state not in TERMINAL
+        }
+        if not any(p.decision == pb.TOOL_APPROVAL_DECISION_UNSPECIFIED for p in waiting.values()):
+            raise FailedPrecondition("the run is not waiting for tool approvals")
+        violations = Violations()
+        for index, approval in enumerate(request.approvals):
+            pending = waiting.get(approval.tool_call_id)
+            if pending is None:
+                violations.add(
+                    f"approvals[{index}].tool_call_id", "is not a call this run waits on"
+                )
+            elif pending.decision not in (
+                pb.TOOL_APPROVAL_DECISION_UNSPECIFIED,
+                approval.decision,
+            ):
+                raise FailedPrecondition(
+                    f"the call {approval.tool_call_id} was already decided the other way"
+                )
+        violations.check()
+        now = dt.datetime.now(dt.UTC)
+        changed = False
+        for approval in request.approvals:
+            pending = waiting[approval.tool_call_id]
+            if pending.decision == pb.TOOL_APPROVAL_DECISION_UNSPECIFIED:
+                pending.decision = approval.decision
+                pending.decided_by = principal.user_name
+                pending.reason = approval.reason
+                pending.decide_time.FromDatetime(now)
+                changed = True
+        if changed:
+            # Stored and shown before the run goes on: a restart keeps the
+            # decisions, and watchers see who decided what.
+            await self._persist(active, "decisions")
+            runner = active.tools
+            if runner is not None:
+                runner.decided()
+        return self._current(active.run)
+
+    async def describe_conversation(
+        self, principal: Principal, request: pb.DescribeConversationRequest
+    ) -> pb.DescribeConversationResponse:
+        found = _match(_CONVERSATION, request.conversation, "conversation")
+        workspace_id = found[1]
+        if request.handler and not _HANDLER.fullmatch(request.handler):
+            raise InvalidArgument(
+                "the request is invalid", [FieldViolation("handler", "must be handlers/{id}")]
+            )
+        assistant = await self._assistant_for(workspace_id, request.assistant, request.handler)
+        forced = request.handler
+        if assistant is not None:
+            forced = assistant.handler or "handlers/llm"
+        local = await self.router.local(workspace_id)
+        choice = self.router.choose(forced, workspace_id, cpb.Message(), local)
+        handler = choice.handler
+        response = pb.DescribeConversationResponse(
+            handler=pb.Handler(
+                name=f"handlers/{handler.capabilities.id}",
+                kind=handler.kind,
+                capabilities=handler.capabilities,
+                available=handler.available(),
+                integration=getattr(handler, "integration", ""),
+            ),
+            context_token_budget=(
+                (assistant.context_token_budget if assistant is not None else 0)
+                or handler.capabilities.max_context_tokens
+                or 4000
+            ),
+        )
+        if assistant is not None:
+            response.assistant.CopyFrom(assistant)
+        definitions, unavailable = await offered_tools(self._tools, principal, assistant)
+        response.tools.extend(definitions)
+        response.unavailable_tools.extend(unavailable)
+        if definitions or handler.capabilities.interactive:
+            limit = self.tool_limits.max_steps
+            if assistant is not None and assistant.max_tool_steps:
+                limit = min(limit, assistant.max_tool_steps)
+            response.max_tool_steps = limit
+        if isinstance(handler, LlmHandler):
+            response.model = handler.model_label(assistant.model if assistant is not None else None)
+        return response
+
     # -- cancelling -------------------------------------------------------------------
 
     async def cancel_run(self, principal: Principal, name: str, reason: str) -> pb.Run:
@@ -1150,7 +1389,7 @@ class Dispatcher:
         if active.run.state in TERMINAL:
             return
         if active.ticket is not None and self.scheduler.withdraw(active.ticket):
-            active.run.state = pb.RUN_STATE_CANCELLED
+            active.to(pb.RUN_STATE_CANCELLED)
             active.ticket = None
             await self._finish(active, error)
             return
@@ -1164,6 +1403,35 @@ class Dispatcher:
         # Wait for the handler to stop and the run to be recorded, not longer:
         # CancelRun answers with the terminal run.
         await asyncio.wait([task], timeout=_FINISH_TIMEOUT_S)
+
+
+def _check_approvals(request: pb.SubmitToolApprovalsRequest) -> None:
+    violations = Violations()
+    if not request.approvals:
+        violations.add("approvals", "needs at least one decision")
+    if len(request.approvals) > _MAX_APPROVALS:
+        violations.add("approvals", f"at most {_MAX_APPROVALS} decisions")
+    seen: set[str] = set()
+    for index, approval in enumerate(request.approvals[:_MAX_APPROVALS]):
+        where = f"approvals[{index}]"
+        if not approval.tool_call_id:
+            violations.add(f"{where}.tool_call_id", "is required")
+        elif approval.tool_call_id in seen:
+            violations.add(f"{where}.tool_call_id", "is decided twice in this request")
+        seen.add(approval.tool_call_id)
+        if approval.decision not in _DECISIONS:
+            violations.add(f"{where}.decision", "must be APPROVE or DENY")
+        if len(approval.reason) > _MAX_REASON_CHARS:
+            violations.add(f"{where}.reason", f"has more than {_MAX_REASON_CHARS} characters")
+    violations.check()
+
+
+def _handler_id(handler: str) -> str:
+    return handler.removeprefix("handlers/")
+
+
+def _ignore(_text: str) -> None:
+    pass
 
 
 def _snapshot(run: pb.Run) -> pb.RunUpdate:
@@ -1192,3 +1460,28 @@ def _strip_prefix(message: cpb.Message, prefix: str) -> None:
             if part.text.startswith(prefix):
                 part.text = part.text[len(prefix) :].lstrip()
             return
+
+
+class _RunHost:
+    """The dispatcher, as one run's tool runner sees it."""
+
+    def __init__(self, dispatcher: Dispatcher, active: Active) -> None:
+        self._dispatcher = dispatcher
+        self._active = active
+
+    def emit(self, update: pb.RunUpdate) -> None:
+        self._dispatcher._emit(self._active, update)
+
+    async def pause(self) -> None:
+        await self._dispatcher._pause(self._active)
+
+    async def resume(self) -> None:
+        await self._dispatcher._resume(self._active)
+
+    def save_job(self) -> Awaitable[None]:
+        return self._dispatcher._save_job(self._active)
+
+    def append(self, request: cpb.AppendMessageRequest) -> Awaitable[cpb.Message]:
+        return self._dispatcher._context.append_message(
+            self._active.principal, request, timeout_s=_FINISH_TIMEOUT_S
+        )

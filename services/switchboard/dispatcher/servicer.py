@@ -1,6 +1,7 @@
 """Transport for DispatcherService: converts proto to domain calls and nothing else.
 
-``Converse`` multiplexes SendMessage, CancelRun and WatchRun on one stream.
+``Converse`` multiplexes SendMessage, CancelRun, SubmitToolApprovals and
+WatchRun on one stream.
 Each action is authorized like the unary RPC it stands for, at the moment it
 arrives (the access rule is ``per_item``); an action that fails answers with
 an ``error`` frame and the stream stays open. Its output is one bounded queue:
@@ -104,6 +105,47 @@ class DispatcherServiceServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
         self, request: pb.ListHandlersRequest, context: Context
     ) -> pb.ListHandlersResponse:
         return await self._dispatcher.list_handlers(request)
+
+    async def SubmitToolApprovals(
+        self, request: pb.SubmitToolApprovalsRequest, context: Context
+    ) -> pb.SubmitToolApprovalsResponse:
+        run = await self._dispatcher.submit_tool_approvals(current_principal(), request)
+        return pb.SubmitToolApprovalsResponse(run=run)
+
+    async def CreateAssistant(
+        self, request: pb.CreateAssistantRequest, context: Context
+    ) -> pb.CreateAssistantResponse:
+        assistant = await self._dispatcher.assistants.create(current_principal(), request)
+        return pb.CreateAssistantResponse(assistant=assistant)
+
+    async def GetAssistant(
+        self, request: pb.GetAssistantRequest, context: Context
+    ) -> pb.GetAssistantResponse:
+        return pb.GetAssistantResponse(
+            assistant=await self._dispatcher.assistants.get(request.name)
+        )
+
+    async def ListAssistants(
+        self, request: pb.ListAssistantsRequest, context: Context
+    ) -> pb.ListAssistantsResponse:
+        return await self._dispatcher.assistants.list_assistants(request)
+
+    async def UpdateAssistant(
+        self, request: pb.UpdateAssistantRequest, context: Context
+    ) -> pb.UpdateAssistantResponse:
+        assistant = await self._dispatcher.assistants.update(current_principal(), request)
+        return pb.UpdateAssistantResponse(assistant=assistant)
+
+    async def DeleteAssistant(
+        self, request: pb.DeleteAssistantRequest, context: Context
+    ) -> pb.DeleteAssistantResponse:
+        await self._dispatcher.assistants.delete(current_principal(), request.name, request.etag)
+        return pb.DeleteAssistantResponse()
+
+    async def DescribeConversation(
+        self, request: pb.DescribeConversationRequest, context: Context
+    ) -> pb.DescribeConversationResponse:
+        return await self._dispatcher.describe_conversation(current_principal(), request)
 
     async def Converse(
         self, request_iterator: AsyncIterator[pb.ConverseRequest], context: Context
@@ -212,6 +254,18 @@ class _Converse:
                 await self._out.put(
                     pb.ConverseResponse(
                         client_request_id=client_id, run_cancelled=pb.CancelRunResponse(run=run)
+                    )
+                )
+            elif action == "submit_tool_approvals":
+                approvals = request.submit_tool_approvals
+                await self._grant.authorize(
+                    approvals.name, Permission.WRITE, "submit_tool_approvals.name"
+                )
+                run = await self._dispatcher.submit_tool_approvals(self._principal, approvals)
+                await self._out.put(
+                    pb.ConverseResponse(
+                        client_request_id=client_id,
+                        tool_approvals_submitted=pb.SubmitToolApprovalsResponse(run=run),
                     )
                 )
             elif action == "watch_run":

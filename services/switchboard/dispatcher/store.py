@@ -40,7 +40,8 @@ from switchboard.platform.storage import (
 log = logging.getLogger("switchboard.dispatcher.store")
 
 _T = TypeVar("_T")
-ACTIVE: Final = (pb.RUN_STATE_QUEUED, pb.RUN_STATE_RUNNING)
+#: The states of a run that has not ended (a paused one is active: it resumes).
+ACTIVE: Final = (pb.RUN_STATE_QUEUED, pb.RUN_STATE_RUNNING, pb.RUN_STATE_REQUIRES_ACTION)
 #: The states a run ends in.
 TERMINAL: Final = frozenset(
     {
@@ -60,6 +61,22 @@ _SAVE_RUN: Final = (
     update(_RUNS)
     .where(_RUNS.c.id == bindparam("run"), _RUNS.c.worker == bindparam("owner"))
     .values(state=bindparam("state"), data=bindparam("data"), updated_at=bindparam("stamp"))
+)
+# The same with the job: a run's tool steps, stored when it pauses.
+_SAVE_RUN_AND_JOB: Final = (
+    update(_RUNS)
+    .where(_RUNS.c.id == bindparam("run"), _RUNS.c.worker == bindparam("owner"))
+    .values(
+        state=bindparam("state"),
+        data=bindparam("data"),
+        job=bindparam("job"),
+        updated_at=bindparam("stamp"),
+    )
+)
+_SAVE_JOB: Final = (
+    update(_RUNS)
+    .where(_RUNS.c.id == bindparam("run"), _RUNS.c.worker == bindparam("owner"))
+    .values(job=bindparam("job"))
 )
 
 
@@ -141,12 +158,19 @@ class RunStore:
         return await retrying(lambda: self._run(work, write=True))
 
     async def save(
-        self, run_id: str, run: pb.Run, *, owner: str, staged: Staged[bool] | None = None
+        self,
+        run_id: str,
+        run: pb.Run,
+        *,
+        owner: str,
+        staged: Staged[bool] | None = None,
+        job: bytes | None = None,
     ) -> bool:
         """Persist the run's current state; False if ``owner`` no longer owns it
         (taken over by another instance, or purged with its conversation).
 
         ``staged``: events written in the same transaction (its build gets the result).
+        ``job``: the restart data too, when it changed (a pause stores the steps).
         """
         values: dict[str, object] = {
             "run": run_id,
@@ -155,11 +179,24 @@ class RunStore:
             "data": run.SerializeToString(),
             "stamp": now(),
         }
+        statement = _SAVE_RUN
+        if job is not None:
+            values["job"] = job
+            statement = _SAVE_RUN_AND_JOB
 
         def work(db: Session) -> bool:
-            return bool(db.connection().execute(_SAVE_RUN, values).rowcount)
+            return bool(db.connection().execute(statement, values).rowcount)
 
         return await self._run(staging(staged, work), write=True)
+
+    async def save_job(self, run_id: str, job: bytes, *, owner: str) -> bool:
+        """Store the run's restart data (its tool steps so far); False if not ``owner``'s."""
+        values = {"run": run_id, "owner": owner, "job": job}
+
+        def work(db: Session) -> bool:
+            return bool(db.connection().execute(_SAVE_JOB, values).rowcount)
+
+        return await self._run(work, write=True)
 
     async def renew_lease(self, instance: str, until: dt.datetime) -> None:
         """Record that ``instance`` lives until ``until`` (its runs are not taken before)."""

@@ -124,6 +124,15 @@ RULES: Final[dict[str, Rule]] = {
     _DISPATCHER + "WatchRun": per_item(Scope.READ),
     _DISPATCHER + "Converse": per_item(Scope.READ),
     _DISPATCHER + "ListHandlers": resource("parent", READ),
+    # Deciding what a run may do is an editor's, like sending it; viewers watch.
+    _DISPATCHER + "SubmitToolApprovals": resource("name", WRITE),
+    # Assistants: members use them, owners define them.
+    _DISPATCHER + "CreateAssistant": resource("parent", ADMIN),
+    _DISPATCHER + "GetAssistant": resource("name", READ),
+    _DISPATCHER + "ListAssistants": resource("parent", READ),
+    _DISPATCHER + "UpdateAssistant": resource("assistant.name", ADMIN),
+    _DISPATCHER + "DeleteAssistant": resource("name", ADMIN),
+    _DISPATCHER + "DescribeConversation": resource("conversation", READ),
     # Integration: registering external services is an owner's decision.
     _INTEGRATION + "CreateIntegration": resource("parent", ADMIN),
     _INTEGRATION + "GetIntegration": resource("name", READ),

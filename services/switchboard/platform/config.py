@@ -278,6 +278,24 @@ class Settings(BaseSettings):
     dispatcher_remote_timeout_s: float = Field(
         default=5.0, gt=0, le=600, description="Connect/capabilities timeout for remote handlers."
     )
+    dispatcher_max_tool_steps: int = Field(
+        default=8, ge=1, le=32, description="Tool steps per run unless its assistant says fewer."
+    )
+    dispatcher_max_tool_calls_per_step: int = Field(
+        default=16, ge=1, le=128, description="Tool calls one model answer may make."
+    )
+    dispatcher_approval_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        le=7 * 86400,
+        description="How long a run waits for tool approvals (within its own deadline).",
+    )
+    dispatcher_max_tool_result_chars: int = Field(
+        default=16_000, ge=100, le=1_000_000, description="Tool output given to the model."
+    )
+    dispatcher_max_assistants_per_workspace: int = Field(
+        default=100, ge=1, le=10_000, description="Assistants one workspace may define."
+    )
 
     # The LLM handler (OpenAI-compatible Chat Completions). Off unless a base URL is set.
     llm_base_url: str = Field(default="", description="e.g. https://api.openai.com/v1")

@@ -406,6 +406,27 @@ class DispatcherLeaseRow(Base):
     expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
 
 
+class AssistantRow(Base):
+    """A workspace's assistant (``dispatcher/assistants.py``): the serialized
+    ``Assistant`` message (``data``) beside the columns that are queried.
+    ``version`` is the etag's source; ``is_default`` marks the one used by
+    messages that name no assistant (at most one per workspace)."""
+
+    __tablename__ = "assistants"
+    __table_args__ = (Index("ix_assistants_default", "workspace_id", "is_default"),)
+
+    workspace_id: Mapped[str] = mapped_column(
+        ForeignKey("workspaces.id", ondelete="CASCADE"), primary_key=True
+    )
+    id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    is_default: Mapped[bool] = mapped_column(Boolean, default=False)
+    creator: Mapped[str] = mapped_column(String(128), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    version: Mapped[int] = mapped_column(Integer, default=1)
+
+
 class IntegrationRow(Base):
     """An external service registered in a workspace (``integration/``).
 

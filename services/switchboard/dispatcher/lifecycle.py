@@ -1,0 +1,126 @@
+"""A run's lifecycle: its states, the transitions between them, and what a live run holds.
+
+::
+
+    QUEUED ──start──▶ RUNNING ──succeed──▶ SUCCEEDED
+      │  ▲               │  ▲
+      │  └──requeue──────┤  └──resume──┐
+      │                  └──pause──▶ REQUIRES_ACTION
+      │                  │                 │
+      └──────────────────┴─────────────────┴──▶ FAILED / CANCELLED / DEADLINE_EXCEEDED
+
+* ``start``: the scheduler gave it a slot; RUNNING is shown at once and stored
+  once the run has read its context (``Dispatcher._begin``: the writes waited
+  for the reads on the path to the first delta).
+* ``pause``: tool calls wait for a person (``toolrunner.py``); stored with the
+  job's steps before it is shown, so a restart resumes it; the scheduler gives
+  its slot to others.
+* ``resume``: every call decided; stored and shown.
+* ``requeue``: the dispatcher stopped while it ran (recovery policy
+  ``requeue``), or it is recovered after a restart: it starts again from its
+  stored steps.
+* the terminal states are stored before they are shown, with their event
+  (the outbox), and nothing follows them.
+
+``Run.state`` is changed only through ``Active.to``, which refuses a transition
+the diagram does not have: a bug shows as an error in the log and a failed
+run, not as a run that says RUNNING after it ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Final
+
+from google.protobuf import struct_pb2
+
+from switchboard.api.context.v1 import context_pb2 as cpb
+from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.api.events.v1 import events_pb2
+from switchboard.dispatcher.feed import Feed
+from switchboard.dispatcher.handlers import Handler
+from switchboard.dispatcher.scheduler import Ticket
+from switchboard.dispatcher.toolrunner import RunTools
+from switchboard.internal.dispatcher.v1 import job_pb2
+from switchboard.platform.errors import SwitchboardError
+from switchboard.platform.policy import Principal
+
+_QUEUED = pb.RUN_STATE_QUEUED
+_RUNNING = pb.RUN_STATE_RUNNING
+_PAUSED = pb.RUN_STATE_REQUIRES_ACTION
+_ENDS = (pb.RUN_STATE_FAILED, pb.RUN_STATE_CANCELLED, pb.RUN_STATE_DEADLINE_EXCEEDED)
+
+#: Each state's possible next states.
+TRANSITIONS: Final[dict[int, frozenset[int]]] = {
+    _QUEUED: frozenset({_RUNNING, *_ENDS}),
+    _RUNNING: frozenset({pb.RUN_STATE_SUCCEEDED, _PAUSED, _QUEUED, *_ENDS}),
+    _PAUSED: frozenset({_RUNNING, _QUEUED, *_ENDS}),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A transition the lifecycle does not have: a bug in the dispatcher."""
+
+
+@dataclass(eq=False)
+class Active:
+    """A run this process owns: queued, running or paused."""
+
+    run: pb.Run
+    run_id: str
+    workspace_id: str
+    conversation_id: str
+    principal: Principal
+    handler: Handler
+    #: What a restart needs: the input, the assistant, the steps so far.
+    job: job_pb2.RunJob
+    feed: Feed
+    ticket: Ticket | None = None
+    task: asyncio.Task[None] | None = None
+    #: Why it is being cancelled (set before the task is cancelled).
+    cancel_error: SwitchboardError | None = None
+    #: Whether its task began (a task cancelled before that never runs its code).
+    started: bool = False
+    #: The write of its RUNNING state, awaited before the next one.
+    saving: asyncio.Future[bool] | None = None
+    #: RUNNING is not yet stored and its events wait in the outbox (see ``_begin``).
+    held: bool = False
+    #: Events waiting for this run's publisher, in order.
+    outbox: deque[events_pb2.Event] = field(default_factory=deque)
+    publisher: asyncio.Task[None] | None = None
+    #: Its tool runner, while it executes with tools.
+    tools: RunTools | None = None
+    #: Serializes stored state changes (a pause, decisions, the end), whose
+    #: sequences are taken before their write and shown after it.
+    persisting: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def conversation(self) -> str:
+        return f"workspaces/{self.workspace_id}/conversations/{self.conversation_id}"
+
+    @property
+    def message(self) -> cpb.Message:
+        return self.job.message
+
+    @property
+    def parameters(self) -> struct_pb2.Struct:
+        return self.job.parameters
+
+    @property
+    def timeout_s(self) -> float:
+        return self.job.timeout_seconds
+
+    @property
+    def assistant(self) -> pb.Assistant | None:
+        return self.job.assistant if self.job.HasField("assistant") else None
+
+    def to(self, state: pb.RunState.ValueType) -> None:
+        """Move the run to ``state``, if the lifecycle has that transition."""
+        current = self.run.state
+        if state not in TRANSITIONS.get(current, frozenset()):
+            raise IllegalTransition(
+                f"run {self.run.name}: {pb.RunState.Name(current)} -> {pb.RunState.Name(state)}"
+            )
+        self.run.state = state

@@ -1,0 +1,530 @@
+"""A run's tool calls: which tools it is offered, approvals, concurrent calls.
+
+The handler decides *what* to call (the llm handler's model, an interactive
+expert); this module decides *whether* and *how*, the same way for every
+handler (``handlers.ToolRunner``):
+
+* **Offered tools** come from the run's assistant: each enabled integration's
+  tools as the hub lists them, named for the model (``function_name``),
+  flagged where a person must approve. A run without an assistant offers none;
+  an interactive expert may still name any tool of the run's workspace (no
+  approval: nobody asked for one), within its user's rights.
+* **One step** is the calls a handler makes together. Each call is shown as a
+  ``tool_call`` run update. If any needs approval, the run pauses
+  (REQUIRES_ACTION, stored with its steps so a restart resumes it) until every
+  one is decided, the approval timeout passes (APPROVAL_EXPIRED) or the run
+  is cancelled or its deadline passes. Then the approved calls run
+  concurrently through the integration hub, each ``tool_result`` shown as it
+  finishes.
+* **Failures are results.** An unknown or disabled tool, invalid arguments, an
+  open circuit, a timeout, a denial: the handler gets a FAILED or DENIED
+  result that explains it, and its model decides what to do. Only the run's
+  own end (cancel, deadline, expired approval) raises.
+* **Stored as messages.** Each step becomes an ASSISTANT message (its text and
+  calls) and one TOOL message per result, written in the background in order
+  (the next model request does not wait for them) and awaited before the final
+  answer is stored, so the next run's context window holds them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+from google.protobuf import json_format
+from google.rpc import code_pb2, status_pb2
+
+from switchboard.api.context.v1 import context_pb2 as cpb
+from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.api.handler.v1 import handler_pb2 as hpb
+from switchboard.api.integration.v1 import integration_pb2 as ipb
+from switchboard.dispatcher.toolport import ToolPort
+from switchboard.internal.dispatcher.v1 import job_pb2
+from switchboard.platform import names
+from switchboard.platform.errors import ApprovalExpired, CircuitOpen, SwitchboardError
+from switchboard.platform.policy import Principal
+
+log = logging.getLogger("switchboard.dispatcher.tools")
+
+#: What OpenAI-style APIs accept as a function name.
+FUNCTION_NAME: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_UNSAFE: Final = re.compile(r"[^A-Za-z0-9_-]")
+#: Bound on listing one integration's tools when a run starts.
+_LIST_TIMEOUT_S: Final = 10.0
+_MAX_ERROR_CHARS: Final = 300
+#: Arguments of one call, serialized (the context service stores no more with a message).
+MAX_ARGUMENT_BYTES: Final = 16 * 1024
+#: Outcome names stored in ToolResultContent (the context service checks them).
+OUTCOMES: Final = {
+    hpb.TOOL_OUTCOME_SUCCEEDED: "succeeded",
+    hpb.TOOL_OUTCOME_ERROR: "error",
+    hpb.TOOL_OUTCOME_FAILED: "failed",
+    hpb.TOOL_OUTCOME_DENIED: "denied",
+}
+
+
+@dataclass(frozen=True)
+class ToolLimits:
+    #: Tool steps per run, unless its assistant says fewer.
+    max_steps: int = 8
+    #: Calls one handler step may make; the rest are answered FAILED.
+    max_calls_per_step: int = 16
+    #: How long a run waits in REQUIRES_ACTION (its own deadline still applies).
+    approval_timeout_s: float = 600.0
+    #: Tool output given to the model and stored, at most.
+    max_result_chars: int = 16_000
+
+
+# ---------------------------------------------------------------------------
+# Offered tools
+
+
+def function_name(integration_id: str, tool: str, taken: set[str]) -> str:
+    """A model-safe, run-unique name: ``{integration}__{tool}``, shortened with a
+    hash when it would not fit (models see 64 characters at most)."""
+    base = _UNSAFE.sub("_", f"{integration_id}__{tool}")
+    candidate = base
+    if len(candidate) > 64 or candidate in taken:
+        digest = hashlib.sha256(f"{integration_id}/{tool}".encode()).hexdigest()[:8]
+        candidate = f"{base[:55]}_{digest}"
+    taken.add(candidate)
+    return candidate
+
+
+async def offered_tools(
+    port: ToolPort, principal: Principal, assistant: pb.Assistant | None
+) -> tuple[list[hpb.ToolDefinition], list[str]]:
+    """The tools ``assistant`` enables that can be offered now, and why the others cannot."""
+    if assistant is None or not assistant.tools:
+        return [], []
+    listed = await asyncio.gather(
+        *(_listed(port, principal, binding) for binding in assistant.tools)
+    )
+    definitions: list[hpb.ToolDefinition] = []
+    unavailable: list[str] = []
+    taken: set[str] = set()
+    for binding, (tools, problem) in zip(assistant.tools, listed, strict=True):
+        if problem:
+            unavailable.append(f"{binding.integration}: {problem}")
+            continue
+        integration_id = binding.integration.rsplit("/", 1)[-1]
+        by_name = {tool.name.rsplit("/", 1)[-1]: tool for tool in tools}
+        wanted = list(binding.tools) or sorted(by_name)
+        approval = set(binding.approval_required_tools)
+        for short in wanted:
+            tool = by_name.get(short)
+            if tool is None:
+                unavailable.append(f"{binding.integration}/tools/{short}: not offered by it now")
+                continue
+            definition = hpb.ToolDefinition(
+                tool=tool.name,
+                function_name=function_name(integration_id, short, taken),
+                description=tool.description or tool.title,
+                requires_approval=binding.requires_approval or short in approval,
+            )
+            definition.input_schema.CopyFrom(tool.input_schema)
+            definitions.append(definition)
+    return definitions, unavailable
+
+
+async def _listed(
+    port: ToolPort, principal: Principal, binding: pb.AssistantTools
+) -> tuple[list[ipb.Tool], str]:
+    try:
+        async with asyncio.timeout(_LIST_TIMEOUT_S):
+            integration = await port.integration(principal, binding.integration)
+            if integration.disabled:
+                return [], "the integration is disabled"
+            return await port.tools(principal, binding.integration), ""
+    except TimeoutError:
+        return [], "listing its tools timed out"
+    except SwitchboardError as exc:
+        return [], exc.message[:_MAX_ERROR_CHARS]
+
+
+# ---------------------------------------------------------------------------
+# Running one run's calls
+
+
+class RunHost(Protocol):
+    """What the runner needs of the dispatcher for one run."""
+
+    def emit(self, update: pb.RunUpdate) -> None:
+        """Show an update (text not yet shown goes first)."""
+        ...
+
+    async def pause(self) -> None:
+        """REQUIRES_ACTION, stored (with the job) and announced."""
+        ...
+
+    async def resume(self) -> None:
+        """RUNNING again, stored and announced."""
+        ...
+
+    def save_job(self) -> Awaitable[None]:
+        """Store the job's steps (awaitable; the runner chains it after messages)."""
+        ...
+
+    def append(self, request: cpb.AppendMessageRequest) -> Awaitable[cpb.Message]:
+        """Store a message in the run's conversation as the run's user."""
+        ...
+
+
+@dataclass
+class RunToolState:
+    """What a run's approvals share with SubmitToolApprovals."""
+
+    #: Set when a decision arrives; the paused runner checks whether all are made.
+    decided: asyncio.Event
+
+
+class RunTools:
+    """The ``ToolRunner`` of one run."""
+
+    def __init__(
+        self,
+        host: RunHost,
+        port: ToolPort,
+        limits: ToolLimits,
+        *,
+        principal: Principal,
+        run: pb.Run,
+        job: job_pb2.RunJob,
+        definitions: Sequence[hpb.ToolDefinition],
+        workspace_id: str,
+        open_workspace: bool,
+        max_steps: int,
+        deadline: Callable[[], float],
+    ) -> None:
+        self._host = host
+        self._port = port
+        self._limits = limits
+        self._principal = principal
+        self._run = run
+        self._job = job
+        self._by_tool = {definition.tool: definition for definition in definitions}
+        self._workspace_id = workspace_id
+        self._open = open_workspace
+        self._max_steps = max_steps
+        self._remaining = deadline
+        self._text: list[str] = []
+        self._writes: asyncio.Future[None] | None = None
+        self._run_id = run.name.rsplit("/", 1)[-1]
+        self.state = RunToolState(asyncio.Event())
+        #: Shows the answer text not yet shown (set by the relay), so each tool
+        #: update comes after the text the handler streamed before it.
+        self.flush: Callable[[], None] = lambda: None
+
+    # -- what the relay tells it --------------------------------------------------------
+
+    def saw_text(self, text: str) -> None:
+        """Answer text the handler streamed (the next step's text, if it calls tools)."""
+        self._text.append(text)
+
+    async def drain(self) -> None:
+        """Wait for the steps' messages to be stored (before the final answer is)."""
+        if self._writes is not None:
+            await self._writes
+
+    # -- ToolRunner ---------------------------------------------------------------------
+
+    async def run(self, calls: Sequence[hpb.ToolCall]) -> list[hpb.ToolResult]:
+        steps = self._job.steps
+        last = steps[-1] if steps else None
+        resumed = (
+            last is not None
+            and len(last.results) < len(last.calls)
+            and [c.id for c in calls] == [c.id for c in last.calls[len(last.results) :]]
+        )
+        errors: dict[str, status_pb2.Status] = {}
+        if resumed and last is not None:
+            # The step a restart interrupted: its calls were shown and stored
+            # already; they run (or wait for their decisions) now.
+            step, index = last, len(steps) - 1
+            pending = list(step.calls[len(step.results) :])
+            for call in pending:
+                problem = self._problem(call, set())
+                if problem is not None:
+                    errors[call.id] = problem
+        else:
+            step, index, errors = self._open_step(calls)
+            pending = list(step.calls)
+        decisions = await self._approve([c for c in pending if c.requires_approval])
+        results = await asyncio.gather(
+            *(self._one(call, errors.get(call.id), decisions.get(call.id)) for call in pending)
+        )
+        step.results.extend(results)
+        self._stored(index, step)
+        return list(results)
+
+    def _open_step(
+        self, calls: Sequence[hpb.ToolCall]
+    ) -> tuple[hpb.ToolStep, int, dict[str, status_pb2.Status]]:
+        step = self._job.steps.add(text="".join(self._text))
+        self._text.clear()
+        seen = {c.id for s in self._job.steps[:-1] for c in s.calls}
+        errors: dict[str, status_pb2.Status] = {}
+        over_steps = len(self._job.steps) > self._max_steps
+        for index, given in enumerate(calls):
+            call = step.calls.add()
+            call.CopyFrom(given)
+            call.requires_approval = False
+            if not call.id:
+                call.id = f"call_{len(self._job.steps)}_{index}"
+            if over_steps:
+                problem: status_pb2.Status | None = _status(
+                    code_pb2.RESOURCE_EXHAUSTED,
+                    f"the run reached its limit of {self._max_steps} tool steps",
+                )
+            elif index >= self._limits.max_calls_per_step:
+                problem = _status(
+                    code_pb2.RESOURCE_EXHAUSTED,
+                    f"at most {self._limits.max_calls_per_step} tool calls per step",
+                )
+            else:
+                problem = self._problem(call, seen)
+            if problem is not None:
+                errors[call.id] = problem
+            seen.add(call.id)
+            self._run.tool_call_count += 1
+            update = pb.RunUpdate()
+            update.tool_call.CopyFrom(call)
+            self._emit(update)
+        return step, len(self._job.steps) - 1, errors
+
+    def _problem(self, call: hpb.ToolCall, seen: set[str]) -> status_pb2.Status | None:
+        """Why ``call`` cannot run (None if it can); sets ``requires_approval``."""
+        if call.id in seen:
+            return _status(code_pb2.INVALID_ARGUMENT, f"the call id {call.id!r} was used before")
+        tool = f"{call.integration}/tools/{call.tool}" if call.integration else ""
+        definition = self._by_tool.get(tool)
+        if definition is not None:
+            call.requires_approval = definition.requires_approval
+        elif not (
+            self._open
+            and (found := names.INTEGRATION.fullmatch(call.integration)) is not None
+            and found[1] == self._workspace_id
+            and call.tool
+        ):
+            what = tool or call.function_name or call.tool or "(none)"
+            return _status(code_pb2.NOT_FOUND, f"no tool {what} is enabled for this run")
+        if call.invalid_arguments:
+            return _status(code_pb2.INVALID_ARGUMENT, "the arguments are not a JSON object")
+        if call.arguments.ByteSize() > MAX_ARGUMENT_BYTES:
+            return _status(
+                code_pb2.INVALID_ARGUMENT,
+                f"the arguments are larger than {MAX_ARGUMENT_BYTES} bytes",
+            )
+        return None
+
+    # -- approvals ----------------------------------------------------------------------
+
+    async def _approve(self, needs: list[hpb.ToolCall]) -> dict[str, pb.PendingToolCall]:
+        """Wait until every call of ``needs`` is decided; their decisions by call id.
+
+        Several steps may wait at once (an interactive expert's concurrent
+        calls): the run pauses when the first starts waiting and resumes when
+        nothing is left undecided.
+        """
+        if not needs:
+            return {}
+        action = self._run.required_action
+        known = {pending.call.id for pending in action.tool_calls}
+        fresh = [call for call in needs if call.id not in known]
+        if fresh:
+            if not self._undecided():
+                # A new pause; one resumed after a restart keeps its calls and decisions.
+                action.Clear()
+                expire = time.time() + self._limits.approval_timeout_s
+                deadline = time.time() + self._remaining()
+                action.expire_time.FromDatetime(
+                    dt.datetime.fromtimestamp(min(expire, deadline), dt.UTC)
+                )
+            for call in fresh:
+                action.tool_calls.add().call.CopyFrom(call)
+        ids = {call.id for call in needs}
+        if self._undecided(ids):
+            if self._run.state == pb.RUN_STATE_RUNNING:
+                await self._host.pause()
+            try:
+                # Its own timeout: the run's deadline is the asyncio.timeout
+                # around the whole run (DEADLINE_EXCEEDED, not this).
+                async with asyncio.timeout(self._limits.approval_timeout_s):
+                    while self._undecided(ids):
+                        await self.state.decided.wait()
+            except TimeoutError:
+                raise ApprovalExpired(
+                    f"{self._undecided(ids)} tool call(s) waited for approval longer than "
+                    f"{self._limits.approval_timeout_s:g} s"
+                ) from None
+            if not self._undecided() and self._run.state == pb.RUN_STATE_REQUIRES_ACTION:
+                await self._host.resume()
+        return {p.call.id: p for p in action.tool_calls if p.call.id in ids}
+
+    def decided(self) -> None:
+        """A decision was stored: every waiting step looks again."""
+        event, self.state.decided = self.state.decided, asyncio.Event()
+        event.set()
+
+    def _undecided(self, ids: set[str] | None = None) -> int:
+        return sum(
+            1
+            for pending in self._run.required_action.tool_calls
+            if pending.decision == pb.TOOL_APPROVAL_DECISION_UNSPECIFIED
+            and (ids is None or pending.call.id in ids)
+        )
+
+    # -- one call -----------------------------------------------------------------------
+
+    async def _one(
+        self,
+        call: hpb.ToolCall,
+        problem: status_pb2.Status | None,
+        decision: pb.PendingToolCall | None,
+    ) -> hpb.ToolResult:
+        tool = f"{call.integration}/tools/{call.tool}" if call.integration and call.tool else ""
+        result = hpb.ToolResult(id=call.id, tool=tool if problem is None else "")
+        if problem is not None:
+            result.outcome = hpb.TOOL_OUTCOME_FAILED
+            result.error.CopyFrom(problem)
+            result.text = f"The tool call failed: {problem.message}"
+        elif decision is not None and decision.decision == pb.TOOL_APPROVAL_DECISION_DENY:
+            result.outcome = hpb.TOOL_OUTCOME_DENIED
+            why = decision.reason or "no reason given"
+            result.error.CopyFrom(
+                _status(code_pb2.PERMISSION_DENIED, f"denied by {decision.decided_by}: {why}")
+            )
+            result.text = f"The call was denied by a person ({why}). Do not retry it."
+        else:
+            await self._invoke(call, tool, result)
+        update = pb.RunUpdate()
+        update.tool_result.CopyFrom(result)
+        self._emit(update)
+        return result
+
+    def _emit(self, update: pb.RunUpdate) -> None:
+        self.flush()
+        self._host.emit(update)
+
+    async def _invoke(self, call: hpb.ToolCall, tool: str, result: hpb.ToolResult) -> None:
+        started = time.monotonic()
+        request = ipb.InvokeToolRequest(name=tool)
+        request.arguments.CopyFrom(call.arguments)
+        try:
+            response = await self._port.invoke(
+                self._principal, request, deadline_s=self._remaining(), run=self._run.name
+            )
+        except CircuitOpen as exc:
+            result.outcome = hpb.TOOL_OUTCOME_FAILED
+            result.error.CopyFrom(_status(int(exc.code), exc.message))
+            result.text = (
+                "The tool is unavailable now (its integration keeps failing); "
+                f"retry in about {exc.retry_after_s or 30:.0f} s or answer without it."
+            )
+        except SwitchboardError as exc:
+            result.outcome = hpb.TOOL_OUTCOME_FAILED
+            result.error.CopyFrom(_status(int(exc.code), exc.message))
+            result.text = f"The tool call failed: {exc.message[:_MAX_ERROR_CHARS]}"
+        except Exception:  # the run goes on; the model hears of a failure, the log of why
+            log.exception("tool call failed unexpectedly", extra={"tool": tool})
+            result.outcome = hpb.TOOL_OUTCOME_FAILED
+            result.error.CopyFrom(_status(code_pb2.INTERNAL, "the tool call failed"))
+            result.text = "The tool call failed."
+        else:
+            result.outcome = (
+                hpb.TOOL_OUTCOME_ERROR if response.is_error else hpb.TOOL_OUTCOME_SUCCEEDED
+            )
+            if response.HasField("result"):
+                result.result.CopyFrom(response.result)
+            text = response.text
+            if not text and response.HasField("result"):
+                text = json.dumps(json_format.MessageToDict(response.result), sort_keys=True)
+            result.text = self._cut(text)
+        result.duration.FromNanoseconds(int((time.monotonic() - started) * 1e9))
+
+    def _cut(self, text: str) -> str:
+        limit = self._limits.max_result_chars
+        if len(text) <= limit:
+            return text
+        return text[:limit] + f"\n[cut: the output had {len(text)} characters]"
+
+    # -- messages -----------------------------------------------------------------------
+
+    def _stored(self, index: int, step: hpb.ToolStep) -> None:
+        """Store the step's messages, then the job, after the steps before (in the background)."""
+        previous = self._writes
+        self._writes = asyncio.ensure_future(self._write(previous, index, step))
+
+    async def _write(
+        self, previous: asyncio.Future[None] | None, index: int, step: hpb.ToolStep
+    ) -> None:
+        if previous is not None:
+            await previous
+        try:
+            await self._host.append(self._call_message(index, step))
+            for position, result in enumerate(step.results):
+                await self._host.append(self._result_message(index, position, result))
+            await self._host.save_job()
+        except SwitchboardError as exc:
+            # The run goes on; its messages are incomplete, which the final
+            # answer's own store (the same database) will report if it persists.
+            log.warning("tool step not stored", extra={"run": self._run.name, "reason": exc.reason})
+
+    def _call_message(self, index: int, step: hpb.ToolStep) -> cpb.AppendMessageRequest:
+        parts: list[cpb.ContentPart] = []
+        if step.text:
+            parts.append(cpb.ContentPart(text=step.text))
+        for call in step.calls:
+            content = cpb.ToolCallContent(
+                id=call.id,
+                tool=f"{call.integration}/tools/{call.tool}" if call.integration else "",
+                # Stored calls are named like the model names them (the context
+                # service requires a name when the tool is unknown).
+                function_name=(call.function_name or _UNSAFE.sub("_", call.tool))[:64] or "unknown",
+            )
+            if call.arguments.ByteSize() <= MAX_ARGUMENT_BYTES:
+                content.arguments.CopyFrom(call.arguments)
+            parts.append(cpb.ContentPart(tool_call=content))
+        return self._append_request(cpb.MESSAGE_ROLE_ASSISTANT, parts, f"s{index}-calls")
+
+    def _result_message(
+        self, index: int, position: int, result: hpb.ToolResult
+    ) -> cpb.AppendMessageRequest:
+        content = cpb.ToolResultContent(
+            id=result.id,
+            tool=result.tool,
+            outcome=OUTCOMES.get(result.outcome, "failed"),
+            text=result.text,
+        )
+        return self._append_request(
+            cpb.MESSAGE_ROLE_TOOL, [cpb.ContentPart(tool_result=content)], f"s{index}-r{position}"
+        )
+
+    def _append_request(
+        self, role: cpb.MessageRole.ValueType, parts: list[cpb.ContentPart], suffix: str
+    ) -> cpb.AppendMessageRequest:
+        conversation = self._run.name.rsplit("/runs/", 1)[0]
+        return cpb.AppendMessageRequest(
+            parent=conversation,
+            message=cpb.Message(
+                role=role, author=self._run.handler, parts=parts, run=self._run.name
+            ),
+            request_id=f"run-{self._run_id}-{suffix}"[:64],
+        )
+
+
+def _status(code: int, message: str) -> status_pb2.Status:
+    return status_pb2.Status(code=code, message=message[:_MAX_ERROR_CHARS])
+
+
+def arguments_of(call: hpb.ToolCall) -> dict[str, Any]:
+    """The call's arguments as plain JSON values."""
+    return json_format.MessageToDict(call.arguments)
