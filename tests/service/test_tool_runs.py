@@ -36,6 +36,7 @@ from tests.conftest import fresh_database_url, make_settings
 from tests.e2e.toolexpert import ToolExpert
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.mcpeverything import EverythingServer
+from tests.infra.mcpserver import McpTestServer
 from tests.infra.webhookreceiver import until as eventually
 from tests.service.contextkit import (
     Stub,
@@ -166,10 +167,10 @@ def integration_stub_for(tools: Tools) -> Any:
 
 
 def ask(tools: Tools, text: str, **fields: Any) -> pb.SendMessageRequest:
+    fields.setdefault("assistant", tools.assistant)
     request = pb.SendMessageRequest(
         conversation=tools.conversation,
         message=cpb.Message(parts=[cpb.ContentPart(text=text)]),
-        assistant=tools.assistant,
         **fields,
     )
     return request
@@ -675,3 +676,48 @@ async def test_an_interactive_expert_requests_a_tool_and_gets_the_result_on_its_
         served = await expert.call(run.name)
         assert served.method == "HandleInteractive"
         assert [r.outcome for r in served.results] == [hpb.TOOL_OUTCOME_SUCCEEDED]
+
+
+async def test_a_dropped_tool_call_and_then_its_open_circuit_are_told_to_the_model(
+    everything: EverythingServer,
+) -> None:
+    async with tool_mesh(everything, integration_breaker_failures=1) as tools:
+        with McpTestServer() as flaky:
+            made = await create(
+                integration_stub_for(tools),
+                tools.world.owner,
+                tools.world.name,
+                ipb.Integration(kind=ipb.INTEGRATION_KIND_MCP_SERVER, endpoint=flaky.url),
+                integration_id="flaky",
+            )
+            assistant = await tools.dstub.CreateAssistant(
+                pb.CreateAssistantRequest(
+                    parent=tools.world.name,
+                    assistant_id="flaky",
+                    assistant=pb.Assistant(
+                        tools=[pb.AssistantTools(integration=made.name, tools=["crash", "echo"])]
+                    ),
+                ),
+                metadata=tools.world.owner.md,
+                timeout=TIMEOUT_S,
+            )
+            # The server dies during the first call (the connection drops): one
+            # failure opens the circuit, so the model's next call is refused at once.
+            tools.fake.script(
+                Reply.tool_calls([("flaky__crash", {}, "c1")]),
+                Reply.tool_calls([("flaky__echo", {"message": "hi"}, "c2")]),
+                answer_with_tool_output,
+            )
+            run = await _send(tools, ask(tools, "try it", assistant=assistant.assistant.name))
+            seen = await watch_all(tools.dstub, tools.world.editor, run.name)
+        assert seen.final.state == pb.RUN_STATE_SUCCEEDED, seen.final.error
+        dropped, open_circuit = [
+            u.tool_result for u in seen.updates if u.WhichOneof("update") == "tool_result"
+        ]
+        assert dropped.outcome == open_circuit.outcome == hpb.TOOL_OUTCOME_FAILED
+        assert dropped.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
+        assert open_circuit.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
+        assert "unavailable now" in open_circuit.text
+        told = tool_messages(tools.fake.requests[-1].body)
+        assert [m["tool_call_id"] for m in told] == ["c1", "c2"]
+        assert "unavailable now" in told[-1]["content"]

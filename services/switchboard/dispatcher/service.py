@@ -787,9 +787,11 @@ class Dispatcher:
         an interactive expert (which may name any tool of the workspace when the
         run has no assistant to say which)."""
         interactive = active.handler.capabilities.interactive
-        if not definitions and not interactive:
-            return None
         assistant = active.assistant
+        # An assistant that enables tools gets a runner even when none can be
+        # offered now: a call the model makes anyway is answered, not fatal.
+        if not definitions and not interactive and not (assistant and assistant.tools):
+            return None
         limit = self.tool_limits.max_steps
         if assistant is not None and assistant.max_tool_steps:
             limit = min(limit, assistant.max_tool_steps)
