@@ -414,6 +414,7 @@ async def test_an_approved_call_runs_after_the_pause(everything: EverythingServe
         )
 
         decided = await _decide(tools, run.name, "c1", pb.TOOL_APPROVAL_DECISION_APPROVE, "ok")
+        assert decided.state == pb.RUN_STATE_RUNNING
         assert decided.required_action.tool_calls[0].decided_by == f"users/{tools.world.editor.id}"
         seen = await watch_all(tools.dstub, tools.world.editor, run.name)
         assert seen.final.state == pb.RUN_STATE_SUCCEEDED

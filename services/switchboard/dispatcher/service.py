@@ -1313,6 +1313,14 @@ class Dispatcher:
                 pending.decide_time.FromDatetime(now)
                 changed = True
         if changed:
+            if active.run.state == pb.RUN_STATE_REQUIRES_ACTION and not any(
+                p.decision == pb.TOOL_APPROVAL_DECISION_UNSPECIFIED for p in waiting.values()
+            ):
+                # The last decision resumes the run in the same write, so the
+                # answer says RUNNING (the runner finds it so and goes on).
+                active.to(pb.RUN_STATE_RUNNING)
+                if active.ticket is not None:
+                    self.scheduler.resumed(active.ticket)
             # Stored and shown before the run goes on: a restart keeps the
             # decisions, and watchers see who decided what.
             await self._persist(active, "decisions")
