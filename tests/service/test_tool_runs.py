@@ -639,6 +639,16 @@ async def test_describe_conversation_shows_the_assistant_tools_and_approvals(
             ),
             grpc.StatusCode.NOT_FOUND,
         )
+        await refused(
+            tools.dstub.DescribeConversation(
+                pb.DescribeConversationRequest(
+                    conversation=f"{tools.world.name}/conversations/gone"
+                ),
+                metadata=tools.world.viewer.md,
+                timeout=TIMEOUT_S,
+            ),
+            grpc.StatusCode.NOT_FOUND,
+        )
 
 
 # -- remote experts ---------------------------------------------------------------------------

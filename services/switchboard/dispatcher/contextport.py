@@ -42,6 +42,8 @@ class ContextDomain(Protocol):
         self, principal: Principal, request: cpb.GetContextWindowRequest
     ) -> Awaitable[bytes]: ...
 
+    def get_conversation(self, name: str) -> Awaitable[cpb.Conversation]: ...
+
 
 class TokenIssuer(Protocol):
     """What ``RemoteContext`` needs to mint an access token (auth's ``AccessTokens``)."""
@@ -60,6 +62,10 @@ class ContextPort(Protocol):
         self, principal: Principal, request: cpb.GetContextWindowRequest, *, timeout_s: float
     ) -> cpb.ContextWindow: ...
 
+    async def conversation(
+        self, principal: Principal, name: str, *, timeout_s: float
+    ) -> cpb.Conversation: ...
+
 
 class LocalContext:
     def __init__(self, service: ContextDomain) -> None:
@@ -75,6 +81,11 @@ class LocalContext:
     ) -> cpb.ContextWindow:
         serialized = await self._service.context_window(principal, request)
         return cpb.GetContextWindowResponse.FromString(serialized).window
+
+    async def conversation(
+        self, principal: Principal, name: str, *, timeout_s: float
+    ) -> cpb.Conversation:
+        return await self._service.get_conversation(name)
 
 
 # Status codes of the context service, back to the domain errors they came from.
@@ -103,7 +114,7 @@ class RemoteContext:
                 request, metadata=self._metadata(principal), timeout=timeout_s
             )
         except aio.AioRpcError as exc:
-            raise _mapped(exc) from None
+            raise _mapped_error(exc) from None
         return response.message
 
     async def window(
@@ -114,9 +125,22 @@ class RemoteContext:
                 request, metadata=self._metadata(principal), timeout=timeout_s
             )
         except aio.AioRpcError as exc:
-            raise _mapped(exc) from None
+            raise _mapped_error(exc) from None
         return response.window
 
+    async def conversation(
+        self, principal: Principal, name: str, *, timeout_s: float
+    ) -> cpb.Conversation:
+        try:
+            response = await self._stub.GetConversation(
+                cpb.GetConversationRequest(name=name),
+                metadata=self._metadata(principal),
+                timeout=timeout_s,
+            )
+        except aio.AioRpcError as exc:
+            raise _mapped_error(exc) from None
+        return response.conversation
 
-def _mapped(exc: aio.AioRpcError) -> SwitchboardError:
+
+def _mapped_error(exc: aio.AioRpcError) -> SwitchboardError:
     return from_rpc_error(exc, peer="the context service")

@@ -1338,6 +1338,11 @@ class Dispatcher:
             raise InvalidArgument(
                 "the request is invalid", [FieldViolation("handler", "must be handlers/{id}")]
             )
+        # NOT_FOUND for a conversation that is not there (the access rule
+        # checked the workspace only).
+        await self._context.conversation(
+            principal, request.conversation, timeout_s=_FINISH_TIMEOUT_S
+        )
         assistant = await self._assistant_for(workspace_id, request.assistant, request.handler)
         forced = request.handler
         if assistant is not None:
