@@ -27,6 +27,7 @@ from grpc import aio
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
 from switchboard.api.handler.v1 import handler_pb2 as hpb
 from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.auth.tokens import SigningKey, private_key_pem
@@ -732,3 +733,30 @@ async def test_a_dropped_tool_call_and_then_its_open_circuit_are_told_to_the_mod
         told = tool_messages(tools.fake.requests[-1].body)
         assert [m["tool_call_id"] for m in told] == ["c1", "c2"]
         assert "unavailable now" in told[-1]["content"]
+
+
+async def test_tool_calls_and_results_are_run_updated_events(everything: EverythingServer) -> None:
+    async with tool_mesh(everything) as tools:
+        tools.fake.script(
+            Reply.tool_calls([(SUM, {"a": 7, "b": 8}, "c1")]), answer_with_tool_output
+        )
+        events = events_pb2_grpc.EventServiceStub(tools.channel)
+        stream = events.Subscribe(
+            events_pb2.SubscribeRequest(
+                scopes=[events_pb2.Scope(conversation=tools.conversation)],
+                types=[events_pb2.EVENT_TYPE_RUN_UPDATED],
+            ),
+            metadata=tools.world.viewer.md,
+            timeout=TIMEOUT_S,
+        )
+        await stream.wait_for_connection()
+        await _send(tools, ask(tools, "7 + 8?"))
+        kinds_seen: list[str] = []
+        async for frame in stream:
+            updates = [event.run_updated.update for event in frame.batch.events]
+            kinds_seen += [str(update.WhichOneof("update")) for update in updates]
+            if any(u.state_change.run.state == pb.RUN_STATE_SUCCEEDED for u in updates):
+                break
+        stream.cancel()
+        assert "tool_call" in kinds_seen
+        assert kinds_seen.index("tool_call") < kinds_seen.index("tool_result")
