@@ -14,6 +14,7 @@ import os
 import shutil
 import sqlite3
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -657,6 +658,9 @@ async def test_a_locked_sqlite_file_is_an_outage_and_a_missing_table_a_bug(
 ) -> None:
     path = tmp_path / "locked.db"
     database = await open_database(f"sqlite+aiosqlite:///{path}", timeout_s=0.2, migrate=True)
+    # SQLAlchemy discards a connection whose statement was cancelled mid-flight.
+    invalidated: list[object] = []
+    event.listen(database.engine.sync_engine, "invalidate", lambda *args: invalidated.append(args))
     other = sqlite3.connect(path, isolation_level=None)
     try:
         other.execute("BEGIN EXCLUSIVE")  # another writer holds the file
@@ -676,6 +680,74 @@ async def test_a_locked_sqlite_file_is_an_outage_and_a_missing_table_a_bug(
         assert not is_outage(bug.value)
     finally:
         other.close()
+        await database.close()
+    # The failed write woke the health monitor, whose probe ``close`` stopped: no
+    # statement was cancelled (it used to be, in aiosqlite, and under load the
+    # close of that connection could outlive the loop and hang its shutdown),
+    # and nothing is left running.
+    assert not invalidated
+    assert asyncio.all_tasks() == {asyncio.current_task()}
+
+
+async def test_a_statement_cancelled_twice_while_its_connection_closes_leaves_no_task_behind(
+    database_url: str,
+) -> None:
+    """A statement cancelled mid-flight (a client gone) and again while SQLAlchemy
+    closes its connection (the server stopping), then the event loop shutting down:
+    every task ends. The flaky hang: with aiosqlite the second cancellation
+    force-stopped the connection's worker thread while the graceful close was still
+    queued on it, and that close, cancelled in turn by the loop's shutdown, waited
+    forever for a thread that no longer ran."""
+    database = Database(database_url, timeout_s=TIMEOUT_S)
+    sqlite = database.dialect_name == "sqlite"
+    in_flight, release = threading.Event(), threading.Event()
+    invalidated: list[object] = []
+
+    def block() -> int:
+        # Runs in aiosqlite's worker thread: holds it, as a slow statement would.
+        in_flight.set()
+        release.wait(TIMEOUT_S)
+        return 1
+
+    @event.listens_for(database.engine.sync_engine, "connect")
+    def _block_function(dbapi_connection: Any, _record: object) -> None:
+        if sqlite:
+            dbapi_connection.create_function("block", 0, block)
+
+    @event.listens_for(database.engine.sync_engine, "before_cursor_execute")
+    def _started(_connection: object, _cursor: object, statement: str, *_args: object) -> None:
+        if "pg_sleep" in statement:  # sent to the server, which sleeps
+            in_flight.set()
+
+    @event.listens_for(database.engine.sync_engine, "invalidate")
+    def _invalidated(_dbapi: object, _record: object, exception: object) -> None:
+        invalidated.append(exception)
+
+    async def statement() -> None:
+        async with database.engine.connect() as connection:
+            await connection.execute(text("SELECT block()" if sqlite else "SELECT pg_sleep(30)"))
+
+    call = asyncio.create_task(statement())
+    leftovers: set[asyncio.Task[Any]] = set()
+    try:
+        await until(in_flight.is_set)
+        call.cancel()  # the caller gives up mid-statement...
+        await until(lambda: bool(invalidated))  # ...and SQLAlchemy closes the connection
+        call.cancel()  # the server stops while that close waits
+        await asyncio.wait([call])
+        assert call.cancelled()
+        await database.close()
+        # What asyncio.run and pytest's runner do at the end: cancel what is left, wait.
+        leftovers = asyncio.all_tasks() - {asyncio.current_task()}
+        for task in leftovers:
+            task.cancel()
+        release.set()
+        _done, pending = await asyncio.wait(leftovers, timeout=5) if leftovers else (set(), set())
+        assert not pending, f"tasks that never end: {pending}"
+    finally:
+        release.set()
+        for task in {call} | leftovers:
+            task.cancel()  # a stuck one ends at a second cancellation: no hung teardown
         await database.close()
 
 

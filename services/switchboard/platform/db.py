@@ -38,9 +38,11 @@ import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+import aiosqlite
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import create_engine, event, text
@@ -664,6 +666,10 @@ class Database:
         self._sync_engine: Engine | None = None
         self._sync_readers: sessionmaker[Session] | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._probe_executor: ThreadPoolExecutor | None = None
+        # How long the loop waits for work in a SQLite thread; the thread's own
+        # waits end sooner, at the busy timeout.
+        self._thread_wait_s = timeout_s * 3
         if parsed.drivername == SQLITE_DRIVER and not _is_sqlite_memory(parsed):
             self._sync_engine = _sync_sqlite_engine(parsed, timeout_s)
             self._sync_readers = sessionmaker(
@@ -671,10 +677,16 @@ class Database:
                 expire_on_commit=False,
             )
             self._executor = ThreadPoolExecutor(SQLITE_THREADS, thread_name_prefix="sqlite")
+            # Health probes get a thread of their own: never queued behind the stores' work.
+            self._probe_executor = ThreadPoolExecutor(1, thread_name_prefix="sqlite-probe")
         self._write_queue: deque[tuple[Callable[[Session], Any], asyncio.Future[Any]]] = deque()
         self._writer: asyncio.Task[None] | None = None
         # ``fetch``: one stdlib connection per worker thread, closed with the database.
         self._sqlite_path = parsed.database or ""
+        # The health probe's (a SQLite file's): opened read-write, never created.
+        self._sqlite_uri = ""
+        if self._probe_executor is not None:
+            self._sqlite_uri = f"{Path(self._sqlite_path).resolve().as_uri()}?mode=rw"
         self._thread_connections = threading.local()
         self._raw_connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
@@ -738,7 +750,7 @@ class Database:
                     session.commit()
                     return result
 
-            async with asyncio.timeout(self._timeout_s * 3):
+            async with asyncio.timeout(self._thread_wait_s):
                 if write:
                     return await self._group_write(work)
                 return await asyncio.get_running_loop().run_in_executor(executor, transaction)
@@ -836,10 +848,9 @@ class Database:
         try:
             if executor is not None:
                 loop = asyncio.get_running_loop()
-                return await asyncio.wait_for(
-                    loop.run_in_executor(executor, self._fetch_sqlite, sql, params),
-                    self._timeout_s * 3,
-                )
+                # Not wait_for, which can drop a cancellation (see ``_in_thread``).
+                async with asyncio.timeout(self._thread_wait_s):
+                    return await loop.run_in_executor(executor, self._fetch_sqlite, sql, params)
             async with self.readers() as session:
                 rows = (await session.execute(text(sql), params)).all()
                 return [tuple(row) for row in rows]
@@ -866,25 +877,76 @@ class Database:
             raise OperationalError(sql, params, exc) from exc
 
     async def ping(self) -> None:
-        """Run ``SELECT 1``; raise ``TimeoutError`` if the database does not answer in time."""
+        """Run ``SELECT 1``; raise ``TimeoutError`` if the database does not answer in time.
+
+        On a SQLite file it runs in a worker thread, where SQLite's busy
+        timeout ends any wait (see ``_in_thread``).
+        """
+        executor = self._executor
+        bound = self._timeout_s if executor is None else self._thread_wait_s
         try:
+            if executor is not None:
+                await self._in_thread(executor, self._ping_sqlite)
+                return
             async with asyncio.timeout(self._timeout_s), self.engine.connect() as connection:
                 # A health check must not queue behind SQLite's writer.
                 await connection.execution_options(**{SQLITE_BEGIN: "DEFERRED"})
                 await connection.execute(text("SELECT 1"))
         except TimeoutError:
             raise TimeoutError(
-                f"database {self.display_url} did not answer within {self._timeout_s}s"
+                f"database {self.display_url} did not answer within {bound}s"
             ) from None
+
+    def _ping_sqlite(self) -> None:
+        engine = self._sync_engine
+        if engine is None:
+            raise OperationalError("", {}, RuntimeError("database closed"))
+        # Connecting runs the file's hooks (WAL, busy timeout); DEFERRED: not behind the writer.
+        with engine.connect().execution_options(**{SQLITE_BEGIN: "DEFERRED"}) as connection:
+            connection.exec_driver_sql("SELECT 1")
 
     async def _probe(self) -> None:
         """One health probe: a statement that needs the server (or the file) to answer."""
+        if self._probe_executor is not None:
+            await self._in_thread(self._probe_executor, self._probe_sqlite)
+            return
         engine = self._probe_engine or self.engine
         # SQLite answers "SELECT 1" without reading the file; the schema does not.
         sql = "SELECT 1" if self._probe_engine is not None else "SELECT count(*) FROM sqlite_master"
         async with asyncio.timeout(self._timeout_s), engine.connect() as connection:
             await connection.execution_options(**{SQLITE_BEGIN: "DEFERRED"})
             await connection.execute(text(sql))
+
+    def _probe_sqlite(self) -> None:
+        """Read the schema on a connection of its own; runs in the probe thread.
+
+        Not the pool's: a saturated pool is no outage. ``mode=rw``: a file that
+        is gone cannot be opened (an outage) rather than created anew, empty.
+        """
+        connection = sqlite3.connect(
+            self._sqlite_uri, uri=True, timeout=self._timeout_s, isolation_level=None
+        )
+        try:
+            connection.execute("SELECT count(*) FROM sqlite_master").fetchall()
+        finally:
+            connection.close()
+
+    async def _in_thread(self, executor: ThreadPoolExecutor, work: Callable[[], None]) -> None:
+        """Run SQLite ``work`` in ``executor``; the loop waits at most ``_thread_wait_s``.
+
+        Nothing here cancels SQLite work: cancelling an aiosqlite statement
+        makes SQLAlchemy discard its connection, and a second cancellation
+        while it does (the probe's own timeout after ``close`` stopped the
+        probe) is what can leave a close behind that outlives the event loop
+        (see ``_AiosqliteConnection``). In a thread the busy timeout ends a
+        wait for a lock; the loop merely stops waiting, and ``close`` waits
+        for the thread.
+        """
+        loop = asyncio.get_running_loop()
+        # asyncio.timeout, not wait_for: on 3.11 wait_for drops a cancellation
+        # that arrives as the work finishes, and ``close`` then waits forever.
+        async with asyncio.timeout(self._thread_wait_s):
+            await loop.run_in_executor(executor, work)
 
     async def migrate(self) -> None:
         """Upgrade the schema to the newest revision; a no-op when already there.
@@ -908,6 +970,9 @@ class Database:
     async def close(self) -> None:
         """Close every pooled connection."""
         await self.health.close()
+        if self._probe_executor is not None:
+            # A probe still running ends by itself, at the busy timeout at most.
+            await asyncio.to_thread(self._probe_executor.shutdown, wait=True)
         if self._executor is not None:
             # Work already queued finishes (its callers may still await it); no new work.
             executor, self._executor = self._executor, None
@@ -918,8 +983,11 @@ class Database:
             raw, self._raw_connections = self._raw_connections, []
         for connection in raw:
             connection.close()
+        # SQLite closes in aiosqlite's threads, each after the statement it runs
+        # (bounded by the busy timeout): the same bound as other thread work.
+        bound = self._timeout_s if self._probe_engine is not None else self._thread_wait_s
         try:
-            async with asyncio.timeout(self._timeout_s):
+            async with asyncio.timeout(bound):
                 await self.engine.dispose()
                 if self._probe_engine is not None:
                     await self._probe_engine.dispose()
@@ -928,7 +996,7 @@ class Database:
             # sockets die with the process.
             log.warning(
                 "database connections did not close within %ss",
-                self._timeout_s,
+                bound,
                 extra={"database": self.display_url},
             )
 
@@ -976,8 +1044,58 @@ def _sqlite_engine(url: URL, timeout_s: float) -> AsyncEngine:
         # connection to concurrent users) makes concurrent sessions take turns.
         options.update(poolclass=AsyncAdaptedQueuePool, pool_size=1, max_overflow=0)
     engine = create_async_engine(url, **options)
+    # Only aiosqlite 0.22.1 and later have ``stop``, the one SQLAlchemy force-closes with.
+    if hasattr(aiosqlite.Connection, "stop"):
+        event.listen(engine.sync_engine, "do_connect", _use_stoppable_connections)
     _install_sqlite_hooks(engine.sync_engine, timeout_s, memory=memory)
     return engine
+
+
+class _AiosqliteConnection(aiosqlite.Connection):
+    """aiosqlite's connection, whose worker thread may be told to stop more than once.
+
+    SQLAlchemy ends a connection whose statement was cancelled (a call's
+    timeout, a client gone, a task stopped) with a graceful close in a task of
+    its own; when its wait for that close is cancelled too, it also stops the
+    connection at once. The graceful close (aiosqlite 0.22) then asks for a
+    second stop and waits for it, but the worker thread ended at the first:
+    if that close was itself cancelled while queued (an event loop shutting
+    down cancels every task), nothing ever ends it and the loop's shutdown
+    hangs. Here every stop waits for the one the thread runs, each caller
+    through a view of its own: cancelling one wait does not cancel another.
+    """
+
+    def __init__(self, connector: Callable[[], sqlite3.Connection], iter_chunk_size: int) -> None:
+        super().__init__(connector, iter_chunk_size)
+        # As SQLAlchemy does with the ones it makes: a connection never closed
+        # must not keep the process alive.
+        self._thread.daemon = True
+        self._stop_asked = False
+        self._stopped: asyncio.Future[Any] | None = None
+
+    def stop(self) -> asyncio.Future[Any] | None:
+        if not self._stop_asked:
+            self._stop_asked = True
+            self._stopped = super().stop()
+        stopped = self._stopped
+        return None if stopped is None else asyncio.shield(stopped)
+
+
+def _use_stoppable_connections(
+    _dialect: Any, _record: ConnectionPoolEntry, _cargs: list[Any], cparams: dict[str, Any]
+) -> None:
+    """Make the async SQLite engine connect with ``_AiosqliteConnection``.
+
+    SQLAlchemy's aiosqlite adapter calls ``async_creator_fn`` with the
+    arguments it computed from the URL and ``connect_args``, as it would call
+    ``aiosqlite.connect``, and awaits what it returns.
+    """
+    cparams["async_creator_fn"] = _connect_aiosqlite
+
+
+def _connect_aiosqlite(database: str, **kwargs: Any) -> _AiosqliteConnection:
+    """``aiosqlite.connect`` with the connection class above (awaiting it connects)."""
+    return _AiosqliteConnection(partial(sqlite3.connect, database, **kwargs), iter_chunk_size=64)
 
 
 def _attempt(session: Session, work: Callable[[Session], Any]) -> tuple[bool, Any]:
