@@ -11,7 +11,8 @@ The event delivery section comes from ``bench/events.py`` (about 4 minutes;
 (about 3 minutes; ``--no-context`` skips it), the dispatcher section from
 ``bench/dispatcher.py`` (about 5 minutes; ``--no-dispatcher`` skips it), the
 integration hub section from ``bench/integration.py`` (about 4 minutes;
-``--no-integration`` skips it).
+``--no-integration`` skips it), the tool runs section from ``bench/tools.py``
+(about 3 minutes; ``--no-tools`` skips it).
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ def main() -> int:
     parser.add_argument("--no-context", action="store_true", help="skip bench/context.py")
     parser.add_argument("--no-dispatcher", action="store_true", help="skip bench/dispatcher.py")
     parser.add_argument("--no-integration", action="store_true", help="skip bench/integration.py")
+    parser.add_argument("--no-tools", action="store_true", help="skip bench/tools.py")
     args = parser.parse_args()
     # Cases are interleaved round by round and the median round is reported, so
     # drift on a shared machine hits every case alike.
@@ -205,6 +207,7 @@ def main() -> int:
         (args.no_context, "context.py", 1200),
         (args.no_dispatcher, "dispatcher.py", 3600),
         (args.no_integration, "integration.py", 1800),
+        (args.no_tools, "tools.py", 1800),
     ):
         if not skip:
             lines += [_section(script, timeout_s), ""]
