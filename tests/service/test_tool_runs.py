@@ -100,10 +100,13 @@ def _settings(fake: FakeOpenAI, **overrides: Any) -> dict[str, Any]:
 async def _prepare(
     server: SwitchboardServer,
     channel: aio.Channel,
+    fake: FakeOpenAI,
     everything: EverythingServer,
     *,
     approval: tuple[str, ...] = (),
-) -> tuple[World, str, str, str]:
+) -> Tools:
+    """A workspace with the reference MCP server as integration ``ev`` and an
+    assistant ``calc`` enabling two of its tools (``approval`` need a person)."""
     stub = context_stub(channel)
     world = await ctx_world(server, stub)
     conversation = (await create_conversation(stub, world.editor, world.name)).name
@@ -133,7 +136,17 @@ async def _prepare(
         metadata=world.owner.md,
         timeout=TIMEOUT_S,
     )
-    return world, conversation, created.assistant.name, made.name
+    return Tools(
+        channel,
+        server,
+        fake,
+        stub,
+        dispatcher_stub(channel),
+        world,
+        conversation,
+        created.assistant.name,
+        made.name,
+    )
 
 
 @asynccontextmanager
@@ -145,20 +158,7 @@ async def tool_mesh(
         await server.start()
         try:
             async with aio.insecure_channel(server.address) as channel:
-                world, conversation, assistant, integration = await _prepare(
-                    server, channel, everything, approval=approval
-                )
-                yield Tools(
-                    channel,
-                    server,
-                    fake,
-                    context_stub(channel),
-                    dispatcher_stub(channel),
-                    world,
-                    conversation,
-                    assistant,
-                    integration,
-                )
+                yield await _prepare(server, channel, fake, everything, approval=approval)
         finally:
             await server.shutdown(grace=0)
 
@@ -522,20 +522,8 @@ async def test_a_paused_run_survives_a_restart_of_its_replica(
         server, _ = await create_server(make_settings(**common))
         await server.start()
         async with aio.insecure_channel(server.address) as channel:
-            world, conversation, assistant, integration = await _prepare(
-                server, channel, everything, approval=("get-sum",)
-            )
-            tools = Tools(
-                channel,
-                server,
-                fake,
-                context_stub(channel),
-                dispatcher_stub(channel),
-                world,
-                conversation,
-                assistant,
-                integration,
-            )
+            tools = await _prepare(server, channel, fake, everything, approval=("get-sum",))
+            world = tools.world
             run = await _send(tools, ask(tools, "40 + 2?", timeout={"seconds": 60}))
             call, paused = await _paused(tools, run.name)
             call.cancel()
