@@ -24,6 +24,8 @@ SAMPLES = {
     "MESSAGE": "workspaces/acme/conversations/c1/messages/m1",
     "RUN": "workspaces/acme/conversations/c1/runs/r1",
     "MEMBER": "workspaces/acme/members/u1",
+    "ASSISTANT": "workspaces/acme/assistants/calc",
+    "INTEGRATION": "workspaces/acme/integrations/mcp-1",
     "USER": "users/u1",
     "SESSION": "users/u1/sessions/s1",
     "API_KEY": "users/u1/apiKeys/k1",
