@@ -519,10 +519,13 @@ def _text_of(parts: Iterable[context_pb2.ContentPart]) -> str:
 
 
 def _json_text(struct: struct_pb2.Struct) -> str:
+    # Sorted: a Struct's map has no order of its own (it differs between
+    # processes), and the same call must read the same to the model every time.
     return json.dumps(
         {key: plain(value) for key, value in struct.fields.items()},
         separators=(",", ":"),
         ensure_ascii=False,
+        sort_keys=True,
     )
 
 
