@@ -381,9 +381,15 @@ class WebhookEngine:
         self._tasks = []
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if tasks:
+            # Bounded: a task stuck in a call that ignores cancellation must not
+            # hold the process's shutdown (its claims expire by themselves).
+            _, stuck = await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT_S)
+            if stuck:
+                log.warning(
+                    "webhook tasks did not stop at close",
+                    extra={"tasks": sorted(task.get_name() for task in stuck)},
+                )
         if release:
             try:
                 async with asyncio.timeout(CLOSE_TIMEOUT_S):
