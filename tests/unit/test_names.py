@@ -26,6 +26,8 @@ SAMPLES = {
     "MEMBER": "workspaces/acme/members/u1",
     "ASSISTANT": "workspaces/acme/assistants/calc",
     "INTEGRATION": "workspaces/acme/integrations/mcp-1",
+    "TOOL": "workspaces/acme/integrations/mcp-1/tools/get-sum",
+    "TOOL_NAME": "get-sum",
     "USER": "users/u1",
     "SESSION": "users/u1/sessions/s1",
     "API_KEY": "users/u1/apiKeys/k1",

@@ -92,9 +92,7 @@ _USER = names.USER
 _SCOPE = names.MEMORY_SCOPE
 _MEMORY = names.MEMORY_ITEM
 _CLIENT_ID = re.compile(r"[a-z][a-z0-9-]{2,62}")
-#: A tool, as the integration hub names them (MCP tool names: letters, digits,
-#: ``_``, ``-`` and ``.``, at most 128).
-_TOOL: Final = re.compile(rf"workspaces/({_ID})/integrations/({_ID})/tools/[A-Za-z0-9_.-]{{1,128}}")
+_TOOL = names.TOOL
 #: A tool call's id, as models and the dispatcher make them.
 _TOOL_CALL_ID: Final = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 #: A function name as chat APIs accept it.

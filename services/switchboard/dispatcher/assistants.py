@@ -55,7 +55,7 @@ log = logging.getLogger("switchboard.dispatcher.assistants")
 _CLIENT_ID: Final = re.compile(r"[a-z][a-z0-9-]{1,62}")
 _HANDLER: Final = re.compile(rf"handlers/({names.ID})")
 #: Tool names as the integration hub accepts them (MCP's recommendation).
-_TOOL_NAME: Final = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+_TOOL_NAME: Final = names.TOOL_NAME
 #: What UpdateAssistant may change, in the contract's order.
 MUTABLE: Final = (
     "display_name",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -32,7 +31,7 @@ from switchboard.platform.secretbox import SecretBox
 
 log = logging.getLogger("switchboard.integration")
 
-INTEGRATION: Final = re.compile(rf"workspaces/({names.ID})/integrations/({names.ID})")
+INTEGRATION: Final = names.INTEGRATION
 
 #: Builds the connector of a record, given its credential in clear (None if unset).
 ConnectorFactory = Callable[[IntegrationRecord, str | None], Connector | None]

@@ -45,11 +45,7 @@ from switchboard.platform.policy import Principal
 
 log = logging.getLogger("switchboard.integration")
 
-#: MCP tool names: letters, digits, ``_``, ``-`` and ``.`` (the MCP spec's
-#: recommendation), at most 128 characters.
-TOOL: Final = re.compile(
-    rf"workspaces/({names.ID})/integrations/({names.ID})/tools/([A-Za-z0-9_.-]{{1,128}})"
-)
+TOOL: Final = names.TOOL
 MAX_VIOLATIONS: Final = 20
 #: Tools an integration's list is cached for before it is asked again.
 TOOLS_TTL_S: Final = 300.0
