@@ -57,7 +57,7 @@ from switchboard.dispatcher.assistants import Assistants
 from switchboard.dispatcher.content import ContentPolicy
 from switchboard.dispatcher.contextport import ContextPort
 from switchboard.dispatcher.feed import Feeds
-from switchboard.dispatcher.handlers import HandleCall, HandlerFailure, text_of
+from switchboard.dispatcher.handlers import HandleCall, Handler, HandlerFailure, text_of
 from switchboard.dispatcher.lifecycle import Active
 from switchboard.dispatcher.llm import LlmHandler
 from switchboard.dispatcher.router import Choice, Router
@@ -754,10 +754,7 @@ class Dispatcher:
                     request.model.CopyFrom(assistant.model)
             runner = self._runner(active, definitions, left)
             if runner is not None:
-                limit = self.tool_limits.max_steps
-                if assistant is not None and assistant.max_tool_steps:
-                    limit = min(limit, assistant.max_tool_steps)
-                request.max_tool_steps = limit
+                request.max_tool_steps = self._step_limit(assistant)
             result = await self._relay(active, HandleCall(request, mono_deadline, tools=runner))
             if runner is not None:
                 await runner.drain()
@@ -777,6 +774,13 @@ class Dispatcher:
             )
         return output, result
 
+    def _step_limit(self, assistant: pb.Assistant | None) -> int:
+        """Tool steps a run may take: the server's limit, or its assistant's lower one."""
+        limit = self.tool_limits.max_steps
+        if assistant is not None and assistant.max_tool_steps:
+            limit = min(limit, assistant.max_tool_steps)
+        return limit
+
     def _runner(
         self,
         active: Active,
@@ -792,9 +796,6 @@ class Dispatcher:
         # offered now: a call the model makes anyway is answered, not fatal.
         if not definitions and not interactive and not (assistant and assistant.tools):
             return None
-        limit = self.tool_limits.max_steps
-        if assistant is not None and assistant.max_tool_steps:
-            limit = min(limit, assistant.max_tool_steps)
         runner = RunTools(
             _RunHost(self, active),
             self._tools,
@@ -805,7 +806,7 @@ class Dispatcher:
             definitions=definitions,
             workspace_id=active.workspace_id,
             open_workspace=interactive and assistant is None,
-            max_steps=limit,
+            max_steps=self._step_limit(assistant),
             deadline=left,
         )
         active.tools = runner
@@ -1162,16 +1163,7 @@ class Dispatcher:
         handlers = [h for h in listed if h.capabilities.id > after]
         response = pb.ListHandlersResponse()
         for handler in handlers[:size]:
-            response.handlers.append(
-                pb.Handler(
-                    name=f"handlers/{handler.capabilities.id}",
-                    kind=handler.kind,
-                    capabilities=handler.capabilities,
-                    available=handler.available(),
-                    # Set for a workspace's own experts (operator-level handlers have none).
-                    integration=getattr(handler, "integration", ""),
-                )
-            )
+            response.handlers.append(_handler_proto(handler))
         if len(handlers) > size:
             response.next_page_token = self._pages.encode(
                 [handlers[size - 1].capabilities.id], token
@@ -1351,13 +1343,7 @@ class Dispatcher:
         choice = self.router.choose(forced, workspace_id, cpb.Message(), local)
         handler = choice.handler
         response = pb.DescribeConversationResponse(
-            handler=pb.Handler(
-                name=f"handlers/{handler.capabilities.id}",
-                kind=handler.kind,
-                capabilities=handler.capabilities,
-                available=handler.available(),
-                integration=getattr(handler, "integration", ""),
-            ),
+            handler=_handler_proto(handler),
             context_token_budget=(
                 (assistant.context_token_budget if assistant is not None else 0)
                 or handler.capabilities.max_context_tokens
@@ -1370,10 +1356,7 @@ class Dispatcher:
         response.tools.extend(definitions)
         response.unavailable_tools.extend(unavailable)
         if definitions or handler.capabilities.interactive:
-            limit = self.tool_limits.max_steps
-            if assistant is not None and assistant.max_tool_steps:
-                limit = min(limit, assistant.max_tool_steps)
-            response.max_tool_steps = limit
+            response.max_tool_steps = self._step_limit(assistant)
         if isinstance(handler, LlmHandler):
             response.model = handler.model_label(assistant.model if assistant is not None else None)
         return response
@@ -1439,6 +1422,17 @@ def _check_approvals(request: pb.SubmitToolApprovalsRequest) -> None:
         if len(approval.reason) > _MAX_REASON_CHARS:
             violations.add(f"{where}.reason", f"has more than {_MAX_REASON_CHARS} characters")
     violations.check()
+
+
+def _handler_proto(handler: Handler) -> pb.Handler:
+    return pb.Handler(
+        name=f"handlers/{handler.capabilities.id}",
+        kind=handler.kind,
+        capabilities=handler.capabilities,
+        available=handler.available(),
+        # Set for a workspace's own experts (operator-level handlers have none).
+        integration=getattr(handler, "integration", ""),
+    )
 
 
 def _handler_id(handler: str) -> str:

@@ -37,7 +37,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Final, Protocol
 
 from google.protobuf import json_format
 from google.rpc import code_pb2, status_pb2
@@ -178,14 +178,6 @@ class RunHost(Protocol):
         ...
 
 
-@dataclass
-class RunToolState:
-    """What a run's approvals share with SubmitToolApprovals."""
-
-    #: Set when a decision arrives; the paused runner checks whether all are made.
-    decided: asyncio.Event
-
-
 class RunTools:
     """The ``ToolRunner`` of one run."""
 
@@ -218,7 +210,8 @@ class RunTools:
         self._text: list[str] = []
         self._writes: asyncio.Future[None] | None = None
         self._run_id = run.name.rsplit("/", 1)[-1]
-        self.state = RunToolState(asyncio.Event())
+        #: Set (and replaced) when a decision is stored: waiting steps look again.
+        self._decided = asyncio.Event()
         #: Shows the answer text not yet shown (set by the relay), so each tool
         #: update comes after the text the handler streamed before it.
         self.flush: Callable[[], None] = lambda: None
@@ -304,7 +297,7 @@ class RunTools:
         """Why ``call`` cannot run (None if it can); sets ``requires_approval``."""
         if call.id in seen:
             return _status(code_pb2.INVALID_ARGUMENT, f"the call id {call.id!r} was used before")
-        tool = f"{call.integration}/tools/{call.tool}" if call.integration else ""
+        tool = _tool_name(call)
         definition = self._by_tool.get(tool)
         if definition is not None:
             call.requires_approval = definition.requires_approval
@@ -359,7 +352,7 @@ class RunTools:
                 # around the whole run (DEADLINE_EXCEEDED, not this).
                 async with asyncio.timeout(self._limits.approval_timeout_s):
                     while self._undecided(ids):
-                        await self.state.decided.wait()
+                        await self._decided.wait()
             except TimeoutError:
                 raise ApprovalExpired(
                     f"{self._undecided(ids)} tool call(s) waited for approval longer than "
@@ -371,7 +364,7 @@ class RunTools:
 
     def decided(self) -> None:
         """A decision was stored: every waiting step looks again."""
-        event, self.state.decided = self.state.decided, asyncio.Event()
+        event, self._decided = self._decided, asyncio.Event()
         event.set()
 
     def _undecided(self, ids: set[str] | None = None) -> int:
@@ -390,7 +383,7 @@ class RunTools:
         problem: status_pb2.Status | None,
         decision: pb.PendingToolCall | None,
     ) -> hpb.ToolResult:
-        tool = f"{call.integration}/tools/{call.tool}" if call.integration and call.tool else ""
+        tool = _tool_name(call)
         result = hpb.ToolResult(id=call.id, tool=tool if problem is None else "")
         if problem is not None:
             result.outcome = hpb.TOOL_OUTCOME_FAILED
@@ -485,7 +478,7 @@ class RunTools:
         for call in step.calls:
             content = cpb.ToolCallContent(
                 id=call.id,
-                tool=f"{call.integration}/tools/{call.tool}" if call.integration else "",
+                tool=_tool_name(call),
                 # Stored calls are named like the model names them (the context
                 # service requires a name when the tool is unknown).
                 function_name=(call.function_name or _UNSAFE.sub("_", call.tool))[:64] or "unknown",
@@ -525,6 +518,6 @@ def _status(code: int, message: str) -> status_pb2.Status:
     return status_pb2.Status(code=code, message=message[:_MAX_ERROR_CHARS])
 
 
-def arguments_of(call: hpb.ToolCall) -> dict[str, Any]:
-    """The call's arguments as plain JSON values."""
-    return json_format.MessageToDict(call.arguments)
+def _tool_name(call: hpb.ToolCall) -> str:
+    """The call's tool resource name; empty when it names no integration or tool."""
+    return f"{call.integration}/tools/{call.tool}" if call.integration and call.tool else ""
