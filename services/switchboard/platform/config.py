@@ -424,12 +424,24 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
 
+    # The edge.
+    trusted_proxies: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description="Comma-separated networks of proxies (Envoy) whose x-forwarded-for names "
+        "the client; from any other peer the header is ignored.",
+    )
+
     # Transport limits. Each exists so that one client cannot exhaust the process.
     max_receive_message_bytes: int = Field(default=4 * MiB, ge=1024, le=64 * MiB)
     max_send_message_bytes: int = Field(default=4 * MiB, ge=1024, le=64 * MiB)
     max_metadata_bytes: int = Field(default=16 * 1024, ge=1024, le=1 * MiB)
     max_concurrent_streams: int = Field(default=100, ge=1, le=10_000)
-    max_concurrent_rpcs: int = Field(default=1000, ge=1, le=100_000)
+    max_concurrent_rpcs: int = Field(
+        default=10_000,
+        ge=1,
+        le=100_000,
+        description="Calls in flight per process, open streams included (each Subscribe holds one).",
+    )
     keepalive_time_s: float = Field(default=60.0, gt=0)
     keepalive_timeout_s: float = Field(default=20.0, gt=0)
     keepalive_min_client_ping_interval_s: float = Field(
@@ -457,7 +469,12 @@ class Settings(BaseSettings):
     )
 
     @field_validator(
-        "services", "signing_keys", "dispatcher_blocklist", "egress_allow_cidrs", mode="before"
+        "services",
+        "signing_keys",
+        "dispatcher_blocklist",
+        "egress_allow_cidrs",
+        "trusted_proxies",
+        mode="before",
     )
     @classmethod
     def _split_csv(cls, value: object) -> object:

@@ -1,0 +1,1 @@
+"""Deployment: Envoy's configuration, the development certificate, the mesh launcher."""

@@ -1,0 +1,185 @@
+"""The deployment subcommands of ``switchboard``: ``envoy`` and ``dev-cert``.
+
+Each module they use is imported only when its command runs: ``serve`` never
+pays for envoy-data-plane's import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from switchboard.deploy.envoy import EdgeSpec
+
+EXIT_USAGE = 2
+
+
+def add_envoy_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    envoy = sub.add_parser(
+        "envoy",
+        help="print Envoy's configuration for either shape",
+        description="Render the Envoy bootstrap (YAML) from typed envoy-data-plane messages. "
+        "The server limits it must agree with (SWITCHBOARD_MAX_CONCURRENT_RPCS, "
+        "_MAX_CONCURRENT_STREAMS, _MAX_METADATA_BYTES, _KEEPALIVE_MIN_CLIENT_PING_INTERVAL_S, "
+        "the heartbeats) are read from the environment, as the servers read them.",
+    )
+    envoy.add_argument(
+        "--shape",
+        choices=("all-in-one", "mesh"),
+        default="all-in-one",
+        help="one upstream serving everything (default), or one cluster per service",
+    )
+    envoy.add_argument(
+        "--upstream",
+        default="127.0.0.1:50051",
+        metavar="HOST:PORT",
+        help="all-in-one: the server (default 127.0.0.1:50051)",
+    )
+    envoy.add_argument(
+        "--service",
+        action="append",
+        default=[],
+        metavar="NAME=HOST:PORT[,HOST:PORT...]",
+        help="mesh: a service's replicas, once per service (auth, context, dispatcher, "
+        "integration, events); a DNS name stands for every address it resolves to",
+    )
+    envoy.add_argument(
+        "--listen",
+        default="127.0.0.1:8080",
+        metavar="HOST:PORT",
+        help="plain HTTP listener: native gRPC (h2c) and grpc-web (default 127.0.0.1:8080)",
+    )
+    envoy.add_argument(
+        "--tls-listen",
+        metavar="HOST:PORT",
+        help="TLS listener with ALPN h2,http/1.1 (browsers get HTTP/2); needs --tls-cert/--tls-key",
+    )
+    envoy.add_argument(
+        "--tls-cert", metavar="FILE", help="PEM certificate chain (as Envoy sees it)"
+    )
+    envoy.add_argument("--tls-key", metavar="FILE", help="PEM private key (as Envoy sees it)")
+    envoy.add_argument(
+        "--admin",
+        default="127.0.0.1:9901",
+        metavar="HOST:PORT",
+        help="Envoy's admin interface; loopback only (default 127.0.0.1:9901)",
+    )
+    envoy.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a CORS origin allowed to call, e.g. https://app.example.com (repeatable); default "
+        "'*' (any origin: tokens travel in the authorization header, not cookies)",
+    )
+    envoy.add_argument(
+        "--stream-idle-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="cut a stream after this long without a frame; above the heartbeat (default 300)",
+    )
+    envoy.add_argument(
+        "--unary-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="route timeout of unary calls that carry no deadline (default 60)",
+    )
+    envoy.add_argument(
+        "--health-interval",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="active gRPC health check interval per replica (default 5)",
+    )
+    envoy.add_argument("--output", "-o", type=Path, help="file to write; default stdout")
+
+
+def add_dev_cert_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    cert = sub.add_parser(
+        "dev-cert",
+        help="make a self-signed certificate for the development TLS listener",
+        description="Write dev-cert.pem and dev-key.pem (ECDSA P-256, for localhost, "
+        "127.0.0.1 and ::1) for Envoy's TLS listener. For development only.",
+    )
+    cert.add_argument("directory", type=Path, help="where to write the two files")
+    cert.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another DNS name or IP the certificate is valid for (repeatable)",
+    )
+    cert.add_argument("--days", type=int, default=30, help="validity in days (default 30)")
+    cert.add_argument("--force", action="store_true", help="replace existing files")
+
+
+def run_envoy(args: argparse.Namespace) -> int:
+    from switchboard.deploy import envoy
+
+    try:
+        spec = envoy_spec(args)
+        text = envoy.render(spec)
+    except envoy.SpecError as exc:
+        print(f"switchboard envoy: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        args.output.write_text(text)
+    return 0
+
+
+def envoy_spec(args: argparse.Namespace) -> EdgeSpec:
+    """The ``EdgeSpec`` the ``envoy`` command's arguments describe."""
+    from switchboard.deploy.envoy import EdgeSpec, HostPort, ServerLimits, SpecError, Tls
+
+    tls_parts = (args.tls_listen, args.tls_cert, args.tls_key)
+    if any(tls_parts) and not all(tls_parts):
+        raise SpecError("--tls-listen, --tls-cert and --tls-key go together")
+    common = {
+        "listen": HostPort.parse(args.listen),
+        "admin": HostPort.parse(args.admin),
+        "tls": Tls(HostPort.parse(args.tls_listen), args.tls_cert, args.tls_key)
+        if args.tls_listen
+        else None,
+        "allow_origins": tuple(args.allow_origin) or ("*",),
+        "limits": ServerLimits.from_environment(os.environ),
+        "stream_idle_timeout_s": args.stream_idle_timeout,
+        "unary_timeout_s": args.unary_timeout,
+        "health_interval_s": args.health_interval,
+    }
+    if args.shape == "all-in-one":
+        if args.service:
+            raise SpecError("--service is for --shape mesh; all-in-one takes --upstream")
+        return EdgeSpec.all_in_one(HostPort.parse(args.upstream), **common)
+    upstreams: dict[str, tuple[HostPort, ...]] = {}
+    for entry in args.service:
+        name, sep, addresses = entry.partition("=")
+        if not sep or not addresses:
+            raise SpecError(f"--service expects NAME=HOST:PORT[,HOST:PORT...], got {entry!r}")
+        if name in upstreams:
+            raise SpecError(f"--service {name} given twice")
+        upstreams[name] = tuple(HostPort.parse(part) for part in addresses.split(","))
+    return EdgeSpec(upstreams=upstreams, **common)
+
+
+def run_dev_cert(args: argparse.Namespace) -> int:
+    from switchboard.deploy.devcert import DEFAULT_HOSTS, CertError, make_dev_cert
+
+    try:
+        made = make_dev_cert(
+            args.directory, hosts=(*DEFAULT_HOSTS, *args.host), days=args.days, force=args.force
+        )
+    except CertError as exc:
+        print(f"switchboard dev-cert: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"certificate {made.cert_file}")
+    print(f"private key {made.key_file}")
+    print(f"valid for {', '.join(made.hosts)} until {made.not_after:%Y-%m-%d}")
+    return 0

@@ -1,0 +1,643 @@
+"""The Envoy bootstrap for both shapes, built from envoy-data-plane's typed messages.
+
+One function, ``bootstrap(spec)``, knows both shapes: all-in-one (every service
+at one upstream) and the mesh (each service its own cluster of replicas). What
+it derives, and from where:
+
+- **Routes come from the contracts.** Every method of every API service gets its
+  route from its descriptor: streaming methods go to the service's *streams*
+  cluster with no route timeout (a Subscribe lasts hours; the stream idle
+  timeout, above the server's heartbeat, cuts dead ones); unary methods go to
+  the *unary* cluster with a route timeout. Methods whose contract says
+  ``idempotency_level = NO_SIDE_EFFECTS`` or ``IDEMPOTENT`` are retried on
+  UNAVAILABLE and resets; every other method only when the request never
+  reached a server (connect failure, refused stream).
+- **Two clusters per service, same replicas.** Each open stream holds one of a
+  cluster's requests for its whole life, so streams and unary calls get separate
+  circuit breakers: a thousand subscribers cannot make the next SendMessage
+  answer 503. Both are sized from the server's own limit (``max_concurrent_rpcs``
+  per replica), so Envoy never admits more than the replicas would accept.
+- **Limits match the server's**: request header size (``max_metadata_bytes``),
+  upstream HTTP/2 streams per connection (``max_concurrent_streams``), keepalive
+  pings no more often than the server tolerates.
+- **Health**: active gRPC health checks per service name (grpc.health.v1) and
+  outlier detection on local-origin failures only (a refused or reset
+  connection), so a client's own deadline or a handler's error never ejects a
+  healthy replica.
+- **The edge**: grpc-web and CORS as before, plain HTTP and (with certificate
+  files) TLS with ALPN ``h2,http/1.1`` so browsers get HTTP/2; Envoy sets
+  ``x-forwarded-for`` from the connection it sees (``use_remote_address``), and
+  the servers trust it only from their configured proxies; the admin interface
+  only on loopback.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, cast
+
+import betterproto2
+import yaml
+from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
+from envoy_data_plane.envoy.config.cluster.v3 import (
+    CircuitBreakers,
+    CircuitBreakersThresholds,
+    CircuitBreakersThresholdsRetryBudget,
+    Cluster,
+    ClusterDiscoveryType,
+    ClusterDnsLookupFamily,
+    OutlierDetection,
+)
+from envoy_data_plane.envoy.config.core.v3 import (
+    Address,
+    DataSource,
+    HealthCheck,
+    HealthCheckGrpcHealthCheck,
+    Http2ProtocolOptions,
+    KeepaliveSettings,
+    RoutingPriority,
+    SocketAddress,
+    TransportSocket,
+)
+from envoy_data_plane.envoy.config.endpoint.v3 import (
+    ClusterLoadAssignment,
+    Endpoint,
+    LbEndpoint,
+    LocalityLbEndpoints,
+)
+from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
+from envoy_data_plane.envoy.config.route.v3 import (
+    RetryPolicy,
+    RetryPolicyRetryHostPredicate,
+    Route,
+    RouteAction,
+    RouteActionMaxStreamDuration,
+    RouteConfiguration,
+    RouteMatch,
+    VirtualHost,
+)
+from envoy_data_plane.envoy.extensions.filters.http.cors.v3 import Cors, CorsPolicy
+from envoy_data_plane.envoy.extensions.filters.http.grpc_web.v3 import GrpcWeb
+from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
+    HttpConnectionManager,
+    HttpConnectionManagerCodecType,
+    HttpFilter,
+)
+from envoy_data_plane.envoy.extensions.retry.host.previous_hosts.v3 import PreviousHostsPredicate
+from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
+    CommonTlsContext,
+    DownstreamTlsContext,
+    TlsCertificate,
+)
+from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
+    HttpProtocolOptions,
+    HttpProtocolOptionsExplicitHttpConfig,
+)
+from envoy_data_plane.envoy.type.matcher.v3 import RegexMatcher, StringMatcher
+from envoy_data_plane.envoy.type.v3 import Percent
+from envoy_data_plane.google.protobuf import Any as AnyMessage
+from google.protobuf import descriptor_pb2
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+
+from switchboard.api.auth.v1 import auth_pb2
+from switchboard.api.context.v1 import context_pb2
+from switchboard.api.dispatcher.v1 import dispatcher_pb2
+from switchboard.api.events.v1 import events_pb2
+from switchboard.api.integration.v1 import integration_pb2
+from switchboard.platform.config import PREFIX, Settings
+
+#: Each short service name (``SWITCHBOARD_SERVICES``) and the contract it serves.
+API: Final[dict[str, ServiceDescriptor]] = {
+    "auth": auth_pb2.DESCRIPTOR.services_by_name["AuthService"],
+    "context": context_pb2.DESCRIPTOR.services_by_name["ContextService"],
+    "dispatcher": dispatcher_pb2.DESCRIPTOR.services_by_name["DispatcherService"],
+    "integration": integration_pb2.DESCRIPTOR.services_by_name["IntegrationService"],
+    "events": events_pb2.DESCRIPTOR.services_by_name["EventService"],
+}
+#: Every process serves these itself; in the mesh Envoy sends them to this service's replicas.
+HEALTH_PATH: Final = "/grpc.health.v1.Health/"
+REFLECTION_PATHS: Final = (
+    "/grpc.reflection.v1.ServerReflection/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+)
+#: Names of the listeners (tests and operators find the ports by them in /listeners).
+PLAIN_LISTENER: Final = "grpc_web"
+TLS_LISTENER: Final = "grpc_web_tls"
+ALPN: Final = ("h2", "http/1.1")
+
+_SAFE_LEVELS: Final = frozenset(
+    {
+        descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS,
+        descriptor_pb2.MethodOptions.IDEMPOTENT,
+    }
+)
+#: Retries for a request that never reached a server: safe for every method.
+_RETRY_UNSENT: Final = "connect-failure,refused-stream"
+#: ... and, for methods the contract marks safe to repeat, after UNAVAILABLE or a reset.
+_RETRY_SAFE: Final = f"{_RETRY_UNSENT},unavailable,reset"
+_CORS_HEADERS: Final = (
+    "authorization, content-type, x-grpc-web, x-user-agent, x-request-id, grpc-timeout"
+)
+_CORS_EXPOSE: Final = "grpc-status, grpc-message, grpc-status-details-bin, x-request-id"
+
+
+def _as_declared(name: str) -> str:
+    # betterproto2's attribute names are the proto field names.
+    return name
+
+
+#: A "casing" for ``Message.to_dict`` that keeps the names (it only calls the casing).
+_AS_DECLARED: Final = cast(betterproto2.Casing, _as_declared)
+
+
+class SpecError(ValueError):
+    """The spec cannot make a working, safe Envoy configuration."""
+
+
+@dataclass(frozen=True)
+class HostPort:
+    """An address; the host is an IP literal or a DNS name (resolved by Envoy)."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> HostPort:
+        """``HOST:PORT`` (``[::1]:8080`` for IPv6); port 0 lets Envoy pick one."""
+        host, sep, port = text.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise SpecError(f"expected HOST:PORT, got {text!r}")
+        return cls(host, int(port))
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def is_ip(self) -> bool:
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return False
+        return True
+
+
+#: The server settings Envoy must agree with (``Settings`` field names).
+_LIMIT_SETTINGS: Final = (
+    "max_concurrent_rpcs",
+    "max_concurrent_streams",
+    "max_metadata_bytes",
+    "keepalive_min_client_ping_interval_s",
+    "events_heartbeat_s",
+    "dispatcher_heartbeat_s",
+)
+
+
+def _setting_default(name: str) -> Any:
+    return Settings.model_fields[name].default
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """The limits of the upstream servers (their ``Settings``) Envoy must agree with.
+
+    The defaults are the servers' defaults; ``from_environment`` reads the same
+    ``SWITCHBOARD_*`` variables the servers read, so a config rendered beside
+    them agrees with them without needing their secrets.
+    """
+
+    max_concurrent_rpcs: int = _setting_default("max_concurrent_rpcs")
+    max_concurrent_streams: int = _setting_default("max_concurrent_streams")
+    max_metadata_bytes: int = _setting_default("max_metadata_bytes")
+    keepalive_min_client_ping_interval_s: float = _setting_default(
+        "keepalive_min_client_ping_interval_s"
+    )
+    #: The longest a live stream stays silent (the larger of the two heartbeats).
+    heartbeat_s: float = max(
+        _setting_default("events_heartbeat_s"), _setting_default("dispatcher_heartbeat_s")
+    )
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str]) -> ServerLimits:
+        """The defaults, overridden by whichever of the variables are set."""
+        values: dict[str, float] = {}
+        for name in _LIMIT_SETTINGS:
+            text = environ.get(f"{PREFIX}{name.upper()}")
+            if text is None:
+                values[name] = _setting_default(name)
+                continue
+            try:
+                values[name] = float(text)
+            except ValueError:
+                raise SpecError(f"{PREFIX}{name.upper()}={text!r} is not a number") from None
+        return cls(
+            max_concurrent_rpcs=int(values["max_concurrent_rpcs"]),
+            max_concurrent_streams=int(values["max_concurrent_streams"]),
+            max_metadata_bytes=int(values["max_metadata_bytes"]),
+            keepalive_min_client_ping_interval_s=values["keepalive_min_client_ping_interval_s"],
+            heartbeat_s=max(values["events_heartbeat_s"], values["dispatcher_heartbeat_s"]),
+        )
+
+
+@dataclass(frozen=True)
+class Tls:
+    """A TLS listener: where, and the PEM files Envoy reads (paths as Envoy sees them)."""
+
+    listen: HostPort
+    cert_file: str
+    key_file: str
+
+
+@dataclass(frozen=True)
+class EdgeSpec:
+    """What the edge needs to know; ``bootstrap`` turns it into Envoy's configuration.
+
+    ``upstreams`` maps a short service name to its replicas. The all-in-one shape
+    is every service at the same address (``all_in_one``); the mesh gives each
+    its own. A DNS name is resolved by Envoy (``STRICT_DNS``: every address it
+    returns is a replica, as a Kubernetes headless Service answers).
+    """
+
+    upstreams: dict[str, tuple[HostPort, ...]]
+    listen: HostPort = HostPort("127.0.0.1", 8080)
+    admin: HostPort = HostPort("127.0.0.1", 9901)
+    tls: Tls | None = None
+    allow_origins: tuple[str, ...] = ("*",)
+    limits: ServerLimits = ServerLimits()
+    #: Share of each replica's ``max_concurrent_rpcs`` kept for unary calls; streams get the rest.
+    unary_share: float = 0.1
+    unary_timeout_s: float = 60.0
+    stream_idle_timeout_s: float = 300.0
+    health_interval_s: float = 5.0
+    health_timeout_s: float = 2.0
+    connect_timeout_s: float = 5.0
+    #: Streams per downstream HTTP/2 connection (a browser tab multiplexes everything on one).
+    downstream_max_streams: int = 1024
+
+    @classmethod
+    def all_in_one(cls, upstream: HostPort, **kwargs: Any) -> EdgeSpec:
+        return cls(upstreams={name: (upstream,) for name in API}, **kwargs)
+
+
+def bootstrap(spec: EdgeSpec) -> Bootstrap:
+    """Envoy's bootstrap for ``spec``. Raises SpecError for an unsafe or unworkable spec."""
+    _check(spec)
+    listeners = [_listener(PLAIN_LISTENER, spec.listen, spec, None)]
+    if spec.tls is not None:
+        listeners.append(_listener(TLS_LISTENER, spec.tls.listen, spec, spec.tls))
+    clusters = [
+        cluster
+        for name in _served(spec)
+        for cluster in (_cluster(name, spec, streams=False), _cluster(name, spec, streams=True))
+    ]
+    return Bootstrap(
+        admin=Admin(address=_address(spec.admin)),
+        static_resources=BootstrapStaticResources(listeners=listeners, clusters=clusters),
+    )
+
+
+def render(spec: EdgeSpec) -> str:
+    """The bootstrap as YAML with a header saying how it was made."""
+    # Proto field names, as Envoy's own documentation writes them. Not Casing.SNAKE:
+    # it re-cases the names and breaks those with digits ("consecutive_5_xx").
+    config = bootstrap(spec).to_dict(casing=_AS_DECLARED)
+    body: str = yaml.safe_dump(config, sort_keys=False, default_flow_style=False, width=100)
+    shape = "all-in-one" if _single_upstream(spec) else "mesh"
+    header = (
+        f"# Envoy bootstrap for Switchboard ({shape} shape), generated by `switchboard envoy`\n"
+        "# from envoy-data-plane's typed messages (switchboard/deploy/envoy.py). Do not edit:\n"
+        "# change the generator or its options and render it again.\n"
+    )
+    return header + body + "\n"
+
+
+# Checks: refuse what would be unsafe (admin off loopback) or could never work.
+
+
+def _check(spec: EdgeSpec) -> None:
+    missing = sorted(set(API) - set(spec.upstreams))
+    if missing:
+        raise SpecError(f"no upstream for {', '.join(missing)}")
+    unknown = sorted(set(spec.upstreams) - set(API))
+    if unknown:
+        raise SpecError(f"unknown services {', '.join(unknown)}; known: {', '.join(API)}")
+    for name, replicas in spec.upstreams.items():
+        if not replicas:
+            raise SpecError(f"{name} has no replicas")
+        for replica in replicas:
+            if replica.port == 0:
+                raise SpecError(f"{name} upstream {replica} has port 0")
+    if not _is_loopback(spec.admin.host):
+        raise SpecError(
+            f"the admin interface must listen on loopback, not {spec.admin.host!r}: "
+            "it can stop Envoy and dump its configuration"
+        )
+    if spec.stream_idle_timeout_s <= spec.limits.heartbeat_s:
+        raise SpecError(
+            f"stream idle timeout {spec.stream_idle_timeout_s:g}s must be above the "
+            f"server's heartbeat ({spec.limits.heartbeat_s:g}s), or live streams are cut"
+        )
+    if not 0 < spec.unary_share < 1:
+        raise SpecError("unary_share must be between 0 and 1")
+    if spec.unary_timeout_s <= 0:
+        raise SpecError("the unary timeout must be positive")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _single_upstream(spec: EdgeSpec) -> bool:
+    return len({replicas for replicas in spec.upstreams.values()}) == 1
+
+
+def _served(spec: EdgeSpec) -> list[str]:
+    """Cluster names: one per distinct set of replicas (all-in-one has one)."""
+    if _single_upstream(spec):
+        return ["switchboard"]
+    return list(API)
+
+
+def _cluster_of(service: str, spec: EdgeSpec) -> str:
+    return "switchboard" if _single_upstream(spec) else service
+
+
+# Listeners and routes.
+
+
+def _address(where: HostPort) -> Address:
+    return Address(socket_address=SocketAddress(address=where.host, port_value=where.port))
+
+
+def _pack(message: Any) -> AnyMessage:
+    return AnyMessage.pack(message)
+
+
+def _seconds(value: float) -> dt.timedelta:
+    return dt.timedelta(seconds=value)
+
+
+def _listener(name: str, where: HostPort, spec: EdgeSpec, tls: Tls | None) -> Listener:
+    manager = HttpConnectionManager(
+        stat_prefix=name,
+        codec_type=HttpConnectionManagerCodecType.AUTO,
+        stream_idle_timeout=_seconds(spec.stream_idle_timeout_s),
+        # The client address the servers see (x-forwarded-for) is the peer of this
+        # connection, appended after whatever the client sent; the servers take
+        # the rightmost address that is not a trusted proxy.
+        use_remote_address=True,
+        xff_num_trusted_hops=0,
+        # Reject what the server would reject anyway, before it costs an upstream stream.
+        max_request_headers_kb=max(1, math.ceil(spec.limits.max_metadata_bytes / 1024)),
+        http2_protocol_options=Http2ProtocolOptions(
+            max_concurrent_streams=spec.downstream_max_streams,
+        ),
+        route_config=_routes(spec),
+        http_filters=[
+            HttpFilter(name="envoy.filters.http.grpc_web", typed_config=_pack(GrpcWeb())),
+            HttpFilter(name="envoy.filters.http.cors", typed_config=_pack(Cors())),
+            HttpFilter(name="envoy.filters.http.router", typed_config=_pack(Router())),
+        ],
+    )
+    chain = FilterChain(
+        filters=[
+            Filter(
+                name="envoy.filters.network.http_connection_manager",
+                typed_config=_pack(manager),
+            )
+        ]
+    )
+    if tls is not None:
+        context = DownstreamTlsContext(
+            common_tls_context=CommonTlsContext(
+                tls_certificates=[
+                    TlsCertificate(
+                        certificate_chain=DataSource(filename=tls.cert_file),
+                        private_key=DataSource(filename=tls.key_file),
+                    )
+                ],
+                alpn_protocols=list(ALPN),
+            )
+        )
+        chain.transport_socket = TransportSocket(
+            name="envoy.transport_sockets.tls", typed_config=_pack(context)
+        )
+    return Listener(name=name, address=_address(where), filter_chains=[chain])
+
+
+def _origin_matchers(origins: Sequence[str]) -> list[StringMatcher]:
+    if not origins or "*" in origins:
+        return [StringMatcher(safe_regex=RegexMatcher(regex=".*"))]
+    return [StringMatcher(exact=origin) for origin in origins]
+
+
+def _routes(spec: EdgeSpec) -> RouteConfiguration:
+    cors = CorsPolicy(
+        allow_origin_string_match=_origin_matchers(spec.allow_origins),
+        allow_methods="POST, OPTIONS",
+        allow_headers=_CORS_HEADERS,
+        expose_headers=_CORS_EXPOSE,
+        max_age="86400",
+        # A preflight from an origin not allowed is answered here, without CORS
+        # headers (the browser then refuses), never sent to a server.
+        forward_not_matching_preflights=False,
+    )
+    routes: list[Route] = []
+    for service, descriptor in API.items():
+        routes += _service_routes(descriptor, _cluster_of(service, spec), spec)
+    # Health and reflection: every process serves its own; through Envoy they go
+    # to the dispatcher's replicas (all-in-one: the one server).
+    fallback = _cluster_of("dispatcher", spec)
+    routes.append(_route(RouteMatch(prefix=HEALTH_PATH), fallback, spec, unary=True, safe=True))
+    for prefix in REFLECTION_PATHS:
+        routes.append(_route(RouteMatch(prefix=prefix), fallback, spec, unary=False, safe=False))
+    return RouteConfiguration(
+        name="switchboard",
+        virtual_hosts=[
+            VirtualHost(
+                name="switchboard",
+                domains=["*"],
+                routes=routes,
+                typed_per_filter_config={"envoy.filters.http.cors": _pack(cors)},
+            )
+        ],
+    )
+
+
+def _streaming(method: MethodDescriptor) -> bool:
+    proto = descriptor_pb2.MethodDescriptorProto()
+    method.CopyToProto(proto)
+    return proto.client_streaming or proto.server_streaming
+
+
+def safe_to_retry(method: MethodDescriptor) -> bool:
+    """Whether the contract marks ``method`` safe to repeat (its idempotency level)."""
+    return method.GetOptions().idempotency_level in _SAFE_LEVELS
+
+
+def _service_routes(service: ServiceDescriptor, cluster: str, spec: EdgeSpec) -> list[Route]:
+    """Exact routes for streaming and retry-safe methods, then one prefix for the rest."""
+    routes: list[Route] = []
+    for method in service.methods:
+        path = f"/{service.full_name}/{method.name}"
+        if _streaming(method):
+            routes.append(_route(RouteMatch(path=path), cluster, spec, unary=False, safe=False))
+        elif safe_to_retry(method):
+            routes.append(_route(RouteMatch(path=path), cluster, spec, unary=True, safe=True))
+    prefix = RouteMatch(prefix=f"/{service.full_name}/")
+    routes.append(_route(prefix, cluster, spec, unary=True, safe=False))
+    return routes
+
+
+def _route(match: RouteMatch, cluster: str, spec: EdgeSpec, *, unary: bool, safe: bool) -> Route:
+    action = RouteAction(
+        cluster=cluster if unary else f"{cluster}_streams",
+        # Streams have no route timeout; unary calls without a deadline get one.
+        timeout=_seconds(spec.unary_timeout_s if unary else 0),
+        # A client's grpc-timeout wins over the route timeout, uncapped.
+        max_stream_duration=RouteActionMaxStreamDuration(grpc_timeout_header_max=_seconds(0)),
+    )
+    if unary:
+        action.retry_policy = RetryPolicy(
+            retry_on=_RETRY_SAFE if safe else _RETRY_UNSENT,
+            num_retries=2,
+            retry_host_predicate=[
+                RetryPolicyRetryHostPredicate(
+                    name="envoy.retry_host_predicates.previous_hosts",
+                    typed_config=_pack(PreviousHostsPredicate()),
+                )
+            ],
+            host_selection_retry_max_attempts=3,
+        )
+    return Route(match=match, route=action)
+
+
+# Clusters.
+
+
+def _cluster(service: str, spec: EdgeSpec, *, streams: bool) -> Cluster:
+    replicas = spec.upstreams[service] if service in spec.upstreams else _all(spec)
+    name = f"{service}_streams" if streams else service
+    per_replica = spec.limits.max_concurrent_rpcs
+    unary_per_replica = max(1, int(per_replica * spec.unary_share))
+    allowed = (per_replica - unary_per_replica) if streams else unary_per_replica
+    hosts = _replica_count(replicas)
+    requests = allowed * hosts
+    # Connections Envoy may need: each carries at most the server's streams per connection.
+    connections = hosts * max(1, math.ceil(allowed / spec.limits.max_concurrent_streams)) + hosts
+    thresholds = CircuitBreakersThresholds(
+        priority=RoutingPriority.DEFAULT,
+        max_connections=connections,
+        max_pending_requests=requests,
+        max_requests=requests,
+        # Retries may add a fifth on top of the load, never a storm.
+        retry_budget=CircuitBreakersThresholdsRetryBudget(
+            budget_percent=Percent(value=20.0), min_retry_concurrency=10
+        ),
+        track_remaining=True,
+    )
+    dns = not all(replica.is_ip for replica in replicas)
+    cluster = Cluster(
+        name=name,
+        type=ClusterDiscoveryType.STRICT_DNS if dns else ClusterDiscoveryType.STATIC,
+        connect_timeout=_seconds(spec.connect_timeout_s),
+        typed_extension_protocol_options={
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _pack(
+                HttpProtocolOptions(
+                    explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+                        http2_protocol_options=Http2ProtocolOptions(
+                            max_concurrent_streams=spec.limits.max_concurrent_streams,
+                            # Pings no more often than the server tolerates (it
+                            # answers faster ones with GOAWAY too_many_pings).
+                            connection_keepalive=KeepaliveSettings(
+                                interval=_seconds(
+                                    2 * spec.limits.keepalive_min_client_ping_interval_s
+                                ),
+                                timeout=_seconds(20),
+                            ),
+                        )
+                    )
+                )
+            )
+        },
+        load_assignment=ClusterLoadAssignment(
+            cluster_name=name,
+            endpoints=[
+                LocalityLbEndpoints(
+                    lb_endpoints=[
+                        LbEndpoint(endpoint=Endpoint(address=_address(replica)))
+                        for replica in replicas
+                    ]
+                )
+            ],
+        ),
+        circuit_breakers=CircuitBreakers(thresholds=[thresholds]),
+        health_checks=[_health_check(service, spec)],
+        outlier_detection=OutlierDetection(
+            # Only failures Envoy saw itself (refused, reset, timed out connecting)
+            # eject a replica: a status the server chose, a client's deadline
+            # (504) included, says nothing about the replica's health.
+            split_external_local_origin_errors=True,
+            consecutive_local_origin_failure=3,
+            enforcing_consecutive_local_origin_failure=100,
+            enforcing_consecutive_5xx=0,
+            enforcing_consecutive_gateway_failure=0,
+            enforcing_success_rate=0,
+            interval=_seconds(5),
+            base_ejection_time=_seconds(10),
+            # With two replicas, one at most is ever ejected.
+            max_ejection_percent=50,
+        ),
+    )
+    if dns:
+        cluster.dns_lookup_family = ClusterDnsLookupFamily.V4_PREFERRED
+    return cluster
+
+
+def _all(spec: EdgeSpec) -> tuple[HostPort, ...]:
+    return next(iter(spec.upstreams.values()))
+
+
+def _replica_count(replicas: Iterable[HostPort]) -> int:
+    # A DNS name may stand for several replicas; size for at least one each.
+    return max(1, len(tuple(replicas)))
+
+
+def _health_check(service: str, spec: EdgeSpec) -> HealthCheck:
+    # The all-in-one server is healthy when "" is (every service it serves).
+    name = "" if service == "switchboard" else API[service].full_name
+    return HealthCheck(
+        timeout=_seconds(spec.health_timeout_s),
+        interval=_seconds(spec.health_interval_s),
+        unhealthy_threshold=2,
+        healthy_threshold=1,
+        # A fresh or restarted replica is checked at once, not after an interval.
+        no_traffic_interval=_seconds(spec.health_interval_s),
+        grpc_health_check=HealthCheckGrpcHealthCheck(service_name=name),
+    )
+
+
+__all__ = [
+    "ALPN",
+    "API",
+    "PLAIN_LISTENER",
+    "TLS_LISTENER",
+    "EdgeSpec",
+    "HostPort",
+    "ServerLimits",
+    "SpecError",
+    "Tls",
+    "bootstrap",
+    "render",
+    "safe_to_retry",
+]
