@@ -440,7 +440,7 @@ class Settings(BaseSettings):
         default=10_000,
         ge=1,
         le=100_000,
-        description="Calls in flight per process, open streams included (each Subscribe holds one).",
+        description="Calls in flight per process, open streams included (a Subscribe holds one).",
     )
     keepalive_time_s: float = Field(default=60.0, gt=0)
     keepalive_timeout_s: float = Field(default=20.0, gt=0)
