@@ -1,15 +1,11 @@
 """Browsers' path into the mesh: grpc-web through a real Envoy to a real server.
 
 A real `switchboard serve` process sits behind a real Envoy configured by
-`switchboard envoy` (grpc_web filter, CORS, HTTP/2 upstream). The client below speaks
-grpc-web the way a browser library does, over HTTP/1.1 with httpx: a POST with
-``content-type: application/grpc-web+proto`` whose body is one 5-byte-prefixed
-message (flag byte, big-endian length); the response body is a sequence of such
-frames, data frames (flag 0x00) then one trailer frame (flag 0x80) whose payload
-is ``name: value`` lines (grpc-status, grpc-message, grpc-status-details-bin).
-A call that fails before any message is a "trailers-only" response: Envoy then
-puts the status in the HTTP headers and the body is empty, which is why CORS
-must expose those headers to the page.
+`switchboard envoy` (grpc_web filter, CORS, HTTP/2 upstream). The client
+(tests/e2e/grpcweb.py) speaks grpc-web the way a browser library does, over
+HTTP/1.1 with httpx. A call that fails before any message is a "trailers-only"
+response: Envoy then puts the status in the HTTP headers and the body is empty,
+which is why CORS must expose those headers to the page.
 
 Every await has a deadline; heartbeats are 0.5 s so idle streams still talk.
 """
@@ -17,191 +13,33 @@ Every await has a deadline; heartbeats are 0.5 s so idle streams still talk.
 from __future__ import annotations
 
 import asyncio
-import base64
-import struct
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import Any, Final, TypeVar
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, Final
 
 import httpx
 import pytest
-from google.protobuf.message import Message
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import error_details_pb2
 
 from switchboard.api.auth.v1 import auth_pb2
 from switchboard.api.context.v1 import context_pb2
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.events.v1 import events_pb2
 from tests.e2e.envoy import EnvoyProcess
+from tests.e2e.grpcweb import (
+    AUTH,
+    CONTEXT,
+    DEADLINE_S,
+    DISPATCHER,
+    EVENTS,
+    ORIGIN,
+    GrpcWeb,
+)
 from tests.e2e.procs import ServeProcess
 from tests.service.authkit import PASSWORD, unique_email
 
 pytestmark = pytest.mark.e2e
 
-DEADLINE_S: Final = 10.0
 HEARTBEAT_S: Final = 0.5
-ORIGIN: Final = "http://console.switchboard.test:5173"
-CONTENT_TYPE: Final = "application/grpc-web+proto"
-_HEADER: Final = struct.Struct(">BI")
-_TRAILER_FLAG: Final = 0x80
-_COMPRESSED_FLAG: Final = 0x01
-_AUTH: Final = "/switchboard.api.auth.v1.AuthService/"
-_EVENTS: Final = "/switchboard.api.events.v1.EventService/"
-_CONTEXT: Final = "/switchboard.api.context.v1.ContextService/"
-_DISPATCHER: Final = "/switchboard.api.dispatcher.v1.DispatcherService/"
-
-M = TypeVar("M", bound=Message)
-
-
-# -- a grpc-web client ------------------------------------------------------------------
-
-
-def encode(message: Message) -> bytes:
-    payload = message.SerializeToString()
-    return _HEADER.pack(0, len(payload)) + payload
-
-
-def unbase64(value: str) -> bytes:
-    """gRPC sends -bin metadata as base64 without padding."""
-    return base64.b64decode(value + "=" * (-len(value) % 4))
-
-
-@dataclass
-class WebStatus:
-    """How a grpc-web call ended, and where the status was found."""
-
-    code: int
-    message: str
-    metadata: dict[str, str]
-    #: "trailers" (a 0x80 frame in the body) or "headers" (a trailers-only response).
-    carried_in: str
-
-    @property
-    def details(self) -> status_pb2.Status:
-        raw = self.metadata.get("grpc-status-details-bin")
-        assert raw, f"no grpc-status-details-bin in {self.metadata}"
-        status = status_pb2.Status()
-        status.ParseFromString(unbase64(raw))
-        return status
-
-    def detail(self, cls: type[M]) -> M:
-        for item in self.details.details:
-            if item.Is(cls.DESCRIPTOR):
-                found = cls()
-                item.Unpack(found)
-                return found
-        raise AssertionError(f"no {cls.DESCRIPTOR.name} in {self.details}")
-
-
-def _status_from(lines: Mapping[str, str], carried_in: str) -> WebStatus:
-    assert "grpc-status" in lines, f"no grpc-status in the {carried_in}: {dict(lines)}"
-    return WebStatus(
-        code=int(lines["grpc-status"]),
-        message=lines.get("grpc-message", ""),
-        metadata=dict(lines),
-        carried_in=carried_in,
-    )
-
-
-@dataclass
-class WebCall:
-    """One grpc-web response being read frame by frame as bytes arrive."""
-
-    response: httpx.Response
-    chunks: AsyncIterator[bytes]
-    buffer: bytearray = field(default_factory=bytearray)
-    status: WebStatus | None = None
-
-    async def _fill(self, size: int) -> bool:
-        """Read until ``size`` bytes are buffered; False if the body ended first."""
-        while len(self.buffer) < size:
-            async with asyncio.timeout(DEADLINE_S):
-                chunk = await anext(self.chunks, None)
-            if chunk is None:
-                return False
-            self.buffer += chunk
-        return True
-
-    async def next_frame(self) -> bytes | None:
-        """The next message's bytes, or None once the call ended (``status`` is set)."""
-        if self.status is not None:
-            return None
-        if not await self._fill(_HEADER.size):
-            assert not self.buffer, f"the body ended inside a frame header: {bytes(self.buffer)!r}"
-            # No trailer frame: a trailers-only response carries the status in its headers.
-            self.status = _status_from(self.response.headers, "headers")
-            return None
-        flags, length = _HEADER.unpack_from(self.buffer)
-        assert not flags & _COMPRESSED_FLAG, "compressed frames were not asked for"
-        assert await self._fill(_HEADER.size + length), "the body ended inside a frame"
-        payload = bytes(self.buffer[_HEADER.size : _HEADER.size + length])
-        del self.buffer[: _HEADER.size + length]
-        if not flags & _TRAILER_FLAG:
-            return payload
-        lines: dict[str, str] = {}
-        for line in payload.decode("ascii").split("\r\n"):
-            if line:
-                name, _, value = line.partition(":")
-                lines[name.strip().lower()] = value.strip()
-        self.status = _status_from(lines, "trailers")
-        assert not await self._fill(1), "data after the trailer frame"
-        return None
-
-    async def next_message(self, parse: Callable[[bytes], M]) -> M | None:
-        payload = await self.next_frame()
-        return None if payload is None else parse(payload)
-
-    async def finish(self) -> WebStatus:
-        """Read to the end; the call's status (any further message is an error)."""
-        payload = await self.next_frame()
-        assert payload is None, "a message arrived where the call should end"
-        assert self.status is not None
-        return self.status
-
-
-class GrpcWeb:
-    """grpc-web over HTTP/1.1, as a browser sends it (through Envoy's grpc_web filter)."""
-
-    def __init__(self, client: httpx.AsyncClient, token: str = "") -> None:
-        self.client = client
-        self.token = token
-
-    def headers(self) -> dict[str, str]:
-        headers = {
-            "content-type": CONTENT_TYPE,
-            "accept": CONTENT_TYPE,
-            "x-grpc-web": "1",
-            "x-user-agent": "grpc-web-python-test/1.0",
-            "origin": ORIGIN,
-        }
-        if self.token:
-            headers["authorization"] = f"Bearer {self.token}"
-        return headers
-
-    @asynccontextmanager
-    async def call(self, path: str, request: Message) -> AsyncIterator[WebCall]:
-        """Start a call; the response body is read lazily, frame by frame."""
-        sent = self.client.build_request(
-            "POST", path, content=encode(request), headers=self.headers()
-        )
-        async with asyncio.timeout(DEADLINE_S):
-            response = await self.client.send(sent, stream=True)
-        try:
-            assert response.status_code == 200, response.status_code
-            assert response.headers["content-type"].startswith(CONTENT_TYPE)
-            assert response.headers["access-control-allow-origin"] == ORIGIN
-            yield WebCall(response, response.aiter_raw())
-        finally:
-            async with asyncio.timeout(DEADLINE_S):
-                await response.aclose()
-
-    async def unary(
-        self, path: str, request: Message, parse: Callable[[bytes], M]
-    ) -> tuple[M | None, WebStatus]:
-        async with self.call(path, request) as call:
-            message = await call.next_message(parse)
-            return message, await call.finish()
 
 
 # -- fixtures ---------------------------------------------------------------------------
@@ -236,7 +74,7 @@ async def _register(http: httpx.AsyncClient) -> auth_pb2.RegisterResponse:
         email=unique_email("web"), password=PASSWORD, display_name="Web"
     )
     registered, status = await GrpcWeb(http).unary(
-        _AUTH + "Register", request, auth_pb2.RegisterResponse.FromString
+        AUTH + "Register", request, auth_pb2.RegisterResponse.FromString
     )
     assert status.code == 0, status
     assert registered is not None
@@ -259,7 +97,7 @@ async def test_unary_register_through_grpc_web(http: httpx.AsyncClient) -> None:
     request = auth_pb2.RegisterRequest(
         email=unique_email("web"), password=PASSWORD, display_name="Web"
     )
-    async with GrpcWeb(http).call(_AUTH + "Register", request) as call:
+    async with GrpcWeb(http).call(AUTH + "Register", request) as call:
         assert call.response.http_version == "HTTP/1.1"
         assert call.response.headers["server"] == "envoy"
         registered = await call.next_message(auth_pb2.RegisterResponse.FromString)
@@ -278,7 +116,7 @@ async def test_subscribe_streams_heartbeats_and_events_through_envoy(
     registered = await _register(http)
     web = GrpcWeb(http, registered.tokens.access_token)
     parse = events_pb2.SubscribeResponse.FromString
-    async with web.call(_EVENTS + "Subscribe", _subscribe_request(registered.user.name)) as call:
+    async with web.call(EVENTS + "Subscribe", _subscribe_request(registered.user.name)) as call:
         # First frame: a heartbeat meaning "the subscription is live".
         first = await call.next_message(parse)
         assert _frame_kind(first) == "heartbeat"
@@ -291,7 +129,7 @@ async def test_subscribe_streams_heartbeats_and_events_through_envoy(
 
         # Something happens to the user: it arrives on the open response.
         created, status = await web.unary(
-            _AUTH + "CreateApiKey",
+            AUTH + "CreateApiKey",
             auth_pb2.CreateApiKeyRequest(display_name="web", scopes=["read"]),
             auth_pb2.CreateApiKeyResponse.FromString,
         )
@@ -314,7 +152,7 @@ async def test_subscribe_streams_heartbeats_and_events_through_envoy(
 
         # Signing out ends the subscription mid-stream: the status arrives in a trailer frame.
         _, status = await web.unary(
-            _AUTH + "Logout", auth_pb2.LogoutRequest(), auth_pb2.LogoutResponse.FromString
+            AUTH + "Logout", auth_pb2.LogoutRequest(), auth_pb2.LogoutResponse.FromString
         )
         assert status.code == 0, status
         revoked: list[events_pb2.Event] = []
@@ -341,14 +179,14 @@ async def test_a_browser_sends_watches_and_cancels_a_run_through_envoy(
     registered = await _register(http)
     web = GrpcWeb(http, registered.tokens.access_token)
     workspace, status = await web.unary(
-        _CONTEXT + "CreateWorkspace",
+        CONTEXT + "CreateWorkspace",
         context_pb2.CreateWorkspaceRequest(workspace=context_pb2.Workspace(display_name="Web")),
         context_pb2.CreateWorkspaceResponse.FromString,
     )
     assert status.code == 0, status
     assert workspace is not None
     created, status = await web.unary(
-        _CONTEXT + "CreateConversation",
+        CONTEXT + "CreateConversation",
         context_pb2.CreateConversationRequest(parent=workspace.workspace.name),
         context_pb2.CreateConversationResponse.FromString,
     )
@@ -360,13 +198,13 @@ async def test_a_browser_sends_watches_and_cancels_a_run_through_envoy(
     )
     send.parameters.update({"delay_ms": 60_000})
     sent, status = await web.unary(
-        _DISPATCHER + "SendMessage", send, dispatcher_pb2.SendMessageResponse.FromString
+        DISPATCHER + "SendMessage", send, dispatcher_pb2.SendMessageResponse.FromString
     )
     assert status.code == 0, status
     assert sent is not None
     parse = dispatcher_pb2.WatchRunResponse.FromString
     watch = dispatcher_pb2.WatchRunRequest(name=sent.run.name)
-    async with web.call(_DISPATCHER + "WatchRun", watch) as call:
+    async with web.call(DISPATCHER + "WatchRun", watch) as call:
         kinds: list[str] = []
         while "delta" not in kinds:
             frame = await call.next_message(parse)
@@ -380,7 +218,7 @@ async def test_a_browser_sends_watches_and_cancels_a_run_through_envoy(
         assert frame.WhichOneof("frame") == "heartbeat"
 
         cancelled, status = await web.unary(
-            _DISPATCHER + "CancelRun",
+            DISPATCHER + "CancelRun",
             dispatcher_pb2.CancelRunRequest(name=sent.run.name),
             dispatcher_pb2.CancelRunResponse.FromString,
         )
@@ -403,7 +241,7 @@ async def test_error_before_any_message_is_a_trailers_only_response(
     registered = await _register(http)
     web = GrpcWeb(http, registered.tokens.access_token)
     request = _subscribe_request("not-a-user-name")
-    async with web.call(_EVENTS + "Subscribe", request) as call:
+    async with web.call(EVENTS + "Subscribe", request) as call:
         status = await call.finish()
         exposed = call.response.headers["access-control-expose-headers"]
     assert (status.code, status.carried_in) == (3, "headers"), status
@@ -418,7 +256,7 @@ async def test_error_before_any_message_is_a_trailers_only_response(
 
 
 async def test_unauthenticated_subscribe_fails_with_status(http: httpx.AsyncClient) -> None:
-    async with GrpcWeb(http).call(_EVENTS + "Subscribe", _subscribe_request("users/x")) as call:
+    async with GrpcWeb(http).call(EVENTS + "Subscribe", _subscribe_request("users/x")) as call:
         status = await call.finish()
     assert status.code == 16, status
     assert status.detail(error_details_pb2.ErrorInfo).reason == "ERROR_REASON_UNAUTHENTICATED"
@@ -441,7 +279,7 @@ PREFLIGHT_HEADERS: Final = (
 async def test_cors_preflight_allows_the_grpc_web_headers(http: httpx.AsyncClient) -> None:
     async with asyncio.timeout(DEADLINE_S):
         answer = await http.options(
-            _EVENTS + "Subscribe",
+            EVENTS + "Subscribe",
             headers={
                 "origin": ORIGIN,
                 "access-control-request-method": "POST",
@@ -465,7 +303,7 @@ async def test_cors_preflight_allows_the_grpc_web_headers(http: httpx.AsyncClien
 async def test_cors_preflight_from_another_origin_gets_no_grant(http: httpx.AsyncClient) -> None:
     async with asyncio.timeout(DEADLINE_S):
         answer = await http.options(
-            _EVENTS + "Subscribe",
+            EVENTS + "Subscribe",
             headers={
                 "origin": "https://elsewhere.example",
                 "access-control-request-method": "POST",
