@@ -458,7 +458,9 @@ def _routes(spec: EdgeSpec) -> RouteConfiguration:
     # Health and reflection: every process serves its own; through Envoy they go
     # to the dispatcher's replicas (all-in-one: the one server).
     fallback = _cluster_of("dispatcher", spec)
-    routes.append(_route(RouteMatch(prefix=HEALTH_PATH), fallback, spec, unary=True, safe=True))
+    check, watch = RouteMatch(path=f"{HEALTH_PATH}Check"), RouteMatch(path=f"{HEALTH_PATH}Watch")
+    routes.append(_route(check, fallback, spec, unary=True, safe=True))
+    routes.append(_route(watch, fallback, spec, unary=False, safe=False))
     for prefix in REFLECTION_PATHS:
         routes.append(_route(RouteMatch(prefix=prefix), fallback, spec, unary=False, safe=False))
     return RouteConfiguration(
@@ -469,6 +471,8 @@ def _routes(spec: EdgeSpec) -> RouteConfiguration:
                 domains=["*"],
                 routes=routes,
                 typed_per_filter_config={"envoy.filters.http.cors": _pack(cors)},
+                # Requests that never reached a server are safe to send again, streams too.
+                retry_policy=_retry_policy(_RETRY_UNSENT),
             )
         ],
     )
@@ -507,19 +511,25 @@ def _route(match: RouteMatch, cluster: str, spec: EdgeSpec, *, unary: bool, safe
         # A client's grpc-timeout wins over the route timeout, uncapped.
         max_stream_duration=RouteActionMaxStreamDuration(grpc_timeout_header_max=_seconds(0)),
     )
-    if unary:
-        action.retry_policy = RetryPolicy(
-            retry_on=_RETRY_SAFE if safe else _RETRY_UNSENT,
-            num_retries=2,
-            retry_host_predicate=[
-                RetryPolicyRetryHostPredicate(
-                    name="envoy.retry_host_predicates.previous_hosts",
-                    typed_config=_pack(PreviousHostsPredicate()),
-                )
-            ],
-            host_selection_retry_max_attempts=3,
-        )
+    if safe:
+        # Every other route inherits the virtual host's unsent-only policy.
+        action.retry_policy = _retry_policy(_RETRY_SAFE)
     return Route(match=match, route=action)
+
+
+def _retry_policy(retry_on: str) -> RetryPolicy:
+    return RetryPolicy(
+        retry_on=retry_on,
+        num_retries=2,
+        # A retry goes to another replica when there is one.
+        retry_host_predicate=[
+            RetryPolicyRetryHostPredicate(
+                name="envoy.retry_host_predicates.previous_hosts",
+                typed_config=_pack(PreviousHostsPredicate()),
+            )
+        ],
+        host_selection_retry_max_attempts=3,
+    )
 
 
 # Clusters.
