@@ -4,6 +4,7 @@
 #               (first installs missing system packages: scripts/install-deps.sh)
 #   make gen    regenerate gen/ from proto/ (offline)
 #   make bench  run bench/ and write BENCHMARKS.md
+#   make deploy-files  render deploy/'s Envoy configs (scripts/render-deploy.py)
 
 PYTHON ?= python3
 VENV   := .venv
@@ -12,10 +13,11 @@ STAMP  := $(VENV)/.installed-stamp
 HOST   ?= 127.0.0.1
 PORT   ?= 50051
 
-.PHONY: run serve test check deps lint typecheck contracts gen tools pytest bench clean help
+.PHONY: run serve test check deps lint typecheck contracts gen tools pytest bench clean help \
+	deploy-files
 
 help:
-	@sed -n '2,6p' Makefile
+	@sed -n '2,7p' Makefile
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || bash scripts/install-deps.sh venv
@@ -60,6 +62,11 @@ test check:
 
 bench: $(STAMP)
 	$(PY) bench/run.py
+
+# Envoy's configs for deploy/compose.yaml and deploy/k8s/, from the manifests (checked by
+# tests/unit/test_deploy.py, as gen/ is by `make contracts`).
+deploy-files: $(STAMP)
+	$(PY) scripts/render-deploy.py
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache clients/node/node_modules
