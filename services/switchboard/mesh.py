@@ -76,6 +76,7 @@ from switchboard.platform.authn import Guard
 from switchboard.platform.breaker import Breakers
 from switchboard.platform.bus import EventBus
 from switchboard.platform.cache import Cache
+from switchboard.platform.clientaddr import TrustedProxies
 from switchboard.platform.config import ConfigError, Settings
 from switchboard.platform.db import (
     Database,
@@ -135,7 +136,9 @@ SERVICES: dict[str, tuple[ServiceDescriptor, frozenset[str], Factory]] = {
     "auth": (
         auth_servicer.SERVICE,
         frozenset(),
-        lambda d: auth_servicer.AuthServiceServicer(d.accounts, d.keys),
+        lambda d: auth_servicer.AuthServiceServicer(
+            d.accounts, d.keys, TrustedProxies.parse(d.settings.trusted_proxies)
+        ),
     ),
     "context": (
         context_servicer.SERVICE,
@@ -295,6 +298,8 @@ def check_settings(settings: Settings) -> None:
         ),
         # Names its own variables; without a base URL the settings refuse the rest.
         ("SWITCHBOARD_LLM_BASE_URL", lambda: settings.llm_base_url and llm_config(settings)),
+        # Names its variable and each bad entry.
+        ("SWITCHBOARD_TRUSTED_PROXIES", lambda: TrustedProxies.parse(settings.trusted_proxies)),
     )
     problems = []
     for variable, parse in checks:

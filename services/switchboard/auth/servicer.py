@@ -14,6 +14,7 @@ from switchboard.auth.accounts import Accounts, ClientContext, IssuedTokens, Sig
 from switchboard.auth.tokens import KeyRing
 from switchboard.platform import names, timefields
 from switchboard.platform.authn import current_principal
+from switchboard.platform.clientaddr import TrustedProxies, client_address, forwarded_values
 from switchboard.platform.errors import FieldViolation, InvalidArgument
 from switchboard.platform.models import ApiKeyRow, FederatedIdentityRow, SessionRow, UserRow
 from switchboard.platform.policy import AuthMethod
@@ -28,7 +29,6 @@ _AUTH_METHODS = {
 }
 _SESSION_NAME = names.SESSION
 _API_KEY_NAME = names.API_KEY
-_PEER = re.compile(r"(?:ipv4:|ipv6:)?\[?(.*?)\]?:[0-9]+")
 
 
 def _ts(when: dt.datetime | None) -> Timestamp | None:
@@ -39,9 +39,12 @@ def _ts(when: dt.datetime | None) -> Timestamp | None:
     return stamp
 
 
-def _client(context: Any, info: auth_pb2.ClientInfo) -> ClientContext:
-    match = _PEER.fullmatch(context.peer() or "")
-    address = match.group(1) if match else (context.peer() or "unknown")
+def _client(context: Any, info: auth_pb2.ClientInfo, trusted: TrustedProxies) -> ClientContext:
+    # Behind Envoy the peer is Envoy: the client is in x-forwarded-for, if the
+    # peer is a proxy we trust (platform/clientaddr.py).
+    address = client_address(
+        context.peer() or "", forwarded_values(context.invocation_metadata()), trusted
+    )
     return ClientContext(address=address, user_agent=info.user_agent, device_name=info.device_name)
 
 
@@ -117,8 +120,9 @@ def _name_part(pattern: re.Pattern[str], name: str, field: str) -> str:
 class AuthServiceServicer(auth_pb2_grpc.AuthServiceServicer):
     """AuthService transport."""
 
-    def __init__(self, accounts: Accounts, keys: KeyRing) -> None:
+    def __init__(self, accounts: Accounts, keys: KeyRing, trusted_proxies: TrustedProxies) -> None:
         self._accounts = accounts
+        self._trusted_proxies = trusted_proxies
         jwks = keys.jwks()
         self._jwks = auth_pb2.GetJwksResponse(
             keys=[auth_pb2.JsonWebKey(**key) for key in jwks],
@@ -132,13 +136,13 @@ class AuthServiceServicer(auth_pb2_grpc.AuthServiceServicer):
             request.email,
             request.password,
             request.display_name,
-            _client(context, request.client_info),
+            _client(context, request.client_info, self._trusted_proxies),
         )
         user, tokens, session = _sign_in(result)
         return auth_pb2.RegisterResponse(user=user, tokens=tokens, session=session)
 
     async def Login(self, request: auth_pb2.LoginRequest, context: Any) -> auth_pb2.LoginResponse:
-        client = _client(context, request.client_info)
+        client = _client(context, request.client_info, self._trusted_proxies)
         which = request.WhichOneof("credential")
         if which == "password":
             result = await self._accounts.login_password(
@@ -158,7 +162,7 @@ class AuthServiceServicer(auth_pb2_grpc.AuthServiceServicer):
         self, request: auth_pb2.RefreshTokenRequest, context: Any
     ) -> auth_pb2.RefreshTokenResponse:
         tokens = await self._accounts.refresh(
-            request.refresh_token, _client(context, auth_pb2.ClientInfo())
+            request.refresh_token, _client(context, auth_pb2.ClientInfo(), self._trusted_proxies)
         )
         return auth_pb2.RefreshTokenResponse(tokens=_tokens(tokens))
 
