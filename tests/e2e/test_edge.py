@@ -142,6 +142,9 @@ def test_envoy_runs_the_generated_configuration(envoy: EnvoyProcess) -> None:
 
     bootstrap = _of_type(dump, "BootstrapConfigDump")["bootstrap"]
     assert bootstrap["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    [monitor] = bootstrap["overload_manager"]["resource_monitors"]
+    assert monitor["name"] == "envoy.resource_monitors.global_downstream_max_connections"
+    assert int(monitor["typed_config"]["max_active_downstream_connections"]) > MANY_STREAMS
 
 
 def _check_routes(host: dict[str, Any]) -> None:

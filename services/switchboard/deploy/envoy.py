@@ -70,6 +70,7 @@ from envoy_data_plane.envoy.config.endpoint.v3 import (
     LocalityLbEndpoints,
 )
 from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
+from envoy_data_plane.envoy.config.overload.v3 import OverloadManager, ResourceMonitor
 from envoy_data_plane.envoy.config.route.v3 import (
     RetryPolicy,
     RetryPolicyRetryHostPredicate,
@@ -87,6 +88,9 @@ from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v
     HttpConnectionManager,
     HttpConnectionManagerCodecType,
     HttpFilter,
+)
+from envoy_data_plane.envoy.extensions.resource_monitors.downstream_connections.v3 import (
+    DownstreamConnectionsConfig,
 )
 from envoy_data_plane.envoy.extensions.retry.host.previous_hosts.v3 import PreviousHostsPredicate
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
@@ -278,6 +282,8 @@ class EdgeSpec:
     connect_timeout_s: float = 5.0
     #: Streams per downstream HTTP/2 connection (a browser tab multiplexes everything on one).
     downstream_max_streams: int = 1024
+    #: Client connections Envoy holds at once, over all listeners.
+    max_downstream_connections: int = 50_000
 
     @classmethod
     def all_in_one(cls, upstream: HostPort, **kwargs: Any) -> EdgeSpec:
@@ -298,6 +304,20 @@ def bootstrap(spec: EdgeSpec) -> Bootstrap:
     return Bootstrap(
         admin=Admin(address=_address(spec.admin)),
         static_resources=BootstrapStaticResources(listeners=listeners, clusters=clusters),
+        # Every connection costs memory whether or not it sends anything: past this
+        # many, Envoy refuses new ones instead of running out.
+        overload_manager=OverloadManager(
+            resource_monitors=[
+                ResourceMonitor(
+                    name="envoy.resource_monitors.global_downstream_max_connections",
+                    typed_config=_pack(
+                        DownstreamConnectionsConfig(
+                            max_active_downstream_connections=spec.max_downstream_connections
+                        )
+                    ),
+                )
+            ]
+        ),
     )
 
 
