@@ -192,12 +192,27 @@ def k8s_upstreams(documents: Sequence[Mapping[str, Any]]) -> dict[str, list[str]
     return upstreams
 
 
+def k8s_replicas(documents: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """How many pods serve each service: a headless Service's name stands for all of them."""
+    counts: dict[str, int] = {}
+    for doc in documents:
+        if doc["kind"] != "Deployment":
+            continue
+        for container in doc["spec"]["template"]["spec"]["containers"]:
+            for served in _served(_env(container)):
+                if served:
+                    counts[served] = counts.get(served, 0) + int(doc["spec"].get("replicas", 1))
+    return counts
+
+
 def k8s_envoy_config(documents: Sequence[Mapping[str, Any]]) -> str:
     cert, key = K8S_TLS
+    replicas = k8s_replicas(documents)
     argv = [
         "--shape",
         "mesh",
         *_service_args(k8s_upstreams(documents)),
+        *[arg for name in API for arg in ("--replicas", f"{name}={replicas[name]}")],
         "--listen",
         "0.0.0.0:8080",
         "--tls-listen",

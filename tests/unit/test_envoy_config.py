@@ -158,6 +158,18 @@ def test_dns_names_are_resolved_by_envoy_into_every_replica() -> None:
     clusters = _clusters(_config(EdgeSpec(upstreams=_mesh(events=named))))
     assert clusters["events"]["type"] == "STRICT_DNS"
     assert clusters["auth"]["type"] == "STATIC"
+    # One name, three pods behind it: the breakers make room for three.
+    sized = _clusters(_config(EdgeSpec(upstreams=_mesh(events=named), replicas={"events": 3})))
+
+    def requests(found: dict[str, dict[str, Any]], name: str) -> int:
+        value: int = found[name]["circuit_breakers"]["thresholds"][0]["max_requests"]
+        return value
+
+    assert requests(sized, "events_streams") == 3 * requests(clusters, "events_streams")
+    with pytest.raises(SpecError, match="unknown service billing"):
+        render(EdgeSpec(upstreams=_mesh(), replicas={"billing": 2}))
+    with pytest.raises(SpecError, match="between 1 and"):
+        render(EdgeSpec(upstreams=_mesh(), replicas={"events": 0}))
 
 
 def test_breakers_follow_the_servers_limits() -> None:

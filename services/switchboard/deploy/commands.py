@@ -48,6 +48,14 @@ def add_envoy_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "integration, events); a DNS name stands for every address it resolves to",
     )
     envoy.add_argument(
+        "--replicas",
+        action="append",
+        default=[],
+        metavar="NAME=N",
+        help="mesh: how many replicas a service's DNS name stands for (a Kubernetes headless "
+        "Service); Envoy's circuit breakers are sized for them (default: one per address)",
+    )
+    envoy.add_argument(
         "--listen",
         default="127.0.0.1:8080",
         metavar="HOST:PORT",
@@ -155,8 +163,10 @@ def envoy_spec(args: argparse.Namespace) -> EdgeSpec:
         "health_interval_s": args.health_interval,
     }
     if args.shape == "all-in-one":
-        if args.service:
-            raise SpecError("--service is for --shape mesh; all-in-one takes --upstream")
+        if args.service or args.replicas:
+            raise SpecError(
+                "--service and --replicas are for --shape mesh; all-in-one takes --upstream"
+            )
         return EdgeSpec.all_in_one(HostPort.parse(args.upstream), **common)
     upstreams: dict[str, tuple[HostPort, ...]] = {}
     for entry in args.service:
@@ -166,7 +176,13 @@ def envoy_spec(args: argparse.Namespace) -> EdgeSpec:
         if name in upstreams:
             raise SpecError(f"--service {name} given twice")
         upstreams[name] = tuple(HostPort.parse(part) for part in addresses.split(","))
-    return EdgeSpec(upstreams=upstreams, **common)
+    replicas: dict[str, int] = {}
+    for entry in args.replicas:
+        name, sep, count = entry.partition("=")
+        if not sep or not count.isdigit():
+            raise SpecError(f"--replicas expects NAME=N, got {entry!r}")
+        replicas[name] = int(count)
+    return EdgeSpec(upstreams=upstreams, replicas=replicas, **common)
 
 
 def run_dev_cert(args: argparse.Namespace) -> int:

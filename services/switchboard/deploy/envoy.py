@@ -37,7 +37,7 @@ import datetime as dt
 import ipaddress
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, cast
 
 import betterproto2
@@ -284,6 +284,10 @@ class EdgeSpec:
     downstream_max_streams: int = 1024
     #: Client connections Envoy holds at once, over all listeners.
     max_downstream_connections: int = 50_000
+    #: How many replicas stand behind a service's addresses, where a DNS name is several
+    #: (a Kubernetes headless Service): the breakers are sized for them. Default: one
+    #: replica per address.
+    replicas: Mapping[str, int] = field(default_factory=dict)
 
     @classmethod
     def all_in_one(cls, upstream: HostPort, **kwargs: Any) -> EdgeSpec:
@@ -346,12 +350,7 @@ def _check(spec: EdgeSpec) -> None:
     unknown = sorted(set(spec.upstreams) - set(API))
     if unknown:
         raise SpecError(f"unknown services {', '.join(unknown)}; known: {', '.join(API)}")
-    for name, replicas in spec.upstreams.items():
-        if not replicas:
-            raise SpecError(f"{name} has no replicas")
-        for replica in replicas:
-            if replica.port == 0:
-                raise SpecError(f"{name} upstream {replica} has port 0")
+    _check_replicas(spec)
     if not _is_loopback(spec.admin.host):
         raise SpecError(
             f"the admin interface must listen on loopback, not {spec.admin.host!r}: "
@@ -366,6 +365,20 @@ def _check(spec: EdgeSpec) -> None:
         raise SpecError("unary_share must be between 0 and 1")
     if spec.unary_timeout_s <= 0:
         raise SpecError("the unary timeout must be positive")
+
+
+def _check_replicas(spec: EdgeSpec) -> None:
+    for name, replicas in spec.upstreams.items():
+        if not replicas:
+            raise SpecError(f"{name} has no replicas")
+        for replica in replicas:
+            if replica.port == 0:
+                raise SpecError(f"{name} upstream {replica} has port 0")
+    for name, count in spec.replicas.items():
+        if name not in spec.upstreams:
+            raise SpecError(f"replicas given for unknown service {name}")
+        if not 1 <= count <= 10_000:
+            raise SpecError(f"{name}: replicas must be between 1 and 10000")
 
 
 def _is_loopback(host: str) -> bool:
@@ -561,7 +574,7 @@ def _cluster(service: str, spec: EdgeSpec, *, streams: bool) -> Cluster:
     per_replica = spec.limits.max_concurrent_rpcs
     unary_per_replica = max(1, int(per_replica * spec.unary_share))
     allowed = (per_replica - unary_per_replica) if streams else unary_per_replica
-    hosts = _replica_count(replicas)
+    hosts = max(spec.replicas.get(service, 0), _replica_count(replicas))
     requests = allowed * hosts
     # Connections Envoy may need: each carries at most the server's streams per connection.
     connections = hosts * max(1, math.ceil(allowed / spec.limits.max_concurrent_streams)) + hosts
