@@ -31,6 +31,7 @@ from sqlalchemy import Connection, delete, event, inspect, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, StatementError
 from sqlalchemy.orm import Session
 
+from switchboard.platform.config import ConfigError
 from switchboard.platform.db import (
     SQLITE_BEGIN,
     Database,
@@ -165,6 +166,29 @@ async def test_downgrade_to_base_then_upgrade_again(db: Database) -> None:
 
     assert await schema_snapshot(db) == migrated
     assert await current_revision(db) == head_revision()
+
+
+async def test_without_auto_migrate_an_older_schema_is_refused(db: Database) -> None:
+    # Empty, then one revision behind: a process would fail on its first query.
+    with pytest.raises(ConfigError, match=r"schema is at empty.*switchboard migrate"):
+        await db.check_schema()
+    await db.migrate()
+    await db.downgrade("-1")
+    with pytest.raises(ConfigError, match="older than this version's"):
+        await db.check_schema()
+    await db.migrate()
+    await db.check_schema()
+
+
+async def test_without_auto_migrate_a_newer_schema_is_served(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rolling upgrade migrates first; replicas of the previous version keep serving."""
+    await db.migrate()
+    async with db.engine.begin() as connection:
+        await connection.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    await db.check_schema()
+    assert "newer than this version (9999)" in caplog.text
 
 
 async def test_migrated_schema_matches_the_models(db: Database) -> None:

@@ -45,6 +45,8 @@ from typing import Any, Final, TypeVar
 import aiosqlite
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import URL, Connection, Engine, ExceptionContext, make_url
 from sqlalchemy.exc import (
@@ -963,6 +965,36 @@ class Database:
         """
         await self._run_alembic(lambda config: command.upgrade(config, "head"))
 
+    async def check_schema(self) -> None:
+        """Refuse a schema older than this code's (``SWITCHBOARD_DATABASE_AUTO_MIGRATE=false``).
+
+        A schema *newer* than the code is accepted: during a rolling upgrade the
+        new version migrates first and old replicas keep serving (migrations
+        only add), and a rollback starts old code on the new schema.
+        """
+        found: list[str | None] = []
+
+        def read(connection: Connection) -> None:
+            migration = MigrationContext.configure(connection)
+            found.extend(migration.get_current_heads() or [None])
+
+        async with _alembic_lock(), self.engine.connect() as connection:
+            await connection.run_sync(read)
+        scripts = ScriptDirectory.from_config(alembic_config())
+        head = scripts.get_current_head()
+        known = {revision.revision for revision in scripts.walk_revisions()}
+        if any(current is None or (current in known and current != head) for current in found):
+            at = ", ".join(current or "empty" for current in found)
+            raise ConfigError(
+                f"the database schema is at {at}, older than this version's {head}; run "
+                "`switchboard migrate` (or set SWITCHBOARD_DATABASE_AUTO_MIGRATE=true)"
+            )
+        if any(current is not None and current not in known for current in found):
+            log.warning(
+                "the database schema is newer than this version (%s); serving anyway",
+                ", ".join(str(current) for current in found),
+            )
+
     async def downgrade(self, revision: str) -> None:
         """Downgrade the schema to ``revision`` (``"base"`` drops every table)."""
         await self._run_alembic(lambda config: command.downgrade(config, revision))
@@ -1020,6 +1052,8 @@ async def open_database(url: str, *, timeout_s: float, migrate: bool) -> Databas
         await database.ping()
         if migrate:
             await database.migrate()
+        else:
+            await database.check_schema()
         database.health.start()
     except BaseException:
         await database.close()
