@@ -2,7 +2,8 @@
 # Installs the system packages Switchboard needs, when they are missing:
 #   scripts/install-deps.sh        everything `make test` needs: git, make, Go, Node.js and npm,
 #                                  redis-server and PostgreSQL's server binaries (the suite
-#                                  starts its own servers and never skips them), python3-venv
+#                                  starts its own servers and never skips them), Chromium (the
+#                                  browser test), python3-venv
 #   scripts/install-deps.sh venv   only what creating .venv needs (`make run`)
 # `make test` and `.ci/run` both run it. Idempotent: nothing missing, nothing done (quick).
 # It installs with apt-get, as root or through sudo; where it cannot, it names the packages
@@ -46,6 +47,7 @@ if [[ $scope == test ]]; then
   absent npm && want npm "npm (the Node.js client's packages)"
   absent redis-server && want redis-server "redis-server (the suite starts its own)"
   postgres_present || want postgresql "initdb, pg_ctl, postgres (the suite starts its own)"
+  absent chromium && want chromium "chromium (tests/e2e/test_browser.py drives it headless)"
 fi
 ((${#missing[@]} == 0)) && exit 0
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the external tools the tests drive, into .tools/bin (pinned versions):
-#   grpcurl, grpc-health-probe (Go), the Node client's packages and the MCP
-#   reference server the connector tests run (tests/mcp, npm ci).
+#   grpcurl, grpc-health-probe (Go), the Node client's packages, the MCP
+#   reference server the connector tests run (tests/mcp, npm ci) and puppeteer-core
+#   for the browser test (tests/browser, npm ci; it drives the system's Chromium).
 # Idempotent: a tool already at the pinned version is left alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,5 +49,10 @@ if [[ ! -f tests/mcp/node_modules/@modelcontextprotocol/server-everything/dist/i
   || [[ tests/mcp/package-lock.json -nt tests/mcp/node_modules/.package-lock.json ]]; then
   echo "tools: installing the MCP test servers' packages"
   (cd tests/mcp && npm ci --no-audit --no-fund --loglevel=error)
+fi
+if [[ ! -f tests/browser/node_modules/puppeteer-core/package.json ]] \
+  || [[ tests/browser/package-lock.json -nt tests/browser/node_modules/.package-lock.json ]]; then
+  echo "tools: installing the browser test's packages"
+  (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
 fi
 echo "tools: ready in $BIN"
