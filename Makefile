@@ -1,5 +1,7 @@
 # Switchboard: one command to run the mesh, one to run every check.
 #   make run    start the mesh on embedded defaults (creates .venv on first use)
+#   make mesh   the scaled-out shape on this machine: PostgreSQL, Redis, a process per
+#               service, Envoy in front (data in .mesh/; MESH_ARGS="--tls" and so on)
 #   make test   ruff, mypy --strict, contract checks, and the whole pytest suite
 #               (first installs missing system packages: scripts/install-deps.sh)
 #   make gen    regenerate gen/ from proto/ (offline)
@@ -13,11 +15,11 @@ STAMP  := $(VENV)/.installed-stamp
 HOST   ?= 127.0.0.1
 PORT   ?= 50051
 
-.PHONY: run serve test check deps lint typecheck contracts gen tools pytest bench clean help \
+.PHONY: run serve mesh test check deps lint typecheck contracts gen tools pytest bench clean help \
 	deploy-files
 
 help:
-	@sed -n '2,7p' Makefile
+	@sed -n '2,9p' Makefile
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || bash scripts/install-deps.sh venv
@@ -31,6 +33,10 @@ venv: $(STAMP)
 # Dev mode: built-in secrets with a loud warning. Production sets SWITCHBOARD_SECRET_KEY.
 run serve: $(STAMP)
 	$(VENV)/bin/switchboard serve --dev --host $(HOST) --port $(PORT)
+
+# Not dev mode: secrets are made in .mesh/ on first run (switchboard mesh --help).
+mesh: $(STAMP)
+	$(VENV)/bin/switchboard mesh $(MESH_ARGS)
 
 gen: $(STAMP)
 	$(PY) scripts/gen.py

@@ -17,10 +17,8 @@ through ``runuser``.
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import pwd
-import re
 import shutil
 import socket
 import subprocess
@@ -34,6 +32,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
+
+from switchboard.deploy.launcher import MeshError, postgres_bin_dir
 
 SUPERUSER = "postgres"
 HOST = "127.0.0.1"
@@ -75,27 +75,14 @@ class PostgresServer:
         return self.url(database, driver="postgresql")
 
 
-def _version_key(bin_dir: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in re.findall(r"\d+", bin_dir))
-
-
 def find_bin_dir() -> Path:
-    """The directory holding initdb, pg_ctl and postgres (PATH first, then Debian's layout)."""
-    candidates: list[Path] = []
-    on_path = shutil.which("initdb")
-    if on_path:
-        # Debian puts symlinks (or nothing) on PATH; initdb needs its siblings.
-        candidates.append(Path(on_path).resolve().parent)
-    debian = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=_version_key, reverse=True)
-    candidates.extend(Path(path) for path in debian)
-    for candidate in candidates:
-        if all((candidate / tool).is_file() for tool in ("initdb", "pg_ctl", "postgres")):
-            return candidate
-    raise PostgresUnavailable(
-        "PostgreSQL server binaries (initdb, pg_ctl, postgres) not found on PATH or in "
-        "/usr/lib/postgresql/*/bin; install them (Debian/Ubuntu: apt-get install postgresql, "
-        "as .ci/run does). Store tests run on PostgreSQL too and are never skipped."
-    )
+    """The directory holding initdb, pg_ctl and postgres: the search ``switchboard mesh`` uses."""
+    try:
+        return postgres_bin_dir()
+    except MeshError as exc:
+        raise PostgresUnavailable(
+            f"{exc}. Store tests run on PostgreSQL too and are never skipped."
+        ) from None
 
 
 def _run_as_prefix() -> list[str]:

@@ -1106,9 +1106,13 @@ class Migrate(Child):
         try:
             async with asyncio.timeout(timeout_s):
                 code = await proc.wait()
-        except TimeoutError:
+        except BaseException as exc:  # the timeout, or the launcher stopping meanwhile
             await self.kill()
-            raise StartError(f"switchboard migrate did not finish within {timeout_s:g}s") from None
+            if isinstance(exc, TimeoutError):
+                raise StartError(
+                    f"switchboard migrate did not finish within {timeout_s:g}s"
+                ) from None
+            raise
         finally:
             await self._drain()
         if code != 0:
@@ -1214,11 +1218,15 @@ async def run_once(
     try:
         async with asyncio.timeout(timeout_s):
             out, _ = await proc.communicate()
-    except TimeoutError:
+    except BaseException as exc:  # the timeout, or the launcher stopping meanwhile
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        await proc.wait()
-        return -signal.SIGKILL, f"timed out after {timeout_s:g}s"
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(KILL_WAIT_S):
+                await proc.wait()
+        if isinstance(exc, TimeoutError):
+            return -signal.SIGKILL, f"timed out after {timeout_s:g}s"
+        raise
     return proc.returncode or 0, out.decode(errors="replace")
 
 
@@ -1381,9 +1389,17 @@ class Mesh:
         await child.start(self.options.start_timeout_s)
         if child is not self.envoy and not isinstance(child, Redis | Postgres):
             self.say(f"{child.name} is SERVING on {child.address} (pid {_pid(child)})")
-        self._supervisors.append(
-            asyncio.create_task(self._supervise(child), name=f"{child.name}-supervisor")
-        )
+        supervisor = asyncio.create_task(self._supervise(child), name=f"{child.name}-supervisor")
+        supervisor.add_done_callback(self._supervisor_done)
+        self._supervisors.append(supervisor)
+
+    def _supervisor_done(self, task: asyncio.Task[None]) -> None:
+        # A supervisor that failed leaves its process unwatched: stop rather than pretend.
+        if task.cancelled() or task.exception() is None:
+            return
+        self.failure = f"{task.get_name()} failed: {task.exception()!r}"
+        self.say(self.failure)
+        self._stop.set()
 
     async def _supervise(self, child: Child) -> None:
         """Start ``child`` again whenever it exits, with backoff, until too many failures."""
@@ -1420,8 +1436,10 @@ class Mesh:
             child.restarts += 1
             try:
                 await child.start(self.options.start_timeout_s)
-            except StartError as exc:
+            except (StartError, OSError) as exc:
                 self.say(f"{child.name} did not come back: {exc}")
+                if child.proc is None or child.proc.returncode is None:
+                    raise  # never started, or could not be killed: nothing to watch
                 continue  # exited() answers at once: it was killed
             self.say(f"{child.name} restarted: pid {_pid(child)}, SERVING on {child.address}")
 
