@@ -27,8 +27,9 @@ MiB = 1024 * 1024
 ALL_SERVICES = ("auth", "context", "dispatcher", "integration", "events")
 PREFIX = "SWITCHBOARD_"
 #: SWITCHBOARD_* variables that are not settings of the server but are read by
-#: the tools around it (tests/e2e/procs.py finds grpcurl through this one).
-NOT_SETTINGS = frozenset({"SWITCHBOARD_TOOLS_BIN"})
+#: the tools around it (tests/e2e/procs.py finds grpcurl through the first; the
+#: browser test writes its screenshot where the second says).
+NOT_SETTINGS = frozenset({"SWITCHBOARD_TOOLS_BIN", "SWITCHBOARD_TEST_ARTIFACTS"})
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 # A gRPC target: host:port (IPv6 in brackets), or a resolver scheme gRPC knows.
 _GRPC_TARGET = re.compile(
