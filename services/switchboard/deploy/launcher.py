@@ -348,6 +348,10 @@ class Layout:
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             for directory in (self.secrets, self.redis, self.envoy, self.postgres):
                 directory.mkdir(mode=0o700, exist_ok=True)
+            # It holds secrets and a database: never something to commit by accident.
+            ignore = self.root / ".gitignore"
+            if not ignore.exists():
+                ignore.write_text("# Made by switchboard mesh: secrets and data, not for git.\n*\n")
         except OSError as exc:
             raise MeshError(f"cannot create the data directory {self.root}: {exc}") from None
         owner = postgres_owner()
@@ -1341,6 +1345,11 @@ class Mesh:
 
     async def _start(self) -> None:
         self.say(f"data directory {self.layout.root}")
+        if self._setpriv is None:
+            self.say(
+                "setpriv (util-linux) not found: if this launcher is killed with SIGKILL, "
+                "its processes stay behind"
+            )
         if self.options.tls_listen is not None:
             self.certificate = _dev_certificate(self.layout.envoy)
         await together(self._launch(self.postgres), self._launch(self.redis))
