@@ -382,6 +382,38 @@ async def serving(address: str, service: str) -> int:
     return int(reply.status)
 
 
+def switchboard(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
+    return subprocess.run(
+        [sys.executable, "-m", "switchboard.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--admin=0.0.0.0:9901"], "the admin interface must listen on loopback"),
+        (["--replicas=dispatcher=0"], "--replicas dispatcher: between 1 and 16"),
+        (["--replicas=mail=2"], "--replicas expects SERVICE=N"),
+        (["--listen=8080"], "expected HOST:PORT"),
+        (["--health-interval=0"], "--health-interval must be above 0"),
+    ],
+)
+def test_bad_options_exit_2_before_anything_starts(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    done = switchboard("mesh", f"--data-dir={tmp_path / 'mesh'}", *args)
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"switchboard mesh: {message}"), done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "mesh").exists()
+
+
 @pytest.fixture
 def data_dir() -> Iterator[Path]:
     # Not pytest's tmp_path: under root PostgreSQL runs as the postgres user,
@@ -410,6 +442,10 @@ async def test_the_mesh_keeps_serving_while_a_dispatcher_replica_is_killed(data_
         assert edge in ready
         # Logs come prefixed by their process's name.
         mesh.wait_line(lambda line: line.startswith("dispatcher-2 | "), 1)
+        # One launcher per data directory.
+        second = switchboard("mesh", f"--data-dir={data_dir}", "--listen=127.0.0.1:0")
+        assert second.returncode == 2
+        assert f"another switchboard mesh (pid {state['launcher_pid']})" in second.stderr
 
         async with aio.insecure_channel(edge) as channel, Background() as background:
             registered = await auth_pb2_grpc.AuthServiceStub(channel).Register(

@@ -256,7 +256,7 @@ class Options:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Options:
-        from switchboard.deploy.envoy import API, HostPort, SpecError
+        from switchboard.deploy.envoy import API, HostPort, SpecError, bootstrap
 
         replicas = dict(DEFAULT_REPLICAS)
         for entry in args.replicas:
@@ -288,7 +288,11 @@ class Options:
                 envoy_log_level=args.envoy_log_level,
             )
             # Refuse a spec Envoy would refuse (admin off loopback...) before anything starts.
-            options.edge_spec({name: (HostPort(LOOPBACK, 1),) for name in API}, {}, None)
+            bootstrap(
+                options.edge_spec(
+                    {name: (HostPort(LOOPBACK, 1),) for name in API}, dict(os.environ), None
+                )
+            )
         except SpecError as exc:
             raise MeshError(str(exc)) from None
         return options
