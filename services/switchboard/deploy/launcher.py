@@ -669,6 +669,7 @@ class Child:
         self.mesh.save_state()
 
     async def spawn(self) -> None:
+        await self._drain()  # the last lines of the run before, if any
         argv = [*self.mesh.guard(self.stop_signal, self.run_as()), *self.command()]
         self.serving_since = None
         self.tail.clear()
