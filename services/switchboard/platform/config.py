@@ -198,6 +198,12 @@ class Settings(BaseSettings):
         description="host:port of ContextService for a dispatcher in another process "
         "(mesh shape); empty: this process's own.",
     )
+    advertise_address: str = Field(
+        default="",
+        description="host:port other replicas reach this process at (a dispatcher forwards "
+        "CancelRun and SubmitToolApprovals to the replica running the run); default: "
+        "SWITCHBOARD_HOST and the bound port, or the host name when bound to all addresses.",
+    )
     instance_id: str = Field(
         default="",
         max_length=64,
@@ -549,7 +555,7 @@ class Settings(BaseSettings):
             raise ValueError("has no host (redis://host:6379/0)")
         return value
 
-    @field_validator("context_address")
+    @field_validator("context_address", "advertise_address")
     @classmethod
     def _grpc_target(cls, value: str) -> str:
         if value and not _GRPC_TARGET.fullmatch(value):
