@@ -404,6 +404,8 @@ class DispatcherLeaseRow(Base):
 
     instance: Mapped[str] = mapped_column(String(64), primary_key=True)
     expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    #: ``host:port`` other replicas forward the instance's calls to; "" if it has none.
+    address: Mapped[str] = mapped_column(String(300), default="", server_default="")
 
 
 class AssistantRow(Base):
