@@ -53,6 +53,7 @@ from switchboard.dispatcher.llm import (
     parse_prices,
     parse_providers,
 )
+from switchboard.dispatcher.peerport import GrpcPeers
 from switchboard.dispatcher.remote import RemoteHandler, parse_remotes
 from switchboard.dispatcher.router import HANDLER_ID, Registry, Router, Routes
 from switchboard.dispatcher.scheduler import Limits as SchedulerLimits
@@ -93,7 +94,12 @@ from switchboard.platform.outbox import Outbox
 from switchboard.platform.pagination import PageTokens
 from switchboard.platform.policy import Policy
 from switchboard.platform.secretbox import SecretBox
-from switchboard.platform.server import ServiceRegistration, SwitchboardServer, build_server
+from switchboard.platform.server import (
+    ServiceRegistration,
+    SwitchboardServer,
+    build_server,
+    format_address,
+)
 
 log = logging.getLogger("switchboard.mesh")
 
@@ -483,6 +489,9 @@ async def dispatcher_service(
     )
     await assistants.start()
     resources.push_async_callback(assistants.close)
+    # Closed after the dispatcher: a call forwarded while runs stop still gets its answer.
+    peers = GrpcPeers()
+    resources.push_async_callback(peers.close)
     dispatcher = Dispatcher(
         RunStore(database),
         context,
@@ -525,6 +534,7 @@ async def dispatcher_service(
             approval_timeout_s=settings.dispatcher_approval_timeout_s,
             max_result_chars=settings.dispatcher_max_tool_result_chars,
         ),
+        peers=peers,
     )
     await dispatcher.start()
     resources.push_async_callback(dispatcher.close)
@@ -607,6 +617,25 @@ async def integration_hub(
         await webhooks.start()
         resources.push_async_callback(webhooks.close)
     return hub
+
+
+#: Longest advertised address (the lease's column).
+MAX_ADVERTISE_CHARS = 300
+_ANY_ADDRESS = frozenset({"", "0.0.0.0", "::", "[::]"})  # noqa: S104 - compared, not bound
+
+
+def advertise_address(settings: Settings, port: int) -> str:
+    """Where other replicas reach this process: ``SWITCHBOARD_ADVERTISE_ADDRESS``, else
+    the bound host and ``port``, or the host name when bound to every address."""
+    address = settings.advertise_address
+    if not address:
+        host = settings.host
+        address = format_address(socket.gethostname() if host in _ANY_ADDRESS else host, port)
+    if len(address) > MAX_ADVERTISE_CHARS:
+        raise ConfigError(
+            f"SWITCHBOARD_ADVERTISE_ADDRESS: at most {MAX_ADVERTISE_CHARS} characters"
+        )
+    return address
 
 
 def instance_id(settings: Settings) -> str:
@@ -793,6 +822,9 @@ async def create_server(settings: Settings) -> tuple[SwitchboardServer, int]:
             resources=resources,
             deps=deps,
         )
+        if deps.dispatcher is not None:
+            # Known only now that the port is bound; stored before any call is taken.
+            await deps.dispatcher.advertise(advertise_address(settings, server.port))
     except BaseException:
         await resources.aclose()
         raise

@@ -60,6 +60,7 @@ from switchboard.dispatcher.feed import Feeds
 from switchboard.dispatcher.handlers import HandleCall, Handler, HandlerFailure, text_of
 from switchboard.dispatcher.lifecycle import Active
 from switchboard.dispatcher.llm import LlmHandler
+from switchboard.dispatcher.peerport import PeerPort, Via
 from switchboard.dispatcher.router import Choice, Router
 from switchboard.dispatcher.scheduler import Scheduler, Ticket
 from switchboard.dispatcher.store import TERMINAL, NewRun, RunStore, Stored, raise_busy
@@ -118,6 +119,18 @@ _FINISH_TIMEOUT_S: Final = 10.0
 SEQUENCE_BLOCK: Final = 2**32
 #: Updates one attempt may publish; the rest of its block is room for its end.
 _MAX_UPDATES: Final = SEQUENCE_BLOCK - 64
+
+
+#: A call made in this process (no client credential): never forwarded.
+_IN_PROCESS: Final = Via()
+
+
+@dataclass(frozen=True)
+class _Peer:
+    """The replica that owns a run, and the port that reaches it."""
+
+    peers: PeerPort
+    address: str
 
 
 @dataclass(frozen=True)
@@ -211,8 +224,13 @@ class Dispatcher:
         assistants: Assistants,
         tools: ToolPort,
         tool_limits: ToolLimits,
+        peers: PeerPort | None = None,
     ) -> None:
         self.assistants = assistants
+        # The other replicas, for calls on runs they own (None: this one's runs only).
+        self._peers = peers
+        # Where other replicas reach this one (its lease says so); "" until known.
+        self._address = ""
         self._tools = tools
         self.tool_limits = tool_limits
         self._store = store
@@ -258,9 +276,19 @@ class Dispatcher:
         if self._publishers:
             await asyncio.wait(set(self._publishers), timeout=_FINISH_TIMEOUT_S)
 
+    async def advertise(self, address: str) -> None:
+        """Other replicas reach this one at ``address`` (``host:port``) from now on.
+
+        Known once the server is bound, after ``start``: stored in the lease at
+        once, so a run this replica recovered at start is reachable before the
+        server takes calls.
+        """
+        self._address = address
+        await self._renew_lease()
+
     async def _renew_lease(self) -> None:
         until = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.limits.lease_s)
-        await self._store.renew_lease(self.limits.instance_id, until)
+        await self._store.renew_lease(self.limits.instance_id, until, self._address)
         if self._leased_since is None:
             self._leased_since = time.monotonic()
 
@@ -1260,18 +1288,18 @@ class Dispatcher:
     # -- approvals and setup ------------------------------------------------------------
 
     async def submit_tool_approvals(
-        self, principal: Principal, request: pb.SubmitToolApprovalsRequest
+        self, principal: Principal, request: pb.SubmitToolApprovalsRequest, via: Via = _IN_PROCESS
     ) -> pb.Run:
+        """Decide pending tool calls; ``via``: how the call came (see ``_owner``)."""
         found = _match(_RUN, request.name, "name")
         _check_approvals(request)
         active = self._active.get(request.name)
         if active is None:
-            stored = await self._store.get(found[1], found[2], found[3])
-            if stored.run.state != pb.RUN_STATE_REQUIRES_ACTION:
+            _, owner = await self._owner(found, via)
+            if owner is None:
                 raise FailedPrecondition("the run is not waiting for tool approvals")
-            raise FailedPrecondition(
-                "the run is active on another dispatcher replica; send SubmitToolApprovals to it"
-            )
+            # The owner holds the pending calls; it checks the decisions and the caller.
+            return await owner.peers.submit_tool_approvals(owner.address, via, request)
         waiting = {
             pending.call.id: pending
             for pending in active.run.required_action.tool_calls
@@ -1363,7 +1391,10 @@ class Dispatcher:
 
     # -- cancelling -------------------------------------------------------------------
 
-    async def cancel_run(self, principal: Principal, name: str, reason: str) -> pb.Run:
+    async def cancel_run(
+        self, principal: Principal, name: str, reason: str, via: Via = _IN_PROCESS
+    ) -> pb.Run:
+        """Cancel the run; ``via``: how the call came (see ``_owner``)."""
         found = _match(_RUN, name, "name")
         if len(reason) > _MAX_REASON_CHARS:
             raise InvalidArgument(
@@ -1372,16 +1403,53 @@ class Dispatcher:
             )
         active = self._active.get(name)
         if active is None:
-            stored = await self._store.get(found[1], found[2], found[3])
-            if stored.run.state in TERMINAL:
+            stored, owner = await self._owner(found, via)
+            if owner is None:
                 return stored.run
-            # Owned by another replica (the mesh shape with several dispatchers).
-            raise FailedPrecondition(
-                "the run is active on another dispatcher replica; send CancelRun to it"
+            # The owner holds the run's task; it answers with the ended run.
+            return await owner.peers.cancel_run(
+                owner.address, via, pb.CancelRunRequest(name=name, reason=reason)
             )
         text = reason or "cancelled"
         await self._cancel(active, RunCancelled(f"{text} (by {principal.user_name})"))
         return self._current(active.run)
+
+    async def _owner(self, found: re.Match[str], via: Via) -> tuple[Stored, _Peer | None]:
+        """A run that is not active here: the stored run and, unless it has ended
+        (None), the replica that owns it, to forward the call to.
+
+        Raises UNAVAILABLE (retry) when the owner cannot be reached now: it
+        stopped and its lease has not been taken over yet, it has not stored its
+        address yet, or ownership moved while the call was being forwarded (a
+        forwarded call is never forwarded again, so a call cannot loop).
+        """
+        stored, owner = await self._store.get_with_owner(found[1], found[2], found[3])
+        if stored.run.state in TERMINAL:
+            return stored, None
+        if owner.instance == self.limits.instance_id:
+            # Ours but not running: recovery (at start, or a takeover) has not
+            # been able to store it again yet; the lease loop retries.
+            raise _unavailable("the run is being recovered by its dispatcher replica; retry")
+        if not owner.live:
+            # Another replica takes it over once the lease has expired and its
+            # lease loop comes round (a third of a lease).
+            raise _unavailable(
+                "the dispatcher replica running the run stopped; another replica takes the "
+                "run over shortly; retry",
+                retry_after_s=min(10.0, max(1.0, self.limits.lease_s / 3)),
+            )
+        if via.forwarded:
+            raise _unavailable("the run moved to another dispatcher replica meanwhile; retry")
+        if self._peers is None or not via.credential:
+            raise FailedPrecondition("the run is active on another dispatcher replica")
+        if not owner.address:
+            # Starting (its address is stored before it takes calls), or a
+            # version that does not store one (a rolling upgrade).
+            raise _unavailable(
+                "the dispatcher replica running the run has no address for other replicas "
+                "yet; retry"
+            )
+        return stored, _Peer(self._peers, owner.address)
 
     async def _cancel(self, active: Active, error: SwitchboardError) -> None:
         if active.run.state in TERMINAL:
@@ -1401,6 +1469,12 @@ class Dispatcher:
         # Wait for the handler to stop and the run to be recorded, not longer:
         # CancelRun answers with the terminal run.
         await asyncio.wait([task], timeout=_FINISH_TIMEOUT_S)
+
+
+def _unavailable(message: str, *, retry_after_s: float = 1.0) -> DependencyUnavailable:
+    error = DependencyUnavailable(message)
+    error.retry_after_s = retry_after_s
+    return error
 
 
 def _check_approvals(request: pb.SubmitToolApprovalsRequest) -> None:

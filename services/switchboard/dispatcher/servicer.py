@@ -27,9 +27,10 @@ from grpc import aio
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
+from switchboard.dispatcher.peerport import FORWARDED_KEY, Via
 from switchboard.dispatcher.service import Dispatcher
 from switchboard.platform.accesswatch import AccessWatch, Grant, Hold
-from switchboard.platform.authn import current_principal
+from switchboard.platform.authn import bearer_credential, current_principal
 from switchboard.platform.errors import (
     FieldViolation,
     InvalidArgument,
@@ -55,6 +56,21 @@ def _heartbeat() -> pb.Heartbeat:
     beat = pb.Heartbeat()
     beat.time.GetCurrentTime()
     return beat
+
+
+def _via(context: Context, *, deadline: bool = True) -> Via:
+    """How a call reached this replica, for one the owner of a run must answer.
+
+    The credential is the caller's, already authenticated here (the owner checks
+    it again); the forwarded mark only stops this call from being forwarded on.
+    """
+    metadata = context.invocation_metadata() or ()
+    remaining = context.time_remaining() if deadline else None
+    return Via(
+        credential=bearer_credential(metadata) or "",
+        forwarded=any(key == FORWARDED_KEY for key, _ in metadata),
+        timeout_s=remaining,
+    )
 
 
 def _error_frame(exc: SwitchboardError, client_request_id: str = "") -> pb.ConverseResponse:
@@ -83,7 +99,9 @@ class DispatcherServiceServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
     async def CancelRun(
         self, request: pb.CancelRunRequest, context: Context
     ) -> pb.CancelRunResponse:
-        run = await self._dispatcher.cancel_run(current_principal(), request.name, request.reason)
+        run = await self._dispatcher.cancel_run(
+            current_principal(), request.name, request.reason, _via(context)
+        )
         return pb.CancelRunResponse(run=run)
 
     async def WatchRun(
@@ -109,7 +127,9 @@ class DispatcherServiceServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
     async def SubmitToolApprovals(
         self, request: pb.SubmitToolApprovalsRequest, context: Context
     ) -> pb.SubmitToolApprovalsResponse:
-        run = await self._dispatcher.submit_tool_approvals(current_principal(), request)
+        run = await self._dispatcher.submit_tool_approvals(
+            current_principal(), request, _via(context)
+        )
         return pb.SubmitToolApprovalsResponse(run=run)
 
     async def CreateAssistant(
@@ -154,7 +174,8 @@ class DispatcherServiceServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
         try:
             # A stream whose credential is already gone does not start.
             await grant.verify()
-            session = _Converse(self._dispatcher, grant)
+            # The stream's deadline is not an action's: each forwarded action gets its own.
+            session = _Converse(self._dispatcher, grant, _via(context, deadline=False))
             reader = asyncio.get_running_loop().create_task(session.read(request_iterator))
             try:
                 while True:
@@ -172,9 +193,10 @@ class DispatcherServiceServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
 
 
 class _Converse:
-    def __init__(self, dispatcher: Dispatcher, grant: Grant) -> None:
+    def __init__(self, dispatcher: Dispatcher, grant: Grant, via: Via) -> None:
         self._dispatcher = dispatcher
         self._grant = grant
+        self._via = via
         self._principal = grant.principal
         # None wakes the writer to look again: half-closed, or the credential lost.
         self._out: asyncio.Queue[pb.ConverseResponse | None] = asyncio.Queue(CONVERSE_BUFFER)
@@ -250,7 +272,9 @@ class _Converse:
             elif action == "cancel_run":
                 cancel = request.cancel_run
                 await self._grant.authorize(cancel.name, Permission.WRITE, "cancel_run.name")
-                run = await self._dispatcher.cancel_run(self._principal, cancel.name, cancel.reason)
+                run = await self._dispatcher.cancel_run(
+                    self._principal, cancel.name, cancel.reason, self._via
+                )
                 await self._out.put(
                     pb.ConverseResponse(
                         client_request_id=client_id, run_cancelled=pb.CancelRunResponse(run=run)
@@ -261,7 +285,9 @@ class _Converse:
                 await self._grant.authorize(
                     approvals.name, Permission.WRITE, "submit_tool_approvals.name"
                 )
-                run = await self._dispatcher.submit_tool_approvals(self._principal, approvals)
+                run = await self._dispatcher.submit_tool_approvals(
+                    self._principal, approvals, self._via
+                )
                 await self._out.put(
                     pb.ConverseResponse(
                         client_request_id=client_id,

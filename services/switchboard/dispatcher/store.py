@@ -91,6 +91,17 @@ class Stored:
 
 
 @dataclass(frozen=True)
+class Owner:
+    """The dispatcher instance a run belongs to, as its lease describes it."""
+
+    instance: str
+    #: Where other replicas reach it (``SWITCHBOARD_ADVERTISE_ADDRESS``); "" if unknown.
+    address: str
+    #: Its lease has not expired: it is running (or about to recover) the run.
+    live: bool
+
+
+@dataclass(frozen=True)
 class NewRun:
     """What ``create`` inserts."""
 
@@ -198,15 +209,17 @@ class RunStore:
 
         return await self._run(work, write=True)
 
-    async def renew_lease(self, instance: str, until: dt.datetime) -> None:
-        """Record that ``instance`` lives until ``until`` (its runs are not taken before)."""
+    async def renew_lease(self, instance: str, until: dt.datetime, address: str = "") -> None:
+        """Record that ``instance`` lives until ``until`` (its runs are not taken before)
+        and that other replicas reach it at ``address``."""
 
         def work(db: Session) -> None:
             lease = db.get(DispatcherLeaseRow, instance)
             if lease is None:
-                db.add(DispatcherLeaseRow(instance=instance, expires_at=until))
+                db.add(DispatcherLeaseRow(instance=instance, expires_at=until, address=address))
             else:
                 lease.expires_at = until
+                lease.address = address
 
         await self._run(work, write=True)
 
@@ -251,6 +264,35 @@ class RunStore:
             return [_stored(row) for row in rows]
 
         return await self._run(work, write=True)
+
+    async def get_with_owner(
+        self, workspace_id: str, conversation_id: str, run_id: str
+    ) -> tuple[Stored, Owner]:
+        """The run, and the instance that owns it with that instance's lease."""
+
+        def work(db: Session) -> tuple[RunRow, str | None, dt.datetime | None] | None:
+            row = db.execute(
+                select(RunRow, DispatcherLeaseRow.address, DispatcherLeaseRow.expires_at)
+                .outerjoin(DispatcherLeaseRow, DispatcherLeaseRow.instance == RunRow.worker)
+                .where(
+                    RunRow.id == run_id,
+                    RunRow.conversation_id == conversation_id,
+                    RunRow.workspace_id == workspace_id,
+                )
+            ).first()
+            return None if row is None else (row[0], row[1], row[2])
+
+        found = await self._run(work, write=False)
+        if found is None:
+            raise NotFound("run not found")
+        row, address, expires_at = found
+        owner = Owner(
+            instance=row.worker,
+            address=address or "",
+            # No lease at all: taken over meanwhile, or never leased; either way not live.
+            live=expires_at is not None and expires_at >= now(),
+        )
+        return _stored(row), owner
 
     async def get(self, workspace_id: str, conversation_id: str, run_id: str) -> Stored:
         def work(db: Session) -> RunRow | None:
