@@ -33,7 +33,7 @@ import pytest
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
-from switchboard.deploy.launcher import MeshError, postgres_bin_dir
+from switchboard.deploy.machine import MeshError, postgres_bin_dir
 
 SUPERUSER = "postgres"
 HOST = "127.0.0.1"
