@@ -32,7 +32,9 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
 from switchboard.platform.authn import AUTHORIZATION_KEY
 from switchboard.platform.channels import CHANNEL_OPTIONS
 from switchboard.platform.errors import SwitchboardError
+from switchboard.platform.logging import request_id_var
 from switchboard.platform.rpcerrors import from_rpc_error
+from switchboard.platform.status import REQUEST_ID_KEY
 
 #: Metadata that marks a call one replica forwarded to another.
 FORWARDED_KEY: Final = "x-switchboard-forwarded"
@@ -129,7 +131,12 @@ class GrpcPeers:
 
 
 def _metadata(via: Via) -> tuple[tuple[str, str], ...]:
-    return ((AUTHORIZATION_KEY, f"Bearer {via.credential}"), (FORWARDED_KEY, "1"))
+    metadata = [(AUTHORIZATION_KEY, f"Bearer {via.credential}"), (FORWARDED_KEY, "1")]
+    # The same request id on both replicas: their log lines of one call go together.
+    request_id = request_id_var.get()
+    if request_id:
+        metadata.append((REQUEST_ID_KEY, request_id))
+    return tuple(metadata)
 
 
 def _mapped(exc: aio.AioRpcError) -> SwitchboardError:
