@@ -12,7 +12,9 @@ The event delivery section comes from ``bench/events.py`` (about 4 minutes;
 ``bench/dispatcher.py`` (about 5 minutes; ``--no-dispatcher`` skips it), the
 integration hub section from ``bench/integration.py`` (about 4 minutes;
 ``--no-integration`` skips it), the tool runs section from ``bench/tools.py``
-(about 3 minutes; ``--no-tools`` skips it).
+(about 3 minutes; ``--no-tools`` skips it), the Envoy section from
+``bench/edge.py`` (about 8 minutes; ``--no-edge`` skips it; ``bench/edge.py
+--write`` runs only that section and rewrites only its part of BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ def main() -> int:
     parser.add_argument("--no-dispatcher", action="store_true", help="skip bench/dispatcher.py")
     parser.add_argument("--no-integration", action="store_true", help="skip bench/integration.py")
     parser.add_argument("--no-tools", action="store_true", help="skip bench/tools.py")
+    parser.add_argument("--no-edge", action="store_true", help="skip bench/edge.py")
     args = parser.parse_args()
     # Cases are interleaved round by round and the median round is reported, so
     # drift on a shared machine hits every case alike.
@@ -208,6 +211,7 @@ def main() -> int:
         (args.no_dispatcher, "dispatcher.py", 3600),
         (args.no_integration, "integration.py", 1800),
         (args.no_tools, "tools.py", 1800),
+        (args.no_edge, "edge.py", 1800),
     ):
         if not skip:
             lines += [_section(script, timeout_s), ""]
