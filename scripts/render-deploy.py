@@ -100,6 +100,22 @@ def _service_args(upstreams: Mapping[str, Sequence[str]]) -> list[str]:
     return args
 
 
+def _edge_args(cert: str, key: str) -> list[str]:
+    """The listeners both deployments share: plain 8080, TLS 8443, admin on loopback."""
+    return [
+        "--listen",
+        "0.0.0.0:8080",
+        "--tls-listen",
+        "0.0.0.0:8443",
+        "--tls-cert",
+        cert,
+        "--tls-key",
+        key,
+        "--admin",
+        "127.0.0.1:9901",
+    ]
+
+
 def _served(settings: Mapping[str, Any]) -> list[str]:
     return [part.strip() for part in str(settings.get("SWITCHBOARD_SERVICES", "")).split(",")]
 
@@ -125,16 +141,7 @@ def compose_envoy() -> str:
         "--shape",
         "mesh",
         *_service_args(upstreams),
-        "--listen",
-        "0.0.0.0:8080",
-        "--tls-listen",
-        "0.0.0.0:8443",
-        "--tls-cert",
-        cert,
-        "--tls-key",
-        key,
-        "--admin",
-        "127.0.0.1:9901",
+        *_edge_args(cert, key),
     ]
     return envoy_text(argv, compose_settings(compose))
 
@@ -213,16 +220,7 @@ def k8s_envoy_config(documents: Sequence[Mapping[str, Any]]) -> str:
         "mesh",
         *_service_args(k8s_upstreams(documents)),
         *[arg for name in API for arg in ("--replicas", f"{name}={replicas[name]}")],
-        "--listen",
-        "0.0.0.0:8080",
-        "--tls-listen",
-        "0.0.0.0:8443",
-        "--tls-cert",
-        cert,
-        "--tls-key",
-        key,
-        "--admin",
-        "127.0.0.1:9901",
+        *_edge_args(cert, key),
     ]
     config = envoy_text(argv, k8s_settings(documents))
     body = "".join(f"    {line}" if line.strip() else "\n" for line in config.splitlines(True))
