@@ -16,6 +16,8 @@ while one replica is killed with SIGKILL. Then:
   SERVING);
 - the event stream, resumed from its cursor, has every event ListEvents has,
   once each, in order;
+- CancelRun through Envoy cancels runs of both replicas, whichever replica Envoy
+  picks (the other forwards it to the run's owner);
 - SIGINT stops the launcher with exit code 0 and no process left.
 
 Which replica owns a run comes from the launcher's output: the run's
@@ -64,6 +66,8 @@ MAX_UNAVAILABLE = 3
 #: Messages the chatter may send before the replica is back (a bound, not a pace).
 MAX_CHATTER = 600
 MAX_STREAM_BREAKS = 5
+#: Slow runs cancelled through Envoy at the end (on both replicas).
+CANCELS = 6
 EXPECTED = {
     "postgres",
     "redis",
@@ -529,6 +533,32 @@ async def test_the_mesh_keeps_serving_while_a_dispatcher_replica_is_killed(data_
             with contextlib.suppress(asyncio.CancelledError):
                 await following
 
+            # CancelRun through Envoy: whichever replica Envoy picks, the run's own
+            # replica cancels it (the other forwards the call there).
+            cancelling: dict[str, str] = {}
+            for _ in range(3 * CANCELS):
+                conversation = await create_conversation(contexts, caller, workspace.name)
+                run, request_id = await send(
+                    dispatcher,
+                    caller,
+                    request(conversation.name, "first last", delay_ms=SLOW_DELAY_MS),
+                )
+                cancelling[run] = await asyncio.to_thread(owner_of, mesh, request_id)
+                if len(cancelling) >= CANCELS and len(set(cancelling.values())) == 2:
+                    break
+            assert set(cancelling.values()) == {"dispatcher-1", "dispatcher-2"}, cancelling
+            cancels: dict[str, tuple[pb.Run, str]] = {}
+            # In the reverse order: Envoy's turns do not line up with the sends'.
+            for run in reversed(list(cancelling)):
+                call = dispatcher.CancelRun(
+                    pb.CancelRunRequest(name=run), metadata=caller.md, timeout=CALL_TIMEOUT_S
+                )
+                answer_run = (await call).run
+                cancels[run] = (
+                    answer_run,
+                    str(dict(await call.trailing_metadata() or ())["x-request-id"]),
+                )
+
         # SendMessage kept succeeding through Envoy, also while the replica was away.
         assert any(killed_at < at < restarted_at for at in chatter.sent_at), (
             killed_at,
@@ -561,3 +591,17 @@ async def test_the_mesh_keeps_serving_while_a_dispatcher_replica_is_killed(data_
         assert mesh.wait_line(lambda line: line.startswith("mesh ") and "| stopped" in line, 1)
         assert mesh.state()["state"] == "stopped"
         assert [pid for pid in mesh.pids if alive(pid)] == []
+        # Every cancel succeeded, answered with the ended run, done by the run's owner;
+        # those that Envoy gave the other replica were forwarded (both logged them).
+        forwarded = 0
+        for run, (cancelled, request_id) in cancels.items():
+            assert cancelled.state == pb.RUN_STATE_CANCELLED, cancelled
+            assert cancelled.error.message == f"cancelled (by {caller.name})"
+            handled = [
+                line.split("|", 1)[0].strip()
+                for line in mesh.lines
+                if f"request_id={request_id}" in line and "/CancelRun" in line and "code=OK" in line
+            ]
+            assert cancelling[run] in handled, (run, cancelling[run], handled)
+            forwarded += len(handled) == 2
+        assert forwarded, "Envoy gave every cancel to the run's own replica"
