@@ -21,7 +21,8 @@ the store never says RUNNING while the events say it ended. A restarted
 dispatcher takes its runs back (``recover``), and so does any other replica
 once the owner's lease has expired (it died and did not come back): queued
 ones are queued again; running ones fail with RUN_INTERRUPTED or are queued
-again, by ``SWITCHBOARD_DISPATCHER_RECOVERY``.
+again, by ``SWITCHBOARD_DISPATCHER_RECOVERY``. Cancels and tool approvals for a
+run another replica owns are forwarded to it (``_owner``, ``peerport.py``).
 
 Sequences: each attempt at a run numbers its updates in its own block of
 ``SEQUENCE_BLOCK``, and a recovered run continues in the block after the one
