@@ -417,13 +417,18 @@ async def test_sqlite_deferred_begin_can_be_chosen_for_reads(tmp_path: Path) -> 
 
 
 async def test_ping_and_dialect_name(database_url: str) -> None:
-    database = await open_database(database_url, timeout_s=TIMEOUT_S, migrate=False)
+    database = Database(database_url, timeout_s=TIMEOUT_S)
     try:
         await database.ping()
         assert database.dialect_name == database_url.split("+", 1)[0]
-        assert await table_names(database) == set()  # migrate=False
+        assert await table_names(database) == set()  # never migrated
     finally:
         await database.close()
+
+
+async def test_opening_without_migrating_refuses_an_empty_database(database_url: str) -> None:
+    with pytest.raises(ConfigError, match="switchboard migrate"):
+        await open_database(database_url, timeout_s=TIMEOUT_S, migrate=False)
 
 
 async def test_ping_is_bounded_by_the_timeout() -> None:

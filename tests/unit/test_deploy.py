@@ -120,6 +120,13 @@ def _container(workload: Doc) -> Doc:
     return dict(container)
 
 
+#: Pod fields the manifests read (the downward API), as a pod of the workload has them.
+POD_FIELDS: dict[str, str] = {
+    "metadata.name": "{name}-7d9f8c6b5-x2x4z",
+    "status.podIP": "10.244.1.17",
+}
+
+
 def _k8s_environment(workload: Doc) -> dict[str, str]:
     """The SWITCHBOARD_* environment a pod of ``workload`` gets (secrets as placeholders)."""
     container = _container(workload)
@@ -129,7 +136,12 @@ def _k8s_environment(workload: Doc) -> dict[str, str]:
         environment.update(_shared_settings())
     for entry in container.get("env", []):
         if "value" in entry:
-            environment[entry["name"]] = str(entry["value"])
+            # Kubernetes expands $(VAR) from the variables defined before this one.
+            environment[entry["name"]] = re.sub(
+                r"\$\((\w+)\)",
+                lambda match: environment.get(match[1], match[0]),
+                str(entry["value"]),
+            )
             continue
         source = entry["valueFrom"]
         if "secretKeyRef" in source:
@@ -138,8 +150,9 @@ def _k8s_environment(workload: Doc) -> dict[str, str]:
             assert ref["key"] in SECRET_VALUES, entry
             environment[entry["name"]] = SECRET_VALUES[ref["key"]]
         else:
-            assert source["fieldRef"]["fieldPath"] == "metadata.name", entry
-            environment[entry["name"]] = f"{workload['metadata']['name']}-7d9f8c6b5-x2x4z"
+            field = source["fieldRef"]["fieldPath"]
+            assert field in POD_FIELDS, entry
+            environment[entry["name"]] = POD_FIELDS[field].format(name=workload["metadata"]["name"])
     return environment
 
 
@@ -250,6 +263,14 @@ def test_the_dispatcher_reaches_context_at_its_service() -> None:
     name, namespace = service["metadata"]["name"], service["metadata"]["namespace"]
     assert host == f"{name}.{namespace}.svc.cluster.local"
     assert int(port) in {p["port"] for p in service["spec"]["ports"]}
+
+
+def test_each_dispatcher_pod_advertises_its_own_address() -> None:
+    """Another replica forwards calls for this pod's runs there: the pod, not the Service."""
+    environment = _k8s_environment(_switchboard_deployments()["dispatcher"])
+    assert (
+        environment["SWITCHBOARD_ADVERTISE_ADDRESS"] == f"{POD_FIELDS['status.podIP']}:{GRPC_PORT}"
+    )
 
 
 def test_every_service_selects_one_deployment_on_a_port_it_has() -> None:
@@ -586,6 +607,10 @@ def test_compose_runs_the_mesh_shape_behind_health_gated_envoy() -> None:
     # Dispatcher replicas own their runs by instance id: each its own.
     ids = [switchboard[n]["environment"]["SWITCHBOARD_INSTANCE_ID"] for n in served["dispatcher"]]
     assert len(set(ids)) == len(ids)
+    # ... and each is reached at its own name (calls for its runs are forwarded there).
+    for name in served["dispatcher"]:
+        advertised = switchboard[name]["environment"]["SWITCHBOARD_ADVERTISE_ADDRESS"]
+        assert advertised == f"{name}:{GRPC_PORT}"
 
 
 def test_compose_trusts_only_envoy_s_fixed_address() -> None:
