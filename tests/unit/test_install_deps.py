@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "install-deps.sh"
-TEST_COMMANDS = ("git", "make", "go", "node", "npm", "redis-server")
+TEST_COMMANDS = ("git", "make", "go", "node", "npm", "redis-server", "chromium")
 # What each package provides, for the fake apt-get.
 PROVIDES = {
     "git": ["git"],
@@ -23,6 +23,7 @@ PROVIDES = {
     "nodejs": ["node"],
     "npm": ["npm"],
     "redis-server": ["redis-server"],
+    "chromium": ["chromium"],
     "postgresql": ["pg/15/bin/initdb", "pg/15/bin/pg_ctl", "pg/15/bin/postgres"],
 }
 
