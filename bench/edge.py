@@ -77,6 +77,7 @@ from switchboard.api.events.v1 import events_pb2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: bench.*, tests.*
 
+from bench.context import write_section
 from bench.events import (
     BENCH,
     CONNECTING,
@@ -1067,20 +1068,6 @@ def render(results: dict[str, Any], plan: Plan, command: str) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    """Replace (or append) this section of BENCHMARKS.md."""
-    path = ROOT / "BENCHMARKS.md"
-    current = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = current.find(f"\n{SECTION}\n")
-    if start == -1:
-        updated = current.rstrip("\n") + "\n\n" + text
-    else:
-        end = current.find("\n## ", start + 1)
-        tail = current[end:] if end != -1 else "\n"
-        updated = current[: start + 1] + text.rstrip("\n") + "\n" + tail
-    path.write_text(updated.rstrip("\n") + "\n")
-
-
 def main() -> int:
     if len(sys.argv) == 3 and sys.argv[1] == "worker":
         spec = json.loads(sys.argv[2])
@@ -1116,7 +1103,7 @@ def main() -> int:
     else:
         print(text)
     if args.write:
-        write_section(text)
+        write_section(text, SECTION)
     return 0
 
 
