@@ -297,9 +297,11 @@ class EdgeSpec:
 def bootstrap(spec: EdgeSpec) -> Bootstrap:
     """Envoy's bootstrap for ``spec``. Raises SpecError for an unsafe or unworkable spec."""
     _check(spec)
-    listeners = [_listener(PLAIN_LISTENER, spec.listen, spec, None)]
+    # Both listeners route alike: one route configuration, built once.
+    routes = _routes(spec)
+    listeners = [_listener(PLAIN_LISTENER, spec.listen, spec, routes, None)]
     if spec.tls is not None:
-        listeners.append(_listener(TLS_LISTENER, spec.tls.listen, spec, spec.tls))
+        listeners.append(_listener(TLS_LISTENER, spec.tls.listen, spec, routes, spec.tls))
     clusters = [
         cluster
         for name in _served(spec)
@@ -420,7 +422,9 @@ def _seconds(value: float) -> dt.timedelta:
     return dt.timedelta(seconds=value)
 
 
-def _listener(name: str, where: HostPort, spec: EdgeSpec, tls: Tls | None) -> Listener:
+def _listener(
+    name: str, where: HostPort, spec: EdgeSpec, routes: RouteConfiguration, tls: Tls | None
+) -> Listener:
     manager = HttpConnectionManager(
         stat_prefix=name,
         codec_type=HttpConnectionManagerCodecType.AUTO,
@@ -435,7 +439,7 @@ def _listener(name: str, where: HostPort, spec: EdgeSpec, tls: Tls | None) -> Li
         http2_protocol_options=Http2ProtocolOptions(
             max_concurrent_streams=spec.downstream_max_streams,
         ),
-        route_config=_routes(spec),
+        route_config=routes,
         http_filters=[
             HttpFilter(name="envoy.filters.http.grpc_web", typed_config=_pack(GrpcWeb())),
             HttpFilter(name="envoy.filters.http.cors", typed_config=_pack(Cors())),
@@ -512,9 +516,7 @@ def _routes(spec: EdgeSpec) -> RouteConfiguration:
 
 
 def _streaming(method: MethodDescriptor) -> bool:
-    proto = descriptor_pb2.MethodDescriptorProto()
-    method.CopyToProto(proto)
-    return proto.client_streaming or proto.server_streaming
+    return method.client_streaming or method.server_streaming
 
 
 def safe_to_retry(method: MethodDescriptor) -> bool:
