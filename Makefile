@@ -4,7 +4,7 @@
 #               service, Envoy in front (data in .mesh/; MESH_ARGS="--tls" and so on)
 #   make test   ruff, mypy --strict, contract checks, and the whole pytest suite
 #               (first installs missing system packages: scripts/install-deps.sh)
-#   make gen    regenerate gen/ from proto/ (offline)
+#   make gen    regenerate gen/, clients/go/gen/ and clients/web/src/gen/ from proto/
 #   make bench  run bench/ and write BENCHMARKS.md
 #   make deploy-files  render deploy/'s Envoy configs (scripts/render-deploy.py)
 
@@ -38,7 +38,9 @@ run serve: $(STAMP)
 mesh: $(STAMP)
 	$(VENV)/bin/switchboard mesh $(MESH_ARGS)
 
-gen: $(STAMP)
+# Python into gen/, Go into clients/go/gen/, TypeScript into clients/web/src/gen/; the Go
+# and TypeScript plugins come from `make tools`.
+gen: tools
 	$(PY) scripts/gen.py
 
 # System packages the tests need (Go, Node.js, redis-server, PostgreSQL, ...), when missing.
@@ -55,7 +57,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-contracts: $(STAMP)
+contracts: tools
 	bash scripts/check-contracts.sh
 
 pytest: deps $(STAMP) tools
@@ -75,4 +77,5 @@ deploy-files: $(STAMP)
 	$(PY) scripts/render-deploy.py
 
 clean:
-	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache clients/node/node_modules
+	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache clients/node/node_modules \
+		clients/web/node_modules clients/web/dist

@@ -13,31 +13,41 @@ echo "contracts: buf format"
 echo "contracts: buf breaking"
 compared=0
 if git rev-parse --verify -q HEAD >/dev/null; then
-  # Contracts from before methods were given idempotency levels (safe-to-retry
-  # marks, read by the Envoy generator) are compared with that one rule off:
-  # going from "unknown" to a level is the marking itself. Once a contract has
-  # levels, changing one is a break like any other.
-  prelevels=$(mktemp --suffix=.yaml)
-  trap 'rm -f "$prelevels"' EXIT
-  sed 's/^        - FILE$/        - FILE\n      except:\n        - RPC_SAME_IDEMPOTENCY_LEVEL/' buf.yaml >"$prelevels"
-  grep -q RPC_SAME_IDEMPOTENCY_LEVEL "$prelevels"
+  # Two rules are turned off against contracts from before a one-time change, and
+  # only against those:
+  # - RPC_SAME_IDEMPOTENCY_LEVEL against contracts without idempotency levels
+  #   (safe-to-retry marks, read by the Envoy generator): going from "unknown" to a
+  #   level is the marking itself. Once a contract has levels, changing one breaks.
+  # - FILE_SAME_GO_PACKAGE against contracts whose go_package was
+  #   `switchboard/gen/go/...`: that is not a Go import path, so no Go program could
+  #   have imported it; the Go module is switchboard.dev/go (clients/go).
+  config=$(mktemp --suffix=.yaml)
+  trap 'rm -f "$config"' EXIT
+  # against REF: buf breaking against the contracts of commit REF (empty: HEAD).
+  against() {
+    local ref=$1 excepts=()
+    git grep -q idempotency_level "$ref" -- proto || excepts+=(RPC_SAME_IDEMPOTENCY_LEVEL)
+    git grep -q 'go_package = "switchboard/gen/go/switchboard/api/' "$ref" -- proto &&
+      excepts+=(FILE_SAME_GO_PACKAGE)
+    if ((${#excepts[@]} == 0)); then
+      "$BUF" breaking proto --against ".git#ref=$ref,subdir=proto"
+      return
+    fi
+    local rules
+    rules=$(printf '\\n        - %s' "${excepts[@]}")
+    sed "s/^        - FILE\$/        - FILE\\n      except:$rules/" buf.yaml >"$config"
+    grep -q "${excepts[0]}" "$config"
+    "$BUF" breaking . --against ".git#ref=$ref" --config "$config"
+  }
   # Uncommitted edits are compared against HEAD; committed history against each
   # earlier commit that touched proto/ (so a break anywhere in a push is caught).
   if ! git diff --quiet HEAD -- proto; then
-    if git grep -q idempotency_level HEAD -- proto; then
-      "$BUF" breaking proto --against ".git#ref=HEAD,subdir=proto"
-    else
-      "$BUF" breaking . --against ".git#ref=HEAD" --config "$prelevels"
-    fi
+    against HEAD
     compared=$((compared + 1))
   fi
   for ref in $(git log --format=%H -n 25 HEAD~1 -- proto 2>/dev/null || true); do
     if git cat-file -e "$ref:proto" 2>/dev/null; then
-      if git grep -q idempotency_level "$ref" -- proto; then
-        "$BUF" breaking proto --against ".git#ref=$ref,subdir=proto"
-      else
-        "$BUF" breaking . --against ".git#ref=$ref" --config "$prelevels"
-      fi
+      against "$ref"
       compared=$((compared + 1))
     fi
   done

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs the external tools the tests drive, into .tools/bin (pinned versions):
-#   grpcurl, grpc-health-probe (Go), the Node client's packages, the MCP
+#   grpcurl, grpc-health-probe, protoc-gen-go and protoc-gen-go-grpc (Go; `make gen`
+#   runs the last two), the Node client's packages, the browser console's packages
+#   (clients/web: protoc-gen-es, Connect-ES, esbuild, TypeScript), the MCP
 #   reference server the connector tests run (tests/mcp, npm ci) and puppeteer-core
 #   for the browser test (tests/browser, npm ci; it drives the system's Chromium).
 # Idempotent: a tool already at the pinned version is left alone.
@@ -13,6 +15,9 @@ export GOBIN="$BIN" GOFLAGS=-buildvcs=false
 
 GRPCURL_VERSION=v1.9.4
 HEALTH_PROBE_VERSION=v0.4.39
+# The Go code generators; clients/go/gen is their output (scripts/gen.py checks it).
+PROTOC_GEN_GO_VERSION=v1.36.12
+PROTOC_GEN_GO_GRPC_VERSION=v1.6.1
 # grpc-health-probe is not listed by the Go module proxy's index or checksum
 # database here, so `go install` refuses it; we download the module zip and pin
 # its hash ourselves instead of trusting whatever arrives.
@@ -40,10 +45,25 @@ if [[ ! -x "$BIN/grpc-health-probe" || ! -e "$(stamp health-probe $HEALTH_PROBE_
   touch "$(stamp health-probe $HEALTH_PROBE_VERSION)"
 fi
 
+for plugin in "protoc-gen-go google.golang.org/protobuf/cmd/protoc-gen-go $PROTOC_GEN_GO_VERSION" \
+  "protoc-gen-go-grpc google.golang.org/grpc/cmd/protoc-gen-go-grpc $PROTOC_GEN_GO_GRPC_VERSION"; do
+  read -r name module version <<<"$plugin"
+  if [[ ! -x "$BIN/$name" || ! -e "$(stamp "$name" "$version")" ]]; then
+    echo "tools: installing $name $version"
+    go install "$module@$version"
+    touch "$(stamp "$name" "$version")"
+  fi
+done
+
 if [[ ! -d clients/node/node_modules/@grpc/grpc-js ]] \
   || [[ clients/node/package-lock.json -nt clients/node/node_modules/.package-lock.json ]]; then
   echo "tools: installing the Node client's packages"
   (cd clients/node && npm ci --no-audit --no-fund --loglevel=error)
+fi
+if [[ ! -x clients/web/node_modules/.bin/protoc-gen-es ]] \
+  || [[ clients/web/package-lock.json -nt clients/web/node_modules/.package-lock.json ]]; then
+  echo "tools: installing the browser console's packages"
+  (cd clients/web && npm ci --no-audit --no-fund --loglevel=error)
 fi
 if [[ ! -f tests/mcp/node_modules/@modelcontextprotocol/server-everything/dist/index.js ]] \
   || [[ tests/mcp/package-lock.json -nt tests/mcp/node_modules/.package-lock.json ]]; then
