@@ -1,0 +1,380 @@
+"""``Client``: one channel to a Switchboard deployment, signed in, with typed calls."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, Self
+
+import grpc
+from google.protobuf import struct_pb2
+from grpc import aio
+
+from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
+from switchboard.api.context.v1 import context_pb2, context_pb2_grpc
+from switchboard.api.dispatcher.v1 import dispatcher_pb2, dispatcher_pb2_grpc
+from switchboard.api.events.v1 import events_pb2_grpc
+from switchboard.api.integration.v1 import integration_pb2_grpc
+from switchboard.client.errors import Unauthenticated, Unavailable
+from switchboard.client.events import Follower, ScopeLike, TypeLike
+from switchboard.client.interceptors import ClientInterceptor, RetryPolicy
+from switchboard.client.runs import Answer, RunWatch
+from switchboard.client.streams import StreamPolicy
+from switchboard.client.tokens import (
+    DEFAULT_REFRESH_MARGIN_S,
+    Clock,
+    RefreshNotSent,
+    TokenKeeper,
+    TokensCallback,
+)
+
+if TYPE_CHECKING:
+    from switchboard.api.auth.v1.auth_pb2_grpc import AuthServiceAsyncStub
+    from switchboard.api.context.v1.context_pb2_grpc import ContextServiceAsyncStub
+    from switchboard.api.dispatcher.v1.dispatcher_pb2_grpc import DispatcherServiceAsyncStub
+    from switchboard.api.events.v1.events_pb2_grpc import EventServiceAsyncStub
+    from switchboard.api.integration.v1.integration_pb2_grpc import IntegrationServiceAsyncStub
+
+USER_AGENT: Final = "switchboard-python-client/0.1"
+DEFAULT_TIMEOUT_S: Final = 30.0
+
+#: Keepalive inside the server's limits (SWITCHBOARD_KEEPALIVE_*): pings no
+#: more often than every 60 s (the server counts a strike below 30 s, and sends
+#: GOAWAY after 2), so a dead connection under a quiet stream is noticed within
+#: about 80 s even where heartbeats are filtered out. Pings are allowed on
+#: streams that send nothing (a Subscribe only receives), never without calls.
+KEEPALIVE_OPTIONS: Final[tuple[tuple[str, int], ...]] = (
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.http2.max_pings_without_data", 0),
+)
+#: gRPC's reconnect backoff grows to 120 s: a server back after a restart
+#: would be ignored that long. Capped, it is found within seconds.
+RECONNECT_OPTIONS: Final[tuple[tuple[str, int], ...]] = (
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 3_000),
+)
+
+
+def channel_options(user_agent: str = USER_AGENT) -> list[tuple[str, Any]]:
+    """The options every client channel uses (callers' options come after them)."""
+    return [
+        *KEEPALIVE_OPTIONS,
+        *RECONNECT_OPTIONS,
+        ("grpc.primary_user_agent", user_agent),
+    ]
+
+
+def new_request_id() -> str:
+    """An idempotency key: 32 hex digits, inside the contract's 1-64 of [A-Za-z0-9_-]."""
+    return uuid.uuid4().hex
+
+
+def handler_name(handler: str) -> str:
+    """``handlers/echo`` from ``echo`` or ``handlers/echo`` ('' stays '')."""
+    if not handler or handler.startswith("handlers/"):
+        return handler
+    return f"handlers/{handler}"
+
+
+async def connected(channel: aio.Channel, within_s: float) -> bool:
+    """Whether ``channel`` is (or becomes, within ``within_s``) connected."""
+    try:
+        async with asyncio.timeout(within_s):
+            state = channel.get_state(try_to_connect=True)
+            while state != grpc.ChannelConnectivity.READY:
+                if state == grpc.ChannelConnectivity.SHUTDOWN:
+                    return False
+                await channel.wait_for_state_change(state)
+                state = channel.get_state(try_to_connect=True)
+            return True
+    except TimeoutError:
+        return False
+
+
+class Client:
+    """A client of one Switchboard deployment (one process, or the mesh behind Envoy).
+
+    Use it as an async context manager::
+
+        async with Client("127.0.0.1:50051") as client:
+            await client.sign_in("ada@example.com", "a long passphrase 42")
+            answer = await client.ask(conversation, "hello")
+
+    Every call carries the credential (a session's access token, renewed before
+    it expires, or an API key). Unary calls get ``timeout_s`` unless they pass
+    their own ``timeout``, and are retried only where that is safe. The typed
+    stubs ``auth``, ``context``, ``dispatcher``, ``integration`` and ``events``
+    reach every RPC of the contracts the same way; their unary errors are the
+    typed classes of ``switchboard.client.errors``.
+
+    ``tls``: False for plaintext, True for TLS with the system's roots, or
+    ``grpc.ChannelCredentials``. ``on_tokens`` is called with every new token
+    pair (sign-in, refresh) and with None when the session ends, to persist
+    them; ``clock`` (monotonic seconds) decides when tokens are due.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        tls: bool | grpc.ChannelCredentials = False,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        retry: RetryPolicy | None = None,
+        streams: StreamPolicy | None = None,
+        on_tokens: TokensCallback | None = None,
+        refresh_margin_s: float = DEFAULT_REFRESH_MARGIN_S,
+        clock: Clock = time.monotonic,
+        wall: Clock = time.time,
+        options: Sequence[tuple[str, Any]] = (),
+        interceptors: Sequence[aio.ClientInterceptor] = (),
+        user_agent: str = USER_AGENT,
+    ) -> None:
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be positive")
+        self.target = target
+        self.timeout_s = timeout_s
+        self._streams = streams or StreamPolicy()
+        self.tokens = TokenKeeper(
+            self._exchange,
+            margin_s=refresh_margin_s,
+            clock=clock,
+            wall=wall,
+            on_tokens=on_tokens,
+        )
+        # Ours first: the application's interceptors see each attempt with its
+        # bearer, as it goes on the wire.
+        ours = ClientInterceptor(
+            self.tokens, default_timeout_s=timeout_s, retry=retry or RetryPolicy()
+        )
+        chain: list[Any] = [ours, *interceptors]
+        merged = [*channel_options(user_agent), *options]
+        if tls is False:
+            self.channel = aio.insecure_channel(target, options=merged, interceptors=chain)
+        else:
+            credentials = grpc.ssl_channel_credentials() if tls is True else tls
+            self.channel = aio.secure_channel(
+                target, credentials, options=merged, interceptors=chain
+            )
+        self.auth: AuthServiceAsyncStub = auth_pb2_grpc.AuthServiceStub(self.channel)
+        self.context: ContextServiceAsyncStub = context_pb2_grpc.ContextServiceStub(self.channel)
+        self.dispatcher: DispatcherServiceAsyncStub = dispatcher_pb2_grpc.DispatcherServiceStub(
+            self.channel
+        )
+        self.integration: IntegrationServiceAsyncStub = integration_pb2_grpc.IntegrationServiceStub(
+            self.channel
+        )
+        self.events: EventServiceAsyncStub = events_pb2_grpc.EventServiceStub(self.channel)
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel: calls and streams still open are cancelled."""
+        await self.tokens.close()
+        await self.channel.close(None)
+
+    # -- signing in ---------------------------------------------------------------------
+
+    async def register(
+        self,
+        email: str,
+        password: str,
+        *,
+        display_name: str = "",
+        client_info: auth_pb2.ClientInfo | None = None,
+    ) -> auth_pb2.RegisterResponse:
+        """Create an account; the client is signed in to its first session."""
+        response = await self.auth.Register(
+            auth_pb2.RegisterRequest(
+                email=email,
+                password=password,
+                display_name=display_name,
+                client_info=client_info or self._client_info(),
+            )
+        )
+        await self.tokens.signed_in(response.tokens)
+        return response
+
+    async def sign_in(
+        self, email: str, password: str, *, client_info: auth_pb2.ClientInfo | None = None
+    ) -> auth_pb2.LoginResponse:
+        """Sign in with a password: a new session."""
+        response = await self.auth.Login(
+            auth_pb2.LoginRequest(
+                password=auth_pb2.PasswordCredential(email=email, password=password),
+                client_info=client_info or self._client_info(),
+            )
+        )
+        await self.tokens.signed_in(response.tokens)
+        return response
+
+    async def sign_in_with_id_token(
+        self, id_token: str, *, client_info: auth_pb2.ClientInfo | None = None
+    ) -> auth_pb2.LoginResponse:
+        """Sign in with an ID token from the deployment's OIDC issuer."""
+        response = await self.auth.Login(
+            auth_pb2.LoginRequest(
+                oidc=auth_pb2.OidcCredential(id_token=id_token),
+                client_info=client_info or self._client_info(),
+            )
+        )
+        await self.tokens.signed_in(response.tokens)
+        return response
+
+    def use_tokens(self, tokens: auth_pb2.TokenPair) -> None:
+        """Continue a session from a token pair the application kept (``on_tokens``)."""
+        self.tokens.use_session(tokens, fresh=False)
+
+    def use_api_key(self, key: str) -> None:
+        """Authenticate every call with an API key (``sbk_...``); nothing to refresh."""
+        self.tokens.use_api_key(key)
+
+    async def refresh(self) -> auth_pb2.TokenPair:
+        """Renew the session now (it also renews itself when due)."""
+        return await self.tokens.refresh()
+
+    async def sign_out(self) -> None:
+        """End the session on the server (Logout) and forget the credential.
+
+        With an API key, only the key is forgotten (revoke it with
+        ``auth.RevokeApiKey``). If Logout fails for another reason than the
+        session being over already, the error is raised and the credential kept,
+        so the application can try again.
+        """
+        if self.tokens.kind == "session":
+            # Unauthenticated: over already (expired, revoked, signed out elsewhere).
+            with contextlib.suppress(Unauthenticated):
+                await self.auth.Logout(auth_pb2.LogoutRequest())
+        await self.tokens.signed_out()
+
+    def _client_info(self) -> auth_pb2.ClientInfo:
+        return auth_pb2.ClientInfo(user_agent=USER_AGENT)
+
+    async def _exchange(self, refresh_token: str) -> auth_pb2.TokenPair:
+        """One RefreshToken call, sent only over a connected channel (tokens.py says why)."""
+        if not await connected(self.channel, self.timeout_s):
+            raise RefreshNotSent(
+                Unavailable(
+                    f"{self.target} is not reachable; the session is renewed once it is",
+                    code=grpc.StatusCode.UNAVAILABLE,
+                )
+            )
+        response = await self.auth.RefreshToken(
+            auth_pb2.RefreshTokenRequest(refresh_token=refresh_token),
+            timeout=self.timeout_s,
+            wait_for_ready=True,
+        )
+        return response.tokens
+
+    # -- runs ---------------------------------------------------------------------------
+
+    async def send(
+        self,
+        conversation: str,
+        text: str,
+        *,
+        handler: str = "",
+        parameters: Mapping[str, Any] | None = None,
+        assistant: str = "",
+        run_timeout_s: float | None = None,
+        concurrency_policy: dispatcher_pb2.ConcurrencyPolicy.ValueType = (
+            dispatcher_pb2.CONCURRENCY_POLICY_UNSPECIFIED
+        ),
+        request_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> dispatcher_pb2.Run:
+        """Send a user message and start a run that answers it; the run (usually QUEUED).
+
+        Each send has its own idempotency key (``request_id``, generated unless
+        given), so a retry after UNAVAILABLE returns the first run instead of
+        starting a second. ``handler`` forces one (``echo`` or ``handlers/echo``);
+        ``parameters`` are the handler's (``{"delay_ms": 200}`` for echo).
+        """
+        request = dispatcher_pb2.SendMessageRequest(
+            conversation=conversation,
+            message=context_pb2.Message(parts=[context_pb2.ContentPart(text=text)]),
+            handler=handler_name(handler),
+            assistant=assistant,
+            request_id=request_id or new_request_id(),
+            concurrency_policy=concurrency_policy,
+        )
+        if parameters:
+            struct = struct_pb2.Struct()
+            struct.update(dict(parameters))
+            request.parameters.CopyFrom(struct)
+        if run_timeout_s is not None:
+            request.timeout.FromNanoseconds(round(run_timeout_s * 1e9))
+        response = await self.dispatcher.SendMessage(request, timeout=timeout_s)
+        return response.run
+
+    def watch(self, run: str | dispatcher_pb2.Run, *, after_sequence: int = 0) -> RunWatch:
+        """The run's updates from after ``after_sequence`` to its end, resumed across breaks."""
+        name = run if isinstance(run, str) else run.name
+        return RunWatch(
+            self.dispatcher,
+            self.tokens,
+            name,
+            after_sequence=after_sequence,
+            policy=self._streams,
+            call_timeout_s=self.timeout_s,
+        )
+
+    async def ask(self, conversation: str, text: str, **send: Any) -> Answer:
+        """Send a message and wait for the answer (``send``'s keywords apply).
+
+        Raises ``RunFailed`` if the run ends FAILED, CANCELLED or
+        DEADLINE_EXCEEDED. The wait itself has no deadline: the run's own
+        (``run_timeout_s``, or the server's default) bounds it.
+        """
+        run = await self.send(conversation, text, **send)
+        async with self.watch(run) as watch:
+            return await watch.answer()
+
+    async def cancel(self, run: str | dispatcher_pb2.Run, reason: str = "") -> dispatcher_pb2.Run:
+        """Cancel a run (its handler is stopped); the run as it ended."""
+        name = run if isinstance(run, str) else run.name
+        response = await self.dispatcher.CancelRun(
+            dispatcher_pb2.CancelRunRequest(name=name, reason=reason)
+        )
+        return response.run
+
+    # -- events -------------------------------------------------------------------------
+
+    def follow(
+        self,
+        scopes: Iterable[ScopeLike],
+        *,
+        after_cursor: str = "",
+        types: Iterable[TypeLike] = (),
+    ) -> Follower:
+        """Events of ``scopes`` (``users/u``, ``workspaces/w``, ``.../conversations/c``)
+        after ``after_cursor`` ('' for from now on), resumed across breaks.
+
+        ``types`` keeps only those event types (``"MESSAGE_CREATED"`` or the enum).
+        The follower's ``cursor`` is where it stands; persist it to continue there.
+        """
+        return Follower(
+            self.events,
+            self.tokens,
+            scopes,
+            after_cursor=after_cursor,
+            types=types,
+            policy=self._streams,
+        )

@@ -1,0 +1,66 @@
+"""switchboard.client.runs: a run's answer assembled from its updates."""
+
+from __future__ import annotations
+
+from switchboard.api.context.v1 import context_pb2
+from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.api.handler.v1 import handler_pb2
+from switchboard.client.runs import AnswerBuilder, is_terminal
+
+
+def _state(sequence: int, state: int) -> pb.RunUpdate:
+    update = pb.RunUpdate(run="r", sequence=sequence)
+    update.state_change.run.state = state  # type: ignore[assignment]
+    return update
+
+
+def _delta(sequence: int, text: str) -> pb.RunUpdate:
+    return pb.RunUpdate(run="r", sequence=sequence, delta=handler_pb2.TextDelta(text=text))
+
+
+def _result(sequence: int, text: str) -> pb.RunUpdate:
+    return pb.RunUpdate(
+        run="r",
+        sequence=sequence,
+        result=handler_pb2.HandleResult(parts=[context_pb2.ContentPart(text=text)]),
+    )
+
+
+def test_deltas_join_until_the_result_which_wins() -> None:
+    builder = AnswerBuilder()
+    for update in [
+        _state(1, pb.RUN_STATE_QUEUED),
+        _state(2, pb.RUN_STATE_RUNNING),
+        _delta(3, "hello"),
+        _delta(4, " there"),
+    ]:
+        builder.add(update)
+    assert builder.text == "hello there"
+    builder.add(_result(5, "hello there, in full"))
+    builder.add(_state(6, pb.RUN_STATE_SUCCEEDED))
+    assert builder.text == "hello there, in full"
+    assert builder.run is not None
+    assert builder.run.state == pb.RUN_STATE_SUCCEEDED
+
+
+def test_a_requeued_run_starts_its_answer_over() -> None:
+    builder = AnswerBuilder()
+    block = 2**32
+    for update in [
+        _state(1, pb.RUN_STATE_QUEUED),
+        _state(2, pb.RUN_STATE_RUNNING),
+        _delta(3, "half an ans"),
+        _state(block + 1, pb.RUN_STATE_QUEUED),  # recovered with `requeue`
+        _state(block + 2, pb.RUN_STATE_RUNNING),
+        _delta(block + 3, "a whole answer"),
+    ]:
+        builder.add(update)
+    assert builder.text == "a whole answer"
+
+
+def test_only_a_final_state_change_ends_a_run() -> None:
+    assert is_terminal(_state(9, pb.RUN_STATE_FAILED))
+    assert is_terminal(_state(9, pb.RUN_STATE_SUCCEEDED))
+    assert not is_terminal(_state(9, pb.RUN_STATE_REQUIRES_ACTION))
+    assert not is_terminal(_state(9, pb.RUN_STATE_RUNNING))
+    assert not is_terminal(_delta(9, "x"))
