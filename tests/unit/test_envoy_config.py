@@ -9,6 +9,7 @@ what the commands documented beside them print today.
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import ssl
 import stat
@@ -20,18 +21,28 @@ from typing import Any, Final
 import pytest
 import yaml
 from cryptography import x509
+from envoy_data_plane.envoy.config.route.v3 import Route, RouteConfiguration
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
+    HttpConnectionManager,
+)
 
 from switchboard.cli import main as cli_main
 from switchboard.deploy.devcert import CertError, make_dev_cert
 from switchboard.deploy.envoy import (
     API,
+    CONSOLE_CSP,
+    MAX_CONSOLE_FILE_BYTES,
+    Console,
     EdgeSpec,
     HostPort,
     ServerLimits,
     SpecError,
     Tls,
+    bootstrap,
     render,
 )
+from switchboard.deploy.launcher import Options, add_mesh_parser
+from switchboard.deploy.machine import MeshError
 from tests.e2e.envoy import envoy_binary
 
 ROOT: Final = Path(__file__).resolve().parents[2]
@@ -277,3 +288,191 @@ def test_the_dev_certificate_serves_tls_for_local_names(tmp_path: Path) -> None:
     assert make_dev_cert(tmp_path, force=True).cert_file == made.cert_file
     with pytest.raises(CertError, match="days"):
         make_dev_cert(tmp_path / "other", days=1000)
+
+
+# The browser console (clients/web), served by Envoy itself.
+
+#: A console build as clients/web/build.mjs writes it (contents do not matter here).
+CONSOLE_FILES: Final = {
+    "index.html": b"<!doctype html><title>console</title>",
+    "app.js": b"console.log(1);" * 100,
+    "app.css": b"body{}",
+    "favicon.svg": b"<svg/>",
+}
+
+
+def _console_dir(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, body in CONSOLE_FILES.items():
+        (directory / name).write_bytes(body)
+    return directory
+
+
+def _route_configs(spec: EdgeSpec) -> list[RouteConfiguration]:
+    """Each listener's route configuration, read through the typed messages."""
+    configs = []
+    resources = bootstrap(spec).static_resources
+    assert resources is not None
+    for listener in resources.listeners:
+        packed = listener.filter_chains[0].filters[0].typed_config
+        assert packed is not None
+        manager = packed.unpack()
+        assert isinstance(manager, HttpConnectionManager)
+        assert manager.route_config is not None
+        configs.append(manager.route_config)
+    return configs
+
+
+def _direct(config: RouteConfiguration) -> dict[str, Route]:
+    direct: dict[str, Route] = {}
+    for route in config.virtual_hosts[0].routes:
+        if route.direct_response is not None:
+            assert route.match is not None
+            assert route.match.path
+            direct[route.match.path] = route
+    return direct
+
+
+def test_without_a_console_nothing_is_answered_by_envoy_itself() -> None:
+    [config] = _route_configs(EdgeSpec.all_in_one(LOCAL))
+    assert _direct(config) == {}
+    assert config.max_direct_response_body_size_bytes is None
+    # Every route still goes to a cluster (the documented renders check the bytes).
+    assert all(route.route is not None for route in config.virtual_hosts[0].routes)
+
+
+def test_the_console_files_are_get_routes_with_security_headers(tmp_path: Path) -> None:
+    console_dir = _console_dir(tmp_path / "dist")
+    (console_dir / ".hidden").write_text("never served")
+    cert = make_dev_cert(tmp_path / "tls")
+    tls = Tls(HostPort("127.0.0.1", 8443), str(cert.cert_file), str(cert.key_file))
+    plain = EdgeSpec.all_in_one(LOCAL, tls=tls)
+    spec = EdgeSpec.all_in_one(LOCAL, tls=tls, console=Console.from_directory(console_dir))
+    # Both listeners serve it (the browser's TLS one and the plain one).
+    for config, without in zip(_route_configs(spec), _route_configs(plain), strict=True):
+        routes = _direct(config)
+        assert set(routes) == {"/", "/index.html", "/app.js", "/app.css", "/favicon.svg"}
+        types = {}
+        for path, route in routes.items():
+            assert route.direct_response is not None
+            assert route.direct_response.status == 200
+            body = route.direct_response.body
+            assert body is not None
+            name = "index.html" if path == "/" else path.removeprefix("/")
+            assert body.filename == str(console_dir / name)
+            assert route.match is not None
+            [method] = route.match.headers
+            assert method.name == ":method"
+            assert method.string_match is not None
+            assert method.string_match.safe_regex is not None
+            assert method.string_match.safe_regex.regex == "GET|HEAD"
+            headers = {
+                option.header.key: option.header.value
+                for option in route.response_headers_to_add
+                if option.header is not None
+            }
+            types[path] = headers["content-type"]
+            assert headers["content-security-policy"] == CONSOLE_CSP
+            assert headers["x-content-type-options"] == "nosniff"
+            assert headers["referrer-policy"] == "no-referrer"
+            assert headers["cache-control"] == "no-cache"
+        assert types == {
+            "/": "text/html; charset=utf-8",
+            "/index.html": "text/html; charset=utf-8",
+            "/app.js": "text/javascript; charset=utf-8",
+            "/app.css": "text/css; charset=utf-8",
+            "/favicon.svg": "image/svg+xml",
+        }
+        # The cap on a file-backed body fits the largest file, with room, and is bounded.
+        limit = config.max_direct_response_body_size_bytes
+        assert limit is not None
+        assert max(len(body) for body in CONSOLE_FILES.values()) <= limit <= MAX_CONSOLE_FILE_BYTES
+        # The API's routes are the same as without a console, in the same order, first.
+        api_routes = config.virtual_hosts[0].routes[: len(without.virtual_hosts[0].routes)]
+        assert api_routes == without.virtual_hosts[0].routes
+    for directive in ("default-src 'self'", "connect-src 'self'", "frame-ancestors 'none'"):
+        assert directive in CONSOLE_CSP
+    assert "unsafe-inline" not in CONSOLE_CSP
+    assert "unsafe-eval" not in CONSOLE_CSP
+
+
+def test_a_console_directory_that_cannot_be_served_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="does not exist"):
+        Console.from_directory(tmp_path / "missing")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "app.js").write_text("1")
+    with pytest.raises(SpecError, match=r"no index\.html"):
+        Console.from_directory(empty)
+    for name, message in (("notes.exe", "serves only"), ("assets", "not a file")):
+        bad = _console_dir(tmp_path / f"bad-{name}")
+        if "." in name:
+            (bad / name).write_bytes(b"MZ")
+        else:
+            (bad / name).mkdir()
+        with pytest.raises(SpecError, match=message):
+            Console.from_directory(bad)
+    huge = _console_dir(tmp_path / "huge")
+    with (huge / "app.js").open("wb") as handle:
+        handle.truncate(MAX_CONSOLE_FILE_BYTES + 1)
+    with pytest.raises(SpecError, match="Envoy holds it in memory"):
+        Console.from_directory(huge)
+
+
+def _mesh_options(*argv: str) -> Options:
+    parser = argparse.ArgumentParser()
+    add_mesh_parser(parser.add_subparsers(dest="command"))
+    return Options.from_args(parser.parse_args(["mesh", *argv]))
+
+
+def test_the_commands_take_the_console(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    console_dir = _console_dir(tmp_path / "dist")
+    out = tmp_path / "envoy.yaml"
+    assert cli_main(["envoy", f"--console={console_dir}", f"--output={out}"]) == 0
+    routes = _routes(yaml.safe_load(out.read_text()))
+    served = {r["match"]["path"]: r["direct_response"] for r in routes if "direct_response" in r}
+    assert served["/"]["body"]["filename"] == str(console_dir / "index.html")
+    assert cli_main(["envoy", f"--console={tmp_path / 'nowhere'}"]) == 2
+    assert "run `make console`" in capsys.readouterr().err
+    # The mesh launcher renders the same routes for its Envoy, read again at each start.
+    options = _mesh_options(f"--data-dir={tmp_path / 'mesh'}", "--console", str(console_dir))
+    spec = options.edge_spec({name: (LOCAL,) for name in API}, {}, None)
+    assert spec.console == Console.from_directory(console_dir)
+    (console_dir / "app.js.map").write_text("{}")
+    rebuilt = options.edge_spec({name: (LOCAL,) for name in API}, {}, None)
+    assert rebuilt.console is not None
+    assert "/app.js.map" in {f.path for f in rebuilt.console.files}
+    without = _mesh_options(f"--data-dir={tmp_path / 'm2'}")
+    assert without.edge_spec({name: (LOCAL,) for name in API}, {}, None).console is None
+    # A console that is not there stops the mesh before anything starts.
+    with pytest.raises(MeshError, match="run `make console`"):
+        _mesh_options(f"--data-dir={tmp_path / 'm3'}", f"--console={tmp_path / 'nowhere'}")
+
+
+def test_envoy_loads_the_console(tmp_path: Path) -> None:
+    """``envoy --mode validate`` reads every file-backed body against the cap."""
+    console_dir = _console_dir(tmp_path / "dist")
+    config = tmp_path / "envoy.yaml"
+    config.write_text(
+        render(EdgeSpec.all_in_one(LOCAL, console=Console.from_directory(console_dir)))
+    )
+    done = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "--config-path", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    # A file that grew past the cap after rendering: Envoy refuses to load it.
+    with (console_dir / "app.js").open("wb") as handle:
+        handle.truncate(MAX_CONSOLE_FILE_BYTES + 1)
+    done = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "--config-path", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert f"{console_dir / 'app.js'} size is" in done.stdout + done.stderr

@@ -105,6 +105,14 @@ def add_envoy_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         metavar="SECONDS",
         help="active gRPC health check interval per replica (default 5)",
     )
+    envoy.add_argument(
+        "--console",
+        type=Path,
+        metavar="DIR",
+        help="also serve the browser console built in DIR (`make console` writes "
+        "clients/web/dist): each file a GET route answered by Envoy, with a strict "
+        "Content-Security-Policy; paths as Envoy sees them",
+    )
     envoy.add_argument("--output", "-o", type=Path, help="file to write; default stdout")
 
 
@@ -145,7 +153,7 @@ def run_envoy(args: argparse.Namespace) -> int:
 
 def envoy_spec(args: argparse.Namespace) -> EdgeSpec:
     """The ``EdgeSpec`` the ``envoy`` command's arguments describe."""
-    from switchboard.deploy.envoy import EdgeSpec, HostPort, ServerLimits, SpecError, Tls
+    from switchboard.deploy.envoy import Console, EdgeSpec, HostPort, ServerLimits, SpecError, Tls
 
     tls_parts = (args.tls_listen, args.tls_cert, args.tls_key)
     if any(tls_parts) and not all(tls_parts):
@@ -161,6 +169,7 @@ def envoy_spec(args: argparse.Namespace) -> EdgeSpec:
         "stream_idle_timeout_s": args.stream_idle_timeout,
         "unary_timeout_s": args.unary_timeout,
         "health_interval_s": args.health_interval,
+        "console": Console.from_directory(args.console) if args.console else None,
     }
     if args.shape == "all-in-one":
         if args.service or args.replicas:

@@ -29,6 +29,12 @@ it derives, and from where:
   ``x-forwarded-for`` from the connection it sees (``use_remote_address``), and
   the servers trust it only from their configured proxies; the admin interface
   only on loopback.
+- **The browser console** (optional, ``Console``): each file of its build is a
+  GET route answered by Envoy itself (``direct_response`` from the file, read
+  when the configuration loads) with its content type, ``no-cache`` and the
+  security headers (a strict Content-Security-Policy, nosniff, no referrer, no
+  framing). The page and the API share one origin, so it needs no CORS.
+  Without a console the configuration is exactly what it was before.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import ipaddress
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final, cast
 
 import betterproto2
@@ -55,6 +62,9 @@ from envoy_data_plane.envoy.config.cluster.v3 import (
 from envoy_data_plane.envoy.config.core.v3 import (
     Address,
     DataSource,
+    HeaderValue,
+    HeaderValueOption,
+    HeaderValueOptionHeaderAppendAction,
     HealthCheck,
     HealthCheckGrpcHealthCheck,
     Http2ProtocolOptions,
@@ -72,6 +82,8 @@ from envoy_data_plane.envoy.config.endpoint.v3 import (
 from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
 from envoy_data_plane.envoy.config.overload.v3 import OverloadManager, ResourceMonitor
 from envoy_data_plane.envoy.config.route.v3 import (
+    DirectResponseAction,
+    HeaderMatcher,
     RetryPolicy,
     RetryPolicyRetryHostPredicate,
     Route,
@@ -148,6 +160,52 @@ _CORS_HEADERS: Final = (
     "authorization, content-type, x-grpc-web, x-user-agent, x-request-id, grpc-timeout"
 )
 _CORS_EXPOSE: Final = "grpc-status, grpc-message, grpc-status-details-bin, x-request-id"
+
+#: What the console may serve, by file suffix; anything else in its directory is refused.
+CONSOLE_TYPES: Final = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".map": "application/json",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".ico": "image/x-icon",
+    ".txt": "text/plain; charset=utf-8",
+}
+#: The largest console file Envoy holds in memory (each is read when the configuration loads).
+MAX_CONSOLE_FILE_BYTES: Final = 8 * 1024 * 1024
+MAX_CONSOLE_FILES: Final = 64
+#: Scripts, styles, images and calls from this origin only; nothing inline, no eval, no
+#: plugins, no framing, no markup from strings (Trusted Types): an injected string cannot
+#: run, and the tokens in the tab's storage stay out of reach of other origins' code.
+CONSOLE_CSP: Final = "; ".join(
+    (
+        "default-src 'self'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "img-src 'self'",
+        "connect-src 'self'",
+        "font-src 'self'",
+        "object-src 'none'",
+        "base-uri 'none'",
+        "form-action 'self'",
+        "frame-ancestors 'none'",
+        "require-trusted-types-for 'script'",
+        "trusted-types 'none'",
+    )
+)
+CONSOLE_HEADERS: Final = (
+    ("content-security-policy", CONSOLE_CSP),
+    ("x-content-type-options", "nosniff"),
+    ("referrer-policy", "no-referrer"),
+    ("x-frame-options", "DENY"),
+    ("cross-origin-opener-policy", "same-origin"),
+    ("cross-origin-resource-policy", "same-origin"),
+    ("permissions-policy", "camera=(), microphone=(), geolocation=(), payment=(), usb=()"),
+    # Direct responses carry no validators (ETag, Last-Modified): every load asks again,
+    # so a rebuilt console is never served stale from a browser's cache.
+    ("cache-control", "no-cache"),
+)
 
 
 def _as_declared(name: str) -> str:
@@ -258,6 +316,67 @@ class Tls:
 
 
 @dataclass(frozen=True)
+class StaticFile:
+    """One file of the console: the path it is served at and the file Envoy reads."""
+
+    path: str
+    filename: str
+    content_type: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Console:
+    """The browser console's build (``make console``), served by Envoy itself.
+
+    ``from_directory`` reads a flat directory (what ``clients/web/build.mjs``
+    writes): ``index.html`` is served at ``/`` and ``/index.html``, every other
+    file at ``/<name>``. The file names are absolute, as Envoy sees them; Envoy
+    reads the files when it loads the configuration, so a new build needs Envoy
+    started (or the configuration rendered) again.
+    """
+
+    files: tuple[StaticFile, ...]
+
+    @classmethod
+    def from_directory(cls, directory: str | Path) -> Console:
+        root = Path(directory).expanduser().resolve()
+        if not root.is_dir():
+            raise SpecError(f"console directory {root} does not exist; run `make console`")
+        files: list[StaticFile] = []
+        for entry in sorted(root.iterdir()):
+            if entry.name.startswith("."):
+                continue
+            if not entry.is_file():
+                raise SpecError(f"console directory {root} has {entry.name!r}, which is not a file")
+            content_type = CONSOLE_TYPES.get(entry.suffix.lower())
+            if content_type is None:
+                known = ", ".join(sorted(CONSOLE_TYPES))
+                raise SpecError(f"console file {entry.name!r}: serves only {known}")
+            size = entry.stat().st_size
+            if size > MAX_CONSOLE_FILE_BYTES:
+                raise SpecError(
+                    f"console file {entry.name!r} is {size} bytes; "
+                    f"at most {MAX_CONSOLE_FILE_BYTES} (Envoy holds it in memory)"
+                )
+            paths = ["/", "/index.html"] if entry.name == "index.html" else [f"/{entry.name}"]
+            files += [StaticFile(path, str(entry), content_type, size) for path in paths]
+        if not any(f.path == "/" for f in files):
+            raise SpecError(f"console directory {root} has no index.html; run `make console`")
+        if len(files) > MAX_CONSOLE_FILES:
+            raise SpecError(f"console directory {root} has over {MAX_CONSOLE_FILES} files")
+        return cls(tuple(files))
+
+    @property
+    def body_limit(self) -> int:
+        """Envoy's cap on a direct response read from a file: the largest file, rounded
+        up to a MiB (a slightly larger rebuild still loads), never above the maximum."""
+        largest = max((f.size for f in self.files), default=0)
+        mib = 1024 * 1024
+        return min(MAX_CONSOLE_FILE_BYTES, max(mib, math.ceil(largest / mib) * mib))
+
+
+@dataclass(frozen=True)
 class EdgeSpec:
     """What the edge needs to know; ``bootstrap`` turns it into Envoy's configuration.
 
@@ -288,6 +407,8 @@ class EdgeSpec:
     #: (a Kubernetes headless Service): the breakers are sized for them. Default: one
     #: replica per address.
     replicas: Mapping[str, int] = field(default_factory=dict)
+    #: The browser console's files, served on both listeners; none by default.
+    console: Console | None = None
 
     @classmethod
     def all_in_one(cls, upstream: HostPort, **kwargs: Any) -> EdgeSpec:
@@ -500,7 +621,9 @@ def _routes(spec: EdgeSpec) -> RouteConfiguration:
     routes.append(_route(watch, fallback, spec, unary=False, safe=False))
     for prefix in REFLECTION_PATHS:
         routes.append(_route(RouteMatch(prefix=prefix), fallback, spec, unary=False, safe=False))
-    return RouteConfiguration(
+    if spec.console is not None:
+        routes += [_static_route(file) for file in spec.console.files]
+    config = RouteConfiguration(
         name="switchboard",
         virtual_hosts=[
             VirtualHost(
@@ -511,6 +634,35 @@ def _routes(spec: EdgeSpec) -> RouteConfiguration:
                 # Requests that never reached a server are safe to send again, streams too.
                 retry_policy=_retry_policy(_RETRY_UNSENT),
             )
+        ],
+    )
+    if spec.console is not None:
+        # Envoy refuses a file-backed direct response above this (4 KiB by default).
+        config.max_direct_response_body_size_bytes = spec.console.body_limit
+    return config
+
+
+def _static_route(file: StaticFile) -> Route:
+    """A console file, answered by Envoy from the file it read at load."""
+    headers = (("content-type", file.content_type), *CONSOLE_HEADERS)
+    return Route(
+        match=RouteMatch(
+            path=file.path,
+            # Only reads: anything else to these paths is no route (404), never a server's.
+            headers=[
+                HeaderMatcher(
+                    name=":method",
+                    string_match=StringMatcher(safe_regex=RegexMatcher(regex="GET|HEAD")),
+                )
+            ],
+        ),
+        direct_response=DirectResponseAction(status=200, body=DataSource(filename=file.filename)),
+        response_headers_to_add=[
+            HeaderValueOption(
+                header=HeaderValue(key=key, value=value),
+                append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+            )
+            for key, value in headers
         ],
     )
 
@@ -675,12 +827,18 @@ def _health_check(service: str, spec: EdgeSpec) -> HealthCheck:
 __all__ = [
     "ALPN",
     "API",
+    "CONSOLE_CSP",
+    "CONSOLE_HEADERS",
+    "CONSOLE_TYPES",
+    "MAX_CONSOLE_FILE_BYTES",
     "PLAIN_LISTENER",
     "TLS_LISTENER",
+    "Console",
     "EdgeSpec",
     "HostPort",
     "ServerLimits",
     "SpecError",
+    "StaticFile",
     "Tls",
     "bootstrap",
     "render",

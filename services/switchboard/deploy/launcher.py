@@ -152,6 +152,13 @@ def add_mesh_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="restarts in a row of a failing process before the mesh stops (default 5)",
     )
     mesh.add_argument(
+        "--console",
+        type=Path,
+        metavar="DIR",
+        help="serve the browser console built in DIR (`make console` writes clients/web/dist) "
+        "from Envoy, on the same origin as the API; read again whenever Envoy starts",
+    )
+    mesh.add_argument(
         "--envoy-log-level",
         default="warning",
         choices=("trace", "debug", "info", "warning", "error", "critical", "off"),
@@ -210,6 +217,7 @@ class Options:
     start_timeout_s: float
     max_restarts: int
     envoy_log_level: str
+    console: Path | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Options:
@@ -243,6 +251,7 @@ class Options:
                 start_timeout_s=args.start_timeout,
                 max_restarts=args.max_restarts,
                 envoy_log_level=args.envoy_log_level,
+                console=args.console.expanduser().resolve() if args.console else None,
             )
             # Refuse a spec Envoy would refuse (admin off loopback...) before anything starts.
             bootstrap(
@@ -271,8 +280,12 @@ class Options:
         certificate: tuple[Path, Path] | None,
         bound: dict[str, HostPort] | None = None,
     ) -> EdgeSpec:
-        """Envoy's spec; ``bound`` holds the listeners' real ports once Envoy has run."""
-        from switchboard.deploy.envoy import EdgeSpec, ServerLimits, Tls
+        """Envoy's spec; ``bound`` holds the listeners' real ports once Envoy has run.
+
+        The console's directory is read here, each time: a rebuilt console is what
+        a restarted Envoy serves.
+        """
+        from switchboard.deploy.envoy import Console, EdgeSpec, ServerLimits, Tls
 
         bound = bound or {}
         tls = None
@@ -287,6 +300,7 @@ class Options:
             # The servers' limits as the services will read them from this environment.
             limits=ServerLimits.from_environment(environ),
             health_interval_s=self.health_interval_s,
+            console=Console.from_directory(self.console) if self.console else None,
         )
 
 
@@ -421,6 +435,8 @@ class Mesh:
         self.save_state()
         urls = self.envoy.urls()
         tls = f", TLS (HTTP/2 for browsers) at {urls['tls_url']}" if urls["tls_url"] else ""
+        if self.options.console is not None:
+            tls += f"; the console at {urls['tls_url'] or urls['url']}/"
         self.say(
             f"ready: Switchboard at {urls['grpc']} (native gRPC; grpc-web at {urls['url']}){tls}; "
             f"Envoy admin {urls['admin_url']}; state in {self.layout.state_file}; "
