@@ -1,0 +1,115 @@
+// Errors as the user sees them: the gRPC code, the ErrorInfo reason and metadata, the
+// field violations, the retry delay; never an exception's text or stack.
+import { Code, ConnectError } from "@connectrpc/connect";
+import {
+  BadRequestSchema,
+  ErrorInfoSchema,
+  QuotaFailureSchema,
+  RetryInfoSchema,
+} from "./gen/google/rpc/error_details_pb";
+import { h } from "./dom";
+
+export interface Violation {
+  field: string;
+  description: string;
+}
+
+export interface Problem {
+  /** Canonical gRPC code name, e.g. "UNAUTHENTICATED". */
+  code: string;
+  /** The server's message (or the console's own, for local checks). */
+  message: string;
+  /** ErrorInfo.reason, e.g. "ERROR_REASON_SESSION_REVOKED"; "" when there is none. */
+  reason: string;
+  metadata: Record<string, string>;
+  violations: Violation[];
+  /** RetryInfo's delay in seconds, when the server sent one. */
+  retryAfterS?: number;
+  /** True when the server (or Envoy) answered; false for a connection that failed. */
+  wire: boolean;
+}
+
+/** `Code.PermissionDenied` -> "PERMISSION_DENIED". */
+export function codeName(code: Code): string {
+  const name = Code[code] ?? "Unknown";
+  return name.replace(/([a-z])([A-Z])/g, "$1_$2").toUpperCase();
+}
+
+export function problem(reason: unknown): Problem {
+  if (!(reason instanceof ConnectError)) {
+    // Calls always fail with a ConnectError; anything else is a bug in the console,
+    // reported without the exception's text.
+    console.error(reason);
+    return local("INTERNAL", "unexpected failure in the console");
+  }
+  const error = reason;
+  const result: Problem = {
+    code: codeName(error.code),
+    message: error.rawMessage || describeLocal(error),
+    reason: "",
+    metadata: {},
+    violations: [],
+    wire: error.isWireError,
+  };
+  for (const info of error.findDetails(ErrorInfoSchema)) {
+    result.reason = info.reason;
+    result.metadata = { ...info.metadata };
+  }
+  for (const bad of error.findDetails(BadRequestSchema)) {
+    for (const v of bad.fieldViolations) result.violations.push({ field: v.field, description: v.description });
+  }
+  for (const quota of error.findDetails(QuotaFailureSchema)) {
+    for (const v of quota.violations) result.violations.push({ field: v.subject, description: v.description });
+  }
+  for (const retry of error.findDetails(RetryInfoSchema)) {
+    const delay = retry.retryDelay;
+    if (delay) result.retryAfterS = Number(delay.seconds) + delay.nanos / 1e9;
+  }
+  return result;
+}
+
+function describeLocal(error: ConnectError): string {
+  switch (error.code) {
+    case Code.Canceled:
+      return "cancelled";
+    case Code.DeadlineExceeded:
+      return "no answer in time";
+    default:
+      return "the connection to the server failed";
+  }
+}
+
+/** A problem the console found itself (a bad JSON field, say), shaped like the server's. */
+export function local(code: string, message: string, violations: Violation[] = []): Problem {
+  return { code, message, reason: "", metadata: {}, violations, wire: false };
+}
+
+export function isCode(p: Problem, code: Code): boolean {
+  return p.code === codeName(code);
+}
+
+/** The problem as a block: code and reason up front, then the message and violations. */
+export function renderProblem(p: Problem, testid = "error"): HTMLElement {
+  return h(
+    "div",
+    { class: "problem", role: "alert", "data-testid": testid, "data-code": p.code, "data-reason": p.reason },
+    h("strong", { "data-testid": `${testid}-code` }, p.code),
+    p.reason ? h("code", { "data-testid": `${testid}-reason` }, p.reason) : null,
+    h("span", { "data-testid": `${testid}-message` }, p.message),
+    p.retryAfterS !== undefined ? h("span", { class: "muted" }, `retry in ${p.retryAfterS.toFixed(1)} s`) : null,
+    p.violations.length
+      ? h(
+          "ul",
+          {},
+          ...p.violations.map((v) =>
+            h(
+              "li",
+              { "data-testid": `${testid}-violation`, "data-field": v.field },
+              h("code", {}, v.field),
+              `: ${v.description}`,
+            ),
+          ),
+        )
+      : null,
+  );
+}
