@@ -133,7 +133,8 @@ class Client:
         clock: Clock = time.monotonic,
         wall: Clock = time.time,
         options: Sequence[tuple[str, Any]] = (),
-        interceptors: Sequence[aio.ClientInterceptor] = (),
+        # grpc.aio client interceptors (the type stubs' own type for them is unusable).
+        interceptors: Sequence[Any] = (),
         user_agent: str = USER_AGENT,
     ) -> None:
         if timeout_s <= 0:
