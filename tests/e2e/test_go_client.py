@@ -1,0 +1,467 @@
+"""The Go client (clients/go) against real `switchboard serve` processes.
+
+The Go sources are formatted, vetted and unit-tested by the go toolchain. The
+quickstart example, built once per session, is then driven like a user runs it:
+it signs in, creates a workspace and a conversation, sends a message, prints the
+answer as it streams, and follows the conversation's events. Everything it saw
+is one JSON line on its stdout; the tests wait on those lines (each wait with a
+deadline) and compare them with what the server itself reports (ListEvents,
+GetRun, GetMessage through the Python stubs).
+
+Restarts are real: the server is stopped (SIGTERM, or SIGKILL for a crash) and
+started again on the same port with the same SQLite file and the same secrets
+(not dev mode, whose keys are made per process), while the example is
+subscribed or watching a run.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Final
+
+import grpc
+import pytest
+
+from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
+from switchboard.api.context.v1 import context_pb2, context_pb2_grpc
+from switchboard.api.dispatcher.v1 import dispatcher_pb2, dispatcher_pb2_grpc
+from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
+from switchboard.auth.tokens import SigningKey, private_key_pem
+from tests.e2e.goclient import Line, Quickstart, build_quickstart, go, gofmt
+from tests.e2e.procs import ServeProcess, shared_secrets
+from tests.service.authkit import PASSWORD, bearer, unique_email
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+
+#: Deadline of every call the tests make themselves.
+CALL_TIMEOUT_S: Final = 20.0
+#: How long a run or a resume may take, on two busy cores.
+SETTLE_S: Final = 90.0
+#: Heartbeats often enough that resume cursors come from heartbeats too.
+HEARTBEAT_S: Final = "0.5"
+#: Flags that make the example resume quickly in tests (a user keeps the defaults).
+FAST_RESUME: Final = ("-min-backoff", "100ms", "-max-backoff", "1s", "-idle-timeout", "20s")
+
+
+@pytest.fixture(scope="session")
+def quickstart(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_quickstart(tmp_path_factory.mktemp("go-quickstart"))
+
+
+def _env(directory: Path, **extra: str) -> dict[str, str]:
+    """Settings two processes started one after the other share: secrets, database and
+    dispatcher instance id (a restarted dispatcher takes back the runs of its id)."""
+    return {
+        **shared_secrets(directory),
+        "SWITCHBOARD_DATABASE_URL": f"sqlite+aiosqlite:///{directory}/switchboard.db",
+        "SWITCHBOARD_INSTANCE_ID": "go-client-e2e",
+        "SWITCHBOARD_EVENTS_HEARTBEAT_S": HEARTBEAT_S,
+        "SWITCHBOARD_SHUTDOWN_GRACE_S": "2",
+        **extra,
+    }
+
+
+def _example(quickstart: Path, server: ServeProcess, email: str, *args: str) -> Quickstart:
+    return Quickstart(
+        quickstart,
+        "-addr",
+        server.address,
+        "-plaintext",
+        "-email",
+        email,
+        *FAST_RESUME,
+        *args,
+        env={"SWITCHBOARD_PASSWORD": PASSWORD},
+    )
+
+
+def _restarted(stack: ExitStack, server: ServeProcess, env: dict[str, str]) -> ServeProcess:
+    """The server started again on the port it had (free again: it was stopped)."""
+    return stack.enter_context(ServeProcess("--port", str(server.port), env=env))
+
+
+class Python:
+    """What the tests do through the Python stubs: the same user, another session."""
+
+    def __init__(self, server: ServeProcess, email: str) -> None:
+        self._channel = grpc.insecure_channel(server.address)
+        response = auth_pb2_grpc.AuthServiceStub(self._channel).Login(
+            auth_pb2.LoginRequest(
+                password=auth_pb2.PasswordCredential(email=email, password=PASSWORD)
+            ),
+            timeout=CALL_TIMEOUT_S,
+        )
+        self.md = bearer(response.tokens.access_token)
+        self.context = context_pb2_grpc.ContextServiceStub(self._channel)
+        self.dispatcher = dispatcher_pb2_grpc.DispatcherServiceStub(self._channel)
+        self.events = events_pb2_grpc.EventServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def append(self, conversation: str, text: str) -> str:
+        """Append a user message (one MESSAGE_CREATED event); its name."""
+        response = self.context.AppendMessage(
+            context_pb2.AppendMessageRequest(
+                parent=conversation,
+                message=context_pb2.Message(
+                    role=context_pb2.MESSAGE_ROLE_USER, parts=[context_pb2.ContentPart(text=text)]
+                ),
+            ),
+            metadata=self.md,
+            timeout=CALL_TIMEOUT_S,
+        )
+        return response.message.name
+
+    def logged(self, conversation: str, after_cursor: str) -> list[events_pb2.Event]:
+        """Every event the log holds for the conversation after the cursor, in log order."""
+        events: list[events_pb2.Event] = []
+        page_token = ""
+        while True:
+            page = self.events.ListEvents(
+                events_pb2.ListEventsRequest(
+                    scopes=[events_pb2.Scope(conversation=conversation)],
+                    after_cursor=after_cursor,
+                    page_size=500,
+                    page_token=page_token,
+                ),
+                metadata=self.md,
+                timeout=CALL_TIMEOUT_S,
+            )
+            events.extend(page.events)
+            page_token = page.next_page_token
+            if not page_token:
+                return events
+
+    def run(self, name: str) -> dispatcher_pb2.Run:
+        return self.dispatcher.GetRun(
+            dispatcher_pb2.GetRunRequest(name=name), metadata=self.md, timeout=CALL_TIMEOUT_S
+        ).run
+
+    def text_of(self, message: str) -> str:
+        stored = self.context.GetMessage(
+            context_pb2.GetMessageRequest(name=message), metadata=self.md, timeout=CALL_TIMEOUT_S
+        ).message
+        return "".join(part.text for part in stored.parts)
+
+
+@pytest.fixture
+def python_clients() -> Iterator[list[Python]]:
+    opened: list[Python] = []
+    yield opened
+    for client in opened:
+        client.close()
+
+
+def _position(cursor: str) -> tuple[int, ...]:
+    """The log position of a cursor of the embedded log (`<sequence>-<n>`), for ordering
+    checks in tests only: clients treat cursors as opaque."""
+    return tuple(int(part) for part in cursor.split("-"))
+
+
+def _assert_exactly_the_logged_events(example: Quickstart, logged: list[events_pb2.Event]) -> None:
+    """The example delivered exactly the events the log holds after where it started:
+    each once, in log order, with increasing cursors."""
+    delivered = example.of_kind("event")
+    assert [e["id"] for e in delivered] == [e.id for e in logged], example.describe()
+    assert [e["cursor"] for e in delivered] == [e.cursor for e in logged]
+    positions = [_position(e["cursor"]) for e in delivered]
+    assert positions == sorted(set(positions)), "cursors not strictly increasing"
+
+
+def _event_of(message: str) -> Callable[[Line], bool]:
+    return lambda line: line["kind"] == "event" and line.get("message") == message
+
+
+def _wait_events(example: Quickstart, messages: list[str]) -> None:
+    """Wait until the example printed the MESSAGE_CREATED event of each message."""
+    for name in messages:
+        example.wait_for(_event_of(name), f"the event of {name}", SETTLE_S)
+
+
+def _last_cursor_before(example: Quickstart, line: Line) -> str:
+    """The last position the example reported before ``line``."""
+    before = example.lines[: example.lines.index(line)]
+    return str([entry for entry in before if entry["kind"] == "cursor"][-1]["cursor"])
+
+
+# -- the toolchain -------------------------------------------------------------------
+
+
+def test_go_sources_are_gofmt_clean() -> None:
+    done = gofmt("-l", ".")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "", f"not gofmt-formatted:\n{done.stdout}"
+
+
+def test_go_vet_passes() -> None:
+    done = go("vet", "./...")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_go_unit_tests_pass_under_the_race_detector() -> None:
+    """Backoff, cursor tracking, the answer transcript, error decoding and the
+    single-flight token refresh (the last one under -race)."""
+    done = go("test", "-race", "-count=1", "./...")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ok  \tswitchboard.dev/go/switchboard" in done.stdout
+
+
+# -- the quickstart against a server ---------------------------------------------------
+
+
+def test_quickstart_signs_in_sends_watches_and_follows(
+    quickstart: Path, python_clients: list[Python]
+) -> None:
+    email = unique_email("go-quickstart")
+    message = "hello from the go quickstart"
+    with (
+        ServeProcess("--dev", env={"SWITCHBOARD_EVENTS_HEARTBEAT_S": HEARTBEAT_S}) as server,
+        _example(quickstart, server, email, "-register", "-message", message) as example,
+    ):
+        signed_in = example.wait_kind("signed_in")
+        conversation = example.wait_kind("conversation")["name"]
+        sent = example.wait_kind("sent")
+        done = example.wait_kind("run_done", SETTLE_S)
+        subscribed = example.wait_kind("subscribed")
+        python = Python(server, email)
+        python_clients.append(python)
+        appended = [python.append(conversation, f"note {i}") for i in range(3)]
+        _wait_events(example, appended)
+        example.signal(signal.SIGTERM)
+        assert example.finish() == 0, example.describe()
+        stored_answer = python.text_of(done["output_message"])
+        logged = python.logged(conversation, subscribed["cursor"])
+
+    assert signed_in["method"] == "register"
+    assert signed_in["user"].startswith("users/")
+    assert sent["run"].startswith(conversation + "/runs/")
+    updates = example.of_kind("run_update")
+    assert [u["sequence"] for u in updates] == list(range(1, len(updates) + 1))
+    assert updates[0]["state"] == "RUN_STATE_QUEUED"
+    assert updates[-1]["state"] == "RUN_STATE_SUCCEEDED"
+    streamed = "".join(u["text"] for u in updates if u["update"] == "delta")
+    assert done["run"] == sent["run"]
+    assert done["state"] == "RUN_STATE_SUCCEEDED"
+    # The echo handler repeats the message and signs its answer.
+    assert streamed.startswith(message)
+    assert "(answered by handlers/echo" in streamed
+    assert done["answer"] == streamed == stored_answer
+    assert subscribed["after_cursor"] == ""
+    _assert_exactly_the_logged_events(example, logged)
+    assert [e["message"] for e in example.of_kind("event") if "message" in e] == appended
+    assert example.lines[-1]["kind"] == "done"
+
+
+def test_quickstart_reports_errors_decoded_from_status_details(quickstart: Path) -> None:
+    """ErrorInfo and BadRequest come out of the gRPC status as errdetails types: the Go
+    module uses genproto's google.rpc, not a second generated copy of it."""
+    with ServeProcess("--dev") as server:
+        with _example(
+            quickstart, server, unique_email("go-bad"), "-register", "-workspace-id", "Not An Id!"
+        ) as bad:
+            invalid = bad.wait_kind("error")
+            assert bad.finish() == 1
+        # An API key of the right shape that the server never issued.
+        forged = "sbk_" + "a" * 8 + "_" + "A" * 43
+        with Quickstart(
+            quickstart,
+            "-addr",
+            server.address,
+            "-plaintext",
+            env={"SWITCHBOARD_API_KEY": forged},
+        ) as anonymous:
+            refused = anonymous.wait_kind("error")
+            assert anonymous.finish() == 1
+
+    assert invalid["step"] == "set_up"
+    assert invalid["code"] == "InvalidArgument"
+    assert invalid["reason"] == "ERROR_REASON_INVALID_ARGUMENT"
+    assert [v["field"] for v in invalid["violations"]] == ["workspace_id"]
+    assert refused["step"] == "sign_in"
+    assert refused["code"] == "Unauthenticated"
+    assert refused["reason"] == "ERROR_REASON_UNAUTHENTICATED"
+    assert "signed_out" not in refused  # an API key is not refreshed
+
+
+# -- restarts --------------------------------------------------------------------------
+
+
+def test_following_resumes_after_a_server_restart_with_every_event_once(
+    quickstart: Path, tmp_path: Path, python_clients: list[Python]
+) -> None:
+    env = _env(tmp_path)
+    email = unique_email("go-follow")
+    with ExitStack() as stack:
+        first = stack.enter_context(ServeProcess(env=env))
+        example = stack.enter_context(_example(quickstart, first, email, "-register"))
+        conversation = example.wait_kind("conversation")["name"]
+        start = example.wait_kind("subscribed")["cursor"]
+        python = Python(first, email)
+        python_clients.append(python)
+        before = [python.append(conversation, f"before {i}") for i in range(3)]
+        _wait_events(example, before)
+
+        assert first.terminate() == 0
+        broken = example.wait_kind("follow_retry", SETTLE_S)
+        # Hold the example away until events were published that it can only get by
+        # resuming after its cursor (the replay, not the live feed).
+        example.signal(signal.SIGSTOP)
+        try:
+            second = _restarted(stack, first, env)
+            python = Python(second, email)
+            python_clients.append(python)
+            away = [python.append(conversation, f"away {i}") for i in range(3)]
+        finally:
+            example.signal(signal.SIGCONT)
+        resumed = example.wait_for(
+            lambda line: line["kind"] == "subscribed" and line["after_cursor"] != "",
+            "the subscription resumed",
+            SETTLE_S,
+        )
+        _wait_events(example, away)
+        after = [python.append(conversation, f"after {i}") for i in range(3)]
+        _wait_events(example, after)
+        example.signal(signal.SIGTERM)
+        assert example.finish() == 0, example.describe()
+        logged = python.logged(conversation, start)
+
+    assert resumed["after_cursor"] == broken["after_cursor"] == _last_cursor_before(example, broken)
+    assert [line["kind"] for line in example.lines].count("subscribed") == 2
+    delivered = example.of_kind("event")
+    assert [e["message"] for e in delivered if "message" in e] == before + away + after
+    assert all(example.lines.index(e) > example.lines.index(resumed) for e in delivered[-6:])
+    _assert_exactly_the_logged_events(example, logged)
+
+
+@pytest.mark.parametrize(
+    ("recovery", "stop"),
+    [("requeue", signal.SIGTERM), ("fail", signal.SIGKILL)],
+    ids=["stopped-and-requeued", "crashed-and-failed"],
+)
+def test_a_watched_run_resumes_across_a_restart_to_its_end(
+    quickstart: Path,
+    tmp_path: Path,
+    python_clients: list[Python],
+    recovery: str,
+    stop: signal.Signals,
+) -> None:
+    """docs/dispatcher.md, Restarts: a stopped server requeues its running runs with
+    ``requeue``; a crashed one fails them (RUN_INTERRUPTED) with ``fail`` when it is
+    back. Either way the watcher resumes after its last sequence and sees the end."""
+    env = _env(tmp_path, SWITCHBOARD_DISPATCHER_RECOVERY=recovery)
+    email = unique_email("go-run")
+    # The echo handler waits between words: a run that is still going when stopped.
+    words = " ".join(f"word{i}" for i in range(40))
+    args = ("-register", "-message", words, "-param", "delay_ms=150", "-follow=false")
+    with ExitStack() as stack:
+        first = stack.enter_context(ServeProcess(env=env))
+        example = stack.enter_context(_example(quickstart, first, email, *args))
+        run = example.wait_kind("sent")["run"]
+        example.wait_for(
+            lambda line: line["kind"] == "run_update" and line.get("update") == "delta",
+            "the first words of the answer",
+        )
+        assert first.proc is not None
+        first.proc.send_signal(stop)
+        first.proc.wait(timeout=SETTLE_S)
+        retry = example.wait_kind("watch_retry", SETTLE_S)
+        second = _restarted(stack, first, env)
+        done = example.wait_kind("run_done", SETTLE_S)
+        assert example.finish() == 0, example.describe()
+        python = Python(second, email)
+        python_clients.append(python)
+        stored = python.run(run)
+        stored_answer = python.text_of(stored.output_message) if stored.output_message else ""
+
+    updates = example.of_kind("run_update")
+    sequences = [u["sequence"] for u in updates]
+    assert sequences == sorted(set(sequences)), "sequences not strictly increasing"
+    seen_before = [u for u in updates if example.lines.index(u) < example.lines.index(retry)]
+    assert retry["after_sequence"] == seen_before[-1]["sequence"]
+    assert done["run"] == run
+    assert done["state"] == dispatcher_pb2.RunState.Name(stored.state)
+    if recovery == "requeue":
+        assert done["state"] == "RUN_STATE_SUCCEEDED"
+        # The new attempt numbers its updates in the next block (RunUpdate.sequence).
+        assert sequences[-1] > 2**32
+        assert done["answer"].startswith(words)
+        assert done["answer"] == stored_answer
+    else:
+        assert done["state"] == "RUN_STATE_FAILED"
+        # Decoded in Go from Run.error (a google.rpc.Status) with status.FromProto.
+        assert done["reason"] == "ERROR_REASON_RUN_INTERRUPTED"
+
+
+def test_a_saved_session_survives_a_key_rotation_and_ends_when_its_token_is_reused(
+    quickstart: Path, tmp_path: Path, python_clients: list[Python]
+) -> None:
+    """The server restarts with a new signing key only, so the saved access token is
+    refused: the client refreshes once (the refresh token is checked against the
+    database, not the key) and retries. Presenting the refresh token it replaced
+    revokes the session: the client's refresh is then refused, and it is signed out."""
+    env = _env(tmp_path)
+    rotated = tmp_path / "rotated"
+    rotated.mkdir()
+    (rotated / "k2.pem").write_bytes(private_key_pem(SigningKey.generate("k2")))
+    rotated_env = {**env, "SWITCHBOARD_SIGNING_KEYS": str(rotated / "k2.pem")}
+    session = tmp_path / "session.json"
+    email = unique_email("go-session")
+    with ExitStack() as stack:
+        first = stack.enter_context(ServeProcess(env=env))
+        with _example(
+            quickstart, first, email, "-register", "-tokens-file", str(session), "-follow=false"
+        ) as signing_up:
+            conversation = signing_up.wait_kind("conversation")["name"]
+            assert signing_up.finish() == 0, signing_up.describe()
+        spent = json.loads(session.read_text())["refreshToken"]
+        assert first.terminate() == 0
+
+        second = stack.enter_context(ServeProcess(env=rotated_env))
+        resumed = stack.enter_context(
+            Quickstart(
+                quickstart,
+                "-addr",
+                second.address,
+                "-plaintext",
+                "-tokens-file",
+                str(session),
+                "-conversation",
+                conversation,
+                "-message",
+                "after the rotation",
+                *FAST_RESUME,
+            )
+        )
+        refreshed = resumed.wait_kind("new_tokens")
+        signed_in = resumed.wait_kind("signed_in")
+        sent = resumed.wait_kind("sent")
+        done = resumed.wait_kind("run_done", SETTLE_S)
+        resumed.wait_kind("subscribed")
+        current = json.loads(session.read_text())["refreshToken"]
+
+        # Someone presents the spent refresh token: the server revokes the session.
+        channel = stack.enter_context(grpc.insecure_channel(second.address))
+        with pytest.raises(grpc.RpcError) as reused:
+            auth_pb2_grpc.AuthServiceStub(channel).RefreshToken(
+                auth_pb2.RefreshTokenRequest(refresh_token=spent), timeout=CALL_TIMEOUT_S
+            )
+        error = resumed.wait_kind("error", SETTLE_S)
+        assert resumed.finish() == 1
+
+    assert signing_up.of_kind("new_tokens") != []
+    assert refreshed["access_token_expire_time"]
+    assert signed_in["method"] == "saved_session"
+    assert resumed.lines.index(refreshed) < resumed.lines.index(signed_in)
+    assert sent["run"].startswith(conversation + "/runs/")
+    assert resumed.of_kind("workspace") == resumed.of_kind("conversation") == []
+    assert done["state"] == "RUN_STATE_SUCCEEDED"
+    assert current != spent, "the rotated refresh token was not saved"
+    assert reused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error["step"] == "follow"
+    assert error["signed_out"] is True
+    assert error["code"] == "Unauthenticated"
