@@ -55,6 +55,14 @@ for plugin in "protoc-gen-go google.golang.org/protobuf/cmd/protoc-gen-go $PROTO
   fi
 done
 
+# The Go client's modules, pinned by clients/go/go.sum: its tests build it with
+# GOPROXY=off, so nothing is downloaded while they run.
+if [[ ! -e "$BIN/.go-client-modules" || clients/go/go.sum -nt "$BIN/.go-client-modules" ]]; then
+  echo "tools: downloading the Go client's modules"
+  (cd clients/go && go mod download)
+  touch "$BIN/.go-client-modules"
+fi
+
 if [[ ! -d clients/node/node_modules/@grpc/grpc-js ]] \
   || [[ clients/node/package-lock.json -nt clients/node/node_modules/.package-lock.json ]]; then
   echo "tools: installing the Node client's packages"
