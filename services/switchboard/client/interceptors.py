@@ -47,14 +47,19 @@ AUTHORIZATION = "authorization"
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How unary calls are retried (only those safe to repeat)."""
+    """How unary calls are retried (only those safe to repeat).
 
-    #: Attempts in all, the first included.
-    max_attempts: int = 5
+    By default a call is retried until its deadline, however many attempts
+    that takes: the deadline is what the caller chose to wait, and a server
+    restarting takes a few seconds. ``max_attempts`` caps them as well.
+    """
+
+    #: Attempts in all, the first included; None: as many as the deadline allows.
+    max_attempts: int | None = None
     backoff: Backoff = field(default_factory=Backoff)
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1:
+        if self.max_attempts is not None and self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
 
 
@@ -153,7 +158,8 @@ class ClientInterceptor(
         attempt: int,
         deadline: float,
     ) -> bool:
-        if attempt + 1 >= self._retry.max_attempts:
+        limit = self._retry.max_attempts
+        if limit is not None and attempt + 1 >= limit:
             return False
         if not retryable(error) or not safe_to_repeat(method, request):
             return False
