@@ -11,8 +11,12 @@ itself holds (ListEvents) and with the run as the server stored it.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -384,3 +388,68 @@ async def test_a_silent_connection_is_taken_as_dead_and_the_follower_resumes(
         assert [e.id for e in delivered] == [e.id for e in logged]
         assert follower.resumes >= 1
         await follower.aclose()
+
+
+# -- the example -------------------------------------------------------------------------
+
+EXAMPLE: Final = Path(__file__).resolve().parents[2] / "examples" / "python_client.py"
+
+
+def _example(server: ServeProcess, *args: str, password: str = "") -> list[dict[str, object]]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
+    if password:
+        env["SWITCHBOARD_PASSWORD"] = password
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--target", server.address, *args],
+        capture_output=True,
+        text=True,
+        timeout=SETTLE_S,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+async def test_the_example_asks_streams_follows_and_keeps_its_session(
+    tmp_path: Path, stack: ExitStack
+) -> None:
+    server = await _serve(stack, _env(tmp_path))
+    tokens = tmp_path / "tokens.json"
+    email = unique_email("example")
+    first = await asyncio.to_thread(
+        _example,
+        server,
+        "--email",
+        email,
+        "--register",
+        "--tokens",
+        str(tokens),
+        "hello from the example",
+        password=PASSWORD,
+    )
+    kinds = [line["kind"] for line in first]
+    assert kinds[0] == "conversation"
+    assert "delta" in kinds
+    answer = next(line for line in first if line["kind"] == "answer")
+    events = [line for line in first if line["kind"] == "event"]
+    assert [e["type"] for e in events] == ["EVENT_TYPE_MESSAGE_CREATED"] * 2
+    assert events[-1]["message"] == answer["message"]
+    text = "".join(str(line["text"]) for line in first if line["kind"] == "delta")
+    assert text.startswith("hello from the example")
+    assert tokens.stat().st_mode & 0o077 == 0  # the session is the owner's alone
+
+    # No password this time: the saved session continues, in the same conversation.
+    second = await asyncio.to_thread(
+        _example,
+        server,
+        "--email",
+        email,
+        "--tokens",
+        str(tokens),
+        "--conversation",
+        str(first[0]["name"]),
+        "again",
+    )
+    assert second[0]["name"] == first[0]["name"]
+    assert any(line["kind"] == "answer" for line in second)
