@@ -1,13 +1,14 @@
 // The clients of the five services over one grpc-web transport to the page's own origin
 // (Envoy serves the page and the API), with the bearer token added to every call that
 // needs one.
-import { type Client, type Interceptor, createClient } from "@connectrpc/connect";
+import { type Client, Code, ConnectError, type Interceptor, createClient } from "@connectrpc/connect";
 import { createGrpcWebTransport } from "@connectrpc/connect-web";
 import { AuthService } from "./gen/switchboard/api/auth/v1/auth_pb";
 import { ContextService } from "./gen/switchboard/api/context/v1/context_pb";
 import { DispatcherService } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import { EventService } from "./gen/switchboard/api/events/v1/events_pb";
 import { IntegrationService } from "./gen/switchboard/api/integration/v1/integration_pb";
+import { problem } from "./errors";
 import { Tokens, wantsRenewal } from "./session";
 
 /** Methods that take no bearer token (the contract's public ones). */
@@ -39,16 +40,26 @@ export function connect(baseUrl: string, storage: Storage): Api {
       }
       return next(request);
     }
-    const used = await tokens.token();
+    const session = tokens;
+    const used = await session.token();
     request.header.set("authorization", `Bearer ${used}`);
     try {
       return await next(request);
     } catch (error) {
+      if (!refused(error)) throw error;
+      if (!wantsRenewal(error)) {
+        session.end("the server ended the session", problem(error));
+        throw error;
+      }
       // Refused before anything ran (authentication comes first), so sending it again
       // is safe: once, with a renewed token.
-      if (!wantsRenewal(error)) throw error;
-      request.header.set("authorization", `Bearer ${await tokens.renew(used)}`);
-      return next(request);
+      request.header.set("authorization", `Bearer ${await session.renew(used)}`);
+      try {
+        return await next(request);
+      } catch (again) {
+        if (refused(again)) session.end("the server refused the renewed session", problem(again));
+        throw again;
+      }
     }
   };
   const transport = createGrpcWebTransport({
@@ -68,4 +79,8 @@ export function connect(baseUrl: string, storage: Storage): Api {
     events: createClient(EventService, transport),
     integration: createClient(IntegrationService, transport),
   };
+}
+
+function refused(error: unknown): boolean {
+  return error instanceof ConnectError && error.code === Code.Unauthenticated;
 }

@@ -22,7 +22,7 @@ import {
   type WatchIntegrationsResponse,
 } from "./gen/switchboard/api/integration/v1/integration_pb";
 import { RunView, stateName } from "./runs";
-import type { SessionChange } from "./session";
+import { type SessionChange, isSignedOut } from "./session";
 
 /** Events kept on screen (the feed itself remembers more ids for deduplication). */
 const EVENTS_SHOWN = 300;
@@ -174,6 +174,8 @@ export class App {
 
   private startFeed(scopes: Scope[], after: string): void {
     const previous = this.feed;
+    // Detached first: its "stopped" is not the connection's state.
+    this.feed = null;
     previous?.stop();
     this.feed = new EventFeed(
       this.api,
@@ -183,6 +185,9 @@ export class App {
         events: (events) => this.onEvents(events),
         state: (state, detail) => {
           if (this.feed === feed) this.feedState(state, detail);
+        },
+        cursor: (cursor) => {
+          if (this.feed === feed) this.part("feed").dataset.cursor = cursor;
         },
         gap: (p) => {
           this.notice("Some events are no longer retained; the lists were reloaded.");
@@ -754,8 +759,9 @@ export class App {
       await work();
       if (!area) this.clearProblem(action);
     } catch (error) {
+      // The session ended under it: the sign-in screen says why.
+      if (isSignedOut(error) || (!this.api.tokens.signedIn && action !== "sign-in" && action !== "register")) return;
       const p = isProblem(error) ? error : problem(error);
-      if (!this.api.tokens.signedIn && action !== "sign-in" && action !== "register") return;
       if (area) this.part(area).replaceChildren(renderProblem(p, area === "auth-error" ? "auth-problem" : "error"));
       else this.showProblem(p, action);
     } finally {
@@ -849,7 +855,7 @@ export class App {
         h("ul", { class: "list", "data-testid": "workspace-list" }),
         form(
           () => this.createWorkspace(),
-          h("input", { "data-testid": "new-workspace-id", placeholder: "id (optional)", pattern: "[a-z][a-z0-9-]{1,62}" }),
+          h("input", { "data-testid": "new-workspace-id", placeholder: "id (optional)", pattern: "[a-z][a-z0-9\\-]{1,62}" }),
           h("input", { "data-testid": "new-workspace-name", placeholder: "display name" }),
           h("button", { type: "submit", "data-testid": "create-workspace" }, "Create workspace"),
         ),
@@ -889,7 +895,7 @@ export class App {
           ),
           h(
             "details",
-            {},
+            { "data-testid": "advanced" },
             h("summary", {}, "Advanced"),
             h(
               "label",

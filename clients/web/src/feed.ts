@@ -10,7 +10,7 @@ import type { Api } from "./api";
 import { backoff, pause } from "./dom";
 import { type Problem, isCode, problem } from "./errors";
 import type { Event, Scope } from "./gen/switchboard/api/events/v1/events_pb";
-import { SignedOut, wantsRenewal } from "./session";
+import { isSignedOut, wantsRenewal } from "./session";
 
 export type FeedState = "connecting" | "live" | "reconnecting" | "stopped";
 
@@ -22,6 +22,8 @@ export interface FeedHandlers {
   state(state: FeedState, detail?: Problem): void;
   /** The cursor fell out of the retained log: events in between are gone. */
   gap(problem: Problem): void;
+  /** A frame moved the cursor. */
+  cursor(cursor: string): void;
 }
 
 export class EventFeed {
@@ -89,6 +91,7 @@ export class EventFeed {
             if (fresh.length) this.handlers.events(fresh);
             if (frame.value.cursor) this.cursor = frame.value.cursor;
           }
+          this.handlers.cursor(this.cursor);
         }
         // The server ended the stream (it is draining): reopen, elsewhere, after a short pause.
       } catch (error) {
@@ -108,7 +111,7 @@ export class EventFeed {
 
   /** What to do after a failed stream: reopen now, back off first, or stop. */
   private async recover(error: unknown, used: string, renewed: boolean): Promise<"stop" | "renewed" | "resume" | "backoff"> {
-    if (error instanceof SignedOut) {
+    if (isSignedOut(error)) {
       this.setState("stopped");
       return "stop";
     }
@@ -119,7 +122,7 @@ export class EventFeed {
         await this.api.tokens.renew(used);
         return "renewed";
       } catch (failure) {
-        if (failure instanceof SignedOut) {
+        if (isSignedOut(failure)) {
           this.setState("stopped");
           return "stop";
         }

@@ -5,7 +5,7 @@ import type { Api } from "./api";
 import { backoff, pause } from "./dom";
 import { type Problem, problem } from "./errors";
 import { retryable } from "./feed";
-import { SignedOut, wantsRenewal } from "./session";
+import { isSignedOut, wantsRenewal } from "./session";
 
 export interface Follow<T> {
   /** Open the stream (again); `headers` carry the token. */
@@ -36,7 +36,7 @@ export async function follow<T>(api: Api, how: Follow<T>, signal: AbortSignal): 
         if (how.frame(value) === "done") return;
       }
     } catch (error) {
-      if (signal.aborted || error instanceof SignedOut) return;
+      if (signal.aborted || isSignedOut(error)) return;
       const p = problem(error);
       if (wantsRenewal(error) && !renewed) {
         renewed = true;
@@ -44,7 +44,7 @@ export async function follow<T>(api: Api, how: Follow<T>, signal: AbortSignal): 
           await api.tokens.renew(used);
           continue;
         } catch (failure) {
-          if (failure instanceof SignedOut) return;
+          if (isSignedOut(failure)) return;
           renewed = false;
         }
       } else if (p.code === "UNAUTHENTICATED") {

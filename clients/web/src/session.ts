@@ -198,7 +198,7 @@ export class Tokens {
       } catch (error) {
         const p = problem(error);
         // Already over on the server: nothing to tell it.
-        if (!(p.code === "UNAUTHENTICATED" || error instanceof SignedOut)) failed = p;
+        if (!(p.code === "UNAUTHENTICATED" || isSignedOut(error))) failed = p;
       }
     }
     this.end("signed out");
@@ -224,18 +224,19 @@ export class Tokens {
       throw new SignedOut("the session could not be renewed");
     }
     // Marked before it leaves: a reload from here on must not present it again.
-    this.persist({ ...stored, presented: true });
+    const marked: Stored = { ...stored, presented: true };
+    this.persist(marked);
     let tokens: TokenPair | undefined;
     try {
       tokens = (await this.auth.refreshToken({ refreshToken: stored.refreshToken }, { timeoutMs: REFRESH_TIMEOUT_MS }))
         .tokens;
     } catch (error) {
       const p = problem(error);
-      if (this.stored !== stored) throw error; // signed out meanwhile
+      if (this.stored !== marked) throw error; // signed out (or in again) meanwhile
       if (p.wire && (p.code === "UNAVAILABLE" || p.code === "RESOURCE_EXHAUSTED")) {
         // Answered without redeeming it (Envoy had no server, or the server rolled back):
         // the token is still good for one call.
-        this.persist({ ...stored, presented: false });
+        this.persist(stored);
         throw error;
       }
       if (p.wire) {
@@ -243,11 +244,11 @@ export class Tokens {
         throw new SignedOut("the session could not be renewed");
       }
       // No answer: it may have been redeemed. Never present it again.
-      this.persist({ ...stored, refreshToken: "", presented: false });
+      this.persist({ ...stored, refreshToken: "" });
       this.emit({ kind: "unrenewable", until: this.expireAt });
       throw error;
     }
-    if (this.stored !== stored) throw new SignedOut("signed out");
+    if (this.stored !== marked) throw new SignedOut("signed out while the session was renewed");
     if (tokens === undefined) {
       this.end("the server renewed the session without tokens", local("INTERNAL", "RefreshToken returned no tokens"));
       throw new SignedOut("no tokens");
@@ -282,7 +283,7 @@ export class Tokens {
   /** A renewal nobody waits for (the timer's): a failure is retried while the token lasts. */
   private renewQuietly(attempt = 0): void {
     this.renew().catch((error: unknown) => {
-      if (error instanceof SignedOut || this.stored === null || !this.stored.refreshToken) return;
+      if (isSignedOut(error) || this.stored === null || !this.stored.refreshToken) return;
       const p = problem(error);
       if (p.wire && p.code !== "UNAVAILABLE" && p.code !== "RESOURCE_EXHAUSTED") return;
       const delay = Math.min(30_000, 1_000 * 2 ** attempt);
@@ -320,6 +321,12 @@ export class Tokens {
   private emit(change: SessionChange): void {
     for (const listener of this.listeners) listener(change);
   }
+}
+
+/** Whether `error` means there is no session: thrown here, or by a call's interceptor
+ *  (the transport wraps what an interceptor throws). */
+export function isSignedOut(error: unknown): boolean {
+  return error instanceof SignedOut || (error instanceof ConnectError && error.cause instanceof SignedOut);
 }
 
 /** Whether a failed call should be retried after renewing the token (once). */

@@ -1,0 +1,155 @@
+// Drives Debian's Chromium through the browser console (clients/web) for
+// tests/e2e/test_console.py, one step at a time, so the test can act on the servers (cut
+// the network, restart a server, write through the Python stubs) between the page's steps:
+//   node console.mjs '<json config>'     config: {chromium, spki, waitMs}
+// Then one JSON command per line on stdin, {"id": n, "op": ..., ...}, each answered by one
+// JSON line on stdout, {"id": n, "ok": true, "value": ...} or {"id": n, "ok": false,
+// "error": ...}. Predicates and page functions arrive as JavaScript source (a function
+// expression) and run in the page through DevTools, the way puppeteer runs any function.
+// One Chromium serves every test of the module; each page opens in a browser context of
+// its own (an incognito profile: its own storage, cache and connections).
+import { createInterface } from "node:readline";
+import puppeteer from "puppeteer-core";
+
+const config = JSON.parse(process.argv[2]);
+const browser = await puppeteer.launch({
+  executablePath: config.chromium,
+  headless: true,
+  // Over a pipe, not a port: if this process dies, Chromium sees the pipe close and exits.
+  pipe: true,
+  args: [
+    "--headless=new",
+    // Root in a container: Chromium's sandbox needs namespaces it may not get.
+    "--no-sandbox",
+    "--disable-gpu",
+    // No connections of Chromium's own (updates, field trials) beside the page's.
+    "--disable-background-networking",
+    // Trust exactly the dev certificate's key, not every certificate.
+    `--ignore-certificate-errors-spki-list=${config.spki}`,
+  ],
+  timeout: config.waitMs,
+});
+
+const pages = [];
+const network = [];
+const messages = [];
+
+async function open(url) {
+  const context = await browser.createBrowserContext();
+  const page = await context.newPage();
+  page.setDefaultTimeout(config.waitMs);
+  await page.setViewport({ width: 1400, height: 900 });
+  const index = pages.length;
+  pages.push(page);
+  page.on("console", (m) => messages.length < 500 && messages.push({ page: index, type: m.type(), text: m.text() }));
+  page.on("pageerror", (e) => messages.length < 500 && messages.push({ page: index, type: "pageerror", text: String(e) }));
+  // DevTools' view of every response: its protocol and connection (h2 or not), status
+  // and, for the document, the headers Envoy sent.
+  const cdp = await page.createCDPSession();
+  await cdp.send("Network.enable");
+  cdp.on("Network.responseReceived", ({ type, response }) => {
+    if (network.length >= 2000) return;
+    const entry = {
+      page: index,
+      type,
+      url: response.url,
+      status: response.status,
+      protocol: response.protocol,
+      connection: response.connectionId,
+    };
+    if (type === "Document") entry.headers = response.headers;
+    // A call refused before it ran answers with its status in the headers (trailers-only).
+    if (response.headers["grpc-status"] !== undefined) entry.grpcStatus = Number(response.headers["grpc-status"]);
+    network.push(entry);
+  });
+  await page.goto(url, { waitUntil: "load" });
+  return index;
+}
+
+function page(command) {
+  const found = pages[command.page ?? 0];
+  if (!found) throw new Error(`no page ${command.page ?? 0}`);
+  return found;
+}
+
+function fn(source) {
+  // Node compiles it (the page's CSP forbids eval); puppeteer sends its source to DevTools.
+  return new Function(`return (${source});`)();
+}
+
+const ops = {
+  open: (c) => open(c.url),
+  reload: async (c) => {
+    await page(c).reload({ waitUntil: "load" });
+  },
+  // Sets the value as a paste would, with the input event a page listens to (typing it key
+  // by key costs a DevTools round trip per character).
+  fill: async (c) => {
+    const field = await page(c).waitForSelector(c.selector, { visible: true });
+    await field.evaluate((e, v) => {
+      e.focus();
+      e.value = v;
+      e.dispatchEvent(new Event("input", { bubbles: true }));
+    }, c.value);
+    await field.dispose();
+  },
+  close: async (c) => {
+    const p = page(c);
+    pages[c.page] = null;
+    await p.browserContext().close();
+  },
+  click: async (c) => {
+    await page(c).locator(c.selector).click();
+  },
+  select: async (c) => {
+    const p = page(c);
+    await p.waitForFunction(
+      (s, v) => [...(document.querySelector(s)?.options ?? [])].some((o) => o.value === v),
+      { polling: 50 },
+      c.selector,
+      c.value,
+    );
+    await p.select(c.selector, c.value);
+  },
+  // Waits until the function returns something truthy; answers what it returned.
+  wait: async (c) => {
+    const handle = await page(c).waitForFunction(fn(c.fn), { polling: 50, timeout: c.timeoutMs ?? config.waitMs }, c.arg ?? null);
+    return handle.jsonValue();
+  },
+  eval: (c) => page(c).evaluate(fn(c.fn), c.arg ?? null),
+  screenshot: async (c) => {
+    await page(c).screenshot({ path: c.path, fullPage: true });
+  },
+  network: (c) => network.filter((n) => n.page === c.page),
+  console: (c) => messages.filter((m) => m.page === c.page),
+};
+
+const lines = createInterface({ input: process.stdin });
+for await (const line of lines) {
+  if (!line.trim()) continue;
+  const command = JSON.parse(line);
+  if (command.op === "quit") break;
+  let answer;
+  try {
+    const op = ops[command.op];
+    if (!op) throw new Error(`unknown op ${command.op}`);
+    const value = await op(command);
+    answer = { id: command.id, ok: true, value: value ?? null };
+  } catch (error) {
+    answer = { id: command.id, ok: false, error: String(error) };
+    // What the page showed when it went wrong, for the test's failure message.
+    const p = pages[command.page ?? 0];
+    if (p) {
+      answer.page = await p
+        .evaluate(() => ({
+          connection: document.querySelector('[data-testid="connection"]')?.dataset.history,
+          problems: [...document.querySelectorAll('[data-testid="error"], [data-testid="auth-problem"]')].map((e) => e.textContent),
+          notice: document.querySelector('[data-testid="notice"]')?.textContent,
+          runs: [...document.querySelectorAll('[data-testid="run"]')].map((e) => ({ ...e.dataset, text: e.textContent })),
+        }))
+        .catch(String);
+    }
+  }
+  process.stdout.write(`${JSON.stringify(answer)}\n`);
+}
+await browser.close();

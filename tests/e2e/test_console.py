@@ -1,0 +1,999 @@
+"""The browser console (clients/web) in headless Chromium, served by a real Envoy in front of
+a real ``switchboard serve --dev``, over HTTP/2 on Envoy's TLS listener.
+
+One stack for the module: the console built once (``node build.mjs`` into a temporary
+directory) and type-checked (``tsc --noEmit``, strict) while the servers start; the local
+OpenAI-protocol server as the llm handler's model; ``switchboard serve --dev`` on a database
+file that outlives it; Envoy rendered with ``--console``; and two TCP relays
+(tests/infra/tcprelay.py): Chromium -> relay -> Envoy's TLS port, which the tests cut to
+drop the page's connections, and Envoy -> relay -> the server, so the server can be
+replaced under Envoy. Each test drives its own Chromium through tests/browser/console.mjs,
+one step at a time, and checks what the page shows against the server's own answers
+(Python stubs, through the upstream relay).
+
+- A full session: register on the page, create a workspace and a conversation, an echo
+  answer streamed delta by delta, a screenshot, a slow run cancelled from the page, sign
+  out (the server's session is revoked); the page and every call over h2, under the CSP.
+- Live events resume after the connection is dropped: cut and refused at the relay, a
+  message appended meanwhile shows exactly once, the feed reopened after the cursor it
+  had, reconnecting -> live; a run's answer resumes (WatchRun after its last sequence)
+  without a word lost or repeated.
+- Integrations and approvals: an MCP integration's health and circuit, updated live when
+  its server goes away; a run paused for approval, denied with a reason and approved from
+  the page, then completing.
+- Sessions: the session survives a reload (one renewal, the refresh token rotated); a
+  replaced server that refuses the old access token gets exactly one more renewal while
+  the streams resume; the spent refresh token, presented again, revokes the session and
+  the page says so precisely.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, cast
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+
+from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
+from switchboard.api.context.v1 import context_pb2, context_pb2_grpc
+from switchboard.api.dispatcher.v1 import dispatcher_pb2, dispatcher_pb2_grpc
+from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
+from switchboard.api.integration.v1 import integration_pb2, integration_pb2_grpc
+from tests.e2e.envoy import EnvoyProcess
+from tests.e2e.procs import ROOT, ServeProcess
+from tests.e2e.test_browser import artifacts_dir, spki_sha256
+from tests.infra.mcpserver import McpTestServer
+from tests.infra.tcprelay import TcpRelay
+from tests.service.authkit import PASSWORD, unique_email
+
+pytestmark = pytest.mark.e2e
+
+WEB: Final = ROOT / "clients" / "web"
+BROWSER_DIR: Final = ROOT / "tests" / "browser"
+DRIVER: Final = BROWSER_DIR / "console.mjs"
+#: How long the driver waits for any one page condition.
+WAIT_MS: Final = 30_000
+#: How long the test waits for the driver's answer to one step.
+STEP_S: Final = 60.0
+CALL_S: Final = 20.0
+
+
+def _required(name: str, installer: str) -> str:
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is not installed; run {installer}")
+    return found
+
+
+# -- The stack ----------------------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    env: dict[str, str]
+    serve: ServeProcess
+    upstream: TcpRelay
+    envoy: EnvoyProcess
+    front: TcpRelay
+    typecheck: subprocess.Popen[str]
+    console_dir: Path
+    restarts: list[float] = field(default_factory=list)
+
+    @property
+    def origin(self) -> str:
+        return f"https://localhost:{self.front.port}"
+
+    @property
+    def address(self) -> str:
+        """The server, through the upstream relay: the same address across a restart."""
+        return f"127.0.0.1:{self.upstream.port}"
+
+    def restart_server(self) -> None:
+        """A new server process on the same database (dev mode: a new signing key)."""
+        started = time.monotonic()
+        assert self.serve.terminate() == 0
+        self.serve.__exit__(None, None, None)
+        self.serve = ServeProcess("--dev", env=self.env).start()
+        self.upstream.retarget(self.serve.port)
+        self.restarts.append(time.monotonic() - started)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    node = _required("node", "scripts/install-deps.sh")
+    if not (WEB / "node_modules" / "esbuild").is_dir():
+        pytest.fail("clients/web has no node_modules; run `make tools` (npm ci in clients/web)")
+    # The type check takes seconds: it runs while everything else starts.
+    typecheck = subprocess.Popen(
+        [
+            node,
+            str(WEB / "node_modules" / "typescript" / "bin" / "tsc"),
+            "--noEmit",
+            "-p",
+            str(WEB),
+        ],
+        cwd=WEB,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    root = tmp_path_factory.mktemp("console")
+    console_dir = root / "dist"
+    built = subprocess.run(
+        [node, str(WEB / "build.mjs"), f"--outdir={console_dir}"],
+        cwd=WEB,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert built.returncode == 0, built.stderr
+    assert {p.name for p in console_dir.iterdir()} == {
+        "index.html",
+        "app.js",
+        "app.css",
+        "favicon.svg",
+    }
+    with (
+        _openai_server() as llm_url,
+        TcpRelay() as upstream,
+        ThreadPoolExecutor(max_workers=2) as pool,
+    ):
+        env = {
+            "SWITCHBOARD_DATABASE_URL": f"sqlite+aiosqlite:///{root}/switchboard.db",
+            "SWITCHBOARD_LLM_BASE_URL": llm_url,
+            "SWITCHBOARD_LLM_MODEL": "echo",
+            "SWITCHBOARD_LLM_MAX_RETRIES": "0",
+            "SWITCHBOARD_EGRESS_ALLOW_LOOPBACK": "true",
+            "SWITCHBOARD_INTEGRATION_PROBE_INTERVAL_S": "0.5",
+            "SWITCHBOARD_EVENTS_HEARTBEAT_S": "1",
+            "SWITCHBOARD_DISPATCHER_HEARTBEAT_S": "1",
+            "SWITCHBOARD_SHUTDOWN_GRACE_S": "1",
+        }
+        # Envoy's render takes seconds too: it starts beside the server (the relay's port
+        # is known before the server's).
+        envoy = EnvoyProcess(
+            f"127.0.0.1:{upstream.port}",
+            tls=True,
+            extra_args=(f"--console={console_dir}", "--health-interval=1"),
+        )
+        envoy_started = pool.submit(envoy.start)
+        serve = ServeProcess("--dev", env=env).start()
+        upstream.retarget(serve.port)
+        envoy_started.result(timeout=120)
+        try:
+            with TcpRelay(envoy.tls_port) as front:
+                yield Stack(env, serve, upstream, envoy, front, typecheck, console_dir)
+        finally:
+            envoy.__exit__(None, None, None)
+            serve.__exit__(None, None, None)
+            if typecheck.poll() is None:
+                typecheck.kill()
+                typecheck.wait(timeout=10)
+
+
+@contextmanager
+def _openai_server() -> Iterator[str]:
+    """The local OpenAI-protocol server (tests/fakes/openai_server.py): its echo model
+    answers with the message, or with the tool calls a ``call NAME {json}`` line asks for."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.fakes.openai_server", "--port", "0", "--quiet"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        if not url.startswith("http://127.0.0.1:"):
+            pytest.fail(f"the OpenAI-protocol server did not start: {url!r}")
+        yield url
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+# -- The browser ---------------------------------------------------------------------------
+
+
+def tid(testid: str, /, **attrs: str) -> str:
+    """A CSS selector by data-testid (and data-* attributes)."""
+    extra = "".join(f'[data-{k.replace("_", "-")}="{v}"]' for k, v in attrs.items())
+    return f'[data-testid="{testid}"]{extra}'
+
+
+class Chromium:
+    """One Chromium for the module, driven step by step through tests/browser/console.mjs;
+    each test opens its pages in a browser context of its own."""
+
+    def __init__(self, stack: Stack) -> None:
+        config = {
+            "chromium": _required("chromium", "scripts/install-deps.sh"),
+            "spki": spki_sha256(stack.envoy.cert_file),
+            "waitMs": WAIT_MS,
+        }
+        self.proc = subprocess.Popen(
+            [_required("node", "scripts/install-deps.sh"), str(DRIVER), json.dumps(config)],
+            cwd=BROWSER_DIR,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+        self._answers: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._stderr: list[str] = []
+        self._next = 0
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._answers.put(json.loads(line))
+        self._answers.put(None)
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self._stderr.append(line.rstrip())
+
+    def call(self, op: str, **args: Any) -> Any:
+        self._next += 1
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"id": self._next, "op": op, **args}) + "\n")
+        self.proc.stdin.flush()
+        try:
+            answer = self._answers.get(timeout=STEP_S)
+        except queue.Empty:
+            pytest.fail(f"the browser driver did not answer {op} within {STEP_S}s")
+        if answer is None:
+            pytest.fail(f"the browser driver ended during {op}: {self._stderr[-20:]}")
+        assert answer["id"] == self._next
+        if not answer["ok"]:
+            console = self.call("console", page=args["page"])[-20:] if "page" in args else []
+            pytest.fail(
+                f"{op} {json.dumps(args)[:300]} failed: {answer['error']}\n"
+                f"page: {json.dumps(answer.get('page'), indent=1)}\nconsole: {console}"
+            )
+        return answer["value"]
+
+    def open(self, url: str) -> Page:
+        return Page(self, self.call("open", url=url))
+
+    def close(self) -> None:
+        if self.proc.poll() is None and self.proc.stdin is not None:
+            try:
+                self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+                self.proc.stdin.close()
+                self.proc.wait(timeout=20)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        if self.proc.poll() is None:
+            # SIGTERM: puppeteer closes Chromium on it.
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def chromium(stack: Stack) -> Iterator[Chromium]:
+    driver = Chromium(stack)
+    yield driver
+    driver.close()
+
+
+class Page:
+    """One page of the console, in its own browser context (closed on exit)."""
+
+    def __init__(self, chromium: Chromium, index: int) -> None:
+        self.chromium = chromium
+        self.index = index
+
+    def call(self, op: str, **args: Any) -> Any:
+        return self.chromium.call(op, page=self.index, **args)
+
+    def click(self, selector: str) -> None:
+        self.call("click", selector=selector)
+
+    def fill(self, selector: str, value: str) -> None:
+        self.call("fill", selector=selector, value=value)
+
+    def select(self, selector: str, value: str) -> None:
+        self.call("select", selector=selector, value=value)
+
+    def wait(self, fn: str, arg: Any = None) -> Any:
+        """Until ``fn(arg)`` (JavaScript, run in the page) is truthy; what it returned."""
+        return self.call("wait", fn=fn, arg=arg)
+
+    def eval(self, fn: str, arg: Any = None) -> Any:
+        return self.call("eval", fn=fn, arg=arg)
+
+    def wait_for(self, selector: str) -> None:
+        self.wait("(s) => document.querySelector(s) !== null", selector)
+
+    def wait_visible(self, selector: str) -> None:
+        """Until the element is there and rendered (not hidden, nor inside something hidden)."""
+        self.wait("(s) => document.querySelector(s)?.checkVisibility() === true", selector)
+
+    def visible(self, selector: str) -> bool:
+        shown: bool = self.eval(
+            "(s) => document.querySelector(s)?.checkVisibility() === true", selector
+        )
+        return shown
+
+    def count(self, selector: str) -> int:
+        found: int = self.eval("(s) => document.querySelectorAll(s).length", selector)
+        return found
+
+    def data(self, selector: str) -> dict[str, str]:
+        found: dict[str, str] = self.eval(
+            "(s) => ({ ...document.querySelector(s).dataset })", selector
+        )
+        return found
+
+    def storage(self) -> dict[str, Any]:
+        raw = self.eval("() => sessionStorage.getItem('switchboard.console.session')")
+        return json.loads(raw) if raw else {}
+
+    def reload(self) -> None:
+        self.call("reload")
+
+    def network(self) -> list[dict[str, Any]]:
+        entries: list[dict[str, Any]] = self.call("network")
+        return entries
+
+    def console(self) -> list[dict[str, Any]]:
+        messages: list[dict[str, Any]] = self.call("console")
+        return messages
+
+    def screenshot(self, path: Path) -> None:
+        self.call("screenshot", path=str(path))
+
+    def __enter__(self) -> Page:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.chromium.proc.poll() is None:
+            self.call("close")
+
+
+# -- The console's screens, as steps ---------------------------------------------------------
+
+
+def sign_in(browser: Page, email: str, *, register: bool = False) -> str:
+    """Signs in (or registers) on the page; the session's resource name."""
+    browser.wait_visible(tid("auth"))
+    browser.fill(tid("email"), email)
+    browser.fill(tid("password"), PASSWORD)
+    if register:
+        browser.fill(tid("display-name"), "Console User")
+        browser.click(tid("register"))
+    else:
+        browser.click(tid("sign-in"))
+    browser.wait_visible(tid("console"))
+    assert not browser.visible(tid("auth"))
+    browser.wait_for(tid("connection", state="live"))
+    session: str = browser.data(tid("session-info"))["session"]
+    assert session.startswith("users/")
+    return session
+
+
+def open_conversation(browser: Page, workspace: str, conversation: str) -> None:
+    browser.click(tid("workspace-item", name=workspace))
+    browser.click(tid("conversation-item", name=conversation))
+    browser.wait_visible(tid("composer"))
+    browser.wait_for(f"{tid('conversation-item', name=conversation)}.current")
+
+
+def send(browser: Page, text: str, *, handler: str = "", parameters: str = "") -> str:
+    """Sends from the composer; the new run's name (the page's newest run card)."""
+    before = browser.count(tid("run"))
+    if handler:
+        browser.select(tid("handler-select"), handler)
+    if parameters and not browser.eval("(s) => document.querySelector(s).open", tid("advanced")):
+        browser.click(f"{tid('advanced')} > summary")
+    if parameters or browser.eval("(s) => document.querySelector(s).open", tid("advanced")):
+        browser.fill(tid("parameters-input"), parameters)
+    browser.fill(tid("message-input"), text)
+    browser.click(tid("send"))
+    run: str = browser.wait(
+        "(n) => { const r = document.querySelectorAll('[data-testid=\"run\"]');"
+        " return r.length > n && r[r.length - 1].dataset.run; }",
+        before,
+    )
+    return run
+
+
+def run_state(browser: Page, run: str, state: str) -> dict[str, str]:
+    """Waits until the run's card shows ``state``; its data and answer."""
+    found: dict[str, str] = browser.wait(
+        "([run, state]) => { const c = [...document.querySelectorAll('[data-testid=\"run\"]')]"
+        ".find((e) => e.dataset.run === run); return c && c.dataset.state === state &&"
+        " { ...c.dataset, answer: c.querySelector('[data-testid=\"run-answer\"]').textContent }; }",
+        [run, state],
+    )
+    return found
+
+
+#: What Chromium itself logs for a request whose connection was reset, or that Envoy
+#: answered 503 (no server): expected while a test has cut the network or replaces the
+#: server, never otherwise.
+OUTAGE_ERRORS: Final = (
+    "net::ERR_CONNECTION_RESET",
+    "net::ERR_CONNECTION_CLOSED",
+    "net::ERR_CONNECTION_REFUSED",
+    "the server responded with a status of 503",
+)
+
+
+def running(browser: Page, run: str, deltas: int) -> str:
+    """Waits until the run's card shows it RUNNING with ``deltas`` deltas; its answer so far."""
+    text: str = browser.wait(
+        '([run, n]) => { const c = document.querySelector(`[data-run="${run}"]`);'
+        " return c && c.dataset.state === 'RUN_STATE_RUNNING' && Number(c.dataset.deltas) >= n"
+        " && c.querySelector('[data-testid=\"run-answer\"]').textContent; }",
+        [run, deltas],
+    )
+    return text
+
+
+def current(browser: Page, item: str) -> str:
+    """The name of the highlighted workspace or conversation ("" when none is)."""
+    name: str = browser.eval(
+        "(s) => document.querySelector(s)?.dataset.name ?? ''", f"{tid(item)}.current"
+    )
+    return name
+
+
+def problems(browser: Page, *, outage: bool = False) -> list[str]:
+    """What the console logged that a user would call an error (CSP violations included)."""
+    return [
+        f"{m['type']}: {m['text']}"
+        for m in browser.console()
+        if (m["type"] in ("error", "pageerror") or "Content Security Policy" in m["text"])
+        and not (outage and any(error in m["text"] for error in OUTAGE_ERRORS))
+    ]
+
+
+# -- The server, through Python stubs --------------------------------------------------------
+
+
+@dataclass
+class User:
+    email: str
+    name: str
+    access: str
+    refresh: str
+
+    @property
+    def md(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.access}"),)
+
+
+class Server:
+    """The server's own answers, through the generated stubs (sync gRPC)."""
+
+    def __init__(self, address: str) -> None:
+        self.channel = grpc.insecure_channel(address)
+        self.auth = auth_pb2_grpc.AuthServiceStub(self.channel)
+        self.context = context_pb2_grpc.ContextServiceStub(self.channel)
+        self.dispatcher = dispatcher_pb2_grpc.DispatcherServiceStub(self.channel)
+        self.events = events_pb2_grpc.EventServiceStub(self.channel)
+        self.integration = integration_pb2_grpc.IntegrationServiceStub(self.channel)
+
+    def register(self, prefix: str) -> User:
+        answer = self.auth.Register(
+            auth_pb2.RegisterRequest(
+                email=unique_email(prefix), password=PASSWORD, display_name=prefix
+            ),
+            timeout=CALL_S,
+        )
+        return User(
+            answer.user.email,
+            answer.user.name,
+            answer.tokens.access_token,
+            answer.tokens.refresh_token,
+        )
+
+    def login(self, email: str) -> User:
+        answer = self.auth.Login(
+            auth_pb2.LoginRequest(
+                password=auth_pb2.PasswordCredential(email=email, password=PASSWORD)
+            ),
+            timeout=CALL_S,
+        )
+        return User(
+            answer.user.email,
+            answer.user.name,
+            answer.tokens.access_token,
+            answer.tokens.refresh_token,
+        )
+
+    def workspace(self, user: User, workspace_id: str) -> tuple[str, str]:
+        """A workspace and a conversation in it; their names."""
+        workspace = self.context.CreateWorkspace(
+            context_pb2.CreateWorkspaceRequest(
+                workspace_id=workspace_id,
+                workspace=context_pb2.Workspace(display_name=workspace_id.title()),
+            ),
+            metadata=user.md,
+            timeout=CALL_S,
+        ).workspace.name
+        conversation = self.context.CreateConversation(
+            context_pb2.CreateConversationRequest(
+                parent=workspace, conversation=context_pb2.Conversation(title="Plans")
+            ),
+            metadata=user.md,
+            timeout=CALL_S,
+        ).conversation.name
+        return workspace, conversation
+
+    def append(self, user: User, conversation: str, text: str) -> str:
+        return str(
+            self.context.AppendMessage(
+                context_pb2.AppendMessageRequest(
+                    parent=conversation,
+                    message=context_pb2.Message(
+                        role=context_pb2.MESSAGE_ROLE_USER,
+                        parts=[context_pb2.ContentPart(text=text)],
+                    ),
+                ),
+                metadata=user.md,
+                timeout=CALL_S,
+            ).message.name
+        )
+
+    def messages(self, user: User, conversation: str) -> list[context_pb2.Message]:
+        return list(
+            self.context.ListMessages(
+                context_pb2.ListMessagesRequest(parent=conversation, page_size=100),
+                metadata=user.md,
+                timeout=CALL_S,
+            ).messages
+        )
+
+    def run(self, user: User, name: str) -> dispatcher_pb2.Run:
+        run: dispatcher_pb2.Run = self.dispatcher.GetRun(
+            dispatcher_pb2.GetRunRequest(name=name), metadata=user.md, timeout=CALL_S
+        ).run
+        return run
+
+    def sessions(self, user: User) -> dict[str, auth_pb2.Session]:
+        listed = self.auth.ListSessions(
+            auth_pb2.ListSessionsRequest(show_inactive=True, page_size=100),
+            metadata=user.md,
+            timeout=CALL_S,
+        )
+        return {s.name: s for s in listed.sessions}
+
+    def events_after(
+        self, user: User, scopes: list[events_pb2.Scope], after: str
+    ) -> list[events_pb2.Event]:
+        found: list[events_pb2.Event] = []
+        token = ""
+        while True:
+            page = self.events.ListEvents(
+                events_pb2.ListEventsRequest(
+                    scopes=scopes, after_cursor=after, page_size=500, page_token=token
+                ),
+                metadata=user.md,
+                timeout=CALL_S,
+            )
+            found += page.events
+            token = page.next_page_token
+            if not token:
+                return found
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+@pytest.fixture
+def server(stack: Stack) -> Iterator[Server]:
+    client = Server(stack.address)
+    yield client
+    client.close()
+
+
+def text_of(message: context_pb2.Message) -> str:
+    return "".join(part.text for part in message.parts)
+
+
+def grpc_web_calls(network: list[dict[str, Any]], origin: str) -> list[dict[str, Any]]:
+    return [n for n in network if n["url"].startswith(f"{origin}/switchboard.api.")]
+
+
+def method(entry: dict[str, Any]) -> str:
+    return str(entry["url"]).rsplit("/", 1)[1]
+
+
+# -- The tests -------------------------------------------------------------------------------
+
+
+def test_the_console_type_checks_in_strict_mode(stack: Stack) -> None:
+    """``tsc --noEmit`` over clients/web (strict, noUncheckedIndexedAccess), generated
+    code included; started with the stack, so it costs no extra time."""
+    output, _ = stack.typecheck.communicate(timeout=180)
+    assert stack.typecheck.returncode == 0, output
+    config = json.loads((WEB / "tsconfig.json").read_text())
+    assert config["compilerOptions"]["strict"] is True
+
+
+def test_a_full_session_from_register_to_a_streamed_answer_a_cancel_and_sign_out(
+    stack: Stack, chromium: Chromium, server: Server, tmp_path: Path
+) -> None:
+    email = unique_email("console")
+    workspace_id = f"acme-{os.getpid()}"
+    with chromium.open(stack.origin + "/") as browser:
+        session = sign_in(browser, email, register=True)
+
+        # A workspace and a conversation, made on the page.
+        browser.fill(tid("new-workspace-id"), workspace_id)
+        browser.fill(tid("new-workspace-name"), "Acme")
+        browser.click(tid("create-workspace"))
+        workspace = f"workspaces/{workspace_id}"
+        browser.wait_for(f"{tid('workspace-item', name=workspace)}.current")
+        browser.fill(tid("new-conversation-title"), "Launch")
+        browser.click(tid("create-conversation"))
+        browser.wait_visible(tid("composer"))
+        conversation = current(browser, "conversation-item")
+        assert conversation.startswith(f"{workspace}/conversations/")
+
+        # An answer streamed delta by delta: seen half-written, then whole.
+        words = "the quick brown fox jumps over the lazy dog"
+        run = send(browser, words, handler="handlers/echo", parameters='{"delay_ms": 120}')
+        partial = running(browser, run, 2)
+        done = run_state(browser, run, "RUN_STATE_SUCCEEDED")
+        user = server.login(email)
+        stored = server.run(user, run)
+        assert stored.state == dispatcher_pb2.RUN_STATE_SUCCEEDED
+        [answer] = [
+            m for m in server.messages(user, conversation) if m.name == stored.output_message
+        ]
+        assert done["answer"] == text_of(answer)
+        assert done["answer"].startswith(words)
+        assert done["answer"].startswith(partial)
+        assert len(partial) < len(words)
+        assert int(done["deltas"]) >= len(words.split())
+        # The stored answer reached the message list through the live events.
+        browser.wait_for(tid("message", name=stored.output_message, role="assistant"))
+        screenshot = artifacts_dir(tmp_path) / "console.png"
+        browser.screenshot(screenshot)
+        print(f"console screenshot: {screenshot}")
+        assert screenshot.stat().st_size > 0
+
+        # A slow run, cancelled from the page once it has started answering.
+        slow = send(browser, "one two three four five six", parameters='{"delay_ms": 5000}')
+        assert slow != run
+        running(browser, slow, 1)
+        browser.click(f"{tid('run', run=slow)} {tid('cancel-run')}")
+        cancelled = run_state(browser, slow, "RUN_STATE_CANCELLED")
+        assert cancelled["answer"].startswith("one")
+        assert "six" not in cancelled["answer"]
+        assert server.run(user, slow).state == dispatcher_pb2.RUN_STATE_CANCELLED
+
+        # Sign out: the page forgets the session and the server revokes it.
+        browser.click(tid("sign-out"))
+        browser.wait_visible(tid("auth"))
+        assert not browser.visible(tid("console"))
+        assert browser.storage() == {}
+        assert server.sessions(user)[session].HasField("revoke_time")
+
+        # Everything came over one origin, HTTP/2 on the TLS listener, under the CSP.
+        network = [n for n in browser.network() if n["url"].startswith(stack.origin)]
+        documents = [n for n in network if n["type"] == "Document"]
+        assert documents
+        assert documents[0]["headers"]["content-security-policy"].startswith("default-src 'self'")
+        types = {n["type"] for n in network}
+        assert {"Document", "Script", "Stylesheet", "Fetch"} <= types
+        assert {n["protocol"] for n in network} == {"h2"}, network
+        calls = {method(n) for n in grpc_web_calls(network, stack.origin)}
+        assert {"Register", "CreateWorkspace", "SendMessage", "WatchRun", "Subscribe"} <= calls
+        assert {"CancelRun", "Logout"} <= calls
+        assert problems(browser) == []
+
+
+def _scope(**kind: str) -> events_pb2.Scope:
+    return events_pb2.Scope(**kind)
+
+
+def test_live_events_and_a_run_resume_after_the_connection_is_dropped(
+    stack: Stack, chromium: Chromium, server: Server
+) -> None:
+    user = server.register("resume")
+    workspace, conversation = server.workspace(user, f"resume-{os.getpid()}")
+    with chromium.open(stack.origin + "/") as browser:
+        sign_in(browser, user.email)
+        open_conversation(browser, workspace, conversation)
+        browser.wait_for(tid("connection", state="live"))
+        # Live before the cut: a message written elsewhere shows up.
+        before = server.append(user, conversation, "written before the cut")
+        browser.wait_for(tid("message", name=before))
+
+        # A run answering word by word, so the cut lands in the middle of it.
+        words = " ".join(f"w{i}" for i in range(10))
+        run = send(browser, words, handler="handlers/echo", parameters='{"delay_ms": 200}')
+        running(browser, run, 2)
+
+        # The network goes: every connection reset, new ones refused.
+        assert stack.front.cut(refuse=True) >= 1
+        browser.wait_for(tid("connection", state="reconnecting"))
+        # Nothing arrives now, so the page's cursor is the one it must resume after.
+        cursor = browser.data(tid("feed"))["cursor"]
+        resumed_before = json.loads(browser.data(tid("feed"))["resumedFrom"])
+        assert cursor
+        # Written while the page cannot hear: it must arrive once the network is back.
+        during = server.append(user, conversation, "written while the page was cut off")
+        refused = stack.front.stats.refused
+        deadline = time.monotonic() + 30
+        while stack.front.stats.refused == refused:
+            # The page keeps trying (with backoff) while it is refused.
+            assert time.monotonic() < deadline, "the page never tried to reconnect"
+            time.sleep(0.05)
+        stack.front.restore()
+
+        browser.wait_for(tid("message", name=during))
+        browser.wait_for(tid("connection", state="live"))
+        # Exactly once, in the messages and in the events.
+        assert browser.count(tid("message", name=during)) == 1
+        shown: list[dict[str, str]] = browser.eval(
+            "() => [...document.querySelectorAll('[data-testid=\"event\"]')]"
+            ".map((e) => ({ ...e.dataset, text: e.textContent }))"
+        )
+        ids = [e["id"] for e in shown]
+        assert len(ids) == len(set(ids)), "an event was shown twice"
+        assert len([e for e in shown if during in e["text"]]) == 1
+        feed = browser.data(tid("feed"))
+        assert feed["duplicates"] == "0"
+        # Every reopening since the cut resumed after the cursor the page had.
+        resumed = json.loads(feed["resumedFrom"])[len(resumed_before) :]
+        assert resumed
+        assert set(resumed) == {cursor}, (resumed, cursor)
+        history = browser.data(tid("connection"))["history"].split(",")
+        after_cut = history[history.index("reconnecting") :]
+        assert after_cut[-1] == "live"
+        assert "stopped" not in after_cut
+        # The run went on meanwhile; its watch resumed after its last sequence.
+        done = run_state(browser, run, "RUN_STATE_SUCCEEDED")
+        assert int(done["resumes"]) >= 1
+        stored = server.run(user, run)
+        [answer] = [
+            m for m in server.messages(user, conversation) if m.name == stored.output_message
+        ]
+        assert done["answer"] == text_of(answer), "a word was lost or repeated"
+
+        # Nothing lost: every event of the feed's scopes since it started reaches the page
+        # (the run's last ones may still be on their way), and none of them twice.
+        scopes = [_scope(user=user.name), _scope(workspace=workspace)]
+        events = server.events_after(user, scopes, feed["firstCursor"])
+        assert during in {e.message_created.message.name for e in events}
+        assert run in {e.run_updated.update.run for e in events}
+        logged = [e.id for e in events]
+        browser.wait(
+            "(ids) => { const shown = new Set([...document.querySelectorAll("
+            "'[data-testid=\"event\"]')].map((e) => e.dataset.id));"
+            " return ids.every((id) => shown.has(id)); }",
+            logged,
+        )
+        ids = browser.eval(
+            "() => [...document.querySelectorAll('[data-testid=\"event\"]')]"
+            ".map((e) => e.dataset.id)"
+        )
+        assert len(ids) == len(set(ids)), "an event was shown twice"
+        assert browser.data(tid("feed"))["duplicates"] == "0"
+        assert stack.front.stats.cut >= 1
+        assert problems(browser, outage=True) == []
+
+
+def test_integrations_show_their_status_live_and_tool_calls_wait_for_approval(
+    stack: Stack, chromium: Chromium, server: Server
+) -> None:
+    user = server.register("tools")
+    workspace, conversation = server.workspace(user, f"tools-{os.getpid()}")
+    with McpTestServer() as mcp:
+        integration = server.integration.CreateIntegration(
+            integration_pb2.CreateIntegrationRequest(
+                parent=workspace,
+                integration_id="kit",
+                integration=integration_pb2.Integration(
+                    display_name="Tool kit",
+                    kind=integration_pb2.INTEGRATION_KIND_MCP_SERVER,
+                    endpoint=mcp.url,
+                ),
+            ),
+            metadata=user.md,
+            timeout=CALL_S,
+        ).integration.name
+        # The workspace's default assistant: the llm handler with the kit's echo tool,
+        # whose every call needs a person's decision.
+        server.dispatcher.CreateAssistant(
+            dispatcher_pb2.CreateAssistantRequest(
+                parent=workspace,
+                assistant_id="helper",
+                assistant=dispatcher_pb2.Assistant(
+                    display_name="Helper",
+                    instructions="Use the tools.",
+                    tools=[
+                        dispatcher_pb2.AssistantTools(
+                            integration=integration,
+                            tools=["echo"],
+                            approval_required_tools=["echo"],
+                        )
+                    ],
+                    workspace_default=True,
+                ),
+            ),
+            metadata=user.md,
+            timeout=CALL_S,
+        )
+        with chromium.open(stack.origin + "/") as browser:
+            sign_in(browser, user.email)
+            open_conversation(browser, workspace, conversation)
+            # Its status, as the hub's probes found it.
+            healthy = tid(
+                "integration",
+                name=integration,
+                health="HEALTH_STATE_HEALTHY",
+                circuit="CIRCUIT_STATE_CLOSED",
+            )
+            browser.wait_for(healthy)
+            status = server.integration.GetIntegration(
+                integration_pb2.GetIntegrationRequest(name=integration),
+                metadata=user.md,
+                timeout=CALL_S,
+            ).integration.status
+            assert status.health == integration_pb2.HEALTH_STATE_HEALTHY
+            assert status.circuit == integration_pb2.CIRCUIT_STATE_CLOSED
+
+            # Denied, with a reason the model is told.
+            denied = send(browser, 'call kit__echo {"message": "first"}')
+            pending = f"{tid('approval', run=denied)} {tid('pending-call')}"
+            browser.wait_for(pending)
+            assert browser.data(pending)["tool"] == "echo"
+            browser.fill(f"{pending} {tid('deny-reason')}", "not this one")
+            browser.click(f"{pending} {tid('deny')}")
+            answer = run_state(browser, denied, "RUN_STATE_SUCCEEDED")["answer"]
+            assert answer.startswith("Tool kit__echo returned:")
+            assert "not this one" in answer
+            [decided] = server.run(user, denied).required_action.tool_calls
+            assert decided.decision == dispatcher_pb2.TOOL_APPROVAL_DECISION_DENY
+            assert decided.reason == "not this one"
+            assert decided.decided_by == user.name
+
+            # Approved: the tool runs, its output goes back to the model.
+            approved = send(browser, 'call kit__echo {"message": "second"}')
+            pending = f"{tid('approval', run=approved)} {tid('pending-call')}"
+            browser.wait_for(pending)
+            browser.click(f"{pending} {tid('approve')}")
+            done = run_state(browser, approved, "RUN_STATE_SUCCEEDED")
+            assert done["answer"] == "Tool kit__echo returned: second"
+            stored = server.run(user, approved)
+            [decided] = stored.required_action.tool_calls
+            assert decided.decision == dispatcher_pb2.TOOL_APPROVAL_DECISION_APPROVE
+            assert browser.count(tid("approval")) == 0
+
+            # The integration's server goes away: its status changes on the page by itself.
+            mcp.kill()
+            browser.wait_for(tid("integration", name=integration, health="HEALTH_STATE_UNHEALTHY"))
+            status = server.integration.GetIntegration(
+                integration_pb2.GetIntegrationRequest(name=integration),
+                metadata=user.md,
+                timeout=CALL_S,
+            ).integration.status
+            assert status.health == integration_pb2.HEALTH_STATE_UNHEALTHY
+            shown = browser.eval(
+                "(s) => document.querySelector(s).querySelector("
+                "'[data-testid=\"integration-error\"]')?.textContent",
+                tid("integration", name=integration),
+            )
+            assert shown == status.last_error.message
+            assert problems(browser) == []
+
+
+def _reason(error: grpc.RpcError) -> str:
+    call = cast(grpc.Call, error)  # the error of a failed call is that call
+    for key, value in call.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                    info = error_details_pb2.ErrorInfo()
+                    detail.Unpack(info)
+                    return str(info.reason)
+    return ""
+
+
+def test_the_session_survives_a_reload_and_renews_once_when_its_token_is_refused(
+    stack: Stack, chromium: Chromium, server: Server
+) -> None:
+    user = server.register("renew")
+    workspace, conversation = server.workspace(user, f"renew-{os.getpid()}")
+    # A deep link: once signed in, the page opens the conversation it names.
+    with chromium.open(f"{stack.origin}/#{conversation}") as browser:
+        session = sign_in(browser, user.email)
+        browser.wait_visible(tid("composer"))
+        first = browser.storage()
+        assert first["identity"]["session"] == session
+        assert first["presented"] is False
+        seen = server.sessions(user)[session].last_seen_time.ToDatetime()
+
+        # A reload keeps the session: the access token was in memory only, so the page
+        # redeems its refresh token once, and keeps the rotated one.
+        browser.reload()
+        browser.wait_visible(tid("composer"))
+        browser.wait_for(tid("connection", state="live"))
+        second = browser.storage()
+        assert second["identity"]["session"] == session
+        assert second["refreshToken"] != first["refreshToken"]
+        assert second["presented"] is False
+        assert browser.data(tid("session-info"))["renewals"] == "1"
+        renewed = server.sessions(user)[session]
+        assert not renewed.HasField("revoke_time")
+        assert renewed.last_seen_time.ToDatetime() > seen
+
+        # A new server (dev mode: a new signing key) refuses the access token the page
+        # holds; its streams come back through one renewal, wherever they were.
+        stack.restart_server()
+        browser.wait_for(tid("session-info", renewals="2"))
+        browser.wait_for(tid("connection", state="live"))
+        browser.wait_for(tid("integrations", live="true"))
+        # Unary calls work with the renewed token too.
+        browser.fill(tid("new-conversation-title"), "After the restart")
+        browser.click(tid("create-conversation"))
+        made: str = browser.wait(
+            "([s, old]) => { const name = document.querySelector(s)?.dataset.name;"
+            " return name !== old && name; }",
+            [f"{tid('conversation-item')}.current", conversation],
+        )
+        assert made.startswith(f"{workspace}/conversations/")
+        calls = grpc_web_calls(browser.network(), stack.origin)
+        renewals = [n for n in calls if method(n) == "RefreshToken"]
+        assert len(renewals) == 2, renewals
+        # The second renewal answered a refusal (UNAUTHENTICATED), not a timer.
+        assert any(n.get("grpcStatus") == grpc.StatusCode.UNAUTHENTICATED.value[0] for n in calls)
+        third = browser.storage()
+        assert third["refreshToken"] not in (first["refreshToken"], second["refreshToken"])
+
+        # The first refresh token, spent at the reload, comes back (a stolen copy): the
+        # server revokes the session, and the page says why it signed out.
+        with pytest.raises(grpc.RpcError) as refused:
+            server.auth.RefreshToken(
+                auth_pb2.RefreshTokenRequest(refresh_token=first["refreshToken"]), timeout=CALL_S
+            )
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert _reason(refused.value) == "ERROR_REASON_SESSION_REVOKED"
+        browser.wait_visible(tid("auth"))
+        shown = browser.data(tid("auth-problem"))
+        assert shown["code"] == "UNAUTHENTICATED"
+        assert shown["reason"] == "ERROR_REASON_SESSION_REVOKED"
+        assert browser.storage() == {}
+        # (The test's own token was signed by the replaced server: it signs in again.)
+        assert server.sessions(server.login(user.email))[session].HasField("revoke_time")
+        assert len(stack.restarts) == 1
+        assert problems(browser, outage=True) == []
