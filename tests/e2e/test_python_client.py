@@ -80,8 +80,11 @@ def stack() -> Iterator[ExitStack]:
         yield processes
 
 
-async def _serve(stack: ExitStack, env: dict[str, str], port: int = 0) -> ServeProcess:
-    args = ("--port", str(port)) if port else ()
+async def _serve(
+    stack: ExitStack, env: dict[str, str], port: int = 0, *, dev: bool = False
+) -> ServeProcess:
+    """A server on ``port`` (0: any free one; a restart passes the port it had)."""
+    args = (*(("--dev",) if dev else ()), *(("--port", str(port)) if port else ()))
     server = ServeProcess(*args, env=env)
     stack.callback(server.__exit__, None, None, None)
     await asyncio.to_thread(server.start)
@@ -326,6 +329,33 @@ async def test_events_and_a_run_resume_after_the_server_restarts(
         assert c.tokens.current() == token
         assert wire.count(REFRESH) == 0
         assert {s.authorization for s in wire.of("/GetPrincipal")} == {f"Bearer {token}"}
+
+
+async def test_a_server_restarted_with_a_new_signing_key_is_signed_in_to_again(
+    tmp_path: Path, stack: ExitStack
+) -> None:
+    """Dev mode makes a signing key per process (the secret, and so the refresh
+    tokens, stay): after a restart the access token is refused and the client
+    renews the session by itself, once."""
+    env = {
+        "SWITCHBOARD_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/switchboard.db",
+        "SWITCHBOARD_INSTANCE_ID": "python-client-dev",
+    }
+    first = await _serve(stack, env, dev=True)
+    wire = Wire()
+    async with Client(first.address, timeout_s=SETTLE_S, interceptors=[wire]) as client:
+        registered = await client.register(unique_email("dev"), PASSWORD)
+        old = client.tokens.current()
+        await _stop(first, signal.SIGTERM)
+        await _serve(stack, env, port=first.port, dev=True)
+        principal = await client.auth.GetPrincipal(auth_pb2.GetPrincipalRequest())
+        assert principal.principal.session == registered.session.name
+        assert [s.authorization for s in wire.of("/GetPrincipal")] == [
+            f"Bearer {old}",
+            f"Bearer {client.tokens.current()}",
+        ]
+        assert client.tokens.current() != old
+        assert wire.count(REFRESH) == 1
 
 
 class _StreamBreaks(logging.Handler):

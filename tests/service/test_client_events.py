@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -92,3 +93,58 @@ async def test_a_scope_the_caller_cannot_read_ends_the_follower(
     with pytest.raises(NotFound):
         await asyncio.wait_for(anext(follower), DEADLINE_S)
     assert [e async for e in follower] == []
+
+
+class _Finished(logging.Handler):
+    """The server's access lines ("rpc finished") of one method, as they are logged."""
+
+    def __init__(self, method: str) -> None:
+        super().__init__(logging.INFO)
+        self.method = method
+        self.codes: list[str] = []
+        self.logged = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage() == "rpc finished" and getattr(record, "method", "") == self.method:
+            self.codes.append(str(getattr(record, "code", "")))
+            self.logged.set()
+
+
+@pytest.fixture
+def subscribe_log() -> Iterator[_Finished]:
+    handler = _Finished("/switchboard.api.events.v1.EventService/Subscribe")
+    access = logging.getLogger("switchboard.access")
+    level = access.level
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        access.removeHandler(handler)
+        access.setLevel(level)
+
+
+async def test_cancelling_the_reader_ends_the_subscription_and_it_can_go_on(
+    client: Client, subscribe_log: _Finished
+) -> None:
+    conversation = await new_conversation(client, await new_workspace(client))
+    follower = client.follow([conversation], types=["MESSAGE_CREATED"])
+    await asyncio.wait_for(follower.ready(), DEADLINE_S)
+    first = await append(client, conversation, "first")
+    assert (await _take(follower, 1))[0].message_created.message.name == first.name
+
+    waiting = asyncio.ensure_future(anext(follower))
+    await asyncio.sleep(0)  # one loop step: the task runs up to its read (FIFO)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    # The server saw its Subscribe end: the call did not outlive the task.
+    await asyncio.wait_for(subscribe_log.logged.wait(), DEADLINE_S)
+    assert subscribe_log.codes == ["CANCELLED"]
+
+    # Published while nobody read: delivered when reading resumes, from the cursor.
+    missed = await append(client, conversation, "while away")
+    later = await _take(follower, 1)
+    assert [e.message_created.message.name for e in later] == [missed.name]
+    assert follower.resumes == 1
+    await follower.aclose()
