@@ -195,7 +195,9 @@ async def test_sign_in_refresh_run_and_events_against_a_served_process(
     wire = Wire()
     saved: list[auth_pb2.TokenPair | None] = []
     email = unique_email("e2e")
-    async with Client(server.address, interceptors=[wire], on_tokens=saved.append) as client:
+    async with Client(
+        server.address, interceptors=wire.interceptors, on_tokens=saved.append
+    ) as client:
         registered = await client.register(email, PASSWORD)
         await client.sign_out()
         signed_in = await client.sign_in(email, PASSWORD)
@@ -253,7 +255,9 @@ async def test_events_and_a_run_resume_after_the_server_restarts(
     env = _env(tmp_path, SWITCHBOARD_DISPATCHER_RECOVERY=recovery)
     first = await _serve(stack, env)
     wire = Wire()
-    async with Client(first.address, streams=QUICK, timeout_s=SETTLE_S, interceptors=[wire]) as c:
+    async with Client(
+        first.address, streams=QUICK, timeout_s=SETTLE_S, interceptors=wire.interceptors
+    ) as c:
         await c.register(unique_email("restart"), PASSWORD)
         token = c.tokens.current()
         workspace = await new_workspace(c)
@@ -343,7 +347,7 @@ async def test_a_server_restarted_with_a_new_signing_key_is_signed_in_to_again(
     }
     first = await _serve(stack, env, dev=True)
     wire = Wire()
-    async with Client(first.address, timeout_s=SETTLE_S, interceptors=[wire]) as client:
+    async with Client(first.address, timeout_s=SETTLE_S, interceptors=wire.interceptors) as client:
         registered = await client.register(unique_email("dev"), PASSWORD)
         old = client.tokens.current()
         await _stop(first, signal.SIGTERM)

@@ -124,7 +124,7 @@ async def test_a_due_token_is_refreshed_once_for_many_concurrent_calls(
     wire = Wire()
     seen: list[auth_pb2.TokenPair | None] = []
     async with Client(
-        mesh.address, clock=clock, interceptors=[wire], on_tokens=seen.append
+        mesh.address, clock=clock, interceptors=wire.interceptors, on_tokens=seen.append
     ) as client:
         registered = await client.register(unique_email(), PASSWORD)
         first = registered.tokens
@@ -167,7 +167,7 @@ async def test_a_refused_access_token_is_renewed_and_the_call_retried_once(
     mesh: SwitchboardServer,
 ) -> None:
     wire = Wire()
-    async with Client(mesh.address, interceptors=[wire]) as client:
+    async with Client(mesh.address, interceptors=wire.interceptors) as client:
         registered = await client.register(unique_email(), PASSWORD)
         expired = minted_pair(
             mesh.deps.keys,
@@ -191,7 +191,9 @@ async def test_a_refused_access_token_is_renewed_and_the_call_retried_once(
 async def test_a_refused_refresh_signs_out(mesh: SwitchboardServer) -> None:
     wire = Wire()
     seen: list[auth_pb2.TokenPair | None] = []
-    async with Client(mesh.address, interceptors=[wire], on_tokens=seen.append) as client:
+    async with Client(
+        mesh.address, interceptors=wire.interceptors, on_tokens=seen.append
+    ) as client:
         registered = await client.register(unique_email(), PASSWORD)
         await client.sign_out()  # the session and its refresh token are over
         client.use_tokens(
@@ -236,7 +238,7 @@ async def test_a_stream_whose_token_expires_resumes_with_a_renewed_token(
             renewed.set()
 
     wire = Wire()
-    async with Client(mesh.address, interceptors=[wire], on_tokens=on_tokens) as client:
+    async with Client(mesh.address, interceptors=wire.interceptors, on_tokens=on_tokens) as client:
         registered = await client.register(unique_email(), PASSWORD)
         workspace = await new_workspace(client)
         conversation = await new_conversation(client, workspace)
@@ -276,7 +278,7 @@ async def test_sign_in_is_refused_by_the_servers_throttle_and_not_retried(
     """Login is not safe to repeat (each success is a session): one attempt per call,
     and the throttle's RetryInfo reaches the caller."""
     wire = Wire()
-    async with Client(mesh.address, interceptors=[wire]) as client:
+    async with Client(mesh.address, interceptors=wire.interceptors) as client:
         registered = await client.register(unique_email(), PASSWORD)
         throttle: RateLimited | None = None
         for attempt in range(1, 100):

@@ -89,7 +89,7 @@ async def test_an_idempotent_call_is_retried_after_unavailable(
     server, _ = error_server
     wire = Wire()
     retry = RetryPolicy(max_attempts=3, backoff=FAST)
-    async with Client(server.address, retry=retry, interceptors=[wire]) as client:
+    async with Client(server.address, retry=retry, interceptors=wire.interceptors) as client:
         with pytest.raises(Unavailable):
             await _logout(client, "ServerUnavailable")
         assert wire.count("/Logout") == 3  # Logout is IDEMPOTENT in the contract
@@ -104,7 +104,7 @@ async def test_a_retry_waits_as_long_as_retry_info_asks(
     server, _ = error_server
     wire = Wire()
     retry = RetryPolicy(max_attempts=2, backoff=FAST)
-    async with Client(server.address, retry=retry, interceptors=[wire]) as client:
+    async with Client(server.address, retry=retry, interceptors=wire.interceptors) as client:
         with pytest.raises(RateLimited) as limited:
             await _logout(client, "RateLimited")
         assert limited.value.retry_delay_s == 1.5

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import pytest
 
+from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.api.events.v1 import events_pb2
 from switchboard.client import (
     Client,
     HandlerFailed,
@@ -36,7 +39,7 @@ SEND = "/switchboard.api.dispatcher.v1.DispatcherService/SendMessage"
 @pytest.fixture
 async def signed_in(mesh: SwitchboardServer) -> AsyncIterator[tuple[Client, str, Wire]]:
     wire = Wire()
-    async with Client(mesh.address, interceptors=[wire]) as client:
+    async with Client(mesh.address, interceptors=wire.interceptors) as client:
         await client.register(unique_email("runs"), PASSWORD)
         conversation = await new_conversation(client, await new_workspace(client))
         yield client, conversation, wire
@@ -156,3 +159,49 @@ async def test_watching_a_run_that_does_not_exist_is_not_found(
         await asyncio.wait_for(anext(watch), DEADLINE_S)
     # Ended: iterating again stops at once.
     assert [u async for u in watch] == []
+
+
+async def test_the_raw_stubs_streams_carry_the_bearer_too(
+    signed_in: tuple[Client, str, Wire],
+) -> None:
+    """Converse (both ways) and Subscribe (server stream) through the typed stubs:
+    the client's interceptors attach the credential to every call shape."""
+    client, conversation, wire = signed_in
+    outgoing: asyncio.Queue[pb.ConverseRequest | None] = asyncio.Queue()
+
+    async def requests() -> AsyncIterator[pb.ConverseRequest]:
+        while (item := await outgoing.get()) is not None:
+            yield item
+
+    converse = client.dispatcher.Converse(requests())
+    outgoing.put_nowait(
+        pb.ConverseRequest(
+            client_request_id="c1",
+            send_message=pb.SendMessageRequest(
+                conversation=conversation,
+                message=cpb.Message(parts=[cpb.ContentPart(text="over converse")]),
+                handler="handlers/echo",
+            ),
+        )
+    )
+    try:
+        async with asyncio.timeout(DEADLINE_S):
+            while True:
+                frame: Any = await converse.read()  # a ConverseResponse (or EOF)
+                if frame.WhichOneof("frame") == "update" and is_terminal(frame.update):
+                    break
+        assert frame.update.state_change.run.state == pb.RUN_STATE_SUCCEEDED
+    finally:
+        outgoing.put_nowait(None)
+        converse.cancel()
+
+    subscribe = client.events.Subscribe(
+        events_pb2.SubscribeRequest(scopes=[events_pb2.Scope(conversation=conversation)])
+    )
+    try:
+        first: Any = await asyncio.wait_for(subscribe.read(), DEADLINE_S)
+        assert first.WhichOneof("frame") == "heartbeat"
+    finally:
+        subscribe.cancel()
+    bearer = f"Bearer {client.tokens.current()}"
+    assert [s.authorization for s in wire.of("/Subscribe")] == [bearer]

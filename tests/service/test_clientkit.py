@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from grpc import aio
@@ -30,16 +30,17 @@ class Sent:
     at: float
 
 
-@dataclass
-class Wire(
-    aio.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
-    aio.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
-):
-    """Every attempt the client sends: its method, its authorization, when."""
+class Wire:
+    """Every attempt the client sends: its method, its authorization, when.
 
-    sent: list[Sent] = field(default_factory=list)
+    Give the client ``wire.interceptors`` (gRPC takes one object per call shape).
+    """
 
-    def _note(self, details: aio.ClientCallDetails) -> None:
+    def __init__(self) -> None:
+        self.sent: list[Sent] = []
+        self.interceptors: list[Any] = [_Unary(self), _Stream(self)]
+
+    def note(self, details: aio.ClientCallDetails) -> None:
         raw: Any = details.method  # bytes on the wire, whatever the stubs say
         method = raw.decode() if isinstance(raw, bytes) else str(raw)
         authorization = ""
@@ -48,23 +49,33 @@ class Wire(
                 authorization = str(value)
         self.sent.append(Sent(method, authorization, time.monotonic()))
 
-    async def intercept_unary_unary(
-        self, continuation: Any, client_call_details: aio.ClientCallDetails, request: Any
-    ) -> Any:
-        self._note(client_call_details)
-        return await continuation(client_call_details, request)
-
-    async def intercept_unary_stream(
-        self, continuation: Any, client_call_details: aio.ClientCallDetails, request: Any
-    ) -> Any:
-        self._note(client_call_details)
-        return await continuation(client_call_details, request)
-
     def count(self, suffix: str) -> int:
         return sum(1 for s in self.sent if s.method.endswith(suffix))
 
     def of(self, suffix: str) -> list[Sent]:
         return [s for s in self.sent if s.method.endswith(suffix)]
+
+
+class _Unary(aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
+    def __init__(self, wire: Wire) -> None:
+        self._wire = wire
+
+    async def intercept_unary_unary(
+        self, continuation: Any, client_call_details: aio.ClientCallDetails, request: Any
+    ) -> Any:
+        self._wire.note(client_call_details)
+        return await continuation(client_call_details, request)
+
+
+class _Stream(aio.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
+    def __init__(self, wire: Wire) -> None:
+        self._wire = wire
+
+    async def intercept_unary_stream(
+        self, continuation: Any, client_call_details: aio.ClientCallDetails, request: Any
+    ) -> Any:
+        self._wire.note(client_call_details)
+        return await continuation(client_call_details, request)
 
 
 def unique_email(prefix: str = "client") -> str:

@@ -21,7 +21,7 @@ from switchboard.api.events.v1 import events_pb2_grpc
 from switchboard.api.integration.v1 import integration_pb2_grpc
 from switchboard.client.errors import Unauthenticated, Unavailable
 from switchboard.client.events import Follower, ScopeLike, TypeLike
-from switchboard.client.interceptors import ClientInterceptor, RetryPolicy
+from switchboard.client.interceptors import CallPolicy, RetryPolicy
 from switchboard.client.runs import Answer, RunWatch
 from switchboard.client.streams import StreamPolicy
 from switchboard.client.tokens import (
@@ -151,10 +151,8 @@ class Client:
         )
         # Ours first: the application's interceptors see each attempt with its
         # bearer, as it goes on the wire.
-        ours = ClientInterceptor(
-            self.tokens, default_timeout_s=timeout_s, retry=retry or RetryPolicy()
-        )
-        chain: list[Any] = [ours, *interceptors]
+        ours = CallPolicy(self.tokens, default_timeout_s=timeout_s, retry=retry or RetryPolicy())
+        chain: list[Any] = [*ours.interceptors(), *interceptors]
         merged = [*channel_options(user_agent), *options]
         if tls is False:
             self.channel = aio.insecure_channel(target, options=merged, interceptors=chain)

@@ -1,8 +1,8 @@
 """Client interceptors: the bearer on every call, deadlines, safe retries, typed errors.
 
-One interceptor object serves the four call shapes. Every call that needs a
-credential gets ``authorization: Bearer ...`` from the token keeper (renewed
-first when due). Unary calls additionally get:
+One policy, applied by an interceptor for each of the four call shapes. Every
+call that needs a credential gets ``authorization: Bearer ...`` from the token
+keeper (renewed first when due). Unary calls additionally get:
 
 - a deadline (the client's default when the caller gave none), which bounds
   all attempts together, waits included;
@@ -75,13 +75,13 @@ def _has_authorization(metadata: Iterable[tuple[str, Any]] | None) -> bool:
     return any(key == AUTHORIZATION for key, _ in metadata or ())
 
 
-class ClientInterceptor(
-    aio.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
-    aio.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
-    aio.StreamUnaryClientInterceptor,  # type: ignore[type-arg]
-    aio.StreamStreamClientInterceptor,  # type: ignore[type-arg]
-):
-    """The bearer, deadlines, retries and typed errors for one client's channel."""
+class CallPolicy:
+    """The bearer, deadlines, retries and typed errors of one client's channel.
+
+    gRPC takes one interceptor object per call shape (an object that is several
+    is registered for the first only), so ``interceptors()`` hands out one of
+    each, all applying this policy.
+    """
 
     def __init__(
         self, keeper: TokenKeeper, *, default_timeout_s: float, retry: RetryPolicy
@@ -90,7 +90,10 @@ class ClientInterceptor(
         self._timeout_s = default_timeout_s
         self._retry = retry
 
-    async def _prepare(
+    def interceptors(self) -> list[Any]:
+        return [_UnaryUnary(self), _UnaryStream(self), _StreamUnary(self), _StreamStream(self)]
+
+    async def prepare(
         self, details: aio.ClientCallDetails, method: Method, call_timeout: float | None
     ) -> tuple[aio.ClientCallDetails, str]:
         """``details`` with the bearer and ``call_timeout``; and the bearer added ('' if none).
@@ -111,12 +114,7 @@ class ClientInterceptor(
         )
         return prepared, bearer
 
-    # -- unary --------------------------------------------------------------------------
-
-    async def intercept_unary_unary(
-        self, continuation: Any, client_call_details: aio.ClientCallDetails, request: Any
-    ) -> Any:
-        details = client_call_details
+    async def unary(self, continuation: Any, details: aio.ClientCallDetails, request: Any) -> Any:
         method = method_of(details.method)
         budget = details.timeout if details.timeout is not None else self._timeout_s
         deadline = time.monotonic() + budget
@@ -124,7 +122,7 @@ class ClientInterceptor(
         while True:
             try:
                 async with asyncio.timeout_at(_loop_time(deadline)):
-                    prepared, used = await self._prepare(
+                    prepared, used = await self.prepare(
                         details, method, max(deadline - time.monotonic(), 0.001)
                     )
                     call = await continuation(prepared, request)
@@ -168,14 +166,35 @@ class ClientInterceptor(
         soonest = self._retry.backoff.delay(attempt, at_least_s=error.retry_delay_s)
         return time.monotonic() + soonest < deadline
 
-    # -- streams ------------------------------------------------------------------------
+    async def stream(self, continuation: Any, details: aio.ClientCallDetails, request: Any) -> Any:
+        method = method_of(details.method)
+        prepared, _ = await self.prepare(details, method, details.timeout)
+        return await continuation(prepared, request)
+
+
+class _UnaryUnary(aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
+    def __init__(self, policy: CallPolicy) -> None:
+        self._policy = policy
+
+    async def intercept_unary_unary(
+        self, continuation: Any, client_call_details: aio.ClientCallDetails, request: Any
+    ) -> Any:
+        return await self._policy.unary(continuation, client_call_details, request)
+
+
+class _UnaryStream(aio.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
+    def __init__(self, policy: CallPolicy) -> None:
+        self._policy = policy
 
     async def intercept_unary_stream(
         self, continuation: Any, client_call_details: aio.ClientCallDetails, request: Any
     ) -> Any:
-        method = method_of(client_call_details.method)
-        prepared, _ = await self._prepare(client_call_details, method, client_call_details.timeout)
-        return await continuation(prepared, request)
+        return await self._policy.stream(continuation, client_call_details, request)
+
+
+class _StreamUnary(aio.StreamUnaryClientInterceptor):  # type: ignore[type-arg]
+    def __init__(self, policy: CallPolicy) -> None:
+        self._policy = policy
 
     async def intercept_stream_unary(
         self,
@@ -183,9 +202,12 @@ class ClientInterceptor(
         client_call_details: aio.ClientCallDetails,
         request_iterator: AsyncIterable[Any] | Iterable[Any],
     ) -> Any:
-        method = method_of(client_call_details.method)
-        prepared, _ = await self._prepare(client_call_details, method, client_call_details.timeout)
-        return await continuation(prepared, request_iterator)
+        return await self._policy.stream(continuation, client_call_details, request_iterator)
+
+
+class _StreamStream(aio.StreamStreamClientInterceptor):  # type: ignore[type-arg]
+    def __init__(self, policy: CallPolicy) -> None:
+        self._policy = policy
 
     async def intercept_stream_stream(
         self,
@@ -193,9 +215,7 @@ class ClientInterceptor(
         client_call_details: aio.ClientCallDetails,
         request_iterator: AsyncIterable[Any] | Iterable[Any],
     ) -> Any:
-        method = method_of(client_call_details.method)
-        prepared, _ = await self._prepare(client_call_details, method, client_call_details.timeout)
-        return await continuation(prepared, request_iterator)
+        return await self._policy.stream(continuation, client_call_details, request_iterator)
 
 
 def _loop_time(monotonic_deadline: float) -> float:
