@@ -100,7 +100,8 @@ func WithIdleTimeout(d time.Duration) Option { return func(o *options) { o.idleT
 func WithRefreshAhead(d time.Duration) Option { return func(o *options) { o.refreshAhead = d } }
 
 // WithTokenObserver is called with every TokenPair the client receives (sign
-// in and each refresh). Refresh tokens rotate: persist the newest one.
+// in and each refresh), one call at a time but not always on the caller's
+// goroutine. Refresh tokens rotate: persist the newest one.
 func WithTokenObserver(f func(*authv1.TokenPair)) Option {
 	return func(o *options) { o.onTokens = f }
 }

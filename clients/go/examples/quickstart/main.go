@@ -80,10 +80,10 @@ func parseFlags() config {
 	flag.StringVar(&c.ca, "ca", "", "PEM file of the CA that signed the server's certificate (default: the system's)")
 	flag.StringVar(&c.serverName, "server-name", "", "name to verify the server's certificate against")
 	flag.StringVar(&c.email, "email", "", "sign in with this email (password from -password or SWITCHBOARD_PASSWORD)")
-	flag.StringVar(&c.password, "password", os.Getenv("SWITCHBOARD_PASSWORD"), "password")
+	flag.StringVar(&c.password, "password", "", "password (default: $SWITCHBOARD_PASSWORD)")
 	flag.BoolVar(&c.register, "register", false, "create the user first (signs in if it exists)")
 	flag.StringVar(&c.tokensFile, "tokens-file", "", "keep the session in this file: resumed from it if present, rewritten at every refresh")
-	flag.StringVar(&c.apiKey, "api-key", os.Getenv("SWITCHBOARD_API_KEY"), "call with an API key instead of signing in")
+	flag.StringVar(&c.apiKey, "api-key", "", "call with an API key instead of signing in (default: $SWITCHBOARD_API_KEY)")
 	flag.StringVar(&c.workspace, "workspace", "", "use this workspace, workspaces/{w} (default: create one)")
 	flag.StringVar(&c.workspaceID, "workspace-id", "", "id for the workspace to create (default: the server picks)")
 	flag.StringVar(&c.conversation, "conversation", "", "use this conversation, workspaces/{w}/conversations/{c} (default: create one)")
@@ -99,6 +99,13 @@ func parseFlags() config {
 	flag.DurationVar(&c.minBackoff, "min-backoff", switchboard.DefaultBackoff.Initial, "first wait before resuming a broken stream")
 	flag.DurationVar(&c.maxBackoff, "max-backoff", switchboard.DefaultBackoff.Max, "longest wait before resuming a broken stream")
 	flag.Parse()
+	// From the environment, not as flag defaults: -h would print them.
+	if c.password == "" {
+		c.password = os.Getenv("SWITCHBOARD_PASSWORD")
+	}
+	if c.apiKey == "" {
+		c.apiKey = os.Getenv("SWITCHBOARD_API_KEY")
+	}
 	if flag.NArg() != 0 || (c.apiKey == "" && c.tokensFile == "" && (c.email == "" || c.password == "")) {
 		fmt.Fprintln(os.Stderr, "usage: quickstart [flags]; needs -email and a password, an API key, or -tokens-file")
 		flag.PrintDefaults()
