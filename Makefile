@@ -7,6 +7,7 @@
 #   make gen    regenerate gen/, clients/go/gen/ and clients/web/src/gen/ from proto/
 #   make bench  run bench/ and write BENCHMARKS.md
 #   make deploy-files  render deploy/'s Envoy configs (scripts/render-deploy.py)
+#   make console  type-check and build the browser console into clients/web/dist/ (docs/console.md)
 
 PYTHON ?= python3
 VENV   := .venv
@@ -16,10 +17,10 @@ HOST   ?= 127.0.0.1
 PORT   ?= 50051
 
 .PHONY: run serve mesh test check deps lint typecheck contracts gen tools pytest bench clean help \
-	deploy-files
+	deploy-files console
 
 help:
-	@sed -n '2,9p' Makefile
+	@sed -n '2,10p' Makefile
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || bash scripts/install-deps.sh venv
@@ -75,6 +76,14 @@ bench: $(STAMP)
 # tests/unit/test_deploy.py, as gen/ is by `make contracts`).
 deploy-files: $(STAMP)
 	$(PY) scripts/render-deploy.py
+
+# The browser console: npm ci when its packages are missing or stale, the strict type
+# check, then the bundle (clients/web/build.mjs) that Envoy serves with --console.
+console:
+	@if [ ! -x clients/web/node_modules/.bin/esbuild ] \
+	  || [ clients/web/package-lock.json -nt clients/web/node_modules/.package-lock.json ]; then \
+	  cd clients/web && npm ci --no-audit --no-fund --loglevel=error; fi
+	cd clients/web && node_modules/.bin/tsc --noEmit && node build.mjs
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache clients/node/node_modules \

@@ -57,6 +57,7 @@ class EnvoyProcess(ManagedProcess):
         services: dict[str, list[str]] | None = None,
         allow_origins: tuple[str, ...] = (),
         tls: bool = False,
+        console: Path | None = None,
         extra_args: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
     ) -> None:
@@ -65,6 +66,8 @@ class EnvoyProcess(ManagedProcess):
         self.services = services or {}
         self.allow_origins = allow_origins
         self.tls = tls
+        #: A console build (clients/web/build.mjs) Envoy serves itself (``--console``).
+        self.console = console
         self.extra_args = extra_args
         self.env = env
         super().__init__("switchboard-envoy-")
@@ -113,6 +116,8 @@ class EnvoyProcess(ManagedProcess):
                 f"--tls-key={key_file}",
             ]
         cmd += [f"--allow-origin={origin}" for origin in self.allow_origins]
+        if self.console is not None:
+            cmd.append(f"--console={self.console}")
         _run(cmd, self.env)
 
     def start(self) -> EnvoyProcess:

@@ -33,19 +33,21 @@ import json
 import os
 import queue
 import shutil
+import ssl
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, cast
 
 import grpc
+import httpx
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
@@ -54,6 +56,12 @@ from switchboard.api.context.v1 import context_pb2, context_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2, dispatcher_pb2_grpc
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
 from switchboard.api.integration.v1 import integration_pb2, integration_pb2_grpc
+from switchboard.deploy.envoy import (
+    CONSOLE_CSP,
+    CONSOLE_HEADERS,
+    CONSOLE_TYPES,
+    MAX_CONSOLE_FILE_BYTES,
+)
 from tests.e2e.envoy import EnvoyProcess
 from tests.e2e.procs import ROOT, ServeProcess
 from tests.e2e.test_browser import artifacts_dir, spki_sha256
@@ -108,7 +116,9 @@ class Stack:
         started = time.monotonic()
         assert self.serve.terminate() == 0
         self.serve.__exit__(None, None, None)
-        self.serve = ServeProcess("--dev", env=self.env).start()
+        # The stack owns it before it starts: a failed start is still cleaned up.
+        self.serve = ServeProcess("--dev", env=self.env)
+        self.serve.start()
         self.upstream.retarget(self.serve.port)
         self.restarts.append(time.monotonic() - started)
 
@@ -118,42 +128,35 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     node = _required("node", "scripts/install-deps.sh")
     if not (WEB / "node_modules" / "esbuild").is_dir():
         pytest.fail("clients/web has no node_modules; run `make tools` (npm ci in clients/web)")
-    # The type check takes seconds: it runs while everything else starts.
-    typecheck = subprocess.Popen(
-        [
-            node,
-            str(WEB / "node_modules" / "typescript" / "bin" / "tsc"),
-            "--noEmit",
-            "-p",
-            str(WEB),
-        ],
-        cwd=WEB,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
     root = tmp_path_factory.mktemp("console")
     console_dir = root / "dist"
-    built = subprocess.run(
-        [node, str(WEB / "build.mjs"), f"--outdir={console_dir}"],
-        cwd=WEB,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert built.returncode == 0, built.stderr
-    assert {p.name for p in console_dir.iterdir()} == {
-        "index.html",
-        "app.js",
-        "app.css",
-        "favicon.svg",
-    }
-    with (
-        _openai_server() as llm_url,
-        TcpRelay() as upstream,
-        ThreadPoolExecutor(max_workers=2) as pool,
-    ):
+    # Every process is registered for cleanup before it starts: a failure anywhere (a
+    # start past its deadline on a busy machine) leaves nothing running.
+    with ExitStack() as cleanup:
+        # The type check takes seconds: it runs while everything else starts.
+        typecheck = subprocess.Popen(
+            [node, str(WEB / "node_modules" / "typescript" / "bin" / "tsc"), "--noEmit", "-p", "."],
+            cwd=WEB,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        cleanup.callback(_reap, typecheck)
+        built = subprocess.run(
+            [node, str(WEB / "build.mjs"), f"--outdir={console_dir}"],
+            cwd=WEB,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert built.returncode == 0, built.stderr
+        names = {p.name for p in console_dir.iterdir()}
+        assert names == {"index.html", "app.js", "app.css", "favicon.svg"}
+        llm_url = cleanup.enter_context(_openai_server())
+        # Both relays refuse connections until they have a target.
+        upstream = cleanup.enter_context(TcpRelay())
+        front = cleanup.enter_context(TcpRelay())
         env = {
             "SWITCHBOARD_DATABASE_URL": f"sqlite+aiosqlite:///{root}/switchboard.db",
             "SWITCHBOARD_LLM_BASE_URL": llm_url,
@@ -165,26 +168,33 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "SWITCHBOARD_DISPATCHER_HEARTBEAT_S": "1",
             "SWITCHBOARD_SHUTDOWN_GRACE_S": "1",
         }
-        # Envoy's render takes seconds too: it starts beside the server (the relay's port
-        # is known before the server's).
         envoy = EnvoyProcess(
             f"127.0.0.1:{upstream.port}",
             tls=True,
-            extra_args=(f"--console={console_dir}", "--health-interval=1"),
+            console=console_dir,
+            extra_args=("--health-interval=1",),
         )
+        cleanup.push(envoy.__exit__)
+        # Envoy's render takes seconds too: it starts beside the server (the relay's port
+        # is known before the server's). The pool is waited for before Envoy is stopped.
+        pool = cleanup.enter_context(ThreadPoolExecutor(max_workers=1))
         envoy_started = pool.submit(envoy.start)
-        serve = ServeProcess("--dev", env=env).start()
+        serve = ServeProcess("--dev", env=env)
+        stack = Stack(env, serve, upstream, envoy, front, typecheck, console_dir)
+        cleanup.callback(lambda: stack.serve.__exit__(None, None, None))
+        serve.start()
         upstream.retarget(serve.port)
-        envoy_started.result(timeout=120)
-        try:
-            with TcpRelay(envoy.tls_port) as front:
-                yield Stack(env, serve, upstream, envoy, front, typecheck, console_dir)
-        finally:
-            envoy.__exit__(None, None, None)
-            serve.__exit__(None, None, None)
-            if typecheck.poll() is None:
-                typecheck.kill()
-                typecheck.wait(timeout=10)
+        envoy_started.result(timeout=180)
+        front.retarget(envoy.tls_port)
+        yield stack
+
+
+def _reap(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=10)
+    if proc.stdout is not None:
+        proc.stdout.close()
 
 
 @contextmanager
@@ -411,7 +421,9 @@ def open_conversation(browser: Page, workspace: str, conversation: str) -> None:
     browser.wait_for(f"{tid('conversation-item', name=conversation)}.current")
 
 
-def send(browser: Page, text: str, *, handler: str = "", parameters: str = "") -> str:
+def send(
+    browser: Page, text: str, *, handler: str = "", parameters: str = "", expect_run: bool = True
+) -> str:
     """Sends from the composer; the new run's name (the page's newest run card)."""
     before = browser.count(tid("run"))
     if handler:
@@ -422,6 +434,8 @@ def send(browser: Page, text: str, *, handler: str = "", parameters: str = "") -
         browser.fill(tid("parameters-input"), parameters)
     browser.fill(tid("message-input"), text)
     browser.click(tid("send"))
+    if not expect_run:
+        return ""
     run: str = browser.wait(
         "(n) => { const r = document.querySelectorAll('[data-testid=\"run\"]');"
         " return r.length > n && r[r.length - 1].dataset.run; }",
@@ -645,12 +659,69 @@ def test_the_console_type_checks_in_strict_mode(stack: Stack) -> None:
     assert config["compilerOptions"]["strict"] is True
 
 
+def test_envoy_serves_the_console_itself_with_its_headers(stack: Stack) -> None:
+    """What Envoy runs (its /config_dump) and answers: each file of the build, as built,
+    with its type and the security headers; nothing but reads, and nothing else."""
+    dump = stack.envoy.config_dump()
+    [listeners] = [c for c in dump["configs"] if c["@type"].endswith("ListenersConfigDump")]
+    files = {
+        "/" if p.name == "index.html" else f"/{p.name}": p for p in stack.console_dir.iterdir()
+    }
+    for item in listeners["static_listeners"]:
+        [chain] = item["listener"]["filter_chains"]
+        [manager] = chain["filters"]
+        routes = manager["typed_config"]["route_config"]
+        largest = max(p.stat().st_size for p in files.values())
+        assert largest <= routes["max_direct_response_body_size_bytes"] <= MAX_CONSOLE_FILE_BYTES
+        [host] = routes["virtual_hosts"]
+        direct = {r["match"]["path"]: r for r in host["routes"] if "direct_response" in r}
+        assert set(direct) == {*files, "/index.html"}
+        for path, route in direct.items():
+            [method] = route["match"]["headers"]
+            assert method["name"] == ":method"
+            assert method["string_match"]["safe_regex"]["regex"] == "GET|HEAD"
+            body = route["direct_response"]["body"]["filename"]
+            assert Path(body) == files.get(path, files["/"])
+            headers = {
+                h["header"]["key"]: h["header"]["value"] for h in route["response_headers_to_add"]
+            }
+            assert headers["content-security-policy"] == CONSOLE_CSP
+    # Answered by Envoy itself, byte for byte what was built.
+    trust = ssl.create_default_context(cafile=str(stack.envoy.cert_file))
+    with httpx.Client(verify=trust, http2=True, trust_env=False) as client:
+        base = f"https://localhost:{stack.envoy.tls_port}"
+        for path, file in files.items():
+            answer = client.get(base + path)
+            assert answer.status_code == 200, path
+            assert answer.http_version == "HTTP/2"
+            assert answer.content == file.read_bytes()
+            assert answer.headers["content-type"] == CONSOLE_TYPES[file.suffix]
+            for key, value in CONSOLE_HEADERS:
+                assert answer.headers[key] == value
+        assert client.get(f"{base}/?next=1").content == files["/"].read_bytes()
+        head = client.head(base + "/app.js")
+        assert head.status_code == 200
+        assert head.content == b""
+        assert client.post(base + "/", content=b"x").status_code == 404
+        assert client.get(base + "/app.ts").status_code == 404
+
+
 def test_a_full_session_from_register_to_a_streamed_answer_a_cancel_and_sign_out(
     stack: Stack, chromium: Chromium, server: Server, tmp_path: Path
 ) -> None:
     email = unique_email("console")
     workspace_id = f"acme-{os.getpid()}"
     with chromium.open(stack.origin + "/") as browser:
+        # A refusal is shown as the server gave it: code, reason, the field at fault.
+        browser.wait_visible(tid("auth"))
+        browser.fill(tid("email"), email)
+        browser.fill(tid("password"), "short")
+        browser.click(tid("register"))
+        browser.wait_for(tid("auth-problem"))
+        refused = browser.data(tid("auth-problem"))
+        assert refused["code"] == "INVALID_ARGUMENT"
+        assert refused["reason"] == "ERROR_REASON_INVALID_ARGUMENT"
+        assert browser.data(tid("auth-problem-violation"))["field"] == "password"
         session = sign_in(browser, email, register=True)
 
         # A workspace and a conversation, made on the page.
@@ -664,6 +735,12 @@ def test_a_full_session_from_register_to_a_streamed_answer_a_cancel_and_sign_out
         browser.wait_visible(tid("composer"))
         conversation = current(browser, "conversation-item")
         assert conversation.startswith(f"{workspace}/conversations/")
+
+        # Handler parameters must be a JSON object: said before anything is sent.
+        send(browser, "never sent", parameters="[1, 2]", expect_run=False)
+        browser.wait_for(tid("error", code="INVALID_ARGUMENT", action="send"))
+        assert browser.data(tid("error-violation"))["field"] == "parameters"
+        assert browser.count(tid("run")) == 0
 
         # An answer streamed delta by delta: seen half-written, then whole.
         words = "the quick brown fox jumps over the lazy dog"

@@ -41,6 +41,9 @@ export class App {
   private conversation = "";
   private readonly messages = new Map<string, Message>();
   private readonly runs = new Map<string, RunView>();
+  private readonly runCards = new Map<string, HTMLElement>();
+  /** Denial reasons being typed, by tool call id. */
+  private readonly reasons = new Map<string, string>();
   private readonly integrations = new Map<string, Integration>();
   private integrationsWatch: AbortController | null = null;
   private handlers: Handler[] = [];
@@ -60,9 +63,11 @@ export class App {
   }
 
   async start(): Promise<void> {
-    this.showSignedOut();
+    // Neither screen until it is known whether this tab still has a session.
+    this.authView.hidden = this.consoleView.hidden = true;
     const identity = await this.api.tokens.restore();
-    if (identity !== null) await this.enter();
+    if (identity === null) this.showSignedOut();
+    else await this.enter();
   }
 
   // -- Session ---------------------------------------------------------------------------
@@ -552,6 +557,7 @@ export class App {
   private stopRuns(): void {
     for (const run of this.runs.values()) run.stop();
     this.runs.clear();
+    this.runCards.clear();
   }
 
   private renderRuns(): void {
@@ -561,53 +567,80 @@ export class App {
 
   private renderRun(view: RunView): void {
     if (this.runs.get(view.name) !== view) return;
-    const old = this.part("runs").querySelector(`[data-run="${CSS.escape(view.name)}"]`);
     const card = this.runCard(view);
-    if (old) old.replaceWith(card);
-    else this.part("runs").append(card);
+    if (!card.isConnected) this.part("runs").append(card);
     this.renderApprovals();
   }
 
+  /** The run's card, updated in place: a Cancel button must not be replaced under the
+   *  pointer while deltas stream in. */
   private runCard(view: RunView): HTMLElement {
+    let card = this.runCards.get(view.name);
+    if (card === undefined) {
+      card = h(
+        "article",
+        { "data-testid": "run", "data-run": view.name },
+        h(
+          "header",
+          {},
+          h("span", { "data-testid": "run-state" }),
+          " ",
+          h("code", { "data-part": "handler" }),
+          h("span", { class: "muted", "data-part": "meta" }),
+          h("button", { type: "button", "data-testid": "cancel-run", onclick: () => void this.cancel(view) }, "Cancel"),
+        ),
+        h("div", { "data-part": "tools" }),
+        h("div", { class: "answer", "data-testid": "run-answer" }),
+        h("div", { "data-part": "end" }),
+      );
+      this.runCards.set(view.name, card);
+    }
     const state = stateName(view.state);
-    return h(
-      "article",
-      {
-        class: `run ${view.terminal ? "done" : "active"}`,
-        "data-testid": "run",
-        "data-run": view.name,
-        "data-state": state,
-        "data-deltas": view.deltas,
-        "data-resumes": view.resumes,
-        "data-live": view.live,
-      },
-      h(
-        "header",
-        {},
-        h("span", { class: `state s-${RunState[view.state]?.toLowerCase() ?? "unspecified"}`, "data-testid": "run-state" }, state.replace("RUN_STATE_", "")),
-        " ",
-        h("code", {}, view.run?.handler ?? ""),
-        view.progress ? h("span", { class: "muted" }, ` · ${view.progress}`) : null,
-        view.deltas ? h("span", { class: "muted" }, ` · ${view.deltas} deltas`) : null,
-        view.terminal
-          ? null
-          : h("button", { type: "button", "data-testid": "cancel-run", onclick: () => void this.cancel(view) }, "Cancel"),
-      ),
-      ...view.calls.map((call) => {
-        const result = view.results.find((r) => r.id === call.id);
-        return h(
-          "div",
-          { class: "tool", "data-testid": "run-tool", "data-call-id": call.id },
-          h("code", {}, `${call.functionName || call.tool}(${JSON.stringify(call.arguments ?? {})})`),
-          result ? h("span", { class: "muted" }, ` → ${ToolOutcome[result.outcome] ?? ""}: ${result.text}`) : null,
-        );
-      }),
-      h("div", { class: "answer", "data-testid": "run-answer" }, view.text),
-      view.run?.error && view.terminal && view.run.error.code !== 0
-        ? h("div", { class: "muted", "data-testid": "run-error" }, view.run.error.message)
-        : null,
-      view.problem && !view.terminal ? renderProblem(view.problem, "run-problem") : null,
+    card.className = `run ${view.terminal ? "done" : "active"}`;
+    Object.assign(card.dataset, {
+      state,
+      deltas: String(view.deltas),
+      resumes: String(view.resumes),
+      live: String(view.live),
+    });
+    const badge = card.querySelector<HTMLElement>('[data-testid="run-state"]');
+    if (badge) {
+      badge.className = `state s-${RunState[view.state]?.toLowerCase() ?? "unspecified"}`;
+      badge.textContent = state.replace("RUN_STATE_", "");
+    }
+    setText(card, '[data-part="handler"]', view.run?.handler ?? "");
+    setText(
+      card,
+      '[data-part="meta"]',
+      `${view.progress ? ` · ${view.progress}` : ""}${view.deltas ? ` · ${view.deltas} deltas` : ""}`,
     );
+    const cancel = card.querySelector<HTMLButtonElement>('[data-testid="cancel-run"]');
+    if (cancel) cancel.hidden = view.terminal;
+    const tools = card.querySelector<HTMLElement>('[data-part="tools"]');
+    const toolsKey = `${view.calls.length}/${view.results.length}`;
+    if (tools && tools.dataset.key !== toolsKey) {
+      tools.dataset.key = toolsKey;
+      tools.replaceChildren(
+        ...view.calls.map((call) => {
+          const result = view.results.find((r) => r.id === call.id);
+          return h(
+            "div",
+            { class: "tool", "data-testid": "run-tool", "data-call-id": call.id, "data-outcome": result ? `TOOL_OUTCOME_${ToolOutcome[result.outcome] ?? ""}` : "" },
+            h("code", {}, `${call.functionName || call.tool}(${JSON.stringify(call.arguments ?? {})})`),
+            result ? h("span", { class: "muted" }, ` → ${ToolOutcome[result.outcome] ?? ""}: ${result.text}`) : null,
+          );
+        }),
+      );
+    }
+    setText(card, '[data-testid="run-answer"]', view.text);
+    card.querySelector('[data-part="end"]')?.replaceChildren(
+      ...(view.run?.error && view.terminal && view.run.error.code !== 0
+        ? [h("div", { class: "muted", "data-testid": "run-error" }, view.run.error.message)]
+        : view.problem && !view.terminal
+          ? [renderProblem(view.problem, "run-problem")]
+          : []),
+    );
+    return card;
   }
 
   private async cancel(view: RunView): Promise<void> {
@@ -619,7 +652,14 @@ export class App {
 
   private renderApprovals(): void {
     const waiting = [...this.runs.values()].filter((v) => v.state === RunState.REQUIRES_ACTION && v.run?.requiredAction);
-    this.part("approvals").replaceChildren(
+    // Rebuilt only when what waits changes: a reason being typed stays where it is.
+    const key = waiting
+      .map((v) => `${v.name}:${v.run?.requiredAction?.toolCalls.map((c) => `${c.call?.id}=${c.decision}`).join(",")}`)
+      .join(";");
+    const list = this.part("approvals");
+    if (list.dataset.key === key) return;
+    list.dataset.key = key;
+    list.replaceChildren(
       ...waiting.map((view) => {
         const action = view.run?.requiredAction;
         const calls = action?.toolCalls.filter((c) => c.decision === ToolApprovalDecision.UNSPECIFIED) ?? [];
@@ -635,7 +675,13 @@ export class App {
           ...calls.map((pending) => {
             const call = pending.call;
             const id = call?.id ?? "";
-            const reason = h("input", { "data-testid": "deny-reason", placeholder: "reason (shown to the model)", maxlength: 500 });
+            const reason = h("input", {
+              "data-testid": "deny-reason",
+              placeholder: "reason (shown to the model)",
+              maxlength: 500,
+              value: this.reasons.get(id) ?? "",
+              oninput: () => this.reasons.set(id, reason.value),
+            });
             return h(
               "div",
               { class: "pending", "data-testid": "pending-call", "data-call-id": id, "data-tool": call?.tool ?? "" },
@@ -919,6 +965,11 @@ export class App {
       h("div", { class: "problems", "data-testid": "problems" }),
     );
   }
+}
+
+function setText(root: HTMLElement, selector: string, text: string): void {
+  const element = root.querySelector(selector);
+  if (element && element.textContent !== text) element.textContent = text;
 }
 
 function isProblem(value: unknown): value is Problem {

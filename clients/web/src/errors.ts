@@ -45,7 +45,8 @@ export function problem(reason: unknown): Problem {
   const error = reason;
   const result: Problem = {
     code: codeName(error.code),
-    message: error.rawMessage || describeLocal(error),
+    // A failure without an answer says what happened, not what the browser's fetch threw.
+    message: error.isWireError ? error.rawMessage : describeLocal(error),
     reason: "",
     metadata: {},
     violations: [],
