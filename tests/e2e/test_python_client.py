@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+import grpc
 import pytest
 
 from switchboard.api.auth.v1 import auth_pb2
@@ -38,6 +39,7 @@ from switchboard.client import (
 )
 from switchboard.client.events import scope as events_scope
 from switchboard.client.runs import AnswerBuilder, is_terminal, run_error
+from tests.e2e.envoy import EnvoyProcess
 from tests.e2e.procs import ServeProcess, shared_secrets
 from tests.service.test_clientkit import (
     PASSWORD,
@@ -235,6 +237,35 @@ async def test_sign_in_refresh_run_and_events_against_a_served_process(
             replayed = [await asyncio.wait_for(anext(again), SETTLE_S) for _ in range(3)]
         assert [e.id for e in replayed] == [question.id, reply.id, replayed[2].id]
         assert text_of(replayed[2].message_created.message) == "one more"
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["h2c", "tls"])
+async def test_through_envoy_in_plaintext_and_tls(
+    tmp_path: Path, stack: ExitStack, tls: bool
+) -> None:
+    """The edge in front: unary calls, a run's stream and an event stream through
+    Envoy's routes, and over TLS with its (self-signed, trusted here) certificate."""
+    server = await _serve(stack, _env(tmp_path))
+    envoy = EnvoyProcess(server.address, tls=tls)
+    stack.callback(envoy.__exit__, None, None, None)
+    await asyncio.to_thread(envoy.start)
+    if tls:
+        credentials = grpc.ssl_channel_credentials(envoy.cert_file.read_bytes())
+        target = f"127.0.0.1:{envoy.tls_port}"
+        options = [("grpc.ssl_target_name_override", "localhost")]  # the certificate's name
+    else:
+        target, options = f"127.0.0.1:{envoy.port}", []
+    async with Client(target, tls=credentials if tls else False, options=options) as client:
+        await client.register(unique_email("edge"), PASSWORD)
+        conversation = await new_conversation(client, await new_workspace(client))
+        async with client.follow([conversation], types=["MESSAGE_CREATED"]) as events:
+            await asyncio.wait_for(events.ready(), SETTLE_S)
+            answer = await asyncio.wait_for(
+                client.ask(conversation, "through the edge", handler="echo"), SETTLE_S
+            )
+            got = [await asyncio.wait_for(anext(events), SETTLE_S) for _ in range(2)]
+        assert answer.text.startswith("through the edge")
+        assert got[-1].message_created.message.name == answer.run.output_message
 
 
 # -- across restarts ---------------------------------------------------------------------
