@@ -21,7 +21,7 @@ import {
   IntegrationKind,
   type WatchIntegrationsResponse,
 } from "./gen/switchboard/api/integration/v1/integration_pb";
-import { RunView, stateName } from "./runs";
+import { RunView, TERMINAL, stateName } from "./runs";
 import { type SessionChange, isSignedOut } from "./session";
 
 /** Events kept on screen (the feed itself remembers more ids for deduplication). */
@@ -148,12 +148,14 @@ export class App {
   }
 
   private leave(): void {
-    this.feed?.stop();
+    const feed = this.feed;
     this.feed = null;
+    feed?.stop();
     this.integrationsWatch?.abort();
     this.integrationsWatch = null;
-    for (const run of this.runs.values()) run.stop();
-    this.runs.clear();
+    this.stopRuns();
+    this.reasons.clear();
+    delete this.part("approvals").dataset.key;
     this.messages.clear();
     this.integrations.clear();
     this.workspaces = [];
@@ -273,9 +275,7 @@ export class App {
         if (known === undefined && update.update.case === "stateChange" && update.update.value.run) {
           // A run started elsewhere (another tab, a script): follow it here too.
           const run = update.update.value.run;
-          if (run.state !== RunState.SUCCEEDED && run.state !== RunState.FAILED && run.state !== RunState.CANCELLED && run.state !== RunState.DEADLINE_EXCEEDED) {
-            this.follow(run.name);
-          }
+          if (!TERMINAL.has(run.state)) this.follow(run.name);
         }
         break;
       }
