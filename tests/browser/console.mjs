@@ -37,6 +37,26 @@ const messages = [];
 async function open(url) {
   const context = await browser.createBrowserContext();
   const page = await context.newPage();
+  const index = await attach(page);
+  await page.goto(url, { waitUntil: "load" });
+  return index;
+}
+
+// A tab the page opens itself (window.open): same context, and a copy of the opener's
+// sessionStorage, as when a person duplicates a tab.
+async function duplicate(opener) {
+  const [tab] = await Promise.all([
+    new Promise((resolve) => opener.once("popup", resolve)),
+    opener.evaluate(() => {
+      window.open(location.href);
+    }),
+  ]);
+  const index = await attach(tab);
+  await tab.waitForFunction(() => document.readyState === "complete", { polling: 50 });
+  return index;
+}
+
+async function attach(page) {
   page.setDefaultTimeout(config.waitMs);
   await page.setViewport({ width: 1400, height: 900 });
   const index = pages.length;
@@ -62,7 +82,6 @@ async function open(url) {
     if (response.headers["grpc-status"] !== undefined) entry.grpcStatus = Number(response.headers["grpc-status"]);
     network.push(entry);
   });
-  await page.goto(url, { waitUntil: "load" });
   return index;
 }
 
@@ -93,10 +112,19 @@ const ops = {
     }, c.value);
     await field.dispose();
   },
+  duplicate: (c) => duplicate(page(c)),
+  // Closes the page's whole browser context (its duplicates too).
   close: async (c) => {
     const p = page(c);
-    pages[c.page] = null;
+    for (const [i, other] of pages.entries()) {
+      if (other?.browserContext() === p.browserContext()) pages[i] = null;
+    }
     await p.browserContext().close();
+  },
+  closeTab: async (c) => {
+    const p = page(c);
+    pages[c.page] = null;
+    await p.close();
   },
   click: async (c) => {
     await page(c).locator(c.selector).click();

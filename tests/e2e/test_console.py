@@ -11,9 +11,12 @@ replaced under Envoy. Each test drives its own Chromium through tests/browser/co
 one step at a time, and checks what the page shows against the server's own answers
 (Python stubs, through the upstream relay).
 
-- A full session: register on the page, create a workspace and a conversation, an echo
-  answer streamed delta by delta, a screenshot, a slow run cancelled from the page, sign
-  out (the server's session is revoked); the page and every call over h2, under the CSP.
+- Envoy serves the build itself: the routes in its /config_dump, each file byte for byte
+  over HTTP/2 with its type and security headers, nothing but GET and HEAD.
+- A full session: a refused registration shown precisely, register on the page, create a
+  workspace and a conversation, an echo answer streamed delta by delta, a screenshot, a slow
+  run cancelled from the page, sign out (the server's session is revoked); the page and
+  every call over h2, under the CSP.
 - Live events resume after the connection is dropped: cut and refused at the relay, a
   message appended meanwhile shows exactly once, the feed reopened after the cursor it
   had, reconnecting -> live; a run's answer resumes (WatchRun after its last sequence)
@@ -22,9 +25,9 @@ one step at a time, and checks what the page shows against the server's own answ
   its server goes away; a run paused for approval, denied with a reason and approved from
   the page, then completing.
 - Sessions: the session survives a reload (one renewal, the refresh token rotated); a
-  replaced server that refuses the old access token gets exactly one more renewal while
-  the streams resume; the spent refresh token, presented again, revokes the session and
-  the page says so precisely.
+  duplicated tab leaves the session to its original; a replaced server that refuses the
+  old access token gets exactly one more renewal while the streams resume; the spent
+  refresh token, presented again, revokes the session and the page says so precisely.
 """
 
 from __future__ import annotations
@@ -319,9 +322,10 @@ def chromium(stack: Stack) -> Iterator[Chromium]:
 class Page:
     """One page of the console, in its own browser context (closed on exit)."""
 
-    def __init__(self, chromium: Chromium, index: int) -> None:
+    def __init__(self, chromium: Chromium, index: int, *, tab: bool = False) -> None:
         self.chromium = chromium
         self.index = index
+        self.tab = tab
 
     def call(self, op: str, **args: Any) -> Any:
         return self.chromium.call(op, page=self.index, **args)
@@ -372,6 +376,10 @@ class Page:
     def reload(self) -> None:
         self.call("reload")
 
+    def duplicate(self) -> Page:
+        """A tab this page opens (a copy of its sessionStorage); closed with this page."""
+        return Page(self.chromium, self.call("duplicate"), tab=True)
+
     def network(self) -> list[dict[str, Any]]:
         entries: list[dict[str, Any]] = self.call("network")
         return entries
@@ -393,7 +401,7 @@ class Page:
         tb: TracebackType | None,
     ) -> None:
         if self.chromium.proc.poll() is None:
-            self.call("close")
+            self.call("closeTab" if self.tab else "close")
 
 
 # -- The console's screens, as steps ---------------------------------------------------------
@@ -1057,6 +1065,17 @@ def test_the_session_survives_a_reload_and_renews_once_when_its_token_is_refused
         renewed = server.sessions(user)[session]
         assert not renewed.HasField("revoke_time")
         assert renewed.last_seen_time.ToDatetime() > seen
+
+        # A duplicated tab starts with a copy of the refresh token: it leaves the session
+        # to this tab (two tabs rotating one token would look like theft to the server).
+        with browser.duplicate() as copy:
+            copy.wait_visible(tid("auth"))
+            notice = copy.eval("(s) => document.querySelector(s).textContent", tid("notice"))
+            assert "open in another tab" in notice
+            assert copy.storage() == {}
+            calls = grpc_web_calls(copy.network(), stack.origin)
+            assert "RefreshToken" not in {method(n) for n in calls}
+        assert browser.storage()["refreshToken"] == second["refreshToken"]
 
         # A new server (dev mode: a new signing key) refuses the access token the page
         # holds; its streams come back through one renewal, wherever they were.
