@@ -6,19 +6,11 @@
 // Finally it resumes after the heartbeat's cursor in a new Subscribe and
 // checks that the same event is replayed. It prints one JSON object on stdout.
 // Every step has a deadline; any failure exits 1.
-import { createClients, grpc } from './lib.mjs';
+import { createClients, grpc, unary } from './lib.mjs';
 
 const TIMEOUT_MS = 10000;
 
-const deadline = () => new Date(Date.now() + TIMEOUT_MS);
 
-function unary(client, method, request, metadata) {
-  return new Promise((resolve, reject) => {
-    client[method](request, metadata, { deadline: deadline() }, (error, response) =>
-      error ? reject(new Error(`${method}: ${grpc.status[error.code]} ${error.details}`)) : resolve(response),
-    );
-  });
-}
 
 // Buffers every frame of a server stream from the start, so a frame that
 // arrives before anyone waits for it is not missed.

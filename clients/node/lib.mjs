@@ -1,5 +1,7 @@
 // Switchboard Node.js client helpers: loads the repo's .proto contracts at run
-// time (no code generation) and decodes google.rpc rich error details.
+// time (no code generation), decodes google.rpc rich error details, keeps a
+// signed-in session's tokens fresh (Session) and follows events with resume
+// from the last cursor (follow).
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -30,6 +32,7 @@ const packageDefinition = protoLoader.loadSync(
     'switchboard/api/context/v1/context.proto',
     'switchboard/api/dispatcher/v1/dispatcher.proto',
     'switchboard/api/events/v1/events.proto',
+    'switchboard/api/integration/v1/integration.proto',
     'grpc/health/v1/health.proto',
   ],
   { keepCase: false, ...CONVERSION, includeDirs: PROTO_DIRS },
@@ -37,9 +40,9 @@ const packageDefinition = protoLoader.loadSync(
 const loaded = grpc.loadPackageDefinition(packageDefinition);
 
 /**
- * Creates AuthService, ContextService, DispatcherService, EventService and
- * Health clients for `address` ("host:port") that share one channel. Call
- * close() when done.
+ * Creates AuthService, ContextService, DispatcherService, EventService,
+ * IntegrationService and Health clients for `address` ("host:port") that share
+ * one channel. Call close() when done.
  */
 export function createClients(address, credentials = grpc.credentials.createInsecure()) {
   const api = loaded.switchboard.api;
@@ -49,7 +52,8 @@ export function createClients(address, credentials = grpc.credentials.createInse
   const events = new api.events.v1.EventService(address, credentials, shared);
   const context = new api.context.v1.ContextService(address, credentials, shared);
   const dispatcher = new api.dispatcher.v1.DispatcherService(address, credentials, shared);
-  return { auth, context, dispatcher, events, health, close: () => auth.close() };
+  const integration = new api.integration.v1.IntegrationService(address, credentials, shared);
+  return { auth, context, dispatcher, events, integration, health, close: () => auth.close() };
 }
 
 // proto-loader builds gRPC method definitions only, not standalone message
@@ -108,6 +112,179 @@ export function decodeStatusDetails(metadata) {
       };
     }),
   };
+}
+
+/** Milliseconds a unary call may take unless the caller says otherwise. */
+export const CALL_TIMEOUT_MS = 10000;
+
+/**
+ * Promisified unary call with a deadline. Rejects with grpc-js's ServiceError
+ * (its `code`, `details` and `metadata`; decodeStatusDetails reads the rest).
+ */
+export function unary(client, method, request, metadata = new grpc.Metadata(), timeoutMs = CALL_TIMEOUT_MS) {
+  return new Promise((resolve, reject) => {
+    client[method](request, metadata, { deadline: new Date(Date.now() + timeoutMs) }, (error, response) =>
+      error ? reject(error) : resolve(response),
+    );
+  });
+}
+
+/** The session ended: its refresh token was refused (revoked, expired or reused). */
+export class SignedOutError extends Error {}
+
+/**
+ * A signed-in user's tokens. `metadata()` gives the `authorization` header for
+ * the next call, refreshing the access token first when it expires within
+ * `marginMs`. Refresh tokens rotate and the server treats a second use of one
+ * as theft, so concurrent callers share one RefreshToken call and a spent
+ * token is never presented again.
+ */
+export class Session {
+  constructor(auth, { marginMs = 30000, onTokens = () => {} } = {}) {
+    this.auth = auth;
+    this.marginMs = marginMs;
+    this.onTokens = onTokens;
+    this.tokens = null;
+    this.user = null;
+    this.refreshing = null;
+  }
+
+  async register(request) {
+    const answer = await unary(this.auth, 'register', request);
+    this.adopt(answer.tokens);
+    this.user = answer.user;
+    return answer;
+  }
+
+  async login(email, password, clientInfo = { userAgent: 'switchboard-node' }) {
+    const answer = await unary(this.auth, 'login', { password: { email, password }, clientInfo });
+    this.adopt(answer.tokens);
+    this.user = answer.user;
+    return answer;
+  }
+
+  adopt(tokens) {
+    this.tokens = tokens;
+    this.onTokens(tokens);
+  }
+
+  expiresAt() {
+    const at = this.tokens?.accessTokenExpireTime;
+    return at ? Number(at.seconds) * 1000 + Math.floor((at.nanos ?? 0) / 1e6) : 0;
+  }
+
+  async metadata() {
+    if (!this.tokens) throw new SignedOutError('not signed in');
+    if (this.expiresAt() - Date.now() < this.marginMs) await this.refresh();
+    const metadata = new grpc.Metadata();
+    metadata.set('authorization', `Bearer ${this.tokens.accessToken}`);
+    return metadata;
+  }
+
+  /** Exchanges the refresh token once, however many callers ask at the same time. */
+  refresh() {
+    if (!this.refreshing) {
+      const spent = this.tokens?.refreshToken;
+      this.refreshing = (async () => {
+        if (!spent) throw new SignedOutError('not signed in');
+        try {
+          const answer = await unary(this.auth, 'refreshToken', { refreshToken: spent });
+          this.adopt(answer.tokens);
+        } catch (error) {
+          if (error.code === grpc.status.UNAUTHENTICATED || error.code === grpc.status.PERMISSION_DENIED) {
+            this.tokens = null;
+            throw new SignedOutError(`the session ended: ${error.details}`);
+          }
+          throw error;
+        }
+      })().finally(() => {
+        this.refreshing = null;
+      });
+    }
+    return this.refreshing;
+  }
+
+  async logout() {
+    if (!this.tokens) return;
+    await unary(this.auth, 'logout', {}, await this.metadata());
+    this.tokens = null;
+  }
+}
+
+/** Stream statuses after which Subscribe is opened again from the last cursor. */
+const RESUMABLE = new Set([grpc.status.UNAVAILABLE, grpc.status.INTERNAL, grpc.status.UNKNOWN]);
+
+/**
+ * Follows events: yields { event } for each event and { state } when the
+ * stream goes 'live' (its first frame) or 'reconnecting'. A broken stream is
+ * opened again with `after_cursor` = the last cursor seen (a batch's or a
+ * heartbeat's), after a capped, jittered backoff, so no event is skipped; an
+ * id already delivered is dropped, so none arrives twice. It ends when
+ * `signal` aborts; other errors (a refused scope, a signed-out session) are
+ * thrown.
+ */
+export async function* follow(events, session, request, { signal, maxBackoffMs = 5000 } = {}) {
+  let cursor = request.afterCursor ?? '';
+  const seen = new Set();
+  const order = [];
+  let failures = 0;
+  let stale = false;
+  while (!signal?.aborted) {
+    const renewing = stale;
+    let call = null;
+    const stop = () => call?.cancel();
+    signal?.addEventListener('abort', stop, { once: true });
+    let live = false;
+    try {
+      // Inside the try: while the server is down, a refresh fails UNAVAILABLE too.
+      if (stale) await session.refresh();
+      stale = false;
+      call = events.subscribe({ ...request, afterCursor: cursor }, await session.metadata());
+      for await (const frame of call) {
+        if (!live) {
+          live = true;
+          failures = 0;
+          yield { state: 'live', cursor };
+        }
+        if (frame.frame === 'heartbeat') {
+          cursor = frame.heartbeat.cursor || cursor;
+          continue;
+        }
+        for (const event of frame.batch.events) {
+          if (seen.has(event.id)) continue;
+          seen.add(event.id);
+          order.push(event.id);
+          if (order.length > 10000) seen.delete(order.shift());
+          yield { event };
+        }
+        cursor = frame.batch.cursor || cursor;
+      }
+    } catch (error) {
+      if (signal?.aborted || error.code === grpc.status.CANCELLED) return;
+      if (error instanceof SignedOutError) throw error;
+      // The access token expired while the stream was open: renew, then resume.
+      // A fresh token refused as well means the session is gone, not just stale.
+      if (error.code === grpc.status.UNAUTHENTICATED && renewing) {
+        throw new SignedOutError(`the stream was refused: ${error.details}`);
+      }
+      if (error.code === grpc.status.UNAUTHENTICATED) stale = true;
+      else if (!RESUMABLE.has(error.code)) throw error;
+    } finally {
+      signal?.removeEventListener('abort', stop);
+    }
+    if (signal?.aborted) return;
+    yield { state: 'reconnecting', cursor };
+    failures += 1;
+    const ceiling = Math.min(maxBackoffMs, 100 * 2 ** Math.min(failures, 10));
+    await new Promise((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        resolve();
+      };
+      const timer = setTimeout(done, ceiling / 2 + Math.random() * (ceiling / 2));
+      signal?.addEventListener('abort', done, { once: true });
+    });
+  }
 }
 
 export { grpc };

@@ -5,7 +5,7 @@
 // sends a slow one, cancels it with a cancel frame once its first delta has
 // arrived, and reads it to CANCELLED. It prints one JSON object on stdout.
 // Every step has a deadline; any failure exits 1.
-import { createClients, grpc } from './lib.mjs';
+import { createClients, grpc, unary } from './lib.mjs';
 
 const TIMEOUT_MS = 10000;
 const TERMINAL = new Set([
@@ -17,13 +17,6 @@ const TERMINAL = new Set([
 
 const deadline = () => new Date(Date.now() + TIMEOUT_MS);
 
-function unary(client, method, request, metadata) {
-  return new Promise((resolve, reject) => {
-    client[method](request, metadata, { deadline: deadline() }, (error, response) =>
-      error ? reject(new Error(`${method}: ${grpc.status[error.code]} ${error.details}`)) : resolve(response),
-    );
-  });
-}
 
 // Frames of a bidirectional stream, buffered from the start, awaited in order.
 class Stream {

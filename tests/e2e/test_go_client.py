@@ -28,22 +28,25 @@ import pytest
 from google.rpc import error_details_pb2
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
-from switchboard.api.context.v1 import context_pb2, context_pb2_grpc
-from switchboard.api.dispatcher.v1 import dispatcher_pb2, dispatcher_pb2_grpc
-from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
+from switchboard.api.dispatcher.v1 import dispatcher_pb2
+from switchboard.api.events.v1 import events_pb2
 from switchboard.auth.tokens import SigningKey, private_key_pem
 from tests.e2e.goclient import Line, Quickstart, build_quickstart, go, gofmt
-from tests.e2e.procs import ServeProcess, shared_secrets
-from tests.service.authkit import PASSWORD, bearer, unique_email
+from tests.e2e.procs import ServeProcess
+from tests.e2e.restarts import (
+    CALL_TIMEOUT_S,
+    HEARTBEAT_S,
+    Caller,
+    position,
+    restart_env,
+    restarted,
+)
+from tests.service.authkit import PASSWORD, unique_email
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
-#: Deadline of every call the tests make themselves.
-CALL_TIMEOUT_S: Final = 20.0
 #: How long a run or a resume may take, on two busy cores.
 SETTLE_S: Final = 90.0
-#: Heartbeats often enough that resume cursors come from heartbeats too.
-HEARTBEAT_S: Final = "0.5"
 #: Flags that make the example resume quickly in tests (a user keeps the defaults).
 FAST_RESUME: Final = ("-min-backoff", "100ms", "-max-backoff", "1s")
 
@@ -54,16 +57,7 @@ def quickstart(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _env(directory: Path, **extra: str) -> dict[str, str]:
-    """Settings two processes started one after the other share: secrets, database and
-    dispatcher instance id (a restarted dispatcher takes back the runs of its id)."""
-    return {
-        **shared_secrets(directory),
-        "SWITCHBOARD_DATABASE_URL": f"sqlite+aiosqlite:///{directory}/switchboard.db",
-        "SWITCHBOARD_INSTANCE_ID": "go-client-e2e",
-        "SWITCHBOARD_EVENTS_HEARTBEAT_S": HEARTBEAT_S,
-        "SWITCHBOARD_SHUTDOWN_GRACE_S": "2",
-        **extra,
-    }
+    return restart_env(directory, "go-client-e2e", **extra)
 
 
 def _example(quickstart: Path, server: ServeProcess, email: str, *args: str) -> Quickstart:
@@ -80,105 +74,12 @@ def _example(quickstart: Path, server: ServeProcess, email: str, *args: str) -> 
     )
 
 
-def _restarted(stack: ExitStack, server: ServeProcess, env: dict[str, str]) -> ServeProcess:
-    """The server started again on the port it had (free again: it was stopped)."""
-    return stack.enter_context(ServeProcess("--port", str(server.port), env=env))
-
-
-class Python:
-    """What the tests do through the Python stubs: the same user, another session."""
-
-    def __init__(self, server: ServeProcess, email: str) -> None:
-        self._channel = grpc.insecure_channel(server.address)
-        response = auth_pb2_grpc.AuthServiceStub(self._channel).Login(
-            auth_pb2.LoginRequest(
-                password=auth_pb2.PasswordCredential(email=email, password=PASSWORD)
-            ),
-            timeout=CALL_TIMEOUT_S,
-        )
-        self.md = bearer(response.tokens.access_token)
-        self.user = response.user.name
-        self.auth = auth_pb2_grpc.AuthServiceStub(self._channel)
-        self.context = context_pb2_grpc.ContextServiceStub(self._channel)
-        self.dispatcher = dispatcher_pb2_grpc.DispatcherServiceStub(self._channel)
-        self.events = events_pb2_grpc.EventServiceStub(self._channel)
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def append(self, conversation: str, text: str) -> str:
-        """Append a user message (one MESSAGE_CREATED event); its name."""
-        response = self.context.AppendMessage(
-            context_pb2.AppendMessageRequest(
-                parent=conversation,
-                message=context_pb2.Message(
-                    role=context_pb2.MESSAGE_ROLE_USER, parts=[context_pb2.ContentPart(text=text)]
-                ),
-            ),
-            metadata=self.md,
-            timeout=CALL_TIMEOUT_S,
-        )
-        return response.message.name
-
-    def event_elsewhere(self) -> str:
-        """Cause an event outside any conversation (CreateApiKey: a security event in the
-        user's scope); its cursor."""
-        key = self.auth.CreateApiKey(
-            auth_pb2.CreateApiKeyRequest(display_name="elsewhere"),
-            metadata=self.md,
-            timeout=CALL_TIMEOUT_S,
-        ).api_key.name
-        listed = self.events.ListEvents(
-            events_pb2.ListEventsRequest(scopes=[events_pb2.Scope(user=self.user)], page_size=500),
-            metadata=self.md,
-            timeout=CALL_TIMEOUT_S,
-        ).events
-        return next(e.cursor for e in listed if e.security.api_key == key)
-
-    def logged(self, conversation: str, after_cursor: str) -> list[events_pb2.Event]:
-        """Every event the log holds for the conversation after the cursor, in log order."""
-        events: list[events_pb2.Event] = []
-        page_token = ""
-        while True:
-            page = self.events.ListEvents(
-                events_pb2.ListEventsRequest(
-                    scopes=[events_pb2.Scope(conversation=conversation)],
-                    after_cursor=after_cursor,
-                    page_size=500,
-                    page_token=page_token,
-                ),
-                metadata=self.md,
-                timeout=CALL_TIMEOUT_S,
-            )
-            events.extend(page.events)
-            page_token = page.next_page_token
-            if not page_token:
-                return events
-
-    def run(self, name: str) -> dispatcher_pb2.Run:
-        return self.dispatcher.GetRun(
-            dispatcher_pb2.GetRunRequest(name=name), metadata=self.md, timeout=CALL_TIMEOUT_S
-        ).run
-
-    def text_of(self, message: str) -> str:
-        stored = self.context.GetMessage(
-            context_pb2.GetMessageRequest(name=message), metadata=self.md, timeout=CALL_TIMEOUT_S
-        ).message
-        return "".join(part.text for part in stored.parts)
-
-
 @pytest.fixture
-def python_clients() -> Iterator[list[Python]]:
-    opened: list[Python] = []
+def python_clients() -> Iterator[list[Caller]]:
+    opened: list[Caller] = []
     yield opened
     for client in opened:
         client.close()
-
-
-def _position(cursor: str) -> tuple[int, ...]:
-    """The log position of a cursor of the embedded log (`<sequence>-<n>`), for ordering
-    checks in tests only: clients treat cursors as opaque."""
-    return tuple(int(part) for part in cursor.split("-"))
 
 
 def _reason_of(run: dispatcher_pb2.Run) -> str:
@@ -196,7 +97,7 @@ def _assert_exactly_the_logged_events(example: Quickstart, logged: list[events_p
     delivered = example.of_kind("event")
     assert [e["id"] for e in delivered] == [e.id for e in logged], example.describe()
     assert [e["cursor"] for e in delivered] == [e.cursor for e in logged]
-    positions = [_position(e["cursor"]) for e in delivered]
+    positions = [position(e["cursor"]) for e in delivered]
     assert positions == sorted(set(positions)), "cursors not strictly increasing"
 
 
@@ -242,7 +143,7 @@ def test_go_unit_tests_pass_under_the_race_detector() -> None:
 
 
 def test_quickstart_signs_in_sends_watches_and_follows(
-    quickstart: Path, python_clients: list[Python]
+    quickstart: Path, python_clients: list[Caller]
 ) -> None:
     email = unique_email("go-quickstart")
     message = "hello from the go quickstart"
@@ -255,7 +156,7 @@ def test_quickstart_signs_in_sends_watches_and_follows(
         sent = example.wait_kind("sent")
         done = example.wait_kind("run_done", SETTLE_S)
         subscribed = example.wait_kind("subscribed")
-        python = Python(server, email)
+        python = Caller(server, email)
         python_clients.append(python)
         appended = [python.append(conversation, f"note {i}") for i in range(3)]
         _wait_events(example, appended)
@@ -319,7 +220,7 @@ def test_quickstart_reports_errors_decoded_from_status_details(quickstart: Path)
 
 
 def test_following_resumes_after_a_server_restart_with_every_event_once(
-    quickstart: Path, tmp_path: Path, python_clients: list[Python]
+    quickstart: Path, tmp_path: Path, python_clients: list[Caller]
 ) -> None:
     env = _env(tmp_path)
     email = unique_email("go-follow")
@@ -328,7 +229,7 @@ def test_following_resumes_after_a_server_restart_with_every_event_once(
         example = stack.enter_context(_example(quickstart, first, email, "-register"))
         conversation = example.wait_kind("conversation")["name"]
         start = example.wait_kind("subscribed")["cursor"]
-        python = Python(first, email)
+        python = Caller(first, email)
         python_clients.append(python)
         before = [python.append(conversation, f"before {i}") for i in range(3)]
         _wait_events(example, before)
@@ -336,7 +237,7 @@ def test_following_resumes_after_a_server_restart_with_every_event_once(
         elsewhere = python.event_elsewhere()
         example.wait_for(
             lambda line: (
-                line["kind"] == "cursor" and _position(line["cursor"]) >= _position(elsewhere)
+                line["kind"] == "cursor" and position(line["cursor"]) >= position(elsewhere)
             ),
             "a heartbeat past an event of another scope",
             SETTLE_S,
@@ -348,8 +249,8 @@ def test_following_resumes_after_a_server_restart_with_every_event_once(
         # resuming after its cursor (the replay, not the live feed).
         example.signal(signal.SIGSTOP)
         try:
-            second = _restarted(stack, first, env)
-            python = Python(second, email)
+            second = restarted(stack, first, env)
+            python = Caller(second, email)
             python_clients.append(python)
             away = [python.append(conversation, f"away {i}") for i in range(3)]
         finally:
@@ -367,7 +268,7 @@ def test_following_resumes_after_a_server_restart_with_every_event_once(
         logged = python.logged(conversation, start)
 
     assert resumed["after_cursor"] == broken["after_cursor"] == _last_cursor_before(example, broken)
-    assert _position(resumed["after_cursor"]) >= _position(elsewhere)
+    assert position(resumed["after_cursor"]) >= position(elsewhere)
     assert [line["kind"] for line in example.lines].count("subscribed") == 2
     delivered = example.of_kind("event")
     assert [e["message"] for e in delivered if "message" in e] == before + away + after
@@ -390,7 +291,7 @@ def test_following_resumes_after_a_server_restart_with_every_event_once(
 def test_a_watched_run_resumes_across_a_restart_to_its_end(
     quickstart: Path,
     tmp_path: Path,
-    python_clients: list[Python],
+    python_clients: list[Caller],
     recovery: str,
     stop: signal.Signals,
     end: str | None,
@@ -416,10 +317,10 @@ def test_a_watched_run_resumes_across_a_restart_to_its_end(
         first.proc.send_signal(stop)
         first.proc.wait(timeout=SETTLE_S)
         retry = example.wait_kind("watch_retry", SETTLE_S)
-        second = _restarted(stack, first, env)
+        second = restarted(stack, first, env)
         done = example.wait_kind("run_done", SETTLE_S)
         assert example.finish() == 0, example.describe()
-        python = Python(second, email)
+        python = Caller(second, email)
         python_clients.append(python)
         stored = python.run(run)
         stored_answer = python.text_of(stored.output_message) if stored.output_message else ""
@@ -446,7 +347,7 @@ def test_a_watched_run_resumes_across_a_restart_to_its_end(
 
 
 def test_a_saved_session_survives_a_key_rotation_and_ends_when_its_token_is_reused(
-    quickstart: Path, tmp_path: Path, python_clients: list[Python]
+    quickstart: Path, tmp_path: Path, python_clients: list[Caller]
 ) -> None:
     """The server restarts with a new signing key only, so the saved access token is
     refused: the client refreshes once (the refresh token is checked against the

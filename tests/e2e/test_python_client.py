@@ -40,7 +40,8 @@ from switchboard.client import (
 from switchboard.client.events import scope as events_scope
 from switchboard.client.runs import AnswerBuilder, is_terminal, run_error
 from tests.e2e.envoy import EnvoyProcess
-from tests.e2e.procs import ServeProcess, shared_secrets
+from tests.e2e.procs import ServeProcess
+from tests.e2e.restarts import restart_env
 from tests.service.test_clientkit import (
     PASSWORD,
     REFRESH,
@@ -56,24 +57,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(400)]
 
 #: How long a run, a restart or a resume may take, on two busy cores.
 SETTLE_S: Final = 90.0
-#: Heartbeats often enough that cursors also advance by heartbeats.
-HEARTBEAT_S: Final = "0.5"
 #: Resume quickly in tests (an application keeps the defaults).
 QUICK: Final = StreamPolicy(backoff=Backoff(initial_s=0.1, max_s=1.0), idle_timeout_s=20.0)
 
 
 def _env(directory: Path, **extra: str) -> dict[str, str]:
-    """What a process and its restart share: secrets, database, dispatcher id."""
-    return {
-        **shared_secrets(directory),
-        "SWITCHBOARD_DATABASE_URL": f"sqlite+aiosqlite:///{directory}/switchboard.db",
-        "SWITCHBOARD_INSTANCE_ID": "python-client-e2e",
-        "SWITCHBOARD_EVENTS_HEARTBEAT_S": HEARTBEAT_S,
-        "SWITCHBOARD_DISPATCHER_HEARTBEAT_S": HEARTBEAT_S,
-        # Open streams hold a SIGTERM for the whole grace: keep it short.
-        "SWITCHBOARD_SHUTDOWN_GRACE_S": "2",
-        **extra,
-    }
+    return restart_env(directory, "python-client-e2e", **extra)
 
 
 @pytest.fixture
