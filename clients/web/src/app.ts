@@ -901,15 +901,15 @@ export class App {
         h("ul", { class: "list", "data-testid": "workspace-list" }),
         form(
           () => this.createWorkspace(),
-          h("input", { "data-testid": "new-workspace-id", placeholder: "id (optional)", pattern: "[a-z][a-z0-9\\-]{1,62}" }),
-          h("input", { "data-testid": "new-workspace-name", placeholder: "display name" }),
+          h("input", { "data-testid": "new-workspace-id", "aria-label": "new workspace id", placeholder: "id (optional)", pattern: "[a-z][a-z0-9\\-]{1,62}" }),
+          h("input", { "data-testid": "new-workspace-name", "aria-label": "new workspace name", placeholder: "display name" }),
           h("button", { type: "submit", "data-testid": "create-workspace" }, "Create workspace"),
         ),
         h("h2", {}, "Conversations"),
         h("ul", { class: "list", "data-testid": "conversation-list" }),
         form(
           () => this.createConversation(),
-          h("input", { "data-testid": "new-conversation-title", placeholder: "title" }),
+          h("input", { "data-testid": "new-conversation-title", "aria-label": "new conversation title", placeholder: "title" }),
           h("button", { type: "submit", "data-testid": "create-conversation" }, "Create conversation"),
         ),
       ),
@@ -931,12 +931,12 @@ export class App {
               void this.send();
             },
           },
-          h("textarea", { "data-testid": "message-input", rows: 3, placeholder: "Message", required: true }),
+          h("textarea", { "data-testid": "message-input", "aria-label": "message", rows: 3, placeholder: "Message", required: true }),
           h(
             "div",
             { class: "row" },
-            h("select", { "data-testid": "handler-select" }),
-            h("select", { "data-testid": "assistant-select" }),
+            h("select", { "data-testid": "handler-select", "aria-label": "handler" }),
+            h("select", { "data-testid": "assistant-select", "aria-label": "assistant" }),
             h("button", { type: "submit", "data-testid": "send" }, "Send"),
           ),
           h(
