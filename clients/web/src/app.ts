@@ -46,6 +46,8 @@ export class App {
   private readonly reasons = new Map<string, string>();
   private readonly integrations = new Map<string, Integration>();
   private integrationsWatch: AbortController | null = null;
+  /** Whether a first snapshot of the workspace's integrations arrived. */
+  private integrationsKnown = false;
   private handlers: Handler[] = [];
   private assistants: Assistant[] = [];
   private shownEvents = 0;
@@ -714,6 +716,7 @@ export class App {
     const stop = new AbortController();
     this.integrationsWatch = stop;
     this.integrations.clear();
+    this.integrationsKnown = false;
     this.renderIntegrations();
     let snapshot: Map<string, Integration> | null = null;
     void follow<WatchIntegrationsResponse>(
@@ -734,6 +737,7 @@ export class App {
             this.integrations.clear();
             for (const [name, integration] of snapshot) this.integrations.set(name, integration);
             snapshot = null;
+            this.integrationsKnown = true;
           }
           if (snapshot === null) this.renderIntegrations();
           return "more";
@@ -751,6 +755,11 @@ export class App {
 
   private renderIntegrations(): void {
     const list = this.part("integrations");
+    if (this.integrations.size === 0) {
+      const text = !this.workspace ? "" : this.integrationsKnown ? "None in this workspace." : "Loading…";
+      list.replaceChildren(h("li", { class: "muted" }, text));
+      return;
+    }
     list.replaceChildren(
       ...[...this.integrations.values()].map((i) => {
         const health = `HEALTH_STATE_${HealthState[i.status?.health ?? HealthState.UNSPECIFIED] ?? "UNSPECIFIED"}`;
