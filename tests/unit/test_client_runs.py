@@ -58,6 +58,22 @@ def test_a_requeued_run_starts_its_answer_over() -> None:
     assert builder.text == "a whole answer"
 
 
+def test_a_watch_resumed_after_a_restart_starts_over_at_the_newer_block() -> None:
+    """A watcher that resumes on the restarted server gets the run as it stands (a
+    RUNNING snapshot in the new block), not the QUEUED change the new attempt began with."""
+    builder = AnswerBuilder()
+    block = 2**32
+    for update in [
+        _state(1, pb.RUN_STATE_QUEUED),
+        _state(2, pb.RUN_STATE_RUNNING),
+        _delta(3, "half an ans"),
+        _state(block, pb.RUN_STATE_RUNNING),  # the snapshot
+        _delta(block + 1, "a whole answer"),
+    ]:
+        builder.add(update)
+    assert builder.text == "a whole answer"
+
+
 def test_only_a_final_state_change_ends_a_run() -> None:
     assert is_terminal(_state(9, pb.RUN_STATE_FAILED))
     assert is_terminal(_state(9, pb.RUN_STATE_SUCCEEDED))

@@ -54,21 +54,34 @@ class Answer:
     text: str
 
 
+#: Each attempt at a run numbers its updates in its own block of 2^32 sequences.
+ATTEMPT_BITS: Final = 32
+
+
 class AnswerBuilder:
     """Assembles a run's answer from its updates (pure, no I/O).
 
     The final ``result`` carries the whole answer and wins; until it comes, the
-    deltas joined. A run recovered with ``requeue`` runs again from the start:
-    its new attempt opens with a state change back to QUEUED, and the deltas
-    of the interrupted attempt are dropped there.
+    deltas joined. A run recovered with ``requeue`` runs again from the start,
+    numbering its updates in the next block of 2^32 sequences; its new attempt
+    opens with a state change back to QUEUED, but a watcher that resumed after
+    a restart may get the run as it then stands instead (docs/dispatcher.md,
+    Restarts). So the deltas of an earlier attempt are dropped at the first
+    update of a newer block, and at a QUEUED state change.
     """
 
     def __init__(self) -> None:
         self._deltas: list[str] = []
         self._result: str | None = None
+        self._block = 0
         self.run: dispatcher_pb2.Run | None = None
 
     def add(self, update: dispatcher_pb2.RunUpdate) -> None:
+        block = update.sequence >> ATTEMPT_BITS
+        if block > self._block:
+            self._block = block
+            self._deltas.clear()
+            self._result = None
         kind = update.WhichOneof("update")
         if kind == "delta":
             self._deltas.append(update.delta.text)
