@@ -21,10 +21,7 @@ classes. A screenshot of the page is written under ``SWITCHBOARD_TEST_ARTIFACTS`
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
-import os
-import shutil
 import subprocess
 import threading
 from collections import Counter
@@ -36,13 +33,12 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from google.protobuf.message import Message
 
 from switchboard.api.auth.v1 import auth_pb2
 from switchboard.api.events.v1 import events_pb2
 from switchboard.deploy.envoy import PLAIN_LISTENER, TLS_LISTENER
+from tests.e2e.chromium import artifacts_dir, required, spki_sha256
 from tests.e2e.envoy import EnvoyProcess
 from tests.e2e.procs import ROOT, ServeProcess
 from tests.service.authkit import PASSWORD, unique_email
@@ -99,32 +95,11 @@ def page_server() -> Iterator[str]:
         thread.join(timeout=5)
 
 
-def spki_sha256(cert_file: Path) -> str:
-    """What Chromium's --ignore-certificate-errors-spki-list takes: base64 of the
-    SHA-256 of the certificate's SubjectPublicKeyInfo."""
-    cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
-    spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-    return base64.b64encode(hashlib.sha256(spki).digest()).decode("ascii")
-
-
-def artifacts_dir(tmp_path: Path) -> Path:
-    directory = Path(os.environ.get("SWITCHBOARD_TEST_ARTIFACTS") or tmp_path)
-    directory.mkdir(parents=True, exist_ok=True)
-    return directory
-
-
-def _required(name: str, installer: str) -> str:
-    found = shutil.which(name)
-    if found is None:
-        pytest.fail(f"{name} is not installed; run {installer}")
-    return found
-
-
 def drive(config: dict[str, Any]) -> dict[str, Any]:
     """Run the puppeteer driver; its one JSON object, or fail with what it printed."""
     if not PUPPETEER.is_file():
         pytest.fail("puppeteer-core is not installed; run `make tools` (scripts/install-tools.sh)")
-    node = _required("node", "scripts/install-deps.sh")
+    node = required("node", "scripts/install-deps.sh")
     driver = subprocess.Popen(
         [node, str(DRIVER), json.dumps(config)],
         cwd=BROWSER_DIR,
@@ -171,7 +146,7 @@ def _calls(network: list[dict[str, Any]]) -> dict[str, int]:
 def test_chromium_keeps_12_streams_and_calls_on_tls_but_runs_out_over_http1(
     tmp_path: Path,
 ) -> None:
-    chromium = _required("chromium", "scripts/install-deps.sh")
+    chromium = required("chromium", "scripts/install-deps.sh")
     screenshot = artifacts_dir(tmp_path) / "browser-edge.png"
     env = {
         "SWITCHBOARD_EVENTS_HEARTBEAT_S": str(HEARTBEAT_S),

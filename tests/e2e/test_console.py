@@ -36,7 +36,6 @@ import itertools
 import json
 import os
 import queue
-import shutil
 import ssl
 import subprocess
 import sys
@@ -66,9 +65,9 @@ from switchboard.deploy.envoy import (
     CONSOLE_TYPES,
     MAX_CONSOLE_FILE_BYTES,
 )
+from tests.e2e.chromium import artifacts_dir, required, spki_sha256
 from tests.e2e.envoy import EnvoyProcess
 from tests.e2e.procs import ROOT, ServeProcess
-from tests.e2e.test_browser import artifacts_dir, spki_sha256
 from tests.infra.mcpserver import McpTestServer
 from tests.infra.tcprelay import TcpRelay
 from tests.service.authkit import PASSWORD, unique_email
@@ -83,13 +82,6 @@ WAIT_MS: Final = 30_000
 #: How long the test waits for the driver's answer to one step.
 STEP_S: Final = 60.0
 CALL_S: Final = 20.0
-
-
-def _required(name: str, installer: str) -> str:
-    found = shutil.which(name)
-    if found is None:
-        pytest.fail(f"{name} is not installed; run {installer}")
-    return found
 
 
 # -- The stack ----------------------------------------------------------------------------
@@ -131,7 +123,7 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    node = _required("node", "scripts/install-deps.sh")
+    node = required("node", "scripts/install-deps.sh")
     if not (WEB / "node_modules" / "esbuild").is_dir():
         pytest.fail("clients/web has no node_modules; run `make tools` (npm ci in clients/web)")
     root = tmp_path_factory.mktemp("console")
@@ -241,12 +233,12 @@ class Chromium:
 
     def __init__(self, stack: Stack) -> None:
         config = {
-            "chromium": _required("chromium", "scripts/install-deps.sh"),
+            "chromium": required("chromium", "scripts/install-deps.sh"),
             "spki": spki_sha256(stack.envoy.cert_file),
             "waitMs": WAIT_MS,
         }
         self.proc = subprocess.Popen(
-            [_required("node", "scripts/install-deps.sh"), str(DRIVER), json.dumps(config)],
+            [required("node", "scripts/install-deps.sh"), str(DRIVER), json.dumps(config)],
             cwd=BROWSER_DIR,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

@@ -13,6 +13,9 @@ import {
 } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import type { ToolCall, ToolResult } from "./gen/switchboard/api/handler/v1/handler_pb";
 
+/** Each attempt at a run numbers its updates in its own block of 2^32 sequences. */
+const ATTEMPT_BITS = 32n;
+
 export const TERMINAL = new Set([
   RunState.SUCCEEDED,
   RunState.FAILED,
@@ -97,6 +100,13 @@ export class RunView {
 
   apply(update: RunUpdate): void {
     if (update.sequence <= this.lastSequence) return; // seen before the stream was reopened
+    // Each attempt numbers its updates in its own block of 2^32. A watch resumed on a
+    // restarted server may open a newer attempt with a snapshot of the run rather than
+    // its QUEUED change: the first update of a newer block starts the answer over.
+    if (update.sequence >> ATTEMPT_BITS > this.lastSequence >> ATTEMPT_BITS) {
+      this.text = "";
+      this.deltas = 0;
+    }
     this.lastSequence = update.sequence;
     const change = update.update;
     switch (change.case) {
@@ -129,8 +139,9 @@ export class RunView {
         const whole = change.value.parts
           .map((part) => (part.part.case === "text" ? part.part.value : ""))
           .join("");
-        // The result carries the whole answer: a watcher that joined late still has it.
-        if (!this.text) this.text = whole;
+        // The result carries the whole answer, and wins over the deltas joined so far:
+        // a watcher that joined late, or across attempts, still shows exactly it.
+        if (whole) this.text = whole;
         break;
       }
       default:
