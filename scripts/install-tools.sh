@@ -4,7 +4,8 @@
 #   runs the last two), the Node client's packages, the browser console's packages
 #   (clients/web: protoc-gen-es, Connect-ES, esbuild, TypeScript), the MCP
 #   reference server the connector tests run (tests/mcp, npm ci) and puppeteer-core
-#   for the browser test (tests/browser, npm ci; it drives the system's Chromium).
+#   for the browser test (tests/browser, npm ci; it drives the system's Chromium),
+#   and the Go client's modules (clients/go, go mod download).
 # Idempotent: a tool already at the pinned version is left alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +13,15 @@ ROOT=$PWD
 BIN="$ROOT/.tools/bin"
 mkdir -p "$BIN"
 export GOBIN="$BIN" GOFLAGS=-buildvcs=false
+
+# The Go client's tests build with the Go that is installed (GOTOOLCHAIN=local), so it
+# must be at least the version clients/go/go.mod names; say so now rather than there.
+need=$(sed -n 's/^go //p' clients/go/go.mod)
+have=$(go env GOVERSION | sed 's/^go//')
+if ! printf '%s\n%s\n' "$need" "$have" | sort -V -C; then
+  echo "tools: Go $need or newer is needed (clients/go/go.mod); this machine has Go $have" >&2
+  exit 1
+fi
 
 GRPCURL_VERSION=v1.9.4
 HEALTH_PROBE_VERSION=v0.4.39
