@@ -1,6 +1,6 @@
 """Switchboard's Python client in one program: sign in, ask, stream, follow.
 
-    SWITCHBOARD_PASSWORD='a long passphrase 42' \\
+    SB_PASSWORD='a long passphrase 42' \\
         .venv/bin/python examples/python_client.py --target 127.0.0.1:50051 \\
         --email ada@example.com --register --tokens ~/.switchboard-tokens.json "hello there"
 
@@ -68,9 +68,9 @@ async def sign_in(client: Client, args: argparse.Namespace, tokens: TokenFile | 
             return
         except SignedOut:
             pass  # the saved session is over: sign in with the password
-    password = os.environ.get("SWITCHBOARD_PASSWORD", "")
+    password = os.environ.get("SB_PASSWORD", "")
     if not password:
-        raise SystemExit("set SWITCHBOARD_PASSWORD")
+        raise SystemExit("set SB_PASSWORD")
     if args.register:
         try:
             await client.register(args.email, password)

@@ -70,7 +70,7 @@ def _example(quickstart: Path, server: ServeProcess, email: str, *args: str) -> 
         email,
         *FAST_RESUME,
         *args,
-        env={"SWITCHBOARD_PASSWORD": PASSWORD},
+        env={"SB_PASSWORD": PASSWORD},
     )
 
 
@@ -201,7 +201,7 @@ def test_quickstart_reports_errors_decoded_from_status_details(quickstart: Path)
             "-addr",
             server.address,
             "-plaintext",
-            env={"SWITCHBOARD_API_KEY": forged},
+            env={"SB_API_KEY": forged},
         ) as anonymous:
             refused = anonymous.wait_kind("error")
             assert anonymous.finish() == 1

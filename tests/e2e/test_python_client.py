@@ -452,7 +452,7 @@ EXAMPLE: Final = Path(__file__).resolve().parents[2] / "examples" / "python_clie
 def _example(server: ServeProcess, *args: str, password: str = "") -> list[dict[str, object]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
     if password:
-        env["SWITCHBOARD_PASSWORD"] = password
+        env["SB_PASSWORD"] = password
     done = subprocess.run(
         [sys.executable, str(EXAMPLE), "--target", server.address, *args],
         capture_output=True,

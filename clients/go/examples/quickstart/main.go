@@ -9,8 +9,10 @@
 //	go run ./examples/quickstart -addr 127.0.0.1:50051 -plaintext \
 //	    -email you@example.com -register -message "Hello there"
 //
-// The password comes from -password or SWITCHBOARD_PASSWORD; an API key
-// (-api-key or SWITCHBOARD_API_KEY) replaces email and password.
+// The password comes from -password or SB_PASSWORD; an API key
+// (-api-key or SB_API_KEY) replaces email and password.
+// (SB_, not SWITCHBOARD_: the server refuses SWITCHBOARD_ variables it does
+// not know, and a shell that runs both would hand it these.)
 package main
 
 import (
@@ -79,11 +81,11 @@ func parseFlags() config {
 	flag.BoolVar(&c.plaintext, "plaintext", false, "no TLS (a local development server)")
 	flag.StringVar(&c.ca, "ca", "", "PEM file of the CA that signed the server's certificate (default: the system's)")
 	flag.StringVar(&c.serverName, "server-name", "", "name to verify the server's certificate against")
-	flag.StringVar(&c.email, "email", "", "sign in with this email (password from -password or SWITCHBOARD_PASSWORD)")
-	flag.StringVar(&c.password, "password", "", "password (default: $SWITCHBOARD_PASSWORD)")
+	flag.StringVar(&c.email, "email", "", "sign in with this email (password from -password or SB_PASSWORD)")
+	flag.StringVar(&c.password, "password", "", "password (default: $SB_PASSWORD)")
 	flag.BoolVar(&c.register, "register", false, "create the user first (signs in if it exists)")
 	flag.StringVar(&c.tokensFile, "tokens-file", "", "keep the session in this file: resumed from it if present, rewritten at every refresh")
-	flag.StringVar(&c.apiKey, "api-key", "", "call with an API key instead of signing in (default: $SWITCHBOARD_API_KEY)")
+	flag.StringVar(&c.apiKey, "api-key", "", "call with an API key instead of signing in (default: $SB_API_KEY)")
 	flag.StringVar(&c.workspace, "workspace", "", "use this workspace, workspaces/{w} (default: create one)")
 	flag.StringVar(&c.workspaceID, "workspace-id", "", "id for the workspace to create (default: the server picks)")
 	flag.StringVar(&c.conversation, "conversation", "", "use this conversation, workspaces/{w}/conversations/{c} (default: create one)")
@@ -101,10 +103,10 @@ func parseFlags() config {
 	flag.Parse()
 	// From the environment, not as flag defaults: -h would print them.
 	if c.password == "" {
-		c.password = os.Getenv("SWITCHBOARD_PASSWORD")
+		c.password = os.Getenv("SB_PASSWORD")
 	}
 	if c.apiKey == "" {
-		c.apiKey = os.Getenv("SWITCHBOARD_API_KEY")
+		c.apiKey = os.Getenv("SB_API_KEY")
 	}
 	if flag.NArg() != 0 || (c.apiKey == "" && c.tokensFile == "" && (c.email == "" || c.password == "")) {
 		fmt.Fprintln(os.Stderr, "usage: quickstart [flags]; needs -email and a password, an API key, or -tokens-file")
