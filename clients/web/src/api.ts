@@ -19,6 +19,9 @@ const PUBLIC = new Set([
   "/switchboard.api.auth.v1.AuthService/GetJwks",
 ]);
 
+/** Items asked for per page of a list call. */
+export const PAGE_SIZE = 100;
+
 export interface Api {
   tokens: Tokens;
   auth: Client<typeof AuthService>;
@@ -79,6 +82,11 @@ export function connect(baseUrl: string, storage: Storage): Api {
     events: createClient(EventService, transport),
     integration: createClient(IntegrationService, transport),
   };
+}
+
+/** An idempotency key: letters, digits and `-` (the contracts allow 1-64 of those). */
+export function requestId(): string {
+  return crypto.randomUUID();
 }
 
 function refused(error: unknown): boolean {

@@ -1,0 +1,124 @@
+// The composer under the open conversation: a message, the handler or assistant it goes
+// to (the workspace's, listed when it opens), handler parameters, and SendMessage. What
+// is open, and what to do with the answer, is the host's (the navigation's): the composer
+// asks rather than keeps a copy that could fall behind.
+import type { JsonObject } from "@bufbuild/protobuf";
+import { type Api, PAGE_SIZE, requestId } from "./api";
+import { h } from "./dom";
+import { local } from "./errors";
+import { MessageRole } from "./gen/switchboard/api/context/v1/context_pb";
+import type { SendMessageResponse } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
+import type { Page } from "./page";
+
+export interface ComposerHost {
+  /** The open workspace's name ("" for none). */
+  workspace(): string;
+  /** The open conversation's name ("" for none). */
+  conversation(): string;
+  /** SendMessage answered for `conversation`, which may no longer be the open one. */
+  sent(conversation: string, answer: SendMessageResponse): void;
+}
+
+export class Composer {
+  readonly element: HTMLFormElement;
+  private readonly text = h("textarea", {
+    "data-testid": "message-input",
+    "aria-label": "message",
+    rows: 3,
+    placeholder: "Message",
+    required: true,
+  });
+  private readonly handler = h("select", { "data-testid": "handler-select", "aria-label": "handler" });
+  private readonly assistant = h("select", { "data-testid": "assistant-select", "aria-label": "assistant" });
+  private readonly parameters = h("textarea", { "data-testid": "parameters-input", rows: 2, spellcheck: false });
+
+  constructor(
+    private readonly api: Api,
+    private readonly page: Page,
+    private readonly host: ComposerHost,
+  ) {
+    this.element = h(
+      "form",
+      {
+        class: "composer",
+        "data-testid": "composer",
+        hidden: true,
+        onsubmit: (event: Event) => {
+          event.preventDefault();
+          void this.send();
+        },
+      },
+      this.text,
+      h("div", { class: "row" }, this.handler, this.assistant, h("button", { type: "submit", "data-testid": "send" }, "Send")),
+      h(
+        "details",
+        { "data-testid": "advanced" },
+        h("summary", {}, "Advanced"),
+        h("label", {}, "Handler parameters (JSON object, e.g. ", h("code", {}, '{"delay_ms": 200}'), ")", this.parameters),
+      ),
+    );
+  }
+
+  /** Shown while a conversation is open. */
+  show(visible: boolean): void {
+    this.element.hidden = !visible;
+  }
+
+  /** The open workspace's handlers and assistants, as the choices. */
+  async load(): Promise<void> {
+    const parent = this.host.workspace();
+    await this.page.busy("list-handlers", async () => {
+      const [handlers, assistants] = await Promise.all([
+        this.api.dispatcher.listHandlers({ parent, pageSize: PAGE_SIZE }),
+        this.api.dispatcher.listAssistants({ parent, pageSize: PAGE_SIZE }),
+      ]);
+      if (parent !== this.host.workspace()) return;
+      this.handler.replaceChildren(
+        h("option", { value: "" }, "handler: the router decides"),
+        ...handlers.handlers.map((x) =>
+          h("option", { value: x.name, disabled: !x.available }, `${x.name}${x.available ? "" : " (unavailable)"}`),
+        ),
+      );
+      this.assistant.replaceChildren(
+        h("option", { value: "" }, "assistant: the workspace default"),
+        ...assistants.assistants.map((a) => h("option", { value: a.name }, a.displayName || a.name)),
+      );
+    });
+  }
+
+  private async send(): Promise<void> {
+    const conversation = this.host.conversation();
+    const text = this.text.value;
+    const handler = this.handler.value;
+    const assistant = this.assistant.value;
+    const raw = this.parameters.value.trim();
+    let parameters: JsonObject | undefined;
+    if (raw) {
+      try {
+        const parsed: unknown = JSON.parse(raw);
+        if (typeof parsed !== "object" || parsed === null || Array.isArray(parsed)) throw new TypeError();
+        parameters = parsed as JsonObject;
+      } catch {
+        return this.page.showProblem(
+          local("INVALID_ARGUMENT", "the handler parameters are not a JSON object", [
+            { field: "parameters", description: 'must be a JSON object, e.g. {"delay_ms": 200}' },
+          ]),
+          "send",
+        );
+      }
+    }
+    await this.page.busy("send", async () => {
+      const answer = await this.api.dispatcher.sendMessage({
+        conversation,
+        message: { role: MessageRole.USER, parts: [{ part: { case: "text", value: text } }] },
+        handler,
+        assistant,
+        ...(parameters ? { parameters } : {}),
+        // Sending again after a lost answer must not start a second run.
+        requestId: requestId(),
+      });
+      this.text.value = "";
+      this.host.sent(conversation, answer);
+    });
+  }
+}

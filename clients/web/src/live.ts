@@ -1,0 +1,104 @@
+// The live events panel and the connection indicator in the header: every event the
+// feed delivers, newest first, and the feed's state with where it resumed (in data-*, for
+// whoever checks that nothing was lost). The feed itself belongs to the App, whose session
+// and open workspace decide what it subscribes to; this only shows it.
+import { timestampDate } from "@bufbuild/protobuf/wkt";
+import { formatTime, h } from "./dom";
+import type { EventFeed, FeedState } from "./feed";
+import { type Event, EventType, SecurityEventKind } from "./gen/switchboard/api/events/v1/events_pb";
+import type { Page } from "./page";
+import { stateName } from "./runs";
+
+/** Events kept on screen (the feed itself remembers more ids for deduplication). */
+const EVENTS_SHOWN = 300;
+
+export class LiveEvents {
+  /** The panel's heading, with the feed's status line, then its list. */
+  readonly elements: HTMLElement[];
+  private readonly status = h("span", { class: "muted", "data-testid": "feed" });
+  private readonly list = h("ol", { class: "events", "data-testid": "events" });
+  private readonly history: string[] = [];
+  private shown = 0;
+
+  constructor(private readonly page: Page) {
+    this.elements = [h("h2", {}, "Live events ", this.status), this.list];
+  }
+
+  /** The indicator: the feed's state, or "offline" when signed out. */
+  connection(state: string): void {
+    const badge = this.page.part("connection");
+    if (badge.dataset.state !== state) this.history.push(state);
+    badge.dataset.state = state;
+    badge.dataset.history = this.history.slice(-50).join(",");
+    badge.textContent = state;
+  }
+
+  /** A state of the current feed (null while none is). */
+  state(state: FeedState, feed: EventFeed | null): void {
+    const info = this.status;
+    this.connection(state);
+    if (feed !== null) {
+      info.dataset.cursor = feed.cursor;
+      info.dataset.firstCursor = feed.firstCursor;
+      info.dataset.resumedFrom = JSON.stringify(feed.resumedFrom);
+      info.dataset.duplicates = String(feed.duplicates);
+      info.textContent = `${state}${feed.resumedFrom.length ? ` · resumed ${feed.resumedFrom.length}×` : ""}`;
+    }
+  }
+
+  cursor(cursor: string): void {
+    this.status.dataset.cursor = cursor;
+  }
+
+  show(event: Event): void {
+    const list = this.list;
+    const type = `EVENT_TYPE_${EventType[event.type] ?? "UNSPECIFIED"}`;
+    const item = h(
+      "li",
+      { "data-testid": "event", "data-id": event.id, "data-cursor": event.cursor, "data-type": type },
+      h("time", {}, formatTime(event.time ? timestampDate(event.time) : undefined)),
+      " ",
+      h("strong", {}, type.replace("EVENT_TYPE_", "")),
+      " ",
+      h("span", { class: "muted" }, summarize(event)),
+    );
+    list.prepend(item);
+    this.shown += 1;
+    while (this.shown > EVENTS_SHOWN && list.lastChild) {
+      list.lastChild.remove();
+      this.shown -= 1;
+    }
+  }
+
+  clear(): void {
+    this.shown = 0;
+    this.list.replaceChildren();
+  }
+}
+
+function summarize(event: Event): string {
+  const payload = event.payload;
+  switch (payload.case) {
+    case "messageCreated":
+      return payload.value.message?.name ?? "";
+    case "runUpdated": {
+      const update = payload.value.update;
+      if (!update) return "";
+      const kind = update.update.case ?? "";
+      const state = update.update.case === "stateChange" && update.update.value.run ? ` ${stateName(update.update.value.run.state)}` : "";
+      return `${update.run} #${update.sequence} ${kind}${state}`;
+    }
+    case "security":
+      return `${SecurityEventKind[payload.value.kind] ?? ""} ${payload.value.session}`;
+    case "integrationChanged":
+      return payload.value.integration?.name ?? "";
+    case "conversationChanged":
+      return payload.value.conversation?.name ?? "";
+    case "workspaceChanged":
+      return payload.value.workspace?.name ?? "";
+    case "toolInvoked":
+      return payload.value.tool;
+    default:
+      return event.conversation || event.workspace || event.user;
+  }
+}

@@ -1,0 +1,370 @@
+// Where the user is: the workspaces and their conversations (listed, created, picked),
+// the open conversation's messages, and the URL (#workspaces/w/conversations/c) that
+// opens them again, after a reload too. Opening a workspace or a conversation is where
+// the other parts learn of it: the runs followed, the integrations watched, the
+// composer's choices, and (through `opened`) the feed's scopes.
+import { type Api, PAGE_SIZE, requestId } from "./api";
+import type { Composer } from "./composer";
+import { h } from "./dom";
+import { local } from "./errors";
+import { type Conversation, type Message, MessageRole, type Workspace } from "./gen/switchboard/api/context/v1/context_pb";
+import { RunState, type SendMessageResponse } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
+import type { Event } from "./gen/switchboard/api/events/v1/events_pb";
+import type { Integrations } from "./integrations";
+import type { Page } from "./page";
+import type { RunCards } from "./runcards";
+import { TERMINAL } from "./runs";
+
+export class Navigation {
+  /** The open workspace, "" before one is picked. */
+  workspace = "";
+  /** The open conversation, "" before one is picked. */
+  conversation = "";
+  /** The left column: the lists, and the forms that add to them. */
+  readonly column: HTMLElement;
+  /** The open conversation's title and messages, atop the chat column. */
+  readonly chat: HTMLElement[];
+  private readonly workspaceList = h("ul", { class: "list", "data-testid": "workspace-list" });
+  private readonly conversationList = h("ul", { class: "list", "data-testid": "conversation-list" });
+  private readonly title = h("h2", { "data-testid": "conversation-title" });
+  private readonly messageList = h("ol", { class: "messages", "data-testid": "messages" });
+  private readonly newWorkspaceId = h("input", {
+    "data-testid": "new-workspace-id",
+    "aria-label": "new workspace id",
+    placeholder: "id (optional)",
+    pattern: "[a-z][a-z0-9\\-]{1,62}",
+  });
+  private readonly newWorkspaceName = h("input", {
+    "data-testid": "new-workspace-name",
+    "aria-label": "new workspace name",
+    placeholder: "display name",
+  });
+  private readonly newConversationTitle = h("input", {
+    "data-testid": "new-conversation-title",
+    "aria-label": "new conversation title",
+    placeholder: "title",
+  });
+  private workspaces: Workspace[] = [];
+  private conversations: Conversation[] = [];
+  private readonly messages = new Map<string, Message>();
+
+  constructor(
+    private readonly api: Api,
+    private readonly page: Page,
+    private readonly runs: RunCards,
+    private readonly integrations: Integrations,
+    private readonly composer: Composer,
+    /** A workspace opened: the feed should carry its events too. */
+    private readonly opened: (workspace: string) => void,
+  ) {
+    const form = (action: () => Promise<void>, ...children: HTMLElement[]): HTMLElement =>
+      h(
+        "form",
+        {
+          class: "inline",
+          onsubmit: (event: globalThis.Event) => {
+            event.preventDefault();
+            void action();
+          },
+        },
+        ...children,
+      );
+    this.column = h(
+      "nav",
+      { class: "column" },
+      h("h2", {}, "Workspaces"),
+      this.workspaceList,
+      form(
+        () => this.createWorkspace(),
+        this.newWorkspaceId,
+        this.newWorkspaceName,
+        h("button", { type: "submit", "data-testid": "create-workspace" }, "Create workspace"),
+      ),
+      h("h2", {}, "Conversations"),
+      this.conversationList,
+      form(
+        () => this.createConversation(),
+        this.newConversationTitle,
+        h("button", { type: "submit", "data-testid": "create-conversation" }, "Create conversation"),
+      ),
+    );
+    this.chat = [this.title, this.messageList];
+  }
+
+  /** Signed in: the workspaces, then what the URL names. */
+  async enter(): Promise<void> {
+    await this.loadWorkspaces();
+    await this.followHash();
+  }
+
+  async followHash(): Promise<void> {
+    const target = decodeURIComponent(location.hash.slice(1));
+    const match = /^(workspaces\/[^/]+)(?:\/conversations\/[^/]+)?$/.exec(target);
+    if (match === null || !this.api.tokens.signedIn) return;
+    const workspace = match[1] ?? "";
+    await this.pickWorkspace(workspace, target === workspace ? "" : target);
+  }
+
+  /** Everything listed again, the open conversation too: events were missed. */
+  async reload(): Promise<void> {
+    await this.loadWorkspaces();
+    await this.loadConversations();
+    const conversation = this.conversation;
+    if (conversation) {
+      this.conversation = "";
+      await this.pickConversation(conversation);
+    }
+  }
+
+  /** An event from the feed, applied to what is open. */
+  apply(event: Event): void {
+    const payload = event.payload;
+    switch (payload.case) {
+      case "messageCreated": {
+        const message = payload.value.message;
+        if (message && event.conversation === this.conversation) this.addMessages([message]);
+        break;
+      }
+      case "runUpdated": {
+        const update = payload.value.update;
+        if (!update || event.conversation !== this.conversation) break;
+        const known = this.runs.has(update.run);
+        if (!known && update.update.case === "stateChange" && update.update.value.run) {
+          // A run started elsewhere (another tab, a script): follow it here too.
+          const run = update.update.value.run;
+          if (!TERMINAL.has(run.state)) this.runs.follow(run.name);
+        }
+        break;
+      }
+      case "conversationChanged":
+      case "workspaceChanged":
+        void (payload.case === "workspaceChanged" ? this.loadWorkspaces() : this.loadConversations());
+        break;
+      default:
+        break;
+    }
+  }
+
+  /** SendMessage's answer, shown if its conversation is still the open one. */
+  sent(conversation: string, answer: SendMessageResponse): void {
+    if (answer.message && conversation === this.conversation) this.addMessages([answer.message]);
+    if (answer.run && conversation === this.conversation) this.runs.follow(answer.run.name, answer.run);
+  }
+
+  /** Signed out: nothing open, nothing listed. */
+  clear(): void {
+    this.messages.clear();
+    this.workspaces = [];
+    this.conversations = [];
+    this.workspace = this.conversation = "";
+    this.workspaceList.replaceChildren();
+    this.conversationList.replaceChildren();
+    this.messageList.replaceChildren();
+    this.title.textContent = "";
+  }
+
+  // -- Workspaces and conversations ---------------------------------------------------
+
+  private async loadWorkspaces(): Promise<void> {
+    await this.page.busy("list-workspaces", async () => {
+      const all: Workspace[] = [];
+      let pageToken = "";
+      do {
+        const page = await this.api.context.listWorkspaces({ pageSize: PAGE_SIZE, pageToken });
+        all.push(...page.workspaces);
+        pageToken = page.nextPageToken;
+      } while (pageToken && all.length < 1_000);
+      this.workspaces = all;
+      this.renderWorkspaces();
+    });
+  }
+
+  private renderWorkspaces(): void {
+    this.workspaceList.replaceChildren(
+      ...this.workspaces.map((w) =>
+        h(
+          "li",
+          {},
+          h(
+            "button",
+            {
+              type: "button",
+              class: w.name === this.workspace ? "item current" : "item",
+              "data-testid": "workspace-item",
+              "data-name": w.name,
+              onclick: () => void this.pickWorkspace(w.name),
+            },
+            w.displayName || w.name,
+          ),
+        ),
+      ),
+    );
+  }
+
+  private async createWorkspace(): Promise<void> {
+    const id = this.newWorkspaceId.value.trim();
+    const displayName = this.newWorkspaceName.value.trim();
+    await this.page.busy("create-workspace", async () => {
+      const answer = await this.api.context.createWorkspace({
+        workspaceId: id,
+        workspace: { displayName },
+        requestId: requestId(),
+      });
+      this.newWorkspaceId.value = "";
+      this.newWorkspaceName.value = "";
+      await this.loadWorkspaces();
+      if (answer.workspace) await this.pickWorkspace(answer.workspace.name);
+    });
+  }
+
+  private async pickWorkspace(name: string, conversation = ""): Promise<void> {
+    if (name !== this.workspace) {
+      this.workspace = name;
+      this.conversation = "";
+      this.messages.clear();
+      this.runs.stop();
+      this.renderWorkspaces();
+      this.renderConversation();
+      this.opened(name);
+      this.integrations.watch(name);
+      await Promise.all([this.loadConversations(), this.composer.load()]);
+    }
+    const wanted = conversation ? `#${conversation}` : `#${name}`;
+    if (location.hash !== wanted) history.replaceState(null, "", wanted);
+    if (conversation) await this.pickConversation(conversation);
+  }
+
+  private async loadConversations(): Promise<void> {
+    const parent = this.workspace;
+    if (!parent) return;
+    await this.page.busy("list-conversations", async () => {
+      const page = await this.api.context.listConversations({ parent, pageSize: PAGE_SIZE });
+      if (parent !== this.workspace) return;
+      this.conversations = page.conversations;
+      this.renderConversations();
+    });
+  }
+
+  private renderConversations(): void {
+    this.conversationList.replaceChildren(
+      ...this.conversations.map((c) =>
+        h(
+          "li",
+          {},
+          h(
+            "button",
+            {
+              type: "button",
+              class: c.name === this.conversation ? "item current" : "item",
+              "data-testid": "conversation-item",
+              "data-name": c.name,
+              onclick: () => void this.pickWorkspace(this.workspace, c.name),
+            },
+            c.title || c.name.split("/").pop() || c.name,
+          ),
+        ),
+      ),
+    );
+  }
+
+  private async createConversation(): Promise<void> {
+    const parent = this.workspace;
+    if (!parent) return this.page.showProblem(local("FAILED_PRECONDITION", "pick a workspace first"), "create-conversation");
+    const title = this.newConversationTitle.value.trim();
+    await this.page.busy("create-conversation", async () => {
+      const answer = await this.api.context.createConversation({
+        parent,
+        conversation: { title },
+        requestId: requestId(),
+      });
+      this.newConversationTitle.value = "";
+      await this.loadConversations();
+      if (answer.conversation) await this.pickWorkspace(parent, answer.conversation.name);
+    });
+  }
+
+  // -- One conversation ------------------------------------------------------------------
+
+  private async pickConversation(name: string): Promise<void> {
+    if (name === this.conversation) return;
+    this.conversation = name;
+    this.messages.clear();
+    this.runs.stop();
+    this.renderConversations();
+    this.renderConversation();
+    await this.page.busy("list-messages", async () => {
+      const found: Message[] = [];
+      let pageToken = "";
+      do {
+        const page = await this.api.context.listMessages({ parent: name, pageSize: PAGE_SIZE, pageToken });
+        found.push(...page.messages);
+        pageToken = page.nextPageToken;
+      } while (pageToken && found.length < 1_000);
+      if (name !== this.conversation) return;
+      this.addMessages(found);
+      // Runs still going (or waiting for a decision) are followed as if sent from here.
+      const active = await this.api.dispatcher.listRuns({
+        parent: name,
+        pageSize: PAGE_SIZE,
+        states: [RunState.QUEUED, RunState.RUNNING, RunState.REQUIRES_ACTION],
+      });
+      if (name !== this.conversation) return;
+      for (const run of active.runs.reverse()) this.runs.follow(run.name, run);
+    });
+  }
+
+  private renderConversation(): void {
+    const conversation = this.conversations.find((c) => c.name === this.conversation);
+    this.title.textContent = this.conversation
+      ? conversation?.title || this.conversation
+      : this.workspace
+        ? "Pick or create a conversation"
+        : "Pick or create a workspace";
+    this.composer.show(!!this.conversation);
+    this.renderMessages();
+    this.runs.render();
+  }
+
+  private addMessages(messages: Message[]): void {
+    for (const message of messages) this.messages.set(message.name, message);
+    this.renderMessages();
+  }
+
+  private renderMessages(): void {
+    const sorted = [...this.messages.values()].sort((a, b) => Number(a.sequence - b.sequence));
+    const list = this.messageList;
+    list.replaceChildren(
+      ...sorted.map((m) => {
+        const role = MessageRole[m.role]?.toLowerCase() ?? "unspecified";
+        return h(
+          "li",
+          { "data-testid": "message", "data-name": m.name, "data-role": role, class: `message ${role}` },
+          h("span", { class: "role" }, role),
+          h("div", { class: "text", "data-testid": "message-text" }, messageText(m)),
+        );
+      }),
+    );
+    list.scrollTop = list.scrollHeight;
+  }
+}
+
+function messageText(message: Message): string {
+  return message.parts
+    .map((part) => {
+      switch (part.part.case) {
+        case "text":
+          return part.part.value;
+        case "toolCall":
+          return `→ ${part.part.value.functionName || part.part.value.tool}(${JSON.stringify(part.part.value.arguments ?? {})})`;
+        case "toolResult":
+          return `← ${part.part.value.outcome}: ${part.part.value.text}`;
+        case "data":
+          return JSON.stringify(part.part.value);
+        case "file":
+          return `[file ${part.part.value.uri}]`;
+        default:
+          return "";
+      }
+    })
+    .join("\n");
+}

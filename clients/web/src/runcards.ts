@@ -1,0 +1,211 @@
+// The open conversation's runs, one card each (its state, the answer as it grows, its
+// tool calls and results, Cancel), and the tool calls that wait for a person's decision
+// (Approve, or Deny with a reason the model is told). Each run is a RunView (runs.ts)
+// following WatchRun; which runs to follow is the navigation's call.
+import { timestampDate } from "@bufbuild/protobuf/wkt";
+import type { Api } from "./api";
+import { formatTime, h } from "./dom";
+import { renderProblem } from "./errors";
+import { type Run, RunState, ToolApprovalDecision } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
+import { ToolOutcome } from "./gen/switchboard/api/handler/v1/handler_pb";
+import type { Page } from "./page";
+import { RunView, stateName } from "./runs";
+
+export class RunCards {
+  /** The cards, then the approvals. */
+  readonly elements: HTMLElement[];
+  private readonly list = h("div", { "data-testid": "runs" });
+  private readonly approvals = h("div", { "data-testid": "approvals" });
+  private readonly runs = new Map<string, RunView>();
+  private readonly cards = new Map<string, HTMLElement>();
+  /** Denial reasons being typed, by tool call id. */
+  private readonly reasons = new Map<string, string>();
+
+  constructor(
+    private readonly api: Api,
+    private readonly page: Page,
+  ) {
+    this.elements = [this.list, this.approvals];
+  }
+
+  has(name: string): boolean {
+    return this.runs.has(name);
+  }
+
+  follow(name: string, run?: Run): void {
+    if (this.runs.has(name)) return;
+    const view = new RunView(name, (v) => this.renderRun(v));
+    this.runs.set(name, view);
+    if (run) view.adopt(run);
+    this.render();
+    view.watch(this.api);
+  }
+
+  /** Another conversation opened: its runs are not these. */
+  stop(): void {
+    for (const run of this.runs.values()) run.stop();
+    this.runs.clear();
+    this.cards.clear();
+  }
+
+  /** Signed out: nothing followed, shown or remembered for the next session. */
+  clear(): void {
+    this.stop();
+    this.reasons.clear();
+    delete this.approvals.dataset.key;
+    this.list.replaceChildren();
+    this.approvals.replaceChildren();
+  }
+
+  render(): void {
+    this.list.replaceChildren(...[...this.runs.values()].map((v) => this.card(v)));
+    this.renderApprovals();
+  }
+
+  private renderRun(view: RunView): void {
+    if (this.runs.get(view.name) !== view) return;
+    const card = this.card(view);
+    if (!card.isConnected) this.list.append(card);
+    this.renderApprovals();
+  }
+
+  /** The run's card, updated in place: a Cancel button must not be replaced under the
+   *  pointer while deltas stream in. */
+  private card(view: RunView): HTMLElement {
+    let card = this.cards.get(view.name);
+    if (card === undefined) {
+      card = h(
+        "article",
+        { "data-testid": "run", "data-run": view.name },
+        h(
+          "header",
+          {},
+          h("span", { "data-testid": "run-state" }),
+          " ",
+          h("code", { "data-part": "handler" }),
+          h("span", { class: "muted", "data-part": "meta" }),
+          h("button", { type: "button", "data-testid": "cancel-run", onclick: () => void this.cancel(view) }, "Cancel"),
+        ),
+        h("div", { "data-part": "tools" }),
+        h("div", { class: "answer", "data-testid": "run-answer" }),
+        h("div", { "data-part": "end" }),
+      );
+      this.cards.set(view.name, card);
+    }
+    const state = stateName(view.state);
+    card.className = `run ${view.terminal ? "done" : "active"}`;
+    Object.assign(card.dataset, {
+      state,
+      deltas: String(view.deltas),
+      resumes: String(view.resumes),
+      live: String(view.live),
+    });
+    const badge = card.querySelector<HTMLElement>('[data-testid="run-state"]');
+    if (badge) {
+      badge.className = `state s-${RunState[view.state]?.toLowerCase() ?? "unspecified"}`;
+      badge.textContent = state.replace("RUN_STATE_", "");
+    }
+    setText(card, '[data-part="handler"]', view.run?.handler ?? "");
+    setText(
+      card,
+      '[data-part="meta"]',
+      `${view.progress ? ` · ${view.progress}` : ""}${view.deltas ? ` · ${view.deltas} deltas` : ""}`,
+    );
+    const cancel = card.querySelector<HTMLButtonElement>('[data-testid="cancel-run"]');
+    if (cancel) cancel.hidden = view.terminal;
+    const tools = card.querySelector<HTMLElement>('[data-part="tools"]');
+    const toolsKey = `${view.calls.length}/${view.results.length}`;
+    if (tools && tools.dataset.key !== toolsKey) {
+      tools.dataset.key = toolsKey;
+      tools.replaceChildren(
+        ...view.calls.map((call) => {
+          const result = view.results.find((r) => r.id === call.id);
+          return h(
+            "div",
+            { class: "tool", "data-testid": "run-tool", "data-call-id": call.id, "data-outcome": result ? `TOOL_OUTCOME_${ToolOutcome[result.outcome] ?? ""}` : "" },
+            h("code", {}, `${call.functionName || call.tool}(${JSON.stringify(call.arguments ?? {})})`),
+            result ? h("span", { class: "muted" }, ` → ${ToolOutcome[result.outcome] ?? ""}: ${result.text}`) : null,
+          );
+        }),
+      );
+    }
+    setText(card, '[data-testid="run-answer"]', view.text);
+    card.querySelector('[data-part="end"]')?.replaceChildren(
+      ...(view.run?.error && view.terminal && view.run.error.code !== 0
+        ? [h("div", { class: "muted", "data-testid": "run-error" }, view.run.error.message)]
+        : view.problem && !view.terminal
+          ? [renderProblem(view.problem, "run-problem")]
+          : []),
+    );
+    return card;
+  }
+
+  private async cancel(view: RunView): Promise<void> {
+    await this.page.busy("cancel-run", async () => {
+      const answer = await this.api.dispatcher.cancelRun({ name: view.name, reason: "cancelled from the console" });
+      if (answer.run) view.adopt(answer.run);
+    });
+  }
+
+  private renderApprovals(): void {
+    const waiting = [...this.runs.values()].filter((v) => v.state === RunState.REQUIRES_ACTION && v.run?.requiredAction);
+    // Rebuilt only when what waits changes: a reason being typed stays where it is.
+    const key = waiting
+      .map((v) => `${v.name}:${v.run?.requiredAction?.toolCalls.map((c) => `${c.call?.id}=${c.decision}`).join(",")}`)
+      .join(";");
+    const list = this.approvals;
+    if (list.dataset.key === key) return;
+    list.dataset.key = key;
+    list.replaceChildren(
+      ...waiting.map((view) => {
+        const action = view.run?.requiredAction;
+        const calls = action?.toolCalls.filter((c) => c.decision === ToolApprovalDecision.UNSPECIFIED) ?? [];
+        return h(
+          "section",
+          { class: "approval", "data-testid": "approval", "data-run": view.name },
+          h(
+            "h3",
+            {},
+            "Waiting for your decision",
+            action?.expireTime ? h("span", { class: "muted" }, ` (until ${formatTime(timestampDate(action.expireTime))})`) : null,
+          ),
+          ...calls.map((pending) => {
+            const call = pending.call;
+            const id = call?.id ?? "";
+            const reason = h("input", {
+              "data-testid": "deny-reason",
+              placeholder: "reason (shown to the model)",
+              maxlength: 500,
+              value: this.reasons.get(id) ?? "",
+              oninput: () => this.reasons.set(id, reason.value),
+            });
+            return h(
+              "div",
+              { class: "pending", "data-testid": "pending-call", "data-call-id": id, "data-tool": call?.tool ?? "" },
+              h("code", {}, call?.functionName || call?.tool || id),
+              h("pre", {}, JSON.stringify(call?.arguments ?? {}, null, 2)),
+              reason,
+              h("button", { type: "button", "data-testid": "approve", onclick: () => void this.decide(view, id, ToolApprovalDecision.APPROVE, "") }, "Approve"),
+              h("button", { type: "button", "data-testid": "deny", onclick: () => void this.decide(view, id, ToolApprovalDecision.DENY, reason.value) }, "Deny"),
+            );
+          }),
+        );
+      }),
+    );
+  }
+
+  private async decide(view: RunView, toolCallId: string, decision: ToolApprovalDecision, reason: string): Promise<void> {
+    await this.page.busy("approval", async () => {
+      const answer = await this.api.dispatcher.submitToolApprovals({
+        name: view.name,
+        approvals: [{ toolCallId, decision, reason }],
+      });
+      if (answer.run) view.adopt(answer.run);
+    });
+  }
+}
+
+function setText(root: HTMLElement, selector: string, text: string): void {
+  const element = root.querySelector(selector);
+  if (element && element.textContent !== text) element.textContent = text;
+}
