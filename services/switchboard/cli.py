@@ -17,11 +17,8 @@ from pathlib import Path
 
 from switchboard.auth.tokens import KeyRing, SigningKey, private_key_pem
 from switchboard.deploy import commands, launcher
-from switchboard.mesh import check_settings, create_server, database_setting
 from switchboard.platform.config import ConfigError, Settings, load_settings
-from switchboard.platform.db import open_database
 from switchboard.platform.logging import configure_logging
-from switchboard.platform.server import BindError, tune_gc
 
 log = logging.getLogger("switchboard.cli")
 
@@ -129,6 +126,9 @@ def _write_secret_file(target: Path, data: bytes, *, replace: bool) -> None:
 
 
 async def _migrate(settings: Settings) -> int:
+    from switchboard.mesh import database_setting
+    from switchboard.platform.db import open_database
+
     with database_setting():
         database = await open_database(
             settings.database_url.get_secret_value(),
@@ -141,6 +141,9 @@ async def _migrate(settings: Settings) -> int:
 
 
 async def _serve(settings: Settings) -> int:
+    from switchboard.mesh import create_server
+    from switchboard.platform.server import tune_gc
+
     server, _port = await create_server(settings)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -180,6 +183,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command not in ("serve", "migrate"):
         _parser().print_help()
         return EXIT_CONFIG
+    return _run_server(args)
+
+
+def _run_server(args: argparse.Namespace) -> int:
+    """``serve`` and ``migrate``: the only commands that need the server's code, which
+    is imported here so that the others (keygen, envoy, dev-cert, mesh) start in a
+    fraction of the time."""
+    from switchboard.mesh import check_settings
+    from switchboard.platform.server import BindError
+
     flags = (
         {"host": args.host, "port": args.port, "services": args.services, "dev_mode": args.dev}
         if args.command == "serve"
