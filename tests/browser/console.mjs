@@ -9,26 +9,10 @@
 // One Chromium serves every test of the module; each page opens in a browser context of
 // its own (an incognito profile: its own storage, cache and connections).
 import { createInterface } from "node:readline";
-import puppeteer from "puppeteer-core";
+import { launch } from "./chromium.mjs";
 
 const config = JSON.parse(process.argv[2]);
-const browser = await puppeteer.launch({
-  executablePath: config.chromium,
-  headless: true,
-  // Over a pipe, not a port: if this process dies, Chromium sees the pipe close and exits.
-  pipe: true,
-  args: [
-    "--headless=new",
-    // Root in a container: Chromium's sandbox needs namespaces it may not get.
-    "--no-sandbox",
-    "--disable-gpu",
-    // No connections of Chromium's own (updates, field trials) beside the page's.
-    "--disable-background-networking",
-    // Trust exactly the dev certificate's key, not every certificate.
-    `--ignore-certificate-errors-spki-list=${config.spki}`,
-  ],
-  timeout: config.waitMs,
-});
+const browser = await launch(config);
 
 const pages = [];
 const network = [];

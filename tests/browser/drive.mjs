@@ -2,29 +2,12 @@
 //   node drive.mjs '<json config>'   (the config comes from drive() there)
 // Prints one JSON object on stdout: what the page saw, or `error` plus the page's state, so
 // the Python test asserts on everything and a failure shows where it stopped.
-import puppeteer from "puppeteer-core";
+import { launch } from "./chromium.mjs";
 
 const config = JSON.parse(process.argv[2]);
 const result = { console: [] };
 
-const browser = await puppeteer.launch({
-  executablePath: config.chromium,
-  headless: true,
-  // Over a pipe, not a port: if this process dies, Chromium sees the pipe close and exits.
-  pipe: true,
-  // puppeteer passes the first and the fourth itself; named here so that stays true.
-  args: [
-    "--headless=new",
-    // Root in a container: Chromium's sandbox needs namespaces it may not get.
-    "--no-sandbox",
-    "--disable-gpu",
-    // No connections of Chromium's own (updates, field trials) beside the page's.
-    "--disable-background-networking",
-    // Trust exactly the dev certificate's key, not every certificate.
-    `--ignore-certificate-errors-spki-list=${config.spki}`,
-  ],
-  timeout: config.waitMs,
-});
+const browser = await launch(config);
 try {
   const page = await browser.newPage();
   page.setDefaultTimeout(config.waitMs);
