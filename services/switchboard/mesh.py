@@ -90,6 +90,7 @@ from switchboard.platform.egress import EgressPolicy
 from switchboard.platform.errors import NotFound
 from switchboard.platform.eventlog import LocalLog, LogBackend, RedisLog
 from switchboard.platform.membership import MembershipStore
+from switchboard.platform.metrics import Metrics, run_state_label
 from switchboard.platform.outbox import Outbox
 from switchboard.platform.pagination import PageTokens
 from switchboard.platform.policy import Policy
@@ -100,6 +101,7 @@ from switchboard.platform.server import (
     build_server,
     format_address,
 )
+from switchboard.platform.telemetry import Tracing, default_service_name, install
 
 log = logging.getLogger("switchboard.mesh")
 
@@ -130,6 +132,8 @@ class Deps:
     integration: IntegrationHub
     #: Only in processes that serve DispatcherService.
     dispatcher: Dispatcher | None = None
+    #: The process's metrics; None when SWITCHBOARD_METRICS_PORT is unset (nothing recorded).
+    metrics: Metrics | None = None
 
 
 Factory = Callable[[Deps], object]
@@ -416,6 +420,7 @@ async def dispatcher_service(
     resources: contextlib.AsyncExitStack,
     page_tokens: PageTokens,
     integration: IntegrationHub,
+    metrics: Metrics | None = None,
 ) -> Dispatcher:
     """``integration``: the hub, for tools and for its breakers (an expert's circuit
     is one for runs and tools)."""
@@ -535,6 +540,7 @@ async def dispatcher_service(
             max_result_chars=settings.dispatcher_max_tool_result_chars,
         ),
         peers=peers,
+        metrics=metrics,
     )
     await dispatcher.start()
     resources.push_async_callback(dispatcher.close)
@@ -562,6 +568,7 @@ async def integration_hub(
     counters: Cache,
     page_tokens: PageTokens,
     resources: contextlib.AsyncExitStack,
+    metrics: Metrics | None = None,
 ) -> IntegrationHub:
     """The hub, with its breakers, sealed credentials and egress policy."""
     with setting("SWITCHBOARD_EGRESS_ALLOW_CIDRS"):
@@ -595,6 +602,7 @@ async def integration_hub(
         connector_factory(settings, egress, stdio, tools_changed),
         stdio_servers=frozenset(stdio),
         reserved_handler_ids=reserved_handler_ids(settings),
+        metrics=metrics,
     )
     await hub.start(probe="integration" in settings.services)
     resources.push_async_callback(hub.close)
@@ -659,7 +667,9 @@ def key_ring(settings: Settings) -> KeyRing:
     return KeyRing(SigningKey.generate("dev"))
 
 
-async def open_deps(settings: Settings, resources: contextlib.AsyncExitStack) -> Deps:
+async def open_deps(
+    settings: Settings, resources: contextlib.AsyncExitStack, metrics: Metrics | None = None
+) -> Deps:
     """Open every shared resource; each closes with ``resources``."""
     keys = key_ring(settings)
     oidc: OidcVerifier | None = None
@@ -723,6 +733,7 @@ async def open_deps(settings: Settings, resources: contextlib.AsyncExitStack) ->
         event_log(settings, database, outbox),
         memory=min(settings.events_memory, settings.events_retention),
         outbox=outbox,
+        metrics=metrics,
     )
     # A revocation's event backs up its message (lost if the revoker died in between).
     bus.listen(authenticator.on_event)
@@ -765,7 +776,9 @@ async def open_deps(settings: Settings, resources: contextlib.AsyncExitStack) ->
     )
     authenticator.on_revocation(access.revoked)
     resources.push_async_callback(access.close)
-    integration = await integration_hub(settings, database, bus, cache, page_tokens, resources)
+    integration = await integration_hub(
+        settings, database, bus, cache, page_tokens, resources, metrics
+    )
     dispatcher: Dispatcher | None = None
     if "dispatcher" in settings.services:
         port: ContextPort = LocalContext(context)
@@ -783,6 +796,7 @@ async def open_deps(settings: Settings, resources: contextlib.AsyncExitStack) ->
             resources,
             page_tokens,
             integration,
+            metrics,
         )
     return Deps(
         settings=settings,
@@ -799,6 +813,7 @@ async def open_deps(settings: Settings, resources: contextlib.AsyncExitStack) ->
         page_tokens=page_tokens,
         integration=integration,
         dispatcher=dispatcher,
+        metrics=metrics,
     )
 
 
@@ -808,12 +823,28 @@ def registration(name: str, deps: Deps) -> ServiceRegistration:
     return ServiceRegistration(descriptor, factory(deps), preserialized)
 
 
-async def create_server(settings: Settings) -> tuple[SwitchboardServer, int]:
-    """Open resources and build every configured service into one bound (not started) server."""
+async def create_server(
+    settings: Settings, *, tracing: Tracing | None = None
+) -> tuple[SwitchboardServer, int]:
+    """Open resources and build every configured service into one bound (not started) server.
+
+    Tracing comes from the ``OTEL_*`` variables (``platform/telemetry.py``)
+    unless ``tracing`` is given (tests hand in one with an in-memory exporter).
+    """
     check_settings(settings)
+    if tracing is None:
+        tracing = Tracing.from_environ(service_name=default_service_name(settings.services))
     resources = contextlib.AsyncExitStack()
+    if tracing is not None:
+        # Closed last (the stack unwinds in reverse): what closing the rest
+        # traces is still exported.
+        resources.callback(tracing.shutdown)
+    # Before anything opens: channels, HTTP clients and stores ask for it as they are built.
+    resources.callback(install(tracing))
     try:
-        deps = await open_deps(settings, resources)
+        # Recorded only where they are served: without the port nothing pays for them.
+        metrics = Metrics(process=True) if settings.metrics_port is not None else None
+        deps = await open_deps(settings, resources, metrics)
         registrations = [registration(name, deps) for name in settings.services]
         server = await build_server(
             settings,
@@ -821,6 +852,8 @@ async def create_server(settings: Settings) -> tuple[SwitchboardServer, int]:
             guard=Guard(deps.authenticator, deps.policy),
             resources=resources,
             deps=deps,
+            tracing=tracing,
+            metrics=metrics,
         )
         if deps.dispatcher is not None:
             # Known only now that the port is bound; stored before any call is taken.
@@ -835,4 +868,78 @@ async def create_server(settings: Settings) -> tuple[SwitchboardServer, int]:
         # Redis away means degraded, not down: "" stays SERVING, this entry does not.
         server.report(REDIS_HEALTH, deps.bus.state == "ok")
         deps.bus.on_state_change(lambda state: server.report(REDIS_HEALTH, state == "ok"))
+    if metrics is not None:
+        observe(metrics, deps, server)
     return server, server.port
+
+
+def observe(metrics: Metrics, deps: Deps, server: SwitchboardServer) -> None:
+    """Read the process's current state at every scrape (docs/metrics.md)."""
+    bus = deps.bus
+    metrics.observe("switchboard_subscribers", lambda: [(("events",), bus.fanout.count)])
+    metrics.observe(
+        "switchboard_event_subscriber_backlog_events", lambda: [((), sum(bus.fanout.backlogs()))]
+    )
+    metrics.observe(
+        "switchboard_event_subscriber_backlog_max_events",
+        lambda: [((), max(bus.fanout.backlogs(), default=0))],
+    )
+    metrics.observe(
+        "switchboard_event_log_degraded", lambda: [((), 0.0 if bus.state == "ok" else 1.0)]
+    )
+    metrics.observe(
+        "switchboard_event_outbox_events",
+        lambda: [
+            (("memory",), bus.held),
+            (("database",), len(bus.outbox.pending) if bus.outbox is not None else 0),
+        ],
+    )
+    breakers = deps.integration.breakers
+    metrics.observe(
+        "switchboard_breakers",
+        lambda: [((state,), count) for state, count in breakers.counts().items()],
+    )
+    metrics.observe(
+        "switchboard_breaker_transitions_total",
+        lambda: [((state,), count) for state, count in breakers.transitions.items()],
+    )
+    database = deps.database
+    metrics.observe(
+        "switchboard_db_pool_connections",
+        lambda: [
+            (("checked_out",), database.pool_status()[0]),
+            (("idle",), database.pool_status()[1]),
+        ],
+    )
+    metrics.observe(
+        "switchboard_db_pool_max_connections", lambda: [((), database.pool_status()[2])]
+    )
+
+    def dependency(entry: str) -> str:
+        return entry.removeprefix("switchboard.")
+
+    metrics.observe(
+        "switchboard_dependency_up",
+        lambda: [
+            ((dependency(entry),), 1.0 if serving else 0.0)
+            for entry, serving in server.components.items()
+        ],
+    )
+    metrics.observe(
+        "switchboard_dependency_outages_total",
+        lambda: [
+            ((dependency(entry),), server.outages.get(entry, 0)) for entry in server.components
+        ],
+    )
+    dispatcher = deps.dispatcher
+    if dispatcher is not None:
+        scheduler = dispatcher.scheduler
+        metrics.observe(
+            "switchboard_runs_active",
+            lambda: [
+                ((run_state_label("RUN_STATE_QUEUED"),), scheduler.queued),
+                ((run_state_label("RUN_STATE_RUNNING"),), scheduler.running),
+                ((run_state_label("RUN_STATE_REQUIRES_ACTION"),), scheduler.waiting),
+            ],
+        )
+        metrics.observe("switchboard_subscribers", lambda: [(("runs",), dispatcher.watchers)])

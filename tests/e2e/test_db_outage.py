@@ -28,9 +28,11 @@ from pathlib import Path
 from typing import Any, Final
 
 import grpc
+import httpx
 import pytest
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.context.v1 import context_pb2 as cpb
@@ -91,7 +93,9 @@ def replicas(
         "PYTHONFAULTHANDLER": "1",
     }
     with (
-        ServeProcess(env={**env, "SWITCHBOARD_INSTANCE_ID": "replica-a"}) as a,
+        ServeProcess(
+            env={**env, "SWITCHBOARD_INSTANCE_ID": "replica-a", "SWITCHBOARD_METRICS_PORT": "0"}
+        ) as a,
         ServeProcess(env={**env, "SWITCHBOARD_INSTANCE_ID": "replica-b"}) as b,
     ):
         yield a, b
@@ -328,6 +332,21 @@ async def python_health(stubs: Stubs, service: str) -> int:
     return int(reply.status)
 
 
+async def database_metrics(server: ServeProcess) -> tuple[float, float]:
+    """``switchboard_dependency_up`` and ``_outages_total`` of the database, scraped."""
+    listening = next(e for e in server.log if e.get("message") == "switchboard listening")
+    async with httpx.AsyncClient() as client:
+        response = await client.get(
+            f"http://127.0.0.1:{listening['metrics_port']}/metrics", timeout=CALL_TIMEOUT_S
+        )
+    found = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.labels.get("dependency") == "database":
+                found[sample.name] = sample.value
+    return found["switchboard_dependency_up"], found["switchboard_dependency_outages_total"]
+
+
 async def probe_health(address: str, service: str) -> int:
     """The status grpc-health-probe reports (exit 0 SERVING, 4 NOT_SERVING)."""
     done = await asyncio.to_thread(
@@ -403,6 +422,8 @@ async def test_a_database_outage_under_load_is_unavailable_never_internal_or_a_h
                 _status_is(lambda: probe_health(b.address, DATABASE_HEALTH), NOT_SERVING),
                 clients,
             )
+            # The metrics say so too (docs/metrics.md).
+            assert await database_metrics(a) == (0.0, 1.0)
             # The process still answers: the overall entry stays SERVING.
             assert await python_health(on_a, "") == SERVING
             assert await probe_health(b.address, "") == SERVING
@@ -421,6 +442,7 @@ async def test_a_database_outage_under_load_is_unavailable_never_internal_or_a_h
                 _status_is(lambda: probe_health(b.address, DATABASE_HEALTH), SERVING),
                 clients,
             )
+            assert await database_metrics(a) == (1.0, 1.0)
             ok_before = tally.count(grpc.StatusCode.OK)
             await until("calls succeeding again", _oks_after(tally, ok_before), clients)
         finally:

@@ -19,7 +19,7 @@ Tools (listed three per page, so every listing takes several pages):
   404 from then on), as a restarted server would.
 - ``stats()``: what the server saw: ``cancelled`` tags, ``get_streams`` and
   ``initializes`` (POSTs without a session id), ``list_calls`` and the last
-  ``authorization`` header.
+  ``authorization`` and ``traceparent`` headers (a POST's).
 - ``filler1`` .. ``filler4``: more tools, for pagination.
 """
 
@@ -103,6 +103,7 @@ class _State:
         self.initializes = 0
         self.list_calls = 0
         self.authorization = ""
+        self.traceparent = ""
         self.server: Server[Any] | None = None
 
     def tools(self) -> list[types.Tool]:
@@ -175,6 +176,7 @@ async def call_tool(
             "initializes": STATE.initializes,
             "list_calls": STATE.list_calls,
             "authorization": STATE.authorization,
+            "traceparent": STATE.traceparent,
         }
         return types.CallToolResult(content=_text("stats"), structured_content=stats)
     return types.CallToolResult(content=_text(name))
@@ -182,7 +184,7 @@ async def call_tool(
 
 class _Observe:
     """Counts standalone (GET) streams and new sessions, and keeps the last
-    Authorization header: what the tests check the client sent."""
+    Authorization and traceparent headers: what the tests check the client sent."""
 
     def __init__(self, app: ASGIApp) -> None:
         self._app = app
@@ -196,6 +198,7 @@ class _Observe:
                 if b"mcp-session-id" not in headers:
                     STATE.initializes += 1
                 STATE.authorization = headers.get(b"authorization", b"").decode()
+                STATE.traceparent = headers.get(b"traceparent", b"").decode()
         await self._app(scope, receive, send)
 
 

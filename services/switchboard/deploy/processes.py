@@ -564,6 +564,8 @@ class Service(Child):
 
         self.full_name = SERVICES[service][0].full_name
         self._listening = asyncio.Event()
+        #: Its metrics endpoint's bound port (0: not served), from its listening line.
+        self.metrics_port = 0
 
     def command(self) -> list[str]:
         return [
@@ -587,6 +589,10 @@ class Service(Child):
         env.pop("SWITCHBOARD_CONTEXT_ADDRESS", None)
         if self.service == "dispatcher":
             env["SWITCHBOARD_CONTEXT_ADDRESS"] = self.mesh.context_for(self.index).address
+        env.update(telemetry_identity(env, f"switchboard-{self.service}", self.name))
+        if env.get("SWITCHBOARD_METRICS_PORT", "").strip():
+            # Every process serves its own metrics: one port for all would clash.
+            env["SWITCHBOARD_METRICS_PORT"] = "0"
         return env
 
     def stop_timeout_s(self) -> float:
@@ -602,6 +608,7 @@ class Service(Child):
         port = _listening_port(text)
         if port:
             self.port = port
+            self.metrics_port = _listening_port(text, "metrics_port")
             self._listening.set()
 
     async def wait_ready(self, deadline: float) -> None:
@@ -630,18 +637,41 @@ class Service(Child):
             "service": self.service,
             "instance_id": self.name,
             "address": self.address,
+            "metrics_port": self.metrics_port,
         }
 
 
-def _listening_port(text: str) -> int:
-    """The port in a ``switchboard listening`` log line, JSON or text; 0 if none."""
+def telemetry_identity(env: dict[str, str], service_name: str, instance: str) -> dict[str, str]:
+    """The OTEL_* a process adds to ``env`` to tell its telemetry apart: its own
+    ``OTEL_SERVICE_NAME`` (``switchboard-dispatcher``; replicas share it) unless the user
+    named the service, and its replica name as ``service.instance.id``. The rest of the
+    OTEL_* variables (endpoint, sampler...) reach every process as the user set them."""
+    attributes = env.get("OTEL_RESOURCE_ATTRIBUTES", "")
+    keys = {part.partition("=")[0].strip() for part in attributes.split(",") if part.strip()}
+    added: dict[str, str] = {}
+    if not env.get("OTEL_SERVICE_NAME") and "service.name" not in keys:
+        added["OTEL_SERVICE_NAME"] = service_name
+    if "service.instance.id" not in keys:
+        instance_id = f"service.instance.id={instance}"
+        added["OTEL_RESOURCE_ATTRIBUTES"] = (
+            f"{attributes.rstrip(',')},{instance_id}" if attributes.strip() else instance_id
+        )
+    return added
+
+
+def _listening_port(text: str, key: str = "port") -> int:
+    """The port (or ``metrics_port``) in a ``switchboard listening`` log line, JSON or
+    text; 0 if none."""
     if text.startswith("{"):
         try:
             entry = json.loads(text)
         except json.JSONDecodeError:
             return 0
-        port = entry.get("port") if isinstance(entry, dict) else None
+        port = entry.get(key) if isinstance(entry, dict) else None
         return port if isinstance(port, int) else 0
+    if key != "port":
+        found = re.search(rf"\b{key}=(\d+)", text)
+        return int(found.group(1)) if found else 0
     found = _LISTENING.search(text)
     return int(found.group(1)) if found else 0
 
@@ -684,6 +714,12 @@ class Envoy(Child):
 
     def stop_timeout_s(self) -> float:
         return ENVOY_STOP_S
+
+    def environment(self) -> dict[str, str]:
+        # Its tracer's resource detector reads OTEL_RESOURCE_ATTRIBUTES.
+        env = dict(self.mesh.base_env)
+        env.update(telemetry_identity(env, "switchboard-envoy", self.name))
+        return env
 
     def command(self) -> list[str]:
         return [

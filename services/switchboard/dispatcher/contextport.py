@@ -29,6 +29,7 @@ from switchboard.platform.errors import (
 )
 from switchboard.platform.policy import Principal
 from switchboard.platform.rpcerrors import from_rpc_error
+from switchboard.platform.telemetry import client_interceptors
 
 
 class ContextDomain(Protocol):
@@ -91,7 +92,7 @@ class LocalContext:
 # Status codes of the context service, back to the domain errors they came from.
 class RemoteContext:
     def __init__(self, address: str, tokens: TokenIssuer) -> None:
-        self._channel = aio.insecure_channel(address)
+        self._channel = aio.insecure_channel(address, interceptors=client_interceptors())
         self._stub = context_pb2_grpc.ContextServiceStub(self._channel)
         self._tokens = tokens
 

@@ -95,6 +95,10 @@ class Active:
     #: Serializes stored state changes (a pause, decisions, the end), whose
     #: sequences are taken before their write and shown after it.
     persisting: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: ``time.monotonic()`` when the scheduler admitted it, and when it started
+    #: (0.0: not yet): its queue wait and its duration, for logs and metrics.
+    queued_at: float = 0.0
+    started_at: float = 0.0
 
     @property
     def conversation(self) -> str:

@@ -58,6 +58,7 @@ from switchboard.api.handler.v1 import handler_pb2
 from switchboard.dispatcher.handlers import Frame, HandleCall, HandlerFailure, capabilities
 from switchboard.platform.breaker import CircuitBreaker
 from switchboard.platform.rendering import plain, render_parts
+from switchboard.platform.telemetry import instrument_http
 
 log = logging.getLogger("switchboard.dispatcher.llm")
 
@@ -970,15 +971,18 @@ class LlmHandler:
         if self._closed:
             raise HandlerFailure("the LLM handler is shut down", retryable=True)
         if self._client is None:
-            self._client = httpx.AsyncClient(
-                limits=httpx.Limits(
-                    max_connections=self._config.max_connections,
-                    max_keepalive_connections=self._config.max_connections,
-                ),
-                # Every request sets its own timeouts from the run's deadline.
-                timeout=httpx.Timeout(self._config.connect_timeout_s),
-                follow_redirects=False,
-                headers={"User-Agent": "switchboard-llm/1"},
+            # With tracing on: a span per request, ``traceparent`` in its headers.
+            self._client = instrument_http(
+                httpx.AsyncClient(
+                    limits=httpx.Limits(
+                        max_connections=self._config.max_connections,
+                        max_keepalive_connections=self._config.max_connections,
+                    ),
+                    # Every request sets its own timeouts from the run's deadline.
+                    timeout=httpx.Timeout(self._config.connect_timeout_s),
+                    follow_redirects=False,
+                    headers={"User-Agent": "switchboard-llm/1"},
+                )
             )
         return self._client
 

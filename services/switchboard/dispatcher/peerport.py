@@ -35,6 +35,7 @@ from switchboard.platform.errors import SwitchboardError
 from switchboard.platform.logging import request_id_var
 from switchboard.platform.rpcerrors import from_rpc_error
 from switchboard.platform.status import REQUEST_ID_KEY
+from switchboard.platform.telemetry import client_interceptors
 
 #: Metadata that marks a call one replica forwarded to another.
 FORWARDED_KEY: Final = "x-switchboard-forwarded"
@@ -88,7 +89,9 @@ class GrpcPeers:
         if found is not None:
             self._channels.move_to_end(address)
             return found[1]
-        channel = aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        channel = aio.insecure_channel(
+            address, options=CHANNEL_OPTIONS, interceptors=client_interceptors()
+        )
         stub = dispatcher_pb2_grpc.DispatcherServiceStub(channel)
         self._channels[address] = (channel, stub)
         if len(self._channels) > self._max_peers:

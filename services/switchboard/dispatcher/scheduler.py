@@ -69,6 +69,11 @@ class Scheduler:
     def running(self) -> int:
         return len(self._running)
 
+    @property
+    def waiting(self) -> int:
+        """Paused runs: waiting for a person (REQUIRES_ACTION), holding no slot."""
+        return len(self._paused)
+
     def active_in(self, conversation: str) -> list[str]:
         """Tickets' ``run_id`` of the conversation, running or queued, oldest first."""
         found = [

@@ -49,6 +49,7 @@ from typing import Final, Literal
 
 from google.protobuf import struct_pb2
 from google.rpc import status_pb2
+from opentelemetry.trace import StatusCode, Tracer
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
@@ -91,10 +92,12 @@ from switchboard.platform.errors import (
     Violations,
 )
 from switchboard.platform.eventlog import Backoff
+from switchboard.platform.metrics import WORKSPACE_HANDLER, Metrics, run_state_label
 from switchboard.platform.outbox import Staged
 from switchboard.platform.policy import AuthMethod, Permission, Policy, Principal, Scope
 from switchboard.platform.status import to_status_proto
 from switchboard.platform.storage import idempotency
+from switchboard.platform.telemetry import current_ids, parent_from, traceparent, tracer
 
 log = logging.getLogger("switchboard.dispatcher")
 
@@ -190,6 +193,17 @@ def _read_job(data: bytes) -> tuple[Principal, job_pb2.RunJob]:
     return principal, job
 
 
+def _carry_trace(tracer: Tracer | None, run: pb.Run, job: job_pb2.RunJob) -> None:
+    """The run carries the current call's trace; its execution continues it from
+    the job, in whichever process runs it (``Dispatcher._execute_traced``)."""
+    if tracer is None:  # tracing is off
+        return
+    ids = current_ids()
+    if ids is not None:
+        run.trace_id = ids[0]
+        job.traceparent = traceparent()
+
+
 def _legacy_job(data: bytes) -> job_pb2.RunJob:
     """A job stored before runs had tools (JSON with base64 inside): runs queued
     or running across the upgrade still recover."""
@@ -226,8 +240,13 @@ class Dispatcher:
         tools: ToolPort,
         tool_limits: ToolLimits,
         peers: PeerPort | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.assistants = assistants
+        #: Runs' metrics (platform/metrics.py); None: not recorded.
+        self._metrics = metrics
+        #: Open WatchRun and Converse watches of this process's runs.
+        self.watchers = 0
         # The other replicas, for calls on runs they own (None: this one's runs only).
         self._peers = peers
         # Where other replicas reach this one (its lease says so); "" until known.
@@ -253,6 +272,8 @@ class Dispatcher:
         self._leased_since: float | None = None
         # Runs taken over or found at start that the database refused to recover yet.
         self._unrecovered: list[tuple[Stored, str]] = []
+        # None when tracing is off: runs then get no span (decided once, here).
+        self._tracer = tracer("switchboard.dispatcher")
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -357,12 +378,20 @@ class Dispatcher:
         item = Stored(run, item.job, item.workspace_id, item.conversation_id)
         if run.state == pb.RUN_STATE_RUNNING and self.limits.recovery == "fail":
             await self._end_unstarted(item, RunInterrupted(f"{why} while the run was running"))
+            log.warning(
+                "run failed in recovery",
+                extra={"run": run.name, "handler": run.handler, "why": why, "policy": "fail"},
+            )
             return
         principal, job = _read_job(item.job)
         handler = await self.router.find(item.workspace_id, run.handler.removeprefix("handlers/"))
         if handler is None:
             await self._end_unstarted(
                 item, HandlerFailed(f"handler {run.handler} is no longer configured")
+            )
+            log.warning(
+                "run failed in recovery",
+                extra={"run": run.name, "handler": run.handler, "why": "handler gone"},
             )
             return
         run_id = run.name.rsplit("/", 1)[-1]
@@ -389,6 +418,16 @@ class Dispatcher:
         if requeued:
             self._state_changed(active)  # the QUEUED update, at run.last_sequence
         self._active[run.name] = active
+        log.info(
+            "run recovered",
+            extra={
+                "run": run.name,
+                "handler": run.handler,
+                "why": why,
+                "state": pb.RunState.Name(item.run.state),
+                "action": "requeued" if requeued else "queued",
+            },
+        )
         self._admit(active, force=True)
 
     async def _end_unstarted(self, item: Stored, error: SwitchboardError) -> None:
@@ -402,6 +441,10 @@ class Dispatcher:
         run_id = run.name.rsplit("/", 1)[-1]
         await self._store.save(run_id, run, owner=self.limits.instance_id, staged=staged)
         await self._bus.publish_staged(staged.events)
+        if self._metrics is not None:
+            handler_id = run.handler.removeprefix("handlers/")
+            label = handler_id if self.router.registry.get(handler_id) else WORKSPACE_HANDLER
+            self._metrics.run_ended(label, run_state_label(pb.RunState.Name(run.state)), None)
 
     # -- sending --------------------------------------------------------------------
 
@@ -456,6 +499,7 @@ class Dispatcher:
         else:
             stored_for_handler = stored_message
         job = _new_job(principal, stored_for_handler, params, timeout, assistant)
+        _carry_trace(self._tracer, run, job)
         created, replayed = await self._store.create(
             NewRun(
                 run_id=run_id,
@@ -648,7 +692,23 @@ class Dispatcher:
                     retry_after_s=max(reset_s, 1.0),
                 )
 
+    def _handler_label(self, handler: Handler) -> str:
+        """The handler's id as a metric label: the operator's handlers are a bounded
+        set; every workspace's own experts are one value (``workspace``)."""
+        handler_id = handler.capabilities.id
+        return handler_id if self.router.registry.get(handler_id) is handler else WORKSPACE_HANDLER
+
     def _admit(self, active: Active, *, force: bool) -> None:
+        active.queued_at = time.monotonic()
+        log.info(
+            "run queued",
+            extra={
+                "run": active.run.name,
+                "handler": active.run.handler,
+                "queued": self.scheduler.queued,
+                "running": self.scheduler.running,
+            },
+        )
         ticket = Ticket(
             run_id=active.run.name,
             workspace=active.workspace_id,
@@ -664,10 +724,30 @@ class Dispatcher:
             self._release(active)
             return
         active.task = asyncio.get_running_loop().create_task(
-            self._execute(active), name=f"run-{active.run_id}"
+            self._execute(active)
+            if self._tracer is None
+            else self._execute_traced(self._tracer, active),
+            name=f"run-{active.run_id}",
         )
 
     # -- executing ------------------------------------------------------------------
+
+    async def _execute_traced(self, tracer: Tracer, active: Active) -> None:
+        """``_execute`` in the run's own span, a child of the SendMessage call that
+        started it (the job keeps its ``traceparent``; a recovered or queued run
+        continues the same trace). It outlives that call, as a child may: the
+        answer, its context and its tool and model calls are one trace."""
+        run = active.run
+        handler_id = run.handler.removeprefix("handlers/")
+        with tracer.start_as_current_span(
+            f"run {handler_id}",
+            context=parent_from(active.job.traceparent),
+            attributes={"switchboard.run": run.name, "switchboard.handler": handler_id},
+        ) as span:
+            await self._execute(active)
+            span.set_attribute("switchboard.run.state", pb.RunState.Name(run.state))
+            if run.HasField("error"):
+                span.set_status(StatusCode.ERROR, run.error.message)
 
     async def _execute(self, active: Active) -> None:
         active.started = True
@@ -679,7 +759,7 @@ class Dispatcher:
         error: SwitchboardError | None = None
         try:
             active.to(pb.RUN_STATE_RUNNING)
-            run.start_time.GetCurrentTime()
+            self._started(active)
             run.deadline.FromDatetime(
                 dt.datetime.now(dt.UTC) + dt.timedelta(seconds=active.timeout_s)
             )
@@ -942,6 +1022,49 @@ class Dispatcher:
         self._active.pop(run.name, None)
         if active.ticket is not None:
             self.scheduler.finished(active.ticket)
+        self._ended(active, error)
+
+    def _started(self, active: Active) -> None:
+        """Log and measure a run's start (its queue wait)."""
+        now = time.monotonic()
+        active.started_at = now
+        active.run.start_time.GetCurrentTime()
+        waited = now - active.queued_at if active.queued_at else 0.0
+        if self._metrics is not None:
+            self._metrics.run_queue_wait.observe(waited)
+        log.info(
+            "run started",
+            extra={
+                "run": active.run.name,
+                "handler": active.run.handler,
+                "queue_wait_ms": round(waited * 1000, 3),
+            },
+        )
+
+    def _ended(self, active: Active, error: SwitchboardError | None) -> None:
+        """Log and measure a run's end: state, handler, duration, usage."""
+        run = active.run
+        state = pb.RunState.Name(run.state)
+        duration = time.monotonic() - active.started_at if active.started_at else None
+        if self._metrics is not None:
+            self._metrics.run_ended(
+                self._handler_label(active.handler), run_state_label(state), duration
+            )
+        usage = run.usage
+        log.info(
+            "run ended",
+            extra={
+                "run": run.name,
+                "handler": run.handler,
+                "state": state,
+                "reason": error.reason if error is not None else "",
+                "duration_ms": None if duration is None else round(duration * 1000, 3),
+                "input_tokens": usage.input_tokens,
+                "output_tokens": usage.output_tokens,
+                "cost_usd": usage.estimated_cost_usd,
+                "model": usage.model,
+            },
+        )
 
     async def _started_saved(self, active: Active) -> None:
         if active.saving is not None:
@@ -958,6 +1081,7 @@ class Dispatcher:
         active.to(pb.RUN_STATE_QUEUED)
         _queued_again(run)
         await self._persist(active, "requeue")
+        log.info("run requeued at shutdown", extra={"run": run.name, "handler": run.handler})
 
     async def _leave_paused(self, active: Active) -> None:
         """Stopping while it waits for approvals: it stays stored as it is."""
@@ -1201,6 +1325,14 @@ class Dispatcher:
 
     async def watch(self, name: str, after_sequence: int) -> AsyncIterator[pb.RunUpdate | None]:
         """The run's updates after ``after_sequence``; ``None`` for a heartbeat."""
+        self.watchers += 1
+        try:
+            async for update in self._watch(name, after_sequence):
+                yield update
+        finally:
+            self.watchers -= 1
+
+    async def _watch(self, name: str, after_sequence: int) -> AsyncIterator[pb.RunUpdate | None]:
         found = _match(_RUN, name, "name")
         if after_sequence < 0:
             raise InvalidArgument(

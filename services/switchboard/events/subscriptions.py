@@ -274,6 +274,11 @@ class Subscription:
     # -- writer side -----------------------------------------------------------------
 
     @property
+    def backlog(self) -> int:
+        """Live events queued and not yet sent (``switchboard_event_subscriber_backlog_events``)."""
+        return len(self._queue)
+
+    @property
     def resume_cursor(self) -> str:
         return format_cursor(self.acked if self.acked is not None else self.sent)
 

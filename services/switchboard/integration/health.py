@@ -149,7 +149,32 @@ class Prober:
         staged: Staged[IntegrationRecord | None] = Staged(
             self._bus.outbox, lambda done: [self._announce(done)] if done else []
         )
-        await self._store.record_health(
+        changed = await self._store.record_health(
             record.workspace_id, record.id, record.version, verdict, staged
         )
         await self._bus.publish_staged(staged.events)
+        _log_change(changed, record, health, failures, error)
+
+
+def _log_change(
+    changed: IntegrationRecord | None,
+    record: IntegrationRecord,
+    health: pb.HealthState.ValueType,
+    failures: int,
+    error: str,
+) -> None:
+    """One line per status change (``changed``: the stored verdict, if it was stored);
+    unhealthy is a warning."""
+    if changed is not None and health != record.health:
+        log.log(
+            logging.WARNING if health == pb.HEALTH_STATE_UNHEALTHY else logging.INFO,
+            "integration status changed",
+            extra={
+                "integration": name_of(record),
+                "kind": pb.IntegrationKind.Name(record.kind),  # type: ignore[arg-type]
+                "from_health": pb.HealthState.Name(record.health),  # type: ignore[arg-type]
+                "to_health": pb.HealthState.Name(health),
+                "failures": failures,
+                "error": error,
+            },
+        )

@@ -62,6 +62,7 @@ from switchboard.platform.errors import (
     Violations,
 )
 from switchboard.platform.fieldmask import update_paths
+from switchboard.platform.metrics import Metrics
 from switchboard.platform.names import checked_etag
 from switchboard.platform.outbox import Staged
 from switchboard.platform.policy import Principal
@@ -148,6 +149,7 @@ class IntegrationHub:
         *,
         stdio_servers: frozenset[str] = frozenset(),
         reserved_handler_ids: frozenset[str] = frozenset(),
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
         self._bus = bus
@@ -163,7 +165,9 @@ class IntegrationHub:
         #: Set by the composition root where webhook deliveries run.
         self.webhooks: WebhookDeliveries | None = None
         self._connections = Connections(connectors, secrets, breakers, limits)
-        self._tools = Tools(store, self._connections, bus, counters, page_tokens, limits)
+        self._tools = Tools(
+            store, self._connections, bus, counters, page_tokens, limits, metrics=metrics
+        )
         self.prober = Prober(
             store,
             self._connections,

@@ -41,6 +41,7 @@ from switchboard.platform.errors import (
     SwitchboardError,
     Violations,
 )
+from switchboard.platform.metrics import Metrics
 from switchboard.platform.policy import Principal
 
 log = logging.getLogger("switchboard.integration")
@@ -90,8 +91,10 @@ class Tools:
         counters: Cache,
         page_tokens: pagination.PageTokens,
         limits: Limits,
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
+        self._metrics = metrics
         self._connections = connections
         self._bus = bus
         self._counters = counters
@@ -245,6 +248,8 @@ class Tools:
         finally:
             elapsed = time.monotonic() - started
             self._audit(principal, tool, elapsed, status, result, run)
+            if self._metrics is not None:
+                self._metrics.tool_call(_kind_label(record.kind), _outcome(status, result), elapsed)
         if result is None:  # _guarded returns the result or raises
             raise DependencyUnavailable(f"{parent} gave no answer")
         return self._tool_response(result, elapsed, limit)
@@ -350,3 +355,17 @@ class Tools:
                 f"more than {limit} tool calls in a minute in this workspace; slow down",
                 retry_after_s=max(reset_s, 1.0),
             )
+
+
+def _kind_label(kind: int) -> str:
+    """``INTEGRATION_KIND_MCP_SERVER`` -> ``mcp_server`` (a metric label)."""
+    return pb.IntegrationKind.Name(kind).removeprefix("INTEGRATION_KIND_").lower()  # type: ignore[arg-type]
+
+
+def _outcome(status: status_pb2.Status, result: ToolResult | None) -> str:
+    """A call's outcome as a metric label: ``ok``, ``tool_error`` (the tool said it
+    failed) or the status code's name in lower case (``unavailable``...)."""
+    if status.code != code_pb2.OK:
+        name: str = code_pb2.Code.Name(status.code)
+        return name.lower()
+    return "tool_error" if result is not None and result.is_error else "ok"

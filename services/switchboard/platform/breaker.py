@@ -52,6 +52,7 @@ import logging
 import math
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Final, Literal
@@ -365,6 +366,8 @@ class Breakers:
         # last state seen there (what serves while Redis is away).
         self._local: dict[str, _Record] = {}
         self._callbacks: list[Callable[[str, BreakerState], None]] = []
+        #: Changes of state this process made, by the state entered (a metric's source).
+        self.transitions: Counter[str] = Counter()
         self._client: Redis | None = None
         self._script: AsyncScript | None = None
         # monotonic time until which Redis is not tried; None while it answers.
@@ -414,6 +417,15 @@ class Breakers:
     def on_change(self, callback: Callable[[str, BreakerState], None]) -> None:
         """Call ``callback(key, state)`` on every change this process makes."""
         self._callbacks.append(callback)
+
+    def counts(self) -> dict[str, int]:
+        """Circuits this process holds state for, by state (a closed one only while it
+        counts failures)."""
+        now = self._clock()
+        found = dict.fromkeys(("closed", "open", "half_open"), 0)
+        for record in self._local.values():
+            found[record.view(now).state] += 1
+        return found
 
     def state(self, key: str) -> BreakerState:
         """``key``'s circuit as this process last saw it."""
@@ -527,6 +539,23 @@ class Breakers:
         old, new = before.view(now), after.view(now)
         if (old.state, old.retry_at) == (new.state, new.retry_at):
             return
+        if old.state != new.state:
+            self.transitions[new.state] += 1
+            # Open is news for an operator; the trial and the recovery are its follow-up.
+            logger.log(
+                logging.WARNING if new.state == "open" else logging.INFO,
+                "circuit %s",
+                new.state.replace("_", "-"),
+                extra={
+                    "key": key,
+                    "from_state": old.state,
+                    "to_state": new.state,
+                    "failures": new.failures,
+                    "retry_in_s": None
+                    if new.retry_at is None
+                    else round(max(0.0, new.retry_at - now), 3),
+                },
+            )
         for callback in self._callbacks:
             try:
                 callback(key, new)

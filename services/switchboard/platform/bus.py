@@ -16,8 +16,9 @@ user to re-check its access, in log order, before it sends anything later.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from typing import Final, Protocol
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Final, Protocol
 
 from switchboard.api.events.v1 import events_pb2
 from switchboard.platform.errors import CursorExpired, SwitchboardError
@@ -29,7 +30,11 @@ from switchboard.platform.eventlog import (
     Ring,
     format_cursor,
 )
+from switchboard.platform.logspans import traced
 from switchboard.platform.outbox import Outbox, stamp
+
+if TYPE_CHECKING:
+    from switchboard.platform.metrics import Metrics
 
 log = logging.getLogger("switchboard.bus")
 
@@ -76,6 +81,7 @@ class Fanout:
     def __init__(self) -> None:
         self._by_key: dict[str, dict[Sink, None]] = {}
         self._by_watch: dict[str, dict[Sink, None]] = {}
+        self._sinks: dict[Sink, None] = {}
         self.count = 0
         # Called at the same point in log order as the sinks' recheck().
         self.access_listeners: list[AccessListener] = []
@@ -85,6 +91,7 @@ class Fanout:
             self._by_key.setdefault(key, {})[sink] = None
         for name in sink.watches:
             self._by_watch.setdefault(name, {})[sink] = None
+        self._sinks[sink] = None
         self.count += 1
 
     def detach(self, sink: Sink) -> None:
@@ -96,7 +103,13 @@ class Fanout:
                 sinks.pop(sink, None)
                 if not sinks:
                     del index[name]
+        self._sinks.pop(sink, None)
         self.count -= 1
+
+    def backlogs(self) -> Iterator[int]:
+        """Each attached sink's queued items not yet sent (``backlog``; 0 if it has none)."""
+        for sink in self._sinks:
+            yield getattr(sink, "backlog", 0)
 
     def deliver(self, items: Sequence[Logged]) -> None:
         by_key = self._by_key
@@ -137,9 +150,19 @@ class Fanout:
 class EventBus:
     """Publisher, in-memory ring and fan-out over one log backend."""
 
-    def __init__(self, backend: LogBackend, *, memory: int, outbox: Outbox | None = None) -> None:
-        self._backend = backend
+    def __init__(
+        self,
+        backend: LogBackend,
+        *,
+        memory: int,
+        outbox: Outbox | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        # Its appends are spans when tracing is on (``platform/logspans.py``).
+        self._backend = traced(backend)
         self.outbox = outbox
+        #: ``switchboard_event_append_seconds`` (None: not recorded).
+        self._append_seconds = metrics.event_append if metrics is not None else None
         self.ring = Ring(memory)
         self.fanout = Fanout()
         self._listeners: list[Listener] = []
@@ -164,6 +187,11 @@ class EventBus:
         self._backend.on_state_change(callback)
 
     @property
+    def held(self) -> int:
+        """Events held in memory because the log is unreachable (Redis away)."""
+        return self._backend.held
+
+    @property
     def head(self) -> Position:
         """The newest position this process has delivered."""
         return self.ring.head()
@@ -177,7 +205,13 @@ class EventBus:
         embedded log; on Redis unless the event waits in the outbox).
         """
         stamp(event)
-        return await self._backend.append(event)
+        if self._append_seconds is None:
+            return await self._backend.append(event)
+        started = time.perf_counter()
+        try:
+            return await self._backend.append(event)
+        finally:
+            self._append_seconds.observe(time.perf_counter() - started)
 
     async def publish_many(self, events: Sequence[events_pb2.Event]) -> None:
         """``publish`` for several events, stored in this order and next to each other.
@@ -187,7 +221,17 @@ class EventBus:
         """
         for event in events:
             stamp(event)
-        await self._backend.append_many(events)
+        await self._append_many(events)
+
+    async def _append_many(self, events: Sequence[events_pb2.Event]) -> None:
+        if self._append_seconds is None:
+            await self._backend.append_many(events)
+            return
+        started = time.perf_counter()
+        try:
+            await self._backend.append_many(events)
+        finally:
+            self._append_seconds.observe(time.perf_counter() - started)
 
     async def publish_staged(self, events: Sequence[events_pb2.Event]) -> None:
         """Publish events a write staged in its transaction (``platform/outbox.py``).
@@ -203,7 +247,7 @@ class EventBus:
         if not events:
             return
         try:
-            await self._backend.append_many(events)
+            await self._append_many(events)
         except SwitchboardError:
             if outbox is None:
                 raise

@@ -15,6 +15,8 @@ from typing import Any, Final
 import grpc
 from grpc import aio
 
+from switchboard.platform.telemetry import client_interceptors
+
 ChannelOptions = Sequence[tuple[str, Any]]
 
 READY: Final = grpc.ChannelConnectivity.READY
@@ -42,9 +44,13 @@ def expert_channel(target: str, options: ChannelOptions = (), *, tls: bool = Fal
     the name TLS verifies. ``tls`` uses the system's trusted roots.
     """
     merged = (*CHANNEL_OPTIONS, *options)
+    # With tracing on: a client span per call, its context sent to the expert.
+    interceptors = client_interceptors()
     if tls:
-        return aio.secure_channel(target, grpc.ssl_channel_credentials(), options=merged)
-    return aio.insecure_channel(target, options=merged)
+        return aio.secure_channel(
+            target, grpc.ssl_channel_credentials(), options=merged, interceptors=interceptors
+        )
+    return aio.insecure_channel(target, options=merged, interceptors=interceptors)
 
 
 async def connected(channel: aio.Channel, within_s: float) -> bool:

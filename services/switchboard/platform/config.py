@@ -431,6 +431,17 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
 
+    # Metrics (docs/metrics.md): Prometheus text on a port of its own.
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Port of the Prometheus endpoint (/metrics); unset: off; 0 picks a free one.",
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1", min_length=1, description="Address the metrics endpoint binds."
+    )
+
     # The edge.
     trusted_proxies: Annotated[tuple[str, ...], NoDecode] = Field(
         default=(),

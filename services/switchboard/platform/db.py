@@ -47,6 +47,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from opentelemetry.trace import Span, SpanKind, StatusCode, get_current_span
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import URL, Connection, Engine, ExceptionContext, make_url
 from sqlalchemy.exc import (
@@ -67,6 +68,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, NullPool, QueuePool
 
+from switchboard.platform import telemetry
 from switchboard.platform.config import ConfigError
 from switchboard.platform.errors import DatabaseUnavailable as DatabaseUnavailable  # noqa: PLC0414 - re-exported
 
@@ -703,12 +705,30 @@ class Database:
                 connect_args={"timeout": timeout_s, "command_timeout": timeout_s},
             )
         self.health = DatabaseHealth(self._probe)
+        # None when tracing is off (decided once): no span then, not even a check.
+        self._tracer = telemetry.tracer("switchboard.db")
         for engine in (self.engine.sync_engine, self._sync_engine):
             if engine is not None:
                 event.listen(engine, "handle_error", self._observe_error)
 
     def _observe_error(self, context: ExceptionContext) -> None:
         self.health.observe(context.original_exception)
+
+    def pool_status(self) -> tuple[int, int, int]:
+        """Pooled connections now: (checked out, idle, most), over every pool of ours.
+
+        The health probe's connections are not pooled and not counted. A pool
+        without a bound (overflow -1) counts its size as its most.
+        """
+        checked_out = idle = most = 0
+        for engine in (self.engine.sync_engine, self._sync_engine):
+            pool = engine.pool if engine is not None else None
+            if not isinstance(pool, QueuePool):  # AsyncAdaptedQueuePool is one too
+                continue
+            checked_out += pool.checkedout()
+            idle += pool.checkedin()
+            most += pool.size() + max(0, pool._max_overflow)
+        return checked_out, idle, most
 
     @property
     def dialect_name(self) -> str:
@@ -735,12 +755,36 @@ class Database:
         transaction does anyway. The wait is bounded: a lock wait ends at the
         busy timeout, and the whole call at three times the database timeout.
         """
+        span = None if self._tracer is None else self._span("db.transaction", work, write)
         try:
             return await self._run(work, write=write, snapshot=snapshot)
         except Exception as exc:
             # Timeouts and lock waits never reach the engine's error hook.
             self.health.observe(exc)
+            if span is not None:
+                span.set_status(StatusCode.ERROR, type(exc).__name__)
             raise
+        finally:
+            if span is not None:
+                span.end()
+
+    def _span(self, name: str, work: Callable[..., Any] | str, write: bool) -> Span | None:
+        """A span for one transaction (its wait for the group commit included) or
+        one statement, inside a traced call or run only: background loops (the
+        outbox relay, lease renewals) would each start a trace of their own."""
+        if self._tracer is None or not get_current_span().get_span_context().is_valid:
+            return None
+        what = work if isinstance(work, str) else getattr(work, "__qualname__", "")
+        return self._tracer.start_span(
+            name,
+            kind=SpanKind.CLIENT,
+            attributes={
+                "db.system": self.dialect_name,
+                # Which store's work, e.g. "RunStore.save.work": bounded, never the SQL.
+                "switchboard.db.work": what.replace(".<locals>", ""),
+                "switchboard.db.write": write,
+            },
+        )
 
     async def _run(self, work: Callable[[Session], _T], *, write: bool, snapshot: bool) -> _T:
         executor, readers = self._executor, self._sync_readers
@@ -847,6 +891,7 @@ class Database:
         (SQLite returns times as text: select none that need converting).
         """
         executor = self._executor
+        span = None if self._tracer is None else self._span("db.query", "fetch", False)
         try:
             if executor is not None:
                 loop = asyncio.get_running_loop()
@@ -858,7 +903,12 @@ class Database:
                 return [tuple(row) for row in rows]
         except Exception as exc:
             self.health.observe(exc)
+            if span is not None:
+                span.set_status(StatusCode.ERROR, type(exc).__name__)
             raise
+        finally:
+            if span is not None:
+                span.end()
 
     def _fetch_sqlite(self, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
         connection: sqlite3.Connection | None = getattr(self._thread_connections, "value", None)

@@ -69,6 +69,7 @@ from switchboard.platform.errors import (
     InvalidArgument,
     ResolutionFailed,
 )
+from switchboard.platform.telemetry import instrument_http
 
 __all__ = [
     "METADATA_ADDRESSES",
@@ -606,13 +607,15 @@ def http_client(
         if key in kwargs
     }
     kwargs.setdefault("timeout", httpx.Timeout(timeout_s))
-    return httpx.AsyncClient(
+    client = httpx.AsyncClient(
         transport=_CheckedTransport(policy, resolve_timeout_s=timeout_s, **transport_args),
         headers=headers,
         follow_redirects=False,
         trust_env=False,
         **kwargs,
     )
+    # With tracing on: a client span per request and ``traceparent`` in its headers.
+    return instrument_http(client)
 
 
 # ---------------------------------------------------------------------------

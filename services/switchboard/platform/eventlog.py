@@ -53,6 +53,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from switchboard.api.events.v1 import events_pb2
+from switchboard.platform import telemetry
 from switchboard.platform.cache import binary_client, redacted_url
 from switchboard.platform.db import Database, log_failure
 from switchboard.platform.errors import DependencyUnavailable
@@ -262,6 +263,11 @@ class LogBackend(Protocol):
 
     def on_state_change(self, callback: Callable[[LogState], None]) -> None: ...
 
+    @property
+    def held(self) -> int:
+        """Events held in memory while the log is unreachable (its outbox)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -301,6 +307,10 @@ class LocalLog:
 
     def on_state_change(self, callback: Callable[[LogState], None]) -> None:
         return None  # the database is not optional: it never degrades to memory
+
+    @property
+    def held(self) -> int:
+        return 0  # nothing waits in memory: a write that fails fails its publisher
 
     async def start(self, deliver: Deliver, ring: Ring) -> Position:
         self._deliver = deliver
@@ -351,7 +361,13 @@ class LocalLog:
             self._pending.append((event, future))
             futures.append(future)
         if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write_loop(), name="eventlog-writer")
+            self._writer = asyncio.create_task(
+                self._write_loop(),
+                name="eventlog-writer",
+                # It writes for every publisher: its transactions are not the
+                # trace of the call that happened to start it.
+                context=None if telemetry.installed() is None else telemetry.untraced(),
+            )
         return futures
 
     async def _write_loop(self) -> None:
@@ -596,6 +612,10 @@ class RedisLog:
 
     def on_state_change(self, callback: Callable[[LogState], None]) -> None:
         self._callbacks.append(callback)
+
+    @property
+    def held(self) -> int:
+        return len(self._outbox)
 
     async def start(self, deliver: Deliver, ring: Ring) -> Position:
         """Preload the newest entries; an unreachable Redis starts degraded, not failed."""

@@ -39,6 +39,7 @@ from switchboard.platform.errors import (
     SwitchboardError,
 )
 from switchboard.platform.logging import method_var, request_id_var
+from switchboard.platform.metrics import Metrics, RpcMetrics
 from switchboard.platform.status import REQUEST_ID_KEY, to_grpc_status
 
 log = logging.getLogger("switchboard.access")
@@ -164,14 +165,20 @@ class _Call:
         "method",
         "peer",
         "request_id",
+        "rpc",
         "start",
         "stopped",
         "task",
     )
 
-    def __init__(self, method: str, context: aio.ServicerContext[Any, Any]) -> None:
+    def __init__(
+        self, method: str, context: aio.ServicerContext[Any, Any], rpc: RpcMetrics | None
+    ) -> None:
         self.method = method
         self.context = context
+        self.rpc = rpc
+        if rpc is not None:
+            rpc.in_flight.inc()
         # Read now, not in end(): after a client cancels, the transport frees the
         # peer string and context.peer() reads freed memory (the process can die
         # with SIGSEGV; grpc/grpc#29069).
@@ -253,6 +260,9 @@ class _Call:
         await self.context.abort(status.code, status.details, status.trailing_metadata)
 
     def end(self) -> None:
+        duration = time.perf_counter() - self.start
+        if self.rpc is not None:
+            self.rpc.ended(self.code.name, duration)
         level = logging.DEBUG if self.method.startswith(_QUIET_PREFIXES) else logging.INFO
         if log.isEnabledFor(level):
             log.log(
@@ -264,7 +274,7 @@ class _Call:
                     "request_id": self.request_id,
                     "method": self.method,
                     "code": self.code.name,
-                    "duration_ms": round((time.perf_counter() - self.start) * 1000, 3),
+                    "duration_ms": round(duration * 1000, 3),
                     "peer": self.peer,
                 },
             )
@@ -298,10 +308,15 @@ class _Requests:
 
 
 def _wrap_unary_response(
-    method: str, behavior: Behavior, check: Checker | None, streaming_request: bool, how: _Malformed
+    method: str,
+    behavior: Behavior,
+    check: Checker | None,
+    streaming_request: bool,
+    how: _Malformed,
+    rpc: RpcMetrics | None = None,
 ) -> Behavior:
     async def handler(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-        call = _Call(method, context)
+        call = _Call(method, context, rpc)
         try:
             request = call.begin(request, streaming_request, how)
             if check is not None:
@@ -361,10 +376,15 @@ async def _responses(call: _Call, result: Any) -> AsyncGenerator[Any, None]:
 
 
 def _wrap_stream_response(
-    method: str, behavior: Behavior, check: Checker | None, streaming_request: bool, how: _Malformed
+    method: str,
+    behavior: Behavior,
+    check: Checker | None,
+    streaming_request: bool,
+    how: _Malformed,
+    rpc: RpcMetrics | None = None,
 ) -> Behavior:
     async def handler(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-        call = _Call(method, context)
+        call = _Call(method, context, rpc)
         try:
             request = call.begin(request, streaming_request, how)
             if check is not None:
@@ -398,30 +418,39 @@ def _wrap_stream_response(
     return handler
 
 
-def _wrap(method: str, handler: Handler, check: Checker | None, malformed: MalformedLog) -> Handler:
+def _wrap(
+    method: str,
+    handler: Handler,
+    check: Checker | None,
+    malformed: MalformedLog,
+    metrics: Metrics | None = None,
+) -> Handler:
     how = _Malformed(method, handler.request_deserializer, malformed)
+    # Latency is recorded for calls with one response; a stream's duration is its lifetime.
+    timed = handler.unary_unary is not None or handler.stream_unary is not None
+    rpc = metrics.rpc(method, timed=timed) if metrics is not None else None
     common = {
         "request_deserializer": tolerant(handler.request_deserializer),
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(
-            _wrap_unary_response(method, handler.unary_unary, check, False, how),
+            _wrap_unary_response(method, handler.unary_unary, check, False, how, rpc),
             **common,
         )
     if handler.stream_unary is not None:
         return grpc.stream_unary_rpc_method_handler(
-            _wrap_unary_response(method, handler.stream_unary, check, True, how),
+            _wrap_unary_response(method, handler.stream_unary, check, True, how, rpc),
             **common,
         )
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(
-            _wrap_stream_response(method, handler.unary_stream, check, False, how),
+            _wrap_stream_response(method, handler.unary_stream, check, False, how, rpc),
             **common,
         )
     if handler.stream_stream is not None:
         return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream_response(method, handler.stream_stream, check, True, how),
+            _wrap_stream_response(method, handler.stream_stream, check, True, how, rpc),
             **common,
         )
     return handler
@@ -438,10 +467,17 @@ class ErrorInterceptor(_InterceptorBase):
     live in the handler it returns, as it does here.
     """
 
-    def __init__(self, guard: Guard | None = None, malformed: MalformedLog | None = None) -> None:
+    def __init__(
+        self,
+        guard: Guard | None = None,
+        malformed: MalformedLog | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._wrapped: dict[str, Handler] = {}
         self._guard = guard
         self._malformed = malformed or MalformedLog()
+        #: RED metrics per method (platform/metrics.py), when the process keeps them.
+        self._metrics = metrics
 
     async def intercept_service(
         self,
@@ -456,5 +492,7 @@ class ErrorInterceptor(_InterceptorBase):
         if handler is None:  # unknown method: grpc answers UNIMPLEMENTED itself
             return handler  # type: ignore[return-value]
         check = self._guard.checker(method) if self._guard is not None else None
-        wrapped = self._wrapped[method] = _wrap(method, handler, check, self._malformed)
+        wrapped = self._wrapped[method] = _wrap(
+            method, handler, check, self._malformed, self._metrics
+        )
         return wrapped

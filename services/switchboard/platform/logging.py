@@ -1,7 +1,8 @@
 """Structured logs with a request id per call: JSON lines, or text for people.
 
 The request id lives in a context variable set by the interceptor, so every
-log line written while serving a call carries it without passing it around.
+log line written while serving a call carries it without passing it around;
+with tracing on, the current span's trace and span ids come the same way.
 Both formats carry the same fields (the text one as ``key=value`` after the
 message). Secret-looking keys in ``extra`` are redacted as a last line of
 defence; the first line is never logging secrets at all.
@@ -16,6 +17,8 @@ import re
 import sys
 import time
 from typing import Any, Final
+
+from opentelemetry.trace import get_current_span
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 method_var: contextvars.ContextVar[str] = contextvars.ContextVar("method", default="")
@@ -34,7 +37,7 @@ def _redact(key: str, value: Any) -> Any:
 
 
 def fields(record: logging.LogRecord) -> dict[str, Any]:
-    """The call's request id and method, then the record's extras (redacted)."""
+    """The call's request id, method and trace ids, then the record's extras (redacted)."""
     found: dict[str, Any] = {}
     request_id = request_id_var.get()
     if request_id:
@@ -42,6 +45,11 @@ def fields(record: logging.LogRecord) -> dict[str, Any]:
     method = method_var.get()
     if method:
         found["method"] = method
+    # A span is current only while tracing is on (platform/telemetry.py).
+    span = get_current_span().get_span_context()
+    if span.is_valid:
+        found["trace_id"] = format(span.trace_id, "032x")
+        found["span_id"] = format(span.span_id, "016x")
     for key, value in record.__dict__.items():
         if key not in _RESERVED and not key.startswith("_"):
             found[key] = _redact(key, value)

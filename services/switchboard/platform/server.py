@@ -23,8 +23,10 @@ from switchboard.platform.authn import Guard
 from switchboard.platform.config import Settings
 from switchboard.platform.interceptors import ErrorInterceptor
 from switchboard.platform.logging import quiet_client_cancellations
+from switchboard.platform.metrics import Metrics, MetricsEndpoint
 from switchboard.platform.reflection import enable_reflection
 from switchboard.platform.registration import register
+from switchboard.platform.telemetry import Tracing
 
 log = logging.getLogger("switchboard.server")
 
@@ -108,6 +110,11 @@ class SwitchboardServer:
         self._components: dict[str, bool] = {}
         self._health_updates: set[asyncio.Task[None]] = set()
         self.deps: Any = None
+        #: The process's metrics, and the bound port of their endpoint (0: not served).
+        self.metrics: Metrics | None = None
+        self.metrics_port = 0
+        #: Times each component's entry turned NOT_SERVING (a metric's source).
+        self.outages: dict[str, int] = {}
 
     @property
     def address(self) -> str:
@@ -127,6 +134,7 @@ class SwitchboardServer:
                 "address": self.address,
                 "port": self.port,
                 "services": list(self.service_names),
+                "metrics_port": self.metrics_port,
             },
         )
 
@@ -136,6 +144,8 @@ class SwitchboardServer:
         The overall entry ("") stays SERVING: the process still answers, on its
         fallbacks. Operators and dashboards probe the component to see "degraded".
         """
+        if not serving and self._components.get(component, True):
+            self.outages[component] = self.outages.get(component, 0) + 1
         self._components[component] = serving
         if self._started and not self._stopping:
             task = asyncio.get_running_loop().create_task(
@@ -143,6 +153,11 @@ class SwitchboardServer:
             )
             self._health_updates.add(task)
             task.add_done_callback(self._health_updates.discard)
+
+    @property
+    def components(self) -> dict[str, bool]:
+        """Each reported component's health entry: serving or not."""
+        return dict(self._components)
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Health to NOT_SERVING, optional drain delay, refuse new calls, let
@@ -192,17 +207,27 @@ async def build_server(
     guard: Guard | None = None,
     resources: contextlib.AsyncExitStack | None = None,
     deps: object = None,
+    tracing: Tracing | None = None,
+    metrics: Metrics | None = None,
 ) -> SwitchboardServer:
     """Create, configure and bind the server (not started). Raises BindError.
 
     Without a ``guard`` no call is authenticated: only tests of the transport
     itself build servers that way. ``resources`` close at shutdown; ``deps``
     is kept on the server for tests and tools that need the process's objects.
+    With ``tracing`` every call but health's gets a span; without it no
+    tracing interceptor is installed at all.
     """
     resources = resources or contextlib.AsyncExitStack()
     quiet_client_cancellations()
+    interceptors: list[Any] = [ErrorInterceptor(guard, metrics=metrics)]
+    if tracing is not None:
+        # First, so outermost: the span is current while the error interceptor
+        # runs, and the request id, the access line and the mapped status are
+        # the span's. Health is left out (``telemetry._not_health``).
+        interceptors.insert(0, tracing.server_interceptor())
     server = aio.server(
-        interceptors=[ErrorInterceptor(guard)],
+        interceptors=interceptors,
         options=grpc_options(settings),
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
@@ -226,4 +251,23 @@ async def build_server(
         raise BindError(f"cannot listen on {address}")
     result = SwitchboardServer(settings, server, health, port, names, resources)
     result.deps = deps
+    result.metrics = metrics
+    if metrics is not None and settings.metrics_port is not None:
+        # Its own port, bound now like the server's: a clash stops the start.
+        metrics_address = format_address(settings.metrics_host, settings.metrics_port)
+        try:
+            endpoint = await MetricsEndpoint.open(
+                metrics, settings.metrics_host, settings.metrics_port
+            )
+        except OSError as exc:
+            raise BindError(f"cannot serve metrics on {metrics_address}: {exc}") from exc
+        resources.push_async_callback(endpoint.close)
+        result.metrics_port = endpoint.port
+        log.info(
+            "metrics listening",
+            extra={
+                "address": format_address(settings.metrics_host, endpoint.port),
+                "metrics_port": endpoint.port,
+            },
+        )
     return result

@@ -183,6 +183,7 @@ class Run(_message.Message):
     REQUIRED_ACTION_FIELD_NUMBER: _builtins.int
     ASSISTANT_FIELD_NUMBER: _builtins.int
     TOOL_CALL_COUNT_FIELD_NUMBER: _builtins.int
+    TRACE_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `workspaces/{w}/conversations/{c}/runs/{run}`."""
     state: Global___RunState.ValueType
@@ -205,6 +206,11 @@ class Run(_message.Message):
     """The assistant the run uses, `workspaces/{w}/assistants/{a}`, if any."""
     tool_call_count: _builtins.int
     """Tool calls the run made so far."""
+    trace_id: _builtins.str
+    """Output only. The W3C trace id (32 lowercase hex digits) of the trace the
+    run's execution belongs to, the one of the SendMessage call that started
+    it; empty when the server does not trace (docs/observability.md).
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When it was accepted."""
@@ -266,10 +272,11 @@ class Run(_message.Message):
         required_action: Global___RequiredAction | None = ...,
         assistant: _builtins.str = ...,
         tool_call_count: _builtins.int = ...,
+        trace_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "deadline", b"deadline", "end_time", b"end_time", "error", b"error", "progress", b"progress", "required_action", b"required_action", "start_time", b"start_time", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "concurrency_policy", b"concurrency_policy", "create_time", b"create_time", "creator", b"creator", "deadline", b"deadline", "end_time", b"end_time", "error", b"error", "flags", b"flags", "handler", b"handler", "input_message", b"input_message", "last_sequence", b"last_sequence", "name", b"name", "output_message", b"output_message", "progress", b"progress", "required_action", b"required_action", "routing_reason", b"routing_reason", "start_time", b"start_time", "state", b"state", "tool_call_count", b"tool_call_count", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "concurrency_policy", b"concurrency_policy", "create_time", b"create_time", "creator", b"creator", "deadline", b"deadline", "end_time", b"end_time", "error", b"error", "flags", b"flags", "handler", b"handler", "input_message", b"input_message", "last_sequence", b"last_sequence", "name", b"name", "output_message", b"output_message", "progress", b"progress", "required_action", b"required_action", "routing_reason", b"routing_reason", "start_time", b"start_time", "state", b"state", "tool_call_count", b"tool_call_count", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

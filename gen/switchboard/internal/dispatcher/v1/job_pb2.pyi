@@ -42,6 +42,7 @@ class RunJob(_message.Message):
     PARAMETERS_FIELD_NUMBER: _builtins.int
     ASSISTANT_FIELD_NUMBER: _builtins.int
     STEPS_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The user the run acts for (an id, not a resource name)."""
     auth_method: _builtins.str
@@ -52,6 +53,11 @@ class RunJob(_message.Message):
     """The API key the run acts under, if any."""
     timeout_seconds: _builtins.float
     """The run's time limit in seconds."""
+    traceparent: _builtins.str
+    """The W3C `traceparent` of the SendMessage call that started the run (empty
+    when it was not traced): the execution continues that trace, in whichever
+    process and attempt it runs.
+    """
     @_builtins.property
     def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The credential's scopes."""
@@ -89,10 +95,11 @@ class RunJob(_message.Message):
         parameters: _struct_pb2.Struct | None = ...,
         assistant: _dispatcher_pb2.Assistant | None = ...,
         steps: _abc.Iterable[_handler_pb2.ToolStep] | None = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "message", b"message", "parameters", b"parameters"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "assistant", b"assistant", "auth_method", b"auth_method", "message", b"message", "parameters", b"parameters", "scopes", b"scopes", "session_id", b"session_id", "steps", b"steps", "timeout_seconds", b"timeout_seconds", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "assistant", b"assistant", "auth_method", b"auth_method", "message", b"message", "parameters", b"parameters", "scopes", b"scopes", "session_id", b"session_id", "steps", b"steps", "timeout_seconds", b"timeout_seconds", "traceparent", b"traceparent", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -314,6 +314,10 @@ type Run struct {
 	Assistant string `protobuf:"bytes,19,opt,name=assistant,proto3" json:"assistant,omitempty"`
 	// Tool calls the run made so far.
 	ToolCallCount int32 `protobuf:"varint,20,opt,name=tool_call_count,json=toolCallCount,proto3" json:"tool_call_count,omitempty"`
+	// Output only. The W3C trace id (32 lowercase hex digits) of the trace the
+	// run's execution belongs to, the one of the SendMessage call that started
+	// it; empty when the server does not trace (docs/observability.md).
+	TraceId       string `protobuf:"bytes,21,opt,name=trace_id,json=traceId,proto3" json:"trace_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -486,6 +490,13 @@ func (x *Run) GetToolCallCount() int32 {
 		return x.ToolCallCount
 	}
 	return 0
+}
+
+func (x *Run) GetTraceId() string {
+	if x != nil {
+		return x.TraceId
+	}
+	return ""
 }
 
 // The tool calls a paused run waits on.
@@ -3127,7 +3138,7 @@ var File_switchboard_api_dispatcher_v1_dispatcher_proto protoreflect.FileDescrip
 
 const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\n" +
-	".switchboard/api/dispatcher/v1/dispatcher.proto\x12\x1dswitchboard.api.dispatcher.v1\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a(switchboard/api/context/v1/context.proto\x1a(switchboard/api/handler/v1/handler.proto\"\xc5\a\n" +
+	".switchboard/api/dispatcher/v1/dispatcher.proto\x12\x1dswitchboard.api.dispatcher.v1\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a(switchboard/api/context/v1/context.proto\x1a(switchboard/api/handler/v1/handler.proto\"\xe0\a\n" +
 	"\x03Run\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12=\n" +
 	"\x05state\x18\x02 \x01(\x0e2'.switchboard.api.dispatcher.v1.RunStateR\x05state\x12\x18\n" +
@@ -3151,7 +3162,8 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\rlast_sequence\x18\x11 \x01(\x03R\flastSequence\x12V\n" +
 	"\x0frequired_action\x18\x12 \x01(\v2-.switchboard.api.dispatcher.v1.RequiredActionR\x0erequiredAction\x12\x1c\n" +
 	"\tassistant\x18\x13 \x01(\tR\tassistant\x12&\n" +
-	"\x0ftool_call_count\x18\x14 \x01(\x05R\rtoolCallCount\"\x9c\x01\n" +
+	"\x0ftool_call_count\x18\x14 \x01(\x05R\rtoolCallCount\x12\x19\n" +
+	"\btrace_id\x18\x15 \x01(\tR\atraceId\"\x9c\x01\n" +
 	"\x0eRequiredAction\x12M\n" +
 	"\n" +
 	"tool_calls\x18\x01 \x03(\v2..switchboard.api.dispatcher.v1.PendingToolCallR\ttoolCalls\x12;\n" +

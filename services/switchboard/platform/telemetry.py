@@ -1,0 +1,484 @@
+"""Tracing: OpenTelemetry, set up once per process from the standard ``OTEL_*`` variables.
+
+Off by default, and then nothing is installed: no server or client
+interceptor, no instrumented HTTP client, no span anywhere (every place that
+could make one holds ``None`` instead of a tracer, decided once when it is
+built). The rule that turns it on (``tracing_config``):
+
+- ``OTEL_SDK_DISABLED=true`` turns it off, whatever else is set;
+- ``OTEL_TRACES_EXPORTER`` set to ``otlp`` or ``console`` turns it on
+  (``none`` turns it off; anything else is refused at start);
+- unset, it is on when an OTLP endpoint is set (``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``
+  or ``OTEL_EXPORTER_OTLP_ENDPOINT``): an operator who points us at a collector
+  wants traces there.
+
+``OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`` / ``OTEL_EXPORTER_OTLP_PROTOCOL`` choose
+``grpc`` (the default) or ``http/protobuf``; ``OTEL_TRACES_SAMPLER`` and
+``OTEL_TRACES_SAMPLER_ARG`` the sampler (default ``parentbased_always_on``);
+``OTEL_SERVICE_NAME`` and ``OTEL_RESOURCE_ATTRIBUTES`` the resource. Without
+a service name the process names itself by what it serves
+(``switchboard`` all-in-one, ``switchboard-dispatcher`` in the mesh). The
+exporters read their own variables (headers, TLS, timeout, compression) as
+the OpenTelemetry specification says; no other module opens an exporter.
+
+The process's tracing is ambient, as OpenTelemetry's own provider is:
+``create_server`` installs it (``install``) before it opens anything, and
+the channels, the HTTP clients and the stores built after that ask for it
+here. It is not OpenTelemetry's global provider, which can be set once per
+process: tests build servers with and without tracing in one process.
+docs/observability.md describes the spans and how they nest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import unquote
+
+from grpc import aio
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.propagate import extract, inject
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SimpleSpanProcessor,
+    SpanExporter,
+)
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    ParentBased,
+    Sampler,
+    TraceIdRatioBased,
+)
+from opentelemetry.trace import StatusCode
+
+from switchboard.platform.config import ALL_SERVICES, ConfigError
+
+if TYPE_CHECKING:
+    import httpx
+
+log = logging.getLogger("switchboard.telemetry")
+
+HEALTH_SERVICE: Final = "grpc.health.v1.Health"
+PROTOCOLS: Final = ("grpc", "http/protobuf")
+EXPORTERS: Final = ("otlp", "console")
+SAMPLERS: Final = (
+    "always_on",
+    "always_off",
+    "traceidratio",
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+)
+_TRUE: Final = ("true", "1", "yes", "on")
+
+
+@dataclass(frozen=True)
+class TracingConfig:
+    """What the ``OTEL_*`` variables ask for, when tracing is on."""
+
+    exporter: str = "otlp"
+    protocol: str = "grpc"
+    #: The endpoint named by the variables ("": the exporter's default).
+    endpoint: str = ""
+    sampler: str = "parentbased_always_on"
+    ratio: float = 1.0
+    service_name: str = "switchboard"
+    resource: Mapping[str, str] = field(default_factory=dict)
+
+
+def default_service_name(services: Sequence[str]) -> str:
+    """``switchboard`` for the all-in-one process, else ``switchboard-<services>``."""
+    if set(services) >= set(ALL_SERVICES):
+        return "switchboard"
+    return "switchboard-" + "-".join(services)
+
+
+def _resource_attributes(text: str) -> dict[str, str]:
+    """``OTEL_RESOURCE_ATTRIBUTES``: ``key=value`` pairs, comma separated, percent-encoded."""
+    found: dict[str, str] = {}
+    for pair in text.split(","):
+        if not pair.strip():
+            continue
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"OTEL_RESOURCE_ATTRIBUTES: {pair.strip()!r} is not key=value")
+        found[unquote(key.strip())] = unquote(value.strip())
+    return found
+
+
+def tracing_config(environ: Mapping[str, str], *, service_name: str) -> TracingConfig | None:
+    """The tracing ``environ`` asks for, or None when it is off (see the module's rule).
+
+    ``service_name`` is used when neither ``OTEL_SERVICE_NAME`` nor
+    ``OTEL_RESOURCE_ATTRIBUTES`` names the service. Raises ``ConfigError``
+    for a value this process cannot honour.
+    """
+
+    def get(name: str) -> str:
+        return environ.get(name, "").strip()
+
+    if get("OTEL_SDK_DISABLED").lower() in _TRUE:
+        return None
+    endpoint = get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    exporter = get("OTEL_TRACES_EXPORTER").lower()
+    if exporter == "none":
+        return None
+    if exporter and exporter not in EXPORTERS:
+        raise ConfigError(
+            f"OTEL_TRACES_EXPORTER={exporter!r}: choose one of {', '.join((*EXPORTERS, 'none'))}"
+        )
+    if not exporter:
+        if not endpoint:
+            return None
+        exporter = "otlp"
+    protocol = (
+        get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
+    ).lower()
+    if protocol not in PROTOCOLS:
+        raise ConfigError(
+            f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: choose one of {', '.join(PROTOCOLS)}"
+        )
+    sampler = (get("OTEL_TRACES_SAMPLER") or "parentbased_always_on").lower()
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"OTEL_TRACES_SAMPLER={sampler!r}: choose one of {', '.join(SAMPLERS)}")
+    ratio = 1.0
+    if sampler.endswith("traceidratio") and get("OTEL_TRACES_SAMPLER_ARG"):
+        try:
+            ratio = float(get("OTEL_TRACES_SAMPLER_ARG"))
+        except ValueError:
+            ratio = -1.0
+        if not 0.0 <= ratio <= 1.0:
+            raise ConfigError(
+                f"OTEL_TRACES_SAMPLER_ARG={get('OTEL_TRACES_SAMPLER_ARG')!r}: "
+                "a ratio between 0 and 1"
+            )
+    resource = _resource_attributes(get("OTEL_RESOURCE_ATTRIBUTES"))
+    name = get("OTEL_SERVICE_NAME") or resource.get("service.name") or service_name
+    return TracingConfig(
+        exporter=exporter,
+        protocol=protocol,
+        endpoint=endpoint,
+        sampler=sampler,
+        ratio=ratio,
+        service_name=name,
+        resource=resource,
+    )
+
+
+def make_sampler(config: TracingConfig) -> Sampler:
+    root: Sampler
+    base = config.sampler.removeprefix("parentbased_")
+    if base == "always_on":
+        root = ALWAYS_ON
+    elif base == "always_off":
+        root = ALWAYS_OFF
+    else:
+        root = TraceIdRatioBased(config.ratio)
+    return ParentBased(root) if config.sampler.startswith("parentbased_") else root
+
+
+def _exporter(config: TracingConfig) -> SpanExporter:
+    """The exporter ``config`` names; it reads its own ``OTEL_EXPORTER_OTLP_*`` variables."""
+    if config.exporter == "console":
+        return ConsoleSpanExporter()
+    if config.protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+            OTLPSpanExporter as HttpExporter,
+        )
+
+        return HttpExporter()
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+        OTLPSpanExporter as GrpcExporter,
+    )
+
+    return GrpcExporter()
+
+
+def _not_health(method: str) -> bool:
+    """Whether a call is traced: every one except the health service's.
+
+    Probes would fill every trace store with noise (docs/decisions.md, 31).
+    """
+    return not method.startswith(f"/{HEALTH_SERVICE}/")
+
+
+class Tracing:
+    """A process's tracing: one tracer provider and what is built on it."""
+
+    def __init__(self, provider: TracerProvider, config: TracingConfig | None = None) -> None:
+        self.provider = provider
+        self.config = config or TracingConfig()
+        self._client_interceptors: list[Any] | None = None
+
+    @classmethod
+    def from_config(cls, config: TracingConfig) -> Tracing:
+        resource = Resource.create({**config.resource, "service.name": config.service_name})
+        provider = TracerProvider(resource=resource, sampler=make_sampler(config))
+        provider.add_span_processor(BatchSpanProcessor(_exporter(config)))
+        return cls(provider, config)
+
+    @classmethod
+    def from_environ(
+        cls, environ: Mapping[str, str] | None = None, *, service_name: str = "switchboard"
+    ) -> Tracing | None:
+        """The tracing the ``OTEL_*`` variables ask for; None when it is off."""
+        config = tracing_config(
+            os.environ if environ is None else environ, service_name=service_name
+        )
+        if config is None:
+            return None
+        tracing = cls.from_config(config)
+        log.info(
+            "tracing on",
+            extra={
+                "exporter": config.exporter,
+                "protocol": config.protocol,
+                "endpoint": config.endpoint or "(default)",
+                "sampler": config.sampler,
+                "ratio": config.ratio,
+                "service_name": config.service_name,
+            },
+        )
+        return tracing
+
+    @classmethod
+    def to_exporter(
+        cls,
+        exporter: SpanExporter,
+        *,
+        service_name: str = "switchboard",
+        sampler: Sampler = ALWAYS_ON,
+    ) -> Tracing:
+        """Tracing that hands every span to ``exporter`` as it ends (tests, tools)."""
+        provider = TracerProvider(
+            resource=Resource.create({"service.name": service_name}), sampler=sampler
+        )
+        processor: SpanProcessor = SimpleSpanProcessor(exporter)
+        provider.add_span_processor(processor)
+        return cls(provider, TracingConfig(exporter="custom", service_name=service_name))
+
+    def tracer(self, name: str) -> trace.Tracer:
+        return self.provider.get_tracer(name)
+
+    def server_interceptor(self) -> aio.ServerInterceptor[Any, Any]:
+        """A span per call, the caller's trace context as its parent; health excluded.
+
+        Our own interceptor on the OpenTelemetry API, not the instrumentation
+        package's aio one (``platform/rpcspans.py``, docs/decisions.md, 33).
+        """
+        from switchboard.platform.rpcspans import ServerSpans
+
+        return ServerSpans(self.tracer("switchboard.rpc"), _not_health)
+
+    def client_interceptors(self) -> list[Any]:
+        """A span per outgoing call, and its trace context in the call's metadata."""
+        if self._client_interceptors is None:
+            from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+            made = aio_client_interceptors(tracer_provider=self.provider)  # type: ignore[no-untyped-call]
+            # Its unary interceptors as they are; streaming calls get spans that end
+            # with the call (_StreamSpans), whoever stops reading it.
+            unary = [
+                i
+                for i in made
+                if not isinstance(
+                    i, (aio.UnaryStreamClientInterceptor, aio.StreamStreamClientInterceptor)
+                )
+            ]
+            streams = _StreamSpans(self.provider.get_tracer("switchboard.grpc.client"))
+            self._client_interceptors = [*unary, streams]
+        return self._client_interceptors
+
+    def instrument_http(self, client: httpx.AsyncClient) -> None:
+        """A span per request of ``client``, and ``traceparent`` in its headers."""
+        from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+
+        HTTPXClientInstrumentor.instrument_client(client, tracer_provider=self.provider)
+
+    def shutdown(self) -> None:
+        """Export what is buffered, then stop (at process shutdown)."""
+        try:
+            self.provider.force_flush()
+        finally:
+            self.provider.shutdown()
+
+
+class _StreamSpans(
+    aio.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
+    aio.StreamStreamClientInterceptor,  # type: ignore[type-arg]
+):
+    """A CLIENT span per server- or bidirectional-streaming call that ends when the call
+    ends: its status, a deadline, or a cancellation.
+
+    opentelemetry-instrumentation-grpc's aio interceptors end a streaming call's span
+    only when its responses are read to the end. A caller that stops at the frame it
+    needs and cancels the rest (the dispatcher after an expert's ``result``), or is
+    cancelled itself, left that span open: never exported, so the expert's server span
+    had no parent in the trace. The span has the instrumentation's name and
+    attributes, its trace context goes out in ``traceparent``, and the call is returned
+    as it is (``read`` and ``write`` keep working). A call its caller cancelled is not
+    an error of the call: its span records CANCELLED without an error status.
+    """
+
+    def __init__(self, tracer: trace.Tracer) -> None:
+        self._tracer = tracer
+        self._ending: set[asyncio.Task[None]] = set()
+
+    async def intercept_unary_stream(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
+        return await self._traced(continuation, client_call_details, request)
+
+    async def intercept_stream_stream(
+        self, continuation: Any, client_call_details: Any, request_iterator: Any
+    ) -> Any:
+        return await self._traced(continuation, client_call_details, request_iterator)
+
+    async def _traced(self, continuation: Any, details: Any, request: Any) -> Any:
+        method = details.method
+        if isinstance(method, bytes):  # grpc/grpc#31092
+            method = method.decode()
+        service, _, name = method.lstrip("/").partition("/")
+        span = self._tracer.start_span(
+            method,
+            kind=trace.SpanKind.CLIENT,
+            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+        )
+        carrier: dict[str, str] = {}
+        inject(carrier, context=trace.set_span_in_context(span))
+        metadata = aio.Metadata(*tuple(details.metadata or ()))
+        for key, value in carrier.items():
+            metadata.add(key, value)
+        traced = aio.ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+        )
+        try:
+            with trace.use_span(span, end_on_exit=False):
+                call = await continuation(traced, request)
+        except BaseException as exc:
+            span.set_status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}")
+            span.end()
+            raise
+        call.add_done_callback(lambda done: self._end_soon(span, done))
+        return call
+
+    def _end_soon(self, span: trace.Span, call: Any) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop any more (a process stopping): end it as it is
+            span.end()
+            return
+        # The status is read with an await (done already, it does not wait).
+        task = loop.create_task(_end_stream_span(span, call))
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
+
+
+async def _end_stream_span(span: trace.Span, call: Any) -> None:
+    try:
+        code = await call.code()
+        span.set_attribute("rpc.grpc.status_code", code.value[0])
+        if code.name != "OK" and not (code.name == "CANCELLED" and call.cancelled()):
+            span.set_status(StatusCode.ERROR, await call.details())
+    finally:
+        span.end()
+
+
+# -- the process's tracing ----------------------------------------------------------
+
+_installed: Tracing | None = None
+_installs = 0
+
+
+def install(tracing: Tracing | None) -> Callable[[], None]:
+    """Make ``tracing`` the process's (None: leave it off); returns the undo.
+
+    Servers built in one process share one (tests that run two services in
+    one process install the same object twice; the last undo removes it).
+    """
+    global _installed, _installs  # noqa: PLW0603 - the one ambient object, see the module doc
+    if tracing is None:
+        return lambda: None
+    if _installed is not tracing:
+        if _installed is not None:
+            log.warning("replacing this process's tracing")
+        _installed, _installs = tracing, 0
+    _installs += 1
+    done = False
+
+    def undo() -> None:
+        global _installed, _installs  # noqa: PLW0603
+        nonlocal done
+        if done or _installed is not tracing:
+            return
+        done = True
+        _installs -= 1
+        if _installs <= 0:
+            _installed, _installs = None, 0
+
+    return undo
+
+
+def installed() -> Tracing | None:
+    """The process's tracing, or None when it is off."""
+    return _installed
+
+
+def tracer(name: str) -> trace.Tracer | None:
+    """A tracer of the process's tracing, or None when it is off (ask once, at build time)."""
+    return _installed.tracer(name) if _installed is not None else None
+
+
+def client_interceptors() -> list[Any] | None:
+    """Interceptors for a new service-to-service channel (None when tracing is off)."""
+    return _installed.client_interceptors() if _installed is not None else None
+
+
+def instrument_http(client: httpx.AsyncClient) -> httpx.AsyncClient:
+    """``client``, instrumented when tracing is on."""
+    if _installed is not None:
+        _installed.instrument_http(client)
+    return client
+
+
+# -- trace context ------------------------------------------------------------------
+
+
+def current_ids() -> tuple[str, str] | None:
+    """The current span's trace id and span id (hex), or None outside a recorded trace."""
+    found = trace.get_current_span().get_span_context()
+    if not found.is_valid:
+        return None
+    return format(found.trace_id, "032x"), format(found.span_id, "016x")
+
+
+def traceparent() -> str:
+    """The W3C ``traceparent`` of the current span ("" outside a trace)."""
+    carrier: dict[str, str] = {}
+    inject(carrier)
+    return carrier.get("traceparent", "")
+
+
+def parent_from(traceparent_value: str) -> otel_context.Context:
+    """A context whose parent is the span ``traceparent_value`` names (a new trace if "")."""
+    if not traceparent_value:
+        return otel_context.Context()
+    return extract({"traceparent": traceparent_value}, context=otel_context.Context())
+
+
+def untraced() -> contextvars.Context:
+    """A copy of the current context without its trace, for a task that outlives the
+    call that starts it (a shared writer, a relay): its spans are not the call's."""
+    copied = contextvars.copy_context()
+    copied.run(otel_context.attach, otel_context.Context())
+    return copied
