@@ -33,7 +33,7 @@ from typing import Any, Final
 import yaml
 
 from switchboard.deploy import commands
-from switchboard.deploy.envoy import API, ServerLimits, render
+from switchboard.deploy.envoy import API, ServerLimits, Tracing, render
 
 ROOT: Final = Path(__file__).resolve().parents[1]
 DEPLOY: Final = ROOT / "deploy"
@@ -73,10 +73,12 @@ def envoy_text(argv: Sequence[str], settings: Mapping[str, str]) -> str:
     parser = argparse.ArgumentParser(prog="switchboard")
     commands.add_envoy_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["envoy", *argv])
-    # The command reads the limits from its environment, as the servers do; here the
-    # servers' environment is the manifest's, not this machine's.
+    # The command reads the limits (and the OTEL_* tracing) from its environment, as the
+    # servers do; here the servers' environment is the manifest's, not this machine's.
     spec = dataclasses.replace(
-        commands.envoy_spec(args), limits=ServerLimits.from_environment(settings)
+        commands.envoy_spec(args),
+        limits=ServerLimits.from_environment(settings),
+        tracing=Tracing.from_environment(settings),
     )
     # The command line, one option a line, for an operator who renders it by hand.
     lines = ["switchboard envoy"]

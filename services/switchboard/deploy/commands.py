@@ -25,7 +25,9 @@ def add_envoy_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         description="Render the Envoy bootstrap (YAML) from typed envoy-data-plane messages. "
         "The server limits it must agree with (SWITCHBOARD_MAX_CONCURRENT_RPCS, "
         "_MAX_CONCURRENT_STREAMS, _MAX_METADATA_BYTES, _KEEPALIVE_MIN_CLIENT_PING_INTERVAL_S, "
-        "the heartbeats) are read from the environment, as the servers read them.",
+        "the heartbeats) are read from the environment, as the servers read them; so is "
+        "Envoy's OpenTelemetry tracer (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_TRACES_SAMPLER...: "
+        "no endpoint, no tracing).",
     )
     envoy.add_argument(
         "--shape",
@@ -113,6 +115,20 @@ def add_envoy_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "clients/web/dist): each file a GET route answered by Envoy, with a strict "
         "Content-Security-Policy; paths as Envoy sees them",
     )
+    envoy.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        help="trace requests with Envoy's OpenTelemetry tracer, exporting OTLP to URL "
+        "(http://HOST:4317; https:// for TLS); default OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, "
+        "else OTEL_EXPORTER_OTLP_ENDPOINT, else no tracing. OTEL_TRACES_SAMPLER and "
+        "OTEL_TRACES_SAMPLER_ARG choose the sampling",
+    )
+    envoy.add_argument(
+        "--trace-service-name",
+        default="switchboard-envoy",
+        metavar="NAME",
+        help="service.name of Envoy's spans (default switchboard-envoy)",
+    )
     envoy.add_argument("--output", "-o", type=Path, help="file to write; default stdout")
 
 
@@ -153,7 +169,15 @@ def run_envoy(args: argparse.Namespace) -> int:
 
 def envoy_spec(args: argparse.Namespace) -> EdgeSpec:
     """The ``EdgeSpec`` the ``envoy`` command's arguments describe."""
-    from switchboard.deploy.envoy import Console, EdgeSpec, HostPort, ServerLimits, SpecError, Tls
+    from switchboard.deploy.envoy import (
+        Console,
+        EdgeSpec,
+        HostPort,
+        ServerLimits,
+        SpecError,
+        Tls,
+        Tracing,
+    )
 
     tls_parts = (args.tls_listen, args.tls_cert, args.tls_key)
     if any(tls_parts) and not all(tls_parts):
@@ -170,6 +194,9 @@ def envoy_spec(args: argparse.Namespace) -> EdgeSpec:
         "unary_timeout_s": args.unary_timeout,
         "health_interval_s": args.health_interval,
         "console": Console.from_directory(args.console) if args.console else None,
+        "tracing": Tracing.from_environment(
+            os.environ, endpoint=args.otlp_endpoint, service_name=args.trace_service_name
+        ),
     }
     if args.shape == "all-in-one":
         if args.service or args.replicas:

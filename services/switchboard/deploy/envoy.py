@@ -35,6 +35,13 @@ it derives, and from where:
   security headers (a strict Content-Security-Policy, nosniff, no referrer, no
   framing). The page and the API share one origin, so it needs no CORS.
   Without a console the configuration is exactly what it was before.
+- **Tracing** (optional, ``Tracing``): Envoy's OpenTelemetry tracer on both
+  listeners, exporting over OTLP to the ``otlp_collector`` cluster. Each request
+  gets a server span (continuing a W3C ``traceparent`` the client sent) and a
+  client span per upstream attempt, whose context Envoy sends upstream in
+  ``traceparent``: the servers' spans are its children. ``Tracing.from_environment``
+  reads the standard ``OTEL_*`` variables; without an OTLP endpoint there is no
+  tracing block at all.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import math
+import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,16 +70,21 @@ from envoy_data_plane.envoy.config.cluster.v3 import (
 from envoy_data_plane.envoy.config.core.v3 import (
     Address,
     DataSource,
+    GrpcService,
+    GrpcServiceEnvoyGrpc,
     HeaderValue,
     HeaderValueOption,
     HeaderValueOptionHeaderAppendAction,
     HealthCheck,
     HealthCheckGrpcHealthCheck,
     Http2ProtocolOptions,
+    HttpService,
+    HttpUri,
     KeepaliveSettings,
     RoutingPriority,
     SocketAddress,
     TransportSocket,
+    TypedExtensionConfig,
 )
 from envoy_data_plane.envoy.config.endpoint.v3 import (
     ClusterLoadAssignment,
@@ -93,29 +106,45 @@ from envoy_data_plane.envoy.config.route.v3 import (
     RouteMatch,
     VirtualHost,
 )
+from envoy_data_plane.envoy.config.trace.v3 import OpenTelemetryConfig, TracingHttp
 from envoy_data_plane.envoy.extensions.filters.http.cors.v3 import Cors, CorsPolicy
 from envoy_data_plane.envoy.extensions.filters.http.grpc_web.v3 import GrpcWeb
 from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
     HttpConnectionManager,
     HttpConnectionManagerCodecType,
+    HttpConnectionManagerTracing,
     HttpFilter,
 )
 from envoy_data_plane.envoy.extensions.resource_monitors.downstream_connections.v3 import (
     DownstreamConnectionsConfig,
 )
 from envoy_data_plane.envoy.extensions.retry.host.previous_hosts.v3 import PreviousHostsPredicate
+from envoy_data_plane.envoy.extensions.tracers.opentelemetry.resource_detectors.v3 import (
+    EnvironmentResourceDetectorConfig,
+)
+from envoy_data_plane.envoy.extensions.tracers.opentelemetry.samplers.v3 import (
+    AlwaysOnSamplerConfig,
+    TraceIdRatioBasedSamplerConfig,
+)
 from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
+    CertificateValidationContext,
+    CertificateValidationContextSystemRootCerts,
     CommonTlsContext,
     DownstreamTlsContext,
     TlsCertificate,
+    UpstreamTlsContext,
 )
 from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptions,
     HttpProtocolOptionsExplicitHttpConfig,
 )
 from envoy_data_plane.envoy.type.matcher.v3 import RegexMatcher, StringMatcher
-from envoy_data_plane.envoy.type.v3 import Percent
+from envoy_data_plane.envoy.type.v3 import (
+    FractionalPercent,
+    FractionalPercentDenominatorType,
+    Percent,
+)
 from envoy_data_plane.google.protobuf import Any as AnyMessage
 from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
@@ -376,6 +405,183 @@ class Console:
         return min(MAX_CONSOLE_FILE_BYTES, max(mib, math.ceil(largest / mib) * mib))
 
 
+#: The cluster Envoy's tracer exports its spans to.
+OTLP_CLUSTER: Final = "otlp_collector"
+#: The ``service.name`` of Envoy's spans unless told otherwise.
+ENVOY_SERVICE_NAME: Final = "switchboard-envoy"
+OTLP_GRPC: Final = "grpc"
+OTLP_HTTP: Final = "http/protobuf"
+_OTLP_PORTS: Final = {OTLP_GRPC: 4317, OTLP_HTTP: 4318}
+_OTLP_EXPORT_TIMEOUT_S: Final = 10.0
+#: OTEL_TRACES_SAMPLER values that follow an incoming ``traceparent``'s sampled flag.
+_PARENT_BASED: Final = {
+    "parentbased_always_on": 100.0,
+    "parentbased_always_off": 0.0,
+    "parentbased_traceidratio": None,  # the ratio from OTEL_TRACES_SAMPLER_ARG
+}
+#: ... and those that decide alone, whatever the caller decided.
+_INDEPENDENT: Final = {"always_on": 100.0, "always_off": 0.0, "traceidratio": None}
+
+
+def _flag(environ: Mapping[str, str], name: str) -> bool:
+    # As switchboard.platform.telemetry reads them.
+    return environ.get(name, "").strip().lower() in ("true", "1", "yes", "on")
+
+
+@dataclass(frozen=True)
+class Tracing:
+    """Envoy's OpenTelemetry tracer: where its spans go (OTLP) and which requests it traces.
+
+    Each request gets a server span, continuing the caller's W3C ``traceparent``
+    when it sent one, and a client span per upstream attempt (a retry is a
+    second one); Envoy sends that client span's context upstream in
+    ``traceparent``, so the servers' own spans are its children.
+
+    Sampling follows OpenTelemetry's samplers: ``parent_based`` (the default,
+    like ``parentbased_*``) keeps the caller's decision when it sent a
+    ``traceparent`` and traces ``sampling_percent`` of the requests that start a
+    trace here (Envoy's ``random_sampling``); otherwise Envoy decides alone for
+    every request, by trace id (``traceidratio``, ``always_on``, ``always_off``).
+    """
+
+    collector: HostPort
+    #: OTLP over gRPC (``grpc``, the exporters' port 4317) or over HTTP
+    #: (``http/protobuf``, 4318, spans POSTed to ``path``).
+    protocol: str = OTLP_GRPC
+    #: TLS to the collector, verified against ``ca_file`` or else the system's roots.
+    tls: bool = False
+    ca_file: str | None = None
+    path: str = "/v1/traces"
+    sampling_percent: float = 100.0
+    parent_based: bool = True
+    service_name: str = ENVOY_SERVICE_NAME
+
+    def __post_init__(self) -> None:
+        if self.protocol not in _OTLP_PORTS:
+            raise SpecError(
+                f"OTLP protocol {self.protocol!r}: Envoy exports over {OTLP_GRPC} or {OTLP_HTTP}"
+            )
+        if not 0 <= self.sampling_percent <= 100:
+            raise SpecError(f"sampling {self.sampling_percent:g}% is not between 0 and 100")
+        if not self.service_name:
+            raise SpecError("the tracer needs a service name")
+        if self.collector.port == 0:
+            raise SpecError(f"the OTLP collector {self.collector} has port 0")
+
+    @classmethod
+    def from_environment(
+        cls,
+        environ: Mapping[str, str],
+        *,
+        endpoint: str | None = None,
+        service_name: str = ENVOY_SERVICE_NAME,
+    ) -> Tracing | None:
+        """The tracer the standard ``OTEL_*`` variables describe; None when tracing is off.
+
+        On when an OTLP endpoint is given (``endpoint``, else
+        ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``, else ``OTEL_EXPORTER_OTLP_ENDPOINT``) or
+        ``OTEL_TRACES_EXPORTER=otlp`` asks for the exporters' default (``http://localhost:4317``;
+        4318 over HTTP), unless ``OTEL_SDK_DISABLED=true`` or ``OTEL_TRACES_EXPORTER``
+        names no ``otlp`` (``none``, ``console``): the rule the servers follow.
+        Also read: ``OTEL_EXPORTER_OTLP[_TRACES]_PROTOCOL`` (default ``grpc``),
+        ``_INSECURE`` and ``_CERTIFICATE``, ``OTEL_TRACES_SAMPLER`` and
+        ``OTEL_TRACES_SAMPLER_ARG``. Not read: headers and client certificates.
+        """
+        if _flag(environ, "OTEL_SDK_DISABLED"):
+            return None
+        exporters = {
+            name.strip().lower()
+            for name in environ.get("OTEL_TRACES_EXPORTER", "").split(",")
+            if name.strip()
+        }
+        if exporters and "otlp" not in exporters:
+            return None
+        protocol = (
+            environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+            or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+            or OTLP_GRPC
+        ).strip()
+        signal_endpoint = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+        text = (
+            endpoint or signal_endpoint or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
+        ).strip()
+        if not text:
+            if not exporters:
+                return None
+            text = f"http://localhost:{_OTLP_PORTS.get(protocol, 4317)}"
+        if protocol not in _OTLP_PORTS:
+            raise SpecError(
+                f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: Envoy exports over "
+                f"{OTLP_GRPC} or {OTLP_HTTP}"
+            )
+        insecure = _flag(environ, "OTEL_EXPORTER_OTLP_TRACES_INSECURE") or _flag(
+            environ, "OTEL_EXPORTER_OTLP_INSECURE"
+        )
+        collector, tls, path = _collector(
+            text, protocol, insecure=insecure, full_path=bool(endpoint or signal_endpoint)
+        )
+        ca_file = (
+            environ.get("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE")
+            or environ.get("OTEL_EXPORTER_OTLP_CERTIFICATE")
+            or None
+        )
+        percent, parent_based = _sampling(environ)
+        return cls(
+            collector=collector,
+            protocol=protocol,
+            tls=tls,
+            ca_file=ca_file if tls else None,
+            path=path,
+            sampling_percent=percent,
+            parent_based=parent_based,
+            service_name=service_name,
+        )
+
+
+def _collector(
+    text: str, protocol: str, *, insecure: bool, full_path: bool
+) -> tuple[HostPort, bool, str]:
+    """The collector's address, whether to use TLS, and (OTLP/HTTP) the path to POST to."""
+    if "://" not in text:
+        if protocol == OTLP_HTTP:
+            raise SpecError(f"OTLP/HTTP endpoint {text!r} needs a scheme (http:// or https://)")
+        # A bare HOST:PORT, as the gRPC exporters take it: TLS unless told it is insecure.
+        where = HostPort.parse(text)
+        return where, not insecure, ""
+    url = urllib.parse.urlsplit(text)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise SpecError(f"OTLP endpoint {text!r}: expected http(s)://HOST[:PORT]")
+    try:
+        port = url.port or _OTLP_PORTS[protocol]
+    except ValueError:
+        raise SpecError(f"OTLP endpoint {text!r} has a bad port") from None
+    path = ""
+    if protocol == OTLP_HTTP:
+        # A signal's own endpoint is used as it is; the common one gets /v1/traces.
+        path = (url.path or "/") if full_path else url.path.rstrip("/") + "/v1/traces"
+    return HostPort(url.hostname, port), url.scheme == "https", path
+
+
+def _sampling(environ: Mapping[str, str]) -> tuple[float, bool]:
+    """(percent, parent_based) from OTEL_TRACES_SAMPLER and its argument."""
+    name = environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
+    table = _PARENT_BASED if name in _PARENT_BASED else _INDEPENDENT
+    if name not in table:
+        known = ", ".join((*_PARENT_BASED, *_INDEPENDENT))
+        raise SpecError(f"OTEL_TRACES_SAMPLER={name!r}: Envoy's tracer takes {known}")
+    percent = table[name]
+    if percent is None:
+        text = environ.get("OTEL_TRACES_SAMPLER_ARG", "1.0").strip() or "1.0"
+        try:
+            ratio = float(text)
+        except ValueError:
+            raise SpecError(f"OTEL_TRACES_SAMPLER_ARG={text!r} is not a number") from None
+        if not 0 <= ratio <= 1:
+            raise SpecError(f"OTEL_TRACES_SAMPLER_ARG={text!r} is not between 0 and 1")
+        percent = ratio * 100
+    return percent, table is _PARENT_BASED
+
+
 @dataclass(frozen=True)
 class EdgeSpec:
     """What the edge needs to know; ``bootstrap`` turns it into Envoy's configuration.
@@ -409,6 +615,8 @@ class EdgeSpec:
     replicas: Mapping[str, int] = field(default_factory=dict)
     #: The browser console's files, served on both listeners; none by default.
     console: Console | None = None
+    #: Envoy's OpenTelemetry tracer; none (no tracing at all) by default.
+    tracing: Tracing | None = None
 
     @classmethod
     def all_in_one(cls, upstream: HostPort, **kwargs: Any) -> EdgeSpec:
@@ -428,6 +636,8 @@ def bootstrap(spec: EdgeSpec) -> Bootstrap:
         for name in _served(spec)
         for cluster in (_cluster(name, spec, streams=False), _cluster(name, spec, streams=True))
     ]
+    if spec.tracing is not None:
+        clusters.append(_collector_cluster(spec.tracing, spec))
     return Bootstrap(
         admin=Admin(address=_address(spec.admin)),
         static_resources=BootstrapStaticResources(listeners=listeners, clusters=clusters),
@@ -561,6 +771,7 @@ def _listener(
             max_concurrent_streams=spec.downstream_max_streams,
         ),
         route_config=routes,
+        tracing=_tracing(spec.tracing) if spec.tracing is not None else None,
         http_filters=[
             HttpFilter(name="envoy.filters.http.grpc_web", typed_config=_pack(GrpcWeb())),
             HttpFilter(name="envoy.filters.http.cors", typed_config=_pack(Cors())),
@@ -591,6 +802,61 @@ def _listener(
             name="envoy.transport_sockets.tls", typed_config=_pack(context)
         )
     return Listener(name=name, address=_address(where), filter_chains=[chain])
+
+
+def _tracing(tracing: Tracing) -> HttpConnectionManagerTracing:
+    timeout = _seconds(_OTLP_EXPORT_TIMEOUT_S)
+    config = OpenTelemetryConfig(
+        service_name=tracing.service_name,
+        # OTEL_RESOURCE_ATTRIBUTES in Envoy's own environment (deployment, region...).
+        resource_detectors=[
+            TypedExtensionConfig(
+                name="envoy.tracers.opentelemetry.resource_detectors.environment",
+                typed_config=_pack(EnvironmentResourceDetectorConfig()),
+            )
+        ],
+    )
+    if tracing.protocol == OTLP_GRPC:
+        config.grpc_service = GrpcService(
+            envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=OTLP_CLUSTER), timeout=timeout
+        )
+    else:
+        scheme = "https" if tracing.tls else "http"
+        config.http_service = HttpService(
+            http_uri=HttpUri(
+                uri=f"{scheme}://{tracing.collector}{tracing.path}",
+                cluster=OTLP_CLUSTER,
+                timeout=timeout,
+            )
+        )
+    random = tracing.sampling_percent
+    if not tracing.parent_based:
+        # A sampler of its own: the same decision for a trace id whatever the caller sent.
+        random = 100.0
+        if tracing.sampling_percent >= 100:
+            sampler = TypedExtensionConfig(
+                name="envoy.tracers.opentelemetry.samplers.always_on",
+                typed_config=_pack(AlwaysOnSamplerConfig()),
+            )
+        else:
+            sampler = TypedExtensionConfig(
+                name="envoy.tracers.opentelemetry.samplers.trace_id_ratio_based",
+                typed_config=_pack(
+                    TraceIdRatioBasedSamplerConfig(
+                        sampling_percentage=FractionalPercent(
+                            numerator=round(tracing.sampling_percent * 10_000),
+                            denominator=FractionalPercentDenominatorType.MILLION,
+                        )
+                    )
+                ),
+            )
+        config.sampler = sampler
+    return HttpConnectionManagerTracing(
+        random_sampling=Percent(value=random),
+        # Envoy is its own hop: a server span for the request, a client span per attempt.
+        spawn_upstream_span=True,
+        provider=TracingHttp(name="envoy.tracers.opentelemetry", typed_config=_pack(config)),
+    )
 
 
 def _origin_matchers(origins: Sequence[str]) -> list[StringMatcher]:
@@ -801,6 +1067,54 @@ def _cluster(service: str, spec: EdgeSpec, *, streams: bool) -> Cluster:
     return cluster
 
 
+def _collector_cluster(tracing: Tracing, spec: EdgeSpec) -> Cluster:
+    where = tracing.collector
+    cluster = Cluster(
+        name=OTLP_CLUSTER,
+        type=ClusterDiscoveryType.STATIC if where.is_ip else ClusterDiscoveryType.STRICT_DNS,
+        connect_timeout=_seconds(spec.connect_timeout_s),
+        load_assignment=ClusterLoadAssignment(
+            cluster_name=OTLP_CLUSTER,
+            endpoints=[
+                LocalityLbEndpoints(
+                    lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=_address(where)))]
+                )
+            ],
+        ),
+    )
+    if not where.is_ip:
+        cluster.dns_lookup_family = ClusterDnsLookupFamily.V4_PREFERRED
+    if tracing.protocol == OTLP_GRPC:
+        cluster.typed_extension_protocol_options = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _pack(
+                HttpProtocolOptions(
+                    explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+                        http2_protocol_options=Http2ProtocolOptions()
+                    )
+                )
+            )
+        }
+    if tracing.tls:
+        validation = (
+            CertificateValidationContext(trusted_ca=DataSource(filename=tracing.ca_file))
+            if tracing.ca_file
+            else CertificateValidationContext(
+                system_root_certs=CertificateValidationContextSystemRootCerts()
+            )
+        )
+        context = UpstreamTlsContext(
+            sni="" if where.is_ip else where.host,
+            common_tls_context=CommonTlsContext(
+                validation_context=validation,
+                alpn_protocols=["h2"] if tracing.protocol == OTLP_GRPC else [],
+            ),
+        )
+        cluster.transport_socket = TransportSocket(
+            name="envoy.transport_sockets.tls", typed_config=_pack(context)
+        )
+    return cluster
+
+
 def _all(spec: EdgeSpec) -> tuple[HostPort, ...]:
     return next(iter(spec.upstreams.values()))
 
@@ -830,7 +1144,11 @@ __all__ = [
     "CONSOLE_CSP",
     "CONSOLE_HEADERS",
     "CONSOLE_TYPES",
+    "ENVOY_SERVICE_NAME",
     "MAX_CONSOLE_FILE_BYTES",
+    "OTLP_CLUSTER",
+    "OTLP_GRPC",
+    "OTLP_HTTP",
     "PLAIN_LISTENER",
     "TLS_LISTENER",
     "Console",
@@ -840,6 +1158,7 @@ __all__ = [
     "SpecError",
     "StaticFile",
     "Tls",
+    "Tracing",
     "bootstrap",
     "render",
     "safe_to_retry",

@@ -285,7 +285,14 @@ class Options:
         The console's directory is read here, each time: a rebuilt console is what
         a restarted Envoy serves.
         """
-        from switchboard.deploy.envoy import Console, EdgeSpec, ServerLimits, Tls
+        from switchboard.deploy.envoy import (
+            ENVOY_SERVICE_NAME,
+            Console,
+            EdgeSpec,
+            ServerLimits,
+            Tls,
+            Tracing,
+        )
 
         bound = bound or {}
         tls = None
@@ -301,6 +308,10 @@ class Options:
             limits=ServerLimits.from_environment(environ),
             health_interval_s=self.health_interval_s,
             console=Console.from_directory(self.console) if self.console else None,
+            # The OTEL_* variables the services get: Envoy joins their traces.
+            tracing=Tracing.from_environment(
+                environ, service_name=environ.get("OTEL_SERVICE_NAME") or ENVOY_SERVICE_NAME
+            ),
         )
 
 
