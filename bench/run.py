@@ -14,7 +14,10 @@ integration hub section from ``bench/integration.py`` (about 4 minutes;
 ``--no-integration`` skips it), the tool runs section from ``bench/tools.py``
 (about 3 minutes; ``--no-tools`` skips it), the Envoy section from
 ``bench/edge.py`` (about 8 minutes; ``--no-edge`` skips it; ``bench/edge.py
---write`` runs only that section and rewrites only its part of BENCHMARKS.md).
+--write`` runs only that section and rewrites only its part of BENCHMARKS.md),
+the tracing overhead section from ``bench/telemetry.py`` (about 4 minutes;
+``--no-telemetry`` skips it; ``bench/telemetry.py --write`` likewise rewrites
+only its part).
 """
 
 from __future__ import annotations
@@ -102,6 +105,7 @@ def main() -> int:
     parser.add_argument("--no-integration", action="store_true", help="skip bench/integration.py")
     parser.add_argument("--no-tools", action="store_true", help="skip bench/tools.py")
     parser.add_argument("--no-edge", action="store_true", help="skip bench/edge.py")
+    parser.add_argument("--no-telemetry", action="store_true", help="skip bench/telemetry.py")
     args = parser.parse_args()
     # Cases are interleaved round by round and the median round is reported, so
     # drift on a shared machine hits every case alike.
@@ -212,6 +216,7 @@ def main() -> int:
         (args.no_integration, "integration.py", 1800),
         (args.no_tools, "tools.py", 1800),
         (args.no_edge, "edge.py", 1800),
+        (args.no_telemetry, "telemetry.py", 1200),
     ):
         if not skip:
             lines += [_section(script, timeout_s), ""]
