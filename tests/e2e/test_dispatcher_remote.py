@@ -121,6 +121,9 @@ async def test_cancel_during_the_remote_stream_stops_the_expert(
     assert ticks_at_cancel < 10_000
 
 
+RUN_TIMEOUT_S = 4.0
+
+
 async def test_the_run_deadline_reaches_the_expert(
     expert: ExpertProcess, stubs: tuple[Stub, DStub], world: World, conversation: str
 ) -> None:
@@ -134,7 +137,9 @@ async def test_the_run_deadline_reaches_the_expert(
             handler="handlers/weather",
             ticks=10_000,
             interval_ms=50,
-            timeout_s=1.5,
+            # Long enough that the call reaches the expert before the deadline on a
+            # loaded machine (with 1.5 s it once did not, with both cores busy).
+            timeout_s=RUN_TIMEOUT_S,
         ),
     )
     run = await finished(dstub, world.editor, sent.run.name)
@@ -142,7 +147,7 @@ async def test_the_run_deadline_reaches_the_expert(
     assert reason_of(run) == "ERROR_REASON_DEADLINE_EXCEEDED"
     line = await expert.wait_for_line(lambda text: text.startswith(f"deadline {run.name} "))
     remaining = float(line.rsplit(" ", 1)[1])
-    assert 0 < remaining <= 1.5 + 0.05  # gRPC rounds the timeout it sends upward
+    assert 0 < remaining <= RUN_TIMEOUT_S + 0.05  # gRPC rounds the timeout it sends upward
     # The expert saw its call end (deadline or cancellation) and stopped.
     await expert.wait_for_line(lambda text: text == f"cancelled {run.name}")
 
