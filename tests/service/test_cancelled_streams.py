@@ -14,6 +14,7 @@ import asyncio
 import gc
 import logging
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -26,7 +27,7 @@ from switchboard.platform.policy import Role
 from switchboard.platform.server import SwitchboardServer
 from tests.service.authkit import bearer
 from tests.service.contextkit import context_stub
-from tests.service.dispatchkit import dispatcher_stub
+from tests.service.dispatchkit import dispatcher_stub, finished
 from tests.service.eventkit import member, publish, workspace_event, ws
 
 # A small receive window and no BDP probing: the server's sends block after a
@@ -112,8 +113,19 @@ async def _stream(mesh: SwitchboardServer, channel: aio.Channel, token: str, wor
     return call
 
 
+@dataclass(frozen=True)
+class _Caller:
+    md: tuple[tuple[str, str], ...]
+
+
 async def _long_run(channel: aio.Channel, token: str, workspace: str) -> str:
-    """A finished run whose updates are far more than the client's window."""
+    """A finished run whose updates are far more than the client's window.
+
+    Finished before the test goes on: a run still writing its updates would race
+    the cancelled stream's cleanup, and with it this test's ``gc.collect`` polling,
+    which on a large heap (an xdist worker late in the suite) holds the loop long
+    enough for the run's event log writes to time out and log an ERROR.
+    """
     md = bearer(token)
     conversation = await context_stub(channel).CreateConversation(
         cpb.CreateConversationRequest(
@@ -129,6 +141,7 @@ async def _long_run(channel: aio.Channel, token: str, workspace: str) -> str:
         ),
         metadata=md,
     )
+    await finished(dispatcher_stub(channel), _Caller(md), sent.run.name)
     return str(sent.run.name)
 
 
