@@ -29,6 +29,7 @@ from tests.service.authkit import bearer
 from tests.service.contextkit import context_stub
 from tests.service.dispatchkit import dispatcher_stub, finished
 from tests.service.eventkit import member, publish, workspace_event, ws
+from tests.service.tracekit import watching
 
 # A small receive window and no BDP probing: the server's sends block after a
 # few KiB the client does not read.
@@ -54,22 +55,8 @@ class Trouble(logging.Handler):
 @pytest.fixture
 async def trouble() -> AsyncIterator[tuple[Trouble, list[dict[str, Any]]]]:
     """Log records and the loop's unhandled exceptions while the test runs."""
-    handler = Trouble()
-    root = logging.getLogger()
-    root.addHandler(handler)
-    access = logging.getLogger("switchboard.access")
-    level = access.level
-    access.setLevel(logging.INFO)
-    loop = asyncio.get_running_loop()
-    unhandled: list[dict[str, Any]] = []
-    previous = loop.get_exception_handler()
-    loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
-    try:
-        yield handler, unhandled
-    finally:
-        loop.set_exception_handler(previous)
-        access.setLevel(level)
-        root.removeHandler(handler)
+    async with watching(Trouble()) as watched:
+        yield watched
 
 
 async def _finished(handler: Trouble, unhandled: list[dict[str, Any]]) -> None:

@@ -26,13 +26,11 @@ from opentelemetry.trace import SpanKind, StatusCode, Tracer
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.contextport import RemoteContext
-from switchboard.mesh import create_server
 from switchboard.platform.logging import JsonFormatter
 from switchboard.platform.policy import AuthMethod, Principal, Scope
 from switchboard.platform.server import SwitchboardServer
 from switchboard.platform.status import REQUEST_ID_KEY
-from switchboard.platform.telemetry import Tracing, installed
-from tests.conftest import make_settings
+from switchboard.platform.telemetry import installed
 from tests.service.authkit import code_of
 from tests.service.contextkit import Caller, context_stub, create_conversation, ctx_world
 from tests.service.dispatchkit import cancel as cancel_run
@@ -43,6 +41,7 @@ from tests.service.dispatchkit import (
     request,
     until,
 )
+from tests.service.tracekit import traced_server
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -57,14 +56,8 @@ def exporter() -> InMemorySpanExporter:
 
 @pytest.fixture
 async def mesh(exporter: InMemorySpanExporter) -> AsyncIterator[SwitchboardServer]:
-    tracing = Tracing.to_exporter(exporter, service_name="switchboard-test")
-    server, _port = await create_server(make_settings(), tracing=tracing)
-    await server.start()
-    try:
+    async with traced_server(exporter) as server:
         yield server
-    finally:
-        await server.shutdown(grace=0)
-    assert installed() is None  # undone with the server's resources
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ from switchboard.mesh import create_server
 from switchboard.platform.policy import Role
 from switchboard.platform.server import SwitchboardServer
 from switchboard.platform.status import REQUEST_ID_KEY
-from switchboard.platform.telemetry import Tracing, installed
+from switchboard.platform.telemetry import Tracing
 from tests.conftest import make_settings
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.mcpserver import McpTestServer
@@ -53,6 +53,7 @@ from tests.service.integrationkit import (
     webhook,
     webhook_secret,
 )
+from tests.service.tracekit import traced_server, watching
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -127,35 +128,15 @@ def exporter() -> Spans:
 
 @pytest.fixture
 async def mesh(exporter: Spans) -> AsyncIterator[SwitchboardServer]:
-    tracing = Tracing.to_exporter(exporter, service_name="switchboard-test")
-    server, _port = await create_server(make_settings(), tracing=tracing)
-    await server.start()
-    try:
+    async with traced_server(exporter) as server:
         yield server
-    finally:
-        await server.shutdown(grace=0)
-    assert installed() is None
 
 
 @pytest.fixture
 async def trouble() -> AsyncIterator[tuple[Trouble, list[dict[str, Any]]]]:
     """Log records, and the loop's unhandled exceptions, while the test runs."""
-    handler = Trouble()
-    root = logging.getLogger()
-    root.addHandler(handler)
-    access = logging.getLogger("switchboard.access")
-    level = access.level
-    access.setLevel(logging.INFO)
-    loop = asyncio.get_running_loop()
-    unhandled: list[dict[str, Any]] = []
-    previous = loop.get_exception_handler()
-    loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
-    try:
-        yield handler, unhandled
-    finally:
-        loop.set_exception_handler(previous)
-        access.setLevel(level)
-        root.removeHandler(handler)
+    async with watching(Trouble()) as watched:
+        yield watched
 
 
 def traced(token: str) -> tuple[tuple[str, str], ...]:
