@@ -1,4 +1,8 @@
-"""Resource names (AIP-122) and other client-chosen identifiers: their patterns and one matcher.
+"""Ids, the clock, resource names (AIP-122) and other client-chosen identifiers.
+
+The one place that says what an id looks like (``new_id`` makes them, ``ID``
+matches them), what time it is (``now``, always aware UTC), and every name
+pattern with its matcher.
 
 Every pattern here is matched against the whole string (``fullmatch``):
 ``re.match`` with ``$`` also accepts a final newline, and ``workspaces/acme\\n``
@@ -9,13 +13,27 @@ that held it.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
+import secrets
 from typing import Final
 
 from switchboard.platform.errors import FieldViolation, InvalidArgument
 
 #: One segment's id: lower case, digits and dashes, as the services generate them.
 ID: Final = r"[a-z0-9][a-z0-9-]{0,62}"
+
+
+def new_id() -> str:
+    """A fresh server-chosen id: 32 lower-case hex digits (128 random bits), within ``ID``."""
+    return secrets.token_hex(16)
+
+
+def now() -> dt.datetime:
+    """The current time, aware and in UTC: every stored and compared timestamp is."""
+    return dt.datetime.now(dt.UTC)
+
+
 WORKSPACE: Final = re.compile(rf"workspaces/({ID})")
 CONVERSATION: Final = re.compile(rf"workspaces/({ID})/conversations/({ID})")
 MESSAGE: Final = re.compile(rf"workspaces/({ID})/conversations/({ID})/messages/({ID})")
