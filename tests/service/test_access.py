@@ -24,7 +24,6 @@ from switchboard.platform.authn import Guard
 from switchboard.platform.models import Base
 from switchboard.platform.policy import Permission, Role
 from switchboard.platform.server import ServiceRegistration, SwitchboardServer, build_server
-from switchboard.platform.unimplemented import unimplemented_rpcs
 from tests.conftest import make_settings
 from tests.service.authkit import bearer, quick_user, reason
 
@@ -155,7 +154,7 @@ class World:
 @pytest.fixture
 async def world(channel: aio.Channel, mesh: SwitchboardServer) -> World:
     owner, editor, viewer, outsider = [await quick_user(mesh) for _ in range(4)]
-    memberships = mesh.deps.memberships
+    memberships = mesh.shared.memberships
     await memberships.create_workspace("acme", "Acme", owner[0])
     await memberships.set_member("acme", editor[0], Role.EDITOR)
     await memberships.set_member("acme", viewer[0], Role.VIEWER)
@@ -164,7 +163,7 @@ async def world(channel: aio.Channel, mesh: SwitchboardServer) -> World:
 
 async def _row_counts(mesh: SwitchboardServer) -> dict[str, int]:
     counts = {}
-    async with mesh.deps.database.sessions() as db:
+    async with mesh.shared.database.sessions() as db:
         for table in Base.metadata.sorted_tables:
             counts[table.name] = (
                 await db.execute(select(func.count()).select_from(table))
@@ -272,18 +271,17 @@ async def test_no_rpc_answers_unknown_or_internal(channel: aio.Channel, world: W
 async def test_an_rpc_not_built_answers_unimplemented_past_the_guard(
     mesh: SwitchboardServer, world: World
 ) -> None:
-    """No RPC pretends to work: an authorized call to one not built yet names its issue.
+    """No RPC pretends to work: an authorized call to one not built answers UNIMPLEMENTED.
 
     Every contract is built now, so a servicer with nothing of its own (every
-    RPC a placeholder) stands in for the next one, behind the mesh's own guard.
+    RPC the generated base's) stands in for the next one, behind the mesh's own guard.
     """
     service = SERVICES["integration"][0]
 
-    @unimplemented_rpcs(service, planned="it arrives with a later issue")
     class Unbuilt(integration_pb2_grpc.IntegrationServiceServicer):
         pass
 
-    guard = Guard(mesh.deps.authenticator, mesh.deps.policy)
+    guard = Guard(mesh.shared.authenticator, mesh.shared.policy)
     server = await build_server(
         make_settings(),
         [ServiceRegistration(service, Unbuilt())],  # type: ignore[abstract]
@@ -303,8 +301,8 @@ async def test_an_rpc_not_built_answers_unimplemented_past_the_guard(
                 try:
                     await _call_or_raise(channel, method, request, world.owner)
                 except aio.AioRpcError as exc:
-                    if exc.code() != grpc.StatusCode.UNIMPLEMENTED or "it arrives with" not in (
-                        exc.details() or ""
+                    if exc.code() != grpc.StatusCode.UNIMPLEMENTED or (
+                        "is not implemented by this server" not in (exc.details() or "")
                     ):
                         wrong.append((_path(method), exc.code(), exc.details()))
                     elif reason(exc) != "ERROR_REASON_NOT_IMPLEMENTED":

@@ -35,15 +35,13 @@ def _servicer_classes() -> dict[str, type]:
 
 def _built_status(service_name: str, cls: type) -> str:
     from switchboard import mesh
-    from switchboard.platform.unimplemented import is_placeholder
 
     descriptor = mesh.SERVICES[service_name.split(".")[2]][0]
     built = []
     for method in descriptor.methods:
         rpc = getattr(cls, method.name, None)
-        # The generated base class answers UNIMPLEMENTED too; only our own code counts.
-        ours = rpc is not None and not getattr(rpc, "__module__", "").endswith("_pb2_grpc")
-        built.append(ours and not is_placeholder(rpc))
+        # The generated base class answers UNIMPLEMENTED; only our own code counts.
+        built.append(rpc is not None and not getattr(rpc, "__module__", "").endswith("_pb2_grpc"))
     if all(built):
         return "built"
     return "partly built" if any(built) else "contract only"

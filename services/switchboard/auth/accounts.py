@@ -1,8 +1,10 @@
 """Accounts: registration, login, sessions, refresh rotation, API keys.
 
-The domain of the auth service. It speaks in store rows and domain values;
-``servicer.py`` converts to and from proto. Every credential it hands out is
-shown once and stored only as a hash.
+The domain of the auth service: it takes the request messages, decides
+(validation, limits, authorization of the caller's own resources) and answers
+with the response messages; ``mapping.py`` turns the store's records into
+messages and ``servicer.py`` is transport only. Every credential it hands out
+is shown once and stored only as a hash.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import datetime as dt
 import hashlib
 import ipaddress
 import logging
+import re
 import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -18,12 +21,23 @@ from typing import Generic, TypeVar
 
 from switchboard.api.auth.v1 import auth_pb2
 from switchboard.api.events.v1 import events_pb2
+from switchboard.auth import mapping
 from switchboard.auth.authenticator import CredentialAuthenticator
 from switchboard.auth.oidc import OidcVerifier
 from switchboard.auth.opaque import OpaqueSecrets, looks_like_refresh_token
 from switchboard.auth.passwords import PasswordHasher, check_password_policy
-from switchboard.auth.store import AuthStore, Keyset, NewUser, Page, R, Redemption, utcnow
+from switchboard.auth.store import (
+    ApiKeyRecord,
+    AuthStore,
+    IdentityRecord,
+    Keyset,
+    NewUser,
+    Redemption,
+    SessionRecord,
+    UserRecord,
+)
 from switchboard.auth.tokens import AccessTokens
+from switchboard.platform import names, timefields
 from switchboard.platform.bus import EventBus
 from switchboard.platform.cache import Cache
 from switchboard.platform.errors import (
@@ -38,20 +52,24 @@ from switchboard.platform.errors import (
     SessionRevoked,
     Unauthenticated,
 )
-from switchboard.platform.models import (
-    ApiKeyRow,
-    FederatedIdentityRow,
-    SessionRow,
-    UserRow,
-)
 from switchboard.platform.names import etag_version
 from switchboard.platform.outbox import Staged
-from switchboard.platform.pagination import ID, ISO_TIME, PageTokens, fingerprint
+from switchboard.platform.pagination import (
+    ID,
+    MICROS,
+    PageTokens,
+    fingerprint,
+    from_micros,
+    micros,
+    page_size,
+)
 from switchboard.platform.policy import ALL_SCOPES, AuthMethod, Principal, Scope
 
 log = logging.getLogger("switchboard.security")
 
 _T = TypeVar("_T")
+#: What a page of sessions or API keys is made of (keyed by (created_at, id)).
+_Keyed = TypeVar("_Keyed", SessionRecord, ApiKeyRecord)
 
 MAX_EMAIL = 254
 MAX_DISPLAY_NAME = 200
@@ -75,19 +93,13 @@ class ClientContext:
 
 
 @dataclass(frozen=True)
-class IssuedTokens:
-    access_token: str
-    access_expires_at: dt.datetime
-    refresh_token: str
-    refresh_expires_at: dt.datetime
-
-
-@dataclass(frozen=True)
 class SignIn:
-    user: UserRow
-    identities: list[FederatedIdentityRow]
-    session: SessionRow
-    tokens: IssuedTokens
+    """A new session: who it is for, the session, and its tokens (shown once)."""
+
+    user: UserRecord
+    identities: list[IdentityRecord]
+    session: SessionRecord
+    tokens: auth_pb2.TokenPair
 
 
 @dataclass(frozen=True)
@@ -144,20 +156,23 @@ def clean_display_name(raw: str, field: str) -> str:
     return name
 
 
-def page_size(requested: int) -> int:
-    if requested < 0:
-        raise InvalidArgument(
-            "page_size must not be negative", [FieldViolation("page_size", "must be >= 0")]
-        )
-    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-
-
-def _client(client: ClientContext) -> ClientContext:
+def _client(address: str, info: auth_pb2.ClientInfo | None = None) -> ClientContext:
+    """The client of a credential request: its address (from the transport) and
+    what it says of itself, each cut to what a session stores."""
     return ClientContext(
-        address=client.address[:128],
-        user_agent=client.user_agent[:MAX_USER_AGENT],
-        device_name=client.device_name[:MAX_DEVICE_NAME],
+        address=address[:128],
+        user_agent=info.user_agent[:MAX_USER_AGENT] if info is not None else "",
+        device_name=info.device_name[:MAX_DEVICE_NAME] if info is not None else "",
     )
+
+
+def _name_part(pattern: re.Pattern[str], name: str, field: str) -> str:
+    # The access interceptor already checked the name belongs to the caller;
+    # this only extracts the child id (and rejects other shapes).
+    match = pattern.fullmatch(name)
+    if match is None:
+        raise InvalidArgument(f"{field} is malformed", [FieldViolation(field, "malformed name")])
+    return match.group(2)
 
 
 def _hash_key(value: str) -> str:
@@ -213,12 +228,12 @@ class Security:
     def event(self) -> events_pb2.Event | None:
         if not self.user_id:
             return None
-        user = f"users/{self.user_id}"
+        user = mapping.user_name(self.user_id)
         client = self.client
         payload = events_pb2.SecurityEvent(
             kind=self.kind,
-            session=f"{user}/sessions/{self.session_id}" if self.session_id else "",
-            api_key=f"{user}/apiKeys/{self.api_key_id}" if self.api_key_id else "",
+            session=mapping.session_name(self.user_id, self.session_id) if self.session_id else "",
+            api_key=mapping.api_key_name(self.user_id, self.api_key_id) if self.api_key_id else "",
             client_address=client.address if client else "",
         )
         if client is not None:
@@ -258,6 +273,8 @@ class Audit(Generic[_T]):
 
 
 class Accounts:
+    """The auth service's domain: one method per RPC, request in, response out."""
+
     def __init__(
         self,
         *,
@@ -284,6 +301,8 @@ class Accounts:
         self._oidc = oidc
         self._login_limits = login_limits
         self._limits = limits
+        # The signing keys are fixed for the process's life: the answer is built once.
+        self._jwks = mapping.jwks(tokens.keys)
 
     # Security events: a structured log line always, an event when a user is concerned.
 
@@ -338,7 +357,7 @@ class Accounts:
 
     async def start_session(
         self,
-        user: UserRow | NewUser,
+        user: UserRecord | NewUser,
         method: AuthMethod,
         client: ClientContext,
         *,
@@ -350,23 +369,23 @@ class Accounts:
         created in the session's transaction: never an account without it."""
         new_user = user if isinstance(user, NewUser) else None
         if isinstance(user, NewUser):
-            user = user.row
+            user = user.user
+        user_id = user.id
         refresh = self._secrets.new_refresh_token()
-        now = utcnow()
-        expires = now + dt.timedelta(seconds=self._limits.refresh_ttl_s)
+        expires = names.now() + dt.timedelta(seconds=self._limits.refresh_ttl_s)
 
-        def notes(result: tuple[SessionRow, list[str]]) -> list[Security]:
+        def notes(result: tuple[SessionRecord, list[str]]) -> list[Security]:
             session, evicted = result
             revoked = events_pb2.SECURITY_EVENT_KIND_SESSION_REVOKED
             found = [
-                Security(revoked, user.id, session_id=ident, detail="session_limit")
+                Security(revoked, user_id, session_id=ident, detail="session_limit")
                 for ident in evicted
             ]
             if signed_in is not None:
                 found.append(
                     Security(
                         events_pb2.SECURITY_EVENT_KIND_LOGIN_SUCCEEDED,
-                        user.id,
+                        user_id,
                         session_id=session.id,
                         client=client,
                         detail=signed_in,
@@ -376,7 +395,7 @@ class Accounts:
 
         audit = self._audit(notes)
         session, evicted = await self._store.create_session(
-            user_id=user.id,
+            user_id=user_id,
             auth_method=method.value,
             user_agent=client.user_agent,
             device_name=client.device_name,
@@ -391,35 +410,41 @@ class Accounts:
             await self._authenticator.announce("session", session_id)
         await audit.done()
         access, claims = self._tokens.issue(
-            subject=user.id, session=session.id, scopes=[s.value for s in SESSION_SCOPES]
+            subject=user_id, session=session.id, scopes=[s.value for s in SESSION_SCOPES]
         )
-        tokens = IssuedTokens(
-            access_token=access,
-            access_expires_at=dt.datetime.fromtimestamp(claims.expires_at, dt.UTC),
-            refresh_token=refresh.secret,
-            refresh_expires_at=expires,
+        tokens = mapping.token_pair(
+            access,
+            dt.datetime.fromtimestamp(claims.expires_at, dt.UTC),
+            refresh.secret,
+            expires,
         )
-        identities = await self._store.federated_identities(user.id)
+        identities = await self._store.federated_identities(user_id)
         return SignIn(user, identities, session, tokens)
 
     async def _signed_in(
-        self, user: UserRow | NewUser, method: AuthMethod, client: ClientContext, detail: str = ""
+        self,
+        user: UserRecord | NewUser,
+        method: AuthMethod,
+        client: ClientContext,
+        detail: str = "",
     ) -> SignIn:
         return await self.start_session(user, method, client, signed_in=detail)
 
     async def register(
-        self, email: str, password: str, display_name: str, client: ClientContext
-    ) -> SignIn:
-        client = _client(client)
+        self, request: auth_pb2.RegisterRequest, address: str
+    ) -> auth_pb2.RegisterResponse:
+        """A new account signed in; ``address`` is the client's (``platform/clientaddr.py``)."""
+        client = _client(address, request.client_info)
+        password = request.password
         violations: list[FieldViolation] = []
         normalized = ""
         name = ""
         try:
-            normalized = normalize_email(email)
+            normalized = normalize_email(request.email)
         except InvalidArgument as exc:
             violations.extend(exc.violations)
         try:
-            name = clean_display_name(display_name, "display_name")
+            name = clean_display_name(request.display_name, "display_name")
         except InvalidArgument as exc:
             violations.extend(exc.violations)
         if len(password.encode()) > MAX_PASSWORD_BYTES:
@@ -437,10 +462,35 @@ class Accounts:
         await self._limit_address(client)
         password_hash = await self._hasher.hash(password)
         new = self._store.new_user(normalized, name, password_hash)
-        return await self._signed_in(new, AuthMethod.PASSWORD, client, "registered")
+        found = await self._signed_in(new, AuthMethod.PASSWORD, client, "registered")
+        return auth_pb2.RegisterResponse(
+            user=mapping.user(found.user, found.identities),
+            tokens=found.tokens,
+            session=mapping.session(found.session, found.session.id),
+        )
 
-    async def login_password(self, email: str, password: str, client: ClientContext) -> SignIn:
-        client = _client(client)
+    async def login(self, request: auth_pb2.LoginRequest, address: str) -> auth_pb2.LoginResponse:
+        """A new session for a password or a federated ID token."""
+        client = _client(address, request.client_info)
+        which = request.WhichOneof("credential")
+        if which == "password":
+            found = await self._login_password(
+                request.password.email, request.password.password, client
+            )
+        elif which == "oidc":
+            found = await self._login_oidc(request.oidc.id_token, client)
+        else:
+            raise InvalidArgument(
+                "a credential is required",
+                [FieldViolation("credential", "set password or oidc")],
+            )
+        return auth_pb2.LoginResponse(
+            user=mapping.user(found.user, found.identities),
+            tokens=found.tokens,
+            session=mapping.session(found.session, found.session.id),
+        )
+
+    async def _login_password(self, email: str, password: str, client: ClientContext) -> SignIn:
         if not email or not password:
             missing = [
                 f for f, v in (("password.email", email), ("password.password", password)) if not v
@@ -477,8 +527,7 @@ class Accounts:
             await self._store.set_password_hash(user.id, await self._hasher.hash(password))
         return await self._signed_in(user, AuthMethod.PASSWORD, client)
 
-    async def login_oidc(self, id_token: str, client: ClientContext) -> SignIn:
-        client = _client(client)
+    async def _login_oidc(self, id_token: str, client: ClientContext) -> SignIn:
         if self._oidc is None:
             raise FailedPrecondition("federated login is not configured on this deployment")
         if not id_token:
@@ -507,8 +556,13 @@ class Accounts:
                 raise  # the email belongs to another account
             return await self._signed_in(user, AuthMethod.OIDC, client, "oidc")
 
-    async def refresh(self, refresh_token: str, client: ClientContext) -> IssuedTokens:
-        client = _client(client)
+    async def refresh(
+        self, request: auth_pb2.RefreshTokenRequest, address: str
+    ) -> auth_pb2.RefreshTokenResponse:
+        """New tokens for a refresh token, which is spent; presenting a spent one
+        again revokes its whole session (reuse detection)."""
+        client = _client(address)
+        refresh_token = request.refresh_token
         if not refresh_token:
             raise InvalidArgument(
                 "refresh_token is required", [FieldViolation("refresh_token", "is required")]
@@ -516,7 +570,6 @@ class Accounts:
         if not looks_like_refresh_token(refresh_token):
             raise Unauthenticated("invalid refresh token")
         new = self._secrets.new_refresh_token()
-        now = utcnow()
 
         def notes(result: Redemption) -> list[Security]:
             reused = result.session
@@ -535,7 +588,7 @@ class Accounts:
         # ends the whole family in the transaction that detects it.
         audit = self._audit(notes)
         result = await self._store.redeem_refresh_token(
-            self._secrets.digest(refresh_token), new.digest, now, audit.staged
+            self._secrets.digest(refresh_token), new.digest, names.now(), audit.staged
         )
         session = result.session
         if result.outcome == "reused" and session is not None:
@@ -547,40 +600,52 @@ class Accounts:
         access, claims = self._tokens.issue(
             subject=session.user_id, session=session.id, scopes=[s.value for s in SESSION_SCOPES]
         )
-        return IssuedTokens(
-            access_token=access,
-            access_expires_at=dt.datetime.fromtimestamp(claims.expires_at, dt.UTC),
-            refresh_token=new.secret,
-            refresh_expires_at=session.expires_at,
+        return auth_pb2.RefreshTokenResponse(
+            tokens=mapping.token_pair(
+                access,
+                dt.datetime.fromtimestamp(claims.expires_at, dt.UTC),
+                new.secret,
+                session.expires_at,
+            )
         )
 
     # Sessions.
 
-    async def _revoke(self, principal: Principal, session_id: str, reason: str) -> SessionRow:
+    async def _revoke(self, principal: Principal, session_id: str, reason: str) -> SessionRecord:
         revoked = Security(
             events_pb2.SECURITY_EVENT_KIND_SESSION_REVOKED,
             principal.user_id,
             session_id=session_id,
             detail=reason,
         )
-        audit: Audit[SessionRow | None] = self._audit(lambda row: [revoked] if row else [])
-        row = await self._store.revoke_session(principal.user_id, session_id, reason, audit.staged)
-        if row is None:
-            raise NotFound(f"users/{principal.user_id}/sessions/{session_id} not found")
+        audit: Audit[SessionRecord | None] = self._audit(lambda record: [revoked] if record else [])
+        record = await self._store.revoke_session(
+            principal.user_id, session_id, reason, audit.staged
+        )
+        if record is None:
+            raise NotFound(f"{mapping.session_name(principal.user_id, session_id)} not found")
         await self._authenticator.announce("session", session_id)
         await audit.done()
-        return row
+        return record
 
-    async def logout(self, principal: Principal) -> None:
+    async def logout(self, principal: Principal) -> auth_pb2.LogoutResponse:
+        """End the caller's own session."""
         if not principal.session_id:
             raise FailedPrecondition("API keys have no session to log out of; revoke the key")
         await self._revoke(principal, principal.session_id, "logout")
+        return auth_pb2.LogoutResponse()
 
-    async def revoke_session(self, principal: Principal, session_id: str) -> SessionRow:
-        return await self._revoke(principal, session_id, "revoked")
+    async def revoke_session(
+        self, principal: Principal, request: auth_pb2.RevokeSessionRequest
+    ) -> auth_pb2.RevokeSessionResponse:
+        session_id = _name_part(names.SESSION, request.name, "name")
+        record = await self._revoke(principal, session_id, "revoked")
+        return auth_pb2.RevokeSessionResponse(session=mapping.session(record, principal.session_id))
 
-    async def revoke_all_sessions(self, principal: Principal, keep_current: bool) -> int:
-        keep = principal.session_id if keep_current else ""
+    async def revoke_all_sessions(
+        self, principal: Principal, request: auth_pb2.RevokeAllSessionsRequest
+    ) -> auth_pb2.RevokeAllSessionsResponse:
+        keep = principal.session_id if request.keep_current else ""
         audit: Audit[list[str]] = self._audit(
             lambda ids: [
                 Security(
@@ -598,51 +663,57 @@ class Accounts:
         if revoked:
             await self._authenticator.announce("user", principal.user_id)
         await audit.done()
-        return len(revoked)
+        return auth_pb2.RevokeAllSessionsResponse(revoked_count=len(revoked))
 
     async def list_sessions(
-        self, principal: Principal, *, show_inactive: bool, size: int, token: str
-    ) -> Page[SessionRow]:
-        limit = page_size(size)
-        request = fingerprint("sessions", principal.user_id, show_inactive)
-        rows = await self._store.list_sessions(
+        self, principal: Principal, request: auth_pb2.ListSessionsRequest
+    ) -> auth_pb2.ListSessionsResponse:
+        limit = page_size(request.page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
+        filters = fingerprint("sessions", principal.user_id, request.show_inactive)
+        records = await self._store.list_sessions(
             principal.user_id,
-            show_inactive=show_inactive,
+            show_inactive=request.show_inactive,
             limit=limit + 1,
-            after=self._after(token, request),
+            after=self._after(request.page_token, filters),
         )
-        return self._page(rows, limit, request)
+        page, next_page_token = self._page(records, limit, filters)
+        return auth_pb2.ListSessionsResponse(
+            sessions=[mapping.session(record, principal.session_id) for record in page],
+            next_page_token=next_page_token,
+        )
 
-    def _after(self, token: str, request: str) -> Keyset | None:
+    # Paging: keyset tokens on (created_at, id), bound to the request's filters.
+
+    def _after(self, token: str, filters: str) -> Keyset | None:
         if not token:
             return None
-        stamp, last = self._pages.decode(token, request, (ISO_TIME, ID))
-        return dt.datetime.fromisoformat(str(stamp)), str(last)
+        stamp, last = self._pages.decode(token, filters, (MICROS, ID))
+        return from_micros(stamp), str(last)
 
-    def _page(self, rows: list[R], limit: int, request: str) -> Page[R]:
-        if len(rows) <= limit:
-            return Page(rows, "")
-        last = rows[limit - 1]
-        return Page(
-            rows[:limit], self._pages.encode([last.created_at.isoformat(), last.id], request)
-        )
+    def _page(self, records: list[_Keyed], limit: int, filters: str) -> tuple[list[_Keyed], str]:
+        """The first ``limit`` of ``records`` (one more was asked for) and the next page's token."""
+        if len(records) <= limit:
+            return records, ""
+        last = records[limit - 1]
+        return records[:limit], self._pages.encode([micros(last.created_at), last.id], filters)
 
     # API keys.
 
     async def create_api_key(
-        self,
-        principal: Principal,
-        display_name: str,
-        scopes: Iterable[str],
-        expires_at: dt.datetime | None,
-    ) -> tuple[ApiKeyRow, str]:
+        self, principal: Principal, request: auth_pb2.CreateApiKeyRequest
+    ) -> auth_pb2.CreateApiKeyResponse:
+        expires_at = (
+            timefields.timestamp(request.expire_time, "expire_time")
+            if request.HasField("expire_time")
+            else None
+        )
         violations: list[FieldViolation] = []
         name = ""
         try:
-            name = clean_display_name(display_name, "display_name")
+            name = clean_display_name(request.display_name, "display_name")
         except InvalidArgument as exc:
             violations.extend(exc.violations)
-        requested = list(scopes)
+        requested = list(request.scopes)
         unknown = sorted(set(requested) - {s.value for s in ALL_SCOPES})
         if unknown:
             violations.append(
@@ -655,7 +726,7 @@ class Accounts:
         )
         if not chosen <= principal.scopes:
             violations.append(FieldViolation("scopes", "cannot exceed the caller's own scopes"))
-        if expires_at is not None and expires_at <= utcnow():
+        if expires_at is not None and expires_at <= names.now():
             violations.append(FieldViolation("expire_time", "must be in the future"))
         if violations:
             raise InvalidArgument("the API key request is invalid", violations)
@@ -663,8 +734,8 @@ class Accounts:
         created = Security(
             events_pb2.SECURITY_EVENT_KIND_API_KEY_CREATED, principal.user_id, api_key_id=key_id
         )
-        audit: Audit[ApiKeyRow | None] = self._audit(lambda row: [created] if row else [])
-        row = await self._store.create_api_key(
+        audit: Audit[ApiKeyRecord | None] = self._audit(lambda record: [created] if record else [])
+        record = await self._store.create_api_key(
             key_id=key_id,
             user_id=principal.user_id,
             display_name=name,
@@ -674,54 +745,73 @@ class Accounts:
             max_keys=self._limits.max_api_keys_per_user,
             staged=audit.staged,
         )
-        if row is None:
+        if record is None:
             raise QuotaExceeded(
                 f"at most {self._limits.max_api_keys_per_user} live API keys per user",
                 subject="api_keys_per_user",
             )
         await audit.done()
-        return row, issued.secret
+        return auth_pb2.CreateApiKeyResponse(api_key=mapping.api_key(record), secret=issued.secret)
 
     async def list_api_keys(
-        self, principal: Principal, *, show_inactive: bool, size: int, token: str
-    ) -> Page[ApiKeyRow]:
-        limit = page_size(size)
-        request = fingerprint("api-keys", principal.user_id, show_inactive)
-        rows = await self._store.list_api_keys(
+        self, principal: Principal, request: auth_pb2.ListApiKeysRequest
+    ) -> auth_pb2.ListApiKeysResponse:
+        limit = page_size(request.page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
+        filters = fingerprint("api-keys", principal.user_id, request.show_inactive)
+        records = await self._store.list_api_keys(
             principal.user_id,
-            show_inactive=show_inactive,
+            show_inactive=request.show_inactive,
             limit=limit + 1,
-            after=self._after(token, request),
+            after=self._after(request.page_token, filters),
         )
-        return self._page(rows, limit, request)
+        page, next_page_token = self._page(records, limit, filters)
+        return auth_pb2.ListApiKeysResponse(
+            api_keys=[mapping.api_key(record) for record in page],
+            next_page_token=next_page_token,
+        )
 
-    async def revoke_api_key(self, principal: Principal, key_id: str) -> ApiKeyRow:
+    async def revoke_api_key(
+        self, principal: Principal, request: auth_pb2.RevokeApiKeyRequest
+    ) -> auth_pb2.RevokeApiKeyResponse:
+        key_id = _name_part(names.API_KEY, request.name, "name")
         revoked = Security(
             events_pb2.SECURITY_EVENT_KIND_API_KEY_REVOKED, principal.user_id, api_key_id=key_id
         )
-        audit: Audit[ApiKeyRow | None] = self._audit(lambda row: [revoked] if row else [])
-        row = await self._store.revoke_api_key(principal.user_id, key_id, audit.staged)
-        if row is None:
-            raise NotFound(f"users/{principal.user_id}/apiKeys/{key_id} not found")
+        audit: Audit[ApiKeyRecord | None] = self._audit(lambda record: [revoked] if record else [])
+        record = await self._store.revoke_api_key(principal.user_id, key_id, audit.staged)
+        if record is None:
+            raise NotFound(f"{mapping.api_key_name(principal.user_id, key_id)} not found")
         await self._authenticator.announce("apikey", key_id)
         await audit.done()
-        return row
+        return auth_pb2.RevokeApiKeyResponse(api_key=mapping.api_key(record))
 
-    # The user record.
+    # The caller and their user record.
 
-    async def user(self, principal: Principal) -> tuple[UserRow, list[FederatedIdentityRow]]:
+    async def get_principal(self, principal: Principal) -> auth_pb2.GetPrincipalResponse:
+        """Who the caller is, and their user."""
         user = await self._store.user_by_id(principal.user_id)
         if user is None:
             raise Unauthenticated("the account no longer exists")
-        return user, await self._store.federated_identities(user.id)
+        identities = await self._store.federated_identities(user.id)
+        return auth_pb2.GetPrincipalResponse(
+            principal=mapping.principal(principal), user=mapping.user(user, identities)
+        )
 
-    async def update_display_name(
-        self, principal: Principal, display_name: str, etag: str
-    ) -> tuple[UserRow, list[FederatedIdentityRow]]:
-        name = clean_display_name(display_name, "user.display_name")
+    async def update_user(
+        self, principal: Principal, request: auth_pb2.UpdateUserRequest
+    ) -> auth_pb2.UpdateUserResponse:
+        """Update the caller's display name, the one field a user may change."""
+        paths = list(request.update_mask.paths)
+        unsupported = [p for p in paths if p != "display_name"]
+        if not paths or unsupported:
+            raise InvalidArgument(
+                "update_mask must list only display_name",
+                [FieldViolation("update_mask", f"updatable: display_name; got {paths}")],
+            )
+        name = clean_display_name(request.user.display_name, "user.display_name")
         expected: int | None = None
-        if etag:
-            expected = etag_version(etag)
+        if request.user.etag:
+            expected = etag_version(request.user.etag)
             if expected is None:
                 raise InvalidArgument(
                     "user.etag is invalid", [FieldViolation("user.etag", "not an etag we issued")]
@@ -729,4 +819,9 @@ class Accounts:
         user = await self._store.update_display_name(principal.user_id, name, expected)
         if user is None:
             raise EtagMismatch("the user changed since it was read; re-read and retry")
-        return user, await self._store.federated_identities(user.id)
+        identities = await self._store.federated_identities(user.id)
+        return auth_pb2.UpdateUserResponse(user=mapping.user(user, identities))
+
+    def jwks(self) -> auth_pb2.GetJwksResponse:
+        """The public keys access tokens are signed with (RFC 7517)."""
+        return self._jwks

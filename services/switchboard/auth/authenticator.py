@@ -39,6 +39,7 @@ from switchboard.api.events.v1 import events_pb2
 from switchboard.auth.opaque import OpaqueSecrets, parse_api_key
 from switchboard.auth.store import AuthStore, SessionStatus
 from switchboard.auth.tokens import AccessClaims, AccessTokens
+from switchboard.platform import names
 from switchboard.platform.cache import Cache
 from switchboard.platform.db import log_failure
 from switchboard.platform.errors import (
@@ -84,9 +85,9 @@ def _last_segment(name: str) -> str:
     return name.rpartition("/")[2]
 
 
-def _scopes(names: Iterable[str]) -> frozenset[Scope]:
+def _scopes(scope_names: Iterable[str]) -> frozenset[Scope]:
     # Unknown names (from a newer peer) are dropped, never guessed at.
-    return frozenset(Scope(s) for s in names if s in ALL_SCOPES)
+    return frozenset(Scope(s) for s in scope_names if s in ALL_SCOPES)
 
 
 class _Bounded(Generic[K, V]):
@@ -254,7 +255,7 @@ class CredentialAuthenticator:
             if state.revoked:
                 raise Unauthenticated("the API key has been revoked")
             expires_at = state.expires_at
-        if expires_at is not None and expires_at <= dt.datetime.now(dt.UTC):
+        if expires_at is not None and expires_at <= names.now():
             raise Unauthenticated("the API key has expired")
         return expires_at.timestamp() if expires_at is not None else None
 
@@ -272,7 +273,7 @@ class CredentialAuthenticator:
                 self._sessions.put(session_id, state)
         if state is None or state.revoked or state.user_id != user_id:
             raise SessionRevoked("the session has been revoked")
-        if state.expires_at <= dt.datetime.now(dt.UTC):
+        if state.expires_at <= names.now():
             raise SessionRevoked("the session has expired")
         return state.expires_at.timestamp()
 
@@ -293,7 +294,7 @@ class CredentialAuthenticator:
             state = _KeyState(
                 user_id=row.user_id,
                 digest=row.digest,
-                scopes=_scopes(row.scopes.split()),
+                scopes=_scopes(row.scopes),
                 expires_at=row.expires_at,
                 revoked=row.revoked_at is not None,
                 last_used_at=row.last_used_at,
@@ -303,7 +304,7 @@ class CredentialAuthenticator:
         # Constant-time comparison of the digests: the id alone proves nothing.
         if not self._secrets.matches(credential, state.digest):
             raise Unauthenticated("invalid API key")
-        now = dt.datetime.now(dt.UTC)
+        now = names.now()
         if state.revoked:
             raise Unauthenticated("the API key has been revoked")
         if state.expires_at is not None and state.expires_at <= now:

@@ -1,5 +1,12 @@
 """Auth persistence: every SQL statement about users, sessions, refresh tokens and API keys.
 
+No ORM row leaves this module: reads and writes return frozen records
+(``UserRecord``, ``SessionRecord``, ...) or plain values, and nothing here
+builds a resource name or raises a request-field error. Every transaction
+goes through the database's runner (``Database.run``): writes join the group
+commit, and a write's events are staged (``platform/outbox.py``) in its own
+transaction.
+
 Races that matter for security are settled by the database, not by Python:
 redeeming a refresh token is a conditional UPDATE (``used_at IS NULL``) so two
 concurrent redemptions cannot both succeed; the loser is treated as reuse.
@@ -8,14 +15,14 @@ concurrent redemptions cannot both succeed; the loser is treated as reuse.
 from __future__ import annotations
 
 import datetime as dt
-import secrets
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Literal, TypeVar
 
 from sqlalchemy import Select, and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from switchboard.platform.db import Database
 from switchboard.platform.errors import AlreadyExists
@@ -26,15 +33,66 @@ from switchboard.platform.models import (
     SessionRow,
     UserRow,
 )
-from switchboard.platform.outbox import Staged, staged_in
+from switchboard.platform.names import new_id, now
+from switchboard.platform.outbox import Staged, staging
+from switchboard.platform.storage import transaction
+
+log = logging.getLogger("switchboard.auth.store")
+
+_T = TypeVar("_T")
+_R = TypeVar("_R", SessionRow, ApiKeyRow)
+_Rec = TypeVar("_Rec")
+
+#: Where a page of sessions or API keys starts: after (created_at, id), newest first.
+Keyset = tuple[dt.datetime, str]
 
 
-def new_id() -> str:
-    return secrets.token_hex(16)
+@dataclass(frozen=True)
+class UserRecord:
+    id: str
+    email: str
+    display_name: str
+    #: None for users who only ever signed in through a federated issuer.
+    password_hash: str | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    version: int
 
 
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
+@dataclass(frozen=True)
+class IdentityRecord:
+    """A federated identity (issuer, subject) linked to a user."""
+
+    issuer: str
+    subject: str
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    id: str
+    user_id: str
+    auth_method: str
+    created_at: dt.datetime
+    last_seen_at: dt.datetime
+    expires_at: dt.datetime
+    revoked_at: dt.datetime | None
+    user_agent: str
+    device_name: str
+    client_address: str
+
+
+@dataclass(frozen=True)
+class ApiKeyRecord:
+    id: str
+    user_id: str
+    display_name: str
+    #: The keyed hash of the secret (``auth/opaque.py``); the secret is never stored.
+    digest: str
+    scopes: tuple[str, ...]
+    created_at: dt.datetime
+    expires_at: dt.datetime | None
+    revoked_at: dt.datetime | None
+    last_used_at: dt.datetime | None
 
 
 @dataclass(frozen=True)
@@ -48,35 +106,76 @@ class SessionStatus:
 class Redemption:
     """The outcome of presenting a refresh token."""
 
-    outcome: str  # "rotated", "reused", "invalid"
-    session: SessionRow | None = None
-
-
-T = TypeVar("T")
-R = TypeVar("R", SessionRow, ApiKeyRow)
-
-
-@dataclass(frozen=True)
-class Page(Generic[T]):
-    items: Sequence[T]
-    next_page_token: str
+    outcome: Literal["rotated", "reused", "invalid"]
+    session: SessionRecord | None = None
 
 
 @dataclass(frozen=True)
 class NewUser:
     """A user to create (``AuthStore.new_user``), with its federated identity if any."""
 
-    row: UserRow
+    user: UserRecord
     #: (issuer, subject) of the identity it is created for.
     identity: tuple[str, str] | None = None
 
 
-async def _add_user(db: AsyncSession, new: NewUser) -> None:
+def _user(row: UserRow) -> UserRecord:
+    return UserRecord(
+        id=row.id,
+        email=row.email,
+        display_name=row.display_name,
+        password_hash=row.password_hash,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        version=row.version,
+    )
+
+
+def _session(row: SessionRow) -> SessionRecord:
+    return SessionRecord(
+        id=row.id,
+        user_id=row.user_id,
+        auth_method=row.auth_method,
+        created_at=row.created_at,
+        last_seen_at=row.last_seen_at,
+        expires_at=row.expires_at,
+        revoked_at=row.revoked_at,
+        user_agent=row.user_agent,
+        device_name=row.device_name,
+        client_address=row.client_address,
+    )
+
+
+def _api_key(row: ApiKeyRow) -> ApiKeyRecord:
+    return ApiKeyRecord(
+        id=row.id,
+        user_id=row.user_id,
+        display_name=row.display_name,
+        digest=row.digest,
+        scopes=tuple(row.scopes.split()),
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        revoked_at=row.revoked_at,
+        last_used_at=row.last_used_at,
+    )
+
+
+def _add_user(db: Session, new: NewUser) -> None:
     """Insert ``new`` in ``db``'s transaction; AlreadyExists if its email or identity is taken."""
-    user = new.row
+    user = new.user
     try:
-        db.add(user)
-        await db.flush()
+        db.add(
+            UserRow(
+                id=user.id,
+                email=user.email,
+                display_name=user.display_name,
+                password_hash=user.password_hash,
+                created_at=user.created_at,
+                updated_at=user.updated_at,
+                version=user.version,
+            )
+        )
+        db.flush()
         if new.identity is not None:
             issuer, subject = new.identity
             db.add(
@@ -88,26 +187,37 @@ async def _add_user(db: AsyncSession, new: NewUser) -> None:
                     created_at=user.created_at,
                 )
             )
-            await db.flush()
+            db.flush()
     except IntegrityError:
         what = "email" if new.identity is None else "email or identity"
         raise AlreadyExists(f"an account with this {what} already exists") from None
 
 
-#: Where a page of sessions or API keys starts: after (created_at, id), newest first.
-Keyset = tuple[dt.datetime, str]
+def _live_key(when: dt.datetime) -> Any:
+    return and_(
+        ApiKeyRow.revoked_at.is_(None),
+        (ApiKeyRow.expires_at.is_(None)) | (ApiKeyRow.expires_at > when),
+    )
 
 
 class AuthStore:
-    """SQL for the auth service; takes and returns ORM rows (never proto).
+    """SQL for the auth service; takes and returns plain records (never ORM rows, never proto).
 
     A write with events takes them as ``staged`` (``platform/outbox.py``):
     they are built from the write's result and written in its transaction.
     """
 
     def __init__(self, database: Database) -> None:
-        self._sessions = database.sessions
-        self._readers = database.readers
+        self._database = database
+
+    async def _run(self, work: Callable[[Session], _T], *, write: bool) -> _T:
+        return await transaction(self._database, work, write=write, log=log)
+
+    async def _check(self, work: Callable[[Session], _T], *, write: bool) -> _T:
+        """The runner without error mapping, for the per-call credential checks: the
+        authenticator maps their failures itself (``authenticator.py``), with one
+        DEBUG line per failed call during an outage rather than a warning."""
+        return await self._database.run(work, write=write)
 
     # Users.
 
@@ -121,17 +231,17 @@ class AuthStore:
     ) -> NewUser:
         """A user not stored yet: ``create_user`` stores it alone, ``create_session``
         with its first session."""
-        now = utcnow()
-        row = UserRow(
+        stamp = now()
+        user = UserRecord(
             id=new_id(),
             email=email,
             display_name=display_name,
             password_hash=password_hash,
-            created_at=now,
-            updated_at=now,
+            created_at=stamp,
+            updated_at=stamp,
             version=1,
         )
-        return NewUser(row, identity)
+        return NewUser(user, identity)
 
     async def create_user(
         self,
@@ -140,70 +250,83 @@ class AuthStore:
         password_hash: str | None,
         *,
         identity: tuple[str, str] | None = None,
-    ) -> UserRow:
+    ) -> UserRecord:
         """A new user; with ``identity`` (issuer, subject), linked to that federated identity."""
         new = self.new_user(email, display_name, password_hash, identity=identity)
-        async with self._sessions.begin() as db:
-            await _add_user(db, new)
-        return new.row
 
-    async def user_by_email(self, email: str) -> UserRow | None:
-        async with self._readers() as db:
-            return (
-                await db.execute(select(UserRow).where(UserRow.email == email))
-            ).scalar_one_or_none()
+        def tx(db: Session) -> None:
+            _add_user(db, new)
 
-    async def user_by_id(self, user_id: str) -> UserRow | None:
-        async with self._readers() as db:
-            return await db.get(UserRow, user_id)
+        await self._run(tx, write=True)
+        return new.user
+
+    async def user_by_email(self, email: str) -> UserRecord | None:
+        def tx(db: Session) -> UserRecord | None:
+            row = db.execute(select(UserRow).where(UserRow.email == email)).scalar_one_or_none()
+            return _user(row) if row is not None else None
+
+        return await self._run(tx, write=False)
+
+    async def user_by_id(self, user_id: str) -> UserRecord | None:
+        def tx(db: Session) -> UserRecord | None:
+            row = db.get(UserRow, user_id)
+            return _user(row) if row is not None else None
+
+        return await self._run(tx, write=False)
 
     async def set_password_hash(self, user_id: str, password_hash: str) -> None:
-        async with self._sessions.begin() as db:
-            await db.execute(
+        def tx(db: Session) -> None:
+            db.execute(
                 update(UserRow).where(UserRow.id == user_id).values(password_hash=password_hash)
             )
 
+        await self._run(tx, write=True)
+
     async def update_display_name(
         self, user_id: str, display_name: str, expected_version: int | None
-    ) -> UserRow | None:
+    ) -> UserRecord | None:
         """The updated user; None if ``expected_version`` no longer matches."""
-        async with self._sessions.begin() as db:
+
+        def tx(db: Session) -> UserRecord | None:
             query = update(UserRow).where(UserRow.id == user_id)
             if expected_version is not None:
                 query = query.where(UserRow.version == expected_version)
-            result = await db.execute(
+            result = db.execute(
                 query.values(
-                    display_name=display_name,
-                    updated_at=utcnow(),
-                    version=UserRow.version + 1,
+                    display_name=display_name, updated_at=now(), version=UserRow.version + 1
                 )
             )
             if result.rowcount != 1:  # type: ignore[attr-defined]
                 return None
-        return await self.user_by_id(user_id)
+            row = db.get(UserRow, user_id)
+            return _user(row) if row is not None else None
 
-    async def federated_identities(self, user_id: str) -> list[FederatedIdentityRow]:
-        async with self._readers() as db:
-            rows = await db.execute(
-                select(FederatedIdentityRow)
+        return await self._run(tx, write=True)
+
+    async def federated_identities(self, user_id: str) -> list[IdentityRecord]:
+        def tx(db: Session) -> list[IdentityRecord]:
+            rows = db.execute(
+                select(FederatedIdentityRow.issuer, FederatedIdentityRow.subject)
                 .where(FederatedIdentityRow.user_id == user_id)
                 .order_by(FederatedIdentityRow.created_at)
             )
-            return list(rows.scalars())
+            return [IdentityRecord(row.issuer, row.subject) for row in rows]
 
-    async def user_by_federated_identity(self, issuer: str, subject: str) -> UserRow | None:
-        async with self._readers() as db:
-            row = (
-                await db.execute(
-                    select(UserRow)
-                    .join(FederatedIdentityRow, FederatedIdentityRow.user_id == UserRow.id)
-                    .where(
-                        FederatedIdentityRow.issuer == issuer,
-                        FederatedIdentityRow.subject == subject,
-                    )
+        return await self._run(tx, write=False)
+
+    async def user_by_federated_identity(self, issuer: str, subject: str) -> UserRecord | None:
+        def tx(db: Session) -> UserRecord | None:
+            row = db.execute(
+                select(UserRow)
+                .join(FederatedIdentityRow, FederatedIdentityRow.user_id == UserRow.id)
+                .where(
+                    FederatedIdentityRow.issuer == issuer,
+                    FederatedIdentityRow.subject == subject,
                 )
             ).scalar_one_or_none()
-            return row
+            return _user(row) if row is not None else None
+
+        return await self._run(tx, write=False)
 
     # Sessions and refresh tokens.
 
@@ -219,8 +342,8 @@ class AuthStore:
         refresh_digest: str,
         max_sessions: int,
         new_user: NewUser | None = None,
-        staged: Staged[Any] | None = None,
-    ) -> tuple[SessionRow, list[str]]:
+        staged: Staged[tuple[SessionRecord, list[str]]] | None = None,
+    ) -> tuple[SessionRecord, list[str]]:
         """A new session with its first refresh token, and the ids of sessions
         evicted (revoked) to keep the user within ``max_sessions`` live ones.
 
@@ -228,59 +351,60 @@ class AuthStore:
         same transaction: a failure anywhere leaves no account behind that the
         client was never told of (its retry would meet ALREADY_EXISTS).
         """
-        now = utcnow()
-        session = SessionRow(
-            id=new_id(),
-            user_id=user_id,
-            auth_method=auth_method,
-            created_at=now,
-            last_seen_at=now,
-            expires_at=expires_at,
-            revoked_at=None,
-            revoke_reason="",
-            user_agent=user_agent,
-            device_name=device_name,
-            client_address=client_address,
-        )
-        async with self._sessions.begin() as db:
+        stamp = now()
+
+        def tx(db: Session) -> tuple[SessionRecord, list[str]]:
             if new_user is not None:
-                await _add_user(db, new_user)
-            live = (
-                await db.execute(
-                    select(SessionRow.id)
-                    .where(
-                        SessionRow.user_id == user_id,
-                        SessionRow.revoked_at.is_(None),
-                        SessionRow.expires_at > now,
-                    )
-                    .order_by(SessionRow.last_seen_at.desc(), SessionRow.id)
+                _add_user(db, new_user)
+            live = db.execute(
+                select(SessionRow.id)
+                .where(
+                    SessionRow.user_id == user_id,
+                    SessionRow.revoked_at.is_(None),
+                    SessionRow.expires_at > stamp,
                 )
+                .order_by(SessionRow.last_seen_at.desc(), SessionRow.id)
             ).scalars()
             evicted = list(live)[max_sessions - 1 :]
             if evicted:
-                await db.execute(
+                db.execute(
                     update(SessionRow)
                     .where(SessionRow.id.in_(evicted))
-                    .values(revoked_at=now, revoke_reason="session_limit")
+                    .values(revoked_at=stamp, revoke_reason="session_limit")
                 )
+            session = SessionRow(
+                id=new_id(),
+                user_id=user_id,
+                auth_method=auth_method,
+                created_at=stamp,
+                last_seen_at=stamp,
+                expires_at=expires_at,
+                revoked_at=None,
+                revoke_reason="",
+                user_agent=user_agent,
+                device_name=device_name,
+                client_address=client_address,
+            )
             db.add(session)
-            await db.flush()
+            db.flush()
             db.add(
                 RefreshTokenRow(
                     digest=refresh_digest,
                     session_id=session.id,
-                    created_at=now,
+                    created_at=stamp,
                     expires_at=expires_at,
                     used_at=None,
                 )
             )
-            return await staged_in(db, staged, (session, evicted))
+            return _session(session), evicted
+
+        return await self._run(staging(staged, tx), write=True)
 
     async def redeem_refresh_token(
         self,
         digest: str,
         new_digest: str,
-        now: dt.datetime,
+        when: dt.datetime,
         staged: Staged[Redemption] | None = None,
     ) -> Redemption:
         """Exchange a refresh token for a new one in the same session.
@@ -290,116 +414,90 @@ class AuthStore:
         detection and its ``staged`` events, so the answer that reports the
         revocation never goes out without it.
         """
-        async with self._sessions.begin() as db:
-            result = await self._redeem(db, digest, new_digest, now)
+
+        def tx(db: Session) -> Redemption:
+            result = _redeem(db, digest, new_digest, when)
             if result.outcome == "reused" and result.session is not None:
-                await db.execute(
+                db.execute(
                     update(SessionRow)
                     .where(SessionRow.id == result.session.id, SessionRow.revoked_at.is_(None))
-                    .values(revoked_at=now, revoke_reason="refresh_reuse")
+                    .values(revoked_at=when, revoke_reason="refresh_reuse")
                 )
-            return await staged_in(db, staged, result)
+            return result
 
-    @staticmethod
-    async def _redeem(
-        db: AsyncSession, digest: str, new_digest: str, now: dt.datetime
-    ) -> Redemption:
-        token = await db.get(RefreshTokenRow, digest)
-        if token is None:
-            return Redemption("invalid")
-        session = await db.get(SessionRow, token.session_id)
-        if session is None:
-            return Redemption("invalid")
-        if token.used_at is not None:
-            return Redemption("reused", session)
-        if session.revoked_at is not None or session.expires_at <= now:
-            return Redemption("invalid", session)
-        if token.expires_at <= now:
-            return Redemption("invalid", session)
-        claimed = await db.execute(
-            update(RefreshTokenRow)
-            .where(RefreshTokenRow.digest == digest, RefreshTokenRow.used_at.is_(None))
-            .values(used_at=now)
-        )
-        if claimed.rowcount != 1:  # type: ignore[attr-defined]
-            # Another request redeemed it between our read and this write.
-            return Redemption("reused", session)
-        db.add(
-            RefreshTokenRow(
-                digest=new_digest,
-                session_id=session.id,
-                created_at=now,
-                expires_at=session.expires_at,
-                used_at=None,
-            )
-        )
-        session.last_seen_at = now
-        return Redemption("rotated", session)
+        return await self._run(staging(staged, tx), write=True)
 
     async def session_status(self, session_id: str) -> SessionStatus | None:
-        async with self._readers() as db:
-            row = (
-                await db.execute(
-                    select(SessionRow.user_id, SessionRow.expires_at, SessionRow.revoked_at).where(
-                        SessionRow.id == session_id
-                    )
+        def tx(db: Session) -> SessionStatus | None:
+            row = db.execute(
+                select(SessionRow.user_id, SessionRow.expires_at, SessionRow.revoked_at).where(
+                    SessionRow.id == session_id
                 )
             ).one_or_none()
-        if row is None:
-            return None
-        return SessionStatus(row.user_id, row.expires_at, row.revoked_at is not None)
+            if row is None:
+                return None
+            return SessionStatus(row.user_id, row.expires_at, row.revoked_at is not None)
 
-    async def session(self, user_id: str, session_id: str) -> SessionRow | None:
-        async with self._readers() as db:
-            row = await db.get(SessionRow, session_id)
-        return row if row is not None and row.user_id == user_id else None
+        return await self._check(tx, write=False)
 
     async def list_sessions(
         self, user_id: str, *, show_inactive: bool, limit: int, after: Keyset | None
-    ) -> list[SessionRow]:
-        now = utcnow()
+    ) -> list[SessionRecord]:
         query = select(SessionRow).where(SessionRow.user_id == user_id)
         if not show_inactive:
-            query = query.where(SessionRow.revoked_at.is_(None), SessionRow.expires_at > now)
-        return await self._page(query, SessionRow, limit, after)
+            query = query.where(SessionRow.revoked_at.is_(None), SessionRow.expires_at > now())
+        return await self._page(query, SessionRow, limit, after, _session)
 
     async def revoke_session(
-        self, user_id: str, session_id: str, reason: str, staged: Staged[Any] | None = None
-    ) -> SessionRow | None:
+        self,
+        user_id: str,
+        session_id: str,
+        reason: str,
+        staged: Staged[SessionRecord | None] | None = None,
+    ) -> SessionRecord | None:
         """Revoke one of the user's sessions (idempotent); None if it is not theirs."""
-        now = utcnow()
-        async with self._sessions.begin() as db:
-            row = await db.get(SessionRow, session_id)
+        stamp = now()
+
+        def tx(db: Session) -> SessionRecord | None:
+            row = db.get(SessionRow, session_id)
             if row is None or row.user_id != user_id:
                 return None
             if row.revoked_at is None:
-                row.revoked_at = now
+                row.revoked_at = stamp
                 row.revoke_reason = reason
-            return await staged_in(db, staged, row)
+            return _session(row)
+
+        return await self._run(staging(staged, tx), write=True)
 
     async def revoke_all_sessions(
-        self, user_id: str, keep_session_id: str, reason: str, staged: Staged[Any] | None = None
+        self,
+        user_id: str,
+        keep_session_id: str,
+        reason: str,
+        staged: Staged[list[str]] | None = None,
     ) -> list[str]:
-        now = utcnow()
-        async with self._sessions.begin() as db:
+        """Revoke every live session of the user but ``keep_session_id``; their ids."""
+        stamp = now()
+
+        def tx(db: Session) -> list[str]:
             ids = list(
-                (
-                    await db.execute(
-                        select(SessionRow.id).where(
-                            SessionRow.user_id == user_id,
-                            SessionRow.revoked_at.is_(None),
-                            SessionRow.id != keep_session_id,
-                        )
+                db.execute(
+                    select(SessionRow.id).where(
+                        SessionRow.user_id == user_id,
+                        SessionRow.revoked_at.is_(None),
+                        SessionRow.id != keep_session_id,
                     )
                 ).scalars()
             )
             if ids:
-                await db.execute(
+                db.execute(
                     update(SessionRow)
                     .where(SessionRow.id.in_(ids))
-                    .values(revoked_at=now, revoke_reason=reason)
+                    .values(revoked_at=stamp, revoke_reason=reason)
                 )
-            return await staged_in(db, staged, ids)
+            return ids
+
+        return await self._run(staging(staged, tx), write=True)
 
     # API keys.
 
@@ -413,81 +511,123 @@ class AuthStore:
         scopes: str,
         expires_at: dt.datetime | None,
         max_keys: int,
-        staged: Staged[Any] | None = None,
-    ) -> ApiKeyRow | None:
+        staged: Staged[ApiKeyRecord | None] | None = None,
+    ) -> ApiKeyRecord | None:
         """The new key; None if the user already has ``max_keys`` live keys."""
-        now = utcnow()
-        row = ApiKeyRow(
-            id=key_id,
-            user_id=user_id,
-            display_name=display_name,
-            digest=digest,
-            scopes=scopes,
-            created_at=now,
-            expires_at=expires_at,
-            revoked_at=None,
-            last_used_at=None,
-        )
-        async with self._sessions.begin() as db:
-            live = (
-                await db.execute(
-                    select(func.count())
-                    .select_from(ApiKeyRow)
-                    .where(
-                        ApiKeyRow.user_id == user_id,
-                        ApiKeyRow.revoked_at.is_(None),
-                        (ApiKeyRow.expires_at.is_(None)) | (ApiKeyRow.expires_at > now),
-                    )
-                )
+        stamp = now()
+
+        def tx(db: Session) -> ApiKeyRecord | None:
+            live = db.execute(
+                select(func.count())
+                .select_from(ApiKeyRow)
+                .where(ApiKeyRow.user_id == user_id, _live_key(stamp))
             ).scalar_one()
             if live >= max_keys:
                 return None
+            row = ApiKeyRow(
+                id=key_id,
+                user_id=user_id,
+                display_name=display_name,
+                digest=digest,
+                scopes=scopes,
+                created_at=stamp,
+                expires_at=expires_at,
+                revoked_at=None,
+                last_used_at=None,
+            )
             db.add(row)
-            return await staged_in(db, staged, row)
+            return _api_key(row)
 
-    async def api_key(self, key_id: str) -> ApiKeyRow | None:
-        async with self._readers() as db:
-            return await db.get(ApiKeyRow, key_id)
+        return await self._run(staging(staged, tx), write=True)
+
+    async def api_key(self, key_id: str) -> ApiKeyRecord | None:
+        def tx(db: Session) -> ApiKeyRecord | None:
+            row = db.get(ApiKeyRow, key_id)
+            return _api_key(row) if row is not None else None
+
+        return await self._check(tx, write=False)
 
     async def list_api_keys(
         self, user_id: str, *, show_inactive: bool, limit: int, after: Keyset | None
-    ) -> list[ApiKeyRow]:
-        now = utcnow()
+    ) -> list[ApiKeyRecord]:
         query = select(ApiKeyRow).where(ApiKeyRow.user_id == user_id)
         if not show_inactive:
-            query = query.where(
-                ApiKeyRow.revoked_at.is_(None),
-                (ApiKeyRow.expires_at.is_(None)) | (ApiKeyRow.expires_at > now),
-            )
-        return await self._page(query, ApiKeyRow, limit, after)
+            query = query.where(_live_key(now()))
+        return await self._page(query, ApiKeyRow, limit, after, _api_key)
 
     async def revoke_api_key(
-        self, user_id: str, key_id: str, staged: Staged[Any] | None = None
-    ) -> ApiKeyRow | None:
-        async with self._sessions.begin() as db:
-            row = await db.get(ApiKeyRow, key_id)
+        self, user_id: str, key_id: str, staged: Staged[ApiKeyRecord | None] | None = None
+    ) -> ApiKeyRecord | None:
+        """Revoke one of the user's API keys (idempotent); None if it is not theirs."""
+
+        def tx(db: Session) -> ApiKeyRecord | None:
+            row = db.get(ApiKeyRow, key_id)
             if row is None or row.user_id != user_id:
                 return None
             if row.revoked_at is None:
-                row.revoked_at = utcnow()
-            return await staged_in(db, staged, row)
+                row.revoked_at = now()
+            return _api_key(row)
+
+        return await self._run(staging(staged, tx), write=True)
 
     async def touch_api_key(self, key_id: str, when: dt.datetime) -> None:
-        async with self._sessions.begin() as db:
-            await db.execute(
-                update(ApiKeyRow).where(ApiKeyRow.id == key_id).values(last_used_at=when)
-            )
+        def tx(db: Session) -> None:
+            db.execute(update(ApiKeyRow).where(ApiKeyRow.id == key_id).values(last_used_at=when))
+
+        await self._check(tx, write=True)
 
     # Paging: newest first, keyset on (created_at, id) so pages are stable under inserts.
 
     async def _page(
-        self, query: Select[R], model: type[R], limit: int, after: Keyset | None
-    ) -> list[R]:
+        self,
+        query: Select[_R],
+        model: type[_R],
+        limit: int,
+        after: Keyset | None,
+        record: Callable[[_R], _Rec],
+    ) -> list[_Rec]:
         if after is not None:
             when, last_id = after
             query = query.where(
                 or_(model.created_at < when, and_(model.created_at == when, model.id < last_id))
             )
         query = query.order_by(model.created_at.desc(), model.id.desc()).limit(limit)
-        async with self._readers() as db:
-            return list((await db.execute(query)).scalars())
+
+        def tx(db: Session) -> list[_Rec]:
+            return [record(row) for row in db.execute(query).scalars()]
+
+        return await self._run(tx, write=False)
+
+
+def _redeem(db: Session, digest: str, new_digest: str, when: dt.datetime) -> Redemption:
+    token = db.get(RefreshTokenRow, digest)
+    if token is None:
+        return Redemption("invalid")
+    session = db.get(SessionRow, token.session_id)
+    if session is None:
+        return Redemption("invalid")
+    if token.used_at is not None:
+        return Redemption("reused", _session(session))
+    if session.revoked_at is not None or session.expires_at <= when:
+        return Redemption("invalid", _session(session))
+    if token.expires_at <= when:
+        return Redemption("invalid", _session(session))
+    claimed = db.execute(
+        update(RefreshTokenRow)
+        .where(RefreshTokenRow.digest == digest, RefreshTokenRow.used_at.is_(None))
+        .values(used_at=when)
+    )
+    if claimed.rowcount != 1:  # type: ignore[attr-defined]
+        # Another request redeemed it between our read and this write.
+        return Redemption("reused", _session(session))
+    db.add(
+        RefreshTokenRow(
+            digest=new_digest,
+            session_id=session.id,
+            created_at=when,
+            expires_at=session.expires_at,
+            used_at=None,
+        )
+    )
+    session.last_seen_at = when
+    return Redemption("rotated", _session(session))
