@@ -11,7 +11,7 @@ from typing import Any
 from grpc import aio
 
 from switchboard.api.context.v1 import context_pb2 as pb
-from switchboard.context.service import ContextService
+from switchboard.context.domain import ContextDomain
 from switchboard.platform.authn import current_principal, role_var
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ContextService"]
@@ -22,38 +22,38 @@ Context = aio.ServicerContext[Any, Any]
 class ContextServiceServicer:
     """ContextService transport."""
 
-    def __init__(self, service: ContextService) -> None:
-        self._service = service
+    def __init__(self, domain: ContextDomain) -> None:
+        self._domain = domain
 
     # Workspaces.
 
     async def CreateWorkspace(
         self, request: pb.CreateWorkspaceRequest, context: Context
     ) -> pb.CreateWorkspaceResponse:
-        workspace = await self._service.create_workspace(current_principal(), request)
+        workspace = await self._domain.workspaces.create(current_principal(), request)
         return pb.CreateWorkspaceResponse(workspace=workspace)
 
     async def GetWorkspace(
         self, request: pb.GetWorkspaceRequest, context: Context
     ) -> pb.GetWorkspaceResponse:
-        workspace = await self._service.get_workspace(role_var.get(), request.name)
+        workspace = await self._domain.workspaces.get(role_var.get(), request.name)
         return pb.GetWorkspaceResponse(workspace=workspace)
 
     async def ListWorkspaces(
         self, request: pb.ListWorkspacesRequest, context: Context
     ) -> pb.ListWorkspacesResponse:
-        return await self._service.list_workspaces(current_principal(), request)
+        return await self._domain.workspaces.list(current_principal(), request)
 
     async def UpdateWorkspace(
         self, request: pb.UpdateWorkspaceRequest, context: Context
     ) -> pb.UpdateWorkspaceResponse:
-        workspace = await self._service.update_workspace(current_principal(), request)
+        workspace = await self._domain.workspaces.update(current_principal(), request)
         return pb.UpdateWorkspaceResponse(workspace=workspace)
 
     async def DeleteWorkspace(
         self, request: pb.DeleteWorkspaceRequest, context: Context
     ) -> pb.DeleteWorkspaceResponse:
-        workspace = await self._service.set_workspace_deleted(
+        workspace = await self._domain.workspaces.set_deleted(
             current_principal(), request.name, request.etag, deleted=True
         )
         return pb.DeleteWorkspaceResponse(workspace=workspace)
@@ -61,7 +61,7 @@ class ContextServiceServicer:
     async def UndeleteWorkspace(
         self, request: pb.UndeleteWorkspaceRequest, context: Context
     ) -> pb.UndeleteWorkspaceResponse:
-        workspace = await self._service.set_workspace_deleted(
+        workspace = await self._domain.workspaces.set_deleted(
             current_principal(), request.name, request.etag, deleted=False
         )
         return pb.UndeleteWorkspaceResponse(workspace=workspace)
@@ -71,55 +71,55 @@ class ContextServiceServicer:
     async def AddWorkspaceMember(
         self, request: pb.AddWorkspaceMemberRequest, context: Context
     ) -> pb.AddWorkspaceMemberResponse:
-        member = await self._service.add_member(current_principal(), request)
+        member = await self._domain.members.add(current_principal(), request)
         return pb.AddWorkspaceMemberResponse(member=member)
 
     async def UpdateWorkspaceMember(
         self, request: pb.UpdateWorkspaceMemberRequest, context: Context
     ) -> pb.UpdateWorkspaceMemberResponse:
-        member = await self._service.update_member(current_principal(), request)
+        member = await self._domain.members.update(current_principal(), request)
         return pb.UpdateWorkspaceMemberResponse(member=member)
 
     async def RemoveWorkspaceMember(
         self, request: pb.RemoveWorkspaceMemberRequest, context: Context
     ) -> pb.RemoveWorkspaceMemberResponse:
-        await self._service.remove_member(current_principal(), role_var.get(), request.name)
+        await self._domain.members.remove(current_principal(), role_var.get(), request.name)
         return pb.RemoveWorkspaceMemberResponse()
 
     async def ListWorkspaceMembers(
         self, request: pb.ListWorkspaceMembersRequest, context: Context
     ) -> pb.ListWorkspaceMembersResponse:
-        return await self._service.list_members(request)
+        return await self._domain.members.list(request)
 
     # Conversations.
 
     async def CreateConversation(
         self, request: pb.CreateConversationRequest, context: Context
     ) -> pb.CreateConversationResponse:
-        conversation = await self._service.create_conversation(current_principal(), request)
+        conversation = await self._domain.conversations.create(current_principal(), request)
         return pb.CreateConversationResponse(conversation=conversation)
 
     async def GetConversation(
         self, request: pb.GetConversationRequest, context: Context
     ) -> pb.GetConversationResponse:
-        conversation = await self._service.get_conversation(request.name)
+        conversation = await self._domain.conversations.get(request.name)
         return pb.GetConversationResponse(conversation=conversation)
 
     async def ListConversations(
         self, request: pb.ListConversationsRequest, context: Context
     ) -> pb.ListConversationsResponse:
-        return await self._service.list_conversations(request)
+        return await self._domain.conversations.list(request)
 
     async def UpdateConversation(
         self, request: pb.UpdateConversationRequest, context: Context
     ) -> pb.UpdateConversationResponse:
-        conversation = await self._service.update_conversation(current_principal(), request)
+        conversation = await self._domain.conversations.update(current_principal(), request)
         return pb.UpdateConversationResponse(conversation=conversation)
 
     async def DeleteConversation(
         self, request: pb.DeleteConversationRequest, context: Context
     ) -> pb.DeleteConversationResponse:
-        conversation = await self._service.set_conversation_deleted(
+        conversation = await self._domain.conversations.set_deleted(
             current_principal(), request.name, request.etag, deleted=True
         )
         return pb.DeleteConversationResponse(conversation=conversation)
@@ -127,7 +127,7 @@ class ContextServiceServicer:
     async def UndeleteConversation(
         self, request: pb.UndeleteConversationRequest, context: Context
     ) -> pb.UndeleteConversationResponse:
-        conversation = await self._service.set_conversation_deleted(
+        conversation = await self._domain.conversations.set_deleted(
             current_principal(), request.name, request.etag, deleted=False
         )
         return pb.UndeleteConversationResponse(conversation=conversation)
@@ -137,52 +137,52 @@ class ContextServiceServicer:
     async def AppendMessage(
         self, request: pb.AppendMessageRequest, context: Context
     ) -> pb.AppendMessageResponse:
-        message = await self._service.append_message(current_principal(), request)
+        message = await self._domain.messages.append(current_principal(), request)
         return pb.AppendMessageResponse(message=message)
 
     async def GetMessage(
         self, request: pb.GetMessageRequest, context: Context
     ) -> pb.GetMessageResponse:
-        return pb.GetMessageResponse(message=await self._service.get_message(request.name))
+        return pb.GetMessageResponse(message=await self._domain.messages.get(request.name))
 
     async def ListMessages(
         self, request: pb.ListMessagesRequest, context: Context
     ) -> pb.ListMessagesResponse:
-        return await self._service.list_messages(request)
+        return await self._domain.messages.list(request)
 
     # Memory.
 
     async def CreateMemoryItem(
         self, request: pb.CreateMemoryItemRequest, context: Context
     ) -> pb.CreateMemoryItemResponse:
-        item = await self._service.create_memory(current_principal(), request)
+        item = await self._domain.memory.create(current_principal(), request)
         return pb.CreateMemoryItemResponse(memory_item=item)
 
     async def GetMemoryItem(
         self, request: pb.GetMemoryItemRequest, context: Context
     ) -> pb.GetMemoryItemResponse:
-        return pb.GetMemoryItemResponse(memory_item=await self._service.get_memory(request.name))
+        return pb.GetMemoryItemResponse(memory_item=await self._domain.memory.get(request.name))
 
     async def UpdateMemoryItem(
         self, request: pb.UpdateMemoryItemRequest, context: Context
     ) -> pb.UpdateMemoryItemResponse:
-        item = await self._service.update_memory(current_principal(), request)
+        item = await self._domain.memory.update(current_principal(), request)
         return pb.UpdateMemoryItemResponse(memory_item=item)
 
     async def ListMemoryItems(
         self, request: pb.ListMemoryItemsRequest, context: Context
     ) -> pb.ListMemoryItemsResponse:
-        return await self._service.list_memory(request)
+        return await self._domain.memory.list(request)
 
     async def SearchMemoryItems(
         self, request: pb.SearchMemoryItemsRequest, context: Context
     ) -> pb.SearchMemoryItemsResponse:
-        return await self._service.search_memory(request)
+        return await self._domain.memory.search(request)
 
     async def DeleteMemoryItem(
         self, request: pb.DeleteMemoryItemRequest, context: Context
     ) -> pb.DeleteMemoryItemResponse:
-        await self._service.delete_memory(current_principal(), request.name)
+        await self._domain.memory.delete(current_principal(), request.name)
         return pb.DeleteMemoryItemResponse()
 
     # The context window.
@@ -191,12 +191,12 @@ class ContextServiceServicer:
         self, request: pb.GetContextWindowRequest, context: Context
     ) -> bytes:
         # Already serialized: a cached window is served as the bytes it was stored as.
-        return await self._service.context_window(current_principal(), request)
+        return await self._domain.windows.window(current_principal(), request)
 
     async def PruneConversation(
         self, request: pb.PruneConversationRequest, context: Context
     ) -> pb.PruneConversationResponse:
-        return await self._service.prune(current_principal(), request)
+        return await self._domain.pruning.prune(current_principal(), request)
 
 
 #: Answered with the bytes a cached window was stored as.

@@ -32,18 +32,33 @@ from switchboard.platform.rpcerrors import from_rpc_error
 from switchboard.platform.telemetry import client_interceptors
 
 
-class ContextDomain(Protocol):
-    """What ``LocalContext`` needs of the context service's domain object."""
-
-    def append_message(
+class _Messages(Protocol):
+    def append(
         self, principal: Principal, /, request: cpb.AppendMessageRequest
     ) -> Awaitable[cpb.Message]: ...
 
-    def context_window(
+
+class _Windows(Protocol):
+    def window(
         self, principal: Principal, request: cpb.GetContextWindowRequest
     ) -> Awaitable[bytes]: ...
 
-    def get_conversation(self, name: str) -> Awaitable[cpb.Conversation]: ...
+
+class _Conversations(Protocol):
+    def get(self, name: str) -> Awaitable[cpb.Conversation]: ...
+
+
+class ContextDomain(Protocol):
+    """What ``LocalContext`` needs of the context service's domain (``context/domain.py``)."""
+
+    @property
+    def messages(self) -> _Messages: ...
+
+    @property
+    def windows(self) -> _Windows: ...
+
+    @property
+    def conversations(self) -> _Conversations: ...
 
 
 class TokenIssuer(Protocol):
@@ -69,24 +84,24 @@ class ContextPort(Protocol):
 
 
 class LocalContext:
-    def __init__(self, service: ContextDomain) -> None:
-        self._service = service
+    def __init__(self, domain: ContextDomain) -> None:
+        self._domain = domain
 
     async def append_message(
         self, principal: Principal, request: cpb.AppendMessageRequest, *, timeout_s: float
     ) -> cpb.Message:
-        return await self._service.append_message(principal, request)
+        return await self._domain.messages.append(principal, request)
 
     async def window(
         self, principal: Principal, request: cpb.GetContextWindowRequest, *, timeout_s: float
     ) -> cpb.ContextWindow:
-        serialized = await self._service.context_window(principal, request)
+        serialized = await self._domain.windows.window(principal, request)
         return cpb.GetContextWindowResponse.FromString(serialized).window
 
     async def conversation(
         self, principal: Principal, name: str, *, timeout_s: float
     ) -> cpb.Conversation:
-        return await self._service.get_conversation(name)
+        return await self._domain.conversations.get(name)
 
 
 # Status codes of the context service, back to the domain errors they came from.

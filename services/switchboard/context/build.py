@@ -1,0 +1,100 @@
+"""The context service as a process builds it: the domain with its plugins and limits.
+
+The domain is one per process (``context_domain``): the context service serves
+it, and an in-process dispatcher reaches it through ``LocalContext``.
+"""
+
+from __future__ import annotations
+
+from switchboard.context import servicer
+from switchboard.context.common import Limits
+from switchboard.context.domain import ContextDomain
+from switchboard.context.plugins import load_entity_extractor, load_summarizer, load_token_counter
+from switchboard.context.windowcache import WindowCache
+from switchboard.platform.bus import EventBus
+from switchboard.platform.cache import Cache
+from switchboard.platform.config import Settings
+from switchboard.platform.db import Database
+from switchboard.platform.pagination import PageTokens
+from switchboard.platform.server import ServiceRegistration
+from switchboard.shared import Shared, setting
+
+
+def context_limits(settings: Settings) -> Limits:
+    return Limits(
+        max_title_chars=200,
+        max_metadata_bytes=settings.context_max_metadata_bytes,
+        max_message_bytes=settings.context_max_message_bytes,
+        max_parts=settings.context_max_message_parts,
+        max_memory_chars=settings.context_max_memory_chars,
+        max_members=settings.context_max_members,
+        max_owned_workspaces=settings.context_max_owned_workspaces,
+        max_conversations=settings.context_max_conversations,
+        max_memory_items=settings.context_max_memory_items,
+        max_pinned=settings.context_max_pinned,
+        max_window_tokens=settings.context_max_window_tokens,
+        relevant_limit=settings.context_relevant_limit,
+        auto_prune_messages=settings.context_auto_prune_messages,
+        auto_prune_tokens=settings.context_auto_prune_tokens,
+        summary_tokens=settings.context_summary_tokens,
+        purge_after_s=settings.context_purge_after_s,
+        writes_per_minute=settings.context_max_writes_per_minute,
+    )
+
+
+def context_service(
+    settings: Settings,
+    database: Database,
+    bus: EventBus,
+    counters: Cache,
+    page_tokens: PageTokens,
+) -> ContextDomain:
+    """The context domain with its configured plugins; raises ConfigError for unknown ones."""
+    with setting("SWITCHBOARD_CONTEXT_TOKENIZER"):
+        counter = load_token_counter(settings.context_tokenizer)
+    with setting("SWITCHBOARD_CONTEXT_SUMMARIZER"):
+        summarizer = load_summarizer(settings.context_summarizer)
+    with setting("SWITCHBOARD_CONTEXT_ENTITY_EXTRACTOR"):
+        extractor = load_entity_extractor(settings.context_entity_extractor)
+    cache = WindowCache(
+        settings.redis_url.get_secret_value(),
+        timeout_s=settings.redis_timeout_s,
+        ttl_s=settings.context_window_cache_ttl_s,
+        max_entries=settings.context_window_cache_entries,
+        max_bytes=settings.context_window_cache_bytes,
+    )
+    return ContextDomain(
+        database,
+        bus,
+        cache,
+        counters,
+        counter=counter,
+        summarizer=summarizer,
+        extractor=extractor,
+        limits=context_limits(settings),
+        page_tokens=page_tokens,
+    )
+
+
+async def context_domain(shared: Shared) -> ContextDomain:
+    """The process's one context domain, started the first time a service asks for it."""
+
+    async def make() -> ContextDomain:
+        settings = shared.settings
+        domain = context_service(
+            settings, shared.database, shared.bus, shared.cache, shared.page_tokens
+        )
+        # Maintenance (pruning, purging) runs where the context service is served.
+        await domain.start(maintain="context" in settings.services)
+        shared.resources.push_async_callback(domain.close)
+        return domain
+
+    return await shared.part(ContextDomain, make)
+
+
+async def build(settings: Settings, shared: Shared) -> ServiceRegistration:
+    return ServiceRegistration(
+        servicer.SERVICE,
+        servicer.ContextServiceServicer(await context_domain(shared)),
+        servicer.PRESERIALIZED,
+    )

@@ -1,0 +1,69 @@
+"""The context domain as one handle: each resource's domain object, built together.
+
+Callers reach a resource's methods through it (``domain.messages.append``,
+``domain.windows.window``...); it adds none of its own beyond starting and
+closing the background work.
+"""
+
+from __future__ import annotations
+
+from switchboard.context.common import Common, Limits
+from switchboard.context.conversations import Conversations
+from switchboard.context.conversationstore import ConversationStore
+from switchboard.context.entities import EntityExtractor
+from switchboard.context.memory import Memory
+from switchboard.context.memorystore import MemoryStore
+from switchboard.context.messages import Messages
+from switchboard.context.messagestore import MessageStore
+from switchboard.context.prunestore import PruneStore
+from switchboard.context.pruning import Pruning
+from switchboard.context.summarizer import Summarizer
+from switchboard.context.tokens import TokenCounter
+from switchboard.context.windowcache import WindowCache
+from switchboard.context.windows import Windows
+from switchboard.context.windowstore import WindowStore
+from switchboard.context.workspaces import Members, Workspaces
+from switchboard.context.workspacestore import WorkspaceStore
+from switchboard.platform.bus import EventBus
+from switchboard.platform.cache import Cache
+from switchboard.platform.db import Database
+from switchboard.platform.pagination import PageTokens
+
+
+class ContextDomain:
+    def __init__(
+        self,
+        database: Database,
+        bus: EventBus,
+        cache: WindowCache,
+        counters: Cache,
+        *,
+        counter: TokenCounter,
+        summarizer: Summarizer,
+        extractor: EntityExtractor,
+        limits: Limits,
+        page_tokens: PageTokens,
+    ) -> None:
+        common = Common(bus, counters, limits=limits, page_tokens=page_tokens, counter=counter)
+        self.limits = limits
+        workspace_store = WorkspaceStore(database)
+        conversation_store = ConversationStore(database)
+        self.workspaces = Workspaces(common, workspace_store)
+        self.members = Members(common, workspace_store)
+        self.conversations = Conversations(common, conversation_store)
+        self.pruning = Pruning(
+            common, PruneStore(database), conversation_store, summarizer=summarizer
+        )
+        self.messages = Messages(
+            common, MessageStore(database), extractor=extractor, appended=self.pruning.appended
+        )
+        self.memory = Memory(common, MemoryStore(database))
+        self.windows = Windows(common, WindowStore(database), cache)
+
+    async def start(self, *, maintain: bool = True) -> None:
+        """Start background work; ``maintain`` only in processes serving ContextService."""
+        self.pruning.start(maintain=maintain)
+
+    async def close(self) -> None:
+        await self.pruning.close()
+        await self.windows.cache.close()

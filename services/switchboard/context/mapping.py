@@ -1,0 +1,161 @@
+"""The context service's records as the contract shows them, and its resource names.
+
+Every ``pb`` resource the domain answers with or puts in an event is built
+here from the plain records the stores return (``records.py``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Final
+
+from google.protobuf import struct_pb2, timestamp_pb2
+
+from switchboard.api.context.v1 import context_pb2 as pb
+from switchboard.context.records import (
+    ConversationRecord,
+    Kind,
+    MemberRecord,
+    MemoryRecord,
+    MessageRecord,
+    WorkspaceRecord,
+)
+from switchboard.context.window import Reason
+from switchboard.platform.names import etag_of
+from switchboard.platform.policy import Role
+
+ROLES: Final[dict[pb.WorkspaceRole.ValueType, Role]] = {
+    pb.WORKSPACE_ROLE_VIEWER: Role.VIEWER,
+    pb.WORKSPACE_ROLE_EDITOR: Role.EDITOR,
+    pb.WORKSPACE_ROLE_OWNER: Role.OWNER,
+}
+_ROLE_PROTOS: Final = {role.name.lower(): value for value, role in ROLES.items()}
+MESSAGE_ROLES: Final = {
+    pb.MESSAGE_ROLE_USER: "user",
+    pb.MESSAGE_ROLE_ASSISTANT: "assistant",
+    pb.MESSAGE_ROLE_SYSTEM: "system",
+    pb.MESSAGE_ROLE_TOOL: "tool",
+}
+KINDS: Final[dict[pb.MemoryKind.ValueType, str]] = {
+    pb.MEMORY_KIND_FACT: "fact",
+    pb.MEMORY_KIND_PREFERENCE: "preference",
+    pb.MEMORY_KIND_SUMMARY: "summary",
+    pb.MEMORY_KIND_ENTITY: "entity",
+    pb.MEMORY_KIND_NOTE: "note",
+}
+_KIND_PROTOS: Final = {name: value for value, name in KINDS.items()}
+REASONS: Final = {
+    Reason.PINNED: pb.CONTEXT_ITEM_REASON_PINNED,
+    Reason.RELEVANT: pb.CONTEXT_ITEM_REASON_RELEVANT,
+    Reason.SUMMARY: pb.CONTEXT_ITEM_REASON_SUMMARY,
+    Reason.RECENT: pb.CONTEXT_ITEM_REASON_RECENT,
+    Reason.OVER_BUDGET: pb.CONTEXT_ITEM_REASON_OVER_BUDGET,
+    Reason.EXPIRED: pb.CONTEXT_ITEM_REASON_EXPIRED,
+}
+
+
+def workspace_name(workspace_id: str) -> str:
+    return f"workspaces/{workspace_id}"
+
+
+def conversation_name(workspace_id: str, conversation_id: str) -> str:
+    return f"workspaces/{workspace_id}/conversations/{conversation_id}"
+
+
+def resource_name(kind: Kind, ids: tuple[str, ...]) -> str:
+    """The name of the resource a store refusal names by kind and ids."""
+    if kind == "workspace":
+        return workspace_name(ids[0])
+    if kind == "user":
+        return f"users/{ids[0]}"
+    if kind == "member":
+        return f"workspaces/{ids[0]}/members/{ids[1]}"
+    if kind == "conversation":
+        return conversation_name(ids[0], ids[1])
+    if kind == "message":
+        return f"{conversation_name(ids[0], ids[1])}/messages/{ids[2]}"
+    if kind == "memory":
+        return f"{ids[0]}/memories/{ids[1]}"
+    return ids[0]  # a scope is stored as its name
+
+
+def timestamp(when: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
+    if when is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(when)
+    return stamp
+
+
+def struct(data: bytes) -> struct_pb2.Struct | None:
+    if not data:
+        return None
+    value = struct_pb2.Struct()
+    value.ParseFromString(data)
+    return value
+
+
+def workspace_proto(row: WorkspaceRecord, role: str | None = None) -> pb.Workspace:
+    return pb.Workspace(
+        name=workspace_name(row.id),
+        display_name=row.display_name,
+        description=row.description,
+        create_time=timestamp(row.created_at),
+        update_time=timestamp(row.updated_at),
+        delete_time=timestamp(row.deleted_at),
+        etag=etag_of(row.version),
+        caller_role=_ROLE_PROTOS.get(role or "", pb.WORKSPACE_ROLE_UNSPECIFIED),
+    )
+
+
+def member_proto(row: MemberRecord) -> pb.WorkspaceMember:
+    return pb.WorkspaceMember(
+        name=f"workspaces/{row.workspace_id}/members/{row.user_id}",
+        user=f"users/{row.user_id}",
+        role=_ROLE_PROTOS[row.role],
+        create_time=timestamp(row.created_at),
+        update_time=timestamp(row.updated_at or row.created_at),
+    )
+
+
+def conversation_proto(row: ConversationRecord) -> pb.Conversation:
+    return pb.Conversation(
+        name=conversation_name(row.workspace_id, row.id),
+        title=row.title,
+        metadata=struct(row.meta),
+        archived=row.archived,
+        creator=row.creator,
+        create_time=timestamp(row.created_at),
+        update_time=timestamp(row.updated_at),
+        delete_time=timestamp(row.deleted_at),
+        etag=etag_of(row.version),
+        message_count=row.message_count,
+        version=row.version,
+    )
+
+
+def message_proto(row: MessageRecord, workspace_id: str) -> pb.Message:
+    message = pb.Message()
+    message.ParseFromString(row.data)
+    message.archived = row.archived
+    if row.summary_id:
+        conversation = conversation_name(workspace_id, row.conversation_id)
+        message.summary = f"{conversation}/memories/{row.summary_id}"
+    return message
+
+
+def memory_proto(row: MemoryRecord) -> pb.MemoryItem:
+    return pb.MemoryItem(
+        name=f"{row.scope}/memories/{row.id}",
+        kind=_KIND_PROTOS.get(row.kind, pb.MEMORY_KIND_UNSPECIFIED),
+        content=row.content,
+        pinned=row.pinned,
+        source_messages=row.sources.split(),
+        metadata=struct(row.meta),
+        create_time=timestamp(row.created_at),
+        expire_time=timestamp(row.expires_at),
+        creator=row.creator,
+        token_count=row.token_count,
+        etag=etag_of(row.version),
+        update_time=timestamp(row.updated_at),
+    )

@@ -1,0 +1,353 @@
+"""What the context service's stores share: transactions, the dialect, lookups, records.
+
+All SQL of the context service lives in its stores (``workspacestore.py``,
+``conversationstore.py``, ``messagestore.py``, ``memorystore.py``,
+``windowstore.py``, ``prunestore.py``) and this module. Every write runs in one
+transaction; on SQLite it begins IMMEDIATE (``platform/db.py``), on PostgreSQL
+the rows that order concurrent writers (a conversation for appends) are
+locked with ``SELECT ... FOR UPDATE``, so sequence numbers and counters stay
+exact under concurrency on both. Reads that must be consistent across several
+statements (the context window) run in one read transaction: a WAL snapshot on
+SQLite, REPEATABLE READ on PostgreSQL.
+
+The stores pick the SQL dialect (full-text search is FTS5 on SQLite,
+``tsvector`` on PostgreSQL) and return plain records (``records.py``); no ORM
+row leaves them. A missing or refused row is a ``Refused`` naming it by kind
+and ids: the domain names the resource for the client.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, Final, TypeVar, TypeVarTuple
+
+from sqlalchemy import Select, and_, bindparam, func, or_, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import DataError, OperationalError, ProgrammingError
+from sqlalchemy.orm import InstrumentedAttribute, Session
+from sqlalchemy.sql.elements import BindParameter, ColumnElement
+
+from switchboard.context.records import (
+    Archived,
+    ConversationRecord,
+    MemberRecord,
+    MemoryRecord,
+    MessageRecord,
+    Missing,
+    Scope,
+    Unsearchable,
+    WorkspaceRecord,
+)
+from switchboard.context.search import fts5_match, pg_tsquery, query_terms
+from switchboard.platform.db import Database
+from switchboard.platform.errors import EtagMismatch, QuotaExceeded
+from switchboard.platform.models import (
+    Base,
+    ConversationRow,
+    MemoryItemRow,
+    MemoryScopeRow,
+    UserRow,
+    WorkspaceMemberRow,
+    WorkspaceRow,
+)
+from switchboard.platform.names import etag_version, now
+from switchboard.platform.storage import transaction
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+_Ts = TypeVarTuple("_Ts")
+
+log = logging.getLogger("switchboard.context.store")
+
+_CONVERSATION_BY_ID: Final = select(ConversationRow).where(ConversationRow.id == bindparam("id"))
+_CONVERSATION_FOR_UPDATE: Final = _CONVERSATION_BY_ID.with_for_update()
+_MEMORY_BY_IDS: Final = select(MemoryItemRow).where(
+    MemoryItemRow.id.in_(bindparam("ids", expanding=True))
+)
+
+
+class StoreBase:
+    """One database's transactions, dialect and the lookups every context store uses."""
+
+    def __init__(self, database: Database) -> None:
+        self._database = database
+        self._sqlite = database.dialect_name == "sqlite"
+
+    async def _run(
+        self, work: Callable[[Session], _T], *, write: bool, snapshot: bool = False
+    ) -> _T:
+        """One transaction of synchronous ORM code (``Database.run``), errors mapped."""
+        return await transaction(self._database, work, write=write, snapshot=snapshot, log=log)
+
+    def _lock(self, query: Select[_R]) -> Select[_R]:
+        return query if self._sqlite else query.with_for_update()
+
+    def _match(self, text: str) -> str:
+        """The full-text query of ``text``'s terms in this database's dialect."""
+        terms = query_terms(text)
+        return fts5_match(terms) if self._sqlite else pg_tsquery(terms)
+
+    def _workspace_for_update(
+        self, db: Session, workspace_id: str, *, include_deleted: bool = False
+    ) -> WorkspaceRow:
+        row = (
+            db.execute(self._lock(select(WorkspaceRow).where(WorkspaceRow.id == workspace_id)))
+        ).scalar_one_or_none()
+        if row is None or (row.deleted_at is not None and not include_deleted):
+            raise Missing("workspace", workspace_id)
+        return row
+
+    def _conversation(
+        self,
+        db: Session,
+        workspace_id: str,
+        conversation_id: str,
+        *,
+        include_deleted: bool = False,
+        lock: bool = False,
+        writable: bool = False,
+    ) -> ConversationRow:
+        """The conversation in that workspace (locked for update with ``lock``), or Missing."""
+        query = _CONVERSATION_FOR_UPDATE if lock and not self._sqlite else _CONVERSATION_BY_ID
+        row = db.execute(query, {"id": conversation_id}).scalar_one_or_none()
+        if (
+            row is None
+            or row.workspace_id != workspace_id
+            or (row.deleted_at is not None and not include_deleted)
+        ):
+            raise Missing("conversation", workspace_id, conversation_id)
+        if writable and row.archived:
+            raise Archived("conversation", workspace_id, conversation_id)
+        return row
+
+    # -- memory rows (written by the memory, message and prune stores) ---------------------
+
+    def _count_scope(self, db: Session, scope: str) -> int:
+        count: int = (db.execute(counted(MemoryItemRow, MemoryItemRow.scope == scope))).scalar_one()
+        return count
+
+    def _add_memory_row(self, db: Session, row: MemoryItemRow) -> None:
+        if self._sqlite:
+            top = (db.execute(select(func.max(MemoryItemRow.fts_rowid)))).scalar_one()
+            row.fts_rowid = (top or 0) + 1
+        db.add(row)
+        db.flush()
+        if self._sqlite:
+            db.execute(
+                text("INSERT INTO memory_fts(rowid, content) VALUES (:rowid, :content)"),
+                {"rowid": row.fts_rowid, "content": row.content},
+            )
+
+    def _touch_scope(self, db: Session, row: MemoryItemRow) -> None:
+        """A memory change invalidates the windows that may include it."""
+        if row.conversation_id is not None:
+            db.execute(
+                update(ConversationRow)
+                .where(ConversationRow.id == row.conversation_id)
+                .values(version=ConversationRow.version + 1)
+            )
+            return
+        insert = sqlite_insert if self._sqlite else pg_insert
+        statement = insert(MemoryScopeRow).values(scope=row.scope, version=1)
+        db.execute(
+            statement.on_conflict_do_update(
+                index_elements=[MemoryScopeRow.scope],
+                set_={"version": MemoryScopeRow.version + 1},
+            )
+        )
+
+    def _check_scope_live(self, db: Session, scope: Scope, *, writable: bool = True) -> None:
+        """Missing unless the scope exists; Archived for writes to an archived conversation."""
+        if scope.conversation_id is not None and scope.workspace_id is not None:
+            self._conversation(
+                db, scope.workspace_id, scope.conversation_id, writable=writable, lock=True
+            )
+        elif scope.workspace_id is not None:
+            self._workspace_for_update(db, scope.workspace_id)
+        elif scope.user_id is not None and db.get(UserRow, scope.user_id) is None:
+            raise Missing("scope", scope.scope)
+
+    def _search(
+        self,
+        db: Session,
+        scopes: Sequence[str],
+        query: str,
+        *,
+        kinds: Sequence[str],
+        limit: int,
+        offset: int = 0,
+        exclude_kinds: Sequence[str] = (),
+        unpinned_only: bool = False,
+    ) -> list[tuple[MemoryItemRow, float]]:
+        """Items of ``scopes`` matching any term of ``query``, best first."""
+        match = self._match(query)
+        if not match or not scopes:
+            return []
+        filters = ["m.scope IN :scopes", "(m.expires_at IS NULL OR m.expires_at > :now)"]
+        params: dict[str, Any] = {
+            "scopes": list(scopes),
+            "match": match,
+            "limit": limit,
+            "offset": offset,
+            "now": now(),
+        }
+        binds: list[BindParameter[Any]] = [bindparam("scopes", expanding=True)]
+        if kinds:
+            filters.append("m.kind IN :kinds")
+            params["kinds"] = list(kinds)
+            binds.append(bindparam("kinds", expanding=True))
+        if exclude_kinds:
+            filters.append("m.kind NOT IN :exclude")
+            params["exclude"] = list(exclude_kinds)
+            binds.append(bindparam("exclude", expanding=True))
+        if unpinned_only:
+            filters.append("NOT m.pinned")
+        sql = _search_sql(" AND ".join(filters), sqlite=self._sqlite)
+        try:
+            ranked = [
+                (str(row[0]), float(row[1]))
+                for row in (db.execute(text(sql).bindparams(*binds), params)).all()
+            ]
+        except (OperationalError, ProgrammingError, DataError) as exc:
+            if not any(word in str(exc.orig).lower() for word in ("fts5", "tsquery", "syntax")):
+                raise
+            # The query builders only emit quoted terms; anything the engine
+            # still refuses is the query's fault, not an outage.
+            raise Unsearchable() from None
+        if not ranked:
+            return []
+        rows = {
+            row.id: row
+            for row in db.execute(_MEMORY_BY_IDS, {"ids": [i for i, _ in ranked]}).scalars()
+        }
+        return [(rows[i], score) for i, score in ranked if i in rows]
+
+
+def _search_sql(where: str, *, sqlite: bool) -> str:
+    # ``where`` is built from constant fragments; values are bound.
+    if sqlite:
+        return (
+            "SELECT m.id, -bm25(memory_fts) AS score FROM memory_fts "  # noqa: S608
+            "JOIN memory_items m ON m.fts_rowid = memory_fts.rowid "
+            f"WHERE memory_fts MATCH :match AND {where} "
+            "ORDER BY score DESC, m.id LIMIT :limit OFFSET :offset"
+        )
+    return (
+        "SELECT m.id, ts_rank_cd(m.search, q) AS score "  # noqa: S608
+        "FROM memory_items m, to_tsquery('english', :match) q "
+        f"WHERE m.search @@ q AND {where} "
+        "ORDER BY score DESC, m.id LIMIT :limit OFFSET :offset"
+    )
+
+
+def check_etag(etag: str, version: int) -> None:
+    """Raise ABORTED unless ``etag`` (if given; the domain checked its form) names ``version``."""
+    if etag and etag_version(etag) != version:
+        raise EtagMismatch("the resource changed since the etag was read; read it again")
+
+
+def keyset(
+    query: Select[*_Ts],
+    stamp: InstrumentedAttribute[dt.datetime],
+    key: InstrumentedAttribute[str],
+    after: tuple[dt.datetime, str] | None,
+    *,
+    newest_first: bool = False,
+) -> Select[*_Ts]:
+    """Order by (stamp, key) and start strictly after the page token's ``after``."""
+    if after is not None:
+        if newest_first:
+            query = query.where(or_(stamp < after[0], and_(stamp == after[0], key < after[1])))
+        else:
+            query = query.where(or_(stamp > after[0], and_(stamp == after[0], key > after[1])))
+    if newest_first:
+        return query.order_by(stamp.desc(), key.desc())
+    return query.order_by(stamp, key)
+
+
+def counted(model: type[Base], *conditions: ColumnElement[bool]) -> Select[int]:
+    return select(func.count()).select_from(model).where(*conditions)
+
+
+def require_room(db: Session, counted: Select[int], limit: int, message: str, subject: str) -> None:
+    """QuotaExceeded (naming ``subject``) unless the ``counted`` rows are below ``limit``."""
+    if db.execute(counted).scalar_one() >= limit:
+        raise QuotaExceeded(message, subject=subject)
+
+
+def scope_of(row: MemoryItemRow) -> Scope:
+    return Scope(row.scope, row.workspace_id, row.conversation_id, row.user_id)
+
+
+# -- rows as records ----------------------------------------------------------------------
+
+
+def workspace_record(row: WorkspaceRow) -> WorkspaceRecord:
+    return WorkspaceRecord(
+        id=row.id,
+        display_name=row.display_name,
+        description=row.description,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        deleted_at=row.deleted_at,
+        version=row.version,
+    )
+
+
+def member_record(row: WorkspaceMemberRow) -> MemberRecord:
+    return MemberRecord(
+        workspace_id=row.workspace_id,
+        user_id=row.user_id,
+        role=row.role,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+def conversation_record(row: ConversationRow) -> ConversationRecord:
+    return ConversationRecord(
+        id=row.id,
+        workspace_id=row.workspace_id,
+        title=row.title,
+        meta=row.meta,
+        archived=row.archived,
+        creator=row.creator,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        deleted_at=row.deleted_at,
+        version=row.version,
+        last_seq=row.last_seq,
+        message_count=row.message_count,
+        token_count=row.token_count,
+        summary_id=row.summary_id,
+    )
+
+
+def message_record(row: Any) -> MessageRecord:
+    """A ``MessageRow`` or a Core row of all of its columns, as a record."""
+    return MessageRecord(
+        id=row.id,
+        conversation_id=row.conversation_id,
+        seq=row.seq,
+        role=row.role,
+        token_count=row.token_count,
+        archived=row.archived,
+        summary_id=row.summary_id,
+        created_at=row.created_at,
+        data=row.data,
+    )
+
+
+_MEMORY_FIELDS: Final = tuple(MemoryRecord.__dataclass_fields__)
+
+
+def memory_record(row: MemoryItemRow) -> MemoryRecord:
+    return MemoryRecord(**{field: getattr(row, field) for field in _MEMORY_FIELDS})
+
+
+def memory_row(record: MemoryRecord) -> MemoryItemRow:
+    """The row to insert for a new memory item."""
+    return MemoryItemRow(**{field: getattr(record, field) for field in _MEMORY_FIELDS})

@@ -1,0 +1,198 @@
+"""The context window: what a handler is given of a conversation, within a token budget.
+
+The store reads everything in one snapshot (``windowstore.py``), the planner
+chooses within the budget (``window.py``), and the answer is cached as the
+serialized response (``windowcache.py``) under the versions it was built from:
+any write to the conversation or to the memory it draws on changes a version,
+so a cached window is never stale; one is also dropped when a memory item in
+it expires.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Final
+
+from switchboard.api.context.v1 import context_pb2 as pb
+from switchboard.context.common import Common, Domain, check_text, stored
+from switchboard.context.mapping import (
+    REASONS,
+    conversation_name,
+    memory_proto,
+    message_proto,
+    workspace_name,
+)
+from switchboard.context.records import MemoryRecord, MessageRecord, Unsearchable
+from switchboard.context.tokens import render_parts
+from switchboard.context.window import Candidate, Choice, PinnedOverBudget, plan_window
+from switchboard.context.windowcache import WindowCache
+from switchboard.context.windowstore import WindowRows, WindowScopes, WindowStore
+from switchboard.platform import names
+from switchboard.platform.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    Violations,
+)
+from switchboard.platform.names import now
+from switchboard.platform.policy import Principal
+
+# Bump when the cached window's shape or the planning rules change.
+_WINDOW_FORMAT: Final = "w2"
+
+
+def _tool_links(message: pb.Message) -> tuple[frozenset[str], frozenset[str]]:
+    """The ids of the tool calls a message makes and of those it answers."""
+    calls = frozenset(p.tool_call.id for p in message.parts if p.HasField("tool_call"))
+    answers = frozenset(p.tool_result.id for p in message.parts if p.HasField("tool_result"))
+    return calls, answers
+
+
+@dataclass
+class _Memories:
+    """The memory candidates of one window, and until when the window stays valid."""
+
+    stamp: float
+    by_key: dict[str, MemoryRecord] = field(default_factory=dict)
+    valid_until: float = float("inf")
+
+    def candidate(self, row: MemoryRecord) -> Candidate:
+        key = f"{row.scope}/memories/{row.id}"
+        self.by_key[key] = row
+        expires = row.expires_at.timestamp() if row.expires_at is not None else None
+        expired = expires is not None and expires <= self.stamp
+        if expires is not None and not expired:
+            self.valid_until = min(self.valid_until, expires)
+        return Candidate(key=key, tokens=row.token_count, expired=expired)
+
+
+class Windows(Domain):
+    def __init__(self, common: Common, store: WindowStore, cache: WindowCache) -> None:
+        super().__init__(common)
+        self._store = store
+        #: The windows already built, as served (bytes).
+        self.cache = cache
+
+    async def window(self, principal: Principal, request: pb.GetContextWindowRequest) -> bytes:
+        """The serialized ``GetContextWindowResponse`` (cached as bytes, served as bytes)."""
+        found = names.match(names.CONVERSATION, request.conversation, "conversation")
+        workspace_id, conversation_id = found[1], found[2]
+        violations = Violations()
+        if request.token_budget <= 0:
+            violations.add("token_budget", "must be positive")
+        elif request.token_budget > self.limits.max_window_tokens:
+            violations.add("token_budget", f"must be at most {self.limits.max_window_tokens}")
+        check_text(request.query, "query", self.limits.max_query_chars, violations)
+        violations.check()
+        scopes = WindowScopes(
+            conversation=conversation_name(workspace_id, conversation_id),
+            workspace=workspace_name(workspace_id),
+            user=principal.user_name,
+        )
+        versions = await stored(self._store.window_version(workspace_id, conversation_id, scopes))
+        version, workspace_version, user_version = versions
+        key = ":".join(
+            (
+                "ctxwin",
+                _WINDOW_FORMAT,
+                self.common.counter.name,
+                conversation_id,
+                str(version),
+                str(workspace_version),
+                principal.user_id,
+                str(user_version),
+                str(request.token_budget),
+                hashlib.sha256(request.query.encode()).hexdigest()[:16],
+            )
+        )
+        cached = await self.cache.get(key)
+        if cached is not None:
+            return cached
+        rows = await self._rows(workspace_id, conversation_id, scopes, request)
+        payload, valid_until = self._build(scopes.conversation, rows, request.token_budget)
+        if (rows.conversation.version, rows.workspace_version, rows.user_version) == versions:
+            # Only a window built from exactly the versions in the key is cached
+            # under it; one that saw a newer write is served but not stored.
+            await self.cache.put(key, payload, valid_until)
+        return payload
+
+    async def _rows(
+        self,
+        workspace_id: str,
+        conversation_id: str,
+        scopes: WindowScopes,
+        request: pb.GetContextWindowRequest,
+    ) -> WindowRows:
+        def query(latest: MessageRecord | None) -> str:
+            """The request's query, else the text of the latest user message."""
+            if request.query or latest is None:
+                return request.query
+            parts = message_proto(latest, workspace_id).parts
+            return render_parts(p for p in parts if p.HasField("text"))
+
+        try:
+            return await stored(
+                self._store.window_rows(
+                    workspace_id,
+                    conversation_id,
+                    scopes,
+                    budget=request.token_budget,
+                    query=query,
+                    relevant_limit=self.limits.relevant_limit,
+                    max_pinned=self.limits.max_pinned,
+                )
+            )
+        except Unsearchable:
+            raise InvalidArgument(
+                "the query cannot be searched", [FieldViolation("query", "cannot be searched")]
+            ) from None
+
+    def _build(self, conversation: str, rows: WindowRows, budget: int) -> tuple[bytes, float]:
+        """The serialized response of the window planned from ``rows``, and until when it holds."""
+        memories = _Memories(stamp=now().timestamp())
+        # Every loaded body: most are shown, and the planner pairs tool calls
+        # with their results (window.py, rule 6).
+        messages = {seq: pb.Message.FromString(rows.bodies[seq]) for seq, _ in rows.recent}
+        recent = []
+        for seq, tokens in rows.recent:
+            calls, answers = _tool_links(messages[seq])
+            recent.append(Candidate(key=str(seq), tokens=tokens, calls=calls, answers=answers))
+        try:
+            plan = plan_window(
+                budget=budget,
+                pinned=[memories.candidate(r) for r in rows.pinned],
+                relevant=[memories.candidate(r) for r, _ in rows.relevant],
+                summary=memories.candidate(rows.summary) if rows.summary is not None else None,
+                recent=recent,
+                older_messages=max(0, rows.conversation.message_count - len(recent)),
+            )
+        except PinnedOverBudget as exc:
+            raise FailedPrecondition(
+                f"the pinned memory items need {exc.needed} tokens, more than the "
+                f"token_budget of {budget}; raise the budget or unpin items",
+                metadata={"pinned_tokens": str(exc.needed)},
+            ) from None
+
+        def item(choice: Choice) -> pb.ContextItem:
+            entry = pb.ContextItem(
+                reason=REASONS[choice.reason], token_count=choice.candidate.tokens
+            )
+            memory = memories.by_key.get(choice.candidate.key)
+            if memory is not None:
+                entry.memory_item.CopyFrom(memory_proto(memory))
+            else:
+                entry.message.CopyFrom(messages[int(choice.candidate.key)])
+            return entry
+
+        window = pb.ContextWindow(
+            conversation=conversation,
+            conversation_version=rows.conversation.version,
+            token_budget=budget,
+            total_tokens=plan.total_tokens,
+            included=[item(c) for c in plan.included],
+            excluded=[item(c) for c in plan.excluded],
+            tokenizer=self.common.counter.name,
+            omitted_messages=plan.omitted_messages,
+        )
+        return pb.GetContextWindowResponse(window=window).SerializeToString(), memories.valid_until
