@@ -14,7 +14,8 @@ import logging
 import tempfile
 import time
 
-from switchboard.auth.accounts import ClientContext
+from switchboard.api.auth.v1 import auth_pb2
+from switchboard.auth.accounts import Accounts
 from switchboard.mesh import create_server
 from switchboard.platform.config import Settings
 
@@ -32,17 +33,24 @@ async def main() -> None:
     )
     server, _ = await create_server(settings)
     try:
-        deps = server.deps
-        sign_in = await deps.accounts.register(
-            "micro@example.com", "measured many times 123", "Micro", ClientContext(address="-")
+        shared = server.shared
+        accounts = shared.built(Accounts)
+        assert accounts is not None  # the auth service is served
+        sign_in = await accounts.register(
+            auth_pb2.RegisterRequest(
+                email="micro@example.com",
+                password="measured many times 123",  # noqa: S106 - a throwaway account
+                display_name="Micro",
+            ),
+            "-",
         )
         token = sign_in.tokens.access_token
-        await deps.authenticator.authenticate(token)
+        await shared.authenticator.authenticate(token)
         started = time.perf_counter()
         for _ in range(CALLS):
-            await deps.authenticator.authenticate(token)
+            await shared.authenticator.authenticate(token)
         cached_us = (time.perf_counter() - started) / CALLS * 1e6
-        tokens = deps.accounts._tokens  # the verifier the authenticator wraps
+        tokens = shared.tokens  # the verifier the authenticator wraps
         started = time.perf_counter()
         for _ in range(CALLS // 10):
             tokens.verify(token)

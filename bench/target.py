@@ -18,7 +18,7 @@ workspaces ``bench`` and ``other`` owned by the token's user, and then reads
 commands on stdin, one per line, each answered with one JSON line on stdout:
 
     publish TAG RATE SECONDS SCOPE   publish round(RATE*SECONDS) events, paced at RATE
-                                     per second, through deps.bus.publish in this
+                                     per second, through shared.bus.publish in this
                                      process; event i has id "TAG:i" and its time
                                      stamped when it is published. SCOPE is
                                      workspaces/W (the event is in the conversation
@@ -48,6 +48,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Final
 
 from grpc import aio
@@ -64,8 +65,11 @@ from switchboard.platform.logging import configure_logging
 from switchboard.platform.policy import Scope
 from switchboard.platform.server import tune_gc
 
-BENCH_EMAIL = "bench@example.com"
-BENCH_PASSWORD = "measured many times 123"  # noqa: S105 - a throwaway benchmark account
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for bench.*
+
+from bench.fixtures import BENCH_EMAIL
+from bench.fixtures import PASSWORD as BENCH_PASSWORD
+from bench.harness import ms
 
 #: What 10,000 Subscribe streams of one user need (over a few connections).
 EVENT_LIMITS: Final[dict[str, Any]] = {
@@ -175,13 +179,6 @@ class _Queued:
             samples.append(time.time() - event.time.ToNanoseconds() / 1e9)
 
 
-def _ms(samples: list[float], fraction: float) -> float:
-    ordered = sorted(samples)
-    if not ordered:
-        return float("nan")
-    return round(ordered[min(len(ordered) - 1, int(len(ordered) * fraction))] * 1000, 3)
-
-
 async def _publish(
     bus: EventBus,
     queued: _Queued,
@@ -221,8 +218,8 @@ async def _publish(
         "start": start_wall,
         "end": end_wall,
         "lag_max_ms": round(lag * 1000, 3),
-        "queued_p50_ms": _ms(samples, 0.5),
-        "queued_p99_ms": _ms(samples, 0.99),
+        "queued_p50_ms": ms(samples, 0.5),
+        "queued_p99_ms": ms(samples, 0.99),
         **pauses.between(start_wall, end_wall),
     }
     print(json.dumps(answer), flush=True)
@@ -244,20 +241,22 @@ async def _events(overrides: Sequence[str]) -> None:
         server, port = await create_server(settings)
         tune_gc(settings)  # as `switchboard serve` does
         await server.start()
-        from switchboard.auth.accounts import ClientContext
+        from switchboard.auth.accounts import Accounts, ClientContext
         from switchboard.auth.store import AuthStore
         from switchboard.platform.policy import AuthMethod
 
-        deps = server.deps
-        user = await AuthStore(deps.database).create_user(BENCH_EMAIL, "Bench", None)
-        sign_in = await deps.accounts.start_session(
+        shared = server.shared
+        accounts = shared.built(Accounts)
+        assert accounts is not None  # the auth service is served
+        user = await AuthStore(shared.database).create_user(BENCH_EMAIL, "Bench", None)
+        sign_in = await accounts.start_session(
             user, AuthMethod.PASSWORD, ClientContext(address="127.0.0.1")
         )
         for workspace in ("bench", "other"):
-            await deps.memberships.create_workspace(workspace, workspace.title(), user.id)
+            await shared.memberships.create_workspace(workspace, workspace.title(), user.id)
         print(port, sign_in.tokens.access_token, flush=True)
         author = f"users/{user.id}"
-        queued = _Queued(deps.bus)
+        queued = _Queued(shared.bus)
         pauses = _Pauses()
         loop = asyncio.get_running_loop()
         running: set[asyncio.Task[None]] = set()
@@ -266,12 +265,12 @@ async def _events(overrides: Sequence[str]) -> None:
             if words[:1] == ["publish"] and len(words) == 5:
                 tag, rate, seconds, scope = words[1], float(words[2]), float(words[3]), words[4]
                 task = asyncio.create_task(
-                    _publish(deps.bus, queued, pauses, tag, rate, seconds, scope, author)
+                    _publish(shared.bus, queued, pauses, tag, rate, seconds, scope, author)
                 )
                 running.add(task)
                 task.add_done_callback(running.discard)
             elif words == ["stats"]:
-                print(json.dumps({"subscribers": deps.bus.fanout.count}), flush=True)
+                print(json.dumps({"subscribers": shared.bus.fanout.count}), flush=True)
             elif words:
                 print(json.dumps({"error": f"unknown command {line.strip()!r}"}), flush=True)
         for task in running:
@@ -307,10 +306,16 @@ async def main(variant: str, overrides: Sequence[str] = ()) -> None:
         )
         wrapped, port = await create_server(settings)
         await wrapped.start()
-        from switchboard.auth.accounts import ClientContext
+        from switchboard.api.auth.v1 import auth_pb2
+        from switchboard.auth.accounts import Accounts
 
-        sign_in = await wrapped.deps.accounts.register(
-            BENCH_EMAIL, BENCH_PASSWORD, "Bench", ClientContext(address="127.0.0.1")
+        accounts = wrapped.shared.built(Accounts)
+        assert accounts is not None  # the auth service is served
+        sign_in = await accounts.register(
+            auth_pb2.RegisterRequest(
+                email=BENCH_EMAIL, password=BENCH_PASSWORD, display_name="Bench"
+            ),
+            "127.0.0.1",
         )
         token = sign_in.tokens.access_token
         server = wrapped.grpc_server

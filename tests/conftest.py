@@ -1,4 +1,4 @@
-"""Shared fixtures: an in-process server on port 0 and a channel to it."""
+"""Shared fixtures: an in-process server on port 0, its process's parts, and a channel to it."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import itertools
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from grpc import aio
@@ -13,8 +14,11 @@ from grpc import aio
 from switchboard.mesh import create_server
 from switchboard.platform.config import Settings
 from switchboard.platform.server import SwitchboardServer
+from switchboard.shared import Shared
 
 pytest_plugins = ["tests.infra.postgres", "tests.infra.redis"]
+
+_T = TypeVar("_T")
 
 
 # One directory per test run for the SQLite files of make_settings(). Files, not
@@ -57,6 +61,21 @@ async def mesh(settings: Settings) -> AsyncIterator[SwitchboardServer]:
         yield server
     finally:
         await server.shutdown(grace=0)
+
+
+@pytest.fixture
+def shared(mesh: SwitchboardServer) -> Shared:
+    """What the served process opened: its database, bus, key ring, memberships..."""
+    return mesh.shared
+
+
+def built(server: SwitchboardServer, kind: type[_T]) -> _T:
+    """The part of ``server``'s process that ``kind`` names (its ``Accounts``,
+    ``ContextDomain``, ``IntegrationHub``, ``Dispatcher``); the process must serve
+    a service that builds it."""
+    part = server.shared.built(kind)
+    assert part is not None, f"this process built no {kind.__name__}"
+    return part
 
 
 @pytest.fixture

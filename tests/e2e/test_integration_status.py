@@ -20,11 +20,21 @@ from grpc import aio
 
 from switchboard.api.events.v1 import events_pb2
 from switchboard.api.integration.v1 import integration_pb2 as ipb
+from switchboard.integration.service import IntegrationHub
 from switchboard.platform.server import SwitchboardServer
+from tests.conftest import built
 from tests.e2e.expertproc import NodeExpert
 from tests.service.authkit import detail, reason
-from tests.service.contextkit import World, context_stub, ctx_world, refused, tap, violations
-from tests.service.integrationkit import TIMEOUT_S, Stub, create, expert, hub_mesh, integration_stub
+from tests.service.contextkit import (
+    TIMEOUT_S,
+    World,
+    context_stub,
+    ctx_world,
+    refused,
+    tap,
+    violations,
+)
+from tests.service.integrationkit import Stub, create, expert, hub_mesh, integration_stub
 
 pytestmark = pytest.mark.e2e
 
@@ -58,7 +68,7 @@ async def test_probes_follow_an_expert_down_and_back_and_watchers_see_each_chang
     hub: tuple[SwitchboardServer, Stub, World],
 ) -> None:
     server, stub, world = hub
-    prober = server.deps.integration
+    prober = built(server, IntegrationHub)
     with NodeExpert("--token", TOKEN) as process:
         made = await create(
             stub, world.owner, world.name, expert(process.address, credential=TOKEN)

@@ -31,6 +31,7 @@ from switchboard.api.integration.v1 import integration_pb2
 from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.dispatcher.experts import WorkspaceExpert, WorkspaceExperts
 from switchboard.dispatcher.handlers import HandleCall, HandlerFailure
+from switchboard.dispatcher.service import Dispatcher
 from switchboard.integration.connectors import ToolNotFound, Unreachable
 from switchboard.integration.directory import ExpertEntry
 from switchboard.integration.experts import GrpcExpertConnector
@@ -40,6 +41,7 @@ from switchboard.platform.errors import DestinationBlocked, ResultTooLarge
 from switchboard.platform.models import IntegrationRow
 from switchboard.platform.secretbox import SecretBox
 from switchboard.platform.server import SwitchboardServer
+from tests.conftest import built
 from tests.e2e.expertproc import NodeExpert
 from tests.e2e.procs import ServeProcess, shared_secrets
 from tests.infra.redis import RedisServer
@@ -88,7 +90,7 @@ async def _changed(server: SwitchboardServer, expert: Registered, change: int) -
         kind=integration_pb2.INTEGRATION_KIND_GRPC_HANDLER,
         endpoint=expert.endpoint,
     )
-    await server.deps.bus.publish(
+    await server.shared.bus.publish(
         events_pb2.Event(
             type=events_pb2.EVENT_TYPE_INTEGRATION_CHANGED,
             workspace=f"workspaces/{expert.workspace_id}",
@@ -114,7 +116,7 @@ async def register(
     now = dt.datetime.now(dt.UTC)
     sealed = None
     if credential:
-        box = SecretBox(server.deps.settings.effective_secret_key())
+        box = SecretBox(server.shared.settings.effective_secret_key())
         sealed = box.seal(credential, purpose=expert.name)
     row = IntegrationRow(
         workspace_id=workspace_id,
@@ -132,7 +134,7 @@ async def register(
         updated_at=now,
         version=1,
     )
-    await server.deps.database.run(lambda db: db.add(row), write=True)
+    await server.shared.database.run(lambda db: db.add(row), write=True)
     await _changed(server, expert, events_pb2.CHANGE_KIND_CREATED)
     return expert
 
@@ -275,7 +277,8 @@ async def test_a_node_expert_registered_at_runtime_is_routed_stops_restarts_and_
 async def _expert_of(
     server: SwitchboardServer, workspace_id: str, handler_id: str
 ) -> WorkspaceExpert:
-    experts = server.deps.dispatcher.router.experts
+    experts = built(server, Dispatcher).router.experts
+    assert experts is not None
     found = (await experts.of(workspace_id))[handler_id]
     assert isinstance(found, WorkspaceExpert)
     return found

@@ -16,6 +16,8 @@ from grpc import aio
 from jwt.algorithms import RSAAlgorithm
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
+from switchboard.auth.accounts import Accounts
+from tests.conftest import built
 
 PASSWORD = "correct horse battery staple 42"
 _serial = itertools.count()
@@ -85,9 +87,9 @@ async def quick_user(mesh: Any) -> tuple[str, str]:
     from switchboard.auth.store import AuthStore
     from switchboard.platform.policy import AuthMethod
 
-    store = AuthStore(mesh.deps.database)
+    store = AuthStore(mesh.shared.database)
     user = await store.create_user(unique_email("quick"), "Quick", None)
-    sign_in = await mesh.deps.accounts.start_session(
+    sign_in = await built(mesh, Accounts).start_session(
         user, AuthMethod.PASSWORD, ClientContext(address="127.0.0.1")
     )
     return user.id, sign_in.tokens.access_token

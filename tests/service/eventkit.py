@@ -47,7 +47,7 @@ def workspace_event(
 
 async def publish(mesh: Any, events: Sequence[events_pb2.Event]) -> list[events_pb2.Event]:
     """Publish in order, one after another; returns the stamped envelopes."""
-    return [await mesh.deps.bus.publish(event) for event in events]
+    return [await mesh.shared.bus.publish(event) for event in events]
 
 
 async def member(mesh: Any, workspace_id: str, role: Role = Role.VIEWER) -> tuple[str, str]:
@@ -56,7 +56,7 @@ async def member(mesh: Any, workspace_id: str, role: Role = Role.VIEWER) -> tupl
     ``Role.OWNER`` creates the workspace; other roles need it to exist.
     """
     user_id, token = await quick_user(mesh)
-    memberships = mesh.deps.memberships
+    memberships = mesh.shared.memberships
     if role == Role.OWNER:
         await memberships.create_workspace(workspace_id, workspace_id, user_id)
     else:

@@ -18,7 +18,7 @@ from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.events.v1 import events_pb2
 from switchboard.platform.config import Settings
 from switchboard.platform.models import ApiKeyRow, UserRow
-from switchboard.platform.server import SwitchboardServer
+from switchboard.shared import Shared
 from tests.conftest import make_settings
 from tests.service.authkit import (
     PASSWORD,
@@ -96,10 +96,10 @@ async def test_register_then_call_with_the_access_token(
 
 
 async def test_stored_hash_is_argon2id_at_or_above_owasp(
-    channel: aio.Channel, mesh: SwitchboardServer
+    channel: aio.Channel, shared: Shared
 ) -> None:
     registered = await register(channel)
-    async with mesh.deps.database.sessions() as db:
+    async with shared.database.sessions() as db:
         row = await db.get(UserRow, user_id(registered.user.name))
     assert row is not None
     assert row.password_hash is not None
@@ -207,7 +207,7 @@ async def test_brute_force_from_one_address_is_resource_exhausted() -> None:
 
 
 async def test_refresh_rotates_and_reuse_revokes_the_family(
-    channel: aio.Channel, stub: auth_pb2_grpc.AuthServiceAsyncStub, mesh: SwitchboardServer
+    channel: aio.Channel, stub: auth_pb2_grpc.AuthServiceAsyncStub, shared: Shared
 ) -> None:
     registered = await register(channel)
     first_refresh = registered.tokens.refresh_token
@@ -233,7 +233,7 @@ async def test_refresh_rotates_and_reuse_revokes_the_family(
     for access in (registered.tokens.access_token, rotated.tokens.access_token):
         error = await _rejected(stub, access)
         assert reason(error) == "ERROR_REASON_SESSION_REVOKED"
-    kinds = [e.security.kind for e in mesh.deps.bus.recent() if e.user == registered.user.name]
+    kinds = [e.security.kind for e in shared.bus.recent() if e.user == registered.user.name]
     assert events_pb2.SECURITY_EVENT_KIND_REFRESH_REUSE_DETECTED in kinds
 
 
@@ -257,7 +257,7 @@ async def test_refresh_token_is_not_an_access_token(
 
 
 async def test_revoke_session_rejects_its_tokens_at_once(
-    channel: aio.Channel, stub: auth_pb2_grpc.AuthServiceAsyncStub, mesh: SwitchboardServer
+    channel: aio.Channel, stub: auth_pb2_grpc.AuthServiceAsyncStub, shared: Shared
 ) -> None:
     email = unique_email()
     phone = await register(channel, email)
@@ -276,7 +276,7 @@ async def test_revoke_session_rejects_its_tokens_at_once(
             auth_pb2.RefreshTokenRequest(refresh_token=phone.tokens.refresh_token), timeout=10
         )
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    kinds = [e.security.kind for e in mesh.deps.bus.recent() if e.user == phone.user.name]
+    kinds = [e.security.kind for e in shared.bus.recent() if e.user == phone.user.name]
     assert events_pb2.SECURITY_EVENT_KIND_SESSION_REVOKED in kinds
 
 
@@ -407,7 +407,7 @@ async def _create_key(
 
 
 async def test_api_key_shown_once_works_and_records_use(
-    channel: aio.Channel, stub: auth_pb2_grpc.AuthServiceAsyncStub, mesh: SwitchboardServer
+    channel: aio.Channel, stub: auth_pb2_grpc.AuthServiceAsyncStub, shared: Shared
 ) -> None:
     owner = await register(channel)
     access = owner.tokens.access_token
@@ -422,7 +422,7 @@ async def test_api_key_shown_once_works_and_records_use(
     assert [k.name for k in listed.api_keys] == [created.api_key.name]
     assert listed.api_keys[0].HasField("last_used_time")
     assert created.secret not in str(listed)
-    async with mesh.deps.database.sessions() as db:
+    async with shared.database.sessions() as db:
         row = (await db.execute(select(ApiKeyRow))).scalars().one()
     assert created.secret not in (row.digest, row.id, row.scopes)
 
@@ -456,14 +456,14 @@ async def test_revoked_api_key_is_rejected(
 
 
 async def test_expired_api_key_is_rejected(
-    channel: aio.Channel, stub: auth_pb2_grpc.AuthServiceAsyncStub, mesh: SwitchboardServer
+    channel: aio.Channel, stub: auth_pb2_grpc.AuthServiceAsyncStub, shared: Shared
 ) -> None:
     owner = await register(channel)
     soon = Timestamp()
     soon.FromDatetime(dt.datetime.now(dt.UTC) + dt.timedelta(hours=1))
     created = await _create_key(stub, owner.tokens.access_token, ["read"], expire_time=soon)
     # Move its expiry into the past, as the clock would.
-    async with mesh.deps.database.sessions.begin() as db:
+    async with shared.database.sessions.begin() as db:
         await db.execute(
             update(ApiKeyRow).values(expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1))
         )
@@ -543,21 +543,21 @@ async def test_update_user_with_etag(
 
 
 async def test_jwks_publishes_the_signing_key(
-    channel: aio.Channel, stub: auth_pb2_grpc.AuthServiceAsyncStub, mesh: SwitchboardServer
+    channel: aio.Channel, stub: auth_pb2_grpc.AuthServiceAsyncStub, shared: Shared
 ) -> None:
     jwks = await stub.GetJwks(auth_pb2.GetJwksRequest(), timeout=10)
-    expected = mesh.deps.keys.jwks()
+    expected = shared.keys.jwks()
     assert json.loads(jwks.jwks_json) == {"keys": expected}
     assert [k.kid for k in jwks.keys] == [k["kid"] for k in expected]
     assert all(k.kty == "OKP" and k.alg == "EdDSA" for k in jwks.keys)
 
 
 async def test_security_events_carry_no_secrets(
-    channel: aio.Channel, stub: auth_pb2_grpc.AuthServiceAsyncStub, mesh: SwitchboardServer
+    channel: aio.Channel, stub: auth_pb2_grpc.AuthServiceAsyncStub, shared: Shared
 ) -> None:
     registered = await register(channel)
     await _login(stub, registered.user.email)
-    events = [e for e in mesh.deps.bus.recent() if e.user == registered.user.name]
+    events = [e for e in shared.bus.recent() if e.user == registered.user.name]
     assert [e.security.kind for e in events] == [events_pb2.SECURITY_EVENT_KIND_LOGIN_SUCCEEDED] * 2
     text = "".join(str(e) for e in events)
     for secret in (PASSWORD, registered.tokens.refresh_token, registered.tokens.access_token):

@@ -170,8 +170,8 @@ async def test_a_refused_access_token_is_renewed_and_the_call_retried_once(
     async with Client(mesh.address, interceptors=wire.interceptors) as client:
         registered = await client.register(unique_email(), PASSWORD)
         expired = minted_pair(
-            mesh.deps.keys,
-            mesh.deps.settings,
+            mesh.shared.keys,
+            mesh.shared.settings,
             user=registered.user.name,
             session=registered.session.name,
             refresh_token=registered.tokens.refresh_token,
@@ -198,8 +198,8 @@ async def test_a_refused_refresh_signs_out(mesh: SwitchboardServer) -> None:
         await client.sign_out()  # the session and its refresh token are over
         client.use_tokens(
             minted_pair(
-                mesh.deps.keys,
-                mesh.deps.settings,
+                mesh.shared.keys,
+                mesh.shared.settings,
                 user=registered.user.name,
                 session=registered.session.name,
                 refresh_token=registered.tokens.refresh_token,
@@ -214,8 +214,8 @@ async def test_a_refused_refresh_signs_out(mesh: SwitchboardServer) -> None:
 
         client.use_tokens(
             minted_pair(
-                mesh.deps.keys,
-                mesh.deps.settings,
+                mesh.shared.keys,
+                mesh.shared.settings,
                 user=registered.user.name,
                 session=(await client.sign_in(registered.user.email, PASSWORD)).session.name,
                 refresh_token="sbr_" + "A" * 43,  # not a token this server issued
@@ -245,8 +245,8 @@ async def test_a_stream_whose_token_expires_resumes_with_a_renewed_token(
         # The server ends open streams the instant their token expires.
         client.use_tokens(
             minted_pair(
-                mesh.deps.keys,
-                mesh.deps.settings,
+                mesh.shared.keys,
+                mesh.shared.settings,
                 user=registered.user.name,
                 session=registered.session.name,
                 refresh_token=registered.tokens.refresh_token,

@@ -30,14 +30,14 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.auth.tokens import SigningKey, private_key_pem
-from switchboard.dispatcher.service import SEQUENCE_BLOCK
+from switchboard.dispatcher.service import SEQUENCE_BLOCK, Dispatcher
 from switchboard.dispatcher.store import TERMINAL
 from switchboard.mesh import create_server
 from switchboard.platform.db import DatabaseUnavailable
 from switchboard.platform.errors import DependencyUnavailable
 from switchboard.platform.models import UserRow
 from switchboard.platform.server import SwitchboardServer
-from tests.conftest import make_settings
+from tests.conftest import built, make_settings
 from tests.infra.redis import RedisServer
 from tests.service.authkit import (
     PASSWORD,
@@ -78,7 +78,7 @@ class RefusedOnce:
     picks, as if the process died right after the write committed."""
 
     def __init__(self, server: SwitchboardServer, matches: Callable[[events_pb2.Event], bool]):
-        backend = server.deps.bus._backend
+        backend = server.shared.bus._backend
         self.refused: list[events_pb2.Event] = []
         append_many, append = backend.append_many, backend.append
 
@@ -92,16 +92,16 @@ class RefusedOnce:
             if not self.refused and matches(event):
                 self.refused.append(event)
                 raise DependencyUnavailable("the event log is unavailable; retry")
-            return await append(event)  # type: ignore[no-any-return]
+            return await append(event)
 
-        backend.append_many = refusing_many
-        backend.append = refusing
+        backend.append_many = refusing_many  # type: ignore[method-assign]
+        backend.append = refusing  # type: ignore[method-assign]
 
 
 def logged(server: SwitchboardServer, kind: int, name: str) -> list[events_pb2.Event]:
     """The events of ``kind`` about ``name`` in the process's log window."""
     found = []
-    for event in server.deps.bus.recent():
+    for event in server.shared.bus.recent():
         if event.type != kind:
             continue
         payload = event.WhichOneof("payload")
@@ -177,7 +177,7 @@ async def test_a_retry_that_read_the_leftovers_before_they_were_logged_does_not_
     async with limited() as (server, stub, _):
         world = await ctx_world(server, stub)
         conversation = (await create_conversation(stub, world.editor, world.name)).name
-        bus, outbox = server.deps.bus, server.deps.bus.outbox
+        bus, outbox = server.shared.bus, server.shared.bus.outbox
         assert outbox is not None
         loop = asyncio.get_running_loop()
         first_committed, retry_read, first_logged = (
@@ -205,8 +205,8 @@ async def test_a_retry_that_read_the_leftovers_before_they_were_logged_does_not_
             loop.call_soon_threadsafe(retry_read.set)
             return found
 
-        bus.publish_staged = ordered
-        outbox.leftovers = reading
+        bus.publish_staged = ordered  # type: ignore[method-assign]
+        outbox.leftovers = reading  # type: ignore[method-assign]
         append = cpb.AppendMessageRequest(
             parent=conversation,
             message=cpb.Message(role=cpb.MESSAGE_ROLE_USER, parts=[cpb.ContentPart(text="hi")]),
@@ -382,7 +382,7 @@ async def test_an_auth_write_whose_event_was_lost_gets_it(
     kind, answered, prepare = AUTH_WRITES[write]
     async with _auth_server(database_url, tmp_path, idp_key) as (server, world):
         act = await prepare(world)
-        outbox = server.deps.bus.outbox
+        outbox = server.shared.bus.outbox
         assert outbox is not None
         # The relay takes rows this old (5 s in production) sooner, to keep the test short.
         outbox._grace_s = 1.0
@@ -400,11 +400,11 @@ async def test_an_auth_write_whose_event_was_lost_gets_it(
         ids = {e.id for e in refusal.refused}
 
         async def published() -> bool:
-            return ids <= {e.id for e in server.deps.bus.recent()}
+            return ids <= {e.id for e in server.shared.bus.recent()}
 
         # The process "died" after the commit: the relay publishes the written events.
         await eventually(published, f"the outbox relay to publish {write}'s events")
-        logged_ids = [e.id for e in server.deps.bus.recent() if e.id in ids]
+        logged_ids = [e.id for e in server.shared.bus.recent() if e.id in ids]
         assert sorted(logged_ids) == sorted(ids), "an event was published twice"
         # The write was committed: the client is answered as if nothing went wrong.
         assert code == answered
@@ -418,8 +418,16 @@ class FailsOnce:
     def __init__(self, server: SwitchboardServer, prefix: str) -> None:
         self.failed = False
         self._prefix = prefix
-        self._engine = server.deps.database.engine.sync_engine
-        sql_event.listen(self._engine, "before_cursor_execute", self._before)
+        database = server.shared.database
+        # Both engines: async sessions, and the writer thread of ``Database.run``
+        # (SQLite), through which auth's writes go.
+        self._engines = [
+            engine
+            for engine in (database.engine.sync_engine, getattr(database, "_sync_engine", None))
+            if engine is not None
+        ]
+        for engine in self._engines:
+            sql_event.listen(engine, "before_cursor_execute", self._before)
 
     def _before(self, _conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
         if not self.failed and statement.lstrip().upper().startswith(self._prefix):
@@ -427,11 +435,12 @@ class FailsOnce:
             raise DatabaseUnavailable()
 
     def remove(self) -> None:
-        sql_event.remove(self._engine, "before_cursor_execute", self._before)
+        for engine in self._engines:
+            sql_event.remove(engine, "before_cursor_execute", self._before)
 
 
 async def _users_with(server: SwitchboardServer, email: str) -> list[str]:
-    async with server.deps.database.readers() as db:
+    async with server.shared.database.readers() as db:
         return list((await db.execute(select(UserRow.id).where(UserRow.email == email))).scalars())
 
 
@@ -563,7 +572,7 @@ async def test_a_revocation_whose_message_died_with_its_process_reaches_cached_c
             assert await principal_on_b() == grpc.StatusCode.OK
             assert await principal_on_b() == grpc.StatusCode.OK
             for server in (a, b):
-                outbox = server.deps.bus.outbox
+                outbox = server.shared.bus.outbox
                 assert outbox is not None
                 outbox._grace_s = 1.0  # the relay's 5 s, shorter to keep the test short
 
@@ -572,7 +581,7 @@ async def test_a_revocation_whose_message_died_with_its_process_reaches_cached_c
             async def silent(kind: str, ident: str) -> None:
                 return None
 
-            a.deps.authenticator.announce = silent
+            a.shared.authenticator.announce = silent  # type: ignore[method-assign]
             refusal = RefusedOnce(
                 a, lambda e: e.type == events_pb2.EVENT_TYPE_SECURITY and e.security.kind == kind
             )
@@ -593,7 +602,7 @@ async def test_a_revocation_whose_message_died_with_its_process_reaches_cached_c
 
 async def test_a_run_whose_final_save_fails_is_announced_only_once_stored() -> None:
     async with limited() as (server, stub, dstub):
-        dispatcher = server.deps.dispatcher
+        dispatcher = built(server, Dispatcher)
         store = dispatcher._store
         save = store.save
         outage = asyncio.Event()
@@ -606,7 +615,7 @@ async def test_a_run_whose_final_save_fails_is_announced_only_once_stored() -> N
                 raise DatabaseUnavailable()
             return bool(await save(run_id, run, **kwargs))
 
-        store.save = failing_save
+        store.save = failing_save  # type: ignore[method-assign]
         world = await ctx_world(server, stub)
         conversation = (await create_conversation(stub, world.editor, world.name)).name
         sent = await send(dstub, world.editor, request(conversation, "quick answer"))
@@ -621,7 +630,7 @@ async def test_a_run_whose_final_save_fails_is_announced_only_once_stored() -> N
         assert stored.run.state not in TERMINAL
         ends = [
             e
-            for e in server.deps.bus.recent()
+            for e in server.shared.bus.recent()
             if e.type == events_pb2.EVENT_TYPE_RUN_UPDATED
             and e.run_updated.update.run == name
             and e.run_updated.update.state_change.run.state in TERMINAL
@@ -643,7 +652,7 @@ async def test_a_run_whose_final_save_fails_is_announced_only_once_stored() -> N
                 e.type == events_pb2.EVENT_TYPE_RUN_UPDATED
                 and e.run_updated.update.run == name
                 and e.run_updated.update.state_change.run.state == final.state
-                for e in server.deps.bus.recent()
+                for e in server.shared.bus.recent()
             )
 
         await eventually(announced, "the stored end to be published")
@@ -687,7 +696,7 @@ def _silence(server: SwitchboardServer) -> None:
     async def refused(*_: Any, **__: Any) -> None:
         raise DatabaseUnavailable()
 
-    server.deps.dispatcher._store.renew_lease = refused
+    built(server, Dispatcher)._store.renew_lease = refused  # type: ignore[method-assign]
 
 
 @pytest.mark.parametrize("recovery", ["fail", "requeue"])

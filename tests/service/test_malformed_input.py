@@ -42,14 +42,14 @@ from switchboard.api.context.v1 import context_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as dpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
 from switchboard.api.events.v1 import events_pb2 as epb
-from switchboard.auth.accounts import ClientContext
+from switchboard.auth.accounts import Accounts, ClientContext
 from switchboard.auth.store import AuthStore
 from switchboard.mesh import SERVICES, create_server
 from switchboard.platform.config import Settings
 from switchboard.platform.interceptors import MALFORMED_LOG_INTERVAL_S
 from switchboard.platform.policy import AuthMethod
 from switchboard.platform.server import SwitchboardServer
-from tests.conftest import make_settings
+from tests.conftest import built, make_settings
 from tests.service.authkit import bearer, unique_email
 from tests.service.contextkit import violations
 
@@ -89,7 +89,7 @@ class Served:
         self.mesh = self.run(start())
         self.secret = settings_.effective_secret_key()
         self.user = self.run(
-            AuthStore(self.mesh.deps.database).create_user(unique_email("fuzz"), "Fuzz", None)
+            AuthStore(self.mesh.shared.database).create_user(unique_email("fuzz"), "Fuzz", None)
         )
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
@@ -98,7 +98,7 @@ class Served:
     def fresh_token(self) -> str:
         """A new session of the test user: earlier examples may have revoked the last one."""
         sign_in = self.run(
-            self.mesh.deps.accounts.start_session(
+            built(self.mesh, Accounts).start_session(
                 self.user, AuthMethod.PASSWORD, ClientContext(address="127.0.0.1")
             )
         )
@@ -249,10 +249,10 @@ def _populate(served: Served) -> None:
 
 def _other_user_token(served: Served) -> str:
     other = served.run(
-        AuthStore(served.mesh.deps.database).create_user(unique_email("other"), "Other", None)
+        AuthStore(served.mesh.shared.database).create_user(unique_email("other"), "Other", None)
     )
     sign_in = served.run(
-        served.mesh.deps.accounts.start_session(
+        built(served.mesh, Accounts).start_session(
             other, AuthMethod.PASSWORD, ClientContext(address="127.0.0.1")
         )
     )

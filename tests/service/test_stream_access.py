@@ -31,13 +31,14 @@ from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
-from switchboard.auth.accounts import ClientContext
+from switchboard.auth.accounts import Accounts, ClientContext
 from switchboard.auth.store import AuthStore
 from switchboard.auth.tokens import AccessTokens, TokenPolicy
+from switchboard.dispatcher.service import Dispatcher
 from switchboard.platform.config import Settings
 from switchboard.platform.policy import AuthMethod
 from switchboard.platform.server import SwitchboardServer
-from tests.conftest import make_settings
+from tests.conftest import built, make_settings
 from tests.service.authkit import bearer, reason, unique_email
 from tests.service.contextkit import (
     Caller,
@@ -189,7 +190,7 @@ class Scene:
 
     def last_sequence(self, run: str) -> int:
         """The newest update the run has produced so far (read from the process itself)."""
-        feed = self.mesh.deps.dispatcher._feeds.get(run)
+        feed = built(self.mesh, Dispatcher)._feeds.get(run)
         assert feed is not None
         return int(feed.last)
 
@@ -203,9 +204,9 @@ async def scene(
     owner = await new_caller(mesh)
     workspace = (await create_workspace(context, owner, "Access")).name
     conversation = (await create_conversation(context, owner, workspace)).name
-    store = AuthStore(mesh.deps.database)
+    store = AuthStore(mesh.shared.database)
     user = await store.create_user(unique_email("victim"), "Victim", None)
-    accounts = mesh.deps.accounts
+    accounts = built(mesh, Accounts)
     client = ClientContext(address="127.0.0.1")
     stream_in = await accounts.start_session(user, AuthMethod.PASSWORD, client)
     admin_in = await accounts.start_session(user, AuthMethod.PASSWORD, client)
@@ -222,9 +223,9 @@ async def scene(
         )
         credential, api_key, session = created.secret, created.api_key.name, ""
     elif loss == "token_expired":
-        settings = mesh.deps.settings
+        settings = mesh.shared.settings
         short = AccessTokens(
-            mesh.deps.keys,
+            mesh.shared.keys,
             TokenPolicy(settings.auth_issuer, settings.auth_audience, access_ttl_s=1),
         )
         leeway = short.policy.leeway_s

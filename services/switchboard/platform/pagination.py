@@ -105,7 +105,7 @@ def _invalid() -> InvalidArgument:
 class PageTokens:
     """Makes and reads page tokens under a key derived from the server secret.
 
-    Built once per process (``switchboard.mesh.open_deps``) and handed to
+    Built once per process (``switchboard.mesh.open_shared``) and handed to
     every service that pages; processes sharing ``SWITCHBOARD_SECRET_KEY``
     accept each other's tokens, and changing the secret invalidates them.
     """

@@ -10,9 +10,10 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections.abc import Sequence
+import socket
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc import aio
@@ -20,13 +21,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from switchboard.platform.authn import Guard
-from switchboard.platform.config import Settings
+from switchboard.platform.config import ConfigError, Settings
 from switchboard.platform.interceptors import ErrorInterceptor
 from switchboard.platform.logging import quiet_client_cancellations
 from switchboard.platform.metrics import Metrics, MetricsEndpoint
 from switchboard.platform.reflection import enable_reflection
 from switchboard.platform.registration import register
 from switchboard.platform.telemetry import Tracing
+
+if TYPE_CHECKING:
+    from switchboard.shared import Shared
 
 log = logging.getLogger("switchboard.server")
 
@@ -45,6 +49,11 @@ class ServiceRegistration:
     service: ServiceDescriptor
     servicer: object
     preserialized: frozenset[str] = frozenset()
+    #: Called with the bound port before the server starts (the dispatcher
+    #: advertises where other replicas reach it).
+    on_bound: Callable[[int], Awaitable[None]] | None = None
+    #: Adds the service's readers to the process's metrics, when they are served.
+    observe: Callable[[Metrics], None] | None = None
 
     @property
     def name(self) -> str:
@@ -86,6 +95,25 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+#: Longest advertised address (the lease's column).
+MAX_ADVERTISE_CHARS = 300
+_ANY_ADDRESS = frozenset({"", "0.0.0.0", "::", "[::]"})  # noqa: S104 - compared, not bound
+
+
+def advertise_address(settings: Settings, port: int) -> str:
+    """Where other replicas reach this process: ``SWITCHBOARD_ADVERTISE_ADDRESS``, else
+    the bound host and ``port``, or the host name when bound to every address."""
+    address = settings.advertise_address
+    if not address:
+        host = settings.host
+        address = format_address(socket.gethostname() if host in _ANY_ADDRESS else host, port)
+    if len(address) > MAX_ADVERTISE_CHARS:
+        raise ConfigError(
+            f"SWITCHBOARD_ADVERTISE_ADDRESS: at most {MAX_ADVERTISE_CHARS} characters"
+        )
+    return address
+
+
 class SwitchboardServer:
     """A bound server: start it, stop it gracefully, wait for it."""
 
@@ -97,6 +125,7 @@ class SwitchboardServer:
         port: int,
         service_names: Sequence[str],
         resources: contextlib.AsyncExitStack,
+        shared: Shared | None = None,
     ) -> None:
         self.settings = settings
         self.grpc_server = server
@@ -109,7 +138,7 @@ class SwitchboardServer:
         self._started = False
         self._components: dict[str, bool] = {}
         self._health_updates: set[asyncio.Task[None]] = set()
-        self.deps: Any = None
+        self._shared = shared
         #: The process's metrics, and the bound port of their endpoint (0: not served).
         self.metrics: Metrics | None = None
         self.metrics_port = 0
@@ -119,6 +148,13 @@ class SwitchboardServer:
     @property
     def address(self) -> str:
         return format_address(self.settings.host, self.port)
+
+    @property
+    def shared(self) -> Shared:
+        """The process's shared resources and built parts, for tests and tools."""
+        if self._shared is None:
+            raise RuntimeError("this server serves no process (built by build_server alone)")
+        return self._shared
 
     async def start(self) -> None:
         await self.grpc_server.start()
@@ -206,14 +242,14 @@ async def build_server(
     *,
     guard: Guard | None = None,
     resources: contextlib.AsyncExitStack | None = None,
-    deps: object = None,
+    shared: Shared | None = None,
     tracing: Tracing | None = None,
     metrics: Metrics | None = None,
 ) -> SwitchboardServer:
     """Create, configure and bind the server (not started). Raises BindError.
 
     Without a ``guard`` no call is authenticated: only tests of the transport
-    itself build servers that way. ``resources`` close at shutdown; ``deps``
+    itself build servers that way. ``resources`` close at shutdown; ``shared``
     is kept on the server for tests and tools that need the process's objects.
     With ``tracing`` every call but health's gets a span; without it no
     tracing interceptor is installed at all.
@@ -249,8 +285,7 @@ async def build_server(
         raise BindError(f"cannot listen on {address}: {exc}") from exc
     if port == 0:
         raise BindError(f"cannot listen on {address}")
-    result = SwitchboardServer(settings, server, health, port, names, resources)
-    result.deps = deps
+    result = SwitchboardServer(settings, server, health, port, names, resources, shared)
     result.metrics = metrics
     if metrics is not None and settings.metrics_port is not None:
         # Its own port, bound now like the server's: a clash stops the start.

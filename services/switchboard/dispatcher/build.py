@@ -1,0 +1,320 @@
+"""The dispatcher as a process builds it: handlers, routes, experts, assistants, runs.
+
+It reaches the context service through a port: the process's own context
+domain when both run here, its stub when ``SWITCHBOARD_CONTEXT_ADDRESS`` names
+another process. Tools and experts' breakers come from the process's
+integration hub, built here too when the integration service is not served.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+from switchboard.context.build import context_domain
+from switchboard.context.tokens import ApproxTokenCounter
+from switchboard.dispatcher import servicer
+from switchboard.dispatcher.assistants import AssistantLimits, Assistants
+from switchboard.dispatcher.assistantstore import AssistantStore
+from switchboard.dispatcher.content import BuiltinContentPolicy, load_content_policy
+from switchboard.dispatcher.contextport import ContextPort, LocalContext, RemoteContext
+from switchboard.dispatcher.experts import CircuitBreakers, WorkspaceExperts
+from switchboard.dispatcher.feed import Feeds
+from switchboard.dispatcher.handlers import EchoHandler
+from switchboard.dispatcher.llm import (
+    LlmConfig,
+    LlmHandler,
+    Provider,
+    parse_prices,
+    parse_providers,
+)
+from switchboard.dispatcher.peerport import GrpcPeers
+from switchboard.dispatcher.remote import RemoteHandler, parse_remotes
+from switchboard.dispatcher.router import HANDLER_ID, Registry, Router, Routes
+from switchboard.dispatcher.scheduler import Limits as SchedulerLimits
+from switchboard.dispatcher.scheduler import Scheduler
+from switchboard.dispatcher.service import Dispatcher, Limits
+from switchboard.dispatcher.store import RunStore
+from switchboard.dispatcher.toolport import LocalTools
+from switchboard.dispatcher.toolrunner import ToolLimits
+from switchboard.integration.build import integration_hub
+from switchboard.integration.directory import workspace_experts
+from switchboard.integration.service import IntegrationHub
+from switchboard.platform.config import ConfigError, Settings
+from switchboard.platform.egress import EgressPolicy
+from switchboard.platform.errors import NotFound
+from switchboard.platform.metrics import Metrics, run_state_label
+from switchboard.platform.secretbox import SecretBox
+from switchboard.platform.server import ServiceRegistration, advertise_address
+from switchboard.shared import Shared, setting
+
+
+def checks(settings: Settings) -> tuple[tuple[str, Callable[[], object]], ...]:
+    """The dispatcher's text settings to parse before anything opens (``mesh.check_settings``)."""
+    return (
+        ("SWITCHBOARD_DISPATCHER_ROUTES", lambda: Routes.parse(settings.dispatcher_routes)),
+        (
+            "SWITCHBOARD_DISPATCHER_REMOTE_HANDLERS",
+            lambda: _remote_ids(settings.dispatcher_remote_handlers),
+        ),
+        (
+            "SWITCHBOARD_DISPATCHER_BLOCKLIST",
+            lambda: BuiltinContentPolicy(settings.dispatcher_blocklist),
+        ),
+        # Names its own variables; without a base URL the settings refuse the rest.
+        ("SWITCHBOARD_LLM_BASE_URL", lambda: settings.llm_base_url and llm_config(settings)),
+    )
+
+
+def _remote_ids(text: str) -> None:
+    ids = [handler_id for handler_id, _ in parse_remotes(text)]
+    for handler_id in ids:
+        if not HANDLER_ID.fullmatch(handler_id):
+            raise ValueError(f"handler id {handler_id!r} must match {HANDLER_ID.pattern}")
+    if len(set(ids)) != len(ids):
+        raise ValueError("each handler id may appear once")
+
+
+def handler_registry(settings: Settings) -> Registry:
+    """Built-in handlers, entry-point plugins and the static remote experts."""
+    registry = Registry()
+    llm_ready = bool(settings.llm_base_url and settings.llm_model)
+    note = (
+        ""
+        if llm_ready
+        else "no language model is configured here; set SWITCHBOARD_LLM_BASE_URL and "
+        "SWITCHBOARD_LLM_MODEL for model answers"
+    )
+    registry.add(EchoHandler(note=note))
+    if llm_ready:
+        registry.add(llm_handler(settings))
+    with setting("SWITCHBOARD_DISPATCHER_REMOTE_HANDLERS"):
+        for handler_id, address in parse_remotes(settings.dispatcher_remote_handlers):
+            registry.add(
+                RemoteHandler(handler_id, address, timeout_s=settings.dispatcher_remote_timeout_s)
+            )
+    if settings.dispatcher_handler_plugins:
+        with setting("SWITCHBOARD_DISPATCHER_HANDLER_PLUGINS"):
+            registry.load_entry_points({"settings": settings})
+    return registry
+
+
+def llm_config(settings: Settings) -> LlmConfig:
+    """The LLM handler's configuration; ConfigError naming the variable at fault."""
+    with setting("SWITCHBOARD_LLM_BASE_URL"):
+        primary = Provider(
+            name="primary",
+            base_url=settings.llm_base_url,
+            api_key=settings.llm_api_key.get_secret_value(),
+            model=settings.llm_model,
+        )
+    with setting("SWITCHBOARD_LLM_FALLBACKS"):
+        fallbacks = parse_providers(settings.llm_fallbacks.get_secret_value() or "[]")
+        if any(provider.name == primary.name for provider in fallbacks):
+            raise ValueError(f"the name {primary.name!r} is the primary provider's")
+    with setting("SWITCHBOARD_LLM_PRICES"):
+        prices = parse_prices(settings.llm_prices or "{}")
+    return LlmConfig(
+        providers=(primary, *fallbacks),
+        prices=prices,
+        max_retries=settings.llm_max_retries,
+        breaker_failures=settings.llm_breaker_failures,
+        breaker_reset_s=settings.llm_breaker_reset_s,
+        max_output_tokens=settings.llm_max_output_tokens,
+    )
+
+
+def llm_handler(settings: Settings) -> LlmHandler:
+    return LlmHandler(llm_config(settings), count=ApproxTokenCounter().count)
+
+
+async def context_port(shared: Shared) -> ContextPort:
+    """The context service's own process when configured, else this process's domain."""
+    address = shared.settings.context_address
+    if not address:
+        return LocalContext(await context_domain(shared))
+    remote = RemoteContext(address, shared.tokens)
+    shared.resources.push_async_callback(remote.close)
+    return remote
+
+
+async def dispatcher_service(
+    shared: Shared, context: ContextPort, integration: IntegrationHub
+) -> Dispatcher:
+    """``integration``: the hub, for tools and for its breakers (an expert's circuit
+    is one for runs and tools)."""
+    settings, resources = shared.settings, shared.resources
+    registry = handler_registry(settings)
+    for handler in registry.all():
+        if isinstance(handler, RemoteHandler):
+            resources.push_async_callback(handler.close)
+            await handler.refresh()
+        elif isinstance(handler, LlmHandler):
+            resources.push_async_callback(handler.aclose)
+    with setting("SWITCHBOARD_DISPATCHER_CONTENT_POLICY"):
+        content = load_content_policy(
+            settings.dispatcher_content_policy,
+            settings.dispatcher_blocklist,
+            settings.dispatcher_flag_injection,
+        )
+    router = _router(shared, registry, integration.breakers)
+    assistants = await _assistants(shared, registry, router, integration)
+    # Closed after the dispatcher: a call forwarded while runs stop still gets its answer.
+    peers = GrpcPeers()
+    resources.push_async_callback(peers.close)
+    dispatcher = Dispatcher(
+        RunStore(shared.database),
+        context,
+        shared.bus,
+        shared.cache,
+        router,
+        Scheduler(
+            SchedulerLimits(
+                max_running=settings.dispatcher_max_running,
+                max_running_per_workspace=settings.dispatcher_max_running_per_workspace,
+                max_queued=settings.dispatcher_max_queued,
+                max_queued_per_workspace=settings.dispatcher_max_queued_per_workspace,
+            )
+        ),
+        Feeds(
+            retention_s=settings.dispatcher_run_retention_s,
+            max_updates=settings.dispatcher_max_updates_per_run,
+        ),
+        shared.policy,
+        content,
+        _limits(shared),
+        shared.page_tokens,
+        assistants=assistants,
+        tools=LocalTools(integration, shared.policy),
+        tool_limits=ToolLimits(
+            max_steps=settings.dispatcher_max_tool_steps,
+            max_calls_per_step=settings.dispatcher_max_tool_calls_per_step,
+            approval_timeout_s=settings.dispatcher_approval_timeout_s,
+            max_result_chars=settings.dispatcher_max_tool_result_chars,
+        ),
+        peers=peers,
+        metrics=shared.metrics,
+    )
+    await dispatcher.start()
+    resources.push_async_callback(dispatcher.close)
+    return dispatcher
+
+
+def _router(shared: Shared, registry: Registry, breakers: CircuitBreakers) -> Router:
+    """Routes over the registry and each workspace's experts; ConfigError for an unknown id."""
+    settings = shared.settings
+    with setting("SWITCHBOARD_DISPATCHER_ROUTES"):
+        routes = Routes.parse(settings.dispatcher_routes)
+    default = settings.dispatcher_default_handler or (
+        "llm" if registry.get("llm") is not None else "echo"
+    )
+    if registry.get(default) is None:
+        raise ConfigError(f"SWITCHBOARD_DISPATCHER_DEFAULT_HANDLER: no handler {default!r}")
+    routed = (*routes.prefixes.values(), *(h for _, h in routes.content_types))
+    for handler_id in (*routed, *routes.workspaces.values()):
+        if registry.get(handler_id) is None:
+            raise ConfigError(f"SWITCHBOARD_DISPATCHER_ROUTES: no handler {handler_id!r}")
+    experts = WorkspaceExperts(
+        functools.partial(
+            workspace_experts,
+            shared.database,
+            SecretBox(settings.effective_secret_key()),
+            limit=settings.integration_max_per_workspace,
+        ),
+        EgressPolicy.from_settings(settings),
+        timeout_s=settings.dispatcher_remote_timeout_s,
+        reserved=lambda handler_id: registry.get(handler_id) is not None,
+        breakers=breakers,
+    )
+    # Closed after the dispatcher (the stack unwinds in reverse): runs stop first.
+    shared.resources.push_async_callback(experts.close)
+    shared.resources.callback(shared.bus.listen(experts.on_event))
+    return Router(registry, routes, default, experts)
+
+
+async def _assistants(
+    shared: Shared, registry: Registry, router: Router, integration: IntegrationHub
+) -> Assistants:
+    """The workspace's assistants, checked against the handlers and integrations that exist."""
+    settings = shared.settings
+
+    async def handler_exists(workspace_id: str, handler_id: str) -> bool:
+        return await router.find(workspace_id, handler_id) is not None
+
+    async def integration_exists(name: str) -> bool:
+        try:
+            await integration.get(name)
+        except NotFound:
+            return False
+        return True
+
+    llm = registry.get("llm")
+    assistants = Assistants(
+        AssistantStore(shared.database),
+        shared.bus,
+        shared.page_tokens,
+        AssistantLimits(
+            max_per_workspace=settings.dispatcher_max_assistants_per_workspace,
+            providers=(
+                tuple(p.name for p in llm.config.providers) if isinstance(llm, LlmHandler) else ()
+            ),
+            max_output_tokens=settings.llm_max_output_tokens,
+            max_tool_steps=settings.dispatcher_max_tool_steps,
+        ),
+        handler_exists=handler_exists,
+        integration_exists=integration_exists,
+    )
+    await assistants.start()
+    shared.resources.push_async_callback(assistants.close)
+    return assistants
+
+
+def _limits(shared: Shared) -> Limits:
+    settings = shared.settings
+    return Limits(
+        instance_id=shared.instance_id,
+        max_input_chars=settings.dispatcher_max_input_chars,
+        messages_per_minute_per_user=settings.dispatcher_max_messages_per_minute_per_user,
+        messages_per_minute_per_workspace=(
+            settings.dispatcher_max_messages_per_minute_per_workspace
+        ),
+        default_timeout_s=settings.dispatcher_default_timeout_s,
+        max_timeout_s=settings.dispatcher_max_timeout_s,
+        heartbeat_s=settings.dispatcher_heartbeat_s,
+        recovery=settings.dispatcher_recovery,
+        lease_s=settings.dispatcher_lease_s,
+    )
+
+
+def _observe(metrics: Metrics, dispatcher: Dispatcher) -> None:
+    """Read the runs' current state at every scrape (docs/metrics.md)."""
+    scheduler = dispatcher.scheduler
+    metrics.observe(
+        "switchboard_runs_active",
+        lambda: [
+            ((run_state_label("RUN_STATE_QUEUED"),), scheduler.queued),
+            ((run_state_label("RUN_STATE_RUNNING"),), scheduler.running),
+            ((run_state_label("RUN_STATE_REQUIRES_ACTION"),), scheduler.waiting),
+        ],
+    )
+    metrics.observe("switchboard_subscribers", lambda: [(("runs",), dispatcher.watchers)])
+
+
+async def build(settings: Settings, shared: Shared) -> ServiceRegistration:
+    port = await context_port(shared)
+    hub = await integration_hub(shared)
+
+    async def make() -> Dispatcher:
+        return await dispatcher_service(shared, port, hub)
+
+    dispatcher = await shared.part(Dispatcher, make)
+
+    async def advertise(bound_port: int) -> None:
+        await dispatcher.advertise(advertise_address(settings, bound_port))
+
+    return ServiceRegistration(
+        servicer.SERVICE,
+        servicer.DispatcherServiceServicer(dispatcher, shared.access),
+        on_bound=advertise,
+        observe=lambda metrics: _observe(metrics, dispatcher),
+    )

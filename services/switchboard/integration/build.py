@@ -1,0 +1,126 @@
+"""The integration service as a process builds it: the hub, its breakers and webhooks.
+
+The hub is one per process (``integration_hub``): the integration service
+serves it, and the dispatcher calls tools through it and shares its breakers
+(an expert's circuit is one for runs and tools) even where the integration
+service is not served.
+"""
+
+from __future__ import annotations
+
+from switchboard.integration import servicer
+from switchboard.integration.connections import Limits
+from switchboard.integration.kinds import connector_factory, reserved_handler_ids, stdio_servers
+from switchboard.integration.service import IntegrationHub
+from switchboard.integration.store import IntegrationStore
+from switchboard.integration.webhooks import WebhookEngine, WebhookLimits
+from switchboard.platform.breaker import Breakers
+from switchboard.platform.config import Settings
+from switchboard.platform.egress import EgressPolicy
+from switchboard.platform.metrics import Metrics
+from switchboard.platform.secretbox import SecretBox
+from switchboard.platform.server import ServiceRegistration
+from switchboard.shared import Shared, setting
+
+
+def integration_limits(settings: Settings, egress: EgressPolicy) -> Limits:
+    return Limits(
+        max_per_workspace=settings.integration_max_per_workspace,
+        max_config_bytes=settings.integration_max_config_bytes,
+        default_call_timeout_s=settings.integration_default_call_timeout_s,
+        max_call_timeout_s=settings.integration_max_call_timeout_s,
+        max_result_bytes=settings.integration_max_result_bytes,
+        tool_calls_per_minute=settings.integration_tool_calls_per_minute,
+        probe_interval_s=settings.integration_probe_interval_s,
+        allow_plain_http=egress.allow_loopback or egress.allow_private,
+        secret_overlap_s=settings.webhook_secret_overlap_s,
+    )
+
+
+async def integration_hub(shared: Shared) -> IntegrationHub:
+    """The process's one hub, with its breakers, sealed credentials and egress policy."""
+
+    async def make() -> IntegrationHub:
+        hub = await _open_hub(shared)
+        if shared.metrics is not None:
+            _observe(shared.metrics, hub.breakers)
+        return hub
+
+    return await shared.part(IntegrationHub, make)
+
+
+async def _open_hub(shared: Shared) -> IntegrationHub:
+    settings, database, resources = shared.settings, shared.database, shared.resources
+    with setting("SWITCHBOARD_EGRESS_ALLOW_CIDRS"):
+        egress = EgressPolicy.from_settings(settings)
+    with setting("SWITCHBOARD_INTEGRATION_MCP_STDIO_SERVERS"):
+        stdio = stdio_servers(settings)
+    breakers = Breakers(
+        settings.redis_url.get_secret_value(),
+        failures=settings.integration_breaker_failures,
+        reset_s=settings.integration_breaker_reset_s,
+        timeout_s=settings.redis_timeout_s,
+    )
+    await breakers.start()
+    resources.push_async_callback(breakers.close)
+    hub: IntegrationHub | None = None
+
+    def tools_changed(name: str) -> None:
+        if hub is not None:
+            hub.tools_changed(name)
+
+    secrets = SecretBox(settings.effective_secret_key())
+    hub = IntegrationHub(
+        IntegrationStore(database),
+        shared.bus,
+        shared.cache,
+        breakers,
+        secrets,
+        egress,
+        shared.page_tokens,
+        integration_limits(settings, egress),
+        connector_factory(settings, egress, stdio, tools_changed),
+        stdio_servers=frozenset(stdio),
+        reserved_handler_ids=reserved_handler_ids(settings),
+        metrics=shared.metrics,
+    )
+    await hub.start(probe="integration" in settings.services)
+    resources.push_async_callback(hub.close)
+    if "integration" in settings.services:
+        # Deliveries run where the hub is served; every replica feeds and sends,
+        # and the database decides which one does each (integration/webhooks.py).
+        webhooks = WebhookEngine(
+            database,
+            shared.bus,
+            secrets,
+            egress,
+            breakers,
+            WebhookLimits.from_settings(settings),
+            instance_id=shared.instance_id,
+            on_disable=hub.disable,
+            page_tokens=shared.page_tokens,
+        )
+        hub.webhooks = webhooks
+        hub.webhook_health = webhooks.health
+        await webhooks.start()
+        resources.push_async_callback(webhooks.close)
+    return hub
+
+
+def _observe(metrics: Metrics, breakers: Breakers) -> None:
+    """Read the breakers' states at every scrape (docs/metrics.md)."""
+    metrics.observe(
+        "switchboard_breakers",
+        lambda: [((state,), count) for state, count in breakers.counts().items()],
+    )
+    metrics.observe(
+        "switchboard_breaker_transitions_total",
+        lambda: [((state,), count) for state, count in breakers.transitions.items()],
+    )
+
+
+async def build(settings: Settings, shared: Shared) -> ServiceRegistration:
+    return ServiceRegistration(
+        servicer.SERVICE,
+        servicer.IntegrationServiceServicer(await integration_hub(shared), shared.access),
+    )

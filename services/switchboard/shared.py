@@ -1,0 +1,87 @@
+"""What a process opens once, whatever it serves, and what its services share in-process.
+
+Every process authenticates and authorizes its callers, so every process opens
+the database, the cache, the event bus and the key ring (``mesh.open_shared``).
+Each service package then builds only itself from these (``<service>/build.py``:
+``async def build(settings, shared) -> ServiceRegistration``); a process builds
+only the services it serves.
+
+Some parts are used by more than one service in one process: the integration
+hub by the integration service and by the dispatcher's tool calls, the context
+domain by the context service and by an in-process dispatcher. ``part`` builds
+such a part the first time a service asks for it and hands the same one to the
+next, so an auth-only process never builds either. The accounts and the
+dispatcher are built the same way though one service uses each: ``built``
+hands every part a process has built to tests and tools.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TypeVar, cast
+
+from switchboard.auth.authenticator import CredentialAuthenticator
+from switchboard.auth.opaque import OpaqueSecrets
+from switchboard.auth.tokens import AccessTokens, KeyRing
+from switchboard.platform.accesswatch import AccessWatch
+from switchboard.platform.bus import EventBus
+from switchboard.platform.cache import Cache
+from switchboard.platform.config import ConfigError, Settings
+from switchboard.platform.db import Database
+from switchboard.platform.membership import MembershipStore
+from switchboard.platform.metrics import Metrics
+from switchboard.platform.pagination import PageTokens
+from switchboard.platform.policy import Policy
+
+_T = TypeVar("_T")
+
+
+@dataclass
+class Shared:
+    """The process's shared resources; each closes with ``resources``."""
+
+    settings: Settings
+    #: Everything opened for this process closes with it, in reverse order.
+    resources: contextlib.AsyncExitStack
+    database: Database
+    cache: Cache
+    bus: EventBus
+    keys: KeyRing
+    tokens: AccessTokens
+    secrets: OpaqueSecrets
+    authenticator: CredentialAuthenticator
+    memberships: MembershipStore
+    policy: Policy
+    #: Keeps every open stream's access current (platform/accesswatch.py).
+    access: AccessWatch
+    page_tokens: PageTokens
+    #: This replica's id: owns its runs and its webhook deliveries (``mesh.instance_id``).
+    instance_id: str
+    #: The process's metrics; None when SWITCHBOARD_METRICS_PORT is unset (nothing recorded).
+    metrics: Metrics | None = None
+    _parts: dict[type, object] = field(default_factory=dict, repr=False)
+
+    async def part(self, kind: type[_T], make: Callable[[], Awaitable[_T]]) -> _T:
+        """The process's one ``kind``, built by ``make`` the first time it is asked for."""
+        if kind not in self._parts:
+            self._parts[kind] = await make()
+        return cast(_T, self._parts[kind])
+
+    def built(self, kind: type[_T]) -> _T | None:
+        """The process's ``kind`` if a service has built it, else None."""
+        found = self._parts.get(kind)
+        return cast(_T, found) if found is not None else None
+
+
+@contextlib.contextmanager
+def setting(variable: str) -> Iterator[None]:
+    """Turn a parser's ValueError/TypeError into a ConfigError that names ``variable``.
+
+    The parsers' messages never quote the value (some settings hold keys).
+    """
+    try:
+        yield
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{variable}: {exc}") from None
