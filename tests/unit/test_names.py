@@ -37,7 +37,20 @@ SAMPLES = {
     "UNDER_USER": "users/u1/apiKeys/k1",
     "REQUEST_ID": "req_1-A",
     "ETAG": 'W/"12"',
+    "CLIENT_ID": "calc",
+    "WORKSPACE_ID": "acme",
+    "CLIENT_LABEL": "req.1:a",
 }
+
+
+def test_new_ids_are_ids_and_differ() -> None:
+    made = {names.new_id() for _ in range(100)}
+    assert len(made) == 100
+    assert all(re.fullmatch(names.ID, made_id) for made_id in made)
+
+
+def test_now_is_aware_utc() -> None:
+    assert names.now().utcoffset() == dt.timedelta(0)
 
 
 def test_every_pattern_has_a_sample() -> None:

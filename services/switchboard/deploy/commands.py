@@ -29,6 +29,14 @@ def add_envoy_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "Envoy's OpenTelemetry tracer (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_TRACES_SAMPLER...: "
         "no endpoint, no tracing).",
     )
+    _add_upstreams(envoy)
+    _add_listeners(envoy)
+    _add_timeouts(envoy)
+    _add_extras(envoy)
+
+
+def _add_upstreams(envoy: argparse.ArgumentParser) -> None:
+    """Which shape, and where its servers are."""
     envoy.add_argument(
         "--shape",
         choices=("all-in-one", "mesh"),
@@ -57,6 +65,10 @@ def add_envoy_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="mesh: how many replicas a service's DNS name stands for (a Kubernetes headless "
         "Service); Envoy's circuit breakers are sized for them (default: one per address)",
     )
+
+
+def _add_listeners(envoy: argparse.ArgumentParser) -> None:
+    """Where Envoy listens (plain, TLS, admin) and which origins may call."""
     envoy.add_argument(
         "--listen",
         default="127.0.0.1:8080",
@@ -86,6 +98,10 @@ def add_envoy_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="a CORS origin allowed to call, e.g. https://app.example.com (repeatable); default "
         "'*' (any origin: tokens travel in the authorization header, not cookies)",
     )
+
+
+def _add_timeouts(envoy: argparse.ArgumentParser) -> None:
+    """How long streams, unary calls and health checks may take."""
     envoy.add_argument(
         "--stream-idle-timeout",
         type=float,
@@ -107,6 +123,10 @@ def add_envoy_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         metavar="SECONDS",
         help="active gRPC health check interval per replica (default 5)",
     )
+
+
+def _add_extras(envoy: argparse.ArgumentParser) -> None:
+    """The browser console, tracing and where the configuration goes."""
     envoy.add_argument(
         "--console",
         type=Path,

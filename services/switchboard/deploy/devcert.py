@@ -21,6 +21,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from switchboard.platform import names
+
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 DEFAULT_DAYS = 30
 MAX_DAYS = 397  # what browsers accept for a server certificate
@@ -67,7 +69,7 @@ def make_dev_cert(
     cert_file, key_file = directory / "dev-cert.pem", directory / "dev-key.pem"
     if not force and (cert_file.exists() or key_file.exists()):
         raise CertError(f"{cert_file} or {key_file} exists (--force replaces them)")
-    now = now or dt.datetime.now(dt.UTC)
+    now = now or names.now()
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "switchboard development")])
     not_after = now + dt.timedelta(days=days)

@@ -64,6 +64,7 @@ from switchboard.deploy.processes import (
     Redis,
     Service,
 )
+from switchboard.platform import names
 
 # envoy-data-plane is a heavy import: only the mesh and envoy commands pay for it.
 if TYPE_CHECKING:
@@ -379,7 +380,7 @@ class Mesh:
             "data_dir": str(self.layout.root),
             "edge": self.envoy.urls(),
             "processes": {child.name: child.state() for child in self.children()},
-            "updated": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
+            "updated": names.now().isoformat(timespec="milliseconds"),
         }
         partial = self.layout.state_file.with_suffix(".json.partial")
         partial.write_text(json.dumps(state, indent=2) + "\n")
@@ -584,7 +585,7 @@ def _dev_certificate(directory: Path) -> tuple[Path, Path]:
     cert, key = directory / "dev-cert.pem", directory / "dev-key.pem"
     if cert.exists() and key.exists():
         expires = x509.load_pem_x509_certificate(cert.read_bytes()).not_valid_after_utc
-        if expires - dt.datetime.now(dt.UTC) > dt.timedelta(days=1):
+        if expires - names.now() > dt.timedelta(days=1):
             return cert, key
     made = make_dev_cert(directory, force=True)
     return made.cert_file, made.key_file

@@ -23,7 +23,6 @@ import functools
 import logging
 import re
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -52,7 +51,7 @@ from switchboard.platform.storage import idempotency
 
 log = logging.getLogger("switchboard.dispatcher.assistants")
 
-_CLIENT_ID: Final = re.compile(r"[a-z][a-z0-9-]{1,62}")
+_CLIENT_ID: Final = names.CLIENT_ID
 _HANDLER: Final = re.compile(rf"handlers/({names.ID})")
 #: Tool names as the integration hub accepts them (MCP's recommendation).
 _TOOL_NAME: Final = names.TOOL_NAME
@@ -389,10 +388,10 @@ class Assistants:
         if request.assistant_id and not _CLIENT_ID.fullmatch(request.assistant_id):
             raise InvalidArgument(
                 "assistant_id is malformed",
-                [FieldViolation("assistant_id", "must match [a-z][a-z0-9-]{1,62}")],
+                [FieldViolation("assistant_id", f"must match {names.CLIENT_ID.pattern}")],
             )
         key = idempotency(principal.user_id, "CreateAssistant", request)
-        assistant_id = request.assistant_id or uuid.uuid4().hex
+        assistant_id = request.assistant_id or names.new_id()
         given = request.assistant
         settings = await self._settings(workspace_id, given, _SETTINGS, assistant_id)
         staged: Staged[Written] = Staged(

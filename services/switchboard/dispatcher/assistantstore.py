@@ -23,9 +23,9 @@ from sqlalchemy.orm import Session
 from switchboard.platform.db import Database
 from switchboard.platform.errors import EtagMismatch, NotFound, QuotaExceeded
 from switchboard.platform.models import AssistantRow, WorkspaceRow
-from switchboard.platform.names import etag_version
+from switchboard.platform.names import etag_version, now
 from switchboard.platform.outbox import Staged, staging
-from switchboard.platform.storage import Idempotency, claim, now, retrying, transaction
+from switchboard.platform.storage import Idempotency, claim, retrying, transaction
 
 log = logging.getLogger("switchboard.dispatcher.assistantstore")
 

@@ -1173,7 +1173,7 @@ class LlmHandler:
                             yield Frame(delta=handler_pb2.TextDelta(text=text))
                 except _AttemptFailed as exc:
                     delay = self._after_failure(
-                        provider, exc, outcome, retry, call, failures, shown=run.shown
+                        provider, exc, retry, call, failures, shown=run.shown
                     )
                     if delay is None:
                         break
@@ -1194,7 +1194,6 @@ class LlmHandler:
         self,
         provider: Provider,
         exc: _AttemptFailed,
-        outcome: _Outcome,
         retry: int,
         call: HandleCall,
         failures: list[tuple[str, bool]],

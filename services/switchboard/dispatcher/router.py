@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -35,6 +34,7 @@ from typing import Final, Protocol
 
 from switchboard.api.context.v1 import context_pb2
 from switchboard.dispatcher.handlers import Handler
+from switchboard.platform import names
 from switchboard.platform.errors import (
     DependencyUnavailable,
     FieldViolation,
@@ -44,7 +44,7 @@ from switchboard.platform.errors import (
 log = logging.getLogger("switchboard.dispatcher.router")
 
 ENTRY_POINT_GROUP = "switchboard.handlers"
-HANDLER_ID = re.compile(r"[a-z][a-z0-9-]{1,62}")
+HANDLER_ID = names.CLIENT_ID
 
 
 @dataclass(frozen=True)

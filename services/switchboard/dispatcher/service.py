@@ -42,7 +42,6 @@ import json
 import logging
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
@@ -104,7 +103,7 @@ log = logging.getLogger("switchboard.dispatcher")
 _CONVERSATION = names.CONVERSATION
 _RUN = names.RUN
 _WORKSPACE = names.WORKSPACE
-_HANDLER = re.compile(r"(handlers/)?[a-z][a-z0-9-]{1,62}")
+_HANDLER = re.compile(rf"(handlers/)?{names.CLIENT_ID.pattern}")
 _REQUEST_ID = names.REQUEST_ID
 _POLICIES: Final = frozenset(pb.ConcurrencyPolicy.values())
 #: Parameters of one run, serialized.
@@ -309,7 +308,7 @@ class Dispatcher:
         await self._renew_lease()
 
     async def _renew_lease(self) -> None:
-        until = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.limits.lease_s)
+        until = names.now() + dt.timedelta(seconds=self.limits.lease_s)
         await self._store.renew_lease(self.limits.instance_id, until, self._address)
         if self._leased_since is None:
             self._leased_since = time.monotonic()
@@ -434,9 +433,9 @@ class Dispatcher:
         run = item.run
         run.state = pb.RUN_STATE_FAILED
         run.error.CopyFrom(_error_status(error))
-        run.end_time.GetCurrentTime()
+        run.end_time.FromDatetime(names.now())
         run.last_sequence += 1
-        event = self._event(run.name, item.workspace_id, item.conversation_id, _snapshot(run))
+        event = self._event(item.workspace_id, item.conversation_id, _snapshot(run))
         staged: Staged[bool] = Staged(self._bus.outbox, lambda saved: [event] if saved else [])
         run_id = run.name.rsplit("/", 1)[-1]
         await self._store.save(run_id, run, owner=self.limits.instance_id, staged=staged)
@@ -474,7 +473,7 @@ class Dispatcher:
             self._append_request(principal, request),
             timeout_s=_FINISH_TIMEOUT_S,
         )
-        run_id = uuid.uuid4().hex
+        run_id = names.new_id()
         name = f"{request.conversation}/runs/{run_id}"
         run = pb.Run(
             name=name,
@@ -488,7 +487,7 @@ class Dispatcher:
             last_sequence=1,
             assistant=assistant.name if assistant is not None else "",
         )
-        run.create_time.GetCurrentTime()
+        run.create_time.FromDatetime(names.now())
         params = struct_pb2.Struct()
         if request.HasField("parameters"):
             params.CopyFrom(request.parameters)
@@ -760,9 +759,7 @@ class Dispatcher:
         try:
             active.to(pb.RUN_STATE_RUNNING)
             self._started(active)
-            run.deadline.FromDatetime(
-                dt.datetime.now(dt.UTC) + dt.timedelta(seconds=active.timeout_s)
-            )
+            run.deadline.FromDatetime(names.now() + dt.timedelta(seconds=active.timeout_s))
             # Watchers see RUNNING now (the feed); storing it and publishing
             # its events wait until the run has read its context (``_begin``).
             active.held = True
@@ -1016,7 +1013,7 @@ class Dispatcher:
         await self._started_saved(active)
         if error is not None:
             run.error.CopyFrom(_error_status(error))
-        run.end_time.GetCurrentTime()
+        run.end_time.FromDatetime(names.now())
         await self._persist(active, "end")
         self._feeds.close(active.feed)
         self._active.pop(run.name, None)
@@ -1028,7 +1025,7 @@ class Dispatcher:
         """Log and measure a run's start (its queue wait)."""
         now = time.monotonic()
         active.started_at = now
-        active.run.start_time.GetCurrentTime()
+        active.run.start_time.FromDatetime(names.now())
         waited = now - active.queued_at if active.queued_at else 0.0
         if self._metrics is not None:
             self._metrics.run_queue_wait.observe(waited)
@@ -1128,9 +1125,9 @@ class Dispatcher:
         # Its event is written with it (the outbox): a crash right after the
         # commit cannot leave a stored end that no watcher ever hears of.
         update = pb.RunUpdate(run=run.name, sequence=run.last_sequence)
-        update.time.GetCurrentTime()
+        update.time.FromDatetime(names.now())
         update.state_change.run.CopyFrom(run)
-        event = self._event(run.name, active.workspace_id, active.conversation_id, update)
+        event = self._event(active.workspace_id, active.conversation_id, update)
         staged: Staged[bool] = Staged(self._bus.outbox, lambda stored: [event] if stored else [])
         data = active.job.SerializeToString() if job else None
         saved = await self._save_until_stored(active, what, staged, data)
@@ -1197,9 +1194,7 @@ class Dispatcher:
 
     def _emit(self, active: Active, update: pb.RunUpdate) -> None:
         active.feed.append(update)
-        active.outbox.append(
-            self._event(active.run.name, active.workspace_id, active.conversation_id, update)
-        )
+        active.outbox.append(self._event(active.workspace_id, active.conversation_id, update))
         if not active.held and (active.publisher is None or active.publisher.done()):
             self._start_publisher(active)
 
@@ -1210,9 +1205,7 @@ class Dispatcher:
         task.add_done_callback(self._publishers.discard)
 
     @staticmethod
-    def _event(
-        run: str, workspace_id: str, conversation_id: str, update: pb.RunUpdate
-    ) -> events_pb2.Event:
+    def _event(workspace_id: str, conversation_id: str, update: pb.RunUpdate) -> events_pb2.Event:
         event = events_pb2.Event(
             type=events_pb2.EVENT_TYPE_RUN_UPDATED,
             actor=events_pb2.Actor(name="system"),
@@ -1455,7 +1448,7 @@ class Dispatcher:
                     f"the call {approval.tool_call_id} was already decided the other way"
                 )
         violations.check()
-        now = dt.datetime.now(dt.UTC)
+        now = names.now()
         changed = False
         for approval in request.approvals:
             pending = waiting[approval.tool_call_id]
@@ -1653,7 +1646,7 @@ def _ignore(_text: str) -> None:
 def _snapshot(run: pb.Run) -> pb.RunUpdate:
     """A state change carrying the whole run, at the run's own ``last_sequence``."""
     update = pb.RunUpdate(run=run.name, sequence=run.last_sequence)
-    update.time.GetCurrentTime()
+    update.time.FromDatetime(names.now())
     update.state_change.run.CopyFrom(run)
     return update
 

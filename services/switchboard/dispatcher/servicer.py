@@ -38,6 +38,7 @@ from switchboard.platform.errors import (
     SwitchboardError,
 )
 from switchboard.platform.logging import request_id_var
+from switchboard.platform.names import now
 from switchboard.platform.policy import Permission
 from switchboard.platform.status import to_status_proto
 
@@ -54,7 +55,7 @@ _CLIENT_ID_MAX: Final = 64
 
 def _heartbeat() -> pb.Heartbeat:
     beat = pb.Heartbeat()
-    beat.time.GetCurrentTime()
+    beat.time.FromDatetime(now())
     return beat
 
 

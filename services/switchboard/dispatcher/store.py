@@ -27,12 +27,12 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.platform.db import Database
 from switchboard.platform.errors import ConversationBusy, NotFound
 from switchboard.platform.models import DispatcherLeaseRow, RunRow, table_of
+from switchboard.platform.names import now
 from switchboard.platform.outbox import Staged, staging
 from switchboard.platform.storage import (
     Idempotency,
     claim,
     earlier,
-    now,
     retrying,
     transaction,
 )

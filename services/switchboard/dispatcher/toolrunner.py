@@ -336,11 +336,8 @@ class RunTools:
             if not self._undecided():
                 # A new pause; one resumed after a restart keeps its calls and decisions.
                 action.Clear()
-                expire = time.time() + self._limits.approval_timeout_s
-                deadline = time.time() + self._remaining()
-                action.expire_time.FromDatetime(
-                    dt.datetime.fromtimestamp(min(expire, deadline), dt.UTC)
-                )
+                wait_s = min(self._limits.approval_timeout_s, self._remaining())
+                action.expire_time.FromDatetime(names.now() + dt.timedelta(seconds=wait_s))
             for call in fresh:
                 action.tool_calls.add().call.CopyFrom(call)
         ids = {call.id for call in needs}

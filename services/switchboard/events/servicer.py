@@ -11,7 +11,6 @@ them as they are; clients see the ordinary ``SubscribeResponse`` /
 from __future__ import annotations
 
 import asyncio
-import re
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Final
@@ -30,7 +29,7 @@ from switchboard.events.subscriptions import (
     matches,
     parse_spec,
 )
-from switchboard.platform import pagination
+from switchboard.platform import names, pagination
 from switchboard.platform.accesswatch import AccessWatch, Grant
 from switchboard.platform.authn import current_principal
 from switchboard.platform.bus import EventBus
@@ -47,6 +46,7 @@ from switchboard.platform.eventlog import (
     length_delimited,
     parse_cursor,
 )
+from switchboard.platform.names import now
 from switchboard.platform.policy import Permission, Policy
 
 SERVICE = events_pb2.DESCRIPTOR.services_by_name["EventService"]
@@ -58,12 +58,12 @@ MAX_PAGE_SIZE: Final = 500
 MAX_SCAN: Final = 5_000
 #: Unsent control frames (pongs, added/ended) a Stream may pile up.
 MAX_CONTROL_BACKLOG: Final = 1_000
-_SUBSCRIPTION_ID_RE: Final = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+_SUBSCRIPTION_ID_RE: Final = names.CLIENT_LABEL
 
 
 def _now() -> Timestamp:
     stamp = Timestamp()
-    stamp.GetCurrentTime()
+    stamp.FromDatetime(now())
     return stamp
 
 

@@ -12,7 +12,6 @@ event in one transaction.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import random
 from collections.abc import Awaitable, Callable
@@ -29,6 +28,7 @@ from switchboard.integration.store import Health, IntegrationRecord, Integration
 from switchboard.platform.breaker import Breakers
 from switchboard.platform.bus import EventBus
 from switchboard.platform.errors import DestinationBlocked, SwitchboardError
+from switchboard.platform.names import now
 from switchboard.platform.outbox import Staged
 
 log = logging.getLogger("switchboard.integration")
@@ -144,7 +144,7 @@ class Prober:
             health=health,
             last_error=status_bytes(code, error) if code != code_pb2.OK else record.last_error,
             failures=failures,
-            probed_at=dt.datetime.now(dt.UTC),
+            probed_at=now(),
         )
         staged: Staged[IntegrationRecord | None] = Staged(
             self._bus.outbox, lambda done: [self._announce(done)] if done else []

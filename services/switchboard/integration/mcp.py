@@ -70,7 +70,6 @@ import contextlib
 import contextvars
 import json
 import logging
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
@@ -93,6 +92,7 @@ from switchboard.integration.connectors import (
     ToolSpec,
     Unreachable,
 )
+from switchboard.platform import names
 from switchboard.platform.egress import (
     EgressPolicy,
     HttpEndpoint,
@@ -111,7 +111,7 @@ log = logging.getLogger("switchboard.integration.mcp")
 
 STDIO_PREFIX: Final = "stdio:"
 #: Operator-chosen stdio server ids (``stdio:<id>``).
-STDIO_ID: Final = re.compile(r"[a-z][a-z0-9-]{1,62}")
+STDIO_ID: Final = names.CLIENT_ID
 #: Most tools one server may list, and pages one listing may take.
 MAX_TOOLS: Final = 1000
 MAX_TOOL_PAGES: Final = 100

@@ -20,7 +20,6 @@ import contextlib
 import datetime as dt
 import logging
 import re
-import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Final, Protocol
 
@@ -75,7 +74,7 @@ _WORKSPACE: Final = names.WORKSPACE
 _DELIVERY: Final = re.compile(
     rf"workspaces/({names.ID})/integrations/({names.ID})/deliveries/({names.ID})"
 )
-_CLIENT_ID: Final = re.compile(r"[a-z][a-z0-9-]{1,62}")
+_CLIENT_ID: Final = names.CLIENT_ID
 _WEBHOOK_SECRET: Final = re.compile(r"whsec_([A-Za-z0-9+/=]{16,200})")
 _EVENT_TYPES: Final = frozenset(
     name.removeprefix("EVENT_TYPE_")
@@ -395,11 +394,11 @@ class IntegrationHub:
         given = request.integration
         violations = Violations()
         if request.integration_id and not _CLIENT_ID.fullmatch(request.integration_id):
-            violations.add("integration_id", "must match [a-z][a-z0-9-]{1,62}")
+            violations.add("integration_id", f"must match {names.CLIENT_ID.pattern}")
         kind = int(given.kind)
         if kind not in _KINDS:
             violations.add("integration.kind", "must be GRPC_HANDLER, MCP_SERVER or WEBHOOK")
-        integration_id = request.integration_id or uuid.uuid4().hex
+        integration_id = request.integration_id or names.new_id()
         if kind == pb.INTEGRATION_KIND_GRPC_HANDLER and integration_id in self._reserved:
             violations.add(
                 "integration_id", "is the id of an operator-level handler; choose another"
@@ -533,9 +532,7 @@ class IntegrationHub:
                 if kind == pb.INTEGRATION_KIND_WEBHOOK and record.credential and overlap > 0:
                     # Receivers switch secrets at their own pace: both sign meanwhile.
                     values["previous_credential"] = record.credential
-                    values["previous_until"] = dt.datetime.now(dt.UTC) + dt.timedelta(
-                        seconds=overlap
-                    )
+                    values["previous_until"] = names.now() + dt.timedelta(seconds=overlap)
                 else:
                     values["previous_credential"] = None
                     values["previous_until"] = None

@@ -66,7 +66,6 @@ import logging
 import random
 import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
@@ -101,8 +100,8 @@ from switchboard.platform.errors import (
     SwitchboardError,
 )
 from switchboard.platform.eventlog import Backoff, Logged, Position, format_cursor, parse_cursor
+from switchboard.platform.names import new_id, now
 from switchboard.platform.secretbox import SecretBox
-from switchboard.platform.storage import now
 
 if TYPE_CHECKING:
     from switchboard.platform.config import Settings
@@ -541,7 +540,7 @@ class WebhookEngine:
                     if _matches(subscriber, item, created):
                         rows.append(
                             NewDelivery(
-                                id=uuid.uuid4().hex,
+                                id=new_id(),
                                 workspace_id=subscriber.workspace_id,
                                 integration_id=subscriber.integration_id,
                                 seq=sequence_of(item.position),

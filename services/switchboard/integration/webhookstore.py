@@ -35,7 +35,8 @@ from switchboard.platform.models import (
     WebhookCursorRow,
     WebhookDeliveryRow,
 )
-from switchboard.platform.storage import now, transaction
+from switchboard.platform.names import now
+from switchboard.platform.storage import transaction
 
 log = logging.getLogger("switchboard.integration.webhooks")
 

@@ -53,7 +53,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from switchboard.api.events.v1 import events_pb2
-from switchboard.platform import telemetry
+from switchboard.platform import names, telemetry
 from switchboard.platform.cache import binary_client, redacted_url
 from switchboard.platform.db import Database, log_failure
 from switchboard.platform.errors import DependencyUnavailable
@@ -374,7 +374,7 @@ class LocalLog:
         while self._pending:
             batch = self._pending[:_WRITE_BATCH]
             del self._pending[:_WRITE_BATCH]
-            now = dt.datetime.now(dt.UTC)
+            now = names.now()
             try:
                 logged = await self._store([event for event, _ in batch], now)
             except _DB_FAILURES as exc:

@@ -21,8 +21,6 @@ import asyncio
 import inspect
 import logging
 import math
-import os
-import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
@@ -30,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Final
 import grpc
 from grpc import aio
 
+from switchboard.platform import names
 from switchboard.platform.authn import Checker, Guard
 from switchboard.platform.db import DatabaseUnavailable, is_outage
 from switchboard.platform.errors import (
@@ -40,12 +39,13 @@ from switchboard.platform.errors import (
 )
 from switchboard.platform.logging import method_var, request_id_var
 from switchboard.platform.metrics import Metrics, RpcMetrics
+from switchboard.platform.names import new_id
 from switchboard.platform.status import REQUEST_ID_KEY, to_grpc_status
 
 log = logging.getLogger("switchboard.access")
 error_log = logging.getLogger("switchboard.errors")
 
-_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+_REQUEST_ID_RE = names.CLIENT_LABEL
 # Probes and reflection are chatty; their access lines go to DEBUG.
 _QUIET_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 GENERIC_INTERNAL_MESSAGE = "internal error; quote the request id when reporting it"
@@ -66,7 +66,7 @@ def _request_id(context: aio.ServicerContext[Any, Any]) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_KEY and isinstance(value, str) and _REQUEST_ID_RE.fullmatch(value):
             return value
-    return os.urandom(16).hex()
+    return new_id()
 
 
 class _Undecodable:

@@ -8,7 +8,6 @@ changes (a member removed) must apply to the very next call.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -16,6 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from switchboard.platform.db import Database, log_failure
 from switchboard.platform.errors import DependencyUnavailable
 from switchboard.platform.models import WorkspaceMemberRow, WorkspaceRow
+from switchboard.platform.names import now
 from switchboard.platform.policy import Role
 
 log = logging.getLogger("switchboard.membership")
@@ -48,14 +48,14 @@ class MembershipStore:
         return Role[role.upper()] if role is not None else None
 
     async def create_workspace(self, workspace_id: str, display_name: str, owner_id: str) -> None:
-        now = dt.datetime.now(dt.UTC)
+        when = now()
         async with self._sessions.begin() as db:
             db.add(
                 WorkspaceRow(
                     id=workspace_id,
                     display_name=display_name,
-                    created_at=now,
-                    updated_at=now,
+                    created_at=when,
+                    updated_at=when,
                     deleted_at=None,
                     version=1,
                 )
@@ -66,12 +66,12 @@ class MembershipStore:
                     workspace_id=workspace_id,
                     user_id=owner_id,
                     role=Role.OWNER.name.lower(),
-                    created_at=now,
+                    created_at=when,
                 )
             )
 
     async def set_member(self, workspace_id: str, user_id: str, role: Role) -> None:
-        now = dt.datetime.now(dt.UTC)
+        when = now()
         async with self._sessions.begin() as db:
             row = await db.get(WorkspaceMemberRow, (workspace_id, user_id))
             if row is None:
@@ -80,7 +80,7 @@ class MembershipStore:
                         workspace_id=workspace_id,
                         user_id=user_id,
                         role=role.name.lower(),
-                        created_at=now,
+                        created_at=when,
                     )
                 )
             else:

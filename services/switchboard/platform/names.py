@@ -55,6 +55,13 @@ MEMORY_ITEM: Final = re.compile(
 #: Any name under a workspace or a user (the owner is the first segment pair).
 UNDER_WORKSPACE: Final = re.compile(rf"workspaces/({ID})(?:/[A-Za-z]+/{ID})*")
 UNDER_USER: Final = re.compile(rf"users/({ID})(?:/[A-Za-z]+/{ID})*")
+#: An id a client may choose for a resource it creates (assistants, integrations) or
+#: that an operator names (handlers, stdio servers): a lower-case letter first.
+CLIENT_ID: Final = re.compile(r"[a-z][a-z0-9-]{1,62}")
+#: A client-chosen workspace id: as ``CLIENT_ID``, at least three characters.
+WORKSPACE_ID: Final = re.compile(r"[a-z][a-z0-9-]{2,62}")
+#: A client's label that the server echoes back (``x-request-id``, a subscription id).
+CLIENT_LABEL: Final = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 #: A client-chosen idempotency key (``request_id`` fields): 1-64 ASCII letters,
 #: digits, ``-`` or ``_``. The proto comments of every ``request_id`` say the same.
 REQUEST_ID: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")

@@ -22,18 +22,17 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Final, Generic, TypeVar
 
 from sqlalchemy import bindparam, select
-from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from switchboard.api.events.v1 import events_pb2
 from switchboard.platform.db import Database, log_failure
 from switchboard.platform.errors import SwitchboardError
 from switchboard.platform.models import EventOutboxRow, table_of
+from switchboard.platform.names import new_id, now
 
 log = logging.getLogger("switchboard.outbox")
 
@@ -63,9 +62,9 @@ _STALE: Final = (
 def stamp(event: events_pb2.Event) -> None:
     """Give ``event`` its id and time unless it has them (the id identifies it in the log)."""
     if not event.id:
-        event.id = uuid.uuid4().hex
+        event.id = new_id()
     if not event.HasField("time"):
-        event.time.GetCurrentTime()
+        event.time.FromDatetime(now())
 
 
 class Outbox:
@@ -87,7 +86,7 @@ class Outbox:
         """Write ``events`` (stamped now) in ``db``'s transaction."""
         if not events:
             return
-        when = dt.datetime.now(dt.UTC)
+        when = now()
         rows = []
         for event in events:
             stamp(event)
@@ -169,7 +168,7 @@ class Outbox:
 
     async def relay_once(self, publish: Publish) -> int:
         """Publish the rows older than the grace period that nobody here is publishing."""
-        before = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=self._grace_s)
+        before = now() - dt.timedelta(seconds=self._grace_s)
 
         def read(db: Session) -> list[tuple[str, bytes]]:
             rows = db.connection().execute(_STALE, {"before": before, "limit": _BATCH})
@@ -275,11 +274,3 @@ class Staged(Generic[_T]):
 def staging(staged: Staged[_T] | None, work: Callable[[Session], _T]) -> Callable[[Session], _T]:
     """``work`` with ``staged``'s events written in its transaction (``work`` itself if None)."""
     return work if staged is None else staged.wrap(work)
-
-
-async def staged_in(db: AsyncSession, staged: Staged[_T] | None, result: _T) -> _T:
-    """``staging`` for a store whose transaction is an ``AsyncSession`` (auth): call it
-    last in the transaction, with the result the transaction returns."""
-    if staged is not None:
-        await db.run_sync(staged.write, result)
-    return result

@@ -82,10 +82,6 @@ async def retrying(operation: Callable[[], Awaitable[_T]]) -> _T:
         return await operation()
 
 
-def now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
 @dataclass(frozen=True)
 class Idempotency:
     """A create request's idempotency key and the fingerprint of its request."""
@@ -139,7 +135,7 @@ def claim(db: Session, key: Idempotency | None, resource: str) -> str | None:
             "key": key.key,
             "fingerprint": key.fingerprint,
             "resource": resource,
-            "created_at": now(),
+            "created_at": names.now(),
         },
     )
     return None
@@ -148,7 +144,7 @@ def claim(db: Session, key: Idempotency | None, resource: str) -> str | None:
 def _resource(
     fingerprint: str, resource: str, created_at: dt.datetime, key: Idempotency
 ) -> str | None:
-    if created_at <= now() - IDEMPOTENCY_TTL:
+    if created_at <= names.now() - IDEMPOTENCY_TTL:
         return None
     if fingerprint != key.fingerprint:
         raise InvalidArgument(
