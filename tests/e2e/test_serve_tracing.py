@@ -19,8 +19,8 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from tests.e2e.procs import ServeProcess, tool
 from tests.infra.otlp import OtlpReceiver, Span
-from tests.service.authkit import register
-from tests.service.contextkit import context_stub
+from tests.service.authkit import register, user_id
+from tests.service.contextkit import Caller, context_stub
 from tests.service.dispatchkit import dispatcher_stub, request, watch_all
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
@@ -80,11 +80,8 @@ async def test_a_run_is_one_trace_exported_over_otlp_and_health_still_answers() 
             )
             assert sent.run.trace_id == TRACE_ID
 
-            class _Md:
-                def __init__(self, md: tuple[tuple[str, str], ...]) -> None:
-                    self.md = md
-
-            seen = await watch_all(dstub, _Md(md), sent.run.name)
+            caller = Caller(user_id(signed.user.name), signed.tokens.access_token)
+            seen = await watch_all(dstub, caller, sent.run.name)
             assert seen.final.state == pb.RUN_STATE_SUCCEEDED
 
         def complete(spans: list[Span]) -> bool:

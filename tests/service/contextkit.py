@@ -1,21 +1,29 @@
-"""Helpers for ContextService tests: callers, a populated workspace, builders, events."""
+"""Helpers for ContextService tests: callers, a populated workspace, a caller's chat,
+builders, windows and pruning with the invariants every window must satisfy, events.
+
+Every helper that calls an RPC takes the stub, the caller and the resource it acts on,
+in that order."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
-from collections.abc import Awaitable, Iterator
-from contextlib import contextmanager
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeAlias
+from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf import field_mask_pb2, struct_pb2, timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc import aio
+from sqlalchemy import update
 
 from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.api.context.v1 import context_pb2_grpc
 from switchboard.api.events.v1 import events_pb2
+from switchboard.platform.models import MemoryItemRow
 from tests.service.authkit import bearer, detail, quick_user
 
 # Only the type stubs know the async stub class; at run time it is ContextServiceStub.
@@ -23,17 +31,11 @@ Stub: TypeAlias = "context_pb2_grpc.ContextServiceAsyncStub"
 Metadata = tuple[tuple[str, str], ...]
 
 TIMEOUT_S = 20.0
+_serial = itertools.count()
 
 
 def context_stub(channel: aio.Channel) -> Stub:
     return context_pb2_grpc.ContextServiceStub(channel)
-
-
-class Signed(Protocol):
-    """Whatever carries a caller's credential (this kit's Caller, windowkit's)."""
-
-    @property
-    def md(self) -> Metadata: ...
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ class World:
 
 async def create_workspace(
     stub: Stub,
-    caller: Signed,
+    caller: Caller,
     display_name: str = "Test workspace",
     *,
     workspace_id: str = "",
@@ -124,7 +126,7 @@ async def ctx_world(mesh: Any, stub: Stub, display_name: str = "World") -> World
     return World(workspace, owner, editor, viewer, outsider)
 
 
-async def get_workspace(stub: Stub, caller: Signed, name: str) -> pb.Workspace:
+async def get_workspace(stub: Stub, caller: Caller, name: str) -> pb.Workspace:
     response = await stub.GetWorkspace(
         pb.GetWorkspaceRequest(name=name), metadata=caller.md, timeout=TIMEOUT_S
     )
@@ -150,7 +152,7 @@ def mask(*paths: str) -> field_mask_pb2.FieldMask:
 
 async def create_conversation(
     stub: Stub,
-    caller: Signed,
+    caller: Caller,
     parent: str,
     title: str = "A conversation",
     *,
@@ -169,7 +171,7 @@ async def create_conversation(
     return response.conversation
 
 
-async def get_conversation(stub: Stub, caller: Signed, name: str) -> pb.Conversation:
+async def get_conversation(stub: Stub, caller: Caller, name: str) -> pb.Conversation:
     response = await stub.GetConversation(
         pb.GetConversationRequest(name=name), metadata=caller.md, timeout=TIMEOUT_S
     )
@@ -186,16 +188,17 @@ def text_message(
 
 async def append(
     stub: Stub,
-    caller: Signed,
+    caller: Caller,
     conversation: str,
     *texts: str,
+    role: pb.MessageRole.ValueType = pb.MESSAGE_ROLE_USER,
     request_id: str = "",
     message: pb.Message | None = None,
 ) -> pb.Message:
     response = await stub.AppendMessage(
         pb.AppendMessageRequest(
             parent=conversation,
-            message=message if message is not None else text_message(*texts),
+            message=message if message is not None else text_message(*texts, role=role),
             request_id=request_id,
         ),
         metadata=caller.md,
@@ -206,7 +209,7 @@ async def append(
 
 async def all_messages(
     stub: Stub,
-    caller: Signed,
+    caller: Caller,
     conversation: str,
     *,
     page_size: int = 100,
@@ -262,7 +265,7 @@ def memory_item(
 
 async def remember(
     stub: Stub,
-    caller: Signed,
+    caller: Caller,
     parent: str,
     content: str,
     kind: pb.MemoryKind.ValueType = pb.MEMORY_KIND_FACT,
@@ -281,9 +284,34 @@ async def remember(
     return response.memory_item
 
 
+async def get_memory_item(stub: Stub, caller: Caller, name: str) -> pb.MemoryItem:
+    response = await stub.GetMemoryItem(
+        pb.GetMemoryItemRequest(name=name), metadata=caller.md, timeout=TIMEOUT_S
+    )
+    return response.memory_item
+
+
+async def expire_in_database(mesh: Any, memory_name: str) -> None:
+    """Move a memory item's expiry into the past, directly in the database.
+
+    The API refuses an expire_time in the past, and waiting for a near-future
+    one to pass would be a sleep used as synchronization; so the test writes
+    the row the way the passing of time would have left it. Like time passing,
+    this bumps no version: call it before any window of the conversation was
+    built (and cached).
+    """
+    memory_id = memory_name.rsplit("/", 1)[1]
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    async with mesh.shared.database.sessions.begin() as db:
+        result = await db.execute(
+            update(MemoryItemRow).where(MemoryItemRow.id == memory_id).values(expires_at=past)
+        )
+        assert getattr(result, "rowcount", 1) == 1
+
+
 async def search(
     stub: Stub,
-    caller: Signed,
+    caller: Caller,
     parent: str,
     query: str,
     *kinds: pb.MemoryKind.ValueType,
@@ -297,6 +325,185 @@ async def search(
         timeout=TIMEOUT_S,
     )
     return list(response.results)
+
+
+# -- a caller's chat, windows and pruning -------------------------------------------------------
+
+PINNED = pb.CONTEXT_ITEM_REASON_PINNED
+RELEVANT = pb.CONTEXT_ITEM_REASON_RELEVANT
+SUMMARY = pb.CONTEXT_ITEM_REASON_SUMMARY
+RECENT = pb.CONTEXT_ITEM_REASON_RECENT
+OVER_BUDGET = pb.CONTEXT_ITEM_REASON_OVER_BUDGET
+EXPIRED = pb.CONTEXT_ITEM_REASON_EXPIRED
+
+# The reading order of the included slots.
+_SLOT_ORDER = {PINNED: 0, RELEVANT: 1, SUMMARY: 2, RECENT: 3}
+
+
+@dataclass(frozen=True)
+class Chat:
+    """A caller at a conversation of a workspace, reached through a stub."""
+
+    stub: Stub
+    caller: Caller
+    workspace: str
+    conversation: str
+
+
+async def new_chat(mesh: Any, channel: aio.Channel) -> Chat:
+    """A new user owning a new workspace with one empty conversation."""
+    stub = context_stub(channel)
+    caller = await new_caller(mesh)
+    workspace = await create_workspace(
+        stub, caller, "Window tests", workspace_id=f"win-{next(_serial)}-{caller.id[:8]}"
+    )
+    conversation = await create_conversation(stub, caller, workspace.name, "t")
+    return Chat(stub, caller, workspace.name, conversation.name)
+
+
+async def window(
+    stub: Stub, caller: Caller, conversation: str, budget: int, query: str = ""
+) -> pb.ContextWindow:
+    response = await stub.GetContextWindow(
+        pb.GetContextWindowRequest(conversation=conversation, token_budget=budget, query=query),
+        metadata=caller.md,
+        timeout=TIMEOUT_S,
+    )
+    return response.window
+
+
+async def prune(
+    stub: Stub,
+    caller: Caller,
+    conversation: str,
+    keep_last_messages: int = 0,
+    max_tokens: int = 0,
+    *,
+    dry_run: bool = False,
+) -> pb.PruneConversationResponse:
+    response: pb.PruneConversationResponse = await stub.PruneConversation(
+        pb.PruneConversationRequest(
+            conversation=conversation,
+            keep_last_messages=keep_last_messages,
+            max_tokens=max_tokens,
+            validate_only=dry_run,
+        ),
+        metadata=caller.md,
+        timeout=TIMEOUT_S,
+    )
+    return response
+
+
+def item_name(item: pb.ContextItem) -> str:
+    return item.message.name if item.HasField("message") else item.memory_item.name
+
+
+def names(items: Sequence[pb.ContextItem], reason: int | None = None) -> list[str]:
+    return [item_name(i) for i in items if reason is None or i.reason == reason]
+
+
+def included_messages(win: pb.ContextWindow) -> list[pb.Message]:
+    return [i.message for i in win.included if i.HasField("message")]
+
+
+def check_window(
+    win: pb.ContextWindow,
+    *,
+    budget: int,
+    live: Sequence[pb.Message],
+    pinned: Sequence[str],
+    expired: Sequence[str] = (),
+) -> None:
+    """The invariants of every window, against the live messages (oldest first)
+    and the names of the pinned (not expired) and expired memory items in scope."""
+    assert win.token_budget == budget
+    assert win.tokenizer
+    # The budget holds, and the total is what the included items cost.
+    assert win.total_tokens == sum(i.token_count for i in win.included)
+    assert 0 <= win.total_tokens <= budget
+    for item in (*win.included, *win.excluded):
+        own = item.message.token_count if item.HasField("message") else item.memory_item.token_count
+        assert item.token_count == own, item
+        assert item.HasField("message") or item.HasField("memory_item")
+    # Included: reasons of inclusion only, in reading order; nothing listed twice.
+    slots = [_SLOT_ORDER[i.reason] for i in win.included]
+    assert slots == sorted(slots), [pb.ContextItemReason.Name(i.reason) for i in win.included]
+    listed = names(win.included) + names(win.excluded)
+    assert len(listed) == len(set(listed)), listed
+    assert all(i.reason in (OVER_BUDGET, EXPIRED) for i in win.excluded)
+    # Every live pinned item is included as pinned; expired ones never are.
+    assert sorted(names(win.included, PINNED)) == sorted(pinned)
+    assert set(expired) <= set(names(win.excluded, EXPIRED))
+    assert not set(expired) & set(names(win.included))
+    for item in win.included:
+        if item.HasField("memory_item"):
+            assert item.memory_item.pinned == (item.reason == PINNED)
+            assert (item.memory_item.kind == pb.MEMORY_KIND_SUMMARY) == (item.reason == SUMMARY)
+    # Messages: exactly the newest live ones, in order; the one before them (if
+    # any) did not fit, and every older one is counted as omitted.
+    shown = included_messages(win)
+    assert all(i.reason == RECENT for i in win.included if i.HasField("message"))
+    sequences = [m.sequence for m in shown]
+    assert sequences == sorted(set(sequences))
+    assert [m.name for m in shown] == [m.name for m in live[len(live) - len(shown) :]]
+    assert not any(m.archived for m in shown)
+    cut = [i for i in win.excluded if i.HasField("message")]
+    if len(shown) == len(live):
+        assert cut == []
+        assert win.omitted_messages == 0
+    else:
+        assert len(cut) == 1, cut
+        assert cut[0].reason == OVER_BUDGET
+        assert cut[0].message.name == live[len(live) - len(shown) - 1].name
+        assert win.total_tokens + cut[0].token_count > budget
+        assert win.omitted_messages == len(live) - len(shown) - 1
+
+
+def expected_kept(tokens_oldest_first: Sequence[int], keep_last: int, max_tokens: int) -> int:
+    """How many live messages a prune keeps, by the contract: the longest run of
+    newest messages within both limits (0: no limit), and never fewer than one."""
+    kept = 0
+    total = 0
+    for tokens in reversed(tokens_oldest_first):
+        if keep_last and kept >= keep_last:
+            break
+        if max_tokens and kept and total + tokens > max_tokens:
+            break
+        kept += 1
+        total += tokens
+    return kept
+
+
+def range_of(summary: pb.MemoryItem) -> tuple[int, int]:
+    fields: Any = summary.metadata.fields
+    return int(fields["first_sequence"].number_value), int(fields["last_sequence"].number_value)
+
+
+async def check_nothing_lost(chat: Chat, appended: Sequence[pb.Message]) -> list[pb.Message]:
+    """Every appended message is still there exactly once, live or archived under
+    an existing summary of this conversation that covers it; returns them all."""
+    everything = await all_messages(
+        chat.stub, chat.caller, chat.conversation, page_size=500, show_archived=True
+    )
+    assert [m.name for m in everything] == [m.name for m in appended]
+    summaries: dict[str, pb.MemoryItem] = {}
+    for message in everything:
+        if not message.archived:
+            assert message.summary == ""
+            continue
+        assert message.summary.startswith(chat.conversation + "/memories/"), message
+        if message.summary not in summaries:
+            summaries[message.summary] = await get_memory_item(
+                chat.stub, chat.caller, message.summary
+            )
+        summary = summaries[message.summary]
+        assert summary.kind == pb.MEMORY_KIND_SUMMARY
+        first, last = range_of(summary)
+        assert first <= message.sequence <= last, (message.sequence, first, last)
+    # Archived messages are the oldest ones: live messages form a suffix.
+    flags = [m.archived for m in everything]
+    assert flags == sorted(flags, reverse=True)
+    return everything
 
 
 # -- errors ---------------------------------------------------------------------------------
@@ -333,7 +540,7 @@ class EventTap:
 
     def __init__(self, mesh: Any) -> None:
         self.events: list[events_pb2.Event] = []
-        self._stop = mesh.deps.bus.listen(self.events.append)
+        self._stop = mesh.shared.bus.listen(self.events.append)
 
     def take(self) -> list[events_pb2.Event]:
         """The events seen since the previous take()."""
@@ -351,6 +558,37 @@ def tap(mesh: Any) -> Iterator[EventTap]:
         yield recorder
     finally:
         recorder.close()
+
+
+@asynccontextmanager
+async def awaiting_event(
+    mesh: Any, wanted: Callable[[events_pb2.Event], bool]
+) -> AsyncIterator[asyncio.Future[events_pb2.Event]]:
+    """A future for the first event delivered in ``mesh`` that ``wanted`` accepts
+    (for events published after the RPC that caused them has returned)."""
+    future: asyncio.Future[events_pb2.Event] = asyncio.get_running_loop().create_future()
+
+    def listener(event: events_pb2.Event) -> None:
+        if not future.done() and wanted(event):
+            future.set_result(event)
+
+    stop = mesh.shared.bus.listen(listener)
+    try:
+        yield future
+    finally:
+        stop()
+
+
+def summary_created(conversation: str) -> Callable[[events_pb2.Event], bool]:
+    def wanted(event: events_pb2.Event) -> bool:
+        return (
+            event.type == events_pb2.EVENT_TYPE_MEMORY_CHANGED
+            and event.memory_changed.change == events_pb2.CHANGE_KIND_CREATED
+            and event.memory_changed.memory_item.kind == pb.MEMORY_KIND_SUMMARY
+            and event.memory_changed.memory_item.name.startswith(conversation + "/memories/")
+        )
+
+    return wanted
 
 
 def payload_name(event: events_pb2.Event) -> str:

@@ -16,12 +16,10 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
 from switchboard.mesh import create_server
 from switchboard.platform.server import SwitchboardServer
 from tests.conftest import make_settings
-from tests.service.contextkit import Signed, context_stub, struct
+from tests.service.contextkit import TIMEOUT_S, Caller, context_stub, struct
 from tests.service.contextkit import Stub as ContextStub
 
 Stub: TypeAlias = "dispatcher_pb2_grpc.DispatcherServiceAsyncStub"
-
-TIMEOUT_S = 20.0
 
 
 def dispatcher_stub(channel: aio.Channel) -> Stub:
@@ -52,12 +50,12 @@ def request(
     return built
 
 
-async def send(stub: Stub, caller: Signed, req: pb.SendMessageRequest) -> pb.SendMessageResponse:
+async def send(stub: Stub, caller: Caller, req: pb.SendMessageRequest) -> pb.SendMessageResponse:
     return await stub.SendMessage(req, metadata=caller.md, timeout=TIMEOUT_S)
 
 
 async def updates(
-    stub: Stub, caller: Signed, run: str, after: int = 0
+    stub: Stub, caller: Caller, run: str, after: int = 0
 ) -> AsyncIterator[pb.RunUpdate]:
     """The run's updates (heartbeats skipped) until the stream ends."""
     call = stub.WatchRun(
@@ -97,7 +95,7 @@ class Watched:
         return [u.sequence for u in self.updates]
 
 
-async def watch_all(stub: Stub, caller: Signed, run: str, after: int = 0) -> Watched:
+async def watch_all(stub: Stub, caller: Caller, run: str, after: int = 0) -> Watched:
     seen = Watched()
     async for update in updates(stub, caller, run, after):
         seen.updates.append(update)
@@ -105,7 +103,7 @@ async def watch_all(stub: Stub, caller: Signed, run: str, after: int = 0) -> Wat
 
 
 async def until(
-    stub: Stub, caller: Signed, run: str, kind: str, *, state: int = 0
+    stub: Stub, caller: Caller, run: str, kind: str, *, state: int = 0
 ) -> tuple[aio.UnaryStreamCall[Any, Any], list[pb.RunUpdate]]:
     """Watch ``run`` until an update of ``kind`` (and ``state``) arrives; the call stays open."""
     call = stub.WatchRun(pb.WatchRunRequest(name=run), metadata=caller.md, timeout=TIMEOUT_S)
@@ -135,19 +133,19 @@ async def read_until(
                 return
 
 
-async def get_run(stub: Stub, caller: Signed, name: str) -> pb.Run:
+async def get_run(stub: Stub, caller: Caller, name: str) -> pb.Run:
     response = await stub.GetRun(pb.GetRunRequest(name=name), metadata=caller.md, timeout=TIMEOUT_S)
     return response.run
 
 
-async def cancel(stub: Stub, caller: Signed, name: str, reason: str = "") -> pb.Run:
+async def cancel(stub: Stub, caller: Caller, name: str, reason: str = "") -> pb.Run:
     response = await stub.CancelRun(
         pb.CancelRunRequest(name=name, reason=reason), metadata=caller.md, timeout=TIMEOUT_S
     )
     return response.run
 
 
-async def finished(stub: Stub, caller: Signed, name: str) -> pb.Run:
+async def finished(stub: Stub, caller: Caller, name: str) -> pb.Run:
     """The run once it is terminal (watched, not polled)."""
     seen = await watch_all(stub, caller, name)
     return seen.final

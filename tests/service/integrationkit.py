@@ -16,11 +16,9 @@ from switchboard.api.integration.v1 import integration_pb2_grpc
 from switchboard.mesh import create_server
 from switchboard.platform.server import SwitchboardServer
 from tests.conftest import make_settings
-from tests.service.contextkit import Signed
+from tests.service.contextkit import TIMEOUT_S, Caller
 
 Stub: TypeAlias = "integration_pb2_grpc.IntegrationServiceAsyncStub"
-
-TIMEOUT_S = 20.0
 
 
 def integration_stub(channel: aio.Channel) -> Stub:
@@ -49,7 +47,7 @@ def seconds(value: float) -> duration_pb2.Duration:
 
 async def create(
     stub: Stub,
-    caller: Signed,
+    caller: Caller,
     parent: str,
     integration: ipb.Integration,
     *,

@@ -20,11 +20,14 @@ from switchboard.api.handler.v1 import handler_pb2 as hpb
 from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.dispatcher.assistants import CACHE_TTL_S, Assistants
 from switchboard.dispatcher.assistantstore import AssistantRecord, AssistantStore
+from switchboard.dispatcher.service import Dispatcher
 from switchboard.platform.errors import InvalidArgument, NotFound
 from switchboard.platform.server import SwitchboardServer
+from tests.conftest import built
 from tests.infra.clock import FakeClock
 from tests.service.authkit import reason
 from tests.service.contextkit import (
+    TIMEOUT_S,
     World,
     context_stub,
     create_workspace,
@@ -35,9 +38,9 @@ from tests.service.contextkit import (
 )
 from tests.service.dispatchkit import Stub, dispatcher_stub
 from tests.service.eventkit import Subscriber, ws
-from tests.service.integrationkit import TIMEOUT_S, hub_mesh, integration_stub
 from tests.service.integrationkit import Stub as IntegrationStub
 from tests.service.integrationkit import create as create_integration
+from tests.service.integrationkit import hub_mesh, integration_stub
 
 CODE = grpc.StatusCode
 QUOTA = 3
@@ -57,10 +60,7 @@ class Desk:
 
     @property
     def assistants(self) -> Assistants:
-        dispatcher = self.server.deps.dispatcher
-        assert dispatcher is not None
-        assistants: Assistants = dispatcher.assistants
-        return assistants
+        return built(self.server, Dispatcher).assistants
 
 
 @asynccontextmanager
@@ -681,7 +681,7 @@ async def rewrite(d: Desk, assistant_id: str, instructions: str) -> None:
         stored.instructions = instructions
         return stored.SerializeToString()
 
-    assert await AssistantStore(d.server.deps.database).update(
+    assert await AssistantStore(d.server.shared.database).update(
         d.world.id, assistant_id, "", edit, None, None
     )
 
@@ -701,7 +701,7 @@ async def test_resolve_reads_a_workspace_once_until_its_change_event_arrives(
     assert cached.instructions == "v1"
     assert counter.reads == 1
     # Another process's change arrives as its event: the workspace is read again.
-    await d.server.deps.bus.publish(
+    await d.server.shared.bus.publish(
         events_pb2.Event(type=ASSISTANT_CHANGED, workspace=d.world.name)
     )
     fresh = await d.assistants.resolve(d.world.id, made.name)
@@ -709,16 +709,16 @@ async def test_resolve_reads_a_workspace_once_until_its_change_event_arrives(
     assert fresh.instructions == "v2"
     assert counter.reads == 2
     # Other workspaces' events and other types leave the entry alone.
-    await d.server.deps.bus.publish(
+    await d.server.shared.bus.publish(
         events_pb2.Event(type=ASSISTANT_CHANGED, workspace="workspaces/x")
     )
-    await d.server.deps.bus.publish(
+    await d.server.shared.bus.publish(
         events_pb2.Event(type=events_pb2.EVENT_TYPE_INTEGRATION_CHANGED, workspace=d.world.name)
     )
     await d.assistants.resolve(d.world.id, "")
     assert counter.reads == 2
     # A deleted workspace takes its assistants along, without events of their own.
-    await d.server.deps.bus.publish(
+    await d.server.shared.bus.publish(
         events_pb2.Event(
             type=events_pb2.EVENT_TYPE_WORKSPACE_CHANGED,
             workspace=d.world.name,

@@ -14,7 +14,6 @@ import asyncio
 import gc
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -26,7 +25,7 @@ from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
 from switchboard.platform.policy import Role
 from switchboard.platform.server import SwitchboardServer
 from tests.service.authkit import bearer
-from tests.service.contextkit import context_stub
+from tests.service.contextkit import Caller, context_stub
 from tests.service.dispatchkit import dispatcher_stub, finished
 from tests.service.eventkit import member, publish, workspace_event, ws
 from tests.service.tracekit import watching
@@ -100,11 +99,6 @@ async def _stream(mesh: SwitchboardServer, channel: aio.Channel, token: str, wor
     return call
 
 
-@dataclass(frozen=True)
-class _Caller:
-    md: tuple[tuple[str, str], ...]
-
-
 async def _long_run(channel: aio.Channel, token: str, workspace: str) -> str:
     """A finished run whose updates are far more than the client's window.
 
@@ -128,7 +122,8 @@ async def _long_run(channel: aio.Channel, token: str, workspace: str) -> str:
         ),
         metadata=md,
     )
-    await finished(dispatcher_stub(channel), _Caller(md), sent.run.name)
+    # Watching reads only the caller's token; the openers are handed no user id.
+    await finished(dispatcher_stub(channel), Caller("", token), sent.run.name)
     return str(sent.run.name)
 
 

@@ -14,7 +14,8 @@ import itertools
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple
 
 import grpc
 import pytest
@@ -45,6 +46,7 @@ from tests.service.contextkit import (
     ctx_world,
     from_now,
     get_conversation,
+    get_memory_item,
     get_workspace,
     mask,
     member_name,
@@ -195,13 +197,6 @@ async def _list_memory(
         token = page.next_page_token
         if not token:
             return found
-
-
-async def _get_memory(stub: Stub, caller: Caller, name: str) -> pb.MemoryItem:
-    response = await stub.GetMemoryItem(
-        pb.GetMemoryItemRequest(name=name), metadata=caller.md, timeout=TIMEOUT_S
-    )
-    return response.memory_item
 
 
 async def _update_conversation(
@@ -1217,7 +1212,7 @@ async def test_a_deleted_conversation_is_kept_but_closed_until_undeleted(
         PRECONDITION,
     )
     # Its memory goes with it.
-    await refused(_get_memory(stub, world.viewer, memory.name), NOT_FOUND)
+    await refused(get_memory_item(stub, world.viewer, memory.name), NOT_FOUND)
     await refused(_list_memory(stub, world.viewer, conversation.name), NOT_FOUND)
     await refused(search(stub, world.viewer, conversation.name, "narwhal"), NOT_FOUND)
     await refused(remember(stub, world.editor, conversation.name, "more"), NOT_FOUND)
@@ -1233,7 +1228,7 @@ async def test_a_deleted_conversation_is_kept_but_closed_until_undeleted(
     assert [m.name for m in await all_messages(stub, world.viewer, conversation.name)] == [
         message.name
     ]
-    assert (await _get_memory(stub, world.viewer, memory.name)).content == "remembered narwhal"
+    assert (await get_memory_item(stub, world.viewer, memory.name)).content == "remembered narwhal"
     assert (await append(stub, world.editor, conversation.name, "back")).sequence > (
         message.sequence
     )
@@ -1438,7 +1433,7 @@ async def test_messages_get_increasing_sequences_and_token_counts(stub: Stub, wo
 
 
 async def _message_rows(mesh: SwitchboardServer, conversation: str) -> int:
-    async with mesh.deps.database.sessions() as db:
+    async with mesh.shared.database.sessions() as db:
         count = await db.scalar(
             select(func.count())
             .select_from(MessageRow)
@@ -1610,10 +1605,10 @@ async def test_memory_items_in_each_scope(stub: Stub, world: World) -> None:
     assert mine.etag
     assert mine.HasField("create_time")
     assert not mine.HasField("expire_time")
-    assert await _get_memory(stub, world.viewer, mine.name) == mine
+    assert await get_memory_item(stub, world.viewer, mine.name) == mine
     # Another user's scope does not exist for the caller.
     await refused(remember(stub, world.owner, world.viewer.name, "planted"), NOT_FOUND)
-    await refused(_get_memory(stub, world.owner, mine.name), NOT_FOUND)
+    await refused(get_memory_item(stub, world.owner, mine.name), NOT_FOUND)
     await refused(
         stub.ListMemoryItems(
             pb.ListMemoryItemsRequest(parent=world.viewer.name),
@@ -1626,21 +1621,21 @@ async def test_memory_items_in_each_scope(stub: Stub, world: World) -> None:
     shared = await remember(stub, world.editor, world.name, "The office is in Lyon")
     assert shared.name.startswith(f"{world.name}/memories/")
     assert shared.creator == world.editor.name
-    assert await _get_memory(stub, world.viewer, shared.name) == shared
+    assert await get_memory_item(stub, world.viewer, shared.name) == shared
     await refused(remember(stub, world.viewer, world.name, "viewers cannot write"), DENIED)
-    await refused(_get_memory(stub, world.outsider, shared.name), NOT_FOUND)
+    await refused(get_memory_item(stub, world.outsider, shared.name), NOT_FOUND)
 
     local = await remember(
         stub, world.editor, conversation.name, "Ticket 42 is urgent", pb.MEMORY_KIND_NOTE
     )
     assert local.name.startswith(f"{conversation.name}/memories/")
-    assert await _get_memory(stub, world.viewer, local.name) == local
+    assert await get_memory_item(stub, world.viewer, local.name) == local
     # A memory is found only under its own scope.
     await refused(
-        _get_memory(stub, world.viewer, f"{world.name}/memories/{_id(local.name)}"), NOT_FOUND
+        get_memory_item(stub, world.viewer, f"{world.name}/memories/{_id(local.name)}"), NOT_FOUND
     )
     await refused(
-        _get_memory(stub, world.viewer, f"{conversation.name}/memories/{_id(shared.name)}"),
+        get_memory_item(stub, world.viewer, f"{conversation.name}/memories/{_id(shared.name)}"),
         NOT_FOUND,
     )
     assert [m.name for m in await _list_memory(stub, world.viewer, world.name)] == [shared.name]
@@ -1726,7 +1721,7 @@ async def test_update_memory_item(stub: Stub, world: World) -> None:
     cleared = await update(world.editor, pb.MemoryItem(name=item.name), "expire_time")
     assert not cleared.HasField("expire_time")
     assert cleared.pinned
-    assert await _get_memory(stub, world.viewer, item.name) == cleared
+    assert await get_memory_item(stub, world.viewer, item.name) == cleared
 
     error = await refused(
         update(
@@ -1762,7 +1757,7 @@ async def test_update_memory_item(stub: Stub, world: World) -> None:
     await refused(
         update(world.viewer, pb.MemoryItem(name=item.name, content="viewer"), "content"), DENIED
     )
-    assert await _get_memory(stub, world.viewer, item.name) == cleared
+    assert await get_memory_item(stub, world.viewer, item.name) == cleared
 
 
 async def test_list_memory_items_newest_first_with_filters(stub: Stub, world: World) -> None:
@@ -1850,7 +1845,7 @@ async def test_delete_memory_item(stub: Stub, world: World) -> None:
     await stub.DeleteMemoryItem(
         pb.DeleteMemoryItemRequest(name=drop.name), metadata=world.editor.md, timeout=TIMEOUT_S
     )
-    await refused(_get_memory(stub, world.viewer, drop.name), NOT_FOUND)
+    await refused(get_memory_item(stub, world.viewer, drop.name), NOT_FOUND)
     await refused(
         stub.DeleteMemoryItem(
             pb.DeleteMemoryItemRequest(name=drop.name), metadata=world.editor.md, timeout=TIMEOUT_S
@@ -2018,7 +2013,7 @@ async def test_search_leaves_out_expired_items(
     before = await search(stub, world.viewer, world.name, "walrus")
     assert {r.memory_item.name for r in before} == {lasting.name, fading.name}
     # Let it expire: move its expiry into the past directly in the database.
-    async with mesh.deps.database.sessions() as db, db.begin():
+    async with mesh.shared.database.sessions() as db, db.begin():
         await db.execute(
             update(MemoryItemRow)
             .where(MemoryItemRow.id == _id(fading.name))
@@ -2163,223 +2158,319 @@ async def test_entities_become_memory_items_with_their_sources(
 
 # -- every write publishes its event -------------------------------------------------------------
 
-Expected = list[tuple[int, int, str]]
+EVENTS_WS = "workspaces/events-ws"
+# An etag of version 1: every resource it is sent for has changed since.
+STALE = '"1"'
 
 
-async def test_every_write_publishes_its_event(
-    mesh: SwitchboardServer, stub: Stub, events: EventTap
-) -> None:
-    owner, newcomer = await new_caller(mesh), await new_caller(mesh)
-    state: dict[str, Any] = {}
-    events.take()
+@dataclass(frozen=True)
+class Scene:
+    """What a write acts on: the owner, a user who is not a member yet, and the
+    conversation and memory item made for the write (if it needs them)."""
 
-    async def create_ws() -> Expected:
-        state["ws"] = await create_workspace(stub, owner, "Events", workspace_id="events-ws")
-        return [(WS_CHANGED, CREATED, "workspaces/events-ws")]
+    stub: Stub
+    owner: Caller
+    newcomer: Caller
+    conversation: str = ""
+    memory: str = ""
 
-    async def update_ws() -> Expected:
-        state["ws"] = (
-            await stub.UpdateWorkspace(
-                pb.UpdateWorkspaceRequest(
-                    workspace=pb.Workspace(name="workspaces/events-ws", description="changed"),
-                    update_mask=mask("description"),
-                ),
-                metadata=owner.md,
-                timeout=TIMEOUT_S,
-            )
-        ).workspace
-        return [(WS_CHANGED, UPDATED, "workspaces/events-ws")]
 
-    async def delete_ws() -> Expected:
-        await stub.DeleteWorkspace(
-            pb.DeleteWorkspaceRequest(name="workspaces/events-ws"),
-            metadata=owner.md,
-            timeout=TIMEOUT_S,
-        )
-        return [(WS_CHANGED, DELETED, "workspaces/events-ws")]
+class Published(NamedTuple):
+    """What the event of a write must say; conversation and memory events also name
+    the conversation."""
 
-    async def undelete_ws() -> Expected:
-        await stub.UndeleteWorkspace(
-            pb.UndeleteWorkspaceRequest(name="workspaces/events-ws"),
-            metadata=owner.md,
-            timeout=TIMEOUT_S,
-        )
-        return [(WS_CHANGED, UPDATED, "workspaces/events-ws")]
+    kind: int
+    change: int
+    name: str
+    conversation: str = ""
 
-    member = member_name("workspaces/events-ws", newcomer)
 
-    async def add() -> Expected:
-        await add_member(stub, owner, "workspaces/events-ws", newcomer, pb.WORKSPACE_ROLE_VIEWER)
-        return [(MEMBER_CHANGED, CREATED, member)]
+Given = Callable[[Scene], Awaitable[Scene]]
+Write = Callable[[Scene], Awaitable[Published]]
 
-    async def update_member() -> Expected:
-        await _set_role(stub, owner, "workspaces/events-ws", newcomer, pb.WORKSPACE_ROLE_EDITOR)
-        return [(MEMBER_CHANGED, UPDATED, member)]
 
-    async def remove() -> Expected:
-        await _remove(stub, owner, "workspaces/events-ws", newcomer)
-        return [(MEMBER_CHANGED, DELETED, member)]
+@pytest.fixture
+async def scene(mesh: SwitchboardServer, stub: Stub) -> Scene:
+    return Scene(stub, await new_caller(mesh), await new_caller(mesh))
 
-    async def create_conv() -> Expected:
-        state["conv"] = await create_conversation(stub, owner, "workspaces/events-ws")
-        return [(CONV_CHANGED, CREATED, state["conv"].name)]
 
-    async def update_conv() -> Expected:
-        await _update_conversation(
-            stub, owner, pb.Conversation(name=state["conv"].name, title="retitled"), "title"
-        )
-        return [(CONV_CHANGED, UPDATED, state["conv"].name)]
+# What must exist before a write.
 
-    async def delete_conv() -> Expected:
-        await stub.DeleteConversation(
-            pb.DeleteConversationRequest(name=state["conv"].name),
-            metadata=owner.md,
-            timeout=TIMEOUT_S,
-        )
-        return [(CONV_CHANGED, DELETED, state["conv"].name)]
 
-    async def undelete_conv() -> Expected:
-        await stub.UndeleteConversation(
-            pb.UndeleteConversationRequest(name=state["conv"].name),
-            metadata=owner.md,
-            timeout=TIMEOUT_S,
-        )
-        return [(CONV_CHANGED, UPDATED, state["conv"].name)]
+async def nothing(scene: Scene) -> Scene:
+    return scene
 
-    async def append_message() -> Expected:
-        state["message"] = await append(stub, owner, state["conv"].name, "no entities here")
-        return [(MESSAGE_CREATED, CREATED, state["message"].name)]
 
-    async def create_memory() -> Expected:
-        state["memory"] = await remember(stub, owner, state["conv"].name, "a fact")
-        return [(MEMORY_CHANGED, CREATED, state["memory"].name)]
+async def a_workspace(scene: Scene) -> Scene:
+    await write_create_workspace(scene)
+    return scene
 
-    async def update_memory() -> Expected:
-        await stub.UpdateMemoryItem(
-            pb.UpdateMemoryItemRequest(
-                memory_item=pb.MemoryItem(name=state["memory"].name, pinned=True),
-                update_mask=mask("pinned"),
-            ),
-            metadata=owner.md,
-            timeout=TIMEOUT_S,
-        )
-        return [(MEMORY_CHANGED, UPDATED, state["memory"].name)]
 
-    async def delete_memory() -> Expected:
-        await stub.DeleteMemoryItem(
-            pb.DeleteMemoryItemRequest(name=state["memory"].name),
-            metadata=owner.md,
-            timeout=TIMEOUT_S,
-        )
-        return [(MEMORY_CHANGED, DELETED, state["memory"].name)]
+async def a_deleted_workspace(scene: Scene) -> Scene:
+    await write_delete_workspace(await a_workspace(scene))
+    return scene
 
-    steps: list[tuple[str, Callable[[], Awaitable[Expected]]]] = [
-        ("CreateWorkspace", create_ws),
-        ("UpdateWorkspace", update_ws),
-        ("DeleteWorkspace", delete_ws),
-        ("UndeleteWorkspace", undelete_ws),
-        ("AddWorkspaceMember", add),
-        ("UpdateWorkspaceMember", update_member),
-        ("RemoveWorkspaceMember", remove),
-        ("CreateConversation", create_conv),
-        ("UpdateConversation", update_conv),
-        ("DeleteConversation", delete_conv),
-        ("UndeleteConversation", undelete_conv),
-        ("AppendMessage", append_message),
-        ("CreateMemoryItem", create_memory),
-        ("UpdateMemoryItem", update_memory),
-        ("DeleteMemoryItem", delete_memory),
-    ]
-    for label, step in steps:
-        expected = await step()
-        got = events.take()
-        assert [summary(e) for e in got] == expected, label
-        for event in got:
-            assert event.actor.name == owner.name, label
-            assert event.workspace == "workspaces/events-ws", label
-            assert event.id, label
-            assert event.HasField("time"), label
-        if expected[0][0] in (CONV_CHANGED, MESSAGE_CREATED, MEMORY_CHANGED):
-            assert got[0].conversation == state["conv"].name, label
 
-    # Failed writes publish nothing.
-    conversation = state["conv"].name
-    stale = '"1"'
-    failures: list[tuple[str, Callable[[], Awaitable[Any]], grpc.StatusCode]] = [
-        (
-            "UpdateWorkspace, stale etag",
-            lambda: stub.UpdateWorkspace(
-                pb.UpdateWorkspaceRequest(
-                    workspace=pb.Workspace(
-                        name="workspaces/events-ws", display_name="x", etag=stale
-                    ),
-                    update_mask=mask("display_name"),
-                ),
-                metadata=owner.md,
-                timeout=TIMEOUT_S,
-            ),
-            ABORTED,
+async def a_member(scene: Scene) -> Scene:
+    await write_add_member(await a_workspace(scene))
+    return scene
+
+
+async def a_conversation(scene: Scene) -> Scene:
+    await a_workspace(scene)
+    return replace(scene, conversation=(await write_create_conversation(scene)).conversation)
+
+
+async def a_deleted_conversation(scene: Scene) -> Scene:
+    scene = await a_conversation(scene)
+    await write_delete_conversation(scene)
+    return scene
+
+
+async def a_memory_item(scene: Scene) -> Scene:
+    scene = await a_conversation(scene)
+    return replace(scene, memory=(await write_create_memory_item(scene)).name)
+
+
+async def changed_resources(scene: Scene) -> Scene:
+    """A workspace and a conversation past version 1 (so STALE names neither), and a
+    memory item of the workspace."""
+    scene = await a_conversation(scene)
+    await write_update_workspace(scene)
+    await write_update_conversation(scene)
+    memory = await remember(scene.stub, scene.owner, EVENTS_WS, "stale target")
+    return replace(scene, memory=memory.name)
+
+
+# The writes, and the event each must publish.
+
+
+async def write_create_workspace(scene: Scene) -> Published:
+    await create_workspace(scene.stub, scene.owner, "Events", workspace_id="events-ws")
+    return Published(WS_CHANGED, CREATED, EVENTS_WS)
+
+
+async def write_update_workspace(scene: Scene) -> Published:
+    await scene.stub.UpdateWorkspace(
+        pb.UpdateWorkspaceRequest(
+            workspace=pb.Workspace(name=EVENTS_WS, description="changed"),
+            update_mask=mask("description"),
         ),
-        (
-            "DeleteWorkspace, stale etag",
-            lambda: stub.DeleteWorkspace(
-                pb.DeleteWorkspaceRequest(name="workspaces/events-ws", etag=stale),
-                metadata=owner.md,
-                timeout=TIMEOUT_S,
-            ),
-            ABORTED,
-        ),
-        (
-            "UpdateConversation, stale etag",
-            lambda: _update_conversation(
-                stub, owner, pb.Conversation(name=conversation, title="x", etag=stale), "title"
-            ),
-            ABORTED,
-        ),
-        (
-            "DeleteConversation, stale etag",
-            lambda: stub.DeleteConversation(
-                pb.DeleteConversationRequest(name=conversation, etag=stale),
-                metadata=owner.md,
-                timeout=TIMEOUT_S,
-            ),
-            ABORTED,
-        ),
-        (
-            "AppendMessage, invalid",
-            lambda: append(
-                stub, owner, conversation, message=pb.Message(role=pb.MESSAGE_ROLE_USER)
-            ),
-            INVALID,
-        ),
-        (
-            "RemoveWorkspaceMember, last owner",
-            lambda: _remove(stub, owner, "workspaces/events-ws", owner),
-            PRECONDITION,
-        ),
-        (
-            "CreateWorkspace, duplicate",
-            lambda: create_workspace(stub, owner, "dup", workspace_id="events-ws"),
-            grpc.StatusCode.ALREADY_EXISTS,
-        ),
-    ]
-    for label, call, code in failures:
-        await refused(call(), code)
-        assert events.take() == [], label
-    memory = await remember(stub, owner, "workspaces/events-ws", "stale target")
-    events.take()
-    await refused(
-        stub.UpdateMemoryItem(
-            pb.UpdateMemoryItemRequest(
-                memory_item=pb.MemoryItem(name=memory.name, content="x", etag='"7"'),
-                update_mask=mask("content"),
-            ),
-            metadata=owner.md,
-            timeout=TIMEOUT_S,
-        ),
-        ABORTED,
+        metadata=scene.owner.md,
+        timeout=TIMEOUT_S,
     )
-    assert events.take() == []
+    return Published(WS_CHANGED, UPDATED, EVENTS_WS)
+
+
+async def write_delete_workspace(scene: Scene) -> Published:
+    await scene.stub.DeleteWorkspace(
+        pb.DeleteWorkspaceRequest(name=EVENTS_WS), metadata=scene.owner.md, timeout=TIMEOUT_S
+    )
+    return Published(WS_CHANGED, DELETED, EVENTS_WS)
+
+
+async def write_undelete_workspace(scene: Scene) -> Published:
+    await scene.stub.UndeleteWorkspace(
+        pb.UndeleteWorkspaceRequest(name=EVENTS_WS), metadata=scene.owner.md, timeout=TIMEOUT_S
+    )
+    return Published(WS_CHANGED, UPDATED, EVENTS_WS)
+
+
+async def write_add_member(scene: Scene) -> Published:
+    await add_member(scene.stub, scene.owner, EVENTS_WS, scene.newcomer, pb.WORKSPACE_ROLE_VIEWER)
+    return Published(MEMBER_CHANGED, CREATED, member_name(EVENTS_WS, scene.newcomer))
+
+
+async def write_update_member(scene: Scene) -> Published:
+    await _set_role(scene.stub, scene.owner, EVENTS_WS, scene.newcomer, pb.WORKSPACE_ROLE_EDITOR)
+    return Published(MEMBER_CHANGED, UPDATED, member_name(EVENTS_WS, scene.newcomer))
+
+
+async def write_remove_member(scene: Scene) -> Published:
+    await _remove(scene.stub, scene.owner, EVENTS_WS, scene.newcomer)
+    return Published(MEMBER_CHANGED, DELETED, member_name(EVENTS_WS, scene.newcomer))
+
+
+async def write_create_conversation(scene: Scene) -> Published:
+    conversation = await create_conversation(scene.stub, scene.owner, EVENTS_WS)
+    return Published(CONV_CHANGED, CREATED, conversation.name, conversation.name)
+
+
+async def write_update_conversation(scene: Scene) -> Published:
+    await _update_conversation(
+        scene.stub, scene.owner, pb.Conversation(name=scene.conversation, title="retitled"), "title"
+    )
+    return Published(CONV_CHANGED, UPDATED, scene.conversation, scene.conversation)
+
+
+async def write_delete_conversation(scene: Scene) -> Published:
+    await scene.stub.DeleteConversation(
+        pb.DeleteConversationRequest(name=scene.conversation),
+        metadata=scene.owner.md,
+        timeout=TIMEOUT_S,
+    )
+    return Published(CONV_CHANGED, DELETED, scene.conversation, scene.conversation)
+
+
+async def write_undelete_conversation(scene: Scene) -> Published:
+    await scene.stub.UndeleteConversation(
+        pb.UndeleteConversationRequest(name=scene.conversation),
+        metadata=scene.owner.md,
+        timeout=TIMEOUT_S,
+    )
+    return Published(CONV_CHANGED, UPDATED, scene.conversation, scene.conversation)
+
+
+async def write_append_message(scene: Scene) -> Published:
+    message = await append(scene.stub, scene.owner, scene.conversation, "no entities here")
+    return Published(MESSAGE_CREATED, CREATED, message.name, scene.conversation)
+
+
+async def write_create_memory_item(scene: Scene) -> Published:
+    memory = await remember(scene.stub, scene.owner, scene.conversation, "a fact")
+    return Published(MEMORY_CHANGED, CREATED, memory.name, scene.conversation)
+
+
+async def write_update_memory_item(scene: Scene) -> Published:
+    await scene.stub.UpdateMemoryItem(
+        pb.UpdateMemoryItemRequest(
+            memory_item=pb.MemoryItem(name=scene.memory, pinned=True), update_mask=mask("pinned")
+        ),
+        metadata=scene.owner.md,
+        timeout=TIMEOUT_S,
+    )
+    return Published(MEMORY_CHANGED, UPDATED, scene.memory, scene.conversation)
+
+
+async def write_delete_memory_item(scene: Scene) -> Published:
+    await scene.stub.DeleteMemoryItem(
+        pb.DeleteMemoryItemRequest(name=scene.memory), metadata=scene.owner.md, timeout=TIMEOUT_S
+    )
+    return Published(MEMORY_CHANGED, DELETED, scene.memory, scene.conversation)
+
+
+@pytest.mark.parametrize(
+    ("given", "write"),
+    [
+        pytest.param(nothing, write_create_workspace, id="CreateWorkspace"),
+        pytest.param(a_workspace, write_update_workspace, id="UpdateWorkspace"),
+        pytest.param(a_workspace, write_delete_workspace, id="DeleteWorkspace"),
+        pytest.param(a_deleted_workspace, write_undelete_workspace, id="UndeleteWorkspace"),
+        pytest.param(a_workspace, write_add_member, id="AddWorkspaceMember"),
+        pytest.param(a_member, write_update_member, id="UpdateWorkspaceMember"),
+        pytest.param(a_member, write_remove_member, id="RemoveWorkspaceMember"),
+        pytest.param(a_workspace, write_create_conversation, id="CreateConversation"),
+        pytest.param(a_conversation, write_update_conversation, id="UpdateConversation"),
+        pytest.param(a_conversation, write_delete_conversation, id="DeleteConversation"),
+        pytest.param(
+            a_deleted_conversation, write_undelete_conversation, id="UndeleteConversation"
+        ),
+        pytest.param(a_conversation, write_append_message, id="AppendMessage"),
+        pytest.param(a_conversation, write_create_memory_item, id="CreateMemoryItem"),
+        pytest.param(a_memory_item, write_update_memory_item, id="UpdateMemoryItem"),
+        pytest.param(a_memory_item, write_delete_memory_item, id="DeleteMemoryItem"),
+    ],
+)
+async def test_every_write_publishes_its_event(
+    given: Given, write: Write, scene: Scene, events: EventTap
+) -> None:
+    ready = await given(scene)
+    events.take()
+    expected = await write(ready)
+    got = events.take()
+    assert [summary(e) for e in got] == [expected[:3]]
+    event = got[0]
+    assert event.actor.name == scene.owner.name
+    assert event.workspace == EVENTS_WS
+    assert event.id
+    assert event.HasField("time")
+    if expected.kind in (CONV_CHANGED, MESSAGE_CREATED, MEMORY_CHANGED):
+        assert event.conversation == expected.conversation
+
+
+# Writes that fail, and how.
+
+
+async def update_workspace_stale(scene: Scene) -> object:
+    return await scene.stub.UpdateWorkspace(
+        pb.UpdateWorkspaceRequest(
+            workspace=pb.Workspace(name=EVENTS_WS, display_name="x", etag=STALE),
+            update_mask=mask("display_name"),
+        ),
+        metadata=scene.owner.md,
+        timeout=TIMEOUT_S,
+    )
+
+
+async def delete_workspace_stale(scene: Scene) -> object:
+    return await scene.stub.DeleteWorkspace(
+        pb.DeleteWorkspaceRequest(name=EVENTS_WS, etag=STALE),
+        metadata=scene.owner.md,
+        timeout=TIMEOUT_S,
+    )
+
+
+async def update_conversation_stale(scene: Scene) -> object:
+    return await _update_conversation(
+        scene.stub,
+        scene.owner,
+        pb.Conversation(name=scene.conversation, title="x", etag=STALE),
+        "title",
+    )
+
+
+async def delete_conversation_stale(scene: Scene) -> object:
+    return await scene.stub.DeleteConversation(
+        pb.DeleteConversationRequest(name=scene.conversation, etag=STALE),
+        metadata=scene.owner.md,
+        timeout=TIMEOUT_S,
+    )
+
+
+async def append_invalid_message(scene: Scene) -> object:
+    return await append(
+        scene.stub, scene.owner, scene.conversation, message=pb.Message(role=pb.MESSAGE_ROLE_USER)
+    )
+
+
+async def remove_last_owner(scene: Scene) -> None:
+    await _remove(scene.stub, scene.owner, EVENTS_WS, scene.owner)
+
+
+async def create_duplicate_workspace(scene: Scene) -> object:
+    return await create_workspace(scene.stub, scene.owner, "dup", workspace_id="events-ws")
+
+
+async def update_memory_item_stale(scene: Scene) -> object:
+    return await scene.stub.UpdateMemoryItem(
+        pb.UpdateMemoryItemRequest(
+            memory_item=pb.MemoryItem(name=scene.memory, content="x", etag='"7"'),
+            update_mask=mask("content"),
+        ),
+        metadata=scene.owner.md,
+        timeout=TIMEOUT_S,
+    )
+
+
+FAILED_WRITES: list[tuple[str, Callable[[Scene], Awaitable[object]], grpc.StatusCode]] = [
+    ("UpdateWorkspace, stale etag", update_workspace_stale, ABORTED),
+    ("DeleteWorkspace, stale etag", delete_workspace_stale, ABORTED),
+    ("UpdateConversation, stale etag", update_conversation_stale, ABORTED),
+    ("DeleteConversation, stale etag", delete_conversation_stale, ABORTED),
+    ("AppendMessage, invalid", append_invalid_message, INVALID),
+    ("RemoveWorkspaceMember, last owner", remove_last_owner, PRECONDITION),
+    ("CreateWorkspace, duplicate", create_duplicate_workspace, grpc.StatusCode.ALREADY_EXISTS),
+    ("UpdateMemoryItem, stale etag", update_memory_item_stale, ABORTED),
+]
+
+
+async def test_failed_writes_publish_nothing(scene: Scene, events: EventTap) -> None:
+    # One scene for all: a refused write changes nothing, so none prepares the next.
+    ready = await changed_resources(scene)
+    events.take()
+    for label, write, code in FAILED_WRITES:
+        await refused(write(ready), code)
+        assert events.take() == [], label
 
 
 async def test_outsiders_get_not_found_and_viewers_cannot_write(stub: Stub, world: World) -> None:
@@ -2393,7 +2484,7 @@ async def test_outsiders_get_not_found_and_viewers_cannot_write(stub: Stub, worl
         lambda c: stub.GetMessage(
             pb.GetMessageRequest(name=message.name), metadata=c.md, timeout=TIMEOUT_S
         ),
-        lambda c: _get_memory(stub, c, memory.name),
+        lambda c: get_memory_item(stub, c, memory.name),
         lambda c: _list_memory(stub, c, world.name),
         lambda c: search(stub, c, world.name, "fact"),
         lambda c: _list_conversations(stub, c, world.name),
@@ -2475,7 +2566,7 @@ async def test_a_malformed_etag_names_the_field_that_holds_it(stub: Stub, world:
             wrong.append((field, violations(error)))
     assert wrong == [], "field violations must name the request field (expected, got)"
     assert (await get_conversation(stub, world.viewer, conversation.name)).title == "A conversation"
-    assert (await _get_memory(stub, world.viewer, item.name)).content == "etag target"
+    assert (await get_memory_item(stub, world.viewer, item.name)).content == "etag target"
 
 
 async def test_counts_are_limited(database_url: str) -> None:

@@ -17,24 +17,25 @@ from grpc import aio
 from redis.asyncio import Redis
 
 from switchboard.api.context.v1 import context_pb2 as pb
-from switchboard.auth.accounts import ClientContext
+from switchboard.auth.accounts import Accounts, ClientContext
 from switchboard.auth.store import AuthStore
+from switchboard.context.domain import ContextDomain
 from switchboard.mesh import create_server
 from switchboard.platform.config import Settings
 from switchboard.platform.policy import AuthMethod
 from switchboard.platform.server import SwitchboardServer
-from tests.conftest import make_settings
+from tests.conftest import built, make_settings
 from tests.infra.redis import RedisServer
-from tests.service.windowkit import (
+from tests.service.contextkit import (
     PINNED,
     Caller,
+    Chat,
+    all_messages,
     append,
-    as_user,
+    context_stub,
     included_messages,
-    messages,
     names,
-    new_caller,
-    on_channel,
+    new_chat,
     remember,
     window,
 )
@@ -56,7 +57,7 @@ def settings(request: pytest.FixtureRequest, redis_server: RedisServer) -> Setti
 
 
 def hits(mesh: SwitchboardServer) -> int:
-    return int(mesh.deps.context._cache.hits)
+    return int(built(mesh, ContextDomain).windows.cache.hits)
 
 
 def retry_redis_now(mesh: SwitchboardServer) -> None:
@@ -65,14 +66,14 @@ def retry_redis_now(mesh: SwitchboardServer) -> None:
     After a failure the cache leaves Redis alone for ``retry_s`` (memory only);
     this stands for that interval having passed, without sleeping through it.
     """
-    mesh.deps.context._cache._down_until = 0.0
+    built(mesh, ContextDomain).windows.cache._down_until = 0.0
 
 
-def conversation_id(c: Caller) -> str:
+def conversation_id(c: Chat) -> str:
     return c.conversation.rsplit("/", 1)[1]
 
 
-async def stored(redis: RedisServer, c: Caller) -> dict[bytes, bytes]:
+async def stored(redis: RedisServer, c: Chat) -> dict[bytes, bytes]:
     """The window cache entries of ``c``'s conversation held in Redis.
 
     A new client each time: the server may have been restarted since the last look.
@@ -93,11 +94,11 @@ def serialized(win: pb.ContextWindow) -> bytes:
     return pb.GetContextWindowResponse(window=win).SerializeToString()
 
 
-async def served_twice(mesh: SwitchboardServer, c: Caller) -> pb.ContextWindow:
+async def served_twice(mesh: SwitchboardServer, c: Chat) -> pb.ContextWindow:
     """The window, read twice; the second read is a cache hit with the same content."""
-    win = await window(c, BUDGET)
+    win = await window(c.stub, c.caller, c.conversation, BUDGET)
     before = hits(mesh)
-    assert await window(c, BUDGET) == win
+    assert await window(c.stub, c.caller, c.conversation, BUDGET) == win
     assert hits(mesh) == before + 1
     return win
 
@@ -106,11 +107,11 @@ def texts(win: pb.ContextWindow) -> list[str]:
     return [m.parts[0].text for m in included_messages(win)]
 
 
-async def expect_fresh(c: Caller, wanted: list[str], pinned: list[str] | None = None) -> None:
+async def expect_fresh(c: Chat, wanted: list[str], pinned: list[str] | None = None) -> None:
     """The window shows exactly the conversation's live messages ``wanted`` (and pins)."""
-    win = await window(c, BUDGET)
+    win = await window(c.stub, c.caller, c.conversation, BUDGET)
     assert texts(win) == wanted
-    assert [m.parts[0].text for m in await messages(c)] == wanted
+    assert [m.parts[0].text for m in await all_messages(c.stub, c.caller, c.conversation)] == wanted
     if pinned is not None:
         assert sorted(names(win.included, PINNED)) == sorted(pinned)
 
@@ -121,24 +122,26 @@ async def expect_fresh(c: Caller, wanted: list[str], pinned: list[str] | None = 
 async def test_redis_up_windows_are_shared_through_redis_and_never_stale(
     mesh: SwitchboardServer, channel: aio.Channel, redis_server: RedisServer
 ) -> None:
-    c = await new_caller(mesh, channel)
-    await append(c, "one")
+    c = await new_chat(mesh, channel)
+    await append(c.stub, c.caller, c.conversation, "one")
     old = await served_twice(mesh, c)
     # Stored in Redis too, as the very window served.
     entries = await stored(redis_server, c)
     assert len(entries) == 1
     assert next(iter(entries.values())).endswith(serialized(old))
 
-    await append(c, "two")
+    await append(c.stub, c.caller, c.conversation, "two")
     new = await served_twice(mesh, c)
     assert texts(new) == ["one", "two"]
     assert new.conversation_version > old.conversation_version
     assert len(await stored(redis_server, c)) == 2  # the old entry is unreachable, not served
 
     pins = []
-    for parent in (c.conversation, c.workspace, c.user):
+    for parent in (c.conversation, c.workspace, c.caller.name):
         await served_twice(mesh, c)
-        pins.append((await remember(c, parent, f"pin in {parent}", pinned=True)).name)
+        pins.append(
+            (await remember(c.stub, c.caller, parent, f"pin in {parent}", pinned=True)).name
+        )
         win = await served_twice(mesh, c)
         assert sorted(names(win.included, PINNED)) == sorted(pins)
 
@@ -149,29 +152,33 @@ async def test_redis_up_windows_are_shared_through_redis_and_never_stale(
 async def test_redis_killed_then_restarted_windows_are_never_stale(
     mesh: SwitchboardServer, channel: aio.Channel, redis_server: RedisServer
 ) -> None:
-    c = await new_caller(mesh, channel)
-    await append(c, "one")
+    c = await new_chat(mesh, channel)
+    await append(c.stub, c.caller, c.conversation, "one")
     await served_twice(mesh, c)
     assert await stored(redis_server, c)
 
     redis_server.kill()
-    await append(c, "two")
+    await append(c.stub, c.caller, c.conversation, "two")
     await expect_fresh(c, ["one", "two"])
     await served_twice(mesh, c)  # memory still caches while Redis is away
-    workspace_pin = await remember(c, c.workspace, "pinned while Redis was down", pinned=True)
+    workspace_pin = await remember(
+        c.stub, c.caller, c.workspace, "pinned while Redis was down", pinned=True
+    )
     await expect_fresh(c, ["one", "two"], [workspace_pin.name])
-    await append(c, "three")
+    await append(c.stub, c.caller, c.conversation, "three")
     await expect_fresh(c, ["one", "two", "three"], [workspace_pin.name])
 
     redis_server.restart()
     await expect_fresh(c, ["one", "two", "three"], [workspace_pin.name])
     # Recovery: once the retry interval is over, windows are stored in Redis again.
     retry_redis_now(mesh)
-    await append(c, "four")
+    await append(c.stub, c.caller, c.conversation, "four")
     await expect_fresh(c, ["one", "two", "three", "four"], [workspace_pin.name])
     (entry,) = (await stored(redis_server, c)).values()  # the restarted Redis started empty
-    assert entry.endswith(serialized(await window(c, BUDGET)))
-    user_pin = await remember(c, c.user, "pinned after Redis came back", pinned=True)
+    assert entry.endswith(serialized(await window(c.stub, c.caller, c.conversation, BUDGET)))
+    user_pin = await remember(
+        c.stub, c.caller, c.caller.name, "pinned after Redis came back", pinned=True
+    )
     await expect_fresh(c, ["one", "two", "three", "four"], [workspace_pin.name, user_pin.name])
     await served_twice(mesh, c)
 
@@ -179,18 +186,18 @@ async def test_redis_killed_then_restarted_windows_are_never_stale(
 async def test_redis_paused_then_resumed_old_entries_in_redis_are_never_served(
     mesh: SwitchboardServer, channel: aio.Channel, redis_server: RedisServer
 ) -> None:
-    c = await new_caller(mesh, channel)
-    await append(c, "one")
+    c = await new_chat(mesh, channel)
+    await append(c.stub, c.caller, c.conversation, "one")
     old = await served_twice(mesh, c)
     before_outage = await stored(redis_server, c)
     assert len(before_outage) == 1
 
     redis_server.pause()  # SIGSTOP: connections stay open, nothing answers
     try:
-        await append(c, "two")
+        await append(c.stub, c.caller, c.conversation, "two")
         await expect_fresh(c, ["one", "two"])
         await served_twice(mesh, c)
-        pin = await remember(c, c.workspace, "pinned while Redis hung", pinned=True)
+        pin = await remember(c.stub, c.caller, c.workspace, "pinned while Redis hung", pinned=True)
         await expect_fresh(c, ["one", "two"], [pin.name])
     finally:
         redis_server.resume()
@@ -201,7 +208,7 @@ async def test_redis_paused_then_resumed_old_entries_in_redis_are_never_served(
     assert next(iter(before_outage.values())).endswith(serialized(old))
     retry_redis_now(mesh)
     await expect_fresh(c, ["one", "two"], [pin.name])
-    await append(c, "three")
+    await append(c.stub, c.caller, c.conversation, "three")
     await expect_fresh(c, ["one", "two", "three"], [pin.name])
     await served_twice(mesh, c)
     # Redis is in use again: the new window went there next to the old one.
@@ -214,7 +221,7 @@ async def test_redis_paused_then_resumed_old_entries_in_redis_are_never_served(
 @pytest.fixture
 async def other_mesh(mesh: SwitchboardServer) -> AsyncIterator[SwitchboardServer]:
     """A second server on the same database and the same Redis (another process)."""
-    shared = mesh.deps.settings
+    shared = mesh.shared.settings
     server, _port = await create_server(
         make_settings(
             database_url=shared.database_url.get_secret_value(),
@@ -235,11 +242,11 @@ async def other_channel(other_mesh: SwitchboardServer) -> AsyncIterator[aio.Chan
         yield chan
 
 
-async def signed_in_on(server: SwitchboardServer, c: Caller) -> str:
+async def signed_in_on(server: SwitchboardServer, c: Chat) -> str:
     """An access token of ``c``'s user issued by ``server`` (dev keys differ per process)."""
-    user = await AuthStore(server.deps.database).user_by_id(c.user_id)
+    user = await AuthStore(server.shared.database).user_by_id(c.caller.id)
     assert user is not None
-    sign_in = await server.deps.accounts.start_session(
+    sign_in = await built(server, Accounts).start_session(
         user, AuthMethod.PASSWORD, ClientContext(address="127.0.0.1")
     )
     return str(sign_in.tokens.access_token)
@@ -252,30 +259,44 @@ async def test_a_write_in_one_process_is_seen_by_a_window_in_another(
     other_channel: aio.Channel,
     redis_server: RedisServer,
 ) -> None:
-    a = await new_caller(mesh, channel)
-    b = as_user(on_channel(a, other_channel), a.user_id, await signed_in_on(other_mesh, a))
-    await append(a, "one")
+    a = await new_chat(mesh, channel)
+    # The same user and conversation, through the other process with a token it issued.
+    b = Chat(
+        context_stub(other_channel),
+        Caller(a.caller.id, await signed_in_on(other_mesh, a)),
+        a.workspace,
+        a.conversation,
+    )
+    await append(a.stub, a.caller, a.conversation, "one")
 
     # B builds the window and stores it (memory and Redis); A is served B's entry.
     old = await served_twice(other_mesh, b)
     a_hits = hits(mesh)
-    assert await window(a, BUDGET) == old
+    assert await window(a.stub, a.caller, a.conversation, BUDGET) == old
     assert hits(mesh) == a_hits + 1
     assert len(await stored(redis_server, a)) == 1
 
     # Written through A: B's memory and Redis hold only the old version.
-    await append(a, "two")
+    await append(a.stub, a.caller, a.conversation, "two")
     await expect_fresh(b, ["one", "two"])
-    pins = [(await remember(a, a.workspace, "workspace pin via A", pinned=True)).name]
+    pins = [
+        (await remember(a.stub, a.caller, a.workspace, "workspace pin via A", pinned=True)).name
+    ]
     await expect_fresh(b, ["one", "two"], pins)
-    pins.append((await remember(a, a.user, "user pin via A", pinned=True)).name)
+    pins.append(
+        (await remember(a.stub, a.caller, a.caller.name, "user pin via A", pinned=True)).name
+    )
     await expect_fresh(b, ["one", "two"], pins)
     await served_twice(other_mesh, b)
 
     # And the other way round, with A's memory holding the window.
     await served_twice(mesh, a)
-    await append(b, "three")
-    pins.append((await remember(b, b.conversation, "conversation pin via B", pinned=True)).name)
+    await append(b.stub, b.caller, b.conversation, "three")
+    pins.append(
+        (
+            await remember(b.stub, b.caller, b.conversation, "conversation pin via B", pinned=True)
+        ).name
+    )
     await expect_fresh(a, ["one", "two", "three"], pins)
 
     # Redis hangs while only A works; once it is back, B (which never saw the
@@ -283,11 +304,11 @@ async def test_a_write_in_one_process_is_seen_by_a_window_in_another(
     await served_twice(other_mesh, b)
     redis_server.pause()
     try:
-        await append(a, "four")
+        await append(a.stub, a.caller, a.conversation, "four")
         await expect_fresh(a, ["one", "two", "three", "four"], pins)
     finally:
         redis_server.resume()
-    assert other_mesh.deps.context._cache.redis_up
+    assert built(other_mesh, ContextDomain).windows.cache.redis_up
     entries = len(await stored(redis_server, a))
     await expect_fresh(b, ["one", "two", "three", "four"], pins)
     assert len(await stored(redis_server, a)) == entries + 1  # B stored the new one
@@ -297,15 +318,15 @@ async def test_a_write_in_one_process_is_seen_by_a_window_in_another(
     await served_twice(other_mesh, b)
     redis_server.pause()
     try:
-        await append(a, "five")
+        await append(a.stub, a.caller, a.conversation, "five")
         await expect_fresh(b, ["one", "two", "three", "four", "five"], pins)
-        await append(b, "six")
+        await append(b.stub, b.caller, b.conversation, "six")
         await expect_fresh(a, ["one", "two", "three", "four", "five", "six"], pins)
     finally:
         redis_server.resume()
     retry_redis_now(mesh)
     retry_redis_now(other_mesh)
     everything = ["one", "two", "three", "four", "five", "six", "seven"]
-    await append(a, "seven")
+    await append(a.stub, a.caller, a.conversation, "seven")
     await expect_fresh(b, everything, pins)
     await expect_fresh(a, everything, pins)

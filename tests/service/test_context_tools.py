@@ -20,6 +20,9 @@ from switchboard.platform.server import SwitchboardServer
 from tests.conftest import make_settings
 from tests.service.authkit import reason
 from tests.service.contextkit import (
+    OVER_BUDGET,
+    RECENT,
+    SUMMARY,
     TIMEOUT_S,
     EventTap,
     Stub,
@@ -35,6 +38,7 @@ from tests.service.contextkit import (
     tap,
     text_message,
     violations,
+    window,
 )
 
 pytestmark = pytest.mark.asyncio
@@ -43,9 +47,6 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 DENIED = grpc.StatusCode.PERMISSION_DENIED
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
-RECENT = pb.CONTEXT_ITEM_REASON_RECENT
-SUMMARY = pb.CONTEXT_ITEM_REASON_SUMMARY
-OVER_BUDGET = pb.CONTEXT_ITEM_REASON_OVER_BUDGET
 USER = pb.MESSAGE_ROLE_USER
 ASSISTANT = pb.MESSAGE_ROLE_ASSISTANT
 TOOL = pb.MESSAGE_ROLE_TOOL
@@ -102,15 +103,6 @@ def calling(text: str, *calls: pb.ContentPart) -> pb.Message:
 
 def answering(*results: pb.ContentPart) -> pb.Message:
     return pb.Message(role=TOOL, parts=list(results))
-
-
-async def window(stub: Stub, world: World, conversation: str, budget: int) -> pb.ContextWindow:
-    response = await stub.GetContextWindow(
-        pb.GetContextWindowRequest(conversation=conversation, token_budget=budget),
-        metadata=world.viewer.md,
-        timeout=TIMEOUT_S,
-    )
-    return response.window
 
 
 def shown(win: pb.ContextWindow) -> list[str]:
@@ -177,7 +169,7 @@ async def test_tool_messages_are_stored_counted_announced_and_windowed(
     assert listed[1:3] == [made, answered]
 
     # A window with room for everything shows every message with its count.
-    win = await window(stub, world, conversation.name, 10_000)
+    win = await window(stub, world.viewer, conversation.name, 10_000)
     messages = [i for i in win.included if i.HasField("message")]
     assert [i.message for i in messages] == listed
     assert all(i.reason == RECENT and i.token_count == i.message.token_count for i in messages)
@@ -221,14 +213,14 @@ async def test_a_budget_that_would_split_a_call_from_its_results_drops_the_resul
 
     # Room for the call with its results: all four newest.
     whole = sum(cost[1:])
-    win = await window(stub, world, name, whole)
+    win = await window(stub, world.viewer, name, whole)
     assert shown(win) == [x.name for x in m[1:]]
     assert win.total_tokens == whole
     assert left_out(win) == [(m[0].name, OVER_BUDGET)]
 
     # One token short of the call: its results would open the window without
     # it, so they are left out too, newest first, before the call.
-    win = await window(stub, world, name, whole - 1)
+    win = await window(stub, world.viewer, name, whole - 1)
     assert shown(win) == [m[4].name]
     assert win.total_tokens == cost[4]
     assert left_out(win) == [
@@ -239,7 +231,7 @@ async def test_a_budget_that_would_split_a_call_from_its_results_drops_the_resul
     assert win.omitted_messages == 1
 
     # Room for only one result: the same cut.
-    win = await window(stub, world, name, cost[3] + cost[4])
+    win = await window(stub, world.viewer, name, cost[3] + cost[4])
     assert shown(win) == [m[4].name]
     assert left_out(win) == [(m[3].name, OVER_BUDGET), (m[2].name, OVER_BUDGET)]
     assert win.omitted_messages == 2
@@ -255,7 +247,7 @@ async def test_a_message_between_a_call_and_its_result_is_cut_with_the_call(
     result = await append(stub, world.editor, name, message=answering(result_part("c1", "done")))
     final = await append(stub, world.editor, name, message=text_message("Done.", role=ASSISTANT))
     budget = aside.token_count + result.token_count + final.token_count
-    win = await window(stub, world, name, budget)
+    win = await window(stub, world.viewer, name, budget)
     # The call did not fit, so its result goes, and with it everything older.
     assert shown(win) == [final.name]
     assert left_out(win) == [
@@ -263,7 +255,7 @@ async def test_a_message_between_a_call_and_its_result_is_cut_with_the_call(
         (aside.name, OVER_BUDGET),
         (call.name, OVER_BUDGET),
     ]
-    assert shown(await window(stub, world, name, budget + call.token_count)) == [
+    assert shown(await window(stub, world.viewer, name, budget + call.token_count)) == [
         call.name,
         aside.name,
         result.name,
@@ -308,7 +300,7 @@ async def test_pruning_summarizes_tool_outcomes_briefly_and_windows_skip_orphane
     assert (await get_conversation(stub, world.viewer, name)).message_count == 2
 
     # The live result whose call was pruned away is never shown on its own.
-    win = await window(stub, world, name, 10_000)
+    win = await window(stub, world.viewer, name, 10_000)
     assert [i.reason for i in win.included] == [SUMMARY, RECENT]
     assert shown(win) == [final.name]
     assert left_out(win) == [(result.name, OVER_BUDGET)]

@@ -25,38 +25,41 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from switchboard.api.context.v1 import context_pb2 as pb
-from switchboard.context import service as service_module
-from switchboard.context import store as store_module
+from switchboard.context import storebase as store_module
 from switchboard.context import windowcache as windowcache_module
+from switchboard.context import windows as windows_module
+from switchboard.context.domain import ContextDomain
 from switchboard.platform.config import Settings
 from switchboard.platform.server import SwitchboardServer
-from tests.conftest import make_settings
-from tests.service.authkit import detail, quick_user
-from tests.service.windowkit import (
-    DEADLINE_S,
+from tests.conftest import built, make_settings
+from tests.service.authkit import detail
+from tests.service.contextkit import (
     EXPIRED,
     OVER_BUDGET,
     PINNED,
     RECENT,
     RELEVANT,
     SUMMARY,
-    Caller,
+    TIMEOUT_S,
+    Chat,
     add_member,
+    all_messages,
     append,
-    as_user,
     awaiting_event,
     check_nothing_lost,
     check_window,
-    conversation_of,
+    create_conversation,
     expected_kept,
     expire_in_database,
+    from_now,
+    get_conversation,
+    get_memory_item,
     included_messages,
     item_name,
-    memory_item,
-    messages,
+    member_name,
     names,
     new_caller,
-    new_conversation,
+    new_chat,
     prune,
     range_of,
     remember,
@@ -93,32 +96,41 @@ def code_of(error: pytest.ExceptionInfo[aio.AioRpcError]) -> grpc.StatusCode:
     return error.value.code()
 
 
-def in_the_future() -> dt.datetime:
-    return dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
-
-
 # -- the worked example -----------------------------------------------------------------
 
 
 async def test_worked_example(mesh: SwitchboardServer, channel: aio.Channel) -> None:
-    c = await new_caller(mesh, channel)
+    c = await new_chat(mesh, channel)
     # Another member's own pinned memory is theirs, never in this caller's window.
-    other_id, other_token = await quick_user(mesh)
-    await add_member(c, other_id, pb.WORKSPACE_ROLE_EDITOR)
-    other = as_user(c, other_id, other_token)
-    theirs = await remember(other, other.user, "Someone else likes long essays.", pinned=True)
+    other = await new_caller(mesh)
+    await add_member(c.stub, c.caller, c.workspace, other, pb.WORKSPACE_ROLE_EDITOR)
+    theirs = await remember(
+        c.stub, other, other.name, "Someone else likes long essays.", pinned=True
+    )
 
     pinned = [
-        await remember(c, c.conversation, "Project codename is Bluebird.", pinned=True),
         await remember(
-            c, c.workspace, "Answer in British English.", pinned=True, kind=pb.MEMORY_KIND_NOTE
+            c.stub, c.caller, c.conversation, "Project codename is Bluebird.", pinned=True
         ),
         await remember(
-            c, c.user, "Keep answers short.", pinned=True, kind=pb.MEMORY_KIND_PREFERENCE
+            c.stub,
+            c.caller,
+            c.workspace,
+            "Answer in British English.",
+            pinned=True,
+            kind=pb.MEMORY_KIND_NOTE,
+        ),
+        await remember(
+            c.stub,
+            c.caller,
+            c.caller.name,
+            "Keep answers short.",
+            pinned=True,
+            kind=pb.MEMORY_KIND_PREFERENCE,
         ),
     ]
-    giraffe = await remember(c, c.workspace, "Giraffe enclosure closes at noon.")
-    volcano = await remember(c, c.conversation, "Volcanoes erupt rarely.")
+    giraffe = await remember(c.stub, c.caller, c.workspace, "Giraffe enclosure closes at noon.")
+    volcano = await remember(c.stub, c.caller, c.conversation, "Volcanoes erupt rarely.")
 
     conversation = [
         (USER, "Tell me about the zoo opening hours and the aquarium schedule."),
@@ -132,9 +144,12 @@ async def test_worked_example(mesh: SwitchboardServer, channel: aio.Channel) -> 
         # *user* message, so the volcano note must not be retrieved.
         (ASSISTANT, "Let me check; volcanoes erupt rarely, by the way."),
     ]
-    m = [await append(c, text, role) for role, text in conversation]
+    m = [
+        await append(c.stub, c.caller, c.conversation, text, role=role)
+        for role, text in conversation
+    ]
 
-    pruned = await prune(c, keep_last_messages=6)
+    pruned = await prune(c.stub, c.caller, c.conversation, keep_last_messages=6)
     assert pruned.pruned_message_count == 2
     assert pruned.kept_message_count == 6
     summary = pruned.summary
@@ -152,7 +167,7 @@ async def test_worked_example(mesh: SwitchboardServer, channel: aio.Channel) -> 
     # example really is about order and the budget, not about that cap).
     assert giraffe.token_count <= budget // 4
 
-    win = await window(c, budget)
+    win = await window(c.stub, c.caller, c.conversation, budget)
     assert [i.reason for i in win.included] == [PINNED] * 3 + [RELEVANT, SUMMARY] + [RECENT] * 3
     assert sorted(names(win.included, PINNED)) == sorted(p.name for p in pinned)
     assert names(win.included, RELEVANT) == [giraffe.name]
@@ -166,21 +181,24 @@ async def test_worked_example(mesh: SwitchboardServer, channel: aio.Channel) -> 
     assert win.total_tokens == fits
     assert win.total_tokens == sum(i.token_count for i in win.included)
     assert win.total_tokens <= win.token_budget == budget
-    assert win.tokenizer == mesh.deps.settings.context_tokenizer
+    assert win.tokenizer == mesh.shared.settings.context_tokenizer
     assert win.conversation == c.conversation
-    assert win.conversation_version == (await conversation_of(c)).version
+    assert (
+        win.conversation_version
+        == (await get_conversation(c.stub, c.caller, c.conversation)).version
+    )
     listed = names(win.included) + names(win.excluded)
     assert theirs.name not in listed
     assert volcano.name not in listed
     included = {item_name(i): i for i in win.included}
     assert included[summary.name].memory_item.content == summary.content
     assert included[m[7].name].message.parts[0].text == conversation[7][1]
-    live = await messages(c)
+    live = await all_messages(c.stub, c.caller, c.conversation)
     assert [x.name for x in live] == [x.name for x in m[2:]]
     check_window(win, budget=budget, live=live, pinned=[p.name for p in pinned])
 
     # An explicit query replaces the latest user message for retrieval.
-    asked = await window(c, budget, query="volcanoes erupt")
+    asked = await window(c.stub, c.caller, c.conversation, budget, query="volcanoes erupt")
     assert names(asked.included, RELEVANT) == [volcano.name]
     assert giraffe.name not in names(asked.included) + names(asked.excluded)
     check_window(asked, budget=budget, live=live, pinned=[p.name for p in pinned])
@@ -189,21 +207,32 @@ async def test_worked_example(mesh: SwitchboardServer, channel: aio.Channel) -> 
 async def test_expired_memories_are_listed_as_expired_and_never_included(
     mesh: SwitchboardServer, channel: aio.Channel
 ) -> None:
-    c = await new_caller(mesh, channel)
-    live_pin = await remember(c, c.conversation, "The launch is planned for spring.", pinned=True)
+    c = await new_chat(mesh, channel)
+    live_pin = await remember(
+        c.stub, c.caller, c.conversation, "The launch is planned for spring.", pinned=True
+    )
     stale_pin = await remember(
-        c, c.workspace, "Use the old staging cluster.", pinned=True, expire_time=in_the_future()
+        c.stub,
+        c.caller,
+        c.workspace,
+        "Use the old staging cluster.",
+        pinned=True,
+        expire_time=from_now(hours=1),
     )
     stale_note = await remember(
-        c, c.workspace, "Giraffe feeding moved indoors.", expire_time=in_the_future()
+        c.stub,
+        c.caller,
+        c.workspace,
+        "Giraffe feeding moved indoors.",
+        expire_time=from_now(hours=1),
     )
-    fresh_note = await remember(c, c.workspace, "Giraffe feeding happens at noon.")
+    fresh_note = await remember(c.stub, c.caller, c.workspace, "Giraffe feeding happens at noon.")
     # Written before any window of this conversation exists (see expire_in_database).
     await expire_in_database(mesh, stale_pin.name)
     await expire_in_database(mesh, stale_note.name)
-    question = await append(c, "When is giraffe feeding?")
+    question = await append(c.stub, c.caller, c.conversation, "When is giraffe feeding?")
 
-    win = await window(c, 1000)
+    win = await window(c.stub, c.caller, c.conversation, 1000)
     check_window(
         win,
         budget=1000,
@@ -219,7 +248,7 @@ async def test_expired_memories_are_listed_as_expired_and_never_included(
     # budget too small for both pinned items together is enough for the live one.
     tight = live_pin.token_count + stale_pin.token_count - 1
     assert tight >= live_pin.token_count
-    small = await window(c, tight)
+    small = await window(c.stub, c.caller, c.conversation, tight)
     assert names(small.included, PINNED) == [live_pin.name]
     assert stale_pin.name in names(small.excluded, EXPIRED)
     assert small.total_tokens <= tight
@@ -228,18 +257,22 @@ async def test_expired_memories_are_listed_as_expired_and_never_included(
 async def test_pinned_memories_over_the_budget_fail_loudly(
     mesh: SwitchboardServer, channel: aio.Channel
 ) -> None:
-    c = await new_caller(mesh, channel)
-    first = await remember(c, c.conversation, "Always cite the internal wiki.", pinned=True)
-    second = await remember(c, c.user, "Prefers metric units in every answer.", pinned=True)
-    await append(c, "Hello there")
+    c = await new_chat(mesh, channel)
+    first = await remember(
+        c.stub, c.caller, c.conversation, "Always cite the internal wiki.", pinned=True
+    )
+    second = await remember(
+        c.stub, c.caller, c.caller.name, "Prefers metric units in every answer.", pinned=True
+    )
+    await append(c.stub, c.caller, c.conversation, "Hello there")
     needed = first.token_count + second.token_count
 
     with pytest.raises(aio.AioRpcError) as error:
-        await window(c, needed - 1)
+        await window(c.stub, c.caller, c.conversation, needed - 1)
     assert code_of(error) == grpc.StatusCode.FAILED_PRECONDITION
 
     # Exactly enough: both pinned, nothing else fits.
-    win = await window(c, needed)
+    win = await window(c.stub, c.caller, c.conversation, needed)
     assert sorted(names(win.included)) == sorted([first.name, second.name])
     assert win.total_tokens == needed
 
@@ -251,9 +284,9 @@ async def test_pinned_memories_over_the_budget_fail_loudly(
 async def test_token_budget_out_of_range_is_invalid(
     mesh: SwitchboardServer, channel: aio.Channel, budget: int
 ) -> None:
-    c = await new_caller(mesh, channel)
+    c = await new_chat(mesh, channel)
     with pytest.raises(aio.AioRpcError) as error:
-        await window(c, budget)
+        await window(c.stub, c.caller, c.conversation, budget)
     assert code_of(error) == grpc.StatusCode.INVALID_ARGUMENT
     bad: error_details_pb2.BadRequest = detail(error.value, error_details_pb2.BadRequest)
     assert [v.field for v in bad.field_violations] == ["token_budget"]
@@ -262,10 +295,10 @@ async def test_token_budget_out_of_range_is_invalid(
 async def test_a_query_over_the_limit_is_invalid(
     mesh: SwitchboardServer, channel: aio.Channel
 ) -> None:
-    c = await new_caller(mesh, channel)
-    limit = int(mesh.deps.context.limits.max_query_chars)
+    c = await new_chat(mesh, channel)
+    limit = int(built(mesh, ContextDomain).limits.max_query_chars)
     with pytest.raises(aio.AioRpcError) as error:
-        await window(c, 100, query="q" * (limit + 1))
+        await window(c.stub, c.caller, c.conversation, 100, query="q" * (limit + 1))
     assert code_of(error) == grpc.StatusCode.INVALID_ARGUMENT
     bad: error_details_pb2.BadRequest = detail(error.value, error_details_pb2.BadRequest)
     assert [v.field for v in bad.field_violations] == ["query"]
@@ -274,9 +307,9 @@ async def test_a_query_over_the_limit_is_invalid(
 async def test_the_largest_budget_is_accepted(
     mesh: SwitchboardServer, channel: aio.Channel
 ) -> None:
-    c = await new_caller(mesh, channel)
-    await append(c, "hello")
-    win = await window(c, MAX_WINDOW_TOKENS)
+    c = await new_chat(mesh, channel)
+    await append(c.stub, c.caller, c.conversation, "hello")
+    win = await window(c.stub, c.caller, c.conversation, MAX_WINDOW_TOKENS)
     assert win.token_budget == MAX_WINDOW_TOKENS
     assert len(win.included) == 1
 
@@ -284,22 +317,22 @@ async def test_the_largest_budget_is_accepted(
 async def test_unknown_conversations_are_not_found(
     mesh: SwitchboardServer, channel: aio.Channel
 ) -> None:
-    c = await new_caller(mesh, channel)
+    c = await new_chat(mesh, channel)
     with pytest.raises(aio.AioRpcError) as error:
-        await window(c, 100, conversation=f"{c.workspace}/conversations/nope")
+        await window(c.stub, c.caller, f"{c.workspace}/conversations/nope", 100)
     assert code_of(error) == grpc.StatusCode.NOT_FOUND
 
     # A real conversation named under another workspace of the same caller.
     elsewhere = await c.stub.CreateWorkspace(
         pb.CreateWorkspaceRequest(workspace=pb.Workspace(display_name="Elsewhere")),
-        metadata=c.md,
-        timeout=DEADLINE_S,
+        metadata=c.caller.md,
+        timeout=TIMEOUT_S,
     )
     conversation_id = c.conversation.rsplit("/", 1)[1]
     wrong = f"{elsewhere.workspace.name}/conversations/{conversation_id}"
     for call in (
-        window(c, 100, conversation=wrong),
-        prune(c, keep_last_messages=1, conversation=wrong),
+        window(c.stub, c.caller, wrong, 100),
+        prune(c.stub, c.caller, wrong, keep_last_messages=1),
     ):
         with pytest.raises(aio.AioRpcError) as error:
             await call
@@ -307,87 +340,88 @@ async def test_unknown_conversations_are_not_found(
 
 
 async def test_non_members_get_not_found(mesh: SwitchboardServer, channel: aio.Channel) -> None:
-    c = await new_caller(mesh, channel)
-    await append(c, "private matters")
-    stranger_id, stranger_token = await quick_user(mesh)
-    stranger = as_user(c, stranger_id, stranger_token)
+    c = await new_chat(mesh, channel)
+    await append(c.stub, c.caller, c.conversation, "private matters")
+    stranger = await new_caller(mesh)
     with pytest.raises(aio.AioRpcError) as error:
-        await window(stranger, 100)
+        await window(c.stub, stranger, c.conversation, 100)
     assert code_of(error) == grpc.StatusCode.NOT_FOUND
     with pytest.raises(aio.AioRpcError) as error:
-        await prune(stranger, keep_last_messages=1)
+        await prune(c.stub, stranger, c.conversation, keep_last_messages=1)
     assert code_of(error) == grpc.StatusCode.NOT_FOUND
 
 
 async def test_viewers_read_windows_but_cannot_prune(
     mesh: SwitchboardServer, channel: aio.Channel
 ) -> None:
-    c = await new_caller(mesh, channel)
-    viewer_id, viewer_token = await quick_user(mesh)
-    await add_member(c, viewer_id, pb.WORKSPACE_ROLE_VIEWER)
-    viewer = as_user(c, viewer_id, viewer_token)
-    owners = await remember(c, c.user, "The owner likes tables.", pinned=True)
-    viewers = await remember(viewer, viewer.user, "The viewer likes lists.", pinned=True)
+    c = await new_chat(mesh, channel)
+    viewer = await new_caller(mesh)
+    await add_member(c.stub, c.caller, c.workspace, viewer, pb.WORKSPACE_ROLE_VIEWER)
+    owners = await remember(c.stub, c.caller, c.caller.name, "The owner likes tables.", pinned=True)
+    viewers = await remember(c.stub, viewer, viewer.name, "The viewer likes lists.", pinned=True)
     for text in ("one", "two", "three"):
-        await append(c, text)
+        await append(c.stub, c.caller, c.conversation, text)
 
-    win = await window(viewer, 1000)
+    win = await window(c.stub, viewer, c.conversation, 1000)
     # The user scope in a window is the caller's own.
     assert names(win.included, PINNED) == [viewers.name]
     assert owners.name not in names(win.included) + names(win.excluded)
     assert len(included_messages(win)) == 3
 
     with pytest.raises(aio.AioRpcError) as error:
-        await prune(viewer, keep_last_messages=1)
+        await prune(c.stub, viewer, c.conversation, keep_last_messages=1)
     assert code_of(error) == grpc.StatusCode.PERMISSION_DENIED
-    assert len(await messages(c)) == 3
+    assert len(await all_messages(c.stub, c.caller, c.conversation)) == 3
 
 
 async def test_an_archived_conversation_is_read_only_for_pruning(
     mesh: SwitchboardServer, channel: aio.Channel
 ) -> None:
-    c = await new_caller(mesh, channel)
+    c = await new_chat(mesh, channel)
     for text in ("one", "two", "three"):
-        await append(c, text)
+        await append(c.stub, c.caller, c.conversation, text)
     await c.stub.UpdateConversation(
         pb.UpdateConversationRequest(
             conversation=pb.Conversation(name=c.conversation, archived=True),
             update_mask=field_mask_pb2.FieldMask(paths=["archived"]),
         ),
-        metadata=c.md,
-        timeout=DEADLINE_S,
+        metadata=c.caller.md,
+        timeout=TIMEOUT_S,
     )
-    before = await messages(c, show_archived=True)
-    version = (await conversation_of(c)).version
+    before = await all_messages(c.stub, c.caller, c.conversation, show_archived=True)
+    version = (await get_conversation(c.stub, c.caller, c.conversation)).version
     # Its window can still be read.
-    assert len(included_messages(await window(c, 1000))) == 3
+    assert len(included_messages(await window(c.stub, c.caller, c.conversation, 1000))) == 3
     # "Archived conversations are read-only": pruning would archive messages
     # and add a summary to it, so it is refused like an append.
     with pytest.raises(aio.AioRpcError) as error:
-        await prune(c, keep_last_messages=1)
+        await prune(c.stub, c.caller, c.conversation, keep_last_messages=1)
     assert code_of(error) == grpc.StatusCode.FAILED_PRECONDITION
-    assert await messages(c, show_archived=True) == before
-    assert (await conversation_of(c)).version == version
+    assert await all_messages(c.stub, c.caller, c.conversation, show_archived=True) == before
+    assert (await get_conversation(c.stub, c.caller, c.conversation)).version == version
 
 
 async def test_a_deleted_conversation_has_no_window_even_when_one_was_cached(
     mesh: SwitchboardServer, channel: aio.Channel
 ) -> None:
-    c = await new_caller(mesh, channel)
-    await append(c, "soon gone")
-    win = await window(c, 1000)
-    assert await window(c, 1000) == win
+    c = await new_chat(mesh, channel)
+    await append(c.stub, c.caller, c.conversation, "soon gone")
+    win = await window(c.stub, c.caller, c.conversation, 1000)
+    assert await window(c.stub, c.caller, c.conversation, 1000) == win
     await c.stub.DeleteConversation(
-        pb.DeleteConversationRequest(name=c.conversation), metadata=c.md, timeout=DEADLINE_S
+        pb.DeleteConversationRequest(name=c.conversation), metadata=c.caller.md, timeout=TIMEOUT_S
     )
-    for call in (window(c, 1000), prune(c, keep_last_messages=1)):
+    for call in (
+        window(c.stub, c.caller, c.conversation, 1000),
+        prune(c.stub, c.caller, c.conversation, keep_last_messages=1),
+    ):
         with pytest.raises(aio.AioRpcError) as error:
             await call
         assert code_of(error) == grpc.StatusCode.NOT_FOUND
     await c.stub.UndeleteConversation(
-        pb.UndeleteConversationRequest(name=c.conversation), metadata=c.md, timeout=DEADLINE_S
+        pb.UndeleteConversationRequest(name=c.conversation), metadata=c.caller.md, timeout=TIMEOUT_S
     )
-    restored = await window(c, 1000)
+    restored = await window(c.stub, c.caller, c.conversation, 1000)
     assert [m.name for m in included_messages(restored)] == [m.name for m in included_messages(win)]
     assert restored.conversation_version > win.conversation_version
 
@@ -395,29 +429,30 @@ async def test_a_deleted_conversation_has_no_window_even_when_one_was_cached(
 async def test_a_removed_member_loses_the_window_even_when_one_was_cached(
     mesh: SwitchboardServer, channel: aio.Channel
 ) -> None:
-    c = await new_caller(mesh, channel)
-    member_id, member_token = await quick_user(mesh)
-    await add_member(c, member_id, pb.WORKSPACE_ROLE_EDITOR)
-    member = as_user(c, member_id, member_token)
-    await append(c, "shared for now")
-    win = await window(member, 1000)
-    assert await window(member, 1000) == win
+    c = await new_chat(mesh, channel)
+    member = await new_caller(mesh)
+    await add_member(c.stub, c.caller, c.workspace, member, pb.WORKSPACE_ROLE_EDITOR)
+    await append(c.stub, c.caller, c.conversation, "shared for now")
+    win = await window(c.stub, member, c.conversation, 1000)
+    assert await window(c.stub, member, c.conversation, 1000) == win
     await c.stub.RemoveWorkspaceMember(
-        pb.RemoveWorkspaceMemberRequest(name=f"{c.workspace}/members/{member_id}"),
-        metadata=c.md,
-        timeout=DEADLINE_S,
+        pb.RemoveWorkspaceMemberRequest(name=member_name(c.workspace, member)),
+        metadata=c.caller.md,
+        timeout=TIMEOUT_S,
     )
     with pytest.raises(aio.AioRpcError) as error:
-        await window(member, 1000)
+        await window(c.stub, member, c.conversation, 1000)
     assert code_of(error) == grpc.StatusCode.NOT_FOUND
 
 
 async def test_prune_requires_a_limit(mesh: SwitchboardServer, channel: aio.Channel) -> None:
-    c = await new_caller(mesh, channel)
-    await append(c, "hello")
+    c = await new_chat(mesh, channel)
+    await append(c.stub, c.caller, c.conversation, "hello")
     for keep, tokens in ((0, 0), (-1, 0), (0, -5)):
         with pytest.raises(aio.AioRpcError) as error:
-            await prune(c, keep_last_messages=keep, max_tokens=tokens)
+            await prune(
+                c.stub, c.caller, c.conversation, keep_last_messages=keep, max_tokens=tokens
+            )
         assert code_of(error) == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -502,19 +537,22 @@ async def test_window_and_pruning_properties(
     second_limits: tuple[int, int],
 ) -> None:
     # Every example gets its own user, workspace and conversation: independent data.
-    c = await new_caller(mesh, channel)
-    appended = [await append(c, text, role) for role, text in texts]
-    parents = {"conversation": c.conversation, "workspace": c.workspace, "user": c.user}
+    c = await new_chat(mesh, channel)
+    appended = [
+        await append(c.stub, c.caller, c.conversation, text, role=role) for role, text in texts
+    ]
+    parents = {"conversation": c.conversation, "workspace": c.workspace, "user": c.caller.name}
     pinned: list[pb.MemoryItem] = []
     expired_pinned: list[str] = []
     expired: list[str] = []
     for scope, content, is_pinned, is_expired in memories:
         item = await remember(
-            c,
+            c.stub,
+            c.caller,
             parents[scope],
             content,
             pinned=is_pinned,
-            expire_time=in_the_future() if is_expired else None,
+            expire_time=from_now(hours=1) if is_expired else None,
         )
         if is_expired:
             # Before the first window of this conversation (see expire_in_database).
@@ -531,34 +569,46 @@ async def test_window_and_pruning_properties(
         if pinned_tokens > budget:
             event("pinned over budget")
             with pytest.raises(aio.AioRpcError) as error:
-                await window(c, budget, query)
+                await window(c.stub, c.caller, c.conversation, budget, query)
             assert code_of(error) == grpc.StatusCode.FAILED_PRECONDITION
             return None
-        win = await window(c, budget, query)
+        win = await window(c.stub, c.caller, c.conversation, budget, query)
         event(f"window cut messages: {win.omitted_messages > 0 or len(win.excluded) > 0}")
         check_window(win, budget=budget, live=live, pinned=pinned_names, expired=expired_pinned)
         assert not set(expired) & set(names(win.included))
-        assert win.conversation_version == (await conversation_of(c)).version
+        assert (
+            win.conversation_version
+            == (await get_conversation(c.stub, c.caller, c.conversation)).version
+        )
         # Served again (from the cache): the very same window.
-        assert await window(c, budget, query) == win
+        assert await window(c.stub, c.caller, c.conversation, budget, query) == win
         return win
 
-    live = await messages(c)
+    live = await all_messages(c.stub, c.caller, c.conversation)
     assert [m.name for m in live] == [m.name for m in appended]
     await check(live)
 
     # Two prunes with (possibly) different limits, then the second again.
     latest_summary: pb.MemoryItem | None = None
     for keep_last, max_tokens in (first_limits, second_limits):
-        before = await messages(c)
+        before = await all_messages(c.stub, c.caller, c.conversation)
         kept = expected_kept([m.token_count for m in before], keep_last, max_tokens)
-        version = (await conversation_of(c)).version
-        dry = await prune(c, keep_last_messages=keep_last, max_tokens=max_tokens, dry_run=True)
+        version = (await get_conversation(c.stub, c.caller, c.conversation)).version
+        dry = await prune(
+            c.stub,
+            c.caller,
+            c.conversation,
+            keep_last_messages=keep_last,
+            max_tokens=max_tokens,
+            dry_run=True,
+        )
         assert (dry.pruned_message_count, dry.kept_message_count) == (len(before) - kept, kept)
         assert not dry.HasField("summary")
-        assert await messages(c) == before
-        assert (await conversation_of(c)).version == version
-        done = await prune(c, keep_last_messages=keep_last, max_tokens=max_tokens)
+        assert await all_messages(c.stub, c.caller, c.conversation) == before
+        assert (await get_conversation(c.stub, c.caller, c.conversation)).version == version
+        done = await prune(
+            c.stub, c.caller, c.conversation, keep_last_messages=keep_last, max_tokens=max_tokens
+        )
         assert (done.pruned_message_count, done.kept_message_count) == (
             len(before) - kept,
             kept,
@@ -567,20 +617,28 @@ async def test_window_and_pruning_properties(
         event(f"pruned: {done.pruned_message_count > 0}")
         if done.pruned_message_count:
             latest_summary = done.summary
-        assert [m.name for m in await messages(c)] == [m.name for m in before[len(before) - kept :]]
+        assert [m.name for m in await all_messages(c.stub, c.caller, c.conversation)] == [
+            m.name for m in before[len(before) - kept :]
+        ]
 
-    everything = await messages(c, show_archived=True)
-    version = (await conversation_of(c)).version
-    again = await prune(c, keep_last_messages=second_limits[0], max_tokens=second_limits[1])
+    everything = await all_messages(c.stub, c.caller, c.conversation, show_archived=True)
+    version = (await get_conversation(c.stub, c.caller, c.conversation)).version
+    again = await prune(
+        c.stub,
+        c.caller,
+        c.conversation,
+        keep_last_messages=second_limits[0],
+        max_tokens=second_limits[1],
+    )
     assert again.pruned_message_count == 0
     assert not again.HasField("summary")
-    assert await messages(c, show_archived=True) == everything
-    assert (await conversation_of(c)).version == version
+    assert await all_messages(c.stub, c.caller, c.conversation, show_archived=True) == everything
+    assert (await get_conversation(c.stub, c.caller, c.conversation)).version == version
 
     # No message is lost: each is live, or archived under a summary covering it.
     everything = await check_nothing_lost(c, appended)
     live = [m for m in everything if not m.archived]
-    assert (await conversation_of(c)).message_count == len(live)
+    assert (await get_conversation(c.stub, c.caller, c.conversation)).message_count == len(live)
     archived = [m for m in everything if m.archived]
     if latest_summary is None:
         assert archived == []
@@ -609,17 +667,19 @@ async def test_window_and_pruning_properties(
 async def test_concurrent_appends_prunes_and_windows_keep_every_invariant(
     mesh: SwitchboardServer, channel: aio.Channel
 ) -> None:
-    c = await new_caller(mesh, channel)
-    pin = await remember(c, c.workspace, "Pinned during the storm.", pinned=True)
-    first = [await append(c, f"warm up message {i}") for i in range(6)]
+    c = await new_chat(mesh, channel)
+    pin = await remember(c.stub, c.caller, c.workspace, "Pinned during the storm.", pinned=True)
+    first = [
+        await append(c.stub, c.caller, c.conversation, f"warm up message {i}") for i in range(6)
+    ]
     budget = 120
 
     async def a_window() -> pb.ContextWindow:
-        return await window(c, budget)
+        return await window(c.stub, c.caller, c.conversation, budget)
 
     results = await asyncio.gather(
-        *(append(c, f"concurrent message {i}") for i in range(12)),
-        *(prune(c, keep_last_messages=k) for k in (4, 3, 5, 2)),
+        *(append(c.stub, c.caller, c.conversation, f"concurrent message {i}") for i in range(12)),
+        *(prune(c.stub, c.caller, c.conversation, keep_last_messages=k) for k in (4, 3, 5, 2)),
         *(a_window() for _ in range(6)),
     )
     appended = first + sorted(
@@ -636,31 +696,41 @@ async def test_concurrent_appends_prunes_and_windows_keep_every_invariant(
         assert shown == list(range(shown[0], shown[0] + len(shown)))
     everything = await check_nothing_lost(c, appended)
     live = [m for m in everything if not m.archived]
-    check_window(await window(c, budget), budget=budget, live=live, pinned=[pin.name])
+    check_window(
+        await window(c.stub, c.caller, c.conversation, budget),
+        budget=budget,
+        live=live,
+        pinned=[pin.name],
+    )
     summaries = {m.summary for m in everything if m.archived}
     for name in summaries:
-        assert (await memory_item(c, name)).kind == pb.MEMORY_KIND_SUMMARY
+        assert (await get_memory_item(c.stub, c.caller, name)).kind == pb.MEMORY_KIND_SUMMARY
 
 
 async def test_long_conversations_are_windowed_across_pages(
     mesh: SwitchboardServer, channel: aio.Channel
 ) -> None:
     # More live messages than the store loads in one page (256).
-    c = await new_caller(mesh, channel)
+    c = await new_chat(mesh, channel)
     sent: list[pb.Message] = []
     for batch in range(0, 300, 20):  # a few at a time: the server bounds concurrent streams
-        sent += await asyncio.gather(*(append(c, f"note {i}") for i in range(batch, batch + 20)))
-    live = await messages(c)
+        sent += await asyncio.gather(
+            *(
+                append(c.stub, c.caller, c.conversation, f"note {i}")
+                for i in range(batch, batch + 20)
+            )
+        )
+    live = await all_messages(c.stub, c.caller, c.conversation)
     assert sorted(m.name for m in live) == sorted(m.name for m in sent)
     everything = sum(m.token_count for m in live)
 
-    whole = await window(c, everything)
+    whole = await window(c.stub, c.caller, c.conversation, everything)
     assert len(included_messages(whole)) == 300
     check_window(whole, budget=everything, live=live, pinned=[])
 
     # Room for all but the oldest five: one is cut, four are omitted.
     budget = everything - sum(m.token_count for m in live[:5])
-    cut = await window(c, budget)
+    cut = await window(c.stub, c.caller, c.conversation, budget)
     assert [m.name for m in included_messages(cut)] == [m.name for m in live[5:]]
     assert names(cut.excluded) == [live[4].name]
     assert cut.omitted_messages == 4
@@ -674,41 +744,45 @@ async def test_long_conversations_are_windowed_across_pages(
 async def test_automatic_pruning_keeps_three_quarters_and_loses_nothing(
     mesh: SwitchboardServer, channel: aio.Channel
 ) -> None:
-    c = await new_caller(mesh, channel)
-    appended = [await append(c, f"message number {i}") for i in range(1, 21)]
+    c = await new_chat(mesh, channel)
+    appended = [
+        await append(c.stub, c.caller, c.conversation, f"message number {i}") for i in range(1, 21)
+    ]
     # 20 live messages is the maximum, not over it: nothing is pruned.
-    assert len(await messages(c)) == 20
+    assert len(await all_messages(c.stub, c.caller, c.conversation)) == 20
 
     async with awaiting_event(mesh, summary_created(c.conversation)) as created:
-        appended.append(await append(c, "message number 21"))
-        event = await asyncio.wait_for(created, DEADLINE_S)
+        appended.append(await append(c.stub, c.caller, c.conversation, "message number 21"))
+        event = await asyncio.wait_for(created, TIMEOUT_S)
     first = event.memory_changed.memory_item
     # The service pruned on its own: the event does not name the user who appended.
     assert event.actor.name == "system"
     assert not event.actor.credential
     # The summary is published after the archive committed: pruning is done.
-    live = await messages(c)
+    live = await all_messages(c.stub, c.caller, c.conversation)
     assert len(live) == 15  # 75% of 20
     assert [m.name for m in live] == [m.name for m in appended[6:]]
     assert range_of(first) == (appended[0].sequence, appended[5].sequence)
-    assert (await conversation_of(c)).message_count == 15
+    assert (await get_conversation(c.stub, c.caller, c.conversation)).message_count == 15
     await check_nothing_lost(c, appended)
 
     # Hysteresis: up to the maximum again without pruning, then over it once more.
-    appended += [await append(c, f"message number {i}") for i in range(22, 27)]
-    assert len(await messages(c)) == 20
+    appended += [
+        await append(c.stub, c.caller, c.conversation, f"message number {i}") for i in range(22, 27)
+    ]
+    assert len(await all_messages(c.stub, c.caller, c.conversation)) == 20
     async with awaiting_event(mesh, summary_created(c.conversation)) as created:
-        appended.append(await append(c, "message number 27"))
-        event = await asyncio.wait_for(created, DEADLINE_S)
+        appended.append(await append(c.stub, c.caller, c.conversation, "message number 27"))
+        event = await asyncio.wait_for(created, TIMEOUT_S)
     second = event.memory_changed.memory_item
-    live = await messages(c)
+    live = await all_messages(c.stub, c.caller, c.conversation)
     assert [m.name for m in live] == [m.name for m in appended[12:]]
     # The rolling summary covers everything archived, the first batch included.
     assert range_of(second) == (appended[0].sequence, appended[11].sequence)
     everything = await check_nothing_lost(c, appended)
     assert {m.summary for m in everything[:6]} == {first.name}
     assert {m.summary for m in everything[6:12]} == {second.name}
-    win = await window(c, 10_000)
+    win = await window(c.stub, c.caller, c.conversation, 10_000)
     assert names(win.included, SUMMARY) == [second.name]
     assert first.name not in names(win.included) + names(win.excluded)
     check_window(win, budget=10_000, live=live, pinned=[])
@@ -717,34 +791,36 @@ async def test_automatic_pruning_keeps_three_quarters_and_loses_nothing(
 # -- the embedded window cache ------------------------------------------------------------------
 
 
-async def cached(mesh: SwitchboardServer, c: Caller, budget: int) -> pb.ContextWindow:
+async def cached(mesh: SwitchboardServer, c: Chat, budget: int) -> pb.ContextWindow:
     """The window, read twice: the second read is served from the cache."""
-    win = await window(c, budget)
-    hits = int(mesh.deps.context._cache.hits)
-    assert await window(c, budget) == win
-    assert int(mesh.deps.context._cache.hits) == hits + 1
+    win = await window(c.stub, c.caller, c.conversation, budget)
+    hits = int(built(mesh, ContextDomain).windows.cache.hits)
+    assert await window(c.stub, c.caller, c.conversation, budget) == win
+    assert int(built(mesh, ContextDomain).windows.cache.hits) == hits + 1
     return win
 
 
 async def test_a_write_is_always_seen_by_the_next_window(
     mesh: SwitchboardServer, channel: aio.Channel
 ) -> None:
-    c = await new_caller(mesh, channel)
+    c = await new_chat(mesh, channel)
     budget = 5000
-    first = await append(c, "Where are the harbor lanterns?")
+    first = await append(c.stub, c.caller, c.conversation, "Where are the harbor lanterns?")
     old = await cached(mesh, c, budget)
 
     # A message.
-    second = await append(c, "They hang along the river.", ASSISTANT)
+    second = await append(
+        c.stub, c.caller, c.conversation, "They hang along the river.", role=ASSISTANT
+    )
     win = await cached(mesh, c, budget)
     assert [m.name for m in included_messages(win)] == [first.name, second.name]
     assert win.conversation_version > old.conversation_version
 
     # Memory in each scope a window reads: conversation, workspace, the caller's.
     added: list[pb.MemoryItem] = []
-    for parent in (c.conversation, c.workspace, c.user):
+    for parent in (c.conversation, c.workspace, c.caller.name):
         before = await cached(mesh, c, budget)
-        item = await remember(c, parent, f"Pinned fact for {parent}.", pinned=True)
+        item = await remember(c.stub, c.caller, parent, f"Pinned fact for {parent}.", pinned=True)
         added.append(item)
         win = await cached(mesh, c, budget)
         assert item.name in names(win.included, PINNED), parent
@@ -759,8 +835,8 @@ async def test_a_write_is_always_seen_by_the_next_window(
                     memory_item=pb.MemoryItem(name=item.name, content="Harbor lanterns are red."),
                     update_mask=field_mask_pb2.FieldMask(paths=["content"]),
                 ),
-                metadata=c.md,
-                timeout=DEADLINE_S,
+                metadata=c.caller.md,
+                timeout=TIMEOUT_S,
             )
         ).memory_item
         win = await cached(mesh, c, budget)
@@ -773,8 +849,8 @@ async def test_a_write_is_always_seen_by_the_next_window(
                 memory_item=pb.MemoryItem(name=item.name, pinned=False),
                 update_mask=field_mask_pb2.FieldMask(paths=["pinned"]),
             ),
-            metadata=c.md,
-            timeout=DEADLINE_S,
+            metadata=c.caller.md,
+            timeout=TIMEOUT_S,
         )
         win = await cached(mesh, c, budget)
         assert item.name not in names(win.included, PINNED)
@@ -783,14 +859,14 @@ async def test_a_write_is_always_seen_by_the_next_window(
     for item in added:
         await cached(mesh, c, budget)
         await c.stub.DeleteMemoryItem(
-            pb.DeleteMemoryItemRequest(name=item.name), metadata=c.md, timeout=DEADLINE_S
+            pb.DeleteMemoryItemRequest(name=item.name), metadata=c.caller.md, timeout=TIMEOUT_S
         )
         win = await cached(mesh, c, budget)
         assert item.name not in names(win.included) + names(win.excluded)
 
     # Pruning.
     await cached(mesh, c, budget)
-    done = await prune(c, keep_last_messages=1)
+    done = await prune(c.stub, c.caller, c.conversation, keep_last_messages=1)
     win = await cached(mesh, c, budget)
     assert names(win.included, SUMMARY) == [done.summary.name]
     assert [m.name for m in included_messages(win)] == [second.name]
@@ -799,44 +875,49 @@ async def test_a_write_is_always_seen_by_the_next_window(
 async def test_windows_of_other_conversations_and_callers_are_never_mixed_up(
     mesh: SwitchboardServer, channel: aio.Channel
 ) -> None:
-    c = await new_caller(mesh, channel)
-    await append(c, "first conversation")
-    other = await new_conversation(c)
-    await append(c, "second conversation", conversation=other.name)
-    editor_id, editor_token = await quick_user(mesh)
-    await add_member(c, editor_id, pb.WORKSPACE_ROLE_EDITOR)
-    editor = as_user(c, editor_id, editor_token)
-    mine = await remember(c, c.user, "Only mine.", pinned=True)
-    await remember(c, other.name, "Pinned in the second conversation only.", pinned=True)
+    c = await new_chat(mesh, channel)
+    await append(c.stub, c.caller, c.conversation, "first conversation")
+    other = await create_conversation(c.stub, c.caller, c.workspace, "t")
+    await append(c.stub, c.caller, other.name, "second conversation")
+    editor = await new_caller(mesh)
+    await add_member(c.stub, c.caller, c.workspace, editor, pb.WORKSPACE_ROLE_EDITOR)
+    mine = await remember(c.stub, c.caller, c.caller.name, "Only mine.", pinned=True)
+    await remember(
+        c.stub, c.caller, other.name, "Pinned in the second conversation only.", pinned=True
+    )
 
-    own = await window(c, 500)
-    theirs = await window(editor, 500)
-    elsewhere = await window(c, 500, conversation=other.name)
+    own = await window(c.stub, c.caller, c.conversation, 500)
+    theirs = await window(c.stub, editor, c.conversation, 500)
+    elsewhere = await window(c.stub, c.caller, other.name, 500)
     assert names(own.included, PINNED) == [mine.name]
     assert names(theirs.included, PINNED) == []
     assert [m.parts[0].text for m in included_messages(elsewhere)] == ["second conversation"]
     assert [m.parts[0].text for m in included_messages(own)] == ["first conversation"]
     # And each again, now from the cache.
-    assert await window(editor, 500) == theirs
-    assert await window(c, 500, conversation=other.name) == elsewhere
+    assert await window(c.stub, editor, c.conversation, 500) == theirs
+    assert await window(c.stub, c.caller, other.name, 500) == elsewhere
     # A memory of the editor's own changes only the editor's window.
-    theirs_item = await remember(editor, editor.user, "Only theirs.", pinned=True)
-    assert names((await window(editor, 500)).included, PINNED) == [theirs_item.name]
-    assert await window(c, 500) == own
+    theirs_item = await remember(c.stub, editor, editor.name, "Only theirs.", pinned=True)
+    assert names((await window(c.stub, editor, c.conversation, 500)).included, PINNED) == [
+        theirs_item.name
+    ]
+    assert await window(c.stub, c.caller, c.conversation, 500) == own
 
 
 async def test_a_window_ages_when_a_memory_item_in_it_expires(
     mesh: SwitchboardServer, channel: aio.Channel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    c = await new_caller(mesh, channel)
-    soon = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=30)
+    c = await new_chat(mesh, channel)
+    soon = from_now(minutes=30)
     pin = await remember(
-        c, c.conversation, "Temporary door code 1234.", pinned=True, expire_time=soon
+        c.stub, c.caller, c.conversation, "Temporary door code 1234.", pinned=True, expire_time=soon
     )
-    note = await remember(c, c.workspace, "Giraffe feeding at noon.", expire_time=soon)
-    await append(c, "When is giraffe feeding?")
-    before = await window(c, 1000)
-    assert await window(c, 1000) == before  # cached
+    note = await remember(
+        c.stub, c.caller, c.workspace, "Giraffe feeding at noon.", expire_time=soon
+    )
+    await append(c.stub, c.caller, c.conversation, "When is giraffe feeding?")
+    before = await window(c.stub, c.caller, c.conversation, 1000)
+    assert await window(c.stub, c.caller, c.conversation, 1000) == before  # cached
     assert names(before.included, PINNED) == [pin.name]
     assert names(before.included, RELEVANT) == [note.name]
 
@@ -844,13 +925,13 @@ async def test_a_window_ages_when_a_memory_item_in_it_expires(
     # no sleeping): the cached window must not outlive the items in it.
     later = dt.timedelta(hours=1)
     monkeypatch.setattr(store_module, "now", lambda: dt.datetime.now(dt.UTC) + later)
-    monkeypatch.setattr(service_module, "now", lambda: dt.datetime.now(dt.UTC) + later)
+    monkeypatch.setattr(windows_module, "now", lambda: dt.datetime.now(dt.UTC) + later)
     monkeypatch.setattr(
         windowcache_module,
         "time",
         SimpleNamespace(time=lambda: time.time() + later.total_seconds(), monotonic=time.monotonic),
     )
-    after = await window(c, 1000)
+    after = await window(c.stub, c.caller, c.conversation, 1000)
     assert after.conversation_version == before.conversation_version
     assert names(after.excluded, EXPIRED) == [pin.name]
     assert names(after.included, PINNED) == []

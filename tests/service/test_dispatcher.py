@@ -25,11 +25,12 @@ from switchboard.api.events.v1 import events_pb2
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.auth.tokens import SigningKey, private_key_pem
 from switchboard.dispatcher.handlers import EchoHandler, Frame, HandleCall, text_of
+from switchboard.dispatcher.service import Dispatcher
 from switchboard.dispatcher.store import TERMINAL
 from switchboard.mesh import create_server
 from switchboard.platform.config import ConfigError, Settings
 from switchboard.platform.server import SwitchboardServer
-from tests.conftest import fresh_database_url, make_settings
+from tests.conftest import built, fresh_database_url, make_settings
 from tests.service.authkit import detail, reason
 from tests.service.contextkit import (
     EventTap,
@@ -89,8 +90,8 @@ async def conversation(stub: Stub, world: World) -> str:
     return (await create_conversation(stub, world.editor, world.name)).name
 
 
-def _dispatcher(mesh: SwitchboardServer) -> Any:
-    return mesh.deps.dispatcher
+def _dispatcher(mesh: SwitchboardServer) -> Dispatcher:
+    return built(mesh, Dispatcher)
 
 
 def _run_events(events: EventTap, run: str) -> list[pb.RunUpdate]:

@@ -122,7 +122,7 @@ async def test_coalesces_queued_events_into_one_message(
     # Published concurrently: the log commits them as one group and the
     # subscriber finds them all queued at once.
     published = await asyncio.gather(
-        *(mesh.deps.bus.publish(workspace_event("alpha", note=str(i))) for i in range(50))
+        *(mesh.shared.bus.publish(workspace_event("alpha", note=str(i))) for i in range(50))
     )
     got = await sub.until(50)
     assert sorted(ids(got)) == sorted(ids(published))
@@ -190,7 +190,7 @@ async def test_removed_member_stream_ends_not_found_before_later_events(
     (visible,) = await publish(mesh, [workspace_event("alpha", "c1")])
     await sub.until(1)
     # What the context service does on RemoveWorkspaceMember: commit, then publish.
-    assert await mesh.deps.memberships.remove_member("alpha", viewer_id)
+    assert await mesh.shared.memberships.remove_member("alpha", viewer_id)
     removed = workspace_event("alpha", kind=events_pb2.EVENT_TYPE_MEMBER_CHANGED)
     removed.member_changed.change = events_pb2.CHANGE_KIND_DELETED
     removed.member_changed.member.user = f"users/{viewer_id}"
@@ -257,7 +257,7 @@ async def test_cursor_older_than_retention_is_out_of_range() -> None:
         first = (await publish(server, [workspace_event("alpha")]))[0]
         # Enough to pass the trim threshold (every 1000 events) in one group commit.
         await asyncio.gather(
-            *(server.deps.bus.publish(workspace_event("alpha")) for _ in range(1100))
+            *(server.shared.bus.publish(workspace_event("alpha")) for _ in range(1100))
         )
         async with aio.insecure_channel(server.address) as channel:
             error = await Subscriber(
@@ -301,7 +301,7 @@ async def test_restart_keeps_history_and_never_reuses_a_cursor() -> None:
     try:
         # A dev-mode restart has a new signing key: sign in afresh.
         _, token = await member(server, "alpha", Role.VIEWER)
-        assert ids(server.deps.bus.recent()) == ids(before[-20:]), "the ring is preloaded"
+        assert ids(server.shared.bus.recent()) == ids(before[-20:]), "the ring is preloaded"
         after = await publish(server, [workspace_event("alpha", note="new")])
         assert _position(after[0].cursor) > _position(before[-1].cursor)
         async with aio.insecure_channel(server.address) as channel:

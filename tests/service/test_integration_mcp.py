@@ -17,8 +17,8 @@ from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.platform.server import SwitchboardServer
 from tests.infra.mcpeverything import EVERYTHING_MAIN, PACKAGES, EverythingServer
 from tests.infra.webhookreceiver import until
-from tests.service.contextkit import World, context_stub, ctx_world, refused, violations
-from tests.service.integrationkit import TIMEOUT_S, Stub, create, hub_mesh, integration_stub
+from tests.service.contextkit import TIMEOUT_S, World, context_stub, ctx_world, refused, violations
+from tests.service.integrationkit import Stub, create, hub_mesh, integration_stub
 
 CODE = grpc.StatusCode
 

@@ -15,12 +15,21 @@ from sqlalchemy import select
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.api.integration.v1 import integration_pb2 as ipb
+from switchboard.integration.service import IntegrationHub
 from switchboard.platform.models import IntegrationRow
 from switchboard.platform.server import SwitchboardServer
+from tests.conftest import built
 from tests.service.authkit import reason
-from tests.service.contextkit import World, context_stub, ctx_world, refused, tap, violations
-from tests.service.integrationkit import (
+from tests.service.contextkit import (
     TIMEOUT_S,
+    World,
+    context_stub,
+    ctx_world,
+    refused,
+    tap,
+    violations,
+)
+from tests.service.integrationkit import (
     Stub,
     create,
     expert,
@@ -126,7 +135,7 @@ async def test_the_credential_is_sealed_at_rest_and_never_in_an_event(
         published = [e.SerializeToString() for e in events.take()]
     assert published
     assert all(secret.encode() not in data for data in published)
-    async with server.deps.database.readers() as session:
+    async with server.shared.database.readers() as session:
         stored = (await session.execute(select(IntegrationRow.credential))).scalars().all()
     assert len(stored) == 1
     assert stored[0] is not None
@@ -454,8 +463,9 @@ async def test_the_server_disabling_a_failing_webhook_announces_it(
     server, stub, world = hub
     made = await create(stub, world.owner, world.name, webhook(), integration_id="failing")
     with tap(server) as events:
-        await server.deps.integration.disable(world.id, "failing", "no success for a day")
-        await server.deps.integration.disable(world.id, "failing", "again")  # already: nothing
+        integrations = built(server, IntegrationHub)
+        await integrations.disable(world.id, "failing", "no success for a day")
+        await integrations.disable(world.id, "failing", "again")  # already: nothing
         changed = [
             e.integration_changed for e in events.take() if e.HasField("integration_changed")
         ]

@@ -43,16 +43,16 @@ from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.mcpserver import McpTestServer
 from tests.infra.webhookreceiver import running_receiver, until
 from tests.service.authkit import bearer, quick_user, rich_status
-from tests.service.contextkit import append, context_stub, create_conversation, ctx_world
+from tests.service.contextkit import (
+    TIMEOUT_S,
+    append,
+    context_stub,
+    create_conversation,
+    ctx_world,
+)
 from tests.service.dispatchkit import dispatcher_stub, finished, request
 from tests.service.eventkit import ids, member, publish, workspace_event, ws
-from tests.service.integrationkit import (
-    TIMEOUT_S,
-    create,
-    integration_stub,
-    webhook,
-    webhook_secret,
-)
+from tests.service.integrationkit import create, integration_stub, webhook, webhook_secret
 from tests.service.tracekit import traced_server, watching
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"

@@ -16,10 +16,12 @@ from google.protobuf import field_mask_pb2
 from sqlalchemy import event as sql_event
 
 from switchboard.api.integration.v1 import integration_pb2 as ipb
+from switchboard.integration.service import IntegrationHub
 from switchboard.platform.server import SwitchboardServer
+from tests.conftest import built
 from tests.infra.webhookreceiver import WebhookReceiver, running_receiver, until
-from tests.service.contextkit import Stub as CStub
 from tests.service.contextkit import (
+    TIMEOUT_S,
     World,
     append,
     context_stub,
@@ -28,8 +30,8 @@ from tests.service.contextkit import (
     ctx_world,
     refused,
 )
+from tests.service.contextkit import Stub as CStub
 from tests.service.integrationkit import (
-    TIMEOUT_S,
     Stub,
     create,
     hub_mesh,
@@ -95,7 +97,7 @@ async def test_a_registered_webhook_receives_each_subscribed_event_once_signed(
     assert {d.event_id for d in listed} == set(endpoint.ids)
     assert all(d.event_type == "MESSAGE_CREATED" for d in listed)
     # Health comes from the latest delivery.
-    await server.deps.integration.probe_all()
+    await built(server, IntegrationHub).probe_all()
     got = await stub.GetIntegration(
         ipb.GetIntegrationRequest(name=hook.name), metadata=world.viewer.md, timeout=TIMEOUT_S
     )
@@ -203,7 +205,7 @@ async def test_events_no_webhook_wants_cost_the_feeder_no_write(
         if text.startswith("UPDATE") and "WEBHOOK_CURSOR" in text:
             writes.append(text)
 
-    database = server.deps.database
+    database = server.shared.database
     # SQLite's transactions (Database.run) run on its own synchronous engine.
     engine = getattr(database, "_sync_engine", None) or database.engine.sync_engine
     sql_event.listen(engine, "before_cursor_execute", count)
