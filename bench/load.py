@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import grpc
 from grpc import aio
@@ -29,18 +29,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 
-BENCH_EMAIL = "bench@example.com"
-BENCH_PASSWORD = "measured many times 123"  # noqa: S105 - a throwaway benchmark account
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for bench.*
+
+from bench.fixtures import BENCH_EMAIL, PASSWORD
+from bench.harness import bearer, summary
 
 
 def _summary(latencies: list[float], elapsed: float) -> dict[str, float]:
-    cuts = statistics.quantiles(latencies, n=100)
-    return {
-        "calls": len(latencies),
-        "qps": round(len(latencies) / elapsed, 1),
-        "p50_ms": round(cuts[49] * 1000, 3),
-        "p99_ms": round(cuts[98] * 1000, 3),
-    }
+    return {**summary(latencies), "qps": round(len(latencies) / elapsed, 1)}
 
 
 async def _loop(
@@ -55,7 +51,7 @@ async def main(address: str, token: str, rpc: str, concurrency: int, seconds: fl
     async with aio.insecure_channel(address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         auth = auth_pb2_grpc.AuthServiceStub(channel)
-        bearer = (("authorization", f"Bearer {token}"),)
+        metadata = bearer(token)
 
         async def check() -> None:
             await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
@@ -64,7 +60,7 @@ async def main(address: str, token: str, rpc: str, concurrency: int, seconds: fl
             await auth.GetJwks(auth_pb2.GetJwksRequest(), timeout=10)
 
         async def jwks_auth() -> None:
-            await auth.GetJwks(auth_pb2.GetJwksRequest(), metadata=bearer, timeout=10)
+            await auth.GetJwks(auth_pb2.GetJwksRequest(), metadata=metadata, timeout=10)
 
         async def error() -> None:
             try:
@@ -76,7 +72,7 @@ async def main(address: str, token: str, rpc: str, concurrency: int, seconds: fl
         async def login() -> None:
             await auth.Login(
                 auth_pb2.LoginRequest(
-                    password=auth_pb2.PasswordCredential(email=BENCH_EMAIL, password=BENCH_PASSWORD)
+                    password=auth_pb2.PasswordCredential(email=BENCH_EMAIL, password=PASSWORD)
                 ),
                 timeout=30,
             )

@@ -13,28 +13,35 @@ The event delivery section comes from ``bench/events.py`` (about 4 minutes;
 integration hub section from ``bench/integration.py`` (about 4 minutes;
 ``--no-integration`` skips it), the tool runs section from ``bench/tools.py``
 (about 3 minutes; ``--no-tools`` skips it), the Envoy section from
-``bench/edge.py`` (about 8 minutes; ``--no-edge`` skips it; ``bench/edge.py
---write`` runs only that section and rewrites only its part of BENCHMARKS.md),
-the tracing overhead section from ``bench/telemetry.py`` (about 4 minutes;
-``--no-telemetry`` skips it; ``bench/telemetry.py --write`` likewise rewrites
-only its part).
+``bench/edge.py`` (about 8 minutes; ``--no-edge`` skips it), the tracing overhead
+section from ``bench/telemetry.py`` (about 4 minutes; ``--no-telemetry`` skips it).
+Each of those scripts also runs alone (``--write`` puts its section into
+BENCHMARKS.md). Every section replaces the one with its heading in BENCHMARKS.md
+(``bench/harness.py``); a skipped section keeps its earlier figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
-import time
-from importlib import metadata
 from pathlib import Path
+from typing import Any, Final
 
-ROOT = Path(__file__).resolve().parents[1]
-HERE = Path(__file__).resolve().parent
-CASES = [
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for bench.*
+
+from bench.harness import (
+    BENCHMARKS,
+    HERE,
+    middle,
+    provenance,
+    python,
+    running,
+    write_sections,
+)
+
+CASES: Final = [
     ("bare", "health", "grpc.aio, health only, no interceptor"),
     ("switchboard", "health", "Switchboard assembly, health Check"),
     ("switchboard", "error", "Switchboard, error path (UNAUTHENTICATED + ErrorInfo)"),
@@ -47,116 +54,90 @@ CASES = [
         "GetJwks, authenticated, no caches (EdDSA verify + session read per call)",
     ),
 ]
-LOGIN_CLIENTS = 8
+LOGIN_CLIENTS: Final = 8
+#: The scenario scripts, each printing its section (``--json``), with how long it may take.
+SECTIONS: Final = (
+    ("events", 900),
+    ("context", 1200),
+    ("dispatcher", 3600),
+    ("integration", 1800),
+    ("tools", 1800),
+    ("edge", 1800),
+    ("telemetry", 1200),
+)
+
+Figures = dict[str, float]
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def run_case(variant: str, rpc: str, concurrency: int, seconds: float) -> dict[str, float]:
+def run_case(variant: str, rpc: str, concurrency: int, seconds: float) -> Figures:
     """Start the target, run the load against it, return the load's figures."""
-    server = subprocess.Popen(
-        [sys.executable, str(HERE / "target.py"), variant],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    with running(python(str(HERE / "target.py"), variant)) as server:
         assert server.stdout is not None
         port, token = server.stdout.readline().split()
         done = subprocess.run(
-            [
-                sys.executable,
+            python(
                 str(HERE / "load.py"),
                 f"127.0.0.1:{port}",
                 token,
                 rpc,
                 str(concurrency),
                 str(seconds),
-            ],
+            ),
             capture_output=True,
             text=True,
             check=True,
             timeout=seconds + 120,
         )
-        result: dict[str, float] = json.loads(done.stdout)
-        return result
-    finally:
-        assert server.stdin is not None
-        server.stdin.close()
-        server.wait(timeout=30)
+    result: Figures = json.loads(done.stdout)
+    return result
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--no-events", action="store_true", help="skip bench/events.py")
-    parser.add_argument("--no-context", action="store_true", help="skip bench/context.py")
-    parser.add_argument("--no-dispatcher", action="store_true", help="skip bench/dispatcher.py")
-    parser.add_argument("--no-integration", action="store_true", help="skip bench/integration.py")
-    parser.add_argument("--no-tools", action="store_true", help="skip bench/tools.py")
-    parser.add_argument("--no-edge", action="store_true", help="skip bench/edge.py")
-    parser.add_argument("--no-telemetry", action="store_true", help="skip bench/telemetry.py")
-    args = parser.parse_args()
-    # Cases are interleaved round by round and the median round is reported, so
-    # drift on a shared machine hits every case alike.
-    results: dict[str, list[dict[str, float]]] = {label: [] for _, _, label in CASES}
+def unary_rounds(args: argparse.Namespace) -> list[tuple[str, Figures]]:
+    """Every case, the median round by QPS.
+
+    Cases are interleaved round by round, so drift on a shared machine hits every
+    case alike.
+    """
+    results: dict[str, list[Figures]] = {label: [] for _, _, label in CASES}
     for round_no in range(args.rounds):
         for variant, rpc, label in CASES:
             figures = run_case(variant, rpc, args.concurrency, args.seconds)
             results[label].append(figures)
             print(f"round {round_no + 1}: {label}: {figures}", flush=True)
-    logins: list[dict[str, float]] = []
+    return [(label, middle(runs, key=lambda f: f["qps"])) for label, runs in results.items()]
+
+
+def login_rounds(args: argparse.Namespace) -> Figures:
+    """Logins under load, the median round by logins/s."""
+    logins: list[Figures] = []
     for round_no in range(args.rounds):
         figures = run_case("switchboard", "logins", LOGIN_CLIENTS, args.seconds)
         logins.append(figures)
         print(f"round {round_no + 1}: logins: {figures}", flush=True)
-    rows = [
-        (label, sorted(runs, key=lambda f: f["qps"])[len(runs) // 2])
-        for label, runs in results.items()
-    ]
-    login = sorted(logins, key=lambda f: f["qps"])[len(logins) // 2]
-    micro = json.loads(
-        subprocess.run(
-            [sys.executable, str(HERE / "micro.py")],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=300,
-        ).stdout
+    return middle(logins, key=lambda f: f["qps"])
+
+
+def micro() -> Figures:
+    """bench/micro.py's in-process figures."""
+    done = subprocess.run(
+        python(str(HERE / "micro.py")), capture_output=True, text=True, check=True, timeout=300
     )
-    base = rows[0][1]["qps"]
-    by_label = dict(rows)
-    public = by_label["GetJwks, public (no credential)"]["qps"]
-    cached = by_label["GetJwks, authenticated, cached verification"]["qps"]
-    header = by_label["GetJwks, public, bearer header sent but unchecked"]["qps"]
-    uncached = by_label["GetJwks, authenticated, no caches (EdDSA verify + session read per call)"][
-        "qps"
-    ]
+    figures: Figures = json.loads(done.stdout)
+    return figures
+
+
+def render(
+    rows: list[tuple[str, Figures]], login: Figures, inprocess: Figures, args: argparse.Namespace
+) -> str:
+    """This script's own sections: unary overhead, per-call authentication, logins."""
     command = (
         f"python bench/run.py --seconds {args.seconds:g} --concurrency {args.concurrency} "
         f"--rounds {args.rounds}"
     )
     lines = [
-        "# Benchmarks",
-        "",
-        "Written by `make bench` (`bench/run.py`); do not edit by hand.",
-        "",
         "## Unary call overhead of the server assembly",
         "",
-        f"- when: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-        f"- machine: {os.cpu_count()} cores, {_cpu()}; Python {platform.python_version()}, "
-        f"grpcio {metadata.version('grpcio')}",
-        f"- command: `{command}`",
+        *provenance(command),
         f"- shape: server and load generator in separate processes on loopback, "
         f"{args.concurrency} concurrent callers on one channel, closed loop, "
         f"{args.seconds:g} s per case after 200 warm-up calls, {args.rounds} interleaved "
@@ -165,13 +146,23 @@ def main() -> int:
         "| case | calls | QPS | vs bare | p50 ms | p99 ms |",
         "|---|---|---|---|---|---|",
     ]
+    base = rows[0][1]["qps"]
     for label, f in rows:
         lines.append(
             f"| {label} | {f['calls']:.0f} | {f['qps']:.0f} | {f['qps'] / base:.2f} "
             f"| {f['p50_ms']:.2f} | {f['p99_ms']:.2f} |"
         )
-    lines += [
-        "",
+    return "\n".join([*lines, "", *_authentication(dict(rows), inprocess), *_logins(login, args)])
+
+
+def _authentication(by_label: dict[str, Figures], inprocess: Figures) -> list[str]:
+    public = by_label["GetJwks, public (no credential)"]["qps"]
+    cached = by_label["GetJwks, authenticated, cached verification"]["qps"]
+    header = by_label["GetJwks, public, bearer header sent but unchecked"]["qps"]
+    uncached = by_label["GetJwks, authenticated, no caches (EdDSA verify + session read per call)"][
+        "qps"
+    ]
+    return [
         "## Per-call authentication",
         "",
         "The same RPC (GetJwks) public and authenticated, in the same run; the "
@@ -186,12 +177,17 @@ def main() -> int:
         f"- no caches (EdDSA verification and a session read from SQLite on every call) / "
         f"public: {uncached / public:.2f}: what the caches save",
         f"- in process, without the transport (`bench/micro.py`): a cached credential check "
-        f"costs {micro['cached_authenticate_us']:.1f} µs per call; verifying the EdDSA "
-        f"signature alone costs {micro['verify_us']:.0f} µs",
+        f"costs {inprocess['cached_authenticate_us']:.1f} µs per call; verifying the EdDSA "
+        f"signature alone costs {inprocess['verify_us']:.0f} µs",
         "",
         "On two shared cores the QPS ratios move by about ±15% between rounds; the "
         "in-process figure is the stable one.",
         "",
+    ]
+
+
+def _logins(login: Figures, args: argparse.Namespace) -> list[str]:
+    return [
         "## Logins under load",
         "",
         f"{LOGIN_CLIENTS} concurrent clients call Login (argon2id m=19456 KiB, t=2, p=1, in "
@@ -206,29 +202,14 @@ def main() -> int:
         f"| {login['health_p50_ms']:.2f} | {login['health_p99_ms']:.2f} |",
         "",
         "Budgets: health p99 under 50 ms while logins run; at least 25 logins/s on 2 cores.",
-        "",
     ]
-    # Each section's script prints progress on stderr and one JSON line with its section.
-    for skip, script, timeout_s in (
-        (args.no_events, "events.py", 900),
-        (args.no_context, "context.py", 1200),
-        (args.no_dispatcher, "dispatcher.py", 3600),
-        (args.no_integration, "integration.py", 1800),
-        (args.no_tools, "tools.py", 1800),
-        (args.no_edge, "edge.py", 1800),
-        (args.no_telemetry, "telemetry.py", 1200),
-    ):
-        if not skip:
-            lines += [_section(script, timeout_s), ""]
-    (ROOT / "BENCHMARKS.md").write_text("\n".join(lines))
-    print(f"wrote {ROOT / 'BENCHMARKS.md'}")
-    return 0
 
 
-def _section(script: str, timeout_s: float) -> str:
-    """The BENCHMARKS.md section one of the scenario scripts measures (``--json``)."""
+def section(script: str, timeout_s: float) -> str:
+    """The section a scenario script measures (it prints progress on stderr, and one
+    JSON line with its figures and its section: ``--json``)."""
     done = subprocess.run(
-        [sys.executable, str(HERE / script), "--json"],
+        python(str(HERE / f"{script}.py"), "--json"),
         stdout=subprocess.PIPE,
         text=True,
         check=True,
@@ -236,6 +217,28 @@ def _section(script: str, timeout_s: float) -> str:
     )
     markdown: str = json.loads(done.stdout)["markdown"]
     return markdown
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    for script, _ in SECTIONS:
+        parser.add_argument(f"--no-{script}", action="store_true", help=f"skip bench/{script}.py")
+    return parser.parse_args(argv)
+
+
+def main() -> int:
+    args = parse()
+    texts = [render(unary_rounds(args), login_rounds(args), micro(), args)]
+    options: dict[str, Any] = vars(args)
+    for script, timeout_s in SECTIONS:
+        if not options[f"no_{script}"]:
+            texts.append(section(script, timeout_s))
+    write_sections("\n\n".join(texts))
+    print(f"wrote {BENCHMARKS}")
+    return 0
 
 
 if __name__ == "__main__":

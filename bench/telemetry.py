@@ -34,16 +34,12 @@ same round, and their median over the rounds is the one compared with the budget
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
 import json
 import os
-import shutil
-import statistics
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -53,19 +49,26 @@ from typing import Any, Final
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: bench.*, tests.*
 
-from bench.context import (
+from bench.dispatcher import MESSAGE, PER_WORKSPACE, SERVER_SETTINGS, runs_case
+from bench.harness import (
+    HERE,
+    Child,
     CpuMeter,
     command_line,
-    host_speed,
+    errors_text,
+    host_speed_line,
+    median,
+    middle,
     provenance,
     report,
     say,
+    section_parser,
+    session,
+    settings_text,
+    verdict,
 )
-from bench.dispatcher import MESSAGE, PER_WORKSPACE, SERVER_SETTINGS, runs_case
-from bench.events import Child
 from tests.infra.otlp import OtlpReceiver
 
-HERE: Final = Path(__file__).resolve().parent
 SECTION: Final = "## Tracing overhead (issue 20)"
 #: The unary server and load: bench/run.py's "GetJwks, authenticated, cached verification".
 UNARY_TARGET: Final = "switchboard-auth"
@@ -315,29 +318,31 @@ def _brief(case: str, f: dict[str, Any]) -> str:
 
 
 async def drive(plan: Plan) -> dict[str, Any]:
-    results: dict[str, Any] = {"host": [await host_speed()], "rounds": []}
-    started = time.monotonic()
+    results: dict[str, Any] = {"rounds": []}
     receiver = await Receiver.start()
-    directory = Path(tempfile.mkdtemp(prefix="switchboard-telemetry-bench-"))
     try:
-        for round_no in range(plan.rounds):
-            shift = round_no % len(MODES)
-            order = (*MODES[shift:], *MODES[:shift])
-            one: dict[str, dict[str, Any]] = {"unary": {}, "send": {}}
-            for mode in order:
-                one["unary"][mode.key] = f = await unary_case(plan, mode, receiver)
-                say(f"round {round_no + 1}: unary, tracing {mode.label}: {_brief('unary', f)}")
-            for mode in order:
-                one["send"][mode.key] = f = await send_case(plan, mode, receiver, directory)
-                say(f"round {round_no + 1}: SendMessage, tracing {mode.label}: {_brief('send', f)}")
-            results["rounds"].append(one)
+        async with session(results, "switchboard-telemetry-bench-") as directory:
+            for round_no in range(plan.rounds):
+                results["rounds"].append(await _round(plan, round_no, receiver, directory))
     finally:
         await receiver.close()
-        await asyncio.to_thread(shutil.rmtree, directory, ignore_errors=True)
-    results["host"].append(await host_speed())
-    results["seconds"] = round(time.monotonic() - started)
-    say(f"done in {results['seconds']} s")
     return results
+
+
+async def _round(
+    plan: Plan, round_no: int, receiver: Receiver, directory: Path
+) -> dict[str, dict[str, Any]]:
+    """Both cases in every mode, the order of the modes rotated by ``round_no``."""
+    shift = round_no % len(MODES)
+    order = (*MODES[shift:], *MODES[:shift])
+    one: dict[str, dict[str, Any]] = {"unary": {}, "send": {}}
+    for mode in order:
+        one["unary"][mode.key] = f = await unary_case(plan, mode, receiver)
+        say(f"round {round_no + 1}: unary, tracing {mode.label}: {_brief('unary', f)}")
+    for mode in order:
+        one["send"][mode.key] = f = await send_case(plan, mode, receiver, directory)
+        say(f"round {round_no + 1}: SendMessage, tracing {mode.label}: {_brief('send', f)}")
+    return one
 
 
 # ---------------------------------------------------------------------------------
@@ -346,8 +351,7 @@ async def drive(plan: Plan) -> dict[str, Any]:
 
 def _median_round(rounds: Sequence[dict[str, Any]], case: str, key: str, metric: Any) -> int:
     """Index of the median round of ``case`` in mode ``key`` by ``metric``."""
-    order = sorted(range(len(rounds)), key=lambda i: metric(rounds[i][case][key]))
-    return order[len(order) // 2]
+    return middle(range(len(rounds)), key=lambda i: metric(rounds[i][case][key]))
 
 
 def _ratios(rounds: Sequence[dict[str, Any]], case: str, key: str, metric: Any) -> list[float]:
@@ -362,8 +366,7 @@ def _rounds(n: int) -> str:
 def _receiver_cpu(rounds: Sequence[dict[str, Any]], case: str) -> str:
     """The receiver's CPU seconds per case, median of the rounds, by mode."""
     cpu = {
-        m.key: statistics.median(r[case][m.key]["received"]["receiver_cpu_s"] for r in rounds)
-        for m in MODES
+        m.key: median(r[case][m.key]["received"]["receiver_cpu_s"] for r in rounds) for m in MODES
     }
     return (
         "- the OTLP receiver's CPU per case (median of the rounds; it shares the cores): "
@@ -397,11 +400,9 @@ def _unary_section(results: dict[str, Any], plan: Plan) -> list[str]:
         )
     qps = _ratios(rounds, "unary", "1%", lambda f: f["qps"])
     full = _ratios(rounds, "unary", "100%", lambda f: f["qps"])
-    ratio = statistics.median(qps)
-    verdict = "met" if ratio >= QPS_RATIO_BUDGET else "**missed**"
+    ratio = median(qps)
     cpu = {
-        m.key: statistics.median(r["unary"][m.key]["server_cpu_us_per_call"] for r in rounds)
-        for m in MODES
+        m.key: median(r["unary"][m.key]["server_cpu_us_per_call"] for r in rounds) for m in MODES
     }
     return [
         "### Authenticated unary: GetJwks with a bearer token",
@@ -420,9 +421,10 @@ def _unary_section(results: dict[str, Any], plan: Plan) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
-        f"- 1% / off QPS: **{ratio:.2f}** (budget ≥ {QPS_RATIO_BUDGET:.2f}): {verdict}; "
+        f"- 1% / off QPS: **{ratio:.2f}** (budget ≥ {QPS_RATIO_BUDGET:.2f}): "
+        f"{verdict(ratio >= QPS_RATIO_BUDGET)}; "
         f"every round: {_list(qps)}",
-        f"- 100% / off QPS: {statistics.median(full):.2f}; every round: {_list(full)}",
+        f"- 100% / off QPS: {median(full):.2f}; every round: {_list(full)}",
         f"- server CPU per call, median of the rounds: off {cpu['off']:.0f} µs, 1% "
         f"{cpu['1%']:.0f} µs (+{cpu['1%'] - cpu['off']:.0f}), 100% {cpu['100%']:.0f} µs "
         f"(+{cpu['100%'] - cpu['off']:.0f})",
@@ -438,13 +440,13 @@ def _send_section(results: dict[str, Any], plan: Plan) -> list[str]:
         i = _median_round(rounds, "send", mode.key, lambda f: f["first_delta"]["p99_ms"])
         f = rounds[i]["send"][mode.key]
         d, s, c = f["first_delta"], f["send"], f["check"]
-        errors = ", ".join(f"{k} {v}" for k, v in sorted(f["errors"].items())) or "0"
         rows.append(
             f"| {mode.label} | {i + 1} | {d['calls']} | {d['p50_ms']:.1f} | **{d['p99_ms']:.1f}** "
             f"| {d['max_ms']:.1f} | {s['p50_ms']:.1f} / {s['p99_ms']:.1f} "
             f"| {f['runs_per_s']:.1f} | {f['server_cpu_ms_per_call']:.1f} "
             f"| {f['server_cores']:.2f} / {f['client_cores']:.2f} / {f['other_cores']:.2f} "
-            f"| {errors} | {c['runs_listed'] - c['not_succeeded']}/{c['runs_sent']} "
+            f"| {errors_text(f['errors'])} "
+            f"| {c['runs_listed'] - c['not_succeeded']}/{c['runs_sent']} "
             f"| {_spans('send', mode, f)} |"
         )
     p50 = {
@@ -453,10 +455,7 @@ def _send_section(results: dict[str, Any], plan: Plan) -> list[str]:
     p99 = {
         m.key: _ratios(rounds, "send", m.key, lambda f: f["first_delta"]["p99_ms"]) for m in MODES
     }
-    cpu = {
-        m.key: statistics.median(r["send"][m.key]["server_cpu_ms_per_call"] for r in rounds)
-        for m in MODES
-    }
+    cpu = {m.key: median(r["send"][m.key]["server_cpu_ms_per_call"] for r in rounds) for m in MODES}
     think = f"{plan.pause_s / 2:g}-{plan.pause_s * 3 / 2:g} s"
     return [
         "### SendMessage to the first delta",
@@ -481,10 +480,10 @@ def _send_section(results: dict[str, Any], plan: Plan) -> list[str]:
         *rows,
         "",
         f"- first delta p50 vs off, median of the rounds: 1% "
-        f"**{statistics.median(p50['1%']):.2f}**, 100% {statistics.median(p50['100%']):.2f} "
+        f"**{median(p50['1%']):.2f}**, 100% {median(p50['100%']):.2f} "
         f"(every round: 1% {_list(p50['1%'])}; 100% {_list(p50['100%'])})",
         f"- first delta p99 vs off, median of the rounds: 1% "
-        f"**{statistics.median(p99['1%']):.2f}**, 100% {statistics.median(p99['100%']):.2f} "
+        f"**{median(p99['1%']):.2f}**, 100% {median(p99['100%']):.2f} "
         f"(every round: 1% {_list(p99['1%'])}; 100% {_list(p99['100%'])})",
         f"- server CPU per run, median of the rounds: off {cpu['off']:.1f} ms, 1% "
         f"{cpu['1%']:.1f} ms, 100% {cpu['100%']:.1f} ms",
@@ -495,7 +494,6 @@ def _send_section(results: dict[str, Any], plan: Plan) -> list[str]:
 
 def render(results: dict[str, Any], plan: Plan, command: str) -> str:
     """The BENCHMARKS.md section."""
-    host = results["host"]
     modes = "; ".join(
         f"{m.label}: "
         + (
@@ -508,7 +506,6 @@ def render(results: dict[str, Any], plan: Plan, command: str) -> str:
     off_spans = [
         r[c]["off"]["received"]["spans"] for r in results["rounds"] for c in ("unary", "send")
     ]
-    settings = ", ".join(f"`{k}={v}`" for k, v in SERVER_SETTINGS.items())
     return "\n".join(
         [
             SECTION,
@@ -525,13 +522,10 @@ def render(results: dict[str, Any], plan: Plan, command: str) -> str:
             f"rotating every round; {_rounds(plan.rounds)}; ratios against tracing off in the "
             "same round, their median over the rounds compared with the budget.",
             f"- tracing modes: {modes}",
-            f"- SendMessage server settings: {settings}",
+            f"- SendMessage server settings: {settings_text(SERVER_SETTINGS)}",
             "- spans received with tracing off, every case: "
             + ("**0**" if not any(off_spans) else f"**{sum(off_spans)}** (tracing was not off)"),
-            f"- host speed, before / after the run: a pure-Python reference loop (1M additions) "
-            f"{host[0]['loop_ms']:g} / {host[-1]['loop_ms']:g} ms of CPU; an event loop -> "
-            f"thread -> event loop round trip {host[0]['hop_us']:g} / {host[-1]['hop_us']:g} µs "
-            "(as in the context service section).",
+            host_speed_line(results["host"]),
             "",
             *_unary_section(results, plan),
             *_send_section(results, plan),
@@ -543,9 +537,7 @@ def main() -> int:
     if sys.argv[1:] == ["receiver"]:
         receiver_main()
         return 0
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
-    parser.add_argument("--json", action="store_true", help="print JSON (for bench/run.py)")
+    parser = section_parser(__doc__)
     parser.add_argument("--seconds", type=float, help="measured seconds per case")
     parser.add_argument("--rounds", type=int, help="rounds (3 by default)")
     args = parser.parse_args()
@@ -557,7 +549,7 @@ def main() -> int:
     plan = dataclasses.replace(Plan(), **overrides)
     results = asyncio.run(drive(plan))
     text = render(results, plan, command_line("bench/telemetry.py"))
-    report(results, text, args, SECTION)
+    report(results, text, args)
     return 0
 
 

@@ -12,7 +12,7 @@
                                          alternating; a section of its own (--write)
 
 The server is a real ``switchboard serve --dev --port 0`` process started by
-``bench/context.py``'s ``serve`` (embedded SQLite, in-memory cache and event
+``bench/harness.py``'s ``serve`` (embedded SQLite, in-memory cache and event
 log, JSON access log to a file) with the defaults except the loopback egress,
 the model provider and the rate limits one account would hit
 (``SERVER_SETTINGS``). The user, workspace, conversations, the MCP integration
@@ -52,13 +52,10 @@ import argparse
 import asyncio
 import collections
 import contextlib
-import functools
 import itertools
 import os
 import re
-import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -80,7 +77,6 @@ from mcp.server.lowlevel.server import Server
 from mcp.shared.exceptions import MCPError
 
 from switchboard.api.context.v1 import context_pb2 as cpb
-from switchboard.api.context.v1 import context_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
 from switchboard.api.integration.v1 import integration_pb2 as ipb
@@ -89,39 +85,40 @@ from switchboard.dispatcher.store import TERMINAL
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: bench.*, tests.*
 
-from bench.context import (
-    Account,
-    _ms,
-    _quiet_gc,
-    command_line,
-    host_speed,
-    provenance,
-    register,
-    report,
-    say,
-    serve,
-)
-from bench.dispatcher import (
-    _RUNS_HEADER,
-    FIRST_DELTA_P99_BUDGET_MS,
-    QUIET_CORES,
-    _channel,
-    _runs_row,
-    _start_profile,
-    find_py_spy,
-    gather_limited,
-    read_profile,
-    runs_case,
-    wait_quiet,
-)
+from bench import pyspy
+from bench.dispatcher import FIRST_DELTA_P99_BUDGET_MS, RUNS_HEADER, runs_case, runs_row
 from bench.dispatcher import FULL as DISPATCHER_FULL
 from bench.dispatcher import QUICK as DISPATCHER_QUICK
-from bench.integration import (
-    Meter,
-    _keep_profile,
+from bench.fixtures import (
+    Account,
+    create_conversations,
     create_integration,
     create_workspace,
-    group_profile,
+    register,
+)
+from bench.harness import (
+    QUIET_CORES,
+    SERVED,
+    CpuMeter,
+    command_line,
+    dedicated_channel,
+    errors_text,
+    host_speed_line,
+    median,
+    ms,
+    provenance,
+    python,
+    quiet_gc,
+    report,
+    running,
+    say,
+    section_parser,
+    serve,
+    session,
+    settings_text,
+    summary,
+    verdict,
+    wait_quiet,
 )
 from tests.fakes.openai_server import FakeOpenAI, Received, Reply
 
@@ -250,29 +247,14 @@ class McpProcess:
 
 @contextlib.contextmanager
 def mcp_server() -> Iterator[McpProcess]:
-    """``python bench/tools.py mcp`` on a free port; killed on exit."""
-    process = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "mcp"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    """``python bench/tools.py mcp`` on a free port; terminated on exit."""
+    with running(python(__file__, "mcp"), by="terminate") as process:
         assert process.stdout is not None
         line = process.stdout.readline()  # EOF if it dies: then the match fails
         match = re.fullmatch(r"listening on (\d+)\n", line)
         if match is None:
             raise RuntimeError(f"the bench MCP server did not start: {line!r}")
         yield McpProcess(f"http://127.0.0.1:{match.group(1)}/mcp", process.pid)
-    finally:
-        if process.poll() is None:
-            process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        if process.stdout is not None:
-            process.stdout.close()
 
 
 def tool_times(text: str) -> tuple[str, float, float] | None:
@@ -402,61 +384,39 @@ async def prepare(channel: aio.Channel, mcp: McpProcess) -> World:
     return World(account, workspace, integration, created.assistant.name)
 
 
-async def new_conversations(channel: aio.Channel, world: World, count: int) -> list[str]:
-    stub = context_pb2_grpc.ContextServiceStub(channel)
-
-    async def one(i: int) -> str:
-        response = await stub.CreateConversation(
-            cpb.CreateConversationRequest(
-                parent=world.workspace, conversation=cpb.Conversation(title=f"Run {i}")
-            ),
-            metadata=world.account.metadata,
-            timeout=30,
-        )
-        return response.conversation.name
-
-    return await gather_limited([functools.partial(one, i) for i in range(count)])
+async def new_conversations(connection: aio.Channel, world: World, count: int) -> list[str]:
+    parents = [world.workspace] * count
+    return await create_conversations(connection, world.account, parents, "Run {}")
 
 
 # ---------------------------------------------------------------------------------
 # The measured loops.
 
 
-def summary(samples: Sequence[float]) -> dict[str, float]:
-    """Count, p50 / p95 / p99 / max and mean of seconds, in ms."""
-    return {
-        "calls": len(samples),
-        "p50_ms": _ms(samples, 0.50),
-        "p95_ms": _ms(samples, 0.95),
-        "p99_ms": _ms(samples, 0.99),
-        "max_ms": round(max(samples, default=float("nan")) * 1000, 3),
-        "mean_ms": round(sum(samples) / max(len(samples), 1) * 1000, 3),
-    }
-
-
 @dataclass
 class Case:
     """One kind of work at one level, pooled over the rounds."""
 
-    meter: Meter
+    meter: CpuMeter
     samples: dict[str, list[float]] = field(default_factory=lambda: collections.defaultdict(list))
     rounds: list[dict[str, float]] = field(default_factory=list)
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
     model_requests: int = 0
 
     def figures(self, key: str) -> dict[str, Any]:
-        wall, server, mcp, client, machine = self.meter.spent
+        meter = self.meter
+        server, mcp = meter.used
         done = max(len(self.samples[key]), 1)
-        wall = max(wall, 1e-9)
+        wall = max(meter.wall, 1e-9)
         return {
-            **{name: summary(values) for name, values in self.samples.items()},
+            **{name: summary(values, (0.5, 0.95, 0.99)) for name, values in self.samples.items()},
             "per_s": round(len(self.samples[key]) / wall, 1),
             "errors": dict(self.errors),
             "model_requests_per_run": round(self.model_requests / done, 2),
             "server_cpu_ms": round(server * 1000 / done, 2),
             "mcp_cpu_ms": round(mcp * 1000 / done, 2),
-            "client_cpu_ms": round(client * 1000 / done, 2),
-            "other_cores": round(max(0.0, machine - server - mcp - client) / wall, 2),
+            "client_cpu_ms": round(meter.client * 1000 / done, 2),
+            "other_cores": round(meter.others() / wall, 2),
             "rounds": self.rounds,
         }
 
@@ -591,7 +551,7 @@ class ToolLoad:
     ) -> None:
         """``count`` pieces of ``work``, ``callers`` at a time (closed loops); the
         round's percentiles of ``case.samples[key]``. No case: a warm-up."""
-        target = case or Case(Meter(*self.pids))
+        target = case or Case(CpuMeter(*self.pids))
         left = iter(range(count))
         before = len(target.samples[key])
 
@@ -604,7 +564,7 @@ class ToolLoad:
         if case is not None:
             fresh = case.samples[key][before:]
             case.rounds.append(
-                {"calls": len(fresh), "p50_ms": _ms(fresh, 0.5), "p99_ms": _ms(fresh, 0.99)}
+                {"calls": len(fresh), "p50_ms": ms(fresh, 0.5), "p99_ms": ms(fresh, 0.99)}
             )
 
     async def level(self, channel: aio.Channel, callers: int, sizes: Sizes) -> dict[str, Any]:
@@ -614,8 +574,8 @@ class ToolLoad:
                 channel, self.world, sizes.rounds * per_round + 2 * sizes.warmup_runs
             )
         )
-        tool, plain = Case(Meter(*self.pids)), Case(Meter(*self.pids))
-        direct, invoke = Case(Meter(*self.pids)), Case(Meter(*self.pids))
+        tool, plain = Case(CpuMeter(*self.pids)), Case(CpuMeter(*self.pids))
+        direct, invoke = Case(CpuMeter(*self.pids)), Case(CpuMeter(*self.pids))
         prefix = f"l{callers}"
 
         def runs(with_tool: bool) -> Callable[[Case], Awaitable[None]]:
@@ -632,7 +592,7 @@ class ToolLoad:
             (calls(self.invoke), sizes.warmup_calls),
         ):
             await self.phase(None, work, count, callers)
-        _quiet_gc()
+        quiet_gc()
         phases: list[tuple[Case, Callable[[Case], Awaitable[None]], int, str]] = [
             (tool, runs(True), sizes.tool_runs, "added"),
             (plain, runs(False), sizes.plain_runs, "end_to_end"),
@@ -659,8 +619,8 @@ class ToolLoad:
         """Tool runs, one at a time, with py-spy recording the server meanwhile."""
         seconds = float(profile["seconds"])
         pool = iter(await new_conversations(channel, self.world, int(seconds * 40) + 40))
-        case = Case(Meter(*self.pids))
-        profiler = await _start_profile({"profile": profile, "server_pid": server_pid})
+        case = Case(CpuMeter(*self.pids))
+        profiler = await pyspy.record(profile, server_pid)
         deadline = time.monotonic() + seconds + 1
         with case.meter.measure():
             for conversation in pool:
@@ -682,8 +642,8 @@ def _brief_round(tool: Case, direct: Case, invoke: Case) -> str:
     last = tool.rounds[-1] if tool.rounds else {"p50_ms": float("nan"), "p99_ms": float("nan")}
     return (
         f"added p50 {last['p50_ms']:.2f} ms, p99 {last['p99_ms']:.2f} ms; direct over own p50 "
-        f"{_ms(direct.samples['over_own'], 0.5):.2f} ms; InvokeTool over own p50 "
-        f"{_ms(invoke.samples['over_own'], 0.5):.2f} ms; errors "
+        f"{ms(direct.samples['over_own'], 0.5):.2f} ms; InvokeTool over own p50 "
+        f"{ms(invoke.samples['over_own'], 0.5):.2f} ms; errors "
         f"{dict(tool.errors + direct.errors + invoke.errors) or 0}"
     )
 
@@ -697,23 +657,23 @@ async def tools_scenario(
         settings = {**SERVER_SETTINGS, "SWITCHBOARD_LLM_BASE_URL": model.url}
         with mcp_server() as mcp, serve(directory, url, settings) as server:
             async with (
-                _channel(server.address) as channel,
+                dedicated_channel(server.address) as connection,
                 streamable_http_client(mcp.url) as (read, write),
                 ClientSession(read, write) as session,
             ):
                 await session.initialize()
-                world = await prepare(channel, mcp)
-                load = ToolLoad(channel, session, model, world, (server.pid, mcp.pid))
+                world = await prepare(connection, mcp)
+                load = ToolLoad(connection, session, model, world, (server.pid, mcp.pid))
                 levels = []
                 for callers in sizes.levels:
                     waited = await wait_quiet(sizes.quiet_wait_s)
                     say(f"tools: {callers} conversation(s) at once, {sizes.rounds} rounds")
-                    figures = await load.level(channel, callers, sizes)
+                    figures = await load.level(connection, callers, sizes)
                     levels.append({**figures, "quiet_wait_s": waited})
                 profiled = None
                 if profile is not None:
                     say(f"profile: tool runs, one at a time, py-spy for {profile['seconds']:g} s")
-                    profiled = await load.profiled(channel, profile, server.pid)
+                    profiled = await load.profiled(connection, profile, server.pid)
         unexpected = model.unexpected
     answer: dict[str, Any] = {"levels": levels, "unexpected_requests": unexpected}
     if profile is not None and profiled is not None:
@@ -721,8 +681,8 @@ async def tools_scenario(
         answer["profile"] = {
             **profiled,
             "seconds": profile["seconds"],
-            "groups": group_profile(out),
-            "functions": read_profile(out),
+            "groups": pyspy.libraries(out),
+            "functions": pyspy.functions(out),
         }
     return answer
 
@@ -788,8 +748,9 @@ def _clip(text: str, limit: int) -> str:
 
 
 async def first_delta_ab(
-    trees: Sequence[Path], pairs: int, quick: bool, keep: Path | None = None
+    trees: Sequence[Path], pairs: int, quick: bool, directory: Path
 ) -> dict[str, Any]:
+    """The paced case on each tree, ``pairs`` times (the servers' logs in ``directory``)."""
     sizes = DISPATCHER_QUICK if quick else DISPATCHER_FULL
     labels = ("before", "after")
     info = {
@@ -797,38 +758,33 @@ async def first_delta_ab(
         for label, tree in zip(labels, trees, strict=True)
     }
     cases = []
-    directory = keep or Path(tempfile.mkdtemp(prefix="switchboard-tools-ab-"))
-    try:
-        for pair in range(pairs):
-            order = list(zip(labels, trees, strict=True))
-            if pair % 2:
-                order.reverse()  # neither tree always goes first
-            for label, tree in order:
-                say(
-                    f"first delta, pair {pair + 1}: {label} ({info[label]['commit']}), "
-                    f"{sizes.latency_conversations} conversations, pause "
-                    f"{sizes.paced_pause_s:g} s"
+    for pair in range(pairs):
+        order = list(zip(labels, trees, strict=True))
+        if pair % 2:
+            order.reverse()  # neither tree always goes first
+        for label, tree in order:
+            say(
+                f"first delta, pair {pair + 1}: {label} ({info[label]['commit']}), "
+                f"{sizes.latency_conversations} conversations, pause "
+                f"{sizes.paced_pause_s:g} s"
+            )
+            with source_tree(tree):
+                figures = await runs_case(
+                    directory,
+                    conversations=sizes.latency_conversations,
+                    warmup_s=sizes.paced_warmup_s,
+                    seconds=sizes.paced_seconds,
+                    channels=4,
+                    quiet_wait_s=sizes.quiet_wait_s,
+                    pause_s=sizes.paced_pause_s,
                 )
-                with source_tree(tree):
-                    figures = await runs_case(
-                        directory,
-                        conversations=sizes.latency_conversations,
-                        warmup_s=sizes.paced_warmup_s,
-                        seconds=sizes.paced_seconds,
-                        channels=4,
-                        quiet_wait_s=sizes.quiet_wait_s,
-                        pause_s=sizes.paced_pause_s,
-                    )
-                d = figures["first_delta"]
-                say(
-                    f"  first delta p50 {d['p50_ms']:.1f} ms, p99 {d['p99_ms']:.1f} ms over "
-                    f"{d['calls']} runs; server {figures['server_cpu_ms_per_call']:.1f} ms "
-                    f"per run; others {figures['other_cores']:.2f} cores"
-                )
-                cases.append({**figures, "pair": pair + 1, "label": label})
-    finally:
-        if keep is None:
-            shutil.rmtree(directory, ignore_errors=True)
+            d = figures["first_delta"]
+            say(
+                f"  first delta p50 {d['p50_ms']:.1f} ms, p99 {d['p99_ms']:.1f} ms over "
+                f"{d['calls']} runs; server {figures['server_cpu_ms_per_call']:.1f} ms "
+                f"per run; others {figures['other_cores']:.2f} cores"
+            )
+            cases.append({**figures, "pair": pair + 1, "label": label})
     return {
         "trees": info,
         "cases": cases,
@@ -847,24 +803,17 @@ def _triple(s: dict[str, float]) -> str:
     return f"{s['p50_ms']:.2f} / {s['p95_ms']:.2f} / {s['p99_ms']:.2f}"
 
 
-def _errors(errors: dict[str, int]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in sorted(errors.items())) or "0"
-
-
 def render(results: dict[str, Any], command: str, sizes: Sizes) -> str:
-    host = results["host"]
-    settings = ", ".join(f"`{k}={v}`" for k, v in SERVER_SETTINGS.items())
     lines = [
         SECTION,
         "",
         *provenance(command),
         f"- source: {results['source']}",
-        "- shape: a real `switchboard serve --dev` process (embedded SQLite, in-memory cache "
-        "and event log, JSON access log to a file) with the defaults except "
-        f"{settings} and `SWITCHBOARD_LLM_BASE_URL` pointing at the model; the model "
-        "(`tests/fakes/openai_server.py`'s `FakeOpenAI`, Chat Completions streamed over "
-        "HTTP/1.1 keep-alive) and the measuring client (grpc.aio, one channel; the `mcp` "
-        "SDK's `ClientSession`) in the benchmark process; the MCP server (`python "
+        f"- shape: {SERVED} with the defaults except "
+        f"{settings_text(SERVER_SETTINGS)} and `SWITCHBOARD_LLM_BASE_URL` pointing at the "
+        "model; the model (`tests/fakes/openai_server.py`'s `FakeOpenAI`, Chat Completions "
+        "streamed over HTTP/1.1 keep-alive) and the measuring client (grpc.aio, one channel; "
+        "the `mcp` SDK's `ClientSession`) in the benchmark process; the MCP server (`python "
         "bench/tools.py mcp`: the `mcp` SDK's low-level server, streamable HTTP with SSE "
         f"responses, uvicorn) in a process of its own. Its one tool, `{TOOL}`, sleeps "
         f"{TOOL_MS:g} ms and says in its text the monotonic times it started and returned; "
@@ -872,10 +821,7 @@ def render(results: dict[str, Any], command: str, sizes: Sizes) -> str:
         "(its body read) and when each streamed answer's last byte (`data: [DONE]`, the "
         "final chunk) was written. All of it on loopback, on the machine's one "
         "CLOCK_MONOTONIC, sharing the cores.",
-        f"- host speed, before / after the run: a pure-Python reference loop (1M additions) "
-        f"{host[0]['loop_ms']:g} / {host[-1]['loop_ms']:g} ms of CPU; an event loop -> "
-        f"thread -> event loop round trip {host[0]['hop_us']:g} / {host[-1]['hop_us']:g} µs "
-        "(as in the context service section).",
+        host_speed_line(results["host"]),
         "",
     ]
     lines += _tools_section(results["tools"], sizes)
@@ -883,64 +829,40 @@ def render(results: dict[str, Any], command: str, sizes: Sizes) -> str:
 
 
 def _tools_section(r: dict[str, Any], sizes: Sizes) -> list[str]:
-    step_rows, base_rows, e2e_rows, verdicts = [], [], [], []
-    for level in r["levels"]:
-        n = level["callers"]
-        t, p, d, i = level["tool"], level["plain"], level["direct"], level["invoke"]
-        step_rows.append(
-            f"| {n} | {t['added']['calls']} | {_triple(t['tool_to_next_request'])} "
+    levels = r["levels"]
+    waited = ", ".join(f"{level['quiet_wait_s']:g}" for level in levels)
+    return [
+        "### A run with one tool call",
+        "",
+        *_step_lines(sizes, levels),
+        *_baseline_lines(levels),
+        *_end_to_end_lines(levels),
+        f"Budget: the added latency under {ADDED_P99_BUDGET_MS:g} ms at p99 on 2 cores.",
+        "",
+        *(line for level in levels for line in _verdicts(level)),
+        f"- model requests that were not a bench run's: {r['unexpected_requests']}; waited "
+        f"for a quiet machine before each level: {waited} s",
+        "",
+        *(_profile_lines(r["profile"]) if r.get("profile") else []),
+    ]
+
+
+def _step_lines(sizes: Sizes, levels: Sequence[dict[str, Any]]) -> list[str]:
+    """The tool step's own table: where its time goes."""
+    rows = []
+    for level in levels:
+        t = level["tool"]
+        rows.append(
+            f"| {level['callers']} | {t['added']['calls']} | {_triple(t['tool_to_next_request'])} "
             f"| {t['added']['p50_ms']:.2f} / {t['added']['p95_ms']:.2f} / "
             f"**{t['added']['p99_ms']:.2f}** | {t['added']['max_ms']:.2f} "
             f"| {t['answer_to_tool_start']['p50_ms']:.2f} / "
             f"{t['answer_to_tool_start']['p99_ms']:.2f} "
             f"| {t['hub_over_own']['p50_ms']:.2f} / {t['hub_over_own']['p99_ms']:.2f} "
             f"| {t['outside_hub']['p50_ms']:.2f} / {t['outside_hub']['p99_ms']:.2f} "
-            f"| {t['own']['p50_ms']:.2f} | {_errors(t['errors'])} |"
+            f"| {t['own']['p50_ms']:.2f} | {errors_text(t['errors'])} |"
         )
-        for label, f in (
-            ("direct: `mcp` SDK `call_tool`", d),
-            ("InvokeTool (Switchboard's hub)", i),
-        ):
-            base_rows.append(
-                f"| {n} | {label} | {f['round_trip']['calls']} | {_triple(f['round_trip'])} "
-                f"| {_triple(f['over_own'])} "
-                f"| {t['added']['p50_ms'] / f['over_own']['p50_ms']:.2f} / "
-                f"{t['added']['p99_ms'] / f['over_own']['p99_ms']:.2f} "
-                f"| {f['server_cpu_ms']:.2f} | {f['mcp_cpu_ms']:.2f} | {f['client_cpu_ms']:.2f} "
-                f"| {f['other_cores']:.2f} | {_errors(f['errors'])} |"
-            )
-        for label, f in (("with the tool step", t), ("without (the model answers at once)", p)):
-            e = f["end_to_end"]
-            e2e_rows.append(
-                f"| {n} | {label} | {e['calls']} | {_triple(e)} | {f['per_s']:.1f} "
-                f"| {f['model_requests_per_run']:.2f} | {f['server_cpu_ms']:.2f} "
-                f"| {f['mcp_cpu_ms']:.2f} | {f['client_cpu_ms']:.2f} | {f['other_cores']:.2f} "
-                f"| {_errors(f['errors'])} |"
-            )
-        added = t["added"]["p99_ms"]
-        verdict = "met" if added < ADDED_P99_BUDGET_MS else "**missed**"
-        gap = t["end_to_end"]["p50_ms"] - p["end_to_end"]["p50_ms"]
-        verdicts.append(
-            f"- {n} conversation(s) at once: added latency p99 **{added:.2f} ms** ({verdict}); "
-            "by round (p99): "
-            + ", ".join(f"{x['p99_ms']:.2f}" for x in t["rounds"])
-            + f"; the run's added latency / direct MCP call's, p50: "
-            f"{t['added']['p50_ms'] / d['over_own']['p50_ms']:.2f}, / InvokeTool's: "
-            f"{t['added']['p50_ms'] / i['over_own']['p50_ms']:.2f}; end to end, with the tool "
-            f"step - without, p50: {gap:+.2f} ms ({TOOL_MS:g} ms of it the tool)"
-        )
-        verdicts.append(
-            f"  - where the added p50 ({t['added']['p50_ms']:.2f} ms) goes: the hub's call "
-            f"over the tool's own time {t['hub_over_own']['p50_ms']:.2f} ms (a direct SDK "
-            f"call's: {d['over_own']['p50_ms']:.2f} ms), the dispatcher and llm handler "
-            f"outside it {t['outside_hub']['p50_ms']:.2f} ms (p50s of each part, so they need "
-            "not add up); the tool step's Switchboard CPU (runs with it - without): "
-            f"{t['server_cpu_ms'] - p['server_cpu_ms']:.1f} ms per run"
-        )
-    waited = ", ".join(f"{level['quiet_wait_s']:g}" for level in r["levels"])
     return [
-        "### A run with one tool call",
-        "",
         f"Each run: a new conversation, SendMessage with the assistant (which enables the "
         f"one tool), then WatchRun read to the terminal state. The model answers the first "
         f"request with one call of `{FUNCTION}` (its arguments streamed in pieces, "
@@ -974,8 +896,29 @@ def _tools_section(r: dict[str, Any], sizes: Sizes) -> list[str]:
         "| answer end -> tool start p50 / p99 ms | hub's call - own p50 / p99 ms "
         "| outside the hub's call p50 / p99 ms | tool's own time p50 ms | errors |",
         "|---|---|---|---|---|---|---|---|---|---|",
-        *step_rows,
+        *rows,
         "",
+    ]
+
+
+def _baseline_lines(levels: Sequence[dict[str, Any]]) -> list[str]:
+    """The same tool called directly and through InvokeTool: what the runs compare with."""
+    rows = []
+    for level in levels:
+        added = level["tool"]["added"]
+        for label, f in (
+            ("direct: `mcp` SDK `call_tool`", level["direct"]),
+            ("InvokeTool (Switchboard's hub)", level["invoke"]),
+        ):
+            rows.append(
+                f"| {level['callers']} | {label} | {f['round_trip']['calls']} "
+                f"| {_triple(f['round_trip'])} | {_triple(f['over_own'])} "
+                f"| {added['p50_ms'] / f['over_own']['p50_ms']:.2f} / "
+                f"{added['p99_ms'] / f['over_own']['p99_ms']:.2f} "
+                f"| {f['server_cpu_ms']:.2f} | {f['mcp_cpu_ms']:.2f} | {f['client_cpu_ms']:.2f} "
+                f"| {f['other_cores']:.2f} | {errors_text(f['errors'])} |"
+            )
+    return [
         "Baselines, interleaved with the runs: the same tool with the same arguments, called "
         "directly from the benchmark process on one `mcp` SDK `ClientSession` (streamable "
         "HTTP) and through InvokeTool (gRPC, authenticated; the hub's own SDK session), "
@@ -988,8 +931,27 @@ def _tools_section(r: dict[str, Any], sizes: Sizes) -> list[str]:
         "| over own p50 / p95 / p99 ms | runs' added / this, p50 / p99 | Switchboard CPU ms "
         "| MCP server CPU ms | benchmark CPU ms | other cores | errors |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
-        *base_rows,
+        *rows,
         "",
+    ]
+
+
+def _end_to_end_lines(levels: Sequence[dict[str, Any]]) -> list[str]:
+    """Runs with the tool step against runs without it."""
+    rows = []
+    for level in levels:
+        for label, f in (
+            ("with the tool step", level["tool"]),
+            ("without (the model answers at once)", level["plain"]),
+        ):
+            e = f["end_to_end"]
+            rows.append(
+                f"| {level['callers']} | {label} | {e['calls']} | {_triple(e)} "
+                f"| {f['per_s']:.1f} | {f['model_requests_per_run']:.2f} "
+                f"| {f['server_cpu_ms']:.2f} | {f['mcp_cpu_ms']:.2f} | {f['client_cpu_ms']:.2f} "
+                f"| {f['other_cores']:.2f} | {errors_text(f['errors'])} |"
+            )
+    return [
         "End to end: from just before SendMessage to the terminal state on WatchRun, runs "
         "with the tool step against runs whose model answers at once (same assistant, tools "
         "offered, one request). CPU ms per run; model requests per run as the model counted "
@@ -999,52 +961,54 @@ def _tools_section(r: dict[str, Any], sizes: Sizes) -> list[str]:
         "| runs/s | model requests per run | Switchboard CPU ms | MCP server CPU ms "
         "| benchmark CPU ms | other cores | errors |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
-        *e2e_rows,
+        *rows,
         "",
-        f"Budget: the added latency under {ADDED_P99_BUDGET_MS:g} ms at p99 on 2 cores.",
-        "",
-        *verdicts,
-        f"- model requests that were not a bench run's: {r['unexpected_requests']}; waited "
-        f"for a quiet machine before each level: {waited} s",
-        "",
-        *(_profile_lines(r["profile"]) if r.get("profile") else []),
+    ]
+
+
+def _verdicts(level: dict[str, Any]) -> list[str]:
+    """One level against the budget, and where its added p50 goes."""
+    t, p, d, i = level["tool"], level["plain"], level["direct"], level["invoke"]
+    added = t["added"]["p99_ms"]
+    gap = t["end_to_end"]["p50_ms"] - p["end_to_end"]["p50_ms"]
+    return [
+        f"- {level['callers']} conversation(s) at once: added latency p99 **{added:.2f} ms** "
+        f"({verdict(added < ADDED_P99_BUDGET_MS)}); by round (p99): "
+        + ", ".join(f"{x['p99_ms']:.2f}" for x in t["rounds"])
+        + f"; the run's added latency / direct MCP call's, p50: "
+        f"{t['added']['p50_ms'] / d['over_own']['p50_ms']:.2f}, / InvokeTool's: "
+        f"{t['added']['p50_ms'] / i['over_own']['p50_ms']:.2f}; end to end, with the tool "
+        f"step - without, p50: {gap:+.2f} ms ({TOOL_MS:g} ms of it the tool)",
+        f"  - where the added p50 ({t['added']['p50_ms']:.2f} ms) goes: the hub's call "
+        f"over the tool's own time {t['hub_over_own']['p50_ms']:.2f} ms (a direct SDK "
+        f"call's: {d['over_own']['p50_ms']:.2f} ms), the dispatcher and llm handler "
+        f"outside it {t['outside_hub']['p50_ms']:.2f} ms (p50s of each part, so they need "
+        "not add up); the tool step's Switchboard CPU (runs with it - without): "
+        f"{t['server_cpu_ms'] - p['server_cpu_ms']:.1f} ms per run",
     ]
 
 
 def _profile_lines(p: dict[str, Any]) -> list[str]:
     groups, functions = p["groups"], p["functions"]
-    total = max(groups["total"], 1)
-    inclusive = dict(groups["inclusive"])
-    by_library = [
-        f"| {group} | {n * 100 / total:.1f} | {inclusive.get(group, 0) * 100 / total:.1f} |"
-        for group, n in groups["own"]
-    ]
-    ours = [
-        f"| {n * 100 / total:.1f} | `{name}` |" for name, n in functions.get("inclusive", [])[:15]
-    ]
     return [
         "#### Where the server's time goes in tool runs (py-spy)",
         "",
-        "`py-spy record --format raw --gil --threads --nonblocking` on the serve process for "
-        f"{p['seconds']:g} s during an extra, unmeasured series of tool runs, one at a time "
-        f"({p['runs']} runs, {p['runs_per_s']:.1f} runs/s, {p['server_cpu_ms']:.1f} ms of "
-        f"Switchboard CPU per run, added p50 {p['added_p50_ms']:.2f} ms meanwhile): "
-        f"{groups['total']} busy samples of the thread holding the GIL. By library: own, the "
-        "innermost frame; inclusive, anywhere on the stack (percent of the busy samples).",
+        f"{pyspy.RECORD} on the serve process for {p['seconds']:g} s during an extra, "
+        f"unmeasured series of tool runs, one at a time ({p['runs']} runs, "
+        f"{p['runs_per_s']:.1f} runs/s, {p['server_cpu_ms']:.1f} ms of Switchboard CPU per "
+        f"run, added p50 {p['added_p50_ms']:.2f} ms meanwhile): {groups['total']} busy "
+        "samples of the thread holding the GIL. By library: own, the innermost frame; "
+        "inclusive, anywhere on the stack (percent of the busy samples).",
         "",
-        "| library | own % | inclusive % |",
-        "|---|---|---|",
-        *by_library,
+        *pyspy.library_table(groups),
         "",
-        "| inclusive % | Switchboard function |",
-        "|---|---|",
-        *ours,
+        *pyspy.function_table(
+            "inclusive % | Switchboard function",
+            functions.get("inclusive", [])[:15],
+            groups["total"],
+        ),
         "",
     ]
-
-
-def _median(values: Sequence[float]) -> float:
-    return statistics.median(values) if values else float("nan")
 
 
 def render_ab(results: dict[str, Any], command: str) -> str:
@@ -1054,16 +1018,14 @@ def render_ab(results: dict[str, Any], command: str) -> str:
     for case in r["cases"]:
         busy = " (others busy)" if case["other_cores"] >= QUIET_CORES else ""
         label = f"{case['pair']}: {case['label']} ({trees[case['label']]['commit']}){busy}"
-        rows.append(_runs_row(label, case))
-    host = results["host"]
+        rows.append(runs_row(label, case))
 
-    def median(label: str, key: str, quiet: bool = False) -> float:
-        return _median(
-            [
-                c["first_delta"][key] if key != "cpu" else c["server_cpu_ms_per_call"]
-                for c in r["cases"]
-                if c["label"] == label and (not quiet or c["other_cores"] < QUIET_CORES)
-            ]
+    def of(label: str, key: str, quiet: bool = False) -> float:
+        """The median over the pairs of one tree's figure (``cpu``: server CPU per run)."""
+        return median(
+            c["first_delta"][key] if key != "cpu" else c["server_cpu_ms_per_call"]
+            for c in r["cases"]
+            if c["label"] == label and (not quiet or c["other_cores"] < QUIET_CORES)
         )
 
     def ratios(key: str) -> str:
@@ -1074,11 +1036,11 @@ def render_ab(results: dict[str, Any], command: str) -> str:
             f"{p['after'] / p['before']:.2f}" for _, p in sorted(pairs.items()) if len(p) == 2
         )
 
-    before, after = median("before", "p99_ms"), median("after", "p99_ms")
-    quiet_before, quiet_after = median("before", "p99_ms", True), median("after", "p99_ms", True)
+    before, after = of("before", "p99_ms"), of("after", "p99_ms")
+    quiet_before, quiet_after = of("before", "p99_ms", True), of("after", "p99_ms", True)
     verdicts = [
-        f"{label}: **{median(label, 'p99_ms'):.1f} ms** "
-        f"({'met' if median(label, 'p99_ms') < FIRST_DELTA_P99_BUDGET_MS else '**missed**'})"
+        f"{label}: **{of(label, 'p99_ms'):.1f} ms** "
+        f"({verdict(of(label, 'p99_ms') < FIRST_DELTA_P99_BUDGET_MS)})"
         for label in ("before", "after")
     ]
     busy = sum(c["other_cores"] >= QUIET_CORES for c in r["cases"])
@@ -1094,10 +1056,7 @@ def render_ab(results: dict[str, Any], command: str) -> str:
             f"{trees['after']['dirty']}. Each a git worktree put first on `PYTHONPATH` of the "
             "server and the measuring client, with the same virtualenv (checked: a child "
             f"process imports `{Path(trees['before']['imports']).name}` from its tree).",
-            f"- host speed, before / after the run: a pure-Python reference loop (1M "
-            f"additions) {host[0]['loop_ms']:g} / {host[-1]['loop_ms']:g} ms of CPU; an event "
-            f"loop -> thread -> event loop round trip {host[0]['hop_us']:g} / "
-            f"{host[-1]['hop_us']:g} µs.",
+            host_speed_line(results["host"]),
             "",
             "`bench/dispatcher.py`'s paced first-delta case (its Dispatcher section describes "
             "the loop): 100 conversations, each SendMessage (the built-in `echo` handler) then "
@@ -1107,16 +1066,16 @@ def render_ab(results: dict[str, Any], command: str) -> str:
             "tools: this is what the tool-run work (the tool runner, assistants, the run "
             "lifecycle, the RunJob) costs a run that does not use it.",
             "",
-            _RUNS_HEADER[0].replace("| conversations |", "| pair: tree |", 1),
-            *_RUNS_HEADER[1:],
+            RUNS_HEADER[0].replace("| conversations |", "| pair: tree |", 1),
+            *RUNS_HEADER[1:],
             *rows,
             "",
             f"- first delta p99, median of the pairs, budget under "
             f"{FIRST_DELTA_P99_BUDGET_MS:g} ms on 2 cores: " + "; ".join(verdicts),
             f"- after / before, medians, p99: **{after / before:.2f}**; p50: "
-            f"{median('after', 'p50_ms') / median('before', 'p50_ms'):.2f}; server CPU per "
-            f"run: {median('before', 'cpu'):.1f} -> {median('after', 'cpu'):.1f} ms "
-            f"({median('after', 'cpu') / median('before', 'cpu'):.2f})",
+            f"{of('after', 'p50_ms') / of('before', 'p50_ms'):.2f}; server CPU per "
+            f"run: {of('before', 'cpu'):.1f} -> {of('after', 'cpu'):.1f} ms "
+            f"({of('after', 'cpu') / of('before', 'cpu'):.2f})",
             f"- after / before by pair, p99: {ratios('p99_ms')}; p50: {ratios('p50_ms')}",
             f"- cases measured while other jobs used {QUIET_CORES:g} cores or more (others "
             f"busy): {busy} of {len(r['cases'])}; without them, median p99 before / after: "
@@ -1143,35 +1102,24 @@ def _source() -> str:
 
 async def drive(args: argparse.Namespace) -> int:
     sizes = QUICK if args.quick else FULL
-    results: dict[str, Any] = {"host": [await host_speed()]}
-    started = time.monotonic()
+    results: dict[str, Any] = {}
     if args.first_delta_ab:
-        keep = Path(args.keep) if args.keep else None
-        results["ab"] = await first_delta_ab(args.first_delta_ab, args.pairs, args.quick, keep)
-        results["host"].append(await host_speed())
-        say(f"done in {time.monotonic() - started:.0f} s")
-        text = render_ab(results, command_line("bench/tools.py"))
-        report(results, text, args, AB_SECTION)
+        async with session(results, "switchboard-tools-ab-") as directory:
+            results["ab"] = await first_delta_ab(
+                args.first_delta_ab, args.pairs, args.quick, Path(args.keep or directory)
+            )
+        report(results, render_ab(results, command_line("bench/tools.py")), args)
         return 0
     results["source"] = _source()
-    py_spy = find_py_spy(args.py_spy) if args.profile else None
-    if args.profile and py_spy is None:
-        say("--profile: py-spy not found (pip install py-spy, or --py-spy PATH); not profiling")
-    directory = Path(tempfile.mkdtemp(prefix="switchboard-tools-bench-"))
-    out = directory / "profile-tools.txt"
-    profile: dict[str, Any] | None = (
-        {"py_spy": py_spy, "seconds": PROFILE_SECONDS, "out": str(out)} if py_spy else None
-    )
-    try:
+    py_spy = pyspy.find(args)
+    async with session(results, "switchboard-tools-bench-") as directory:
+        out = directory / "profile-tools.txt"
+        profile = pyspy.plan(py_spy, PROFILE_SECONDS, out)
         results["tools"] = await tools_scenario(sizes, directory, profile)
         if profile is not None and args.profile_dir:
-            await asyncio.to_thread(_keep_profile, out, Path(args.profile_dir))
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-    results["host"].append(await host_speed())
-    say(f"done in {time.monotonic() - started:.0f} s")
-    text = render(results, command_line("bench/tools.py"), sizes)
-    report(results, text, args, SECTION)
+            keep = Path(args.profile_dir)
+            await asyncio.to_thread(pyspy.keep, directory, out.name, keep)
+    report(results, render(results, command_line("bench/tools.py"), sizes), args)
     return 0
 
 
@@ -1179,10 +1127,7 @@ def main() -> int:
     if sys.argv[1:] == ["mcp"]:
         mcp_main()
         return 0
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small counts")
-    parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
-    parser.add_argument("--json", action="store_true", help="print JSON (for bench/run.py)")
+    parser = section_parser(__doc__, quick="small counts")
     parser.add_argument(
         "--first-delta-ab",
         nargs=2,
@@ -1193,13 +1138,7 @@ def main() -> int:
     parser.add_argument(
         "--keep", default="", help="--first-delta-ab: keep the servers' logs in this directory"
     )
-    parser.add_argument(
-        "--profile", action="store_true", help="py-spy on the server in extra tool runs"
-    )
-    parser.add_argument("--py-spy", default="", help="the py-spy executable (default: on PATH)")
-    parser.add_argument(
-        "--profile-dir", default="", help="keep py-spy's raw profile in this directory"
-    )
+    pyspy.flags(parser, "extra tool runs")
     args = parser.parse_args()
     if args.first_delta_ab:
         args.first_delta_ab = [Path(tree).resolve() for tree in args.first_delta_ab]
