@@ -8,14 +8,16 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from switchboard.context.records import AlreadyDeleted, Archived, ConversationRecord, NotDeleted
+from switchboard.context.records import Archived, ConversationRecord
 from switchboard.context.storebase import (
     StoreBase,
+    apply_changes,
     check_etag,
     conversation_record,
     counted,
     keyset,
     require_room,
+    set_deleted,
 )
 from switchboard.platform.errors import NotFound
 from switchboard.platform.models import ConversationRow
@@ -121,10 +123,7 @@ class ConversationStore(StoreBase):
             # An archived conversation takes only the change that unarchives it.
             if row.archived and set(changes) - {"archived"} and changes.get("archived", True):
                 raise Archived("conversation", workspace_id, conversation_id)
-            for field, value in changes.items():
-                setattr(row, field, value)
-            row.version += 1
-            row.updated_at = now()
+            apply_changes(row, changes)
             return conversation_record(row)
 
         return await self._run(staging(staged, tx), write=True)
@@ -143,13 +142,7 @@ class ConversationStore(StoreBase):
                 db, workspace_id, conversation_id, include_deleted=True, lock=True
             )
             check_etag(etag, row.version)
-            if (row.deleted_at is not None) == deleted:
-                refusal = AlreadyDeleted if deleted else NotDeleted
-                raise refusal("conversation", workspace_id, conversation_id)
-            stamp = now()
-            row.deleted_at = stamp if deleted else None
-            row.version += 1
-            row.updated_at = stamp
+            set_deleted(row, deleted, "conversation", workspace_id, conversation_id)
             return conversation_record(row)
 
         return await self._run(staging(staged, tx), write=True)

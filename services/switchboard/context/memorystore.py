@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from switchboard.context.records import MemoryRecord, Missing, Scope
 from switchboard.context.storebase import (
     StoreBase,
+    apply_changes,
     check_etag,
     counted,
     keyset,
@@ -26,7 +27,6 @@ from switchboard.context.storebase import (
 )
 from switchboard.platform.errors import QuotaExceeded
 from switchboard.platform.models import ConversationRow, MemoryItemRow
-from switchboard.platform.names import now
 from switchboard.platform.outbox import Staged, staging
 
 
@@ -82,10 +82,7 @@ class MemoryStore(StoreBase):
             check_etag(etag, row.version)
             if changes.get("pinned") and not row.pinned:
                 _check_pinned_room(db, scope, max_pinned)
-            for field, value in changes.items():
-                setattr(row, field, value)
-            row.version += 1
-            row.updated_at = now()
+            apply_changes(row, changes)
             if "content" in changes and self._sqlite:
                 db.execute(
                     text("UPDATE memory_fts SET content = :content WHERE rowid = :rowid"),

@@ -21,7 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any, Final, TypeVar, TypeVarTuple
+from typing import Any, Final, Protocol, TypeVar, TypeVarTuple
 
 from sqlalchemy import Select, and_, bindparam, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -31,12 +31,15 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
 from switchboard.context.records import (
+    AlreadyDeleted,
     Archived,
     ConversationRecord,
+    Kind,
     MemberRecord,
     MemoryRecord,
     MessageRecord,
     Missing,
+    NotDeleted,
     Scope,
     Unsearchable,
     WorkspaceRecord,
@@ -247,6 +250,33 @@ def check_etag(etag: str, version: int) -> None:
     """Raise ABORTED unless ``etag`` (if given; the domain checked its form) names ``version``."""
     if etag and etag_version(etag) != version:
         raise EtagMismatch("the resource changed since the etag was read; read it again")
+
+
+class _Versioned(Protocol):
+    version: Any
+    updated_at: Any
+
+
+class _SoftDeleted(_Versioned, Protocol):
+    deleted_at: Any
+
+
+def apply_changes(row: _Versioned, changes: dict[str, Any]) -> None:
+    """Set ``changes`` on ``row`` as one new version."""
+    for field, value in changes.items():
+        setattr(row, field, value)
+    row.version += 1
+    row.updated_at = now()
+
+
+def set_deleted(row: _SoftDeleted, deleted: bool, kind: Kind, *ids: str) -> None:
+    """Soft-delete or restore ``row`` as one new version; refused if it already is so."""
+    if (row.deleted_at is not None) == deleted:
+        raise (AlreadyDeleted if deleted else NotDeleted)(kind, *ids)
+    stamp = now()
+    row.deleted_at = stamp if deleted else None
+    row.version += 1
+    row.updated_at = stamp
 
 
 def keyset(

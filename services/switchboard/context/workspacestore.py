@@ -9,20 +9,20 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from switchboard.context.records import (
-    AlreadyDeleted,
     Exists,
     MemberRecord,
     Missing,
-    NotDeleted,
     WorkspaceRecord,
 )
 from switchboard.context.storebase import (
     StoreBase,
+    apply_changes,
     check_etag,
     counted,
     keyset,
     member_record,
     require_room,
+    set_deleted,
     workspace_record,
 )
 from switchboard.platform.errors import FailedPrecondition
@@ -135,10 +135,7 @@ class WorkspaceStore(StoreBase):
         def tx(db: Session) -> WorkspaceRecord:
             row = self._workspace_for_update(db, workspace_id)
             check_etag(etag, row.version)
-            for field, value in changes.items():
-                setattr(row, field, value)
-            row.version += 1
-            row.updated_at = now()
+            apply_changes(row, changes)
             return workspace_record(row)
 
         return await self._run(staging(staged, tx), write=True)
@@ -154,13 +151,7 @@ class WorkspaceStore(StoreBase):
         def tx(db: Session) -> WorkspaceRecord:
             row = self._workspace_for_update(db, workspace_id, include_deleted=True)
             check_etag(etag, row.version)
-            if (row.deleted_at is not None) == deleted:
-                refusal = AlreadyDeleted if deleted else NotDeleted
-                raise refusal("workspace", workspace_id)
-            stamp = now()
-            row.deleted_at = stamp if deleted else None
-            row.version += 1
-            row.updated_at = stamp
+            set_deleted(row, deleted, "workspace", workspace_id)
             return workspace_record(row)
 
         return await self._run(staging(staged, tx), write=True)
