@@ -67,10 +67,18 @@ async def member(mesh: Any, workspace_id: str, role: Role = Role.VIEWER) -> tupl
 class Subscriber:
     """One Subscribe call: frames read with a deadline, events and cursors collected."""
 
-    def __init__(self, channel: aio.Channel, token: str, **request: Any) -> None:
+    def __init__(
+        self,
+        channel: aio.Channel,
+        token: str,
+        *,
+        metadata: Sequence[tuple[str, str]] = (),
+        **request: Any,
+    ) -> None:
+        """``metadata`` goes with the bearer token (a ``traceparent``, say)."""
         stub = events_pb2_grpc.EventServiceStub(channel)
         self.call: Any = stub.Subscribe(
-            events_pb2.SubscribeRequest(**request), metadata=bearer(token)
+            events_pb2.SubscribeRequest(**request), metadata=(*bearer(token), *metadata)
         )
         self.events: list[events_pb2.Event] = []
         self.cursor = ""

@@ -51,7 +51,7 @@ from tests.service.contextkit import (
     ctx_world,
 )
 from tests.service.dispatchkit import dispatcher_stub, finished, request
-from tests.service.eventkit import ids, member, publish, workspace_event, ws
+from tests.service.eventkit import Subscriber, ids, member, publish, workspace_event, ws
 from tests.service.integrationkit import create, integration_stub, webhook, webhook_secret
 from tests.service.tracekit import traced_server, watching
 
@@ -139,8 +139,12 @@ async def trouble() -> AsyncIterator[tuple[Trouble, list[dict[str, Any]]]]:
         yield watched
 
 
+#: The caller's trace, sent beside the bearer token.
+TRACE = (("traceparent", TRACEPARENT),)
+
+
 def traced(token: str) -> tuple[tuple[str, str], ...]:
-    return (*bearer(token), ("traceparent", TRACEPARENT))
+    return (*bearer(token), *TRACE)
 
 
 def hexid(value: int, width: int) -> str:
@@ -214,41 +218,25 @@ async def test_subscribe_delivers_resumes_and_is_one_span_per_call(
 ) -> None:
     handler, unhandled = trouble
     _, token = await member(mesh, "alpha", Role.OWNER)
-    stub = events_pb2_grpc.EventServiceStub(channel)
     before = await publish(mesh, [workspace_event("alpha", note=f"b{i}") for i in range(6)])
 
     # Replay from the start, then live: exactly the published events, in order.
-    first = stub.Subscribe(
-        events_pb2.SubscribeRequest(scopes=[ws("alpha")], after_cursor=before[0].cursor),
-        metadata=traced(token),
+    first = Subscriber(
+        channel, token, metadata=TRACE, scopes=[ws("alpha")], after_cursor=before[0].cursor
     )
-    got: list[events_pb2.Event] = []
-    while len(got) < 5:
-        frame = await _read(first)
-        if frame.WhichOneof("frame") == "batch":
-            got.extend(frame.batch.events)
+    await first.until(5)
     live = await publish(mesh, [workspace_event("alpha", note=f"l{i}") for i in range(3)])
-    while len(got) < 8:
-        frame = await _read(first)
-        if frame.WhichOneof("frame") == "batch":
-            got.extend(frame.batch.events)
-    assert ids(got) == ids(before[1:] + live)
+    assert ids(await first.until(8)) == ids(before[1:] + live)
     first.cancel()
-    assert await first.code() == grpc.StatusCode.CANCELLED
+    assert await first.call.code() == grpc.StatusCode.CANCELLED
 
     # Resume from a cursor in the middle: the rest, nothing twice.
-    again = stub.Subscribe(
-        events_pb2.SubscribeRequest(scopes=[ws("alpha")], after_cursor=before[3].cursor),
-        metadata=traced(token),
+    again = Subscriber(
+        channel, token, metadata=TRACE, scopes=[ws("alpha")], after_cursor=before[3].cursor
     )
-    resumed: list[events_pb2.Event] = []
-    while len(resumed) < 5:
-        frame = await _read(again)
-        if frame.WhichOneof("frame") == "batch":
-            resumed.extend(frame.batch.events)
-    assert ids(resumed) == ids(before[4:] + live)
+    assert ids(await again.until(5)) == ids(before[4:] + live)
     again.cancel()
-    assert await again.code() == grpc.StatusCode.CANCELLED
+    assert await again.call.code() == grpc.StatusCode.CANCELLED
 
     # One server span per call, the caller's trace as parent, ended as cancelled.
     spans = await exporter.wait_for(
