@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
@@ -134,3 +134,20 @@ class Subscriber:
 
 def ids(events: Sequence[events_pb2.Event]) -> list[str]:
     return [event.id for event in events]
+
+
+class Commands:
+    """A Stream call's client side, fed from the test; ``close`` half-closes it."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[events_pb2.StreamRequest | None] = asyncio.Queue()
+
+    async def __aiter__(self) -> AsyncIterator[events_pb2.StreamRequest]:
+        while (item := await self.queue.get()) is not None:
+            yield item
+
+    def send(self, **frame: Any) -> None:
+        self.queue.put_nowait(events_pb2.StreamRequest(**frame))
+
+    def close(self) -> None:
+        self.queue.put_nowait(None)

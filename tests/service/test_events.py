@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -21,6 +20,7 @@ from tests.conftest import fresh_database_url, make_settings
 from tests.service.authkit import bearer, detail, reason
 from tests.service.eventkit import (
     DEADLINE_S,
+    Commands,
     Subscriber,
     conv,
     ids,
@@ -429,21 +429,6 @@ async def test_list_events_pages_through_history(
 # -- Stream (bidirectional) ----------------------------------------------------------------
 
 
-class _Commands:
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[events_pb2.StreamRequest | None] = asyncio.Queue()
-
-    async def __aiter__(self) -> AsyncIterator[events_pb2.StreamRequest]:
-        while (item := await self.queue.get()) is not None:
-            yield item
-
-    def send(self, **frame: Any) -> None:
-        self.queue.put_nowait(events_pb2.StreamRequest(**frame))
-
-    def close(self) -> None:
-        self.queue.put_nowait(None)
-
-
 async def _read(call: Any) -> events_pb2.StreamResponse:
     async with asyncio.timeout(DEADLINE_S):
         async for response in call:
@@ -460,7 +445,7 @@ async def test_stream_adds_removes_acks_and_pings() -> None:
         _, token = await member(server, "alpha", Role.OWNER)
         await member(server, "beta", Role.OWNER)
         async with aio.insecure_channel(server.address) as channel:
-            commands = _Commands()
+            commands = Commands()
             call = events_pb2_grpc.EventServiceStub(channel).Stream(
                 commands.__aiter__(), metadata=bearer(token)
             )
@@ -525,7 +510,7 @@ async def test_stream_protocol_errors_end_the_stream_invalid_argument(
         {"ping": events_pb2.Ping(nonce="n" * 65)},
     ]
     for frame in bad_frames:
-        commands = _Commands()
+        commands = Commands()
         call = events_pb2_grpc.EventServiceStub(channel).Stream(
             commands.__aiter__(), metadata=bearer(token)
         )

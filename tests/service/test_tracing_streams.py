@@ -51,7 +51,7 @@ from tests.service.contextkit import (
     ctx_world,
 )
 from tests.service.dispatchkit import dispatcher_stub, finished, request
-from tests.service.eventkit import Subscriber, ids, member, publish, workspace_event, ws
+from tests.service.eventkit import Commands, Subscriber, ids, member, publish, workspace_event, ws
 from tests.service.integrationkit import create, integration_stub, webhook, webhook_secret
 from tests.service.tracekit import traced_server, watching
 
@@ -190,23 +190,6 @@ async def _read(call: Any) -> Any:
     return response
 
 
-class _Commands:
-    """A client stream fed from the test; None half-closes it."""
-
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[events_pb2.StreamRequest | None] = asyncio.Queue()
-
-    async def __aiter__(self) -> AsyncIterator[events_pb2.StreamRequest]:
-        while (item := await self.queue.get()) is not None:
-            yield item
-
-    def send(self, **frame: Any) -> None:
-        self.queue.put_nowait(events_pb2.StreamRequest(**frame))
-
-    def close(self) -> None:
-        self.queue.put_nowait(None)
-
-
 # -- server streaming and bidirectional streaming ------------------------------------
 
 
@@ -267,7 +250,7 @@ async def test_stream_adds_replays_pongs_and_half_closes_cleanly(
     handler, unhandled = trouble
     _, token = await member(mesh, "alpha", Role.OWNER)
     history = await publish(mesh, [workspace_event("alpha", note=f"h{i}") for i in range(4)])
-    commands = _Commands()
+    commands = Commands()
     call = events_pb2_grpc.EventServiceStub(channel).Stream(
         commands.__aiter__(), metadata=traced(token)
     )
