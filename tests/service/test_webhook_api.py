@@ -7,6 +7,7 @@ The receiver is a real HTTP server that verifies every request with the
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -66,6 +67,18 @@ async def _deliveries(stub: Stub, world: World, name: str) -> list[ipb.WebhookDe
             return found
 
 
+async def _recorded(stub: Stub, world: World, name: str, count: int) -> list[ipb.WebhookDelivery]:
+    """The deliveries, once ``count`` are listed and none is still pending: the receiver
+    has a request before the server has read its answer and stored the outcome."""
+    deadline = asyncio.get_running_loop().time() + TIMEOUT_S
+    while True:
+        listed = await _deliveries(stub, world, name)
+        settled = all(d.state != ipb.DELIVERY_STATE_PENDING for d in listed)
+        if (len(listed) >= count and settled) or asyncio.get_running_loop().time() > deadline:
+            return listed
+        await asyncio.sleep(0.02)  # polling the listing, with a deadline
+
+
 async def test_a_registered_webhook_receives_each_subscribed_event_once_signed(
     setup: tuple[SwitchboardServer, Stub, CStub, World, WebhookReceiver],
 ) -> None:
@@ -91,7 +104,7 @@ async def test_a_registered_webhook_receives_each_subscribed_event_once_signed(
     assert [b["type"] for b in bodies] == ["message.created"] * 3
     assert len(set(endpoint.ids)) == 3
     assert all(name in str(bodies) for name in sent)
-    listed = await _deliveries(stub, world, hook.name)
+    listed = await _recorded(stub, world, hook.name, 3)
     assert len(listed) == 3
     assert {d.state for d in listed} == {ipb.DELIVERY_STATE_SUCCEEDED}
     assert {d.event_id for d in listed} == set(endpoint.ids)
