@@ -113,7 +113,7 @@ STREAM_READ_S: Final = 45.0
 H2_WINDOW: Final = 2**30
 WARM_UP_S: Final = 1.0
 _FRAME: Final = struct.Struct(">BI")
-_TRAILER_FLAG: Final = 0x80
+TRAILER_FLAG: Final = 0x80
 #: The unary server: the assembly with GetJwks behind authentication (bench/run.py's
 #: "authenticated, cached verification" case), default limits.
 UNARY_TARGET: Final = "switchboard-auth"
@@ -406,10 +406,10 @@ async def web_h1_caller(spec: dict[str, Any]) -> AsyncIterator[Call]:
             answer = await client.post(url, content=body, headers=headers)
             frames = Frames().feed(answer.content)
             status = answer.headers.get("grpc-status")  # trailers-only: an error
-            status = next((trailer_status(p) for f, p in frames if f & _TRAILER_FLAG), status)
+            status = next((trailer_status(p) for f, p in frames if f & TRAILER_FLAG), status)
             if answer.http_version != "HTTP/1.1":
                 raise RuntimeError(f"web-h1: {answer.http_version}")
-            _check_jwks("web-h1", [p for f, p in frames if not f & _TRAILER_FLAG], status)
+            _check_jwks("web-h1", [p for f, p in frames if not f & TRAILER_FLAG], status)
 
         yield call
 
@@ -437,7 +437,7 @@ async def h2_caller(spec: dict[str, Any]) -> AsyncIterator[Call]:
             item, value = await next_item(queue, DEADLINE_S)
             if item == "data":
                 for flags, payload in frames.feed(value):
-                    if flags & _TRAILER_FLAG:
+                    if flags & TRAILER_FLAG:
                         status = trailer_status(payload)
                     else:
                         messages.append(payload)
@@ -521,7 +521,7 @@ class WebWorker(Subscribers[H2Client]):
             item, value = await next_item(queue, STREAM_READ_S)
             if item == "data":
                 for flags, payload in frames.feed(value):
-                    if flags & _TRAILER_FLAG:
+                    if flags & TRAILER_FLAG:
                         outcome = f"grpc-status {trailer_status(payload)}"
                     else:
                         response = events_pb2.SubscribeResponse.FromString(payload)
@@ -715,9 +715,10 @@ def overflows(stats: dict[str, int]) -> dict[str, int]:
 
 
 @contextlib.asynccontextmanager
-async def edge_up(variant: str, env: dict[str, str]) -> AsyncIterator[Edge]:
-    """``bench/target.py VARIANT`` and an Envoy rendered with ``env`` (the server's limits)."""
-    server = await Child.start("server", str(HERE / "target.py"), variant)
+async def edge_up(variant: str, env: dict[str, str], *overrides: str) -> AsyncIterator[Edge]:
+    """``bench/target.py VARIANT [SETTING=VALUE ...]`` and an Envoy rendered with ``env``
+    (the server's limits)."""
+    server = await Child.start("server", str(HERE / "target.py"), variant, *overrides)
     envoy: EnvoyProcess | None = None
     try:
         port, token = (await server.line(60)).split()

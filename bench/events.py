@@ -95,12 +95,15 @@ def upper_s(bucket: int) -> float:
 
 
 class Subscriber:
-    __slots__ = ("dead", "group", "live", "seen")
+    __slots__ = ("dead", "got", "group", "last", "live", "seen")
 
     def __init__(self, group: str) -> None:
         self.group = group
-        #: Per tag: one past the newest index received.
+        #: Per tag: one past the newest index received (by text: how many distinct ones).
         self.seen: dict[str, int] = {}
+        #: By text: per tag, the indexes received; the newest message sequence received.
+        self.got: dict[str, set[int]] = {}
+        self.last = 0
         #: Its first frame arrived (the heartbeat that marks a subscription live).
         self.live = False
         self.dead = False
@@ -113,6 +116,7 @@ class Subscribers(abc.ABC, Generic[Connection]):
     def __init__(self, spec: dict[str, Any]) -> None:
         self.spec = spec
         self.metadata = bearer(spec["token"])
+        self.by_text = spec.get("key") == "text"
         self.groups: dict[str, list[Subscriber]] = {
             name: [Subscriber(name) for _ in range(group["count"])]
             for name, group in spec["groups"].items()
@@ -185,21 +189,15 @@ class Subscribers(abc.ABC, Generic[Connection]):
         self.frames += 1
         slot = int(now * 10)
         self.bins[slot] = self.bins.get(slot, 0) + len(events)
-        seen, hists, targets = sub.seen, self.hists, self.targets
+        if self.by_text:
+            self.record_messages(sub, events, now)
+            return
+        seen, targets = sub.seen, self.targets
         for event in events:
             tag, _, number = event.id.partition(":")
             index = int(number)
             stamp = event.time
-            latency = now - stamp.seconds - stamp.nanos * 1e-9
-            bucket = int(latency * 100_000)
-            if bucket >= FINE:
-                bucket = min(FINE + int(latency * 1000) - 100, BUCKETS - 1)
-            elif bucket < 0:
-                bucket = 0
-            hist = hists.get(tag)
-            if hist is None:
-                hist = hists[tag] = [0] * BUCKETS
-            hist[bucket] += 1
+            self.count(tag, now - stamp.seconds - stamp.nanos * 1e-9)
             expected = seen.get(tag, 0)
             if index != expected:
                 if index < expected:
@@ -209,6 +207,44 @@ class Subscribers(abc.ABC, Generic[Connection]):
             seen[tag] = index + 1
             target = targets.get(tag)
             if target is not None and expected < target <= index + 1:
+                self.done[tag] += 1
+                if self.done[tag] >= self.needed[tag]:
+                    self.waiters[tag].set()
+
+    def count(self, tag: str, latency: float) -> None:
+        """One delivery of ``tag`` in the latency histogram."""
+        bucket = int(latency * 100_000)
+        if bucket >= FINE:
+            bucket = min(FINE + int(latency * 1000) - 100, BUCKETS - 1)
+        elif bucket < 0:
+            bucket = 0
+        hist = self.hists.get(tag)
+        if hist is None:
+            hist = self.hists[tag] = [0] * BUCKETS
+        hist[bucket] += 1
+
+    def record_messages(
+        self, sub: Subscriber, events: Sequence[events_pb2.Event], now: float
+    ) -> None:
+        """``spec["key"] == "text"``: MessageCreated events of bench/writers.py, whose text is
+        ``TAG:i:SENT``. Concurrent appends may be stored in any order, so each index must
+        arrive once, and the messages in the order the server numbered them."""
+        targets = self.targets
+        for event in events:
+            message = event.message_created.message
+            tag, number, sent = message.parts[0].text.split(":")
+            self.count(tag, now - float(sent))
+            if message.sequence <= sub.last:
+                self.gaps += 1  # out of order
+            sub.last = max(sub.last, message.sequence)
+            got = sub.got.setdefault(tag, set())
+            if int(number) in got:
+                self.dups += 1
+                continue
+            got.add(int(number))
+            sub.seen[tag] = len(got)
+            target = targets.get(tag)
+            if target is not None and len(got) == target:
                 self.done[tag] += 1
                 if self.done[tag] >= self.needed[tag]:
                     self.waiters[tag].set()

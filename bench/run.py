@@ -7,17 +7,18 @@ loopback. On a two-core machine the client and the server share the cores, so
 figures compare variants in one run; they are not absolute capacity.
 
 The event delivery section comes from ``bench/events.py`` (about 4 minutes;
-``--no-events`` skips it), the context service section from ``bench/context.py``
-(about 3 minutes; ``--no-context`` skips it), the dispatcher section from
-``bench/dispatcher.py`` (about 5 minutes; ``--no-dispatcher`` skips it), the
-integration hub section from ``bench/integration.py`` (about 4 minutes;
-``--no-integration`` skips it), the tool runs section from ``bench/tools.py``
-(about 3 minutes; ``--no-tools`` skips it), the Envoy section from
-``bench/edge.py`` (about 8 minutes; ``--no-edge`` skips it), the tracing overhead
-section from ``bench/telemetry.py`` (about 4 minutes; ``--no-telemetry`` skips it).
-Each of those scripts also runs alone (``--write`` puts its section into
-BENCHMARKS.md). Every section replaces the one with its heading in BENCHMARKS.md
-(``bench/harness.py``); a skipped section keeps its earlier figures.
+``--no-events`` skips it), the writers under fan-out section from ``bench/writers.py``
+(about 8 minutes; ``--no-writers`` skips it), the context service section from
+``bench/context.py`` (about 3 minutes; ``--no-context`` skips it), the dispatcher
+section from ``bench/dispatcher.py`` (about 5 minutes; ``--no-dispatcher`` skips it),
+the integration hub section from ``bench/integration.py`` (about 4 minutes;
+``--no-integration`` skips it), the tool runs section from ``bench/tools.py`` (about 3
+minutes; ``--no-tools`` skips it), the Envoy section from ``bench/edge.py`` (about 8
+minutes; ``--no-edge`` skips it), the tracing overhead section from
+``bench/telemetry.py`` (about 4 minutes; ``--no-telemetry`` skips it). Each of those
+scripts also runs alone (``--write`` puts its section into BENCHMARKS.md). Every section
+replaces the one with its heading in BENCHMARKS.md (``bench/harness.py``); a skipped
+section keeps its earlier figures.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ LOGIN_CLIENTS: Final = 8
 #: The scenario scripts, each printing its section (``--json``), with how long it may take.
 SECTIONS: Final = (
     ("events", 900),
+    ("writers", 1800),
     ("context", 1200),
     ("dispatcher", 3600),
     ("integration", 1800),
