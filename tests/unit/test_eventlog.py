@@ -132,8 +132,11 @@ class _Collector:
         self._changed = asyncio.Event()
         bus.fanout.attach(self)
 
-    def push(self, item: Logged) -> None:
+    def push(self, item: Logged) -> bool:
         self.items.append(item)
+        return True
+
+    def wake(self) -> None:
         self._changed.set()
 
     def recheck(self) -> None:

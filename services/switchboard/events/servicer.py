@@ -154,7 +154,10 @@ class EventServiceServicer:
                 if batch:
                     yield _subscribe_batch(batch)
                     last_frame = loop.time()
-                    continue
+                    if subscription.sent_batch():
+                        continue
+                else:
+                    subscription.idle()
                 wait_s = heartbeat_s - (loop.time() - last_frame)
                 if wait_s > 0 and await waker.wait(wait_s):
                     continue
@@ -251,6 +254,7 @@ class _StreamSession:
         self._waker = Waker()
         self._fatal: SwitchboardError | None = None
         self._client_done = False
+        self._again = False
         grant.on_change(self._waker)
 
     def close(self) -> None:
@@ -380,25 +384,14 @@ class _StreamSession:
             if self._fatal is not None:
                 raise self._fatal
             sent = False
-            while self._control:
-                yield self._control.popleft()
+            async for frame in self._ready_frames():
+                yield frame
                 sent = True
-            for sid, subscription in list(self._subscriptions.items()):
-                if sid not in self._subscriptions or not subscription.ready():
-                    continue
-                try:
-                    batch = await subscription.next_batch()
-                except SwitchboardError as exc:
-                    yield self._end(sid, exc)
-                    sent = True
-                    continue
-                if batch:
-                    yield _stream_events(sid, batch)
-                    sent = True
             if sent:
                 last_frame = loop.time()
-                continue
-            if self._client_done:
+                if self._again or self._control or self._client_done:
+                    continue
+            elif self._client_done:
                 return
             wait_s = heartbeat_s - (loop.time() - last_frame)
             if wait_s > 0 and await self._waker.wait(wait_s):
@@ -408,6 +401,29 @@ class _StreamSession:
                 cursor = format_cursor(min(positions, default=self._bus.head))
                 yield _stream_frame(heartbeat=events_pb2.Heartbeat(time=_now(), cursor=cursor))
                 last_frame = loop.time()
+
+    async def _ready_frames(self) -> AsyncIterator[bytes]:
+        """The control frames, then one batch of each subscription with work; sets
+        ``_again`` if one must go on at once (replay) rather than wait to be woken."""
+        self._again = False
+        while self._control:
+            yield self._control.popleft()
+        for sid, subscription in list(self._subscriptions.items()):
+            if sid not in self._subscriptions:
+                continue
+            if not subscription.ready():
+                subscription.idle()
+                continue
+            try:
+                batch = await subscription.next_batch()
+            except SwitchboardError as exc:
+                yield self._end(sid, exc)
+                continue
+            if batch:
+                yield _stream_events(sid, batch)
+                self._again = subscription.sent_batch() or self._again
+            else:
+                subscription.idle()
 
 
 #: Streams of event batches framed once for every subscriber (``eventlog.batch_payload``).

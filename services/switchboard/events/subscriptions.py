@@ -3,10 +3,12 @@
 A subscription attaches to the fan-out and notes the bus head *in the same
 synchronous step*, so every event is either at or before that mark (replayed
 from the log) or after it (pushed live): no gap and no duplicate at the
-hand-over. Live events wait in a bounded per-subscription queue; the writer
-drains it in batches (coalescing when it fell behind), and a queue that
-overflows ends the subscription with RESOURCE_EXHAUSTED naming the cursor to
-resume from, so the client loses nothing.
+hand-over. Live events wait in a bounded per-subscription queue until the
+fan-out wakes the writer (at once, or in its turn when many follow the same
+name: ``platform/bus.py``); the writer then sends everything queued as one
+frame and waits for its next turn, so a writer that is behind coalesces. A
+queue that overflows ends the subscription with RESOURCE_EXHAUSTED naming the
+cursor to resume from, so the client loses nothing.
 
 Access is held through the stream's grant (``platform/accesswatch.py``): it
 is checked when a subscription opens and again whenever anything says it may
@@ -252,17 +254,20 @@ class Subscription:
 
     # -- fan-out side (synchronous, never blocks) ----------------------------------
 
-    def push(self, item: Logged) -> None:
+    def push(self, item: Logged) -> bool:
         if item.position <= self._floor:
-            return  # already queued through another of its scopes, or replayed
+            return False  # already queued through another of its scopes, or replayed
         self._floor = item.position
         if self._overflowed or (self._types and item.type not in self._types):
-            return
+            return False
         if len(self._queue) >= self._limits.buffer:
             self._overflowed = True
             self._queue.clear()
         else:
             self._queue.append(item)
+        return True
+
+    def wake(self) -> None:
         self._wake()
 
     def recheck(self) -> None:
@@ -285,6 +290,24 @@ class Subscription:
     def ready(self) -> bool:
         """Whether ``next_batch`` has work right now."""
         return self._replay_from is not None or bool(self._queue) or self._overflowed
+
+    def sent_batch(self) -> bool:
+        """After a batch went out (gRPC took it): whether to ask for the next one at once.
+
+        Replay goes on at the client's pace. Live events left over (more than one
+        frame holds) wait for this subscription's next turn in the fan-out, like
+        events that arrive meanwhile, rather than jumping the queue."""
+        if self._attached:
+            fanout = self._bus.fanout
+            fanout.sent(self)
+            if self._replay_from is None and self._queue:
+                fanout.wake_later(self)
+        return self._replay_from is not None
+
+    def idle(self) -> None:
+        """Woken with nothing to send: its turn in the fan-out is over."""
+        if self._attached:
+            self._bus.fanout.sent(self)
 
     async def next_batch(self) -> list[Logged]:
         """The next events to send, oldest first; empty when there is nothing now.

@@ -8,6 +8,25 @@ the subscribers whose scopes it matches. Delivery is synchronous and never
 waits on a subscriber: a push appends to the subscriber's own bounded queue,
 so one slow subscriber cannot delay the others.
 
+Pushing is cheap; what costs is each subscriber's writer sending a frame (in
+gRPC's code, most of it), and those writers share the event loop with every
+RPC. So the fan-out decides when a writer runs (decision 34):
+
+* A subscriber reached through a name few follow (at most ``PROMPT_FANOUT``: a
+  conversation's own watchers) is woken at once.
+* The subscribers of a large fan-out (a busy conversation's thousand watchers,
+  a broadcast to a workspace) are woken ``WAKE_CHUNK`` per loop callback, in the
+  order their events came, and only while fewer than ``IN_FLIGHT`` of them are
+  sending. So a small conversation's event, a write's next step and gRPC's
+  completions wait behind a few frames, never behind the whole fan-out.
+* While unary calls are being served and the loop's thread has been busy more
+  than ``BUSY_SHARE`` of the time, the large fan-outs wait (up to
+  ``MAX_DEFER_S``): the callers go first.
+
+A woken subscriber sends everything queued for it as one frame and then waits
+for its next turn, so while it waits its events collect: under load the frames
+per second stop growing with the event rate, and the cost per delivery falls.
+
 Events that change who may see what (a membership or workspace change, a
 revoked session or key) also tell every subscriber watching that workspace or
 user to re-check its access, in log order, before it sends anything later.
@@ -15,8 +34,10 @@ user to re-check its access, in log order, before it sends anything later.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Final, Protocol
 
@@ -30,6 +51,7 @@ from switchboard.platform.eventlog import (
     Ring,
     format_cursor,
 )
+from switchboard.platform.inflight import CALLS
 from switchboard.platform.logspans import traced
 from switchboard.platform.outbox import Outbox, stamp
 
@@ -42,6 +64,42 @@ Listener = Callable[[events_pb2.Event], None]
 #: Told ``(workspace or user name, only this member's "users/u" or "")`` when an
 #: event changes who may see that workspace or user (``platform/accesswatch.py``).
 AccessListener = Callable[[str, str], None]
+
+#: A name followed by at most this many subscribers wakes them as it pushes.
+PROMPT_FANOUT: Final = 32
+#: Subscribers of a larger fan-out woken per loop callback...
+WAKE_CHUNK: Final = 8
+#: ... while fewer than this many of them are sending (woken, and their frame not yet
+#: handed to gRPC).
+IN_FLIGHT: Final = 32
+#: While unary calls are being served and the loop's thread was busier than this
+#: share of the time, a large fan-out waits for room...
+BUSY_SHARE: Final = 0.6
+#: ... looking again after this long...
+BUSY_PAUSE_S: Final = 0.005
+#: ... but never longer than this at a time.
+MAX_DEFER_S: Final = 0.2
+#: The window the loop's busy share is measured over.
+SHARE_WINDOW_S: Final = 0.02
+
+
+class LoopShare:
+    """The share of wall time the calling thread (the event loop's) spent on the CPU,
+    over the last ``SHARE_WINDOW_S`` or so: how much room the loop has left."""
+
+    def __init__(self) -> None:
+        self._wall = time.monotonic()
+        self._cpu = time.thread_time()
+        self.share = 0.0
+
+    def over(self, share: float) -> bool:
+        wall = time.monotonic()
+        if wall - self._wall >= SHARE_WINDOW_S:
+            cpu = time.thread_time()
+            self.share = (cpu - self._cpu) / (wall - self._wall)
+            self._wall, self._cpu = wall, cpu
+        return self.share > share
+
 
 # A renamed workspace changes nobody's access; a deleted one (or an unspecified change) may.
 _ACCESS_CHANGES: Final = frozenset(
@@ -66,12 +124,17 @@ class Sink(Protocol):
     #: The user it acts for (``users/u``): a membership change of someone else passes it by.
     owner: str
 
-    def push(self, item: Logged) -> None:
-        """Queue ``item`` (it matched one of ``keys``); must not block or raise."""
+    def push(self, item: Logged) -> bool:
+        """Queue ``item`` (it matched one of ``keys``); whether its writer must be woken.
+        Must not block or raise."""
+        ...
+
+    def wake(self) -> None:
+        """Let its writer send what is queued."""
         ...
 
     def recheck(self) -> None:
-        """Re-check access before sending anything queued after this point."""
+        """Re-check access before sending anything queued after this point (and wake)."""
         ...
 
 
@@ -82,6 +145,14 @@ class Fanout:
         self._by_key: dict[str, dict[Sink, None]] = {}
         self._by_watch: dict[str, dict[Sink, None]] = {}
         self._sinks: dict[Sink, None] = {}
+        #: Sinks of a large fan-out waiting for their turn, oldest first.
+        self._later: OrderedDict[Sink, None] = OrderedDict()
+        #: Sinks the pump woke whose writer has not said it is done with its turn.
+        self._flight: dict[Sink, int] = {}
+        self._pumping = False
+        #: Since when the large fan-outs have waited for a busy loop (None: not waiting).
+        self._deferred_at: float | None = None
+        self._busy = LoopShare()
         self.count = 0
         # Called at the same point in log order as the sinks' recheck().
         self.access_listeners: list[AccessListener] = []
@@ -104,6 +175,8 @@ class Fanout:
                 if not sinks:
                     del index[name]
         self._sinks.pop(sink, None)
+        self._later.pop(sink, None)
+        self.sent(sink)
         self.count -= 1
 
     def backlogs(self) -> Iterator[int]:
@@ -112,21 +185,70 @@ class Fanout:
             yield getattr(sink, "backlog", 0)
 
     def deliver(self, items: Sequence[Logged]) -> None:
-        by_key = self._by_key
+        by_key, later = self._by_key, self._later
+        prompt: list[Sink] = []
         for item in items:
             for key in (item.user, item.workspace, item.conversation):
                 if key and (sinks := by_key.get(key)):
-                    for sink in sinks:
-                        sink.push(item)
+                    if len(sinks) <= PROMPT_FANOUT:
+                        prompt.extend(sink for sink in sinks if sink.push(item))
+                    else:
+                        for sink in sinks:
+                            if sink.push(item):
+                                later[sink] = None
             watched, only = self._watched(item)
-            if not watched:
-                continue
-            if watchers := self._by_watch.get(watched):
-                for sink in watchers:
-                    if not only or sink.owner == only:
-                        sink.recheck()
-            for listener in self.access_listeners:
-                listener(watched, only)
+            if watched:
+                self._access_changed(watched, only)
+        for sink in prompt:
+            later.pop(sink, None)
+            sink.wake()
+        if later:
+            self._pump()
+
+    def _access_changed(self, watched: str, only: str) -> None:
+        if watchers := self._by_watch.get(watched):
+            for sink in watchers:
+                if not only or sink.owner == only:
+                    sink.recheck()
+        for listener in self.access_listeners:
+            listener(watched, only)
+
+    def wake_later(self, sink: Sink) -> None:
+        """Wake ``sink`` in its turn with the large fan-outs (it has more queued than
+        one frame took)."""
+        self._later[sink] = None
+        self._pump()
+
+    def sent(self, sink: Sink) -> None:
+        """``sink``'s writer is done with its turn: its frame went out (gRPC took it),
+        or it had nothing to send."""
+        if self._flight.pop(sink, 0) and self._later:
+            self._pump()
+
+    def _pump(self) -> None:
+        if not self._pumping and len(self._flight) < IN_FLIGHT:
+            self._pumping = True
+            asyncio.get_running_loop().call_soon(self._wake_chunk)
+
+    def _wake_chunk(self) -> None:
+        later, flight = self._later, self._flight
+        if later and CALLS.unary and self._busy.over(BUSY_SHARE):
+            now = time.monotonic()
+            if self._deferred_at is None:
+                self._deferred_at = now
+            if now - self._deferred_at < MAX_DEFER_S:
+                # Callers are waiting and the loop is busy: they go first. The waiting
+                # subscribers' events collect meanwhile and go out in fuller frames.
+                asyncio.get_running_loop().call_later(BUSY_PAUSE_S, self._wake_chunk)
+                return
+        self._deferred_at = None
+        for _ in range(min(WAKE_CHUNK, len(later), IN_FLIGHT - len(flight))):
+            sink = later.popitem(last=False)[0]
+            flight[sink] = 1
+            sink.wake()
+        self._pumping = False
+        if later:
+            self._pump()
 
     @staticmethod
     def _watched(item: Logged) -> tuple[str, str]:

@@ -37,6 +37,7 @@ from switchboard.platform.errors import (
     NotImplementedYet,
     SwitchboardError,
 )
+from switchboard.platform.inflight import CALLS
 from switchboard.platform.logging import method_var, request_id_var
 from switchboard.platform.metrics import Metrics, RpcMetrics
 from switchboard.platform.names import new_id
@@ -317,6 +318,7 @@ def _wrap_unary_response(
 ) -> Behavior:
     async def handler(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
         call = _Call(method, context, rpc)
+        CALLS.unary += 1
         try:
             request = call.begin(request, streaming_request, how)
             if check is not None:
@@ -339,6 +341,7 @@ def _wrap_unary_response(
             call.stopped_by_refusal()
             await call.fail(call.malformed or exc)
         finally:
+            CALLS.unary -= 1
             call.end()
 
     return handler
