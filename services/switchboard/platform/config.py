@@ -475,6 +475,12 @@ class Settings(BaseSettings):
         default=(100_000, 50, 1_000),
         description="Cyclic GC thresholds (gen0,gen1,gen2); CPython's are 700,10,10.",
     )
+    switch_interval_ms: float = Field(
+        default=0.5,
+        ge=0.1,
+        le=100.0,
+        description="How long a busy thread holds the interpreter before a waiting one gets it.",
+    )
 
     # Shutdown.
     shutdown_grace_s: float = Field(

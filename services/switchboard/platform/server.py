@@ -11,6 +11,7 @@ import contextlib
 import gc
 import logging
 import socket
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -217,17 +218,24 @@ class SwitchboardServer:
 
 
 def tune_gc(settings: Settings) -> None:
-    """Freeze what start-up allocated and apply the configured GC thresholds.
+    """Freeze what start-up allocated, apply the configured GC thresholds and the
+    interpreter's switch interval.
 
     Every open stream keeps a few dozen long-lived objects, so with CPython's
     defaults a process holding thousands of subscribers spends a large share
     of its CPU in collections and pauses for hundreds of milliseconds
     (BENCHMARKS.md, "What the server's garbage collector costs"). Frozen
     objects are never scanned again; higher thresholds make collections rare.
+
+    The switch interval is how long the event loop's thread may keep the
+    interpreter while a database thread (or gRPC's poller) waits for it; each
+    SQLite call hands it back and forth, so while the loop is busy a
+    transaction waits about this long per statement (decision 34).
     """
     gc.collect()
     gc.freeze()
     gc.set_threshold(*settings.gc_threshold)
+    sys.setswitchinterval(settings.switch_interval_ms / 1000)
 
 
 def _status(serving: bool) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
