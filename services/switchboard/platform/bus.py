@@ -71,7 +71,7 @@ PROMPT_FANOUT: Final = 32
 WAKE_CHUNK: Final = 8
 #: ... while fewer than this many of them are sending (woken, and their frame not yet
 #: handed to gRPC).
-IN_FLIGHT: Final = 32
+IN_FLIGHT: Final = 128
 #: While unary calls are being served and the loop's thread was busier than this
 #: share of the time, a large fan-out waits for room...
 BUSY_SHARE: Final = 0.6
