@@ -414,6 +414,35 @@ async def web_h1_caller(spec: dict[str, Any]) -> AsyncIterator[Call]:
         yield call
 
 
+async def h2_unary(
+    client: H2Client,
+    path: str,
+    headers: dict[str, str],
+    body: bytes,
+    what: str,
+    timeout_s: float = DEADLINE_S,
+) -> tuple[list[bytes], str | None]:
+    """One unary call on ``client``: the reply's messages and its grpc-status (from
+    the trailers, or a grpc-web trailer frame); a stream that ends abnormally raises."""
+    queue = await client.post(path, headers, body)
+    frames, messages = Frames(), []
+    status: str | None = None
+    while True:
+        item, value = await next_item(queue, timeout_s)
+        if item == "data":
+            for flags, payload in frames.feed(value):
+                if flags & TRAILER_FLAG:
+                    status = trailer_status(payload)
+                else:
+                    messages.append(payload)
+        elif item != "end":
+            status = value.get("grpc-status", status)
+        elif value:
+            raise RuntimeError(f"{what}: {value}")
+        else:
+            return messages, status
+
+
 @contextlib.asynccontextmanager
 async def h2_caller(spec: dict[str, Any]) -> AsyncIterator[Call]:
     """Over one HTTP/2 connection (``H2Client``): native gRPC (``grpc-h2``: h2c, the
@@ -430,23 +459,7 @@ async def h2_caller(spec: dict[str, Any]) -> AsyncIterator[Call]:
     client = await H2Client(spec["url"], spec["cafile"]).open()
 
     async def call() -> None:
-        queue = await client.post(GET_JWKS, headers, body)
-        frames, messages = Frames(), []
-        status: str | None = None
-        while True:
-            item, value = await next_item(queue, DEADLINE_S)
-            if item == "data":
-                for flags, payload in frames.feed(value):
-                    if flags & TRAILER_FLAG:
-                        status = trailer_status(payload)
-                    else:
-                        messages.append(payload)
-            elif item != "end":
-                status = value.get("grpc-status", status)
-            elif value:
-                raise RuntimeError(f"{kind}: {value}")
-            else:
-                break
+        messages, status = await h2_unary(client, GET_JWKS, headers, body, kind)
         _check_jwks(kind, messages, status)
 
     try:

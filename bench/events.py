@@ -207,9 +207,7 @@ class Subscribers(abc.ABC, Generic[Connection]):
             seen[tag] = index + 1
             target = targets.get(tag)
             if target is not None and expected < target <= index + 1:
-                self.done[tag] += 1
-                if self.done[tag] >= self.needed[tag]:
-                    self.waiters[tag].set()
+                self.reached(tag)
 
     def count(self, tag: str, latency: float) -> None:
         """One delivery of ``tag`` in the latency histogram."""
@@ -243,11 +241,14 @@ class Subscribers(abc.ABC, Generic[Connection]):
                 continue
             got.add(int(number))
             sub.seen[tag] = len(got)
-            target = targets.get(tag)
-            if target is not None and len(got) == target:
-                self.done[tag] += 1
-                if self.done[tag] >= self.needed[tag]:
-                    self.waiters[tag].set()
+            if targets.get(tag) == len(got):
+                self.reached(tag)
+
+    def reached(self, tag: str) -> None:
+        """One more subscriber has every event of ``tag`` that ``wait`` waits for."""
+        self.done[tag] += 1
+        if self.done[tag] >= self.needed[tag]:
+            self.waiters[tag].set()
 
     # -- streams ---------------------------------------------------------------------
 
@@ -490,7 +491,7 @@ async def run_phase(
         )
     reports = await asyncio.gather(*(w.ask({"op": "report"}, 60) for w in workers))
     result = _phase_totals(cpu, reports)
-    bins = _added(slots for report in reports for slots in report["bins"])
+    bins = added(slots for report in reports for slots in report["bins"])
     for p in phase.publishes:
         result[p.tag] = figures = _delivery(p.tag, dones[p.tag], waits[p.tag], reports)
         if len(phase.publishes) == 1:
@@ -506,7 +507,7 @@ async def run_phase(
     return result
 
 
-def _added(pairs: Iterable[Sequence[int]]) -> dict[int, int]:
+def added(pairs: Iterable[Sequence[int]]) -> dict[int, int]:
     """(key, count) pairs from several workers, counts of the same key added."""
     total: dict[int, int] = {}
     for key, n in pairs:
@@ -521,7 +522,7 @@ def _phase_totals(cpu: CpuMeter, reports: Sequence[dict[str, Any]]) -> dict[str,
     worker_cpu = sum(cpu.used[1:]) / wall
     # Everything else on the machine meanwhile (this driver included).
     other_cpu = cpu.machine / wall - server_cpu - worker_cpu
-    beats = _added(second for report in reports for second in report["heartbeats"])
+    beats = added(second for report in reports for second in report["heartbeats"])
     return {
         "server_cpu": round(server_cpu, 3),
         "workers_cpu": round(worker_cpu, 3),
@@ -546,7 +547,7 @@ def _delivery(
     reports: Sequence[dict[str, Any]],
 ) -> dict[str, Any]:
     """One publish's figures: the server's answer, the workers' waits and histograms."""
-    hist = _added(bucket for report in reports for bucket in report["hists"].get(tag, ()))
+    hist = added(bucket for report in reports for bucket in report["hists"].get(tag, ()))
     receivers = sum(w["expected"] for w in waits)
     return {
         "published": done["count"],

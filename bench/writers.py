@@ -45,17 +45,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: 
 
 from bench.edge import (
     SERVER_ENV,
-    TRAILER_FLAG,
     Edge,
-    Frames,
     H2Client,
     edge_up,
     frame,
-    next_item,
-    trailer_status,
+    h2_unary,
     web_headers,
 )
-from bench.events import upper_s
+from bench.events import added, upper_s
 from bench.fixtures import Account, create_conversations
 from bench.harness import (
     Child,
@@ -144,23 +141,9 @@ async def web_appender(spec: dict[str, Any]) -> AsyncIterator[Append]:
     headers = web_headers(spec["token"])
 
     async def append(request: context_pb2.AppendMessageRequest) -> None:
-        queue = await client.post(APPEND, headers, frame(request.SerializeToString()))
-        frames, replies, status = Frames(), 0, None
-        while True:
-            item, value = await next_item(queue, DEADLINE_S)
-            if item == "data":
-                for flags, payload in frames.feed(value):
-                    if flags & TRAILER_FLAG:
-                        status = trailer_status(payload)
-                    else:
-                        replies += 1
-            elif item != "end":
-                status = value.get("grpc-status", status)
-            elif value:
-                raise RuntimeError(value)
-            else:
-                break
-        if status != "0" or replies != 1:
+        body = frame(request.SerializeToString())
+        replies, status = await h2_unary(client, APPEND, headers, body, "AppendMessage", DEADLINE_S)
+        if status != "0" or len(replies) != 1:
             raise RuntimeError(f"grpc-status {status}")
 
     try:
@@ -329,10 +312,7 @@ class Run:
         wait = {"op": "wait", "tag": tag, "count": count, "groups": ["c"], "timeout": 60.0}
         waits = await asyncio.gather(*(w.ask(wait, 120) for w in self.workers))
         reports = await asyncio.gather(*(w.ask({"op": "report"}, 60) for w in self.workers))
-        hist: dict[int, int] = {}
-        for one in reports:
-            for bucket, n in one["hists"].get(tag, ()):
-                hist[bucket] = hist.get(bucket, 0) + n
+        hist = added(bucket for report in reports for bucket in report["hists"].get(tag, ()))
         receivers = sum(w["expected"] for w in waits)
         delivered = sum(hist.values())
         frames = sum(r["frames"] for r in reports)
