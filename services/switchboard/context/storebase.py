@@ -212,7 +212,7 @@ class StoreBase:
         try:
             ranked = [
                 (str(row[0]), float(row[1]))
-                for row in (db.execute(text(sql).bindparams(*binds), params)).all()
+                for row in db.connection().execute(text(sql).bindparams(*binds), params).all()
             ]
         except (OperationalError, ProgrammingError, DataError) as exc:
             if not any(word in str(exc.orig).lower() for word in ("fts5", "tsquery", "syntax")):

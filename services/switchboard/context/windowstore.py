@@ -127,7 +127,9 @@ class WindowStore(StoreBase):
         def tx(db: Session) -> WindowRows:
             conversation = self._conversation(db, workspace_id, conversation_id)
             params = _window_params(conversation_id, scopes)
-            versions = [tuple(row) for row in db.execute(_WINDOW_VERSIONS_TEXT, params).all()]
+            # Core statements on the connection: the ORM's execute costs about 100 us more each.
+            core = db.connection()
+            versions = [tuple(row) for row in core.execute(_WINDOW_VERSIONS_TEXT, params).all()]
             _, workspace_version, user_version = _window_versions(
                 versions, workspace_id, conversation_id
             )
@@ -178,10 +180,11 @@ def _recent(
     recent: list[tuple[int, int]] = []
     bodies: dict[int, bytes] = {}
     covered = 0
+    core = db.connection()
     upper = conversation.last_seq + 1
     page_size = min(max(budget // 16, _RECENT_FIRST_PAGE), _RECENT_PAGE)
     while covered <= budget:
-        page = db.execute(
+        page = core.execute(
             _RECENT_MESSAGES,
             {"conversation": conversation.id, "upper": upper, "limit": page_size},
         ).all()

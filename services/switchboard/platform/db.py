@@ -1233,7 +1233,42 @@ def _sync_sqlite_engine(url: URL, timeout_s: float) -> Engine:
         pool_timeout=timeout_s,
     )
     _install_sqlite_hooks(engine, timeout_s, memory=False)
+    _driver_savepoints(engine)
     return engine
+
+
+def _driver_sql(connection: Connection, sql: str) -> None:
+    """One statement straight on the stdlib connection, its errors as SQLAlchemy's."""
+    try:
+        connection.connection.driver_connection.execute(sql)  # type: ignore[union-attr]
+    except sqlite3.Error as exc:
+        raise OperationalError(sql, None, exc) from exc
+
+
+def _driver_savepoints(engine: Engine) -> None:
+    """SAVEPOINT, RELEASE and ROLLBACK TO on the driver, not as compiled statements.
+
+    A group commit opens a savepoint per write (decisions 22): SQLAlchemy
+    compiles its savepoint clause anew each time and runs it through the
+    statement events, which cost about 110 us per savepoint against 10 us on
+    the driver (measured), a tenth of a run's database time. The names are
+    SQLAlchemy's own (``sa_savepoint_N``), so quoting is not needed.
+    """
+    dialect = engine.dialect
+
+    def savepoint(connection: Connection, name: str) -> None:
+        _driver_sql(connection, f"SAVEPOINT {name}")
+
+    def release(connection: Connection, name: str) -> None:
+        _driver_sql(connection, f"RELEASE SAVEPOINT {name}")
+
+    def rollback_to(connection: Connection, name: str) -> None:
+        _driver_sql(connection, f"ROLLBACK TO SAVEPOINT {name}")
+
+    # The engine's own dialect instance: only this engine's connections take this path.
+    dialect.do_savepoint = savepoint  # type: ignore[method-assign]
+    dialect.do_release_savepoint = release  # type: ignore[method-assign]
+    dialect.do_rollback_to_savepoint = rollback_to  # type: ignore[method-assign]
 
 
 def _enable_wal(cursor: Any, timeout_s: float) -> None:
