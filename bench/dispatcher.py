@@ -818,7 +818,7 @@ def render(results: dict[str, Any], command: str, sizes: Sizes) -> str:
         "characters): one delta per word plus its trailer, then the result.",
         "- CPU columns: cores used over the measured time by the server (in brackets: its main "
         "thread alone, which runs the event loop: servicers, runs, the gRPC completion queue; "
-        "most of the rest is its 4 SQLite threads), by the client, and by everything else on "
+        "most of the rest is its 2 SQLite threads), by the client, and by everything else on "
         "the machine (other jobs share it: tails are only meaningful when that is near 0). "
         "Server CPU per run or call: the server's CPU over the measured time divided by the "
         "runs that ended (or the calls answered) in it.",
@@ -1000,7 +1000,7 @@ def _profile_section(profiles: dict[str, Any], sizes: Sizes) -> list[str]:
         f"{sizes.profile_seconds:g} s during extra runs of the cases above (not the measured "
         "ones): 100 samples/s of the thread holding the GIL (the one core the interpreter "
         "has), the main thread (the event "
-        "loop: servicers, the dispatcher's runs, gRPC's completion queue) and the 4 SQLite "
+        "loop: servicers, the dispatcher's runs, gRPC's completion queue) and the 2 SQLite "
         "threads (`Database.run`: each transaction's ORM work and commit). Samples blocked in "
         "a queue or in epoll are left out. Own: samples whose innermost frame is the "
         "function (`Handle._run` innermost is C code called from the event loop, mostly "
