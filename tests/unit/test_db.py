@@ -401,6 +401,49 @@ async def test_sqlite_transactions_are_atomic(tmp_path: Path) -> None:
         await database.close()
 
 
+async def test_sqlite_savepoints_on_the_driver_roll_back_alone_and_fail_the_group(
+    tmp_path: Path,
+) -> None:
+    """The group commit's savepoints run on the driver (not compiled statements): a
+    rolled-back savepoint undoes only its own writes, and one the driver refuses
+    is SQLAlchemy's OperationalError, which fails the whole group."""
+    database = await open_database(
+        f"sqlite+aiosqlite:///{tmp_path / 'sp.db'}", timeout_s=TIMEOUT_S, migrate=True
+    )
+    try:
+        engine = database._sync_engine
+        assert engine is not None
+        through_sqlalchemy: list[str] = []
+
+        @event.listens_for(engine, "before_cursor_execute")
+        def _seen(_c: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+            through_sqlalchemy.append(statement.split(maxsplit=1)[0].upper())
+
+        with engine.connect() as connection, connection.begin():
+            connection.exec_driver_sql("CREATE TABLE scratch (id INTEGER)")
+            kept = connection.begin_nested()
+            connection.exec_driver_sql("INSERT INTO scratch VALUES (1)")
+            kept.commit()
+            dropped = connection.begin_nested()
+            connection.exec_driver_sql("INSERT INTO scratch VALUES (2)")
+            dropped.rollback()
+            rows = connection.exec_driver_sql("SELECT id FROM scratch").scalars().all()
+            assert rows == [1]
+            broken = connection.begin_nested()
+            # Released behind SQLAlchemy's back: its own RELEASE then has nothing to release.
+            driver = connection.connection.driver_connection
+            assert driver is not None
+            driver.execute("RELEASE SAVEPOINT sa_savepoint_3")
+            with pytest.raises(OperationalError, match="no such savepoint"):
+                broken.commit()
+        # Nothing of the savepoints went through statement compilation and its events.
+        assert "SAVEPOINT" not in through_sqlalchemy
+        assert "RELEASE" not in through_sqlalchemy
+        assert "ROLLBACK" not in through_sqlalchemy
+    finally:
+        await database.close()
+
+
 async def test_sqlite_deferred_begin_can_be_chosen_for_reads(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'rw.db'}"
     database = await open_database(url, timeout_s=TIMEOUT_S, migrate=True)

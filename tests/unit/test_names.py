@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -44,9 +46,33 @@ SAMPLES = {
 
 
 def test_new_ids_are_ids_and_differ() -> None:
-    made = {names.new_id() for _ in range(100)}
-    assert len(made) == 100
-    assert all(re.fullmatch(names.ID, made_id) for made_id in made)
+    # Past several refills of the per-thread buffer of random bytes.
+    made = {names.new_id() for _ in range(2000)}
+    assert len(made) == 2000
+    assert all(re.fullmatch(names.ID, made_id) and len(made_id) == 32 for made_id in made)
+
+
+def test_new_ids_differ_across_threads() -> None:
+    with ThreadPoolExecutor(4) as pool:
+        batches = list(pool.map(lambda _: [names.new_id() for _ in range(600)], range(8)))
+    made = [made_id for batch in batches for made_id in batch]
+    assert len(set(made)) == len(made)
+
+
+def test_a_forked_child_does_not_repeat_its_parents_ids() -> None:
+    names.new_id()  # the parent has buffered random bytes the child would inherit
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        os.write(write, " ".join(names.new_id() for _ in range(3)).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    with os.fdopen(read) as pipe:
+        theirs = pipe.read().split()
+    ours = [names.new_id() for _ in range(3)]
+    assert len(theirs) == 3
+    assert not set(theirs) & set(ours)
 
 
 def test_now_is_aware_utc() -> None:
