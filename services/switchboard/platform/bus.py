@@ -222,7 +222,9 @@ class Fanout:
     def sent(self, sink: Sink) -> None:
         """``sink``'s writer is done with its turn: its frame went out (gRPC took it),
         or it had nothing to send."""
-        if self._flight.pop(sink, 0) and self._later:
+        # Refilled a chunk at a time: one loop callback per WAKE_CHUNK sinks, not per sink.
+        flight = self._flight
+        if flight.pop(sink, 0) and self._later and len(flight) <= IN_FLIGHT - WAKE_CHUNK:
             self._pump()
 
     def _pump(self) -> None:
