@@ -93,6 +93,7 @@ from bench.harness import (
     verdict,
     wait_quiet,
 )
+from bench.micro import write_after_idle
 
 SECTION: Final = "## Dispatcher"
 ECHO_METHOD: Final = "/bench.v1.Echo/Echo"
@@ -826,7 +827,7 @@ def render(results: dict[str, Any], command: str, sizes: Sizes) -> str:
         "",
     ]
     if "latency" in results:
-        lines += _latency_section(results["latency"], sizes)
+        lines += _latency_section(results["latency"], sizes, results.get("write_after_idle_us"))
     if "throughput" in results:
         lines += _throughput_section(results["throughput"], sizes)
     if "qps" in results:
@@ -871,7 +872,29 @@ def _waits(cases: Sequence[dict[str, Any]]) -> str:
     )
 
 
-def _latency_section(rows: list[dict[str, Any]], sizes: Sizes) -> list[str]:
+def _idle_line(rows: Sequence[dict[str, Any]], idle_us: dict[str, float]) -> str:
+    """Why a run below capacity costs more CPU: the same write after the host idled."""
+    per_run = {bool(f["pause_s"]): f["server_cpu_ms_per_call"] for f in rows}
+    ratio = ""
+    if per_run.get(True) and per_run.get(False):
+        ratio = f"server CPU per run, paced / at capacity: {per_run[True] / per_run[False]:.2f}x; "
+    back_to_back = idle_us["0"]
+    after = ", ".join(
+        f"{us:g} µs {gap} ms after the last ({us / back_to_back:.1f}x)"
+        for gap, us in idle_us.items()
+        if gap != "0"
+    )
+    return (
+        f"- {ratio}the same small write through `Database.run` (an outbox row inserted and "
+        f"deleted, in the SQLite thread; `bench/micro.py`'s `write_after_idle`, in this run) "
+        f"costs {back_to_back:g} µs of CPU back to back, {after}: below capacity a run's "
+        "steps start on a cold host, so each costs more than the same step at capacity"
+    )
+
+
+def _latency_section(
+    rows: list[dict[str, Any]], sizes: Sizes, idle_us: dict[str, float] | None = None
+) -> list[str]:
     n = rows[0]["conversations"]
     verdicts = []
     for f in rows:
@@ -902,6 +925,7 @@ def _latency_section(rows: list[dict[str, Any]], sizes: Sizes) -> list[str]:
         + "; ".join(verdicts),
         "- updates per run read by the client: "
         + ", ".join(f"{f['updates_per_run']:g}" for f in rows),
+        *([_idle_line(rows, idle_us)] if idle_us else []),
         _waits(rows),
         "",
     ]
@@ -1058,6 +1082,7 @@ async def drive(args: argparse.Namespace) -> int:
     async with session(results, "switchboard-dispatch-bench-") as directory:
         if "latency" in wanted:
             results["latency"] = await latency_scenario(sizes, directory)
+            results["write_after_idle_us"] = await write_after_idle(directory)
         if "throughput" in wanted:
             results["throughput"] = await throughput_scenario(sizes, directory)
         if "qps" in wanted:
