@@ -636,6 +636,12 @@ async def test_a_run_whose_final_save_fails_is_announced_only_once_stored() -> N
             and e.run_updated.update.state_change.run.state in TERMINAL
         ]
         assert ends == [], "an end was announced that the store does not have"
+        results = [
+            e
+            for e in _run_events(server, name)
+            if e.run_updated.update.WhichOneof("update") == "result"
+        ]
+        assert results == [], "the result's event went out before the end it belongs to"
 
         outage.clear()
 
@@ -663,6 +669,93 @@ async def test_a_run_whose_final_save_fails_is_announced_only_once_stored() -> N
             request(conversation, "next", policy=pb.CONCURRENCY_POLICY_REJECT),
         )
         assert again.run.name
+
+
+def _run_events(server: SwitchboardServer, name: str) -> list[events_pb2.Event]:
+    """The RunUpdated events of run ``name`` in the process's log window, in log order."""
+    return [
+        e
+        for e in server.shared.bus.recent()
+        if e.type == events_pb2.EVENT_TYPE_RUN_UPDATED and e.run_updated.update.run == name
+    ]
+
+
+def _kinds(events: Sequence[events_pb2.Event]) -> list[str]:
+    return [str(e.run_updated.update.WhichOneof("update")) for e in events]
+
+
+async def test_a_runs_result_and_its_end_reach_the_log_in_one_batch() -> None:
+    async with limited() as (server, stub, dstub):
+        backend = server.shared.bus._backend
+        append_many = backend.append_many
+        batches: list[list[events_pb2.Event]] = []
+
+        async def recording(events: Sequence[events_pb2.Event]) -> None:
+            batches.append(list(events))
+            await append_many(events)
+
+        backend.append_many = recording  # type: ignore[method-assign]
+        world = await ctx_world(server, stub)
+        conversation = (await create_conversation(stub, world.editor, world.name)).name
+        name = (await send(dstub, world.editor, request(conversation, "quick answer"))).run.name
+
+        async def ended() -> bool:
+            return (await get_run(dstub, world.editor, name)).state in TERMINAL
+
+        await eventually(ended, "the run to end")
+
+        async def announced() -> bool:
+            return "result" in _kinds(_run_events(server, name))[-2:]
+
+        await eventually(announced, "the run's end to be published")
+        run_batches = [
+            [e for e in batch if e.run_updated.update.run == name]
+            for batch in batches
+            if any(e.run_updated.update.run == name for e in batch)
+        ]
+        with_result = [b for b in run_batches if "result" in _kinds(b)]
+        assert len(with_result) == 1
+        assert _kinds(with_result[0])[-2:] == ["result", "state_change"]
+        end = with_result[0][-1].run_updated.update
+        assert end.state_change.run.state == pb.RUN_STATE_SUCCEEDED
+        # In the log as on the stream: the result's sequence just before the end's.
+        result = with_result[0][-2].run_updated.update
+        assert end.sequence == result.sequence + 1
+        assert _kinds(_run_events(server, name))[-2:] == ["result", "state_change"]
+
+
+async def test_a_runs_result_is_written_with_its_end_so_a_lost_publish_loses_neither() -> None:
+    """The batch holding the result is refused, as if the process died right after
+    the end was stored: the relay publishes the result and the end, once each, in order."""
+    async with limited() as (server, stub, dstub):
+        outbox = server.shared.bus.outbox
+        assert outbox is not None
+        outbox._grace_s = 1.0  # the relay's 5 s, shorter to keep the test short
+        refusal = RefusedOnce(
+            server,
+            lambda e: (
+                e.type == events_pb2.EVENT_TYPE_RUN_UPDATED
+                and e.run_updated.update.HasField("result")
+            ),
+        )
+        world = await ctx_world(server, stub)
+        conversation = (await create_conversation(stub, world.editor, world.name)).name
+        name = (await send(dstub, world.editor, request(conversation, "quick answer"))).run.name
+
+        async def refused() -> bool:
+            return bool(refusal.refused)
+
+        await eventually(refused, "the batch holding the result to be refused")
+        lost = [e for e in refusal.refused if e.run_updated.update.run == name]
+        assert _kinds(lost)[-2:] == ["result", "state_change"]
+        ids = [e.id for e in lost[-2:]]
+
+        async def relayed() -> bool:
+            return set(ids) <= {e.id for e in server.shared.bus.recent()}
+
+        await eventually(relayed, "the outbox relay to publish the result and the end")
+        assert [e.id for e in server.shared.bus.recent() if e.id in ids] == ids
+        assert (await get_run(dstub, world.editor, name)).state == pb.RUN_STATE_SUCCEEDED
 
 
 # -- a dead replica's runs: taken over, numbered after everything seen ----------------------

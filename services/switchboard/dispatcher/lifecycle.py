@@ -89,6 +89,9 @@ class Active:
     held: bool = False
     #: Events waiting for this run's publisher, in order.
     outbox: deque[events_pb2.Event] = field(default_factory=deque)
+    #: Events that go out with the run's end (its result): written in the
+    #: transaction that stores the end, and published in one batch with it.
+    ending: list[events_pb2.Event] = field(default_factory=list)
     publisher: asyncio.Task[None] | None = None
     #: Its tool runner, while it executes with tools.
     tools: RunTools | None = None

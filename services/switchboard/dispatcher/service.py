@@ -769,7 +769,7 @@ class Dispatcher:
             run.usage.CopyFrom(result.usage)
             final = pb.RunUpdate()
             final.result.CopyFrom(result)
-            self._emit(active, final)
+            self._emit(active, final, with_end=True)
             active.to(pb.RUN_STATE_SUCCEEDED)
         except asyncio.CancelledError:
             error = active.cancel_error
@@ -1128,7 +1128,10 @@ class Dispatcher:
         update.time.FromDatetime(names.now())
         update.state_change.run.CopyFrom(run)
         event = self._event(active.workspace_id, active.conversation_id, update)
-        staged: Staged[bool] = Staged(self._bus.outbox, lambda stored: [event] if stored else [])
+        # The end carries the result's event: both in the end's transaction
+        # (a crash right after it loses neither), then one log batch for both.
+        events = [*active.ending, event] if run.state in TERMINAL else [event]
+        staged: Staged[bool] = Staged(self._bus.outbox, lambda stored: events if stored else [])
         data = active.job.SerializeToString() if job else None
         saved = await self._save_until_stored(active, what, staged, data)
         if saved:
@@ -1140,8 +1143,9 @@ class Dispatcher:
                 event.run_updated.update.sequence = update.sequence
             outbox = self._bus.outbox
             if outbox is not None:
-                outbox.publishing([event])
-            active.outbox.append(event)
+                outbox.publishing(events)
+            active.outbox.extend(events)
+            active.ending.clear()
             if active.publisher is None or active.publisher.done():
                 self._start_publisher(active)
         elif saved is False:
@@ -1192,9 +1196,16 @@ class Dispatcher:
         update.state_change.run.CopyFrom(active.run)
         self._emit(active, update)
 
-    def _emit(self, active: Active, update: pb.RunUpdate) -> None:
+    def _emit(self, active: Active, update: pb.RunUpdate, *, with_end: bool = False) -> None:
+        """Show ``update`` to the run's watchers now and queue its event; ``with_end``:
+        its event waits for the run's end and is stored with it (``_persist_now``):
+        one log batch fewer per run, and the result's event as durable as the end."""
         active.feed.append(update)
-        active.outbox.append(self._event(active.workspace_id, active.conversation_id, update))
+        event = self._event(active.workspace_id, active.conversation_id, update)
+        if with_end:
+            active.ending.append(event)
+            return
+        active.outbox.append(event)
         if not active.held and (active.publisher is None or active.publisher.done()):
             self._start_publisher(active)
 
