@@ -728,14 +728,16 @@ def overflows(stats: dict[str, int]) -> dict[str, int]:
 
 
 @contextlib.asynccontextmanager
-async def edge_up(variant: str, env: dict[str, str], *overrides: str) -> AsyncIterator[Edge]:
+async def edge_up(
+    variant: str, env: dict[str, str], *overrides: str, envoy_workers: int = 1
+) -> AsyncIterator[Edge]:
     """``bench/target.py VARIANT [SETTING=VALUE ...]`` and an Envoy rendered with ``env``
-    (the server's limits)."""
+    (the server's limits), with ``envoy_workers`` worker threads."""
     server = await Child.start("server", str(HERE / "target.py"), variant, *overrides)
     envoy: EnvoyProcess | None = None
     try:
         port, token = (await server.line(60)).split()
-        envoy = EnvoyProcess(f"127.0.0.1:{port}", tls=True, env=env)
+        envoy = EnvoyProcess(f"127.0.0.1:{port}", tls=True, env=env, concurrency=envoy_workers)
         await asyncio.to_thread(envoy.start)
         edge = Edge(server, int(port), token, envoy)
         edge.idle = await edge.stats()

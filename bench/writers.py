@@ -4,6 +4,11 @@
     python bench/writers.py --quick    200 subscribers, short phases, one round
     python bench/writers.py --write    ... and put the report into BENCHMARKS.md
     python bench/writers.py --json     one JSON line: the figures and the report (bench/run.py)
+    python bench/writers.py --paths web --rates 50 --rounds 1 --envoy-workers 2
+                                       one case, Envoy with 2 workers as deploy/ runs it
+    python bench/writers.py --paths web --rates 50 --rounds 1 --writer-direct
+                                       the subscribers through Envoy, the writer direct:
+                                       what their path costs the writer, without its own hop
 
 The server is ``bench/target.py switchboard-events`` (the whole assembly on the
 embedded defaults, its subscription limits raised) with an Envoy in front of it
@@ -109,6 +114,11 @@ class Plan:
     workers: int = 2
     channels: int = 4
     paths: tuple[str, ...] = tuple(route.key for route in PATHS)
+    #: Envoy's worker threads (``--concurrency``; deploy/ runs 2).
+    envoy_workers: int = 1
+    #: The writer calls the server directly on every path: what the subscribers'
+    #: path costs the writer, without the writer's own hop through Envoy.
+    writer_direct: bool = False
 
     @classmethod
     def quick(cls) -> Plan:
@@ -236,9 +246,15 @@ class Run:
             "parent": self.parent,
         }
 
+    def writer_spec(self) -> dict[str, Any]:
+        spec = self._spec()
+        if self.plan.writer_direct:
+            spec.update(kind="grpc", mode="grpc", address=self.edge.address("server"))
+        return spec
+
     async def start_writer(self) -> None:
         self.writer = await Child.start(
-            f"{self.path.key} writer", __file__, "writer", json.dumps(self._spec())
+            f"{self.path.key} writer", __file__, "writer", json.dumps(self.writer_spec())
         )
         await self.writer.answer(60)
 
@@ -357,7 +373,9 @@ async def one_path(edge: Edge, path: Route, plan: Plan, round_no: int) -> dict[s
 async def drive(plan: Plan) -> dict[str, Any]:
     started = time.monotonic()
     runs: dict[str, list[dict[str, Any]]] = {key: [] for key in plan.paths}
-    async with edge_up("switchboard-events", SERVER_ENV, *SERVER_SETTINGS) as edge:
+    async with edge_up(
+        "switchboard-events", SERVER_ENV, *SERVER_SETTINGS, envoy_workers=plan.envoy_workers
+    ) as edge:
         chosen = [route for route in PATHS if route.key in plan.paths]
         for round_no in range(plan.rounds):
             shift = round_no % len(chosen)
@@ -386,6 +404,20 @@ def _row(path: Route, round_no: int, case: str, f: dict[str, Any]) -> str:
     return (
         f"| {round_no + 1} | {path.label} | {case} | {a['calls']} | {errors} | {a['p50_ms']:.1f} "
         f"| **{a['p99_ms']:.1f}** | {a['max_ms']:.1f} | {delivery} | {cpu} |"
+    )
+
+
+def _workers(plan: Plan) -> str:
+    return (
+        "one worker thread" if plan.envoy_workers == 1 else f"{plan.envoy_workers} worker threads"
+    )
+
+
+def _writer_path(plan: Plan) -> str:
+    return (
+        "directly on the server, whatever the subscribers' path,"
+        if plan.writer_direct
+        else "on the same path"
     )
 
 
@@ -422,10 +454,10 @@ def render(results: dict[str, Any], plan: Plan, command: str) -> str:
             *provenance(command, took_s=results["seconds"]),
             "- shape: `bench/target.py switchboard-events` (the whole assembly on the embedded "
             f"defaults, with {settings_text(SERVER_ENV)} and `{SERVER_SETTINGS[0]}`) and an "
-            "Envoy in front of it (bench/edge.py's, one worker thread); one conversation per "
+            f"Envoy in front of it (bench/edge.py's, {_workers(plan)}); one conversation per "
             f"path and round, {plan.subscribers} Subscribe streams on it in {plan.workers} "
             f"subscriber processes ({plan.channels} connections each), and one writer process "
-            "calling AppendMessage on the same path at a fixed rate for "
+            f"calling AppendMessage {_writer_path(plan)} at a fixed rate for "
             f"{plan.seconds:g} s (open loop). Each message's text carries the writer's send "
             "time: delivery latency is receipt minus send, the write included, and every "
             "subscriber checks every message (exactly once, in the server's sequence "
@@ -461,10 +493,25 @@ def main() -> int:
         "--paths", nargs="+", choices=[route.key for route in PATHS], help="only these paths"
     )
     parser.add_argument("--rates", nargs="+", type=float, help="appends/s with subscribers")
+    parser.add_argument("--envoy-workers", type=int, help="Envoy's worker threads (default 1)")
+    parser.add_argument(
+        "--writer-direct",
+        action="store_true",
+        default=None,
+        help="the writer calls the server directly on every path (the subscribers' path alone)",
+    )
     args = parser.parse_args()
     plan = Plan.quick() if args.quick else Plan()
     changes: dict[str, Any] = {}
-    for name in ("subscribers", "rounds", "seconds", "paths", "rates"):
+    for name in (
+        "subscribers",
+        "rounds",
+        "seconds",
+        "paths",
+        "rates",
+        "envoy_workers",
+        "writer_direct",
+    ):
         value = getattr(args, name)
         if value is not None:
             changes[name] = tuple(value) if isinstance(value, list) else value

@@ -60,6 +60,7 @@ class EnvoyProcess(ManagedProcess):
         console: Path | None = None,
         extra_args: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
+        concurrency: int = 1,
     ) -> None:
         assert bool(upstream) != bool(services), "either upstream or services"
         self.upstream = upstream
@@ -70,6 +71,8 @@ class EnvoyProcess(ManagedProcess):
         self.console = console
         self.extra_args = extra_args
         self.env = env
+        #: Worker threads (``--concurrency``).
+        self.concurrency = concurrency
         super().__init__("switchboard-envoy-")
         self.config = Path(self._tmp.name) / "envoy.yaml"
         self._admin_file = Path(self._tmp.name) / "admin-address"
@@ -132,7 +135,7 @@ class EnvoyProcess(ManagedProcess):
                 str(self._admin_file),
                 "--disable-hot-restart",
                 "--concurrency",
-                "1",
+                str(self.concurrency),
                 "--log-level",
                 "info",
             ],

@@ -308,6 +308,78 @@ async def test_more_open_streams_than_envoys_default_breaker_leave_room_for_call
             await channel.close(None)
 
 
+#: Connections spread over two workers by the kernel's hash: all on one has odds of 2**-23.
+SPREAD_CONNECTIONS: Final = 24
+
+
+async def test_an_envoy_with_two_workers_as_deployed_serves_streams_and_calls_on_both(
+    serve: ServeProcess,
+) -> None:
+    """deploy/ runs Envoy with ``--concurrency 2``: each worker has its own connections
+    and upstream pools. A stream on either worker sees what a call on the other did."""
+    with EnvoyProcess(serve.address, concurrency=2) as proxy:
+        target = f"127.0.0.1:{proxy.port}"
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        channels = [
+            aio.insecure_channel(target, options=options) for _ in range(SPREAD_CONNECTIONS)
+        ]
+        try:
+            registered = await _native_register(channels[0])
+            metadata = (("authorization", f"Bearer {registered.tokens.access_token}"),)
+            request = events_pb2.SubscribeRequest(
+                scopes=[events_pb2.Scope(user=registered.user.name)]
+            )
+            streams = [
+                events_pb2_grpc.EventServiceStub(channel).Subscribe(request, metadata=metadata)
+                for channel in channels
+            ]
+            try:
+                async with asyncio.timeout(DEADLINE_S):
+                    firsts = await asyncio.gather(*(stream.read() for stream in streams))
+                assert all(
+                    isinstance(f, events_pb2.SubscribeResponse)
+                    and f.WhichOneof("frame") == "heartbeat"
+                    for f in firsts
+                )
+                by_worker: dict[str, int] = {}
+                for name, value in proxy.stats("listener.").items():
+                    if ".worker_" in name and name.endswith(".downstream_cx_active"):
+                        worker = name.split(".worker_")[1].split(".")[0]
+                        by_worker[worker] = by_worker.get(worker, 0) + value
+                assert sorted(by_worker) == ["0", "1"]
+                assert all(active > 0 for active in by_worker.values()), by_worker
+                assert sum(by_worker.values()) == SPREAD_CONNECTIONS
+                created = await auth_pb2_grpc.AuthServiceStub(channels[-1]).CreateApiKey(
+                    auth_pb2.CreateApiKeyRequest(display_name="workers", scopes=["read"]),
+                    metadata=metadata,
+                    timeout=DEADLINE_S,
+                )
+                assert created.api_key.name
+                async with asyncio.timeout(DEADLINE_S):
+                    seen = await asyncio.gather(*(_next_native_event(s) for s in streams))
+                assert {event.security.kind for event in seen} == {
+                    events_pb2.SECURITY_EVENT_KIND_API_KEY_CREATED
+                }
+            finally:
+                for stream in streams:
+                    stream.cancel()
+        finally:
+            for channel in channels:
+                await channel.close(None)
+        assert proxy.terminate() == 0
+
+
+async def _next_native_event(
+    stream: aio.UnaryStreamCall[events_pb2.SubscribeRequest, events_pb2.SubscribeResponse],
+) -> events_pb2.Event:
+    while True:
+        frame = await stream.read()
+        assert isinstance(frame, events_pb2.SubscribeResponse), "the stream ended"
+        if frame.WhichOneof("frame") == "batch":
+            [event] = frame.batch.events
+            return event
+
+
 async def test_messages_up_to_the_servers_limit_pass_and_larger_get_its_status(
     envoy: EnvoyProcess,
 ) -> None:
