@@ -255,6 +255,59 @@ async def _native_register(channel: aio.Channel) -> auth_pb2.RegisterResponse:
     return response
 
 
+class _Subscribed:
+    """Separate connections through the edge, one user, and a Subscribe per slot, each
+    past its first heartbeat."""
+
+    def __init__(
+        self,
+        channels: list[aio.Channel],
+        streams: list[
+            aio.UnaryStreamCall[events_pb2.SubscribeRequest, events_pb2.SubscribeResponse]
+        ],
+        metadata: tuple[tuple[str, str], ...],
+    ) -> None:
+        self.channels = channels
+        self.streams = streams
+        self.metadata = metadata
+
+
+@contextlib.asynccontextmanager
+async def _subscribed(
+    target: str, streams: int, per_channel: int, ready_s: float
+) -> AsyncIterator[_Subscribed]:
+    # Separate connections (a channel's subchannels are shared unless asked otherwise).
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [
+        aio.insecure_channel(target, options=options) for _ in range(-(-streams // per_channel))
+    ]
+    opened: list[
+        aio.UnaryStreamCall[events_pb2.SubscribeRequest, events_pb2.SubscribeResponse]
+    ] = []
+    try:
+        registered = await _native_register(channels[0])
+        metadata = (("authorization", f"Bearer {registered.tokens.access_token}"),)
+        request = events_pb2.SubscribeRequest(scopes=[events_pb2.Scope(user=registered.user.name)])
+        opened.extend(
+            events_pb2_grpc.EventServiceStub(channels[i // per_channel]).Subscribe(
+                request, metadata=metadata
+            )
+            for i in range(streams)
+        )
+        async with asyncio.timeout(ready_s):
+            firsts = await asyncio.gather(*(stream.read() for stream in opened))
+        assert all(
+            isinstance(f, events_pb2.SubscribeResponse) and f.WhichOneof("frame") == "heartbeat"
+            for f in firsts
+        )
+        yield _Subscribed(channels, opened, metadata)
+    finally:
+        for stream in opened:
+            stream.cancel()
+        for channel in channels:
+            await channel.close(None)
+
+
 async def test_more_open_streams_than_envoys_default_breaker_leave_room_for_calls(
     envoy: EnvoyProcess,
 ) -> None:
@@ -262,50 +315,22 @@ async def test_more_open_streams_than_envoys_default_breaker_leave_room_for_call
     default of 1,024 per cluster the next call would get HTTP 503; the streams'
     own breaker is sized for thousands and unary calls have theirs."""
     target = f"127.0.0.1:{envoy.port}"
-    # Separate connections (a channel's subchannels are shared unless asked otherwise).
-    options = [("grpc.use_local_subchannel_pool", 1)]
-    channels = [
-        aio.insecure_channel(target, options=options)
-        for _ in range(-(-MANY_STREAMS // STREAMS_PER_CHANNEL))
-    ]
-    try:
-        registered = await _native_register(channels[0])
-        metadata = (("authorization", f"Bearer {registered.tokens.access_token}"),)
-        request = events_pb2.SubscribeRequest(scopes=[events_pb2.Scope(user=registered.user.name)])
-        streams = [
-            events_pb2_grpc.EventServiceStub(channels[i // STREAMS_PER_CHANNEL]).Subscribe(
-                request, metadata=metadata
-            )
-            for i in range(MANY_STREAMS)
-        ]
-        try:
-            async with asyncio.timeout(60):
-                firsts = await asyncio.gather(*(stream.read() for stream in streams))
-            assert all(
-                isinstance(f, events_pb2.SubscribeResponse) and f.WhichOneof("frame") == "heartbeat"
-                for f in firsts
-            )
-            # Every stream is open at once; unary calls still go through.
-            context = context_pb2_grpc.ContextServiceStub(channels[-1])
-            created = await context.CreateWorkspace(
-                context_pb2.CreateWorkspaceRequest(
-                    workspace=context_pb2.Workspace(display_name="Busy")
-                ),
-                metadata=metadata,
-                timeout=DEADLINE_S,
-            )
-            assert created.workspace.name
-            stats = envoy.stats("cluster.switchboard")
-            assert stats["cluster.switchboard_streams.upstream_rq_active"] >= MANY_STREAMS
-            for name in ("switchboard", "switchboard_streams"):
-                assert stats[f"cluster.{name}.upstream_rq_pending_overflow"] == 0
-                assert stats[f"cluster.{name}.upstream_cx_overflow"] == 0
-        finally:
-            for stream in streams:
-                stream.cancel()
-    finally:
-        for channel in channels:
-            await channel.close(None)
+    async with _subscribed(target, MANY_STREAMS, STREAMS_PER_CHANNEL, 60) as opened:
+        # Every stream is open at once; unary calls still go through.
+        context = context_pb2_grpc.ContextServiceStub(opened.channels[-1])
+        created = await context.CreateWorkspace(
+            context_pb2.CreateWorkspaceRequest(
+                workspace=context_pb2.Workspace(display_name="Busy")
+            ),
+            metadata=opened.metadata,
+            timeout=DEADLINE_S,
+        )
+        assert created.workspace.name
+        stats = envoy.stats("cluster.switchboard")
+        assert stats["cluster.switchboard_streams.upstream_rq_active"] >= MANY_STREAMS
+        for name in ("switchboard", "switchboard_streams"):
+            assert stats[f"cluster.{name}.upstream_rq_pending_overflow"] == 0
+            assert stats[f"cluster.{name}.upstream_cx_overflow"] == 0
 
 
 #: Connections spread over two workers by the kernel's hash: all on one has odds of 2**-23.
@@ -319,53 +344,26 @@ async def test_an_envoy_with_two_workers_as_deployed_serves_streams_and_calls_on
     and upstream pools. A stream on either worker sees what a call on the other did."""
     with EnvoyProcess(serve.address, concurrency=2) as proxy:
         target = f"127.0.0.1:{proxy.port}"
-        options = [("grpc.use_local_subchannel_pool", 1)]
-        channels = [
-            aio.insecure_channel(target, options=options) for _ in range(SPREAD_CONNECTIONS)
-        ]
-        try:
-            registered = await _native_register(channels[0])
-            metadata = (("authorization", f"Bearer {registered.tokens.access_token}"),)
-            request = events_pb2.SubscribeRequest(
-                scopes=[events_pb2.Scope(user=registered.user.name)]
+        async with _subscribed(target, SPREAD_CONNECTIONS, 1, DEADLINE_S) as opened:
+            by_worker: dict[str, int] = {}
+            for name, value in proxy.stats("listener.").items():
+                if ".worker_" in name and name.endswith(".downstream_cx_active"):
+                    worker = name.split(".worker_")[1].split(".")[0]
+                    by_worker[worker] = by_worker.get(worker, 0) + value
+            assert sorted(by_worker) == ["0", "1"]
+            assert all(active > 0 for active in by_worker.values()), by_worker
+            assert sum(by_worker.values()) == SPREAD_CONNECTIONS
+            created = await auth_pb2_grpc.AuthServiceStub(opened.channels[-1]).CreateApiKey(
+                auth_pb2.CreateApiKeyRequest(display_name="workers", scopes=["read"]),
+                metadata=opened.metadata,
+                timeout=DEADLINE_S,
             )
-            streams = [
-                events_pb2_grpc.EventServiceStub(channel).Subscribe(request, metadata=metadata)
-                for channel in channels
-            ]
-            try:
-                async with asyncio.timeout(DEADLINE_S):
-                    firsts = await asyncio.gather(*(stream.read() for stream in streams))
-                assert all(
-                    isinstance(f, events_pb2.SubscribeResponse)
-                    and f.WhichOneof("frame") == "heartbeat"
-                    for f in firsts
-                )
-                by_worker: dict[str, int] = {}
-                for name, value in proxy.stats("listener.").items():
-                    if ".worker_" in name and name.endswith(".downstream_cx_active"):
-                        worker = name.split(".worker_")[1].split(".")[0]
-                        by_worker[worker] = by_worker.get(worker, 0) + value
-                assert sorted(by_worker) == ["0", "1"]
-                assert all(active > 0 for active in by_worker.values()), by_worker
-                assert sum(by_worker.values()) == SPREAD_CONNECTIONS
-                created = await auth_pb2_grpc.AuthServiceStub(channels[-1]).CreateApiKey(
-                    auth_pb2.CreateApiKeyRequest(display_name="workers", scopes=["read"]),
-                    metadata=metadata,
-                    timeout=DEADLINE_S,
-                )
-                assert created.api_key.name
-                async with asyncio.timeout(DEADLINE_S):
-                    seen = await asyncio.gather(*(_next_native_event(s) for s in streams))
-                assert {event.security.kind for event in seen} == {
-                    events_pb2.SECURITY_EVENT_KIND_API_KEY_CREATED
-                }
-            finally:
-                for stream in streams:
-                    stream.cancel()
-        finally:
-            for channel in channels:
-                await channel.close(None)
+            assert created.api_key.name
+            async with asyncio.timeout(DEADLINE_S):
+                seen = await asyncio.gather(*(_next_native_event(s) for s in opened.streams))
+            assert {event.security.kind for event in seen} == {
+                events_pb2.SECURITY_EVENT_KIND_API_KEY_CREATED
+            }
         assert proxy.terminate() == 0
 
 
