@@ -12,7 +12,8 @@ import asyncio
 import contextlib
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any, Final
+from dataclasses import dataclass
+from typing import Any, Final, TypeAlias
 
 import grpc
 import httpx
@@ -255,21 +256,17 @@ async def _native_register(channel: aio.Channel) -> auth_pb2.RegisterResponse:
     return response
 
 
+_Stream: TypeAlias = aio.UnaryStreamCall[events_pb2.SubscribeRequest, events_pb2.SubscribeResponse]
+
+
+@dataclass(frozen=True)
 class _Subscribed:
     """Separate connections through the edge, one user, and a Subscribe per slot, each
     past its first heartbeat."""
 
-    def __init__(
-        self,
-        channels: list[aio.Channel],
-        streams: list[
-            aio.UnaryStreamCall[events_pb2.SubscribeRequest, events_pb2.SubscribeResponse]
-        ],
-        metadata: tuple[tuple[str, str], ...],
-    ) -> None:
-        self.channels = channels
-        self.streams = streams
-        self.metadata = metadata
+    channels: list[aio.Channel]
+    streams: list[_Stream]
+    metadata: tuple[tuple[str, str], ...]
 
 
 @contextlib.asynccontextmanager
@@ -281,9 +278,7 @@ async def _subscribed(
     channels = [
         aio.insecure_channel(target, options=options) for _ in range(-(-streams // per_channel))
     ]
-    opened: list[
-        aio.UnaryStreamCall[events_pb2.SubscribeRequest, events_pb2.SubscribeResponse]
-    ] = []
+    opened: list[_Stream] = []
     try:
         registered = await _native_register(channels[0])
         metadata = (("authorization", f"Bearer {registered.tokens.access_token}"),)
@@ -367,9 +362,7 @@ async def test_an_envoy_with_two_workers_as_deployed_serves_streams_and_calls_on
         assert proxy.terminate() == 0
 
 
-async def _next_native_event(
-    stream: aio.UnaryStreamCall[events_pb2.SubscribeRequest, events_pb2.SubscribeResponse],
-) -> events_pb2.Event:
+async def _next_native_event(stream: _Stream) -> events_pb2.Event:
     while True:
         frame = await stream.read()
         assert isinstance(frame, events_pb2.SubscribeResponse), "the stream ended"
