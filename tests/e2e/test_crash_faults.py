@@ -41,7 +41,13 @@ from tests.infra.redis import RedisServer
 from tests.service.authkit import PASSWORD, unique_email
 from tests.service.contextkit import Caller, context_stub, create_conversation, create_workspace
 from tests.service.contextkit import Stub as ContextStub
-from tests.service.dispatchkit import dispatcher_stub, read_until, reason_of, request
+from tests.service.dispatchkit import (
+    dispatcher_stub,
+    read_until,
+    reason_of,
+    request,
+    stored_running,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -311,6 +317,9 @@ async def test_a_run_on_a_killed_replica_ends_for_its_watcher_on_the_survivor(
             )
             seen: list[pb.RunUpdate] = []
             await read_until(call, seen, lambda seen: sum(u.HasField("delta") for u in seen) >= 3)
+            # The handler does not wait for RUNNING to be stored; killed before
+            # that, the run would be QUEUED in the store and simply run again.
+            await stored_running(survivor, caller, name)
             assert first.proc is not None
             first.proc.kill()  # the run's owner dies mid-stream
             await read_until(call, seen, lambda seen: seen[-1].state_change.run.state in TERMINAL)

@@ -32,6 +32,7 @@ from tests.service.dispatchkit import (
     reason_of,
     request,
     send,
+    stored_running,
     until,
 )
 
@@ -113,6 +114,9 @@ async def test_a_killed_dispatcher_fails_running_runs_and_runs_queued_ones(
             dstub = dispatcher_stub(channel)
             running = await send(dstub, owner, request(conversation, "slow one", delay_ms=60_000))
             await until(dstub, owner, running.run.name, "delta")
+            # The first words come before RUNNING is stored; only a stored
+            # RUNNING fails in recovery (a QUEUED one runs again).
+            await stored_running(dstub, owner, running.run.name)
             queued = await send(dstub, owner, request(conversation, "queued one"))
         assert first.proc is not None
         first.proc.kill()  # no drain, no shutdown code: a crash

@@ -52,7 +52,13 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
 from tests.service.authkit import PASSWORD, unique_email
 from tests.service.contextkit import Caller, context_stub, create_conversation, create_workspace
-from tests.service.dispatchkit import Stub, dispatcher_stub, reason_of, request
+from tests.service.dispatchkit import (
+    Stub,
+    dispatcher_stub,
+    reason_of,
+    request,
+    stored_running,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -489,6 +495,11 @@ async def test_the_mesh_keeps_serving_while_a_dispatcher_replica_is_killed(data_
                 await chatter.first.wait()
 
             victim = "dispatcher-1"
+            # Only a run stored as RUNNING fails by the recovery policy; one
+            # killed before that lands is still QUEUED and runs again.
+            for run, owner in owners.items():
+                if owner == victim:
+                    await stored_running(dispatcher, caller, run)
             before = state["processes"][victim]
             os.kill(before["pid"], signal.SIGKILL)
             killed_at = time.monotonic()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -149,6 +151,27 @@ async def finished(stub: Stub, caller: Caller, name: str) -> pb.Run:
     """The run once it is terminal (watched, not polled)."""
     seen = await watch_all(stub, caller, name)
     return seen.final
+
+
+async def stored_running(stub: Stub, caller: Caller, name: str) -> None:
+    """Return once the database holds ``name`` as RUNNING.
+
+    Watchers see RUNNING, and the handler starts, before that state is
+    stored (docs/dispatcher.md): a crash before it lands leaves the run
+    QUEUED, and recovery runs it again whatever the policy. A test that
+    crashes a replica to see its running runs fail waits for this first.
+    ListRuns filters on the stored state (GetRun answers from the owner's
+    memory), so a run it lists as RUNNING is stored so.
+    """
+    parent = name.rsplit("/runs/", 1)[0]
+    listing = pb.ListRunsRequest(parent=parent, states=[pb.RUN_STATE_RUNNING], page_size=100)
+    deadline = time.monotonic() + TIMEOUT_S
+    while True:
+        response = await stub.ListRuns(listing, metadata=caller.md, timeout=TIMEOUT_S)
+        if any(run.name == name for run in response.runs):
+            return
+        assert time.monotonic() < deadline, f"{name} was never stored as RUNNING"
+        await asyncio.sleep(0.02)  # polling a stored state, under a deadline
 
 
 def reason_of(run: pb.Run) -> str:
