@@ -156,8 +156,8 @@ async def finished(stub: Stub, caller: Caller, name: str) -> pb.Run:
 async def stored_running(stub: Stub, caller: Caller, name: str) -> None:
     """Return once the database holds ``name`` as RUNNING.
 
-    Watchers see RUNNING, and the handler starts, before that state is
-    stored (docs/dispatcher.md): a crash before it lands leaves the run
+    Watchers see RUNNING, and a built-in handler starts, before that state
+    is stored (docs/dispatcher.md): a crash before it lands leaves the run
     QUEUED, and recovery runs it again whatever the policy. A test that
     crashes a replica to see its running runs fail waits for this first.
     ListRuns filters on the stored state (GetRun answers from the owner's

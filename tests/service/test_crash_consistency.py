@@ -38,6 +38,7 @@ from switchboard.platform.errors import DependencyUnavailable
 from switchboard.platform.models import UserRow
 from switchboard.platform.server import SwitchboardServer
 from tests.conftest import built, make_settings
+from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.redis import RedisServer
 from tests.service.authkit import (
     PASSWORD,
@@ -60,6 +61,7 @@ from tests.service.dispatchkit import (
     read_until,
     request,
     send,
+    watch_all,
 )
 
 DEADLINE_S = 20.0
@@ -598,6 +600,44 @@ async def test_a_revocation_whose_message_died_with_its_process_reaches_cached_c
 
 
 # -- a run's stored state never contradicts its events -----------------------------------
+
+
+async def test_a_model_is_called_only_once_the_runs_start_is_stored() -> None:
+    """A run whose handler acts outside the process (here the llm handler) calls
+    it only once the store says RUNNING; a start the database refused is stored
+    again first. Otherwise a crash right after the call would leave the run
+    QUEUED, and even the ``fail`` policy would call the model a second time."""
+    order: list[str] = []
+    async with FakeOpenAI(on_request=lambda _: order.append("model called")) as fake:
+        fake.script(Reply.text("Hello there."))
+        async with limited(llm_base_url=fake.url, llm_model="m-1", llm_max_retries=0) as (
+            server,
+            stub,
+            dstub,
+        ):
+            store = built(server, Dispatcher)._store
+            save = store.save
+
+            async def refusing_two_starts(run_id: str, run: pb.Run, **kwargs: Any) -> bool:
+                starting = run.state == pb.RUN_STATE_RUNNING
+                if starting and order.count("start refused") < 2:
+                    order.append("start refused")
+                    raise DatabaseUnavailable()
+                stored = bool(await save(run_id, run, **kwargs))
+                if starting:
+                    order.append("start stored")
+                return stored
+
+            store.save = refusing_two_starts  # type: ignore[method-assign]
+            world = await ctx_world(server, stub)
+            conversation = (await create_conversation(stub, world.editor, world.name)).name
+            sent = await send(dstub, world.editor, request(conversation, "Hi"))
+            seen = await watch_all(dstub, world.editor, sent.run.name)
+
+    assert seen.final.handler == "handlers/llm"
+    assert seen.final.state == pb.RUN_STATE_SUCCEEDED, seen.final.error
+    assert seen.text == "Hello there."
+    assert order == ["start refused", "start refused", "start stored", "model called"]
 
 
 async def test_a_run_whose_final_save_fails_is_announced_only_once_stored() -> None:

@@ -844,6 +844,8 @@ class Dispatcher:
             else:
                 _, window = await reads
             self._begin(active)
+            if active.handler.kind != pb.HANDLER_KIND_BUILTIN:
+                await self._start_stored(active)
             request = handler_pb2.HandleRequest(
                 run=run.name,
                 message=active.message,
@@ -985,10 +987,11 @@ class Dispatcher:
         Held back until now because the path to the first delta is a chain of
         database reads, and these writes, started alongside, made each of
         those reads wait for the interpreter (measured: the first delta of an
-        idle server 22 -> 17 ms). Not awaited: the handler starts while
-        RUNNING is being stored (writes are committed in order, so it lands
-        before the final state). A crash before it lands leaves the run
-        QUEUED, and the restart runs it as one that never started.
+        idle server 22 -> 17 ms). Not awaited here: a built-in handler starts
+        while RUNNING is being stored (writes are committed in order, so it
+        lands before the final state), and a crash before it lands leaves the
+        run QUEUED, run again as one that never started. Handlers that act
+        outside the process wait for it (``_start_stored``).
         """
         if not active.held:
             return
@@ -1062,6 +1065,37 @@ class Dispatcher:
                 "model": usage.model,
             },
         )
+
+    async def _start_stored(self, active: Active) -> None:
+        """Return once the database says RUNNING: a handler outside this process
+        (a model, a domain expert) and its tool calls act on the world.
+
+        Started before then, a crash before the start landed would leave the
+        run QUEUED, and recovery would run it again as one that never started,
+        even under the ``fail`` policy that promises a run's side effects are
+        never repeated. Built-in handlers do not wait (their first delta is the
+        path decision 24 measured); for the others it is one commit, already in
+        flight since ``_begin``, against a network call. A start the database
+        refused is stored again, retried as an end is.
+        """
+        saving = active.saving
+        stored: bool | None = None
+        if saving is not None:
+            try:
+                # Shielded: a cancel of the run leaves the save for ``_finish`` to await.
+                stored = await asyncio.shield(saving)
+            except SwitchboardError:
+                log.warning(
+                    "could not store the start of a run; retrying", extra={"run": active.run.name}
+                )
+            active.saving = None
+        if stored is None:
+            stored = await self._save_until_stored(active, "start", None)
+        if stored is None:
+            raise RunInterrupted("the dispatcher stopped before the run's start was stored")
+        if not stored:
+            # Taken over meanwhile: its new owner runs or fails it, not this one.
+            raise RunInterrupted("another dispatcher instance took the run over")
 
     async def _started_saved(self, active: Active) -> None:
         if active.saving is not None:
@@ -1155,7 +1189,7 @@ class Dispatcher:
             )
 
     async def _save_until_stored(
-        self, active: Active, what: str, staged: Staged[bool], job: bytes | None = None
+        self, active: Active, what: str, staged: Staged[bool] | None, job: bytes | None = None
     ) -> bool | None:
         """True once saved, False if another instance owns it now, None if stopping first."""
         backoff = Backoff(0.05, 2.0)
