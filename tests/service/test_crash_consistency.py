@@ -22,7 +22,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from grpc import aio
 from sqlalchemy import event as sql_event
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
@@ -35,7 +35,7 @@ from switchboard.dispatcher.store import TERMINAL
 from switchboard.mesh import create_server
 from switchboard.platform.db import DatabaseUnavailable
 from switchboard.platform.errors import DependencyUnavailable
-from switchboard.platform.models import UserRow
+from switchboard.platform.models import RunRow, UserRow
 from switchboard.platform.server import SwitchboardServer
 from tests.conftest import built, make_settings
 from tests.fakes.openai_server import FakeOpenAI, Reply
@@ -638,6 +638,61 @@ async def test_a_model_is_called_only_once_the_runs_start_is_stored() -> None:
     assert seen.final.state == pb.RUN_STATE_SUCCEEDED, seen.final.error
     assert seen.text == "Hello there."
     assert order == ["start refused", "start refused", "start stored", "model called"]
+
+
+async def test_a_run_taken_over_while_its_start_was_stored_is_left_to_its_new_owner() -> None:
+    """Another instance took the run over (this one's lease had lapsed) before
+    its start landed: the save finds the run no longer this instance's, so it
+    calls no model and announces no end; what is stored stays the new owner's
+    to run or fail under the recovery policy."""
+    calls: list[str] = []
+    async with FakeOpenAI(on_request=lambda _: calls.append("model called")) as fake:
+        fake.script(Reply.text("Hello there."))
+        async with limited(llm_base_url=fake.url, llm_model="m-1", llm_max_retries=0) as (
+            server,
+            stub,
+            dstub,
+        ):
+            dispatcher = built(server, Dispatcher)
+            store = dispatcher._store
+            save = store.save
+            taken: list[str] = []
+
+            async def taken_over_first(run_id: str, run: pb.Run, **kwargs: Any) -> bool:
+                if run.state == pb.RUN_STATE_RUNNING and not taken:
+                    taken.append(run_id)
+
+                    def move(db: Session) -> None:
+                        db.execute(
+                            update(RunRow).where(RunRow.id == run_id).values(worker="another")
+                        )
+
+                    await store._run(move, write=True)
+                return bool(await save(run_id, run, **kwargs))
+
+            store.save = taken_over_first  # type: ignore[method-assign]
+            world = await ctx_world(server, stub)
+            conversation = (await create_conversation(stub, world.editor, world.name)).name
+            sent = await send(dstub, world.editor, request(conversation, "Hi"))
+            name = sent.run.name
+
+            async def given_up() -> bool:
+                return name not in dispatcher._active
+
+            await eventually(given_up, "the run to be given up")
+            found = name.split("/")
+            stored, owner = await store.get_with_owner(found[1], found[3], found[5])
+            ends = [
+                e
+                for e in _run_events(server, name)
+                if e.run_updated.update.state_change.run.state in TERMINAL
+            ]
+
+    assert taken, "the run never reached its start"
+    assert owner.instance == "another"
+    assert stored.run.state == pb.RUN_STATE_QUEUED
+    assert ends == [], "this instance announced an end for a run it no longer owns"
+    assert calls == []
 
 
 async def test_a_run_whose_final_save_fails_is_announced_only_once_stored() -> None:
