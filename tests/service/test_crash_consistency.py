@@ -49,11 +49,14 @@ from tests.service.authkit import (
     unique_email,
     user_id,
 )
+from tests.service.contextkit import Stub as ContextStub
 from tests.service.contextkit import (
+    World,
     context_stub,
     create_conversation,
     ctx_world,
 )
+from tests.service.dispatchkit import Stub as DispatcherStub
 from tests.service.dispatchkit import (
     dispatcher_stub,
     get_run,
@@ -602,37 +605,55 @@ async def test_a_revocation_whose_message_died_with_its_process_reaches_cached_c
 # -- a run's stored state never contradicts its events -----------------------------------
 
 
+async def _first_run(
+    server: SwitchboardServer, stub: ContextStub, dstub: DispatcherStub, text: str
+) -> tuple[World, str, str]:
+    """A new workspace and conversation, and the run its editor's ``text`` started:
+    the world, the conversation's name and the run's."""
+    world = await ctx_world(server, stub)
+    conversation = (await create_conversation(stub, world.editor, world.name)).name
+    return (
+        world,
+        conversation,
+        (await send(dstub, world.editor, request(conversation, text))).run.name,
+    )
+
+
+@contextlib.asynccontextmanager
+async def _model_mesh(
+    calls: list[str],
+) -> AsyncIterator[tuple[SwitchboardServer, ContextStub, DispatcherStub]]:
+    """A mesh whose default handler is the llm one, on a local OpenAI-protocol
+    server that answers "Hello there." and notes each request in ``calls``."""
+    async with FakeOpenAI(on_request=lambda _: calls.append("model called")) as fake:
+        fake.script(Reply.text("Hello there."))
+        async with limited(llm_base_url=fake.url, llm_model="m-1", llm_max_retries=0) as mesh:
+            yield mesh
+
+
 async def test_a_model_is_called_only_once_the_runs_start_is_stored() -> None:
     """A run whose handler acts outside the process (here the llm handler) calls
     it only once the store says RUNNING; a start the database refused is stored
     again first. Otherwise a crash right after the call would leave the run
     QUEUED, and even the ``fail`` policy would call the model a second time."""
     order: list[str] = []
-    async with FakeOpenAI(on_request=lambda _: order.append("model called")) as fake:
-        fake.script(Reply.text("Hello there."))
-        async with limited(llm_base_url=fake.url, llm_model="m-1", llm_max_retries=0) as (
-            server,
-            stub,
-            dstub,
-        ):
-            store = built(server, Dispatcher)._store
-            save = store.save
+    async with _model_mesh(order) as (server, stub, dstub):
+        store = built(server, Dispatcher)._store
+        save = store.save
 
-            async def refusing_two_starts(run_id: str, run: pb.Run, **kwargs: Any) -> bool:
-                starting = run.state == pb.RUN_STATE_RUNNING
-                if starting and order.count("start refused") < 2:
-                    order.append("start refused")
-                    raise DatabaseUnavailable()
-                stored = bool(await save(run_id, run, **kwargs))
-                if starting:
-                    order.append("start stored")
-                return stored
+        async def refusing_two_starts(run_id: str, run: pb.Run, **kwargs: Any) -> bool:
+            starting = run.state == pb.RUN_STATE_RUNNING
+            if starting and order.count("start refused") < 2:
+                order.append("start refused")
+                raise DatabaseUnavailable()
+            stored = bool(await save(run_id, run, **kwargs))
+            if starting:
+                order.append("start stored")
+            return stored
 
-            store.save = refusing_two_starts  # type: ignore[method-assign]
-            world = await ctx_world(server, stub)
-            conversation = (await create_conversation(stub, world.editor, world.name)).name
-            sent = await send(dstub, world.editor, request(conversation, "Hi"))
-            seen = await watch_all(dstub, world.editor, sent.run.name)
+        store.save = refusing_two_starts  # type: ignore[method-assign]
+        world, _, name = await _first_run(server, stub, dstub, "Hi")
+        seen = await watch_all(dstub, world.editor, name)
 
     assert seen.final.handler == "handlers/llm"
     assert seen.final.state == pb.RUN_STATE_SUCCEEDED, seen.final.error
@@ -646,47 +667,36 @@ async def test_a_run_taken_over_while_its_start_was_stored_is_left_to_its_new_ow
     calls no model and announces no end; what is stored stays the new owner's
     to run or fail under the recovery policy."""
     calls: list[str] = []
-    async with FakeOpenAI(on_request=lambda _: calls.append("model called")) as fake:
-        fake.script(Reply.text("Hello there."))
-        async with limited(llm_base_url=fake.url, llm_model="m-1", llm_max_retries=0) as (
-            server,
-            stub,
-            dstub,
-        ):
-            dispatcher = built(server, Dispatcher)
-            store = dispatcher._store
-            save = store.save
-            taken: list[str] = []
+    async with _model_mesh(calls) as (server, stub, dstub):
+        dispatcher = built(server, Dispatcher)
+        store = dispatcher._store
+        save = store.save
+        taken: list[str] = []
 
-            async def taken_over_first(run_id: str, run: pb.Run, **kwargs: Any) -> bool:
-                if run.state == pb.RUN_STATE_RUNNING and not taken:
-                    taken.append(run_id)
+        async def taken_over_first(run_id: str, run: pb.Run, **kwargs: Any) -> bool:
+            if run.state == pb.RUN_STATE_RUNNING and not taken:
+                taken.append(run_id)
 
-                    def move(db: Session) -> None:
-                        db.execute(
-                            update(RunRow).where(RunRow.id == run_id).values(worker="another")
-                        )
+                def move(db: Session) -> None:
+                    db.execute(update(RunRow).where(RunRow.id == run_id).values(worker="another"))
 
-                    await store._run(move, write=True)
-                return bool(await save(run_id, run, **kwargs))
+                await store._run(move, write=True)
+            return bool(await save(run_id, run, **kwargs))
 
-            store.save = taken_over_first  # type: ignore[method-assign]
-            world = await ctx_world(server, stub)
-            conversation = (await create_conversation(stub, world.editor, world.name)).name
-            sent = await send(dstub, world.editor, request(conversation, "Hi"))
-            name = sent.run.name
+        store.save = taken_over_first  # type: ignore[method-assign]
+        _, _, name = await _first_run(server, stub, dstub, "Hi")
 
-            async def given_up() -> bool:
-                return name not in dispatcher._active
+        async def given_up() -> bool:
+            return name not in dispatcher._active
 
-            await eventually(given_up, "the run to be given up")
-            found = name.split("/")
-            stored, owner = await store.get_with_owner(found[1], found[3], found[5])
-            ends = [
-                e
-                for e in _run_events(server, name)
-                if e.run_updated.update.state_change.run.state in TERMINAL
-            ]
+        await eventually(given_up, "the run to be given up")
+        found = name.split("/")
+        stored, owner = await store.get_with_owner(found[1], found[3], found[5])
+        ends = [
+            e
+            for e in _run_events(server, name)
+            if e.run_updated.update.state_change.run.state in TERMINAL
+        ]
 
     assert taken, "the run never reached its start"
     assert owner.instance == "another"
@@ -711,10 +721,7 @@ async def test_a_run_whose_final_save_fails_is_announced_only_once_stored() -> N
             return bool(await save(run_id, run, **kwargs))
 
         store.save = failing_save  # type: ignore[method-assign]
-        world = await ctx_world(server, stub)
-        conversation = (await create_conversation(stub, world.editor, world.name)).name
-        sent = await send(dstub, world.editor, request(conversation, "quick answer"))
-        name = sent.run.name
+        world, conversation, name = await _first_run(server, stub, dstub, "quick answer")
         found = name.split("/")
 
         async def refused_twice() -> bool:
@@ -790,9 +797,7 @@ async def test_a_runs_result_and_its_end_reach_the_log_in_one_batch() -> None:
             await append_many(events)
 
         backend.append_many = recording  # type: ignore[method-assign]
-        world = await ctx_world(server, stub)
-        conversation = (await create_conversation(stub, world.editor, world.name)).name
-        name = (await send(dstub, world.editor, request(conversation, "quick answer"))).run.name
+        world, _, name = await _first_run(server, stub, dstub, "quick answer")
 
         async def ended() -> bool:
             return (await get_run(dstub, world.editor, name)).state in TERMINAL
@@ -833,9 +838,7 @@ async def test_a_runs_result_is_written_with_its_end_so_a_lost_publish_loses_nei
                 and e.run_updated.update.HasField("result")
             ),
         )
-        world = await ctx_world(server, stub)
-        conversation = (await create_conversation(stub, world.editor, world.name)).name
-        name = (await send(dstub, world.editor, request(conversation, "quick answer"))).run.name
+        world, _, name = await _first_run(server, stub, dstub, "quick answer")
 
         async def refused() -> bool:
             return bool(refusal.refused)
