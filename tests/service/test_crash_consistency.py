@@ -612,11 +612,8 @@ async def _first_run(
     the world, the conversation's name and the run's."""
     world = await ctx_world(server, stub)
     conversation = (await create_conversation(stub, world.editor, world.name)).name
-    return (
-        world,
-        conversation,
-        (await send(dstub, world.editor, request(conversation, text))).run.name,
-    )
+    sent = await send(dstub, world.editor, request(conversation, text))
+    return world, conversation, sent.run.name
 
 
 @contextlib.asynccontextmanager
