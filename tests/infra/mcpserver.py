@@ -21,10 +21,14 @@ Tools (listed three per page, so every listing takes several pages):
   ``initializes`` (POSTs without a session id), ``list_calls`` and the last
   ``authorization`` and ``traceparent`` headers (a POST's).
 - ``filler1`` .. ``filler4``: more tools, for pagination.
+- extra tools from ``McpTestServer(extra_tools=...)`` (the environment variable
+  ``SWITCHBOARD_TEST_MCP_TOOLS``: a JSON list of ``{"name", "input_schema"}``):
+  each answers with its name as text and its arguments as structured content.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -95,9 +99,18 @@ STATIC_TOOLS: list[types.Tool] = [
 ]
 
 
+def _extra_tools() -> list[types.Tool]:
+    given = json.loads(os.environ.get("SWITCHBOARD_TEST_MCP_TOOLS", "[]"))
+    return [
+        types.Tool(name=tool["name"], description="Configured.", input_schema=tool["input_schema"])
+        for tool in given
+    ]
+
+
 class _State:
     def __init__(self) -> None:
         self.cancelled: list[str] = []
+        self.extra = _extra_tools()
         self.dynamic: list[str] = []
         self.get_streams = 0
         self.initializes = 0
@@ -111,7 +124,7 @@ class _State:
             types.Tool(name=name, description="Added at runtime.", input_schema=_OBJECT)
             for name in self.dynamic
         ]
-        return [*STATIC_TOOLS, *extra]
+        return [*STATIC_TOOLS, *self.extra, *extra]
 
 
 STATE = _State()
@@ -140,6 +153,8 @@ async def call_tool(
     name = params.name
     if name not in {tool.name for tool in STATE.tools()}:
         raise MCPError(code=types.INVALID_PARAMS, message=f"Unknown tool: {name}")
+    if name in {tool.name for tool in STATE.extra}:
+        return types.CallToolResult(content=_text(name), structured_content=dict(args))
     if name == "echo":
         message = str(args["message"])
         return types.CallToolResult(content=_text(message), structured_content={"echo": message})
@@ -243,9 +258,10 @@ class McpTestServer:
 
     START_TIMEOUT_S = 20.0
 
-    def __init__(self) -> None:
+    def __init__(self, extra_tools: list[dict[str, Any]] | None = None) -> None:
         self.port = 0
         self.proc: subprocess.Popen[str] | None = None
+        self._extra_tools = extra_tools or []
 
     @property
     def url(self) -> str:
@@ -257,6 +273,7 @@ class McpTestServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.infra.mcpserver", str(self.port)],
             cwd=ROOT,
+            env={**os.environ, "SWITCHBOARD_TEST_MCP_TOOLS": json.dumps(self._extra_tools)},
             stdout=subprocess.PIPE,
             text=True,
         )

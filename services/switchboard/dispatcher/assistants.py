@@ -53,8 +53,6 @@ log = logging.getLogger("switchboard.dispatcher.assistants")
 
 _CLIENT_ID: Final = names.CLIENT_ID
 _HANDLER: Final = re.compile(rf"handlers/({names.ID})")
-#: Tool names as the integration hub accepts them (MCP's recommendation).
-_TOOL_NAME: Final = names.TOOL_NAME
 #: What UpdateAssistant may change, in the contract's order.
 MUTABLE: Final = (
     "display_name",
@@ -369,9 +367,11 @@ class Assistants:
             return set()
         valid: set[str] = set()
         for index, value in enumerate(values):
-            if not _TOOL_NAME.fullmatch(value):
+            if names.tool_from_segment(value) is None:
                 violations.add(
-                    f"{field}[{index}]", "must be 1-128 letters, digits, '_', '.' or '-'"
+                    f"{field}[{index}]",
+                    "must be a tool's segment as ListTools names it: 1-128 letters, digits, "
+                    "'_', '.', '-' or ~XX escapes",
                 )
             elif value in valid:
                 violations.add(f"{field}[{index}]", f"repeats {value}")

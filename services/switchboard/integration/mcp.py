@@ -269,8 +269,12 @@ class _Live:
         #: The first exception the HTTP bridge saw (raised before the
         #: transport's task group turns it into a group).
         self.transport_error: BaseException | None = None
-        #: The last HTTP error status a request got.
+        #: The last HTTP error or redirect status a request got.
         self.http_status: int | None = None
+
+
+class _OtherUrl(httpx2.TransportError):
+    """The SDK asked for a URL the integration does not name (a followed redirect)."""
 
 
 class _TooLarge(httpx2.StreamError):
@@ -330,12 +334,25 @@ class _BoundedBody(httpx2.AsyncByteStream):
 class _EgressBridge(httpx2.AsyncBaseTransport):
     """Sends the SDK's ``httpx2`` requests through the egress-checked ``httpx`` client."""
 
-    def __init__(self, client: httpx.AsyncClient, live: _Live, max_message_bytes: int) -> None:
+    def __init__(
+        self, client: httpx.AsyncClient, live: _Live, max_message_bytes: int, url: str
+    ) -> None:
         self._client = client
         self._live = live
         self._max_message_bytes = max_message_bytes
+        self._url = httpx2.URL(url)
+
+    def _only_the_endpoint(self, request: httpx2.Request) -> None:
+        """The client carries the integration's credential: it goes to the URL the
+        integration names and nowhere else, whatever the SDK asks (it follows
+        same-origin redirects unless told not to; see ``_transport``)."""
+        if request.url != self._url:
+            refused = _OtherUrl("a request to another URL than the endpoint is never sent")
+            _lost(self._live, refused)
+            raise refused
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        self._only_the_endpoint(request)
         record = _REQUEST.get()
         is_post = request.method == "POST"
         body = await request.aread()
@@ -389,7 +406,7 @@ class _EgressBridge(httpx2.AsyncBaseTransport):
             session_gone = status in _SESSION_GONE and "mcp-session-id" in request.headers
             if session_gone:
                 self._live.dead = True
-            if status >= 400:
+            if status >= 300:
                 self._live.http_status = status
             if record is not None and record.status is None:
                 record.status = status
@@ -696,6 +713,10 @@ class McpConnector:
             why = "the connection broke"
         elif self._stdio is not None and _find(error, OSError) is not None:
             why = "the server process could not be started"
+        elif _find(error, _OtherUrl) is not None:
+            why = "it redirected to another URL, which is never followed"
+        elif live.http_status is not None and live.http_status < 400:
+            why = f"answered HTTP {live.http_status}, a redirect (redirects are never followed)"
         elif live.http_status is not None:
             why = f"answered HTTP {live.http_status}"
         elif _find(error, MCPError) or _find(error, ValidationError):
@@ -814,10 +835,14 @@ class McpConnector:
                 timeout=httpx.Timeout(self._connect_timeout_s, read=_RESPONSE_IDLE_TIMEOUT_S),
             )
             stack.push_async_callback(client.aclose)
-            bridge = _EgressBridge(client, live, self._max_message_bytes)
+            bridge = _EgressBridge(client, live, self._max_message_bytes, self._http.url)
             sdk_client = await stack.enter_async_context(
                 httpx2.AsyncClient(
                     transport=bridge,
+                    # The SDK follows a same-origin redirect by itself, up to the
+                    # client's max_redirects, whatever follow_redirects says: none.
+                    follow_redirects=False,
+                    max_redirects=0,
                     timeout=httpx2.Timeout(self._connect_timeout_s, read=_RESPONSE_IDLE_TIMEOUT_S),
                 )
             )

@@ -13,21 +13,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-import jsonschema
 from google.protobuf import json_format
 from google.rpc import code_pb2, status_pb2
-from referencing.exceptions import Unresolvable
 
 from switchboard.api.events.v1 import events_pb2
 from switchboard.api.integration.v1 import integration_pb2 as pb
 from switchboard.integration.connections import Connections, Limits, find
 from switchboard.integration.connectors import ToolNotFound, ToolResult, ToolSpec
 from switchboard.integration.mapping import integration_name, name_of
+from switchboard.integration.schemas import Compiled, SchemaUnusable, compile_tools
 from switchboard.integration.store import IntegrationRecord, IntegrationStore
 from switchboard.platform import names, pagination, timefields
 from switchboard.platform.bus import EventBus
@@ -47,7 +45,6 @@ from switchboard.platform.policy import Principal
 log = logging.getLogger("switchboard.integration")
 
 TOOL: Final = names.TOOL
-MAX_VIOLATIONS: Final = 20
 #: Tools an integration's list is cached for before it is asked again.
 TOOLS_TTL_S: Final = 300.0
 #: A record read for calls is dropped on its change's event; this is the backstop.
@@ -66,20 +63,14 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _path(error: jsonschema.ValidationError) -> str:
-    parts = ["arguments"]
-    for part in error.absolute_path:
-        parts.append(f"[{part}]" if isinstance(part, int) else f".{part}")
-    return "".join(parts).replace(".[", "[")
-
-
 @dataclass
 class _Tools:
     version: int
     fetched: float
-    tools: list[ToolSpec]
-    #: Each tool's argument validator, compiled on its first call.
-    validators: dict[str, Any] = field(default_factory=dict)
+    #: The tools by segment (``names.tool_segment``); a tool without one is left out.
+    tools: dict[str, ToolSpec]
+    #: Each tool's argument checker by segment, compiled with the list.
+    compiled: dict[str, Compiled] = field(default_factory=dict)
 
 
 class Tools:
@@ -123,7 +114,7 @@ class Tools:
             self._records[name] = (time.monotonic(), record)
         return record
 
-    async def _tool_list(self, record: IntegrationRecord) -> list[ToolSpec]:
+    async def _tool_list(self, record: IntegrationRecord) -> _Tools:
         name = name_of(record)
         cached = self._tools.get(name)
         if (
@@ -131,7 +122,7 @@ class Tools:
             and cached.version == record.version
             and time.monotonic() - cached.fetched < TOOLS_TTL_S
         ):
-            return cached.tools
+            return cached
         if record.disabled:
             raise FailedPrecondition(f"{name} is disabled")
         connector = self._connections.get(record)
@@ -139,15 +130,30 @@ class Tools:
         tools: list[ToolSpec] = await self._connections.guarded(
             record, lambda: connector.list_tools(timeout_s), timeout_s
         )
-        self._tools[name] = _Tools(record.version, time.monotonic(), tools)
-        return tools
+        by_segment: dict[str, ToolSpec] = {}
+        for tool in tools:
+            segment = names.tool_segment(tool.name)
+            if segment is None:
+                log.warning(
+                    "a tool is left out: its name is longer than 128 bytes or not text",
+                    extra={"integration": name},
+                )
+                continue
+            by_segment[segment] = tool
+        # Schemas are the server's: compiling and resolving their references is
+        # work of unknown size, kept off the loop and done once per list.
+        compiled = await asyncio.to_thread(compile_tools, by_segment)
+        listed = _Tools(record.version, time.monotonic(), by_segment, compiled)
+        self._tools[name] = listed
+        return listed
 
     async def list_tools(self, request: pb.ListToolsRequest) -> pb.ListToolsResponse:
         record = await find(self._store, request.parent, "parent")
         size = pagination.page_size(request.page_size, default=50, maximum=200)
         if record.kind == pb.INTEGRATION_KIND_WEBHOOK:
             return pb.ListToolsResponse()
-        tools: list[ToolSpec] = sorted(await self._tool_list(record), key=lambda tool: tool.name)
+        listed = await self._tool_list(record)
+        tools = sorted(listed.tools.items())
         fingerprint = pagination.fingerprint("tools", request.parent)
         start = 0
         if request.page_token:
@@ -155,16 +161,16 @@ class Tools:
             start = int(position)
         page = tools[start : start + size]
         response = pb.ListToolsResponse(
-            tools=[self._tool_proto(request.parent, tool) for tool in page]
+            tools=[self._tool_proto(request.parent, segment, tool) for segment, tool in page]
         )
         if start + size < len(tools):
             response.next_page_token = self._pages.encode([start + size], fingerprint)
         return response
 
     @staticmethod
-    def _tool_proto(parent: str, tool: ToolSpec) -> pb.Tool:
+    def _tool_proto(parent: str, segment: str, tool: ToolSpec) -> pb.Tool:
         message = pb.Tool(
-            name=f"{parent}/tools/{tool.name}", description=tool.description, title=tool.title
+            name=f"{parent}/tools/{segment}", description=tool.description, title=tool.title
         )
         with contextlib.suppress(json_format.ParseError, TypeError, ValueError):
             json_format.ParseDict(dict(tool.input_schema), message.input_schema)
@@ -182,8 +188,12 @@ class Tools:
         run: str = "",
     ) -> pb.InvokeToolResponse:
         found = names.match(TOOL, request.name, "name")
-        workspace_id, integration_id, tool_name = found[1], found[2], found[3]
+        workspace_id, integration_id, segment = found[1], found[2], found[3]
         violations = Violations()
+        if names.tool_from_segment(segment) is None:
+            violations.add(
+                "name", "names a tool that no name escapes to (see docs/integration.md, Tools)"
+            )
         requested_s = timefields.seconds(request.timeout, "timeout")
         if requested_s < 0:
             violations.add("timeout", "must not be negative")
@@ -197,31 +207,32 @@ class Tools:
             raise FailedPrecondition(f"{parent} is disabled; enable it to call its tools")
         if record.kind == pb.INTEGRATION_KIND_WEBHOOK:
             raise FailedPrecondition(f"{parent} is a webhook; webhooks offer no tools")
-        tools = {tool.name: tool for tool in await self._tool_list(record)}
-        tool = tools.get(tool_name)
+        listed = await self._tool_list(record)
+        tool = listed.tools.get(segment)
         if tool is None:
             raise NotFound(f"{request.name} not found")
         arguments = _jsonable(json_format.MessageToDict(request.arguments))
-        self._validate(record, tool, arguments)
+        await self._validate(listed.compiled[segment], request.name, arguments)
         timeout_s = self._connections.timeout_s(record)
         if requested_s > 0:
             timeout_s = min(timeout_s, requested_s)
         if deadline_s is not None:
             timeout_s = min(timeout_s, max(deadline_s, 0.001))
-        return await self._call(principal, record, request.name, arguments, timeout_s, run)
+        return await self._call(principal, record, request.name, tool, arguments, timeout_s, run)
 
     async def _call(
         self,
         principal: Principal,
         record: IntegrationRecord,
         tool: str,
+        spec: ToolSpec,
         arguments: Any,
         timeout_s: float,
         run: str,
     ) -> pb.InvokeToolResponse:
         """Call a validated tool through the breaker; audit it whatever the outcome."""
         parent = name_of(record)
-        tool_name = tool.rsplit("/", 1)[1]
+        tool_name = spec.name
         connector = self._connections.get(record)
         limit = self._limits.max_result_bytes
         started = time.monotonic()
@@ -254,42 +265,16 @@ class Tools:
             raise DependencyUnavailable(f"{parent} gave no answer")
         return self._tool_response(result, elapsed, limit)
 
-    def _validator(self, record: IntegrationRecord, tool: ToolSpec) -> Any:
-        """The tool's compiled validator, kept with its tool list (one check_schema per list)."""
-        cached = self._tools.get(name_of(record))
-        found = cached.validators.get(tool.name) if cached is not None else None
-        if found is not None:
-            return found
-        schema = dict(tool.input_schema) or {"type": "object"}
+    @staticmethod
+    async def _validate(compiled: Compiled, tool: str, arguments: Any) -> None:
         try:
-            validator_class = jsonschema.validators.validator_for(schema)
-            validator_class.check_schema(schema)
-        except jsonschema.SchemaError:
-            raise FailedPrecondition(
-                f"the tool {tool.name!r} declares an invalid input schema"
-            ) from None
-        validator = validator_class(schema)
-        if cached is not None and cached.version == record.version:
-            cached.validators[tool.name] = validator
-        return validator
-
-    def _validate(self, record: IntegrationRecord, tool: ToolSpec, arguments: Any) -> None:
-        validator = self._validator(record, tool)
+            # Off the loop: a schema's size is the server's choice.
+            found = await asyncio.to_thread(compiled.violations, arguments)
+        except SchemaUnusable as exc:
+            raise FailedPrecondition(f"{tool} cannot be called: {exc.reason}") from None
         violations = Violations()
-        try:
-            errors = sorted(
-                validator.iter_errors(arguments), key=lambda e: [str(p) for p in e.path]
-            )
-        except (jsonschema.SchemaError, Unresolvable, re.error, RecursionError, ValueError):
-            # An unresolvable $ref (never fetched: no outbound call on a
-            # server's say-so), a bad pattern, a schema nested too deep.
-            raise FailedPrecondition(
-                f"the tool {tool.name!r} declares an input schema that cannot be checked"
-            ) from None
-        for error in errors:
-            if len(violations.items) >= MAX_VIOLATIONS:
-                break
-            violations.add(_path(error), error.message[:300])
+        for path, message in found:
+            violations.add(path, message)
         violations.check()
 
     def _tool_response(

@@ -67,9 +67,14 @@ RUN: Final = re.compile(rf"workspaces/({ID})/conversations/({ID})/runs/({ID})")
 MEMBER: Final = re.compile(rf"workspaces/({ID})/members/({ID})")
 ASSISTANT: Final = re.compile(rf"workspaces/({ID})/assistants/({ID})")
 INTEGRATION: Final = re.compile(rf"workspaces/({ID})/integrations/({ID})")
-#: A tool name as MCP recommends it: letters, digits, ``_``, ``-`` and ``.``, at most 128.
+#: A tool name as the MCP specification (2025-11-25) says it should be: 1-128 ASCII
+#: letters, digits, ``_``, ``-`` and ``.``, case-sensitive.
 TOOL_NAME: Final = re.compile(r"[A-Za-z0-9_.-]{1,128}")
-TOOL: Final = re.compile(rf"workspaces/({ID})/integrations/({ID})/tools/({TOOL_NAME.pattern})")
+#: A tool's segment in a resource name: its name with every UTF-8 byte outside the
+#: MCP set (``~`` included) written ``~XX`` (upper-case hex), 1-128 such units; a
+#: name that follows the specification is its own segment (``tool_segment``).
+TOOL_SEGMENT: Final = re.compile(r"(?:[A-Za-z0-9_.-]|~[0-9A-F]{2}){1,128}")
+TOOL: Final = re.compile(rf"workspaces/({ID})/integrations/({ID})/tools/({TOOL_SEGMENT.pattern})")
 USER: Final = re.compile(rf"users/({ID})")
 SESSION: Final = re.compile(rf"users/({ID})/sessions/({ID})")
 API_KEY: Final = re.compile(rf"users/({ID})/apiKeys/({ID})")
@@ -78,8 +83,11 @@ MEMORY_SCOPE: Final = re.compile(rf"(users/{ID}|workspaces/{ID}(?:/conversations
 MEMORY_ITEM: Final = re.compile(
     rf"(users/{ID}|workspaces/{ID}(?:/conversations/{ID})?)/memories/({ID})"
 )
-#: Any name under a workspace or a user (the owner is the first segment pair).
-UNDER_WORKSPACE: Final = re.compile(rf"workspaces/({ID})(?:/[A-Za-z]+/{ID})*")
+#: Any name under a workspace or a user (the owner is the first segment pair); a
+#: tool's name ends in its segment.
+UNDER_WORKSPACE: Final = re.compile(
+    rf"workspaces/({ID})(?:/[A-Za-z]+/{ID})*(?:/tools/{TOOL_SEGMENT.pattern})?"
+)
 UNDER_USER: Final = re.compile(rf"users/({ID})(?:/[A-Za-z]+/{ID})*")
 #: An id a client may choose for a resource it creates (assistants, integrations) or
 #: that an operator names (handlers, stdio servers): a lower-case letter first.
@@ -93,6 +101,47 @@ CLIENT_LABEL: Final = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 REQUEST_ID: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 #: An etag we issued: ``"N"`` or ``W/"N"`` with N a version counter (quotes optional).
 ETAG: Final = re.compile(r'(?:W/)?"?([0-9]{1,18})"?')
+
+
+_TOOL_BYTE: Final = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
+
+
+def tool_segment(name: str) -> str | None:
+    """The resource-name segment of the tool an integration calls ``name``; None
+    when it has none (empty, more than 128 UTF-8 bytes, or not text).
+
+    Reversible (``tool_from_segment``): MCP servers may use names the
+    specification only advises against (spaces, ``/``, other scripts), and each
+    must still be callable under exactly one name.
+    """
+    try:
+        data = name.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: JSON allows it, UTF-8 does not
+        return None
+    if not 0 < len(data) <= 128:
+        return None
+    return "".join(chr(byte) if byte in _TOOL_BYTE else f"~{byte:02X}" for byte in data)
+
+
+def tool_from_segment(segment: str) -> str | None:
+    """The tool name ``segment`` stands for; None unless it is a segment
+    ``tool_segment`` writes (so each name has one segment, and back)."""
+    if not TOOL_SEGMENT.fullmatch(segment):
+        return None
+    data = bytearray()
+    index = 0
+    while index < len(segment):
+        if segment[index] == "~":
+            data.append(int(segment[index + 1 : index + 3], 16))
+            index += 3
+        else:
+            data.append(ord(segment[index]))
+            index += 1
+    try:
+        name = bytes(data).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return name if tool_segment(name) == segment else None
 
 
 def match(pattern: re.Pattern[str], value: str, field: str) -> re.Match[str]:

@@ -1101,11 +1101,13 @@ class AssistantTools(_message.Message):
     """Whether every call to this integration's tools needs a person's approval."""
     @_builtins.property
     def tools(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The tools enabled, by tool name; all of the integration's tools if empty."""
+        """The tools enabled, each as the last segment of its name in ListTools
+        (`snake_case.Echo`, `with~20space`); all of the integration's tools if empty.
+        """
 
     @_builtins.property
     def approval_required_tools(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Tools (by name) whose calls need a person's approval."""
+        """Tools (as in `tools`) whose calls need a person's approval."""
 
     def __init__(
         self,

@@ -616,7 +616,11 @@ class Tool(_message.Message):
     TITLE_FIELD_NUMBER: _builtins.int
     OUTPUT_SCHEMA_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """Resource name, `workspaces/{w}/integrations/{i}/tools/{tool}`."""
+    """Resource name, `workspaces/{w}/integrations/{i}/tools/{tool}`. `{tool}` is
+    the name the integration gives the tool, each UTF-8 byte outside
+    `[A-Za-z0-9_.-]` (and `~`) written `~XX` in upper-case hex; a name of more
+    than 128 bytes is not listed.
+    """
     description: _builtins.str
     """What it does."""
     title: _builtins.str

@@ -2217,11 +2217,12 @@ type AssistantTools struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The integration, `workspaces/{w}/integrations/{i}` (the assistant's workspace).
 	Integration string `protobuf:"bytes,1,opt,name=integration,proto3" json:"integration,omitempty"`
-	// The tools enabled, by tool name; all of the integration's tools if empty.
+	// The tools enabled, each as the last segment of its name in ListTools
+	// (`snake_case.Echo`, `with~20space`); all of the integration's tools if empty.
 	Tools []string `protobuf:"bytes,2,rep,name=tools,proto3" json:"tools,omitempty"`
 	// Whether every call to this integration's tools needs a person's approval.
 	RequiresApproval bool `protobuf:"varint,3,opt,name=requires_approval,json=requiresApproval,proto3" json:"requires_approval,omitempty"`
-	// Tools (by name) whose calls need a person's approval.
+	// Tools (as in `tools`) whose calls need a person's approval.
 	ApprovalRequiredTools []string `protobuf:"bytes,4,rep,name=approval_required_tools,json=approvalRequiredTools,proto3" json:"approval_required_tools,omitempty"`
 	unknownFields         protoimpl.UnknownFields
 	sizeCache             protoimpl.SizeCache

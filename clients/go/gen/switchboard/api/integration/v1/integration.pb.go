@@ -1161,7 +1161,10 @@ func (x *WatchIntegrationsResponse) GetSnapshotComplete() bool {
 // A callable tool an integration offers.
 type Tool struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Resource name, `workspaces/{w}/integrations/{i}/tools/{tool}`.
+	// Resource name, `workspaces/{w}/integrations/{i}/tools/{tool}`. `{tool}` is
+	// the name the integration gives the tool, each UTF-8 byte outside
+	// `[A-Za-z0-9_.-]` (and `~`) written `~XX` in upper-case hex; a name of more
+	// than 128 bytes is not listed.
 	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
 	// What it does.
 	Description string `protobuf:"bytes,2,opt,name=description,proto3" json:"description,omitempty"`

@@ -1078,7 +1078,8 @@ export type AssistantTools = Message<"switchboard.api.dispatcher.v1.AssistantToo
   integration: string;
 
   /**
-   * The tools enabled, by tool name; all of the integration's tools if empty.
+   * The tools enabled, each as the last segment of its name in ListTools
+   * (`snake_case.Echo`, `with~20space`); all of the integration's tools if empty.
    *
    * @generated from field: repeated string tools = 2;
    */
@@ -1092,7 +1093,7 @@ export type AssistantTools = Message<"switchboard.api.dispatcher.v1.AssistantToo
   requiresApproval: boolean;
 
   /**
-   * Tools (by name) whose calls need a person's approval.
+   * Tools (as in `tools`) whose calls need a person's approval.
    *
    * @generated from field: repeated string approval_required_tools = 4;
    */

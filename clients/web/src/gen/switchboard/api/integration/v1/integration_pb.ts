@@ -522,7 +522,10 @@ export const WatchIntegrationsResponseSchema: GenMessage<WatchIntegrationsRespon
  */
 export type Tool = Message<"switchboard.api.integration.v1.Tool"> & {
   /**
-   * Resource name, `workspaces/{w}/integrations/{i}/tools/{tool}`.
+   * Resource name, `workspaces/{w}/integrations/{i}/tools/{tool}`. `{tool}` is
+   * the name the integration gives the tool, each UTF-8 byte outside
+   * `[A-Za-z0-9_.-]` (and `~`) written `~XX` in upper-case hex; a name of more
+   * than 128 bytes is not listed.
    *
    * @generated from field: string name = 1;
    */
