@@ -93,6 +93,21 @@ def _tools(schemas: Recorder) -> list[dict[str, Any]]:
             },
         },
         {
+            "name": "redos",
+            "input_schema": {
+                "type": "object",
+                "properties": {"q": {"type": "string", "pattern": "^(a|aa)+$"}},
+            },
+        },
+        {
+            "name": "redos_keys",
+            "input_schema": {
+                "type": "object",
+                "patternProperties": {"^(a|aa)+$": {"type": "string"}},
+                "additionalProperties": False,
+            },
+        },
+        {
             "name": "remote_meta_schema",
             "input_schema": {
                 "$schema": schemas.url("/meta.json"),
@@ -206,3 +221,32 @@ async def test_a_slow_remote_ref_stalls_no_other_caller(
     finally:
         release.set()
     assert schemas.requests_to("/slow") == []
+
+
+#: Exponential for a backtracking matcher: ^(a|aa)+$ tries every split of the a's.
+EVIL = "a" * 64 + "b"
+
+
+@pytest.mark.parametrize("tool", ["redos", "redos_keys"])
+async def test_a_pattern_that_backtracks_forever_stalls_no_one(
+    hub: tuple[Stub, World, str, Any], tool: str
+) -> None:
+    """With ``re`` holding the interpreter lock for the whole match, this call would
+    freeze the process (GetPrincipal included) for longer than the universe lasts."""
+    stub, world, parent, channel = hub
+    name = f"{parent}/tools/{tool}"
+    bad = {"q": EVIL} if tool == "redos" else {EVIL: "x"}
+    good = {"q": "aaaa"} if tool == "redos" else {"aaaa": "x"}
+    wrong = {"q": "b"} if tool == "redos" else {"b": "x"}
+    invoking = asyncio.ensure_future(_invoke(stub, world, name, **bad))
+    auth = auth_pb2_grpc.AuthServiceStub(channel)
+    principal = await auth.GetPrincipal(
+        auth_pb2.GetPrincipalRequest(), metadata=world.viewer.md, timeout=TIMEOUT_S
+    )
+    assert principal.user.name
+    error = await refused(invoking, CODE.FAILED_PRECONDITION)
+    assert f"{name} cannot be called" in (error.details() or "")
+    assert "patterns take longer" in (error.details() or "")
+    # Patterns still mean what they meant.
+    assert (await _invoke(stub, world, name, **good)).text == tool
+    await refused(_invoke(stub, world, name, **wrong), CODE.INVALID_ARGUMENT)

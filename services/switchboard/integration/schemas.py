@@ -18,18 +18,38 @@ Formats are annotations only (no ``format_checker``): none of ``jsonschema``'s
 format checks is consulted, so none can look anything up. Compiling, the
 reference walk and each validation run in a worker thread (``asyncio.to_thread``
 by the caller): a large schema costs its own caller time, not every caller's.
+
+**Patterns.** A thread alone does not protect the loop from a schema's
+``pattern`` or ``patternProperties``: ``re`` holds the interpreter lock for a
+whole match, and a pattern such as ``^(a|aa)+$`` backtracks exponentially, so
+one crafted argument would freeze the process. ``jsonschema`` matches with
+``re.search`` at five places in three modules and offers no hook for the
+engine, so ``bound_patterns`` points those modules' ``re`` at a namespace whose
+``search`` is the ``regex`` module's (the same syntax as ``re``), run with
+``concurrent=True`` (the lock is released while it matches) and a timeout:
+each search at most ``PATTERN_TIMEOUT_S``, and all of one validation's at most
+``VALIDATION_BUDGET_S``. A validation that runs out is ``SchemaUnusable``.
+``tests/service/test_tool_schemas.py`` fails if a ``jsonschema`` release moves
+a match out of reach of this (docs/decisions.md).
 """
 
 from __future__ import annotations
 
 import re
+import threading
+import time
+import types
 import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 import jsonschema
+import jsonschema._keywords
+import jsonschema._legacy_keywords
+import jsonschema._utils
 import referencing.jsonschema
+import regex
 from jsonschema_specifications import REGISTRY as SPECIFICATIONS
 from referencing import Registry, Resource
 from referencing.exceptions import Unresolvable
@@ -40,6 +60,9 @@ from switchboard.integration.connectors import ToolSpec
 MAX_VIOLATIONS: Final = 20
 #: Most references one schema may hold (each is resolved when the list is read).
 MAX_REFERENCES: Final = 1000
+#: Longest one pattern match may take, and all of one validation's together.
+PATTERN_TIMEOUT_S: Final = 0.25
+VALIDATION_BUDGET_S: Final = 1.0
 _REFERENCE_KEYWORDS: Final = ("$ref", "$dynamicRef", "$recursiveRef")
 _DEFAULT: Final = jsonschema.Draft202012Validator
 
@@ -64,6 +87,31 @@ _REGISTRY: Final[Registry[Any]] = Registry(retrieve=_refuse)  # type: ignore[cal
 _KNOWN: Final[Registry[Any]] = _REGISTRY.combine(SPECIFICATIONS)
 
 
+_budget = threading.local()
+
+
+def _bounded_search(pattern: str, string: str, flags: int = 0) -> Any:
+    """``re.search`` as jsonschema calls it, with the lock released and a deadline."""
+    timeout = PATTERN_TIMEOUT_S
+    deadline: float | None = getattr(_budget, "deadline", None)
+    if deadline is not None:
+        timeout = min(timeout, deadline - time.monotonic())
+        if timeout <= 0:
+            raise TimeoutError("the validation's time for patterns is spent")
+    return regex.search(pattern, string, flags, timeout=timeout, concurrent=True)
+
+
+def bound_patterns() -> None:
+    """Make jsonschema's pattern matching release the lock and end in time (idempotent)."""
+    bounded = types.SimpleNamespace(**{name: getattr(re, name) for name in dir(re)})
+    bounded.search = _bounded_search
+    for module in (jsonschema._keywords, jsonschema._legacy_keywords, jsonschema._utils):
+        module.re = bounded  # type: ignore[attr-defined]
+
+
+bound_patterns()
+
+
 @dataclass(frozen=True)
 class Compiled:
     """One tool's checker: a validator, or why there is none."""
@@ -76,13 +124,28 @@ class Compiled:
         MAX_VIOLATIONS); SchemaUnusable when the schema cannot be applied."""
         if self.problem:
             raise SchemaUnusable(self.problem)
+        _budget.deadline = time.monotonic() + VALIDATION_BUDGET_S
         try:
             errors = sorted(
                 self.validator.iter_errors(arguments), key=lambda e: [str(p) for p in e.path]
             )
-        except (jsonschema.SchemaError, Unresolvable, re.error, RecursionError, ValueError):
+        except TimeoutError:
+            raise SchemaUnusable(
+                f"its input schema's patterns take longer than {VALIDATION_BUDGET_S:g} s "
+                "to apply to these arguments"
+            ) from None
+        except (
+            jsonschema.SchemaError,
+            Unresolvable,
+            re.error,
+            regex.error,
+            RecursionError,
+            ValueError,
+        ):
             # A bad pattern or a schema nested too deep shows only when applied.
             raise SchemaUnusable("its input schema cannot be applied") from None
+        finally:
+            _budget.deadline = None
         return [(_path(error), error.message[:300]) for error in errors[:MAX_VIOLATIONS]]
 
 
