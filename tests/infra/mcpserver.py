@@ -22,7 +22,7 @@ Tools (listed three per page, so every listing takes several pages):
   ``authorization`` and ``traceparent`` headers (a POST's).
 - ``filler1`` .. ``filler4``: more tools, for pagination.
 - extra tools from ``McpTestServer(extra_tools=...)`` (the environment variable
-  ``SWITCHBOARD_TEST_MCP_TOOLS``: a JSON list of ``{"name", "input_schema"}``):
+  ``MCP_TEST_SERVER_TOOLS``: a JSON list of ``{"name", "input_schema"}``):
   each answers with its name as text and its arguments as structured content.
 """
 
@@ -100,7 +100,7 @@ STATIC_TOOLS: list[types.Tool] = [
 
 
 def _extra_tools() -> list[types.Tool]:
-    given = json.loads(os.environ.get("SWITCHBOARD_TEST_MCP_TOOLS", "[]"))
+    given = json.loads(os.environ.get("MCP_TEST_SERVER_TOOLS", "[]"))
     return [
         types.Tool(name=tool["name"], description="Configured.", input_schema=tool["input_schema"])
         for tool in given
@@ -273,7 +273,7 @@ class McpTestServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.infra.mcpserver", str(self.port)],
             cwd=ROOT,
-            env={**os.environ, "SWITCHBOARD_TEST_MCP_TOOLS": json.dumps(self._extra_tools)},
+            env={**os.environ, "MCP_TEST_SERVER_TOOLS": json.dumps(self._extra_tools)},
             stdout=subprocess.PIPE,
             text=True,
         )

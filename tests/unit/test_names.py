@@ -30,6 +30,7 @@ SAMPLES = {
     "INTEGRATION": "workspaces/acme/integrations/mcp-1",
     "TOOL": "workspaces/acme/integrations/mcp-1/tools/get-sum",
     "TOOL_NAME": "get-sum",
+    "TOOL_SEGMENT": "with~20space.Echo",
     "USER": "users/u1",
     "SESSION": "users/u1/sessions/s1",
     "API_KEY": "users/u1/apiKeys/k1",
