@@ -18,6 +18,8 @@ from collections.abc import Awaitable, Callable, Iterator
 from google.protobuf.descriptor import ServiceDescriptor
 from sqlalchemy.exc import DBAPIError
 
+from switchboard.a2a import build as a2a
+from switchboard.a2a import servicer as a2a_servicer
 from switchboard.auth import build as auth
 from switchboard.auth import servicer as auth_servicer
 from switchboard.auth.authenticator import CredentialAuthenticator
@@ -73,6 +75,7 @@ SERVICES: dict[str, tuple[ServiceDescriptor, frozenset[str], Build]] = {
     "dispatcher": (dispatcher_servicer.SERVICE, frozenset(), dispatcher.build),
     "integration": (integration_servicer.SERVICE, frozenset(), integration.build),
     "events": (events_servicer.SERVICE, events_servicer.PRESERIALIZED, events.build),
+    "a2a": (a2a_servicer.SERVICE, frozenset(), a2a.build),
 }
 
 

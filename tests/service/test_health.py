@@ -13,16 +13,18 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 
-FIVE_SERVICES = [
+#: What the all-in-one process serves: our five contracts and A2A's.
+SERVED = [
     "switchboard.api.auth.v1.AuthService",
     "switchboard.api.context.v1.ContextService",
     "switchboard.api.dispatcher.v1.DispatcherService",
     "switchboard.api.integration.v1.IntegrationService",
     "switchboard.api.events.v1.EventService",
+    "lf.a2a.v1.A2AService",
 ]
 
 
-@pytest.mark.parametrize("service", ["", *FIVE_SERVICES])
+@pytest.mark.parametrize("service", ["", *SERVED])
 async def test_check_reports_serving(channel: aio.Channel, service: str) -> None:
     stub = health_pb2_grpc.HealthStub(channel)
     reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
@@ -49,7 +51,7 @@ async def test_watch_sees_not_serving_on_shutdown(
 ) -> None:
     stub = health_pb2_grpc.HealthStub(channel)
     overall = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)
-    one = stub.Watch(health_pb2.HealthCheckRequest(service=FIVE_SERVICES[0]), timeout=10)
+    one = stub.Watch(health_pb2.HealthCheckRequest(service=SERVED[0]), timeout=10)
     assert (await overall.read()).status == SERVING
     assert (await one.read()).status == SERVING
     await mesh.health.enter_graceful_shutdown()

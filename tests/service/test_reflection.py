@@ -7,10 +7,10 @@ from google.protobuf import descriptor_pb2
 from grpc import aio
 from grpc_reflection.v1alpha import reflection_pb2
 
-from tests.service.test_health import FIVE_SERVICES
+from tests.service.test_health import SERVED
 
 EXPECTED = {
-    *FIVE_SERVICES,
+    *SERVED,
     "grpc.health.v1.Health",
     "grpc.reflection.v1.ServerReflection",
     "grpc.reflection.v1alpha.ServerReflection",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
-from switchboard.platform.config import ConfigError
+from switchboard.platform.config import ALL_SERVICES, ConfigError
 from switchboard.platform.telemetry import (
     Tracing,
     default_service_name,
@@ -100,8 +100,9 @@ def test_service_name_from_variables_first() -> None:
 
 
 def test_default_service_names_say_which_process() -> None:
+    assert default_service_name(ALL_SERVICES) == "switchboard"
     assert default_service_name(("auth", "context", "dispatcher", "integration", "events")) == (
-        "switchboard"
+        "switchboard-auth-context-dispatcher-integration-events"
     )
     assert default_service_name(("dispatcher",)) == "switchboard-dispatcher"
     assert default_service_name(("auth", "context")) == "switchboard-auth-context"

@@ -68,6 +68,7 @@ _CONTEXT = "/switchboard.api.context.v1.ContextService/"
 _DISPATCHER = "/switchboard.api.dispatcher.v1.DispatcherService/"
 _INTEGRATION = "/switchboard.api.integration.v1.IntegrationService/"
 _EVENTS = "/switchboard.api.events.v1.EventService/"
+_A2A = "/lf.a2a.v1.A2AService/"
 
 RULES: Final[dict[str, Rule]] = {
     # Auth: obtaining credentials is public; everything else acts on the caller's account.
@@ -149,6 +150,20 @@ RULES: Final[dict[str, Rule]] = {
     _EVENTS + "Subscribe": per_item(Scope.READ),
     _EVENTS + "Stream": per_item(Scope.READ),
     _EVENTS + "ListEvents": per_item(Scope.READ),
+    # A2A: its names (tenant, task and context ids) map to Switchboard names
+    # (a2a/mapping.py); the servicer authorizes each through the policy with the
+    # permission the matching Switchboard RPC needs (docs/a2a.md).
+    _A2A + "SendMessage": per_item(Scope.WRITE),
+    _A2A + "SendStreamingMessage": per_item(Scope.WRITE),
+    _A2A + "GetTask": per_item(Scope.READ),
+    _A2A + "ListTasks": per_item(Scope.READ),
+    _A2A + "CancelTask": per_item(Scope.WRITE),
+    _A2A + "SubscribeToTask": per_item(Scope.READ),
+    _A2A + "GetExtendedAgentCard": per_item(Scope.READ),
+    _A2A + "CreateTaskPushNotificationConfig": per_item(Scope.WRITE),
+    _A2A + "GetTaskPushNotificationConfig": per_item(Scope.READ),
+    _A2A + "ListTaskPushNotificationConfigs": per_item(Scope.READ),
+    _A2A + "DeleteTaskPushNotificationConfig": per_item(Scope.WRITE),
 }
 
 # Infrastructure every orchestrator and operator must reach without credentials.

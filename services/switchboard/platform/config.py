@@ -24,7 +24,7 @@ from sqlalchemy.exc import ArgumentError
 DEV_SECRET_KEY = "dev-only-insecure-secret-key-do-not-use-in-production"  # noqa: S105
 MIN_SECRET_KEY_LENGTH = 32
 MiB = 1024 * 1024
-ALL_SERVICES = ("auth", "context", "dispatcher", "integration", "events")
+ALL_SERVICES = ("auth", "context", "dispatcher", "integration", "events", "a2a")
 PREFIX = "SWITCHBOARD_"
 #: SWITCHBOARD_* variables that are not settings of the server but are read by
 #: the tools around it (tests/e2e/procs.py finds grpcurl through the first; the

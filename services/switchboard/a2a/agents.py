@@ -1,0 +1,372 @@
+"""The A2A front door's domain: A2A requests become the dispatcher's own requests.
+
+Nothing here runs a model or stores a run: a message goes through the
+dispatcher's admission (``Dispatcher.send_message``: the same validation,
+content policy, rate limits, idempotency by ``message_id`` and concurrency
+policy as ``DispatcherService.SendMessage``), a task is read, listed, watched
+and cancelled through the dispatcher's queries, and a new context is a
+conversation created through the context service's domain. The access rules
+are the same table's: each call authorizes the resource its names map to
+(``mapping``) with the permission the matching Switchboard RPC needs, and a
+stream keeps its run authorized through an access grant, as ``WatchRun`` does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+from a2a.types import a2a_pb2 as a2a
+from switchboard.a2a import mapping
+from switchboard.api.context.v1 import context_pb2 as cpb
+from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.platform import names, pagination
+from switchboard.platform.accesswatch import AccessWatch
+from switchboard.platform.errors import FailedPrecondition, FieldViolation, InvalidArgument
+from switchboard.platform.policy import Permission, Policy, Principal
+
+#: Run states a blocking SendMessage returns at (A2A: terminal or interrupted).
+_SETTLED: Final = frozenset(
+    {
+        pb.RUN_STATE_SUCCEEDED,
+        pb.RUN_STATE_FAILED,
+        pb.RUN_STATE_CANCELLED,
+        pb.RUN_STATE_REQUIRES_ACTION,
+    }
+)
+_ENDED: Final = frozenset({pb.RUN_STATE_SUCCEEDED, pb.RUN_STATE_FAILED, pb.RUN_STATE_CANCELLED})
+MAX_PAGE: Final = 100
+
+
+class Runs(Protocol):
+    """What the front door needs of the dispatcher (``dispatcher/service.py``)."""
+
+    def send_message(
+        self, principal: Principal, request: pb.SendMessageRequest
+    ) -> Awaitable[pb.SendMessageResponse]: ...
+
+    def get_run(self, name: str) -> Awaitable[pb.Run]: ...
+
+    def list_runs(self, request: pb.ListRunsRequest) -> Awaitable[pb.ListRunsResponse]: ...
+
+    def cancel_run(self, principal: Principal, name: str, reason: str) -> Awaitable[pb.Run]: ...
+
+    def watch(self, name: str, after_sequence: int) -> AsyncIterator[pb.RunUpdate | None]: ...
+
+
+class Texts(Protocol):
+    """What it needs of the context service: new conversations and messages' text."""
+
+    def create_conversation(
+        self, principal: Principal, parent: str, request_id: str
+    ) -> Awaitable[str]: ...
+
+    def text(self, message: str) -> Awaitable[str]: ...
+
+
+class AssistantReader(Protocol):
+    def get(self, name: str) -> Awaitable[pb.Assistant]: ...
+
+
+@dataclass(frozen=True)
+class Interface:
+    """Where clients reach this agent (its card's ``supported_interfaces``)."""
+
+    url: str
+    binding: str = "GRPC"
+    version: str = "1.0"
+
+
+class Agents:
+    def __init__(
+        self,
+        runs: Runs,
+        texts: Texts,
+        assistants: AssistantReader,
+        policy: Policy,
+        access: AccessWatch,
+        interfaces: Callable[[], list[Interface]],
+    ) -> None:
+        self._runs = runs
+        self._texts = texts
+        self._assistants = assistants
+        self._policy = policy
+        self._access = access
+        self._interfaces = interfaces
+
+    # -- the card ---------------------------------------------------------------------------
+
+    async def card(self, principal: Principal, tenant: str) -> a2a.AgentCard:
+        _, assistant_name = mapping.agent(tenant)
+        await self._policy.authorize(principal, assistant_name, Permission.READ, "tenant")
+        assistant = await self._assistants.get(assistant_name)
+        return card_of(assistant, self._interfaces())
+
+    # -- sending ----------------------------------------------------------------------------
+
+    async def _admit(self, principal: Principal, request: a2a.SendMessageRequest) -> pb.Run:
+        workspace, assistant = mapping.agent(request.tenant)
+        message = request.message
+        if not request.HasField("message"):
+            raise InvalidArgument("message is required", [FieldViolation("message", "is required")])
+        if message.task_id:
+            # A message on an existing task would continue it (an approval, more
+            # input); runs are answered once, so that is refused, not guessed at.
+            description = "continuing a task is not supported: send without task_id"
+            raise InvalidArgument(
+                f"message.task_id: {description}",
+                [FieldViolation("message.task_id", description)],
+            )
+        parts = mapping.parts_in(message)
+        if not names.REQUEST_ID.fullmatch(message.message_id):
+            description = "must be 1-64 letters, digits, '-' or '_' (a UUID is)"
+            raise InvalidArgument(
+                f"message.message_id {description}",
+                [FieldViolation("message.message_id", description)],
+            )
+        if message.context_id:
+            conversation = mapping.conversation_name(
+                workspace, message.context_id, "message.context_id"
+            )
+        else:
+            await self._policy.authorize(principal, workspace, Permission.WRITE, "tenant")
+            # The message id keys the new conversation too: a retried message lands
+            # in the conversation its first attempt made, and is replayed there.
+            key = hashlib.sha256(message.message_id.encode()).hexdigest()[:32]
+            conversation = await self._texts.create_conversation(principal, workspace, f"a2a-{key}")
+        await self._policy.authorize(
+            principal, conversation, Permission.WRITE, "message.context_id"
+        )
+        sent = await self._runs.send_message(
+            principal,
+            pb.SendMessageRequest(
+                conversation=conversation,
+                message=cpb.Message(parts=parts),
+                assistant=assistant,
+                request_id=message.message_id,
+                # The request's metadata is the handler's parameters (docs/a2a.md).
+                parameters=request.metadata,
+            ),
+        )
+        return sent.run
+
+    async def send(
+        self, principal: Principal, request: a2a.SendMessageRequest
+    ) -> a2a.SendMessageResponse:
+        run = await self._admit(principal, request)
+        if not request.configuration.return_immediately:
+            async for update in self._runs.watch(run.name, 0):
+                if update is None or update.WhichOneof("update") != "state_change":
+                    continue
+                run = update.state_change.run
+                if run.state in _SETTLED:
+                    break
+        return a2a.SendMessageResponse(task=await self._task(run))
+
+    async def stream(
+        self, principal: Principal, request: a2a.SendMessageRequest
+    ) -> AsyncIterator[a2a.StreamResponse]:
+        run = await self._admit(principal, request)
+        async for response in self._relay(principal, run, 0):
+            yield response
+
+    # -- tasks ------------------------------------------------------------------------------
+
+    async def get(self, principal: Principal, request: a2a.GetTaskRequest) -> a2a.Task:
+        workspace, _ = mapping.agent(request.tenant)
+        name = mapping.run_name(workspace, request.id)
+        await self._policy.authorize(principal, name, Permission.READ, "id")
+        run = await self._runs.get_run(name)
+        history = request.history_length if request.HasField("history_length") else None
+        return await self._task(run, history=history)
+
+    async def cancel(self, principal: Principal, request: a2a.CancelTaskRequest) -> a2a.Task:
+        workspace, _ = mapping.agent(request.tenant)
+        name = mapping.run_name(workspace, request.id)
+        await self._policy.authorize(principal, name, Permission.WRITE, "id")
+        run = await self._runs.cancel_run(principal, name, "cancelled by an A2A client")
+        return await self._task(run)
+
+    async def list(
+        self, principal: Principal, request: a2a.ListTasksRequest
+    ) -> a2a.ListTasksResponse:
+        workspace, assistant = mapping.agent(request.tenant)
+        if not request.context_id:
+            description = "is required: tasks are listed per context (docs/a2a.md)"
+            raise InvalidArgument(
+                f"context_id {description}", [FieldViolation("context_id", description)]
+            )
+        conversation = mapping.conversation_name(workspace, request.context_id, "context_id")
+        await self._policy.authorize(principal, conversation, Permission.READ, "context_id")
+        size = pagination.page_size(
+            request.page_size if request.HasField("page_size") else 0, default=20, maximum=MAX_PAGE
+        )
+        states = []
+        if request.status:
+            state = mapping.RUN_STATES.get(request.status)
+            if state is None:
+                return a2a.ListTasksResponse(page_size=size)
+            states.append(state)
+        listed = await self._runs.list_runs(
+            pb.ListRunsRequest(
+                parent=conversation, page_size=size, page_token=request.page_token, states=states
+            )
+        )
+        history = request.history_length if request.HasField("history_length") else 0
+        artifacts = request.include_artifacts if request.HasField("include_artifacts") else False
+        tasks = [
+            await self._task(run, history=history, artifacts=artifacts)
+            for run in listed.runs
+            if run.assistant == assistant
+        ]
+        return a2a.ListTasksResponse(
+            tasks=tasks, next_page_token=listed.next_page_token, page_size=size
+        )
+
+    async def subscribe(
+        self, principal: Principal, request: a2a.SubscribeToTaskRequest
+    ) -> AsyncIterator[a2a.StreamResponse]:
+        workspace, _ = mapping.agent(request.tenant)
+        name = mapping.run_name(workspace, request.id)
+        await self._policy.authorize(principal, name, Permission.READ, "id")
+        run = await self._runs.get_run(name)
+        if run.state in _ENDED:
+            # A2A: subscribing to a task in a terminal state is an error.
+            raise FailedPrecondition(f"task {request.id} has ended; GetTask reads it")
+        async for response in self._relay(principal, run, 0):
+            yield response
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    async def _relay(
+        self, principal: Principal, run: pb.Run, after: int
+    ) -> AsyncIterator[a2a.StreamResponse]:
+        """The task first, then its updates until it ends, under an access grant."""
+        grant = self._access.open(principal)
+        try:
+            hold = await grant.hold(((run.name, "id"),), Permission.READ)
+            yield a2a.StreamResponse(task=await self._task(run, answer=False))
+            ids = (mapping.task_id(run.name), mapping.context_id(run.name))
+            streamed = False
+            async for update in hold.guard(self._runs.watch(run.name, after)):
+                if update is None:
+                    continue
+                kind = update.WhichOneof("update")
+                meta = mapping.sequenced(update.sequence)
+                if kind == "delta" and update.delta.text:
+                    yield a2a.StreamResponse(
+                        artifact_update=a2a.TaskArtifactUpdateEvent(
+                            task_id=ids[0],
+                            context_id=ids[1],
+                            artifact=a2a.Artifact(
+                                artifact_id=mapping.ANSWER_ARTIFACT,
+                                name="answer",
+                                parts=[a2a.Part(text=update.delta.text)],
+                            ),
+                            append=streamed,
+                            metadata=meta,
+                        )
+                    )
+                    streamed = True
+                elif kind == "state_change":
+                    changed = update.state_change.run
+                    if changed.state in _ENDED:
+                        final = await self._final_chunk(changed, ids, streamed, update.sequence)
+                        if final is not None:
+                            yield final
+                    yield a2a.StreamResponse(
+                        status_update=a2a.TaskStatusUpdateEvent(
+                            task_id=ids[0],
+                            context_id=ids[1],
+                            status=mapping.status(changed),
+                            metadata=meta,
+                        )
+                    )
+                    if changed.state in _ENDED:
+                        return
+        finally:
+            grant.close()
+
+    async def _final_chunk(
+        self, run: pb.Run, ids: tuple[str, str], streamed: bool, sequence: int
+    ) -> a2a.StreamResponse | None:
+        """The answer's last chunk: empty after streamed deltas, the whole text otherwise."""
+        if run.state != pb.RUN_STATE_SUCCEEDED:
+            return None
+        text = "" if streamed else await self._answer(run)
+        return a2a.StreamResponse(
+            artifact_update=a2a.TaskArtifactUpdateEvent(
+                task_id=ids[0],
+                context_id=ids[1],
+                artifact=a2a.Artifact(
+                    artifact_id=mapping.ANSWER_ARTIFACT, name="answer", parts=[a2a.Part(text=text)]
+                ),
+                append=streamed,
+                last_chunk=True,
+                metadata=mapping.sequenced(sequence),
+            )
+        )
+
+    async def _answer(self, run: pb.Run) -> str:
+        return await self._texts.text(run.output_message) if run.output_message else ""
+
+    async def _task(
+        self,
+        run: pb.Run,
+        *,
+        history: int | None = None,
+        artifacts: bool = True,
+        answer: bool = True,
+    ) -> a2a.Task:
+        question = ""
+        if history is None or history > 0:
+            question = await self._texts.text(run.input_message)
+        text: str | None = None
+        if answer and artifacts and run.state == pb.RUN_STATE_SUCCEEDED:
+            text = await self._answer(run)
+        return mapping.task(run, question, text)
+
+
+def card_of(assistant: pb.Assistant, interfaces: list[Interface]) -> a2a.AgentCard:
+    """One assistant's Agent Card: its interfaces, its skills, the schemes it accepts."""
+    tenant = mapping.tenant_of(assistant.name)
+    card = a2a.AgentCard(
+        name=assistant.display_name or assistant.name,
+        description=assistant.description or f"Switchboard assistant {assistant.name}",
+        version="1",
+        supported_interfaces=[
+            a2a.AgentInterface(
+                url=interface.url,
+                protocol_binding=interface.binding,
+                tenant=tenant,
+                protocol_version=interface.version,
+            )
+            for interface in interfaces
+        ],
+        capabilities=a2a.AgentCapabilities(
+            streaming=True, push_notifications=False, extended_agent_card=True
+        ),
+        default_input_modes=["text/plain"],
+        default_output_modes=["text/plain"],
+        skills=[
+            a2a.AgentSkill(
+                id="answer",
+                name=assistant.display_name or "answer",
+                description=(assistant.description or assistant.display_name or "Answers")[:1000],
+                tags=sorted({binding.integration.rsplit("/", 1)[-1] for binding in assistant.tools})
+                or ["assistant"],
+            )
+        ],
+    )
+    card.provider.organization = "Switchboard"
+    card.security_schemes["bearer"].http_auth_security_scheme.scheme = "Bearer"
+    card.security_schemes[
+        "bearer"
+    ].http_auth_security_scheme.description = (
+        "A Switchboard access token or API key (Authorization: Bearer ...)"
+    )
+    requirement = card.security_requirements.add()
+    requirement.schemes["bearer"].SetInParent()
+    return card

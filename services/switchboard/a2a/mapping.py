@@ -1,0 +1,179 @@
+"""A2A names and messages to and from Switchboard's: an agent is an assistant, a task
+a run, a context a conversation (docs/a2a.md has the whole table).
+
+A2A's HTTP binding puts ``tenant`` and a task's ``id`` in one path segment each
+(``/{tenant}/tasks/{id}``), so neither may hold a ``/``:
+
+- ``tenant`` is ``{workspace}.{assistant}``: the agent;
+- a ``context_id`` is the conversation's id in that workspace;
+- a task ``id`` is ``{conversation}.{run}``.
+
+Ids never hold a ``.`` (``names.ID``), so each splits one way. Each maps to a
+resource name, and the name is what the policy authorizes.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+from google.protobuf import struct_pb2
+from google.rpc import code_pb2
+
+from a2a.types import a2a_pb2 as a2a
+from switchboard.api.context.v1 import context_pb2 as cpb
+from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.platform import names
+from switchboard.platform.errors import FieldViolation, InvalidArgument, Violations
+
+_ID: Final = names.ID
+TENANT: Final = re.compile(rf"({_ID})\.({_ID})")
+TASK_ID: Final = re.compile(rf"({_ID})\.({_ID})")
+CONTEXT_ID: Final = re.compile(_ID)
+#: The artifact a run's answer streams into.
+ANSWER_ARTIFACT: Final = "answer"
+#: Metadata key carrying the run's sequence on streamed events (the resume extension).
+SEQUENCE_KEY: Final = "switchboard.sequence"
+
+STATES: Final = {
+    pb.RUN_STATE_QUEUED: a2a.TASK_STATE_SUBMITTED,
+    pb.RUN_STATE_RUNNING: a2a.TASK_STATE_WORKING,
+    pb.RUN_STATE_REQUIRES_ACTION: a2a.TASK_STATE_INPUT_REQUIRED,
+    pb.RUN_STATE_SUCCEEDED: a2a.TASK_STATE_COMPLETED,
+    pb.RUN_STATE_FAILED: a2a.TASK_STATE_FAILED,
+    pb.RUN_STATE_CANCELLED: a2a.TASK_STATE_CANCELED,
+}
+#: What ListTasks' ``status`` filter asks the run store for.
+RUN_STATES: Final = {task: run for run, task in STATES.items()}
+TERMINAL: Final = frozenset(
+    {a2a.TASK_STATE_COMPLETED, a2a.TASK_STATE_FAILED, a2a.TASK_STATE_CANCELED}
+)
+
+
+def _required(value: str, field: str) -> None:
+    if not value:
+        raise InvalidArgument(f"{field} is required", [FieldViolation(field, "is required")])
+
+
+def agent(tenant: str) -> tuple[str, str]:
+    """``(workspace name, assistant name)`` of ``tenant``, or INVALID_ARGUMENT."""
+    _required(tenant, "tenant")
+    found = TENANT.fullmatch(tenant)
+    if found is None:
+        description = "must be {workspace}.{assistant}, as the agent's card names it"
+        raise InvalidArgument(f"tenant {description}", [FieldViolation("tenant", description)])
+    workspace = f"workspaces/{found[1]}"
+    return workspace, f"{workspace}/assistants/{found[2]}"
+
+
+def tenant_of(assistant: str) -> str:
+    """The tenant of ``workspaces/{w}/assistants/{a}``."""
+    found = names.ASSISTANT.fullmatch(assistant)
+    if found is None:  # pragma: no cover - assistants' names come from the store
+        raise ValueError(assistant)
+    return f"{found[1]}.{found[2]}"
+
+
+def run_name(workspace: str, task_id: str, field: str = "id") -> str:
+    """The run a task id names in ``workspace``, or INVALID_ARGUMENT naming ``field``."""
+    _required(task_id, field)
+    found = TASK_ID.fullmatch(task_id)
+    if found is None:
+        description = "is not a task id of this agent ({conversation}.{run})"
+        raise InvalidArgument(f"{field} {description}", [FieldViolation(field, description)])
+    return f"{workspace}/conversations/{found[1]}/runs/{found[2]}"
+
+
+def conversation_name(workspace: str, context_id: str, field: str) -> str:
+    if not CONTEXT_ID.fullmatch(context_id):
+        description = "is not a context id of this agent"
+        raise InvalidArgument(f"{field} {description}", [FieldViolation(field, description)])
+    return f"{workspace}/conversations/{context_id}"
+
+
+def task_id(run: str) -> str:
+    found = names.RUN.fullmatch(run)
+    if found is None:  # pragma: no cover - runs' names come from the dispatcher
+        raise ValueError(run)
+    return f"{found[2]}.{found[3]}"
+
+
+def context_id(run: str) -> str:
+    found = names.RUN.fullmatch(run)
+    if found is None:  # pragma: no cover
+        raise ValueError(run)
+    return found[2]
+
+
+def parts_in(message: a2a.Message, field: str = "message") -> list[cpb.ContentPart]:
+    """The Switchboard content of an A2A user message: its text parts, in order."""
+    violations = Violations()
+    if message.role not in (a2a.ROLE_USER, a2a.ROLE_UNSPECIFIED):
+        violations.add(f"{field}.role", "must be ROLE_USER: the client speaks for the user")
+    if not message.parts:
+        violations.add(f"{field}.parts", "is required")
+    parts: list[cpb.ContentPart] = []
+    for index, part in enumerate(message.parts):
+        if part.WhichOneof("content") != "text":
+            violations.add(f"{field}.parts[{index}]", "only text parts are accepted (docs/a2a.md)")
+        else:
+            parts.append(cpb.ContentPart(text=part.text))
+    violations.check()
+    return parts
+
+
+def text_of(message: cpb.Message) -> str:
+    return "".join(part.text for part in message.parts if part.WhichOneof("part") == "text")
+
+
+def user_message(run: pb.Run, text: str) -> a2a.Message:
+    return a2a.Message(
+        message_id=run.input_message.rsplit("/", 1)[-1],
+        context_id=context_id(run.name),
+        task_id=task_id(run.name),
+        role=a2a.ROLE_USER,
+        parts=[a2a.Part(text=text)],
+    )
+
+
+def status(run: pb.Run) -> a2a.TaskStatus:
+    """The task's status: its state, when it last changed, and why for a failed run."""
+    found = a2a.TaskStatus(state=STATES.get(run.state, a2a.TASK_STATE_UNSPECIFIED))
+    stamp = run.end_time if run.HasField("end_time") else None
+    stamp = stamp or (run.start_time if run.HasField("start_time") else run.create_time)
+    found.timestamp.CopyFrom(stamp)
+    if run.state in (pb.RUN_STATE_FAILED, pb.RUN_STATE_CANCELLED) and run.error.code:
+        found.message.CopyFrom(
+            a2a.Message(
+                message_id=f"{task_id(run.name)}.status",
+                context_id=context_id(run.name),
+                task_id=task_id(run.name),
+                role=a2a.ROLE_AGENT,
+                parts=[a2a.Part(text=f"{code_pb2.Code.Name(run.error.code)}: {run.error.message}")],
+            )
+        )
+    return found
+
+
+def answer(run: pb.Run, text: str) -> a2a.Artifact:
+    return a2a.Artifact(artifact_id=ANSWER_ARTIFACT, name="answer", parts=[a2a.Part(text=text)])
+
+
+def task(run: pb.Run, question: str, answer_text: str | None) -> a2a.Task:
+    """The task of ``run``; ``answer_text`` None while it has no answer yet."""
+    found = a2a.Task(
+        id=task_id(run.name),
+        context_id=context_id(run.name),
+        status=status(run),
+        history=[user_message(run, question)] if question else [],
+    )
+    if answer_text is not None:
+        found.artifacts.append(answer(run, answer_text))
+    found.metadata.update({"run": run.name, "assistant": run.assistant})
+    return found
+
+
+def sequenced(sequence: int) -> struct_pb2.Struct:
+    found = struct_pb2.Struct()
+    found.update({SEQUENCE_KEY: str(sequence)})
+    return found

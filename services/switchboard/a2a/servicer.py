@@ -1,0 +1,83 @@
+"""Transport for ``lf.a2a.v1.A2AService``: converts proto to domain calls and nothing else.
+
+The messages and the service come from the official ``a2a-sdk`` (``a2a.types``),
+pinned in pyproject.toml: the contract is A2A's, not ours. Push notification
+configs are not offered yet (``capabilities.push_notifications`` is false on
+every card): those four methods answer UNIMPLEMENTED.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from grpc import aio
+
+from a2a.types import a2a_pb2 as a2a
+from a2a.types import a2a_pb2_grpc
+from switchboard.a2a.agents import Agents
+from switchboard.platform.authn import current_principal
+from switchboard.platform.errors import NotImplementedYet
+
+SERVICE = a2a.DESCRIPTOR.services_by_name["A2AService"]
+
+Context = aio.ServicerContext[object, object]
+
+_NO_PUSH = "push notifications are not offered by this agent (its card says so)"
+
+
+class A2AServiceServicer(a2a_pb2_grpc.A2AServiceServicer):
+    def __init__(self, agents: Agents) -> None:
+        self._agents = agents
+
+    async def SendMessage(
+        self, request: a2a.SendMessageRequest, context: Context
+    ) -> a2a.SendMessageResponse:
+        return await self._agents.send(current_principal(), request)
+
+    async def SendStreamingMessage(
+        self, request: a2a.SendMessageRequest, context: Context
+    ) -> AsyncIterator[a2a.StreamResponse]:
+        async for response in self._agents.stream(current_principal(), request):
+            yield response
+
+    async def GetTask(self, request: a2a.GetTaskRequest, context: Context) -> a2a.Task:
+        return await self._agents.get(current_principal(), request)
+
+    async def ListTasks(
+        self, request: a2a.ListTasksRequest, context: Context
+    ) -> a2a.ListTasksResponse:
+        return await self._agents.list(current_principal(), request)
+
+    async def CancelTask(self, request: a2a.CancelTaskRequest, context: Context) -> a2a.Task:
+        return await self._agents.cancel(current_principal(), request)
+
+    async def SubscribeToTask(
+        self, request: a2a.SubscribeToTaskRequest, context: Context
+    ) -> AsyncIterator[a2a.StreamResponse]:
+        async for response in self._agents.subscribe(current_principal(), request):
+            yield response
+
+    async def GetExtendedAgentCard(
+        self, request: a2a.GetExtendedAgentCardRequest, context: Context
+    ) -> a2a.AgentCard:
+        return await self._agents.card(current_principal(), request.tenant)
+
+    async def CreateTaskPushNotificationConfig(
+        self, request: a2a.TaskPushNotificationConfig, context: Context
+    ) -> a2a.TaskPushNotificationConfig:
+        raise NotImplementedYet(_NO_PUSH)
+
+    async def GetTaskPushNotificationConfig(
+        self, request: a2a.GetTaskPushNotificationConfigRequest, context: Context
+    ) -> a2a.TaskPushNotificationConfig:
+        raise NotImplementedYet(_NO_PUSH)
+
+    async def ListTaskPushNotificationConfigs(
+        self, request: a2a.ListTaskPushNotificationConfigsRequest, context: Context
+    ) -> a2a.ListTaskPushNotificationConfigsResponse:
+        raise NotImplementedYet(_NO_PUSH)
+
+    async def DeleteTaskPushNotificationConfig(
+        self, request: a2a.DeleteTaskPushNotificationConfigRequest, context: Context
+    ) -> object:
+        raise NotImplementedYet(_NO_PUSH)

@@ -1,0 +1,324 @@
+"""A Switchboard assistant as an A2A agent, driven by the official ``a2a-sdk`` client over
+its gRPC transport against a real server on a free loopback port (the embedded shape).
+
+The card comes from ``GetExtendedAgentCard``; the SDK's ``ClientFactory`` builds
+its client from it (the gRPC interface and the tenant it names). Then: a
+blocking send answered by the built-in echo handler, a streamed send whose
+chunks add up to the answer, tasks read and listed, idempotency by message id,
+a cancelled slow task, a stranger and a viewer refused as on every other RPC,
+and malformed names answered with field violations.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from a2a.client import ClientConfig, ClientFactory
+from a2a.client.auth.credentials import CredentialService
+from a2a.client.auth.interceptor import AuthInterceptor
+from a2a.client.client import Client
+from a2a.types import a2a_pb2 as a2a
+from a2a.types import a2a_pb2_grpc
+from grpc import aio
+
+from switchboard.api.dispatcher.v1 import dispatcher_pb2 as dpb
+from switchboard.platform.server import SwitchboardServer
+from tests.service.contextkit import TIMEOUT_S, Caller, World, context_stub, ctx_world, refused
+from tests.service.contextkit import violations as fields
+from tests.service.dispatchkit import dispatcher_stub
+from tests.service.integrationkit import hub_mesh
+
+CODE = grpc.StatusCode
+
+
+class _Token(CredentialService):
+    """The caller's credential for the card's bearer scheme (the SDK's AuthInterceptor
+    puts it in the Authorization header of each call)."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    async def get_credentials(self, security_scheme_name: str, context: Any) -> str | None:
+        return self._token if security_scheme_name == "bearer" else None
+
+
+class Agent:
+    """One assistant, its card, and an SDK client per caller."""
+
+    def __init__(self, server: SwitchboardServer, world: World, card: a2a.AgentCard) -> None:
+        self.server = server
+        self.world = world
+        self.card = card
+        self.tenant = card.supported_interfaces[0].tenant
+
+    def client(self, caller: Caller, *, streaming: bool = True) -> Client:
+        config = ClientConfig(
+            streaming=streaming,
+            supported_protocol_bindings=["GRPC"],
+            grpc_channel_factory=aio.insecure_channel,
+        )
+        return ClientFactory(config).create(
+            self.card, interceptors=[AuthInterceptor(_Token(caller.token))]
+        )
+
+    def stub(self, channel: aio.Channel) -> Any:
+        return stub(channel)
+
+
+def stub(channel: aio.Channel) -> Any:
+    """The generated A2A stub (the SDK's generated code is untyped)."""
+    return a2a_pb2_grpc.A2AServiceStub(channel)  # type: ignore[no-untyped-call]
+
+
+@pytest.fixture
+async def agent() -> AsyncIterator[Agent]:
+    async with hub_mesh() as (server, channel):
+        world = await ctx_world(server, context_stub(channel))
+        made = await dispatcher_stub(channel).CreateAssistant(
+            dpb.CreateAssistantRequest(
+                parent=world.name,
+                assistant_id="echoer",
+                assistant=dpb.Assistant(
+                    display_name="Echoer", description="Says it back.", handler="handlers/echo"
+                ),
+            ),
+            metadata=world.owner.md,
+            timeout=TIMEOUT_S,
+        )
+        workspace_id = world.name.removeprefix("workspaces/")
+        card = await stub(channel).GetExtendedAgentCard(
+            a2a.GetExtendedAgentCardRequest(tenant=f"{workspace_id}.echoer"),
+            metadata=world.viewer.md,
+            timeout=TIMEOUT_S,
+        )
+        assert card.name == made.assistant.display_name
+        yield Agent(server, world, card)
+
+
+def message(text: str, *, context_id: str = "", message_id: str = "") -> a2a.Message:
+    return a2a.Message(
+        message_id=message_id or str(uuid.uuid4()),
+        context_id=context_id,
+        role=a2a.ROLE_USER,
+        parts=[a2a.Part(text=text)],
+    )
+
+
+def request(text: str, tenant: str, **fields: Any) -> a2a.SendMessageRequest:
+    metadata = fields.pop("metadata", None)
+    found = a2a.SendMessageRequest(tenant=tenant, message=message(text, **fields))
+    if metadata:
+        found.metadata.update(metadata)
+    return found
+
+
+def answer_of(task: a2a.Task) -> str:
+    [artifact] = task.artifacts
+    return "".join(part.text for part in artifact.parts)
+
+
+async def test_the_card_names_the_grpc_interface_tenant_and_bearer_scheme(agent: Agent) -> None:
+    card = agent.card
+    [interface] = card.supported_interfaces
+    assert interface.protocol_binding == "GRPC"
+    assert interface.url == agent.server.address
+    assert agent.tenant == agent.world.name.removeprefix("workspaces/") + ".echoer"
+    assert card.capabilities.streaming
+    assert card.capabilities.extended_agent_card
+    assert not card.capabilities.push_notifications
+    assert card.security_schemes["bearer"].http_auth_security_scheme.scheme == "Bearer"
+    assert card.skills[0].description == "Says it back."
+
+
+async def test_a_blocking_send_returns_the_completed_task_with_its_answer(agent: Agent) -> None:
+    client = agent.client(agent.world.editor, streaming=False)
+    try:
+        [(streamed_task)] = [event async for event in _sent(client, "hello agent", streaming=False)]
+    finally:
+        await client.close()
+    task = streamed_task
+    assert task.status.state == a2a.TASK_STATE_COMPLETED
+    assert answer_of(task).startswith("hello agent")
+    assert [part.text for part in task.history[0].parts] == ["hello agent"]
+    assert task.history[0].role == a2a.ROLE_USER
+    assert task.metadata["run"].startswith(f"{agent.world.name}/conversations/")
+    # The same context again: the same conversation, a new task.
+    client = agent.client(agent.world.editor, streaming=False)
+    try:
+        [again] = [
+            event
+            async for event in _sent(client, "second", streaming=False, context_id=task.context_id)
+        ]
+    finally:
+        await client.close()
+    assert again.context_id == task.context_id
+    assert again.id != task.id
+
+
+async def _sent(client: Client, text: str, *, streaming: bool, **fields: Any) -> AsyncIterator[Any]:
+    """The tasks (blocking) or stream responses (streaming) of one send."""
+    async for event in client.send_message(a2a.SendMessageRequest(message=message(text, **fields))):
+        yield event.task if not streaming and event.HasField("task") else event
+
+
+async def test_a_streamed_send_sends_the_task_then_chunks_then_the_end(agent: Agent) -> None:
+    client = agent.client(agent.world.editor)
+    try:
+        events = [event async for event in _sent(client, "one two three four", streaming=True)]
+    finally:
+        await client.close()
+    kinds = [event.WhichOneof("payload") for event in events]
+    assert kinds[0] == "task"
+    assert events[0].task.status.state in (a2a.TASK_STATE_SUBMITTED, a2a.TASK_STATE_WORKING)
+    chunks = [event.artifact_update for event in events if event.HasField("artifact_update")]
+    assert chunks, kinds
+    assert not chunks[0].append
+    assert all(chunk.append for chunk in chunks[1:])
+    assert chunks[-1].last_chunk
+    assert not any(chunk.last_chunk for chunk in chunks[:-1])
+    streamed = "".join(part.text for chunk in chunks for part in chunk.artifact.parts)
+    assert streamed.startswith("one two three four")
+    final = events[-1].status_update
+    assert final.status.state == a2a.TASK_STATE_COMPLETED
+    # Every streamed event says where it is in the run (the resume extension's cursor).
+    sequences = [
+        int(event.artifact_update.metadata["switchboard.sequence"])
+        if event.HasField("artifact_update")
+        else int(event.status_update.metadata["switchboard.sequence"])
+        for event in events[1:]
+    ]
+    assert sequences == sorted(sequences)
+    # The task as GetTask and ListTasks read it afterwards.
+    async with aio.insecure_channel(agent.server.address) as channel:
+        stub = agent.stub(channel)
+        got = await stub.GetTask(
+            a2a.GetTaskRequest(tenant=agent.tenant, id=final.task_id),
+            metadata=agent.world.viewer.md,
+            timeout=TIMEOUT_S,
+        )
+        assert got.status.state == a2a.TASK_STATE_COMPLETED
+        assert answer_of(got) == streamed
+        listed = await stub.ListTasks(
+            a2a.ListTasksRequest(tenant=agent.tenant, context_id=final.context_id),
+            metadata=agent.world.viewer.md,
+            timeout=TIMEOUT_S,
+        )
+        assert [task.id for task in listed.tasks] == [final.task_id]
+
+
+async def test_a_message_id_sent_twice_is_one_task(agent: Agent) -> None:
+    async with aio.insecure_channel(agent.server.address) as channel:
+        stub = agent.stub(channel)
+        once = request("only once", agent.tenant, message_id="m-1")
+        first = await stub.SendMessage(once, metadata=agent.world.editor.md, timeout=TIMEOUT_S)
+        second = await stub.SendMessage(once, metadata=agent.world.editor.md, timeout=TIMEOUT_S)
+    assert first.task.id == second.task.id
+    assert first.task.context_id == second.task.context_id
+
+
+async def test_a_slow_task_is_cancelled(agent: Agent) -> None:
+    async with aio.insecure_channel(agent.server.address) as channel:
+        stub = agent.stub(channel)
+        slow = request("slow words here", agent.tenant, metadata={"delay_ms": 60_000})
+        slow.configuration.return_immediately = True
+        sent = await stub.SendMessage(slow, metadata=agent.world.editor.md, timeout=TIMEOUT_S)
+        assert sent.task.status.state in (a2a.TASK_STATE_SUBMITTED, a2a.TASK_STATE_WORKING)
+        await refused(
+            stub.CancelTask(
+                a2a.CancelTaskRequest(tenant=agent.tenant, id=sent.task.id),
+                metadata=agent.world.viewer.md,
+                timeout=TIMEOUT_S,
+            ),
+            CODE.PERMISSION_DENIED,
+        )
+        cancelled = await stub.CancelTask(
+            a2a.CancelTaskRequest(tenant=agent.tenant, id=sent.task.id),
+            metadata=agent.world.editor.md,
+            timeout=TIMEOUT_S,
+        )
+    assert cancelled.status.state == a2a.TASK_STATE_CANCELED
+
+
+async def test_strangers_viewers_and_malformed_names(agent: Agent) -> None:
+    world = agent.world
+    async with aio.insecure_channel(agent.server.address) as channel:
+        stub = agent.stub(channel)
+        done = await stub.SendMessage(
+            request("mine", agent.tenant), metadata=world.editor.md, timeout=TIMEOUT_S
+        )
+        task = a2a.GetTaskRequest(tenant=agent.tenant, id=done.task.id)
+        # A stranger learns nothing: the task, the agent and its card are not found.
+        await refused(
+            stub.GetTask(task, metadata=world.outsider.md, timeout=TIMEOUT_S), CODE.NOT_FOUND
+        )
+        await refused(
+            stub.GetExtendedAgentCard(
+                a2a.GetExtendedAgentCardRequest(tenant=agent.tenant),
+                metadata=world.outsider.md,
+                timeout=TIMEOUT_S,
+            ),
+            CODE.NOT_FOUND,
+        )
+        await refused(
+            stub.SendMessage(
+                request("not mine", agent.tenant, context_id=done.task.context_id),
+                metadata=world.outsider.md,
+                timeout=TIMEOUT_S,
+            ),
+            CODE.NOT_FOUND,
+        )
+        # A viewer reads but does not send.
+        await refused(
+            stub.SendMessage(
+                request("viewer", agent.tenant), metadata=world.viewer.md, timeout=TIMEOUT_S
+            ),
+            CODE.PERMISSION_DENIED,
+        )
+        # No credential at all.
+        await refused(stub.GetTask(task, timeout=TIMEOUT_S), CODE.UNAUTHENTICATED)
+        # Malformed names and content: precise field violations.
+        cases: list[tuple[Any, Any, list[str]]] = [
+            (stub.GetTask, a2a.GetTaskRequest(tenant="nope", id=done.task.id), ["tenant"]),
+            (stub.GetTask, a2a.GetTaskRequest(tenant=agent.tenant, id="a/b"), ["id"]),
+            (
+                stub.SendMessage,
+                request("x", agent.tenant, context_id="A B"),
+                ["message.context_id"],
+            ),
+            (
+                stub.SendMessage,
+                request("x", agent.tenant, message_id="has space"),
+                ["message.message_id"],
+            ),
+            (
+                stub.SendMessage,
+                a2a.SendMessageRequest(
+                    tenant=agent.tenant,
+                    message=a2a.Message(
+                        message_id="m-raw",
+                        role=a2a.ROLE_AGENT,
+                        parts=[a2a.Part(raw=b"\x00")],
+                    ),
+                ),
+                ["message.role", "message.parts[0]"],
+            ),
+            (stub.ListTasks, a2a.ListTasksRequest(tenant=agent.tenant), ["context_id"]),
+        ]
+        for method, bad, expected in cases:
+            error = await refused(
+                method(bad, metadata=world.editor.md, timeout=TIMEOUT_S), CODE.INVALID_ARGUMENT
+            )
+            assert fields(error) == expected, bad
+        # Push notifications are not offered (the card says so).
+        await refused(
+            stub.CreateTaskPushNotificationConfig(
+                a2a.TaskPushNotificationConfig(tenant=agent.tenant, task_id=done.task.id),
+                metadata=world.editor.md,
+                timeout=TIMEOUT_S,
+            ),
+            CODE.UNIMPLEMENTED,
+        )
