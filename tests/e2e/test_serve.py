@@ -22,6 +22,7 @@ from switchboard.platform.db import EVENT_LOG_LOCK_KEY
 from tests.e2e.procs import START_TIMEOUT_S, ServeProcess, shared_secrets
 from tests.infra.redis import RedisServer
 from tests.service.authkit import PASSWORD, bearer, unique_email
+from tests.service.test_health import SERVED
 
 pytestmark = pytest.mark.e2e
 
@@ -30,7 +31,7 @@ def test_serve_logs_bound_address_and_stops_gracefully_on_sigterm() -> None:
     with ServeProcess("--dev") as serve:
         listening = serve.log[-1]
         assert listening["address"] == serve.address
-        assert len(listening["services"]) == 5
+        assert listening["services"] == SERVED
         with grpc.insecure_channel(serve.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             watch = stub.Watch(health_pb2.HealthCheckRequest(), timeout=30)

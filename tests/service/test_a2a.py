@@ -12,15 +12,15 @@ and malformed names answered with field violations.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any, cast
 
 import grpc
 import pytest
 from a2a.client import ClientConfig, ClientFactory
 from a2a.client.auth.credentials import CredentialService
 from a2a.client.auth.interceptor import AuthInterceptor
-from a2a.client.client import Client
+from a2a.client.client import Client, ClientCallContext
 from a2a.types import a2a_pb2 as a2a
 from a2a.types import a2a_pb2_grpc
 from grpc import aio
@@ -33,6 +33,8 @@ from tests.service.dispatchkit import dispatcher_stub
 from tests.service.integrationkit import hub_mesh
 
 CODE = grpc.StatusCode
+RESUME = "https://switchboard.dev/a2a/extensions/resume/v1"
+AFTER = "switchboard-after-sequence"
 
 
 class _Token(CredentialService):
@@ -322,3 +324,98 @@ async def test_strangers_viewers_and_malformed_names(agent: Agent) -> None:
             ),
             CODE.UNIMPLEMENTED,
         )
+
+
+def _sequence(event: a2a.StreamResponse) -> int:
+    payload = getattr(event, event.WhichOneof("payload") or "task")
+    return int(payload.metadata["switchboard.sequence"])
+
+
+def _text(events: list[a2a.StreamResponse]) -> str:
+    return "".join(
+        part.text
+        for event in events
+        if event.HasField("artifact_update")
+        for part in event.artifact_update.artifact.parts
+    )
+
+
+async def test_a_dropped_stream_resumes_exactly_with_the_extension(agent: Agent) -> None:
+    """The resume extension, with the official client: its card declares it, a client
+    activates it on SubscribeToTask with the last sequence it saw, and gets the rest
+    of the answer once: nothing lost, nothing repeated."""
+    [extension] = agent.card.capabilities.extensions
+    assert extension.uri == RESUME
+    client = agent.client(agent.world.editor)
+    words = "alpha beta gamma delta epsilon zeta eta theta"
+    first: list[a2a.StreamResponse] = []
+    try:
+        # The SDK's send_message is an async generator: closing it ends the call.
+        stream = cast(
+            "AsyncGenerator[a2a.StreamResponse, None]",
+            client.send_message(request(words, agent.tenant, metadata={"delay_ms": 100})),
+        )
+        async for event in stream:
+            first.append(event)
+            if sum(e.HasField("artifact_update") for e in first) == 3:
+                break
+        await stream.aclose()  # the connection dropped mid-answer
+        task_id = first[0].task.id
+        seen = _sequence(first[-1])
+        resumed = [
+            event
+            async for event in client.subscribe(
+                a2a.SubscribeToTaskRequest(id=task_id),
+                context=ClientCallContext(
+                    service_parameters={"A2A-Extensions": RESUME, AFTER: str(seen)}
+                ),
+            )
+        ]
+    finally:
+        await client.close()
+    assert resumed[0].HasField("task")
+    rest = resumed[1:]
+    sequences = [_sequence(event) for event in rest]
+    assert sequences == sorted(sequences)
+    assert all(sequence > seen for sequence in sequences)
+    assert rest[-1].status_update.status.state == a2a.TASK_STATE_COMPLETED
+    async with aio.insecure_channel(agent.server.address) as channel:
+        got = await stub(channel).GetTask(
+            a2a.GetTaskRequest(tenant=agent.tenant, id=task_id),
+            metadata=agent.world.viewer.md,
+            timeout=TIMEOUT_S,
+        )
+        assert _text(first) + _text(rest) == answer_of(got)
+        assert answer_of(got).startswith(words)
+        # After the end: the extension answers with what is left (nothing), the
+        # plain protocol with an error, and a malformed sequence is refused.
+        ended = a2a.SubscribeToTaskRequest(tenant=agent.tenant, id=task_id)
+        last = str(_sequence(rest[-1]))
+        md = agent.world.viewer.md
+        after_end = [
+            event
+            async for event in stub(channel).SubscribeToTask(
+                ended, metadata=(*md, ("a2a-extensions", RESUME), (AFTER, last)), timeout=TIMEOUT_S
+            )
+        ]
+        assert [event.WhichOneof("payload") for event in after_end] == ["task"]
+        await refused(
+            _drain(stub(channel).SubscribeToTask(ended, metadata=md, timeout=TIMEOUT_S)),
+            CODE.FAILED_PRECONDITION,
+        )
+        error = await refused(
+            _drain(
+                stub(channel).SubscribeToTask(
+                    ended,
+                    metadata=(*md, ("a2a-extensions", RESUME), (AFTER, "-1")),
+                    timeout=TIMEOUT_S,
+                )
+            ),
+            CODE.INVALID_ARGUMENT,
+        )
+        assert fields(error) == [AFTER]
+
+
+async def _drain(call: Any) -> None:
+    async for _ in call:
+        pass

@@ -226,16 +226,18 @@ class Agents:
         )
 
     async def subscribe(
-        self, principal: Principal, request: a2a.SubscribeToTaskRequest
+        self, principal: Principal, request: a2a.SubscribeToTaskRequest, after: int | None
     ) -> AsyncIterator[a2a.StreamResponse]:
+        """The task, then its events; with the resume extension (``after`` set) only
+        those after that sequence, also for a task that has ended since."""
         workspace, _ = mapping.agent(request.tenant)
         name = mapping.run_name(workspace, request.id)
         await self._policy.authorize(principal, name, Permission.READ, "id")
         run = await self._runs.get_run(name)
-        if run.state in _ENDED:
+        if run.state in _ENDED and after is None:
             # A2A: subscribing to a task in a terminal state is an error.
             raise FailedPrecondition(f"task {request.id} has ended; GetTask reads it")
-        async for response in self._relay(principal, run, 0):
+        async for response in self._relay(principal, run, after or 0):
             yield response
 
     # -- helpers ----------------------------------------------------------------------------
@@ -249,7 +251,8 @@ class Agents:
             hold = await grant.hold(((run.name, "id"),), Permission.READ)
             yield a2a.StreamResponse(task=await self._task(run, answer=False))
             ids = (mapping.task_id(run.name), mapping.context_id(run.name))
-            streamed = False
+            # A resumed stream continues an answer its client already holds part of.
+            streamed = after > 0
             async for update in hold.guard(self._runs.watch(run.name, after)):
                 if update is None:
                     continue
@@ -346,7 +349,10 @@ def card_of(assistant: pb.Assistant, interfaces: list[Interface]) -> a2a.AgentCa
             for interface in interfaces
         ],
         capabilities=a2a.AgentCapabilities(
-            streaming=True, push_notifications=False, extended_agent_card=True
+            streaming=True,
+            push_notifications=False,
+            extended_agent_card=True,
+            extensions=[resume_extension()],
         ),
         default_input_modes=["text/plain"],
         default_output_modes=["text/plain"],
@@ -370,3 +376,19 @@ def card_of(assistant: pb.Assistant, interfaces: list[Interface]) -> a2a.AgentCa
     requirement = card.security_requirements.add()
     requirement.schemes["bearer"].SetInParent()
     return card
+
+
+def resume_extension() -> a2a.AgentExtension:
+    """The resume extension as a card declares it (docs/a2a.md)."""
+    extension = a2a.AgentExtension(
+        uri=mapping.RESUME_EXTENSION,
+        description=(
+            "Resume a task's stream exactly: every streamed event carries the run's sequence "
+            f"in metadata[{mapping.SEQUENCE_KEY!r}]; SubscribeToTask with the header "
+            f"{mapping.AFTER_HEADER!r} set to the last one seen continues after it, once each, "
+            "also after the task ended."
+        ),
+        required=False,
+    )
+    extension.params.update({"metadata_key": mapping.SEQUENCE_KEY, "header": mapping.AFTER_HEADER})
+    return extension

@@ -34,6 +34,12 @@ CONTEXT_ID: Final = re.compile(_ID)
 ANSWER_ARTIFACT: Final = "answer"
 #: Metadata key carrying the run's sequence on streamed events (the resume extension).
 SEQUENCE_KEY: Final = "switchboard.sequence"
+#: The resume extension (docs/a2a.md, "Resuming a stream"): a client that names it in
+#: ``a2a-extensions`` and sends the last sequence it saw in ``AFTER_HEADER`` on
+#: SubscribeToTask gets every event after that one, once, also for a task that ended.
+RESUME_EXTENSION: Final = "https://switchboard.dev/a2a/extensions/resume/v1"
+EXTENSIONS_HEADER: Final = "a2a-extensions"
+AFTER_HEADER: Final = "switchboard-after-sequence"
 
 STATES: Final = {
     pb.RUN_STATE_QUEUED: a2a.TASK_STATE_SUBMITTED,

@@ -8,21 +8,48 @@ every card): those four methods answer UNIMPLEMENTED.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
 from grpc import aio
 
 from a2a.types import a2a_pb2 as a2a
 from a2a.types import a2a_pb2_grpc
+from switchboard.a2a import mapping
 from switchboard.a2a.agents import Agents
 from switchboard.platform.authn import current_principal
-from switchboard.platform.errors import NotImplementedYet
+from switchboard.platform.errors import FieldViolation, InvalidArgument, NotImplementedYet
 
 SERVICE = a2a.DESCRIPTOR.services_by_name["A2AService"]
 
 Context = aio.ServicerContext[object, object]
 
 _NO_PUSH = "push notifications are not offered by this agent (its card says so)"
+_MAX_SEQUENCE_DIGITS = 18
+
+
+def _resume_after(metadata: Iterable[tuple[str, str | bytes]]) -> int | None:
+    """The sequence the resume extension continues after; None when not asked for.
+
+    It applies when the client activates the extension (``a2a-extensions``)
+    and names a sequence; a sequence without the activation is ignored, as
+    A2A says of an extension's parameters.
+    """
+    activated, value = False, None
+    for key, raw in metadata:
+        text = raw if isinstance(raw, str) else ""
+        if key == mapping.EXTENSIONS_HEADER:
+            activated |= mapping.RESUME_EXTENSION in (part.strip() for part in text.split(","))
+        elif key == mapping.AFTER_HEADER:
+            value = text.strip()
+    if not activated or value is None:
+        return None
+    if not value.isascii() or not value.isdigit() or len(value) > _MAX_SEQUENCE_DIGITS:
+        description = "must be the sequence of an event the stream sent (a non-negative integer)"
+        raise InvalidArgument(
+            f"{mapping.AFTER_HEADER} {description}",
+            [FieldViolation(mapping.AFTER_HEADER, description)],
+        )
+    return int(value)
 
 
 class A2AServiceServicer(a2a_pb2_grpc.A2AServiceServicer):
@@ -54,7 +81,13 @@ class A2AServiceServicer(a2a_pb2_grpc.A2AServiceServicer):
     async def SubscribeToTask(
         self, request: a2a.SubscribeToTaskRequest, context: Context
     ) -> AsyncIterator[a2a.StreamResponse]:
-        async for response in self._agents.subscribe(current_principal(), request):
+        after = _resume_after(context.invocation_metadata() or ())
+        if after is not None:
+            # A2A: the extensions a server applied are named back to the client.
+            await context.send_initial_metadata(
+                ((mapping.EXTENSIONS_HEADER, mapping.RESUME_EXTENSION),)
+            )
+        async for response in self._agents.subscribe(current_principal(), request, after):
             yield response
 
     async def GetExtendedAgentCard(
