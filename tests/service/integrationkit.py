@@ -6,6 +6,7 @@ import base64
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 from google.protobuf import duration_pb2
@@ -16,7 +17,7 @@ from switchboard.api.integration.v1 import integration_pb2_grpc
 from switchboard.mesh import create_server
 from switchboard.platform.server import SwitchboardServer
 from tests.conftest import make_settings
-from tests.service.contextkit import TIMEOUT_S, Caller
+from tests.service.contextkit import TIMEOUT_S, Caller, World, context_stub, ctx_world
 
 Stub: TypeAlias = "integration_pb2_grpc.IntegrationServiceAsyncStub"
 
@@ -82,3 +83,33 @@ async def hub_mesh(**overrides: Any) -> AsyncIterator[tuple[SwitchboardServer, a
             yield server, channel
     finally:
         await server.shutdown(grace=0)
+
+
+@dataclass(frozen=True)
+class McpHub:
+    """A mesh with a populated workspace and one MCP integration in it."""
+
+    stub: Stub
+    world: World
+    integration: str
+    channel: aio.Channel
+
+
+@asynccontextmanager
+async def mcp_hub(endpoint: str, credential: str = "", **overrides: Any) -> AsyncIterator[McpHub]:
+    """``hub_mesh`` with a world whose owner registered the MCP server at ``endpoint``."""
+    async with hub_mesh(**overrides) as (server, channel):
+        world = await ctx_world(server, context_stub(channel))
+        stub = integration_stub(channel)
+        made = await create(
+            stub,
+            world.owner,
+            world.name,
+            ipb.Integration(
+                kind=ipb.INTEGRATION_KIND_MCP_SERVER,
+                endpoint=endpoint,
+                display_name="MCP",
+                credential=credential,
+            ),
+        )
+        yield McpHub(stub, world, made.name, channel)

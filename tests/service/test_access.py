@@ -249,9 +249,15 @@ async def test_anonymous_and_forged_callers_are_unauthenticated(channel: aio.Cha
             continue
         request = _request_class(method)()
         for credential in (None, "not.a.jwt", "sbk_short"):
-            code = await _call(channel, method, request, credential)
-            if code != grpc.StatusCode.UNAUTHENTICATED:
-                wrong.append((_path(method), credential, code))
+            try:
+                await _call_or_raise(channel, method, request, credential)
+            except aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAUTHENTICATED:
+                    # Everything the answer says: an INTERNAL on EventService/Stream was
+                    # seen once in a full run and not reproduced in 7,200 calls since.
+                    wrong.append((_path(method), credential, exc.code(), exc.debug_error_string()))
+            else:
+                wrong.append((_path(method), credential, grpc.StatusCode.OK, ""))
     assert wrong == []
 
 

@@ -21,8 +21,8 @@ from switchboard.integration.connectors import Unreachable
 from switchboard.integration.mcp import McpConnector
 from switchboard.platform.egress import EgressPolicy
 from tests.infra.httprecorder import Recorder, Reply, recording
-from tests.service.contextkit import TIMEOUT_S, context_stub, ctx_world, refused
-from tests.service.integrationkit import create, hub_mesh, integration_stub
+from tests.service.contextkit import TIMEOUT_S, refused
+from tests.service.integrationkit import mcp_hub
 
 LOOPBACK = EgressPolicy(allow_loopback=True)
 CREDENTIAL = "s3cret-mcp-credential"
@@ -39,6 +39,22 @@ def endpoint() -> Iterator[Recorder]:
 def elsewhere() -> Iterator[Recorder]:
     with recording() as recorder:
         yield recorder
+
+
+async def _refused_listing(endpoint: Recorder) -> Unreachable:
+    """What listing the endpoint's tools with the credential raises (it must raise)."""
+    mcp = McpConnector(
+        endpoint.url("/mcp"),
+        egress=LOOPBACK,
+        connect_timeout_s=10.0,
+        headers={"Authorization": f"Bearer {CREDENTIAL}"},
+    )
+    try:
+        with pytest.raises(Unreachable) as raised:
+            await mcp.list_tools(10.0)
+    finally:
+        await mcp.close()
+    return raised.value
 
 
 def _target(where: str, endpoint: Recorder, elsewhere: Recorder) -> str:
@@ -58,20 +74,10 @@ async def test_a_redirect_is_not_followed_and_the_credential_stays(
     endpoint.routes["/mcp"] = Reply(status, {"location": location})
     # What the same-origin target would answer if it were asked: a working endpoint's reply.
     endpoint.routes["/mcp/"] = Reply(404)
-    mcp = McpConnector(
-        endpoint.url("/mcp"),
-        egress=LOOPBACK,
-        connect_timeout_s=10.0,
-        headers={"Authorization": f"Bearer {CREDENTIAL}"},
-    )
-    try:
-        with pytest.raises(Unreachable) as raised:
-            await mcp.list_tools(10.0)
-    finally:
-        await mcp.close()
-    assert f"HTTP {status}" in str(raised.value)
-    assert "redirect" in str(raised.value)
-    assert CREDENTIAL not in str(raised.value)
+    raised = await _refused_listing(endpoint)
+    assert f"HTTP {status}" in str(raised)
+    assert "redirect" in str(raised)
+    assert CREDENTIAL not in str(raised)
     paths = {seen.path for seen in endpoint.seen}
     assert paths == {"/mcp"}, f"followed to {paths - {'/mcp'}}"
     assert elsewhere.seen == []
@@ -84,23 +90,11 @@ async def test_list_tools_names_the_redirect_without_following_it(
     endpoint: Recorder, elsewhere: Recorder
 ) -> None:
     endpoint.routes["/mcp"] = Reply(307, {"location": elsewhere.url("/mcp")})
-    async with hub_mesh() as (server, channel):
-        world = await ctx_world(server, context_stub(channel))
-        stub = integration_stub(channel)
-        made = await create(
-            stub,
-            world.owner,
-            world.name,
-            ipb.Integration(
-                kind=ipb.INTEGRATION_KIND_MCP_SERVER,
-                endpoint=endpoint.url("/mcp"),
-                display_name="Moved",
-                credential=CREDENTIAL,
-            ),
-        )
+    async with mcp_hub(endpoint.url("/mcp"), CREDENTIAL) as hub:
+        stub, world, made = hub.stub, hub.world, hub.integration
         error = await refused(
             stub.ListTools(
-                ipb.ListToolsRequest(parent=made.name), metadata=world.viewer.md, timeout=TIMEOUT_S
+                ipb.ListToolsRequest(parent=made), metadata=world.viewer.md, timeout=TIMEOUT_S
             ),
             grpc.StatusCode.UNAVAILABLE,
         )
@@ -119,17 +113,7 @@ async def test_an_authorization_challenge_fetches_nothing(
     endpoint.routes["/mcp"] = Reply(
         401, {"www-authenticate": f'Bearer resource_metadata="{metadata}"'}
     )
-    mcp = McpConnector(
-        endpoint.url("/mcp"),
-        egress=LOOPBACK,
-        connect_timeout_s=10.0,
-        headers={"Authorization": f"Bearer {CREDENTIAL}"},
-    )
-    try:
-        with pytest.raises(Unreachable) as raised:
-            await mcp.list_tools(10.0)
-    finally:
-        await mcp.close()
-    assert "HTTP 401" in str(raised.value)
+    raised = await _refused_listing(endpoint)
+    assert "HTTP 401" in str(raised)
     assert {seen.path for seen in endpoint.seen} == {"/mcp"}
     assert elsewhere.seen == []

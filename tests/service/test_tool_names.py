@@ -20,9 +20,9 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as dpb
 from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.platform import names
 from tests.infra.mcpserver import McpTestServer
-from tests.service.contextkit import TIMEOUT_S, World, context_stub, ctx_world, refused, violations
+from tests.service.contextkit import TIMEOUT_S, World, refused, violations
 from tests.service.dispatchkit import dispatcher_stub
-from tests.service.integrationkit import Stub, create, hub_mesh, integration_stub
+from tests.service.integrationkit import Stub, mcp_hub
 
 CODE = grpc.StatusCode
 _OBJECT = {"type": "object", "properties": {"q": {"type": "string"}}}
@@ -50,21 +50,9 @@ def server() -> Iterator[McpTestServer]:
 
 @pytest.fixture
 async def hub(server: McpTestServer) -> AsyncIterator[tuple[Stub, World, str, Any]]:
-    async with hub_mesh(llm_base_url="http://127.0.0.1:1/v1", llm_model="test-model") as (
-        mesh,
-        channel,
-    ):
-        world = await ctx_world(mesh, context_stub(channel))
-        stub = integration_stub(channel)
-        made = await create(
-            stub,
-            world.owner,
-            world.name,
-            ipb.Integration(
-                kind=ipb.INTEGRATION_KIND_MCP_SERVER, endpoint=server.url, display_name="Names"
-            ),
-        )
-        yield stub, world, made.name, channel
+    overrides = {"llm_base_url": "http://127.0.0.1:1/v1", "llm_model": "test-model"}
+    async with mcp_hub(server.url, **overrides) as made:
+        yield made.stub, made.world, made.integration, made.channel
 
 
 def test_the_longest_name_is_the_specifications_longest() -> None:

@@ -26,8 +26,8 @@ from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.integration.v1 import integration_pb2 as ipb
 from tests.infra.httprecorder import Recorder, Reply, recording
 from tests.infra.mcpserver import McpTestServer
-from tests.service.contextkit import TIMEOUT_S, World, context_stub, ctx_world, refused, violations
-from tests.service.integrationkit import Stub, create, hub_mesh, integration_stub
+from tests.service.contextkit import TIMEOUT_S, World, refused, violations
+from tests.service.integrationkit import Stub, mcp_hub
 
 CODE = grpc.StatusCode
 
@@ -128,18 +128,8 @@ def server(schemas: Recorder, beyond: Recorder) -> Iterator[McpTestServer]:
 
 @pytest.fixture
 async def hub(server: McpTestServer) -> AsyncIterator[tuple[Stub, World, str, Any]]:
-    async with hub_mesh() as (mesh, channel):
-        world = await ctx_world(mesh, context_stub(channel))
-        stub = integration_stub(channel)
-        made = await create(
-            stub,
-            world.owner,
-            world.name,
-            ipb.Integration(
-                kind=ipb.INTEGRATION_KIND_MCP_SERVER, endpoint=server.url, display_name="Schemas"
-            ),
-        )
-        yield stub, world, made.name, channel
+    async with mcp_hub(server.url) as made:
+        yield made.stub, made.world, made.integration, made.channel
 
 
 def arguments(**values: Any) -> struct_pb2.Struct:
