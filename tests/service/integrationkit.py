@@ -97,7 +97,8 @@ class McpHub:
 
 @asynccontextmanager
 async def mcp_hub(endpoint: str, credential: str = "", **overrides: Any) -> AsyncIterator[McpHub]:
-    """``hub_mesh`` with a world whose owner registered the MCP server at ``endpoint``."""
+    """``hub_mesh`` with a world whose owner registered the MCP server at ``endpoint``
+    as ``integrations/mcp`` (so a model calls its tools ``mcp__<tool>``)."""
     async with hub_mesh(**overrides) as (server, channel):
         world = await ctx_world(server, context_stub(channel))
         stub = integration_stub(channel)
@@ -111,5 +112,6 @@ async def mcp_hub(endpoint: str, credential: str = "", **overrides: Any) -> Asyn
                 display_name="MCP",
                 credential=credential,
             ),
+            integration_id="mcp",
         )
         yield McpHub(stub, world, made.name, channel)

@@ -6,7 +6,9 @@ its client from it (the gRPC interface and the tenant it names). Then: a
 blocking send answered by the built-in echo handler, a streamed send whose
 chunks add up to the answer, tasks read and listed, idempotency by message id,
 a cancelled slow task, a stranger and a viewer refused as on every other RPC,
-and malformed names answered with field violations.
+malformed names answered with field violations, a dropped stream resumed exactly
+(the resume extension), and a run paused for tool approval as an input-required
+task that the client's next message decides (an MCP tool, the local model server).
 """
 
 from __future__ import annotations
@@ -23,14 +25,17 @@ from a2a.client.auth.interceptor import AuthInterceptor
 from a2a.client.client import Client, ClientCallContext
 from a2a.types import a2a_pb2 as a2a
 from a2a.types import a2a_pb2_grpc
+from google.protobuf import json_format, struct_pb2
 from grpc import aio
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as dpb
 from switchboard.platform.server import SwitchboardServer
+from tests.fakes.openai_server import FakeOpenAI, Reply
+from tests.infra.mcpserver import McpTestServer
 from tests.service.contextkit import TIMEOUT_S, Caller, World, context_stub, ctx_world, refused
 from tests.service.contextkit import violations as fields
 from tests.service.dispatchkit import dispatcher_stub
-from tests.service.integrationkit import hub_mesh
+from tests.service.integrationkit import hub_mesh, mcp_hub
 
 CODE = grpc.StatusCode
 RESUME = "https://switchboard.dev/a2a/extensions/resume/v1"
@@ -419,3 +424,116 @@ async def test_a_dropped_stream_resumes_exactly_with_the_extension(agent: Agent)
 async def _drain(call: Any) -> None:
     async for _ in call:
         pass
+
+
+async def test_a_task_waiting_for_approval_is_input_required_and_continued_by_a_message() -> None:
+    """A run paused for tool approval is input-required; its status message lists the
+    pending calls, and the client's next message on the task carries the decisions."""
+    with McpTestServer() as mcp:
+        async with FakeOpenAI() as fake:
+            settings: dict[str, Any] = {
+                "llm_base_url": fake.url,
+                "llm_model": "m-1",
+                "llm_max_retries": 0,
+            }
+            async with mcp_hub(mcp.url, **settings) as hub:
+                world, channel = hub.world, hub.channel
+                await dispatcher_stub(channel).CreateAssistant(
+                    dpb.CreateAssistantRequest(
+                        parent=world.name,
+                        assistant_id="careful",
+                        assistant=dpb.Assistant(
+                            display_name="Careful",
+                            handler="handlers/llm",
+                            tools=[
+                                dpb.AssistantTools(
+                                    integration=hub.integration,
+                                    tools=["echo"],
+                                    approval_required_tools=["echo"],
+                                )
+                            ],
+                        ),
+                    ),
+                    metadata=world.owner.md,
+                    timeout=TIMEOUT_S,
+                )
+                fake.script(
+                    Reply.tool_calls(
+                        [
+                            ("mcp__echo", {"message": "one"}, "c1"),
+                            ("mcp__echo", {"message": "two"}, "c2"),
+                        ]
+                    ),
+                    lambda body: Reply.text(
+                        "Heard: "
+                        + " | ".join(
+                            m["content"] for m in body["messages"] if m.get("role") == "tool"
+                        )
+                    ),
+                )
+                tenant = world.name.removeprefix("workspaces/") + ".careful"
+                a2a_stub = stub(channel)
+                editor = world.editor.md
+                sent = await a2a_stub.SendMessage(
+                    request("echo twice", tenant), metadata=editor, timeout=TIMEOUT_S
+                )
+                task = sent.task
+                assert task.status.state == a2a.TASK_STATE_INPUT_REQUIRED
+                asked = task.status.message
+                assert asked.role == a2a.ROLE_AGENT
+                [data] = [part.data for part in asked.parts if part.HasField("data")]
+                pending = json_format.MessageToDict(data)["pending_tool_calls"]
+                assert [call["tool_call_id"] for call in pending] == ["c1", "c2"]
+                assert pending[0]["tool"] == f"{hub.integration}/tools/echo"
+                assert pending[0]["arguments"] == {"message": "one"}
+
+                def decide(*decisions: dict[str, str], on: str = task.id) -> a2a.SendMessageRequest:
+                    value = struct_pb2.Value()
+                    value.struct_value.update({"approvals": list(decisions)})
+                    return a2a.SendMessageRequest(
+                        tenant=tenant,
+                        message=a2a.Message(
+                            message_id=str(uuid.uuid4()),
+                            task_id=on,
+                            context_id=task.context_id,
+                            role=a2a.ROLE_USER,
+                            parts=[a2a.Part(data=value)],
+                        ),
+                    )
+
+                approve = {"tool_call_id": "c1", "decision": "approve"}
+                deny = {"tool_call_id": "c2", "decision": "deny", "reason": "not that one"}
+                # A viewer may not decide; a malformed decision names its place.
+                await refused(
+                    a2a_stub.SendMessage(
+                        decide(approve), metadata=world.viewer.md, timeout=TIMEOUT_S
+                    ),
+                    CODE.PERMISSION_DENIED,
+                )
+                error = await refused(
+                    a2a_stub.SendMessage(
+                        decide({"tool_call_id": "c1", "decision": "maybe"}),
+                        metadata=editor,
+                        timeout=TIMEOUT_S,
+                    ),
+                    CODE.INVALID_ARGUMENT,
+                )
+                assert fields(error) == ["message.parts[0].data.approvals[0].decision"]
+                done = await a2a_stub.SendMessage(
+                    decide(approve, deny), metadata=editor, timeout=TIMEOUT_S
+                )
+                assert done.task.id == task.id
+                assert done.task.status.state == a2a.TASK_STATE_COMPLETED
+                answer = answer_of(done.task)
+                assert "one" in answer
+                assert "not that one" in answer
+                # A task that is not waiting for input takes no more messages.
+                await refused(
+                    a2a_stub.SendMessage(decide(approve), metadata=editor, timeout=TIMEOUT_S),
+                    CODE.FAILED_PRECONDITION,
+                )
+
+
+def _tool_answers(body: dict[str, Any]) -> list[str]:
+    """What the model was told the tools answered (the local model echoes it back)."""
+    return [str(m["content"]) for m in body["messages"] if m.get("role") == "tool"]

@@ -41,19 +41,29 @@ MAX_PAGE: Final = 100
 
 
 class Runs(Protocol):
-    """What the front door needs of the dispatcher (``dispatcher/service.py``)."""
+    """What the front door needs of the dispatcher (``ports``: in this process or another)."""
 
     def send_message(
         self, principal: Principal, request: pb.SendMessageRequest
     ) -> Awaitable[pb.SendMessageResponse]: ...
 
-    def get_run(self, name: str) -> Awaitable[pb.Run]: ...
+    def get_run(self, principal: Principal, name: str) -> Awaitable[pb.Run]: ...
 
-    def list_runs(self, request: pb.ListRunsRequest) -> Awaitable[pb.ListRunsResponse]: ...
+    def list_runs(
+        self, principal: Principal, request: pb.ListRunsRequest
+    ) -> Awaitable[pb.ListRunsResponse]: ...
 
     def cancel_run(self, principal: Principal, name: str, reason: str) -> Awaitable[pb.Run]: ...
 
-    def watch(self, name: str, after_sequence: int) -> AsyncIterator[pb.RunUpdate | None]: ...
+    def watch(
+        self, principal: Principal, name: str, after_sequence: int
+    ) -> AsyncIterator[pb.RunUpdate | None]: ...
+
+    def submit_tool_approvals(
+        self, principal: Principal, request: pb.SubmitToolApprovalsRequest
+    ) -> Awaitable[pb.Run]: ...
+
+    def assistant(self, principal: Principal, name: str) -> Awaitable[pb.Assistant]: ...
 
 
 class Texts(Protocol):
@@ -63,11 +73,7 @@ class Texts(Protocol):
         self, principal: Principal, parent: str, request_id: str
     ) -> Awaitable[str]: ...
 
-    def text(self, message: str) -> Awaitable[str]: ...
-
-
-class AssistantReader(Protocol):
-    def get(self, name: str) -> Awaitable[pb.Assistant]: ...
+    def text(self, principal: Principal, message: str) -> Awaitable[str]: ...
 
 
 @dataclass(frozen=True)
@@ -84,14 +90,12 @@ class Agents:
         self,
         runs: Runs,
         texts: Texts,
-        assistants: AssistantReader,
         policy: Policy,
         access: AccessWatch,
         interfaces: Callable[[], list[Interface]],
     ) -> None:
         self._runs = runs
         self._texts = texts
-        self._assistants = assistants
         self._policy = policy
         self._access = access
         self._interfaces = interfaces
@@ -101,24 +105,21 @@ class Agents:
     async def card(self, principal: Principal, tenant: str) -> a2a.AgentCard:
         _, assistant_name = mapping.agent(tenant)
         await self._policy.authorize(principal, assistant_name, Permission.READ, "tenant")
-        assistant = await self._assistants.get(assistant_name)
+        assistant = await self._runs.assistant(principal, assistant_name)
         return card_of(assistant, self._interfaces())
 
     # -- sending ----------------------------------------------------------------------------
 
-    async def _admit(self, principal: Principal, request: a2a.SendMessageRequest) -> pb.Run:
+    async def _admit(
+        self, principal: Principal, request: a2a.SendMessageRequest
+    ) -> tuple[pb.Run, int]:
+        """The run the message starts or continues, and the sequence to follow it after."""
         workspace, assistant = mapping.agent(request.tenant)
         message = request.message
         if not request.HasField("message"):
             raise InvalidArgument("message is required", [FieldViolation("message", "is required")])
         if message.task_id:
-            # A message on an existing task would continue it (an approval, more
-            # input); runs are answered once, so that is refused, not guessed at.
-            description = "continuing a task is not supported: send without task_id"
-            raise InvalidArgument(
-                f"message.task_id: {description}",
-                [FieldViolation("message.task_id", description)],
-            )
+            return await self._continue(principal, workspace, message)
         parts = mapping.parts_in(message)
         if not names.REQUEST_ID.fullmatch(message.message_id):
             description = "must be 1-64 letters, digits, '-' or '_' (a UUID is)"
@@ -150,26 +151,47 @@ class Agents:
                 parameters=request.metadata,
             ),
         )
-        return sent.run
+        return sent.run, 0
+
+    async def _continue(
+        self, principal: Principal, workspace: str, message: a2a.Message
+    ) -> tuple[pb.Run, int]:
+        """A message on an input-required task: the decisions on its pending tool calls.
+
+        A run is answered once; the only input a task asks for is a person's
+        decision on tool calls (``SubmitToolApprovals``), so a message on a task
+        in any other state is refused.
+        """
+        name = mapping.run_name(workspace, message.task_id, "message.task_id")
+        await self._policy.authorize(principal, name, Permission.WRITE, "message.task_id")
+        approvals = mapping.approvals_in(message, name)
+        current = await self._runs.get_run(principal, name)
+        if current.state != pb.RUN_STATE_REQUIRES_ACTION:
+            raise FailedPrecondition(
+                f"task {message.task_id} is not waiting for input (A2A state "
+                f"{a2a.TaskState.Name(mapping.STATES.get(current.state, 0))})"
+            )
+        run = await self._runs.submit_tool_approvals(principal, approvals)
+        return run, run.last_sequence
 
     async def send(
         self, principal: Principal, request: a2a.SendMessageRequest
     ) -> a2a.SendMessageResponse:
-        run = await self._admit(principal, request)
-        if not request.configuration.return_immediately:
-            async for update in self._runs.watch(run.name, 0):
+        run, after = await self._admit(principal, request)
+        if not request.configuration.return_immediately and run.state not in _SETTLED:
+            async for update in self._runs.watch(principal, run.name, after):
                 if update is None or update.WhichOneof("update") != "state_change":
                     continue
                 run = update.state_change.run
                 if run.state in _SETTLED:
                     break
-        return a2a.SendMessageResponse(task=await self._task(run))
+        return a2a.SendMessageResponse(task=await self._task(principal, run))
 
     async def stream(
         self, principal: Principal, request: a2a.SendMessageRequest
     ) -> AsyncIterator[a2a.StreamResponse]:
-        run = await self._admit(principal, request)
-        async for response in self._relay(principal, run, 0):
+        run, after = await self._admit(principal, request)
+        async for response in self._relay(principal, run, after):
             yield response
 
     # -- tasks ------------------------------------------------------------------------------
@@ -178,16 +200,16 @@ class Agents:
         workspace, _ = mapping.agent(request.tenant)
         name = mapping.run_name(workspace, request.id)
         await self._policy.authorize(principal, name, Permission.READ, "id")
-        run = await self._runs.get_run(name)
+        run = await self._runs.get_run(principal, name)
         history = request.history_length if request.HasField("history_length") else None
-        return await self._task(run, history=history)
+        return await self._task(principal, run, history=history)
 
     async def cancel(self, principal: Principal, request: a2a.CancelTaskRequest) -> a2a.Task:
         workspace, _ = mapping.agent(request.tenant)
         name = mapping.run_name(workspace, request.id)
         await self._policy.authorize(principal, name, Permission.WRITE, "id")
         run = await self._runs.cancel_run(principal, name, "cancelled by an A2A client")
-        return await self._task(run)
+        return await self._task(principal, run)
 
     async def list(
         self, principal: Principal, request: a2a.ListTasksRequest
@@ -210,14 +232,15 @@ class Agents:
                 return a2a.ListTasksResponse(page_size=size)
             states.append(state)
         listed = await self._runs.list_runs(
+            principal,
             pb.ListRunsRequest(
                 parent=conversation, page_size=size, page_token=request.page_token, states=states
-            )
+            ),
         )
         history = request.history_length if request.HasField("history_length") else 0
         artifacts = request.include_artifacts if request.HasField("include_artifacts") else False
         tasks = [
-            await self._task(run, history=history, artifacts=artifacts)
+            await self._task(principal, run, history=history, artifacts=artifacts)
             for run in listed.runs
             if run.assistant == assistant
         ]
@@ -233,7 +256,7 @@ class Agents:
         workspace, _ = mapping.agent(request.tenant)
         name = mapping.run_name(workspace, request.id)
         await self._policy.authorize(principal, name, Permission.READ, "id")
-        run = await self._runs.get_run(name)
+        run = await self._runs.get_run(principal, name)
         if run.state in _ENDED and after is None:
             # A2A: subscribing to a task in a terminal state is an error.
             raise FailedPrecondition(f"task {request.id} has ended; GetTask reads it")
@@ -249,11 +272,11 @@ class Agents:
         grant = self._access.open(principal)
         try:
             hold = await grant.hold(((run.name, "id"),), Permission.READ)
-            yield a2a.StreamResponse(task=await self._task(run, answer=False))
+            yield a2a.StreamResponse(task=await self._task(principal, run, answer=False))
             ids = (mapping.task_id(run.name), mapping.context_id(run.name))
             # A resumed stream continues an answer its client already holds part of.
             streamed = after > 0
-            async for update in hold.guard(self._runs.watch(run.name, after)):
+            async for update in hold.guard(self._runs.watch(principal, run.name, after)):
                 if update is None:
                     continue
                 kind = update.WhichOneof("update")
@@ -276,7 +299,9 @@ class Agents:
                 elif kind == "state_change":
                     changed = update.state_change.run
                     if changed.state in _ENDED:
-                        final = await self._final_chunk(changed, ids, streamed, update.sequence)
+                        final = await self._final_chunk(
+                            principal, changed, ids, streamed, update.sequence
+                        )
                         if final is not None:
                             yield final
                     yield a2a.StreamResponse(
@@ -293,12 +318,12 @@ class Agents:
             grant.close()
 
     async def _final_chunk(
-        self, run: pb.Run, ids: tuple[str, str], streamed: bool, sequence: int
+        self, principal: Principal, run: pb.Run, ids: tuple[str, str], streamed: bool, sequence: int
     ) -> a2a.StreamResponse | None:
         """The answer's last chunk: empty after streamed deltas, the whole text otherwise."""
         if run.state != pb.RUN_STATE_SUCCEEDED:
             return None
-        text = "" if streamed else await self._answer(run)
+        text = "" if streamed else await self._answer(principal, run)
         return a2a.StreamResponse(
             artifact_update=a2a.TaskArtifactUpdateEvent(
                 task_id=ids[0],
@@ -312,11 +337,12 @@ class Agents:
             )
         )
 
-    async def _answer(self, run: pb.Run) -> str:
-        return await self._texts.text(run.output_message) if run.output_message else ""
+    async def _answer(self, principal: Principal, run: pb.Run) -> str:
+        return await self._texts.text(principal, run.output_message) if run.output_message else ""
 
     async def _task(
         self,
+        principal: Principal,
         run: pb.Run,
         *,
         history: int | None = None,
@@ -325,10 +351,10 @@ class Agents:
     ) -> a2a.Task:
         question = ""
         if history is None or history > 0:
-            question = await self._texts.text(run.input_message)
+            question = await self._texts.text(principal, run.input_message)
         text: str | None = None
         if answer and artifacts and run.state == pb.RUN_STATE_SUCCEEDED:
-            text = await self._answer(run)
+            text = await self._answer(principal, run)
         return mapping.task(run, question, text)
 
 

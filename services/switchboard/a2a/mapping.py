@@ -15,9 +15,9 @@ resource name, and the name is what the policy authorizes.
 from __future__ import annotations
 
 import re
-from typing import Final
+from typing import Any, Final
 
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2
 from google.rpc import code_pb2
 
 from a2a.types import a2a_pb2 as a2a
@@ -148,7 +148,9 @@ def status(run: pb.Run) -> a2a.TaskStatus:
     stamp = run.end_time if run.HasField("end_time") else None
     stamp = stamp or (run.start_time if run.HasField("start_time") else run.create_time)
     found.timestamp.CopyFrom(stamp)
-    if run.state in (pb.RUN_STATE_FAILED, pb.RUN_STATE_CANCELLED) and run.error.code:
+    if run.state == pb.RUN_STATE_REQUIRES_ACTION:
+        found.message.CopyFrom(approval_request(run))
+    elif run.state in (pb.RUN_STATE_FAILED, pb.RUN_STATE_CANCELLED) and run.error.code:
         found.message.CopyFrom(
             a2a.Message(
                 message_id=f"{task_id(run.name)}.status",
@@ -183,3 +185,87 @@ def sequenced(sequence: int) -> struct_pb2.Struct:
     found = struct_pb2.Struct()
     found.update({SEQUENCE_KEY: str(sequence)})
     return found
+
+
+#: What a client answers an input-required task with (docs/a2a.md, "Approvals").
+APPROVALS_KEY: Final = "approvals"
+DECISIONS: Final = {
+    "approve": pb.TOOL_APPROVAL_DECISION_APPROVE,
+    "deny": pb.TOOL_APPROVAL_DECISION_DENY,
+}
+MAX_REASON_CHARS: Final = 1000
+
+
+def approval_request(run: pb.Run) -> a2a.Message:
+    """An input-required task's status message: the calls waiting for a decision."""
+    pending: list[Any] = [
+        {
+            "tool_call_id": waiting.call.id,
+            "tool": f"{waiting.call.integration}/tools/{waiting.call.tool}",
+            "arguments": json_format.MessageToDict(waiting.call.arguments),
+        }
+        for waiting in run.required_action.tool_calls
+        if waiting.decision == pb.TOOL_APPROVAL_DECISION_UNSPECIFIED
+    ]
+    data = struct_pb2.Value()
+    data.struct_value.update({"pending_tool_calls": pending})
+    return a2a.Message(
+        message_id=f"{task_id(run.name)}.approval",
+        context_id=context_id(run.name),
+        task_id=task_id(run.name),
+        role=a2a.ROLE_AGENT,
+        parts=[
+            a2a.Part(
+                text=(
+                    f"{len(pending)} tool call(s) wait for a person's decision. Reply on this "
+                    'task with a data part {"approvals": [{"tool_call_id": ..., "decision": '
+                    '"approve" or "deny", "reason": ...}]}.'
+                )
+            ),
+            a2a.Part(data=data, media_type="application/json"),
+        ],
+    )
+
+
+def approvals_in(message: a2a.Message, run: str) -> pb.SubmitToolApprovalsRequest:
+    """The decisions a message on an input-required task carries, or INVALID_ARGUMENT."""
+    field = "message.parts"
+    found = [
+        (index, part)
+        for index, part in enumerate(message.parts)
+        if part.WhichOneof("content") == "data"
+    ]
+    if len(found) != 1 or found[0][1].data.WhichOneof("kind") != "struct_value":
+        description = 'must hold one data part, {"approvals": [...]}, to continue a task'
+        raise InvalidArgument(f"{field} {description}", [FieldViolation(field, description)])
+    index, part = found[0]
+    given = json_format.MessageToDict(part.data.struct_value).get(APPROVALS_KEY)
+    where = f"{field}[{index}].data.{APPROVALS_KEY}"
+    if not isinstance(given, list) or not given:
+        description = "must be a non-empty list of decisions"
+        raise InvalidArgument(f"{where} {description}", [FieldViolation(where, description)])
+    request = pb.SubmitToolApprovalsRequest(name=run)
+    violations = Violations()
+    for position, item in enumerate(given):
+        at = f"{where}[{position}]"
+        if not isinstance(item, dict):
+            violations.add(at, "must be an object")
+            continue
+        call_id, decision, reason = (
+            item.get("tool_call_id"),
+            item.get("decision"),
+            item.get("reason", ""),
+        )
+        if not isinstance(call_id, str) or not call_id:
+            violations.add(f"{at}.tool_call_id", "is required")
+        if not isinstance(decision, str) or decision.lower() not in DECISIONS:
+            violations.add(f"{at}.decision", 'must be "approve" or "deny"')
+        if not isinstance(reason, str) or len(reason) > MAX_REASON_CHARS:
+            violations.add(f"{at}.reason", f"must be text of at most {MAX_REASON_CHARS} characters")
+        if violations.items:
+            continue
+        request.approvals.add(
+            tool_call_id=str(call_id), decision=DECISIONS[str(decision).lower()], reason=str(reason)
+        )
+    violations.check()
+    return request

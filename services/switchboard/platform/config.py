@@ -198,6 +198,11 @@ class Settings(BaseSettings):
         description="host:port of ContextService for a dispatcher in another process "
         "(mesh shape); empty: this process's own.",
     )
+    dispatcher_address: str = Field(
+        default="",
+        description="host:port of DispatcherService for an a2a front door in another process "
+        "(mesh shape); empty: this process's own.",
+    )
     advertise_address: str = Field(
         default="",
         description="host:port other replicas reach this process at (a dispatcher forwards "
@@ -572,7 +577,7 @@ class Settings(BaseSettings):
             raise ValueError("has no host (redis://host:6379/0)")
         return value
 
-    @field_validator("context_address", "advertise_address")
+    @field_validator("context_address", "dispatcher_address", "advertise_address")
     @classmethod
     def _grpc_target(cls, value: str) -> str:
         if value and not _GRPC_TARGET.fullmatch(value):

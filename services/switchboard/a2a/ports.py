@@ -1,0 +1,258 @@
+"""How the A2A front door reaches the dispatcher and the context service.
+
+Two shapes, one interface (``agents.Runs``, ``agents.Texts``, ``agents.AssistantReader``):
+
+* local: the services run in this process; their domains take the requests
+  directly (the embedded default, as the dispatcher reaches an in-process
+  context service, decisions 19);
+* remote: they run in other processes (``SWITCHBOARD_DISPATCHER_ADDRESS``,
+  ``SWITCHBOARD_CONTEXT_ADDRESS``); the generated stubs carry the same
+  requests with an access token minted for the caller's user, session and
+  scopes from the shared key ring, so each service authorizes the caller
+  itself, exactly as if the A2A client had called it.
+
+Every remote call has a deadline; a watched run's stream ends when nothing,
+not even a heartbeat, arrived for ``_FRAME_TIMEOUT_S``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+from typing import Final, Protocol
+
+from grpc import aio
+
+from switchboard.a2a import mapping
+from switchboard.api.context.v1 import context_pb2 as cpb
+from switchboard.api.context.v1 import context_pb2_grpc
+from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
+from switchboard.context.domain import ContextDomain
+from switchboard.dispatcher.service import Dispatcher
+from switchboard.platform.errors import DependencyUnavailable, SwitchboardError
+from switchboard.platform.policy import Principal
+from switchboard.platform.rpcerrors import from_rpc_error
+from switchboard.platform.telemetry import client_interceptors
+
+#: Bound on one unary call to the dispatcher or the context service.
+_CALL_TIMEOUT_S: Final = 30.0
+#: A watched run sends a heartbeat every SWITCHBOARD_DISPATCHER_HEARTBEAT_S (15 s by default).
+_FRAME_TIMEOUT_S: Final = 120.0
+
+
+class TokenIssuer(Protocol):
+    """Mints an access token (auth's ``AccessTokens``)."""
+
+    def issue(
+        self, *, subject: str, session: str, scopes: Iterable[str], now: float | None = None
+    ) -> tuple[str, object]: ...
+
+
+class LocalRuns:
+    """The dispatcher of this process, through its domain calls."""
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self._dispatcher = dispatcher
+
+    async def send_message(
+        self, principal: Principal, request: pb.SendMessageRequest
+    ) -> pb.SendMessageResponse:
+        return await self._dispatcher.send_message(principal, request)
+
+    async def get_run(self, principal: Principal, name: str) -> pb.Run:
+        return await self._dispatcher.get_run(name)
+
+    async def list_runs(
+        self, principal: Principal, request: pb.ListRunsRequest
+    ) -> pb.ListRunsResponse:
+        return await self._dispatcher.list_runs(request)
+
+    async def cancel_run(self, principal: Principal, name: str, reason: str) -> pb.Run:
+        return await self._dispatcher.cancel_run(principal, name, reason)
+
+    async def submit_tool_approvals(
+        self, principal: Principal, request: pb.SubmitToolApprovalsRequest
+    ) -> pb.Run:
+        return await self._dispatcher.submit_tool_approvals(principal, request)
+
+    def watch(
+        self, principal: Principal, name: str, after_sequence: int
+    ) -> AsyncIterator[pb.RunUpdate | None]:
+        return self._dispatcher.watch(name, after_sequence)
+
+    async def assistant(self, principal: Principal, name: str) -> pb.Assistant:
+        return await self._dispatcher.assistants.get(name)
+
+
+class LocalTexts:
+    """The context service of this process: new conversations, messages' text."""
+
+    def __init__(self, domain: ContextDomain) -> None:
+        self._domain = domain
+
+    async def create_conversation(self, principal: Principal, parent: str, request_id: str) -> str:
+        made = await self._domain.conversations.create(
+            principal,
+            cpb.CreateConversationRequest(
+                parent=parent, conversation=cpb.Conversation(title="A2A"), request_id=request_id
+            ),
+        )
+        return made.name
+
+    async def text(self, principal: Principal, message: str) -> str:
+        return mapping.text_of(await self._domain.messages.get(message))
+
+
+class _Remote:
+    def __init__(self, address: str, tokens: TokenIssuer, peer: str) -> None:
+        self._channel = aio.insecure_channel(address, interceptors=client_interceptors())
+        self._tokens = tokens
+        self._peer = peer
+
+    async def close(self) -> None:
+        await self._channel.close(None)
+
+    def _metadata(self, principal: Principal) -> tuple[tuple[str, str], ...]:
+        token, _ = self._tokens.issue(
+            subject=principal.user_id,
+            session=principal.session_id,
+            scopes=[scope.value for scope in principal.scopes],
+        )
+        return (("authorization", f"Bearer {token}"),)
+
+    def _error(self, exc: aio.AioRpcError) -> SwitchboardError:
+        return from_rpc_error(exc, peer=self._peer)
+
+
+class RemoteRuns(_Remote):
+    """DispatcherService in another process."""
+
+    def __init__(self, address: str, tokens: TokenIssuer) -> None:
+        super().__init__(address, tokens, "the dispatcher")
+        self._stub = dispatcher_pb2_grpc.DispatcherServiceStub(self._channel)
+
+    async def send_message(
+        self, principal: Principal, request: pb.SendMessageRequest
+    ) -> pb.SendMessageResponse:
+        try:
+            response: pb.SendMessageResponse = await self._stub.SendMessage(
+                request, metadata=self._metadata(principal), timeout=_CALL_TIMEOUT_S
+            )
+        except aio.AioRpcError as exc:
+            raise self._error(exc) from None
+        return response
+
+    async def get_run(self, principal: Principal, name: str) -> pb.Run:
+        try:
+            response = await self._stub.GetRun(
+                pb.GetRunRequest(name=name),
+                metadata=self._metadata(principal),
+                timeout=_CALL_TIMEOUT_S,
+            )
+        except aio.AioRpcError as exc:
+            raise self._error(exc) from None
+        return response.run
+
+    async def list_runs(
+        self, principal: Principal, request: pb.ListRunsRequest
+    ) -> pb.ListRunsResponse:
+        try:
+            response: pb.ListRunsResponse = await self._stub.ListRuns(
+                request, metadata=self._metadata(principal), timeout=_CALL_TIMEOUT_S
+            )
+        except aio.AioRpcError as exc:
+            raise self._error(exc) from None
+        return response
+
+    async def cancel_run(self, principal: Principal, name: str, reason: str) -> pb.Run:
+        try:
+            response = await self._stub.CancelRun(
+                pb.CancelRunRequest(name=name, reason=reason),
+                metadata=self._metadata(principal),
+                timeout=_CALL_TIMEOUT_S,
+            )
+        except aio.AioRpcError as exc:
+            raise self._error(exc) from None
+        return response.run
+
+    async def submit_tool_approvals(
+        self, principal: Principal, request: pb.SubmitToolApprovalsRequest
+    ) -> pb.Run:
+        try:
+            response = await self._stub.SubmitToolApprovals(
+                request, metadata=self._metadata(principal), timeout=_CALL_TIMEOUT_S
+            )
+        except aio.AioRpcError as exc:
+            raise self._error(exc) from None
+        return response.run
+
+    async def assistant(self, principal: Principal, name: str) -> pb.Assistant:
+        try:
+            response = await self._stub.GetAssistant(
+                pb.GetAssistantRequest(name=name),
+                metadata=self._metadata(principal),
+                timeout=_CALL_TIMEOUT_S,
+            )
+        except aio.AioRpcError as exc:
+            raise self._error(exc) from None
+        return response.assistant
+
+    async def watch(
+        self, principal: Principal, name: str, after_sequence: int
+    ) -> AsyncIterator[pb.RunUpdate | None]:
+        call = self._stub.WatchRun(
+            pb.WatchRunRequest(name=name, after_sequence=after_sequence),
+            metadata=self._metadata(principal),
+        )
+        frames = call.__aiter__()
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(_FRAME_TIMEOUT_S):
+                        frame = await anext(frames)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise DependencyUnavailable(
+                        "the dispatcher stopped sending the run's updates; subscribe again"
+                    ) from None
+                except aio.AioRpcError as exc:
+                    raise self._error(exc) from None
+                yield frame.update if frame.WhichOneof("frame") == "update" else None
+        finally:
+            call.cancel()
+
+
+class RemoteTexts(_Remote):
+    """ContextService in another process."""
+
+    def __init__(self, address: str, tokens: TokenIssuer) -> None:
+        super().__init__(address, tokens, "the context service")
+        self._stub = context_pb2_grpc.ContextServiceStub(self._channel)
+
+    async def create_conversation(self, principal: Principal, parent: str, request_id: str) -> str:
+        try:
+            made = await self._stub.CreateConversation(
+                cpb.CreateConversationRequest(
+                    parent=parent,
+                    conversation=cpb.Conversation(title="A2A"),
+                    request_id=request_id,
+                ),
+                metadata=self._metadata(principal),
+                timeout=_CALL_TIMEOUT_S,
+            )
+        except aio.AioRpcError as exc:
+            raise self._error(exc) from None
+        return made.conversation.name
+
+    async def text(self, principal: Principal, message: str) -> str:
+        try:
+            found = await self._stub.GetMessage(
+                cpb.GetMessageRequest(name=message),
+                metadata=self._metadata(principal),
+                timeout=_CALL_TIMEOUT_S,
+            )
+        except aio.AioRpcError as exc:
+            raise self._error(exc) from None
+        return mapping.text_of(found.message)
