@@ -44,6 +44,7 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
+from a2a.types import a2a_pb2 as a2a
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -59,6 +60,7 @@ from tests.service.dispatchkit import (
     request,
     stored_running,
 )
+from tests.service.test_a2a import stub as a2a_stub
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -84,6 +86,7 @@ EXPECTED = {
     "events-2",
     "dispatcher-1",
     "dispatcher-2",
+    "a2a",
     "envoy",
 }
 TERMINAL = {
@@ -392,6 +395,33 @@ async def serving(address: str, service: str) -> int:
     return int(reply.status)
 
 
+async def _an_a2a_task_through_the_edge(
+    channel: aio.Channel, caller: Caller, workspace: str
+) -> None:
+    """The a2a process behind Envoy: an echo assistant answers an A2A message."""
+    await dispatcher_stub(channel).CreateAssistant(
+        pb.CreateAssistantRequest(
+            parent=workspace,
+            assistant_id="echoer",
+            assistant=pb.Assistant(display_name="Echoer", handler="handlers/echo"),
+        ),
+        metadata=caller.md,
+        timeout=CALL_TIMEOUT_S,
+    )
+    sent = await a2a_stub(channel).SendMessage(
+        a2a.SendMessageRequest(
+            tenant=workspace.removeprefix("workspaces/") + ".echoer",
+            message=a2a.Message(
+                message_id="mesh-a2a-1", role=a2a.ROLE_USER, parts=[a2a.Part(text="via envoy")]
+            ),
+        ),
+        metadata=caller.md,
+        timeout=CALL_TIMEOUT_S,
+    )
+    assert sent.task.status.state == a2a.TASK_STATE_COMPLETED
+    assert sent.task.artifacts[0].parts[0].text.startswith("via envoy")
+
+
 def switchboard(*args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
     return subprocess.run(
@@ -467,6 +497,7 @@ async def test_the_mesh_keeps_serving_while_a_dispatcher_replica_is_killed(data_
             )
             contexts, dispatcher = context_stub(channel), dispatcher_stub(channel)
             workspace = await create_workspace(contexts, caller, "Mesh")
+            await _an_a2a_task_through_the_edge(channel, caller, workspace.name)
             scope = events_pb2.Scope(workspace=workspace.name)
             events = Events(events_pb2_grpc.EventServiceStub(channel), caller, scope)
             following = background.start(events.run())

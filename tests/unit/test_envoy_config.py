@@ -65,6 +65,7 @@ EXAMPLES: Final = {
         "--service=dispatcher=dispatcher-1:50051,dispatcher-2:50051",
         "--service=integration=integration:50051",
         "--service=events=events-1:50051,events-2:50051",
+        "--service=a2a=a2a:50051",
     ],
 }
 LOCAL: Final = HostPort("127.0.0.1", 50051)

@@ -57,6 +57,7 @@ from typing import Any, Final, cast
 
 import betterproto2
 import yaml
+from a2a.types import a2a_pb2
 from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
 from envoy_data_plane.envoy.config.cluster.v3 import (
     CircuitBreakers,
@@ -163,7 +164,12 @@ API: Final[dict[str, ServiceDescriptor]] = {
     "dispatcher": dispatcher_pb2.DESCRIPTOR.services_by_name["DispatcherService"],
     "integration": integration_pb2.DESCRIPTOR.services_by_name["IntegrationService"],
     "events": events_pb2.DESCRIPTOR.services_by_name["EventService"],
+    # A2A's contract (the official SDK's types), served by the a2a front door.
+    "a2a": a2a_pb2.DESCRIPTOR.services_by_name["A2AService"],
 }
+#: Services an edge may leave out (no upstream: not routed). The deploy files run no
+#: a2a front door yet (docs/a2a.md); the mesh launcher and the all-in-one shape do.
+OPTIONAL_API: Final = frozenset({"a2a"})
 #: Every process serves these itself; in the mesh Envoy sends them to this service's replicas.
 HEALTH_PATH: Final = "/grpc.health.v1.Health/"
 REFLECTION_PATHS: Final = (
@@ -677,7 +683,7 @@ def render(spec: EdgeSpec) -> str:
 
 
 def _check(spec: EdgeSpec) -> None:
-    missing = sorted(set(API) - set(spec.upstreams))
+    missing = sorted(set(API) - OPTIONAL_API - set(spec.upstreams))
     if missing:
         raise SpecError(f"no upstream for {', '.join(missing)}")
     unknown = sorted(set(spec.upstreams) - set(API))
@@ -878,7 +884,8 @@ def _routes(spec: EdgeSpec) -> RouteConfiguration:
     )
     routes: list[Route] = []
     for service, descriptor in API.items():
-        routes += _service_routes(descriptor, _cluster_of(service, spec), spec)
+        if service in spec.upstreams:
+            routes += _service_routes(descriptor, _cluster_of(service, spec), spec)
     # Health and reflection: every process serves its own; through Envoy they go
     # to the dispatcher's replicas (all-in-one: the one server).
     fallback = _cluster_of("dispatcher", spec)

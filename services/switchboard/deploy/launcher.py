@@ -74,7 +74,14 @@ EXIT_FAILED: Final = 1
 EXIT_USAGE: Final = 2
 
 #: Replicas per service unless ``--replicas NAME=N`` says otherwise.
-DEFAULT_REPLICAS: Final = {"auth": 1, "context": 1, "integration": 1, "events": 2, "dispatcher": 2}
+DEFAULT_REPLICAS: Final = {
+    "auth": 1,
+    "context": 1,
+    "integration": 1,
+    "events": 2,
+    "dispatcher": 2,
+    "a2a": 1,
+}
 MAX_REPLICAS: Final = 16
 BACKOFF_S: Final = 0.5
 BACKOFF_MAX_S: Final = 10.0
@@ -129,7 +136,7 @@ def add_mesh_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=[],
         metavar="SERVICE=N",
         help="replicas of a service (repeatable); default auth=1 context=1 integration=1 "
-        "events=2 dispatcher=2",
+        "events=2 dispatcher=2 a2a=1",
     )
     mesh.add_argument(
         "--health-interval",
@@ -355,6 +362,12 @@ class Mesh:
     def replicas(self, service: str) -> list[Service]:
         return [child for child in self.services if child.service == service]
 
+    def dispatcher_for(self, index: int) -> Service:
+        """The dispatcher replica a2a front door number ``index`` calls (spread over them;
+        a call for a run another replica owns is forwarded there)."""
+        dispatchers = self.replicas("dispatcher")
+        return dispatchers[(index - 1) % len(dispatchers)]
+
     def context_for(self, index: int) -> Service:
         """The context replica dispatcher number ``index`` calls (spread over them)."""
         contexts = self.replicas("context")
@@ -438,10 +451,13 @@ class Mesh:
         self.base_env = self._environment()
         self.shutdown_grace_s = _float(self.base_env.get("SWITCHBOARD_SHUTDOWN_GRACE_S"), 10.0)
         await Migrate(self, "migrate").run(self.options.start_timeout_s)
-        # Dispatchers call the context service: they start once it serves.
-        first = [child for child in self.services if child.service != "dispatcher"]
+        # Dispatchers call the context service: they start once it serves; the a2a
+        # front door calls both, once the dispatchers serve (their ports known).
+        later = {"dispatcher", "a2a"}
+        first = [child for child in self.services if child.service not in later]
         await together(*(self._launch(child) for child in first))
         await together(*(self._launch(child) for child in self.replicas("dispatcher")))
+        await together(*(self._launch(child) for child in self.replicas("a2a")))
         await self._launch(self.envoy)
         self.state = "ready"
         self.save_state()

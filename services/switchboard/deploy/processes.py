@@ -587,8 +587,11 @@ class Service(Child):
         # A dispatcher replica owns its runs by this id: stable across its restarts.
         env["SWITCHBOARD_INSTANCE_ID"] = self.name
         env.pop("SWITCHBOARD_CONTEXT_ADDRESS", None)
-        if self.service == "dispatcher":
+        env.pop("SWITCHBOARD_DISPATCHER_ADDRESS", None)
+        if self.service in ("dispatcher", "a2a"):
             env["SWITCHBOARD_CONTEXT_ADDRESS"] = self.mesh.context_for(self.index).address
+        if self.service == "a2a":
+            env["SWITCHBOARD_DISPATCHER_ADDRESS"] = self.mesh.dispatcher_for(self.index).address
         env.update(telemetry_identity(env, f"switchboard-{self.service}", self.name))
         if env.get("SWITCHBOARD_METRICS_PORT", "").strip():
             # Every process serves its own metrics: one port for all would clash.
