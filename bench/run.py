@@ -15,7 +15,8 @@ the integration hub section from ``bench/integration.py`` (about 4 minutes;
 ``--no-integration`` skips it), the tool runs section from ``bench/tools.py`` (about 3
 minutes; ``--no-tools`` skips it), the Envoy section from ``bench/edge.py`` (about 8
 minutes; ``--no-edge`` skips it), the tracing overhead section from
-``bench/telemetry.py`` (about 4 minutes; ``--no-telemetry`` skips it). Each of those
+``bench/telemetry.py`` (about 4 minutes; ``--no-telemetry`` skips it), the A2A section from
+``bench/frontdoor.py`` (about 1 minute; ``--no-frontdoor`` skips it). Each of those
 scripts also runs alone (``--write`` puts its section into BENCHMARKS.md). Every section
 replaces the one with its heading in BENCHMARKS.md (``bench/harness.py``); a skipped
 section keeps its earlier figures.
@@ -66,6 +67,7 @@ SECTIONS: Final = (
     ("tools", 1800),
     ("edge", 1800),
     ("telemetry", 1200),
+    ("frontdoor", 600),
 )
 
 Figures = dict[str, float]
