@@ -18,8 +18,8 @@ not even a heartbeat, arrived for ``_FRAME_TIMEOUT_S``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
-from typing import Final, Protocol
+from collections.abc import AsyncIterator
+from typing import Final
 
 from grpc import aio
 
@@ -30,23 +30,14 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
 from switchboard.context.domain import ContextDomain
 from switchboard.dispatcher.service import Dispatcher
-from switchboard.platform.errors import DependencyUnavailable, SwitchboardError
+from switchboard.platform.errors import DependencyUnavailable
+from switchboard.platform.peers import PeerService, TokenIssuer
 from switchboard.platform.policy import Principal
-from switchboard.platform.rpcerrors import from_rpc_error
-from switchboard.platform.telemetry import client_interceptors
 
 #: Bound on one unary call to the dispatcher or the context service.
 _CALL_TIMEOUT_S: Final = 30.0
 #: A watched run sends a heartbeat every SWITCHBOARD_DISPATCHER_HEARTBEAT_S (15 s by default).
 _FRAME_TIMEOUT_S: Final = 120.0
-
-
-class TokenIssuer(Protocol):
-    """Mints an access token (auth's ``AccessTokens``)."""
-
-    def issue(
-        self, *, subject: str, session: str, scopes: Iterable[str], now: float | None = None
-    ) -> tuple[str, object]: ...
 
 
 class LocalRuns:
@@ -104,106 +95,54 @@ class LocalTexts:
         return mapping.text_of(await self._domain.messages.get(message))
 
 
-class _Remote:
-    def __init__(self, address: str, tokens: TokenIssuer, peer: str) -> None:
-        self._channel = aio.insecure_channel(address, interceptors=client_interceptors())
-        self._tokens = tokens
-        self._peer = peer
-
-    async def close(self) -> None:
-        await self._channel.close(None)
-
-    def _metadata(self, principal: Principal) -> tuple[tuple[str, str], ...]:
-        token, _ = self._tokens.issue(
-            subject=principal.user_id,
-            session=principal.session_id,
-            scopes=[scope.value for scope in principal.scopes],
-        )
-        return (("authorization", f"Bearer {token}"),)
-
-    def _error(self, exc: aio.AioRpcError) -> SwitchboardError:
-        return from_rpc_error(exc, peer=self._peer)
-
-
-class RemoteRuns(_Remote):
+class RemoteRuns:
     """DispatcherService in another process."""
 
     def __init__(self, address: str, tokens: TokenIssuer) -> None:
-        super().__init__(address, tokens, "the dispatcher")
-        self._stub = dispatcher_pb2_grpc.DispatcherServiceStub(self._channel)
+        self._peer = PeerService(address, tokens, "the dispatcher")
+        self._stub = dispatcher_pb2_grpc.DispatcherServiceStub(self._peer.channel)
+
+    async def close(self) -> None:
+        await self._peer.close()
 
     async def send_message(
         self, principal: Principal, request: pb.SendMessageRequest
     ) -> pb.SendMessageResponse:
-        try:
-            response: pb.SendMessageResponse = await self._stub.SendMessage(
-                request, metadata=self._metadata(principal), timeout=_CALL_TIMEOUT_S
-            )
-        except aio.AioRpcError as exc:
-            raise self._error(exc) from None
-        return response
+        return await self._peer.call(self._stub.SendMessage, request, principal, _CALL_TIMEOUT_S)
 
     async def get_run(self, principal: Principal, name: str) -> pb.Run:
-        try:
-            response = await self._stub.GetRun(
-                pb.GetRunRequest(name=name),
-                metadata=self._metadata(principal),
-                timeout=_CALL_TIMEOUT_S,
-            )
-        except aio.AioRpcError as exc:
-            raise self._error(exc) from None
-        return response.run
+        request = pb.GetRunRequest(name=name)
+        return (await self._peer.call(self._stub.GetRun, request, principal, _CALL_TIMEOUT_S)).run
 
     async def list_runs(
         self, principal: Principal, request: pb.ListRunsRequest
     ) -> pb.ListRunsResponse:
-        try:
-            response: pb.ListRunsResponse = await self._stub.ListRuns(
-                request, metadata=self._metadata(principal), timeout=_CALL_TIMEOUT_S
-            )
-        except aio.AioRpcError as exc:
-            raise self._error(exc) from None
-        return response
+        return await self._peer.call(self._stub.ListRuns, request, principal, _CALL_TIMEOUT_S)
 
     async def cancel_run(self, principal: Principal, name: str, reason: str) -> pb.Run:
-        try:
-            response = await self._stub.CancelRun(
-                pb.CancelRunRequest(name=name, reason=reason),
-                metadata=self._metadata(principal),
-                timeout=_CALL_TIMEOUT_S,
-            )
-        except aio.AioRpcError as exc:
-            raise self._error(exc) from None
-        return response.run
+        request = pb.CancelRunRequest(name=name, reason=reason)
+        cancelled = await self._peer.call(self._stub.CancelRun, request, principal, _CALL_TIMEOUT_S)
+        return cancelled.run
 
     async def submit_tool_approvals(
         self, principal: Principal, request: pb.SubmitToolApprovalsRequest
     ) -> pb.Run:
-        try:
-            response = await self._stub.SubmitToolApprovals(
-                request, metadata=self._metadata(principal), timeout=_CALL_TIMEOUT_S
-            )
-        except aio.AioRpcError as exc:
-            raise self._error(exc) from None
-        return response.run
+        decided = await self._peer.call(
+            self._stub.SubmitToolApprovals, request, principal, _CALL_TIMEOUT_S
+        )
+        return decided.run
 
     async def assistant(self, principal: Principal, name: str) -> pb.Assistant:
-        try:
-            response = await self._stub.GetAssistant(
-                pb.GetAssistantRequest(name=name),
-                metadata=self._metadata(principal),
-                timeout=_CALL_TIMEOUT_S,
-            )
-        except aio.AioRpcError as exc:
-            raise self._error(exc) from None
-        return response.assistant
+        request = pb.GetAssistantRequest(name=name)
+        found = await self._peer.call(self._stub.GetAssistant, request, principal, _CALL_TIMEOUT_S)
+        return found.assistant
 
     async def watch(
         self, principal: Principal, name: str, after_sequence: int
     ) -> AsyncIterator[pb.RunUpdate | None]:
         call = self._stub.WatchRun(
             pb.WatchRunRequest(name=name, after_sequence=after_sequence),
-            metadata=self._metadata(principal),
+            metadata=self._peer.metadata(principal),
         )
         frames = call.__aiter__()
         try:
@@ -218,41 +157,32 @@ class RemoteRuns(_Remote):
                         "the dispatcher stopped sending the run's updates; subscribe again"
                     ) from None
                 except aio.AioRpcError as exc:
-                    raise self._error(exc) from None
+                    raise self._peer.error(exc) from None
                 yield frame.update if frame.WhichOneof("frame") == "update" else None
         finally:
             call.cancel()
 
 
-class RemoteTexts(_Remote):
+class RemoteTexts:
     """ContextService in another process."""
 
     def __init__(self, address: str, tokens: TokenIssuer) -> None:
-        super().__init__(address, tokens, "the context service")
-        self._stub = context_pb2_grpc.ContextServiceStub(self._channel)
+        self._peer = PeerService(address, tokens, "the context service")
+        self._stub = context_pb2_grpc.ContextServiceStub(self._peer.channel)
+
+    async def close(self) -> None:
+        await self._peer.close()
 
     async def create_conversation(self, principal: Principal, parent: str, request_id: str) -> str:
-        try:
-            made = await self._stub.CreateConversation(
-                cpb.CreateConversationRequest(
-                    parent=parent,
-                    conversation=cpb.Conversation(title="A2A"),
-                    request_id=request_id,
-                ),
-                metadata=self._metadata(principal),
-                timeout=_CALL_TIMEOUT_S,
-            )
-        except aio.AioRpcError as exc:
-            raise self._error(exc) from None
+        request = cpb.CreateConversationRequest(
+            parent=parent, conversation=cpb.Conversation(title="A2A"), request_id=request_id
+        )
+        made = await self._peer.call(
+            self._stub.CreateConversation, request, principal, _CALL_TIMEOUT_S
+        )
         return made.conversation.name
 
     async def text(self, principal: Principal, message: str) -> str:
-        try:
-            found = await self._stub.GetMessage(
-                cpb.GetMessageRequest(name=message),
-                metadata=self._metadata(principal),
-                timeout=_CALL_TIMEOUT_S,
-            )
-        except aio.AioRpcError as exc:
-            raise self._error(exc) from None
+        request = cpb.GetMessageRequest(name=message)
+        found = await self._peer.call(self._stub.GetMessage, request, principal, _CALL_TIMEOUT_S)
         return mapping.text_of(found.message)

@@ -17,19 +17,13 @@ service's own request and response messages (``AppendMessageRequest``,
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable
 from typing import Protocol
-
-from grpc import aio
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.context.v1 import context_pb2_grpc
-from switchboard.platform.errors import (
-    SwitchboardError,
-)
+from switchboard.platform.peers import PeerService, TokenIssuer
 from switchboard.platform.policy import Principal
-from switchboard.platform.rpcerrors import from_rpc_error
-from switchboard.platform.telemetry import client_interceptors
 
 
 class _Messages(Protocol):
@@ -59,14 +53,6 @@ class ContextDomain(Protocol):
 
     @property
     def conversations(self) -> _Conversations: ...
-
-
-class TokenIssuer(Protocol):
-    """What ``RemoteContext`` needs to mint an access token (auth's ``AccessTokens``)."""
-
-    def issue(
-        self, *, subject: str, session: str, scopes: Iterable[str], now: float | None = None
-    ) -> tuple[str, object]: ...
 
 
 class ContextPort(Protocol):
@@ -104,59 +90,30 @@ class LocalContext:
         return await self._domain.conversations.get(name)
 
 
-# Status codes of the context service, back to the domain errors they came from.
 class RemoteContext:
     def __init__(self, address: str, tokens: TokenIssuer) -> None:
-        self._channel = aio.insecure_channel(address, interceptors=client_interceptors())
-        self._stub = context_pb2_grpc.ContextServiceStub(self._channel)
-        self._tokens = tokens
+        self._peer = PeerService(address, tokens, "the context service")
+        self._stub = context_pb2_grpc.ContextServiceStub(self._peer.channel)
 
     async def close(self) -> None:
-        await self._channel.close(None)
-
-    def _metadata(self, principal: Principal) -> tuple[tuple[str, str], ...]:
-        token, _ = self._tokens.issue(
-            subject=principal.user_id,
-            session=principal.session_id,
-            scopes=[scope.value for scope in principal.scopes],
-        )
-        return (("authorization", f"Bearer {token}"),)
+        await self._peer.close()
 
     async def append_message(
         self, principal: Principal, request: cpb.AppendMessageRequest, *, timeout_s: float
     ) -> cpb.Message:
-        try:
-            response = await self._stub.AppendMessage(
-                request, metadata=self._metadata(principal), timeout=timeout_s
-            )
-        except aio.AioRpcError as exc:
-            raise _mapped_error(exc) from None
+        response = await self._peer.call(self._stub.AppendMessage, request, principal, timeout_s)
         return response.message
 
     async def window(
         self, principal: Principal, request: cpb.GetContextWindowRequest, *, timeout_s: float
     ) -> cpb.ContextWindow:
-        try:
-            response = await self._stub.GetContextWindow(
-                request, metadata=self._metadata(principal), timeout=timeout_s
-            )
-        except aio.AioRpcError as exc:
-            raise _mapped_error(exc) from None
+        response = await self._peer.call(self._stub.GetContextWindow, request, principal, timeout_s)
         return response.window
 
     async def conversation(
         self, principal: Principal, name: str, *, timeout_s: float
     ) -> cpb.Conversation:
-        try:
-            response = await self._stub.GetConversation(
-                cpb.GetConversationRequest(name=name),
-                metadata=self._metadata(principal),
-                timeout=timeout_s,
-            )
-        except aio.AioRpcError as exc:
-            raise _mapped_error(exc) from None
+        response = await self._peer.call(
+            self._stub.GetConversation, cpb.GetConversationRequest(name=name), principal, timeout_s
+        )
         return response.conversation
-
-
-def _mapped_error(exc: aio.AioRpcError) -> SwitchboardError:
-    return from_rpc_error(exc, peer="the context service")
