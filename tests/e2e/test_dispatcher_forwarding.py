@@ -40,7 +40,7 @@ from switchboard.api.handler.v1 import handler_pb2 as hpb
 from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.dispatcher.peerport import FORWARDED_KEY
 from tests.e2e.procs import ServeProcess, shared_secrets
-from tests.fakes.openai_server import FakeOpenAI, Reply
+from tests.fakes.openai_server import FakeOpenAI
 from tests.infra.mcpserver import McpTestServer
 from tests.infra.redis import RedisServer
 from tests.service.authkit import PASSWORD, unique_email
@@ -54,10 +54,12 @@ from tests.service.contextkit import (
 from tests.service.dispatchkit import (
     Stub,
     cancel,
+    careful_assistant,
     dispatcher_stub,
     get_run,
     read_until,
     request,
+    script_two_echoes,
     until,
 )
 from tests.service.integrationkit import create, integration_stub
@@ -289,34 +291,12 @@ async def test_approvals_sent_to_another_replica_reach_the_paused_run(
                         pb.CreateAssistantRequest(
                             parent=who.workspace,
                             assistant_id="careful",
-                            assistant=pb.Assistant(
-                                display_name="Careful",
-                                tools=[
-                                    pb.AssistantTools(
-                                        integration=made.name,
-                                        tools=["echo"],
-                                        approval_required_tools=["echo"],
-                                    )
-                                ],
-                            ),
+                            assistant=careful_assistant(made.name),
                         ),
                         metadata=who.owner.md,
                         timeout=TIMEOUT_S,
                     )
-                    fake.script(
-                        Reply.tool_calls(
-                            [
-                                ("mcp__echo", {"message": "one"}, "c1"),
-                                ("mcp__echo", {"message": "two"}, "c2"),
-                            ]
-                        ),
-                        lambda body: Reply.text(
-                            "Heard: "
-                            + " | ".join(
-                                m["content"] for m in body["messages"] if m.get("role") == "tool"
-                            )
-                        ),
-                    )
+                    script_two_echoes(fake)
                     sent = await on_a.SendMessage(
                         pb.SendMessageRequest(
                             conversation=who.conversation,

@@ -18,6 +18,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
 from switchboard.mesh import create_server
 from switchboard.platform.server import SwitchboardServer
 from tests.conftest import make_settings
+from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.service.contextkit import TIMEOUT_S, Caller, context_stub, struct
 from tests.service.contextkit import Stub as ContextStub
 
@@ -50,6 +51,33 @@ def request(
     if timeout_s:
         built.timeout.FromMilliseconds(round(timeout_s * 1000))
     return built
+
+
+def careful_assistant(integration: str, *, handler: str = "") -> pb.Assistant:
+    """An assistant whose calls of ``integration``'s MCP ``echo`` each need a person's approval."""
+    return pb.Assistant(
+        display_name="Careful",
+        handler=handler,
+        tools=[
+            pb.AssistantTools(
+                integration=integration, tools=["echo"], approval_required_tools=["echo"]
+            )
+        ],
+    )
+
+
+def script_two_echoes(fake: FakeOpenAI) -> None:
+    """The model calls ``mcp__echo`` twice (ids c1, c2), then answers "Heard: " and what the
+    tools said, joined by " | "."""
+    fake.script(
+        Reply.tool_calls(
+            [("mcp__echo", {"message": "one"}, "c1"), ("mcp__echo", {"message": "two"}, "c2")]
+        ),
+        lambda body: Reply.text(
+            "Heard: "
+            + " | ".join(m["content"] for m in body["messages"] if m.get("role") == "tool")
+        ),
+    )
 
 
 async def send(stub: Stub, caller: Caller, req: pb.SendMessageRequest) -> pb.SendMessageResponse:

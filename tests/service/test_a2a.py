@@ -30,11 +30,11 @@ from grpc import aio
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as dpb
 from switchboard.platform.server import SwitchboardServer
-from tests.fakes.openai_server import FakeOpenAI, Reply
+from tests.fakes.openai_server import FakeOpenAI
 from tests.infra.mcpserver import McpTestServer
 from tests.service.contextkit import TIMEOUT_S, Caller, World, context_stub, ctx_world, refused
 from tests.service.contextkit import violations as fields
-from tests.service.dispatchkit import dispatcher_stub
+from tests.service.dispatchkit import careful_assistant, dispatcher_stub, script_two_echoes
 from tests.service.integrationkit import hub_mesh, mcp_hub
 
 CODE = grpc.StatusCode
@@ -442,35 +442,12 @@ async def test_a_task_waiting_for_approval_is_input_required_and_continued_by_a_
                     dpb.CreateAssistantRequest(
                         parent=world.name,
                         assistant_id="careful",
-                        assistant=dpb.Assistant(
-                            display_name="Careful",
-                            handler="handlers/llm",
-                            tools=[
-                                dpb.AssistantTools(
-                                    integration=hub.integration,
-                                    tools=["echo"],
-                                    approval_required_tools=["echo"],
-                                )
-                            ],
-                        ),
+                        assistant=careful_assistant(hub.integration, handler="handlers/llm"),
                     ),
                     metadata=world.owner.md,
                     timeout=TIMEOUT_S,
                 )
-                fake.script(
-                    Reply.tool_calls(
-                        [
-                            ("mcp__echo", {"message": "one"}, "c1"),
-                            ("mcp__echo", {"message": "two"}, "c2"),
-                        ]
-                    ),
-                    lambda body: Reply.text(
-                        "Heard: "
-                        + " | ".join(
-                            m["content"] for m in body["messages"] if m.get("role") == "tool"
-                        )
-                    ),
-                )
+                script_two_echoes(fake)
                 tenant = world.name.removeprefix("workspaces/") + ".careful"
                 a2a_stub = stub(channel)
                 editor = world.editor.md
@@ -532,8 +509,3 @@ async def test_a_task_waiting_for_approval_is_input_required_and_continued_by_a_
                     a2a_stub.SendMessage(decide(approve), metadata=editor, timeout=TIMEOUT_S),
                     CODE.FAILED_PRECONDITION,
                 )
-
-
-def _tool_answers(body: dict[str, Any]) -> list[str]:
-    """What the model was told the tools answered (the local model echoes it back)."""
-    return [str(m["content"]) for m in body["messages"] if m.get("role") == "tool"]

@@ -273,69 +273,30 @@ class Agents:
         try:
             hold = await grant.hold(((run.name, "id"),), Permission.READ)
             yield a2a.StreamResponse(task=await self._task(principal, run, answer=False))
-            ids = (mapping.task_id(run.name), mapping.context_id(run.name))
             # A resumed stream continues an answer its client already holds part of.
             streamed = after > 0
             async for update in hold.guard(self._runs.watch(principal, run.name, after)):
                 if update is None:
                     continue
                 kind = update.WhichOneof("update")
-                meta = mapping.sequenced(update.sequence)
                 if kind == "delta" and update.delta.text:
-                    yield a2a.StreamResponse(
-                        artifact_update=a2a.TaskArtifactUpdateEvent(
-                            task_id=ids[0],
-                            context_id=ids[1],
-                            artifact=a2a.Artifact(
-                                artifact_id=mapping.ANSWER_ARTIFACT,
-                                name="answer",
-                                parts=[a2a.Part(text=update.delta.text)],
-                            ),
-                            append=streamed,
-                            metadata=meta,
-                        )
+                    yield mapping.chunk(
+                        run.name, update.delta.text, update.sequence, append=streamed
                     )
                     streamed = True
                 elif kind == "state_change":
                     changed = update.state_change.run
-                    if changed.state in _ENDED:
-                        final = await self._final_chunk(
-                            principal, changed, ids, streamed, update.sequence
+                    if changed.state == pb.RUN_STATE_SUCCEEDED:
+                        # The answer's last chunk: empty after streamed deltas, else all of it.
+                        text = "" if streamed else await self._answer(principal, changed)
+                        yield mapping.chunk(
+                            run.name, text, update.sequence, append=streamed, last=True
                         )
-                        if final is not None:
-                            yield final
-                    yield a2a.StreamResponse(
-                        status_update=a2a.TaskStatusUpdateEvent(
-                            task_id=ids[0],
-                            context_id=ids[1],
-                            status=mapping.status(changed),
-                            metadata=meta,
-                        )
-                    )
+                    yield mapping.status_event(changed, update.sequence)
                     if changed.state in _ENDED:
                         return
         finally:
             grant.close()
-
-    async def _final_chunk(
-        self, principal: Principal, run: pb.Run, ids: tuple[str, str], streamed: bool, sequence: int
-    ) -> a2a.StreamResponse | None:
-        """The answer's last chunk: empty after streamed deltas, the whole text otherwise."""
-        if run.state != pb.RUN_STATE_SUCCEEDED:
-            return None
-        text = "" if streamed else await self._answer(principal, run)
-        return a2a.StreamResponse(
-            artifact_update=a2a.TaskArtifactUpdateEvent(
-                task_id=ids[0],
-                context_id=ids[1],
-                artifact=a2a.Artifact(
-                    artifact_id=mapping.ANSWER_ARTIFACT, name="answer", parts=[a2a.Part(text=text)]
-                ),
-                append=streamed,
-                last_chunk=True,
-                metadata=mapping.sequenced(sequence),
-            )
-        )
 
     async def _answer(self, principal: Principal, run: pb.Run) -> str:
         return await self._texts.text(principal, run.output_message) if run.output_message else ""

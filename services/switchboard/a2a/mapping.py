@@ -51,9 +51,6 @@ STATES: Final = {
 }
 #: What ListTasks' ``status`` filter asks the run store for.
 RUN_STATES: Final = {task: run for run, task in STATES.items()}
-TERMINAL: Final = frozenset(
-    {a2a.TASK_STATE_COMPLETED, a2a.TASK_STATE_FAILED, a2a.TASK_STATE_CANCELED}
-)
 
 
 def _required(value: str, field: str) -> None:
@@ -163,8 +160,37 @@ def status(run: pb.Run) -> a2a.TaskStatus:
     return found
 
 
-def answer(run: pb.Run, text: str) -> a2a.Artifact:
+def answer(text: str) -> a2a.Artifact:
+    """The run's answer (or a chunk of it) as the task's one artifact."""
     return a2a.Artifact(artifact_id=ANSWER_ARTIFACT, name="answer", parts=[a2a.Part(text=text)])
+
+
+def chunk(
+    run: str, text: str, sequence: int, *, append: bool, last: bool = False
+) -> a2a.StreamResponse:
+    """A streamed piece of ``run``'s answer, with the run update's sequence."""
+    return a2a.StreamResponse(
+        artifact_update=a2a.TaskArtifactUpdateEvent(
+            task_id=task_id(run),
+            context_id=context_id(run),
+            artifact=answer(text),
+            append=append,
+            last_chunk=last,
+            metadata=sequenced(sequence),
+        )
+    )
+
+
+def status_event(run: pb.Run, sequence: int) -> a2a.StreamResponse:
+    """A streamed state change of ``run``, with the run update's sequence."""
+    return a2a.StreamResponse(
+        status_update=a2a.TaskStatusUpdateEvent(
+            task_id=task_id(run.name),
+            context_id=context_id(run.name),
+            status=status(run),
+            metadata=sequenced(sequence),
+        )
+    )
 
 
 def task(run: pb.Run, question: str, answer_text: str | None) -> a2a.Task:
@@ -176,7 +202,7 @@ def task(run: pb.Run, question: str, answer_text: str | None) -> a2a.Task:
         history=[user_message(run, question)] if question else [],
     )
     if answer_text is not None:
-        found.artifacts.append(answer(run, answer_text))
+        found.artifacts.append(answer(answer_text))
     found.metadata.update({"run": run.name, "assistant": run.assistant})
     return found
 

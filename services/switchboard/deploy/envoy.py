@@ -167,8 +167,8 @@ API: Final[dict[str, ServiceDescriptor]] = {
     # A2A's contract (the official SDK's types), served by the a2a front door.
     "a2a": a2a_pb2.DESCRIPTOR.services_by_name["A2AService"],
 }
-#: Services an edge may leave out (no upstream: not routed). The deploy files run no
-#: a2a front door yet (docs/a2a.md); the mesh launcher and the all-in-one shape do.
+#: Services an edge may leave out (no upstream: not routed): a deployment without the
+#: a2a front door still gets an edge for the rest (docs/a2a.md).
 OPTIONAL_API: Final = frozenset({"a2a"})
 #: Every process serves these itself; in the mesh Envoy sends them to this service's replicas.
 HEALTH_PATH: Final = "/grpc.health.v1.Health/"

@@ -189,7 +189,7 @@ def _check_references(contents: dict[str, Any], validator_class: Any) -> None:
             try:
                 resolver.lookup(target)
             except Unresolvable:
-                if _is_local(reference):
+                if reference.startswith("#"):
                     raise SchemaUnusable(
                         "its input schema has a $ref that resolves to nothing in it"
                     ) from None
@@ -198,10 +198,6 @@ def _check_references(contents: dict[str, Any], validator_class: Any) -> None:
                 ) from None
     except RecursionError:
         raise SchemaUnusable("its input schema is nested too deeply") from None
-
-
-def _is_local(reference: str) -> bool:
-    return reference.startswith("#")
 
 
 def _references(resource: Resource[Any], base: str) -> Iterator[tuple[str, str]]:
