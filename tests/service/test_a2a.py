@@ -25,8 +25,18 @@ from a2a.client.auth.interceptor import AuthInterceptor
 from a2a.client.client import Client, ClientCallContext
 from a2a.types import a2a_pb2 as a2a
 from a2a.types import a2a_pb2_grpc
+from a2a.utils.errors import (
+    ContentTypeNotSupportedError,
+    InvalidParamsError,
+    TaskNotCancelableError,
+    TaskNotFoundError,
+    UnsupportedOperationError,
+    VersionNotSupportedError,
+)
 from google.protobuf import json_format, struct_pb2
+from google.rpc import error_details_pb2
 from grpc import aio
+from grpc_status import rpc_status
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as dpb
 from switchboard.platform.server import SwitchboardServer
@@ -329,6 +339,71 @@ async def test_strangers_viewers_and_malformed_names(agent: Agent) -> None:
             ),
             CODE.UNIMPLEMENTED,
         )
+
+
+async def test_the_sdk_client_gets_a2a_typed_errors(agent: Agent) -> None:
+    """Each error carries A2A's ErrorInfo (domain a2a-protocol.org) next to ours, so the
+    official client raises A2A's error classes, field violations included."""
+    world = agent.world
+    async with aio.insecure_channel(agent.server.address) as channel:
+        done = await stub(channel).SendMessage(
+            request("finished", agent.tenant), metadata=world.editor.md, timeout=TIMEOUT_S
+        )
+    ended = done.task
+    assert ended.status.state == a2a.TASK_STATE_COMPLETED
+    editor, stranger = agent.client(world.editor), agent.client(world.outsider)
+    try:
+        with pytest.raises(TaskNotFoundError):
+            await stranger.get_task(a2a.GetTaskRequest(id=ended.id))
+        with pytest.raises(TaskNotFoundError):
+            await editor.get_task(a2a.GetTaskRequest(id=f"{ended.context_id}.nosuchrun"))
+        with pytest.raises(TaskNotCancelableError):
+            await editor.cancel_task(a2a.CancelTaskRequest(id=ended.id))
+        with pytest.raises(UnsupportedOperationError):
+            async for _ in editor.subscribe(a2a.SubscribeToTaskRequest(id=ended.id)):
+                pass
+        with pytest.raises(InvalidParamsError) as invalid:
+            await editor.get_task(a2a.GetTaskRequest(id="no/slashes"))
+        assert [violation["field"] for violation in (invalid.value.data or {})["errors"]] == ["id"]
+        raw = a2a.Message(message_id="m-raw", role=a2a.ROLE_USER, parts=[a2a.Part(raw=b"\x00")])
+        with pytest.raises(ContentTypeNotSupportedError):
+            async for _ in editor.send_message(a2a.SendMessageRequest(message=raw)):
+                pass
+        old = ClientCallContext(service_parameters={"A2A-Version": "0.3"})
+        with pytest.raises(VersionNotSupportedError):
+            await editor.get_task(a2a.GetTaskRequest(id=ended.id), context=old)
+        current = ClientCallContext(service_parameters={"A2A-Version": "1.0"})
+        got = await editor.get_task(a2a.GetTaskRequest(id=ended.id), context=current)
+        assert got.status.state == a2a.TASK_STATE_COMPLETED
+    finally:
+        await editor.close()
+        await stranger.close()
+    # Switchboard's own clients still read Switchboard's reason from the same status.
+    async with aio.insecure_channel(agent.server.address) as channel:
+        error = await refused(
+            stub(channel).GetTask(
+                a2a.GetTaskRequest(tenant=agent.tenant, id=ended.id),
+                metadata=world.outsider.md,
+                timeout=TIMEOUT_S,
+            ),
+            CODE.NOT_FOUND,
+        )
+    assert _reasons(error) == [
+        ("a2a-protocol.org", "TASK_NOT_FOUND"),
+        ("switchboard.dev", "ERROR_REASON_NOT_FOUND"),
+    ]
+
+
+def _reasons(error: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
+    status = rpc_status.from_call(cast(grpc.Call, error))
+    assert status is not None
+    found = []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            found.append((info.domain, info.reason))
+    return found
 
 
 def _sequence(event: a2a.StreamResponse) -> int:

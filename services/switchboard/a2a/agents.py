@@ -209,6 +209,11 @@ class Agents:
         name = mapping.run_name(workspace, request.id)
         await self._policy.authorize(principal, name, Permission.WRITE, "id")
         run = await self._runs.cancel_run(principal, name, "cancelled by an A2A client")
+        if run.state in _ENDED and run.state != pb.RUN_STATE_CANCELLED:
+            # A2A: a task in a terminal state is not cancelable (cancelling a
+            # cancelled one again answers it, as CancelRun does).
+            state = a2a.TaskState.Name(mapping.STATES.get(run.state, 0))
+            raise FailedPrecondition(f"task {request.id} has ended ({state}): not cancelable")
         return await self._task(principal, run)
 
     async def list(

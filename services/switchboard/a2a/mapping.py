@@ -21,6 +21,7 @@ from google.protobuf import json_format, struct_pb2
 from google.rpc import code_pb2
 
 from a2a.types import a2a_pb2 as a2a
+from switchboard.a2a import errors
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.platform import names
@@ -116,11 +117,15 @@ def parts_in(message: a2a.Message, field: str = "message") -> list[cpb.ContentPa
     if not message.parts:
         violations.add(f"{field}.parts", "is required")
     parts: list[cpb.ContentPart] = []
+    refused = False
     for index, part in enumerate(message.parts):
         if part.WhichOneof("content") != "text":
             violations.add(f"{field}.parts[{index}]", "only text parts are accepted (docs/a2a.md)")
+            refused = True
         else:
             parts.append(cpb.ContentPart(text=part.text))
+    if refused:
+        raise errors.content_refused(violations.items)
     violations.check()
     return parts
 

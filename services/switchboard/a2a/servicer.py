@@ -8,16 +8,22 @@ every card): those four methods answer UNIMPLEMENTED.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+import contextlib
+from collections.abc import AsyncIterator, Iterable, Iterator
 
 from grpc import aio
 
 from a2a.types import a2a_pb2 as a2a
 from a2a.types import a2a_pb2_grpc
-from switchboard.a2a import mapping
+from switchboard.a2a import errors, mapping
 from switchboard.a2a.agents import Agents
 from switchboard.platform.authn import current_principal
-from switchboard.platform.errors import FieldViolation, InvalidArgument, NotImplementedYet
+from switchboard.platform.errors import (
+    FieldViolation,
+    InvalidArgument,
+    NotImplementedYet,
+    SwitchboardError,
+)
 
 SERVICE = a2a.DESCRIPTOR.services_by_name["A2AService"]
 
@@ -52,6 +58,18 @@ def _resume_after(metadata: Iterable[tuple[str, str | bytes]]) -> int | None:
     return int(value)
 
 
+@contextlib.contextmanager
+def _a2a(context: Context, method: str, *, names_task: bool = False) -> Iterator[None]:
+    """A2A's reason on every error the call raises (``errors.py``), and its version checked."""
+    try:
+        for key, value in context.invocation_metadata() or ():
+            if key == errors.VERSION_HEADER and isinstance(value, str):
+                errors.check_version(value)
+        yield
+    except SwitchboardError as error:
+        raise errors.tagged(error, method, names_task=names_task) from None
+
+
 class A2AServiceServicer(a2a_pb2_grpc.A2AServiceServicer):
     def __init__(self, agents: Agents) -> None:
         self._agents = agents
@@ -59,41 +77,48 @@ class A2AServiceServicer(a2a_pb2_grpc.A2AServiceServicer):
     async def SendMessage(
         self, request: a2a.SendMessageRequest, context: Context
     ) -> a2a.SendMessageResponse:
-        return await self._agents.send(current_principal(), request)
+        with _a2a(context, "SendMessage", names_task=bool(request.message.task_id)):
+            return await self._agents.send(current_principal(), request)
 
     async def SendStreamingMessage(
         self, request: a2a.SendMessageRequest, context: Context
     ) -> AsyncIterator[a2a.StreamResponse]:
-        async for response in self._agents.stream(current_principal(), request):
-            yield response
+        with _a2a(context, "SendStreamingMessage", names_task=bool(request.message.task_id)):
+            async for response in self._agents.stream(current_principal(), request):
+                yield response
 
     async def GetTask(self, request: a2a.GetTaskRequest, context: Context) -> a2a.Task:
-        return await self._agents.get(current_principal(), request)
+        with _a2a(context, "GetTask", names_task=True):
+            return await self._agents.get(current_principal(), request)
 
     async def ListTasks(
         self, request: a2a.ListTasksRequest, context: Context
     ) -> a2a.ListTasksResponse:
-        return await self._agents.list(current_principal(), request)
+        with _a2a(context, "ListTasks"):
+            return await self._agents.list(current_principal(), request)
 
     async def CancelTask(self, request: a2a.CancelTaskRequest, context: Context) -> a2a.Task:
-        return await self._agents.cancel(current_principal(), request)
+        with _a2a(context, "CancelTask", names_task=True):
+            return await self._agents.cancel(current_principal(), request)
 
     async def SubscribeToTask(
         self, request: a2a.SubscribeToTaskRequest, context: Context
     ) -> AsyncIterator[a2a.StreamResponse]:
-        after = _resume_after(context.invocation_metadata() or ())
-        if after is not None:
-            # A2A: the extensions a server applied are named back to the client.
-            await context.send_initial_metadata(
-                ((mapping.EXTENSIONS_HEADER, mapping.RESUME_EXTENSION),)
-            )
-        async for response in self._agents.subscribe(current_principal(), request, after):
-            yield response
+        with _a2a(context, "SubscribeToTask", names_task=True):
+            after = _resume_after(context.invocation_metadata() or ())
+            if after is not None:
+                # A2A: the extensions a server applied are named back to the client.
+                await context.send_initial_metadata(
+                    ((mapping.EXTENSIONS_HEADER, mapping.RESUME_EXTENSION),)
+                )
+            async for response in self._agents.subscribe(current_principal(), request, after):
+                yield response
 
     async def GetExtendedAgentCard(
         self, request: a2a.GetExtendedAgentCardRequest, context: Context
     ) -> a2a.AgentCard:
-        return await self._agents.card(current_principal(), request.tenant)
+        with _a2a(context, "GetExtendedAgentCard"):
+            return await self._agents.card(current_principal(), request.tenant)
 
     async def CreateTaskPushNotificationConfig(
         self, request: a2a.TaskPushNotificationConfig, context: Context

@@ -443,7 +443,12 @@ def from_status(
     retry_delay_s: float | None = None
     for detail in status.details:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            detail.Unpack(info)
+            found = error_details_pb2.ErrorInfo()
+            detail.Unpack(found)
+            # Ours wins over another protocol's (A2A errors carry both); a foreign
+            # server's only one is kept so its domain and reason stay readable.
+            if found.domain == DOMAIN or info.domain != DOMAIN:
+                info = found
         elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             bad = error_details_pb2.BadRequest()
             detail.Unpack(bad)

@@ -15,6 +15,19 @@ from dataclasses import dataclass
 ERROR_DOMAIN = "switchboard.dev"
 
 
+@dataclass(frozen=True)
+class ForeignReason:
+    """The reason a protocol that is not ours names an error by (A2A's ``TASK_NOT_FOUND``).
+
+    A front door for another protocol's clients (``switchboard/a2a``) tags the
+    errors it raises with it, so those clients' SDKs recognize them; the status
+    carries it as a second ``ErrorInfo`` in that protocol's domain, next to ours.
+    """
+
+    domain: str
+    reason: str
+
+
 class Code(enum.IntEnum):
     """Canonical status codes (google.rpc.Code), without depending on grpc."""
 
@@ -50,6 +63,8 @@ class SwitchboardError(Exception):
 
     code: Code = Code.INTERNAL
     reason: str = "ERROR_REASON_INTERNAL"
+    #: The same error in another protocol's words, when a front door for it raised it.
+    foreign: ForeignReason | None = None
 
     def __init__(self, message: str, *, metadata: Mapping[str, str] | None = None) -> None:
         super().__init__(message)

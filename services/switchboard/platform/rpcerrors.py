@@ -74,17 +74,26 @@ def rich_status(error: grpc.RpcError) -> status_pb2.Status | None:
     return None
 
 
+def _our_info(status: status_pb2.Status | None) -> error_details_pb2.ErrorInfo:
+    """Our ErrorInfo (a status may also carry another protocol's: errors.ForeignReason)."""
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            found = error_details_pb2.ErrorInfo()
+            detail.Unpack(found)
+            if found.domain == ERROR_DOMAIN:
+                return found
+    return error_details_pb2.ErrorInfo()
+
+
 def from_rpc_error(error: grpc.RpcError, *, peer: str) -> SwitchboardError:
     """``error`` as the SwitchboardError the peer raised; ``peer`` names it in our own messages."""
     status = rich_status(error)
-    info = error_details_pb2.ErrorInfo()
+    info = _our_info(status)
     violations: list[FieldViolation] = []
     retry_after_s: float | None = None
     subject = ""
     for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            detail.Unpack(info)
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             bad = error_details_pb2.BadRequest()
             detail.Unpack(bad)
             violations = [FieldViolation(v.field, v.description) for v in bad.field_violations]

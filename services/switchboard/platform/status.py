@@ -49,6 +49,13 @@ def to_status_proto(error: SwitchboardError, request_id: str) -> status_pb2.Stat
             error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=metadata)
         )
     ]
+    if error.foreign is not None:
+        # First: some SDKs of that protocol read only the first ErrorInfo; ours
+        # find theirs by domain wherever it is.
+        foreign = error_details_pb2.ErrorInfo(
+            reason=error.foreign.reason, domain=error.foreign.domain, metadata=metadata
+        )
+        details.insert(0, _pack(foreign))
     if isinstance(error, InvalidArgument) and error.violations:
         details.append(
             _pack(
