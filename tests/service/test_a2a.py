@@ -28,6 +28,7 @@ from a2a.types import a2a_pb2_grpc
 from a2a.utils.errors import (
     ContentTypeNotSupportedError,
     InvalidParamsError,
+    PushNotificationNotSupportedError,
     TaskNotCancelableError,
     TaskNotFoundError,
     UnsupportedOperationError,
@@ -227,6 +228,33 @@ async def test_a_streamed_send_sends_the_task_then_chunks_then_the_end(agent: Ag
         assert [task.id for task in listed.tasks] == [final.task_id]
 
 
+async def test_send_and_list_honour_history_length_modes_and_status_time(agent: Agent) -> None:
+    async with aio.insecure_channel(agent.server.address) as channel:
+        a2a_stub = agent.stub(channel)
+        md = agent.world.editor.md
+        first = request("first", agent.tenant)
+        first.configuration.history_length = 0
+        first.configuration.accepted_output_modes.extend(["application/json", "text/plain"])
+        sent = (await a2a_stub.SendMessage(first, metadata=md, timeout=TIMEOUT_S)).task
+        assert sent.status.state == a2a.TASK_STATE_COMPLETED
+        assert not sent.history
+        assert answer_of(sent).startswith("first")
+        context = sent.context_id
+        second = (
+            await a2a_stub.SendMessage(
+                request("second", agent.tenant, context_id=context), metadata=md, timeout=TIMEOUT_S
+            )
+        ).task
+        assert [part.text for part in second.history[0].parts] == ["second"]
+        listing = a2a.ListTasksRequest(tenant=agent.tenant, context_id=context)
+        every = await a2a_stub.ListTasks(listing, metadata=md, timeout=TIMEOUT_S)
+        assert {task.id for task in every.tasks} == {sent.id, second.id}
+        # Only tasks whose status changed after the given time.
+        listing.status_timestamp_after.CopyFrom(sent.status.timestamp)
+        later = await a2a_stub.ListTasks(listing, metadata=md, timeout=TIMEOUT_S)
+        assert [task.id for task in later.tasks] == [second.id]
+
+
 async def test_a_message_id_sent_twice_is_one_task(agent: Agent) -> None:
     async with aio.insecure_channel(agent.server.address) as channel:
         stub = agent.stub(channel)
@@ -337,7 +365,7 @@ async def test_strangers_viewers_and_malformed_names(agent: Agent) -> None:
                 metadata=world.editor.md,
                 timeout=TIMEOUT_S,
             ),
-            CODE.UNIMPLEMENTED,
+            CODE.FAILED_PRECONDITION,
         )
 
 
@@ -372,6 +400,21 @@ async def test_the_sdk_client_gets_a2a_typed_errors(agent: Agent) -> None:
         old = ClientCallContext(service_parameters={"A2A-Version": "0.3"})
         with pytest.raises(VersionNotSupportedError):
             await editor.get_task(a2a.GetTaskRequest(id=ended.id), context=old)
+        # What the agent cannot do is refused, never silently ignored.
+        with pytest.raises(PushNotificationNotSupportedError):
+            await editor.create_task_push_notification_config(
+                a2a.TaskPushNotificationConfig(task_id=ended.id, url="https://example.com/hook")
+            )
+        pushed = a2a.SendMessageRequest(message=message("push me"))
+        pushed.configuration.task_push_notification_config.url = "https://example.com/hook"
+        with pytest.raises(PushNotificationNotSupportedError):
+            async for _ in editor.send_message(pushed):
+                pass
+        images = a2a.SendMessageRequest(message=message("a picture, please"))
+        images.configuration.accepted_output_modes.append("image/png")
+        with pytest.raises(ContentTypeNotSupportedError):
+            async for _ in editor.send_message(images):
+                pass
         current = ClientCallContext(service_parameters={"A2A-Version": "1.0"})
         got = await editor.get_task(a2a.GetTaskRequest(id=ended.id), context=current)
         assert got.status.state == a2a.TASK_STATE_COMPLETED

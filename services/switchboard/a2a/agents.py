@@ -13,13 +13,14 @@ stream keeps its run authorized through an access grant, as ``WatchRun`` does.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final, Protocol
 
 from a2a.types import a2a_pb2 as a2a
-from switchboard.a2a import mapping
+from switchboard.a2a import errors, mapping
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.platform import names, pagination
@@ -36,6 +37,8 @@ _SETTLED: Final = frozenset(
         pb.RUN_STATE_REQUIRES_ACTION,
     }
 )
+#: Output modes a client may accept to get the answer (it is plain text).
+_TEXT_MODES: Final = frozenset({"text/plain", "text/*", "*/*", "text"})
 _ENDED: Final = frozenset({pb.RUN_STATE_SUCCEEDED, pb.RUN_STATE_FAILED, pb.RUN_STATE_CANCELLED})
 MAX_PAGE: Final = 100
 
@@ -118,6 +121,7 @@ class Agents:
         message = request.message
         if not request.HasField("message"):
             raise InvalidArgument("message is required", [FieldViolation("message", "is required")])
+        _acceptable(request.configuration)
         if message.task_id:
             return await self._continue(principal, workspace, message)
         parts = mapping.parts_in(message)
@@ -185,7 +189,9 @@ class Agents:
                 run = update.state_change.run
                 if run.state in _SETTLED:
                     break
-        return a2a.SendMessageResponse(task=await self._task(principal, run))
+        configuration = request.configuration
+        history = configuration.history_length if configuration.HasField("history_length") else None
+        return a2a.SendMessageResponse(task=await self._task(principal, run, history=history))
 
     async def stream(
         self, principal: Principal, request: a2a.SendMessageRequest
@@ -244,10 +250,16 @@ class Agents:
         )
         history = request.history_length if request.HasField("history_length") else 0
         artifacts = request.include_artifacts if request.HasField("include_artifacts") else False
+        after = (
+            request.status_timestamp_after.ToDatetime(dt.UTC)
+            if request.HasField("status_timestamp_after")
+            else None
+        )
         tasks = [
             await self._task(principal, run, history=history, artifacts=artifacts)
             for run in listed.runs
             if run.assistant == assistant
+            and (after is None or mapping.status_time(run).ToDatetime(dt.UTC) > after)
         ]
         return a2a.ListTasksResponse(
             tasks=tasks, next_page_token=listed.next_page_token, page_size=size
@@ -322,6 +334,21 @@ class Agents:
         if answer and artifacts and run.state == pb.RUN_STATE_SUCCEEDED:
             text = await self._answer(principal, run)
         return mapping.task(run, question, text)
+
+
+def _acceptable(configuration: a2a.SendMessageConfiguration) -> None:
+    """Refuse what a send asks for that this agent cannot give, rather than ignore it."""
+    if configuration.HasField("task_push_notification_config"):
+        raise errors.push_not_supported()
+    modes = configuration.accepted_output_modes
+    if modes and not any(mode.split(";")[0].strip() in _TEXT_MODES for mode in modes):
+        description = "must include text/plain: the answer is text (docs/a2a.md)"
+        error = InvalidArgument(
+            f"configuration.accepted_output_modes {description}",
+            [FieldViolation("configuration.accepted_output_modes", description)],
+        )
+        error.foreign = errors.CONTENT_TYPE_NOT_SUPPORTED
+        raise error
 
 
 def card_of(assistant: pb.Assistant, interfaces: list[Interface]) -> a2a.AgentCard:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from typing import Any, Final
 
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from google.rpc import code_pb2
 
 from a2a.types import a2a_pb2 as a2a
@@ -144,12 +144,17 @@ def user_message(run: pb.Run, text: str) -> a2a.Message:
     )
 
 
+def status_time(run: pb.Run) -> timestamp_pb2.Timestamp:
+    """When the task's status last changed: the run's end, else its start, else its creation."""
+    if run.HasField("end_time"):
+        return run.end_time
+    return run.start_time if run.HasField("start_time") else run.create_time
+
+
 def status(run: pb.Run) -> a2a.TaskStatus:
     """The task's status: its state, when it last changed, and why for a failed run."""
     found = a2a.TaskStatus(state=STATES.get(run.state, a2a.TASK_STATE_UNSPECIFIED))
-    stamp = run.end_time if run.HasField("end_time") else None
-    stamp = stamp or (run.start_time if run.HasField("start_time") else run.create_time)
-    found.timestamp.CopyFrom(stamp)
+    found.timestamp.CopyFrom(status_time(run))
     if run.state == pb.RUN_STATE_REQUIRES_ACTION:
         found.message.CopyFrom(approval_request(run))
     elif run.state in (pb.RUN_STATE_FAILED, pb.RUN_STATE_CANCELLED) and run.error.code:

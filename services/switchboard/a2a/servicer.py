@@ -3,7 +3,7 @@
 The messages and the service come from the official ``a2a-sdk`` (``a2a.types``),
 pinned in pyproject.toml: the contract is A2A's, not ours. Push notification
 configs are not offered yet (``capabilities.push_notifications`` is false on
-every card): those four methods answer UNIMPLEMENTED.
+every card): those four methods answer A2A's PUSH_NOTIFICATION_NOT_SUPPORTED.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from switchboard.platform.authn import current_principal
 from switchboard.platform.errors import (
     FieldViolation,
     InvalidArgument,
-    NotImplementedYet,
     SwitchboardError,
 )
 
@@ -29,7 +28,6 @@ SERVICE = a2a.DESCRIPTOR.services_by_name["A2AService"]
 
 Context = aio.ServicerContext[object, object]
 
-_NO_PUSH = "push notifications are not offered by this agent (its card says so)"
 _MAX_SEQUENCE_DIGITS = 18
 
 
@@ -123,19 +121,19 @@ class A2AServiceServicer(a2a_pb2_grpc.A2AServiceServicer):
     async def CreateTaskPushNotificationConfig(
         self, request: a2a.TaskPushNotificationConfig, context: Context
     ) -> a2a.TaskPushNotificationConfig:
-        raise NotImplementedYet(_NO_PUSH)
+        raise errors.push_not_supported()
 
     async def GetTaskPushNotificationConfig(
         self, request: a2a.GetTaskPushNotificationConfigRequest, context: Context
     ) -> a2a.TaskPushNotificationConfig:
-        raise NotImplementedYet(_NO_PUSH)
+        raise errors.push_not_supported()
 
     async def ListTaskPushNotificationConfigs(
         self, request: a2a.ListTaskPushNotificationConfigsRequest, context: Context
     ) -> a2a.ListTaskPushNotificationConfigsResponse:
-        raise NotImplementedYet(_NO_PUSH)
+        raise errors.push_not_supported()
 
     async def DeleteTaskPushNotificationConfig(
         self, request: a2a.DeleteTaskPushNotificationConfigRequest, context: Context
     ) -> object:
-        raise NotImplementedYet(_NO_PUSH)
+        raise errors.push_not_supported()
