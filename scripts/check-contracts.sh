@@ -53,5 +53,23 @@ if git rev-parse --verify -q HEAD >/dev/null; then
   done
 fi
 echo "contracts: no breaking change against $compared earlier contract versions"
+# The vendored A2A contract (third_party/a2a): the pinned SDK's descriptor, unchanged,
+# and no break against its earlier versions (an SDK upgrade that breaks callers stops here).
+echo "contracts: vendored A2A contract"
+"$PY" scripts/a2a-proto.py --check
+vendored=0
+if git rev-parse --verify -q HEAD >/dev/null; then
+  if ! git diff --quiet HEAD -- third_party/a2a && git cat-file -e HEAD:third_party/a2a 2>/dev/null; then
+    "$BUF" breaking third_party/a2a --against ".git#ref=HEAD,subdir=third_party/a2a"
+    vendored=$((vendored + 1))
+  fi
+  for ref in $(git log --format=%H -n 25 HEAD~1 -- third_party/a2a 2>/dev/null || true); do
+    if git cat-file -e "$ref:third_party/a2a" 2>/dev/null; then
+      "$BUF" breaking third_party/a2a --against ".git#ref=$ref,subdir=third_party/a2a"
+      vendored=$((vendored + 1))
+    fi
+  done
+fi
+echo "contracts: vendored A2A contract unbroken against $vendored earlier versions"
 echo "contracts: generated code"
 "$PY" scripts/gen.py --check
