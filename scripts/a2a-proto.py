@@ -29,10 +29,9 @@ import tempfile
 from pathlib import Path
 
 import grpc_tools
-from google.api import annotations_pb2, client_pb2, field_behavior_pb2
-from google.protobuf import descriptor_pb2, text_format
-
 from a2a.types import a2a_pb2
+from google.api import field_behavior_pb2
+from google.protobuf import descriptor_pb2, text_format
 
 ROOT = Path(__file__).resolve().parent.parent
 VENDORED = ROOT / "third_party" / "a2a" / "a2a.proto"
@@ -176,7 +175,8 @@ class _Writer:
         if open_oneof is not None:
             self.line(depth + 1, "}")
         for start, end in ((r.start, r.end) for r in message.reserved_range):
-            self.line(depth + 1, f"reserved {start}" + (f" to {end - 1};" if end - 1 > start else ";"))
+            last = end - 1
+            self.line(depth + 1, f"reserved {start}" + (f" to {last};" if last > start else ";"))
         if message.reserved_name:
             names = ", ".join(f'"{n}"' for n in message.reserved_name)
             self.line(depth + 1, f"reserved {names};")
@@ -225,9 +225,11 @@ class _Writer:
         for value in enum.value:
             options = ""
             if value.options.ListFields():
-                options = " [" + ", ".join(
-                    f"{o.name} = {_scalar(v)}" for o, v in value.options.ListFields()
-                ) + "]"
+                options = (
+                    " ["
+                    + ", ".join(f"{o.name} = {_scalar(v)}" for o, v in value.options.ListFields())
+                    + "]"
+                )
             self.line(depth + 1, f"{value.name} = {value.number}{options};")
         self.line(depth, "}")
 
@@ -287,8 +289,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="fail if it does not match the SDK")
     args = parser.parse_args()
-    # The option extensions must be known to read the SDK's options.
-    assert annotations_pb2.http and client_pb2.method_signature
     if not args.check:
         VENDORED.parent.mkdir(parents=True, exist_ok=True)
         VENDORED.write_text(render())
