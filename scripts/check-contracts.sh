@@ -22,22 +22,25 @@ if git rev-parse --verify -q HEAD >/dev/null; then
   #   `switchboard/gen/go/...`: that is not a Go import path, so no Go program could
   #   have imported it; the Go module is switchboard.dev/go (clients/go).
   config=$(mktemp --suffix=.yaml)
-  trap 'rm -f "$config"' EXIT
+  ours=$(mktemp --suffix=.yaml)
+  trap 'rm -f "$config" "$ours"' EXIT
+  # Our contracts' workspace without the vendored A2A module (checked on its own below):
+  # both sides are read with it, so commits from before the vendoring compare alike.
+  awk '/^  - path: /{skip = ($3 == "third_party/a2a")} !skip' buf.yaml >"$ours"
   # against REF: buf breaking against the contracts of commit REF (empty: HEAD).
   against() {
     local ref=$1 excepts=()
     git grep -q idempotency_level "$ref" -- proto || excepts+=(RPC_SAME_IDEMPOTENCY_LEVEL)
     git grep -q 'go_package = "switchboard/gen/go/switchboard/api/' "$ref" -- proto &&
       excepts+=(FILE_SAME_GO_PACKAGE)
-    if ((${#excepts[@]} == 0)); then
-      "$BUF" breaking proto --against ".git#ref=$ref,subdir=proto"
-      return
+    cp "$ours" "$config"
+    if ((${#excepts[@]} > 0)); then
+      local rules
+      rules=$(printf '\\n        - %s' "${excepts[@]}")
+      sed "s/^        - FILE\$/        - FILE\\n      except:$rules/" "$ours" >"$config"
+      grep -q "${excepts[0]}" "$config"
     fi
-    local rules
-    rules=$(printf '\\n        - %s' "${excepts[@]}")
-    sed "s/^        - FILE\$/        - FILE\\n      except:$rules/" buf.yaml >"$config"
-    grep -q "${excepts[0]}" "$config"
-    "$BUF" breaking . --against ".git#ref=$ref" --config "$config"
+    "$BUF" breaking . --config "$config" --against ".git#ref=$ref" --against-config "$config"
   }
   # Uncommitted edits are compared against HEAD; committed history against each
   # earlier commit that touched proto/ (so a break anywhere in a push is caught).
@@ -53,5 +56,23 @@ if git rev-parse --verify -q HEAD >/dev/null; then
   done
 fi
 echo "contracts: no breaking change against $compared earlier contract versions"
+# The vendored A2A contract (third_party/a2a): the pinned SDK's descriptor, unchanged,
+# and no break against its earlier versions (an SDK upgrade that breaks callers stops here).
+echo "contracts: vendored A2A contract"
+"$PY" scripts/a2a-proto.py --check
+vendored=0
+if git rev-parse --verify -q HEAD >/dev/null; then
+  if ! git diff --quiet HEAD -- third_party/a2a && git cat-file -e HEAD:third_party/a2a 2>/dev/null; then
+    "$BUF" breaking third_party/a2a --against ".git#ref=HEAD,subdir=third_party/a2a"
+    vendored=$((vendored + 1))
+  fi
+  for ref in $(git log --format=%H -n 25 HEAD~1 -- third_party/a2a 2>/dev/null || true); do
+    if git cat-file -e "$ref:third_party/a2a" 2>/dev/null; then
+      "$BUF" breaking third_party/a2a --against ".git#ref=$ref,subdir=third_party/a2a"
+      vendored=$((vendored + 1))
+    fi
+  done
+fi
+echo "contracts: vendored A2A contract unbroken against $vendored earlier versions"
 echo "contracts: generated code"
 "$PY" scripts/gen.py --check

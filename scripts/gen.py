@@ -86,6 +86,8 @@ def _buf(out: Path, template: str, *paths: str) -> None:
     cmd = [str(buf), "generate", "--template", template, "-o", str(out)]
     for path in paths:
         cmd += ["--path", path]
+    for path in NOT_FOR_CLIENTS:
+        cmd += ["--exclude-path", path]
     done = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"gen: buf generate ({template}) failed:\n{done.stderr}")
@@ -99,6 +101,11 @@ def yaml_plugins(template: Path) -> list[str]:
         if line.strip().startswith("- local:")
     ]
 
+
+#: Contracts only Python serves and nobody calls over gRPC: the public Agent Card is read
+#: over HTTP (GET /.well-known/agent-card.json through the edge), as A2A clients read it,
+#: so the Go and TypeScript clients get no stub for it (docs/decisions.md).
+NOT_FOR_CLIENTS: tuple[str, ...] = ("proto/switchboard/api/agentcard",)
 
 #: Each generated tree (relative to the repository) and how to make it into a scratch root.
 TARGETS: dict[str, Callable[[Path], None]] = {

@@ -19,6 +19,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from sqlalchemy.exc import DBAPIError
 
 from switchboard.a2a import build as a2a
+from switchboard.a2a import cardservicer as card_servicer
 from switchboard.a2a import servicer as a2a_servicer
 from switchboard.auth import build as auth
 from switchboard.auth import servicer as auth_servicer
@@ -63,7 +64,11 @@ REDIS_HEALTH = "switchboard.redis"
 #: Health entry that is NOT_SERVING while the database does not answer (every process).
 DATABASE_HEALTH = "switchboard.database"
 
-Build = Callable[[Settings, Shared], Awaitable[ServiceRegistration]]
+#: A service's build: its registration, or several when it serves companions beside its
+#: main service (a2a: the public Agent Card, ``COMPANIONS``).
+Build = Callable[
+    [Settings, Shared], Awaitable[ServiceRegistration | tuple[ServiceRegistration, ...]]
+]
 
 # Short name (for SWITCHBOARD_SERVICES / --services) -> descriptor, methods
 # answered with pre-serialized bytes, and how the service builds itself from
@@ -77,6 +82,18 @@ SERVICES: dict[str, tuple[ServiceDescriptor, frozenset[str], Build]] = {
     "events": (events_servicer.SERVICE, events_servicer.PRESERIALIZED, events.build),
     "a2a": (a2a_servicer.SERVICE, frozenset(), a2a.build),
 }
+#: Services a short name serves beside its main one, in the same process (its build
+#: registers them): Envoy routes them with it, the access table guards them.
+COMPANIONS: dict[str, tuple[ServiceDescriptor, ...]] = {"a2a": (card_servicer.SERVICE,)}
+
+
+async def registrations(settings: Settings, shared: Shared) -> list[ServiceRegistration]:
+    """What each configured service's build registers, in order."""
+    built: list[ServiceRegistration] = []
+    for name in settings.services:
+        made = await SERVICES[name][2](settings, shared)
+        built += made if isinstance(made, tuple) else [made]
+    return built
 
 
 def event_log(settings: Settings, database: Database, outbox: Outbox | None = None) -> LogBackend:
@@ -286,17 +303,17 @@ async def create_server(
         # Recorded only where they are served: without the port nothing pays for them.
         metrics = Metrics(process=True) if settings.metrics_port is not None else None
         shared = await open_shared(settings, resources, metrics)
-        registrations = [await SERVICES[name][2](settings, shared) for name in settings.services]
+        registered = await registrations(settings, shared)
         server = await build_server(
             settings,
-            registrations,
+            registered,
             guard=Guard(shared.authenticator, shared.policy),
             resources=resources,
             shared=shared,
             tracing=tracing,
             metrics=metrics,
         )
-        for registration in registrations:
+        for registration in registered:
             if registration.on_bound is not None:
                 # Known only now that the port is bound; done before any call is taken.
                 await registration.on_bound(server.port)
@@ -312,7 +329,7 @@ async def create_server(
         shared.bus.on_state_change(lambda state: server.report(REDIS_HEALTH, state == "ok"))
     if metrics is not None:
         observe(metrics, shared, server)
-        for registration in registrations:
+        for registration in registered:
             if registration.observe is not None:
                 registration.observe(metrics)
     return server, server.port

@@ -113,6 +113,8 @@ def test_envoy_runs_the_generated_configuration(envoy: EnvoyProcess) -> None:
         assert [f["name"] for f in manager["http_filters"]] == [
             "envoy.filters.http.grpc_web",
             "envoy.filters.http.cors",
+            # A2A's HTTP+JSON binding and the public Agent Card (test_a2a_http.py).
+            "envoy.filters.http.grpc_json_transcoder",
             "envoy.filters.http.router",
         ]
         [host] = manager["route_config"]["virtual_hosts"]

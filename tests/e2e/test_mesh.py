@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import httpx
 import pytest
 from a2a.types import a2a_pb2 as a2a
 from grpc import aio
@@ -396,9 +397,11 @@ async def serving(address: str, service: str) -> int:
 
 
 async def _an_a2a_task_through_the_edge(
-    channel: aio.Channel, caller: Caller, workspace: str
+    channel: aio.Channel, caller: Caller, workspace: str, edge: str
 ) -> None:
-    """The a2a process behind Envoy: an echo assistant answers an A2A message."""
+    """The a2a process behind Envoy: an echo assistant answers an A2A message, and the
+    same task reads back over A2A's HTTP+JSON binding (Envoy's transcoder) beside its
+    public card."""
     await dispatcher_stub(channel).CreateAssistant(
         pb.CreateAssistantRequest(
             parent=workspace,
@@ -420,6 +423,16 @@ async def _an_a2a_task_through_the_edge(
     )
     assert sent.task.status.state == a2a.TASK_STATE_COMPLETED
     assert sent.task.artifacts[0].parts[0].text.startswith("via envoy")
+    tenant = workspace.removeprefix("workspaces/") + ".echoer"
+    async with httpx.AsyncClient(base_url=f"http://{edge}", timeout=CALL_TIMEOUT_S) as http:
+        card = await http.get(f"/{tenant}/.well-known/agent-card.json")
+        assert card.status_code == 200, card.text
+        assert card.json()["supportedInterfaces"][0]["url"] == f"http://{edge}"
+        got = await http.get(
+            f"/{tenant}/tasks/{sent.task.id}", headers={"authorization": f"Bearer {caller.token}"}
+        )
+        assert got.status_code == 200, got.text
+        assert got.json()["status"]["state"] == "TASK_STATE_COMPLETED"
 
 
 def switchboard(*args: str) -> subprocess.CompletedProcess[str]:
@@ -497,7 +510,7 @@ async def test_the_mesh_keeps_serving_while_a_dispatcher_replica_is_killed(data_
             )
             contexts, dispatcher = context_stub(channel), dispatcher_stub(channel)
             workspace = await create_workspace(contexts, caller, "Mesh")
-            await _an_a2a_task_through_the_edge(channel, caller, workspace.name)
+            await _an_a2a_task_through_the_edge(channel, caller, workspace.name, edge)
             scope = events_pb2.Scope(workspace=workspace.name)
             events = Events(events_pb2_grpc.EventServiceStub(channel), caller, scope)
             following = background.start(events.run())

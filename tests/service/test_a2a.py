@@ -141,9 +141,12 @@ def answer_of(task: a2a.Task) -> str:
 
 async def test_the_card_names_the_grpc_interface_tenant_and_bearer_scheme(agent: Agent) -> None:
     card = agent.card
-    [interface] = card.supported_interfaces
+    interface, http_json = card.supported_interfaces
     assert interface.protocol_binding == "GRPC"
     assert interface.url == agent.server.address
+    # A2A's HTTP+JSON binding is the edge's (Envoy transcodes it; tests/e2e/test_a2a_http.py).
+    assert (http_json.protocol_binding, http_json.url) == ("HTTP+JSON", "http://127.0.0.1:8080")
+    assert http_json.tenant == agent.tenant
     assert agent.tenant == agent.world.name.removeprefix("workspaces/") + ".echoer"
     assert card.capabilities.streaming
     assert card.capabilities.extended_agent_card

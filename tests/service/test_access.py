@@ -18,7 +18,7 @@ from grpc import aio
 from sqlalchemy import func, select
 
 from switchboard.api.integration.v1 import integration_pb2_grpc
-from switchboard.mesh import SERVICES
+from switchboard.mesh import COMPANIONS, SERVICES
 from switchboard.platform.access import RULES, rule_for
 from switchboard.platform.authn import Guard
 from switchboard.platform.models import Base
@@ -32,7 +32,9 @@ RESOURCE_FIELD_NAMES = {"name", "parent", "conversation"}
 
 
 def _methods() -> list[MethodDescriptor]:
-    return [m for descriptor, _, _ in SERVICES.values() for m in descriptor.methods]
+    served = [descriptor for descriptor, _, _ in SERVICES.values()]
+    served += [companion for companions in COMPANIONS.values() for companion in companions]
+    return [m for descriptor in served for m in descriptor.methods]
 
 
 def _path(method: MethodDescriptor) -> str:
@@ -69,7 +71,10 @@ def test_rule_matches_the_request_shape(method: MethodDescriptor) -> None:
     rule = RULES[_path(method)]
     fields = _resource_fields(method)
     if rule.public:
-        assert method.containing_service.name == "AuthService", "only sign-in RPCs are public"
+        # Sign-in, and the public Agent Card (the same for every tenant: a2a/publiccard.py).
+        assert method.containing_service.name in ("AuthService", "AgentCardService"), (
+            "only sign-in RPCs and the public Agent Card are public"
+        )
         return
     if rule.resource_field:
         assert not method.client_streaming, "a streamed request cannot be checked up front"

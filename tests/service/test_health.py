@@ -13,7 +13,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 
-#: What the all-in-one process serves: our five contracts and A2A's.
+#: What the all-in-one process serves: our contracts, A2A's, and the public Agent Card's.
 SERVED = [
     "switchboard.api.auth.v1.AuthService",
     "switchboard.api.context.v1.ContextService",
@@ -21,6 +21,7 @@ SERVED = [
     "switchboard.api.integration.v1.IntegrationService",
     "switchboard.api.events.v1.EventService",
     "lf.a2a.v1.A2AService",
+    "switchboard.api.agentcard.v1.AgentCardService",
 ]
 
 

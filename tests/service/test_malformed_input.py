@@ -44,7 +44,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
 from switchboard.api.events.v1 import events_pb2 as epb
 from switchboard.auth.accounts import Accounts, ClientContext
 from switchboard.auth.store import AuthStore
-from switchboard.mesh import SERVICES, create_server
+from switchboard.mesh import COMPANIONS, SERVICES, create_server
 from switchboard.platform.config import Settings
 from switchboard.platform.interceptors import MALFORMED_LOG_INTERVAL_S
 from switchboard.platform.policy import AuthMethod
@@ -265,6 +265,7 @@ def _other_user_token(served: Served) -> str:
 def _methods() -> list[MethodDescriptor]:
     pool = descriptor_pool.Default()
     services = [descriptor for descriptor, _, _ in SERVICES.values()]
+    services += [companion for companions in COMPANIONS.values() for companion in companions]
     services.append(health_pb2.DESCRIPTOR.services_by_name["Health"])
     # Importing the reflection module registers its v1alpha descriptors; v1 is
     # registered when a server starts, so both are looked up by name below.

@@ -8,9 +8,10 @@ when they run elsewhere (the front door as its own process).
 
 from __future__ import annotations
 
-from switchboard.a2a import servicer
+from switchboard.a2a import cardservicer, servicer
 from switchboard.a2a.agents import Agents, Interface, Runs, Texts
 from switchboard.a2a.ports import LocalRuns, LocalTexts, RemoteRuns, RemoteTexts
+from switchboard.a2a.publiccard import DEFAULT_URL, HTTP_JSON, PROTOCOL_VERSION, Edge, PublicCards
 from switchboard.context.build import context_domain
 from switchboard.dispatcher.service import Dispatcher
 from switchboard.platform.config import ConfigError, Settings
@@ -42,15 +43,24 @@ async def _texts(settings: Settings, shared: Shared) -> Texts:
     return LocalTexts(await context_domain(shared))
 
 
-async def build(settings: Settings, shared: Shared) -> ServiceRegistration:
+async def build(settings: Settings, shared: Shared) -> tuple[ServiceRegistration, ...]:
+    """The A2A service and, beside it, the public Agent Card's."""
     runs = await _runs(settings, shared)
     texts = await _texts(settings, shared)
+    edge = Edge(settings.public_url or DEFAULT_URL)
+    # The extended card: gRPC where this process is reached, then HTTP+JSON at the
+    # edge (only the edge transcodes it).
     address: list[Interface] = []
+    http_json = Interface(url=edge.http_json, binding=HTTP_JSON, version=PROTOCOL_VERSION)
 
     async def bound(port: int) -> None:
-        address[:] = [Interface(url=advertise_address(settings, port))]
+        address[:] = [Interface(url=advertise_address(settings, port)), http_json]
 
     agents = Agents(runs, texts, shared.policy, shared.access, lambda: list(address))
-    return ServiceRegistration(
-        servicer.SERVICE, servicer.A2AServiceServicer(agents), on_bound=bound
+    return (
+        ServiceRegistration(servicer.SERVICE, servicer.A2AServiceServicer(agents), on_bound=bound),
+        ServiceRegistration(
+            cardservicer.SERVICE,
+            cardservicer.AgentCardServiceServicer(PublicCards(settings.public_url)),
+        ),
     )

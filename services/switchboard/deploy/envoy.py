@@ -109,6 +109,11 @@ from envoy_data_plane.envoy.config.route.v3 import (
 )
 from envoy_data_plane.envoy.config.trace.v3 import OpenTelemetryConfig, TracingHttp
 from envoy_data_plane.envoy.extensions.filters.http.cors.v3 import Cors, CorsPolicy
+from envoy_data_plane.envoy.extensions.filters.http.grpc_json_transcoder.v3 import (
+    GrpcJsonTranscoder,
+    GrpcJsonTranscoderPrintOptions,
+    GrpcJsonTranscoderRequestValidationOptions,
+)
 from envoy_data_plane.envoy.extensions.filters.http.grpc_web.v3 import GrpcWeb
 from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -147,9 +152,12 @@ from envoy_data_plane.envoy.type.v3 import (
     Percent,
 )
 from envoy_data_plane.google.protobuf import Any as AnyMessage
+from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
-from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.descriptor import FileDescriptor, MethodDescriptor, ServiceDescriptor
+from google.rpc import error_details_pb2, status_pb2
 
+from switchboard.api.agentcard.v1 import agentcard_pb2
 from switchboard.api.auth.v1 import auth_pb2
 from switchboard.api.context.v1 import context_pb2
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
@@ -166,6 +174,11 @@ API: Final[dict[str, ServiceDescriptor]] = {
     "events": events_pb2.DESCRIPTOR.services_by_name["EventService"],
     # A2A's contract (the official SDK's types), served by the a2a front door.
     "a2a": a2a_pb2.DESCRIPTOR.services_by_name["A2AService"],
+}
+#: Services a short name's processes serve beside its own (``switchboard.mesh.COMPANIONS``):
+#: routed to the same replicas.
+COMPANION_API: Final[dict[str, tuple[ServiceDescriptor, ...]]] = {
+    "a2a": (agentcard_pb2.DESCRIPTOR.services_by_name["AgentCardService"],),
 }
 #: Services an edge may leave out (no upstream: not routed): a deployment without the
 #: a2a front door still gets an edge for the rest (docs/a2a.md).
@@ -192,9 +205,13 @@ _RETRY_UNSENT: Final = "connect-failure,refused-stream"
 #: ... and, for methods the contract marks safe to repeat, after UNAVAILABLE or a reset.
 _RETRY_SAFE: Final = f"{_RETRY_UNSENT},unavailable,reset"
 _CORS_HEADERS: Final = (
-    "authorization, content-type, x-grpc-web, x-user-agent, x-request-id, grpc-timeout"
+    "authorization, content-type, x-grpc-web, x-user-agent, x-request-id, grpc-timeout, "
+    # A2A's HTTP+JSON binding and the resume extension (docs/a2a.md).
+    "a2a-version, a2a-extensions, switchboard-after-sequence"
 )
-_CORS_EXPOSE: Final = "grpc-status, grpc-message, grpc-status-details-bin, x-request-id"
+_CORS_EXPOSE: Final = (
+    "grpc-status, grpc-message, grpc-status-details-bin, x-request-id, a2a-extensions"
+)
 
 #: What the console may serve, by file suffix; anything else in its directory is refused.
 CONSOLE_TYPES: Final = {
@@ -781,6 +798,7 @@ def _listener(
         http_filters=[
             HttpFilter(name="envoy.filters.http.grpc_web", typed_config=_pack(GrpcWeb())),
             HttpFilter(name="envoy.filters.http.cors", typed_config=_pack(Cors())),
+            *_transcoder(spec),
             HttpFilter(name="envoy.filters.http.router", typed_config=_pack(Router())),
         ],
     )
@@ -808,6 +826,76 @@ def _listener(
             name="envoy.transport_sockets.tls", typed_config=_pack(context)
         )
     return Listener(name=name, address=_address(where), filter_chains=[chain])
+
+
+#: The services Envoy serves as HTTP+JSON (by their ``google.api.http`` bindings), when the
+#: a2a front door is routed: A2A's HTTP+JSON binding and the public Agent Card.
+TRANSCODED: Final = (
+    API["a2a"],
+    *COMPANION_API["a2a"],
+)
+#: What the transcoder needs beside the services' files: the error details a status
+#: carries, so an error's body is JSON with its details (``convert_grpc_status``).
+_ERROR_FILES: Final = (status_pb2.DESCRIPTOR, error_details_pb2.DESCRIPTOR)
+
+
+def transcoder_descriptors() -> bytes:
+    """The descriptor set Envoy's transcoder reads: the transcoded services' files (the
+    pinned SDK's A2A descriptor, which ``scripts/a2a-proto.py --check`` holds equal to
+    third_party/a2a/a2a.proto; our card's) with every file they import, dependencies first.
+
+    One change to A2A's bindings: SubscribeToTask is also a POST. A2A's contract says GET,
+    and the official SDK's HTTP+JSON client sends POST (its own server takes both), so the
+    edge takes both too.
+    """
+    files: dict[str, descriptor_pb2.FileDescriptorProto] = {}
+
+    def add(file: FileDescriptor) -> None:
+        if file.name in files:
+            return
+        for dependency in file.dependencies:
+            add(dependency)
+        proto = descriptor_pb2.FileDescriptorProto()
+        file.CopyToProto(proto)
+        files[file.name] = proto
+
+    for file in (*_ERROR_FILES, *(service.file for service in TRANSCODED)):
+        add(file)
+    a2a_file = files[API["a2a"].file.name]
+    for method in a2a_file.service[0].method:
+        if method.name == "SubscribeToTask":
+            rule = method.options.Extensions[annotations_pb2.http]
+            for binding in (rule, *rule.additional_bindings):
+                if binding.get:
+                    rule.additional_bindings.add(post=binding.get)
+    return descriptor_pb2.FileDescriptorSet(file=files.values()).SerializeToString(
+        deterministic=True
+    )
+
+
+def _transcoder(spec: EdgeSpec) -> list[HttpFilter]:
+    """Envoy's gRPC-JSON transcoder for A2A's HTTP+JSON binding, when a2a is routed.
+
+    gRPC and grpc-web requests pass it untouched; a request whose method and path match
+    an HTTP binding becomes the gRPC call, routed like one. Responses are JSON in A2A's
+    field names (lowerCamelCase); a stream is Server-Sent Events (``data: {...}``, one
+    event a message); an error is its ``google.rpc.Status`` as JSON with the HTTP status
+    of its code. Request headers reach the server as call metadata (``A2A-Version``,
+    ``A2A-Extensions``, ``switchboard-after-sequence``, ``authorization``).
+    """
+    if "a2a" not in spec.upstreams:
+        return []
+    config = GrpcJsonTranscoder(
+        proto_descriptor_bin=transcoder_descriptors(),
+        services=[service.full_name for service in TRANSCODED],
+        print_options=GrpcJsonTranscoderPrintOptions(stream_sse_style_delimited=True),
+        convert_grpc_status=True,
+        request_validation_options=GrpcJsonTranscoderRequestValidationOptions(
+            # A tenant or id in the path and another in the body: refused, not guessed.
+            reject_binding_body_field_collisions=True,
+        ),
+    )
+    return [HttpFilter(name="envoy.filters.http.grpc_json_transcoder", typed_config=_pack(config))]
 
 
 def _tracing(tracing: Tracing) -> HttpConnectionManagerTracing:
@@ -874,7 +962,8 @@ def _origin_matchers(origins: Sequence[str]) -> list[StringMatcher]:
 def _routes(spec: EdgeSpec) -> RouteConfiguration:
     cors = CorsPolicy(
         allow_origin_string_match=_origin_matchers(spec.allow_origins),
-        allow_methods="POST, OPTIONS",
+        # GET: A2A's HTTP+JSON reads and the public Agent Card.
+        allow_methods="GET, POST, OPTIONS",
         allow_headers=_CORS_HEADERS,
         expose_headers=_CORS_EXPOSE,
         max_age="86400",
@@ -885,7 +974,8 @@ def _routes(spec: EdgeSpec) -> RouteConfiguration:
     routes: list[Route] = []
     for service, descriptor in API.items():
         if service in spec.upstreams:
-            routes += _service_routes(descriptor, _cluster_of(service, spec), spec)
+            for served in (descriptor, *COMPANION_API.get(service, ())):
+                routes += _service_routes(served, _cluster_of(service, spec), spec)
     # Health and reflection: every process serves its own; through Envoy they go
     # to the dispatcher's replicas (all-in-one: the one server).
     fallback = _cluster_of("dispatcher", spec)
@@ -906,6 +996,14 @@ def _routes(spec: EdgeSpec) -> RouteConfiguration:
                 typed_per_filter_config={"envoy.filters.http.cors": _pack(cors)},
                 # Requests that never reached a server are safe to send again, streams too.
                 retry_policy=_retry_policy(_RETRY_UNSENT),
+                # The Host the client used, as Envoy saw it (never one the client sent in
+                # this header): the public Agent Card names the edge it was fetched from.
+                request_headers_to_add=[
+                    HeaderValueOption(
+                        header=HeaderValue(key="x-forwarded-host", value="%REQ(:AUTHORITY)%"),
+                        append_action=HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+                    )
+                ],
             )
         ],
     )
@@ -1148,6 +1246,7 @@ def _health_check(service: str, spec: EdgeSpec) -> HealthCheck:
 __all__ = [
     "ALPN",
     "API",
+    "COMPANION_API",
     "CONSOLE_CSP",
     "CONSOLE_HEADERS",
     "CONSOLE_TYPES",
@@ -1158,6 +1257,7 @@ __all__ = [
     "OTLP_HTTP",
     "PLAIN_LISTENER",
     "TLS_LISTENER",
+    "TRANSCODED",
     "Console",
     "EdgeSpec",
     "HostPort",
@@ -1169,4 +1269,5 @@ __all__ = [
     "bootstrap",
     "render",
     "safe_to_retry",
+    "transcoder_descriptors",
 ]

@@ -69,6 +69,7 @@ _DISPATCHER = "/switchboard.api.dispatcher.v1.DispatcherService/"
 _INTEGRATION = "/switchboard.api.integration.v1.IntegrationService/"
 _EVENTS = "/switchboard.api.events.v1.EventService/"
 _A2A = "/lf.a2a.v1.A2AService/"
+_CARD = "/switchboard.api.agentcard.v1.AgentCardService/"
 
 RULES: Final[dict[str, Rule]] = {
     # Auth: obtaining credentials is public; everything else acts on the caller's account.
@@ -164,6 +165,9 @@ RULES: Final[dict[str, Rule]] = {
     _A2A + "GetTaskPushNotificationConfig": per_item(Scope.READ),
     _A2A + "ListTaskPushNotificationConfigs": per_item(Scope.READ),
     _A2A + "DeleteTaskPushNotificationConfig": per_item(Scope.WRITE),
+    # The public Agent Card: the same for every tenant, naming nothing that exists
+    # (a2a/publiccard.py); the extended card above is the authorized one.
+    _CARD + "GetPublicAgentCard": PUBLIC,
 }
 
 # Infrastructure every orchestrator and operator must reach without credentials.

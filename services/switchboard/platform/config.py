@@ -209,6 +209,14 @@ class Settings(BaseSettings):
         "CancelRun and SubmitToolApprovals to the replica running the run); default: "
         "SWITCHBOARD_HOST and the bound port, or the host name when bound to all addresses.",
     )
+    public_url: str = Field(
+        default="",
+        max_length=256,
+        description="The edge's URL as clients outside reach it (Envoy's listener): A2A "
+        "agent cards name it, HTTP+JSON at the URL and gRPC at its host:port. "
+        "http(s)://host[:port], no path. Empty: the public card names the scheme and host "
+        "the request reached Envoy with; the extended card http://127.0.0.1:8080.",
+    )
     instance_id: str = Field(
         default="",
         max_length=64,
@@ -583,6 +591,26 @@ class Settings(BaseSettings):
         if value and not _GRPC_TARGET.fullmatch(value):
             raise ValueError("expected host:port (or a gRPC target such as dns:///host:port)")
         return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str) -> str:
+        if not value:
+            return value
+        try:
+            parts = urlsplit(value)
+            # .port raises for a port that is not a number.
+            _ = parts.port
+        except ValueError:
+            raise ValueError("not a valid URL (http(s)://host[:port])") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("expected http(s)://host[:port]")
+        if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+            raise ValueError(
+                "expected http(s)://host[:port] without a path, query or user: A2A's "
+                "HTTP+JSON paths start at the edge's root"
+            )
+        return value.rstrip("/")
 
     @model_validator(mode="after")
     def _check_secrets(self) -> Settings:

@@ -1,0 +1,135 @@
+"""The public Agent Card: what any caller, signed in or not, learns about an agent.
+
+A2A clients read ``/.well-known/agent-card.json`` (and, per agent,
+``/{tenant}/.well-known/agent-card.json``) before anything else, without a
+credential. Answering from the store would tell a stranger which workspaces and
+assistants exist (a card for one, NOT_FOUND for another), so the public card is
+the same for every well-formed tenant: where and how to call (the edge's
+interfaces with that tenant), which credentials are accepted, and what the
+protocol offers. The assistant's name, description and skills are in the
+extended card (``GetExtendedAgentCard``), which authorizes the caller first.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+from dataclasses import dataclass
+from typing import Final
+
+from google.api import httpbody_pb2
+from google.protobuf import json_format
+
+from a2a.types import a2a_pb2 as a2a
+from switchboard.a2a import mapping
+from switchboard.a2a.agents import resume_extension
+
+#: A2A's protocol version the interfaces speak (the SDK's ``PROTOCOL_VERSION_CURRENT``).
+PROTOCOL_VERSION: Final = "1.0"
+HTTP_JSON: Final = "HTTP+JSON"
+GRPC: Final = "GRPC"
+CONTENT_TYPE: Final = "application/json"
+#: Where the edge listens unless told (``switchboard envoy``'s default ``--listen``).
+DEFAULT_URL: Final = "http://127.0.0.1:8080"
+#: A host[:port] as a Host header carries it: a name, an IPv4 or a bracketed IPv6 address.
+_AUTHORITY: Final = re.compile(r"(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?")
+
+
+@dataclass(frozen=True)
+class Edge:
+    """The edge's public URL (``SWITCHBOARD_PUBLIC_URL``): HTTP+JSON at the URL itself,
+    gRPC at its host and port (a gRPC channel target, as the SDK's channel factory takes)."""
+
+    url: str
+
+    @property
+    def http_json(self) -> str:
+        return self.url.rstrip("/")
+
+    @property
+    def grpc(self) -> str:
+        parts = urllib.parse.urlsplit(self.url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        host = parts.hostname or ""
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def interfaces(self, tenant: str) -> list[a2a.AgentInterface]:
+        return [
+            a2a.AgentInterface(
+                url=url, protocol_binding=binding, tenant=tenant, protocol_version=PROTOCOL_VERSION
+            )
+            for binding, url in ((HTTP_JSON, self.http_json), (GRPC, self.grpc))
+        ]
+
+
+def edge_of(configured: str, proto: str, host: str) -> Edge:
+    """The edge a card names: ``SWITCHBOARD_PUBLIC_URL`` when set; else the scheme and
+    host the request reached the edge with (Envoy forwards them as ``x-forwarded-proto``
+    and ``x-forwarded-host``), so a card fetched through any listener names that
+    listener; else (a call that did not come through the edge) ``DEFAULT_URL``.
+
+    A client choosing its own Host header only changes the card it gets back itself.
+    """
+    if configured:
+        return Edge(configured)
+    if proto in ("http", "https") and _AUTHORITY.fullmatch(host):
+        return Edge(f"{proto}://{host}")
+    return Edge(DEFAULT_URL)
+
+
+class PublicCards:
+    def __init__(self, configured_url: str) -> None:
+        self._configured = configured_url
+
+    def card(self, tenant: str, edge: Edge) -> a2a.AgentCard:
+        """The card for ``tenant`` (empty: the server's, naming no tenant). A malformed
+        tenant is INVALID_ARGUMENT; a well-formed one gets the card whether or not its
+        workspace and assistant exist."""
+        if tenant:
+            mapping.agent(tenant)
+        card = a2a.AgentCard(
+            name="Switchboard agent",
+            description=(
+                "A Switchboard assistant as an A2A agent. Its name, description and skills "
+                "are in the extended agent card (GetExtendedAgentCard; sign in first)."
+            ),
+            version="1",
+            supported_interfaces=edge.interfaces(tenant),
+            capabilities=a2a.AgentCapabilities(
+                streaming=True,
+                push_notifications=False,
+                extended_agent_card=True,
+                extensions=[resume_extension()],
+            ),
+            default_input_modes=["text/plain"],
+            default_output_modes=["text/plain"],
+            # The same skill for every agent: what an assistant does is not public.
+            skills=[
+                a2a.AgentSkill(
+                    id="answer",
+                    name="answer",
+                    description="Answers a message; the extended card says what about.",
+                    tags=["assistant"],
+                )
+            ],
+        )
+        card.provider.organization = "Switchboard"
+        card.provider.url = edge.http_json
+        bearer = card.security_schemes["bearer"].http_auth_security_scheme
+        bearer.scheme = "Bearer"
+        bearer.bearer_format = "JWT"
+        bearer.description = "A Switchboard access token (Authorization: Bearer <token>)"
+        api_key = card.security_schemes["apiKey"].http_auth_security_scheme
+        api_key.scheme = "Bearer"
+        api_key.description = "A Switchboard API key (Authorization: Bearer sbk_...)"
+        # Either one: each requirement alone is enough.
+        for scheme in ("bearer", "apiKey"):
+            card.security_requirements.add().schemes[scheme].SetInParent()
+        return card
+
+    def document(self, tenant: str, proto: str, host: str) -> httpbody_pb2.HttpBody:
+        """The card as the JSON document A2A clients read (camelCase, as A2A's JSON is),
+        for a request that reached the edge with scheme ``proto`` and Host ``host``."""
+        card = self.card(tenant, edge_of(self._configured, proto, host))
+        text = json_format.MessageToJson(card, indent=None, sort_keys=True)
+        return httpbody_pb2.HttpBody(content_type=CONTENT_TYPE, data=text.encode())
