@@ -20,7 +20,6 @@ from typing import Any, Final
 
 import pytest
 
-from switchboard.api.context.v1 import context_pb2
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from tests.e2e.envoy import EnvoyProcess
 from tests.e2e.procs import ROOT, ServeProcess, tool
@@ -73,13 +72,7 @@ def agent() -> Iterator[Agent]:
         register(server, owner_email)
         register(server, stranger_email)
         with Caller(server, owner_email) as owner, Caller(server, stranger_email) as stranger:
-            workspace = owner.context.CreateWorkspace(
-                context_pb2.CreateWorkspaceRequest(
-                    workspace=context_pb2.Workspace(display_name="A2A from JavaScript")
-                ),
-                metadata=owner.md,
-                timeout=CALL_TIMEOUT_S,
-            ).workspace.name
+            workspace = owner.workspace("A2A from JavaScript")
             owner.dispatcher.CreateAssistant(
                 dispatcher_pb2.CreateAssistantRequest(
                     parent=workspace,
