@@ -64,7 +64,7 @@ class BearerToken {
 async function connect(address, token, tenant) {
   const factory = new ClientFactory(
     ClientFactoryOptions.createFrom(ClientFactoryOptions.default, {
-      transports: [new GrpcTransportFactory({ grpcCallOptions: {} })],
+      transports: [new GrpcTransportFactory()],
       preferredTransports: ['GRPC'],
       clientConfig: { interceptors: [new BearerToken(token)] },
     }),
