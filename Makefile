@@ -90,4 +90,5 @@ console:
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache clients/node/node_modules \
+		clients/a2a-js/node_modules \
 		clients/web/node_modules clients/web/dist

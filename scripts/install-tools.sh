@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs the external tools the tests drive, into .tools/bin (pinned versions):
 #   grpcurl, grpc-health-probe, protoc-gen-go and protoc-gen-go-grpc (Go; `make gen`
-#   runs the last two), the Node client's packages, the browser console's packages
-#   (clients/web: protoc-gen-es, Connect-ES, esbuild, TypeScript), the MCP
+#   runs the last two), the Node client's packages, the A2A client's (clients/a2a-js:
+#   the official @a2a-js/sdk and the peers of its gRPC transport), the browser console's
+#   packages (clients/web: protoc-gen-es, Connect-ES, esbuild, TypeScript), the MCP
 #   reference server the connector tests run (tests/mcp, npm ci) and puppeteer-core
 #   for the browser test (tests/browser, npm ci; it drives the system's Chromium),
 #   and the Go client's modules (clients/go, go mod download).
@@ -77,6 +78,11 @@ if [[ ! -d clients/node/node_modules/@grpc/grpc-js ]] \
   || [[ clients/node/package-lock.json -nt clients/node/node_modules/.package-lock.json ]]; then
   echo "tools: installing the Node client's packages"
   (cd clients/node && npm ci --no-audit --no-fund --loglevel=error)
+fi
+if [[ ! -d clients/a2a-js/node_modules/@a2a-js/sdk ]] \
+  || [[ clients/a2a-js/package-lock.json -nt clients/a2a-js/node_modules/.package-lock.json ]]; then
+  echo "tools: installing the A2A JavaScript SDK client's packages"
+  (cd clients/a2a-js && npm ci --no-audit --no-fund --loglevel=error)
 fi
 if [[ ! -x clients/web/node_modules/.bin/protoc-gen-es ]] \
   || [[ clients/web/package-lock.json -nt clients/web/node_modules/.package-lock.json ]]; then

@@ -92,18 +92,21 @@ class Caller:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def conversation(self) -> str:
-        """A new workspace with one conversation; the conversation's name."""
-        workspace = self.context.CreateWorkspace(
+    def workspace(self, display_name: str = "Restarts") -> str:
+        """A new workspace of this user's; its name."""
+        return self.context.CreateWorkspace(
             context_pb2.CreateWorkspaceRequest(
-                workspace=context_pb2.Workspace(display_name="Restarts")
+                workspace=context_pb2.Workspace(display_name=display_name)
             ),
             metadata=self.md,
             timeout=CALL_TIMEOUT_S,
         ).workspace.name
+
+    def conversation(self) -> str:
+        """A new workspace with one conversation; the conversation's name."""
         return self.context.CreateConversation(
             context_pb2.CreateConversationRequest(
-                parent=workspace, conversation=context_pb2.Conversation(title="Restarts")
+                parent=self.workspace(), conversation=context_pb2.Conversation(title="Restarts")
             ),
             metadata=self.md,
             timeout=CALL_TIMEOUT_S,
