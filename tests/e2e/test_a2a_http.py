@@ -238,9 +238,10 @@ def _sse(body: str) -> list[dict[str, Any]]:
     return [json.loads(block.removeprefix("data: ")) for block in events]
 
 
-def _sequence(event: dict[str, Any]) -> int:
+def _sequence(event: dict[str, Any]) -> str:
+    """The event's resume cursor, as sent (``N``, or ``N.1`` for a final status)."""
     [update] = [event[kind] for kind in ("artifactUpdate", "statusUpdate") if kind in event]
-    return int(update["metadata"]["switchboard.sequence"])
+    return str(update["metadata"]["switchboard.sequence"])
 
 
 async def test_curl_streams_sse_and_errors_are_json_with_their_status(world: World) -> None:
@@ -307,7 +308,11 @@ async def test_curl_streams_sse_and_errors_are_json_with_their_status(world: Wor
     assert status == "404 application/json", stranger.stdout
     error = json.loads(text)
     assert error["code"] == 5
-    assert error["details"][0]["reason"] == "ERROR_REASON_NOT_FOUND"
+    # A2A's reason first (what A2A clients read), then Switchboard's.
+    assert [(detail["domain"], detail["reason"]) for detail in error["details"]] == [
+        ("a2a-protocol.org", "TASK_NOT_FOUND"),
+        ("switchboard.dev", "ERROR_REASON_NOT_FOUND"),
+    ]
     assert "via curl" not in text
     # No credential at all: 401, never the task.
     anonymous = await asyncio.to_thread(

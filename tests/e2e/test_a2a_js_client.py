@@ -35,6 +35,7 @@ TEXT: Final = "hello from the JavaScript SDK"
 SLOW_TEXT: Final = "one slow answer that is cancelled midway"
 #: gRPC status codes as the SDK reports them (numbers).
 NOT_FOUND: Final = 5
+FAILED_PRECONDITION: Final = 9
 #: What the client does through Envoy (a2a.mjs): GetExtendedAgentCard, SendMessage, GetTask,
 #: ListTasks, SendMessage (slow), CancelTask twice, the stranger's GetTask and
 #: GetExtendedAgentCard; and one SendStreamingMessage, which Envoy routes to its own cluster
@@ -142,16 +143,22 @@ def test_the_card_comes_through_envoy_over_grpc_v1(agent: Agent, seen: Seen) -> 
     # The SDK's transport: gRPC, A2A 1.0 (it sends A2A-Version: 1.0 with every call).
     assert card["transport"] == "GRPC"
     assert card["protocolVersion"] == "1.0"
-    # The card names the server's own address, not the edge the client came through:
-    # Switchboard has no setting for its public address yet (docs/a2a.md, "Clients in other
-    # languages"), so the client keeps the transport it reached the card with.
+    # The card names the edge the client came through (the Host Envoy saw), not the
+    # server behind it: gRPC at its host:port, HTTP+JSON at its URL.
+    edge = f"127.0.0.1:{agent.envoy.port}"
     assert card["interfaces"] == [
         {
-            "url": agent.server.address,
+            "url": edge,
             "protocolBinding": "GRPC",
             "tenant": agent.tenant,
             "protocolVersion": "1.0",
-        }
+        },
+        {
+            "url": f"http://{edge}",
+            "protocolBinding": "HTTP+JSON",
+            "tenant": agent.tenant,
+            "protocolVersion": "1.0",
+        },
     ]
     assert card["streaming"] is True
     assert card["securitySchemes"] == ["bearer"]
@@ -195,10 +202,14 @@ def test_a_streamed_send_sends_the_task_then_chunks_then_the_end(agent: Agent, s
     run_name = seen["got"]["metadata"]["run"]
     assert streamed["text"] == _stored_answer(agent, run_name)
     assert streamed["text"].startswith(f"{TEXT}\n\n(answered by handlers/echo")
-    # The resume extension's cursor on every event after the task (never going back).
-    sequences = [int(sequence) for sequence in streamed["sequences"]]
+    # The resume extension's cursor on every event after the task, strictly increasing
+    # (``N``, then ``N.1`` for the final status that follows the answer's last chunk).
+    sequences = [
+        (int(sequence.partition(".")[0]), int(sequence.partition(".")[2] or 0))
+        for sequence in streamed["sequences"]
+    ]
     assert len(sequences) == len(kinds) - 1
-    assert sequences == sorted(sequences)
+    assert sequences == sorted(set(sequences))
 
 
 def test_the_streamed_task_is_got_and_listed(seen: Seen) -> None:
@@ -214,7 +225,7 @@ def test_the_streamed_task_is_got_and_listed(seen: Seen) -> None:
     assert seen["listed"]["nextPageToken"] == ""
 
 
-def test_a_slow_task_is_cancelled_and_a_finished_one_stays_as_it_was(
+def test_a_slow_task_is_cancelled_and_a_finished_one_is_not_cancelable(
     agent: Agent, seen: Seen
 ) -> None:
     slow, cancelled = seen["slow"], seen["cancelled"]
@@ -225,20 +236,21 @@ def test_a_slow_task_is_cancelled_and_a_finished_one_stays_as_it_was(
     assert cancelled["answer"] == ""
     run = agent.owner.run(cancelled["metadata"]["run"])
     assert run.state == dispatcher_pb2.RUN_STATE_CANCELLED
-    # Cancelling a task that has ended answers it unchanged, as CancelRun does; A2A would
-    # have TaskNotCancelableError (docs/a2a.md: A2A's own error reasons are not mapped yet).
-    finished = seen["cancelFinished"]
-    assert "error" not in finished, finished
-    assert finished["id"] == seen["blocking"]["id"]
-    assert finished["state"] == "TASK_STATE_COMPLETED"
-    assert finished["answer"] == seen["blocking"]["answer"]
+    # A task that has ended is not cancelable: the SDK's typed error, from A2A's ErrorInfo.
+    error = seen["cancelFinished"]["error"]
+    assert error["name"] == "GrpcTaskNotCancelableError", error
+    assert error["code"] == FAILED_PRECONDITION
+    assert agent.owner.run(seen["blocking"]["metadata"]["run"]).state == (
+        dispatcher_pb2.RUN_STATE_SUCCEEDED
+    )
 
 
 def test_a_stranger_learns_nothing(seen: Seen) -> None:
     stranger = seen["stranger"]
-    for call in ("getTask", "card"):
+    # The task: A2A's TaskNotFoundError; the agent's card: a plain NOT_FOUND (A2A has no
+    # reason for an agent that is not there), as for an agent that does not exist.
+    for call, name in (("getTask", "GrpcTaskNotFoundError"), ("card", "GrpcA2AErrorImpl")):
         error = stranger[call]["error"]
         assert error["code"] == NOT_FOUND, (call, error)
-        # Not one of the SDK's typed A2A errors: Switchboard's ErrorInfo is its own.
-        assert error["name"] == "GrpcA2AErrorImpl"
+        assert error["name"] == name, (call, error)
         assert TEXT not in error["message"]

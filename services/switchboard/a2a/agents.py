@@ -95,7 +95,7 @@ class Agents:
         texts: Texts,
         policy: Policy,
         access: AccessWatch,
-        interfaces: Callable[[], list[Interface]],
+        interfaces: Callable[[str, str], list[Interface]],
     ) -> None:
         self._runs = runs
         self._texts = texts
@@ -105,11 +105,15 @@ class Agents:
 
     # -- the card ---------------------------------------------------------------------------
 
-    async def card(self, principal: Principal, tenant: str) -> a2a.AgentCard:
+    async def card(
+        self, principal: Principal, tenant: str, forwarded: tuple[str, str] = ("", "")
+    ) -> a2a.AgentCard:
+        """The assistant's card; ``forwarded``: the scheme and Host the call reached the
+        edge with, so that the card names the edge the client came through."""
         _, assistant_name = mapping.agent(tenant)
         await self._policy.authorize(principal, assistant_name, Permission.READ, "tenant")
         assistant = await self._runs.assistant(principal, assistant_name)
-        return card_of(assistant, self._interfaces())
+        return card_of(assistant, self._interfaces(*forwarded))
 
     # -- sending ----------------------------------------------------------------------------
 
@@ -197,7 +201,7 @@ class Agents:
         self, principal: Principal, request: a2a.SendMessageRequest
     ) -> AsyncIterator[a2a.StreamResponse]:
         run, after = await self._admit(principal, request)
-        async for response in self._relay(principal, run, after):
+        async for response in self._relay(principal, run, (after, 1)):
             yield response
 
     # -- tasks ------------------------------------------------------------------------------
@@ -266,7 +270,10 @@ class Agents:
         )
 
     async def subscribe(
-        self, principal: Principal, request: a2a.SubscribeToTaskRequest, after: int | None
+        self,
+        principal: Principal,
+        request: a2a.SubscribeToTaskRequest,
+        after: mapping.Cursor | None,
     ) -> AsyncIterator[a2a.StreamResponse]:
         """The task, then its events; with the resume extension (``after`` set) only
         those after that sequence, also for a task that has ended since."""
@@ -277,39 +284,45 @@ class Agents:
         if run.state in _ENDED and after is None:
             # A2A: subscribing to a task in a terminal state is an error.
             raise FailedPrecondition(f"task {request.id} has ended; GetTask reads it")
-        async for response in self._relay(principal, run, after or 0):
+        async for response in self._relay(principal, run, after or mapping.START):
             yield response
 
     # -- helpers ----------------------------------------------------------------------------
 
     async def _relay(
-        self, principal: Principal, run: pb.Run, after: int
+        self, principal: Principal, run: pb.Run, after: mapping.Cursor
     ) -> AsyncIterator[a2a.StreamResponse]:
-        """The task first, then its updates until it ends, under an access grant."""
+        """The task first, then its events after ``after`` until it ends, under an access
+        grant."""
         grant = self._access.open(principal)
+        sequence, part = after
+        # Held: the first of update N's events only; its second comes from replaying N.
+        watch_after = sequence if part else max(0, sequence - 1)
         try:
             hold = await grant.hold(((run.name, "id"),), Permission.READ)
             yield a2a.StreamResponse(task=await self._task(principal, run, answer=False))
             # A resumed stream continues an answer its client already holds part of.
-            streamed = after > 0
-            async for update in hold.guard(self._runs.watch(principal, run.name, after)):
+            streamed = after != mapping.START
+            updates = self._runs.watch(principal, run.name, watch_after)
+            async for update in hold.guard(updates):
                 if update is None:
                     continue
                 kind = update.WhichOneof("update")
-                if kind == "delta" and update.delta.text:
-                    yield mapping.chunk(
-                        run.name, update.delta.text, update.sequence, append=streamed
-                    )
+                first: mapping.Cursor = (update.sequence, 0)
+                if kind == "delta" and update.delta.text and first > after:
+                    yield mapping.chunk(run.name, update.delta.text, first, append=streamed)
                     streamed = True
                 elif kind == "state_change":
                     changed = update.state_change.run
+                    status_at = first
                     if changed.state == pb.RUN_STATE_SUCCEEDED:
-                        # The answer's last chunk: empty after streamed deltas, else all of it.
-                        text = "" if streamed else await self._answer(principal, changed)
-                        yield mapping.chunk(
-                            run.name, text, update.sequence, append=streamed, last=True
-                        )
-                    yield mapping.status_event(changed, update.sequence)
+                        status_at = (update.sequence, 1)
+                        if first > after:
+                            # The answer's last chunk: empty after streamed deltas, else all.
+                            text = "" if streamed else await self._answer(principal, changed)
+                            yield mapping.chunk(run.name, text, first, append=streamed, last=True)
+                    if status_at > after:
+                        yield mapping.status_event(changed, status_at)
                     if changed.state in _ENDED:
                         return
         finally:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from switchboard.a2a import cardservicer, servicer
 from switchboard.a2a.agents import Agents, Interface, Runs, Texts
 from switchboard.a2a.ports import LocalRuns, LocalTexts, RemoteRuns, RemoteTexts
-from switchboard.a2a.publiccard import DEFAULT_URL, HTTP_JSON, PROTOCOL_VERSION, Edge, PublicCards
+from switchboard.a2a.publiccard import HTTP_JSON, PROTOCOL_VERSION, PublicCards, through_edge
 from switchboard.context.build import context_domain
 from switchboard.dispatcher.service import Dispatcher
 from switchboard.platform.config import ConfigError, Settings
@@ -47,16 +47,24 @@ async def build(settings: Settings, shared: Shared) -> tuple[ServiceRegistration
     """The A2A service and, beside it, the public Agent Card's."""
     runs = await _runs(settings, shared)
     texts = await _texts(settings, shared)
-    edge = Edge(settings.public_url or DEFAULT_URL)
-    # The extended card: gRPC where this process is reached, then HTTP+JSON at the
-    # edge (only the edge transcodes it).
     address: list[Interface] = []
-    http_json = Interface(url=edge.http_json, binding=HTTP_JSON, version=PROTOCOL_VERSION)
 
     async def bound(port: int) -> None:
-        address[:] = [Interface(url=advertise_address(settings, port)), http_json]
+        address[:] = [Interface(url=advertise_address(settings, port))]
 
-    agents = Agents(runs, texts, shared.policy, shared.access, lambda: list(address))
+    def interfaces(proto: str, host: str) -> list[Interface]:
+        """The extended card's: the edge's gRPC and HTTP+JSON (only the edge transcodes)
+        for a call that came through it or when its URL is configured; else where this
+        process is reached, gRPC only."""
+        edge = through_edge(settings.public_url, proto, host)
+        if edge is None:
+            return list(address)
+        return [
+            Interface(url=edge.grpc),
+            Interface(url=edge.http_json, binding=HTTP_JSON, version=PROTOCOL_VERSION),
+        ]
+
+    agents = Agents(runs, texts, shared.policy, shared.access, interfaces)
     return (
         ServiceRegistration(servicer.SERVICE, servicer.A2AServiceServicer(agents), on_bound=bound),
         ServiceRegistration(

@@ -11,7 +11,7 @@ from __future__ import annotations
 from google.api import httpbody_pb2
 from grpc import aio
 
-from switchboard.a2a.publiccard import PublicCards
+from switchboard.a2a.publiccard import PublicCards, forwarded
 from switchboard.api.agentcard.v1 import agentcard_pb2 as pb
 from switchboard.api.agentcard.v1 import agentcard_pb2_grpc
 
@@ -27,10 +27,5 @@ class AgentCardServiceServicer(agentcard_pb2_grpc.AgentCardServiceServicer):
     async def GetPublicAgentCard(
         self, request: pb.GetPublicAgentCardRequest, context: Context
     ) -> httpbody_pb2.HttpBody:
-        proto = host = ""
-        for key, value in context.invocation_metadata() or ():
-            if key == "x-forwarded-proto" and isinstance(value, str):
-                proto = value
-            elif key == "x-forwarded-host" and isinstance(value, str):
-                host = value
+        proto, host = forwarded(context.invocation_metadata() or ())
         return self._cards.document(request.tenant, proto, host)

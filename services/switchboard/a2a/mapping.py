@@ -35,6 +35,15 @@ CONTEXT_ID: Final = re.compile(_ID)
 ANSWER_ARTIFACT: Final = "answer"
 #: Metadata key carrying the run's sequence on streamed events (the resume extension).
 SEQUENCE_KEY: Final = "switchboard.sequence"
+#: Where a streamed event stands: the run update's sequence, and which of the update's
+#: events it is. One update makes one event, except the one that ends a run well: the
+#: answer's last chunk, then the final status, ``(N, 0)`` and ``(N, 1)``, written ``N``
+#: and ``N.1``. Strictly increasing within a task, so "everything after the last one
+#: held" is exact even between those two.
+Cursor = tuple[int, int]
+#: Nothing held yet: every update (run sequences start at 1).
+START: Final[Cursor] = (0, 1)
+_CURSOR: Final = re.compile(r"([0-9]{1,18})(\.1)?")
 #: The resume extension (docs/a2a.md, "Resuming a stream"): a client that names it in
 #: ``a2a-extensions`` and sends the last sequence it saw in ``AFTER_HEADER`` on
 #: SubscribeToTask gets every event after that one, once, also for a task that ended.
@@ -176,9 +185,9 @@ def answer(text: str) -> a2a.Artifact:
 
 
 def chunk(
-    run: str, text: str, sequence: int, *, append: bool, last: bool = False
+    run: str, text: str, cursor: Cursor, *, append: bool, last: bool = False
 ) -> a2a.StreamResponse:
-    """A streamed piece of ``run``'s answer, with the run update's sequence."""
+    """A streamed piece of ``run``'s answer, with its cursor."""
     return a2a.StreamResponse(
         artifact_update=a2a.TaskArtifactUpdateEvent(
             task_id=task_id(run),
@@ -186,19 +195,19 @@ def chunk(
             artifact=answer(text),
             append=append,
             last_chunk=last,
-            metadata=sequenced(sequence),
+            metadata=sequenced(cursor),
         )
     )
 
 
-def status_event(run: pb.Run, sequence: int) -> a2a.StreamResponse:
-    """A streamed state change of ``run``, with the run update's sequence."""
+def status_event(run: pb.Run, cursor: Cursor) -> a2a.StreamResponse:
+    """A streamed state change of ``run``, with its cursor."""
     return a2a.StreamResponse(
         status_update=a2a.TaskStatusUpdateEvent(
             task_id=task_id(run.name),
             context_id=context_id(run.name),
             status=status(run),
-            metadata=sequenced(sequence),
+            metadata=sequenced(cursor),
         )
     )
 
@@ -217,9 +226,22 @@ def task(run: pb.Run, question: str, answer_text: str | None) -> a2a.Task:
     return found
 
 
-def sequenced(sequence: int) -> struct_pb2.Struct:
+def cursor_text(cursor: Cursor) -> str:
+    sequence, part = cursor
+    return f"{sequence}.{part}" if part else str(sequence)
+
+
+def parse_cursor(text: str) -> Cursor | None:
+    """``N`` or ``N.1`` (``cursor_text``), else None."""
+    found = _CURSOR.fullmatch(text)
+    if found is None:
+        return None
+    return int(found[1]), 1 if found[2] else 0
+
+
+def sequenced(cursor: Cursor) -> struct_pb2.Struct:
     found = struct_pb2.Struct()
-    found.update({SEQUENCE_KEY: str(sequence)})
+    found.update({SEQUENCE_KEY: cursor_text(cursor)})
     return found
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import urllib.parse
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -62,11 +63,22 @@ class Edge:
         ]
 
 
-def edge_of(configured: str, proto: str, host: str) -> Edge:
+def forwarded(metadata: Iterable[tuple[str, str | bytes]]) -> tuple[str, str]:
+    """The scheme and Host a call reached the edge with (``x-forwarded-proto``,
+    ``x-forwarded-host``: Envoy sets both); empty for a call that came directly."""
+    proto = host = ""
+    for key, value in metadata:
+        if key == "x-forwarded-proto" and isinstance(value, str):
+            proto = value
+        elif key == "x-forwarded-host" and isinstance(value, str):
+            host = value
+    return proto, host
+
+
+def through_edge(configured: str, proto: str, host: str) -> Edge | None:
     """The edge a card names: ``SWITCHBOARD_PUBLIC_URL`` when set; else the scheme and
-    host the request reached the edge with (Envoy forwards them as ``x-forwarded-proto``
-    and ``x-forwarded-host``), so a card fetched through any listener names that
-    listener; else (a call that did not come through the edge) ``DEFAULT_URL``.
+    host the request reached the edge with, so a card fetched through any listener
+    names that listener; None for a call that did not come through the edge.
 
     A client choosing its own Host header only changes the card it gets back itself.
     """
@@ -74,7 +86,12 @@ def edge_of(configured: str, proto: str, host: str) -> Edge:
         return Edge(configured)
     if proto in ("http", "https") and _AUTHORITY.fullmatch(host):
         return Edge(f"{proto}://{host}")
-    return Edge(DEFAULT_URL)
+    return None
+
+
+def edge_of(configured: str, proto: str, host: str) -> Edge:
+    """``through_edge``, else ``DEFAULT_URL`` (where ``switchboard envoy`` listens)."""
+    return through_edge(configured, proto, host) or Edge(DEFAULT_URL)
 
 
 class PublicCards:

@@ -17,6 +17,7 @@ from a2a.types import a2a_pb2 as a2a
 from a2a.types import a2a_pb2_grpc
 from switchboard.a2a import errors, mapping
 from switchboard.a2a.agents import Agents
+from switchboard.a2a.publiccard import forwarded
 from switchboard.platform.authn import current_principal
 from switchboard.platform.errors import (
     FieldViolation,
@@ -28,11 +29,9 @@ SERVICE = a2a.DESCRIPTOR.services_by_name["A2AService"]
 
 Context = aio.ServicerContext[object, object]
 
-_MAX_SEQUENCE_DIGITS = 18
 
-
-def _resume_after(metadata: Iterable[tuple[str, str | bytes]]) -> int | None:
-    """The sequence the resume extension continues after; None when not asked for.
+def _resume_after(metadata: Iterable[tuple[str, str | bytes]]) -> mapping.Cursor | None:
+    """The cursor the resume extension continues after; None when not asked for.
 
     It applies when the client activates the extension (``a2a-extensions``)
     and names a sequence; a sequence without the activation is ignored, as
@@ -47,13 +46,14 @@ def _resume_after(metadata: Iterable[tuple[str, str | bytes]]) -> int | None:
             value = text.strip()
     if not activated or value is None:
         return None
-    if not value.isascii() or not value.isdigit() or len(value) > _MAX_SEQUENCE_DIGITS:
-        description = "must be the sequence of an event the stream sent (a non-negative integer)"
+    cursor = mapping.parse_cursor(value)
+    if cursor is None:
+        description = "must be the sequence of an event the stream sent (N or N.1)"
         raise InvalidArgument(
             f"{mapping.AFTER_HEADER} {description}",
             [FieldViolation(mapping.AFTER_HEADER, description)],
         )
-    return int(value)
+    return cursor
 
 
 @contextlib.contextmanager
@@ -116,7 +116,8 @@ class A2AServiceServicer(a2a_pb2_grpc.A2AServiceServicer):
         self, request: a2a.GetExtendedAgentCardRequest, context: Context
     ) -> a2a.AgentCard:
         with _a2a(context, "GetExtendedAgentCard"):
-            return await self._agents.card(current_principal(), request.tenant)
+            via = forwarded(context.invocation_metadata() or ())
+            return await self._agents.card(current_principal(), request.tenant, via)
 
     async def CreateTaskPushNotificationConfig(
         self, request: a2a.TaskPushNotificationConfig, context: Context
