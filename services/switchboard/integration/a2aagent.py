@@ -553,39 +553,58 @@ class A2AAgent:
         request = _request(text, message_id, previous, metadata)
         call = _Call(await self._fresh(_left(deadline)), deadline)
         try:
-            call.stream = call.link.client.send_message(request, context=self._context(call.left))
-            while True:
-                try:
-                    async with asyncio.timeout(call.left):
-                        async for response in call.stream:
-                            for frame in call.relay.take(response):
-                                yield frame
-                            if call.relay.over:
-                                break
-                    if not call.relay.over and call.relay.task_id:
-                        # Ended without a final state: what it is now says how it ended.
-                        await self._settle(call)
-                    break
-                except A2AClientTimeoutError:
-                    raise TimeoutError from None
-                except A2AClientError as exc:
-                    await self._recover(call, request, exc)
-                except TaskNotFoundError:
-                    raise AgentFailed(
-                        f"A2A agent at {self.host!r} no longer knows the task"
-                        if call.relay.task_id
-                        else f"A2A agent at {self.host!r} does not know the task to continue"
-                    ) from None
-                except A2AError as exc:
-                    raise AgentFailed(
-                        f"A2A agent at {self.host!r} refused the message ({type(exc).__name__})"
-                    ) from None
+            async with contextlib.aclosing(self._frames(call, request)) as frames:
+                async for frame in frames:
+                    yield frame
+        except TaskNotFoundError:
+            raise AgentFailed(
+                f"A2A agent at {self.host!r} no longer knows the task"
+                if call.relay.task_id
+                else f"A2A agent at {self.host!r} does not know the task to continue"
+            ) from None
+        except A2AError as exc:
+            raise AgentFailed(
+                f"A2A agent at {self.host!r} refused the message ({type(exc).__name__})"
+            ) from None
+        else:
             yield handler_pb2.HandleResponse(result=call.relay.result(repr(self.host)))
         finally:
             if call.stream is not None:
                 await _close(call.stream)
             if call.relay.task_id and not call.relay.over:
                 await self._cancel(call.relay.task_id)
+
+    async def _frames(
+        self, call: _Call, request: a2a.SendMessageRequest
+    ) -> AsyncGenerator[handler_pb2.HandleResponse, None]:
+        """The task's frames until it is over, across dropped streams; the agent's own
+        protocol errors (A2AError) pass through, transport ones become Unreachable."""
+        call.stream = call.link.client.send_message(request, context=self._context(call.left))
+        while True:
+            # Bounded by the call's deadline (gRPC) or each read's timeout (HTTP),
+            # and by the caller's own timeout around the whole exchange: a
+            # timeout context here would be open across the yields.
+            try:
+                async for response in call.stream:
+                    for frame in call.relay.take(response):
+                        yield frame
+                    if call.relay.over:
+                        break
+                if not call.relay.over and call.relay.task_id:
+                    # Ended without a final state: what it is now says how it ended.
+                    await self._settle(call)
+                return
+            except A2AClientTimeoutError:
+                raise TimeoutError from None
+            except A2AClientError as exc:
+                failure = exc
+            # Outside the handler: what resuming raises is mapped like the rest.
+            try:
+                await self._recover(call, request, failure)
+            except A2AClientTimeoutError:
+                raise TimeoutError from None
+            except A2AClientError as exc:
+                raise Unreachable(self._unreachable(exc)) from None
 
     async def _recover(
         self, call: _Call, request: a2a.SendMessageRequest, exc: A2AClientError
