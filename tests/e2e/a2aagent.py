@@ -142,6 +142,9 @@ def _bind(port: int) -> socket.socket:
     # of the killed one linger.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind(("127.0.0.1", port))
+    # Listening before LISTENING is printed: a client that comes at once waits in the
+    # backlog until the server accepts, rather than being refused.
+    sock.listen(128)
     return sock
 
 
