@@ -50,6 +50,8 @@ class ListeningProcess(ManagedProcess):
         if first is None or not first.startswith("LISTENING "):
             pytest.fail(f"{what} did not start (first line {first!r}); {self._stderr()}")
         self.port = int(first.split()[1])
+        #: Everything after ``LISTENING`` (a process with more than one port names each).
+        self.announced = first.split()[1:]
 
     def _pump(self) -> None:
         assert self.proc is not None

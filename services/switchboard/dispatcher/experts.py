@@ -1,7 +1,8 @@
 """A workspace's own domain experts: integrations the router can pick, added with no restart.
 
-An expert a workspace owner registers through the integration hub (kind
-INTEGRATION_KIND_GRPC_HANDLER) is a ``RemoteHandler`` whose id is the
+An expert a workspace owner registers through the integration hub is a
+``RemoteHandler`` (kind INTEGRATION_KIND_GRPC_HANDLER) or an ``A2AExpert``
+(kind INTEGRATION_KIND_A2A_AGENT, ``a2aexpert.py``) whose id is the
 integration's id, listed by that workspace's ``ListHandlers`` with
 ``Handler.integration`` set (operator-level handlers leave it empty) and
 routed like any handler (SendMessage ``handler``, message metadata, a
@@ -17,8 +18,11 @@ also re-read (in the background; the cached one serves meanwhile) every
 ``refresh_s``: a missed event cannot keep a deleted expert routable for
 longer, and a name whose addresses changed is resolved again.
 
-Each expert gets one channel to the addresses the egress policy allowed
-(``platform/egress.py``), never resolved again until the next read. An
+Each gRPC expert gets one channel to the addresses the egress policy allowed
+(``platform/egress.py``), never resolved again until the next read. An A2A
+agent's card URL is checked at the read too (a blocked one is listed
+unavailable with the reason); its client checks the card's own addresses
+each time it connects. An
 expert kept across reads (same endpoint, credential, timeout and addresses)
 keeps its channel; a removed or changed one is retired: routing stops at
 once, and its channel closes when its last run ends (a run in flight is not
@@ -47,11 +51,19 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.events.v1 import events_pb2
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.api.integration.v1 import integration_pb2
+from switchboard.dispatcher.a2aexpert import A2AExpert
 from switchboard.dispatcher.handlers import Frame, HandleCall, Handler, HandlerFailure, capabilities
 from switchboard.dispatcher.remote import RemoteHandler
+from switchboard.integration.a2aagent import A2AAgent
 from switchboard.integration.directory import ExpertEntry, integration_name
 from switchboard.platform import names
-from switchboard.platform.egress import EgressPolicy, grpc_target, parse_grpc_endpoint
+from switchboard.platform.egress import (
+    EgressPolicy,
+    check_host,
+    grpc_target,
+    parse_grpc_endpoint,
+    parse_http_endpoint,
+)
 from switchboard.platform.errors import SwitchboardError
 
 log = logging.getLogger("switchboard.dispatcher.experts")
@@ -65,8 +77,27 @@ MAX_WORKSPACES: Final = 1_000
 DESCRIBE_WAIT_S: Final = 2.0
 _KINDS: Final = (
     integration_pb2.INTEGRATION_KIND_GRPC_HANDLER,
+    integration_pb2.INTEGRATION_KIND_A2A_AGENT,
     integration_pb2.INTEGRATION_KIND_UNSPECIFIED,
 )
+
+
+class ExpertClient(Protocol):
+    """What calls an expert: a ``RemoteHandler`` or an ``A2AExpert``."""
+
+    @property
+    def capabilities(self) -> handler_pb2.HandlerCapabilities: ...
+
+    @property
+    def closed(self) -> bool: ...
+
+    def available(self) -> bool: ...
+
+    def handle(self, call: HandleCall) -> AsyncIterator[Frame]: ...
+
+    async def refresh(self) -> bool: ...
+
+    async def close(self) -> None: ...
 
 
 class CircuitPermit(Protocol):
@@ -112,7 +143,7 @@ class WorkspaceExpert:
         self,
         workspace_id: str,
         config: _Config,
-        remote: RemoteHandler | None,
+        remote: ExpertClient | None,
         breakers: CircuitBreakers | None,
         on_idle: Callable[[WorkspaceExpert], None],
     ) -> None:
@@ -347,6 +378,10 @@ class WorkspaceExperts:
             return _Config(entry, problem=entry.problem)
         timeout = min(self._timeout_s, entry.timeout_s or self._timeout_s)
         try:
+            if entry.kind == integration_pb2.INTEGRATION_KIND_A2A_AGENT:
+                card = parse_http_endpoint(entry.endpoint, "endpoint")
+                await check_host(card.host, card.port, self._policy, timeout_s=timeout)
+                return _Config(entry)
             endpoint = parse_grpc_endpoint(entry.endpoint, "endpoint")
             target, options = await grpc_target(endpoint, self._policy, timeout_s=timeout)
         except SwitchboardError as exc:
@@ -357,15 +392,26 @@ class WorkspaceExperts:
 
     def _build(self, workspace_id: str, config: _Config) -> WorkspaceExpert:
         entry = config.entry
-        remote: RemoteHandler | None = None
-        if not config.problem:
+        remote: ExpertClient | None = None
+        timeout_s = min(self._timeout_s, entry.timeout_s or self._timeout_s)
+        if not config.problem and entry.kind == integration_pb2.INTEGRATION_KIND_A2A_AGENT:
+            agent = A2AAgent(
+                entry.endpoint,
+                self._policy,
+                credential=entry.credential,
+                timeout_s=timeout_s,
+                allow_plain_http=self._policy.allow_loopback or self._policy.allow_private,
+                field="endpoint",
+            )
+            remote = A2AExpert(entry.id, agent, timeout_s=timeout_s)
+        elif not config.problem:
             metadata = (
                 (("authorization", f"Bearer {entry.credential}"),) if entry.credential else ()
             )
             remote = RemoteHandler(
                 entry.id,
                 config.target,
-                timeout_s=min(self._timeout_s, entry.timeout_s or self._timeout_s),
+                timeout_s=timeout_s,
                 channel_options=config.options,
                 metadata=metadata,
                 shown_as=entry.endpoint,
@@ -373,7 +419,7 @@ class WorkspaceExperts:
             )
         return WorkspaceExpert(workspace_id, config, remote, self._breakers, self._idle)
 
-    async def _describe(self, remotes: list[RemoteHandler]) -> None:
+    async def _describe(self, remotes: list[ExpertClient]) -> None:
         """Ask new experts what they can do; a slow one finishes in the background."""
         if not remotes:
             return
@@ -384,7 +430,7 @@ class WorkspaceExperts:
         await asyncio.wait(tasks, timeout=min(DESCRIBE_WAIT_S, self._timeout_s))
 
     @staticmethod
-    async def _refresh(remote: RemoteHandler) -> None:
+    async def _refresh(remote: ExpertClient) -> None:
         await remote.refresh()  # False when it cannot say: it logs and is unavailable for a while
 
     # -- closing -------------------------------------------------------------------

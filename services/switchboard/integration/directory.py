@@ -1,8 +1,9 @@
 """The read side of a workspace's domain experts, for the dispatcher.
 
-The dispatcher routes to a workspace's gRPC experts (integrations of kind
-INTEGRATION_KIND_GRPC_HANDLER) in every process that serves it, so it reads
-them from the shared database, not from the integration service's memory.
+The dispatcher routes to a workspace's experts (integrations of kind
+INTEGRATION_KIND_GRPC_HANDLER and INTEGRATION_KIND_A2A_AGENT) in every
+process that serves it, so it reads them from the shared database, not from
+the integration service's memory.
 One statement per workspace, cached by the dispatcher
 (``dispatcher/experts.py``) until an INTEGRATION_CHANGED event of the
 workspace says otherwise. Rows never leave this module: the dispatcher gets
@@ -25,8 +26,8 @@ from switchboard.platform.secretbox import SecretBox, SecretUnreadable
 log = logging.getLogger("switchboard.integration.directory")
 
 _EXPERTS: Final = (
-    "SELECT id, display_name, endpoint, call_timeout_ms, credential, disabled "
-    "FROM integrations WHERE workspace_id = :workspace AND kind = :kind "
+    "SELECT id, display_name, endpoint, call_timeout_ms, credential, disabled, kind "
+    "FROM integrations WHERE workspace_id = :workspace AND (kind = :grpc OR kind = :a2a) "
     "ORDER BY id LIMIT :limit"
 )
 
@@ -47,6 +48,9 @@ class ExpertEntry:
     disabled: bool
     #: Why it cannot be called though enabled ("" when it can): an unreadable credential.
     problem: str = ""
+    #: INTEGRATION_KIND_GRPC_HANDLER (``endpoint`` is ``host:port``) or
+    #: INTEGRATION_KIND_A2A_AGENT (``endpoint`` is the Agent Card's URL).
+    kind: int = integration_pb2.INTEGRATION_KIND_GRPC_HANDLER
 
 
 def integration_name(workspace_id: str, integration_id: str) -> str:
@@ -56,7 +60,7 @@ def integration_name(workspace_id: str, integration_id: str) -> str:
 async def workspace_experts(
     database: Database, secrets: SecretBox, workspace_id: str, *, limit: int
 ) -> list[ExpertEntry]:
-    """The workspace's gRPC experts by id, at most ``limit`` (the per-workspace quota).
+    """The workspace's experts by id, at most ``limit`` (the per-workspace quota).
 
     A database outage raises DependencyUnavailable (UNAVAILABLE, retryable).
     """
@@ -65,7 +69,8 @@ async def workspace_experts(
             _EXPERTS,
             {
                 "workspace": workspace_id,
-                "kind": integration_pb2.INTEGRATION_KIND_GRPC_HANDLER,
+                "grpc": integration_pb2.INTEGRATION_KIND_GRPC_HANDLER,
+                "a2a": integration_pb2.INTEGRATION_KIND_A2A_AGENT,
                 "limit": limit,
             },
         )
@@ -73,7 +78,7 @@ async def workspace_experts(
         log_failure(log, "reading a workspace's experts failed", exc)
         raise DependencyUnavailable("the workspace's experts cannot be read now; retry") from None
     found: list[ExpertEntry] = []
-    for integration_id, display_name, endpoint, timeout_ms, sealed, disabled in rows:
+    for integration_id, display_name, endpoint, timeout_ms, sealed, disabled, kind in rows:
         credential, problem = "", ""
         if sealed:
             try:
@@ -91,6 +96,7 @@ async def workspace_experts(
                 credential=credential,
                 disabled=bool(disabled),
                 problem=problem,
+                kind=int(kind),
             )
         )
     return found

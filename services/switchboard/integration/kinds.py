@@ -1,9 +1,10 @@
 """One connector per kind: which client speaks to an integration.
 
 gRPC domain experts get a HandlerService channel (``experts.py``), MCP servers
-an MCP session through the official SDK (``mcp.py``), webhooks no connector at
-all (they are only ever sent events, by ``webhooks.py``). Every connector dials
-through the egress policy.
+an MCP session through the official SDK (``mcp.py``), A2A agents the A2A SDK's
+client over the interface their card names (``a2aagent.py``), webhooks no
+connector at all (they are only ever sent events, by ``webhooks.py``). Every
+connector dials through the egress policy.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Callable, Mapping
 
 from switchboard.api.integration.v1 import integration_pb2 as pb
 from switchboard.dispatcher.remote import parse_remotes
+from switchboard.integration.a2aagent import A2AAgent, A2AAgentConnector
 from switchboard.integration.connections import ConnectorFactory
 from switchboard.integration.connectors import Connector
 from switchboard.integration.experts import GrpcExpertConnector
@@ -65,6 +67,15 @@ def connector_factory(
             )
         if record.kind == pb.INTEGRATION_KIND_GRPC_HANDLER:
             return GrpcExpertConnector(record.endpoint, egress, credential=credential or "")
+        if record.kind == pb.INTEGRATION_KIND_A2A_AGENT:
+            agent = A2AAgent(
+                record.endpoint,
+                egress,
+                credential=credential or "",
+                timeout_s=connect_timeout_s,
+                allow_plain_http=egress.allow_loopback or egress.allow_private,
+            )
+            return A2AAgentConnector(agent)
         return None
 
     return build

@@ -82,8 +82,15 @@ _EVENT_TYPES: Final = frozenset(
     if number != events_pb2.EVENT_TYPE_UNSPECIFIED
 )
 _KINDS: Final = frozenset(
-    {pb.INTEGRATION_KIND_GRPC_HANDLER, pb.INTEGRATION_KIND_MCP_SERVER, pb.INTEGRATION_KIND_WEBHOOK}
+    {
+        pb.INTEGRATION_KIND_GRPC_HANDLER,
+        pb.INTEGRATION_KIND_MCP_SERVER,
+        pb.INTEGRATION_KIND_WEBHOOK,
+        pb.INTEGRATION_KIND_A2A_AGENT,
+    }
 )
+# Kinds the dispatcher routes to by the integration's id, which is the handler id.
+_HANDLER_KINDS: Final = frozenset({pb.INTEGRATION_KIND_GRPC_HANDLER, pb.INTEGRATION_KIND_A2A_AGENT})
 _MUTABLE: Final = (
     "display_name",
     "endpoint",
@@ -397,9 +404,11 @@ class IntegrationHub:
             violations.add("integration_id", f"must match {names.CLIENT_ID.pattern}")
         kind = int(given.kind)
         if kind not in _KINDS:
-            violations.add("integration.kind", "must be GRPC_HANDLER, MCP_SERVER or WEBHOOK")
+            violations.add(
+                "integration.kind", "must be GRPC_HANDLER, MCP_SERVER, WEBHOOK or A2A_AGENT"
+            )
         integration_id = request.integration_id or names.new_id()
-        if kind == pb.INTEGRATION_KIND_GRPC_HANDLER and integration_id in self._reserved:
+        if kind in _HANDLER_KINDS and integration_id in self._reserved:
             violations.add(
                 "integration_id", "is the id of an operator-level handler; choose another"
             )

@@ -39,6 +39,10 @@ class _IntegrationKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Integ
     """A Model Context Protocol server (streamable HTTP transport)."""
     INTEGRATION_KIND_WEBHOOK: _IntegrationKind.ValueType  # 3
     """An HTTPS endpoint receiving signed webhook calls."""
+    INTEGRATION_KIND_A2A_AGENT: _IntegrationKind.ValueType  # 4
+    """An Agent2Agent (A2A v1) agent, routed like a domain expert; the endpoint is
+    its Agent Card's URL.
+    """
 
 class IntegrationKind(_IntegrationKind, metaclass=_IntegrationKindEnumTypeWrapper):
     """The protocol an integration speaks."""
@@ -51,6 +55,10 @@ INTEGRATION_KIND_MCP_SERVER: IntegrationKind.ValueType  # 2
 """A Model Context Protocol server (streamable HTTP transport)."""
 INTEGRATION_KIND_WEBHOOK: IntegrationKind.ValueType  # 3
 """An HTTPS endpoint receiving signed webhook calls."""
+INTEGRATION_KIND_A2A_AGENT: IntegrationKind.ValueType  # 4
+"""An Agent2Agent (A2A v1) agent, routed like a domain expert; the endpoint is
+its Agent Card's URL.
+"""
 Global___IntegrationKind: _TypeAlias = IntegrationKind  # noqa: Y015
 
 class _HealthState:

@@ -38,6 +38,9 @@ const (
 	IntegrationKind_INTEGRATION_KIND_MCP_SERVER IntegrationKind = 2
 	// An HTTPS endpoint receiving signed webhook calls.
 	IntegrationKind_INTEGRATION_KIND_WEBHOOK IntegrationKind = 3
+	// An Agent2Agent (A2A v1) agent, routed like a domain expert; the endpoint is
+	// its Agent Card's URL.
+	IntegrationKind_INTEGRATION_KIND_A2A_AGENT IntegrationKind = 4
 )
 
 // Enum value maps for IntegrationKind.
@@ -47,12 +50,14 @@ var (
 		1: "INTEGRATION_KIND_GRPC_HANDLER",
 		2: "INTEGRATION_KIND_MCP_SERVER",
 		3: "INTEGRATION_KIND_WEBHOOK",
+		4: "INTEGRATION_KIND_A2A_AGENT",
 	}
 	IntegrationKind_value = map[string]int32{
 		"INTEGRATION_KIND_UNSPECIFIED":  0,
 		"INTEGRATION_KIND_GRPC_HANDLER": 1,
 		"INTEGRATION_KIND_MCP_SERVER":   2,
 		"INTEGRATION_KIND_WEBHOOK":      3,
+		"INTEGRATION_KIND_A2A_AGENT":    4,
 	}
 )
 
@@ -1959,12 +1964,13 @@ const file_switchboard_api_integration_v1_integration_proto_rawDesc = "" +
 	"\x17RedeliverWebhookRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"g\n" +
 	"\x18RedeliverWebhookResponse\x12K\n" +
-	"\bdelivery\x18\x01 \x01(\v2/.switchboard.api.integration.v1.WebhookDeliveryR\bdelivery*\x95\x01\n" +
+	"\bdelivery\x18\x01 \x01(\v2/.switchboard.api.integration.v1.WebhookDeliveryR\bdelivery*\xb5\x01\n" +
 	"\x0fIntegrationKind\x12 \n" +
 	"\x1cINTEGRATION_KIND_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dINTEGRATION_KIND_GRPC_HANDLER\x10\x01\x12\x1f\n" +
 	"\x1bINTEGRATION_KIND_MCP_SERVER\x10\x02\x12\x1c\n" +
-	"\x18INTEGRATION_KIND_WEBHOOK\x10\x03*|\n" +
+	"\x18INTEGRATION_KIND_WEBHOOK\x10\x03\x12\x1e\n" +
+	"\x1aINTEGRATION_KIND_A2A_AGENT\x10\x04*|\n" +
 	"\vHealthState\x12\x1c\n" +
 	"\x18HEALTH_STATE_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14HEALTH_STATE_HEALTHY\x10\x01\x12\x19\n" +
