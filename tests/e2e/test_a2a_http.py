@@ -28,6 +28,7 @@ from a2a.client.auth.credentials import CredentialService
 from a2a.client.auth.interceptor import AuthInterceptor
 from a2a.client.client import Client
 from a2a.types import a2a_pb2 as a2a
+from a2a.utils.errors import InvalidParamsError, TaskNotCancelableError, TaskNotFoundError
 from google.protobuf import json_format
 from grpc import aio
 
@@ -175,7 +176,9 @@ async def test_the_public_card_is_the_same_for_every_tenant_and_needs_no_credent
     # A malformed tenant is the caller's mistake, said in JSON with its HTTP status.
     bad = await http.get(f"{world.edge}/not-a-tenant/.well-known/agent-card.json")
     assert bad.status_code == 400
-    assert bad.json()["details"][1]["fieldViolations"][0]["field"] == "tenant"
+    error = bad.json()["error"]
+    assert (error["code"], error["status"]) == (400, "INVALID_ARGUMENT")
+    assert error["details"][-1]["fieldViolations"][0]["field"] == "tenant"
 
 
 async def test_the_sdk_sends_streams_reads_lists_and_cancels_over_http_json(world: World) -> None:
@@ -197,8 +200,19 @@ async def test_the_sdk_sends_streams_reads_lists_and_cancels_over_http_json(worl
         assert started.task.status.state != a2a.TASK_STATE_COMPLETED
         cancelled = await client.cancel_task(a2a.CancelTaskRequest(id=started.task.id))
         assert cancelled.status.state == a2a.TASK_STATE_CANCELED
+        # Errors in A2A's HTTP+JSON shape: the SDK raises its typed errors from them.
+        with pytest.raises(TaskNotCancelableError):
+            await client.cancel_task(a2a.CancelTaskRequest(id=task.id))
+        with pytest.raises(InvalidParamsError):
+            await client.get_task(a2a.GetTaskRequest(id="not-a-task-id"))
     finally:
         await client.close()
+    stranger = await _client(world, world.stranger, streaming=False)
+    try:
+        with pytest.raises(TaskNotFoundError):
+            await stranger.get_task(a2a.GetTaskRequest(id=task.id))
+    finally:
+        await stranger.close()
 
     client = await _client(world, world.owner)
     try:
@@ -306,8 +320,9 @@ async def test_curl_streams_sse_and_errors_are_json_with_their_status(world: Wor
     )
     text, _, status = stranger.stdout.rpartition("\n")
     assert status == "404 application/json", stranger.stdout
-    error = json.loads(text)
-    assert error["code"] == 5
+    # A2A's shape: {"error": {HTTP code, status name, message, details}} (AIP-193).
+    error = json.loads(text)["error"]
+    assert (error["code"], error["status"]) == (404, "NOT_FOUND")
     # A2A's reason first (what A2A clients read), then Switchboard's.
     assert [(detail["domain"], detail["reason"]) for detail in error["details"]] == [
         ("a2a-protocol.org", "TASK_NOT_FOUND"),

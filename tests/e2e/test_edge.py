@@ -113,7 +113,9 @@ def test_envoy_runs_the_generated_configuration(envoy: EnvoyProcess) -> None:
         assert [f["name"] for f in manager["http_filters"]] == [
             "envoy.filters.http.grpc_web",
             "envoy.filters.http.cors",
-            # A2A's HTTP+JSON binding and the public Agent Card (test_a2a_http.py).
+            # A2A's HTTP+JSON binding and the public Agent Card (test_a2a_http.py); the
+            # Lua filter puts transcoded errors in A2A's {"error": ...} shape.
+            "envoy.filters.http.lua",
             "envoy.filters.http.grpc_json_transcoder",
             "envoy.filters.http.router",
         ]

@@ -11,9 +11,11 @@ from __future__ import annotations
 from google.api import httpbody_pb2
 from grpc import aio
 
+from switchboard.a2a import errors
 from switchboard.a2a.publiccard import PublicCards, forwarded
 from switchboard.api.agentcard.v1 import agentcard_pb2 as pb
 from switchboard.api.agentcard.v1 import agentcard_pb2_grpc
+from switchboard.platform.errors import SwitchboardError
 
 SERVICE = pb.DESCRIPTOR.services_by_name["AgentCardService"]
 
@@ -28,4 +30,8 @@ class AgentCardServiceServicer(agentcard_pb2_grpc.AgentCardServiceServicer):
         self, request: pb.GetPublicAgentCardRequest, context: Context
     ) -> httpbody_pb2.HttpBody:
         proto, host = forwarded(context.invocation_metadata() or ())
-        return self._cards.document(request.tenant, proto, host)
+        try:
+            return self._cards.document(request.tenant, proto, host)
+        except SwitchboardError as error:
+            # A2A clients read the card's errors as they read the agent's.
+            raise errors.tagged(error, "GetPublicAgentCard", names_task=False) from None

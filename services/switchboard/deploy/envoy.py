@@ -115,6 +115,7 @@ from envoy_data_plane.envoy.extensions.filters.http.grpc_json_transcoder.v3 impo
     GrpcJsonTranscoderRequestValidationOptions,
 )
 from envoy_data_plane.envoy.extensions.filters.http.grpc_web.v3 import GrpcWeb
+from envoy_data_plane.envoy.extensions.filters.http.lua.v3 import Lua
 from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
     HttpConnectionManager,
@@ -155,7 +156,7 @@ from envoy_data_plane.google.protobuf import Any as AnyMessage
 from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import FileDescriptor, MethodDescriptor, ServiceDescriptor
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from switchboard.api.agentcard.v1 import agentcard_pb2
 from switchboard.api.auth.v1 import auth_pb2
@@ -895,7 +896,49 @@ def _transcoder(spec: EdgeSpec) -> list[HttpFilter]:
             reject_binding_body_field_collisions=True,
         ),
     )
-    return [HttpFilter(name="envoy.filters.http.grpc_json_transcoder", typed_config=_pack(config))]
+    return [
+        # Before the transcoder in the list: on the way back it sees the transcoded response.
+        HttpFilter(name="envoy.filters.http.lua", typed_config=_pack(Lua(inline_code=A2A_ERRORS))),
+        HttpFilter(name="envoy.filters.http.grpc_json_transcoder", typed_config=_pack(config)),
+    ]
+
+
+#: gRPC codes by number, as A2A's HTTP+JSON errors name them (``google.rpc.Code``).
+_CODE_NAMES: Final = {number: name for name, number in code_pb2.Code.items()}
+#: A2A's HTTP+JSON binding answers an error as ``{"error": {"code": <HTTP status>, "status":
+#: <gRPC code name>, "message", "details"}}`` (Google's AIP-193 shape, which A2A's SDKs read
+#: to raise their typed errors); the transcoder writes the bare ``google.rpc.Status`` with
+#: the gRPC code. This rewrites a transcoded error (an HTTP error whose JSON body is a
+#: ``google.rpc.Status``; gRPC, grpc-web and streams are not JSON errors) into that shape.
+#: A stream that fails after it started has already sent its 200: it ends without an
+#: error event.
+A2A_ERRORS: Final = (
+    "local NAMES = {"
+    + ", ".join(f'[{number}] = "{name}"' for number, name in sorted(_CODE_NAMES.items()))
+    + """}
+function envoy_on_response(handle)
+  local headers = handle:headers()
+  local status = tonumber(headers:get(":status") or "") or 0
+  local kind = headers:get("content-type") or ""
+  if status < 400 or kind:sub(1, 16) ~= "application/json" then
+    return
+  end
+  local body = handle:body()
+  if body == nil then
+    return
+  end
+  local text = body:getBytes(0, body:length())
+  local code, rest = text:match('^{"code":(%d+)(.*)$')
+  if code == nil then
+    return
+  end
+  local name = NAMES[tonumber(code)] or "UNKNOWN"
+  local wrapped = '{"error":{"code":' .. status .. ',"status":"' .. name .. '"' .. rest .. '}'
+  body:setBytes(wrapped)
+  headers:replace("content-length", tostring(#wrapped))
+end
+"""
+)
 
 
 def _tracing(tracing: Tracing) -> HttpConnectionManagerTracing:
