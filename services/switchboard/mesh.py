@@ -20,6 +20,7 @@ from sqlalchemy.exc import DBAPIError
 
 from switchboard.a2a import build as a2a
 from switchboard.a2a import cardservicer as card_servicer
+from switchboard.a2a import push as a2a_push
 from switchboard.a2a import servicer as a2a_servicer
 from switchboard.auth import build as auth
 from switchboard.auth import servicer as auth_servicer
@@ -278,6 +279,9 @@ async def open_shared(
         page_tokens=PageTokens(settings.effective_secret_key()),
         instance_id=instance,
         metrics=metrics,
+        # The webhook engine (integration) sends A2A push notifications in A2A's
+        # format without importing the a2a package: the format is wired here.
+        push_format=a2a_push.notification,
     )
 
 

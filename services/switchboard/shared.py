@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar, cast
 
+from switchboard.api.events.v1 import events_pb2
 from switchboard.auth.authenticator import CredentialAuthenticator
 from switchboard.auth.opaque import OpaqueSecrets
 from switchboard.auth.tokens import AccessTokens, KeyRing
@@ -61,6 +62,9 @@ class Shared:
     instance_id: str
     #: The process's metrics; None when SWITCHBOARD_METRICS_PORT is unset (nothing recorded).
     metrics: Metrics | None = None
+    #: The body of an A2A push notification for a ``RUN_UPDATED`` event (``a2a/push.py``),
+    #: for the webhook engine, which delivers them; None: push configs are not delivered.
+    push_format: Callable[[events_pb2.Event], str] | None = None
     _parts: dict[type, object] = field(default_factory=dict, repr=False)
 
     async def part(self, kind: type[_T], make: Callable[[], Awaitable[_T]]) -> _T:

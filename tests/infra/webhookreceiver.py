@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -116,6 +117,14 @@ class WebhookReceiver:
         headers = dict(request.headers)
         webhook_id = headers.get("webhook-id", "")
         parsed: Any = None
+        if not endpoint.secrets:
+            # An endpoint that checks no signature (an A2A push config with a bearer
+            # credential): the body as it came.
+            try:
+                parsed = json.loads(body)
+            except ValueError:
+                endpoint.bad.append(f"{webhook_id}: the body is not JSON")
+                return Response("not JSON", status_code=400)
         for secret in endpoint.secrets:
             try:
                 parsed = Webhook(secret).verify(body, headers)

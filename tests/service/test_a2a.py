@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any, cast
 
 import grpc
@@ -28,7 +29,6 @@ from a2a.types import a2a_pb2_grpc
 from a2a.utils.errors import (
     ContentTypeNotSupportedError,
     InvalidParamsError,
-    PushNotificationNotSupportedError,
     TaskNotCancelableError,
     TaskNotFoundError,
     UnsupportedOperationError,
@@ -94,6 +94,13 @@ def stub(channel: aio.Channel) -> Any:
 
 @pytest.fixture
 async def agent() -> AsyncIterator[Agent]:
+    async with running_agent() as running:
+        yield running
+
+
+@asynccontextmanager
+async def running_agent() -> AsyncIterator[Agent]:
+    """A mesh with a world and its echo assistant ``echoer``, as an A2A agent."""
     async with hub_mesh() as (server, channel):
         world = await ctx_world(server, context_stub(channel))
         made = await dispatcher_stub(channel).CreateAssistant(
@@ -150,7 +157,7 @@ async def test_the_card_names_the_grpc_interface_tenant_and_bearer_scheme(agent:
     assert agent.tenant == agent.world.name.removeprefix("workspaces/") + ".echoer"
     assert card.capabilities.streaming
     assert card.capabilities.extended_agent_card
-    assert not card.capabilities.push_notifications
+    assert card.capabilities.push_notifications
     assert card.security_schemes["bearer"].http_auth_security_scheme.scheme == "Bearer"
     assert card.skills[0].description == "Says it back."
 
@@ -356,15 +363,16 @@ async def test_strangers_viewers_and_malformed_names(agent: Agent) -> None:
                 method(bad, metadata=world.editor.md, timeout=TIMEOUT_S), CODE.INVALID_ARGUMENT
             )
             assert fields(error) == expected, bad
-        # Push notifications are not offered (the card says so).
-        await refused(
+        # A push config needs its url (tests/service/test_a2a_push.py has the rest).
+        error = await refused(
             stub.CreateTaskPushNotificationConfig(
                 a2a.TaskPushNotificationConfig(tenant=agent.tenant, task_id=done.task.id),
                 metadata=world.editor.md,
                 timeout=TIMEOUT_S,
             ),
-            CODE.FAILED_PRECONDITION,
+            CODE.INVALID_ARGUMENT,
         )
+        assert fields(error) == ["url"]
 
 
 async def test_the_sdk_client_gets_a2a_typed_errors(agent: Agent) -> None:
@@ -398,16 +406,22 @@ async def test_the_sdk_client_gets_a2a_typed_errors(agent: Agent) -> None:
         old = ClientCallContext(service_parameters={"A2A-Version": "0.3"})
         with pytest.raises(VersionNotSupportedError):
             await editor.get_task(a2a.GetTaskRequest(id=ended.id), context=old)
-        # What the agent cannot do is refused, never silently ignored.
-        with pytest.raises(PushNotificationNotSupportedError):
+        # A push config to an address the egress policy refuses is invalid (SSRF), and a
+        # send carrying one starts nothing.
+        metadata_url = "http://169.254.169.254/latest/meta-data"
+        with pytest.raises(InvalidParamsError) as blocked:
             await editor.create_task_push_notification_config(
-                a2a.TaskPushNotificationConfig(task_id=ended.id, url="https://example.com/hook")
+                a2a.TaskPushNotificationConfig(task_id=ended.id, url=metadata_url)
             )
+        assert [v["field"] for v in (blocked.value.data or {})["errors"]] == ["url"]
         pushed = a2a.SendMessageRequest(message=message("push me"))
-        pushed.configuration.task_push_notification_config.url = "https://example.com/hook"
-        with pytest.raises(PushNotificationNotSupportedError):
+        pushed.configuration.task_push_notification_config.url = metadata_url
+        with pytest.raises(InvalidParamsError) as blocked:
             async for _ in editor.send_message(pushed):
                 pass
+        assert [v["field"] for v in (blocked.value.data or {})["errors"]] == [
+            "configuration.task_push_notification_config.url"
+        ]
         images = a2a.SendMessageRequest(message=message("a picture, please"))
         images.configuration.accepted_output_modes.append("image/png")
         with pytest.raises(ContentTypeNotSupportedError):

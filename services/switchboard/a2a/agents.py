@@ -21,6 +21,7 @@ from typing import Final, Protocol
 
 from a2a.types import a2a_pb2 as a2a
 from switchboard.a2a import errors, mapping
+from switchboard.a2a.push import PushConfigs
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.platform import names, pagination
@@ -41,6 +42,7 @@ _SETTLED: Final = frozenset(
 _TEXT_MODES: Final = frozenset({"text/plain", "text/*", "*/*", "text"})
 _ENDED: Final = frozenset({pb.RUN_STATE_SUCCEEDED, pb.RUN_STATE_FAILED, pb.RUN_STATE_CANCELLED})
 MAX_PAGE: Final = 100
+_PUSH_FIELD: Final = "configuration.task_push_notification_config"
 
 
 class Runs(Protocol):
@@ -96,8 +98,10 @@ class Agents:
         policy: Policy,
         access: AccessWatch,
         interfaces: Callable[[str, str], list[Interface]],
+        push: PushConfigs,
     ) -> None:
         self._runs = runs
+        self.push = push
         self._texts = texts
         self._policy = policy
         self._access = access
@@ -126,8 +130,38 @@ class Agents:
         if not request.HasField("message"):
             raise InvalidArgument("message is required", [FieldViolation("message", "is required")])
         _acceptable(request.configuration)
+        configuration = request.configuration
+        push = (
+            configuration.task_push_notification_config
+            if configuration.HasField("task_push_notification_config")
+            else None
+        )
+        if push is not None:
+            # Refused before the run starts: a malformed or blocked config starts nothing.
+            await self.push.validate(push, f"{_PUSH_FIELD}.")
         if message.task_id:
-            return await self._continue(principal, workspace, message)
+            run, after = await self._continue(principal, workspace, message)
+        else:
+            run, after = await self._start(principal, request, workspace, assistant)
+        if push is not None:
+            await self.push.attach(
+                principal,
+                push,
+                run,
+                prefix=f"{_PUSH_FIELD}.",
+                default_id=message.message_id if not message.task_id else "",
+            )
+        return run, after
+
+    async def _start(
+        self,
+        principal: Principal,
+        request: a2a.SendMessageRequest,
+        workspace: str,
+        assistant: str,
+    ) -> tuple[pb.Run, int]:
+        """A new task: the message admitted as ``DispatcherService.SendMessage`` admits it."""
+        message = request.message
         parts = mapping.parts_in(message)
         if not names.REQUEST_ID.fullmatch(message.message_id):
             description = "must be 1-64 letters, digits, '-' or '_' (a UUID is)"
@@ -351,8 +385,6 @@ class Agents:
 
 def _acceptable(configuration: a2a.SendMessageConfiguration) -> None:
     """Refuse what a send asks for that this agent cannot give, rather than ignore it."""
-    if configuration.HasField("task_push_notification_config"):
-        raise errors.push_not_supported()
     modes = configuration.accepted_output_modes
     if modes and not any(mode.split(";")[0].strip() in _TEXT_MODES for mode in modes):
         description = "must include text/plain: the answer is text (docs/a2a.md)"
@@ -382,7 +414,7 @@ def card_of(assistant: pb.Assistant, interfaces: list[Interface]) -> a2a.AgentCa
         ],
         capabilities=a2a.AgentCapabilities(
             streaming=True,
-            push_notifications=False,
+            push_notifications=True,
             extended_agent_card=True,
             extensions=[resume_extension()],
         ),

@@ -12,11 +12,15 @@ from switchboard.a2a import cardservicer, servicer
 from switchboard.a2a.agents import Agents, Interface, Runs, Texts
 from switchboard.a2a.ports import LocalRuns, LocalTexts, RemoteRuns, RemoteTexts
 from switchboard.a2a.publiccard import HTTP_JSON, PROTOCOL_VERSION, PublicCards, through_edge
+from switchboard.a2a.push import PushConfigs
 from switchboard.context.build import context_domain
 from switchboard.dispatcher.service import Dispatcher
+from switchboard.integration.pushstore import PushStore
 from switchboard.platform.config import ConfigError, Settings
+from switchboard.platform.egress import EgressPolicy
+from switchboard.platform.secretbox import SecretBox
 from switchboard.platform.server import ServiceRegistration, advertise_address
-from switchboard.shared import Shared
+from switchboard.shared import Shared, setting
 
 
 async def _runs(settings: Settings, shared: Shared) -> Runs:
@@ -64,7 +68,20 @@ async def build(settings: Settings, shared: Shared) -> tuple[ServiceRegistration
             Interface(url=edge.http_json, binding=HTTP_JSON, version=PROTOCOL_VERSION),
         ]
 
-    agents = Agents(runs, texts, shared.policy, shared.access, interfaces)
+    with setting("SWITCHBOARD_EGRESS_ALLOW_CIDRS"):
+        egress = EgressPolicy.from_settings(settings)
+    # Configs go to the shared database wherever this runs; the integration
+    # service's webhook engine delivers them (docs/a2a.md, "Push notifications").
+    push = PushConfigs(
+        PushStore(shared.database),
+        runs,
+        shared.policy,
+        SecretBox(settings.effective_secret_key()),
+        egress,
+        shared.page_tokens,
+        allow_plain_http=egress.allow_loopback or egress.allow_private,
+    )
+    agents = Agents(runs, texts, shared.policy, shared.access, interfaces, push)
     return (
         ServiceRegistration(servicer.SERVICE, servicer.A2AServiceServicer(agents), on_bound=bound),
         ServiceRegistration(

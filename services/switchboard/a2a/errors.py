@@ -29,7 +29,6 @@ UNSUPPORTED_OPERATION: Final = ForeignReason(DOMAIN, "UNSUPPORTED_OPERATION")
 CONTENT_TYPE_NOT_SUPPORTED: Final = ForeignReason(DOMAIN, "CONTENT_TYPE_NOT_SUPPORTED")
 VERSION_NOT_SUPPORTED: Final = ForeignReason(DOMAIN, "VERSION_NOT_SUPPORTED")
 INVALID_PARAMS: Final = ForeignReason(DOMAIN, "INVALID_PARAMS")
-PUSH_NOTIFICATION_NOT_SUPPORTED: Final = ForeignReason(DOMAIN, "PUSH_NOTIFICATION_NOT_SUPPORTED")
 
 #: The call metadata naming the A2A version a client speaks (A2A: ``A2A-Version``).
 VERSION_HEADER: Final = "a2a-version"
@@ -46,15 +45,6 @@ def check_version(value: str) -> None:
         )
         error.foreign = VERSION_NOT_SUPPORTED
         raise error
-
-
-def push_not_supported() -> FailedPrecondition:
-    error = FailedPrecondition(
-        "push notifications are not offered by this agent (its card says so): "
-        "stream the task (SendStreamingMessage, SubscribeToTask) instead"
-    )
-    error.foreign = PUSH_NOTIFICATION_NOT_SUPPORTED
-    return error
 
 
 def content_refused(violations: list[FieldViolation]) -> InvalidArgument:

@@ -114,7 +114,7 @@ class PublicCards:
             supported_interfaces=edge.interfaces(tenant),
             capabilities=a2a.AgentCapabilities(
                 streaming=True,
-                push_notifications=False,
+                push_notifications=True,
                 extended_agent_card=True,
                 extensions=[resume_extension()],
             ),

@@ -2,8 +2,7 @@
 
 The messages and the service come from the official ``a2a-sdk`` (``a2a.types``),
 pinned in pyproject.toml: the contract is A2A's, not ours. Push notification
-configs are not offered yet (``capabilities.push_notifications`` is false on
-every card): those four methods answer A2A's PUSH_NOTIFICATION_NOT_SUPPORTED.
+configs are per-task webhooks (``push.py``).
 """
 
 from __future__ import annotations
@@ -11,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Iterable, Iterator
 
+from google.protobuf import empty_pb2
 from grpc import aio
 
 from a2a.types import a2a_pb2 as a2a
@@ -122,19 +122,24 @@ class A2AServiceServicer(a2a_pb2_grpc.A2AServiceServicer):
     async def CreateTaskPushNotificationConfig(
         self, request: a2a.TaskPushNotificationConfig, context: Context
     ) -> a2a.TaskPushNotificationConfig:
-        raise errors.push_not_supported()
+        with _a2a(context, "CreateTaskPushNotificationConfig", names_task=True):
+            return await self._agents.push.create(current_principal(), request)
 
     async def GetTaskPushNotificationConfig(
         self, request: a2a.GetTaskPushNotificationConfigRequest, context: Context
     ) -> a2a.TaskPushNotificationConfig:
-        raise errors.push_not_supported()
+        with _a2a(context, "GetTaskPushNotificationConfig", names_task=True):
+            return await self._agents.push.get(current_principal(), request)
 
     async def ListTaskPushNotificationConfigs(
         self, request: a2a.ListTaskPushNotificationConfigsRequest, context: Context
     ) -> a2a.ListTaskPushNotificationConfigsResponse:
-        raise errors.push_not_supported()
+        with _a2a(context, "ListTaskPushNotificationConfigs", names_task=True):
+            return await self._agents.push.list(current_principal(), request)
 
     async def DeleteTaskPushNotificationConfig(
         self, request: a2a.DeleteTaskPushNotificationConfigRequest, context: Context
-    ) -> object:
-        raise errors.push_not_supported()
+    ) -> empty_pb2.Empty:
+        with _a2a(context, "DeleteTaskPushNotificationConfig", names_task=True):
+            await self._agents.push.delete(current_principal(), request)
+            return empty_pb2.Empty()

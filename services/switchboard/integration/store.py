@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from switchboard.platform.db import Database
 from switchboard.platform.errors import AlreadyExists, EtagMismatch, NotFound, QuotaExceeded
-from switchboard.platform.models import IntegrationRow, WorkspaceRow
+from switchboard.platform.models import IntegrationRow, WebhookDeliveryRow, WorkspaceRow
 from switchboard.platform.names import etag_version, now
 from switchboard.platform.outbox import Staged, staging
 from switchboard.platform.storage import Idempotency, claim, retrying, transaction
@@ -265,6 +265,16 @@ class IntegrationStore:
                 raise NotFound(f"workspaces/{workspace_id}/integrations/{integration_id} not found")
             _check_etag(etag, row.version)
             record = _record(row)
+            # Deliveries are no foreign key's to cascade (a push config's are in
+            # the same table, models.WebhookDeliveryRow).
+            db.execute(
+                delete(WebhookDeliveryRow)
+                .where(
+                    WebhookDeliveryRow.workspace_id == workspace_id,
+                    WebhookDeliveryRow.integration_id == integration_id,
+                )
+                .execution_options(synchronize_session=False)
+            )
             db.execute(
                 delete(IntegrationRow).where(
                     IntegrationRow.workspace_id == workspace_id,

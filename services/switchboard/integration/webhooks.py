@@ -52,6 +52,21 @@ circuit's cool-down. A webhook that has had no success for
 pending deliveries are FAILED ("endpoint disabled"); they can be redelivered
 once it is enabled again. Finished deliveries are kept ``RETENTION``.
 
+**A2A push notification configs** (``pushstore.py``) are endpoints of the
+same engine: per-task webhooks. A config subscribes to its task's (run's)
+``RUN_UPDATED`` status changes only; its deliveries are ordered and deduped
+by the run's own update sequence (the config's creator records the task's
+earlier changes with the same keys, so a change is sent once whether the
+feeder or the creator recorded it), and their body is whatever the injected
+``push_format`` makes of the event (A2A's ``StreamResponse``: the A2A mapping
+stays in the a2a package, wired in by the composition root). Headers: the
+Standard Webhooks ``webhook-id`` and ``webhook-timestamp``, a
+``webhook-signature`` when the config's scheme is ``StandardWebhooks`` (its
+credentials the ``whsec_`` secret), else ``authorization: <scheme>
+<credentials>`` when a scheme is set, and ``x-a2a-notification-token`` when it
+has a token. Retries, breaker, egress checks and disabling are the webhooks';
+a config is pruned ``PUSH_RETENTION`` after its task ended.
+
 This module does not import grpc.
 """
 
@@ -75,14 +90,17 @@ from google.protobuf import json_format
 from google.rpc import code_pb2
 from standardwebhooks.webhooks import Webhook
 
+from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.events.v1 import events_pb2
 from switchboard.api.integration.v1 import integration_pb2
+from switchboard.integration.pushstore import PushStore
 from switchboard.integration.webhookstore import (
     PENDING,
     SUCCEEDED,
     Claimed,
     NewDelivery,
     Outcome,
+    PushTarget,
     Subscriber,
     WebhookStore,
 )
@@ -130,6 +148,43 @@ _UNPRINTABLE: Final = re.compile(r"[^\x20-\x7e]+")
 
 #: ``(workspace_id, integration_id, reason)``: disable the webhook and announce it.
 OnDisable = Callable[[str, str, str], Awaitable[None]]
+#: A push config's delivery body for a ``RUN_UPDATED`` event of its task (JSON text).
+PushFormat = Callable[[events_pb2.Event], str]
+
+#: A push config is deleted this long after its task's final status was recorded,
+#: and at the latest this long after its creation plus ``PUSH_MAX_AGE``.
+PUSH_RETENTION: Final = dt.timedelta(days=7)
+PUSH_MAX_AGE: Final = dt.timedelta(days=30)
+#: A config whose creation did not complete (never ready) is deleted after this.
+PUSH_ABANDONED: Final = dt.timedelta(minutes=10)
+#: ``authentication.scheme`` (any case) that signs deliveries with ``credentials``
+#: (a ``whsec_`` secret) instead of sending an Authorization header.
+SIGNING_SCHEME: Final = "standardwebhooks"
+TOKEN_HEADER: Final = "x-a2a-notification-token"  # noqa: S105 - a header's name
+_ENDED_RUNS: Final = frozenset(
+    {
+        dispatcher_pb2.RUN_STATE_SUCCEEDED,
+        dispatcher_pb2.RUN_STATE_FAILED,
+        dispatcher_pb2.RUN_STATE_CANCELLED,
+    }
+)
+
+
+def push_purpose(workspace_id: str, endpoint_id: str, part: str) -> str:
+    """What a push config's sealed ``token`` or ``credentials`` is bound to."""
+    return f"a2a-push/{workspace_id}/{endpoint_id}/{part}"
+
+
+def run_name(workspace_id: str, conversation_id: str, run_id: str) -> str:
+    return f"workspaces/{workspace_id}/conversations/{conversation_id}/runs/{run_id}"
+
+
+def status_change(event: events_pb2.Event) -> dispatcher_pb2.RunUpdate | None:
+    """The run update a ``RUN_UPDATED`` event carries, if it is a status change."""
+    if event.WhichOneof("payload") != "run_updated":
+        return None
+    update = event.run_updated.update
+    return update if update.WhichOneof("update") == "state_change" else None
 
 
 def _announces_webhook(event: events_pb2.Event) -> bool:
@@ -281,9 +336,42 @@ def delivery_message(row: WebhookDeliveryRow) -> integration_pb2.WebhookDelivery
 
 
 def _matches(subscriber: Subscriber, item: Logged, created: dt.datetime) -> bool:
+    if subscriber.task is not None:
+        # A push config takes its task's changes whenever they are read: the
+        # ones before it was stored are recorded by its creator, keyed alike.
+        update = status_change(item.event)
+        return update is not None and update.state_change.run.name == run_name(
+            subscriber.workspace_id, *subscriber.task
+        )
     if created < subscriber.created_at:
         return False
     return not subscriber.event_types or type_name(item.type) in subscriber.event_types
+
+
+def _delivery(subscriber: Subscriber, item: Logged) -> NewDelivery:
+    if subscriber.task is not None:
+        update = status_change(item.event)
+        if update is None:  # pragma: no cover - _matches took only status changes
+            raise ValueError("not a status change")
+        return NewDelivery(
+            id=new_id(),
+            workspace_id=subscriber.workspace_id,
+            integration_id=subscriber.integration_id,
+            seq=update.sequence,
+            event_id=str(update.sequence),
+            event_type=type_name(item.type),
+            data=item.data,
+            ends_task=update.state_change.run.state in _ENDED_RUNS,
+        )
+    return NewDelivery(
+        id=new_id(),
+        workspace_id=subscriber.workspace_id,
+        integration_id=subscriber.integration_id,
+        seq=sequence_of(item.position),
+        event_id=item.event.id,
+        event_type=type_name(item.type),
+        data=item.data,
+    )
 
 
 def _describe(exc: BaseException, timeout_s: float) -> str:
@@ -323,9 +411,12 @@ class WebhookEngine:
         instance_id: str,
         on_disable: OnDisable,
         page_tokens: pagination.PageTokens,
+        push_format: PushFormat | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.store = WebhookStore(database)
+        self.push_store = PushStore(database)
+        self._push_format = push_format
         self._bus = bus
         self._secrets = secrets
         self._egress = egress
@@ -411,6 +502,8 @@ class WebhookEngine:
             subscribed is None
             or event.workspace.removeprefix("workspaces/") in subscribed
             or _announces_webhook(event)
+            # A push config may have been made since the set was read (no event says so).
+            or (self._push_format is not None and event.type == events_pb2.EVENT_TYPE_RUN_UPDATED)
         ):
             self._feed_wake.set()
 
@@ -492,13 +585,30 @@ class WebhookEngine:
             return False
         if self._subscribed is None:
             self._subscribed = await self.store.subscribed_workspaces()
-        if not self._concern_webhooks(items, self._subscribed):
+        if not self._concern_webhooks(items, self._subscribed) and not await self._pushed(items):
             # Nothing for any webhook: no transaction; the cursor is stored
             # with the next batch that records deliveries, or the lease renewal.
             self._cursor = items[-1].cursor
             return len(items) == FEED_BATCH
         await self._advance(stored, items[-1].cursor, items)
         return len(items) == FEED_BATCH
+
+    async def _pushed(self, items: Sequence[Logged]) -> bool:
+        """Whether a status change in ``items`` is in a workspace that gained a push config
+        since the cached set was read (configs are made without an event in the log)."""
+        if self._push_format is None:
+            return False
+        workspaces = {
+            item.workspace.removeprefix("workspaces/")
+            for item in items
+            if item.workspace.startswith("workspaces/") and status_change(item.event) is not None
+        }
+        if not workspaces:
+            return False
+        found = await self.store.pushed_workspaces(sorted(workspaces))
+        if self._subscribed is not None:
+            self._subscribed |= found
+        return bool(found)
 
     @staticmethod
     def _concern_webhooks(items: Sequence[Logged], subscribed: set[str]) -> bool:
@@ -538,17 +648,7 @@ class WebhookEngine:
                 created = item.event.time.ToDatetime(tzinfo=dt.UTC)
                 for subscriber in mine:
                     if _matches(subscriber, item, created):
-                        rows.append(
-                            NewDelivery(
-                                id=new_id(),
-                                workspace_id=subscriber.workspace_id,
-                                integration_id=subscriber.integration_id,
-                                seq=sequence_of(item.position),
-                                event_id=item.event.id,
-                                event_type=type_name(item.type),
-                                data=item.data,
-                            )
-                        )
+                        rows.append(_delivery(subscriber, item))
             return rows
 
         recorded = await self.store.feed(
@@ -652,15 +752,44 @@ class WebhookEngine:
         )
         return Outcome(False, status, error, now() + dt.timedelta(seconds=delay))
 
+    def _push_headers(self, claimed: Claimed, push: PushTarget) -> tuple[dict[str, str], str]:
+        """A push config's own headers and its signing secret ("" when it signs nothing)."""
+        headers: dict[str, str] = {}
+        ws, endpoint = claimed.workspace_id, claimed.integration_id
+        if push.token is not None:
+            headers[TOKEN_HEADER] = self._secrets.open(
+                push.token, purpose=push_purpose(ws, endpoint, "token")
+            )
+        credentials = ""
+        if push.credentials is not None:
+            credentials = self._secrets.open(
+                push.credentials, purpose=push_purpose(ws, endpoint, "credentials")
+            )
+        if push.auth_scheme.lower() == SIGNING_SCHEME:
+            return headers, credentials
+        if push.auth_scheme:
+            headers["authorization"] = f"{push.auth_scheme} {credentials}".strip()
+        return headers, ""
+
     async def _attempt(self, claimed: Claimed) -> Outcome:
         name = integration_name(claimed.workspace_id, claimed.integration_id)
-        try:
-            secrets = self._signing_secrets(claimed, name)
-        except Exception:  # noqa: BLE001 - a sealed secret this server cannot open
-            log.warning("webhook signing secret cannot be opened", extra={"integration": name})
-            return self._failed(claimed, 0, "the signing secret cannot be read", None)
-        if not secrets:
-            return self._failed(claimed, 0, "the webhook has no signing secret", None)
+        extra: dict[str, str] = {}
+        if claimed.push is not None:
+            name = f"workspaces/{claimed.workspace_id}/pushConfigs/{claimed.integration_id}"
+            try:
+                extra, secret = self._push_headers(claimed, claimed.push)
+            except Exception:  # noqa: BLE001 - a sealed secret this server cannot open
+                log.warning("push config secret cannot be opened", extra={"endpoint": name})
+                return self._failed(claimed, 0, "the config's secrets cannot be read", None)
+            secrets = [secret] if secret else []
+        else:
+            try:
+                secrets = self._signing_secrets(claimed, name)
+            except Exception:  # noqa: BLE001 - a sealed secret this server cannot open
+                log.warning("webhook signing secret cannot be opened", extra={"integration": name})
+                return self._failed(claimed, 0, "the signing secret cannot be read", None)
+            if not secrets:
+                return self._failed(claimed, 0, "the webhook has no signing secret", None)
         try:
             permit = await self._breakers.acquire(name, label=f"integration {name}")
         except CircuitOpen as exc:
@@ -673,7 +802,7 @@ class WebhookEngine:
                 counted=False,
             )
         try:
-            answer = await self._post(claimed, secrets)
+            answer = await self._post(claimed, secrets, extra)
         except asyncio.CancelledError:
             permit.released()
             raise
@@ -693,18 +822,30 @@ class WebhookEngine:
         await permit.failed()
         return self._failed(claimed, answer.status, answer.error, answer.retry_after_s)
 
-    async def _post(self, claimed: Claimed, secrets: Sequence[str]) -> Attempt:
+    async def _post(
+        self, claimed: Claimed, secrets: Sequence[str], extra: dict[str, str]
+    ) -> Attempt:
         client = self._client
         if client is None:
             raise RuntimeError("the webhook engine is not started")
         event = events_pb2.Event.FromString(claimed.data)
-        body = payload(event)
+        msg_id = claimed.event_id
+        if claimed.push is not None:
+            if self._push_format is None:
+                raise RuntimeError("push configs are delivered without a formatter")
+            body = self._push_format(event)
+            # Unique per config and status change, the same on every retry.
+            msg_id = f"{claimed.integration_id}.{claimed.event_id}"
+        else:
+            body = payload(event)
         sent_at = now()
         headers = {
-            "webhook-id": claimed.event_id,
+            **extra,
+            "webhook-id": msg_id,
             "webhook-timestamp": str(int(sent_at.timestamp())),
-            "webhook-signature": signature(secrets, claimed.event_id, sent_at, body),
         }
+        if secrets:
+            headers["webhook-signature"] = signature(secrets, msg_id, sent_at, body)
         # The client's timeout bounds each phase; this bounds the whole attempt.
         async with (
             asyncio.timeout(self.limits.timeout_s),
@@ -735,9 +876,18 @@ class WebhookEngine:
             f"webhook disabled: no successful delivery for {failing_s:.0f} s; "
             f"last error: {outcome.error or 'none'}"
         )[:MAX_ERROR_CHARS]
-        name = integration_name(claimed.workspace_id, claimed.integration_id)
-        log.warning("disabling a failing webhook", extra={"integration": name})
-        await self._on_disable(claimed.workspace_id, claimed.integration_id, reason)
+        if claimed.push is not None:
+            # Nobody watches a push config's status: it stops, and its client
+            # finds it gone from its task's list once pruned.
+            log.warning(
+                "disabling a failing push config",
+                extra={"workspace": claimed.workspace_id, "endpoint": claimed.integration_id},
+            )
+            await self.push_store.disable(claimed.workspace_id, claimed.integration_id)
+        else:
+            name = integration_name(claimed.workspace_id, claimed.integration_id)
+            log.warning("disabling a failing webhook", extra={"integration": name})
+            await self._on_disable(claimed.workspace_id, claimed.integration_id, reason)
         await self.store.fail_disabled(_DISABLED_ERROR)
 
     # -- maintenance -----------------------------------------------------------------
@@ -756,8 +906,18 @@ class WebhookEngine:
     async def maintain(self) -> None:
         """Fail what waits for disabled endpoints; delete finished deliveries past ``RETENTION``."""
         await self.store.fail_disabled(_DISABLED_ERROR)
-        before = now() - RETENTION
+        current = now()
+        before = current - RETENTION
         while await self.store.prune(before, PRUNE_BATCH) == PRUNE_BATCH:
+            pass
+        while await self.store.prune_orphans(PRUNE_BATCH) == PRUNE_BATCH:
+            pass
+        while (
+            await self.push_store.prune(
+                current - PUSH_RETENTION, current - PUSH_MAX_AGE, current - PUSH_ABANDONED
+            )
+            > 0
+        ):
             pass
 
     # -- queries and commands ----------------------------------------------------------

@@ -12,6 +12,10 @@ rows mean. Two rules keep deliveries exactly-once recorded and ordered:
   ``FOR UPDATE SKIP LOCKED`` on PostgreSQL (SQLite has one writer), so at
   most one attempt per endpoint is in flight across every replica.
 
+An endpoint is a webhook integration or an A2A push config
+(``pushstore.py``): deliveries name it by ``integration_id`` (a push config's
+holds a ``.``), and the queries join both tables.
+
 Nothing here raises a request-field error or builds a resource name.
 """
 
@@ -32,6 +36,7 @@ from switchboard.api.integration.v1 import integration_pb2
 from switchboard.platform.db import Database
 from switchboard.platform.models import (
     IntegrationRow,
+    PushConfigRow,
     WebhookCursorRow,
     WebhookDeliveryRow,
 )
@@ -59,6 +64,9 @@ class Subscriber:
     #: Subscribed ``EventType`` names without the prefix; empty means all.
     event_types: frozenset[str]
     created_at: dt.datetime
+    #: A push config's task, ``(conversation id, run id)``: only its status changes,
+    #: from whenever the feeder reads them (the config records what came before).
+    task: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,19 @@ class NewDelivery:
     event_id: str
     event_type: str
     data: bytes
+    #: The task's final status, to a push config (its pruning clock starts).
+    ends_task: bool = False
+
+
+@dataclass(frozen=True)
+class PushTarget:
+    """What sending to a push config needs beyond a webhook's (secrets still sealed)."""
+
+    conversation_id: str
+    run_id: str
+    token: bytes | None
+    auth_scheme: str
+    credentials: bytes | None
 
 
 @dataclass(frozen=True)
@@ -92,6 +113,8 @@ class Claimed:
     previous_until: dt.datetime | None
     #: The endpoint's last change (a re-enable or an edit restarts its failure clock).
     endpoint_updated_at: dt.datetime
+    #: Set when the endpoint is a push config.
+    push: PushTarget | None = None
 
 
 @dataclass(frozen=True)
@@ -125,33 +148,74 @@ def _claimable(now_: dt.datetime) -> Any:
     )
 
 
+def _endpoints(query: Any) -> Any:
+    """``query`` over deliveries, joined to their endpoint: a webhook or a push config."""
+    return query.outerjoin(
+        IntegrationRow,
+        and_(
+            IntegrationRow.workspace_id == WebhookDeliveryRow.workspace_id,
+            IntegrationRow.id == WebhookDeliveryRow.integration_id,
+        ),
+    ).outerjoin(
+        PushConfigRow,
+        and_(
+            PushConfigRow.workspace_id == WebhookDeliveryRow.workspace_id,
+            PushConfigRow.endpoint_id == WebhookDeliveryRow.integration_id,
+        ),
+    )
+
+
+#: The endpoint exists and may be sent to (a push config once its earlier status is in).
+_SENDABLE: Final = or_(
+    IntegrationRow.disabled.is_(False),
+    and_(PushConfigRow.ready.is_(True), PushConfigRow.disabled.is_(False)),
+)
+
+
 def _claim_query(now_: dt.datetime) -> Any:
     return (
-        select(
-            WebhookDeliveryRow,
-            IntegrationRow.endpoint,
-            IntegrationRow.credential,
-            IntegrationRow.previous_credential,
-            IntegrationRow.previous_until,
-            IntegrationRow.updated_at,
+        _endpoints(
+            select(
+                WebhookDeliveryRow,
+                func.coalesce(IntegrationRow.endpoint, PushConfigRow.url),
+                IntegrationRow.credential,
+                IntegrationRow.previous_credential,
+                IntegrationRow.previous_until,
+                func.coalesce(IntegrationRow.updated_at, PushConfigRow.created_at),
+                PushConfigRow.endpoint_id,
+                PushConfigRow.conversation_id,
+                PushConfigRow.run_id,
+                PushConfigRow.token,
+                PushConfigRow.auth_scheme,
+                PushConfigRow.credentials,
+            )
         )
-        .join(
-            IntegrationRow,
-            and_(
-                IntegrationRow.workspace_id == WebhookDeliveryRow.workspace_id,
-                IntegrationRow.id == WebhookDeliveryRow.integration_id,
-            ),
-        )
-        .where(_claimable(now_), IntegrationRow.disabled.is_(False))
+        .where(_claimable(now_), _SENDABLE)
         .with_for_update(skip_locked=True, of=WebhookDeliveryRow)
     )
 
 
 def _claim(db: Session, rows: Sequence[Any], holder: str, until: dt.datetime) -> list[Claimed]:
     claimed: list[Claimed] = []
-    for row, endpoint, credential, previous, previous_until, updated_at in rows:
+    for (
+        row,
+        endpoint,
+        credential,
+        previous,
+        previous_until,
+        updated_at,
+        push_endpoint,
+        conversation_id,
+        run_id,
+        token,
+        auth_scheme,
+        credentials,
+    ) in rows:
         row.claimed_by = holder
         row.claimed_until = until
+        push = None
+        if push_endpoint is not None:
+            push = PushTarget(conversation_id, run_id, token, auth_scheme, credentials)
         claimed.append(
             Claimed(
                 id=row.id,
@@ -167,6 +231,7 @@ def _claim(db: Session, rows: Sequence[Any], holder: str, until: dt.datetime) ->
                 previous_credential=previous,
                 previous_until=previous_until,
                 endpoint_updated_at=updated_at,
+                push=push,
             )
         )
     db.flush()
@@ -254,13 +319,35 @@ class WebhookStore:
         return await self._run(work, write=False)
 
     async def subscribed_workspaces(self) -> set[str]:
-        """The workspaces with at least one enabled webhook."""
+        """The workspaces with at least one enabled webhook or push config."""
+
+        def work(db: Session) -> set[str]:
+            webhooks = db.execute(
+                select(IntegrationRow.workspace_id)
+                .where(IntegrationRow.kind == WEBHOOK, IntegrationRow.disabled.is_(False))
+                .distinct()
+            ).scalars()
+            pushed = db.execute(
+                select(PushConfigRow.workspace_id)
+                .where(PushConfigRow.disabled.is_(False))
+                .distinct()
+            ).scalars()
+            return {*webhooks, *pushed}
+
+        return await self._run(work, write=False)
+
+    async def pushed_workspaces(self, workspace_ids: Sequence[str]) -> set[str]:
+        """Which of ``workspace_ids`` have an enabled push config (one made since the
+        feeder's cached set was read: configs come without an event)."""
 
         def work(db: Session) -> set[str]:
             return set(
                 db.execute(
-                    select(IntegrationRow.workspace_id)
-                    .where(IntegrationRow.kind == WEBHOOK, IntegrationRow.disabled.is_(False))
+                    select(PushConfigRow.workspace_id)
+                    .where(
+                        PushConfigRow.workspace_id.in_(sorted(set(workspace_ids))),
+                        PushConfigRow.disabled.is_(False),
+                    )
                     .distinct()
                 ).scalars()
             )
@@ -302,6 +389,17 @@ class WebhookStore:
                 return 0
             when = now()
             insert = sqlite_insert if self._sqlite else pg_insert
+            ended = [row for row in rows if row.ends_task]
+            for row in ended:
+                db.execute(
+                    update(PushConfigRow)
+                    .where(
+                        PushConfigRow.workspace_id == row.workspace_id,
+                        PushConfigRow.endpoint_id == row.integration_id,
+                        PushConfigRow.ended_at.is_(None),
+                    )
+                    .values(ended_at=when)
+                )
             result = db.execute(
                 insert(WebhookDeliveryRow)
                 .values(
@@ -360,15 +458,8 @@ class WebhookStore:
         def look(db: Session) -> tuple[bool, dt.datetime | None]:
             current = now()
             found = db.execute(
-                select(WebhookDeliveryRow.id)
-                .join(
-                    IntegrationRow,
-                    and_(
-                        IntegrationRow.workspace_id == WebhookDeliveryRow.workspace_id,
-                        IntegrationRow.id == WebhookDeliveryRow.integration_id,
-                    ),
-                )
-                .where(_claimable(current), IntegrationRow.disabled.is_(False))
+                _endpoints(select(WebhookDeliveryRow.id))
+                .where(_claimable(current), _SENDABLE)
                 .limit(1)
             ).first()
             return found is not None, due(db, current)
@@ -509,9 +600,18 @@ class WebhookStore:
                 )
                 .exists()
             )
+            push_disabled = (
+                select(PushConfigRow.endpoint_id)
+                .where(
+                    PushConfigRow.workspace_id == WebhookDeliveryRow.workspace_id,
+                    PushConfigRow.endpoint_id == WebhookDeliveryRow.integration_id,
+                    PushConfigRow.disabled.is_(True),
+                )
+                .exists()
+            )
             result = db.execute(
                 update(WebhookDeliveryRow)
-                .where(WebhookDeliveryRow.state == PENDING, disabled)
+                .where(WebhookDeliveryRow.state == PENDING, or_(disabled, push_disabled))
                 .values(
                     state=FAILED,
                     # The attempt's own error stays readable after the reason.
@@ -540,6 +640,25 @@ class WebhookStore:
             result = db.execute(
                 delete(WebhookDeliveryRow)
                 .where(WebhookDeliveryRow.id.in_(ids.limit(limit).scalar_subquery()))
+                .execution_options(synchronize_session=False)
+            )
+            return _count(result)
+
+        return await self._run(work, write=True)
+
+    async def prune_orphans(self, limit: int) -> int:
+        """Delete up to ``limit`` deliveries whose endpoint is gone (its workspace was pruned:
+        endpoints delete their own deliveries, a workspace's cascade does not reach them)."""
+
+        def work(db: Session) -> int:
+            ids = (
+                _endpoints(select(WebhookDeliveryRow.id))
+                .where(IntegrationRow.id.is_(None), PushConfigRow.endpoint_id.is_(None))
+                .limit(limit)
+            )
+            result = db.execute(
+                delete(WebhookDeliveryRow)
+                .where(WebhookDeliveryRow.id.in_(ids.scalar_subquery()))
                 .execution_options(synchronize_session=False)
             )
             return _count(result)
@@ -645,6 +764,18 @@ def _count(result: Any) -> int:
 
 
 def _subscribers(db: Session, workspace_ids: Sequence[str]) -> list[Subscriber]:
+    pushed = db.execute(
+        select(
+            PushConfigRow.workspace_id,
+            PushConfigRow.endpoint_id,
+            PushConfigRow.created_at,
+            PushConfigRow.conversation_id,
+            PushConfigRow.run_id,
+        ).where(
+            PushConfigRow.workspace_id.in_(sorted(set(workspace_ids))),
+            PushConfigRow.disabled.is_(False),
+        )
+    ).all()
     rows = db.execute(
         select(
             IntegrationRow.workspace_id,
@@ -665,4 +796,13 @@ def _subscribers(db: Session, workspace_ids: Sequence[str]) -> list[Subscriber]:
             created_at=row.created_at,
         )
         for row in rows
+    ] + [
+        Subscriber(
+            workspace_id=row.workspace_id,
+            integration_id=row.endpoint_id,
+            event_types=frozenset({"RUN_UPDATED"}),
+            created_at=row.created_at,
+            task=(row.conversation_id, row.run_id),
+        )
+        for row in pushed
     ]

@@ -21,7 +21,6 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     ForeignKey,
-    ForeignKeyConstraint,
     Index,
     Integer,
     LargeBinary,
@@ -475,17 +474,18 @@ class WebhookDeliveryRow(Base):
 
     Unique per endpoint and event: however many replicas see the event, it is
     recorded (and so delivered) once. ``data`` is the serialized ``Event``.
+
+    An endpoint (``integration_id``) is a webhook integration or an A2A push
+    config (``PushConfigRow.endpoint_id``, which holds a ``.``, so it never
+    names an integration). No foreign key ties it to either table: the
+    endpoint's store deletes its deliveries with it, and the engine's
+    maintenance deletes any left behind (a pruned workspace).
     """
 
     __tablename__ = "webhook_deliveries"
     __table_args__ = (
         UniqueConstraint(
             "workspace_id", "integration_id", "event_id", name="uq_webhook_deliveries_event"
-        ),
-        ForeignKeyConstraint(
-            ["workspace_id", "integration_id"],
-            ["integrations.workspace_id", "integrations.id"],
-            ondelete="CASCADE",
         ),
         Index("ix_webhook_deliveries_listing", "workspace_id", "integration_id", "seq"),
         Index("ix_webhook_deliveries_due", "state", "next_attempt_at"),
@@ -513,6 +513,42 @@ class WebhookDeliveryRow(Base):
     # The replica sending it now, and until when that claim holds.
     claimed_by: Mapped[str] = mapped_column(String(64), default="")
     claimed_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class PushConfigRow(Base):
+    """An A2A push notification config: a per-task webhook (``a2a/push.py``).
+
+    Its deliveries are ``webhook_deliveries`` rows of endpoint ``endpoint_id``,
+    fed and sent by the webhook engine; ``token`` and ``credentials`` are
+    sealed (``platform/secretbox.py``). ``ready`` is set once the task's
+    status so far has been recorded, so nothing later goes out before it.
+    """
+
+    __tablename__ = "push_configs"
+    __table_args__ = (
+        UniqueConstraint(
+            "workspace_id", "conversation_id", "run_id", "config_id", name="uq_push_configs_task"
+        ),
+    )
+
+    workspace_id: Mapped[str] = mapped_column(
+        ForeignKey("workspaces.id", ondelete="CASCADE"), primary_key=True
+    )
+    endpoint_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    conversation_id: Mapped[str] = mapped_column(String(63))
+    run_id: Mapped[str] = mapped_column(String(63))
+    # The A2A config id (the client's, or one the server chose).
+    config_id: Mapped[str] = mapped_column(String(64))
+    url: Mapped[str] = mapped_column(String(2048))
+    token: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    auth_scheme: Mapped[str] = mapped_column(String(64), default="")
+    credentials: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    creator: Mapped[str] = mapped_column(String(128), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    ready: Mapped[bool] = mapped_column(Boolean, default=False)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    # When the task's final status was recorded for delivery (pruning counts from it).
+    ended_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class WebhookCursorRow(Base):
