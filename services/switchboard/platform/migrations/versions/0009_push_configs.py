@@ -7,7 +7,7 @@ and the engine's maintenance deletes any a pruned workspace left behind).
 
 Revision ID: 0009
 Revises: 0008
-Create Date: 2026-12-01
+Create Date: 2026-11-25
 """
 
 from __future__ import annotations
