@@ -52,6 +52,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
+from tests.infra.webhookreceiver import WebhookReceiver, running_receiver, until
 from tests.service.authkit import PASSWORD, unique_email
 from tests.service.contextkit import Caller, context_stub, create_conversation, create_workspace
 from tests.service.dispatchkit import (
@@ -61,6 +62,7 @@ from tests.service.dispatchkit import (
     request,
     stored_running,
 )
+from tests.service.integrationkit import webhook_secret
 from tests.service.test_a2a import stub as a2a_stub
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -114,6 +116,8 @@ class MeshProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
         # Reaches every service: the chatter sends faster than a person would.
         env["SWITCHBOARD_DISPATCHER_MAX_MESSAGES_PER_MINUTE_PER_USER"] = "100000"
+        # The A2A push receiver listens on loopback.
+        env["SWITCHBOARD_EGRESS_ALLOW_LOOPBACK"] = "true"
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -397,11 +401,11 @@ async def serving(address: str, service: str) -> int:
 
 
 async def _an_a2a_task_through_the_edge(
-    channel: aio.Channel, caller: Caller, workspace: str, edge: str
+    channel: aio.Channel, caller: Caller, workspace: str, edge: str, receiver: WebhookReceiver
 ) -> None:
-    """The a2a process behind Envoy: an echo assistant answers an A2A message, and the
-    same task reads back over A2A's HTTP+JSON binding (Envoy's transcoder) beside its
-    public card."""
+    """The a2a process behind Envoy: an echo assistant answers an A2A message, pushes its
+    statuses to a receiver, and the same task reads back over A2A's HTTP+JSON binding
+    (Envoy's transcoder) beside its public card."""
     await dispatcher_stub(channel).CreateAssistant(
         pb.CreateAssistantRequest(
             parent=workspace,
@@ -411,18 +415,30 @@ async def _an_a2a_task_through_the_edge(
         metadata=caller.md,
         timeout=CALL_TIMEOUT_S,
     )
-    sent = await a2a_stub(channel).SendMessage(
-        a2a.SendMessageRequest(
-            tenant=workspace.removeprefix("workspaces/") + ".echoer",
-            message=a2a.Message(
-                message_id="mesh-a2a-1", role=a2a.ROLE_USER, parts=[a2a.Part(text="via envoy")]
-            ),
+    request = a2a.SendMessageRequest(
+        tenant=workspace.removeprefix("workspaces/") + ".echoer",
+        message=a2a.Message(
+            message_id="mesh-a2a-1", role=a2a.ROLE_USER, parts=[a2a.Part(text="via envoy")]
         ),
-        metadata=caller.md,
-        timeout=CALL_TIMEOUT_S,
     )
+    # A push config: the a2a process stores it, the integration process's webhook
+    # engine delivers the task's statuses, signed.
+    secret = webhook_secret()
+    endpoint = receiver.endpoint("mesh-task", [secret])
+    push = request.configuration.task_push_notification_config
+    push.url = receiver.url("mesh-task")
+    push.authentication.scheme = "StandardWebhooks"
+    push.authentication.credentials = secret
+    sent = await a2a_stub(channel).SendMessage(request, metadata=caller.md, timeout=CALL_TIMEOUT_S)
     assert sent.task.status.state == a2a.TASK_STATE_COMPLETED
     assert sent.task.artifacts[0].parts[0].text.startswith("via envoy")
+
+    def pushed_states() -> list[str]:
+        return [item.body["statusUpdate"]["status"]["state"] for item in endpoint.accepted]
+
+    await until(lambda: "TASK_STATE_COMPLETED" in pushed_states(), "the completed status pushed")
+    assert pushed_states() == ["TASK_STATE_SUBMITTED", "TASK_STATE_WORKING", "TASK_STATE_COMPLETED"]
+    assert endpoint.bad == []  # each verified with the secret
     tenant = workspace.removeprefix("workspaces/") + ".echoer"
     async with httpx.AsyncClient(base_url=f"http://{edge}", timeout=CALL_TIMEOUT_S) as http:
         card = await http.get(f"/{tenant}/.well-known/agent-card.json")
@@ -510,7 +526,8 @@ async def test_the_mesh_keeps_serving_while_a_dispatcher_replica_is_killed(data_
             )
             contexts, dispatcher = context_stub(channel), dispatcher_stub(channel)
             workspace = await create_workspace(contexts, caller, "Mesh")
-            await _an_a2a_task_through_the_edge(channel, caller, workspace.name, edge)
+            async with running_receiver() as receiver:
+                await _an_a2a_task_through_the_edge(channel, caller, workspace.name, edge, receiver)
             scope = events_pb2.Scope(workspace=workspace.name)
             events = Events(events_pb2_grpc.EventServiceStub(channel), caller, scope)
             following = background.start(events.run())
