@@ -898,7 +898,10 @@ def _transcoder(spec: EdgeSpec) -> list[HttpFilter]:
     )
     return [
         # Before the transcoder in the list: on the way back it sees the transcoded response.
-        HttpFilter(name="envoy.filters.http.lua", typed_config=_pack(Lua(inline_code=A2A_ERRORS))),
+        HttpFilter(
+            name="envoy.filters.http.lua",
+            typed_config=_pack(Lua(default_source_code=DataSource(inline_string=A2A_ERRORS))),
+        ),
         HttpFilter(name="envoy.filters.http.grpc_json_transcoder", typed_config=_pack(config)),
     ]
 
