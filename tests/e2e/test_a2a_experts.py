@@ -34,6 +34,7 @@ from switchboard.platform.server import SwitchboardServer
 from tests.e2e.a2aproc import A2AAgentProcess
 from tests.e2e.procs import ServeProcess, shared_secrets
 from tests.e2e.test_runtime_experts import listed, until_listed
+from tests.infra.redis import RedisServer
 from tests.infra.tcprelay import TcpRelay
 from tests.service.authkit import register as register_user
 from tests.service.contextkit import (
@@ -397,3 +398,38 @@ async def test_switchboard_serve_routes_a_run_to_an_agent_registered_through_its
             assert seen.final.handler == handler
             assert seen.final.state == pb.RUN_STATE_SUCCEEDED, seen.final.error.message
             assert seen.text == "you said from serve"
+
+
+async def test_an_agent_registered_through_one_process_is_routed_by_another(
+    tmp_path: Path, redis_server: RedisServer, postgres_url: str, agent: A2AAgentProcess
+) -> None:
+    """The scaled-out shape's storage: two servers on one PostgreSQL and one Redis event
+    log. B's dispatcher learns of the agent A registered from the shared log, routes a
+    run to it, and stops when A deletes it."""
+    env = {
+        **shared_secrets(tmp_path),
+        "SWITCHBOARD_DATABASE_URL": postgres_url,
+        "SWITCHBOARD_REDIS_URL": redis_server.url,
+        "SWITCHBOARD_EGRESS_ALLOW_LOOPBACK": "true",
+        "SWITCHBOARD_INTEGRATION_PROBE_INTERVAL_S": "3600",
+    }
+    with ServeProcess(env=env) as a, ServeProcess(env=env) as b:
+        async with aio.insecure_channel(a.address) as ca, aio.insecure_channel(b.address) as cb:
+            signed = await register_user(ca)
+            me = Caller(signed.user.name.removeprefix("users/"), signed.tokens.access_token)
+            workspace = await create_workspace(context_stub(ca), me, "Across")
+            world = World(workspace, me, me, me, me)  # one user in every role
+            made = await create_conversation(context_stub(ca), me, workspace.name)
+            istub, dstub = integration_stub(ca), dispatcher_stub(cb)
+            assert "handlers/faraway" not in await listed(dstub, world)  # B has read them
+            handler = await _registered(istub, world, dstub, agent.card_url, "faraway")
+            sent = await send(dstub, me, request(made.name, "from afar", handler=handler))
+            seen = await watch_all(dstub, me, sent.run.name)
+            assert seen.final.state == pb.RUN_STATE_SUCCEEDED, seen.final.error.message
+            assert seen.text == "you said from afar"
+            await istub.DeleteIntegration(
+                ipb.DeleteIntegrationRequest(name=f"{workspace.name}/integrations/faraway"),
+                metadata=me.md,
+                timeout=10,
+            )
+            await until_listed(dstub, world, handler, available=None)

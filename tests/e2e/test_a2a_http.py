@@ -36,9 +36,11 @@ from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from tests.e2e.envoy import EnvoyProcess
 from tests.e2e.procs import ServeProcess
+from tests.infra.webhookreceiver import running_receiver, until
 from tests.service.authkit import PASSWORD, unique_email
 from tests.service.contextkit import Caller, context_stub, create_workspace
 from tests.service.dispatchkit import dispatcher_stub
+from tests.service.integrationkit import webhook_secret
 from tests.service.test_a2a import stub as a2a_stub
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -49,7 +51,8 @@ RESUME: Final = "https://switchboard.dev/a2a/extensions/resume/v1"
 
 @pytest.fixture(scope="module")
 def serve() -> Iterator[ServeProcess]:
-    with ServeProcess("--dev") as process:
+    # The push receiver listens on loopback.
+    with ServeProcess("--dev", env={"SWITCHBOARD_EGRESS_ALLOW_LOOPBACK": "true"}) as process:
         yield process
 
 
@@ -353,3 +356,56 @@ async def test_grpc_still_reaches_the_same_servicer_through_the_edge(
             timeout=CALL_TIMEOUT_S,
         )
     assert sent.task.status.state == a2a.TASK_STATE_COMPLETED
+
+
+async def test_push_configs_over_http_json(world: World, http: httpx.AsyncClient) -> None:
+    """A send with a push config, the config read, listed and deleted, all as HTTP+JSON
+    through the transcoder; the task's statuses reach a real receiver, signed."""
+    async with running_receiver() as receiver:
+        secret = webhook_secret()
+        endpoint = receiver.endpoint("http-task", [secret])
+        headers = world.headers(world.owner)
+        body = {
+            "message": {"messageId": "http-push-1", "role": "ROLE_USER", "parts": [{"text": "hi"}]},
+            "configuration": {
+                "taskPushNotificationConfig": {
+                    "url": receiver.url("http-task"),
+                    "token": "http-token",
+                    "authentication": {"scheme": "StandardWebhooks", "credentials": secret},
+                }
+            },
+        }
+        sent = await http.post(
+            f"{world.edge}/{world.tenant}/message:send", json=body, headers=headers
+        )
+        assert sent.status_code == 200, sent.text
+        task = sent.json()["task"]
+        assert task["status"]["state"] == "TASK_STATE_COMPLETED"
+
+        def states() -> list[str]:
+            return [item.body["statusUpdate"]["status"]["state"] for item in endpoint.accepted]
+
+        await until(lambda: "TASK_STATE_COMPLETED" in states(), "the completed status pushed")
+        assert states() == ["TASK_STATE_SUBMITTED", "TASK_STATE_WORKING", "TASK_STATE_COMPLETED"]
+        assert endpoint.bad == []
+        assert {item.headers["x-a2a-notification-token"] for item in endpoint.accepted} == {
+            "http-token"
+        }
+
+        configs = f"{world.edge}/{world.tenant}/tasks/{task['id']}/pushNotificationConfigs"
+        listed = await http.get(configs, headers=headers)
+        assert listed.status_code == 200, listed.text
+        [config] = listed.json()["configs"]
+        assert config["id"] == "http-push-1"  # a send's config is named by its message id
+        assert config["url"] == receiver.url("http-task")
+        assert "token" not in config  # write-only
+        got = await http.get(f"{configs}/http-push-1", headers=headers)
+        assert got.status_code == 200, got.text
+        assert got.json()["url"] == config["url"]
+        stranger = await http.get(f"{configs}/http-push-1", headers=world.headers(world.stranger))
+        assert stranger.status_code == 404
+        assert stranger.json()["error"]["details"][0]["reason"] == "TASK_NOT_FOUND"
+        deleted = await http.delete(f"{configs}/http-push-1", headers=headers)
+        assert deleted.status_code == 200, deleted.text
+        gone = await http.get(f"{configs}/http-push-1", headers=headers)
+        assert gone.status_code == 404
