@@ -161,7 +161,7 @@ def test_the_card_comes_through_envoy_over_grpc_v1(agent: Agent, seen: Seen) -> 
         },
     ]
     assert card["streaming"] is True
-    assert card["securitySchemes"] == ["bearer"]
+    assert sorted(card["securitySchemes"]) == ["apiKey", "bearer"]
     assert card["extensions"] == ["https://switchboard.dev/a2a/extensions/resume/v1"]
 
 

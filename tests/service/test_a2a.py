@@ -158,7 +158,11 @@ async def test_the_card_names_the_grpc_interface_tenant_and_bearer_scheme(agent:
     assert card.capabilities.streaming
     assert card.capabilities.extended_agent_card
     assert card.capabilities.push_notifications
-    assert card.security_schemes["bearer"].http_auth_security_scheme.scheme == "Bearer"
+    # An access token or an API key, each alone enough; both are bearer credentials.
+    assert set(card.security_schemes) == {"bearer", "apiKey"}
+    for scheme in card.security_schemes.values():
+        assert scheme.http_auth_security_scheme.scheme == "Bearer"
+    assert [list(r.schemes) for r in card.security_requirements] == [["bearer"], ["apiKey"]]
     assert card.skills[0].description == "Says it back."
 
 

@@ -399,11 +399,17 @@ def _acceptable(configuration: a2a.SendMessageConfiguration) -> None:
 def card_of(assistant: pb.Assistant, interfaces: list[Interface]) -> a2a.AgentCard:
     """One assistant's Agent Card: its interfaces, its skills, the schemes it accepts."""
     tenant = mapping.tenant_of(assistant.name)
-    card = a2a.AgentCard(
+    skill = a2a.AgentSkill(
+        id="answer",
+        name=assistant.display_name or "answer",
+        description=(assistant.description or assistant.display_name or "Answers")[:1000],
+        tags=sorted({binding.integration.rsplit("/", 1)[-1] for binding in assistant.tools})
+        or ["assistant"],
+    )
+    return agent_card(
         name=assistant.display_name or assistant.name,
         description=assistant.description or f"Switchboard assistant {assistant.name}",
-        version="1",
-        supported_interfaces=[
+        interfaces=[
             a2a.AgentInterface(
                 url=interface.url,
                 protocol_binding=interface.binding,
@@ -412,6 +418,20 @@ def card_of(assistant: pb.Assistant, interfaces: list[Interface]) -> a2a.AgentCa
             )
             for interface in interfaces
         ],
+        skill=skill,
+    )
+
+
+def agent_card(
+    *, name: str, description: str, interfaces: list[a2a.AgentInterface], skill: a2a.AgentSkill
+) -> a2a.AgentCard:
+    """What every card says, public or extended: what the protocol offers here and the
+    credentials accepted (an access token or an API key, each alone enough)."""
+    card = a2a.AgentCard(
+        name=name,
+        description=description,
+        version="1",
+        supported_interfaces=interfaces,
         capabilities=a2a.AgentCapabilities(
             streaming=True,
             push_notifications=True,
@@ -420,25 +440,18 @@ def card_of(assistant: pb.Assistant, interfaces: list[Interface]) -> a2a.AgentCa
         ),
         default_input_modes=["text/plain"],
         default_output_modes=["text/plain"],
-        skills=[
-            a2a.AgentSkill(
-                id="answer",
-                name=assistant.display_name or "answer",
-                description=(assistant.description or assistant.display_name or "Answers")[:1000],
-                tags=sorted({binding.integration.rsplit("/", 1)[-1] for binding in assistant.tools})
-                or ["assistant"],
-            )
-        ],
+        skills=[skill],
     )
     card.provider.organization = "Switchboard"
-    card.security_schemes["bearer"].http_auth_security_scheme.scheme = "Bearer"
-    card.security_schemes[
-        "bearer"
-    ].http_auth_security_scheme.description = (
-        "A Switchboard access token or API key (Authorization: Bearer ...)"
-    )
-    requirement = card.security_requirements.add()
-    requirement.schemes["bearer"].SetInParent()
+    bearer = card.security_schemes["bearer"].http_auth_security_scheme
+    bearer.scheme = "Bearer"
+    bearer.bearer_format = "JWT"
+    bearer.description = "A Switchboard access token (Authorization: Bearer <token>)"
+    api_key = card.security_schemes["apiKey"].http_auth_security_scheme
+    api_key.scheme = "Bearer"
+    api_key.description = "A Switchboard API key (Authorization: Bearer sbk_...)"
+    for scheme in ("bearer", "apiKey"):
+        card.security_requirements.add().schemes[scheme].SetInParent()
     return card
 
 

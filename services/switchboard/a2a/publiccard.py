@@ -23,7 +23,7 @@ from google.protobuf import json_format
 
 from a2a.types import a2a_pb2 as a2a
 from switchboard.a2a import mapping
-from switchboard.a2a.agents import resume_extension
+from switchboard.a2a.agents import agent_card
 
 #: A2A's protocol version the interfaces speak (the SDK's ``PROTOCOL_VERSION_CURRENT``).
 PROTOCOL_VERSION: Final = "1.0"
@@ -104,44 +104,22 @@ class PublicCards:
         workspace and assistant exist."""
         if tenant:
             mapping.agent(tenant)
-        card = a2a.AgentCard(
+        card = agent_card(
             name="Switchboard agent",
             description=(
                 "A Switchboard assistant as an A2A agent. Its name, description and skills "
                 "are in the extended agent card (GetExtendedAgentCard; sign in first)."
             ),
-            version="1",
-            supported_interfaces=edge.interfaces(tenant),
-            capabilities=a2a.AgentCapabilities(
-                streaming=True,
-                push_notifications=True,
-                extended_agent_card=True,
-                extensions=[resume_extension()],
-            ),
-            default_input_modes=["text/plain"],
-            default_output_modes=["text/plain"],
+            interfaces=edge.interfaces(tenant),
             # The same skill for every agent: what an assistant does is not public.
-            skills=[
-                a2a.AgentSkill(
-                    id="answer",
-                    name="answer",
-                    description="Answers a message; the extended card says what about.",
-                    tags=["assistant"],
-                )
-            ],
+            skill=a2a.AgentSkill(
+                id="answer",
+                name="answer",
+                description="Answers a message; the extended card says what about.",
+                tags=["assistant"],
+            ),
         )
-        card.provider.organization = "Switchboard"
         card.provider.url = edge.http_json
-        bearer = card.security_schemes["bearer"].http_auth_security_scheme
-        bearer.scheme = "Bearer"
-        bearer.bearer_format = "JWT"
-        bearer.description = "A Switchboard access token (Authorization: Bearer <token>)"
-        api_key = card.security_schemes["apiKey"].http_auth_security_scheme
-        api_key.scheme = "Bearer"
-        api_key.description = "A Switchboard API key (Authorization: Bearer sbk_...)"
-        # Either one: each requirement alone is enough.
-        for scheme in ("bearer", "apiKey"):
-            card.security_requirements.add().schemes[scheme].SetInParent()
         return card
 
     def document(self, tenant: str, proto: str, host: str) -> httpbody_pb2.HttpBody:
