@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import errno
 import logging
-import os
 import signal
 import sys
-import tempfile
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
-from switchboard.auth.tokens import KeyRing, SigningKey, private_key_pem
+from switchboard.auth import keyfile
 from switchboard.deploy import commands, launcher
 from switchboard.platform.config import ConfigError, Settings, load_settings
 from switchboard.platform.logging import configure_logging
@@ -63,13 +59,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def _keygen(path: str, *, force: bool) -> int:
     target = Path(path)
-    kid = target.stem
-    try:
-        key = SigningKey.generate(kid)
-        KeyRing(key)  # validates the key id
-    except ValueError as exc:
-        print(f"switchboard: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
     if target.is_dir():
         print(f"switchboard: {target} is a directory; name the key file", file=sys.stderr)
         return EXIT_CONFIG
@@ -82,7 +71,10 @@ def _keygen(path: str, *, force: bool) -> int:
         )
         return EXIT_CONFIG
     try:
-        _write_secret_file(target, private_key_pem(key), replace=force)
+        kid = keyfile.write_signing_key(target, replace=force)
+    except ValueError as exc:
+        print(f"switchboard: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except FileExistsError:  # created by someone else since the check above
         print(f"switchboard: {target} exists; refusing to overwrite it", file=sys.stderr)
         return EXIT_CONFIG
@@ -92,37 +84,6 @@ def _keygen(path: str, *, force: bool) -> int:
         return EXIT_CONFIG
     print(f"wrote signing key {kid!r} to {target}")
     return 0
-
-
-def _write_secret_file(target: Path, data: bytes, *, replace: bool) -> None:
-    """Write ``data`` to ``target`` owner-only and atomically: readers see no file or all of it.
-
-    Missing parent directories are created owner-only. The bytes go to a
-    temporary file (mkstemp: mode 0600 before any byte is written) in the same
-    directory, reach the disk, then take the name: by rename when replacing,
-    else by link, which fails rather than overwrite a file that appeared.
-    """
-    parent = target.parent
-    # Path.mkdir(parents=True) would give the intermediate directories the
-    # default mode; every directory made here is owner-only.
-    for directory in reversed((parent, *parent.parents)):
-        if not directory.exists():
-            directory.mkdir(mode=0o700)
-        elif not directory.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(directory))
-    fd, temporary = tempfile.mkstemp(dir=parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        if replace:
-            os.replace(temporary, target)
-        else:
-            os.link(temporary, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
 
 
 async def _migrate(settings: Settings) -> int:

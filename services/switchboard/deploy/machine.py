@@ -138,11 +138,13 @@ class Secrets:
 def ensure_secrets(layout: Layout) -> Secrets:
     """Read the mesh's secrets, making each on first run."""
     if not layout.signing_key.exists():
-        from switchboard import cli
+        from switchboard.auth import keyfile
 
-        # switchboard's own keygen: an Ed25519 key, written owner-only and atomically.
-        if cli.main(["keygen", str(layout.signing_key)]) != 0:
-            raise MeshError(f"cannot write the signing key {layout.signing_key}")
+        # switchboard keygen's own writer: an Ed25519 key, owner-only and atomic.
+        try:
+            keyfile.write_signing_key(layout.signing_key, replace=False)
+        except (ValueError, OSError) as exc:
+            raise MeshError(f"cannot write the signing key {layout.signing_key}: {exc}") from exc
     return Secrets(
         secret_key=_secret(layout.secrets / "secret-key", lambda: secrets.token_urlsafe(48)),
         signing_key=layout.signing_key,

@@ -29,7 +29,7 @@ from switchboard.dispatcher.llm import (
     parse_providers,
 )
 from switchboard.dispatcher.peerport import GrpcPeers
-from switchboard.dispatcher.remote import RemoteHandler, parse_remotes
+from switchboard.dispatcher.remote import RemoteHandler
 from switchboard.dispatcher.router import HANDLER_ID, Registry, Router, Routes
 from switchboard.dispatcher.scheduler import Limits as SchedulerLimits
 from switchboard.dispatcher.scheduler import Scheduler
@@ -40,7 +40,7 @@ from switchboard.dispatcher.toolrunner import ToolLimits
 from switchboard.integration.build import integration_hub
 from switchboard.integration.directory import workspace_experts
 from switchboard.integration.service import IntegrationHub
-from switchboard.platform.config import ConfigError, Settings
+from switchboard.platform.config import ConfigError, Settings, parse_remotes
 from switchboard.platform.egress import EgressPolicy
 from switchboard.platform.errors import NotFound
 from switchboard.platform.metrics import Metrics, run_state_label

@@ -64,21 +64,6 @@ MAX_TOOL_CALLS_IN_FLIGHT = 16
 TOOL_CANCEL_GRACE_S = 5.0
 
 
-def parse_remotes(text: str) -> list[tuple[str, str]]:
-    """``id=host:port,...`` as (id, address) pairs; ValueError if malformed."""
-    found: list[tuple[str, str]] = []
-    for raw in text.split(","):
-        item = raw.strip()
-        if not item:
-            continue
-        handler_id, sep, address = item.partition("=")
-        host, colon, port = address.strip().rpartition(":")
-        if not sep or not colon or not host or not port.isdigit():
-            raise ValueError(f"remote handler {item!r}: expected id=host:port")
-        found.append((handler_id.strip(), address.strip()))
-    return found
-
-
 class RemoteHandler:
     kind = dispatcher_pb2.HANDLER_KIND_REMOTE
 

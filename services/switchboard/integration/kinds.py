@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from switchboard.api.integration.v1 import integration_pb2 as pb
-from switchboard.dispatcher.remote import parse_remotes
 from switchboard.integration.a2aagent import A2AAgent, A2AAgentConnector
 from switchboard.integration.connections import ConnectorFactory
 from switchboard.integration.connectors import Connector
@@ -20,7 +19,7 @@ from switchboard.integration.experts import GrpcExpertConnector
 from switchboard.integration.mapping import name_of
 from switchboard.integration.mcp import McpConnector, StdioServer, parse_stdio_servers, raw_limit
 from switchboard.integration.store import IntegrationRecord
-from switchboard.platform.config import Settings
+from switchboard.platform.config import Settings, parse_remotes
 from switchboard.platform.egress import EgressPolicy
 
 #: Built-in handler ids a workspace's expert may not take.

@@ -11,13 +11,17 @@ import difflib
 import os
 import re
 from collections.abc import Mapping
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
+
+#: The database drivers a URL may name (the database module opens them).
+SQLITE_DRIVER: Final = "sqlite+aiosqlite"
+POSTGRES_DRIVER: Final = "postgresql+asyncpg"
 
 # Known-insecure values that are acceptable only in dev mode. A deployment
 # that forgets to set a secret fails at start instead of running on these.
@@ -39,6 +43,23 @@ _GRPC_TARGET = re.compile(
 
 class ConfigError(Exception):
     """The settings are unusable; the process must not start."""
+
+
+def parse_remotes(text: str) -> list[tuple[str, str]]:
+    """``SWITCHBOARD_DISPATCHER_REMOTE_HANDLERS`` (``id=host:port,...``) as (id, address)
+    pairs; ValueError if malformed. Here, with the settings, because both the dispatcher
+    and the integration hub read it."""
+    found: list[tuple[str, str]] = []
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        handler_id, sep, address = item.partition("=")
+        host, colon, port = address.strip().rpartition(":")
+        if not sep or not colon or not host or not port.isdigit():
+            raise ValueError(f"remote handler {item!r}: expected id=host:port")
+        found.append((handler_id.strip(), address.strip()))
+    return found
 
 
 class Settings(BaseSettings):
@@ -551,9 +572,6 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _database_url(cls, value: SecretStr) -> SecretStr:
-        # Imported here: the database module imports the platform, which imports this one.
-        from switchboard.platform.db import POSTGRES_DRIVER, SQLITE_DRIVER
-
         try:
             driver = make_url(value.get_secret_value()).drivername
         except (ArgumentError, ValueError):

@@ -69,14 +69,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, NullPool, QueuePool
 
 from switchboard.platform import telemetry
-from switchboard.platform.config import ConfigError
+from switchboard.platform.config import POSTGRES_DRIVER, SQLITE_DRIVER, ConfigError
 from switchboard.platform.errors import DatabaseUnavailable as DatabaseUnavailable  # noqa: PLC0414 - re-exported
 
 log = logging.getLogger(__name__)
 
 SETTING_NAME: Final = "SWITCHBOARD_DATABASE_URL"
-SQLITE_DRIVER: Final = "sqlite+aiosqlite"
-POSTGRES_DRIVER: Final = "postgresql+asyncpg"
 MIGRATIONS_DIR: Final = Path(__file__).resolve().parent / "migrations"
 
 # Execution option naming how a SQLite transaction begins: "IMMEDIATE" (the
