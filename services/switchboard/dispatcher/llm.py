@@ -43,7 +43,6 @@ from collections.abc import (
     Awaitable,
     Callable,
     Iterable,
-    Mapping,
     Sequence,
 )
 from dataclasses import dataclass, field, replace
@@ -56,22 +55,32 @@ from switchboard.api.context.v1 import context_pb2
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.dispatcher.handlers import Frame, HandleCall, HandlerFailure, capabilities
+from switchboard.dispatcher.llmconfig import LlmConfig, Provider, parse_prices, parse_providers
+from switchboard.dispatcher.llmusage import Price, Tally, estimate_tokens, read_usage
 from switchboard.platform.breaker import CircuitBreaker
 from switchboard.platform.rendering import plain, render_parts
 from switchboard.platform.telemetry import instrument_http
 
+# The settings and the prices are defined with the parts that use them; they
+# are importable from here too, the handler's one public module.
+__all__ = [
+    "LlmConfig",
+    "LlmHandler",
+    "Price",
+    "Provider",
+    "build_messages",
+    "estimate_tokens",
+    "parse_prices",
+    "parse_providers",
+]
+
 log = logging.getLogger("switchboard.dispatcher.llm")
 
-MIB: Final = 1024 * 1024
-# Chat formats wrap each message in role markers; the estimate counts them as
-# the context service's counter does, so estimates and window budgets agree.
-MESSAGE_OVERHEAD: Final = 4
 # Provider error messages are relayed for diagnosis, but only this much of them:
 # an HTML error page from a proxy is noise, and long bodies can echo the prompt.
 MAX_DETAIL_CHARS: Final = 200
 # Enough for any JSON error body; the rest of a non-2xx body is not read.
 MAX_ERROR_BODY_BYTES: Final = 16 * 1024
-_INT32_MAX: Final = 2**31 - 1
 _LINGER_S: Final = 0.5
 # Request-specific rejections: the provider is up and answering, the request is
 # what it refuses, so they say nothing about the provider's health.
@@ -97,192 +106,6 @@ _ROLES: Final = {
     context_pb2.MESSAGE_ROLE_ASSISTANT: "assistant",
     context_pb2.MESSAGE_ROLE_SYSTEM: "system",
 }
-
-
-def estimate_tokens(text: str) -> int:
-    """The four-characters-a-token rule: the fallback when no counter is given."""
-    return -(-len(text) // 4)
-
-
-# ---------------------------------------------------------------------------
-# Configuration
-
-
-@dataclass(frozen=True)
-class Provider:
-    """An OpenAI-compatible endpoint and the model to ask there.
-
-    ``base_url`` ends before ``/chat/completions`` (``https://api.openai.com/v1``).
-    ``api_key`` may be empty for local servers; it is kept out of ``repr``.
-    """
-
-    name: str
-    base_url: str
-    api_key: str = field(repr=False)
-    model: str
-
-    def __post_init__(self) -> None:
-        if not self.name or "/" in self.name or self.name != self.name.strip():
-            raise ValueError(
-                f"provider name {self.name!r} must be non-empty, without '/' or outer spaces"
-            )
-        if not self.base_url.startswith(("http://", "https://")):
-            # The URL itself is left out: it may carry credentials.
-            raise ValueError(f"provider {self.name!r}: base_url must start with http(s)://")
-        if not self.model.strip():
-            raise ValueError(f"provider {self.name!r}: model must be non-empty")
-        object.__setattr__(self, "base_url", self.base_url.rstrip("/"))
-
-    @property
-    def label(self) -> str:
-        """``provider/model``, as reported in ``Usage.model`` and used for prices."""
-        return f"{self.name}/{self.model}"
-
-
-@dataclass(frozen=True)
-class Price:
-    """US dollars per million tokens."""
-
-    input_per_mtok: float
-    output_per_mtok: float
-
-    def __post_init__(self) -> None:
-        for value in (self.input_per_mtok, self.output_per_mtok):
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError("prices must be finite and not negative")
-
-    def cost(self, input_tokens: int, output_tokens: int) -> float:
-        return (input_tokens * self.input_per_mtok + output_tokens * self.output_per_mtok) / 1e6
-
-
-@dataclass(frozen=True)
-class LlmConfig:
-    """Everything the handler needs; built once from settings."""
-
-    #: The first is the primary; the rest are tried in order when it fails.
-    providers: tuple[Provider, ...]
-    #: Keyed by ``provider/model`` or by ``model``; the former wins.
-    prices: Mapping[str, Price] = field(default_factory=dict)
-    #: Retries per provider after the first attempt.
-    max_retries: int = 3
-    backoff_base_s: float = 0.2
-    backoff_max_s: float = 5.0
-    #: Consecutive failed attempts that open a provider's circuit.
-    breaker_failures: int = 5
-    #: How long an open circuit stays open before one trial call may pass.
-    breaker_reset_s: float = 30.0
-    connect_timeout_s: float = 5.0
-    #: The default and the ceiling of a run's ``max_tokens``.
-    max_output_tokens: int = 1024
-    #: A streamed answer longer than this (on the wire) is cut off as a failure.
-    max_response_bytes: int = 4 * MIB
-    #: Connections open at once, over all providers.
-    max_connections: int = 64
-
-    def __post_init__(self) -> None:
-        if not self.providers:
-            raise ValueError("at least one LLM provider is required")
-        names = [provider.name for provider in self.providers]
-        if len(set(names)) != len(names):
-            raise ValueError(f"LLM provider names must be unique, got {names}")
-        if self.max_retries < 0:
-            raise ValueError("max_retries must not be negative")
-        if not (0 <= self.backoff_base_s <= self.backoff_max_s):
-            raise ValueError("backoff must satisfy 0 <= backoff_base_s <= backoff_max_s")
-        for name in ("breaker_failures", "max_output_tokens", "max_response_bytes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
-        if self.max_connections < 1:
-            raise ValueError("max_connections must be at least 1")
-        if self.breaker_reset_s < 0 or self.connect_timeout_s <= 0:
-            raise ValueError("breaker_reset_s must be >= 0 and connect_timeout_s > 0")
-
-    def price_of(self, provider: Provider) -> Price | None:
-        return self.prices.get(provider.label) or self.prices.get(provider.model)
-
-
-# The parsers raise ValueError even for wrong JSON types: a settings validator
-# (pydantic) reports a ValueError as an invalid setting, a TypeError as a crash.
-_PROVIDER_KEYS: Final = frozenset({"name", "base_url", "api_key", "model"})
-_PRICE_KEYS: Final = frozenset({"input_per_mtok", "output_per_mtok"})
-
-
-def _load_json(text: str, what: str) -> object:
-    try:
-        return json.loads(text)
-    except ValueError as exc:
-        # Position only: the text may hold API keys, so none of it is quoted.
-        raise ValueError(
-            f"{what}: not valid JSON ({type(exc).__name__} at {_position(exc)})"
-        ) from None
-
-
-def _position(exc: ValueError) -> str:
-    if isinstance(exc, json.JSONDecodeError):
-        return f"line {exc.lineno} column {exc.colno}"
-    return "unknown position"
-
-
-def parse_providers(text: str) -> tuple[Provider, ...]:
-    """Providers from a JSON list of ``{name, base_url, api_key?, model}`` objects.
-
-    Blank text means none. Unknown keys are refused (a misspelt ``api_key``
-    would otherwise send requests without one).
-    """
-    if not text.strip():
-        return ()
-    data = _load_json(text, "LLM providers")
-    if not isinstance(data, list):
-        raise ValueError("LLM providers: expected a JSON list of objects")  # noqa: TRY004
-    providers: list[Provider] = []
-    for index, item in enumerate(data):
-        where = f"LLM providers: item {index}"
-        if not isinstance(item, dict):
-            raise ValueError(f"{where}: expected an object")  # noqa: TRY004
-        unknown = sorted(set(item) - _PROVIDER_KEYS)
-        if unknown:
-            raise ValueError(f"{where}: unknown keys {unknown}; allowed: {sorted(_PROVIDER_KEYS)}")
-        for key in ("name", "base_url", "model"):
-            if not isinstance(item.get(key), str):
-                raise ValueError(f"{where}: {key!r} must be a string")  # noqa: TRY004
-        api_key = item.get("api_key", "")
-        if not isinstance(api_key, str):
-            raise ValueError(f"{where}: 'api_key' must be a string")  # noqa: TRY004
-        try:
-            providers.append(Provider(item["name"], item["base_url"], api_key, item["model"]))
-        except ValueError as exc:
-            raise ValueError(f"{where}: {exc}") from None
-    names = [provider.name for provider in providers]
-    if len(set(names)) != len(names):
-        raise ValueError(f"LLM providers: names must be unique, got {names}")
-    return tuple(providers)
-
-
-def parse_prices(text: str) -> dict[str, Price]:
-    """Prices from a JSON object keyed by ``model`` or ``provider/model``.
-
-    Each value is ``{"input_per_mtok": dollars, "output_per_mtok": dollars}``.
-    Blank text means none.
-    """
-    if not text.strip():
-        return {}
-    data = _load_json(text, "LLM prices")
-    if not isinstance(data, dict):
-        raise ValueError("LLM prices: expected a JSON object keyed by model")  # noqa: TRY004
-    prices: dict[str, Price] = {}
-    for key, item in data.items():
-        where = f"LLM prices: {key!r}"
-        if not isinstance(item, dict) or set(item) != _PRICE_KEYS:
-            raise ValueError(f"{where}: expected an object with exactly {sorted(_PRICE_KEYS)}")
-        values = [item["input_per_mtok"], item["output_per_mtok"]]
-        # bool is an int in Python, but "true dollars" is a typo, not a price.
-        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
-            raise ValueError(f"{where}: prices must be numbers")
-        try:
-            prices[key] = Price(float(values[0]), float(values[1]))
-        except ValueError as exc:
-            raise ValueError(f"{where}: {exc}") from None
-    return prices
 
 
 # ---------------------------------------------------------------------------
@@ -492,21 +315,6 @@ def _choice_text(choice: object, outcome: _Outcome, limit: int) -> str:
     if isinstance(reason, str) and reason:
         outcome.finish_reason = reason
     return text or ""
-
-
-def _int32(value: object) -> int | None:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return min(value, _INT32_MAX)
-    return None
-
-
-def _read_usage(data: object) -> tuple[int, int] | None:
-    if not isinstance(data, dict):
-        return None
-    prompt, completion = _int32(data.get("prompt_tokens")), _int32(data.get("completion_tokens"))
-    if prompt is None or completion is None:
-        return None
-    return prompt, completion
 
 
 # ---------------------------------------------------------------------------
@@ -870,11 +678,8 @@ class _Run:
     """What one run of the handler has done so far, over all its model calls."""
 
     #: Whether any text of the run reached the caller.
-    shown: bool = False
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cost: float = 0.0
-    estimated: bool = False
+    shown: bool
+    usage: Tally
     #: Tool call ids of the run so far (they must be unique within it).
     used_ids: set[str] = field(default_factory=set)
     serial: int = 0
@@ -1003,7 +808,7 @@ class LlmHandler:
                 toolbox = None
         messages = build_messages(request)
         # Text shown before a restart counts as shown: the run's answer has begun.
-        run = _Run(shown=any(step.text for step in request.steps))
+        run = _Run(shown=any(step.text for step in request.steps), usage=Tally(self._count))
         steps = await self._resume(call, messages, run)
         while True:
             offer = toolbox is not None and steps < request.max_tool_steps
@@ -1252,40 +1057,19 @@ class LlmHandler:
         outcome: _Outcome,
     ) -> None:
         """Add one model call's usage and cost to the run's."""
-        if outcome.usage is not None:
-            input_tokens, output_tokens = outcome.usage
-        else:
-            input_tokens = sum(self._message_tokens(message) for message in messages)
-            if "tools" in extra:
-                input_tokens += self._count(json.dumps(extra["tools"], ensure_ascii=False))
-            output_tokens = self._count("".join(outcome.pieces)) + sum(
-                self._count(made.name) + self._count(made.arguments)
-                for made in outcome.tool_calls()
-            )
-            run.estimated = True
-        price = self._config.price_of(provider)
-        run.input_tokens += input_tokens
-        run.output_tokens += output_tokens
-        if price is not None:
-            run.cost += price.cost(input_tokens, output_tokens)
-
-    def _message_tokens(self, message: dict[str, Any]) -> int:
-        tokens = self._count(message.get("content") or "") + MESSAGE_OVERHEAD
-        for tool_call in message.get("tool_calls", ()):
-            function = tool_call["function"]
-            tokens += self._count(function["name"]) + self._count(function["arguments"])
-        return tokens
+        run.usage.add(
+            reported=outcome.usage,
+            price=self._config.price_of(provider),
+            messages=messages,
+            tools=extra.get("tools"),
+            text="".join(outcome.pieces),
+            calls=((made.name, made.arguments) for made in outcome.tool_calls()),
+        )
 
     def _result(self, run: _Run, provider: Provider, outcome: _Outcome) -> handler_pb2.HandleResult:
         return handler_pb2.HandleResult(
             parts=[context_pb2.ContentPart(text="".join(outcome.pieces))],
-            usage=handler_pb2.Usage(
-                input_tokens=min(run.input_tokens, _INT32_MAX),
-                output_tokens=min(run.output_tokens, _INT32_MAX),
-                estimated_cost_usd=run.cost,
-                model=provider.label,
-                estimated=run.estimated,
-            ),
+            usage=run.usage.usage(provider.label),
             finish_reason=outcome.finish_reason or "stop",
         )
 
@@ -1437,7 +1221,7 @@ class LlmHandler:
         for position, entry in enumerate(calls):
             _add_call_fragment(entry, position, outcome, self._config.max_response_bytes)
         outcome.finish_reason = reason
-        outcome.usage = _read_usage(data.get("usage"))
+        outcome.usage = read_usage(data.get("usage"))
         outcome.done = True
         return text
 
@@ -1496,7 +1280,7 @@ class LlmHandler:
             raise _malformed("choices is not a list")
         limit = self._config.max_response_bytes
         texts = [text for choice in choices if (text := _choice_text(choice, outcome, limit))]
-        usage = _read_usage(chunk.get("usage"))
+        usage = read_usage(chunk.get("usage"))
         if usage is not None:
             outcome.usage = usage
         return texts
