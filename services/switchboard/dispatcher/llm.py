@@ -39,7 +39,6 @@ import re
 import time
 from collections.abc import (
     AsyncGenerator,
-    AsyncIterator,
     Awaitable,
     Callable,
     Iterable,
@@ -48,18 +47,17 @@ from collections.abc import (
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
-import httpx
 from google.protobuf import struct_pb2
 
 from switchboard.api.context.v1 import context_pb2
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.dispatcher.handlers import Frame, HandleCall, HandlerFailure, capabilities
+from switchboard.dispatcher.llmclient import Answer, ProviderClient
 from switchboard.dispatcher.llmconfig import LlmConfig, Provider, parse_prices, parse_providers
-from switchboard.dispatcher.llmusage import Price, Tally, estimate_tokens, read_usage
-from switchboard.platform.breaker import CircuitBreaker
+from switchboard.dispatcher.llmstream import ModelCall, Outcome
+from switchboard.dispatcher.llmusage import Price, Tally, estimate_tokens
 from switchboard.platform.rendering import plain, render_parts
-from switchboard.platform.telemetry import instrument_http
 
 # The settings and the prices are defined with the parts that use them; they
 # are importable from here too, the handler's one public module.
@@ -76,18 +74,6 @@ __all__ = [
 
 log = logging.getLogger("switchboard.dispatcher.llm")
 
-# Provider error messages are relayed for diagnosis, but only this much of them:
-# an HTML error page from a proxy is noise, and long bodies can echo the prompt.
-MAX_DETAIL_CHARS: Final = 200
-# Enough for any JSON error body; the rest of a non-2xx body is not read.
-MAX_ERROR_BODY_BYTES: Final = 16 * 1024
-_LINGER_S: Final = 0.5
-# Request-specific rejections: the provider is up and answering, the request is
-# what it refuses, so they say nothing about the provider's health.
-_REQUEST_REJECTIONS: Final = frozenset({400, 413, 422})
-# More calls than this in one answer is a broken stream, not a plan: the
-# dispatcher's own per-step limit is far lower and answers the extra ones.
-MAX_TOOL_CALLS: Final = 128
 # The Chat Completions API accepts at most this many tools in one request.
 MAX_TOOLS: Final = 128
 # Arguments that are not a JSON object are kept for the record, this much of them.
@@ -106,215 +92,6 @@ _ROLES: Final = {
     context_pb2.MESSAGE_ROLE_ASSISTANT: "assistant",
     context_pb2.MESSAGE_ROLE_SYSTEM: "system",
 }
-
-
-# ---------------------------------------------------------------------------
-# Attempts and their failures
-
-
-class _AttemptFailed(Exception):
-    """One attempt at one provider failed; says whether another attempt may help."""
-
-    def __init__(
-        self,
-        summary: str,
-        *,
-        retryable: bool,
-        counts: bool = True,
-        retry_after: float | None = None,
-        deadline: bool = False,
-    ) -> None:
-        super().__init__(summary)
-        self.summary = summary
-        self.retryable = retryable
-        #: Whether it counts against the provider's circuit breaker.
-        self.counts = counts
-        self.retry_after = retry_after
-        #: The run's deadline passed: no provider can help any more.
-        self.deadline = deadline
-
-
-def _deadline_failure() -> _AttemptFailed:
-    return _AttemptFailed("run deadline reached", retryable=False, counts=False, deadline=True)
-
-
-def _all_failed(failures: list[tuple[str, bool]]) -> HandlerFailure:
-    """The run's failure once no provider is left; retryable if any failure was passing."""
-    return HandlerFailure(
-        "all LLM providers failed: " + "; ".join(summary for summary, _ in failures),
-        retryable=any(passing for _, passing in failures),
-    )
-
-
-def _malformed(what: str) -> _AttemptFailed:
-    return _AttemptFailed(f"malformed stream ({what})", retryable=True)
-
-
-@dataclass
-class _CallParts:
-    """One tool call of an answer, as its fragments arrive."""
-
-    id: str = ""
-    name: str = ""
-    arguments: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class _ModelCall:
-    """A complete tool call as the model made it."""
-
-    id: str
-    name: str
-    #: The arguments' JSON text, as sent.
-    arguments: str
-
-
-@dataclass
-class _Outcome:
-    """What one attempt produced so far."""
-
-    pieces: list[str] = field(default_factory=list)
-    finish_reason: str = ""
-    #: ``(prompt_tokens, completion_tokens)`` as the provider reported them.
-    usage: tuple[int, int] | None = None
-    done: bool = False
-    #: Tool calls by the stream's ``index``.
-    calls: dict[int, _CallParts] = field(default_factory=dict)
-    argument_chars: int = 0
-
-    def tool_calls(self) -> list[_ModelCall]:
-        return [
-            _ModelCall(parts.id, parts.name, "".join(parts.arguments))
-            for _, parts in sorted(self.calls.items())
-        ]
-
-
-def _scrub(text: str, secrets: tuple[str, ...]) -> str:
-    """One line, at most ``MAX_DETAIL_CHARS``, with every secret replaced."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "[redacted]")
-    line = " ".join(text.split())
-    if len(line) > MAX_DETAIL_CHARS:
-        line = line[: MAX_DETAIL_CHARS - 3] + "..."
-    return line
-
-
-def _retry_after(headers: httpx.Headers) -> float | None:
-    """Seconds the provider asks to wait, from ``retry-after-ms`` or ``retry-after``.
-
-    An HTTP-date ``Retry-After`` is ignored (no provider of this API sends one)
-    and the backoff schedule applies instead.
-    """
-    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        raw = headers.get(name)
-        if raw is None:
-            continue
-        try:
-            value = float(raw) * scale
-        except ValueError:
-            continue
-        if math.isfinite(value) and value >= 0:
-            return value
-    return None
-
-
-def _error_detail(body: bytes) -> tuple[str, str]:
-    """``(message, code)`` of an OpenAI-style error body, or its raw text."""
-    text = body.decode("utf-8", errors="replace")
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return text, ""
-    error = data.get("error") if isinstance(data, dict) else None
-    if isinstance(error, dict):
-        message = error.get("message")
-        code = error.get("code") or error.get("type") or ""
-        return (message if isinstance(message, str) else text), str(code)
-    if isinstance(error, str):
-        return error, ""
-    return text, ""
-
-
-def _optional_string(data: dict[str, Any], key: str, what: str) -> str:
-    value = data.get(key)
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise _malformed(f"{what} is not a string")
-    return value
-
-
-def _add_call_fragment(entry: object, position: int | None, outcome: _Outcome, limit: int) -> None:
-    """Merge one ``tool_calls`` entry into the answer's calls.
-
-    Streamed entries are keyed by ``index``: the first fragment of a call has
-    its ``id`` and ``function.name``, later ones add pieces of
-    ``function.arguments``. A whole message's entries (``position`` given) are
-    complete calls. As the official SDKs do, ``id`` and ``name`` replace and
-    ``arguments`` append, so servers that repeat the id on every fragment work too.
-    """
-    if not isinstance(entry, dict):
-        raise _malformed("a tool call is not an object")
-    index = entry.get("index") if position is None else position
-    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
-        raise _malformed("a tool call without an index")
-    parts = outcome.calls.get(index)
-    if parts is None:
-        if len(outcome.calls) >= MAX_TOOL_CALLS:
-            raise _malformed(f"more than {MAX_TOOL_CALLS} tool calls in one answer")
-        parts = outcome.calls[index] = _CallParts()
-    parts.id = _optional_string(entry, "id", "a tool call id") or parts.id
-    function = entry.get("function")
-    if function is None:
-        return
-    if not isinstance(function, dict):
-        raise _malformed("a tool call's function is not an object")
-    parts.name = _optional_string(function, "name", "a function name") or parts.name
-    arguments = function.get("arguments")
-    if isinstance(arguments, dict):
-        # Some compatible servers send the object itself instead of its JSON text.
-        function = {"arguments": json.dumps(arguments, ensure_ascii=False)}
-    arguments = _optional_string(function, "arguments", "function arguments")
-    outcome.argument_chars += len(arguments)
-    if outcome.argument_chars > limit:
-        raise _AttemptFailed(f"tool call arguments larger than {limit} bytes", retryable=True)
-    if arguments:
-        parts.arguments.append(arguments)
-
-
-def _check_calls(outcome: _Outcome) -> None:
-    """A finished answer's calls must each name a function: nothing can run a nameless one."""
-    if any(not parts.name for parts in outcome.calls.values()):
-        raise _malformed("a tool call without a function name")
-
-
-def _choice_text(choice: object, outcome: _Outcome, limit: int) -> str:
-    """The text of one streamed choice (only the first choice is used); records its
-    tool call fragments and its finish."""
-    if not isinstance(choice, dict):
-        raise _malformed("a choice is not an object")
-    if choice.get("index", 0) != 0:
-        return ""
-    delta = choice.get("delta") or {}
-    if not isinstance(delta, dict):
-        raise _malformed("a delta is not an object")
-    fragments = delta.get("tool_calls")
-    if fragments is not None:
-        if not isinstance(fragments, list):
-            raise _malformed("tool_calls is not a list")
-        for entry in fragments:
-            _add_call_fragment(entry, None, outcome, limit)
-    text = delta.get("content")
-    if text is None:
-        # A refusal is the model's answer too; without it the user sees nothing.
-        text = delta.get("refusal")
-    if text is not None and not isinstance(text, str):
-        raise _malformed("content is not a string")
-    reason = choice.get("finish_reason")
-    if isinstance(reason, str) and reason:
-        outcome.finish_reason = reason
-    return text or ""
 
 
 # ---------------------------------------------------------------------------
@@ -594,7 +371,7 @@ class _Toolbox:
             for name, definition in self.by_name.items()
         ]
 
-    def call(self, made: _ModelCall, call_id: str) -> handler_pb2.ToolCall:
+    def call(self, made: ModelCall, call_id: str) -> handler_pb2.ToolCall:
         """The ToolCall for a call the model made (the runner answers unknown
         functions and invalid arguments with a FAILED result)."""
         call = handler_pb2.ToolCall(id=call_id, function_name=made.name[:MAX_FUNCTION_NAME_CHARS])
@@ -669,6 +446,25 @@ def _parameters_schema(ceiling: int) -> struct_pb2.Struct:
     return schema
 
 
+def request_body(
+    messages: list[dict[str, Any]], sampling: _Sampling, extra: dict[str, Any]
+) -> dict[str, Any]:
+    """A streamed Chat Completions request's body, without ``model`` (the
+    client names each provider's own)."""
+    body: dict[str, Any] = {
+        "messages": messages,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": sampling.max_tokens,
+        **extra,
+    }
+    if sampling.temperature is not None:
+        body["temperature"] = sampling.temperature
+    if sampling.top_p is not None:
+        body["top_p"] = sampling.top_p
+    return body
+
+
 # ---------------------------------------------------------------------------
 # The handler
 
@@ -697,14 +493,6 @@ class _Run:
         return proposed
 
 
-@dataclass
-class _Answer:
-    """Where a model call leaves its answer and the provider that gave it."""
-
-    outcome: _Outcome = field(default_factory=_Outcome)
-    provider: Provider | None = None
-
-
 class LlmHandler:
     """Answers with the first provider of the chain that can.
 
@@ -727,18 +515,7 @@ class LlmHandler:
     ) -> None:
         self._config = config
         self._count = count
-        self._sleep = sleep
-        # Jitter spreads retries out; it has nothing to do with security.
-        self._rng = rng or random.Random()  # noqa: S311
-        self._breakers = {
-            provider.name: CircuitBreaker(
-                failures=config.breaker_failures, reset_s=config.breaker_reset_s, clock=clock
-            )
-            for provider in config.providers
-        }
-        self._secrets = tuple(p.api_key for p in config.providers if p.api_key)
-        self._client: httpx.AsyncClient | None = None
-        self._closed = False
+        self._client = ProviderClient(config, clock=clock, sleep=sleep, rng=rng)
         caps = capabilities(
             "llm",
             "Language model",
@@ -759,43 +536,15 @@ class LlmHandler:
         return self._config
 
     def available(self) -> bool:
-        return any(breaker.state != "open" for breaker in self._breakers.values())
+        return self._client.available()
 
     def breaker_state(self, provider_name: str) -> str:
         """``closed``, ``open`` or ``half-open``; ``KeyError`` for an unknown provider."""
-        return self._breakers[provider_name].state
+        return self._client.breaker_state(provider_name)
 
     async def aclose(self) -> None:
         """Close the connection pool; later calls fail."""
-        self._closed = True
-        client, self._client = self._client, None
-        if client is not None:
-            await client.aclose()
-
-    def _http(self) -> httpx.AsyncClient:
-        if self._closed:
-            raise HandlerFailure("the LLM handler is shut down", retryable=True)
-        if self._client is None:
-            # With tracing on: a span per request, ``traceparent`` in its headers.
-            self._client = instrument_http(
-                httpx.AsyncClient(
-                    limits=httpx.Limits(
-                        max_connections=self._config.max_connections,
-                        max_keepalive_connections=self._config.max_connections,
-                    ),
-                    # Every request sets its own timeouts from the run's deadline.
-                    timeout=httpx.Timeout(self._config.connect_timeout_s),
-                    follow_redirects=False,
-                    headers={"User-Agent": "switchboard-llm/1"},
-                )
-            )
-        return self._client
-
-    def _backoff(self, retry: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            return min(retry_after, self._config.backoff_max_s)
-        ceiling = min(self._config.backoff_max_s, self._config.backoff_base_s * 2**retry)
-        return self._rng.uniform(0.0, ceiling)
+        await self._client.aclose()
 
     async def handle(self, call: HandleCall) -> AsyncGenerator[Frame, None]:
         request = call.request
@@ -817,12 +566,15 @@ class LlmHandler:
                 # Past the limit the tools stay described (the conversation
                 # shows calls to them) but may not be called.
                 extra = {"tools": toolbox.specs, "tool_choice": "auto" if offer else "none"}
-            answer = _Answer()
+            answer = Answer(shown=run.shown)
             async with contextlib.aclosing(
-                self._ask(chain, messages, sampling, extra, call, run, answer)
-            ) as frames:
-                async for frame in frames:
-                    yield frame
+                self._client.ask(
+                    chain, request_body(messages, sampling, extra), call.remaining, answer
+                )
+            ) as texts:
+                async for text in texts:
+                    yield Frame(delta=handler_pb2.TextDelta(text=text))
+            run.shown = answer.shown
             outcome, provider = answer.outcome, answer.provider
             if provider is None:
                 raise RuntimeError("a model call ended without an answer or a failure")
@@ -928,133 +680,13 @@ class LlmHandler:
             )
         return results
 
-    async def _ask(
-        self,
-        chain: tuple[Provider, ...],
-        messages: list[dict[str, Any]],
-        sampling: _Sampling,
-        extra: dict[str, Any],
-        call: HandleCall,
-        run: _Run,
-        answer: _Answer,
-    ) -> AsyncGenerator[Frame, None]:
-        """One model call: relays its text and sets ``answer``; retries and falls
-        back along ``chain`` as long as nothing of the run was shown."""
-        failures: list[tuple[str, bool]] = []
-        for provider in chain:
-            breaker = self._breakers[provider.name]
-            body: dict[str, Any] = {
-                "model": provider.model,
-                "messages": messages,
-                "stream": True,
-                "stream_options": {"include_usage": True},
-                "max_tokens": sampling.max_tokens,
-                **extra,
-            }
-            if sampling.temperature is not None:
-                body["temperature"] = sampling.temperature
-            if sampling.top_p is not None:
-                body["top_p"] = sampling.top_p
-            retry = 0
-            while True:
-                if call.remaining() <= 0:
-                    if run.shown:
-                        raise HandlerFailure(
-                            f"the LLM answer was cut off ({provider.name}: run deadline reached)",
-                            retryable=True,
-                        )
-                    failures.append((f"{provider.name}: run deadline reached", True))
-                    raise _all_failed(failures)
-                if not breaker.allow():
-                    failures.append((f"{provider.name}: circuit open", True))
-                    break
-                outcome = _Outcome()
-                try:
-                    async with contextlib.aclosing(
-                        self._attempt(provider, body, call, outcome)
-                    ) as texts:
-                        async for text in texts:
-                            run.shown = True
-                            yield Frame(delta=handler_pb2.TextDelta(text=text))
-                except _AttemptFailed as exc:
-                    delay = self._after_failure(
-                        provider, exc, retry, call, failures, shown=run.shown
-                    )
-                    if delay is None:
-                        break
-                    if delay > 0:
-                        await self._sleep(delay)
-                    retry += 1
-                    continue
-                except BaseException:
-                    # Cancelled, or closed by the consumer: no verdict on the provider.
-                    breaker.released()
-                    raise
-                breaker.succeeded()
-                answer.outcome, answer.provider = outcome, provider
-                return
-        raise _all_failed(failures)
-
-    def _after_failure(
-        self,
-        provider: Provider,
-        exc: _AttemptFailed,
-        retry: int,
-        call: HandleCall,
-        failures: list[tuple[str, bool]],
-        *,
-        shown: bool,
-    ) -> float | None:
-        """Account for a failed attempt: the delay before the next one on this
-        provider, or ``None`` to move on; raises when no attempt may follow."""
-        breaker = self._breakers[provider.name]
-        if exc.counts:
-            breaker.failed()
-        else:
-            breaker.released()
-        log.warning(
-            "LLM provider %s failed (attempt %d): %s",
-            provider.name,
-            retry + 1,
-            exc.summary,
-            extra={
-                "provider": provider.name,
-                "attempt": retry + 1,
-                "detail": exc.summary,
-                "streamed": shown,
-                "breaker": breaker.state,
-            },
-        )
-        if shown:
-            # Text of this run was shown (maybe in an earlier pass): another
-            # attempt would splice a different answer onto it.
-            raise HandlerFailure(
-                f"the LLM answer was cut off ({provider.name}: {exc.summary})", retryable=True
-            )
-        if exc.deadline:
-            failures.append((f"{provider.name}: {exc.summary}", True))
-            raise _all_failed(failures)
-        tries = f" after {retry + 1} attempts" if retry else ""
-        if not exc.retryable or retry >= self._config.max_retries:
-            note = ""
-        elif breaker.state != "closed":
-            note = ", circuit opened"
-        else:
-            delay = self._backoff(retry, exc.retry_after)
-            # Sleeping into the deadline would only turn this failure into a later one.
-            if delay < call.remaining():
-                return delay
-            note = ", no time left to retry"
-        failures.append((f"{provider.name}: {exc.summary}{tries}{note}", exc.retryable))
-        return None
-
     def _account(
         self,
         run: _Run,
         provider: Provider,
         messages: list[dict[str, Any]],
         extra: dict[str, Any],
-        outcome: _Outcome,
+        outcome: Outcome,
     ) -> None:
         """Add one model call's usage and cost to the run's."""
         run.usage.add(
@@ -1066,221 +698,9 @@ class LlmHandler:
             calls=((made.name, made.arguments) for made in outcome.tool_calls()),
         )
 
-    def _result(self, run: _Run, provider: Provider, outcome: _Outcome) -> handler_pb2.HandleResult:
+    def _result(self, run: _Run, provider: Provider, outcome: Outcome) -> handler_pb2.HandleResult:
         return handler_pb2.HandleResult(
             parts=[context_pb2.ContentPart(text="".join(outcome.pieces))],
             usage=run.usage.usage(provider.label),
             finish_reason=outcome.finish_reason or "stop",
         )
-
-    async def _attempt(
-        self, provider: Provider, body: dict[str, Any], call: HandleCall, outcome: _Outcome
-    ) -> AsyncGenerator[str, None]:
-        """One POST; yields the answer's text pieces, raises ``_AttemptFailed``."""
-        response = await self._open(provider, body, call)
-        try:
-            if response.status_code != 200:
-                raise self._status_failure(response, await self._read_error(response, call))
-            if response.headers.get("content-type", "").startswith("application/json"):
-                # A server that ignores ``stream`` answers in one piece.
-                text = await self._read_whole(response, call, outcome)
-                if text:
-                    outcome.pieces.append(text)
-                    yield text
-                return
-            async with contextlib.aclosing(self._events(response, call)) as events:
-                async for data in events:
-                    if data == "[DONE]":
-                        outcome.done = True
-                        break
-                    for text in self._chunk(data, outcome):
-                        outcome.pieces.append(text)
-                        yield text
-                if outcome.done:
-                    await self._linger(events, call)
-            if not outcome.done and not outcome.finish_reason:
-                raise _AttemptFailed("stream ended before the answer was complete", retryable=True)
-            _check_calls(outcome)
-        finally:
-            await response.aclose()
-
-    async def _open(
-        self, provider: Provider, body: dict[str, Any], call: HandleCall
-    ) -> httpx.Response:
-        """Send the request and wait for the response's head, within the deadline."""
-        client = self._http()
-        remaining = call.remaining()
-        if remaining <= 0:
-            raise _deadline_failure()
-        headers = {"Accept": "text/event-stream"}
-        if provider.api_key:
-            headers["Authorization"] = f"Bearer {provider.api_key}"
-        request = client.build_request(
-            "POST",
-            f"{provider.base_url}/chat/completions",
-            json=body,
-            headers=headers,
-            timeout=httpx.Timeout(
-                connect=min(self._config.connect_timeout_s, remaining),
-                read=remaining,
-                write=remaining,
-                pool=remaining,
-            ),
-        )
-        try:
-            # httpx's timeouts bound each read; this bounds them all together.
-            async with asyncio.timeout(remaining):
-                return await client.send(request, stream=True)
-        except TimeoutError:
-            raise _deadline_failure() from None
-        except httpx.ConnectTimeout:
-            raise _AttemptFailed("connect timed out", retryable=True) from None
-        except httpx.TimeoutException:
-            raise _deadline_failure() from None
-        except httpx.TransportError as exc:
-            raise self._transport_failure("connection failed", exc) from None
-
-    async def _linger(self, events: AsyncGenerator[str, None], call: HandleCall) -> None:
-        """Read the body's end after ``[DONE]``, briefly, so the connection can be reused.
-
-        Closing a response before its last chunk has been read closes the
-        connection; a server that keeps the stream open after ``[DONE]`` is
-        only given a moment, since the answer is already complete.
-        """
-        with contextlib.suppress(TimeoutError, _AttemptFailed):
-            async with asyncio.timeout(min(call.remaining(), _LINGER_S)):
-                async for _ in events:
-                    pass
-
-    def _transport_failure(self, what: str, exc: Exception) -> _AttemptFailed:
-        detail = _scrub(str(exc), self._secrets)
-        summary = f"{what} ({type(exc).__name__}{': ' + detail if detail else ''})"
-        return _AttemptFailed(summary, retryable=True)
-
-    def _status_failure(self, response: httpx.Response, body: bytes) -> _AttemptFailed:
-        status = response.status_code
-        message, code = _error_detail(body)
-        detail = _scrub(message, self._secrets)
-        summary = f"HTTP {status}" + (f" ({detail})" if detail else "")
-        if status == 429:
-            # A spent quota is not a rate limit: waiting does not bring it back.
-            quota = code == "insufficient_quota"
-            return _AttemptFailed(
-                summary, retryable=not quota, retry_after=_retry_after(response.headers)
-            )
-        if status >= 500:
-            return _AttemptFailed(
-                summary, retryable=True, retry_after=_retry_after(response.headers)
-            )
-        return _AttemptFailed(summary, retryable=False, counts=status not in _REQUEST_REJECTIONS)
-
-    async def _next(self, chunks: AsyncIterator[bytes], call: HandleCall) -> bytes | None:
-        try:
-            async with asyncio.timeout(call.remaining()):
-                return await anext(chunks, None)
-        except TimeoutError:
-            raise _deadline_failure() from None
-        except httpx.TimeoutException:
-            raise _deadline_failure() from None
-        except httpx.TransportError as exc:
-            raise self._transport_failure("connection dropped", exc) from None
-
-    async def _read_error(self, response: httpx.Response, call: HandleCall) -> bytes:
-        body = bytearray()
-        chunks = response.aiter_bytes()
-        with contextlib.suppress(_AttemptFailed):
-            while len(body) < MAX_ERROR_BODY_BYTES:
-                chunk = await self._next(chunks, call)
-                if chunk is None:
-                    break
-                body += chunk
-        return bytes(body[:MAX_ERROR_BODY_BYTES])
-
-    async def _read_whole(
-        self, response: httpx.Response, call: HandleCall, outcome: _Outcome
-    ) -> str:
-        body = bytearray()
-        chunks = response.aiter_bytes()
-        while (chunk := await self._next(chunks, call)) is not None:
-            body += chunk
-            if len(body) > self._config.max_response_bytes:
-                raise _AttemptFailed(
-                    f"response larger than {self._config.max_response_bytes} bytes",
-                    retryable=True,
-                )
-        try:
-            data = json.loads(body)
-            choice = data["choices"][0]
-            text = choice["message"].get("content") or ""
-            reason = choice.get("finish_reason") or ""
-            calls = choice["message"].get("tool_calls") or []
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            raise _malformed("not a chat completion") from None
-        if not isinstance(text, str) or not isinstance(reason, str) or not isinstance(calls, list):
-            raise _malformed("not a chat completion")
-        for position, entry in enumerate(calls):
-            _add_call_fragment(entry, position, outcome, self._config.max_response_bytes)
-        outcome.finish_reason = reason
-        outcome.usage = read_usage(data.get("usage"))
-        outcome.done = True
-        return text
-
-    async def _events(
-        self, response: httpx.Response, call: HandleCall
-    ) -> AsyncGenerator[str, None]:
-        """The ``data`` of each server-sent event, bounded in total size."""
-        limit = self._config.max_response_bytes
-        received = 0
-        buffer = bytearray()
-        data: list[str] = []
-        chunks = response.aiter_bytes()
-        while (chunk := await self._next(chunks, call)) is not None:
-            received += len(chunk)
-            if received > limit:
-                raise _AttemptFailed(f"response larger than {limit} bytes", retryable=True)
-            buffer += chunk
-            while (end := buffer.find(b"\n")) >= 0:
-                line = bytes(buffer[:end]).rstrip(b"\r")
-                del buffer[: end + 1]
-                if not line:
-                    if data:
-                        yield "\n".join(data)
-                        data = []
-                    continue
-                name, _, value = line.partition(b":")
-                if name == b"data":
-                    try:
-                        data.append(value.removeprefix(b" ").decode("utf-8"))
-                    except UnicodeDecodeError:
-                        raise _malformed("not UTF-8") from None
-                # Comments (":" keep-alives), "event", "id" and "retry" carry
-                # nothing this API uses.
-        tail = bytes(buffer).rstrip(b"\r")
-        if tail.startswith(b"data:"):
-            # A last event without its blank line: lenient servers end this way.
-            data.append(tail[5:].removeprefix(b" ").decode("utf-8", errors="replace"))
-        if data:
-            yield "\n".join(data)
-
-    def _chunk(self, data: str, outcome: _Outcome) -> list[str]:
-        """The text pieces of one ``chat.completion.chunk``; records finish and usage."""
-        try:
-            chunk = json.loads(data)
-        except ValueError:
-            raise _malformed("a chunk is not JSON") from None
-        if not isinstance(chunk, dict):
-            raise _malformed("a chunk is not an object")
-        if "error" in chunk:
-            message, _code = _error_detail(json.dumps(chunk).encode())
-            raise _AttemptFailed(
-                f"error in stream ({_scrub(message, self._secrets)})", retryable=True
-            )
-        choices = chunk.get("choices") or []
-        if not isinstance(choices, list):
-            raise _malformed("choices is not a list")
-        limit = self._config.max_response_bytes
-        texts = [text for choice in choices if (text := _choice_text(choice, outcome, limit))]
-        usage = read_usage(chunk.get("usage"))
-        if usage is not None:
-            outcome.usage = usage
-        return texts
