@@ -21,13 +21,8 @@ from switchboard.dispatcher.contextport import ContextPort, LocalContext, Remote
 from switchboard.dispatcher.experts import CircuitBreakers, WorkspaceExperts
 from switchboard.dispatcher.feed import Feeds
 from switchboard.dispatcher.handlers import EchoHandler
-from switchboard.dispatcher.llm import (
-    LlmConfig,
-    LlmHandler,
-    Provider,
-    parse_prices,
-    parse_providers,
-)
+from switchboard.dispatcher.llm import LlmHandler
+from switchboard.dispatcher.llmconfig import LlmConfig, Provider, parse_prices, parse_providers
 from switchboard.dispatcher.peerport import GrpcPeers
 from switchboard.dispatcher.remote import RemoteHandler
 from switchboard.dispatcher.router import HANDLER_ID, Registry, Router, Routes

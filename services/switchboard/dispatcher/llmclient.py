@@ -1,0 +1,429 @@
+"""The ``llm`` handler's provider client: one model call, retried and failed over.
+
+A model call is one streamed ``POST {base_url}/chat/completions``, sent to
+the providers of a chain in order. Failures are absorbed only while they are
+invisible: until the first text of the run has reached the caller, a 429, a
+5xx, a dropped connection or a garbled stream is retried with backoff on the
+same provider and then handed to the next provider in the chain. Once text
+has been shown, a failure ends the run with a ``HandlerFailure``: silently
+starting the answer again would show the user a different answer spliced onto
+the first. A circuit breaker per provider keeps a provider that keeps failing
+from costing every run its retries.
+
+Every wait is bounded by the run's deadline, every message and log line is
+free of API keys, and cancelling the run closes the provider's connection, so
+the provider stops generating (and billing for) an answer nobody reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import math
+import random
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import httpx
+
+from switchboard.dispatcher.handlers import HandlerFailure
+from switchboard.dispatcher.llmconfig import LlmConfig, Provider
+from switchboard.dispatcher.llmstream import (
+    AttemptFailed,
+    Outcome,
+    check_calls,
+    deadline_failure,
+    error_detail,
+    events,
+    parse_chunk,
+    parse_completion,
+    scrub,
+)
+from switchboard.platform.breaker import CircuitBreaker
+from switchboard.platform.telemetry import instrument_http
+
+# The handler's logger: one name for every part of it, as before it was split.
+log = logging.getLogger("switchboard.dispatcher.llm")
+
+# Enough for any JSON error body; the rest of a non-2xx body is not read.
+MAX_ERROR_BODY_BYTES: Final = 16 * 1024
+_LINGER_S: Final = 0.5
+# Request-specific rejections: the provider is up and answering, the request is
+# what it refuses, so they say nothing about the provider's health.
+_REQUEST_REJECTIONS: Final = frozenset({400, 413, 422})
+
+
+def _all_failed(failures: list[tuple[str, bool]]) -> HandlerFailure:
+    """The run's failure once no provider is left; retryable if any failure was passing."""
+    return HandlerFailure(
+        "all LLM providers failed: " + "; ".join(summary for summary, _ in failures),
+        retryable=any(passing for _, passing in failures),
+    )
+
+
+def _retry_after(headers: httpx.Headers) -> float | None:
+    """Seconds the provider asks to wait, from ``retry-after-ms`` or ``retry-after``.
+
+    An HTTP-date ``Retry-After`` is ignored (no provider of this API sends one)
+    and the backoff schedule applies instead.
+    """
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        raw = headers.get(name)
+        if raw is None:
+            continue
+        try:
+            value = float(raw) * scale
+        except ValueError:
+            continue
+        if math.isfinite(value) and value >= 0:
+            return value
+    return None
+
+
+@dataclass
+class Answer:
+    """One model call's answer, and whether the run has shown text so far.
+
+    ``shown`` comes in true when an earlier pass (or an attempt before a
+    restart) showed text, and turns true as this call's first text is relayed.
+    """
+
+    shown: bool = False
+    outcome: Outcome = field(default_factory=Outcome)
+    #: The provider that gave the answer; ``None`` until one did.
+    provider: Provider | None = None
+
+
+class ProviderClient:
+    """Sends model calls along a chain of providers; owns the connection pool
+    and a circuit breaker per provider.
+
+    ``clock``, ``sleep`` and ``rng`` exist so tests can drive time and jitter.
+    """
+
+    def __init__(
+        self,
+        config: LlmConfig,
+        *,
+        clock: Callable[[], float],
+        sleep: Callable[[float], Awaitable[None]],
+        rng: random.Random | None,
+    ) -> None:
+        self._config = config
+        self._sleep = sleep
+        # Jitter spreads retries out; it has nothing to do with security.
+        self._rng = rng or random.Random()  # noqa: S311
+        self._breakers = {
+            provider.name: CircuitBreaker(
+                failures=config.breaker_failures, reset_s=config.breaker_reset_s, clock=clock
+            )
+            for provider in config.providers
+        }
+        self._secrets = tuple(p.api_key for p in config.providers if p.api_key)
+        self._client: httpx.AsyncClient | None = None
+        self._closed = False
+
+    def available(self) -> bool:
+        """Whether any provider's circuit lets a call through."""
+        return any(breaker.state != "open" for breaker in self._breakers.values())
+
+    def breaker_state(self, provider_name: str) -> str:
+        """``closed``, ``open`` or ``half-open``; ``KeyError`` for an unknown provider."""
+        return self._breakers[provider_name].state
+
+    async def aclose(self) -> None:
+        """Close the connection pool; later calls fail."""
+        self._closed = True
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._closed:
+            raise HandlerFailure("the LLM handler is shut down", retryable=True)
+        if self._client is None:
+            # With tracing on: a span per request, ``traceparent`` in its headers.
+            self._client = instrument_http(
+                httpx.AsyncClient(
+                    limits=httpx.Limits(
+                        max_connections=self._config.max_connections,
+                        max_keepalive_connections=self._config.max_connections,
+                    ),
+                    # Every request sets its own timeouts from the run's deadline.
+                    timeout=httpx.Timeout(self._config.connect_timeout_s),
+                    follow_redirects=False,
+                    headers={"User-Agent": "switchboard-llm/1"},
+                )
+            )
+        return self._client
+
+    def _backoff(self, retry: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(retry_after, self._config.backoff_max_s)
+        ceiling = min(self._config.backoff_max_s, self._config.backoff_base_s * 2**retry)
+        return self._rng.uniform(0.0, ceiling)
+
+    async def ask(
+        self,
+        chain: tuple[Provider, ...],
+        request: dict[str, Any],
+        remaining: Callable[[], float],
+        answer: Answer,
+    ) -> AsyncGenerator[str, None]:
+        """One model call: yields its text as it streams and sets ``answer``;
+        retries and falls back along ``chain`` as long as nothing of the run
+        was shown.
+
+        ``request`` is the request body without ``model`` (each provider of
+        the chain is asked for its own); ``remaining`` says the seconds left
+        before the run's deadline. Raises ``HandlerFailure`` once no attempt
+        may follow.
+        """
+        failures: list[tuple[str, bool]] = []
+        for provider in chain:
+            breaker = self._breakers[provider.name]
+            body: dict[str, Any] = {"model": provider.model, **request}
+            retry = 0
+            while True:
+                if remaining() <= 0:
+                    if answer.shown:
+                        raise HandlerFailure(
+                            f"the LLM answer was cut off ({provider.name}: run deadline reached)",
+                            retryable=True,
+                        )
+                    failures.append((f"{provider.name}: run deadline reached", True))
+                    raise _all_failed(failures)
+                if not breaker.allow():
+                    failures.append((f"{provider.name}: circuit open", True))
+                    break
+                outcome = Outcome()
+                try:
+                    async with contextlib.aclosing(
+                        self._attempt(provider, body, remaining, outcome)
+                    ) as texts:
+                        async for text in texts:
+                            answer.shown = True
+                            yield text
+                except AttemptFailed as exc:
+                    delay = self._after_failure(
+                        provider, exc, retry, remaining, failures, shown=answer.shown
+                    )
+                    if delay is None:
+                        break
+                    if delay > 0:
+                        await self._sleep(delay)
+                    retry += 1
+                    continue
+                except BaseException:
+                    # Cancelled, or closed by the consumer: no verdict on the provider.
+                    breaker.released()
+                    raise
+                breaker.succeeded()
+                answer.outcome, answer.provider = outcome, provider
+                return
+        raise _all_failed(failures)
+
+    def _after_failure(
+        self,
+        provider: Provider,
+        exc: AttemptFailed,
+        retry: int,
+        remaining: Callable[[], float],
+        failures: list[tuple[str, bool]],
+        *,
+        shown: bool,
+    ) -> float | None:
+        """Account for a failed attempt: the delay before the next one on this
+        provider, or ``None`` to move on; raises when no attempt may follow."""
+        breaker = self._breakers[provider.name]
+        if exc.counts:
+            breaker.failed()
+        else:
+            breaker.released()
+        log.warning(
+            "LLM provider %s failed (attempt %d): %s",
+            provider.name,
+            retry + 1,
+            exc.summary,
+            extra={
+                "provider": provider.name,
+                "attempt": retry + 1,
+                "detail": exc.summary,
+                "streamed": shown,
+                "breaker": breaker.state,
+            },
+        )
+        if shown:
+            # Text of this run was shown (maybe in an earlier pass): another
+            # attempt would splice a different answer onto it.
+            raise HandlerFailure(
+                f"the LLM answer was cut off ({provider.name}: {exc.summary})", retryable=True
+            )
+        if exc.deadline:
+            failures.append((f"{provider.name}: {exc.summary}", True))
+            raise _all_failed(failures)
+        tries = f" after {retry + 1} attempts" if retry else ""
+        if not exc.retryable or retry >= self._config.max_retries:
+            note = ""
+        elif breaker.state != "closed":
+            note = ", circuit opened"
+        else:
+            delay = self._backoff(retry, exc.retry_after)
+            # Sleeping into the deadline would only turn this failure into a later one.
+            if delay < remaining():
+                return delay
+            note = ", no time left to retry"
+        failures.append((f"{provider.name}: {exc.summary}{tries}{note}", exc.retryable))
+        return None
+
+    async def _attempt(
+        self,
+        provider: Provider,
+        body: dict[str, Any],
+        remaining: Callable[[], float],
+        outcome: Outcome,
+    ) -> AsyncGenerator[str, None]:
+        """One POST; yields the answer's text pieces, raises ``AttemptFailed``."""
+        response = await self._open(provider, body, remaining)
+        try:
+            if response.status_code != 200:
+                raise self._status_failure(response, await self._read_error(response, remaining))
+            if response.headers.get("content-type", "").startswith("application/json"):
+                # A server that ignores ``stream`` answers in one piece.
+                text = await self._read_whole(response, remaining, outcome)
+                if text:
+                    outcome.pieces.append(text)
+                    yield text
+                return
+            chunks = response.aiter_bytes()
+            limit = self._config.max_response_bytes
+            async with contextlib.aclosing(
+                events(functools.partial(self._next, chunks, remaining), limit)
+            ) as datas:
+                async for data in datas:
+                    if data == "[DONE]":
+                        outcome.done = True
+                        break
+                    for text in parse_chunk(data, outcome, limit, self._secrets):
+                        outcome.pieces.append(text)
+                        yield text
+                if outcome.done:
+                    await self._linger(datas, remaining)
+            if not outcome.done and not outcome.finish_reason:
+                raise AttemptFailed("stream ended before the answer was complete", retryable=True)
+            check_calls(outcome)
+        finally:
+            await response.aclose()
+
+    async def _open(
+        self, provider: Provider, body: dict[str, Any], remaining: Callable[[], float]
+    ) -> httpx.Response:
+        """Send the request and wait for the response's head, within the deadline."""
+        client = self._http()
+        left = remaining()
+        if left <= 0:
+            raise deadline_failure()
+        headers = {"Accept": "text/event-stream"}
+        if provider.api_key:
+            headers["Authorization"] = f"Bearer {provider.api_key}"
+        request = client.build_request(
+            "POST",
+            f"{provider.base_url}/chat/completions",
+            json=body,
+            headers=headers,
+            timeout=httpx.Timeout(
+                connect=min(self._config.connect_timeout_s, left),
+                read=left,
+                write=left,
+                pool=left,
+            ),
+        )
+        try:
+            # httpx's timeouts bound each read; this bounds them all together.
+            async with asyncio.timeout(left):
+                return await client.send(request, stream=True)
+        except TimeoutError:
+            raise deadline_failure() from None
+        except httpx.ConnectTimeout:
+            raise AttemptFailed("connect timed out", retryable=True) from None
+        except httpx.TimeoutException:
+            raise deadline_failure() from None
+        except httpx.TransportError as exc:
+            raise self._transport_failure("connection failed", exc) from None
+
+    async def _linger(
+        self, datas: AsyncGenerator[str, None], remaining: Callable[[], float]
+    ) -> None:
+        """Read the body's end after ``[DONE]``, briefly, so the connection can be reused.
+
+        Closing a response before its last chunk has been read closes the
+        connection; a server that keeps the stream open after ``[DONE]`` is
+        only given a moment, since the answer is already complete.
+        """
+        with contextlib.suppress(TimeoutError, AttemptFailed):
+            async with asyncio.timeout(min(remaining(), _LINGER_S)):
+                async for _ in datas:
+                    pass
+
+    def _transport_failure(self, what: str, exc: Exception) -> AttemptFailed:
+        detail = scrub(str(exc), self._secrets)
+        summary = f"{what} ({type(exc).__name__}{': ' + detail if detail else ''})"
+        return AttemptFailed(summary, retryable=True)
+
+    def _status_failure(self, response: httpx.Response, body: bytes) -> AttemptFailed:
+        status = response.status_code
+        message, code = error_detail(body)
+        detail = scrub(message, self._secrets)
+        summary = f"HTTP {status}" + (f" ({detail})" if detail else "")
+        if status == 429:
+            # A spent quota is not a rate limit: waiting does not bring it back.
+            quota = code == "insufficient_quota"
+            return AttemptFailed(
+                summary, retryable=not quota, retry_after=_retry_after(response.headers)
+            )
+        if status >= 500:
+            return AttemptFailed(
+                summary, retryable=True, retry_after=_retry_after(response.headers)
+            )
+        return AttemptFailed(summary, retryable=False, counts=status not in _REQUEST_REJECTIONS)
+
+    async def _next(
+        self, chunks: AsyncIterator[bytes], remaining: Callable[[], float]
+    ) -> bytes | None:
+        try:
+            async with asyncio.timeout(remaining()):
+                return await anext(chunks, None)
+        except TimeoutError:
+            raise deadline_failure() from None
+        except httpx.TimeoutException:
+            raise deadline_failure() from None
+        except httpx.TransportError as exc:
+            raise self._transport_failure("connection dropped", exc) from None
+
+    async def _read_error(self, response: httpx.Response, remaining: Callable[[], float]) -> bytes:
+        body = bytearray()
+        chunks = response.aiter_bytes()
+        with contextlib.suppress(AttemptFailed):
+            while len(body) < MAX_ERROR_BODY_BYTES:
+                chunk = await self._next(chunks, remaining)
+                if chunk is None:
+                    break
+                body += chunk
+        return bytes(body[:MAX_ERROR_BODY_BYTES])
+
+    async def _read_whole(
+        self, response: httpx.Response, remaining: Callable[[], float], outcome: Outcome
+    ) -> str:
+        body = bytearray()
+        chunks = response.aiter_bytes()
+        while (chunk := await self._next(chunks, remaining)) is not None:
+            body += chunk
+            if len(body) > self._config.max_response_bytes:
+                raise AttemptFailed(
+                    f"response larger than {self._config.max_response_bytes} bytes",
+                    retryable=True,
+                )
+        return parse_completion(bytes(body), outcome, self._config.max_response_bytes)

@@ -1,0 +1,121 @@
+"""Usage and cost of the ``llm`` handler's model calls.
+
+A run's usage is the sum over every model call it makes (a run with tools asks
+the model several times). Each call counts what the provider reported in its
+usage chunk; when it reported nothing, the offline estimator counts what was
+sent and received instead, and the run's usage says it is an estimate. The
+price table turns tokens into US dollars.
+
+Pure: no I/O, no HTTP, so the counting can be checked without a provider.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from switchboard.api.handler.v1 import handler_pb2
+
+# Chat formats wrap each message in role markers; the estimate counts them as
+# the context service's counter does, so estimates and window budgets agree.
+MESSAGE_OVERHEAD: Final = 4
+# Usage travels as int32 fields; a provider's absurd count is capped, not wrapped.
+INT32_MAX: Final = 2**31 - 1
+
+
+def estimate_tokens(text: str) -> int:
+    """The four-characters-a-token rule: the fallback when no counter is given."""
+    return -(-len(text) // 4)
+
+
+@dataclass(frozen=True)
+class Price:
+    """US dollars per million tokens."""
+
+    input_per_mtok: float
+    output_per_mtok: float
+
+    def __post_init__(self) -> None:
+        for value in (self.input_per_mtok, self.output_per_mtok):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError("prices must be finite and not negative")
+
+    def cost(self, input_tokens: int, output_tokens: int) -> float:
+        return (input_tokens * self.input_per_mtok + output_tokens * self.output_per_mtok) / 1e6
+
+
+def _int32(value: object) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return min(value, INT32_MAX)
+    return None
+
+
+def read_usage(data: object) -> tuple[int, int] | None:
+    """``(prompt_tokens, completion_tokens)`` of a provider's ``usage`` object,
+    or ``None`` when it is missing or not usable."""
+    if not isinstance(data, dict):
+        return None
+    prompt, completion = _int32(data.get("prompt_tokens")), _int32(data.get("completion_tokens"))
+    if prompt is None or completion is None:
+        return None
+    return prompt, completion
+
+
+@dataclass
+class Tally:
+    """A run's usage and cost so far, over all its model calls."""
+
+    #: The offline token counter (the context service's, so estimates match budgets).
+    count: Callable[[str], int]
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost: float = 0.0
+    estimated: bool = False
+
+    def add(
+        self,
+        *,
+        reported: tuple[int, int] | None,
+        price: Price | None,
+        messages: Iterable[dict[str, Any]],
+        tools: object,
+        text: str,
+        calls: Iterable[tuple[str, str]],
+    ) -> None:
+        """Add one model call: the provider's ``reported`` usage, else an estimate
+        of the ``messages`` and ``tools`` sent and the ``text`` and
+        ``(name, arguments)`` calls received."""
+        if reported is not None:
+            input_tokens, output_tokens = reported
+        else:
+            input_tokens = sum(self._message_tokens(message) for message in messages)
+            if tools is not None:
+                input_tokens += self.count(json.dumps(tools, ensure_ascii=False))
+            output_tokens = self.count(text) + sum(
+                self.count(name) + self.count(arguments) for name, arguments in calls
+            )
+            self.estimated = True
+        self.input_tokens += input_tokens
+        self.output_tokens += output_tokens
+        if price is not None:
+            self.cost += price.cost(input_tokens, output_tokens)
+
+    def usage(self, model: str) -> handler_pb2.Usage:
+        """The run's usage as its result reports it, for ``model`` (``provider/model``)."""
+        return handler_pb2.Usage(
+            input_tokens=min(self.input_tokens, INT32_MAX),
+            output_tokens=min(self.output_tokens, INT32_MAX),
+            estimated_cost_usd=self.cost,
+            model=model,
+            estimated=self.estimated,
+        )
+
+    def _message_tokens(self, message: dict[str, Any]) -> int:
+        tokens = self.count(message.get("content") or "") + MESSAGE_OVERHEAD
+        for tool_call in message.get("tool_calls", ()):
+            function = tool_call["function"]
+            tokens += self.count(function["name"]) + self.count(function["arguments"])
+        return tokens
