@@ -64,7 +64,7 @@ from switchboard.deploy.processes import (
     Redis,
     Service,
 )
-from switchboard.platform import names
+from switchboard.platform import backoff, names
 
 # envoy-data-plane is a heavy import: only the mesh and envoy commands pay for it.
 if TYPE_CHECKING:
@@ -532,7 +532,7 @@ class Mesh:
                 self.say(f"{self.failure}: giving up, stopping the mesh")
                 self._stop.set()
                 return
-            delay = min(BACKOFF_MAX_S, BACKOFF_S * 2 ** (failures - 1))
+            delay = backoff.ceiling(failures - 1, base_s=BACKOFF_S, max_s=BACKOFF_MAX_S)
             self.say(
                 f"{child.name} ended ({describe_exit(code)}); restart {failures} of at most "
                 f"{self.options.max_restarts} in {delay:g}s"
