@@ -65,6 +65,7 @@ from switchboard.deploy.processes import (
     Service,
 )
 from switchboard.platform import backoff, names
+from switchboard.platform.otelenv import OtelEnv
 
 # envoy-data-plane is a heavy import: only the mesh and envoy commands pay for it.
 if TYPE_CHECKING:
@@ -318,7 +319,7 @@ class Options:
             console=Console.from_directory(self.console) if self.console else None,
             # The OTEL_* variables the services get: Envoy joins their traces.
             tracing=Tracing.from_environment(
-                environ, service_name=environ.get("OTEL_SERVICE_NAME") or ENVOY_SERVICE_NAME
+                environ, service_name=OtelEnv.read(environ).service_name or ENVOY_SERVICE_NAME
             ),
         )
 

@@ -60,6 +60,7 @@ from switchboard.deploy.machine import (
     postgres_owner,
     redis_server_binary,
 )
+from switchboard.platform.otelenv import OtelEnv
 
 if TYPE_CHECKING:
     # The launcher imports this module; its Mesh is needed here only as a type.
@@ -649,10 +650,11 @@ def telemetry_identity(env: dict[str, str], service_name: str, instance: str) ->
     ``OTEL_SERVICE_NAME`` (``switchboard-dispatcher``; replicas share it) unless the user
     named the service, and its replica name as ``service.instance.id``. The rest of the
     OTEL_* variables (endpoint, sampler...) reach every process as the user set them."""
-    attributes = env.get("OTEL_RESOURCE_ATTRIBUTES", "")
-    keys = {part.partition("=")[0].strip() for part in attributes.split(",") if part.strip()}
+    otel = OtelEnv.read(env)
+    attributes = otel.resource_attributes
+    keys = otel.resource_keys()
     added: dict[str, str] = {}
-    if not env.get("OTEL_SERVICE_NAME") and "service.name" not in keys:
+    if not otel.service_name and "service.name" not in keys:
         added["OTEL_SERVICE_NAME"] = service_name
     if "service.instance.id" not in keys:
         instance_id = f"service.instance.id={instance}"
