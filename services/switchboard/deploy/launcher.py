@@ -382,6 +382,14 @@ class Mesh:
             for service in self.options.replicas
         }
 
+    @property
+    def envoy_log_level(self) -> str:
+        return self.options.envoy_log_level
+
+    def edge_spec(self, bound: dict[str, HostPort]) -> EdgeSpec:
+        """Envoy's spec for this mesh; ``bound``: the listeners' real ports once it ran."""
+        return self.options.edge_spec(self.upstreams(), self.base_env, self.certificate, bound)
+
     def children(self) -> list[Child]:
         return [self.postgres, self.redis, *self.services, self.envoy]
 
