@@ -164,7 +164,8 @@ from switchboard.api.context.v1 import context_pb2
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.events.v1 import events_pb2
 from switchboard.api.integration.v1 import integration_pb2
-from switchboard.platform.config import PREFIX, Settings
+from switchboard.platform.config import PREFIX, ConfigError, Settings
+from switchboard.platform.otelenv import OtelEnv
 
 #: Each short service name (``SWITCHBOARD_SERVICES``) and the contract it serves.
 API: Final[dict[str, ServiceDescriptor]] = {
@@ -437,19 +438,6 @@ OTLP_GRPC: Final = "grpc"
 OTLP_HTTP: Final = "http/protobuf"
 _OTLP_PORTS: Final = {OTLP_GRPC: 4317, OTLP_HTTP: 4318}
 _OTLP_EXPORT_TIMEOUT_S: Final = 10.0
-#: OTEL_TRACES_SAMPLER values that follow an incoming ``traceparent``'s sampled flag.
-_PARENT_BASED: Final = {
-    "parentbased_always_on": 100.0,
-    "parentbased_always_off": 0.0,
-    "parentbased_traceidratio": None,  # the ratio from OTEL_TRACES_SAMPLER_ARG
-}
-#: ... and those that decide alone, whatever the caller decided.
-_INDEPENDENT: Final = {"always_on": 100.0, "always_off": 0.0, "traceidratio": None}
-
-
-def _flag(environ: Mapping[str, str], name: str) -> bool:
-    # As switchboard.platform.telemetry reads them.
-    return environ.get(name, "").strip().lower() in ("true", "1", "yes", "on")
 
 
 @dataclass(frozen=True)
@@ -506,58 +494,31 @@ class Tracing:
         ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``, else ``OTEL_EXPORTER_OTLP_ENDPOINT``) or
         ``OTEL_TRACES_EXPORTER=otlp`` asks for the exporters' default (``http://localhost:4317``;
         4318 over HTTP), unless ``OTEL_SDK_DISABLED=true`` or ``OTEL_TRACES_EXPORTER``
-        names no ``otlp`` (``none``, ``console``): the rule the servers follow.
+        names no ``otlp`` (``none``, ``console``): the rule the servers follow, read by
+        the one reader of these variables (``platform/otelenv.py``).
         Also read: ``OTEL_EXPORTER_OTLP[_TRACES]_PROTOCOL`` (default ``grpc``),
         ``_INSECURE`` and ``_CERTIFICATE``, ``OTEL_TRACES_SAMPLER`` and
         ``OTEL_TRACES_SAMPLER_ARG``. Not read: headers and client certificates.
         """
-        if _flag(environ, "OTEL_SDK_DISABLED"):
+        try:
+            traces = OtelEnv.read(environ).traces(endpoint=endpoint)
+        except ConfigError as exc:
+            raise SpecError(str(exc)) from None
+        if traces is None or "otlp" not in traces.exporters:
             return None
-        exporters = {
-            name.strip().lower()
-            for name in environ.get("OTEL_TRACES_EXPORTER", "").split(",")
-            if name.strip()
-        }
-        if exporters and "otlp" not in exporters:
-            return None
-        protocol = (
-            environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-            or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-            or OTLP_GRPC
-        ).strip()
-        signal_endpoint = environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
-        text = (
-            endpoint or signal_endpoint or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
-        ).strip()
-        if not text:
-            if not exporters:
-                return None
-            text = f"http://localhost:{_OTLP_PORTS.get(protocol, 4317)}"
-        if protocol not in _OTLP_PORTS:
-            raise SpecError(
-                f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: Envoy exports over "
-                f"{OTLP_GRPC} or {OTLP_HTTP}"
-            )
-        insecure = _flag(environ, "OTEL_EXPORTER_OTLP_TRACES_INSECURE") or _flag(
-            environ, "OTEL_EXPORTER_OTLP_INSECURE"
-        )
+        text = traces.endpoint or f"http://localhost:{_OTLP_PORTS[traces.protocol]}"
         collector, tls, path = _collector(
-            text, protocol, insecure=insecure, full_path=bool(endpoint or signal_endpoint)
+            text, traces.protocol, insecure=traces.insecure, full_path=traces.signal_endpoint
         )
-        ca_file = (
-            environ.get("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE")
-            or environ.get("OTEL_EXPORTER_OTLP_CERTIFICATE")
-            or None
-        )
-        percent, parent_based = _sampling(environ)
         return cls(
             collector=collector,
-            protocol=protocol,
+            protocol=traces.protocol,
             tls=tls,
-            ca_file=ca_file if tls else None,
+            ca_file=(traces.certificate or None) if tls else None,
             path=path,
-            sampling_percent=percent,
-            parent_based=parent_based,
+            # The ratio samplers trace that share; always_on all, always_off none.
+            sampling_percent=0.0 if traces.sampler.endswith("always_off") else traces.ratio * 100,
+            parent_based=traces.parent_based,
             service_name=service_name,
         )
 
@@ -584,26 +545,6 @@ def _collector(
         # A signal's own endpoint is used as it is; the common one gets /v1/traces.
         path = (url.path or "/") if full_path else url.path.rstrip("/") + "/v1/traces"
     return HostPort(url.hostname, port), url.scheme == "https", path
-
-
-def _sampling(environ: Mapping[str, str]) -> tuple[float, bool]:
-    """(percent, parent_based) from OTEL_TRACES_SAMPLER and its argument."""
-    name = environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
-    table = _PARENT_BASED if name in _PARENT_BASED else _INDEPENDENT
-    if name not in table:
-        known = ", ".join((*_PARENT_BASED, *_INDEPENDENT))
-        raise SpecError(f"OTEL_TRACES_SAMPLER={name!r}: Envoy's tracer takes {known}")
-    percent = table[name]
-    if percent is None:
-        text = environ.get("OTEL_TRACES_SAMPLER_ARG", "1.0").strip() or "1.0"
-        try:
-            ratio = float(text)
-        except ValueError:
-            raise SpecError(f"OTEL_TRACES_SAMPLER_ARG={text!r} is not a number") from None
-        if not 0 <= ratio <= 1:
-            raise SpecError(f"OTEL_TRACES_SAMPLER_ARG={text!r} is not between 0 and 1")
-        percent = ratio * 100
-    return percent, table is _PARENT_BASED
 
 
 @dataclass(frozen=True)

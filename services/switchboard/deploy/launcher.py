@@ -64,7 +64,8 @@ from switchboard.deploy.processes import (
     Redis,
     Service,
 )
-from switchboard.platform import names
+from switchboard.platform import backoff, names
+from switchboard.platform.otelenv import OtelEnv
 
 # envoy-data-plane is a heavy import: only the mesh and envoy commands pay for it.
 if TYPE_CHECKING:
@@ -318,7 +319,7 @@ class Options:
             console=Console.from_directory(self.console) if self.console else None,
             # The OTEL_* variables the services get: Envoy joins their traces.
             tracing=Tracing.from_environment(
-                environ, service_name=environ.get("OTEL_SERVICE_NAME") or ENVOY_SERVICE_NAME
+                environ, service_name=OtelEnv.read(environ).service_name or ENVOY_SERVICE_NAME
             ),
         )
 
@@ -380,6 +381,14 @@ class Mesh:
             service: tuple(HostPort(LOOPBACK, child.port) for child in self.replicas(service))
             for service in self.options.replicas
         }
+
+    @property
+    def envoy_log_level(self) -> str:
+        return self.options.envoy_log_level
+
+    def edge_spec(self, bound: dict[str, HostPort]) -> EdgeSpec:
+        """Envoy's spec for this mesh; ``bound``: the listeners' real ports once it ran."""
+        return self.options.edge_spec(self.upstreams(), self.base_env, self.certificate, bound)
 
     def children(self) -> list[Child]:
         return [self.postgres, self.redis, *self.services, self.envoy]
@@ -532,7 +541,7 @@ class Mesh:
                 self.say(f"{self.failure}: giving up, stopping the mesh")
                 self._stop.set()
                 return
-            delay = min(BACKOFF_MAX_S, BACKOFF_S * 2 ** (failures - 1))
+            delay = backoff.ceiling(failures - 1, base_s=BACKOFF_S, max_s=BACKOFF_MAX_S)
             self.say(
                 f"{child.name} ended ({describe_exit(code)}); restart {failures} of at most "
                 f"{self.options.max_restarts} in {delay:g}s"

@@ -35,7 +35,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Final, TextIO
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol, TextIO
 
 import httpx
 from grpc import aio
@@ -51,7 +51,9 @@ from sqlalchemy.pool import NullPool
 from switchboard.deploy.machine import (
     LOOPBACK,
     SUPERUSER,
+    Layout,
     MeshError,
+    Secrets,
     StartError,
     describe_exit,
     envoy_binary,
@@ -60,12 +62,11 @@ from switchboard.deploy.machine import (
     postgres_owner,
     redis_server_binary,
 )
+from switchboard.platform.otelenv import OtelEnv
 
 if TYPE_CHECKING:
-    # The launcher imports this module; its Mesh is needed here only as a type.
     # envoy-data-plane is a heavy import: only the mesh and envoy commands pay for it.
-    from switchboard.deploy.envoy import HostPort
-    from switchboard.deploy.launcher import Mesh
+    from switchboard.deploy.envoy import EdgeSpec, HostPort
 
 #: The database and its owner (the services connect as it).
 DATABASE: Final = "switchboard"
@@ -143,6 +144,31 @@ class Output:
 # Processes.
 
 
+class Host(Protocol):
+    """What a process needs from the mesh that runs it (the launcher's ``Mesh`` is one;
+    this module does not import the launcher, which imports it)."""
+
+    @property
+    def layout(self) -> Layout: ...
+    @property
+    def keys(self) -> Secrets: ...
+    @property
+    def output(self) -> Output: ...
+    #: Every service's environment; set once PostgreSQL and Redis are up.
+    @property
+    def base_env(self) -> dict[str, str]: ...
+    @property
+    def shutdown_grace_s(self) -> float: ...
+    @property
+    def envoy_log_level(self) -> str: ...
+    def guard(self, pdeathsig: signal.Signals, user: pwd.struct_passwd | None) -> list[str]: ...
+    def say(self, text: str) -> None: ...
+    def save_state(self) -> None: ...
+    def context_for(self, index: int) -> Service: ...
+    def dispatcher_for(self, index: int) -> Service: ...
+    def edge_spec(self, bound: dict[str, HostPort]) -> EdgeSpec: ...
+
+
 class Child:
     """One supervised process: started, made ready, restarted on the same port, stopped."""
 
@@ -150,7 +176,7 @@ class Child:
     #: Stops it cleanly; also its parent-death signal.
     stop_signal: ClassVar[signal.Signals] = signal.SIGTERM
 
-    def __init__(self, mesh: Mesh, name: str) -> None:
+    def __init__(self, mesh: Host, name: str) -> None:
         self.mesh = mesh
         self.name = name
         self.proc: asyncio.subprocess.Process | None = None
@@ -328,7 +354,7 @@ class Postgres(Child):
     #: Fast shutdown: clients are disconnected, the cluster is checkpointed.
     stop_signal = signal.SIGINT
 
-    def __init__(self, mesh: Mesh) -> None:
+    def __init__(self, mesh: Host) -> None:
         super().__init__(mesh, "postgres")
         self.bin_dir = postgres_bin_dir()
 
@@ -464,7 +490,7 @@ class Postgres(Child):
 class Redis(Child):
     kind = "redis"
 
-    def __init__(self, mesh: Mesh) -> None:
+    def __init__(self, mesh: Host) -> None:
         super().__init__(mesh, "redis")
         self.binary = redis_server_binary()
 
@@ -556,7 +582,7 @@ class Service(Child):
 
     kind = "service"
 
-    def __init__(self, mesh: Mesh, name: str, service: str, index: int) -> None:
+    def __init__(self, mesh: Host, name: str, service: str, index: int) -> None:
         super().__init__(mesh, name)
         self.service = service
         self.index = index
@@ -649,10 +675,11 @@ def telemetry_identity(env: dict[str, str], service_name: str, instance: str) ->
     ``OTEL_SERVICE_NAME`` (``switchboard-dispatcher``; replicas share it) unless the user
     named the service, and its replica name as ``service.instance.id``. The rest of the
     OTEL_* variables (endpoint, sampler...) reach every process as the user set them."""
-    attributes = env.get("OTEL_RESOURCE_ATTRIBUTES", "")
-    keys = {part.partition("=")[0].strip() for part in attributes.split(",") if part.strip()}
+    otel = OtelEnv.read(env)
+    attributes = otel.resource_attributes
+    keys = otel.resource_keys()
     added: dict[str, str] = {}
-    if not env.get("OTEL_SERVICE_NAME") and "service.name" not in keys:
+    if not otel.service_name and "service.name" not in keys:
         added["OTEL_SERVICE_NAME"] = service_name
     if "service.instance.id" not in keys:
         instance_id = f"service.instance.id={instance}"
@@ -707,7 +734,7 @@ class Migrate(Child):
 class Envoy(Child):
     kind = "envoy"
 
-    def __init__(self, mesh: Mesh) -> None:
+    def __init__(self, mesh: Host) -> None:
         super().__init__(mesh, "envoy")
         self.binary = envoy_binary()
         self.config = mesh.layout.envoy / "envoy.yaml"
@@ -734,15 +761,13 @@ class Envoy(Child):
             # No shared-memory domain: another Envoy on this machine is no conflict.
             "--disable-hot-restart",
             "--log-level",
-            self.mesh.options.envoy_log_level,
+            self.mesh.envoy_log_level,
         ]
 
     async def spawn(self) -> None:
         from switchboard.deploy.envoy import render
 
-        spec = self.mesh.options.edge_spec(
-            self.mesh.upstreams(), self.mesh.base_env, self.mesh.certificate, self.bound
-        )
+        spec = self.mesh.edge_spec(self.bound)
         self.config.write_text(render(spec))
         self.admin_file.unlink(missing_ok=True)
         await super().spawn()

@@ -60,6 +60,7 @@ from switchboard.integration.connectors import (
     ToolSpec,
     Unreachable,
 )
+from switchboard.platform.backoff import Backoff
 from switchboard.platform.channels import expert_channel
 from switchboard.platform.egress import (
     EgressPolicy,
@@ -634,7 +635,7 @@ class A2AAgent:
         """SubscribeToTask on a fresh client, until it answers or the window closes."""
         await self._forget(call.link)
         window_ends = min(call.deadline, time.monotonic() + RESUME_WINDOW_S)
-        wait, cap = RESUME_BACKOFF_S
+        backoff = Backoff(*RESUME_BACKOFF_S)
         while True:
             try:
                 call.link = await self._fresh(_left(window_ends))
@@ -651,13 +652,12 @@ class A2AAgent:
             except (A2AClientError, Unreachable, TimeoutError) as exc:
                 if isinstance(exc, A2AClientError) and not _transport_failure(exc):
                     raise
-                if time.monotonic() + wait >= window_ends:
+                if time.monotonic() + backoff.next_s >= window_ends:
                     raise Unreachable(
                         f"A2A agent at {self.host!r} went away mid-task and did not come back "
                         f"within {RESUME_WINDOW_S:g} s"
                     ) from None
-                await asyncio.sleep(wait)  # paces the retries; nothing waits on it
-                wait = min(wait * 2, cap)
+                await backoff.wait()
                 continue
             call.stream = _prepend(first, stream)
             return

@@ -105,6 +105,7 @@ from switchboard.integration.webhookstore import (
     WebhookStore,
 )
 from switchboard.platform import pagination
+from switchboard.platform.backoff import Backoff, full_jitter
 from switchboard.platform.breaker import Breakers
 from switchboard.platform.bus import EventBus
 from switchboard.platform.db import Database, log_failure
@@ -117,7 +118,7 @@ from switchboard.platform.errors import (
     NotFound,
     SwitchboardError,
 )
-from switchboard.platform.eventlog import Backoff, Logged, Position, format_cursor, parse_cursor
+from switchboard.platform.eventlog import Logged, Position, format_cursor, parse_cursor
 from switchboard.platform.names import new_id, now
 from switchboard.platform.secretbox import SecretBox
 
@@ -282,11 +283,7 @@ def retry_delay(
     rng: random.Random,
 ) -> float:
     """Seconds before the next attempt after ``failures`` failed ones (full jitter)."""
-    ceiling = min(max_s, base_s * 2.0 ** min(max(failures - 1, 0), 62))
-    delay = rng.uniform(0.0, ceiling)
-    if retry_after_s is not None:
-        delay = max(delay, min(retry_after_s, max_s))
-    return delay
+    return full_jitter(failures - 1, base_s=base_s, max_s=max_s, rng=rng, at_least_s=retry_after_s)
 
 
 def parse_retry_after(value: str | None, current: dt.datetime) -> float | None:

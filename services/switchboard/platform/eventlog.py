@@ -54,6 +54,7 @@ from sqlalchemy.orm import Session
 
 from switchboard.api.events.v1 import events_pb2
 from switchboard.platform import names, telemetry
+from switchboard.platform.backoff import Backoff as Backoff  # noqa: PLC0414 - for dispatcher
 from switchboard.platform.cache import binary_client, redacted_url
 from switchboard.platform.db import Database, log_failure
 from switchboard.platform.errors import DependencyUnavailable
@@ -81,24 +82,6 @@ _INSERT_EVENTS: Final = insert(table_of(EventLogRow))
 _REDIS_PAGE: Final = 1000
 #: How long one XREAD blocks server-side; the socket timeout adds the command timeout.
 _BLOCK_S: Final = 2.0
-_BACKOFF_MIN_S: Final = 0.05
-_BACKOFF_MAX_S: Final = 1.0
-
-
-class Backoff:
-    """Exponential retry delay for background loops that wait out an outage."""
-
-    def __init__(self, low_s: float = _BACKOFF_MIN_S, high_s: float = _BACKOFF_MAX_S) -> None:
-        self._low_s = low_s
-        self._high_s = high_s
-        self._next_s = low_s
-
-    async def wait(self) -> None:
-        await asyncio.sleep(self._next_s)  # retry backoff, not synchronization
-        self._next_s = min(self._next_s * 2, self._high_s)
-
-    def reset(self) -> None:
-        self._next_s = self._low_s
 
 
 def format_cursor(position: Position) -> str:

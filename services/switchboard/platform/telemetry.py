@@ -3,17 +3,13 @@
 Off by default, and then nothing is installed: no server or client
 interceptor, no instrumented HTTP client, no span anywhere (every place that
 could make one holds ``None`` instead of a tracer, decided once when it is
-built). The rule that turns it on (``tracing_config``):
-
-- ``OTEL_SDK_DISABLED=true`` turns it off, whatever else is set;
-- ``OTEL_TRACES_EXPORTER`` set to ``otlp`` or ``console`` turns it on
-  (``none`` turns it off; anything else is refused at start);
-- unset, it is on when an OTLP endpoint is set (``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``
-  or ``OTEL_EXPORTER_OTLP_ENDPOINT``): an operator who points us at a collector
-  wants traces there.
-
-``OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`` / ``OTEL_EXPORTER_OTLP_PROTOCOL`` choose
-``grpc`` (the default) or ``http/protobuf``; ``OTEL_TRACES_SAMPLER`` and
+built). ``tracing_config`` turns the ``OTEL_*`` variables, read by their one
+reader (``platform/otelenv.py``, which Envoy's tracer shares), into this
+process's tracing: on when ``OTEL_TRACES_EXPORTER`` names ``otlp`` or
+``console`` or, unset, when an OTLP endpoint is set; off with
+``OTEL_SDK_DISABLED=true`` or ``none``; refused at start for a value it cannot
+honour. ``OTEL_EXPORTER_OTLP[_TRACES]_PROTOCOL`` chooses ``grpc`` (the
+default) or ``http/protobuf``; ``OTEL_TRACES_SAMPLER`` and
 ``OTEL_TRACES_SAMPLER_ARG`` the sampler (default ``parentbased_always_on``);
 ``OTEL_SERVICE_NAME`` and ``OTEL_RESOURCE_ATTRIBUTES`` the resource. Without
 a service name the process names itself by what it serves
@@ -37,7 +33,6 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import unquote
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -59,6 +54,7 @@ from opentelemetry.sdk.trace.sampling import (
 )
 
 from switchboard.platform.config import ALL_SERVICES, ConfigError
+from switchboard.platform.otelenv import EXPORTERS, OtelEnv
 
 if TYPE_CHECKING:
     import httpx
@@ -67,17 +63,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("switchboard.telemetry")
 
 HEALTH_SERVICE: Final = "grpc.health.v1.Health"
-PROTOCOLS: Final = ("grpc", "http/protobuf")
-EXPORTERS: Final = ("otlp", "console")
-SAMPLERS: Final = (
-    "always_on",
-    "always_off",
-    "traceidratio",
-    "parentbased_always_on",
-    "parentbased_always_off",
-    "parentbased_traceidratio",
-)
-_TRUE: Final = ("true", "1", "yes", "on")
 
 
 @dataclass(frozen=True)
@@ -101,74 +86,30 @@ def default_service_name(services: Sequence[str]) -> str:
     return "switchboard-" + "-".join(services)
 
 
-def _resource_attributes(text: str) -> dict[str, str]:
-    """``OTEL_RESOURCE_ATTRIBUTES``: ``key=value`` pairs, comma separated, percent-encoded."""
-    found: dict[str, str] = {}
-    for pair in text.split(","):
-        if not pair.strip():
-            continue
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"OTEL_RESOURCE_ATTRIBUTES: {pair.strip()!r} is not key=value")
-        found[unquote(key.strip())] = unquote(value.strip())
-    return found
-
-
 def tracing_config(environ: Mapping[str, str], *, service_name: str) -> TracingConfig | None:
-    """The tracing ``environ`` asks for, or None when it is off (see the module's rule).
+    """The tracing ``environ`` asks for, or None when it is off (``platform/otelenv.py``).
 
     ``service_name`` is used when neither ``OTEL_SERVICE_NAME`` nor
     ``OTEL_RESOURCE_ATTRIBUTES`` names the service. Raises ``ConfigError``
     for a value this process cannot honour.
     """
-
-    def get(name: str) -> str:
-        return environ.get(name, "").strip()
-
-    if get("OTEL_SDK_DISABLED").lower() in _TRUE:
+    otel = OtelEnv.read(environ)
+    traces = otel.traces()
+    if traces is None:
         return None
-    endpoint = get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or get("OTEL_EXPORTER_OTLP_ENDPOINT")
-    exporter = get("OTEL_TRACES_EXPORTER").lower()
-    if exporter == "none":
-        return None
-    if exporter and exporter not in EXPORTERS:
+    if len(traces.exporters) > 1:
         raise ConfigError(
-            f"OTEL_TRACES_EXPORTER={exporter!r}: choose one of {', '.join((*EXPORTERS, 'none'))}"
+            f"OTEL_TRACES_EXPORTER={','.join(otel.exporters)!r}: a server takes one of "
+            f"{', '.join(EXPORTERS)}"
         )
-    if not exporter:
-        if not endpoint:
-            return None
-        exporter = "otlp"
-    protocol = (
-        get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
-    ).lower()
-    if protocol not in PROTOCOLS:
-        raise ConfigError(
-            f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r}: choose one of {', '.join(PROTOCOLS)}"
-        )
-    sampler = (get("OTEL_TRACES_SAMPLER") or "parentbased_always_on").lower()
-    if sampler not in SAMPLERS:
-        raise ConfigError(f"OTEL_TRACES_SAMPLER={sampler!r}: choose one of {', '.join(SAMPLERS)}")
-    ratio = 1.0
-    if sampler.endswith("traceidratio") and get("OTEL_TRACES_SAMPLER_ARG"):
-        try:
-            ratio = float(get("OTEL_TRACES_SAMPLER_ARG"))
-        except ValueError:
-            ratio = -1.0
-        if not 0.0 <= ratio <= 1.0:
-            raise ConfigError(
-                f"OTEL_TRACES_SAMPLER_ARG={get('OTEL_TRACES_SAMPLER_ARG')!r}: "
-                "a ratio between 0 and 1"
-            )
-    resource = _resource_attributes(get("OTEL_RESOURCE_ATTRIBUTES"))
-    name = get("OTEL_SERVICE_NAME") or resource.get("service.name") or service_name
+    resource = otel.resource()
     return TracingConfig(
-        exporter=exporter,
-        protocol=protocol,
-        endpoint=endpoint,
-        sampler=sampler,
-        ratio=ratio,
-        service_name=name,
+        exporter=next(iter(traces.exporters)),
+        protocol=traces.protocol,
+        endpoint=traces.endpoint,
+        sampler=traces.sampler,
+        ratio=traces.ratio,
+        service_name=otel.service_name or resource.get("service.name") or service_name,
         resource=resource,
     )
 
