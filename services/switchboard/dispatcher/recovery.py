@@ -13,9 +13,7 @@ scheduler (``Admission.admit``) and continues in the next sequence block
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime as dt
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -48,7 +46,7 @@ log = logging.getLogger("switchboard.dispatcher")
 
 def read_job(data: bytes) -> tuple[Principal, job_pb2.RunJob]:
     """The stored job, and the principal the run acts for."""
-    job = _legacy_job(data) if data[:1] == b"{" else job_pb2.RunJob.FromString(data)
+    job = job_pb2.RunJob.FromString(data)
     principal = Principal(
         user_id=job.user_id,
         auth_method=AuthMethod(job.auth_method),
@@ -57,23 +55,6 @@ def read_job(data: bytes) -> tuple[Principal, job_pb2.RunJob]:
         api_key_id=job.api_key_id,
     )
     return principal, job
-
-
-def _legacy_job(data: bytes) -> job_pb2.RunJob:
-    """A job stored before runs had tools (JSON with base64 inside): runs queued
-    or running across the upgrade still recover."""
-    raw = json.loads(data)
-    job = job_pb2.RunJob(
-        user_id=raw["user"],
-        auth_method=raw["method"],
-        scopes=raw["scopes"],
-        session_id=raw["session"] or "",
-        api_key_id=raw["api_key"] or "",
-        timeout_seconds=float(raw["timeout_s"]),
-    )
-    job.message.ParseFromString(base64.b64decode(raw["message"]))
-    job.parameters.ParseFromString(base64.b64decode(raw["parameters"]))
-    return job
 
 
 class Recovery:
