@@ -12,6 +12,7 @@ has passed, and the run is handed over before anything else is awaited.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
@@ -90,7 +91,7 @@ class Admission:
         assistants: Assistants,
         publishing: Publishing,
         *,
-        start: Callable[[Active], None],
+        start: Callable[[Active, Ticket], None],
         cancel: Callable[[Active, SwitchboardError], Awaitable[None]],
         tracer: Tracer | None,
     ) -> None:
@@ -227,12 +228,13 @@ class Admission:
                 "running": self._scheduler.running,
             },
         )
-        start = self._start
         ticket = Ticket(
             run_id=active.run.name,
             workspace=active.workspace_id,
             conversation=active.conversation,
-            start=lambda _t: start(active),
+            # The execution stage's own function, not a closure defined here: the
+            # scheduler starts the run without coming back through admission.
+            start=functools.partial(self._start, active),
         )
         active.ticket = ticket
         self._scheduler.admit(ticket, force=force)

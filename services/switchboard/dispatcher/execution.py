@@ -43,7 +43,7 @@ from switchboard.dispatcher.live import (
 )
 from switchboard.dispatcher.publishing import Publishing, error_status
 from switchboard.dispatcher.router import Router
-from switchboard.dispatcher.scheduler import Scheduler
+from switchboard.dispatcher.scheduler import Scheduler, Ticket
 from switchboard.dispatcher.store import TERMINAL, RunStore
 from switchboard.dispatcher.toolport import ToolPort
 from switchboard.dispatcher.toolrunner import RunTools, ToolLimits, offered_tools
@@ -107,8 +107,8 @@ class Execution:
         # None when tracing is off: runs then get no span (decided once, at the build).
         self._tracer = tracer
 
-    def launch(self, active: Active) -> None:
-        """The scheduler's start: the run's task begins."""
+    def launch(self, active: Active, _ticket: Ticket) -> None:
+        """The scheduler's start (``Ticket.start``): the run's task begins."""
         if self._live.closing:
             # Stopping: it stays QUEUED in the database and runs after the restart.
             self._publishing.release(active)

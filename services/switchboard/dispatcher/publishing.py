@@ -78,7 +78,7 @@ class Publishing:
 
     def emit(self, active: Active, update: pb.RunUpdate, *, with_end: bool = False) -> None:
         """Show ``update`` to the run's watchers now and queue its event; ``with_end``:
-        its event waits for the run's end and is stored with it (``_persist_now``):
+        its event waits for the run's end and is stored with it (``persist``):
         one log batch fewer per run, and the result's event as durable as the end."""
         active.feed.append(update)
         event = run_event(active.workspace_id, active.conversation_id, update)
