@@ -140,30 +140,9 @@ class Admission:
             timeout_s=FINISH_TIMEOUT_S,
         )
         run_id = names.new_id()
-        name = f"{request.conversation}/runs/{run_id}"
-        run = pb.Run(
-            name=name,
-            state=pb.RUN_STATE_QUEUED,
-            handler=f"handlers/{choice.handler.capabilities.id}",
-            input_message=stored_message.name,
-            creator=principal.user_name,
-            routing_reason=choice.reason,
-            concurrency_policy=policy,
-            flags=flags,
-            last_sequence=1,
-            assistant=assistant.name if assistant is not None else "",
+        run, job = _new_run(
+            principal, request, stored_message, run_id, choice, assistant, flags, policy, timeout
         )
-        run.create_time.FromDatetime(names.now())
-        params = struct_pb2.Struct()
-        if request.HasField("parameters"):
-            params.CopyFrom(request.parameters)
-        if choice.strip_prefix:
-            stored_for_handler = cpb.Message()
-            stored_for_handler.CopyFrom(stored_message)
-            _strip_prefix(stored_for_handler, choice.strip_prefix)
-        else:
-            stored_for_handler = stored_message
-        job = _new_job(principal, stored_for_handler, params, timeout, assistant)
         _carry_trace(self._tracer, run, job)
         created, replayed = await self._store.create(
             NewRun(
@@ -181,14 +160,7 @@ class Admission:
         if replayed:
             return await self._replay(principal, request, created)
         if policy == pb.CONCURRENCY_POLICY_INTERRUPT:
-            for earlier_name in self._scheduler.active_in(request.conversation):
-                earlier_active = self._live.runs.get(earlier_name)
-                if earlier_active is not None:
-                    await self._cancel(
-                        earlier_active,
-                        RunSuperseded(f"a newer message started {name}"),
-                    )
-        feed = self._feeds.open(name)
+            await self._supersede(request.conversation, run.name)
         active = Active(
             run=run,
             run_id=run_id,
@@ -197,9 +169,9 @@ class Admission:
             principal=principal,
             handler=choice.handler,
             job=job,
-            feed=feed,
+            feed=self._feeds.open(run.name),
         )
-        self._live.runs[name] = active
+        self._live.runs[run.name] = active
         # QUEUED goes out with RUNNING if the run starts now (see ``Execution._begin``).
         active.held = True
         self._publishing.state_changed(active)
@@ -212,9 +184,19 @@ class Admission:
             self._publishing.release(active)
         if flags:
             await self._filtered(
-                principal, request.conversation, "content", "", flags=flags, run=name
+                principal, request.conversation, "content", "", flags=flags, run=run.name
             )
         return response
+
+    async def _supersede(self, conversation: str, name: str) -> None:
+        """INTERRUPT: the conversation's active runs end RUN_SUPERSEDED, naming ``name``."""
+        for earlier_name in self._scheduler.active_in(conversation):
+            earlier_active = self._live.runs.get(earlier_name)
+            if earlier_active is not None:
+                await self._cancel(
+                    earlier_active,
+                    RunSuperseded(f"a newer message started {name}"),
+                )
 
     def admit(self, active: Active, *, force: bool) -> None:
         """Hand ``active`` to the scheduler; the execution stage starts it in its turn."""
@@ -398,6 +380,43 @@ def _append_request(
         ),
         request_id=request.request_id,
     )
+
+
+def _new_run(
+    principal: Principal,
+    request: pb.SendMessageRequest,
+    stored_message: cpb.Message,
+    run_id: str,
+    choice: Choice,
+    assistant: pb.Assistant | None,
+    flags: list[str],
+    policy: pb.ConcurrencyPolicy.ValueType,
+    timeout: float,
+) -> tuple[pb.Run, job_pb2.RunJob]:
+    """The QUEUED run a stored message starts, and the job its execution reads."""
+    run = pb.Run(
+        name=f"{request.conversation}/runs/{run_id}",
+        state=pb.RUN_STATE_QUEUED,
+        handler=f"handlers/{choice.handler.capabilities.id}",
+        input_message=stored_message.name,
+        creator=principal.user_name,
+        routing_reason=choice.reason,
+        concurrency_policy=policy,
+        flags=flags,
+        last_sequence=1,
+        assistant=assistant.name if assistant is not None else "",
+    )
+    run.create_time.FromDatetime(names.now())
+    params = struct_pb2.Struct()
+    if request.HasField("parameters"):
+        params.CopyFrom(request.parameters)
+    if choice.strip_prefix:
+        stored_for_handler = cpb.Message()
+        stored_for_handler.CopyFrom(stored_message)
+        _strip_prefix(stored_for_handler, choice.strip_prefix)
+    else:
+        stored_for_handler = stored_message
+    return run, _new_job(principal, stored_for_handler, params, timeout, assistant)
 
 
 def _new_job(
