@@ -4,7 +4,7 @@ A run's updates are numbered from 1 without gaps; a watcher replays those
 after the sequence it last saw and then waits for more. A finished run's feed
 stays for ``retention_s`` (bounded by ``max_feeds``) so a watcher that
 reconnects a little late still gets everything; after that, WatchRun answers
-from the stored run (``service.py``).
+from the stored run (``queries.py``).
 
 Appending never waits on a watcher: each watcher wakes on a shared
 ``asyncio.Event`` per run and reads what it has not yet seen.

@@ -10,7 +10,7 @@
       └──────────────────┴─────────────────┴──▶ FAILED / CANCELLED / DEADLINE_EXCEEDED
 
 * ``start``: the scheduler gave it a slot; RUNNING is shown at once and stored
-  once the run has read its context (``Dispatcher._begin``: the writes waited
+  once the run has read its context (``Execution._begin``: the writes waited
   for the reads on the path to the first delta).
 * ``pause``: tool calls wait for a person (``toolrunner.py``); stored with the
   job's steps before it is shown, so a restart resumes it; the scheduler gives
@@ -85,7 +85,7 @@ class Active:
     started: bool = False
     #: The write of its RUNNING state, awaited before the next one.
     saving: asyncio.Future[bool] | None = None
-    #: RUNNING is not yet stored and its events wait in the outbox (see ``_begin``).
+    #: RUNNING is not yet stored and its events wait in the outbox (see ``Execution._begin``).
     held: bool = False
     #: Events waiting for this run's publisher, in order.
     outbox: deque[events_pb2.Event] = field(default_factory=deque)

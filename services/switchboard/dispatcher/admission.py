@@ -1,0 +1,460 @@
+"""Admission: a SendMessageRequest becomes a stored message and a queued run,
+or a precise error.
+
+In order: the fields (``validate``), the pre-dispatch filters (rate limits,
+size, content policy), the assistant and the handler (``choose``), a retry
+answered from the first attempt (the request id), the room in the queue, the
+message stored through the context service's contract, the QUEUED run stored
+with its job, and last the run handed to the scheduler, whose start is the
+execution stage's (``execution.py``). Nothing is stored before every check
+has passed, and the run is handed over before anything else is awaited.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Final
+
+from google.protobuf import struct_pb2
+from opentelemetry.trace import Tracer
+
+from switchboard.api.context.v1 import context_pb2 as cpb
+from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.api.events.v1 import events_pb2
+from switchboard.dispatcher.assistants import Assistants
+from switchboard.dispatcher.content import ContentPolicy
+from switchboard.dispatcher.contextport import ContextPort
+from switchboard.dispatcher.feed import Feeds
+from switchboard.dispatcher.handlers import text_of
+from switchboard.dispatcher.lifecycle import Active
+from switchboard.dispatcher.live import FINISH_TIMEOUT_S, Limits, Live
+from switchboard.dispatcher.publishing import Publishing
+from switchboard.dispatcher.router import Choice, Router
+from switchboard.dispatcher.scheduler import Scheduler, Ticket
+from switchboard.dispatcher.store import NewRun, RunStore, Stored, raise_busy
+from switchboard.internal.dispatcher.v1 import job_pb2
+from switchboard.platform import names, timefields
+from switchboard.platform.bus import EventBus
+from switchboard.platform.cache import Cache
+from switchboard.platform.errors import (
+    ContentBlocked,
+    FieldViolation,
+    InvalidArgument,
+    RateLimited,
+    RequestTooLarge,
+    RunSuperseded,
+    SwitchboardError,
+)
+from switchboard.platform.policy import Principal
+from switchboard.platform.storage import idempotency
+from switchboard.platform.telemetry import current_ids, traceparent
+
+log = logging.getLogger("switchboard.dispatcher")
+
+HANDLER: Final = re.compile(rf"(handlers/)?{names.CLIENT_ID.pattern}")
+_POLICIES: Final = frozenset(pb.ConcurrencyPolicy.values())
+#: Parameters of one run, serialized.
+_MAX_PARAMETER_BYTES: Final = 16 * 1024
+
+
+async def assistant_for(
+    assistants: Assistants, workspace_id: str, named: str, handler: str
+) -> pb.Assistant | None:
+    """The message's assistant: the one it names, else the workspace default
+    unless the message forces a handler."""
+    if not named and handler:
+        return None
+    return await assistants.resolve(workspace_id, named, "assistant")
+
+
+def handler_id(handler: str) -> str:
+    return handler.removeprefix("handlers/")
+
+
+class Admission:
+    def __init__(
+        self,
+        live: Live,
+        store: RunStore,
+        context: ContextPort,
+        bus: EventBus,
+        counters: Cache,
+        router: Router,
+        scheduler: Scheduler,
+        feeds: Feeds,
+        content: ContentPolicy,
+        limits: Limits,
+        assistants: Assistants,
+        publishing: Publishing,
+        *,
+        start: Callable[[Active, Ticket], None],
+        cancel: Callable[[Active, SwitchboardError], Awaitable[None]],
+        tracer: Tracer | None,
+    ) -> None:
+        self._live = live
+        self._store = store
+        self._context = context
+        self._bus = bus
+        self._counters = counters
+        self._router = router
+        self._scheduler = scheduler
+        self._feeds = feeds
+        self._content = content
+        self._limits = limits
+        self._assistants = assistants
+        self._publishing = publishing
+        #: The execution stage's start, called by the scheduler when the run's turn comes.
+        self._start = start
+        #: The execution stage's cancel (an INTERRUPT message supersedes the active runs).
+        self._cancel = cancel
+        self._tracer = tracer
+
+    async def send_message(
+        self, principal: Principal, request: pb.SendMessageRequest
+    ) -> pb.SendMessageResponse:
+        found = names.match(names.CONVERSATION, request.conversation, "conversation")
+        workspace_id, conversation_id = found[1], found[2]
+        timeout = self._validate(request)
+        flags = await self._screen(principal, request, workspace_id)
+        assistant, choice = await self._choose(workspace_id, request)
+        policy = request.concurrency_policy or pb.CONCURRENCY_POLICY_ENQUEUE
+        key = idempotency(principal.user_id, "SendMessage", request)
+        if key is not None:
+            earlier = await self._store.replayed(key)
+            if earlier is not None:
+                return await self._replay(principal, request, earlier)
+        if policy == pb.CONCURRENCY_POLICY_REJECT and self._scheduler.active_in(
+            request.conversation
+        ):
+            raise_busy()
+        # Refused before anything is stored; admission itself then cannot fail.
+        self._scheduler.check_room(workspace_id)
+
+        stored_message = await self._context.append_message(
+            principal,
+            _append_request(principal, request),
+            timeout_s=FINISH_TIMEOUT_S,
+        )
+        run_id = names.new_id()
+        run, job = _new_run(
+            principal, request, stored_message, run_id, choice, assistant, flags, policy, timeout
+        )
+        _carry_trace(self._tracer, run, job)
+        created, replayed = await self._store.create(
+            NewRun(
+                run_id=run_id,
+                workspace_id=workspace_id,
+                conversation_id=conversation_id,
+                creator=principal.user_id,
+                worker=self._limits.instance_id,
+                run=run,
+                job=job.SerializeToString(),
+                idempotency=key,
+                reject_if_active=policy == pb.CONCURRENCY_POLICY_REJECT,
+            )
+        )
+        if replayed:
+            return await self._replay(principal, request, created)
+        if policy == pb.CONCURRENCY_POLICY_INTERRUPT:
+            await self._supersede(request.conversation, run.name)
+        active = Active(
+            run=run,
+            run_id=run_id,
+            workspace_id=workspace_id,
+            conversation_id=conversation_id,
+            principal=principal,
+            handler=choice.handler,
+            job=job,
+            feed=self._feeds.open(run.name),
+        )
+        self._live.runs[run.name] = active
+        # QUEUED goes out with RUNNING if the run starts now (see ``Execution._begin``).
+        active.held = True
+        self._publishing.state_changed(active)
+        response = pb.SendMessageResponse(message=stored_message)
+        response.run.CopyFrom(run)
+        # Admitted before anything else is awaited: a stored run is never left
+        # unscheduled by a caller that goes away.
+        self.admit(active, force=True)
+        if active.task is None:  # it waits its turn: say so now
+            self._publishing.release(active)
+        if flags:
+            await self._filtered(
+                principal, request.conversation, "content", "", flags=flags, run=run.name
+            )
+        return response
+
+    async def _supersede(self, conversation: str, name: str) -> None:
+        """INTERRUPT: the conversation's active runs end RUN_SUPERSEDED, naming ``name``."""
+        for earlier_name in self._scheduler.active_in(conversation):
+            earlier_active = self._live.runs.get(earlier_name)
+            if earlier_active is not None:
+                await self._cancel(
+                    earlier_active,
+                    RunSuperseded(f"a newer message started {name}"),
+                )
+
+    def admit(self, active: Active, *, force: bool) -> None:
+        """Hand ``active`` to the scheduler; the execution stage starts it in its turn."""
+        active.queued_at = time.monotonic()
+        log.info(
+            "run queued",
+            extra={
+                "run": active.run.name,
+                "handler": active.run.handler,
+                "queued": self._scheduler.queued,
+                "running": self._scheduler.running,
+            },
+        )
+        ticket = Ticket(
+            run_id=active.run.name,
+            workspace=active.workspace_id,
+            conversation=active.conversation,
+            # The execution stage's own function, not a closure defined here: the
+            # scheduler starts the run without coming back through admission.
+            start=functools.partial(self._start, active),
+        )
+        active.ticket = ticket
+        self._scheduler.admit(ticket, force=force)
+
+    async def _choose(
+        self, workspace_id: str, request: pb.SendMessageRequest
+    ) -> tuple[pb.Assistant | None, Choice]:
+        """The message's assistant (if any) and the handler that answers it."""
+        assistant = await assistant_for(
+            self._assistants, workspace_id, request.assistant, request.handler
+        )
+        forced = request.handler
+        if assistant is not None:
+            forced = assistant.handler or "handlers/llm"
+            if request.handler and handler_id(request.handler) != handler_id(forced):
+                raise InvalidArgument(
+                    "the handler is not the assistant's",
+                    [FieldViolation("handler", f"must be empty or {forced} (the assistant's)")],
+                )
+        local = await self._router.local(workspace_id)
+        return assistant, self._router.choose(forced, workspace_id, request.message, local)
+
+    def _validate(self, request: pb.SendMessageRequest) -> float:
+        """Field checks; returns the run's timeout in seconds."""
+        message = request.message
+        violations: list[FieldViolation] = []
+        if message.role not in (cpb.MESSAGE_ROLE_UNSPECIFIED, cpb.MESSAGE_ROLE_USER):
+            violations.append(FieldViolation("message.role", "must be USER or unset"))
+        if not message.parts:
+            violations.append(FieldViolation("message.parts", "needs at least one part"))
+        if request.handler and not HANDLER.fullmatch(request.handler):
+            violations.append(FieldViolation("handler", "must be handlers/{id}"))
+        if request.request_id and not names.REQUEST_ID.fullmatch(request.request_id):
+            violations.append(FieldViolation("request_id", "must be 1-64 of [A-Za-z0-9_-]"))
+        if request.concurrency_policy not in _POLICIES:
+            violations.append(FieldViolation("concurrency_policy", "is not a known policy"))
+        timeout = self._limits.default_timeout_s
+        if request.HasField("timeout"):
+            requested = timefields.seconds(request.timeout, "timeout")
+            if requested <= 0:
+                violations.append(FieldViolation("timeout", "must be positive"))
+            timeout = min(requested, self._limits.max_timeout_s)
+        if request.HasField("parameters") and request.parameters.ByteSize() > _MAX_PARAMETER_BYTES:
+            violations.append(
+                FieldViolation("parameters", f"is larger than {_MAX_PARAMETER_BYTES} bytes")
+            )
+        if violations:
+            raise InvalidArgument("the request is invalid", violations)
+        return timeout
+
+    async def _screen(
+        self, principal: Principal, request: pb.SendMessageRequest, workspace_id: str
+    ) -> list[str]:
+        """The pre-dispatch filters: size, rate limits, content policy; returns the flags."""
+        # The rate limits first: a flood of refused messages is still a flood.
+        await self._rate_limit(principal, workspace_id, request.conversation)
+        text = text_of(request.message)
+        if len(text) > self._limits.max_input_chars:
+            await self._filtered(principal, request.conversation, "size", RequestTooLarge.reason)
+            raise RequestTooLarge(
+                f"the message has {len(text)} characters; the limit is "
+                f"{self._limits.max_input_chars}"
+            )
+        verdict = self._content.check(text)
+        if verdict.blocked:
+            await self._filtered(
+                principal,
+                request.conversation,
+                "content",
+                ContentBlocked.reason,
+                flags=verdict.rules,
+            )
+            raise ContentBlocked(
+                "the message was refused by the content policy",
+                [FieldViolation("message.parts", "matched a blocked term")],
+            )
+        return list(verdict.flags)
+
+    async def _rate_limit(self, principal: Principal, workspace_id: str, conversation: str) -> None:
+        for kind, key, limit in (
+            (
+                "rate-user",
+                f"dispatch:user:{principal.user_id}",
+                self._limits.messages_per_minute_per_user,
+            ),
+            (
+                "rate-workspace",
+                f"dispatch:workspace:{workspace_id}",
+                self._limits.messages_per_minute_per_workspace,
+            ),
+        ):
+            count, reset_s = await self._counters.hit(key, 60)
+            if count > limit:
+                await self._filtered(principal, conversation, kind, RateLimited.reason)
+                raise RateLimited(
+                    f"more than {limit} messages in a minute "
+                    f"({'for you' if kind == 'rate-user' else 'in this workspace'}); slow down",
+                    retry_after_s=max(reset_s, 1.0),
+                )
+
+    async def _replay(
+        self, principal: Principal, request: pb.SendMessageRequest, earlier: Stored
+    ) -> pb.SendMessageResponse:
+        """The answer to a retry: the first run, and the first message (the context
+        service's own idempotency returns it for the same request)."""
+        response = pb.SendMessageResponse(run=self._live.current(earlier.run))
+        response.message.CopyFrom(
+            await self._context.append_message(
+                principal, _append_request(principal, request), timeout_s=FINISH_TIMEOUT_S
+            )
+        )
+        return response
+
+    async def _filtered(
+        self,
+        principal: Principal,
+        conversation: str,
+        filter_name: str,
+        reason: str,
+        *,
+        flags: Sequence[str] = (),
+        run: str = "",
+    ) -> None:
+        """The MESSAGE_FILTERED event: what a filter refused or flagged."""
+        workspace = conversation.split("/conversations/", maxsplit=1)[0]
+        event = events_pb2.Event(
+            type=events_pb2.EVENT_TYPE_MESSAGE_FILTERED,
+            actor=events_pb2.Actor(
+                name=principal.user_name,
+                credential=principal.session_name or principal.api_key_name,
+            ),
+            user=principal.user_name,
+            workspace=workspace,
+            conversation=conversation,
+        )
+        payload = event.message_filtered
+        payload.conversation = conversation
+        payload.filter = filter_name
+        payload.rejected = bool(reason)
+        if reason:
+            payload.reason = reason  # type: ignore[assignment]
+        payload.flags.extend(flags)
+        payload.run = run
+        try:
+            await self._bus.publish(event)
+        except SwitchboardError:
+            log.warning("filter event not published", extra={"filter": filter_name})
+
+
+def _append_request(
+    principal: Principal, request: pb.SendMessageRequest
+) -> cpb.AppendMessageRequest:
+    message = request.message
+    return cpb.AppendMessageRequest(
+        parent=request.conversation,
+        message=cpb.Message(
+            role=cpb.MESSAGE_ROLE_USER,
+            author=principal.user_name,
+            parts=message.parts,
+            metadata=message.metadata if message.HasField("metadata") else None,
+        ),
+        request_id=request.request_id,
+    )
+
+
+def _new_run(
+    principal: Principal,
+    request: pb.SendMessageRequest,
+    stored_message: cpb.Message,
+    run_id: str,
+    choice: Choice,
+    assistant: pb.Assistant | None,
+    flags: list[str],
+    policy: pb.ConcurrencyPolicy.ValueType,
+    timeout: float,
+) -> tuple[pb.Run, job_pb2.RunJob]:
+    """The QUEUED run a stored message starts, and the job its execution reads."""
+    run = pb.Run(
+        name=f"{request.conversation}/runs/{run_id}",
+        state=pb.RUN_STATE_QUEUED,
+        handler=f"handlers/{choice.handler.capabilities.id}",
+        input_message=stored_message.name,
+        creator=principal.user_name,
+        routing_reason=choice.reason,
+        concurrency_policy=policy,
+        flags=flags,
+        last_sequence=1,
+        assistant=assistant.name if assistant is not None else "",
+    )
+    run.create_time.FromDatetime(names.now())
+    params = struct_pb2.Struct()
+    if request.HasField("parameters"):
+        params.CopyFrom(request.parameters)
+    if choice.strip_prefix:
+        stored_for_handler = cpb.Message()
+        stored_for_handler.CopyFrom(stored_message)
+        _strip_prefix(stored_for_handler, choice.strip_prefix)
+    else:
+        stored_for_handler = stored_message
+    return run, _new_job(principal, stored_for_handler, params, timeout, assistant)
+
+
+def _new_job(
+    principal: Principal,
+    message: cpb.Message,
+    params: struct_pb2.Struct,
+    timeout: float,
+    assistant: pb.Assistant | None,
+) -> job_pb2.RunJob:
+    job = job_pb2.RunJob(
+        user_id=principal.user_id,
+        auth_method=principal.auth_method.value,
+        scopes=sorted(s.value for s in principal.scopes),
+        session_id=principal.session_id,
+        api_key_id=principal.api_key_id,
+        timeout_seconds=timeout,
+    )
+    job.message.CopyFrom(message)
+    job.parameters.CopyFrom(params)
+    if assistant is not None:
+        job.assistant.CopyFrom(assistant)
+    return job
+
+
+def _carry_trace(tracer: Tracer | None, run: pb.Run, job: job_pb2.RunJob) -> None:
+    """The run carries the current call's trace; its execution continues it from
+    the job, in whichever process runs it (``Execution._execute_traced``)."""
+    if tracer is None:  # tracing is off
+        return
+    ids = current_ids()
+    if ids is not None:
+        run.trace_id = ids[0]
+        job.traceparent = traceparent()
+
+
+def _strip_prefix(message: cpb.Message, prefix: str) -> None:
+    for part in message.parts:
+        if part.WhichOneof("part") == "text":
+            if part.text.startswith(prefix):
+                part.text = part.text[len(prefix) :].lstrip()
+            return

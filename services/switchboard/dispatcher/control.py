@@ -1,0 +1,217 @@
+"""Control: the calls that steer a run already admitted (CancelRun,
+SubmitToolApprovals), on this replica or forwarded to the run's owner.
+
+Not a stage a message passes through: a person acts on a run at any point of
+its life. The run's own reactions (its task cancelled, its pause lifted) are
+the execution stage's, and what they store and show is publishing's; this
+module decides whether the call is acceptable and where it must go. A run
+another replica owns is reached through ``peerport.py`` (``_owner``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final
+
+from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.dispatcher.execution import Execution
+from switchboard.dispatcher.live import MAX_REASON_CHARS, Limits, Live
+from switchboard.dispatcher.peerport import PeerPort, Via
+from switchboard.dispatcher.publishing import Publishing
+from switchboard.dispatcher.scheduler import Scheduler
+from switchboard.dispatcher.store import TERMINAL, RunStore, Stored
+from switchboard.platform import names
+from switchboard.platform.errors import (
+    DependencyUnavailable,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    RunCancelled,
+    Violations,
+)
+from switchboard.platform.policy import Principal
+
+#: Decisions in one SubmitToolApprovals.
+_MAX_APPROVALS: Final = 128
+_DECISIONS: Final = frozenset({pb.TOOL_APPROVAL_DECISION_APPROVE, pb.TOOL_APPROVAL_DECISION_DENY})
+#: A call made in this process (no client credential): never forwarded.
+IN_PROCESS: Final = Via()
+
+
+@dataclass(frozen=True)
+class _Peer:
+    """The replica that owns a run, and the port that reaches it."""
+
+    peers: PeerPort
+    address: str
+
+
+class Control:
+    def __init__(
+        self,
+        live: Live,
+        store: RunStore,
+        scheduler: Scheduler,
+        execution: Execution,
+        publishing: Publishing,
+        limits: Limits,
+        peers: PeerPort | None,
+    ) -> None:
+        self._live = live
+        self._store = store
+        self._scheduler = scheduler
+        self._execution = execution
+        self._publishing = publishing
+        self._limits = limits
+        # The other replicas, for calls on runs they own (None: this one's runs only).
+        self._peers = peers
+
+    async def submit_tool_approvals(
+        self, principal: Principal, request: pb.SubmitToolApprovalsRequest, via: Via = IN_PROCESS
+    ) -> pb.Run:
+        """Decide pending tool calls; ``via``: how the call came (see ``_owner``)."""
+        found = names.match(names.RUN, request.name, "name")
+        _check_approvals(request)
+        active = self._live.runs.get(request.name)
+        if active is None:
+            _, owner = await self._owner(found, via)
+            if owner is None:
+                raise FailedPrecondition("the run is not waiting for tool approvals")
+            # The owner holds the pending calls; it checks the decisions and the caller.
+            return await owner.peers.submit_tool_approvals(owner.address, via, request)
+        waiting = {
+            pending.call.id: pending
+            for pending in active.run.required_action.tool_calls
+            if active.run.state not in TERMINAL
+        }
+        if not any(p.decision == pb.TOOL_APPROVAL_DECISION_UNSPECIFIED for p in waiting.values()):
+            raise FailedPrecondition("the run is not waiting for tool approvals")
+        violations = Violations()
+        for index, approval in enumerate(request.approvals):
+            pending = waiting.get(approval.tool_call_id)
+            if pending is None:
+                violations.add(
+                    f"approvals[{index}].tool_call_id", "is not a call this run waits on"
+                )
+            elif pending.decision not in (
+                pb.TOOL_APPROVAL_DECISION_UNSPECIFIED,
+                approval.decision,
+            ):
+                raise FailedPrecondition(
+                    f"the call {approval.tool_call_id} was already decided the other way"
+                )
+        violations.check()
+        now = names.now()
+        changed = False
+        for approval in request.approvals:
+            pending = waiting[approval.tool_call_id]
+            if pending.decision == pb.TOOL_APPROVAL_DECISION_UNSPECIFIED:
+                pending.decision = approval.decision
+                pending.decided_by = principal.user_name
+                pending.reason = approval.reason
+                pending.decide_time.FromDatetime(now)
+                changed = True
+        if changed:
+            if active.run.state == pb.RUN_STATE_REQUIRES_ACTION and not any(
+                p.decision == pb.TOOL_APPROVAL_DECISION_UNSPECIFIED for p in waiting.values()
+            ):
+                # The last decision resumes the run in the same write, so the
+                # answer says RUNNING (the runner finds it so and goes on).
+                active.to(pb.RUN_STATE_RUNNING)
+                if active.ticket is not None:
+                    self._scheduler.resumed(active.ticket)
+            # Stored and shown before the run goes on: a restart keeps the
+            # decisions, and watchers see who decided what.
+            await self._publishing.persist(active, "decisions")
+            runner = active.tools
+            if runner is not None:
+                runner.decided()
+        return self._live.current(active.run)
+
+    async def cancel_run(
+        self, principal: Principal, name: str, reason: str, via: Via = IN_PROCESS
+    ) -> pb.Run:
+        """Cancel the run; ``via``: how the call came (see ``_owner``)."""
+        found = names.match(names.RUN, name, "name")
+        if len(reason) > MAX_REASON_CHARS:
+            raise InvalidArgument(
+                "reason is too long",
+                [FieldViolation("reason", f"has more than {MAX_REASON_CHARS} characters")],
+            )
+        active = self._live.runs.get(name)
+        if active is None:
+            stored, owner = await self._owner(found, via)
+            if owner is None:
+                return stored.run
+            # The owner holds the run's task; it answers with the ended run.
+            return await owner.peers.cancel_run(
+                owner.address, via, pb.CancelRunRequest(name=name, reason=reason)
+            )
+        text = reason or "cancelled"
+        await self._execution.cancel(active, RunCancelled(f"{text} (by {principal.user_name})"))
+        return self._live.current(active.run)
+
+    async def _owner(self, found: re.Match[str], via: Via) -> tuple[Stored, _Peer | None]:
+        """A run that is not active here: the stored run and, unless it has ended
+        (None), the replica that owns it, to forward the call to.
+
+        Raises UNAVAILABLE (retry) when the owner cannot be reached now: it
+        stopped and its lease has not been taken over yet, it has not stored its
+        address yet, or ownership moved while the call was being forwarded (a
+        forwarded call is never forwarded again, so a call cannot loop).
+        """
+        stored, owner = await self._store.get_with_owner(found[1], found[2], found[3])
+        if stored.run.state in TERMINAL:
+            return stored, None
+        if owner.instance == self._limits.instance_id:
+            # Ours but not running: recovery (at start, or a takeover) has not
+            # been able to store it again yet; the lease loop retries.
+            raise _unavailable("the run is being recovered by its dispatcher replica; retry")
+        if not owner.live:
+            # Another replica takes it over once the lease has expired and its
+            # lease loop comes round (a third of a lease).
+            raise _unavailable(
+                "the dispatcher replica running the run stopped; another replica takes the "
+                "run over shortly; retry",
+                retry_after_s=min(10.0, max(1.0, self._limits.lease_s / 3)),
+            )
+        if via.forwarded:
+            raise _unavailable("the run moved to another dispatcher replica meanwhile; retry")
+        if self._peers is None or not via.credential:
+            raise FailedPrecondition("the run is active on another dispatcher replica")
+        if not owner.address:
+            # Starting (its address is stored before it takes calls), or a
+            # version that does not store one (a rolling upgrade).
+            raise _unavailable(
+                "the dispatcher replica running the run has no address for other replicas "
+                "yet; retry"
+            )
+        return stored, _Peer(self._peers, owner.address)
+
+
+def _unavailable(message: str, *, retry_after_s: float = 1.0) -> DependencyUnavailable:
+    error = DependencyUnavailable(message)
+    error.retry_after_s = retry_after_s
+    return error
+
+
+def _check_approvals(request: pb.SubmitToolApprovalsRequest) -> None:
+    violations = Violations()
+    if not request.approvals:
+        violations.add("approvals", "needs at least one decision")
+    if len(request.approvals) > _MAX_APPROVALS:
+        violations.add("approvals", f"at most {_MAX_APPROVALS} decisions")
+    seen: set[str] = set()
+    for index, approval in enumerate(request.approvals[:_MAX_APPROVALS]):
+        where = f"approvals[{index}]"
+        if not approval.tool_call_id:
+            violations.add(f"{where}.tool_call_id", "is required")
+        elif approval.tool_call_id in seen:
+            violations.add(f"{where}.tool_call_id", "is decided twice in this request")
+        seen.add(approval.tool_call_id)
+        if approval.decision not in _DECISIONS:
+            violations.add(f"{where}.decision", "must be APPROVE or DENY")
+        if len(approval.reason) > MAX_REASON_CHARS:
+            violations.add(f"{where}.reason", f"has more than {MAX_REASON_CHARS} characters")
+    violations.check()

@@ -1,0 +1,580 @@
+"""Execution: one run's life through the ``lifecycle.py`` table.
+
+When the scheduler starts a run (``launch``), one asyncio task checks the
+caller may still write, reads the context window (and the assistant's tools),
+drives the handler, turns its frames into the run's updates (``publishing.py``
+shows and publishes them), runs its tool steps (pausing for approvals), stores
+the answer as an assistant message and ends the run.
+
+Cancellation is the task's: ``cancel`` cancels the task, which raises
+``CancelledError`` inside the handler (a remote handler's gRPC call or the
+LLM's HTTP response is closed by that), and the run ends CANCELLED. The
+deadline is an ``asyncio.timeout`` around the same task, and remote handlers
+get the remaining time as their gRPC deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Final
+
+from opentelemetry.trace import StatusCode, Tracer
+
+from switchboard.api.context.v1 import context_pb2 as cpb
+from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.api.handler.v1 import handler_pb2
+from switchboard.dispatcher.contextport import ContextPort
+from switchboard.dispatcher.feed import Feeds
+from switchboard.dispatcher.handlers import HandleCall, HandlerFailure
+from switchboard.dispatcher.lifecycle import Active
+from switchboard.dispatcher.live import (
+    FINISH_TIMEOUT_S,
+    MAX_REASON_CHARS,
+    MAX_UPDATES,
+    SEQUENCE_BLOCK,
+    Limits,
+    Live,
+    handler_label,
+    queued_again,
+)
+from switchboard.dispatcher.publishing import Publishing, error_status
+from switchboard.dispatcher.router import Router
+from switchboard.dispatcher.scheduler import Scheduler, Ticket
+from switchboard.dispatcher.store import TERMINAL, RunStore
+from switchboard.dispatcher.toolport import ToolPort
+from switchboard.dispatcher.toolrunner import RunTools, ToolLimits, offered_tools
+from switchboard.platform import names
+from switchboard.platform.db import DatabaseUnavailable, is_outage
+from switchboard.platform.errors import (
+    DeadlineExceeded,
+    HandlerFailed,
+    InternalError,
+    RunInterrupted,
+    SwitchboardError,
+)
+from switchboard.platform.metrics import Metrics, run_state_label
+from switchboard.platform.policy import Permission, Policy
+from switchboard.platform.telemetry import parent_from
+
+log = logging.getLogger("switchboard.dispatcher")
+
+#: Largest delta made of merged ones (a bigger one goes out as it is).
+_MAX_MERGED_DELTA_CHARS: Final = 16 * 1024
+
+
+def step_limit(limits: ToolLimits, assistant: pb.Assistant | None) -> int:
+    """Tool steps a run may take: the server's limit, or its assistant's lower one."""
+    limit = limits.max_steps
+    if assistant is not None and assistant.max_tool_steps:
+        limit = min(limit, assistant.max_tool_steps)
+    return limit
+
+
+class Execution:
+    def __init__(
+        self,
+        live: Live,
+        publishing: Publishing,
+        scheduler: Scheduler,
+        store: RunStore,
+        feeds: Feeds,
+        context: ContextPort,
+        policy: Policy,
+        router: Router,
+        limits: Limits,
+        *,
+        tools: ToolPort,
+        tool_limits: ToolLimits,
+        metrics: Metrics | None,
+        tracer: Tracer | None,
+    ) -> None:
+        self._live = live
+        self._publishing = publishing
+        self._scheduler = scheduler
+        self._store = store
+        self._feeds = feeds
+        self._context = context
+        self._policy = policy
+        self._router = router
+        self._limits = limits
+        self._tools = tools
+        self._tool_limits = tool_limits
+        self._metrics = metrics
+        # None when tracing is off: runs then get no span (decided once, at the build).
+        self._tracer = tracer
+
+    def launch(self, active: Active, _ticket: Ticket) -> None:
+        """The scheduler's start (``Ticket.start``): the run's task begins."""
+        if self._live.closing:
+            # Stopping: it stays QUEUED in the database and runs after the restart.
+            self._publishing.release(active)
+            return
+        active.task = asyncio.get_running_loop().create_task(
+            self._execute(active)
+            if self._tracer is None
+            else self._execute_traced(self._tracer, active),
+            name=f"run-{active.run_id}",
+        )
+
+    async def stop(self) -> None:
+        """Stop every run this process holds; each ends by the recovery policy."""
+        tasks = []
+        for active in list(self._live.runs.values()):
+            if active.task is not None:
+                active.task.cancel()
+                tasks.append(active.task)
+        if tasks:
+            await asyncio.wait(tasks, timeout=FINISH_TIMEOUT_S)
+
+    async def _execute_traced(self, tracer: Tracer, active: Active) -> None:
+        """``_execute`` in the run's own span, a child of the SendMessage call that
+        started it (the job keeps its ``traceparent``; a recovered or queued run
+        continues the same trace). It outlives that call, as a child may: the
+        answer, its context and its tool and model calls are one trace."""
+        run = active.run
+        handler_id = run.handler.removeprefix("handlers/")
+        with tracer.start_as_current_span(
+            f"run {handler_id}",
+            context=parent_from(active.job.traceparent),
+            attributes={"switchboard.run": run.name, "switchboard.handler": handler_id},
+        ) as span:
+            await self._execute(active)
+            span.set_attribute("switchboard.run.state", pb.RunState.Name(run.state))
+            if run.HasField("error"):
+                span.set_status(StatusCode.ERROR, run.error.message)
+
+    async def _execute(self, active: Active) -> None:
+        active.started = True
+        run = active.run
+        if active.cancel_error is not None:  # cancelled between scheduling and starting
+            active.to(pb.RUN_STATE_CANCELLED)
+            await self.finish(active, active.cancel_error)
+            return
+        error: SwitchboardError | None = None
+        try:
+            active.to(pb.RUN_STATE_RUNNING)
+            self._started(active)
+            run.deadline.FromDatetime(names.now() + dt.timedelta(seconds=active.timeout_s))
+            # Watchers see RUNNING now (the feed); storing it and publishing
+            # its events wait until the run has read its context (``_begin``).
+            active.held = True
+            self._publishing.state_changed(active)
+            output, result = await self._drive(active)
+            run.output_message = output.name
+            run.usage.CopyFrom(result.usage)
+            final = pb.RunUpdate()
+            final.result.CopyFrom(result)
+            self._publishing.emit(active, final, with_end=True)
+            active.to(pb.RUN_STATE_SUCCEEDED)
+        except asyncio.CancelledError:
+            error = active.cancel_error
+            if error is None:  # this process is stopping
+                if run.state == pb.RUN_STATE_REQUIRES_ACTION:
+                    # Stored paused with its steps: the restart resumes it.
+                    await self._leave_paused(active)
+                    return
+                if self._limits.recovery == "requeue" and run.state == pb.RUN_STATE_RUNNING:
+                    await self._requeue_at_shutdown(active)
+                    return
+                error = RunInterrupted("the dispatcher stopped while the run was running")
+            interrupted = isinstance(error, RunInterrupted)
+            active.to(pb.RUN_STATE_FAILED if interrupted else pb.RUN_STATE_CANCELLED)
+        except TimeoutError:
+            error = DeadlineExceeded(f"the run did not finish within {active.timeout_s:g} s")
+            active.to(pb.RUN_STATE_DEADLINE_EXCEEDED)
+        except HandlerFailure as failure:
+            error = HandlerFailed(failure.message[:MAX_REASON_CHARS])
+            active.to(pb.RUN_STATE_FAILED)
+        except SwitchboardError as failure:
+            error = failure
+            active.to(pb.RUN_STATE_FAILED)
+        except Exception as exc:
+            if is_outage(exc):
+                # The database, not the handler: a precise UNAVAILABLE.
+                error = DatabaseUnavailable()
+            else:
+                log.exception("run failed unexpectedly", extra={"run": run.name})
+                error = InternalError("the handler failed unexpectedly")
+            active.to(pb.RUN_STATE_FAILED)
+        finally:
+            active.tools = None
+        await self.finish(active, error)
+
+    async def _drive(self, active: Active) -> tuple[cpb.Message, handler_pb2.HandleResult]:
+        """Context, handler, answer: everything a run does under its deadline."""
+        run = active.run
+        mono_deadline = time.monotonic() + active.timeout_s
+
+        def left() -> float:
+            return max(0.001, mono_deadline - time.monotonic())
+
+        async with asyncio.timeout(active.timeout_s):
+            assistant = active.assistant
+            budget = (
+                (assistant.context_token_budget if assistant is not None else 0)
+                or active.handler.capabilities.max_context_tokens
+                or 4000
+            )
+            # The member may have left since the message was queued. Checked
+            # alongside the window read (and the listing of the assistant's
+            # tools: one wait on the path to the first delta); nothing reaches
+            # the handler unless all succeed.
+            reads = asyncio.gather(
+                self._policy.authorize(
+                    active.principal, active.conversation, Permission.WRITE, "conversation"
+                ),
+                self._context.window(
+                    active.principal,
+                    cpb.GetContextWindowRequest(
+                        conversation=active.conversation, token_budget=budget
+                    ),
+                    timeout_s=left(),
+                ),
+            )
+            definitions: list[handler_pb2.ToolDefinition] = []
+            if assistant is not None and assistant.tools:
+                (_, window), (definitions, _) = await asyncio.gather(
+                    reads, offered_tools(self._tools, active.principal, assistant)
+                )
+            else:
+                _, window = await reads
+            self._begin(active)
+            if active.handler.kind != pb.HANDLER_KIND_BUILTIN:
+                await self._start_stored(active)
+            request = handler_pb2.HandleRequest(
+                run=run.name,
+                message=active.message,
+                context=window,
+                parameters=active.parameters,
+                user=active.principal.user_name,
+                flags=run.flags,
+                tools=definitions,
+                steps=active.job.steps,
+            )
+            if assistant is not None:
+                request.instructions = assistant.instructions
+                if assistant.HasField("model"):
+                    request.model.CopyFrom(assistant.model)
+            runner = self._runner(active, definitions, left)
+            if runner is not None:
+                request.max_tool_steps = step_limit(self._tool_limits, assistant)
+            result = await self._relay(active, HandleCall(request, mono_deadline, tools=runner))
+            if runner is not None:
+                await runner.drain()
+            output = await self._context.append_message(
+                active.principal,
+                cpb.AppendMessageRequest(
+                    parent=active.conversation,
+                    message=cpb.Message(
+                        role=cpb.MESSAGE_ROLE_ASSISTANT,
+                        author=run.handler,
+                        parts=result.parts,
+                        run=run.name,
+                    ),
+                    request_id=f"run-{active.run_id}",
+                ),
+                timeout_s=left(),
+            )
+        return output, result
+
+    def _runner(
+        self,
+        active: Active,
+        definitions: Sequence[handler_pb2.ToolDefinition],
+        left: Callable[[], float],
+    ) -> RunTools | None:
+        """The run's tool runner: when its assistant offers tools, or its handler is
+        an interactive expert (which may name any tool of the workspace when the
+        run has no assistant to say which)."""
+        interactive = active.handler.capabilities.interactive
+        assistant = active.assistant
+        # An assistant that enables tools gets a runner even when none can be
+        # offered now: a call the model makes anyway is answered, not fatal.
+        if not definitions and not interactive and not (assistant and assistant.tools):
+            return None
+        runner = RunTools(
+            _RunHost(self, active),
+            self._tools,
+            self._tool_limits,
+            principal=active.principal,
+            run=active.run,
+            job=active.job,
+            definitions=definitions,
+            workspace_id=active.workspace_id,
+            open_workspace=interactive and assistant is None,
+            max_steps=step_limit(self._tool_limits, assistant),
+            deadline=left,
+        )
+        active.tools = runner
+        return runner
+
+    async def _relay(self, active: Active, call: HandleCall) -> handler_pb2.HandleResult:
+        """The handler's frames into the run's updates; returns its result."""
+        frames = active.handler.handle(call)
+        emit = self._publishing.emit
+        # Deltas the handler yields without waiting in between (a fast model,
+        # several chunks in one network read, a busy server) go out as one
+        # delta, flushed once the handler waits: each update costs a feed
+        # entry, a frame per watcher and an event, however little text it holds.
+        pending: list[str] = []
+        pending_chars = 0
+        loop = asyncio.get_running_loop()
+
+        def flush() -> None:
+            nonlocal pending_chars
+            if pending:
+                update = pb.RunUpdate()
+                update.delta.text = "".join(pending)
+                pending.clear()
+                pending_chars = 0
+                emit(active, update)
+
+        runner = active.tools
+        saw_text = runner.saw_text if runner is not None else _ignore
+        if runner is not None:
+            runner.flush = flush  # a tool update goes after the text before it
+        try:
+            async for frame in frames:
+                if active.feed.last % SEQUENCE_BLOCK >= MAX_UPDATES:
+                    raise HandlerFailure("the handler sent more updates than a run may have")
+                kind = frame.WhichOneof("frame")
+                if kind == "delta":
+                    if not pending:
+                        loop.call_soon(flush)
+                    pending.append(frame.delta.text)
+                    pending_chars += len(frame.delta.text)
+                    saw_text(frame.delta.text)
+                    if pending_chars >= _MAX_MERGED_DELTA_CHARS:
+                        flush()
+                    continue
+                flush()
+                update = pb.RunUpdate()
+                if kind == "progress":
+                    active.run.progress.CopyFrom(frame.progress)
+                    update.progress.CopyFrom(frame.progress)
+                elif kind == "tool_call":
+                    update.tool_call.CopyFrom(frame.tool_call)
+                elif kind == "result":
+                    return frame.result
+                else:
+                    continue
+                emit(active, update)
+            flush()
+        finally:
+            # Cancelled or failed: text not yet out stays out, after the end.
+            pending.clear()
+            # An unfinished generator is closed now, not at garbage collection:
+            # a remote call or an HTTP response ends with the run.
+            close = getattr(frames, "aclose", None)
+            if close is not None:
+                await close()
+        raise HandlerFailure("the handler ended without a result")
+
+    def _begin(self, active: Active) -> None:
+        """The run has read its context: store RUNNING, publish its held events.
+
+        Held back until now because the path to the first delta is a chain of
+        database reads, and these writes, started alongside, made each of
+        those reads wait for the interpreter (measured: the first delta of an
+        idle server 22 -> 17 ms). Not awaited here: a built-in handler starts
+        while RUNNING is being stored (writes are committed in order, so it
+        lands before the final state), and a crash before it lands leaves the
+        run QUEUED, run again as one that never started. Handlers that act
+        outside the process wait for it (``_start_stored``).
+        """
+        if not active.held:
+            return
+        started = pb.Run()
+        started.CopyFrom(active.run)
+        active.saving = asyncio.ensure_future(
+            self._store.save(active.run_id, started, owner=self._limits.instance_id)
+        )
+        self._publishing.release(active)
+
+    async def finish(self, active: Active, error: SwitchboardError | None) -> None:
+        """The run's end: stored, announced, and its place given back."""
+        run = active.run
+        self._publishing.release(active)
+        await self._started_saved(active)
+        if error is not None:
+            run.error.CopyFrom(error_status(error))
+        run.end_time.FromDatetime(names.now())
+        await self._publishing.persist(active, "end")
+        self._feeds.close(active.feed)
+        self._live.runs.pop(run.name, None)
+        if active.ticket is not None:
+            self._scheduler.finished(active.ticket)
+        self._ended(active, error)
+
+    def _started(self, active: Active) -> None:
+        """Log and measure a run's start (its queue wait)."""
+        now = time.monotonic()
+        active.started_at = now
+        active.run.start_time.FromDatetime(names.now())
+        waited = now - active.queued_at if active.queued_at else 0.0
+        if self._metrics is not None:
+            self._metrics.run_queue_wait.observe(waited)
+        log.info(
+            "run started",
+            extra={
+                "run": active.run.name,
+                "handler": active.run.handler,
+                "queue_wait_ms": round(waited * 1000, 3),
+            },
+        )
+
+    def _ended(self, active: Active, error: SwitchboardError | None) -> None:
+        """Log and measure a run's end: state, handler, duration, usage."""
+        run = active.run
+        state = pb.RunState.Name(run.state)
+        duration = time.monotonic() - active.started_at if active.started_at else None
+        if self._metrics is not None:
+            label = handler_label(self._router, active.handler.capabilities.id, active.handler)
+            self._metrics.run_ended(label, run_state_label(state), duration)
+        usage = run.usage
+        log.info(
+            "run ended",
+            extra={
+                "run": run.name,
+                "handler": run.handler,
+                "state": state,
+                "reason": error.reason if error is not None else "",
+                "duration_ms": None if duration is None else round(duration * 1000, 3),
+                "input_tokens": usage.input_tokens,
+                "output_tokens": usage.output_tokens,
+                "cost_usd": usage.estimated_cost_usd,
+                "model": usage.model,
+            },
+        )
+
+    async def _start_stored(self, active: Active) -> None:
+        """Return once the database says RUNNING: a handler outside this process
+        (a model, a domain expert) and its tool calls act on the world.
+
+        Started before then, a crash before the start landed would leave the
+        run QUEUED, and recovery would run it again as one that never started,
+        even under the ``fail`` policy that promises a run's side effects are
+        never repeated. Built-in handlers do not wait (their first delta is the
+        path decision 24 measured); for the others it is one commit, already in
+        flight since ``_begin``, against a network call. A start the database
+        refused is stored again, retried as an end is.
+        """
+        saving = active.saving
+        stored: bool | None = None
+        if saving is not None:
+            try:
+                # Shielded: a cancel of the run leaves the save for ``finish`` to await.
+                stored = await asyncio.shield(saving)
+            except SwitchboardError:
+                log.warning(
+                    "could not store the start of a run; retrying", extra={"run": active.run.name}
+                )
+            active.saving = None
+        if stored is None:
+            stored = await self._publishing.save_until_stored(active, "start", None)
+        if stored is None:
+            raise RunInterrupted("the dispatcher stopped before the run's start was stored")
+        if not stored:
+            # Taken over meanwhile: its new owner runs or fails it, not this one.
+            raise RunInterrupted("another dispatcher instance took the run over")
+
+    async def _started_saved(self, active: Active) -> None:
+        if active.saving is not None:
+            try:
+                await active.saving
+            except SwitchboardError:
+                # The final save (retried until it lands) supersedes it.
+                log.warning("could not persist the start of a run", extra={"run": active.run.name})
+
+    async def _requeue_at_shutdown(self, active: Active) -> None:
+        self._publishing.release(active)
+        await self._started_saved(active)
+        run = active.run
+        active.to(pb.RUN_STATE_QUEUED)
+        queued_again(run)
+        await self._publishing.persist(active, "requeue")
+        log.info("run requeued at shutdown", extra={"run": run.name, "handler": run.handler})
+
+    async def _leave_paused(self, active: Active) -> None:
+        """Stopping while it waits for approvals: it stays stored as it is."""
+        self._publishing.release(active)
+        await self._started_saved(active)
+        self._feeds.close(active.feed)
+        self._live.runs.pop(active.run.name, None)
+
+    # -- pausing for approvals (the runner's host) ---------------------------------------
+
+    async def pause(self, active: Active) -> None:
+        await self._started_saved(active)
+        active.to(pb.RUN_STATE_REQUIRES_ACTION)
+        if active.ticket is not None:
+            self._scheduler.paused(active.ticket)
+        await self._publishing.persist(active, "pause", job=True)
+
+    async def resume(self, active: Active) -> None:
+        active.to(pb.RUN_STATE_RUNNING)
+        if active.ticket is not None:
+            self._scheduler.resumed(active.ticket)
+        await self._publishing.persist(active, "resume")
+
+    async def save_job(self, active: Active) -> None:
+        await self._store.save_job(
+            active.run_id, active.job.SerializeToString(), owner=self._limits.instance_id
+        )
+
+    def append(self, active: Active, request: cpb.AppendMessageRequest) -> Awaitable[cpb.Message]:
+        return self._context.append_message(active.principal, request, timeout_s=FINISH_TIMEOUT_S)
+
+    # -- cancelling -------------------------------------------------------------------
+
+    async def cancel(self, active: Active, error: SwitchboardError) -> None:
+        """End ``active`` with ``error``: withdrawn if still queued, else its task
+        is cancelled; returns once the run is recorded (not longer)."""
+        if active.run.state in TERMINAL:
+            return
+        if active.ticket is not None and self._scheduler.withdraw(active.ticket):
+            active.to(pb.RUN_STATE_CANCELLED)
+            active.ticket = None
+            await self.finish(active, error)
+            return
+        task = active.task
+        if task is None or task.done():
+            return
+        if active.cancel_error is None:
+            active.cancel_error = error
+        if active.started:
+            task.cancel()
+        # Wait for the handler to stop and the run to be recorded, not longer:
+        # CancelRun answers with the terminal run.
+        await asyncio.wait([task], timeout=FINISH_TIMEOUT_S)
+
+
+def _ignore(_text: str) -> None:
+    pass
+
+
+class _RunHost:
+    """The execution stage, as one run's tool runner sees it."""
+
+    def __init__(self, execution: Execution, active: Active) -> None:
+        self._execution = execution
+        self._active = active
+
+    def emit(self, update: pb.RunUpdate) -> None:
+        self._execution._publishing.emit(self._active, update)
+
+    async def pause(self) -> None:
+        await self._execution.pause(self._active)
+
+    async def resume(self) -> None:
+        await self._execution.resume(self._active)
+
+    def save_job(self) -> Awaitable[None]:
+        return self._execution.save_job(self._active)
+
+    def append(self, request: cpb.AppendMessageRequest) -> Awaitable[cpb.Message]:
+        return self._execution.append(self._active, request)

@@ -1,0 +1,198 @@
+"""Publishing: a run's updates to its watchers and to the event log.
+
+Every update is shown at once (the run's feed, for WatchRun and Converse) and
+becomes a RUN_UPDATED event, published by one publisher task per run so a
+run's events reach the log in update order on every backend. A state change
+is stored first and announced only once stored (``persist``): the feed and
+the events never say a run ended while the store says it runs (GetRun,
+ListRuns, the REJECT check, recovery).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Final
+
+from google.rpc import status_pb2
+
+from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.api.events.v1 import events_pb2
+from switchboard.dispatcher.lifecycle import Active
+from switchboard.dispatcher.live import FINISH_TIMEOUT_S, Live
+from switchboard.dispatcher.store import TERMINAL, RunStore
+from switchboard.platform import names
+from switchboard.platform.bus import EventBus
+from switchboard.platform.errors import Conflict, DependencyUnavailable, SwitchboardError
+from switchboard.platform.eventlog import Backoff
+from switchboard.platform.outbox import Staged
+from switchboard.platform.status import to_status_proto
+
+log = logging.getLogger("switchboard.dispatcher")
+
+#: Most run updates stored in one event log call (one pipeline on Redis).
+_PUBLISH_BATCH: Final = 256
+
+
+def error_status(error: SwitchboardError) -> status_pb2.Status:
+    return to_status_proto(error, "")
+
+
+def run_event(workspace_id: str, conversation_id: str, update: pb.RunUpdate) -> events_pb2.Event:
+    """``update`` as the RUN_UPDATED event on its workspace and conversation."""
+    event = events_pb2.Event(
+        type=events_pb2.EVENT_TYPE_RUN_UPDATED,
+        actor=events_pb2.Actor(name="system"),
+        workspace=f"workspaces/{workspace_id}",
+        conversation=f"workspaces/{workspace_id}/conversations/{conversation_id}",
+    )
+    event.run_updated.update.CopyFrom(update)
+    return event
+
+
+def snapshot(run: pb.Run) -> pb.RunUpdate:
+    """A state change carrying the whole run, at the run's own ``last_sequence``."""
+    update = pb.RunUpdate(run=run.name, sequence=run.last_sequence)
+    update.time.FromDatetime(names.now())
+    update.state_change.run.CopyFrom(run)
+    return update
+
+
+class Publishing:
+    def __init__(self, store: RunStore, bus: EventBus, live: Live, instance_id: str) -> None:
+        self._store = store
+        self._bus = bus
+        self._live = live
+        self._instance_id = instance_id
+        #: Every run's publisher task still running (``close`` waits for them).
+        self.publishers: set[asyncio.Task[None]] = set()
+
+    def state_changed(self, active: Active) -> None:
+        # The snapshot carries its own sequence, so a watcher that reads only
+        # the run (GetRun, a late WatchRun) knows where the stream stands.
+        active.run.last_sequence = active.feed.last + 1
+        update = pb.RunUpdate()
+        update.state_change.run.CopyFrom(active.run)
+        self.emit(active, update)
+
+    def emit(self, active: Active, update: pb.RunUpdate, *, with_end: bool = False) -> None:
+        """Show ``update`` to the run's watchers now and queue its event; ``with_end``:
+        its event waits for the run's end and is stored with it (``persist``):
+        one log batch fewer per run, and the result's event as durable as the end."""
+        active.feed.append(update)
+        event = run_event(active.workspace_id, active.conversation_id, update)
+        if with_end:
+            active.ending.append(event)
+            return
+        active.outbox.append(event)
+        if not active.held and (active.publisher is None or active.publisher.done()):
+            self._start_publisher(active)
+
+    def release(self, active: Active) -> None:
+        """Publish the run's held events (it waits in the queue, or it ended
+        before reading its context: its end is stored next, RUNNING never)."""
+        if active.held:
+            active.held = False
+            if active.outbox:
+                self._start_publisher(active)
+
+    def _start_publisher(self, active: Active) -> None:
+        task = asyncio.get_running_loop().create_task(self._publish(active))
+        active.publisher = task
+        self.publishers.add(task)
+        task.add_done_callback(self.publishers.discard)
+
+    async def _publish(self, active: Active) -> None:
+        # One publisher per run: its events reach the log in update order on
+        # every backend, while runs publish independently of each other.
+        # Everything emitted while the previous batch was being stored goes
+        # in the next one: a fast handler costs a few log writes, not one per update.
+        outbox = active.outbox
+        while outbox:
+            batch = [outbox.popleft() for _ in range(min(len(outbox), _PUBLISH_BATCH))]
+            try:
+                await self._bus.publish_many(batch)
+            except SwitchboardError:
+                if self._bus.outbox is not None:
+                    self._bus.outbox.failed(batch)  # a stored end: the relay publishes it
+                log.warning("run updates not published", extra={"run": active.run.name})
+
+    async def persist(self, active: Active, what: str, *, job: bool = False) -> None:
+        """Store the run as it now stands, then announce it as a state change.
+
+        Announced only once stored: the feed and the events never say a run
+        ended while the store says it runs (GetRun, ListRuns, the REJECT
+        check, recovery). A save that fails is retried until the database
+        answers; if this process stops first, nothing was announced and the
+        next owner applies the recovery policy to what is stored.
+        """
+        async with active.persisting:
+            await self._persist_now(active, what, job)
+
+    async def _persist_now(self, active: Active, what: str, job: bool) -> None:
+        run = active.run
+        run.last_sequence = active.feed.last + 1
+        # Its event is written with it (the outbox): a crash right after the
+        # commit cannot leave a stored end that no watcher ever hears of.
+        update = pb.RunUpdate(run=run.name, sequence=run.last_sequence)
+        update.time.FromDatetime(names.now())
+        update.state_change.run.CopyFrom(run)
+        event = run_event(active.workspace_id, active.conversation_id, update)
+        # The end carries the result's event: both in the end's transaction
+        # (a crash right after it loses neither), then one log batch for both.
+        events = [*active.ending, event] if run.state in TERMINAL else [event]
+        staged: Staged[bool] = Staged(self._bus.outbox, lambda stored: events if stored else [])
+        data = active.job.SerializeToString() if job else None
+        saved = await self.save_until_stored(active, what, staged, data)
+        if saved:
+            planned = update.sequence
+            active.feed.append(update)
+            if update.sequence != planned:
+                # An interactive expert streamed while this was stored: the
+                # feed numbered it after those updates; the event says the same.
+                event.run_updated.update.sequence = update.sequence
+            outbox = self._bus.outbox
+            if outbox is not None:
+                outbox.publishing(events)
+            active.outbox.extend(events)
+            active.ending.clear()
+            if active.publisher is None or active.publisher.done():
+                self._start_publisher(active)
+        elif saved is False:
+            log.warning(
+                "a run was taken over by another instance; its end here is not announced",
+                extra={"run": run.name, "what": what},
+            )
+
+    async def save_until_stored(
+        self, active: Active, what: str, staged: Staged[bool] | None, job: bytes | None = None
+    ) -> bool | None:
+        """True once saved, False if another instance owns it now, None if stopping first."""
+        backoff = Backoff(0.05, 2.0)
+        began = time.monotonic()
+        warned = False
+        while True:
+            try:
+                async with asyncio.timeout(FINISH_TIMEOUT_S):
+                    return await self._store.save(
+                        active.run_id,
+                        active.run,
+                        owner=self._instance_id,
+                        staged=staged,
+                        job=job,
+                    )
+            except (DependencyUnavailable, Conflict, TimeoutError):
+                if self._live.closing and time.monotonic() - began >= FINISH_TIMEOUT_S:
+                    log.warning(
+                        "a run could not be stored before stopping; its next owner recovers it",
+                        extra={"run": active.run.name, "what": what},
+                    )
+                    return None
+                if not warned:
+                    warned = True
+                    log.warning(
+                        "could not store a run; retrying until the database answers",
+                        extra={"run": active.run.name, "what": what},
+                    )
+            await backoff.wait()

@@ -1,0 +1,265 @@
+"""Queries: reading runs and what a message would use (get, list, watch, describe).
+
+Read-only: a live run is read from this process (``Live``), any other from the
+store; WatchRun follows the run's feed here, or the shared event log when the
+run lives on another replica or ended long ago. ``describe_conversation`` sits
+here because it changes nothing: it answers with admission's own choice of
+assistant and handler (``admission.assistant_for``) for a message sent now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+from collections.abc import AsyncIterator
+
+from switchboard.api.context.v1 import context_pb2 as cpb
+from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.api.events.v1 import events_pb2
+from switchboard.dispatcher.admission import HANDLER, assistant_for
+from switchboard.dispatcher.assistants import Assistants
+from switchboard.dispatcher.contextport import ContextPort
+from switchboard.dispatcher.execution import step_limit
+from switchboard.dispatcher.feed import Feeds
+from switchboard.dispatcher.handlers import Handler
+from switchboard.dispatcher.live import FINISH_TIMEOUT_S, Limits, Live
+from switchboard.dispatcher.llm import LlmHandler
+from switchboard.dispatcher.publishing import snapshot
+from switchboard.dispatcher.router import Router
+from switchboard.dispatcher.store import TERMINAL, RunStore
+from switchboard.dispatcher.toolport import ToolPort
+from switchboard.dispatcher.toolrunner import ToolLimits, offered_tools
+from switchboard.platform import names, pagination
+from switchboard.platform.bus import EventBus
+from switchboard.platform.errors import FieldViolation, InvalidArgument
+from switchboard.platform.policy import Principal
+
+
+class Queries:
+    def __init__(
+        self,
+        live: Live,
+        store: RunStore,
+        feeds: Feeds,
+        bus: EventBus,
+        router: Router,
+        context: ContextPort,
+        assistants: Assistants,
+        page_tokens: pagination.PageTokens,
+        limits: Limits,
+        *,
+        tools: ToolPort,
+        tool_limits: ToolLimits,
+    ) -> None:
+        self._live = live
+        self._store = store
+        self._feeds = feeds
+        self._bus = bus
+        self._router = router
+        self._context = context
+        self._assistants = assistants
+        self._pages = page_tokens
+        self._limits = limits
+        self._tools = tools
+        self._tool_limits = tool_limits
+        #: Open WatchRun and Converse watches of this process's runs.
+        self.watchers = 0
+
+    async def get_run(self, name: str) -> pb.Run:
+        found = names.match(names.RUN, name, "name")
+        active = self._live.runs.get(name)
+        if active is not None:
+            return self._live.current(active.run)
+        stored = await self._store.get(found[1], found[2], found[3])
+        return stored.run
+
+    async def list_runs(self, request: pb.ListRunsRequest) -> pb.ListRunsResponse:
+        found = names.match(names.CONVERSATION, request.parent, "parent")
+        size = pagination.page_size(request.page_size, default=20, maximum=100)
+        states = sorted(set(request.states))
+        token = pagination.fingerprint("runs", request.parent, states)
+        after: tuple[dt.datetime, str] | None = None
+        if request.page_token:
+            stamp, last = self._pages.decode(
+                request.page_token, token, (pagination.ISO_TIME, pagination.ID)
+            )
+            after = (dt.datetime.fromisoformat(str(stamp)), str(last))
+        rows = await self._store.page(
+            found[1], found[2], states=states, after=after, limit=size + 1
+        )
+        response = pb.ListRunsResponse()
+        for row in rows[:size]:
+            response.runs.append(self._live.current(pb.Run.FromString(row.data)))
+        if len(rows) > size:
+            last_row = rows[size - 1]
+            response.next_page_token = self._pages.encode(
+                [last_row.created_at.isoformat(), last_row.id], token
+            )
+        return response
+
+    async def list_handlers(self, request: pb.ListHandlersRequest) -> pb.ListHandlersResponse:
+        workspace_id = names.match(names.WORKSPACE, request.parent, "parent")[1]
+        size = pagination.page_size(request.page_size, default=50, maximum=100)
+        token = pagination.fingerprint("handlers", request.parent)
+        after = ""
+        if request.page_token:
+            after = str(self._pages.decode(request.page_token, token, (pagination.ID,))[0])
+        listed = await self._router.listed(workspace_id)
+        handlers = [h for h in listed if h.capabilities.id > after]
+        response = pb.ListHandlersResponse()
+        for handler in handlers[:size]:
+            response.handlers.append(_handler_proto(handler))
+        if len(handlers) > size:
+            response.next_page_token = self._pages.encode(
+                [handlers[size - 1].capabilities.id], token
+            )
+        return response
+
+    async def watch(self, name: str, after_sequence: int) -> AsyncIterator[pb.RunUpdate | None]:
+        """The run's updates after ``after_sequence``; ``None`` for a heartbeat."""
+        self.watchers += 1
+        try:
+            async for update in self._watch(name, after_sequence):
+                yield update
+        finally:
+            self.watchers -= 1
+
+    async def _watch(self, name: str, after_sequence: int) -> AsyncIterator[pb.RunUpdate | None]:
+        found = names.match(names.RUN, name, "name")
+        if after_sequence < 0:
+            raise InvalidArgument(
+                "after_sequence must not be negative",
+                [FieldViolation("after_sequence", "must not be negative")],
+            )
+        feed = self._feeds.get(name)
+        if feed is None:
+            stored = await self._store.get(found[1], found[2], found[3])
+            async for update in self._watch_stored(stored.run, after_sequence):
+                yield update
+            return
+        if after_sequence < feed.first - 1:
+            # Older updates are gone (a restart, or an endless stream trimmed):
+            # start from a snapshot of the run, then follow without gaps.
+            active = self._live.runs.get(name)
+            if active is not None:
+                current = self._live.current(active.run)
+            else:
+                current = (await self._store.get(found[1], found[2], found[3])).run
+            current.last_sequence = feed.first - 1
+            first = snapshot(current)
+            yield first
+            after_sequence = first.sequence
+        position, ended = after_sequence, False
+        async for update in feed.follow(after_sequence, heartbeat_s=self._limits.heartbeat_s):
+            if update is not None:
+                position = update.sequence
+                ended = update.state_change.run.state in TERMINAL
+            yield update
+        if not ended:
+            # The feed closed without an end: another instance took the run over
+            # (this one lost its lease). Its end comes from the new owner's events.
+            stored = await self._store.get(found[1], found[2], found[3])
+            async for update in self._watch_stored(stored.run, position):
+                yield update
+
+    async def _watch_stored(
+        self, run: pb.Run, after_sequence: int
+    ) -> AsyncIterator[pb.RunUpdate | None]:
+        """A run without a feed here: finished long ago, or owned by another replica."""
+        found = names.match(names.RUN, run.name, "name")
+        queue: asyncio.Queue[pb.RunUpdate] = asyncio.Queue(maxsize=10_000)
+
+        def listener(event: events_pb2.Event) -> None:
+            if (
+                event.type == events_pb2.EVENT_TYPE_RUN_UPDATED
+                and event.run_updated.update.run == run.name
+            ):
+                with contextlib.suppress(asyncio.QueueFull):
+                    queue.put_nowait(event.run_updated.update)
+
+        unsubscribe = self._bus.listen(listener)
+        try:
+            position = after_sequence
+            if run.last_sequence > position:
+                position = run.last_sequence
+                yield snapshot(run)
+            if run.state in TERMINAL:
+                return
+            while True:
+                try:
+                    async with asyncio.timeout(self._limits.heartbeat_s):
+                        update = await queue.get()
+                except TimeoutError:
+                    # Idle: did it end without this process hearing of it (its
+                    # end published while this one could not read the log)?
+                    stored = await self._store.get(found[1], found[2], found[3])
+                    if stored.run.state in TERMINAL and stored.run.last_sequence > position:
+                        yield snapshot(stored.run)
+                        return
+                    yield None
+                    continue
+                if update.sequence <= position:
+                    continue
+                position = update.sequence
+                yield update
+                if (
+                    update.WhichOneof("update") == "state_change"
+                    and update.state_change.run.state in TERMINAL
+                ):
+                    return
+        finally:
+            unsubscribe()
+
+    async def describe_conversation(
+        self, principal: Principal, request: pb.DescribeConversationRequest
+    ) -> pb.DescribeConversationResponse:
+        found = names.match(names.CONVERSATION, request.conversation, "conversation")
+        workspace_id = found[1]
+        if request.handler and not HANDLER.fullmatch(request.handler):
+            raise InvalidArgument(
+                "the request is invalid", [FieldViolation("handler", "must be handlers/{id}")]
+            )
+        # NOT_FOUND for a conversation that is not there (the access rule
+        # checked the workspace only).
+        await self._context.conversation(
+            principal, request.conversation, timeout_s=FINISH_TIMEOUT_S
+        )
+        assistant = await assistant_for(
+            self._assistants, workspace_id, request.assistant, request.handler
+        )
+        forced = request.handler
+        if assistant is not None:
+            forced = assistant.handler or "handlers/llm"
+        local = await self._router.local(workspace_id)
+        choice = self._router.choose(forced, workspace_id, cpb.Message(), local)
+        handler = choice.handler
+        response = pb.DescribeConversationResponse(
+            handler=_handler_proto(handler),
+            context_token_budget=(
+                (assistant.context_token_budget if assistant is not None else 0)
+                or handler.capabilities.max_context_tokens
+                or 4000
+            ),
+        )
+        if assistant is not None:
+            response.assistant.CopyFrom(assistant)
+        definitions, unavailable = await offered_tools(self._tools, principal, assistant)
+        response.tools.extend(definitions)
+        response.unavailable_tools.extend(unavailable)
+        if definitions or handler.capabilities.interactive:
+            response.max_tool_steps = step_limit(self._tool_limits, assistant)
+        if isinstance(handler, LlmHandler):
+            response.model = handler.model_label(assistant.model if assistant is not None else None)
+        return response
+
+
+def _handler_proto(handler: Handler) -> pb.Handler:
+    return pb.Handler(
+        name=f"handlers/{handler.capabilities.id}",
+        kind=handler.kind,
+        capabilities=handler.capabilities,
+        available=handler.available(),
+        # Set for a workspace's own experts (operator-level handlers have none).
+        integration=getattr(handler, "integration", ""),
+    )

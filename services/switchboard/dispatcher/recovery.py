@@ -1,0 +1,247 @@
+"""Recovery: leases, takeover and reaping.
+
+Runs belong to the instance that admitted them. Each instance renews a lease
+in the database; a restarted dispatcher takes its runs back (``recover``), and
+so does any other replica once the owner's lease has expired (it died and did
+not come back): queued ones are queued again; running ones fail with
+RUN_INTERRUPTED or are queued again, by ``SWITCHBOARD_DISPATCHER_RECOVERY``; a
+paused one resumes whatever the policy. A recovered run goes back through the
+scheduler (``Admission.admit``) and continues in the next sequence block
+(``live.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.dispatcher.feed import Feeds
+from switchboard.dispatcher.lifecycle import Active
+from switchboard.dispatcher.live import (
+    FINISH_TIMEOUT_S,
+    Limits,
+    Live,
+    handler_label,
+    next_block,
+    queued_again,
+)
+from switchboard.dispatcher.publishing import Publishing, error_status, run_event, snapshot
+from switchboard.dispatcher.router import Router
+from switchboard.dispatcher.store import RunStore, Stored
+from switchboard.internal.dispatcher.v1 import job_pb2
+from switchboard.platform import names
+from switchboard.platform.bus import EventBus
+from switchboard.platform.db import log_failure
+from switchboard.platform.errors import HandlerFailed, RunInterrupted, SwitchboardError
+from switchboard.platform.metrics import Metrics, run_state_label
+from switchboard.platform.outbox import Staged
+from switchboard.platform.policy import AuthMethod, Principal, Scope
+
+log = logging.getLogger("switchboard.dispatcher")
+
+
+def read_job(data: bytes) -> tuple[Principal, job_pb2.RunJob]:
+    """The stored job, and the principal the run acts for."""
+    job = job_pb2.RunJob.FromString(data)
+    principal = Principal(
+        user_id=job.user_id,
+        auth_method=AuthMethod(job.auth_method),
+        scopes=frozenset(Scope(s) for s in job.scopes),
+        session_id=job.session_id,
+        api_key_id=job.api_key_id,
+    )
+    return principal, job
+
+
+class Recovery:
+    def __init__(
+        self,
+        live: Live,
+        store: RunStore,
+        bus: EventBus,
+        router: Router,
+        feeds: Feeds,
+        publishing: Publishing,
+        limits: Limits,
+        *,
+        admit: Callable[[Active], None],
+        metrics: Metrics | None,
+    ) -> None:
+        self._live = live
+        self._store = store
+        self._bus = bus
+        self._router = router
+        self._feeds = feeds
+        self._publishing = publishing
+        self._limits = limits
+        #: Back to the scheduler (``Admission.admit``, forced: the run is already stored).
+        self._admit = admit
+        self._metrics = metrics
+        # Where other replicas reach this one (its lease says so); "" until known.
+        self._address = ""
+        self._leasing: asyncio.Task[None] | None = None
+        # Since when every lease renewal succeeded (None: the last one failed).
+        self._leased_since: float | None = None
+        # Runs taken over or found at start that the database refused to recover yet.
+        self._unrecovered: list[tuple[Stored, str]] = []
+
+    async def start(self) -> None:
+        await self._renew_lease()
+        await self.recover()
+        self._leasing = asyncio.create_task(self._lease_loop(), name="dispatcher-lease")
+
+    async def stop(self) -> None:
+        if self._leasing is not None:
+            self._leasing.cancel()
+            await asyncio.wait([self._leasing], timeout=FINISH_TIMEOUT_S)
+
+    async def advertise(self, address: str) -> None:
+        """Other replicas reach this one at ``address`` (``host:port``) from now on.
+
+        Known once the server is bound, after ``start``: stored in the lease at
+        once, so a run this replica recovered at start is reachable before the
+        server takes calls.
+        """
+        self._address = address
+        await self._renew_lease()
+
+    async def _renew_lease(self) -> None:
+        until = names.now() + dt.timedelta(seconds=self._limits.lease_s)
+        await self._store.renew_lease(self._limits.instance_id, until, self._address)
+        if self._leased_since is None:
+            self._leased_since = time.monotonic()
+
+    async def _lease_loop(self) -> None:
+        """Renew this instance's lease; take over the runs of instances whose lease expired."""
+        while True:
+            await asyncio.sleep(self._limits.lease_s / 3)  # a periodic job, not synchronization
+            try:
+                await self._renew_lease()
+                if self._unrecovered:
+                    retry, self._unrecovered = self._unrecovered, []
+                    for item, why in retry:
+                        await self._recover([item], why)
+                # Only after a whole lease of renewals: when the database comes
+                # back from an outage, every live instance gets its turn to
+                # renew before anyone is judged dead.
+                leased_since = self._leased_since
+                if leased_since is not None and (
+                    time.monotonic() - leased_since >= self._limits.lease_s
+                ):
+                    await self._reap()
+            except asyncio.CancelledError:
+                raise
+            except SwitchboardError:
+                self._leased_since = None
+                log.warning("dispatcher lease not renewed; retrying")
+            except Exception as exc:  # noqa: BLE001 - logged by log_failure
+                self._leased_since = None
+                log_failure(log, "dispatcher lease loop failed; retrying", exc)
+
+    async def _reap(self) -> None:
+        for dead in await self._store.expired_owners(self._limits.instance_id):
+            taken = await self._store.take_over(dead, self._limits.instance_id)
+            if taken:
+                log.warning(
+                    "runs taken over from an instance whose lease expired",
+                    extra={"instance": dead, "count": len(taken)},
+                )
+                await self._recover(taken, f"dispatcher {dead} stopped")
+
+    async def recover(self) -> None:
+        """Take back the active runs this instance owned before it stopped."""
+        stored = await self._store.owned_active(self._limits.instance_id)
+        await self._recover(stored, "the dispatcher restarted")
+
+    async def _recover(self, stored: Sequence[Stored], why: str) -> None:
+        """Apply the recovery policy to ``stored`` (runs this instance now owns);
+        a run the database refuses now is tried again by the lease loop."""
+        for item in stored:
+            try:
+                await self._recover_one(item, why)
+            except SwitchboardError:
+                log.warning("run not recovered yet; retrying", extra={"run": item.run.name})
+                self._unrecovered.append((item, why))
+        if stored:
+            log.info("runs recovered", extra={"count": len(stored)})
+
+    async def _recover_one(self, item: Stored, why: str) -> None:
+        if item.run.name in self._live.runs:
+            return
+        run = pb.Run()
+        run.CopyFrom(item.run)  # a refused attempt is retried from what is stored
+        # A new attempt, numbered after anything the last one may have shown.
+        run.last_sequence = next_block(run.last_sequence)
+        item = Stored(run, item.job, item.workspace_id, item.conversation_id)
+        if run.state == pb.RUN_STATE_RUNNING and self._limits.recovery == "fail":
+            await self._end_unstarted(item, RunInterrupted(f"{why} while the run was running"))
+            log.warning(
+                "run failed in recovery",
+                extra={"run": run.name, "handler": run.handler, "why": why, "policy": "fail"},
+            )
+            return
+        principal, job = read_job(item.job)
+        handler = await self._router.find(item.workspace_id, run.handler.removeprefix("handlers/"))
+        if handler is None:
+            await self._end_unstarted(
+                item, HandlerFailed(f"handler {run.handler} is no longer configured")
+            )
+            log.warning(
+                "run failed in recovery",
+                extra={"run": run.name, "handler": run.handler, "why": "handler gone"},
+            )
+            return
+        run_id = run.name.rsplit("/", 1)[-1]
+        # A paused run resumes whatever the policy: waiting for a person is a
+        # state it was meant to be stored in, and its steps are in its job.
+        requeued = run.state in (pb.RUN_STATE_RUNNING, pb.RUN_STATE_REQUIRES_ACTION)
+        if requeued:
+            queued_again(run)
+            run.last_sequence += 1  # its QUEUED update opens the new block
+        # The new block is stored before this attempt shows anything.
+        if not await self._store.save(run_id, run, owner=self._limits.instance_id):
+            return  # purged, or taken by another instance meanwhile
+        feed = self._feeds.open(run.name, first=run.last_sequence + (0 if requeued else 1))
+        active = Active(
+            run=run,
+            run_id=run_id,
+            workspace_id=item.workspace_id,
+            conversation_id=item.conversation_id,
+            principal=principal,
+            handler=handler,
+            job=job,
+            feed=feed,
+        )
+        if requeued:
+            self._publishing.state_changed(active)  # the QUEUED update, at run.last_sequence
+        self._live.runs[run.name] = active
+        log.info(
+            "run recovered",
+            extra={
+                "run": run.name,
+                "handler": run.handler,
+                "why": why,
+                "state": pb.RunState.Name(item.run.state),
+                "action": "requeued" if requeued else "queued",
+            },
+        )
+        self._admit(active)
+
+    async def _end_unstarted(self, item: Stored, error: SwitchboardError) -> None:
+        run = item.run
+        run.state = pb.RUN_STATE_FAILED
+        run.error.CopyFrom(error_status(error))
+        run.end_time.FromDatetime(names.now())
+        run.last_sequence += 1
+        event = run_event(item.workspace_id, item.conversation_id, snapshot(run))
+        staged: Staged[bool] = Staged(self._bus.outbox, lambda saved: [event] if saved else [])
+        run_id = run.name.rsplit("/", 1)[-1]
+        await self._store.save(run_id, run, owner=self._limits.instance_id, staged=staged)
+        await self._bus.publish_staged(staged.events)
+        if self._metrics is not None:
+            label = handler_label(self._router, run.handler.removeprefix("handlers/"))
+            self._metrics.run_ended(label, run_state_label(pb.RunState.Name(run.state)), None)
