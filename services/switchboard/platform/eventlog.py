@@ -54,7 +54,7 @@ from sqlalchemy.orm import Session
 
 from switchboard.api.events.v1 import events_pb2
 from switchboard.platform import names, telemetry
-from switchboard.platform.backoff import Backoff as Backoff  # noqa: PLC0414 - for dispatcher
+from switchboard.platform.backoff import Backoff
 from switchboard.platform.cache import binary_client, redacted_url
 from switchboard.platform.db import Database, log_failure
 from switchboard.platform.errors import DependencyUnavailable
