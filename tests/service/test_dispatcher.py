@@ -18,6 +18,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc import aio
+from sqlalchemy import create_engine, text
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
@@ -642,6 +643,57 @@ async def test_a_restart_recovers_queued_and_running_runs(policy: str, tmp_path:
             second = await finished(dstub, caller, queued.run.name)
             assert second.state == pb.RUN_STATE_SUCCEEDED
             assert second.output_message
+    finally:
+        await again.shutdown(grace=0)
+
+
+async def test_a_run_whose_stored_job_cannot_be_read_fails_and_the_others_recover(
+    tmp_path: Path,
+) -> None:
+    """A job in a form this version no longer reads (the JSON of before runs had tools)
+    fails its run at recovery; the server starts and recovers every other run."""
+    key_file = tmp_path / "k1.pem"
+    key_file.write_bytes(private_key_pem(SigningKey.generate("k1")))
+    url = fresh_database_url()
+    common: dict[str, Any] = {
+        "database_url": url,
+        "instance_id": "recovering",
+        "dispatcher_recovery": "requeue",
+        "signing_keys": (str(key_file),),
+    }
+    server, _ = await create_server(make_settings(**common))
+    await server.start()
+    async with aio.insecure_channel(server.address) as channel:
+        stub, dstub = context_stub(channel), dispatcher_stub(channel)
+        world = await ctx_world(server, stub)
+        conversation = (await create_conversation(stub, world.editor, world.name)).name
+        running = await send(dstub, world.editor, request(conversation, "slow", delay_ms=SLOW))
+        await until(dstub, world.editor, running.run.name, "delta")
+        queued = await send(dstub, world.editor, request(conversation, "old job"))
+    await server.shutdown(grace=0)
+    legacy = b'{"user": "u", "method": 1, "scopes": [], "session": null, "api_key": null}'
+    engine = create_engine(url.replace("+aiosqlite", ""))
+    with engine.begin() as db:
+        changed = db.execute(
+            text("UPDATE runs SET job = :job WHERE id = :id"),
+            {"job": legacy, "id": queued.run.name.rsplit("/", 1)[-1]},
+        )
+        assert changed.rowcount == 1
+    engine.dispose()
+
+    again, _ = await create_server(make_settings(**common))
+    await again.start()
+    try:
+        async with aio.insecure_channel(again.address) as channel:
+            dstub = dispatcher_stub(channel)
+            old = await get_run(dstub, world.editor, queued.run.name)
+            assert old.state == pb.RUN_STATE_FAILED
+            assert reason_of(old) == "ERROR_REASON_RUN_INTERRUPTED"
+            assert "cannot be read" in old.error.message
+            # The other run was recovered: queued again, it runs to its answer.
+            other = await finished(dstub, world.editor, running.run.name)
+            assert other.state == pb.RUN_STATE_SUCCEEDED
+            assert other.output_message
     finally:
         await again.shutdown(grace=0)
 

@@ -18,6 +18,8 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
+from google.protobuf.message import DecodeError
+
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.feed import Feeds
 from switchboard.dispatcher.lifecycle import Active
@@ -184,7 +186,19 @@ class Recovery:
                 extra={"run": run.name, "handler": run.handler, "why": why, "policy": "fail"},
             )
             return
-        principal, job = read_job(item.job)
+        try:
+            principal, job = read_job(item.job)
+        except DecodeError:
+            # A job this version cannot read (one stored before runs had tools: its
+            # reader is gone, docs/decisions.md): that run fails, the others recover.
+            await self._end_unstarted(
+                item, RunInterrupted(f"{why}; its stored job cannot be read by this version")
+            )
+            log.warning(
+                "run failed in recovery",
+                extra={"run": run.name, "handler": run.handler, "why": "unreadable job"},
+            )
+            return
         handler = await self._router.find(item.workspace_id, run.handler.removeprefix("handlers/"))
         if handler is None:
             await self._end_unstarted(
