@@ -180,34 +180,21 @@ class Recovery:
         run.last_sequence = next_block(run.last_sequence)
         item = Stored(run, item.job, item.workspace_id, item.conversation_id)
         if run.state == pb.RUN_STATE_RUNNING and self._limits.recovery == "fail":
-            await self._end_unstarted(item, RunInterrupted(f"{why} while the run was running"))
-            log.warning(
-                "run failed in recovery",
-                extra={"run": run.name, "handler": run.handler, "why": why, "policy": "fail"},
-            )
+            error = RunInterrupted(f"{why} while the run was running")
+            await self._fail_unstarted(item, error, why=why, policy="fail")
             return
         try:
             principal, job = read_job(item.job)
         except DecodeError:
             # A job this version cannot read (one stored before runs had tools: its
             # reader is gone, docs/decisions.md): that run fails, the others recover.
-            await self._end_unstarted(
-                item, RunInterrupted(f"{why}; its stored job cannot be read by this version")
-            )
-            log.warning(
-                "run failed in recovery",
-                extra={"run": run.name, "handler": run.handler, "why": "unreadable job"},
-            )
+            error = RunInterrupted(f"{why}; its stored job cannot be read by this version")
+            await self._fail_unstarted(item, error, why="unreadable job")
             return
         handler = await self._router.find(item.workspace_id, run.handler.removeprefix("handlers/"))
         if handler is None:
-            await self._end_unstarted(
-                item, HandlerFailed(f"handler {run.handler} is no longer configured")
-            )
-            log.warning(
-                "run failed in recovery",
-                extra={"run": run.name, "handler": run.handler, "why": "handler gone"},
-            )
+            gone = HandlerFailed(f"handler {run.handler} is no longer configured")
+            await self._fail_unstarted(item, gone, why="handler gone")
             return
         run_id = run.name.rsplit("/", 1)[-1]
         # A paused run resumes whatever the policy: waiting for a person is a
@@ -244,6 +231,14 @@ class Recovery:
             },
         )
         self._admit(active)
+
+    async def _fail_unstarted(self, item: Stored, error: SwitchboardError, **why: str) -> None:
+        """End a run recovery does not start, and say why in the log."""
+        await self._end_unstarted(item, error)
+        log.warning(
+            "run failed in recovery",
+            extra={"run": item.run.name, "handler": item.run.handler, **why},
+        )
 
     async def _end_unstarted(self, item: Stored, error: SwitchboardError) -> None:
         run = item.run
