@@ -388,6 +388,18 @@ def _describe(exc: BaseException, timeout_s: float) -> str:
     return "the request failed"
 
 
+@dataclass(frozen=True)
+class _Request:
+    """One attempt's request: the breaker's name, the ``webhook-id``, the body, the
+    signing secrets (none: unsigned) and the endpoint's own headers."""
+
+    name: str
+    msg_id: str
+    body: str
+    secrets: Sequence[str]
+    headers: dict[str, str]
+
+
 class WebhookEngine:
     """The feeder, the sender and the queries of webhook deliveries in one process.
 
@@ -768,18 +780,12 @@ class WebhookEngine:
             headers["authorization"] = f"{push.auth_scheme} {credentials}".strip()
         return headers, ""
 
-    async def _attempt(self, claimed: Claimed) -> Outcome:
-        name = integration_name(claimed.workspace_id, claimed.integration_id)
-        extra: dict[str, str] = {}
-        if claimed.push is not None:
-            name = f"workspaces/{claimed.workspace_id}/pushConfigs/{claimed.integration_id}"
-            try:
-                extra, secret = self._push_headers(claimed, claimed.push)
-            except Exception:  # noqa: BLE001 - a sealed secret this server cannot open
-                log.warning("push config secret cannot be opened", extra={"endpoint": name})
-                return self._failed(claimed, 0, "the config's secrets cannot be read", None)
-            secrets = [secret] if secret else []
-        else:
+    def _shape(self, claimed: Claimed) -> _Request | Outcome:
+        """What one attempt sends: a webhook's Standard Webhooks event, signed with its
+        secrets, or a push config's A2A body with its own headers; else why it cannot."""
+        event = events_pb2.Event.FromString(claimed.data)
+        if claimed.push is None:
+            name = integration_name(claimed.workspace_id, claimed.integration_id)
             try:
                 secrets = self._signing_secrets(claimed, name)
             except Exception:  # noqa: BLE001 - a sealed secret this server cannot open
@@ -787,6 +793,25 @@ class WebhookEngine:
                 return self._failed(claimed, 0, "the signing secret cannot be read", None)
             if not secrets:
                 return self._failed(claimed, 0, "the webhook has no signing secret", None)
+            return _Request(name, claimed.event_id, payload(event), secrets, {})
+        name = f"workspaces/{claimed.workspace_id}/pushConfigs/{claimed.integration_id}"
+        try:
+            extra, secret = self._push_headers(claimed, claimed.push)
+        except Exception:  # noqa: BLE001 - a sealed secret this server cannot open
+            log.warning("push config secret cannot be opened", extra={"endpoint": name})
+            return self._failed(claimed, 0, "the config's secrets cannot be read", None)
+        if self._push_format is None:
+            raise RuntimeError("push configs are delivered without a formatter")
+        # Unique per config and status change, the same on every retry.
+        msg_id = f"{claimed.integration_id}.{claimed.event_id}"
+        secrets = [secret] if secret else []
+        return _Request(name, msg_id, self._push_format(event), secrets, extra)
+
+    async def _attempt(self, claimed: Claimed) -> Outcome:
+        request = self._shape(claimed)
+        if isinstance(request, Outcome):
+            return request
+        name = request.name
         try:
             permit = await self._breakers.acquire(name, label=f"integration {name}")
         except CircuitOpen as exc:
@@ -799,7 +824,7 @@ class WebhookEngine:
                 counted=False,
             )
         try:
-            answer = await self._post(claimed, secrets, extra)
+            answer = await self._post(claimed.endpoint, request)
         except asyncio.CancelledError:
             permit.released()
             raise
@@ -819,34 +844,25 @@ class WebhookEngine:
         await permit.failed()
         return self._failed(claimed, answer.status, answer.error, answer.retry_after_s)
 
-    async def _post(
-        self, claimed: Claimed, secrets: Sequence[str], extra: dict[str, str]
-    ) -> Attempt:
+    async def _post(self, endpoint: str, request: _Request) -> Attempt:
         client = self._client
         if client is None:
             raise RuntimeError("the webhook engine is not started")
-        event = events_pb2.Event.FromString(claimed.data)
-        msg_id = claimed.event_id
-        if claimed.push is not None:
-            if self._push_format is None:
-                raise RuntimeError("push configs are delivered without a formatter")
-            body = self._push_format(event)
-            # Unique per config and status change, the same on every retry.
-            msg_id = f"{claimed.integration_id}.{claimed.event_id}"
-        else:
-            body = payload(event)
         sent_at = now()
         headers = {
-            **extra,
-            "webhook-id": msg_id,
+            **request.headers,
+            "webhook-id": request.msg_id,
             "webhook-timestamp": str(int(sent_at.timestamp())),
         }
-        if secrets:
-            headers["webhook-signature"] = signature(secrets, msg_id, sent_at, body)
+        if request.secrets:
+            headers["webhook-signature"] = signature(
+                request.secrets, request.msg_id, sent_at, request.body
+            )
+        body = request.body.encode()
         # The client's timeout bounds each phase; this bounds the whole attempt.
         async with (
             asyncio.timeout(self.limits.timeout_s),
-            client.stream("POST", claimed.endpoint, content=body.encode(), headers=headers) as r,
+            client.stream("POST", endpoint, content=body, headers=headers) as r,
         ):
             if 200 <= r.status_code < 300:
                 return Attempt(r.status_code, "")
