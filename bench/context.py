@@ -403,12 +403,12 @@ async def seed_in_process(
 ) -> dict[str, Any]:
     """Append ``messages`` and create ``memory`` items through the context domain and its stores."""
     from switchboard.context.build import context_service
-    from switchboard.platform.bus import EventBus
     from switchboard.platform.cache import Cache
     from switchboard.platform.config import Settings
-    from switchboard.platform.db import open_database
-    from switchboard.platform.pagination import PageTokens
-    from switchboard.platform.policy import AuthMethod, Principal, Scope
+    from switchboard.platform.events.bus import EventBus
+    from switchboard.platform.security.policy import AuthMethod, Principal, Scope
+    from switchboard.platform.store.db import open_database
+    from switchboard.platform.store.pagination import PageTokens
 
     settings = Settings(
         database_url=database_url,  # type: ignore[arg-type]

@@ -28,9 +28,9 @@ from switchboard.api.auth.v1 import auth_pb2
 from switchboard.auth.accounts import Accounts
 from switchboard.mesh import create_server
 from switchboard.platform.config import Settings
-from switchboard.platform.db import open_database
-from switchboard.platform.models import EventOutboxRow, table_of
 from switchboard.platform.names import new_id, now
+from switchboard.platform.store.db import open_database
+from switchboard.platform.store.models import EventOutboxRow, table_of
 
 CALLS = 20_000
 

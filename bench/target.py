@@ -58,12 +58,12 @@ from grpc_health.v1._async import HealthServicer
 from switchboard.api.context.v1 import context_pb2
 from switchboard.api.events.v1 import events_pb2
 from switchboard.mesh import create_server
-from switchboard.platform import access
-from switchboard.platform.bus import EventBus
 from switchboard.platform.config import Settings
-from switchboard.platform.logging import configure_logging
-from switchboard.platform.policy import Scope
-from switchboard.platform.server import tune_gc
+from switchboard.platform.events.bus import EventBus
+from switchboard.platform.observe.logging import configure_logging
+from switchboard.platform.rpc.server import tune_gc
+from switchboard.platform.security import access
+from switchboard.platform.security.policy import Scope
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for bench.*
 
@@ -243,7 +243,7 @@ async def _events(overrides: Sequence[str]) -> None:
         await server.start()
         from switchboard.auth.accounts import Accounts, ClientContext
         from switchboard.auth.store import AuthStore
-        from switchboard.platform.policy import AuthMethod
+        from switchboard.platform.security.policy import AuthMethod
 
         shared = server.shared
         accounts = shared.built(Accounts)

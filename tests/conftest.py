@@ -13,7 +13,7 @@ from grpc import aio
 
 from switchboard.mesh import create_server
 from switchboard.platform.config import Settings
-from switchboard.platform.server import SwitchboardServer
+from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.shared import Shared
 
 pytest_plugins = ["tests.infra.postgres", "tests.infra.redis"]

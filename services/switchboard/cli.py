@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
-from switchboard.auth import keyfile
 from switchboard.deploy import commands, launcher
 from switchboard.platform.config import ConfigError, Settings, load_settings
-from switchboard.platform.logging import configure_logging
+from switchboard.platform.observe.logging import configure_logging
+from switchboard.platform.security import keyfile
 
 log = logging.getLogger("switchboard.cli")
 
@@ -88,7 +88,7 @@ def _keygen(path: str, *, force: bool) -> int:
 
 async def _migrate(settings: Settings) -> int:
     from switchboard.mesh import database_setting
-    from switchboard.platform.db import open_database
+    from switchboard.platform.store.db import open_database
 
     with database_setting():
         database = await open_database(
@@ -103,7 +103,7 @@ async def _migrate(settings: Settings) -> int:
 
 async def _serve(settings: Settings) -> int:
     from switchboard.mesh import create_server
-    from switchboard.platform.server import tune_gc
+    from switchboard.platform.rpc.server import tune_gc
 
     server, _port = await create_server(settings)
     loop = asyncio.get_running_loop()
@@ -152,7 +152,7 @@ def _run_server(args: argparse.Namespace) -> int:
     is imported here so that the others (keygen, envoy, dev-cert, mesh) start in a
     fraction of the time."""
     from switchboard.mesh import check_settings
-    from switchboard.platform.server import BindError
+    from switchboard.platform.rpc.server import BindError
 
     flags = (
         {"host": args.host, "port": args.port, "services": args.services, "dev_mode": args.dev}

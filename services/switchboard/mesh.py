@@ -24,10 +24,6 @@ from switchboard.a2a import push as a2a_push
 from switchboard.a2a import servicer as a2a_servicer
 from switchboard.auth import build as auth
 from switchboard.auth import servicer as auth_servicer
-from switchboard.auth.authenticator import CredentialAuthenticator
-from switchboard.auth.opaque import OpaqueSecrets
-from switchboard.auth.store import AuthStore
-from switchboard.auth.tokens import AccessTokens, KeyRing, SigningKey, TokenPolicy, load_key_ring
 from switchboard.context import build as context
 from switchboard.context import servicer as context_servicer
 from switchboard.dispatcher import build as dispatcher
@@ -36,26 +32,35 @@ from switchboard.events import build as events
 from switchboard.events import servicer as events_servicer
 from switchboard.integration import build as integration
 from switchboard.integration import servicer as integration_servicer
-from switchboard.platform.accesswatch import AccessWatch
-from switchboard.platform.authn import Guard
-from switchboard.platform.bus import EventBus
 from switchboard.platform.cache import Cache
 from switchboard.platform.config import ConfigError, Settings
-from switchboard.platform.db import (
+from switchboard.platform.events.bus import EventBus
+from switchboard.platform.events.eventlog import LocalLog, LogBackend, RedisLog
+from switchboard.platform.events.loglock import EventLogLock, lock_sqlite_file
+from switchboard.platform.observe.metrics import Metrics
+from switchboard.platform.observe.telemetry import Tracing, default_service_name, install
+from switchboard.platform.rpc.server import ServiceRegistration, SwitchboardServer, build_server
+from switchboard.platform.security.accesswatch import AccessWatch
+from switchboard.platform.security.authenticator import CredentialAuthenticator
+from switchboard.platform.security.authn import Guard
+from switchboard.platform.security.credentialrecords import CredentialRecords
+from switchboard.platform.security.membership import MembershipStore
+from switchboard.platform.security.opaque import OpaqueSecrets
+from switchboard.platform.security.policy import Policy
+from switchboard.platform.security.tokens import (
+    AccessTokens,
+    KeyRing,
+    SigningKey,
+    TokenPolicy,
+    load_key_ring,
+)
+from switchboard.platform.store.db import (
     Database,
-    EventLogLock,
     is_outage,
-    lock_sqlite_file,
     open_database,
 )
-from switchboard.platform.eventlog import LocalLog, LogBackend, RedisLog
-from switchboard.platform.membership import MembershipStore
-from switchboard.platform.metrics import Metrics
-from switchboard.platform.outbox import Outbox
-from switchboard.platform.pagination import PageTokens
-from switchboard.platform.policy import Policy
-from switchboard.platform.server import ServiceRegistration, SwitchboardServer, build_server
-from switchboard.platform.telemetry import Tracing, default_service_name, install
+from switchboard.platform.store.outbox import Outbox
+from switchboard.platform.store.pagination import PageTokens
 from switchboard.shared import Shared
 
 log = logging.getLogger("switchboard.mesh")
@@ -74,7 +79,7 @@ Build = Callable[
 # Short name (for SWITCHBOARD_SERVICES / --services) -> descriptor, methods
 # answered with pre-serialized bytes, and how the service builds itself from
 # the process's shared resources. Registration follows the descriptor
-# (platform/registration.py).
+# (platform/rpc/registration.py).
 SERVICES: dict[str, tuple[ServiceDescriptor, frozenset[str], Build]] = {
     "auth": (auth_servicer.SERVICE, frozenset(), auth.build),
     "context": (context_servicer.SERVICE, context_servicer.PRESERIALIZED, context.build),
@@ -235,7 +240,11 @@ async def open_shared(
     secrets = OpaqueSecrets(settings.effective_secret_key())
     # Subscribes to revocations, so it must exist before the cache starts.
     authenticator = CredentialAuthenticator(
-        tokens, AuthStore(database), secrets, cache, token_cache_size=settings.token_cache_size
+        tokens,
+        CredentialRecords(database),
+        secrets,
+        cache,
+        token_cache_size=settings.token_cache_size,
     )
     await cache.start()
     resources.push_async_callback(cache.close)
@@ -290,7 +299,7 @@ async def create_server(
 ) -> tuple[SwitchboardServer, int]:
     """Open resources and build every configured service into one bound (not started) server.
 
-    Tracing comes from the ``OTEL_*`` variables (``platform/telemetry.py``)
+    Tracing comes from the ``OTEL_*`` variables (``platform/observe/telemetry.py``)
     unless ``tracing`` is given (tests hand in one with an in-memory exporter).
     """
     check_settings(settings)

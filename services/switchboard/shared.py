@@ -23,18 +23,18 @@ from dataclasses import dataclass, field
 from typing import TypeVar, cast
 
 from switchboard.api.events.v1 import events_pb2
-from switchboard.auth.authenticator import CredentialAuthenticator
-from switchboard.auth.opaque import OpaqueSecrets
-from switchboard.auth.tokens import AccessTokens, KeyRing
-from switchboard.platform.accesswatch import AccessWatch
-from switchboard.platform.bus import EventBus
 from switchboard.platform.cache import Cache
 from switchboard.platform.config import ConfigError, Settings
-from switchboard.platform.db import Database
-from switchboard.platform.membership import MembershipStore
-from switchboard.platform.metrics import Metrics
-from switchboard.platform.pagination import PageTokens
-from switchboard.platform.policy import Policy
+from switchboard.platform.events.bus import EventBus
+from switchboard.platform.observe.metrics import Metrics
+from switchboard.platform.security.accesswatch import AccessWatch
+from switchboard.platform.security.authenticator import CredentialAuthenticator
+from switchboard.platform.security.membership import MembershipStore
+from switchboard.platform.security.opaque import OpaqueSecrets
+from switchboard.platform.security.policy import Policy
+from switchboard.platform.security.tokens import AccessTokens, KeyRing
+from switchboard.platform.store.db import Database
+from switchboard.platform.store.pagination import PageTokens
 
 _T = TypeVar("_T")
 
@@ -55,7 +55,7 @@ class Shared:
     authenticator: CredentialAuthenticator
     memberships: MembershipStore
     policy: Policy
-    #: Keeps every open stream's access current (platform/accesswatch.py).
+    #: Keeps every open stream's access current (platform/security/accesswatch.py).
     access: AccessWatch
     page_tokens: PageTokens
     #: This replica's id: owns its runs and its webhook deliveries (``mesh.instance_id``).

@@ -28,9 +28,9 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.integration.a2aagent import TOOL_NAME, A2AAgent, A2AAgentConnector
-from switchboard.platform.egress import EgressPolicy
 from switchboard.platform.errors import DestinationBlocked
-from switchboard.platform.server import SwitchboardServer
+from switchboard.platform.rpc.server import SwitchboardServer
+from switchboard.platform.security.egress import EgressPolicy
 from tests.e2e.a2aproc import A2AAgentProcess
 from tests.e2e.procs import ServeProcess, shared_secrets
 from tests.e2e.test_runtime_experts import listed, until_listed

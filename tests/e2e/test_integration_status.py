@@ -21,7 +21,7 @@ from grpc import aio
 from switchboard.api.events.v1 import events_pb2
 from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.integration.service import IntegrationHub
-from switchboard.platform.server import SwitchboardServer
+from switchboard.platform.rpc.server import SwitchboardServer
 from tests.conftest import built
 from tests.e2e.expertproc import NodeExpert
 from tests.service.authkit import detail, reason

@@ -335,7 +335,7 @@ async def _serve_expert(handler_id: str) -> None:
 
     from examples.expert.expert import Expert, SideEffects, capabilities
     from switchboard.api.handler.v1 import handler_pb2_grpc
-    from switchboard.platform.telemetry import Tracing
+    from switchboard.platform.observe.telemetry import Tracing
 
     tracing = Tracing.from_environ(service_name=EXPERT_SERVICE)
     assert tracing is not None, "the traced expert needs OTEL_* variables"

@@ -36,11 +36,11 @@ from switchboard.integration.connectors import ToolNotFound, Unreachable
 from switchboard.integration.directory import ExpertEntry
 from switchboard.integration.experts import GrpcExpertConnector
 from switchboard.platform.breaker import Breakers
-from switchboard.platform.egress import EgressPolicy
 from switchboard.platform.errors import DestinationBlocked, ResultTooLarge
-from switchboard.platform.models import IntegrationRow
-from switchboard.platform.secretbox import SecretBox
-from switchboard.platform.server import SwitchboardServer
+from switchboard.platform.rpc.server import SwitchboardServer
+from switchboard.platform.security.egress import EgressPolicy
+from switchboard.platform.security.secretbox import SecretBox
+from switchboard.platform.store.models import IntegrationRow
 from tests.conftest import built
 from tests.e2e.expertproc import NodeExpert
 from tests.e2e.procs import ServeProcess, shared_secrets

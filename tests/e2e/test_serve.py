@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
-from switchboard.platform.db import EVENT_LOG_LOCK_KEY
+from switchboard.platform.events.loglock import EVENT_LOG_LOCK_KEY
 from tests.e2e.procs import START_TIMEOUT_S, ServeProcess, shared_secrets
 from tests.infra.redis import RedisServer
 from tests.service.authkit import PASSWORD, bearer, unique_email

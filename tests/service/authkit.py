@@ -85,7 +85,7 @@ async def quick_user(mesh: Any) -> tuple[str, str]:
     """
     from switchboard.auth.accounts import ClientContext
     from switchboard.auth.store import AuthStore
-    from switchboard.platform.policy import AuthMethod
+    from switchboard.platform.security.policy import AuthMethod
 
     store = AuthStore(mesh.shared.database)
     user = await store.create_user(unique_email("quick"), "Quick", None)

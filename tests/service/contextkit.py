@@ -23,7 +23,7 @@ from sqlalchemy import update
 from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.api.context.v1 import context_pb2_grpc
 from switchboard.api.events.v1 import events_pb2
-from switchboard.platform.models import MemoryItemRow
+from switchboard.platform.store.models import MemoryItemRow
 from tests.service.authkit import bearer, detail, quick_user
 
 # Only the type stubs know the async stub class; at run time it is ContextServiceStub.

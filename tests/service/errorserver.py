@@ -16,7 +16,7 @@ from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
 from switchboard.auth.servicer import AuthServiceServicer
 from switchboard.platform import errors
 from switchboard.platform.config import Settings
-from switchboard.platform.server import ServiceRegistration, SwitchboardServer, build_server
+from switchboard.platform.rpc.server import ServiceRegistration, SwitchboardServer, build_server
 
 LEAKY_TEXT = "password=hunter2 at /srv/app/secret.py line 42"
 

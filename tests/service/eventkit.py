@@ -10,7 +10,7 @@ import grpc
 from grpc import aio
 
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
-from switchboard.platform.policy import Role
+from switchboard.platform.security.policy import Role
 from tests.service.authkit import bearer, quick_user
 
 DEADLINE_S = 10.0

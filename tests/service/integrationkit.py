@@ -15,7 +15,7 @@ from grpc import aio
 from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.api.integration.v1 import integration_pb2_grpc
 from switchboard.mesh import create_server
-from switchboard.platform.server import SwitchboardServer
+from switchboard.platform.rpc.server import SwitchboardServer
 from tests.conftest import make_settings
 from tests.service.contextkit import TIMEOUT_S, Caller, World, context_stub, ctx_world
 

@@ -40,7 +40,7 @@ from grpc import aio
 from grpc_status import rpc_status
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as dpb
-from switchboard.platform.server import SwitchboardServer
+from switchboard.platform.rpc.server import SwitchboardServer
 from tests.fakes.openai_server import FakeOpenAI
 from tests.infra.mcpserver import McpTestServer
 from tests.service.contextkit import TIMEOUT_S, Caller, World, context_stub, ctx_world, refused

@@ -19,11 +19,11 @@ from sqlalchemy import func, select
 
 from switchboard.api.integration.v1 import integration_pb2_grpc
 from switchboard.mesh import COMPANIONS, SERVICES
-from switchboard.platform.access import RULES, rule_for
-from switchboard.platform.authn import Guard
-from switchboard.platform.models import Base
-from switchboard.platform.policy import Permission, Role
-from switchboard.platform.server import ServiceRegistration, SwitchboardServer, build_server
+from switchboard.platform.rpc.server import ServiceRegistration, SwitchboardServer, build_server
+from switchboard.platform.security.access import RULES, rule_for
+from switchboard.platform.security.authn import Guard
+from switchboard.platform.security.policy import Permission, Role
+from switchboard.platform.store.models import Base
 from tests.conftest import make_settings
 from tests.service.authkit import bearer, quick_user, reason
 

@@ -22,7 +22,7 @@ from switchboard.dispatcher.assistants import CACHE_TTL_S, Assistants
 from switchboard.dispatcher.assistantstore import AssistantRecord, AssistantStore
 from switchboard.dispatcher.service import Dispatcher
 from switchboard.platform.errors import InvalidArgument, NotFound
-from switchboard.platform.server import SwitchboardServer
+from switchboard.platform.rpc.server import SwitchboardServer
 from tests.conftest import built
 from tests.infra.clock import FakeClock
 from tests.service.authkit import reason

@@ -22,8 +22,8 @@ from grpc import aio
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as dpb
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
-from switchboard.platform.policy import Role
-from switchboard.platform.server import SwitchboardServer
+from switchboard.platform.rpc.server import SwitchboardServer
+from switchboard.platform.security.policy import Role
 from tests.service.authkit import bearer
 from tests.service.contextkit import Caller, context_stub
 from tests.service.dispatchkit import dispatcher_stub, finished

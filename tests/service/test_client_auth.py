@@ -24,7 +24,7 @@ from switchboard.client import (
     TokenExpired,
     Unauthenticated,
 )
-from switchboard.platform.server import SwitchboardServer
+from switchboard.platform.rpc.server import SwitchboardServer
 from tests.infra.clock import FakeClock
 from tests.service.test_clientkit import (
     PASSWORD,

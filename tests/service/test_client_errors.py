@@ -29,7 +29,7 @@ from switchboard.client import (
     Unavailable,
 )
 from switchboard.platform import errors as server_errors
-from switchboard.platform.server import SwitchboardServer
+from switchboard.platform.rpc.server import SwitchboardServer
 from tests.conftest import make_settings
 from tests.service.errorserver import RaisingAuth, all_error_classes, start_error_server
 from tests.service.test_clientkit import Wire

@@ -10,7 +10,7 @@ import pytest
 
 from switchboard.api.events.v1 import events_pb2
 from switchboard.client import Client, CursorExpired, NotFound
-from switchboard.platform.server import SwitchboardServer
+from switchboard.platform.rpc.server import SwitchboardServer
 from tests.service.test_clientkit import (
     PASSWORD,
     append,

@@ -23,7 +23,7 @@ from switchboard.client import (
     RunWatch,
 )
 from switchboard.client.runs import is_terminal
-from switchboard.platform.server import SwitchboardServer
+from switchboard.platform.rpc.server import SwitchboardServer
 from tests.service.test_clientkit import (
     PASSWORD,
     Wire,

@@ -17,8 +17,8 @@ from grpc import aio
 
 from switchboard.api.auth.v1 import auth_pb2
 from switchboard.api.context.v1 import context_pb2 as cpb
-from switchboard.auth.tokens import AccessTokens, TokenPolicy
 from switchboard.client import Client
+from switchboard.platform.security.tokens import AccessTokens, TokenPolicy
 
 REFRESH = "/switchboard.api.auth.v1.AuthService/RefreshToken"
 

@@ -22,8 +22,8 @@ from switchboard.auth.store import AuthStore
 from switchboard.context.domain import ContextDomain
 from switchboard.mesh import create_server
 from switchboard.platform.config import Settings
-from switchboard.platform.policy import AuthMethod
-from switchboard.platform.server import SwitchboardServer
+from switchboard.platform.rpc.server import SwitchboardServer
+from switchboard.platform.security.policy import AuthMethod
 from tests.conftest import built, make_settings
 from tests.infra.redis import RedisServer
 from tests.service.contextkit import (

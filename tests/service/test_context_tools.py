@@ -16,7 +16,7 @@ from switchboard.api.events.v1 import events_pb2
 from switchboard.context.tokens import MESSAGE_OVERHEAD, ApproxTokenCounter
 from switchboard.platform.config import Settings
 from switchboard.platform.rendering import render_parts
-from switchboard.platform.server import SwitchboardServer
+from switchboard.platform.rpc.server import SwitchboardServer
 from tests.conftest import make_settings
 from tests.service.authkit import reason
 from tests.service.contextkit import (

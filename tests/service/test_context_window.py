@@ -30,7 +30,7 @@ from switchboard.context import windowcache as windowcache_module
 from switchboard.context import windows as windows_module
 from switchboard.context.domain import ContextDomain
 from switchboard.platform.config import Settings
-from switchboard.platform.server import SwitchboardServer
+from switchboard.platform.rpc.server import SwitchboardServer
 from tests.conftest import built, make_settings
 from tests.service.authkit import detail
 from tests.service.contextkit import (

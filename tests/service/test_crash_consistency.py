@@ -29,14 +29,14 @@ from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
-from switchboard.auth.tokens import SigningKey, private_key_pem
 from switchboard.dispatcher.service import SEQUENCE_BLOCK, Dispatcher
 from switchboard.dispatcher.store import TERMINAL
 from switchboard.mesh import create_server
-from switchboard.platform.db import DatabaseUnavailable
 from switchboard.platform.errors import DependencyUnavailable
-from switchboard.platform.models import RunRow, UserRow
-from switchboard.platform.server import SwitchboardServer
+from switchboard.platform.rpc.server import SwitchboardServer
+from switchboard.platform.security.tokens import SigningKey, private_key_pem
+from switchboard.platform.store.db import DatabaseUnavailable
+from switchboard.platform.store.models import RunRow, UserRow
 from tests.conftest import built, make_settings
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.redis import RedisServer

@@ -24,13 +24,13 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.api.handler.v1 import handler_pb2
-from switchboard.auth.tokens import SigningKey, private_key_pem
 from switchboard.dispatcher.handlers import EchoHandler, Frame, HandleCall, text_of
 from switchboard.dispatcher.service import Dispatcher
 from switchboard.dispatcher.store import TERMINAL
 from switchboard.mesh import create_server
 from switchboard.platform.config import ConfigError, Settings
-from switchboard.platform.server import SwitchboardServer
+from switchboard.platform.rpc.server import SwitchboardServer
+from switchboard.platform.security.tokens import SigningKey, private_key_pem
 from tests.conftest import built, fresh_database_url, make_settings
 from tests.service.authkit import detail, reason
 from tests.service.contextkit import (

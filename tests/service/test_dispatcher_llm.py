@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.platform.server import SwitchboardServer
+from switchboard.platform.rpc.server import SwitchboardServer
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.service.contextkit import (
     Stub,

@@ -18,8 +18,8 @@ from switchboard.api.common.v1 import errors_pb2
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
 from switchboard.platform import errors
 from switchboard.platform.config import Settings
-from switchboard.platform.interceptors import GENERIC_INTERNAL_MESSAGE
-from switchboard.platform.server import SwitchboardServer
+from switchboard.platform.rpc.interceptors import GENERIC_INTERNAL_MESSAGE
+from switchboard.platform.rpc.server import SwitchboardServer
 from tests.service.errorserver import LEAKY_TEXT, RaisingAuth, all_error_classes, start_error_server
 
 

@@ -7,7 +7,7 @@ import pytest
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from switchboard.platform.server import SwitchboardServer
+from switchboard.platform.rpc.server import SwitchboardServer
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -14,7 +14,7 @@ import pytest
 from google.protobuf import duration_pb2, struct_pb2
 
 from switchboard.api.integration.v1 import integration_pb2 as ipb
-from switchboard.platform.server import SwitchboardServer
+from switchboard.platform.rpc.server import SwitchboardServer
 from tests.infra.mcpeverything import EVERYTHING_MAIN, PACKAGES, EverythingServer
 from tests.infra.webhookreceiver import until
 from tests.service.contextkit import TIMEOUT_S, World, context_stub, ctx_world, refused, violations

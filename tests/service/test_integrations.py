@@ -16,8 +16,8 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.integration.service import IntegrationHub
-from switchboard.platform.models import IntegrationRow
-from switchboard.platform.server import SwitchboardServer
+from switchboard.platform.rpc.server import SwitchboardServer
+from switchboard.platform.store.models import IntegrationRow
 from tests.conftest import built
 from tests.service.authkit import reason
 from tests.service.contextkit import (

@@ -15,7 +15,7 @@ from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.context.v1 import context_pb2, context_pb2_grpc
 from switchboard.mesh import create_server
 from switchboard.platform.config import MiB
-from switchboard.platform.server import SwitchboardServer
+from switchboard.platform.rpc.server import SwitchboardServer
 from tests.conftest import make_settings
 from tests.service.errorserver import start_error_server
 

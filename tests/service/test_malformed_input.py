@@ -46,9 +46,9 @@ from switchboard.auth.accounts import Accounts, ClientContext
 from switchboard.auth.store import AuthStore
 from switchboard.mesh import COMPANIONS, SERVICES, create_server
 from switchboard.platform.config import Settings
-from switchboard.platform.interceptors import MALFORMED_LOG_INTERVAL_S
-from switchboard.platform.policy import AuthMethod
-from switchboard.platform.server import SwitchboardServer
+from switchboard.platform.rpc.interceptors import MALFORMED_LOG_INTERVAL_S
+from switchboard.platform.rpc.server import SwitchboardServer
+from switchboard.platform.security.policy import AuthMethod
 from tests.conftest import built, make_settings
 from tests.service.authkit import bearer, unique_email
 from tests.service.contextkit import violations

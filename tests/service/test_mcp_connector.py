@@ -23,8 +23,8 @@ import pytest
 
 from switchboard.integration.connectors import ToolNotFound, Unreachable
 from switchboard.integration.mcp import McpConnector, StdioServer, parse_stdio_servers
-from switchboard.platform.egress import EgressPolicy
 from switchboard.platform.errors import DestinationBlocked, InvalidArgument, ResultTooLarge
+from switchboard.platform.security.egress import EgressPolicy
 from tests.infra.mcpeverything import EVERYTHING_MAIN, EverythingServer
 from tests.infra.mcpserver import McpTestServer
 

@@ -18,8 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.mesh import create_server
-from switchboard.platform.metrics import SPECS, series_names
-from switchboard.platform.server import SwitchboardServer
+from switchboard.platform.observe.metrics import SPECS, series_names
+from switchboard.platform.rpc.server import SwitchboardServer
 from tests.conftest import make_settings
 from tests.service.contextkit import (
     context_stub,

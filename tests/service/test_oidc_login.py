@@ -13,7 +13,7 @@ from grpc import aio
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.mesh import create_server
-from switchboard.platform.server import SwitchboardServer
+from switchboard.platform.rpc.server import SwitchboardServer
 from tests.conftest import make_settings
 from tests.service.authkit import ISSUER, bearer, id_token, oidc_settings
 

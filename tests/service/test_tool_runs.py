@@ -30,9 +30,9 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
 from switchboard.api.handler.v1 import handler_pb2 as hpb
 from switchboard.api.integration.v1 import integration_pb2 as ipb
-from switchboard.auth.tokens import SigningKey, private_key_pem
 from switchboard.mesh import create_server
-from switchboard.platform.server import SwitchboardServer
+from switchboard.platform.rpc.server import SwitchboardServer
+from switchboard.platform.security.tokens import SigningKey, private_key_pem
 from tests.conftest import fresh_database_url, make_settings
 from tests.e2e.toolexpert import ToolExpert
 from tests.fakes.openai_server import FakeOpenAI, Reply

@@ -26,11 +26,11 @@ from opentelemetry.trace import SpanKind, StatusCode, Tracer
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.contextport import RemoteContext
-from switchboard.platform.logging import JsonFormatter
-from switchboard.platform.policy import AuthMethod, Principal, Scope
-from switchboard.platform.server import SwitchboardServer
-from switchboard.platform.status import REQUEST_ID_KEY
-from switchboard.platform.telemetry import installed
+from switchboard.platform.observe.logging import JsonFormatter
+from switchboard.platform.observe.telemetry import installed
+from switchboard.platform.rpc.server import SwitchboardServer
+from switchboard.platform.rpc.status import REQUEST_ID_KEY
+from switchboard.platform.security.policy import AuthMethod, Principal, Scope
 from tests.service.authkit import code_of
 from tests.service.contextkit import Caller, context_stub, create_conversation, ctx_world
 from tests.service.dispatchkit import cancel as cancel_run

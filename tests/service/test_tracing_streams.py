@@ -34,10 +34,10 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
 from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.mesh import create_server
-from switchboard.platform.policy import Role
-from switchboard.platform.server import SwitchboardServer
-from switchboard.platform.status import REQUEST_ID_KEY
-from switchboard.platform.telemetry import Tracing
+from switchboard.platform.observe.telemetry import Tracing
+from switchboard.platform.rpc.server import SwitchboardServer
+from switchboard.platform.rpc.status import REQUEST_ID_KEY
+from switchboard.platform.security.policy import Role
 from tests.conftest import make_settings
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.mcpserver import McpTestServer

@@ -18,7 +18,7 @@ from sqlalchemy import event as sql_event
 
 from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.integration.service import IntegrationHub
-from switchboard.platform.server import SwitchboardServer
+from switchboard.platform.rpc.server import SwitchboardServer
 from tests.conftest import built
 from tests.infra.webhookreceiver import WebhookReceiver, running_receiver, until
 from tests.service.contextkit import (

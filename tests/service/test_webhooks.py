@@ -34,19 +34,19 @@ from switchboard.integration.webhooks import (
     signature,
 )
 from switchboard.platform.breaker import Breakers
-from switchboard.platform.bus import EventBus
-from switchboard.platform.db import Database, open_database
-from switchboard.platform.egress import EgressPolicy
 from switchboard.platform.errors import FailedPrecondition, InvalidArgument, NotFound
-from switchboard.platform.eventlog import LocalLog, RedisLog, parse_cursor
-from switchboard.platform.models import (
+from switchboard.platform.events.bus import EventBus
+from switchboard.platform.events.eventlog import LocalLog, RedisLog, parse_cursor
+from switchboard.platform.security.egress import EgressPolicy
+from switchboard.platform.security.secretbox import SecretBox
+from switchboard.platform.store.db import Database, open_database
+from switchboard.platform.store.models import (
     IntegrationRow,
     WebhookCursorRow,
     WebhookDeliveryRow,
     WorkspaceRow,
 )
-from switchboard.platform.pagination import PageTokens
-from switchboard.platform.secretbox import SecretBox
+from switchboard.platform.store.pagination import PageTokens
 from tests.conftest import fresh_database_url
 from tests.infra.redis import RedisServer
 from tests.infra.webhookreceiver import (

@@ -12,8 +12,8 @@ from typing import Any, TypeVar
 from opentelemetry.sdk.trace.export import SpanExporter
 
 from switchboard.mesh import create_server
-from switchboard.platform.server import SwitchboardServer
-from switchboard.platform.telemetry import Tracing, installed
+from switchboard.platform.observe.telemetry import Tracing, installed
+from switchboard.platform.rpc.server import SwitchboardServer
 from tests.conftest import make_settings
 
 H = TypeVar("H", bound=logging.Handler)

@@ -21,15 +21,15 @@ from switchboard.context.entities import BuiltinEntityExtractor
 from switchboard.context.summarizer import ExtractiveSummarizer
 from switchboard.context.tokens import ApproxTokenCounter
 from switchboard.context.windowcache import WindowCache
-from switchboard.platform.bus import EventBus
 from switchboard.platform.cache import Cache
-from switchboard.platform.db import Database, open_database
-from switchboard.platform.eventlog import LocalLog
-from switchboard.platform.models import UserRow
+from switchboard.platform.events.bus import EventBus
+from switchboard.platform.events.eventlog import LocalLog
 from switchboard.platform.names import new_id, now
-from switchboard.platform.outbox import Outbox
-from switchboard.platform.pagination import PageTokens
-from switchboard.platform.policy import AuthMethod, Principal, Scope
+from switchboard.platform.security.policy import AuthMethod, Principal, Scope
+from switchboard.platform.store.db import Database, open_database
+from switchboard.platform.store.models import UserRow
+from switchboard.platform.store.outbox import Outbox
+from switchboard.platform.store.pagination import PageTokens
 
 
 @dataclass

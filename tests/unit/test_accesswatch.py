@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from switchboard.platform.accesswatch import CHANGE, AccessWatch
-from switchboard.platform.bus import Fanout
 from switchboard.platform.errors import Code, DatabaseUnavailable, TokenExpired
-from switchboard.platform.policy import AuthMethod, Permission, Principal, Role, Scope
+from switchboard.platform.events.bus import Fanout
+from switchboard.platform.security.accesswatch import CHANGE, AccessWatch
+from switchboard.platform.security.policy import AuthMethod, Permission, Principal, Role, Scope
 
 PRINCIPAL = Principal(
     user_id="u1", auth_method=AuthMethod.PASSWORD, scopes=frozenset(Scope), session_id="s1"

@@ -34,7 +34,7 @@ from switchboard.platform.errors import (
     SessionRevoked,
     Unauthenticated,
 )
-from switchboard.platform.policy import AuthMethod, Principal
+from switchboard.platform.security.policy import AuthMethod, Principal
 from switchboard.shared import Shared
 
 PASSWORD = "correct horse battery staple 42"

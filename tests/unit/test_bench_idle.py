@@ -9,8 +9,8 @@ from sqlalchemy import func, select
 
 from bench.dispatcher import _idle_line
 from bench.micro import write_after_idle
-from switchboard.platform.db import open_database
-from switchboard.platform.models import EventOutboxRow
+from switchboard.platform.store.db import open_database
+from switchboard.platform.store.models import EventOutboxRow
 
 
 async def test_each_gap_gets_the_median_cpu_of_real_writes_that_leave_nothing(

@@ -8,7 +8,7 @@ from google.rpc import error_details_pb2
 
 from switchboard.platform.breaker import Breakers, BreakerState, CircuitBreaker, Permit
 from switchboard.platform.errors import CircuitOpen, Code
-from switchboard.platform.status import to_status_proto
+from switchboard.platform.rpc.status import to_status_proto
 from tests.infra.clock import FakeClock
 
 KEY = "workspaces/w/integrations/i"

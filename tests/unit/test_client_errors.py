@@ -1,7 +1,7 @@
 """switchboard.client.errors: a failed call's status and details become one typed error.
 
 The statuses are built two ways: by hand (every detail kind the contract names),
-and by the server's own encoder (``platform/status.py``) for every error class
+and by the server's own encoder (``platform/rpc/status.py``) for every error class
 the server has, so the client reads exactly what the server writes.
 """
 
@@ -23,7 +23,7 @@ from switchboard.client import errors
 from switchboard.client.errors import from_rpc_error, from_status
 from switchboard.client.runs import run_error
 from switchboard.platform import errors as server_errors
-from switchboard.platform.status import to_grpc_status
+from switchboard.platform.rpc.status import to_grpc_status
 from tests.service.errorserver import all_error_classes, build_error
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -17,7 +17,6 @@ import grpc
 import pytest
 
 from switchboard.api.auth.v1 import auth_pb2
-from switchboard.auth.tokens import AccessTokens, KeyRing, SigningKey, TokenPolicy
 from switchboard.client.backoff import Backoff
 from switchboard.client.errors import (
     SessionRevoked,
@@ -33,6 +32,7 @@ from switchboard.client.tokens import (
     schedule,
     token_lifetime,
 )
+from switchboard.platform.security.tokens import AccessTokens, KeyRing, SigningKey, TokenPolicy
 from tests.infra.clock import FakeClock
 
 WALL = 1_800_000_000.0

@@ -7,7 +7,8 @@ import ipaddress
 import pytest
 
 from switchboard.mesh import check_settings
-from switchboard.platform.clientaddr import (
+from switchboard.platform.config import ConfigError, load_settings
+from switchboard.platform.rpc.clientaddr import (
     MAX_FORWARDED_CHARS,
     MAX_FORWARDED_ENTRIES,
     MAX_TRUSTED_NETWORKS,
@@ -18,7 +19,6 @@ from switchboard.platform.clientaddr import (
     parse_peer,
     peer_address,
 )
-from switchboard.platform.config import ConfigError, load_settings
 
 ENVOY = "ipv4:10.0.0.5:41234"
 TRUSTED = TrustedProxies.parse(("10.0.0.0/24", "fd00:e::/64"))

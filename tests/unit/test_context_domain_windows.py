@@ -11,7 +11,7 @@ from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.context.common import Limits
 from switchboard.platform.errors import FailedPrecondition, FieldViolation, InvalidArgument
-from switchboard.platform.policy import Principal
+from switchboard.platform.security.policy import Principal
 from tests.unit.contextdomainkit import Kit, open_domain
 
 # No automatic pruning unless a test asks for it.

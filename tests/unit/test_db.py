@@ -32,20 +32,19 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, Stateme
 from sqlalchemy.orm import Session
 
 from switchboard.platform.config import ConfigError
-from switchboard.platform.db import (
+from switchboard.platform.errors import Code
+from switchboard.platform.events.loglock import DatabaseInUse, lock_sqlite_file
+from switchboard.platform.rpc.status import to_status_proto
+from switchboard.platform.store.db import (
     SQLITE_BEGIN,
     Database,
-    DatabaseInUse,
     DatabaseUnavailable,
     alembic_config,
     is_outage,
-    lock_sqlite_file,
     open_database,
 )
-from switchboard.platform.errors import Code
-from switchboard.platform.models import SEARCH_TABLES, Base, SessionRow, UserRow, modelled
-from switchboard.platform.status import to_status_proto
-from switchboard.platform.storage import transaction
+from switchboard.platform.store.models import SEARCH_TABLES, Base, SessionRow, UserRow, modelled
+from switchboard.platform.store.storage import transaction
 from tests.infra import postgres as postgres_infra
 from tests.infra.postgres import PostgresServer
 
@@ -238,7 +237,7 @@ async def test_concurrent_migrations_in_one_process(database_url: str) -> None:
 # so the migrations really overlap instead of trailing each other's imports.
 MIGRATE_WHEN_TOLD = """
 import asyncio, sys
-from switchboard.platform.db import Database
+from switchboard.platform.store.db import Database
 
 async def main() -> None:
     database = Database(sys.argv[1], timeout_s=30)
@@ -866,7 +865,7 @@ def test_an_outage_answers_unavailable_with_a_retry_hint() -> None:
 def test_an_outage_is_logged_as_one_line_without_its_stack_and_a_bug_with_it(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from switchboard.platform.db import log_failure
+    from switchboard.platform.store.db import log_failure
 
     logger = logging.getLogger("switchboard.test.failures")
     caplog.set_level(logging.DEBUG, logger="switchboard.test.failures")

@@ -35,7 +35,7 @@ from switchboard.deploy.devcert import make_dev_cert
 from switchboard.deploy.envoy import API
 from switchboard.mesh import check_settings
 from switchboard.platform.config import NOT_SETTINGS, Settings, known_variables, load_settings
-from switchboard.platform.server import SwitchboardServer
+from switchboard.platform.rpc.server import SwitchboardServer
 
 ROOT: Final = Path(__file__).resolve().parents[2]
 DEPLOY: Final = ROOT / "deploy"

@@ -25,7 +25,7 @@ from switchboard.platform.errors import (
     InvalidArgument,
     QueueFull,
 )
-from switchboard.platform.policy import ALL_SCOPES, AuthMethod, Principal
+from switchboard.platform.security.policy import ALL_SCOPES, AuthMethod, Principal
 from tests.unit.test_dispatcher_scheduling import Named, Recorder, message
 
 # -- the lifecycle ------------------------------------------------------------------------

@@ -23,7 +23,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from switchboard.platform.config import ConfigError, Settings
-from switchboard.platform.egress import (
+from switchboard.platform.errors import DestinationBlocked, InvalidArgument
+from switchboard.platform.security.egress import (
     EgressPolicy,
     GrpcEndpoint,
     HttpEndpoint,
@@ -35,7 +36,6 @@ from switchboard.platform.egress import (
     parse_http_endpoint,
     resolve_checked,
 )
-from switchboard.platform.errors import DestinationBlocked, InvalidArgument
 
 STRICT = EgressPolicy()
 

@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from switchboard.api.events.v1 import events_pb2
-from switchboard.platform.bus import EventBus
 from switchboard.platform.errors import CursorExpired
-from switchboard.platform.eventlog import (
+from switchboard.platform.events.bus import EventBus
+from switchboard.platform.events.eventlog import (
     Logged,
     RedisLog,
     Ring,

@@ -27,9 +27,6 @@ from switchboard.events.subscriptions import (
     authorize,
     parse_spec,
 )
-from switchboard.platform.accesswatch import AccessWatch
-from switchboard.platform.bus import EventBus
-from switchboard.platform.db import Database, open_database
 from switchboard.platform.errors import (
     InvalidArgument,
     NotFound,
@@ -37,13 +34,29 @@ from switchboard.platform.errors import (
     QuotaExceeded,
     SubscriberTooSlow,
 )
-from switchboard.platform.eventlog import LocalLog, Logged, Position, format_cursor, parse_cursor
-from switchboard.platform.membership import MembershipStore
-from switchboard.platform.models import UserRow
+from switchboard.platform.events.bus import EventBus
+from switchboard.platform.events.eventlog import (
+    LocalLog,
+    Logged,
+    Position,
+    format_cursor,
+    parse_cursor,
+)
 from switchboard.platform.names import new_id, now
-from switchboard.platform.outbox import Outbox
-from switchboard.platform.policy import ALL_SCOPES, AuthMethod, Permission, Policy, Principal, Role
-from switchboard.platform.policy import Scope as TokenScope
+from switchboard.platform.security.accesswatch import AccessWatch
+from switchboard.platform.security.membership import MembershipStore
+from switchboard.platform.security.policy import (
+    ALL_SCOPES,
+    AuthMethod,
+    Permission,
+    Policy,
+    Principal,
+    Role,
+)
+from switchboard.platform.security.policy import Scope as TokenScope
+from switchboard.platform.store.db import Database, open_database
+from switchboard.platform.store.models import UserRow
+from switchboard.platform.store.outbox import Outbox
 
 CREATED = events_pb2.EVENT_TYPE_MESSAGE_CREATED
 CHANGED = events_pb2.EVENT_TYPE_CONVERSATION_CHANGED

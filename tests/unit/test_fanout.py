@@ -1,4 +1,4 @@
-"""The fan-out's turns: when a subscriber's writer is woken (``platform/bus.py``).
+"""The fan-out's turns: when a subscriber's writer is woken (``platform/events/bus.py``).
 
 A name few follow wakes its subscribers while the events are pushed; the
 subscribers of a large fan-out are woken a chunk per loop callback, in the
@@ -16,9 +16,9 @@ from collections.abc import Callable
 import pytest
 
 from switchboard.api.events.v1 import events_pb2
-from switchboard.platform import bus
-from switchboard.platform.bus import IN_FLIGHT, PROMPT_FANOUT, WAKE_CHUNK, Fanout
-from switchboard.platform.eventlog import Logged
+from switchboard.platform.events import bus
+from switchboard.platform.events.bus import IN_FLIGHT, PROMPT_FANOUT, WAKE_CHUNK, Fanout
+from switchboard.platform.events.eventlog import Logged
 from switchboard.platform.inflight import CALLS
 
 BIG = "workspaces/w/conversations/big"

@@ -29,10 +29,7 @@ from switchboard.integration.mcp import McpConnector
 from switchboard.integration.service import IntegrationHub
 from switchboard.integration.store import IntegrationRecord, IntegrationStore
 from switchboard.platform.breaker import Breakers, BreakerState
-from switchboard.platform.bus import EventBus
 from switchboard.platform.cache import Cache
-from switchboard.platform.db import open_database
-from switchboard.platform.egress import EgressPolicy
 from switchboard.platform.errors import (
     CircuitOpen,
     DeadlineExceeded,
@@ -43,14 +40,17 @@ from switchboard.platform.errors import (
     QuotaExceeded,
     SecretUnreadable,
 )
-from switchboard.platform.eventlog import LocalLog
-from switchboard.platform.membership import MembershipStore
-from switchboard.platform.models import UserRow
+from switchboard.platform.events.bus import EventBus
+from switchboard.platform.events.eventlog import LocalLog
 from switchboard.platform.names import new_id, now
-from switchboard.platform.outbox import Outbox
-from switchboard.platform.pagination import PageTokens
-from switchboard.platform.policy import ALL_SCOPES, AuthMethod, Principal
-from switchboard.platform.secretbox import SecretBox
+from switchboard.platform.security.egress import EgressPolicy
+from switchboard.platform.security.membership import MembershipStore
+from switchboard.platform.security.policy import ALL_SCOPES, AuthMethod, Principal
+from switchboard.platform.security.secretbox import SecretBox
+from switchboard.platform.store.db import open_database
+from switchboard.platform.store.models import UserRow
+from switchboard.platform.store.outbox import Outbox
+from switchboard.platform.store.pagination import PageTokens
 from tests.conftest import make_settings
 from tests.infra.clock import FakeClock
 

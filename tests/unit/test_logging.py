@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from switchboard.platform.logging import (
+from switchboard.platform.observe.logging import (
     REDACTED,
     JsonFormatter,
     TextFormatter,
@@ -135,7 +135,7 @@ def test_text_traceback_follows_the_fields() -> None:
 
 
 def test_grpc_core_error_for_a_client_that_left_mid_send_is_demoted_to_debug() -> None:
-    from switchboard.platform.logging import quiet_client_cancellations
+    from switchboard.platform.observe.logging import quiet_client_cancellations
 
     quiet_client_cancellations()
     quiet_client_cancellations()  # idempotent

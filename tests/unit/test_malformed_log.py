@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from switchboard.api.events.v1 import events_pb2
-from switchboard.platform.interceptors import UNDECODABLE, MalformedLog, message_name, tolerant
+from switchboard.platform.rpc.interceptors import UNDECODABLE, MalformedLog, message_name, tolerant
 from tests.infra.clock import FakeClock
 
 

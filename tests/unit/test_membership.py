@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from switchboard.platform.db import Database
 from switchboard.platform.errors import DependencyUnavailable
-from switchboard.platform.membership import MembershipStore
+from switchboard.platform.security.membership import MembershipStore
+from switchboard.platform.store.db import Database
 from tests.infra.postgres import _free_port
 
 

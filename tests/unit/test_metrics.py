@@ -1,4 +1,4 @@
-"""platform/metrics.py: definitions, scrape-time readings, the endpoint, the dashboard, the docs."""
+"""platform/observe/metrics.py: definitions, scrape-time readings, the endpoint, dashboard, docs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from switchboard.platform.metrics import (
+from switchboard.platform.observe.metrics import (
     SPECS,
     Metrics,
     MetricsEndpoint,

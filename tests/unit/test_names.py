@@ -12,8 +12,8 @@ import pytest
 
 from switchboard.platform import names
 from switchboard.platform.errors import InvalidArgument
-from switchboard.platform.policy import owner_of
-from switchboard.platform.storage import IDEMPOTENCY_TTL
+from switchboard.platform.security.policy import owner_of
+from switchboard.platform.store.storage import IDEMPOTENCY_TTL
 
 PATTERNS = {
     value: attr

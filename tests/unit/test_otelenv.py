@@ -1,4 +1,4 @@
-"""The one reader of the ``OTEL_*`` variables (platform/otelenv.py): the servers'
+"""The one reader of the ``OTEL_*`` variables (platform/observe/otelenv.py): the servers'
 tracing and Envoy's tracer follow the same rule and refuse the same values."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 
 from switchboard.deploy.envoy import SpecError, Tracing
 from switchboard.platform.config import ConfigError
-from switchboard.platform.otelenv import OtelEnv
-from switchboard.platform.telemetry import tracing_config
+from switchboard.platform.observe.otelenv import OtelEnv
+from switchboard.platform.observe.telemetry import tracing_config
 
 ENDPOINT = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"}
 

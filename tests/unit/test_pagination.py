@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from switchboard.platform import pagination
 from switchboard.platform.errors import InvalidArgument
-from switchboard.platform.pagination import COUNT, ID, ISO_TIME, MICROS, U64, Int, PageTokens
+from switchboard.platform.store import pagination
+from switchboard.platform.store.pagination import COUNT, ID, ISO_TIME, MICROS, U64, Int, PageTokens
 
 SECRET = "a server secret of at least thirty-two characters"
 SHAPE = (MICROS, ID)

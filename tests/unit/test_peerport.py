@@ -8,7 +8,7 @@ import pytest
 
 from switchboard.dispatcher.peerport import PEER_TIMEOUT_S, Via
 from switchboard.platform.config import ConfigError
-from switchboard.platform.server import advertise_address
+from switchboard.platform.rpc.server import advertise_address
 from tests.conftest import make_settings
 
 

@@ -9,7 +9,7 @@ import pytest
 from google.protobuf.descriptor import ServiceDescriptor
 
 from switchboard.mesh import SERVICES
-from switchboard.platform import registration
+from switchboard.platform.rpc import registration
 
 
 def _methods() -> list[tuple[ServiceDescriptor, Any]]:

@@ -17,8 +17,8 @@ from switchboard.platform.errors import (
     RateLimited,
     SwitchboardError,
 )
-from switchboard.platform.rpcerrors import from_rpc_error
-from switchboard.platform.status import to_grpc_status
+from switchboard.platform.rpc.rpcerrors import from_rpc_error
+from switchboard.platform.rpc.status import to_grpc_status
 
 
 def _over_the_wire(error: SwitchboardError) -> aio.AioRpcError:

@@ -7,7 +7,7 @@ import pytest
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
 from switchboard.platform.config import ALL_SERVICES, ConfigError
-from switchboard.platform.telemetry import (
+from switchboard.platform.observe.telemetry import (
     Tracing,
     default_service_name,
     install,

@@ -14,14 +14,14 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from switchboard.auth.tokens import (
+from switchboard.platform.errors import TokenExpired, Unauthenticated
+from switchboard.platform.security.tokens import (
     ACCESS_TOKEN_TYPE,
     AccessTokens,
     KeyRing,
     SigningKey,
     TokenPolicy,
 )
-from switchboard.platform.errors import TokenExpired, Unauthenticated
 
 POLICY = TokenPolicy(issuer="https://switchboard.test", audience="switchboard", access_ttl_s=900)
 NOW = 1_900_000_000.0

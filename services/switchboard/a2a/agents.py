@@ -24,10 +24,11 @@ from switchboard.a2a import errors, mapping
 from switchboard.a2a.push import PushConfigs
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.platform import names, pagination
-from switchboard.platform.accesswatch import AccessWatch
+from switchboard.platform import names
 from switchboard.platform.errors import FailedPrecondition, FieldViolation, InvalidArgument
-from switchboard.platform.policy import Permission, Policy, Principal
+from switchboard.platform.security.accesswatch import AccessWatch
+from switchboard.platform.security.policy import Permission, Policy, Principal
+from switchboard.platform.store import pagination
 
 #: Run states a blocking SendMessage returns at (A2A: terminal or interrupted).
 _SETTLED: Final = frozenset(

@@ -17,9 +17,9 @@ from switchboard.context.build import context_domain
 from switchboard.dispatcher.service import Dispatcher
 from switchboard.integration.pushstore import PushStore
 from switchboard.platform.config import ConfigError, Settings
-from switchboard.platform.egress import EgressPolicy
-from switchboard.platform.secretbox import SecretBox
-from switchboard.platform.server import ServiceRegistration, advertise_address
+from switchboard.platform.rpc.server import ServiceRegistration, advertise_address
+from switchboard.platform.security.egress import EgressPolicy
+from switchboard.platform.security.secretbox import SecretBox
 from switchboard.shared import Shared, setting
 
 

@@ -1,6 +1,6 @@
 """Transport for ``switchboard.api.agentcard.v1.AgentCardService``: the public Agent Card.
 
-Public (``platform/access.py``): the card holds nothing a stranger may not know
+Public (``platform/security/access.py``): the card holds nothing a stranger may not know
 (``publiccard``). The edge's gRPC-JSON transcoder serves it as plain JSON at
 ``/.well-known/agent-card.json`` and ``/{tenant}/.well-known/agent-card.json``,
 forwarding the scheme and Host the request came with (the card names that edge).

@@ -31,8 +31,8 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
 from switchboard.context.domain import ContextDomain
 from switchboard.dispatcher.service import Dispatcher
 from switchboard.platform.errors import DependencyUnavailable
-from switchboard.platform.peers import PeerService, TokenIssuer
-from switchboard.platform.policy import Principal
+from switchboard.platform.rpc.peers import PeerService, TokenIssuer
+from switchboard.platform.security.policy import Principal
 
 #: Bound on one unary call to the dispatcher or the context service.
 _CALL_TIMEOUT_S: Final = 30.0

@@ -36,13 +36,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.integration.pushstore import Backfill, PushConfig, PushStore
 from switchboard.integration.webhooks import SIGNING_SCHEME, push_purpose, status_change
-from switchboard.platform import names, pagination
-from switchboard.platform.egress import (
-    EgressPolicy,
-    ResolutionFailed,
-    check_host,
-    parse_http_endpoint,
-)
+from switchboard.platform import names
 from switchboard.platform.errors import (
     AlreadyExists,
     DestinationBlocked,
@@ -52,8 +46,15 @@ from switchboard.platform.errors import (
     QuotaExceeded,
     Violations,
 )
-from switchboard.platform.policy import Permission, Policy, Principal
-from switchboard.platform.secretbox import SecretBox
+from switchboard.platform.security.egress import (
+    EgressPolicy,
+    ResolutionFailed,
+    check_host,
+    parse_http_endpoint,
+)
+from switchboard.platform.security.policy import Permission, Policy, Principal
+from switchboard.platform.security.secretbox import SecretBox
+from switchboard.platform.store import pagination
 
 #: Configs one task may have.
 MAX_PER_TASK: Final = 10

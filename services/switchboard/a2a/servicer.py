@@ -18,12 +18,12 @@ from a2a.types import a2a_pb2_grpc
 from switchboard.a2a import errors, mapping
 from switchboard.a2a.agents import Agents
 from switchboard.a2a.publiccard import forwarded
-from switchboard.platform.authn import current_principal
 from switchboard.platform.errors import (
     FieldViolation,
     InvalidArgument,
     SwitchboardError,
 )
+from switchboard.platform.security.authn import current_principal
 
 SERVICE = a2a.DESCRIPTOR.services_by_name["A2AService"]
 

@@ -22,9 +22,7 @@ from typing import Generic, TypeVar
 from switchboard.api.auth.v1 import auth_pb2
 from switchboard.api.events.v1 import events_pb2
 from switchboard.auth import mapping
-from switchboard.auth.authenticator import CredentialAuthenticator
 from switchboard.auth.oidc import OidcVerifier
-from switchboard.auth.opaque import OpaqueSecrets, looks_like_refresh_token
 from switchboard.auth.passwords import PasswordHasher, check_password_policy
 from switchboard.auth.store import (
     ApiKeyRecord,
@@ -36,9 +34,7 @@ from switchboard.auth.store import (
     SessionRecord,
     UserRecord,
 )
-from switchboard.auth.tokens import AccessTokens
 from switchboard.platform import names, timefields
-from switchboard.platform.bus import EventBus
 from switchboard.platform.cache import Cache
 from switchboard.platform.errors import (
     AlreadyExists,
@@ -52,9 +48,14 @@ from switchboard.platform.errors import (
     SessionRevoked,
     Unauthenticated,
 )
+from switchboard.platform.events.bus import EventBus
 from switchboard.platform.names import etag_version
-from switchboard.platform.outbox import Staged
-from switchboard.platform.pagination import (
+from switchboard.platform.security.authenticator import CredentialAuthenticator
+from switchboard.platform.security.opaque import OpaqueSecrets, looks_like_refresh_token
+from switchboard.platform.security.policy import ALL_SCOPES, AuthMethod, Principal, Scope
+from switchboard.platform.security.tokens import AccessTokens
+from switchboard.platform.store.outbox import Staged
+from switchboard.platform.store.pagination import (
     ID,
     MICROS,
     PageTokens,
@@ -63,7 +64,6 @@ from switchboard.platform.pagination import (
     micros,
     page_size,
 )
-from switchboard.platform.policy import ALL_SCOPES, AuthMethod, Principal, Scope
 
 log = logging.getLogger("switchboard.security")
 
@@ -249,7 +249,7 @@ class Security:
 
 
 class Audit(Generic[_T]):
-    """The security events of one write (``platform/outbox.py``): built from its
+    """The security events of one write (``platform/store/outbox.py``): built from its
     result and written in its transaction (pass ``staged`` to the store), then
     logged and published after the commit (``done``). A crash in between loses
     nothing: the outbox relay of any process publishes what was written.
@@ -433,7 +433,7 @@ class Accounts:
     async def register(
         self, request: auth_pb2.RegisterRequest, address: str
     ) -> auth_pb2.RegisterResponse:
-        """A new account signed in; ``address`` is the client's (``platform/clientaddr.py``)."""
+        """A new account signed in; ``address`` is the client's (``platform/rpc/clientaddr.py``)."""
         client = _client(address, request.client_info)
         password = request.password
         violations: list[FieldViolation] = []

@@ -13,9 +13,9 @@ from switchboard.auth.accounts import AccountLimits, Accounts, LoginLimits
 from switchboard.auth.oidc import OidcVerifier
 from switchboard.auth.passwords import PasswordHasher
 from switchboard.auth.store import AuthStore
-from switchboard.platform.clientaddr import TrustedProxies
 from switchboard.platform.config import ConfigError, Settings
-from switchboard.platform.server import ServiceRegistration
+from switchboard.platform.rpc.clientaddr import TrustedProxies
+from switchboard.platform.rpc.server import ServiceRegistration
 from switchboard.shared import Shared
 
 

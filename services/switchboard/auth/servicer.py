@@ -1,8 +1,8 @@
 """Transport for AuthService: each RPC hands its request to one ``Accounts`` method.
 
 What only the transport knows is added here and nothing else is done: the
-caller's principal (``platform/authn.py``) and the client's address (the peer,
-or ``x-forwarded-for`` from a proxy we trust, ``platform/clientaddr.py``).
+caller's principal (``platform/security/authn.py``) and the client's address (the peer,
+or ``x-forwarded-for`` from a proxy we trust, ``platform/rpc/clientaddr.py``).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Any
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.auth.accounts import Accounts
-from switchboard.platform.authn import current_principal
-from switchboard.platform.clientaddr import TrustedProxies, client_address, forwarded_values
+from switchboard.platform.rpc.clientaddr import TrustedProxies, client_address, forwarded_values
+from switchboard.platform.security.authn import current_principal
 
 SERVICE = auth_pb2.DESCRIPTOR.services_by_name["AuthService"]
 

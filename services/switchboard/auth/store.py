@@ -4,7 +4,7 @@ No ORM row leaves this module: reads and writes return frozen records
 (``UserRecord``, ``SessionRecord``, ...) or plain values, and nothing here
 builds a resource name or raises a request-field error. Every transaction
 goes through the database's runner (``Database.run``): writes join the group
-commit, and a write's events are staged (``platform/outbox.py``) in its own
+commit, and a write's events are staged (``platform/store/outbox.py``) in its own
 transaction.
 
 Races that matter for security are settled by the database, not by Python:
@@ -24,18 +24,18 @@ from sqlalchemy import Select, and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from switchboard.platform.db import Database
 from switchboard.platform.errors import AlreadyExists
-from switchboard.platform.models import (
+from switchboard.platform.names import new_id, now
+from switchboard.platform.store.db import Database
+from switchboard.platform.store.models import (
     ApiKeyRow,
     FederatedIdentityRow,
     RefreshTokenRow,
     SessionRow,
     UserRow,
 )
-from switchboard.platform.names import new_id, now
-from switchboard.platform.outbox import Staged, staging
-from switchboard.platform.storage import transaction
+from switchboard.platform.store.outbox import Staged, staging
+from switchboard.platform.store.storage import transaction
 
 log = logging.getLogger("switchboard.auth.store")
 
@@ -86,20 +86,13 @@ class ApiKeyRecord:
     id: str
     user_id: str
     display_name: str
-    #: The keyed hash of the secret (``auth/opaque.py``); the secret is never stored.
+    #: The keyed hash of the secret (``platform/security/opaque.py``); the secret is never stored.
     digest: str
     scopes: tuple[str, ...]
     created_at: dt.datetime
     expires_at: dt.datetime | None
     revoked_at: dt.datetime | None
     last_used_at: dt.datetime | None
-
-
-@dataclass(frozen=True)
-class SessionStatus:
-    user_id: str
-    expires_at: dt.datetime
-    revoked: bool
 
 
 @dataclass(frozen=True)
@@ -203,7 +196,7 @@ def _live_key(when: dt.datetime) -> Any:
 class AuthStore:
     """SQL for the auth service; takes and returns plain records (never ORM rows, never proto).
 
-    A write with events takes them as ``staged`` (``platform/outbox.py``):
+    A write with events takes them as ``staged`` (``platform/store/outbox.py``):
     they are built from the write's result and written in its transaction.
     """
 
@@ -212,12 +205,6 @@ class AuthStore:
 
     async def _run(self, work: Callable[[Session], _T], *, write: bool) -> _T:
         return await transaction(self._database, work, write=write, log=log)
-
-    async def _check(self, work: Callable[[Session], _T], *, write: bool) -> _T:
-        """The runner without error mapping, for the per-call credential checks: the
-        authenticator maps their failures itself (``authenticator.py``), with one
-        DEBUG line per failed call during an outage rather than a warning."""
-        return await self._database.run(work, write=write)
 
     # Users.
 
@@ -427,19 +414,6 @@ class AuthStore:
 
         return await self._run(staging(staged, tx), write=True)
 
-    async def session_status(self, session_id: str) -> SessionStatus | None:
-        def tx(db: Session) -> SessionStatus | None:
-            row = db.execute(
-                select(SessionRow.user_id, SessionRow.expires_at, SessionRow.revoked_at).where(
-                    SessionRow.id == session_id
-                )
-            ).one_or_none()
-            if row is None:
-                return None
-            return SessionStatus(row.user_id, row.expires_at, row.revoked_at is not None)
-
-        return await self._check(tx, write=False)
-
     async def list_sessions(
         self, user_id: str, *, show_inactive: bool, limit: int, after: Keyset | None
     ) -> list[SessionRecord]:
@@ -540,13 +514,6 @@ class AuthStore:
 
         return await self._run(staging(staged, tx), write=True)
 
-    async def api_key(self, key_id: str) -> ApiKeyRecord | None:
-        def tx(db: Session) -> ApiKeyRecord | None:
-            row = db.get(ApiKeyRow, key_id)
-            return _api_key(row) if row is not None else None
-
-        return await self._check(tx, write=False)
-
     async def list_api_keys(
         self, user_id: str, *, show_inactive: bool, limit: int, after: Keyset | None
     ) -> list[ApiKeyRecord]:
@@ -569,12 +536,6 @@ class AuthStore:
             return _api_key(row)
 
         return await self._run(staging(staged, tx), write=True)
-
-    async def touch_api_key(self, key_id: str, when: dt.datetime) -> None:
-        def tx(db: Session) -> None:
-            db.execute(update(ApiKeyRow).where(ApiKeyRow.id == key_id).values(last_used_at=when))
-
-        await self._check(tx, write=True)
 
     # Paging: newest first, keyset on (created_at, id) so pages are stable under inserts.
 

@@ -11,12 +11,12 @@ from switchboard.context.common import Limits
 from switchboard.context.domain import ContextDomain
 from switchboard.context.plugins import load_entity_extractor, load_summarizer, load_token_counter
 from switchboard.context.windowcache import WindowCache
-from switchboard.platform.bus import EventBus
 from switchboard.platform.cache import Cache
 from switchboard.platform.config import Settings
-from switchboard.platform.db import Database
-from switchboard.platform.pagination import PageTokens
-from switchboard.platform.server import ServiceRegistration
+from switchboard.platform.events.bus import EventBus
+from switchboard.platform.rpc.server import ServiceRegistration
+from switchboard.platform.store.db import Database
+from switchboard.platform.store.pagination import PageTokens
 from switchboard.shared import Shared, setting
 
 

@@ -39,8 +39,6 @@ from switchboard.context.records import (
     WorkspaceRecord,
 )
 from switchboard.context.tokens import TokenCounter
-from switchboard.platform import pagination
-from switchboard.platform.bus import EventBus
 from switchboard.platform.cache import Cache
 from switchboard.platform.errors import (
     AlreadyExists,
@@ -51,9 +49,11 @@ from switchboard.platform.errors import (
     SwitchboardError,
     Violations,
 )
-from switchboard.platform.outbox import Staged
-from switchboard.platform.policy import Principal
-from switchboard.platform.storage import Idempotency, idempotency
+from switchboard.platform.events.bus import EventBus
+from switchboard.platform.security.policy import Principal
+from switchboard.platform.store import pagination
+from switchboard.platform.store.outbox import Staged
+from switchboard.platform.store.storage import Idempotency, idempotency
 
 if TYPE_CHECKING:
     _Change: TypeAlias = events_pb2.ChangeKind.ValueType
@@ -117,7 +117,7 @@ class Common:
     def staged(
         self, build: Callable[[Any], Sequence[events_pb2.Event] | None], key: str = ""
     ) -> Staged[Any]:
-        """The events of a write, written in its transaction (``platform/outbox.py``)."""
+        """The events of a write, written in its transaction (``platform/store/outbox.py``)."""
         return Staged(self.bus.outbox, build, key=key)
 
     async def announce(self, staged: Staged[Any]) -> None:

@@ -23,12 +23,13 @@ from switchboard.context.common import (
 )
 from switchboard.context.conversationstore import ConversationStore
 from switchboard.context.mapping import conversation_proto
-from switchboard.platform import names, pagination
+from switchboard.platform import names
 from switchboard.platform.errors import Violations
 from switchboard.platform.fieldmask import update_paths
 from switchboard.platform.names import checked_etag
-from switchboard.platform.pagination import from_micros, micros
-from switchboard.platform.policy import Principal
+from switchboard.platform.security.policy import Principal
+from switchboard.platform.store import pagination
+from switchboard.platform.store.pagination import from_micros, micros
 
 
 class Conversations(Domain):

@@ -20,10 +20,10 @@ from switchboard.context.storebase import (
     set_deleted,
 )
 from switchboard.platform.errors import NotFound
-from switchboard.platform.models import ConversationRow
 from switchboard.platform.names import new_id, now
-from switchboard.platform.outbox import Staged, staging
-from switchboard.platform.storage import Idempotency, claim, retrying
+from switchboard.platform.store.models import ConversationRow
+from switchboard.platform.store.outbox import Staged, staging
+from switchboard.platform.store.storage import Idempotency, claim, retrying
 
 
 class ConversationStore(StoreBase):

@@ -24,10 +24,10 @@ from switchboard.context.windows import Windows
 from switchboard.context.windowstore import WindowStore
 from switchboard.context.workspaces import Members, Workspaces
 from switchboard.context.workspacestore import WorkspaceStore
-from switchboard.platform.bus import EventBus
 from switchboard.platform.cache import Cache
-from switchboard.platform.db import Database
-from switchboard.platform.pagination import PageTokens
+from switchboard.platform.events.bus import EventBus
+from switchboard.platform.store.db import Database
+from switchboard.platform.store.pagination import PageTokens
 
 
 class ContextDomain:

@@ -22,7 +22,7 @@ from switchboard.context.records import (
 )
 from switchboard.context.window import Reason
 from switchboard.platform.names import etag_of
-from switchboard.platform.policy import Role
+from switchboard.platform.security.policy import Role
 
 ROLES: Final[dict[pb.WorkspaceRole.ValueType, Role]] = {
     pb.WORKSPACE_ROLE_VIEWER: Role.VIEWER,

@@ -25,12 +25,13 @@ from switchboard.context.common import (
 from switchboard.context.mapping import KINDS, memory_proto
 from switchboard.context.memorystore import MemoryStore
 from switchboard.context.records import MemoryRecord, Scope, Unsearchable
-from switchboard.platform import names, pagination, timefields
+from switchboard.platform import names, timefields
 from switchboard.platform.errors import FieldViolation, InvalidArgument, Violations
 from switchboard.platform.fieldmask import update_paths
 from switchboard.platform.names import checked_etag, new_id, now
-from switchboard.platform.pagination import from_micros, micros
-from switchboard.platform.policy import Principal
+from switchboard.platform.security.policy import Principal
+from switchboard.platform.store import pagination
+from switchboard.platform.store.pagination import from_micros, micros
 
 #: Ranked results page by position, and only this deep.
 MAX_SEARCH_RESULTS: Final = 500

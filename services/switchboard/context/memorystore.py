@@ -26,8 +26,8 @@ from switchboard.context.storebase import (
     scope_of,
 )
 from switchboard.platform.errors import QuotaExceeded
-from switchboard.platform.models import ConversationRow, MemoryItemRow
-from switchboard.platform.outbox import Staged, staging
+from switchboard.platform.store.models import ConversationRow, MemoryItemRow
+from switchboard.platform.store.outbox import Staged, staging
 
 
 class MemoryStore(StoreBase):

@@ -31,10 +31,11 @@ from switchboard.context.mapping import MESSAGE_ROLES, message_proto, workspace_
 from switchboard.context.messagestore import Appended, EntityRecord, MessageStore, NewMessage
 from switchboard.context.records import ConversationRecord
 from switchboard.context.tokens import message_tokens, render_parts
-from switchboard.platform import names, pagination
+from switchboard.platform import names
 from switchboard.platform.errors import RequestTooLarge, Violations
 from switchboard.platform.names import new_id
-from switchboard.platform.policy import Principal
+from switchboard.platform.security.policy import Principal
+from switchboard.platform.store import pagination
 
 #: A tool call's id, as models and the dispatcher make them.
 _TOOL_CALL_ID: Final = re.compile(r"[A-Za-z0-9_.:-]{1,128}")

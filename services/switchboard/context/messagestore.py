@@ -24,10 +24,10 @@ from switchboard.context.storebase import (
     message_record,
 )
 from switchboard.platform.errors import NotFound
-from switchboard.platform.models import ConversationRow, MemoryItemRow, MessageRow, table_of
 from switchboard.platform.names import new_id, now
-from switchboard.platform.outbox import Staged, staging
-from switchboard.platform.storage import Idempotency, claim, retrying
+from switchboard.platform.store.models import ConversationRow, MemoryItemRow, MessageRow, table_of
+from switchboard.platform.store.outbox import Staged, staging
+from switchboard.platform.store.storage import Idempotency, claim, retrying
 
 #: An entity memory item keeps the names of this many of the newest messages mentioning it.
 MAX_SOURCES: Final = 20

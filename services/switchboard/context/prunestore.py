@@ -16,16 +16,16 @@ from switchboard.context.storebase import (
     memory_row,
     message_record,
 )
-from switchboard.platform.models import (
+from switchboard.platform.names import now
+from switchboard.platform.store.models import (
     ConversationRow,
     IdempotencyRow,
     MemoryItemRow,
     MessageRow,
     WorkspaceRow,
 )
-from switchboard.platform.names import now
-from switchboard.platform.outbox import Staged, staging
-from switchboard.platform.storage import IDEMPOTENCY_TTL
+from switchboard.platform.store.outbox import Staged, staging
+from switchboard.platform.store.storage import IDEMPOTENCY_TTL
 
 
 class PruneStore(StoreBase):

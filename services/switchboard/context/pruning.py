@@ -44,8 +44,8 @@ from switchboard.context.summarizer import Summarizer, SummaryInput
 from switchboard.platform import names
 from switchboard.platform.errors import FailedPrecondition, NotFound, Violations
 from switchboard.platform.names import new_id, now
-from switchboard.platform.policy import Principal
 from switchboard.platform.rendering import render_parts_briefly
+from switchboard.platform.security.policy import Principal
 
 log = logging.getLogger("switchboard.context")
 

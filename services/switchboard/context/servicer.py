@@ -1,7 +1,7 @@
 """Transport for ContextService: hands each request to the domain, wraps the result.
 
 The guard has authorized the resource each request names before a method
-here runs (``platform/access.py``); ``role_var`` holds the caller's role it found.
+here runs (``platform/security/access.py``); ``role_var`` holds the caller's role it found.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from grpc import aio
 
 from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.context.domain import ContextDomain
-from switchboard.platform.authn import current_principal, role_var
+from switchboard.platform.security.authn import current_principal, role_var
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ContextService"]
 

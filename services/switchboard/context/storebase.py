@@ -3,7 +3,7 @@
 All SQL of the context service lives in its stores (``workspacestore.py``,
 ``conversationstore.py``, ``messagestore.py``, ``memorystore.py``,
 ``windowstore.py``, ``prunestore.py``) and this module. Every write runs in one
-transaction; on SQLite it begins IMMEDIATE (``platform/db.py``), on PostgreSQL
+transaction; on SQLite it begins IMMEDIATE (``platform/store/db.py``), on PostgreSQL
 the rows that order concurrent writers (a conversation for appends) are
 locked with ``SELECT ... FOR UPDATE``, so sequence numbers and counters stay
 exact under concurrency on both. Reads that must be consistent across several
@@ -45,9 +45,10 @@ from switchboard.context.records import (
     WorkspaceRecord,
 )
 from switchboard.context.search import fts5_match, pg_tsquery, query_terms
-from switchboard.platform.db import Database
 from switchboard.platform.errors import EtagMismatch, QuotaExceeded
-from switchboard.platform.models import (
+from switchboard.platform.names import etag_version, now
+from switchboard.platform.store.db import Database
+from switchboard.platform.store.models import (
     Base,
     ConversationRow,
     MemoryItemRow,
@@ -56,8 +57,7 @@ from switchboard.platform.models import (
     WorkspaceMemberRow,
     WorkspaceRow,
 )
-from switchboard.platform.names import etag_version, now
-from switchboard.platform.storage import transaction
+from switchboard.platform.store.storage import transaction
 
 _T = TypeVar("_T")
 _R = TypeVar("_R")

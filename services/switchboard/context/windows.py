@@ -36,7 +36,7 @@ from switchboard.platform.errors import (
     Violations,
 )
 from switchboard.platform.names import now
-from switchboard.platform.policy import Principal
+from switchboard.platform.security.policy import Principal
 
 # Bump when the cached window's shape or the planning rules change.
 _WINDOW_FORMAT: Final = "w2"

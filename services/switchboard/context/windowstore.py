@@ -22,8 +22,8 @@ from switchboard.context.storebase import (
     memory_record,
     message_record,
 )
-from switchboard.platform.db import DatabaseUnavailable, is_outage
-from switchboard.platform.models import ConversationRow, MemoryItemRow, MessageRow
+from switchboard.platform.store.db import DatabaseUnavailable, is_outage
+from switchboard.platform.store.models import ConversationRow, MemoryItemRow, MessageRow
 
 _WINDOW_VERSIONS: Final = (
     "SELECT c.workspace_id, c.deleted_at IS NOT NULL, c.version, "

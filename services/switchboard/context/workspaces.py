@@ -1,6 +1,6 @@
 """Workspaces and their members: validation, limits, events.
 
-The guard (``platform/authn.py``) has already checked the caller's role in
+The guard (``platform/security/authn.py``) has already checked the caller's role in
 the workspace a request names before anything here runs; what it cannot
 decide (removing another member needs the owner role) is decided here.
 """
@@ -23,7 +23,7 @@ from switchboard.context.common import (
 )
 from switchboard.context.mapping import ROLES, member_proto, workspace_proto
 from switchboard.context.workspacestore import WorkspaceStore
-from switchboard.platform import names, pagination
+from switchboard.platform import names
 from switchboard.platform.errors import (
     FieldViolation,
     InvalidArgument,
@@ -33,8 +33,9 @@ from switchboard.platform.errors import (
 )
 from switchboard.platform.fieldmask import update_paths
 from switchboard.platform.names import checked_etag, new_id
-from switchboard.platform.pagination import from_micros, micros
-from switchboard.platform.policy import Principal, Role
+from switchboard.platform.security.policy import Principal, Role
+from switchboard.platform.store import pagination
+from switchboard.platform.store.pagination import from_micros, micros
 
 #: A workspace id a client chooses.
 CLIENT_ID: Final = names.WORKSPACE_ID

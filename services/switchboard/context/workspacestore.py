@@ -26,10 +26,10 @@ from switchboard.context.storebase import (
     workspace_record,
 )
 from switchboard.platform.errors import FailedPrecondition
-from switchboard.platform.models import UserRow, WorkspaceMemberRow, WorkspaceRow
 from switchboard.platform.names import now
-from switchboard.platform.outbox import Staged, staging
-from switchboard.platform.storage import Idempotency, claim, retrying
+from switchboard.platform.store.models import UserRow, WorkspaceMemberRow, WorkspaceRow
+from switchboard.platform.store.outbox import Staged, staging
+from switchboard.platform.store.storage import Idempotency, claim, retrying
 
 
 class WorkspaceStore(StoreBase):

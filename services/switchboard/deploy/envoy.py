@@ -165,7 +165,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.events.v1 import events_pb2
 from switchboard.api.integration.v1 import integration_pb2
 from switchboard.platform.config import PREFIX, ConfigError, Settings
-from switchboard.platform.otelenv import OtelEnv
+from switchboard.platform.observe.otelenv import OtelEnv
 
 #: Each short service name (``SWITCHBOARD_SERVICES``) and the contract it serves.
 API: Final[dict[str, ServiceDescriptor]] = {
@@ -495,7 +495,7 @@ class Tracing:
         ``OTEL_TRACES_EXPORTER=otlp`` asks for the exporters' default (``http://localhost:4317``;
         4318 over HTTP), unless ``OTEL_SDK_DISABLED=true`` or ``OTEL_TRACES_EXPORTER``
         names no ``otlp`` (``none``, ``console``): the rule the servers follow, read by
-        the one reader of these variables (``platform/otelenv.py``).
+        the one reader of these variables (``platform/observe/otelenv.py``).
         Also read: ``OTEL_EXPORTER_OTLP[_TRACES]_PROTOCOL`` (default ``grpc``),
         ``_INSECURE`` and ``_CERTIFICATE``, ``OTEL_TRACES_SAMPLER`` and
         ``OTEL_TRACES_SAMPLER_ARG``. Not read: headers and client certificates.

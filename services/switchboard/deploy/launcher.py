@@ -65,7 +65,7 @@ from switchboard.deploy.processes import (
     Service,
 )
 from switchboard.platform import backoff, names
-from switchboard.platform.otelenv import OtelEnv
+from switchboard.platform.observe.otelenv import OtelEnv
 
 # envoy-data-plane is a heavy import: only the mesh and envoy commands pay for it.
 if TYPE_CHECKING:

@@ -62,7 +62,7 @@ from switchboard.deploy.machine import (
     postgres_owner,
     redis_server_binary,
 )
-from switchboard.platform.otelenv import OtelEnv
+from switchboard.platform.observe.otelenv import OtelEnv
 
 if TYPE_CHECKING:
     # envoy-data-plane is a heavy import: only the mesh and envoy commands pay for it.

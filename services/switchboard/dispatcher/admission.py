@@ -38,7 +38,6 @@ from switchboard.dispatcher.scheduler import Scheduler, Ticket
 from switchboard.dispatcher.store import NewRun, RunStore, Stored, raise_busy
 from switchboard.internal.dispatcher.v1 import job_pb2
 from switchboard.platform import names, timefields
-from switchboard.platform.bus import EventBus
 from switchboard.platform.cache import Cache
 from switchboard.platform.errors import (
     ContentBlocked,
@@ -49,9 +48,10 @@ from switchboard.platform.errors import (
     RunSuperseded,
     SwitchboardError,
 )
-from switchboard.platform.policy import Principal
-from switchboard.platform.storage import idempotency
-from switchboard.platform.telemetry import current_ids, traceparent
+from switchboard.platform.events.bus import EventBus
+from switchboard.platform.observe.telemetry import current_ids, traceparent
+from switchboard.platform.security.policy import Principal
+from switchboard.platform.store.storage import idempotency
 
 log = logging.getLogger("switchboard.dispatcher")
 

@@ -34,8 +34,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.dispatcher.assistantstore import AssistantRecord, AssistantStore, IdTaken, Written
-from switchboard.platform import names, pagination
-from switchboard.platform.bus import EventBus
+from switchboard.platform import names
 from switchboard.platform.errors import (
     AlreadyExists,
     FieldViolation,
@@ -43,11 +42,13 @@ from switchboard.platform.errors import (
     NotFound,
     Violations,
 )
+from switchboard.platform.events.bus import EventBus
 from switchboard.platform.fieldmask import update_paths
-from switchboard.platform.outbox import Staged
-from switchboard.platform.pagination import PageTokens
-from switchboard.platform.policy import Principal
-from switchboard.platform.storage import idempotency
+from switchboard.platform.security.policy import Principal
+from switchboard.platform.store import pagination
+from switchboard.platform.store.outbox import Staged
+from switchboard.platform.store.pagination import PageTokens
+from switchboard.platform.store.storage import idempotency
 
 log = logging.getLogger("switchboard.dispatcher.assistants")
 

@@ -5,7 +5,7 @@ and read by ``assistants.py``; this module never parses it) beside the columns
 that are queried. ``is_default`` is the only copy of ``workspace_default``, so
 clearing a previous default touches no blob. No ORM row leaves this module,
 and nothing here builds a resource name or raises a request-field error: the
-domain does both. Writes stage their events (``platform/outbox.py``) in the
+domain does both. Writes stage their events (``platform/store/outbox.py``) in the
 same transaction, so every committed change has its ASSISTANT_CHANGED.
 """
 
@@ -20,12 +20,12 @@ from typing import TypeVar
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from switchboard.platform.db import Database
 from switchboard.platform.errors import EtagMismatch, NotFound, QuotaExceeded
-from switchboard.platform.models import AssistantRow, WorkspaceRow
 from switchboard.platform.names import etag_version, now
-from switchboard.platform.outbox import Staged, staging
-from switchboard.platform.storage import Idempotency, claim, retrying, transaction
+from switchboard.platform.store.db import Database
+from switchboard.platform.store.models import AssistantRow, WorkspaceRow
+from switchboard.platform.store.outbox import Staged, staging
+from switchboard.platform.store.storage import Idempotency, claim, retrying, transaction
 
 log = logging.getLogger("switchboard.dispatcher.assistantstore")
 

@@ -36,11 +36,11 @@ from switchboard.integration.build import integration_hub
 from switchboard.integration.directory import workspace_experts
 from switchboard.integration.service import IntegrationHub
 from switchboard.platform.config import ConfigError, Settings, parse_remotes
-from switchboard.platform.egress import EgressPolicy
 from switchboard.platform.errors import NotFound
-from switchboard.platform.metrics import Metrics, run_state_label
-from switchboard.platform.secretbox import SecretBox
-from switchboard.platform.server import ServiceRegistration, advertise_address
+from switchboard.platform.observe.metrics import Metrics, run_state_label
+from switchboard.platform.rpc.server import ServiceRegistration, advertise_address
+from switchboard.platform.security.egress import EgressPolicy
+from switchboard.platform.security.secretbox import SecretBox
 from switchboard.shared import Shared, setting
 
 

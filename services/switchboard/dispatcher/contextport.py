@@ -22,8 +22,8 @@ from typing import Protocol
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.context.v1 import context_pb2_grpc
-from switchboard.platform.peers import PeerService, TokenIssuer
-from switchboard.platform.policy import Principal
+from switchboard.platform.rpc.peers import PeerService, TokenIssuer
+from switchboard.platform.security.policy import Principal
 
 
 class _Messages(Protocol):

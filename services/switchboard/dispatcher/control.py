@@ -30,7 +30,7 @@ from switchboard.platform.errors import (
     RunCancelled,
     Violations,
 )
-from switchboard.platform.policy import Principal
+from switchboard.platform.security.policy import Principal
 
 #: Decisions in one SubmitToolApprovals.
 _MAX_APPROVALS: Final = 128

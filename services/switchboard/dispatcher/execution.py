@@ -48,7 +48,6 @@ from switchboard.dispatcher.store import TERMINAL, RunStore
 from switchboard.dispatcher.toolport import ToolPort
 from switchboard.dispatcher.toolrunner import RunTools, ToolLimits, offered_tools
 from switchboard.platform import names
-from switchboard.platform.db import DatabaseUnavailable, is_outage
 from switchboard.platform.errors import (
     DeadlineExceeded,
     HandlerFailed,
@@ -56,9 +55,10 @@ from switchboard.platform.errors import (
     RunInterrupted,
     SwitchboardError,
 )
-from switchboard.platform.metrics import Metrics, run_state_label
-from switchboard.platform.policy import Permission, Policy
-from switchboard.platform.telemetry import parent_from
+from switchboard.platform.observe.metrics import Metrics, run_state_label
+from switchboard.platform.observe.telemetry import parent_from
+from switchboard.platform.security.policy import Permission, Policy
+from switchboard.platform.store.db import DatabaseUnavailable, is_outage
 
 log = logging.getLogger("switchboard.dispatcher")
 

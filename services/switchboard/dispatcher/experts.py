@@ -19,7 +19,7 @@ also re-read (in the background; the cached one serves meanwhile) every
 longer, and a name whose addresses changed is resolved again.
 
 Each gRPC expert gets one channel to the addresses the egress policy allowed
-(``platform/egress.py``), never resolved again until the next read. An A2A
+(``platform/security/egress.py``), never resolved again until the next read. An A2A
 agent's card URL is checked at the read too (a blocked one is listed
 unavailable with the reason); its client checks the card's own addresses
 each time it connects. An
@@ -57,14 +57,14 @@ from switchboard.dispatcher.remote import RemoteHandler
 from switchboard.integration.a2aagent import A2AAgent
 from switchboard.integration.directory import ExpertEntry, integration_name
 from switchboard.platform import names
-from switchboard.platform.egress import (
+from switchboard.platform.errors import SwitchboardError
+from switchboard.platform.security.egress import (
     EgressPolicy,
     check_host,
     grpc_target,
     parse_grpc_endpoint,
     parse_http_endpoint,
 )
-from switchboard.platform.errors import SwitchboardError
 
 log = logging.getLogger("switchboard.dispatcher.experts")
 

@@ -45,7 +45,7 @@ from switchboard.dispatcher.scheduler import Ticket
 from switchboard.dispatcher.toolrunner import RunTools
 from switchboard.internal.dispatcher.v1 import job_pb2
 from switchboard.platform.errors import SwitchboardError
-from switchboard.platform.policy import Principal
+from switchboard.platform.security.policy import Principal
 
 _QUEUED = pb.RUN_STATE_QUEUED
 _RUNNING = pb.RUN_STATE_RUNNING

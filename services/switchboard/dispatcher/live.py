@@ -18,7 +18,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.handlers import Handler
 from switchboard.dispatcher.lifecycle import Active
 from switchboard.dispatcher.router import Router
-from switchboard.platform.metrics import WORKSPACE_HANDLER
+from switchboard.platform.observe.metrics import WORKSPACE_HANDLER
 
 #: Bound on one bookkeeping call (storing a message, the final save of a run).
 FINISH_TIMEOUT_S: Final = 10.0

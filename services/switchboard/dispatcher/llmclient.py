@@ -43,7 +43,7 @@ from switchboard.dispatcher.llmstream import (
     scrub,
 )
 from switchboard.platform.breaker import CircuitBreaker
-from switchboard.platform.telemetry import instrument_http
+from switchboard.platform.observe.telemetry import instrument_http
 
 # The handler's logger: one name for every part of it, as before it was split.
 log = logging.getLogger("switchboard.dispatcher.llm")

@@ -29,13 +29,13 @@ from grpc import aio
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
-from switchboard.platform.authn import AUTHORIZATION_KEY
-from switchboard.platform.channels import CHANNEL_OPTIONS
 from switchboard.platform.errors import SwitchboardError
-from switchboard.platform.logging import request_id_var
-from switchboard.platform.rpcerrors import from_rpc_error
-from switchboard.platform.status import REQUEST_ID_KEY
-from switchboard.platform.telemetry import client_interceptors
+from switchboard.platform.observe.logging import request_id_var
+from switchboard.platform.observe.telemetry import client_interceptors
+from switchboard.platform.rpc.channels import CHANNEL_OPTIONS
+from switchboard.platform.rpc.rpcerrors import from_rpc_error
+from switchboard.platform.rpc.status import REQUEST_ID_KEY
+from switchboard.platform.security.authn import AUTHORIZATION_KEY
 
 #: Metadata that marks a call one replica forwarded to another.
 FORWARDED_KEY: Final = "x-switchboard-forwarded"

@@ -24,10 +24,10 @@ from switchboard.dispatcher.live import FINISH_TIMEOUT_S, Live
 from switchboard.dispatcher.store import TERMINAL, RunStore
 from switchboard.platform import names
 from switchboard.platform.backoff import Backoff
-from switchboard.platform.bus import EventBus
 from switchboard.platform.errors import Conflict, DependencyUnavailable, SwitchboardError
-from switchboard.platform.outbox import Staged
-from switchboard.platform.status import to_status_proto
+from switchboard.platform.events.bus import EventBus
+from switchboard.platform.rpc.status import to_status_proto
+from switchboard.platform.store.outbox import Staged
 
 log = logging.getLogger("switchboard.dispatcher")
 

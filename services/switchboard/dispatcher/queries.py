@@ -30,10 +30,11 @@ from switchboard.dispatcher.router import Router
 from switchboard.dispatcher.store import TERMINAL, RunStore
 from switchboard.dispatcher.toolport import ToolPort
 from switchboard.dispatcher.toolrunner import ToolLimits, offered_tools
-from switchboard.platform import names, pagination
-from switchboard.platform.bus import EventBus
+from switchboard.platform import names
 from switchboard.platform.errors import FieldViolation, InvalidArgument
-from switchboard.platform.policy import Principal
+from switchboard.platform.events.bus import EventBus
+from switchboard.platform.security.policy import Principal
+from switchboard.platform.store import pagination
 
 
 class Queries:

@@ -36,12 +36,12 @@ from switchboard.dispatcher.router import Router
 from switchboard.dispatcher.store import RunStore, Stored
 from switchboard.internal.dispatcher.v1 import job_pb2
 from switchboard.platform import names
-from switchboard.platform.bus import EventBus
-from switchboard.platform.db import log_failure
 from switchboard.platform.errors import HandlerFailed, RunInterrupted, SwitchboardError
-from switchboard.platform.metrics import Metrics, run_state_label
-from switchboard.platform.outbox import Staged
-from switchboard.platform.policy import AuthMethod, Principal, Scope
+from switchboard.platform.events.bus import EventBus
+from switchboard.platform.observe.metrics import Metrics, run_state_label
+from switchboard.platform.security.policy import AuthMethod, Principal, Scope
+from switchboard.platform.store.db import log_failure
+from switchboard.platform.store.outbox import Staged
 
 log = logging.getLogger("switchboard.dispatcher")
 

@@ -48,9 +48,9 @@ from switchboard.dispatcher.handlers import (
     ToolRunner,
     capabilities,
 )
-from switchboard.platform.channels import DOWN, READY, ChannelOptions, connected, expert_channel
 from switchboard.platform.errors import FailedPrecondition, QuotaExceeded, SwitchboardError
-from switchboard.platform.status import to_status_proto
+from switchboard.platform.rpc.channels import DOWN, READY, ChannelOptions, connected, expert_channel
+from switchboard.platform.rpc.status import to_status_proto
 
 log = logging.getLogger("switchboard.dispatcher.remote")
 

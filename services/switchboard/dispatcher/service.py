@@ -37,12 +37,12 @@ from switchboard.dispatcher.scheduler import Scheduler
 from switchboard.dispatcher.store import RunStore
 from switchboard.dispatcher.toolport import ToolPort
 from switchboard.dispatcher.toolrunner import ToolLimits
-from switchboard.platform import pagination
-from switchboard.platform.bus import EventBus
 from switchboard.platform.cache import Cache
-from switchboard.platform.metrics import Metrics
-from switchboard.platform.policy import Policy, Principal
-from switchboard.platform.telemetry import tracer
+from switchboard.platform.events.bus import EventBus
+from switchboard.platform.observe.metrics import Metrics
+from switchboard.platform.observe.telemetry import tracer
+from switchboard.platform.security.policy import Policy, Principal
+from switchboard.platform.store import pagination
 
 __all__ = ["SEQUENCE_BLOCK", "Dispatcher", "Limits"]
 

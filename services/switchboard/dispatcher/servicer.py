@@ -8,7 +8,7 @@ an ``error`` frame and the stream stays open. Its output is one bounded queue:
 when a client stops reading, the relays of its runs wait rather than grow the
 queue without end.
 
-Both streams keep their access through a grant (``platform/accesswatch.py``).
+Both streams keep their access through a grant (``platform/security/accesswatch.py``).
 A lost credential (logged out, session or API key revoked, token expired) ends
 the stream with that status. Lost access to a relayed run (removed from its
 workspace, workspace deleted) ends WatchRun with that status, and ends a
@@ -29,18 +29,18 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
 from switchboard.dispatcher.peerport import FORWARDED_KEY, Via
 from switchboard.dispatcher.service import Dispatcher
-from switchboard.platform.accesswatch import AccessWatch, Grant, Hold
-from switchboard.platform.authn import bearer_credential, current_principal
 from switchboard.platform.errors import (
     FieldViolation,
     InvalidArgument,
     QuotaExceeded,
     SwitchboardError,
 )
-from switchboard.platform.logging import request_id_var
 from switchboard.platform.names import now
-from switchboard.platform.policy import Permission
-from switchboard.platform.status import to_status_proto
+from switchboard.platform.observe.logging import request_id_var
+from switchboard.platform.rpc.status import to_status_proto
+from switchboard.platform.security.accesswatch import AccessWatch, Grant, Hold
+from switchboard.platform.security.authn import bearer_credential, current_principal
+from switchboard.platform.security.policy import Permission
 
 SERVICE = pb.DESCRIPTOR.services_by_name["DispatcherService"]
 

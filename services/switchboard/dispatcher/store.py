@@ -24,12 +24,12 @@ from sqlalchemy import and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.platform.db import Database
 from switchboard.platform.errors import ConversationBusy, NotFound
-from switchboard.platform.models import DispatcherLeaseRow, RunRow, table_of
 from switchboard.platform.names import now
-from switchboard.platform.outbox import Staged, staging
-from switchboard.platform.storage import (
+from switchboard.platform.store.db import Database
+from switchboard.platform.store.models import DispatcherLeaseRow, RunRow, table_of
+from switchboard.platform.store.outbox import Staged, staging
+from switchboard.platform.store.storage import (
     Idempotency,
     claim,
     earlier,

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from switchboard.api.integration.v1 import integration_pb2 as ipb
-from switchboard.platform.policy import Permission, Policy, Principal
+from switchboard.platform.security.policy import Permission, Policy, Principal
 
 #: Most tools listed from one integration for one run (the hub's page limit).
 _PAGE: int = 200

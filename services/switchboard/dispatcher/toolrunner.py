@@ -50,7 +50,7 @@ from switchboard.dispatcher.toolport import ToolPort
 from switchboard.internal.dispatcher.v1 import job_pb2
 from switchboard.platform import names
 from switchboard.platform.errors import ApprovalExpired, CircuitOpen, SwitchboardError
-from switchboard.platform.policy import Principal
+from switchboard.platform.security.policy import Principal
 
 log = logging.getLogger("switchboard.dispatcher.tools")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from switchboard.events import servicer
 from switchboard.events.subscriptions import Limits
 from switchboard.platform.config import Settings
-from switchboard.platform.server import ServiceRegistration
+from switchboard.platform.rpc.server import ServiceRegistration
 from switchboard.shared import Shared
 
 

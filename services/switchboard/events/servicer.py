@@ -3,7 +3,7 @@
 The two streaming RPCs yield pre-serialized frames (``bytes``): an event is
 serialized once when it enters the process, and a batch for any subscriber is
 a concatenation of those bytes (``eventlog.batch_payload``). ``PRESERIALIZED``
-names them for the registration (``platform/registration.py``), which sends
+names them for the registration (``platform/rpc/registration.py``), which sends
 them as they are; clients see the ordinary ``SubscribeResponse`` /
 ``StreamResponse`` messages.
 """
@@ -29,17 +29,15 @@ from switchboard.events.subscriptions import (
     matches,
     parse_spec,
 )
-from switchboard.platform import names, pagination
-from switchboard.platform.accesswatch import AccessWatch, Grant
-from switchboard.platform.authn import current_principal
-from switchboard.platform.bus import EventBus
+from switchboard.platform import names
 from switchboard.platform.errors import (
     FieldViolation,
     InvalidArgument,
     QuotaExceeded,
     SwitchboardError,
 )
-from switchboard.platform.eventlog import (
+from switchboard.platform.events.bus import EventBus
+from switchboard.platform.events.eventlog import (
     Logged,
     batch_payload,
     format_cursor,
@@ -47,7 +45,10 @@ from switchboard.platform.eventlog import (
     parse_cursor,
 )
 from switchboard.platform.names import now
-from switchboard.platform.policy import Permission, Policy
+from switchboard.platform.security.accesswatch import AccessWatch, Grant
+from switchboard.platform.security.authn import current_principal
+from switchboard.platform.security.policy import Permission, Policy
+from switchboard.platform.store import pagination
 
 SERVICE = events_pb2.DESCRIPTOR.services_by_name["EventService"]
 

@@ -5,12 +5,12 @@ synchronous step*, so every event is either at or before that mark (replayed
 from the log) or after it (pushed live): no gap and no duplicate at the
 hand-over. Live events wait in a bounded per-subscription queue until the
 fan-out wakes the writer (at once, or in its turn when many follow the same
-name: ``platform/bus.py``); the writer then sends everything queued as one
+name: ``platform/events/bus.py``); the writer then sends everything queued as one
 frame and waits for its next turn, so a writer that is behind coalesces. A
 queue that overflows ends the subscription with RESOURCE_EXHAUSTED naming the
 cursor to resume from, so the client loses nothing.
 
-Access is held through the stream's grant (``platform/accesswatch.py``): it
+Access is held through the stream's grant (``platform/security/accesswatch.py``): it
 is checked when a subscription opens and again whenever anything says it may
 have changed (an event that changes who may see a watched workspace or user,
 in log order; a revocation; the credential's expiry; degraded mode; every
@@ -32,8 +32,6 @@ from typing import Final
 
 from switchboard.api.events.v1 import events_pb2
 from switchboard.platform import names
-from switchboard.platform.accesswatch import Hold
-from switchboard.platform.bus import EventBus
 from switchboard.platform.errors import (
     DependencyUnavailable,
     FieldViolation,
@@ -41,8 +39,10 @@ from switchboard.platform.errors import (
     QuotaExceeded,
     SubscriberTooSlow,
 )
-from switchboard.platform.eventlog import Logged, Position, format_cursor, parse_cursor
-from switchboard.platform.policy import Permission, Policy, Principal
+from switchboard.platform.events.bus import EventBus
+from switchboard.platform.events.eventlog import Logged, Position, format_cursor, parse_cursor
+from switchboard.platform.security.accesswatch import Hold
+from switchboard.platform.security.policy import Permission, Policy, Principal
 
 #: Events read from the log per replay round trip.
 REPLAY_PAGE: Final = 500

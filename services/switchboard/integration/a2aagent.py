@@ -1,7 +1,7 @@
 """The client of an A2A agent registered as a domain expert (INTEGRATION_KIND_A2A_AGENT).
 
 The integration's endpoint is the agent's Agent Card URL. The card is read
-with the egress policy's HTTP client (``platform/egress.py``: the address
+with the egress policy's HTTP client (``platform/security/egress.py``: the address
 checked is the address connected to, no redirects, no environment proxies)
 and says where the agent listens. Those addresses are the agent's to name, so
 they pass the same policy: a card on a public host that names
@@ -61,8 +61,9 @@ from switchboard.integration.connectors import (
     Unreachable,
 )
 from switchboard.platform.backoff import Backoff
-from switchboard.platform.channels import expert_channel
-from switchboard.platform.egress import (
+from switchboard.platform.errors import DestinationBlocked, ResultTooLarge, SwitchboardError
+from switchboard.platform.rpc.channels import expert_channel
+from switchboard.platform.security.egress import (
     EgressPolicy,
     ResolutionFailed,
     grpc_target,
@@ -70,7 +71,6 @@ from switchboard.platform.egress import (
     parse_grpc_endpoint,
     parse_http_endpoint,
 )
-from switchboard.platform.errors import DestinationBlocked, ResultTooLarge, SwitchboardError
 
 log = logging.getLogger("switchboard.integration.a2aagent")
 

@@ -16,10 +16,10 @@ from switchboard.integration.store import IntegrationStore
 from switchboard.integration.webhooks import WebhookEngine, WebhookLimits
 from switchboard.platform.breaker import Breakers
 from switchboard.platform.config import Settings
-from switchboard.platform.egress import EgressPolicy
-from switchboard.platform.metrics import Metrics
-from switchboard.platform.secretbox import SecretBox
-from switchboard.platform.server import ServiceRegistration
+from switchboard.platform.observe.metrics import Metrics
+from switchboard.platform.rpc.server import ServiceRegistration
+from switchboard.platform.security.egress import EgressPolicy
+from switchboard.platform.security.secretbox import SecretBox
 from switchboard.shared import Shared, setting
 
 

@@ -27,7 +27,7 @@ from switchboard.platform.errors import (
     FailedPrecondition,
     NotFound,
 )
-from switchboard.platform.secretbox import SecretBox
+from switchboard.platform.security.secretbox import SecretBox
 
 log = logging.getLogger("switchboard.integration")
 

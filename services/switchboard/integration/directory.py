@@ -19,9 +19,9 @@ from typing import Final
 from sqlalchemy.exc import SQLAlchemyError
 
 from switchboard.api.integration.v1 import integration_pb2
-from switchboard.platform.db import Database, log_failure
 from switchboard.platform.errors import DependencyUnavailable
-from switchboard.platform.secretbox import SecretBox, SecretUnreadable
+from switchboard.platform.security.secretbox import SecretBox, SecretUnreadable
+from switchboard.platform.store.db import Database, log_failure
 
 log = logging.getLogger("switchboard.integration.directory")
 

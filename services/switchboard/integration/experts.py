@@ -10,7 +10,7 @@ Health is grpc.health.v1 ``Check``: first for the HandlerService entry, then
 for the server as a whole (``""``) if the expert does not report per service;
 an expert without the health service is probed with ``GetCapabilities``.
 
-One channel per expert, kept open with keepalive (``platform/channels.py``).
+One channel per expert, kept open with keepalive (``platform/rpc/channels.py``).
 The channel dials the addresses the egress check allowed and never resolves
 the name again; after a call could not reach the expert (and whenever the
 channel is in TRANSIENT_FAILURE) the next call resolves, checks and connects
@@ -44,15 +44,15 @@ from switchboard.integration.connectors import (
     ToolSpec,
     Unreachable,
 )
-from switchboard.platform.channels import DOWN, expert_channel
-from switchboard.platform.egress import (
+from switchboard.platform.errors import ResultTooLarge
+from switchboard.platform.rpc.channels import DOWN, expert_channel
+from switchboard.platform.security.egress import (
     EgressPolicy,
     GrpcEndpoint,
     ResolutionFailed,
     grpc_target,
     parse_grpc_endpoint,
 )
-from switchboard.platform.errors import ResultTooLarge
 
 SERVICE_NAME: Final = handler_pb2.DESCRIPTOR.services_by_name["HandlerService"].full_name
 #: Characters of an expert's own error message kept in an error result.

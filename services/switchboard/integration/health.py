@@ -26,10 +26,10 @@ from switchboard.integration.connectors import ConnectorError
 from switchboard.integration.mapping import name_of
 from switchboard.integration.store import Health, IntegrationRecord, IntegrationStore
 from switchboard.platform.breaker import Breakers
-from switchboard.platform.bus import EventBus
 from switchboard.platform.errors import DestinationBlocked, SwitchboardError
+from switchboard.platform.events.bus import EventBus
 from switchboard.platform.names import now
-from switchboard.platform.outbox import Staged
+from switchboard.platform.store.outbox import Staged
 
 log = logging.getLogger("switchboard.integration")
 

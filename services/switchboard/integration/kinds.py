@@ -20,7 +20,7 @@ from switchboard.integration.mapping import name_of
 from switchboard.integration.mcp import McpConnector, StdioServer, parse_stdio_servers, raw_limit
 from switchboard.integration.store import IntegrationRecord
 from switchboard.platform.config import Settings, parse_remotes
-from switchboard.platform.egress import EgressPolicy
+from switchboard.platform.security.egress import EgressPolicy
 
 #: Built-in handler ids a workspace's expert may not take.
 BUILTIN_HANDLERS = frozenset({"echo", "llm"})

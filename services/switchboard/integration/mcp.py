@@ -93,18 +93,18 @@ from switchboard.integration.connectors import (
     Unreachable,
 )
 from switchboard.platform import names
-from switchboard.platform.egress import (
-    EgressPolicy,
-    HttpEndpoint,
-    http_client,
-    parse_http_endpoint,
-)
 from switchboard.platform.errors import (
     DestinationBlocked,
     FieldViolation,
     InvalidArgument,
     ResolutionFailed,
     ResultTooLarge,
+)
+from switchboard.platform.security.egress import (
+    EgressPolicy,
+    HttpEndpoint,
+    http_client,
+    parse_http_endpoint,
 )
 
 log = logging.getLogger("switchboard.integration.mcp")

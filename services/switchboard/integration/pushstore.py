@@ -32,10 +32,10 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
 from switchboard.api.integration.v1 import integration_pb2
-from switchboard.platform.db import Database
-from switchboard.platform.models import PushConfigRow, WebhookDeliveryRow
 from switchboard.platform.names import new_id, now
-from switchboard.platform.storage import transaction
+from switchboard.platform.store.db import Database
+from switchboard.platform.store.models import PushConfigRow, WebhookDeliveryRow
+from switchboard.platform.store.storage import transaction
 
 log = logging.getLogger("switchboard.integration.push")
 

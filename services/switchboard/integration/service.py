@@ -1,8 +1,8 @@
 """The integration hub's domain: registration, events, watching; tools and health delegated.
 
 Registration validates each field for its kind, checks endpoints against the
-egress policy (``platform/egress.py``; again on every connection), seals
-credentials (``platform/secretbox.py``; they leave the hub only towards the
+egress policy (``platform/security/egress.py``; again on every connection), seals
+credentials (``platform/security/secretbox.py``; they leave the hub only towards the
 integration itself) and writes each change with its INTEGRATION_CHANGED
 event. Calls to integrations go through this process's connectors and their
 breakers (``connections.py``); ``tools.py`` lists and invokes tools,
@@ -39,17 +39,9 @@ from switchboard.integration.health import Prober, WebhookHealth, status_bytes
 from switchboard.integration.mapping import integration_name, integration_proto, name_of
 from switchboard.integration.store import IntegrationRecord, IntegrationStore
 from switchboard.integration.tools import Tools
-from switchboard.platform import names, pagination, timefields
+from switchboard.platform import names, timefields
 from switchboard.platform.breaker import Breakers, BreakerState
-from switchboard.platform.bus import EventBus
 from switchboard.platform.cache import Cache
-from switchboard.platform.egress import (
-    EgressPolicy,
-    ResolutionFailed,
-    check_host,
-    parse_grpc_endpoint,
-    parse_http_endpoint,
-)
 from switchboard.platform.errors import (
     DestinationBlocked,
     FailedPrecondition,
@@ -60,13 +52,22 @@ from switchboard.platform.errors import (
     SubscriberTooSlow,
     Violations,
 )
+from switchboard.platform.events.bus import EventBus
 from switchboard.platform.fieldmask import update_paths
-from switchboard.platform.metrics import Metrics
 from switchboard.platform.names import checked_etag
-from switchboard.platform.outbox import Staged
-from switchboard.platform.policy import Principal
-from switchboard.platform.secretbox import SecretBox
-from switchboard.platform.storage import idempotency
+from switchboard.platform.observe.metrics import Metrics
+from switchboard.platform.security.egress import (
+    EgressPolicy,
+    ResolutionFailed,
+    check_host,
+    parse_grpc_endpoint,
+    parse_http_endpoint,
+)
+from switchboard.platform.security.policy import Principal
+from switchboard.platform.security.secretbox import SecretBox
+from switchboard.platform.store import pagination
+from switchboard.platform.store.outbox import Staged
+from switchboard.platform.store.storage import idempotency
 
 log = logging.getLogger("switchboard.integration")
 

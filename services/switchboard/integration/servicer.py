@@ -1,7 +1,7 @@
 """Transport for IntegrationService: converts proto to domain calls and nothing else.
 
 ``WatchIntegrations`` keeps its workspace authorized through an access grant
-(``platform/accesswatch.py``): a caller removed from the workspace, or whose
+(``platform/security/accesswatch.py``): a caller removed from the workspace, or whose
 credential is revoked or expires, sees the stream end with the status a unary
 call would get, even while nothing changes.
 """
@@ -16,9 +16,9 @@ from grpc import aio
 from switchboard.api.integration.v1 import integration_pb2 as pb
 from switchboard.api.integration.v1 import integration_pb2_grpc
 from switchboard.integration.service import IntegrationHub
-from switchboard.platform.accesswatch import AccessWatch
-from switchboard.platform.authn import current_principal
-from switchboard.platform.policy import Permission
+from switchboard.platform.security.accesswatch import AccessWatch
+from switchboard.platform.security.authn import current_principal
+from switchboard.platform.security.policy import Permission
 
 SERVICE = pb.DESCRIPTOR.services_by_name["IntegrationService"]
 

@@ -2,7 +2,7 @@
 
 No ORM row leaves this module (``IntegrationRecord`` is a frozen copy), and
 nothing here builds a resource name for a client or raises a request-field
-error: the service does both. Writes stage their events (``platform/outbox.py``)
+error: the service does both. Writes stage their events (``platform/store/outbox.py``)
 in the same transaction, so every committed change has its INTEGRATION_CHANGED.
 """
 
@@ -17,12 +17,12 @@ from typing import Any, TypeVar
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from switchboard.platform.db import Database
 from switchboard.platform.errors import AlreadyExists, EtagMismatch, NotFound, QuotaExceeded
-from switchboard.platform.models import IntegrationRow, WebhookDeliveryRow, WorkspaceRow
 from switchboard.platform.names import etag_version, now
-from switchboard.platform.outbox import Staged, staging
-from switchboard.platform.storage import Idempotency, claim, retrying, transaction
+from switchboard.platform.store.db import Database
+from switchboard.platform.store.models import IntegrationRow, WebhookDeliveryRow, WorkspaceRow
+from switchboard.platform.store.outbox import Staged, staging
+from switchboard.platform.store.storage import Idempotency, claim, retrying, transaction
 
 log = logging.getLogger("switchboard.integration.store")
 

@@ -27,8 +27,7 @@ from switchboard.integration.connectors import ToolNotFound, ToolResult, ToolSpe
 from switchboard.integration.mapping import integration_name, name_of
 from switchboard.integration.schemas import Compiled, SchemaUnusable, compile_tools
 from switchboard.integration.store import IntegrationRecord, IntegrationStore
-from switchboard.platform import names, pagination, timefields
-from switchboard.platform.bus import EventBus
+from switchboard.platform import names, timefields
 from switchboard.platform.cache import Cache
 from switchboard.platform.errors import (
     DependencyUnavailable,
@@ -39,8 +38,10 @@ from switchboard.platform.errors import (
     SwitchboardError,
     Violations,
 )
-from switchboard.platform.metrics import Metrics
-from switchboard.platform.policy import Principal
+from switchboard.platform.events.bus import EventBus
+from switchboard.platform.observe.metrics import Metrics
+from switchboard.platform.security.policy import Principal
+from switchboard.platform.store import pagination
 
 log = logging.getLogger("switchboard.integration")
 

@@ -104,12 +104,8 @@ from switchboard.integration.webhookstore import (
     Subscriber,
     WebhookStore,
 )
-from switchboard.platform import pagination
 from switchboard.platform.backoff import Backoff, full_jitter
 from switchboard.platform.breaker import Breakers
-from switchboard.platform.bus import EventBus
-from switchboard.platform.db import Database, log_failure
-from switchboard.platform.egress import EgressPolicy, ResolutionFailed, http_client
 from switchboard.platform.errors import (
     CircuitOpen,
     CursorExpired,
@@ -118,13 +114,17 @@ from switchboard.platform.errors import (
     NotFound,
     SwitchboardError,
 )
-from switchboard.platform.eventlog import Logged, Position, format_cursor, parse_cursor
+from switchboard.platform.events.bus import EventBus
+from switchboard.platform.events.eventlog import Logged, Position, format_cursor, parse_cursor
 from switchboard.platform.names import new_id, now
-from switchboard.platform.secretbox import SecretBox
+from switchboard.platform.security.egress import EgressPolicy, ResolutionFailed, http_client
+from switchboard.platform.security.secretbox import SecretBox
+from switchboard.platform.store import pagination
+from switchboard.platform.store.db import Database, log_failure
 
 if TYPE_CHECKING:
     from switchboard.platform.config import Settings
-    from switchboard.platform.models import WebhookDeliveryRow
+    from switchboard.platform.store.models import WebhookDeliveryRow
 
 log = logging.getLogger("switchboard.integration.webhooks")
 

@@ -33,15 +33,15 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, aliased
 
 from switchboard.api.integration.v1 import integration_pb2
-from switchboard.platform.db import Database
-from switchboard.platform.models import (
+from switchboard.platform.names import now
+from switchboard.platform.store.db import Database
+from switchboard.platform.store.models import (
     IntegrationRow,
     PushConfigRow,
     WebhookCursorRow,
     WebhookDeliveryRow,
 )
-from switchboard.platform.names import now
-from switchboard.platform.storage import transaction
+from switchboard.platform.store.storage import transaction
 
 log = logging.getLogger("switchboard.integration.webhooks")
 

@@ -1,7 +1,7 @@
 """The one root exception of the mesh and its typed subclasses.
 
 Domain code raises these; it never imports grpc. One interceptor
-(``switchboard.platform.interceptors``) maps each to a ``google.rpc.Status``
+(``switchboard.platform.rpc.interceptors``) maps each to a ``google.rpc.Status``
 with an ``ErrorInfo`` (reason from ``switchboard.api.common.v1.ErrorReason``)
 and, where relevant, ``BadRequest``, ``RetryInfo`` or ``QuotaFailure`` details.
 """
@@ -260,7 +260,7 @@ class DependencyUnavailable(SwitchboardError):
 class DatabaseUnavailable(DependencyUnavailable):
     """The database cannot do this now (down, restarting, locked, overloaded).
 
-    Raised for what ``switchboard.platform.db.is_outage`` recognises.
+    Raised for what ``switchboard.platform.store.db.is_outage`` recognises.
     """
 
     def __init__(
@@ -275,12 +275,12 @@ class DatabaseUnavailable(DependencyUnavailable):
 class ResolutionFailed(DependencyUnavailable):
     """An outbound host name did not resolve (unknown name, DNS failure or timeout).
 
-    Raised by ``switchboard.platform.egress``; names only the host the user gave.
+    Raised by ``switchboard.platform.security.egress``; names only the host the user gave.
     """
 
 
 class SecretUnreadable(FailedPrecondition):
-    """A sealed credential does not open (``switchboard.platform.secretbox``): the
+    """A sealed credential does not open (``switchboard.platform.security.secretbox``): the
     server secret changed or the stored value is damaged. Never carries the content."""
 
     def __init__(

@@ -1,0 +1,839 @@
+"""The event log: one total order of every event, with two backends.
+
+Every event gets a *position* in the log, rendered to clients as an opaque
+cursor (``"<major>-<minor>"``). Positions only grow, so "resume after cursor
+c" means exactly "every event whose position is greater than c".
+
+* ``LocalLog`` (embedded default, one process): positions are a sequence
+  number. A group-commit writer stores each batch in the database *before* any
+  subscriber sees it, so a cursor a client holds is never reused after a
+  restart, and a restart does not lose recent history.
+* ``RedisLog`` (scaled out): one Redis Stream is the log; positions are stream
+  entry ids. Each process runs one ``XREAD BLOCK`` reader and fans out what it
+  reads, so an event published through process A reaches subscribers on B, and
+  every process sees the same order. Appends go through a small Lua script that
+  also remembers the event id for ``dedupe_window_s``, so a publish retried
+  after an uncertain failure (a timeout while Redis was stopped) lands once.
+
+**When Redis is unreachable** a process keeps serving: publishing never blocks
+the publisher; events go to an in-memory outbox (bounded) and are appended to
+the stream, in publish order, as soon as Redis answers again. They reach
+subscribers only once they are in the stream, with a real position: delayed,
+never lost while the process lives, never duplicated, never reordered for one
+publisher. Replays within the process's in-memory window keep working during
+the outage; older replays answer UNAVAILABLE. The outbox lives in memory: if
+the process dies during an outage, its unflushed events are lost (documented in
+docs/operations.md). Redis itself must persist the stream (``appendonly yes``
+with ``appendfsync always``) for an acknowledged event to survive a Redis crash.
+
+Both backends keep the newest events in memory (``Ring``) for fast replay, and
+answer older replays from storage. Trimming is by count and by age; the
+*horizon* is the newest trimmed position, and a cursor below it is OUT_OF_RANGE
+because events after it are gone.
+
+This module does not import grpc.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import datetime as dt
+import logging
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any, Final, Literal, Protocol
+
+from redis.exceptions import RedisError
+from sqlalchemy import delete, func, insert, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from switchboard.api.events.v1 import events_pb2
+from switchboard.platform import names
+from switchboard.platform.backoff import Backoff
+from switchboard.platform.cache import binary_client, redacted_url
+from switchboard.platform.errors import DependencyUnavailable
+from switchboard.platform.observe import telemetry
+from switchboard.platform.store.db import Database, log_failure
+from switchboard.platform.store.models import EventLogRow, EventLogStateRow, table_of
+from switchboard.platform.store.outbox import Outbox
+
+log = logging.getLogger("switchboard.eventlog")
+
+Position = tuple[int, int]
+ORIGIN: Final[Position] = (0, 0)
+LogState = Literal["ok", "degraded"]
+
+_CURSOR_RE: Final = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+_MAX_U64: Final = 2**64 - 1
+_REDIS_FAILURES: Final = (RedisError, OSError, TimeoutError)
+_DB_FAILURES: Final = (SQLAlchemyError, OSError, TimeoutError)
+#: Events written to the database in one transaction.
+_WRITE_BATCH: Final = 1000
+#: How often the retention trim runs, in events and in seconds.
+_TRIM_EVERY_EVENTS: Final = 1000
+_TRIM_EVERY_S: Final = 30.0
+#: Built once: building it per batch cost about as much as running it.
+_INSERT_EVENTS: Final = insert(table_of(EventLogRow))
+#: Entries per XREAD / XRANGE / flush round trip.
+_REDIS_PAGE: Final = 1000
+#: How long one XREAD blocks server-side; the socket timeout adds the command timeout.
+_BLOCK_S: Final = 2.0
+
+
+def format_cursor(position: Position) -> str:
+    return f"{position[0]}-{position[1]}"
+
+
+def parse_cursor(text: str) -> Position | None:
+    """The position a cursor denotes, or None if it is not one."""
+    match = _CURSOR_RE.fullmatch(text)
+    if match is None:
+        return None
+    major, minor = int(match.group(1)), int(match.group(2))
+    if major > _MAX_U64 or minor > _MAX_U64:
+        return None
+    return major, minor
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def length_delimited(field_number: int, payload: bytes) -> bytes:
+    """One protobuf length-delimited field (a message, bytes or string), on the wire."""
+    return _varint(field_number << 3 | 2) + _varint(len(payload)) + payload
+
+
+class Logged:
+    """One event as this process holds it: parsed once and serialized once.
+
+    ``item`` is the event already framed as an element of ``EventBatch.events``,
+    so a batch for any number of subscribers is a byte concatenation.
+    """
+
+    __slots__ = (
+        "_frame",
+        "conversation",
+        "cursor",
+        "data",
+        "event",
+        "item",
+        "position",
+        "type",
+        "user",
+        "workspace",
+    )
+
+    def __init__(self, position: Position, event: events_pb2.Event) -> None:
+        self.position = position
+        self.cursor = format_cursor(position)
+        event.cursor = self.cursor
+        self.event = event
+        self.type = event.type
+        self.user = event.user
+        self.workspace = event.workspace
+        self.conversation = event.conversation
+        self.data = event.SerializeToString()
+        self.item = length_delimited(1, self.data)
+        self._frame: bytes | None = None
+
+    @classmethod
+    def parse(cls, position: Position, data: bytes) -> Logged:
+        return cls(position, events_pb2.Event.FromString(data))
+
+    def frame(self) -> bytes:
+        """``SubscribeResponse{batch: {events: [this], cursor}}``, built once for everyone."""
+        if self._frame is None:
+            self._frame = length_delimited(1, self.batch_alone())
+        return self._frame
+
+    def batch_alone(self) -> bytes:
+        return self.item + length_delimited(2, self.cursor.encode())
+
+
+def batch_payload(items: Sequence[Logged]) -> bytes:
+    """``EventBatch`` wire bytes for ``items`` (in log order), resuming after the last."""
+    if len(items) == 1:
+        return items[0].batch_alone()
+    parts = [item.item for item in items]
+    parts.append(length_delimited(2, items[-1].cursor.encode()))
+    return b"".join(parts)
+
+
+class Ring:
+    """The newest events, contiguous: it holds every logged event after ``floor``."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._items: list[Logged] = []
+        self._positions: list[Position] = []
+        self.floor: Position = ORIGIN
+        self.known = True
+
+    def reset(self, items: Sequence[Logged], floor: Position, *, known: bool = True) -> None:
+        """Replace the contents; ``known=False`` means "the log's state is unknown yet"
+        (Redis unreachable at start): nothing is served from memory until it is."""
+        self._items = list(items)
+        self._positions = [item.position for item in items]
+        self.floor = floor
+        self.known = known
+
+    def head(self) -> Position:
+        """The newest position held, or the floor when empty."""
+        return self._positions[-1] if self._positions else self.floor
+
+    def append(self, items: Sequence[Logged]) -> None:
+        self._items.extend(items)
+        self._positions.extend(item.position for item in items)
+        # Trim in chunks so appends stay amortized O(1).
+        excess = len(self._items) - self._capacity
+        if excess >= max(1, self._capacity // 4):
+            self.floor = self._positions[excess - 1]
+            del self._items[:excess]
+            del self._positions[:excess]
+
+    def covers(self, after: Position) -> bool:
+        return self.known and after >= self.floor
+
+    def after(self, after: Position, upto: Position, limit: int) -> list[Logged]:
+        start = bisect.bisect_right(self._positions, after)
+        end = bisect.bisect_right(self._positions, upto, lo=start)
+        return self._items[start : min(end, start + limit)]
+
+    def items(self) -> list[Logged]:
+        return list(self._items)
+
+
+Deliver = Callable[[Sequence[Logged]], None]
+
+
+class LogBackend(Protocol):
+    @property
+    def state(self) -> LogState: ...
+
+    async def start(self, deliver: Deliver, ring: Ring) -> Position:
+        """Load the newest events into ``ring``; return the head. ``deliver`` gets new ones."""
+        ...
+
+    async def append(self, event: events_pb2.Event) -> events_pb2.Event:
+        """Add ``event`` (stamped) to the log; returns it, with its cursor once it has one."""
+        ...
+
+    async def append_many(self, events: Sequence[events_pb2.Event]) -> None:
+        """Add ``events`` (stamped) to the log in this order, adjacent to each other."""
+        ...
+
+    async def read(self, after: Position, upto: Position, limit: int) -> list[Logged]:
+        """Stored events with ``after < position <= upto``, oldest first."""
+        ...
+
+    async def horizon(self) -> Position:
+        """The newest trimmed position: cursors below it are out of range."""
+        ...
+
+    async def last_position(self) -> Position:
+        """The newest position in the log (asking storage, not this process's view)."""
+        ...
+
+    def on_state_change(self, callback: Callable[[LogState], None]) -> None: ...
+
+    @property
+    def held(self) -> int:
+        """Events held in memory while the log is unreachable (its outbox)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+# ---------------------------------------------------------------------------------
+# Embedded: the database is the log.
+
+
+class LocalLog:
+    """The one-process log: a group-commit writer into the database, then delivery."""
+
+    def __init__(
+        self,
+        database: Database,
+        *,
+        retention: int,
+        retention_s: int,
+        memory: int,
+        outbox: Outbox | None = None,
+    ) -> None:
+        self._database = database
+        self._outbox = outbox
+        self._retention = retention
+        self._retention_s = retention_s
+        self._memory = memory
+        self._pending: list[tuple[events_pb2.Event, asyncio.Future[events_pb2.Event]]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._deliver: Deliver = _nowhere
+        self._head = 0
+        self._horizon = 0
+        self._since_trim = 0
+        self._last_trim = time.monotonic()
+        self._closed = False
+
+    @property
+    def state(self) -> LogState:
+        return "ok"
+
+    def on_state_change(self, callback: Callable[[LogState], None]) -> None:
+        return None  # the database is not optional: it never degrades to memory
+
+    @property
+    def held(self) -> int:
+        return 0  # nothing waits in memory: a write that fails fails its publisher
+
+    async def start(self, deliver: Deliver, ring: Ring) -> Position:
+        self._deliver = deliver
+        async with self._bounded(), self._database.readers() as session:
+            horizon = await session.scalar(
+                select(EventLogStateRow.horizon).where(EventLogStateRow.id == 1)
+            )
+            head = await session.scalar(select(func.max(EventLogRow.seq)))
+            rows = (
+                await session.execute(
+                    select(EventLogRow.seq, EventLogRow.data)
+                    .order_by(EventLogRow.seq.desc())
+                    .limit(self._memory + 1)
+                )
+            ).all()
+        self._horizon = int(horizon or 0)
+        self._head = max(int(head or 0), self._horizon)
+        rows = list(reversed(rows))
+        floor = (self._horizon, 0)
+        if len(rows) > self._memory:
+            floor = (max(self._horizon, rows[0].seq), 0)
+            rows = rows[1:]
+        ring.reset([Logged.parse((row.seq, 0), row.data) for row in rows], floor)
+        return self._head, 0
+
+    async def append(self, event: events_pb2.Event) -> events_pb2.Event:
+        if self._closed:
+            raise DependencyUnavailable("the event log is closed")
+        (future,) = self._enqueue([event])
+        # Shielded: a publisher that gives up waiting does not unpublish; the
+        # writer still stores and delivers the event.
+        return await asyncio.shield(future)
+
+    async def append_many(self, events: Sequence[events_pb2.Event]) -> None:
+        if self._closed:
+            raise DependencyUnavailable("the event log is closed")
+        # Queued together, so the writer usually stores them in one insert and commit.
+        await asyncio.shield(asyncio.gather(*self._enqueue(events)))
+
+    def _enqueue(
+        self, events: Sequence[events_pb2.Event]
+    ) -> list[asyncio.Future[events_pb2.Event]]:
+        """Queue ``events`` for the writer (started if idle); a future for each."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[events_pb2.Event]] = []
+        for event in events:
+            future: asyncio.Future[events_pb2.Event] = loop.create_future()
+            self._pending.append((event, future))
+            futures.append(future)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(
+                self._write_loop(),
+                name="eventlog-writer",
+                # It writes for every publisher: its transactions are not the
+                # trace of the call that happened to start it.
+                context=None if telemetry.installed() is None else telemetry.untraced(),
+            )
+        return futures
+
+    async def _write_loop(self) -> None:
+        while self._pending:
+            batch = self._pending[:_WRITE_BATCH]
+            del self._pending[:_WRITE_BATCH]
+            now = names.now()
+            try:
+                logged = await self._store([event for event, _ in batch], now)
+            except _DB_FAILURES as exc:
+                log.error("event log write failed", extra={"error": type(exc).__name__})  # noqa: TRY400 - no stack for an outage
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(
+                            DependencyUnavailable("the event log is unavailable; retry")
+                        )
+                continue
+            if logged:
+                self._head = logged[-1].position[0]
+                self._deliver(logged)
+            # An event left out was logged before (an outbox event published twice).
+            for event, future in batch:
+                if not future.done():
+                    future.set_result(event)
+
+    async def _store(self, events: list[events_pb2.Event], now: dt.datetime) -> list[Logged]:
+        """Store ``events`` in one transaction; the ones stored, with their positions."""
+        self._since_trim += len(events)
+        trim = (
+            self._since_trim >= _TRIM_EVERY_EVENTS
+            or time.monotonic() - self._last_trim >= _TRIM_EVERY_S
+        )
+        first = self._head + 1
+        outbox = self._outbox
+        retired: list[str] = []
+        logged: list[Logged] = []
+
+        def write(session: Session) -> int | None:
+            kept = events
+            if outbox is not None:
+                # In the same transaction: an outbox event is logged only by the
+                # transaction that deletes its row, so exactly once, however many
+                # publishers (a request, its retries, a relay) race to log it.
+                kept, retired[:] = outbox.retire_in(session, events)
+            logged[:] = [Logged((first + i, 0), event) for i, event in enumerate(kept)]
+            if not logged:
+                return None
+            rows = [{"seq": i.position[0], "data": i.data, "created_at": now} for i in logged]
+            # Core, not the ORM's bulk insert: a third of the cost, on every batch.
+            session.connection().execute(_INSERT_EVENTS, rows)
+            return self._trim(session, logged[-1].position[0], now) if trim else None
+
+        async with self._bounded():
+            horizon = await self._database.run(write, write=True)
+        if outbox is not None and retired:
+            outbox.retired(retired)
+        if horizon is not None:
+            # Only once the trim is committed.
+            self._horizon = horizon
+        if trim:
+            self._since_trim = 0
+            self._last_trim = time.monotonic()
+        return logged
+
+    def _trim(self, session: Session, head: int, now: dt.datetime) -> int | None:
+        """Trim in ``session``; the new horizon, or None if nothing was trimmed."""
+        cut = head - self._retention
+        too_old = session.scalar(
+            select(func.max(EventLogRow.seq)).where(
+                EventLogRow.created_at < now - dt.timedelta(seconds=self._retention_s)
+            )
+        )
+        cut = max(cut, int(too_old or 0))
+        if cut <= self._horizon:
+            return None
+        session.execute(delete(EventLogRow).where(EventLogRow.seq <= cut))
+        state = session.get(EventLogStateRow, 1)
+        if state is None:
+            session.add(EventLogStateRow(id=1, horizon=cut))
+        else:
+            state.horizon = cut
+        return cut
+
+    async def read(self, after: Position, upto: Position, limit: int) -> list[Logged]:
+        try:
+            async with self._bounded(), self._database.readers() as session:
+                rows = (
+                    await session.execute(
+                        select(EventLogRow.seq, EventLogRow.data)
+                        .where(EventLogRow.seq > after[0], EventLogRow.seq <= upto[0])
+                        .order_by(EventLogRow.seq)
+                        .limit(limit)
+                    )
+                ).all()
+        except _DB_FAILURES as exc:
+            log_failure(log, "event log read failed", exc)
+            raise DependencyUnavailable("the event log is unavailable; retry") from None
+        return [Logged.parse((row.seq, 0), row.data) for row in rows]
+
+    async def horizon(self) -> Position:
+        return self._horizon, 0
+
+    async def last_position(self) -> Position:
+        return self._head, 0
+
+    def _bounded(self) -> Any:
+        return asyncio.timeout(self._database.timeout_s)
+
+    async def close(self) -> None:
+        self._closed = True
+        writer = self._writer
+        if writer is not None and not writer.done():
+            # Let the writer store what was already accepted.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(writer), self._database.timeout_s * 2)
+
+
+def _nowhere(items: Sequence[Logged]) -> None:
+    return None
+
+
+# ---------------------------------------------------------------------------------
+# Scaled out: one Redis Stream is the log.
+
+# Shared by both scripts: drop every entry up to and including ``cut`` and
+# record it as the horizon (Redis's own trimming does not record what it
+# dropped: ``max-deleted-entry-id`` only follows XDEL).
+_TRIM_THROUGH: Final = """
+local function newer(a, b)
+  local ams, aseq = string.match(a, '(%d+)-(%d+)')
+  local bms, bseq = string.match(b, '(%d+)-(%d+)')
+  if tonumber(ams) ~= tonumber(bms) then return tonumber(ams) > tonumber(bms) end
+  return tonumber(aseq) > tonumber(bseq)
+end
+local function trim_through(stream, horizon_key, cut)
+  local ms, seq = string.match(cut, '(%d+)-(%d+)')
+  redis.call('XTRIM', stream, 'MINID', ms .. '-' .. (tonumber(seq) + 1))
+  local previous = redis.call('GET', horizon_key)
+  if (not previous) or newer(cut, previous) then
+    redis.call('SET', horizon_key, cut)
+  end
+end
+"""
+
+# Append once per event id: SET NX remembers the id for the dedupe window, and
+# only a first sighting is added. Atomic, so a retry racing the original cannot
+# slip between the check and the add. Trimming by count happens here too, in
+# steps of ARGV[4] entries, so the horizon is always exact.
+# KEYS: stream, dedupe key, horizon key. ARGV: dedupe ms, retention, data, step.
+_APPEND_SCRIPT: Final = (
+    _TRIM_THROUGH
+    + """
+if not redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[1]) then
+  return false
+end
+local id = redis.call('XADD', KEYS[1], '*', 'e', ARGV[3])
+local excess = redis.call('XLEN', KEYS[1]) - tonumber(ARGV[2])
+if excess >= tonumber(ARGV[4]) then
+  local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', excess)
+  trim_through(KEYS[1], KEYS[3], oldest[#oldest][1])
+end
+return id
+"""
+)
+
+# Trimming by age. KEYS: stream, horizon key. ARGV: the oldest id to keep.
+_AGE_TRIM_SCRIPT: Final = (
+    _TRIM_THROUGH
+    + """
+local expired = redis.call('XREVRANGE', KEYS[1], '(' .. ARGV[1], '-', 'COUNT', 1)
+if #expired == 0 then
+  return 0
+end
+trim_through(KEYS[1], KEYS[2], expired[1][1])
+return 1
+"""
+)
+
+
+def _entries(entries: Any) -> list[Logged]:
+    """Stream entries ``[(id, {b"e": data}), ...]`` as logged events."""
+    return [Logged.parse(_position(entry_id), fields[b"e"]) for entry_id, fields in entries or ()]
+
+
+def _position(entry_id: Any) -> Position:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    major, _, minor = text.partition("-")
+    return int(major), int(minor or 0)
+
+
+class RedisLog:
+    """The shared log on a Redis Stream; see the module docstring."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        *,
+        key: str,
+        timeout_s: float,
+        retention: int,
+        retention_s: int,
+        memory: int,
+        outbox_limit: int,
+        dedupe_window_s: int,
+        outbox: Outbox | None = None,
+    ) -> None:
+        self._target = redacted_url(redis_url)
+        # The database outbox (events staged with their change), not ``_outbox``.
+        self._staged = outbox
+        self._key = key
+        self._timeout_s = timeout_s
+        self._retention = retention
+        self._retention_s = retention_s
+        self._memory = memory
+        self._outbox_limit = outbox_limit
+        self._dedupe_ms = dedupe_window_s * 1000
+        self._outbox: deque[events_pb2.Event] = deque()
+        self._deliver: Deliver = _nowhere
+        self._ring: Ring | None = None
+        # None until the newest entries were loaded (Redis may be away at start).
+        self._last_id: Position | None = ORIGIN
+        self._horizon: Position = ORIGIN
+        self._down_since: float | None = None
+        self._callbacks: list[Callable[[LogState], None]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._closed = False
+        self._client = binary_client(redis_url, timeout_s=timeout_s, max_connections=32)
+        # XREAD BLOCK holds its connection; its socket may wait for the block too.
+        self._reader_client = binary_client(
+            redis_url, timeout_s=timeout_s, max_connections=1, socket_timeout_s=_BLOCK_S + timeout_s
+        )
+        self._append = self._client.register_script(_APPEND_SCRIPT)
+        self._age_trim = self._client.register_script(_AGE_TRIM_SCRIPT)
+        self._horizon_key = f"{key}:horizon"
+        # Trim in steps of about 1% of retention: one XRANGE + XTRIM per step.
+        self._trim_step = max(1, retention // 100)
+
+    @property
+    def state(self) -> LogState:
+        return "degraded" if self._down_since is not None else "ok"
+
+    def on_state_change(self, callback: Callable[[LogState], None]) -> None:
+        self._callbacks.append(callback)
+
+    @property
+    def held(self) -> int:
+        return len(self._outbox)
+
+    async def start(self, deliver: Deliver, ring: Ring) -> Position:
+        """Preload the newest entries; an unreachable Redis starts degraded, not failed."""
+        self._deliver = deliver
+        self._ring = ring
+        try:
+            await self._preload()
+        except _REDIS_FAILURES as exc:
+            self._mark_down(exc)
+            ring.reset([], ORIGIN, known=False)
+            self._last_id = None
+        self._tasks.append(asyncio.create_task(self._read_loop(), name="eventlog-reader"))
+        self._tasks.append(asyncio.create_task(self._trim_loop(), name="eventlog-trim"))
+        return ring.head()
+
+    async def _preload(self) -> None:
+        async with asyncio.timeout(self._timeout_s * 4):
+            entries: Any = await self._client.xrevrange(self._key, count=self._memory + 1)
+            self._horizon = await self._fetch_horizon()
+        self._mark_up()
+        logged = _entries(reversed(entries or ()))
+        floor = self._horizon
+        if len(logged) > self._memory:
+            floor = max(floor, logged[0].position)
+            logged = logged[1:]
+        if self._ring is not None:
+            self._ring.reset(logged, floor)
+        self._last_id = logged[-1].position if logged else floor
+
+    # -- appending ---------------------------------------------------------------
+
+    async def append(self, event: events_pb2.Event) -> events_pb2.Event:
+        await self.append_many([event])
+        return event
+
+    async def append_many(self, events: Sequence[events_pb2.Event]) -> None:
+        if self._closed:
+            raise DependencyUnavailable("the event log is closed")
+        if self._outbox or self._down_since is not None:
+            for event in events:
+                self._hold(event)
+            return
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                if len(events) == 1:  # no pipeline needed for one command
+                    entry_ids = [await self._append_one(events[0])]
+                else:
+                    entry_ids = await self._append_pipelined(events)
+        except _REDIS_FAILURES as exc:
+            # Maybe they landed (a timeout says nothing); the dedupe keys make the retry safe.
+            self._mark_down(exc)
+            for event in events:
+                self._hold(event)
+            return
+        self._mark_up()
+        for event, entry_id in zip(events, entry_ids, strict=True):
+            if entry_id is not None:
+                event.cursor = format_cursor(_position(entry_id))
+        if self._staged is not None:
+            self._staged.landed(events)
+
+    async def _append_pipelined(self, events: Sequence[events_pb2.Event]) -> list[Any]:
+        """Append ``events`` in one round trip on one connection (Redis runs them in order)."""
+        async with self._client.pipeline(transaction=False) as pipe:
+            for event in events:
+                await self._append_one(event, client=pipe)
+            entry_ids: list[Any] = await pipe.execute()
+        return entry_ids
+
+    async def _append_one(self, event: events_pb2.Event, client: Any = None) -> Any:
+        return await self._append(
+            keys=[self._key, f"{self._key}:id:{event.id}", self._horizon_key],
+            args=[self._dedupe_ms, self._retention, event.SerializeToString(), self._trim_step],
+            client=client,
+        )
+
+    def _hold(self, event: events_pb2.Event) -> None:
+        if len(self._outbox) >= self._outbox_limit:
+            raise DependencyUnavailable(
+                "the event log is unavailable and this process's outbox is full; retry later"
+            )
+        self._outbox.append(event)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_loop(), name="eventlog-flush")
+
+    async def _flush_loop(self) -> None:
+        backoff = Backoff()
+        while self._outbox and not self._closed:
+            batch = [self._outbox[i] for i in range(min(len(self._outbox), _REDIS_PAGE // 10))]
+            try:
+                async with asyncio.timeout(self._timeout_s * 4):
+                    await self._append_pipelined(batch)
+            except _REDIS_FAILURES as exc:
+                self._mark_down(exc)
+                await backoff.wait()
+                continue
+            backoff.reset()
+            for _ in batch:
+                self._outbox.popleft()
+            if self._staged is not None:
+                self._staged.landed(batch)
+            log.info("event outbox flushed", extra={"events": len(batch)})
+        if not self._outbox:
+            self._mark_up()
+
+    # -- reading -----------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        backoff = Backoff()
+        while not self._closed:
+            try:
+                last_id = self._last_id
+                if last_id is None:
+                    await self._preload()
+                    continue
+                async with asyncio.timeout(_BLOCK_S + self._timeout_s * 2):
+                    if self._down_since is not None:
+                        last_id = await self._check_gap(last_id)
+                    reply: Any = await self._reader_client.xread(
+                        {self._key: format_cursor(last_id)},
+                        count=_REDIS_PAGE,
+                        block=int(_BLOCK_S * 1000),
+                    )
+            except _REDIS_FAILURES as exc:
+                self._mark_down(exc)
+                await backoff.wait()
+                continue
+            backoff.reset()
+            if not self._outbox:
+                self._mark_up()
+            for _key, entries in reply or ():
+                logged = _entries(entries)
+                if logged:
+                    self._last_id = logged[-1].position
+                    self._deliver(logged)
+
+    async def _check_gap(self, last_id: Position) -> Position:
+        """After an outage: were entries we never read trimmed meanwhile?"""
+        horizon = await self._fetch_horizon()
+        self._horizon = max(self._horizon, horizon)
+        if horizon <= last_id:
+            return last_id
+        log.error(
+            "event log entries were trimmed while this process could not read them",
+            extra={"last_read": format_cursor(last_id), "horizon": format_cursor(horizon)},
+        )
+        self._last_id = horizon
+        if self._ring is not None:
+            self._ring.reset([], horizon)
+        return horizon
+
+    async def _fetch_horizon(self) -> Position:
+        horizon: Any = await self._client.get(self._horizon_key)
+        return _position(horizon) if horizon else ORIGIN
+
+    async def _trim_loop(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(_TRIM_EVERY_S)  # a periodic job, not synchronization
+            min_id = f"{int((time.time() - self._retention_s) * 1000)}-0"
+            with contextlib.suppress(*_REDIS_FAILURES):
+                async with asyncio.timeout(self._timeout_s * 4):
+                    await self._age_trim(keys=[self._key, self._horizon_key], args=[min_id])
+
+    async def read(self, after: Position, upto: Position, limit: int) -> list[Logged]:
+        try:
+            async with asyncio.timeout(self._timeout_s * 4):
+                entries: Any = await self._client.xrange(
+                    self._key, min=f"({format_cursor(after)}", max=format_cursor(upto), count=limit
+                )
+        except _REDIS_FAILURES:
+            raise DependencyUnavailable(
+                "the event log is unavailable for this replay; retry, or resume from a newer cursor"
+            ) from None
+        return _entries(entries)
+
+    async def horizon(self) -> Position:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                self._horizon = max(self._horizon, await self._fetch_horizon())
+        except _REDIS_FAILURES:
+            pass  # the last known horizon only ever understates: replays then fail loudly
+        return self._horizon
+
+    async def last_position(self) -> Position:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                entries: Any = await self._client.xrevrange(self._key, count=1)
+        except _REDIS_FAILURES:
+            raise DependencyUnavailable("the event log is unavailable; retry") from None
+        return _position(entries[0][0]) if entries else self._horizon
+
+    # -- state -------------------------------------------------------------------
+
+    def _mark_down(self, exc: BaseException) -> None:
+        if self._down_since is not None:
+            return
+        self._down_since = time.monotonic()
+        log.warning(
+            "event log degraded: Redis unreachable; publishing to the outbox",
+            extra={"redis": self._target, "error": type(exc).__name__},
+        )
+        self._notify("degraded")
+
+    def _mark_up(self) -> None:
+        if self._down_since is None:
+            return
+        outage_s = time.monotonic() - self._down_since
+        self._down_since = None
+        log.info(
+            "event log recovered: Redis reachable again",
+            extra={"redis": self._target, "outage_s": round(outage_s, 3)},
+        )
+        self._notify("ok")
+
+    def _notify(self, state: LogState) -> None:
+        for callback in self._callbacks:
+            try:
+                callback(state)
+            except Exception:
+                log.exception("event log state callback failed")
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._outbox:
+            log.warning("closing with unflushed events", extra={"events": len(self._outbox)})
+        tasks = [*self._tasks, *([self._flusher] if self._flusher else [])]
+        pending = {t for t in tasks if not t.done()}
+        while pending:  # see Cache.close: a single cancel may be swallowed on 3.11
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.1)
+        for client in (self._client, self._reader_client):
+            with contextlib.suppress(*_REDIS_FAILURES):
+                async with asyncio.timeout(self._timeout_s):
+                    await client.aclose()

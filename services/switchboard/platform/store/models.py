@@ -1,0 +1,567 @@
+"""SQLAlchemy models of the shared database.
+
+All tables live in one metadata so one Alembic history migrates the database
+whichever services a process runs: in the mesh shape every process opens the
+same database, and a schema split across histories could drift. Each table is
+read and written only by its owner's ``store.py`` (auth, context, ...); the
+workspace membership tables are read by the policy module for every service.
+
+Times are stored as timezone-aware UTC (``UTCDateTime``) so SQLite, which keeps
+no zone, and PostgreSQL return the same values.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Deterministic constraint names, so migrations can refer to them on every backend.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+ID_LENGTH = 32
+EMAIL_LENGTH = 254
+DISPLAY_NAME_LENGTH = 200
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """A datetime that is always timezone-aware UTC in Python, whatever the backend."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetimes are not stored; use UTC-aware values")
+        return value.astimezone(dt.UTC)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, dt.datetime):
+            raise TypeError(f"expected a datetime from the database, got {type(value).__name__}")
+        if value.tzinfo is None:  # SQLite drops the zone; we only ever store UTC
+            return value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC)
+
+
+def table_of(model: type[Base]) -> Table:
+    """The Core table behind ``model``, for statements that skip the ORM on hot paths."""
+    return Base.metadata.tables[str(model.__tablename__)]
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class UserRow(Base):
+    __tablename__ = "users"
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    # Stored lower-cased; uniqueness is on the normalized form.
+    email: Mapped[str] = mapped_column(String(EMAIL_LENGTH), unique=True)
+    display_name: Mapped[str] = mapped_column(String(DISPLAY_NAME_LENGTH), default="")
+    # NULL for users who only ever signed in through a federated issuer.
+    password_hash: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    version: Mapped[int] = mapped_column(Integer, default=1)
+
+
+class FederatedIdentityRow(Base):
+    __tablename__ = "federated_identities"
+    __table_args__ = (UniqueConstraint("issuer", "subject", name="uq_federated_issuer_subject"),)
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    issuer: Mapped[str] = mapped_column(String(512))
+    subject: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+class SessionRow(Base):
+    """A login. Its refresh tokens are one family; revoking the session ends them all."""
+
+    __tablename__ = "sessions"
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    auth_method: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    last_seen_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    revoke_reason: Mapped[str] = mapped_column(String(64), default="")
+    user_agent: Mapped[str] = mapped_column(String(256), default="")
+    device_name: Mapped[str] = mapped_column(String(128), default="")
+    client_address: Mapped[str] = mapped_column(String(128), default="")
+
+
+class RefreshTokenRow(Base):
+    """One refresh token of a session: only the newest unused one may be redeemed."""
+
+    __tablename__ = "refresh_tokens"
+
+    # HMAC-SHA256 hex digest of the token; the token itself is never stored.
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    session_id: Mapped[str] = mapped_column(
+        ForeignKey("sessions.id", ondelete="CASCADE"), index=True
+    )
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    # Set when the token is exchanged; presenting it again is reuse.
+    used_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class ApiKeyRow(Base):
+    __tablename__ = "api_keys"
+
+    # The public key id embedded in the key (``sbk_<id>_...``).
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    display_name: Mapped[str] = mapped_column(String(DISPLAY_NAME_LENGTH), default="")
+    digest: Mapped[str] = mapped_column(String(64))
+    # Space-separated, like the JWT ``scope`` claim.
+    scopes: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class WorkspaceRow(Base):
+    __tablename__ = "workspaces"
+
+    id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    display_name: Mapped[str] = mapped_column(String(DISPLAY_NAME_LENGTH), default="")
+    description: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    deleted_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True, index=True)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+
+
+class WorkspaceMemberRow(Base):
+    __tablename__ = "workspace_members"
+    __table_args__ = (Index("ix_workspace_members_user", "user_id"),)
+
+    workspace_id: Mapped[str] = mapped_column(
+        ForeignKey("workspaces.id", ondelete="CASCADE"), primary_key=True
+    )
+    user_id: Mapped[str] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    # "owner", "editor" or "viewer" (switchboard.platform.security.policy.Role).
+    role: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class ConversationRow(Base):
+    """A conversation. ``version`` counts every write to it or its messages and
+    memory: the context window cache is keyed by it, so a write can never be
+    answered with a window built before it."""
+
+    __tablename__ = "conversations"
+    __table_args__ = (Index("ix_conversations_listing", "workspace_id", "updated_at", "id"),)
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    workspace_id: Mapped[str] = mapped_column(ForeignKey("workspaces.id", ondelete="CASCADE"))
+    title: Mapped[str] = mapped_column(String(DISPLAY_NAME_LENGTH), default="")
+    # Serialized google.protobuf.Struct.
+    meta: Mapped[bytes] = mapped_column(LargeBinary, default=b"")
+    archived: Mapped[bool] = mapped_column(Boolean, default=False)
+    creator: Mapped[str] = mapped_column(String(128), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    deleted_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    version: Mapped[int] = mapped_column(BigInteger, default=1)
+    # The sequence of the newest message; appends take the next one under the row lock.
+    last_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Live (not archived) messages and their tokens, for the automatic pruning policy.
+    message_count: Mapped[int] = mapped_column(BigInteger, default=0)
+    token_count: Mapped[int] = mapped_column(BigInteger, default=0)
+    # The newest summary memory item (pruning), if any.
+    summary_id: Mapped[str | None] = mapped_column(String(ID_LENGTH), nullable=True)
+
+
+class MessageRow(Base):
+    """One message; ``data`` is the serialized ``Message`` (messages never change
+    after the append, except for the archive marks pruning sets)."""
+
+    __tablename__ = "messages"
+    __table_args__ = (
+        UniqueConstraint("conversation_id", "seq", name="uq_messages_conversation_seq"),
+        Index("ix_messages_live", "conversation_id", "archived", "seq"),
+    )
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    conversation_id: Mapped[str] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(BigInteger)
+    role: Mapped[str] = mapped_column(String(16))
+    token_count: Mapped[int] = mapped_column(Integer)
+    archived: Mapped[bool] = mapped_column(Boolean, default=False)
+    summary_id: Mapped[str | None] = mapped_column(String(ID_LENGTH), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class MemoryItemRow(Base):
+    """A memory item under a scope: ``users/u``, ``workspaces/w`` or a conversation.
+
+    Full-text search lives outside the models, in the migration: an FTS5 table
+    (``memory_fts``, keyed by ``fts_rowid``) on SQLite, a generated ``tsvector``
+    column with a GIN index on PostgreSQL.
+    """
+
+    __tablename__ = "memory_items"
+    __table_args__ = (
+        Index("ix_memory_items_listing", "scope", "created_at", "id"),
+        Index("ix_memory_items_pinned", "scope", "pinned"),
+    )
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    scope: Mapped[str] = mapped_column(String(160))
+    # Set for workspace and conversation scopes, so deleting them deletes their memory.
+    workspace_id: Mapped[str | None] = mapped_column(
+        ForeignKey("workspaces.id", ondelete="CASCADE"), nullable=True
+    )
+    conversation_id: Mapped[str | None] = mapped_column(
+        ForeignKey("conversations.id", ondelete="CASCADE"), nullable=True, index=True
+    )
+    user_id: Mapped[str | None] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), nullable=True
+    )
+    kind: Mapped[str] = mapped_column(String(16))
+    content: Mapped[str] = mapped_column(Text)
+    pinned: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Serialized google.protobuf.Struct.
+    meta: Mapped[bytes] = mapped_column(LargeBinary, default=b"")
+    # Space-separated message names.
+    sources: Mapped[str] = mapped_column(Text, default="")
+    creator: Mapped[str] = mapped_column(String(128), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    token_count: Mapped[int] = mapped_column(Integer)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    # The SQLite FTS5 rowid (memory_fts); NULL on PostgreSQL.
+    fts_rowid: Mapped[int | None] = mapped_column(BigInteger, nullable=True, unique=True)
+
+
+class MemoryScopeRow(Base):
+    """Version of a user's or workspace's memory, bumped on every change to it.
+
+    Part of the context window cache key (a conversation's own memory bumps
+    the conversation's version instead).
+    """
+
+    __tablename__ = "memory_scopes"
+
+    scope: Mapped[str] = mapped_column(String(160), primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class IdempotencyRow(Base):
+    """A create request's ``request_id``: a retry returns the first result."""
+
+    __tablename__ = "idempotency_keys"
+
+    # "<user>/<method>/<request_id>".
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    # SHA-256 of the request, so a reused id with a different request is refused.
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    resource: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), index=True)
+
+
+class RunRow(Base):
+    """A dispatcher run; ``data`` is the serialized ``Run`` as last persisted,
+    ``job`` what is needed to (re)start it (``dispatcher/store.py``)."""
+
+    __tablename__ = "runs"
+    __table_args__ = (
+        Index("ix_runs_listing", "conversation_id", "created_at", "id"),
+        Index("ix_runs_active", "worker", "state"),
+    )
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    workspace_id: Mapped[str] = mapped_column(ForeignKey("workspaces.id", ondelete="CASCADE"))
+    conversation_id: Mapped[str] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
+    # RunState value; QUEUED and RUNNING are the active ones.
+    state: Mapped[int] = mapped_column(Integer)
+    # The dispatcher instance that owns it while active (SWITCHBOARD_INSTANCE_ID).
+    worker: Mapped[str] = mapped_column(String(64))
+    creator: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    # Serialized dispatcher ``Job`` (the input, parameters, credential ids).
+    job: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+#: Schema the migrations create outside the models (full-text search); the drift
+#: check and table listings ignore it.
+SEARCH_TABLES = frozenset(
+    {"memory_fts"}
+    | {f"memory_fts_{part}" for part in ("data", "idx", "content", "docsize", "config")}
+)
+SEARCH_COLUMNS = frozenset({("memory_items", "search")})
+SEARCH_INDEXES = frozenset({"ix_memory_items_search"})
+
+
+def modelled(name: str | None, type_: str, parent_names: Mapping[str, Any]) -> bool:
+    """Alembic ``include_name`` filter: False for the search schema the models omit."""
+    if type_ == "table":
+        return name not in SEARCH_TABLES
+    if type_ == "column":
+        return (parent_names.get("table_name"), name) not in SEARCH_COLUMNS
+    if type_ == "index":
+        return name not in SEARCH_INDEXES
+    return True
+
+
+class EventLogRow(Base):
+    """One event of the embedded log (``platform/events/eventlog.py``), in cursor order.
+
+    Only the embedded default writes here; scaled out, Redis Streams is the log.
+    ``data`` is the serialized ``Event`` envelope, cursor included.
+    """
+
+    __tablename__ = "event_log"
+
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), index=True)
+
+
+class EventLogStateRow(Base):
+    """The embedded log's horizon: every seq at or below it has been trimmed.
+
+    Kept apart from the rows so that trimming everything never lets a restart
+    reuse a sequence number a client may still hold as its cursor.
+    """
+
+    __tablename__ = "event_log_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    horizon: Mapped[int] = mapped_column(BigInteger)
+
+
+class EventOutboxRow(Base):
+    """An event written in the same transaction as the change it announces.
+
+    Deleted once the event is in the log; a row that stays (the process died
+    between commit and publish, or the log was away) is published by any
+    process's relay (``platform/store/outbox.py``). ``key`` is the write's
+    idempotency key, if any: a retried request publishes its leftover at once.
+
+    No secondary indexes: every write inserts a row and the log deletes it
+    moments later, so the table is near empty and each index would be two
+    more B-tree updates per event on the hot path (about 20% of a paced echo
+    run's server CPU, measured); the relay's and a retry's scans stay small.
+    """
+
+    __tablename__ = "event_outbox"
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    key: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+class DispatcherLeaseRow(Base):
+    """How long a dispatcher instance is known alive; its runs are taken over after."""
+
+    __tablename__ = "dispatcher_leases"
+
+    instance: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    #: ``host:port`` other replicas forward the instance's calls to; "" if it has none.
+    address: Mapped[str] = mapped_column(String(300), default="", server_default="")
+
+
+class AssistantRow(Base):
+    """A workspace's assistant (``dispatcher/assistants.py``): the serialized
+    ``Assistant`` message (``data``) beside the columns that are queried.
+    ``version`` is the etag's source; ``is_default`` marks the one used by
+    messages that name no assistant (at most one per workspace)."""
+
+    __tablename__ = "assistants"
+    __table_args__ = (Index("ix_assistants_default", "workspace_id", "is_default"),)
+
+    workspace_id: Mapped[str] = mapped_column(
+        ForeignKey("workspaces.id", ondelete="CASCADE"), primary_key=True
+    )
+    id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    is_default: Mapped[bool] = mapped_column(Boolean, default=False)
+    creator: Mapped[str] = mapped_column(String(128), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    version: Mapped[int] = mapped_column(Integer, default=1)
+
+
+class IntegrationRow(Base):
+    """An external service registered in a workspace (``integration/``).
+
+    ``credential`` is sealed (``platform/security/secretbox.py``) and never leaves the
+    hub; ``previous_credential`` keeps a rotated webhook secret signing until
+    ``previous_until``. The health columns are written by the prober when the
+    health changes, so they say how it stood at the last change.
+    """
+
+    __tablename__ = "integrations"
+    __table_args__ = (Index("ix_integrations_listing", "workspace_id", "created_at", "id"),)
+
+    workspace_id: Mapped[str] = mapped_column(
+        ForeignKey("workspaces.id", ondelete="CASCADE"), primary_key=True
+    )
+    id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    # IntegrationKind value.
+    kind: Mapped[int] = mapped_column(Integer)
+    display_name: Mapped[str] = mapped_column(String(DISPLAY_NAME_LENGTH), default="")
+    endpoint: Mapped[str] = mapped_column(String(2048))
+    call_timeout_ms: Mapped[int] = mapped_column(Integer, default=0)
+    # Serialized google.protobuf.Struct.
+    config: Mapped[bytes] = mapped_column(LargeBinary, default=b"")
+    # Webhooks: subscribed event type names, space-separated (all if empty).
+    event_types: Mapped[str] = mapped_column(Text, default="")
+    credential: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    previous_credential: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    previous_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    creator: Mapped[str] = mapped_column(String(128), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    # HealthState value, since when, and the latest failure (serialized google.rpc.Status).
+    health: Mapped[int] = mapped_column(Integer, default=0)
+    health_since: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    last_probe_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    last_error: Mapped[bytes] = mapped_column(LargeBinary, default=b"")
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class WebhookDeliveryRow(Base):
+    """One event to deliver to one webhook endpoint (``integration/webhooks.py``).
+
+    Unique per endpoint and event: however many replicas see the event, it is
+    recorded (and so delivered) once. ``data`` is the serialized ``Event``.
+
+    An endpoint (``integration_id``) is a webhook integration or an A2A push
+    config (``PushConfigRow.endpoint_id``, which holds a ``.``, so it never
+    names an integration). No foreign key ties it to either table: the
+    endpoint's store deletes its deliveries with it, and the engine's
+    maintenance deletes any left behind (a pruned workspace).
+    """
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        UniqueConstraint(
+            "workspace_id", "integration_id", "event_id", name="uq_webhook_deliveries_event"
+        ),
+        Index("ix_webhook_deliveries_listing", "workspace_id", "integration_id", "seq"),
+        Index("ix_webhook_deliveries_due", "state", "next_attempt_at"),
+        # The head of an endpoint's queue (its oldest pending delivery) is one
+        # seek, whatever the number of finished deliveries kept beside it.
+        Index("ix_webhook_deliveries_queue", "workspace_id", "integration_id", "state", "seq"),
+    )
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    workspace_id: Mapped[str] = mapped_column(String(63))
+    integration_id: Mapped[str] = mapped_column(String(63))
+    # Log order of the event: deliveries to one endpoint go out in this order.
+    seq: Mapped[int] = mapped_column(BigInteger)
+    event_id: Mapped[str] = mapped_column(String(64))
+    event_type: Mapped[str] = mapped_column(String(64))
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    # DeliveryState value.
+    state: Mapped[int] = mapped_column(Integer)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_http_status: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str] = mapped_column(String(500), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    last_attempt_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    next_attempt_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # The replica sending it now, and until when that claim holds.
+    claimed_by: Mapped[str] = mapped_column(String(64), default="")
+    claimed_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class PushConfigRow(Base):
+    """An A2A push notification config: a per-task webhook (``a2a/push.py``).
+
+    Its deliveries are ``webhook_deliveries`` rows of endpoint ``endpoint_id``,
+    fed and sent by the webhook engine; ``token`` and ``credentials`` are
+    sealed (``platform/security/secretbox.py``). ``ready`` is set once the task's
+    status so far has been recorded, so nothing later goes out before it.
+    """
+
+    __tablename__ = "push_configs"
+    __table_args__ = (
+        UniqueConstraint(
+            "workspace_id", "conversation_id", "run_id", "config_id", name="uq_push_configs_task"
+        ),
+    )
+
+    workspace_id: Mapped[str] = mapped_column(
+        ForeignKey("workspaces.id", ondelete="CASCADE"), primary_key=True
+    )
+    endpoint_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    conversation_id: Mapped[str] = mapped_column(String(63))
+    run_id: Mapped[str] = mapped_column(String(63))
+    # The A2A config id (the client's, or one the server chose).
+    config_id: Mapped[str] = mapped_column(String(64))
+    url: Mapped[str] = mapped_column(String(2048))
+    token: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    auth_scheme: Mapped[str] = mapped_column(String(64), default="")
+    credentials: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    creator: Mapped[str] = mapped_column(String(128), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    ready: Mapped[bool] = mapped_column(Boolean, default=False)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    # When the task's final status was recorded for delivery (pruning counts from it).
+    ended_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class WebhookCursorRow(Base):
+    """How far the webhook feeder has read the event log, and who feeds now.
+
+    One row: the replica holding the lease turns new events into deliveries
+    and advances the cursor in the same transaction, so an event becomes
+    deliveries exactly once whichever replica reads it.
+    """
+
+    __tablename__ = "webhook_cursor"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    cursor: Mapped[str] = mapped_column(String(64), default="")
+    holder: Mapped[str] = mapped_column(String(64), default="")
+    lease_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
