@@ -13,6 +13,11 @@ such a part the first time a service asks for it and hands the same one to the
 next, so an auth-only process never builds either. The accounts and the
 dispatcher are built the same way though one service uses each: ``built``
 hands every part a process has built to tests and tools.
+
+``SHARED_PARTS`` names the modules of one service that another imports to
+build or run such a part; no other import crosses between services (the
+layers contract in pyproject.toml allows exactly these, and
+``tests/unit/test_import_layers.py`` holds its list to this one).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TypeVar, cast
+from typing import Final, TypeVar, cast
 
 from switchboard.api.events.v1 import events_pb2
 from switchboard.platform.cache import Cache
@@ -37,6 +42,17 @@ from switchboard.platform.store.db import Database
 from switchboard.platform.store.pagination import PageTokens
 
 _T = TypeVar("_T")
+
+#: Module -> what another service uses it for, in-process.
+SHARED_PARTS: Final[dict[str, str]] = {
+    "switchboard.context.build": "the context domain, for a dispatcher in the same process",
+    "switchboard.context.tokens": "the token counter: a model's prompt counts as its window did",
+    "switchboard.integration.build": "the integration hub, for the dispatcher's tool calls",
+    "switchboard.integration.service": "the integration hub's type",
+    "switchboard.integration.directory": "a workspace's experts as stored, for routing runs",
+    "switchboard.integration.a2aagent": "the A2A agent client: a run on a remote agent",
+    "switchboard.integration.connectors": "the errors the A2A agent client raises",
+}
 
 
 @dataclass

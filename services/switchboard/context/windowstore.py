@@ -127,7 +127,7 @@ class WindowStore(StoreBase):
         def tx(db: Session) -> WindowRows:
             conversation = self._conversation(db, workspace_id, conversation_id)
             params = _window_params(conversation_id, scopes)
-            # Core statements on the connection: the ORM's execute costs about 100 us more each.
+            # Core statements on the connection: the ORM's execute costs more (decisions 39).
             core = db.connection()
             versions = [tuple(row) for row in core.execute(_WINDOW_VERSIONS_TEXT, params).all()]
             _, workspace_version, user_version = _window_versions(

@@ -12,6 +12,7 @@ has passed, and the run is handed over before anything else is awaited.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import re
@@ -24,7 +25,7 @@ from opentelemetry.trace import Tracer
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.api.events.v1 import events_pb2
+from switchboard.dispatcher import mapping
 from switchboard.dispatcher.assistants import Assistants
 from switchboard.dispatcher.content import ContentPolicy
 from switchboard.dispatcher.contextport import ContextPort
@@ -91,7 +92,7 @@ class Admission:
         assistants: Assistants,
         publishing: Publishing,
         *,
-        start: Callable[[Active, Ticket], None],
+        start: Callable[[Active, Ticket], asyncio.Task[None] | None],
         cancel: Callable[[Active, SwitchboardError], Awaitable[None]],
         tracer: Tracer | None,
     ) -> None:
@@ -341,25 +342,9 @@ class Admission:
         run: str = "",
     ) -> None:
         """The MESSAGE_FILTERED event: what a filter refused or flagged."""
-        workspace = conversation.split("/conversations/", maxsplit=1)[0]
-        event = events_pb2.Event(
-            type=events_pb2.EVENT_TYPE_MESSAGE_FILTERED,
-            actor=events_pb2.Actor(
-                name=principal.user_name,
-                credential=principal.session_name or principal.api_key_name,
-            ),
-            user=principal.user_name,
-            workspace=workspace,
-            conversation=conversation,
+        event = mapping.filtered_event(
+            principal, conversation, filter_name, reason, list(flags), run
         )
-        payload = event.message_filtered
-        payload.conversation = conversation
-        payload.filter = filter_name
-        payload.rejected = bool(reason)
-        if reason:
-            payload.reason = reason  # type: ignore[assignment]
-        payload.flags.extend(flags)
-        payload.run = run
         try:
             await self._bus.publish(event)
         except SwitchboardError:
@@ -395,9 +380,9 @@ def _new_run(
 ) -> tuple[pb.Run, job_pb2.RunJob]:
     """The QUEUED run a stored message starts, and the job its execution reads."""
     run = pb.Run(
-        name=f"{request.conversation}/runs/{run_id}",
+        name=mapping.run_name(request.conversation, run_id),
         state=pb.RUN_STATE_QUEUED,
-        handler=f"handlers/{choice.handler.capabilities.id}",
+        handler=mapping.handler_name(choice.handler.capabilities.id),
         input_message=stored_message.name,
         creator=principal.user_name,
         routing_reason=choice.reason,

@@ -33,6 +33,7 @@ from google.protobuf import field_mask_pb2
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.api.handler.v1 import handler_pb2
+from switchboard.dispatcher import mapping
 from switchboard.dispatcher.assistantstore import AssistantRecord, AssistantStore, IdTaken, Written
 from switchboard.platform import names
 from switchboard.platform.errors import (
@@ -111,20 +112,6 @@ class _Workspace:
     size: int
 
 
-def assistant_name(workspace_id: str, assistant_id: str) -> str:
-    return f"workspaces/{workspace_id}/assistants/{assistant_id}"
-
-
-def _proto(record: AssistantRecord) -> pb.Assistant:
-    assistant = pb.Assistant.FromString(record.data)
-    assistant.name = assistant_name(record.workspace_id, record.id)
-    assistant.workspace_default = record.is_default
-    assistant.etag = names.etag_of(record.version)
-    assistant.create_time.FromDatetime(record.created_at)
-    assistant.update_time.FromDatetime(record.updated_at)
-    return assistant
-
-
 def _copy(assistant: pb.Assistant) -> pb.Assistant:
     copied = pb.Assistant()
     copied.CopyFrom(assistant)
@@ -176,28 +163,15 @@ class Assistants:
 
     # -- events ---------------------------------------------------------------------------
 
-    def _event(
-        self,
-        principal: Principal,
-        change: events_pb2.ChangeKind.ValueType,
-        record: AssistantRecord,
-    ) -> events_pb2.Event:
-        return events_pb2.Event(
-            type=events_pb2.EVENT_TYPE_ASSISTANT_CHANGED,
-            actor=events_pb2.Actor(
-                name=principal.user_name,
-                credential=principal.session_name or principal.api_key_name,
-            ),
-            workspace=f"workspaces/{record.workspace_id}",
-            assistant_changed=events_pb2.AssistantChanged(change=change, assistant=_proto(record)),
-        )
-
     def _written(
         self, principal: Principal, change: events_pb2.ChangeKind.ValueType, done: Written
     ) -> list[events_pb2.Event]:
         # The previous default's change first: a reader never sees two defaults.
-        events = [self._event(principal, events_pb2.CHANGE_KIND_UPDATED, r) for r in done.cleared]
-        events.append(self._event(principal, change, done.record))
+        events = [
+            mapping.assistant_event(principal, events_pb2.CHANGE_KIND_UPDATED, r)
+            for r in done.cleared
+        ]
+        events.append(mapping.assistant_event(principal, change, done.record))
         return events
 
     def _on_event(self, event: events_pb2.Event) -> None:
@@ -417,18 +391,18 @@ class Assistants:
             )
         except IdTaken:
             raise AlreadyExists(
-                f"{assistant_name(workspace_id, assistant_id)} already exists"
+                f"{mapping.assistant_name(workspace_id, assistant_id)} already exists"
             ) from None
         self._forget(workspace_id)
         await self._bus.publish_staged(staged.events)
-        return _proto(written.record)
+        return mapping.assistant(written.record)
 
     async def get(self, name: str) -> pb.Assistant:
         found = names.match(names.ASSISTANT, name, "name")
         record = await self._store.get(found[1], found[2])
         if record is None:
             raise NotFound(f"{name} not found")
-        return _proto(record)
+        return mapping.assistant(record)
 
     async def list_assistants(self, request: pb.ListAssistantsRequest) -> pb.ListAssistantsResponse:
         workspace_id = names.match(names.WORKSPACE, request.parent, "parent")[1]
@@ -439,7 +413,9 @@ class Assistants:
             (last,) = self._pages.decode(request.page_token, fingerprint, (pagination.ID,))
             after = str(last)
         records = await self._store.page(workspace_id, after, size + 1)
-        response = pb.ListAssistantsResponse(assistants=[_proto(r) for r in records[:size]])
+        response = pb.ListAssistantsResponse(
+            assistants=[mapping.assistant(r) for r in records[:size]]
+        )
         if len(records) > size:
             response.next_page_token = self._pages.encode([records[size - 1].id], fingerprint)
         return response
@@ -483,7 +459,7 @@ class Assistants:
             raise NotFound(f"{given.name} not found")
         self._forget(workspace_id)
         await self._bus.publish_staged(staged.events)
-        return _proto(written.record)
+        return mapping.assistant(written.record)
 
     async def delete(self, principal: Principal, name: str, etag: str) -> None:
         found = names.match(names.ASSISTANT, name, "name")
@@ -491,7 +467,9 @@ class Assistants:
         staged: Staged[AssistantRecord | None] = Staged(
             self._bus.outbox,
             lambda done: (
-                [self._event(principal, events_pb2.CHANGE_KIND_DELETED, done)] if done else []
+                [mapping.assistant_event(principal, events_pb2.CHANGE_KIND_DELETED, done)]
+                if done
+                else []
             ),
         )
         deleted = await self._store.delete(found[1], found[2], etag, staged)
@@ -545,7 +523,7 @@ class Assistants:
     async def _load(self, workspace_id: str) -> _Workspace:
         started = self.clock()
         records = await self._store.page(workspace_id, None, MAX_LOADED)
-        by_id = {record.id: _proto(record) for record in records}
+        by_id = {record.id: mapping.assistant(record) for record in records}
         default = next((by_id[r.id] for r in records if r.is_default), None)
         return _Workspace(by_id, default, started, sum(len(r.data) for r in records))
 

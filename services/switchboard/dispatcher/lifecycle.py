@@ -39,6 +39,7 @@ from google.protobuf import struct_pb2
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
+from switchboard.dispatcher import mapping
 from switchboard.dispatcher.feed import Feed
 from switchboard.dispatcher.handlers import Handler
 from switchboard.dispatcher.scheduler import Ticket
@@ -105,7 +106,7 @@ class Active:
 
     @property
     def conversation(self) -> str:
-        return f"workspaces/{self.workspace_id}/conversations/{self.conversation_id}"
+        return mapping.conversation_name(self.workspace_id, self.conversation_id)
 
     @property
     def message(self) -> cpb.Message:

@@ -15,10 +15,8 @@ import logging
 import time
 from typing import Final
 
-from google.rpc import status_pb2
-
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.api.events.v1 import events_pb2
+from switchboard.dispatcher import mapping
 from switchboard.dispatcher.lifecycle import Active
 from switchboard.dispatcher.live import FINISH_TIMEOUT_S, Live
 from switchboard.dispatcher.store import TERMINAL, RunStore
@@ -26,37 +24,12 @@ from switchboard.platform import names
 from switchboard.platform.backoff import Backoff
 from switchboard.platform.errors import Conflict, DependencyUnavailable, SwitchboardError
 from switchboard.platform.events.bus import EventBus
-from switchboard.platform.rpc.status import to_status_proto
 from switchboard.platform.store.outbox import Staged
 
 log = logging.getLogger("switchboard.dispatcher")
 
 #: Most run updates stored in one event log call (one pipeline on Redis).
 _PUBLISH_BATCH: Final = 256
-
-
-def error_status(error: SwitchboardError) -> status_pb2.Status:
-    return to_status_proto(error, "")
-
-
-def run_event(workspace_id: str, conversation_id: str, update: pb.RunUpdate) -> events_pb2.Event:
-    """``update`` as the RUN_UPDATED event on its workspace and conversation."""
-    event = events_pb2.Event(
-        type=events_pb2.EVENT_TYPE_RUN_UPDATED,
-        actor=events_pb2.Actor(name="system"),
-        workspace=f"workspaces/{workspace_id}",
-        conversation=f"workspaces/{workspace_id}/conversations/{conversation_id}",
-    )
-    event.run_updated.update.CopyFrom(update)
-    return event
-
-
-def snapshot(run: pb.Run) -> pb.RunUpdate:
-    """A state change carrying the whole run, at the run's own ``last_sequence``."""
-    update = pb.RunUpdate(run=run.name, sequence=run.last_sequence)
-    update.time.FromDatetime(names.now())
-    update.state_change.run.CopyFrom(run)
-    return update
 
 
 class Publishing:
@@ -81,7 +54,7 @@ class Publishing:
         its event waits for the run's end and is stored with it (``persist``):
         one log batch fewer per run, and the result's event as durable as the end."""
         active.feed.append(update)
-        event = run_event(active.workspace_id, active.conversation_id, update)
+        event = mapping.run_event(active.workspace_id, active.conversation_id, update)
         if with_end:
             active.ending.append(event)
             return
@@ -138,7 +111,7 @@ class Publishing:
         update = pb.RunUpdate(run=run.name, sequence=run.last_sequence)
         update.time.FromDatetime(names.now())
         update.state_change.run.CopyFrom(run)
-        event = run_event(active.workspace_id, active.conversation_id, update)
+        event = mapping.run_event(active.workspace_id, active.conversation_id, update)
         # The end carries the result's event: both in the end's transaction
         # (a crash right after it loses neither), then one log batch for both.
         events = [*active.ending, event] if run.state in TERMINAL else [event]

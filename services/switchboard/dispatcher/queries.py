@@ -17,15 +17,14 @@ from collections.abc import AsyncIterator
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
+from switchboard.dispatcher import mapping
 from switchboard.dispatcher.admission import HANDLER, assistant_for
 from switchboard.dispatcher.assistants import Assistants
 from switchboard.dispatcher.contextport import ContextPort
 from switchboard.dispatcher.execution import step_limit
 from switchboard.dispatcher.feed import Feeds
-from switchboard.dispatcher.handlers import Handler
 from switchboard.dispatcher.live import FINISH_TIMEOUT_S, Limits, Live
 from switchboard.dispatcher.llm import LlmHandler
-from switchboard.dispatcher.publishing import snapshot
 from switchboard.dispatcher.router import Router
 from switchboard.dispatcher.store import TERMINAL, RunStore
 from switchboard.dispatcher.toolport import ToolPort
@@ -110,7 +109,7 @@ class Queries:
         handlers = [h for h in listed if h.capabilities.id > after]
         response = pb.ListHandlersResponse()
         for handler in handlers[:size]:
-            response.handlers.append(_handler_proto(handler))
+            response.handlers.append(mapping.handler(handler))
         if len(handlers) > size:
             response.next_page_token = self._pages.encode(
                 [handlers[size - 1].capabilities.id], token
@@ -148,7 +147,7 @@ class Queries:
             else:
                 current = (await self._store.get(found[1], found[2], found[3])).run
             current.last_sequence = feed.first - 1
-            first = snapshot(current)
+            first = mapping.snapshot(current)
             yield first
             after_sequence = first.sequence
         position, ended = after_sequence, False
@@ -184,7 +183,7 @@ class Queries:
             position = after_sequence
             if run.last_sequence > position:
                 position = run.last_sequence
-                yield snapshot(run)
+                yield mapping.snapshot(run)
             if run.state in TERMINAL:
                 return
             while True:
@@ -196,7 +195,7 @@ class Queries:
                     # end published while this one could not read the log)?
                     stored = await self._store.get(found[1], found[2], found[3])
                     if stored.run.state in TERMINAL and stored.run.last_sequence > position:
-                        yield snapshot(stored.run)
+                        yield mapping.snapshot(stored.run)
                         return
                     yield None
                     continue
@@ -236,7 +235,7 @@ class Queries:
         choice = self._router.choose(forced, workspace_id, cpb.Message(), local)
         handler = choice.handler
         response = pb.DescribeConversationResponse(
-            handler=_handler_proto(handler),
+            handler=mapping.handler(handler),
             context_token_budget=(
                 (assistant.context_token_budget if assistant is not None else 0)
                 or handler.capabilities.max_context_tokens
@@ -253,14 +252,3 @@ class Queries:
         if isinstance(handler, LlmHandler):
             response.model = handler.model_label(assistant.model if assistant is not None else None)
         return response
-
-
-def _handler_proto(handler: Handler) -> pb.Handler:
-    return pb.Handler(
-        name=f"handlers/{handler.capabilities.id}",
-        kind=handler.kind,
-        capabilities=handler.capabilities,
-        available=handler.available(),
-        # Set for a workspace's own experts (operator-level handlers have none).
-        integration=getattr(handler, "integration", ""),
-    )

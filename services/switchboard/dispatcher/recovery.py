@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from google.protobuf.message import DecodeError
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.dispatcher import mapping
 from switchboard.dispatcher.feed import Feeds
 from switchboard.dispatcher.lifecycle import Active
 from switchboard.dispatcher.live import (
@@ -31,7 +32,7 @@ from switchboard.dispatcher.live import (
     next_block,
     queued_again,
 )
-from switchboard.dispatcher.publishing import Publishing, error_status, run_event, snapshot
+from switchboard.dispatcher.publishing import Publishing
 from switchboard.dispatcher.router import Router
 from switchboard.dispatcher.store import RunStore, Stored
 from switchboard.internal.dispatcher.v1 import job_pb2
@@ -243,10 +244,10 @@ class Recovery:
     async def _end_unstarted(self, item: Stored, error: SwitchboardError) -> None:
         run = item.run
         run.state = pb.RUN_STATE_FAILED
-        run.error.CopyFrom(error_status(error))
+        run.error.CopyFrom(mapping.error_status(error))
         run.end_time.FromDatetime(names.now())
         run.last_sequence += 1
-        event = run_event(item.workspace_id, item.conversation_id, snapshot(run))
+        event = mapping.run_event(item.workspace_id, item.conversation_id, mapping.snapshot(run))
         staged: Staged[bool] = Staged(self._bus.outbox, lambda saved: [event] if saved else [])
         run_id = run.name.rsplit("/", 1)[-1]
         await self._store.save(run_id, run, owner=self._limits.instance_id, staged=staged)

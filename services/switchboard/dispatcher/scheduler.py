@@ -15,6 +15,7 @@ Pure asyncio bookkeeping, no I/O. Rules:
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,8 +30,9 @@ class Ticket:
     run_id: str
     workspace: str
     conversation: str
-    #: Called (synchronously) when the run may start.
-    start: Callable[[Ticket], None] = field(repr=False)
+    #: Called (synchronously) when the run may start; returns the run's task, whose
+    #: end gives the slot back (None: it did not start, the process is stopping).
+    start: Callable[[Ticket], asyncio.Task[None] | None] = field(repr=False)
     queued: bool = True
 
 
@@ -149,7 +151,11 @@ class Scheduler:
         self._running_by_workspace[ws] = self._running_by_workspace.get(ws, 0) + 1
 
     def finished(self, ticket: Ticket) -> None:
-        """A running (or paused) ticket ended; start what can start now."""
+        """A running (or paused) ticket ended; start what can start now.
+
+        Called when the run's task ends (``_start``): the scheduler watches
+        its own slots, so execution never calls back up to give one back.
+        """
         if self._paused.pop(ticket.run_id, None) is not None:
             self._running_conversations.discard(ticket.conversation)
             self._pump()
@@ -219,4 +225,6 @@ class Scheduler:
         ws = ticket.workspace
         self._running_by_workspace[ws] = self._running_by_workspace.get(ws, 0) + 1
         self._running_conversations.add(ticket.conversation)
-        ticket.start(ticket)
+        task = ticket.start(ticket)
+        if task is not None:
+            task.add_done_callback(lambda _task: self.finished(ticket))

@@ -1,6 +1,6 @@
 """Workspace membership, as the policy module reads it.
 
-The context service (issue 5) owns creating workspaces and managing members;
+The context service owns creating workspaces and managing members;
 this store is the read side every service's policy check uses, plus the
 writes the context service and tests need. One query per check: membership
 changes (a member removed) must apply to the very next call.

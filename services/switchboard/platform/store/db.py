@@ -81,8 +81,8 @@ _SQLITE_BEGIN_MODES: Final = frozenset({"DEFERRED", "IMMEDIATE", "EXCLUSIVE"})
 
 # Threads (and pooled connections) that run ``Database.run`` work on a SQLite
 # file: one for the group commit, one for the reads beside it. More only take
-# turns at the interpreter lock: with 4, a run cost 20% more server CPU and a
-# paced first delta was later (decisions 35).
+# turns at the interpreter lock: more server CPU per run and a later paced first
+# delta (decisions 35 has the figures).
 SQLITE_THREADS: Final = 2
 #: Most writes committed together (bounds one group's time in the thread).
 GROUP_COMMIT_MAX: Final = 128
@@ -962,8 +962,8 @@ def _driver_savepoints(engine: Engine) -> None:
 
     A group commit opens a savepoint per write (decisions 22): SQLAlchemy
     compiles its savepoint clause anew each time and runs it through the
-    statement events, which cost about 110 us per savepoint against 10 us on
-    the driver (measured), a tenth of a run's database time. The names are
+    statement events, which cost ten times what the driver's own statement does
+    (decisions 39 has the figures), a tenth of a run's database time. The names are
     SQLAlchemy's own (``sa_savepoint_N``), so quoting is not needed.
     """
     dialect = engine.dialect

@@ -384,8 +384,8 @@ class EventOutboxRow(Base):
 
     No secondary indexes: every write inserts a row and the log deletes it
     moments later, so the table is near empty and each index would be two
-    more B-tree updates per event on the hot path (about 20% of a paced echo
-    run's server CPU, measured); the relay's and a retry's scans stay small.
+    more B-tree updates per event on the hot path (a large share of a paced
+    echo run's server CPU: decisions 39); the relay's and a retry's scans stay small.
     """
 
     __tablename__ = "event_outbox"

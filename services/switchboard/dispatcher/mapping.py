@@ -1,0 +1,131 @@
+"""The dispatcher's resource names, and its messages and events built from what it holds.
+
+Like every service's ``mapping.py``: the stages decide, this module spells the
+result as the contract shows it (a run's updates as RUN_UPDATED events, an
+assistant record as ``pb.Assistant``, a refusal as ``google.rpc.Status``).
+"""
+
+from __future__ import annotations
+
+from google.rpc import status_pb2
+
+from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.api.events.v1 import events_pb2
+from switchboard.dispatcher.assistantstore import AssistantRecord
+from switchboard.dispatcher.handlers import Handler
+from switchboard.platform import names
+from switchboard.platform.errors import SwitchboardError
+from switchboard.platform.rpc.status import to_status_proto
+from switchboard.platform.security.policy import Principal
+
+
+def workspace_name(workspace_id: str) -> str:
+    return f"workspaces/{workspace_id}"
+
+
+def conversation_name(workspace_id: str, conversation_id: str) -> str:
+    return f"workspaces/{workspace_id}/conversations/{conversation_id}"
+
+
+def run_name(conversation: str, run_id: str) -> str:
+    """``conversation`` is the conversation's full name."""
+    return f"{conversation}/runs/{run_id}"
+
+
+def handler_name(handler_id: str) -> str:
+    return f"handlers/{handler_id}"
+
+
+def assistant_name(workspace_id: str, assistant_id: str) -> str:
+    return f"workspaces/{workspace_id}/assistants/{assistant_id}"
+
+
+def _actor(principal: Principal) -> events_pb2.Actor:
+    return events_pb2.Actor(
+        name=principal.user_name,
+        credential=principal.session_name or principal.api_key_name,
+    )
+
+
+def error_status(error: SwitchboardError) -> status_pb2.Status:
+    return to_status_proto(error, "")
+
+
+def run_event(workspace_id: str, conversation_id: str, update: pb.RunUpdate) -> events_pb2.Event:
+    """``update`` as the RUN_UPDATED event on its workspace and conversation."""
+    event = events_pb2.Event(
+        type=events_pb2.EVENT_TYPE_RUN_UPDATED,
+        actor=events_pb2.Actor(name="system"),
+        workspace=workspace_name(workspace_id),
+        conversation=conversation_name(workspace_id, conversation_id),
+    )
+    event.run_updated.update.CopyFrom(update)
+    return event
+
+
+def snapshot(run: pb.Run) -> pb.RunUpdate:
+    """A state change carrying the whole run, at the run's own ``last_sequence``."""
+    update = pb.RunUpdate(run=run.name, sequence=run.last_sequence)
+    update.time.FromDatetime(names.now())
+    update.state_change.run.CopyFrom(run)
+    return update
+
+
+def filtered_event(
+    principal: Principal,
+    conversation: str,
+    filter_name: str,
+    reason: str,
+    flags: list[str],
+    run: str,
+) -> events_pb2.Event:
+    """The MESSAGE_FILTERED event: what a content filter refused (``reason``) or flagged."""
+    workspace = conversation.split("/conversations/", maxsplit=1)[0]
+    event = events_pb2.Event(
+        type=events_pb2.EVENT_TYPE_MESSAGE_FILTERED,
+        actor=_actor(principal),
+        user=principal.user_name,
+        workspace=workspace,
+        conversation=conversation,
+    )
+    payload = event.message_filtered
+    payload.conversation = conversation
+    payload.filter = filter_name
+    payload.rejected = bool(reason)
+    if reason:
+        payload.reason = reason  # type: ignore[assignment]
+    payload.flags.extend(flags)
+    payload.run = run
+    return event
+
+
+def assistant(record: AssistantRecord) -> pb.Assistant:
+    message = pb.Assistant.FromString(record.data)
+    message.name = assistant_name(record.workspace_id, record.id)
+    message.workspace_default = record.is_default
+    message.etag = names.etag_of(record.version)
+    message.create_time.FromDatetime(record.created_at)
+    message.update_time.FromDatetime(record.updated_at)
+    return message
+
+
+def assistant_event(
+    principal: Principal, change: events_pb2.ChangeKind.ValueType, record: AssistantRecord
+) -> events_pb2.Event:
+    return events_pb2.Event(
+        type=events_pb2.EVENT_TYPE_ASSISTANT_CHANGED,
+        actor=_actor(principal),
+        workspace=workspace_name(record.workspace_id),
+        assistant_changed=events_pb2.AssistantChanged(change=change, assistant=assistant(record)),
+    )
+
+
+def handler(found: Handler) -> pb.Handler:
+    return pb.Handler(
+        name=handler_name(found.capabilities.id),
+        kind=found.kind,
+        capabilities=found.capabilities,
+        available=found.available(),
+        # Set for a workspace's own experts (operator-level handlers have none).
+        integration=getattr(found, "integration", ""),
+    )
