@@ -69,7 +69,10 @@ def probe(edge: str, service: str) -> int:
     return done.returncode
 
 
-async def turns(watch: aio.UnaryStreamCall, status: int) -> None:
+Watch = aio.UnaryStreamCall[health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse]
+
+
+async def turns(watch: Watch, status: int) -> None:
     """Reads ``watch`` until it says ``status``."""
     async with asyncio.timeout(TURN_TIMEOUT_S):
         async for reply in watch:

@@ -80,6 +80,9 @@ async def deployment(
                 await replica.server.stop(None)
 
 
+Watch = aio.UnaryStreamCall[health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse]
+
+
 async def check(channel: aio.Channel, service: str) -> int:
     reply = await health_pb2_grpc.HealthStub(channel).Check(
         health_pb2.HealthCheckRequest(service=service), timeout=5
@@ -87,7 +90,7 @@ async def check(channel: aio.Channel, service: str) -> int:
     return int(reply.status)
 
 
-async def watch_until(watch: aio.UnaryStreamCall, status: int) -> None:
+async def watch_until(watch: Watch, status: int) -> None:
     async with asyncio.timeout(WAIT_S):
         async for reply in watch:
             if reply.status == status:
