@@ -6,7 +6,7 @@ process, which knows only what it serves itself: ``grpcurl list`` showed the
 dispatcher alone and ``Health/Check`` for the context service answered
 NOT_FOUND. Envoy cannot merge answers from several clusters, so this small
 server, which knows every service's replicas (the same list Envoy is rendered
-from), answers both at the edge (decision 48 in docs/decisions.md):
+from), answers both at the edge (decision 39 in docs/decisions.md):
 
 - **Health per service across its replicas.** Every ``interval_s`` it asks each
   replica's own ``grpc.health.v1.Health/Check`` for each contract that replica
