@@ -81,6 +81,8 @@ POSTGRES_SETTINGS: Final = {
 
 POLL_S: Final = 0.1  # between readiness checks
 CHECK_TIMEOUT_S: Final = 1.0  # one readiness check (gRPC health, a connection)
+#: edge-health's check of one replica: Envoy's own health check timeout (EdgeSpec).
+EDGE_CHECK_TIMEOUT_S: Final = 2.0
 ADMIN_TIMEOUT_S: Final = 30.0  # creating the role and the database
 INITDB_TIMEOUT_S: Final = 120.0
 ENVOY_STOP_S: Final = 10.0
@@ -732,8 +734,10 @@ class EdgeHealthServer(Child):
             "edge-health",
             # Free at first; then the same one, which Envoy's cluster names.
             f"--listen={LOOPBACK}:{self.port}",
-            # As often as Envoy checks the replicas itself.
+            # As often as Envoy checks the replicas itself, and as patiently (a busy
+            # replica answering late is not taken for a stopped one).
             f"--interval={self.mesh.health_interval_s:g}",
+            f"--check-timeout={EDGE_CHECK_TIMEOUT_S:g}",
             "--log-format=text",
             *replicas,
         ]
