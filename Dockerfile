@@ -20,9 +20,12 @@ RUN python -m venv /opt/switchboard
 # gen/ is committed and checked against a fresh generation (scripts/check-contracts.sh), so
 # the image takes it as it is: no protoc, no grpcio-tools in the build.
 COPY pyproject.toml README.md ./
+COPY clients/python/ clients/python/
 COPY services/ services/
 COPY gen/ gen/
-RUN pip wheel --no-deps --wheel-dir /wheels . \
+# Two wheels: switchboard-client (the client and the generated contracts) and the server,
+# which depends on it; installed together, the client comes from here, never an index.
+RUN pip wheel --no-deps --wheel-dir /wheels ./clients/python . \
     && /opt/switchboard/bin/pip install /wheels/*.whl
 # The all-in-one shape's Envoy config, rendered by the image's own generator, for an Envoy
 # beside the server (same pod or host network). The mesh shape's configs depend on service

@@ -22,10 +22,13 @@ PORT   ?= 50051
 help:
 	@sed -n '2,10p' Makefile
 
-$(STAMP): pyproject.toml
+# The client's distribution first (clients/python): the server depends on it, and it comes
+# from this checkout, never from an index.
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || bash scripts/install-deps.sh venv
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ./clients/python
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 

@@ -13,6 +13,10 @@ Both shapes of the mesh get their Envoy config from ``switchboard envoy --shape 
   headless Service's cluster DNS name, which resolves to every ready pod;
 - the config digest annotation of deploy/k8s/envoy.yaml, so a changed config rolls Envoy.
 
+Both route health and reflection to ``switchboard edge-health`` (the compose service and the
+Deployment named ``edge-health``), whose ``--service`` list must be the one Envoy's config is
+rendered from: the script refuses to render when they differ.
+
 The upstreams are read from the manifests, and so are the server limits Envoy must agree
 with (ServerLimits: the SWITCHBOARD_* values the processes get there, else the defaults);
 nothing is read from this machine's environment. tests/unit/test_deploy.py runs ``--check``.
@@ -54,6 +58,11 @@ _DIGEST_LINE: Final = re.compile(rf'^(\s*{re.escape(DIGEST_ANNOTATION)}: )"[0-9a
 # Where Envoy finds its TLS files, in each shape (compose secrets; the Secret "envoy-tls").
 COMPOSE_TLS: Final = ("/run/secrets/dev-cert.pem", "/run/secrets/dev-key.pem")
 K8S_TLS: Final = ("/etc/envoy-tls/tls.crt", "/etc/envoy-tls/tls.key")
+
+
+#: The compose service and the Kubernetes Deployment (and headless Service) of ``switchboard
+#: edge-health``, which answers health and reflection for the whole mesh.
+EDGE_HEALTH: Final = "edge-health"
 
 
 class DeployError(Exception):
@@ -102,6 +111,16 @@ def _service_args(upstreams: Mapping[str, Sequence[str]]) -> list[str]:
     return args
 
 
+def _check_edge_health(command: Sequence[str], service_args: Sequence[str], where: str) -> None:
+    """edge-health must know the replicas Envoy routes to (the same ``--service`` list)."""
+    expected = [f"--service={value}" for value in service_args[1::2]]
+    given = [str(arg) for arg in command if str(arg).startswith("--service")]
+    if given != expected:
+        raise DeployError(
+            f"{where}: edge-health's --service arguments must be Envoy's: {' '.join(expected)}"
+        )
+
+
 def _edge_args(cert: str, key: str) -> list[str]:
     """The listeners both deployments share: plain 8080, TLS 8443, admin on loopback."""
     return [
@@ -139,11 +158,18 @@ def compose_envoy() -> str:
             if served:
                 upstreams.setdefault(served, []).append(f"{name}:{PORT}")
     cert, key = COMPOSE_TLS
+    services = _service_args(upstreams)
+    edge_health = compose["services"].get(EDGE_HEALTH)
+    if edge_health is None:
+        raise DeployError(f"{COMPOSE.name} has no service {EDGE_HEALTH}")
+    _check_edge_health(edge_health.get("command", []), services, COMPOSE.name)
     argv = [
         "--shape",
         "mesh",
-        *_service_args(upstreams),
+        *services,
         *_edge_args(cert, key),
+        "--edge-health",
+        f"{EDGE_HEALTH}:{PORT}",
     ]
     return envoy_text(argv, compose_settings(compose))
 
@@ -217,12 +243,24 @@ def k8s_replicas(documents: Sequence[Mapping[str, Any]]) -> dict[str, int]:
 def k8s_envoy_config(documents: Sequence[Mapping[str, Any]]) -> str:
     cert, key = K8S_TLS
     replicas = k8s_replicas(documents)
+    services = _service_args(k8s_upstreams(documents))
+    edge_health = [
+        doc
+        for doc in documents
+        if doc["kind"] == "Deployment" and doc["metadata"]["name"] == EDGE_HEALTH
+    ]
+    if len(edge_health) != 1:
+        raise DeployError(f"deploy/k8s needs one Deployment {EDGE_HEALTH}")
+    (container,) = edge_health[0]["spec"]["template"]["spec"]["containers"]
+    _check_edge_health(container.get("args", []), services, f"{EDGE_HEALTH}.yaml")
     argv = [
         "--shape",
         "mesh",
-        *_service_args(k8s_upstreams(documents)),
+        *services,
         *[arg for name in API for arg in ("--replicas", f"{name}={replicas[name]}")],
         *_edge_args(cert, key),
+        "--edge-health",
+        f"{EDGE_HEALTH}.{NAMESPACE}.svc.{CLUSTER_DOMAIN}:{PORT}",
     ]
     config = envoy_text(argv, k8s_settings(documents))
     body = "".join(f"    {line}" if line.strip() else "\n" for line in config.splitlines(True))

@@ -52,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub.add_parser("migrate", help="apply pending database migrations and exit")
     commands.add_envoy_parser(sub)
+    commands.add_edge_health_parser(sub)
     commands.add_dev_cert_parser(sub)
     launcher.add_mesh_parser(sub)
     return parser
@@ -137,6 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _keygen(args.path, force=args.force)
     if args.command == "envoy":
         return commands.run_envoy(args)
+    if args.command == "edge-health":
+        return commands.run_edge_health(args)
     if args.command == "dev-cert":
         return commands.run_dev_cert(args)
     if args.command == "mesh":

@@ -90,6 +90,7 @@ EXPECTED = {
     "dispatcher-1",
     "dispatcher-2",
     "a2a",
+    "edge-health",
     "envoy",
 }
 TERMINAL = {

@@ -162,10 +162,12 @@ def _load_compose() -> Doc:
 
 
 def _compose_switchboard_services(compose: Doc) -> dict[str, Doc]:
+    """The servers and migrate: the image's processes that share the settings (edge-health,
+    from the same image, takes only its command line)."""
     return {
         name: service
         for name, service in compose["services"].items()
-        if service.get("image") == compose["x-switchboard"]["image"]
+        if service.get("image") == compose["x-switchboard"]["image"] and name != "edge-health"
     }
 
 
@@ -464,8 +466,20 @@ def test_k8s_envoy_fronts_each_service_s_headless_service_and_health_checks_it()
     }
     deployments = _switchboard_deployments()
     clusters = config["static_resources"]["clusters"]
-    assert {c["name"] for c in clusters} == {n + s for n in API for s in ("", "_streams")}
+    assert {c["name"] for c in clusters} == {n + s for n in API for s in ("", "_streams")} | {
+        "edge_health"
+    }
+    # Health and reflection go to edge-health's headless Service, whose pods know every
+    # service's replicas (render-deploy.py holds its --service list to Envoy's).
+    (edge_health,) = [c for c in clusters if c["name"] == "edge_health"]
+    ((host, port),) = _endpoints(edge_health)
+    (deployment,) = [d for d in _of_kind("Deployment") if d["metadata"]["name"] == "edge-health"]
+    assert services[host]["spec"]["clusterIP"] == "None"
+    assert _selects(services[host]["spec"]["selector"], _pod_labels(deployment))
+    assert port in {p["containerPort"] for p in _container(deployment)["ports"]}
     for cluster in clusters:
+        if cluster is edge_health:
+            continue
         name = cluster["name"].removesuffix("_streams")
         ((host, port),) = _endpoints(cluster)
         service = services[host]
@@ -503,6 +517,10 @@ def test_compose_envoy_fronts_the_compose_services() -> None:
         for name, service in _compose_switchboard_services(compose).items()
     }
     for cluster in _compose_envoy_config()["static_resources"]["clusters"]:
+        if cluster["name"] == "edge_health":
+            assert _endpoints(cluster) == [("edge-health", GRPC_PORT)]
+            assert "edge-health" in compose["services"]
+            continue
         service = cluster["name"].removesuffix("_streams")
         expected = sorted(host for host, names in served.items() if service in names)
         assert sorted(host for host, _ in _endpoints(cluster)) == expected
@@ -596,7 +614,7 @@ def test_compose_runs_the_mesh_shape_behind_health_gated_envoy() -> None:
     serving = {name for names in served.values() for name in names}
     assert {
         name for name, dep in envoy["depends_on"].items() if dep["condition"] == "service_healthy"
-    } == serving
+    } == serving | {"edge-health"}
     for name in serving:
         assert switchboard[name]["depends_on"]["migrate"]["condition"] == (
             "service_completed_successfully"
@@ -786,7 +804,8 @@ def test_dockerfile_copies_only_what_the_build_context_allows() -> None:
             copied += shlex.split(rest)[:-1]
     assert copied
     for source in copied:
-        assert source.rstrip("/").split("/")[0] in allowed, source
+        path = source.rstrip("/")
+        assert any(path == ok or path.startswith(f"{ok}/") for ok in allowed), source
         assert (ROOT / source).exists(), source
     # What the wheel is built from (pyproject's packages and readme) is all there.
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())

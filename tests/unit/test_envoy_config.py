@@ -66,6 +66,7 @@ EXAMPLES: Final = {
         "--service=integration=integration:50051",
         "--service=events=events-1:50051,events-2:50051",
         "--service=a2a=a2a:50051",
+        "--edge-health=edge-health:50051",
     ],
 }
 LOCAL: Final = HostPort("127.0.0.1", 50051)
@@ -165,6 +166,43 @@ def test_the_mesh_routes_each_service_to_its_own_replicas() -> None:
     ]
 
 
+def test_health_and_reflection_go_to_edge_health_when_the_mesh_has_it() -> None:
+    paths = {
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+        "/grpc.reflection.v1.ServerReflection/",
+        "/grpc.reflection.v1alpha.ServerReflection/",
+    }
+
+    def targets(spec: EdgeSpec) -> dict[str, tuple[str, str]]:
+        return {
+            where: (r["route"]["cluster"], r["route"]["timeout"])
+            for r in _routes(_config(spec))
+            if (where := r["match"].get("path", r["match"].get("prefix", ""))) in paths
+        }
+
+    edge = HostPort("127.0.0.1", 50999)
+    config = _config(EdgeSpec(upstreams=_mesh(), edge_health=edge))
+    cluster = _clusters(config)["edge_health"]
+    [endpoint] = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert endpoint["endpoint"]["address"]["socket_address"]["port_value"] == 50999
+    # Its "" says whether the deployment serves, not whether it answers: not a health check.
+    assert "health_checks" not in cluster
+    assert targets(EdgeSpec(upstreams=_mesh(), edge_health=edge)) == {
+        "/grpc.health.v1.Health/Check": ("edge_health", "60s"),
+        "/grpc.health.v1.Health/Watch": ("edge_health", "0s"),
+        "/grpc.reflection.v1.ServerReflection/": ("edge_health", "0s"),
+        "/grpc.reflection.v1alpha.ServerReflection/": ("edge_health", "0s"),
+    }
+    # Without it (and all-in-one, whose one server serves everything): the dispatcher's.
+    assert {cluster for cluster, _ in targets(EdgeSpec(upstreams=_mesh())).values()} == {
+        "dispatcher",
+        "dispatcher_streams",
+    }
+    with pytest.raises(SpecError, match="port 0"):
+        render(EdgeSpec(upstreams=_mesh(), edge_health=HostPort("127.0.0.1", 0)))
+
+
 def test_dns_names_are_resolved_by_envoy_into_every_replica() -> None:
     named = (HostPort("events.switchboard.svc.cluster.local", 50051),)
     clusters = _clusters(_config(EdgeSpec(upstreams=_mesh(events=named))))
@@ -228,7 +266,8 @@ def test_envoy_accepts_both_shapes(tmp_path: Path) -> None:
         "mesh": EdgeSpec(
             upstreams=_mesh(
                 dispatcher=(HostPort("dispatcher-1", 50051), HostPort("dispatcher-2", 50051))
-            )
+            ),
+            edge_health=HostPort("edge-health", 50051),
         ),
     }
     for name, spec in specs.items():

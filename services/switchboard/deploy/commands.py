@@ -1,4 +1,4 @@
-"""The deployment subcommands of ``switchboard``: ``envoy`` and ``dev-cert``.
+"""The deployment subcommands of ``switchboard``: ``envoy``, ``edge-health`` and ``dev-cert``.
 
 Each module they use is imported only when its command runs: ``serve`` never
 pays for envoy-data-plane's import.
@@ -56,6 +56,12 @@ def _add_upstreams(envoy: argparse.ArgumentParser) -> None:
         metavar="NAME=HOST:PORT[,HOST:PORT...]",
         help="mesh: a service's replicas, once per service (auth, context, dispatcher, "
         "integration, events); a DNS name stands for every address it resolves to",
+    )
+    envoy.add_argument(
+        "--edge-health",
+        metavar="HOST:PORT",
+        help="mesh: `switchboard edge-health`, which answers grpc.health.v1 and reflection "
+        "for every service of the deployment; without it they go to the dispatcher's replicas",
     )
     envoy.add_argument(
         "--replicas",
@@ -171,6 +177,55 @@ def add_dev_cert_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     cert.add_argument("--force", action="store_true", help="replace existing files")
 
 
+def add_edge_health_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    edge = sub.add_parser(
+        "edge-health",
+        help="answer health and reflection for the whole mesh, behind its Envoy",
+        description="Serve grpc.health.v1.Health for every service of the deployment "
+        '(SERVING while at least one of its replicas is; "" while every service is) and '
+        "server reflection listing every service, for Envoy to route those calls to "
+        "(switchboard envoy --edge-health). It asks each replica's own health service "
+        "every --interval seconds.",
+    )
+    edge.add_argument(
+        "--listen",
+        default="127.0.0.1:50052",
+        metavar="HOST:PORT",
+        help="where to serve (default 127.0.0.1:50052; port 0 picks a free one)",
+    )
+    edge.add_argument(
+        "--service",
+        action="append",
+        default=[],
+        metavar="NAME=HOST:PORT[,HOST:PORT...]",
+        help="a service's replicas, once per service, as `switchboard envoy --service` "
+        "takes them; a DNS name stands for every address it resolves to",
+    )
+    edge.add_argument(
+        "--interval",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="how often each replica is asked (default 2)",
+    )
+    edge.add_argument(
+        "--check-timeout",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="how long one replica may take to answer; no answer counts as not serving (default 1)",
+    )
+    edge.add_argument(
+        "--log-format", choices=("json", "text"), default="json", help="log lines (default json)"
+    )
+
+
+def run_edge_health(args: argparse.Namespace) -> int:
+    from switchboard.deploy import edgehealth
+
+    return edgehealth.run_edge_health(args)
+
+
 def run_envoy(args: argparse.Namespace) -> int:
     from switchboard.deploy import envoy
 
@@ -219,9 +274,10 @@ def envoy_spec(args: argparse.Namespace) -> EdgeSpec:
         ),
     }
     if args.shape == "all-in-one":
-        if args.service or args.replicas:
+        if args.service or args.replicas or args.edge_health:
             raise SpecError(
-                "--service and --replicas are for --shape mesh; all-in-one takes --upstream"
+                "--service, --replicas and --edge-health are for --shape mesh; all-in-one "
+                "takes --upstream"
             )
         return EdgeSpec.all_in_one(HostPort.parse(args.upstream), **common)
     upstreams: dict[str, tuple[HostPort, ...]] = {}
@@ -238,7 +294,8 @@ def envoy_spec(args: argparse.Namespace) -> EdgeSpec:
         if not sep or not count.isdigit():
             raise SpecError(f"--replicas expects NAME=N, got {entry!r}")
         replicas[name] = int(count)
-    return EdgeSpec(upstreams=upstreams, replicas=replicas, **common)
+    edge_health = HostPort.parse(args.edge_health) if args.edge_health else None
+    return EdgeSpec(upstreams=upstreams, replicas=replicas, edge_health=edge_health, **common)
 
 
 def run_dev_cert(args: argparse.Namespace) -> int:

@@ -57,7 +57,6 @@ from typing import Any, Final, cast
 
 import betterproto2
 import yaml
-from a2a.types import a2a_pb2
 from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
 from envoy_data_plane.envoy.config.cluster.v3 import (
     CircuitBreakers,
@@ -158,34 +157,12 @@ from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import FileDescriptor, MethodDescriptor, ServiceDescriptor
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-from switchboard.api.agentcard.v1 import agentcard_pb2
-from switchboard.api.auth.v1 import auth_pb2
-from switchboard.api.context.v1 import context_pb2
-from switchboard.api.dispatcher.v1 import dispatcher_pb2
-from switchboard.api.events.v1 import events_pb2
-from switchboard.api.integration.v1 import integration_pb2
+from switchboard.deploy.contracts import API, COMPANION_API, OPTIONAL_API
 from switchboard.platform.config import PREFIX, ConfigError, Settings
 from switchboard.platform.observe.otelenv import OtelEnv
 
-#: Each short service name (``SWITCHBOARD_SERVICES``) and the contract it serves.
-API: Final[dict[str, ServiceDescriptor]] = {
-    "auth": auth_pb2.DESCRIPTOR.services_by_name["AuthService"],
-    "context": context_pb2.DESCRIPTOR.services_by_name["ContextService"],
-    "dispatcher": dispatcher_pb2.DESCRIPTOR.services_by_name["DispatcherService"],
-    "integration": integration_pb2.DESCRIPTOR.services_by_name["IntegrationService"],
-    "events": events_pb2.DESCRIPTOR.services_by_name["EventService"],
-    # A2A's contract (the official SDK's types), served by the a2a front door.
-    "a2a": a2a_pb2.DESCRIPTOR.services_by_name["A2AService"],
-}
-#: Services a short name's processes serve beside its own (``switchboard.mesh.COMPANIONS``):
-#: routed to the same replicas.
-COMPANION_API: Final[dict[str, tuple[ServiceDescriptor, ...]]] = {
-    "a2a": (agentcard_pb2.DESCRIPTOR.services_by_name["AgentCardService"],),
-}
-#: Services an edge may leave out (no upstream: not routed): a deployment without the
-#: a2a front door still gets an edge for the rest (docs/a2a.md).
-OPTIONAL_API: Final = frozenset({"a2a"})
-#: Every process serves these itself; in the mesh Envoy sends them to this service's replicas.
+#: Every process serves these itself. In the mesh Envoy sends them to ``switchboard
+#: edge-health`` (``EdgeSpec.edge_health``), which answers for the whole deployment.
 HEALTH_PATH: Final = "/grpc.health.v1.Health/"
 REFLECTION_PATHS: Final = (
     "/grpc.reflection.v1.ServerReflection/",
@@ -195,6 +172,8 @@ REFLECTION_PATHS: Final = (
 PLAIN_LISTENER: Final = "grpc_web"
 TLS_LISTENER: Final = "grpc_web_tls"
 ALPN: Final = ("h2", "http/1.1")
+#: The cluster of ``switchboard edge-health`` (docs/edge.md).
+EDGE_HEALTH_CLUSTER: Final = "edge_health"
 
 _SAFE_LEVELS: Final = frozenset(
     {
@@ -582,6 +561,9 @@ class EdgeSpec:
     console: Console | None = None
     #: Envoy's OpenTelemetry tracer; none (no tracing at all) by default.
     tracing: Tracing | None = None
+    #: ``switchboard edge-health``, which answers health and reflection for every
+    #: service of the deployment; without it they go to the dispatcher's replicas.
+    edge_health: HostPort | None = None
 
     @classmethod
     def all_in_one(cls, upstream: HostPort, **kwargs: Any) -> EdgeSpec:
@@ -601,6 +583,8 @@ def bootstrap(spec: EdgeSpec) -> Bootstrap:
         for name in _served(spec)
         for cluster in (_cluster(name, spec, streams=False), _cluster(name, spec, streams=True))
     ]
+    if spec.edge_health is not None:
+        clusters.append(_edge_health_cluster(spec.edge_health, spec))
     if spec.tracing is not None:
         clusters.append(_collector_cluster(spec.tracing, spec))
     return Bootstrap(
@@ -649,6 +633,8 @@ def _check(spec: EdgeSpec) -> None:
     if unknown:
         raise SpecError(f"unknown services {', '.join(unknown)}; known: {', '.join(API)}")
     _check_replicas(spec)
+    if spec.edge_health is not None and spec.edge_health.port == 0:
+        raise SpecError(f"edge-health {spec.edge_health} has port 0")
     if not _is_loopback(spec.admin.host):
         raise SpecError(
             f"the admin interface must listen on loopback, not {spec.admin.host!r}: "
@@ -963,14 +949,24 @@ def _routes(spec: EdgeSpec) -> RouteConfiguration:
         if service in spec.upstreams:
             for served in (descriptor, *COMPANION_API.get(service, ())):
                 routes += _service_routes(served, _cluster_of(service, spec), spec)
-    # Health and reflection: every process serves its own; through Envoy they go
-    # to the dispatcher's replicas (all-in-one: the one server).
-    fallback = _cluster_of("dispatcher", spec)
     check, watch = RouteMatch(path=f"{HEALTH_PATH}Check"), RouteMatch(path=f"{HEALTH_PATH}Watch")
-    routes.append(_route(check, fallback, spec, unary=True, safe=True))
-    routes.append(_route(watch, fallback, spec, unary=False, safe=False))
-    for prefix in REFLECTION_PATHS:
-        routes.append(_route(RouteMatch(prefix=prefix), fallback, spec, unary=False, safe=False))
+    if spec.edge_health is not None:
+        # One server answers for the deployment: every service's health across its
+        # replicas, reflection for every contract (a process knows only its own).
+        routes.append(_edge_health_route(check, spec, unary=True))
+        routes.append(_edge_health_route(watch, spec, unary=False))
+        for prefix in REFLECTION_PATHS:
+            routes.append(_edge_health_route(RouteMatch(prefix=prefix), spec, unary=False))
+    else:
+        # Every process serves its own; they go to the dispatcher's replicas
+        # (all-in-one: the one server, which serves every service).
+        fallback = _cluster_of("dispatcher", spec)
+        routes.append(_route(check, fallback, spec, unary=True, safe=True))
+        routes.append(_route(watch, fallback, spec, unary=False, safe=False))
+        for prefix in REFLECTION_PATHS:
+            routes.append(
+                _route(RouteMatch(prefix=prefix), fallback, spec, unary=False, safe=False)
+            )
     if spec.console is not None:
         routes += [_static_route(file) for file in spec.console.files]
     config = RouteConfiguration(
@@ -1058,6 +1054,19 @@ def _route(match: RouteMatch, cluster: str, spec: EdgeSpec, *, unary: bool, safe
     )
     if safe:
         # Every other route inherits the virtual host's unsent-only policy.
+        action.retry_policy = _retry_policy(_RETRY_SAFE)
+    return Route(match=match, route=action)
+
+
+def _edge_health_route(match: RouteMatch, spec: EdgeSpec, *, unary: bool) -> Route:
+    action = RouteAction(
+        cluster=EDGE_HEALTH_CLUSTER,
+        # A Watch or a reflection stream lasts as long as its client wants.
+        timeout=_seconds(spec.unary_timeout_s if unary else 0),
+        max_stream_duration=RouteActionMaxStreamDuration(grpc_timeout_header_max=_seconds(0)),
+    )
+    if unary:
+        # Check has no side effects: asking again is harmless.
         action.retry_policy = _retry_policy(_RETRY_SAFE)
     return Route(match=match, route=action)
 
@@ -1159,6 +1168,36 @@ def _cluster(service: str, spec: EdgeSpec, *, streams: bool) -> Cluster:
     return cluster
 
 
+def _edge_health_cluster(where: HostPort, spec: EdgeSpec) -> Cluster:
+    """``switchboard edge-health``: HTTP/2, no health check of its own (its ``""`` says
+    whether the deployment serves, not whether it answers)."""
+    cluster = Cluster(
+        name=EDGE_HEALTH_CLUSTER,
+        type=ClusterDiscoveryType.STATIC if where.is_ip else ClusterDiscoveryType.STRICT_DNS,
+        connect_timeout=_seconds(spec.connect_timeout_s),
+        typed_extension_protocol_options={
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _pack(
+                HttpProtocolOptions(
+                    explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(
+                        http2_protocol_options=Http2ProtocolOptions()
+                    )
+                )
+            )
+        },
+        load_assignment=ClusterLoadAssignment(
+            cluster_name=EDGE_HEALTH_CLUSTER,
+            endpoints=[
+                LocalityLbEndpoints(
+                    lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=_address(where)))]
+                )
+            ],
+        ),
+    )
+    if not where.is_ip:
+        cluster.dns_lookup_family = ClusterDnsLookupFamily.V4_PREFERRED
+    return cluster
+
+
 def _collector_cluster(tracing: Tracing, spec: EdgeSpec) -> Cluster:
     where = tracing.collector
     cluster = Cluster(
@@ -1237,6 +1276,7 @@ __all__ = [
     "CONSOLE_CSP",
     "CONSOLE_HEADERS",
     "CONSOLE_TYPES",
+    "EDGE_HEALTH_CLUSTER",
     "ENVOY_SERVICE_NAME",
     "MAX_CONSOLE_FILE_BYTES",
     "OTLP_CLUSTER",

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -57,6 +58,7 @@ from switchboard.deploy.machine import (
 )
 from switchboard.deploy.processes import (
     Child,
+    EdgeHealthServer,
     Envoy,
     Migrate,
     Output,
@@ -191,7 +193,15 @@ def run_mesh(args: argparse.Namespace) -> int:
         lock.close()
         print(f"switchboard mesh: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    names = ["mesh", "postgres", "redis", "migrate", "envoy", *options.replica_names()]
+    names = [
+        "mesh",
+        "postgres",
+        "redis",
+        "migrate",
+        "edge-health",
+        "envoy",
+        *options.replica_names(),
+    ]
     output = Output(sys.stdout, width=max(map(len, names)))
     try:
         mesh = Mesh(options, layout, keys, output)
@@ -350,6 +360,7 @@ class Mesh:
             for service in options.replicas
             for name, index in options.replicas_of(service)
         ]
+        self.edge_health = EdgeHealthServer(self)
         self.envoy = Envoy(self)
 
     # Shared by the processes.
@@ -386,12 +397,20 @@ class Mesh:
     def envoy_log_level(self) -> str:
         return self.options.envoy_log_level
 
+    @property
+    def health_interval_s(self) -> float:
+        return self.options.health_interval_s
+
     def edge_spec(self, bound: dict[str, HostPort]) -> EdgeSpec:
         """Envoy's spec for this mesh; ``bound``: the listeners' real ports once it ran."""
-        return self.options.edge_spec(self.upstreams(), self.base_env, self.certificate, bound)
+        from switchboard.deploy.envoy import HostPort
+
+        spec = self.options.edge_spec(self.upstreams(), self.base_env, self.certificate, bound)
+        # Health and reflection for the whole deployment (started before Envoy).
+        return dataclasses.replace(spec, edge_health=HostPort(LOOPBACK, self.edge_health.port))
 
     def children(self) -> list[Child]:
-        return [self.postgres, self.redis, *self.services, self.envoy]
+        return [self.postgres, self.redis, *self.services, self.edge_health, self.envoy]
 
     def save_state(self) -> None:
         """``mesh.json``, replaced whole: a reader never sees half of it."""
@@ -467,6 +486,7 @@ class Mesh:
         await together(*(self._launch(child) for child in first))
         await together(*(self._launch(child) for child in self.replicas("dispatcher")))
         await together(*(self._launch(child) for child in self.replicas("a2a")))
+        await self._launch(self.edge_health)
         await self._launch(self.envoy)
         self.state = "ready"
         self.save_state()
@@ -570,6 +590,7 @@ class Mesh:
         # The edge first (no new calls), then the services (they drain their
         # calls: dispatchers before the context service they use), then storage.
         await self.envoy.stop()
+        await self.edge_health.stop()
         await together(*(child.stop() for child in self.replicas("dispatcher")))
         await together(*(child.stop() for child in self.services))
         await together(self.redis.stop(), self.postgres.stop())

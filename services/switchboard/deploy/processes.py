@@ -81,6 +81,8 @@ POSTGRES_SETTINGS: Final = {
 
 POLL_S: Final = 0.1  # between readiness checks
 CHECK_TIMEOUT_S: Final = 1.0  # one readiness check (gRPC health, a connection)
+#: edge-health's check of one replica: Envoy's own health check timeout (EdgeSpec).
+EDGE_CHECK_TIMEOUT_S: Final = 2.0
 ADMIN_TIMEOUT_S: Final = 30.0  # creating the role and the database
 INITDB_TIMEOUT_S: Final = 120.0
 ENVOY_STOP_S: Final = 10.0
@@ -93,6 +95,7 @@ MAX_LINE_BYTES: Final = 64 * 1024
 TAIL_LINES: Final = 30
 OUTPUT_QUEUE: Final = 10_000
 _LISTENING = re.compile(r"switchboard listening\b.*?\bport=(\d+)")
+_EDGE_LISTENING = re.compile(r"switchboard edge-health listening\b.*?\bport=(\d+)")
 
 
 # Output.
@@ -167,6 +170,9 @@ class Host(Protocol):
     def context_for(self, index: int) -> Service: ...
     def dispatcher_for(self, index: int) -> Service: ...
     def edge_spec(self, bound: dict[str, HostPort]) -> EdgeSpec: ...
+    def upstreams(self) -> dict[str, tuple[HostPort, ...]]: ...
+    @property
+    def health_interval_s(self) -> float: ...
 
 
 class Child:
@@ -704,6 +710,73 @@ def _listening_port(text: str, key: str = "port") -> int:
         return int(found.group(1)) if found else 0
     found = _LISTENING.search(text)
     return int(found.group(1)) if found else 0
+
+
+class EdgeHealthServer(Child):
+    """``switchboard edge-health``: health per service across its replicas and reflection
+    for every service, which Envoy routes to it (``switchboard.deploy.edgehealth``)."""
+
+    kind = "edge-health"
+
+    def __init__(self, mesh: Host) -> None:
+        super().__init__(mesh, "edge-health")
+        self._listening = asyncio.Event()
+
+    def command(self) -> list[str]:
+        replicas = [
+            f"--service={name}={','.join(map(str, addresses))}"
+            for name, addresses in self.mesh.upstreams().items()
+        ]
+        return [
+            sys.executable,
+            "-m",
+            "switchboard.cli",
+            "edge-health",
+            # Free at first; then the same one, which Envoy's cluster names.
+            f"--listen={LOOPBACK}:{self.port}",
+            # As often as Envoy checks the replicas itself, and as patiently (a busy
+            # replica answering late is not taken for a stopped one).
+            f"--interval={self.mesh.health_interval_s:g}",
+            f"--check-timeout={EDGE_CHECK_TIMEOUT_S:g}",
+            "--log-format=text",
+            *replicas,
+        ]
+
+    def stop_timeout_s(self) -> float:
+        return ENVOY_STOP_S
+
+    async def spawn(self) -> None:
+        self._listening.clear()
+        await super().spawn()
+
+    def on_line(self, text: str) -> None:
+        found = _EDGE_LISTENING.search(text)
+        if found and not self._listening.is_set():
+            self.port = int(found.group(1))
+            self._listening.set()
+
+    async def wait_ready(self, deadline: float) -> None:
+        async def listening() -> bool:
+            return self._listening.is_set()
+
+        await self.poll(listening, deadline, "its listening line")
+        async with aio.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+
+            # The deployment as a whole: every service has a serving replica.
+            async def serving() -> bool:
+                try:
+                    reply = await stub.Check(
+                        health_pb2.HealthCheckRequest(service=""), timeout=CHECK_TIMEOUT_S
+                    )
+                except aio.AioRpcError:
+                    return False
+                return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+            await self.poll(serving, deadline, "SERVING for the deployment")
+
+    def state(self) -> dict[str, Any]:
+        return {**super().state(), "address": self.address}
 
 
 class Migrate(Child):
