@@ -383,8 +383,10 @@ class SendMessageRequest(_message.Message):
     """What to do if the conversation already has an active run."""
     assistant: _builtins.str
     """The assistant to answer with, `workspaces/{w}/assistants/{a}` (same
-    workspace); the workspace's default assistant if empty and no `handler` is
-    forced. With both set, `handler` must be the assistant's handler.
+    workspace); if empty, the workspace's default assistant unless `handler` is
+    forced or the message picks a handler itself (metadata `handler`, a content
+    type route, a `/command` prefix). With both set, `handler` must be the
+    assistant's handler.
     """
     @_builtins.property
     def message(self) -> _context_pb2.Message:
@@ -1159,7 +1161,8 @@ class Assistant(_message.Message):
     max_tool_steps: _builtins.int
     """Most tool steps per run (1-32); the server's default if 0."""
     workspace_default: _builtins.bool
-    """Whether messages that name no assistant and force no handler use this one.
+    """Whether messages that name no assistant and pick no handler (in the request,
+    the message metadata, a content type route or a `/command` prefix) use this one.
     At most one per workspace: setting it clears it on the previous default.
     """
     etag: _builtins.str

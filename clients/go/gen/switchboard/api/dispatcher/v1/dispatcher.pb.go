@@ -658,8 +658,10 @@ type SendMessageRequest struct {
 	// What to do if the conversation already has an active run.
 	ConcurrencyPolicy ConcurrencyPolicy `protobuf:"varint,7,opt,name=concurrency_policy,json=concurrencyPolicy,proto3,enum=switchboard.api.dispatcher.v1.ConcurrencyPolicy" json:"concurrency_policy,omitempty"`
 	// The assistant to answer with, `workspaces/{w}/assistants/{a}` (same
-	// workspace); the workspace's default assistant if empty and no `handler` is
-	// forced. With both set, `handler` must be the assistant's handler.
+	// workspace); if empty, the workspace's default assistant unless `handler` is
+	// forced or the message picks a handler itself (metadata `handler`, a content
+	// type route, a `/command` prefix). With both set, `handler` must be the
+	// assistant's handler.
 	Assistant     string `protobuf:"bytes,8,opt,name=assistant,proto3" json:"assistant,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -2307,7 +2309,8 @@ type Assistant struct {
 	ContextTokenBudget int32 `protobuf:"varint,8,opt,name=context_token_budget,json=contextTokenBudget,proto3" json:"context_token_budget,omitempty"`
 	// Most tool steps per run (1-32); the server's default if 0.
 	MaxToolSteps int32 `protobuf:"varint,9,opt,name=max_tool_steps,json=maxToolSteps,proto3" json:"max_tool_steps,omitempty"`
-	// Whether messages that name no assistant and force no handler use this one.
+	// Whether messages that name no assistant and pick no handler (in the request,
+	// the message metadata, a content type route or a `/command` prefix) use this one.
 	// At most one per workspace: setting it clears it on the previous default.
 	WorkspaceDefault bool `protobuf:"varint,10,opt,name=workspace_default,json=workspaceDefault,proto3" json:"workspace_default,omitempty"`
 	// Checksum for optimistic concurrency (output only; send it back to update).
