@@ -49,7 +49,7 @@ class _RunStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RunState.Val
     """Its deadline passed before it finished."""
     RUN_STATE_REQUIRES_ACTION: _RunState.ValueType  # 7
     """Paused: tool calls wait for a person's decision (see Run.required_action).
-    Its deadline keeps running; the pause ends with SubmitToolApprovals, a
+    Its deadline stops meanwhile; the pause ends with SubmitToolApprovals, a
     cancel, or its expiry (then FAILED with reason APPROVAL_EXPIRED).
     """
 
@@ -72,7 +72,7 @@ RUN_STATE_DEADLINE_EXCEEDED: RunState.ValueType  # 6
 """Its deadline passed before it finished."""
 RUN_STATE_REQUIRES_ACTION: RunState.ValueType  # 7
 """Paused: tool calls wait for a person's decision (see Run.required_action).
-Its deadline keeps running; the pause ends with SubmitToolApprovals, a
+Its deadline stops meanwhile; the pause ends with SubmitToolApprovals, a
 cancel, or its expiry (then FAILED with reason APPROVAL_EXPIRED).
 """
 Global___RunState: _TypeAlias = RunState  # noqa: Y015
@@ -225,7 +225,9 @@ class Run(_message.Message):
 
     @_builtins.property
     def deadline(self) -> _timestamp_pb2.Timestamp:
-        """When it will be stopped if still running."""
+        """When it will be stopped if still running; unset while it waits for
+        approvals (REQUIRES_ACTION), when its deadline stops.
+        """
 
     @_builtins.property
     def error(self) -> _status_pb2.Status:

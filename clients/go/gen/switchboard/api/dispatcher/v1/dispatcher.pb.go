@@ -47,7 +47,7 @@ const (
 	// Its deadline passed before it finished.
 	RunState_RUN_STATE_DEADLINE_EXCEEDED RunState = 6
 	// Paused: tool calls wait for a person's decision (see Run.required_action).
-	// Its deadline keeps running; the pause ends with SubmitToolApprovals, a
+	// Its deadline stops meanwhile; the pause ends with SubmitToolApprovals, a
 	// cancel, or its expiry (then FAILED with reason APPROVAL_EXPIRED).
 	RunState_RUN_STATE_REQUIRES_ACTION RunState = 7
 )
@@ -291,7 +291,8 @@ type Run struct {
 	StartTime *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=start_time,json=startTime,proto3" json:"start_time,omitempty"`
 	// When it reached a terminal state.
 	EndTime *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=end_time,json=endTime,proto3" json:"end_time,omitempty"`
-	// When it will be stopped if still running.
+	// When it will be stopped if still running; unset while it waits for
+	// approvals (REQUIRES_ACTION), when its deadline stops.
 	Deadline *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=deadline,proto3" json:"deadline,omitempty"`
 	// Why it failed, for FAILED, CANCELLED and DEADLINE_EXCEEDED.
 	Error *status.Status `protobuf:"bytes,11,opt,name=error,proto3" json:"error,omitempty"`

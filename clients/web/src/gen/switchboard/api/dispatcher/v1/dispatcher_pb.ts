@@ -90,7 +90,8 @@ export type Run = Message<"switchboard.api.dispatcher.v1.Run"> & {
   endTime?: Timestamp | undefined;
 
   /**
-   * When it will be stopped if still running.
+   * When it will be stopped if still running; unset while it waits for
+   * approvals (REQUIRES_ACTION), when its deadline stops.
    *
    * @generated from field: google.protobuf.Timestamp deadline = 10;
    */
@@ -1638,7 +1639,7 @@ export enum RunState {
 
   /**
    * Paused: tool calls wait for a person's decision (see Run.required_action).
-   * Its deadline keeps running; the pause ends with SubmitToolApprovals, a
+   * Its deadline stops meanwhile; the pause ends with SubmitToolApprovals, a
    * cancel, or its expiry (then FAILED with reason APPROVAL_EXPIRED).
    *
    * @generated from enum value: RUN_STATE_REQUIRES_ACTION = 7;
