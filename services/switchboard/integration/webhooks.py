@@ -88,6 +88,7 @@ from typing import TYPE_CHECKING, Final
 import httpx
 from google.protobuf import json_format
 from google.rpc import code_pb2
+from opentelemetry import context as otel_context
 from standardwebhooks.webhooks import Webhook
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
@@ -104,7 +105,7 @@ from switchboard.integration.webhookstore import (
     Subscriber,
     WebhookStore,
 )
-from switchboard.platform import pagination
+from switchboard.platform import pagination, telemetry
 from switchboard.platform.backoff import Backoff, full_jitter
 from switchboard.platform.breaker import Breakers
 from switchboard.platform.bus import EventBus
@@ -435,6 +436,8 @@ class WebhookEngine:
         self._on_disable = on_disable
         self._pages = page_tokens
         self._rng = rng or random.SystemRandom()
+        #: Each attempt is a trace of its own (docs/observability.md); None when off.
+        self._tracer = telemetry.tracer("switchboard.integration.webhooks")
         self._feed_wake = asyncio.Event()
         self._send_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -824,7 +827,8 @@ class WebhookEngine:
                 counted=False,
             )
         try:
-            answer = await self._post(claimed.endpoint, request)
+            with self._traced(claimed, request):
+                answer = await self._post(claimed.endpoint, request)
         except asyncio.CancelledError:
             permit.released()
             raise
@@ -843,6 +847,24 @@ class WebhookEngine:
             return Outcome(True, answer.status, "", None)
         await permit.failed()
         return self._failed(claimed, answer.status, answer.error, answer.retry_after_s)
+
+    def _traced(
+        self, claimed: Claimed, request: _Request
+    ) -> contextlib.AbstractContextManager[object]:
+        """A root span for one attempt, so its POST is sampled as a new trace is: the
+        send loop has no request behind it, and a client span without a parent
+        starts no trace (``telemetry.NoBackgroundRoots``)."""
+        if self._tracer is None:
+            return contextlib.nullcontext()
+        return self._tracer.start_as_current_span(
+            "webhook delivery",
+            context=otel_context.Context(),
+            attributes={
+                "switchboard.webhook": request.name,
+                "switchboard.event": claimed.event_id,
+                "switchboard.webhook.attempt": claimed.attempts + 1,
+            },
+        )
 
     async def _post(self, endpoint: str, request: _Request) -> Attempt:
         client = self._client
