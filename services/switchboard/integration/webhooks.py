@@ -113,6 +113,7 @@ from switchboard.platform.db import Database, log_failure
 from switchboard.platform.egress import EgressPolicy, ResolutionFailed, http_client
 from switchboard.platform.errors import (
     CircuitOpen,
+    CursorAhead,
     CursorExpired,
     DestinationBlocked,
     FailedPrecondition,
@@ -581,7 +582,7 @@ class WebhookEngine:
             return await self._advance(stored, format_cursor(start), [])
         try:
             await self._bus.check_cursor(position)
-        except CursorExpired:
+        except (CursorExpired, CursorAhead):
             horizon = await self._bus.horizon()
             log.warning(
                 "webhook feeder cursor is outside the retained event log; events in "
