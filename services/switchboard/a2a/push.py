@@ -38,6 +38,7 @@ from switchboard.integration.pushstore import Backfill, PushConfig, PushStore
 from switchboard.integration.webhooks import SIGNING_SCHEME, push_purpose, status_change
 from switchboard.platform import names, pagination
 from switchboard.platform.egress import (
+    PLAIN_HTTP_REFUSED,
     EgressPolicy,
     ResolutionFailed,
     check_host,
@@ -266,7 +267,7 @@ class PushConfigs:
                 violations.items.extend(exc.violations)
             else:
                 if endpoint.scheme != "https" and not self._allow_plain_http:
-                    violations.add(url_field, "must be an https URL")
+                    violations.add(url_field, PLAIN_HTTP_REFUSED)
                 else:
                     host = (endpoint.host, endpoint.port)
         if len(config.token) > MAX_TOKEN_CHARS or not _HEADER_SAFE.fullmatch(config.token):
