@@ -114,6 +114,17 @@ def test_every_block_of_the_walkthrough_pages_is_marked() -> None:
     assert unknown == []
 
 
+def test_the_address_defaults_to_make_run_s() -> None:
+    # The test sets $SB; a reader's shell gets the default, which must be make run's.
+    makefile = (ROOT / "Makefile").read_text()
+    host = re.search(r"^HOST\s*\?=\s*(\S+)", makefile, re.MULTILINE)
+    port = re.search(r"^PORT\s*\?=\s*(\S+)", makefile, re.MULTILINE)
+    assert host is not None
+    assert port is not None
+    first = next(b for b in all_blocks() if b.kind == "run")
+    assert f"SB=${{SB:-{host[1]}:{port[1]}}}" in first.text
+
+
 def test_blocks_that_cannot_run_here_parse() -> None:
     problems: list[str] = []
     for block in all_blocks():
