@@ -3,7 +3,7 @@
 #   scripts/install-deps.sh        everything `make test` needs: git, make, Go, Node.js and npm,
 #                                  redis-server and PostgreSQL's server binaries (the suite
 #                                  starts its own servers and never skips them), Chromium (the
-#                                  browser test), python3-venv
+#                                  browser test), jq (the docs' examples), python3-venv
 #   scripts/install-deps.sh venv   only what creating .venv needs (`make run`)
 # `make test` and `.ci/run` both run it. Idempotent: nothing missing, nothing done (quick).
 # It installs with apt-get, as root or through sudo; where it cannot, it names the packages
@@ -48,6 +48,7 @@ if [[ $scope == test ]]; then
   absent redis-server && want redis-server "redis-server (the suite starts its own)"
   postgres_present || want postgresql "initdb, pg_ctl, postgres (the suite starts its own)"
   absent chromium && want chromium "chromium (tests/e2e/test_browser.py drives it headless)"
+  absent jq && want jq "jq (the README's examples keep values with it; tests/e2e/test_docs_run.py)"
 fi
 ((${#missing[@]} == 0)) && exit 0
 

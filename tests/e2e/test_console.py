@@ -743,7 +743,16 @@ def test_a_full_session_from_register_to_a_streamed_answer_a_cancel_and_sign_out
         assert refused["code"] == "INVALID_ARGUMENT"
         assert refused["reason"] == "ERROR_REASON_INVALID_ARGUMENT"
         assert browser.data(tid("auth-problem-violation"))["field"] == "password"
+        # Signed out there is no feed: no connection badge to say "offline".
+        assert not browser.visible(tid("connection"))
         session = sign_in(browser, email, register=True)
+        # The first sign-in: no workspaces, and the page says what to do first; the
+        # workspace id's format is written beside the field.
+        browser.wait_visible(tid("empty-hint"))
+        assert browser.visible(tid("workspace-id-format"))
+        assert "lower-case letter" in browser.eval(
+            "() => document.querySelector('[data-testid=\"workspace-id-format\"]').textContent"
+        )
 
         # A workspace and a conversation, made on the page.
         browser.fill(tid("new-workspace-id"), workspace_id)
@@ -786,8 +795,21 @@ def test_a_full_session_from_register_to_a_streamed_answer_a_cancel_and_sign_out
         assert len(shown) >= len(words.split()) - len(shown[0].split()) + 1 - 2, shown
         assert all(b.startswith(a) and b != a for a, b in itertools.pairwise(shown)), shown
         assert shown[-1] == done["answer"]
-        # The stored answer reached the message list through the live events.
+        # The stored answer reached the message list through the live events, and it is
+        # shown there only: the run's card keeps its state and no second copy.
         browser.wait_for(tid("message", name=stored.output_message, role="assistant"))
+        browser.wait_for(tid("run", run=run, answer_in="messages"))
+        assert not browser.visible(f"{tid('run', run=run)} {tid('run-answer')}")
+        assert browser.count(tid("empty-hint")) == 0
+        # An answer of one delta says so in the singular.
+        single = send(browser, "once", handler="handlers/echo")
+        one = run_state(browser, single, "RUN_STATE_SUCCEEDED")
+        assert one["deltas"] == "1"
+        meta = browser.eval(
+            '(run) => document.querySelector(`[data-run="${run}"] [data-part="meta"]`).textContent',
+            single,
+        )
+        assert meta.endswith("· 1 delta"), meta
         screenshot = artifacts_dir(tmp_path) / "console.png"
         browser.screenshot(screenshot)
         print(f"console screenshot: {screenshot}")

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from switchboard.api.events.v1 import events_pb2
-from switchboard.client import Client, CursorExpired, NotFound
+from switchboard.client import Client, CursorAhead, NotFound
 from switchboard.platform.rpc.server import SwitchboardServer
 from tests.service.test_clientkit import (
     PASSWORD,
@@ -77,9 +77,10 @@ async def test_types_and_scopes_filter_what_is_followed(client: Client) -> None:
 async def test_a_cursor_from_another_log_is_never_papered_over(client: Client) -> None:
     workspace = await new_workspace(client)
     follower = client.follow([workspace], after_cursor="999999999-0")
-    with pytest.raises(CursorExpired) as expired:
+    with pytest.raises(CursorAhead) as ahead:
         await asyncio.wait_for(anext(follower), DEADLINE_S)
-    assert expired.value.oldest_cursor
+    assert ahead.value.oldest_cursor
+    assert ahead.value.head_cursor
     assert follower.resumes == 0
 
 

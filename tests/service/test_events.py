@@ -284,8 +284,26 @@ async def test_cursor_older_than_retention_is_out_of_range() -> None:
             ahead = Subscriber(channel, token, scopes=[ws("alpha")], after_cursor="99999999-0")
             error = await ahead.error()
             assert error.code() == grpc.StatusCode.OUT_OF_RANGE
+            assert reason(error) == "ERROR_REASON_CURSOR_AHEAD"
     finally:
         await server.shutdown(grace=0)
+
+
+async def test_a_cursor_ahead_of_a_fresh_log_has_its_own_reason_and_says_where_the_log_is(
+    mesh: SwitchboardServer, channel: aio.Channel
+) -> None:
+    _, token = await member(mesh, "alpha", Role.OWNER)  # a fresh server: the first member
+    error = await Subscriber(channel, token, scopes=[ws("alpha")], after_cursor="42-0").error()
+    assert error.code() == grpc.StatusCode.OUT_OF_RANGE
+    assert reason(error) == "ERROR_REASON_CURSOR_AHEAD"
+    assert "ahead of the log" in (error.details() or "")
+    info = detail(error, error_details_pb2.ErrorInfo)
+    # Resuming after the head it names is accepted: the live tail from now on.
+    sub = Subscriber(
+        channel, token, scopes=[ws("alpha")], after_cursor=info.metadata["head_cursor"]
+    )
+    await sub.live()
+    sub.cancel()
 
 
 async def test_restart_keeps_history_and_never_reuses_a_cursor() -> None:

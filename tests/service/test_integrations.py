@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2, struct_pb2
+from google.rpc import error_details_pb2
 from grpc import aio
 from sqlalchemy import select
 
@@ -19,7 +20,7 @@ from switchboard.integration.service import IntegrationHub
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.store.models import IntegrationRow
 from tests.conftest import built
-from tests.service.authkit import reason
+from tests.service.authkit import detail, reason
 from tests.service.contextkit import (
     TIMEOUT_S,
     World,
@@ -376,6 +377,52 @@ async def test_loopback_is_refused_unless_the_operator_allows_it() -> None:
             CODE.INVALID_ARGUMENT,
         )
         assert violations(plain) == ["integration.endpoint"]
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "rule", "setting"),
+    [
+        ("http://127.0.0.1:3001/mcp", "loopback", "SWITCHBOARD_EGRESS_ALLOW_LOOPBACK=true"),
+        ("https://127.0.0.1:3001/mcp", "loopback", "SWITCHBOARD_EGRESS_ALLOW_LOOPBACK=true"),
+        ("https://localhost:3001/mcp", "loopback", "SWITCHBOARD_EGRESS_ALLOW_LOOPBACK=true"),
+        ("https://10.1.2.3/mcp", "private", "SWITCHBOARD_EGRESS_ALLOW_PRIVATE=true"),
+        ("https://169.254.169.254/mcp", "always", "SWITCHBOARD_EGRESS_ALLOW_CIDRS"),
+    ],
+)
+async def test_a_refused_address_names_the_rule_and_the_setting_that_allows_it(
+    endpoint: str, rule: str, setting: str
+) -> None:
+    # The README's MCP example, on a server that does not allow loopback: the
+    # answer is the policy that refused the address, not the scheme.
+    async with hub_mesh(egress_allow_loopback=False) as (server, channel):
+        world = await ctx_world(server, context_stub(channel))
+        mcp = ipb.Integration(kind=ipb.INTEGRATION_KIND_MCP_SERVER, endpoint=endpoint)
+        error = await refused(
+            create(integration_stub(channel), world.owner, world.name, mcp),
+            CODE.INVALID_ARGUMENT,
+        )
+    assert reason(error) == "ERROR_REASON_DESTINATION_BLOCKED"
+    assert violations(error) == ["integration.endpoint"]
+    message = error.details() or ""
+    assert "egress policy" in message
+    assert setting in message
+    assert detail(error, error_details_pb2.ErrorInfo).metadata["policy"] == f"egress.{rule}"
+
+
+async def test_plain_http_to_an_allowed_address_says_what_allows_it() -> None:
+    async with hub_mesh(egress_allow_loopback=False) as (server, channel):
+        world = await ctx_world(server, context_stub(channel))
+        # A public address the policy allows (an IP literal: nothing is resolved or dialled).
+        mcp = ipb.Integration(kind=ipb.INTEGRATION_KIND_MCP_SERVER, endpoint="http://8.8.8.8/mcp")
+        error = await refused(
+            create(integration_stub(channel), world.owner, world.name, mcp),
+            CODE.INVALID_ARGUMENT,
+        )
+    assert reason(error) == "ERROR_REASON_INVALID_ARGUMENT"
+    (violation,) = detail(error, error_details_pb2.BadRequest).field_violations
+    assert violation.field == "integration.endpoint"
+    assert violation.description.startswith("must be an https URL")
+    assert "SWITCHBOARD_EGRESS_ALLOW_LOOPBACK" in violation.description
 
 
 # -- watching ---------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ pending calls; the tool messages in the next run's context.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -465,6 +466,29 @@ async def test_an_unanswered_approval_expires_and_the_run_fails_precisely(
         assert reason_of(seen.final) == "ERROR_REASON_APPROVAL_EXPIRED"
         assert seen.final.error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
         assert len(tools.fake.requests) == 1  # the model was not asked again
+
+
+async def test_a_pause_is_bounded_by_the_approval_timeout_not_the_run_s_deadline(
+    everything: EverythingServer,
+) -> None:
+    # The run may compute for 2 s; the person has 4 s. The pause outlives the
+    # run's deadline, so only a deadline that stops while paused lets the
+    # approval timeout end it.
+    async with tool_mesh(
+        everything, approval=("get-sum",), dispatcher_approval_timeout_s=4.0
+    ) as tools:
+        tools.fake.script(Reply.tool_calls([(SUM, {"a": 1, "b": 2}, "c1")]))
+        request = ask(tools, "1 + 2?")
+        request.timeout.FromSeconds(2)
+        run = await _send(tools, request)
+        call, paused = await _paused(tools, run.name)
+        call.cancel()
+        waits = paused.required_action.expire_time.ToDatetime() - paused.start_time.ToDatetime()
+        assert waits >= dt.timedelta(seconds=4)
+        assert not paused.HasField("deadline")  # nothing stops it but the expiry
+        seen = await watch_all(tools.dstub, tools.world.editor, run.name)
+        assert seen.final.state == pb.RUN_STATE_FAILED
+        assert reason_of(seen.final) == "ERROR_REASON_APPROVAL_EXPIRED"
 
 
 async def test_cancel_while_paused(everything: EverythingServer) -> None:

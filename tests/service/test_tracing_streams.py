@@ -33,12 +33,14 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
 from switchboard.api.integration.v1 import integration_pb2 as ipb
+from switchboard.integration.service import IntegrationHub
 from switchboard.mesh import create_server
 from switchboard.platform.observe.telemetry import Tracing
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.rpc.status import REQUEST_ID_KEY
 from switchboard.platform.security.policy import Role
-from tests.conftest import make_settings
+from tests.conftest import built, make_settings
+from tests.e2e.toolexpert import ToolExpert
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.mcpserver import McpTestServer
 from tests.infra.webhookreceiver import running_receiver, until
@@ -52,7 +54,13 @@ from tests.service.contextkit import (
 )
 from tests.service.dispatchkit import dispatcher_stub, finished, request
 from tests.service.eventkit import Commands, Subscriber, ids, member, publish, workspace_event, ws
-from tests.service.integrationkit import create, integration_stub, webhook, webhook_secret
+from tests.service.integrationkit import (
+    create,
+    expert,
+    integration_stub,
+    webhook,
+    webhook_secret,
+)
 from tests.service.tracekit import traced_server, watching
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -620,3 +628,43 @@ async def test_a_webhook_delivery_carries_the_trace_of_its_http_span(exporter: S
     assert client.attributes.get("http.method", client.attributes.get("http.request.method")) == (
         "POST"
     )
+    # Its POST is the child of a root span of its own: a trace per attempt, sampled as
+    # any new trace is, never a bare client span.
+    (attempt,) = [s for s in exporter.get_finished_spans() if s.name == "webhook delivery"]
+    assert attempt.parent is None
+    assert client.parent is not None
+    assert attempt.context is not None
+    assert client.parent.span_id == attempt.context.span_id
+    assert attempt.attributes is not None
+    assert attempt.attributes["switchboard.webhook.attempt"] == 1
+
+
+async def test_health_probes_start_no_traces(exporter: Spans, mcp_server: McpTestServer) -> None:
+    async with (
+        ToolExpert() as calc,
+        traced_mesh(exporter, egress_allow_loopback=True, integration_probe_interval_s=3600.0) as (
+            server,
+            channel,
+        ),
+    ):
+        stub = integration_stub(channel)
+        world = await ctx_world(server, context_stub(channel))
+        mcp = ipb.Integration(kind=ipb.INTEGRATION_KIND_MCP_SERVER, endpoint=mcp_server.url)
+        made = [
+            await create(stub, world.owner, world.name, mcp, integration_id="sdk"),
+            await create(
+                stub, world.owner, world.name, expert(calc.address), integration_id="calc"
+            ),
+        ]
+        exporter.clear()
+        await built(server, IntegrationHub).probe_all()  # an MCP ping, the expert's check
+        for integration in made:
+            got = await stub.GetIntegration(
+                ipb.GetIntegrationRequest(name=integration.name),
+                metadata=world.viewer.md,
+                timeout=TIMEOUT_S,
+            )
+            assert got.integration.status.health == ipb.HEALTH_STATE_HEALTHY  # it was probed
+    # Only the GetIntegration calls above started traces.
+    roots = [s.name for s in exporter.get_finished_spans() if s.parent is None]
+    assert {name.rsplit("/", 1)[-1] for name in roots} == {"GetIntegration"}, roots

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "install-deps.sh"
-TEST_COMMANDS = ("git", "make", "go", "node", "npm", "redis-server", "chromium")
+TEST_COMMANDS = ("git", "make", "go", "node", "npm", "redis-server", "chromium", "jq")
 # What each package provides, for the fake apt-get.
 PROVIDES = {
     "git": ["git"],
@@ -24,6 +24,7 @@ PROVIDES = {
     "npm": ["npm"],
     "redis-server": ["redis-server"],
     "chromium": ["chromium"],
+    "jq": ["jq"],
     "postgresql": ["pg/15/bin/initdb", "pg/15/bin/pg_ctl", "pg/15/bin/postgres"],
 }
 

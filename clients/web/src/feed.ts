@@ -135,7 +135,9 @@ export class EventFeed {
       this.setState("stopped", p);
       return "stop";
     }
-    if (p.reason === "ERROR_REASON_CURSOR_EXPIRED" && p.metadata.oldest_cursor) {
+    // Expired (trimmed) or ahead (another deployment's, a reset log): from the oldest kept.
+    const lost = p.reason === "ERROR_REASON_CURSOR_EXPIRED" || p.reason === "ERROR_REASON_CURSOR_AHEAD";
+    if (lost && p.metadata.oldest_cursor) {
       this.handlers.gap(p);
       this.cursor = p.metadata.oldest_cursor;
       return "resume";

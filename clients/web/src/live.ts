@@ -31,6 +31,8 @@ export class LiveEvents {
     badge.dataset.state = state;
     badge.dataset.history = this.history.slice(-50).join(",");
     badge.textContent = state;
+    // Signed out there is no feed to be offline: no badge until there is one.
+    badge.hidden = state === "offline";
   }
 
   /** A state of the current feed (null while none is). */

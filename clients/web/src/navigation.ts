@@ -33,6 +33,7 @@ export class Navigation {
     "aria-label": "new workspace id",
     placeholder: "id (optional)",
     pattern: "[a-z][a-z0-9\\-]{1,62}",
+    title: "a lower-case letter, then 1 to 62 lower-case letters, digits or '-'; empty: one is made",
   });
   private readonly newWorkspaceName = h("input", {
     "data-testid": "new-workspace-name",
@@ -79,6 +80,12 @@ export class Navigation {
         this.newWorkspaceId,
         this.newWorkspaceName,
         h("button", { type: "submit", "data-testid": "create-workspace" }, "Create workspace"),
+        // Said where it is typed, not only when the server refuses it.
+        h(
+          "small",
+          { class: "muted", "data-testid": "workspace-id-format" },
+          "id: a lower-case letter, then 1-62 of a-z, 0-9 or -, e.g. acme-1 (empty: one is made)",
+        ),
       ),
       h("h2", {}, "Conversations"),
       this.conversationList,
@@ -180,6 +187,18 @@ export class Navigation {
   }
 
   private renderWorkspaces(): void {
+    if (this.workspaces.length === 0) {
+      // The first sign-in: nothing to pick yet, so say what comes first.
+      this.workspaceList.replaceChildren(
+        h(
+          "li",
+          { class: "empty muted", "data-testid": "empty-hint" },
+          "No workspaces yet. Create one below, then a conversation in it, then send a message: " +
+            "the answer streams into the conversation.",
+        ),
+      );
+      return;
+    }
     this.workspaceList.replaceChildren(
       ...this.workspaces.map((w) =>
         h(
@@ -328,6 +347,8 @@ export class Navigation {
   private addMessages(messages: Message[]): void {
     for (const message of messages) this.messages.set(message.name, message);
     this.renderMessages();
+    // A run's answer, once it is a message here, is not shown again in its card.
+    this.runs.messagesShown(this.messages.keys());
   }
 
   private renderMessages(): void {

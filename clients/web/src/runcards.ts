@@ -20,6 +20,8 @@ export class RunCards {
   private readonly cards = new Map<string, HTMLElement>();
   /** Denial reasons being typed, by tool call id. */
   private readonly reasons = new Map<string, string>();
+  /** Messages the conversation shows: a run whose answer is one of them shows it there only. */
+  private shownMessages = new Set<string>();
 
   constructor(
     private readonly api: Api,
@@ -30,6 +32,15 @@ export class RunCards {
 
   has(name: string): boolean {
     return this.runs.has(name);
+  }
+
+  /** The conversation now shows these messages (its runs' answers among them). */
+  messagesShown(names: Iterable<string>): void {
+    this.shownMessages = new Set(names);
+    for (const view of this.runs.values()) {
+      const output = view.run?.outputMessage;
+      if (output && this.shownMessages.has(output)) this.renderRun(view);
+    }
   }
 
   follow(name: string, run?: Run): void {
@@ -46,6 +57,7 @@ export class RunCards {
     for (const run of this.runs.values()) run.stop();
     this.runs.clear();
     this.cards.clear();
+    this.shownMessages.clear();
   }
 
   /** Signed out: nothing followed, shown or remembered for the next session. */
@@ -109,7 +121,7 @@ export class RunCards {
     setText(
       card,
       '[data-part="meta"]',
-      `${view.progress ? ` · ${view.progress}` : ""}${view.deltas ? ` · ${view.deltas} deltas` : ""}`,
+      `${view.progress ? ` · ${view.progress}` : ""}${view.deltas ? ` · ${view.deltas} ${view.deltas === 1 ? "delta" : "deltas"}` : ""}`,
     );
     const cancel = card.querySelector<HTMLButtonElement>('[data-testid="cancel-run"]');
     if (cancel) cancel.hidden = view.terminal;
@@ -130,6 +142,13 @@ export class RunCards {
       );
     }
     setText(card, '[data-testid="run-answer"]', view.text);
+    // Streamed here while it grows; once the answer is a message of the conversation it is
+    // shown there, and only there.
+    const output = view.run?.outputMessage ?? "";
+    const inMessages = view.terminal && output !== "" && this.shownMessages.has(output);
+    const answer = card.querySelector<HTMLElement>('[data-testid="run-answer"]');
+    if (answer) answer.hidden = inMessages;
+    card.dataset.answerIn = inMessages ? "messages" : "card";
     card.querySelector('[data-part="end"]')?.replaceChildren(
       ...(view.run?.error && view.terminal && view.run.error.code !== 0
         ? [h("div", { class: "muted", "data-testid": "run-error" }, view.run.error.message)]

@@ -47,6 +47,7 @@ from switchboard.platform.errors import (
     Violations,
 )
 from switchboard.platform.security.egress import (
+    PLAIN_HTTP_REFUSED,
     EgressPolicy,
     ResolutionFailed,
     check_host,
@@ -267,7 +268,7 @@ class PushConfigs:
                 violations.items.extend(exc.violations)
             else:
                 if endpoint.scheme != "https" and not self._allow_plain_http:
-                    violations.add(url_field, "must be an https URL")
+                    violations.add(url_field, PLAIN_HTTP_REFUSED)
                 else:
                     host = (endpoint.host, endpoint.port)
         if len(config.token) > MAX_TOKEN_CHARS or not _HEADER_SAFE.fullmatch(config.token):

@@ -319,6 +319,25 @@ class CursorExpired(OutOfRange):
         return self.metadata.get("oldest_cursor", "")
 
 
+class CursorAhead(OutOfRange):
+    """The cursor is ahead of the log: another deployment's, or the log was reset.
+
+    Nothing was trimmed; the cursor means nothing here. ``head_cursor`` is the
+    newest position (resume after it for what comes next), ``oldest_cursor``
+    the oldest retained one (resume after it for everything kept).
+    """
+
+    REASON = _Reason.ERROR_REASON_CURSOR_AHEAD
+
+    @property
+    def head_cursor(self) -> str:
+        return self.metadata.get("head_cursor", "")
+
+    @property
+    def oldest_cursor(self) -> str:
+        return self.metadata.get("oldest_cursor", "")
+
+
 class DependencyUnavailable(Unavailable):
     """A dependency of the server (database, cache, remote handler) is away."""
 

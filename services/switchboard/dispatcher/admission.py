@@ -17,7 +17,7 @@ import functools
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Final
 
 from google.protobuf import struct_pb2
@@ -30,7 +30,7 @@ from switchboard.dispatcher.assistants import Assistants
 from switchboard.dispatcher.content import ContentPolicy
 from switchboard.dispatcher.contextport import ContextPort
 from switchboard.dispatcher.feed import Feeds
-from switchboard.dispatcher.handlers import text_of
+from switchboard.dispatcher.handlers import Handler, text_of
 from switchboard.dispatcher.lifecycle import Active
 from switchboard.dispatcher.live import FINISH_TIMEOUT_S, Limits, Live
 from switchboard.dispatcher.publishing import Publishing
@@ -44,6 +44,7 @@ from switchboard.platform.errors import (
     ContentBlocked,
     FieldViolation,
     InvalidArgument,
+    NotFound,
     RateLimited,
     RequestTooLarge,
     RunSuperseded,
@@ -62,14 +63,40 @@ _POLICIES: Final = frozenset(pb.ConcurrencyPolicy.values())
 _MAX_PARAMETER_BYTES: Final = 16 * 1024
 
 
-async def assistant_for(
-    assistants: Assistants, workspace_id: str, named: str, handler: str
-) -> pb.Assistant | None:
-    """The message's assistant: the one it names, else the workspace default
-    unless the message forces a handler."""
-    if not named and handler:
-        return None
-    return await assistants.resolve(workspace_id, named, "assistant")
+async def route(
+    assistants: Assistants,
+    router: Router,
+    workspace_id: str,
+    request: pb.SendMessageRequest | pb.DescribeConversationRequest,
+    message: cpb.Message,
+) -> tuple[pb.Assistant | None, Choice]:
+    """The message's assistant, if any, and the handler that answers it (the order
+    of the rules: ``router.py``). A named assistant or a forced handler decides;
+    otherwise the message's own choice (metadata, content type, a /command) comes
+    before the workspace's default assistant, and a run routed by it has none."""
+    local = await router.local(workspace_id)
+    if request.assistant:
+        assistant = await assistants.resolve(workspace_id, request.assistant, "assistant")
+        if assistant is None:  # resolve raises NOT_FOUND for a name it does not know
+            raise NotFound(f"{request.assistant} not found")
+        reason = f"the assistant {assistant.name}, named in the request"
+        return assistant, _assistant_choice(router, assistant, reason, local)
+    if request.handler:
+        return None, router.choose(request.handler, workspace_id, message, local)
+    chosen = router.by_message(message, local)
+    if chosen is not None:
+        return None, chosen
+    assistant = await assistants.resolve(workspace_id, "", "assistant")
+    if assistant is None:
+        return None, router.by_default(workspace_id)
+    reason = f"the workspace's default assistant {assistant.name}"
+    return assistant, _assistant_choice(router, assistant, reason, local)
+
+
+def _assistant_choice(
+    router: Router, assistant: pb.Assistant, reason: str, local: Mapping[str, Handler]
+) -> Choice:
+    return router.named(handler_id(assistant.handler or "handlers/llm"), "assistant", reason, local)
 
 
 def handler_id(handler: str) -> str:
@@ -226,19 +253,17 @@ class Admission:
         self, workspace_id: str, request: pb.SendMessageRequest
     ) -> tuple[pb.Assistant | None, Choice]:
         """The message's assistant (if any) and the handler that answers it."""
-        assistant = await assistant_for(
-            self._assistants, workspace_id, request.assistant, request.handler
+        assistant, choice = await route(
+            self._assistants, self._router, workspace_id, request, request.message
         )
-        forced = request.handler
-        if assistant is not None:
+        if assistant is not None and request.handler:
             forced = assistant.handler or "handlers/llm"
-            if request.handler and handler_id(request.handler) != handler_id(forced):
+            if handler_id(request.handler) != handler_id(forced):
                 raise InvalidArgument(
                     "the handler is not the assistant's",
                     [FieldViolation("handler", f"must be empty or {forced} (the assistant's)")],
                 )
-        local = await self._router.local(workspace_id)
-        return assistant, self._router.choose(forced, workspace_id, request.message, local)
+        return assistant, choice
 
     def _validate(self, request: pb.SendMessageRequest) -> float:
         """Field checks; returns the run's timeout in seconds."""

@@ -9,8 +9,9 @@ the answer as an assistant message and ends the run.
 Cancellation is the task's: ``cancel`` cancels the task, which raises
 ``CancelledError`` inside the handler (a remote handler's gRPC call or the
 LLM's HTTP response is closed by that), and the run ends CANCELLED. The
-deadline is an ``asyncio.timeout`` around the same task, and remote handlers
-get the remaining time as their gRPC deadline.
+deadline is an ``asyncio.timeout`` around the same task, stopped while the run
+waits for approvals (``_RunClock``), and remote handlers get the remaining
+time as their gRPC deadline.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Final
 
 from opentelemetry.trace import StatusCode, Tracer
@@ -210,12 +211,11 @@ class Execution:
     async def _drive(self, active: Active) -> tuple[cpb.Message, handler_pb2.HandleResult]:
         """Context, handler, answer: everything a run does under its deadline."""
         run = active.run
-        mono_deadline = time.monotonic() + active.timeout_s
+        clock = _RunClock(active.timeout_s)
+        left = clock.left
 
-        def left() -> float:
-            return max(0.001, mono_deadline - time.monotonic())
-
-        async with asyncio.timeout(active.timeout_s):
+        async with asyncio.timeout(active.timeout_s) as scope:
+            clock.scope = scope
             assistant = active.assistant
             budget = (
                 (assistant.context_token_budget if assistant is not None else 0)
@@ -262,10 +262,11 @@ class Execution:
                 request.instructions = assistant.instructions
                 if assistant.HasField("model"):
                     request.model.CopyFrom(assistant.model)
-            runner = self._runner(active, definitions, left)
+            runner = self._runner(active, definitions, clock)
             if runner is not None:
                 request.max_tool_steps = step_limit(self._tool_limits, assistant)
-            result = await self._relay(active, HandleCall(request, mono_deadline, tools=runner))
+            clock.call = HandleCall(request, clock.deadline, tools=runner)
+            result = await self._relay(active, clock.call)
             if runner is not None:
                 await runner.drain()
             output = await self._context.append_message(
@@ -288,7 +289,7 @@ class Execution:
         self,
         active: Active,
         definitions: Sequence[handler_pb2.ToolDefinition],
-        left: Callable[[], float],
+        clock: _RunClock,
     ) -> RunTools | None:
         """The run's tool runner: when its assistant offers tools, or its handler is
         an interactive expert (which may name any tool of the workspace when the
@@ -300,7 +301,7 @@ class Execution:
         if not definitions and not interactive and not (assistant and assistant.tools):
             return None
         runner = RunTools(
-            _RunHost(self, active),
+            _RunHost(self, active, clock),
             self._tools,
             self._tool_limits,
             principal=active.principal,
@@ -310,7 +311,7 @@ class Execution:
             workspace_id=active.workspace_id,
             open_workspace=interactive and assistant is None,
             max_steps=step_limit(self._tool_limits, assistant),
-            deadline=left,
+            deadline=clock.left,
         )
         active.tools = runner
         return runner
@@ -558,20 +559,63 @@ def _ignore(_text: str) -> None:
     pass
 
 
+class _RunClock:
+    """A run's deadline: ``timeout_s`` of its own time, stopped while it waits for
+    a person. The deadline is meant for compute; a pause has its own bound (the
+    approval timeout, ``RunTools``), so the run gets back what is left when it
+    resumes."""
+
+    def __init__(self, timeout_s: float) -> None:
+        #: ``time.monotonic()`` by which the run must finish, while it runs.
+        self.deadline = time.monotonic() + timeout_s
+        self.scope: asyncio.Timeout | None = None
+        #: The handler's call: its deadline moves with the run's.
+        self.call: HandleCall | None = None
+        self._paused_at: float | None = None
+
+    def left(self) -> float:
+        now = self._paused_at if self._paused_at is not None else time.monotonic()
+        return max(0.001, self.deadline - now)
+
+    def pause(self) -> None:
+        if self._paused_at is None:
+            self._paused_at = time.monotonic()
+            if self.scope is not None:
+                self.scope.reschedule(None)
+
+    def resume(self) -> None:
+        if self._paused_at is None:
+            return
+        self.deadline += time.monotonic() - self._paused_at
+        self._paused_at = None
+        if self.call is not None:
+            self.call.deadline = self.deadline
+        if self.scope is not None:
+            self.scope.reschedule(asyncio.get_running_loop().time() + self.left())
+
+
 class _RunHost:
     """The execution stage, as one run's tool runner sees it."""
 
-    def __init__(self, execution: Execution, active: Active) -> None:
+    def __init__(self, execution: Execution, active: Active, clock: _RunClock) -> None:
         self._execution = execution
         self._active = active
+        self._clock = clock
 
     def emit(self, update: pb.RunUpdate) -> None:
         self._execution._publishing.emit(self._active, update)
 
     async def pause(self) -> None:
+        self._clock.pause()
+        # Not running, so nothing stops it: the approval's expire_time says when it fails.
+        self._active.run.ClearField("deadline")
         await self._execution.pause(self._active)
 
     async def resume(self) -> None:
+        self._clock.resume()
+        self._active.run.deadline.FromDatetime(
+            names.now() + dt.timedelta(seconds=self._clock.left())
+        )
         await self._execution.resume(self._active)
 
     def save_job(self) -> Awaitable[None]:

@@ -4,7 +4,7 @@ Read-only: a live run is read from this process (``Live``), any other from the
 store; WatchRun follows the run's feed here, or the shared event log when the
 run lives on another replica or ended long ago. ``describe_conversation`` sits
 here because it changes nothing: it answers with admission's own choice of
-assistant and handler (``admission.assistant_for``) for a message sent now.
+assistant and handler (``admission.route``) for a message sent now.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.dispatcher import mapping
-from switchboard.dispatcher.admission import HANDLER, assistant_for
+from switchboard.dispatcher.admission import HANDLER, route
 from switchboard.dispatcher.assistants import Assistants
 from switchboard.dispatcher.contextport import ContextPort
 from switchboard.dispatcher.execution import step_limit
@@ -225,14 +225,9 @@ class Queries:
         await self._context.conversation(
             principal, request.conversation, timeout_s=FINISH_TIMEOUT_S
         )
-        assistant = await assistant_for(
-            self._assistants, workspace_id, request.assistant, request.handler
+        assistant, choice = await route(
+            self._assistants, self._router, workspace_id, request, cpb.Message()
         )
-        forced = request.handler
-        if assistant is not None:
-            forced = assistant.handler or "handlers/llm"
-        local = await self._router.local(workspace_id)
-        choice = self._router.choose(forced, workspace_id, cpb.Message(), local)
         handler = choice.handler
         response = pb.DescribeConversationResponse(
             handler=mapping.handler(handler),

@@ -2,15 +2,20 @@
 
 Order of the rules (the first that names an available handler wins):
 
-1. the handler named in the request (``SendMessageRequest.handler``);
+1. the handler named in the request (``SendMessageRequest.handler``), or the
+   handler of the assistant the request names (``admission.route``);
 2. the message's metadata key ``handler``;
 3. the message's content type: a ``type:<mime>=<handler>`` route matching a
    part's ``mime_type`` (``image/*`` matches any image);
 4. a command prefix: a ``/<prefix>=<handler>`` route, or ``/<handler-id>``
    itself, at the start of the text;
-5. the workspace's default (``workspace:<id>=<handler>`` routes);
-6. the process default (``SWITCHBOARD_DISPATCHER_DEFAULT_HANDLER``, else
+5. the workspace's default assistant, if it has one (``admission.route``);
+6. the workspace's route (``workspace:<id>=<handler>`` routes);
+7. the process default (``SWITCHBOARD_DISPATCHER_DEFAULT_HANDLER``, else
    ``llm`` when configured, else ``echo``).
+
+The message's own choices (2 to 4) come before the default assistant: a person
+who types ``/translator`` means the translator, whatever answers the rest.
 
 An explicit choice (rules 1 and 2) that names an unknown handler is the
 caller's mistake (INVALID_ARGUMENT); one that is unavailable (circuit open,
@@ -169,9 +174,10 @@ class Router:
         # The operator's handler wins a clash, whatever the workspace registered.
         return self.registry.get(handler_id) or local.get(handler_id)
 
-    def _named(
+    def named(
         self, handler_id: str, field: str, reason: str, local: Mapping[str, Handler]
     ) -> Choice:
+        """An explicit choice: ``handler_id`` itself, or an error on ``field``."""
         handler = self._get(handler_id, local)
         if handler is None:
             raise InvalidArgument(
@@ -192,15 +198,21 @@ class Router:
         message: context_pb2.Message,
         local: Mapping[str, Handler] = _NONE,
     ) -> Choice:
-        """The handler for ``message``; ``local`` is ``await self.local(workspace_id)``."""
+        """The handler for ``message`` when the workspace has no default assistant;
+        ``local`` is ``await self.local(workspace_id)``."""
         if request_handler:
             handler_id = request_handler.removeprefix("handlers/")
-            return self._named(handler_id, "handler", "named in the request", local)
+            return self.named(handler_id, "handler", "named in the request", local)
+        found = self.by_message(message, local)
+        return found if found is not None else self.by_default(workspace_id)
+
+    def by_message(
+        self, message: context_pb2.Message, local: Mapping[str, Handler] = _NONE
+    ) -> Choice | None:
+        """Rules 2 to 4: the handler the message itself picks, if any."""
         if message.HasField("metadata") and "handler" in message.metadata.fields:
             value = message.metadata.fields["handler"].string_value.removeprefix("handlers/")
-            return self._named(
-                value, "message.metadata.handler", "named in message metadata", local
-            )
+            return self.named(value, "message.metadata.handler", "named in message metadata", local)
         for found in self._by_content_type(message.parts):
             return found
         text = next((p.text for p in message.parts if p.WhichOneof("part") == "text"), "")
@@ -212,11 +224,15 @@ class Router:
                 handler = self._get(target, local)
                 if handler is not None and handler.available():
                     return Choice(handler, f"command prefix /{word}", strip_prefix="/" + word)
+        return None
+
+    def by_default(self, workspace_id: str) -> Choice:
+        """Rules 6 and 7: the workspace's route, else the process default."""
         ws_default = self.routes.workspaces.get(workspace_id)
         if ws_default:
             handler = self.registry.get(ws_default)
             if handler is not None and handler.available():
-                return Choice(handler, "the workspace's default")
+                return Choice(handler, f"the route workspace:{workspace_id}")
         handler = self.registry.get(self.default)
         if handler is not None and handler.available():
             return Choice(handler, "the default handler")

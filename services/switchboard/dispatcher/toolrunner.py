@@ -13,9 +13,9 @@ handler (``handlers.ToolRunner``):
   ``tool_call`` run update. If any needs approval, the run pauses
   (REQUIRES_ACTION, stored with its steps so a restart resumes it) until every
   one is decided, the approval timeout passes (APPROVAL_EXPIRED) or the run
-  is cancelled or its deadline passes. Then the approved calls run
-  concurrently through the integration hub, each ``tool_result`` shown as it
-  finishes.
+  is cancelled; its deadline stops meanwhile (execution's ``_RunClock``).
+  Then the approved calls run concurrently through the integration hub, each
+  ``tool_result`` shown as it finishes.
 * **Failures are results.** An unknown or disabled tool, invalid arguments, an
   open circuit, a timeout, a denial: the handler gets a FAILED or DENIED
   result that explains it, and its model decides what to do. Only the run's
@@ -77,7 +77,7 @@ class ToolLimits:
     max_steps: int = 8
     #: Calls one handler step may make; the rest are answered FAILED.
     max_calls_per_step: int = 16
-    #: How long a run waits in REQUIRES_ACTION (its own deadline still applies).
+    #: How long a run waits in REQUIRES_ACTION (its own deadline stops meanwhile).
     approval_timeout_s: float = 600.0
     #: Tool output given to the model and stored, at most.
     max_result_chars: int = 16_000
@@ -336,7 +336,9 @@ class RunTools:
             if not self._undecided():
                 # A new pause; one resumed after a restart keeps its calls and decisions.
                 action.Clear()
-                wait_s = min(self._limits.approval_timeout_s, self._remaining())
+                # The run's deadline stops while it waits (execution's _RunClock):
+                # only the approval timeout bounds the pause.
+                wait_s = self._limits.approval_timeout_s
                 action.expire_time.FromDatetime(names.now() + dt.timedelta(seconds=wait_s))
             for call in fresh:
                 action.tool_calls.add().call.CopyFrom(call)
@@ -345,8 +347,8 @@ class RunTools:
             if self._run.state == pb.RUN_STATE_RUNNING:
                 await self._host.pause()
             try:
-                # Its own timeout: the run's deadline is the asyncio.timeout
-                # around the whole run (DEADLINE_EXCEEDED, not this).
+                # Its own timeout: the run's deadline (the asyncio.timeout
+                # around the whole run) is stopped while the run is paused.
                 async with asyncio.timeout(self._limits.approval_timeout_s):
                     while self._undecided(ids):
                         await self._decided.wait()

@@ -64,6 +64,7 @@ from switchboard.platform.backoff import Backoff
 from switchboard.platform.errors import DestinationBlocked, ResultTooLarge, SwitchboardError
 from switchboard.platform.rpc.channels import expert_channel
 from switchboard.platform.security.egress import (
+    PLAIN_HTTP_REFUSED,
     EgressPolicy,
     ResolutionFailed,
     grpc_target,
@@ -483,7 +484,7 @@ class A2AAgent:
             return _Link(chosen, interface, client, time.monotonic(), channel=channel)
         url = parse_http_endpoint(interface.url, what)
         if url.scheme != "https" and not self._allow_plain_http:
-            raise DestinationBlocked(f"{what} must be an https URL")
+            raise DestinationBlocked(f"{what} {PLAIN_HTTP_REFUSED}")
         http = http_client(self._policy, timeout_s=timeout_s)
         config = ClientConfig(supported_protocol_bindings=[JSONRPC], httpx_client=http)
         client = ClientFactory(config).create(chosen)

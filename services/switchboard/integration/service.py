@@ -57,6 +57,7 @@ from switchboard.platform.fieldmask import update_paths
 from switchboard.platform.names import checked_etag
 from switchboard.platform.observe.metrics import Metrics
 from switchboard.platform.security.egress import (
+    PLAIN_HTTP_REFUSED,
     EgressPolicy,
     ResolutionFailed,
     check_host,
@@ -322,17 +323,22 @@ class IntegrationHub:
                 return endpoint
             if kind == pb.INTEGRATION_KIND_GRPC_HANDLER:
                 target = parse_grpc_endpoint(endpoint, field)
-                host, port = target.host, target.port
-            else:
-                url = parse_http_endpoint(endpoint, field)
-                if url.scheme != "https" and not self.limits.allow_plain_http:
-                    violations.add(field, "must be an https URL")
-                    return None
-                host, port = url.host, url.port
-            await check_host(host, port, self._egress, timeout_s=RESOLVE_TIMEOUT_S)
+                await check_host(
+                    target.host, target.port, self._egress, timeout_s=RESOLVE_TIMEOUT_S
+                )
+                return endpoint
+            url = parse_http_endpoint(endpoint, field)
+            # The address first: http://127.0.0.1 is refused for being loopback, which
+            # is what the operator would change (and then plain http is accepted too).
+            await check_host(url.host, url.port, self._egress, timeout_s=RESOLVE_TIMEOUT_S)
+            if url.scheme != "https" and not self.limits.allow_plain_http:
+                violations.add(field, PLAIN_HTTP_REFUSED)
+                return None
         except DestinationBlocked as exc:
             # The policy's own message, on the field that named the address.
-            raise DestinationBlocked(exc.message, [FieldViolation(field, exc.message)]) from None
+            raise DestinationBlocked(
+                exc.message, [FieldViolation(field, exc.message)], metadata=exc.metadata
+            ) from None
         except InvalidArgument as exc:
             violations.items.extend(exc.violations or (FieldViolation(field, exc.message),))
             return None

@@ -88,6 +88,7 @@ from typing import TYPE_CHECKING, Final
 import httpx
 from google.protobuf import json_format
 from google.rpc import code_pb2
+from opentelemetry import context as otel_context
 from standardwebhooks.webhooks import Webhook
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
@@ -108,6 +109,7 @@ from switchboard.platform.backoff import Backoff, full_jitter
 from switchboard.platform.breaker import Breakers
 from switchboard.platform.errors import (
     CircuitOpen,
+    CursorAhead,
     CursorExpired,
     DestinationBlocked,
     FailedPrecondition,
@@ -117,6 +119,7 @@ from switchboard.platform.errors import (
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.events.eventlog import Logged, Position, format_cursor, parse_cursor
 from switchboard.platform.names import new_id, now
+from switchboard.platform.observe import telemetry
 from switchboard.platform.security.egress import EgressPolicy, ResolutionFailed, http_client
 from switchboard.platform.security.secretbox import SecretBox
 from switchboard.platform.store import pagination
@@ -435,6 +438,8 @@ class WebhookEngine:
         self._on_disable = on_disable
         self._pages = page_tokens
         self._rng = rng or random.SystemRandom()
+        #: Each attempt is a trace of its own (docs/observability.md); None when off.
+        self._tracer = telemetry.tracer("switchboard.integration.webhooks")
         self._feed_wake = asyncio.Event()
         self._send_wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -578,7 +583,7 @@ class WebhookEngine:
             return await self._advance(stored, format_cursor(start), [])
         try:
             await self._bus.check_cursor(position)
-        except CursorExpired:
+        except (CursorExpired, CursorAhead):
             horizon = await self._bus.horizon()
             log.warning(
                 "webhook feeder cursor is outside the retained event log; events in "
@@ -824,7 +829,8 @@ class WebhookEngine:
                 counted=False,
             )
         try:
-            answer = await self._post(claimed.endpoint, request)
+            with self._traced(claimed, request):
+                answer = await self._post(claimed.endpoint, request)
         except asyncio.CancelledError:
             permit.released()
             raise
@@ -843,6 +849,24 @@ class WebhookEngine:
             return Outcome(True, answer.status, "", None)
         await permit.failed()
         return self._failed(claimed, answer.status, answer.error, answer.retry_after_s)
+
+    def _traced(
+        self, claimed: Claimed, request: _Request
+    ) -> contextlib.AbstractContextManager[object]:
+        """A root span for one attempt, so its POST is sampled as a new trace is: the
+        send loop has no request behind it, and a client span without a parent
+        starts no trace (``telemetry.NoBackgroundRoots``)."""
+        if self._tracer is None:
+            return contextlib.nullcontext()
+        return self._tracer.start_as_current_span(
+            "webhook delivery",
+            context=otel_context.Context(),
+            attributes={
+                "switchboard.webhook": request.name,
+                "switchboard.event": claimed.event_id,
+                "switchboard.webhook.attempt": claimed.attempts + 1,
+            },
+        )
 
     async def _post(self, endpoint: str, request: _Request) -> Attempt:
         client = self._client

@@ -329,7 +329,7 @@ class Settings(BaseSettings):
         default=600.0,
         gt=0,
         le=7 * 86400,
-        description="How long a run waits for tool approvals (within its own deadline).",
+        description="How long a run waits for tool approvals (its own deadline stops meanwhile).",
     )
     dispatcher_max_tool_result_chars: int = Field(
         default=16_000, ge=100, le=1_000_000, description="Tool output given to the model."

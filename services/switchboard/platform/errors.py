@@ -248,6 +248,14 @@ class CursorExpired(SwitchboardError):
     reason = "ERROR_REASON_CURSOR_EXPIRED"
 
 
+class CursorAhead(SwitchboardError):
+    """An event cursor is ahead of the log (another deployment's, or the log was reset):
+    nothing was lost, so it is not CURSOR_EXPIRED; metadata names both ends."""
+
+    code = Code.OUT_OF_RANGE
+    reason = "ERROR_REASON_CURSOR_AHEAD"
+
+
 class DependencyUnavailable(SwitchboardError):
     """A dependency is down; the caller should retry with backoff."""
 

@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Final, Protocol
 
 from switchboard.api.events.v1 import events_pb2
-from switchboard.platform.errors import CursorExpired, SwitchboardError
+from switchboard.platform.errors import CursorAhead, CursorExpired, SwitchboardError
 from switchboard.platform.events.eventlog import (
     LogBackend,
     Logged,
@@ -410,9 +410,9 @@ class EventBus:
                 metadata={"oldest_cursor": oldest},
             )
         if after > self.head and after > await self._backend.last_position():
-            raise CursorExpired(
-                "the cursor is ahead of the log (it comes from another deployment, or the "
-                "log was reset)",
+            raise CursorAhead(
+                f"the cursor is ahead of the log (it comes from another deployment, or the "
+                f"log was reset); resume after {format_cursor(self.head)}, or without a cursor",
                 metadata={"oldest_cursor": oldest, "head_cursor": format_cursor(self.head)},
             )
 

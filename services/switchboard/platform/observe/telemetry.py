@@ -48,10 +48,15 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
     ALWAYS_ON,
+    Decision,
     ParentBased,
     Sampler,
+    SamplingResult,
     TraceIdRatioBased,
 )
+from opentelemetry.trace import Link, SpanKind
+from opentelemetry.trace.span import TraceState
+from opentelemetry.util.types import Attributes
 
 from switchboard.platform.config import ALL_SERVICES, ConfigError
 from switchboard.platform.observe.otelenv import EXPORTERS, OtelEnv
@@ -114,6 +119,42 @@ def tracing_config(environ: Mapping[str, str], *, service_name: str) -> TracingC
     )
 
 
+class NoBackgroundRoots(Sampler):
+    """``inner``, except that a CLIENT span with no parent is never sampled.
+
+    Every trace this process starts begins with a call it serves (a SERVER span)
+    or a piece of work that opens its own span (a run, a webhook delivery). A
+    client span without a parent is background work calling out with no request
+    behind it: an integration's health probe (MCP ping, an expert's health
+    check), a lease renewal. Each would be a trace of its own, one per
+    integration every probe interval. Dropped here, and its ``traceparent``
+    says "not sampled", so the server it calls records nothing either.
+    """
+
+    def __init__(self, inner: Sampler) -> None:
+        self.inner = inner
+
+    def should_sample(
+        self,
+        parent_context: otel_context.Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: TraceState | None = None,
+    ) -> SamplingResult:
+        parent = trace.get_current_span(parent_context).get_span_context()
+        if kind == SpanKind.CLIENT and not parent.is_valid:
+            return SamplingResult(Decision.DROP)
+        return self.inner.should_sample(
+            parent_context, trace_id, name, kind, attributes, links, trace_state
+        )
+
+    def get_description(self) -> str:
+        return f"NoBackgroundRoots{{{self.inner.get_description()}}}"
+
+
 def make_sampler(config: TracingConfig) -> Sampler:
     root: Sampler
     base = config.sampler.removeprefix("parentbased_")
@@ -162,7 +203,9 @@ class Tracing:
     @classmethod
     def from_config(cls, config: TracingConfig) -> Tracing:
         resource = Resource.create({**config.resource, "service.name": config.service_name})
-        provider = TracerProvider(resource=resource, sampler=make_sampler(config))
+        provider = TracerProvider(
+            resource=resource, sampler=NoBackgroundRoots(make_sampler(config))
+        )
         provider.add_span_processor(BatchSpanProcessor(_exporter(config)))
         return cls(provider, config)
 
@@ -200,7 +243,8 @@ class Tracing:
     ) -> Tracing:
         """Tracing that hands every span to ``exporter`` as it ends (tests, tools)."""
         provider = TracerProvider(
-            resource=Resource.create({"service.name": service_name}), sampler=sampler
+            resource=Resource.create({"service.name": service_name}),
+            sampler=NoBackgroundRoots(sampler),
         )
         processor: SpanProcessor = SimpleSpanProcessor(exporter)
         provider.add_span_processor(processor)

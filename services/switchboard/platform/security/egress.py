@@ -42,7 +42,11 @@ proxies from the environment are ignored (a proxy would do the connecting,
 unchecked).
 
 Errors name at most the host the user gave, never a resolved address: that
-would map the internal network for whoever created the integration.
+would map the internal network for whoever created the integration. For an IP
+literal (or ``localhost``), which tells nothing the caller did not know, the
+error names the rule that refused it and the setting that allows it; for a
+name it lists the settings without saying which rule its addresses broke
+(the server's log says, for the operator).
 ``DestinationBlocked`` is INVALID_ARGUMENT; ``ResolutionFailed`` (the name does
 not resolve, or DNS timed out) is UNAVAILABLE.
 """
@@ -51,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import re
 import socket
 import time
@@ -159,6 +164,15 @@ _NAT64: Final = ipaddress.ip_network("64:ff9b::/96")
 _SIX_TO_FOUR: Final = ipaddress.ip_network("2002::/16")
 _GLOBAL_UNICAST_V6: Final = ipaddress.ip_network("2000::/3")
 
+log = logging.getLogger("switchboard.egress")
+
+#: Why an http:// endpoint is refused where https is required, and what allows it.
+PLAIN_HTTP_REFUSED: Final = (
+    "must be an https URL: plain http is accepted only where the operator lets integrations "
+    "reach loopback or private addresses (SWITCHBOARD_EGRESS_ALLOW_LOOPBACK or "
+    "SWITCHBOARD_EGRESS_ALLOW_PRIVATE)"
+)
+
 _BLOCKED_MESSAGE: Final = "the destination address is not allowed by the egress policy"
 
 
@@ -233,6 +247,10 @@ class EgressPolicy:
 
     def allows(self, ip: str | IPAddress) -> bool:
         """Whether ``ip`` may be connected to (``check_ip`` without the exception)."""
+        return self.refusal(ip) is None
+
+    def refusal(self, ip: str | IPAddress) -> str | None:
+        """The rule that refuses ``ip`` ("always", "loopback" or "private"), or None."""
         address = _as_ip(ip)
         forms = _forms(address)
         for form in forms:
@@ -240,19 +258,19 @@ class EgressPolicy:
                 if form.version != network.version or form not in network:
                     continue
                 if form not in METADATA_ADDRESSES:
-                    return True
+                    return None
                 # Metadata: only an entry naming exactly this host.
                 if network.num_addresses == 1:
-                    return True
+                    return None
         for form in forms:
             category = _category(form)
             if category == "always":
-                return False
+                return category
             if category == "loopback" and not self.allow_loopback:
-                return False
+                return category
             if category == "private" and not self.allow_private:
-                return False
-        return True
+                return category
+        return None
 
     def check_ip(self, ip: str | IPAddress) -> None:
         """Raise ``DestinationBlocked`` unless ``ip`` may be connected to.
@@ -432,10 +450,57 @@ def parse_grpc_endpoint(target: str, field: str) -> GrpcEndpoint:
 # Resolution
 
 
-def _blocked(host: str, field: str) -> DestinationBlocked:
-    message = f"{host!r} is not an allowed destination: {_BLOCKED_MESSAGE}"
+#: Per rule: what the caller is told about an address it gave literally, and the
+#: settings that allow such an address.
+_RULES: Final = {
+    "loopback": (
+        "a loopback address",
+        "SWITCHBOARD_EGRESS_ALLOW_LOOPBACK=true (development) or SWITCHBOARD_EGRESS_ALLOW_CIDRS",
+    ),
+    "private": (
+        "a private, link-local or unique-local address",
+        "SWITCHBOARD_EGRESS_ALLOW_PRIVATE=true or SWITCHBOARD_EGRESS_ALLOW_CIDRS",
+    ),
+    "always": (
+        "an address the policy always refuses (cloud metadata, unspecified, multicast, "
+        "reserved or documentation ranges)",
+        "only a SWITCHBOARD_EGRESS_ALLOW_CIDRS entry naming exactly that address",
+    ),
+}
+_ANY_SETTING: Final = (
+    "SWITCHBOARD_EGRESS_ALLOW_LOOPBACK, SWITCHBOARD_EGRESS_ALLOW_PRIVATE or "
+    "SWITCHBOARD_EGRESS_ALLOW_CIDRS"
+)
+
+
+def _blocked(host: str, field: str, rule: str, *, literal: bool) -> DestinationBlocked:
+    """The refusal of ``host``: for a literal address, the rule and its setting; for
+    a name, only the settings (which rule would say what the name resolves to)."""
+    if literal:
+        what, setting = _RULES[rule]
+        message = (
+            f"{host!r} is not an allowed destination: {what}, refused by the server's egress "
+            f"policy; an operator allows it with {setting}"
+        )
+    else:
+        log.info("destination refused by the egress policy", extra={"host": host, "rule": rule})
+        message = (
+            f"{host!r} is not an allowed destination: it resolves to an address the server's "
+            f"egress policy refuses; an operator allows such addresses with {_ANY_SETTING} "
+            "(the server's log names the rule)"
+        )
     violations = [FieldViolation(field=field, description=message)] if field else []
-    return DestinationBlocked(f"{field} {message}" if field else message, violations)
+    return DestinationBlocked(
+        f"{field} {message}" if field else message,
+        violations,
+        metadata={"policy": f"egress.{rule}"} if literal else {"policy": "egress"},
+    )
+
+
+def _is_localhost(host: str) -> bool:
+    """``localhost`` and its subdomains: loopback by definition (RFC 6761)."""
+    name = host.rstrip(".").lower()
+    return name == "localhost" or name.endswith(".localhost")
 
 
 async def resolve_checked(
@@ -452,8 +517,9 @@ async def resolve_checked(
     except ValueError:
         literal = None
     if literal is not None:
-        if not policy.allows(literal):
-            raise _blocked(host, field)
+        rule = policy.refusal(literal)
+        if rule is not None:
+            raise _blocked(host, field, rule, literal=True)
         return [str(literal)]
     loop = asyncio.get_running_loop()
     try:
@@ -472,8 +538,9 @@ async def resolve_checked(
     if not addresses:
         raise ResolutionFailed(f"{host!r} could not be resolved")
     for address in addresses:
-        if not policy.allows(address):
-            raise _blocked(host, field)
+        rule = policy.refusal(address)
+        if rule is not None:
+            raise _blocked(host, field, rule, literal=_is_localhost(host) and rule == "loopback")
     return addresses
 
 

@@ -87,6 +87,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """A tool's result exceeded the size limit; nothing of it is returned."""
     ERROR_REASON_APPROVAL_EXPIRED: _ErrorReason.ValueType  # 30
     """A run waited for a tool approval longer than the approval timeout."""
+    ERROR_REASON_CURSOR_AHEAD: _ErrorReason.ValueType  # 31
+    """An event cursor is ahead of the log: it comes from another deployment, or
+    the log was reset. Metadata `head_cursor` is the newest position and
+    `oldest_cursor` the oldest retained one; resume after either, or without one.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the machine-readable cause of a failed call. Every error the
@@ -159,4 +164,9 @@ ERROR_REASON_RESULT_TOO_LARGE: ErrorReason.ValueType  # 29
 """A tool's result exceeded the size limit; nothing of it is returned."""
 ERROR_REASON_APPROVAL_EXPIRED: ErrorReason.ValueType  # 30
 """A run waited for a tool approval longer than the approval timeout."""
+ERROR_REASON_CURSOR_AHEAD: ErrorReason.ValueType  # 31
+"""An event cursor is ahead of the log: it comes from another deployment, or
+the log was reset. Metadata `head_cursor` is the newest position and
+`oldest_cursor` the oldest retained one; resume after either, or without one.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

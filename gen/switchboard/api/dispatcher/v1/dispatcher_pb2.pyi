@@ -49,7 +49,7 @@ class _RunStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RunState.Val
     """Its deadline passed before it finished."""
     RUN_STATE_REQUIRES_ACTION: _RunState.ValueType  # 7
     """Paused: tool calls wait for a person's decision (see Run.required_action).
-    Its deadline keeps running; the pause ends with SubmitToolApprovals, a
+    Its deadline stops meanwhile; the pause ends with SubmitToolApprovals, a
     cancel, or its expiry (then FAILED with reason APPROVAL_EXPIRED).
     """
 
@@ -72,7 +72,7 @@ RUN_STATE_DEADLINE_EXCEEDED: RunState.ValueType  # 6
 """Its deadline passed before it finished."""
 RUN_STATE_REQUIRES_ACTION: RunState.ValueType  # 7
 """Paused: tool calls wait for a person's decision (see Run.required_action).
-Its deadline keeps running; the pause ends with SubmitToolApprovals, a
+Its deadline stops meanwhile; the pause ends with SubmitToolApprovals, a
 cancel, or its expiry (then FAILED with reason APPROVAL_EXPIRED).
 """
 Global___RunState: _TypeAlias = RunState  # noqa: Y015
@@ -225,7 +225,9 @@ class Run(_message.Message):
 
     @_builtins.property
     def deadline(self) -> _timestamp_pb2.Timestamp:
-        """When it will be stopped if still running."""
+        """When it will be stopped if still running; unset while it waits for
+        approvals (REQUIRES_ACTION), when its deadline stops.
+        """
 
     @_builtins.property
     def error(self) -> _status_pb2.Status:
@@ -383,8 +385,10 @@ class SendMessageRequest(_message.Message):
     """What to do if the conversation already has an active run."""
     assistant: _builtins.str
     """The assistant to answer with, `workspaces/{w}/assistants/{a}` (same
-    workspace); the workspace's default assistant if empty and no `handler` is
-    forced. With both set, `handler` must be the assistant's handler.
+    workspace); if empty, the workspace's default assistant unless `handler` is
+    forced or the message picks a handler itself (metadata `handler`, a content
+    type route, a `/command` prefix). With both set, `handler` must be the
+    assistant's handler.
     """
     @_builtins.property
     def message(self) -> _context_pb2.Message:
@@ -1159,7 +1163,8 @@ class Assistant(_message.Message):
     max_tool_steps: _builtins.int
     """Most tool steps per run (1-32); the server's default if 0."""
     workspace_default: _builtins.bool
-    """Whether messages that name no assistant and force no handler use this one.
+    """Whether messages that name no assistant and pick no handler (in the request,
+    the message metadata, a content type route or a `/command` prefix) use this one.
     At most one per workspace: setting it clears it on the previous default.
     """
     etag: _builtins.str

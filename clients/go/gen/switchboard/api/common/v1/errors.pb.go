@@ -91,6 +91,10 @@ const (
 	ErrorReason_ERROR_REASON_RESULT_TOO_LARGE ErrorReason = 29
 	// A run waited for a tool approval longer than the approval timeout.
 	ErrorReason_ERROR_REASON_APPROVAL_EXPIRED ErrorReason = 30
+	// An event cursor is ahead of the log: it comes from another deployment, or
+	// the log was reset. Metadata `head_cursor` is the newest position and
+	// `oldest_cursor` the oldest retained one; resume after either, or without one.
+	ErrorReason_ERROR_REASON_CURSOR_AHEAD ErrorReason = 31
 )
 
 // Enum value maps for ErrorReason.
@@ -127,6 +131,7 @@ var (
 		28: "ERROR_REASON_DESTINATION_BLOCKED",
 		29: "ERROR_REASON_RESULT_TOO_LARGE",
 		30: "ERROR_REASON_APPROVAL_EXPIRED",
+		31: "ERROR_REASON_CURSOR_AHEAD",
 	}
 	ErrorReason_value = map[string]int32{
 		"ERROR_REASON_UNSPECIFIED":            0,
@@ -160,6 +165,7 @@ var (
 		"ERROR_REASON_DESTINATION_BLOCKED":    28,
 		"ERROR_REASON_RESULT_TOO_LARGE":       29,
 		"ERROR_REASON_APPROVAL_EXPIRED":       30,
+		"ERROR_REASON_CURSOR_AHEAD":           31,
 	}
 )
 
@@ -194,7 +200,7 @@ var File_switchboard_api_common_v1_errors_proto protoreflect.FileDescriptor
 
 const file_switchboard_api_common_v1_errors_proto_rawDesc = "" +
 	"\n" +
-	"&switchboard/api/common/v1/errors.proto\x12\x19switchboard.api.common.v1*\x9e\b\n" +
+	"&switchboard/api/common/v1/errors.proto\x12\x19switchboard.api.common.v1*\xbd\b\n" +
 	"\vErrorReason\x12\x1c\n" +
 	"\x18ERROR_REASON_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dERROR_REASON_INVALID_ARGUMENT\x10\x01\x12 \n" +
@@ -227,7 +233,8 @@ const file_switchboard_api_common_v1_errors_proto_rawDesc = "" +
 	"\x1bERROR_REASON_RUN_SUPERSEDED\x10\x1b\x12$\n" +
 	" ERROR_REASON_DESTINATION_BLOCKED\x10\x1c\x12!\n" +
 	"\x1dERROR_REASON_RESULT_TOO_LARGE\x10\x1d\x12!\n" +
-	"\x1dERROR_REASON_APPROVAL_EXPIRED\x10\x1eB\\\n" +
+	"\x1dERROR_REASON_APPROVAL_EXPIRED\x10\x1e\x12\x1d\n" +
+	"\x19ERROR_REASON_CURSOR_AHEAD\x10\x1fB\\\n" +
 	"\x1ddev.switchboard.api.common.v1P\x01Z9switchboard.dev/go/gen/switchboard/api/common/v1;commonv1b\x06proto3"
 
 var (

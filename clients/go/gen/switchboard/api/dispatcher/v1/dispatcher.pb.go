@@ -47,7 +47,7 @@ const (
 	// Its deadline passed before it finished.
 	RunState_RUN_STATE_DEADLINE_EXCEEDED RunState = 6
 	// Paused: tool calls wait for a person's decision (see Run.required_action).
-	// Its deadline keeps running; the pause ends with SubmitToolApprovals, a
+	// Its deadline stops meanwhile; the pause ends with SubmitToolApprovals, a
 	// cancel, or its expiry (then FAILED with reason APPROVAL_EXPIRED).
 	RunState_RUN_STATE_REQUIRES_ACTION RunState = 7
 )
@@ -291,7 +291,8 @@ type Run struct {
 	StartTime *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=start_time,json=startTime,proto3" json:"start_time,omitempty"`
 	// When it reached a terminal state.
 	EndTime *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=end_time,json=endTime,proto3" json:"end_time,omitempty"`
-	// When it will be stopped if still running.
+	// When it will be stopped if still running; unset while it waits for
+	// approvals (REQUIRES_ACTION), when its deadline stops.
 	Deadline *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=deadline,proto3" json:"deadline,omitempty"`
 	// Why it failed, for FAILED, CANCELLED and DEADLINE_EXCEEDED.
 	Error *status.Status `protobuf:"bytes,11,opt,name=error,proto3" json:"error,omitempty"`
@@ -658,8 +659,10 @@ type SendMessageRequest struct {
 	// What to do if the conversation already has an active run.
 	ConcurrencyPolicy ConcurrencyPolicy `protobuf:"varint,7,opt,name=concurrency_policy,json=concurrencyPolicy,proto3,enum=switchboard.api.dispatcher.v1.ConcurrencyPolicy" json:"concurrency_policy,omitempty"`
 	// The assistant to answer with, `workspaces/{w}/assistants/{a}` (same
-	// workspace); the workspace's default assistant if empty and no `handler` is
-	// forced. With both set, `handler` must be the assistant's handler.
+	// workspace); if empty, the workspace's default assistant unless `handler` is
+	// forced or the message picks a handler itself (metadata `handler`, a content
+	// type route, a `/command` prefix). With both set, `handler` must be the
+	// assistant's handler.
 	Assistant     string `protobuf:"bytes,8,opt,name=assistant,proto3" json:"assistant,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -2307,7 +2310,8 @@ type Assistant struct {
 	ContextTokenBudget int32 `protobuf:"varint,8,opt,name=context_token_budget,json=contextTokenBudget,proto3" json:"context_token_budget,omitempty"`
 	// Most tool steps per run (1-32); the server's default if 0.
 	MaxToolSteps int32 `protobuf:"varint,9,opt,name=max_tool_steps,json=maxToolSteps,proto3" json:"max_tool_steps,omitempty"`
-	// Whether messages that name no assistant and force no handler use this one.
+	// Whether messages that name no assistant and pick no handler (in the request,
+	// the message metadata, a content type route or a `/command` prefix) use this one.
 	// At most one per workspace: setting it clears it on the previous default.
 	WorkspaceDefault bool `protobuf:"varint,10,opt,name=workspace_default,json=workspaceDefault,proto3" json:"workspace_default,omitempty"`
 	// Checksum for optimistic concurrency (output only; send it back to update).

@@ -90,7 +90,8 @@ export type Run = Message<"switchboard.api.dispatcher.v1.Run"> & {
   endTime?: Timestamp | undefined;
 
   /**
-   * When it will be stopped if still running.
+   * When it will be stopped if still running; unset while it waits for
+   * approvals (REQUIRES_ACTION), when its deadline stops.
    *
    * @generated from field: google.protobuf.Timestamp deadline = 10;
    */
@@ -322,8 +323,10 @@ export type SendMessageRequest = Message<"switchboard.api.dispatcher.v1.SendMess
 
   /**
    * The assistant to answer with, `workspaces/{w}/assistants/{a}` (same
-   * workspace); the workspace's default assistant if empty and no `handler` is
-   * forced. With both set, `handler` must be the assistant's handler.
+   * workspace); if empty, the workspace's default assistant unless `handler` is
+   * forced or the message picks a handler itself (metadata `handler`, a content
+   * type route, a `/command` prefix). With both set, `handler` must be the
+   * assistant's handler.
    *
    * @generated from field: string assistant = 8;
    */
@@ -1177,7 +1180,8 @@ export type Assistant = Message<"switchboard.api.dispatcher.v1.Assistant"> & {
   maxToolSteps: number;
 
   /**
-   * Whether messages that name no assistant and force no handler use this one.
+   * Whether messages that name no assistant and pick no handler (in the request,
+   * the message metadata, a content type route or a `/command` prefix) use this one.
    * At most one per workspace: setting it clears it on the previous default.
    *
    * @generated from field: bool workspace_default = 10;
@@ -1635,7 +1639,7 @@ export enum RunState {
 
   /**
    * Paused: tool calls wait for a person's decision (see Run.required_action).
-   * Its deadline keeps running; the pause ends with SubmitToolApprovals, a
+   * Its deadline stops meanwhile; the pause ends with SubmitToolApprovals, a
    * cancel, or its expiry (then FAILED with reason APPROVAL_EXPIRED).
    *
    * @generated from enum value: RUN_STATE_REQUIRES_ACTION = 7;
