@@ -139,6 +139,8 @@ class Reply:
     calls: tuple[FakeToolCall, ...] = ()
     #: Characters of arguments per streamed fragment.
     chunk_chars: int = 8
+    #: Seconds between content chunks after the first (a model's pace); 0: as fast as it can.
+    interval_s: float = 0.0
 
     @classmethod
     def text(
@@ -616,6 +618,8 @@ class FakeOpenAI:
                 return True
             if reply.hold_after_chunks == sent and reply.hold is not None:
                 await _wait_or_disconnect(reader, reply.hold.wait())
+            if reply.interval_s and sent:
+                await asyncio.sleep(reply.interval_s)  # the model's pace, not synchronisation
             await _send_event(writer, chunk(delta, None))
         if reply.drop_after_chunks is not None:
             return False

@@ -116,6 +116,7 @@ def llm_config(settings: Settings) -> LlmConfig:
         breaker_failures=settings.llm_breaker_failures,
         breaker_reset_s=settings.llm_breaker_reset_s,
         max_output_tokens=settings.llm_max_output_tokens,
+        max_connections=settings.llm_max_connections,
     )
 
 

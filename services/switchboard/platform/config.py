@@ -358,6 +358,13 @@ class Settings(BaseSettings):
         default=30.0, gt=0, le=3600, description="Open breaker's wait before a trial call."
     )
     llm_max_output_tokens: int = Field(default=1024, ge=1, le=1_000_000)
+    llm_max_connections: int = Field(
+        default=64,
+        ge=1,
+        le=100_000,
+        description="Model connections open at once, over all providers: at most this many "
+        "llm runs stream at a time (keep it at least SWITCHBOARD_DISPATCHER_MAX_RUNNING).",
+    )
 
     # The integration hub (integration/): quotas, calls, probes, breakers, webhooks.
     integration_max_per_workspace: int = Field(
