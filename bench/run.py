@@ -16,7 +16,8 @@ the integration hub section from ``bench/integration.py`` (about 4 minutes;
 minutes; ``--no-tools`` skips it), the Envoy section from ``bench/edge.py`` (about 8
 minutes; ``--no-edge`` skips it), the tracing overhead section from
 ``bench/telemetry.py`` (about 4 minutes; ``--no-telemetry`` skips it), the A2A section from
-``bench/frontdoor.py`` (about 1 minute; ``--no-frontdoor`` skips it). Each of those
+``bench/frontdoor.py`` (about 1 minute; ``--no-frontdoor`` skips it), the streaming section
+from ``bench/streaming.py`` (about 8 minutes; ``--no-streaming`` skips it). Each of those
 scripts also runs alone (``--write`` puts its section into BENCHMARKS.md). Every section
 replaces the one with its heading in BENCHMARKS.md (``bench/harness.py``); a skipped
 section keeps its earlier figures.
@@ -68,6 +69,7 @@ SECTIONS: Final = (
     ("edge", 1800),
     ("telemetry", 1200),
     ("frontdoor", 600),
+    ("streaming", 1200),
 )
 
 Figures = dict[str, float]
