@@ -39,13 +39,23 @@ def _event(note: str, workspace: str = "workspaces/w") -> events_pb2.Event:
 # -- cursors and frames ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text", ["", "1", "1-", "-1", "a-1", "1-1-1", " 1-1", "1" * 21 + "-0"])
+@pytest.mark.parametrize(
+    "text", ["", "1", "1-", "-1", "a-1", "1-1-1-1", "1-1-", " 1-1", "1" * 21 + "-0"]
+)
 def test_malformed_cursors_are_refused(text: str) -> None:
     assert parse_cursor(text) is None
 
 
 def test_cursors_round_trip_and_order() -> None:
-    positions = [(0, 0), (1, 0), (1, 5), (1700000000000, 12), (2**64 - 1, 2**64 - 1)]
+    # A token's position (three parts) sorts after the logged event it follows.
+    positions = [
+        (0, 0),
+        (1, 0),
+        (1, 0, 7),
+        (1, 5),
+        (1700000000000, 12),
+        (2**64 - 1, 2**64 - 1),
+    ]
     for position in positions:
         assert parse_cursor(format_cursor(position)) == position
     assert parse_cursor(f"{2**64}-0") is None

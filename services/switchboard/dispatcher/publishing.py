@@ -1,11 +1,19 @@
-"""Publishing: a run's updates to its watchers and to the event log.
+"""Publishing: a run's updates to its watchers, and where each of them lives.
 
 Every update is shown at once (the run's feed, for WatchRun and Converse) and
 becomes a RUN_UPDATED event, published by one publisher task per run so a
-run's events reach the log in update order on every backend. A state change
-is stored first and announced only once stored (``persist``): the feed and
-the events never say a run ended while the store says it runs (GetRun,
-ListRuns, the REJECT check, recovery).
+run's events reach subscribers in update order. A state change is stored
+first and announced only once stored (``persist``): the feed and the events
+never say a run ended while the store says it runs (GetRun, ListRuns, the
+REJECT check, recovery).
+
+A token is not an event that must survive: a text delta is needed while its
+run is live, so it goes to the feed (WatchRun's replay ring) and is
+*announced* (``EventBus.announce``: this process's ring and subscribers, and
+the other processes' over an ephemeral channel), never to the log. State
+changes, progress, tool calls and results are logged; the result carries the
+whole answer, so a reader who comes late (ListEvents, a resume from an old
+cursor, a restart) reads what was said from it.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import time
 from typing import Final
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.api.events.v1 import events_pb2
 from switchboard.dispatcher import mapping
 from switchboard.dispatcher.lifecycle import Active
 from switchboard.dispatcher.live import FINISH_TIMEOUT_S, Live
@@ -58,6 +67,15 @@ class Publishing:
         if with_end:
             active.ending.append(event)
             return
+        if (
+            not active.outbox
+            and not active.held
+            and update.HasField("delta")
+            and (active.publisher is None or active.publisher.done())
+        ):
+            # Nothing of the run's waits to be logged: the token goes out now, in order.
+            self._bus.announce((event,))
+            return
         active.outbox.append(event)
         if not active.held and (active.publisher is None or active.publisher.done()):
             self._start_publisher(active)
@@ -81,9 +99,19 @@ class Publishing:
         # every backend, while runs publish independently of each other.
         # Everything emitted while the previous batch was being stored goes
         # in the next one: a fast handler costs a few log writes, not one per update.
+        # Tokens queued behind a logged update go out once it is logged (announced,
+        # not logged): a subscriber sees the run's updates in order on this process.
         outbox = active.outbox
         while outbox:
-            batch = [outbox.popleft() for _ in range(min(len(outbox), _PUBLISH_BATCH))]
+            if _token(outbox[0]):
+                tokens = []
+                while outbox and _token(outbox[0]):
+                    tokens.append(outbox.popleft())
+                self._bus.announce(tokens)
+                continue
+            batch: list[events_pb2.Event] = []
+            while outbox and len(batch) < _PUBLISH_BATCH and not _token(outbox[0]):
+                batch.append(outbox.popleft())
             try:
                 await self._bus.publish_many(batch)
             except SwitchboardError:
@@ -169,3 +197,8 @@ class Publishing:
                         extra={"run": active.run.name, "what": what},
                     )
             await backoff.wait()
+
+
+def _token(event: events_pb2.Event) -> bool:
+    """A run's text delta: announced, not logged."""
+    return event.run_updated.update.HasField("delta")

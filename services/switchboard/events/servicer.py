@@ -42,6 +42,7 @@ from switchboard.platform.events.eventlog import (
     batch_payload,
     format_cursor,
     length_delimited,
+    logged_part,
     parse_cursor,
 )
 from switchboard.platform.names import now
@@ -211,8 +212,10 @@ class EventServiceServicer:
             start = (int(major), int(minor))
         if start is None:
             start = await self._bus.horizon()
+        # The log's history: tokens are not in it (a token's cursor reads from the event before).
+        start = logged_part(start)
         await self._bus.check_cursor(start)
-        upto = self._bus.head
+        upto = logged_part(self._bus.head)
         keys = frozenset(spec.keys)
         events: list[events_pb2.Event] = []
         position, scanned = start, 0

@@ -40,7 +40,13 @@ from switchboard.platform.errors import (
     SubscriberTooSlow,
 )
 from switchboard.platform.events.bus import EventBus
-from switchboard.platform.events.eventlog import Logged, Position, format_cursor, parse_cursor
+from switchboard.platform.events.eventlog import (
+    Logged,
+    Position,
+    format_cursor,
+    logged_part,
+    parse_cursor,
+)
 from switchboard.platform.security.accesswatch import Hold
 from switchboard.platform.security.policy import Permission, Policy, Principal
 
@@ -228,6 +234,11 @@ class Subscription:
             # Started while Redis was away: where the live tail is is unknown.
             raise DependencyUnavailable("the event log is not reachable yet; retry")
         after = self.spec.after
+        if after is not None and len(after) > 2 and not self._bus.own_token(after):
+            # A token another process numbered (a resume on another replica): from the
+            # logged event before it; the tokens this process holds after that event are
+            # sent again, with their ids (a consumer drops an id it has seen).
+            after = logged_part(after)
         if after is not None:
             await self._bus.check_cursor(after)
         # No await between these lines: the mark and the attach are one step.
@@ -334,7 +345,9 @@ class Subscription:
     async def _replay(self) -> list[Logged]:
         keys, types = self._key_set, self._types
         while self._replay_from is not None:
-            page = await self._bus.read(self._replay_from, self._replay_upto, REPLAY_PAGE)
+            page = await self._bus.read(
+                self._replay_from, self._replay_upto, REPLAY_PAGE, tokens=True
+            )
             if not page:
                 self._replay_from = None
                 break

@@ -117,7 +117,13 @@ from switchboard.platform.errors import (
     SwitchboardError,
 )
 from switchboard.platform.events.bus import EventBus
-from switchboard.platform.events.eventlog import Logged, Position, format_cursor, parse_cursor
+from switchboard.platform.events.eventlog import (
+    Logged,
+    Position,
+    format_cursor,
+    logged_part,
+    parse_cursor,
+)
 from switchboard.platform.names import new_id, now
 from switchboard.platform.observe import telemetry
 from switchboard.platform.security.egress import EgressPolicy, ResolutionFailed, http_client
@@ -579,7 +585,7 @@ class WebhookEngine:
         position = parse_cursor(cursor)
         if position is None:
             # First run of the deployment (or an unreadable cursor): from the head on.
-            start = self._bus.head
+            start = logged_part(self._bus.head)
             return await self._advance(stored, format_cursor(start), [])
         try:
             await self._bus.check_cursor(position)
@@ -591,7 +597,7 @@ class WebhookEngine:
                 extra={"cursor": cursor, "resume_after": format_cursor(horizon)},
             )
             return await self._advance(stored, format_cursor(horizon), [])
-        upto = self._bus.head
+        upto = logged_part(self._bus.head)
         if position >= upto:
             return False
         items = await self._bus.read(position, upto, FEED_BATCH)

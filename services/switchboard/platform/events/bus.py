@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -50,6 +51,7 @@ from switchboard.platform.events.eventlog import (
     Position,
     Ring,
     format_cursor,
+    logged_part,
 )
 from switchboard.platform.events.logspans import traced
 from switchboard.platform.inflight import CALLS
@@ -81,6 +83,9 @@ BUSY_PAUSE_S: Final = 0.005
 MAX_DEFER_S: Final = 0.2
 #: The window the loop's busy share is measured over.
 SHARE_WINDOW_S: Final = 0.02
+#: Tokens a process delivers are numbered from a random epoch (``k`` in a token's
+#: position): a process knows its own tokens' cursors from another process's.
+TOKEN_EPOCH_BITS: Final = 40
 
 
 class LoopShare:
@@ -291,6 +296,11 @@ class EventBus:
         self.fanout = Fanout()
         self._listeners: list[Listener] = []
         self._started = False
+        #: This process's token numbering: ``epoch << TOKEN_EPOCH_BITS`` plus a count.
+        self.token_epoch = secrets.randbelow(2**20) + 1
+        self._tokens = self.token_epoch << TOKEN_EPOCH_BITS
+        #: Sends tokens to the other processes sharing the log (None: one process).
+        self.relay: Callable[[Sequence[events_pb2.Event]], None] | None = None
 
     async def start(self) -> None:
         await self._backend.start(self._deliver, self.ring)
@@ -378,6 +388,36 @@ class EventBus:
             outbox.failed(events)
             log.warning("staged events not published now; the outbox relay will")
 
+    def announce(self, events: Sequence[events_pb2.Event]) -> None:
+        """Deliver ``events`` (a run's text deltas) now, without logging them.
+
+        Tokens are needed while their run is live: they go to this process's ring
+        (a resume within it replays them), its subscribers and listeners, and to
+        the other processes sharing the log (``relay``), never to storage.
+        Synchronous: a run's publisher calls it once its earlier updates are logged.
+        """
+        for event in events:
+            stamp(event)
+        self._announce(events)
+        if self.relay is not None:
+            self.relay(events)
+
+    def heard(self, events: Sequence[events_pb2.Event]) -> None:
+        """Tokens another process announced: delivered here as if announced here."""
+        self._announce(events)
+
+    def _announce(self, events: Sequence[events_pb2.Event]) -> None:
+        base = logged_part(self.ring.head())
+        items = []
+        for event in events:
+            self._tokens += 1
+            items.append(Logged((*base, self._tokens), event))
+        self._deliver(items)
+
+    def own_token(self, position: Position) -> bool:
+        """Whether ``position`` is a token this process delivered (in its epoch)."""
+        return len(position) > 2 and position[2] >> TOKEN_EPOCH_BITS == self.token_epoch
+
     def _deliver(self, items: Sequence[Logged]) -> None:
         self.ring.append(items)
         self.fanout.deliver(items)
@@ -401,6 +441,7 @@ class EventBus:
 
     async def check_cursor(self, after: Position) -> None:
         """Raise OUT_OF_RANGE unless every event after ``after`` is still retained."""
+        after = logged_part(after)
         horizon = await self._backend.horizon()
         oldest = format_cursor(horizon)
         if after < horizon:
@@ -409,7 +450,7 @@ class EventBus:
                 "(events in between are gone)",
                 metadata={"oldest_cursor": oldest},
             )
-        if after > self.head and after > await self._backend.last_position():
+        if after > logged_part(self.head) and after > await self._backend.last_position():
             raise CursorAhead(
                 f"the cursor is ahead of the log (it comes from another deployment, or the "
                 f"log was reset); resume after {format_cursor(self.head)}, or without a cursor",
@@ -420,8 +461,12 @@ class EventBus:
         """The oldest cursor a reader may resume after (everything newer is retained)."""
         return await self._backend.horizon()
 
-    async def read(self, after: Position, upto: Position, limit: int) -> list[Logged]:
-        """Logged events with ``after < position <= upto``, oldest first, at most ``limit``."""
+    async def read(
+        self, after: Position, upto: Position, limit: int, *, tokens: bool = False
+    ) -> list[Logged]:
+        """Logged events with ``after < position <= upto``, oldest first, at most ``limit``;
+        with ``tokens``, the tokens this process still holds among them too (a live
+        subscriber's replay; a token older than the ring is gone)."""
         if self.ring.covers(after):
-            return self.ring.after(after, upto, limit)
-        return await self._backend.read(after, upto, limit)
+            return self.ring.after(after, upto, limit, tokens=tokens)
+        return await self._backend.read(logged_part(after), logged_part(upto), limit)

@@ -40,6 +40,7 @@ import asyncio
 import bisect
 import contextlib
 import datetime as dt
+import itertools
 import logging
 import re
 import time
@@ -64,11 +65,14 @@ from switchboard.platform.store.outbox import Outbox
 
 log = logging.getLogger("switchboard.eventlog")
 
-Position = tuple[int, int]
+#: ``(major, minor)`` of a logged event; ``(major, minor, k)`` of a token (``Logged.token``):
+#: the k-th this process delivered after the logged position ``(major, minor)``, so it sorts
+#: between that event and the next. ``k`` begins with the process's epoch (``TOKEN_EPOCH``).
+Position = tuple[int, ...]
 ORIGIN: Final[Position] = (0, 0)
 LogState = Literal["ok", "degraded"]
 
-_CURSOR_RE: Final = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+_CURSOR_RE: Final = re.compile(r"([0-9]{1,20})-([0-9]{1,20})(?:-([0-9]{1,20}))?")
 _MAX_U64: Final = 2**64 - 1
 _REDIS_FAILURES: Final = (RedisError, OSError, TimeoutError)
 _DB_FAILURES: Final = (SQLAlchemyError, OSError, TimeoutError)
@@ -86,7 +90,7 @@ _BLOCK_S: Final = 2.0
 
 
 def format_cursor(position: Position) -> str:
-    return f"{position[0]}-{position[1]}"
+    return "-".join(str(part) for part in position)
 
 
 def parse_cursor(text: str) -> Position | None:
@@ -94,10 +98,15 @@ def parse_cursor(text: str) -> Position | None:
     match = _CURSOR_RE.fullmatch(text)
     if match is None:
         return None
-    major, minor = int(match.group(1)), int(match.group(2))
-    if major > _MAX_U64 or minor > _MAX_U64:
+    parts = tuple(int(group) for group in match.groups() if group is not None)
+    if any(part > _MAX_U64 for part in parts):
         return None
-    return major, minor
+    return parts
+
+
+def logged_part(position: Position) -> Position:
+    """The logged position at or before ``position`` (a token's is the event before it)."""
+    return position[:2]
 
 
 def _varint(value: int) -> bytes:
@@ -129,6 +138,7 @@ class Logged:
         "event",
         "item",
         "position",
+        "token",
         "type",
         "user",
         "workspace",
@@ -136,6 +146,8 @@ class Logged:
 
     def __init__(self, position: Position, event: events_pb2.Event) -> None:
         self.position = position
+        #: Not in the log: a run's text delta, delivered live and kept in the ring only.
+        self.token = len(position) > 2
         self.cursor = format_cursor(position)
         event.cursor = self.cursor
         self.event = event
@@ -205,10 +217,22 @@ class Ring:
     def covers(self, after: Position) -> bool:
         return self.known and after >= self.floor
 
-    def after(self, after: Position, upto: Position, limit: int) -> list[Logged]:
+    def after(
+        self, after: Position, upto: Position, limit: int, *, tokens: bool = True
+    ) -> list[Logged]:
+        """Held items with ``after < position <= upto``, at most ``limit``; without
+        ``tokens``, the logged ones only (as the log itself would answer)."""
         start = bisect.bisect_right(self._positions, after)
         end = bisect.bisect_right(self._positions, upto, lo=start)
-        return self._items[start : min(end, start + limit)]
+        if tokens:
+            return self._items[start : min(end, start + limit)]
+        found: list[Logged] = []
+        for item in itertools.islice(self._items, start, end):
+            if not item.token:
+                found.append(item)
+                if len(found) == limit:
+                    break
+        return found
 
     def items(self) -> list[Logged]:
         return list(self._items)
