@@ -51,6 +51,8 @@ log = logging.getLogger("switchboard.dispatcher.llm")
 # Enough for any JSON error body; the rest of a non-2xx body is not read.
 MAX_ERROR_BODY_BYTES: Final = 16 * 1024
 _LINGER_S: Final = 0.5
+#: Connections per pool (``ProviderClient._http``).
+_POOL_CONNECTIONS: Final = 16
 # Request-specific rejections: the provider is up and answering, the request is
 # what it refuses, so they say nothing about the provider's health.
 _REQUEST_REJECTIONS: Final = frozenset({400, 413, 422})
@@ -123,7 +125,9 @@ class ProviderClient:
             for provider in config.providers
         }
         self._secrets = tuple(p.api_key for p in config.providers if p.api_key)
-        self._client: httpx.AsyncClient | None = None
+        #: Connection pools (``_http``) and the calls open on each.
+        self._clients: list[httpx.AsyncClient] = []
+        self._open_calls: list[int] = []
         self._closed = False
 
     def available(self) -> bool:
@@ -137,28 +141,42 @@ class ProviderClient:
     async def aclose(self) -> None:
         """Close the connection pool; later calls fail."""
         self._closed = True
-        client, self._client = self._client, None
-        if client is not None:
+        clients, self._clients = self._clients, []
+        for client in clients:
             await client.aclose()
 
-    def _http(self) -> httpx.AsyncClient:
+    def _http(self) -> int:
+        """The pool with the fewest calls open (its index).
+
+        Several small pools rather than one of ``max_connections``: httpcore's
+        pool looks at every connection it holds (a socket check each) whenever
+        a request starts or ends, so one pool's cost per call grows with the
+        runs streaming at once (decisions 43).
+        """
         if self._closed:
             raise HandlerFailure("the LLM handler is shut down", retryable=True)
-        if self._client is None:
-            # With tracing on: a span per request, ``traceparent`` in its headers.
-            self._client = instrument_http(
-                httpx.AsyncClient(
-                    limits=httpx.Limits(
-                        max_connections=self._config.max_connections,
-                        max_keepalive_connections=self._config.max_connections,
-                    ),
-                    # Every request sets its own timeouts from the run's deadline.
-                    timeout=httpx.Timeout(self._config.connect_timeout_s),
-                    follow_redirects=False,
-                    headers={"User-Agent": "switchboard-llm/1"},
+        if not self._clients:
+            total = self._config.max_connections
+            count = -(-total // _POOL_CONNECTIONS)
+            for index in range(count):
+                size = total // count + (1 if index < total % count else 0)
+                # With tracing on: a span per request, ``traceparent`` in its headers.
+                self._clients.append(
+                    instrument_http(
+                        httpx.AsyncClient(
+                            limits=httpx.Limits(
+                                max_connections=size, max_keepalive_connections=size
+                            ),
+                            # Every request sets its own timeouts from the run's deadline.
+                            timeout=httpx.Timeout(self._config.connect_timeout_s),
+                            follow_redirects=False,
+                            headers={"User-Agent": "switchboard-llm/1"},
+                        )
+                    )
                 )
-            )
-        return self._client
+            self._open_calls = [0] * count
+        calls = self._open_calls
+        return calls.index(min(calls))
 
     def _backoff(self, retry: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -287,7 +305,25 @@ class ProviderClient:
         outcome: Outcome,
     ) -> AsyncGenerator[str, None]:
         """One POST; yields the answer's text pieces, raises ``AttemptFailed``."""
-        response = await self._open(provider, body, remaining)
+        pool = self._http()
+        calls = self._open_calls
+        calls[pool] += 1
+        try:
+            async for text in self._stream(pool, provider, body, remaining, outcome):
+                yield text
+        finally:
+            if calls is self._open_calls:
+                calls[pool] -= 1
+
+    async def _stream(
+        self,
+        pool: int,
+        provider: Provider,
+        body: dict[str, Any],
+        remaining: Callable[[], float],
+        outcome: Outcome,
+    ) -> AsyncGenerator[str, None]:
+        response = await self._open(self._clients[pool], provider, body, remaining)
         try:
             if response.status_code != 200:
                 raise self._status_failure(response, await self._read_error(response, remaining))
@@ -319,10 +355,13 @@ class ProviderClient:
             await response.aclose()
 
     async def _open(
-        self, provider: Provider, body: dict[str, Any], remaining: Callable[[], float]
+        self,
+        client: httpx.AsyncClient,
+        provider: Provider,
+        body: dict[str, Any],
+        remaining: Callable[[], float],
     ) -> httpx.Response:
         """Send the request and wait for the response's head, within the deadline."""
-        client = self._http()
         left = remaining()
         if left <= 0:
             raise deadline_failure()
