@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 from switchboard.api.events.v1 import events_pb2
 from switchboard.platform.errors import CursorAhead, CursorExpired, SwitchboardError
 from switchboard.platform.events.eventlog import (
+    Carry,
     LogBackend,
     Logged,
     LogState,
@@ -300,10 +301,11 @@ class EventBus:
         self.token_epoch = secrets.randbelow(2**20) + 1
         self._tokens = self.token_epoch << TOKEN_EPOCH_BITS
         #: Sends tokens to the other processes sharing the log (None: one process).
-        self.relay: Callable[[Sequence[events_pb2.Event]], None] | None = None
+        self.relay: Carry | None = None
 
     async def start(self) -> None:
         await self._backend.start(self._deliver, self.ring)
+        self.relay = self._backend.carry_tokens(self.heard)
         self._started = True
         if self.outbox is not None:
             self.outbox.start(self._backend.append_many)

@@ -43,6 +43,7 @@ import datetime as dt
 import itertools
 import logging
 import re
+import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -87,6 +88,8 @@ _INSERT_EVENTS: Final = insert(table_of(EventLogRow))
 _REDIS_PAGE: Final = 1000
 #: How long one XREAD blocks server-side; the socket timeout adds the command timeout.
 _BLOCK_S: Final = 2.0
+#: Tokens waiting to be carried to the other processes before the oldest are given up.
+_TOKEN_BACKLOG: Final = 100_000
 
 
 def format_cursor(position: Position) -> str:
@@ -239,6 +242,8 @@ class Ring:
 
 
 Deliver = Callable[[Sequence[Logged]], None]
+#: Tokens handed between processes (``LogBackend.carry_tokens``).
+Carry = Callable[[Sequence[events_pb2.Event]], None]
 
 
 class LogBackend(Protocol):
@@ -270,6 +275,11 @@ class LogBackend(Protocol):
         ...
 
     def on_state_change(self, callback: Callable[[LogState], None]) -> None: ...
+
+    def carry_tokens(self, heard: Carry) -> Carry | None:
+        """How tokens reach the other processes sharing this log: the function that
+        sends them (``heard`` is called with theirs), or None for one process."""
+        ...
 
     @property
     def held(self) -> int:
@@ -484,6 +494,9 @@ class LocalLog:
     def _bounded(self) -> Any:
         return asyncio.timeout(self._database.timeout_s)
 
+    def carry_tokens(self, heard: Carry) -> Carry | None:
+        return None  # one process: nobody else to tell
+
     async def close(self) -> None:
         self._closed = True
         writer = self._writer
@@ -494,6 +507,10 @@ class LocalLog:
 
 
 def _nowhere(items: Sequence[Logged]) -> None:
+    return None
+
+
+def _nobody(events: Sequence[events_pb2.Event]) -> None:
     return None
 
 
@@ -608,6 +625,16 @@ class RedisLog:
         self._reader_client = binary_client(
             redis_url, timeout_s=timeout_s, max_connections=1, socket_timeout_s=_BLOCK_S + timeout_s
         )
+        # Tokens: pub/sub on their own connection (a subscribed connection does nothing else).
+        self._token_client = binary_client(
+            redis_url, timeout_s=timeout_s, max_connections=1, socket_timeout_s=_BLOCK_S + timeout_s
+        )
+        self._token_channel = f"{key}:tokens"
+        # Tells this process's own token messages from the others' (it hears them too).
+        self._origin = secrets.token_bytes(8)
+        self._token_queue: list[events_pb2.Event] = []
+        self._token_sender: asyncio.Task[None] | None = None
+        self._heard: Carry = _nobody
         self._append = self._client.register_script(_APPEND_SCRIPT)
         self._age_trim = self._client.register_script(_AGE_TRIM_SCRIPT)
         self._horizon_key = f"{key}:horizon"
@@ -787,6 +814,72 @@ class RedisLog:
                 async with asyncio.timeout(self._timeout_s * 4):
                     await self._age_trim(keys=[self._key, self._horizon_key], args=[min_id])
 
+    # -- tokens ------------------------------------------------------------------
+
+    def carry_tokens(self, heard: Carry) -> Carry | None:
+        """Tokens cross processes over Redis pub/sub (``<key>:tokens``), not the stream.
+
+        Pub/sub keeps nothing: a process that is not listening at that moment
+        (restarting, Redis away) does not hear them, and the run's result,
+        which is logged, carries its whole text. One sender task per process
+        keeps a process's tokens in the order it announced them.
+        """
+        self._heard = heard
+        self._tasks.append(asyncio.create_task(self._hear_loop(), name="eventlog-tokens"))
+        return self._relay
+
+    def _relay(self, events: Sequence[events_pb2.Event]) -> None:
+        if self._closed:
+            return
+        queue = self._token_queue
+        if len(queue) >= _TOKEN_BACKLOG:
+            # Redis is slower than the runs (or away): live-only, so the oldest go.
+            log.warning("tokens not carried to other processes", extra={"tokens": len(queue)})
+            queue.clear()
+        queue.extend(events)
+        if self._token_sender is None or self._token_sender.done():
+            self._token_sender = asyncio.create_task(self._send_tokens(), name="eventlog-relay")
+
+    async def _send_tokens(self) -> None:
+        while self._token_queue and not self._closed:
+            batch = events_pb2.EventBatch(events=self._token_queue)
+            self._token_queue = []
+            try:
+                async with asyncio.timeout(self._timeout_s):
+                    await self._client.publish(
+                        self._token_channel, self._origin + batch.SerializeToString()
+                    )
+            except _REDIS_FAILURES as exc:
+                log.warning(
+                    "tokens not carried to other processes",
+                    extra={"tokens": len(batch.events), "error": type(exc).__name__},
+                )
+
+    async def _hear_loop(self) -> None:
+        backoff = Backoff()
+        while not self._closed:
+            pubsub = self._token_client.pubsub()
+            try:
+                async with asyncio.timeout(self._timeout_s * 4):
+                    await pubsub.subscribe(self._token_channel)
+                while not self._closed:
+                    async with asyncio.timeout(_BLOCK_S + self._timeout_s * 2):
+                        message: Any = await pubsub.get_message(
+                            ignore_subscribe_messages=True, timeout=_BLOCK_S
+                        )
+                    backoff.reset()
+                    if message is None or message.get("type") not in ("message", b"message"):
+                        continue
+                    data: bytes = message["data"]
+                    if data[:8] == self._origin:
+                        continue
+                    self._heard(events_pb2.EventBatch.FromString(data[8:]).events)
+            except _REDIS_FAILURES:
+                await backoff.wait()
+            finally:
+                with contextlib.suppress(*_REDIS_FAILURES):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
     async def read(self, after: Position, upto: Position, limit: int) -> list[Logged]:
         try:
             async with asyncio.timeout(self._timeout_s * 4):
@@ -851,13 +944,17 @@ class RedisLog:
         self._closed = True
         if self._outbox:
             log.warning("closing with unflushed events", extra={"events": len(self._outbox)})
-        tasks = [*self._tasks, *([self._flusher] if self._flusher else [])]
+        tasks = [
+            *self._tasks,
+            *([self._flusher] if self._flusher else []),
+            *([self._token_sender] if self._token_sender else []),
+        ]
         pending = {t for t in tasks if not t.done()}
         while pending:  # see Cache.close: a single cancel may be swallowed on 3.11
             for task in pending:
                 task.cancel()
             _, pending = await asyncio.wait(pending, timeout=0.1)
-        for client in (self._client, self._reader_client):
+        for client in (self._client, self._reader_client, self._token_client):
             with contextlib.suppress(*_REDIS_FAILURES):
                 async with asyncio.timeout(self._timeout_s):
                     await client.aclose()

@@ -1,0 +1,234 @@
+"""A token is not an event (docs/events.md, "Tokens"): a run's text deltas reach
+watchers and subscribers live and on resume while the run is live, exactly once and
+in order, on one process (SQLite, PostgreSQL) and across two replicas sharing
+PostgreSQL and Redis; the log keeps the run's state changes and its result, which
+carries the whole answer, so a late reader (ListEvents) is not misled.
+
+The model is the local fake of the Chat Completions protocol; it holds its answer
+after a few chunks until the test lets it go, so "mid-run" is a state, not a moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from grpc import aio
+
+from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
+from switchboard.mesh import create_server
+from switchboard.platform.rpc.server import SwitchboardServer
+from switchboard.platform.security.tokens import SigningKey, private_key_pem
+from tests.conftest import make_settings
+from tests.fakes.openai_server import FakeOpenAI, Reply
+from tests.infra.redis import RedisServer
+from tests.service.contextkit import Caller, context_stub, create_conversation, ctx_world
+from tests.service.dispatchkit import dispatcher_stub, finished, request, send
+from tests.service.eventkit import Subscriber
+
+ANSWER = "one two three four five six seven"
+HELD_AFTER = 3  # chunks the model sends before it waits for the test
+
+
+def _model(fake: FakeOpenAI) -> asyncio.Event:
+    gate = asyncio.Event()
+    fake.script(Reply.text(ANSWER, hold_after_chunks=HELD_AFTER, hold=gate))
+    return gate
+
+
+def _llm(fake: FakeOpenAI, **settings: Any) -> dict[str, Any]:
+    return {
+        "llm_base_url": fake.url,
+        "llm_model": "m-1",
+        "llm_max_retries": 0,
+        "egress_allow_loopback": True,
+        **settings,
+    }
+
+
+@asynccontextmanager
+async def _served(**settings: Any) -> AsyncIterator[SwitchboardServer]:
+    server, _ = await create_server(make_settings(**settings))
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.shutdown(grace=0)
+
+
+def _updates(events: Sequence[events_pb2.Event], run: str) -> list[pb.RunUpdate]:
+    return [
+        e.run_updated.update
+        for e in events
+        if e.type == events_pb2.EVENT_TYPE_RUN_UPDATED and e.run_updated.update.run == run
+    ]
+
+
+def _text(updates: Sequence[pb.RunUpdate]) -> str:
+    return "".join(u.delta.text for u in updates if u.WhichOneof("update") == "delta")
+
+
+async def _until_text(sub: Subscriber, run: str, text: str) -> None:
+    while _text(_updates(sub.events, run)) != text:
+        await sub.frame()
+
+
+async def _until_end(sub: Subscriber, run: str) -> None:
+    while not any(
+        u.state_change.run.state == pb.RUN_STATE_SUCCEEDED for u in _updates(sub.events, run)
+    ):
+        await sub.frame()
+
+
+def _unique(events: Sequence[events_pb2.Event]) -> list[events_pb2.Event]:
+    """Events by id, the first of each (a consumer drops an id it has seen)."""
+    seen: set[str] = set()
+    kept = []
+    for event in events:
+        if event.id not in seen:
+            seen.add(event.id)
+            kept.append(event)
+    return kept
+
+
+def _exactly_once_in_order(updates: Sequence[pb.RunUpdate]) -> None:
+    sequences = [u.sequence for u in updates]
+    assert sequences == list(range(sequences[0], sequences[0] + len(sequences)))
+    assert _text(updates) == ANSWER
+    result = [u.result for u in updates if u.WhichOneof("update") == "result"]
+    assert [r.parts[0].text for r in result] == [ANSWER]
+
+
+async def _conversation(server: SwitchboardServer, channel: aio.Channel) -> tuple[Caller, str]:
+    stub = context_stub(channel)
+    world = await ctx_world(server, stub)
+    return world.editor, (await create_conversation(stub, world.editor, world.name)).name
+
+
+def _scope(conversation: str) -> events_pb2.Scope:
+    return events_pb2.Scope(conversation=conversation)
+
+
+async def test_a_subscriber_resuming_mid_run_gets_every_token_once_and_a_late_reader_the_result(
+    database_url: str,
+) -> None:
+    async with FakeOpenAI() as fake:
+        gate = _model(fake)
+        async with (
+            _served(**_llm(fake, database_url=database_url)) as server,
+            aio.insecure_channel(server.address) as channel,
+        ):
+            caller, conversation = await _conversation(server, channel)
+            first = Subscriber(
+                channel,
+                caller.token,
+                scopes=[_scope(conversation)],
+                types=[events_pb2.EVENT_TYPE_RUN_UPDATED],
+            )
+            await first.live()
+            dstub = dispatcher_stub(channel)
+            sent = await send(dstub, caller, request(conversation, ANSWER, handler="handlers/llm"))
+            run = sent.run.name
+            await _until_text(first, run, "one two three")
+            first.cancel()
+            gate.set()
+            await finished(dstub, caller, run)
+            again = Subscriber(
+                channel,
+                caller.token,
+                scopes=[_scope(conversation)],
+                types=[events_pb2.EVENT_TYPE_RUN_UPDATED],
+                after_cursor=first.cursor,
+            )
+            await _until_end(again, run)
+            again.cancel()
+            # WatchRun resumed mid-answer: the tokens after the sequence, once.
+            middle = _updates(first.events, run)[-1].sequence
+            watched = [
+                frame.update
+                async for frame in dstub.WatchRun(
+                    pb.WatchRunRequest(name=run, after_sequence=middle),
+                    metadata=caller.md,
+                    timeout=20,
+                )
+                if frame.WhichOneof("frame") == "update"
+            ]
+            listed = await events_pb2_grpc.EventServiceStub(channel).ListEvents(
+                events_pb2.ListEventsRequest(scopes=[_scope(conversation)], page_size=100),
+                metadata=caller.md,
+                timeout=20,
+            )
+    # On the same process, nothing is sent twice: the ids are all new.
+    assert not {e.id for e in first.events} & {e.id for e in again.events}
+    _exactly_once_in_order(_updates([*first.events, *again.events], run))
+    assert [u.sequence for u in watched] == list(range(middle + 1, middle + 1 + len(watched)))
+    assert _text(_updates(first.events, run)) + _text(watched) == ANSWER
+    # The log holds what must survive: no token, and the result with the whole answer.
+    history = _updates(listed.events, run)
+    kinds = [u.WhichOneof("update") for u in history]
+    assert "delta" not in kinds
+    assert kinds.count("result") == 1
+    assert [u.state_change.run.state for u in history if u.HasField("state_change")] == [
+        pb.RUN_STATE_QUEUED,
+        pb.RUN_STATE_RUNNING,
+        pb.RUN_STATE_SUCCEEDED,
+    ]
+    assert next(u.result for u in history if u.HasField("result")).parts[0].text == ANSWER
+
+
+async def test_two_replicas_carry_tokens_live_and_resume_exactly_once(
+    postgres_url: str, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Replicas A (owns the run) and B on one PostgreSQL and Redis: a Subscribe on B
+    sees A's tokens live; resumed on B it gets the rest once; resumed on A (another
+    replica) it gets every token, those it had again with the same ids."""
+    async with FakeOpenAI() as fake:
+        gate = _model(fake)
+        key_file = tmp_path / "signing.pem"
+        key_file.write_bytes(private_key_pem(SigningKey.generate("k1")))
+        shared = _llm(
+            fake,
+            database_url=postgres_url,
+            redis_url=redis_server.url,
+            signing_keys=(str(key_file),),
+        )
+        async with (
+            _served(**shared, instance_id="replica-a") as a,
+            _served(**shared, instance_id="replica-b") as b,
+            aio.insecure_channel(a.address) as channel_a,
+            aio.insecure_channel(b.address) as channel_b,
+        ):
+            caller, conversation = await _conversation(a, channel_a)
+            on_b = Subscriber(
+                channel_b,
+                caller.token,
+                scopes=[_scope(conversation)],
+                types=[events_pb2.EVENT_TYPE_RUN_UPDATED],
+            )
+            await on_b.live()
+            dstub = dispatcher_stub(channel_a)
+            sent = await send(dstub, caller, request(conversation, ANSWER, handler="handlers/llm"))
+            run = sent.run.name
+            await _until_text(on_b, run, "one two three")
+            on_b.cancel()
+            gate.set()
+            await finished(dstub, caller, run)
+            resumed: dict[str, Subscriber] = {}
+            for name, channel in (("same", channel_b), ("other", channel_a)):
+                sub = Subscriber(
+                    channel,
+                    caller.token,
+                    scopes=[_scope(conversation)],
+                    types=[events_pb2.EVENT_TYPE_RUN_UPDATED],
+                    after_cursor=on_b.cursor,
+                )
+                await _until_end(sub, run)
+                sub.cancel()
+                resumed[name] = sub
+    assert not {e.id for e in on_b.events} & {e.id for e in resumed["same"].events}
+    _exactly_once_in_order(_updates([*on_b.events, *resumed["same"].events], run))
+    _exactly_once_in_order(_updates(_unique([*on_b.events, *resumed["other"].events]), run))
