@@ -23,6 +23,7 @@ import functools
 import logging
 import math
 import random
+import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -128,6 +129,8 @@ class ProviderClient:
         #: Connection pools (``_http``) and the calls open on each.
         self._clients: list[httpx.AsyncClient] = []
         self._open_calls: list[int] = []
+        self._sizes: list[int] = []
+        self._tls: ssl.SSLContext | None = None
         self._closed = False
 
     def available(self) -> bool:
@@ -141,7 +144,7 @@ class ProviderClient:
     async def aclose(self) -> None:
         """Close the connection pool; later calls fail."""
         self._closed = True
-        clients, self._clients = self._clients, []
+        clients, self._clients, self._open_calls = self._clients, [], []
         for client in clients:
             await client.aclose()
 
@@ -155,28 +158,35 @@ class ProviderClient:
         """
         if self._closed:
             raise HandlerFailure("the LLM handler is shut down", retryable=True)
-        if not self._clients:
+        calls = self._open_calls
+        if calls:
+            pool = calls.index(min(calls))
+            if calls[pool] < self._sizes[pool] or len(calls) == len(self._sizes):
+                return pool
+        if not self._sizes:
             total = self._config.max_connections
             count = -(-total // _POOL_CONNECTIONS)
-            for index in range(count):
-                size = total // count + (1 if index < total % count else 0)
-                # With tracing on: a span per request, ``traceparent`` in its headers.
-                self._clients.append(
-                    instrument_http(
-                        httpx.AsyncClient(
-                            limits=httpx.Limits(
-                                max_connections=size, max_keepalive_connections=size
-                            ),
-                            # Every request sets its own timeouts from the run's deadline.
-                            timeout=httpx.Timeout(self._config.connect_timeout_s),
-                            follow_redirects=False,
-                            headers={"User-Agent": "switchboard-llm/1"},
-                        )
-                    )
+            self._sizes = [total // count + (i < total % count) for i in range(count)]
+        if self._tls is None:
+            # One TLS context for every pool: building one costs milliseconds.
+            self._tls = httpx.create_ssl_context()
+        # A pool more only when every pool is busy: a quiet handler holds one.
+        size = self._sizes[len(calls)]
+        self._clients.append(
+            # With tracing on: a span per request, ``traceparent`` in its headers.
+            instrument_http(
+                httpx.AsyncClient(
+                    limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
+                    # Every request sets its own timeouts from the run's deadline.
+                    timeout=httpx.Timeout(self._config.connect_timeout_s),
+                    follow_redirects=False,
+                    headers={"User-Agent": "switchboard-llm/1"},
+                    verify=self._tls,
                 )
-            self._open_calls = [0] * count
-        calls = self._open_calls
-        return calls.index(min(calls))
+            )
+        )
+        calls.append(0)
+        return len(calls) - 1
 
     def _backoff(self, retry: int, retry_after: float | None) -> float:
         if retry_after is not None:
