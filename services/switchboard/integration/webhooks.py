@@ -523,7 +523,12 @@ class WebhookEngine:
             or event.workspace.removeprefix("workspaces/") in subscribed
             or _announces_webhook(event)
             # A push config may have been made since the set was read (no event says so).
-            or (self._push_format is not None and event.type == events_pb2.EVENT_TYPE_RUN_UPDATED)
+            # A token is not in the log the feeder reads: it wakes nothing.
+            or (
+                self._push_format is not None
+                and event.type == events_pb2.EVENT_TYPE_RUN_UPDATED
+                and not event.run_updated.update.HasField("delta")
+            )
         ):
             self._feed_wake.set()
 
