@@ -578,7 +578,7 @@ async def test_deliveries_list_in_pages_and_redeliver(receiver: WebhookReceiver)
 
 
 def log_order(events: list[events_pb2.Event]) -> list[str]:
-    def position(event: events_pb2.Event) -> tuple[int, int]:
+    def position(event: events_pb2.Event) -> tuple[int, ...]:
         found = parse_cursor(event.cursor)
         assert found is not None, "published without a cursor"
         return found
