@@ -215,7 +215,17 @@ async def test_two_replicas_carry_tokens_live_and_resume_exactly_once(
             run = sent.run.name
             await _until_text(on_b, run, "one two three")
             on_b.cancel()
+            # WatchRun on B, which does not own the run: the run as stored, then live.
+            watch = dispatcher_stub(channel_b).WatchRun(
+                pb.WatchRunRequest(name=run), metadata=caller.md, timeout=20
+            )
+            watched = [(await watch.read()).update]
             gate.set()
+            while watched[-1].state_change.run.state != pb.RUN_STATE_SUCCEEDED:
+                frame = await watch.read()
+                if frame.WhichOneof("frame") == "update":
+                    watched.append(frame.update)
+            watch.cancel()
             await finished(dstub, caller, run)
             resumed: dict[str, Subscriber] = {}
             for name, channel in (("same", channel_b), ("other", channel_a)):
@@ -229,6 +239,11 @@ async def test_two_replicas_carry_tokens_live_and_resume_exactly_once(
                 await _until_end(sub, run)
                 sub.cancel()
                 resumed[name] = sub
+    assert watched[0].state_change.run.state in (pb.RUN_STATE_QUEUED, pb.RUN_STATE_RUNNING)
+    assert watched[-1].state_change.run.state == pb.RUN_STATE_SUCCEEDED
+    sequences = [u.sequence for u in watched]
+    assert sequences == sorted(set(sequences))
+    assert _text(watched) == ANSWER.removeprefix("one two three")
     assert not {e.id for e in on_b.events} & {e.id for e in resumed["same"].events}
     _exactly_once_in_order(_updates([*on_b.events, *resumed["same"].events], run))
     _exactly_once_in_order(_updates(_unique([*on_b.events, *resumed["other"].events]), run))

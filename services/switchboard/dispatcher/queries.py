@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import datetime as dt
 from collections.abc import AsyncIterator
+from typing import Final
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
@@ -34,6 +35,10 @@ from switchboard.platform.errors import FieldViolation, InvalidArgument
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.store import pagination
+
+#: How long a token that overtook the update before it (another replica's run: two
+#: channels) waits for it before it goes out anyway.
+_OVERTAKEN_S: Final = 0.05
 
 
 class Queries:
@@ -186,28 +191,35 @@ class Queries:
                 yield mapping.snapshot(run)
             if run.state in TERMINAL:
                 return
+            order = _InOrder(position)
             while True:
                 try:
-                    async with asyncio.timeout(self._limits.heartbeat_s):
+                    async with asyncio.timeout(
+                        _OVERTAKEN_S if order.early else self._limits.heartbeat_s
+                    ):
                         update = await queue.get()
                 except TimeoutError:
+                    if order.early:
+                        # What they waited for is not coming (it was before this watch
+                        # began, or lost on the way): the tokens go out as they are.
+                        for one in order.flush():
+                            yield one
+                        continue
                     # Idle: did it end without this process hearing of it (its
                     # end published while this one could not read the log)?
                     stored = await self._store.get(found[1], found[2], found[3])
-                    if stored.run.state in TERMINAL and stored.run.last_sequence > position:
+                    if stored.run.state in TERMINAL and stored.run.last_sequence > order.position:
                         yield mapping.snapshot(stored.run)
                         return
                     yield None
                     continue
-                if update.sequence <= position:
-                    continue
-                position = update.sequence
-                yield update
-                if (
-                    update.WhichOneof("update") == "state_change"
-                    and update.state_change.run.state in TERMINAL
-                ):
-                    return
+                for one in order.take(update):
+                    yield one
+                    if (
+                        one.WhichOneof("update") == "state_change"
+                        and one.state_change.run.state in TERMINAL
+                    ):
+                        return
         finally:
             unsubscribe()
 
@@ -247,3 +259,36 @@ class Queries:
         if isinstance(handler, LlmHandler):
             response.model = handler.model_label(assistant.model if assistant is not None else None)
         return response
+
+
+class _InOrder:
+    """Another replica's run, as this process hears it: its logged updates in log order,
+    its tokens over their own channel (``EventBus.announce``), which may overtake the
+    logged update before them. A token waits for the sequence it follows; a logged
+    update never waits (a token lost on the way leaves a gap, not a stall)."""
+
+    def __init__(self, position: int) -> None:
+        self.position = position
+        self.early: dict[int, pb.RunUpdate] = {}
+
+    def take(self, update: pb.RunUpdate) -> list[pb.RunUpdate]:
+        """What may go out now that ``update`` came, in order."""
+        if update.sequence <= self.position:
+            return []
+        early = self.early
+        if update.HasField("delta") and update.sequence > self.position + 1:
+            early[update.sequence] = update
+            return []
+        ready = [early.pop(s) for s in sorted(early) if s < update.sequence]
+        ready.append(update)
+        while (after := early.pop(ready[-1].sequence + 1, None)) is not None:
+            ready.append(after)
+        self.position = ready[-1].sequence
+        return ready
+
+    def flush(self) -> list[pb.RunUpdate]:
+        """The waiting tokens, in order (what they waited for is not coming)."""
+        ready = [self.early.pop(s) for s in sorted(self.early)]
+        if ready:
+            self.position = ready[-1].sequence
+        return ready
