@@ -4,7 +4,10 @@
     python bench/streaming.py --quick        a few seconds per row, to try it out (< 3 min)
     python bench/streaming.py --write        ... and put the report into BENCHMARKS.md
     python bench/streaming.py --json         one JSON line, figures and report (bench/run.py)
-    python bench/streaming.py --label L      a run of other code (``before``): its own section,
+    python bench/streaming.py --against DIR  ... and the server of the checkout in DIR (its
+                                             services/ and gen/) after this code's in each row:
+                                             a before / after in one run (--against-label)
+    python bench/streaming.py --label L      the section of a run of other code,
                                              ``## Streaming (L)``, kept beside this one
     python bench/streaming.py --profile      ... plus py-spy on the server in an extra,
                                              unmeasured run of the paced 100-conversation row
@@ -37,6 +40,7 @@ import collections
 import contextlib
 import dataclasses
 import json
+import os
 import random
 import sys
 import time
@@ -404,11 +408,20 @@ async def _conversations(address: str, count: int) -> tuple[Account, list[str]]:
 
 
 async def row_case(
-    sizes: Sizes, directory: Path, row: Row, model: Model, profile: dict[str, Any] | None = None
+    sizes: Sizes,
+    directory: Path,
+    row: Row,
+    model: Model,
+    profile: dict[str, Any] | None = None,
+    code: Path | None = None,
 ) -> dict[str, Any]:
-    """A fresh server on ``model``; C closed loops of SendMessage + WatchRun."""
+    """A fresh server on ``model`` (``code``: from that checkout); C closed loops of
+    SendMessage + WatchRun."""
     url = f"sqlite+aiosqlite:///{directory / f'stream-{time.monotonic_ns()}.db'}"
     settings = {**SERVER_SETTINGS, "SWITCHBOARD_LLM_BASE_URL": model.url}
+    if code is not None:
+        paths = [str(code / "gen"), str(code / "services"), os.environ.get("PYTHONPATH", "")]
+        settings["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     with serve(directory, url, settings) as server:
         account, names = await _conversations(server.address, row.conversations)
         waited = await wait_quiet(sizes.quiet_wait_s)
@@ -458,23 +471,35 @@ async def drive(args: argparse.Namespace) -> int:
         picked = tuple(Row(*(int(n) for n in one.split(":"))) for one in args.rows.split(","))
         sizes = dataclasses.replace(sizes, rows=picked)
     py_spy = pyspy.find(args)
-    results: dict[str, Any] = {"label": args.label, "rows": []}
+    results: dict[str, Any] = {
+        "label": args.label,
+        "against_label": args.against_label if args.against else "",
+        "rows": [],
+    }
     async with session(results, "switchboard-stream-bench-") as directory:
         for row in sizes.rows:
             say(f"row: {row.interval_ms} ms apart, {row.conversations} conversations")
             with model_server(row.interval_ms) as model:
                 direct = await direct_case(sizes, row, model)
                 served = await row_case(sizes, directory, row, model)
+                against = (
+                    await row_case(sizes, directory, row, model, code=Path(args.against))
+                    if args.against
+                    else None
+                )
             results["rows"].append(
                 {
                     "interval_ms": row.interval_ms,
                     "conversations": row.conversations,
                     "direct": direct,
                     "switchboard": served,
+                    **({"against": against} if against is not None else {}),
                 }
             )
             say(f"  direct {_brief(direct)}")
             say(f"  switchboard {_brief(served)}")
+            if against is not None:
+                say(f"  {args.against_label} {_brief(against)}")
         if py_spy is not None:
             out = directory / "profile-paced.txt"
             plan = pyspy.plan(py_spy, sizes.profile_seconds, out)
@@ -510,23 +535,32 @@ def _brief(f: dict[str, Any]) -> str:
 # The report.
 
 
-def _row_line(label: str, r: dict[str, Any]) -> list[str]:
-    d, s = r["direct"], r["switchboard"]
+def _served_line(label: str, r: dict[str, Any], s: dict[str, Any]) -> str:
     ratio = s["server_us_per_token"] / max(s["model_us_per_token"], 1e-9)
     errors = ", ".join(f"{k} {v}" for k, v in sorted(s["errors"].items())) or "0"
-    return [
-        f"| {label} | {r['interval_ms']} | {r['conversations']} | direct | "
-        f"{d['first_p50_ms']} / {d['first_p99_ms']} | {d['gap_p50_ms']} / {d['gap_p99_ms']} | "
-        f"{d['runs_per_s']} | | | {d['model_us_per_token']} | | | {d['other_cores']} | |",
+    return (
         f"| {label} | {r['interval_ms']} | {r['conversations']} | switchboard | "
         f"{s['first_p50_ms']} / {s['first_p99_ms']} | {s['gap_p50_ms']} / {s['gap_p99_ms']} | "
         f"{s['runs_per_s']} | {s['server_ms_per_run']} | {s['server_us_per_token']} "
         f"({ratio:.1f}x) | {s['model_us_per_token']} | {s['server_cores']} | "
-        f"{s['peak_rss_mib']} | {s['other_cores']} | {errors} |",
+        f"{s['peak_rss_mib']} | {s['other_cores']} | {errors} |"
+    )
+
+
+def _row_line(label: str, r: dict[str, Any], against: str = "") -> list[str]:
+    d = r["direct"]
+    lines = [
+        f"| model | {r['interval_ms']} | {r['conversations']} | direct | "
+        f"{d['first_p50_ms']} / {d['first_p99_ms']} | {d['gap_p50_ms']} / {d['gap_p99_ms']} | "
+        f"{d['runs_per_s']} | | | {d['model_us_per_token']} | | | {d['other_cores']} | |",
     ]
+    if "against" in r:
+        lines.append(_served_line(against, r, r["against"]))
+    lines.append(_served_line(label, r, r["switchboard"]))
+    return lines
 
 
-def rows_table(label: str, rows: Sequence[dict[str, Any]]) -> list[str]:
+def rows_table(label: str, rows: Sequence[dict[str, Any]], against: str = "") -> list[str]:
     lines = [
         "| code | interval ms | C | path | first token p50 / p99 ms | gap - interval "
         "p50 / p99 ms | runs/s | server CPU ms/run | server CPU µs/token (x model) | "
@@ -534,7 +568,7 @@ def rows_table(label: str, rows: Sequence[dict[str, Any]]) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.extend(_row_line(label, r))
+        lines.extend(_row_line(label, r, against))
     return lines
 
 
@@ -600,10 +634,16 @@ def render(results: dict[str, Any], command: str, sizes: Sizes) -> str:
         "streams from it (httpx), the baseline; `switchboard` rows: a fresh `switchboard "
         f"serve --dev` per row (embedded SQLite), {settings_text(SERVER_SETTINGS)}, "
         "SendMessage (`handlers/llm`) then WatchRun to the end, C closed loops",
-        f"- each row: {sizes.warmup_s:g} s warm-up, {sizes.seconds:g} s measured; "
-        f"code: `{results['label']}`",
+        f"- each row: {sizes.warmup_s:g} s warm-up, {sizes.seconds:g} s measured; the model "
+        "direct, then this code's server"
+        + (
+            f", then `{results['against_label']}`'s (`--against`: the same bench, the server "
+            "from that checkout), row by row"
+            if results.get("against_label")
+            else ""
+        ),
         "",
-        *rows_table(results["label"], rows),
+        *rows_table(results["label"], rows, results.get("against_label", "")),
         "",
         *goals(rows),
     ]
@@ -627,6 +667,13 @@ def main() -> int:
     parser = section_parser(__doc__, quick="a few seconds per row")
     parser.add_argument("--label", default="current", help="the code measured (a section apart)")
     parser.add_argument("--rows", default="", help="only these rows: INTERVAL_MS:C,...")
+    parser.add_argument(
+        "--against",
+        default="",
+        help="a checkout of other code (its services/ and gen/): its server measured too, "
+        "row by row after this code's (a before / after in one run)",
+    )
+    parser.add_argument("--against-label", default="before", help="how the table names it")
     pyspy.flags(parser, "an extra, unmeasured run of the paced 100-conversation row")
     args = parser.parse_args()
     return asyncio.run(drive(args))
