@@ -351,6 +351,35 @@ class Child:
         finally:
             ended.cancel()
 
+    async def poll_serving(
+        self,
+        listening: asyncio.Event,
+        address: Callable[[], str],
+        service: str,
+        deadline: float,
+        what: str,
+    ) -> None:
+        """Wait for the process's listening line, then for ``Health/Check(service)`` SERVING
+        at ``address()``, read once the line has told the port."""
+
+        async def listened() -> bool:
+            return listening.is_set()
+
+        await self.poll(listened, deadline, "its listening line")
+        async with aio.insecure_channel(address()) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+
+            async def serving() -> bool:
+                try:
+                    reply = await stub.Check(
+                        health_pb2.HealthCheckRequest(service=service), timeout=CHECK_TIMEOUT_S
+                    )
+                except aio.AioRpcError:
+                    return False
+                return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+            await self.poll(serving, deadline, what)
+
     def last_lines(self) -> str:
         return "; its last lines:\n  " + "\n  ".join(self.tail) if self.tail else ""
 
@@ -647,24 +676,13 @@ class Service(Child):
             self._listening.set()
 
     async def wait_ready(self, deadline: float) -> None:
-        async def listening() -> bool:
-            return self._listening.is_set()
-
-        await self.poll(listening, deadline, "its listening line")
-        async with aio.insecure_channel(self.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-
-            async def serving() -> bool:
-                try:
-                    reply = await stub.Check(
-                        health_pb2.HealthCheckRequest(service=self.full_name),
-                        timeout=CHECK_TIMEOUT_S,
-                    )
-                except aio.AioRpcError:
-                    return False
-                return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-
-            await self.poll(serving, deadline, f"SERVING for {self.full_name}")
+        await self.poll_serving(
+            self._listening,
+            lambda: self.address,
+            self.full_name,
+            deadline,
+            f"SERVING for {self.full_name}",
+        )
 
     def state(self) -> dict[str, Any]:
         return {
@@ -756,24 +774,10 @@ class EdgeHealthServer(Child):
             self._listening.set()
 
     async def wait_ready(self, deadline: float) -> None:
-        async def listening() -> bool:
-            return self._listening.is_set()
-
-        await self.poll(listening, deadline, "its listening line")
-        async with aio.insecure_channel(self.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-
-            # The deployment as a whole: every service has a serving replica.
-            async def serving() -> bool:
-                try:
-                    reply = await stub.Check(
-                        health_pb2.HealthCheckRequest(service=""), timeout=CHECK_TIMEOUT_S
-                    )
-                except aio.AioRpcError:
-                    return False
-                return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-
-            await self.poll(serving, deadline, "SERVING for the deployment")
+        # The deployment as a whole: every service has a serving replica.
+        await self.poll_serving(
+            self._listening, lambda: self.address, "", deadline, "SERVING for the deployment"
+        )
 
     def state(self) -> dict[str, Any]:
         return {**super().state(), "address": self.address}
