@@ -895,7 +895,7 @@ def test_live_events_and_a_run_resume_after_the_connection_is_dropped(
         )
         ids = [e["id"] for e in shown]
         assert len(ids) == len(set(ids)), "an event was shown twice"
-        assert len([e for e in shown if during in e["text"]]) == 1
+        assert len([e for e in shown if e["subject"] == during]) == 1
         feed = browser.data(tid("feed"))
         assert feed["duplicates"] == "0"
         # Every reopening since the cut resumed after the cursor the page had.
