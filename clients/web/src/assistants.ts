@@ -185,7 +185,7 @@ export class Assistants {
       h("fieldset", { "data-testid": "assistant-tools" }, h("legend", {}, "Tools (✓ enables, ✋ needs approval)"), h("span", { class: "muted" }, "Loading…")),
       h(
         "label",
-        {},
+        { class: "check" },
         h("input", { type: "checkbox", "data-testid": "assistant-default-input", checked: a?.workspaceDefault ?? false }),
         " The workspace default (answers messages that name no assistant)",
       ),

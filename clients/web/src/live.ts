@@ -136,7 +136,18 @@ function summarize(event: Event, names: Names): string {
   switch (payload.case) {
     case "messageCreated": {
       const message = payload.value.message;
-      const text = message?.parts.map((p) => (p.part.case === "text" ? p.part.value : "")).join("") ?? "";
+      const text =
+        message?.parts
+          .map((p) =>
+            p.part.case === "text"
+              ? p.part.value
+              : p.part.case === "toolResult"
+                ? `${p.part.value.text}`
+                : p.part.case === "toolCall"
+                  ? `${p.part.value.functionName || p.part.value.tool}(…)`
+                  : "",
+          )
+          .join(" ") ?? "";
       const role = message ? (MessageRole[message.role]?.toLowerCase() ?? "") : "";
       return `${role} message${by}: “${text.length > 60 ? `${text.slice(0, 60)}…` : text}”`;
     }

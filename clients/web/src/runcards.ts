@@ -118,6 +118,8 @@ export class RunCards {
       state,
       deltas: String(view.deltas),
       resumes: String(view.resumes),
+      restored: String(view.restored),
+      watchedAfter: view.firstAfter,
       live: String(view.live),
     });
     const badge = card.querySelector<HTMLElement>('[data-testid="run-state"]');
@@ -218,7 +220,13 @@ export class RunCards {
       h("span", { class: "muted when" }, entry.at && start ? `+${((entry.at - start) / 1000).toFixed(2)} s` : ""),
       h("strong", {}, entry.label),
       entry.kind === "text" ? h("span", { class: "muted" }, ` (${entry.count ?? 1} ${entry.count === 1 ? "delta" : "deltas"})`) : null,
-      entry.ms !== undefined ? h("span", { class: "muted", "data-testid": "entry-duration" }, ` ${entry.ms} ms`) : null,
+      entry.ms !== undefined
+        ? h(
+            "span",
+            { class: "muted", "data-testid": "entry-duration", title: entry.kind === "state" ? "since the previous state" : "how long the call took" },
+            ` ${entry.ms} ms`,
+          )
+        : null,
       entry.by ? h("span", { "data-testid": "entry-by" }, ` by ${this.names.title(entry.by)}`) : null,
       entry.detail ? h(entry.kind === "text" ? "div" : "code", { class: "detail" }, entry.detail) : null,
       waiting

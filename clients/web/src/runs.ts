@@ -110,6 +110,8 @@ export class RunView {
 
   /** Whether the view began from what a reload kept. */
   restored = false;
+  /** The sequence the first WatchRun of this page asked to resume after. */
+  firstAfter = "";
 
   private save(): void {
     if (this.storage === null) return;
@@ -146,6 +148,7 @@ export class RunView {
       {
         open: (headers, signal) => {
           if (openings++ > 0) this.resumes += 1;
+          else this.firstAfter = String(this.lastSequence);
           return api.dispatcher.watchRun(
             { name: this.name, afterSequence: this.lastSequence },
             { headers, signal, timeoutMs: 0 },

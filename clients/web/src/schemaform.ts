@@ -28,7 +28,14 @@ export function schemaForm(schema: JsonObject | undefined, testid = "tool-arg"):
   const properties = object(schema?.properties);
   const required = new Set(Array.isArray(schema?.required) ? schema.required.map(String) : []);
   const fields: Field[] = [];
-  for (const [name, raw] of Object.entries(properties)) {
+  // A Struct's keys may arrive in any order: required ones first, in the schema's order.
+  const order = [...required];
+  const names = Object.keys(properties).sort((a, b) => {
+    const [i, j] = [order.indexOf(a), order.indexOf(b)];
+    return (i < 0 ? order.length : i) - (j < 0 ? order.length : j) || a.localeCompare(b);
+  });
+  for (const name of names) {
+    const raw = properties[name];
     const spec = object(raw);
     const type = typeof spec.type === "string" ? spec.type : "";
     const title = typeof spec.description === "string" ? spec.description : "";
