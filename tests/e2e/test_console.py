@@ -1315,6 +1315,39 @@ def test_from_an_empty_workspace_to_a_tool_using_assistant_with_approvals(
             )
             assert f"#{conversation}" in links, links
             browser.screenshot(shots / "06-readable-events.png")
+
+            # Members (the viewer, as the owner added it), an API key whose secret is shown
+            # once, and the sessions: the one the script registered with signed out.
+            member = tid("member", user=viewer.name)
+            browser.wait_for(f"{member}[data-role='WORKSPACE_ROLE_VIEWER']")
+            browser.click(f"{tid('account')} > summary")
+            browser.wait_for(tid("session", current="true"))
+            browser.fill(tid("api-key-name"), "ci")
+            browser.click(tid("create-api-key"))
+            browser.wait_for(tid("api-key-secret"))
+            secret = browser.eval(
+                "(s) => document.querySelector(s).textContent", tid("api-key-secret")
+            )
+            [key] = server.auth.ListApiKeys(
+                auth_pb2.ListApiKeysRequest(page_size=10), metadata=owner.md, timeout=CALL_S
+            ).api_keys
+            assert secret.startswith(key.prefix)
+            assert key.display_name == "ci"
+            browser.wait_for(tid("api-key", name=key.name))
+            scripted = [s for s in server.sessions(owner).values() if not s.HasField("revoke_time")]
+            assert len(scripted) == 2  # the script's and the page's
+            browser.click(tid("revoke-other-sessions"))
+            browser.wait(
+                "(s) => document.querySelectorAll(s).length === 1",
+                tid("session"),
+            )
+            page_session = browser.data(tid("session-info"))["session"]
+            # The script's token went with its session; a new sign-in sees the rest.
+            after = server.sessions(server.login(owner.email))
+            assert not after[page_session].HasField("revoke_time")
+            [revoked] = [s for s in scripted if s.name != page_session]
+            assert after[revoked.name].HasField("revoke_time")
+            browser.screenshot(shots / "07-account.png")
             assert problems(browser) == []
 
         # A viewer: nothing to manage on the page, and a forced call refused as the server said.
@@ -1338,7 +1371,7 @@ def test_from_an_empty_workspace_to_a_tool_using_assistant_with_approvals(
             text = page.eval("(s) => document.querySelector(s).textContent", tid("error"))
             assert "StatusCode" not in text
             assert "[permission_denied]" not in text
-            page.screenshot(shots / "07-viewer-refused.png")
+            page.screenshot(shots / "08-viewer-refused.png")
     print(f"studio screenshots: {shots}")
 
 

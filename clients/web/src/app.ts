@@ -4,6 +4,7 @@
 // out, which empties every part) and the event feed, whose scopes follow the session and
 // the open workspace and whose events reach the parts that show them.
 import type { Api } from "./api";
+import { Account } from "./account";
 import { Assistants } from "./assistants";
 import { AuthScreen } from "./auth";
 import { Composer } from "./composer";
@@ -30,6 +31,7 @@ export class App {
   private readonly live: LiveEvents;
   private readonly assistants: Assistants;
   private readonly names = new Names();
+  private readonly account: Account;
   private feed: EventFeed | null = null;
 
   constructor(private readonly api: Api) {
@@ -65,6 +67,8 @@ export class App {
       },
       changed: () => void composer.load(),
     });
+    this.account = new Account(api, this.page, this.names, () => api.tokens.end("signed out everywhere"));
+    this.navigation.column.append(...this.account.elements);
     this.consoleView = h(
       "div",
       { class: "console", "data-testid": "console" },
@@ -146,6 +150,7 @@ export class App {
     feed?.stop();
     this.integrations.stop();
     this.assistants.clear();
+    this.account.clear();
     this.runs.clear();
     this.navigation.clear();
     this.live.clear();
@@ -167,6 +172,7 @@ export class App {
     const owner = this.navigation.roleOf(workspace) === WorkspaceRole.OWNER;
     this.integrations.canManage(owner);
     this.assistants.canManage(owner);
+    this.account.open(workspace, owner);
     void this.assistants.load();
     const identity = this.api.tokens.identity;
     const scopes: Scope[] = [{ scope: { case: "workspace", value: workspace } } as Scope];
