@@ -32,6 +32,8 @@ one step at a time, and checks what the page shows against the server's own answ
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import itertools
 import json
 import os
@@ -73,6 +75,7 @@ from tests.e2e.envoy import EnvoyProcess
 from tests.e2e.procs import ROOT, ServeProcess
 from tests.infra.mcpserver import McpTestServer
 from tests.infra.tcprelay import TcpRelay
+from tests.infra.webhookreceiver import WebhookReceiver
 from tests.service.authkit import PASSWORD, unique_email
 
 pytestmark = pytest.mark.e2e
@@ -1087,6 +1090,24 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(timeout=10)
 
 
+@contextmanager
+def _webhook_receiver() -> Iterator[WebhookReceiver]:
+    """tests/infra/webhookreceiver.py's receiver (it verifies every signature), served by an
+    event loop of its own beside the synchronous test."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    receiver = WebhookReceiver()
+    try:
+        asyncio.run_coroutine_threadsafe(receiver.start(), loop).result(timeout=30)
+        yield receiver
+    finally:
+        asyncio.run_coroutine_threadsafe(receiver.close(), loop).result(timeout=30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+
+
 def timeline(browser: Page, run: str) -> list[dict[str, str]]:
     """The run inspector's entries, as the page shows them (data-* and text)."""
     entries: list[dict[str, str]] = browser.eval(
@@ -1126,7 +1147,7 @@ def test_from_an_empty_workspace_to_a_tool_using_assistant_with_approvals(
         metadata=owner.md,
         timeout=CALL_S,
     )
-    with _reference_mcp() as mcp_url:
+    with _reference_mcp() as mcp_url, _webhook_receiver() as receiver:
         with chromium.open(stack.origin + "/") as browser:
             sign_in(browser, owner.email)
             browser.click(tid("workspace-item", name=workspace))
@@ -1158,6 +1179,19 @@ def test_from_an_empty_workspace_to_a_tool_using_assistant_with_approvals(
             assert stored.endpoint == mcp_url
             assert stored.has_credential
             assert stored.credential == ""
+
+            # A webhook for the workspace's messages, its signing secret write-only too.
+            secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
+            hooks = receiver.endpoint("console", [secret])
+            browser.select(tid("integration-kind"), "3")  # INTEGRATION_KIND_WEBHOOK
+            browser.fill(tid("integration-id"), "hooks")
+            browser.fill(tid("integration-name"), "Hooks")
+            browser.fill(tid("integration-endpoint"), receiver.url("console"))
+            browser.fill(tid("integration-credential"), secret)
+            browser.fill(tid("integration-event-types"), "MESSAGE_CREATED")
+            browser.click(tid("create-integration"))
+            webhook = f"{workspace}/integrations/hooks"
+            browser.wait_for(tid("integration", name=webhook))
 
             # Its tools, and get-sum invoked from the form its input schema generates.
             item = tid("integration", name=integration)
@@ -1316,6 +1350,29 @@ def test_from_an_empty_workspace_to_a_tool_using_assistant_with_approvals(
             assert f"#{conversation}" in links, links
             browser.screenshot(shots / "06-readable-events.png")
 
+            # The webhook's deliveries (the receiver verified each), one sent again.
+            deadline = time.monotonic() + 30
+            while len(hooks.first_ids()) < 4:  # the two conversations' messages, at least
+                assert time.monotonic() < deadline, "the webhook got no deliveries"
+                time.sleep(0.05)  # polling the receiver, which says nothing by itself
+            browser.click(f"{tid('integration', name=webhook)} {tid('integration-deliveries')}")
+            browser.wait_for(f"{tid('delivery', state='DELIVERY_STATE_SUCCEEDED')}")
+            first = browser.data(tid("delivery", state="DELIVERY_STATE_SUCCEEDED"))
+            delivered = server.integration.ListWebhookDeliveries(
+                integration_pb2.ListWebhookDeliveriesRequest(parent=webhook, page_size=100),
+                metadata=owner.md,
+                timeout=CALL_S,
+            ).deliveries
+            [chosen] = [d for d in delivered if d.name == first["name"]]
+            assert hooks.attempts[chosen.event_id] == 1
+            browser.click(f"{tid('delivery', name=chosen.name)} {tid('redeliver')}")
+            while hooks.attempts[chosen.event_id] < 2:
+                assert time.monotonic() < deadline + 30, "the redelivery never arrived"
+                time.sleep(0.05)  # polling the receiver
+            assert hooks.bad == []
+            browser.wait_for(tid("delivery", name=chosen.name))
+            browser.screenshot(shots / "07-webhook-deliveries.png")
+
             # Members (the viewer, as the owner added it), an API key whose secret is shown
             # once, and the sessions: the one the script registered with signed out.
             member = tid("member", user=viewer.name)
@@ -1347,7 +1404,7 @@ def test_from_an_empty_workspace_to_a_tool_using_assistant_with_approvals(
             assert not after[page_session].HasField("revoke_time")
             [revoked] = [s for s in scripted if s.name != page_session]
             assert after[revoked.name].HasField("revoke_time")
-            browser.screenshot(shots / "07-account.png")
+            browser.screenshot(shots / "08-account.png")
             assert problems(browser) == []
 
         # A viewer: nothing to manage on the page, and a forced call refused as the server said.
@@ -1371,7 +1428,7 @@ def test_from_an_empty_workspace_to_a_tool_using_assistant_with_approvals(
             text = page.eval("(s) => document.querySelector(s).textContent", tid("error"))
             assert "StatusCode" not in text
             assert "[permission_denied]" not in text
-            page.screenshot(shots / "08-viewer-refused.png")
+            page.screenshot(shots / "09-viewer-refused.png")
     print(f"studio screenshots: {shots}")
 
 

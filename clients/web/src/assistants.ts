@@ -285,8 +285,9 @@ export class Assistants {
     const assistant = this.read();
     const where = this.editor.querySelector<HTMLElement>('[data-testid="editor-problem"]');
     where?.replaceChildren();
+    const button = this.editor.querySelector<HTMLButtonElement>('[data-testid="save-assistant"]');
+    if (button) button.disabled = true;
     try {
-      document.body.dataset.saving = "1";
       const saved = editing
         ? (await this.api.dispatcher.updateAssistant({ assistant, updateMask: { paths: FIELDS } })).assistant
         : (
@@ -303,7 +304,6 @@ export class Assistants {
         const title = this.editor.querySelector('[data-testid="editor-title"]');
         if (title) title.textContent = `Edit ${saved.displayName || lastSegment(saved.name)}`;
         this.editor.querySelector('[data-testid="assistant-id"]')?.closest("label")?.remove();
-        const button = this.editor.querySelector('[data-testid="save-assistant"]');
         if (button) button.textContent = "Save";
         this.editor.dataset.saved = saved.name;
         this.editor.dataset.etag = saved.etag;
@@ -335,7 +335,7 @@ export class Assistants {
       }
       where?.replaceChildren(box);
     } finally {
-      delete document.body.dataset.saving;
+      if (button) button.disabled = false;
     }
   }
 }

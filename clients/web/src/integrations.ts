@@ -78,7 +78,6 @@ export class Integrations {
   /** Whether a first snapshot of the workspace's integrations arrived. */
   private known = false;
   private manage = false;
-  private readonly changedListeners: (() => void)[] = [];
 
   constructor(
     private readonly api: Api,
@@ -116,11 +115,6 @@ export class Integrations {
     for (const entry of this.entries.values()) {
       for (const button of entry.item.querySelectorAll<HTMLElement>(".manage")) button.hidden = !manage;
     }
-  }
-
-  /** Called when the set of integrations changes (the assistant editor lists them). */
-  onChange(listener: () => void): void {
-    this.changedListeners.push(listener);
   }
 
   all(): Integration[] {
@@ -236,7 +230,6 @@ export class Integrations {
       const text = !this.parent ? "" : this.known ? "None in this workspace." : "Loading…";
       this.entries.clear();
       list.replaceChildren(h("li", { class: "muted", "data-testid": "integrations-empty" }, text));
-      for (const listener of this.changedListeners) listener();
       return;
     }
     const items: HTMLElement[] = [];
@@ -246,7 +239,6 @@ export class Integrations {
     if (items.some((item, index) => list.children[index] !== item) || list.children.length !== items.length) {
       list.replaceChildren(...items);
     }
-    for (const listener of this.changedListeners) listener();
   }
 
   private entry(i: Integration): HTMLElement {
@@ -319,6 +311,7 @@ export class Integrations {
     const name = lastSegment(tool.name);
     const form = schemaForm(tool.inputSchema);
     const output = h("div", { "data-testid": "tool-output" });
+    const button = h("button", { type: "submit", "data-testid": "invoke-tool" }, "Invoke");
     const invoke = async (): Promise<void> => {
       const read = form.read();
       if ("problem" in read) {
@@ -326,6 +319,7 @@ export class Integrations {
         return;
       }
       output.replaceChildren(h("span", { class: "muted" }, "calling…"));
+      button.disabled = true;
       try {
         const answer = await this.api.integration.invokeTool({ name: tool.name, arguments: read.args });
         const ms = answer.latency ? durationMs(answer.latency) : 0;
@@ -340,6 +334,8 @@ export class Integrations {
         );
       } catch (error) {
         output.replaceChildren(renderProblem(problem(error), "tool-problem"));
+      } finally {
+        button.disabled = false;
       }
     };
     return h(
@@ -362,7 +358,7 @@ export class Integrations {
             },
           },
           form.element,
-          h("button", { type: "submit", "data-testid": "invoke-tool" }, "Invoke"),
+          button,
           h("details", {}, h("summary", { class: "muted" }, "input schema"), h("pre", { "data-testid": "tool-schema" }, JSON.stringify(tool.inputSchema ?? {}, null, 2))),
         ),
         output,
@@ -386,7 +382,7 @@ export class Integrations {
                   "li",
                   { "data-testid": "delivery", "data-name": d.name, "data-state": `DELIVERY_STATE_${DeliveryState[d.state] ?? ""}` },
                   h("code", {}, d.eventType),
-                  ` ${DeliveryState[d.state]?.toLowerCase() ?? ""} · ${d.attempts} attempts`,
+                  ` ${DeliveryState[d.state]?.toLowerCase() ?? ""} · ${d.attempts} ${d.attempts === 1 ? "attempt" : "attempts"}`,
                   d.lastHttpStatus ? ` · HTTP ${d.lastHttpStatus}` : "",
                   d.lastAttemptTime ? ` · ${formatTime(timestampDate(d.lastAttemptTime))}` : "",
                   d.lastError ? h("div", { class: "muted" }, d.lastError) : null,
@@ -395,7 +391,8 @@ export class Integrations {
                     {
                       type: "button",
                       class: "manage",
-                      hidden: !this.manage,
+                      // A pending delivery is still being tried: nothing to send again.
+                      hidden: !this.manage || d.state === DeliveryState.PENDING,
                       "data-testid": "redeliver",
                       onclick: () =>
                         void this.page.busy("redeliver", async () => {

@@ -10,7 +10,7 @@ import { type Run, RunState, ToolApprovalDecision } from "./gen/switchboard/api/
 import { ToolOutcome } from "./gen/switchboard/api/handler/v1/handler_pb";
 import type { Page } from "./page";
 import type { Names } from "./names";
-import { RunView, type TimelineEntry, stateName } from "./runs";
+import { RunView, type TimelineEntry, forgetRuns, stateName } from "./runs";
 
 export class RunCards {
   /** The cards, then the approvals. */
@@ -65,6 +65,7 @@ export class RunCards {
   /** Signed out: nothing followed, shown or remembered for the next session. */
   clear(): void {
     this.stop();
+    forgetRuns(window.sessionStorage);
     this.reasons.clear();
     delete this.approvals.dataset.key;
     this.list.replaceChildren();

@@ -43,6 +43,11 @@ interface Saved {
 
 const SAVED = "switchboard.console.run:";
 
+/** Forgets every run's kept timeline (signed out: the next user of the tab sees none). */
+export function forgetRuns(storage: Storage): void {
+  for (const key of Object.keys(storage)) if (key.startsWith(SAVED)) storage.removeItem(key);
+}
+
 function usageLine(usage: Usage): string {
   const parts = [`${usage.inputTokens} in / ${usage.outputTokens} out tokens${usage.estimated ? " (estimated)" : ""}`];
   parts.push(`$${usage.estimatedCostUsd.toFixed(6)}`);
