@@ -1331,6 +1331,13 @@ def test_from_an_empty_workspace_to_a_tool_using_assistant_with_approvals(
             assert float(usage["costUsd"]) > 0
             assert stored_run.usage.estimated_cost_usd == pytest.approx(float(usage["costUsd"]))
             browser.screenshot(shots / "05-run-inspector.png")
+            # The sum, finished before the reload, is inspected on demand: its updates
+            # replayed from the start.
+            browser.click(tid("inspect-run", run=summed))
+            run_state(browser, summed, "RUN_STATE_SUCCEEDED")
+            replayed = [e["kind"] for e in timeline(browser, summed)]
+            for kind in ("state", "tool-call", "tool-result", "text"):
+                assert kind in replayed, replayed
 
             # Readable events: titles, not resource names, and a link to what each is about.
             browser.select(tid("event-filter"), "EVENT_TYPE_MESSAGE_CREATED")

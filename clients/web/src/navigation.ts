@@ -348,6 +348,10 @@ export class Navigation {
       });
       if (name !== this.conversation) return;
       for (const run of active.runs.reverse()) this.runs.follow(run.name, run);
+      // The finished ones, newest first: inspected on demand.
+      const recent = await this.api.dispatcher.listRuns({ parent: name, pageSize: 10 });
+      if (name !== this.conversation) return;
+      this.runs.earlier(recent.runs.filter((r) => TERMINAL.has(r.state)));
     });
   }
 

@@ -17,6 +17,8 @@ export class RunCards {
   readonly elements: HTMLElement[];
   private readonly list = h("div", { "data-testid": "runs" });
   private readonly approvals = h("div", { "data-testid": "approvals" });
+  /** The conversation's finished runs not shown here, each to be inspected on demand. */
+  private readonly earlierList = h("div", { class: "row earlier", "data-testid": "earlier-runs" });
   private readonly runs = new Map<string, RunView>();
   private readonly cards = new Map<string, HTMLElement>();
   /** Denial reasons being typed, by tool call id. */
@@ -29,7 +31,7 @@ export class RunCards {
     private readonly page: Page,
     private readonly names: Names,
   ) {
-    this.elements = [this.list, this.approvals];
+    this.elements = [this.earlierList, this.list, this.approvals];
   }
 
   has(name: string): boolean {
@@ -54,8 +56,34 @@ export class RunCards {
     view.watch(this.api);
   }
 
+  /** The conversation's recent runs: those not followed get an "inspect" button, which
+   *  replays their updates (WatchRun from the start) into a card of their own. */
+  earlier(runs: Run[]): void {
+    const others = runs.filter((r) => !this.runs.has(r.name));
+    this.earlierList.replaceChildren(
+      ...(others.length ? [h("span", { class: "muted" }, "Earlier runs:")] : []),
+      ...others.reverse().map((run) =>
+        h(
+          "button",
+          {
+            type: "button",
+            "data-testid": "inspect-run",
+            "data-run": run.name,
+            title: run.name,
+            onclick: (event: globalThis.Event) => {
+              (event.currentTarget as HTMLElement).remove();
+              this.follow(run.name);
+            },
+          },
+          `${stateName(run.state).replace("RUN_STATE_", "").toLowerCase()} ${run.createTime ? formatTime(timestampDate(run.createTime)) : ""}`,
+        ),
+      ),
+    );
+  }
+
   /** Another conversation opened: its runs are not these. */
   stop(): void {
+    this.earlierList.replaceChildren();
     for (const run of this.runs.values()) run.stop();
     this.runs.clear();
     this.cards.clear();
@@ -70,6 +98,7 @@ export class RunCards {
     delete this.approvals.dataset.key;
     this.list.replaceChildren();
     this.approvals.replaceChildren();
+    this.earlierList.replaceChildren();
   }
 
   render(): void {
@@ -220,7 +249,9 @@ export class RunCards {
       },
       h("span", { class: "muted when" }, entry.at && start ? `+${((entry.at - start) / 1000).toFixed(2)} s` : ""),
       h("strong", {}, entry.label),
-      entry.kind === "text" ? h("span", { class: "muted" }, ` (${entry.count ?? 1} ${entry.count === 1 ? "delta" : "deltas"})`) : null,
+      entry.kind === "text"
+        ? h("span", { class: "muted" }, entry.count ? ` (${entry.count} ${entry.count === 1 ? "delta" : "deltas"})` : " (from the result)")
+        : null,
       entry.ms !== undefined
         ? h(
             "span",

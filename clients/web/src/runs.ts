@@ -331,6 +331,13 @@ export class RunView {
         return;
       }
       case "result": {
+        // A run watched after it ended may have no deltas to replay (the durable log need
+        // not keep them): its text comes from the result then.
+        const since = this.timeline.map((e) => e.kind).lastIndexOf("attempt");
+        if (!this.timeline.slice(since + 1).some((e) => e.kind === "text")) {
+          const whole = change.value.parts.map((part) => (part.part.case === "text" ? part.part.value : "")).join("");
+          if (whole) this.add({ kind: "text", sequence, at, label: "text", detail: whole, count: 0 });
+        }
         const usage = change.value.usage;
         if (usage) {
           this.usage = usage;
