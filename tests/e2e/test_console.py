@@ -1420,7 +1420,13 @@ def test_from_an_empty_workspace_to_a_tool_using_assistant_with_approvals(
             page.click(tid("workspace-item", name=workspace))
             page.wait_for(tid("assistant", name=assistant))
             page.wait_for(tid("integration", name=integration))
-            for control in ("new-assistant", "edit-assistant", "register-integration"):
+            for control in (
+                "new-assistant",
+                "edit-assistant",
+                "try-assistant",
+                "register-integration",
+                "add-member",
+            ):
                 assert not page.visible(tid(control)), control
             page.eval(
                 "(s) => { document.querySelector(s).hidden = false; }", tid("register-integration")

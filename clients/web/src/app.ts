@@ -169,9 +169,10 @@ export class App {
 
   private followWorkspace(workspace: string): void {
     // Owners manage integrations and assistants; the others see no controls for it.
-    const owner = this.navigation.roleOf(workspace) === WorkspaceRole.OWNER;
+    const role = this.navigation.roleOf(workspace);
+    const owner = role === WorkspaceRole.OWNER;
     this.integrations.canManage(owner);
-    this.assistants.canManage(owner);
+    this.assistants.canManage(owner, owner || role === WorkspaceRole.EDITOR);
     this.account.open(workspace, owner);
     void this.assistants.load();
     const identity = this.api.tokens.identity;

@@ -9,6 +9,7 @@ import { fill, h } from "./dom";
 import { type Problem, problem, renderProblem } from "./errors";
 import type { Assistant, AssistantTools } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import type { Event } from "./gen/switchboard/api/events/v1/events_pb";
+import { IntegrationKind } from "./gen/switchboard/api/integration/v1/integration_pb";
 import { type Integrations, lastSegment } from "./integrations";
 import type { Page } from "./page";
 
@@ -44,6 +45,7 @@ export class Assistants {
   private assistants: Assistant[] = [];
   private handlers: string[] = [];
   private manage = false;
+  private write = false;
   /** The assistant being edited ("" for a new one), null when the editor is closed. */
   private editing: string | null = null;
   private etag = "";
@@ -61,7 +63,9 @@ export class Assistants {
     });
   }
 
-  canManage(manage: boolean): void {
+  /** Owners manage assistants; editors and owners try them (a viewer cannot write). */
+  canManage(manage: boolean, write: boolean): void {
+    this.write = write;
     this.manage = manage;
     this.newButton.hidden = !manage;
     if (!manage) this.close();
@@ -126,7 +130,7 @@ export class Assistants {
           h(
             "div",
             { class: "row" },
-            h("button", { type: "button", "data-testid": "try-assistant", onclick: () => void this.page.busy("try-assistant", () => this.host.tryIt(a)) }, "Try it"),
+            h("button", { type: "button", "data-testid": "try-assistant", hidden: !this.write, onclick: () => void this.page.busy("try-assistant", () => this.host.tryIt(a)) }, "Try it"),
             h("button", { type: "button", class: "manage", hidden: !this.manage, "data-testid": "edit-assistant", onclick: () => void this.edit(a) }, "Edit"),
           ),
         ),
@@ -207,7 +211,8 @@ export class Assistants {
     const box = this.editor.querySelector<HTMLElement>('[data-testid="assistant-tools"]');
     if (!box) return;
     const rows: HTMLElement[] = [];
-    for (const integration of this.integrations.all()) {
+    // Webhooks lend no tools.
+    for (const integration of this.integrations.all().filter((i) => i.kind !== IntegrationKind.WEBHOOK)) {
       const chosen = enabled.find((t) => t.integration === integration.name);
       let tools: string[] = [];
       let failure: Problem | undefined;

@@ -253,7 +253,9 @@ export class Integrations {
         h(
           "div",
           { class: "row" },
-          h("button", { type: "button", "data-testid": "integration-tools", onclick: () => void this.showTools(i.name, panes) }, "Tools"),
+          i.kind === IntegrationKind.WEBHOOK
+            ? null
+            : h("button", { type: "button", "data-testid": "integration-tools", onclick: () => void this.showTools(i.name, panes) }, "Tools"),
           i.kind === IntegrationKind.WEBHOOK
             ? h("button", { type: "button", "data-testid": "integration-deliveries", onclick: () => void this.showDeliveries(i.name, panes) }, "Deliveries")
             : null,
