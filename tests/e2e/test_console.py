@@ -32,13 +32,17 @@ one step at a time, and checks what the page shows against the server's own answ
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import itertools
 import json
 import os
 import queue
+import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -52,6 +56,7 @@ from typing import Any, Final, cast
 import grpc
 import httpx
 import pytest
+from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
@@ -70,6 +75,7 @@ from tests.e2e.envoy import EnvoyProcess
 from tests.e2e.procs import ROOT, ServeProcess
 from tests.infra.mcpserver import McpTestServer
 from tests.infra.tcprelay import TcpRelay
+from tests.infra.webhookreceiver import WebhookReceiver
 from tests.service.authkit import PASSWORD, unique_email
 
 pytestmark = pytest.mark.e2e
@@ -165,6 +171,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "SWITCHBOARD_EVENTS_HEARTBEAT_S": "1",
             "SWITCHBOARD_DISPATCHER_HEARTBEAT_S": "1",
             "SWITCHBOARD_SHUTDOWN_GRACE_S": "1",
+            # Priced, so the run inspector has a cost to show.
+            "SWITCHBOARD_LLM_PRICES": '{"echo": {"input_per_mtok": 1000, "output_per_mtok": 2000}}',
         }
         envoy = EnvoyProcess(
             f"127.0.0.1:{upstream.port}",
@@ -895,7 +903,7 @@ def test_live_events_and_a_run_resume_after_the_connection_is_dropped(
         )
         ids = [e["id"] for e in shown]
         assert len(ids) == len(set(ids)), "an event was shown twice"
-        assert len([e for e in shown if during in e["text"]]) == 1
+        assert len([e for e in shown if e["subject"] == during]) == 1
         feed = browser.data(tid("feed"))
         assert feed["duplicates"] == "0"
         # Every reopening since the cut resumed after the cursor the page had.
@@ -1041,6 +1049,400 @@ def test_integrations_show_their_status_live_and_tool_calls_wait_for_approval(
             )
             assert shown == status.last_error.message
             assert problems(browser) == []
+
+
+@contextmanager
+def _reference_mcp() -> Iterator[str]:
+    """The reference MCP server (server-everything, tests/mcp) over streamable HTTP, bound to
+    loopback by tests/mcp/loopback.mjs as docs/integration.md starts it; its URL."""
+    main = "node_modules/@modelcontextprotocol/server-everything/dist/index.js"
+    packages = ROOT / "tests" / "mcp"
+    if not (packages / main).is_file():
+        pytest.fail("server-everything is not installed; run `make tools`")
+    with ExitStack() as cleanup:
+        for _ in range(3):
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            log = cleanup.enter_context(tempfile.TemporaryFile("w+"))
+            proc = subprocess.Popen(
+                ["node", "--import", "./loopback.mjs", main, "streamableHttp"],
+                cwd=packages,
+                env={**os.environ, "PORT": str(port)},
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+            cleanup.callback(_stop, proc)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and proc.poll() is None:
+                log.seek(0)
+                if f"listening on port {port}" in log.read():
+                    yield f"http://127.0.0.1:{port}/mcp"
+                    return
+                time.sleep(0.05)  # polling its log: it says nothing else when it is ready
+            _stop(proc)
+        pytest.fail("the MCP reference server did not start")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=10)
+
+
+@contextmanager
+def _webhook_receiver() -> Iterator[WebhookReceiver]:
+    """tests/infra/webhookreceiver.py's receiver (it verifies every signature), served by an
+    event loop of its own beside the synchronous test."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    receiver = WebhookReceiver()
+    try:
+        asyncio.run_coroutine_threadsafe(receiver.start(), loop).result(timeout=30)
+        yield receiver
+    finally:
+        asyncio.run_coroutine_threadsafe(receiver.close(), loop).result(timeout=30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+
+
+def timeline(browser: Page, run: str) -> list[dict[str, str]]:
+    """The run inspector's entries, as the page shows them (data-* and text)."""
+    entries: list[dict[str, str]] = browser.eval(
+        "(run) => [...document.querySelectorAll("
+        '`[data-run="${run}"] [data-testid="timeline-entry"]`)]'
+        ".map((e) => ({ ...e.dataset, text: e.textContent }))",
+        run,
+    )
+    return entries
+
+
+def test_from_an_empty_workspace_to_a_tool_using_assistant_with_approvals(
+    stack: Stack, chromium: Chromium, server: Server, tmp_path: Path
+) -> None:
+    """The studio flow in the browser: register the reference MCP server, list its tools
+    and invoke one from its schema's form, create an assistant enabling get-sum with
+    approval for echo (the workspace default), try it in a new conversation, approve the
+    echo call in the run inspector and see the answer and the timeline; an etag conflict
+    shown as such; a viewer sees no management controls, and a forced call is refused
+    with PERMISSION_DENIED on the page. A screenshot of each screen."""
+    shots = artifacts_dir(tmp_path) / "studio"
+    shots.mkdir(parents=True, exist_ok=True)
+    owner = server.register("studio")
+    viewer = server.register("viewer")
+    workspace = server.context.CreateWorkspace(
+        context_pb2.CreateWorkspaceRequest(
+            workspace_id=f"studio-{os.getpid()}",
+            workspace=context_pb2.Workspace(display_name="Studio"),
+        ),
+        metadata=owner.md,
+        timeout=CALL_S,
+    ).workspace.name
+    server.context.AddWorkspaceMember(
+        context_pb2.AddWorkspaceMemberRequest(
+            parent=workspace, user=viewer.name, role=context_pb2.WORKSPACE_ROLE_VIEWER
+        ),
+        metadata=owner.md,
+        timeout=CALL_S,
+    )
+    with _reference_mcp() as mcp_url, _webhook_receiver() as receiver:
+        with chromium.open(stack.origin + "/") as browser:
+            sign_in(browser, owner.email)
+            browser.click(tid("workspace-item", name=workspace))
+            browser.wait_visible(tid("assistants-empty"))
+            browser.wait_visible(tid("integrations-empty"))
+            browser.screenshot(shots / "01-empty-workspace.png")
+
+            # Register the reference MCP server, with a (write-only) credential.
+            browser.click(f"{tid('register-integration')} > summary")
+            browser.select(tid("integration-kind"), "2")  # INTEGRATION_KIND_MCP_SERVER
+            browser.fill(tid("integration-id"), "ref")
+            browser.fill(tid("integration-name"), "Reference")
+            browser.fill(tid("integration-endpoint"), mcp_url)
+            browser.fill(tid("integration-credential"), "s3cret-token")
+            browser.click(tid("create-integration"))
+            integration = f"{workspace}/integrations/ref"
+            browser.wait_for(tid("integration", name=integration, health="HEALTH_STATE_HEALTHY"))
+            assert (
+                browser.eval(
+                    "(s) => document.querySelector(s).value", tid("integration-credential")
+                )
+                == ""
+            )
+            stored = server.integration.GetIntegration(
+                integration_pb2.GetIntegrationRequest(name=integration),
+                metadata=owner.md,
+                timeout=CALL_S,
+            ).integration
+            assert stored.endpoint == mcp_url
+            assert stored.has_credential
+            assert stored.credential == ""
+
+            # A webhook for the workspace's messages, its signing secret write-only too.
+            secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
+            hooks = receiver.endpoint("console", [secret])
+            browser.select(tid("integration-kind"), "3")  # INTEGRATION_KIND_WEBHOOK
+            browser.fill(tid("integration-id"), "hooks")
+            browser.fill(tid("integration-name"), "Hooks")
+            browser.fill(tid("integration-endpoint"), receiver.url("console"))
+            browser.fill(tid("integration-credential"), secret)
+            browser.fill(tid("integration-event-types"), "MESSAGE_CREATED")
+            browser.click(tid("create-integration"))
+            webhook = f"{workspace}/integrations/hooks"
+            browser.wait_for(tid("integration", name=webhook))
+
+            # Its tools, and get-sum invoked from the form its input schema generates.
+            item = tid("integration", name=integration)
+            browser.click(f"{item} {tid('integration-tools')}")
+            get_sum = f"{item} {tid('tool', tool='get-sum')}"
+            browser.wait_for(get_sum)
+            assert browser.count(f"{item} {tid('tool', tool='echo')}") == 1
+            browser.click(f"{get_sum} {tid('tool-try')} > summary")
+            # A required field left empty is refused on the page, as the server would.
+            browser.fill(f"{get_sum} {tid('tool-arg', field='a')}", "2")
+            browser.click(f"{get_sum} {tid('invoke-tool')}")
+            browser.wait_for(f"{get_sum} {tid('tool-problem', code='INVALID_ARGUMENT')}")
+            assert (
+                browser.data(f"{get_sum} {tid('tool-problem-violation')}")["field"] == "arguments.b"
+            )
+            browser.fill(f"{get_sum} {tid('tool-arg', field='b')}", "3")
+            browser.click(f"{get_sum} {tid('invoke-tool')}")
+            browser.wait_for(f"{get_sum} {tid('tool-result', error='false')}")
+            result = browser.eval(
+                "(s) => document.querySelector(s).textContent",
+                f"{get_sum} {tid('tool-result-text')}",
+            )
+            assert "5" in result, result
+            browser.screenshot(shots / "02-integration-tools.png")
+
+            # An assistant enabling get-sum and echo, echo only with a person's approval.
+            browser.click(tid("new-assistant"))
+            browser.fill(tid("assistant-id"), "helper")
+            browser.fill(tid("assistant-name"), "Helper")
+            browser.fill(tid("assistant-instructions"), "Use the tools.")
+            tools = tid("assistant-integration", integration=integration)
+            browser.wait_for(f"{tools} {tid('assistant-tool', tool='echo')}")
+            browser.click(f"{tools} {tid('assistant-tool', tool='get-sum')} {tid('tool-enabled')}")
+            browser.click(f"{tools} {tid('assistant-tool', tool='echo')} {tid('tool-enabled')}")
+            browser.click(f"{tools} {tid('assistant-tool', tool='echo')} {tid('tool-approval')}")
+            browser.click(tid("assistant-default-input"))
+            browser.click(tid("save-assistant"))
+            assistant = f"{workspace}/assistants/helper"
+            browser.wait_for(tid("assistant", name=assistant, default="true"))
+            browser.screenshot(shots / "03-assistant-editor.png")
+            made = server.dispatcher.GetAssistant(
+                dispatcher_pb2.GetAssistantRequest(name=assistant),
+                metadata=owner.md,
+                timeout=CALL_S,
+            ).assistant
+            assert made.workspace_default
+            [binding] = made.tools
+            assert binding.integration == integration
+            assert sorted(binding.tools) == ["echo", "get-sum"]
+            assert list(binding.approval_required_tools) == ["echo"]
+
+            # Changed elsewhere meanwhile: the page's save is refused for its etag, and says so.
+            server.dispatcher.UpdateAssistant(
+                dispatcher_pb2.UpdateAssistantRequest(
+                    assistant=dispatcher_pb2.Assistant(name=assistant, description="by a script"),
+                    update_mask=field_mask_pb2.FieldMask(paths=["description"]),
+                ),
+                metadata=owner.md,
+                timeout=CALL_S,
+            )
+            browser.fill(tid("assistant-name"), "Helper 2")
+            browser.click(tid("save-assistant"))
+            browser.wait_for(f"{tid('assistant-editor')} {tid('error', code='ABORTED')}")
+            conflict = browser.data(f"{tid('assistant-editor')} {tid('error')}")
+            assert conflict["reason"] == "ERROR_REASON_ETAG_MISMATCH"
+            assert browser.visible(tid("etag-conflict"))
+            browser.click(tid("reload-assistant"))
+            browser.wait_for(f"{tid('assistant-editor')}")
+            browser.click(tid("close-editor"))
+
+            # Try it: a new conversation, the assistant chosen in the composer.
+            browser.click(f"{tid('assistant', name=assistant)} {tid('try-assistant')}")
+            browser.wait_visible(tid("composer"))
+            browser.wait(
+                "([s, a]) => document.querySelector(s).value === a",
+                [tid("assistant-select"), assistant],
+            )
+            conversation = current(browser, "conversation-item")
+            assert conversation.startswith(f"{workspace}/conversations/")
+
+            # A sum needs no decision; the echo call waits for one, given in the inspector.
+            summed = send(browser, 'call ref__get-sum {"a": 2, "b": 40}')
+            done = run_state(browser, summed, "RUN_STATE_SUCCEEDED")
+            assert "42" in done["answer"], done
+            run = send(browser, 'call ref__echo {"message": "hello"}')
+            approve = f"{tid('run', run=run)} {tid('inspector-approve')}"
+            browser.wait_visible(approve)
+            browser.screenshot(shots / "04-run-waiting-for-approval.png")
+            # A reload: the inspector comes back with what it had and resumes WatchRun
+            # after the last sequence it saw, so nothing is shown twice.
+            before = timeline(browser, run)
+            last = max(int(e["sequence"]) for e in before)
+            browser.reload()
+            browser.wait_visible(approve)
+            again = browser.wait(
+                "(s) => { const c = document.querySelector(s);"
+                " return c?.dataset.watchedAfter && { ...c.dataset }; }",
+                tid("run", run=run),
+            )
+            assert again["restored"] == "true"
+            assert again["watchedAfter"] == str(last)
+            assert [e["sequence"] for e in timeline(browser, run)] == [
+                e["sequence"] for e in before
+            ]
+            browser.click(approve)
+            done = run_state(browser, run, "RUN_STATE_SUCCEEDED")
+            assert done["answer"] == "Tool ref__echo returned: Echo: hello", done
+            stored_run = server.run(owner, run)
+            [decided] = stored_run.required_action.tool_calls
+            assert decided.decision == dispatcher_pb2.TOOL_APPROVAL_DECISION_APPROVE
+            assert decided.decided_by == owner.name
+            # The timeline, live and complete: state changes, the call, who approved it, its
+            # result with its duration, the answer's text, usage and cost.
+            browser.wait(
+                '(run) => [...document.querySelectorAll(`[data-run="${run}"] '
+                "[data-testid=\"timeline-entry\"]`)].some((e) => e.dataset.kind === 'usage')",
+                run,
+            )
+            entries = timeline(browser, run)
+            kinds = [e["kind"] for e in entries]
+            for kind in ("state", "tool-call", "approval", "tool-result", "text", "usage"):
+                assert kind in kinds, kinds
+            assert kinds.index("tool-call") < kinds.index("approval") < kinds.index("tool-result")
+            [approval] = [e for e in entries if e["kind"] == "approval"]
+            assert approval["by"] == owner.name
+            assert owner.email in approval["text"]
+            [result_entry] = [e for e in entries if e["kind"] == "tool-result"]
+            assert result_entry["outcome"] == "TOOL_OUTCOME_SUCCEEDED"
+            assert int(result_entry["ms"]) >= 0
+            states = [e["text"] for e in entries if e["kind"] == "state"]
+            assert any("REQUIRES_ACTION" in t for t in states)
+            assert "SUCCEEDED" in states[-1]
+            sequences = [int(e["sequence"]) for e in entries]
+            assert sequences == sorted(sequences)
+            usage = browser.data(f"{tid('run', run=run)} {tid('run-usage')}")
+            assert int(usage["inputTokens"]) > 0
+            assert float(usage["costUsd"]) > 0
+            assert stored_run.usage.estimated_cost_usd == pytest.approx(float(usage["costUsd"]))
+            browser.screenshot(shots / "05-run-inspector.png")
+            # The sum, finished before the reload, is inspected on demand: its updates
+            # replayed from the start.
+            browser.click(tid("inspect-run", run=summed))
+            run_state(browser, summed, "RUN_STATE_SUCCEEDED")
+            replayed = [e["kind"] for e in timeline(browser, summed)]
+            for kind in ("state", "tool-call", "tool-result", "text"):
+                assert kind in replayed, replayed
+
+            # Readable events: titles, not resource names, and a link to what each is about.
+            browser.select(tid("event-filter"), "EVENT_TYPE_MESSAGE_CREATED")
+            summaries: list[str] = browser.eval(
+                "() => [...document.querySelectorAll('[data-testid=\"event\"]')]"
+                ".filter((e) => !e.hidden).map((e) => e.textContent)"
+            )
+            assert summaries
+            assert all("MESSAGE_CREATED" in t for t in summaries), summaries
+            assert all("workspaces/" not in t for t in summaries), summaries
+            # The conversation by its title, linked by its name.
+            assert any("Trying Helper" in t for t in summaries), summaries
+            links = browser.eval(
+                "() => [...document.querySelectorAll('[data-testid=\"event\"]')]"
+                ".filter((e) => !e.hidden).map((e) => e.querySelector('a').getAttribute('href'))"
+            )
+            assert f"#{conversation}" in links, links
+            browser.screenshot(shots / "06-readable-events.png")
+
+            # The webhook's deliveries (the receiver verified each), one sent again.
+            deadline = time.monotonic() + 30
+            while len(hooks.first_ids()) < 4:  # the two conversations' messages, at least
+                assert time.monotonic() < deadline, "the webhook got no deliveries"
+                time.sleep(0.05)  # polling the receiver, which says nothing by itself
+            browser.click(f"{tid('integration', name=webhook)} {tid('integration-deliveries')}")
+            browser.wait_for(f"{tid('delivery', state='DELIVERY_STATE_SUCCEEDED')}")
+            first = browser.data(tid("delivery", state="DELIVERY_STATE_SUCCEEDED"))
+            delivered = server.integration.ListWebhookDeliveries(
+                integration_pb2.ListWebhookDeliveriesRequest(parent=webhook, page_size=100),
+                metadata=owner.md,
+                timeout=CALL_S,
+            ).deliveries
+            [chosen] = [d for d in delivered if d.name == first["name"]]
+            assert hooks.attempts[chosen.event_id] == 1
+            browser.click(f"{tid('delivery', name=chosen.name)} {tid('redeliver')}")
+            while hooks.attempts[chosen.event_id] < 2:
+                assert time.monotonic() < deadline + 30, "the redelivery never arrived"
+                time.sleep(0.05)  # polling the receiver
+            assert hooks.bad == []
+            browser.wait_for(tid("delivery", name=chosen.name))
+            browser.screenshot(shots / "07-webhook-deliveries.png")
+
+            # Members (the viewer, as the owner added it), an API key whose secret is shown
+            # once, and the sessions: the one the script registered with signed out.
+            member = tid("member", user=viewer.name)
+            browser.wait_for(f"{member}[data-role='WORKSPACE_ROLE_VIEWER']")
+            browser.click(f"{tid('account')} > summary")
+            browser.wait_for(tid("session", current="true"))
+            browser.fill(tid("api-key-name"), "ci")
+            browser.click(tid("create-api-key"))
+            browser.wait_for(tid("api-key-secret"))
+            secret = browser.eval(
+                "(s) => document.querySelector(s).textContent", tid("api-key-secret")
+            )
+            [key] = server.auth.ListApiKeys(
+                auth_pb2.ListApiKeysRequest(page_size=10), metadata=owner.md, timeout=CALL_S
+            ).api_keys
+            assert secret.startswith(key.prefix)
+            assert key.display_name == "ci"
+            browser.wait_for(tid("api-key", name=key.name))
+            scripted = [s for s in server.sessions(owner).values() if not s.HasField("revoke_time")]
+            assert len(scripted) == 2  # the script's and the page's
+            browser.click(tid("revoke-other-sessions"))
+            browser.wait(
+                "(s) => document.querySelectorAll(s).length === 1",
+                tid("session"),
+            )
+            page_session = browser.data(tid("session-info"))["session"]
+            # The script's token went with its session; a new sign-in sees the rest.
+            after = server.sessions(server.login(owner.email))
+            assert not after[page_session].HasField("revoke_time")
+            [revoked] = [s for s in scripted if s.name != page_session]
+            assert after[revoked.name].HasField("revoke_time")
+            browser.screenshot(shots / "08-account.png")
+            assert problems(browser) == []
+
+        # A viewer: nothing to manage on the page, and a forced call refused as the server said.
+        with chromium.open(stack.origin + "/") as page:
+            sign_in(page, viewer.email)
+            page.click(tid("workspace-item", name=workspace))
+            page.wait_for(tid("assistant", name=assistant))
+            page.wait_for(tid("integration", name=integration))
+            for control in (
+                "new-assistant",
+                "edit-assistant",
+                "try-assistant",
+                "register-integration",
+                "add-member",
+            ):
+                assert not page.visible(tid(control)), control
+            page.eval(
+                "(s) => { document.querySelector(s).hidden = false; }", tid("register-integration")
+            )
+            page.click(f"{tid('register-integration')} > summary")
+            page.fill(tid("integration-id"), "forced")
+            page.fill(tid("integration-endpoint"), "http://127.0.0.1:9/mcp")
+            page.click(tid("create-integration"))
+            page.wait_for(tid("error", code="PERMISSION_DENIED", action="create-integration"))
+            refused = page.data(tid("error", action="create-integration"))
+            assert refused["reason"].startswith("ERROR_REASON_")
+            text = page.eval("(s) => document.querySelector(s).textContent", tid("error"))
+            assert "StatusCode" not in text
+            assert "[permission_denied]" not in text
+            page.screenshot(shots / "09-viewer-refused.png")
+    print(f"studio screenshots: {shots}")
 
 
 def _reason(error: grpc.RpcError) -> str:

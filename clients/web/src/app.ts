@@ -4,14 +4,18 @@
 // out, which empties every part) and the event feed, whose scopes follow the session and
 // the open workspace and whose events reach the parts that show them.
 import type { Api } from "./api";
+import { Account } from "./account";
+import { Assistants } from "./assistants";
 import { AuthScreen } from "./auth";
 import { Composer } from "./composer";
 import { formatTime, h } from "./dom";
 import type { Problem } from "./errors";
 import { EventFeed, type FeedState } from "./feed";
+import { WorkspaceRole } from "./gen/switchboard/api/context/v1/context_pb";
 import type { Event, Scope } from "./gen/switchboard/api/events/v1/events_pb";
 import { Integrations } from "./integrations";
 import { LiveEvents } from "./live";
+import { Names } from "./names";
 import { Navigation } from "./navigation";
 import { Page } from "./page";
 import { RunCards } from "./runcards";
@@ -25,6 +29,9 @@ export class App {
   private readonly runs: RunCards;
   private readonly integrations: Integrations;
   private readonly live: LiveEvents;
+  private readonly assistants: Assistants;
+  private readonly names = new Names();
+  private readonly account: Account;
   private feed: EventFeed | null = null;
 
   constructor(private readonly api: Api) {
@@ -32,24 +39,42 @@ export class App {
     if (root === null) throw new Error("index.html has no #root");
     this.page = new Page(root, () => api.tokens.signedIn);
     this.auth = new AuthScreen(api, this.page, () => this.enter());
-    this.runs = new RunCards(api, this.page);
+    this.runs = new RunCards(api, this.page, this.names);
     this.integrations = new Integrations(api, this.page);
-    this.live = new LiveEvents(this.page);
+    this.live = new LiveEvents(this.page, this.names);
     // The composer asks the navigation, built next, what is open when it needs to know.
     const composer = new Composer(api, this.page, {
       workspace: () => this.navigation.workspace,
       conversation: () => this.navigation.conversation,
       sent: (conversation, answer) => this.navigation.sent(conversation, answer),
     });
-    this.navigation = new Navigation(api, this.page, this.runs, this.integrations, composer, (workspace) =>
-      this.followWorkspace(workspace),
+    this.navigation = new Navigation(
+      api,
+      this.page,
+      this.runs,
+      this.integrations,
+      composer,
+      (workspace) => this.followWorkspace(workspace),
+      this.names,
     );
+    this.assistants = new Assistants(api, this.page, this.integrations, {
+      workspace: () => this.navigation.workspace,
+      tryIt: async (assistant) => {
+        const name = await this.navigation.openNew(`Trying ${assistant.displayName || assistant.name.split("/").pop()}`);
+        if (!name) return;
+        await composer.load();
+        composer.choose(assistant.name);
+      },
+      changed: () => void composer.load(),
+    });
+    this.account = new Account(api, this.page, this.names, () => api.tokens.end("signed out everywhere"));
+    this.navigation.column.append(...this.account.elements);
     this.consoleView = h(
       "div",
       { class: "console", "data-testid": "console" },
       this.navigation.column,
       h("section", { class: "column chat" }, ...this.navigation.chat, ...this.runs.elements, composer.element),
-      h("aside", { class: "column" }, ...this.integrations.elements, ...this.live.elements),
+      h("aside", { class: "column" }, ...this.assistants.elements, ...this.integrations.elements, ...this.live.elements),
       h("div", { class: "problems", "data-testid": "problems" }),
     );
     root.replaceChildren(this.auth.element, this.consoleView);
@@ -73,6 +98,7 @@ export class App {
     switch (change.kind) {
       case "signed-in":
         this.page.part("user").textContent = change.identity.email || change.identity.user;
+        this.names.learn(change.identity.user, change.identity.email);
         info.dataset.session = change.identity.session;
         this.renderSessionInfo();
         break;
@@ -123,9 +149,12 @@ export class App {
     this.feed = null;
     feed?.stop();
     this.integrations.stop();
+    this.assistants.clear();
+    this.account.clear();
     this.runs.clear();
     this.navigation.clear();
     this.live.clear();
+    this.names.forget();
   }
 
   private async signOut(): Promise<void> {
@@ -139,6 +168,13 @@ export class App {
   // -- The feed --------------------------------------------------------------------------
 
   private followWorkspace(workspace: string): void {
+    // Owners manage integrations and assistants; the others see no controls for it.
+    const role = this.navigation.roleOf(workspace);
+    const owner = role === WorkspaceRole.OWNER;
+    this.integrations.canManage(owner);
+    this.assistants.canManage(owner, owner || role === WorkspaceRole.EDITOR);
+    this.account.open(workspace, owner);
+    void this.assistants.load();
     const identity = this.api.tokens.identity;
     const scopes: Scope[] = [{ scope: { case: "workspace", value: workspace } } as Scope];
     if (identity) scopes.unshift({ scope: { case: "user", value: identity.user } } as Scope);
@@ -185,6 +221,7 @@ export class App {
     for (const event of events) {
       this.live.show(event);
       this.navigation.apply(event);
+      this.assistants.apply(event);
     }
     if (this.feed !== null) this.live.cursor(this.feed.cursor);
   }

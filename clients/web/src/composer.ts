@@ -79,11 +79,22 @@ export class Composer {
           h("option", { value: x.name, disabled: !x.available }, `${x.name}${x.available ? "" : " (unavailable)"}`),
         ),
       );
+      const chosen = this.assistant.value;
       this.assistant.replaceChildren(
         h("option", { value: "" }, "assistant: the workspace default"),
-        ...assistants.assistants.map((a) => h("option", { value: a.name }, a.displayName || a.name)),
+        ...assistants.assistants.map((a) =>
+          h("option", { value: a.name }, `${a.displayName || a.name}${a.workspaceDefault ? " (default)" : ""}`),
+        ),
       );
+      if (assistants.assistants.some((a) => a.name === chosen)) this.assistant.value = chosen;
     });
+  }
+
+  /** Picks the assistant the next message goes to (the handler left to it). */
+  choose(assistant: string): void {
+    this.handler.value = "";
+    this.assistant.value = assistant;
+    this.assistant.dataset.chosen = assistant;
   }
 
   private async send(): Promise<void> {

@@ -69,3 +69,9 @@ export function formatTime(date: Date | undefined): string {
   if (date === undefined) return "";
   return date.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
 }
+
+/** Replaces the element's children (null, undefined and false skipped). */
+export function fill(parent: Element, ...children: Child[]): void {
+  parent.replaceChildren();
+  append(parent, children);
+}

@@ -6,6 +6,8 @@ import { timestampDate } from "@bufbuild/protobuf/wkt";
 import { formatTime, h } from "./dom";
 import type { EventFeed, FeedState } from "./feed";
 import { type Event, EventType, SecurityEventKind } from "./gen/switchboard/api/events/v1/events_pb";
+import { MessageRole } from "./gen/switchboard/api/context/v1/context_pb";
+import type { Names } from "./names";
 import type { Page } from "./page";
 import { stateName } from "./runs";
 
@@ -19,9 +21,28 @@ export class LiveEvents {
   private readonly list = h("ol", { class: "events", "data-testid": "events" });
   private readonly history: string[] = [];
   private shown = 0;
+  private readonly filter = h(
+    "select",
+    { "data-testid": "event-filter", "aria-label": "event type", onchange: () => this.applyFilter() },
+    h("option", { value: "" }, "all types"),
+    ...Object.keys(EventType)
+      .filter((k) => Number.isNaN(Number(k)) && k !== "UNSPECIFIED")
+      .map((k) => h("option", { value: `EVENT_TYPE_${k}` }, k.toLowerCase().replaceAll("_", " "))),
+  );
 
-  constructor(private readonly page: Page) {
-    this.elements = [h("h2", {}, "Live events ", this.status), this.list];
+  constructor(
+    private readonly page: Page,
+    private readonly names: Names,
+  ) {
+    this.elements = [h("h2", {}, "Live events ", this.status), this.filter, this.list];
+  }
+
+  private applyFilter(): void {
+    const type = this.filter.value;
+    this.list.dataset.filter = type;
+    for (const item of this.list.children) {
+      if (item instanceof HTMLElement) item.hidden = type !== "" && item.dataset.type !== type;
+    }
   }
 
   /** The indicator: the feed's state, or "offline" when signed out. */
@@ -57,13 +78,15 @@ export class LiveEvents {
     const type = `EVENT_TYPE_${EventType[event.type] ?? "UNSPECIFIED"}`;
     const item = h(
       "li",
-      { "data-testid": "event", "data-id": event.id, "data-cursor": event.cursor, "data-type": type },
+      { "data-testid": "event", "data-id": event.id, "data-cursor": event.cursor, "data-type": type, "data-subject": subject(event) },
       h("time", {}, formatTime(event.time ? timestampDate(event.time) : undefined)),
       " ",
       h("strong", {}, type.replace("EVENT_TYPE_", "")),
       " ",
-      h("span", { class: "muted" }, summarize(event)),
+      h("span", { class: "muted", "data-testid": "event-summary" }, summarize(event, this.names)),
+      link(event, this.names),
     );
+    if (this.filter.value && this.filter.value !== type) item.hidden = true;
     list.prepend(item);
     this.shown += 1;
     while (this.shown > EVENTS_SHOWN && list.lastChild) {
@@ -78,20 +101,14 @@ export class LiveEvents {
   }
 }
 
-function summarize(event: Event): string {
+/** The resource an event is about, by its full name (kept in data-subject). */
+function subject(event: Event): string {
   const payload = event.payload;
   switch (payload.case) {
     case "messageCreated":
       return payload.value.message?.name ?? "";
-    case "runUpdated": {
-      const update = payload.value.update;
-      if (!update) return "";
-      const kind = update.update.case ?? "";
-      const state = update.update.case === "stateChange" && update.update.value.run ? ` ${stateName(update.update.value.run.state)}` : "";
-      return `${update.run} #${update.sequence} ${kind}${state}`;
-    }
-    case "security":
-      return `${SecurityEventKind[payload.value.kind] ?? ""} ${payload.value.session}`;
+    case "runUpdated":
+      return payload.value.update?.run ?? "";
     case "integrationChanged":
       return payload.value.integration?.name ?? "";
     case "conversationChanged":
@@ -102,5 +119,59 @@ function summarize(event: Event): string {
       return payload.value.tool;
     default:
       return event.conversation || event.workspace || event.user;
+  }
+}
+
+/** Where an event points: the conversation (or workspace) it is about, opened by the
+ *  console's own URL scheme. */
+function link(event: Event, names: Names): HTMLElement | null {
+  const target = event.conversation || event.workspace;
+  if (!target) return null;
+  return h("a", { href: `#${target}`, class: "event-link", "data-testid": "event-link", title: target }, ` → ${names.title(target)}`);
+}
+
+function summarize(event: Event, names: Names): string {
+  const payload = event.payload;
+  const by = event.user ? ` by ${names.title(event.user)}` : "";
+  switch (payload.case) {
+    case "messageCreated": {
+      const message = payload.value.message;
+      const text =
+        message?.parts
+          .map((p) =>
+            p.part.case === "text"
+              ? p.part.value
+              : p.part.case === "toolResult"
+                ? `${p.part.value.text}`
+                : p.part.case === "toolCall"
+                  ? `${p.part.value.functionName || p.part.value.tool}(…)`
+                  : "",
+          )
+          .join(" ") ?? "";
+      const role = message ? (MessageRole[message.role]?.toLowerCase() ?? "") : "";
+      return `${role} message${by}: “${text.length > 60 ? `${text.slice(0, 60)}…` : text}”`;
+    }
+    case "runUpdated": {
+      const update = payload.value.update;
+      if (!update) return "";
+      const kind = update.update.case ?? "";
+      const state = update.update.case === "stateChange" && update.update.value.run ? ` ${stateName(update.update.value.run.state).replace("RUN_STATE_", "")}` : "";
+      const tool = update.update.case === "toolCall" ? ` ${update.update.value.functionName || update.update.value.tool}` : "";
+      return `run ${update.run.split("/").pop()?.slice(0, 8) ?? ""}: ${kind}${state}${tool}`;
+    }
+    case "security":
+      return `${SecurityEventKind[payload.value.kind] ?? ""}${by}`;
+    case "integrationChanged":
+      return `integration ${names.title(payload.value.integration?.name ?? "")}${by}`;
+    case "conversationChanged":
+      return `conversation “${payload.value.conversation?.title ?? ""}”${by}`;
+    case "workspaceChanged":
+      return `workspace “${payload.value.workspace?.displayName ?? ""}”${by}`;
+    case "toolInvoked":
+      return `tool ${names.title(payload.value.tool)}${by}`;
+    case "assistantChanged":
+      return `assistant${by}`;
+    default:
+      return by.trim();
   }
 }

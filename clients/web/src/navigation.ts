@@ -7,10 +7,11 @@ import { type Api, PAGE_SIZE, requestId } from "./api";
 import type { Composer } from "./composer";
 import { h } from "./dom";
 import { local } from "./errors";
-import { type Conversation, type Message, MessageRole, type Workspace } from "./gen/switchboard/api/context/v1/context_pb";
+import { type Conversation, type Message, MessageRole, type Workspace, WorkspaceRole } from "./gen/switchboard/api/context/v1/context_pb";
 import { RunState, type SendMessageResponse } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import type { Event } from "./gen/switchboard/api/events/v1/events_pb";
 import type { Integrations } from "./integrations";
+import type { Names } from "./names";
 import type { Page } from "./page";
 import type { RunCards } from "./runcards";
 import { TERMINAL } from "./runs";
@@ -57,6 +58,7 @@ export class Navigation {
     private readonly composer: Composer,
     /** A workspace opened: the feed should carry its events too. */
     private readonly opened: (workspace: string) => void,
+    private readonly names: Names,
   ) {
     const form = (action: () => Promise<void>, ...children: HTMLElement[]): HTMLElement =>
       h(
@@ -152,6 +154,21 @@ export class Navigation {
     }
   }
 
+  /** The signed-in user's role in a listed workspace (UNSPECIFIED when not listed). */
+  roleOf(name: string): WorkspaceRole {
+    return this.workspaces.find((w) => w.name === name)?.callerRole ?? WorkspaceRole.UNSPECIFIED;
+  }
+
+  /** A new conversation in the open workspace, opened; its name. */
+  async openNew(title: string): Promise<string> {
+    const parent = this.workspace;
+    const answer = await this.api.context.createConversation({ parent, conversation: { title }, requestId: requestId() });
+    const name = answer.conversation?.name ?? "";
+    await this.loadConversations();
+    if (name) await this.pickWorkspace(parent, name);
+    return name;
+  }
+
   /** SendMessage's answer, shown if its conversation is still the open one. */
   sent(conversation: string, answer: SendMessageResponse): void {
     if (answer.message && conversation === this.conversation) this.addMessages([answer.message]);
@@ -182,6 +199,7 @@ export class Navigation {
         pageToken = page.nextPageToken;
       } while (pageToken && all.length < 1_000);
       this.workspaces = all;
+      for (const w of all) this.names.learn(w.name, w.displayName);
       this.renderWorkspaces();
     });
   }
@@ -260,6 +278,7 @@ export class Navigation {
       const page = await this.api.context.listConversations({ parent, pageSize: PAGE_SIZE });
       if (parent !== this.workspace) return;
       this.conversations = page.conversations;
+      for (const c of page.conversations) this.names.learn(c.name, c.title);
       this.renderConversations();
     });
   }
@@ -329,6 +348,10 @@ export class Navigation {
       });
       if (name !== this.conversation) return;
       for (const run of active.runs.reverse()) this.runs.follow(run.name, run);
+      // The finished ones, newest first: inspected on demand.
+      const recent = await this.api.dispatcher.listRuns({ parent: name, pageSize: 10 });
+      if (name !== this.conversation) return;
+      this.runs.earlier(recent.runs.filter((r) => TERMINAL.has(r.state)));
     });
   }
 

@@ -9,13 +9,16 @@ import { renderProblem } from "./errors";
 import { type Run, RunState, ToolApprovalDecision } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import { ToolOutcome } from "./gen/switchboard/api/handler/v1/handler_pb";
 import type { Page } from "./page";
-import { RunView, stateName } from "./runs";
+import type { Names } from "./names";
+import { RunView, type TimelineEntry, forgetRuns, stateName } from "./runs";
 
 export class RunCards {
   /** The cards, then the approvals. */
   readonly elements: HTMLElement[];
   private readonly list = h("div", { "data-testid": "runs" });
   private readonly approvals = h("div", { "data-testid": "approvals" });
+  /** The conversation's finished runs not shown here, each to be inspected on demand. */
+  private readonly earlierList = h("div", { class: "row earlier", "data-testid": "earlier-runs" });
   private readonly runs = new Map<string, RunView>();
   private readonly cards = new Map<string, HTMLElement>();
   /** Denial reasons being typed, by tool call id. */
@@ -26,8 +29,9 @@ export class RunCards {
   constructor(
     private readonly api: Api,
     private readonly page: Page,
+    private readonly names: Names,
   ) {
-    this.elements = [this.list, this.approvals];
+    this.elements = [this.earlierList, this.list, this.approvals];
   }
 
   has(name: string): boolean {
@@ -45,15 +49,41 @@ export class RunCards {
 
   follow(name: string, run?: Run): void {
     if (this.runs.has(name)) return;
-    const view = new RunView(name, (v) => this.renderRun(v));
+    const view = new RunView(name, (v) => this.renderRun(v), window.sessionStorage);
     this.runs.set(name, view);
     if (run) view.adopt(run);
     this.render();
     view.watch(this.api);
   }
 
+  /** The conversation's recent runs: those not followed get an "inspect" button, which
+   *  replays their updates (WatchRun from the start) into a card of their own. */
+  earlier(runs: Run[]): void {
+    const others = runs.filter((r) => !this.runs.has(r.name));
+    this.earlierList.replaceChildren(
+      ...(others.length ? [h("span", { class: "muted" }, "Earlier runs:")] : []),
+      ...others.reverse().map((run) =>
+        h(
+          "button",
+          {
+            type: "button",
+            "data-testid": "inspect-run",
+            "data-run": run.name,
+            title: run.name,
+            onclick: (event: globalThis.Event) => {
+              (event.currentTarget as HTMLElement).remove();
+              this.follow(run.name);
+            },
+          },
+          `${stateName(run.state).replace("RUN_STATE_", "").toLowerCase()} ${run.createTime ? formatTime(timestampDate(run.createTime)) : ""}`,
+        ),
+      ),
+    );
+  }
+
   /** Another conversation opened: its runs are not these. */
   stop(): void {
+    this.earlierList.replaceChildren();
     for (const run of this.runs.values()) run.stop();
     this.runs.clear();
     this.cards.clear();
@@ -63,10 +93,12 @@ export class RunCards {
   /** Signed out: nothing followed, shown or remembered for the next session. */
   clear(): void {
     this.stop();
+    forgetRuns(window.sessionStorage);
     this.reasons.clear();
     delete this.approvals.dataset.key;
     this.list.replaceChildren();
     this.approvals.replaceChildren();
+    this.earlierList.replaceChildren();
   }
 
   render(): void {
@@ -101,6 +133,12 @@ export class RunCards {
         h("div", { "data-part": "tools" }),
         h("div", { class: "answer", "data-testid": "run-answer" }),
         h("div", { "data-part": "end" }),
+        h(
+          "details",
+          { class: "inspector", "data-testid": "inspector", open: true },
+          h("summary", {}, "Run inspector ", h("span", { class: "muted", "data-testid": "run-usage" })),
+          h("ol", { class: "timeline", "data-testid": "timeline" }),
+        ),
       );
       this.cards.set(view.name, card);
     }
@@ -110,6 +148,8 @@ export class RunCards {
       state,
       deltas: String(view.deltas),
       resumes: String(view.resumes),
+      restored: String(view.restored),
+      watchedAfter: view.firstAfter,
       live: String(view.live),
     });
     const badge = card.querySelector<HTMLElement>('[data-testid="run-state"]');
@@ -142,6 +182,7 @@ export class RunCards {
       );
     }
     setText(card, '[data-testid="run-answer"]', view.text);
+    this.renderTimeline(card, view);
     // Streamed here while it grows; once the answer is a message of the conversation it is
     // shown there, and only there.
     const output = view.run?.outputMessage ?? "";
@@ -157,6 +198,79 @@ export class RunCards {
           : []),
     );
     return card;
+  }
+
+  /** The inspector: every entry of the run's timeline, rebuilt only when it changed; a
+   *  tool call still waiting for a decision has its Approve and Deny right there. */
+  private renderTimeline(card: HTMLElement, view: RunView): void {
+    const list = card.querySelector<HTMLElement>('[data-testid="timeline"]');
+    if (!list) return;
+    const last = view.timeline[view.timeline.length - 1];
+    const pending = new Set(
+      view.state === RunState.REQUIRES_ACTION
+        ? (view.run?.requiredAction?.toolCalls ?? []).filter((c) => c.decision === ToolApprovalDecision.UNSPECIFIED).map((c) => c.call?.id ?? "")
+        : [],
+    );
+    const key = `${view.timeline.length}:${last?.detail.length ?? 0}:${[...pending].join(",")}`;
+    if (list.dataset.key === key) return;
+    list.dataset.key = key;
+    const usage = view.usage;
+    const usageLine = card.querySelector<HTMLElement>('[data-testid="run-usage"]');
+    if (usageLine && usage) {
+      usageLine.textContent = `· ${usage.inputTokens + usage.outputTokens} tokens · $${usage.estimatedCostUsd.toFixed(4)}`;
+      Object.assign(usageLine.dataset, {
+        inputTokens: String(usage.inputTokens),
+        outputTokens: String(usage.outputTokens),
+        costUsd: String(usage.estimatedCostUsd),
+      });
+    }
+    const start = view.timeline.find((e) => e.at)?.at ?? 0;
+    list.replaceChildren(...view.timeline.map((entry) => this.entry(view, entry, start, pending)));
+  }
+
+  private entry(view: RunView, entry: TimelineEntry, start: number, pending: Set<string>): HTMLElement {
+    const waiting = entry.kind === "tool-call" && entry.id !== undefined && pending.has(entry.id);
+    const id = entry.id ?? "";
+    const reason = waiting
+      ? h("input", { "data-testid": "inspector-deny-reason", placeholder: "reason (shown to the model)", maxlength: 500 })
+      : null;
+    return h(
+      "li",
+      {
+        class: `entry k-${entry.kind}`,
+        "data-testid": "timeline-entry",
+        "data-kind": entry.kind,
+        "data-sequence": entry.sequence,
+        "data-call-id": entry.id,
+        "data-by": entry.by,
+        "data-outcome": entry.outcome,
+        "data-count": entry.count,
+        "data-ms": entry.ms,
+      },
+      h("span", { class: "muted when" }, entry.at && start ? `+${((entry.at - start) / 1000).toFixed(2)} s` : ""),
+      h("strong", {}, entry.label),
+      entry.kind === "text"
+        ? h("span", { class: "muted" }, entry.count ? ` (${entry.count} ${entry.count === 1 ? "delta" : "deltas"})` : " (from the result)")
+        : null,
+      entry.ms !== undefined
+        ? h(
+            "span",
+            { class: "muted", "data-testid": "entry-duration", title: entry.kind === "state" ? "since the previous state" : "how long the call took" },
+            ` ${entry.ms} ms`,
+          )
+        : null,
+      entry.by ? h("span", { "data-testid": "entry-by" }, ` by ${this.names.title(entry.by)}`) : null,
+      entry.detail ? h(entry.kind === "text" ? "div" : "code", { class: "detail" }, entry.detail) : null,
+      waiting
+        ? h(
+            "div",
+            { class: "row" },
+            reason,
+            h("button", { type: "button", "data-testid": "inspector-approve", class: "approve", onclick: () => void this.decide(view, id, ToolApprovalDecision.APPROVE, "") }, "Approve"),
+            h("button", { type: "button", "data-testid": "inspector-deny", onclick: () => void this.decide(view, id, ToolApprovalDecision.DENY, reason?.value ?? "") }, "Deny"),
+          )
+        : null,
+    );
   }
 
   private async cancel(view: RunView): Promise<void> {

@@ -2,6 +2,7 @@
 // the answer appended delta by delta, its tool calls and results, what it waits for.
 // WatchRun resumes with the last sequence seen, so a dropped stream loses nothing and
 // repeats nothing.
+import { durationMs, timestampDate } from "@bufbuild/protobuf/wkt";
 import type { Api } from "./api";
 import type { Problem } from "./errors";
 import { follow } from "./follow";
@@ -11,7 +12,48 @@ import {
   RunState,
   type WatchRunResponse,
 } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
-import type { ToolCall, ToolResult } from "./gen/switchboard/api/handler/v1/handler_pb";
+import { type ToolCall, ToolOutcome, type ToolResult, type Usage } from "./gen/switchboard/api/handler/v1/handler_pb";
+import { ToolApprovalDecision } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
+
+/** One line of the run inspector's timeline (plain data: it is kept across a reload). */
+export interface TimelineEntry {
+  kind: "state" | "text" | "progress" | "tool-call" | "tool-result" | "approval" | "usage" | "attempt";
+  sequence: string;
+  /** When it happened (ms since the epoch), 0 if unknown. */
+  at: number;
+  label: string;
+  detail: string;
+  /** Milliseconds it took (a tool call's, a state's time since the previous one). */
+  ms?: number;
+  /** Folded deltas (for "text"), the tool call id (for tool entries), a decision's user. */
+  count?: number;
+  id?: string;
+  by?: string;
+  outcome?: string;
+}
+
+/** What a reload keeps of a run still going: enough to resume after its last sequence. */
+interface Saved {
+  lastSequence: string;
+  text: string;
+  deltas: number;
+  state: number;
+  timeline: TimelineEntry[];
+}
+
+const SAVED = "switchboard.console.run:";
+
+/** Forgets every run's kept timeline (signed out: the next user of the tab sees none). */
+export function forgetRuns(storage: Storage): void {
+  for (const key of Object.keys(storage)) if (key.startsWith(SAVED)) storage.removeItem(key);
+}
+
+function usageLine(usage: Usage): string {
+  const parts = [`${usage.inputTokens} in / ${usage.outputTokens} out tokens${usage.estimated ? " (estimated)" : ""}`];
+  parts.push(`$${usage.estimatedCostUsd.toFixed(6)}`);
+  if (usage.model) parts.push(usage.model);
+  return parts.join(" · ");
+}
 
 /** Each attempt at a run numbers its updates in its own block of 2^32 sequences. */
 const ATTEMPT_BITS = 32n;
@@ -36,6 +78,13 @@ export class RunView {
   progress = "";
   calls: ToolCall[] = [];
   results: ToolResult[] = [];
+  /** The inspector's timeline: state changes, text (deltas folded), tool calls and their
+   *  results with durations, approvals and who gave them, usage and cost. */
+  timeline: TimelineEntry[] = [];
+  usage: Usage | undefined;
+  /** Decisions already on the timeline, `id=decision`. */
+  private readonly decided = new Set<string>();
+  private lastStateAt = 0;
   /** Times the watch was reopened after a drop. */
   resumes = 0;
   live = false;
@@ -45,7 +94,53 @@ export class RunView {
   constructor(
     readonly name: string,
     private readonly changed: (view: RunView) => void,
-  ) {}
+    private readonly storage: Storage | null = null,
+  ) {
+    // A reload while it ran: what the page had, and the sequence to resume after.
+    const raw = storage?.getItem(SAVED + name);
+    if (raw) {
+      try {
+        const saved = JSON.parse(raw) as Saved;
+        this.lastSequence = BigInt(saved.lastSequence);
+        this.text = saved.text;
+        this.deltas = saved.deltas;
+        this.state = saved.state as RunState;
+        this.timeline = saved.timeline;
+        this.restored = true;
+      } catch {
+        storage?.removeItem(SAVED + name);
+      }
+    }
+  }
+
+  /** Whether the view began from what a reload kept. */
+  restored = false;
+  /** The sequence the first WatchRun of this page asked to resume after. */
+  firstAfter = "";
+
+  private save(): void {
+    if (this.storage === null) return;
+    if (this.terminal) {
+      this.storage.removeItem(SAVED + this.name);
+      return;
+    }
+    const saved: Saved = {
+      lastSequence: String(this.lastSequence),
+      text: this.text,
+      deltas: this.deltas,
+      state: this.state,
+      timeline: this.timeline,
+    };
+    try {
+      this.storage.setItem(SAVED + this.name, JSON.stringify(saved));
+    } catch {
+      // Storage full: a reload replays the run from its start instead.
+    }
+  }
+
+  private add(entry: TimelineEntry): void {
+    this.timeline.push(entry);
+  }
 
   get terminal(): boolean {
     return TERMINAL.has(this.state);
@@ -58,6 +153,7 @@ export class RunView {
       {
         open: (headers, signal) => {
           if (openings++ > 0) this.resumes += 1;
+          else this.firstAfter = String(this.lastSequence);
           return api.dispatcher.watchRun(
             { name: this.name, afterSequence: this.lastSequence },
             { headers, signal, timeoutMs: 0 },
@@ -95,7 +191,29 @@ export class RunView {
     if (run.lastSequence < this.lastSequence) return;
     this.run = run;
     this.state = run.state;
+    this.noteDecisions(run, Date.now(), String(this.lastSequence));
     this.changed(this);
+  }
+
+  /** Decisions made on the run's pending calls, each once, with who made them. */
+  private noteDecisions(run: Run, at: number, sequence: string): void {
+    for (const pending of run.requiredAction?.toolCalls ?? []) {
+      const id = pending.call?.id ?? "";
+      if (pending.decision === ToolApprovalDecision.UNSPECIFIED) continue;
+      const key = `${id}=${pending.decision}`;
+      if (this.decided.has(key) || this.timeline.some((e) => e.kind === "approval" && e.id === id)) continue;
+      this.decided.add(key);
+      const approved = pending.decision === ToolApprovalDecision.APPROVE;
+      this.add({
+        kind: "approval",
+        sequence,
+        at: pending.decideTime ? timestampDate(pending.decideTime).getTime() : at,
+        label: approved ? "approved" : "denied",
+        detail: `${pending.call?.functionName || pending.call?.tool || id}${pending.reason ? `: ${pending.reason}` : ""}`,
+        id,
+        by: pending.decidedBy,
+      });
+    }
   }
 
   apply(update: RunUpdate): void {
@@ -107,8 +225,14 @@ export class RunView {
       this.text = "";
       this.deltas = 0;
     }
+    if (update.sequence >> ATTEMPT_BITS > this.lastSequence >> ATTEMPT_BITS && this.lastSequence > 0n) {
+      this.add({ kind: "attempt", sequence: String(update.sequence), at: 0, label: "new attempt", detail: "the run was recovered and starts over" });
+    }
     this.lastSequence = update.sequence;
+    const at = update.time ? timestampDate(update.time).getTime() : 0;
+    const sequence = String(update.sequence);
     const change = update.update;
+    this.record(change, at, sequence);
     switch (change.case) {
       case "stateChange": {
         const run = change.value.run;
@@ -147,6 +271,82 @@ export class RunView {
       default:
         break;
     }
+    this.save();
     this.changed(this);
+  }
+
+  private record(change: RunUpdate["update"], at: number, sequence: string): void {
+    const last = this.timeline[this.timeline.length - 1];
+    switch (change.case) {
+      case "stateChange": {
+        const run = change.value.run;
+        if (!run) return;
+        const ms = this.lastStateAt && at ? at - this.lastStateAt : undefined;
+        if (at) this.lastStateAt = at;
+        const detail = run.state === RunState.QUEUED && run.routingReason ? run.routingReason : run.error?.message ?? "";
+        this.add({ kind: "state", sequence, at, label: stateName(run.state).replace("RUN_STATE_", ""), detail, ...(ms !== undefined ? { ms } : {}) });
+        this.noteDecisions(run, at, sequence);
+        if (run.usage && TERMINAL.has(run.state) && !this.timeline.some((e) => e.kind === "usage") && (run.usage.inputTokens || run.usage.outputTokens || run.usage.estimatedCostUsd)) {
+          this.usage = run.usage;
+          this.add({ kind: "usage", sequence, at, label: "usage", detail: usageLine(run.usage) });
+        }
+        return;
+      }
+      case "delta":
+        // Deltas fold into the text they write: one entry per stretch of text.
+        if (last?.kind === "text") {
+          last.detail += change.value.text;
+          last.count = (last.count ?? 1) + 1;
+        } else {
+          this.add({ kind: "text", sequence, at, label: "text", detail: change.value.text, count: 1 });
+        }
+        return;
+      case "progress":
+        this.add({ kind: "progress", sequence, at, label: "progress", detail: change.value.stage });
+        return;
+      case "toolCall": {
+        const call = change.value;
+        this.add({
+          kind: "tool-call",
+          sequence,
+          at,
+          label: call.requiresApproval ? "tool call (needs approval)" : "tool call",
+          detail: `${call.functionName || call.tool}(${call.invalidArguments || JSON.stringify(call.arguments ?? {})})`,
+          id: call.id,
+        });
+        return;
+      }
+      case "toolResult": {
+        const result = change.value;
+        this.add({
+          kind: "tool-result",
+          sequence,
+          at,
+          label: `result ${ToolOutcome[result.outcome]?.toLowerCase() ?? ""}`,
+          detail: result.text || (result.result ? JSON.stringify(result.result) : ""),
+          ms: result.duration ? durationMs(result.duration) : 0,
+          id: result.id,
+          outcome: `TOOL_OUTCOME_${ToolOutcome[result.outcome] ?? ""}`,
+        });
+        return;
+      }
+      case "result": {
+        // A run watched after it ended may have no deltas to replay (the durable log need
+        // not keep them): its text comes from the result then.
+        const since = this.timeline.map((e) => e.kind).lastIndexOf("attempt");
+        if (!this.timeline.slice(since + 1).some((e) => e.kind === "text")) {
+          const whole = change.value.parts.map((part) => (part.part.case === "text" ? part.part.value : "")).join("");
+          if (whole) this.add({ kind: "text", sequence, at, label: "text", detail: whole, count: 0 });
+        }
+        const usage = change.value.usage;
+        if (usage) {
+          this.usage = usage;
+          this.add({ kind: "usage", sequence, at, label: "usage", detail: usageLine(usage) });
+        }
+        return;
+      }
+      default:
+        return;
+    }
   }
 }

@@ -1134,17 +1134,7 @@ def _cluster(service: str, spec: EdgeSpec, *, streams: bool) -> Cluster:
                 )
             )
         },
-        load_assignment=ClusterLoadAssignment(
-            cluster_name=name,
-            endpoints=[
-                LocalityLbEndpoints(
-                    lb_endpoints=[
-                        LbEndpoint(endpoint=Endpoint(address=_address(replica)))
-                        for replica in replicas
-                    ]
-                )
-            ],
-        ),
+        load_assignment=_endpoints(name, replicas),
         circuit_breakers=CircuitBreakers(thresholds=[thresholds]),
         health_checks=[_health_check(service, spec)],
         outlier_detection=OutlierDetection(
@@ -1168,6 +1158,18 @@ def _cluster(service: str, spec: EdgeSpec, *, streams: bool) -> Cluster:
     return cluster
 
 
+def _endpoints(cluster_name: str, where: Sequence[HostPort]) -> ClusterLoadAssignment:
+    """The cluster's addresses, one locality."""
+    return ClusterLoadAssignment(
+        cluster_name=cluster_name,
+        endpoints=[
+            LocalityLbEndpoints(
+                lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=_address(one))) for one in where]
+            )
+        ],
+    )
+
+
 def _edge_health_cluster(where: HostPort, spec: EdgeSpec) -> Cluster:
     """``switchboard edge-health``: HTTP/2, no health check of its own (its ``""`` says
     whether the deployment serves, not whether it answers)."""
@@ -1184,14 +1186,7 @@ def _edge_health_cluster(where: HostPort, spec: EdgeSpec) -> Cluster:
                 )
             )
         },
-        load_assignment=ClusterLoadAssignment(
-            cluster_name=EDGE_HEALTH_CLUSTER,
-            endpoints=[
-                LocalityLbEndpoints(
-                    lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=_address(where)))]
-                )
-            ],
-        ),
+        load_assignment=_endpoints(EDGE_HEALTH_CLUSTER, [where]),
     )
     if not where.is_ip:
         cluster.dns_lookup_family = ClusterDnsLookupFamily.V4_PREFERRED
@@ -1204,14 +1199,7 @@ def _collector_cluster(tracing: Tracing, spec: EdgeSpec) -> Cluster:
         name=OTLP_CLUSTER,
         type=ClusterDiscoveryType.STATIC if where.is_ip else ClusterDiscoveryType.STRICT_DNS,
         connect_timeout=_seconds(spec.connect_timeout_s),
-        load_assignment=ClusterLoadAssignment(
-            cluster_name=OTLP_CLUSTER,
-            endpoints=[
-                LocalityLbEndpoints(
-                    lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=_address(where)))]
-                )
-            ],
-        ),
+        load_assignment=_endpoints(OTLP_CLUSTER, [where]),
     )
     if not where.is_ip:
         cluster.dns_lookup_family = ClusterDnsLookupFamily.V4_PREFERRED

@@ -10,7 +10,7 @@ Cancellation is the task's: ``cancel`` cancels the task, which raises
 ``CancelledError`` inside the handler (a remote handler's gRPC call or the
 LLM's HTTP response is closed by that), and the run ends CANCELLED. The
 deadline is an ``asyncio.timeout`` around the same task, stopped while the run
-waits for approvals (``_RunClock``), and remote handlers get the remaining
+waits for approvals (``runclock.py``), and remote handlers get the remaining
 time as their gRPC deadline.
 """
 
@@ -45,6 +45,7 @@ from switchboard.dispatcher.live import (
 )
 from switchboard.dispatcher.publishing import Publishing
 from switchboard.dispatcher.router import Router
+from switchboard.dispatcher.runclock import RunClock
 from switchboard.dispatcher.scheduler import Scheduler, Ticket
 from switchboard.dispatcher.store import TERMINAL, RunStore
 from switchboard.dispatcher.toolport import ToolPort
@@ -211,7 +212,7 @@ class Execution:
     async def _drive(self, active: Active) -> tuple[cpb.Message, handler_pb2.HandleResult]:
         """Context, handler, answer: everything a run does under its deadline."""
         run = active.run
-        clock = _RunClock(active.timeout_s)
+        clock = RunClock(active.timeout_s)
         left = clock.left
 
         async with asyncio.timeout(active.timeout_s) as scope:
@@ -289,7 +290,7 @@ class Execution:
         self,
         active: Active,
         definitions: Sequence[handler_pb2.ToolDefinition],
-        clock: _RunClock,
+        clock: RunClock,
     ) -> RunTools | None:
         """The run's tool runner: when its assistant offers tools, or its handler is
         an interactive expert (which may name any tool of the workspace when the
@@ -559,45 +560,10 @@ def _ignore(_text: str) -> None:
     pass
 
 
-class _RunClock:
-    """A run's deadline: ``timeout_s`` of its own time, stopped while it waits for
-    a person. The deadline is meant for compute; a pause has its own bound (the
-    approval timeout, ``RunTools``), so the run gets back what is left when it
-    resumes."""
-
-    def __init__(self, timeout_s: float) -> None:
-        #: ``time.monotonic()`` by which the run must finish, while it runs.
-        self.deadline = time.monotonic() + timeout_s
-        self.scope: asyncio.Timeout | None = None
-        #: The handler's call: its deadline moves with the run's.
-        self.call: HandleCall | None = None
-        self._paused_at: float | None = None
-
-    def left(self) -> float:
-        now = self._paused_at if self._paused_at is not None else time.monotonic()
-        return max(0.001, self.deadline - now)
-
-    def pause(self) -> None:
-        if self._paused_at is None:
-            self._paused_at = time.monotonic()
-            if self.scope is not None:
-                self.scope.reschedule(None)
-
-    def resume(self) -> None:
-        if self._paused_at is None:
-            return
-        self.deadline += time.monotonic() - self._paused_at
-        self._paused_at = None
-        if self.call is not None:
-            self.call.deadline = self.deadline
-        if self.scope is not None:
-            self.scope.reschedule(asyncio.get_running_loop().time() + self.left())
-
-
 class _RunHost:
     """The execution stage, as one run's tool runner sees it."""
 
-    def __init__(self, execution: Execution, active: Active, clock: _RunClock) -> None:
+    def __init__(self, execution: Execution, active: Active, clock: RunClock) -> None:
         self._execution = execution
         self._active = active
         self._clock = clock

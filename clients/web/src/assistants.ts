@@ -1,0 +1,346 @@
+// The open workspace's assistants: listed (the default marked), created and edited by
+// owners (instructions, handler, model settings, the tools each integration lends it and
+// which of them need a person's approval, context budget, tool-step limit, the workspace
+// default), with the etag sent back so a change made elsewhere meanwhile is refused as
+// such (ABORTED / ERROR_REASON_ETAG_MISMATCH) rather than overwritten; and "Try it", a
+// conversation opened beside the editor with the assistant chosen in the composer.
+import { type Api, PAGE_SIZE, requestId } from "./api";
+import { fill, h } from "./dom";
+import { type Problem, problem, renderProblem } from "./errors";
+import type { Assistant, AssistantTools } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
+import type { Event } from "./gen/switchboard/api/events/v1/events_pb";
+import { IntegrationKind } from "./gen/switchboard/api/integration/v1/integration_pb";
+import { type Integrations, lastSegment } from "./integrations";
+import type { Page } from "./page";
+
+export interface AssistantsHost {
+  workspace(): string;
+  /** Opens a new conversation to try the assistant in, the assistant chosen. */
+  tryIt(assistant: Assistant): Promise<void>;
+  /** The list changed (the composer's choices follow). */
+  changed(): void;
+}
+
+const FIELDS = [
+  "display_name",
+  "description",
+  "instructions",
+  "handler",
+  "model",
+  "tools",
+  "context_token_budget",
+  "max_tool_steps",
+  "workspace_default",
+];
+
+export class Assistants {
+  readonly elements: HTMLElement[];
+  private readonly list = h("ul", { class: "list", "data-testid": "assistants" });
+  private readonly editor = h("form", { class: "inline editor", "data-testid": "assistant-editor", hidden: true });
+  private readonly newButton = h(
+    "button",
+    { type: "button", class: "manage", "data-testid": "new-assistant", hidden: true, onclick: () => void this.edit(null) },
+    "New assistant",
+  );
+  private assistants: Assistant[] = [];
+  private handlers: string[] = [];
+  private manage = false;
+  private write = false;
+  /** The assistant being edited ("" for a new one), null when the editor is closed. */
+  private editing: string | null = null;
+  private etag = "";
+
+  constructor(
+    private readonly api: Api,
+    private readonly page: Page,
+    private readonly integrations: Integrations,
+    private readonly host: AssistantsHost,
+  ) {
+    this.elements = [h("h2", {}, "Assistants"), this.list, this.newButton, this.editor];
+    this.editor.addEventListener("submit", (event) => {
+      event.preventDefault();
+      void this.save();
+    });
+  }
+
+  /** Owners manage assistants; editors and owners try them (a viewer cannot write). */
+  canManage(manage: boolean, write: boolean): void {
+    this.write = write;
+    this.manage = manage;
+    this.newButton.hidden = !manage;
+    if (!manage) this.close();
+    this.render();
+  }
+
+  all(): Assistant[] {
+    return this.assistants;
+  }
+
+  async load(): Promise<void> {
+    const parent = this.host.workspace();
+    if (!parent) return;
+    await this.page.busy("list-assistants", async () => {
+      const [assistants, handlers] = await Promise.all([
+        this.api.dispatcher.listAssistants({ parent, pageSize: PAGE_SIZE }),
+        this.api.dispatcher.listHandlers({ parent, pageSize: PAGE_SIZE }),
+      ]);
+      if (parent !== this.host.workspace()) return;
+      this.assistants = assistants.assistants;
+      this.handlers = handlers.handlers.map((x) => x.name);
+      this.render();
+    });
+  }
+
+  apply(event: Event): void {
+    if (event.payload.case === "assistantChanged" && event.workspace === this.host.workspace()) {
+      void this.load().then(() => this.host.changed());
+    }
+  }
+
+  clear(): void {
+    this.assistants = [];
+    this.close();
+    this.list.replaceChildren();
+  }
+
+  private render(): void {
+    if (this.assistants.length === 0) {
+      fill(
+        this.list,
+        h(
+          "li",
+          { class: "muted", "data-testid": "assistants-empty" },
+          this.host.workspace()
+            ? this.manage
+              ? "None yet: register an integration below, then create an assistant that uses its tools."
+              : "None in this workspace."
+            : "",
+        ),
+      );
+      return;
+    }
+    this.list.replaceChildren(
+      ...this.assistants.map((a) =>
+        h(
+          "li",
+          { class: "assistant", "data-testid": "assistant", "data-name": a.name, "data-default": String(a.workspaceDefault) },
+          h("strong", {}, a.displayName || lastSegment(a.name)),
+          a.workspaceDefault ? h("span", { class: "badge", "data-testid": "assistant-default" }, "default") : null,
+          h("span", { class: "muted" }, ` ${a.handler || "handlers/llm"}${a.tools.length ? ` · ${a.tools.length} integration${a.tools.length > 1 ? "s" : ""}` : ""}`),
+          h(
+            "div",
+            { class: "row" },
+            h("button", { type: "button", "data-testid": "try-assistant", hidden: !this.write, onclick: () => void this.page.busy("try-assistant", () => this.host.tryIt(a)) }, "Try it"),
+            h("button", { type: "button", class: "manage", hidden: !this.manage, "data-testid": "edit-assistant", onclick: () => void this.edit(a) }, "Edit"),
+          ),
+        ),
+      ),
+    );
+  }
+
+  private close(): void {
+    this.editing = null;
+    this.editor.hidden = true;
+    this.editor.replaceChildren();
+  }
+
+  /** Opens the editor on `assistant` (null: a new one). */
+  private async edit(assistant: Assistant | null): Promise<void> {
+    this.editing = assistant?.name ?? "";
+    this.etag = assistant?.etag ?? "";
+    const a = assistant;
+    const field = (testid: string, label: string, input: HTMLElement): HTMLElement => {
+      input.dataset.testid = testid;
+      input.setAttribute("aria-label", label);
+      return h("label", {}, label, input);
+    };
+    const id = h("input", { placeholder: "e.g. helper", pattern: "[a-z][a-z0-9\\-]{1,62}" });
+    const handler = h(
+      "select",
+      {},
+      h("option", { value: "" }, "handlers/llm (a model)"),
+      ...this.handlers.map((name) => h("option", { value: name }, name)),
+    );
+    handler.value = a?.handler ?? "";
+    const model = a?.model;
+    const numberInput = (value: number | undefined, attrs: Record<string, string | number> = {}): HTMLInputElement =>
+      h("input", { type: "number", value: value ? String(value) : "", ...attrs });
+    fill(
+      this.editor,
+      h("h3", { "data-testid": "editor-title" }, a ? `Edit ${a.displayName || lastSegment(a.name)}` : "New assistant"),
+      a ? null : field("assistant-id", "id", id),
+      field("assistant-name", "Display name", h("input", { value: a?.displayName ?? "", required: true, maxlength: 200 })),
+      field("assistant-instructions", "Instructions", h("textarea", { rows: 4 }, a?.instructions ?? "")),
+      field("assistant-handler", "Handler", handler),
+      h(
+        "div",
+        { class: "row" },
+        field("assistant-provider", "Provider", h("input", { value: model?.provider ?? "", placeholder: "configured chain" })),
+        field("assistant-model", "Model", h("input", { value: model?.model ?? "", placeholder: "provider's" })),
+        field("assistant-temperature", "Temperature", numberInput(model?.temperature, { min: 0, max: 2, step: "any" })),
+        field("assistant-max-output", "Max output tokens", numberInput(model?.maxOutputTokens, { min: 0 })),
+      ),
+      h(
+        "div",
+        { class: "row" },
+        field("assistant-budget", "Context token budget", numberInput(a?.contextTokenBudget, { min: 0 })),
+        field("assistant-steps", "Tool-step limit", numberInput(a?.maxToolSteps, { min: 0, max: 32 })),
+      ),
+      h("fieldset", { "data-testid": "assistant-tools" }, h("legend", {}, "Tools (✓ enables, ✋ needs approval)"), h("span", { class: "muted" }, "Loading…")),
+      h(
+        "label",
+        { class: "check" },
+        h("input", { type: "checkbox", "data-testid": "assistant-default-input", checked: a?.workspaceDefault ?? false }),
+        " The workspace default (answers messages that name no assistant)",
+      ),
+      h("div", { "data-testid": "editor-problem" }),
+      h(
+        "div",
+        { class: "row" },
+        h("button", { type: "submit", "data-testid": "save-assistant" }, a ? "Save" : "Create"),
+        h("button", { type: "button", "data-testid": "close-editor", onclick: () => this.close() }, "Close"),
+      ),
+    );
+    this.editor.hidden = false;
+    const textarea = this.editor.querySelector<HTMLTextAreaElement>('[data-testid="assistant-instructions"]');
+    if (textarea) textarea.value = a?.instructions ?? "";
+    await this.renderTools(a?.tools ?? []);
+  }
+
+  private async renderTools(enabled: AssistantTools[]): Promise<void> {
+    const box = this.editor.querySelector<HTMLElement>('[data-testid="assistant-tools"]');
+    if (!box) return;
+    const rows: HTMLElement[] = [];
+    // Webhooks lend no tools.
+    for (const integration of this.integrations.all().filter((i) => i.kind !== IntegrationKind.WEBHOOK)) {
+      const chosen = enabled.find((t) => t.integration === integration.name);
+      let tools: string[] = [];
+      let failure: Problem | undefined;
+      try {
+        tools = (await this.integrations.tools(integration.name)).map((t) => t.name.split("/").pop() ?? t.name);
+      } catch (error) {
+        failure = problem(error);
+      }
+      rows.push(
+        h(
+          "div",
+          { class: "tool-choice", "data-testid": "assistant-integration", "data-integration": integration.name },
+          h("strong", {}, integration.displayName || lastSegment(integration.name)),
+          failure ? renderProblem(failure, "tools-problem") : null,
+          ...tools.map((tool) => {
+            const on = chosen !== undefined && (chosen.tools.length === 0 || chosen.tools.includes(tool));
+            const approval = chosen !== undefined && (chosen.requiresApproval || chosen.approvalRequiredTools.includes(tool));
+            return h(
+              "div",
+              { class: "row", "data-testid": "assistant-tool", "data-tool": tool },
+              h("label", {}, h("input", { type: "checkbox", "data-testid": "tool-enabled", checked: on }), " ", h("code", {}, lastSegment(tool))),
+              h("label", { class: "muted" }, h("input", { type: "checkbox", "data-testid": "tool-approval", checked: approval }), " approval"),
+            );
+          }),
+        ),
+      );
+    }
+    if (rows.length === 0) rows.push(h("span", { class: "muted" }, "No integrations in this workspace yet: register one to lend its tools."));
+    fill(box, h("legend", {}, "Tools (enabled, and which need a person's approval)"), ...rows);
+  }
+
+  private read(): Assistant {
+    const value = (testid: string): string =>
+      this.editor.querySelector<HTMLInputElement>(`[data-testid="${testid}"]`)?.value.trim() ?? "";
+    const num = (testid: string): number => Number(value(testid) || "0");
+    const tools: AssistantTools[] = [];
+    for (const box of this.editor.querySelectorAll<HTMLElement>('[data-testid="assistant-integration"]')) {
+      const enabled: string[] = [];
+      const approval: string[] = [];
+      for (const row of box.querySelectorAll<HTMLElement>('[data-testid="assistant-tool"]')) {
+        const tool = row.dataset.tool ?? "";
+        const on = row.querySelector<HTMLInputElement>('[data-testid="tool-enabled"]')?.checked ?? false;
+        if (!on) continue;
+        enabled.push(tool);
+        if (row.querySelector<HTMLInputElement>('[data-testid="tool-approval"]')?.checked) approval.push(tool);
+      }
+      if (enabled.length) {
+        tools.push({ integration: box.dataset.integration ?? "", tools: enabled, approvalRequiredTools: approval, requiresApproval: false } as AssistantTools);
+      }
+    }
+    const temperature = value("assistant-temperature");
+    return {
+      name: this.editing ?? "",
+      displayName: value("assistant-name"),
+      instructions: this.editor.querySelector<HTMLTextAreaElement>('[data-testid="assistant-instructions"]')?.value ?? "",
+      handler: value("assistant-handler"),
+      model: {
+        provider: value("assistant-provider"),
+        model: value("assistant-model"),
+        ...(temperature ? { temperature: Number(temperature) } : {}),
+        maxOutputTokens: num("assistant-max-output"),
+      },
+      tools,
+      contextTokenBudget: num("assistant-budget"),
+      maxToolSteps: num("assistant-steps"),
+      workspaceDefault: this.editor.querySelector<HTMLInputElement>('[data-testid="assistant-default-input"]')?.checked ?? false,
+      etag: this.etag,
+    } as Assistant;
+  }
+
+  private async save(): Promise<void> {
+    const parent = this.host.workspace();
+    const editing = this.editing;
+    if (editing === null) return;
+    const assistant = this.read();
+    const where = this.editor.querySelector<HTMLElement>('[data-testid="editor-problem"]');
+    where?.replaceChildren();
+    const button = this.editor.querySelector<HTMLButtonElement>('[data-testid="save-assistant"]');
+    if (button) button.disabled = true;
+    try {
+      const saved = editing
+        ? (await this.api.dispatcher.updateAssistant({ assistant, updateMask: { paths: FIELDS } })).assistant
+        : (
+            await this.api.dispatcher.createAssistant({
+              parent,
+              assistantId: this.editor.querySelector<HTMLInputElement>('[data-testid="assistant-id"]')?.value.trim() ?? "",
+              assistant,
+              requestId: requestId(),
+            })
+          ).assistant;
+      if (saved) {
+        this.editing = saved.name;
+        this.etag = saved.etag;
+        const title = this.editor.querySelector('[data-testid="editor-title"]');
+        if (title) title.textContent = `Edit ${saved.displayName || lastSegment(saved.name)}`;
+        this.editor.querySelector('[data-testid="assistant-id"]')?.closest("label")?.remove();
+        if (button) button.textContent = "Save";
+        this.editor.dataset.saved = saved.name;
+        this.editor.dataset.etag = saved.etag;
+      }
+      await this.load();
+      this.host.changed();
+    } catch (error) {
+      const p = problem(error);
+      const box = renderProblem(p, "error");
+      box.dataset.action = "save-assistant";
+      if (p.reason === "ERROR_REASON_ETAG_MISMATCH") {
+        // Changed elsewhere since it was opened: say so, and offer what it is now.
+        box.append(
+          h("span", { "data-testid": "etag-conflict" }, "Changed elsewhere since you opened it. "),
+          h(
+            "button",
+            {
+              type: "button",
+              "data-testid": "reload-assistant",
+              onclick: () =>
+                void this.page.busy("reload-assistant", async () => {
+                  const fresh = await this.api.dispatcher.getAssistant({ name: editing });
+                  if (fresh.assistant) await this.edit(fresh.assistant);
+                }),
+            },
+            "Load the current version",
+          ),
+        );
+      }
+      where?.replaceChildren(box);
+    } finally {
+      if (button) button.disabled = false;
+    }
+  }
+}
