@@ -216,10 +216,11 @@ async def test_two_replicas_carry_tokens_live_and_resume_exactly_once(
             await _until_text(on_b, run, "one two three")
             on_b.cancel()
             # WatchRun on B, which does not own the run: the run as stored, then live.
-            watch = dispatcher_stub(channel_b).WatchRun(
+            watch: Any = dispatcher_stub(channel_b).WatchRun(
                 pb.WatchRunRequest(name=run), metadata=caller.md, timeout=20
             )
-            watched = [(await watch.read()).update]
+            frame: Any = await watch.read()
+            watched: list[pb.RunUpdate] = [frame.update]
             gate.set()
             while watched[-1].state_change.run.state != pb.RUN_STATE_SUCCEEDED:
                 frame = await watch.read()
