@@ -149,6 +149,8 @@ SNIPPET_BYTES: Final = 200
 MAX_ERROR_CHARS: Final = 500
 #: Bound on a graceful close's own database calls.
 CLOSE_TIMEOUT_S: Final = 5.0
+#: How often close cancels again a task that has not stopped (``_cancel_until_stopped``).
+_RECANCEL_S: Final = 0.25
 USER_AGENT: Final = "Switchboard-Webhooks/1"
 _DISABLED_ERROR: Final = "endpoint disabled"
 # A Redis stream entry id is (milliseconds, counter); the embedded log's is (seq, 0).
@@ -489,12 +491,8 @@ class WebhookEngine:
             self._unlisten = None
         tasks = [*self._tasks, *self._workers]
         self._tasks = []
-        for task in tasks:
-            task.cancel()
         if tasks:
-            # Bounded: a task stuck in a call that ignores cancellation must not
-            # hold the process's shutdown (its claims expire by themselves).
-            _, stuck = await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT_S)
+            stuck = await _cancel_until_stopped(tasks, CLOSE_TIMEOUT_S)
             if stuck:
                 log.warning(
                     "webhook tasks did not stop at close",
@@ -1023,3 +1021,28 @@ class WebhookEngine:
         if row.state == SUCCEEDED:
             return code_pb2.OK, ""
         return code_pb2.UNAVAILABLE, row.last_error or f"HTTP {row.last_http_status}"
+
+
+async def _cancel_until_stopped(
+    tasks: list[asyncio.Task[None]], timeout_s: float
+) -> set[asyncio.Task[None]]:
+    """Cancel ``tasks`` until they end, within ``timeout_s``; those still running after it.
+
+    One cancel is not always enough: a cancellation that lands as an inner wait
+    completes can be consumed there (``asyncio.wait_for`` does on Python 3.11, in
+    the libraries beneath us), and a feeder that lives on after its close keeps
+    renewing a lease no one else can then take. So each task still running
+    is cancelled again every ``_RECANCEL_S``. Bounded: a task stuck in a call that
+    ignores cancellation must not hold the process's shutdown (its claims expire).
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    pending = set(tasks)
+    while pending:
+        for task in pending:
+            task.cancel()
+        left = deadline - loop.time()
+        if left <= 0:
+            break
+        _, pending = await asyncio.wait(pending, timeout=min(_RECANCEL_S, left))
+    return pending
