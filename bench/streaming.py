@@ -503,9 +503,11 @@ async def drive(args: argparse.Namespace) -> int:
         if py_spy is not None:
             out = directory / "profile-paced.txt"
             plan = pyspy.plan(py_spy, sizes.profile_seconds, out)
-            with model_server(33) as model:
-                await row_case(sizes, directory, Row(33, 100), model, plan)
+            profiled = Row(*(int(n) for n in args.profile_row.split(":")))
+            with model_server(profiled.interval_ms) as model:
+                await row_case(sizes, directory, profiled, model, plan)
             results["profile"] = {
+                "row": dataclasses.asdict(profiled),
                 "libraries": pyspy.libraries(out),
                 "functions": pyspy.functions(out),
             }
@@ -515,6 +517,12 @@ async def drive(args: argparse.Namespace) -> int:
     text = render(results, command_line("bench/streaming.py"), sizes)
     report(results, text, args)
     return 0
+
+
+def _row_words(profile: dict[str, Any]) -> str:
+    row = profile.get("row", {"interval_ms": 33, "conversations": 100})
+    apart = f"{row['interval_ms']} ms apart" if row["interval_ms"] else "unpaced"
+    return f"{apart}, {row['conversations']} conversations"
 
 
 def _brief(f: dict[str, Any]) -> str:
@@ -651,7 +659,7 @@ def render(results: dict[str, Any], command: str, sizes: Sizes) -> str:
     if profile:
         lines += [
             "",
-            f"Where the server's time goes (33 ms apart, 100 conversations; {pyspy.RECORD}):",
+            f"Where the server's time goes ({_row_words(profile)}; {pyspy.RECORD}):",
             "",
             *pyspy.library_table(profile["libraries"]),
         ]
@@ -667,6 +675,9 @@ def main() -> int:
     parser = section_parser(__doc__, quick="a few seconds per row")
     parser.add_argument("--label", default="current", help="the code measured (a section apart)")
     parser.add_argument("--rows", default="", help="only these rows: INTERVAL_MS:C,...")
+    parser.add_argument(
+        "--profile-row", default="33:100", help="the row --profile records (INTERVAL_MS:C)"
+    )
     parser.add_argument(
         "--against",
         default="",
