@@ -2,7 +2,9 @@
 watchers and subscribers live and on resume while the run is live, exactly once and
 in order, on one process (SQLite, PostgreSQL) and across two replicas sharing
 PostgreSQL and Redis; the log keeps the run's state changes and its result, which
-carries the whole answer, so a late reader (ListEvents) is not misled.
+carries the whole answer, so a late reader (ListEvents) is not misled. A subscriber
+that falls behind a run's tokens gets them merged into fewer frames, and one behind its
+whole buffer is cut off with a cursor it resumes from exactly: no token dropped silently.
 
 The model is the local fake of the Chat Completions protocol; it holds its answer
 after a few chunks until the test lets it go, so "mid-run" is a state, not a moment.
@@ -11,11 +13,14 @@ after a few chunks until the test lets it go, so "mid-run" is a state, not a mom
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import grpc
+from google.rpc import error_details_pb2
 from grpc import aio
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
@@ -26,6 +31,7 @@ from switchboard.platform.security.tokens import SigningKey, private_key_pem
 from tests.conftest import make_settings
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.redis import RedisServer
+from tests.service.authkit import detail, reason
 from tests.service.contextkit import Caller, context_stub, create_conversation, ctx_world
 from tests.service.dispatchkit import dispatcher_stub, finished, request, send
 from tests.service.eventkit import Subscriber
@@ -248,3 +254,101 @@ async def test_two_replicas_carry_tokens_live_and_resume_exactly_once(
     assert not {e.id for e in on_b.events} & {e.id for e in resumed["same"].events}
     _exactly_once_in_order(_updates([*on_b.events, *resumed["same"].events], run))
     _exactly_once_in_order(_updates(_unique([*on_b.events, *resumed["other"].events]), run))
+
+
+# -- slow subscribers ---------------------------------------------------------------------
+
+#: A long answer of wide words: its tokens fill a stalled client's flow-control window
+#: (about 64 KiB here) many times over, yet fit in one stored message (256 KiB).
+WIDE = " ".join(f"w{i:03d}" + "x" * 1_500 for i in range(100))
+#: A stalled client's channel: no BDP probing, so its receive window stays small and
+#: the server's writes to it stop soon.
+SMALL_WINDOW = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)]
+
+
+def _paced(fake: FakeOpenAI) -> None:
+    # Paced so that each token is a delta of its own (ready-together chunks would be
+    # merged into one before they are events): the model's pace, not synchronization.
+    fake.script(dataclasses.replace(Reply.text(WIDE), interval_s=0.004))
+
+
+def _answered(updates: Sequence[pb.RunUpdate], answer: str) -> None:
+    """Every update once, in order, the tokens joined to ``answer``, one result saying it."""
+    sequences = [u.sequence for u in updates]
+    assert sequences == list(range(1, len(sequences) + 1))
+    assert _text(updates) == answer
+    assert [u.result.parts[0].text for u in updates if u.HasField("result")] == [answer]
+
+
+async def test_a_subscriber_that_falls_behind_a_run_gets_its_tokens_in_fewer_fuller_frames(
+    database_url: str,
+) -> None:
+    async with FakeOpenAI() as fake:
+        _paced(fake)
+        async with (
+            _served(**_llm(fake, database_url=database_url)) as server,
+            aio.insecure_channel(server.address) as channel,
+            aio.insecure_channel(server.address, options=SMALL_WINDOW) as stalled,
+        ):
+            caller, conversation = await _conversation(server, channel)
+            kinds = [events_pb2.EVENT_TYPE_RUN_UPDATED]
+            slow = Subscriber(stalled, caller.token, scopes=[_scope(conversation)], types=kinds)
+            await slow.live()
+            dstub = dispatcher_stub(channel)
+            sent = await send(dstub, caller, request(conversation, "go on", handler="handlers/llm"))
+            run = sent.run.name
+            # The client reads nothing while the whole run streams.
+            await finished(dstub, caller, run)
+            heartbeats = len(slow.heartbeats)
+            await _until_end(slow, run)
+            slow.cancel()
+    updates = _updates(slow.events, run)
+    deltas = [u for u in updates if u.HasField("delta")]
+    _answered(updates, WIDE)
+    # Tokens that queued while the client stalled went out together: fewer frames than
+    # tokens, and some frame carried many.
+    frames = slow.frames - heartbeats
+    assert len(deltas) >= 50
+    assert slow.batches < len(deltas)
+    assert frames < len(updates)
+
+
+async def test_a_subscriber_behind_its_whole_buffer_of_tokens_is_cut_off_and_resumes_exactly(
+    database_url: str,
+) -> None:
+    async with FakeOpenAI() as fake:
+        _paced(fake)
+        settings = _llm(fake, database_url=database_url, events_subscriber_buffer=10)
+        async with (
+            _served(**settings) as server,
+            aio.insecure_channel(server.address) as channel,
+            aio.insecure_channel(server.address, options=SMALL_WINDOW) as stalled,
+        ):
+            caller, conversation = await _conversation(server, channel)
+            kinds = [events_pb2.EVENT_TYPE_RUN_UPDATED]
+            slow = Subscriber(stalled, caller.token, scopes=[_scope(conversation)], types=kinds)
+            await slow.live()
+            dstub = dispatcher_stub(channel)
+            sent = await send(dstub, caller, request(conversation, "go on", handler="handlers/llm"))
+            run = sent.run.name
+            await finished(dstub, caller, run)
+            error = await slow.error()
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert reason(error) == "ERROR_REASON_SUBSCRIBER_TOO_SLOW"
+            resume = detail(error, error_details_pb2.ErrorInfo).metadata["resume_cursor"]
+            assert resume == (slow.events[-1].cursor if slow.events else slow.cursor)
+            # The tokens it had no room for are in the process's ring: resumed from the
+            # cursor, it gets each of them once (the run is over by now).
+            again = Subscriber(
+                channel,
+                caller.token,
+                scopes=[_scope(conversation)],
+                types=kinds,
+                after_cursor=resume,
+            )
+            await _until_end(again, run)
+            again.cancel()
+    delivered = [*slow.events, *again.events]
+    assert len({e.id for e in delivered}) == len(delivered)
+    assert _text(_updates(slow.events, run)) != WIDE
+    _answered(_updates(delivered, run), WIDE)
