@@ -88,10 +88,15 @@ from tests.fakes.openai_server import FakeOpenAI, Reply, echo_reply
 
 SECTION: Final = "## Streaming"
 MODEL: Final = "bench-model"
-#: Tokens (words) of every answer.
+#: Tokens (words) of every answer, unless a row says otherwise.
 TOKENS: Final = 32
-#: The message: ``TOKENS`` words, echoed back one per chunk.
-MESSAGE: Final = " ".join(f"w{i}" for i in range(TOKENS))
+
+
+def message(tokens: int) -> str:
+    """The message: ``tokens`` words, echoed back one per chunk."""
+    return " ".join(f"w{i}" for i in range(tokens))
+
+
 #: Conversations per workspace: the per-workspace running limit is lifted anyway.
 PER_WORKSPACE: Final = 10
 SERVER_SETTINGS: Final[dict[str, str]] = {
@@ -117,6 +122,9 @@ PACED_RUNS_GOAL: Final = 150.0
 class Row:
     interval_ms: int
     conversations: int
+    #: Tokens per answer. A row like another but for this splits the server's CPU into
+    #: what a run costs whatever its length and what each token adds (``split``).
+    tokens: int = TOKENS
 
 
 @dataclass(frozen=True)
@@ -136,6 +144,7 @@ FULL: Final = Sizes(
         Row(20, 10),
         Row(20, 100),
         Row(33, 100),
+        Row(33, 100, 128),
         Row(33, 200),
         Row(33, 300),
         Row(33, 400),
@@ -146,7 +155,7 @@ FULL: Final = Sizes(
     profile_seconds=10.0,
 )
 QUICK: Final = Sizes(
-    rows=(Row(0, 1), Row(0, 100), Row(20, 100), Row(33, 100), Row(33, 200)),
+    rows=(Row(0, 1), Row(0, 100), Row(20, 100), Row(33, 100), Row(33, 100, 128), Row(33, 200)),
     warmup_s=2.0,
     seconds=5.0,
     quiet_wait_s=5.0,
@@ -218,7 +227,7 @@ class Load:
             self.first_s.append(times[0][0] - started)
         for (before, _), (after, _) in itertools.pairwise(times):
             self.gap_s.append(after - before - self.interval)
-        if sum(tokens for _, tokens in times) != TOKENS:
+        if sum(tokens for _, tokens in times) != self.spec["tokens"]:
             self.short += 1
 
     def delivered(self, at: float, tokens: int) -> None:
@@ -293,7 +302,7 @@ async def client_direct(spec: dict[str, Any]) -> dict[str, Any]:
     body = {
         "model": MODEL,
         "stream": True,
-        "messages": [{"role": "user", "content": MESSAGE}],
+        "messages": [{"role": "user", "content": message(spec["tokens"])}],
     }
     limits = httpx.Limits(max_connections=10_000, max_keepalive_connections=10_000)
     async with httpx.AsyncClient(base_url=spec["model_url"], limits=limits, timeout=60) as http:
@@ -335,7 +344,7 @@ async def client_switchboard(spec: dict[str, Any]) -> dict[str, Any]:
         request = pb.SendMessageRequest(
             conversation=name,
             handler="handlers/llm",
-            message=cpb.Message(parts=[cpb.ContentPart(text=MESSAGE)]),
+            message=cpb.Message(parts=[cpb.ContentPart(text=message(spec["tokens"]))]),
         )
         try:
             response = await stub.SendMessage(request, metadata=metadata, timeout=60)
@@ -431,6 +440,7 @@ async def row_case(
             {
                 "mode": "switchboard",
                 "interval_ms": row.interval_ms,
+                "tokens": row.tokens,
                 "warmup_s": sizes.warmup_s,
                 "seconds": sizes.seconds if profile is None else sizes.profile_seconds,
                 "address": server.address,
@@ -454,6 +464,7 @@ async def direct_case(sizes: Sizes, row: Row, model: Model) -> dict[str, Any]:
         {
             "mode": "direct",
             "interval_ms": row.interval_ms,
+            "tokens": row.tokens,
             "warmup_s": sizes.warmup_s,
             "seconds": sizes.seconds,
             "model_url": model.url,
@@ -468,7 +479,7 @@ async def direct_case(sizes: Sizes, row: Row, model: Model) -> dict[str, Any]:
 async def drive(args: argparse.Namespace) -> int:
     sizes = QUICK if args.quick else FULL
     if args.rows:
-        picked = tuple(Row(*(int(n) for n in one.split(":"))) for one in args.rows.split(","))
+        picked = tuple(_row(one) for one in args.rows.split(","))
         sizes = dataclasses.replace(sizes, rows=picked)
     py_spy = pyspy.find(args)
     results: dict[str, Any] = {
@@ -478,7 +489,10 @@ async def drive(args: argparse.Namespace) -> int:
     }
     async with session(results, "switchboard-stream-bench-") as directory:
         for row in sizes.rows:
-            say(f"row: {row.interval_ms} ms apart, {row.conversations} conversations")
+            say(
+                f"row: {row.interval_ms} ms apart, {row.conversations} conversations, "
+                f"{row.tokens} tokens"
+            )
             with model_server(row.interval_ms) as model:
                 direct = await direct_case(sizes, row, model)
                 served = await row_case(sizes, directory, row, model)
@@ -491,6 +505,7 @@ async def drive(args: argparse.Namespace) -> int:
                 {
                     "interval_ms": row.interval_ms,
                     "conversations": row.conversations,
+                    "tokens": row.tokens,
                     "direct": direct,
                     "switchboard": served,
                     **({"against": against} if against is not None else {}),
@@ -503,7 +518,7 @@ async def drive(args: argparse.Namespace) -> int:
         if py_spy is not None:
             out = directory / "profile-paced.txt"
             plan = pyspy.plan(py_spy, sizes.profile_seconds, out)
-            profiled = Row(*(int(n) for n in args.profile_row.split(":")))
+            profiled = _row(args.profile_row)
             with model_server(profiled.interval_ms) as model:
                 await row_case(sizes, directory, profiled, model, plan)
             results["profile"] = {
@@ -517,6 +532,11 @@ async def drive(args: argparse.Namespace) -> int:
     text = render(results, command_line("bench/streaming.py"), sizes)
     report(results, text, args)
     return 0
+
+
+def _row(text: str) -> Row:
+    """``INTERVAL_MS:C`` or ``INTERVAL_MS:C:TOKENS``."""
+    return Row(*(int(n) for n in text.split(":")))
 
 
 def _row_words(profile: dict[str, Any]) -> str:
@@ -547,7 +567,7 @@ def _served_line(label: str, r: dict[str, Any], s: dict[str, Any]) -> str:
     ratio = s["server_us_per_token"] / max(s["model_us_per_token"], 1e-9)
     errors = ", ".join(f"{k} {v}" for k, v in sorted(s["errors"].items())) or "0"
     return (
-        f"| {label} | {r['interval_ms']} | {r['conversations']} | switchboard | "
+        f"| {label} | {r['interval_ms']} | {r['conversations']} | {_tokens_of(r)} | switchboard | "
         f"{s['first_p50_ms']} / {s['first_p99_ms']} | {s['gap_p50_ms']} / {s['gap_p99_ms']} | "
         f"{s['runs_per_s']} | {s['server_ms_per_run']} | {s['server_us_per_token']} "
         f"({ratio:.1f}x) | {s['model_us_per_token']} | {s['server_cores']} | "
@@ -558,7 +578,7 @@ def _served_line(label: str, r: dict[str, Any], s: dict[str, Any]) -> str:
 def _row_line(label: str, r: dict[str, Any], against: str = "") -> list[str]:
     d = r["direct"]
     lines = [
-        f"| model | {r['interval_ms']} | {r['conversations']} | direct | "
+        f"| model | {r['interval_ms']} | {r['conversations']} | {_tokens_of(r)} | direct | "
         f"{d['first_p50_ms']} / {d['first_p99_ms']} | {d['gap_p50_ms']} / {d['gap_p99_ms']} | "
         f"{d['runs_per_s']} | | | {d['model_us_per_token']} | | | {d['other_cores']} | |",
     ]
@@ -570,21 +590,79 @@ def _row_line(label: str, r: dict[str, Any], against: str = "") -> list[str]:
 
 def rows_table(label: str, rows: Sequence[dict[str, Any]], against: str = "") -> list[str]:
     lines = [
-        "| code | interval ms | C | path | first token p50 / p99 ms | gap - interval "
+        "| code | interval ms | C | tokens | path | first token p50 / p99 ms | gap - interval "
         "p50 / p99 ms | runs/s | server CPU ms/run | server CPU µs/token (x model) | "
         "model CPU µs/token | server cores | server peak RSS MiB | other cores | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.extend(_row_line(label, r, against))
     return lines
 
 
-def _find(rows: Sequence[dict[str, Any]], interval: int, conversations: int) -> dict[str, Any]:
+def _tokens_of(r: dict[str, Any]) -> int:
+    return int(r.get("tokens", TOKENS))
+
+
+def _find(
+    rows: Sequence[dict[str, Any]],
+    interval: int,
+    conversations: int,
+    tokens: int = TOKENS,
+    path: str = "switchboard",
+) -> dict[str, Any]:
     for r in rows:
-        if r["interval_ms"] == interval and r["conversations"] == conversations:
-            return dict(r["switchboard"])
+        if (
+            r["interval_ms"] == interval
+            and r["conversations"] == conversations
+            and _tokens_of(r) == tokens
+            and path in r
+        ):
+            return dict(r[path])
     return {}
+
+
+def split(rows: Sequence[dict[str, Any]], path: str = "switchboard") -> list[dict[str, Any]]:
+    """The server's CPU split into a run's share and a token's, from two rows that differ
+    only in tokens per answer: CPU per token is ``run / T + token``, so two lengths give
+    both. ``token`` is what the issue's "parses a chunk and writes a frame" costs; the
+    model's own CPU per token is read from the longer row's direct case."""
+    out = []
+    for long in rows:
+        t2 = _tokens_of(long)
+        if t2 == TOKENS or path not in long:
+            continue
+        short = _find(rows, long["interval_ms"], long["conversations"], TOKENS, path)
+        if not short:
+            continue
+        c1, c2 = short["server_us_per_token"], long[path]["server_us_per_token"]
+        token = (t2 * c2 - TOKENS * c1) / (t2 - TOKENS)
+        out.append(
+            {
+                "interval_ms": long["interval_ms"],
+                "conversations": long["conversations"],
+                "tokens": (TOKENS, t2),
+                "run_ms": round(TOKENS * (c1 - token) / 1000, 2),
+                "token_us": round(token, 1),
+                "model_us": long["direct"]["model_us_per_token"],
+            }
+        )
+    return out
+
+
+def split_lines(rows: Sequence[dict[str, Any]], label: str, against: str = "") -> list[str]:
+    lines = []
+    for name, path in ((against, "against"), (label, "switchboard")):
+        for one in split(rows, path) if name else ():
+            t1, t2 = one["tokens"]
+            ratio = one["token_us"] / max(one["model_us"], 1e-9)
+            lines.append(
+                f"- {name}, {one['interval_ms']} ms apart, {one['conversations']} conversations, "
+                f"from the {t1}- and {t2}-token rows: a run costs {one['run_ms']} ms of server "
+                f"CPU whatever its length, and each token {one['token_us']} µs more "
+                f"({ratio:.1f}x the model's {one['model_us']} µs)."
+            )
+    return lines
 
 
 def goals(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -638,7 +716,8 @@ def render(results: dict[str, Any], command: str, sizes: Sizes) -> str:
         *provenance(command, took_s=results.get("seconds")),
         host_speed_line(results["host"]),
         f"- the model: `tests/fakes/openai_server.py`'s echo in its own process, {TOKENS} "
-        "tokens (one word a chunk) per answer, the interval apart; `direct` rows: the client "
+        "tokens (one word a chunk) per answer unless the row says more, the interval apart; "
+        "`direct` rows: the client "
         "streams from it (httpx), the baseline; `switchboard` rows: a fresh `switchboard "
         f"serve --dev` per row (embedded SQLite), {settings_text(SERVER_SETTINGS)}, "
         "SendMessage (`handlers/llm`) then WatchRun to the end, C closed loops",
@@ -654,6 +733,7 @@ def render(results: dict[str, Any], command: str, sizes: Sizes) -> str:
         *rows_table(results["label"], rows, results.get("against_label", "")),
         "",
         *goals(rows),
+        *split_lines(rows, label, results.get("against_label", "")),
     ]
     profile = results.get("profile")
     if profile:
@@ -674,9 +754,11 @@ def main() -> int:
         return 0
     parser = section_parser(__doc__, quick="a few seconds per row")
     parser.add_argument("--label", default="current", help="the code measured (a section apart)")
-    parser.add_argument("--rows", default="", help="only these rows: INTERVAL_MS:C,...")
+    parser.add_argument("--rows", default="", help="only these rows: INTERVAL_MS:C[:TOKENS],...")
     parser.add_argument(
-        "--profile-row", default="33:100", help="the row --profile records (INTERVAL_MS:C)"
+        "--profile-row",
+        default="33:100",
+        help="the row --profile records (INTERVAL_MS:C[:TOKENS])",
     )
     parser.add_argument(
         "--against",

@@ -969,3 +969,39 @@ async def test_the_fake_speaks_the_api_protocol(primary: FakeOpenAI) -> None:
     assert unknown.json()["error"]["code"] == "unknown_url"
     assert invalid.status_code == 400
     assert set(invalid.json()["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_a_redirect_from_the_provider_is_its_answer_never_followed(
+    status: int, primary: FakeOpenAI, make: Make
+) -> None:
+    """The 3xx is the provider's answer (a failure naming it); the place it points to,
+    another server that would answer, is never asked, and the key goes nowhere else."""
+    primary.default = Reply.text("followed")
+    asked: list[bytes] = []
+
+    async def redirecting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        asked.append(await reader.readuntil(b"\r\n\r\n"))
+        location = f"{primary.url}/chat/completions"
+        writer.write(
+            f"HTTP/1.1 {status} Moved\r\nLocation: {location}\r\n"
+            "Content-Length: 0\r\nConnection: close\r\n\r\n".encode()
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(redirecting, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        handler = make(Provider("primary", f"http://127.0.0.1:{port}/v1", KEY, MODEL))
+        deltas, failure = await fail(handler, make_call())
+    finally:
+        server.close()
+        await server.wait_closed()
+
+    assert deltas == []
+    assert f"HTTP {status}" in failure.message
+    assert KEY not in failure.message
+    assert len(asked) >= 1
+    assert asked[0].startswith(b"POST /v1/chat/completions ")
+    assert primary.requests == []

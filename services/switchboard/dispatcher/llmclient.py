@@ -23,11 +23,11 @@ import functools
 import logging
 import math
 import random
-import ssl
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import aiohttp
 import httpx
 
 from switchboard.dispatcher.handlers import HandlerFailure
@@ -44,7 +44,7 @@ from switchboard.dispatcher.llmstream import (
     scrub,
 )
 from switchboard.platform.breaker import CircuitBreaker
-from switchboard.platform.observe.telemetry import instrument_http
+from switchboard.platform.observe.telemetry import http_request_span
 
 # The handler's logger: one name for every part of it, as before it was split.
 log = logging.getLogger("switchboard.dispatcher.llm")
@@ -52,8 +52,6 @@ log = logging.getLogger("switchboard.dispatcher.llm")
 # Enough for any JSON error body; the rest of a non-2xx body is not read.
 MAX_ERROR_BODY_BYTES: Final = 16 * 1024
 _LINGER_S: Final = 0.5
-#: Connections per pool (``ProviderClient._http``).
-_POOL_CONNECTIONS: Final = 16
 # Request-specific rejections: the provider is up and answering, the request is
 # what it refuses, so they say nothing about the provider's health.
 _REQUEST_REJECTIONS: Final = frozenset({400, 413, 422})
@@ -67,7 +65,7 @@ def _all_failed(failures: list[tuple[str, bool]]) -> HandlerFailure:
     )
 
 
-def _retry_after(headers: httpx.Headers) -> float | None:
+def _retry_after(headers: Mapping[str, str]) -> float | None:
     """Seconds the provider asks to wait, from ``retry-after-ms`` or ``retry-after``.
 
     An HTTP-date ``Retry-After`` is ignored (no provider of this API sends one)
@@ -104,6 +102,10 @@ class ProviderClient:
     """Sends model calls along a chain of providers; owns the connection pool
     and a circuit breaker per provider.
 
+    The HTTP client is aiohttp, not httpx as elsewhere: a streamed answer costs a read
+    per token, and httpx's (over httpcore and anyio, h11 in Python) took about six
+    times aiohttp's CPU per chunk, whose parser is C (decisions 44).
+
     ``clock``, ``sleep`` and ``rng`` exist so tests can drive time and jitter.
     """
 
@@ -126,11 +128,7 @@ class ProviderClient:
             for provider in config.providers
         }
         self._secrets = tuple(p.api_key for p in config.providers if p.api_key)
-        #: Connection pools (``_http``) and the calls open on each.
-        self._clients: list[httpx.AsyncClient] = []
-        self._open_calls: list[int] = []
-        self._sizes: list[int] = []
-        self._tls: ssl.SSLContext | None = None
+        self._session: aiohttp.ClientSession | None = None
         self._closed = False
 
     def available(self) -> bool:
@@ -144,49 +142,29 @@ class ProviderClient:
     async def aclose(self) -> None:
         """Close the connection pool; later calls fail."""
         self._closed = True
-        clients, self._clients, self._open_calls = self._clients, [], []
-        for client in clients:
-            await client.aclose()
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
 
-    def _http(self) -> int:
-        """The pool with the fewest calls open (its index).
-
-        Several small pools rather than one of ``max_connections``: httpcore's
-        pool looks at every connection it holds (a socket check each) whenever
-        a request starts or ends, so one pool's cost per call grows with the
-        runs streaming at once (decisions 43).
-        """
+    def _http(self) -> aiohttp.ClientSession:
+        """The connection pool, made on first use (it belongs to the running loop)."""
         if self._closed:
             raise HandlerFailure("the LLM handler is shut down", retryable=True)
-        calls = self._open_calls
-        if calls:
-            pool = calls.index(min(calls))
-            if calls[pool] < self._sizes[pool] or len(calls) == len(self._sizes):
-                return pool
-        if not self._sizes:
-            total = self._config.max_connections
-            count = -(-total // _POOL_CONNECTIONS)
-            self._sizes = [total // count + (i < total % count) for i in range(count)]
-        if self._tls is None:
-            # One TLS context for every pool: building one costs milliseconds.
-            self._tls = httpx.create_ssl_context()
-        # A pool more only when every pool is busy: a quiet handler holds one.
-        size = self._sizes[len(calls)]
-        self._clients.append(
-            # With tracing on: a span per request, ``traceparent`` in its headers.
-            instrument_http(
-                httpx.AsyncClient(
-                    limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
-                    # Every request sets its own timeouts from the run's deadline.
-                    timeout=httpx.Timeout(self._config.connect_timeout_s),
-                    follow_redirects=False,
-                    headers={"User-Agent": "switchboard-llm/1"},
-                    verify=self._tls,
-                )
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit=self._config.max_connections,
+                    limit_per_host=0,
+                    # The trust store httpx used here before (certifi, SSL_CERT_FILE).
+                    ssl=httpx.create_ssl_context(),
+                ),
+                headers={"User-Agent": "switchboard-llm/1"},
+                # Proxies from the environment apply to the provider, as they did.
+                trust_env=True,
+                # Every request sets its own timeouts from the run's deadline.
+                timeout=aiohttp.ClientTimeout(total=None),
             )
-        )
-        calls.append(0)
-        return len(calls) - 1
+        return self._session
 
     def _backoff(self, retry: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -315,27 +293,9 @@ class ProviderClient:
         outcome: Outcome,
     ) -> AsyncGenerator[str, None]:
         """One POST; yields the answer's text pieces, raises ``AttemptFailed``."""
-        pool = self._http()
-        calls = self._open_calls
-        calls[pool] += 1
+        response = await self._open(self._http(), provider, body, remaining)
         try:
-            async for text in self._stream(pool, provider, body, remaining, outcome):
-                yield text
-        finally:
-            if calls is self._open_calls:
-                calls[pool] -= 1
-
-    async def _stream(
-        self,
-        pool: int,
-        provider: Provider,
-        body: dict[str, Any],
-        remaining: Callable[[], float],
-        outcome: Outcome,
-    ) -> AsyncGenerator[str, None]:
-        response = await self._open(self._clients[pool], provider, body, remaining)
-        try:
-            if response.status_code != 200:
+            if response.status != 200:
                 raise self._status_failure(response, await self._read_error(response, remaining))
             if response.headers.get("content-type", "").startswith("application/json"):
                 # A server that ignores ``stream`` answers in one piece.
@@ -344,7 +304,7 @@ class ProviderClient:
                     outcome.pieces.append(text)
                     yield text
                 return
-            chunks = response.aiter_bytes()
+            chunks = response.content.iter_any()
             limit = self._config.max_response_bytes
             async with contextlib.aclosing(
                 events(functools.partial(self._next, chunks, remaining), limit)
@@ -362,15 +322,19 @@ class ProviderClient:
                 raise AttemptFailed("stream ended before the answer was complete", retryable=True)
             check_calls(outcome)
         finally:
-            await response.aclose()
+            if response.content.at_eof():
+                response.release()  # read to its end: the connection is reused
+            else:
+                # Cancelled or failed mid-answer: the provider stops generating it.
+                response.close()
 
     async def _open(
         self,
-        client: httpx.AsyncClient,
+        session: aiohttp.ClientSession,
         provider: Provider,
         body: dict[str, Any],
         remaining: Callable[[], float],
-    ) -> httpx.Response:
+    ) -> aiohttp.ClientResponse:
         """Send the request and wait for the response's head, within the deadline."""
         left = remaining()
         if left <= 0:
@@ -378,29 +342,24 @@ class ProviderClient:
         headers = {"Accept": "text/event-stream"}
         if provider.api_key:
             headers["Authorization"] = f"Bearer {provider.api_key}"
-        request = client.build_request(
-            "POST",
-            f"{provider.base_url}/chat/completions",
-            json=body,
-            headers=headers,
-            timeout=httpx.Timeout(
-                connect=min(self._config.connect_timeout_s, left),
-                read=left,
-                write=left,
-                pool=left,
-            ),
+        url = f"{provider.base_url}/chat/completions"
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=min(self._config.connect_timeout_s, left), sock_read=left
         )
         try:
-            # httpx's timeouts bound each read; this bounds them all together.
-            async with asyncio.timeout(left):
-                return await client.send(request, stream=True)
+            with http_request_span("POST", url, headers) as answered:
+                # The socket timeouts bound each step; this bounds them all together.
+                async with asyncio.timeout(left):
+                    response = await session.post(
+                        url, json=body, headers=headers, timeout=timeout, allow_redirects=False
+                    )
+                answered(response.status)
+                return response
+        except aiohttp.ConnectionTimeoutError:
+            raise AttemptFailed("connect timed out", retryable=True) from None
         except TimeoutError:
             raise deadline_failure() from None
-        except httpx.ConnectTimeout:
-            raise AttemptFailed("connect timed out", retryable=True) from None
-        except httpx.TimeoutException:
-            raise deadline_failure() from None
-        except httpx.TransportError as exc:
+        except aiohttp.ClientError as exc:
             raise self._transport_failure("connection failed", exc) from None
 
     async def _linger(
@@ -422,8 +381,8 @@ class ProviderClient:
         summary = f"{what} ({type(exc).__name__}{': ' + detail if detail else ''})"
         return AttemptFailed(summary, retryable=True)
 
-    def _status_failure(self, response: httpx.Response, body: bytes) -> AttemptFailed:
-        status = response.status_code
+    def _status_failure(self, response: aiohttp.ClientResponse, body: bytes) -> AttemptFailed:
+        status = response.status
         message, code = error_detail(body)
         detail = scrub(message, self._secrets)
         summary = f"HTTP {status}" + (f" ({detail})" if detail else "")
@@ -447,14 +406,14 @@ class ProviderClient:
                 return await anext(chunks, None)
         except TimeoutError:
             raise deadline_failure() from None
-        except httpx.TimeoutException:
-            raise deadline_failure() from None
-        except httpx.TransportError as exc:
+        except aiohttp.ClientError as exc:
             raise self._transport_failure("connection dropped", exc) from None
 
-    async def _read_error(self, response: httpx.Response, remaining: Callable[[], float]) -> bytes:
+    async def _read_error(
+        self, response: aiohttp.ClientResponse, remaining: Callable[[], float]
+    ) -> bytes:
         body = bytearray()
-        chunks = response.aiter_bytes()
+        chunks = response.content.iter_any()
         with contextlib.suppress(AttemptFailed):
             while len(body) < MAX_ERROR_BODY_BYTES:
                 chunk = await self._next(chunks, remaining)
@@ -464,10 +423,10 @@ class ProviderClient:
         return bytes(body[:MAX_ERROR_BODY_BYTES])
 
     async def _read_whole(
-        self, response: httpx.Response, remaining: Callable[[], float], outcome: Outcome
+        self, response: aiohttp.ClientResponse, remaining: Callable[[], float], outcome: Outcome
     ) -> str:
         body = bytearray()
-        chunks = response.aiter_bytes()
+        chunks = response.content.iter_any()
         while (chunk := await self._next(chunks, remaining)) is not None:
             body += chunk
             if len(body) > self._config.max_response_bytes:

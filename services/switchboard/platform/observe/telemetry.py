@@ -27,10 +27,12 @@ docs/observability.md describes the spans and how they nest.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+import urllib.parse
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -54,7 +56,7 @@ from opentelemetry.sdk.trace.sampling import (
     SamplingResult,
     TraceIdRatioBased,
 )
-from opentelemetry.trace import Link, SpanKind
+from opentelemetry.trace import Link, SpanKind, StatusCode
 from opentelemetry.trace.span import TraceState
 from opentelemetry.util.types import Attributes
 
@@ -354,6 +356,42 @@ def instrument_http(client: httpx.AsyncClient) -> httpx.AsyncClient:
     if _installed is not None:
         _installed.instrument_http(client)
     return client
+
+
+@contextlib.contextmanager
+def http_request_span(
+    method: str, url: str, headers: dict[str, str]
+) -> Iterator[Callable[[int], None]]:
+    """A CLIENT span for one HTTP request sent by a client no instrumentation covers
+    (the llm handler's aiohttp), from the request until its response's head, named and
+    attributed as opentelemetry-instrumentation-httpx names its own; ``traceparent``
+    goes into ``headers``. Yields the setter of the response's status. Without tracing:
+    nothing, at no cost."""
+    if _installed is None:
+        yield _no_status
+        return
+    parts = urllib.parse.urlsplit(url)
+    attributes: dict[str, str | int] = {
+        "http.request.method": method,
+        "url.full": urllib.parse.urlunsplit(parts._replace(query="", fragment="")),
+        "server.address": parts.hostname or "",
+    }
+    if parts.port is not None:
+        attributes["server.port"] = parts.port
+    tracer = _installed.provider.get_tracer("switchboard.http")
+    with tracer.start_as_current_span(method, kind=SpanKind.CLIENT, attributes=attributes) as span:
+        inject(headers)
+
+        def answered(status: int) -> None:
+            span.set_attribute("http.response.status_code", status)
+            if status >= 400:
+                span.set_status(StatusCode.ERROR)
+
+        yield answered
+
+
+def _no_status(_status: int) -> None:
+    return None
 
 
 # -- trace context ------------------------------------------------------------------
