@@ -439,6 +439,11 @@ class EventBus:
         """The events in the in-memory window, oldest first."""
         return [item.event for item in self.ring.items()]
 
+    def recent_in(self, conversation: str) -> list[events_pb2.Event]:
+        """The events of one conversation in the in-memory window, tokens included
+        (announced or heard), oldest first."""
+        return [item.event for item in self.ring.items() if item.conversation == conversation]
+
     # -- replay --------------------------------------------------------------------
 
     async def check_cursor(self, after: Position) -> None:
