@@ -33,7 +33,7 @@ from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.redis import RedisServer
 from tests.service.authkit import detail, reason
 from tests.service.contextkit import Caller, context_stub, create_conversation, ctx_world
-from tests.service.dispatchkit import dispatcher_stub, finished, request, send
+from tests.service.dispatchkit import dispatcher_stub, finished, request, send, until
 from tests.service.eventkit import Subscriber
 
 ANSWER = "one two three four five six seven"
@@ -191,7 +191,8 @@ async def test_two_replicas_carry_tokens_live_and_resume_exactly_once(
 ) -> None:
     """Replicas A (owns the run) and B on one PostgreSQL and Redis: a Subscribe on B
     sees A's tokens live; resumed on B it gets the rest once; resumed on A (another
-    replica) it gets every token, those it had again with the same ids."""
+    replica) it gets every token, those it had again with the same ids. A WatchRun
+    begun on B mid-answer gets the whole answer: the tokens B heard before it, then live."""
     async with FakeOpenAI() as fake:
         gate = _model(fake)
         key_file = tmp_path / "signing.pem"
@@ -221,7 +222,8 @@ async def test_two_replicas_carry_tokens_live_and_resume_exactly_once(
             run = sent.run.name
             await _until_text(on_b, run, "one two three")
             on_b.cancel()
-            # WatchRun on B, which does not own the run: the run as stored, then live.
+            # WatchRun on B, which does not own the run: the run as stored, the tokens B
+            # has heard since (its ring), then live.
             watch: Any = dispatcher_stub(channel_b).WatchRun(
                 pb.WatchRunRequest(name=run), metadata=caller.md, timeout=20
             )
@@ -250,7 +252,7 @@ async def test_two_replicas_carry_tokens_live_and_resume_exactly_once(
     assert watched[-1].state_change.run.state == pb.RUN_STATE_SUCCEEDED
     sequences = [u.sequence for u in watched]
     assert sequences == sorted(set(sequences))
-    assert _text(watched) == ANSWER.removeprefix("one two three")
+    assert _text(watched) == ANSWER
     assert not {e.id for e in on_b.events} & {e.id for e in resumed["same"].events}
     _exactly_once_in_order(_updates([*on_b.events, *resumed["same"].events], run))
     _exactly_once_in_order(_updates(_unique([*on_b.events, *resumed["other"].events]), run))
@@ -352,3 +354,63 @@ async def test_a_subscriber_behind_its_whole_buffer_of_tokens_is_cut_off_and_res
     assert len({e.id for e in delivered}) == len(delivered)
     assert _text(_updates(slow.events, run)) != WIDE
     _answered(_updates(delivered, run), WIDE)
+
+
+async def test_a_watch_resumed_on_the_replica_without_the_run_gets_the_tokens_made_meanwhile(
+    postgres_url: str, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A WatchRun client that lost its stream (after RUNNING) while A, the run's replica,
+    streamed three tokens, resumes on B (where Envoy sent it): B heard those tokens (its
+    ring), so it sends them, then the rest, once, in order; before, B followed only what
+    came after the resume, and the client's answer lacked the words made while it was away."""
+    async with FakeOpenAI() as fake:
+        first_byte, rest = asyncio.Event(), asyncio.Event()
+        fake.script(Reply(content=ANSWER, gate=first_byte, hold_after_chunks=HELD_AFTER, hold=rest))
+        key_file = tmp_path / "signing.pem"
+        key_file.write_bytes(private_key_pem(SigningKey.generate("k1")))
+        shared = _llm(
+            fake,
+            database_url=postgres_url,
+            redis_url=redis_server.url,
+            signing_keys=(str(key_file),),
+        )
+        async with (
+            _served(**shared, instance_id="replica-a") as a,
+            _served(**shared, instance_id="replica-b") as b,
+            aio.insecure_channel(a.address) as channel_a,
+            aio.insecure_channel(b.address) as channel_b,
+        ):
+            caller, conversation = await _conversation(a, channel_a)
+            on_b = Subscriber(
+                channel_b,
+                caller.token,
+                scopes=[_scope(conversation)],
+                types=[events_pb2.EVENT_TYPE_RUN_UPDATED],
+            )
+            await on_b.live()
+            dstub = dispatcher_stub(channel_a)
+            sent = await send(dstub, caller, request(conversation, ANSWER, handler="handlers/llm"))
+            run = sent.run.name
+            await fake.wait_requests(1)
+            # The client watched on A up to RUNNING, then lost its stream.
+            lost, before = await until(
+                dstub, caller, run, "state_change", state=pb.RUN_STATE_RUNNING
+            )
+            lost.cancel()
+            first_byte.set()
+            await _until_text(on_b, run, "one two three")  # B has heard them
+            on_b.cancel()
+            watch: Any = dispatcher_stub(channel_b).WatchRun(
+                pb.WatchRunRequest(name=run, after_sequence=before[-1].sequence),
+                metadata=caller.md,
+                timeout=20,
+            )
+            rest.set()
+            resumed = [f.update async for f in watch if f.WhichOneof("frame") == "update"]
+    sequences = [u.sequence for u in resumed]
+    assert sequences == list(range(before[-1].sequence + 1, before[-1].sequence + 1 + len(resumed)))
+    assert _text(resumed) == ANSWER
+    assert [r.parts[0].text for r in (u.result for u in resumed if u.HasField("result"))] == [
+        ANSWER
+    ]
+    assert resumed[-1].state_change.run.state == pb.RUN_STATE_SUCCEEDED

@@ -192,6 +192,11 @@ class Queries:
             if run.state in TERMINAL:
                 return
             order = _InOrder(position)
+            conversation = mapping.conversation_name(found[1], found[2])
+            for one in self._held(run.name, conversation, order):
+                yield one
+                if one.state_change.run.state in TERMINAL:
+                    return
             while True:
                 try:
                     async with asyncio.timeout(
@@ -222,6 +227,21 @@ class Queries:
                         return
         finally:
             unsubscribe()
+
+    def _held(self, run: str, conversation: str, order: _InOrder) -> list[pb.RunUpdate]:
+        """What this process already holds of another replica's ``run`` past ``order``'s
+        position, ready to go out: its ring keeps the logged updates and the tokens heard
+        from the owner (which no log has), so a watch begun or resumed here mid-run misses
+        nothing this process was told. The watch's listener is attached first: what comes
+        meanwhile is in its queue too, and ``_InOrder`` passes over a sequence it sent."""
+        ready: list[pb.RunUpdate] = []
+        for event in self._bus.recent_in(conversation):
+            if (
+                event.type == events_pb2.EVENT_TYPE_RUN_UPDATED
+                and event.run_updated.update.run == run
+            ):
+                ready += order.take(event.run_updated.update)
+        return ready
 
     async def describe_conversation(
         self, principal: Principal, request: pb.DescribeConversationRequest

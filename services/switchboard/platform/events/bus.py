@@ -38,7 +38,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Final, Protocol
 
@@ -53,6 +53,7 @@ from switchboard.platform.events.eventlog import (
     Ring,
     format_cursor,
     logged_part,
+    parse_cursor,
 )
 from switchboard.platform.events.logspans import traced
 from switchboard.platform.inflight import CALLS
@@ -87,6 +88,9 @@ SHARE_WINDOW_S: Final = 0.02
 #: Tokens a process delivers are numbered from a random epoch (``k`` in a token's
 #: position): a process knows its own tokens' cursors from another process's.
 TOKEN_EPOCH_BITS: Final = 40
+#: Longest a token heard from another process waits for the logged event it follows
+#: (``EventBus.heard``): that event is normally a Redis read behind, a millisecond or two.
+EARLY_TOKEN_WAIT_S: Final = 0.05
 
 
 class LoopShare:
@@ -302,15 +306,21 @@ class EventBus:
         self._tokens = self.token_epoch << TOKEN_EPOCH_BITS
         #: Sends tokens to the other processes sharing the log (None: one process).
         self.relay: Carry | None = None
+        #: Heard tokens waiting for the logged event their sender filed them after
+        #: (``heard``): (that event's position, when to stop waiting, the tokens).
+        self._early: deque[tuple[Position, float, Sequence[events_pb2.Event]]] = deque()
+        self._early_timer: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
-        await self._backend.start(self._deliver, self.ring)
+        await self._backend.start(self._deliver_logged, self.ring)
         self.relay = self._backend.carry_tokens(self.heard)
         self._started = True
         if self.outbox is not None:
             self.outbox.start(self._backend.append_many)
 
     async def close(self) -> None:
+        if self._early_timer is not None:
+            self._early_timer.cancel()
         await self._backend.close()
         if self.outbox is not None:
             await self.outbox.close()
@@ -405,8 +415,61 @@ class EventBus:
             self.relay(events)
 
     def heard(self, events: Sequence[events_pb2.Event]) -> None:
-        """Tokens another process announced: delivered here as if announced here."""
-        self._announce(events)
+        """Tokens another process announced: delivered here as if announced here.
+
+        They travel apart from the log (pub/sub), so they may arrive before the logged
+        event their sender filed them after (its cursor says which). Filed here at once,
+        they would sit before that event in this ring, and a subscriber resuming here
+        from a cursor at or after it would never be sent them. So they wait for it (in
+        order, behind any tokens already waiting), at most ``EARLY_TOKEN_WAIT_S``: a
+        token is never held back longer than that for an event that may not come.
+        """
+        if not events:
+            return
+        after = parse_cursor(events[0].cursor)
+        base = logged_part(after) if after else ()
+        if not self._early and base <= logged_part(self.ring.head()):
+            self._announce(events)
+            return
+        until = asyncio.get_running_loop().time() + EARLY_TOKEN_WAIT_S
+        self._early.append((base, until, events))
+        self._release_early()
+
+    def _deliver_logged(self, items: Sequence[Logged]) -> None:
+        """The log's events, with the early tokens each was waited for right after it."""
+        start = 0
+        while self._early and start < len(items):
+            base = self._early[0][0]
+            cut = start
+            while cut < len(items) and items[cut].position <= base:
+                cut += 1
+            if cut == len(items):
+                break
+            # items[cut] lies past what the first waiting tokens wait for: they go before it.
+            if cut > start:
+                self._deliver(items[start:cut])
+            start = cut
+            self._release_early(reached=base)
+        if start < len(items):
+            self._deliver(items[start:] if start else items)
+        if self._early:
+            self._release_early()
+
+    def _release_early(self, reached: Position = ()) -> None:
+        """Announce the waiting tokens, oldest first, whose event is here (or ``reached``
+        is past it) or whose wait is over."""
+        if self._early_timer is not None:
+            self._early_timer.cancel()
+            self._early_timer = None
+        loop = asyncio.get_running_loop()
+        head = max(logged_part(self.ring.head()), reached)
+        while self._early:
+            base, until, events = self._early[0]
+            if base > head and until > loop.time():
+                self._early_timer = loop.call_at(until, self._release_early)
+                return
+            self._early.popleft()
+            self._announce(events)
 
     def _announce(self, events: Sequence[events_pb2.Event]) -> None:
         base = logged_part(self.ring.head())
@@ -421,6 +484,7 @@ class EventBus:
         return len(position) > 2 and position[2] >> TOKEN_EPOCH_BITS == self.token_epoch
 
     def _deliver(self, items: Sequence[Logged]) -> None:
+        """Hand ``items`` to the ring, the subscribers and the listeners."""
         self.ring.append(items)
         self.fanout.deliver(items)
         for listener in list(self._listeners):
@@ -438,6 +502,11 @@ class EventBus:
     def recent(self) -> list[events_pb2.Event]:
         """The events in the in-memory window, oldest first."""
         return [item.event for item in self.ring.items()]
+
+    def recent_in(self, conversation: str) -> list[events_pb2.Event]:
+        """The events of one conversation in the in-memory window, tokens included
+        (announced or heard), oldest first."""
+        return [item.event for item in self.ring.items() if item.conversation == conversation]
 
     # -- replay --------------------------------------------------------------------
 
