@@ -56,7 +56,8 @@ async def _loops(one: Callable[[], Awaitable[int]], seconds: float) -> int:
     async def loop() -> None:
         nonlocal count
         while time.monotonic() < stop:
-            count += await one()
+            read = await one()  # not ``count += await one()``: that reads count before the await
+            count += read
 
     await asyncio.gather(*(loop() for _ in range(CONVERSATIONS)))
     return count

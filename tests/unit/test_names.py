@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from google.protobuf import timestamp_pb2
 
 from switchboard.platform import names
 from switchboard.platform.errors import InvalidArgument
@@ -150,3 +151,15 @@ def test_every_request_id_field_documents_its_format_and_scope() -> None:
     assert fields >= 4
     assert names.REQUEST_ID.pattern == r"[A-Za-z0-9_-]{1,64}"
     assert dt.timedelta(hours=24) == IDEMPOTENCY_TTL
+
+
+def test_stamp_now_sets_what_from_datetime_of_now_sets() -> None:
+    before = names.now()
+    stamp = timestamp_pb2.Timestamp()
+    names.stamp_now(stamp)
+    after = names.now()
+    assert before <= stamp.ToDatetime(tzinfo=dt.UTC) <= after
+    assert stamp.nanos % 1000 == 0
+    same = timestamp_pb2.Timestamp()
+    same.FromDatetime(stamp.ToDatetime(tzinfo=dt.UTC))
+    assert same == stamp

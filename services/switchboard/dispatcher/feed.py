@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.platform.errors import CursorExpired
-from switchboard.platform.names import now
+from switchboard.platform.names import stamp_now
 
 
 class Feed:
@@ -45,7 +45,7 @@ class Feed:
         """Number ``update`` and keep it; returns it."""
         update.run = self.run
         update.sequence = self.last + 1
-        update.time.FromDatetime(now())
+        stamp_now(update.time)
         self.updates.append(update)
         if len(self.updates) > self.max_updates:
             # Keep memory bounded on endless streams: a watcher that far behind

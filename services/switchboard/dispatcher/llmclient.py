@@ -84,6 +84,20 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
     return None
 
 
+class _Deadline:
+    """The run's deadline over one response's body: reached, it closes the response."""
+
+    __slots__ = ("_response", "reached")
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self.reached = False
+
+    def reach(self) -> None:
+        self.reached = True
+        self._response.close()
+
+
 @dataclass
 class Answer:
     """One model call's answer, and whether the run has shown text so far.
@@ -294,12 +308,16 @@ class ProviderClient:
     ) -> AsyncGenerator[str, None]:
         """One POST; yields the answer's text pieces, raises ``AttemptFailed``."""
         response = await self._open(self._http(), provider, body, remaining)
+        # One timer for the whole body rather than a timeout per read (a read per token):
+        # at the deadline the response is closed, which ends the read waiting on it.
+        deadline = _Deadline(response)
+        timer = asyncio.get_running_loop().call_later(max(remaining(), 0.0), deadline.reach)
         try:
             if response.status != 200:
-                raise self._status_failure(response, await self._read_error(response, remaining))
+                raise self._status_failure(response, await self._read_error(response, deadline))
             if response.headers.get("content-type", "").startswith("application/json"):
                 # A server that ignores ``stream`` answers in one piece.
-                text = await self._read_whole(response, remaining, outcome)
+                text = await self._read_whole(response, deadline, outcome)
                 if text:
                     outcome.pieces.append(text)
                     yield text
@@ -307,7 +325,7 @@ class ProviderClient:
             chunks = response.content.iter_any()
             limit = self._config.max_response_bytes
             async with contextlib.aclosing(
-                events(functools.partial(self._next, chunks, remaining), limit)
+                events(functools.partial(self._next, chunks, deadline), limit)
             ) as datas:
                 async for data in datas:
                     if data == "[DONE]":
@@ -322,7 +340,8 @@ class ProviderClient:
                 raise AttemptFailed("stream ended before the answer was complete", retryable=True)
             check_calls(outcome)
         finally:
-            if response.content.at_eof():
+            timer.cancel()
+            if response.content.at_eof() and not deadline.reached:
                 response.release()  # read to its end: the connection is reused
             else:
                 # Cancelled or failed mid-answer: the provider stops generating it.
@@ -343,8 +362,10 @@ class ProviderClient:
         if provider.api_key:
             headers["Authorization"] = f"Bearer {provider.api_key}"
         url = f"{provider.base_url}/chat/completions"
+        # No sock_read: the body's reads are bounded by the run's deadline (``_Deadline``),
+        # and the head's by the timeout below.
         timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=min(self._config.connect_timeout_s, left), sock_read=left
+            total=None, sock_connect=min(self._config.connect_timeout_s, left)
         )
         try:
             with http_request_span("POST", url, headers) as answered:
@@ -398,36 +419,34 @@ class ProviderClient:
             )
         return AttemptFailed(summary, retryable=False, counts=status not in _REQUEST_REJECTIONS)
 
-    async def _next(
-        self, chunks: AsyncIterator[bytes], remaining: Callable[[], float]
-    ) -> bytes | None:
+    async def _next(self, chunks: AsyncIterator[bytes], deadline: _Deadline) -> bytes | None:
         try:
-            async with asyncio.timeout(remaining()):
-                return await anext(chunks, None)
-        except TimeoutError:
-            raise deadline_failure() from None
+            chunk = await anext(chunks, None)
         except aiohttp.ClientError as exc:
+            if deadline.reached:
+                raise deadline_failure() from None
             raise self._transport_failure("connection dropped", exc) from None
+        if deadline.reached:
+            raise deadline_failure()
+        return chunk
 
-    async def _read_error(
-        self, response: aiohttp.ClientResponse, remaining: Callable[[], float]
-    ) -> bytes:
+    async def _read_error(self, response: aiohttp.ClientResponse, deadline: _Deadline) -> bytes:
         body = bytearray()
         chunks = response.content.iter_any()
         with contextlib.suppress(AttemptFailed):
             while len(body) < MAX_ERROR_BODY_BYTES:
-                chunk = await self._next(chunks, remaining)
+                chunk = await self._next(chunks, deadline)
                 if chunk is None:
                     break
                 body += chunk
         return bytes(body[:MAX_ERROR_BODY_BYTES])
 
     async def _read_whole(
-        self, response: aiohttp.ClientResponse, remaining: Callable[[], float], outcome: Outcome
+        self, response: aiohttp.ClientResponse, deadline: _Deadline, outcome: Outcome
     ) -> str:
         body = bytearray()
         chunks = response.content.iter_any()
-        while (chunk := await self._next(chunks, remaining)) is not None:
+        while (chunk := await self._next(chunks, deadline)) is not None:
             body += chunk
             if len(body) > self._config.max_response_bytes:
                 raise AttemptFailed(

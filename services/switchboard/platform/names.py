@@ -17,7 +17,8 @@ import datetime as dt
 import os
 import re
 import threading
-from typing import Final
+import time
+from typing import Final, Protocol
 
 from switchboard.platform.errors import FieldViolation, InvalidArgument
 
@@ -58,6 +59,21 @@ def new_id() -> str:
 def now() -> dt.datetime:
     """The current time, aware and in UTC: every stored and compared timestamp is."""
     return dt.datetime.now(dt.UTC)
+
+
+class Stamp(Protocol):
+    """A ``google.protobuf.Timestamp`` (without importing protobuf here)."""
+
+    seconds: int
+    nanos: int
+
+
+def stamp_now(stamp: Stamp) -> None:
+    """Set ``stamp`` to now, to the microsecond, as ``stamp.FromDatetime(now())`` does in
+    five times the CPU: it runs twice for every streamed token (decisions 44)."""
+    micros = time.time_ns() // 1000
+    stamp.seconds, rest = divmod(micros, 1_000_000)
+    stamp.nanos = rest * 1000
 
 
 WORKSPACE: Final = re.compile(rf"workspaces/({ID})")

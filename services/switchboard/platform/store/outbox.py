@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 
 from switchboard.api.events.v1 import events_pb2
 from switchboard.platform.errors import SwitchboardError
-from switchboard.platform.names import new_id, now
+from switchboard.platform.names import new_id, now, stamp_now
 from switchboard.platform.store.db import Database, log_failure
 from switchboard.platform.store.models import EventOutboxRow, table_of
 
@@ -64,7 +64,7 @@ def stamp(event: events_pb2.Event) -> None:
     if not event.id:
         event.id = new_id()
     if not event.HasField("time"):
-        event.time.FromDatetime(now())
+        stamp_now(event.time)
 
 
 class Outbox:
