@@ -25,7 +25,7 @@ from switchboard.platform.names import stamp_now
 class Feed:
     """One run's updates."""
 
-    __slots__ = ("_wake", "done", "ended_at", "first", "max_updates", "run", "updates")
+    __slots__ = ("_waiters", "done", "ended_at", "first", "max_updates", "run", "updates")
 
     def __init__(self, run: str, *, max_updates: int, first: int = 1) -> None:
         self.run = run
@@ -35,7 +35,8 @@ class Feed:
         self.done = False
         self.ended_at = 0.0
         self.max_updates = max_updates
-        self._wake = asyncio.Event()
+        #: One future per follower waiting for the next update (``follow``).
+        self._waiters: list[asyncio.Future[None]] = []
 
     @property
     def last(self) -> int:
@@ -53,15 +54,19 @@ class Feed:
             drop = len(self.updates) // 4
             del self.updates[:drop]
             self.first += drop
-        wake, self._wake = self._wake, asyncio.Event()
-        wake.set()
+        self._wake()
         return update
 
     def finish(self) -> None:
         self.done = True
         self.ended_at = time.monotonic()
-        wake, self._wake = self._wake, asyncio.Event()
-        wake.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def follow(self, after: int, *, heartbeat_s: float) -> AsyncIterator[pb.RunUpdate | None]:
         """Updates after ``after`` until the run ends; ``None`` when idle for ``heartbeat_s``."""
@@ -72,25 +77,49 @@ class Feed:
                 metadata={"oldest_sequence": str(self.first)},
             )
         position = after
-        while True:
-            while position < self.last:
-                index = position + 1 - self.first
-                if index < 0:
-                    raise CursorExpired(
-                        "the watcher fell too far behind this run's updates",
-                        metadata={"oldest_sequence": str(self.first)},
-                    )
-                update = self.updates[index]
-                position = update.sequence
-                yield update
-            if self.done:
-                return
-            wake = self._wake
-            try:
-                async with asyncio.timeout(heartbeat_s):
-                    await wake.wait()
-            except TimeoutError:
-                yield None
+        loop = asyncio.get_running_loop()
+        # The heartbeat's timer is armed once per heartbeat period, not once per wait: a
+        # streamed token wakes every follower, and a timer each time cost more than the wait.
+        quiet_since = loop.time()
+        timer: asyncio.TimerHandle | None = None
+        waiter: asyncio.Future[None] | None = None
+
+        def beat() -> None:
+            nonlocal timer
+            timer = None
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+        try:
+            while True:
+                while position < self.last:
+                    index = position + 1 - self.first
+                    if index < 0:
+                        raise CursorExpired(
+                            "the watcher fell too far behind this run's updates",
+                            metadata={"oldest_sequence": str(self.first)},
+                        )
+                    update = self.updates[index]
+                    position = update.sequence
+                    yield update
+                    quiet_since = loop.time()
+                if self.done:
+                    return
+                due = quiet_since + heartbeat_s
+                if loop.time() >= due:
+                    yield None
+                    quiet_since = loop.time()
+                    continue
+                if timer is None:
+                    timer = loop.call_at(due, beat)
+                waiter = loop.create_future()
+                self._waiters.append(waiter)
+                await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if waiter is not None and not waiter.done():
+                waiter.cancel()
 
 
 class Feeds:
