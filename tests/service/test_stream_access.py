@@ -470,6 +470,36 @@ async def test_watch_run_ends_with_the_status_and_no_later_delta(scene: Scene) -
         await _cancel(scene, run)
 
 
+@pytest.mark.parametrize("scene", LOSSES, indirect=True)
+async def test_an_idle_watch_run_ends_with_the_status_when_access_is_lost(scene: Scene) -> None:
+    """The run sends nothing for a minute after its first word and heartbeats are an hour
+    apart: only the loss itself can end the watch while it waits."""
+    sent = await send(
+        dispatcher_stub(scene.channel),
+        scene.owner,
+        request(scene.conversation, "first last", delay_ms=60_000),
+    )
+    run = sent.run.name
+    call: Any = dispatcher_stub(scene.channel).WatchRun(
+        pb.WatchRunRequest(name=run), metadata=scene.md
+    )
+    seen: list[pb.RunUpdate] = []
+    try:
+        async with asyncio.timeout(DEADLINE_S):
+            while not any(u.HasField("delta") for u in seen):
+                frame = await call.read()
+                assert frame is not _EOF
+                if frame.HasField("update"):
+                    seen.append(frame.update)
+        await scene.lose()
+        error = await _failure(call, seen)
+        _assert_status(error, scene.loss)
+        assert [u.delta.text for u in seen if u.HasField("delta")] == ["first"]
+    finally:
+        call.cancel()
+        await _cancel(scene, run)
+
+
 # -- Converse --------------------------------------------------------------------------------
 
 
