@@ -361,25 +361,19 @@ class Hold:
     async def guard(self, source: AsyncIterator[T]) -> AsyncIterator[T]:
         """``source``'s items while access holds; raises ``error`` as soon as it is lost.
 
-        Ends even while ``source`` is idle: access lost (or the hold released) while this
-        waits on ``source`` interrupts that wait, which ends ``source``. A change that
-        may have cost access releases nothing produced after it until access is confirmed
-        again. ``source`` is read in the caller's task, one item at a time, and closed
-        when this ends; no task of its own stands between it and the stream, since a
-        streamed token passes here on its way to every watcher.
+        Ends even while ``source`` is idle, and releases nothing produced after
+        a change until access is confirmed again. ``source`` runs in a task of
+        its own (one task throughout, so its timeouts and context stay its own)
+        that is at most one item ahead, and is closed when this ends.
         """
-        task = asyncio.current_task()
-        if task is None:
-            raise RuntimeError("guard reads its source in a task")
-        waiting = False
-        interrupted = -1  # the task's cancel count before this interrupted it; -1: it did not
+        queue: asyncio.Queue[T | _Signal] = asyncio.Queue(maxsize=1)
 
         def wake() -> None:
-            nonlocal interrupted
-            if waiting and interrupted < 0:
-                interrupted = task.cancelling()
-                task.cancel()
+            # A full queue means the reader is not waiting; it checks before its next read.
+            with contextlib.suppress(asyncio.QueueFull):
+                queue.put_nowait(_WAKE)
 
+        pump = asyncio.get_running_loop().create_task(_pump(source, queue), name="access-guard")
         self._wakers.append(wake)
         try:
             while True:
@@ -388,26 +382,44 @@ class Hold:
                     raise error
                 if self._released:
                     return
-                waiting = True
-                try:
-                    item = await anext(source)
-                except StopAsyncIteration:
-                    return
-                except asyncio.CancelledError:
-                    if interrupted < 0 or task.uncancel() > interrupted:
-                        raise  # the caller's cancellation, not (only) this one's
-                    interrupted = -1
-                    continue  # the loop's check raises the error or ends
-                finally:
-                    waiting = False
+                item = await queue.get()
+                if isinstance(item, _Signal):
+                    if item.failure is not None:
+                        raise item.failure
+                    if item is _END:
+                        return
+                    continue
                 await self.confirm()
                 yield item
         finally:
             self._wakers.remove(wake)
-            aclose = getattr(source, "aclose", None)
-            if aclose is not None:
-                with contextlib.suppress(Exception):
-                    await aclose()
+            pump.cancel()
+            await asyncio.wait((pump,))
+
+
+class _Signal:
+    """Not an item: the source ended or failed, or access may have changed."""
+
+    def __init__(self, failure: BaseException | None = None) -> None:
+        self.failure = failure
+
+
+_END: Final = _Signal()
+_WAKE: Final = _Signal()
+
+
+async def _pump(source: AsyncIterator[T], queue: asyncio.Queue[T | _Signal]) -> None:
+    try:
+        async for item in source:
+            await queue.put(item)
+        await queue.put(_END)
+    except Exception as exc:  # noqa: BLE001 - re-raised by the reader, whose caller maps it
+        await queue.put(_Signal(exc))
+    finally:
+        aclose = getattr(source, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):
+                await aclose()
 
 
 def _watch_name(name: str, field: str) -> str:
