@@ -21,7 +21,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -63,20 +63,24 @@ async def _loops(one: Callable[[], Awaitable[int]], seconds: float) -> int:
     return count
 
 
+async def _chunks(chunks: AsyncIterator[bytes]) -> int:
+    """Read ``chunks`` to the end, each under a timeout (as the llm handler read them)."""
+    read = 0
+    while True:
+        async with asyncio.timeout(30):
+            chunk = await anext(chunks, None)
+        if chunk is None:
+            return read
+        read += 1
+
+
 async def _httpx(url: str, seconds: float) -> int:
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
     async with httpx.AsyncClient(limits=limits, timeout=60) as client:
 
         async def one() -> int:
-            read = 0
             async with client.stream("POST", f"{url}/chat/completions", json=BODY) as response:
-                chunks = response.aiter_bytes()
-                while True:
-                    async with asyncio.timeout(30):
-                        chunk = await anext(chunks, None)
-                    if chunk is None:
-                        return read
-                    read += 1
+                return await _chunks(response.aiter_bytes())
 
         return await _loops(one, seconds)
 
@@ -86,15 +90,8 @@ async def _aiohttp(url: str, seconds: float) -> int:
     async with aiohttp.ClientSession(connector=connector) as session:
 
         async def one() -> int:
-            read = 0
             async with session.post(f"{url}/chat/completions", json=BODY) as response:
-                chunks = response.content.iter_any()
-                while True:
-                    async with asyncio.timeout(30):
-                        chunk = await anext(chunks, None)
-                    if chunk is None:
-                        return read
-                    read += 1
+                return await _chunks(response.content.iter_any())
 
         return await _loops(one, seconds)
 

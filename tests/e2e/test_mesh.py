@@ -62,6 +62,7 @@ from tests.service.dispatchkit import (
     request,
     stored_running,
 )
+from tests.service.eventkit import is_token
 from tests.service.integrationkit import webhook_secret
 from tests.service.test_a2a import stub as a2a_stub
 
@@ -660,7 +661,7 @@ async def test_the_mesh_keeps_serving_while_a_dispatcher_replica_is_killed(data_
         # event once, in the log's order. A token (not logged: docs/events.md, "Tokens")
         # resumed on another replica than the one that sent it may come again, as the
         # same event under the same id, for the client to drop.
-        logged_seen = [event.id for event in events.events if not _is_token(event)]
+        logged_seen = [event.id for event in events.events if not is_token(event)]
         assert len(logged_seen) == len(set(logged_seen))
         assert logged_seen[: len(listed)] == listed
         _tokens_repeat_only_on_resume(events)
@@ -691,15 +692,7 @@ def _tokens_repeat_only_on_resume(events: Events) -> None:
     """A token that came twice came in two openings of the stream, the same both times."""
     first: dict[str, tuple[events_pb2.Event, int]] = {}
     for event, opening in zip(events.events, events.openings, strict=True):
-        if _is_token(event):
+        if is_token(event):
             earlier, earlier_opening = first.setdefault(event.id, (event, opening))
             assert earlier.run_updated == event.run_updated
             assert earlier is event or earlier_opening != opening
-
-
-def _is_token(event: events_pb2.Event) -> bool:
-    """A run's text delta: announced live, never in the log ListEvents reads."""
-    return (
-        event.type == events_pb2.EVENT_TYPE_RUN_UPDATED
-        and event.run_updated.update.WhichOneof("update") == "delta"
-    )

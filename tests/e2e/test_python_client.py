@@ -42,6 +42,7 @@ from switchboard.client.runs import AnswerBuilder, is_terminal, run_error
 from tests.e2e.envoy import EnvoyProcess
 from tests.e2e.procs import ServeProcess
 from tests.e2e.restarts import restart_env
+from tests.service.eventkit import is_token
 from tests.service.test_clientkit import (
     PASSWORD,
     REFRESH,
@@ -151,14 +152,6 @@ async def _logged(
         page_token = page.next_page_token
         if not page_token:
             return events
-
-
-def _is_token(event: events_pb2.Event) -> bool:
-    """A run's text delta: announced live, never in the log ListEvents reads."""
-    return (
-        event.type == events_pb2.EVENT_TYPE_RUN_UPDATED
-        and event.run_updated.update.WhichOneof("update") == "delta"
-    )
 
 
 def _names(items: list[object], conversation: str = "") -> list[str]:
@@ -354,7 +347,7 @@ async def test_events_and_a_run_resume_after_the_server_restarts(
         await events.until(lambda items: len(items) >= len(logged), "every logged event")
         delivered = [e for e in events.items if isinstance(e, events_pb2.Event)]
         assert len({e.id for e in delivered}) == len(delivered)
-        assert [e.id for e in delivered if not _is_token(e)] == [e.id for e in logged]
+        assert [e.id for e in delivered if not is_token(e)] == [e.id for e in logged]
         assert follower.resumes >= 1
         assert follower.duplicates == 0
         await follower.aclose()
@@ -450,7 +443,7 @@ async def test_a_silent_connection_is_taken_as_dead_and_the_follower_resumes(
         logged = await _logged(client, conversation, start, [events_pb2.EVENT_TYPE_MESSAGE_CREATED])
         delivered = [e for e in events.items if isinstance(e, events_pb2.Event)]
         assert len({e.id for e in delivered}) == len(delivered)
-        assert [e.id for e in delivered if not _is_token(e)] == [e.id for e in logged]
+        assert [e.id for e in delivered if not is_token(e)] == [e.id for e in logged]
         assert follower.resumes >= 1
         await follower.aclose()
 

@@ -48,6 +48,7 @@ from tests.infra.redis import RedisServer
 from tests.service.authkit import PASSWORD, unique_email
 from tests.service.contextkit import Caller, context_stub, create_conversation, create_workspace
 from tests.service.dispatchkit import Stub, dispatcher_stub, reason_of, request, stored_running
+from tests.service.eventkit import delta_text, is_token, run_updates, unique
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -316,30 +317,8 @@ class Watcher:
         self.call.cancel()
 
 
-def unique(events: Iterable[events_pb2.Event]) -> list[events_pb2.Event]:
-    seen: set[str] = set()
-    kept = []
-    for event in events:
-        if event.id not in seen:
-            seen.add(event.id)
-            kept.append(event)
-    return kept
-
-
-def run_updates(events: Sequence[events_pb2.Event], run: str) -> list[pb.RunUpdate]:
-    return [
-        e.run_updated.update
-        for e in events
-        if e.type == events_pb2.EVENT_TYPE_RUN_UPDATED and e.run_updated.update.run == run
-    ]
-
-
-def text(updates: Iterable[pb.RunUpdate]) -> str:
-    return "".join(u.delta.text for u in updates if u.WhichOneof("update") == "delta")
-
-
 def has_text(wanted: str) -> Callable[[list[pb.RunUpdate]], bool]:
-    return lambda updates: text(updates) == wanted
+    return lambda updates: delta_text(updates) == wanted
 
 
 def ended(updates: list[pb.RunUpdate]) -> bool:
@@ -360,13 +339,6 @@ def results(updates: Iterable[pb.RunUpdate]) -> list[str]:
 
 def contiguous(sequences: Sequence[int]) -> bool:
     return list(sequences) == list(range(sequences[0], sequences[0] + len(sequences)))
-
-
-def is_token(event: events_pb2.Event) -> bool:
-    return (
-        event.type == events_pb2.EVENT_TYPE_RUN_UPDATED
-        and event.run_updated.update.WhichOneof("update") == "delta"
-    )
 
 
 async def logged(channel: aio.Channel, caller: Caller, conversation: str) -> list[events_pb2.Event]:
@@ -492,14 +464,14 @@ async def test_streams_dropped_mid_run_resume_through_envoy_with_every_token_onc
     assert contiguous(sorted(u.sequence for u in seen)), [u.sequence for u in seen]
     tokens = [u.sequence for u in seen if u.WhichOneof("update") == "delta"]
     assert tokens == sorted(tokens)
-    assert text(seen) == ANSWER
+    assert delta_text(seen) == ANSWER
     assert results(seen) == [ANSWER]
     assert states(seen) == [pb.RUN_STATE_QUEUED, pb.RUN_STATE_RUNNING, pb.RUN_STATE_SUCCEEDED]
     # The client's view through WatchRun: nothing twice, nothing missing, in order.
     watched = watcher.updates
     assert watcher.breaks == 0
     assert contiguous([u.sequence for u in watched]), [u.sequence for u in watched]
-    assert text(watched) == ANSWER
+    assert delta_text(watched) == ANSWER
     assert results(watched) == [ANSWER]
     assert states(watched)[-1] == pb.RUN_STATE_SUCCEEDED
     # The log: no token, the state changes and the result with the whole answer.
@@ -561,7 +533,7 @@ async def test_a_subscriber_on_the_replica_without_the_run_sees_its_tokens_live(
         seen = follower.updates(run)
         assert [u.sequence for u in seen] == sorted({u.sequence for u in seen})
         assert contiguous([u.sequence for u in seen])
-        assert text(seen) == ANSWER
+        assert delta_text(seen) == ANSWER
         assert results(seen) == [ANSWER]
         assert states(seen)[-1] == pb.RUN_STATE_SUCCEEDED
 
@@ -610,7 +582,7 @@ async def test_a_run_whose_replica_is_killed_mid_answer_ends_and_the_log_has_no_
         await watcher.until(has_text(HELD_TEXT))
         # Only a run stored as RUNNING fails by the recovery policy.
         await stored_running(dispatcher, caller, run)
-        shown = (text(follower.updates(run)), text(watcher.updates))
+        shown = (delta_text(follower.updates(run)), delta_text(watcher.updates))
         killed = mesh.replicas[owner]
         assert killed.proc is not None
         killed.proc.kill()
@@ -632,7 +604,7 @@ async def test_a_run_whose_replica_is_killed_mid_answer_ends_and_the_log_has_no_
     assert reason_of(end) == "ERROR_REASON_RUN_INTERRUPTED"
     # Subscribe: the tokens it had, nothing more; no result; the end, FAILED.
     seen = follower.updates(run)
-    assert text(seen) == HELD_TEXT
+    assert delta_text(seen) == HELD_TEXT
     assert results(seen) == []
     assert states(seen) == [pb.RUN_STATE_QUEUED, pb.RUN_STATE_RUNNING, pb.RUN_STATE_FAILED]
     assert seen[-1].state_change.run.error == end.error
@@ -641,7 +613,7 @@ async def test_a_run_whose_replica_is_killed_mid_answer_ends_and_the_log_has_no_
     watched = watcher.updates
     assert [u.sequence for u in watched] == sorted({u.sequence for u in watched})
     assert watched[-1].sequence > 2**32 > watched[-2].sequence
-    assert text(watched) == HELD_TEXT
+    assert delta_text(watched) == HELD_TEXT
     assert results(watched) == []
     assert states(watched)[-1] == pb.RUN_STATE_FAILED
     assert watched[-1].state_change.run.error == end.error

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 import grpc
 from grpc import aio
 
+from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
 from switchboard.platform.security.policy import Role
 from tests.service.authkit import bearer, quick_user
@@ -151,3 +152,39 @@ class Commands:
 
     def close(self) -> None:
         self.queue.put_nowait(None)
+
+
+# -- a run's updates among events (docs/events.md, "Tokens") ------------------------------
+
+
+def is_token(event: events_pb2.Event) -> bool:
+    """A run's text delta: announced live, never in the log ListEvents reads."""
+    return (
+        event.type == events_pb2.EVENT_TYPE_RUN_UPDATED
+        and event.run_updated.update.WhichOneof("update") == "delta"
+    )
+
+
+def run_updates(events: Iterable[events_pb2.Event], run: str) -> list[dispatcher_pb2.RunUpdate]:
+    """The updates of ``run`` among ``events``, in their order."""
+    return [
+        e.run_updated.update
+        for e in events
+        if e.type == events_pb2.EVENT_TYPE_RUN_UPDATED and e.run_updated.update.run == run
+    ]
+
+
+def delta_text(updates: Iterable[dispatcher_pb2.RunUpdate]) -> str:
+    """The text of the deltas among ``updates``, joined."""
+    return "".join(u.delta.text for u in updates if u.WhichOneof("update") == "delta")
+
+
+def unique(events: Iterable[events_pb2.Event]) -> list[events_pb2.Event]:
+    """Events by id, the first of each (a consumer drops an id it has seen)."""
+    seen: set[str] = set()
+    kept = []
+    for event in events:
+        if event.id not in seen:
+            seen.add(event.id)
+            kept.append(event)
+    return kept

@@ -34,7 +34,7 @@ from tests.infra.redis import RedisServer
 from tests.service.authkit import detail, reason
 from tests.service.contextkit import Caller, context_stub, create_conversation, ctx_world
 from tests.service.dispatchkit import dispatcher_stub, finished, request, send, until
-from tests.service.eventkit import Subscriber
+from tests.service.eventkit import Subscriber, delta_text, run_updates, unique
 
 ANSWER = "one two three four five six seven"
 HELD_AFTER = 3  # chunks the model sends before it waits for the test
@@ -66,45 +66,22 @@ async def _served(**settings: Any) -> AsyncIterator[SwitchboardServer]:
         await server.shutdown(grace=0)
 
 
-def _updates(events: Sequence[events_pb2.Event], run: str) -> list[pb.RunUpdate]:
-    return [
-        e.run_updated.update
-        for e in events
-        if e.type == events_pb2.EVENT_TYPE_RUN_UPDATED and e.run_updated.update.run == run
-    ]
-
-
-def _text(updates: Sequence[pb.RunUpdate]) -> str:
-    return "".join(u.delta.text for u in updates if u.WhichOneof("update") == "delta")
-
-
 async def _until_text(sub: Subscriber, run: str, text: str) -> None:
-    while _text(_updates(sub.events, run)) != text:
+    while delta_text(run_updates(sub.events, run)) != text:
         await sub.frame()
 
 
 async def _until_end(sub: Subscriber, run: str) -> None:
     while not any(
-        u.state_change.run.state == pb.RUN_STATE_SUCCEEDED for u in _updates(sub.events, run)
+        u.state_change.run.state == pb.RUN_STATE_SUCCEEDED for u in run_updates(sub.events, run)
     ):
         await sub.frame()
-
-
-def _unique(events: Sequence[events_pb2.Event]) -> list[events_pb2.Event]:
-    """Events by id, the first of each (a consumer drops an id it has seen)."""
-    seen: set[str] = set()
-    kept = []
-    for event in events:
-        if event.id not in seen:
-            seen.add(event.id)
-            kept.append(event)
-    return kept
 
 
 def _exactly_once_in_order(updates: Sequence[pb.RunUpdate]) -> None:
     sequences = [u.sequence for u in updates]
     assert sequences == list(range(sequences[0], sequences[0] + len(sequences)))
-    assert _text(updates) == ANSWER
+    assert delta_text(updates) == ANSWER
     result = [u.result for u in updates if u.WhichOneof("update") == "result"]
     assert [r.parts[0].text for r in result] == [ANSWER]
 
@@ -117,6 +94,34 @@ async def _conversation(server: SwitchboardServer, channel: aio.Channel) -> tupl
 
 def _scope(conversation: str) -> events_pb2.Scope:
     return events_pb2.Scope(conversation=conversation)
+
+
+@asynccontextmanager
+async def _two_replicas(
+    fake: FakeOpenAI, postgres_url: str, redis_server: RedisServer, tmp_path: Path
+) -> AsyncIterator[tuple[tuple[aio.Channel, aio.Channel], Caller, str, Subscriber]]:
+    """Replicas A and B on one PostgreSQL and Redis (channels to each), a caller's
+    conversation, and a live Subscribe on B to that conversation's run updates."""
+    key_file = tmp_path / "signing.pem"
+    key_file.write_bytes(private_key_pem(SigningKey.generate("k1")))
+    shared = _llm(
+        fake, database_url=postgres_url, redis_url=redis_server.url, signing_keys=(str(key_file),)
+    )
+    async with (
+        _served(**shared, instance_id="replica-a") as a,
+        _served(**shared, instance_id="replica-b") as b,
+        aio.insecure_channel(a.address) as channel_a,
+        aio.insecure_channel(b.address) as channel_b,
+    ):
+        caller, conversation = await _conversation(a, channel_a)
+        on_b = Subscriber(
+            channel_b,
+            caller.token,
+            scopes=[_scope(conversation)],
+            types=[events_pb2.EVENT_TYPE_RUN_UPDATED],
+        )
+        await on_b.live()
+        yield (channel_a, channel_b), caller, conversation, on_b
 
 
 async def test_a_subscriber_resuming_mid_run_gets_every_token_once_and_a_late_reader_the_result(
@@ -153,7 +158,7 @@ async def test_a_subscriber_resuming_mid_run_gets_every_token_once_and_a_late_re
             await _until_end(again, run)
             again.cancel()
             # WatchRun resumed mid-answer: the tokens after the sequence, once.
-            middle = _updates(first.events, run)[-1].sequence
+            middle = run_updates(first.events, run)[-1].sequence
             watched = [
                 frame.update
                 async for frame in dstub.WatchRun(
@@ -170,11 +175,11 @@ async def test_a_subscriber_resuming_mid_run_gets_every_token_once_and_a_late_re
             )
     # On the same process, nothing is sent twice: the ids are all new.
     assert not {e.id for e in first.events} & {e.id for e in again.events}
-    _exactly_once_in_order(_updates([*first.events, *again.events], run))
+    _exactly_once_in_order(run_updates([*first.events, *again.events], run))
     assert [u.sequence for u in watched] == list(range(middle + 1, middle + 1 + len(watched)))
-    assert _text(_updates(first.events, run)) + _text(watched) == ANSWER
+    assert delta_text(run_updates(first.events, run)) + delta_text(watched) == ANSWER
     # The log holds what must survive: no token, and the result with the whole answer.
-    history = _updates(listed.events, run)
+    history = run_updates(listed.events, run)
     kinds = [u.WhichOneof("update") for u in history]
     assert "delta" not in kinds
     assert kinds.count("result") == 1
@@ -195,28 +200,12 @@ async def test_two_replicas_carry_tokens_live_and_resume_exactly_once(
     begun on B mid-answer gets the whole answer: the tokens B heard before it, then live."""
     async with FakeOpenAI() as fake:
         gate = _model(fake)
-        key_file = tmp_path / "signing.pem"
-        key_file.write_bytes(private_key_pem(SigningKey.generate("k1")))
-        shared = _llm(
-            fake,
-            database_url=postgres_url,
-            redis_url=redis_server.url,
-            signing_keys=(str(key_file),),
-        )
-        async with (
-            _served(**shared, instance_id="replica-a") as a,
-            _served(**shared, instance_id="replica-b") as b,
-            aio.insecure_channel(a.address) as channel_a,
-            aio.insecure_channel(b.address) as channel_b,
+        async with _two_replicas(fake, postgres_url, redis_server, tmp_path) as (
+            (channel_a, channel_b),
+            caller,
+            conversation,
+            on_b,
         ):
-            caller, conversation = await _conversation(a, channel_a)
-            on_b = Subscriber(
-                channel_b,
-                caller.token,
-                scopes=[_scope(conversation)],
-                types=[events_pb2.EVENT_TYPE_RUN_UPDATED],
-            )
-            await on_b.live()
             dstub = dispatcher_stub(channel_a)
             sent = await send(dstub, caller, request(conversation, ANSWER, handler="handlers/llm"))
             run = sent.run.name
@@ -252,10 +241,10 @@ async def test_two_replicas_carry_tokens_live_and_resume_exactly_once(
     assert watched[-1].state_change.run.state == pb.RUN_STATE_SUCCEEDED
     sequences = [u.sequence for u in watched]
     assert sequences == sorted(set(sequences))
-    assert _text(watched) == ANSWER
+    assert delta_text(watched) == ANSWER
     assert not {e.id for e in on_b.events} & {e.id for e in resumed["same"].events}
-    _exactly_once_in_order(_updates([*on_b.events, *resumed["same"].events], run))
-    _exactly_once_in_order(_updates(_unique([*on_b.events, *resumed["other"].events]), run))
+    _exactly_once_in_order(run_updates([*on_b.events, *resumed["same"].events], run))
+    _exactly_once_in_order(run_updates(unique([*on_b.events, *resumed["other"].events]), run))
 
 
 # -- slow subscribers ---------------------------------------------------------------------
@@ -278,7 +267,7 @@ def _answered(updates: Sequence[pb.RunUpdate], answer: str) -> None:
     """Every update once, in order, the tokens joined to ``answer``, one result saying it."""
     sequences = [u.sequence for u in updates]
     assert sequences == list(range(1, len(sequences) + 1))
-    assert _text(updates) == answer
+    assert delta_text(updates) == answer
     assert [u.result.parts[0].text for u in updates if u.HasField("result")] == [answer]
 
 
@@ -304,7 +293,7 @@ async def test_a_subscriber_that_falls_behind_a_run_gets_its_tokens_in_fewer_ful
             heartbeats = len(slow.heartbeats)
             await _until_end(slow, run)
             slow.cancel()
-    updates = _updates(slow.events, run)
+    updates = run_updates(slow.events, run)
     deltas = [u for u in updates if u.HasField("delta")]
     _answered(updates, WIDE)
     # Tokens that queued while the client stalled went out together: fewer frames than
@@ -352,8 +341,8 @@ async def test_a_subscriber_behind_its_whole_buffer_of_tokens_is_cut_off_and_res
             again.cancel()
     delivered = [*slow.events, *again.events]
     assert len({e.id for e in delivered}) == len(delivered)
-    assert _text(_updates(slow.events, run)) != WIDE
-    _answered(_updates(delivered, run), WIDE)
+    assert delta_text(run_updates(slow.events, run)) != WIDE
+    _answered(run_updates(delivered, run), WIDE)
 
 
 async def test_a_watch_resumed_on_the_replica_without_the_run_gets_the_tokens_made_meanwhile(
@@ -366,28 +355,12 @@ async def test_a_watch_resumed_on_the_replica_without_the_run_gets_the_tokens_ma
     async with FakeOpenAI() as fake:
         first_byte, rest = asyncio.Event(), asyncio.Event()
         fake.script(Reply(content=ANSWER, gate=first_byte, hold_after_chunks=HELD_AFTER, hold=rest))
-        key_file = tmp_path / "signing.pem"
-        key_file.write_bytes(private_key_pem(SigningKey.generate("k1")))
-        shared = _llm(
-            fake,
-            database_url=postgres_url,
-            redis_url=redis_server.url,
-            signing_keys=(str(key_file),),
-        )
-        async with (
-            _served(**shared, instance_id="replica-a") as a,
-            _served(**shared, instance_id="replica-b") as b,
-            aio.insecure_channel(a.address) as channel_a,
-            aio.insecure_channel(b.address) as channel_b,
+        async with _two_replicas(fake, postgres_url, redis_server, tmp_path) as (
+            (channel_a, channel_b),
+            caller,
+            conversation,
+            on_b,
         ):
-            caller, conversation = await _conversation(a, channel_a)
-            on_b = Subscriber(
-                channel_b,
-                caller.token,
-                scopes=[_scope(conversation)],
-                types=[events_pb2.EVENT_TYPE_RUN_UPDATED],
-            )
-            await on_b.live()
             dstub = dispatcher_stub(channel_a)
             sent = await send(dstub, caller, request(conversation, ANSWER, handler="handlers/llm"))
             run = sent.run.name
@@ -409,7 +382,7 @@ async def test_a_watch_resumed_on_the_replica_without_the_run_gets_the_tokens_ma
             resumed = [f.update async for f in watch if f.WhichOneof("frame") == "update"]
     sequences = [u.sequence for u in resumed]
     assert sequences == list(range(before[-1].sequence + 1, before[-1].sequence + 1 + len(resumed)))
-    assert _text(resumed) == ANSWER
+    assert delta_text(resumed) == ANSWER
     assert [r.parts[0].text for r in (u.result for u in resumed if u.HasField("result"))] == [
         ANSWER
     ]
