@@ -31,6 +31,8 @@ class ThisProcessesLog:
     def __init__(self) -> None:
         self.deliver: Deliver | None = None
         self.heard: Carry | None = None
+        #: What this process sent the others: (the token, its cursor when sent).
+        self.relayed: list[tuple[str, str]] = []
         self.bus = EventBus(self, memory=100)
 
     @property
@@ -61,7 +63,10 @@ class ThisProcessesLog:
 
     def carry_tokens(self, heard: Carry) -> Carry | None:
         self.heard = heard
-        return None
+        return self._relay
+
+    def _relay(self, events: Sequence[events_pb2.Event]) -> None:
+        self.relayed += [(event.actor.name, event.cursor) for event in events]
 
     @property
     def held(self) -> int:
@@ -145,3 +150,22 @@ async def test_a_token_waits_for_its_event_only_briefly(log: ThisProcessesLog) -
         await arrived.wait()
     assert loop.time() - heard_at >= EARLY_TOKEN_WAIT_S * 0.9
     assert _ring(log) == ["lonely"]
+
+
+async def test_this_processes_tokens_wait_for_their_runs_logged_event_before_going_out(
+    log: ThisProcessesLog,
+) -> None:
+    """On Redis a process reads its own appends back: the run's update it just logged at
+    (2, 0) may not be in its ring yet when the tokens after it are announced."""
+    log.logged((1, 0))
+    log.bus.announce([_event("one"), _event("two")], after="2-0")
+    assert _ring(log) == ["logged (1, 0)"]
+    assert log.relayed == []
+    log.logged((2, 0))
+    assert _ring(log) == ["logged (1, 0)", "logged (2, 0)", "one", "two"]
+    # Sent on only once filed, so the others' copies name the event they follow.
+    assert [name for name, _ in log.relayed] == ["one", "two"]
+    assert all(cursor.startswith("2-0-") for _, cursor in log.relayed)
+    # With its event here, the next token goes at once.
+    log.bus.announce([_event("three")], after="2-0")
+    assert _ring(log)[-1] == "three"

@@ -74,7 +74,7 @@ class Publishing:
             and (active.publisher is None or active.publisher.done())
         ):
             # Nothing of the run's waits to be logged: the token goes out now, in order.
-            self._bus.announce((event,))
+            self._bus.announce((event,), after=active.logged)
             return
         active.outbox.append(event)
         if not active.held and (active.publisher is None or active.publisher.done()):
@@ -107,13 +107,15 @@ class Publishing:
                 tokens = []
                 while outbox and _token(outbox[0]):
                     tokens.append(outbox.popleft())
-                self._bus.announce(tokens)
+                self._bus.announce(tokens, after=active.logged)
                 continue
             batch: list[events_pb2.Event] = []
             while outbox and len(batch) < _PUBLISH_BATCH and not _token(outbox[0]):
                 batch.append(outbox.popleft())
             try:
                 await self._bus.publish_many(batch)
+                # Set once the log took them (not while they wait in the outbox).
+                active.logged = batch[-1].cursor or active.logged
             except SwitchboardError:
                 if self._bus.outbox is not None:
                     self._bus.outbox.failed(batch)  # a stored end: the relay publishes it

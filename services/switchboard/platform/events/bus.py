@@ -93,6 +93,12 @@ TOKEN_EPOCH_BITS: Final = 40
 EARLY_TOKEN_WAIT_S: Final = 0.05
 
 
+def _base(cursor: str) -> Position:
+    """The logged position a token's cursor (or a logged event's) names; () if none."""
+    position = parse_cursor(cursor) if cursor else None
+    return logged_part(position) if position else ()
+
+
 class LoopShare:
     """The share of wall time the calling thread (the event loop's) spent on the CPU,
     over the last ``SHARE_WINDOW_S`` or so: how much room the loop has left."""
@@ -306,9 +312,9 @@ class EventBus:
         self._tokens = self.token_epoch << TOKEN_EPOCH_BITS
         #: Sends tokens to the other processes sharing the log (None: one process).
         self.relay: Carry | None = None
-        #: Heard tokens waiting for the logged event their sender filed them after
-        #: (``heard``): (that event's position, when to stop waiting, the tokens).
-        self._early: deque[tuple[Position, float, Sequence[events_pb2.Event]]] = deque()
+        #: Tokens waiting for the logged event they follow (``_file``): that event's
+        #: position, when to stop waiting, the tokens, and whether they are this process's.
+        self._early: deque[tuple[Position, float, Sequence[events_pb2.Event], bool]] = deque()
         self._early_timer: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
@@ -400,40 +406,48 @@ class EventBus:
             outbox.failed(events)
             log.warning("staged events not published now; the outbox relay will")
 
-    def announce(self, events: Sequence[events_pb2.Event]) -> None:
+    def announce(self, events: Sequence[events_pb2.Event], *, after: str = "") -> None:
         """Deliver ``events`` (a run's text deltas) now, without logging them.
 
         Tokens are needed while their run is live: they go to this process's ring
         (a resume within it replays them), its subscribers and listeners, and to
         the other processes sharing the log (``relay``), never to storage.
-        Synchronous: a run's publisher calls it once its earlier updates are logged.
+        ``after`` is the cursor of the run's last logged event: on Redis this process
+        reads its own appends back, so that event may not be in its ring yet, and the
+        tokens wait for it as heard ones do (``heard``). Synchronous: a run's publisher
+        calls it once its earlier updates are logged.
         """
         for event in events:
             stamp(event)
-        self._announce(events)
-        if self.relay is not None:
-            self.relay(events)
+        self._file(_base(after), events, own=True)
 
     def heard(self, events: Sequence[events_pb2.Event]) -> None:
         """Tokens another process announced: delivered here as if announced here.
 
         They travel apart from the log (pub/sub), so they may arrive before the logged
-        event their sender filed them after (its cursor says which). Filed here at once,
-        they would sit before that event in this ring, and a subscriber resuming here
-        from a cursor at or after it would never be sent them. So they wait for it (in
-        order, behind any tokens already waiting), at most ``EARLY_TOKEN_WAIT_S``: a
-        token is never held back longer than that for an event that may not come.
+        event their sender filed them after (their cursor says which).
         """
-        if not events:
-            return
-        after = parse_cursor(events[0].cursor)
-        base = logged_part(after) if after else ()
+        if events:
+            self._file(_base(events[0].cursor), events, own=False)
+
+    def _file(self, base: Position, events: Sequence[events_pb2.Event], *, own: bool) -> None:
+        """File tokens after ``base``, the logged event they follow. Filed before it, they
+        would sit ahead of it in the ring, and a subscriber resuming from a cursor at or
+        after it would never be sent them. So they wait for it (in order, behind any tokens
+        already waiting), at most ``EARLY_TOKEN_WAIT_S``: a token is never held back
+        longer than that for an event that may not come."""
         if not self._early and base <= logged_part(self.ring.head()):
-            self._announce(events)
+            self._deliver_tokens(events, own)
             return
         until = asyncio.get_running_loop().time() + EARLY_TOKEN_WAIT_S
-        self._early.append((base, until, events))
+        self._early.append((base, until, events, own))
         self._release_early()
+
+    def _deliver_tokens(self, events: Sequence[events_pb2.Event], own: bool) -> None:
+        self._announce(events)
+        if own and self.relay is not None:
+            # After filing: each event's cursor now names the logged event it follows.
+            self.relay(events)
 
     def _deliver_logged(self, items: Sequence[Logged]) -> None:
         """The log's events, with the early tokens each was waited for right after it."""
@@ -464,12 +478,12 @@ class EventBus:
         loop = asyncio.get_running_loop()
         head = max(logged_part(self.ring.head()), reached)
         while self._early:
-            base, until, events = self._early[0]
+            base, until, events, own = self._early[0]
             if base > head and until > loop.time():
                 self._early_timer = loop.call_at(until, self._release_early)
                 return
             self._early.popleft()
-            self._announce(events)
+            self._deliver_tokens(events, own)
 
     def _announce(self, events: Sequence[events_pb2.Event]) -> None:
         base = logged_part(self.ring.head())
