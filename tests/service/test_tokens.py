@@ -271,13 +271,16 @@ def _answered(updates: Sequence[pb.RunUpdate], answer: str) -> None:
     assert [u.result.parts[0].text for u in updates if u.HasField("result")] == [answer]
 
 
-async def test_a_subscriber_that_falls_behind_a_run_gets_its_tokens_in_fewer_fuller_frames(
-    database_url: str,
-) -> None:
+@asynccontextmanager
+async def _stalled_through_a_run(
+    database_url: str, **settings: Any
+) -> AsyncIterator[tuple[aio.Channel, Caller, str, Subscriber, str]]:
+    """A subscriber whose client reads nothing while a run of ``WIDE`` streams to its end:
+    a channel to the server, the caller, the conversation, the subscriber, the run."""
     async with FakeOpenAI() as fake:
         _paced(fake)
         async with (
-            _served(**_llm(fake, database_url=database_url)) as server,
+            _served(**_llm(fake, database_url=database_url, **settings)) as server,
             aio.insecure_channel(server.address) as channel,
             aio.insecure_channel(server.address, options=SMALL_WINDOW) as stalled,
         ):
@@ -287,12 +290,17 @@ async def test_a_subscriber_that_falls_behind_a_run_gets_its_tokens_in_fewer_ful
             await slow.live()
             dstub = dispatcher_stub(channel)
             sent = await send(dstub, caller, request(conversation, "go on", handler="handlers/llm"))
-            run = sent.run.name
-            # The client reads nothing while the whole run streams.
-            await finished(dstub, caller, run)
-            heartbeats = len(slow.heartbeats)
-            await _until_end(slow, run)
-            slow.cancel()
+            await finished(dstub, caller, sent.run.name)
+            yield channel, caller, conversation, slow, sent.run.name
+
+
+async def test_a_subscriber_that_falls_behind_a_run_gets_its_tokens_in_fewer_fuller_frames(
+    database_url: str,
+) -> None:
+    async with _stalled_through_a_run(database_url) as (_, _, _, slow, run):
+        heartbeats = len(slow.heartbeats)
+        await _until_end(slow, run)
+        slow.cancel()
     updates = run_updates(slow.events, run)
     deltas = [u for u in updates if u.HasField("delta")]
     _answered(updates, WIDE)
@@ -307,38 +315,29 @@ async def test_a_subscriber_that_falls_behind_a_run_gets_its_tokens_in_fewer_ful
 async def test_a_subscriber_behind_its_whole_buffer_of_tokens_is_cut_off_and_resumes_exactly(
     database_url: str,
 ) -> None:
-    async with FakeOpenAI() as fake:
-        _paced(fake)
-        settings = _llm(fake, database_url=database_url, events_subscriber_buffer=10)
-        async with (
-            _served(**settings) as server,
-            aio.insecure_channel(server.address) as channel,
-            aio.insecure_channel(server.address, options=SMALL_WINDOW) as stalled,
-        ):
-            caller, conversation = await _conversation(server, channel)
-            kinds = [events_pb2.EVENT_TYPE_RUN_UPDATED]
-            slow = Subscriber(stalled, caller.token, scopes=[_scope(conversation)], types=kinds)
-            await slow.live()
-            dstub = dispatcher_stub(channel)
-            sent = await send(dstub, caller, request(conversation, "go on", handler="handlers/llm"))
-            run = sent.run.name
-            await finished(dstub, caller, run)
-            error = await slow.error()
-            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert reason(error) == "ERROR_REASON_SUBSCRIBER_TOO_SLOW"
-            resume = detail(error, error_details_pb2.ErrorInfo).metadata["resume_cursor"]
-            assert resume == (slow.events[-1].cursor if slow.events else slow.cursor)
-            # The tokens it had no room for are in the process's ring: resumed from the
-            # cursor, it gets each of them once (the run is over by now).
-            again = Subscriber(
-                channel,
-                caller.token,
-                scopes=[_scope(conversation)],
-                types=kinds,
-                after_cursor=resume,
-            )
-            await _until_end(again, run)
-            again.cancel()
+    async with _stalled_through_a_run(database_url, events_subscriber_buffer=10) as (
+        channel,
+        caller,
+        conversation,
+        slow,
+        run,
+    ):
+        error = await slow.error()
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert reason(error) == "ERROR_REASON_SUBSCRIBER_TOO_SLOW"
+        resume = detail(error, error_details_pb2.ErrorInfo).metadata["resume_cursor"]
+        assert resume == (slow.events[-1].cursor if slow.events else slow.cursor)
+        # The tokens it had no room for are in the process's ring: resumed from the
+        # cursor, it gets each of them once (the run is over by now).
+        again = Subscriber(
+            channel,
+            caller.token,
+            scopes=[_scope(conversation)],
+            types=[events_pb2.EVENT_TYPE_RUN_UPDATED],
+            after_cursor=resume,
+        )
+        await _until_end(again, run)
+        again.cancel()
     delivered = [*slow.events, *again.events]
     assert len({e.id for e in delivered}) == len(delivered)
     assert delta_text(run_updates(slow.events, run)) != WIDE
