@@ -192,6 +192,20 @@ async def a_conversation(channel: aio.Channel) -> tuple[Caller, str]:
     return caller, (await create_conversation(stub, caller, workspace.name)).name
 
 
+async def a_followed_run(channel: aio.Channel) -> tuple[Caller, str, Follower, str]:
+    """A new caller's conversation, a Subscribe following it, and a run of the llm handler
+    sent to it (through ``channel``): the caller, the conversation, the follower, the run."""
+    caller, conversation = await a_conversation(channel)
+    follower = Follower(channel, caller, conversation)
+    await follower.open()
+    sent = await dispatcher_stub(channel).SendMessage(
+        request(conversation, ANSWER, handler="handlers/llm"),
+        metadata=caller.md,
+        timeout=CALL_TIMEOUT_S,
+    )
+    return caller, conversation, follower, sent.run.name
+
+
 # -- what a client keeps ------------------------------------------------------------------
 
 
@@ -399,16 +413,8 @@ async def test_streams_dropped_mid_run_resume_through_envoy_with_every_token_onc
         mesh.fake.script(
             Reply(content=ANSWER, gate=first_byte, hold_after_chunks=HELD_AFTER, hold=rest)
         )
-        caller, conversation = await a_conversation(channel)
+        caller, conversation, follower, run = await a_followed_run(channel)
         dispatcher = dispatcher_stub(channel)
-        follower = Follower(channel, caller, conversation)
-        await follower.open()
-        sent = await dispatcher.SendMessage(
-            request(conversation, ANSWER, handler="handlers/llm"),
-            metadata=caller.md,
-            timeout=CALL_TIMEOUT_S,
-        )
-        run = sent.run.name
         owner = await mesh.logs.owner(run)
         await mesh.fake.wait_requests(1)
         await stored_running(dispatcher, caller, run)
@@ -565,16 +571,8 @@ async def test_a_run_whose_replica_is_killed_mid_answer_ends_and_the_log_has_no_
     rest = asyncio.Event()
     async with running_mesh(env) as mesh, aio.insecure_channel(mesh.edge) as channel:
         mesh.fake.script(Reply.text(ANSWER, hold_after_chunks=HELD_AFTER, hold=rest))
-        caller, conversation = await a_conversation(channel)
+        caller, conversation, follower, run = await a_followed_run(channel)
         dispatcher = dispatcher_stub(channel)
-        follower = Follower(channel, caller, conversation)
-        await follower.open()
-        sent = await dispatcher.SendMessage(
-            request(conversation, ANSWER, handler="handlers/llm"),
-            metadata=caller.md,
-            timeout=CALL_TIMEOUT_S,
-        )
-        run = sent.run.name
         owner = await mesh.logs.owner(run)
         watcher = Watcher(dispatcher, caller, run)
         watcher.open()
