@@ -158,7 +158,7 @@ async def test_this_processes_tokens_wait_for_their_runs_logged_event_before_goi
     """On Redis a process reads its own appends back: the run's update it just logged at
     (2, 0) may not be in its ring yet when the tokens after it are announced."""
     log.logged((1, 0))
-    log.bus.announce([_event("one"), _event("two")], after="2-0")
+    log.bus.announce([_event("one"), _event("two")], after=(2, 0))
     assert _ring(log) == ["logged (1, 0)"]
     assert log.relayed == []
     log.logged((2, 0))
@@ -167,5 +167,5 @@ async def test_this_processes_tokens_wait_for_their_runs_logged_event_before_goi
     assert [name for name, _ in log.relayed] == ["one", "two"]
     assert all(cursor.startswith("2-0-") for _, cursor in log.relayed)
     # With its event here, the next token goes at once.
-    log.bus.announce([_event("three")], after="2-0")
+    log.bus.announce([_event("three")], after=(2, 0))
     assert _ring(log)[-1] == "three"

@@ -94,8 +94,8 @@ class Active:
     #: transaction that stores the end, and published in one batch with it.
     ending: list[events_pb2.Event] = field(default_factory=list)
     publisher: asyncio.Task[None] | None = None
-    #: The cursor of its last logged event (its tokens are filed after it; "" until one).
-    logged: str = ""
+    #: The position of its last logged event (its tokens are filed after it; () until one).
+    logged: tuple[int, ...] = ()
     #: Its tool runner, while it executes with tools.
     tools: RunTools | None = None
     #: Serializes stored state changes (a pause, decisions, the end), whose

@@ -33,6 +33,7 @@ from switchboard.platform import names
 from switchboard.platform.backoff import Backoff
 from switchboard.platform.errors import Conflict, DependencyUnavailable, SwitchboardError
 from switchboard.platform.events.bus import EventBus
+from switchboard.platform.events.eventlog import parse_cursor
 from switchboard.platform.store.outbox import Staged
 
 log = logging.getLogger("switchboard.dispatcher")
@@ -114,8 +115,9 @@ class Publishing:
                 batch.append(outbox.popleft())
             try:
                 await self._bus.publish_many(batch)
-                # Set once the log took them (not while they wait in the outbox).
-                active.logged = batch[-1].cursor or active.logged
+                # Set once the log took them (not while they wait in the outbox); parsed
+                # here once per batch, not once per token.
+                active.logged = parse_cursor(batch[-1].cursor) or active.logged
             except SwitchboardError:
                 if self._bus.outbox is not None:
                     self._bus.outbox.failed(batch)  # a stored end: the relay publishes it

@@ -406,20 +406,20 @@ class EventBus:
             outbox.failed(events)
             log.warning("staged events not published now; the outbox relay will")
 
-    def announce(self, events: Sequence[events_pb2.Event], *, after: str = "") -> None:
+    def announce(self, events: Sequence[events_pb2.Event], *, after: Position = ()) -> None:
         """Deliver ``events`` (a run's text deltas) now, without logging them.
 
         Tokens are needed while their run is live: they go to this process's ring
         (a resume within it replays them), its subscribers and listeners, and to
         the other processes sharing the log (``relay``), never to storage.
-        ``after`` is the cursor of the run's last logged event: on Redis this process
+        ``after`` is the position of the run's last logged event: on Redis this process
         reads its own appends back, so that event may not be in its ring yet, and the
         tokens wait for it as heard ones do (``heard``). Synchronous: a run's publisher
         calls it once its earlier updates are logged.
         """
         for event in events:
             stamp(event)
-        self._file(_base(after), events, own=True)
+        self._file(logged_part(after), events, own=True)
 
     def heard(self, events: Sequence[events_pb2.Event]) -> None:
         """Tokens another process announced: delivered here as if announced here.
