@@ -480,6 +480,11 @@ async def test_streams_dropped_mid_run_resume_through_envoy_with_every_token_onc
     assert delta_text(watched) == ANSWER
     assert results(watched) == [ANSWER]
     assert states(watched)[-1] == pb.RUN_STATE_SUCCEEDED
+    # Stamps within the run never go backwards, whichever replica sent each update
+    # (a snapshot from the replica without the run is stamped when its state was stored).
+    for view in (sorted(seen, key=lambda u: u.sequence), watched, history):
+        stamps = [u.time.ToNanoseconds() for u in view]
+        assert stamps == sorted(stamps), [(u.sequence, u.time.ToJsonString()) for u in view]
     # The log: no token, the state changes and the result with the whole answer.
     assert [u.WhichOneof("update") for u in history].count("delta") == 0
     assert states(history) == [pb.RUN_STATE_QUEUED, pb.RUN_STATE_RUNNING, pb.RUN_STATE_SUCCEEDED]

@@ -241,6 +241,10 @@ async def test_two_replicas_carry_tokens_live_and_resume_exactly_once(
     assert watched[-1].state_change.run.state == pb.RUN_STATE_SUCCEEDED
     sequences = [u.sequence for u in watched]
     assert sequences == sorted(set(sequences))
+    # The run as stored (B's snapshot) is stamped when it was stored, not when B was
+    # asked: stamps within a run never go backwards, whichever replica sends them.
+    stamps = [u.time.ToNanoseconds() for u in watched]
+    assert stamps == sorted(stamps), [(u.sequence, u.time.ToJsonString()) for u in watched]
     assert delta_text(watched) == ANSWER
     assert not {e.id for e in on_b.events} & {e.id for e in resumed["same"].events}
     _exactly_once_in_order(run_updates([*on_b.events, *resumed["same"].events], run))

@@ -19,19 +19,34 @@ from collections.abc import AsyncIterator
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.platform.errors import CursorExpired
-from switchboard.platform.names import stamp_now
+from switchboard.platform.names import stamp_after
 
 
 class Feed:
     """One run's updates."""
 
-    __slots__ = ("_waiters", "done", "ended_at", "first", "max_updates", "run", "updates")
+    __slots__ = (
+        "_last_stamp",
+        "_waiters",
+        "done",
+        "ended_at",
+        "first",
+        "max_updates",
+        "run",
+        "updates",
+    )
 
-    def __init__(self, run: str, *, max_updates: int, first: int = 1) -> None:
+    def __init__(
+        self, run: str, *, max_updates: int, first: int = 1, not_before_ns: int = 0
+    ) -> None:
         self.run = run
         self.updates: list[pb.RunUpdate] = []
         # Sequence of updates[0]; later than 1 once old deltas were dropped.
         self.first = first
+        # The latest stamp given (ns since the epoch): stamps never go backwards
+        # within a run, though the wall clock may step back (NTP) and a run taken
+        # over continues on another host's clock (``not_before_ns``: its stored state).
+        self._last_stamp = not_before_ns
         self.done = False
         self.ended_at = 0.0
         self.max_updates = max_updates
@@ -43,10 +58,10 @@ class Feed:
         return self.first + len(self.updates) - 1
 
     def append(self, update: pb.RunUpdate) -> pb.RunUpdate:
-        """Number ``update`` and keep it; returns it."""
+        """Number and stamp ``update`` and keep it; returns it."""
         update.run = self.run
         update.sequence = self.last + 1
-        stamp_now(update.time)
+        self._last_stamp = stamp_after(update.time, self._last_stamp)
         self.updates.append(update)
         if len(self.updates) > self.max_updates:
             # Keep memory bounded on endless streams: a watcher that far behind
@@ -132,8 +147,8 @@ class Feeds:
         self._active: dict[str, Feed] = {}
         self._finished: OrderedDict[str, Feed] = OrderedDict()
 
-    def open(self, run: str, *, first: int = 1) -> Feed:
-        feed = Feed(run, max_updates=self._max_updates, first=first)
+    def open(self, run: str, *, first: int = 1, not_before_ns: int = 0) -> Feed:
+        feed = Feed(run, max_updates=self._max_updates, first=first, not_before_ns=not_before_ns)
         self._active[run] = feed
         return feed
 

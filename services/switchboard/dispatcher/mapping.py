@@ -63,12 +63,33 @@ def run_event(workspace_id: str, conversation_id: str, update: pb.RunUpdate) -> 
     return event
 
 
-def snapshot(run: pb.Run) -> pb.RunUpdate:
-    """A state change carrying the whole run, at the run's own ``last_sequence``."""
+def snapshot(run: pb.Run, *, not_after_ns: int | None = None) -> pb.RunUpdate:
+    """A state change carrying the whole run, at the run's own ``last_sequence``.
+
+    Stamped when the run reached the state it carries (its latest of create, start
+    and end), not when it was read: a replica that does not own the run sends this
+    before the owner's later updates, which were stamped earlier than the read
+    (the console showed "-50 ms" in the mesh). ``not_after_ns``: the stamp of the
+    update the watcher gets next, which the snapshot must not pass.
+    """
     update = pb.RunUpdate(run=run.name, sequence=run.last_sequence)
-    update.time.FromDatetime(names.now())
+    stamp = state_time_ns(run)
+    if not_after_ns is not None:
+        stamp = min(stamp, not_after_ns)
+    update.time.seconds, update.time.nanos = divmod(stamp, 1_000_000_000)
     update.state_change.run.CopyFrom(run)
     return update
+
+
+def state_time_ns(run: pb.Run) -> int:
+    """When ``run`` reached its current state, in ns since the epoch: the latest of its
+    create, start and end times (now, for a run that has none)."""
+    times = [
+        stamp.ToNanoseconds()
+        for stamp in (run.end_time, run.start_time, run.create_time)
+        if stamp.seconds or stamp.nanos
+    ]
+    return max(times) if times else names.now_ns()
 
 
 def filtered_event(

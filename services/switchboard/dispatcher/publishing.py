@@ -153,6 +153,9 @@ class Publishing:
         if saved:
             planned = update.sequence
             active.feed.append(update)
+            # The feed stamps it as it takes it, after whatever it took while this
+            # was stored; the event says the same (stamps never go backwards).
+            event.run_updated.update.time.CopyFrom(update.time)
             if update.sequence != planned:
                 # An interactive expert streamed while this was stored: the
                 # feed numbered it after those updates; the event says the same.

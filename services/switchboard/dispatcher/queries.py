@@ -152,7 +152,8 @@ class Queries:
             else:
                 current = (await self._store.get(found[1], found[2], found[3])).run
             current.last_sequence = feed.first - 1
-            first = mapping.snapshot(current)
+            kept = feed.updates[0].time.ToNanoseconds() if feed.updates else None
+            first = mapping.snapshot(current, not_after_ns=kept)
             yield first
             after_sequence = first.sequence
         position, ended = after_sequence, False

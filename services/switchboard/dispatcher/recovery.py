@@ -207,7 +207,12 @@ class Recovery:
         # The new block is stored before this attempt shows anything.
         if not await self._store.save(run_id, run, owner=self._limits.instance_id):
             return  # purged, or taken by another instance meanwhile
-        feed = self._feeds.open(run.name, first=run.last_sequence + (0 if requeued else 1))
+        # Stamped after what was stored, though this host's clock may run behind.
+        feed = self._feeds.open(
+            run.name,
+            first=run.last_sequence + (0 if requeued else 1),
+            not_before_ns=mapping.state_time_ns(run),
+        )
         active = Active(
             run=run,
             run_id=run_id,
