@@ -167,3 +167,36 @@ def test_grpc_core_error_for_a_client_that_left_mid_send_is_demoted_to_debug() -
     finally:
         core.removeHandler(keep)
         core.setLevel(level)
+
+
+def test_an_http_request_that_failed_is_a_warning_naming_only_the_origin() -> None:
+    from switchboard.platform.observe.logging import quiet_http_requests
+
+    quiet_http_requests()
+    quiet_http_requests()  # idempotent
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    logger = logging.getLogger("httpx")
+    keep = Keep(logging.DEBUG)
+    logger.addHandler(keep)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        line = 'HTTP Request: %s %s "%s %d %s"'
+        hook = "https://user:pw@hooks.example.com:8443/services/T0/B0/SECRET?token=x"
+        logger.info(line, "POST", hook, "HTTP/1.1", 500, "Internal Server Error")
+        logger.info(line, "POST", hook, "HTTP/1.1", 200, "OK")  # DEBUG: not at INFO
+    finally:
+        logger.removeHandler(keep)
+        logger.setLevel(level)
+    assert [(r.levelname, r.getMessage()) for r in seen] == [
+        (
+            "WARNING",
+            'HTTP Request: POST https://hooks.example.com:8443 "HTTP/1.1 500 '
+            'Internal Server Error"',
+        )
+    ]

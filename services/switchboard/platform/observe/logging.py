@@ -146,6 +146,53 @@ def quiet_client_cancellations() -> None:
         core.addFilter(_ClientLeftMidSend())
 
 
+class _OneLinePerRequest(logging.Filter):
+    """httpx's and httpx2's INFO line for every request ("HTTP Request: POST URL ...").
+
+    An MCP call goes through both (the SDK's httpx2 request is sent on by the
+    egress-checked httpx client, ``integration/mcp.py``), so each request was logged
+    twice at INFO: about half of a short session's log. httpx2's line goes (httpx's says
+    the same); httpx's is DEBUG when the answer is a success and WARNING when it is an
+    error status. The URL is cut to its origin: a webhook's path or query may hold its
+    secret (a Slack-style hook URL is one).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not isinstance(record.msg, str) or not record.msg.startswith("HTTP Request:"):
+            return True
+        if record.name == "httpx2":
+            return False
+        args = record.args
+        if not isinstance(args, tuple) or len(args) != 5:
+            return True
+        method, url, version, status, reason = args
+        record.msg = 'HTTP Request: %s %s "%s %d %s"'
+        record.args = (method, _origin(url), version, status, reason)
+        level = logging.WARNING if isinstance(status, int) and status >= 400 else logging.DEBUG
+        record.levelno, record.levelname = level, logging.getLevelName(level)
+        return logging.getLogger(record.name).isEnabledFor(level)
+
+
+def _origin(url: object) -> str:
+    """``scheme://host[:port]`` of ``url`` (an ``httpx.URL`` or a string), nothing after."""
+    text = str(url)
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return "?"
+    return f"{scheme}://{rest.split('/', 1)[0].split('?', 1)[0].rpartition('@')[2]}"
+
+
+_HTTP_CLIENT_LOGGERS = ("httpx", "httpx2")
+
+
+def quiet_http_requests() -> None:
+    """Install the filter above on the HTTP clients' loggers (idempotent)."""
+    for name in _HTTP_CLIENT_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _OneLinePerRequest) for f in logger.filters):
+            logger.addFilter(_OneLinePerRequest())
+
+
 def configure_logging(level: str, fmt: str) -> None:
     """Install one stderr handler on the root logger (idempotent)."""
     root = logging.getLogger()
@@ -157,3 +204,4 @@ def configure_logging(level: str, fmt: str) -> None:
     handler._switchboard = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)
+    quiet_http_requests()

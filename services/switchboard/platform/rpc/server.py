@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
 from switchboard.platform.config import ConfigError, Settings
-from switchboard.platform.observe.logging import quiet_client_cancellations
+from switchboard.platform.observe.logging import quiet_client_cancellations, quiet_http_requests
 from switchboard.platform.observe.metrics import Metrics, MetricsEndpoint
 from switchboard.platform.observe.telemetry import Tracing
 from switchboard.platform.rpc.interceptors import ErrorInterceptor
@@ -264,6 +264,7 @@ async def build_server(
     """
     resources = resources or contextlib.AsyncExitStack()
     quiet_client_cancellations()
+    quiet_http_requests()
     interceptors: list[Any] = [ErrorInterceptor(guard, metrics=metrics)]
     if tracing is not None:
         # First, so outermost: the span is current while the error interceptor
