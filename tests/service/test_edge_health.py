@@ -141,6 +141,8 @@ async def test_a_name_the_deployment_does_not_have_is_not_found() -> None:
             with pytest.raises(aio.AioRpcError) as refused:
                 await check(channel, unknown)
             assert refused.value.code() == StatusCode.NOT_FOUND
+            assert repr(unknown) in (refused.value.details() or "")
+            assert API["context"].full_name in (refused.value.details() or "")
         assert await check(channel, "") == SERVING
 
 

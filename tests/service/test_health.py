@@ -37,6 +37,11 @@ async def test_check_unknown_service_is_not_found(channel: aio.Channel) -> None:
     with pytest.raises(aio.AioRpcError) as caught:
         await stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=5)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    # It says what was asked for and what to ask for instead (grpc's own says nothing).
+    details = caught.value.details() or ""
+    assert "'no.such.Service'" in details
+    assert "''" in details
+    assert all(name in details for name in SERVED)
 
 
 async def test_watch_unknown_service_reports_service_unknown(channel: aio.Channel) -> None:

@@ -38,10 +38,10 @@ from typing import Final
 
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 
 from switchboard.deploy.contracts import API, OPTIONAL_API, served_by
 from switchboard.platform.observe.logging import configure_logging
+from switchboard.platform.rpc.health import Health
 from switchboard.platform.rpc.reflection import enable_reflection
 
 log = logging.getLogger("switchboard.edgehealth")
@@ -125,7 +125,7 @@ class EdgeHealth:
         self.deployment = deployment
         self.interval_s = interval_s
         self.check_timeout_s = check_timeout_s
-        self.servicer = HealthServicer()
+        self.servicer = Health()
         self._contracts = deployment.contracts()
         #: The last answer per name; None until the first round.
         self.status: dict[str, bool] = {}

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 
 from switchboard.platform.config import ConfigError, Settings
 from switchboard.platform.observe.logging import quiet_client_cancellations, quiet_http_requests
 from switchboard.platform.observe.metrics import Metrics, MetricsEndpoint
 from switchboard.platform.observe.telemetry import Tracing
+from switchboard.platform.rpc.health import Health
 from switchboard.platform.rpc.interceptors import ErrorInterceptor
 from switchboard.platform.rpc.reflection import enable_reflection
 from switchboard.platform.rpc.registration import register
@@ -122,7 +122,7 @@ class SwitchboardServer:
         self,
         settings: Settings,
         server: aio.Server,
-        health: HealthServicer,
+        health: Health,
         port: int,
         service_names: Sequence[str],
         resources: contextlib.AsyncExitStack,
@@ -276,7 +276,7 @@ async def build_server(
         options=grpc_options(settings),
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
-    health = HealthServicer()
+    health = Health()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for registration in registrations:
         register(
