@@ -139,7 +139,8 @@ def test_serve_reports_a_port_in_use() -> None:
             check=False,
         )
     assert done.returncode == 2
-    assert "cannot listen on 127.0.0.1:" in done.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: the address is already in use" in done.stderr
+    assert "GRPC_VERBOSITY" not in done.stderr
 
 
 def test_serve_a_subset_of_services() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import socket
@@ -36,6 +37,30 @@ if TYPE_CHECKING:
 log = logging.getLogger("switchboard.server")
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
+
+
+def why_not_bound(host: str, port: int) -> str:
+    """Why ``host:port`` cannot be listened on, in words (grpc only says "Failed to bind
+    ... set GRPC_VERBOSITY=debug"): the same bind tried with a plain socket."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return f"the host {host!r} does not resolve ({exc.strerror or exc})"
+    family, kind, proto, _, sockaddr = infos[0]
+    try:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(sockaddr)
+            probe.listen()
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return "the address is already in use (another server listens on that port)"
+        if exc.errno == errno.EACCES:
+            return "permission denied (ports below 1024 need privileges)"
+        if exc.errno == errno.EADDRNOTAVAIL:
+            return "the host is not an address of this machine"
+        return exc.strerror or str(exc)
+    return "grpc could not bind it (GRPC_VERBOSITY=debug says why)"
 
 
 class BindError(Exception):
@@ -290,10 +315,11 @@ async def build_server(
     address = format_address(settings.host, settings.port)
     try:
         port = server.add_insecure_port(address)
-    except RuntimeError as exc:
-        raise BindError(f"cannot listen on {address}: {exc}") from exc
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise BindError(f"cannot listen on {address}")
+        why = why_not_bound(settings.host, settings.port)
+        raise BindError(f"cannot listen on {address}: {why}")
     result = SwitchboardServer(settings, server, health, port, names, resources, shared)
     result.metrics = metrics
     if metrics is not None and settings.metrics_port is not None:
