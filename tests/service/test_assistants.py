@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
+from google.rpc import error_details_pb2
 from grpc import aio
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
@@ -25,7 +26,7 @@ from switchboard.platform.errors import InvalidArgument, NotFound
 from switchboard.platform.rpc.server import SwitchboardServer
 from tests.conftest import built
 from tests.infra.clock import FakeClock
-from tests.service.authkit import reason
+from tests.service.authkit import detail, reason
 from tests.service.contextkit import (
     TIMEOUT_S,
     World,
@@ -446,6 +447,12 @@ async def test_malformed_ids_masks_and_etags_are_refused(desk: Desk) -> None:
     d = desk
     error = await refused(create(d, assistant_id="Not_An_Id"), CODE.INVALID_ARGUMENT)
     assert violations(error) == ["assistant_id"]
+    rule = (
+        "must be 2 to 63 characters: lowercase letters, digits and hyphens, starting with a letter"
+    )
+    assert error.details() == f"assistant_id {rule}"
+    [violation] = detail(error, error_details_pb2.BadRequest).field_violations
+    assert violation.description == rule
     made = await create(d, assistant_id="helper")
     taken = await refused(create(d, assistant_id="helper"), CODE.ALREADY_EXISTS)
     assert made.name in (taken.details() or "")

@@ -265,6 +265,14 @@ async def test_workspace_id_and_display_name_are_validated(
     for bad in ("ab", "Upper-case", "1-starts-with-a-digit", "under_score", "a" * 64, "sp ace"):
         error = await refused(create_workspace(stub, owner, "Name", workspace_id=bad), INVALID)
         assert violations(error) == ["workspace_id"], bad
+    # The rule in words, as the console's hint says it, not a regular expression.
+    error = await refused(create_workspace(stub, owner, "Name", workspace_id="ab"), INVALID)
+    rule = (
+        "must be 3 to 63 characters: lowercase letters, digits and hyphens, starting with a letter"
+    )
+    assert error.details() == f"workspace_id {rule}"
+    [violation] = detail(error, error_details_pb2.BadRequest).field_violations
+    assert violation.description == rule
     for blank in ("", "   "):
         error = await refused(create_workspace(stub, owner, blank), INVALID)
         assert violations(error) == ["workspace.display_name"]

@@ -343,6 +343,23 @@ async def test_an_expert_may_not_take_an_operator_level_handler_id(
     assert violations(error) == ["integration_id"]
 
 
+async def test_a_malformed_integration_id_is_refused_with_the_rule_in_words(
+    hub: tuple[SwitchboardServer, Stub, World],
+) -> None:
+    _, stub, world = hub
+    rule = (
+        "must be 2 to 63 characters: lowercase letters, digits and hyphens, starting with a letter"
+    )
+    for bad in ("k", "Kit", "1kit", "kit_1", "k" * 64):
+        error = await refused(
+            create(stub, world.owner, world.name, expert(), integration_id=bad),
+            CODE.INVALID_ARGUMENT,
+        )
+        assert error.details() == f"integration_id {rule}", bad
+        [violation] = detail(error, error_details_pb2.BadRequest).field_violations
+        assert (violation.field, violation.description) == ("integration_id", rule)
+
+
 @pytest.mark.parametrize(
     "endpoint",
     [

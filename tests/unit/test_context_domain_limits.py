@@ -50,7 +50,11 @@ async def test_a_workspace_names_every_invalid_field_at_once(kit: Kit) -> None:
     with pytest.raises(InvalidArgument) as raised:
         await kit.domain.workspaces.create(owner, request)
     assert raised.value.violations == (
-        FieldViolation("workspace_id", "must match [a-z][a-z0-9-]{2,62}"),
+        FieldViolation(
+            "workspace_id",
+            "must be 3 to 63 characters: lowercase letters, digits and hyphens, "
+            "starting with a letter",
+        ),
         FieldViolation("workspace.display_name", "is longer than 10 characters"),
     )
     assert kit.events == []

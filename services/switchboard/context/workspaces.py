@@ -73,7 +73,7 @@ class Workspaces(Domain):
         violations = Violations()
         workspace = request.workspace
         if request.workspace_id and not CLIENT_ID.fullmatch(request.workspace_id):
-            violations.add("workspace_id", f"must match {names.WORKSPACE_ID.pattern}")
+            violations.add("workspace_id", names.WORKSPACE_ID_RULE.must)
         self._check_fields(workspace, {"display_name", "description"}, violations)
         violations.check()
         key = request_key(principal, "CreateWorkspace", request)

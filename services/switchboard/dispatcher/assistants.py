@@ -362,8 +362,8 @@ class Assistants:
         workspace_id = names.match(names.WORKSPACE, request.parent, "parent")[1]
         if request.assistant_id and not _CLIENT_ID.fullmatch(request.assistant_id):
             raise InvalidArgument(
-                "assistant_id is malformed",
-                [FieldViolation("assistant_id", f"must match {names.CLIENT_ID.pattern}")],
+                f"assistant_id {names.CLIENT_ID_RULE.must}",
+                [FieldViolation("assistant_id", names.CLIENT_ID_RULE.must)],
             )
         key = idempotency(principal.user_id, "CreateAssistant", request)
         assistant_id = request.assistant_id or names.new_id()

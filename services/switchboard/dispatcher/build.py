@@ -35,6 +35,7 @@ from switchboard.dispatcher.toolrunner import ToolLimits
 from switchboard.integration.build import integration_hub
 from switchboard.integration.directory import workspace_experts
 from switchboard.integration.service import IntegrationHub
+from switchboard.platform import names
 from switchboard.platform.config import ConfigError, Settings, parse_remotes
 from switchboard.platform.errors import NotFound
 from switchboard.platform.observe.metrics import Metrics, run_state_label
@@ -65,7 +66,7 @@ def _remote_ids(text: str) -> None:
     ids = [handler_id for handler_id, _ in parse_remotes(text)]
     for handler_id in ids:
         if not HANDLER_ID.fullmatch(handler_id):
-            raise ValueError(f"handler id {handler_id!r} must match {HANDLER_ID.pattern}")
+            raise ValueError(f"handler id {handler_id!r} {names.CLIENT_ID_RULE.must}")
     if len(set(ids)) != len(ids):
         raise ValueError("each handler id may appear once")
 

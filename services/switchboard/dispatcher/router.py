@@ -103,7 +103,7 @@ class Registry:
     def add(self, handler: Handler) -> None:
         handler_id = handler.capabilities.id
         if not HANDLER_ID.fullmatch(handler_id):
-            raise ValueError(f"handler id {handler_id!r} must match {HANDLER_ID.pattern}")
+            raise ValueError(f"handler id {handler_id!r} {names.CLIENT_ID_RULE.must}")
         if handler_id in self._handlers:
             raise ValueError(f"two handlers claim the id {handler_id!r}")
         self._handlers[handler_id] = handler

@@ -195,10 +195,7 @@ def parse_stdio_servers(text: str) -> dict[str, StdioServer]:
     servers: dict[str, StdioServer] = {}
     for server_id, spec in data.items():
         if not STDIO_ID.fullmatch(server_id):
-            raise ValueError(
-                f"stdio MCP server id {server_id[:80]!r} must match {STDIO_ID.pattern} "
-                "(lower case letters, digits and dashes)"
-            )
+            raise ValueError(f"stdio MCP server id {server_id[:80]!r} {names.CLIENT_ID_RULE.must}")
         where = f"stdio MCP server {server_id!r}"
         if not isinstance(spec, dict):
             raise ValueError(f"{where} must be an object with a command")  # noqa: TRY004

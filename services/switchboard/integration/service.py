@@ -408,7 +408,7 @@ class IntegrationHub:
         given = request.integration
         violations = Violations()
         if request.integration_id and not _CLIENT_ID.fullmatch(request.integration_id):
-            violations.add("integration_id", f"must match {names.CLIENT_ID.pattern}")
+            violations.add("integration_id", names.CLIENT_ID_RULE.must)
         kind = int(given.kind)
         if kind not in _KINDS:
             violations.add(

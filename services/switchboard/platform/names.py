@@ -119,11 +119,44 @@ UNDER_WORKSPACE: Final = re.compile(
     rf"workspaces/({ID})(?:/[A-Za-z]+/{ID})*(?:/tools/{TOOL_SEGMENT.pattern})?"
 )
 UNDER_USER: Final = re.compile(rf"users/({ID})(?:/[A-Za-z]+/{ID})*")
+
+
+class IdRule:
+    """What an id a client or an operator chooses may be, built from its bounds: the
+    pattern the server matches and the same rule in words, which every refusal says
+    (a regular expression is not an explanation). The console's hints and input
+    patterns come from the same bounds (clients/web/src/idrules.json, checked against
+    ``CHOSEN_IDS`` by tests/unit/test_id_rules.py), as do the contracts' comments."""
+
+    __slots__ = ("longest", "must", "regex", "shortest", "words")
+
+    def __init__(self, shortest: int, longest: int = 63) -> None:
+        self.shortest: Final = shortest
+        self.longest: Final = longest
+        self.regex: Final = re.compile(rf"[a-z][a-z0-9-]{{{shortest - 1},{longest - 1}}}")
+        #: The rule in words, e.g. "3 to 63 characters: lowercase letters, digits and
+        #: hyphens, starting with a letter".
+        self.words: Final = (
+            f"{shortest} to {longest} characters: lowercase letters, digits and hyphens, "
+            "starting with a letter"
+        )
+        #: What a refusal says after the field's name.
+        self.must: Final = f"must be {self.words}"
+
+
 #: An id a client may choose for a resource it creates (assistants, integrations) or
-#: that an operator names (handlers, stdio servers): a lower-case letter first.
-CLIENT_ID: Final = re.compile(r"[a-z][a-z0-9-]{1,62}")
+#: that an operator names (handlers, stdio servers): 2 to 63 characters.
+CLIENT_ID_RULE: Final = IdRule(2)
+CLIENT_ID: Final = CLIENT_ID_RULE.regex
 #: A client-chosen workspace id: as ``CLIENT_ID``, at least three characters.
-WORKSPACE_ID: Final = re.compile(r"[a-z][a-z0-9-]{2,62}")
+WORKSPACE_ID_RULE: Final = IdRule(3)
+WORKSPACE_ID: Final = WORKSPACE_ID_RULE.regex
+#: Every id a client chooses, by the request field that carries it.
+CHOSEN_IDS: Final = {
+    "workspace_id": WORKSPACE_ID_RULE,
+    "assistant_id": CLIENT_ID_RULE,
+    "integration_id": CLIENT_ID_RULE,
+}
 #: A client's label that the server echoes back (``x-request-id``, a subscription id).
 CLIENT_LABEL: Final = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 #: A client-chosen idempotency key (``request_id`` fields): 1-64 ASCII letters,

@@ -633,7 +633,10 @@ class CreateWorkspaceRequest(_message.Message):
     WORKSPACE_ID_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     workspace_id: _builtins.str
-    """Optional client-chosen id, `[a-z][a-z0-9-]{2,62}`; a random id if empty."""
+    """Optional client-chosen id, 3 to 63 characters: lowercase letters, digits and
+    hyphens, starting with a letter (`[a-z][a-z0-9-]{2,62}`); a random id if
+    empty. Anything else is INVALID_ARGUMENT on `workspace_id`, saying this rule.
+    """
     request_id: _builtins.str
     """Idempotency key: 1-64 ASCII letters, digits, `-` or `_` (anything else is
     INVALID_ARGUMENT on `request_id`); empty for none. Scoped to the caller and

@@ -574,7 +574,9 @@ class HandlerCapabilities(_message.Message):
     PARAMETERS_SCHEMA_FIELD_NUMBER: _builtins.int
     INTERACTIVE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """Stable id, `[a-z][a-z0-9-]{1,62}`."""
+    """Stable id, 2 to 63 characters: lowercase letters, digits and hyphens,
+    starting with a letter (`[a-z][a-z0-9-]{1,62}`).
+    """
     display_name: _builtins.str
     """Human-readable name."""
     description: _builtins.str

@@ -301,7 +301,10 @@ class CreateIntegrationRequest(_message.Message):
     parent: _builtins.str
     """`workspaces/{workspace}`."""
     integration_id: _builtins.str
-    """Optional client-chosen id, `[a-z][a-z0-9-]{1,62}`."""
+    """Optional client-chosen id, 2 to 63 characters: lowercase letters, digits and
+    hyphens, starting with a letter (`[a-z][a-z0-9-]{1,62}`); a random id if
+    empty. Anything else is INVALID_ARGUMENT on `integration_id`, saying this rule.
+    """
     request_id: _builtins.str
     """Idempotency key: 1-64 ASCII letters, digits, `-` or `_` (anything else is
     INVALID_ARGUMENT on `request_id`); empty for none. Scoped to the caller and

@@ -1239,7 +1239,9 @@ type CreateWorkspaceRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The workspace to create; `name` is assigned by the server.
 	Workspace *Workspace `protobuf:"bytes,1,opt,name=workspace,proto3" json:"workspace,omitempty"`
-	// Optional client-chosen id, `[a-z][a-z0-9-]{2,62}`; a random id if empty.
+	// Optional client-chosen id, 3 to 63 characters: lowercase letters, digits and
+	// hyphens, starting with a letter (`[a-z][a-z0-9-]{2,62}`); a random id if
+	// empty. Anything else is INVALID_ARGUMENT on `workspace_id`, saying this rule.
 	WorkspaceId string `protobuf:"bytes,2,opt,name=workspace_id,json=workspaceId,proto3" json:"workspace_id,omitempty"`
 	// Idempotency key: 1-64 ASCII letters, digits, `-` or `_` (anything else is
 	// INVALID_ARGUMENT on `request_id`); empty for none. Scoped to the caller and

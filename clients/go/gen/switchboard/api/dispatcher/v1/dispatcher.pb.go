@@ -2452,7 +2452,9 @@ type CreateAssistantRequest struct {
 	Parent string `protobuf:"bytes,1,opt,name=parent,proto3" json:"parent,omitempty"`
 	// The assistant; `name`, `etag` and the times are assigned.
 	Assistant *Assistant `protobuf:"bytes,2,opt,name=assistant,proto3" json:"assistant,omitempty"`
-	// Optional client-chosen id, `[a-z][a-z0-9-]{1,62}`.
+	// Optional client-chosen id, 2 to 63 characters: lowercase letters, digits and
+	// hyphens, starting with a letter (`[a-z][a-z0-9-]{1,62}`); a random id if
+	// empty. Anything else is INVALID_ARGUMENT on `assistant_id`, saying this rule.
 	AssistantId string `protobuf:"bytes,3,opt,name=assistant_id,json=assistantId,proto3" json:"assistant_id,omitempty"`
 	// Idempotency key: 1-64 ASCII letters, digits, `-` or `_` (anything else is
 	// INVALID_ARGUMENT on `request_id`); empty for none. Scoped to the caller and

@@ -1078,7 +1078,8 @@ func (*GetCapabilitiesRequest) Descriptor() ([]byte, []int) {
 // What a handler is and can do.
 type HandlerCapabilities struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Stable id, `[a-z][a-z0-9-]{1,62}`.
+	// Stable id, 2 to 63 characters: lowercase letters, digits and hyphens,
+	// starting with a letter (`[a-z][a-z0-9-]{1,62}`).
 	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
 	// Human-readable name.
 	DisplayName string `protobuf:"bytes,2,opt,name=display_name,json=displayName,proto3" json:"display_name,omitempty"`

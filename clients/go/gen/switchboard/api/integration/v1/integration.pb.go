@@ -531,7 +531,9 @@ type CreateIntegrationRequest struct {
 	Parent string `protobuf:"bytes,1,opt,name=parent,proto3" json:"parent,omitempty"`
 	// The integration; `name` and `status` are assigned.
 	Integration *Integration `protobuf:"bytes,2,opt,name=integration,proto3" json:"integration,omitempty"`
-	// Optional client-chosen id, `[a-z][a-z0-9-]{1,62}`.
+	// Optional client-chosen id, 2 to 63 characters: lowercase letters, digits and
+	// hyphens, starting with a letter (`[a-z][a-z0-9-]{1,62}`); a random id if
+	// empty. Anything else is INVALID_ARGUMENT on `integration_id`, saying this rule.
 	IntegrationId string `protobuf:"bytes,3,opt,name=integration_id,json=integrationId,proto3" json:"integration_id,omitempty"`
 	// Idempotency key: 1-64 ASCII letters, digits, `-` or `_` (anything else is
 	// INVALID_ARGUMENT on `request_id`); empty for none. Scoped to the caller and

@@ -609,7 +609,9 @@ export type CreateWorkspaceRequest = Message$1<"switchboard.api.context.v1.Creat
   workspace?: Workspace | undefined;
 
   /**
-   * Optional client-chosen id, `[a-z][a-z0-9-]{2,62}`; a random id if empty.
+   * Optional client-chosen id, 3 to 63 characters: lowercase letters, digits and
+   * hyphens, starting with a letter (`[a-z][a-z0-9-]{2,62}`); a random id if
+   * empty. Anything else is INVALID_ARGUMENT on `workspace_id`, saying this rule.
    *
    * @generated from field: string workspace_id = 2;
    */

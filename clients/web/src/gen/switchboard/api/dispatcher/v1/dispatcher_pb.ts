@@ -1238,7 +1238,9 @@ export type CreateAssistantRequest = Message<"switchboard.api.dispatcher.v1.Crea
   assistant?: Assistant | undefined;
 
   /**
-   * Optional client-chosen id, `[a-z][a-z0-9-]{1,62}`.
+   * Optional client-chosen id, 2 to 63 characters: lowercase letters, digits and
+   * hyphens, starting with a letter (`[a-z][a-z0-9-]{1,62}`); a random id if
+   * empty. Anything else is INVALID_ARGUMENT on `assistant_id`, saying this rule.
    *
    * @generated from field: string assistant_id = 3;
    */

@@ -592,7 +592,8 @@ export const GetCapabilitiesRequestSchema: GenMessage<GetCapabilitiesRequest> = 
  */
 export type HandlerCapabilities = Message<"switchboard.api.handler.v1.HandlerCapabilities"> & {
   /**
-   * Stable id, `[a-z][a-z0-9-]{1,62}`.
+   * Stable id, 2 to 63 characters: lowercase letters, digits and hyphens,
+   * starting with a letter (`[a-z][a-z0-9-]{1,62}`).
    *
    * @generated from field: string id = 1;
    */

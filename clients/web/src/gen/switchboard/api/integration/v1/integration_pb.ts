@@ -214,7 +214,9 @@ export type CreateIntegrationRequest = Message<"switchboard.api.integration.v1.C
   integration?: Integration | undefined;
 
   /**
-   * Optional client-chosen id, `[a-z][a-z0-9-]{1,62}`.
+   * Optional client-chosen id, 2 to 63 characters: lowercase letters, digits and
+   * hyphens, starting with a letter (`[a-z][a-z0-9-]{1,62}`); a random id if
+   * empty. Anything else is INVALID_ARGUMENT on `integration_id`, saying this rule.
    *
    * @generated from field: string integration_id = 3;
    */
