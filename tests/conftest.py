@@ -16,7 +16,7 @@ from switchboard.platform.config import Settings
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.shared import Shared
 
-pytest_plugins = ["tests.infra.postgres", "tests.infra.redis"]
+pytest_plugins = ["tests.infra.leftovers", "tests.infra.postgres", "tests.infra.redis"]
 
 _T = TypeVar("_T")
 

@@ -68,7 +68,8 @@ class A2AAgentProcess(ExpertProcess):
             assert answer.status_code == 200
 
     def restart(self) -> A2AAgentProcess:
-        """Kill it and start it again on the same ports: a crash and a restart."""
+        """Kill it; the same agent on the same ports, to start with ``with`` (a crash and
+        a restart): the new process is that ``with``'s to stop, whatever happens."""
         self.kill()
         again = A2AAgentProcess(
             port=self.port,
@@ -78,7 +79,4 @@ class A2AAgentProcess(ExpertProcess):
             jsonrpc_only=bool(self.options["jsonrpc_only"]),
             advertise_grpc=str(self.options["advertise_grpc"]),
         )
-        return again.start()
-
-    def __enter__(self) -> A2AAgentProcess:
-        return self.start()
+        return again

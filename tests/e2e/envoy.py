@@ -221,9 +221,6 @@ class EnvoyProcess(ManagedProcess):
         """SIGTERM and wait: Envoy drains nothing on SIGTERM and exits 0 at once."""
         return super().terminate(timeout)
 
-    def __enter__(self) -> EnvoyProcess:
-        return self.start()
-
 
 def _run(cmd: list[str], env: dict[str, str] | None = None) -> None:
     done = subprocess.run(

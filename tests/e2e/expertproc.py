@@ -134,9 +134,6 @@ class ExpertProcess(ListeningProcess):
                 pytest.fail(f"no such side-effects line within {timeout}s; lines: {lines}")
             await asyncio.sleep(POLL_INTERVAL_S)
 
-    def __enter__(self) -> ExpertProcess:
-        return self.start()
-
 
 class NodeExpert(ListeningProcess):
     """``node clients/node/expert.mjs`` (a HandlerService expert with grpc.health.v1)."""
@@ -150,6 +147,3 @@ class NodeExpert(ListeningProcess):
             ["node", str(NODE_EXPERT), *self.args], "the Node expert", cwd=NODE_EXPERT.parent
         )
         return self
-
-    def __enter__(self) -> NodeExpert:
-        return self.start()

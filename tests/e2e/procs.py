@@ -13,7 +13,7 @@ import tempfile
 import threading
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import pytest
 
@@ -55,6 +55,20 @@ class ManagedProcess:
     def __init__(self, prefix: str) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix=prefix)
         self.proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> object:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        # A start that fails after its process began (it printed the wrong line, or
+        # nothing in time) leaves that process to this, never running on its own:
+        # ``with`` calls no ``__exit__`` when ``__enter__`` raises.
+        try:
+            self.start()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
 
     def terminate(self, timeout: float = 30.0) -> int:
         assert self.proc is not None
@@ -134,9 +148,6 @@ class ServeProcess(ManagedProcess):
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
-
-    def __enter__(self) -> ServeProcess:
-        return self.start()
 
 
 def run(cmd: list[str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:

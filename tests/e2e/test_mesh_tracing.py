@@ -103,9 +103,6 @@ class TracedExpert(ListeningProcess):
             if word == CALL_LINE and called == method:
                 return sent
 
-    def __enter__(self) -> TracedExpert:
-        return self.start()
-
 
 @pytest.fixture
 def shared(tmp_path: Path, postgres_url: str, redis_server: RedisServer) -> dict[str, str]:
