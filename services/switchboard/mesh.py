@@ -44,6 +44,8 @@ from switchboard.platform.security.accesswatch import AccessWatch
 from switchboard.platform.security.authenticator import CredentialAuthenticator
 from switchboard.platform.security.authn import Guard
 from switchboard.platform.security.credentialrecords import CredentialRecords
+from switchboard.platform.security.devkey import DevKeyError, dev_key_path, dev_signing_key
+from switchboard.platform.security.devkey import key_id as dev_key_id
 from switchboard.platform.security.membership import MembershipStore
 from switchboard.platform.security.opaque import OpaqueSecrets
 from switchboard.platform.security.policy import Policy
@@ -181,7 +183,9 @@ def instance_id(settings: Settings) -> str:
 
 
 def key_ring(settings: Settings) -> KeyRing:
-    """The configured signing keys; in dev mode without any, a fresh ephemeral key."""
+    """The configured signing keys; in dev mode without any, the dev key kept beside the
+    database (``devkey``: a restart keeps everyone signed in), or one of this process's
+    own when the database is not a file."""
     if settings.signing_keys:
         try:
             return load_key_ring(settings.signing_keys)
@@ -189,11 +193,31 @@ def key_ring(settings: Settings) -> KeyRing:
             raise ConfigError(f"SWITCHBOARD_SIGNING_KEYS: {exc}") from None
     if not settings.dev_mode:  # the settings validator already refuses this
         raise ConfigError("SWITCHBOARD_SIGNING_KEYS is required outside dev mode")
+    path = dev_key_path(settings.database_url.get_secret_value())
+    if path is None:
+        log.warning(
+            "DEV MODE: generated a signing key for this process only (the database is not "
+            "a file, so there is nowhere to keep it); its tokens die with this process and "
+            "other processes will not accept them. Set SWITCHBOARD_SIGNING_KEYS."
+        )
+        generated = SigningKey.generate()
+        return KeyRing(SigningKey(dev_key_id(generated), generated.private_key))
+    try:
+        dev = dev_signing_key(path)
+    except DevKeyError as exc:
+        raise ConfigError(f"SWITCHBOARD_DEV_MODE: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(
+            f"SWITCHBOARD_DEV_MODE: cannot keep the dev signing key {path}: {exc.strerror}"
+        ) from None
     log.warning(
-        "DEV MODE: generated an ephemeral signing key; its tokens die with this process "
-        "and other processes will not accept them. Set SWITCHBOARD_SIGNING_KEYS."
+        "DEV MODE: %s %s (owner-only) so that a restart keeps tokens valid; it is for "
+        "development only and never used outside dev mode, which needs "
+        "SWITCHBOARD_SIGNING_KEYS (switchboard keygen). Deleting it signs everyone out.",
+        "made a signing key and kept it in" if dev.created else "signing with the key kept in",
+        path,
     )
-    return KeyRing(SigningKey.generate("dev"))
+    return KeyRing(dev.key)
 
 
 async def open_shared(

@@ -35,7 +35,7 @@ def tool(name: str) -> str:
 
 def shared_secrets(directory: Path) -> dict[str, str]:
     """Settings that let several processes accept each other's tokens: one server secret and
-    one signing key (written into ``directory``), not dev mode's per-process ones."""
+    one signing key (written into ``directory``), not dev mode's, which are per database."""
     from switchboard.platform.security.tokens import SigningKey, private_key_pem
 
     key_file = directory / "k1.pem"

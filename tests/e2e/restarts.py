@@ -2,8 +2,8 @@
 
 A client's resume is only tested for real when the server it talks to goes away and
 comes back as the same deployment: on the same port, with the same database file, the
-same secrets and signing key (dev mode makes its keys per process, so a restart would
-sign everyone out) and the same dispatcher instance id (a restarted dispatcher takes
+same secrets and signing key (given as settings, as a deployment gives them, rather
+than dev mode's) and the same dispatcher instance id (a restarted dispatcher takes
 back the runs of its id). ``restart_env`` is those settings; ``restarted`` starts the
 second process. ``Caller`` does what a test does beside the client under test, through
 the Python stubs: the same user, in another session.

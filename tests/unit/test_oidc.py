@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
-from switchboard.auth.oidc import OidcIdentity, OidcVerifier
+from switchboard.auth.oidc import OIDC_REFUSAL, OidcIdentity, OidcVerifier
 from switchboard.platform.errors import TokenExpired, Unauthenticated
 
 ISSUER = "https://login.example.test/tenant-1/v2.0"
@@ -130,7 +130,7 @@ def _reject(verifier: OidcVerifier, token: str) -> None:
     with pytest.raises(Unauthenticated) as caught:
         verifier.verify(token, now=NOW)
     assert type(caught.value) is Unauthenticated
-    assert caught.value.message == "invalid ID token"
+    assert caught.value.message == OIDC_REFUSAL
     if token:
         assert token not in str(caught.value)
 

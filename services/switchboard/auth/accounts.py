@@ -80,7 +80,22 @@ MAX_PAGE_SIZE = 100
 DEFAULT_PAGE_SIZE = 50
 SESSION_SCOPES = frozenset(Scope)
 DEFAULT_API_KEY_SCOPES = frozenset({Scope.READ, Scope.WRITE})
+# Refusals say what to do. A login refusal never says which of the two was wrong:
+# that would tell a guesser which emails have accounts.
 INVALID_LOGIN = "invalid email or password"
+REFRESH_MALFORMED = (
+    "refresh_token is not a refresh token (sbr_..., from Register, Login or the last "
+    "RefreshToken); sign in again"
+)
+REFRESH_INVALID = (
+    "the refresh token is not valid (unknown here, or its session has ended or expired); "
+    "sign in again"
+)
+REFRESH_REUSED = (
+    "this refresh token was already used, so a copy of it may be in other hands: the "
+    "session has been revoked; sign in again"
+)
+ACCOUNT_GONE = "the account behind this credential no longer exists; register again"
 
 
 @dataclass(frozen=True)
@@ -568,7 +583,7 @@ class Accounts:
                 "refresh_token is required", [FieldViolation("refresh_token", "is required")]
             )
         if not looks_like_refresh_token(refresh_token):
-            raise Unauthenticated("invalid refresh token")
+            raise Unauthenticated(REFRESH_MALFORMED)
         new = self._secrets.new_refresh_token()
 
         def notes(result: Redemption) -> list[Security]:
@@ -594,9 +609,9 @@ class Accounts:
         if result.outcome == "reused" and session is not None:
             await self._authenticator.announce("session", session.id)
             await audit.done()
-            raise SessionRevoked("refresh token reuse detected; the session has been revoked")
+            raise SessionRevoked(REFRESH_REUSED)
         if result.outcome != "rotated" or session is None:
-            raise Unauthenticated("invalid refresh token")
+            raise Unauthenticated(REFRESH_INVALID)
         access, claims = self._tokens.issue(
             subject=session.user_id, session=session.id, scopes=[s.value for s in SESSION_SCOPES]
         )
@@ -791,7 +806,7 @@ class Accounts:
         """Who the caller is, and their user."""
         user = await self._store.user_by_id(principal.user_id)
         if user is None:
-            raise Unauthenticated("the account no longer exists")
+            raise Unauthenticated(ACCOUNT_GONE)
         identities = await self._store.federated_identities(user.id)
         return auth_pb2.GetPrincipalResponse(
             principal=mapping.principal(principal), user=mapping.user(user, identities)

@@ -16,8 +16,9 @@ Trust rules, in the order they are applied:
 * claims are checked only after the signature, and time is checked against an
   explicit clock (as in ``switchboard.platform.security.tokens``) so tests need no patching.
 
-Failures are ``Unauthenticated`` with one generic message (nothing from the
-token is echoed: it may be a live credential) or ``TokenExpired``. This module
+Failures are ``Unauthenticated`` with one message that says what to do
+(nothing from the token is echoed: it may be a live credential) or
+``TokenExpired``. This module
 does not import grpc.
 """
 
@@ -47,8 +48,14 @@ MIN_RSA_BITS: Final = 2048
 MAX_SUBJECT_CHARS: Final = 255  # OpenID Connect Core 1.0, section 2
 _KID_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _B64URL_RE: Final = re.compile(r"[A-Za-z0-9_-]+={0,2}")
-_INVALID: Final = "invalid ID token"
-_EXPIRED: Final = "ID token expired"
+# One message for every refusal but expiry: which check failed would tell a forger
+# how far a token got. It still says what to do.
+OIDC_REFUSAL: Final = (
+    "the ID token is not valid here (its issuer, audience, key, signature or claims are "
+    "not what this deployment accepts); get a new one from the identity provider, or ask "
+    "the operator to check SWITCHBOARD_OIDC_ISSUER, _AUDIENCE and _JWKS_FILE"
+)
+_EXPIRED: Final = "the ID token has expired; get a new one from the identity provider"
 
 # Parameters that only a private (or symmetric) JWK carries (RFC 7518 section 6).
 # A verifier needs none of them; a file holding them is a leaked signing key.
@@ -182,7 +189,7 @@ class OidcVerifier:
                 },
             )
         except (jwt.PyJWTError, ValueError, TypeError):
-            raise Unauthenticated(_INVALID) from None
+            raise Unauthenticated(OIDC_REFUSAL) from None
         return self._check_claims(claims, time.time() if now is None else now)
 
     def _select_key(self, id_token: str) -> _VerificationKey:
@@ -193,16 +200,16 @@ class OidcVerifier:
             or not id_token.isascii()
             or id_token.count(".") != 2  # compact JWS only; JWE has five parts
         ):
-            raise Unauthenticated(_INVALID)
+            raise Unauthenticated(OIDC_REFUSAL)
         try:
             header = jwt.get_unverified_header(id_token)
         except (jwt.PyJWTError, ValueError, TypeError):
-            raise Unauthenticated(_INVALID) from None
+            raise Unauthenticated(OIDC_REFUSAL) from None
         if _FORBIDDEN_HEADERS.intersection(header):
-            raise Unauthenticated(_INVALID)
+            raise Unauthenticated(OIDC_REFUSAL)
         typ = header.get("typ")
         if typ is not None and (not isinstance(typ, str) or typ.lower() in _ACCESS_TOKEN_TYPES):
-            raise Unauthenticated(_INVALID)
+            raise Unauthenticated(OIDC_REFUSAL)
         kid = header.get("kid")
         if kid is None:
             key = self._sole
@@ -212,17 +219,17 @@ class OidcVerifier:
         else:
             key = None
         if key is None or header.get("alg") != key.algorithm:
-            raise Unauthenticated(_INVALID)
+            raise Unauthenticated(OIDC_REFUSAL)
         return key
 
     def _check_claims(self, claims: Mapping[str, Any], now: float) -> OidcIdentity:
         if claims.get("iss") != self.issuer:
-            raise Unauthenticated(_INVALID)
+            raise Unauthenticated(OIDC_REFUSAL)
         if not self._audience_ok(claims):
-            raise Unauthenticated(_INVALID)
+            raise Unauthenticated(OIDC_REFUSAL)
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject or len(subject) > MAX_SUBJECT_CHARS:
-            raise Unauthenticated(_INVALID)
+            raise Unauthenticated(OIDC_REFUSAL)
         exp, iat = _int_claim(claims, "exp"), _int_claim(claims, "iat")
         nbf = _int_claim(claims, "nbf") if "nbf" in claims else None
         # Issuer and audience are settled first, so TokenExpired is only ever
@@ -230,10 +237,10 @@ class OidcVerifier:
         if exp <= now - self.leeway_s:
             raise TokenExpired(_EXPIRED)
         if (nbf is not None and nbf > now + self.leeway_s) or iat > now + self.leeway_s:
-            raise Unauthenticated(_INVALID)
+            raise Unauthenticated(OIDC_REFUSAL)
         email = claims.get("email")
         if email is not None and not isinstance(email, str):
-            raise Unauthenticated(_INVALID)
+            raise Unauthenticated(OIDC_REFUSAL)
         verified = _email_verified(claims.get("email_verified", False))
         return OidcIdentity(
             issuer=self.issuer,
@@ -263,7 +270,7 @@ def _int_claim(claims: Mapping[str, Any], name: str) -> int:
     value = claims.get(name)
     # bool is an int subclass; ``"exp": true`` must not pass as a timestamp.
     if not isinstance(value, int) or isinstance(value, bool):
-        raise Unauthenticated(_INVALID)
+        raise Unauthenticated(OIDC_REFUSAL)
     return value
 
 
@@ -273,7 +280,7 @@ def _email_verified(value: object) -> bool:
     # Azure AD B2C and AWS Cognito send the flag as a JSON string.
     if isinstance(value, str) and value.lower() in {"true", "false"}:
         return value.lower() == "true"
-    raise Unauthenticated(_INVALID)
+    raise Unauthenticated(OIDC_REFUSAL)
 
 
 def _display_name(claims: Mapping[str, Any]) -> str:

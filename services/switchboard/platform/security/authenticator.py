@@ -47,7 +47,7 @@ from switchboard.platform.errors import (
 from switchboard.platform.security.credentialrecords import CredentialRecords, SessionStatus
 from switchboard.platform.security.opaque import OpaqueSecrets, parse_api_key
 from switchboard.platform.security.policy import ALL_SCOPES, AuthMethod, Principal, Scope
-from switchboard.platform.security.tokens import AccessClaims, AccessTokens
+from switchboard.platform.security.tokens import EXPIRED, AccessClaims, AccessTokens
 from switchboard.platform.store.db import log_failure
 
 log = logging.getLogger("switchboard.auth")
@@ -59,6 +59,18 @@ ANY: Final = "*"
 # each API-key call a database write.
 API_KEY_TOUCH_INTERVAL: Final = dt.timedelta(seconds=60)
 _API_KEY_PREFIX: Final = "sbk_"
+# Refusals, each saying what to do. An unknown key id and a wrong secret read the
+# same: which key ids exist is not the caller's to learn.
+API_KEY_INVALID: Final = (
+    "the API key is not valid here (mistyped or cut short, or of another deployment); "
+    "check it, or create a new one with CreateApiKey"
+)
+API_KEY_REVOKED: Final = "the API key has been revoked; create a new one with CreateApiKey"
+API_KEY_EXPIRED: Final = "the API key has expired; create a new one with CreateApiKey"
+SESSION_ENDED: Final = (
+    "the session has ended (signed out, revoked, or not in this server's database); sign in again"
+)
+SESSION_EXPIRED: Final = "the session has expired; sign in again"
 #: Security events that say a session was revoked.
 _SESSION_ENDED: Final = frozenset(
     {
@@ -218,7 +230,7 @@ class CredentialAuthenticator:
             claims, principal = cached
             if claims.expires_at <= now - self._leeway:
                 del self._verified.data[credential]
-                raise TokenExpired("access token expired")
+                raise TokenExpired(EXPIRED)
         await self._check_session(claims.session, claims.subject)
         return principal
 
@@ -234,7 +246,7 @@ class CredentialAuthenticator:
         if principal.api_key_id:
             return await self._check_key(principal.api_key_id)
         if principal.expires_at and principal.expires_at <= self._clock() - self._leeway:
-            raise TokenExpired("access token expired")
+            raise TokenExpired(EXPIRED)
         session_until = await self._check_session(principal.session_id, principal.user_id)
         if not principal.expires_at:
             return session_until
@@ -249,14 +261,14 @@ class CredentialAuthenticator:
                 log_failure(log, "API key lookup failed", exc)
                 raise DependencyUnavailable("credential check is unavailable; retry") from None
             if row is None or row.revoked_at is not None:
-                raise Unauthenticated("the API key has been revoked")
+                raise Unauthenticated(API_KEY_REVOKED)
             expires_at = row.expires_at
         else:
             if state.revoked:
-                raise Unauthenticated("the API key has been revoked")
+                raise Unauthenticated(API_KEY_REVOKED)
             expires_at = state.expires_at
         if expires_at is not None and expires_at <= names.now():
-            raise Unauthenticated("the API key has expired")
+            raise Unauthenticated(API_KEY_EXPIRED)
         return expires_at.timestamp() if expires_at is not None else None
 
     async def _check_session(self, session_id: str, user_id: str) -> float:
@@ -272,15 +284,15 @@ class CredentialAuthenticator:
             if state is not None and generation == self._generation and self._cache.fresh():
                 self._sessions.put(session_id, state)
         if state is None or state.revoked or state.user_id != user_id:
-            raise SessionRevoked("the session has been revoked")
+            raise SessionRevoked(SESSION_ENDED)
         if state.expires_at <= names.now():
-            raise SessionRevoked("the session has expired")
+            raise SessionRevoked(SESSION_EXPIRED)
         return state.expires_at.timestamp()
 
     async def _api_key(self, credential: str) -> Principal:
         key_id = parse_api_key(credential)
         if key_id is None:
-            raise Unauthenticated("invalid API key")
+            raise Unauthenticated(API_KEY_INVALID)
         state = self._keys.data.get(key_id) if self._cache.fresh() else None
         if state is None:
             generation = self._generation
@@ -290,7 +302,7 @@ class CredentialAuthenticator:
                 log_failure(log, "API key lookup failed", exc)
                 raise DependencyUnavailable("credential check is unavailable; retry") from None
             if row is None:
-                raise Unauthenticated("invalid API key")
+                raise Unauthenticated(API_KEY_INVALID)
             state = _KeyState(
                 user_id=row.user_id,
                 digest=row.digest,
@@ -303,12 +315,12 @@ class CredentialAuthenticator:
                 self._keys.put(key_id, state)
         # Constant-time comparison of the digests: the id alone proves nothing.
         if not self._secrets.matches(credential, state.digest):
-            raise Unauthenticated("invalid API key")
+            raise Unauthenticated(API_KEY_INVALID)
         now = names.now()
         if state.revoked:
-            raise Unauthenticated("the API key has been revoked")
+            raise Unauthenticated(API_KEY_REVOKED)
         if state.expires_at is not None and state.expires_at <= now:
-            raise Unauthenticated("the API key has expired")
+            raise Unauthenticated(API_KEY_EXPIRED)
         if state.last_used_at is None or now - state.last_used_at >= API_KEY_TOUCH_INTERVAL:
             await self._touch(key_id, state, now)
         return Principal(

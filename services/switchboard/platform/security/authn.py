@@ -11,11 +11,18 @@ from __future__ import annotations
 
 import contextvars
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from switchboard.platform.errors import PermissionDenied, Unauthenticated
 from switchboard.platform.security.access import rule_for
-from switchboard.platform.security.policy import Permission, Policy, Principal, Role, Scope
+from switchboard.platform.security.policy import (
+    REQUIRED,
+    Permission,
+    Policy,
+    Principal,
+    Role,
+    Scope,
+)
 
 AUTHORIZATION_KEY = "authorization"
 _BEARER = "bearer "
@@ -40,11 +47,26 @@ role_var: contextvars.ContextVar[Role | None] = contextvars.ContextVar(
 )
 
 
+EMPTY: Final = (
+    "the bearer credential is empty ('authorization: Bearer' with nothing after it): put "
+    "the access token or API key after 'Bearer '; a token kept in a variable that was "
+    "never set looks like this"
+)
+NOT_BEARER: Final = (
+    "the authorization header must be 'Bearer <access token or API key>'; no other "
+    "scheme is accepted"
+)
+SEVERAL: Final = (
+    "the call carries more than one authorization header; send exactly one "
+    "('Bearer <access token or API key>')"
+)
+
+
 def current_principal() -> Principal:
     """The caller of the RPC being served; Unauthenticated for anonymous calls."""
     principal = principal_var.get()
     if principal is None:
-        raise Unauthenticated("authentication required")
+        raise Unauthenticated(REQUIRED)
     return principal
 
 
@@ -52,19 +74,24 @@ def bearer_credential(metadata: Any) -> str | None:
     """The bearer credential in ``authorization`` metadata; None if absent.
 
     Several authorization entries, or another scheme, are refused rather than
-    guessed at.
+    guessed at. ``Bearer`` with nothing after it is an empty credential, not
+    another scheme: gRPC drops a value's trailing space, so ``Bearer `` (a shell
+    variable that was never set) arrives as ``Bearer``.
     """
     found: str | None = None
     for key, value in metadata or ():
         if key != AUTHORIZATION_KEY:
             continue
         if found is not None or not isinstance(value, str):
-            raise Unauthenticated("exactly one authorization header is allowed")
-        if value[: len(_BEARER)].lower() != _BEARER:
-            raise Unauthenticated("authorization must use the Bearer scheme")
-        found = value[len(_BEARER) :].strip()
+            raise Unauthenticated(SEVERAL if found is not None else NOT_BEARER)
+        stripped = value.strip()
+        if stripped.lower() == _BEARER.strip():
+            raise Unauthenticated(EMPTY)
+        if stripped[: len(_BEARER)].lower() != _BEARER:
+            raise Unauthenticated(NOT_BEARER)
+        found = stripped[len(_BEARER) :].strip()
         if not found:
-            raise Unauthenticated("empty bearer credential")
+            raise Unauthenticated(EMPTY)
     return found
 
 
@@ -85,7 +112,7 @@ class Guard:
     async def _principal(self, context: Any) -> Principal:
         credential = bearer_credential(context.invocation_metadata())
         if credential is None:
-            raise Unauthenticated("authentication required")
+            raise Unauthenticated(REQUIRED)
         return await self._authenticator.authenticate(credential)
 
     def checker(self, method: str) -> Checker | None:

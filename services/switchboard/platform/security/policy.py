@@ -43,6 +43,11 @@ class Scope(enum.StrEnum):
 
 
 ALL_SCOPES: Final = frozenset(Scope)
+#: A call that needs a caller and has none: how to be one.
+REQUIRED: Final = (
+    "authentication required: send 'authorization: Bearer <access token or API key>' "
+    "(Register or Login gives an access token)"
+)
 
 
 class AuthMethod(enum.StrEnum):
@@ -159,7 +164,7 @@ class Policy:
         Returns the caller's workspace role (None for user-owned resources).
         """
         if principal is None:
-            raise Unauthenticated("authentication required")
+            raise Unauthenticated(REQUIRED)
         owner = owner_of(name, field_path)
         if owner.kind == "user":
             if owner.id != principal.user_id:

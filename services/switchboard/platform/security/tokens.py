@@ -31,7 +31,47 @@ ACCESS_CLAIM_TYPE: Final = "access"
 MAX_TOKEN_BYTES: Final = 8 * 1024
 _KID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _REQUIRED: Final = ("exp", "iat", "nbf", "sub", "jti", "iss", "aud", "sid", "typ")
-_INVALID: Final = "invalid access token"
+# What a refused token is told: which check failed and what to do, never anything
+# from the token (it may be someone's live credential) or about the keys.
+#: Not a JWT at all (a typo, a truncated paste, some other string).
+MALFORMED: Final = (
+    "the bearer credential is not an access token (a JWT from Register, Login or "
+    "RefreshToken) or an API key (sbk_...); sign in again for a new access token"
+)
+#: A refresh token sent as the bearer.
+REFRESH_AS_BEARER: Final = (
+    "the bearer credential is a refresh token; exchange it with RefreshToken for an "
+    "access token, and send that"
+)
+TOO_LARGE: Final = f"the access token is larger than {MAX_TOKEN_BYTES} bytes; none issued here is"
+#: A JWT, but not of the kind this server issues (another algorithm, type or key id form).
+FOREIGN: Final = (
+    "the bearer token is not an access token issued by this server (its header names "
+    "another algorithm, type or key id form); sign in here for one"
+)
+#: Signed by a key id this server does not have.
+UNKNOWN_KEY: Final = (
+    "the token was signed by a key this server no longer has (dev mode makes a new key "
+    "when its data directory is new); sign in again"
+)
+BAD_SIGNATURE: Final = (
+    "the access token's signature does not verify (it was altered, or signed by another "
+    "deployment's key); sign in again"
+)
+OTHER_DEPLOYMENT: Final = (
+    "the access token was issued by or for another deployment (its issuer or audience is "
+    "not this server's); sign in here"
+)
+NOT_YET_VALID: Final = (
+    "the access token is not valid yet (issued in the future: the issuing server's clock "
+    "or this one's is wrong)"
+)
+INCOMPLETE: Final = (
+    "the access token lacks a claim this server requires, or has one of the wrong form; "
+    "sign in again"
+)
+EXPIRED: Final = "the access token has expired; renew it with RefreshToken, or sign in again"
+_REFRESH_PREFIX: Final = "sbr_"
 
 
 def _b64url(raw: bytes) -> str:
@@ -158,12 +198,30 @@ class AccessTokens:
 
     def verify(self, token: str, *, now: float | None = None) -> AccessClaims:
         """The token's claims, or Unauthenticated/TokenExpired. Never trusts the header."""
-        if not token or len(token) > MAX_TOKEN_BYTES or token.count(".") != 2:
-            raise Unauthenticated(_INVALID)
+        kid, public_key = self._key_for(token)
+        try:
+            claims = _decode_at(token, public_key, self.policy, time.time() if now is None else now)
+        except jwt.PyJWTError as exc:
+            raise _refusal(exc) from None
+        if claims.get("typ") != ACCESS_CLAIM_TYPE:
+            raise Unauthenticated(INCOMPLETE)
+        for name in ("sub", "sid", "jti"):
+            if not isinstance(claims.get(name), str) or not claims[name]:
+                raise Unauthenticated(INCOMPLETE)
+        return _to_claims(claims, kid)
+
+    def _key_for(self, token: str) -> tuple[str, Ed25519PublicKey]:
+        """The key id the header names and its key, if the header is one we issue."""
+        if len(token) > MAX_TOKEN_BYTES:
+            raise Unauthenticated(TOO_LARGE)
+        if token.startswith(_REFRESH_PREFIX):
+            raise Unauthenticated(REFRESH_AS_BEARER)
+        if token.count(".") != 2:
+            raise Unauthenticated(MALFORMED)
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
-            raise Unauthenticated(_INVALID) from None
+            raise Unauthenticated(MALFORMED) from None
         kid = header.get("kid")
         if (
             header.get("alg") != ALGORITHM
@@ -171,22 +229,27 @@ class AccessTokens:
             or not isinstance(kid, str)
             or not _KID_RE.fullmatch(kid)
         ):
-            raise Unauthenticated(_INVALID)
+            raise Unauthenticated(FOREIGN)
         public_key = self.keys.public_key(kid)
         if public_key is None:
-            raise Unauthenticated(_INVALID)
-        try:
-            claims = _decode_at(token, public_key, self.policy, time.time() if now is None else now)
-        except jwt.ExpiredSignatureError:
-            raise TokenExpired("access token expired") from None
-        except jwt.PyJWTError:
-            raise Unauthenticated(_INVALID) from None
-        if claims.get("typ") != ACCESS_CLAIM_TYPE:
-            raise Unauthenticated(_INVALID)
-        for name in ("sub", "sid", "jti"):
-            if not isinstance(claims.get(name), str) or not claims[name]:
-                raise Unauthenticated(_INVALID)
-        return _to_claims(claims, kid)
+            raise Unauthenticated(UNKNOWN_KEY)
+        return kid, public_key
+
+
+def _refusal(exc: jwt.PyJWTError) -> Unauthenticated:
+    """What a token that failed decoding is told (the signature is checked first, so
+    every reason after it is about a token this server's key signed)."""
+    if isinstance(exc, jwt.ExpiredSignatureError):
+        return TokenExpired(EXPIRED)
+    if isinstance(exc, jwt.InvalidSignatureError):
+        return Unauthenticated(BAD_SIGNATURE)
+    if isinstance(exc, jwt.InvalidAudienceError | jwt.InvalidIssuerError):
+        return Unauthenticated(OTHER_DEPLOYMENT)
+    if isinstance(exc, jwt.ImmatureSignatureError):
+        return Unauthenticated(NOT_YET_VALID)
+    if isinstance(exc, jwt.DecodeError):
+        return Unauthenticated(MALFORMED)
+    return Unauthenticated(INCOMPLETE)  # a required claim missing or of the wrong form
 
 
 def _decode_at(
