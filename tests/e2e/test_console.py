@@ -70,6 +70,7 @@ from switchboard.deploy.envoy import (
     CONSOLE_TYPES,
     MAX_CONSOLE_FILE_BYTES,
 )
+from switchboard.platform.security.devkey import dev_key_path
 from tests.e2e.chromium import artifacts_dir, required, spki_sha256
 from tests.e2e.envoy import EnvoyProcess
 from tests.e2e.procs import ROOT, ServeProcess
@@ -114,12 +115,16 @@ class Stack:
         return f"127.0.0.1:{self.upstream.port}"
 
     def restart_server(self) -> None:
-        """A new server process on the same database (dev mode: a new signing key)."""
+        """A new server process on the same database with a new signing key (dev mode
+        keeps its key beside the database: deleting it is what makes a new one)."""
         started = time.monotonic()
         # Refused meanwhile: the old server's port, free now, could be taken by anyone.
         self.upstream.retarget(0)
         assert self.serve.terminate() == 0
         self.serve.__exit__(None, None, None)
+        kept = dev_key_path(self.env["SWITCHBOARD_DATABASE_URL"])
+        assert kept is not None
+        kept.unlink()
         # The stack owns it before it starts: a failed start is still cleaned up.
         self.serve = ServeProcess("--dev", env=self.env)
         self.serve.start()
