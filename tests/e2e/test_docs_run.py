@@ -1,42 +1,62 @@
-"""The documentation, run as written.
+"""The documentation, run as a reader follows it.
 
 A fenced ``sh`` or ``python`` block of README.md or docs/*.md may carry a marker on the
 line before it:
 
-- ``<!-- doc-test: run -->``: runs against a server started as ``make run`` starts it
-  (``switchboard serve --dev``), with the local model server (docs/local-model.md) as its
-  provider and the MCP reference server started as that page says. Every such block runs in
-  document order (README.md, then docs/ by name) in one bash shell, so one block's variables
-  are the next one's; a python block runs as a program in that shell's environment.
-- ``<!-- doc-test: mesh -->``: the same, against ``make mesh`` (``switchboard mesh``).
+- ``<!-- doc-test: run -->``: a command of the reader's shell. Every such block runs in
+  document order (README.md, then docs/ by name) in one bash shell, so one block's
+  variables are the next one's. A python block whose first line names a file
+  (``# hello.py: ...``) is saved under that name, as the reader saves it, for a later
+  block to run; any other python block runs as a program in that shell's environment.
+- ``<!-- doc-test: server -->``: the command of ``make run``'s terminal. The first one
+  starts the server; each later one is a restart, done as a reader does it: Ctrl-C (SIGINT
+  to the terminal's process group), then the new command. The shell waits meanwhile, as the
+  reader does, until the server says it listens.
+- ``<!-- doc-test: interrupt TEXT -->``: a command of the shell that runs until Ctrl-C; it
+  gets it once it printed TEXT, and must then end (the test checks what it printed).
+- ``<!-- doc-test: mesh -->``: a shell command against ``make mesh`` (``switchboard mesh``).
 - ``<!-- doc-test: syntax -->``: cannot run here (a server in the foreground, Docker,
-  Kubernetes, placeholder hosts): parsed only (``bash -n``, Python's compiler).
+  Kubernetes, placeholder hosts): parsed only (``bash -n``, Python's compiler), and every
+  name a python block uses is defined in it.
 - ``<!-- doc-test: output -->``: what a command prints; not checked.
 
-The shell stops at the first command that fails (``set -euo pipefail``): grpcurl exits
-non-zero on any error status. The servers listen on free ports, given to the blocks as the
-variables the docs name (``$SB``, ``$EDGE``, ``$MCP_URL``, ``$HOOK_URL``). The walkthrough
-pages (``MARKED``) have a marker on every block, so an example added there cannot skip this.
+Everything runs in a copy of the checkout made of links to this one's files, so that the
+files the docs make (``switchboard.db``, the dev signing key, ``.local/``, ``hello.py``) are
+the test's own. The shell stops at the first command that fails (``set -euo pipefail``):
+grpcurl exits non-zero on any error status. Ports are free ones, given to the docs as the
+variables they read with defaults (``$SB`` and ``PORT`` for ``make run``, ``MODEL_PORT``,
+``MCP_PORT``, ``HOOK_URL``, ``$EDGE``). The walkthrough pages (``MARKED``) have a marker on
+every block, so an example added there cannot skip this.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
+import errno
+import json
 import os
+import queue
 import re
+import select
+import shlex
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import pytest
 
-from tests.e2e.procs import ROOT, ServeProcess, tool
+from tests.e2e.goclient import go_env
+from tests.e2e.procs import ROOT, tool
 from tests.e2e.test_mesh import READY_TIMEOUT_S, MeshProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -48,11 +68,28 @@ MARKED: Final = [
     *(ROOT / "docs" / name for name in ("local-model.md", "python-client.md", "integration.md")),
     ROOT / "docs" / "console.md",
 ]
-KINDS: Final = frozenset({"run", "mesh", "syntax", "output"})
-_MARKER: Final = re.compile(r"\s*<!-- doc-test: (\w+) -->")
+KINDS: Final = frozenset({"run", "server", "interrupt", "mesh", "syntax", "output"})
+#: What a reader's shell runs (in document order).
+WALKTHROUGH: Final = frozenset({"run", "server", "interrupt"})
+_MARKER: Final = re.compile(r"\s*<!-- doc-test: (\w+)(?: (.+?))? -->")
 _FENCE: Final = re.compile(r"(\s*)```(\w*)\s*")
-#: The whole walkthrough, servers started included, stays well inside CI's budget.
-RUN_TIMEOUT_S: Final = 120.0
+#: A python block the reader saves as a file: ``# name.py`` (and whatever follows ``:``).
+_SAVED_AS: Final = re.compile(r"# ([\w-]+\.py)\b")
+#: The whole walkthrough: servers started, restarted, a Go program built (cold, that alone
+#: takes a minute on two busy cores). CI's budget holds it several times over.
+RUN_TIMEOUT_S: Final = 420.0
+#: make run's start, from the command to "switchboard listening".
+SERVER_START_S: Final = 90.0
+#: Ctrl-C to the end of make run: the server's shutdown grace (10 s) and some.
+SERVER_STOP_S: Final = 30.0
+#: How long an interrupt block may take to print what it is interrupted after.
+INTERRUPT_AFTER_S: Final = 300
+#: make run's install stamp (Makefile's STAMP).
+STAMP: Final = ".installed-stamp"
+#: Entries of the checkout the copy leaves out: what the docs make, git, and runtime state.
+_NOT_LINKED: Final = re.compile(
+    r"\.git|\.local|\.mesh|keys|artifacts|envoy\.yaml|.*\.db(-.*|\.lock)?|.*\.dev-signing-key\.pem"
+)
 
 
 @dataclass(frozen=True)
@@ -61,27 +98,34 @@ class Block:
     line: int
     lang: str
     kind: str  # "" when unmarked
+    arg: str  # what follows the kind in the marker
     text: str
 
     @property
     def where(self) -> str:
         return f"{self.page.relative_to(ROOT)}:{self.line}"
 
+    @property
+    def saved_as(self) -> str:
+        """The file name a python block is saved under, or ""."""
+        found = _SAVED_AS.match(self.text) if self.lang == "python" else None
+        return found[1] if found else ""
+
 
 def blocks(page: Path) -> Iterator[Block]:
     lines = page.read_text().split("\n")
-    marker = ""
+    marker: tuple[str, str] = ("", "")
     index = 0
     while index < len(lines):
         line = lines[index]
         found = _MARKER.fullmatch(line)
         if found:
-            marker = found.group(1)
+            marker = (found[1], found[2] or "")
             index += 1
             continue
         fence = _FENCE.fullmatch(line)
         if fence is None:
-            marker = "" if line.strip() else marker
+            marker = ("", "") if line.strip() else marker
             index += 1
             continue
         indent, lang = fence.group(1), fence.group(2)
@@ -90,8 +134,8 @@ def blocks(page: Path) -> Iterator[Block]:
         while index < len(lines) and lines[index].strip() != "```":
             index += 1
         body = [text.removeprefix(indent) for text in lines[start:index]]
-        yield Block(page, start, lang, marker, "\n".join(body) + "\n")
-        marker = ""
+        yield Block(page, start, lang, marker[0], marker[1], "\n".join(body) + "\n")
+        marker = ("", "")
         index += 1
 
 
@@ -112,6 +156,12 @@ def test_every_block_of_the_walkthrough_pages_is_marked() -> None:
     assert unmarked == []
     unknown = [f"{b.where}: {b.kind}" for b in all_blocks() if b.kind and b.kind not in KINDS]
     assert unknown == []
+    # Only an interrupt says after what; a server block is a shell command.
+    misplaced = [b.where for b in all_blocks() if bool(b.arg) != (b.kind == "interrupt")]
+    assert misplaced == []
+    assert [
+        b.where for b in all_blocks() if b.kind in ("server", "interrupt") and b.lang != "sh"
+    ] == []
 
 
 def test_the_address_defaults_to_make_run_s() -> None:
@@ -123,12 +173,41 @@ def test_the_address_defaults_to_make_run_s() -> None:
     assert port is not None
     first = next(b for b in all_blocks() if b.kind == "run")
     assert f"SB=${{SB:-{host[1]}:{port[1]}}}" in first.text
+    # The reader starts make run before anything else.
+    walk = [b for b in all_blocks() if b.kind in WALKTHROUGH]
+    assert walk[0].kind == "server"
+    assert all("make run" in b.text for b in walk if b.kind == "server")
+
+
+def _undefined_names(block: Block) -> list[str]:
+    """Names a python block uses and never defines (ruff's F821)."""
+    checked = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "ruff"),
+            "check",
+            "--no-cache",
+            "--isolated",
+            "--select",
+            "F821",
+            "--output-format",
+            "concise",
+            "--stdin-filename",
+            "block.py",
+            "-",
+        ],
+        input=block.text,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    return [line for line in checked.stdout.splitlines() if "F821" in line]
 
 
 def test_blocks_that_cannot_run_here_parse() -> None:
     problems: list[str] = []
     for block in all_blocks():
-        if block.kind != "syntax":
+        if block.kind not in ("syntax", "server"):
             continue
         if block.lang == "sh":
             checked = subprocess.run(
@@ -141,17 +220,108 @@ def test_blocks_that_cannot_run_here_parse() -> None:
                 compile(block.text, block.where, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
             except SyntaxError as exc:
                 problems.append(f"{block.where}: {exc}")
+            problems += [f"{block.where}: {line}" for line in _undefined_names(block)]
     assert problems == []
 
 
 # -- against servers ----------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports (held together while picked)."""
+    with ExitStack() as held:
+        ports = []
+        for _ in range(count):
+            sock = held.enter_context(socket.socket())
+            sock.bind(("127.0.0.1", 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
+
+
+#: Shell functions the generated script calls: not the docs' (their names start with doc_).
+_PRELUDE: Final = r"""
+set -euo pipefail
+trap 'echo "doc-test: failed in $BLOCK: $BASH_COMMAND" >&2' ERR
+
+# make run's terminal: the test (re)starts it with server block $1, and answers once it
+# listens (or why it did not).
+doc_server() {
+    echo "server $1" >"$DOC_REQUESTS"
+    local answer
+    read -r answer <"$DOC_ANSWERS"
+    [[ $answer == ok ]] || { echo "doc-test: $answer" >&2; return 1; }
+}
+
+# An interrupt block ($2): run it in a process group of its own until it prints $1, then
+# Ctrl-C it, as a reader does. It must end soon after; how is what it printed (the test
+# reads that), not its status, which is the outermost wrapper's: `go run` answers 1 to a
+# Ctrl-C whatever its program did, a shell 130.
+doc_interrupt() {
+    local after=$1 code=$2 out="$DOC_DIR/interrupt.out" pid rc=0
+    local deadline=$((SECONDS + DOC_INTERRUPT_AFTER_S))
+    set -m
+    (. "$code") >"$out" 2>&1 &
+    pid=$!
+    set +m
+    echo "group $pid" >"$DOC_REQUESTS"   # the test stops it, should this shell be killed
+    until grep -qF -- "$after" "$out"; do
+        if ! kill -0 "$pid" 2>/dev/null || ((SECONDS > deadline)); then
+            kill -KILL -- "-$pid" 2>/dev/null || true
+            cat "$out"
+            echo "doc-test: it did not print $after" >&2
+            return 1
+        fi
+        sleep 0.1   # polling its output file, with a deadline
+    done
+    kill -INT -- "-$pid"
+    deadline=$((SECONDS + 30))
+    while kill -0 "$pid" 2>/dev/null; do
+        if ((SECONDS > deadline)); then
+            kill -KILL -- "-$pid" 2>/dev/null || true
+            cat "$out"
+            echo "doc-test: it did not end on Ctrl-C" >&2
+            return 1
+        fi
+        sleep 0.1   # polling for its end, with a deadline
+    done
+    wait "$pid" || rc=$?
+    cat "$out"
+    echo "doc-test: ended with $rc after Ctrl-C" >&2
+}
+"""
+
+
+def walkthrough(directory: Path) -> tuple[str, list[Block]]:
+    """The reader's shell as one bash program (each block named in a failure), and the
+    server blocks it asks the test to start, by index."""
+    parts = [
+        f"DOC_DIR={shlex.quote(str(directory))}",
+        f"DOC_REQUESTS={shlex.quote(str(directory / 'requests'))}",
+        f"DOC_ANSWERS={shlex.quote(str(directory / 'answers'))}",
+        f"DOC_INTERRUPT_AFTER_S={INTERRUPT_AFTER_S}",
+        _PRELUDE,
+    ]
+    servers: list[Block] = []
+    for count, block in enumerate(all_blocks()):
+        if block.kind not in WALKTHROUGH:
+            continue
+        parts.append(f"BLOCK={block.where}")
+        parts.append(f'echo "doc-test: {block.where}" >&2')
+        saved = directory / f"block{count}.{'py' if block.lang == 'python' else 'sh'}"
+        saved.write_text(block.text)
+        if block.kind == "server":
+            parts.append(f"doc_server {len(servers)}")
+            servers.append(block)
+        elif block.kind == "interrupt":
+            parts.append(f"doc_interrupt {shlex.quote(block.arg)} {shlex.quote(str(saved))}")
+        elif block.saved_as:
+            parts.append(f"cp {shlex.quote(str(saved))} {shlex.quote(block.saved_as)}")
+        elif block.lang == "python":
+            parts.append(f'"$DOCS_PYTHON" {shlex.quote(str(saved))}')
+        else:
+            parts.append(block.text)
+    assert servers, "no server blocks"
+    return "\n".join(parts) + "\necho 'doc-test: done' >&2\n", servers
 
 
 def script(kind: str, directory: Path) -> str:
@@ -200,96 +370,258 @@ def run_script(text: str, env: dict[str, str]) -> subprocess.CompletedProcess[st
     return with_code
 
 
+#: Variables a reader's own environment might hold that the docs set or default.
+_DOCS_VARIABLES: Final = frozenset(
+    {"SB", "PORT", "MODEL_PORT", "MCP_PORT", "MCP_URL", "HOOK_URL", "EDGE", "TOKEN", "ME", "C"}
+)
+
+
 def _environment(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("SWITCHBOARD_") and k not in _DOCS_VARIABLES
+    }
     env["PATH"] = f"{Path(tool('grpcurl')).parent}{os.pathsep}{env.get('PATH', '')}"
     env["DOCS_PYTHON"] = sys.executable
     env.update(extra)
     return env
 
 
-class Background:
-    """A process the docs say to start in a terminal of its own, started here the same way."""
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
 
-    def __init__(self, argv: list[str], *, cwd: Path, env: dict[str, str] | None = None) -> None:
-        self._log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed by stop()
+
+class Checkout:
+    """A directory of links to the checkout's entries: the reader's working directory,
+    where what the docs make is the test's own and gone with it.
+
+    ``.venv`` is a directory of links too, with an install stamp of its own: ``make run``
+    reinstalls when the shared checkout's pyproject.toml is newer than the stamp, and the
+    test runs on the environment the suite runs in, never installs.
+    """
+
+    def __init__(self, parent: Path) -> None:
+        self.path = parent / "checkout"
+        self.path.mkdir()
+        saved = {block.saved_as for block in all_blocks()}
+        for entry in ROOT.iterdir():
+            if _NOT_LINKED.fullmatch(entry.name) or entry.name in saved:
+                continue
+            if entry.name == ".venv":
+                (self.path / ".venv").mkdir()
+                for part in entry.iterdir():
+                    if part.name != STAMP:
+                        (self.path / ".venv" / part.name).symlink_to(part)
+                (self.path / ".venv" / STAMP).touch()
+            else:
+                (self.path / entry.name).symlink_to(entry)
+
+
+class Terminal:
+    """make run's terminal: a server block's command in a process group of its own."""
+
+    def __init__(self, cwd: Path, env: dict[str, str]) -> None:
+        self._cwd = cwd
+        self._env = env
+        self.proc: subprocess.Popen[str] | None = None
+        self._lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.log: list[dict[str, Any]] = []
+
+    def start(self, command: str) -> str:
+        """Ctrl-C the running server, if any, then run ``command``; "ok" once it listens,
+        else what went wrong."""
+        stopped = self.stop()
+        if stopped != "ok":
+            return stopped
+        self._lines = queue.Queue()
         self.proc = subprocess.Popen(
-            argv,
-            cwd=cwd,
-            env={**os.environ, **(env or {})},
-            stdout=subprocess.PIPE,
-            stderr=self._log,
+            ["bash", "-c", command],
+            cwd=self._cwd,
+            env=self._env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             text=True,
+            start_new_session=True,
         )
+        threading.Thread(target=self._pump, args=(self.proc, self._lines), daemon=True).start()
+        return self._wait_for("switchboard listening", SERVER_START_S)
 
-    def first_line(self) -> str:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().strip()
-        if not line:
-            pytest.fail(f"{self.proc.args!r} ended: {self.log()}")
-        return line
+    @staticmethod
+    def _pump(proc: subprocess.Popen[str], lines: queue.Queue[dict[str, Any] | None]) -> None:
+        assert proc.stderr is not None
+        for raw in proc.stderr:
+            try:
+                entry = json.loads(raw)
+            except json.JSONDecodeError:
+                entry = {"message": raw.rstrip("\n"), "raw": True}
+            lines.put(entry if isinstance(entry, dict) else {"message": raw})
+        lines.put(None)
 
-    def log(self) -> str:
-        self._log.seek(0)
-        return self._log.read()[-3000:]
+    def _wait_for(self, message: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                entry = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return f"failed: make run did not log {message!r} in {timeout:g} s"
+            if entry is None:
+                tail = [e.get("message") for e in self.log[-10:]]
+                return f"failed: make run ended before logging {message!r}: {tail}"
+            self.log.append(entry)
+            if entry.get("message") == message:
+                return "ok"
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=10)
-        self._log.close()
+    def stop(self) -> str:
+        """Ctrl-C, as a reader stops it: "ok" once the server has exited cleanly."""
+        proc = self.proc
+        if proc is None:
+            return "ok"
+        self.proc = None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGINT)
+        exited = self._wait_for("exiting", SERVER_STOP_S)
+        try:
+            proc.wait(timeout=SERVER_STOP_S)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc.pid)
+            proc.wait(timeout=10)
+            return "failed: make run did not end on Ctrl-C"
+        if exited != "ok":
+            return exited
+        code = next(e.get("exit_code") for e in reversed(self.log) if e.get("message") == "exiting")
+        return "ok" if code == 0 else f"failed: the server exited with {code} on Ctrl-C"
+
+    def close(self) -> None:
+        if self.proc is not None:
+            _kill_group(self.proc.pid)
+            self.proc.wait(timeout=10)
+            self.proc = None
 
 
-def _mcp_server() -> tuple[Background, str]:
-    """The reference MCP server as docs/local-model.md starts it (its port: a free one)."""
-    main = "node_modules/@modelcontextprotocol/server-everything/dist/index.js"
-    for _ in range(3):
-        port = _free_port()
-        server = Background(
-            ["node", "--import", "./loopback.mjs", main, "streamableHttp"],
-            cwd=ROOT / "tests" / "mcp",
-            env={"PORT": str(port)},
-        )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and server.proc.poll() is None:
-            if f"listening on port {port}" in server.log():
-                return server, f"http://127.0.0.1:{port}/mcp"
-            time.sleep(0.05)  # polling its log: it says nothing on stdout
-        server.stop()
-    pytest.fail("the MCP reference server did not start")
+class Requests:
+    """What the shell asks of the test (start a server, a process group to stop), and the
+    answers, over two FIFOs. Each end is held open here for reading and writing, so the
+    shell's opens never wait for this side and a read here never sees an end of file."""
+
+    def __init__(self, directory: Path) -> None:
+        os.mkfifo(directory / "requests")
+        os.mkfifo(directory / "answers")
+        self.fd = os.open(directory / "requests", os.O_RDWR | os.O_NONBLOCK)
+        self._answers = os.open(directory / "answers", os.O_RDWR)
+        self._buffer = b""
+
+    def lines(self) -> list[str]:
+        try:
+            self._buffer += os.read(self.fd, 65536)
+        except OSError as exc:
+            if exc.errno != errno.EAGAIN:
+                raise
+        *complete, self._buffer = self._buffer.split(b"\n")
+        return [line.decode() for line in complete]
+
+    def answer(self, text: str) -> None:
+        os.write(self._answers, text.encode() + b"\n")
+
+    def close(self) -> None:
+        os.close(self.fd)
+        os.close(self._answers)
 
 
-def test_the_docs_run_as_written() -> None:
-    model = Background(
-        [sys.executable, "-m", "tests.fakes.openai_server", "--port", "0", "--quiet"], cwd=ROOT
-    )
-    mcp, mcp_url = _mcp_server()
+def _follow(
+    shell: subprocess.Popen[bytes], requests: Requests, terminal: Terminal, servers: list[Block]
+) -> list[int]:
+    """Serve the shell's requests until it ends; the process groups it reported."""
+    groups: list[int] = []
+    exited = os.pidfd_open(shell.pid)
+    deadline = time.monotonic() + RUN_TIMEOUT_S
     try:
-        base_url = model.first_line()  # the model server says where it listens
-        # docs/local-model.md step 3: make run with the model server as its provider.
-        serve = ServeProcess(
-            "--dev",
-            env={
-                "SWITCHBOARD_LLM_BASE_URL": base_url,
-                "SWITCHBOARD_LLM_MODEL": "echo",
-                "SWITCHBOARD_EGRESS_ALLOW_LOOPBACK": "true",
-            },
-        )
-        with serve, tempfile.TemporaryDirectory() as tmp:
-            env = _environment(
-                SB=serve.address,
-                MCP_URL=mcp_url,
-                HOOK_URL=f"http://127.0.0.1:{_free_port()}/hook",
-            )
-            done = run_script(script("run", Path(tmp)), env)
-        assert done.returncode == 0, done.stderr[-6000:]
-        assert "doc-test: done" in done.stderr
-        # The Python client's quick start printed names, not numbers, and ended.
-        assert "RUN_STATE_SUCCEEDED" in done.stdout
-        assert "EVENT_TYPE_MESSAGE_CREATED" in done.stdout
+        while True:
+            left = deadline - time.monotonic()
+            ready, _, _ = select.select([requests.fd, exited], [], [], max(0.0, left))
+            if not ready:
+                pytest.fail(f"the docs did not finish in {RUN_TIMEOUT_S:g} s")
+            for line in requests.lines():
+                what, _, value = line.partition(" ")
+                if what == "server":
+                    requests.answer(terminal.start(servers[int(value)].text))
+                elif what == "group":
+                    groups.append(int(value))
+            if exited in ready:
+                return groups
     finally:
-        mcp.stop()
-        model.stop()
+        os.close(exited)
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_S + 120)
+def test_the_docs_run_as_written(tmp_path: Path) -> None:
+    sb, model, mcp, hook = _free_ports(4)
+    checkout = Checkout(tmp_path).path
+    # What make run runs there: the server, and nothing else first.
+    recipe = subprocess.run(
+        ["make", "-n", "run"], cwd=checkout, capture_output=True, text=True, check=False, timeout=60
+    )
+    assert recipe.stdout.splitlines() == [
+        ".venv/bin/switchboard serve --dev --host 127.0.0.1 --port 50051"
+    ], recipe
+    text, servers = walkthrough(tmp_path)
+    (tmp_path / "walkthrough.sh").write_text(text)
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
+    terminal = Terminal(
+        checkout, _environment(PORT=str(sb), MODEL_PORT=str(model), MCP_PORT=str(mcp))
+    )
+    go = {k: go_env()[k] for k in ("GOFLAGS", "GOPROXY", "GOTOOLCHAIN")}
+    shell_env = _environment(
+        SB=f"127.0.0.1:{sb}",
+        MODEL_PORT=str(model),
+        MCP_PORT=str(mcp),
+        HOOK_URL=f"http://127.0.0.1:{hook}/hook",
+        **go,
+    )
+    with ExitStack() as stack:
+        stack.callback(terminal.close)
+        requests = Requests(tmp_path)
+        stack.callback(requests.close)
+        with out.open("wb") as stdout, err.open("wb") as stderr:
+            shell = subprocess.Popen(
+                ["bash", str(tmp_path / "walkthrough.sh")],
+                cwd=checkout,
+                env=shell_env,
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=stderr,
+                start_new_session=True,
+            )
+        # Whatever it left running (the local servers, a Go program) goes with it.
+        stack.callback(_kill_group, shell.pid)
+        groups = _follow(shell, requests, terminal, servers)
+        for group in groups:
+            stack.callback(_kill_group, group)
+        code = shell.wait(timeout=10)
+        shown = f"{err.read_text()[-6000:]}\n--- stdout:\n{out.read_text()[-3000:]}"
+        assert code == 0, shown
+        assert "doc-test: done" in err.read_text()
+        # As the docs say to stop them: the local servers, then make run with Ctrl-C.
+        stopped = subprocess.run(
+            ["examples/local-servers.sh", "stop"],
+            cwd=checkout,
+            env=shell_env,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        assert stopped.stdout.splitlines() == ["model: stopped", "mcp: stopped"], stopped
+        assert terminal.stop() == "ok"
+    printed = out.read_text()
+    # The Python client's programs printed names, not numbers, and ended.
+    assert "RUN_STATE_SUCCEEDED" in printed
+    assert "EVENT_TYPE_MESSAGE_CREATED" in printed
+    # The Go quick start's answer came, and Ctrl-C ended it cleanly.
+    assert '"kind":"run_done"' in printed
+    assert '"kind":"done"' in printed
 
 
 @pytest.fixture

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The two local servers the README's later sections talk to, in the background of the shell
+# that runs this, so that the README needs two terminals only (make run's, and yours):
+#
+#   - the local Chat Completions server, tests/fakes/openai_server.py, with its echo model
+#     (docs/local-model.md), on http://127.0.0.1:$MODEL_PORT/v1 (8400);
+#   - the MCP reference server (make tools installs it) on http://127.0.0.1:$MCP_PORT/mcp
+#     (3001), bound to loopback by tests/mcp/loopback.mjs: one of its tools answers with its
+#     whole environment, so it must stay off any network.
+#
+#   examples/local-servers.sh start   start each that is not running, and wait until both answer
+#   examples/local-servers.sh stop    stop them
+#
+# Their logs and process ids are in .local/ (model.log, mcp.log, *.pid).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DIR=.local
+MODEL_PORT=${MODEL_PORT:-8400}
+MCP_PORT=${MCP_PORT:-3001}
+#: How long a server may take to answer before start gives up on it.
+START_TIMEOUT_S=${START_TIMEOUT_S:-60}
+
+# What each server's command line holds: a pid file whose process is something else (the
+# pid was reused after a reboot) does not count as running, and is never stopped.
+declare -A COMMAND=([model]=tests.fakes.openai_server [mcp]=server-everything)
+
+running() {
+    local pid
+    [[ -s $DIR/$1.pid ]] || return 1
+    pid=$(<"$DIR/$1.pid")
+    [[ $pid =~ ^[0-9]+$ ]] && ps -o args= -p "$pid" 2>/dev/null | grep -qF -- "${COMMAND[$1]}"
+}
+
+# Wait until the log says the server listens; fail with its log if it ends or takes too long.
+await_ready() {
+    local name=$1 ready=$2 deadline=$((SECONDS + START_TIMEOUT_S))
+    until grep -qE -- "$ready" "$DIR/$name.log"; do
+        if ! running "$name" || ((SECONDS > deadline)); then
+            echo "local-servers: $name did not start; its log ($DIR/$name.log):" >&2
+            tail -n 20 "$DIR/$name.log" >&2
+            return 1
+        fi
+        sleep 0.1
+    done
+}
+
+start() {
+    mkdir -p -m 700 "$DIR"
+    if running model; then
+        echo "model: already running (pid $(<"$DIR/model.pid"))"
+    else
+        .venv/bin/python -m tests.fakes.openai_server --port "$MODEL_PORT" \
+            >"$DIR/model.log" 2>&1 &
+        echo $! >"$DIR/model.pid"
+    fi
+    if running mcp; then
+        echo "mcp: already running (pid $(<"$DIR/mcp.pid"))"
+    else
+        (cd tests/mcp && PORT=$MCP_PORT exec node --import ./loopback.mjs \
+            node_modules/@modelcontextprotocol/server-everything/dist/index.js streamableHttp) \
+            >"$DIR/mcp.log" 2>&1 &
+        echo $! >"$DIR/mcp.pid"
+    fi
+    await_ready model '^http://'
+    await_ready mcp "listening on port $MCP_PORT"
+    echo "model: http://127.0.0.1:$MODEL_PORT/v1 (the echo model; log $DIR/model.log)"
+    echo "mcp:   http://127.0.0.1:$MCP_PORT/mcp (log $DIR/mcp.log)"
+}
+
+stop() {
+    local name pid
+    for name in model mcp; do
+        if running "$name"; then
+            pid=$(<"$DIR/$name.pid")
+            kill "$pid"
+            # Gone before this returns: a start right after must find the port free.
+            local deadline=$((SECONDS + 10))
+            while kill -0 "$pid" 2>/dev/null; do
+                ((SECONDS <= deadline)) || kill -KILL "$pid" 2>/dev/null || true
+                sleep 0.05
+            done
+            echo "$name: stopped"
+        fi
+        rm -f "$DIR/$name.pid"
+    done
+}
+
+case ${1:-} in
+start) start ;;
+stop) stop ;;
+*)
+    echo "usage: $0 start|stop" >&2
+    exit 2
+    ;;
+esac
