@@ -133,6 +133,9 @@ class Reply:
     drop_after_chunks: int | None = None
     #: After this many content chunks, send a chunk that is not JSON.
     malformed_after_chunks: int | None = None
+    #: After this many content chunks, send a chunk holding a value this many levels deep.
+    nested_after_chunks: int | None = None
+    nested_depth: int = 0
     #: Answer with a whole ``chat.completion`` JSON even when asked to stream.
     ignore_stream: bool = False
     #: Tool calls, after the content.
@@ -248,6 +251,14 @@ class Reply:
     def malformed_after(cls, n_chunks: int, text: str = "one two three four five") -> Reply:
         """Send ``n_chunks`` content chunks, then an event whose data is not JSON."""
         return cls(content=text, malformed_after_chunks=n_chunks)
+
+    @classmethod
+    def nested_after(
+        cls, n_chunks: int, depth: int, text: str = "one two three four five"
+    ) -> Reply:
+        """Send ``n_chunks`` content chunks, then a chunk whose delta also holds a list
+        ``depth`` levels deep (valid JSON, built as text: ``json.dumps`` would recurse)."""
+        return cls(content=text, nested_after_chunks=n_chunks, nested_depth=depth)
 
 
 #: What answers one request: a Reply, or a function of the parsed request body
@@ -613,6 +624,16 @@ class FakeOpenAI:
                 return False
             if reply.malformed_after_chunks == sent:
                 await _send_data(writer, '{"id": "chatcmpl-broken", "choices": [')
+                await _send_data(writer, "[DONE]")
+                await _end_chunks(writer)
+                return True
+            if reply.nested_after_chunks == sent:
+                deep = "[" * reply.nested_depth + "]" * reply.nested_depth
+                await _send_data(
+                    writer,
+                    '{"id": "chatcmpl-nested", "object": "chat.completion.chunk", "choices": '
+                    '[{"index": 0, "delta": {"content": "x", "extra": ' + deep + "}}]}",
+                )
                 await _send_data(writer, "[DONE]")
                 await _end_chunks(writer)
                 return True

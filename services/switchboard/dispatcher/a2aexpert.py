@@ -43,6 +43,7 @@ from switchboard.integration.a2aagent import (
     previous_task,
 )
 from switchboard.integration.connectors import ConnectorError
+from switchboard.platform import background
 from switchboard.platform.errors import SwitchboardError
 
 log = logging.getLogger("switchboard.dispatcher.a2aexpert")
@@ -93,6 +94,10 @@ class A2AExpert:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def id(self) -> str:
+        return self._capabilities.id
+
     def available(self) -> bool:
         if self._closed:
             return False
@@ -104,11 +109,13 @@ class A2AExpert:
 
     def _refresh_soon(self) -> None:
         try:
-            loop = asyncio.get_running_loop()
+            asyncio.get_running_loop()
         except RuntimeError:  # asked outside the event loop: the next ask starts it
             return
         if self._refreshing is None or self._refreshing.done():
-            self._refreshing = loop.create_task(self.refresh())
+            self._refreshing = background.spawn(
+                self.refresh(), name=f"a2a-expert-refresh-{self._capabilities.id}", logger=log
+            )
 
     def _down(self) -> None:
         self._down_since = time.monotonic()
@@ -120,10 +127,22 @@ class A2AExpert:
             await self._agent.probe(self._timeout_s)
             card = await self._agent.card(self._timeout_s)
         except (ConnectorError, SwitchboardError, TimeoutError) as exc:
+            # The reason names the card's host at most (a2aagent's errors are safe to show).
+            reason = exc.message if isinstance(exc, SwitchboardError) else str(exc)
             log.warning(
                 "A2A agent unreachable",
-                extra={"handler": self._capabilities.id, "error": type(exc).__name__},
+                extra={
+                    "handler": self._capabilities.id,
+                    "error": type(exc).__name__,
+                    "reason": reason[:300],
+                },
             )
+            self._down()
+            return False
+        except Exception:
+            # An answer nobody foresaw (or a bug): the agent is not known to work,
+            # so it is down, as for any failed probe, and the log says why.
+            log.error("A2A agent could not be probed", exc_info=True, extra={"handler": self.id})
             self._down()
             return False
         self._capabilities = card_capabilities(self._capabilities.id, card)
@@ -153,6 +172,15 @@ class A2AExpert:
         except SwitchboardError as refused:
             # The card names an address the egress policy refuses, or a malformed one.
             raise HandlerFailure(f"{name}: {refused.message}") from None
+        except TimeoutError:
+            raise  # the run's deadline: the run says so
+        except Exception:
+            # What the agent's answer did to the SDK, or a bug: the run fails with a
+            # status, counted against the agent; the traceback is the log's.
+            log.error("A2A expert failed unexpectedly", exc_info=True, extra={"handler": self.id})
+            raise HandlerFailure(
+                f"{name} failed unexpectedly; the server's log has the details", retryable=True
+            ) from None
 
     async def close(self) -> None:
         self._closed = True

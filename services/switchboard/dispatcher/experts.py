@@ -56,7 +56,7 @@ from switchboard.dispatcher.handlers import Frame, HandleCall, Handler, HandlerF
 from switchboard.dispatcher.remote import RemoteHandler
 from switchboard.integration.a2aagent import A2AAgent
 from switchboard.integration.directory import ExpertEntry, integration_name
-from switchboard.platform import names
+from switchboard.platform import background, names
 from switchboard.platform.errors import SwitchboardError
 from switchboard.platform.security.egress import (
     EgressPolicy,
@@ -307,10 +307,21 @@ class WorkspaceExperts:
             del self._loading[workspace_id]
         if task.cancelled():
             return
-        if task.exception() is not None:
+        error = task.exception()
+        if error is not None:
             # Retrieved here: a background read may have no one awaiting it.
             # Not read again until a lookup asks (no loop during an outage).
-            log.warning("a workspace's experts were not read", extra={"workspace": workspace_id})
+            if isinstance(error, SwitchboardError):  # the database, said in its own words
+                log.warning(
+                    "a workspace's experts were not read",
+                    extra={"workspace": workspace_id, "reason": error.reason},
+                )
+            else:
+                log.error(
+                    "a workspace's experts were not read",
+                    exc_info=(type(error), error, error.__traceback__),
+                    extra={"workspace": workspace_id},
+                )
             return
         cached = self._cache.get(workspace_id)
         if cached is not None and cached.stale:
@@ -423,15 +434,19 @@ class WorkspaceExperts:
         """Ask new experts what they can do; a slow one finishes in the background."""
         if not remotes:
             return
-        tasks = [asyncio.get_running_loop().create_task(self._refresh(r)) for r in remotes]
-        self._tasks.update(tasks)
-        for task in tasks:
-            task.add_done_callback(self._tasks.discard)
+        tasks = [
+            background.spawn(
+                self._refresh(remote), name="expert-describe", logger=log, keep=self._tasks
+            )
+            for remote in remotes
+        ]
         await asyncio.wait(tasks, timeout=min(DESCRIBE_WAIT_S, self._timeout_s))
 
     @staticmethod
     async def _refresh(remote: ExpertClient) -> None:
-        await remote.refresh()  # False when it cannot say: it logs and is unavailable for a while
+        # False when it cannot say: it logs why and is unavailable for a while. It
+        # raises nothing it can foresee; anything else is logged by background.spawn.
+        await remote.refresh()
 
     # -- closing -------------------------------------------------------------------
 
@@ -445,9 +460,9 @@ class WorkspaceExperts:
     def _idle(self, expert: WorkspaceExpert) -> None:
         self._retired.discard(expert)
         if expert.remote is not None and not self._closed:
-            task = asyncio.get_running_loop().create_task(expert.remote.close())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            background.spawn(
+                expert.remote.close(), name="expert-close", logger=log, keep=self._tasks
+            )
 
     async def close(self) -> None:
         """Close every channel (at shutdown, after the dispatcher stopped its runs)."""

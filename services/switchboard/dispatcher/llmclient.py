@@ -65,6 +65,19 @@ def _all_failed(failures: list[tuple[str, bool]]) -> HandlerFailure:
     )
 
 
+def _unforeseen(provider: Provider, exc: Exception) -> AttemptFailed:
+    """An attempt that failed in a way nobody foresaw (a bug, or an answer that broke
+    the client): a failure of the attempt like any other, with its traceback logged
+    (not in the run's status: it may quote the provider's answer)."""
+    log.error(
+        "LLM provider %s: the attempt failed unexpectedly",
+        provider.name,
+        exc_info=(type(exc), exc, exc.__traceback__),
+        extra={"provider": provider.name},
+    )
+    return AttemptFailed(f"the answer could not be read ({type(exc).__name__})", retryable=True)
+
+
 def _retry_after(headers: Mapping[str, str]) -> float | None:
     """Seconds the provider asks to wait, from ``retry-after-ms`` or ``retry-after``.
 
@@ -227,9 +240,13 @@ class ProviderClient:
                         async for text in texts:
                             answer.shown = True
                             yield text
-                except AttemptFailed as exc:
+                except HandlerFailure:
+                    breaker.released()  # the handler is shut down: nothing was asked
+                    raise
+                except Exception as exc:  # noqa: BLE001 - each is an attempt's failure
+                    failed = exc if isinstance(exc, AttemptFailed) else _unforeseen(provider, exc)
                     delay = self._after_failure(
-                        provider, exc, retry, remaining, failures, shown=answer.shown
+                        provider, failed, retry, remaining, failures, shown=answer.shown
                     )
                     if delay is None:
                         break

@@ -7,14 +7,17 @@ doubtful before the server starts, never quoting the text (it may hold keys).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
 from switchboard.dispatcher.llmusage import Price
+from switchboard.platform import jsonbounds
+from switchboard.platform.jsonbounds import JsonRejected
 
 MIB: Final = 1024 * 1024
+#: A providers or prices setting longer than this is not a setting.
+MAX_SETTING_BYTES: Final = MIB
 
 
 @dataclass(frozen=True)
@@ -102,18 +105,10 @@ _PRICE_KEYS: Final = frozenset({"input_per_mtok", "output_per_mtok"})
 
 def _load_json(text: str, what: str) -> object:
     try:
-        return json.loads(text)
-    except ValueError as exc:
-        # Position only: the text may hold API keys, so none of it is quoted.
-        raise ValueError(
-            f"{what}: not valid JSON ({type(exc).__name__} at {_position(exc)})"
-        ) from None
-
-
-def _position(exc: ValueError) -> str:
-    if isinstance(exc, json.JSONDecodeError):
-        return f"line {exc.lineno} column {exc.colno}"
-    return "unknown position"
+        return jsonbounds.loads(text, max_bytes=MAX_SETTING_BYTES)
+    except JsonRejected as exc:
+        # Its reason gives a position at most: the text may hold API keys.
+        raise ValueError(f"{what}: {exc}") from None
 
 
 def parse_providers(text: str) -> tuple[Provider, ...]:

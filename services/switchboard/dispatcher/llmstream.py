@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from switchboard.dispatcher.llmusage import read_usage
+from switchboard.platform import jsonbounds
+from switchboard.platform.jsonbounds import JsonRejected
 
 # Provider error messages are relayed for diagnosis, but only this much of them:
 # an HTML error page from a proxy is noise, and long bodies can echo the prompt.
@@ -111,8 +113,9 @@ def error_detail(body: bytes) -> tuple[str, str]:
     """``(message, code)`` of an OpenAI-style error body, or its raw text."""
     text = body.decode("utf-8", errors="replace")
     try:
-        data = json.loads(text)
-    except ValueError:
+        # Callers bound the body (an error body's first bytes, a chunk of the stream).
+        data = jsonbounds.loads(text, max_bytes=len(body))
+    except JsonRejected:
         return text, ""
     error = data.get("error") if isinstance(data, dict) else None
     if isinstance(error, dict):
@@ -122,6 +125,12 @@ def error_detail(body: bytes) -> tuple[str, str]:
     if isinstance(error, str):
         return error, ""
     return text, ""
+
+
+def _rejected(rejected: JsonRejected, not_json: str, what: str) -> str:
+    """What was wrong with a piece of the answer, in words ("a chunk nested deeper
+    than 24 levels"); the piece itself is never quoted."""
+    return not_json if rejected.problem == "syntax" else f"{what} {rejected}"
 
 
 def _optional_string(data: dict[str, Any], key: str, what: str) -> str:
@@ -209,12 +218,15 @@ def parse_completion(body: bytes, outcome: Outcome, limit: int) -> str:
     """The text of a whole (not streamed) ``chat.completion``; records its
     calls, finish and usage in ``outcome``."""
     try:
-        data = json.loads(body)
+        data = jsonbounds.loads(body, max_bytes=limit)
+    except JsonRejected as rejected:
+        raise malformed(_rejected(rejected, "not a chat completion", "the answer")) from None
+    try:
         choice = data["choices"][0]
         text = choice["message"].get("content") or ""
         reason = choice.get("finish_reason") or ""
         calls = choice["message"].get("tool_calls") or []
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+    except (KeyError, IndexError, TypeError, AttributeError):
         raise malformed("not a chat completion") from None
     if not isinstance(text, str) or not isinstance(reason, str) or not isinstance(calls, list):
         raise malformed("not a chat completion")
@@ -268,9 +280,9 @@ def parse_chunk(data: str, outcome: Outcome, limit: int, secrets: tuple[str, ...
 
     ``secrets`` are scrubbed from an error the provider sends in the stream."""
     try:
-        chunk = json.loads(data)
-    except ValueError:
-        raise malformed("a chunk is not JSON") from None
+        chunk = jsonbounds.loads(data, max_bytes=limit)
+    except JsonRejected as rejected:
+        raise malformed(_rejected(rejected, "a chunk is not JSON", "a chunk")) from None
     if not isinstance(chunk, dict):
         raise malformed("a chunk is not an object")
     if "error" in chunk:

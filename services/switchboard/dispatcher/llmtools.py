@@ -15,7 +15,6 @@ a call the model made becomes, and what the model reads back.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Sequence
@@ -27,6 +26,8 @@ from switchboard.api.handler.v1 import handler_pb2
 from switchboard.dispatcher.handlers import HandleCall, HandlerFailure
 from switchboard.dispatcher.llmrequest import assistant_calls, json_text, tool_message
 from switchboard.dispatcher.llmstream import ModelCall
+from switchboard.platform import jsonbounds
+from switchboard.platform.jsonbounds import JsonRejected
 from switchboard.platform.rendering import plain
 
 # The handler's logger: one name for every part of it, as before it was split.
@@ -38,6 +39,8 @@ MAX_TOOLS: Final = 128
 MAX_INVALID_ARGUMENTS_CHARS: Final = 2000
 # A provider's call id longer than this is replaced by one of ours.
 MAX_CALL_ID_CHARS: Final = 128
+# A backstop only: the response's own bound (max_response_bytes) cuts them off first.
+_MAX_ARGUMENTS_BYTES: Final = 64 * 1_048_576
 # A function name as stored on a ToolCall (a model may invent any name).
 MAX_FUNCTION_NAME_CHARS: Final = 256
 # What the API accepts as a function name; other names are refused with a 400.
@@ -107,15 +110,17 @@ def _arguments(text: str) -> struct_pb2.Struct | None:
     if not text.strip():
         return struct_pb2.Struct()
     try:
-        data = json.loads(text)
-    except (ValueError, RecursionError):
+        # Bounded: a Struct deeper than jsonbounds.MAX_DEPTH could not be read back
+        # from the run's updates, and building it recurses.
+        data = jsonbounds.loads(text, max_bytes=_MAX_ARGUMENTS_BYTES)
+    except JsonRejected:
         return None
     if not isinstance(data, dict):
         return None
     struct = struct_pb2.Struct()
     try:
         struct.update(data)
-    except (ValueError, TypeError, RecursionError):
+    except (ValueError, TypeError):
         return None
     return struct
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 from grpc import aio
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
@@ -48,7 +49,9 @@ from switchboard.dispatcher.handlers import (
     ToolRunner,
     capabilities,
 )
+from switchboard.platform import background, jsonbounds
 from switchboard.platform.errors import FailedPrecondition, QuotaExceeded, SwitchboardError
+from switchboard.platform.jsonbounds import JsonRejected
 from switchboard.platform.rpc.channels import DOWN, READY, ChannelOptions, connected, expert_channel
 from switchboard.platform.rpc.status import to_status_proto
 
@@ -125,11 +128,13 @@ class RemoteHandler:
 
     def _refresh_soon(self) -> None:
         try:
-            loop = asyncio.get_running_loop()
+            asyncio.get_running_loop()
         except RuntimeError:  # asked outside the event loop: the next call refreshes
             return
         if self._refreshing is None or self._refreshing.done():
-            self._refreshing = loop.create_task(self.refresh())
+            self._refreshing = background.spawn(
+                self.refresh(), name=f"remote-refresh-{self._capabilities.id}", logger=log
+            )
 
     async def refresh(self) -> bool:
         """Ask the expert what it can do; False (and unavailable for a while) if it cannot say."""
@@ -145,6 +150,24 @@ class RemoteHandler:
                 extra={"handler": self._capabilities.id, "code": exc.code().name},
             )
             self._failed(exc.code())
+            return False
+        except Exception:
+            # A bug, or what the expert's answer did to the client: not known to
+            # work, so unavailable for a while, and the log says why.
+            log.error(
+                "remote handler could not be asked for its capabilities",
+                exc_info=True,
+                extra={"handler": self._capabilities.id},
+            )
+            self._failed(grpc.StatusCode.INTERNAL)
+            return False
+        refusal = _UNDECODABLE if response is None else _refusal(response)
+        if refusal is not None:
+            log.warning(
+                "remote handler's capabilities refused",
+                extra={"handler": self._capabilities.id, "reason": refusal},
+            )
+            self._failed(grpc.StatusCode.INTERNAL)  # it answered, but not usably
             return False
         found = response.capabilities
         # The configured id is the routing key; the expert describes the rest.
@@ -233,7 +256,7 @@ class RemoteHandler:
         try:
             async for frame in stream:
                 progress.answered = True
-                yield frame
+                yield self._check(frame)
         finally:
             stream.cancel()
 
@@ -267,10 +290,13 @@ class RemoteHandler:
                 tools.raise_failure()
                 response = read.result()
                 read = None
-                if not isinstance(response, handler_pb2.HandleInteractiveResponse):
+                if isinstance(response, handler_pb2.HandleInteractiveResponse):
+                    frame = self._check(response.frame)
+                elif response is None:
+                    frame = self._check(None)  # undecodable: raises
+                else:
                     return  # EOF: the expert ended its stream
                 progress.answered = True
-                frame = response.frame
                 if frame.WhichOneof("frame") == "tool_call":
                     await tools.request([frame.tool_call])
                     continue
@@ -285,6 +311,22 @@ class RemoteHandler:
         self._failed(code)
         self._refresh_soon()
 
+    def _check(self, frame: Frame | None) -> Frame:
+        """``frame``, or HandlerFailure (counted: it answered outside the contract).
+
+        grpc's client hands over ``None`` for a message it could not decode
+        (logging why): not the message, or nested deeper than protobuf's
+        decoder allows (100 levels). A Struct that did decode may still nest
+        deeper than JSON from outside may (``jsonbounds``), and would make run
+        updates and events that clients cannot decode."""
+        refusal = _UNDECODABLE if frame is None else _refusal(frame)
+        if refusal is not None or frame is None:
+            raise HandlerFailure(
+                f"remote handler {self._capabilities.id!r} answered with a message {refusal}",
+                retryable=True,
+            )
+        return frame
+
 
 @dataclass
 class _Attempt:
@@ -298,6 +340,19 @@ _TOO_MANY = "too many tool calls in flight"
 ToolStream = aio.StreamStreamCall[
     handler_pb2.HandleInteractiveRequest, handler_pb2.HandleInteractiveResponse
 ]
+
+
+#: Why a message grpc could not decode is refused (see ``RemoteHandler._check``).
+_UNDECODABLE = "that cannot be decoded (not the message, or nested deeper than protobuf allows)"
+
+
+def _refusal(message: Message) -> str | None:
+    """Why a message from the expert cannot be used, or None if it can."""
+    try:
+        jsonbounds.check_message(message)
+    except JsonRejected as rejected:
+        return str(rejected)
+    return None
 
 
 def _discard(task: asyncio.Future[Any]) -> None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 import uuid
@@ -54,14 +53,17 @@ from switchboard.api.context.v1 import context_pb2
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.integration.connectors import (
     ConnectorError,
+    Malformed,
     Progress,
     ToolNotFound,
     ToolResult,
     ToolSpec,
     Unreachable,
 )
+from switchboard.platform import jsonbounds
 from switchboard.platform.backoff import Backoff
 from switchboard.platform.errors import DestinationBlocked, ResultTooLarge, SwitchboardError
+from switchboard.platform.jsonbounds import JsonRejected
 from switchboard.platform.rpc.channels import expert_channel
 from switchboard.platform.security.egress import (
     PLAIN_HTTP_REFUSED,
@@ -77,6 +79,8 @@ log = logging.getLogger("switchboard.integration.a2aagent")
 
 #: A card larger than this is not a card.
 MAX_CARD_BYTES: Final = 1 << 20
+#: Largest line of a JSON-RPC answer (a whole answer, or one event of a stream).
+MAX_MESSAGE_BYTES: Final = 16 * 1_048_576
 #: How long a dropped stream is resumed for before the exchange gives up.
 RESUME_WINDOW_S: Final = 10.0
 #: Waits between resume attempts: from the first to the cap, doubling.
@@ -157,8 +161,10 @@ async def fetch_card(
 ) -> a2a.AgentCard:
     """The Agent Card at ``url``, read through the egress policy.
 
-    Raises InvalidArgument (a malformed URL), DestinationBlocked, TimeoutError
-    or Unreachable (no answer, not 200, not a card).
+    Raises InvalidArgument (a malformed URL), DestinationBlocked, TimeoutError,
+    Unreachable (no answer, not 200) or Malformed (larger than
+    ``MAX_CARD_BYTES``, not JSON, nested deeper than ``jsonbounds.MAX_DEPTH``,
+    not a card).
     """
     endpoint = parse_http_endpoint(url, field)
     host = endpoint.host
@@ -178,7 +184,7 @@ async def fetch_card(
                     async for chunk in response.aiter_bytes():
                         body.extend(chunk)
                         if len(body) > MAX_CARD_BYTES:
-                            raise Unreachable(
+                            raise Malformed(
                                 f"the agent card at {host!r} is larger than {MAX_CARD_BYTES} bytes"
                             )
         except ResolutionFailed:
@@ -188,9 +194,13 @@ async def fetch_card(
         except httpx.HTTPError:
             raise Unreachable(f"the agent card at {host!r} could not be read") from None
     try:
-        return parse_agent_card(json.loads(body))
-    except (ValueError, ParseError):
-        raise Unreachable(f"the document at {host!r} is not an A2A agent card") from None
+        document = jsonbounds.loads(body, max_bytes=MAX_CARD_BYTES)
+    except JsonRejected as rejected:
+        raise Malformed(f"the agent card at {host!r} is {rejected}") from None
+    try:
+        return parse_agent_card(document)
+    except (ValueError, TypeError, AttributeError, KeyError, ParseError):
+        raise Malformed(f"the document at {host!r} is not an A2A agent card") from None
 
 
 def choose_interface(card: a2a.AgentCard) -> a2a.AgentInterface:
@@ -377,6 +387,12 @@ def _extras(parts: Any) -> list[context_pb2.ContentPart]:
         kind = part.WhichOneof("content")
         if kind == "data":
             value = json_format.MessageToDict(part.data)
+            try:
+                # The gRPC binding's decoder allows some 33 levels; what is relayed
+                # becomes a Struct deeper in run updates, which must stay readable.
+                jsonbounds.check_value(value)
+            except JsonRejected as rejected:
+                raise Malformed(f"the agent answered with data {rejected}") from None
             data = struct_pb2.Struct()
             data.update(value if isinstance(value, dict) else {"value": value})
             found.append(context_pb2.ContentPart(data=data))
@@ -399,6 +415,57 @@ def _extras(parts: Any) -> list[context_pb2.ContentPart]:
 
 def _delta(text: str) -> handler_pb2.HandleResponse:
     return handler_pb2.HandleResponse(delta=handler_pb2.TextDelta(text=text))
+
+
+class _Refused(httpx.DecodingError):
+    """A JSON-RPC answer the SDK must not parse (``reason`` says why, safe to show).
+
+    An ``httpx`` request error: the SDK turns it into its own client error,
+    with this as the cause, as it does a broken connection.
+    """
+
+    def __init__(self, reason: str, request: httpx.Request) -> None:
+        super().__init__(reason, request=request)
+        self.reason = reason
+
+
+class _MeasuredBody(httpx.AsyncByteStream):
+    """A response body measured by ``jsonbounds.StreamGauge`` while the SDK reads it.
+
+    The SDK parses a JSON-RPC answer (or each event of a stream) with ``json``
+    and protobuf's ``json_format``, both recursive: nothing of an answer nested
+    too deep, or a line longer than ``MAX_MESSAGE_BYTES``, reaches them.
+    """
+
+    def __init__(self, stream: httpx.AsyncByteStream, request: httpx.Request) -> None:
+        self._stream = stream
+        self._request = request
+        self._gauge = jsonbounds.StreamGauge(max_line_bytes=MAX_MESSAGE_BYTES)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._stream:
+                self._gauge.feed(chunk)
+                yield chunk
+            # Before the iteration ends, that is before the SDK parses the last line.
+            self._gauge.close()
+        except JsonRejected as rejected:
+            raise _Refused(f"a message {rejected}", self._request) from None
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+async def _measured(response: httpx.Response) -> None:
+    """Response hook of the JSON-RPC client: its body is read through ``_MeasuredBody``."""
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise _Refused(
+            "with a compressed body, which cannot be measured (identity was asked for)",
+            response.request,
+        )
+    if isinstance(response.stream, httpx.AsyncByteStream):
+        response.stream = _MeasuredBody(response.stream, response.request)
 
 
 def _transport_failure(exc: BaseException) -> bool:
@@ -485,7 +552,13 @@ class A2AAgent:
         url = parse_http_endpoint(interface.url, what)
         if url.scheme != "https" and not self._allow_plain_http:
             raise DestinationBlocked(f"{what} {PLAIN_HTTP_REFUSED}")
-        http = http_client(self._policy, timeout_s=timeout_s)
+        http = http_client(
+            self._policy,
+            timeout_s=timeout_s,
+            # Measured as they arrive (_measured): a compressed body could not be.
+            headers={"accept-encoding": "identity"},
+            event_hooks={"response": [_measured]},
+        )
         config = ClientConfig(supported_protocol_bindings=[JSONRPC], httpx_client=http)
         client = ClientFactory(config).create(chosen)
         return _Link(chosen, interface, client, time.monotonic(), http=http)
@@ -519,7 +592,7 @@ class A2AAgent:
                 raise TimeoutError from None
             except A2AClientError as exc:
                 await self._forget(link)
-                raise Unreachable(self._unreachable(exc)) from None
+                raise self._failure(exc) from None
             except A2AError:
                 return  # it answered
 
@@ -532,10 +605,14 @@ class A2AAgent:
             # ClientFactory found no transport for the interface the card names.
             raise Unreachable("the agent card's interface cannot be used") from None
 
-    def _unreachable(self, exc: BaseException) -> str:
-        if isinstance(exc.__cause__, aio.AioRpcError):
-            return f"A2A agent at {self.host!r} is unreachable: {exc.__cause__.code().name}"
-        return f"A2A agent at {self.host!r} is unreachable"
+    def _failure(self, exc: BaseException) -> Unreachable:
+        """The safe error for an SDK call that failed: what failed, never the SDK's text."""
+        cause = exc.__cause__
+        if isinstance(cause, _Refused):
+            return Malformed(f"A2A agent at {self.host!r} answered {cause.reason}")
+        if isinstance(cause, aio.AioRpcError):
+            return Unreachable(f"A2A agent at {self.host!r} is unreachable: {cause.code().name}")
+        return Unreachable(f"A2A agent at {self.host!r} is unreachable")
 
     async def exchange(
         self,
@@ -606,7 +683,7 @@ class A2AAgent:
             except A2AClientTimeoutError:
                 raise TimeoutError from None
             except A2AClientError as exc:
-                raise Unreachable(self._unreachable(exc)) from None
+                raise self._failure(exc) from None
 
     async def _recover(
         self, call: _Call, request: a2a.SendMessageRequest, exc: A2AClientError
@@ -625,7 +702,7 @@ class A2AAgent:
             return
         if not transport or not call.relay.task_id:
             await self._forget(call.link)
-            raise Unreachable(self._unreachable(exc)) from None
+            raise self._failure(exc) from None
         log.info(
             "A2A agent stream dropped; resuming the task",
             extra={"agent": self.host, "task": call.relay.task_id},

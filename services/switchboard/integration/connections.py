@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Final
 
-from switchboard.integration.connectors import Connector, ConnectorError, ToolNotFound
+from switchboard.integration.connectors import Connector, ConnectorError, Malformed, ToolNotFound
 from switchboard.integration.mapping import name_of
 from switchboard.integration.store import IntegrationRecord, IntegrationStore
-from switchboard.platform import names
+from switchboard.platform import background, names
 from switchboard.platform.breaker import Breakers
 from switchboard.platform.errors import (
     DeadlineExceeded,
@@ -26,7 +26,9 @@ from switchboard.platform.errors import (
     DestinationBlocked,
     FailedPrecondition,
     NotFound,
+    SwitchboardError,
 )
+from switchboard.platform.jsonbounds import JsonRejected
 from switchboard.platform.security.secretbox import SecretBox
 
 log = logging.getLogger("switchboard.integration")
@@ -81,15 +83,9 @@ class Connections:
         self._live: dict[str, _Live] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
-    def spawn(self, work: Awaitable[Any], name: str) -> None:
-        """Run ``work`` in the background; cancelled by ``close``."""
-
-        async def run() -> None:
-            await work
-
-        task = asyncio.get_running_loop().create_task(run(), name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def spawn(self, work: Coroutine[Any, Any, Any], name: str) -> None:
+        """Run ``work`` in the background (a failure is logged); cancelled by ``close``."""
+        background.spawn(work, name=name, logger=log, keep=self._tasks)
 
     async def _close(self, connector: Connector) -> None:
         try:
@@ -132,8 +128,15 @@ class Connections:
     async def guarded(
         self, record: IntegrationRecord, call: Callable[[], Awaitable[Any]], timeout_s: float
     ) -> Any:
-        """``call`` inside the integration's breaker and timeout, failures mapped."""
+        """``call`` inside the integration's breaker and timeout, failures mapped.
+
+        Every way a call can end is a verdict or deliberately none: it answered
+        (a result, or "no such tool"); it failed, which counts (no answer in
+        time, unreachable, a malformed answer, anything unforeseen); or it says
+        nothing about the integration (refused here before it left, cancelled).
+        """
         name = name_of(record)
+        metadata = {"integration": name}
         permit = await self._breakers.acquire(name, label=f"integration {name}")
         try:
             async with asyncio.timeout(timeout_s):
@@ -141,23 +144,46 @@ class Connections:
         except TimeoutError:
             await permit.failed()
             raise DeadlineExceeded(
-                f"{name} did not answer within {timeout_s:g} s", metadata={"integration": name}
+                f"{name} did not answer within {timeout_s:g} s", metadata=metadata
             ) from None
         except ToolNotFound:
             await permit.succeeded()  # it answered: the tool is not there
             raise
+        except (Malformed, JsonRejected) as exc:  # it answered, outside its protocol
+            await permit.failed()
+            what = str(exc) if isinstance(exc, Malformed) else f"a message {exc}"
+            raise DependencyUnavailable(
+                f"{name} gave a malformed answer: {what}"[:300], metadata=metadata
+            ) from None
         except ConnectorError as exc:  # unreachable, or broke the protocol
             await permit.failed()
             raise DependencyUnavailable(
-                f"{name} is unreachable: {exc}"[:300], metadata={"integration": name}
+                f"{name} is unreachable: {exc}"[:300], metadata=metadata
             ) from None
         except DestinationBlocked as exc:
             permit.released()
-            raise FailedPrecondition(
-                f"{name}: {exc.message}", metadata={"integration": name}
+            raise FailedPrecondition(f"{name}: {exc.message}", metadata=metadata) from None
+        except SwitchboardError:
+            # Refused on our side (a malformed endpoint, a result over the size
+            # limit): precise already, and no verdict on the integration.
+            permit.released()
+            raise
+        except Exception:
+            # A connector's bug, or an answer nobody foresaw (an SDK's own
+            # exception): it came from talking to this integration, so it counts,
+            # and the caller gets a status, not the exception's text.
+            await permit.failed()
+            log.error(
+                "integration call failed unexpectedly",
+                exc_info=True,
+                extra={"integration": name, "kind": record.kind},
+            )
+            raise DependencyUnavailable(
+                f"{name} failed unexpectedly; the server's log has the details",
+                metadata=metadata,
             ) from None
         except BaseException:
-            # Cancelled, or refused on our side: no verdict on the integration.
+            # Cancelled: no verdict on the integration.
             permit.released()
             raise
         await permit.succeeded()

@@ -10,6 +10,11 @@ protocol and says how a call failed:
   ``is_error``. Exceptions are for calls that did not complete.
 - ``Unreachable`` (connection refused, reset, DNS, TLS, 5xx, protocol
   errors): counts against the breaker, answered UNAVAILABLE.
+- ``Malformed``, an ``Unreachable``: it answered, but with something that is
+  not its protocol (not JSON, JSON nested deeper than
+  ``platform/jsonbounds.MAX_DEPTH`` or larger than its limit, the wrong
+  shape): counts against the breaker, answered UNAVAILABLE. A
+  ``JsonRejected`` a connector lets through is taken as the same.
 - ``TimeoutError``: the call's deadline passed (counts against the breaker,
   answered DEADLINE_EXCEEDED).
 - ``ToolNotFound``: the integration does not offer the tool (NOT_FOUND,
@@ -17,6 +22,10 @@ protocol and says how a call failed:
 - ``ResultTooLarge`` (platform/errors.py): the answer exceeded the limit.
 - ``DestinationBlocked`` (platform/errors.py): the address resolved to one the
   egress policy refuses.
+
+Anything else a connector raises is a bug or an answer nobody foresaw: the hub
+logs it with its traceback, counts it against the breaker (it came from
+talking to this integration) and answers UNAVAILABLE without its text.
 
 Cancellation is asyncio's: a cancelled ``call_tool`` must tell the server
 (MCP ``notifications/cancelled``, gRPC RST_STREAM) before it re-raises.
@@ -65,6 +74,10 @@ class ConnectorError(Exception):
 
 class Unreachable(ConnectorError):
     """The integration could not be reached or broke the protocol."""
+
+
+class Malformed(Unreachable):
+    """It answered, but not in its protocol (``str()`` says what was wrong, never quotes it)."""
 
 
 class ToolNotFound(ConnectorError):

@@ -32,19 +32,23 @@ from typing import Any, Final, TypeVar
 
 import grpc
 from google.protobuf import json_format, struct_pb2
+from google.protobuf.message import Message
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from switchboard.api.context.v1 import context_pb2
 from switchboard.api.handler.v1 import handler_pb2, handler_pb2_grpc
 from switchboard.integration.connectors import (
+    Malformed,
     Progress,
     ToolNotFound,
     ToolResult,
     ToolSpec,
     Unreachable,
 )
+from switchboard.platform import jsonbounds
 from switchboard.platform.errors import ResultTooLarge
+from switchboard.platform.jsonbounds import JsonRejected
 from switchboard.platform.rpc.channels import DOWN, expert_channel
 from switchboard.platform.security.egress import (
     EgressPolicy,
@@ -191,7 +195,7 @@ class GrpcExpertConnector:
                     if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                         return None
                     raise
-                return int(answer.status)
+                return int(_decoded(answer, "health check").status)
             return None  # pragma: no cover - "" is never NOT_FOUND-skipped
 
         status = await self._call("health check", timeout_s, check)
@@ -209,7 +213,8 @@ class GrpcExpertConnector:
             )
             return answer
 
-        found = (await self._call("GetCapabilities", timeout_s, ask)).capabilities
+        answer = _decoded(await self._call("GetCapabilities", timeout_s, ask), "GetCapabilities")
+        found = answer.capabilities
         if not found.id:
             raise Unreachable("the expert's capabilities declare no id")
         self._capabilities = found
@@ -276,8 +281,9 @@ class GrpcExpertConnector:
         size = 0
         answered = False
         try:
-            async for frame in stream:
+            async for answer in stream:
                 answered = True
+                frame = _decoded(answer, "Handle")
                 kind = frame.WhichOneof("frame")
                 if kind == "delta":
                     size += len(frame.delta.text.encode())
@@ -317,6 +323,22 @@ class GrpcExpertConnector:
         if channel is not None:
             with contextlib.suppress(Exception):
                 await channel.close(grace=None)
+
+
+_M = TypeVar("_M", bound=Message)
+
+
+def _decoded(answer: _M | None, what: str) -> _M:
+    """``answer``, or Malformed: grpc's client hands over ``None`` for a message it
+    could not decode (not the message, or nested deeper than protobuf allows), and
+    one that did may still nest a Struct deeper than JSON from outside may."""
+    if answer is None:
+        raise Malformed(f"the expert's {what} answer cannot be decoded")
+    try:
+        jsonbounds.check_message(answer)
+    except JsonRejected as rejected:
+        raise Malformed(f"the expert's {what} answer holds a value {rejected}") from None
+    return answer
 
 
 class _ToolFailed(Exception):

@@ -25,6 +25,8 @@ from switchboard.integration.connections import Connections, Limits
 from switchboard.integration.connectors import ConnectorError
 from switchboard.integration.mapping import name_of
 from switchboard.integration.store import Health, IntegrationRecord, IntegrationStore
+from switchboard.platform import background
+from switchboard.platform.background import FailureNotes
 from switchboard.platform.breaker import Breakers
 from switchboard.platform.errors import DestinationBlocked, SwitchboardError
 from switchboard.platform.events.bus import EventBus
@@ -68,9 +70,10 @@ class Prober:
         self.webhook_health: WebhookHealth | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._failures = FailureNotes(log)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._probe_loop(), name="integration-prober")
+        self._task = background.spawn(self._probe_loop(), name="integration-prober", logger=log)
 
     async def close(self) -> None:
         self._closed = True
@@ -89,8 +92,10 @@ class Prober:
                 raise
             except SwitchboardError:
                 log.warning("integration probes skipped: the database is unavailable")
-            except Exception:
-                log.exception("integration probes failed")
+            except Exception as exc:  # noqa: BLE001 - the next round tries again
+                self._failures.failed("integration probes failed", exc)
+            else:
+                self._failures.succeeded()
             await asyncio.sleep(interval * random.uniform(0.8, 1.2))  # noqa: S311 - jitter
 
     async def probe_all(self) -> None:
@@ -130,9 +135,11 @@ class Prober:
             code, error = code_pb2.UNAVAILABLE, str(exc)[:300] or "unreachable"
         except SwitchboardError as exc:
             code, error = int(exc.code), exc.message[:300]
-        except Exception:  # noqa: BLE001 - a broken probe makes the integration unhealthy
-            log.warning("integration probe failed unexpectedly", extra={"integration": name})
-            code, error = code_pb2.UNKNOWN, "the probe failed"
+        except Exception as exc:  # noqa: BLE001 - a broken probe makes the integration unhealthy
+            # An answer nobody foresaw, or a bug: the integration is not known to be
+            # working. The status is the outage's; the why is in the log.
+            self._failures.failed("integration probe failed unexpectedly", exc, integration=name)
+            code, error = code_pb2.UNAVAILABLE, "the probe failed unexpectedly"
         failures = 0 if code == code_pb2.OK else record.failures + 1
         if code == code_pb2.OK:
             health = pb.HEALTH_STATE_HEALTHY

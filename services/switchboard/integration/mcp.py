@@ -85,6 +85,7 @@ from mcp.shared.exceptions import MCPError
 from pydantic import ValidationError
 
 from switchboard.integration.connectors import (
+    Malformed,
     Progress,
     ToolNotFound,
     ToolResult,
@@ -92,7 +93,7 @@ from switchboard.integration.connectors import (
     ToolSpec,
     Unreachable,
 )
-from switchboard.platform import names
+from switchboard.platform import jsonbounds, names
 from switchboard.platform.errors import (
     DestinationBlocked,
     FieldViolation,
@@ -100,6 +101,7 @@ from switchboard.platform.errors import (
     ResolutionFailed,
     ResultTooLarge,
 )
+from switchboard.platform.jsonbounds import JsonRejected
 from switchboard.platform.security.egress import (
     EgressPolicy,
     HttpEndpoint,
@@ -186,9 +188,9 @@ def parse_stdio_servers(text: str) -> dict[str, StdioServer]:
     if not text.strip():
         return {}
     try:
-        data = json.loads(text)
-    except ValueError:
-        raise ValueError("the stdio MCP servers setting is not valid JSON") from None
+        data = jsonbounds.loads(text, max_bytes=DEFAULT_MAX_MESSAGE_BYTES)
+    except JsonRejected as exc:
+        raise ValueError(f"the stdio MCP servers setting is {exc}") from None
     # ValueError throughout (not TypeError): the setting's text is malformed.
     if not isinstance(data, dict):
         raise ValueError("the stdio MCP servers setting must be a JSON object of id: server")  # noqa: TRY004
@@ -230,7 +232,17 @@ class _Request:
     record of the call that caused the POST.
     """
 
-    __slots__ = ("broken", "limit", "reached", "rejected", "seen", "status", "task", "too_large")
+    __slots__ = (
+        "broken",
+        "limit",
+        "malformed",
+        "reached",
+        "rejected",
+        "seen",
+        "status",
+        "task",
+        "too_large",
+    )
 
     def __init__(self, limit: int, *, reached: bool = False) -> None:
         #: Bytes its responses may carry in all.
@@ -243,6 +255,8 @@ class _Request:
         #: The connection failed while sending or reading.
         self.broken = False
         self.too_large = False
+        #: Why its response must not be parsed ("a message nested deeper than ...").
+        self.malformed: str | None = None
         #: The HTTP status its POST got.
         self.status: int | None = None
         #: The caller's task, cancelled when the response grows too large.
@@ -268,6 +282,8 @@ class _Live:
         self.transport_error: BaseException | None = None
         #: The last HTTP error or redirect status a request got.
         self.http_status: int | None = None
+        #: What the server sent that is not JSON-RPC (then the session is retired).
+        self.malformed: str | None = None
 
 
 class _OtherUrl(httpx2.TransportError):
@@ -285,8 +301,19 @@ class _TooLarge(httpx2.StreamError):
         super().__init__("the response is larger than allowed")
 
 
+class _Malformed(httpx2.StreamError):
+    """A response the SDK must not parse: nested too deep, or compressed.
+
+    A ``StreamError`` for the same reason as ``_TooLarge``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("the response is malformed")
+
+
 class _BoundedBody(httpx2.AsyncByteStream):
-    """An ``httpx`` response body handed to ``httpx2``, counted against a bound."""
+    """An ``httpx`` response body handed to ``httpx2``, counted against a bound and
+    measured by ``jsonbounds.StreamGauge`` before the SDK's parser sees any of it."""
 
     def __init__(
         self, response: httpx.Response, live: _Live, request: _Request | None, limit: int | None
@@ -295,10 +322,36 @@ class _BoundedBody(httpx2.AsyncByteStream):
         self._live = live
         self._request = request
         self._limit = limit
+        line_limit = max(limit or 0, request.limit if request is not None else 0)
+        self._gauge = jsonbounds.StreamGauge(max_line_bytes=line_limit or DEFAULT_MAX_MESSAGE_BYTES)
+
+    def _stop(self) -> None:
+        record = self._request
+        if record is not None and record.task is not None:
+            # The SDK treats a failed stream as a lost connection and would
+            # retry it; cancelling the caller ends the call now (and sends
+            # notifications/cancelled).
+            record.task.cancel()
+            record.task = None
+
+    def _refuse(self, reason: str) -> _Malformed:
+        record = self._request
+        if record is not None:
+            record.malformed = reason
+            self._stop()
+        else:
+            # The standalone stream's notifications: the session is broken.
+            self._live.malformed = reason
+            self._live.dead = True
+        return _Malformed()
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         record = self._request
         seen = 0
+        encoding = self._response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            # Asked for identity: a compressed body would defeat both bounds.
+            raise self._refuse("with a compressed body (identity was asked for)")
         try:
             async for chunk in self._response.aiter_raw():
                 seen += len(chunk)
@@ -310,14 +363,14 @@ class _BoundedBody(httpx2.AsyncByteStream):
                 if over:
                     if record is not None:
                         record.too_large = True
-                        # The SDK treats a failed stream as a lost connection and
-                        # would retry it; cancelling the caller ends the call now
-                        # (and sends notifications/cancelled).
-                        if record.task is not None:
-                            record.task.cancel()
-                            record.task = None
+                        self._stop()
                     raise _TooLarge
+                self._gauge.feed(chunk)
                 yield chunk
+            # Before the iteration ends, that is before the SDK parses the last line.
+            self._gauge.close()
+        except JsonRejected as rejected:
+            raise self._refuse(f"with a message {rejected}") from None
         except httpx.HTTPError as exc:
             if record is not None:
                 record.broken = True
@@ -547,12 +600,13 @@ class McpConnector:
             try:
                 return await send(session)
             except asyncio.CancelledError:
-                if record.too_large and task is not None and task.uncancel() == 0:
-                    raise self._oversized(what) from None
+                stopped = record.too_large or record.malformed is not None
+                if stopped and task is not None and task.uncancel() == 0:
+                    raise self._refused(record, what) from None
                 raise
             except MCPError as exc:
-                if record.too_large:
-                    raise self._oversized(what) from None
+                if record.too_large or record.malformed is not None:
+                    raise self._refused(record, what) from None
                 if not self._failed(record, exc):
                     raise Unreachable(
                         f"MCP server {self._label} answered {what} with error {exc.code}"
@@ -562,7 +616,7 @@ class McpConnector:
                     continue
                 raise self._unreachable(live) from None
             except ValidationError:
-                raise Unreachable(
+                raise Malformed(
                     f"MCP server {self._label} answered {what} with a malformed message"
                 ) from None
             finally:
@@ -597,6 +651,14 @@ class McpConnector:
         listed = await self._request("tools/list", pages)
         specs: dict[str, ToolSpec] = {}
         for tool in listed:
+            try:
+                # Parsed by pydantic (deep as it allows); walked by recursive code later.
+                jsonbounds.check_value(tool.input_schema)
+                jsonbounds.check_value(tool.output_schema)
+            except JsonRejected as rejected:
+                raise Malformed(
+                    f"MCP server {self._label} lists a tool whose schema is {rejected}"
+                ) from None
             specs.setdefault(tool.name, _spec(tool))
         # A list_changed that arrived while we listed makes this listing stale.
         if epoch == self._tools_epoch:
@@ -636,12 +698,13 @@ class McpConnector:
                         progress_callback=None if on_progress is None else forward,
                     )
                 except asyncio.CancelledError:
-                    if record.too_large and task is not None and task.uncancel() == 0:
-                        raise self._too_large(max_result_bytes) from None
+                    stopped = record.too_large or record.malformed is not None
+                    if stopped and task is not None and task.uncancel() == 0:
+                        raise self._refused(record, "tools/call", max_result_bytes) from None
                     raise
                 except MCPError as exc:
-                    if record.too_large:
-                        raise self._too_large(max_result_bytes) from None
+                    if record.too_large or record.malformed is not None:
+                        raise self._refused(record, "tools/call", max_result_bytes) from None
                     if not self._failed(record, exc):
                         if record.status is not None and record.status >= 400:
                             raise Unreachable(
@@ -653,13 +716,13 @@ class McpConnector:
                         continue
                     raise self._unreachable(live) from None
                 except ValidationError:
-                    raise Unreachable(
+                    raise Malformed(
                         f"MCP server {self._label} answered tools/call with a malformed result"
                     ) from None
                 finally:
                     record.task = None
                     _REQUEST.reset(token)
-                return _result(result, max_result_bytes)
+                return _result(result, max_result_bytes, self._label)
         finally:
             finished = True
         raise AssertionError("unreachable")  # pragma: no cover
@@ -673,8 +736,15 @@ class McpConnector:
                 raise ToolNotFound(f"MCP server {self._label} has no tool {name!r}") from None
         return ToolResult(text=f"MCP error {exc.code}: {exc.message[:1000]}", is_error=True)
 
-    def _oversized(self, what: str) -> Unreachable:
-        return Unreachable(
+    def _refused(
+        self, record: _Request, what: str, max_result_bytes: int | None = None
+    ) -> Exception:
+        """Why the bridge stopped reading ``record``'s response."""
+        if record.malformed is not None:
+            return Malformed(f"MCP server {self._label} answered {what} {record.malformed}")
+        if max_result_bytes is not None:
+            return self._too_large(max_result_bytes)
+        return Malformed(
             f"MCP server {self._label} answered {what} with a message larger than "
             f"{self._max_message_bytes} bytes"
         )
@@ -695,6 +765,11 @@ class McpConnector:
 
     def _unreachable(self, live: _Live) -> Exception:
         """The safe error for a session that failed: what failed, never secrets."""
+        if live.malformed is not None:
+            return Malformed(f"MCP server {self._label} answered {live.malformed}")
+        return self._lost(live)
+
+    def _lost(self, live: _Live) -> Exception:
         error = live.transport_error or live.error
         blocked = _find(error, DestinationBlocked)
         if blocked is not None:
@@ -778,6 +853,13 @@ class McpConnector:
                     with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
                         async with inbox:
                             async for item in read:
+                                if isinstance(item, Exception):
+                                    # A line the SDK could not read as JSON-RPC (pydantic's
+                                    # parser also stops at ~200 levels): the server is
+                                    # broken, and a request it answered so would wait for
+                                    # its timeout. The session ends; its requests fail now.
+                                    live.malformed = "with a message that is not valid JSON-RPC"
+                                    break
                                 await inbox.send(item)
                     live.dead = True
                     live.stop.set()
@@ -880,7 +962,7 @@ def _spec(tool: types.Tool) -> ToolSpec:
     )
 
 
-def _result(result: types.CallToolResult, max_result_bytes: int) -> ToolResult:
+def _result(result: types.CallToolResult, max_result_bytes: int, label: str) -> ToolResult:
     parts: list[str] = []
     for block in result.content:
         if isinstance(block, types.TextContent):
@@ -894,6 +976,12 @@ def _result(result: types.CallToolResult, max_result_bytes: int) -> ToolResult:
             parts.append(f"[{block.type} content]")
     text = "\n".join(parts)
     structured = result.structured_content
+    try:
+        jsonbounds.check_value(structured)
+    except JsonRejected as rejected:
+        raise Malformed(
+            f"MCP server {label} answered tools/call with structured content {rejected}"
+        ) from None
     size = len(text.encode())
     if structured is not None:
         size += len(json.dumps(structured, separators=(",", ":")).encode())

@@ -23,11 +23,11 @@ from google.rpc import code_pb2, status_pb2
 from switchboard.api.events.v1 import events_pb2
 from switchboard.api.integration.v1 import integration_pb2 as pb
 from switchboard.integration.connections import Connections, Limits, find
-from switchboard.integration.connectors import ToolNotFound, ToolResult, ToolSpec
+from switchboard.integration.connectors import Malformed, ToolNotFound, ToolResult, ToolSpec
 from switchboard.integration.mapping import integration_name, name_of
 from switchboard.integration.schemas import Compiled, SchemaUnusable, compile_tools
 from switchboard.integration.store import IntegrationRecord, IntegrationStore
-from switchboard.platform import names, timefields
+from switchboard.platform import jsonbounds, names, timefields
 from switchboard.platform.cache import Cache
 from switchboard.platform.errors import (
     DependencyUnavailable,
@@ -39,6 +39,7 @@ from switchboard.platform.errors import (
     Violations,
 )
 from switchboard.platform.events.bus import EventBus
+from switchboard.platform.jsonbounds import JsonRejected
 from switchboard.platform.observe.metrics import Metrics
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.store import pagination
@@ -128,9 +129,16 @@ class Tools:
             raise FailedPrecondition(f"{name} is disabled")
         connector = self._connections.get(record)
         timeout_s = self._connections.timeout_s(record)
-        tools: list[ToolSpec] = await self._connections.guarded(
-            record, lambda: connector.list_tools(timeout_s), timeout_s
-        )
+
+        async def checked() -> list[ToolSpec]:
+            found = await connector.list_tools(timeout_s)
+            for tool in found:
+                _check_schemas(tool)
+            return found
+
+        # Checked inside the breaker: an integration that lists what cannot be
+        # used answered outside its protocol, and that counts.
+        tools: list[ToolSpec] = await self._connections.guarded(record, checked, timeout_s)
         by_segment: dict[str, ToolSpec] = {}
         for tool in tools:
             segment = names.tool_segment(tool.name)
@@ -239,14 +247,16 @@ class Tools:
         started = time.monotonic()
         status = status_pb2.Status(code=code_pb2.OK)
         result: ToolResult | None = None
-        try:
-            result = await self._connections.guarded(
-                record,
-                lambda: connector.call_tool(
-                    tool_name, arguments, timeout_s=timeout_s, max_result_bytes=limit
-                ),
-                timeout_s,
+
+        async def called() -> ToolResult:
+            answer = await connector.call_tool(
+                tool_name, arguments, timeout_s=timeout_s, max_result_bytes=limit
             )
+            _check_result(answer)
+            return answer
+
+        try:
+            result = await self._connections.guarded(record, called, timeout_s)
         except SwitchboardError as exc:
             status = status_pb2.Status(code=int(exc.code), message=exc.message[:300])
             raise
@@ -341,6 +351,25 @@ class Tools:
                 f"more than {limit} tool calls in a minute in this workspace; slow down",
                 retry_after_s=max(reset_s, 1.0),
             )
+
+
+def _check_schemas(tool: ToolSpec) -> None:
+    """Malformed if a schema nests deeper than JSON from outside may (``jsonbounds``):
+    compiling it, validating with it and its Struct form all recurse."""
+    try:
+        jsonbounds.check_value(tool.input_schema)
+        jsonbounds.check_value(tool.output_schema)
+    except JsonRejected as rejected:
+        raise Malformed(f"the schema of its tool {tool.name[:100]!r} is {rejected}") from None
+
+
+def _check_result(result: ToolResult) -> None:
+    """Malformed if the structured result nests deeper than ``jsonbounds`` allows,
+    whichever connector parsed it: it becomes a Struct clients must be able to read."""
+    try:
+        jsonbounds.check_value(result.structured)
+    except JsonRejected as rejected:
+        raise Malformed(f"its tool's structured result is {rejected}") from None
 
 
 def _kind_label(kind: int) -> str:
