@@ -114,7 +114,7 @@ class Publishing:
             while outbox and len(batch) < _PUBLISH_BATCH and not _token(outbox[0]):
                 batch.append(outbox.popleft())
             try:
-                await self._bus.publish_many(batch)
+                await self._log(active, batch)
                 # Set once the log took them (not while they wait in the outbox); parsed
                 # here once per batch, not once per token.
                 active.logged = parse_cursor(batch[-1].cursor) or active.logged
@@ -122,6 +122,38 @@ class Publishing:
                 if self._bus.outbox is not None:
                     self._bus.outbox.failed(batch)  # a stored end: the relay publishes it
                 log.warning("run updates not published", extra={"run": active.run.name})
+
+    async def _log(self, active: Active, batch: list[events_pb2.Event]) -> None:
+        """Log ``batch``, the run's next updates, retrying while the log is unavailable.
+
+        Retried in place, so the run's later updates (its tokens too, on Subscribe)
+        wait behind it and the log keeps their order; a retry never logs an event
+        twice (a staged one is logged by the transaction that retires its outbox
+        row; the local log reads back what a write that failed uncertainly did
+        commit). Given up only when this process stops: a state change or result
+        was stored with the run, so the outbox relay of the next start logs it;
+        progress and tool-call updates were never stored and are lost with the
+        process, as the feed that showed them is.
+        """
+        backoff = Backoff(0.05, 2.0)
+        waited = False
+        while True:
+            try:
+                await self._bus.publish_many(batch)
+            except DependencyUnavailable:
+                if self._live.closing:
+                    raise
+                if not waited:
+                    waited = True
+                    log.warning(
+                        "the event log is unavailable; retrying the run's updates until it answers",
+                        extra={"run": active.run.name, "updates": len(batch)},
+                    )
+                await backoff.wait()
+                continue
+            if waited:
+                log.info("the run's updates were logged after all", extra={"run": active.run.name})
+            return
 
     async def persist(self, active: Active, what: str, *, job: bool = False) -> None:
         """Store the run as it now stands, then announce it as a state change.

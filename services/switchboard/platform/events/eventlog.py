@@ -318,6 +318,10 @@ class LocalLog:
         self._since_trim = 0
         self._last_trim = time.monotonic()
         self._closed = False
+        #: A write failed without saying whether it committed (a timeout, a connection
+        #: lost at COMMIT): the next write first reads what the log holds past the head
+        #: this process knows, so it neither reuses a position nor logs an event twice.
+        self._uncertain = False
 
     @property
     def state(self) -> LogState:
@@ -396,6 +400,7 @@ class LocalLog:
             try:
                 logged = await self._store([event for event, _ in batch], now)
             except _DB_FAILURES as exc:
+                self._uncertain = True
                 log.error("event log write failed", extra={"error": type(exc).__name__})  # noqa: TRY400 - no stack for an outage
                 for _, future in batch:
                     if not future.done():
@@ -418,28 +423,49 @@ class LocalLog:
             self._since_trim >= _TRIM_EVERY_EVENTS
             or time.monotonic() - self._last_trim >= _TRIM_EVERY_S
         )
-        first = self._head + 1
         outbox = self._outbox
         retired: list[str] = []
         logged: list[Logged] = []
+        uncertain = self._uncertain
 
         def write(session: Session) -> int | None:
+            first = self._head + 1
+            landed: list[Logged] = []
             kept = events
+            if uncertain:
+                # What an earlier write that failed uncertainly did commit: delivered
+                # now (nobody heard of it), and not logged again if it is here again.
+                landed = self._landed_after(session)
+                if landed:
+                    first = landed[-1].position[0] + 1
+                    cursors = {item.event.id: item.cursor for item in landed}
+                    kept = []
+                    for event in events:
+                        if event.id in cursors:
+                            event.cursor = cursors[event.id]  # its publisher's, as logged
+                        else:
+                            kept.append(event)
             if outbox is not None:
                 # In the same transaction: an outbox event is logged only by the
                 # transaction that deletes its row, so exactly once, however many
                 # publishers (a request, its retries, a relay) race to log it.
-                kept, retired[:] = outbox.retire_in(session, events)
-            logged[:] = [Logged((first + i, 0), event) for i, event in enumerate(kept)]
-            if not logged:
+                kept, retired[:] = outbox.retire_in(session, kept)
+            logged[:] = [*landed, *(Logged((first + i, 0), e) for i, e in enumerate(kept))]
+            if len(logged) == len(landed):
                 return None
-            rows = [{"seq": i.position[0], "data": i.data, "created_at": now} for i in logged]
+            rows = [
+                {"seq": i.position[0], "data": i.data, "created_at": now}
+                for i in logged[len(landed) :]
+            ]
             # Core, not the ORM's bulk insert: a third of the cost, on every batch.
             session.connection().execute(_INSERT_EVENTS, rows)
             return self._trim(session, logged[-1].position[0], now) if trim else None
 
-        async with self._bounded():
-            horizon = await self._database.run(write, write=True)
+        # No timer of its own around the write: the database gives up on work that
+        # it has itself spent too long on (``Database.run``), never on a write that
+        # merely waited its turn behind others or for a busy event loop.
+        horizon = await self._database.run(write, write=True)
+        self._uncertain = False
         if outbox is not None and retired:
             outbox.retired(retired)
         if horizon is not None:
@@ -449,6 +475,16 @@ class LocalLog:
             self._since_trim = 0
             self._last_trim = time.monotonic()
         return logged
+
+    def _landed_after(self, session: Session) -> list[Logged]:
+        """The events stored past this process's head (in ``session``): an earlier
+        write's, which failed in a way that did not say whether it committed."""
+        rows = session.execute(
+            select(EventLogRow.seq, EventLogRow.data)
+            .where(EventLogRow.seq > self._head)
+            .order_by(EventLogRow.seq)
+        ).all()
+        return [Logged.parse((row.seq, 0), row.data) for row in rows]
 
     def _trim(self, session: Session, head: int, now: dt.datetime) -> int | None:
         """Trim in ``session``; the new horizon, or None if nothing was trimmed."""

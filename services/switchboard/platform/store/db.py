@@ -508,10 +508,11 @@ class Database:
                     session.commit()
                     return result
 
-            async with asyncio.timeout(self._thread_wait_s):
-                if write:
-                    return await self._group_write(work)
-                return await asyncio.get_running_loop().run_in_executor(executor, transaction)
+            if write:
+                # Bounded by its group's own time in the thread (``_write_loop``), not
+                # by how long it queued: a write behind others is not an outage.
+                return await self._group_write(work)
+            return await self._thread_call(executor, transaction)
         async with (self.sessions if write else self.readers)() as session:
             if snapshot and self.dialect_name == "postgresql":
                 await session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
@@ -543,7 +544,6 @@ class Database:
         return result
 
     async def _write_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while self._write_queue:
             batch: list[tuple[Callable[[Session], Any], asyncio.Future[Any]]] = []
             while self._write_queue and len(batch) < GROUP_COMMIT_MAX:
@@ -557,7 +557,7 @@ class Database:
                 _settle(batch, error=OperationalError("", {}, RuntimeError("database closed")))
                 continue
             try:
-                outcomes = await loop.run_in_executor(
+                outcomes = await self._thread_call(
                     executor, self._commit_group, [work for work, _ in batch]
                 )
             except asyncio.CancelledError as exc:
@@ -606,10 +606,7 @@ class Database:
         span = None if self._tracer is None else self._span("db.query", "fetch", False)
         try:
             if executor is not None:
-                loop = asyncio.get_running_loop()
-                # Not wait_for, which can drop a cancellation (see ``_in_thread``).
-                async with asyncio.timeout(self._thread_wait_s):
-                    return await loop.run_in_executor(executor, self._fetch_sqlite, sql, params)
+                return await self._thread_call(executor, self._fetch_sqlite, sql, params)
             async with self.readers() as session:
                 rows = (await session.execute(text(sql), params)).all()
                 return [tuple(row) for row in rows]
@@ -706,11 +703,51 @@ class Database:
         wait for a lock; the loop merely stops waiting, and ``close`` waits
         for the thread.
         """
-        loop = asyncio.get_running_loop()
-        # asyncio.timeout, not wait_for: on 3.11 wait_for drops a cancellation
-        # that arrives as the work finishes, and ``close`` then waits forever.
-        async with asyncio.timeout(self._thread_wait_s):
-            await loop.run_in_executor(executor, work)
+        await self._thread_call(executor, work)
+
+    async def _thread_call(
+        self, executor: ThreadPoolExecutor, work: Callable[..., _T], *args: Any
+    ) -> _T:
+        """``work(*args)`` in ``executor``; given up on (TimeoutError) only once the work
+        itself has run ``_thread_wait_s`` by the clock of the thread running it.
+
+        A loop timer around the wait measured the wrong thing: the time the work
+        queued for a thread, and the time the loop was too busy to see it finish (a
+        long garbage collection, a saturated host: the SQLite threads then wait for
+        the interpreter lock too). Either made a write that was merely late, or had
+        even committed, fail as an outage: 171 "event log write failed" in one CI
+        run, and then every later write of that log colliding with the rows it had
+        not heard of. So the timer only prompts a look at the work's own clock.
+
+        A caller cancelled while the work waits for a thread unqueues it; once
+        running it finishes in its thread (see ``_in_thread``).
+        """
+        limit = self._thread_wait_s
+        started: list[float] = []
+
+        def timed() -> _T:
+            started.append(time.monotonic())
+            return work(*args)
+
+        submitted = executor.submit(timed)
+        waiting = asyncio.wrap_future(submitted)
+        try:
+            while True:
+                # asyncio.wait, not wait_for or asyncio.timeout: it never cancels
+                # the work, and on 3.11 wait_for drops a cancellation that arrives as
+                # the work finishes (``close`` then waited forever).
+                await asyncio.wait((waiting,), timeout=limit)
+                if submitted.done():  # finished, though the loop may not have seen it yet
+                    return await waiting
+                ran = time.monotonic() - started[0] if started else 0.0
+                if ran >= limit:
+                    raise TimeoutError(
+                        f"database {self.display_url} did not answer within {limit:g}s"
+                    )
+                limit = self._thread_wait_s - ran  # queued, or started late: the rest
+        except asyncio.CancelledError:
+            waiting.cancel()  # unqueued if it has not started; a running one finishes
+            raise
 
     async def migrate(self) -> None:
         """Upgrade the schema to the newest revision; a no-op when already there.
