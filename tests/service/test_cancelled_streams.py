@@ -102,10 +102,11 @@ async def _stream(mesh: SwitchboardServer, channel: aio.Channel, token: str, wor
 async def _long_run(channel: aio.Channel, token: str, workspace: str) -> str:
     """A finished run whose updates are far more than the client's window.
 
-    Finished before the test goes on: a run still writing its updates would race
-    the cancelled stream's cleanup, and with it this test's ``gc.collect`` polling,
-    which on a large heap (an xdist worker late in the suite) holds the loop long
-    enough for the run's event log writes to time out and log an ERROR.
+    Finished as its watchers see it: its last updates may still be on their way to
+    the event log while this test's ``gc.collect`` polling holds the loop (seconds, on
+    a large heap late in an xdist worker). Those writes used to time out and log an
+    ERROR, here and in 171 other places of one CI run; they now wait for the loop
+    (decisions 45), and this test is where CI would see them fail again.
     """
     md = bearer(token)
     conversation = await context_stub(channel).CreateConversation(
