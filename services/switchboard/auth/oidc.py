@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import re
 import time
 from collections.abc import Mapping
@@ -38,7 +37,9 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from switchboard.platform import jsonbounds
 from switchboard.platform.errors import TokenExpired, Unauthenticated
+from switchboard.platform.jsonbounds import JsonRejected
 
 MAX_TOKEN_BYTES: Final = 16 * 1024
 # A JWKS is a few KiB; the cap keeps a misconfigured path (a log, a device)
@@ -147,16 +148,14 @@ class OidcVerifier:
         if len(raw) > MAX_JWKS_BYTES:
             raise ValueError(f"{where}: larger than {MAX_JWKS_BYTES} bytes")
         try:
-            document = json.loads(raw.decode("utf-8"))
+            raw.decode("utf-8")
         except UnicodeDecodeError:
             raise ValueError(f"{where}: not UTF-8 text") from None
-        except json.JSONDecodeError as exc:
-            # Position only: the decoder's own text could quote file content.
-            raise ValueError(
-                f"{where}: invalid JSON at line {exc.lineno} column {exc.colno}"
-            ) from None
-        except RecursionError:
-            raise ValueError(f"{where}: invalid JSON (nested too deeply)") from None
+        try:
+            document = jsonbounds.loads(raw, max_bytes=MAX_JWKS_BYTES)
+        except JsonRejected as exc:
+            # Its reason gives a position at most: the file's text is never quoted.
+            raise ValueError(f"{where}: invalid JSON: {exc}") from None
         if not isinstance(document, dict):
             # ValueError, not TypeError: every configuration fault is one type for callers.
             raise ValueError(  # noqa: TRY004
@@ -201,6 +200,14 @@ class OidcVerifier:
             or id_token.count(".") != 2  # compact JWS only; JWE has five parts
         ):
             raise Unauthenticated(OIDC_REFUSAL)
+        # PyJWT parses the header here and the payload after the signature, with a
+        # recursive parser: both are measured first (a header is the sender's to
+        # write, and a mebibyte of '[' is no header).
+        for segment in id_token.split(".")[:2]:
+            try:
+                jsonbounds.check_text(_b64url(segment), max_bytes=self.max_token_bytes)
+            except (JsonRejected, ValueError):
+                raise Unauthenticated(OIDC_REFUSAL) from None
         try:
             header = jwt.get_unverified_header(id_token)
         except (jwt.PyJWTError, ValueError, TypeError):
@@ -264,6 +271,16 @@ class OidcVerifier:
             # must be us, or a token minted for another client could be replayed.
             return claims.get("azp") == self.audience
         return True
+
+
+def _b64url(segment: str) -> bytes:
+    """One segment of a compact JWS, decoded (ValueError if it is not base64url)."""
+    if segment and not _B64URL_RE.fullmatch(segment):
+        raise ValueError("not base64url")
+    try:
+        return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    except binascii.Error:
+        raise ValueError("not base64url") from None
 
 
 def _int_claim(claims: Mapping[str, Any], name: str) -> int:
