@@ -182,10 +182,8 @@ def instance_id(settings: Settings) -> str:
     return settings.instance_id or socket.gethostname()[:64]
 
 
-def key_ring(settings: Settings) -> KeyRing:
-    """The configured signing keys; in dev mode without any, the dev key kept beside the
-    database (``devkey``: a restart keeps everyone signed in), or one of this process's
-    own when the database is not a file."""
+def configured_key_ring(settings: Settings) -> KeyRing | None:
+    """The keys of SWITCHBOARD_SIGNING_KEYS; None in dev mode without any."""
     if settings.signing_keys:
         try:
             return load_key_ring(settings.signing_keys)
@@ -193,6 +191,14 @@ def key_ring(settings: Settings) -> KeyRing:
             raise ConfigError(f"SWITCHBOARD_SIGNING_KEYS: {exc}") from None
     if not settings.dev_mode:  # the settings validator already refuses this
         raise ConfigError("SWITCHBOARD_SIGNING_KEYS is required outside dev mode")
+    return None
+
+
+def dev_key_ring(settings: Settings) -> KeyRing:
+    """Dev mode's key: kept beside the database (``devkey``: a restart keeps everyone
+    signed in), or one of this process's own when the database is not a file. Read once
+    the database is open and locked: its directory exists, and no other process serves it.
+    """
     path = dev_key_path(settings.database_url.get_secret_value())
     if path is None:
         log.warning(
@@ -225,7 +231,8 @@ async def open_shared(
 ) -> Shared:
     """Open what every process needs to authenticate and authorize; each closes with
     ``resources``."""
-    keys = key_ring(settings)
+    # Configured keys are checked before anything opens; dev mode's once the database is.
+    configured = configured_key_ring(settings)
     instance = instance_id(settings)
     # Before anything touches the file: a second process on it is refused.
     resources.enter_context(lock_sqlite_file(settings.database_url.get_secret_value()))
@@ -248,6 +255,7 @@ async def open_shared(
             migrate=settings.database_auto_migrate,
         )
     resources.push_async_callback(database.close)
+    keys = configured or dev_key_ring(settings)
     cache = Cache(
         settings.redis_url.get_secret_value(),
         timeout_s=settings.redis_timeout_s,

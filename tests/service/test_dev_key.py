@@ -17,7 +17,7 @@ import pytest
 from grpc import aio
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
-from switchboard.mesh import create_server, key_ring
+from switchboard.mesh import create_server, dev_key_ring
 from switchboard.platform.config import ConfigError, Settings
 from switchboard.platform.security import devkey, tokens
 from switchboard.platform.security.tokens import SigningKey, private_key_pem
@@ -109,16 +109,16 @@ async def test_outside_dev_mode_the_dev_key_is_neither_read_nor_written(tmp_path
 
 def _refusal(settings: Settings) -> str:
     with pytest.raises(ConfigError) as caught:
-        key_ring(settings)
+        dev_key_ring(settings)
     return str(caught.value)
 
 
 def test_a_dev_key_others_could_read_is_refused_not_repaired(tmp_path: Path) -> None:
     settings = _settings(tmp_path)
     key_file = tmp_path / "app.dev-signing-key.pem"
-    first = key_ring(settings).active.kid
+    first = dev_key_ring(settings).active.kid
     assert first.startswith("dev-")
-    assert key_ring(settings).active.kid == first
+    assert dev_key_ring(settings).active.kid == first
     key_file.chmod(0o640)
     message = _refusal(settings)
     assert f"chmod 600 {key_file}" in message
@@ -141,8 +141,15 @@ def test_a_dev_key_that_is_a_link_or_not_a_key_is_refused(tmp_path: Path) -> Non
     assert "is not an unencrypted Ed25519 PEM" in _refusal(settings)
 
 
+def test_a_dev_key_is_never_given_a_directory_of_its_own(tmp_path: Path) -> None:
+    # The database's directory is missing: its opening says so; no key makes it.
+    message = _refusal(_settings(tmp_path / "missing"))
+    assert f"{tmp_path / 'missing'}, does not exist" in message
+    assert not (tmp_path / "missing").exists()
+
+
 def test_a_database_that_is_not_a_file_gets_a_key_of_its_process_own(tmp_path: Path) -> None:
     memory = make_settings(database_url="sqlite+aiosqlite:///:memory:")
     assert devkey.dev_key_path(memory.database_url.get_secret_value()) is None
     assert devkey.dev_key_path("postgresql+asyncpg://u:p@localhost/db") is None
-    assert key_ring(memory).active.kid != key_ring(memory).active.kid
+    assert dev_key_ring(memory).active.kid != dev_key_ring(memory).active.kid

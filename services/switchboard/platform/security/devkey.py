@@ -12,7 +12,7 @@ message that says so (``tokens.UNKNOWN_KEY``). A database that is not a file
 its own, as before.
 
 Outside dev mode this file is never read or written: the key ring is
-``SWITCHBOARD_SIGNING_KEYS`` and nothing else (``mesh.key_ring``). A key file
+``SWITCHBOARD_SIGNING_KEYS`` and nothing else (``mesh.configured_key_ring``). A key file
 that is not a regular file of this user, readable by it alone, is refused, not
 repaired: a key others can read signs tokens anyone can forge.
 """
@@ -78,6 +78,8 @@ def dev_signing_key(path: Path) -> DevKey:
         return DevKey(_read(path), path, created=False)
     except FileNotFoundError:
         pass
+    if not path.parent.is_dir():  # the database's: never made here
+        raise DevKeyError(f"the directory of the dev signing key, {path.parent}, does not exist")
     generated = SigningKey.generate()
     key = SigningKey(key_id(generated), generated.private_key)
     try:
