@@ -40,6 +40,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from switchboard.deploy.contracts import API, OPTIONAL_API, served_by
+from switchboard.platform import background
 from switchboard.platform.observe.logging import configure_logging
 from switchboard.platform.rpc.health import Health
 from switchboard.platform.rpc.reflection import enable_reflection
@@ -231,9 +232,9 @@ class EdgeHealth:
         """Close channels to addresses no name resolves to any more (pods that left)."""
         for address in set(self._channels) - current:
             channel, _ = self._channels.pop(address)
-            task = asyncio.get_running_loop().create_task(channel.close(None))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            background.spawn(
+                channel.close(None), name="edge-health-close", logger=log, keep=self._closing
+            )
 
 
 def _word(serving: bool) -> str:

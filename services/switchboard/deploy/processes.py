@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import pwd
 import queue
@@ -63,6 +64,8 @@ from switchboard.deploy.machine import (
     redis_server_binary,
 )
 from switchboard.platform.observe.otelenv import OtelEnv
+
+log = logging.getLogger("switchboard.mesh")
 
 if TYPE_CHECKING:
     # envoy-data-plane is a heavy import: only the mesh and envoy commands pay for it.
@@ -327,7 +330,12 @@ class Child:
                 return
             text = raw.decode(errors="replace").rstrip("\r\n")
             self.tail.append(text)
-            self.on_line(text)
+            try:
+                self.on_line(text)
+            except Exception:
+                # The output must still be read (a full pipe would stop the process),
+                # and the line shown; why it could not be handled is logged.
+                log.exception("a line of a process's output could not be handled")
             self.mesh.output.line(self.name, text)
 
     async def poll(self, ready: Callable[[], Awaitable[bool]], deadline: float, what: str) -> None:

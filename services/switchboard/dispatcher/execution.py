@@ -50,7 +50,7 @@ from switchboard.dispatcher.scheduler import Scheduler, Ticket
 from switchboard.dispatcher.store import TERMINAL, RunStore
 from switchboard.dispatcher.toolport import ToolPort
 from switchboard.dispatcher.toolrunner import RunTools, ToolLimits, offered_tools
-from switchboard.platform import names
+from switchboard.platform import background, names
 from switchboard.platform.errors import (
     DeadlineExceeded,
     HandlerFailed,
@@ -117,11 +117,14 @@ class Execution:
             # Stopping: it stays QUEUED in the database and runs after the restart.
             self._publishing.release(active)
             return None
-        active.task = asyncio.get_running_loop().create_task(
+        # Spawned: _execute maps every failure of the run, but one of its end
+        # (storing it) must still be logged, never left unread in the task.
+        active.task = background.spawn(
             self._execute(active)
             if self._tracer is None
             else self._execute_traced(self._tracer, active),
             name=f"run-{active.run_id}",
+            logger=log,
         )
         return active.task
 

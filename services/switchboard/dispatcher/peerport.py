@@ -21,6 +21,7 @@ its own call from being forwarded.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Final, Protocol
@@ -29,6 +30,7 @@ from grpc import aio
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
+from switchboard.platform import background
 from switchboard.platform.errors import SwitchboardError
 from switchboard.platform.observe.logging import request_id_var
 from switchboard.platform.observe.telemetry import client_interceptors
@@ -36,6 +38,8 @@ from switchboard.platform.rpc.channels import CHANNEL_OPTIONS
 from switchboard.platform.rpc.rpcerrors import from_rpc_error
 from switchboard.platform.rpc.status import REQUEST_ID_KEY
 from switchboard.platform.security.authn import AUTHORIZATION_KEY
+
+log = logging.getLogger("switchboard.dispatcher")
 
 #: Metadata that marks a call one replica forwarded to another.
 FORWARDED_KEY: Final = "x-switchboard-forwarded"
@@ -97,9 +101,9 @@ class GrpcPeers:
         if len(self._channels) > self._max_peers:
             _, (old, _) = self._channels.popitem(last=False)
             # Calls in flight on it may finish first.
-            task = asyncio.get_running_loop().create_task(old.close(PEER_TIMEOUT_S))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            background.spawn(
+                old.close(PEER_TIMEOUT_S), name="peer-close", logger=log, keep=self._closing
+            )
         return stub
 
     async def close(self) -> None:

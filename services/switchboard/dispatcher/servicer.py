@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Final
 
@@ -29,6 +30,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
 from switchboard.dispatcher.peerport import FORWARDED_KEY, Via
 from switchboard.dispatcher.service import Dispatcher
+from switchboard.platform import background
 from switchboard.platform.errors import (
     FieldViolation,
     InvalidArgument,
@@ -45,6 +47,8 @@ from switchboard.platform.security.policy import Permission
 SERVICE = pb.DESCRIPTOR.services_by_name["DispatcherService"]
 
 Context = aio.ServicerContext[object, object]
+
+log = logging.getLogger("switchboard.dispatcher")
 
 #: Frames a Converse stream may hold for a slow reader before its relays wait.
 CONVERSE_BUFFER: Final = 1_000
@@ -329,7 +333,8 @@ class _Converse:
         if run in self._relays:
             hold.release()
             return
-        task = asyncio.get_running_loop().create_task(self._follow(hold, run, after))
+        # Spawned: what _follow does not map is logged, not left unread in the task.
+        task = background.spawn(self._follow(hold, run, after), name="converse-relay", logger=log)
         self._relays[run] = task
 
     async def _follow(self, hold: Hold, run: str, after: int) -> None:

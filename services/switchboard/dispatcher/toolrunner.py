@@ -469,6 +469,10 @@ class RunTools:
             # The run goes on; its messages are incomplete, which the final
             # answer's own store (the same database) will report if it persists.
             log.warning("tool step not stored", extra={"run": self._run.name, "reason": exc.reason})
+        except Exception:
+            # Not awaited if the run ends first (only drain() awaits the chain):
+            # logged here, never left unread in the future, and the chain goes on.
+            log.exception("tool step not stored", extra={"run": self._run.name})
 
     def _call_message(self, index: int, step: hpb.ToolStep) -> cpb.AppendMessageRequest:
         parts: list[cpb.ContentPart] = []

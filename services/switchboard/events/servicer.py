@@ -11,6 +11,7 @@ them as they are; clients see the ordinary ``SubscribeResponse`` /
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Final
@@ -29,7 +30,7 @@ from switchboard.events.subscriptions import (
     matches,
     parse_spec,
 )
-from switchboard.platform import names
+from switchboard.platform import background, names
 from switchboard.platform.errors import (
     FieldViolation,
     InvalidArgument,
@@ -52,6 +53,8 @@ from switchboard.platform.security.policy import Permission, Policy
 from switchboard.platform.store import pagination
 
 SERVICE = events_pb2.DESCRIPTOR.services_by_name["EventService"]
+
+log = logging.getLogger("switchboard.events")
 
 DEFAULT_PAGE_SIZE: Final = 100
 MAX_PAGE_SIZE: Final = 500
@@ -182,7 +185,10 @@ class EventServiceServicer:
             # A stream whose credential is already gone does not start.
             await grant.verify()
             session = _StreamSession(self._bus, grant, self._quotas, self._limits)
-            reader = asyncio.create_task(session.read(request_iterator))
+            # Spawned: a failure read() does not map is logged, not left unread.
+            reader = background.spawn(
+                session.read(request_iterator), name="events-stream-reader", logger=log
+            )
             try:
                 async for frame in session.frames():
                     yield frame

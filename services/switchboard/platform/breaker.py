@@ -61,6 +61,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
+from switchboard.platform import background
 from switchboard.platform.cache import bounded_options, redacted_url
 from switchboard.platform.errors import CircuitOpen
 
@@ -480,11 +481,12 @@ class Breakers:
         # Only the shared release reports the change, so listeners hear it once.
         released, _ = _apply(self._local.get(key, _EMPTY), "released", now, self._rules, trial)
         self._store(key, released)
-        task = asyncio.get_running_loop().create_task(
-            self._release_shared(key, trial), name="breaker-release"
+        background.spawn(
+            self._release_shared(key, trial),
+            name="breaker-release",
+            logger=logger,
+            keep=self._tasks,
         )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _release_shared(self, key: str, trial: str) -> None:
         await self._run(key, "released", self._clock(), trial)

@@ -66,6 +66,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from switchboard.platform.background import FailureNotes
+
 logger = logging.getLogger(__name__)
 
 CacheState = Literal["memory", "ok", "degraded"]
@@ -468,10 +470,18 @@ class Cache:
             await self._bounded(client, _redis_ping)
 
     async def _probe_loop(self) -> None:
+        failures = FailureNotes(logger)
         while not self._closed:
             await asyncio.sleep(self._interval_s)
             if self._down_since is not None:
-                await self._probe()
+                # Redis's own failures mark it down in _probe; anything else must not
+                # end the loop, or the cache would stay degraded for good.
+                try:
+                    await self._probe()
+                except Exception as exc:  # noqa: BLE001 - the next round tries again
+                    failures.failed("cache probe failed unexpectedly", exc)
+                else:
+                    failures.succeeded()
 
     # -- internals: subscription ---------------------------------------------------
 

@@ -8,12 +8,17 @@ instrumentation and must stay free of grpc.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from grpc import aio
 from opentelemetry import trace
 from opentelemetry.propagate import inject
 from opentelemetry.trace import StatusCode
+
+from switchboard.platform import background
+
+log = logging.getLogger("switchboard.telemetry")
 
 
 class StreamSpans(
@@ -77,14 +82,14 @@ class StreamSpans(
 
     def _end_soon(self, span: trace.Span, call: Any) -> None:
         try:
-            loop = asyncio.get_running_loop()
+            asyncio.get_running_loop()
         except RuntimeError:  # no loop any more (a process stopping): end it as it is
             span.end()
             return
         # The status is read with an await (done already, it does not wait).
-        task = loop.create_task(_end_stream_span(span, call))
-        self._ending.add(task)
-        task.add_done_callback(self._ending.discard)
+        background.spawn(
+            _end_stream_span(span, call), name="client-span-end", logger=log, keep=self._ending
+        )
 
 
 async def _end_stream_span(span: trace.Span, call: Any) -> None:

@@ -21,6 +21,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from switchboard.platform import background
 from switchboard.platform.config import ConfigError, Settings
 from switchboard.platform.observe.logging import quiet_client_cancellations, quiet_http_requests
 from switchboard.platform.observe.metrics import Metrics, MetricsEndpoint
@@ -210,11 +211,12 @@ class SwitchboardServer:
             self.outages[component] = self.outages.get(component, 0) + 1
         self._components[component] = serving
         if self._started and not self._stopping:
-            task = asyncio.get_running_loop().create_task(
-                self.health.set(component, _status(serving))
+            background.spawn(
+                self.health.set(component, _status(serving)),
+                name=f"health-{component}",
+                logger=log,
+                keep=self._health_updates,
             )
-            self._health_updates.add(task)
-            task.add_done_callback(self._health_updates.discard)
 
     @property
     def components(self) -> dict[str, bool]:

@@ -51,6 +51,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from typing import Any, Final, Protocol, TypeVar
 
+from switchboard.platform import background
 from switchboard.platform.errors import (
     DatabaseUnavailable,
     DependencyUnavailable,
@@ -218,7 +219,7 @@ class AccessWatch:
             self._by_key.setdefault(principal.api_key_id, {})[grant] = None
         self._by_user.setdefault(principal.user_id, {})[grant] = None
         if self._sweeper is None or self._sweeper.done():
-            self._sweeper = asyncio.create_task(self._sweep_loop(), name="access-sweeper")
+            self._sweeper = background.spawn(self._sweep_loop(), name="access-sweeper", logger=log)
         return grant
 
     def _forget(self, grant: Grant) -> None:
@@ -274,19 +275,23 @@ class AccessWatch:
             # peer: every stream re-checks, in one round that reads each
             # credential and membership once.
             if self._grants and not self._closed:
-                round_ = asyncio.get_running_loop().create_task(self._sweep(), name="access-resync")
-                self._rounds.add(round_)
-                round_.add_done_callback(self._rounds.discard)
+                background.spawn(self._sweep(), name="access-resync", logger=log, keep=self._rounds)
             return
         for grant in list(grants):
             grant.wake(CHANGE)
 
     async def _sweep_loop(self) -> None:
         # Runs while streams are open; costs one call of degraded() per tick otherwise.
+        failures = background.FailureNotes(log)
         while self._grants and not self._closed:
             await asyncio.sleep(self._degraded_recheck_s)
-            if self._degraded():
-                await self._sweep()
+            try:
+                if self._degraded():
+                    await self._sweep()
+            except Exception as exc:  # noqa: BLE001 - the next tick sweeps again
+                failures.failed("access sweep failed", exc)
+            else:
+                failures.succeeded()
 
     async def _sweep(self) -> None:
         lookups = self.lookups(asyncio.Semaphore(SWEEP_CONCURRENCY))
