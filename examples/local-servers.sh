@@ -18,18 +18,24 @@ cd "$(dirname "$0")/.."
 DIR=.local
 MODEL_PORT=${MODEL_PORT:-8400}
 MCP_PORT=${MCP_PORT:-3001}
-#: How long a server may take to answer before start gives up on it.
+# How long a server may take to answer before start gives up on it.
 START_TIMEOUT_S=${START_TIMEOUT_S:-60}
 
 # What each server's command line holds: a pid file whose process is something else (the
 # pid was reused after a reboot) does not count as running, and is never stopped.
-declare -A COMMAND=([model]=tests.fakes.openai_server [mcp]=server-everything)
+command_of() {
+    case $1 in
+    model) echo tests.fakes.openai_server ;;
+    mcp) echo server-everything ;;
+    esac
+}
 
 running() {
-    local pid
+    local pid args
     [[ -s $DIR/$1.pid ]] || return 1
     pid=$(<"$DIR/$1.pid")
-    [[ $pid =~ ^[0-9]+$ ]] && ps -o args= -p "$pid" 2>/dev/null | grep -qF -- "${COMMAND[$1]}"
+    [[ $pid =~ ^[0-9]+$ ]] && args=$(ps -o args= -p "$pid" 2>/dev/null) &&
+        [[ $args == *"$(command_of "$1")"* ]]
 }
 
 # Wait until the log says the server listens; fail with its log if it ends or takes too long.
