@@ -850,6 +850,13 @@ class WebhookEngine:
         except (TimeoutError, httpx.HTTPError, OSError, SwitchboardError) as exc:
             await permit.failed()
             return self._failed(claimed, 0, _describe(exc, self.limits.timeout_s), None)
+        except Exception:
+            # Unforeseen (a bug, or what the receiver's answer did to the client): a
+            # failed attempt like any other, counted, and retried on the schedule;
+            # its traceback is the log's, never the delivery's error.
+            await permit.failed()
+            log.error("webhook attempt failed unexpectedly", exc_info=True, extra={"webhook": name})
+            return self._failed(claimed, 0, "the request failed unexpectedly", None)
         except BaseException:
             permit.released()
             raise
