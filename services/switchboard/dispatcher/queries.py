@@ -27,10 +27,10 @@ from switchboard.dispatcher.feed import Feeds
 from switchboard.dispatcher.live import FINISH_TIMEOUT_S, Limits, Live
 from switchboard.dispatcher.llm import LlmHandler
 from switchboard.dispatcher.router import Router
-from switchboard.dispatcher.store import TERMINAL, RunStore
+from switchboard.dispatcher.store import TERMINAL, Listing, RunStore
 from switchboard.dispatcher.toolport import ToolPort
 from switchboard.dispatcher.toolrunner import ToolLimits, offered_tools
-from switchboard.platform import names
+from switchboard.platform import names, timefields
 from switchboard.platform.errors import FieldViolation, InvalidArgument
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.security.policy import Principal
@@ -39,6 +39,34 @@ from switchboard.platform.store import pagination
 #: How long a token that overtook the update before it (another replica's run: two
 #: channels) waits for it before it goes out anyway.
 _OVERTAKEN_S: Final = 0.05
+
+
+def _listing(request: pb.ListRunsRequest) -> Listing:
+    """The runs a ListRuns request selects, or INVALID_ARGUMENT naming the field."""
+    conversation = names.CONVERSATION.fullmatch(request.parent)
+    workspace = conversation or names.WORKSPACE.fullmatch(request.parent)
+    if workspace is None:
+        description = "must be workspaces/{w}/conversations/{c} or workspaces/{w}"
+        raise InvalidArgument(f"parent {description}", [FieldViolation("parent", description)])
+    assistant_id = ""
+    if request.assistant:
+        assistant = names.ASSISTANT.fullmatch(request.assistant)
+        if assistant is None or assistant[1] != workspace[1]:
+            description = "must be workspaces/{w}/assistants/{a} of the parent's workspace"
+            raise InvalidArgument(
+                f"assistant {description}", [FieldViolation("assistant", description)]
+            )
+        assistant_id = assistant[2]
+    changed_after = None
+    if request.HasField("state_changed_after"):
+        changed_after = timefields.timestamp(request.state_changed_after, "state_changed_after")
+    return Listing(
+        workspace_id=workspace[1],
+        conversation_id=conversation[2] if conversation else "",
+        assistant_id=assistant_id,
+        states=sorted(set(request.states)),
+        changed_after=changed_after,
+    )
 
 
 class Queries:
@@ -80,20 +108,23 @@ class Queries:
         return stored.run
 
     async def list_runs(self, request: pb.ListRunsRequest) -> pb.ListRunsResponse:
-        found = names.match(names.CONVERSATION, request.parent, "parent")
+        listing = _listing(request)
         size = pagination.page_size(request.page_size, default=20, maximum=100)
-        states = sorted(set(request.states))
-        token = pagination.fingerprint("runs", request.parent, states)
+        token = pagination.fingerprint(
+            "runs",
+            request.parent,
+            list(listing.states),
+            listing.assistant_id,
+            listing.changed_after.isoformat() if listing.changed_after else "",
+        )
         after: tuple[dt.datetime, str] | None = None
         if request.page_token:
             stamp, last = self._pages.decode(
                 request.page_token, token, (pagination.ISO_TIME, pagination.ID)
             )
             after = (dt.datetime.fromisoformat(str(stamp)), str(last))
-        rows = await self._store.page(
-            found[1], found[2], states=states, after=after, limit=size + 1
-        )
-        response = pb.ListRunsResponse()
+        rows, total = await self._store.page(listing, after=after, limit=size + 1)
+        response = pb.ListRunsResponse(total_size=total)
         for row in rows[:size]:
             response.runs.append(self._live.current(pb.Run.FromString(row.data)))
         if len(rows) > size:

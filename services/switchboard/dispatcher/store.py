@@ -1,8 +1,9 @@
 """Persistence of runs: every SQL statement of the dispatcher lives here.
 
 A run row keeps the whole ``Run`` message (``data``) beside the columns that
-are queried: the conversation (listing, newest first), the state and the
-owning dispatcher instance (recovery after a restart). ``job`` holds what a
+are queried: the conversation (listing, newest first), the assistant and the
+time its state last changed (listing across a workspace, filtered and counted),
+the state and the owning dispatcher instance (recovery after a restart). ``job`` holds what a
 restart needs to start the run again: the handler request and the ids of the
 credential it runs under.
 
@@ -60,7 +61,12 @@ _INSERT_RUN: Final = _RUNS.insert()
 _SAVE_RUN: Final = (
     update(_RUNS)
     .where(_RUNS.c.id == bindparam("run"), _RUNS.c.worker == bindparam("owner"))
-    .values(state=bindparam("state"), data=bindparam("data"), updated_at=bindparam("stamp"))
+    .values(
+        state=bindparam("state"),
+        data=bindparam("data"),
+        state_time=bindparam("state_time"),
+        updated_at=bindparam("stamp"),
+    )
 )
 # The same with the job: a run's tool steps, stored when it pauses.
 _SAVE_RUN_AND_JOB: Final = (
@@ -69,6 +75,7 @@ _SAVE_RUN_AND_JOB: Final = (
     .values(
         state=bindparam("state"),
         data=bindparam("data"),
+        state_time=bindparam("state_time"),
         job=bindparam("job"),
         updated_at=bindparam("stamp"),
     )
@@ -118,6 +125,27 @@ class NewRun:
     reject_if_active: bool = False
 
 
+@dataclass(frozen=True)
+class Listing:
+    """Which runs ``RunStore.page`` lists: a workspace's, or one conversation's, with
+    the filters that are set."""
+
+    workspace_id: str
+    conversation_id: str = ""
+    assistant_id: str = ""
+    states: Sequence[int] = ()
+    changed_after: dt.datetime | None = None
+
+
+def state_time(run: pb.Run) -> dt.datetime:
+    """When the run's state last changed: its end, else its start, else its creation."""
+    for field in ("end_time", "start_time", "create_time"):
+        if run.HasField(field):
+            stamp: dt.datetime = getattr(run, field).ToDatetime(dt.UTC)
+            return stamp
+    return now()
+
+
 class RunStore:
     def __init__(self, database: Database) -> None:
         self._database = database
@@ -160,6 +188,8 @@ class RunStore:
                     "creator": new.creator,
                     "created_at": when,
                     "updated_at": when,
+                    "assistant_id": new.run.assistant.rsplit("/", 1)[-1],
+                    "state_time": state_time(new.run),
                     "data": new.run.SerializeToString(),
                     "job": new.job,
                 },
@@ -188,6 +218,7 @@ class RunStore:
             "owner": owner,
             "state": run.state,
             "data": run.SerializeToString(),
+            "state_time": state_time(run),
             "stamp": now(),
         }
         statement = _SAVE_RUN
@@ -310,22 +341,24 @@ class RunStore:
         return _stored(row)
 
     async def page(
-        self,
-        workspace_id: str,
-        conversation_id: str,
-        *,
-        states: Sequence[int],
-        after: tuple[dt.datetime, str] | None,
-        limit: int,
-    ) -> list[RunRow]:
-        """Runs of the conversation, newest first, strictly after the keyset ``after``."""
+        self, listing: Listing, *, after: tuple[dt.datetime, str] | None, limit: int
+    ) -> tuple[list[RunRow], int]:
+        """The runs ``listing`` selects, newest first, strictly after the keyset
+        ``after``, and how many it selects in all (one read: the count and the page
+        agree)."""
 
-        def work(db: Session) -> list[RunRow]:
-            query = select(RunRow).where(
-                RunRow.conversation_id == conversation_id, RunRow.workspace_id == workspace_id
-            )
-            if states:
-                query = query.where(RunRow.state.in_(list(states)))
+        def work(db: Session) -> tuple[list[RunRow], int]:
+            where = [RunRow.workspace_id == listing.workspace_id]
+            if listing.conversation_id:
+                where.append(RunRow.conversation_id == listing.conversation_id)
+            if listing.assistant_id:
+                where.append(RunRow.assistant_id == listing.assistant_id)
+            if listing.states:
+                where.append(RunRow.state.in_(list(listing.states)))
+            if listing.changed_after is not None:
+                where.append(RunRow.state_time > listing.changed_after)
+            total = db.scalar(select(func.count()).select_from(RunRow).where(*where)) or 0
+            query = select(RunRow).where(*where)
             if after is not None:
                 at, run_id = after
                 query = query.where(
@@ -335,7 +368,7 @@ class RunStore:
                     )
                 )
             query = query.order_by(RunRow.created_at.desc(), RunRow.id.desc()).limit(limit)
-            return list(db.scalars(query))
+            return list(db.scalars(query)), total
 
         return await self._run(work, write=False)
 

@@ -309,6 +309,8 @@ class RunRow(Base):
     __table_args__ = (
         Index("ix_runs_listing", "conversation_id", "created_at", "id"),
         Index("ix_runs_active", "worker", "state"),
+        # ListRuns across a workspace's conversations, by assistant (A2A's ListTasks).
+        Index("ix_runs_workspace", "workspace_id", "assistant_id", "created_at", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
@@ -321,6 +323,12 @@ class RunRow(Base):
     creator: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    # The assistant the run uses (its id in the workspace), "" for none: ListRuns'
+    # ``assistant`` filter.
+    assistant_id: Mapped[str] = mapped_column(String(63), server_default="")
+    # When its state last changed (its end, else start, else create time): ListRuns'
+    # ``state_changed_after`` filter.
+    state_time: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     data: Mapped[bytes] = mapped_column(LargeBinary)
     # Serialized dispatcher ``Job`` (the input, parameters, credential ids).
     job: Mapped[bytes] = mapped_column(LargeBinary)

@@ -508,15 +508,32 @@ class ListRunsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     STATES_FIELD_NUMBER: _builtins.int
+    ASSISTANT_FIELD_NUMBER: _builtins.int
+    STATE_CHANGED_AFTER_FIELD_NUMBER: _builtins.int
     parent: _builtins.str
-    """`workspaces/{w}/conversations/{c}`."""
+    """`workspaces/{w}/conversations/{c}`: that conversation's runs; or
+    `workspaces/{w}`: the runs of every conversation of the workspace (READ on
+    the workspace).
+    """
     page_size: _builtins.int
     """Maximum to return; capped at 100, default 20."""
     page_token: _builtins.str
-    """Token from a previous response."""
+    """Token from a previous response (of a request with the same parent and
+    filters).
+    """
+    assistant: _builtins.str
+    """Only the runs that use this assistant, `workspaces/{w}/assistants/{a}`
+    (in the parent's workspace); all if empty.
+    """
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[Global___RunState.ValueType]:
         """Only runs in these states; all if empty."""
+
+    @_builtins.property
+    def state_changed_after(self) -> _timestamp_pb2.Timestamp:
+        """Only runs whose state last changed after this time: their end_time, else
+        their start_time, else their create_time is later.
+        """
 
     def __init__(
         self,
@@ -525,10 +542,12 @@ class ListRunsRequest(_message.Message):
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
         states: _abc.Iterable[Global___RunState.ValueType] | None = ...,
+        assistant: _builtins.str = ...,
+        state_changed_after: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["state_changed_after", b"state_changed_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "parent", b"parent", "states", b"states"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "page_size", b"page_size", "page_token", b"page_token", "parent", b"parent", "state_changed_after", b"state_changed_after", "states", b"states"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -542,21 +561,25 @@ class ListRunsResponse(_message.Message):
 
     RUNS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TOTAL_SIZE_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Token for the next page; empty on the last page."""
+    total_size: _builtins.int
+    """How many runs match the parent and filters, over all pages."""
     @_builtins.property
     def runs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Run]:
-        """The runs, newest first."""
+        """The runs, newest first (by create_time)."""
 
     def __init__(
         self,
         *,
         runs: _abc.Iterable[Global___Run] | None = ...,
         next_page_token: _builtins.str = ...,
+        total_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "runs", b"runs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "runs", b"runs", "total_size", b"total_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

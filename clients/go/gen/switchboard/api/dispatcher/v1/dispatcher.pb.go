@@ -904,16 +904,25 @@ func (x *GetRunResponse) GetRun() *Run {
 // Request for ListRuns.
 type ListRunsRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// `workspaces/{w}/conversations/{c}`.
+	// `workspaces/{w}/conversations/{c}`: that conversation's runs; or
+	// `workspaces/{w}`: the runs of every conversation of the workspace (READ on
+	// the workspace).
 	Parent string `protobuf:"bytes,1,opt,name=parent,proto3" json:"parent,omitempty"`
 	// Maximum to return; capped at 100, default 20.
 	PageSize int32 `protobuf:"varint,2,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
-	// Token from a previous response.
+	// Token from a previous response (of a request with the same parent and
+	// filters).
 	PageToken string `protobuf:"bytes,3,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
 	// Only runs in these states; all if empty.
-	States        []RunState `protobuf:"varint,4,rep,packed,name=states,proto3,enum=switchboard.api.dispatcher.v1.RunState" json:"states,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	States []RunState `protobuf:"varint,4,rep,packed,name=states,proto3,enum=switchboard.api.dispatcher.v1.RunState" json:"states,omitempty"`
+	// Only the runs that use this assistant, `workspaces/{w}/assistants/{a}`
+	// (in the parent's workspace); all if empty.
+	Assistant string `protobuf:"bytes,5,opt,name=assistant,proto3" json:"assistant,omitempty"`
+	// Only runs whose state last changed after this time: their end_time, else
+	// their start_time, else their create_time is later.
+	StateChangedAfter *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=state_changed_after,json=stateChangedAfter,proto3" json:"state_changed_after,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *ListRunsRequest) Reset() {
@@ -974,13 +983,29 @@ func (x *ListRunsRequest) GetStates() []RunState {
 	return nil
 }
 
+func (x *ListRunsRequest) GetAssistant() string {
+	if x != nil {
+		return x.Assistant
+	}
+	return ""
+}
+
+func (x *ListRunsRequest) GetStateChangedAfter() *timestamppb.Timestamp {
+	if x != nil {
+		return x.StateChangedAfter
+	}
+	return nil
+}
+
 // Response for ListRuns.
 type ListRunsResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// The runs, newest first.
+	// The runs, newest first (by create_time).
 	Runs []*Run `protobuf:"bytes,1,rep,name=runs,proto3" json:"runs,omitempty"`
 	// Token for the next page; empty on the last page.
 	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
+	// How many runs match the parent and filters, over all pages.
+	TotalSize     int32 `protobuf:"varint,3,opt,name=total_size,json=totalSize,proto3" json:"total_size,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1027,6 +1052,13 @@ func (x *ListRunsResponse) GetNextPageToken() string {
 		return x.NextPageToken
 	}
 	return ""
+}
+
+func (x *ListRunsResponse) GetTotalSize() int32 {
+	if x != nil {
+		return x.TotalSize
+	}
+	return 0
 }
 
 // Request for CancelRun.
@@ -3202,16 +3234,20 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\rGetRunRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"F\n" +
 	"\x0eGetRunResponse\x124\n" +
-	"\x03run\x18\x01 \x01(\v2\".switchboard.api.dispatcher.v1.RunR\x03run\"\xa6\x01\n" +
+	"\x03run\x18\x01 \x01(\v2\".switchboard.api.dispatcher.v1.RunR\x03run\"\x90\x02\n" +
 	"\x0fListRunsRequest\x12\x16\n" +
 	"\x06parent\x18\x01 \x01(\tR\x06parent\x12\x1b\n" +
 	"\tpage_size\x18\x02 \x01(\x05R\bpageSize\x12\x1d\n" +
 	"\n" +
 	"page_token\x18\x03 \x01(\tR\tpageToken\x12?\n" +
-	"\x06states\x18\x04 \x03(\x0e2'.switchboard.api.dispatcher.v1.RunStateR\x06states\"r\n" +
+	"\x06states\x18\x04 \x03(\x0e2'.switchboard.api.dispatcher.v1.RunStateR\x06states\x12\x1c\n" +
+	"\tassistant\x18\x05 \x01(\tR\tassistant\x12J\n" +
+	"\x13state_changed_after\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\x11stateChangedAfter\"\x91\x01\n" +
 	"\x10ListRunsResponse\x126\n" +
 	"\x04runs\x18\x01 \x03(\v2\".switchboard.api.dispatcher.v1.RunR\x04runs\x12&\n" +
-	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\">\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\x12\x1d\n" +
+	"\n" +
+	"total_size\x18\x03 \x01(\x05R\ttotalSize\">\n" +
 	"\x10CancelRunRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\"I\n" +
@@ -3484,82 +3520,83 @@ var file_switchboard_api_dispatcher_v1_dispatcher_proto_depIdxs = []int32{
 	47, // 20: switchboard.api.dispatcher.v1.SendMessageResponse.message:type_name -> switchboard.api.context.v1.Message
 	4,  // 21: switchboard.api.dispatcher.v1.GetRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
 	0,  // 22: switchboard.api.dispatcher.v1.ListRunsRequest.states:type_name -> switchboard.api.dispatcher.v1.RunState
-	4,  // 23: switchboard.api.dispatcher.v1.ListRunsResponse.runs:type_name -> switchboard.api.dispatcher.v1.Run
-	4,  // 24: switchboard.api.dispatcher.v1.CancelRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
-	4,  // 25: switchboard.api.dispatcher.v1.RunStateChange.run:type_name -> switchboard.api.dispatcher.v1.Run
-	42, // 26: switchboard.api.dispatcher.v1.RunUpdate.time:type_name -> google.protobuf.Timestamp
-	16, // 27: switchboard.api.dispatcher.v1.RunUpdate.state_change:type_name -> switchboard.api.dispatcher.v1.RunStateChange
-	44, // 28: switchboard.api.dispatcher.v1.RunUpdate.progress:type_name -> switchboard.api.handler.v1.Progress
-	50, // 29: switchboard.api.dispatcher.v1.RunUpdate.delta:type_name -> switchboard.api.handler.v1.TextDelta
-	46, // 30: switchboard.api.dispatcher.v1.RunUpdate.tool_call:type_name -> switchboard.api.handler.v1.ToolCall
-	51, // 31: switchboard.api.dispatcher.v1.RunUpdate.result:type_name -> switchboard.api.handler.v1.HandleResult
-	52, // 32: switchboard.api.dispatcher.v1.RunUpdate.tool_result:type_name -> switchboard.api.handler.v1.ToolResult
-	17, // 33: switchboard.api.dispatcher.v1.WatchRunResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
-	19, // 34: switchboard.api.dispatcher.v1.WatchRunResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
-	42, // 35: switchboard.api.dispatcher.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
-	7,  // 36: switchboard.api.dispatcher.v1.ConverseRequest.send_message:type_name -> switchboard.api.dispatcher.v1.SendMessageRequest
-	13, // 37: switchboard.api.dispatcher.v1.ConverseRequest.cancel_run:type_name -> switchboard.api.dispatcher.v1.CancelRunRequest
-	15, // 38: switchboard.api.dispatcher.v1.ConverseRequest.watch_run:type_name -> switchboard.api.dispatcher.v1.WatchRunRequest
-	26, // 39: switchboard.api.dispatcher.v1.ConverseRequest.submit_tool_approvals:type_name -> switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
-	8,  // 40: switchboard.api.dispatcher.v1.ConverseResponse.message_sent:type_name -> switchboard.api.dispatcher.v1.SendMessageResponse
-	14, // 41: switchboard.api.dispatcher.v1.ConverseResponse.run_cancelled:type_name -> switchboard.api.dispatcher.v1.CancelRunResponse
-	17, // 42: switchboard.api.dispatcher.v1.ConverseResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
-	43, // 43: switchboard.api.dispatcher.v1.ConverseResponse.error:type_name -> google.rpc.Status
-	19, // 44: switchboard.api.dispatcher.v1.ConverseResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
-	27, // 45: switchboard.api.dispatcher.v1.ConverseResponse.tool_approvals_submitted:type_name -> switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
-	3,  // 46: switchboard.api.dispatcher.v1.Handler.kind:type_name -> switchboard.api.dispatcher.v1.HandlerKind
-	53, // 47: switchboard.api.dispatcher.v1.Handler.capabilities:type_name -> switchboard.api.handler.v1.HandlerCapabilities
-	22, // 48: switchboard.api.dispatcher.v1.ListHandlersResponse.handlers:type_name -> switchboard.api.dispatcher.v1.Handler
-	1,  // 49: switchboard.api.dispatcher.v1.ToolApproval.decision:type_name -> switchboard.api.dispatcher.v1.ToolApprovalDecision
-	25, // 50: switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest.approvals:type_name -> switchboard.api.dispatcher.v1.ToolApproval
-	4,  // 51: switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
-	54, // 52: switchboard.api.dispatcher.v1.Assistant.model:type_name -> switchboard.api.handler.v1.ModelSettings
-	28, // 53: switchboard.api.dispatcher.v1.Assistant.tools:type_name -> switchboard.api.dispatcher.v1.AssistantTools
-	42, // 54: switchboard.api.dispatcher.v1.Assistant.create_time:type_name -> google.protobuf.Timestamp
-	42, // 55: switchboard.api.dispatcher.v1.Assistant.update_time:type_name -> google.protobuf.Timestamp
-	29, // 56: switchboard.api.dispatcher.v1.CreateAssistantRequest.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	29, // 57: switchboard.api.dispatcher.v1.CreateAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	29, // 58: switchboard.api.dispatcher.v1.GetAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	29, // 59: switchboard.api.dispatcher.v1.ListAssistantsResponse.assistants:type_name -> switchboard.api.dispatcher.v1.Assistant
-	29, // 60: switchboard.api.dispatcher.v1.UpdateAssistantRequest.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	55, // 61: switchboard.api.dispatcher.v1.UpdateAssistantRequest.update_mask:type_name -> google.protobuf.FieldMask
-	29, // 62: switchboard.api.dispatcher.v1.UpdateAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	29, // 63: switchboard.api.dispatcher.v1.DescribeConversationResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	22, // 64: switchboard.api.dispatcher.v1.DescribeConversationResponse.handler:type_name -> switchboard.api.dispatcher.v1.Handler
-	56, // 65: switchboard.api.dispatcher.v1.DescribeConversationResponse.tools:type_name -> switchboard.api.handler.v1.ToolDefinition
-	7,  // 66: switchboard.api.dispatcher.v1.DispatcherService.SendMessage:input_type -> switchboard.api.dispatcher.v1.SendMessageRequest
-	9,  // 67: switchboard.api.dispatcher.v1.DispatcherService.GetRun:input_type -> switchboard.api.dispatcher.v1.GetRunRequest
-	11, // 68: switchboard.api.dispatcher.v1.DispatcherService.ListRuns:input_type -> switchboard.api.dispatcher.v1.ListRunsRequest
-	13, // 69: switchboard.api.dispatcher.v1.DispatcherService.CancelRun:input_type -> switchboard.api.dispatcher.v1.CancelRunRequest
-	15, // 70: switchboard.api.dispatcher.v1.DispatcherService.WatchRun:input_type -> switchboard.api.dispatcher.v1.WatchRunRequest
-	20, // 71: switchboard.api.dispatcher.v1.DispatcherService.Converse:input_type -> switchboard.api.dispatcher.v1.ConverseRequest
-	23, // 72: switchboard.api.dispatcher.v1.DispatcherService.ListHandlers:input_type -> switchboard.api.dispatcher.v1.ListHandlersRequest
-	26, // 73: switchboard.api.dispatcher.v1.DispatcherService.SubmitToolApprovals:input_type -> switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
-	30, // 74: switchboard.api.dispatcher.v1.DispatcherService.CreateAssistant:input_type -> switchboard.api.dispatcher.v1.CreateAssistantRequest
-	32, // 75: switchboard.api.dispatcher.v1.DispatcherService.GetAssistant:input_type -> switchboard.api.dispatcher.v1.GetAssistantRequest
-	34, // 76: switchboard.api.dispatcher.v1.DispatcherService.ListAssistants:input_type -> switchboard.api.dispatcher.v1.ListAssistantsRequest
-	36, // 77: switchboard.api.dispatcher.v1.DispatcherService.UpdateAssistant:input_type -> switchboard.api.dispatcher.v1.UpdateAssistantRequest
-	38, // 78: switchboard.api.dispatcher.v1.DispatcherService.DeleteAssistant:input_type -> switchboard.api.dispatcher.v1.DeleteAssistantRequest
-	40, // 79: switchboard.api.dispatcher.v1.DispatcherService.DescribeConversation:input_type -> switchboard.api.dispatcher.v1.DescribeConversationRequest
-	8,  // 80: switchboard.api.dispatcher.v1.DispatcherService.SendMessage:output_type -> switchboard.api.dispatcher.v1.SendMessageResponse
-	10, // 81: switchboard.api.dispatcher.v1.DispatcherService.GetRun:output_type -> switchboard.api.dispatcher.v1.GetRunResponse
-	12, // 82: switchboard.api.dispatcher.v1.DispatcherService.ListRuns:output_type -> switchboard.api.dispatcher.v1.ListRunsResponse
-	14, // 83: switchboard.api.dispatcher.v1.DispatcherService.CancelRun:output_type -> switchboard.api.dispatcher.v1.CancelRunResponse
-	18, // 84: switchboard.api.dispatcher.v1.DispatcherService.WatchRun:output_type -> switchboard.api.dispatcher.v1.WatchRunResponse
-	21, // 85: switchboard.api.dispatcher.v1.DispatcherService.Converse:output_type -> switchboard.api.dispatcher.v1.ConverseResponse
-	24, // 86: switchboard.api.dispatcher.v1.DispatcherService.ListHandlers:output_type -> switchboard.api.dispatcher.v1.ListHandlersResponse
-	27, // 87: switchboard.api.dispatcher.v1.DispatcherService.SubmitToolApprovals:output_type -> switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
-	31, // 88: switchboard.api.dispatcher.v1.DispatcherService.CreateAssistant:output_type -> switchboard.api.dispatcher.v1.CreateAssistantResponse
-	33, // 89: switchboard.api.dispatcher.v1.DispatcherService.GetAssistant:output_type -> switchboard.api.dispatcher.v1.GetAssistantResponse
-	35, // 90: switchboard.api.dispatcher.v1.DispatcherService.ListAssistants:output_type -> switchboard.api.dispatcher.v1.ListAssistantsResponse
-	37, // 91: switchboard.api.dispatcher.v1.DispatcherService.UpdateAssistant:output_type -> switchboard.api.dispatcher.v1.UpdateAssistantResponse
-	39, // 92: switchboard.api.dispatcher.v1.DispatcherService.DeleteAssistant:output_type -> switchboard.api.dispatcher.v1.DeleteAssistantResponse
-	41, // 93: switchboard.api.dispatcher.v1.DispatcherService.DescribeConversation:output_type -> switchboard.api.dispatcher.v1.DescribeConversationResponse
-	80, // [80:94] is the sub-list for method output_type
-	66, // [66:80] is the sub-list for method input_type
-	66, // [66:66] is the sub-list for extension type_name
-	66, // [66:66] is the sub-list for extension extendee
-	0,  // [0:66] is the sub-list for field type_name
+	42, // 23: switchboard.api.dispatcher.v1.ListRunsRequest.state_changed_after:type_name -> google.protobuf.Timestamp
+	4,  // 24: switchboard.api.dispatcher.v1.ListRunsResponse.runs:type_name -> switchboard.api.dispatcher.v1.Run
+	4,  // 25: switchboard.api.dispatcher.v1.CancelRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
+	4,  // 26: switchboard.api.dispatcher.v1.RunStateChange.run:type_name -> switchboard.api.dispatcher.v1.Run
+	42, // 27: switchboard.api.dispatcher.v1.RunUpdate.time:type_name -> google.protobuf.Timestamp
+	16, // 28: switchboard.api.dispatcher.v1.RunUpdate.state_change:type_name -> switchboard.api.dispatcher.v1.RunStateChange
+	44, // 29: switchboard.api.dispatcher.v1.RunUpdate.progress:type_name -> switchboard.api.handler.v1.Progress
+	50, // 30: switchboard.api.dispatcher.v1.RunUpdate.delta:type_name -> switchboard.api.handler.v1.TextDelta
+	46, // 31: switchboard.api.dispatcher.v1.RunUpdate.tool_call:type_name -> switchboard.api.handler.v1.ToolCall
+	51, // 32: switchboard.api.dispatcher.v1.RunUpdate.result:type_name -> switchboard.api.handler.v1.HandleResult
+	52, // 33: switchboard.api.dispatcher.v1.RunUpdate.tool_result:type_name -> switchboard.api.handler.v1.ToolResult
+	17, // 34: switchboard.api.dispatcher.v1.WatchRunResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
+	19, // 35: switchboard.api.dispatcher.v1.WatchRunResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
+	42, // 36: switchboard.api.dispatcher.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
+	7,  // 37: switchboard.api.dispatcher.v1.ConverseRequest.send_message:type_name -> switchboard.api.dispatcher.v1.SendMessageRequest
+	13, // 38: switchboard.api.dispatcher.v1.ConverseRequest.cancel_run:type_name -> switchboard.api.dispatcher.v1.CancelRunRequest
+	15, // 39: switchboard.api.dispatcher.v1.ConverseRequest.watch_run:type_name -> switchboard.api.dispatcher.v1.WatchRunRequest
+	26, // 40: switchboard.api.dispatcher.v1.ConverseRequest.submit_tool_approvals:type_name -> switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
+	8,  // 41: switchboard.api.dispatcher.v1.ConverseResponse.message_sent:type_name -> switchboard.api.dispatcher.v1.SendMessageResponse
+	14, // 42: switchboard.api.dispatcher.v1.ConverseResponse.run_cancelled:type_name -> switchboard.api.dispatcher.v1.CancelRunResponse
+	17, // 43: switchboard.api.dispatcher.v1.ConverseResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
+	43, // 44: switchboard.api.dispatcher.v1.ConverseResponse.error:type_name -> google.rpc.Status
+	19, // 45: switchboard.api.dispatcher.v1.ConverseResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
+	27, // 46: switchboard.api.dispatcher.v1.ConverseResponse.tool_approvals_submitted:type_name -> switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
+	3,  // 47: switchboard.api.dispatcher.v1.Handler.kind:type_name -> switchboard.api.dispatcher.v1.HandlerKind
+	53, // 48: switchboard.api.dispatcher.v1.Handler.capabilities:type_name -> switchboard.api.handler.v1.HandlerCapabilities
+	22, // 49: switchboard.api.dispatcher.v1.ListHandlersResponse.handlers:type_name -> switchboard.api.dispatcher.v1.Handler
+	1,  // 50: switchboard.api.dispatcher.v1.ToolApproval.decision:type_name -> switchboard.api.dispatcher.v1.ToolApprovalDecision
+	25, // 51: switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest.approvals:type_name -> switchboard.api.dispatcher.v1.ToolApproval
+	4,  // 52: switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
+	54, // 53: switchboard.api.dispatcher.v1.Assistant.model:type_name -> switchboard.api.handler.v1.ModelSettings
+	28, // 54: switchboard.api.dispatcher.v1.Assistant.tools:type_name -> switchboard.api.dispatcher.v1.AssistantTools
+	42, // 55: switchboard.api.dispatcher.v1.Assistant.create_time:type_name -> google.protobuf.Timestamp
+	42, // 56: switchboard.api.dispatcher.v1.Assistant.update_time:type_name -> google.protobuf.Timestamp
+	29, // 57: switchboard.api.dispatcher.v1.CreateAssistantRequest.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	29, // 58: switchboard.api.dispatcher.v1.CreateAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	29, // 59: switchboard.api.dispatcher.v1.GetAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	29, // 60: switchboard.api.dispatcher.v1.ListAssistantsResponse.assistants:type_name -> switchboard.api.dispatcher.v1.Assistant
+	29, // 61: switchboard.api.dispatcher.v1.UpdateAssistantRequest.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	55, // 62: switchboard.api.dispatcher.v1.UpdateAssistantRequest.update_mask:type_name -> google.protobuf.FieldMask
+	29, // 63: switchboard.api.dispatcher.v1.UpdateAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	29, // 64: switchboard.api.dispatcher.v1.DescribeConversationResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	22, // 65: switchboard.api.dispatcher.v1.DescribeConversationResponse.handler:type_name -> switchboard.api.dispatcher.v1.Handler
+	56, // 66: switchboard.api.dispatcher.v1.DescribeConversationResponse.tools:type_name -> switchboard.api.handler.v1.ToolDefinition
+	7,  // 67: switchboard.api.dispatcher.v1.DispatcherService.SendMessage:input_type -> switchboard.api.dispatcher.v1.SendMessageRequest
+	9,  // 68: switchboard.api.dispatcher.v1.DispatcherService.GetRun:input_type -> switchboard.api.dispatcher.v1.GetRunRequest
+	11, // 69: switchboard.api.dispatcher.v1.DispatcherService.ListRuns:input_type -> switchboard.api.dispatcher.v1.ListRunsRequest
+	13, // 70: switchboard.api.dispatcher.v1.DispatcherService.CancelRun:input_type -> switchboard.api.dispatcher.v1.CancelRunRequest
+	15, // 71: switchboard.api.dispatcher.v1.DispatcherService.WatchRun:input_type -> switchboard.api.dispatcher.v1.WatchRunRequest
+	20, // 72: switchboard.api.dispatcher.v1.DispatcherService.Converse:input_type -> switchboard.api.dispatcher.v1.ConverseRequest
+	23, // 73: switchboard.api.dispatcher.v1.DispatcherService.ListHandlers:input_type -> switchboard.api.dispatcher.v1.ListHandlersRequest
+	26, // 74: switchboard.api.dispatcher.v1.DispatcherService.SubmitToolApprovals:input_type -> switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
+	30, // 75: switchboard.api.dispatcher.v1.DispatcherService.CreateAssistant:input_type -> switchboard.api.dispatcher.v1.CreateAssistantRequest
+	32, // 76: switchboard.api.dispatcher.v1.DispatcherService.GetAssistant:input_type -> switchboard.api.dispatcher.v1.GetAssistantRequest
+	34, // 77: switchboard.api.dispatcher.v1.DispatcherService.ListAssistants:input_type -> switchboard.api.dispatcher.v1.ListAssistantsRequest
+	36, // 78: switchboard.api.dispatcher.v1.DispatcherService.UpdateAssistant:input_type -> switchboard.api.dispatcher.v1.UpdateAssistantRequest
+	38, // 79: switchboard.api.dispatcher.v1.DispatcherService.DeleteAssistant:input_type -> switchboard.api.dispatcher.v1.DeleteAssistantRequest
+	40, // 80: switchboard.api.dispatcher.v1.DispatcherService.DescribeConversation:input_type -> switchboard.api.dispatcher.v1.DescribeConversationRequest
+	8,  // 81: switchboard.api.dispatcher.v1.DispatcherService.SendMessage:output_type -> switchboard.api.dispatcher.v1.SendMessageResponse
+	10, // 82: switchboard.api.dispatcher.v1.DispatcherService.GetRun:output_type -> switchboard.api.dispatcher.v1.GetRunResponse
+	12, // 83: switchboard.api.dispatcher.v1.DispatcherService.ListRuns:output_type -> switchboard.api.dispatcher.v1.ListRunsResponse
+	14, // 84: switchboard.api.dispatcher.v1.DispatcherService.CancelRun:output_type -> switchboard.api.dispatcher.v1.CancelRunResponse
+	18, // 85: switchboard.api.dispatcher.v1.DispatcherService.WatchRun:output_type -> switchboard.api.dispatcher.v1.WatchRunResponse
+	21, // 86: switchboard.api.dispatcher.v1.DispatcherService.Converse:output_type -> switchboard.api.dispatcher.v1.ConverseResponse
+	24, // 87: switchboard.api.dispatcher.v1.DispatcherService.ListHandlers:output_type -> switchboard.api.dispatcher.v1.ListHandlersResponse
+	27, // 88: switchboard.api.dispatcher.v1.DispatcherService.SubmitToolApprovals:output_type -> switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
+	31, // 89: switchboard.api.dispatcher.v1.DispatcherService.CreateAssistant:output_type -> switchboard.api.dispatcher.v1.CreateAssistantResponse
+	33, // 90: switchboard.api.dispatcher.v1.DispatcherService.GetAssistant:output_type -> switchboard.api.dispatcher.v1.GetAssistantResponse
+	35, // 91: switchboard.api.dispatcher.v1.DispatcherService.ListAssistants:output_type -> switchboard.api.dispatcher.v1.ListAssistantsResponse
+	37, // 92: switchboard.api.dispatcher.v1.DispatcherService.UpdateAssistant:output_type -> switchboard.api.dispatcher.v1.UpdateAssistantResponse
+	39, // 93: switchboard.api.dispatcher.v1.DispatcherService.DeleteAssistant:output_type -> switchboard.api.dispatcher.v1.DeleteAssistantResponse
+	41, // 94: switchboard.api.dispatcher.v1.DispatcherService.DescribeConversation:output_type -> switchboard.api.dispatcher.v1.DescribeConversationResponse
+	81, // [81:95] is the sub-list for method output_type
+	67, // [67:81] is the sub-list for method input_type
+	67, // [67:67] is the sub-list for extension type_name
+	67, // [67:67] is the sub-list for extension extendee
+	0,  // [0:67] is the sub-list for field type_name
 }
 
 func init() { file_switchboard_api_dispatcher_v1_dispatcher_proto_init() }
