@@ -5,9 +5,10 @@
 //       [--stranger-token "$OTHER"] [--text "hello"] [--slow-text "a b c d"]
 //
 // It fetches the authenticated card (GetExtendedAgentCard), sends a message (blocking),
-// streams one and collects its text chunks, reads and lists the task, cancels a slow task
-// and a finished one, and (with --stranger-token) has a caller from outside the workspace
-// read the task. It prints one JSON object with what each step got; a step that failed
+// streams one and collects its text chunks, reads and lists the task (in its context and
+// in all of them), cancels a slow task and a finished one, asks for a task that does not
+// exist, sends text to a finished task, and (with --stranger-token) has a caller from
+// outside the workspace read the task. It prints one JSON object with what each step got; a step that failed
 // holds {error: {name, code, message}} instead, and the program still exits 0 (the caller
 // judges the results). Anything unexpected ends it with exit status 1.
 import { randomUUID } from 'node:crypto';
@@ -207,7 +208,27 @@ async function main() {
     },
     deadline(),
   );
-  result.listed = { tasks: listed.tasks.map(taskSummary), nextPageToken: listed.nextPageToken };
+  result.listed = {
+    tasks: listed.tasks.map(taskSummary),
+    nextPageToken: listed.nextPageToken,
+    totalSize: listed.totalSize,
+  };
+  // Every context's: no contextId (A2A makes the filter optional).
+  const everywhere = await client.listTasks(
+    {
+      tenant: '',
+      contextId: '',
+      status: TaskState.TASK_STATE_UNSPECIFIED,
+      pageToken: '',
+      statusTimestampAfter: undefined,
+    },
+    deadline(),
+  );
+  result.listedAll = { ids: everywhere.tasks.map((task) => task.id), totalSize: everywhere.totalSize };
+  // A task id that names no task (not even of this agent's form): A2A's TaskNotFoundError.
+  result.missingTask = await attempt(async () =>
+    taskSummary(await client.getTask({ tenant: '', id: 'nonexistent-task-id' }, deadline())),
+  );
 
   // A slow task (the echo handler waits between words), cancelled while it runs.
   const slow = await client.sendMessage(
@@ -220,6 +241,12 @@ async function main() {
   result.cancelFinished = await attempt(async () =>
     taskSummary(await client.cancelTask({ tenant: '', id: sent.id }, deadline())),
   );
+
+  // Text on a task that has ended: A2A's UnsupportedOperationError.
+  const more = sendRequest('and one more thing');
+  more.message.taskId = sent.id;
+  more.message.contextId = sent.contextId;
+  result.continueFinished = await attempt(async () => taskSummary(await client.sendMessage(more, deadline())));
 
   // Someone who is not a member of the workspace: the same agent, the same task.
   if (args['stranger-token']) {

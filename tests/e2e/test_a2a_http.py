@@ -173,9 +173,12 @@ async def test_the_public_card_is_the_same_for_every_tenant_and_needs_no_credent
     theirs = await http.get(f"{world.edge}/{unknown}/.well-known/agent-card.json")
     assert theirs.status_code == 200
     assert theirs.text.replace(unknown, world.tenant) == mine.text
+    # No root agent named (SWITCHBOARD_A2A_ROOT_AGENT): no root card, rather than a card
+    # whose interfaces would fail every call; the answer says where the cards are.
     root = await http.get(f"{world.edge}/.well-known/agent-card.json")
-    assert root.status_code == 200
-    assert not any("tenant" in i for i in root.json()["supportedInterfaces"])
+    assert root.status_code == 404
+    assert root.json()["error"]["status"] == "NOT_FOUND"
+    assert "/{workspace}.{assistant}/.well-known/agent-card.json" in root.json()["error"]["message"]
     # A malformed tenant is the caller's mistake, said in JSON with its HTTP status.
     bad = await http.get(f"{world.edge}/not-a-tenant/.well-known/agent-card.json")
     assert bad.status_code == 400
@@ -206,8 +209,10 @@ async def test_the_sdk_sends_streams_reads_lists_and_cancels_over_http_json(worl
         # Errors in A2A's HTTP+JSON shape: the SDK raises its typed errors from them.
         with pytest.raises(TaskNotCancelableError):
             await client.cancel_task(a2a.CancelTaskRequest(id=task.id))
-        with pytest.raises(InvalidParamsError):
+        with pytest.raises(TaskNotFoundError):
             await client.get_task(a2a.GetTaskRequest(id="not-a-task-id"))
+        with pytest.raises(InvalidParamsError):
+            await client.get_task(a2a.GetTaskRequest(id=task.id, history_length=-1))
     finally:
         await client.close()
     stranger = await _client(world, world.stranger, streaming=False)

@@ -37,10 +37,11 @@ SLOW_TEXT: Final = "one slow answer that is cancelled midway"
 NOT_FOUND: Final = 5
 FAILED_PRECONDITION: Final = 9
 #: What the client does through Envoy (a2a.mjs): GetExtendedAgentCard, SendMessage, GetTask,
-#: ListTasks, SendMessage (slow), CancelTask twice, the stranger's GetTask and
-#: GetExtendedAgentCard; and one SendStreamingMessage, which Envoy routes to its own cluster
-#: (no route timeout, a stream idle timeout).
-UNARY_CALLS: Final = 9
+#: ListTasks twice, GetTask (a task that is not there), SendMessage (slow), CancelTask twice,
+#: SendMessage (on the ended task), the stranger's GetTask and GetExtendedAgentCard; and one
+#: SendStreamingMessage, which Envoy routes to its own cluster (no route timeout, a stream
+#: idle timeout).
+UNARY_CALLS: Final = 12
 STREAMS: Final = 1
 
 Seen = dict[str, Any]
@@ -223,6 +224,19 @@ def test_the_streamed_task_is_got_and_listed(seen: Seen) -> None:
     assert listed["state"] == "TASK_STATE_COMPLETED"
     assert listed["answer"] == streamed["text"]
     assert seen["listed"]["nextPageToken"] == ""
+    assert seen["listed"]["totalSize"] == 1
+    # Without a context: the agent's tasks in every context, counted.
+    everywhere = seen["listedAll"]
+    assert sorted(everywhere["ids"]) == sorted([streamed["id"], seen["blocking"]["id"]])
+    assert everywhere["totalSize"] == 2
+
+
+def test_a2a_errors_for_a_missing_task_and_text_on_an_ended_one(seen: Seen) -> None:
+    missing = seen["missingTask"]["error"]
+    assert (missing["name"], missing["code"]) == ("GrpcTaskNotFoundError", NOT_FOUND), missing
+    ended = seen["continueFinished"]["error"]
+    assert ended["name"] == "GrpcUnsupportedOperationError", ended
+    assert ended["code"] == FAILED_PRECONDITION
 
 
 def test_a_slow_task_is_cancelled_and_a_finished_one_is_not_cancelable(
@@ -247,9 +261,10 @@ def test_a_slow_task_is_cancelled_and_a_finished_one_is_not_cancelable(
 
 def test_a_stranger_learns_nothing(seen: Seen) -> None:
     stranger = seen["stranger"]
-    # The task: A2A's TaskNotFoundError; the agent's card: a plain NOT_FOUND (A2A has no
-    # reason for an agent that is not there), as for an agent that does not exist.
-    for call, name in (("getTask", "GrpcTaskNotFoundError"), ("card", "GrpcA2AErrorImpl")):
+    # The task: A2A's TaskNotFoundError; the agent's card: NOT_FOUND with A2A's
+    # INVALID_PARAMS (A2A has no error for an agent that is not there; the JavaScript SDK
+    # calls that reason RequestMalformedError), as for an agent that does not exist.
+    for call, name in (("getTask", "GrpcTaskNotFoundError"), ("card", "GrpcRequestMalformedError")):
         error = stranger[call]["error"]
         assert error["code"] == NOT_FOUND, (call, error)
         assert error["name"] == name, (call, error)

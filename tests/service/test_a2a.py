@@ -99,9 +99,9 @@ async def agent() -> AsyncIterator[Agent]:
 
 
 @asynccontextmanager
-async def running_agent() -> AsyncIterator[Agent]:
+async def running_agent(**settings: Any) -> AsyncIterator[Agent]:
     """A mesh with a world and its echo assistant ``echoer``, as an A2A agent."""
-    async with hub_mesh() as (server, channel):
+    async with hub_mesh(**settings) as (server, channel):
         world = await ctx_world(server, context_stub(channel))
         made = await dispatcher_stub(channel).CreateAssistant(
             dpb.CreateAssistantRequest(
@@ -258,10 +258,17 @@ async def test_send_and_list_honour_history_length_modes_and_status_time(agent: 
         listing = a2a.ListTasksRequest(tenant=agent.tenant, context_id=context)
         every = await a2a_stub.ListTasks(listing, metadata=md, timeout=TIMEOUT_S)
         assert {task.id for task in every.tasks} == {sent.id, second.id}
-        # Only tasks whose status changed after the given time.
-        listing.status_timestamp_after.CopyFrom(sent.status.timestamp)
+        assert every.total_size == 2
+        # Only tasks whose status changed at or after the given time (A2A: "greater than
+        # or equal").
+        listing.status_timestamp_after.CopyFrom(second.status.timestamp)
         later = await a2a_stub.ListTasks(listing, metadata=md, timeout=TIMEOUT_S)
         assert [task.id for task in later.tasks] == [second.id]
+        assert later.total_size == 1
+        after_both = second.status.timestamp.ToNanoseconds() + 1000
+        listing.status_timestamp_after.FromNanoseconds(after_both)
+        none = await a2a_stub.ListTasks(listing, metadata=md, timeout=TIMEOUT_S)
+        assert (list(none.tasks), none.total_size) == ([], 0)
 
 
 async def test_a_message_id_sent_twice_is_one_task(agent: Agent) -> None:
@@ -337,7 +344,7 @@ async def test_strangers_viewers_and_malformed_names(agent: Agent) -> None:
         # Malformed names and content: precise field violations.
         cases: list[tuple[Any, Any, list[str]]] = [
             (stub.GetTask, a2a.GetTaskRequest(tenant="nope", id=done.task.id), ["tenant"]),
-            (stub.GetTask, a2a.GetTaskRequest(tenant=agent.tenant, id="a/b"), ["id"]),
+            (stub.GetTask, a2a.GetTaskRequest(tenant=agent.tenant, id=""), ["id"]),
             (
                 stub.SendMessage,
                 request("x", agent.tenant, context_id="A B"),
@@ -360,7 +367,9 @@ async def test_strangers_viewers_and_malformed_names(agent: Agent) -> None:
                 ),
                 ["message.role", "message.parts[0]"],
             ),
-            (stub.ListTasks, a2a.ListTasksRequest(tenant=agent.tenant), ["context_id"]),
+            (stub.ListTasks, a2a.ListTasksRequest(tenant=agent.tenant, page_size=0), ["page_size"]),
+            # No tenant, and this deployment names no root agent.
+            (stub.ListTasks, a2a.ListTasksRequest(), ["tenant"]),
         ]
         for method, bad, expected in cases:
             error = await refused(
@@ -400,9 +409,21 @@ async def test_the_sdk_client_gets_a2a_typed_errors(agent: Agent) -> None:
         with pytest.raises(UnsupportedOperationError):
             async for _ in editor.subscribe(a2a.SubscribeToTaskRequest(id=ended.id)):
                 pass
-        with pytest.raises(InvalidParamsError) as invalid:
+        # An id that is not this agent's kind names no task: not found (A2A), not invalid.
+        with pytest.raises(TaskNotFoundError):
             await editor.get_task(a2a.GetTaskRequest(id="no/slashes"))
-        assert [violation["field"] for violation in (invalid.value.data or {})["errors"]] == ["id"]
+        with pytest.raises(TaskNotFoundError):
+            await editor.cancel_task(a2a.CancelTaskRequest(id="nonexistent-task-id"))
+        with pytest.raises(InvalidParamsError) as invalid:
+            await editor.get_task(a2a.GetTaskRequest(id=ended.id, history_length=-1))
+        assert [v["field"] for v in (invalid.value.data or {})["errors"]] == ["history_length"]
+        # A text message on a task that ended: A2A's UNSUPPORTED_OPERATION (not a complaint
+        # about its parts, which would be read only for a task waiting for input).
+        again = a2a.SendMessageRequest(message=message("more", context_id=ended.context_id))
+        again.message.task_id = ended.id
+        with pytest.raises(UnsupportedOperationError):
+            async for _ in editor.send_message(again):
+                pass
         raw = a2a.Message(message_id="m-raw", role=a2a.ROLE_USER, parts=[a2a.Part(raw=b"\x00")])
         with pytest.raises(ContentTypeNotSupportedError):
             async for _ in editor.send_message(a2a.SendMessageRequest(message=raw)):
@@ -665,3 +686,228 @@ async def test_a_task_waiting_for_approval_is_input_required_and_continued_by_a_
                     a2a_stub.SendMessage(decide(approve), metadata=editor, timeout=TIMEOUT_S),
                     CODE.FAILED_PRECONDITION,
                 )
+
+
+async def test_subscribing_after_a_dropped_stream_sends_the_task_then_only_what_is_new(
+    agent: Agent,
+) -> None:
+    """A2A's SubscribeToTask, without the resume extension: the task as it stands (the
+    answer so far in its artifact), then only what happens after it. No state goes back
+    (no SUBMITTED after WORKING), no chunk already in the snapshot comes again, and the
+    first new chunk appends to the snapshot's answer."""
+    client = agent.client(agent.world.editor)
+    words = " ".join(f"word{index}" for index in range(12))
+    first: list[a2a.StreamResponse] = []
+    try:
+        stream = cast(
+            "AsyncGenerator[a2a.StreamResponse, None]",
+            client.send_message(request(words, agent.tenant, metadata={"delay_ms": 150})),
+        )
+        async for event in stream:
+            first.append(event)
+            if sum(e.HasField("artifact_update") for e in first) == 3:
+                break
+        await stream.aclose()  # the connection dropped after three chunks
+        task_id = first[0].task.id
+        again = [event async for event in client.subscribe(a2a.SubscribeToTaskRequest(id=task_id))]
+    finally:
+        await client.close()
+    snapshot, rest = again[0], again[1:]
+    assert snapshot.HasField("task")
+    assert snapshot.task.status.state == a2a.TASK_STATE_WORKING
+    so_far = answer_of(snapshot.task)
+    assert so_far.startswith(_text(first))  # the three chunks the client had, and any since
+    states = [e.status_update.status.state for e in rest if e.HasField("status_update")]
+    assert a2a.TASK_STATE_SUBMITTED not in states
+    assert states[-1] == a2a.TASK_STATE_COMPLETED
+    assert set(states) <= {a2a.TASK_STATE_WORKING, a2a.TASK_STATE_COMPLETED}
+    chunks = [e.artifact_update for e in rest if e.HasField("artifact_update")]
+    assert chunks, [e.WhichOneof("payload") for e in rest]
+    assert all(chunk.append for chunk in chunks)  # each adds to the snapshot's answer
+    async with aio.insecure_channel(agent.server.address) as channel:
+        got = await stub(channel).GetTask(
+            a2a.GetTaskRequest(tenant=agent.tenant, id=task_id),
+            metadata=agent.world.viewer.md,
+            timeout=TIMEOUT_S,
+        )
+    # Nothing twice, nothing missing.
+    assert so_far + _text(rest) == answer_of(got)
+    assert answer_of(got).startswith(words)
+
+
+async def test_list_tasks_spans_contexts_counts_pages_and_keeps_to_the_agent(
+    agent: Agent,
+) -> None:
+    """ListTasks without a context lists the agent's tasks in every context of its
+    workspace (not another assistant's), newest first, paged, with the real total; with
+    a context, that context's; a context no task has: none. Members read; a stranger
+    and an agent that does not exist are not found."""
+    world = agent.world
+    async with aio.insecure_channel(agent.server.address) as channel:
+        await dispatcher_stub(channel).CreateAssistant(
+            dpb.CreateAssistantRequest(
+                parent=world.name,
+                assistant_id="other",
+                assistant=dpb.Assistant(display_name="Other", handler="handlers/echo"),
+            ),
+            metadata=world.owner.md,
+            timeout=TIMEOUT_S,
+        )
+        a2a_stub, md = stub(channel), world.editor.md
+
+        async def send(text: str, tenant: str = agent.tenant, **fields: Any) -> a2a.Task:
+            sent = await a2a_stub.SendMessage(
+                request(text, tenant, **fields), metadata=md, timeout=TIMEOUT_S
+            )
+            task: a2a.Task = sent.task
+            return task
+
+        one = await send("one")
+        two = await send("two", context_id=one.context_id)
+        three = await send("three")
+        await send("not this agent's", tenant=f"{world.id}.other")
+
+        def listing(**fields: Any) -> a2a.ListTasksRequest:
+            return a2a.ListTasksRequest(tenant=agent.tenant, **fields)
+
+        page = await a2a_stub.ListTasks(
+            listing(page_size=2), metadata=world.viewer.md, timeout=TIMEOUT_S
+        )
+        assert [task.id for task in page.tasks] == [three.id, two.id]
+        assert (page.total_size, page.page_size) == (3, 2)
+        assert page.next_page_token
+        rest = await a2a_stub.ListTasks(
+            listing(page_size=2, page_token=page.next_page_token), metadata=md, timeout=TIMEOUT_S
+        )
+        assert [task.id for task in rest.tasks] == [one.id]
+        assert (rest.total_size, rest.next_page_token) == (3, "")
+        assert not rest.tasks[0].artifacts  # unless asked for
+        context = await a2a_stub.ListTasks(
+            listing(context_id=one.context_id, include_artifacts=True),
+            metadata=md,
+            timeout=TIMEOUT_S,
+        )
+        assert [task.id for task in context.tasks] == [two.id, one.id]
+        assert (context.total_size, context.page_size) == (2, 50)  # A2A's default page
+        assert answer_of(context.tasks[1]).startswith("one")
+        completed = await a2a_stub.ListTasks(
+            listing(status=a2a.TASK_STATE_COMPLETED), metadata=md, timeout=TIMEOUT_S
+        )
+        assert completed.total_size == 3
+        for nobody in ("nosuchcontext", "Not An Id"):
+            empty = await a2a_stub.ListTasks(
+                listing(context_id=nobody), metadata=md, timeout=TIMEOUT_S
+            )
+            assert (list(empty.tasks), empty.total_size, empty.next_page_token) == ([], 0, "")
+        # A token is for the request it came from.
+        error = await refused(
+            a2a_stub.ListTasks(
+                listing(page_size=2, page_token=page.next_page_token, context_id=one.context_id),
+                metadata=md,
+                timeout=TIMEOUT_S,
+            ),
+            CODE.INVALID_ARGUMENT,
+        )
+        assert fields(error) == ["page_token"]
+        for who, tenant in (
+            (world.outsider.md, agent.tenant),
+            (md, f"{world.id}.nosuchagent"),
+        ):
+            error = await refused(
+                a2a_stub.ListTasks(
+                    a2a.ListTasksRequest(tenant=tenant), metadata=who, timeout=TIMEOUT_S
+                ),
+                CODE.NOT_FOUND,
+            )
+            # A2A's reason, so that an HTTP+JSON client does not read "no such method".
+            assert _reasons(error)[0] == ("a2a-protocol.org", "INVALID_PARAMS")
+
+
+async def test_every_error_names_what_the_a2a_caller_sent(agent: Agent) -> None:
+    """Errors raised about the requests the front door makes for an A2A caller (the
+    dispatcher's SendMessage, the conversation it creates) name the caller's fields and
+    A2A's ids, never Switchboard's ``request_id``, ``conversation`` or resource names."""
+    world = agent.world
+    async with aio.insecure_channel(agent.server.address) as channel:
+        a2a_stub, md = stub(channel), world.editor.md
+        first = await a2a_stub.SendMessage(
+            request("the first text", agent.tenant, message_id="same-id"),
+            metadata=md,
+            timeout=TIMEOUT_S,
+        )
+        reused = await refused(
+            a2a_stub.SendMessage(
+                request("other text", agent.tenant, message_id="same-id"),
+                metadata=md,
+                timeout=TIMEOUT_S,
+            ),
+            CODE.INVALID_ARGUMENT,
+        )
+        assert fields(reused) == ["message.message_id"]
+        assert (reused.details() or "").startswith("message.message_id ")
+        missing_context = await refused(
+            a2a_stub.SendMessage(
+                request("hi", agent.tenant, context_id="nosuchcontext"),
+                metadata=md,
+                timeout=TIMEOUT_S,
+            ),
+            CODE.NOT_FOUND,
+        )
+        missing_agent = await refused(
+            a2a_stub.SendMessage(
+                request("hi", f"{world.id}.nosuchagent"), metadata=md, timeout=TIMEOUT_S
+            ),
+            CODE.NOT_FOUND,
+        )
+        missing_task = await refused(
+            a2a_stub.GetTask(
+                a2a.GetTaskRequest(tenant=agent.tenant, id=f"{first.task.context_id}.nosuchrun"),
+                metadata=md,
+                timeout=TIMEOUT_S,
+            ),
+            CODE.NOT_FOUND,
+        )
+        wrong_context = a2a.SendMessageRequest(
+            tenant=agent.tenant, message=message("more", context_id="someothercontext")
+        )
+        wrong_context.message.task_id = first.task.id
+        mismatch = await refused(
+            a2a_stub.SendMessage(wrong_context, metadata=md, timeout=TIMEOUT_S),
+            CODE.INVALID_ARGUMENT,
+        )
+        assert fields(mismatch) == ["message.context_id"]
+    assert _reasons(missing_context)[0] == ("a2a-protocol.org", "INVALID_PARAMS")
+    assert _reasons(missing_agent)[0] == ("a2a-protocol.org", "INVALID_PARAMS")
+    assert _reasons(missing_task)[0] == ("a2a-protocol.org", "TASK_NOT_FOUND")
+    assert "context nosuchcontext" in (missing_context.details() or "")
+    assert f"agent {world.id}.nosuchagent" in (missing_agent.details() or "")
+    for error in (reused, missing_context, missing_agent, missing_task, mismatch):
+        text = error.details() or ""
+        for internal in ("request_id", "conversation", "workspaces/", "runs/", "assistants/"):
+            assert internal not in text, text
+
+
+async def test_a_run_stopped_at_its_deadline_is_a_failed_task_that_ends() -> None:
+    """A run that hits its deadline ends DEADLINE_EXCEEDED: for A2A a failed task, so a
+    blocking send returns it and a stream ends with it (neither waits forever)."""
+    async with running_agent(dispatcher_default_timeout_s=0.5) as slow:
+        client = slow.client(slow.world.editor)
+        try:
+            events = [
+                event
+                async for event in client.send_message(
+                    request("too slow words", slow.tenant, metadata={"delay_ms": 5_000})
+                )
+            ]
+        finally:
+            await client.close()
+        final = events[-1].status_update.status
+        assert final.state == a2a.TASK_STATE_FAILED
+        assert "DEADLINE_EXCEEDED" in final.message.parts[0].text
+        async with aio.insecure_channel(slow.server.address) as channel:
+            blocking = await stub(channel).SendMessage(
+                request("too slow again", slow.tenant, metadata={"delay_ms": 5_000}),
+                metadata=slow.world.editor.md,
+                timeout=TIMEOUT_S,
+            )
+        assert blocking.task.status.state == a2a.TASK_STATE_FAILED

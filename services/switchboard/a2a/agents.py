@@ -13,7 +13,6 @@ stream keeps its run authorized through an access grant, as ``WatchRun`` does.
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -28,21 +27,33 @@ from switchboard.platform import names
 from switchboard.platform.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from switchboard.platform.security.accesswatch import AccessWatch
 from switchboard.platform.security.policy import Permission, Policy, Principal
-from switchboard.platform.store import pagination
 
-#: Run states a blocking SendMessage returns at (A2A: terminal or interrupted).
-_SETTLED: Final = frozenset(
+#: The run states a task ends in (A2A's terminal states).
+_ENDED: Final = frozenset(
     {
         pb.RUN_STATE_SUCCEEDED,
         pb.RUN_STATE_FAILED,
         pb.RUN_STATE_CANCELLED,
-        pb.RUN_STATE_REQUIRES_ACTION,
+        pb.RUN_STATE_DEADLINE_EXCEEDED,
     }
 )
+#: Run states a blocking SendMessage returns at (A2A: terminal or interrupted).
+_SETTLED: Final = _ENDED | {pb.RUN_STATE_REQUIRES_ACTION}
 #: Output modes a client may accept to get the answer (it is plain text).
 _TEXT_MODES: Final = frozenset({"text/plain", "text/*", "*/*", "text"})
-_ENDED: Final = frozenset({pb.RUN_STATE_SUCCEEDED, pb.RUN_STATE_FAILED, pb.RUN_STATE_CANCELLED})
+#: ListTasks' page size when the request names none, and the most (A2A's numbers).
+DEFAULT_PAGE: Final = 50
 MAX_PAGE: Final = 100
+#: How far along its life a task state is: one stream never sends a state of a lower
+#: rank after a higher one (a run queued again after a restart stays "working").
+_RANK: Final[dict[int, int]] = {
+    a2a.TASK_STATE_SUBMITTED: 0,
+    a2a.TASK_STATE_WORKING: 1,
+    a2a.TASK_STATE_INPUT_REQUIRED: 1,
+}
+_FINAL_RANK: Final = 2
+#: A run update's stream events, each with its task state (None: an answer chunk).
+_Events = list[tuple[a2a.StreamResponse, int | None]]
 _PUSH_FIELD: Final = "configuration.task_push_notification_config"
 
 
@@ -206,14 +217,23 @@ class Agents:
         in any other state is refused.
         """
         name = mapping.run_name(workspace, message.task_id, "message.task_id")
+        if message.context_id and message.context_id != mapping.context_id(name):
+            # A2A: a context that is not the task's is refused, not ignored.
+            description = "is not the context of message.task_id"
+            raise InvalidArgument(
+                f"message.context_id {description}",
+                [FieldViolation("message.context_id", description)],
+            )
         await self._policy.authorize(principal, name, Permission.WRITE, "message.task_id")
-        approvals = mapping.approvals_in(message, name)
         current = await self._runs.get_run(principal, name)
         if current.state != pb.RUN_STATE_REQUIRES_ACTION:
+            # Whatever the message holds: A2A's UNSUPPORTED_OPERATION for a task that
+            # takes no more input (the servicer tags it), before its parts are read.
             raise FailedPrecondition(
                 f"task {message.task_id} is not waiting for input (A2A state "
                 f"{a2a.TaskState.Name(mapping.STATES.get(current.state, 0))})"
             )
+        approvals = mapping.approvals_in(message, name)
         run = await self._runs.submit_tool_approvals(principal, approvals)
         return run, run.last_sequence
 
@@ -228,15 +248,16 @@ class Agents:
                 run = update.state_change.run
                 if run.state in _SETTLED:
                     break
-        configuration = request.configuration
-        history = configuration.history_length if configuration.HasField("history_length") else None
+        history = _history_length(request.configuration, "configuration.history_length")
         return a2a.SendMessageResponse(task=await self._task(principal, run, history=history))
 
     async def stream(
         self, principal: Principal, request: a2a.SendMessageRequest
     ) -> AsyncIterator[a2a.StreamResponse]:
-        run, after = await self._admit(principal, request)
-        async for response in self._relay(principal, run, (after, 1)):
+        run, _ = await self._admit(principal, request)
+        # The task as admitted (or, for a message id sent again, as it stands now),
+        # then what happens next.
+        async for response in self._relay(principal, run, None):
             yield response
 
     # -- tasks ------------------------------------------------------------------------------
@@ -244,9 +265,9 @@ class Agents:
     async def get(self, principal: Principal, request: a2a.GetTaskRequest) -> a2a.Task:
         workspace, _ = mapping.agent(request.tenant)
         name = mapping.run_name(workspace, request.id)
+        history = _history_length(request, "history_length")
         await self._policy.authorize(principal, name, Permission.READ, "id")
         run = await self._runs.get_run(principal, name)
-        history = request.history_length if request.HasField("history_length") else None
         return await self._task(principal, run, history=history)
 
     async def cancel(self, principal: Principal, request: a2a.CancelTaskRequest) -> a2a.Task:
@@ -264,44 +285,44 @@ class Agents:
     async def list(
         self, principal: Principal, request: a2a.ListTasksRequest
     ) -> a2a.ListTasksResponse:
+        """The agent's tasks the caller may read, newest first: in one context, or in
+        every context of the agent's workspace; ``total_size`` counts them all."""
         workspace, assistant = mapping.agent(request.tenant)
-        if not request.context_id:
-            description = "is required: tasks are listed per context (docs/a2a.md)"
-            raise InvalidArgument(
-                f"context_id {description}", [FieldViolation("context_id", description)]
-            )
-        conversation = mapping.conversation_name(workspace, request.context_id, "context_id")
-        await self._policy.authorize(principal, conversation, Permission.READ, "context_id")
-        size = pagination.page_size(
-            request.page_size if request.HasField("page_size") else 0, default=20, maximum=MAX_PAGE
+        await self._policy.authorize(principal, assistant, Permission.READ, "tenant")
+        # Not found (to a member too) for an agent that does not exist.
+        await self._runs.assistant(principal, assistant)
+        size = _page_size(request)
+        history = _history_length(request, "history_length") or 0
+        empty = a2a.ListTasksResponse(page_size=size)
+        parent = workspace
+        if request.context_id:
+            if not mapping.CONTEXT_ID.fullmatch(request.context_id):
+                return empty  # no context of this agent has that id, so no task either
+            parent = f"{workspace}/conversations/{request.context_id}"
+        listing = pb.ListRunsRequest(
+            parent=parent, page_size=size, page_token=request.page_token, assistant=assistant
         )
-        states = []
         if request.status:
             state = mapping.RUN_STATES.get(request.status)
             if state is None:
-                return a2a.ListTasksResponse(page_size=size)
-            states.append(state)
-        listed = await self._runs.list_runs(
-            principal,
-            pb.ListRunsRequest(
-                parent=conversation, page_size=size, page_token=request.page_token, states=states
-            ),
-        )
-        history = request.history_length if request.HasField("history_length") else 0
+                return empty  # a state no run of this agent is ever in
+            listing.states.append(state)
+            if state == pb.RUN_STATE_FAILED:
+                listing.states.append(pb.RUN_STATE_DEADLINE_EXCEEDED)
+        if request.HasField("status_timestamp_after"):
+            # A2A: a status timestamp at or after it; the runs' filter is strictly after.
+            at = request.status_timestamp_after
+            listing.state_changed_after.FromNanoseconds(max(0, at.ToNanoseconds() - 1000))
+        listed = await self._runs.list_runs(principal, listing)
         artifacts = request.include_artifacts if request.HasField("include_artifacts") else False
-        after = (
-            request.status_timestamp_after.ToDatetime(dt.UTC)
-            if request.HasField("status_timestamp_after")
-            else None
-        )
-        tasks = [
-            await self._task(principal, run, history=history, artifacts=artifacts)
-            for run in listed.runs
-            if run.assistant == assistant
-            and (after is None or mapping.status_time(run).ToDatetime(dt.UTC) > after)
-        ]
         return a2a.ListTasksResponse(
-            tasks=tasks, next_page_token=listed.next_page_token, page_size=size
+            tasks=[
+                await self._task(principal, run, history=history, artifacts=artifacts)
+                for run in listed.runs
+            ],
+            next_page_token=listed.next_page_token,
+            page_size=size,
+            total_size=listed.total_size,
         )
 
     async def subscribe(
@@ -319,49 +340,93 @@ class Agents:
         if run.state in _ENDED and after is None:
             # A2A: subscribing to a task in a terminal state is an error.
             raise FailedPrecondition(f"task {request.id} has ended; GetTask reads it")
-        async for response in self._relay(principal, run, after or mapping.START):
+        async for response in self._relay(principal, run, after):
             yield response
 
     # -- helpers ----------------------------------------------------------------------------
 
     async def _relay(
-        self, principal: Principal, run: pb.Run, after: mapping.Cursor
+        self, principal: Principal, run: pb.Run, after: mapping.Cursor | None
     ) -> AsyncIterator[a2a.StreamResponse]:
-        """The task first, then its events after ``after`` until it ends, under an access
-        grant."""
+        """The task first, then its events until it ends, under an access grant.
+
+        ``after`` None (A2A's SubscribeToTask, a streamed send): the task as ``run``
+        stands, its answer so far in the answer artifact, then only what happens
+        after it: the first new chunk appends to that answer. ``after`` a cursor (the
+        resume extension): the task without its answer, then every event after the
+        cursor, the first chunk appending to what the client holds. Either way a
+        state never goes back to an earlier one on the stream.
+        """
         grant = self._access.open(principal)
-        sequence, part = after
-        # Held: the first of update N's events only; its second comes from replaying N.
-        watch_after = sequence if part else max(0, sequence - 1)
         try:
             hold = await grant.hold(((run.name, "id"),), Permission.READ)
-            yield a2a.StreamResponse(task=await self._task(principal, run, answer=False))
-            # A resumed stream continues an answer its client already holds part of.
-            streamed = after != mapping.START
-            updates = self._runs.watch(principal, run.name, watch_after)
-            async for update in hold.guard(updates):
-                if update is None:
-                    continue
-                kind = update.WhichOneof("update")
-                first: mapping.Cursor = (update.sequence, 0)
-                if kind == "delta" and update.delta.text and first > after:
-                    yield mapping.chunk(run.name, update.delta.text, first, append=streamed)
-                    streamed = True
-                elif kind == "state_change":
-                    changed = update.state_change.run
-                    status_at = first
-                    if changed.state == pb.RUN_STATE_SUCCEEDED:
-                        status_at = (update.sequence, 1)
-                        if first > after:
-                            # The answer's last chunk: empty after streamed deltas, else all.
-                            text = "" if streamed else await self._answer(principal, changed)
-                            yield mapping.chunk(run.name, text, first, append=streamed, last=True)
-                    if status_at > after:
-                        yield mapping.status_event(changed, status_at)
-                    if changed.state in _ENDED:
-                        return
+            pending: pb.RunUpdate | None = None
+            if after is None:
+                # Everything up to the run's sequence is history: read from the start
+                # for the answer so far, sent in the snapshot, never again as chunks.
+                seen: mapping.Cursor = (run.last_sequence, 1)
+                updates = hold.guard(self._runs.watch(principal, run.name, 0))
+                so_far, pending = await _history(updates, seen)
+                snapshot = await self._snapshot(principal, run, so_far)
+                streamed = bool(snapshot.task.artifacts)
+            else:
+                sequence, part = seen = after
+                # Held: the first of update N's events only; its second comes from N.
+                watch_after = sequence if part else max(0, sequence - 1)
+                updates = hold.guard(self._runs.watch(principal, run.name, watch_after))
+                snapshot = a2a.StreamResponse(task=await self._task(principal, run, answer=False))
+                # A resumed stream continues an answer its client already holds part of.
+                streamed = after != mapping.START
+            yield snapshot
+            rank = _rank(snapshot.task.status.state)
+            async for update in _then(pending, updates):
+                for event, state in await self._events(principal, update, seen, streamed):
+                    if state is None:
+                        streamed = True
+                    elif _rank(state) < rank:
+                        continue  # never backwards on one stream
+                    else:
+                        rank = _rank(state)
+                    yield event
+                changed = update.state_change.run
+                if update.WhichOneof("update") == "state_change" and changed.state in _ENDED:
+                    return
         finally:
             grant.close()
+
+    async def _snapshot(self, principal: Principal, run: pb.Run, so_far: str) -> a2a.StreamResponse:
+        """The task as a stream starts with it: a succeeded run's whole answer, else the
+        answer streamed so far (none: no artifact)."""
+        task = await self._task(principal, run, answer=run.state == pb.RUN_STATE_SUCCEEDED)
+        if run.state != pb.RUN_STATE_SUCCEEDED and so_far:
+            task.artifacts.append(mapping.answer(so_far))
+        return a2a.StreamResponse(task=task)
+
+    async def _events(
+        self, principal: Principal, update: pb.RunUpdate, after: mapping.Cursor, streamed: bool
+    ) -> _Events:
+        """The stream events of one run update after ``after``: each with its task state,
+        None for a chunk. ``streamed``: the client holds part of the answer already."""
+        kind = update.WhichOneof("update")
+        first: mapping.Cursor = (update.sequence, 0)
+        run = update.run
+        if kind == "delta" and update.delta.text and first > after:
+            return [(mapping.chunk(run, update.delta.text, first, append=streamed), None)]
+        if kind != "state_change":
+            return []
+        changed = update.state_change.run
+        events: _Events = []
+        status_at = first
+        if changed.state == pb.RUN_STATE_SUCCEEDED:
+            status_at = (update.sequence, 1)
+            if first > after:
+                # The answer's last chunk: empty after streamed deltas, else all of it.
+                text = "" if streamed else await self._answer(principal, changed)
+                events.append((mapping.chunk(run, text, first, append=streamed, last=True), None))
+        if status_at > after:
+            state = mapping.STATES.get(changed.state, a2a.TASK_STATE_UNSPECIFIED)
+            events.append((mapping.status_event(changed, status_at), state))
+        return events
 
     async def _answer(self, principal: Principal, run: pb.Run) -> str:
         return await self._texts.text(principal, run.output_message) if run.output_message else ""
@@ -382,6 +447,69 @@ class Agents:
         if answer and artifacts and run.state == pb.RUN_STATE_SUCCEEDED:
             text = await self._answer(principal, run)
         return mapping.task(run, question, text)
+
+
+def _rank(state: int) -> int:
+    return _RANK.get(state, _FINAL_RANK)
+
+
+async def _history(
+    updates: AsyncIterator[pb.RunUpdate | None], seen: mapping.Cursor
+) -> tuple[str, pb.RunUpdate | None]:
+    """The answer streamed up to ``seen`` (a snapshot's sequence), read from ``updates``
+    until they reach it, go quiet (a heartbeat) or end; and the first update past it,
+    if that is what came."""
+    parts: list[str] = []
+    async for update in updates:
+        if update is None:
+            break
+        if (update.sequence, 1) > seen:
+            return "".join(parts), update
+        if update.WhichOneof("update") == "delta":
+            parts.append(update.delta.text)
+        if (update.sequence, 1) == seen:
+            break
+    return "".join(parts), None
+
+
+async def _then(
+    first: pb.RunUpdate | None, updates: AsyncIterator[pb.RunUpdate | None]
+) -> AsyncIterator[pb.RunUpdate]:
+    """``first`` (if any), then the rest of ``updates``, heartbeats left out."""
+    if first is not None:
+        yield first
+    async for update in updates:
+        if update is not None:
+            yield update
+
+
+class _WithHistory(Protocol):
+    history_length: int
+
+    def HasField(self, field_name: str) -> bool: ...
+
+
+def _history_length(request: _WithHistory, field: str) -> int | None:
+    """How many messages of history a task is answered with: None when not asked (all of
+    it), else the number; a negative one is INVALID_PARAMS."""
+    if not request.HasField("history_length"):
+        return None
+    if request.history_length < 0:
+        description = "must not be negative"
+        raise InvalidArgument(f"{field} {description}", [FieldViolation(field, description)])
+    return request.history_length
+
+
+def _page_size(request: a2a.ListTasksRequest) -> int:
+    """ListTasks' page size: A2A's default when unset, else 1-100 (INVALID_PARAMS)."""
+    if not request.HasField("page_size"):
+        return DEFAULT_PAGE
+    if not 1 <= request.page_size <= MAX_PAGE:
+        description = f"must be between 1 and {MAX_PAGE}"
+        raise InvalidArgument(
+            f"page_size {description}", [FieldViolation("page_size", description)]
+        )
+    return request.page_size
 
 
 def _acceptable(configuration: a2a.SendMessageConfiguration) -> None:

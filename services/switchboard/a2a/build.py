@@ -82,10 +82,13 @@ async def build(settings: Settings, shared: Shared) -> tuple[ServiceRegistration
         allow_plain_http=egress.allow_loopback or egress.allow_private,
     )
     agents = Agents(runs, texts, shared.policy, shared.access, interfaces, push)
+    root = settings.a2a_root_agent
     return (
-        ServiceRegistration(servicer.SERVICE, servicer.A2AServiceServicer(agents), on_bound=bound),
+        ServiceRegistration(
+            servicer.SERVICE, servicer.A2AServiceServicer(agents, root), on_bound=bound
+        ),
         ServiceRegistration(
             cardservicer.SERVICE,
-            cardservicer.AgentCardServiceServicer(PublicCards(settings.public_url)),
+            cardservicer.AgentCardServiceServicer(PublicCards(settings.public_url, root)),
         ),
     )

@@ -15,7 +15,7 @@ from switchboard.a2a import errors
 from switchboard.a2a.publiccard import PublicCards, forwarded
 from switchboard.api.agentcard.v1 import agentcard_pb2 as pb
 from switchboard.api.agentcard.v1 import agentcard_pb2_grpc
-from switchboard.platform.errors import SwitchboardError
+from switchboard.platform.errors import InvalidArgument
 
 SERVICE = pb.DESCRIPTOR.services_by_name["AgentCardService"]
 
@@ -32,6 +32,7 @@ class AgentCardServiceServicer(agentcard_pb2_grpc.AgentCardServiceServicer):
         proto, host = forwarded(context.invocation_metadata() or ())
         try:
             return self._cards.document(request.tenant, proto, host)
-        except SwitchboardError as error:
-            # A2A clients read the card's errors as they read the agent's.
+        except InvalidArgument as error:
+            # A2A clients read the card's errors as they read the agent's. (No root
+            # agent is no card at all: a plain NOT_FOUND.)
             raise errors.tagged(error, "GetPublicAgentCard", names_task=False) from None

@@ -7,10 +7,18 @@ carries both (``platform/errors.ForeignReason``): ours says what went wrong in
 Switchboard's terms where it was raised, A2A's is chosen here from the kind of
 error and the method, in the A2A specification's table (section "Error
 handling": its gRPC codes are the ones Switchboard's errors already have).
+
+An A2A caller never sent a ``request_id`` or a ``conversation``: an error the
+dispatcher or the context service raised about the request the front door made
+for it is put back in the caller's terms (``in_a2a_terms``): its field violations
+name the A2A request's fields, its message names tasks, contexts and agents by
+their A2A ids, never by Switchboard's resource names.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Collection, Mapping
 from typing import Final
 
 from switchboard.platform.errors import (
@@ -35,6 +43,8 @@ VERSION_HEADER: Final = "a2a-version"
 #: The versions served: A2A v1 (``lf.a2a.v1``). A client that names none is taken
 #: to speak it too: the official SDKs' gRPC transports send no version.
 VERSIONS: Final = frozenset({"1.0", "1"})
+#: The most of a caller's id an error message repeats.
+_ID_SHOWN: Final = 80
 
 
 def check_version(value: str) -> None:
@@ -55,19 +65,85 @@ def content_refused(violations: list[FieldViolation]) -> InvalidArgument:
     return error
 
 
+def task_not_found(task_id: str) -> NotFound:
+    """The task a caller named does not exist for it: A2A's TASK_NOT_FOUND, also for an id
+    that is not in this agent's format (no task has it)."""
+    error = NotFound(f"task {task_id[:_ID_SHOWN]!r} not found")
+    error.foreign = TASK_NOT_FOUND
+    return error
+
+
 def tagged(error: SwitchboardError, method: str, *, names_task: bool) -> SwitchboardError:
     """``error`` with A2A's reason for it, when A2A has one (the same object).
 
     ``names_task``: the request names an existing task (GetTask, a message on a
-    task ...), so a NOT_FOUND is about that task.
+    task ...), so a NOT_FOUND is about that task. A NOT_FOUND about the agent or a
+    context is ``INVALID_PARAMS``: A2A has no error for them, and without a reason
+    of A2A's an HTTP+JSON client reads a 404 as "no such method".
     """
     if error.foreign is not None:
         return error
     if isinstance(error, InvalidArgument):
         error.foreign = INVALID_PARAMS
-    elif isinstance(error, NotFound) and names_task:
-        error.foreign = TASK_NOT_FOUND
+    elif isinstance(error, NotFound):
+        error.foreign = TASK_NOT_FOUND if names_task else INVALID_PARAMS
     elif isinstance(error, FailedPrecondition) and names_task:
         # A task that ended cannot be cancelled, subscribed to or continued.
         error.foreign = TASK_NOT_CANCELABLE if method == "CancelTask" else UNSUPPORTED_OPERATION
+    return error
+
+
+#: Switchboard's resource names as they appear in messages: a run, a conversation, an
+#: assistant, a workspace (longest first, so a run is not read as its conversation).
+_RUN_NAME: Final = re.compile(
+    r"workspaces/([a-z0-9-]+)/conversations/([a-z0-9-]+)/runs/([a-z0-9-]+)"
+)
+_CONVERSATION_NAME: Final = re.compile(r"workspaces/([a-z0-9-]+)/conversations/([a-z0-9-]+)")
+_ASSISTANT_NAME: Final = re.compile(r"workspaces/([a-z0-9-]+)/assistants/([a-z0-9-]+)")
+_WORKSPACE_NAME: Final = re.compile(r"workspaces/([a-z0-9-]+)")
+_FIELD_ROOT: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def a2a_text(text: str) -> str:
+    """``text`` with Switchboard's resource names replaced by what A2A calls them."""
+    text = _RUN_NAME.sub(lambda m: f"task {m[2]}.{m[3]}", text)
+    text = _CONVERSATION_NAME.sub(lambda m: f"context {m[2]}", text)
+    text = _ASSISTANT_NAME.sub(lambda m: f"agent {m[1]}.{m[2]}", text)
+    return _WORKSPACE_NAME.sub(lambda m: f"the agent's workspace {m[1]}", text)
+
+
+def a2a_field(field: str, renames: Mapping[str, str], fields: Collection[str]) -> str:
+    """``field`` as the A2A request names it: a Switchboard field the front door filled
+    in from the caller's (``renames``: its root to the A2A path it came from) is named
+    by that; a field of the A2A request (``fields``: its roots, and the call metadata
+    the caller sent) stays; anything else the caller never sent is the request itself
+    ("")."""
+    root = _FIELD_ROOT.match(field)
+    head = root[0] if root else ""
+    if head in renames:
+        target = renames[head]
+        return target + field[len(head) :] if target else ""
+    if field in fields or head in fields:
+        return field
+    return ""
+
+
+def in_a2a_terms(
+    error: SwitchboardError, renames: Mapping[str, str], fields: Collection[str]
+) -> SwitchboardError:
+    """``error`` as an A2A caller must read it: violations on the A2A request's fields,
+    A2A's ids in the message. The same object unless a violation had to be renamed."""
+    if isinstance(error, InvalidArgument) and error.violations:
+        violations = [
+            FieldViolation(a2a_field(v.field, renames, fields), a2a_text(v.description))
+            for v in error.violations
+        ]
+        if violations != list(error.violations):
+            first = violations[0]
+            message = f"{first.field} {first.description}" if first.field else first.description
+            renamed = InvalidArgument(message, violations, metadata=error.metadata)
+            renamed.foreign = error.foreign
+            return renamed
+    error.message = a2a_text(error.message)
+    error.args = (error.message,)
     return error

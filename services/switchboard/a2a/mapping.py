@@ -58,9 +58,14 @@ STATES: Final = {
     pb.RUN_STATE_SUCCEEDED: a2a.TASK_STATE_COMPLETED,
     pb.RUN_STATE_FAILED: a2a.TASK_STATE_FAILED,
     pb.RUN_STATE_CANCELLED: a2a.TASK_STATE_CANCELED,
+    # A run stopped at its deadline failed, as far as A2A can say.
+    pb.RUN_STATE_DEADLINE_EXCEEDED: a2a.TASK_STATE_FAILED,
 }
-#: What ListTasks' ``status`` filter asks the run store for.
-RUN_STATES: Final = {task: run for run, task in STATES.items()}
+#: What ListTasks' ``status`` filter asks the run store for (failed: with the runs
+#: stopped at their deadline, ``agents.list``).
+RUN_STATES: Final = {
+    task: run for run, task in STATES.items() if run != pb.RUN_STATE_DEADLINE_EXCEEDED
+}
 
 
 def _required(value: str, field: str) -> None:
@@ -69,8 +74,16 @@ def _required(value: str, field: str) -> None:
 
 
 def agent(tenant: str) -> tuple[str, str]:
-    """``(workspace name, assistant name)`` of ``tenant``, or INVALID_ARGUMENT."""
-    _required(tenant, "tenant")
+    """``(workspace name, assistant name)`` of ``tenant``, or INVALID_ARGUMENT.
+
+    An empty tenant has been given the deployment's root agent, if it names one,
+    before this (``servicer``)."""
+    if not tenant:
+        description = (
+            "is required: name the agent as {workspace}.{assistant}, as its card's "
+            "interface does (this deployment serves no agent without a tenant)"
+        )
+        raise InvalidArgument(f"tenant {description}", [FieldViolation("tenant", description)])
     found = TENANT.fullmatch(tenant)
     if found is None:
         description = "must be {workspace}.{assistant}, as the agent's card names it"
@@ -88,12 +101,13 @@ def tenant_of(assistant: str) -> str:
 
 
 def run_name(workspace: str, task_id: str, field: str = "id") -> str:
-    """The run a task id names in ``workspace``, or INVALID_ARGUMENT naming ``field``."""
+    """The run a task id names in ``workspace``; INVALID_ARGUMENT naming ``field`` when
+    it is missing, TASK_NOT_FOUND when it is not this agent's kind of id (A2A: a task
+    id that names no task is not found, whatever it looks like)."""
     _required(task_id, field)
     found = TASK_ID.fullmatch(task_id)
     if found is None:
-        description = "is not a task id of this agent ({conversation}.{run})"
-        raise InvalidArgument(f"{field} {description}", [FieldViolation(field, description)])
+        raise errors.task_not_found(task_id)
     return f"{workspace}/conversations/{found[1]}/runs/{found[2]}"
 
 
@@ -166,7 +180,10 @@ def status(run: pb.Run) -> a2a.TaskStatus:
     found.timestamp.CopyFrom(status_time(run))
     if run.state == pb.RUN_STATE_REQUIRES_ACTION:
         found.message.CopyFrom(approval_request(run))
-    elif run.state in (pb.RUN_STATE_FAILED, pb.RUN_STATE_CANCELLED) and run.error.code:
+    elif (
+        run.state in (pb.RUN_STATE_FAILED, pb.RUN_STATE_CANCELLED, pb.RUN_STATE_DEADLINE_EXCEEDED)
+        and run.error.code
+    ):
         found.message.CopyFrom(
             a2a.Message(
                 message_id=f"{task_id(run.name)}.status",

@@ -8,6 +8,13 @@ the same for every well-formed tenant: where and how to call (the edge's
 interfaces with that tenant), which credentials are accepted, and what the
 protocol offers. The assistant's name, description and skills are in the
 extended card (``GetExtendedAgentCard``), which authorizes the caller first.
+
+The root card (no tenant) is the deployment's root agent's
+(``SWITCHBOARD_A2A_ROOT_AGENT``): its interfaces name no tenant, so a generic
+client built from it sends none, and the servicer gives such requests to that
+agent. A deployment that names no root agent has no root card (NOT_FOUND,
+saying where the agents' cards are): a card whose interfaces fail every call
+would only mislead a client.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from google.protobuf import json_format
 from a2a.types import a2a_pb2 as a2a
 from switchboard.a2a import mapping
 from switchboard.a2a.agents import agent_card
+from switchboard.platform.errors import NotFound
 
 #: A2A's protocol version the interfaces speak (the SDK's ``PROTOCOL_VERSION_CURRENT``).
 PROTOCOL_VERSION: Final = "1.0"
@@ -95,15 +103,22 @@ def edge_of(configured: str, proto: str, host: str) -> Edge:
 
 
 class PublicCards:
-    def __init__(self, configured_url: str) -> None:
+    def __init__(self, configured_url: str, root_agent: str = "") -> None:
         self._configured = configured_url
+        self._root = root_agent
 
     def card(self, tenant: str, edge: Edge) -> a2a.AgentCard:
-        """The card for ``tenant`` (empty: the server's, naming no tenant). A malformed
-        tenant is INVALID_ARGUMENT; a well-formed one gets the card whether or not its
-        workspace and assistant exist."""
+        """The card for ``tenant`` (empty: the root agent's, naming no tenant; NOT_FOUND
+        when there is none). A malformed tenant is INVALID_ARGUMENT; a well-formed one
+        gets the card whether or not its workspace and assistant exist."""
         if tenant:
             mapping.agent(tenant)
+        elif not self._root:
+            raise NotFound(
+                "this deployment serves no agent at its root: each agent's card is at "
+                "/{workspace}.{assistant}/.well-known/agent-card.json (an operator names a "
+                "root agent with SWITCHBOARD_A2A_ROOT_AGENT)"
+            )
         card = agent_card(
             name="Switchboard agent",
             description=(

@@ -3,14 +3,21 @@
 The messages and the service come from the official ``a2a-sdk`` (``a2a.types``),
 pinned in pyproject.toml: the contract is A2A's, not ours. Push notification
 configs are per-task webhooks (``push.py``).
+
+A request without a ``tenant`` is for the deployment's root agent
+(``SWITCHBOARD_A2A_ROOT_AGENT``), the one the root Agent Card serves, if it names
+one. Every error goes back in A2A's terms (``errors.in_a2a_terms``): the
+Switchboard fields the front door filled in from the caller's are named by those.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from typing import Final, Protocol
 
 from google.protobuf import empty_pb2
+from google.protobuf.message import Message
 from grpc import aio
 
 from a2a.types import a2a_pb2 as a2a
@@ -28,6 +35,52 @@ from switchboard.platform.security.authn import current_principal
 SERVICE = a2a.DESCRIPTOR.services_by_name["A2AService"]
 
 Context = aio.ServicerContext[object, object]
+
+#: The Switchboard request fields each method fills in from the caller's, by the A2A
+#: field they came from ("" for what the caller never sent: a run's cancel reason).
+_TASK: Final = {"name": "id", "reason": "", "after_sequence": mapping.AFTER_HEADER}
+_PUSH: Final = {"name": "task_id"}
+_RENAMES: Final[dict[str, Mapping[str, str]]] = {
+    "GetTask": _TASK,
+    "CancelTask": _TASK,
+    "SubscribeToTask": _TASK,
+    "GetExtendedAgentCard": {"name": "tenant"},
+    "CreateTaskPushNotificationConfig": _PUSH,
+    "GetTaskPushNotificationConfig": _PUSH,
+    "ListTaskPushNotificationConfigs": _PUSH,
+    "DeleteTaskPushNotificationConfig": _PUSH,
+}
+
+
+class _Tenanted(Protocol):
+    tenant: str
+
+
+def _send_renames(request: a2a.SendMessageRequest) -> Mapping[str, str]:
+    """A message becomes a conversation (if new), then SendMessage, or
+    SubmitToolApprovals for a message on a task (its decisions in the data part)."""
+    data = [i for i, part in enumerate(request.message.parts) if part.HasField("data")]
+    return {
+        "request_id": "message.message_id",
+        "conversation": "message.context_id",
+        "parent": "tenant",
+        "assistant": "tenant",
+        "parameters": "metadata",
+        "name": "message.task_id",
+        "approvals": f"message.parts[{data[0]}].data.approvals" if data else "message.parts",
+        "handler": "",
+        "timeout": "",
+        "concurrency_policy": "",
+    }
+
+
+def _list_renames(request: a2a.ListTasksRequest) -> Mapping[str, str]:
+    return {
+        "parent": "context_id" if request.context_id else "tenant",
+        "assistant": "tenant",
+        "states": "status",
+        "state_changed_after": "status_timestamp_after",
+    }
 
 
 def _resume_after(metadata: Iterable[tuple[str, str | bytes]]) -> mapping.Cursor | None:
@@ -57,52 +110,88 @@ def _resume_after(metadata: Iterable[tuple[str, str | bytes]]) -> mapping.Cursor
 
 
 @contextlib.contextmanager
-def _a2a(context: Context, method: str, *, names_task: bool = False) -> Iterator[None]:
-    """A2A's reason on every error the call raises (``errors.py``), and its version checked."""
+def _a2a(
+    context: Context,
+    method: str,
+    request: Message,
+    *,
+    names_task: bool = False,
+    renames: Mapping[str, str] | None = None,
+) -> Iterator[None]:
+    """A2A's reason on every error the call raises, in the A2A request's terms
+    (``errors.py``), and its version checked."""
     try:
         for key, value in context.invocation_metadata() or ():
             if key == errors.VERSION_HEADER and isinstance(value, str):
                 errors.check_version(value)
         yield
     except SwitchboardError as error:
-        raise errors.tagged(error, method, names_task=names_task) from None
+        fields = {field.name for field in request.DESCRIPTOR.fields} | {mapping.AFTER_HEADER}
+        if renames is None:
+            renames = _RENAMES.get(method, {})
+        named = errors.in_a2a_terms(error, renames, fields)
+        raise errors.tagged(named, method, names_task=names_task) from None
 
 
 class A2AServiceServicer(a2a_pb2_grpc.A2AServiceServicer):
-    def __init__(self, agents: Agents) -> None:
+    def __init__(self, agents: Agents, root_agent: str = "") -> None:
         self._agents = agents
+        #: The tenant of a request that names none (``SWITCHBOARD_A2A_ROOT_AGENT``).
+        self._root = root_agent
+
+    def _tenanted(self, request: _Tenanted) -> None:
+        if not request.tenant:
+            request.tenant = self._root
 
     async def SendMessage(
         self, request: a2a.SendMessageRequest, context: Context
     ) -> a2a.SendMessageResponse:
-        with _a2a(context, "SendMessage", names_task=bool(request.message.task_id)):
+        self._tenanted(request)
+        with _a2a(
+            context,
+            "SendMessage",
+            request,
+            names_task=bool(request.message.task_id),
+            renames=_send_renames(request),
+        ):
             return await self._agents.send(current_principal(), request)
 
     async def SendStreamingMessage(
         self, request: a2a.SendMessageRequest, context: Context
     ) -> AsyncIterator[a2a.StreamResponse]:
-        with _a2a(context, "SendStreamingMessage", names_task=bool(request.message.task_id)):
+        self._tenanted(request)
+        with _a2a(
+            context,
+            "SendStreamingMessage",
+            request,
+            names_task=bool(request.message.task_id),
+            renames=_send_renames(request),
+        ):
             async for response in self._agents.stream(current_principal(), request):
                 yield response
 
     async def GetTask(self, request: a2a.GetTaskRequest, context: Context) -> a2a.Task:
-        with _a2a(context, "GetTask", names_task=True):
+        self._tenanted(request)
+        with _a2a(context, "GetTask", request, names_task=True):
             return await self._agents.get(current_principal(), request)
 
     async def ListTasks(
         self, request: a2a.ListTasksRequest, context: Context
     ) -> a2a.ListTasksResponse:
-        with _a2a(context, "ListTasks"):
+        self._tenanted(request)
+        with _a2a(context, "ListTasks", request, renames=_list_renames(request)):
             return await self._agents.list(current_principal(), request)
 
     async def CancelTask(self, request: a2a.CancelTaskRequest, context: Context) -> a2a.Task:
-        with _a2a(context, "CancelTask", names_task=True):
+        self._tenanted(request)
+        with _a2a(context, "CancelTask", request, names_task=True):
             return await self._agents.cancel(current_principal(), request)
 
     async def SubscribeToTask(
         self, request: a2a.SubscribeToTaskRequest, context: Context
     ) -> AsyncIterator[a2a.StreamResponse]:
-        with _a2a(context, "SubscribeToTask", names_task=True):
+        self._tenanted(request)
+        with _a2a(context, "SubscribeToTask", request, names_task=True):
             after = _resume_after(context.invocation_metadata() or ())
             if after is not None:
                 # A2A: the extensions a server applied are named back to the client.
@@ -115,31 +204,36 @@ class A2AServiceServicer(a2a_pb2_grpc.A2AServiceServicer):
     async def GetExtendedAgentCard(
         self, request: a2a.GetExtendedAgentCardRequest, context: Context
     ) -> a2a.AgentCard:
-        with _a2a(context, "GetExtendedAgentCard"):
+        self._tenanted(request)
+        with _a2a(context, "GetExtendedAgentCard", request):
             via = forwarded(context.invocation_metadata() or ())
             return await self._agents.card(current_principal(), request.tenant, via)
 
     async def CreateTaskPushNotificationConfig(
         self, request: a2a.TaskPushNotificationConfig, context: Context
     ) -> a2a.TaskPushNotificationConfig:
-        with _a2a(context, "CreateTaskPushNotificationConfig", names_task=True):
+        self._tenanted(request)
+        with _a2a(context, "CreateTaskPushNotificationConfig", request, names_task=True):
             return await self._agents.push.create(current_principal(), request)
 
     async def GetTaskPushNotificationConfig(
         self, request: a2a.GetTaskPushNotificationConfigRequest, context: Context
     ) -> a2a.TaskPushNotificationConfig:
-        with _a2a(context, "GetTaskPushNotificationConfig", names_task=True):
+        self._tenanted(request)
+        with _a2a(context, "GetTaskPushNotificationConfig", request, names_task=True):
             return await self._agents.push.get(current_principal(), request)
 
     async def ListTaskPushNotificationConfigs(
         self, request: a2a.ListTaskPushNotificationConfigsRequest, context: Context
     ) -> a2a.ListTaskPushNotificationConfigsResponse:
-        with _a2a(context, "ListTaskPushNotificationConfigs", names_task=True):
+        self._tenanted(request)
+        with _a2a(context, "ListTaskPushNotificationConfigs", request, names_task=True):
             return await self._agents.push.list(current_principal(), request)
 
     async def DeleteTaskPushNotificationConfig(
         self, request: a2a.DeleteTaskPushNotificationConfigRequest, context: Context
     ) -> empty_pb2.Empty:
-        with _a2a(context, "DeleteTaskPushNotificationConfig", names_task=True):
+        self._tenanted(request)
+        with _a2a(context, "DeleteTaskPushNotificationConfig", request, names_task=True):
             await self._agents.push.delete(current_principal(), request)
             return empty_pb2.Empty()

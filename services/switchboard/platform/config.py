@@ -35,6 +35,8 @@ PREFIX = "SWITCHBOARD_"
 #: browser test writes its screenshot where the second says).
 NOT_SETTINGS = frozenset({"SWITCHBOARD_TOOLS_BIN", "SWITCHBOARD_TEST_ARTIFACTS"})
 REDIS_SCHEMES = ("redis", "rediss", "unix")
+#: An A2A tenant: a workspace id and an assistant id (``a2a/mapping.py``).
+_TENANT: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,62}\.[a-z0-9][a-z0-9-]{0,62}")
 # A gRPC target: host:port (IPv6 in brackets), or a resolver scheme gRPC knows.
 _GRPC_TARGET = re.compile(
     r"(?:(?:dns|ipv4|ipv6|unix|unix-abstract|vsock):\S+)|(?:\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):\d{1,5}"
@@ -237,6 +239,14 @@ class Settings(BaseSettings):
         "agent cards name it, HTTP+JSON at the URL and gRPC at its host:port. "
         "http(s)://host[:port], no path. Empty: the public card names the scheme and host "
         "the request reached Envoy with; the extended card http://127.0.0.1:8080.",
+    )
+    a2a_root_agent: str = Field(
+        default="",
+        max_length=127,
+        description="The A2A agent the edge's root Agent Card "
+        "(/.well-known/agent-card.json) serves, as {workspace}.{assistant}; A2A requests "
+        "that name no tenant go to it. Empty: no root agent (the root card is 404; every "
+        "agent's card is at /{workspace}.{assistant}/.well-known/agent-card.json).",
     )
     instance_id: str = Field(
         default="",
@@ -615,6 +625,15 @@ class Settings(BaseSettings):
     def _grpc_target(cls, value: str) -> str:
         if value and not _GRPC_TARGET.fullmatch(value):
             raise ValueError("expected host:port (or a gRPC target such as dns:///host:port)")
+        return value
+
+    @field_validator("a2a_root_agent")
+    @classmethod
+    def _a2a_root_agent(cls, value: str) -> str:
+        if value and not _TENANT.fullmatch(value):
+            raise ValueError(
+                "expected {workspace}.{assistant}, the tenant A2A names the agent by (acme.helper)"
+            )
         return value
 
     @field_validator("public_url")
