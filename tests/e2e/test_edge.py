@@ -114,8 +114,11 @@ def test_envoy_runs_the_generated_configuration(envoy: EnvoyProcess) -> None:
             "envoy.filters.http.grpc_web",
             "envoy.filters.http.cors",
             # A2A's HTTP+JSON binding and the public Agent Card (test_a2a_http.py); the
-            # Lua filter puts transcoded errors in A2A's {"error": ...} shape.
+            # Lua filter puts every error of an HTTP+JSON request in A2A's {"error": ...}
+            # shape, the buffer holds an HTTP+JSON body to the servers' message limit
+            # (test_a2a_conformance.py; every route turns it off).
             "envoy.filters.http.lua",
+            "envoy.filters.http.buffer",
             "envoy.filters.http.grpc_json_transcoder",
             "envoy.filters.http.router",
         ]

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 
 from switchboard import mesh
 from switchboard.a2a.publiccard import DEFAULT_URL, Edge, PublicCards, edge_of
-from switchboard.deploy.envoy import COMPANION_API, TRANSCODED, transcoder_descriptors
+from switchboard.deploy.envoy import (
+    COMPANION_API,
+    TRANSCODED,
+    EdgeSpec,
+    HostPort,
+    ServerLimits,
+    bootstrap,
+    transcoder_descriptors,
+)
 from switchboard.platform.config import ConfigError, Settings
-from switchboard.platform.errors import InvalidArgument
+from switchboard.platform.errors import InvalidArgument, NotFound
 from tests.conftest import make_settings
 
 
@@ -77,3 +87,40 @@ def test_a_public_url_that_is_not_an_edge_root_is_refused(url: str) -> None:
 def test_a_public_url_loses_its_trailing_slash() -> None:
     settings: Settings = make_settings(public_url="https://agents.example.com/")
     assert settings.public_url == "https://agents.example.com"
+
+
+def test_the_root_card_is_the_root_agents_and_names_no_tenant() -> None:
+    with pytest.raises(NotFound):
+        PublicCards("").document("", "http", "edge:8080")
+    card = json.loads(PublicCards("", "acme.helper").document("", "http", "edge:8080").data)
+    # A client sends the tenant the interface names: none, so its calls go to the root agent.
+    assert [i.get("tenant", "") for i in card["supportedInterfaces"]] == ["", ""]
+
+
+@pytest.mark.parametrize("root", ["acme", "acme.helper.x", "Acme.helper", "acme/helper", ".x"])
+def test_a_root_agent_that_is_not_a_tenant_is_refused(root: str) -> None:
+    with pytest.raises((ConfigError, ValueError)):
+        make_settings(a2a_root_agent=root)
+
+
+def test_only_http_json_is_held_to_the_body_limit() -> None:
+    """The buffer filter refuses a body over the servers' message limit (413); every route,
+    so every gRPC and grpc-web call, turns it off: streams are never held."""
+    limits = ServerLimits(max_receive_message_bytes=1234)
+    config = bootstrap(EdgeSpec.all_in_one(HostPort("127.0.0.1", 50051), limits=limits))
+    assert config.static_resources is not None
+    manager = config.static_resources.listeners[0].filter_chains[0].filters[0].typed_config
+    assert manager is not None
+    dumped = json.dumps(manager.to_dict())
+    assert '"maxRequestBytes": 1234' in dumped
+    host = json.loads(dumped)["routeConfig"]["virtualHosts"][0]
+    per_route = host["typedPerFilterConfig"]["envoy.filters.http.buffer"]
+    assert per_route["disabled"] is True
+    names = [f["name"] for f in json.loads(dumped)["httpFilters"]]
+    # The Lua filter first of the three: it sees the buffer's and the transcoder's answers.
+    lua, buffer, transcoder = (
+        names.index("envoy.filters.http.lua"),
+        names.index("envoy.filters.http.buffer"),
+        names.index("envoy.filters.http.grpc_json_transcoder"),
+    )
+    assert lua < buffer < transcoder

@@ -107,6 +107,7 @@ from envoy_data_plane.envoy.config.route.v3 import (
     VirtualHost,
 )
 from envoy_data_plane.envoy.config.trace.v3 import OpenTelemetryConfig, TracingHttp
+from envoy_data_plane.envoy.extensions.filters.http.buffer.v3 import Buffer, BufferPerRoute
 from envoy_data_plane.envoy.extensions.filters.http.cors.v3 import Cors, CorsPolicy
 from envoy_data_plane.envoy.extensions.filters.http.grpc_json_transcoder.v3 import (
     GrpcJsonTranscoder,
@@ -287,6 +288,7 @@ _LIMIT_SETTINGS: Final = (
     "max_concurrent_rpcs",
     "max_concurrent_streams",
     "max_metadata_bytes",
+    "max_receive_message_bytes",
     "keepalive_min_client_ping_interval_s",
     "events_heartbeat_s",
     "dispatcher_heartbeat_s",
@@ -309,6 +311,9 @@ class ServerLimits:
     max_concurrent_rpcs: int = _setting_default("max_concurrent_rpcs")
     max_concurrent_streams: int = _setting_default("max_concurrent_streams")
     max_metadata_bytes: int = _setting_default("max_metadata_bytes")
+    #: The largest request message a server takes: an HTTP+JSON body the transcoder
+    #: would turn into a larger one is refused at the edge (413), never sent on.
+    max_receive_message_bytes: int = _setting_default("max_receive_message_bytes")
     keepalive_min_client_ping_interval_s: float = _setting_default(
         "keepalive_min_client_ping_interval_s"
     )
@@ -334,6 +339,7 @@ class ServerLimits:
             max_concurrent_rpcs=int(values["max_concurrent_rpcs"]),
             max_concurrent_streams=int(values["max_concurrent_streams"]),
             max_metadata_bytes=int(values["max_metadata_bytes"]),
+            max_receive_message_bytes=int(values["max_receive_message_bytes"]),
             keepalive_min_client_ping_interval_s=values["keepalive_min_client_ping_interval_s"],
             heartbeat_s=max(values["events_heartbeat_s"], values["dispatcher_heartbeat_s"]),
         )
@@ -756,6 +762,8 @@ def _listener(
     return Listener(name=name, address=_address(where), filter_chains=[chain])
 
 
+#: The buffer filter that holds an HTTP+JSON body to its size limit (``_transcoder``).
+_BODY_LIMIT: Final = "envoy.filters.http.buffer"
 #: The services Envoy serves as HTTP+JSON (by their ``google.api.http`` bindings), when the
 #: a2a front door is routed: A2A's HTTP+JSON binding and the public Agent Card.
 TRANSCODED: Final = (
@@ -810,6 +818,14 @@ def _transcoder(spec: EdgeSpec) -> list[HttpFilter]:
     event a message); an error is its ``google.rpc.Status`` as JSON with the HTTP status
     of its code. Request headers reach the server as call metadata (``A2A-Version``,
     ``A2A-Extensions``, ``switchboard-after-sequence``, ``authorization``).
+
+    A body larger than the servers take as a message is refused here with 413, by the
+    buffer filter before the transcoder (``_BODY_LIMIT``): sent on, the server would
+    refuse it with RESOURCE_EXHAUSTED, which HTTP reads as 429, "too many requests".
+    Only HTTP+JSON requests are buffered: they match no route until the transcoder
+    has made them gRPC calls, and every route (gRPC, grpc-web, the console) turns the
+    buffer off, so streams are never held. A query parameter the method does not have
+    is a 400 naming it, not a 404 for a path that exists.
     """
     if "a2a" not in spec.upstreams:
         return []
@@ -821,13 +837,21 @@ def _transcoder(spec: EdgeSpec) -> list[HttpFilter]:
         request_validation_options=GrpcJsonTranscoderRequestValidationOptions(
             # A tenant or id in the path and another in the body: refused, not guessed.
             reject_binding_body_field_collisions=True,
+            reject_unknown_query_parameters=True,
         ),
     )
     return [
-        # Before the transcoder in the list: on the way back it sees the transcoded response.
+        # First: on the way back it sees every answer after it, the transcoded response
+        # and the buffer's and the transcoder's own.
         HttpFilter(
             name="envoy.filters.http.lua",
-            typed_config=_pack(Lua(default_source_code=DataSource(inline_string=A2A_ERRORS))),
+            typed_config=_pack(
+                Lua(default_source_code=DataSource(inline_string=a2a_http_lua(spec.limits)))
+            ),
+        ),
+        HttpFilter(
+            name=_BODY_LIMIT,
+            typed_config=_pack(Buffer(max_request_bytes=spec.limits.max_receive_message_bytes)),
         ),
         HttpFilter(name="envoy.filters.http.grpc_json_transcoder", typed_config=_pack(config)),
     ]
@@ -835,40 +859,199 @@ def _transcoder(spec: EdgeSpec) -> list[HttpFilter]:
 
 #: gRPC codes by number, as A2A's HTTP+JSON errors name them (``google.rpc.Code``).
 _CODE_NAMES: Final = {number: name for name, number in code_pb2.Code.items()}
-#: A2A's HTTP+JSON binding answers an error as ``{"error": {"code": <HTTP status>, "status":
-#: <gRPC code name>, "message", "details"}}`` (Google's AIP-193 shape, which A2A's SDKs read
-#: to raise their typed errors); the transcoder writes the bare ``google.rpc.Status`` with
-#: the gRPC code. This rewrites a transcoded error (an HTTP error whose JSON body is a
-#: ``google.rpc.Status``; gRPC, grpc-web and streams are not JSON errors) into that shape.
-#: A stream that fails after it started has already sent its 200: it ends without an
-#: error event.
-A2A_ERRORS: Final = (
-    "local NAMES = {"
-    + ", ".join(f'[{number}] = "{name}"' for number, name in sorted(_CODE_NAMES.items()))
-    + """}
-function envoy_on_response(handle)
-  local headers = handle:headers()
-  local status = tonumber(headers:get(":status") or "") or 0
-  local kind = headers:get("content-type") or ""
-  if status < 400 or kind:sub(1, 16) ~= "application/json" then
-    return
+#: The code an HTTP status of Envoy's own stands for (``google.rpc.Code``'s HTTP mapping;
+#: 413 is what Switchboard's own "too large" is, RESOURCE_EXHAUSTED).
+_HTTP_CODES: Final = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    408: "DEADLINE_EXCEEDED",
+    409: "ABORTED",
+    413: "RESOURCE_EXHAUSTED",
+    429: "RESOURCE_EXHAUSTED",
+    431: "RESOURCE_EXHAUSTED",
+    499: "CANCELLED",
+    500: "INTERNAL",
+    501: "UNIMPLEMENTED",
+    502: "UNAVAILABLE",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+_LUA_NAMES: Final = ", ".join(f'[{n}] = "{name}"' for n, name in sorted(_CODE_NAMES.items()))
+_LUA_HTTP: Final = ", ".join(f'[{n}] = "{name}"' for n, name in sorted(_HTTP_CODES.items()))
+
+
+def a2a_http_lua(limits: ServerLimits) -> str:
+    """The Lua filter that gives A2A's HTTP+JSON clients A2A's error shape and its
+    required fields, whoever answered.
+
+    A2A's HTTP+JSON binding answers an error as ``{"error": {"code": <HTTP status>,
+    "status": <gRPC code name>, "message", "details"}}`` (Google's AIP-193 shape, which
+    A2A's SDKs read to raise their typed errors from the ``ErrorInfo`` of domain
+    ``a2a-protocol.org`` in ``details``). For a request that is not gRPC (gRPC and
+    grpc-web pass untouched) it rewrites:
+
+    - a transcoded error (the transcoder writes the bare ``google.rpc.Status``) into
+      that shape; a message larger than the server takes (RESOURCE_EXHAUSTED, "larger
+      than max": its JSON was smaller than its protobuf) is 413, as at the edge;
+    - Envoy's own answers, plain text or empty, into it too: the transcoder's 400 (a body
+      that is not JSON, a value of the wrong type, an unknown query parameter: A2A's
+      ``INVALID_PARAMS`` with the field in ``BadRequest`` when it names one, else
+      ``INVALID_REQUEST``), its 413 (a body over the servers' message limit), a path
+      nothing serves (404, ``METHOD_NOT_FOUND``), an upstream that cannot be reached;
+    - ListTasks' answer, whose JSON would leave out an empty ``tasks``, an empty
+      ``nextPageToken`` and a zero ``totalSize`` (protobuf's JSON omits default
+      values), though A2A requires all four fields: they are added when missing. (The
+      transcoder's ``always_print_primitive_fields`` would print them, but for every
+      message, and A2A wants a task's ``artifacts`` left out unless asked for.)
+
+    A stream that fails after it started has already sent its 200: it ends without an
+    error event.
+    """
+    limit = limits.max_receive_message_bytes
+    return (
+        f"local NAMES = {{{_LUA_NAMES}}}\n"
+        f"local HTTP = {{{_LUA_HTTP}}}\n"
+        f"local LIMIT = {limit}\n" + _A2A_HTTP_LUA
+    )
+
+
+_A2A_HTTP_LUA: Final = r"""local META = "switchboard.a2a"
+
+local function escape(text)
+  return (text:gsub('[%c"\\]', function(c)
+    if c == '"' then return '\\"' end
+    if c == "\\" then return "\\\\" end
+    if c == "\n" then return "\\n" end
+    return string.format("\\u%04x", c:byte())
+  end))
+end
+
+local function info(domain, reason)
+  return '{"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"' .. reason
+    .. '","domain":"' .. domain .. '"}'
+end
+
+-- Envoy's own error (status, and the plain text it wrote, if any) in A2A's shape.
+local function own(status, text)
+  text = text:gsub("%s+$", "")
+  local details = {}
+  if status == 400 then
+    local field, why = text:match("^([%w_%.%[%]]+): (.+)$")
+    local unknown = text:match('^Could not find field "([^"]+)"')
+    if unknown ~= nil then
+      field, why = unknown, "is not a parameter of this method"
+    end
+    if field ~= nil then
+      details = {info("a2a-protocol.org", "INVALID_PARAMS"),
+        info("switchboard.dev", "ERROR_REASON_INVALID_ARGUMENT"),
+        '{"@type":"type.googleapis.com/google.rpc.BadRequest","fieldViolations":[{"field":"'
+          .. escape(field) .. '","description":"' .. escape(why) .. '"}]}'}
+    else
+      details = {info("a2a-protocol.org", "INVALID_REQUEST"),
+        info("switchboard.dev", "ERROR_REASON_INVALID_ARGUMENT")}
+      if text == "" then text = "the request is not valid" end
+    end
+  elseif status == 413 then
+    text = "the request body is larger than " .. LIMIT .. " bytes, the most a server takes"
+    details = {info("a2a-protocol.org", "INVALID_REQUEST"),
+      info("switchboard.dev", "ERROR_REASON_REQUEST_TOO_LARGE")}
+  elseif status == 404 then
+    text = "no A2A method or public card at this path"
+    details = {info("a2a-protocol.org", "METHOD_NOT_FOUND")}
+  elseif text == "" then
+    text = "the edge could not answer (HTTP " .. status .. ")"
   end
-  local body = handle:body()
-  if body == nil then
-    return
-  end
+  return '{"error":{"code":' .. status .. ',"status":"' .. (HTTP[status] or "UNKNOWN")
+    .. '","message":"' .. escape(text) .. '","details":[' .. table.concat(details, ",") .. ']}}'
+end
+
+local function replace(handle, headers, body, text)
+  body:setBytes(text)
+  headers:replace("content-type", "application/json")
+  headers:replace("content-length", tostring(#text))
+end
+
+-- (Headers are read again after body(): waiting for the body ends the old object's scope.)
+local function error_shape(handle, status)
+  local body = handle:body(true)
   local text = body:getBytes(0, body:length())
-  local code, rest = text:match('^{"code":(%d+)(.*)$')
-  if code == nil then
+  local headers = handle:headers()
+  local kind = headers:get("content-type") or ""
+  if kind:sub(1, 16) == "application/json" then
+    if text:sub(1, 9) == '{"error":' then
+      return
+    end
+    local code, rest = text:match('^{"code":(%d+)(.*)$')
+    if code ~= nil then
+      local name = NAMES[tonumber(code)] or "UNKNOWN"
+      if name == "RESOURCE_EXHAUSTED" and (text:find("larger than max", 1, true)
+          or text:find('"ERROR_REASON_REQUEST_TOO_LARGE"', 1, true)) then
+        -- Too large (a message, or a field of it), not too many: HTTP's 413.
+        status = 413
+        headers:replace(":status", "413")
+      end
+      replace(handle, headers, body,
+        '{"error":{"code":' .. status .. ',"status":"' .. name .. '"' .. rest .. '}')
+      return
+    end
+  end
+  replace(handle, headers, body, own(status, text))
+end
+
+local REQUIRED = {{'"tasks":', '"tasks":[]'}, {'"nextPageToken":', '"nextPageToken":""'},
+  {'"pageSize":', '"pageSize":0'}, {'"totalSize":', '"totalSize":0'}}
+
+local function listed(handle)
+  local body = handle:body(true)
+  local text = body:getBytes(0, body:length())
+  local headers = handle:headers()
+  if text == "" then text = "{}" end
+  if text:sub(1, 1) ~= "{" then
     return
   end
-  local name = NAMES[tonumber(code)] or "UNKNOWN"
-  local wrapped = '{"error":{"code":' .. status .. ',"status":"' .. name .. '"' .. rest .. '}'
-  body:setBytes(wrapped)
-  headers:replace("content-length", tostring(#wrapped))
+  local missing = {}
+  for _, field in ipairs(REQUIRED) do
+    if not text:find(field[1], 1, true) then
+      missing[#missing + 1] = field[2]
+    end
+  end
+  if #missing == 0 then
+    return
+  end
+  local rest = text:sub(2)
+  local joined = table.concat(missing, ",")
+  if not rest:match("^%s*}") then
+    joined = joined .. ","
+  end
+  replace(handle, headers, body, "{" .. joined .. rest)
+end
+
+function envoy_on_request(handle)
+  local headers = handle:headers()
+  if (headers:get("content-type") or ""):sub(1, 16) == "application/grpc" then
+    return
+  end
+  local path = (headers:get(":path") or ""):match("^[^?]*")
+  local list = headers:get(":method") == "GET"
+    and (path == "/tasks" or path:match("^/[^/]+/tasks$") ~= nil)
+  handle:streamInfo():dynamicMetadata():set(META, "http", list and "list" or "call")
+end
+
+function envoy_on_response(handle)
+  local meta = handle:streamInfo():dynamicMetadata():get(META)
+  if meta == nil then
+    return
+  end
+  local status = tonumber(handle:headers():get(":status") or "") or 0
+  if status >= 400 then
+    error_shape(handle, status)
+  elseif status == 200 and meta["http"] == "list" then
+    listed(handle)
+  end
 end
 """
-)
 
 
 def _tracing(tracing: Tracing) -> HttpConnectionManagerTracing:
@@ -976,7 +1159,16 @@ def _routes(spec: EdgeSpec) -> RouteConfiguration:
                 name="switchboard",
                 domains=["*"],
                 routes=routes,
-                typed_per_filter_config={"envoy.filters.http.cors": _pack(cors)},
+                typed_per_filter_config={
+                    "envoy.filters.http.cors": _pack(cors),
+                    # Every route's requests stream (only HTTP+JSON, which matches no
+                    # route before it is transcoded, is held to the body limit).
+                    **(
+                        {_BODY_LIMIT: _pack(BufferPerRoute(disabled=True))}
+                        if "a2a" in spec.upstreams
+                        else {}
+                    ),
+                },
                 # Requests that never reached a server are safe to send again, streams too.
                 retry_policy=_retry_policy(_RETRY_UNSENT),
                 # The Host the client used, as Envoy saw it (never one the client sent in
