@@ -129,6 +129,10 @@ const ops = {
     return handle.jsonValue();
   },
   eval: (c) => page(c).evaluate(fn(c.fn), c.arg ?? null),
+  // The window's size, as a phone's or a desktop's (the page lays itself out again).
+  viewport: async (c) => {
+    await page(c).setViewport({ width: c.width, height: c.height });
+  },
   screenshot: async (c) => {
     await page(c).screenshot({ path: c.path, fullPage: true });
   },

@@ -38,6 +38,7 @@ import itertools
 import json
 import os
 import queue
+import re
 import socket
 import ssl
 import subprocess
@@ -70,6 +71,7 @@ from switchboard.deploy.envoy import (
     CONSOLE_TYPES,
     MAX_CONSOLE_FILE_BYTES,
 )
+from switchboard.platform import names
 from switchboard.platform.security.devkey import dev_key_path
 from tests.e2e.chromium import artifacts_dir, required, spki_sha256
 from tests.e2e.envoy import EnvoyProcess
@@ -396,6 +398,22 @@ class Page:
     def screenshot(self, path: Path) -> None:
         self.call("screenshot", path=str(path))
 
+    def viewport(self, width: int, height: int) -> None:
+        self.call("viewport", width=width, height=height)
+
+    def shots(self, path: Path) -> None:
+        """The page at a desktop's width and at a phone's (``NAME-420.png``), back at the
+        desktop's after."""
+        self.screenshot(path)
+        self.viewport(PHONE_WIDTH, 900)
+        self.wait_stacked()
+        self.screenshot(path.with_name(f"{path.stem}-{PHONE_WIDTH}{path.suffix}"))
+        self.viewport(DESKTOP_WIDTH, 900)
+
+    def wait_stacked(self) -> None:
+        """Until the three columns stand one above the other, within the window's width."""
+        self.wait(STACKED_JS)
+
     def __enter__(self) -> Page:
         return self
 
@@ -517,6 +535,167 @@ def current(browser: Page, item: str) -> str:
         "(s) => document.querySelector(s)?.dataset.name ?? ''", f"{tid(item)}.current"
     )
     return name
+
+
+#: The widths the screenshots are taken at: a desktop's and a phone's.
+DESKTOP_WIDTH: Final = 1400
+PHONE_WIDTH: Final = 420
+
+#: True once the console's columns are stacked (each below the one before, as wide as the
+#: page allows) and nothing is wider than the window.
+STACKED_JS: Final = """() => {
+  const columns = [...document.querySelectorAll('.console > .column')];
+  if (columns.length !== 3) return false;
+  const rects = columns.map((c) => c.getBoundingClientRect());
+  const width = document.documentElement.clientWidth;
+  const below = (r, i) => i === 0 || r.top >= rects[i - 1].bottom - 0.5;
+  return rects.every((r, i) => r.right <= width + 0.5 && below(r, i))
+    && document.documentElement.scrollWidth <= width;
+}"""
+
+
+def _enum_words() -> frozenset[str]:
+    """Every value name of the contracts' enums, whole and without its enum's prefix
+    (``HEALTH_STATE_UNSPECIFIED``, ``UNSPECIFIED``, ``MCP_SERVER``, ``SUCCEEDED``...)."""
+    words: set[str] = set()
+    for module in (auth_pb2, context_pb2, dispatcher_pb2, events_pb2, integration_pb2):
+        files = [module.DESCRIPTOR, *module.DESCRIPTOR.dependencies]
+        for file in files:
+            for enum in file.enum_types_by_name.values():
+                prefix = re.sub(r"(?<!^)(?=[A-Z])", "_", enum.name).upper() + "_"
+                for value in enum.values:
+                    words.update((value.name, value.name.removeprefix(prefix)))
+    return frozenset(words)
+
+
+ENUM_WORDS: Final = _enum_words()
+
+#: The text a person reads that looks like an enum or a field name rather than words: an
+#: enum value's name (``UNSPECIFIED``, ``SUCCEEDED``), anything snake_case (``mcp_server``)
+#: or camelCase (``stateChange``). What the page quotes rather than says is left out: code
+#: (tool and field names, an error's code and reason), what people, tools and servers
+#: wrote (``data-content``, quotes), and what no one can see.
+RAW_TEXT_JS: Final = """(words) => {
+  const known = new Set(words);
+  const quoted = 'code, pre, q, script, style, select, textarea, input, time, [data-content]';
+  const found = [];
+  const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+  for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+    const parent = node.parentElement;
+    if (!parent || parent.closest(quoted) || !parent.checkVisibility()) continue;
+    for (const token of node.textContent.match(/[A-Za-z0-9_]+/g) ?? []) {
+      const camel = /^[a-z]+[A-Z]/.test(token) && token !== 'gRPC';
+      if (token.includes('_') || camel || known.has(token)) {
+        found.push(`${token} in "${node.textContent.trim().slice(0, 80)}"`);
+      }
+    }
+  }
+  return found;
+}"""
+
+
+def raw_text(browser: Page) -> list[str]:
+    found: list[str] = browser.eval(RAW_TEXT_JS, sorted(ENUM_WORDS))
+    return found
+
+
+#: The words broken across two lines inside the elements ``selector`` finds (a run of
+#: letters and digits whose characters lie on more than one line). A token longer than
+#: ``max`` (an id, a URL) may break where it must.
+SPLIT_WORDS_JS: Final = """([selector, max]) => {
+  const split = [];
+  for (const element of document.querySelectorAll(selector)) {
+    if (!element.checkVisibility()) continue;
+    const walker = document.createTreeWalker(element, NodeFilter.SHOW_TEXT);
+    for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+      for (const word of node.textContent.matchAll(/[A-Za-z0-9]+/g)) {
+        if (word[0].length > max) continue;
+        const range = document.createRange();
+        range.setStart(node, word.index);
+        range.setEnd(node, word.index + word[0].length);
+        const lines = new Set([...range.getClientRects()].map((r) => Math.round(r.top)));
+        if (lines.size > 1) split.push(word[0]);
+      }
+    }
+  }
+  return split;
+}"""
+
+
+def split_words(browser: Page, selector: str, longest: int = 24) -> list[str]:
+    found: list[str] = browser.eval(SPLIT_WORDS_JS, [selector, longest])
+    return found
+
+
+#: What the element ``selector`` finds lies on top of (or under): every other visible
+#: element of the page whose box meets its box, its own ancestors and descendants aside.
+COVERS_JS: Final = """(selector) => {
+  const box = document.querySelector(selector);
+  const r = box.getBoundingClientRect();
+  const hits = [];
+  for (const other of document.querySelectorAll('body *')) {
+    if (other === box || box.contains(other) || other.contains(box)) continue;
+    if (!other.checkVisibility()) continue;
+    const o = other.getBoundingClientRect();
+    if (o.width < 1 || o.height < 1) continue;
+    const across = o.left < r.right - 1 && r.left < o.right - 1;
+    if (across && o.top < r.bottom - 1 && r.top < o.bottom - 1) {
+      hits.push(other.dataset.testid || other.className || other.tagName);
+    }
+  }
+  return hits;
+}"""
+
+
+#: What an id field says and accepts: its pattern, its title, and for each sample value
+#: whether the browser's own check (the pattern, the length) lets it through.
+ID_FIELD_JS: Final = """([selector, samples]) => {
+  const input = document.querySelector(selector);
+  const before = input.value;
+  const valid = {};
+  for (const sample of samples) {
+    input.value = sample;
+    valid[sample] = input.checkValidity();
+  }
+  input.value = before;
+  return { pattern: input.getAttribute('pattern'), title: input.title, valid };
+}"""
+
+
+def _id_samples(rule: names.IdRule) -> list[str]:
+    shortest = "a" * rule.shortest
+    return [
+        shortest[:-1],
+        shortest,
+        "a-1" + "b" * max(0, rule.shortest - 3),
+        "1" + shortest,
+        "A" + shortest,
+        shortest + "_",
+        "a" * rule.longest,
+        "a" * (rule.longest + 1),
+    ]
+
+
+def id_field(browser: Page, selector: str, rule: names.IdRule) -> dict[str, Any]:
+    """What the id field ``selector`` says, and which of ``rule``'s samples it accepts."""
+    found: dict[str, Any] = browser.eval(ID_FIELD_JS, [selector, _id_samples(rule)])
+    return found
+
+
+def id_rule_seen(rule: names.IdRule) -> dict[str, Any]:
+    """What an id field following ``rule`` says and accepts: the server's pattern (its
+    ``-`` escaped, as a browser's ``v``-flag pattern needs), the rule in the server's
+    words, and exactly the values the server's pattern accepts."""
+    return {
+        "pattern": rule.regex.pattern.replace("0-9-]", "0-9\\-]"),
+        "title": f"The id: {rule.words}.",
+        "valid": {s: rule.regex.fullmatch(s) is not None for s in _id_samples(rule)},
+    }
+
+
+def covers(browser: Page, selector: str) -> list[str]:
+    found: list[str] = browser.eval(COVERS_JS, selector)
+    return found
 
 
 def problems(browser: Page, *, outage: bool = False) -> list[str]:
@@ -760,12 +939,16 @@ def test_a_full_session_from_register_to_a_streamed_answer_a_cancel_and_sign_out
         assert not browser.visible(tid("connection"))
         session = sign_in(browser, email, register=True)
         # The first sign-in: no workspaces, and the page says what to do first; the
-        # workspace id's format is written beside the field.
+        # workspace id's rule is written beside the field, in the server's words, and the
+        # field checks that very rule.
         browser.wait_visible(tid("empty-hint"))
         assert browser.visible(tid("workspace-id-format"))
-        assert "lower-case letter" in browser.eval(
-            "() => document.querySelector('[data-testid=\"workspace-id-format\"]').textContent"
+        hint = browser.eval(
+            "(s) => document.querySelector(s).textContent", tid("workspace-id-format")
         )
+        assert names.WORKSPACE_ID_RULE.words in hint
+        rule = names.WORKSPACE_ID_RULE
+        assert id_field(browser, tid("new-workspace-id"), rule) == id_rule_seen(rule)
 
         # A workspace and a conversation, made on the page.
         browser.fill(tid("new-workspace-id"), workspace_id)
@@ -1158,10 +1341,18 @@ def test_from_an_empty_workspace_to_a_tool_using_assistant_with_approvals(
             browser.click(tid("workspace-item", name=workspace))
             browser.wait_visible(tid("assistants-empty"))
             browser.wait_visible(tid("integrations-empty"))
-            browser.screenshot(shots / "01-empty-workspace.png")
+            assert raw_text(browser) == []
+            browser.shots(shots / "01-empty-workspace.png")
 
-            # Register the reference MCP server, with a (write-only) credential.
+            # Register the reference MCP server, with a (write-only) credential. Its id's
+            # rule is said beside it and checked as the server checks it.
             browser.click(f"{tid('register-integration')} > summary")
+            rule = names.CLIENT_ID_RULE
+            assert id_field(browser, tid("integration-id"), rule) == id_rule_seen(rule)
+            hint = browser.eval(
+                "(s) => document.querySelector(s).textContent", tid("integration-id-format")
+            )
+            assert rule.words in hint
             browser.select(tid("integration-kind"), "2")  # INTEGRATION_KIND_MCP_SERVER
             browser.fill(tid("integration-id"), "ref")
             browser.fill(tid("integration-name"), "Reference")
@@ -1188,12 +1379,15 @@ def test_from_an_empty_workspace_to_a_tool_using_assistant_with_approvals(
             # A webhook for the workspace's messages, its signing secret write-only too.
             secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
             hooks = receiver.endpoint("console", [secret])
+            # Registered, the form folded away: opened again for the next one.
+            assert not browser.visible(tid("integration-endpoint"))
+            browser.click(f"{tid('register-integration')} > summary")
             browser.select(tid("integration-kind"), "3")  # INTEGRATION_KIND_WEBHOOK
             browser.fill(tid("integration-id"), "hooks")
             browser.fill(tid("integration-name"), "Hooks")
             browser.fill(tid("integration-endpoint"), receiver.url("console"))
             browser.fill(tid("integration-credential"), secret)
-            browser.fill(tid("integration-event-types"), "MESSAGE_CREATED")
+            browser.click(tid("event-type", type="MESSAGE_CREATED"))
             browser.click(tid("create-integration"))
             webhook = f"{workspace}/integrations/hooks"
             browser.wait_for(tid("integration", name=webhook))
@@ -1204,7 +1398,20 @@ def test_from_an_empty_workspace_to_a_tool_using_assistant_with_approvals(
             get_sum = f"{item} {tid('tool', tool='get-sum')}"
             browser.wait_for(get_sum)
             assert browser.count(f"{item} {tid('tool', tool='echo')}") == 1
+            # A line per tool until one is opened: a dozen tools do not make the page a
+            # scroll of descriptions.
+            listed = browser.count(f"{item} {tid('tool')}")
+            assert listed >= 10
+            assert browser.count(f"{item} {tid('tool-try')}[open]") == 0
+            assert not browser.visible(f"{get_sum} {tid('tool-description')}")
+            height = browser.eval(
+                "(s) => document.querySelector(s).getBoundingClientRect().height",
+                f"{item} {tid('tools')}",
+            )
+            assert height <= 32 * listed, height
+            assert browser.eval("() => document.documentElement.scrollHeight") <= 1500
             browser.click(f"{get_sum} {tid('tool-try')} > summary")
+            browser.wait_visible(f"{get_sum} {tid('tool-description')}")
             # A required field left empty is refused on the page, as the server would.
             browser.fill(f"{get_sum} {tid('tool-arg', field='a')}", "2")
             browser.click(f"{get_sum} {tid('invoke-tool')}")
@@ -1220,10 +1427,13 @@ def test_from_an_empty_workspace_to_a_tool_using_assistant_with_approvals(
                 f"{get_sum} {tid('tool-result-text')}",
             )
             assert "5" in result, result
-            browser.screenshot(shots / "02-integration-tools.png")
+            assert raw_text(browser) == []
+            browser.shots(shots / "02-integration-tools.png")
 
             # An assistant enabling get-sum and echo, echo only with a person's approval.
             browser.click(tid("new-assistant"))
+            rule = names.CLIENT_ID_RULE
+            assert id_field(browser, tid("assistant-id"), rule) == id_rule_seen(rule)
             browser.fill(tid("assistant-id"), "helper")
             browser.fill(tid("assistant-name"), "Helper")
             browser.fill(tid("assistant-instructions"), "Use the tools.")
@@ -1236,7 +1446,8 @@ def test_from_an_empty_workspace_to_a_tool_using_assistant_with_approvals(
             browser.click(tid("save-assistant"))
             assistant = f"{workspace}/assistants/helper"
             browser.wait_for(tid("assistant", name=assistant, default="true"))
-            browser.screenshot(shots / "03-assistant-editor.png")
+            assert raw_text(browser) == []
+            browser.shots(shots / "03-assistant-editor.png")
             made = server.dispatcher.GetAssistant(
                 dispatcher_pb2.GetAssistantRequest(name=assistant),
                 metadata=owner.md,
@@ -1264,12 +1475,18 @@ def test_from_an_empty_workspace_to_a_tool_using_assistant_with_approvals(
             assert conflict["reason"] == "ERROR_REASON_ETAG_MISMATCH"
             assert browser.visible(tid("etag-conflict"))
             browser.click(tid("reload-assistant"))
-            browser.wait_for(f"{tid('assistant-editor')}")
-            browser.click(tid("close-editor"))
+            browser.wait(
+                "(s) => document.querySelector(s).value === 'Helper'", tid("assistant-name")
+            )
 
-            # Try it: a new conversation, the assistant chosen in the composer.
+            # Try it: the editor closes (what was saved is what is tried) and the person is
+            # taken to a new conversation, the assistant chosen, the cursor in the composer.
             browser.click(f"{tid('assistant', name=assistant)} {tid('try-assistant')}")
             browser.wait_visible(tid("composer"))
+            assert not browser.visible(tid("assistant-editor"))
+            browser.wait(
+                "(s) => document.activeElement === document.querySelector(s)", tid("message-input")
+            )
             browser.wait(
                 "([s, a]) => document.querySelector(s).value === a",
                 [tid("assistant-select"), assistant],
@@ -1326,16 +1543,19 @@ def test_from_an_empty_workspace_to_a_tool_using_assistant_with_approvals(
             [result_entry] = [e for e in entries if e["kind"] == "tool-result"]
             assert result_entry["outcome"] == "TOOL_OUTCOME_SUCCEEDED"
             assert int(result_entry["ms"]) >= 0
-            states = [e["text"] for e in entries if e["kind"] == "state"]
-            assert any("REQUIRES_ACTION" in t for t in states)
-            assert "SUCCEEDED" in states[-1]
+            states = [e for e in entries if e["kind"] == "state"]
+            [waited] = [e for e in states if e["state"] == "RUN_STATE_REQUIRES_ACTION"]
+            assert "waiting for approval" in waited["text"]
+            assert states[-1]["state"] == "RUN_STATE_SUCCEEDED"
+            assert "succeeded" in states[-1]["text"]
             sequences = [int(e["sequence"]) for e in entries]
             assert sequences == sorted(sequences)
             usage = browser.data(f"{tid('run', run=run)} {tid('run-usage')}")
             assert int(usage["inputTokens"]) > 0
             assert float(usage["costUsd"]) > 0
             assert stored_run.usage.estimated_cost_usd == pytest.approx(float(usage["costUsd"]))
-            browser.screenshot(shots / "05-run-inspector.png")
+            assert raw_text(browser) == []
+            browser.shots(shots / "05-run-inspector.png")
             # The sum, finished before the reload, is inspected on demand: its updates
             # replayed from the start.
             browser.click(tid("inspect-run", run=summed))
@@ -1351,7 +1571,12 @@ def test_from_an_empty_workspace_to_a_tool_using_assistant_with_approvals(
                 ".filter((e) => !e.hidden).map((e) => e.textContent)"
             )
             assert summaries
-            assert all("MESSAGE_CREATED" in t for t in summaries), summaries
+            types = browser.eval(
+                "() => [...document.querySelectorAll('[data-testid=\"event\"]')]"
+                ".filter((e) => !e.hidden).map((e) => e.dataset.type)"
+            )
+            assert set(types) == {"EVENT_TYPE_MESSAGE_CREATED"}, types
+            assert all(" message" in t for t in summaries), summaries
             assert all("workspaces/" not in t for t in summaries), summaries
             # The conversation by its title, linked by its name.
             assert any("Trying Helper" in t for t in summaries), summaries
@@ -1360,6 +1585,7 @@ def test_from_an_empty_workspace_to_a_tool_using_assistant_with_approvals(
                 ".filter((e) => !e.hidden).map((e) => e.querySelector('a').getAttribute('href'))"
             )
             assert f"#{conversation}" in links, links
+            assert raw_text(browser) == []
             browser.screenshot(shots / "06-readable-events.png")
 
             # The webhook's deliveries (the receiver verified each), one sent again.
@@ -1383,6 +1609,7 @@ def test_from_an_empty_workspace_to_a_tool_using_assistant_with_approvals(
                 time.sleep(0.05)  # polling the receiver
             assert hooks.bad == []
             browser.wait_for(tid("delivery", name=chosen.name))
+            assert raw_text(browser) == []
             browser.screenshot(shots / "07-webhook-deliveries.png")
 
             # Members (the viewer, as the owner added it), an API key whose secret is shown
@@ -1416,7 +1643,8 @@ def test_from_an_empty_workspace_to_a_tool_using_assistant_with_approvals(
             assert not after[page_session].HasField("revoke_time")
             [revoked] = [s for s in scripted if s.name != page_session]
             assert after[revoked.name].HasField("revoke_time")
-            browser.screenshot(shots / "08-account.png")
+            assert raw_text(browser) == []
+            browser.shots(shots / "08-account.png")
             assert problems(browser) == []
 
         # A viewer: nothing to manage on the page, and a forced call refused as the server said.
@@ -1446,6 +1674,7 @@ def test_from_an_empty_workspace_to_a_tool_using_assistant_with_approvals(
             text = page.eval("(s) => document.querySelector(s).textContent", tid("error"))
             assert "StatusCode" not in text
             assert "[permission_denied]" not in text
+            assert raw_text(page) == []
             page.screenshot(shots / "09-viewer-refused.png")
     print(f"studio screenshots: {shots}")
 
@@ -1541,4 +1770,275 @@ def test_the_session_survives_a_reload_and_renews_once_when_its_token_is_refused
         # (The test's own token was signed by the replaced server: it signs in again.)
         assert server.sessions(server.login(user.email))[session].HasField("revoke_time")
         assert len(stack.restarts) == 1
+        assert problems(browser, outage=True) == []
+
+
+def test_the_only_workspace_opens_by_itself_and_a_phone_gets_one_column(
+    stack: Stack, chromium: Chromium, server: Server, tmp_path: Path
+) -> None:
+    """Signed in with exactly one workspace, it is open and the centre shows it; at 420 px
+    the three columns stand one above the other and event text wraps between words."""
+    shots = artifacts_dir(tmp_path) / "layout"
+    shots.mkdir(parents=True, exist_ok=True)
+    user = server.register("single")
+    workspace, conversation = server.workspace(user, f"single-{os.getpid()}")
+    with chromium.open(stack.origin + "/") as browser:
+        sign_in(browser, user.email)
+        browser.wait_for(f"{tid('workspace-item', name=workspace)}.current")
+        browser.wait_visible(tid("workspace-overview", workspace=workspace))
+        title = browser.eval(
+            "(s) => document.querySelector(s).textContent", tid("conversation-title")
+        )
+        assert title == f"Single-{os.getpid()}"
+        browser.wait_visible(tid("overview-conversation", name=conversation))
+        assert raw_text(browser) == []
+        browser.shots(shots / "one-workspace.png")
+
+        # From the overview into the conversation; a run whose events carry long words.
+        browser.click(tid("overview-conversation", name=conversation))
+        browser.wait_visible(tid("composer"))
+        assert not browser.visible(tid("workspace-overview"))
+        words = "unbreakable characteristically incomprehensibilities " * 3
+        run = send(browser, words.strip(), handler="handlers/echo")
+        run_state(browser, run, "RUN_STATE_SUCCEEDED")
+        browser.wait("(n) => document.querySelectorAll('[data-testid=\"event\"]').length >= n", 4)
+
+        # A phone: one column, nothing wider than the window, words whole.
+        browser.viewport(PHONE_WIDTH, 900)
+        browser.wait_stacked()
+        assert split_words(browser, tid("event")) == []
+        assert split_words(browser, tid("message")) == []
+        assert raw_text(browser) == []
+        browser.screenshot(shots / f"conversation-{PHONE_WIDTH}.png")
+        browser.viewport(DESKTOP_WIDTH, 900)
+        assert split_words(browser, tid("event")) == []
+        browser.screenshot(shots / "conversation.png")
+        assert problems(browser) == []
+
+
+def test_integrations_and_assistants_are_edited_and_deleted_from_the_page(
+    stack: Stack, chromium: Chromium, server: Server, tmp_path: Path
+) -> None:
+    """An owner edits an integration (UpdateIntegration with the etag and only the changed
+    fields), deletes one and an assistant (DeleteIntegration, DeleteAssistant), each after a
+    confirmation on the page; a change made elsewhere meanwhile is refused and said so."""
+    shots = artifacts_dir(tmp_path) / "manage"
+    shots.mkdir(parents=True, exist_ok=True)
+    user = server.register("manage")
+    workspace, _ = server.workspace(user, f"manage-{os.getpid()}")
+
+    def get(name: str) -> integration_pb2.Integration:
+        found: integration_pb2.Integration = server.integration.GetIntegration(
+            integration_pb2.GetIntegrationRequest(name=name), metadata=user.md, timeout=CALL_S
+        ).integration
+        return found
+
+    def rename(name: str, title: str) -> None:
+        server.integration.UpdateIntegration(
+            integration_pb2.UpdateIntegrationRequest(
+                integration=integration_pb2.Integration(name=name, display_name=title),
+                update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
+            ),
+            metadata=user.md,
+            timeout=CALL_S,
+        )
+
+    with McpTestServer() as mcp:
+        made = {
+            integration_id: server.integration.CreateIntegration(
+                integration_pb2.CreateIntegrationRequest(
+                    parent=workspace,
+                    integration_id=integration_id,
+                    integration=integration_pb2.Integration(
+                        display_name=title,
+                        kind=integration_pb2.INTEGRATION_KIND_MCP_SERVER,
+                        endpoint=mcp.url,
+                        credential="s3cret",
+                        disabled=disabled,
+                    ),
+                ),
+                metadata=user.md,
+                timeout=CALL_S,
+            ).integration.name
+            for integration_id, title, disabled in (("kit", "Kit", False), ("idle", "Idle", True))
+        }
+        kit, idle = made["kit"], made["idle"]
+        assistant = server.dispatcher.CreateAssistant(
+            dispatcher_pb2.CreateAssistantRequest(
+                parent=workspace,
+                assistant_id="helper",
+                assistant=dispatcher_pb2.Assistant(display_name="Helper", workspace_default=True),
+            ),
+            metadata=user.md,
+            timeout=CALL_S,
+        ).assistant.name
+        with chromium.open(stack.origin + "/") as browser:
+            sign_in(browser, user.email)
+            # Never probed (disabled): its health is said in words, as is its kind.
+            idle_item = tid("integration", name=idle, health="HEALTH_STATE_UNSPECIFIED")
+            browser.wait_for(idle_item)
+            browser.wait_for(tid("integration", name=kit, health="HEALTH_STATE_HEALTHY"))
+            shown = browser.eval(
+                "(s) => document.querySelector(s).textContent",
+                f"{idle_item} {tid('integration-health')}",
+            )
+            assert shown == "not checked yet"
+            kind = browser.eval(
+                "(s) => document.querySelector(s).textContent",
+                f"{idle_item} {tid('integration-kind-label')}",
+            )
+            assert kind == "MCP server"
+            assert raw_text(browser) == []
+
+            # Edited: renamed and enabled. Only what changed is sent: the credential stays.
+            browser.click(f"{idle_item} {tid('edit-integration')}")
+            editor = f"{tid('integration', name=idle)} {tid('integration-editor')}"
+            browser.wait_visible(editor)
+            browser.fill(f"{editor} {tid('edit-integration-name')}", "Idle kit")
+            browser.click(f"{editor} {tid('edit-integration-disabled')}")
+            browser.shots(shots / "integration-editor.png")
+            browser.click(f"{editor} {tid('save-integration')}")
+            browser.wait_for(tid("integration", name=idle, disabled="false"))
+            assert browser.count(editor) == 0
+            stored = get(idle)
+            assert stored.display_name == "Idle kit"
+            assert not stored.disabled
+            assert stored.has_credential
+            assert stored.endpoint == mcp.url
+
+            # Changed elsewhere while the form was open: refused for its etag, said so, and
+            # the form reloads with what the integration is now.
+            item = tid("integration", name=kit)
+            browser.click(f"{item} {tid('edit-integration')}")
+            editor = f"{item} {tid('integration-editor')}"
+            browser.wait_visible(editor)
+            rename(kit, "Renamed by a script")
+            browser.fill(f"{editor} {tid('edit-integration-name')}", "Kit 2")
+            browser.click(f"{editor} {tid('save-integration')}")
+            refused = f"{editor} {tid('error', code='ABORTED')}"
+            browser.wait_visible(refused)
+            assert browser.data(refused)["reason"] == "ERROR_REASON_ETAG_MISMATCH"
+            assert browser.visible(f"{editor} {tid('etag-conflict')}")
+            assert raw_text(browser) == []
+            browser.click(f"{editor} {tid('reload-integration')}")
+            browser.wait(
+                "(s) => document.querySelector(s)?.value === 'Renamed by a script'",
+                f"{editor} {tid('edit-integration-name')}",
+            )
+            browser.fill(f"{editor} {tid('edit-integration-name')}", "Kit 2")
+            browser.click(f"{editor} {tid('save-integration')}")
+            browser.wait(
+                "(s) => document.querySelector(s) === null", f"{item} {tid('integration-editor')}"
+            )
+            assert get(kit).display_name == "Kit 2"
+
+            # Deleted, after a confirmation; "Keep it" keeps it.
+            browser.click(f"{item} {tid('delete-integration')}")
+            confirm = f"{item} {tid('delete-confirmation')}"
+            browser.wait_visible(confirm)
+            browser.shots(shots / "integration-delete-confirmation.png")
+            assert get(kit).name == kit
+            browser.click(f"{confirm} {tid('cancel-delete')}")
+            assert browser.count(confirm) == 0
+            assert get(kit).name == kit
+            # Changed elsewhere after the confirmation was asked for: not deleted unseen.
+            browser.click(f"{item} {tid('delete-integration')}")
+            browser.wait_visible(confirm)
+            rename(kit, "Kit 3")
+            browser.click(f"{confirm} {tid('confirm-delete')}")
+            browser.wait_visible(f"{confirm} {tid('error', code='ABORTED')}")
+            assert browser.data(f"{confirm} {tid('error')}")["reason"] == (
+                "ERROR_REASON_ETAG_MISMATCH"
+            )
+            assert get(kit).name == kit
+            browser.click(f"{confirm} {tid('cancel-delete')}")
+            browser.click(f"{item} {tid('delete-integration')}")
+            browser.wait_visible(confirm)
+            browser.click(f"{confirm} {tid('confirm-delete')}")
+            browser.wait("(s) => document.querySelector(s) === null", item)
+            with pytest.raises(grpc.RpcError) as gone:
+                get(kit)
+            assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+
+            # An assistant deleted the same way; the composer stops offering it.
+            entry = tid("assistant", name=assistant)
+            browser.wait_visible(entry)
+            browser.click(f"{entry} {tid('delete-assistant')}")
+            browser.wait_visible(f"{entry} {tid('delete-confirmation')}")
+            assert raw_text(browser) == []
+            browser.click(f"{entry} {tid('delete-confirmation')} {tid('confirm-delete')}")
+            browser.wait("(s) => document.querySelector(s) === null", entry)
+            with pytest.raises(grpc.RpcError) as gone:
+                server.dispatcher.GetAssistant(
+                    dispatcher_pb2.GetAssistantRequest(name=assistant),
+                    metadata=user.md,
+                    timeout=CALL_S,
+                )
+            assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+            browser.wait(
+                "([s, a]) => ![...document.querySelector(s).options].some((o) => o.value === a)",
+                [tid("assistant-select"), assistant],
+            )
+            browser.wait_visible(tid("assistants-empty"))
+            calls = {method(n) for n in grpc_web_calls(browser.network(), stack.origin)}
+            assert {"UpdateIntegration", "DeleteIntegration", "DeleteAssistant"} <= calls
+            assert problems(browser) == []
+
+
+def test_a_problem_goes_when_its_cause_does_and_covers_nothing(
+    stack: Stack, chromium: Chromium, server: Server, tmp_path: Path
+) -> None:
+    """A refusal is shown beside what was done, in the page's flow; it goes when dismissed
+    or when the same action next succeeds; one whose cause passes by itself (the network)
+    goes by itself."""
+    shots = artifacts_dir(tmp_path) / "problems"
+    shots.mkdir(parents=True, exist_ok=True)
+    user = server.register("problem")
+    taken = f"taken-{os.getpid()}"
+    workspace, _ = server.workspace(user, taken)
+    with chromium.open(stack.origin + "/") as browser:
+        sign_in(browser, user.email)
+        browser.wait_for(f"{tid('workspace-item', name=workspace)}.current")
+
+        # A refusal that stays until something is done about it: shown, covering nothing.
+        refused = tid("error", action="create-workspace")
+        browser.fill(tid("new-workspace-id"), taken)
+        browser.fill(tid("new-workspace-name"), "Taken")
+        browser.click(tid("create-workspace"))
+        browser.wait_visible(refused)
+        assert browser.data(refused)["code"] == "ALREADY_EXISTS"
+        assert browser.data(refused)["transient"] == "false"
+        assert covers(browser, refused) == []
+        assert raw_text(browser) == []
+        browser.shots(shots / "refused.png")
+        # Dismissed, it goes.
+        browser.click(f"{refused} {tid('dismiss-problem')}")
+        assert browser.count(refused) == 0
+        # Shown again, it goes when the same action succeeds.
+        browser.fill(tid("new-workspace-id"), taken)
+        browser.fill(tid("new-workspace-name"), "Taken")
+        browser.click(tid("create-workspace"))
+        browser.wait_visible(refused)
+        fresh = f"fresh-{os.getpid()}"
+        browser.fill(tid("new-workspace-id"), fresh)
+        browser.click(tid("create-workspace"))
+        browser.wait_for(f"{tid('workspace-item', name=f'workspaces/{fresh}')}.current")
+        browser.wait("(s) => document.querySelector(s) === null", refused)
+
+        # No network: the call fails, and once the network is back the problem goes by
+        # itself (nothing to do about it), as does the feed's.
+        failed = tid("error", action="create-conversation")
+        stack.front.cut(refuse=True)
+        try:
+            browser.wait_for(tid("connection", state="reconnecting"))
+            browser.fill(tid("new-conversation-title"), "Offline")
+            browser.click(tid("create-conversation"))
+            browser.wait_visible(failed)
+            assert browser.data(failed)["transient"] == "true"
+            assert covers(browser, failed) == []
+        finally:
+            stack.front.restore()
+        browser.wait_for(tid("connection", state="live"))
+        browser.wait("(s) => document.querySelector(s) === null", failed)
+        assert browser.count(tid("error")) == 0
         assert problems(browser, outage=True) == []

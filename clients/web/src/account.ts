@@ -6,14 +6,13 @@ import { timestampDate } from "@bufbuild/protobuf/wkt";
 import { type Api, PAGE_SIZE } from "./api";
 import { fill, formatTime, h } from "./dom";
 import { type WorkspaceMember, WorkspaceRole } from "./gen/switchboard/api/context/v1/context_pb";
+import { roleLabel } from "./labels";
 import type { Names } from "./names";
 import type { Page } from "./page";
 
 const ROLES = [WorkspaceRole.VIEWER, WorkspaceRole.EDITOR, WorkspaceRole.OWNER];
 
-function roleName(role: WorkspaceRole): string {
-  return WorkspaceRole[role]?.toLowerCase() ?? "";
-}
+const roleName = roleLabel;
 
 function when(time: Parameters<typeof timestampDate>[0] | undefined): string {
   if (!time) return "";
@@ -146,7 +145,7 @@ export class Account {
     return h(
       "li",
       { "data-testid": "member", "data-user": m.user, "data-role": `WORKSPACE_ROLE_${WorkspaceRole[m.role] ?? ""}` },
-      h("span", { title: m.user }, this.names.title(m.user)),
+      h("span", { class: "who", title: m.user }, this.names.title(m.user)),
       " ",
       role,
       h(
@@ -190,8 +189,10 @@ export class Account {
           h(
             "li",
             { "data-testid": "api-key", "data-name": k.name },
-            h("strong", {}, k.displayName || k.prefix),
-            h("span", { class: "muted" }, ` ${k.prefix}… · ${k.scopes.join(", ")}${k.lastUsedTime ? ` · used ${when(k.lastUsedTime)}` : ""}`),
+            h("strong", {}, k.displayName || "API key"),
+            " ",
+            h("code", {}, `${k.prefix}…`),
+            h("span", { class: "muted" }, ` · ${k.scopes.join(", ")}${k.lastUsedTime ? ` · used ${when(k.lastUsedTime)}` : ""}`),
             " ",
             h(
               "button",

@@ -40,7 +40,7 @@ export class App {
     this.page = new Page(root, () => api.tokens.signedIn);
     this.auth = new AuthScreen(api, this.page, () => this.enter());
     this.runs = new RunCards(api, this.page, this.names);
-    this.integrations = new Integrations(api, this.page);
+    this.integrations = new Integrations(api, this.page, this.names);
     this.live = new LiveEvents(this.page, this.names);
     // The composer asks the navigation, built next, what is open when it needs to know.
     const composer = new Composer(api, this.page, {
@@ -64,6 +64,7 @@ export class App {
         if (!name) return;
         await composer.load();
         composer.choose(assistant.name);
+        composer.focus();
       },
       changed: () => void composer.load(),
     });
@@ -72,10 +73,11 @@ export class App {
     this.consoleView = h(
       "div",
       { class: "console", "data-testid": "console" },
+      // Atop the columns, in the page's flow: a problem shown here covers nothing.
+      h("div", { class: "problems", "data-testid": "problems", "aria-live": "polite" }),
       this.navigation.column,
       h("section", { class: "column chat" }, ...this.navigation.chat, ...this.runs.elements, composer.element),
       h("aside", { class: "column" }, ...this.assistants.elements, ...this.integrations.elements, ...this.live.elements),
-      h("div", { class: "problems", "data-testid": "problems" }),
     );
     root.replaceChildren(this.auth.element, this.consoleView);
     this.page.part("sign-out").addEventListener("click", () => void this.signOut());
@@ -214,6 +216,8 @@ export class App {
 
   private feedState(state: FeedState, detail?: Problem): void {
     this.live.state(state, this.feed);
+    // Back: whatever stopped it is over.
+    if (state === "live") this.page.clearProblem("events");
     if (detail !== undefined && state === "stopped") this.page.showProblem(detail, "events");
   }
 

@@ -11,6 +11,7 @@ import type { Assistant, AssistantTools } from "./gen/switchboard/api/dispatcher
 import type { Event } from "./gen/switchboard/api/events/v1/events_pb";
 import { IntegrationKind } from "./gen/switchboard/api/integration/v1/integration_pb";
 import { type Integrations, lastSegment } from "./integrations";
+import { idAttributes, idRule } from "./ids";
 import type { Page } from "./page";
 
 export interface AssistantsHost {
@@ -130,12 +131,84 @@ export class Assistants {
           h(
             "div",
             { class: "row" },
-            h("button", { type: "button", "data-testid": "try-assistant", hidden: !this.write, onclick: () => void this.page.busy("try-assistant", () => this.host.tryIt(a)) }, "Try it"),
+            h("button", { type: "button", "data-testid": "try-assistant", hidden: !this.write, onclick: (e: globalThis.Event) => void this.tryIt(a, e) }, "Try it"),
             h("button", { type: "button", class: "manage", hidden: !this.manage, "data-testid": "edit-assistant", onclick: () => void this.edit(a) }, "Edit"),
+            h("button", { type: "button", class: "manage danger", hidden: !this.manage, "data-testid": "delete-assistant", onclick: (e: globalThis.Event) => this.confirmDelete(a, e) }, "Delete"),
           ),
         ),
       ),
     );
+  }
+
+  /** "Try it" takes the person to the conversation it opens: the editor closes (what was
+   *  saved is what gets tried; the editor reopens with Edit), wherever it was clicked. */
+  private async tryIt(assistant: Assistant, event: globalThis.Event): Promise<void> {
+    const button = event.currentTarget as HTMLButtonElement;
+    await this.page.busy(
+      "try-assistant",
+      async () => {
+        this.close();
+        await this.host.tryIt(assistant);
+      },
+      { button },
+    );
+  }
+
+  /** Asks first, in place, then DeleteAssistant with the etag the list showed: a change
+   *  made elsewhere meanwhile is refused rather than deleted unseen. */
+  private confirmDelete(assistant: Assistant, event: globalThis.Event): void {
+    const item = (event.currentTarget as HTMLElement).closest("li");
+    if (!item) return;
+    const open = item.querySelector('[data-testid="delete-confirmation"]');
+    open?.remove();
+    if (open) return;
+    const where = h("div", {});
+    const title = assistant.displayName || lastSegment(assistant.name);
+    const box: HTMLElement = h(
+      "div",
+      { class: "confirm", role: "alertdialog", "data-testid": "delete-confirmation" },
+      h(
+        "p",
+        {},
+        `Delete ${title}? `,
+        assistant.workspaceDefault
+          ? "It answers the workspace's messages that name no assistant: they go to the router's choice instead."
+          : "Messages that name it will be refused.",
+      ),
+      where,
+      h(
+        "div",
+        { class: "row" },
+        h(
+          "button",
+          {
+            type: "button",
+            class: "danger",
+            "data-testid": "confirm-delete",
+            onclick: async (e: globalThis.Event) => {
+              const button = e.currentTarget as HTMLButtonElement;
+              button.disabled = true;
+              try {
+                await this.api.dispatcher.deleteAssistant({ name: assistant.name, etag: assistant.etag });
+                if (this.editing === assistant.name) this.close();
+                this.assistants = this.assistants.filter((x) => x.name !== assistant.name);
+                this.render();
+                this.host.changed();
+              } catch (error) {
+                const shown = renderProblem(problem(error));
+                shown.dataset.action = "delete-assistant";
+                where.replaceChildren(shown);
+              } finally {
+                button.disabled = false;
+              }
+            },
+          },
+          "Delete",
+        ),
+        h("button", { type: "button", "data-testid": "cancel-delete", onclick: () => box.remove() }, "Keep it"),
+      ),
+    );
+    item.append(box);
   }
 
   private close(): void {
@@ -154,7 +227,7 @@ export class Assistants {
       input.setAttribute("aria-label", label);
       return h("label", {}, label, input);
     };
-    const id = h("input", { placeholder: "e.g. helper", pattern: "[a-z][a-z0-9\\-]{1,62}" });
+    const id = h("input", { placeholder: "e.g. helper (empty: one is made)", ...idAttributes("assistant_id") });
     const handler = h(
       "select",
       {},
@@ -169,6 +242,7 @@ export class Assistants {
       this.editor,
       h("h3", { "data-testid": "editor-title" }, a ? `Edit ${a.displayName || lastSegment(a.name)}` : "New assistant"),
       a ? null : field("assistant-id", "id", id),
+      a ? null : h("small", { class: "muted", "data-testid": "assistant-id-format" }, `id: ${idRule("assistant_id").words}`),
       field("assistant-name", "Display name", h("input", { value: a?.displayName ?? "", required: true, maxlength: 200 })),
       field("assistant-instructions", "Instructions", h("textarea", { rows: 4 }, a?.instructions ?? "")),
       field("assistant-handler", "Handler", handler),
@@ -309,6 +383,7 @@ export class Assistants {
         const title = this.editor.querySelector('[data-testid="editor-title"]');
         if (title) title.textContent = `Edit ${saved.displayName || lastSegment(saved.name)}`;
         this.editor.querySelector('[data-testid="assistant-id"]')?.closest("label")?.remove();
+        this.editor.querySelector('[data-testid="assistant-id-format"]')?.remove();
         if (button) button.textContent = "Save";
         this.editor.dataset.saved = saved.name;
         this.editor.dataset.etag = saved.etag;

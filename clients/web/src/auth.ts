@@ -75,6 +75,6 @@ export class AuthScreen {
       this.password.value = "";
       this.api.tokens.adopt(answer.tokens, answer.user, answer.session);
       await this.entered();
-    }, "auth-error");
+    }, { area: "auth-error" });
   }
 }

@@ -90,6 +90,12 @@ export class Composer {
     });
   }
 
+  /** Where the next message is written: scrolled to and focused. */
+  focus(): void {
+    this.text.scrollIntoView({ block: "nearest" });
+    this.text.focus();
+  }
+
   /** Picks the assistant the next message goes to (the handler left to it). */
   choose(assistant: string): void {
     this.handler.value = "";

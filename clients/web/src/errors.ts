@@ -8,6 +8,7 @@ import {
   RetryInfoSchema,
 } from "./gen/google/rpc/error_details_pb";
 import { h } from "./dom";
+import { codeLabel } from "./labels";
 
 export interface Violation {
   field: string;
@@ -89,14 +90,17 @@ export function isCode(p: Problem, code: Code): boolean {
   return p.code === codeName(code);
 }
 
-/** The problem as a block: code and reason up front, then the message and violations. */
+/** The problem as a block: what happened in words, then the code and reason exactly as the
+ *  server gave them (what a support request quotes), the message and the violations. */
 export function renderProblem(p: Problem, testid = "error"): HTMLElement {
   return h(
     "div",
     { class: "problem", role: "alert", "data-testid": testid, "data-code": p.code, "data-reason": p.reason },
-    h("strong", { "data-testid": `${testid}-code` }, p.code),
+    h("strong", {}, codeLabel(p.code)),
+    h("code", { "data-testid": `${testid}-code` }, p.code),
     p.reason ? h("code", { "data-testid": `${testid}-reason` }, p.reason) : null,
-    h("span", { "data-testid": `${testid}-message` }, p.message),
+    // The server's words, quoted as they came (they may name fields).
+    h("span", { class: "problem-message", "data-testid": `${testid}-message`, "data-content": true }, p.message),
     p.retryAfterS !== undefined ? h("span", { class: "muted" }, `retry in ${p.retryAfterS.toFixed(1)} s`) : null,
     p.violations.length
       ? h(
@@ -107,10 +111,19 @@ export function renderProblem(p: Problem, testid = "error"): HTMLElement {
               "li",
               { "data-testid": `${testid}-violation`, "data-field": v.field },
               h("code", {}, v.field),
-              `: ${v.description}`,
+              ": ",
+              h("span", { "data-content": true }, v.description),
             ),
           ),
         )
       : null,
   );
+}
+
+/** Whether the cause may go by itself (the connection, a deadline, a rate limit that says
+ *  when to retry): such a problem is shown for a while, not until dismissed. */
+export function isTransient(p: Problem): boolean {
+  if (!p.wire) return true;
+  if (p.code === "RESOURCE_EXHAUSTED") return p.retryAfterS !== undefined;
+  return p.code === "UNAVAILABLE" || p.code === "DEADLINE_EXCEEDED" || p.code === "CANCELED";
 }

@@ -11,6 +11,9 @@ import { type Api, PAGE_SIZE, requestId } from "./api";
 import { fill, formatTime, h } from "./dom";
 import { problem, renderProblem } from "./errors";
 import { follow } from "./follow";
+import { idAttributes, idRule } from "./ids";
+import { EventType } from "./gen/switchboard/api/events/v1/events_pb";
+import { circuitLabel, deliveryLabel, eventTypeLabel, eventTypeNameLabel, healthLabel, kindLabel } from "./labels";
 import {
   CircuitState,
   DeliveryState,
@@ -20,6 +23,7 @@ import {
   type Tool,
   type WatchIntegrationsResponse,
 } from "./gen/switchboard/api/integration/v1/integration_pb";
+import type { Names } from "./names";
 import type { Page } from "./page";
 import { schemaForm } from "./schemaform";
 
@@ -52,7 +56,12 @@ export class Integrations {
     h("option", { value: String(IntegrationKind.WEBHOOK) }, "Webhook"),
     h("option", { value: String(IntegrationKind.A2A_AGENT) }, "A2A agent"),
   );
-  private readonly newId = h("input", { "data-testid": "integration-id", "aria-label": "integration id", placeholder: "id, e.g. kit" });
+  private readonly newId = h("input", {
+    "data-testid": "integration-id",
+    "aria-label": "integration id",
+    placeholder: "id (optional), e.g. kit",
+    ...idAttributes("integration_id"),
+  });
   private readonly newName = h("input", { "data-testid": "integration-name", "aria-label": "display name", placeholder: "display name" });
   private readonly endpoint = h("input", {
     "data-testid": "integration-endpoint",
@@ -66,11 +75,7 @@ export class Integrations {
     autocomplete: "off",
     placeholder: "credential (write-only, optional)",
   });
-  private readonly eventTypes = h("input", {
-    "data-testid": "integration-event-types",
-    "aria-label": "event types",
-    placeholder: "webhook events, e.g. MESSAGE_CREATED (empty: all)",
-  });
+  private readonly eventTypes = eventTypePicker("integration-event-types", []);
   private readonly form: HTMLElement;
   private watching: AbortController | null = null;
   /** The workspace watched, "" for none. */
@@ -82,6 +87,7 @@ export class Integrations {
   constructor(
     private readonly api: Api,
     private readonly page: Page,
+    private readonly names: Names,
   ) {
     this.form = h(
       "details",
@@ -98,13 +104,20 @@ export class Integrations {
         },
         this.kind,
         this.newId,
+        h("small", { class: "muted", "data-testid": "integration-id-format" }, `id: ${idRule("integration_id").words} (empty: one is made)`),
         this.newName,
         this.endpoint,
         this.credential,
-        this.eventTypes,
+        this.eventTypes.element,
         h("button", { type: "submit", "data-testid": "create-integration" }, "Register"),
       ),
     );
+    // Only a webhook is sent events: the choice shows for it alone.
+    const kindChanged = (): void => {
+      this.eventTypes.element.hidden = Number(this.kind.value) !== IntegrationKind.WEBHOOK;
+    };
+    this.kind.addEventListener("change", kindChanged);
+    kindChanged();
     this.elements = [h("h2", {}, "Integrations"), this.list, this.form];
   }
 
@@ -179,6 +192,8 @@ export class Integrations {
           const list = this.list;
           list.dataset.live = String(live);
           if (detail && !live) list.dataset.problem = detail.code;
+          // Back: whatever ended the last stream is over.
+          if (live) this.page.clearProblem("integrations");
         },
         failed: (detail) => this.page.showProblem(detail, "integrations"),
       },
@@ -209,13 +224,16 @@ export class Integrations {
           kind,
           endpoint: this.endpoint.value.trim(),
           credential: this.credential.value,
-          eventTypes: kind === IntegrationKind.WEBHOOK ? splitList(this.eventTypes.value) : [],
+          eventTypes: kind === IntegrationKind.WEBHOOK ? this.eventTypes.read() : [],
         },
         requestId: requestId(),
       });
       // The credential is not kept on the page once the server has it.
       this.credential.value = "";
-      this.newId.value = this.newName.value = this.endpoint.value = this.eventTypes.value = "";
+      this.newId.value = this.newName.value = this.endpoint.value = "";
+      this.eventTypes.set([]);
+      // Registered: the form folds away (the new entry is what matters now).
+      (this.form as HTMLDetailsElement).open = false;
       const created = answer.integration;
       if (created && parent === this.parent && !this.integrations.has(created.name)) {
         this.integrations.set(created.name, created);
@@ -233,7 +251,11 @@ export class Integrations {
       return;
     }
     const items: HTMLElement[] = [];
-    for (const i of this.integrations.values()) items.push(this.entry(i));
+    for (const i of this.integrations.values()) {
+      // Events and tool names read with its title.
+      this.names.learn(i.name, i.displayName);
+      items.push(this.entry(i));
+    }
     for (const name of [...this.entries.keys()]) if (!this.integrations.has(name)) this.entries.delete(name);
     // Moved, not rebuilt: an open pane keeps what was typed in it.
     if (items.some((item, index) => list.children[index] !== item) || list.children.length !== items.length) {
@@ -255,58 +277,263 @@ export class Integrations {
           { class: "row" },
           i.kind === IntegrationKind.WEBHOOK
             ? null
-            : h("button", { type: "button", "data-testid": "integration-tools", onclick: () => void this.showTools(i.name, panes) }, "Tools"),
+            : h("button", { type: "button", "data-testid": "integration-tools", onclick: (e: Event) => void this.showTools(i.name, panes, e) }, "Tools"),
           i.kind === IntegrationKind.WEBHOOK
-            ? h("button", { type: "button", "data-testid": "integration-deliveries", onclick: () => void this.showDeliveries(i.name, panes) }, "Deliveries")
+            ? h("button", { type: "button", "data-testid": "integration-deliveries", onclick: (e: Event) => void this.showDeliveries(i.name, panes, e) }, "Deliveries")
             : null,
+          h("button", { type: "button", class: "manage", hidden: !this.manage, "data-testid": "edit-integration", onclick: () => this.editForm(i.name, panes) }, "Edit"),
+          h("button", { type: "button", class: "manage danger", hidden: !this.manage, "data-testid": "delete-integration", onclick: () => this.confirmDelete(i.name, panes) }, "Delete"),
         ),
         panes,
       );
       entry = { item, status, panes };
       this.entries.set(i.name, entry);
     }
-    const health = `HEALTH_STATE_${HealthState[i.status?.health ?? HealthState.UNSPECIFIED] ?? "UNSPECIFIED"}`;
-    const circuit = `CIRCUIT_STATE_${CircuitState[i.status?.circuit ?? CircuitState.UNSPECIFIED] ?? "UNSPECIFIED"}`;
+    const healthValue = i.status?.health ?? HealthState.UNSPECIFIED;
+    const circuitValue = i.status?.circuit ?? CircuitState.UNSPECIFIED;
+    const health = `HEALTH_STATE_${HealthState[healthValue] ?? "UNSPECIFIED"}`;
+    const circuit = `CIRCUIT_STATE_${CircuitState[circuitValue] ?? "UNSPECIFIED"}`;
     const failures = i.status?.consecutiveFailures ?? 0;
     const item = entry.item;
-    item.className = `integration h-${(HealthState[i.status?.health ?? 0] ?? "unspecified").toLowerCase()}`;
-    Object.assign(item.dataset, { health, circuit, disabled: String(i.disabled) });
+    item.className = `integration h-${(HealthState[healthValue] ?? "unspecified").toLowerCase()}`;
+    Object.assign(item.dataset, { health, circuit, disabled: String(i.disabled), etag: i.etag });
+    const circuitText = circuitLabel(circuitValue);
     fill(
       entry.status,
       h("strong", {}, i.displayName || lastSegment(i.name)),
       " ",
-      h("span", { class: "muted" }, `${IntegrationKind[i.kind]?.toLowerCase() ?? ""} · ${i.endpoint}`),
-      i.hasCredential ? h("span", { class: "muted", "data-testid": "integration-has-credential" }, " · credential set") : null,
+      h("span", { class: "muted", "data-testid": "integration-kind-label" }, kindLabel(i.kind)),
+      h("div", { class: "muted endpoint", "data-testid": "integration-endpoint-shown" }, i.endpoint),
       h(
         "div",
-        {},
-        h("span", { class: "badge", "data-testid": "integration-health" }, health.replace("HEALTH_STATE_", "")),
-        " ",
-        h("span", { class: "badge", "data-testid": "integration-circuit" }, `circuit ${circuit.replace("CIRCUIT_STATE_", "")}`),
-        i.disabled ? h("span", { class: "badge" }, "disabled") : null,
-        failures ? h("span", { class: "muted" }, ` · ${failures} failures`) : null,
+        { class: "badges" },
+        h("span", { class: "badge health", "data-testid": "integration-health" }, healthLabel(healthValue)),
+        // Disabled: neither probed nor called (its health is as it was when it stopped).
+        i.disabled ? h("span", { class: "badge", "data-testid": "integration-disabled" }, "disabled") : null,
+        circuitText && !i.disabled ? h("span", { class: "badge", "data-testid": "integration-circuit" }, circuitText) : null,
+        i.hasCredential ? h("span", { class: "muted", "data-testid": "integration-has-credential" }, "credential set") : null,
+        failures ? h("span", { class: "muted" }, `${failures} ${failures === 1 ? "failure" : "failures"} in a row`) : null,
       ),
-      i.status?.lastError?.message ? h("div", { class: "muted", "data-testid": "integration-error" }, i.status.lastError.message) : null,
+      i.kind === IntegrationKind.WEBHOOK
+        ? h("div", { class: "muted", "data-testid": "integration-event-types-shown" }, `events sent: ${i.eventTypes.length ? i.eventTypes.map(eventTypeNameLabel).join(", ") : "every kind"}`)
+        : null,
+      i.status?.lastError?.message
+        ? h("div", { class: "muted", "data-testid": "integration-error", "data-content": true }, i.status.lastError.message)
+        : null,
     );
     return item;
   }
 
+  // -- Editing and deleting ------------------------------------------------------------------
+
+  /** The edit form under the entry (toggled): display name, endpoint, a new credential
+   *  (write-only: empty keeps the one set), the webhook's event types, disabled. Saving
+   *  sends only what changed (the FieldMask) with the etag it was opened at, so a change
+   *  made elsewhere meanwhile is refused (ABORTED) rather than overwritten. */
+  private editForm(name: string, panes: HTMLElement, reopen = false): void {
+    const open = panes.querySelector('[data-testid="integration-editor"]');
+    open?.remove();
+    if (open && !reopen) return;
+    panes.querySelector('[data-testid="delete-confirmation"]')?.remove();
+    const current = this.integrations.get(name);
+    if (!current) return;
+    const webhook = current.kind === IntegrationKind.WEBHOOK;
+    const field = (testid: string, label: string, input: HTMLInputElement): HTMLElement => {
+      input.dataset.testid = testid;
+      input.setAttribute("aria-label", label);
+      return h("label", {}, label, input);
+    };
+    const displayName = h("input", { value: current.displayName, maxlength: 200 });
+    const endpoint = h("input", { value: current.endpoint, required: true });
+    const credential = h("input", { type: "password", autocomplete: "off", placeholder: current.hasCredential ? "set: empty keeps it" : "none set" });
+    const eventTypes = eventTypePicker("edit-integration-event-types", current.eventTypes);
+    const disabled = h("input", { type: "checkbox", "data-testid": "edit-integration-disabled", checked: current.disabled });
+    const where = h("div", { "data-testid": "integration-editor-problem" });
+    const form: HTMLFormElement = h(
+      "form",
+      {
+        class: "inline editor",
+        "data-testid": "integration-editor",
+        "data-etag": current.etag,
+        onsubmit: (event: Event) => {
+          event.preventDefault();
+          void this.saveEdit(current, { displayName, endpoint, credential, eventTypes, disabled }, form, where, panes);
+        },
+      },
+      field("edit-integration-name", "Display name", displayName),
+      field("edit-integration-endpoint", "Endpoint", endpoint),
+      field("edit-integration-credential", current.hasCredential ? "New credential (write-only)" : "Credential (write-only)", credential),
+      webhook ? eventTypes.element : null,
+      h("label", { class: "check" }, disabled, " Disabled (neither probed nor called)"),
+      where,
+      h(
+        "div",
+        { class: "row" },
+        h("button", { type: "submit", "data-testid": "save-integration" }, "Save"),
+        h("button", { type: "button", "data-testid": "cancel-integration-edit", onclick: () => form.remove() }, "Cancel"),
+      ),
+    );
+    panes.prepend(form);
+  }
+
+  private async saveEdit(
+    before: Integration,
+    inputs: { displayName: HTMLInputElement; endpoint: HTMLInputElement; credential: HTMLInputElement; eventTypes: EventTypePicker; disabled: HTMLInputElement },
+    form: HTMLFormElement,
+    where: HTMLElement,
+    panes: HTMLElement,
+  ): Promise<void> {
+    const paths: string[] = [];
+    const displayName = inputs.displayName.value.trim();
+    const endpoint = inputs.endpoint.value.trim();
+    const eventTypes = inputs.eventTypes.read();
+    if (displayName !== before.displayName) paths.push("display_name");
+    if (endpoint !== before.endpoint) paths.push("endpoint");
+    // Write-only: sent only when one was typed (empty keeps the one set).
+    if (inputs.credential.value) paths.push("credential");
+    if (before.kind === IntegrationKind.WEBHOOK && [...eventTypes].sort().join(",") !== [...before.eventTypes].sort().join(",")) {
+      paths.push("event_types");
+    }
+    if (inputs.disabled.checked !== before.disabled) paths.push("disabled");
+    where.replaceChildren();
+    if (paths.length === 0) {
+      form.remove();
+      return;
+    }
+    const button = form.querySelector<HTMLButtonElement>('[data-testid="save-integration"]');
+    if (button) button.disabled = true;
+    try {
+      const answer = await this.api.integration.updateIntegration({
+        integration: {
+          name: before.name,
+          etag: before.etag,
+          displayName,
+          endpoint,
+          credential: inputs.credential.value,
+          eventTypes,
+          disabled: inputs.disabled.checked,
+        },
+        updateMask: { paths },
+      });
+      inputs.credential.value = "";
+      form.remove();
+      const updated = answer.integration;
+      if (updated && this.integrations.has(updated.name)) {
+        this.integrations.set(updated.name, updated);
+        this.render();
+      }
+    } catch (error) {
+      const p = problem(error);
+      const box = renderProblem(p);
+      box.dataset.action = "save-integration";
+      if (p.reason === "ERROR_REASON_ETAG_MISMATCH") {
+        box.append(
+          h("span", { "data-testid": "etag-conflict" }, "Changed elsewhere since you opened it. "),
+          h(
+            "button",
+            {
+              type: "button",
+              "data-testid": "reload-integration",
+              onclick: (e: Event) =>
+                void this.page.busy(
+                  "reload-integration",
+                  async () => {
+                    const fresh = await this.api.integration.getIntegration({ name: before.name });
+                    if (fresh.integration) this.integrations.set(before.name, fresh.integration);
+                    this.render();
+                    this.editForm(before.name, panes, true);
+                  },
+                  { button: e.currentTarget as HTMLButtonElement },
+                ),
+            },
+            "Load the current version",
+          ),
+        );
+      }
+      where.replaceChildren(box);
+    } finally {
+      if (button) button.disabled = false;
+    }
+  }
+
+  /** Asks first, in place: deleting an integration takes its tools from every assistant. */
+  private confirmDelete(name: string, panes: HTMLElement): void {
+    const open = panes.querySelector('[data-testid="delete-confirmation"]');
+    open?.remove();
+    if (open) return;
+    panes.querySelector('[data-testid="integration-editor"]')?.remove();
+    const integration = this.integrations.get(name);
+    if (!integration) return;
+    const where = h("div", {});
+    const box: HTMLElement = h(
+      "div",
+      { class: "confirm", role: "alertdialog", "data-testid": "delete-confirmation" },
+      h(
+        "p",
+        {},
+        `Delete ${integration.displayName || lastSegment(name)}? `,
+        integration.kind === IntegrationKind.WEBHOOK
+          ? "Its deliveries stop."
+          : "Assistants that use its tools lose them; runs calling them fail.",
+      ),
+      where,
+      h(
+        "div",
+        { class: "row" },
+        h(
+          "button",
+          {
+            type: "button",
+            class: "danger",
+            "data-testid": "confirm-delete",
+            onclick: async (e: Event) => {
+              const button = e.currentTarget as HTMLButtonElement;
+              button.disabled = true;
+              try {
+                await this.api.integration.deleteIntegration({ name, etag: integration.etag });
+                box.remove();
+                this.integrations.delete(name);
+                this.render();
+              } catch (error) {
+                const p = problem(error);
+                const shown = renderProblem(p);
+                shown.dataset.action = "delete-integration";
+                where.replaceChildren(shown);
+              } finally {
+                button.disabled = false;
+              }
+            },
+          },
+          "Delete",
+        ),
+        h("button", { type: "button", "data-testid": "cancel-delete", onclick: () => box.remove() }, "Keep it"),
+      ),
+    );
+    panes.prepend(box);
+  }
+
   // -- Tools ---------------------------------------------------------------------------------
 
-  private async showTools(integration: string, panes: HTMLElement): Promise<void> {
+  /** The integration's tools, one line each (a tool opens to its description and form):
+   *  an MCP server may lend dozens, and the page should stay a page. */
+  private async showTools(integration: string, panes: HTMLElement, event: Event): Promise<void> {
     const open = panes.querySelector('[data-testid="tools"]');
     if (open) return open.remove();
-    await this.page.busy("integration-tools", async () => {
-      const tools = await this.tools(integration);
-      panes.querySelector('[data-testid="tools"]')?.remove();
-      panes.append(
-        h(
-          "ul",
-          { class: "list tools", "data-testid": "tools", "data-integration": integration },
-          ...(tools.length ? tools.map((t) => this.tool(t)) : [h("li", { class: "muted" }, "No tools.")]),
-        ),
-      );
-    });
+    await this.page.busy(
+      "integration-tools",
+      async () => {
+        const tools = await this.tools(integration);
+        panes.querySelector('[data-testid="tools"]')?.remove();
+        panes.append(
+          h(
+            "ul",
+            { class: "list tools", "data-testid": "tools", "data-integration": integration },
+            ...(tools.length ? tools.map((t) => this.tool(t)) : [h("li", { class: "muted" }, "No tools.")]),
+          ),
+        );
+      },
+      { button: event.currentTarget as HTMLButtonElement },
+    );
   }
 
   private tool(tool: Tool): HTMLElement {
@@ -343,13 +570,16 @@ export class Integrations {
     return h(
       "li",
       { class: "tool", "data-testid": "tool", "data-tool": name, "data-name": tool.name },
-      h("code", {}, name),
-      tool.title && tool.title !== name ? h("span", {}, ` ${tool.title}`) : null,
-      tool.description ? h("div", { class: "muted" }, tool.description) : null,
       h(
         "details",
         { "data-testid": "tool-try" },
-        h("summary", {}, "Try it"),
+        h(
+          "summary",
+          { title: tool.description },
+          h("code", {}, name),
+          tool.title && tool.title !== name ? h("span", { class: "tool-title" }, tool.title) : null,
+        ),
+        tool.description ? h("div", { class: "muted", "data-testid": "tool-description", "data-content": true }, tool.description) : null,
         h(
           "form",
           {
@@ -370,24 +600,29 @@ export class Integrations {
 
   // -- Webhook deliveries --------------------------------------------------------------------
 
-  private async showDeliveries(integration: string, panes: HTMLElement): Promise<void> {
+  private async showDeliveries(integration: string, panes: HTMLElement, event?: Event): Promise<void> {
+    const button = event?.currentTarget instanceof HTMLButtonElement ? event.currentTarget : null;
     await this.page.busy("integration-deliveries", async () => {
       const answer = await this.api.integration.listWebhookDeliveries({ parent: integration, pageSize: PAGE_SIZE });
       panes.querySelector('[data-testid="deliveries"]')?.remove();
       panes.append(
         h(
           "ul",
-          { class: "list", "data-testid": "deliveries" },
+          { class: "list deliveries", "data-testid": "deliveries" },
           ...(answer.deliveries.length
             ? answer.deliveries.map((d) =>
                 h(
                   "li",
                   { "data-testid": "delivery", "data-name": d.name, "data-state": `DELIVERY_STATE_${DeliveryState[d.state] ?? ""}` },
-                  h("code", {}, d.eventType),
-                  ` ${DeliveryState[d.state]?.toLowerCase() ?? ""} · ${d.attempts} ${d.attempts === 1 ? "attempt" : "attempts"}`,
-                  d.lastHttpStatus ? ` · HTTP ${d.lastHttpStatus}` : "",
-                  d.lastAttemptTime ? ` · ${formatTime(timestampDate(d.lastAttemptTime))}` : "",
-                  d.lastError ? h("div", { class: "muted" }, d.lastError) : null,
+                  h(
+                    "span",
+                    {},
+                    h("strong", {}, eventTypeNameLabel(d.eventType)),
+                    ` ${deliveryLabel(d.state)} · ${d.attempts} ${d.attempts === 1 ? "attempt" : "attempts"}`,
+                    d.lastHttpStatus ? ` · HTTP ${d.lastHttpStatus}` : "",
+                    d.lastAttemptTime ? ` · ${formatTime(timestampDate(d.lastAttemptTime))}` : "",
+                    d.lastError ? h("div", { class: "muted", "data-content": true }, d.lastError) : null,
+                  ),
                   h(
                     "button",
                     {
@@ -396,11 +631,15 @@ export class Integrations {
                       // A pending delivery is still being tried: nothing to send again.
                       hidden: !this.manage || d.state === DeliveryState.PENDING,
                       "data-testid": "redeliver",
-                      onclick: () =>
-                        void this.page.busy("redeliver", async () => {
-                          await this.api.integration.redeliverWebhook({ name: d.name });
-                          await this.showDeliveries(integration, panes);
-                        }),
+                      onclick: (e: Event) =>
+                        void this.page.busy(
+                          "redeliver",
+                          async () => {
+                            await this.api.integration.redeliverWebhook({ name: d.name });
+                            await this.showDeliveries(integration, panes);
+                          },
+                          { button: e.currentTarget as HTMLButtonElement },
+                        ),
                     },
                     "Redeliver",
                   ),
@@ -409,13 +648,37 @@ export class Integrations {
             : [h("li", { class: "muted" }, "No deliveries yet.")]),
         ),
       );
-    });
+    }, { button });
   }
 }
 
-function splitList(text: string): string[] {
-  return text
-    .split(/[\s,]+/)
-    .map((x) => x.trim())
-    .filter(Boolean);
+interface EventTypePicker {
+  element: HTMLElement;
+  /** The chosen types as the contracts name them (`MESSAGE_CREATED`); none: every one. */
+  read(): string[];
+  set(chosen: string[]): void;
+}
+
+/** A webhook's event types as a box per kind of event, named in words. */
+function eventTypePicker(testid: string, chosen: string[]): EventTypePicker {
+  const boxes = Object.entries(EventType)
+    .filter((entry): entry is [string, EventType] => typeof entry[1] === "number" && entry[1] !== EventType.UNSPECIFIED)
+    .map(([name, value]) => ({
+      name,
+      input: h("input", { type: "checkbox", "data-testid": "event-type", "data-type": name, checked: chosen.includes(name) }),
+      label: eventTypeLabel(value),
+    }));
+  const element = h(
+    "fieldset",
+    { class: "event-types", "data-testid": testid },
+    h("legend", {}, "Events it is sent (none ticked: every one)"),
+    ...boxes.map((b) => h("label", {}, b.input, ` ${b.label}`)),
+  );
+  return {
+    element,
+    read: () => boxes.filter((b) => b.input.checked).map((b) => b.name),
+    set: (names) => {
+      for (const b of boxes) b.input.checked = names.includes(b.name);
+    },
+  };
 }

@@ -3,13 +3,12 @@
 // whoever checks that nothing was lost). The feed itself belongs to the App, whose session
 // and open workspace decide what it subscribes to; this only shows it.
 import { timestampDate } from "@bufbuild/protobuf/wkt";
-import { formatTime, h } from "./dom";
+import { type Child, formatTime, h } from "./dom";
 import type { EventFeed, FeedState } from "./feed";
-import { type Event, EventType, SecurityEventKind } from "./gen/switchboard/api/events/v1/events_pb";
-import { MessageRole } from "./gen/switchboard/api/context/v1/context_pb";
+import { type Event, EventType } from "./gen/switchboard/api/events/v1/events_pb";
+import { changeLabel, eventTypeLabel, messageRoleLabel, runUpdateLabel, securityLabel } from "./labels";
 import type { Names } from "./names";
 import type { Page } from "./page";
-import { stateName } from "./runs";
 
 /** Events kept on screen (the feed itself remembers more ids for deduplication). */
 const EVENTS_SHOWN = 300;
@@ -24,10 +23,10 @@ export class LiveEvents {
   private readonly filter = h(
     "select",
     { "data-testid": "event-filter", "aria-label": "event type", onchange: () => this.applyFilter() },
-    h("option", { value: "" }, "all types"),
-    ...Object.keys(EventType)
-      .filter((k) => Number.isNaN(Number(k)) && k !== "UNSPECIFIED")
-      .map((k) => h("option", { value: `EVENT_TYPE_${k}` }, k.toLowerCase().replaceAll("_", " "))),
+    h("option", { value: "" }, "every kind"),
+    ...Object.entries(EventType)
+      .filter((entry): entry is [string, EventType] => typeof entry[1] === "number" && entry[1] !== EventType.UNSPECIFIED)
+      .map(([key, value]) => h("option", { value: `EVENT_TYPE_${key}` }, eventTypeLabel(value))),
   );
 
   constructor(
@@ -81,9 +80,9 @@ export class LiveEvents {
       { "data-testid": "event", "data-id": event.id, "data-cursor": event.cursor, "data-type": type, "data-subject": subject(event) },
       h("time", {}, formatTime(event.time ? timestampDate(event.time) : undefined)),
       " ",
-      h("strong", {}, type.replace("EVENT_TYPE_", "")),
+      h("strong", {}, eventTypeLabel(event.type)),
       " ",
-      h("span", { class: "muted", "data-testid": "event-summary" }, summarize(event, this.names)),
+      h("span", { class: "muted", "data-testid": "event-summary" }, ...summarize(event, this.names)),
       link(event, this.names),
     );
     if (this.filter.value && this.filter.value !== type) item.hidden = true;
@@ -130,9 +129,12 @@ function link(event: Event, names: Names): HTMLElement | null {
   return h("a", { href: `#${target}`, class: "event-link", "data-testid": "event-link", title: target }, ` → ${names.title(target)}`);
 }
 
-function summarize(event: Event, names: Names): string {
+/** What happened, in words; what someone wrote is quoted as it is (data-content). */
+function summarize(event: Event, names: Names): Child[] {
   const payload = event.payload;
   const by = event.user ? ` by ${names.title(event.user)}` : "";
+  const quote = (text: string): HTMLElement =>
+    h("q", { "data-content": true }, text.length > 60 ? `${text.slice(0, 60)}…` : text);
   switch (payload.case) {
     case "messageCreated": {
       const message = payload.value.message;
@@ -148,30 +150,35 @@ function summarize(event: Event, names: Names): string {
                   : "",
           )
           .join(" ") ?? "";
-      const role = message ? (MessageRole[message.role]?.toLowerCase() ?? "") : "";
-      return `${role} message${by}: “${text.length > 60 ? `${text.slice(0, 60)}…` : text}”`;
+      const role = message ? messageRoleLabel(message.role) : "a";
+      return [`${role === "assistant" ? "an" : "a"} ${role} message${by}: `, quote(text)];
     }
     case "runUpdated": {
       const update = payload.value.update;
-      if (!update) return "";
-      const kind = update.update.case ?? "";
-      const state = update.update.case === "stateChange" && update.update.value.run ? ` ${stateName(update.update.value.run.state).replace("RUN_STATE_", "")}` : "";
-      const tool = update.update.case === "toolCall" ? ` ${update.update.value.functionName || update.update.value.tool}` : "";
-      return `run ${update.run.split("/").pop()?.slice(0, 8) ?? ""}: ${kind}${state}${tool}`;
+      if (!update) return [];
+      return [`${update.run.split("/").pop()?.slice(0, 8) ?? ""} ${runUpdateLabel(update.update)}`];
     }
     case "security":
-      return `${SecurityEventKind[payload.value.kind] ?? ""}${by}`;
+      return [`${securityLabel(payload.value.kind)}${by}`];
     case "integrationChanged":
-      return `integration ${names.title(payload.value.integration?.name ?? "")}${by}`;
+      return [
+        `${payload.value.integration?.displayName || names.title(payload.value.integration?.name ?? "")} ${changeLabel(payload.value.change)}${by}`,
+      ];
     case "conversationChanged":
-      return `conversation “${payload.value.conversation?.title ?? ""}”${by}`;
+      return [quote(payload.value.conversation?.title ?? ""), ` ${changeLabel(payload.value.change)}${by}`];
     case "workspaceChanged":
-      return `workspace “${payload.value.workspace?.displayName ?? ""}”${by}`;
+      return [quote(payload.value.workspace?.displayName ?? ""), ` ${changeLabel(payload.value.change)}${by}`];
+    case "memberChanged":
+      return [`${names.title(payload.value.member?.user ?? "")} ${changeLabel(payload.value.change)}${by}`];
     case "toolInvoked":
-      return `tool ${names.title(payload.value.tool)}${by}`;
+      return [`${names.title(payload.value.tool)}${payload.value.isError || payload.value.status?.code ? " failed" : " answered"}${by}`];
     case "assistantChanged":
-      return `assistant${by}`;
+      return [
+        `${payload.value.assistant?.displayName || names.title(payload.value.assistant?.name ?? "") || "an assistant"} ${changeLabel(payload.value.change)}${by}`,
+      ];
+    case "messageFiltered":
+      return [`${payload.value.rejected ? "refused" : "flagged"} by the content filter${by}`];
     default:
-      return by.trim();
+      return [by.trim()];
   }
 }

@@ -5,8 +5,11 @@
 // composer's choices, and (through `opened`) the feed's scopes.
 import { type Api, PAGE_SIZE, requestId } from "./api";
 import type { Composer } from "./composer";
-import { h } from "./dom";
+import { timestampDate } from "@bufbuild/protobuf/wkt";
+import { fill, formatTime, h } from "./dom";
 import { local } from "./errors";
+import { idAttributes, idRule } from "./ids";
+import { messageRoleLabel, roleLabel, storedOutcomeLabel } from "./labels";
 import { type Conversation, type Message, MessageRole, type Workspace, WorkspaceRole } from "./gen/switchboard/api/context/v1/context_pb";
 import { RunState, type SendMessageResponse } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import type { Event } from "./gen/switchboard/api/events/v1/events_pb";
@@ -29,12 +32,13 @@ export class Navigation {
   private readonly conversationList = h("ul", { class: "list", "data-testid": "conversation-list" });
   private readonly title = h("h2", { "data-testid": "conversation-title" });
   private readonly messageList = h("ol", { class: "messages", "data-testid": "messages" });
+  /** The open workspace at a glance, while no conversation is open in it. */
+  private readonly overview = h("section", { class: "overview", "data-testid": "workspace-overview", hidden: true });
   private readonly newWorkspaceId = h("input", {
     "data-testid": "new-workspace-id",
     "aria-label": "new workspace id",
     placeholder: "id (optional)",
-    pattern: "[a-z][a-z0-9\\-]{1,62}",
-    title: "a lower-case letter, then 1 to 62 lower-case letters, digits or '-'; empty: one is made",
+    ...idAttributes("workspace_id"),
   });
   private readonly newWorkspaceName = h("input", {
     "data-testid": "new-workspace-name",
@@ -86,7 +90,7 @@ export class Navigation {
         h(
           "small",
           { class: "muted", "data-testid": "workspace-id-format" },
-          "id: a lower-case letter, then 1-62 of a-z, 0-9 or -, e.g. acme-1 (empty: one is made)",
+          `id: ${idRule("workspace_id").words}, e.g. acme-1 (empty: one is made)`,
         ),
       ),
       h("h2", {}, "Conversations"),
@@ -97,13 +101,16 @@ export class Navigation {
         h("button", { type: "submit", "data-testid": "create-conversation" }, "Create conversation"),
       ),
     );
-    this.chat = [this.title, this.messageList];
+    this.chat = [this.title, this.overview, this.messageList];
   }
 
   /** Signed in: the workspaces, then what the URL names. */
   async enter(): Promise<void> {
     await this.loadWorkspaces();
     await this.followHash();
+    // Nothing named in the URL and nothing to choose between: the only workspace is open.
+    const [only, ...others] = this.workspaces;
+    if (!this.workspace && only && others.length === 0) await this.pickWorkspace(only.name);
   }
 
   async followHash(): Promise<void> {
@@ -303,6 +310,45 @@ export class Navigation {
         ),
       ),
     );
+    this.renderOverview();
+  }
+
+  private renderOverview(): void {
+    const open = this.workspace !== "" && this.conversation === "";
+    this.overview.hidden = !open;
+    if (!open) return;
+    const role = this.roleOf(this.workspace);
+    const newest = [...this.conversations].sort((a, b) => Number((b.updateTime?.seconds ?? 0n) - (a.updateTime?.seconds ?? 0n)));
+    this.overview.dataset.workspace = this.workspace;
+    fill(
+      this.overview,
+      h("p", { class: "muted" }, `You are ${role === WorkspaceRole.OWNER ? "its" : "a"} ${roleLabel(role)}.`),
+      newest.length
+        ? h(
+            "ul",
+            { class: "list cards" },
+            ...newest.slice(0, 12).map((c) =>
+              h(
+                "li",
+                {},
+                h(
+                  "button",
+                  { type: "button", class: "card", "data-testid": "overview-conversation", "data-name": c.name, onclick: () => void this.pickWorkspace(this.workspace, c.name) },
+                  h("strong", {}, c.title || "Untitled"),
+                  h(
+                    "span",
+                    { class: "muted" },
+                    `${c.messageCount} ${c.messageCount === 1n ? "message" : "messages"}${c.updateTime ? ` · ${formatTime(timestampDate(c.updateTime))}` : ""}`,
+                  ),
+                ),
+              ),
+            ),
+          )
+        : h("p", { "data-testid": "overview-empty" }, "No conversations yet: create one on the left, then send a message. The answer streams in here."),
+      role === WorkspaceRole.OWNER
+        ? h("p", { class: "muted" }, "Register an integration and build an assistant on the right; try it from there.")
+        : null,
+    );
   }
 
   private async createConversation(): Promise<void> {
@@ -357,11 +403,13 @@ export class Navigation {
 
   private renderConversation(): void {
     const conversation = this.conversations.find((c) => c.name === this.conversation);
+    const workspace = this.workspaces.find((w) => w.name === this.workspace);
     this.title.textContent = this.conversation
       ? conversation?.title || this.conversation
       : this.workspace
-        ? "Pick or create a conversation"
+        ? workspace?.displayName || this.workspace
         : "Pick or create a workspace";
+    this.renderOverview();
     this.composer.show(!!this.conversation);
     this.renderMessages();
     this.runs.render();
@@ -383,8 +431,8 @@ export class Navigation {
         return h(
           "li",
           { "data-testid": "message", "data-name": m.name, "data-role": role, class: `message ${role}` },
-          h("span", { class: "role" }, role),
-          h("div", { class: "text", "data-testid": "message-text" }, messageText(m)),
+          h("span", { class: "role" }, messageRoleLabel(m.role)),
+          h("div", { class: "text", "data-testid": "message-text", "data-content": true }, messageText(m)),
         );
       }),
     );
@@ -401,7 +449,7 @@ function messageText(message: Message): string {
         case "toolCall":
           return `→ ${part.part.value.functionName || part.part.value.tool}(${JSON.stringify(part.part.value.arguments ?? {})})`;
         case "toolResult":
-          return `← ${part.part.value.outcome}: ${part.part.value.text}`;
+          return `← ${storedOutcomeLabel(part.part.value.outcome)}: ${part.part.value.text}`;
         case "data":
           return JSON.stringify(part.part.value);
         case "file":

@@ -8,6 +8,7 @@ import { formatTime, h } from "./dom";
 import { renderProblem } from "./errors";
 import { type Run, RunState, ToolApprovalDecision } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import { ToolOutcome } from "./gen/switchboard/api/handler/v1/handler_pb";
+import { outcomeLabel, runStateLabel } from "./labels";
 import type { Page } from "./page";
 import type { Names } from "./names";
 import { RunView, type TimelineEntry, forgetRuns, stateName } from "./runs";
@@ -75,7 +76,7 @@ export class RunCards {
               this.follow(run.name);
             },
           },
-          `${stateName(run.state).replace("RUN_STATE_", "").toLowerCase()} ${run.createTime ? formatTime(timestampDate(run.createTime)) : ""}`,
+          `${runStateLabel(run.state)} ${run.createTime ? formatTime(timestampDate(run.createTime)) : ""}`,
         ),
       ),
     );
@@ -131,7 +132,7 @@ export class RunCards {
           h("button", { type: "button", "data-testid": "cancel-run", onclick: () => void this.cancel(view) }, "Cancel"),
         ),
         h("div", { "data-part": "tools" }),
-        h("div", { class: "answer", "data-testid": "run-answer" }),
+        h("div", { class: "answer", "data-testid": "run-answer", "data-content": true }),
         h("div", { "data-part": "end" }),
         h(
           "details",
@@ -155,7 +156,7 @@ export class RunCards {
     const badge = card.querySelector<HTMLElement>('[data-testid="run-state"]');
     if (badge) {
       badge.className = `state s-${RunState[view.state]?.toLowerCase() ?? "unspecified"}`;
-      badge.textContent = state.replace("RUN_STATE_", "");
+      badge.textContent = runStateLabel(view.state);
     }
     setText(card, '[data-part="handler"]', view.run?.handler ?? "");
     setText(
@@ -176,7 +177,7 @@ export class RunCards {
             "div",
             { class: "tool", "data-testid": "run-tool", "data-call-id": call.id, "data-outcome": result ? `TOOL_OUTCOME_${ToolOutcome[result.outcome] ?? ""}` : "" },
             h("code", {}, `${call.functionName || call.tool}(${JSON.stringify(call.arguments ?? {})})`),
-            result ? h("span", { class: "muted" }, ` → ${ToolOutcome[result.outcome] ?? ""}: ${result.text}`) : null,
+            result ? h("span", { class: "muted" }, ` → ${outcomeLabel(result.outcome)}: `, h("span", { "data-content": true }, result.text)) : null,
           );
         }),
       );
@@ -192,7 +193,7 @@ export class RunCards {
     card.dataset.answerIn = inMessages ? "messages" : "card";
     card.querySelector('[data-part="end"]')?.replaceChildren(
       ...(view.run?.error && view.terminal && view.run.error.code !== 0
-        ? [h("div", { class: "muted", "data-testid": "run-error" }, view.run.error.message)]
+        ? [h("div", { class: "muted", "data-testid": "run-error", "data-content": true }, view.run.error.message)]
         : view.problem && !view.terminal
           ? [renderProblem(view.problem, "run-problem")]
           : []),
@@ -246,6 +247,7 @@ export class RunCards {
         "data-outcome": entry.outcome,
         "data-count": entry.count,
         "data-ms": entry.ms,
+        "data-state": entry.state,
       },
       h("span", { class: "muted when" }, entry.at && start ? `+${((entry.at - start) / 1000).toFixed(2)} s` : ""),
       h("strong", {}, entry.label),
@@ -260,7 +262,7 @@ export class RunCards {
           )
         : null,
       entry.by ? h("span", { "data-testid": "entry-by" }, ` by ${this.names.title(entry.by)}`) : null,
-      entry.detail ? h(entry.kind === "text" ? "div" : "code", { class: "detail" }, entry.detail) : null,
+      entry.detail ? h(entry.kind === "text" ? "div" : "code", { class: "detail", "data-content": true }, entry.detail) : null,
       waiting
         ? h(
             "div",

@@ -14,6 +14,7 @@ import {
 } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import { type ToolCall, ToolOutcome, type ToolResult, type Usage } from "./gen/switchboard/api/handler/v1/handler_pb";
 import { ToolApprovalDecision } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
+import { outcomeLabel, runStateLabel } from "./labels";
 
 /** One line of the run inspector's timeline (plain data: it is kept across a reload). */
 export interface TimelineEntry {
@@ -30,6 +31,8 @@ export interface TimelineEntry {
   id?: string;
   by?: string;
   outcome?: string;
+  /** A state entry's state, as the contracts name it (`RUN_STATE_SUCCEEDED`). */
+  state?: string;
 }
 
 /** What a reload keeps of a run still going: enough to resume after its last sequence. */
@@ -284,7 +287,7 @@ export class RunView {
         const ms = this.lastStateAt && at ? at - this.lastStateAt : undefined;
         if (at) this.lastStateAt = at;
         const detail = run.state === RunState.QUEUED && run.routingReason ? run.routingReason : run.error?.message ?? "";
-        this.add({ kind: "state", sequence, at, label: stateName(run.state).replace("RUN_STATE_", ""), detail, ...(ms !== undefined ? { ms } : {}) });
+        this.add({ kind: "state", sequence, at, label: runStateLabel(run.state), detail, state: stateName(run.state), ...(ms !== undefined ? { ms } : {}) });
         this.noteDecisions(run, at, sequence);
         if (run.usage && TERMINAL.has(run.state) && !this.timeline.some((e) => e.kind === "usage") && (run.usage.inputTokens || run.usage.outputTokens || run.usage.estimatedCostUsd)) {
           this.usage = run.usage;
@@ -322,7 +325,7 @@ export class RunView {
           kind: "tool-result",
           sequence,
           at,
-          label: `result ${ToolOutcome[result.outcome]?.toLowerCase() ?? ""}`,
+          label: `result: ${outcomeLabel(result.outcome)}`,
           detail: result.text || (result.result ? JSON.stringify(result.result) : ""),
           ms: result.duration ? durationMs(result.duration) : 0,
           id: result.id,

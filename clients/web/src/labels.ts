@@ -1,0 +1,185 @@
+// What the page calls things: every enum value and update kind the contracts use, in the
+// words a person reads. The page shows these, never an enum's name (`UNSPECIFIED`,
+// `mcp_server`, `stateChange`); the names stay in data-* attributes, for scripts and tests.
+// One module, so a value the contracts add is named once and the same everywhere.
+import { Code } from "@connectrpc/connect";
+import { MessageRole, WorkspaceRole } from "./gen/switchboard/api/context/v1/context_pb";
+import { RunState, type RunUpdate } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
+import { ChangeKind, EventType, SecurityEventKind } from "./gen/switchboard/api/events/v1/events_pb";
+import { ToolOutcome } from "./gen/switchboard/api/handler/v1/handler_pb";
+import {
+  CircuitState,
+  DeliveryState,
+  HealthState,
+  IntegrationKind,
+} from "./gen/switchboard/api/integration/v1/integration_pb";
+
+/** The label of `value` in `labels`; a value the contracts added since reads "other". */
+function label<T extends number>(labels: Record<T, string>, value: T): string {
+  return labels[value] ?? "other";
+}
+
+const HEALTH: Record<HealthState, string> = {
+  [HealthState.UNSPECIFIED]: "not checked yet",
+  [HealthState.HEALTHY]: "healthy",
+  [HealthState.DEGRADED]: "degraded",
+  [HealthState.UNHEALTHY]: "unhealthy",
+};
+export const healthLabel = (value: HealthState): string => label(HEALTH, value);
+
+const CIRCUIT: Record<CircuitState, string> = {
+  // No call has gone through this process's breaker yet: nothing to say.
+  [CircuitState.UNSPECIFIED]: "",
+  [CircuitState.CLOSED]: "calls flow",
+  [CircuitState.OPEN]: "calls paused",
+  [CircuitState.HALF_OPEN]: "trying calls again",
+};
+export const circuitLabel = (value: CircuitState): string => label(CIRCUIT, value);
+
+const KIND: Record<IntegrationKind, string> = {
+  [IntegrationKind.UNSPECIFIED]: "integration",
+  [IntegrationKind.MCP_SERVER]: "MCP server",
+  [IntegrationKind.GRPC_HANDLER]: "gRPC domain expert",
+  [IntegrationKind.WEBHOOK]: "webhook",
+  [IntegrationKind.A2A_AGENT]: "A2A agent",
+};
+export const kindLabel = (value: IntegrationKind): string => label(KIND, value);
+
+const DELIVERY: Record<DeliveryState, string> = {
+  [DeliveryState.UNSPECIFIED]: "unknown",
+  [DeliveryState.PENDING]: "being delivered",
+  [DeliveryState.SUCCEEDED]: "delivered",
+  [DeliveryState.FAILED]: "failed",
+};
+export const deliveryLabel = (value: DeliveryState): string => label(DELIVERY, value);
+
+const RUN_STATE: Record<RunState, string> = {
+  [RunState.UNSPECIFIED]: "unknown",
+  [RunState.QUEUED]: "queued",
+  [RunState.RUNNING]: "running",
+  [RunState.SUCCEEDED]: "succeeded",
+  [RunState.FAILED]: "failed",
+  [RunState.CANCELLED]: "cancelled",
+  [RunState.DEADLINE_EXCEEDED]: "out of time",
+  [RunState.REQUIRES_ACTION]: "waiting for approval",
+};
+export const runStateLabel = (value: RunState): string => label(RUN_STATE, value);
+
+const OUTCOME: Record<ToolOutcome, string> = {
+  [ToolOutcome.UNSPECIFIED]: "ended",
+  [ToolOutcome.SUCCEEDED]: "succeeded",
+  [ToolOutcome.ERROR]: "tool error",
+  [ToolOutcome.FAILED]: "failed",
+  [ToolOutcome.DENIED]: "denied",
+};
+export const outcomeLabel = (value: ToolOutcome): string => label(OUTCOME, value);
+
+/** A stored tool result's outcome ("succeeded", "error", ... as the context service keeps it). */
+export function storedOutcomeLabel(outcome: string): string {
+  const found = Object.entries(ToolOutcome).find(([name]) => name.toLowerCase() === outcome.toLowerCase());
+  return found ? outcomeLabel(found[1] as ToolOutcome) : "ended";
+}
+
+const EVENT_TYPE: Record<EventType, string> = {
+  [EventType.UNSPECIFIED]: "event",
+  [EventType.WORKSPACE_CHANGED]: "Workspace",
+  [EventType.MEMBER_CHANGED]: "Member",
+  [EventType.CONVERSATION_CHANGED]: "Conversation",
+  [EventType.MESSAGE_CREATED]: "Message",
+  [EventType.MEMORY_CHANGED]: "Memory",
+  [EventType.RUN_UPDATED]: "Run",
+  [EventType.INTEGRATION_CHANGED]: "Integration",
+  [EventType.SECURITY]: "Security",
+  [EventType.MESSAGE_FILTERED]: "Message filtered",
+  [EventType.TOOL_INVOKED]: "Tool call",
+  [EventType.ASSISTANT_CHANGED]: "Assistant",
+};
+/** An event type as the feed's entries and its filter name it. */
+export const eventTypeLabel = (value: EventType): string => label(EVENT_TYPE, value);
+
+/** A webhook's event type as the contracts spell it (`MESSAGE_CREATED`), in words. */
+export function eventTypeNameLabel(name: string): string {
+  const value = (EventType as unknown as Record<string, EventType | undefined>)[name.replace(/^EVENT_TYPE_/, "")];
+  return value === undefined ? name.toLowerCase().replaceAll("_", " ") : eventTypeLabel(value);
+}
+
+const CHANGE: Record<ChangeKind, string> = {
+  [ChangeKind.UNSPECIFIED]: "changed",
+  [ChangeKind.CREATED]: "created",
+  [ChangeKind.UPDATED]: "changed",
+  [ChangeKind.DELETED]: "deleted",
+};
+export const changeLabel = (value: ChangeKind): string => label(CHANGE, value);
+
+const SECURITY: Record<SecurityEventKind, string> = {
+  [SecurityEventKind.UNSPECIFIED]: "security event",
+  [SecurityEventKind.LOGIN_SUCCEEDED]: "signed in",
+  [SecurityEventKind.LOGIN_FAILED]: "a sign-in failed",
+  [SecurityEventKind.REFRESH_REUSE_DETECTED]: "a spent refresh token came back: the session was revoked",
+  [SecurityEventKind.SESSION_REVOKED]: "a session was signed out",
+  [SecurityEventKind.API_KEY_CREATED]: "an API key was created",
+  [SecurityEventKind.API_KEY_REVOKED]: "an API key was revoked",
+};
+export const securityLabel = (value: SecurityEventKind): string => label(SECURITY, value);
+
+const ROLE: Record<WorkspaceRole, string> = {
+  [WorkspaceRole.UNSPECIFIED]: "no role",
+  [WorkspaceRole.VIEWER]: "viewer",
+  [WorkspaceRole.EDITOR]: "editor",
+  [WorkspaceRole.OWNER]: "owner",
+};
+export const roleLabel = (value: WorkspaceRole): string => label(ROLE, value);
+
+const MESSAGE_ROLE: Record<MessageRole, string> = {
+  [MessageRole.UNSPECIFIED]: "message",
+  [MessageRole.USER]: "user",
+  [MessageRole.ASSISTANT]: "assistant",
+  [MessageRole.SYSTEM]: "system",
+  [MessageRole.TOOL]: "tool",
+};
+export const messageRoleLabel = (value: MessageRole): string => label(MESSAGE_ROLE, value);
+
+/** What a run update says, for the live feed: "succeeded", "wrote text", "calls echo". */
+export function runUpdateLabel(update: RunUpdate["update"]): string {
+  switch (update.case) {
+    case "stateChange":
+      return update.value.run ? runStateLabel(update.value.run.state) : "changed state";
+    case "delta":
+      return "wrote text";
+    case "progress":
+      return update.value.stage ? `progress: ${update.value.stage}` : "made progress";
+    case "toolCall":
+      return `calls ${update.value.functionName || update.value.tool.split("/").pop() || "a tool"}`;
+    case "toolResult":
+      return `tool ${outcomeLabel(update.value.outcome)}`;
+    case "result":
+      return "answered";
+    default:
+      return "changed";
+  }
+}
+
+const CODE: Partial<Record<Code, string>> = {
+  [Code.Canceled]: "Cancelled",
+  [Code.Unknown]: "Failed",
+  [Code.InvalidArgument]: "Not accepted",
+  [Code.DeadlineExceeded]: "No answer in time",
+  [Code.NotFound]: "Not found",
+  [Code.AlreadyExists]: "Already exists",
+  [Code.PermissionDenied]: "Not allowed",
+  [Code.ResourceExhausted]: "Over a limit",
+  [Code.FailedPrecondition]: "Not possible now",
+  [Code.Aborted]: "Conflict",
+  [Code.OutOfRange]: "Out of range",
+  [Code.Unimplemented]: "Not supported",
+  [Code.Internal]: "Server error",
+  [Code.Unavailable]: "Unavailable",
+  [Code.DataLoss]: "Data lost",
+  [Code.Unauthenticated]: "Not signed in",
+};
+/** A gRPC code's name ("PERMISSION_DENIED") as a heading ("Not allowed"). */
+export function codeLabel(name: string): string {
+  const key = name.toLowerCase().replace(/_(.)/g, (_, c: string) => c.toUpperCase());
+  const code = (Code as unknown as Record<string, Code | undefined>)[key.charAt(0).toUpperCase() + key.slice(1)];
+  return (code !== undefined ? CODE[code] : undefined) ?? "Failed";
+}
