@@ -136,7 +136,7 @@ async def test_progress_that_the_log_could_not_take_lands_later_once_and_in_orde
                 holder.execute("ROLLBACK")
                 holder.close()
         while watched[-1].state_change.run.state != pb.RUN_STATE_SUCCEEDED:
-            frame = await watch.read()
+            frame: Any = await watch.read()
             if frame.WhichOneof("frame") == "update":
                 watched.append(frame.update)
         async with asyncio.timeout(TIMEOUT_S):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -36,7 +36,7 @@ async def database(tmp_path: Path) -> AsyncIterator[Database]:
         await db.close()
 
 
-def _insert(value: int) -> object:
+def _insert(value: int) -> Callable[[Session], int]:
     def work(session: Session) -> int:
         session.execute(text("INSERT INTO t (x) VALUES (:x)"), {"x": value})
         return value

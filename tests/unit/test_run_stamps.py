@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher import mapping
 from switchboard.dispatcher.feed import Feed
-from switchboard.platform import names
 
 RUN = "workspaces/acme/conversations/c1/runs/r1"
 SECOND = 1_000_000_000
@@ -16,7 +17,7 @@ SECOND = 1_000_000_000
 def _clock(monkeypatch: pytest.MonkeyPatch, readings: list[int]) -> None:
     """The wall clock reads ``readings`` in turn (ns since the epoch)."""
     it = iter(readings)
-    monkeypatch.setattr(names.time, "time_ns", lambda: next(it))
+    monkeypatch.setattr(time, "time_ns", lambda: next(it))
 
 
 def test_a_wall_clock_stepping_back_does_not_stamp_an_update_before_the_last(

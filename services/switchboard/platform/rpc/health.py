@@ -17,7 +17,7 @@ from grpc_health.v1._async import HealthServicer
 _ECHO_MAX = 120
 
 
-class Health(HealthServicer):
+class Health(HealthServicer):  # type: ignore[misc]  # grpc_health ships no types
     """``HealthServicer`` whose unknown service is a NOT_FOUND naming the known ones."""
 
     async def Check(
