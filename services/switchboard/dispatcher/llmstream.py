@@ -113,8 +113,9 @@ def error_detail(body: bytes) -> tuple[str, str]:
     """``(message, code)`` of an OpenAI-style error body, or its raw text."""
     text = body.decode("utf-8", errors="replace")
     try:
-        # Callers bound the body (an error body's first bytes, a chunk of the stream).
-        data = jsonbounds.loads(text, max_bytes=len(body))
+        # Callers bound the body (an error body's first bytes, a chunk of the stream):
+        # only its depth is checked here (a character is at most 4 bytes).
+        data = jsonbounds.loads(text, max_bytes=4 * len(text))
     except JsonRejected:
         return text, ""
     error = data.get("error") if isinstance(data, dict) else None
