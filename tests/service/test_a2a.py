@@ -272,13 +272,16 @@ async def test_send_and_list_honour_history_length_modes_and_status_time(agent: 
 
 
 async def test_a_message_id_sent_twice_is_one_task(agent: Agent) -> None:
+    # A2A says nothing of a message id's form: a UUID, or a client's own longer one.
+    ids = ("m-1", f"test-history-create-message-id-{uuid.uuid4()}:{'x' * 100}")
     async with aio.insecure_channel(agent.server.address) as channel:
         stub = agent.stub(channel)
-        once = request("only once", agent.tenant, message_id="m-1")
-        first = await stub.SendMessage(once, metadata=agent.world.editor.md, timeout=TIMEOUT_S)
-        second = await stub.SendMessage(once, metadata=agent.world.editor.md, timeout=TIMEOUT_S)
-    assert first.task.id == second.task.id
-    assert first.task.context_id == second.task.context_id
+        for message_id in ids:
+            once = request("only once", agent.tenant, message_id=message_id)
+            first = await stub.SendMessage(once, metadata=agent.world.editor.md, timeout=TIMEOUT_S)
+            second = await stub.SendMessage(once, metadata=agent.world.editor.md, timeout=TIMEOUT_S)
+            assert first.task.id == second.task.id
+            assert first.task.context_id == second.task.context_id
 
 
 async def test_a_slow_task_is_cancelled(agent: Agent) -> None:
@@ -352,7 +355,7 @@ async def test_strangers_viewers_and_malformed_names(agent: Agent) -> None:
             ),
             (
                 stub.SendMessage,
-                request("x", agent.tenant, message_id="has space"),
+                request("x", agent.tenant, message_id="has\na newline"),
                 ["message.message_id"],
             ),
             (

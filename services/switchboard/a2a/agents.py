@@ -23,7 +23,6 @@ from switchboard.a2a import errors, mapping
 from switchboard.a2a.push import PushConfigs
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.platform import names
 from switchboard.platform.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from switchboard.platform.security.accesswatch import AccessWatch
 from switchboard.platform.security.policy import Permission, Policy, Principal
@@ -161,7 +160,7 @@ class Agents:
                 push,
                 run,
                 prefix=f"{_PUSH_FIELD}.",
-                default_id=message.message_id if not message.task_id else "",
+                default_id=mapping.request_id(message.message_id) if not message.task_id else "",
             )
         return run, after
 
@@ -175,12 +174,7 @@ class Agents:
         """A new task: the message admitted as ``DispatcherService.SendMessage`` admits it."""
         message = request.message
         parts = mapping.parts_in(message)
-        if not names.REQUEST_ID.fullmatch(message.message_id):
-            description = "must be 1-64 letters, digits, '-' or '_' (a UUID is)"
-            raise InvalidArgument(
-                f"message.message_id {description}",
-                [FieldViolation("message.message_id", description)],
-            )
+        request_id = mapping.request_id(message.message_id)
         if message.context_id:
             conversation = mapping.conversation_name(
                 workspace, message.context_id, "message.context_id"
@@ -200,7 +194,7 @@ class Agents:
                 conversation=conversation,
                 message=cpb.Message(parts=parts),
                 assistant=assistant,
-                request_id=message.message_id,
+                request_id=request_id,
                 # The request's metadata is the handler's parameters (docs/a2a.md).
                 parameters=request.metadata,
             ),

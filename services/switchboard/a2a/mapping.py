@@ -14,6 +14,7 @@ resource name, and the name is what the policy authorizes.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any, Final
 
@@ -109,6 +110,25 @@ def run_name(workspace: str, task_id: str, field: str = "id") -> str:
     if found is None:
         raise errors.task_not_found(task_id)
     return f"{workspace}/conversations/{found[1]}/runs/{found[2]}"
+
+
+#: The longest message id taken (A2A sets none; the id only keys a send's idempotency).
+MAX_MESSAGE_ID: Final = 256
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def request_id(message_id: str, field: str = "message.message_id") -> str:
+    """The dispatcher's ``request_id`` for an A2A message id: the id itself when it is
+    one (1-64 letters, digits, '-' or '_': a UUID is), else a digest of it, so any id a
+    client makes (A2A does not say what they look like) keys the send the same way.
+    INVALID_ARGUMENT for none, one over ``MAX_MESSAGE_ID`` characters, or one with
+    control characters."""
+    if names.REQUEST_ID.fullmatch(message_id):
+        return message_id
+    if not message_id or len(message_id) > MAX_MESSAGE_ID or _CONTROL.search(message_id):
+        description = f"must be 1-{MAX_MESSAGE_ID} characters, none a control character"
+        raise InvalidArgument(f"{field} {description}", [FieldViolation(field, description)])
+    return "a2a-" + hashlib.sha256(message_id.encode()).hexdigest()[:40]
 
 
 def conversation_name(workspace: str, context_id: str, field: str) -> str:
