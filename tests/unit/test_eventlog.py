@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 
 import pytest
+import redis.asyncio as redis
 
 from switchboard.api.events.v1 import events_pb2
 from switchboard.platform.errors import CursorExpired
@@ -270,3 +271,28 @@ async def test_starting_while_redis_is_down_recovers_on_its_own(
     collector = _Collector(bus)
     new = await bus.publish(_event("new"))
     assert [i.event.id for i in await collector.until(1)] == [new.id]
+
+
+async def test_an_entry_or_a_message_that_is_not_ours_is_skipped_and_the_readers_go_on(
+    buses: list[EventBus], redis_server: RedisServer
+) -> None:
+    """Something else with access to Redis writes a stream entry that is not an event and
+    a tokens message that does not decode: each is skipped (said once), and the stream
+    reader and the token listener, which every subscriber of the process depends on, go
+    on (they caught only Redis errors: one such entry stopped delivery for good)."""
+    a = await _open(buses, redis_server.url, timeout_s=OUTAGE_FREE_TIMEOUT_S)
+    b = await _open(buses, redis_server.url, timeout_s=OUTAGE_FREE_TIMEOUT_S)
+    on_b = _Collector(b)
+    stranger = redis.Redis.from_url(redis_server.url)
+    try:
+        await stranger.xadd("test:events", {b"e": b"\xff not a protobuf"})
+        await stranger.xadd("test:events", {b"other": b"field"})
+        await stranger.publish("test:events:tokens", b"12345678\xff\xff not a batch")
+    finally:
+        await stranger.aclose()
+    after = await a.publish(_event("after"))
+    position = parse_cursor(after.cursor)
+    assert position is not None
+    a.announce([_event("token")], after=position)
+    seen = [item.event.actor.name for item in await on_b.until(2)]
+    assert seen == ["after", "token"]

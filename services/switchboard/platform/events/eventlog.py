@@ -49,6 +49,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Final, Literal, Protocol
 
+from google.protobuf.message import DecodeError
 from redis.exceptions import RedisError
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.exc import SQLAlchemyError
@@ -56,6 +57,7 @@ from sqlalchemy.orm import Session
 
 from switchboard.api.events.v1 import events_pb2
 from switchboard.platform import names
+from switchboard.platform.background import FailureNotes
 from switchboard.platform.backoff import Backoff
 from switchboard.platform.cache import binary_client, redacted_url
 from switchboard.platform.errors import DependencyUnavailable
@@ -65,6 +67,7 @@ from switchboard.platform.store.models import EventLogRow, EventLogStateRow, tab
 from switchboard.platform.store.outbox import Outbox
 
 log = logging.getLogger("switchboard.eventlog")
+_UNREADABLE = FailureNotes(log)
 
 #: ``(major, minor)`` of a logged event; ``(major, minor, k)`` of a token (``Logged.token``):
 #: the k-th this process delivered after the logged position ``(major, minor)``, so it sorts
@@ -609,8 +612,27 @@ return 1
 
 
 def _entries(entries: Any) -> list[Logged]:
-    """Stream entries ``[(id, {b"e": data}), ...]`` as logged events."""
-    return [Logged.parse(_position(entry_id), fields[b"e"]) for entry_id, fields in entries or ()]
+    """Stream entries ``[(id, {b"e": data}), ...]`` as logged events.
+
+    An entry that is not one of ours (no event, or bytes that do not decode: written
+    by something else with access to the stream) is skipped and said once: it must
+    not stop the reader, which every subscriber of this process depends on.
+    """
+    logged: list[Logged] = []
+    for entry_id, fields in entries or ():
+        try:
+            logged.append(Logged.parse(_position(entry_id), fields[b"e"]))
+        except (DecodeError, KeyError, TypeError, ValueError) as exc:
+            _UNREADABLE.failed("an event log entry that is not an event was skipped", exc)
+    return logged
+
+
+def _last_id(entries: Any) -> Position | None:
+    """The id of the last of ``entries`` (read or skipped): where the next read starts."""
+    last = None
+    for entry_id, _ in entries or ():
+        last = entry_id
+    return None if last is None else _position(last)
 
 
 def _position(entry_id: Any) -> Position:
@@ -656,6 +678,8 @@ class RedisLog:
         self._tasks: list[asyncio.Task[None]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._closed = False
+        #: Unforeseen failures of the background loops, each cause logged once.
+        self._notes = FailureNotes(log)
         self._client = binary_client(redis_url, timeout_s=timeout_s, max_connections=32)
         # XREAD BLOCK holds its connection; its socket may wait for the block too.
         self._reader_client = binary_client(
@@ -783,6 +807,10 @@ class RedisLog:
                 self._mark_down(exc)
                 await backoff.wait()
                 continue
+            except Exception as exc:  # noqa: BLE001 - the outbox is flushed on, not dropped
+                self._notes.failed("event outbox flush failed", exc)
+                await backoff.wait()
+                continue
             backoff.reset()
             for _ in batch:
                 self._outbox.popleft()
@@ -814,14 +842,24 @@ class RedisLog:
                 self._mark_down(exc)
                 await backoff.wait()
                 continue
+            except Exception as exc:  # noqa: BLE001 - the reader goes on whatever a round meets
+                self._notes.failed("event log read round failed", exc)
+                await backoff.wait()
+                continue
             backoff.reset()
             if not self._outbox:
                 self._mark_up()
             for _key, entries in reply or ():
+                last = _last_id(entries)
+                if last is not None:
+                    self._last_id = last
                 logged = _entries(entries)
                 if logged:
-                    self._last_id = logged[-1].position
-                    self._deliver(logged)
+                    try:
+                        self._deliver(logged)
+                    except Exception as exc:  # noqa: BLE001 - one delivery, not the reader
+                        self._notes.failed("delivering logged events failed", exc)
+            self._notes.succeeded()
 
     async def _check_gap(self, last_id: Position) -> Position:
         """After an outage: were entries we never read trimmed meanwhile?"""
@@ -846,9 +884,13 @@ class RedisLog:
         while not self._closed:
             await asyncio.sleep(_TRIM_EVERY_S)  # a periodic job, not synchronization
             min_id = f"{int((time.time() - self._retention_s) * 1000)}-0"
-            with contextlib.suppress(*_REDIS_FAILURES):
+            try:
                 async with asyncio.timeout(self._timeout_s * 4):
                     await self._age_trim(keys=[self._key, self._horizon_key], args=[min_id])
+            except _REDIS_FAILURES:
+                continue  # Redis away: the next round trims
+            except Exception as exc:  # noqa: BLE001 - trimming goes on
+                self._notes.failed("event log trim failed", exc)
 
     # -- tokens ------------------------------------------------------------------
 
@@ -890,6 +932,8 @@ class RedisLog:
                     "tokens not carried to other processes",
                     extra={"tokens": len(batch.events), "error": type(exc).__name__},
                 )
+            except Exception as exc:  # noqa: BLE001 - live only: these go, the next ones follow
+                self._notes.failed("tokens not carried to other processes", exc)
 
     async def _hear_loop(self) -> None:
         backoff = Backoff()
@@ -909,8 +953,15 @@ class RedisLog:
                     data: bytes = message["data"]
                     if data[:8] == self._origin:
                         continue
-                    self._heard(events_pb2.EventBatch.FromString(data[8:]).events)
+                    try:
+                        heard = events_pb2.EventBatch.FromString(data[8:]).events
+                        self._heard(heard)
+                    except Exception as exc:  # noqa: BLE001 - one message, not the listener
+                        self._notes.failed("tokens heard from another process were dropped", exc)
             except _REDIS_FAILURES:
+                await backoff.wait()
+            except Exception as exc:  # noqa: BLE001 - the listener goes on whatever a round meets
+                self._notes.failed("listening for other processes' tokens failed", exc)
                 await backoff.wait()
             finally:
                 with contextlib.suppress(*_REDIS_FAILURES):
