@@ -584,6 +584,21 @@ async def test_a_dropped_stream_resumes_exactly_with_the_extension(agent: Agent)
             )
         ]
         assert [event.WhichOneof("payload") for event in after_end] == ["task"]
+        # From the start: the task's whole history, every state as it was (the snapshot
+        # says completed; the client asked for what came before).
+        replayed = [
+            event
+            async for event in stub(channel).SubscribeToTask(
+                ended, metadata=(*md, ("a2a-extensions", RESUME), (AFTER, "0")), timeout=TIMEOUT_S
+            )
+        ]
+        assert replayed[0].task.status.state == a2a.TASK_STATE_COMPLETED
+        assert [
+            event.status_update.status.state
+            for event in replayed
+            if event.HasField("status_update")
+        ] == [a2a.TASK_STATE_SUBMITTED, a2a.TASK_STATE_WORKING, a2a.TASK_STATE_COMPLETED]
+        assert _text(replayed) == answer_of(got)
         await refused(
             _drain(stub(channel).SubscribeToTask(ended, metadata=md, timeout=TIMEOUT_S)),
             CODE.FAILED_PRECONDITION,

@@ -348,8 +348,9 @@ class Agents:
         stands, its answer so far in the answer artifact, then only what happens
         after it: the first new chunk appends to that answer. ``after`` a cursor (the
         resume extension): the task without its answer, then every event after the
-        cursor, the first chunk appending to what the client holds. Either way a
-        state never goes back to an earlier one on the stream.
+        cursor, the first chunk appending to what the client holds, every state change
+        after it as it was (the client asked for the task's history from there). Without
+        the extension a state never goes back to an earlier one on the stream.
         """
         grant = self._access.open(principal)
         try:
@@ -372,14 +373,15 @@ class Agents:
                 # A resumed stream continues an answer its client already holds part of.
                 streamed = after != mapping.START
             yield snapshot
-            rank = _rank(snapshot.task.status.state)
+            # A resumed stream replays history from its cursor: every event, as it was.
+            rank = _rank(snapshot.task.status.state) if after is None else -1
             async for update in _then(pending, updates):
                 for event, state in await self._events(principal, update, seen, streamed):
                     if state is None:
                         streamed = True
-                    elif _rank(state) < rank:
+                    elif after is None and _rank(state) < rank:
                         continue  # never backwards on one stream
-                    else:
+                    elif after is None:
                         rank = _rank(state)
                     yield event
                 changed = update.state_change.run
