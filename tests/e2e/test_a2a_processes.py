@@ -28,7 +28,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as dpb
 from tests.e2e.procs import ServeProcess, shared_secrets
 from tests.infra.redis import RedisServer
 from tests.service.authkit import PASSWORD, unique_email
-from tests.service.contextkit import Caller, context_stub, create_workspace, refused
+from tests.service.contextkit import Caller, context_stub, create_workspace, refused, violations
 from tests.service.dispatchkit import dispatcher_stub
 from tests.service.test_a2a import _Token, stub
 
@@ -139,6 +139,18 @@ async def test_the_front_door_in_its_own_process(
             timeout=TIMEOUT_S,
         )
         assert [task.id for task in listed.tasks] == [task_id]
+        # Every context's (the dispatcher's ListRuns of the workspace, over its contract),
+        # counted; a stranger learns nothing.
+        everywhere = await stub(channel).ListTasks(
+            a2a.ListTasksRequest(tenant=tenant), metadata=owner.md, timeout=TIMEOUT_S
+        )
+        assert ([task.id for task in everywhere.tasks], everywhere.total_size) == ([task_id], 1)
+        await refused(
+            stub(channel).ListTasks(
+                a2a.ListTasksRequest(tenant=tenant), metadata=stranger.md, timeout=TIMEOUT_S
+            ),
+            grpc.StatusCode.NOT_FOUND,
+        )
         await refused(
             stub(channel).GetTask(
                 a2a.GetTaskRequest(tenant=tenant, id=task_id),
@@ -147,3 +159,17 @@ async def test_the_front_door_in_its_own_process(
             ),
             grpc.StatusCode.NOT_FOUND,
         )
+        # An error the dispatcher process raised, in the A2A caller's terms.
+        first = a2a.SendMessageRequest(
+            tenant=tenant,
+            message=a2a.Message(
+                message_id="same-id", role=a2a.ROLE_USER, parts=[a2a.Part(text="one")]
+            ),
+        )
+        await stub(channel).SendMessage(first, metadata=owner.md, timeout=TIMEOUT_S)
+        first.message.parts[0].text = "another"
+        error = await refused(
+            stub(channel).SendMessage(first, metadata=owner.md, timeout=TIMEOUT_S),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
+        assert violations(error) == ["message.message_id"]
