@@ -91,6 +91,7 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """An event cursor is ahead of the log: it comes from another deployment, or
     the log was reset. Metadata `head_cursor` is the newest position and
     `oldest_cursor` the oldest retained one; resume after either, or without one.
+    Since 0.2.0; before, such a cursor was answered CURSOR_EXPIRED.
     """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
@@ -168,5 +169,6 @@ ERROR_REASON_CURSOR_AHEAD: ErrorReason.ValueType  # 31
 """An event cursor is ahead of the log: it comes from another deployment, or
 the log was reset. Metadata `head_cursor` is the newest position and
 `oldest_cursor` the oldest retained one; resume after either, or without one.
+Since 0.2.0; before, such a cursor was answered CURSOR_EXPIRED.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -67,21 +67,28 @@ class EventServiceServicer:
 
     def Subscribe(self, request, context):
         """Replays events in the given scopes after a cursor, then continues live,
-        with no gap and no duplicate at the hand-over.
+        with no gap and no duplicate at the hand-over. A run's text deltas
+        (RUN_UPDATED with `delta`) are live only: a stream carries them, and one
+        resumed within the server's memory replays them, but ListEvents never
+        lists them (since 0.2.0; the run's result carries the whole text). A
+        stream resumed on another process may send a token again under the same
+        event `id`: drop ids already seen.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Stream(self, request_iterator, context):
-        """Bidirectional: add and remove subscriptions, acknowledge, ping.
+        """Bidirectional: add and remove subscriptions, acknowledge, ping. Tokens
+        as in Subscribe.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListEvents(self, request, context):
-        """Pages through the retained history of the given scopes.
+        """Pages through the retained history of the given scopes: logged events
+        only, never a run's text deltas (see Subscribe).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -41,12 +41,21 @@ class EventServiceStub:
     def __new__(cls, channel: _aio.Channel) -> EventServiceAsyncStub: ...
     Subscribe: _grpc.UnaryStreamMultiCallable[_events_pb2.SubscribeRequest, _events_pb2.SubscribeResponse]
     """Replays events in the given scopes after a cursor, then continues live,
-    with no gap and no duplicate at the hand-over.
+    with no gap and no duplicate at the hand-over. A run's text deltas
+    (RUN_UPDATED with `delta`) are live only: a stream carries them, and one
+    resumed within the server's memory replays them, but ListEvents never
+    lists them (since 0.2.0; the run's result carries the whole text). A
+    stream resumed on another process may send a token again under the same
+    event `id`: drop ids already seen.
     """
     Stream: _grpc.StreamStreamMultiCallable[_events_pb2.StreamRequest, _events_pb2.StreamResponse]
-    """Bidirectional: add and remove subscriptions, acknowledge, ping."""
+    """Bidirectional: add and remove subscriptions, acknowledge, ping. Tokens
+    as in Subscribe.
+    """
     ListEvents: _grpc.UnaryUnaryMultiCallable[_events_pb2.ListEventsRequest, _events_pb2.ListEventsResponse]
-    """Pages through the retained history of the given scopes."""
+    """Pages through the retained history of the given scopes: logged events
+    only, never a run's text deltas (see Subscribe).
+    """
 
 @_typing.type_check_only
 class EventServiceAsyncStub(EventServiceStub):
@@ -60,12 +69,21 @@ class EventServiceAsyncStub(EventServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Subscribe: _aio.UnaryStreamMultiCallable[_events_pb2.SubscribeRequest, _events_pb2.SubscribeResponse]  # type: ignore[assignment]
     """Replays events in the given scopes after a cursor, then continues live,
-    with no gap and no duplicate at the hand-over.
+    with no gap and no duplicate at the hand-over. A run's text deltas
+    (RUN_UPDATED with `delta`) are live only: a stream carries them, and one
+    resumed within the server's memory replays them, but ListEvents never
+    lists them (since 0.2.0; the run's result carries the whole text). A
+    stream resumed on another process may send a token again under the same
+    event `id`: drop ids already seen.
     """
     Stream: _aio.StreamStreamMultiCallable[_events_pb2.StreamRequest, _events_pb2.StreamResponse]  # type: ignore[assignment]
-    """Bidirectional: add and remove subscriptions, acknowledge, ping."""
+    """Bidirectional: add and remove subscriptions, acknowledge, ping. Tokens
+    as in Subscribe.
+    """
     ListEvents: _aio.UnaryUnaryMultiCallable[_events_pb2.ListEventsRequest, _events_pb2.ListEventsResponse]  # type: ignore[assignment]
-    """Pages through the retained history of the given scopes."""
+    """Pages through the retained history of the given scopes: logged events
+    only, never a run's text deltas (see Subscribe).
+    """
 
 class EventServiceServicer(metaclass=_abc_1.ABCMeta):
     """EventService delivers the mesh's one replayable event log. Subscribe (server
@@ -82,7 +100,12 @@ class EventServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_events_pb2.SubscribeResponse], _abc.AsyncIterator[_events_pb2.SubscribeResponse]]:
         """Replays events in the given scopes after a cursor, then continues live,
-        with no gap and no duplicate at the hand-over.
+        with no gap and no duplicate at the hand-over. A run's text deltas
+        (RUN_UPDATED with `delta`) are live only: a stream carries them, and one
+        resumed within the server's memory replays them, but ListEvents never
+        lists them (since 0.2.0; the run's result carries the whole text). A
+        stream resumed on another process may send a token again under the same
+        event `id`: drop ids already seen.
         """
 
     @_abc_1.abstractmethod
@@ -91,7 +114,9 @@ class EventServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_events_pb2.StreamRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_events_pb2.StreamResponse], _abc.AsyncIterator[_events_pb2.StreamResponse]]:
-        """Bidirectional: add and remove subscriptions, acknowledge, ping."""
+        """Bidirectional: add and remove subscriptions, acknowledge, ping. Tokens
+        as in Subscribe.
+        """
 
     @_abc_1.abstractmethod
     def ListEvents(
@@ -99,6 +124,8 @@ class EventServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _events_pb2.ListEventsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_events_pb2.ListEventsResponse, _abc.Awaitable[_events_pb2.ListEventsResponse]]:
-        """Pages through the retained history of the given scopes."""
+        """Pages through the retained history of the given scopes: logged events
+        only, never a run's text deltas (see Subscribe).
+        """
 
 def add_EventServiceServicer_to_server(servicer: EventServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -35,11 +35,18 @@ const (
 // last cursor it saw) and ListEvents.
 type EventServiceClient interface {
 	// Replays events in the given scopes after a cursor, then continues live,
-	// with no gap and no duplicate at the hand-over.
+	// with no gap and no duplicate at the hand-over. A run's text deltas
+	// (RUN_UPDATED with `delta`) are live only: a stream carries them, and one
+	// resumed within the server's memory replays them, but ListEvents never
+	// lists them (since 0.2.0; the run's result carries the whole text). A
+	// stream resumed on another process may send a token again under the same
+	// event `id`: drop ids already seen.
 	Subscribe(ctx context.Context, in *SubscribeRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[SubscribeResponse], error)
-	// Bidirectional: add and remove subscriptions, acknowledge, ping.
+	// Bidirectional: add and remove subscriptions, acknowledge, ping. Tokens
+	// as in Subscribe.
 	Stream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[StreamRequest, StreamResponse], error)
-	// Pages through the retained history of the given scopes.
+	// Pages through the retained history of the given scopes: logged events
+	// only, never a run's text deltas (see Subscribe).
 	ListEvents(ctx context.Context, in *ListEventsRequest, opts ...grpc.CallOption) (*ListEventsResponse, error)
 }
 
@@ -104,11 +111,18 @@ func (c *eventServiceClient) ListEvents(ctx context.Context, in *ListEventsReque
 // last cursor it saw) and ListEvents.
 type EventServiceServer interface {
 	// Replays events in the given scopes after a cursor, then continues live,
-	// with no gap and no duplicate at the hand-over.
+	// with no gap and no duplicate at the hand-over. A run's text deltas
+	// (RUN_UPDATED with `delta`) are live only: a stream carries them, and one
+	// resumed within the server's memory replays them, but ListEvents never
+	// lists them (since 0.2.0; the run's result carries the whole text). A
+	// stream resumed on another process may send a token again under the same
+	// event `id`: drop ids already seen.
 	Subscribe(*SubscribeRequest, grpc.ServerStreamingServer[SubscribeResponse]) error
-	// Bidirectional: add and remove subscriptions, acknowledge, ping.
+	// Bidirectional: add and remove subscriptions, acknowledge, ping. Tokens
+	// as in Subscribe.
 	Stream(grpc.BidiStreamingServer[StreamRequest, StreamResponse]) error
-	// Pages through the retained history of the given scopes.
+	// Pages through the retained history of the given scopes: logged events
+	// only, never a run's text deltas (see Subscribe).
 	ListEvents(context.Context, *ListEventsRequest) (*ListEventsResponse, error)
 	mustEmbedUnimplementedEventServiceServer()
 }

@@ -242,6 +242,7 @@ export enum ErrorReason {
    * An event cursor is ahead of the log: it comes from another deployment, or
    * the log was reset. Metadata `head_cursor` is the newest position and
    * `oldest_cursor` the oldest retained one; resume after either, or without one.
+   * Since 0.2.0; before, such a cursor was answered CURSOR_EXPIRED.
    *
    * @generated from enum value: ERROR_REASON_CURSOR_AHEAD = 31;
    */

@@ -1400,7 +1400,12 @@ export const SecurityEventKindSchema: GenEnum<SecurityEventKind> = /*@__PURE__*/
 export const EventService: GenService<{
   /**
    * Replays events in the given scopes after a cursor, then continues live,
-   * with no gap and no duplicate at the hand-over.
+   * with no gap and no duplicate at the hand-over. A run's text deltas
+   * (RUN_UPDATED with `delta`) are live only: a stream carries them, and one
+   * resumed within the server's memory replays them, but ListEvents never
+   * lists them (since 0.2.0; the run's result carries the whole text). A
+   * stream resumed on another process may send a token again under the same
+   * event `id`: drop ids already seen.
    *
    * @generated from rpc switchboard.api.events.v1.EventService.Subscribe
    */
@@ -1410,7 +1415,8 @@ export const EventService: GenService<{
     output: typeof SubscribeResponseSchema;
   },
   /**
-   * Bidirectional: add and remove subscriptions, acknowledge, ping.
+   * Bidirectional: add and remove subscriptions, acknowledge, ping. Tokens
+   * as in Subscribe.
    *
    * @generated from rpc switchboard.api.events.v1.EventService.Stream
    */
@@ -1420,7 +1426,8 @@ export const EventService: GenService<{
     output: typeof StreamResponseSchema;
   },
   /**
-   * Pages through the retained history of the given scopes.
+   * Pages through the retained history of the given scopes: logged events
+   * only, never a run's text deltas (see Subscribe).
    *
    * @generated from rpc switchboard.api.events.v1.EventService.ListEvents
    */
