@@ -1,7 +1,7 @@
 # Switchboard's image: `switchboard serve` (every service, or those in SWITCHBOARD_SERVICES),
 # `switchboard migrate`, `switchboard envoy` and the other subcommands.
 #
-#   docker build -t switchboard:0.1.0 .
+#   docker build -t switchboard:0.2.0 .
 #
 # deploy/compose.yaml runs the mesh shape from it; deploy/k8s/ deploys it on Kubernetes.
 # docs/operations.md ("Deploying") explains both. tests/unit/test_deploy.py checks this file

@@ -72,6 +72,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from importlib import metadata
 from typing import Any, Final, TypeVar
 
 import anyio
@@ -124,7 +125,10 @@ DEFAULT_MAX_MESSAGE_BYTES: Final = 16 * 1_048_576
 _MAX_STDIO_ARGS: Final = 256
 _MAX_STDIO_ENV: Final = 256
 
-_CLIENT_INFO: Final = types.Implementation(name="switchboard", version="0.1.0")
+#: How this client introduces itself to MCP servers: the installed release's version.
+_CLIENT_INFO: Final = types.Implementation(
+    name="switchboard", version=metadata.version("switchboard-mesh")
+)
 #: A tool call's response stream may stay silent while the tool works; the
 #: caller's deadline (at most the hub's cap) ends the call, this only bounds
 #: a response stream the caller has already abandoned.
