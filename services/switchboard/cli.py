@@ -173,7 +173,8 @@ def _run_server(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_format)
     for name in settings.insecure_defaults_in_use():
         log.warning(
-            "DEV MODE: %s is the built-in insecure default; never run like this in production",
+            "DEV MODE: %s is not set; a development value stands in for it (insecure); "
+            "never run like this in production",
             name,
         )
     try:
