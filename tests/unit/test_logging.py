@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 
 import pytest
 
@@ -134,23 +136,33 @@ def test_text_traceback_follows_the_fields() -> None:
     assert "ValueError: boom" in rest
 
 
-def test_grpc_core_error_for_a_client_that_left_mid_send_is_demoted_to_debug() -> None:
-    from switchboard.platform.observe.logging import quiet_client_cancellations
-
-    quiet_client_cancellations()
-    quiet_client_cancellations()  # idempotent
+@contextlib.contextmanager
+def _kept(name: str, level: int) -> Iterator[tuple[logging.Logger, list[logging.LogRecord]]]:
+    """Logger ``name`` at ``level``, and the records it lets through, while the block runs."""
     seen: list[logging.LogRecord] = []
 
     class Keep(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             seen.append(record)
 
-    core = logging.getLogger("grpc._cython.cygrpc")
+    logger = logging.getLogger(name)
     keep = Keep(logging.DEBUG)
-    core.addHandler(keep)
-    level = core.level
+    logger.addHandler(keep)
+    before = logger.level
+    logger.setLevel(level)
     try:
-        core.setLevel(logging.INFO)
+        yield logger, seen
+    finally:
+        logger.removeHandler(keep)
+        logger.setLevel(before)
+
+
+def test_grpc_core_error_for_a_client_that_left_mid_send_is_demoted_to_debug() -> None:
+    from switchboard.platform.observe.logging import quiet_client_cancellations
+
+    quiet_client_cancellations()
+    quiet_client_cancellations()  # idempotent
+    with _kept("grpc._cython.cygrpc", logging.INFO) as (core, seen):
         failure = RuntimeError("Failed execute_batch")
         for message in (
             "ExecuteBatchError raised in core by servicer method [/x.Y/Z]",
@@ -164,9 +176,6 @@ def test_grpc_core_error_for_a_client_that_left_mid_send_is_demoted_to_debug() -
         core.setLevel(logging.DEBUG)
         core.error("ExecuteBatchError raised in core by servicer method [/x.Y/Z]")
         assert [(r.levelno, r.exc_info) for r in seen] == [(logging.DEBUG, None)]
-    finally:
-        core.removeHandler(keep)
-        core.setLevel(level)
 
 
 def test_an_http_request_that_failed_is_a_warning_naming_only_the_origin() -> None:
@@ -174,25 +183,11 @@ def test_an_http_request_that_failed_is_a_warning_naming_only_the_origin() -> No
 
     quiet_http_requests()
     quiet_http_requests()  # idempotent
-    seen: list[logging.LogRecord] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            seen.append(record)
-
-    logger = logging.getLogger("httpx")
-    keep = Keep(logging.DEBUG)
-    logger.addHandler(keep)
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    try:
+    with _kept("httpx", logging.INFO) as (logger, seen):
         line = 'HTTP Request: %s %s "%s %d %s"'
         hook = "https://user:pw@hooks.example.com:8443/services/T0/B0/SECRET?token=x"
         logger.info(line, "POST", hook, "HTTP/1.1", 500, "Internal Server Error")
         logger.info(line, "POST", hook, "HTTP/1.1", 200, "OK")  # DEBUG: not at INFO
-    finally:
-        logger.removeHandler(keep)
-        logger.setLevel(level)
     assert [(r.levelname, r.getMessage()) for r in seen] == [
         (
             "WARNING",

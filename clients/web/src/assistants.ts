@@ -5,6 +5,7 @@
 // such (ABORTED / ERROR_REASON_ETAG_MISMATCH) rather than overwritten; and "Try it", a
 // conversation opened beside the editor with the assistant chosen in the composer.
 import { type Api, PAGE_SIZE, requestId } from "./api";
+import { deleteConfirmation } from "./confirm";
 import { fill, h } from "./dom";
 import { type Problem, problem, renderProblem } from "./errors";
 import type { Assistant, AssistantTools } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
@@ -162,52 +163,20 @@ export class Assistants {
     const open = item.querySelector('[data-testid="delete-confirmation"]');
     open?.remove();
     if (open) return;
-    const where = h("div", {});
-    const title = assistant.displayName || lastSegment(assistant.name);
-    const box: HTMLElement = h(
-      "div",
-      { class: "confirm", role: "alertdialog", "data-testid": "delete-confirmation" },
-      h(
-        "p",
-        {},
-        `Delete ${title}? `,
-        assistant.workspaceDefault
-          ? "It answers the workspace's messages that name no assistant: they go to the router's choice instead."
-          : "Messages that name it will be refused.",
-      ),
-      where,
-      h(
-        "div",
-        { class: "row" },
-        h(
-          "button",
-          {
-            type: "button",
-            class: "danger",
-            "data-testid": "confirm-delete",
-            onclick: async (e: globalThis.Event) => {
-              const button = e.currentTarget as HTMLButtonElement;
-              button.disabled = true;
-              try {
-                await this.api.dispatcher.deleteAssistant({ name: assistant.name, etag: assistant.etag });
-                if (this.editing === assistant.name) this.close();
-                this.assistants = this.assistants.filter((x) => x.name !== assistant.name);
-                this.render();
-                this.host.changed();
-              } catch (error) {
-                const shown = renderProblem(problem(error));
-                shown.dataset.action = "delete-assistant";
-                where.replaceChildren(shown);
-              } finally {
-                button.disabled = false;
-              }
-            },
-          },
-          "Delete",
-        ),
-        h("button", { type: "button", "data-testid": "cancel-delete", onclick: () => box.remove() }, "Keep it"),
-      ),
-    );
+    const box = deleteConfirmation({
+      title: assistant.displayName || lastSegment(assistant.name),
+      consequence: assistant.workspaceDefault
+        ? "It answers the workspace's messages that name no assistant: they go to the router's choice instead."
+        : "Messages that name it will be refused.",
+      action: "delete-assistant",
+      remove: async () => {
+        await this.api.dispatcher.deleteAssistant({ name: assistant.name, etag: assistant.etag });
+        if (this.editing === assistant.name) this.close();
+        this.assistants = this.assistants.filter((x) => x.name !== assistant.name);
+        this.render();
+        this.host.changed();
+      },
+    });
     item.append(box);
   }
 

@@ -8,6 +8,7 @@
 // them anyway, and the page shows that refusal as any other).
 import { durationMs, timestampDate } from "@bufbuild/protobuf/wkt";
 import { type Api, PAGE_SIZE, requestId } from "./api";
+import { deleteConfirmation } from "./confirm";
 import { fill, formatTime, h } from "./dom";
 import { problem, renderProblem } from "./errors";
 import { follow } from "./follow";
@@ -464,51 +465,19 @@ export class Integrations {
     panes.querySelector('[data-testid="integration-editor"]')?.remove();
     const integration = this.integrations.get(name);
     if (!integration) return;
-    const where = h("div", {});
-    const box: HTMLElement = h(
-      "div",
-      { class: "confirm", role: "alertdialog", "data-testid": "delete-confirmation" },
-      h(
-        "p",
-        {},
-        `Delete ${integration.displayName || lastSegment(name)}? `,
+    const box = deleteConfirmation({
+      title: integration.displayName || lastSegment(name),
+      consequence:
         integration.kind === IntegrationKind.WEBHOOK
           ? "Its deliveries stop."
           : "Assistants that use its tools lose them; runs calling them fail.",
-      ),
-      where,
-      h(
-        "div",
-        { class: "row" },
-        h(
-          "button",
-          {
-            type: "button",
-            class: "danger",
-            "data-testid": "confirm-delete",
-            onclick: async (e: Event) => {
-              const button = e.currentTarget as HTMLButtonElement;
-              button.disabled = true;
-              try {
-                await this.api.integration.deleteIntegration({ name, etag: integration.etag });
-                box.remove();
-                this.integrations.delete(name);
-                this.render();
-              } catch (error) {
-                const p = problem(error);
-                const shown = renderProblem(p);
-                shown.dataset.action = "delete-integration";
-                where.replaceChildren(shown);
-              } finally {
-                button.disabled = false;
-              }
-            },
-          },
-          "Delete",
-        ),
-        h("button", { type: "button", "data-testid": "cancel-delete", onclick: () => box.remove() }, "Keep it"),
-      ),
-    );
+      action: "delete-integration",
+      remove: async () => {
+        await this.api.integration.deleteIntegration({ name, etag: integration.etag });
+        this.integrations.delete(name);
+        this.render();
+      },
+    });
     panes.prepend(box);
   }
 
