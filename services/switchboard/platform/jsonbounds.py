@@ -41,7 +41,7 @@ from collections.abc import Iterable
 from typing import Any, Final, Literal
 
 from google.protobuf import struct_pb2
-from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 #: Most levels of nesting accepted anywhere (see the module doc for why 24).
@@ -181,25 +181,78 @@ def check_value(value: object, *, max_depth: int = MAX_DEPTH) -> None:
 def check_message(message: Message, *, max_depth: int = MAX_DEPTH) -> None:
     """Raise ``JsonRejected`` if a ``Struct`` or ``ListValue`` anywhere in ``message``
     nests deeper than ``max_depth`` JSON levels (a Struct is one level, as an
-    object is); other messages add no level. Walked without recursion."""
+    object is); other messages add no level. Walked without recursion, and only
+    into the fields that can hold a JSON value (``_json_fields``): every request
+    that can carry one is checked (``rpc.registration``), SendMessage included."""
     stack: list[tuple[Message, int]] = [(message, 0)]
     while stack:
         item, depth = stack.pop()
-        if item.DESCRIPTOR.full_name in (_STRUCT, _LIST):
+        name = item.DESCRIPTOR.full_name
+        if name == _VALUE:
+            kind = item.WhichOneof("kind")
+            if kind in ("struct_value", "list_value"):
+                stack.append((getattr(item, kind), depth))
+            continue
+        if name in (_STRUCT, _LIST):
             depth += 1
             if depth > max_depth:
                 raise too_deep(max_depth)
-        for field, value in item.ListFields():
-            kind = field.message_type
-            if field.type != FieldDescriptor.TYPE_MESSAGE or kind is None:
-                continue
-            if kind.GetOptions().map_entry:
-                if kind.fields_by_name["value"].type == FieldDescriptor.TYPE_MESSAGE:
-                    stack.extend((entry, depth) for entry in value.values())
-            elif field.is_repeated:
-                stack.extend((entry, depth) for entry in value)
+            values = item.fields.values() if name == _STRUCT else item.values  # type: ignore[attr-defined]
+            stack.extend((value, depth) for value in values)
+            continue
+        for field, shape in _json_fields(item.DESCRIPTOR):  # type: ignore[arg-type]
+            if shape == "one":
+                if item.HasField(field):
+                    stack.append((getattr(item, field), depth))
+            elif shape == "many":
+                stack.extend((entry, depth) for entry in getattr(item, field))
             else:
-                stack.append((value, depth))
+                stack.extend((entry, depth) for entry in getattr(item, field).values())
+
+
+_JSON_TYPES: Final = frozenset({_STRUCT, _LIST, "google.protobuf.Value"})
+_VALUE: Final = "google.protobuf.Value"
+_json_fields_of: dict[str, tuple[tuple[str, str], ...]] = {}
+
+
+def carries_json(kind: Descriptor) -> bool:
+    """Whether a ``kind`` message can hold a JSON value, at any depth."""
+    seen: set[str] = set()
+    stack = [kind]
+    while stack:
+        item = stack.pop()
+        if item.full_name in _JSON_TYPES:
+            return True
+        if item.full_name in seen:
+            continue
+        seen.add(item.full_name)
+        stack.extend(
+            field.message_type
+            for field in item.fields
+            if field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type is not None
+        )
+    return False
+
+
+def _json_fields(kind: Descriptor) -> tuple[tuple[str, str], ...]:
+    """The fields of ``kind`` that can hold a JSON value, each as (name, "one" | "many" |
+    "map"); worked out once per message type."""
+    found = _json_fields_of.get(kind.full_name)
+    if found is not None:
+        return found
+    fields: list[tuple[str, str]] = []
+    for field in kind.fields:
+        target = field.message_type
+        if field.type != FieldDescriptor.TYPE_MESSAGE or target is None:
+            continue
+        if target.GetOptions().map_entry:
+            value = target.fields_by_name["value"].message_type
+            if value is not None and carries_json(value):
+                fields.append((field.name, "map"))
+        elif carries_json(target):
+            fields.append((field.name, "many" if field.is_repeated else "one"))
+    found = _json_fields_of[kind.full_name] = tuple(fields)
+    return found
 
 
 class StreamGauge:

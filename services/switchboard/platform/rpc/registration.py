@@ -24,7 +24,6 @@ from typing import Any
 import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import (
-    Descriptor,
     FieldDescriptor,
     MethodDescriptor,
     ServiceDescriptor,
@@ -33,34 +32,11 @@ from google.protobuf.message import Message
 from grpc import aio
 
 from switchboard.platform.errors import FieldViolation, InvalidArgument
-from switchboard.platform.jsonbounds import MAX_DEPTH, JsonRejected, check_message
-
-_JSON_TYPES = frozenset(
-    {"google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"}
-)
+from switchboard.platform.jsonbounds import MAX_DEPTH, JsonRejected, carries_json, check_message
 
 
 def _identity(frame: bytes) -> bytes:
     return frame
-
-
-def carries_json(kind: Descriptor) -> bool:
-    """Whether a ``kind`` message can hold a JSON value, at any depth."""
-    seen: set[str] = set()
-    stack = [kind]
-    while stack:
-        item = stack.pop()
-        if item.full_name in _JSON_TYPES:
-            return True
-        if item.full_name in seen:
-            continue
-        seen.add(item.full_name)
-        stack.extend(
-            field.message_type
-            for field in item.fields
-            if field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type is not None
-        )
-    return False
 
 
 def check_depth(request: Message) -> None:
