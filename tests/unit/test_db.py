@@ -304,6 +304,9 @@ def test_offline_mode_renders_sql_for_review(capsys: pytest.CaptureFixture[str])
     assert "CREATE TABLE users" in sql
     assert "TIMESTAMP WITH TIME ZONE" in sql
     assert "UPDATE alembic_version" in sql or "INSERT INTO alembic_version" in sql
+    # A data migration that reads stored rows says what the rendered SQL cannot do.
+    assert "UPDATE runs SET state_time = created_at WHERE state_time IS NULL" in sql
+    assert "switchboard migrate fills runs.assistant_id" in sql
 
 
 def test_migrations_ship_inside_the_package() -> None:

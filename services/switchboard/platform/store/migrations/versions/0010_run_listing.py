@@ -42,6 +42,17 @@ def upgrade() -> None:
 
 
 def _fill_in() -> None:
+    if op.get_context().as_sql:
+        # Rendered as SQL for review (alembic --sql): there are no rows to read, and
+        # the exact values are in the serialized runs, which only Python can read.
+        # SQL fills what it can, and the rendered script says so.
+        op.execute(
+            "-- 0010: switchboard migrate fills runs.assistant_id and runs.state_time in "
+            "from each stored run; applied as this SQL, older runs keep assistant_id '' "
+            "and state_time = created_at"
+        )
+        op.execute("UPDATE runs SET state_time = created_at WHERE state_time IS NULL")
+        return
     # The contract's generated code reads the stored runs: its fields only ever get
     # added (buf breaking), so today's code reads every run an older version stored.
     from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
