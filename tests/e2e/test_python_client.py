@@ -361,9 +361,9 @@ async def test_events_and_a_run_resume_after_the_server_restarts(
 async def test_a_server_restarted_with_a_new_signing_key_is_signed_in_to_again(
     tmp_path: Path, stack: ExitStack
 ) -> None:
-    """Dev mode makes a signing key per process (the secret, and so the refresh
-    tokens, stay): after a restart the access token is refused and the client
-    renews the session by itself, once."""
+    """A restart with a new signing key (dev mode's key file deleted: it makes a new
+    one; the secret, and so the refresh tokens, stay): the access token is refused and
+    the client renews the session by itself, once."""
     env = {
         "SWITCHBOARD_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/switchboard.db",
         "SWITCHBOARD_INSTANCE_ID": "python-client-dev",
@@ -374,6 +374,7 @@ async def test_a_server_restarted_with_a_new_signing_key_is_signed_in_to_again(
         registered = await client.register(unique_email("dev"), PASSWORD)
         old = client.tokens.current()
         await _stop(first, signal.SIGTERM)
+        (tmp_path / "switchboard.dev-signing-key.pem").unlink()
         await _serve(stack, env, port=first.port, dev=True)
         principal = await client.auth.GetPrincipal(auth_pb2.GetPrincipalRequest())
         assert principal.principal.session == registered.session.name
