@@ -39,10 +39,13 @@ running() {
 }
 
 # Wait until the log says the server listens; fail with its log if it ends or takes too long.
+# Alive, not `running`: a server just started may not have replaced the subshell that starts
+# it yet (its command line is still this script's), which is no reason to give up on it.
 await_ready() {
-    local name=$1 ready=$2 deadline=$((SECONDS + START_TIMEOUT_S))
+    local name=$1 ready=$2 deadline=$((SECONDS + START_TIMEOUT_S)) pid
+    pid=$(<"$DIR/$name.pid")
     until grep -qE -- "$ready" "$DIR/$name.log"; do
-        if ! running "$name" || ((SECONDS > deadline)); then
+        if ! kill -0 "$pid" 2>/dev/null || ((SECONDS > deadline)); then
             echo "local-servers: $name did not start; its log ($DIR/$name.log):" >&2
             tail -n 20 "$DIR/$name.log" >&2
             return 1
