@@ -22,7 +22,8 @@ MCP_PORT=${MCP_PORT:-3001}
 START_TIMEOUT_S=${START_TIMEOUT_S:-60}
 
 # What each server's command line holds: a pid file whose process is something else (the
-# pid was reused after a reboot) does not count as running, and is never stopped.
+# pid was reused after a reboot) does not count as running, and is never stopped. `ps -ww`:
+# without it ps cuts the line at $COLUMNS (80 under pytest-xdist), before the name.
 command_of() {
     case $1 in
     model) echo tests.fakes.openai_server ;;
@@ -34,7 +35,7 @@ running() {
     local pid args
     [[ -s $DIR/$1.pid ]] || return 1
     pid=$(<"$DIR/$1.pid")
-    [[ $pid =~ ^[0-9]+$ ]] && args=$(ps -o args= -p "$pid" 2>/dev/null) &&
+    [[ $pid =~ ^[0-9]+$ ]] && args=$(ps -ww -o args= -p "$pid" 2>/dev/null) &&
         [[ $args == *"$(command_of "$1")"* ]]
 }
 

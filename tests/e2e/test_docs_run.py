@@ -613,7 +613,13 @@ def test_the_docs_run_as_written(tmp_path: Path) -> None:
             check=False,
             timeout=60,
         )
-        assert stopped.stdout.splitlines() == ["model: stopped", "mcp: stopped"], stopped
+        local = checkout / ".local"
+        logs = "\n".join(
+            f"--- .local/{name}:\n{(local / name).read_text(errors='replace')[-3000:]}"
+            for name in ("model.log", "mcp.log")
+            if (local / name).exists()
+        )
+        assert stopped.stdout.splitlines() == ["model: stopped", "mcp: stopped"], (stopped, logs)
         assert terminal.stop() == "ok"
     printed = out.read_text()
     # The Python client's programs printed names, not numbers, and ended.
