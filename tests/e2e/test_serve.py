@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import subprocess
@@ -126,7 +127,10 @@ def test_serve_refuses_an_unreadable_signing_key(tmp_path: Path) -> None:
     assert "not a key" not in done.stderr
 
 
-def test_serve_reports_a_port_in_use() -> None:
+def test_serve_reports_a_port_in_use(tmp_path: Path) -> None:
+    # Its own database: the default one is ./switchboard.db, in the checkout.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
+    env["SWITCHBOARD_DATABASE_URL"] = f"sqlite+aiosqlite:///{tmp_path}/switchboard.db"
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -137,6 +141,8 @@ def test_serve_reports_a_port_in_use() -> None:
             text=True,
             timeout=60,
             check=False,
+            env=env,
+            cwd=tmp_path,
         )
     assert done.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}: the address is already in use" in done.stderr

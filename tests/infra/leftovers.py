@@ -1,4 +1,5 @@
-"""No process a test started outlives the test session.
+"""No process a test started outlives the test session, and no test writes the
+checkout's default database.
 
 Every process the suite starts inherits ``SB_TESTS_RUN`` (set before the first test,
 one value per pytest process, so two xdist workers never judge each other's), however
@@ -21,6 +22,17 @@ from pathlib import Path
 import pytest
 
 MARK = "SB_TESTS_RUN"
+#: The checkout (a server started without SWITCHBOARD_DATABASE_URL from here writes its
+#: default database, and in dev mode its key, into it: a reader's `make run` state).
+#: (``SB_TESTS_CHECKOUT`` names another directory: the check's own test.)
+ROOT = Path(os.environ.get("SB_TESTS_CHECKOUT") or Path(__file__).resolve().parents[2])
+DEFAULT_FILES = (
+    "switchboard.db",
+    "switchboard.db-wal",
+    "switchboard.db-shm",
+    "switchboard.db.lock",
+    "switchboard.dev-signing-key.pem",
+)
 #: How long processes that were just told to stop get to end before they count
 #: (``SB_TESTS_LEFTOVER_GRACE_S`` overrides it: the check's own test needs no wait).
 GRACE_S = float(os.environ.get("SB_TESTS_LEFTOVER_GRACE_S", "15"))
@@ -52,7 +64,12 @@ def no_process_left_behind() -> Iterator[None]:
     that starts a server: what it finds at the end, nothing else will stop."""
     token = f"{uuid.uuid4().hex}-{os.getpid()}"
     os.environ[MARK] = token
+    there = {name for name in DEFAULT_FILES if (ROOT / name).exists()}
     yield
+    written = sorted(name for name in DEFAULT_FILES if (ROOT / name).exists())
+    written = [name for name in written if name not in there]
+    for name in written:
+        (ROOT / name).unlink(missing_ok=True)
     deadline = time.monotonic() + GRACE_S
     left = marked(token)
     while left and time.monotonic() < deadline:
@@ -61,6 +78,14 @@ def no_process_left_behind() -> Iterator[None]:
     for pid in left:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+    problems = []
     if left:
         lines = "\n".join(f"  {pid}: {command}" for pid, command in sorted(left.items()))
-        pytest.fail(f"processes started by tests were still running at the end:\n{lines}")
+        problems.append(f"processes started by tests were still running at the end:\n{lines}")
+    if written:
+        problems.append(
+            f"tests wrote the checkout's default database files (removed): {', '.join(written)};"
+            " give each server a database of its own (SWITCHBOARD_DATABASE_URL)"
+        )
+    if problems:
+        pytest.fail("\n".join(problems))

@@ -26,8 +26,17 @@ def test_starts_a_process_and_stops_it():
 """
 
 
+WRITES_THE_DEFAULT_DATABASE = """
+import os, pathlib
+
+def test_serves_from_the_checkout_without_a_database_of_its_own():
+    (pathlib.Path(os.environ["SB_TESTS_CHECKOUT"]) / "switchboard.db").write_bytes(b"")
+"""
+
+
 def _session(tmp_path: Path, body: str) -> subprocess.CompletedProcess[str]:
     (tmp_path / "test_inner.py").write_text(body)
+    (tmp_path / "checkout").mkdir(exist_ok=True)
     return subprocess.run(
         [
             sys.executable,
@@ -51,7 +60,12 @@ def _session(tmp_path: Path, body: str) -> subprocess.CompletedProcess[str]:
         timeout=120,
         check=False,
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "SB_TESTS_LEFTOVER_GRACE_S": "0.5"},
+        env={
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "SB_TESTS_LEFTOVER_GRACE_S": "0.5",
+            "SB_TESTS_CHECKOUT": str(tmp_path / "checkout"),
+        },
     )
 
 
@@ -76,3 +90,12 @@ def test_a_process_left_running_fails_the_session_and_is_killed(tmp_path: Path) 
 def test_a_session_that_stops_what_it_starts_passes(tmp_path: Path) -> None:
     done = _session(tmp_path, TIDY)
     assert done.returncode == 0, done.stdout
+
+
+def test_a_session_that_writes_the_checkouts_default_database_fails_and_it_is_removed(
+    tmp_path: Path,
+) -> None:
+    done = _session(tmp_path, WRITES_THE_DEFAULT_DATABASE)
+    assert done.returncode != 0, done.stdout
+    assert "wrote the checkout's default database files (removed): switchboard.db" in done.stdout
+    assert not (tmp_path / "checkout" / "switchboard.db").exists()
