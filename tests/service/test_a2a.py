@@ -141,6 +141,13 @@ def request(text: str, tenant: str, **fields: Any) -> a2a.SendMessageRequest:
     return found
 
 
+def _nested(levels: int) -> dict[str, Any]:
+    value: dict[str, Any] = {"leaf": 1}
+    for _ in range(levels - 1):
+        value = {"a": value}
+    return value
+
+
 def answer_of(task: a2a.Task) -> str:
     [artifact] = task.artifacts
     return "".join(part.text for part in artifact.parts)
@@ -371,6 +378,8 @@ async def test_strangers_viewers_and_malformed_names(agent: Agent) -> None:
                 ["message.role", "message.parts[0]"],
             ),
             (stub.ListTasks, a2a.ListTasksRequest(tenant=agent.tenant, page_size=0), ["page_size"]),
+            # JSON values nested past 24 levels (docs/contracts.md), refused in A2A's terms.
+            (stub.SendMessage, request("x", agent.tenant, metadata=_nested(30)), ["metadata"]),
             # No tenant, and this deployment names no root agent.
             (stub.ListTasks, a2a.ListTasksRequest(), ["tenant"]),
         ]
@@ -379,6 +388,15 @@ async def test_strangers_viewers_and_malformed_names(agent: Agent) -> None:
                 method(bad, metadata=world.editor.md, timeout=TIMEOUT_S), CODE.INVALID_ARGUMENT
             )
             assert fields(error) == expected, bad
+        deep = await refused(
+            stub.SendMessage(
+                request("x", agent.tenant, metadata=_nested(30)),
+                metadata=world.editor.md,
+                timeout=TIMEOUT_S,
+            ),
+            CODE.INVALID_ARGUMENT,
+        )
+        assert _reasons(deep)[0] == ("a2a-protocol.org", "INVALID_PARAMS")
         # A push config needs its url (tests/service/test_a2a_push.py has the rest).
         error = await refused(
             stub.CreateTaskPushNotificationConfig(

@@ -85,7 +85,10 @@ async def build(settings: Settings, shared: Shared) -> tuple[ServiceRegistration
     root = settings.a2a_root_agent
     return (
         ServiceRegistration(
-            servicer.SERVICE, servicer.A2AServiceServicer(agents, root), on_bound=bound
+            servicer.SERVICE,
+            servicer.A2AServiceServicer(agents, root),
+            on_bound=bound,
+            checks_json_depth=True,
         ),
         ServiceRegistration(
             cardservicer.SERVICE,

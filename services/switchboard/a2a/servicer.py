@@ -30,6 +30,7 @@ from switchboard.platform.errors import (
     InvalidArgument,
     SwitchboardError,
 )
+from switchboard.platform.rpc.registration import check_depth
 from switchboard.platform.security.authn import current_principal
 
 SERVICE = a2a.DESCRIPTOR.services_by_name["A2AService"]
@@ -124,6 +125,8 @@ def _a2a(
         for key, value in context.invocation_metadata() or ():
             if key == errors.VERSION_HEADER and isinstance(value, str):
                 errors.check_version(value)
+        # Here, not at registration: a refusal named in the A2A request's terms.
+        check_depth(request)
         yield
     except SwitchboardError as error:
         fields = {field.name for field in request.DESCRIPTOR.fields} | {mapping.AFTER_HEADER}

@@ -103,8 +103,11 @@ def _checked(method: MethodDescriptor, behaviour: Callable[..., Any]) -> Callabl
     return unary
 
 
-def _handler(method: MethodDescriptor, behaviour: Callable[..., Any], raw: bool) -> Any:
-    behaviour = _checked(method, behaviour)
+def _handler(
+    method: MethodDescriptor, behaviour: Callable[..., Any], raw: bool, check_json_depth: bool
+) -> Any:
+    if check_json_depth:
+        behaviour = _checked(method, behaviour)
     request: Any = message_factory.GetMessageClass(method.input_type)
     response: Any = message_factory.GetMessageClass(method.output_type)
     serializer = _identity if raw else response.SerializeToString
@@ -123,13 +126,19 @@ def register(
     servicer: object,
     *,
     preserialized: Collection[str] = (),
+    check_json_depth: bool = True,
 ) -> None:
     """Serve every method of ``service`` with ``servicer``'s method of the same name."""
     unknown = set(preserialized) - {method.name for method in service.methods}
     if unknown:
         raise ValueError(f"{service.full_name} has no methods {sorted(unknown)}")
     handlers = {
-        method.name: _handler(method, getattr(servicer, method.name), method.name in preserialized)
+        method.name: _handler(
+            method,
+            getattr(servicer, method.name),
+            method.name in preserialized,
+            check_json_depth,
+        )
         for method in service.methods
     }
     server.add_generic_rpc_handlers(

@@ -76,6 +76,9 @@ class ServiceRegistration:
     service: ServiceDescriptor
     servicer: object
     preserialized: frozenset[str] = frozenset()
+    #: The servicer checks its requests' JSON depth itself (``registration.check_depth``),
+    #: to answer in its protocol's terms (A2A); otherwise registration does.
+    checks_json_depth: bool = False
     #: Called with the bound port before the server starts (the dispatcher
     #: advertises where other replicas reach it).
     on_bound: Callable[[int], Awaitable[None]] | None = None
@@ -311,6 +314,7 @@ async def build_server(
             registration.service,
             registration.servicer,
             preserialized=registration.preserialized,
+            check_json_depth=not registration.checks_json_depth,
         )
     names = [r.name for r in registrations]
     enable_reflection(server, [*names, HEALTH_SERVICE])
