@@ -104,7 +104,10 @@ def _checked(method: MethodDescriptor, behaviour: Callable[..., Any]) -> Callabl
 
 
 def _handler(
-    method: MethodDescriptor, behaviour: Callable[..., Any], raw: bool, check_json_depth: bool
+    method: MethodDescriptor,
+    behaviour: Callable[..., Any],
+    raw: bool,
+    check_json_depth: bool = True,
 ) -> Any:
     if check_json_depth:
         behaviour = _checked(method, behaviour)
