@@ -369,7 +369,7 @@ def _check_result(result: ToolResult) -> None:
     try:
         jsonbounds.check_value(result.structured)
     except JsonRejected as rejected:
-        raise Malformed(f"its tool's structured result is {rejected}") from None
+        raise Malformed(f"its tool's structured content is {rejected}") from None
 
 
 def _kind_label(kind: int) -> str:
