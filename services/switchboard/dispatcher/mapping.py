@@ -7,12 +7,16 @@ assistant record as ``pb.Assistant``, a refusal as ``google.rpc.Status``).
 
 from __future__ import annotations
 
+import datetime as dt
+from typing import Final
+
 from google.rpc import status_pb2
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.dispatcher.assistantstore import AssistantRecord
 from switchboard.dispatcher.handlers import Handler
+from switchboard.dispatcher.store import state_time
 from switchboard.platform import names
 from switchboard.platform.errors import SwitchboardError
 from switchboard.platform.rpc.status import to_status_proto
@@ -82,14 +86,13 @@ def snapshot(run: pb.Run, *, not_after_ns: int | None = None) -> pb.RunUpdate:
 
 
 def state_time_ns(run: pb.Run) -> int:
-    """When ``run`` reached its current state, in ns since the epoch: the latest of its
-    create, start and end times (now, for a run that has none)."""
-    times = [
-        stamp.ToNanoseconds()
-        for stamp in (run.end_time, run.start_time, run.create_time)
-        if stamp.seconds or stamp.nanos
-    ]
-    return max(times) if times else names.now_ns()
+    """When ``run`` reached its current state (``store.state_time``, the time its row
+    is listed by), in ns since the epoch."""
+    return (state_time(run) - _EPOCH) // _MICROSECOND * 1000
+
+
+_EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_MICROSECOND: Final = dt.timedelta(microseconds=1)
 
 
 def filtered_event(

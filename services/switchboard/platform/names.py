@@ -68,11 +68,6 @@ class Stamp(Protocol):
     nanos: int
 
 
-def now_ns() -> int:
-    """The current time in ns since the epoch, to the microsecond (as stamps store it)."""
-    return time.time_ns() // 1000 * 1000
-
-
 def stamp_after(stamp: Stamp, after_ns: int) -> int:
     """Set ``stamp`` to now, or to ``after_ns`` if the clock reads earlier (a wall clock
     stepped back, another host's clock): a sequence of stamps never goes backwards.
