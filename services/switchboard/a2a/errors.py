@@ -21,6 +21,7 @@ import re
 from collections.abc import Collection, Mapping
 from typing import Final
 
+from switchboard.platform import names
 from switchboard.platform.errors import (
     FailedPrecondition,
     FieldViolation,
@@ -93,23 +94,17 @@ def tagged(error: SwitchboardError, method: str, *, names_task: bool) -> Switchb
     return error
 
 
-#: Switchboard's resource names as they appear in messages: a run, a conversation, an
-#: assistant, a workspace (longest first, so a run is not read as its conversation).
-_RUN_NAME: Final = re.compile(
-    r"workspaces/([a-z0-9-]+)/conversations/([a-z0-9-]+)/runs/([a-z0-9-]+)"
-)
-_CONVERSATION_NAME: Final = re.compile(r"workspaces/([a-z0-9-]+)/conversations/([a-z0-9-]+)")
-_ASSISTANT_NAME: Final = re.compile(r"workspaces/([a-z0-9-]+)/assistants/([a-z0-9-]+)")
-_WORKSPACE_NAME: Final = re.compile(r"workspaces/([a-z0-9-]+)")
 _FIELD_ROOT: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def a2a_text(text: str) -> str:
-    """``text`` with Switchboard's resource names replaced by what A2A calls them."""
-    text = _RUN_NAME.sub(lambda m: f"task {m[2]}.{m[3]}", text)
-    text = _CONVERSATION_NAME.sub(lambda m: f"context {m[2]}", text)
-    text = _ASSISTANT_NAME.sub(lambda m: f"agent {m[1]}.{m[2]}", text)
-    return _WORKSPACE_NAME.sub(lambda m: f"the agent's workspace {m[1]}", text)
+    """``text`` with Switchboard's resource names (``names``' patterns, found wherever
+    they stand in it) replaced by what A2A calls them: a run first, so that it is not
+    read as its conversation, and a workspace last."""
+    text = names.RUN.sub(lambda m: f"task {m[2]}.{m[3]}", text)
+    text = names.CONVERSATION.sub(lambda m: f"context {m[2]}", text)
+    text = names.ASSISTANT.sub(lambda m: f"agent {m[1]}.{m[2]}", text)
+    return names.WORKSPACE.sub(lambda m: f"the agent's workspace {m[1]}", text)
 
 
 def a2a_field(field: str, renames: Mapping[str, str], fields: Collection[str]) -> str:
