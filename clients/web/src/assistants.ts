@@ -7,7 +7,7 @@
 import { type Api, PAGE_SIZE, requestId } from "./api";
 import { deleteConfirmation } from "./confirm";
 import { fill, h } from "./dom";
-import { type Problem, problem, renderProblem } from "./errors";
+import { offerCurrentVersion, type Problem, problem, renderProblem } from "./errors";
 import type { Assistant, AssistantTools } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import type { Event } from "./gen/switchboard/api/events/v1/events_pb";
 import { IntegrationKind } from "./gen/switchboard/api/integration/v1/integration_pb";
@@ -363,25 +363,12 @@ export class Assistants {
       const p = problem(error);
       const box = renderProblem(p, "error");
       box.dataset.action = "save-assistant";
-      if (p.reason === "ERROR_REASON_ETAG_MISMATCH") {
-        // Changed elsewhere since it was opened: say so, and offer what it is now.
-        box.append(
-          h("span", { "data-testid": "etag-conflict" }, "Changed elsewhere since you opened it. "),
-          h(
-            "button",
-            {
-              type: "button",
-              "data-testid": "reload-assistant",
-              onclick: () =>
-                void this.page.busy("reload-assistant", async () => {
-                  const fresh = await this.api.dispatcher.getAssistant({ name: editing });
-                  if (fresh.assistant) await this.edit(fresh.assistant);
-                }),
-            },
-            "Load the current version",
-          ),
-        );
-      }
+      offerCurrentVersion(box, p, "reload-assistant", () =>
+        void this.page.busy("reload-assistant", async () => {
+          const fresh = await this.api.dispatcher.getAssistant({ name: editing });
+          if (fresh.assistant) await this.edit(fresh.assistant);
+        }),
+      );
       where?.replaceChildren(box);
     } finally {
       if (button) button.disabled = false;

@@ -120,6 +120,31 @@ export function renderProblem(p: Problem, testid = "error"): HTMLElement {
   );
 }
 
+/** A save refused because the thing changed elsewhere since its editor opened (an etag
+ *  that no longer matches): ``box`` says so and offers the current version, which
+ *  ``load`` (given the button, for its busy state) brings into the editor. Nothing for
+ *  another problem. */
+export function offerCurrentVersion(
+  box: HTMLElement,
+  p: Problem,
+  testid: string,
+  load: (button: HTMLButtonElement) => void,
+): void {
+  if (p.reason !== "ERROR_REASON_ETAG_MISMATCH") return;
+  box.append(
+    h("span", { "data-testid": "etag-conflict" }, "Changed elsewhere since you opened it. "),
+    h(
+      "button",
+      {
+        type: "button",
+        "data-testid": testid,
+        onclick: (e: globalThis.Event) => load(e.currentTarget as HTMLButtonElement),
+      },
+      "Load the current version",
+    ),
+  );
+}
+
 /** Whether the cause may go by itself (the connection, a deadline, a rate limit that says
  *  when to retry): such a problem is shown for a while, not until dismissed. */
 export function isTransient(p: Problem): boolean {

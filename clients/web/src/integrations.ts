@@ -10,7 +10,7 @@ import { durationMs, timestampDate } from "@bufbuild/protobuf/wkt";
 import { type Api, PAGE_SIZE, requestId } from "./api";
 import { deleteConfirmation } from "./confirm";
 import { fill, formatTime, h } from "./dom";
-import { problem, renderProblem } from "./errors";
+import { offerCurrentVersion, problem, renderProblem } from "./errors";
 import { follow } from "./follow";
 import { idAttributes, idRule } from "./ids";
 import { EventType } from "./gen/switchboard/api/events/v1/events_pb";
@@ -427,30 +427,18 @@ export class Integrations {
       const p = problem(error);
       const box = renderProblem(p);
       box.dataset.action = "save-integration";
-      if (p.reason === "ERROR_REASON_ETAG_MISMATCH") {
-        box.append(
-          h("span", { "data-testid": "etag-conflict" }, "Changed elsewhere since you opened it. "),
-          h(
-            "button",
-            {
-              type: "button",
-              "data-testid": "reload-integration",
-              onclick: (e: Event) =>
-                void this.page.busy(
-                  "reload-integration",
-                  async () => {
-                    const fresh = await this.api.integration.getIntegration({ name: before.name });
-                    if (fresh.integration) this.integrations.set(before.name, fresh.integration);
-                    this.render();
-                    this.editForm(before.name, panes, true);
-                  },
-                  { button: e.currentTarget as HTMLButtonElement },
-                ),
-            },
-            "Load the current version",
-          ),
-        );
-      }
+      offerCurrentVersion(box, p, "reload-integration", (reload) =>
+        void this.page.busy(
+          "reload-integration",
+          async () => {
+            const fresh = await this.api.integration.getIntegration({ name: before.name });
+            if (fresh.integration) this.integrations.set(before.name, fresh.integration);
+            this.render();
+            this.editForm(before.name, panes, true);
+          },
+          { button: reload },
+        ),
+      );
       where.replaceChildren(box);
     } finally {
       if (button) button.disabled = false;
