@@ -104,3 +104,24 @@ async def test_a_workspaces_runs_by_assistant_and_state_time_with_their_total(
         ),
         grpc.StatusCode.NOT_FOUND,
     )
+
+
+async def test_every_member_lists_a_workspaces_runs_and_a_stranger_finds_no_workspace(
+    mesh: SwitchboardServer, channel: aio.Channel
+) -> None:
+    world = await ctx_world(mesh, context_stub(channel))
+    dstub = dispatcher_stub(channel)
+    conversation = (await create_conversation(context_stub(channel), world.editor, world.name)).name
+    sent = await send(dstub, world.editor, request(conversation, "hello"))
+    await finished(dstub, world.editor, sent.run.name)
+    for member in (world.owner, world.editor, world.viewer):
+        listed = await dstub.ListRuns(
+            pb.ListRunsRequest(parent=world.name), metadata=member.md, timeout=TIMEOUT_S
+        )
+        assert ([run.name for run in listed.runs], listed.total_size) == ([sent.run.name], 1)
+    await refused(
+        dstub.ListRuns(
+            pb.ListRunsRequest(parent=world.name), metadata=world.outsider.md, timeout=TIMEOUT_S
+        ),
+        grpc.StatusCode.NOT_FOUND,
+    )
