@@ -38,7 +38,7 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.handler.v1 import handler_pb2 as hpb
 from switchboard.api.integration.v1 import integration_pb2 as ipb
-from switchboard.dispatcher.peerport import FORWARDED_KEY
+from switchboard.dispatcher.ports.peers import FORWARDED_KEY
 from tests.e2e.procs import ServeProcess, shared_secrets
 from tests.fakes.openai_server import FakeOpenAI
 from tests.infra.mcpserver import McpTestServer

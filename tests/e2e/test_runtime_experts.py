@@ -29,8 +29,8 @@ from switchboard.api.events.v1 import events_pb2
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.api.integration.v1 import integration_pb2
 from switchboard.api.integration.v1 import integration_pb2 as ipb
-from switchboard.dispatcher.experts import WorkspaceExpert, WorkspaceExperts
-from switchboard.dispatcher.handlers import HandleCall, HandlerFailure
+from switchboard.dispatcher.handlers.base import HandleCall, HandlerFailure
+from switchboard.dispatcher.handlers.experts import WorkspaceExpert, WorkspaceExperts
 from switchboard.dispatcher.service import Dispatcher
 from switchboard.integration.connectors import ToolNotFound, Unreachable
 from switchboard.integration.directory import ExpertEntry

@@ -19,8 +19,8 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.api.handler.v1 import handler_pb2 as hpb
 from switchboard.api.integration.v1 import integration_pb2 as ipb
-from switchboard.dispatcher.assistants import CACHE_TTL_S, Assistants
-from switchboard.dispatcher.assistantstore import AssistantRecord, AssistantStore
+from switchboard.dispatcher.assistants.catalog import CACHE_TTL_S, Assistants
+from switchboard.dispatcher.assistants.store import AssistantRecord, AssistantStore
 from switchboard.dispatcher.service import Dispatcher
 from switchboard.platform.errors import InvalidArgument, NotFound
 from switchboard.platform.rpc.server import SwitchboardServer

@@ -24,9 +24,10 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.api.handler.v1 import handler_pb2
-from switchboard.dispatcher.handlers import EchoHandler, Frame, HandleCall, text_of
+from switchboard.dispatcher.handlers.base import Frame, HandleCall, text_of
+from switchboard.dispatcher.handlers.echo import EchoHandler
+from switchboard.dispatcher.runs.store import TERMINAL
 from switchboard.dispatcher.service import Dispatcher
-from switchboard.dispatcher.store import TERMINAL
 from switchboard.mesh import create_server
 from switchboard.platform.config import ConfigError, Settings
 from switchboard.platform.rpc.server import SwitchboardServer
@@ -831,7 +832,7 @@ class Shouter(EchoHandler):
 def _plugins(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     point = EntryPoint(name="shout", value=value, group="switchboard.handlers")
     monkeypatch.setattr(
-        "switchboard.dispatcher.router.entry_points",
+        "switchboard.dispatcher.handlers.router.entry_points",
         lambda group: [point] if group == "switchboard.handlers" else [],
     )
 

@@ -30,7 +30,13 @@ from tests.service.dispatchkit import dispatcher_stub, request, send, watch_all
 
 #: The stages in the order a message travels them.
 STAGES = ("servicer", "service", "admission", "scheduler", "execution", "publishing")
-_ORDER = {f"switchboard.dispatcher.{name}": index for index, name in enumerate(STAGES)}
+#: Where each stage lives: the servicer and the service at the top of dispatcher/, the
+#: pipeline's stages in its runs/ room.
+_MODULES = ("", "", "runs.", "runs.", "runs.", "runs.")
+_ORDER = {
+    f"switchboard.dispatcher.{room}{name}": index
+    for index, (room, name) in enumerate(zip(_MODULES, STAGES, strict=True))
+}
 
 
 @pytest.fixture

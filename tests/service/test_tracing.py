@@ -25,7 +25,7 @@ from opentelemetry.trace import SpanKind, StatusCode, Tracer
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.dispatcher.contextport import RemoteContext
+from switchboard.dispatcher.ports.context import RemoteContext
 from switchboard.platform.observe.logging import JsonFormatter
 from switchboard.platform.observe.telemetry import installed
 from switchboard.platform.rpc.server import SwitchboardServer

@@ -13,11 +13,12 @@ from collections.abc import Mapping
 import pytest
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.dispatcher.feed import Feeds
-from switchboard.dispatcher.handlers import EchoHandler, Handler
-from switchboard.dispatcher.lifecycle import Active, IllegalTransition
-from switchboard.dispatcher.router import Registry, Router, Routes
-from switchboard.dispatcher.scheduler import Limits, Scheduler, Ticket
+from switchboard.dispatcher.handlers.base import Handler
+from switchboard.dispatcher.handlers.echo import EchoHandler
+from switchboard.dispatcher.handlers.router import Registry, Router, Routes
+from switchboard.dispatcher.runs.feed import Feeds
+from switchboard.dispatcher.runs.lifecycle import Active, IllegalTransition
+from switchboard.dispatcher.runs.scheduler import Limits, Scheduler, Ticket
 from switchboard.internal.dispatcher.v1 import job_pb2
 from switchboard.platform.errors import (
     CursorExpired,

@@ -26,8 +26,8 @@ from google.protobuf import struct_pb2
 from switchboard.api.context.v1 import context_pb2
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.handler.v1 import handler_pb2
-from switchboard.dispatcher.handlers import Frame, HandleCall, Handler, HandlerFailure
-from switchboard.dispatcher.llm import (
+from switchboard.dispatcher.handlers.base import Frame, HandleCall, Handler, HandlerFailure
+from switchboard.dispatcher.llm.handler import (
     LlmConfig,
     LlmHandler,
     Price,
@@ -923,7 +923,7 @@ async def test_after_aclose_calls_fail(primary: FakeOpenAI, make: Make) -> None:
 
 
 def test_the_module_does_not_import_grpc() -> None:
-    probe = "import sys, switchboard.dispatcher.llm; print('grpc' in sys.modules)"
+    probe = "import sys, switchboard.dispatcher.llm.handler; print('grpc' in sys.modules)"
     output = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     ).stdout

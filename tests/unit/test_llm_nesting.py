@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from switchboard.dispatcher.llmstream import (
+from switchboard.dispatcher.llm.stream import (
     AttemptFailed,
     Outcome,
     error_detail,
     parse_chunk,
     parse_completion,
 )
-from switchboard.dispatcher.llmtools import _arguments
+from switchboard.dispatcher.llm.tools import _arguments
 
 DEEP = "[" * 5000 + "]" * 5000
 LIMIT = 1 << 22

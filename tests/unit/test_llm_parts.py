@@ -12,14 +12,14 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
 
-from switchboard.dispatcher.llmstream import (
+from switchboard.dispatcher.llm.stream import (
     AttemptFailed,
     Outcome,
     events,
     parse_chunk,
     parse_completion,
 )
-from switchboard.dispatcher.llmusage import MESSAGE_OVERHEAD, Price, Tally, estimate_tokens
+from switchboard.dispatcher.llm.usage import MESSAGE_OVERHEAD, Price, Tally, estimate_tokens
 
 LIMIT = 1024 * 1024
 

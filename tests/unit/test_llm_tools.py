@@ -21,8 +21,14 @@ from google.protobuf import json_format, struct_pb2
 
 from switchboard.api.context.v1 import context_pb2
 from switchboard.api.handler.v1 import handler_pb2
-from switchboard.dispatcher.handlers import Frame, HandleCall, HandlerFailure, ToolRunner
-from switchboard.dispatcher.llm import LlmConfig, LlmHandler, Price, Provider, build_messages
+from switchboard.dispatcher.handlers.base import Frame, HandleCall, HandlerFailure, ToolRunner
+from switchboard.dispatcher.llm.handler import (
+    LlmConfig,
+    LlmHandler,
+    Price,
+    Provider,
+    build_messages,
+)
 from tests.fakes.openai_server import FakeOpenAI, FakeToolCall, Reply
 from tests.infra.clock import FakeClock
 

@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from switchboard.dispatcher.peerport import PEER_TIMEOUT_S, Via
+from switchboard.dispatcher.ports.peers import PEER_TIMEOUT_S, Via
 from switchboard.platform.config import ConfigError
 from switchboard.platform.rpc.server import advertise_address
 from tests.conftest import make_settings

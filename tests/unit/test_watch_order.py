@@ -4,7 +4,7 @@ their own channel and may overtake the logged update before them."""
 from __future__ import annotations
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.dispatcher.queries import _InOrder
+from switchboard.dispatcher.runs.queries import _InOrder
 
 
 def _token(sequence: int) -> pb.RunUpdate:

@@ -14,24 +14,24 @@ from collections.abc import Callable
 from switchboard.context.build import context_domain
 from switchboard.context.tokens import ApproxTokenCounter
 from switchboard.dispatcher import servicer
-from switchboard.dispatcher.assistants import AssistantLimits, Assistants
-from switchboard.dispatcher.assistantstore import AssistantStore
+from switchboard.dispatcher.assistants.catalog import AssistantLimits, Assistants
+from switchboard.dispatcher.assistants.store import AssistantStore
 from switchboard.dispatcher.content import BuiltinContentPolicy, load_content_policy
-from switchboard.dispatcher.contextport import ContextPort, LocalContext, RemoteContext
-from switchboard.dispatcher.experts import CircuitBreakers, WorkspaceExperts
-from switchboard.dispatcher.feed import Feeds
-from switchboard.dispatcher.handlers import EchoHandler
-from switchboard.dispatcher.llm import LlmHandler
-from switchboard.dispatcher.llmconfig import LlmConfig, Provider, parse_prices, parse_providers
-from switchboard.dispatcher.peerport import GrpcPeers
-from switchboard.dispatcher.remote import RemoteHandler
-from switchboard.dispatcher.router import HANDLER_ID, Registry, Router, Routes
-from switchboard.dispatcher.scheduler import Limits as SchedulerLimits
-from switchboard.dispatcher.scheduler import Scheduler
+from switchboard.dispatcher.handlers.echo import EchoHandler
+from switchboard.dispatcher.handlers.experts import CircuitBreakers, WorkspaceExperts
+from switchboard.dispatcher.handlers.remote import RemoteHandler
+from switchboard.dispatcher.handlers.router import HANDLER_ID, Registry, Router, Routes
+from switchboard.dispatcher.llm.config import LlmConfig, Provider, parse_prices, parse_providers
+from switchboard.dispatcher.llm.handler import LlmHandler
+from switchboard.dispatcher.ports.context import ContextPort, LocalContext, RemoteContext
+from switchboard.dispatcher.ports.peers import GrpcPeers
+from switchboard.dispatcher.runs.feed import Feeds
+from switchboard.dispatcher.runs.scheduler import Limits as SchedulerLimits
+from switchboard.dispatcher.runs.scheduler import Scheduler
+from switchboard.dispatcher.runs.store import RunStore
 from switchboard.dispatcher.service import Dispatcher, Limits
-from switchboard.dispatcher.store import RunStore
-from switchboard.dispatcher.toolport import LocalTools
-from switchboard.dispatcher.toolrunner import ToolLimits
+from switchboard.dispatcher.tools.port import LocalTools
+from switchboard.dispatcher.tools.runner import ToolLimits
 from switchboard.integration.build import integration_hub
 from switchboard.integration.directory import workspace_experts
 from switchboard.integration.service import IntegrationHub

@@ -1,8 +1,9 @@
 """The dispatcher's resource names, and its messages and events built from what it holds.
 
 Like every service's ``mapping.py``: the stages decide, this module spells the
-result as the contract shows it (a run's updates as RUN_UPDATED events, an
-assistant record as ``pb.Assistant``, a refusal as ``google.rpc.Status``).
+result as the contract shows it (a run's updates as RUN_UPDATED events, a
+handler as ``pb.Handler``, a refusal as ``google.rpc.Status``); an assistant's
+record is spelled in its own room (``assistants/mapping.py``).
 """
 
 from __future__ import annotations
@@ -14,9 +15,7 @@ from google.rpc import status_pb2
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
-from switchboard.dispatcher.assistantstore import AssistantRecord
-from switchboard.dispatcher.handlers import Handler
-from switchboard.dispatcher.store import state_time
+from switchboard.dispatcher.handlers.base import Handler
 from switchboard.platform import names
 from switchboard.platform.errors import SwitchboardError
 from switchboard.platform.rpc.status import to_status_proto
@@ -44,7 +43,7 @@ def assistant_name(workspace_id: str, assistant_id: str) -> str:
     return f"workspaces/{workspace_id}/assistants/{assistant_id}"
 
 
-def _actor(principal: Principal) -> events_pb2.Actor:
+def actor(principal: Principal) -> events_pb2.Actor:
     return events_pb2.Actor(
         name=principal.user_name,
         credential=principal.session_name or principal.api_key_name,
@@ -85,9 +84,20 @@ def snapshot(run: pb.Run, *, not_after_ns: int | None = None) -> pb.RunUpdate:
     return update
 
 
+def state_time(run: pb.Run) -> dt.datetime:
+    """When the run's state last changed: its end, else its start, else its creation.
+
+    The run store keeps it in a column that ListRuns filters and orders by, and a
+    snapshot is stamped with it, so both read this one definition."""
+    for field in ("end_time", "start_time", "create_time"):
+        if run.HasField(field):
+            stamp: dt.datetime = getattr(run, field).ToDatetime(dt.UTC)
+            return stamp
+    return names.now()
+
+
 def state_time_ns(run: pb.Run) -> int:
-    """When ``run`` reached its current state (``store.state_time``, the time its row
-    is listed by), in ns since the epoch."""
+    """``state_time`` in ns since the epoch."""
     return (state_time(run) - _EPOCH) // _MICROSECOND * 1000
 
 
@@ -107,7 +117,7 @@ def filtered_event(
     workspace = conversation.split("/conversations/", maxsplit=1)[0]
     event = events_pb2.Event(
         type=events_pb2.EVENT_TYPE_MESSAGE_FILTERED,
-        actor=_actor(principal),
+        actor=actor(principal),
         user=principal.user_name,
         workspace=workspace,
         conversation=conversation,
@@ -121,27 +131,6 @@ def filtered_event(
     payload.flags.extend(flags)
     payload.run = run
     return event
-
-
-def assistant(record: AssistantRecord) -> pb.Assistant:
-    message = pb.Assistant.FromString(record.data)
-    message.name = assistant_name(record.workspace_id, record.id)
-    message.workspace_default = record.is_default
-    message.etag = names.etag_of(record.version)
-    message.create_time.FromDatetime(record.created_at)
-    message.update_time.FromDatetime(record.updated_at)
-    return message
-
-
-def assistant_event(
-    principal: Principal, change: events_pb2.ChangeKind.ValueType, record: AssistantRecord
-) -> events_pb2.Event:
-    return events_pb2.Event(
-        type=events_pb2.EVENT_TYPE_ASSISTANT_CHANGED,
-        actor=_actor(principal),
-        workspace=workspace_name(record.workspace_id),
-        assistant_changed=events_pb2.AssistantChanged(change=change, assistant=assistant(record)),
-    )
 
 
 def handler(found: Handler) -> pb.Handler:

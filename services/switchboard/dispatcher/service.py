@@ -19,24 +19,24 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.dispatcher.admission import Admission
-from switchboard.dispatcher.assistants import Assistants
+from switchboard.dispatcher.assistants.catalog import Assistants
 from switchboard.dispatcher.content import ContentPolicy
-from switchboard.dispatcher.contextport import ContextPort
-from switchboard.dispatcher.control import IN_PROCESS, Control
-from switchboard.dispatcher.execution import Execution
-from switchboard.dispatcher.feed import Feeds
-from switchboard.dispatcher.lifecycle import Active
-from switchboard.dispatcher.live import FINISH_TIMEOUT_S, SEQUENCE_BLOCK, Limits, Live
-from switchboard.dispatcher.peerport import PeerPort, Via
-from switchboard.dispatcher.publishing import Publishing
-from switchboard.dispatcher.queries import Queries
-from switchboard.dispatcher.recovery import Recovery
-from switchboard.dispatcher.router import Router
-from switchboard.dispatcher.scheduler import Scheduler
-from switchboard.dispatcher.store import RunStore
-from switchboard.dispatcher.toolport import ToolPort
-from switchboard.dispatcher.toolrunner import ToolLimits
+from switchboard.dispatcher.handlers.router import Router
+from switchboard.dispatcher.ports.context import ContextPort
+from switchboard.dispatcher.ports.peers import PeerPort, Via
+from switchboard.dispatcher.runs.admission import Admission
+from switchboard.dispatcher.runs.control import IN_PROCESS, Control
+from switchboard.dispatcher.runs.execution import Execution
+from switchboard.dispatcher.runs.feed import Feeds
+from switchboard.dispatcher.runs.lifecycle import Active
+from switchboard.dispatcher.runs.live import FINISH_TIMEOUT_S, SEQUENCE_BLOCK, Limits, Live
+from switchboard.dispatcher.runs.publishing import Publishing
+from switchboard.dispatcher.runs.queries import Queries
+from switchboard.dispatcher.runs.recovery import Recovery
+from switchboard.dispatcher.runs.scheduler import Scheduler
+from switchboard.dispatcher.runs.store import RunStore
+from switchboard.dispatcher.tools.port import ToolPort
+from switchboard.dispatcher.tools.runner import ToolLimits
 from switchboard.platform.cache import Cache
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.observe.metrics import Metrics

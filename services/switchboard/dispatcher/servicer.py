@@ -28,7 +28,7 @@ from grpc import aio
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
-from switchboard.dispatcher.peerport import FORWARDED_KEY, Via
+from switchboard.dispatcher.ports.peers import FORWARDED_KEY, Via
 from switchboard.dispatcher.service import Dispatcher
 from switchboard.platform import background
 from switchboard.platform.errors import (

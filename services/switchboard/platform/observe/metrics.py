@@ -108,7 +108,7 @@ SPECS: Final[tuple[Spec, ...]] = (
         "Calls in progress, open streams included, by method.",
         ("method",),
     ),
-    # Runs (dispatcher/execution.py, dispatcher/recovery.py, dispatcher/scheduler.py).
+    # Runs (dispatcher/runs/execution.py, dispatcher/runs/recovery.py, dispatcher/runs/scheduler.py).
     Spec(
         "switchboard_runs_active",
         "gauge",

@@ -26,9 +26,9 @@ from typing import Final
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.dispatcher import mapping
-from switchboard.dispatcher.lifecycle import Active
-from switchboard.dispatcher.live import FINISH_TIMEOUT_S, Live
-from switchboard.dispatcher.store import TERMINAL, RunStore
+from switchboard.dispatcher.runs.lifecycle import Active
+from switchboard.dispatcher.runs.live import FINISH_TIMEOUT_S, Live
+from switchboard.dispatcher.runs.store import TERMINAL, RunStore
 from switchboard.platform import names
 from switchboard.platform.backoff import Backoff
 from switchboard.platform.errors import Conflict, DependencyUnavailable, SwitchboardError

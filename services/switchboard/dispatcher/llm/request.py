@@ -21,7 +21,7 @@ from google.protobuf import struct_pb2
 
 from switchboard.api.context.v1 import context_pb2
 from switchboard.api.handler.v1 import handler_pb2
-from switchboard.dispatcher.handlers import HandlerFailure
+from switchboard.dispatcher.handlers.base import HandlerFailure
 from switchboard.platform.rendering import plain, render_parts
 
 _NOT_A_NAME: Final = re.compile(r"[^a-zA-Z0-9_-]")

@@ -27,7 +27,7 @@ from switchboard.platform.store.models import AssistantRow, WorkspaceRow
 from switchboard.platform.store.outbox import Staged, staging
 from switchboard.platform.store.storage import Idempotency, claim, retrying, transaction
 
-log = logging.getLogger("switchboard.dispatcher.assistantstore")
+log = logging.getLogger("switchboard.dispatcher.assistants.store")
 
 _T = TypeVar("_T")
 

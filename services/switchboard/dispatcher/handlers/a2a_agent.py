@@ -35,7 +35,13 @@ from google.protobuf import json_format
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.handler.v1 import handler_pb2
-from switchboard.dispatcher.handlers import Frame, HandleCall, HandlerFailure, capabilities, text_of
+from switchboard.dispatcher.handlers.base import (
+    Frame,
+    HandleCall,
+    HandlerFailure,
+    capabilities,
+    text_of,
+)
 from switchboard.integration.a2aagent import (
     A2AAgent,
     AgentFailed,
@@ -46,7 +52,7 @@ from switchboard.integration.connectors import ConnectorError
 from switchboard.platform import background
 from switchboard.platform.errors import SwitchboardError
 
-log = logging.getLogger("switchboard.dispatcher.a2aexpert")
+log = logging.getLogger("switchboard.dispatcher.handlers.a2a_agent")
 
 #: How long an agent stays unavailable after a failed call before a probe may clear it.
 RETRY_AFTER_S: Final = 5.0

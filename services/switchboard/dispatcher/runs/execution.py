@@ -29,11 +29,13 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.dispatcher import mapping
-from switchboard.dispatcher.contextport import ContextPort
-from switchboard.dispatcher.feed import Feeds
-from switchboard.dispatcher.handlers import HandleCall, HandlerFailure
-from switchboard.dispatcher.lifecycle import Active
-from switchboard.dispatcher.live import (
+from switchboard.dispatcher.handlers.base import HandleCall, HandlerFailure
+from switchboard.dispatcher.handlers.router import Router
+from switchboard.dispatcher.ports.context import ContextPort
+from switchboard.dispatcher.runs.clock import RunClock
+from switchboard.dispatcher.runs.feed import Feeds
+from switchboard.dispatcher.runs.lifecycle import Active
+from switchboard.dispatcher.runs.live import (
     FINISH_TIMEOUT_S,
     MAX_REASON_CHARS,
     MAX_UPDATES,
@@ -43,13 +45,11 @@ from switchboard.dispatcher.live import (
     handler_label,
     queued_again,
 )
-from switchboard.dispatcher.publishing import Publishing
-from switchboard.dispatcher.router import Router
-from switchboard.dispatcher.runclock import RunClock
-from switchboard.dispatcher.scheduler import Scheduler, Ticket
-from switchboard.dispatcher.store import TERMINAL, RunStore
-from switchboard.dispatcher.toolport import ToolPort
-from switchboard.dispatcher.toolrunner import RunTools, ToolLimits, offered_tools
+from switchboard.dispatcher.runs.publishing import Publishing
+from switchboard.dispatcher.runs.scheduler import Scheduler, Ticket
+from switchboard.dispatcher.runs.store import TERMINAL, RunStore
+from switchboard.dispatcher.tools.port import ToolPort
+from switchboard.dispatcher.tools.runner import RunTools, ToolLimits, offered_tools
 from switchboard.platform import background, names
 from switchboard.platform.errors import (
     DeadlineExceeded,

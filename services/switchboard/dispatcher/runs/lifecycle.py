@@ -40,10 +40,10 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.dispatcher import mapping
-from switchboard.dispatcher.feed import Feed
-from switchboard.dispatcher.handlers import Handler
-from switchboard.dispatcher.scheduler import Ticket
-from switchboard.dispatcher.toolrunner import RunTools
+from switchboard.dispatcher.handlers.base import Handler
+from switchboard.dispatcher.runs.feed import Feed
+from switchboard.dispatcher.runs.scheduler import Ticket
+from switchboard.dispatcher.tools.runner import RunTools
 from switchboard.internal.dispatcher.v1 import job_pb2
 from switchboard.platform.errors import SwitchboardError
 from switchboard.platform.security.policy import Principal

@@ -19,17 +19,17 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.dispatcher import mapping
-from switchboard.dispatcher.admission import HANDLER, route
-from switchboard.dispatcher.assistants import Assistants
-from switchboard.dispatcher.contextport import ContextPort
-from switchboard.dispatcher.execution import step_limit
-from switchboard.dispatcher.feed import Feeds
-from switchboard.dispatcher.live import FINISH_TIMEOUT_S, Limits, Live
-from switchboard.dispatcher.llm import LlmHandler
-from switchboard.dispatcher.router import Router
-from switchboard.dispatcher.store import TERMINAL, Listing, RunStore
-from switchboard.dispatcher.toolport import ToolPort
-from switchboard.dispatcher.toolrunner import ToolLimits, offered_tools
+from switchboard.dispatcher.assistants.catalog import Assistants
+from switchboard.dispatcher.handlers.router import Router
+from switchboard.dispatcher.llm.handler import LlmHandler
+from switchboard.dispatcher.ports.context import ContextPort
+from switchboard.dispatcher.runs.admission import HANDLER, route
+from switchboard.dispatcher.runs.execution import step_limit
+from switchboard.dispatcher.runs.feed import Feeds
+from switchboard.dispatcher.runs.live import FINISH_TIMEOUT_S, Limits, Live
+from switchboard.dispatcher.runs.store import TERMINAL, Listing, RunStore
+from switchboard.dispatcher.tools.port import ToolPort
+from switchboard.dispatcher.tools.runner import ToolLimits, offered_tools
 from switchboard.platform import names, timefields
 from switchboard.platform.errors import FieldViolation, InvalidArgument
 from switchboard.platform.events.bus import EventBus

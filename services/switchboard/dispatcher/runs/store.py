@@ -25,6 +25,7 @@ from sqlalchemy import and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.dispatcher.mapping import state_time
 from switchboard.platform.errors import ConversationBusy, NotFound
 from switchboard.platform.names import now
 from switchboard.platform.store.db import Database
@@ -38,7 +39,7 @@ from switchboard.platform.store.storage import (
     transaction,
 )
 
-log = logging.getLogger("switchboard.dispatcher.store")
+log = logging.getLogger("switchboard.dispatcher.runs.store")
 
 _T = TypeVar("_T")
 #: The states of a run that has not ended (a paused one is active: it resumes).
@@ -135,15 +136,6 @@ class Listing:
     assistant_id: str = ""
     states: Sequence[int] = ()
     changed_after: dt.datetime | None = None
-
-
-def state_time(run: pb.Run) -> dt.datetime:
-    """When the run's state last changed: its end, else its start, else its creation."""
-    for field in ("end_time", "start_time", "create_time"):
-        if run.HasField(field):
-            stamp: dt.datetime = getattr(run, field).ToDatetime(dt.UTC)
-            return stamp
-    return now()
 
 
 class RunStore:

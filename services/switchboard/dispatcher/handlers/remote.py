@@ -42,7 +42,7 @@ from grpc import aio
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.handler.v1 import handler_pb2, handler_pb2_grpc
-from switchboard.dispatcher.handlers import (
+from switchboard.dispatcher.handlers.base import (
     Frame,
     HandleCall,
     HandlerFailure,
@@ -55,7 +55,7 @@ from switchboard.platform.jsonbounds import JsonRejected
 from switchboard.platform.rpc.channels import DOWN, READY, ChannelOptions, connected, expert_channel
 from switchboard.platform.rpc.status import to_status_proto
 
-log = logging.getLogger("switchboard.dispatcher.remote")
+log = logging.getLogger("switchboard.dispatcher.handlers.remote")
 
 #: How long a remote stays unavailable after a failed call, unless the channel
 #: is connected again sooner (an expert that restarted).

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
-from switchboard.dispatcher.llmusage import Price
+from switchboard.dispatcher.llm.usage import Price
 from switchboard.platform import jsonbounds
 from switchboard.platform.jsonbounds import JsonRejected
 

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from typing import Final
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.dispatcher.execution import Execution
-from switchboard.dispatcher.live import MAX_REASON_CHARS, Limits, Live
-from switchboard.dispatcher.peerport import PeerPort, Via
-from switchboard.dispatcher.publishing import Publishing
-from switchboard.dispatcher.scheduler import Scheduler
-from switchboard.dispatcher.store import TERMINAL, RunStore, Stored
+from switchboard.dispatcher.ports.peers import PeerPort, Via
+from switchboard.dispatcher.runs.execution import Execution
+from switchboard.dispatcher.runs.live import MAX_REASON_CHARS, Limits, Live
+from switchboard.dispatcher.runs.publishing import Publishing
+from switchboard.dispatcher.runs.scheduler import Scheduler
+from switchboard.dispatcher.runs.store import TERMINAL, RunStore, Stored
 from switchboard.platform import names
 from switchboard.platform.errors import (
     DependencyUnavailable,

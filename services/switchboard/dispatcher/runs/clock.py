@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from switchboard.dispatcher.handlers import HandleCall
+from switchboard.dispatcher.handlers.base import HandleCall
 
 
 class RunClock:

@@ -17,7 +17,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from switchboard.dispatcher.llmusage import read_usage
+from switchboard.dispatcher.llm.usage import read_usage
 from switchboard.platform import jsonbounds
 from switchboard.platform.jsonbounds import JsonRejected
 

@@ -1,9 +1,9 @@
-"""What a handler is, as the dispatcher sees it, and the built-in ``echo``.
+"""What a handler is, as the dispatcher sees it (the built-in ``echo`` is ``echo.py``).
 
 A handler is an object with ``capabilities`` and an async generator
 ``handle(request)`` that yields ``HandleResponse`` frames (progress, deltas,
 tool calls) and ends with exactly one ``result``. In-process handlers, the
-LLM handler and remote domain experts (``remote.py``) all have this shape, so
+LLM handler and remote domain experts (``remote.py``, ``a2a_agent.py``) all have this shape, so
 the run loop treats them alike.
 
 Cancellation is the asyncio kind: cancelling the run's task raises
@@ -13,7 +13,6 @@ propagate (``finally`` may clean up) and must not start new work after it.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -100,72 +99,6 @@ def capabilities(
         streaming=streaming,
         max_context_tokens=max_context_tokens,
     )
-
-
-class EchoHandler:
-    """Deterministic: repeats the message word by word and says it was the echo handler.
-
-    Parameters: ``delay_ms`` (0-60000) waits between words (the first comes at
-    once), which tests and demos use to have a run that is still going;
-    ``fail`` (a string) makes it fail with that message after the first word.
-    """
-
-    kind = dispatcher_pb2.HANDLER_KIND_BUILTIN
-
-    def __init__(self, *, note: str = "") -> None:
-        # ``note`` is appended to every answer: on the embedded default it says
-        # how to configure a model, so a first user learns why they got an echo.
-        self._note = note
-        self._capabilities = capabilities(
-            "echo",
-            "Echo",
-            "Repeats the message back; deterministic, for tests and demos.",
-            topics=("echo", "test"),
-            max_context_tokens=1000,
-        )
-
-    @property
-    def capabilities(self) -> handler_pb2.HandlerCapabilities:
-        return self._capabilities
-
-    def available(self) -> bool:
-        return True
-
-    async def handle(self, call: HandleCall) -> AsyncIterator[Frame]:
-        text = text_of(call.request.message)
-        params = call.request.parameters.fields
-        delay = 0.0
-        if "delay_ms" in params:
-            delay = min(max(params["delay_ms"].number_value, 0.0), 60_000.0) / 1000.0
-        fail = params["fail"].string_value if "fail" in params else ""
-        words = text.split() or ["(empty", "message)"]
-        answer: list[str] = []
-        total = len(words)
-        for index, word in enumerate(words):
-            if delay and index:
-                await asyncio.sleep(delay)
-            piece = word if index == 0 else " " + word
-            answer.append(piece)
-            yield Frame(delta=handler_pb2.TextDelta(text=piece))
-            if fail:
-                raise HandlerFailure(fail)
-            if total > 1 and index % 16 == 15:
-                yield Frame(
-                    progress=handler_pb2.Progress(stage="echoing", fraction=(index + 1) / total)
-                )
-        trailer = f"\n\n(answered by handlers/echo{': ' + self._note if self._note else ''})"
-        yield Frame(delta=handler_pb2.TextDelta(text=trailer))
-        answer.append(trailer)
-        words_in = len(text.split())
-        yield Frame(
-            result=handler_pb2.HandleResult(
-                parts=[context_pb2.ContentPart(text="".join(answer))],
-                usage=handler_pb2.Usage(
-                    input_tokens=words_in, output_tokens=len(answer), estimated=True
-                ),
-                finish_reason="stop",
-            )
-        )
 
 
 class HandlerFailure(Exception):

@@ -22,9 +22,10 @@ from google.protobuf.message import DecodeError
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher import mapping
-from switchboard.dispatcher.feed import Feeds
-from switchboard.dispatcher.lifecycle import Active
-from switchboard.dispatcher.live import (
+from switchboard.dispatcher.handlers.router import Router
+from switchboard.dispatcher.runs.feed import Feeds
+from switchboard.dispatcher.runs.lifecycle import Active
+from switchboard.dispatcher.runs.live import (
     FINISH_TIMEOUT_S,
     Limits,
     Live,
@@ -32,9 +33,8 @@ from switchboard.dispatcher.live import (
     next_block,
     queued_again,
 )
-from switchboard.dispatcher.publishing import Publishing
-from switchboard.dispatcher.router import Router
-from switchboard.dispatcher.store import RunStore, Stored
+from switchboard.dispatcher.runs.publishing import Publishing
+from switchboard.dispatcher.runs.store import RunStore, Stored
 from switchboard.internal.dispatcher.v1 import job_pb2
 from switchboard.platform import names
 from switchboard.platform.errors import HandlerFailed, RunInterrupted, SwitchboardError

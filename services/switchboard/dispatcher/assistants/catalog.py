@@ -34,7 +34,13 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.dispatcher import mapping
-from switchboard.dispatcher.assistantstore import AssistantRecord, AssistantStore, IdTaken, Written
+from switchboard.dispatcher.assistants import mapping as assistant_mapping
+from switchboard.dispatcher.assistants.store import (
+    AssistantRecord,
+    AssistantStore,
+    IdTaken,
+    Written,
+)
 from switchboard.platform import names
 from switchboard.platform.errors import (
     AlreadyExists,
@@ -51,7 +57,7 @@ from switchboard.platform.store.outbox import Staged
 from switchboard.platform.store.pagination import PageTokens
 from switchboard.platform.store.storage import idempotency
 
-log = logging.getLogger("switchboard.dispatcher.assistants")
+log = logging.getLogger("switchboard.dispatcher.assistants.catalog")
 
 _CLIENT_ID: Final = names.CLIENT_ID
 _HANDLER: Final = re.compile(rf"handlers/({names.ID})")
@@ -168,10 +174,10 @@ class Assistants:
     ) -> list[events_pb2.Event]:
         # The previous default's change first: a reader never sees two defaults.
         events = [
-            mapping.assistant_event(principal, events_pb2.CHANGE_KIND_UPDATED, r)
+            assistant_mapping.event(principal, events_pb2.CHANGE_KIND_UPDATED, r)
             for r in done.cleared
         ]
-        events.append(mapping.assistant_event(principal, change, done.record))
+        events.append(assistant_mapping.event(principal, change, done.record))
         return events
 
     def _on_event(self, event: events_pb2.Event) -> None:
@@ -395,14 +401,14 @@ class Assistants:
             ) from None
         self._forget(workspace_id)
         await self._bus.publish_staged(staged.events)
-        return mapping.assistant(written.record)
+        return assistant_mapping.message(written.record)
 
     async def get(self, name: str) -> pb.Assistant:
         found = names.match(names.ASSISTANT, name, "name")
         record = await self._store.get(found[1], found[2])
         if record is None:
             raise NotFound(f"{name} not found")
-        return mapping.assistant(record)
+        return assistant_mapping.message(record)
 
     async def list_assistants(self, request: pb.ListAssistantsRequest) -> pb.ListAssistantsResponse:
         workspace_id = names.match(names.WORKSPACE, request.parent, "parent")[1]
@@ -414,7 +420,7 @@ class Assistants:
             after = str(last)
         records = await self._store.page(workspace_id, after, size + 1)
         response = pb.ListAssistantsResponse(
-            assistants=[mapping.assistant(r) for r in records[:size]]
+            assistants=[assistant_mapping.message(r) for r in records[:size]]
         )
         if len(records) > size:
             response.next_page_token = self._pages.encode([records[size - 1].id], fingerprint)
@@ -459,7 +465,7 @@ class Assistants:
             raise NotFound(f"{given.name} not found")
         self._forget(workspace_id)
         await self._bus.publish_staged(staged.events)
-        return mapping.assistant(written.record)
+        return assistant_mapping.message(written.record)
 
     async def delete(self, principal: Principal, name: str, etag: str) -> None:
         found = names.match(names.ASSISTANT, name, "name")
@@ -467,7 +473,7 @@ class Assistants:
         staged: Staged[AssistantRecord | None] = Staged(
             self._bus.outbox,
             lambda done: (
-                [mapping.assistant_event(principal, events_pb2.CHANGE_KIND_DELETED, done)]
+                [assistant_mapping.event(principal, events_pb2.CHANGE_KIND_DELETED, done)]
                 if done
                 else []
             ),
@@ -523,7 +529,7 @@ class Assistants:
     async def _load(self, workspace_id: str) -> _Workspace:
         started = self.clock()
         records = await self._store.page(workspace_id, None, MAX_LOADED)
-        by_id = {record.id: mapping.assistant(record) for record in records}
+        by_id = {record.id: assistant_mapping.message(record) for record in records}
         default = next((by_id[r.id] for r in records if r.is_default), None)
         return _Workspace(by_id, default, started, sum(len(r.data) for r in records))
 

@@ -23,9 +23,9 @@ from typing import Any, Final
 from google.protobuf import struct_pb2
 
 from switchboard.api.handler.v1 import handler_pb2
-from switchboard.dispatcher.handlers import HandleCall, HandlerFailure
-from switchboard.dispatcher.llmrequest import assistant_calls, json_text, tool_message
-from switchboard.dispatcher.llmstream import ModelCall
+from switchboard.dispatcher.handlers.base import HandleCall, HandlerFailure
+from switchboard.dispatcher.llm.request import assistant_calls, json_text, tool_message
+from switchboard.dispatcher.llm.stream import ModelCall
 from switchboard.platform import jsonbounds
 from switchboard.platform.jsonbounds import JsonRejected
 from switchboard.platform.rendering import plain

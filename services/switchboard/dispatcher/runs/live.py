@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.dispatcher.handlers import Handler
-from switchboard.dispatcher.lifecycle import Active
-from switchboard.dispatcher.router import Router
+from switchboard.dispatcher.handlers.base import Handler
+from switchboard.dispatcher.handlers.router import Router
+from switchboard.dispatcher.runs.lifecycle import Active
 from switchboard.platform.observe.metrics import WORKSPACE_HANDLER
 
 #: Bound on one bookkeeping call (storing a message, the final save of a run).

@@ -51,9 +51,15 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.events.v1 import events_pb2
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.api.integration.v1 import integration_pb2
-from switchboard.dispatcher.a2aexpert import A2AExpert
-from switchboard.dispatcher.handlers import Frame, HandleCall, Handler, HandlerFailure, capabilities
-from switchboard.dispatcher.remote import RemoteHandler
+from switchboard.dispatcher.handlers.a2a_agent import A2AExpert
+from switchboard.dispatcher.handlers.base import (
+    Frame,
+    HandleCall,
+    Handler,
+    HandlerFailure,
+    capabilities,
+)
+from switchboard.dispatcher.handlers.remote import RemoteHandler
 from switchboard.integration.a2aagent import A2AAgent
 from switchboard.integration.directory import ExpertEntry, integration_name
 from switchboard.platform import background, names
@@ -66,7 +72,7 @@ from switchboard.platform.security.egress import (
     parse_http_endpoint,
 )
 
-log = logging.getLogger("switchboard.dispatcher.experts")
+log = logging.getLogger("switchboard.dispatcher.handlers.experts")
 
 #: Reads a workspace's experts (``directory.workspace_experts`` with its arguments bound).
 Reader = Callable[[str], Awaitable[Sequence[ExpertEntry]]]

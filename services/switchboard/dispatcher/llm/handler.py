@@ -29,17 +29,17 @@ from dataclasses import replace
 from switchboard.api.context.v1 import context_pb2
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.handler.v1 import handler_pb2
-from switchboard.dispatcher.handlers import Frame, HandleCall, HandlerFailure, capabilities
-from switchboard.dispatcher.llmclient import Answer, ProviderClient
-from switchboard.dispatcher.llmconfig import LlmConfig, Provider, parse_prices, parse_providers
-from switchboard.dispatcher.llmrequest import (
+from switchboard.dispatcher.handlers.base import Frame, HandleCall, HandlerFailure, capabilities
+from switchboard.dispatcher.llm.client import Answer, ProviderClient
+from switchboard.dispatcher.llm.config import LlmConfig, Provider, parse_prices, parse_providers
+from switchboard.dispatcher.llm.request import (
     build_messages,
     parameters_schema,
     request_body,
     sampling_of,
 )
-from switchboard.dispatcher.llmtools import ToolLoop
-from switchboard.dispatcher.llmusage import Price, Tally, estimate_tokens
+from switchboard.dispatcher.llm.tools import ToolLoop
+from switchboard.dispatcher.llm.usage import Price, Tally, estimate_tokens
 
 __all__ = [
     "LlmConfig",

@@ -30,9 +30,9 @@ from typing import Any, Final
 import aiohttp
 import httpx
 
-from switchboard.dispatcher.handlers import HandlerFailure
-from switchboard.dispatcher.llmconfig import LlmConfig, Provider
-from switchboard.dispatcher.llmstream import (
+from switchboard.dispatcher.handlers.base import HandlerFailure
+from switchboard.dispatcher.llm.config import LlmConfig, Provider
+from switchboard.dispatcher.llm.stream import (
     AttemptFailed,
     Outcome,
     check_calls,

@@ -26,17 +26,17 @@ from opentelemetry.trace import Tracer
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher import mapping
-from switchboard.dispatcher.assistants import Assistants
+from switchboard.dispatcher.assistants.catalog import Assistants
 from switchboard.dispatcher.content import ContentPolicy
-from switchboard.dispatcher.contextport import ContextPort
-from switchboard.dispatcher.feed import Feeds
-from switchboard.dispatcher.handlers import Handler, text_of
-from switchboard.dispatcher.lifecycle import Active
-from switchboard.dispatcher.live import FINISH_TIMEOUT_S, Limits, Live
-from switchboard.dispatcher.publishing import Publishing
-from switchboard.dispatcher.router import Choice, Router
-from switchboard.dispatcher.scheduler import Scheduler, Ticket
-from switchboard.dispatcher.store import NewRun, RunStore, Stored, raise_busy
+from switchboard.dispatcher.handlers.base import Handler, text_of
+from switchboard.dispatcher.handlers.router import Choice, Router
+from switchboard.dispatcher.ports.context import ContextPort
+from switchboard.dispatcher.runs.feed import Feeds
+from switchboard.dispatcher.runs.lifecycle import Active
+from switchboard.dispatcher.runs.live import FINISH_TIMEOUT_S, Limits, Live
+from switchboard.dispatcher.runs.publishing import Publishing
+from switchboard.dispatcher.runs.scheduler import Scheduler, Ticket
+from switchboard.dispatcher.runs.store import NewRun, RunStore, Stored, raise_busy
 from switchboard.internal.dispatcher.v1 import job_pb2
 from switchboard.platform import names, timefields
 from switchboard.platform.cache import Cache

@@ -46,7 +46,7 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.handler.v1 import handler_pb2 as hpb
 from switchboard.api.integration.v1 import integration_pb2 as ipb
-from switchboard.dispatcher.toolport import ToolPort
+from switchboard.dispatcher.tools.port import ToolPort
 from switchboard.internal.dispatcher.v1 import job_pb2
 from switchboard.platform import names
 from switchboard.platform.errors import ApprovalExpired, CircuitOpen, SwitchboardError

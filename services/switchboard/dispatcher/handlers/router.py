@@ -38,7 +38,7 @@ from types import MappingProxyType
 from typing import Final, Protocol
 
 from switchboard.api.context.v1 import context_pb2
-from switchboard.dispatcher.handlers import Handler
+from switchboard.dispatcher.handlers.base import Handler
 from switchboard.platform import names
 from switchboard.platform.errors import (
     DependencyUnavailable,
@@ -46,7 +46,7 @@ from switchboard.platform.errors import (
     InvalidArgument,
 )
 
-log = logging.getLogger("switchboard.dispatcher.router")
+log = logging.getLogger("switchboard.dispatcher.handlers.router")
 
 ENTRY_POINT_GROUP = "switchboard.handlers"
 HANDLER_ID = names.CLIENT_ID

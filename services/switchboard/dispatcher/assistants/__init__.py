@@ -1,0 +1,1 @@
+"""Assistants: a workspace's configured ways of answering (instructions, model, tools)."""

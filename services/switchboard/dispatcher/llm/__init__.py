@@ -1,0 +1,1 @@
+"""The model handler: a run answered by an OpenAI-compatible model, with tools."""

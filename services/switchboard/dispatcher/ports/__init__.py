@@ -1,0 +1,1 @@
+"""How the dispatcher reaches other services and its peer replicas: their contracts only."""
