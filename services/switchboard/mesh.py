@@ -40,6 +40,13 @@ from switchboard.platform.events.loglock import EventLogLock, lock_sqlite_file
 from switchboard.platform.observe.metrics import Metrics
 from switchboard.platform.observe.telemetry import Tracing, default_service_name, install
 from switchboard.platform.rpc.server import ServiceRegistration, SwitchboardServer, build_server
+from switchboard.platform.security.accesstokens import (
+    AccessTokens,
+    KeyRing,
+    SigningKey,
+    TokenPolicy,
+    load_key_ring,
+)
 from switchboard.platform.security.accesswatch import AccessWatch
 from switchboard.platform.security.authenticator import CredentialAuthenticator
 from switchboard.platform.security.authn import Guard
@@ -49,13 +56,6 @@ from switchboard.platform.security.devkey import key_id as dev_key_id
 from switchboard.platform.security.membership import MembershipStore
 from switchboard.platform.security.opaque import OpaqueSecrets
 from switchboard.platform.security.policy import Policy
-from switchboard.platform.security.tokens import (
-    AccessTokens,
-    KeyRing,
-    SigningKey,
-    TokenPolicy,
-    load_key_ring,
-)
 from switchboard.platform.store.db import (
     Database,
     is_outage,

@@ -32,12 +32,12 @@ from switchboard.platform.cache import Cache
 from switchboard.platform.config import ConfigError, Settings
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.observe.metrics import Metrics
+from switchboard.platform.security.accesstokens import AccessTokens, KeyRing
 from switchboard.platform.security.accesswatch import AccessWatch
 from switchboard.platform.security.authenticator import CredentialAuthenticator
 from switchboard.platform.security.membership import MembershipStore
 from switchboard.platform.security.opaque import OpaqueSecrets
 from switchboard.platform.security.policy import Policy
-from switchboard.platform.security.tokens import AccessTokens, KeyRing
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.pagination import PageTokens
 
@@ -46,7 +46,7 @@ _T = TypeVar("_T")
 #: Module -> what another service uses it for, in-process.
 SHARED_PARTS: Final[dict[str, str]] = {
     "switchboard.context.build": "the context domain, for a dispatcher in the same process",
-    "switchboard.context.tokens": "the token counter: a model's prompt counts as its window did",
+    "switchboard.context.tokencount": "the token counter: a prompt counts as its window did",
     "switchboard.integration.build": "the integration hub, for the dispatcher's tool calls",
     "switchboard.integration.service": "the integration hub's type",
     "switchboard.integration.directory": "a workspace's experts as stored, for routing runs",

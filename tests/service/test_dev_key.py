@@ -20,7 +20,7 @@ from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.mesh import create_server, dev_key_ring
 from switchboard.platform.config import ConfigError, Settings
 from switchboard.platform.security import devkey, tokens
-from switchboard.platform.security.tokens import SigningKey, private_key_pem
+from switchboard.platform.security.accesstokens import SigningKey, private_key_pem
 from tests.conftest import make_settings
 from tests.service.authkit import bearer, register
 

@@ -40,7 +40,7 @@ from switchboard.context.search import (
     query_terms,
 )
 from switchboard.context.summarizer import ExtractiveSummarizer
-from switchboard.context.tokens import (
+from switchboard.context.tokencount import (
     MESSAGE_OVERHEAD,
     ApproxTokenCounter,
     TokenCounter,

@@ -24,7 +24,7 @@ from switchboard.context.mapping import (
     workspace_name,
 )
 from switchboard.context.records import MemoryRecord, MessageRecord, Unsearchable
-from switchboard.context.tokens import render_parts
+from switchboard.context.tokencount import render_parts
 from switchboard.context.window import Candidate, Choice, PinnedOverBudget, plan_window
 from switchboard.context.windowcache import WindowCache
 from switchboard.context.windowstore import WindowRows, WindowScopes, WindowStore
