@@ -47,6 +47,7 @@ _T = TypeVar("_T")
 SHARED_PARTS: Final[dict[str, str]] = {
     "switchboard.context.build": "the context domain, for a dispatcher in the same process",
     "switchboard.context.tokencount": "the token counter: a prompt counts as its window did",
+    "switchboard.context.parttext": "a message's parts as text: a prompt reads as it was counted",
     "switchboard.integration.build": "the integration hub, for the dispatcher's tool calls",
     "switchboard.integration.service": "the integration hub's type",
     "switchboard.integration.directory": "a workspace's experts as stored, for routing runs",
