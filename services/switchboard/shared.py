@@ -51,7 +51,7 @@ SHARED_PARTS: Final[dict[str, str]] = {
     "switchboard.integration.build": "the integration hub, for the dispatcher's tool calls",
     "switchboard.integration.service": "the integration hub's type",
     "switchboard.integration.directory": "a workspace's experts as stored, for routing runs",
-    "switchboard.integration.a2aagent": "the A2A agent client: a run on a remote agent",
+    "switchboard.integration.remote_a2a": "the A2A agent client: a run on a remote agent",
     "switchboard.integration.connectors": "the errors the A2A agent client raises",
 }
 

@@ -9,7 +9,7 @@ when they run elsewhere (the front door as its own process).
 from __future__ import annotations
 
 from switchboard.a2a import cardservicer, servicer
-from switchboard.a2a.agents import Agents, Interface, Runs, Texts
+from switchboard.a2a.frontdoor import FrontDoor, Interface, Runs, Texts
 from switchboard.a2a.ports import LocalRuns, LocalTexts, RemoteRuns, RemoteTexts
 from switchboard.a2a.publiccard import HTTP_JSON, PROTOCOL_VERSION, PublicCards, through_edge
 from switchboard.a2a.push import PushConfigs
@@ -81,12 +81,12 @@ async def build(settings: Settings, shared: Shared) -> tuple[ServiceRegistration
         shared.page_tokens,
         allow_plain_http=egress.allow_loopback or egress.allow_private,
     )
-    agents = Agents(runs, texts, shared.policy, shared.access, interfaces, push)
+    front_door = FrontDoor(runs, texts, shared.policy, shared.access, interfaces, push)
     root = settings.a2a_root_agent
     return (
         ServiceRegistration(
             servicer.SERVICE,
-            servicer.A2AServiceServicer(agents, root),
+            servicer.A2AServiceServicer(front_door, root),
             on_bound=bound,
             checks_json_depth=True,
         ),

@@ -80,7 +80,7 @@ _PAGE_KEY: Final = pagination.Text(CONFIG_ID)
 
 
 class RunReader(Protocol):
-    """What configs need of the dispatcher (``agents.Runs`` has it)."""
+    """What configs need of the dispatcher (``frontdoor.Runs`` has it)."""
 
     def get_run(self, principal: Principal, name: str) -> Awaitable[pb.Run]: ...
 

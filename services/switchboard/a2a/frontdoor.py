@@ -101,7 +101,9 @@ class Interface:
     version: str = "1.0"
 
 
-class Agents:
+class FrontDoor:
+    """Serving A2A: the A2A methods over a workspace's assistants, each an A2A agent."""
+
     def __init__(
         self,
         runs: Runs,
