@@ -23,9 +23,10 @@ layers contract in pyproject.toml allows exactly these, and
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Final, TypeVar, cast
+from typing import Final, Protocol, TypeVar, cast
 
 from switchboard.api.events.v1 import events_pb2
 from switchboard.platform.cache import Cache
@@ -56,6 +57,40 @@ SHARED_PARTS: Final[dict[str, str]] = {
 }
 
 
+class PushNotifications(Protocol):
+    """A2A push configs as the integration service's webhook engine delivers them.
+
+    The feature is the A2A front door's (``a2a/push/``: what a config is, what
+    is sent for it, how long it lives); the engine only sends, as it sends a
+    webhook's events. A service may not import the front door, so the
+    composition root hands the engine the front door's (``mesh.open_shared``).
+    """
+
+    def body(self, event: events_pb2.Event) -> str:
+        """The JSON body for a ``RUN_UPDATED`` status change of the config's task."""
+        ...
+
+    def headers(
+        self,
+        workspace_id: str,
+        endpoint_id: str,
+        token: bytes | None,
+        auth_scheme: str,
+        credentials: bytes | None,
+    ) -> tuple[dict[str, str], str]:
+        """The config's own headers and its signing secret ("" when it signs nothing),
+        from its sealed ``token`` and ``credentials``; raises if they cannot be opened."""
+        ...
+
+    async def disable(self, workspace_id: str, endpoint_id: str) -> None:
+        """Stop delivering to a config that kept failing."""
+        ...
+
+    async def prune(self, current: dt.datetime) -> int:
+        """Delete a batch of configs (and their deliveries) past their lifetime; how many."""
+        ...
+
+
 @dataclass
 class Shared:
     """The process's shared resources; each closes with ``resources``."""
@@ -79,9 +114,9 @@ class Shared:
     instance_id: str
     #: The process's metrics; None when SWITCHBOARD_METRICS_PORT is unset (nothing recorded).
     metrics: Metrics | None = None
-    #: The body of an A2A push notification for a ``RUN_UPDATED`` event (``a2a/push.py``),
-    #: for the webhook engine, which delivers them; None: push configs are not delivered.
-    push_format: Callable[[events_pb2.Event], str] | None = None
+    #: A2A push configs, for the webhook engine, which delivers them (``a2a/push/``);
+    #: None: push configs are not delivered.
+    push: PushNotifications | None = None
     _parts: dict[type, object] = field(default_factory=dict, repr=False)
 
     async def part(self, kind: type[_T], make: Callable[[], Awaitable[_T]]) -> _T:

@@ -12,10 +12,10 @@ from switchboard.a2a import cardservicer, servicer
 from switchboard.a2a.frontdoor import FrontDoor, Interface, Runs, Texts
 from switchboard.a2a.ports import LocalRuns, LocalTexts, RemoteRuns, RemoteTexts
 from switchboard.a2a.publiccard import HTTP_JSON, PROTOCOL_VERSION, PublicCards, through_edge
-from switchboard.a2a.push import PushConfigs
+from switchboard.a2a.push.configs import PushConfigs
+from switchboard.a2a.push.store import PushStore
 from switchboard.context.build import context_domain
 from switchboard.dispatcher.service import Dispatcher
-from switchboard.integration.pushstore import PushStore
 from switchboard.platform.config import ConfigError, Settings
 from switchboard.platform.rpc.server import ServiceRegistration, advertise_address
 from switchboard.platform.security.egress import EgressPolicy

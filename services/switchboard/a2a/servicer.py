@@ -2,7 +2,7 @@
 
 The messages and the service come from the official ``a2a-sdk`` (``a2a.types``),
 pinned in pyproject.toml: the contract is A2A's, not ours. Push notification
-configs are per-task webhooks (``push.py``).
+configs are per-task webhooks (``push/``).
 
 A request without a ``tenant`` is for the deployment's root agent
 (``SWITCHBOARD_A2A_ROOT_AGENT``), the one the root Agent Card serves, if it names
