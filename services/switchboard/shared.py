@@ -18,6 +18,11 @@ hands every part a process has built to tests and tools.
 build or run such a part; no other import crosses between services (the
 layers contract in pyproject.toml allows exactly these, and
 ``tests/unit/test_import_layers.py`` holds its list to this one).
+
+One part goes the other way: the integration service's webhook engine
+delivers the A2A front door's push notifications, and a service may not
+import the front door, so the engine knows them only as ``PushNotifications``
+and the composition root hands it the front door's (``a2a/push/``).
 """
 
 from __future__ import annotations
