@@ -20,8 +20,8 @@ from sqlalchemy.exc import DBAPIError
 
 from switchboard.a2a import build as a2a
 from switchboard.a2a import cardservicer as card_servicer
-from switchboard.a2a import push as a2a_push
 from switchboard.a2a import servicer as a2a_servicer
+from switchboard.a2a.push.delivery import PushDelivery
 from switchboard.auth import build as auth
 from switchboard.auth import servicer as auth_servicer
 from switchboard.context import build as context
@@ -40,6 +40,13 @@ from switchboard.platform.events.loglock import EventLogLock, lock_sqlite_file
 from switchboard.platform.observe.metrics import Metrics
 from switchboard.platform.observe.telemetry import Tracing, default_service_name, install
 from switchboard.platform.rpc.server import ServiceRegistration, SwitchboardServer, build_server
+from switchboard.platform.security.accesstokens import (
+    AccessTokens,
+    KeyRing,
+    SigningKey,
+    TokenPolicy,
+    load_key_ring,
+)
 from switchboard.platform.security.accesswatch import AccessWatch
 from switchboard.platform.security.authenticator import CredentialAuthenticator
 from switchboard.platform.security.authn import Guard
@@ -49,13 +56,7 @@ from switchboard.platform.security.devkey import key_id as dev_key_id
 from switchboard.platform.security.membership import MembershipStore
 from switchboard.platform.security.opaque import OpaqueSecrets
 from switchboard.platform.security.policy import Policy
-from switchboard.platform.security.tokens import (
-    AccessTokens,
-    KeyRing,
-    SigningKey,
-    TokenPolicy,
-    load_key_ring,
-)
+from switchboard.platform.security.secretbox import SecretBox
 from switchboard.platform.store.db import (
     Database,
     is_outage,
@@ -320,9 +321,9 @@ async def open_shared(
         page_tokens=PageTokens(settings.effective_secret_key()),
         instance_id=instance,
         metrics=metrics,
-        # The webhook engine (integration) sends A2A push notifications in A2A's
-        # format without importing the a2a package: the format is wired here.
-        push_format=a2a_push.notification,
+        # The webhook engine (integration) sends A2A push notifications without
+        # importing the a2a package, whose feature they are: it is wired here.
+        push=PushDelivery(database, SecretBox(settings.effective_secret_key())),
     )
 
 

@@ -18,26 +18,32 @@ hands every part a process has built to tests and tools.
 build or run such a part; no other import crosses between services (the
 layers contract in pyproject.toml allows exactly these, and
 ``tests/unit/test_import_layers.py`` holds its list to this one).
+
+One part goes the other way: the integration service's webhook engine
+delivers the A2A front door's push notifications, and a service may not
+import the front door, so the engine knows them only as ``PushNotifications``
+and the composition root hands it the front door's (``a2a/push/``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Final, TypeVar, cast
+from typing import Final, Protocol, TypeVar, cast
 
 from switchboard.api.events.v1 import events_pb2
 from switchboard.platform.cache import Cache
 from switchboard.platform.config import ConfigError, Settings
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.observe.metrics import Metrics
+from switchboard.platform.security.accesstokens import AccessTokens, KeyRing
 from switchboard.platform.security.accesswatch import AccessWatch
 from switchboard.platform.security.authenticator import CredentialAuthenticator
 from switchboard.platform.security.membership import MembershipStore
 from switchboard.platform.security.opaque import OpaqueSecrets
 from switchboard.platform.security.policy import Policy
-from switchboard.platform.security.tokens import AccessTokens, KeyRing
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.pagination import PageTokens
 
@@ -46,13 +52,48 @@ _T = TypeVar("_T")
 #: Module -> what another service uses it for, in-process.
 SHARED_PARTS: Final[dict[str, str]] = {
     "switchboard.context.build": "the context domain, for a dispatcher in the same process",
-    "switchboard.context.tokens": "the token counter: a model's prompt counts as its window did",
+    "switchboard.context.tokencount": "the token counter: a prompt counts as its window did",
+    "switchboard.context.parttext": "a message's parts as text: a prompt reads as it was counted",
     "switchboard.integration.build": "the integration hub, for the dispatcher's tool calls",
     "switchboard.integration.service": "the integration hub's type",
     "switchboard.integration.directory": "a workspace's experts as stored, for routing runs",
-    "switchboard.integration.a2aagent": "the A2A agent client: a run on a remote agent",
+    "switchboard.integration.remote_a2a": "the A2A agent client: a run on a remote agent",
     "switchboard.integration.connectors": "the errors the A2A agent client raises",
 }
+
+
+class PushNotifications(Protocol):
+    """A2A push configs as the integration service's webhook engine delivers them.
+
+    The feature is the A2A front door's (``a2a/push/``: what a config is, what
+    is sent for it, how long it lives); the engine only sends, as it sends a
+    webhook's events. A service may not import the front door, so the
+    composition root hands the engine the front door's (``mesh.open_shared``).
+    """
+
+    def body(self, event: events_pb2.Event) -> str:
+        """The JSON body for a ``RUN_UPDATED`` status change of the config's task."""
+        ...
+
+    def headers(
+        self,
+        workspace_id: str,
+        endpoint_id: str,
+        token: bytes | None,
+        auth_scheme: str,
+        credentials: bytes | None,
+    ) -> tuple[dict[str, str], str]:
+        """The config's own headers and its signing secret ("" when it signs nothing),
+        from its sealed ``token`` and ``credentials``; raises if they cannot be opened."""
+        ...
+
+    async def disable(self, workspace_id: str, endpoint_id: str) -> None:
+        """Stop delivering to a config that kept failing."""
+        ...
+
+    async def prune(self, current: dt.datetime) -> int:
+        """Delete a batch of configs (and their deliveries) past their lifetime; how many."""
+        ...
 
 
 @dataclass
@@ -78,9 +119,9 @@ class Shared:
     instance_id: str
     #: The process's metrics; None when SWITCHBOARD_METRICS_PORT is unset (nothing recorded).
     metrics: Metrics | None = None
-    #: The body of an A2A push notification for a ``RUN_UPDATED`` event (``a2a/push.py``),
-    #: for the webhook engine, which delivers them; None: push configs are not delivered.
-    push_format: Callable[[events_pb2.Event], str] | None = None
+    #: A2A push configs, for the webhook engine, which delivers them (``a2a/push/``);
+    #: None: push configs are not delivered.
+    push: PushNotifications | None = None
     _parts: dict[type, object] = field(default_factory=dict, repr=False)
 
     async def part(self, kind: type[_T], make: Callable[[], Awaitable[_T]]) -> _T:

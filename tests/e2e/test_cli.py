@@ -19,7 +19,7 @@ import grpc
 import pytest
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
-from switchboard.platform.security.tokens import load_key_ring
+from switchboard.platform.security.accesstokens import load_key_ring
 from tests.e2e.procs import START_TIMEOUT_S
 
 pytestmark = pytest.mark.e2e

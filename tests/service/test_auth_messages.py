@@ -20,8 +20,8 @@ from sqlalchemy import update
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.auth import accounts
-from switchboard.platform.security import authenticator, authn, policy, tokens
-from switchboard.platform.security.tokens import ACCESS_TOKEN_TYPE, ALGORITHM, SigningKey
+from switchboard.platform.security import accesstokens, authenticator, authn, policy
+from switchboard.platform.security.accesstokens import ACCESS_TOKEN_TYPE, ALGORITHM, SigningKey
 from switchboard.platform.store.models import ApiKeyRow
 from switchboard.shared import Shared
 from tests.service.authkit import bearer, reason, register
@@ -115,51 +115,56 @@ def _refresh_token(_: Shared, registered: auth_pb2.RegisterResponse) -> str:
 
 
 TOKENS: list[tuple[str, Callable[[Shared, auth_pb2.RegisterResponse], str], str, str]] = [
-    ("garbage", lambda s, r: "not-a-token", tokens.MALFORMED, "ERROR_REASON_UNAUTHENTICATED"),
-    ("bad-base64", lambda s, r: "a.b.c", tokens.MALFORMED, "ERROR_REASON_UNAUTHENTICATED"),
-    ("refresh-token", _refresh_token, tokens.REFRESH_AS_BEARER, "ERROR_REASON_UNAUTHENTICATED"),
-    ("huge", lambda s, r: "x" * 9000, tokens.TOO_LARGE, "ERROR_REASON_UNAUTHENTICATED"),
+    ("garbage", lambda s, r: "not-a-token", accesstokens.MALFORMED, "ERROR_REASON_UNAUTHENTICATED"),
+    ("bad-base64", lambda s, r: "a.b.c", accesstokens.MALFORMED, "ERROR_REASON_UNAUTHENTICATED"),
+    (
+        "refresh-token",
+        _refresh_token,
+        accesstokens.REFRESH_AS_BEARER,
+        "ERROR_REASON_UNAUTHENTICATED",
+    ),
+    ("huge", lambda s, r: "x" * 9000, accesstokens.TOO_LARGE, "ERROR_REASON_UNAUTHENTICATED"),
     (
         "wrong-typ-header",
         lambda s, r: _signed(s.keys.active, _claims(s), typ="JWT"),
-        tokens.FOREIGN,
+        accesstokens.FOREIGN,
         "ERROR_REASON_UNAUTHENTICATED",
     ),
     (
         "unknown-key",
         # What a dev-mode server with a new data directory sees: a key id it never had.
         lambda s, r: _signed(SigningKey.generate("dev-0123456789abcdef"), _claims(s)),
-        tokens.UNKNOWN_KEY,
+        accesstokens.UNKNOWN_KEY,
         "ERROR_REASON_UNAUTHENTICATED",
     ),
     (
         "altered",
         lambda s, r: _flip_signature(r.tokens.access_token),
-        tokens.BAD_SIGNATURE,
+        accesstokens.BAD_SIGNATURE,
         "ERROR_REASON_UNAUTHENTICATED",
     ),
     (
         "other-audience",
         lambda s, r: _signed(s.keys.active, _claims(s, aud="another-deployment")),
-        tokens.OTHER_DEPLOYMENT,
+        accesstokens.OTHER_DEPLOYMENT,
         "ERROR_REASON_UNAUTHENTICATED",
     ),
     (
         "future",
         lambda s, r: _signed(s.keys.active, _claims(s, nbf=int(time.time()) + 3600)),
-        tokens.NOT_YET_VALID,
+        accesstokens.NOT_YET_VALID,
         "ERROR_REASON_UNAUTHENTICATED",
     ),
     (
         "no-session-claim",
         lambda s, r: _signed(s.keys.active, _claims(s, sid=None)),
-        tokens.INCOMPLETE,
+        accesstokens.INCOMPLETE,
         "ERROR_REASON_UNAUTHENTICATED",
     ),
     (
         "expired",
         lambda s, r: _signed(s.keys.active, _claims(s, exp=int(time.time()) - 3600)),
-        tokens.EXPIRED,
+        accesstokens.EXPIRED,
         "ERROR_REASON_TOKEN_EXPIRED",
     ),
     (

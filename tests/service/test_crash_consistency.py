@@ -34,7 +34,7 @@ from switchboard.dispatcher.service import SEQUENCE_BLOCK, Dispatcher
 from switchboard.mesh import create_server
 from switchboard.platform.errors import DependencyUnavailable
 from switchboard.platform.rpc.server import SwitchboardServer
-from switchboard.platform.security.tokens import SigningKey, private_key_pem
+from switchboard.platform.security.accesstokens import SigningKey, private_key_pem
 from switchboard.platform.store.db import DatabaseUnavailable
 from switchboard.platform.store.models import RunRow, UserRow
 from tests.conftest import built, make_settings

@@ -19,8 +19,8 @@ from grpc import aio
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.mesh import create_server, dev_key_ring
 from switchboard.platform.config import ConfigError, Settings
-from switchboard.platform.security import devkey, tokens
-from switchboard.platform.security.tokens import SigningKey, private_key_pem
+from switchboard.platform.security import accesstokens, devkey
+from switchboard.platform.security.accesstokens import SigningKey, private_key_pem
 from tests.conftest import make_settings
 from tests.service.authkit import bearer, register
 
@@ -83,7 +83,7 @@ async def test_a_dev_server_with_a_new_data_directory_says_the_key_changed(
     with pytest.raises(aio.AioRpcError) as caught:
         await _principal(_settings(tmp_path / "new"), access)
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert caught.value.details() == tokens.UNKNOWN_KEY
+    assert caught.value.details() == accesstokens.UNKNOWN_KEY
 
 
 async def test_outside_dev_mode_the_dev_key_is_neither_read_nor_written(tmp_path: Path) -> None:
@@ -100,7 +100,7 @@ async def test_outside_dev_mode_the_dev_key_is_neither_read_nor_written(tmp_path
     )
     with pytest.raises(aio.AioRpcError) as caught:
         await _principal(production, dev_access)
-    assert caught.value.details() == tokens.UNKNOWN_KEY
+    assert caught.value.details() == accesstokens.UNKNOWN_KEY
     # Dev mode with keys of its own does not make one either.
     (tmp_path / "other").mkdir()
     await _register(_settings(tmp_path / "other", signing_keys=(str(real),)))

@@ -36,8 +36,8 @@ from switchboard.auth.store import AuthStore
 from switchboard.dispatcher.service import Dispatcher
 from switchboard.platform.config import Settings
 from switchboard.platform.rpc.server import SwitchboardServer
+from switchboard.platform.security.accesstokens import AccessTokens, TokenPolicy
 from switchboard.platform.security.policy import AuthMethod
-from switchboard.platform.security.tokens import AccessTokens, TokenPolicy
 from tests.conftest import built, make_settings
 from tests.service.authkit import bearer, reason, unique_email
 from tests.service.contextkit import (

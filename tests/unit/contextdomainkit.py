@@ -19,7 +19,7 @@ from switchboard.context.common import Limits
 from switchboard.context.domain import ContextDomain
 from switchboard.context.entities import BuiltinEntityExtractor
 from switchboard.context.summarizer import ExtractiveSummarizer
-from switchboard.context.tokens import ApproxTokenCounter
+from switchboard.context.tokencount import ApproxTokenCounter
 from switchboard.context.windowcache import WindowCache
 from switchboard.platform.cache import Cache
 from switchboard.platform.events.bus import EventBus

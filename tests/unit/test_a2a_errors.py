@@ -23,7 +23,7 @@ _SEND = a2a.SendMessageRequest(
 _LIST = a2a.ListTasksRequest(context_id="c")
 _RUN: tuple[type[Message], ...] = (pb.GetRunRequest,)
 #: Each A2A method, its request, the renames the servicer uses for it, and the
-#: Switchboard requests the front door makes for it (agents.py, push.py, ports.py).
+#: Switchboard requests the front door makes for it (frontdoor.py, push/configs.py, ports.py).
 _METHODS: list[tuple[str, Message, Mapping[str, str], tuple[type[Message], ...]]] = [
     (
         "SendMessage",

@@ -16,7 +16,7 @@ from switchboard.context.pruning import (
     plan_prune,
 )
 from switchboard.context.summarizer import ExtractiveSummarizer, SummaryInput
-from switchboard.context.tokens import ApproxTokenCounter, TokenCounter
+from switchboard.context.tokencount import ApproxTokenCounter, TokenCounter
 
 message_tokens = st.lists(st.integers(min_value=0, max_value=100), max_size=40)
 limits = st.builds(

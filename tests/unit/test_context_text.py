@@ -22,6 +22,7 @@ from switchboard.context.entities import (
     BuiltinEntityExtractor,
     Entity,
 )
+from switchboard.context.parttext import render_parts, render_parts_briefly
 from switchboard.context.plugins import (
     BUILTIN_ENTITY_EXTRACTORS,
     BUILTIN_SUMMARIZERS,
@@ -40,15 +41,13 @@ from switchboard.context.search import (
     query_terms,
 )
 from switchboard.context.summarizer import ExtractiveSummarizer
-from switchboard.context.tokens import (
+from switchboard.context.tokencount import (
     MESSAGE_OVERHEAD,
     ApproxTokenCounter,
     TokenCounter,
     message_tokens,
-    render_parts,
 )
 from switchboard.platform.plugins import load_plugin
-from switchboard.platform.rendering import render_parts_briefly
 
 COUNTER = ApproxTokenCounter()
 

@@ -9,13 +9,13 @@ when they run elsewhere (the front door as its own process).
 from __future__ import annotations
 
 from switchboard.a2a import cardservicer, servicer
-from switchboard.a2a.agents import Agents, Interface, Runs, Texts
+from switchboard.a2a.frontdoor import FrontDoor, Interface, Runs, Texts
 from switchboard.a2a.ports import LocalRuns, LocalTexts, RemoteRuns, RemoteTexts
 from switchboard.a2a.publiccard import HTTP_JSON, PROTOCOL_VERSION, PublicCards, through_edge
-from switchboard.a2a.push import PushConfigs
+from switchboard.a2a.push.configs import PushConfigs
+from switchboard.a2a.push.store import PushStore
 from switchboard.context.build import context_domain
 from switchboard.dispatcher.service import Dispatcher
-from switchboard.integration.pushstore import PushStore
 from switchboard.platform.config import ConfigError, Settings
 from switchboard.platform.rpc.server import ServiceRegistration, advertise_address
 from switchboard.platform.security.egress import EgressPolicy
@@ -81,12 +81,12 @@ async def build(settings: Settings, shared: Shared) -> tuple[ServiceRegistration
         shared.page_tokens,
         allow_plain_http=egress.allow_loopback or egress.allow_private,
     )
-    agents = Agents(runs, texts, shared.policy, shared.access, interfaces, push)
+    front_door = FrontDoor(runs, texts, shared.policy, shared.access, interfaces, push)
     root = settings.a2a_root_agent
     return (
         ServiceRegistration(
             servicer.SERVICE,
-            servicer.A2AServiceServicer(agents, root),
+            servicer.A2AServiceServicer(front_door, root),
             on_bound=bound,
             checks_json_depth=True,
         ),

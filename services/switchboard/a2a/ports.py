@@ -1,6 +1,6 @@
 """How the A2A front door reaches the dispatcher and the context service.
 
-Two shapes, one interface (``agents.Runs``, ``agents.Texts``):
+Two shapes, one interface (``frontdoor.Runs``, ``frontdoor.Texts``):
 
 * local: the services run in this process; their domains take the requests
   directly (the embedded default, as the dispatcher reaches an in-process

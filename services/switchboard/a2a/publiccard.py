@@ -30,7 +30,7 @@ from google.protobuf import json_format
 
 from a2a.types import a2a_pb2 as a2a
 from switchboard.a2a import mapping
-from switchboard.a2a.agents import agent_card
+from switchboard.a2a.frontdoor import agent_card
 from switchboard.platform.errors import NotFound
 
 #: A2A's protocol version the interfaces speak (the SDK's ``PROTOCOL_VERSION_CURRENT``).

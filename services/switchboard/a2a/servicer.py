@@ -2,7 +2,7 @@
 
 The messages and the service come from the official ``a2a-sdk`` (``a2a.types``),
 pinned in pyproject.toml: the contract is A2A's, not ours. Push notification
-configs are per-task webhooks (``push.py``).
+configs are per-task webhooks (``push/``).
 
 A request without a ``tenant`` is for the deployment's root agent
 (``SWITCHBOARD_A2A_ROOT_AGENT``), the one the root Agent Card serves, if it names
@@ -23,7 +23,7 @@ from grpc import aio
 from a2a.types import a2a_pb2 as a2a
 from a2a.types import a2a_pb2_grpc
 from switchboard.a2a import errors, mapping
-from switchboard.a2a.agents import Agents
+from switchboard.a2a.frontdoor import FrontDoor
 from switchboard.a2a.publiccard import forwarded
 from switchboard.platform.errors import (
     FieldViolation,
@@ -137,8 +137,8 @@ def _a2a(
 
 
 class A2AServiceServicer(a2a_pb2_grpc.A2AServiceServicer):
-    def __init__(self, agents: Agents, root_agent: str = "") -> None:
-        self._agents = agents
+    def __init__(self, front_door: FrontDoor, root_agent: str = "") -> None:
+        self._front_door = front_door
         #: The tenant of a request that names none (``SWITCHBOARD_A2A_ROOT_AGENT``).
         self._root = root_agent
 
@@ -157,7 +157,7 @@ class A2AServiceServicer(a2a_pb2_grpc.A2AServiceServicer):
             names_task=bool(request.message.task_id),
             renames=_send_renames(request),
         ):
-            return await self._agents.send(current_principal(), request)
+            return await self._front_door.send(current_principal(), request)
 
     async def SendStreamingMessage(
         self, request: a2a.SendMessageRequest, context: Context
@@ -170,25 +170,25 @@ class A2AServiceServicer(a2a_pb2_grpc.A2AServiceServicer):
             names_task=bool(request.message.task_id),
             renames=_send_renames(request),
         ):
-            async for response in self._agents.stream(current_principal(), request):
+            async for response in self._front_door.stream(current_principal(), request):
                 yield response
 
     async def GetTask(self, request: a2a.GetTaskRequest, context: Context) -> a2a.Task:
         self._tenanted(request)
         with _a2a(context, "GetTask", request, names_task=True):
-            return await self._agents.get(current_principal(), request)
+            return await self._front_door.get(current_principal(), request)
 
     async def ListTasks(
         self, request: a2a.ListTasksRequest, context: Context
     ) -> a2a.ListTasksResponse:
         self._tenanted(request)
         with _a2a(context, "ListTasks", request, renames=_list_renames(request)):
-            return await self._agents.list(current_principal(), request)
+            return await self._front_door.list(current_principal(), request)
 
     async def CancelTask(self, request: a2a.CancelTaskRequest, context: Context) -> a2a.Task:
         self._tenanted(request)
         with _a2a(context, "CancelTask", request, names_task=True):
-            return await self._agents.cancel(current_principal(), request)
+            return await self._front_door.cancel(current_principal(), request)
 
     async def SubscribeToTask(
         self, request: a2a.SubscribeToTaskRequest, context: Context
@@ -201,7 +201,7 @@ class A2AServiceServicer(a2a_pb2_grpc.A2AServiceServicer):
                 await context.send_initial_metadata(
                     ((mapping.EXTENSIONS_HEADER, mapping.RESUME_EXTENSION),)
                 )
-            async for response in self._agents.subscribe(current_principal(), request, after):
+            async for response in self._front_door.subscribe(current_principal(), request, after):
                 yield response
 
     async def GetExtendedAgentCard(
@@ -210,33 +210,33 @@ class A2AServiceServicer(a2a_pb2_grpc.A2AServiceServicer):
         self._tenanted(request)
         with _a2a(context, "GetExtendedAgentCard", request):
             via = forwarded(context.invocation_metadata() or ())
-            return await self._agents.card(current_principal(), request.tenant, via)
+            return await self._front_door.card(current_principal(), request.tenant, via)
 
     async def CreateTaskPushNotificationConfig(
         self, request: a2a.TaskPushNotificationConfig, context: Context
     ) -> a2a.TaskPushNotificationConfig:
         self._tenanted(request)
         with _a2a(context, "CreateTaskPushNotificationConfig", request, names_task=True):
-            return await self._agents.push.create(current_principal(), request)
+            return await self._front_door.push.create(current_principal(), request)
 
     async def GetTaskPushNotificationConfig(
         self, request: a2a.GetTaskPushNotificationConfigRequest, context: Context
     ) -> a2a.TaskPushNotificationConfig:
         self._tenanted(request)
         with _a2a(context, "GetTaskPushNotificationConfig", request, names_task=True):
-            return await self._agents.push.get(current_principal(), request)
+            return await self._front_door.push.get(current_principal(), request)
 
     async def ListTaskPushNotificationConfigs(
         self, request: a2a.ListTaskPushNotificationConfigsRequest, context: Context
     ) -> a2a.ListTaskPushNotificationConfigsResponse:
         self._tenanted(request)
         with _a2a(context, "ListTaskPushNotificationConfigs", request, names_task=True):
-            return await self._agents.push.list(current_principal(), request)
+            return await self._front_door.push.list(current_principal(), request)
 
     async def DeleteTaskPushNotificationConfig(
         self, request: a2a.DeleteTaskPushNotificationConfigRequest, context: Context
     ) -> empty_pb2.Empty:
         self._tenanted(request)
         with _a2a(context, "DeleteTaskPushNotificationConfig", request, names_task=True):
-            await self._agents.push.delete(current_principal(), request)
+            await self._front_door.push.delete(current_principal(), request)
             return empty_pb2.Empty()

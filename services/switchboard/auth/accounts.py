@@ -50,10 +50,10 @@ from switchboard.platform.errors import (
 )
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.names import etag_version
+from switchboard.platform.security.accesstokens import AccessTokens
 from switchboard.platform.security.authenticator import CredentialAuthenticator
 from switchboard.platform.security.opaque import OpaqueSecrets, looks_like_refresh_token
 from switchboard.platform.security.policy import ALL_SCOPES, AuthMethod, Principal, Scope
-from switchboard.platform.security.tokens import AccessTokens
 from switchboard.platform.store.outbox import Staged
 from switchboard.platform.store.pagination import (
     ID,

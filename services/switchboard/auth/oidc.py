@@ -14,7 +14,7 @@ Trust rules, in the order they are applied:
   (``kid``) and the algorithm, which must equal the one the *key* dictates, so
   ``alg=none``, HS256-keyed-with-the-public-key and RSA/EC confusion all fail;
 * claims are checked only after the signature, and time is checked against an
-  explicit clock (as in ``switchboard.platform.security.tokens``) so tests need no patching.
+  explicit clock (as in ``switchboard.platform.security.accesstokens``) so tests need no patching.
 
 Failures are ``Unauthenticated`` with one message that says what to do
 (nothing from the token is echoed: it may be a live credential) or

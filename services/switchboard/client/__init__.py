@@ -64,8 +64,8 @@ from switchboard.client.errors import (
 from switchboard.client.events import Follower, scope
 from switchboard.client.interceptors import RetryPolicy
 from switchboard.client.runs import Answer, RunWatch
+from switchboard.client.session import TokenKeeper
 from switchboard.client.streams import StreamPolicy
-from switchboard.client.tokens import TokenKeeper
 
 __all__ = [
     "Aborted",

@@ -23,14 +23,14 @@ from switchboard.client.errors import Unauthenticated, Unavailable
 from switchboard.client.events import Follower, ScopeLike, TypeLike
 from switchboard.client.interceptors import CallPolicy, RetryPolicy
 from switchboard.client.runs import Answer, RunWatch
-from switchboard.client.streams import StreamPolicy
-from switchboard.client.tokens import (
+from switchboard.client.session import (
     DEFAULT_REFRESH_MARGIN_S,
     Clock,
     RefreshNotSent,
     TokenKeeper,
     TokensCallback,
 )
+from switchboard.client.streams import StreamPolicy
 
 if TYPE_CHECKING:
     from switchboard.api.auth.v1.auth_pb2_grpc import AuthServiceAsyncStub
@@ -267,7 +267,7 @@ class Client:
         return auth_pb2.ClientInfo(user_agent=USER_AGENT)
 
     async def _exchange(self, refresh_token: str) -> auth_pb2.TokenPair:
-        """One RefreshToken call, sent only over a connected channel (tokens.py says why)."""
+        """One RefreshToken call, sent only over a connected channel (session.py says why)."""
         if not await connected(self.channel, self.timeout_s):
             raise RefreshNotSent(
                 Unavailable(

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from switchboard.api.events.v1 import events_pb2
+from switchboard.client.session import TokenKeeper
 from switchboard.client.streams import ResumableStream, StreamPolicy
-from switchboard.client.tokens import TokenKeeper
 
 if TYPE_CHECKING:
     from switchboard.api.events.v1 import events_pb2_grpc

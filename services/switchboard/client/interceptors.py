@@ -38,7 +38,7 @@ from switchboard.client.errors import (
     from_rpc_error,
 )
 from switchboard.client.methods import Method, method_of, safe_to_repeat
-from switchboard.client.tokens import TokenKeeper
+from switchboard.client.session import TokenKeeper
 
 log = logging.getLogger("switchboard.client")
 

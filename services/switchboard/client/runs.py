@@ -24,8 +24,8 @@ from switchboard.client.errors import (
     Unknown,
     from_status,
 )
+from switchboard.client.session import TokenKeeper
 from switchboard.client.streams import ResumableStream, StreamPolicy
-from switchboard.client.tokens import TokenKeeper
 
 if TYPE_CHECKING:
     from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc

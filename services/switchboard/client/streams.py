@@ -38,7 +38,7 @@ from switchboard.client.errors import (
     Unavailable,
     from_rpc_error,
 )
-from switchboard.client.tokens import TokenKeeper
+from switchboard.client.session import TokenKeeper
 
 log = logging.getLogger("switchboard.client")
 

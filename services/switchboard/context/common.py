@@ -38,7 +38,7 @@ from switchboard.context.records import (
     Refused,
     WorkspaceRecord,
 )
-from switchboard.context.tokens import TokenCounter
+from switchboard.context.tokencount import TokenCounter
 from switchboard.platform.cache import Cache
 from switchboard.platform.errors import (
     AlreadyExists,

@@ -18,7 +18,7 @@ from switchboard.context.messagestore import MessageStore
 from switchboard.context.prunestore import PruneStore
 from switchboard.context.pruning import Pruning
 from switchboard.context.summarizer import Summarizer
-from switchboard.context.tokens import TokenCounter
+from switchboard.context.tokencount import TokenCounter
 from switchboard.context.windowcache import WindowCache
 from switchboard.context.windows import Windows
 from switchboard.context.windowstore import WindowStore

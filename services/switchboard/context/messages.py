@@ -29,8 +29,9 @@ from switchboard.context.common import (
 from switchboard.context.entities import EntityExtractor
 from switchboard.context.mapping import MESSAGE_ROLES, message_proto, workspace_name
 from switchboard.context.messagestore import Appended, EntityRecord, MessageStore, NewMessage
+from switchboard.context.parttext import render_parts
 from switchboard.context.records import ConversationRecord
-from switchboard.context.tokens import message_tokens, render_parts
+from switchboard.context.tokencount import message_tokens
 from switchboard.platform import names
 from switchboard.platform.errors import RequestTooLarge, Violations
 from switchboard.platform.names import new_id

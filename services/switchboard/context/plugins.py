@@ -12,7 +12,7 @@ from typing import Final
 
 from switchboard.context.entities import BuiltinEntityExtractor, EntityExtractor
 from switchboard.context.summarizer import ExtractiveSummarizer, Summarizer
-from switchboard.context.tokens import ApproxTokenCounter, TokenCounter
+from switchboard.context.tokencount import ApproxTokenCounter, TokenCounter
 from switchboard.platform.plugins import load_plugin
 
 TOKENIZERS: Final = "switchboard.tokenizers"

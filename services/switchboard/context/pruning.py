@@ -38,13 +38,13 @@ from switchboard.context.common import (
 )
 from switchboard.context.conversationstore import ConversationStore
 from switchboard.context.mapping import conversation_name, memory_proto, message_proto, struct
+from switchboard.context.parttext import render_parts_briefly
 from switchboard.context.prunestore import PruneStore
 from switchboard.context.records import ConversationRecord, MemoryRecord, MessageRecord
 from switchboard.context.summarizer import Summarizer, SummaryInput
 from switchboard.platform import names
 from switchboard.platform.errors import FailedPrecondition, NotFound, Violations
 from switchboard.platform.names import new_id, now
-from switchboard.platform.rendering import render_parts_briefly
 from switchboard.platform.security.policy import Principal
 
 log = logging.getLogger("switchboard.context")

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from switchboard.context.tokens import TokenCounter
+from switchboard.context.tokencount import TokenCounter
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ from switchboard.context.mapping import (
     message_proto,
     workspace_name,
 )
+from switchboard.context.parttext import render_parts
 from switchboard.context.records import MemoryRecord, MessageRecord, Unsearchable
-from switchboard.context.tokens import render_parts
 from switchboard.context.window import Candidate, Choice, PinnedOverBudget, plan_window
 from switchboard.context.windowcache import WindowCache
 from switchboard.context.windowstore import WindowRows, WindowScopes, WindowStore

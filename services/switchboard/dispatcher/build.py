@@ -12,7 +12,7 @@ import functools
 from collections.abc import Callable
 
 from switchboard.context.build import context_domain
-from switchboard.context.tokens import ApproxTokenCounter
+from switchboard.context.tokencount import ApproxTokenCounter
 from switchboard.dispatcher import servicer
 from switchboard.dispatcher.assistants.catalog import AssistantLimits, Assistants
 from switchboard.dispatcher.assistants.store import AssistantStore

@@ -99,7 +99,7 @@ async def _open_hub(shared: Shared) -> IntegrationHub:
             instance_id=shared.instance_id,
             on_disable=hub.disable,
             page_tokens=shared.page_tokens,
-            push_format=shared.push_format,
+            push=shared.push,
         )
         hub.webhooks = webhooks
         hub.webhook_health = webhooks.health

@@ -2,7 +2,7 @@
 
 gRPC domain experts get a HandlerService channel (``experts.py``), MCP servers
 an MCP session through the official SDK (``mcp.py``), A2A agents the A2A SDK's
-client over the interface their card names (``a2aagent.py``), webhooks no
+client over the interface their card names (``remote_a2a.py``), webhooks no
 connector at all (they are only ever sent events, by ``webhooks.py``). Every
 connector dials through the egress policy.
 """
@@ -12,12 +12,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from switchboard.api.integration.v1 import integration_pb2 as pb
-from switchboard.integration.a2aagent import A2AAgent, A2AAgentConnector
 from switchboard.integration.connections import ConnectorFactory
 from switchboard.integration.connectors import Connector
 from switchboard.integration.experts import GrpcExpertConnector
 from switchboard.integration.mapping import name_of
 from switchboard.integration.mcp import McpConnector, StdioServer, parse_stdio_servers, raw_limit
+from switchboard.integration.remote_a2a import A2AAgent, A2AAgentConnector
 from switchboard.integration.store import IntegrationRecord
 from switchboard.platform.config import Settings, parse_remotes
 from switchboard.platform.security.egress import EgressPolicy

@@ -52,20 +52,18 @@ circuit's cool-down. A webhook that has had no success for
 pending deliveries are FAILED ("endpoint disabled"); they can be redelivered
 once it is enabled again. Finished deliveries are kept ``RETENTION``.
 
-**A2A push notification configs** (``pushstore.py``) are endpoints of the
-same engine: per-task webhooks. A config subscribes to its task's (run's)
-``RUN_UPDATED`` status changes only; its deliveries are ordered and deduped
-by the run's own update sequence (the config's creator records the task's
-earlier changes with the same keys, so a change is sent once whether the
-feeder or the creator recorded it), and their body is whatever the injected
-``push_format`` makes of the event (A2A's ``StreamResponse``: the A2A mapping
-stays in the a2a package, wired in by the composition root). Headers: the
-Standard Webhooks ``webhook-id`` and ``webhook-timestamp``, a
-``webhook-signature`` when the config's scheme is ``StandardWebhooks`` (its
-credentials the ``whsec_`` secret), else ``authorization: <scheme>
-<credentials>`` when a scheme is set, and ``x-a2a-notification-token`` when it
-has a token. Retries, breaker, egress checks and disabling are the webhooks';
-a config is pruned ``PUSH_RETENTION`` after its task ended.
+**A2A push notification configs** are endpoints of the same engine:
+per-task webhooks, whose feature lives with the A2A front door
+(``a2a/push/``). A config follows its task (run): it takes the task's
+``RUN_UPDATED`` status changes only, and its deliveries are ordered and
+deduped by the run's own update sequence (the config's creator records the
+task's earlier changes with the same keys, so a change is sent once whether
+the feeder or the creator recorded it). What is sent (the body, the config's
+own headers, its signing secret), disabling a config and how long one lives
+are the injected ``push`` (``shared.PushNotifications``, wired in by the
+composition root); the Standard Webhooks ``webhook-id`` and
+``webhook-timestamp``, the signature, retries, breaker and egress checks are
+the webhooks'.
 
 This module does not import grpc.
 """
@@ -94,14 +92,12 @@ from standardwebhooks.webhooks import Webhook
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.events.v1 import events_pb2
 from switchboard.api.integration.v1 import integration_pb2
-from switchboard.integration.pushstore import PushStore
 from switchboard.integration.webhookstore import (
     PENDING,
     SUCCEEDED,
     Claimed,
     NewDelivery,
     Outcome,
-    PushTarget,
     Subscriber,
     WebhookStore,
 )
@@ -130,6 +126,7 @@ from switchboard.platform.security.egress import EgressPolicy, ResolutionFailed,
 from switchboard.platform.security.secretbox import SecretBox
 from switchboard.platform.store import pagination
 from switchboard.platform.store.db import Database, log_failure
+from switchboard.shared import PushNotifications
 
 if TYPE_CHECKING:
     from switchboard.platform.config import Settings
@@ -160,19 +157,6 @@ _UNPRINTABLE: Final = re.compile(r"[^\x20-\x7e]+")
 
 #: ``(workspace_id, integration_id, reason)``: disable the webhook and announce it.
 OnDisable = Callable[[str, str, str], Awaitable[None]]
-#: A push config's delivery body for a ``RUN_UPDATED`` event of its task (JSON text).
-PushFormat = Callable[[events_pb2.Event], str]
-
-#: A push config is deleted this long after its task's final status was recorded,
-#: and at the latest this long after its creation plus ``PUSH_MAX_AGE``.
-PUSH_RETENTION: Final = dt.timedelta(days=7)
-PUSH_MAX_AGE: Final = dt.timedelta(days=30)
-#: A config whose creation did not complete (never ready) is deleted after this.
-PUSH_ABANDONED: Final = dt.timedelta(minutes=10)
-#: ``authentication.scheme`` (any case) that signs deliveries with ``credentials``
-#: (a ``whsec_`` secret) instead of sending an Authorization header.
-SIGNING_SCHEME: Final = "standardwebhooks"
-TOKEN_HEADER: Final = "x-a2a-notification-token"  # noqa: S105 - a header's name
 _ENDED_RUNS: Final = frozenset(
     {
         dispatcher_pb2.RUN_STATE_SUCCEEDED,
@@ -182,17 +166,13 @@ _ENDED_RUNS: Final = frozenset(
 )
 
 
-def push_purpose(workspace_id: str, endpoint_id: str, part: str) -> str:
-    """What a push config's sealed ``token`` or ``credentials`` is bound to."""
-    return f"a2a-push/{workspace_id}/{endpoint_id}/{part}"
-
-
 def run_name(workspace_id: str, conversation_id: str, run_id: str) -> str:
     return f"workspaces/{workspace_id}/conversations/{conversation_id}/runs/{run_id}"
 
 
 def status_change(event: events_pb2.Event) -> dispatcher_pb2.RunUpdate | None:
-    """The run update a ``RUN_UPDATED`` event carries, if it is a status change."""
+    """The run update a ``RUN_UPDATED`` event carries, if it is a status change: what
+    an endpoint that follows a task (a push config) is fed."""
     if event.WhichOneof("payload") != "run_updated":
         return None
     update = event.run_updated.update
@@ -431,12 +411,11 @@ class WebhookEngine:
         instance_id: str,
         on_disable: OnDisable,
         page_tokens: pagination.PageTokens,
-        push_format: PushFormat | None = None,
+        push: PushNotifications | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.store = WebhookStore(database)
-        self.push_store = PushStore(database)
-        self._push_format = push_format
+        self._push = push
         self._bus = bus
         self._secrets = secrets
         self._egress = egress
@@ -523,7 +502,7 @@ class WebhookEngine:
             # A push config may have been made since the set was read (no event says so).
             # A token is not in the log the feeder reads: it wakes nothing.
             or (
-                self._push_format is not None
+                self._push is not None
                 and event.type == events_pb2.EVENT_TYPE_RUN_UPDATED
                 and not event.run_updated.update.HasField("delta")
             )
@@ -619,7 +598,7 @@ class WebhookEngine:
     async def _pushed(self, items: Sequence[Logged]) -> bool:
         """Whether a status change in ``items`` is in a workspace that gained a push config
         since the cached set was read (configs are made without an event in the log)."""
-        if self._push_format is None:
+        if self._push is None:
             return False
         workspaces = {
             item.workspace.removeprefix("workspaces/")
@@ -775,25 +754,6 @@ class WebhookEngine:
         )
         return Outcome(False, status, error, now() + dt.timedelta(seconds=delay))
 
-    def _push_headers(self, claimed: Claimed, push: PushTarget) -> tuple[dict[str, str], str]:
-        """A push config's own headers and its signing secret ("" when it signs nothing)."""
-        headers: dict[str, str] = {}
-        ws, endpoint = claimed.workspace_id, claimed.integration_id
-        if push.token is not None:
-            headers[TOKEN_HEADER] = self._secrets.open(
-                push.token, purpose=push_purpose(ws, endpoint, "token")
-            )
-        credentials = ""
-        if push.credentials is not None:
-            credentials = self._secrets.open(
-                push.credentials, purpose=push_purpose(ws, endpoint, "credentials")
-            )
-        if push.auth_scheme.lower() == SIGNING_SCHEME:
-            return headers, credentials
-        if push.auth_scheme:
-            headers["authorization"] = f"{push.auth_scheme} {credentials}".strip()
-        return headers, ""
-
     def _shape(self, claimed: Claimed) -> _Request | Outcome:
         """What one attempt sends: a webhook's Standard Webhooks event, signed with its
         secrets, or a push config's A2A body with its own headers; else why it cannot."""
@@ -809,17 +769,24 @@ class WebhookEngine:
                 return self._failed(claimed, 0, "the webhook has no signing secret", None)
             return _Request(name, claimed.event_id, payload(event), secrets, {})
         name = f"workspaces/{claimed.workspace_id}/pushConfigs/{claimed.integration_id}"
+        if self._push is None:
+            raise RuntimeError("push configs are delivered without their feature")
+        target = claimed.push
         try:
-            extra, secret = self._push_headers(claimed, claimed.push)
+            extra, secret = self._push.headers(
+                claimed.workspace_id,
+                claimed.integration_id,
+                target.token,
+                target.auth_scheme,
+                target.credentials,
+            )
         except Exception:  # noqa: BLE001 - a sealed secret this server cannot open
             log.warning("push config secret cannot be opened", extra={"endpoint": name})
             return self._failed(claimed, 0, "the config's secrets cannot be read", None)
-        if self._push_format is None:
-            raise RuntimeError("push configs are delivered without a formatter")
         # Unique per config and status change, the same on every retry.
         msg_id = f"{claimed.integration_id}.{claimed.event_id}"
         secrets = [secret] if secret else []
-        return _Request(name, msg_id, self._push_format(event), secrets, extra)
+        return _Request(name, msg_id, self._push.body(event), secrets, extra)
 
     async def _attempt(self, claimed: Claimed) -> Outcome:
         request = self._shape(claimed)
@@ -936,7 +903,8 @@ class WebhookEngine:
                 "disabling a failing push config",
                 extra={"workspace": claimed.workspace_id, "endpoint": claimed.integration_id},
             )
-            await self.push_store.disable(claimed.workspace_id, claimed.integration_id)
+            if self._push is not None:  # it is: a push config was attempted (``_shape``)
+                await self._push.disable(claimed.workspace_id, claimed.integration_id)
         else:
             name = integration_name(claimed.workspace_id, claimed.integration_id)
             log.warning("disabling a failing webhook", extra={"integration": name})
@@ -965,12 +933,7 @@ class WebhookEngine:
             pass
         while await self.store.prune_orphans(PRUNE_BATCH) == PRUNE_BATCH:
             pass
-        while (
-            await self.push_store.prune(
-                current - PUSH_RETENTION, current - PUSH_MAX_AGE, current - PUSH_ABANDONED
-            )
-            > 0
-        ):
+        while self._push is not None and await self._push.prune(current) > 0:
             pass
 
     # -- queries and commands ----------------------------------------------------------

@@ -12,9 +12,9 @@ rows mean. Two rules keep deliveries exactly-once recorded and ordered:
   ``FOR UPDATE SKIP LOCKED`` on PostgreSQL (SQLite has one writer), so at
   most one attempt per endpoint is in flight across every replica.
 
-An endpoint is a webhook integration or an A2A push config
-(``pushstore.py``): deliveries name it by ``integration_id`` (a push config's
-holds a ``.``), and the queries join both tables.
+An endpoint is a webhook integration or an A2A push config (written by
+``a2a/push/store.py``): deliveries name it by ``integration_id`` (a push
+config's holds a ``.``), and the queries join both tables.
 
 Nothing here raises a request-field error or builds a resource name.
 """

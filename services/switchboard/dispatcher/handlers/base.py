@@ -3,7 +3,7 @@
 A handler is an object with ``capabilities`` and an async generator
 ``handle(request)`` that yields ``HandleResponse`` frames (progress, deltas,
 tool calls) and ends with exactly one ``result``. In-process handlers, the
-LLM handler and remote domain experts (``remote.py``, ``a2a_agent.py``) all have this shape, so
+LLM handler and remote domain experts (``remote.py``, ``remote_a2a.py``) all have this shape, so
 the run loop treats them alike.
 
 Cancellation is the asyncio kind: cancelling the run's task raises

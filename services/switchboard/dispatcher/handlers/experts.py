@@ -2,7 +2,7 @@
 
 An expert a workspace owner registers through the integration hub is a
 ``RemoteHandler`` (kind INTEGRATION_KIND_GRPC_HANDLER) or an ``A2AExpert``
-(kind INTEGRATION_KIND_A2A_AGENT, ``a2aexpert.py``) whose id is the
+(kind INTEGRATION_KIND_A2A_AGENT, ``remote_a2a.py``) whose id is the
 integration's id, listed by that workspace's ``ListHandlers`` with
 ``Handler.integration`` set (operator-level handlers leave it empty) and
 routed like any handler (SendMessage ``handler``, message metadata, a
@@ -51,7 +51,6 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.events.v1 import events_pb2
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.api.integration.v1 import integration_pb2
-from switchboard.dispatcher.handlers.a2a_agent import A2AExpert
 from switchboard.dispatcher.handlers.base import (
     Frame,
     HandleCall,
@@ -60,8 +59,9 @@ from switchboard.dispatcher.handlers.base import (
     capabilities,
 )
 from switchboard.dispatcher.handlers.remote import RemoteHandler
-from switchboard.integration.a2aagent import A2AAgent
+from switchboard.dispatcher.handlers.remote_a2a import A2AExpert
 from switchboard.integration.directory import ExpertEntry, integration_name
+from switchboard.integration.remote_a2a import A2AAgent
 from switchboard.platform import background, names
 from switchboard.platform.errors import SwitchboardError
 from switchboard.platform.security.egress import (

@@ -21,8 +21,9 @@ from google.protobuf import struct_pb2
 
 from switchboard.api.context.v1 import context_pb2
 from switchboard.api.handler.v1 import handler_pb2
+from switchboard.context.parttext import render_parts
 from switchboard.dispatcher.handlers.base import HandlerFailure
-from switchboard.platform.rendering import plain, render_parts
+from switchboard.platform.structs import plain
 
 _NOT_A_NAME: Final = re.compile(r"[^a-zA-Z0-9_-]")
 _TOOL_PARTS: Final = frozenset({"tool_call", "tool_result"})

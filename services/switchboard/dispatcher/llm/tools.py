@@ -28,7 +28,7 @@ from switchboard.dispatcher.llm.request import assistant_calls, json_text, tool_
 from switchboard.dispatcher.llm.stream import ModelCall
 from switchboard.platform import jsonbounds
 from switchboard.platform.jsonbounds import JsonRejected
-from switchboard.platform.rendering import plain
+from switchboard.platform.structs import plain
 
 # The handler's logger: one name for every part of it, as before it was split.
 log = logging.getLogger("switchboard.dispatcher.llm")

@@ -44,10 +44,10 @@ from switchboard.platform.errors import (
     TokenExpired,
     Unauthenticated,
 )
+from switchboard.platform.security.accesstokens import EXPIRED, AccessClaims, AccessTokens
 from switchboard.platform.security.credentialrecords import CredentialRecords, SessionStatus
 from switchboard.platform.security.opaque import OpaqueSecrets, parse_api_key
 from switchboard.platform.security.policy import ALL_SCOPES, AuthMethod, Principal, Scope
-from switchboard.platform.security.tokens import EXPIRED, AccessClaims, AccessTokens
 from switchboard.platform.store.db import log_failure
 
 log = logging.getLogger("switchboard.auth")

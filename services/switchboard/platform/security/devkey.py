@@ -30,8 +30,8 @@ from typing import Final
 from cryptography.hazmat.primitives import serialization
 
 from switchboard.platform.config import SQLITE_DRIVER
+from switchboard.platform.security.accesstokens import SigningKey, private_key_pem
 from switchboard.platform.security.keyfile import write_secret_file
-from switchboard.platform.security.tokens import SigningKey, private_key_pem
 from switchboard.platform.store.db import is_sqlite_memory, parse_database_url
 
 #: The key's file: the database file's stem and this (gitignored as such).

@@ -12,7 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from switchboard.platform.security.tokens import KeyRing, SigningKey, private_key_pem
+from switchboard.platform.security.accesstokens import KeyRing, SigningKey, private_key_pem
 
 
 def write_signing_key(target: Path, *, replace: bool) -> str:

@@ -524,7 +524,7 @@ class WebhookDeliveryRow(Base):
 
 
 class PushConfigRow(Base):
-    """An A2A push notification config: a per-task webhook (``a2a/push.py``).
+    """An A2A push notification config: a per-task webhook (``a2a/push/``).
 
     Its deliveries are ``webhook_deliveries`` rows of endpoint ``endpoint_id``,
     fed and sent by the webhook engine; ``token`` and ``credentials`` are

@@ -1,14 +1,9 @@
-"""A2A push notification configs: per-task webhooks, delivered by the webhook engine.
+"""The push-config methods: A2A's ``TaskPushNotificationConfig`` as a per-task webhook.
 
-A config (``TaskPushNotificationConfig``) is validated, authorized and stored
-here, in whichever process serves the A2A front door; it lives in the shared
-database (``integration/pushstore.py``), and the integration service's webhook
-engine (``integration/webhooks.py``) delivers it: the same feeder, sender,
-retries, breaker, egress checks, disabling and pruning as a webhook
-integration's. Each of the task's status changes is one ``POST`` of A2A's
-``StreamResponse`` (a ``statusUpdate``, as ``SendStreamingMessage`` streams
-it, built by ``notification`` below, which the composition root hands the
-engine) in protobuf's JSON mapping.
+A config is validated, authorized and stored here, in whichever process
+serves the A2A front door; it lives in the shared database (``store.py``),
+and the integration service's webhook engine delivers it (``delivery.py``
+says what it sends).
 
 The access rules are the task's: creating or deleting a config is WRITE on
 the run (like ``CancelRun``), reading or listing READ. ``token`` and
@@ -23,19 +18,16 @@ import base64
 import binascii
 import builtins
 import contextlib
-import json
 import re
 from collections.abc import AsyncIterator, Awaitable
 from typing import Final, Protocol
 
-from google.protobuf import json_format
-
 from a2a.types import a2a_pb2 as a2a
 from switchboard.a2a import mapping
+from switchboard.a2a.push.delivery import SIGNING_SCHEME, purpose
+from switchboard.a2a.push.store import Backfill, PushConfig, PushStore
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
-from switchboard.integration.pushstore import Backfill, PushConfig, PushStore
-from switchboard.integration.webhooks import SIGNING_SCHEME, push_purpose, status_change
 from switchboard.platform import names
 from switchboard.platform.errors import (
     AlreadyExists,
@@ -80,29 +72,13 @@ _PAGE_KEY: Final = pagination.Text(CONFIG_ID)
 
 
 class RunReader(Protocol):
-    """What configs need of the dispatcher (``agents.Runs`` has it)."""
+    """What configs need of the dispatcher (``frontdoor.Runs`` has it)."""
 
     def get_run(self, principal: Principal, name: str) -> Awaitable[pb.Run]: ...
 
     def watch(
         self, principal: Principal, name: str, after_sequence: int
     ) -> AsyncIterator[pb.RunUpdate | None]: ...
-
-
-def notification(event: events_pb2.Event) -> str:
-    """The body pushed for a ``RUN_UPDATED`` status change: A2A's ``StreamResponse``.
-
-    Its ``metadata["switchboard.sequence"]`` is the one the stream carries for
-    the same status (``N``, or ``N.1`` for a completed task's), so a client
-    that also streams or resumes sees one numbering.
-    """
-    update = status_change(event)
-    if update is None:  # pragma: no cover - the engine subscribes configs to these only
-        raise ValueError("not a status change")
-    run = update.state_change.run
-    part = 1 if run.state == pb.RUN_STATE_SUCCEEDED else 0
-    response = mapping.status_event(run, (update.sequence, part))
-    return json.dumps(json_format.MessageToDict(response), separators=(",", ":"))
 
 
 def _invalid(field: str, description: str) -> InvalidArgument:
@@ -329,7 +305,7 @@ class PushConfigs:
     def _seal(self, value: str, workspace_id: str, endpoint_id: str, part: str) -> bytes | None:
         if not value:
             return None
-        return self._secrets.seal(value, purpose=push_purpose(workspace_id, endpoint_id, part))
+        return self._secrets.seal(value, purpose=purpose(workspace_id, endpoint_id, part))
 
     async def _earlier(
         self, principal: Principal, run: str, workspace_id: str

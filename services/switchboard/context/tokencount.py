@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from typing import Final, Protocol
 
 from switchboard.api.context.v1 import context_pb2
-from switchboard.platform.rendering import render_parts
+from switchboard.context.parttext import render_parts
 
 # Chat formats wrap each message in a role marker and separators; counting them
 # keeps a window of many short messages from overflowing.
@@ -84,13 +84,3 @@ class ApproxTokenCounter:
 def message_tokens(counter: TokenCounter, parts: Iterable[context_pb2.ContentPart]) -> int:
     """The tokens a message costs in a window: its rendered content plus framing."""
     return counter.count(render_parts(parts)) + MESSAGE_OVERHEAD
-
-
-#: Re-exported: the context service counts exactly the text a model is shown.
-__all__ = [
-    "MESSAGE_OVERHEAD",
-    "ApproxTokenCounter",
-    "TokenCounter",
-    "message_tokens",
-    "render_parts",
-]

@@ -20,7 +20,7 @@ from typing import Final, Protocol
 
 from a2a.types import a2a_pb2 as a2a
 from switchboard.a2a import errors, mapping
-from switchboard.a2a.push import PushConfigs
+from switchboard.a2a.push.configs import PushConfigs
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.platform.errors import FailedPrecondition, FieldViolation, InvalidArgument
@@ -101,7 +101,9 @@ class Interface:
     version: str = "1.0"
 
 
-class Agents:
+class FrontDoor:
+    """Serving A2A: the A2A methods over a workspace's assistants, each an A2A agent."""
+
     def __init__(
         self,
         runs: Runs,

@@ -1,13 +1,13 @@
-"""Persistence of A2A push notification configs: per-task webhook endpoints.
+"""The ``push_configs`` table: A2A push configs, per-task webhook endpoints.
 
-A push config is an endpoint of the webhook engine (``webhooks.py``) like a
-webhook integration: its deliveries are ``webhook_deliveries`` rows keyed by
-its ``endpoint_id``, fed from the event log and sent by the same feeder and
-sender. The A2A front door (``a2a/push.py``) writes configs through this
-store wherever it runs (every process has the database); the integration
-service's engine delivers them. This store owns the SQL only: the front door
-decides who may do what and what a config means, the engine what a delivery
-is.
+A push config is an endpoint of the webhook engine (``integration/webhooks.py``)
+like a webhook integration: its deliveries are ``webhook_deliveries`` rows keyed
+by its ``endpoint_id``, fed from the event log and sent by the same feeder and
+sender. The front door (``configs.py``) writes configs through this store
+wherever it runs (every process has the database); the engine delivers them,
+and through ``delivery.py`` disables and prunes them. This store owns the SQL
+only: ``configs.py`` decides who may do what and what a config means, the
+engine what a delivery is.
 
 A config is created in two steps so that the task's status so far goes out
 first and nothing later overtakes it: ``create`` stores it (not ``ready``:
@@ -37,7 +37,7 @@ from switchboard.platform.store.db import Database
 from switchboard.platform.store.models import PushConfigRow, WebhookDeliveryRow
 from switchboard.platform.store.storage import transaction
 
-log = logging.getLogger("switchboard.integration.push")
+log = logging.getLogger("switchboard.a2a.push")
 
 _T = TypeVar("_T")
 

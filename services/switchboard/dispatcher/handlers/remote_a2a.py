@@ -1,7 +1,8 @@
-"""An A2A agent as a workspace's domain expert (integrations of kind INTEGRATION_KIND_A2A_AGENT).
+"""Calling a remote A2A agent as a workspace's domain expert (integrations of kind
+INTEGRATION_KIND_A2A_AGENT); serving A2A is the front door's (the ``a2a`` package).
 
 The handler is a thin shell around the hub's A2A client
-(``integration/a2aagent.py``), so the dispatcher and the hub speak to an
+(``integration/remote_a2a.py``), so the dispatcher and the hub speak to an
 agent the same way. What it adds is what a handler needs:
 
 - **capabilities** from the Agent Card (name, description, skills as
@@ -42,17 +43,17 @@ from switchboard.dispatcher.handlers.base import (
     capabilities,
     text_of,
 )
-from switchboard.integration.a2aagent import (
+from switchboard.integration.connectors import ConnectorError
+from switchboard.integration.remote_a2a import (
     A2AAgent,
     AgentFailed,
     message_id,
     previous_task,
 )
-from switchboard.integration.connectors import ConnectorError
 from switchboard.platform import background
 from switchboard.platform.errors import SwitchboardError
 
-log = logging.getLogger("switchboard.dispatcher.handlers.a2a_agent")
+log = logging.getLogger("switchboard.dispatcher.handlers.remote_a2a")
 
 #: How long an agent stays unavailable after a failed call before a probe may clear it.
 RETRY_AFTER_S: Final = 5.0
@@ -133,7 +134,7 @@ class A2AExpert:
             await self._agent.probe(self._timeout_s)
             card = await self._agent.card(self._timeout_s)
         except (ConnectorError, SwitchboardError, TimeoutError) as exc:
-            # The reason names the card's host at most (a2aagent's errors are safe to show).
+            # The reason names the card's host at most (remote_a2a's errors are safe to show).
             reason = exc.message if isinstance(exc, SwitchboardError) else str(exc)
             log.warning(
                 "A2A agent unreachable",

@@ -1,4 +1,5 @@
-"""The client of an A2A agent registered as a domain expert (INTEGRATION_KIND_A2A_AGENT).
+"""Calling A2A agents: the client of a remote A2A agent registered as a domain expert
+(INTEGRATION_KIND_A2A_AGENT); serving A2A is the front door's (the ``a2a`` package).
 
 The integration's endpoint is the agent's Agent Card URL. The card is read
 with the egress policy's HTTP client (``platform/security/egress.py``: the address
@@ -75,7 +76,7 @@ from switchboard.platform.security.egress import (
     parse_http_endpoint,
 )
 
-log = logging.getLogger("switchboard.integration.a2aagent")
+log = logging.getLogger("switchboard.integration.remote_a2a")
 
 #: A card larger than this is not a card.
 MAX_CARD_BYTES: Final = 1 << 20

@@ -1,43 +1,21 @@
-"""How message content is rendered as the text a model reads (and is counted in).
+"""How a message's parts read as text: the text a model reads, and is counted in.
 
-Shared by the context service (token counts, summaries, entities) and the LLM
-handler (the prompt), so both see exactly the same text for the same parts.
+The context service owns it, as it owns the parts (``ContentPart``): a message's
+token count (``tokencount.py``), the window's text, the briefer text summaries
+of pruned messages are made of. The dispatcher's LLM handler builds its prompt
+with it (a shared part, ``shared.SHARED_PARTS``), so the model reads exactly
+the text its window was counted in (docs/decisions.md, 47).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable
 
 from google.protobuf import struct_pb2
 
 from switchboard.api.context.v1 import context_pb2
-
-
-def plain(value: struct_pb2.Value) -> object:
-    """A ``Value`` as plain Python, for JSON.
-
-    Hand-rolled rather than ``json_format.MessageToDict``: that renders every
-    number as a float (``3`` becomes ``3.0``, costing tokens and confusing
-    models) and raises on NaN and infinity, which a stored ``Struct`` can hold.
-    """
-    kind = value.WhichOneof("kind")
-    if kind == "number_value":
-        number = value.number_value
-        # Integral doubles up to 2**53 are exact integers; print them as such.
-        if math.isfinite(number) and number.is_integer() and abs(number) <= 2**53:
-            return int(number)
-        return number
-    if kind == "string_value":
-        return value.string_value
-    if kind == "bool_value":
-        return value.bool_value
-    if kind == "struct_value":
-        return {key: plain(item) for key, item in value.struct_value.fields.items()}
-    if kind == "list_value":
-        return [plain(item) for item in value.list_value.values]
-    return None
+from switchboard.platform.structs import plain
 
 
 def compact_json(value: struct_pb2.Struct) -> str:

@@ -1,4 +1,4 @@
-"""switchboard.client.tokens: when a session renews itself, and that it renews once.
+"""switchboard.client.session: when a session renews itself, and that it renews once.
 
 The keeper's clock is a test clock moved by hand and its exchange a recorded
 coroutine: these are the decisions (due or not, single flight, a refresh
@@ -26,13 +26,18 @@ from switchboard.client.errors import (
     Unauthenticated,
     Unavailable,
 )
-from switchboard.client.tokens import (
+from switchboard.client.session import (
     RefreshNotSent,
     TokenKeeper,
     schedule,
     token_lifetime,
 )
-from switchboard.platform.security.tokens import AccessTokens, KeyRing, SigningKey, TokenPolicy
+from switchboard.platform.security.accesstokens import (
+    AccessTokens,
+    KeyRing,
+    SigningKey,
+    TokenPolicy,
+)
 from tests.infra.clock import FakeClock
 
 WALL = 1_800_000_000.0
