@@ -28,7 +28,6 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from concurrent import futures
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, Final, TypeVar
 
 import grpc
@@ -289,12 +288,7 @@ class OtlpReceiver:
     def __enter__(self) -> OtlpReceiver:
         return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     @property
