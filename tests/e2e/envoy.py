@@ -46,6 +46,17 @@ def envoy_binary() -> str:
         pytest.fail(str(exc))
 
 
+def envoy_validate(config: Path) -> subprocess.CompletedProcess[str]:
+    """``envoy --mode validate`` on ``config``: its exit code and what it printed."""
+    return subprocess.run(
+        [envoy_binary(), "--mode", "validate", "--config-path", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 class EnvoyProcess(ManagedProcess):
     """Envoy on free loopback ports in front of ``upstream`` (HOST:PORT, the all-in-one
     shape) or of ``services`` (short name to its replicas' HOST:PORT, the mesh)."""

@@ -712,6 +712,16 @@ class User:
     access: str
     refresh: str
 
+    @classmethod
+    def signed_in(cls, answer: Any) -> User:
+        """The user a Register or Login answer signed in."""
+        return cls(
+            answer.user.email,
+            answer.user.name,
+            answer.tokens.access_token,
+            answer.tokens.refresh_token,
+        )
+
     @property
     def md(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.access}"),)
@@ -735,12 +745,7 @@ class Server:
             ),
             timeout=CALL_S,
         )
-        return User(
-            answer.user.email,
-            answer.user.name,
-            answer.tokens.access_token,
-            answer.tokens.refresh_token,
-        )
+        return User.signed_in(answer)
 
     def login(self, email: str) -> User:
         answer = self.auth.Login(
@@ -749,12 +754,7 @@ class Server:
             ),
             timeout=CALL_S,
         )
-        return User(
-            answer.user.email,
-            answer.user.name,
-            answer.tokens.access_token,
-            answer.tokens.refresh_token,
-        )
+        return User.signed_in(answer)
 
     def workspace(self, user: User, workspace_id: str) -> tuple[str, str]:
         """A workspace and a conversation in it; their names."""
