@@ -72,6 +72,7 @@ from bench.harness import (
     SERVED,
     CpuMeter,
     bearer,
+    clients,
     command_line,
     dedicated_channel,
     errors_text,
@@ -85,7 +86,7 @@ from bench.harness import (
     run_client,
     running,
     say,
-    section_parser,
+    section_main,
     serve,
     session,
     settings_text,
@@ -759,12 +760,6 @@ async def client_qps(spec: dict[str, Any]) -> dict[str, Any]:
         return await QpsLoad(spec, connection).run()
 
 
-def client_main(spec: dict[str, Any]) -> int:
-    run = client_runs if spec["mode"] == "runs" else client_qps
-    print(json.dumps(asyncio.run(run(spec))))
-    return 0
-
-
 # ---------------------------------------------------------------------------------
 # The report.
 
@@ -1097,20 +1092,22 @@ async def drive(args: argparse.Namespace) -> int:
     return 0
 
 
-def main() -> int:
-    if len(sys.argv) == 3 and sys.argv[1] == "client":
-        return client_main(json.loads(sys.argv[2]))
-    if sys.argv[1:] == ["bare"]:
-        asyncio.run(bare_main())
-        return 0
-    parser = section_parser(__doc__, quick="a few seconds per case")
+def options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=0, help="SendMessage QPS rounds")
     parser.add_argument(
         "--only", nargs="+", choices=["latency", "throughput", "qps"], help="these scenarios"
     )
     pyspy.flags(parser, "extra, unmeasured runs")
-    args = parser.parse_args()
-    return asyncio.run(drive(args))
+
+
+def main() -> int:
+    return section_main(
+        __doc__,
+        drive,
+        quick="a few seconds per case",
+        options=options,
+        roles={"client": clients({"runs": client_runs, "qps": client_qps}), "bare": bare_main},
+    )
 
 
 if __name__ == "__main__":

@@ -88,6 +88,7 @@ from bench.harness import (
     SERVED,
     CpuMeter,
     bearer,
+    clients,
     command_line,
     dedicated_channel,
     errors_text,
@@ -101,7 +102,7 @@ from bench.harness import (
     report,
     run_client,
     say,
-    section_parser,
+    section_main,
     serve,
     session,
     settings_text,
@@ -832,12 +833,6 @@ async def client_append(spec: dict[str, Any]) -> dict[str, Any]:
         return await (appender.burst() if spec["mode"] == "burst" else appender.steady())
 
 
-def client_main(spec: dict[str, Any]) -> int:
-    run = client_mcp if spec["mode"] == "mcp" else client_append
-    print(json.dumps(asyncio.run(run(spec))))
-    return 0
-
-
 # ---------------------------------------------------------------------------------
 # The report.
 
@@ -1078,20 +1073,23 @@ async def drive(args: argparse.Namespace) -> int:
     return 0
 
 
-def main() -> int:
-    if len(sys.argv) == 3 and sys.argv[1] == "client":
-        return client_main(json.loads(sys.argv[2]))
-    if sys.argv[1:] == ["receiver"]:
-        asyncio.run(receiver_main(os.environ[RECEIVER_SECRET]))
-        return 0
-    parser = section_parser(__doc__, quick="short phases, small counts")
+def options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", nargs="+", choices=["mcp", "webhooks"], help="these scenarios")
     parser.add_argument(
         "--mcp-server", choices=sorted(MCP_SERVERS), default="sdk", help="the MCP server"
     )
     pyspy.flags(parser, "an extra InvokeTool run")
-    args = parser.parse_args()
-    return asyncio.run(drive(args))
+
+
+def main() -> int:
+    client = clients({"mcp": client_mcp, "burst": client_append, "steady": client_append})
+    return section_main(
+        __doc__,
+        drive,
+        quick="short phases, small counts",
+        options=options,
+        roles={"client": client, "receiver": lambda: receiver_main(os.environ[RECEIVER_SECRET])},
+    )
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ from bench.fixtures import Account, create_conversations, create_workspace, regi
 from bench.harness import (
     CpuMeter,
     bearer,
+    clients,
     command_line,
     dedicated_channel,
     host_speed_line,
@@ -77,7 +78,7 @@ from bench.harness import (
     run_client,
     running,
     say,
-    section_parser,
+    section_main,
     serve,
     session,
     settings_text,
@@ -386,12 +387,6 @@ async def client_switchboard(spec: dict[str, Any]) -> dict[str, Any]:
     finally:
         for channel in channels:
             await channel.close(None)
-
-
-def client_main(spec: dict[str, Any]) -> int:
-    mode = client_direct if spec["mode"] == "direct" else client_switchboard
-    print(json.dumps(asyncio.run(mode(spec))))
-    return 0
 
 
 # ---------------------------------------------------------------------------------
@@ -746,13 +741,7 @@ def render(results: dict[str, Any], command: str, sizes: Sizes) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
-    if len(sys.argv) == 3 and sys.argv[1] == "client":
-        return client_main(json.loads(sys.argv[2]))
-    if len(sys.argv) == 3 and sys.argv[1] == "model":
-        asyncio.run(model_main(int(sys.argv[2])))
-        return 0
-    parser = section_parser(__doc__, quick="a few seconds per row")
+def options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label", default="current", help="the code measured (a section apart)")
     parser.add_argument("--rows", default="", help="only these rows: INTERVAL_MS:C[:TOKENS],...")
     parser.add_argument(
@@ -768,8 +757,19 @@ def main() -> int:
     )
     parser.add_argument("--against-label", default="before", help="how the table names it")
     pyspy.flags(parser, "an extra, unmeasured run of the paced 100-conversation row")
-    args = parser.parse_args()
-    return asyncio.run(drive(args))
+
+
+def main() -> int:
+    return section_main(
+        __doc__,
+        drive,
+        quick="a few seconds per row",
+        options=options,
+        roles={
+            "client": clients({"direct": client_direct, "switchboard": client_switchboard}),
+            "model": model_main,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ from bench.harness import (
     report,
     running,
     say,
-    section_parser,
+    section_main,
     serve,
     session,
     settings_text,
@@ -1123,28 +1123,35 @@ async def drive(args: argparse.Namespace) -> int:
     return 0
 
 
-def main() -> int:
-    if sys.argv[1:] == ["mcp"]:
-        mcp_main()
-        return 0
-    parser = section_parser(__doc__, quick="small counts")
+def _made(directory: str) -> str:
+    """``--keep``'s directory, made if missing (none: ``""``)."""
+    if directory:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--first-delta-ab",
         nargs=2,
+        type=lambda tree: Path(tree).resolve(),
         metavar=("BEFORE", "AFTER"),
         help="instead: bench/dispatcher.py's paced first-delta case on these two source trees",
     )
     parser.add_argument("--pairs", type=int, default=3, help="--first-delta-ab: pairs of cases")
     parser.add_argument(
-        "--keep", default="", help="--first-delta-ab: keep the servers' logs in this directory"
+        "--keep",
+        type=_made,
+        default="",
+        help="--first-delta-ab: keep the servers' logs in this directory",
     )
     pyspy.flags(parser, "extra tool runs")
-    args = parser.parse_args()
-    if args.first_delta_ab:
-        args.first_delta_ab = [Path(tree).resolve() for tree in args.first_delta_ab]
-    if args.keep:
-        Path(args.keep).mkdir(parents=True, exist_ok=True)
-    return asyncio.run(drive(args))
+
+
+def main() -> int:
+    return section_main(
+        __doc__, drive, quick="small counts", options=options, roles={"mcp": mcp_main}
+    )
 
 
 if __name__ == "__main__":
