@@ -348,6 +348,35 @@ class CpuMeter:
         }
 
 
+class Window:
+    """A closed-loop load's clock: a warm-up, then the measured time (``start``); before
+    it starts, no time is in it."""
+
+    def __init__(self) -> None:
+        self.begin = 0.0
+        self.deadline = 0.0
+
+    def start(self, warmup_s: float, seconds: float) -> None:
+        self.begin = time.perf_counter() + warmup_s
+        self.deadline = self.begin + seconds
+
+    def __contains__(self, at: float) -> bool:
+        return self.begin <= at < self.deadline
+
+    def open(self) -> bool:
+        """Whether the loads go on (the measured time has not ended)."""
+        return time.perf_counter() < self.deadline
+
+    async def warm_up(self) -> None:
+        """Until the measured time begins, the collector quieted first (``quiet_gc``)."""
+        quiet_gc()
+        await asyncio.sleep(max(0.0, self.begin - time.perf_counter()))
+
+    async def measured(self) -> None:
+        """Until the measured time ends."""
+        await asyncio.sleep(max(0.0, self.deadline - time.perf_counter()))
+
+
 def quiet_gc() -> None:
     """Freeze what exists and collect rarely: this process's pauses are not the server's."""
     gc.collect()
@@ -679,11 +708,6 @@ def report(results: Mapping[str, Any], text: str, args: argparse.Namespace) -> N
         print(text)
     if args.write:
         write_sections(text)
-
-
-def table_head(columns: str) -> list[str]:
-    """A Markdown table's heading (``columns``: ``"a | b | c"``) and its rule."""
-    return [f"| {columns} |", "|" + "---|" * (columns.count(" | ") + 1)]
 
 
 # ---------------------------------------------------------------------------------

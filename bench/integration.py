@@ -445,10 +445,8 @@ class McpLoad:
         profile = self.spec["profile"]
         callers = max(self.spec["callers"])
         case = Case(self.spec["server_pid"], self.spec["mcp_pid"])
-        profiler = await pyspy.record(profile, self.spec["server_pid"])
-        await self.phase(case, self.invoke, callers, profile["seconds"] + 2)
-        if profiler is not None:
-            await profiler.wait()
+        async with pyspy.recording(profile, self.spec["server_pid"]):
+            await self.phase(case, self.invoke, callers, profile["seconds"] + 2)
         return {"callers": callers, **case.figures()}
 
     async def run(self) -> dict[str, Any]:
@@ -1063,9 +1061,7 @@ async def drive(args: argparse.Namespace) -> int:
             if profile is not None:
                 results["mcp"]["profile_groups"] = pyspy.libraries(out)
                 results["mcp"]["profile_functions"] = pyspy.functions(out)
-                if args.profile_dir:
-                    keep = Path(args.profile_dir)
-                    await asyncio.to_thread(pyspy.keep, directory, out.name, keep)
+                await pyspy.keep(args, directory, out.name)
         if "webhooks" in wanted:
             results["webhooks"] = await webhook_scenario(sizes, directory)
     text = render(results, command_line("bench/integration.py"), sizes)

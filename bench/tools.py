@@ -620,15 +620,13 @@ class ToolLoad:
         seconds = float(profile["seconds"])
         pool = iter(await new_conversations(channel, self.world, int(seconds * 40) + 40))
         case = Case(CpuMeter(*self.pids))
-        profiler = await pyspy.record(profile, server_pid)
-        deadline = time.monotonic() + seconds + 1
-        with case.meter.measure():
-            for conversation in pool:
-                if time.monotonic() >= deadline:
-                    break
-                await self.run(conversation, True, case, "p")
-        if profiler is not None:
-            await profiler.wait()
+        async with pyspy.recording(profile, server_pid):
+            deadline = time.monotonic() + seconds + 1
+            with case.meter.measure():
+                for conversation in pool:
+                    if time.monotonic() >= deadline:
+                        break
+                    await self.run(conversation, True, case, "p")
         figures = case.figures("added")
         return {
             "runs": figures["added"]["calls"],
@@ -1116,9 +1114,8 @@ async def drive(args: argparse.Namespace) -> int:
         out = directory / "profile-tools.txt"
         profile = pyspy.plan(py_spy, PROFILE_SECONDS, out)
         results["tools"] = await tools_scenario(sizes, directory, profile)
-        if profile is not None and args.profile_dir:
-            keep = Path(args.profile_dir)
-            await asyncio.to_thread(pyspy.keep, directory, out.name, keep)
+        if profile is not None:
+            await pyspy.keep(args, directory, out.name)
     report(results, render(results, command_line("bench/tools.py"), sizes), args)
     return 0
 
