@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -55,6 +56,14 @@ def envoy_validate(config: Path) -> subprocess.CompletedProcess[str]:
         timeout=60,
         check=False,
     )
+
+
+def fronting(address: str, **options: Any) -> Iterator[EnvoyProcess]:
+    """A fixture's Envoy in front of ``address`` (``yield from``), which must stop cleanly
+    once the fixture is done with it."""
+    with EnvoyProcess(address, **options) as proxy:
+        yield proxy
+        assert proxy.terminate() == 0
 
 
 class EnvoyProcess(ManagedProcess):

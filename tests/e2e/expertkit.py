@@ -1,6 +1,6 @@
 """What the tests of experts and A2A agents registered at run time share: a server whose
 prober waits to be asked, its integration stub and workspace, what its dispatcher lists,
-and the environment of two processes scaled out on one PostgreSQL and one Redis.
+(two processes scaled out: ``procs.scaled_env``).
 
 A test module binds the fixtures under the names its tests take:
     served, istub, world = served_fixture, istub_fixture, world_fixture
@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 from grpc import aio
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.platform.rpc.server import SwitchboardServer
-from tests.e2e.procs import shared_secrets
 from tests.service.contextkit import Stub as CStub
 from tests.service.contextkit import World, ctx_world
 from tests.service.dispatchkit import Stub as DStub
@@ -48,17 +46,6 @@ async def istub_fixture(served: Served) -> AsyncIterator[IStub]:
 async def world_fixture(served: Served) -> World:
     server, cstub, _ = served
     return await ctx_world(server, cstub)
-
-
-def scaled_env(tmp_path: Path, postgres_url: str, redis_url: str) -> dict[str, str]:
-    """Two servers sharing PostgreSQL, Redis (the event log) and their secrets."""
-    return {
-        **shared_secrets(tmp_path),
-        "SWITCHBOARD_DATABASE_URL": postgres_url,
-        "SWITCHBOARD_REDIS_URL": redis_url,
-        "SWITCHBOARD_EGRESS_ALLOW_LOOPBACK": "true",
-        "SWITCHBOARD_INTEGRATION_PROBE_INTERVAL_S": "3600",
-    }
 
 
 async def listed(dstub: DStub, world: World, workspace: str = "") -> dict[str, pb.Handler]:

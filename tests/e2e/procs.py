@@ -45,6 +45,25 @@ def shared_secrets(directory: Path) -> dict[str, str]:
     }
 
 
+def shared_env(directory: Path, postgres_url: str, redis_url: str) -> dict[str, str]:
+    """Processes sharing PostgreSQL, Redis (the event log) and their secrets
+    (``shared_secrets``, written into ``directory``)."""
+    return {
+        **shared_secrets(directory),
+        "SWITCHBOARD_DATABASE_URL": postgres_url,
+        "SWITCHBOARD_REDIS_URL": redis_url,
+    }
+
+
+def scaled_env(directory: Path, postgres_url: str, redis_url: str) -> dict[str, str]:
+    """``shared_env``, with loopback egress allowed and the prober waiting to be asked."""
+    return {
+        **shared_env(directory, postgres_url, redis_url),
+        "SWITCHBOARD_EGRESS_ALLOW_LOOPBACK": "true",
+        "SWITCHBOARD_INTEGRATION_PROBE_INTERVAL_S": "3600",
+    }
+
+
 class ManagedProcess:
     """A child process with a private temporary directory: SIGTERM to stop it
     politely, and a kill plus cleanup on context exit whatever happened."""

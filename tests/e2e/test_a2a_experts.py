@@ -35,12 +35,11 @@ from tests.e2e.a2aproc import A2AAgentProcess
 from tests.e2e.expertkit import (
     istub_fixture,
     listed,
-    scaled_env,
     served_fixture,
     until_listed,
     world_fixture,
 )
-from tests.e2e.procs import ServeProcess, shared_secrets
+from tests.e2e.procs import ServeProcess, scaled_env, shared_secrets
 from tests.infra.redis import RedisServer
 from tests.infra.tcprelay import TcpRelay
 from tests.service.authkit import register as register_user

@@ -45,13 +45,12 @@ from tests.conftest import built
 from tests.e2e.expertkit import (
     istub_fixture,
     listed,
-    scaled_env,
     served_fixture,
     until_listed,
     world_fixture,
 )
 from tests.e2e.expertproc import NodeExpert
-from tests.e2e.procs import ServeProcess
+from tests.e2e.procs import ServeProcess, scaled_env
 from tests.infra.redis import RedisServer
 from tests.service.authkit import register as register_user
 from tests.service.contextkit import (
