@@ -45,6 +45,21 @@ def shared_secrets(directory: Path) -> dict[str, str]:
     }
 
 
+def cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``switchboard ARGS`` run to its end (within a minute): its code and output."""
+    return subprocess.run(
+        [sys.executable, "-m", "switchboard.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=cwd,
+        check=False,
+    )
+
+
 def shared_env(directory: Path, postgres_url: str, redis_url: str) -> dict[str, str]:
     """Processes sharing PostgreSQL, Redis (the event log) and their secrets
     (``shared_secrets``, written into ``directory``)."""

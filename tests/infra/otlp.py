@@ -235,6 +235,22 @@ class WaitTimeout(AssertionError):
     """What a test waited for did not arrive in time."""
 
 
+def _export(
+    service: str, handle: Callable[[Any, Any], Any], request: Any, response: Any
+) -> grpc.GenericRpcHandler[Any, Any]:
+    """``service``'s one method, ``Export``, answered by ``handle``."""
+    return grpc.method_handlers_generic_handler(
+        service,
+        {
+            "Export": grpc.unary_unary_rpc_method_handler(
+                handle,
+                request_deserializer=request.FromString,
+                response_serializer=response.SerializeToString,
+            )
+        },
+    )
+
+
 class OtlpReceiver:
     """The receiver; ``endpoint`` is where an OTLP/gRPC exporter sends (``http://127.0.0.1:N``)."""
 
@@ -246,25 +262,17 @@ class OtlpReceiver:
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="otlp-receiver"),
             handlers=[
-                grpc.method_handlers_generic_handler(
+                _export(
                     TRACE_SERVICE,
-                    {
-                        "Export": grpc.unary_unary_rpc_method_handler(
-                            self._export_traces,
-                            request_deserializer=trace_service_pb2.ExportTraceServiceRequest.FromString,
-                            response_serializer=trace_service_pb2.ExportTraceServiceResponse.SerializeToString,
-                        )
-                    },
+                    self._export_traces,
+                    trace_service_pb2.ExportTraceServiceRequest,
+                    trace_service_pb2.ExportTraceServiceResponse,
                 ),
-                grpc.method_handlers_generic_handler(
+                _export(
                     METRICS_SERVICE,
-                    {
-                        "Export": grpc.unary_unary_rpc_method_handler(
-                            self._export_metrics,
-                            request_deserializer=metrics_service_pb2.ExportMetricsServiceRequest.FromString,
-                            response_serializer=metrics_service_pb2.ExportMetricsServiceResponse.SerializeToString,
-                        )
-                    },
+                    self._export_metrics,
+                    metrics_service_pb2.ExportMetricsServiceRequest,
+                    metrics_service_pb2.ExportMetricsServiceResponse,
                 ),
             ],
         )
