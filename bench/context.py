@@ -58,6 +58,7 @@ from bench.fixtures import Account, create_conversations, create_workspace, regi
 from bench.harness import (
     CpuMeter,
     bearer,
+    clients,
     command_line,
     errors_text,
     host_speed_line,
@@ -66,7 +67,7 @@ from bench.harness import (
     report,
     run_client,
     say,
-    section_parser,
+    section_main,
     serve,
     session,
     summary,
@@ -913,14 +914,6 @@ async def client_append(spec: dict[str, Any]) -> dict[str, Any]:
             await channel.close(None)
 
 
-def client_main(spec: dict[str, Any]) -> int:
-    run: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] = (
-        client_window if spec["mode"] == "window" else client_append
-    )
-    print(json.dumps(asyncio.run(run(spec))))  # type: ignore[arg-type]
-    return 0
-
-
 # ---------------------------------------------------------------------------------
 # The report.
 
@@ -1079,16 +1072,21 @@ async def drive(args: argparse.Namespace) -> int:
     return 0
 
 
-def main() -> int:
-    if len(sys.argv) == 3 and sys.argv[1] == "client":
-        return client_main(json.loads(sys.argv[2]))
-    parser = section_parser(__doc__, quick="small sizes, short phases")
+def options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-postgres", action="store_true", help="AppendMessage on SQLite only")
     parser.add_argument(
         "--only", nargs="+", choices=["window", "append"], help="run only these scenarios"
     )
-    args = parser.parse_args()
-    return asyncio.run(drive(args))
+
+
+def main() -> int:
+    return section_main(
+        __doc__,
+        drive,
+        quick="small sizes, short phases",
+        options=options,
+        roles={"client": clients({"window": client_window, "append": client_append})},
+    )
 
 
 if __name__ == "__main__":

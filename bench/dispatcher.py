@@ -71,7 +71,9 @@ from bench.fixtures import Account, create_conversations, create_workspace, regi
 from bench.harness import (
     SERVED,
     CpuMeter,
+    Window,
     bearer,
+    clients,
     command_line,
     dedicated_channel,
     errors_text,
@@ -85,7 +87,7 @@ from bench.harness import (
     run_client,
     running,
     say,
-    section_parser,
+    section_main,
     serve,
     session,
     settings_text,
@@ -518,8 +520,7 @@ class RunLoad:
         self.metadata = bearer(spec["token"])
         self.names: list[str] = spec["conversations"]
         self.stubs = [dispatcher_pb2_grpc.DispatcherServiceStub(c) for c in channels]
-        self.begin = 0.0
-        self.deadline = 0.0
+        self.window = Window()
         # Runs started in the measured window: seconds from just before SendMessage.
         self.send_s: list[float] = []
         self.first_delta_s: list[float] = []
@@ -572,9 +573,9 @@ class RunLoad:
             state = await self._poll(stub, run)
             ended = time.perf_counter()
         self.states[pb.RunState.Name(state)] += 1  # type: ignore[arg-type]
-        if self.begin <= ended < self.deadline:
+        if ended in self.window:
             self.ended_in_window += 1
-        if self.begin <= started < self.deadline:
+        if started in self.window:
             self.updates += updates
             self.send_s.append(sent - started)
             self.end_s.append(ended - started)
@@ -596,26 +597,21 @@ class RunLoad:
         rng = random.Random(index)  # noqa: S311 - think times, reproducible
         if pause:
             await asyncio.sleep(rng.uniform(0, 2 * pause))  # staggered starts
-        while time.perf_counter() < self.deadline:
+        while self.window.open():
             await self.one(stub, name)
             if pause:
                 await asyncio.sleep(rng.uniform(pause / 2, pause * 3 / 2))  # think time
 
     async def run(self) -> dict[str, Any]:
-        now = time.perf_counter()
-        self.begin = now + self.spec["warmup_s"]
-        self.deadline = self.begin + self.spec["seconds"]
+        self.window.start(self.spec["warmup_s"], self.spec["seconds"])
         tasks = [asyncio.create_task(self.loop(i, n)) for i, n in enumerate(self.names)]
-        quiet_gc()
-        await asyncio.sleep(max(0.0, self.begin - time.perf_counter()))  # the warm-up
+        await self.window.warm_up()
         cpu = _server_meter(self.spec["server_pid"])
         cpu.start()
-        profiler = await pyspy.record(self.spec["profile"], self.spec["server_pid"])
-        await asyncio.sleep(max(0.0, self.deadline - time.perf_counter()))  # the measured time
-        cpu.stop()
-        await asyncio.gather(*tasks)
-        if profiler is not None:
-            await profiler.wait()
+        async with pyspy.recording(self.spec["profile"], self.spec["server_pid"]):
+            await self.window.measured()
+            cpu.stop()
+            await asyncio.gather(*tasks)
         runs = len(self.end_s)
         return {
             "conversations": len(self.names),
@@ -733,14 +729,12 @@ class QpsLoad:
         quiet_gc()
         cpu = _server_meter(self.spec["server_pid"])
         cpu.start()
-        profiler = await pyspy.record(self.spec["profile"], self.spec["server_pid"])
-        began = time.perf_counter()
-        deadline = began + self.spec["seconds"]
-        await asyncio.gather(*(self.caller(deadline) for _ in range(self.spec["callers"])))
-        elapsed = time.perf_counter() - began
-        cpu.stop()
-        if profiler is not None:
-            await profiler.wait()
+        async with pyspy.recording(self.spec["profile"], self.spec["server_pid"]):
+            began = time.perf_counter()
+            deadline = began + self.spec["seconds"]
+            await asyncio.gather(*(self.caller(deadline) for _ in range(self.spec["callers"])))
+            elapsed = time.perf_counter() - began
+            cpu.stop()
         figures: dict[str, Any] = {
             **summary(self.latencies),
             "qps": round(len(self.latencies) / elapsed, 1),
@@ -757,12 +751,6 @@ class QpsLoad:
 async def client_qps(spec: dict[str, Any]) -> dict[str, Any]:
     async with dedicated_channel(spec["address"]) as connection:
         return await QpsLoad(spec, connection).run()
-
-
-def client_main(spec: dict[str, Any]) -> int:
-    run = client_runs if spec["mode"] == "runs" else client_qps
-    print(json.dumps(asyncio.run(run(spec))))
-    return 0
 
 
 # ---------------------------------------------------------------------------------
@@ -1089,28 +1077,28 @@ async def drive(args: argparse.Namespace) -> int:
             results["qps"] = await qps_scenario(sizes, directory)
         if py_spy is not None:
             results["profile"] = await profile_scenario(sizes, directory, py_spy, wanted)
-            if args.profile_dir:
-                keep = Path(args.profile_dir)
-                await asyncio.to_thread(pyspy.keep, directory, "profile-*.txt", keep)
+            await pyspy.keep(args, directory, "profile-*.txt")
     text = render(results, command_line("bench/dispatcher.py"), sizes)
     report(results, text, args)
     return 0
 
 
-def main() -> int:
-    if len(sys.argv) == 3 and sys.argv[1] == "client":
-        return client_main(json.loads(sys.argv[2]))
-    if sys.argv[1:] == ["bare"]:
-        asyncio.run(bare_main())
-        return 0
-    parser = section_parser(__doc__, quick="a few seconds per case")
+def options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=0, help="SendMessage QPS rounds")
     parser.add_argument(
         "--only", nargs="+", choices=["latency", "throughput", "qps"], help="these scenarios"
     )
     pyspy.flags(parser, "extra, unmeasured runs")
-    args = parser.parse_args()
-    return asyncio.run(drive(args))
+
+
+def main() -> int:
+    return section_main(
+        __doc__,
+        drive,
+        quick="a few seconds per case",
+        options=options,
+        roles={"client": clients({"runs": client_runs, "qps": client_qps}), "bare": bare_main},
+    )
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ round, because these machines drift.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -89,10 +90,11 @@ from bench.harness import (
     command_line,
     median,
     merge_counts,
+    overrides,
     provenance,
     report,
     say,
-    section_parser,
+    section_main,
     settings_text,
     share,
     summary,
@@ -977,32 +979,34 @@ def _fanout_lines(results: dict[str, Any], plan: Plan) -> list[str]:
     ]
 
 
-def main() -> int:
-    if len(sys.argv) == 3 and sys.argv[1] == "worker":
-        spec = json.loads(sys.argv[2])
-        worker = WebWorker(spec) if spec["mode"] == "web" else Worker(spec)
-        asyncio.run(worker.run())
-        return 0
-    if len(sys.argv) == 3 and sys.argv[1] == "load":
-        asyncio.run(unary_load(json.loads(sys.argv[2])))
-        return 0
-    parser = section_parser(__doc__, quick="short phases, 200 subscribers")
+def options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", choices=["unary", "fanout"], help="run one part")
     parser.add_argument("--seconds", type=float, help="per unary case")
     parser.add_argument("--rounds", type=int, help="unary rounds")
     parser.add_argument("--subscribers", type=int, help="fan-out subscribers")
-    args = parser.parse_args()
-    plan = Plan.quick() if args.quick else Plan()
-    overrides: dict[str, Any] = {}
+
+
+async def section(args: argparse.Namespace) -> None:
+    changes = overrides(args, ("seconds", "rounds", "subscribers"))
     if args.only:
-        overrides["parts"] = (args.only,)
-    for name in ("seconds", "rounds", "subscribers"):
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
-    plan = dataclasses.replace(plan, **overrides)
-    results = asyncio.run(drive(plan))
+        changes["parts"] = (args.only,)
+    plan = dataclasses.replace(Plan.quick() if args.quick else Plan(), **changes)
+    results = await drive(plan)
     report(results, render(results, plan, command_line("bench/edge.py")), args)
-    return 0
+
+
+def _worker(spec: dict[str, Any]) -> Awaitable[None]:
+    return (WebWorker(spec) if spec["mode"] == "web" else Worker(spec)).run()
+
+
+def main() -> int:
+    return section_main(
+        __doc__,
+        section,
+        quick="short phases, 200 subscribers",
+        options=options,
+        roles={"worker": _worker, "load": unary_load},
+    )
 
 
 if __name__ == "__main__":

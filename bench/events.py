@@ -61,7 +61,7 @@ from bench.harness import (
     provenance,
     quiet_gc,
     report,
-    section_parser,
+    section_main,
     share,
 )
 
@@ -959,11 +959,7 @@ def _wanted(name: str, only: Sequence[str] | None) -> bool:
     return any(name == o or name.startswith(f"{o}-") for o in only)
 
 
-def main() -> int:
-    if len(sys.argv) == 3 and sys.argv[1] == "worker":
-        asyncio.run(Worker(json.loads(sys.argv[2])).run())
-        return 0
-    parser = section_parser(__doc__, quick="small sizes, short phases")
+def options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="subscriber processes")
     parser.add_argument("--channels", type=int, default=4, help="connections per worker")
     parser.add_argument(
@@ -982,8 +978,16 @@ def main() -> int:
         choices=["fanout100", "fanout1k", "broadcast10k", "gc", "capacity"],
         help="run only these scenarios",
     )
-    args = parser.parse_args()
-    return asyncio.run(drive(args))
+
+
+def main() -> int:
+    return section_main(
+        __doc__,
+        drive,
+        quick="small sizes, short phases",
+        options=options,
+        roles={"worker": lambda spec: Worker(spec).run()},
+    )
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ rounds. The issue asks A2A for at least 0.8 of the native runs/s.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import sys
 import time
@@ -49,7 +50,7 @@ from bench.harness import (
     ms,
     provenance,
     report,
-    section_parser,
+    section_main,
     serve,
     session,
 )
@@ -244,9 +245,7 @@ def render(results: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def main() -> None:
-    parser = section_parser(__doc__, quick="short rounds (< 30 s)")
-    args = parser.parse_args()
+async def drive(args: argparse.Namespace) -> None:
     results: dict[str, Any] = {}
     async with session(results, "switchboard-bench-a2a-") as directory:
         with serve(directory, f"sqlite+aiosqlite:///{directory}/bench.db", SETTINGS) as server:
@@ -255,4 +254,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    raise SystemExit(section_main(__doc__, drive, quick="short rounds (< 30 s)"))

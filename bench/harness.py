@@ -11,7 +11,9 @@
   ``PREAMBLE``.
 - The processes a benchmark starts: ``switchboard serve`` (``serve``), a child that
   answers one JSON line per command (``Child`` / ``answer``), a client process that
-  prints its figures (``run_client``).
+  prints its figures (``run_client`` / ``clients``).
+- A section script's entry point (``section_main``): its options, or one of the
+  processes it starts (``SCRIPT ROLE [JSON]``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import inspect
 import json
 import math
 import os
@@ -38,6 +41,7 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
+    Coroutine,
     Iterable,
     Iterator,
     Mapping,
@@ -342,6 +346,35 @@ class CpuMeter:
             "client_cores": round(self.client / wall, 2),
             "other_cores": round(self.others() / wall, 2),
         }
+
+
+class Window:
+    """A closed-loop load's clock: a warm-up, then the measured time (``start``); before
+    it starts, no time is in it."""
+
+    def __init__(self) -> None:
+        self.begin = 0.0
+        self.deadline = 0.0
+
+    def start(self, warmup_s: float, seconds: float) -> None:
+        self.begin = time.perf_counter() + warmup_s
+        self.deadline = self.begin + seconds
+
+    def __contains__(self, at: float) -> bool:
+        return self.begin <= at < self.deadline
+
+    def open(self) -> bool:
+        """Whether the loads go on (the measured time has not ended)."""
+        return time.perf_counter() < self.deadline
+
+    async def warm_up(self) -> None:
+        """Until the measured time begins, the collector quieted first (``quiet_gc``)."""
+        quiet_gc()
+        await asyncio.sleep(max(0.0, self.begin - time.perf_counter()))
+
+    async def measured(self) -> None:
+        """Until the measured time ends."""
+        await asyncio.sleep(max(0.0, self.deadline - time.perf_counter()))
 
 
 def quiet_gc() -> None:
@@ -675,3 +708,54 @@ def report(results: Mapping[str, Any], text: str, args: argparse.Namespace) -> N
         print(text)
     if args.write:
         write_sections(text)
+
+
+# ---------------------------------------------------------------------------------
+# A section script's entry point.
+
+
+def overrides(args: argparse.Namespace, names: Iterable[str]) -> dict[str, Any]:
+    """The options among ``names`` given on the command line (lists as tuples), for
+    ``dataclasses.replace`` of a script's plan."""
+    given = {name: getattr(args, name) for name in names}
+    return {
+        name: tuple(value) if isinstance(value, list) else value
+        for name, value in given.items()
+        if value is not None
+    }
+
+
+def clients(
+    by_mode: Mapping[str, Callable[[dict[str, Any]], Coroutine[Any, Any, dict[str, Any]]]],
+) -> Callable[[dict[str, Any]], None]:
+    """The ``client`` role (``run_client``): the spec's ``mode`` picks the measuring
+    client; its figures go to stdout as JSON."""
+
+    def client(spec: dict[str, Any]) -> None:
+        print(json.dumps(asyncio.run(by_mode[spec["mode"]](spec))))
+
+    return client
+
+
+def section_main(
+    doc: str | None,
+    drive: Callable[[argparse.Namespace], Coroutine[Any, Any, object]],
+    *,
+    quick: str = "",
+    options: Callable[[argparse.ArgumentParser], None] | None = None,
+    roles: Mapping[str, Callable[..., object]] | None = None,
+) -> int:
+    """A section script's ``main``. ``SCRIPT ROLE [JSON...]`` is one of the processes the
+    script starts: ``roles[ROLE]`` given the decoded arguments (a coroutine it returns is
+    run). Otherwise the section: ``section_parser`` with ``options`` added, then ``drive``."""
+    argv = sys.argv[1:]
+    if roles and argv and argv[0] in roles:
+        done = roles[argv[0]](*(json.loads(arg) for arg in argv[1:]))
+        if inspect.iscoroutine(done):
+            asyncio.run(done)
+        return 0
+    parser = section_parser(doc, quick)
+    if options is not None:
+        options(parser)
+    code: object = asyncio.run(drive(parser.parse_args()))
+    return code if isinstance(code, int) else 0

@@ -88,6 +88,7 @@ from bench.harness import (
     SERVED,
     CpuMeter,
     bearer,
+    clients,
     command_line,
     dedicated_channel,
     errors_text,
@@ -101,7 +102,7 @@ from bench.harness import (
     report,
     run_client,
     say,
-    section_parser,
+    section_main,
     serve,
     session,
     settings_text,
@@ -444,10 +445,8 @@ class McpLoad:
         profile = self.spec["profile"]
         callers = max(self.spec["callers"])
         case = Case(self.spec["server_pid"], self.spec["mcp_pid"])
-        profiler = await pyspy.record(profile, self.spec["server_pid"])
-        await self.phase(case, self.invoke, callers, profile["seconds"] + 2)
-        if profiler is not None:
-            await profiler.wait()
+        async with pyspy.recording(profile, self.spec["server_pid"]):
+            await self.phase(case, self.invoke, callers, profile["seconds"] + 2)
         return {"callers": callers, **case.figures()}
 
     async def run(self) -> dict[str, Any]:
@@ -832,12 +831,6 @@ async def client_append(spec: dict[str, Any]) -> dict[str, Any]:
         return await (appender.burst() if spec["mode"] == "burst" else appender.steady())
 
 
-def client_main(spec: dict[str, Any]) -> int:
-    run = client_mcp if spec["mode"] == "mcp" else client_append
-    print(json.dumps(asyncio.run(run(spec))))
-    return 0
-
-
 # ---------------------------------------------------------------------------------
 # The report.
 
@@ -1068,9 +1061,7 @@ async def drive(args: argparse.Namespace) -> int:
             if profile is not None:
                 results["mcp"]["profile_groups"] = pyspy.libraries(out)
                 results["mcp"]["profile_functions"] = pyspy.functions(out)
-                if args.profile_dir:
-                    keep = Path(args.profile_dir)
-                    await asyncio.to_thread(pyspy.keep, directory, out.name, keep)
+                await pyspy.keep(args, directory, out.name)
         if "webhooks" in wanted:
             results["webhooks"] = await webhook_scenario(sizes, directory)
     text = render(results, command_line("bench/integration.py"), sizes)
@@ -1078,20 +1069,23 @@ async def drive(args: argparse.Namespace) -> int:
     return 0
 
 
-def main() -> int:
-    if len(sys.argv) == 3 and sys.argv[1] == "client":
-        return client_main(json.loads(sys.argv[2]))
-    if sys.argv[1:] == ["receiver"]:
-        asyncio.run(receiver_main(os.environ[RECEIVER_SECRET]))
-        return 0
-    parser = section_parser(__doc__, quick="short phases, small counts")
+def options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", nargs="+", choices=["mcp", "webhooks"], help="these scenarios")
     parser.add_argument(
         "--mcp-server", choices=sorted(MCP_SERVERS), default="sdk", help="the MCP server"
     )
     pyspy.flags(parser, "an extra InvokeTool run")
-    args = parser.parse_args()
-    return asyncio.run(drive(args))
+
+
+def main() -> int:
+    client = clients({"mcp": client_mcp, "burst": client_append, "steady": client_append})
+    return section_main(
+        __doc__,
+        drive,
+        quick="short phases, small counts",
+        options=options,
+        roles={"client": client, "receiver": lambda: receiver_main(os.environ[RECEIVER_SECRET])},
+    )
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import re
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -84,11 +85,14 @@ def plan(py_spy: str | None, seconds: float, out: Path) -> dict[str, Any] | None
     return {"py_spy": py_spy, "seconds": seconds, "out": str(out)} if py_spy else None
 
 
-async def record(profile: Mapping[str, Any] | None, pid: int) -> asyncio.subprocess.Process | None:
-    """Start py-spy on process ``pid`` as ``profile`` (``plan``) says; None without one."""
+@contextlib.asynccontextmanager
+async def recording(profile: Mapping[str, Any] | None, pid: int) -> AsyncIterator[None]:
+    """py-spy on process ``pid`` for the block, as ``profile`` (``plan``) says (nothing
+    without one); the block ends once py-spy has written its file."""
     if not profile:
-        return None
-    return await asyncio.create_subprocess_exec(
+        yield
+        return
+    process = await asyncio.create_subprocess_exec(
         profile["py_spy"],
         "record",
         "--pid",
@@ -105,11 +109,18 @@ async def record(profile: Mapping[str, Any] | None, pid: int) -> asyncio.subproc
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
     )
+    yield
+    await process.wait()
 
 
-def keep(directory: Path, pattern: str, destination: Path) -> None:
+async def keep(args: argparse.Namespace, directory: Path, pattern: str) -> None:
     """Copy the raw profiles in ``directory`` named ``pattern`` (a glob) into
-    ``destination`` (``--profile-dir``)."""
+    ``--profile-dir``, if it was given."""
+    if args.profile_dir:
+        await asyncio.to_thread(_copy, directory, pattern, Path(args.profile_dir))
+
+
+def _copy(directory: Path, pattern: str, destination: Path) -> None:
     destination.mkdir(parents=True, exist_ok=True)
     for raw in directory.glob(pattern):
         shutil.copy(raw, destination / raw.name)

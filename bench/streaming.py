@@ -65,19 +65,20 @@ from bench import pyspy
 from bench.fixtures import Account, create_conversations, create_workspace, register
 from bench.harness import (
     CpuMeter,
+    Window,
     bearer,
+    clients,
     command_line,
     dedicated_channel,
     host_speed_line,
     percentile,
     provenance,
     python,
-    quiet_gc,
     report,
     run_client,
     running,
     say,
-    section_parser,
+    section_main,
     serve,
     session,
     settings_text,
@@ -205,8 +206,7 @@ class Load:
     def __init__(self, spec: dict[str, Any]) -> None:
         self.spec = spec
         self.interval = spec["interval_ms"] / 1000
-        self.begin = 0.0
-        self.deadline = 0.0
+        self.window = Window()
         self.first_s: list[float] = []
         self.gap_s: list[float] = []
         self.tokens = 0
@@ -220,7 +220,7 @@ class Load:
 
     def text(self, started: float, times: list[tuple[float, int]]) -> None:
         """One answer's text frames (arrival, tokens); counted if it started in the window."""
-        if not (self.begin <= started < self.deadline):
+        if started not in self.window:
             return
         self.started += 1
         if times:
@@ -231,36 +231,31 @@ class Load:
             self.short += 1
 
     def delivered(self, at: float, tokens: int) -> None:
-        if self.begin <= at < self.deadline:
+        if at in self.window:
             self.tokens += tokens
             self.frames += 1
 
     def finished(self, at: float) -> None:
-        if self.begin <= at < self.deadline:
+        if at in self.window:
             self.ended += 1
 
     async def run(self, one: Any, names: Sequence[str], sources: Sequence[int]) -> dict[str, Any]:
-        now = time.perf_counter()
-        self.begin = now + self.spec["warmup_s"]
-        self.deadline = self.begin + self.spec["seconds"]
+        self.window.start(self.spec["warmup_s"], self.spec["seconds"])
 
         async def loop(index: int, name: str) -> None:
             rng = random.Random(index)  # noqa: S311 - staggered starts, reproducible
             await asyncio.sleep(rng.uniform(0, 0.5))  # staggered starts
-            while time.perf_counter() < self.deadline:
+            while self.window.open():
                 await one(index, name)
 
         tasks = [asyncio.create_task(loop(i, n)) for i, n in enumerate(names)]
-        quiet_gc()
-        await asyncio.sleep(max(0.0, self.begin - time.perf_counter()))  # the warm-up
+        await self.window.warm_up()
         cpu = CpuMeter(*sources)
         cpu.start()
-        profiler = await pyspy.record(self.spec.get("profile"), sources[0])
-        await asyncio.sleep(max(0.0, self.deadline - time.perf_counter()))  # the measured time
-        cpu.stop()
-        await asyncio.gather(*tasks)
-        if profiler is not None:
-            await profiler.wait()
+        async with pyspy.recording(self.spec.get("profile"), sources[0]):
+            await self.window.measured()
+            cpu.stop()
+            await asyncio.gather(*tasks)
         tokens = max(self.tokens, 1)
         figures: dict[str, Any] = {
             "conversations": len(names),
@@ -386,12 +381,6 @@ async def client_switchboard(spec: dict[str, Any]) -> dict[str, Any]:
     finally:
         for channel in channels:
             await channel.close(None)
-
-
-def client_main(spec: dict[str, Any]) -> int:
-    mode = client_direct if spec["mode"] == "direct" else client_switchboard
-    print(json.dumps(asyncio.run(mode(spec))))
-    return 0
 
 
 # ---------------------------------------------------------------------------------
@@ -526,9 +515,7 @@ async def drive(args: argparse.Namespace) -> int:
                 "libraries": pyspy.libraries(out),
                 "functions": pyspy.functions(out),
             }
-            if args.profile_dir:
-                keep = Path(args.profile_dir)
-                await asyncio.to_thread(pyspy.keep, directory, "profile-*.txt", keep)
+            await pyspy.keep(args, directory, "profile-*.txt")
     text = render(results, command_line("bench/streaming.py"), sizes)
     report(results, text, args)
     return 0
@@ -746,13 +733,7 @@ def render(results: dict[str, Any], command: str, sizes: Sizes) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
-    if len(sys.argv) == 3 and sys.argv[1] == "client":
-        return client_main(json.loads(sys.argv[2]))
-    if len(sys.argv) == 3 and sys.argv[1] == "model":
-        asyncio.run(model_main(int(sys.argv[2])))
-        return 0
-    parser = section_parser(__doc__, quick="a few seconds per row")
+def options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label", default="current", help="the code measured (a section apart)")
     parser.add_argument("--rows", default="", help="only these rows: INTERVAL_MS:C[:TOKENS],...")
     parser.add_argument(
@@ -768,8 +749,19 @@ def main() -> int:
     )
     parser.add_argument("--against-label", default="before", help="how the table names it")
     pyspy.flags(parser, "an extra, unmeasured run of the paced 100-conversation row")
-    args = parser.parse_args()
-    return asyncio.run(drive(args))
+
+
+def main() -> int:
+    return section_main(
+        __doc__,
+        drive,
+        quick="a few seconds per row",
+        options=options,
+        roles={
+            "client": clients({"direct": client_direct, "switchboard": client_switchboard}),
+            "model": model_main,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ same round, and their median over the rounds is the one compared with the budget
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -59,10 +60,11 @@ from bench.harness import (
     host_speed_line,
     median,
     middle,
+    overrides,
     provenance,
     report,
     say,
-    section_parser,
+    section_main,
     session,
     settings_text,
     verdict,
@@ -533,24 +535,19 @@ def render(results: dict[str, Any], plan: Plan, command: str) -> str:
     )
 
 
-def main() -> int:
-    if sys.argv[1:] == ["receiver"]:
-        receiver_main()
-        return 0
-    parser = section_parser(__doc__)
+def options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, help="measured seconds per case")
     parser.add_argument("--rounds", type=int, help="rounds (3 by default)")
-    args = parser.parse_args()
-    overrides = {
-        name: getattr(args, name)
-        for name in ("seconds", "rounds")
-        if getattr(args, name) is not None
-    }
-    plan = dataclasses.replace(Plan(), **overrides)
-    results = asyncio.run(drive(plan))
-    text = render(results, plan, command_line("bench/telemetry.py"))
-    report(results, text, args)
-    return 0
+
+
+async def section(args: argparse.Namespace) -> None:
+    plan = dataclasses.replace(Plan(), **overrides(args, ("seconds", "rounds")))
+    results = await drive(plan)
+    report(results, render(results, plan, command_line("bench/telemetry.py")), args)
+
+
+def main() -> int:
+    return section_main(__doc__, section, options=options, roles={"receiver": receiver_main})
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ from bench.harness import (
     report,
     running,
     say,
-    section_parser,
+    section_main,
     serve,
     session,
     settings_text,
@@ -620,15 +620,13 @@ class ToolLoad:
         seconds = float(profile["seconds"])
         pool = iter(await new_conversations(channel, self.world, int(seconds * 40) + 40))
         case = Case(CpuMeter(*self.pids))
-        profiler = await pyspy.record(profile, server_pid)
-        deadline = time.monotonic() + seconds + 1
-        with case.meter.measure():
-            for conversation in pool:
-                if time.monotonic() >= deadline:
-                    break
-                await self.run(conversation, True, case, "p")
-        if profiler is not None:
-            await profiler.wait()
+        async with pyspy.recording(profile, server_pid):
+            deadline = time.monotonic() + seconds + 1
+            with case.meter.measure():
+                for conversation in pool:
+                    if time.monotonic() >= deadline:
+                        break
+                    await self.run(conversation, True, case, "p")
         figures = case.figures("added")
         return {
             "runs": figures["added"]["calls"],
@@ -1116,35 +1114,41 @@ async def drive(args: argparse.Namespace) -> int:
         out = directory / "profile-tools.txt"
         profile = pyspy.plan(py_spy, PROFILE_SECONDS, out)
         results["tools"] = await tools_scenario(sizes, directory, profile)
-        if profile is not None and args.profile_dir:
-            keep = Path(args.profile_dir)
-            await asyncio.to_thread(pyspy.keep, directory, out.name, keep)
+        if profile is not None:
+            await pyspy.keep(args, directory, out.name)
     report(results, render(results, command_line("bench/tools.py"), sizes), args)
     return 0
 
 
-def main() -> int:
-    if sys.argv[1:] == ["mcp"]:
-        mcp_main()
-        return 0
-    parser = section_parser(__doc__, quick="small counts")
+def _made(directory: str) -> str:
+    """``--keep``'s directory, made if missing (none: ``""``)."""
+    if directory:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--first-delta-ab",
         nargs=2,
+        type=lambda tree: Path(tree).resolve(),
         metavar=("BEFORE", "AFTER"),
         help="instead: bench/dispatcher.py's paced first-delta case on these two source trees",
     )
     parser.add_argument("--pairs", type=int, default=3, help="--first-delta-ab: pairs of cases")
     parser.add_argument(
-        "--keep", default="", help="--first-delta-ab: keep the servers' logs in this directory"
+        "--keep",
+        type=_made,
+        default="",
+        help="--first-delta-ab: keep the servers' logs in this directory",
     )
     pyspy.flags(parser, "extra tool runs")
-    args = parser.parse_args()
-    if args.first_delta_ab:
-        args.first_delta_ab = [Path(tree).resolve() for tree in args.first_delta_ab]
-    if args.keep:
-        Path(args.keep).mkdir(parents=True, exist_ok=True)
-    return asyncio.run(drive(args))
+
+
+def main() -> int:
+    return section_main(
+        __doc__, drive, quick="small counts", options=options, roles={"mcp": mcp_main}
+    )
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ figures are per round, the verdicts on the median.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -68,10 +69,11 @@ from bench.harness import (
     histogram_percentile,
     median,
     merge_counts,
+    overrides,
     provenance,
     report,
     say,
-    section_parser,
+    section_main,
     settings_text,
     share,
     summary,
@@ -481,11 +483,7 @@ def render(results: dict[str, Any], plan: Plan, command: str) -> str:
     )
 
 
-def main() -> int:
-    if len(sys.argv) == 3 and sys.argv[1] == "writer":
-        asyncio.run(writer(json.loads(sys.argv[2])))
-        return 0
-    parser = section_parser(__doc__, quick="200 subscribers, short phases, one round")
+def options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subscribers", type=int, help="subscribers of the conversation")
     parser.add_argument("--rounds", type=int, help="rounds (each path once per round)")
     parser.add_argument("--seconds", type=float, help="how long each write runs")
@@ -500,25 +498,23 @@ def main() -> int:
         default=None,
         help="the writer calls the server directly on every path (the subscribers' path alone)",
     )
-    args = parser.parse_args()
-    plan = Plan.quick() if args.quick else Plan()
-    changes: dict[str, Any] = {}
-    for name in (
-        "subscribers",
-        "rounds",
-        "seconds",
-        "paths",
-        "rates",
-        "envoy_workers",
-        "writer_direct",
-    ):
-        value = getattr(args, name)
-        if value is not None:
-            changes[name] = tuple(value) if isinstance(value, list) else value
-    plan = dataclasses.replace(plan, **changes)
-    results = asyncio.run(drive(plan))
+
+
+async def section(args: argparse.Namespace) -> None:
+    names = ("subscribers", "rounds", "seconds", "paths", "rates", "envoy_workers", "writer_direct")
+    plan = dataclasses.replace(Plan.quick() if args.quick else Plan(), **overrides(args, names))
+    results = await drive(plan)
     report(results, render(results, plan, command_line("bench/writers.py")), args)
-    return 0
+
+
+def main() -> int:
+    return section_main(
+        __doc__,
+        section,
+        quick="200 subscribers, short phases, one round",
+        options=options,
+        roles={"writer": writer},
+    )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import tempfile
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -53,14 +54,21 @@ def settings() -> Settings:
     return make_settings()
 
 
-@pytest.fixture
-async def mesh(settings: Settings) -> AsyncIterator[SwitchboardServer]:
+@asynccontextmanager
+async def started(settings: Settings) -> AsyncIterator[SwitchboardServer]:
+    """A server of ``settings``, started, for the block; shut down at once afterwards."""
     server, _port = await create_server(settings)
     await server.start()
     try:
         yield server
     finally:
         await server.shutdown(grace=0)
+
+
+@pytest.fixture
+async def mesh(settings: Settings) -> AsyncIterator[SwitchboardServer]:
+    async with started(settings) as server:
+        yield server
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
@@ -44,6 +45,25 @@ def envoy_binary() -> str:
         return machine.envoy_binary()
     except machine.MeshError as exc:
         pytest.fail(str(exc))
+
+
+def envoy_validate(config: Path) -> subprocess.CompletedProcess[str]:
+    """``envoy --mode validate`` on ``config``: its exit code and what it printed."""
+    return subprocess.run(
+        [envoy_binary(), "--mode", "validate", "--config-path", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def fronting(address: str, **options: Any) -> Iterator[EnvoyProcess]:
+    """A fixture's Envoy in front of ``address`` (``yield from``), which must stop cleanly
+    once the fixture is done with it."""
+    with EnvoyProcess(address, **options) as proxy:
+        yield proxy
+        assert proxy.terminate() == 0
 
 
 class EnvoyProcess(ManagedProcess):

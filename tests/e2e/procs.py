@@ -12,7 +12,6 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 import pytest
@@ -46,6 +45,40 @@ def shared_secrets(directory: Path) -> dict[str, str]:
     }
 
 
+def cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``switchboard ARGS`` run to its end (within a minute): its code and output."""
+    return subprocess.run(
+        [sys.executable, "-m", "switchboard.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=cwd,
+        check=False,
+    )
+
+
+def shared_env(directory: Path, postgres_url: str, redis_url: str) -> dict[str, str]:
+    """Processes sharing PostgreSQL, Redis (the event log) and their secrets
+    (``shared_secrets``, written into ``directory``)."""
+    return {
+        **shared_secrets(directory),
+        "SWITCHBOARD_DATABASE_URL": postgres_url,
+        "SWITCHBOARD_REDIS_URL": redis_url,
+    }
+
+
+def scaled_env(directory: Path, postgres_url: str, redis_url: str) -> dict[str, str]:
+    """``shared_env``, with loopback egress allowed and the prober waiting to be asked."""
+    return {
+        **shared_env(directory, postgres_url, redis_url),
+        "SWITCHBOARD_EGRESS_ALLOW_LOOPBACK": "true",
+        "SWITCHBOARD_INTEGRATION_PROBE_INTERVAL_S": "3600",
+    }
+
+
 class ManagedProcess:
     """A child process with a private temporary directory: SIGTERM to stop it
     politely, and a kill plus cleanup on context exit whatever happened."""
@@ -76,12 +109,7 @@ class ManagedProcess:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=timeout)
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=self.STOP_TIMEOUT_S)

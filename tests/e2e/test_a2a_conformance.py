@@ -34,7 +34,7 @@ from a2a.utils.errors import (
 from grpc import aio
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from tests.e2e.envoy import EnvoyProcess
+from tests.e2e.envoy import EnvoyProcess, fronting
 from tests.e2e.procs import ServeProcess
 from tests.e2e.test_a2a_http import CALL_TIMEOUT_S, _register, _Token
 from tests.service.contextkit import Caller, context_stub, create_workspace
@@ -59,9 +59,7 @@ def serve() -> Iterator[ServeProcess]:
 
 @pytest.fixture(scope="module")
 def envoy(serve: ServeProcess) -> Iterator[EnvoyProcess]:
-    with EnvoyProcess(serve.address) as proxy:
-        yield proxy
-        assert proxy.terminate() == 0
+    yield from fronting(serve.address)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -32,8 +32,14 @@ from switchboard.platform.errors import DestinationBlocked
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.security.egress import EgressPolicy
 from tests.e2e.a2aproc import A2AAgentProcess
-from tests.e2e.procs import ServeProcess, shared_secrets
-from tests.e2e.test_runtime_experts import listed, until_listed
+from tests.e2e.expertkit import (
+    istub_fixture,
+    listed,
+    served_fixture,
+    until_listed,
+    world_fixture,
+)
+from tests.e2e.procs import ServeProcess, scaled_env, shared_secrets
 from tests.infra.redis import RedisServer
 from tests.infra.tcprelay import TcpRelay
 from tests.service.authkit import register as register_user
@@ -76,22 +82,7 @@ def a2a_agent(card_url: str, **fields: object) -> ipb.Integration:
     )
 
 
-@pytest.fixture
-async def served() -> AsyncIterator[tuple[SwitchboardServer, CStub, DStub]]:
-    async with limited(egress_allow_loopback=True, integration_probe_interval_s=3600.0) as found:
-        yield found
-
-
-@pytest.fixture
-async def istub(served: tuple[SwitchboardServer, CStub, DStub]) -> AsyncIterator[IStub]:
-    async with aio.insecure_channel(served[0].address) as channel:
-        yield integration_stub(channel)
-
-
-@pytest.fixture
-async def world(served: tuple[SwitchboardServer, CStub, DStub]) -> World:
-    server, cstub, _ = served
-    return await ctx_world(server, cstub)
+served, istub, world = served_fixture, istub_fixture, world_fixture
 
 
 @pytest.fixture
@@ -406,13 +397,7 @@ async def test_an_agent_registered_through_one_process_is_routed_by_another(
     """The scaled-out shape's storage: two servers on one PostgreSQL and one Redis event
     log. B's dispatcher learns of the agent A registered from the shared log, routes a
     run to it, and stops when A deletes it."""
-    env = {
-        **shared_secrets(tmp_path),
-        "SWITCHBOARD_DATABASE_URL": postgres_url,
-        "SWITCHBOARD_REDIS_URL": redis_server.url,
-        "SWITCHBOARD_EGRESS_ALLOW_LOOPBACK": "true",
-        "SWITCHBOARD_INTEGRATION_PROBE_INTERVAL_S": "3600",
-    }
+    env = scaled_env(tmp_path, postgres_url, redis_server.url)
     with ServeProcess(env=env) as a, ServeProcess(env=env) as b:
         async with aio.insecure_channel(a.address) as ca, aio.insecure_channel(b.address) as cb:
             signed = await register_user(ca)

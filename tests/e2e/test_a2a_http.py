@@ -34,7 +34,7 @@ from grpc import aio
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from tests.e2e.envoy import EnvoyProcess
+from tests.e2e.envoy import EnvoyProcess, fronting
 from tests.e2e.procs import ServeProcess
 from tests.infra.webhookreceiver import running_receiver, until
 from tests.service.authkit import PASSWORD, unique_email
@@ -58,9 +58,7 @@ def serve() -> Iterator[ServeProcess]:
 
 @pytest.fixture(scope="module")
 def envoy(serve: ServeProcess) -> Iterator[EnvoyProcess]:
-    with EnvoyProcess(serve.address) as proxy:
-        yield proxy
-        assert proxy.terminate() == 0
+    yield from fronting(serve.address)
 
 
 class _Token(CredentialService):

@@ -25,7 +25,7 @@ from grpc import aio
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as dpb
-from tests.e2e.procs import ServeProcess, shared_secrets
+from tests.e2e.procs import ServeProcess, shared_env
 from tests.infra.redis import RedisServer
 from tests.service.authkit import PASSWORD, unique_email
 from tests.service.contextkit import Caller, context_stub, create_workspace, refused, violations
@@ -39,11 +39,7 @@ TIMEOUT_S = 20.0
 
 @pytest.fixture
 def env(tmp_path: Path, postgres_url: str, redis_server: RedisServer) -> dict[str, str]:
-    return {
-        **shared_secrets(tmp_path),
-        "SWITCHBOARD_DATABASE_URL": postgres_url,
-        "SWITCHBOARD_REDIS_URL": redis_server.url,
-    }
+    return shared_env(tmp_path, postgres_url, redis_server.url)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import pytest
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.platform.security.accesstokens import load_key_ring
-from tests.e2e.procs import START_TIMEOUT_S
+from tests.e2e.procs import START_TIMEOUT_S, cli
 
 pytestmark = pytest.mark.e2e
 
@@ -35,25 +35,11 @@ def _env(tmp_path: Path, **variables: str) -> dict[str, str]:
     return env
 
 
-def _switchboard(
-    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "switchboard.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        cwd=cwd,
-        check=False,
-    )
-
-
 # keygen
 
 
 def test_keygen_creates_missing_directories_owner_only(tmp_path: Path) -> None:
-    done = _switchboard("keygen", "keys/prod/k1.pem", cwd=tmp_path)
+    done = cli("keygen", "keys/prod/k1.pem", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     for directory in (tmp_path / "keys", tmp_path / "keys" / "prod"):
         assert directory.stat().st_mode & 0o777 == 0o700
@@ -64,9 +50,9 @@ def test_keygen_creates_missing_directories_owner_only(tmp_path: Path) -> None:
 
 
 def test_keygen_refuses_to_overwrite_a_key(tmp_path: Path) -> None:
-    assert _switchboard("keygen", str(tmp_path / "k1.pem")).returncode == 0
+    assert cli("keygen", str(tmp_path / "k1.pem")).returncode == 0
     before = (tmp_path / "k1.pem").read_bytes()
-    done = _switchboard("keygen", str(tmp_path / "k1.pem"))
+    done = cli("keygen", str(tmp_path / "k1.pem"))
     assert done.returncode == EXIT_CONFIG
     assert "Traceback" not in done.stderr
     assert f"{tmp_path / 'k1.pem'} exists" in done.stderr
@@ -78,7 +64,7 @@ def test_keygen_force_replaces_the_key_owner_only(tmp_path: Path) -> None:
     key = tmp_path / "k1.pem"
     key.write_text("old")
     key.chmod(0o644)
-    done = _switchboard("keygen", "--force", str(key))
+    done = cli("keygen", "--force", str(key))
     assert done.returncode == 0, done.stderr
     assert key.stat().st_mode & 0o777 == 0o600
     assert load_key_ring([str(key)]).active.kid == "k1"
@@ -96,7 +82,7 @@ def test_keygen_explains_a_path_it_cannot_use(
     tmp_path: Path, make: Callable[[Path], object], target: str, fragment: str
 ) -> None:
     make(tmp_path)
-    done = _switchboard("keygen", target, cwd=tmp_path)
+    done = cli("keygen", target, cwd=tmp_path)
     assert done.returncode == EXIT_CONFIG
     assert "Traceback" not in done.stderr
     assert fragment in done.stderr
@@ -162,7 +148,7 @@ SECRET = "sk-live-do-not-print-me"
 def test_serve_refuses_a_bad_setting_by_name(
     tmp_path: Path, variables: dict[str, str], named: str
 ) -> None:
-    done = _switchboard("serve", "--dev", "--port", "0", env=_env(tmp_path, **variables))
+    done = cli("serve", "--dev", "--port", "0", env=_env(tmp_path, **variables))
     assert done.returncode == EXIT_CONFIG, done.stderr[-2000:]
     assert named in done.stderr
     assert "Traceback" not in done.stderr
@@ -176,7 +162,7 @@ def test_migrate_names_a_database_it_cannot_open(tmp_path: Path) -> None:
         SWITCHBOARD_DEV_MODE="true",
         SWITCHBOARD_DATABASE_URL="sqlite+aiosqlite:////nonexistent/dir/x.db",
     )
-    done = _switchboard("migrate", env=env)
+    done = cli("migrate", env=env)
     assert done.returncode == EXIT_CONFIG
     assert "SWITCHBOARD_DATABASE_URL: cannot open the database" in done.stderr
     assert "Traceback" not in done.stderr
@@ -187,7 +173,7 @@ def test_the_e2e_harness_variable_is_not_refused(tmp_path: Path) -> None:
     # same shell must not refuse it. `--port -1` stops the start right after
     # the settings are read (a variable refused would be named first).
     env = _env(tmp_path, SWITCHBOARD_TOOLS_BIN=str(tmp_path))
-    done = _switchboard("serve", "--dev", "--port", "-1", env=env)
+    done = cli("serve", "--dev", "--port", "-1", env=env)
     assert done.returncode == EXIT_CONFIG
     assert "SWITCHBOARD_PORT" in done.stderr
     assert "SWITCHBOARD_TOOLS_BIN" not in done.stderr

@@ -24,7 +24,7 @@ from google.rpc import error_details_pb2
 from grpc import aio
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
-from tests.e2e.envoy import EnvoyProcess
+from tests.e2e.envoy import EnvoyProcess, fronting
 from tests.e2e.grpcweb import AUTH, DEADLINE_S, ORIGIN, GrpcWeb, WebStatus
 from tests.e2e.procs import ServeProcess
 from tests.service.authkit import PASSWORD, bearer, detail, unique_email
@@ -55,9 +55,7 @@ def serve() -> Iterator[ServeProcess]:
 
 @pytest.fixture(scope="module")
 def envoy(serve: ServeProcess) -> Iterator[EnvoyProcess]:
-    with EnvoyProcess(serve.address, allow_origins=(ORIGIN,)) as proxy:
-        yield proxy
-        assert proxy.terminate() == 0
+    yield from fronting(serve.address, allow_origins=(ORIGIN,))
 
 
 class ForgingGrpcWeb(GrpcWeb):

@@ -51,7 +51,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Final, cast
 
 import grpc
@@ -417,12 +416,7 @@ class Page:
     def __enter__(self) -> Page:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.chromium.proc.poll() is None:
             self.call("closeTab" if self.tab else "close")
 
@@ -718,6 +712,16 @@ class User:
     access: str
     refresh: str
 
+    @classmethod
+    def signed_in(cls, answer: Any) -> User:
+        """The user a Register or Login answer signed in."""
+        return cls(
+            answer.user.email,
+            answer.user.name,
+            answer.tokens.access_token,
+            answer.tokens.refresh_token,
+        )
+
     @property
     def md(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.access}"),)
@@ -741,12 +745,7 @@ class Server:
             ),
             timeout=CALL_S,
         )
-        return User(
-            answer.user.email,
-            answer.user.name,
-            answer.tokens.access_token,
-            answer.tokens.refresh_token,
-        )
+        return User.signed_in(answer)
 
     def login(self, email: str) -> User:
         answer = self.auth.Login(
@@ -755,12 +754,7 @@ class Server:
             ),
             timeout=CALL_S,
         )
-        return User(
-            answer.user.email,
-            answer.user.name,
-            answer.tokens.access_token,
-            answer.tokens.refresh_token,
-        )
+        return User.signed_in(answer)
 
     def workspace(self, user: User, workspace_id: str) -> tuple[str, str]:
         """A workspace and a conversation in it; their names."""

@@ -39,7 +39,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.handler.v1 import handler_pb2 as hpb
 from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.dispatcher.ports.peers import FORWARDED_KEY
-from tests.e2e.procs import ServeProcess, shared_secrets
+from tests.e2e.procs import ServeProcess, shared_env
 from tests.fakes.openai_server import FakeOpenAI
 from tests.infra.mcpserver import McpTestServer
 from tests.infra.redis import RedisServer
@@ -84,11 +84,7 @@ class People:
 
 @pytest.fixture
 def env(tmp_path: Path, postgres_url: str, redis_server: RedisServer) -> dict[str, str]:
-    return {
-        **shared_secrets(tmp_path),
-        "SWITCHBOARD_DATABASE_URL": postgres_url,
-        "SWITCHBOARD_REDIS_URL": redis_server.url,
-    }
+    return shared_env(tmp_path, postgres_url, redis_server.url)
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from switchboard.api.context.v1 import context_pb2, context_pb2_grpc
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
 from switchboard.deploy.envoy import ALPN, API, PLAIN_LISTENER, TLS_LISTENER, safe_to_retry
 from switchboard.platform.config import Settings
-from tests.e2e.envoy import EnvoyProcess
+from tests.e2e.envoy import EnvoyProcess, fronting
 from tests.e2e.grpcweb import AUTH, DEADLINE_S, EVENTS, ORIGIN, GrpcWeb, WebCall
 from tests.e2e.procs import ServeProcess
 from tests.service.authkit import PASSWORD, unique_email
@@ -55,9 +55,7 @@ def serve() -> Iterator[ServeProcess]:
 
 @pytest.fixture(scope="module")
 def envoy(serve: ServeProcess) -> Iterator[EnvoyProcess]:
-    with EnvoyProcess(serve.address, allow_origins=(ORIGIN,), tls=True) as proxy:
-        yield proxy
-        assert proxy.terminate() == 0
+    yield from fronting(serve.address, allow_origins=(ORIGIN,), tls=True)
 
 
 def _of_type(dump: dict[str, Any], suffix: str) -> dict[str, Any]:

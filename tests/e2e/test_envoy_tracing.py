@@ -20,7 +20,7 @@ import pytest
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.deploy.envoy import ENVOY_SERVICE_NAME, OTLP_CLUSTER
-from tests.e2e.envoy import EnvoyProcess
+from tests.e2e.envoy import EnvoyProcess, fronting
 from tests.e2e.grpcweb import AUTH, DEADLINE_S, ORIGIN, GrpcWeb, encode
 from tests.e2e.procs import ServeProcess
 from tests.infra.otlp import OtlpReceiver, Span, traceparent
@@ -46,9 +46,7 @@ def serve(otlp: OtlpReceiver) -> Iterator[ServeProcess]:
 @pytest.fixture(scope="module")
 def envoy(serve: ServeProcess, otlp: OtlpReceiver) -> Iterator[EnvoyProcess]:
     # The same variables the servers get: Envoy's tracer exports to the same receiver.
-    with EnvoyProcess(serve.address, allow_origins=(ORIGIN,), env=otlp.env()) as proxy:
-        yield proxy
-        assert proxy.terminate() == 0
+    yield from fronting(serve.address, allow_origins=(ORIGIN,), env=otlp.env())
 
 
 def _ids() -> tuple[str, str]:

@@ -24,7 +24,7 @@ from switchboard.api.auth.v1 import auth_pb2
 from switchboard.api.context.v1 import context_pb2
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.events.v1 import events_pb2
-from tests.e2e.envoy import EnvoyProcess
+from tests.e2e.envoy import EnvoyProcess, fronting
 from tests.e2e.grpcweb import (
     AUTH,
     CONTEXT,
@@ -57,9 +57,7 @@ def serve() -> Iterator[ServeProcess]:
 
 @pytest.fixture(scope="module")
 def envoy(serve: ServeProcess) -> Iterator[EnvoyProcess]:
-    with EnvoyProcess(serve.address, allow_origins=(ORIGIN,)) as proxy:
-        yield proxy
-        assert proxy.terminate() == 0
+    yield from fronting(serve.address, allow_origins=(ORIGIN,))
 
 
 @pytest.fixture

@@ -52,6 +52,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
+from tests.e2e.procs import cli
 from tests.infra.webhookreceiver import WebhookReceiver, running_receiver, until
 from tests.service.authkit import PASSWORD, unique_email
 from tests.service.contextkit import Caller, context_stub, create_conversation, create_workspace
@@ -457,15 +458,7 @@ async def _an_a2a_task_through_the_edge(
 
 
 def switchboard(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
-    return subprocess.run(
-        [sys.executable, "-m", "switchboard.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        check=False,
-    )
+    return cli(*args, env={k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")})
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ from grpc import aio
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as dpb
-from tests.e2e.procs import ServeProcess, shared_secrets
+from tests.e2e.procs import ServeProcess, shared_env
 from tests.infra.redis import RedisServer
 from tests.service.authkit import PASSWORD, bearer, reason, register, unique_email, user_id
 from tests.service.contextkit import (
@@ -48,10 +48,8 @@ def pair(
     tmp_path: Path, redis_server: RedisServer, postgres_url: str
 ) -> Iterator[tuple[ServeProcess, ServeProcess]]:
     env = {
-        **shared_secrets(tmp_path),
         # Processes share PostgreSQL: a SQLite file belongs to one process.
-        "SWITCHBOARD_DATABASE_URL": postgres_url,
-        "SWITCHBOARD_REDIS_URL": redis_server.url,
+        **shared_env(tmp_path, postgres_url, redis_server.url),
         "SWITCHBOARD_REDIS_TIMEOUT_S": "0.2",
         "SWITCHBOARD_REDIS_LEASE_S": "0.6",
         # A stream ended within seconds was ended by the change, not by this timer.

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,8 +42,15 @@ from switchboard.platform.security.egress import EgressPolicy
 from switchboard.platform.security.secretbox import SecretBox
 from switchboard.platform.store.models import IntegrationRow
 from tests.conftest import built
+from tests.e2e.expertkit import (
+    istub_fixture,
+    listed,
+    served_fixture,
+    until_listed,
+    world_fixture,
+)
 from tests.e2e.expertproc import NodeExpert
-from tests.e2e.procs import ServeProcess, shared_secrets
+from tests.e2e.procs import ServeProcess, scaled_env
 from tests.infra.redis import RedisServer
 from tests.service.authkit import register as register_user
 from tests.service.contextkit import (
@@ -142,30 +149,6 @@ async def register(
 # -- reading what the dispatcher says -----------------------------------------------------
 
 
-async def listed(dstub: DStub, world: World, workspace: str = "") -> dict[str, pb.Handler]:
-    response = await dstub.ListHandlers(
-        pb.ListHandlersRequest(parent=workspace or world.name, page_size=100),
-        metadata=world.owner.md,
-        timeout=10,
-    )
-    return {h.name: h for h in response.handlers}
-
-
-async def until_listed(
-    dstub: DStub, world: World, name: str, *, available: bool | None
-) -> pb.Handler | None:
-    """Poll ListHandlers until ``name`` is listed with ``available`` (None: until it is
-    not listed). Another process's channel and the event relay change it: nothing to await."""
-    async with asyncio.timeout(WAIT_S):
-        while True:
-            found = (await listed(dstub, world)).get(name)
-            if available is None and found is None:
-                return None
-            if found is not None and found.available == available:
-                return found
-            await asyncio.sleep(POLL_S)
-
-
 async def refused(dstub: DStub, world: World, conversation: str, handler: str) -> grpc.StatusCode:
     with pytest.raises(aio.AioRpcError) as caught:
         await send(dstub, world.editor, request(conversation, "anyone?", handler=handler))
@@ -175,23 +158,7 @@ async def refused(dstub: DStub, world: World, conversation: str, handler: str) -
 # -- fixtures -----------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def served() -> AsyncIterator[tuple[SwitchboardServer, CStub, DStub]]:
-    # Probes only when a test asks: these tests watch routing, not the prober.
-    async with limited(egress_allow_loopback=True, integration_probe_interval_s=3600.0) as found:
-        yield found
-
-
-@pytest.fixture
-async def istub(served: tuple[SwitchboardServer, CStub, DStub]) -> AsyncIterator[IStub]:
-    async with aio.insecure_channel(served[0].address) as channel:
-        yield integration_stub(channel)
-
-
-@pytest.fixture
-async def world(served: tuple[SwitchboardServer, CStub, DStub]) -> World:
-    server, cstub, _ = served
-    return await ctx_world(server, cstub)
+served, istub, world = served_fixture, istub_fixture, world_fixture
 
 
 @pytest.fixture
@@ -549,13 +516,7 @@ def pair(
     tmp_path: Path, redis_server: RedisServer, postgres_url: str
 ) -> Iterator[tuple[ServeProcess, ServeProcess]]:
     """Two servers sharing PostgreSQL, Redis (the event log) and their secrets."""
-    env = {
-        **shared_secrets(tmp_path),
-        "SWITCHBOARD_DATABASE_URL": postgres_url,
-        "SWITCHBOARD_REDIS_URL": redis_server.url,
-        "SWITCHBOARD_EGRESS_ALLOW_LOOPBACK": "true",
-        "SWITCHBOARD_INTEGRATION_PROBE_INTERVAL_S": "3600",
-    }
+    env = scaled_env(tmp_path, postgres_url, redis_server.url)
     with ServeProcess(env=env) as a, ServeProcess(env=env) as b:
         yield a, b
 

@@ -42,7 +42,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
 from switchboard.dispatcher.runs.store import TERMINAL
 from tests.e2e.envoy import EnvoyProcess
-from tests.e2e.procs import ServeProcess, shared_secrets
+from tests.e2e.procs import ServeProcess, scaled_env
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.redis import RedisServer
 from tests.service.authkit import PASSWORD, unique_email
@@ -135,14 +135,10 @@ class Mesh:
 @pytest.fixture
 def env(tmp_path: Path, postgres_url: str, redis_server: RedisServer) -> dict[str, str]:
     return {
-        **shared_secrets(tmp_path),
-        "SWITCHBOARD_DATABASE_URL": postgres_url,
-        "SWITCHBOARD_REDIS_URL": redis_server.url,
-        # The model is the fake, on loopback.
-        "SWITCHBOARD_EGRESS_ALLOW_LOOPBACK": "true",
+        # The model is the fake, on loopback (which scaled_env lets the server reach).
+        **scaled_env(tmp_path, postgres_url, redis_server.url),
         "SWITCHBOARD_LLM_MODEL": "m-1",
         "SWITCHBOARD_LLM_MAX_RETRIES": "0",
-        "SWITCHBOARD_INTEGRATION_PROBE_INTERVAL_S": "3600",
         "PYTHONFAULTHANDLER": "1",
     }
 

@@ -23,7 +23,7 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.handler.v1 import handler_pb2 as hpb
 from switchboard.api.integration.v1 import integration_pb2 as ipb
-from tests.e2e.procs import ServeProcess, shared_secrets
+from tests.e2e.procs import ServeProcess, scaled_env
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.httprecorder import Reply as HttpReply
 from tests.infra.httprecorder import recording
@@ -42,13 +42,7 @@ CREDENTIAL = "s3cret-in-the-mesh"
 
 @pytest.fixture
 def env(tmp_path: Path, postgres_url: str, redis_server: RedisServer) -> dict[str, str]:
-    return {
-        **shared_secrets(tmp_path),
-        "SWITCHBOARD_DATABASE_URL": postgres_url,
-        "SWITCHBOARD_REDIS_URL": redis_server.url,
-        "SWITCHBOARD_EGRESS_ALLOW_LOOPBACK": "true",
-        "SWITCHBOARD_INTEGRATION_PROBE_INTERVAL_S": "3600",
-    }
+    return scaled_env(tmp_path, postgres_url, redis_server.url)
 
 
 @pytest.fixture

@@ -46,7 +46,6 @@ import json
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, Final
 
 import grpc
@@ -164,12 +163,7 @@ class ToolExpert(handler_pb2_grpc.HandlerServiceServicer):
     async def __aenter__(self) -> ToolExpert:
         return await self.start()
 
-    async def __aexit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
     async def call(self, run: str, timeout: float = WAIT_S) -> ExpertCall:  # noqa: ASYNC109

@@ -28,7 +28,6 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from concurrent import futures
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, Final, TypeVar
 
 import grpc
@@ -236,6 +235,22 @@ class WaitTimeout(AssertionError):
     """What a test waited for did not arrive in time."""
 
 
+def _export(
+    service: str, handle: Callable[[Any, Any], Any], request: Any, response: Any
+) -> grpc.GenericRpcHandler[Any, Any]:
+    """``service``'s one method, ``Export``, answered by ``handle``."""
+    return grpc.method_handlers_generic_handler(
+        service,
+        {
+            "Export": grpc.unary_unary_rpc_method_handler(
+                handle,
+                request_deserializer=request.FromString,
+                response_serializer=response.SerializeToString,
+            )
+        },
+    )
+
+
 class OtlpReceiver:
     """The receiver; ``endpoint`` is where an OTLP/gRPC exporter sends (``http://127.0.0.1:N``)."""
 
@@ -247,25 +262,17 @@ class OtlpReceiver:
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="otlp-receiver"),
             handlers=[
-                grpc.method_handlers_generic_handler(
+                _export(
                     TRACE_SERVICE,
-                    {
-                        "Export": grpc.unary_unary_rpc_method_handler(
-                            self._export_traces,
-                            request_deserializer=trace_service_pb2.ExportTraceServiceRequest.FromString,
-                            response_serializer=trace_service_pb2.ExportTraceServiceResponse.SerializeToString,
-                        )
-                    },
+                    self._export_traces,
+                    trace_service_pb2.ExportTraceServiceRequest,
+                    trace_service_pb2.ExportTraceServiceResponse,
                 ),
-                grpc.method_handlers_generic_handler(
+                _export(
                     METRICS_SERVICE,
-                    {
-                        "Export": grpc.unary_unary_rpc_method_handler(
-                            self._export_metrics,
-                            request_deserializer=metrics_service_pb2.ExportMetricsServiceRequest.FromString,
-                            response_serializer=metrics_service_pb2.ExportMetricsServiceResponse.SerializeToString,
-                        )
-                    },
+                    self._export_metrics,
+                    metrics_service_pb2.ExportMetricsServiceRequest,
+                    metrics_service_pb2.ExportMetricsServiceResponse,
                 ),
             ],
         )
@@ -289,12 +296,7 @@ class OtlpReceiver:
     def __enter__(self) -> OtlpReceiver:
         return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     @property

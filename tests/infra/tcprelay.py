@@ -25,7 +25,6 @@ import struct
 import threading
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, Final, TypeVar
 
 T = TypeVar("T")
@@ -140,12 +139,7 @@ class TcpRelay:
     def __enter__(self) -> TcpRelay:
         return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- the loop's side ------------------------------------------------------------------

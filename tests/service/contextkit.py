@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import itertools
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias, TypeVar
 
 import grpc
+import pytest
 from google.protobuf import field_mask_pb2, struct_pb2, timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc import aio
@@ -32,6 +33,9 @@ Metadata = tuple[tuple[str, str], ...]
 
 TIMEOUT_S = 20.0
 _serial = itertools.count()
+_Q = TypeVar("_Q")
+_R = TypeVar("_R")
+_T = TypeVar("_T")
 
 
 def context_stub(channel: aio.Channel) -> Stub:
@@ -52,6 +56,47 @@ class Caller:
     @property
     def md(self) -> Metadata:
         return bearer(self.token)
+
+
+def rpc(
+    method: aio.UnaryUnaryMultiCallable[_Q, _R], request: _Q, caller: Caller
+) -> aio.UnaryUnaryCall[_Q, _R]:
+    """``method(request)`` as ``caller``, within the time every call here is given."""
+    return method(request, metadata=caller.md, timeout=TIMEOUT_S)
+
+
+class _Page(Protocol):
+    @property
+    def next_page_token(self) -> str: ...
+
+
+_P = TypeVar("_P", bound=_Page)
+
+
+async def paged(
+    fetch: Callable[[str], Awaitable[_P]], items: Callable[[_P], Iterable[_T]]
+) -> tuple[list[list[_T]], list[str]]:
+    """Every page of a listing (``fetch`` takes the page token), and the tokens that
+    led from one page to the next."""
+    pages: list[list[_T]] = []
+    tokens: list[str] = []
+    token = ""
+    while True:
+        page = await fetch(token)
+        pages.append(list(items(page)))
+        token = page.next_page_token
+        if not token:
+            break
+        tokens.append(token)
+    return pages, tokens
+
+
+async def every(
+    fetch: Callable[[str], Awaitable[_P]], items: Callable[[_P], Iterable[_T]]
+) -> list[_T]:
+    """What a listing holds, across all its pages."""
+    pages, _tokens = await paged(fetch, items)
+    return [item for page in pages for item in page]
 
 
 async def new_caller(mesh: Any) -> Caller:
@@ -124,6 +169,25 @@ async def ctx_world(mesh: Any, stub: Stub, display_name: str = "World") -> World
     await add_member(stub, owner, workspace.name, editor, pb.WORKSPACE_ROLE_EDITOR)
     await add_member(stub, owner, workspace.name, viewer, pb.WORKSPACE_ROLE_VIEWER)
     return World(workspace, owner, editor, viewer, outsider)
+
+
+# A context test module's fixtures, bound there under the names its tests take:
+#     stub, world, events = stub_fixture, world_fixture, events_fixture
+# (pytest registers a module's fixture under the attribute's name.)
+@pytest.fixture
+def stub_fixture(channel: aio.Channel) -> Stub:
+    return context_stub(channel)
+
+
+@pytest.fixture
+async def world_fixture(mesh: Any, stub: Stub) -> World:
+    return await ctx_world(mesh, stub)
+
+
+@pytest.fixture
+def events_fixture(mesh: Any) -> Iterator[EventTap]:
+    with tap(mesh) as recorder:
+        yield recorder
 
 
 async def get_workspace(stub: Stub, caller: Caller, name: str) -> pb.Workspace:

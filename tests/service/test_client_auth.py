@@ -46,6 +46,20 @@ async def _principal(client: Client) -> auth_pb2.Principal:
     return response.principal
 
 
+def _minted(
+    mesh: SwitchboardServer, registered: auth_pb2.RegisterResponse, *, valid_for_s: int
+) -> auth_pb2.TokenPair:
+    """A pair for ``registered``'s session and refresh token, valid for ``valid_for_s``."""
+    return minted_pair(
+        mesh.shared.keys,
+        mesh.shared.settings,
+        user=registered.user.name,
+        session=registered.session.name,
+        refresh_token=registered.tokens.refresh_token,
+        valid_for_s=valid_for_s,
+    )
+
+
 async def test_register_sign_out_and_sign_in_again(mesh: SwitchboardServer) -> None:
     seen: list[auth_pb2.TokenPair | None] = []
     email = unique_email()
@@ -169,14 +183,7 @@ async def test_a_refused_access_token_is_renewed_and_the_call_retried_once(
     wire = Wire()
     async with Client(mesh.address, interceptors=wire.interceptors) as client:
         registered = await client.register(unique_email(), PASSWORD)
-        expired = minted_pair(
-            mesh.shared.keys,
-            mesh.shared.settings,
-            user=registered.user.name,
-            session=registered.session.name,
-            refresh_token=registered.tokens.refresh_token,
-            valid_for_s=-1,
-        )
+        expired = _minted(mesh, registered, valid_for_s=-1)
         client.use_tokens(expired)  # the client believes it good for 15 minutes
         principal = await _principal(client)
         assert principal.session == registered.session.name
@@ -196,16 +203,7 @@ async def test_a_refused_refresh_signs_out(mesh: SwitchboardServer) -> None:
     ) as client:
         registered = await client.register(unique_email(), PASSWORD)
         await client.sign_out()  # the session and its refresh token are over
-        client.use_tokens(
-            minted_pair(
-                mesh.shared.keys,
-                mesh.shared.settings,
-                user=registered.user.name,
-                session=registered.session.name,
-                refresh_token=registered.tokens.refresh_token,
-                valid_for_s=600,
-            )
-        )
+        client.use_tokens(_minted(mesh, registered, valid_for_s=600))
         with pytest.raises(SignedOut):
             await _principal(client)
         assert seen[-1] is None
@@ -243,16 +241,7 @@ async def test_a_stream_whose_token_expires_resumes_with_a_renewed_token(
         workspace = await new_workspace(client)
         conversation = await new_conversation(client, workspace)
         # The server ends open streams the instant their token expires.
-        client.use_tokens(
-            minted_pair(
-                mesh.shared.keys,
-                mesh.shared.settings,
-                user=registered.user.name,
-                session=registered.session.name,
-                refresh_token=registered.tokens.refresh_token,
-                valid_for_s=4,
-            )
-        )
+        client.use_tokens(_minted(mesh, registered, valid_for_s=4))
         async with client.follow([conversation], types=["MESSAGE_CREATED"]) as follower:
             await asyncio.wait_for(follower.ready(), DEADLINE_S)
             before = [await append(client, conversation, f"before {i}") for i in range(3)]

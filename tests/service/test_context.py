@@ -12,7 +12,7 @@ import datetime as dt
 import functools
 import itertools
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
@@ -44,6 +44,8 @@ from tests.service.contextkit import (
     create_conversation,
     create_workspace,
     ctx_world,
+    events_fixture,
+    every,
     from_now,
     get_conversation,
     get_memory_item,
@@ -52,14 +54,17 @@ from tests.service.contextkit import (
     member_name,
     memory_item,
     new_caller,
+    paged,
     refused,
     remember,
+    rpc,
     search,
     struct,
+    stub_fixture,
     summary,
-    tap,
     text_message,
     violations,
+    world_fixture,
 )
 
 pytestmark = pytest.mark.asyncio
@@ -89,20 +94,7 @@ def settings(database_url: str) -> Settings:
     return make_settings(database_url=database_url)
 
 
-@pytest.fixture
-def stub(channel: aio.Channel) -> Stub:
-    return context_stub(channel)
-
-
-@pytest.fixture
-async def world(mesh: SwitchboardServer, stub: Stub) -> World:
-    return await ctx_world(mesh, stub)
-
-
-@pytest.fixture
-def events(mesh: SwitchboardServer) -> Iterator[EventTap]:
-    with tap(mesh) as recorder:
-        yield recorder
+stub, world, events = stub_fixture, world_fixture, events_fixture
 
 
 @asynccontextmanager
@@ -126,20 +118,16 @@ def _id(name: str) -> str:
 async def _list_workspaces(
     stub: Stub, caller: Caller, *, show_deleted: bool = False, page_size: int = 100
 ) -> list[pb.Workspace]:
-    found: list[pb.Workspace] = []
-    token = ""
-    while True:
-        page = await stub.ListWorkspaces(
+    return await every(
+        lambda token: rpc(
+            stub.ListWorkspaces,
             pb.ListWorkspacesRequest(
                 page_size=page_size, page_token=token, show_deleted=show_deleted
             ),
-            metadata=caller.md,
-            timeout=TIMEOUT_S,
-        )
-        found.extend(page.workspaces)
-        token = page.next_page_token
-        if not token:
-            return found
+            caller,
+        ),
+        lambda page: page.workspaces,
+    )
 
 
 async def _list_conversations(
@@ -151,10 +139,9 @@ async def _list_conversations(
     show_deleted: bool = False,
     page_size: int = 100,
 ) -> list[str]:
-    found: list[str] = []
-    token = ""
-    while True:
-        page = await stub.ListConversations(
+    return await every(
+        lambda token: rpc(
+            stub.ListConversations,
             pb.ListConversationsRequest(
                 parent=parent,
                 page_size=page_size,
@@ -162,13 +149,10 @@ async def _list_conversations(
                 show_archived=show_archived,
                 show_deleted=show_deleted,
             ),
-            metadata=caller.md,
-            timeout=TIMEOUT_S,
-        )
-        found.extend(c.name for c in page.conversations)
-        token = page.next_page_token
-        if not token:
-            return found
+            caller,
+        ),
+        lambda page: [c.name for c in page.conversations],
+    )
 
 
 async def _list_memory(
@@ -179,10 +163,9 @@ async def _list_memory(
     pinned_only: bool = False,
     page_size: int = 100,
 ) -> list[pb.MemoryItem]:
-    found: list[pb.MemoryItem] = []
-    token = ""
-    while True:
-        page = await stub.ListMemoryItems(
+    return await every(
+        lambda token: rpc(
+            stub.ListMemoryItems,
             pb.ListMemoryItemsRequest(
                 parent=parent,
                 page_size=page_size,
@@ -190,22 +173,19 @@ async def _list_memory(
                 kinds=list(kinds),
                 pinned_only=pinned_only,
             ),
-            metadata=caller.md,
-            timeout=TIMEOUT_S,
-        )
-        found.extend(page.memory_items)
-        token = page.next_page_token
-        if not token:
-            return found
+            caller,
+        ),
+        lambda page: page.memory_items,
+    )
 
 
 async def _update_conversation(
     stub: Stub, caller: Caller, conversation: pb.Conversation, *paths: str
 ) -> pb.Conversation:
-    response = await stub.UpdateConversation(
+    response = await rpc(
+        stub.UpdateConversation,
         pb.UpdateConversationRequest(conversation=conversation, update_mask=mask(*paths)),
-        metadata=caller.md,
-        timeout=TIMEOUT_S,
+        caller,
     )
     return response.conversation
 
@@ -239,8 +219,8 @@ async def test_create_workspace_makes_the_caller_its_owner(
     got = await get_workspace(stub, owner, created.name)
     assert got == created
 
-    members = await stub.ListWorkspaceMembers(
-        pb.ListWorkspaceMembersRequest(parent=created.name), metadata=owner.md, timeout=TIMEOUT_S
+    members = await rpc(
+        stub.ListWorkspaceMembers, pb.ListWorkspaceMembersRequest(parent=created.name), owner
     )
     assert [(m.name, m.user, m.role) for m in members.members] == [
         (member_name(created.name, owner), owner.name, pb.WORKSPACE_ROLE_OWNER)
@@ -352,20 +332,12 @@ async def test_list_workspaces_pages_through_only_the_callers(
     await add_member(stub, other, shared.name, me, pb.WORKSPACE_ROLE_VIEWER)
     expected = {*mine, shared.name}
 
-    pages: list[list[pb.Workspace]] = []
-    tokens: list[str] = []
-    token = ""
-    while True:
-        page = await stub.ListWorkspaces(
-            pb.ListWorkspacesRequest(page_size=2, page_token=token),
-            metadata=me.md,
-            timeout=TIMEOUT_S,
-        )
-        pages.append(list(page.workspaces))
-        token = page.next_page_token
-        if not token:
-            break
-        tokens.append(token)
+    pages, tokens = await paged(
+        lambda token: rpc(
+            stub.ListWorkspaces, pb.ListWorkspacesRequest(page_size=2, page_token=token), me
+        ),
+        lambda page: page.workspaces,
+    )
     first_token = tokens[0]
     assert [len(p) for p in pages] == [2, 2, 1]
     listed = [w.name for p in pages for w in p]
@@ -381,24 +353,20 @@ async def test_list_workspaces_pages_through_only_the_callers(
         pb.ListWorkspacesRequest(page_size=2, page_token="not-a-page-token"),
         pb.ListWorkspacesRequest(page_size=2, page_token=first_token, show_deleted=True),
     ):
-        error = await refused(
-            stub.ListWorkspaces(bad_request, metadata=me.md, timeout=TIMEOUT_S), INVALID
-        )
+        error = await refused(rpc(stub.ListWorkspaces, bad_request, me), INVALID)
         assert violations(error) == ["page_token"]
     # Another caller cannot continue my listing either.
     error = await refused(
-        stub.ListWorkspaces(
+        rpc(
+            stub.ListWorkspaces,
             pb.ListWorkspacesRequest(page_size=2, page_token=first_token),
-            metadata=other.md,
-            timeout=TIMEOUT_S,
+            other,
         ),
         INVALID,
     )
     assert violations(error) == ["page_token"]
     error = await refused(
-        stub.ListWorkspaces(
-            pb.ListWorkspacesRequest(page_size=-1), metadata=me.md, timeout=TIMEOUT_S
-        ),
+        rpc(stub.ListWorkspaces, pb.ListWorkspacesRequest(page_size=-1), me),
         INVALID,
     )
     assert violations(error) == ["page_size"]
@@ -410,15 +378,15 @@ async def test_update_workspace_changes_only_the_masked_fields(
     events.take()
     original = await get_workspace(stub, world.owner, world.name)
     renamed = (
-        await stub.UpdateWorkspace(
+        await rpc(
+            stub.UpdateWorkspace,
             pb.UpdateWorkspaceRequest(
                 workspace=pb.Workspace(
                     name=world.name, display_name="Renamed", description="not in the mask"
                 ),
                 update_mask=mask("display_name"),
             ),
-            metadata=world.owner.md,
-            timeout=TIMEOUT_S,
+            world.owner,
         )
     ).workspace
     assert renamed.display_name == "Renamed"
@@ -428,7 +396,8 @@ async def test_update_workspace_changes_only_the_masked_fields(
     assert renamed.update_time.ToDatetime() >= original.update_time.ToDatetime()
 
     described = (
-        await stub.UpdateWorkspace(
+        await rpc(
+            stub.UpdateWorkspace,
             pb.UpdateWorkspaceRequest(
                 workspace=pb.Workspace(
                     name=world.name,
@@ -438,8 +407,7 @@ async def test_update_workspace_changes_only_the_masked_fields(
                 ),
                 update_mask=mask("description"),
             ),
-            metadata=world.owner.md,
-            timeout=TIMEOUT_S,
+            world.owner,
         )
     ).workspace
     assert (described.display_name, described.description) == ("Renamed", "Now described")
@@ -452,37 +420,37 @@ async def test_update_workspace_changes_only_the_masked_fields(
 
     # Stale etag: ABORTED, nothing changes, nothing is published.
     error = await refused(
-        stub.UpdateWorkspace(
+        rpc(
+            stub.UpdateWorkspace,
             pb.UpdateWorkspaceRequest(
                 workspace=pb.Workspace(name=world.name, display_name="Lost", etag=renamed.etag),
                 update_mask=mask("display_name"),
             ),
-            metadata=world.owner.md,
-            timeout=TIMEOUT_S,
+            world.owner,
         ),
         ABORTED,
     )
     assert reason(error) == "ERROR_REASON_ETAG_MISMATCH"
     # Editors may not update the workspace.
     await refused(
-        stub.UpdateWorkspace(
+        rpc(
+            stub.UpdateWorkspace,
             pb.UpdateWorkspaceRequest(
                 workspace=pb.Workspace(name=world.name, display_name="Editor's"),
                 update_mask=mask("display_name"),
             ),
-            metadata=world.editor.md,
-            timeout=TIMEOUT_S,
+            world.editor,
         ),
         DENIED,
     )
     error = await refused(
-        stub.UpdateWorkspace(
+        rpc(
+            stub.UpdateWorkspace,
             pb.UpdateWorkspaceRequest(
                 workspace=pb.Workspace(name=world.name, display_name="  "),
                 update_mask=mask("display_name"),
             ),
-            metadata=world.owner.md,
-            timeout=TIMEOUT_S,
+            world.owner,
         ),
         INVALID,
     )
@@ -506,27 +474,27 @@ async def test_update_mask_with_immutable_or_unknown_fields_changes_nothing(
         "no_such_field",
     ):
         error = await refused(
-            stub.UpdateWorkspace(
+            rpc(
+                stub.UpdateWorkspace,
                 pb.UpdateWorkspaceRequest(
                     workspace=pb.Workspace(
                         name=world.name, display_name="Changed", etag="W/9", description="d"
                     ),
                     update_mask=mask("display_name", path),
                 ),
-                metadata=world.owner.md,
-                timeout=TIMEOUT_S,
+                world.owner,
             ),
             INVALID,
         )
         assert violations(error) == ["update_mask.paths"], path
     error = await refused(
-        stub.UpdateWorkspace(
+        rpc(
+            stub.UpdateWorkspace,
             pb.UpdateWorkspaceRequest(
                 workspace=pb.Workspace(name=world.name, display_name="Changed"),
                 update_mask=mask("name", "create_time", "etag", "bogus"),
             ),
-            metadata=world.owner.md,
-            timeout=TIMEOUT_S,
+            world.owner,
         ),
         INVALID,
     )
@@ -541,25 +509,23 @@ async def test_deleted_workspace_is_gone_for_members_until_undeleted(
     conversation = await create_conversation(stub, world.editor, world.name)
     current = await get_workspace(stub, world.owner, world.name)
     await refused(
-        stub.DeleteWorkspace(
-            pb.DeleteWorkspaceRequest(name=world.name), metadata=world.editor.md, timeout=TIMEOUT_S
-        ),
+        rpc(stub.DeleteWorkspace, pb.DeleteWorkspaceRequest(name=world.name), world.editor),
         DENIED,
     )
     error = await refused(
-        stub.DeleteWorkspace(
+        rpc(
+            stub.DeleteWorkspace,
             pb.DeleteWorkspaceRequest(name=world.name, etag='"999"'),
-            metadata=world.owner.md,
-            timeout=TIMEOUT_S,
+            world.owner,
         ),
         ABORTED,
     )
     assert reason(error) == "ERROR_REASON_ETAG_MISMATCH"
     deleted = (
-        await stub.DeleteWorkspace(
+        await rpc(
+            stub.DeleteWorkspace,
             pb.DeleteWorkspaceRequest(name=world.name, etag=current.etag),
-            metadata=world.owner.md,
-            timeout=TIMEOUT_S,
+            world.owner,
         )
     ).workspace
     assert deleted.name == world.name
@@ -569,20 +535,14 @@ async def test_deleted_workspace_is_gone_for_members_until_undeleted(
     for caller in (world.owner, world.editor, world.viewer):
         await refused(get_workspace(stub, caller, world.name), NOT_FOUND)
         await refused(
-            stub.ListConversations(
-                pb.ListConversationsRequest(parent=world.name),
-                metadata=caller.md,
-                timeout=TIMEOUT_S,
-            ),
+            rpc(stub.ListConversations, pb.ListConversationsRequest(parent=world.name), caller),
             NOT_FOUND,
         )
         await refused(get_conversation(stub, caller, conversation.name), NOT_FOUND)
         assert world.name not in [w.name for w in await _list_workspaces(stub, caller)]
     await refused(create_conversation(stub, world.owner, world.name), NOT_FOUND)
     await refused(
-        stub.DeleteWorkspace(
-            pb.DeleteWorkspaceRequest(name=world.name), metadata=world.owner.md, timeout=TIMEOUT_S
-        ),
+        rpc(stub.DeleteWorkspace, pb.DeleteWorkspaceRequest(name=world.name), world.owner),
         NOT_FOUND,
     )
 
@@ -599,26 +559,18 @@ async def test_deleted_workspace_is_gone_for_members_until_undeleted(
         assert world.name not in [w.name for w in listed]
 
     await refused(
-        stub.UndeleteWorkspace(
-            pb.UndeleteWorkspaceRequest(name=world.name),
-            metadata=world.editor.md,
-            timeout=TIMEOUT_S,
-        ),
+        rpc(stub.UndeleteWorkspace, pb.UndeleteWorkspaceRequest(name=world.name), world.editor),
         DENIED,
     )
     await refused(
-        stub.UndeleteWorkspace(
-            pb.UndeleteWorkspaceRequest(name=world.name),
-            metadata=world.outsider.md,
-            timeout=TIMEOUT_S,
-        ),
+        rpc(stub.UndeleteWorkspace, pb.UndeleteWorkspaceRequest(name=world.name), world.outsider),
         NOT_FOUND,
     )
     restored = (
-        await stub.UndeleteWorkspace(
+        await rpc(
+            stub.UndeleteWorkspace,
             pb.UndeleteWorkspaceRequest(name=world.name, etag=deleted.etag),
-            metadata=world.owner.md,
-            timeout=TIMEOUT_S,
+            world.owner,
         )
     ).workspace
     assert not restored.HasField("delete_time")
@@ -628,11 +580,7 @@ async def test_deleted_workspace_is_gone_for_members_until_undeleted(
     assert (await get_conversation(stub, world.viewer, conversation.name)) == conversation
 
     error = await refused(
-        stub.UndeleteWorkspace(
-            pb.UndeleteWorkspaceRequest(name=world.name),
-            metadata=world.owner.md,
-            timeout=TIMEOUT_S,
-        ),
+        rpc(stub.UndeleteWorkspace, pb.UndeleteWorkspaceRequest(name=world.name), world.owner),
         PRECONDITION,
     )
     assert reason(error) == "ERROR_REASON_FAILED_PRECONDITION"
@@ -658,14 +606,14 @@ async def test_get_workspace_reports_each_callers_role(stub: Stub, world: World)
 async def test_add_member_errors(mesh: SwitchboardServer, stub: Stub, world: World) -> None:
     newcomer = await new_caller(mesh)
     error = await refused(
-        stub.AddWorkspaceMember(
+        rpc(
+            stub.AddWorkspaceMember,
             pb.AddWorkspaceMemberRequest(
                 parent=world.name,
                 user="users/0123456789abcdef0123456789abcdef",
                 role=pb.WORKSPACE_ROLE_EDITOR,
             ),
-            metadata=world.owner.md,
-            timeout=TIMEOUT_S,
+            world.owner,
         ),
         NOT_FOUND,
     )
@@ -681,12 +629,12 @@ async def test_add_member_errors(mesh: SwitchboardServer, stub: Stub, world: Wor
     )
     assert violations(error) == ["role"]
     error = await refused(
-        stub.AddWorkspaceMember(
+        rpc(
+            stub.AddWorkspaceMember,
             pb.AddWorkspaceMemberRequest(
                 parent=world.name, user="not-a-user", role=pb.WORKSPACE_ROLE_VIEWER
             ),
-            metadata=world.owner.md,
-            timeout=TIMEOUT_S,
+            world.owner,
         ),
         INVALID,
     )
@@ -718,15 +666,15 @@ async def test_add_member_errors(mesh: SwitchboardServer, stub: Stub, world: Wor
 async def test_update_member_role(stub: Stub, world: World) -> None:
     await refused(create_conversation(stub, world.viewer, world.name), DENIED)
     promoted = (
-        await stub.UpdateWorkspaceMember(
+        await rpc(
+            stub.UpdateWorkspaceMember,
             pb.UpdateWorkspaceMemberRequest(
                 member=pb.WorkspaceMember(
                     name=member_name(world.name, world.viewer), role=pb.WORKSPACE_ROLE_EDITOR
                 ),
                 update_mask=mask("role"),
             ),
-            metadata=world.owner.md,
-            timeout=TIMEOUT_S,
+            world.owner,
         )
     ).member
     assert promoted.name == member_name(world.name, world.viewer)
@@ -744,43 +692,43 @@ async def test_update_member_role(stub: Stub, world: World) -> None:
         (mask("role"), pb.WORKSPACE_ROLE_UNSPECIFIED, "member.role"),
     ):
         error = await refused(
-            stub.UpdateWorkspaceMember(
+            rpc(
+                stub.UpdateWorkspaceMember,
                 pb.UpdateWorkspaceMemberRequest(
                     member=pb.WorkspaceMember(
                         name=member_name(world.name, world.viewer), role=role
                     ),
                     update_mask=bad_mask,
                 ),
-                metadata=world.owner.md,
-                timeout=TIMEOUT_S,
+                world.owner,
             ),
             INVALID,
         )
         assert violations(error) == [field]
     await refused(
-        stub.UpdateWorkspaceMember(
+        rpc(
+            stub.UpdateWorkspaceMember,
             pb.UpdateWorkspaceMemberRequest(
                 member=pb.WorkspaceMember(
                     name=member_name(world.name, world.outsider), role=pb.WORKSPACE_ROLE_OWNER
                 ),
                 update_mask=mask("role"),
             ),
-            metadata=world.owner.md,
-            timeout=TIMEOUT_S,
+            world.owner,
         ),
         NOT_FOUND,
     )
     # Editors cannot change roles (not even their own).
     await refused(
-        stub.UpdateWorkspaceMember(
+        rpc(
+            stub.UpdateWorkspaceMember,
             pb.UpdateWorkspaceMemberRequest(
                 member=pb.WorkspaceMember(
                     name=member_name(world.name, world.editor), role=pb.WORKSPACE_ROLE_OWNER
                 ),
                 update_mask=mask("role"),
             ),
-            metadata=world.editor.md,
-            timeout=TIMEOUT_S,
+            world.editor,
         ),
         DENIED,
     )
@@ -792,22 +740,22 @@ async def test_update_member_role(stub: Stub, world: World) -> None:
 async def _set_role(
     stub: Stub, owner: Caller, workspace: str, user: Caller, role: pb.WorkspaceRole.ValueType
 ) -> pb.WorkspaceMember:
-    response = await stub.UpdateWorkspaceMember(
+    response = await rpc(
+        stub.UpdateWorkspaceMember,
         pb.UpdateWorkspaceMemberRequest(
             member=pb.WorkspaceMember(name=member_name(workspace, user), role=role),
             update_mask=mask("role"),
         ),
-        metadata=owner.md,
-        timeout=TIMEOUT_S,
+        owner,
     )
     return response.member
 
 
 async def _remove(stub: Stub, caller: Caller, workspace: str, user: Caller) -> None:
-    await stub.RemoveWorkspaceMember(
+    await rpc(
+        stub.RemoveWorkspaceMember,
         pb.RemoveWorkspaceMemberRequest(name=member_name(workspace, user)),
-        metadata=caller.md,
-        timeout=TIMEOUT_S,
+        caller,
     )
 
 
@@ -855,37 +803,33 @@ async def test_list_members_pages_through_every_member(
         world.viewer.name: pb.WORKSPACE_ROLE_VIEWER,
         **{caller.name: pb.WORKSPACE_ROLE_VIEWER for caller in extra},
     }
-    sizes: list[int] = []
-    listed: list[pb.WorkspaceMember] = []
-    token = ""
-    while True:
-        page = await stub.ListWorkspaceMembers(
+    pages, tokens = await paged(
+        lambda token: rpc(
+            stub.ListWorkspaceMembers,
             pb.ListWorkspaceMembersRequest(parent=world.name, page_size=2, page_token=token),
-            metadata=world.viewer.md,
-            timeout=TIMEOUT_S,
-        )
-        sizes.append(len(page.members))
-        listed.extend(page.members)
-        if not page.next_page_token:
-            break
-        token = page.next_page_token
-    assert sizes == [2, 2, 1]
+            world.viewer,
+        ),
+        lambda page: page.members,
+    )
+    token = tokens[-1]
+    listed = [m for page in pages for m in page]
+    assert [len(page) for page in pages] == [2, 2, 1]
     assert len(listed) == 5
     assert {m.user: m.role for m in listed} == expected
     assert all(m.name == f"{world.name}/members/{_id(m.user)}" for m in listed)
     await refused(
-        stub.ListWorkspaceMembers(
+        rpc(
+            stub.ListWorkspaceMembers,
             pb.ListWorkspaceMembersRequest(parent=world.name),
-            metadata=world.outsider.md,
-            timeout=TIMEOUT_S,
+            world.outsider,
         ),
         NOT_FOUND,
     )
     error = await refused(
-        stub.ListWorkspaceMembers(
+        rpc(
+            stub.ListWorkspaceMembers,
             pb.ListWorkspaceMembersRequest(parent=world.name, page_token=_tampered(token)),
-            metadata=world.viewer.md,
-            timeout=TIMEOUT_S,
+            world.viewer,
         ),
         INVALID,
     )
@@ -900,11 +844,7 @@ async def test_a_removed_member_immediately_loses_access(stub: Stub, world: Worl
     await refused(get_workspace(stub, world.viewer, world.name), NOT_FOUND)
     await refused(get_conversation(stub, world.viewer, conversation.name), NOT_FOUND)
     await refused(
-        stub.ListConversations(
-            pb.ListConversationsRequest(parent=world.name),
-            metadata=world.viewer.md,
-            timeout=TIMEOUT_S,
-        ),
+        rpc(stub.ListConversations, pb.ListConversationsRequest(parent=world.name), world.viewer),
         NOT_FOUND,
     )
     assert world.name not in [w.name for w in await _list_workspaces(stub, world.viewer)]
@@ -1031,8 +971,8 @@ async def test_conversation_list_filters_archived_and_deleted(stub: Stub, world:
         pb.Conversation(name=archived.name, archived=True),
         "archived",
     )
-    await stub.DeleteConversation(
-        pb.DeleteConversationRequest(name=deleted.name), metadata=world.editor.md, timeout=TIMEOUT_S
+    await rpc(
+        stub.DeleteConversation, pb.DeleteConversationRequest(name=deleted.name), world.editor
     )
 
     async def listed(**flags: bool) -> set[str]:
@@ -1047,19 +987,19 @@ async def test_conversation_list_filters_archived_and_deleted(stub: Stub, world:
         deleted.name,
     }
 
-    first = await stub.ListConversations(
+    first = await rpc(
+        stub.ListConversations,
         pb.ListConversationsRequest(parent=world.name, page_size=1, show_deleted=True),
-        metadata=world.viewer.md,
-        timeout=TIMEOUT_S,
+        world.viewer,
     )
     assert first.next_page_token
     error = await refused(
-        stub.ListConversations(
+        rpc(
+            stub.ListConversations,
             pb.ListConversationsRequest(
                 parent=world.name, page_size=1, page_token=first.next_page_token
             ),
-            metadata=world.viewer.md,
-            timeout=TIMEOUT_S,
+            world.viewer,
         ),
         INVALID,
     )
@@ -1168,27 +1108,27 @@ async def test_a_deleted_conversation_is_kept_but_closed_until_undeleted(
     memory = await remember(stub, world.editor, conversation.name, "remembered narwhal")
     current = await get_conversation(stub, world.editor, conversation.name)
     error = await refused(
-        stub.DeleteConversation(
+        rpc(
+            stub.DeleteConversation,
             pb.DeleteConversationRequest(name=conversation.name, etag=conversation.etag),
-            metadata=world.editor.md,
-            timeout=TIMEOUT_S,
+            world.editor,
         ),
         ABORTED,
     )
     assert reason(error) == "ERROR_REASON_ETAG_MISMATCH"
     await refused(
-        stub.DeleteConversation(
+        rpc(
+            stub.DeleteConversation,
             pb.DeleteConversationRequest(name=conversation.name),
-            metadata=world.viewer.md,
-            timeout=TIMEOUT_S,
+            world.viewer,
         ),
         DENIED,
     )
     deleted = (
-        await stub.DeleteConversation(
+        await rpc(
+            stub.DeleteConversation,
             pb.DeleteConversationRequest(name=conversation.name, etag=current.etag),
-            metadata=world.editor.md,
-            timeout=TIMEOUT_S,
+            world.editor,
         )
     ).conversation
     assert deleted.HasField("delete_time")
@@ -1200,9 +1140,7 @@ async def test_a_deleted_conversation_is_kept_but_closed_until_undeleted(
     await refused(append(stub, world.editor, conversation.name, "refused"), NOT_FOUND)
     await refused(all_messages(stub, world.viewer, conversation.name), NOT_FOUND)
     await refused(
-        stub.GetMessage(
-            pb.GetMessageRequest(name=message.name), metadata=world.viewer.md, timeout=TIMEOUT_S
-        ),
+        rpc(stub.GetMessage, pb.GetMessageRequest(name=message.name), world.viewer),
         NOT_FOUND,
     )
     await refused(
@@ -1212,10 +1150,10 @@ async def test_a_deleted_conversation_is_kept_but_closed_until_undeleted(
         NOT_FOUND,
     )
     await refused(
-        stub.DeleteConversation(
+        rpc(
+            stub.DeleteConversation,
             pb.DeleteConversationRequest(name=conversation.name),
-            metadata=world.editor.md,
-            timeout=TIMEOUT_S,
+            world.editor,
         ),
         PRECONDITION,
     )
@@ -1226,10 +1164,10 @@ async def test_a_deleted_conversation_is_kept_but_closed_until_undeleted(
     await refused(remember(stub, world.editor, conversation.name, "more"), NOT_FOUND)
 
     restored = (
-        await stub.UndeleteConversation(
+        await rpc(
+            stub.UndeleteConversation,
             pb.UndeleteConversationRequest(name=conversation.name, etag=deleted.etag),
-            metadata=world.editor.md,
-            timeout=TIMEOUT_S,
+            world.editor,
         )
     ).conversation
     assert not restored.HasField("delete_time")
@@ -1241,10 +1179,10 @@ async def test_a_deleted_conversation_is_kept_but_closed_until_undeleted(
         message.sequence
     )
     error = await refused(
-        stub.UndeleteConversation(
+        rpc(
+            stub.UndeleteConversation,
             pb.UndeleteConversationRequest(name=conversation.name),
-            metadata=world.editor.md,
-            timeout=TIMEOUT_S,
+            world.editor,
         ),
         PRECONDITION,
     )
@@ -1266,10 +1204,10 @@ async def test_a_conversation_is_only_found_under_its_own_workspace(
     await refused(append(stub, me, elsewhere, "misplaced"), NOT_FOUND)
     await refused(all_messages(stub, me, elsewhere), NOT_FOUND)
     await refused(
-        stub.GetMessage(
+        rpc(
+            stub.GetMessage,
             pb.GetMessageRequest(name=f"{elsewhere}/messages/{_id(message.name)}"),
-            metadata=me.md,
-            timeout=TIMEOUT_S,
+            me,
         ),
         NOT_FOUND,
     )
@@ -1278,16 +1216,12 @@ async def test_a_conversation_is_only_found_under_its_own_workspace(
         NOT_FOUND,
     )
     await refused(
-        stub.DeleteConversation(
-            pb.DeleteConversationRequest(name=elsewhere), metadata=me.md, timeout=TIMEOUT_S
-        ),
+        rpc(stub.DeleteConversation, pb.DeleteConversationRequest(name=elsewhere), me),
         NOT_FOUND,
     )
     await refused(remember(stub, me, elsewhere, "misplaced memory"), NOT_FOUND)
     await refused(
-        stub.ListMemoryItems(
-            pb.ListMemoryItemsRequest(parent=elsewhere), metadata=me.md, timeout=TIMEOUT_S
-        ),
+        rpc(stub.ListMemoryItems, pb.ListMemoryItemsRequest(parent=elsewhere), me),
         NOT_FOUND,
     )
     assert await _list_conversations(stub, me, b.name) == []
@@ -1410,9 +1344,7 @@ async def test_messages_get_increasing_sequences_and_token_counts(stub: Stub, wo
         assert message.token_count > 0
         assert message.HasField("create_time")
         assert not message.archived
-        got = await stub.GetMessage(
-            pb.GetMessageRequest(name=message.name), metadata=world.viewer.md, timeout=TIMEOUT_S
-        )
+        got = await rpc(stub.GetMessage, pb.GetMessageRequest(name=message.name), world.viewer)
         assert got.message == message
     assert stored[4].metadata == struct(client="pytest")
     assert await all_messages(stub, world.viewer, conversation.name) == stored
@@ -1423,19 +1355,15 @@ async def test_messages_get_increasing_sequences_and_token_counts(stub: Stub, wo
 
     other = await create_conversation(stub, world.editor, world.name)
     await refused(
-        stub.GetMessage(
+        rpc(
+            stub.GetMessage,
             pb.GetMessageRequest(name=f"{other.name}/messages/{_id(stored[0].name)}"),
-            metadata=world.viewer.md,
-            timeout=TIMEOUT_S,
+            world.viewer,
         ),
         NOT_FOUND,
     )
     await refused(
-        stub.GetMessage(
-            pb.GetMessageRequest(name=stored[0].name),
-            metadata=world.outsider.md,
-            timeout=TIMEOUT_S,
-        ),
+        rpc(stub.GetMessage, pb.GetMessageRequest(name=stored[0].name), world.outsider),
         NOT_FOUND,
     )
 
@@ -1521,10 +1449,10 @@ async def test_paging_under_concurrent_appends_returns_every_message_once(
             mark = len(appended)
             if mark < total:
                 requests_during_writes += 1
-            page = await stub.ListMessages(
+            page = await rpc(
+                stub.ListMessages,
                 pb.ListMessagesRequest(parent=conversation, page_size=PAGE, page_token=token),
-                metadata=world.viewer.md,
-                timeout=TIMEOUT_S,
+                world.viewer,
             )
             names = [m.name for m in page.messages]
             assert len(names) <= PAGE
@@ -1567,30 +1495,30 @@ async def test_newest_first_paging_is_the_exact_reverse(stub: Stub, world: World
     assert [m.parts[0].text for m in oldest_first] == [f"message {i}" for i in range(23)]
     assert newest_first == list(reversed(oldest_first))
 
-    first = await stub.ListMessages(
+    first = await rpc(
+        stub.ListMessages,
         pb.ListMessagesRequest(parent=conversation, page_size=5, newest_first=True),
-        metadata=world.viewer.md,
-        timeout=TIMEOUT_S,
+        world.viewer,
     )
     error = await refused(
-        stub.ListMessages(
+        rpc(
+            stub.ListMessages,
             pb.ListMessagesRequest(
                 parent=conversation, page_size=5, page_token=first.next_page_token
             ),
-            metadata=world.viewer.md,
-            timeout=TIMEOUT_S,
+            world.viewer,
         ),
         INVALID,
     )
     assert violations(error) == ["page_token"]
     other = (await create_conversation(stub, world.editor, world.name)).name
     error = await refused(
-        stub.ListMessages(
+        rpc(
+            stub.ListMessages,
             pb.ListMessagesRequest(
                 parent=other, page_size=5, newest_first=True, page_token=first.next_page_token
             ),
-            metadata=world.viewer.md,
-            timeout=TIMEOUT_S,
+            world.viewer,
         ),
         INVALID,
     )
@@ -1618,11 +1546,7 @@ async def test_memory_items_in_each_scope(stub: Stub, world: World) -> None:
     await refused(remember(stub, world.owner, world.viewer.name, "planted"), NOT_FOUND)
     await refused(get_memory_item(stub, world.owner, mine.name), NOT_FOUND)
     await refused(
-        stub.ListMemoryItems(
-            pb.ListMemoryItemsRequest(parent=world.viewer.name),
-            metadata=world.owner.md,
-            timeout=TIMEOUT_S,
-        ),
+        rpc(stub.ListMemoryItems, pb.ListMemoryItemsRequest(parent=world.viewer.name), world.owner),
         NOT_FOUND,
     )
 
@@ -1673,10 +1597,10 @@ async def test_create_memory_item_validation(stub: Stub, world: World) -> None:
     ]
     for item, fields in cases:
         error = await refused(
-            stub.CreateMemoryItem(
+            rpc(
+                stub.CreateMemoryItem,
                 pb.CreateMemoryItemRequest(parent=world.name, memory_item=item),
-                metadata=world.editor.md,
-                timeout=TIMEOUT_S,
+                world.editor,
             ),
             INVALID,
         )
@@ -1692,10 +1616,10 @@ async def test_update_memory_item(stub: Stub, world: World) -> None:
     item = await remember(stub, world.editor, world.name, "short")
 
     async def update(caller: Caller, changes: pb.MemoryItem, *paths: str) -> pb.MemoryItem:
-        response = await stub.UpdateMemoryItem(
+        response = await rpc(
+            stub.UpdateMemoryItem,
             pb.UpdateMemoryItemRequest(memory_item=changes, update_mask=mask(*paths)),
-            metadata=caller.md,
-            timeout=TIMEOUT_S,
+            caller,
         )
         return response.memory_item
 
@@ -1782,20 +1706,14 @@ async def test_list_memory_items_newest_first_with_filters(stub: Stub, world: Wo
     ]
     newest_first = [m.name for m in reversed(created)]
 
-    pages: list[list[str]] = []
-    tokens: list[str] = []
-    token = ""
-    while True:
-        page = await stub.ListMemoryItems(
+    pages, tokens = await paged(
+        lambda token: rpc(
+            stub.ListMemoryItems,
             pb.ListMemoryItemsRequest(parent=world.name, page_size=2, page_token=token),
-            metadata=world.viewer.md,
-            timeout=TIMEOUT_S,
-        )
-        pages.append([m.name for m in page.memory_items])
-        token = page.next_page_token
-        if not token:
-            break
-        tokens.append(token)
+            world.viewer,
+        ),
+        lambda page: [m.name for m in page.memory_items],
+    )
     first_token = tokens[0]
     assert [len(p) for p in pages] == [2, 2, 1]
     assert [name for p in pages for name in p] == newest_first
@@ -1820,21 +1738,21 @@ async def test_list_memory_items_newest_first_with_filters(stub: Stub, world: Wo
     assert await _list_memory(stub, world.viewer, world.name, pb.MEMORY_KIND_SUMMARY) == []
 
     error = await refused(
-        stub.ListMemoryItems(
+        rpc(
+            stub.ListMemoryItems,
             pb.ListMemoryItemsRequest(
                 parent=world.name, page_size=2, page_token=first_token, pinned_only=True
             ),
-            metadata=world.viewer.md,
-            timeout=TIMEOUT_S,
+            world.viewer,
         ),
         INVALID,
     )
     assert violations(error) == ["page_token"]
     error = await refused(
-        stub.ListMemoryItems(
+        rpc(
+            stub.ListMemoryItems,
             pb.ListMemoryItemsRequest(parent=world.name, kinds=[pb.MEMORY_KIND_UNSPECIFIED]),
-            metadata=world.viewer.md,
-            timeout=TIMEOUT_S,
+            world.viewer,
         ),
         INVALID,
     )
@@ -1845,19 +1763,13 @@ async def test_delete_memory_item(stub: Stub, world: World) -> None:
     keep = await remember(stub, world.editor, world.name, "keep this walrus")
     drop = await remember(stub, world.editor, world.name, "drop this walrus")
     await refused(
-        stub.DeleteMemoryItem(
-            pb.DeleteMemoryItemRequest(name=drop.name), metadata=world.viewer.md, timeout=TIMEOUT_S
-        ),
+        rpc(stub.DeleteMemoryItem, pb.DeleteMemoryItemRequest(name=drop.name), world.viewer),
         DENIED,
     )
-    await stub.DeleteMemoryItem(
-        pb.DeleteMemoryItemRequest(name=drop.name), metadata=world.editor.md, timeout=TIMEOUT_S
-    )
+    await rpc(stub.DeleteMemoryItem, pb.DeleteMemoryItemRequest(name=drop.name), world.editor)
     await refused(get_memory_item(stub, world.viewer, drop.name), NOT_FOUND)
     await refused(
-        stub.DeleteMemoryItem(
-            pb.DeleteMemoryItemRequest(name=drop.name), metadata=world.editor.md, timeout=TIMEOUT_S
-        ),
+        rpc(stub.DeleteMemoryItem, pb.DeleteMemoryItemRequest(name=drop.name), world.editor),
         NOT_FOUND,
     )
     assert [m.name for m in await _list_memory(stub, world.viewer, world.name)] == [keep.name]
@@ -1877,13 +1789,13 @@ async def test_pinned_items_per_scope_are_limited(database_url: str) -> None:
         assert reason(error) == "ERROR_REASON_QUOTA_EXCEEDED"
         loose = await remember(stub, world.editor, world.name, "not pinned")
         error = await refused(
-            stub.UpdateMemoryItem(
+            rpc(
+                stub.UpdateMemoryItem,
                 pb.UpdateMemoryItemRequest(
                     memory_item=pb.MemoryItem(name=loose.name, pinned=True),
                     update_mask=mask("pinned"),
                 ),
-                metadata=world.editor.md,
-                timeout=TIMEOUT_S,
+                world.editor,
             ),
             EXHAUSTED,
         )
@@ -1893,21 +1805,21 @@ async def test_pinned_items_per_scope_are_limited(database_url: str) -> None:
         for content in ("mine one", "mine two"):
             await remember(stub, world.editor, world.editor.name, content, pinned=True)
         # Unpinning makes room again.
-        await stub.UpdateMemoryItem(
+        await rpc(
+            stub.UpdateMemoryItem,
             pb.UpdateMemoryItemRequest(
                 memory_item=pb.MemoryItem(name=first.name, pinned=False),
                 update_mask=mask("pinned"),
             ),
-            metadata=world.editor.md,
-            timeout=TIMEOUT_S,
+            world.editor,
         )
-        repinned = await stub.UpdateMemoryItem(
+        repinned = await rpc(
+            stub.UpdateMemoryItem,
             pb.UpdateMemoryItemRequest(
                 memory_item=pb.MemoryItem(name=loose.name, pinned=True),
                 update_mask=mask("pinned"),
             ),
-            metadata=world.editor.md,
-            timeout=TIMEOUT_S,
+            world.editor,
         )
         assert repinned.memory_item.pinned
 
@@ -1922,19 +1834,15 @@ async def test_memory_events_carry_their_scope(stub: Stub, world: World, events:
     }
     for parent, (workspace, conv, user) in scopes.items():
         item = await remember(stub, world.editor, parent, f"remember {parent}")
-        await stub.UpdateMemoryItem(
+        await rpc(
+            stub.UpdateMemoryItem,
             pb.UpdateMemoryItemRequest(
                 memory_item=pb.MemoryItem(name=item.name, content="updated"),
                 update_mask=mask("content"),
             ),
-            metadata=world.editor.md,
-            timeout=TIMEOUT_S,
+            world.editor,
         )
-        await stub.DeleteMemoryItem(
-            pb.DeleteMemoryItemRequest(name=item.name),
-            metadata=world.editor.md,
-            timeout=TIMEOUT_S,
-        )
+        await rpc(stub.DeleteMemoryItem, pb.DeleteMemoryItemRequest(name=item.name), world.editor)
         got = events.take()
         assert [summary(e) for e in got] == [
             (MEMORY_CHANGED, CREATED, item.name),
@@ -1993,22 +1901,18 @@ async def test_search_ranks_items_with_more_query_terms_higher(stub: Stub, world
     await refused(search(stub, world.outsider, world.name, "apples"), NOT_FOUND)
 
     # Paging by rank: one at a time, every match once, in the same order.
-    paged: list[str] = []
-    token = ""
-    while True:
-        page = await stub.SearchMemoryItems(
+    pages, _tokens = await paged(
+        lambda token: rpc(
+            stub.SearchMemoryItems,
             pb.SearchMemoryItemsRequest(
                 parent=world.name, query="apples bananas cherries", page_size=1, page_token=token
             ),
-            metadata=world.viewer.md,
-            timeout=TIMEOUT_S,
-        )
-        assert len(page.results) <= 1
-        paged.extend(r.memory_item.name for r in page.results)
-        token = page.next_page_token
-        if not token:
-            break
-    assert paged == names
+            world.viewer,
+        ),
+        lambda page: [r.memory_item.name for r in page.results],
+    )
+    assert all(len(page) <= 1 for page in pages)
+    assert [name for page in pages for name in page] == names
 
 
 async def test_search_leaves_out_expired_items(
@@ -2489,9 +2393,7 @@ async def test_outsiders_get_not_found_and_viewers_cannot_write(stub: Stub, worl
         lambda c: get_workspace(stub, c, world.name),
         lambda c: get_conversation(stub, c, conversation.name),
         lambda c: all_messages(stub, c, conversation.name),
-        lambda c: stub.GetMessage(
-            pb.GetMessageRequest(name=message.name), metadata=c.md, timeout=TIMEOUT_S
-        ),
+        lambda c: rpc(stub.GetMessage, pb.GetMessageRequest(name=message.name), c),
         lambda c: get_memory_item(stub, c, memory.name),
         lambda c: _list_memory(stub, c, world.name),
         lambda c: search(stub, c, world.name, "fact"),
@@ -2520,21 +2422,21 @@ async def test_a_malformed_etag_names_the_field_that_holds_it(stub: Stub, world:
     bad = "not-an-etag"
     cases: list[tuple[Callable[[], Awaitable[Any]], str]] = [
         (
-            lambda: stub.UpdateWorkspace(
+            lambda: rpc(
+                stub.UpdateWorkspace,
                 pb.UpdateWorkspaceRequest(
                     workspace=pb.Workspace(name=world.name, display_name="x", etag=bad),
                     update_mask=mask("display_name"),
                 ),
-                metadata=world.owner.md,
-                timeout=TIMEOUT_S,
+                world.owner,
             ),
             "workspace.etag",
         ),
         (
-            lambda: stub.DeleteWorkspace(
+            lambda: rpc(
+                stub.DeleteWorkspace,
                 pb.DeleteWorkspaceRequest(name=world.name, etag=bad),
-                metadata=world.owner.md,
-                timeout=TIMEOUT_S,
+                world.owner,
             ),
             "etag",
         ),
@@ -2548,21 +2450,21 @@ async def test_a_malformed_etag_names_the_field_that_holds_it(stub: Stub, world:
             "conversation.etag",
         ),
         (
-            lambda: stub.DeleteConversation(
+            lambda: rpc(
+                stub.DeleteConversation,
                 pb.DeleteConversationRequest(name=conversation.name, etag=bad),
-                metadata=world.editor.md,
-                timeout=TIMEOUT_S,
+                world.editor,
             ),
             "etag",
         ),
         (
-            lambda: stub.UpdateMemoryItem(
+            lambda: rpc(
+                stub.UpdateMemoryItem,
                 pb.UpdateMemoryItemRequest(
                     memory_item=pb.MemoryItem(name=item.name, content="x", etag=bad),
                     update_mask=mask("content"),
                 ),
-                metadata=world.editor.md,
-                timeout=TIMEOUT_S,
+                world.editor,
             ),
             "memory_item.etag",
         ),
@@ -2607,9 +2509,7 @@ async def test_counts_are_limited(database_url: str) -> None:
         # Conversations, soft-deleted ones included.
         kept = await create_conversation(stub, a, first.name)
         dropped = await create_conversation(stub, a, first.name)
-        await stub.DeleteConversation(
-            pb.DeleteConversationRequest(name=dropped.name), metadata=a.md, timeout=TIMEOUT_S
-        )
+        await rpc(stub.DeleteConversation, pb.DeleteConversationRequest(name=dropped.name), a)
         error = await refused(create_conversation(stub, a, first.name), EXHAUSTED)
         assert reason(error) == "ERROR_REASON_QUOTA_EXCEEDED"
 

@@ -20,11 +20,10 @@ from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.auth.accounts import Accounts, ClientContext
 from switchboard.auth.store import AuthStore
 from switchboard.context.domain import ContextDomain
-from switchboard.mesh import create_server
 from switchboard.platform.config import Settings
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.security.policy import AuthMethod
-from tests.conftest import built, make_settings
+from tests.conftest import built, make_settings, started
 from tests.infra.redis import RedisServer
 from tests.service.contextkit import (
     PINNED,
@@ -222,18 +221,14 @@ async def test_redis_paused_then_resumed_old_entries_in_redis_are_never_served(
 async def other_mesh(mesh: SwitchboardServer) -> AsyncIterator[SwitchboardServer]:
     """A second server on the same database and the same Redis (another process)."""
     shared = mesh.shared.settings
-    server, _port = await create_server(
+    async with started(
         make_settings(
             database_url=shared.database_url.get_secret_value(),
             redis_url=shared.redis_url.get_secret_value(),
             redis_timeout_s=REDIS_TIMEOUT_S,
         )
-    )
-    await server.start()
-    try:
+    ) as server:
         yield server
-    finally:
-        await server.shutdown(grace=0)
 
 
 @pytest.fixture

@@ -4,19 +4,16 @@ and how context windows and pruning keep a call together with its results."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import pytest
-from grpc import aio
 
 from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.context.parttext import render_parts
 from switchboard.context.tokencount import MESSAGE_OVERHEAD, ApproxTokenCounter
 from switchboard.platform.config import Settings
-from switchboard.platform.rpc.server import SwitchboardServer
 from tests.conftest import make_settings
 from tests.service.authkit import reason
 from tests.service.contextkit import (
@@ -29,16 +26,16 @@ from tests.service.contextkit import (
     World,
     all_messages,
     append,
-    context_stub,
     create_conversation,
-    ctx_world,
+    events_fixture,
     get_conversation,
     refused,
     struct,
-    tap,
+    stub_fixture,
     text_message,
     violations,
     window,
+    world_fixture,
 )
 
 pytestmark = pytest.mark.asyncio
@@ -58,20 +55,7 @@ def settings(database_url: str) -> Settings:
     return make_settings(database_url=database_url)
 
 
-@pytest.fixture
-def stub(channel: aio.Channel) -> Stub:
-    return context_stub(channel)
-
-
-@pytest.fixture
-async def world(mesh: SwitchboardServer, stub: Stub) -> World:
-    return await ctx_world(mesh, stub)
-
-
-@pytest.fixture
-def events(mesh: SwitchboardServer) -> Iterator[EventTap]:
-    with tap(mesh) as recorder:
-        yield recorder
+stub, world, events = stub_fixture, world_fixture, events_fixture
 
 
 def forecast(world: World) -> str:

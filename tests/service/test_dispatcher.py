@@ -45,8 +45,10 @@ from tests.service.contextkit import (
     member_name,
     refused,
     struct,
+    stub_fixture,
     tap,
     violations,
+    world_fixture,
 )
 from tests.service.dispatchkit import Stub as DStub
 from tests.service.dispatchkit import (
@@ -72,19 +74,12 @@ def settings(database_url: str) -> Settings:
     return make_settings(database_url=database_url, instance_id="test-dispatcher")
 
 
-@pytest.fixture
-def stub(channel: aio.Channel) -> Stub:
-    return context_stub(channel)
+stub, world = stub_fixture, world_fixture
 
 
 @pytest.fixture
 def dstub(channel: aio.Channel) -> DStub:
     return dispatcher_stub(channel)
-
-
-@pytest.fixture
-async def world(mesh: SwitchboardServer, stub: Stub) -> World:
-    return await ctx_world(mesh, stub)
 
 
 @pytest.fixture

@@ -112,24 +112,28 @@ class Served:
 
 
 @dataclass
-class Errors(logging.Handler):
-    """Every ERROR (or worse) record logged anywhere while the module runs."""
+class Logged(logging.Handler):
+    """The records logged at ``floor`` or worse (``message``: only those saying it); by
+    default every ERROR (or worse) logged anywhere while the module runs."""
 
+    floor: int = logging.ERROR
+    message: str = ""
     records: list[logging.LogRecord] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        super().__init__(logging.ERROR)
+        super().__init__(self.floor)
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
+        if not self.message or record.getMessage() == self.message:
+            self.records.append(record)
 
     def __hash__(self) -> int:
         return id(self)
 
 
 @pytest.fixture(scope="module")
-def errors() -> Iterator[Errors]:
-    handler = Errors()
+def errors() -> Iterator[Logged]:
+    handler = Logged()
     root = logging.getLogger()
     root.addHandler(handler)
     try:
@@ -139,13 +143,13 @@ def errors() -> Iterator[Errors]:
 
 
 @pytest.fixture(autouse=True)
-def _fresh_errors(errors: Errors) -> None:
+def _fresh_errors(errors: Logged) -> None:
     """Each test judges only what it caused."""
     errors.records.clear()
 
 
 @pytest.fixture(scope="module")
-def served(errors: Errors) -> Iterator[Served]:
+def served(errors: Logged) -> Iterator[Served]:
     served = Served()
     settings_ = make_settings(
         events_heartbeat_s=0.5,
@@ -313,7 +317,7 @@ def call(channel: Any, method: MethodDescriptor, body: bytes, md: tuple[Any, ...
         return Answer(error.code(), error.details() or "")
 
 
-def check(answer: Answer, errors: Errors, what: object) -> None:
+def check(answer: Answer, errors: Logged, what: object) -> None:
     assert answer.code not in FORBIDDEN, (answer, what)
     assert not LEAK.search(answer.details), (answer, what)
     logged = [r.getMessage() for r in errors.records]
@@ -332,7 +336,7 @@ def channel(served: Served) -> Iterator[Any]:
 
 @pytest.mark.parametrize("method", METHODS, ids=_path)
 def test_random_bytes_are_answered_precisely(
-    method: MethodDescriptor, served: Served, channel: Any, errors: Errors
+    method: MethodDescriptor, served: Served, channel: Any, errors: Logged
 ) -> None:
     token = served.fresh_token()
 
@@ -351,7 +355,7 @@ def test_random_bytes_are_answered_precisely(
 
 
 def test_an_undecodable_body_names_the_message_not_the_parser(
-    served: Served, channel: Any, errors: Errors
+    served: Served, channel: Any, errors: Logged
 ) -> None:
     md = bearer(served.fresh_token())
     for method in METHODS:
@@ -597,7 +601,7 @@ def requests(draw: Any, builder: Builder, descriptor: Descriptor) -> Message:
 
 @pytest.mark.parametrize("method", METHODS, ids=_path)
 def test_random_well_typed_requests_are_answered_precisely(
-    method: MethodDescriptor, served: Served, channel: Any, errors: Errors
+    method: MethodDescriptor, served: Served, channel: Any, errors: Logged
 ) -> None:
     builder = Builder(strings_of(served))
     token = served.fresh_token()
@@ -781,7 +785,7 @@ def _frames() -> tuple[queue.Queue[bytes | None], Iterator[bytes]]:
 
 
 def test_a_malformed_frame_ends_a_busy_converse_with_invalid_argument(
-    served: Served, channel: Any, errors: Errors
+    served: Served, channel: Any, errors: Logged
 ) -> None:
     """Also while a relayed run is still streaming: the stream ends now, not with the run."""
     md = bearer(served.fresh_token())
@@ -818,7 +822,7 @@ def test_a_malformed_frame_ends_a_busy_converse_with_invalid_argument(
 
 
 def test_a_malformed_frame_ends_an_event_stream_with_invalid_argument(
-    served: Served, channel: Any, errors: Errors
+    served: Served, channel: Any, errors: Logged
 ) -> None:
     md = bearer(served.fresh_token())
     pending, frames = _frames()
@@ -846,27 +850,10 @@ def test_a_malformed_frame_ends_an_event_stream_with_invalid_argument(
     check(Answer(grpc.StatusCode.OK, ""), errors, "logs")
 
 
-@dataclass
-class Lines(logging.Handler):
-    """The "malformed request body" lines the server writes."""
-
-    lines: list[logging.LogRecord] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        super().__init__(logging.DEBUG)
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.getMessage() == "malformed request body":
-            self.lines.append(record)
-
-    def __hash__(self) -> int:
-        return id(self)
-
-
-def test_a_flood_of_malformed_requests_logs_one_line_per_interval(errors: Errors) -> None:
+def test_a_flood_of_malformed_requests_logs_one_line_per_interval(errors: Logged) -> None:
     flood = Served()
     flood.start(make_settings())
-    lines = Lines()
+    lines = Logged(logging.DEBUG, "malformed request body")
     logging.getLogger("switchboard.access").addHandler(lines)
     try:
         with grpc.insecure_channel(flood.mesh.address) as chan:
@@ -880,6 +867,6 @@ def test_a_flood_of_malformed_requests_logs_one_line_per_interval(errors: Errors
     # 200 malformed requests, the first logged, the rest inside its quiet interval
     # (one more line per interval if this machine took that long).
     allowed = 1 + int(elapsed // MALFORMED_LOG_INTERVAL_S)
-    assert 1 <= len(lines.lines) <= allowed, (len(lines.lines), elapsed)
-    assert all(record.exc_info is None for record in lines.lines)
+    assert 1 <= len(lines.records) <= allowed, (len(lines.records), elapsed)
+    assert all(record.exc_info is None for record in lines.records)
     check(Answer(grpc.StatusCode.OK, ""), errors, "no traceback anywhere")

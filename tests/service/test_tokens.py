@@ -33,6 +33,7 @@ from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.redis import RedisServer
 from tests.service.authkit import detail, reason
 from tests.service.contextkit import Caller, context_stub, create_conversation, ctx_world
+from tests.service.dispatchkit import Stub as DStub
 from tests.service.dispatchkit import dispatcher_stub, finished, request, send, until
 from tests.service.eventkit import Subscriber, delta_text, run_updates, unique
 
@@ -96,6 +97,29 @@ def _scope(conversation: str) -> events_pb2.Scope:
     return events_pb2.Scope(conversation=conversation)
 
 
+def _run_updates(
+    channel: aio.Channel, caller: Caller, conversation: str, after_cursor: str = ""
+) -> Subscriber:
+    """A subscriber to the conversation's run updates (``after_cursor``: a resumed one;
+    empty, the proto3 default, is a fresh one)."""
+    return Subscriber(
+        channel,
+        caller.token,
+        scopes=[_scope(conversation)],
+        types=[events_pb2.EVENT_TYPE_RUN_UPDATED],
+        after_cursor=after_cursor,
+    )
+
+
+async def _ask(
+    channel: aio.Channel, caller: Caller, conversation: str, text: str = ANSWER
+) -> tuple[DStub, str]:
+    """The model asked through ``channel``'s dispatcher: the stub and the run's name."""
+    dstub = dispatcher_stub(channel)
+    sent = await send(dstub, caller, request(conversation, text, handler="handlers/llm"))
+    return dstub, sent.run.name
+
+
 @asynccontextmanager
 async def _two_replicas(
     fake: FakeOpenAI, postgres_url: str, redis_server: RedisServer, tmp_path: Path
@@ -114,12 +138,7 @@ async def _two_replicas(
         aio.insecure_channel(b.address) as channel_b,
     ):
         caller, conversation = await _conversation(a, channel_a)
-        on_b = Subscriber(
-            channel_b,
-            caller.token,
-            scopes=[_scope(conversation)],
-            types=[events_pb2.EVENT_TYPE_RUN_UPDATED],
-        )
+        on_b = _run_updates(channel_b, caller, conversation)
         await on_b.live()
         yield (channel_a, channel_b), caller, conversation, on_b
 
@@ -134,27 +153,14 @@ async def test_a_subscriber_resuming_mid_run_gets_every_token_once_and_a_late_re
             aio.insecure_channel(server.address) as channel,
         ):
             caller, conversation = await _conversation(server, channel)
-            first = Subscriber(
-                channel,
-                caller.token,
-                scopes=[_scope(conversation)],
-                types=[events_pb2.EVENT_TYPE_RUN_UPDATED],
-            )
+            first = _run_updates(channel, caller, conversation)
             await first.live()
-            dstub = dispatcher_stub(channel)
-            sent = await send(dstub, caller, request(conversation, ANSWER, handler="handlers/llm"))
-            run = sent.run.name
+            dstub, run = await _ask(channel, caller, conversation)
             await _until_text(first, run, "one two three")
             first.cancel()
             gate.set()
             await finished(dstub, caller, run)
-            again = Subscriber(
-                channel,
-                caller.token,
-                scopes=[_scope(conversation)],
-                types=[events_pb2.EVENT_TYPE_RUN_UPDATED],
-                after_cursor=first.cursor,
-            )
+            again = _run_updates(channel, caller, conversation, after_cursor=first.cursor)
             await _until_end(again, run)
             again.cancel()
             # WatchRun resumed mid-answer: the tokens after the sequence, once.
@@ -206,9 +212,7 @@ async def test_two_replicas_carry_tokens_live_and_resume_exactly_once(
             conversation,
             on_b,
         ):
-            dstub = dispatcher_stub(channel_a)
-            sent = await send(dstub, caller, request(conversation, ANSWER, handler="handlers/llm"))
-            run = sent.run.name
+            dstub, run = await _ask(channel_a, caller, conversation)
             await _until_text(on_b, run, "one two three")
             on_b.cancel()
             # WatchRun on B, which does not own the run: the run as stored, the tokens B
@@ -227,13 +231,7 @@ async def test_two_replicas_carry_tokens_live_and_resume_exactly_once(
             await finished(dstub, caller, run)
             resumed: dict[str, Subscriber] = {}
             for name, channel in (("same", channel_b), ("other", channel_a)):
-                sub = Subscriber(
-                    channel,
-                    caller.token,
-                    scopes=[_scope(conversation)],
-                    types=[events_pb2.EVENT_TYPE_RUN_UPDATED],
-                    after_cursor=on_b.cursor,
-                )
+                sub = _run_updates(channel, caller, conversation, after_cursor=on_b.cursor)
                 await _until_end(sub, run)
                 sub.cancel()
                 resumed[name] = sub
@@ -292,10 +290,9 @@ async def _stalled_through_a_run(
             kinds = [events_pb2.EVENT_TYPE_RUN_UPDATED]
             slow = Subscriber(stalled, caller.token, scopes=[_scope(conversation)], types=kinds)
             await slow.live()
-            dstub = dispatcher_stub(channel)
-            sent = await send(dstub, caller, request(conversation, "go on", handler="handlers/llm"))
-            await finished(dstub, caller, sent.run.name)
-            yield channel, caller, conversation, slow, sent.run.name
+            dstub, run = await _ask(channel, caller, conversation, "go on")
+            await finished(dstub, caller, run)
+            yield channel, caller, conversation, slow, run
 
 
 async def test_a_subscriber_that_falls_behind_a_run_gets_its_tokens_in_fewer_fuller_frames(
@@ -333,13 +330,7 @@ async def test_a_subscriber_behind_its_whole_buffer_of_tokens_is_cut_off_and_res
         assert resume == (slow.events[-1].cursor if slow.events else slow.cursor)
         # The tokens it had no room for are in the process's ring: resumed from the
         # cursor, it gets each of them once (the run is over by now).
-        again = Subscriber(
-            channel,
-            caller.token,
-            scopes=[_scope(conversation)],
-            types=[events_pb2.EVENT_TYPE_RUN_UPDATED],
-            after_cursor=resume,
-        )
+        again = _run_updates(channel, caller, conversation, after_cursor=resume)
         await _until_end(again, run)
         again.cancel()
     delivered = [*slow.events, *again.events]
@@ -364,9 +355,7 @@ async def test_a_watch_resumed_on_the_replica_without_the_run_gets_the_tokens_ma
             conversation,
             on_b,
         ):
-            dstub = dispatcher_stub(channel_a)
-            sent = await send(dstub, caller, request(conversation, ANSWER, handler="handlers/llm"))
-            run = sent.run.name
+            dstub, run = await _ask(channel_a, caller, conversation)
             await fake.wait_requests(1)
             # The client watched on A up to RUNNING, then lost its stream.
             lost, before = await until(

@@ -129,6 +129,17 @@ class Replica:
 
 
 @contextlib.asynccontextmanager
+async def two_replicas(url: str, redis_url: str) -> AsyncIterator[tuple[Replica, Replica]]:
+    """Replicas a and b on one database and one Redis event log, with workspace w1."""
+    async with (
+        replica(url, redis_url=redis_url, instance="a") as a,
+        replica(url, redis_url=redis_url, instance="b") as b,
+    ):
+        await add_workspace(a.database, "w1")
+        yield a, b
+
+
+@contextlib.asynccontextmanager
 async def replica(
     url: str,
     *,
@@ -597,11 +608,7 @@ async def holder(database: Database) -> str:
 async def test_two_replicas_deliver_each_event_once(
     receiver: WebhookReceiver, postgres_url: str, redis_server: RedisServer
 ) -> None:
-    async with (
-        replica(postgres_url, redis_url=redis_server.url, instance="a") as a,
-        replica(postgres_url, redis_url=redis_server.url, instance="b") as b,
-    ):
-        await add_workspace(a.database, "w1")
+    async with two_replicas(postgres_url, redis_server.url) as (a, b):
         secrets = [new_secret(), new_secret()]
         hooks = [
             receiver.endpoint("one", [secrets[0]], fail_first=2),
@@ -624,11 +631,7 @@ async def test_two_replicas_deliver_each_event_once(
 async def test_a_replica_killed_mid_stream_leaves_nothing_undelivered(
     receiver: WebhookReceiver, postgres_url: str, redis_server: RedisServer
 ) -> None:
-    async with (
-        replica(postgres_url, redis_url=redis_server.url, instance="a") as a,
-        replica(postgres_url, redis_url=redis_server.url, instance="b") as b,
-    ):
-        await add_workspace(a.database, "w1")
+    async with two_replicas(postgres_url, redis_server.url) as (a, b):
         secret = new_secret()
         # Slow answers: the killed replica has attempts in flight.
         hook: Endpoint = receiver.endpoint("hook", [secret], delay_s=0.05)

@@ -27,10 +27,10 @@ from tests.service.contextkit import (
     TIMEOUT_S,
     Caller,
     Stub,
-    context_stub,
     create_conversation,
     create_workspace,
     new_caller,
+    stub_fixture,
 )
 
 pytestmark = pytest.mark.asyncio
@@ -45,9 +45,7 @@ def settings(database_url: str) -> Settings:
     return make_settings(database_url=database_url)
 
 
-@pytest.fixture
-def stub(channel: aio.Channel) -> Stub:
-    return context_stub(channel)
+stub = stub_fixture
 
 
 async def answer(call: Awaitable[Any], workspace_id: str) -> tuple[str, str, str, list[str]]:

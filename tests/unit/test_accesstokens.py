@@ -50,12 +50,8 @@ def _claims(**overrides: Any) -> dict[str, Any]:
         "typ": "access",
         "scope": "mesh",
     }
-    for name, value in overrides.items():
-        if value is None:
-            claims.pop(name, None)
-        else:
-            claims[name] = value
-    return claims
+    # An override of None leaves the claim out (no base claim is None).
+    return {name: value for name, value in {**claims, **overrides}.items() if value is not None}
 
 
 def _sign(key: SigningKey, claims: dict[str, Any], **headers: Any) -> str:

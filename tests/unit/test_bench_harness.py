@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bench.harness import (
     PREAMBLE,
+    Window,
+    clients,
     histogram_percentile,
     median,
     middle,
     ms,
+    overrides,
     percentile,
     rank,
     replace_sections,
+    section_main,
     summary,
     write_sections,
 )
@@ -177,3 +185,53 @@ def test_run_py_renders_its_three_sections() -> None:
     assert "| 30.0 | 5.0 | 12.5 | 2.00 | 9.00 |" in text
     assert "- command: `python bench/run.py --seconds 5 --concurrency 16 --rounds 3`" in text
     assert replace_sections("", text).count("\n## ") == 3
+
+
+def test_a_section_script_runs_one_of_its_processes_or_its_section(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    driven: list[argparse.Namespace] = []
+
+    async def drive(args: argparse.Namespace) -> int:
+        driven.append(args)
+        return 0
+
+    async def doubled(spec: dict[str, Any]) -> dict[str, Any]:
+        return {"n": spec["n"] * 2}
+
+    children: list[int] = []
+    roles: dict[str, Callable[..., object]] = {
+        "client": clients({"double": doubled}),
+        "child": children.append,
+    }
+
+    def rows(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--rows")
+
+    monkeypatch.setattr(sys, "argv", ["bench/x.py", "client", '{"mode": "double", "n": 21}'])
+    assert section_main("Doc.", drive, quick="short", roles=roles) == 0
+    assert json.loads(capsys.readouterr().out) == {"n": 42}
+    monkeypatch.setattr(sys, "argv", ["bench/x.py", "child", "7"])
+    assert section_main("Doc.", drive, roles=roles) == 0
+    assert children == [7]
+    assert driven == []
+    monkeypatch.setattr(sys, "argv", ["bench/x.py", "--quick", "--rows", "1,2"])
+    assert section_main("Doc.", drive, quick="short", options=rows, roles=roles) == 0
+    [args] = driven
+    assert (args.quick, args.rows, args.write, args.json) == (True, "1,2", False, False)
+
+
+def test_options_given_on_the_command_line_override_a_plan() -> None:
+    args = argparse.Namespace(seconds=2.0, rounds=None, paths=["a", "b"])
+    assert overrides(args, ("seconds", "rounds", "paths")) == {"seconds": 2.0, "paths": ("a", "b")}
+
+
+def test_a_window_holds_the_measured_time_only() -> None:
+    window = Window()
+    assert 0.0 not in window
+    window.start(warmup_s=10.0, seconds=5.0)
+    assert window.begin not in Window()
+    assert window.begin in window
+    assert window.begin - 1 not in window
+    assert window.deadline not in window
+    assert window.open()

@@ -26,6 +26,15 @@ def _result(sequence: int, text: str) -> pb.RunUpdate:
     )
 
 
+def _half_an_answer() -> list[pb.RunUpdate]:
+    """A run queued, started, and half an answer in: what a restart cuts short."""
+    return [
+        _state(1, pb.RUN_STATE_QUEUED),
+        _state(2, pb.RUN_STATE_RUNNING),
+        _delta(3, "half an ans"),
+    ]
+
+
 def test_deltas_join_until_the_result_which_wins() -> None:
     builder = AnswerBuilder()
     for update in [
@@ -47,9 +56,7 @@ def test_a_requeued_run_starts_its_answer_over() -> None:
     builder = AnswerBuilder()
     block = 2**32
     for update in [
-        _state(1, pb.RUN_STATE_QUEUED),
-        _state(2, pb.RUN_STATE_RUNNING),
-        _delta(3, "half an ans"),
+        *_half_an_answer(),
         _state(block + 1, pb.RUN_STATE_QUEUED),  # recovered with `requeue`
         _state(block + 2, pb.RUN_STATE_RUNNING),
         _delta(block + 3, "a whole answer"),
@@ -64,9 +71,7 @@ def test_a_watch_resumed_after_a_restart_starts_over_at_the_newer_block() -> Non
     builder = AnswerBuilder()
     block = 2**32
     for update in [
-        _state(1, pb.RUN_STATE_QUEUED),
-        _state(2, pb.RUN_STATE_RUNNING),
-        _delta(3, "half an ans"),
+        *_half_an_answer(),
         _state(block, pb.RUN_STATE_RUNNING),  # the snapshot
         _delta(block + 1, "a whole answer"),
     ]:

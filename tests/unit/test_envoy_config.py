@@ -43,7 +43,7 @@ from switchboard.deploy.envoy import (
 )
 from switchboard.deploy.launcher import Options, add_mesh_parser
 from switchboard.deploy.machine import MeshError
-from tests.e2e.envoy import envoy_binary
+from tests.e2e.envoy import envoy_validate
 
 ROOT: Final = Path(__file__).resolve().parents[2]
 #: Each example in docs/envoy and the command that renders it (docs/edge.md shows them).
@@ -273,13 +273,7 @@ def test_envoy_accepts_both_shapes(tmp_path: Path) -> None:
     for name, spec in specs.items():
         config = tmp_path / f"{name}.yaml"
         config.write_text(render(spec))
-        done = subprocess.run(
-            [envoy_binary(), "--mode", "validate", "--config-path", str(config)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        done = envoy_validate(config)
         assert done.returncode == 0, done.stderr[-2000:]
         assert f"configuration '{config}' OK" in done.stdout + done.stderr
 
@@ -496,23 +490,11 @@ def test_envoy_loads_the_console(tmp_path: Path) -> None:
     config.write_text(
         render(EdgeSpec.all_in_one(LOCAL, console=Console.from_directory(console_dir)))
     )
-    done = subprocess.run(
-        [envoy_binary(), "--mode", "validate", "--config-path", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = envoy_validate(config)
     assert done.returncode == 0, done.stderr[-2000:]
     # A file that grew past the cap after rendering: Envoy refuses to load it.
     with (console_dir / "app.js").open("wb") as handle:
         handle.truncate(MAX_CONSOLE_FILE_BYTES + 1)
-    done = subprocess.run(
-        [envoy_binary(), "--mode", "validate", "--config-path", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = envoy_validate(config)
     assert done.returncode != 0
     assert f"{console_dir / 'app.js'} size is" in done.stdout + done.stderr

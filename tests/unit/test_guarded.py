@@ -22,19 +22,14 @@ from switchboard.platform.breaker import Breakers, BreakerState
 from switchboard.platform.errors import CircuitOpen, Code, DependencyUnavailable, InvalidArgument
 from switchboard.platform.jsonbounds import JsonRejected, too_deep
 from tests.infra.clock import FakeClock
+from tests.unit import test_integration_domain as domain
 from tests.unit.test_integration_domain import NAME, SECRETS, Built, record
 
 SECRET_TEXT = "token=s3cr3t from the server's answer"
 
 
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock(1_700_000_000.0)
-
-
-@pytest.fixture
-def breakers(clock: FakeClock) -> Breakers:
-    return Breakers(failures=2, reset_s=10.0, clock=clock)
+# The domain tests' clock and breakers, bound under the names the tests here take.
+clock, breakers = domain.clock, domain.breakers
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2
 from switchboard.api.context.v1 import context_pb2
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.handler.v1 import handler_pb2
-from switchboard.dispatcher.handlers.base import Frame, HandleCall, Handler, HandlerFailure
+from switchboard.dispatcher.handlers.base import Frame, HandleCall, Handler
 from switchboard.dispatcher.llm.handler import (
     LlmConfig,
     LlmHandler,
@@ -38,22 +38,13 @@ from switchboard.dispatcher.llm.handler import (
 )
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.clock import FakeClock
+from tests.unit.llmkit import Sleeps, fail, run
 
 KEY = "sk-test-9f8e7d6c5b4a39281706"
 MODEL = "gpt-fake"
 BACKUP_MODEL = "gpt-backup"
 # Bounds waits on the fake's events, so a broken test fails instead of hanging.
 WAIT_S = 5.0
-
-
-class Sleeps:
-    """Records the backoff delays the handler asks for, without sleeping."""
-
-    def __init__(self) -> None:
-        self.delays: list[float] = []
-
-    async def __call__(self, delay: float) -> None:
-        self.delays.append(delay)
 
 
 class CeilingRandom(random.Random):
@@ -66,18 +57,6 @@ class CeilingRandom(random.Random):
     def uniform(self, a: float, b: float) -> float:
         self.ranges.append((a, b))
         return b
-
-
-@pytest.fixture
-async def primary() -> AsyncIterator[FakeOpenAI]:
-    async with FakeOpenAI() as fake:
-        yield fake
-
-
-@pytest.fixture
-async def backup() -> AsyncIterator[FakeOpenAI]:
-    async with FakeOpenAI() as fake:
-        yield fake
 
 
 @pytest.fixture
@@ -149,36 +128,6 @@ def make_call(
         parameters=params,
     )
     return HandleCall(request=request, deadline=time.monotonic() + deadline_s)
-
-
-async def run(handler: LlmHandler, call: HandleCall) -> tuple[list[str], handler_pb2.HandleResult]:
-    """The deltas and the one result; fails if the stream breaks the frame contract."""
-    deltas: list[str] = []
-    frames: list[Frame] = []
-    async with contextlib.aclosing(handler.handle(call)) as stream:
-        async for frame in stream:
-            frames.append(frame)
-            if frame.WhichOneof("frame") == "delta":
-                deltas.append(frame.delta.text)
-    kinds = [frame.WhichOneof("frame") for frame in frames]
-    assert kinds.count("result") == 1
-    assert kinds[-1] == "result"
-    return deltas, frames[-1].result
-
-
-async def fail(handler: LlmHandler, call: HandleCall) -> tuple[list[str], HandlerFailure]:
-    """The deltas streamed before the handler failed, and its failure."""
-    deltas: list[str] = []
-
-    async def consume() -> None:
-        async with contextlib.aclosing(handler.handle(call)) as stream:
-            async for frame in stream:
-                assert frame.WhichOneof("frame") == "delta"
-                deltas.append(frame.delta.text)
-
-    with pytest.raises(HandlerFailure) as caught:
-        await consume()
-    return deltas, caught.value
 
 
 def closed_port() -> int:

@@ -21,7 +21,7 @@ from google.protobuf import json_format, struct_pb2
 
 from switchboard.api.context.v1 import context_pb2
 from switchboard.api.handler.v1 import handler_pb2
-from switchboard.dispatcher.handlers.base import Frame, HandleCall, HandlerFailure, ToolRunner
+from switchboard.dispatcher.handlers.base import HandleCall, ToolRunner
 from switchboard.dispatcher.llm.handler import (
     LlmConfig,
     LlmHandler,
@@ -31,6 +31,7 @@ from switchboard.dispatcher.llm.handler import (
 )
 from tests.fakes.openai_server import FakeOpenAI, FakeToolCall, Reply
 from tests.infra.clock import FakeClock
+from tests.unit.llmkit import Sleeps, fail, run
 
 MODEL = "gpt-fake"
 BACKUP_MODEL = "gpt-backup"
@@ -109,26 +110,6 @@ class Runner:
         return [self.reply(call) for call in calls]
 
 
-class Sleeps:
-    def __init__(self) -> None:
-        self.delays: list[float] = []
-
-    async def __call__(self, delay: float) -> None:
-        self.delays.append(delay)
-
-
-@pytest.fixture
-async def primary() -> AsyncIterator[FakeOpenAI]:
-    async with FakeOpenAI() as fake:
-        yield fake
-
-
-@pytest.fixture
-async def backup() -> AsyncIterator[FakeOpenAI]:
-    async with FakeOpenAI() as fake:
-        yield fake
-
-
 Make = Callable[..., LlmHandler]
 
 
@@ -185,34 +166,6 @@ def make_call(
         context=context,
     )
     return HandleCall(request=request, deadline=time.monotonic() + 10.0, tools=runner)
-
-
-async def run(handler: LlmHandler, call: HandleCall) -> tuple[list[str], handler_pb2.HandleResult]:
-    deltas: list[str] = []
-    frames: list[Frame] = []
-    async with contextlib.aclosing(handler.handle(call)) as stream:
-        async for frame in stream:
-            frames.append(frame)
-            if frame.WhichOneof("frame") == "delta":
-                deltas.append(frame.delta.text)
-    kinds = [frame.WhichOneof("frame") for frame in frames]
-    assert kinds.count("result") == 1
-    assert kinds[-1] == "result"
-    return deltas, frames[-1].result
-
-
-async def fail(handler: LlmHandler, call: HandleCall) -> tuple[list[str], HandlerFailure]:
-    deltas: list[str] = []
-
-    async def consume() -> None:
-        async with contextlib.aclosing(handler.handle(call)) as stream:
-            async for frame in stream:
-                assert frame.WhichOneof("frame") == "delta"
-                deltas.append(frame.delta.text)
-
-    with pytest.raises(HandlerFailure) as caught:
-        await consume()
-    return deltas, caught.value
 
 
 def body(fake: FakeOpenAI, index: int) -> dict[str, Any]:

@@ -114,12 +114,8 @@ def _claims(**overrides: Any) -> dict[str, Any]:
         "name": "Ada Lovelace",
         "preferred_username": "ada",
     }
-    for name, value in overrides.items():
-        if value is None:
-            claims.pop(name, None)
-        else:
-            claims[name] = value
-    return claims
+    # An override of None leaves the claim out (no base claim is None).
+    return {name: value for name, value in {**claims, **overrides}.items() if value is not None}
 
 
 def _b64(data: dict[str, Any]) -> str:
