@@ -273,3 +273,32 @@ def test_malformed_addresses_name_the_variable_not_the_value(
 )
 def test_well_formed_addresses_are_accepted(key: str, value: str) -> None:
     load_settings(dev_mode=True, **{key: value})
+
+
+def test_bad_variables_of_every_section_are_named_at_once() -> None:
+    # Each section is read even when another is bad: one start names them all.
+    with pytest.raises(ConfigError) as caught:
+        load_settings(
+            dev_mode=True,
+            port=70000,
+            dispatcher_max_running=0,
+            context_max_pinned=-1,
+            oidc_issuer="https://login.example.com",
+        )
+    message = str(caught.value)
+    for fragment in (
+        "SWITCHBOARD_PORT:",
+        "SWITCHBOARD_DISPATCHER_MAX_RUNNING:",
+        "SWITCHBOARD_CONTEXT_MAX_PINNED:",
+        "must be set together",
+    ):
+        assert fragment in message
+
+
+def test_each_section_reads_its_own_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SWITCHBOARD_DISPATCHER_MAX_RUNNING", "3")
+    monkeypatch.setenv("SWITCHBOARD_EGRESS_ALLOW_CIDRS", "10.0.0.0/8, fd00::/8")
+    settings = load_settings(dev_mode=True)
+    assert settings.dispatcher.dispatcher_max_running == 3
+    assert settings.egress.egress_allow_cidrs == ("10.0.0.0/8", "fd00::/8")
+    assert settings.section(type(settings.dispatcher)) is settings.dispatcher

@@ -44,6 +44,7 @@ class AuthSettings(Section):
         le=10_000,
         description="password hashes queued or running; beyond it `RESOURCE_EXHAUSTED`",
     )
+    # Federated login (all three or none).
     oidc_issuer: str = Field(
         default="",
         description="accepted external ID-token issuer (exact `iss`), e.g. "
@@ -58,6 +59,9 @@ class AuthSettings(Section):
         description="the issuer's JWKS as a JSON file (public keys only; a file with private "
         "key material is refused)",
     )
+    # Abuse limits on Login (fixed windows). A failed password counts for its
+    # account from that address and for the account as a whole; the owner's
+    # correct password from an address that is not throttled still signs in.
     login_window_s: int = Field(
         default=900,
         ge=1,

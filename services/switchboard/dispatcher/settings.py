@@ -174,6 +174,7 @@ class DispatcherSettings(Section):
         le=10_000,
         description="assistants one workspace may define",
     )
+    # The LLM handler (OpenAI-compatible Chat Completions). Off unless a base URL is set.
     llm_base_url: str = Field(
         default="",
         description="OpenAI-compatible API base, e.g. `https://api.openai.com/v1`; the `llm` "

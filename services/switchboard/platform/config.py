@@ -130,6 +130,7 @@ def problems(exc: ValidationError) -> list[str]:
 class KernelSettings(Section):
     """What every Switchboard process reads, whatever it serves."""
 
+    # Where and how to listen.
     host: str = Field(
         default="127.0.0.1",
         description="address to bind (`0.0.0.0` or `::` for all interfaces)",
@@ -153,6 +154,7 @@ class KernelSettings(Section):
         "[docs/a2a.md](docs/a2a.md))",
         json_schema_extra=shown("all six"),
     )
+    # Secrets.
     secret_key: SecretStr = Field(
         default=SecretStr(""),
         description="server secret, at least 32 characters: it peppers the stored hashes of "
@@ -171,6 +173,7 @@ class KernelSettings(Section):
         "PostgreSQL or `:memory:`), with a warning",
         json_schema_extra=shown("none"),
     )
+    # Storage and cache. URLs are secrets: they may carry passwords.
     database_url: SecretStr = Field(
         default=SecretStr("sqlite+aiosqlite:///switchboard.db"),
         description="SQLAlchemy async URL: `sqlite+aiosqlite:///path.db` or "
@@ -208,6 +211,8 @@ class KernelSettings(Section):
         "confirmed its subscription; a revocation that cannot be published waits "
         "this long before returning",
     )
+    # The event log: every process publishes to it and keeps its open streams'
+    # access current.
     events_retention: int = Field(
         default=100_000,
         ge=100,
@@ -255,6 +260,7 @@ class KernelSettings(Section):
         description="how often a live subscription re-checks its credential and access (it "
         "also re-checks at once on membership and revocation events)",
     )
+    # This replica in the deployment.
     advertise_address: GrpcTarget = Field(
         default="",
         description="`host:port` other replicas reach this process at: a dispatcher that gets "
@@ -272,6 +278,7 @@ class KernelSettings(Section):
         "the same id is refused at start)",
         json_schema_extra=shown("host name"),
     )
+    # Verifying tokens: every process does it, whatever it serves.
     auth_issuer: str = Field(
         default="switchboard",
         min_length=1,
@@ -294,6 +301,7 @@ class KernelSettings(Section):
         le=1_000_000,
         description="verified tokens, session states and API keys kept per process (each bounded)",
     )
+    # Logging.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO",
         description="`DEBUG`, `INFO`, `WARNING` or `ERROR`",
@@ -302,6 +310,7 @@ class KernelSettings(Section):
         default="json",
         description="`json` (one object per line) or `text`",
     )
+    # Metrics (docs/metrics.md): Prometheus text on a port of its own.
     metrics_port: int | None = Field(
         default=None,
         ge=0,
@@ -316,6 +325,7 @@ class KernelSettings(Section):
         min_length=1,
         description="address the metrics endpoint binds",
     )
+    # Transport limits. Each exists so that one client cannot exhaust the process.
     max_receive_message_bytes: int = Field(
         default=4 * MiB,
         ge=1024,
@@ -383,6 +393,7 @@ class KernelSettings(Section):
         ge=0,
         description="time in-flight calls get when a connection is recycled",
     )
+    # The interpreter.
     gc_threshold: Annotated[tuple[int, int, int], NoDecode] = Field(
         default=(100_000, 50, 1_000),
         description="cyclic garbage collector thresholds, applied with `gc.freeze()` after "
@@ -398,6 +409,7 @@ class KernelSettings(Section):
         "applied by `switchboard serve`; CPython's default is 5 ms, which a busy "
         "loop makes every SQLite statement of a write wait; decision 34)",
     )
+    # Shutdown.
     shutdown_grace_s: float = Field(
         default=10.0,
         ge=0,
