@@ -7,6 +7,7 @@
 #   make gen    regenerate gen/, clients/go/gen/ and clients/web/src/gen/ from proto/
 #   make bench  run bench/ and write BENCHMARKS.md
 #   make deploy-files  render deploy/'s Envoy configs (scripts/render-deploy.py)
+#   make docs   write the README's settings table from the settings' sections
 #   make console  type-check and build the browser console into clients/web/dist/ (docs/console.md)
 
 PYTHON ?= python3
@@ -17,10 +18,10 @@ HOST   ?= 127.0.0.1
 PORT   ?= 50051
 
 .PHONY: run serve mesh test check deps lint typecheck contracts gen tools pytest bench clean help \
-	deploy-files console
+	deploy-files docs console
 
 help:
-	@sed -n '2,10p' Makefile
+	@sed -n '2,11p' Makefile
 
 # The client's distribution first (clients/python): the server depends on it, and it comes
 # from this checkout, never from an index.
@@ -83,6 +84,11 @@ bench: $(STAMP)
 # tests/unit/test_deploy.py, as gen/ is by `make contracts`).
 deploy-files: $(STAMP)
 	$(PY) scripts/render-deploy.py
+
+# The README's configuration table, from the sections' fields (checked by
+# tests/unit/test_docs.py, as gen/ is by `make contracts`).
+docs: $(STAMP)
+	$(PY) scripts/render-settings.py
 
 # The browser console: npm ci when its packages are missing or stale, the strict type
 # check, then the bundle (clients/web/build.mjs) that Envoy serves with --console.

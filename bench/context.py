@@ -405,14 +405,14 @@ async def seed_in_process(
     """Append ``messages`` and create ``memory`` items through the context domain and its stores."""
     from switchboard.context.build import context_service
     from switchboard.platform.cache import Cache
-    from switchboard.platform.config import Settings
     from switchboard.platform.events.bus import EventBus
     from switchboard.platform.security.policy import AuthMethod, Principal, Scope
     from switchboard.platform.store.db import open_database
     from switchboard.platform.store.pagination import PageTokens
+    from switchboard.settings import Settings
 
-    settings = Settings(
-        database_url=database_url,  # type: ignore[arg-type]
+    settings = Settings.from_values(
+        database_url=database_url,
         dev_mode=True,
         context_auto_prune_messages=0,
         # Seeding is one caller writing as fast as it can.
@@ -421,11 +421,12 @@ async def seed_in_process(
     database = await open_database(database_url, timeout_s=30.0, migrate=False)
     counters = Cache("", timeout_s=1.0, lease_s=1.0)
     service = context_service(
-        settings,
+        settings.context,
+        settings.kernel,
         database,
         cast(EventBus, _NoBus()),
         counters,
-        PageTokens(settings.effective_secret_key()),
+        PageTokens(settings.kernel.effective_secret_key()),
     )
     principal = Principal(
         user_id=account.user.removeprefix("users/"),

@@ -27,10 +27,10 @@ from sqlalchemy.orm import Session
 from switchboard.api.auth.v1 import auth_pb2
 from switchboard.auth.accounts import Accounts
 from switchboard.mesh import create_server
-from switchboard.platform.config import Settings
 from switchboard.platform.names import new_id, now
 from switchboard.platform.store.db import open_database
 from switchboard.platform.store.models import EventOutboxRow, table_of
+from switchboard.settings import Settings
 
 CALLS = 20_000
 
@@ -85,11 +85,11 @@ async def write_after_idle(
 async def main() -> None:
     logging.disable(logging.WARNING)
     directory = tempfile.mkdtemp(prefix="switchboard-micro-")
-    settings = Settings(
+    settings = Settings.from_values(
         host="127.0.0.1",
         port=0,
         dev_mode=True,
-        database_url=f"sqlite+aiosqlite:///{directory}/micro.db",  # type: ignore[arg-type]
+        database_url=f"sqlite+aiosqlite:///{directory}/micro.db",
     )
     server, _ = await create_server(settings)
     try:

@@ -58,12 +58,12 @@ from grpc_health.v1._async import HealthServicer
 from switchboard.api.context.v1 import context_pb2
 from switchboard.api.events.v1 import events_pb2
 from switchboard.mesh import create_server
-from switchboard.platform.config import Settings
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.observe.logging import configure_logging
 from switchboard.platform.rpc.server import tune_gc
 from switchboard.platform.security import access
 from switchboard.platform.security.policy import Scope
+from switchboard.settings import Settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for bench.*
 
@@ -231,15 +231,15 @@ async def _events(overrides: Sequence[str]) -> None:
     directory = tempfile.mkdtemp(prefix="switchboard-bench-")
     try:
         custom = dict(item.split("=", 1) for item in overrides)
-        settings = Settings(
+        settings = Settings.from_values(
             host="127.0.0.1",
             port=0,
             dev_mode=True,
-            database_url=f"sqlite+aiosqlite:///{directory}/bench.db",  # type: ignore[arg-type]
+            database_url=f"sqlite+aiosqlite:///{directory}/bench.db",
             **{**EVENT_LIMITS, **custom},
         )
         server, port = await create_server(settings)
-        tune_gc(settings)  # as `switchboard serve` does
+        tune_gc(settings.kernel)  # as `switchboard serve` does
         await server.start()
         from switchboard.auth.accounts import Accounts, ClientContext
         from switchboard.auth.store import AuthStore
@@ -294,11 +294,11 @@ async def main(variant: str, overrides: Sequence[str] = ()) -> None:
                 Scope.READ
             )
         directory = tempfile.mkdtemp(prefix="switchboard-bench-")
-        settings = Settings(
+        settings = Settings.from_values(
             host="127.0.0.1",
             port=0,
             dev_mode=True,
-            database_url=f"sqlite+aiosqlite:///{directory}/bench.db",  # type: ignore[arg-type]
+            database_url=f"sqlite+aiosqlite:///{directory}/bench.db",
             token_cache_size=0 if variant.endswith("nocache") else 10_000,
             # The login benchmark signs in from one address many times a second.
             login_max_attempts_per_address=1_000_000,

@@ -13,8 +13,8 @@ import pytest
 from grpc import aio
 
 from switchboard.mesh import create_server
-from switchboard.platform.config import Settings
 from switchboard.platform.rpc.server import SwitchboardServer
+from switchboard.settings import Settings
 from switchboard.shared import Shared
 
 pytest_plugins = ["tests.infra.leftovers", "tests.infra.postgres", "tests.infra.redis"]
@@ -46,7 +46,7 @@ def make_settings(**overrides: object) -> Settings:
         "instance_id": f"test-{next(_instance_serial)}",
     }
     values.update(overrides)
-    return Settings(**values)  # type: ignore[arg-type]
+    return Settings.from_values(**values)
 
 
 @pytest.fixture

@@ -10,11 +10,15 @@ import sys
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from switchboard.deploy import commands, launcher
-from switchboard.platform.config import ConfigError, Settings, load_settings
+from switchboard.platform.config import ConfigError, KernelSettings
 from switchboard.platform.observe.logging import configure_logging
 from switchboard.platform.security import keyfile
+
+if TYPE_CHECKING:
+    from switchboard.settings import Settings
 
 log = logging.getLogger("switchboard.cli")
 
@@ -87,7 +91,7 @@ def _keygen(path: str, *, force: bool) -> int:
     return 0
 
 
-async def _migrate(settings: Settings) -> int:
+async def _migrate(settings: KernelSettings) -> int:
     from switchboard.mesh import database_setting
     from switchboard.platform.store.db import open_database
 
@@ -122,7 +126,7 @@ async def _serve(settings: Settings) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    tune_gc(settings)
+    tune_gc(settings.kernel)
     await server.start()
     await stop.wait()
     await server.shutdown()
@@ -156,6 +160,7 @@ def _run_server(args: argparse.Namespace) -> int:
     fraction of the time."""
     from switchboard.mesh import check_settings
     from switchboard.platform.rpc.server import BindError
+    from switchboard.settings import load_settings
 
     flags = (
         {"host": args.host, "port": args.port, "services": args.services, "dev_mode": args.dev}
@@ -170,15 +175,16 @@ def _run_server(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"switchboard: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    configure_logging(settings.log_level, settings.log_format)
-    for name in settings.insecure_defaults_in_use():
+    kernel = settings.kernel
+    configure_logging(kernel.log_level, kernel.log_format)
+    for name in kernel.insecure_defaults_in_use():
         log.warning(
             "DEV MODE: %s is not set; a development value stands in for it (insecure); "
             "never run like this in production",
             name,
         )
     try:
-        code = asyncio.run(_serve(settings) if args.command == "serve" else _migrate(settings))
+        code = asyncio.run(_serve(settings) if args.command == "serve" else _migrate(kernel))
         # Interpreter teardown resets Python-level signal handlers to the default
         # (death by signal); the drain is done, so late signals are ignored.
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,6 +1,6 @@
 """Which services a Switchboard process runs, and ``create_server`` for them.
 
-All-in-one and mesh shapes run this same code: ``Settings.services`` picks the
+All-in-one and mesh shapes run this same code: ``SWITCHBOARD_SERVICES`` picks the
 subset a process serves; services reach each other through their stubs.
 Every process, whatever it serves, authenticates and authorizes its callers,
 so each opens what that needs (``open_shared``); then each service it serves
@@ -33,7 +33,7 @@ from switchboard.events import servicer as events_servicer
 from switchboard.integration import build as integration
 from switchboard.integration import servicer as integration_servicer
 from switchboard.platform.cache import Cache
-from switchboard.platform.config import ConfigError, Settings
+from switchboard.platform.config import ConfigError, KernelSettings
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.events.eventlog import LocalLog, LogBackend, RedisLog
 from switchboard.platform.events.loglock import EventLogLock, lock_sqlite_file
@@ -64,6 +64,7 @@ from switchboard.platform.store.db import (
 )
 from switchboard.platform.store.outbox import Outbox
 from switchboard.platform.store.pagination import PageTokens
+from switchboard.settings import Settings
 from switchboard.shared import Shared
 
 log = logging.getLogger("switchboard.mesh")
@@ -75,9 +76,7 @@ DATABASE_HEALTH = "switchboard.database"
 
 #: A service's build: its registration, or several when it serves companions beside its
 #: main service (a2a: the public Agent Card, ``COMPANIONS``).
-Build = Callable[
-    [Settings, Shared], Awaitable[ServiceRegistration | tuple[ServiceRegistration, ...]]
-]
+Build = Callable[[Shared], Awaitable[ServiceRegistration | tuple[ServiceRegistration, ...]]]
 
 # Short name (for SWITCHBOARD_SERVICES / --services) -> descriptor, methods
 # answered with pre-serialized bytes, and how the service builds itself from
@@ -96,16 +95,18 @@ SERVICES: dict[str, tuple[ServiceDescriptor, frozenset[str], Build]] = {
 COMPANIONS: dict[str, tuple[ServiceDescriptor, ...]] = {"a2a": (card_servicer.SERVICE,)}
 
 
-async def registrations(settings: Settings, shared: Shared) -> list[ServiceRegistration]:
+async def registrations(settings: KernelSettings, shared: Shared) -> list[ServiceRegistration]:
     """What each configured service's build registers, in order."""
     built: list[ServiceRegistration] = []
     for name in settings.services:
-        made = await SERVICES[name][2](settings, shared)
+        made = await SERVICES[name][2](shared)
         built += made if isinstance(made, tuple) else [made]
     return built
 
 
-def event_log(settings: Settings, database: Database, outbox: Outbox | None = None) -> LogBackend:
+def event_log(
+    settings: KernelSettings, database: Database, outbox: Outbox | None = None
+) -> LogBackend:
     """Redis Streams when Redis is configured, else the embedded database log."""
     memory = min(settings.events_memory, settings.events_retention)
     redis_url = settings.redis_url.get_secret_value()
@@ -160,14 +161,17 @@ def database_setting() -> Iterator[None]:
 def check_settings(settings: Settings) -> None:
     """Parse the settings only the services understand, before anything opens.
 
-    Settings validation (platform/config.py) knows types and ranges; the text
-    formats of routes, remote experts, LLM providers and prices and the
-    blocklist belong to the dispatcher, the trusted proxies to auth. Every
+    The sections' validation knows types and ranges; the text formats of routes,
+    remote experts, LLM providers and prices and the blocklist belong to the
+    dispatcher, the trusted proxies to auth. Every
     process checks them all, whatever it serves. One ConfigError names every
     bad variable, so a typo stops the start before the database is touched.
     """
     problems = []
-    for variable, parse in (*dispatcher.checks(settings), *auth.checks(settings)):
+    for variable, parse in (
+        *dispatcher.checks(settings.dispatcher, settings.remote_handlers),
+        *auth.checks(settings.auth),
+    ):
         try:
             parse()
         except ConfigError as exc:
@@ -178,12 +182,12 @@ def check_settings(settings: Settings) -> None:
         raise ConfigError("; ".join(problems))
 
 
-def instance_id(settings: Settings) -> str:
+def instance_id(settings: KernelSettings) -> str:
     """This dispatcher replica's id: the configured one, else the host name."""
     return settings.instance_id or socket.gethostname()[:64]
 
 
-def configured_key_ring(settings: Settings) -> KeyRing | None:
+def configured_key_ring(settings: KernelSettings) -> KeyRing | None:
     """The keys of SWITCHBOARD_SIGNING_KEYS; None in dev mode without any."""
     if settings.signing_keys:
         try:
@@ -195,7 +199,7 @@ def configured_key_ring(settings: Settings) -> KeyRing | None:
     return None
 
 
-def dev_key_ring(settings: Settings) -> KeyRing:
+def dev_key_ring(settings: KernelSettings) -> KeyRing:
     """Dev mode's key: kept beside the database (``devkey``: a restart keeps everyone
     signed in), or one of this process's own when the database is not a file. Read once
     the database is open and locked: its directory exists, and no other process serves it.
@@ -228,10 +232,11 @@ def dev_key_ring(settings: Settings) -> KeyRing:
 
 
 async def open_shared(
-    settings: Settings, resources: contextlib.AsyncExitStack, metrics: Metrics | None = None
+    config: Settings, resources: contextlib.AsyncExitStack, metrics: Metrics | None = None
 ) -> Shared:
     """Open what every process needs to authenticate and authorize; each closes with
-    ``resources``."""
+    ``resources``. The kernel's settings say how; the services' sections ride along."""
+    settings = config.kernel
     # Configured keys are checked before anything opens; dev mode's once the database is.
     configured = configured_key_ring(settings)
     instance = instance_id(settings)
@@ -307,6 +312,7 @@ async def open_shared(
     resources.push_async_callback(access.close)
     return Shared(
         settings=settings,
+        sections=config,
         resources=resources,
         database=database,
         cache=cache,
@@ -328,14 +334,15 @@ async def open_shared(
 
 
 async def create_server(
-    settings: Settings, *, tracing: Tracing | None = None
+    config: Settings, *, tracing: Tracing | None = None
 ) -> tuple[SwitchboardServer, int]:
     """Open resources and build every configured service into one bound (not started) server.
 
     Tracing comes from the ``OTEL_*`` variables (``platform/observe/telemetry.py``)
     unless ``tracing`` is given (tests hand in one with an in-memory exporter).
     """
-    check_settings(settings)
+    check_settings(config)
+    settings = config.kernel
     if tracing is None:
         tracing = Tracing.from_environ(service_name=default_service_name(settings.services))
     resources = contextlib.AsyncExitStack()
@@ -348,7 +355,7 @@ async def create_server(
     try:
         # Recorded only where they are served: without the port nothing pays for them.
         metrics = Metrics(process=True) if settings.metrics_port is not None else None
-        shared = await open_shared(settings, resources, metrics)
+        shared = await open_shared(config, resources, metrics)
         registered = await registrations(settings, shared)
         server = await build_server(
             settings,

@@ -3,8 +3,10 @@
 Every process authenticates and authorizes its callers, so every process opens
 the database, the cache, the event bus and the key ring (``mesh.open_shared``).
 Each service package then builds only itself from these (``<service>/build.py``:
-``async def build(settings, shared) -> ServiceRegistration``); a process builds
-only the services it serves.
+``async def build(shared) -> ServiceRegistration``); a process builds only the
+services it serves. A build reads the kernel's settings (``settings``) and its
+own section (``section(DispatcherSettings)``, say), and a section it shares with
+another service (docs/decisions.md, entry 48); never another service's.
 
 Some parts are used by more than one service in one process: the integration
 hub by the integration service and by the dispatcher's tool calls, the context
@@ -35,7 +37,7 @@ from typing import Final, Protocol, TypeVar, cast
 
 from switchboard.api.events.v1 import events_pb2
 from switchboard.platform.cache import Cache
-from switchboard.platform.config import ConfigError, Settings
+from switchboard.platform.config import ConfigError, KernelSettings, Section, Sections
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.observe.metrics import Metrics
 from switchboard.platform.security.accesstokens import AccessTokens, KeyRing
@@ -48,6 +50,7 @@ from switchboard.platform.store.db import Database
 from switchboard.platform.store.pagination import PageTokens
 
 _T = TypeVar("_T")
+_S = TypeVar("_S", bound=Section)
 
 #: Module -> what another service uses it for, in-process.
 SHARED_PARTS: Final[dict[str, str]] = {
@@ -100,7 +103,10 @@ class PushNotifications(Protocol):
 class Shared:
     """The process's shared resources; each closes with ``resources``."""
 
-    settings: Settings
+    #: The kernel's settings: what every process reads.
+    settings: KernelSettings
+    #: Every section of the process's settings; a service asks for its own (``section``).
+    sections: Sections
     #: Everything opened for this process closes with it, in reverse order.
     resources: contextlib.AsyncExitStack
     database: Database
@@ -123,6 +129,10 @@ class Shared:
     #: None: push configs are not delivered.
     push: PushNotifications | None = None
     _parts: dict[type, object] = field(default_factory=dict, repr=False)
+
+    def section(self, kind: type[_S]) -> _S:
+        """The settings section ``kind`` (``DispatcherSettings``...)."""
+        return self.sections.section(kind)
 
     async def part(self, kind: type[_T], make: Callable[[], Awaitable[_T]]) -> _T:
         """The process's one ``kind``, built by ``make`` the first time it is asked for."""

@@ -16,8 +16,8 @@ from grpc import aio
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.handler.v1 import handler_pb2, handler_pb2_grpc
-from switchboard.platform.config import Settings
 from switchboard.platform.rpc.server import SwitchboardServer
+from switchboard.settings import Settings
 from tests.conftest import make_settings
 from tests.e2e.expertproc import ExpertProcess
 from tests.service.contextkit import Stub, World, context_stub, create_conversation, ctx_world

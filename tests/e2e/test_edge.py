@@ -24,7 +24,7 @@ from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.context.v1 import context_pb2, context_pb2_grpc
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
 from switchboard.deploy.envoy import ALPN, API, PLAIN_LISTENER, TLS_LISTENER, safe_to_retry
-from switchboard.platform.config import Settings
+from switchboard.settings import FIELDS
 from tests.e2e.envoy import EnvoyProcess, fronting
 from tests.e2e.grpcweb import AUTH, DEADLINE_S, EVENTS, ORIGIN, GrpcWeb, WebCall
 from tests.e2e.procs import ServeProcess
@@ -99,7 +99,7 @@ def test_envoy_runs_the_generated_configuration(envoy: EnvoyProcess) -> None:
     assert tls["alpn_protocols"] == list(ALPN) == ["h2", "http/1.1"]
     assert "transport_socket" not in listeners[PLAIN_LISTENER]["filter_chains"][0]
 
-    defaults = Settings.model_fields
+    defaults = FIELDS
     for listener in listeners.values():
         manager = _manager(listener)
         # The client address comes from the connection Envoy sees, never from the client.
@@ -379,7 +379,7 @@ async def _next_native_event(stream: _Stream) -> events_pb2.Event:
 async def test_messages_up_to_the_servers_limit_pass_and_larger_get_its_status(
     envoy: EnvoyProcess,
 ) -> None:
-    limit = Settings.model_fields["max_receive_message_bytes"].default
+    limit = FIELDS["max_receive_message_bytes"].default
     async with aio.insecure_channel(
         f"127.0.0.1:{envoy.port}",
         options=[("grpc.max_send_message_length", 2 * limit)],

@@ -15,8 +15,8 @@ from switchboard.api.context.v1 import context_pb2, context_pb2_grpc
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
 from switchboard.auth.servicer import AuthServiceServicer
 from switchboard.platform import errors
-from switchboard.platform.config import Settings
 from switchboard.platform.rpc.server import ServiceRegistration, SwitchboardServer, build_server
+from switchboard.settings import Settings
 
 LEAKY_TEXT = "password=hunter2 at /srv/app/secret.py line 42"
 
@@ -110,7 +110,7 @@ class EchoContext(context_pb2_grpc.ContextServiceServicer):
 async def start_error_server(settings: Settings) -> tuple[SwitchboardServer, RaisingAuth]:
     auth = RaisingAuth()
     server = await build_server(
-        settings,
+        settings.kernel,
         [
             ServiceRegistration(auth_pb2.DESCRIPTOR.services_by_name["AuthService"], auth),
             ServiceRegistration(

@@ -294,7 +294,7 @@ async def test_an_rpc_not_built_answers_unimplemented_past_the_guard(
 
     guard = Guard(mesh.shared.authenticator, mesh.shared.policy)
     server = await build_server(
-        make_settings(),
+        make_settings().kernel,
         [ServiceRegistration(service, Unbuilt())],  # type: ignore[abstract]
         guard=guard,
     )

@@ -26,9 +26,9 @@ from sqlalchemy import func, select, update
 from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.mesh import create_server
-from switchboard.platform.config import Settings
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.store.models import MemoryItemRow, MessageRow
+from switchboard.settings import Settings
 from tests.conftest import make_settings
 from tests.service.authkit import detail, reason
 from tests.service.contextkit import (

@@ -20,9 +20,9 @@ from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.auth.accounts import Accounts, ClientContext
 from switchboard.auth.store import AuthStore
 from switchboard.context.domain import ContextDomain
-from switchboard.platform.config import Settings
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.security.policy import AuthMethod
+from switchboard.settings import Settings
 from tests.conftest import built, make_settings, started
 from tests.infra.redis import RedisServer
 from tests.service.contextkit import (

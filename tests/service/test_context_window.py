@@ -29,8 +29,9 @@ from switchboard.context import storebase as store_module
 from switchboard.context import windowcache as windowcache_module
 from switchboard.context import windows as windows_module
 from switchboard.context.domain import ContextDomain
-from switchboard.platform.config import Settings
+from switchboard.context.settings import ContextSettings
 from switchboard.platform.rpc.server import SwitchboardServer
+from switchboard.settings import Settings
 from tests.conftest import built, make_settings
 from tests.service.authkit import detail
 from tests.service.contextkit import (
@@ -181,7 +182,7 @@ async def test_worked_example(mesh: SwitchboardServer, channel: aio.Channel) -> 
     assert win.total_tokens == fits
     assert win.total_tokens == sum(i.token_count for i in win.included)
     assert win.total_tokens <= win.token_budget == budget
-    assert win.tokenizer == mesh.shared.settings.context_tokenizer
+    assert win.tokenizer == mesh.shared.section(ContextSettings).context_tokenizer
     assert win.conversation == c.conversation
     assert (
         win.conversation_version

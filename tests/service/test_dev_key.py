@@ -18,9 +18,10 @@ from grpc import aio
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.mesh import create_server, dev_key_ring
-from switchboard.platform.config import ConfigError, Settings
+from switchboard.platform.config import ConfigError
 from switchboard.platform.security import accesstokens, devkey
 from switchboard.platform.security.accesstokens import SigningKey, private_key_pem
+from switchboard.settings import Settings
 from tests.conftest import make_settings
 from tests.service.authkit import bearer, register
 
@@ -60,7 +61,7 @@ async def test_a_restarted_dev_server_accepts_the_tokens_it_issued(
     with caplog.at_level(logging.WARNING, logger="switchboard.mesh"):
         access = await _register(settings)
     key_file = tmp_path / "app.dev-signing-key.pem"
-    assert devkey.dev_key_path(settings.database_url.get_secret_value()) == key_file
+    assert devkey.dev_key_path(settings.kernel.database_url.get_secret_value()) == key_file
     info = key_file.stat()
     assert stat.S_IMODE(info.st_mode) == 0o600
     assert info.st_uid == os.geteuid()
@@ -109,16 +110,16 @@ async def test_outside_dev_mode_the_dev_key_is_neither_read_nor_written(tmp_path
 
 def _refusal(settings: Settings) -> str:
     with pytest.raises(ConfigError) as caught:
-        dev_key_ring(settings)
+        dev_key_ring(settings.kernel)
     return str(caught.value)
 
 
 def test_a_dev_key_others_could_read_is_refused_not_repaired(tmp_path: Path) -> None:
     settings = _settings(tmp_path)
     key_file = tmp_path / "app.dev-signing-key.pem"
-    first = dev_key_ring(settings).active.kid
+    first = dev_key_ring(settings.kernel).active.kid
     assert first.startswith("dev-")
-    assert dev_key_ring(settings).active.kid == first
+    assert dev_key_ring(settings.kernel).active.kid == first
     key_file.chmod(0o640)
     message = _refusal(settings)
     assert f"chmod 600 {key_file}" in message
@@ -150,6 +151,6 @@ def test_a_dev_key_is_never_given_a_directory_of_its_own(tmp_path: Path) -> None
 
 def test_a_database_that_is_not_a_file_gets_a_key_of_its_process_own(tmp_path: Path) -> None:
     memory = make_settings(database_url="sqlite+aiosqlite:///:memory:")
-    assert devkey.dev_key_path(memory.database_url.get_secret_value()) is None
+    assert devkey.dev_key_path(memory.kernel.database_url.get_secret_value()) is None
     assert devkey.dev_key_path("postgresql+asyncpg://u:p@localhost/db") is None
-    assert dev_key_ring(memory).active.kid != dev_key_ring(memory).active.kid
+    assert dev_key_ring(memory.kernel).active.kid != dev_key_ring(memory.kernel).active.kid

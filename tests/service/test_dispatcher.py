@@ -29,9 +29,10 @@ from switchboard.dispatcher.handlers.echo import EchoHandler
 from switchboard.dispatcher.runs.store import TERMINAL
 from switchboard.dispatcher.service import Dispatcher
 from switchboard.mesh import create_server
-from switchboard.platform.config import ConfigError, Settings
+from switchboard.platform.config import ConfigError
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.security.accesstokens import SigningKey, private_key_pem
+from switchboard.settings import Settings
 from tests.conftest import built, fresh_database_url, make_settings
 from tests.service.authkit import detail, reason
 from tests.service.contextkit import (

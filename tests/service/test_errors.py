@@ -17,9 +17,9 @@ from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.common.v1 import errors_pb2
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
 from switchboard.platform import errors
-from switchboard.platform.config import Settings
 from switchboard.platform.rpc.interceptors import GENERIC_INTERNAL_MESSAGE
 from switchboard.platform.rpc.server import SwitchboardServer
+from switchboard.settings import Settings
 from tests.service.errorserver import LEAKY_TEXT, RaisingAuth, all_error_classes, start_error_server
 
 

@@ -13,9 +13,9 @@ from grpc import aio
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
 from switchboard.mesh import create_server
-from switchboard.platform.config import Settings
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.security.policy import Role
+from switchboard.settings import Settings
 from tests.conftest import fresh_database_url, make_settings
 from tests.service.authkit import bearer, detail, reason
 from tests.service.eventkit import (

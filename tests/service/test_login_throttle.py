@@ -17,8 +17,8 @@ from grpc import aio
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.auth.accounts import throttle_address
-from switchboard.platform.config import Settings
 from switchboard.platform.rpc.server import SwitchboardServer
+from switchboard.settings import Settings
 from tests.conftest import make_settings
 from tests.infra.redis import RedisServer
 from tests.service.authkit import PASSWORD, detail, register, unique_email

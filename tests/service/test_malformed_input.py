@@ -45,10 +45,10 @@ from switchboard.api.events.v1 import events_pb2 as epb
 from switchboard.auth.accounts import Accounts, ClientContext
 from switchboard.auth.store import AuthStore
 from switchboard.mesh import COMPANIONS, SERVICES, create_server
-from switchboard.platform.config import Settings
 from switchboard.platform.rpc.interceptors import MALFORMED_LOG_INTERVAL_S
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.security.policy import AuthMethod
+from switchboard.settings import Settings
 from tests.conftest import built, make_settings
 from tests.service.authkit import bearer, unique_email
 from tests.service.contextkit import violations
@@ -87,7 +87,7 @@ class Served:
             return server
 
         self.mesh = self.run(start())
-        self.secret = settings_.effective_secret_key()
+        self.secret = settings_.kernel.effective_secret_key()
         self.user = self.run(
             AuthStore(self.mesh.shared.database).create_user(unique_email("fuzz"), "Fuzz", None)
         )

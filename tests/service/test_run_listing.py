@@ -11,8 +11,8 @@ import pytest
 from grpc import aio
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.platform.config import Settings
 from switchboard.platform.rpc.server import SwitchboardServer
+from switchboard.settings import Settings
 from tests.conftest import make_settings
 from tests.service.contextkit import (
     World,

@@ -34,10 +34,10 @@ from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
 from switchboard.auth.accounts import Accounts, ClientContext
 from switchboard.auth.store import AuthStore
 from switchboard.dispatcher.service import Dispatcher
-from switchboard.platform.config import Settings
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.security.accesstokens import AccessTokens, TokenPolicy
 from switchboard.platform.security.policy import AuthMethod
+from switchboard.settings import Settings
 from tests.conftest import built, make_settings
 from tests.service.authkit import bearer, reason, unique_email
 from tests.service.contextkit import (

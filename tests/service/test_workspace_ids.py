@@ -19,8 +19,8 @@ from google.rpc import error_details_pb2
 from grpc import aio
 
 from switchboard.api.context.v1 import context_pb2 as pb
-from switchboard.platform.config import Settings
 from switchboard.platform.rpc.server import SwitchboardServer
+from switchboard.settings import Settings
 from tests.conftest import make_settings
 from tests.service.authkit import detail
 from tests.service.contextkit import (

@@ -19,8 +19,9 @@ from switchboard.deploy.envoy import (
     bootstrap,
     transcoder_descriptors,
 )
-from switchboard.platform.config import ConfigError, Settings
+from switchboard.platform.config import ConfigError
 from switchboard.platform.errors import InvalidArgument, NotFound
+from switchboard.settings import Settings
 from tests.conftest import make_settings
 
 
@@ -86,7 +87,7 @@ def test_a_public_url_that_is_not_an_edge_root_is_refused(url: str) -> None:
 
 def test_a_public_url_loses_its_trailing_slash() -> None:
     settings: Settings = make_settings(public_url="https://agents.example.com/")
-    assert settings.public_url == "https://agents.example.com"
+    assert settings.a2a.public_url == "https://agents.example.com"
 
 
 def test_the_root_card_is_the_root_agents_and_names_no_tenant() -> None:

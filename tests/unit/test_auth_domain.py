@@ -23,7 +23,6 @@ from switchboard.auth import build
 from switchboard.auth.accounts import Accounts, ClientContext, SignIn
 from switchboard.auth.store import AuthStore
 from switchboard.mesh import open_shared
-from switchboard.platform.config import Settings
 from switchboard.platform.errors import (
     EtagMismatch,
     FailedPrecondition,
@@ -35,6 +34,7 @@ from switchboard.platform.errors import (
     Unauthenticated,
 )
 from switchboard.platform.security.policy import AuthMethod, Principal
+from switchboard.settings import Settings
 from switchboard.shared import Shared
 
 PASSWORD = "correct horse battery staple 42"
@@ -88,7 +88,7 @@ async def open_auth(tmp_path: Path) -> AsyncIterator[OpenAuth]:
                 "database_url": f"sqlite+aiosqlite:///{tmp_path / 'auth.db'}",
             }
             values.update(overrides)
-            settings = Settings(**values)  # type: ignore[arg-type]
+            settings = Settings.from_values(**values)
             shared = await open_shared(settings, resources)
             return Auth(shared, await build.accounts(shared), AuthStore(shared.database))
 

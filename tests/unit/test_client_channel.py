@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from switchboard.client import channel_options, new_request_id
 from switchboard.client.client import handler_name
-from switchboard.platform.config import Settings
+from switchboard.settings import FIELDS
 
 
 def _default(name: str) -> float:
-    value = Settings.model_fields[name].default
+    value = FIELDS[name].default
     assert isinstance(value, int | float)
     return float(value)
 

@@ -7,7 +7,7 @@ import ipaddress
 import pytest
 
 from switchboard.mesh import check_settings
-from switchboard.platform.config import ConfigError, load_settings
+from switchboard.platform.config import ConfigError
 from switchboard.platform.rpc.clientaddr import (
     MAX_FORWARDED_CHARS,
     MAX_FORWARDED_ENTRIES,
@@ -19,6 +19,7 @@ from switchboard.platform.rpc.clientaddr import (
     parse_peer,
     peer_address,
 )
+from switchboard.settings import load_settings
 
 ENVOY = "ipv4:10.0.0.5:41234"
 TRUSTED = TrustedProxies.parse(("10.0.0.0/24", "fd00:e::/64"))
@@ -259,7 +260,7 @@ def test_too_many_networks_is_a_config_error() -> None:
 def test_the_start_refuses_a_bad_trusted_proxies_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SWITCHBOARD_TRUSTED_PROXIES", "127.0.0.1/32, 10.0.0.0/x")
     settings = load_settings(dev_mode=True)
-    assert settings.trusted_proxies == ("127.0.0.1/32", "10.0.0.0/x")
+    assert settings.auth.trusted_proxies == ("127.0.0.1/32", "10.0.0.0/x")
     with pytest.raises(ConfigError) as caught:
         check_settings(settings)
     assert str(caught.value) == (

@@ -8,14 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from switchboard.platform.config import (
-    ALL_SERVICES,
-    DEV_SECRET_KEY,
-    ConfigError,
-    Settings,
-    load_settings,
-    unknown_variables,
-)
+from switchboard.platform.config import ALL_SERVICES, DEV_SECRET_KEY, ConfigError, KernelSettings
+from switchboard.settings import load_settings, unknown_variables
 
 STRONG = "k" * 48
 
@@ -46,16 +40,16 @@ def test_refuses_a_short_secret() -> None:
 
 def test_accepts_a_strong_secret_and_hides_it() -> None:
     settings = load_settings(secret_key=STRONG, signing_keys="/keys/k1.pem")
-    assert settings.effective_secret_key() == STRONG
+    assert settings.kernel.effective_secret_key() == STRONG
     assert STRONG not in repr(settings)
-    assert STRONG not in str(settings.model_dump())
-    assert settings.insecure_defaults_in_use() == []
+    assert STRONG not in str(settings.kernel.model_dump())
+    assert settings.kernel.insecure_defaults_in_use() == []
 
 
 def test_dev_mode_uses_the_dev_secret_and_reports_it() -> None:
     settings = load_settings(dev_mode=True)
-    assert settings.effective_secret_key() == DEV_SECRET_KEY
-    assert settings.insecure_defaults_in_use() == [
+    assert settings.kernel.effective_secret_key() == DEV_SECRET_KEY
+    assert settings.kernel.insecure_defaults_in_use() == [
         "SWITCHBOARD_SECRET_KEY",
         "SWITCHBOARD_SIGNING_KEYS",
     ]
@@ -70,7 +64,7 @@ def test_outside_dev_mode_every_missing_secret_is_named_at_once() -> None:
 
 def test_signing_keys_are_a_comma_separated_list() -> None:
     settings = load_settings(secret_key=STRONG, signing_keys="/k/new.pem, /k/old.pem")
-    assert settings.signing_keys == ("/k/new.pem", "/k/old.pem")
+    assert settings.kernel.signing_keys == ("/k/new.pem", "/k/old.pem")
 
 
 def test_oidc_settings_come_together() -> None:
@@ -94,21 +88,21 @@ def test_reads_the_environment_with_the_prefix(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("SWITCHBOARD_DEV_MODE", "true")
     monkeypatch.setenv("SWITCHBOARD_SERVICES", "events, auth")
     settings = load_settings()
-    assert settings.port == 0
-    assert settings.host == "::1"
-    assert settings.dev_mode is True
-    assert settings.services == ("auth", "events")
+    assert settings.kernel.port == 0
+    assert settings.kernel.host == "::1"
+    assert settings.kernel.dev_mode is True
+    assert settings.kernel.services == ("auth", "events")
 
 
 def test_overrides_beat_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SWITCHBOARD_PORT", "7000")
-    assert load_settings(dev_mode=True, port=7001).port == 7001
+    assert load_settings(dev_mode=True, port=7001).kernel.port == 7001
 
 
 def test_settings_are_frozen() -> None:
     settings = load_settings(dev_mode=True)
     with pytest.raises(ValidationError):
-        settings.port = 1
+        settings.kernel.port = 1
 
 
 @pytest.mark.parametrize(
@@ -131,7 +125,7 @@ def test_unknown_settings_are_rejected() -> None:
 
 
 def test_all_services_by_default() -> None:
-    assert Settings(dev_mode=True).services == ALL_SERVICES
+    assert KernelSettings(dev_mode=True).services == ALL_SERVICES
 
 
 # Every bad setting is refused with its variable's name, never its value.
@@ -145,7 +139,7 @@ def test_a_short_secret_is_refused_in_dev_mode_too() -> None:
 
 
 def test_dev_mode_still_accepts_the_built_in_secret_when_set() -> None:
-    assert load_settings(dev_mode=True, secret_key=DEV_SECRET_KEY).dev_mode
+    assert load_settings(dev_mode=True, secret_key=DEV_SECRET_KEY).kernel.dev_mode
 
 
 @pytest.mark.parametrize(
@@ -231,7 +225,7 @@ def test_half_an_llm_configuration_is_refused(values: dict[str, str], fragment: 
 
 def test_a_complete_llm_configuration_is_accepted() -> None:
     settings = load_settings(dev_mode=True, llm_base_url="http://llm/v1", llm_model="m-1")
-    assert settings.llm_model == "m-1"
+    assert settings.dispatcher.llm_model == "m-1"
 
 
 @pytest.mark.parametrize(
@@ -279,3 +273,32 @@ def test_malformed_addresses_name_the_variable_not_the_value(
 )
 def test_well_formed_addresses_are_accepted(key: str, value: str) -> None:
     load_settings(dev_mode=True, **{key: value})
+
+
+def test_bad_variables_of_every_section_are_named_at_once() -> None:
+    # Each section is read even when another is bad: one start names them all.
+    with pytest.raises(ConfigError) as caught:
+        load_settings(
+            dev_mode=True,
+            port=70000,
+            dispatcher_max_running=0,
+            context_max_pinned=-1,
+            oidc_issuer="https://login.example.com",
+        )
+    message = str(caught.value)
+    for fragment in (
+        "SWITCHBOARD_PORT:",
+        "SWITCHBOARD_DISPATCHER_MAX_RUNNING:",
+        "SWITCHBOARD_CONTEXT_MAX_PINNED:",
+        "must be set together",
+    ):
+        assert fragment in message
+
+
+def test_each_section_reads_its_own_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SWITCHBOARD_DISPATCHER_MAX_RUNNING", "3")
+    monkeypatch.setenv("SWITCHBOARD_EGRESS_ALLOW_CIDRS", "10.0.0.0/8, fd00::/8")
+    settings = load_settings(dev_mode=True)
+    assert settings.dispatcher.dispatcher_max_running == 3
+    assert settings.egress.egress_allow_cidrs == ("10.0.0.0/8", "fd00::/8")
+    assert settings.section(type(settings.dispatcher)) is settings.dispatcher

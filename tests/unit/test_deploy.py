@@ -34,8 +34,9 @@ import yaml
 from switchboard.deploy.devcert import make_dev_cert
 from switchboard.deploy.envoy import API
 from switchboard.mesh import check_settings
-from switchboard.platform.config import NOT_SETTINGS, Settings, known_variables, load_settings
+from switchboard.platform.config import NOT_SETTINGS
 from switchboard.platform.rpc.server import SwitchboardServer
+from switchboard.settings import Settings, known_variables, load_settings
 
 ROOT: Final = Path(__file__).resolve().parents[2]
 DEPLOY: Final = ROOT / "deploy"
@@ -384,10 +385,10 @@ def test_each_pod_s_settings_load(workload: str, clean_environment: pytest.Monke
     else:
         doc = _switchboard_deployments()[workload]
     settings = _load_settings(clean_environment, _k8s_environment(doc))
-    assert not settings.dev_mode
+    assert not settings.kernel.dev_mode
     if workload != "migrate":
-        assert settings.services == (workload,)
-    for network in settings.trusted_proxies:
+        assert settings.kernel.services == (workload,)
+    for network in settings.auth.trusted_proxies:
         ipaddress.ip_network(network)
 
 
@@ -669,7 +670,7 @@ def test_compose_service_settings_load(name: str, clean_environment: pytest.Monk
     environment["SWITCHBOARD_SECRET_KEY"] = SECRET_VALUES["secret-key"]
     environment["SWITCHBOARD_DATABASE_URL"] = SECRET_VALUES["database-url"]
     settings = _load_settings(clean_environment, environment)
-    assert list(settings.signing_keys) == ["/run/secrets/k1.pem"]
+    assert list(settings.kernel.signing_keys) == ["/run/secrets/k1.pem"]
     targets = [s["target"] for s in service["secrets"] if isinstance(s, dict)]
     assert "k1.pem" in targets
 

@@ -22,10 +22,11 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from switchboard.platform.config import ConfigError, Settings
+from switchboard.platform.config import ConfigError
 from switchboard.platform.errors import DestinationBlocked, InvalidArgument
 from switchboard.platform.security.egress import (
     EgressPolicy,
+    EgressSettings,
     GrpcEndpoint,
     HttpEndpoint,
     ResolutionFailed,
@@ -40,9 +41,9 @@ from switchboard.platform.security.egress import (
 STRICT = EgressPolicy()
 
 
-def make_settings(**overrides: object) -> Settings:
-    # Only the egress settings matter; the rest are the dev defaults.
-    return Settings(dev_mode=True, **overrides)  # type: ignore[arg-type]
+def make_settings(**overrides: object) -> EgressSettings:
+    # Only the egress section matters.
+    return EgressSettings(**overrides)  # type: ignore[arg-type]
 
 
 LOOPBACK = EgressPolicy(allow_loopback=True)

@@ -266,8 +266,10 @@ async def test_an_unknown_tool_is_an_answer_and_a_blocked_address_no_verdict(
 
 async def test_each_kind_gets_its_connector() -> None:
     settings = make_settings(dispatcher_remote_handlers="billing=127.0.0.1:7000")
-    assert reserved_handler_ids(settings) == {"echo", "llm", "billing"}
-    factory = connector_factory(settings, EgressPolicy(allow_loopback=True), {}, lambda _: None)
+    assert reserved_handler_ids(settings.remote_handlers) == {"echo", "llm", "billing"}
+    factory = connector_factory(
+        settings.integration, EgressPolicy(allow_loopback=True), {}, lambda _: None
+    )
     grpc = factory(record(), "token")
     mcp = factory(record(kind=pb.INTEGRATION_KIND_MCP_SERVER, endpoint="http://127.0.0.1/m"), None)
     try:

@@ -24,18 +24,18 @@ from tests.conftest import make_settings
     ],
 )
 def test_the_default_is_the_bound_host_and_port(host: str, expected: str) -> None:
-    assert advertise_address(make_settings(host=host), 7001) == expected
+    assert advertise_address(make_settings(host=host).kernel, 7001) == expected
 
 
 def test_a_configured_address_wins() -> None:
     settings = make_settings(host="0.0.0.0", advertise_address="dispatcher-1:50051")
-    assert advertise_address(settings, 7001) == "dispatcher-1:50051"
+    assert advertise_address(settings.kernel, 7001) == "dispatcher-1:50051"
 
 
 def test_an_address_longer_than_the_lease_holds_is_refused() -> None:
     settings = make_settings(advertise_address=f"{'h' * 300}:50051")
     with pytest.raises(ConfigError, match="SWITCHBOARD_ADVERTISE_ADDRESS"):
-        advertise_address(settings, 7001)
+        advertise_address(settings.kernel, 7001)
 
 
 def test_a_forwarded_call_keeps_the_callers_deadline_within_the_peer_bound() -> None:

@@ -14,47 +14,50 @@ from switchboard.a2a.ports import LocalRuns, LocalTexts, RemoteRuns, RemoteTexts
 from switchboard.a2a.publiccard import HTTP_JSON, PROTOCOL_VERSION, PublicCards, through_edge
 from switchboard.a2a.push.configs import PushConfigs
 from switchboard.a2a.push.store import PushStore
+from switchboard.a2a.settings import A2ASettings
 from switchboard.context.build import context_domain
 from switchboard.dispatcher.service import Dispatcher
-from switchboard.platform.config import ConfigError, Settings
+from switchboard.platform.config import ConfigError
+from switchboard.platform.rpc.peers import PeerSettings
 from switchboard.platform.rpc.server import ServiceRegistration, advertise_address
-from switchboard.platform.security.egress import EgressPolicy
+from switchboard.platform.security.egress import EgressPolicy, EgressSettings
 from switchboard.platform.security.secretbox import SecretBox
 from switchboard.shared import Shared, setting
 
 
-async def _runs(settings: Settings, shared: Shared) -> Runs:
+async def _runs(peers: PeerSettings, shared: Shared) -> Runs:
     dispatcher = shared.built(Dispatcher)
     if dispatcher is not None:
         return LocalRuns(dispatcher)
-    if not settings.dispatcher_address:
+    if not peers.dispatcher_address:
         raise ConfigError(
             "SWITCHBOARD_DISPATCHER_ADDRESS: required when a2a is served without the "
             "dispatcher (its host:port)"
         )
-    remote = RemoteRuns(settings.dispatcher_address, shared.tokens)
+    remote = RemoteRuns(peers.dispatcher_address, shared.tokens)
     shared.resources.push_async_callback(remote.close)
     return remote
 
 
-async def _texts(settings: Settings, shared: Shared) -> Texts:
+async def _texts(peers: PeerSettings, shared: Shared) -> Texts:
     # As the dispatcher reaches it: the context service's process when one is
     # named and this process does not serve it, else the domain here.
-    if settings.context_address and "context" not in settings.services:
-        remote = RemoteTexts(settings.context_address, shared.tokens)
+    if peers.context_address and "context" not in shared.settings.services:
+        remote = RemoteTexts(peers.context_address, shared.tokens)
         shared.resources.push_async_callback(remote.close)
         return remote
     return LocalTexts(await context_domain(shared))
 
 
-async def build(settings: Settings, shared: Shared) -> tuple[ServiceRegistration, ...]:
+async def build(shared: Shared) -> tuple[ServiceRegistration, ...]:
     """The A2A service and, beside it, the public Agent Card's."""
-    runs = await _runs(settings, shared)
-    texts = await _texts(settings, shared)
+    settings, peers = shared.section(A2ASettings), shared.section(PeerSettings)
+    runs = await _runs(peers, shared)
+    texts = await _texts(peers, shared)
     address: list[Interface] = []
 
     async def bound(port: int) -> None:
-        address[:] = [Interface(url=advertise_address(settings, port))]
+        address[:] = [Interface(url=advertise_address(shared.settings, port))]
 
     def interfaces(proto: str, host: str) -> list[Interface]:
         """The extended card's: the edge's gRPC and HTTP+JSON (only the edge transcodes)
@@ -69,14 +72,14 @@ async def build(settings: Settings, shared: Shared) -> tuple[ServiceRegistration
         ]
 
     with setting("SWITCHBOARD_EGRESS_ALLOW_CIDRS"):
-        egress = EgressPolicy.from_settings(settings)
+        egress = EgressPolicy.from_settings(shared.section(EgressSettings))
     # Configs go to the shared database wherever this runs; the integration
     # service's webhook engine delivers them (docs/a2a.md, "Push notifications").
     push = PushConfigs(
         PushStore(shared.database),
         runs,
         shared.policy,
-        SecretBox(settings.effective_secret_key()),
+        SecretBox(shared.settings.effective_secret_key()),
         egress,
         shared.page_tokens,
         allow_plain_http=egress.allow_loopback or egress.allow_private,

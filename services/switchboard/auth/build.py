@@ -12,14 +12,15 @@ from switchboard.auth import servicer
 from switchboard.auth.accounts import AccountLimits, Accounts, LoginLimits
 from switchboard.auth.oidc import OidcVerifier
 from switchboard.auth.passwords import PasswordHasher
+from switchboard.auth.settings import AuthSettings
 from switchboard.auth.store import AuthStore
-from switchboard.platform.config import ConfigError, Settings
+from switchboard.platform.config import ConfigError
 from switchboard.platform.rpc.clientaddr import TrustedProxies
 from switchboard.platform.rpc.server import ServiceRegistration
 from switchboard.shared import Shared
 
 
-def checks(settings: Settings) -> tuple[tuple[str, Callable[[], object]], ...]:
+def checks(settings: AuthSettings) -> tuple[tuple[str, Callable[[], object]], ...]:
     """The auth settings to parse before anything opens (``mesh.check_settings``)."""
     # Names its variable and each bad entry.
     return (
@@ -27,7 +28,7 @@ def checks(settings: Settings) -> tuple[tuple[str, Callable[[], object]], ...]:
     )
 
 
-def oidc_verifier(settings: Settings) -> OidcVerifier | None:
+def oidc_verifier(settings: AuthSettings) -> OidcVerifier | None:
     """The configured identity provider's verifier, or None when sign-in with one is off."""
     if not settings.oidc_issuer:
         return None
@@ -43,7 +44,7 @@ async def accounts(shared: Shared) -> Accounts:
     """The process's accounts domain."""
 
     async def make() -> Accounts:
-        settings = shared.settings
+        settings = shared.section(AuthSettings)
         oidc = oidc_verifier(settings)
         hasher = PasswordHasher(
             threads=settings.password_hash_threads,
@@ -76,10 +77,8 @@ async def accounts(shared: Shared) -> Accounts:
     return await shared.part(Accounts, make)
 
 
-async def build(settings: Settings, shared: Shared) -> ServiceRegistration:
+async def build(shared: Shared) -> ServiceRegistration:
+    proxies = TrustedProxies.parse(shared.section(AuthSettings).trusted_proxies)
     return ServiceRegistration(
-        servicer.SERVICE,
-        servicer.AuthServiceServicer(
-            await accounts(shared), TrustedProxies.parse(settings.trusted_proxies)
-        ),
+        servicer.SERVICE, servicer.AuthServiceServicer(await accounts(shared), proxies)
     )

@@ -10,9 +10,10 @@ from switchboard.context import servicer
 from switchboard.context.common import Limits
 from switchboard.context.domain import ContextDomain
 from switchboard.context.plugins import load_entity_extractor, load_summarizer, load_token_counter
+from switchboard.context.settings import ContextSettings
 from switchboard.context.windowcache import WindowCache
 from switchboard.platform.cache import Cache
-from switchboard.platform.config import Settings
+from switchboard.platform.config import KernelSettings
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.rpc.server import ServiceRegistration
 from switchboard.platform.store.db import Database
@@ -20,7 +21,7 @@ from switchboard.platform.store.pagination import PageTokens
 from switchboard.shared import Shared, setting
 
 
-def context_limits(settings: Settings) -> Limits:
+def context_limits(settings: ContextSettings) -> Limits:
     return Limits(
         max_title_chars=200,
         max_metadata_bytes=settings.context_max_metadata_bytes,
@@ -43,13 +44,15 @@ def context_limits(settings: Settings) -> Limits:
 
 
 def context_service(
-    settings: Settings,
+    settings: ContextSettings,
+    kernel: KernelSettings,
     database: Database,
     bus: EventBus,
     counters: Cache,
     page_tokens: PageTokens,
 ) -> ContextDomain:
-    """The context domain with its configured plugins; raises ConfigError for unknown ones."""
+    """The context domain with its configured plugins; raises ConfigError for unknown ones.
+    Its window cache is in the kernel's Redis."""
     with setting("SWITCHBOARD_CONTEXT_TOKENIZER"):
         counter = load_token_counter(settings.context_tokenizer)
     with setting("SWITCHBOARD_CONTEXT_SUMMARIZER"):
@@ -57,8 +60,8 @@ def context_service(
     with setting("SWITCHBOARD_CONTEXT_ENTITY_EXTRACTOR"):
         extractor = load_entity_extractor(settings.context_entity_extractor)
     cache = WindowCache(
-        settings.redis_url.get_secret_value(),
-        timeout_s=settings.redis_timeout_s,
+        kernel.redis_url.get_secret_value(),
+        timeout_s=kernel.redis_timeout_s,
         ttl_s=settings.context_window_cache_ttl_s,
         max_entries=settings.context_window_cache_entries,
         max_bytes=settings.context_window_cache_bytes,
@@ -80,19 +83,23 @@ async def context_domain(shared: Shared) -> ContextDomain:
     """The process's one context domain, started the first time a service asks for it."""
 
     async def make() -> ContextDomain:
-        settings = shared.settings
         domain = context_service(
-            settings, shared.database, shared.bus, shared.cache, shared.page_tokens
+            shared.section(ContextSettings),
+            shared.settings,
+            shared.database,
+            shared.bus,
+            shared.cache,
+            shared.page_tokens,
         )
         # Maintenance (pruning, purging) runs where the context service is served.
-        await domain.start(maintain="context" in settings.services)
+        await domain.start(maintain="context" in shared.settings.services)
         shared.resources.push_async_callback(domain.close)
         return domain
 
     return await shared.part(ContextDomain, make)
 
 
-async def build(settings: Settings, shared: Shared) -> ServiceRegistration:
+async def build(shared: Shared) -> ServiceRegistration:
     return ServiceRegistration(
         servicer.SERVICE,
         servicer.ContextServiceServicer(await context_domain(shared)),

@@ -159,7 +159,9 @@ from google.protobuf.descriptor import FileDescriptor, MethodDescriptor, Service
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from switchboard.deploy.contracts import API, COMPANION_API, OPTIONAL_API
-from switchboard.platform.config import PREFIX, ConfigError, Settings
+from switchboard.dispatcher.settings import DispatcherSettings
+from switchboard.events.settings import EventSettings
+from switchboard.platform.config import PREFIX, ConfigError, KernelSettings
 from switchboard.platform.observe.otelenv import OtelEnv
 
 #: Every process serves these itself. In the mesh Envoy sends them to ``switchboard
@@ -283,7 +285,7 @@ class HostPort:
         return True
 
 
-#: The server settings Envoy must agree with (``Settings`` field names).
+#: The server settings Envoy must agree with (field names of the sections below).
 _LIMIT_SETTINGS: Final = (
     "max_concurrent_rpcs",
     "max_concurrent_streams",
@@ -296,12 +298,16 @@ _LIMIT_SETTINGS: Final = (
 
 
 def _setting_default(name: str) -> Any:
-    return Settings.model_fields[name].default
+    # The kernel's limits, and the two services' heartbeats.
+    for section in (KernelSettings, EventSettings, DispatcherSettings):
+        if name in section.model_fields:
+            return section.model_fields[name].default
+    raise KeyError(name)
 
 
 @dataclass(frozen=True)
 class ServerLimits:
-    """The limits of the upstream servers (their ``Settings``) Envoy must agree with.
+    """The limits of the upstream servers (their settings) Envoy must agree with.
 
     The defaults are the servers' defaults; ``from_environment`` reads the same
     ``SWITCHBOARD_*`` variables the servers read, so a config rendered beside

@@ -18,7 +18,7 @@ from switchboard.dispatcher.assistants.catalog import AssistantLimits, Assistant
 from switchboard.dispatcher.assistants.store import AssistantStore
 from switchboard.dispatcher.content import BuiltinContentPolicy, load_content_policy
 from switchboard.dispatcher.handlers.echo import EchoHandler
-from switchboard.dispatcher.handlers.experts import CircuitBreakers, WorkspaceExperts
+from switchboard.dispatcher.handlers.experts import WorkspaceExperts
 from switchboard.dispatcher.handlers.remote import RemoteHandler
 from switchboard.dispatcher.handlers.router import HANDLER_ID, Registry, Router, Routes
 from switchboard.dispatcher.llm.config import LlmConfig, Provider, parse_prices, parse_providers
@@ -30,28 +30,33 @@ from switchboard.dispatcher.runs.scheduler import Limits as SchedulerLimits
 from switchboard.dispatcher.runs.scheduler import Scheduler
 from switchboard.dispatcher.runs.store import RunStore
 from switchboard.dispatcher.service import Dispatcher, Limits
+from switchboard.dispatcher.settings import DispatcherSettings
 from switchboard.dispatcher.tools.port import LocalTools
 from switchboard.dispatcher.tools.runner import ToolLimits
 from switchboard.integration.build import integration_hub
 from switchboard.integration.directory import workspace_experts
 from switchboard.integration.service import IntegrationHub
 from switchboard.platform import names
-from switchboard.platform.config import ConfigError, Settings, parse_remotes
+from switchboard.platform.config import ConfigError
 from switchboard.platform.errors import NotFound
 from switchboard.platform.observe.metrics import Metrics, run_state_label
+from switchboard.platform.rpc.channels import RemoteHandlerSettings, parse_remotes
+from switchboard.platform.rpc.peers import PeerSettings
 from switchboard.platform.rpc.server import ServiceRegistration, advertise_address
-from switchboard.platform.security.egress import EgressPolicy
+from switchboard.platform.security.egress import EgressPolicy, EgressSettings
 from switchboard.platform.security.secretbox import SecretBox
 from switchboard.shared import Shared, setting
 
 
-def checks(settings: Settings) -> tuple[tuple[str, Callable[[], object]], ...]:
+def checks(
+    settings: DispatcherSettings, remotes: RemoteHandlerSettings
+) -> tuple[tuple[str, Callable[[], object]], ...]:
     """The dispatcher's text settings to parse before anything opens (``mesh.check_settings``)."""
     return (
         ("SWITCHBOARD_DISPATCHER_ROUTES", lambda: Routes.parse(settings.dispatcher_routes)),
         (
             "SWITCHBOARD_DISPATCHER_REMOTE_HANDLERS",
-            lambda: _remote_ids(settings.dispatcher_remote_handlers),
+            lambda: _remote_ids(remotes.dispatcher_remote_handlers),
         ),
         (
             "SWITCHBOARD_DISPATCHER_BLOCKLIST",
@@ -71,7 +76,7 @@ def _remote_ids(text: str) -> None:
         raise ValueError("each handler id may appear once")
 
 
-def handler_registry(settings: Settings) -> Registry:
+def handler_registry(settings: DispatcherSettings, remotes: RemoteHandlerSettings) -> Registry:
     """Built-in handlers, entry-point plugins and the static remote experts."""
     registry = Registry()
     llm_ready = bool(settings.llm_base_url and settings.llm_model)
@@ -85,7 +90,7 @@ def handler_registry(settings: Settings) -> Registry:
     if llm_ready:
         registry.add(llm_handler(settings))
     with setting("SWITCHBOARD_DISPATCHER_REMOTE_HANDLERS"):
-        for handler_id, address in parse_remotes(settings.dispatcher_remote_handlers):
+        for handler_id, address in parse_remotes(remotes.dispatcher_remote_handlers):
             registry.add(
                 RemoteHandler(handler_id, address, timeout_s=settings.dispatcher_remote_timeout_s)
             )
@@ -95,7 +100,7 @@ def handler_registry(settings: Settings) -> Registry:
     return registry
 
 
-def llm_config(settings: Settings) -> LlmConfig:
+def llm_config(settings: DispatcherSettings) -> LlmConfig:
     """The LLM handler's configuration; ConfigError naming the variable at fault."""
     with setting("SWITCHBOARD_LLM_BASE_URL"):
         primary = Provider(
@@ -121,13 +126,13 @@ def llm_config(settings: Settings) -> LlmConfig:
     )
 
 
-def llm_handler(settings: Settings) -> LlmHandler:
+def llm_handler(settings: DispatcherSettings) -> LlmHandler:
     return LlmHandler(llm_config(settings), count=ApproxTokenCounter().count)
 
 
 async def context_port(shared: Shared) -> ContextPort:
     """The context service's own process when configured, else this process's domain."""
-    address = shared.settings.context_address
+    address = shared.section(PeerSettings).context_address
     if not address:
         return LocalContext(await context_domain(shared))
     remote = RemoteContext(address, shared.tokens)
@@ -140,8 +145,8 @@ async def dispatcher_service(
 ) -> Dispatcher:
     """``integration``: the hub, for tools and for its breakers (an expert's circuit
     is one for runs and tools)."""
-    settings, resources = shared.settings, shared.resources
-    registry = handler_registry(settings)
+    settings, resources = shared.section(DispatcherSettings), shared.resources
+    registry = handler_registry(settings, shared.section(RemoteHandlerSettings))
     for handler in registry.all():
         if isinstance(handler, RemoteHandler):
             resources.push_async_callback(handler.close)
@@ -154,7 +159,7 @@ async def dispatcher_service(
             settings.dispatcher_blocklist,
             settings.dispatcher_flag_injection,
         )
-    router = _router(shared, registry, integration.breakers)
+    router = _router(shared, registry, integration)
     assistants = await _assistants(shared, registry, router, integration)
     # Closed after the dispatcher: a call forwarded while runs stop still gets its answer.
     peers = GrpcPeers()
@@ -197,9 +202,12 @@ async def dispatcher_service(
     return dispatcher
 
 
-def _router(shared: Shared, registry: Registry, breakers: CircuitBreakers) -> Router:
-    """Routes over the registry and each workspace's experts; ConfigError for an unknown id."""
-    settings = shared.settings
+def _router(shared: Shared, registry: Registry, integration: IntegrationHub) -> Router:
+    """Routes over the registry and each workspace's experts; ConfigError for an unknown id.
+
+    A workspace's experts are read as the hub bounds its integrations, and share its
+    breakers (an expert's circuit is one for runs and tools)."""
+    settings = shared.section(DispatcherSettings)
     with setting("SWITCHBOARD_DISPATCHER_ROUTES"):
         routes = Routes.parse(settings.dispatcher_routes)
     default = settings.dispatcher_default_handler or (
@@ -215,13 +223,13 @@ def _router(shared: Shared, registry: Registry, breakers: CircuitBreakers) -> Ro
         functools.partial(
             workspace_experts,
             shared.database,
-            SecretBox(settings.effective_secret_key()),
-            limit=settings.integration_max_per_workspace,
+            SecretBox(shared.settings.effective_secret_key()),
+            limit=integration.limits.max_per_workspace,
         ),
-        EgressPolicy.from_settings(settings),
+        EgressPolicy.from_settings(shared.section(EgressSettings)),
         timeout_s=settings.dispatcher_remote_timeout_s,
         reserved=lambda handler_id: registry.get(handler_id) is not None,
-        breakers=breakers,
+        breakers=integration.breakers,
     )
     # Closed after the dispatcher (the stack unwinds in reverse): runs stop first.
     shared.resources.push_async_callback(experts.close)
@@ -233,7 +241,7 @@ async def _assistants(
     shared: Shared, registry: Registry, router: Router, integration: IntegrationHub
 ) -> Assistants:
     """The workspace's assistants, checked against the handlers and integrations that exist."""
-    settings = shared.settings
+    settings = shared.section(DispatcherSettings)
 
     async def handler_exists(workspace_id: str, handler_id: str) -> bool:
         return await router.find(workspace_id, handler_id) is not None
@@ -267,7 +275,7 @@ async def _assistants(
 
 
 def _limits(shared: Shared) -> Limits:
-    settings = shared.settings
+    settings = shared.section(DispatcherSettings)
     return Limits(
         instance_id=shared.instance_id,
         max_input_chars=settings.dispatcher_max_input_chars,
@@ -297,7 +305,7 @@ def _observe(metrics: Metrics, dispatcher: Dispatcher) -> None:
     metrics.observe("switchboard_subscribers", lambda: [(("runs",), dispatcher.watchers)])
 
 
-async def build(settings: Settings, shared: Shared) -> ServiceRegistration:
+async def build(shared: Shared) -> ServiceRegistration:
     port = await context_port(shared)
     hub = await integration_hub(shared)
 
@@ -307,7 +315,7 @@ async def build(settings: Settings, shared: Shared) -> ServiceRegistration:
     dispatcher = await shared.part(Dispatcher, make)
 
     async def advertise(bound_port: int) -> None:
-        await dispatcher.advertise(advertise_address(settings, bound_port))
+        await dispatcher.advertise(advertise_address(shared.settings, bound_port))
 
     return ServiceRegistration(
         servicer.SERVICE,

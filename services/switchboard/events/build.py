@@ -7,16 +7,18 @@ publishes to it; this serves it to subscribers.
 from __future__ import annotations
 
 from switchboard.events import servicer
+from switchboard.events.settings import EventSettings
 from switchboard.events.subscriptions import Limits
-from switchboard.platform.config import Settings
+from switchboard.platform.config import KernelSettings
 from switchboard.platform.rpc.server import ServiceRegistration
 from switchboard.shared import Shared
 
 
-def event_limits(settings: Settings) -> Limits:
+def event_limits(settings: EventSettings, kernel: KernelSettings) -> Limits:
     return Limits(
         heartbeat_s=settings.events_heartbeat_s,
-        reauthorize_s=settings.events_reauthorize_s,
+        # The kernel's: every process keeps its open streams' access current.
+        reauthorize_s=kernel.events_reauthorize_s,
         buffer=settings.events_subscriber_buffer,
         max_batch=settings.events_max_batch,
         max_scopes=settings.events_max_scopes,
@@ -25,11 +27,12 @@ def event_limits(settings: Settings) -> Limits:
     )
 
 
-async def build(settings: Settings, shared: Shared) -> ServiceRegistration:
+async def build(shared: Shared) -> ServiceRegistration:
+    limits = event_limits(shared.section(EventSettings), shared.settings)
     return ServiceRegistration(
         servicer.SERVICE,
         servicer.EventServiceServicer(
-            shared.bus, shared.access, shared.policy, event_limits(settings), shared.page_tokens
+            shared.bus, shared.access, shared.policy, limits, shared.page_tokens
         ),
         servicer.PRESERIALIZED,
     )

@@ -12,18 +12,19 @@ from switchboard.integration import servicer
 from switchboard.integration.connections import Limits
 from switchboard.integration.kinds import connector_factory, reserved_handler_ids, stdio_servers
 from switchboard.integration.service import IntegrationHub
+from switchboard.integration.settings import IntegrationSettings
 from switchboard.integration.store import IntegrationStore
 from switchboard.integration.webhooks import WebhookEngine, WebhookLimits
 from switchboard.platform.breaker import Breakers
-from switchboard.platform.config import Settings
 from switchboard.platform.observe.metrics import Metrics
+from switchboard.platform.rpc.channels import RemoteHandlerSettings
 from switchboard.platform.rpc.server import ServiceRegistration
-from switchboard.platform.security.egress import EgressPolicy
+from switchboard.platform.security.egress import EgressPolicy, EgressSettings
 from switchboard.platform.security.secretbox import SecretBox
 from switchboard.shared import Shared, setting
 
 
-def integration_limits(settings: Settings, egress: EgressPolicy) -> Limits:
+def integration_limits(settings: IntegrationSettings, egress: EgressPolicy) -> Limits:
     return Limits(
         max_per_workspace=settings.integration_max_per_workspace,
         max_config_bytes=settings.integration_max_config_bytes,
@@ -50,16 +51,21 @@ async def integration_hub(shared: Shared) -> IntegrationHub:
 
 
 async def _open_hub(shared: Shared) -> IntegrationHub:
-    settings, database, resources = shared.settings, shared.database, shared.resources
+    settings, database, resources = (
+        shared.section(IntegrationSettings),
+        shared.database,
+        shared.resources,
+    )
+    kernel = shared.settings
     with setting("SWITCHBOARD_EGRESS_ALLOW_CIDRS"):
-        egress = EgressPolicy.from_settings(settings)
+        egress = EgressPolicy.from_settings(shared.section(EgressSettings))
     with setting("SWITCHBOARD_INTEGRATION_MCP_STDIO_SERVERS"):
         stdio = stdio_servers(settings)
     breakers = Breakers(
-        settings.redis_url.get_secret_value(),
+        kernel.redis_url.get_secret_value(),
         failures=settings.integration_breaker_failures,
         reset_s=settings.integration_breaker_reset_s,
-        timeout_s=settings.redis_timeout_s,
+        timeout_s=kernel.redis_timeout_s,
     )
     await breakers.start()
     resources.push_async_callback(breakers.close)
@@ -69,7 +75,7 @@ async def _open_hub(shared: Shared) -> IntegrationHub:
         if hub is not None:
             hub.tools_changed(name)
 
-    secrets = SecretBox(settings.effective_secret_key())
+    secrets = SecretBox(kernel.effective_secret_key())
     hub = IntegrationHub(
         IntegrationStore(database),
         shared.bus,
@@ -81,12 +87,12 @@ async def _open_hub(shared: Shared) -> IntegrationHub:
         integration_limits(settings, egress),
         connector_factory(settings, egress, stdio, tools_changed),
         stdio_servers=frozenset(stdio),
-        reserved_handler_ids=reserved_handler_ids(settings),
+        reserved_handler_ids=reserved_handler_ids(shared.section(RemoteHandlerSettings)),
         metrics=shared.metrics,
     )
-    await hub.start(probe="integration" in settings.services)
+    await hub.start(probe="integration" in kernel.services)
     resources.push_async_callback(hub.close)
-    if "integration" in settings.services:
+    if "integration" in kernel.services:
         # Deliveries run where the hub is served; every replica feeds and sends,
         # and the database decides which one does each (integration/webhooks.py).
         webhooks = WebhookEngine(
@@ -120,7 +126,7 @@ def _observe(metrics: Metrics, breakers: Breakers) -> None:
     )
 
 
-async def build(settings: Settings, shared: Shared) -> ServiceRegistration:
+async def build(shared: Shared) -> ServiceRegistration:
     return ServiceRegistration(
         servicer.SERVICE,
         servicer.IntegrationServiceServicer(await integration_hub(shared), shared.access),

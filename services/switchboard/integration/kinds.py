@@ -18,21 +18,22 @@ from switchboard.integration.experts import GrpcExpertConnector
 from switchboard.integration.mapping import name_of
 from switchboard.integration.mcp import McpConnector, StdioServer, parse_stdio_servers, raw_limit
 from switchboard.integration.remote_a2a import A2AAgent, A2AAgentConnector
+from switchboard.integration.settings import IntegrationSettings
 from switchboard.integration.store import IntegrationRecord
-from switchboard.platform.config import Settings, parse_remotes
+from switchboard.platform.rpc.channels import RemoteHandlerSettings, parse_remotes
 from switchboard.platform.security.egress import EgressPolicy
 
 #: Built-in handler ids a workspace's expert may not take.
 BUILTIN_HANDLERS = frozenset({"echo", "llm"})
 
 
-def reserved_handler_ids(settings: Settings) -> frozenset[str]:
+def reserved_handler_ids(settings: RemoteHandlerSettings) -> frozenset[str]:
     """Operator-level handler ids: built-ins and the statically configured experts."""
     static = {handler_id for handler_id, _ in parse_remotes(settings.dispatcher_remote_handlers)}
     return BUILTIN_HANDLERS | static
 
 
-def stdio_servers(settings: Settings) -> Mapping[str, StdioServer]:
+def stdio_servers(settings: IntegrationSettings) -> Mapping[str, StdioServer]:
     """The operator's stdio MCP servers by id (ValueError if the setting is malformed)."""
     if not settings.integration_mcp_stdio_servers.strip():
         return {}
@@ -40,7 +41,7 @@ def stdio_servers(settings: Settings) -> Mapping[str, StdioServer]:
 
 
 def connector_factory(
-    settings: Settings,
+    settings: IntegrationSettings,
     egress: EgressPolicy,
     stdio: Mapping[str, StdioServer],
     tools_changed: Callable[[str], None],

@@ -129,7 +129,7 @@ from switchboard.platform.store.db import Database, log_failure
 from switchboard.shared import PushNotifications
 
 if TYPE_CHECKING:
-    from switchboard.platform.config import Settings
+    from switchboard.integration.settings import IntegrationSettings
     from switchboard.platform.store.models import WebhookDeliveryRow
 
 log = logging.getLogger("switchboard.integration.webhooks")
@@ -212,7 +212,7 @@ class WebhookLimits:
     claim_s: float = 0.0
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> WebhookLimits:
+    def from_settings(cls, settings: IntegrationSettings) -> WebhookLimits:
         return cls(
             timeout_s=settings.webhook_timeout_s,
             max_attempts=settings.webhook_max_attempts,

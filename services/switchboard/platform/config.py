@@ -1,20 +1,37 @@
-"""Typed settings, read once from the environment at start.
+"""The kernel's settings, and what every section of the settings is made of.
 
-Every setting has the prefix ``SWITCHBOARD_`` (``SWITCHBOARD_PORT=0``). The
-object is frozen and passed to constructors; nothing reads the environment
-after start. Secrets are ``SecretStr`` so they never print in reprs or logs.
+Every setting is an environment variable with the prefix ``SWITCHBOARD_``
+(``SWITCHBOARD_PORT=0``), read once at start into frozen sections that are
+passed to constructors; nothing reads the environment after start. Secrets are
+``SecretStr`` so they never print in reprs or logs.
+
+This module holds the kernel's section, ``KernelSettings``: what every process
+reads, whatever it serves (where it listens, dev mode, the database, Redis, the
+secrets and keys every process verifies tokens with, the event log, logging,
+metrics, the limits every server shares). Each service has a section of its own
+in its package (``dispatcher/settings.py``...), a setting two services read a
+section beside the platform part they read it for (``EgressSettings``,
+``PeerSettings``, ``RemoteHandlerSettings``), and ``switchboard/settings.py``
+composes them all (docs/decisions.md, entry 48). A field's description is its
+row in the README's configuration table (``make docs`` writes it).
 """
 
 from __future__ import annotations
 
-import difflib
-import os
 import re
-from collections.abc import Mapping
-from typing import Annotated, Final, Literal
+from typing import Annotated, Final, Literal, Protocol, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.config import JsonDict
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -35,8 +52,9 @@ PREFIX = "SWITCHBOARD_"
 #: browser test writes its screenshot where the second says).
 NOT_SETTINGS = frozenset({"SWITCHBOARD_TOOLS_BIN", "SWITCHBOARD_TEST_ARTIFACTS"})
 REDIS_SCHEMES = ("redis", "rediss", "unix")
-#: An A2A tenant: a workspace id and an assistant id (``a2a/mapping.py``).
-_TENANT: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,62}\.[a-z0-9][a-z0-9-]{0,62}")
+#: The key of a field's ``json_schema_extra`` that the README's default column shows
+#: instead of the default itself (``shown``).
+SHOWN_DEFAULT: Final = "shown_default"
 # A gRPC target: host:port (IPv6 in brackets), or a resolver scheme gRPC knows.
 _GRPC_TARGET = re.compile(
     r"(?:(?:dns|ipv4|ipv6|unix|unix-abstract|vsock):\S+)|(?:\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):\d{1,5}"
@@ -47,25 +65,36 @@ class ConfigError(Exception):
     """The settings are unusable; the process must not start."""
 
 
-def parse_remotes(text: str) -> list[tuple[str, str]]:
-    """``SWITCHBOARD_DISPATCHER_REMOTE_HANDLERS`` (``id=host:port,...``) as (id, address)
-    pairs; ValueError if malformed. Here, with the settings, because both the dispatcher
-    and the integration hub read it."""
-    found: list[tuple[str, str]] = []
-    for raw in text.split(","):
-        item = raw.strip()
-        if not item:
-            continue
-        handler_id, sep, address = item.partition("=")
-        host, colon, port = address.strip().rpartition(":")
-        if not sep or not colon or not host or not port.isdigit():
-            raise ValueError(f"remote handler {item!r}: expected id=host:port")
-        found.append((handler_id.strip(), address.strip()))
-    return found
+def shown(text: str) -> JsonDict:
+    """A field's ``json_schema_extra``: what the README's default column says for a default
+    that says little by itself (an empty value that means something, a computed one)."""
+    return {SHOWN_DEFAULT: text}
 
 
-class Settings(BaseSettings):
-    """All configuration of a Switchboard process."""
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
+def _grpc_target(value: str) -> str:
+    if value and not _GRPC_TARGET.fullmatch(value):
+        raise ValueError("expected host:port (or a gRPC target such as dns:///host:port)")
+    return value
+
+
+#: A comma-separated list in the environment, a tuple in the section.
+CommaSeparated = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_split_csv)]
+#: ``host:port`` or a gRPC target such as ``dns:///host:port``; empty allowed.
+GrpcTarget = Annotated[str, AfterValidator(_grpc_target)]
+
+
+class Section(BaseSettings):
+    """One section of the settings: each field is the variable ``SWITCHBOARD_<FIELD>``.
+
+    Field names are the whole variable name, so a variable is found by its name in
+    code; no two sections may share one (``switchboard/settings.py`` checks).
+    """
 
     model_config = SettingsConfigDict(
         env_prefix=PREFIX,
@@ -74,488 +103,324 @@ class Settings(BaseSettings):
         case_sensitive=False,
     )
 
+
+_S = TypeVar("_S", bound=Section)
+
+
+class Sections(Protocol):
+    """A process's settings by section (``switchboard/settings.py`` composes them): each
+    service asks for its own, and for those it shares with another."""
+
+    def section(self, kind: type[_S]) -> _S: ...
+
+
+def problems(exc: ValidationError) -> list[str]:
+    """One message per error, naming the variable and never quoting its value."""
+    found = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"])
+        message = str(error["msg"]).removeprefix("Value error, ")
+        # gc_threshold.2 is the third item of SWITCHBOARD_GC_THRESHOLD.
+        field, _, item = where.partition(".")
+        name = f"{PREFIX}{field.upper()}" + (f" (item {int(item) + 1})" if item.isdigit() else "")
+        found.append(f"{name}: {message}" if field else message)
+    return found
+
+
+class KernelSettings(Section):
+    """What every Switchboard process reads, whatever it serves."""
+
     # Where and how to listen.
-    host: str = Field(default="127.0.0.1", description="Address to bind.")
-    port: int = Field(default=50051, ge=0, le=65535, description="Port; 0 picks a free one.")
+    host: str = Field(
+        default="127.0.0.1",
+        description="address to bind (`0.0.0.0` or `::` for all interfaces)",
+    )
+    port: int = Field(
+        default=50051,
+        ge=0,
+        le=65535,
+        description="port to bind; `0` picks a free one, and the bound address is logged",
+    )
     dev_mode: bool = Field(
         default=False,
-        description="Development mode: allows built-in insecure secrets, with loud warnings.",
+        description="development mode: accepts the built-in insecure secret and logs a loud "
+        "warning",
     )
-    services: Annotated[tuple[str, ...], NoDecode] = Field(
+    services: CommaSeparated = Field(
         default=ALL_SERVICES,
-        description="Services this process serves, comma-separated; all by default.",
+        description="services this process runs, comma-separated: "
+        "`auth,context,dispatcher,integration,events,a2a` (`a2a` needs "
+        "`dispatcher` and `context` in the same process: "
+        "[docs/a2a.md](docs/a2a.md))",
+        json_schema_extra=shown("all six"),
     )
-
     # Secrets.
     secret_key: SecretStr = Field(
         default=SecretStr(""),
-        description="Server secret (signs page tokens and internal state); >= 32 chars.",
+        description="server secret, at least 32 characters: it peppers the stored hashes of "
+        "refresh tokens and API keys and signs page tokens. Required outside dev "
+        "mode; in dev mode leave it unset for the built-in one (a set one needs "
+        "32 characters there too)",
+        json_schema_extra=shown("none"),
     )
-
+    signing_keys: CommaSeparated = Field(
+        default=(),
+        description="Ed25519 PEM files named `<kid>.pem`, comma-separated; the first signs "
+        "access tokens, the rest still verify (rotation). Required outside dev "
+        "mode; `switchboard keygen k1.pem` makes one. Dev mode without keys signs "
+        "with a key it keeps beside the SQLite database "
+        "(`<database>.dev-signing-key.pem`, owner-only; one per process on "
+        "PostgreSQL or `:memory:`), with a warning",
+        json_schema_extra=shown("none"),
+    )
     # Storage and cache. URLs are secrets: they may carry passwords.
     database_url: SecretStr = Field(
         default=SecretStr("sqlite+aiosqlite:///switchboard.db"),
-        description="SQLAlchemy async URL: sqlite+aiosqlite:///file.db or postgresql+asyncpg://...",
+        description="SQLAlchemy async URL: `sqlite+aiosqlite:///path.db` or "
+        "`postgresql+asyncpg://user:pass@host/db` (secret: never logged)",
     )
     database_timeout_s: float = Field(
-        default=5.0, gt=0, le=60, description="Connect and statement timeout for the database."
+        default=5.0,
+        gt=0,
+        le=60,
+        description="connect and statement timeout for the database",
     )
     database_auto_migrate: bool = Field(
-        default=True, description="Apply pending migrations at start (else `switchboard migrate`)."
+        default=True,
+        description="apply pending migrations at start; set `false` and run `switchboard "
+        "migrate` to control when (a process then refuses to start on an older "
+        "schema)",
     )
     redis_url: SecretStr = Field(
         default=SecretStr(""),
-        description="redis://host:port/db; empty runs on the in-memory cache (one process only).",
+        description="`redis://host:port/db`; empty runs on the in-memory cache, which is "
+        "right for one process only. Needed when several processes share a "
+        "deployment (revocation, rate limits)",
     )
     redis_timeout_s: float = Field(
-        default=0.25, gt=0, le=5, description="Bound on every Redis command and connect."
+        default=0.25,
+        gt=0,
+        le=5,
+        description="bound on every Redis command; past it the in-memory fallback answers",
     )
     redis_lease_s: float = Field(
         default=0.75,
         gt=0,
         le=30,
-        description="How long a process trusts its revocation cache after Redis last answered.",
+        description="a process trusts its revocation cache only this long after Redis last "
+        "confirmed its subscription; a revocation that cannot be published waits "
+        "this long before returning",
     )
-
-    # Event log and subscriptions.
+    # The event log: every process publishes to it and keeps its open streams'
+    # access current.
     events_retention: int = Field(
-        default=100_000, ge=100, le=100_000_000, description="Events the log keeps (newest)."
+        default=100_000,
+        ge=100,
+        le=100_000_000,
+        description="newest events the log keeps; older ones are trimmed (a cursor before "
+        "them gets OUT_OF_RANGE)",
     )
     events_retention_s: int = Field(
-        default=86_400, ge=60, le=365 * 86_400, description="Oldest event age the log keeps."
+        default=86_400,
+        ge=60,
+        le=365 * 86_400,
+        description="events older than this are trimmed too",
     )
     events_memory: int = Field(
         default=10_000,
         ge=10,
         le=1_000_000,
-        description="Newest events each process also keeps in memory for fast replay.",
+        description="newest events each process also keeps in memory, for replays without "
+        "storage reads",
     )
     events_stream_key: str = Field(
         default="switchboard:events",
         min_length=1,
         max_length=200,
-        description="Redis Stream key of the shared log (scaled out).",
+        description="Redis Stream key of the shared log (with Redis)",
     )
     events_outbox_limit: int = Field(
         default=100_000,
         ge=1,
         le=10_000_000,
-        description="Events a process holds while Redis is away; beyond it publishing fails.",
+        description="events one process holds while Redis is unreachable; beyond it "
+        "publishing fails with UNAVAILABLE",
     )
     events_dedupe_window_s: int = Field(
         default=300,
         ge=10,
         le=86_400,
-        description="How long Redis remembers an event id, so a retried publish lands once.",
-    )
-    events_heartbeat_s: float = Field(
-        default=15.0, gt=0, le=3600, description="Heartbeat interval on idle event streams."
+        description="how long Redis remembers an event id, so a publish retried after an "
+        "outage lands once",
     )
     events_reauthorize_s: float = Field(
         default=60.0,
         gt=0,
         le=86_400,
-        description="How often a live subscription re-checks its credential and access.",
+        description="how often a live subscription re-checks its credential and access (it "
+        "also re-checks at once on membership and revocation events)",
     )
-    events_subscriber_buffer: int = Field(
-        default=1_000,
-        ge=1,
-        le=1_000_000,
-        description="Events queued per subscriber before it is ended as too slow.",
-    )
-    events_max_batch: int = Field(
-        default=256, ge=1, le=10_000, description="Most events coalesced into one message."
-    )
-    events_max_scopes: int = Field(default=16, ge=1, le=1_000, description="Scopes per request.")
-    events_max_subscriptions_per_principal: int = Field(default=64, ge=1, le=1_000_000)
-    events_max_subscriptions_per_stream: int = Field(default=32, ge=1, le=10_000)
-
-    # The context service: every size and count has a limit.
-    context_max_message_bytes: int = Field(
-        default=256 * 1024, ge=1024, le=4 * MiB, description="Serialized size of one message."
-    )
-    context_max_message_parts: int = Field(default=64, ge=1, le=10_000)
-    context_max_metadata_bytes: int = Field(default=16 * 1024, ge=256, le=1 * MiB)
-    context_max_memory_chars: int = Field(default=8 * 1024, ge=64, le=1 * MiB)
-    context_max_members: int = Field(default=1000, ge=1, le=1_000_000)
-    context_max_owned_workspaces: int = Field(default=100, ge=1, le=1_000_000)
-    context_max_conversations: int = Field(
-        default=10_000, ge=1, le=100_000_000, description="Per workspace, deleted ones included."
-    )
-    context_max_memory_items: int = Field(
-        default=10_000,
-        ge=1,
-        le=100_000_000,
-        description="Per scope (user, workspace, conversation).",
-    )
-    context_max_pinned: int = Field(
-        default=50, ge=0, le=10_000, description="Pinned items per scope."
-    )
-    context_max_window_tokens: int = Field(default=1_000_000, ge=1, le=100_000_000)
-    context_relevant_limit: int = Field(
-        default=10, ge=0, le=100, description="Relevant memory items a window considers."
-    )
-    context_auto_prune_messages: int = Field(
-        default=5000, ge=0, description="Live messages that trigger automatic pruning (0: off)."
-    )
-    context_auto_prune_tokens: int = Field(
-        default=0, ge=0, description="Live message tokens that trigger automatic pruning (0: off)."
-    )
-    context_summary_tokens: int = Field(default=512, ge=16, le=100_000)
-    context_tokenizer: str = Field(default="approx-v1", description="Token counter plugin.")
-    context_summarizer: str = Field(default="extractive-v1", description="Summarizer plugin.")
-    context_entity_extractor: str = Field(default="builtin-v1", description="Entity plugin.")
-    context_window_cache_entries: int = Field(default=10_000, ge=1, le=10_000_000)
-    context_window_cache_bytes: int = Field(default=64 * MiB, ge=1 * MiB, le=16 * 1024 * MiB)
-    context_window_cache_ttl_s: int = Field(default=600, ge=1, le=86_400)
-    context_max_writes_per_minute: int = Field(
-        default=6000, ge=1, le=10_000_000, description="Context writes per user per minute."
-    )
-    context_purge_after_s: int = Field(
-        default=30 * 86_400, ge=60, description="Soft-deleted workspaces and conversations."
-    )
-
-    # The dispatcher: runs, routing, filters.
-    context_address: str = Field(
+    # This replica in the deployment.
+    advertise_address: GrpcTarget = Field(
         default="",
-        description="host:port of ContextService for a dispatcher in another process "
-        "(mesh shape); empty: this process's own.",
-    )
-    dispatcher_address: str = Field(
-        default="",
-        description="host:port of DispatcherService for an a2a front door in another process "
-        "(mesh shape); empty: this process's own.",
-    )
-    advertise_address: str = Field(
-        default="",
-        description="host:port other replicas reach this process at (a dispatcher forwards "
-        "CancelRun and SubmitToolApprovals to the replica running the run); default: "
-        "SWITCHBOARD_HOST and the bound port, or the host name when bound to all addresses.",
-    )
-    public_url: str = Field(
-        default="",
-        max_length=256,
-        description="The edge's URL as clients outside reach it (Envoy's listener): A2A "
-        "agent cards name it, HTTP+JSON at the URL and gRPC at its host:port. "
-        "http(s)://host[:port], no path. Empty: the public card names the scheme and host "
-        "the request reached Envoy with; the extended card http://127.0.0.1:8080.",
-    )
-    a2a_root_agent: str = Field(
-        default="",
-        max_length=127,
-        description="The A2A agent the edge's root Agent Card "
-        "(/.well-known/agent-card.json) serves, as {workspace}.{assistant}; A2A requests "
-        "that name no tenant go to it. Empty: no root agent (the root card is 404; every "
-        "agent's card is at /{workspace}.{assistant}/.well-known/agent-card.json).",
+        description="`host:port` other replicas reach this process at: a dispatcher that gets "
+        "`CancelRun` or `SubmitToolApprovals` for a run another replica runs "
+        "forwards it there (Kubernetes: the pod IP)",
+        json_schema_extra=shown(
+            "`SWITCHBOARD_HOST` and the bound port (the host name when bound to `0.0.0.0`)"
+        ),
     )
     instance_id: str = Field(
         default="",
         max_length=64,
-        description="This dispatcher replica's stable id (owns its runs across restarts); "
-        "default: the host name.",
+        description="this dispatcher replica's stable id; it owns its runs across restarts, "
+        "so every replica needs its own (a second live dispatcher process with "
+        "the same id is refused at start)",
+        json_schema_extra=shown("host name"),
     )
-    dispatcher_max_running: int = Field(
-        default=64, ge=1, le=100_000, description="Runs executing at once in this process."
+    # Verifying tokens: every process does it, whatever it serves.
+    auth_issuer: str = Field(
+        default="switchboard",
+        min_length=1,
+        description="`iss` of access tokens",
     )
-    dispatcher_max_running_per_workspace: int = Field(
-        default=16, ge=1, le=100_000, description="Runs of one workspace executing at once."
+    auth_audience: str = Field(
+        default="switchboard",
+        min_length=1,
+        description="`aud` of access tokens",
     )
-    dispatcher_max_queued: int = Field(
-        default=1_000, ge=1, le=1_000_000, description="Runs waiting in this process."
+    access_token_ttl_s: int = Field(
+        default=900,
+        ge=60,
+        le=86_400,
+        description="access token lifetime (60 s to 1 day)",
     )
-    dispatcher_max_queued_per_workspace: int = Field(
-        default=200, ge=1, le=1_000_000, description="Runs of one workspace waiting."
-    )
-    dispatcher_default_timeout_s: float = Field(
-        default=120.0, gt=0, le=86_400, description="A run's deadline when the request sets none."
-    )
-    dispatcher_max_timeout_s: float = Field(
-        default=900.0, gt=0, le=86_400, description="Cap on a requested run timeout."
-    )
-    dispatcher_recovery: Literal["fail", "requeue"] = Field(
-        default="fail",
-        description="Runs that were RUNNING at a restart: fail (RUN_INTERRUPTED) or run again.",
-    )
-    dispatcher_lease_s: float = Field(
-        default=30.0,
-        ge=1.0,
-        le=3600.0,
-        description="A replica that stops renewing its lease this long has its runs taken over "
-        "by another (recovered by SWITCHBOARD_DISPATCHER_RECOVERY).",
-    )
-    dispatcher_default_handler: str = Field(
-        default="", description="Handler when no rule matches; default: llm if set up, else echo."
-    )
-    dispatcher_routes: str = Field(
-        default="",
-        description="Routing rules, comma-separated: /prefix=handler, type:mime/*=handler, "
-        "workspace:<id>=handler.",
-    )
-    dispatcher_remote_handlers: str = Field(
-        default="",
-        description="Static remote handlers (HandlerService), comma-separated id=host:port.",
-    )
-    dispatcher_handler_plugins: bool = Field(
-        default=True, description="Load handlers from the switchboard.handlers entry points."
-    )
-    dispatcher_max_input_chars: int = Field(
-        default=32_000, ge=1, le=4 * MiB, description="Text characters in one sent message."
-    )
-    dispatcher_max_messages_per_minute_per_user: int = Field(
-        default=600, ge=1, le=10_000_000, description="SendMessage calls per user per minute."
-    )
-    dispatcher_max_messages_per_minute_per_workspace: int = Field(
-        default=6_000, ge=1, le=10_000_000, description="SendMessage calls per workspace."
-    )
-    dispatcher_content_policy: str = Field(
-        default="builtin", description="Content policy plugin (builtin, entry point, module:attr)."
-    )
-    dispatcher_blocklist: Annotated[tuple[str, ...], NoDecode] = Field(
-        default=(),
-        description="Blocked terms for the builtin policy, comma-separated (re:<regex> allowed).",
-    )
-    dispatcher_flag_injection: bool = Field(
-        default=True, description="Flag common prompt-injection markers (the run proceeds)."
-    )
-    dispatcher_run_retention_s: float = Field(
-        default=300.0, ge=0, description="How long a finished run's updates stay replayable."
-    )
-    dispatcher_max_updates_per_run: int = Field(
-        default=10_000, ge=10, le=1_000_000, description="Updates kept per run for replay."
-    )
-    dispatcher_heartbeat_s: float = Field(
-        default=15.0, gt=0, le=3600, description="WatchRun/Converse keep-alive interval."
-    )
-    dispatcher_remote_timeout_s: float = Field(
-        default=5.0, gt=0, le=600, description="Connect/capabilities timeout for remote handlers."
-    )
-    dispatcher_max_tool_steps: int = Field(
-        default=8, ge=1, le=32, description="Tool steps per run unless its assistant says fewer."
-    )
-    dispatcher_max_tool_calls_per_step: int = Field(
-        default=16, ge=1, le=128, description="Tool calls one model answer may make."
-    )
-    dispatcher_approval_timeout_s: float = Field(
-        default=600.0,
-        gt=0,
-        le=7 * 86400,
-        description="How long a run waits for tool approvals (its own deadline stops meanwhile).",
-    )
-    dispatcher_max_tool_result_chars: int = Field(
-        default=16_000, ge=100, le=1_000_000, description="Tool output given to the model."
-    )
-    dispatcher_max_assistants_per_workspace: int = Field(
-        default=100, ge=1, le=10_000, description="Assistants one workspace may define."
-    )
-
-    # The LLM handler (OpenAI-compatible Chat Completions). Off unless a base URL is set.
-    llm_base_url: str = Field(default="", description="e.g. https://api.openai.com/v1")
-    llm_api_key: SecretStr = Field(default=SecretStr(""), description="Bearer key, if needed.")
-    llm_model: str = Field(default="", description="Model of the primary provider.")
-    llm_fallbacks: SecretStr = Field(
-        default=SecretStr(""),
-        description='JSON list of fallback providers [{"name","base_url","api_key","model"}].',
-    )
-    llm_prices: str = Field(
-        default="",
-        description='JSON price table {"model": {"input_per_mtok": 0.15, "output_per_mtok": 0.6}}.',
-    )
-    llm_max_retries: int = Field(default=3, ge=0, le=20, description="Retries per provider.")
-    llm_breaker_failures: int = Field(
-        default=5, ge=1, le=1000, description="Failures in a row that open a provider's breaker."
-    )
-    llm_breaker_reset_s: float = Field(
-        default=30.0, gt=0, le=3600, description="Open breaker's wait before a trial call."
-    )
-    llm_max_output_tokens: int = Field(default=1024, ge=1, le=1_000_000)
-    llm_max_connections: int = Field(
-        default=64,
-        ge=1,
-        le=100_000,
-        description="Model connections open at once, over all providers: at most this many "
-        "llm runs stream at a time (keep it at least SWITCHBOARD_DISPATCHER_MAX_RUNNING).",
-    )
-
-    # The integration hub (integration/): quotas, calls, probes, breakers, webhooks.
-    integration_max_per_workspace: int = Field(
-        default=50, ge=1, le=10_000, description="Integrations per workspace."
-    )
-    integration_max_config_bytes: int = Field(
-        default=16_384, ge=256, le=1_048_576, description="Serialized size of one config."
-    )
-    integration_default_call_timeout_s: float = Field(
-        default=30.0, gt=0, le=3600, description="Call timeout when an integration sets none."
-    )
-    integration_max_call_timeout_s: float = Field(
-        default=300.0, gt=0, le=3600, description="Cap on any integration's call timeout."
-    )
-    integration_max_result_bytes: int = Field(
-        default=1_048_576, ge=1024, le=64 * 1_048_576, description="Largest tool result kept."
-    )
-    integration_tool_calls_per_minute: int = Field(
-        default=600, ge=1, le=1_000_000, description="InvokeTool calls per workspace per minute."
-    )
-    integration_probe_interval_s: float = Field(
-        default=30.0, gt=0, le=3600, description="Health probe interval (with jitter)."
-    )
-    integration_breaker_failures: int = Field(
-        default=5, ge=1, le=1000, description="Failures in a row that open a circuit."
-    )
-    integration_breaker_reset_s: float = Field(
-        default=30.0, gt=0, le=3600, description="Open circuit's wait before a trial call."
-    )
-    integration_mcp_stdio_servers: str = Field(
-        default="",
-        description='Operator-configured stdio MCP servers, JSON {"id": {"command": [...], '
-        '"env": {...}}}; an API call never starts a process.',
-    )
-    egress_allow_loopback: bool = Field(
-        default=False, description="Let integrations reach loopback addresses (dev and tests)."
-    )
-    egress_allow_private: bool = Field(
-        default=False, description="Let integrations reach private and link-local networks."
-    )
-    egress_allow_cidrs: Annotated[tuple[str, ...], NoDecode] = Field(
-        default=(), description="Comma-separated networks allowed despite the rules above."
-    )
-    webhook_timeout_s: float = Field(
-        default=15.0, gt=0, le=300, description="One webhook delivery attempt's timeout."
-    )
-    webhook_max_attempts: int = Field(
-        default=12, ge=1, le=100, description="Attempts before a delivery is failed."
-    )
-    webhook_disable_after_s: float = Field(
-        default=86_400.0,
-        gt=0,
-        le=30 * 86_400,
-        description="An endpoint failing without a success this long is disabled.",
-    )
-    webhook_secret_overlap_s: float = Field(
-        default=86_400.0,
+    token_cache_size: int = Field(
+        default=10_000,
         ge=0,
-        le=30 * 86_400,
-        description="After a secret rotation, how long the previous secret also signs.",
-    )
-
-    # Identity: tokens, sessions, keys.
-    auth_issuer: str = Field(default="switchboard", min_length=1, description="JWT `iss`.")
-    auth_audience: str = Field(default="switchboard", min_length=1, description="JWT `aud`.")
-    access_token_ttl_s: int = Field(default=900, ge=60, le=86_400)
-    refresh_token_ttl_s: int = Field(default=30 * 86_400, ge=300, le=365 * 86_400)
-    signing_keys: Annotated[tuple[str, ...], NoDecode] = Field(
-        default=(),
-        description="Ed25519 PEM files, comma-separated, named <kid>.pem; the first signs. "
-        "Required outside dev mode.",
-    )
-    token_cache_size: int = Field(default=10_000, ge=0, le=1_000_000)
-    max_sessions_per_user: int = Field(default=100, ge=1, le=10_000)
-    max_api_keys_per_user: int = Field(default=50, ge=1, le=10_000)
-    password_hash_threads: int = Field(default=2, ge=1, le=64)
-    password_hash_max_pending: int = Field(default=64, ge=1, le=10_000)
-
-    # Federated login (all three or none).
-    oidc_issuer: str = Field(default="", description="Accepted ID-token issuer (exact `iss`).")
-    oidc_audience: str = Field(default="", description="Our client id at that issuer (`aud`).")
-    oidc_jwks_file: str = Field(default="", description="The issuer's JWKS, as a JSON file.")
-
-    # Abuse limits on Login (fixed windows). A failed password counts for its
-    # account from that address and for the account as a whole; the owner's
-    # correct password from an address that is not throttled still signs in.
-    login_window_s: int = Field(default=900, ge=1, le=86_400)
-    login_max_failures_per_account_address: int = Field(
-        default=10,
-        ge=1,
-        le=100_000,
-        description="Failed sign-ins to one account from one address (IPv6: its /64).",
-    )
-    login_max_failures_per_account: int = Field(
-        default=100,
-        ge=1,
         le=1_000_000,
-        description="Failed sign-ins to one account from all addresses together.",
+        description="verified tokens, session states and API keys kept per process (each bounded)",
     )
-    login_max_attempts_per_address: int = Field(
-        default=100, ge=1, le=1_000_000, description="Sign-in attempts from one address."
-    )
-
     # Logging.
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    log_format: Literal["json", "text"] = "json"
-
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO",
+        description="`DEBUG`, `INFO`, `WARNING` or `ERROR`",
+    )
+    log_format: Literal["json", "text"] = Field(
+        default="json",
+        description="`json` (one object per line) or `text`",
+    )
     # Metrics (docs/metrics.md): Prometheus text on a port of its own.
     metrics_port: int | None = Field(
         default=None,
         ge=0,
         le=65535,
-        description="Port of the Prometheus endpoint (/metrics); unset: off; 0 picks a free one.",
+        description="port of the Prometheus endpoint (`/metrics`, "
+        "[docs/metrics.md](docs/metrics.md)); `0` picks a free one, and the bound "
+        "port is logged; unset, nothing is recorded",
+        json_schema_extra=shown("unset (off)"),
     )
     metrics_host: str = Field(
-        default="127.0.0.1", min_length=1, description="Address the metrics endpoint binds."
+        default="127.0.0.1",
+        min_length=1,
+        description="address the metrics endpoint binds",
     )
-
-    # The edge.
-    trusted_proxies: Annotated[tuple[str, ...], NoDecode] = Field(
-        default=(),
-        description="Comma-separated networks of proxies (Envoy) whose x-forwarded-for names "
-        "the client; from any other peer the header is ignored.",
-    )
-
     # Transport limits. Each exists so that one client cannot exhaust the process.
-    max_receive_message_bytes: int = Field(default=4 * MiB, ge=1024, le=64 * MiB)
-    max_send_message_bytes: int = Field(default=4 * MiB, ge=1024, le=64 * MiB)
-    max_metadata_bytes: int = Field(default=16 * 1024, ge=1024, le=1 * MiB)
-    max_concurrent_streams: int = Field(default=100, ge=1, le=10_000)
+    max_receive_message_bytes: int = Field(
+        default=4 * MiB,
+        ge=1024,
+        le=64 * MiB,
+        description="largest request message; a larger one gets `RESOURCE_EXHAUSTED`",
+    )
+    max_send_message_bytes: int = Field(
+        default=4 * MiB,
+        ge=1024,
+        le=64 * MiB,
+        description="largest response message",
+    )
+    max_metadata_bytes: int = Field(
+        default=16 * 1024,
+        ge=1024,
+        le=1 * MiB,
+        description="largest request metadata (headers); a larger one gets `RESOURCE_EXHAUSTED`",
+    )
+    max_concurrent_streams: int = Field(
+        default=100,
+        ge=1,
+        le=10_000,
+        description="HTTP/2 streams (calls) in flight per connection",
+    )
     max_concurrent_rpcs: int = Field(
         default=10_000,
         ge=1,
         le=100_000,
-        description="Calls in flight per process, open streams included (a Subscribe holds one).",
+        description="calls in flight per process, open streams included (each `Subscribe` "
+        "holds one); beyond it calls get `RESOURCE_EXHAUSTED`. `switchboard "
+        "envoy` sizes Envoy's circuit breakers from it",
     )
-    keepalive_time_s: float = Field(default=60.0, gt=0)
-    keepalive_timeout_s: float = Field(default=20.0, gt=0)
+    keepalive_time_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="the server pings idle connections this often",
+    )
+    keepalive_timeout_s: float = Field(
+        default=20.0,
+        gt=0,
+        description="and drops them if a ping goes unanswered this long",
+    )
     keepalive_min_client_ping_interval_s: float = Field(
-        default=30.0, gt=0, description="Client pings more often than this earn strikes."
+        default=30.0,
+        gt=0,
+        description="client pings more frequent than this earn strikes",
     )
-    keepalive_max_ping_strikes: int = Field(default=2, ge=0)
-    max_connection_idle_s: float = Field(default=3600.0, gt=0)
-    max_connection_age_s: float = Field(default=0.0, ge=0, description="0 disables.")
-    max_connection_age_grace_s: float = Field(default=30.0, ge=0)
-
+    keepalive_max_ping_strikes: int = Field(
+        default=2,
+        ge=0,
+        description="strikes before the server sends GOAWAY (`too_many_pings`)",
+    )
+    max_connection_idle_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="close connections that have had no calls this long",
+    )
+    max_connection_age_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="recycle connections after this long, to rebalance load (`0` = never)",
+    )
+    max_connection_age_grace_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="time in-flight calls get when a connection is recycled",
+    )
     # The interpreter.
     gc_threshold: Annotated[tuple[int, int, int], NoDecode] = Field(
         default=(100_000, 50, 1_000),
-        description="Cyclic GC thresholds (gen0,gen1,gen2); CPython's are 700,10,10.",
+        description="cyclic garbage collector thresholds, applied with `gc.freeze()` after "
+        "start-up (CPython's default is `700,10,10`; thousands of open streams "
+        "make those collections long, see BENCHMARKS.md)",
     )
     switch_interval_ms: float = Field(
         default=0.5,
         ge=0.1,
         le=100.0,
-        description="How long a busy thread holds the interpreter before a waiting one gets it.",
+        description="how long the event loop's thread may hold the interpreter while a "
+        "database thread or gRPC's poller waits for it (`sys.setswitchinterval`, "
+        "applied by `switchboard serve`; CPython's default is 5 ms, which a busy "
+        "loop makes every SQLite statement of a write wait; decision 34)",
     )
-
     # Shutdown.
     shutdown_grace_s: float = Field(
-        default=10.0, ge=0, description="How long in-flight calls may finish after SIGTERM."
+        default=10.0,
+        ge=0,
+        description="on SIGTERM/SIGINT, how long in-flight calls may finish",
     )
     shutdown_drain_delay_s: float = Field(
         default=0.0,
         ge=0,
-        description="Time between health NOT_SERVING and refusing new calls, for load balancers.",
+        description="time between health turning NOT_SERVING and the server refusing new "
+        "calls (give load balancers time)",
     )
-
-    @field_validator(
-        "services",
-        "signing_keys",
-        "dispatcher_blocklist",
-        "egress_allow_cidrs",
-        "trusted_proxies",
-        mode="before",
-    )
-    @classmethod
-    def _split_csv(cls, value: object) -> object:
-        if isinstance(value, str):
-            return tuple(part.strip() for part in value.split(",") if part.strip())
-        return value
 
     @field_validator("gc_threshold", mode="before")
     @classmethod
@@ -620,54 +485,11 @@ class Settings(BaseSettings):
             raise ValueError("has no host (redis://host:6379/0)")
         return value
 
-    @field_validator("context_address", "dispatcher_address", "advertise_address")
-    @classmethod
-    def _grpc_target(cls, value: str) -> str:
-        if value and not _GRPC_TARGET.fullmatch(value):
-            raise ValueError("expected host:port (or a gRPC target such as dns:///host:port)")
-        return value
-
-    @field_validator("a2a_root_agent")
-    @classmethod
-    def _a2a_root_agent(cls, value: str) -> str:
-        if value and not _TENANT.fullmatch(value):
-            raise ValueError(
-                "expected {workspace}.{assistant}, the tenant A2A names the agent by (acme.helper)"
-            )
-        return value
-
-    @field_validator("public_url")
-    @classmethod
-    def _public_url(cls, value: str) -> str:
-        if not value:
-            return value
-        try:
-            parts = urlsplit(value)
-            # .port raises for a port that is not a number.
-            _ = parts.port
-        except ValueError:
-            raise ValueError("not a valid URL (http(s)://host[:port])") from None
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("expected http(s)://host[:port]")
-        if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
-            raise ValueError(
-                "expected http(s)://host[:port] without a path, query or user: A2A's "
-                "HTTP+JSON paths start at the edge's root"
-            )
-        return value.rstrip("/")
-
     @model_validator(mode="after")
-    def _check_secrets(self) -> Settings:
+    def _check_secrets(self) -> KernelSettings:
         key = self.secret_key.get_secret_value()
         # Report every problem at once: fixing them one restart at a time is tedious.
         problems = []
-        oidc = (self.oidc_issuer, self.oidc_audience, self.oidc_jwks_file)
-        if any(oidc) and not all(oidc):
-            problems.append(
-                "SWITCHBOARD_OIDC_ISSUER, SWITCHBOARD_OIDC_AUDIENCE and "
-                "SWITCHBOARD_OIDC_JWKS_FILE must be set together"
-            )
-        problems.extend(self._llm_problems())
         # A secret that is set must be strong in every mode: dev mode allows the
         # built-in one (left unset), not a weak one that might reach production.
         if key and key != DEV_SECRET_KEY and len(key) < MIN_SECRET_KEY_LENGTH:
@@ -675,49 +497,22 @@ class Settings(BaseSettings):
                 f"SWITCHBOARD_SECRET_KEY must be at least {MIN_SECRET_KEY_LENGTH} characters"
                 + (" (leave it unset in dev mode for the built-in one)" if self.dev_mode else "")
             )
-        if self.dev_mode:
-            if problems:
-                raise ValueError("; ".join(problems))
-            return self
-        if not key:
-            problems.append(
-                "SWITCHBOARD_SECRET_KEY is required outside dev mode "
-                "(set SWITCHBOARD_DEV_MODE=true for local development)"
-            )
-        elif key == DEV_SECRET_KEY:
-            problems.append("SWITCHBOARD_SECRET_KEY is the built-in dev key; refusing to start")
-        if not self.signing_keys:
-            problems.append(
-                "SWITCHBOARD_SIGNING_KEYS is required outside dev mode "
-                "(Ed25519 PEM files; `switchboard keygen` makes one)"
-            )
+        if not self.dev_mode:
+            if not key:
+                problems.append(
+                    "SWITCHBOARD_SECRET_KEY is required outside dev mode "
+                    "(set SWITCHBOARD_DEV_MODE=true for local development)"
+                )
+            elif key == DEV_SECRET_KEY:
+                problems.append("SWITCHBOARD_SECRET_KEY is the built-in dev key; refusing to start")
+            if not self.signing_keys:
+                problems.append(
+                    "SWITCHBOARD_SIGNING_KEYS is required outside dev mode "
+                    "(Ed25519 PEM files; `switchboard keygen` makes one)"
+                )
         if problems:
             raise ValueError("; ".join(problems))
         return self
-
-    def _llm_problems(self) -> list[str]:
-        # Half an LLM configuration used to be ignored without a word: the
-        # operator believed the model was on while every run was echoed.
-        if bool(self.llm_base_url) != bool(self.llm_model):
-            missing = "SWITCHBOARD_LLM_MODEL" if self.llm_base_url else "SWITCHBOARD_LLM_BASE_URL"
-            return [
-                "SWITCHBOARD_LLM_BASE_URL and SWITCHBOARD_LLM_MODEL must be set together "
-                f"({missing} is missing)"
-            ]
-        if self.llm_base_url:
-            return []
-        orphans = [
-            f"SWITCHBOARD_{name.upper()}"
-            for name in ("llm_api_key", "llm_fallbacks", "llm_prices")
-            if _text(getattr(self, name))
-        ]
-        if orphans:
-            verb = "needs" if len(orphans) == 1 else "need"
-            return [
-                f"{', '.join(orphans)} {verb} SWITCHBOARD_LLM_BASE_URL and SWITCHBOARD_LLM_MODEL "
-                "(the language model is off without them)"
-            ]
-        return []
 
     def effective_secret_key(self) -> str:
         """The secret in force: the configured one, or the dev key in dev mode."""
@@ -734,57 +529,3 @@ class Settings(BaseSettings):
         if not self.signing_keys:
             insecure.append("SWITCHBOARD_SIGNING_KEYS")
         return insecure
-
-
-def _text(value: object) -> str:
-    return value.get_secret_value() if isinstance(value, SecretStr) else str(value)
-
-
-def known_variables() -> frozenset[str]:
-    """Every environment variable that is a setting."""
-    return frozenset(PREFIX + name.upper() for name in Settings.model_fields)
-
-
-def unknown_variables(environ: Mapping[str, str]) -> list[str]:
-    """One message per ``SWITCHBOARD_*`` variable that is no setting, with the nearest name.
-
-    pydantic-settings ignores them, so a misspelt variable would silently
-    leave its setting at the default (a limit, a timeout, a secret).
-    """
-    known = known_variables()
-    problems = []
-    for variable in sorted(environ):
-        name = variable.upper()
-        if not name.startswith(PREFIX) or name in known or name in NOT_SETTINGS:
-            continue
-        # Compared without the prefix, which every name shares and would make all alike.
-        close = difflib.get_close_matches(
-            name.removeprefix(PREFIX), [k.removeprefix(PREFIX) for k in known], n=1, cutoff=0.6
-        )
-        hint = f"; did you mean {PREFIX}{close[0]}?" if close else ""
-        problems.append(f"{variable} is not a setting{hint}")
-    return problems
-
-
-def load_settings(**overrides: object) -> Settings:
-    """Read settings from the environment, with explicit overrides (CLI flags) on top.
-
-    ConfigError names every bad variable at once and never quotes a value.
-    """
-    problems = unknown_variables(os.environ)
-    try:
-        settings = Settings(**overrides)  # type: ignore[arg-type]
-    except ValidationError as exc:
-        for error in exc.errors():
-            where = ".".join(str(part) for part in error["loc"])
-            message = str(error["msg"]).removeprefix("Value error, ")
-            # gc_threshold.2 is the third item of SWITCHBOARD_GC_THRESHOLD.
-            field, _, item = where.partition(".")
-            name = f"{PREFIX}{field.upper()}" + (
-                f" (item {int(item) + 1})" if item.isdigit() else ""
-            )
-            problems.append(f"{name}: {message}" if field else message)
-    else:
-        if not problems:
-            return settings
-    raise ConfigError("; ".join(problems))

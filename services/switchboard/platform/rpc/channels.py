@@ -14,10 +14,40 @@ from typing import Any, Final
 
 import grpc
 from grpc import aio
+from pydantic import Field
 
+from switchboard.platform.config import Section
 from switchboard.platform.observe.telemetry import client_interceptors
 
 ChannelOptions = Sequence[tuple[str, Any]]
+
+
+class RemoteHandlerSettings(Section):
+    """The operator's static experts: the dispatcher registers them as handlers and the
+    integration hub keeps their ids from workspaces' integrations, so they are a section
+    of the platform's, beside the channels both open to experts."""
+
+    dispatcher_remote_handlers: str = Field(
+        default="",
+        description="static remote domain experts (HandlerService), comma-separated `id=host:port`",
+    )
+
+
+def parse_remotes(text: str) -> list[tuple[str, str]]:
+    """``SWITCHBOARD_DISPATCHER_REMOTE_HANDLERS`` (``id=host:port,...``) as (id, address)
+    pairs; ValueError if malformed."""
+    found: list[tuple[str, str]] = []
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        handler_id, sep, address = item.partition("=")
+        host, colon, port = address.strip().rpartition(":")
+        if not sep or not colon or not host or not port.isdigit():
+            raise ValueError(f"remote handler {item!r}: expected id=host:port")
+        found.append((handler_id.strip(), address.strip()))
+    return found
+
 
 READY: Final = grpc.ChannelConnectivity.READY
 DOWN: Final = (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN)

@@ -14,13 +14,32 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol, TypeVar
 
 from grpc import aio
+from pydantic import Field
 
+from switchboard.platform.config import GrpcTarget, Section
 from switchboard.platform.errors import SwitchboardError
 from switchboard.platform.observe.telemetry import client_interceptors
 from switchboard.platform.rpc.rpcerrors import from_rpc_error
 from switchboard.platform.security.policy import Principal
 
 _R = TypeVar("_R")
+
+
+class PeerSettings(Section):
+    """Where the services this process does not serve run (the mesh shape): the dispatcher
+    and the A2A front door both reach the context service, so the addresses are a section
+    of the platform's, beside the calls that use them."""
+
+    context_address: GrpcTarget = Field(
+        default="",
+        description="`host:port` of ContextService when the dispatcher (or the a2a front "
+        "door) runs in another process (mesh shape); empty: the process's own",
+    )
+    dispatcher_address: GrpcTarget = Field(
+        default="",
+        description="`host:port` of DispatcherService when the a2a front door runs in another "
+        "process; empty: the process's own ([docs/a2a.md](docs/a2a.md))",
+    )
 
 
 class TokenIssuer(Protocol):

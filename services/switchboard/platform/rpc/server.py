@@ -22,7 +22,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from switchboard.platform import background
-from switchboard.platform.config import ConfigError, Settings
+from switchboard.platform.config import ConfigError, KernelSettings
 from switchboard.platform.observe.logging import quiet_client_cancellations, quiet_http_requests
 from switchboard.platform.observe.metrics import Metrics, MetricsEndpoint
 from switchboard.platform.observe.telemetry import Tracing
@@ -90,7 +90,7 @@ class ServiceRegistration:
         return self.service.full_name
 
 
-def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+def grpc_options(settings: KernelSettings) -> list[tuple[str, int]]:
     """Channel arguments enforcing the transport limits in ``settings``."""
     ms = 1000
     options = [
@@ -130,7 +130,7 @@ MAX_ADVERTISE_CHARS = 300
 _ANY_ADDRESS = frozenset({"", "0.0.0.0", "::", "[::]"})  # noqa: S104 - compared, not bound
 
 
-def advertise_address(settings: Settings, port: int) -> str:
+def advertise_address(settings: KernelSettings, port: int) -> str:
     """Where other replicas reach this process: ``SWITCHBOARD_ADVERTISE_ADDRESS``, else
     the bound host and ``port``, or the host name when bound to every address."""
     address = settings.advertise_address
@@ -149,7 +149,7 @@ class SwitchboardServer:
 
     def __init__(
         self,
-        settings: Settings,
+        settings: KernelSettings,
         server: aio.Server,
         health: Health,
         port: int,
@@ -247,7 +247,7 @@ class SwitchboardServer:
         await self._stopped.wait()
 
 
-def tune_gc(settings: Settings) -> None:
+def tune_gc(settings: KernelSettings) -> None:
     """Freeze what start-up allocated, apply the configured GC thresholds and the
     interpreter's switch interval.
 
@@ -275,7 +275,7 @@ def _status(serving: bool) -> health_pb2.HealthCheckResponse.ServingStatus.Value
 
 
 async def build_server(
-    settings: Settings,
+    settings: KernelSettings,
     registrations: Sequence[ServiceRegistration],
     *,
     guard: Guard | None = None,

@@ -61,13 +61,14 @@ import socket
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 import httpcore
 import httpx
+from pydantic import Field
 
-from switchboard.platform.config import ConfigError
+from switchboard.platform.config import CommaSeparated, ConfigError, Section
 from switchboard.platform.errors import (
     DestinationBlocked,
     FieldViolation,
@@ -79,6 +80,7 @@ from switchboard.platform.observe.telemetry import instrument_http
 __all__ = [
     "METADATA_ADDRESSES",
     "EgressPolicy",
+    "EgressSettings",
     "GrpcEndpoint",
     "HttpEndpoint",
     "ResolutionFailed",
@@ -89,9 +91,6 @@ __all__ = [
     "parse_http_endpoint",
     "resolve_checked",
 ]
-
-if TYPE_CHECKING:
-    from switchboard.platform.config import Settings
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -218,6 +217,27 @@ def _as_ip(ip: str | IPAddress) -> IPAddress:
     return ip
 
 
+class EgressSettings(Section):
+    """Where outbound calls may go: read by the integration hub, by the dispatcher for a
+    workspace's experts and by the A2A front door for push notifications, so it is a
+    section of the platform's, beside the policy it configures."""
+
+    egress_allow_loopback: bool = Field(
+        default=False,
+        description="let integrations reach loopback addresses (dev mode and tests)",
+    )
+    egress_allow_private: bool = Field(
+        default=False,
+        description="let integrations reach private, unique-local and link-local networks "
+        "(never cloud metadata addresses)",
+    )
+    egress_allow_cidrs: CommaSeparated = Field(
+        default=(),
+        description="comma-separated networks integrations may reach despite the two settings "
+        "above",
+    )
+
+
 @dataclass(frozen=True)
 class EgressPolicy:
     """Which destinations outbound calls may reach; see the module doc for the rules."""
@@ -227,7 +247,7 @@ class EgressPolicy:
     allow_cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> EgressPolicy:
+    def from_settings(cls, settings: EgressSettings) -> EgressPolicy:
         """The policy the operator configured (``SWITCHBOARD_EGRESS_*``)."""
         networks: list[IPNetwork] = []
         for position, entry in enumerate(settings.egress_allow_cidrs, start=1):

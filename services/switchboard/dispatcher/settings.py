@@ -1,0 +1,261 @@
+"""The dispatcher's section: runs, routing, filters, tools, assistants, and its model.
+
+The ``llm`` handler is the dispatcher's, so its ``SWITCHBOARD_LLM_*`` settings
+are here too. The static remote experts are the platform's
+``RemoteHandlerSettings`` (the integration hub keeps their ids from
+integrations), and the context service's address is ``PeerSettings`` (the A2A
+front door reaches it too). A new dispatcher setting is a field here, read in
+``dispatcher/build.py``, and a row of the README that ``make docs`` writes.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+
+from switchboard.platform.config import CommaSeparated, MiB, Section, shown
+
+
+class DispatcherSettings(Section):
+    """What only the dispatcher reads (``dispatcher/build.py``)."""
+
+    dispatcher_max_running: int = Field(
+        default=64,
+        ge=1,
+        le=100_000,
+        description="runs executing at once in this process",
+    )
+    dispatcher_max_running_per_workspace: int = Field(
+        default=16,
+        ge=1,
+        le=100_000,
+        description="runs of one workspace executing at once (workspaces take turns)",
+    )
+    dispatcher_max_queued: int = Field(
+        default=1_000,
+        ge=1,
+        le=1_000_000,
+        description="runs waiting in this process; past it SendMessage answers "
+        "RESOURCE_EXHAUSTED `QUEUE_FULL`",
+    )
+    dispatcher_max_queued_per_workspace: int = Field(
+        default=200,
+        ge=1,
+        le=1_000_000,
+        description="runs of one workspace waiting",
+    )
+    dispatcher_default_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        le=86_400,
+        description="a run's deadline when the request sets no `timeout`",
+    )
+    dispatcher_max_timeout_s: float = Field(
+        default=900.0,
+        gt=0,
+        le=86_400,
+        description="cap on a requested `timeout`",
+    )
+    dispatcher_lease_s: float = Field(
+        default=30.0,
+        ge=1.0,
+        le=3600.0,
+        description="a dispatcher replica renews a lease on its runs; one that stops renewing "
+        "this long has its runs taken over by another, as "
+        "`SWITCHBOARD_DISPATCHER_RECOVERY` says",
+    )
+    dispatcher_recovery: Literal["fail", "requeue"] = Field(
+        default="fail",
+        description="runs that were RUNNING when the dispatcher stopped: `fail` (FAILED, "
+        "`RUN_INTERRUPTED`) or `requeue` (run again); queued runs always run",
+    )
+    dispatcher_default_handler: str = Field(
+        default="",
+        description="handler when no routing rule matches",
+        json_schema_extra=shown("`llm` if configured, else `echo`"),
+    )
+    dispatcher_routes: str = Field(
+        default="",
+        description="routing rules, comma-separated: `/prefix=handler`, "
+        "`type:image/*=handler`, `workspace:<id>=handler`",
+    )
+    dispatcher_handler_plugins: bool = Field(
+        default=True,
+        description="load handlers registered in the `switchboard.handlers` entry point group",
+    )
+    dispatcher_max_input_chars: int = Field(
+        default=32_000,
+        ge=1,
+        le=4 * MiB,
+        description="text characters in one sent message (RESOURCE_EXHAUSTED "
+        "`REQUEST_TOO_LARGE` past it)",
+    )
+    dispatcher_max_messages_per_minute_per_user: int = Field(
+        default=600,
+        ge=1,
+        le=10_000_000,
+        description="SendMessage calls per user per minute (RESOURCE_EXHAUSTED `RATE_LIMITED` "
+        "with RetryInfo)",
+    )
+    dispatcher_max_messages_per_minute_per_workspace: int = Field(
+        default=6_000,
+        ge=1,
+        le=10_000_000,
+        description="SendMessage calls per workspace per minute",
+    )
+    dispatcher_content_policy: str = Field(
+        default="builtin",
+        description="content policy: `builtin`, an entry point in "
+        "`switchboard.content_policies`, or `module:attr`",
+    )
+    dispatcher_blocklist: CommaSeparated = Field(
+        default=(),
+        description="terms the builtin policy refuses, comma-separated; `re:<regex>` for a pattern",
+    )
+    dispatcher_flag_injection: bool = Field(
+        default=True,
+        description="flag common prompt-injection markers on the run (the run proceeds; an "
+        "event records it)",
+    )
+    dispatcher_run_retention_s: float = Field(
+        default=300.0,
+        ge=0,
+        description="how long a finished run's updates stay replayable by WatchRun",
+    )
+    dispatcher_max_updates_per_run: int = Field(
+        default=10_000,
+        ge=10,
+        le=1_000_000,
+        description="updates kept per run for replay (older ones are dropped on endless streams)",
+    )
+    dispatcher_heartbeat_s: float = Field(
+        default=15.0,
+        gt=0,
+        le=3600,
+        description="WatchRun and Converse keep-alive interval",
+    )
+    dispatcher_remote_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=600,
+        description="timeout of a remote handler's GetCapabilities",
+    )
+    dispatcher_max_tool_steps: int = Field(
+        default=8,
+        ge=1,
+        le=32,
+        description="tool steps (rounds of calls) per run, unless its assistant sets fewer",
+    )
+    dispatcher_max_tool_calls_per_step: int = Field(
+        default=16,
+        ge=1,
+        le=128,
+        description="tool calls one model answer may make (more are answered with an error)",
+    )
+    dispatcher_approval_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        le=7 * 86400,
+        description="how long a run waits in REQUIRES_ACTION before it fails with "
+        "APPROVAL_EXPIRED (`required_action.expire_time`); the run's own deadline "
+        "stops meanwhile",
+    )
+    dispatcher_max_tool_result_chars: int = Field(
+        default=16_000,
+        ge=100,
+        le=1_000_000,
+        description="a tool's output given to the model and stored, at most (longer is cut, "
+        "and says so)",
+    )
+    dispatcher_max_assistants_per_workspace: int = Field(
+        default=100,
+        ge=1,
+        le=10_000,
+        description="assistants one workspace may define",
+    )
+    # The LLM handler (OpenAI-compatible Chat Completions). Off unless a base URL is set.
+    llm_base_url: str = Field(
+        default="",
+        description="OpenAI-compatible API base, e.g. `https://api.openai.com/v1`; the `llm` "
+        "handler exists only when this and the model are set; set both or "
+        "neither, or the server refuses to start",
+    )
+    llm_api_key: SecretStr = Field(
+        default=SecretStr(""),
+        description="the provider's bearer key (a secret: never logged)",
+    )
+    llm_model: str = Field(
+        default="",
+        description="model of the primary provider",
+    )
+    llm_fallbacks: SecretStr = Field(
+        default=SecretStr(""),
+        description='JSON list of fallback providers, tried in order: `[{"name": "b", '
+        '"base_url": "...", "api_key": "...", "model": "..."}]` (a secret)',
+    )
+    llm_prices: str = Field(
+        default="",
+        description='JSON price table in USD per million tokens: `{"gpt-4o-mini": '
+        '{"input_per_mtok": 0.15, "output_per_mtok": 0.6}}`',
+    )
+    llm_max_retries: int = Field(
+        default=3,
+        ge=0,
+        le=20,
+        description="retries per provider on 429, 5xx and connection errors, before any text "
+        "has streamed",
+    )
+    llm_breaker_failures: int = Field(
+        default=5,
+        ge=1,
+        le=1000,
+        description="failed attempts in a row that open a provider's circuit breaker",
+    )
+    llm_breaker_reset_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="how long an open breaker waits before one trial call",
+    )
+    llm_max_output_tokens: int = Field(
+        default=1024,
+        ge=1,
+        le=1_000_000,
+        description="cap on `max_tokens` asked of the model",
+    )
+    llm_max_connections: int = Field(
+        default=64,
+        ge=1,
+        le=100_000,
+        description="model connections open at once: at most this many llm runs stream at a time",
+    )
+
+    @model_validator(mode="after")
+    def _check_llm(self) -> DispatcherSettings:
+        # Half an LLM configuration used to be ignored without a word: the
+        # operator believed the model was on while every run was echoed.
+        if bool(self.llm_base_url) != bool(self.llm_model):
+            missing = "SWITCHBOARD_LLM_MODEL" if self.llm_base_url else "SWITCHBOARD_LLM_BASE_URL"
+            raise ValueError(
+                "SWITCHBOARD_LLM_BASE_URL and SWITCHBOARD_LLM_MODEL must be set together "
+                f"({missing} is missing)"
+            )
+        if self.llm_base_url:
+            return self
+        orphans = [
+            f"SWITCHBOARD_{name.upper()}"
+            for name in ("llm_api_key", "llm_fallbacks", "llm_prices")
+            if _text(getattr(self, name))
+        ]
+        if orphans:
+            verb = "needs" if len(orphans) == 1 else "need"
+            raise ValueError(
+                f"{', '.join(orphans)} {verb} SWITCHBOARD_LLM_BASE_URL and SWITCHBOARD_LLM_MODEL "
+                "(the language model is off without them)"
+            )
+        return self
+
+
+def _text(value: object) -> str:
+    return value.get_secret_value() if isinstance(value, SecretStr) else str(value)
