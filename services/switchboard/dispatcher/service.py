@@ -17,7 +17,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.assistants.catalog import Assistants
@@ -200,13 +200,13 @@ class Dispatcher:
 
     def watch_run(
         self, principal: Principal, name: str, after_sequence: int
-    ) -> AsyncIterator[pb.WatchRunResponse]:
+    ) -> AsyncGenerator[pb.WatchRunResponse, None]:
         """WatchRun's frames, for as long as ``principal`` may read the run."""
         return self._streams.watch_run(principal, name, after_sequence)
 
     def converse(
         self, principal: Principal, requests: AsyncIterator[pb.ConverseRequest], via: Via
-    ) -> AsyncIterator[pb.ConverseResponse]:
+    ) -> AsyncGenerator[pb.ConverseResponse, None]:
         """Converse's frames for ``requests``, each action authorized as it arrives."""
         return self._streams.converse(principal, requests, via)
 

@@ -7,6 +7,7 @@ call reached this replica, and writes out the frames they give back.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 from grpc import aio
@@ -63,10 +64,14 @@ class DispatcherServiceServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
     async def WatchRun(
         self, request: pb.WatchRunRequest, context: Context
     ) -> AsyncIterator[pb.WatchRunResponse]:
-        async for frame in self._dispatcher.watch_run(
+        # Closed with this call, not left to the collector: its grant closes now,
+        # and what its end raises is this call's.
+        frames = self._dispatcher.watch_run(
             current_principal(), request.name, request.after_sequence
-        ):
-            yield frame
+        )
+        async with contextlib.aclosing(frames):
+            async for frame in frames:
+                yield frame
 
     async def ListHandlers(
         self, request: pb.ListHandlersRequest, context: Context
@@ -121,5 +126,7 @@ class DispatcherServiceServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
     ) -> AsyncIterator[pb.ConverseResponse]:
         # The stream's deadline is not an action's: each forwarded action gets its own.
         via = _via(context, deadline=False)
-        async for frame in self._dispatcher.converse(current_principal(), request_iterator, via):
-            yield frame
+        frames = self._dispatcher.converse(current_principal(), request_iterator, via)
+        async with contextlib.aclosing(frames):
+            async for frame in frames:
+                yield frame

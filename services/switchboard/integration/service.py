@@ -20,7 +20,7 @@ import contextlib
 import datetime as dt
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any, Final, Protocol
 
 from google.protobuf import duration_pb2, struct_pb2
@@ -586,7 +586,7 @@ class IntegrationHub:
 
     async def watch_held(
         self, access: AccessWatch, principal: Principal, parent: str
-    ) -> AsyncIterator[pb.WatchIntegrationsResponse]:
+    ) -> AsyncGenerator[pb.WatchIntegrationsResponse, None]:
         """``watch`` for as long as ``principal`` may read the workspace: a caller
         removed from it, or whose credential is revoked or expires, sees the stream
         end with the status a unary call would get, even while nothing changes."""

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -59,8 +60,10 @@ class IntegrationServiceServicer(integration_pb2_grpc.IntegrationServiceServicer
         self, request: pb.WatchIntegrationsRequest, context: Context
     ) -> AsyncIterator[pb.WatchIntegrationsResponse]:
         frames = self._hub.watch_held(self._access, current_principal(), request.parent)
-        async for frame in frames:
-            yield frame
+        # Closed with this call, not left to the collector: its grant closes now.
+        async with contextlib.aclosing(frames):
+            async for frame in frames:
+                yield frame
 
     async def ListTools(
         self, request: pb.ListToolsRequest, context: Context

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Final, Protocol
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
@@ -95,7 +95,7 @@ class Streams:
 
     async def watch_run(
         self, principal: Principal, name: str, after_sequence: int
-    ) -> AsyncIterator[pb.WatchRunResponse]:
+    ) -> AsyncGenerator[pb.WatchRunResponse, None]:
         grant = self._access.open(principal)
         try:
             hold = await grant.hold(((name, "name"),), Permission.READ)
@@ -110,7 +110,7 @@ class Streams:
 
     async def converse(
         self, principal: Principal, requests: AsyncIterator[pb.ConverseRequest], via: Via
-    ) -> AsyncIterator[pb.ConverseResponse]:
+    ) -> AsyncGenerator[pb.ConverseResponse, None]:
         """``via``: how the stream reached this replica, for its forwarded actions."""
         grant = self._access.open(principal)
         try:
