@@ -684,7 +684,7 @@ async def test_a_run_taken_over_while_its_start_was_stored_is_left_to_its_new_ow
         _, _, name = await _first_run(server, stub, dstub, "Hi")
 
         async def given_up() -> bool:
-            return name not in dispatcher._active
+            return not dispatcher.holds(name)
 
         await eventually(given_up, "the run to be given up")
         found = name.split("/")

@@ -103,8 +103,7 @@ def _run_events(events: EventTap, run: str) -> list[pb.RunUpdate]:
 
 async def _published(dispatcher: Any) -> None:
     """Wait until every run's publisher has handed its events to the log."""
-    if dispatcher._publishers:
-        await asyncio.wait(set(dispatcher._publishers))
+    await dispatcher.published()
 
 
 # -- a run from start to end ------------------------------------------------------------
@@ -286,7 +285,7 @@ async def test_cancel_after_the_first_delta_stops_the_handler(
     assert "changed my mind" in run.error.message
     # CancelRun answers once the handler's task has ended and the run is recorded.
     assert took < 0.1, f"cancel took {took * 1000:.0f} ms"
-    assert sent.run.name not in _dispatcher(mesh)._active
+    assert not _dispatcher(mesh).holds(sent.run.name)
     rest = [frame.update async for frame in call if frame.WhichOneof("frame") == "update"]
     assert [u.WhichOneof("update") for u in rest] == ["state_change"]
     assert rest[0].state_change.run.state == pb.RUN_STATE_CANCELLED

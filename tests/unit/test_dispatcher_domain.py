@@ -18,7 +18,7 @@ from switchboard.dispatcher.handlers.echo import EchoHandler
 from switchboard.dispatcher.handlers.router import Registry, Router, Routes
 from switchboard.dispatcher.runs.feed import Feeds
 from switchboard.dispatcher.runs.lifecycle import Active, IllegalTransition
-from switchboard.dispatcher.runs.scheduler import Limits, Scheduler, Ticket
+from switchboard.dispatcher.runs.scheduler import CapacityLimits, Scheduler, Ticket
 from switchboard.internal.dispatcher.v1 import job_pb2
 from switchboard.platform.errors import (
     CursorExpired,
@@ -99,7 +99,7 @@ def started(rec: Recorder) -> list[str]:
 
 def test_a_paused_run_frees_its_slot_but_keeps_its_conversation_busy() -> None:
     rec = Recorder()
-    sched = Scheduler(Limits(1, 1, 10, 10))
+    sched = Scheduler(limits=CapacityLimits(1, 1, 10, 10))
     first, same, other = ticket(rec, "1", "c"), ticket(rec, "2", "c"), ticket(rec, "3", "d")
     for each in (first, same, other):
         sched.admit(each)
@@ -113,7 +113,7 @@ def test_a_paused_run_frees_its_slot_but_keeps_its_conversation_busy() -> None:
 
 def test_a_resumed_run_takes_its_slot_back_past_the_limits() -> None:
     rec = Recorder()
-    sched = Scheduler(Limits(1, 1, 10, 10))
+    sched = Scheduler(limits=CapacityLimits(1, 1, 10, 10))
     first, other, later = ticket(rec, "1", "c"), ticket(rec, "2", "d"), ticket(rec, "3", "e")
     for each in (first, other):
         sched.admit(each)
@@ -129,7 +129,7 @@ def test_a_resumed_run_takes_its_slot_back_past_the_limits() -> None:
 
 def test_a_run_that_ends_while_paused_lets_its_conversation_go_on() -> None:
     rec = Recorder()
-    sched = Scheduler(Limits(1, 1, 10, 10))
+    sched = Scheduler(limits=CapacityLimits(1, 1, 10, 10))
     first, same = ticket(rec, "1", "c"), ticket(rec, "2", "c")
     sched.admit(first)
     sched.admit(same)
@@ -142,7 +142,7 @@ def test_a_run_that_ends_while_paused_lets_its_conversation_go_on() -> None:
 
 def test_a_verdict_on_a_ticket_in_no_such_state_changes_nothing() -> None:
     rec = Recorder()
-    sched = Scheduler(Limits(1, 1, 10, 10))
+    sched = Scheduler(limits=CapacityLimits(1, 1, 10, 10))
     running, queued = ticket(rec, "1", "c"), ticket(rec, "2", "d")
     sched.admit(running)
     sched.admit(queued)
@@ -155,7 +155,7 @@ def test_a_verdict_on_a_ticket_in_no_such_state_changes_nothing() -> None:
 
 def test_a_forced_admission_passes_the_queue_bounds() -> None:
     rec = Recorder()
-    sched = Scheduler(Limits(1, 1, 1, 1))
+    sched = Scheduler(limits=CapacityLimits(1, 1, 1, 1))
     sched.admit(ticket(rec, "1", "c"))
     sched.admit(ticket(rec, "2", "d"))
     with pytest.raises(QueueFull):

@@ -16,7 +16,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.handlers.echo import EchoHandler
 from switchboard.dispatcher.handlers.router import Registry, Router, Routes
 from switchboard.dispatcher.runs.feed import Feeds
-from switchboard.dispatcher.runs.scheduler import Limits, Scheduler, Ticket
+from switchboard.dispatcher.runs.scheduler import CapacityLimits, Scheduler, Ticket
 from switchboard.platform.errors import DependencyUnavailable, InvalidArgument, QueueFull
 
 
@@ -32,13 +32,15 @@ def ticket(rec: Recorder, run: str, ws: str, conv: str) -> Ticket:
     return Ticket(run_id=run, workspace=ws, conversation=conv, start=rec)
 
 
-def limits(running: int = 2, per_ws: int = 2, queued: int = 100, per_ws_q: int = 100) -> Limits:
-    return Limits(running, per_ws, queued, per_ws_q)
+def limits(
+    running: int = 2, per_ws: int = 2, queued: int = 100, per_ws_q: int = 100
+) -> CapacityLimits:
+    return CapacityLimits(running, per_ws, queued, per_ws_q)
 
 
 def test_workspaces_take_turns_however_many_runs_one_queues() -> None:
     rec = Recorder()
-    sched = Scheduler(limits(running=1, per_ws=1))
+    sched = Scheduler(limits=limits(running=1, per_ws=1))
     for i in range(50):
         sched.admit(ticket(rec, f"big{i}", "big", f"big-c{i}"))
     sched.admit(ticket(rec, "small0", "small", "small-c0"))
@@ -56,7 +58,7 @@ def test_workspaces_take_turns_however_many_runs_one_queues() -> None:
 
 def test_one_conversation_runs_one_run_at_a_time_in_order() -> None:
     rec = Recorder()
-    sched = Scheduler(limits(running=10, per_ws=10))
+    sched = Scheduler(limits=limits(running=10, per_ws=10))
     for i in range(3):
         sched.admit(ticket(rec, f"r{i}", "w", "c"))
     sched.admit(ticket(rec, "other", "w", "d"))
@@ -68,7 +70,7 @@ def test_one_conversation_runs_one_run_at_a_time_in_order() -> None:
 
 def test_limits_global_and_per_workspace() -> None:
     rec = Recorder()
-    sched = Scheduler(limits(running=3, per_ws=2, queued=4, per_ws_q=3))
+    sched = Scheduler(limits=limits(running=3, per_ws=2, queued=4, per_ws_q=3))
     for i in range(3):
         sched.admit(ticket(rec, f"a{i}", "a", f"a{i}"))
     assert [t.run_id for t in rec.started] == ["a0", "a1"]  # per workspace: 2
@@ -88,7 +90,7 @@ def test_limits_global_and_per_workspace() -> None:
 
 def test_withdraw_removes_a_queued_ticket_only() -> None:
     rec = Recorder()
-    sched = Scheduler(limits(running=1))
+    sched = Scheduler(limits=limits(running=1))
     first, second = ticket(rec, "1", "w", "c1"), ticket(rec, "2", "w", "c2")
     sched.admit(first)
     sched.admit(second)
@@ -111,7 +113,7 @@ def test_every_admitted_run_starts_once_within_limits(
     runs: list[tuple[str, str]], max_running: int, per_ws: int, seed: int
 ) -> None:
     rec = Recorder()
-    sched = Scheduler(limits(running=max_running, per_ws=per_ws, queued=1000, per_ws_q=1000))
+    sched = Scheduler(limits=limits(running=max_running, per_ws=per_ws, queued=1000, per_ws_q=1000))
     order: dict[str, list[str]] = {}
     for index, (ws, conv) in enumerate(runs):
         name = f"{index}"

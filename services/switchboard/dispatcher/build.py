@@ -26,10 +26,9 @@ from switchboard.dispatcher.llm.handler import LlmHandler
 from switchboard.dispatcher.ports.context import ContextPort, LocalContext, RemoteContext
 from switchboard.dispatcher.ports.peers import GrpcPeers
 from switchboard.dispatcher.runs.feed import Feeds
-from switchboard.dispatcher.runs.scheduler import Limits as SchedulerLimits
-from switchboard.dispatcher.runs.scheduler import Scheduler
+from switchboard.dispatcher.runs.scheduler import CapacityLimits, Scheduler
 from switchboard.dispatcher.runs.store import RunStore
-from switchboard.dispatcher.service import Dispatcher, Limits
+from switchboard.dispatcher.service import Dispatcher, RunLimits
 from switchboard.dispatcher.settings import DispatcherSettings
 from switchboard.dispatcher.tools.port import LocalTools
 from switchboard.dispatcher.tools.runner import ToolLimits
@@ -165,27 +164,28 @@ async def dispatcher_service(
     peers = GrpcPeers()
     resources.push_async_callback(peers.close)
     dispatcher = Dispatcher(
-        RunStore(shared.database),
-        context,
-        shared.bus,
-        shared.cache,
-        router,
-        Scheduler(
-            SchedulerLimits(
+        store=RunStore(shared.database),
+        context=context,
+        bus=shared.bus,
+        counters=shared.cache,
+        router=router,
+        scheduler=Scheduler(
+            limits=CapacityLimits(
                 max_running=settings.dispatcher_max_running,
                 max_running_per_workspace=settings.dispatcher_max_running_per_workspace,
                 max_queued=settings.dispatcher_max_queued,
                 max_queued_per_workspace=settings.dispatcher_max_queued_per_workspace,
             )
         ),
-        Feeds(
+        feeds=Feeds(
             retention_s=settings.dispatcher_run_retention_s,
             max_updates=settings.dispatcher_max_updates_per_run,
         ),
-        shared.policy,
-        content,
-        _limits(shared),
-        shared.page_tokens,
+        policy=shared.policy,
+        access=shared.access,
+        content=content,
+        limits=_limits(shared),
+        page_tokens=shared.page_tokens,
         assistants=assistants,
         tools=LocalTools(integration, shared.policy),
         tool_limits=ToolLimits(
@@ -274,9 +274,9 @@ async def _assistants(
     return assistants
 
 
-def _limits(shared: Shared) -> Limits:
+def _limits(shared: Shared) -> RunLimits:
     settings = shared.section(DispatcherSettings)
-    return Limits(
+    return RunLimits(
         instance_id=shared.instance_id,
         max_input_chars=settings.dispatcher_max_input_chars,
         messages_per_minute_per_user=settings.dispatcher_max_messages_per_minute_per_user,
@@ -319,7 +319,7 @@ async def build(shared: Shared) -> ServiceRegistration:
 
     return ServiceRegistration(
         servicer.SERVICE,
-        servicer.DispatcherServiceServicer(dispatcher, shared.access),
+        servicer.DispatcherServiceServicer(dispatcher),
         on_bound=advertise,
         observe=lambda metrics: _observe(metrics, dispatcher),
     )

@@ -7,7 +7,9 @@
     recovery.py   leases, takeover, reaping: runs back into the scheduler
     queries.py    get, list, watch, describe (read only)
     control.py    cancel and tool approvals, here or forwarded to the owner
-    live.py       what they share: the limits and this process's live runs
+    live.py       what they share (``Common``): this process's live runs, the
+                  store, the feeds, the bus, the router and the run limits
+    streams.py    WatchRun and Converse, held to the caller's access
 
 ``Dispatcher`` builds them once and is what the servicer, the A2A front door
 (``a2a/ports.py``) and ``build.py`` call; it holds no logic of its own.
@@ -15,8 +17,7 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.assistants.catalog import Assistants
@@ -29,27 +30,38 @@ from switchboard.dispatcher.runs.control import IN_PROCESS, Control
 from switchboard.dispatcher.runs.execution import Execution
 from switchboard.dispatcher.runs.feed import Feeds
 from switchboard.dispatcher.runs.lifecycle import Active
-from switchboard.dispatcher.runs.live import FINISH_TIMEOUT_S, SEQUENCE_BLOCK, Limits, Live
+from switchboard.dispatcher.runs.live import (
+    FINISH_TIMEOUT_S,
+    SEQUENCE_BLOCK,
+    Common,
+    Live,
+    RunLimits,
+)
 from switchboard.dispatcher.runs.publishing import Publishing
 from switchboard.dispatcher.runs.queries import Queries
 from switchboard.dispatcher.runs.recovery import Recovery
 from switchboard.dispatcher.runs.scheduler import Scheduler
 from switchboard.dispatcher.runs.store import RunStore
+from switchboard.dispatcher.runs.streams import Streams
 from switchboard.dispatcher.tools.port import ToolPort
 from switchboard.dispatcher.tools.runner import ToolLimits
 from switchboard.platform.cache import Cache
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.observe.metrics import Metrics
 from switchboard.platform.observe.telemetry import tracer
+from switchboard.platform.security.accesswatch import AccessWatch
 from switchboard.platform.security.policy import Policy, Principal
 from switchboard.platform.store import pagination
 
-__all__ = ["SEQUENCE_BLOCK", "Dispatcher", "Limits"]
+__all__ = ["SEQUENCE_BLOCK", "Dispatcher", "RunLimits"]
 
 
 class Dispatcher:
+    """Every part by keyword: the stages share ``Common``, built here once."""
+
     def __init__(
         self,
+        *,
         store: RunStore,
         context: ContextPort,
         bus: EventBus,
@@ -58,10 +70,10 @@ class Dispatcher:
         scheduler: Scheduler,
         feeds: Feeds,
         policy: Policy,
+        access: AccessWatch,
         content: ContentPolicy,
-        limits: Limits,
+        limits: RunLimits,
         page_tokens: pagination.PageTokens,
-        *,
         assistants: Assistants,
         tools: ToolPort,
         tool_limits: ToolLimits,
@@ -76,68 +88,54 @@ class Dispatcher:
         self._store = store
         self._feeds = feeds
         self._live = Live()
+        common = Common(
+            live=self._live, store=store, feeds=feeds, bus=bus, router=router, limits=limits
+        )
         # None when tracing is off: runs then get no span (decided once, here).
         run_tracer = tracer("switchboard.dispatcher")
-        self._publishing = Publishing(store, bus, self._live, limits.instance_id)
+        self._publishing = Publishing(common=common)
         self._execution = Execution(
-            self._live,
-            self._publishing,
-            scheduler,
-            store,
-            feeds,
-            context,
-            policy,
-            router,
-            limits,
+            common=common,
+            publishing=self._publishing,
+            scheduler=scheduler,
+            context=context,
+            policy=policy,
             tools=tools,
             tool_limits=tool_limits,
             metrics=metrics,
             tracer=run_tracer,
         )
         self._admission = Admission(
-            self._live,
-            store,
-            context,
-            bus,
-            counters,
-            router,
-            scheduler,
-            feeds,
-            content,
-            limits,
-            assistants,
-            self._publishing,
+            common=common,
+            context=context,
+            counters=counters,
+            scheduler=scheduler,
+            content=content,
+            assistants=assistants,
+            publishing=self._publishing,
             start=self._execution.launch,
             cancel=self._execution.cancel,
             tracer=run_tracer,
         )
         self._recovery = Recovery(
-            self._live,
-            store,
-            bus,
-            router,
-            feeds,
-            self._publishing,
-            limits,
-            admit=self._readmit,
-            metrics=metrics,
+            common=common, publishing=self._publishing, admit=self._readmit, metrics=metrics
         )
         self._queries = Queries(
-            self._live,
-            store,
-            feeds,
-            bus,
-            router,
-            context,
-            assistants,
-            page_tokens,
-            limits,
+            common=common,
+            context=context,
+            assistants=assistants,
+            page_tokens=page_tokens,
             tools=tools,
             tool_limits=tool_limits,
         )
         self._control = Control(
-            self._live, store, scheduler, self._execution, self._publishing, limits, peers
+            common=common,
+            scheduler=scheduler,
+            execution=self._execution,
+            publishing=self._publishing,
+            peers=peers,
         )
+        self._streams = Streams(actions=self, access=access, heartbeat_s=limits.heartbeat_s)
 
     def _readmit(self, active: Active) -> None:
         self._admission.admit(active, force=True)
@@ -149,13 +147,13 @@ class Dispatcher:
         """Open WatchRun and Converse watches of this process's runs."""
         return self._queries.watchers
 
-    @property
-    def _active(self) -> dict[str, Active]:
-        return self._live.runs
+    def holds(self, name: str) -> bool:
+        """Whether this process holds the run live (admitted, running or paused)."""
+        return name in self._live.runs
 
-    @property
-    def _publishers(self) -> set[asyncio.Task[None]]:
-        return self._publishing.publishers
+    async def published(self) -> None:
+        """Wait until every run's publisher has handed its events to the log."""
+        await self._publishing.drain()
 
     # -- the process ------------------------------------------------------------------
 
@@ -167,8 +165,7 @@ class Dispatcher:
         self._live.closing = True
         await self._recovery.stop()
         await self._execution.stop()
-        if self._publishing.publishers:
-            await asyncio.wait(set(self._publishing.publishers), timeout=FINISH_TIMEOUT_S)
+        await self._publishing.drain(timeout_s=FINISH_TIMEOUT_S)
 
     async def advertise(self, address: str) -> None:
         await self._recovery.advertise(address)
@@ -200,6 +197,18 @@ class Dispatcher:
         self, principal: Principal, request: pb.DescribeConversationRequest
     ) -> pb.DescribeConversationResponse:
         return await self._queries.describe_conversation(principal, request)
+
+    def watch_run(
+        self, principal: Principal, name: str, after_sequence: int
+    ) -> AsyncGenerator[pb.WatchRunResponse, None]:
+        """WatchRun's frames, for as long as ``principal`` may read the run."""
+        return self._streams.watch_run(principal, name, after_sequence)
+
+    def converse(
+        self, principal: Principal, requests: AsyncIterator[pb.ConverseRequest], via: Via
+    ) -> AsyncGenerator[pb.ConverseResponse, None]:
+        """Converse's frames for ``requests``, each action authorized as it arrives."""
+        return self._streams.converse(principal, requests, via)
 
     async def submit_tool_approvals(
         self, principal: Principal, request: pb.SubmitToolApprovalsRequest, via: Via = IN_PROCESS

@@ -20,7 +20,7 @@ import contextlib
 import datetime as dt
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from typing import Any, Final, Protocol
 
 from google.protobuf import duration_pb2, struct_pb2
@@ -56,6 +56,7 @@ from switchboard.platform.events.bus import EventBus
 from switchboard.platform.fieldmask import update_paths
 from switchboard.platform.names import checked_etag
 from switchboard.platform.observe.metrics import Metrics
+from switchboard.platform.security.accesswatch import AccessWatch
 from switchboard.platform.security.egress import (
     PLAIN_HTTP_REFUSED,
     EgressPolicy,
@@ -64,7 +65,7 @@ from switchboard.platform.security.egress import (
     parse_grpc_endpoint,
     parse_http_endpoint,
 )
-from switchboard.platform.security.policy import Principal
+from switchboard.platform.security.policy import Permission, Principal
 from switchboard.platform.security.secretbox import SecretBox
 from switchboard.platform.store import pagination
 from switchboard.platform.store.outbox import Staged
@@ -582,6 +583,20 @@ class IntegrationHub:
         await self._bus.publish_staged(staged.events)
 
     # -- watching -------------------------------------------------------------------------
+
+    async def watch_held(
+        self, access: AccessWatch, principal: Principal, parent: str
+    ) -> AsyncGenerator[pb.WatchIntegrationsResponse, None]:
+        """``watch`` for as long as ``principal`` may read the workspace: a caller
+        removed from it, or whose credential is revoked or expires, sees the stream
+        end with the status a unary call would get, even while nothing changes."""
+        grant = access.open(principal)
+        try:
+            hold = await grant.hold(((parent, "parent"),), Permission.READ)
+            async for frame in hold.guard(self.watch(parent)):
+                yield frame
+        finally:
+            grant.close()
 
     async def watch(self, parent: str) -> AsyncIterator[pb.WatchIntegrationsResponse]:
         """The workspace's integrations as they stand, then every change (status included)."""

@@ -1,13 +1,12 @@
 """Transport for IntegrationService: converts proto to domain calls and nothing else.
 
 ``WatchIntegrations`` keeps its workspace authorized through an access grant
-(``platform/security/accesswatch.py``): a caller removed from the workspace, or whose
-credential is revoked or expires, sees the stream end with the status a unary
-call would get, even while nothing changes.
+(``platform/security/accesswatch.py``), held by the hub (``IntegrationHub.watch_held``).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,7 +17,6 @@ from switchboard.api.integration.v1 import integration_pb2_grpc
 from switchboard.integration.service import IntegrationHub
 from switchboard.platform.security.accesswatch import AccessWatch
 from switchboard.platform.security.authn import current_principal
-from switchboard.platform.security.policy import Permission
 
 SERVICE = pb.DESCRIPTOR.services_by_name["IntegrationService"]
 
@@ -61,13 +59,11 @@ class IntegrationServiceServicer(integration_pb2_grpc.IntegrationServiceServicer
     async def WatchIntegrations(
         self, request: pb.WatchIntegrationsRequest, context: Context
     ) -> AsyncIterator[pb.WatchIntegrationsResponse]:
-        grant = self._access.open(current_principal())
-        try:
-            hold = await grant.hold(((request.parent, "parent"),), Permission.READ)
-            async for frame in hold.guard(self._hub.watch(request.parent)):
+        frames = self._hub.watch_held(self._access, current_principal(), request.parent)
+        # Closed with this call, not left to the collector: its grant closes now.
+        async with contextlib.aclosing(frames):
+            async for frame in frames:
                 yield frame
-        finally:
-            grant.close()
 
     async def ListTools(
         self, request: pb.ListToolsRequest, context: Context

@@ -6,13 +6,19 @@ token usage summed over every call and its price from the configured table.
 
 This module composes the handler from parts that each do one job:
 
-- ``llmconfig``: the providers, prices and limits, parsed from settings;
-- ``llmrequest``: the run's context as Chat Completions messages, its sampling;
-- ``llmclient``: one model call along the provider chain, with retries,
-  fallback and a circuit breaker per provider (``llmstream`` parses the
+- ``config``: the providers, prices and limits, parsed from settings;
+- ``messages``: the run's context as Chat Completions messages;
+- ``tools``: the tools offered, each tool step of the run and the messages
+  it adds to the conversation;
+- ``client``: one model call along the provider chain, with retries,
+  fallback and a circuit breaker per provider (``stream`` parses the
   responses: server-sent events, chunks, tool call fragments);
-- ``llmtools``: the tools offered and each tool step of the run;
-- ``llmusage``: usage (reported or estimated) and cost.
+- ``usage``: usage (reported or estimated) and cost.
+
+What only the handler uses stays here: the provider chain, the run's sampling
+and the request body. A run reads top to bottom: the chain, the sampling, the
+conversation, the tool steps already taken, then model calls until an answer
+without tool calls.
 
 The settings' names stay importable from here, the handler's public module.
 """
@@ -21,10 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Any
+
+from google.protobuf import struct_pb2
 
 from switchboard.api.context.v1 import context_pb2
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
@@ -32,12 +42,7 @@ from switchboard.api.handler.v1 import handler_pb2
 from switchboard.dispatcher.handlers.base import Frame, HandleCall, HandlerFailure, capabilities
 from switchboard.dispatcher.llm.client import Answer, ProviderClient
 from switchboard.dispatcher.llm.config import LlmConfig, Provider, parse_prices, parse_providers
-from switchboard.dispatcher.llm.request import (
-    build_messages,
-    parameters_schema,
-    request_body,
-    sampling_of,
-)
+from switchboard.dispatcher.llm.messages import build_messages
 from switchboard.dispatcher.llm.tools import ToolLoop
 from switchboard.dispatcher.llm.usage import Price, Tally, estimate_tokens
 
@@ -108,13 +113,13 @@ class LlmHandler:
 
     async def handle(self, call: HandleCall) -> AsyncGenerator[Frame, None]:
         request = call.request
-        sampling = sampling_of(request, self._config.max_output_tokens)
         chain = self._chain(request.model)
-        tools = ToolLoop(call)
-        messages = build_messages(request)
+        sampling = sampling_of(request, self._config.max_output_tokens)
         # Text shown before a restart counts as shown: the run's answer has begun.
         shown = any(step.text for step in request.steps)
         usage = Tally(self._count)
+        messages = build_messages(request)
+        tools = ToolLoop(call)
         await tools.resume(messages)
         while True:
             extra = tools.offer()
@@ -174,3 +179,93 @@ class LlmHandler:
                 raise HandlerFailure("the assistant's model name must be 1 to 256 characters")
             providers[0] = replace(providers[0], model=settings.model)
         return tuple(providers)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float | None
+    top_p: float | None
+    max_tokens: int
+
+
+def sampling_of(request: handler_pb2.HandleRequest, ceiling: int) -> Sampling:
+    """The run's sampling: its parameters, else its assistant's settings, else
+    the defaults; ``max_tokens`` never above the ceiling. Bad values fail the run."""
+    settings = request.model
+    temperature: float | None = None
+    if settings.HasField("temperature"):
+        temperature = settings.temperature
+        if not 0 <= temperature <= 2:
+            raise HandlerFailure("the assistant's temperature must be a number from 0 to 2")
+    top_p: float | None = None
+    if settings.HasField("top_p"):
+        top_p = settings.top_p
+        if not 0 <= top_p <= 1:
+            raise HandlerFailure("the assistant's top_p must be a number from 0 to 1")
+    max_tokens = ceiling
+    if settings.max_output_tokens > 0:
+        max_tokens = min(settings.max_output_tokens, ceiling)
+    given_temperature, given_max = _parameters(request.parameters, ceiling)
+    return Sampling(
+        temperature=given_temperature if given_temperature is not None else temperature,
+        top_p=top_p,
+        max_tokens=given_max if given_max is not None else max_tokens,
+    )
+
+
+def _parameters(parameters: struct_pb2.Struct, ceiling: int) -> tuple[float | None, int | None]:
+    """``(temperature, max_tokens)`` given in the run's parameters (``None``
+    where not given); bad values fail the run."""
+    fields = parameters.fields
+    temperature: float | None = None
+    if "temperature" in fields:
+        value = fields["temperature"]
+        if value.WhichOneof("kind") != "number_value" or not 0 <= value.number_value <= 2:
+            raise HandlerFailure("parameter 'temperature' must be a number from 0 to 2")
+        temperature = value.number_value
+    max_tokens: int | None = None
+    if "max_tokens" in fields:
+        value = fields["max_tokens"]
+        number = value.number_value
+        if (
+            value.WhichOneof("kind") != "number_value"
+            or not math.isfinite(number)
+            or not number.is_integer()
+            or number < 1
+        ):
+            raise HandlerFailure("parameter 'max_tokens' must be a whole number of at least 1")
+        max_tokens = min(int(number), ceiling)
+    return temperature, max_tokens
+
+
+def parameters_schema(ceiling: int) -> struct_pb2.Struct:
+    schema = struct_pb2.Struct()
+    schema.update(
+        {
+            "type": "object",
+            "properties": {
+                "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+                "max_tokens": {"type": "integer", "minimum": 1, "maximum": ceiling},
+            },
+        }
+    )
+    return schema
+
+
+def request_body(
+    messages: list[dict[str, Any]], sampling: Sampling, extra: dict[str, Any]
+) -> dict[str, Any]:
+    """A streamed Chat Completions request's body, without ``model`` (the
+    client names each provider's own)."""
+    body: dict[str, Any] = {
+        "messages": messages,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": sampling.max_tokens,
+        **extra,
+    }
+    if sampling.temperature is not None:
+        body["temperature"] = sampling.temperature
+    if sampling.top_p is not None:
+        body["top_p"] = sampling.top_p
+    return body

@@ -1,4 +1,5 @@
-"""The ``llm`` handler's tool calling: the tools offered, and each tool step.
+"""The ``llm`` handler's tool calling: the tools offered, each tool step, and
+the messages a step adds to the conversation.
 
 When the run may call tools, they are offered to the model as functions. An
 answer with tool calls is not the end of the run: its calls go to the run's
@@ -8,23 +9,25 @@ run's tool steps are spent (the last request then forbids calls). A run
 continued after a restart rebuilds its conversation from the steps it already
 took, without asking the model again.
 
-The handler (``llm.py``) drives the loop: it asks the model, and hands each
+The handler (``handler.py``) drives the loop: it asks the model, and hands each
 answer's calls to ``ToolLoop.step``; this module decides what is offered, what
-a call the model made becomes, and what the model reads back.
+a call the model made becomes, and what the model reads back (the assistant
+message with its calls and one ``tool`` message per result, also what
+``messages.py`` renders for stored tool calls).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
 from google.protobuf import struct_pb2
 
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.dispatcher.handlers.base import HandleCall, HandlerFailure
-from switchboard.dispatcher.llm.request import assistant_calls, json_text, tool_message
 from switchboard.dispatcher.llm.stream import ModelCall
 from switchboard.platform import jsonbounds
 from switchboard.platform.jsonbounds import JsonRejected
@@ -45,6 +48,7 @@ _MAX_ARGUMENTS_BYTES: Final = 64 * 1_048_576
 MAX_FUNCTION_NAME_CHARS: Final = 256
 # What the API accepts as a function name; other names are refused with a 400.
 FUNCTION_NAME: Final = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+_NOT_A_NAME: Final = re.compile(r"[^a-zA-Z0-9_-]")
 
 
 class Toolbox:
@@ -254,3 +258,46 @@ class ToolLoop:
                 f"the tool runner returned {len(results)} results for {len(calls)} calls"
             )
         return results
+
+
+# -- what the model reads of a step ----------------------------------------------
+
+
+def json_text(struct: struct_pb2.Struct) -> str:
+    # Sorted: a Struct's map has no order of its own (it differs between
+    # processes), and the same call must read the same to the model every time.
+    return json.dumps(
+        {key: plain(value) for key, value in struct.fields.items()},
+        separators=(",", ":"),
+        ensure_ascii=False,
+        sort_keys=True,
+    )
+
+
+def _wire_name(name: str) -> str:
+    """A function name the API accepts: a model's invented name (``foo.bar``)
+    would make it refuse the whole conversation, so it is sent cleaned."""
+    cleaned = _NOT_A_NAME.sub("_", name)[:64]
+    return cleaned or "unknown_tool"
+
+
+def assistant_calls(text: str, calls: Iterable[tuple[str, str, str]]) -> dict[str, Any]:
+    """An assistant message with ``(id, function name, arguments JSON)`` calls."""
+    return {
+        "role": "assistant",
+        "content": text or None,
+        "tool_calls": [
+            {
+                "id": call_id,
+                "type": "function",
+                "function": {"name": _wire_name(name), "arguments": arguments},
+            }
+            for call_id, name, arguments in calls
+        ],
+    }
+
+
+def tool_message(call_id: str, text: str) -> dict[str, Any]:
+    # Some compatible servers refuse an empty tool message; the model should
+    # know the call returned nothing rather than see a gap.
+    return {"role": "tool", "tool_call_id": call_id, "content": text or "(no output)"}

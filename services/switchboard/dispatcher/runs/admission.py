@@ -31,12 +31,11 @@ from switchboard.dispatcher.content import ContentPolicy
 from switchboard.dispatcher.handlers.base import Handler, text_of
 from switchboard.dispatcher.handlers.router import Choice, Router
 from switchboard.dispatcher.ports.context import ContextPort
-from switchboard.dispatcher.runs.feed import Feeds
 from switchboard.dispatcher.runs.lifecycle import Active
-from switchboard.dispatcher.runs.live import FINISH_TIMEOUT_S, Limits, Live
+from switchboard.dispatcher.runs.live import FINISH_TIMEOUT_S, Common
 from switchboard.dispatcher.runs.publishing import Publishing
 from switchboard.dispatcher.runs.scheduler import Scheduler, Ticket
-from switchboard.dispatcher.runs.store import NewRun, RunStore, Stored, raise_busy
+from switchboard.dispatcher.runs.store import NewRun, Stored, raise_busy
 from switchboard.internal.dispatcher.v1 import job_pb2
 from switchboard.platform import names, timefields
 from switchboard.platform.cache import Cache
@@ -50,7 +49,6 @@ from switchboard.platform.errors import (
     RunSuperseded,
     SwitchboardError,
 )
-from switchboard.platform.events.bus import EventBus
 from switchboard.platform.observe.telemetry import current_ids, traceparent
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.store.storage import idempotency
@@ -106,33 +104,28 @@ def handler_id(handler: str) -> str:
 class Admission:
     def __init__(
         self,
-        live: Live,
-        store: RunStore,
+        *,
+        common: Common,
         context: ContextPort,
-        bus: EventBus,
         counters: Cache,
-        router: Router,
         scheduler: Scheduler,
-        feeds: Feeds,
         content: ContentPolicy,
-        limits: Limits,
         assistants: Assistants,
         publishing: Publishing,
-        *,
         start: Callable[[Active, Ticket], asyncio.Task[None] | None],
         cancel: Callable[[Active, SwitchboardError], Awaitable[None]],
         tracer: Tracer | None,
     ) -> None:
-        self._live = live
-        self._store = store
+        self._live = common.live
+        self._store = common.store
         self._context = context
-        self._bus = bus
+        self._bus = common.bus
         self._counters = counters
-        self._router = router
+        self._router = common.router
         self._scheduler = scheduler
-        self._feeds = feeds
+        self._feeds = common.feeds
         self._content = content
-        self._limits = limits
+        self._limits = common.limits
         self._assistants = assistants
         self._publishing = publishing
         #: The execution stage's start, called by the scheduler when the run's turn comes.

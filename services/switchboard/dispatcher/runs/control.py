@@ -17,10 +17,10 @@ from typing import Final
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.ports.peers import PeerPort, Via
 from switchboard.dispatcher.runs.execution import Execution
-from switchboard.dispatcher.runs.live import MAX_REASON_CHARS, Limits, Live
+from switchboard.dispatcher.runs.live import MAX_REASON_CHARS, Common
 from switchboard.dispatcher.runs.publishing import Publishing
 from switchboard.dispatcher.runs.scheduler import Scheduler
-from switchboard.dispatcher.runs.store import TERMINAL, RunStore, Stored
+from switchboard.dispatcher.runs.store import TERMINAL, Stored
 from switchboard.platform import names
 from switchboard.platform.errors import (
     DependencyUnavailable,
@@ -50,20 +50,19 @@ class _Peer:
 class Control:
     def __init__(
         self,
-        live: Live,
-        store: RunStore,
+        *,
+        common: Common,
         scheduler: Scheduler,
         execution: Execution,
         publishing: Publishing,
-        limits: Limits,
         peers: PeerPort | None,
     ) -> None:
-        self._live = live
-        self._store = store
+        self._live = common.live
+        self._store = common.store
         self._scheduler = scheduler
         self._execution = execution
         self._publishing = publishing
-        self._limits = limits
+        self._limits = common.limits
         # The other replicas, for calls on runs they own (None: this one's runs only).
         self._peers = peers
 

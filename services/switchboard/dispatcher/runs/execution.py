@@ -30,24 +30,21 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.dispatcher import mapping
 from switchboard.dispatcher.handlers.base import HandleCall, HandlerFailure
-from switchboard.dispatcher.handlers.router import Router
 from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.runs.clock import RunClock
-from switchboard.dispatcher.runs.feed import Feeds
 from switchboard.dispatcher.runs.lifecycle import Active
 from switchboard.dispatcher.runs.live import (
     FINISH_TIMEOUT_S,
     MAX_REASON_CHARS,
     MAX_UPDATES,
     SEQUENCE_BLOCK,
-    Limits,
-    Live,
+    Common,
     handler_label,
     queued_again,
 )
 from switchboard.dispatcher.runs.publishing import Publishing
 from switchboard.dispatcher.runs.scheduler import Scheduler, Ticket
-from switchboard.dispatcher.runs.store import TERMINAL, RunStore
+from switchboard.dispatcher.runs.store import TERMINAL
 from switchboard.dispatcher.tools.port import ToolPort
 from switchboard.dispatcher.tools.runner import RunTools, ToolLimits, offered_tools
 from switchboard.platform import background, names
@@ -80,30 +77,26 @@ def step_limit(limits: ToolLimits, assistant: pb.Assistant | None) -> int:
 class Execution:
     def __init__(
         self,
-        live: Live,
+        *,
+        common: Common,
         publishing: Publishing,
         scheduler: Scheduler,
-        store: RunStore,
-        feeds: Feeds,
         context: ContextPort,
         policy: Policy,
-        router: Router,
-        limits: Limits,
-        *,
         tools: ToolPort,
         tool_limits: ToolLimits,
         metrics: Metrics | None,
         tracer: Tracer | None,
     ) -> None:
-        self._live = live
+        self._live = common.live
         self._publishing = publishing
         self._scheduler = scheduler
-        self._store = store
-        self._feeds = feeds
+        self._store = common.store
+        self._feeds = common.feeds
         self._context = context
         self._policy = policy
-        self._router = router
-        self._limits = limits
+        self._router = common.router
+        self._limits = common.limits
         self._tools = tools
         self._tool_limits = tool_limits
         self._metrics = metrics

@@ -1,5 +1,6 @@
-"""What the dispatcher's stages share: the limits, this process's live runs,
-and the sequence blocks runs number their updates in.
+"""What the dispatcher's stages share: ``Common`` (this process's live runs, the
+runs' store and feeds, the bus, the router and the run limits, given to every
+stage as one keyword), and the sequence blocks runs number their updates in.
 
 Sequences: each attempt at a run numbers its updates in its own block of
 ``SEQUENCE_BLOCK``, and a recovered run continues in the block after the one
@@ -17,7 +18,10 @@ from typing import Final, Literal
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.handlers.base import Handler
 from switchboard.dispatcher.handlers.router import Router
+from switchboard.dispatcher.runs.feed import Feeds
 from switchboard.dispatcher.runs.lifecycle import Active
+from switchboard.dispatcher.runs.store import RunStore
+from switchboard.platform.events.bus import EventBus
 from switchboard.platform.observe.metrics import WORKSPACE_HANDLER
 
 #: Bound on one bookkeeping call (storing a message, the final save of a run).
@@ -31,7 +35,10 @@ MAX_UPDATES: Final = SEQUENCE_BLOCK - 64
 
 
 @dataclass(frozen=True)
-class Limits:
+class RunLimits:
+    """What bounds a run and its admission (input size, message rates, timeouts),
+    and how this instance keeps its runs (heartbeat, recovery, lease)."""
+
     instance_id: str
     max_input_chars: int
     messages_per_minute_per_user: int
@@ -61,6 +68,20 @@ class Live:
         current.CopyFrom(active.run)
         current.last_sequence = active.feed.last
         return current
+
+
+@dataclass(frozen=True, kw_only=True)
+class Common:
+    """The collaborators every stage is built with, in one home: a stage takes
+    ``common=`` and its own parts by keyword, so adding a stage, or a
+    collaborator they all share, is one edit."""
+
+    live: Live
+    store: RunStore
+    feeds: Feeds
+    bus: EventBus
+    router: Router
+    limits: RunLimits
 
 
 def next_block(sequence: int) -> int:

@@ -27,12 +27,11 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.dispatcher import mapping
 from switchboard.dispatcher.runs.lifecycle import Active
-from switchboard.dispatcher.runs.live import FINISH_TIMEOUT_S, Live
-from switchboard.dispatcher.runs.store import TERMINAL, RunStore
+from switchboard.dispatcher.runs.live import FINISH_TIMEOUT_S, Common
+from switchboard.dispatcher.runs.store import TERMINAL
 from switchboard.platform import names
 from switchboard.platform.backoff import Backoff
 from switchboard.platform.errors import Conflict, DependencyUnavailable, SwitchboardError
-from switchboard.platform.events.bus import EventBus
 from switchboard.platform.events.eventlog import parse_cursor
 from switchboard.platform.store.outbox import Staged
 
@@ -43,13 +42,19 @@ _PUBLISH_BATCH: Final = 256
 
 
 class Publishing:
-    def __init__(self, store: RunStore, bus: EventBus, live: Live, instance_id: str) -> None:
-        self._store = store
-        self._bus = bus
-        self._live = live
-        self._instance_id = instance_id
+    def __init__(self, *, common: Common) -> None:
+        self._store = common.store
+        self._bus = common.bus
+        self._live = common.live
+        self._instance_id = common.limits.instance_id
         #: Every run's publisher task still running (``close`` waits for them).
         self.publishers: set[asyncio.Task[None]] = set()
+
+    async def drain(self, *, timeout_s: float | None = None) -> None:
+        """Wait until every run's publisher has handed its events to the log (or
+        ``timeout_s`` passed)."""
+        if self.publishers:
+            await asyncio.wait(set(self.publishers), timeout=timeout_s)
 
     def state_changed(self, active: Active) -> None:
         # The snapshot carries its own sequence, so a watcher that reads only

@@ -20,19 +20,16 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.dispatcher import mapping
 from switchboard.dispatcher.assistants.catalog import Assistants
-from switchboard.dispatcher.handlers.router import Router
 from switchboard.dispatcher.llm.handler import LlmHandler
 from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.runs.admission import HANDLER, route
 from switchboard.dispatcher.runs.execution import step_limit
-from switchboard.dispatcher.runs.feed import Feeds
-from switchboard.dispatcher.runs.live import FINISH_TIMEOUT_S, Limits, Live
-from switchboard.dispatcher.runs.store import TERMINAL, Listing, RunStore
+from switchboard.dispatcher.runs.live import FINISH_TIMEOUT_S, Common
+from switchboard.dispatcher.runs.store import TERMINAL, Listing
 from switchboard.dispatcher.tools.port import ToolPort
 from switchboard.dispatcher.tools.runner import ToolLimits, offered_tools
 from switchboard.platform import names, timefields
 from switchboard.platform.errors import FieldViolation, InvalidArgument
-from switchboard.platform.events.bus import EventBus
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.store import pagination
 
@@ -72,28 +69,23 @@ def _listing(request: pb.ListRunsRequest) -> Listing:
 class Queries:
     def __init__(
         self,
-        live: Live,
-        store: RunStore,
-        feeds: Feeds,
-        bus: EventBus,
-        router: Router,
+        *,
+        common: Common,
         context: ContextPort,
         assistants: Assistants,
         page_tokens: pagination.PageTokens,
-        limits: Limits,
-        *,
         tools: ToolPort,
         tool_limits: ToolLimits,
     ) -> None:
-        self._live = live
-        self._store = store
-        self._feeds = feeds
-        self._bus = bus
-        self._router = router
+        self._live = common.live
+        self._store = common.store
+        self._feeds = common.feeds
+        self._bus = common.bus
+        self._router = common.router
         self._context = context
         self._assistants = assistants
         self._pages = page_tokens
-        self._limits = limits
+        self._limits = common.limits
         self._tools = tools
         self._tool_limits = tool_limits
         #: Open WatchRun and Converse watches of this process's runs.

@@ -22,23 +22,19 @@ from google.protobuf.message import DecodeError
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher import mapping
-from switchboard.dispatcher.handlers.router import Router
-from switchboard.dispatcher.runs.feed import Feeds
 from switchboard.dispatcher.runs.lifecycle import Active
 from switchboard.dispatcher.runs.live import (
     FINISH_TIMEOUT_S,
-    Limits,
-    Live,
+    Common,
     handler_label,
     next_block,
     queued_again,
 )
 from switchboard.dispatcher.runs.publishing import Publishing
-from switchboard.dispatcher.runs.store import RunStore, Stored
+from switchboard.dispatcher.runs.store import Stored
 from switchboard.internal.dispatcher.v1 import job_pb2
 from switchboard.platform import names
 from switchboard.platform.errors import HandlerFailed, RunInterrupted, SwitchboardError
-from switchboard.platform.events.bus import EventBus
 from switchboard.platform.observe.metrics import Metrics, run_state_label
 from switchboard.platform.security.policy import AuthMethod, Principal, Scope
 from switchboard.platform.store.db import log_failure
@@ -63,24 +59,19 @@ def read_job(data: bytes) -> tuple[Principal, job_pb2.RunJob]:
 class Recovery:
     def __init__(
         self,
-        live: Live,
-        store: RunStore,
-        bus: EventBus,
-        router: Router,
-        feeds: Feeds,
-        publishing: Publishing,
-        limits: Limits,
         *,
+        common: Common,
+        publishing: Publishing,
         admit: Callable[[Active], None],
         metrics: Metrics | None,
     ) -> None:
-        self._live = live
-        self._store = store
-        self._bus = bus
-        self._router = router
-        self._feeds = feeds
+        self._live = common.live
+        self._store = common.store
+        self._bus = common.bus
+        self._router = common.router
+        self._feeds = common.feeds
         self._publishing = publishing
-        self._limits = limits
+        self._limits = common.limits
         #: Back to the scheduler (``Admission.admit``, forced: the run is already stored).
         self._admit = admit
         self._metrics = metrics

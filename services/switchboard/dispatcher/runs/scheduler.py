@@ -37,7 +37,9 @@ class Ticket:
 
 
 @dataclass(frozen=True)
-class Limits:
+class CapacityLimits:
+    """How many runs may run and wait, in the process and per workspace."""
+
     max_running: int
     max_running_per_workspace: int
     max_queued: int
@@ -45,7 +47,7 @@ class Limits:
 
 
 class Scheduler:
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, *, limits: CapacityLimits) -> None:
         self.limits = limits
         # workspace -> conversation -> that conversation's queued tickets, FIFO.
         self._queued: dict[str, OrderedDict[str, deque[Ticket]]] = {}

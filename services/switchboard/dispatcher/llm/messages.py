@@ -1,5 +1,4 @@
-"""The ``llm`` handler's requests: a run's context as Chat Completions messages,
-its sampling, and the body sent to a provider.
+"""The ``llm`` handler's conversation: a run's context as Chat Completions messages.
 
 The context window comes from the context service: memory and summaries become
 one system message after the assistant's instructions, stored tool calls are
@@ -10,22 +9,14 @@ window's budget counted.
 
 from __future__ import annotations
 
-import json
-import math
-import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any, Final
-
-from google.protobuf import struct_pb2
 
 from switchboard.api.context.v1 import context_pb2
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.context.parttext import render_parts
-from switchboard.dispatcher.handlers.base import HandlerFailure
-from switchboard.platform.structs import plain
+from switchboard.dispatcher.llm.tools import assistant_calls, json_text, tool_message
 
-_NOT_A_NAME: Final = re.compile(r"[^a-zA-Z0-9_-]")
 _TOOL_PARTS: Final = frozenset({"tool_call", "tool_result"})
 
 _ROLES: Final = {
@@ -41,49 +32,9 @@ def _text_of(parts: Iterable[context_pb2.ContentPart]) -> str:
     return render_parts(part for part in parts if part.WhichOneof("part") not in _TOOL_PARTS)
 
 
-def json_text(struct: struct_pb2.Struct) -> str:
-    # Sorted: a Struct's map has no order of its own (it differs between
-    # processes), and the same call must read the same to the model every time.
-    return json.dumps(
-        {key: plain(value) for key, value in struct.fields.items()},
-        separators=(",", ":"),
-        ensure_ascii=False,
-        sort_keys=True,
-    )
-
-
-def _wire_name(name: str) -> str:
-    """A function name the API accepts: a model's invented name (``foo.bar``)
-    would make it refuse the whole conversation, so it is sent cleaned."""
-    cleaned = _NOT_A_NAME.sub("_", name)[:64]
-    return cleaned or "unknown_tool"
-
-
 def _short_tool(resource: str) -> str:
     """``add`` for ``workspaces/w/integrations/i/tools/add``."""
     return resource.rsplit("/", 1)[-1]
-
-
-def assistant_calls(text: str, calls: Iterable[tuple[str, str, str]]) -> dict[str, Any]:
-    """An assistant message with ``(id, function name, arguments JSON)`` calls."""
-    return {
-        "role": "assistant",
-        "content": text or None,
-        "tool_calls": [
-            {
-                "id": call_id,
-                "type": "function",
-                "function": {"name": _wire_name(name), "arguments": arguments},
-            }
-            for call_id, name, arguments in calls
-        ],
-    }
-
-
-def tool_message(call_id: str, text: str) -> dict[str, Any]:
-    # Some compatible servers refuse an empty tool message; the model should
-    # know the call returned nothing rather than see a gap.
-    return {"role": "tool", "tool_call_id": call_id, "content": text or "(no output)"}
 
 
 def _chat_message(message: context_pb2.Message) -> dict[str, Any] | None:
@@ -221,93 +172,3 @@ def build_messages(request: handler_pb2.HandleRequest) -> list[dict[str, Any]]:
     current = _chat_message(request.message)
     messages.append(current or {"role": "user", "content": ""})
     return messages
-
-
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float | None
-    top_p: float | None
-    max_tokens: int
-
-
-def sampling_of(request: handler_pb2.HandleRequest, ceiling: int) -> Sampling:
-    """The run's sampling: its parameters, else its assistant's settings, else
-    the defaults; ``max_tokens`` never above the ceiling. Bad values fail the run."""
-    settings = request.model
-    temperature: float | None = None
-    if settings.HasField("temperature"):
-        temperature = settings.temperature
-        if not 0 <= temperature <= 2:
-            raise HandlerFailure("the assistant's temperature must be a number from 0 to 2")
-    top_p: float | None = None
-    if settings.HasField("top_p"):
-        top_p = settings.top_p
-        if not 0 <= top_p <= 1:
-            raise HandlerFailure("the assistant's top_p must be a number from 0 to 1")
-    max_tokens = ceiling
-    if settings.max_output_tokens > 0:
-        max_tokens = min(settings.max_output_tokens, ceiling)
-    given_temperature, given_max = _parameters(request.parameters, ceiling)
-    return Sampling(
-        temperature=given_temperature if given_temperature is not None else temperature,
-        top_p=top_p,
-        max_tokens=given_max if given_max is not None else max_tokens,
-    )
-
-
-def _parameters(parameters: struct_pb2.Struct, ceiling: int) -> tuple[float | None, int | None]:
-    """``(temperature, max_tokens)`` given in the run's parameters (``None``
-    where not given); bad values fail the run."""
-    fields = parameters.fields
-    temperature: float | None = None
-    if "temperature" in fields:
-        value = fields["temperature"]
-        if value.WhichOneof("kind") != "number_value" or not 0 <= value.number_value <= 2:
-            raise HandlerFailure("parameter 'temperature' must be a number from 0 to 2")
-        temperature = value.number_value
-    max_tokens: int | None = None
-    if "max_tokens" in fields:
-        value = fields["max_tokens"]
-        number = value.number_value
-        if (
-            value.WhichOneof("kind") != "number_value"
-            or not math.isfinite(number)
-            or not number.is_integer()
-            or number < 1
-        ):
-            raise HandlerFailure("parameter 'max_tokens' must be a whole number of at least 1")
-        max_tokens = min(int(number), ceiling)
-    return temperature, max_tokens
-
-
-def parameters_schema(ceiling: int) -> struct_pb2.Struct:
-    schema = struct_pb2.Struct()
-    schema.update(
-        {
-            "type": "object",
-            "properties": {
-                "temperature": {"type": "number", "minimum": 0, "maximum": 2},
-                "max_tokens": {"type": "integer", "minimum": 1, "maximum": ceiling},
-            },
-        }
-    )
-    return schema
-
-
-def request_body(
-    messages: list[dict[str, Any]], sampling: Sampling, extra: dict[str, Any]
-) -> dict[str, Any]:
-    """A streamed Chat Completions request's body, without ``model`` (the
-    client names each provider's own)."""
-    body: dict[str, Any] = {
-        "messages": messages,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "max_tokens": sampling.max_tokens,
-        **extra,
-    }
-    if sampling.temperature is not None:
-        body["temperature"] = sampling.temperature
-    if sampling.top_p is not None:
-        body["top_p"] = sampling.top_p
-    return body
