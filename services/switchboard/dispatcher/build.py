@@ -16,7 +16,6 @@ from switchboard.context.tokencount import ApproxTokenCounter
 from switchboard.dispatcher import servicer
 from switchboard.dispatcher.assistants.catalog import AssistantLimits, Assistants
 from switchboard.dispatcher.assistants.store import AssistantStore
-from switchboard.dispatcher.content import BuiltinContentPolicy, load_content_policy
 from switchboard.dispatcher.handlers.echo import EchoHandler
 from switchboard.dispatcher.handlers.experts import WorkspaceExperts
 from switchboard.dispatcher.handlers.remote import RemoteHandler
@@ -25,6 +24,7 @@ from switchboard.dispatcher.llm.config import LlmConfig, Provider, parse_prices,
 from switchboard.dispatcher.llm.handler import LlmHandler
 from switchboard.dispatcher.ports.context import ContextPort, LocalContext, RemoteContext
 from switchboard.dispatcher.ports.peers import GrpcPeers
+from switchboard.dispatcher.runs.content import BuiltinContentPolicy, load_content_policy
 from switchboard.dispatcher.runs.feed import Feeds
 from switchboard.dispatcher.runs.scheduler import CapacityLimits, Scheduler
 from switchboard.dispatcher.runs.store import RunStore

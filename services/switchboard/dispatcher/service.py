@@ -21,11 +21,11 @@ from collections.abc import AsyncGenerator, AsyncIterator
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.assistants.catalog import Assistants
-from switchboard.dispatcher.content import ContentPolicy
 from switchboard.dispatcher.handlers.router import Router
 from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.ports.peers import PeerPort, Via
 from switchboard.dispatcher.runs.admission import Admission
+from switchboard.dispatcher.runs.content import ContentPolicy
 from switchboard.dispatcher.runs.control import IN_PROCESS, Control
 from switchboard.dispatcher.runs.execution import Execution
 from switchboard.dispatcher.runs.feed import Feeds

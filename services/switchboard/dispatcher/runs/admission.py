@@ -27,10 +27,10 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher import mapping
 from switchboard.dispatcher.assistants.catalog import Assistants
-from switchboard.dispatcher.content import ContentPolicy
 from switchboard.dispatcher.handlers.base import Handler, text_of
 from switchboard.dispatcher.handlers.router import Choice, Router
 from switchboard.dispatcher.ports.context import ContextPort
+from switchboard.dispatcher.runs.content import ContentPolicy
 from switchboard.dispatcher.runs.lifecycle import Active
 from switchboard.dispatcher.runs.live import FINISH_TIMEOUT_S, Common
 from switchboard.dispatcher.runs.publishing import Publishing
