@@ -39,18 +39,6 @@ EXCEPTIONS: dict[str, dict[str, str]] = {
         "is transport metadata, not a request field",
         "switchboard.platform.errors": "the same translation catches SwitchboardError",
     },
-    "events": {
-        # The events service has no domain module for its streams yet: the servicer
-        # is the domain (Subscribe, Stream and ListEvents, their quotas and their
-        # grants). Until that is split out, it is named here rather than hidden.
-        "raise": "its stream sessions validate frames and enforce quotas",
-        "authorize": "its stream sessions authorize each subscription",
-        "switchboard.platform.errors": "its stream sessions raise field violations",
-        "switchboard.platform.names": "its subscription ids are checked against a pattern",
-        "switchboard.platform.security.policy": "its stream sessions authorize subscriptions",
-        "switchboard.platform.security.accesswatch": "its stream sessions hold access",
-        "switchboard.platform.store": "ListEvents reads page tokens",
-    },
     "integration": {
         "switchboard.platform.security.accesswatch": "it hands the process's access watch "
         "to the hub, which opens and holds the grant (IntegrationHub.watch_held)",

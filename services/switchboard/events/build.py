@@ -7,7 +7,9 @@ publishes to it; this serves it to subscribers.
 from __future__ import annotations
 
 from switchboard.events import servicer
+from switchboard.events.history import History
 from switchboard.events.settings import EventSettings
+from switchboard.events.streams import Streams
 from switchboard.events.subscriptions import Limits
 from switchboard.platform.config import KernelSettings
 from switchboard.platform.rpc.server import ServiceRegistration
@@ -32,7 +34,10 @@ async def build(shared: Shared) -> ServiceRegistration:
     return ServiceRegistration(
         servicer.SERVICE,
         servicer.EventServiceServicer(
-            shared.bus, shared.access, shared.policy, limits, shared.page_tokens
+            Streams(bus=shared.bus, access=shared.access, limits=limits),
+            History(
+                bus=shared.bus, policy=shared.policy, limits=limits, page_tokens=shared.page_tokens
+            ),
         ),
         servicer.PRESERIALIZED,
     )

@@ -18,7 +18,7 @@ in log order; a revocation; the credential's expiry; degraded mode; every
 is sent before the re-check passed; a failed one ends the subscription with
 the status a unary call would get.
 
-This module does not import grpc: the servicer turns batches into frames.
+This module does not import grpc: ``streams.py`` turns batches into frames.
 """
 
 from __future__ import annotations
