@@ -37,7 +37,7 @@ PAUSED = pb.RUN_STATE_REQUIRES_ACTION
 SUCCEEDED = pb.RUN_STATE_SUCCEEDED
 ENDS = (pb.RUN_STATE_FAILED, pb.RUN_STATE_CANCELLED, pb.RUN_STATE_DEADLINE_EXCEEDED)
 STATES = (QUEUED, RUNNING, PAUSED, SUCCEEDED, *ENDS)
-#: The diagram of dispatcher/lifecycle.py, written out: each state's next states.
+#: The diagram of dispatcher/runs/lifecycle.py, written out: each state's next states.
 DIAGRAM = {
     QUEUED: {RUNNING, *ENDS},
     RUNNING: {SUCCEEDED, PAUSED, QUEUED, *ENDS},

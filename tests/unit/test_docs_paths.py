@@ -179,3 +179,22 @@ def test_the_dispatcher_doc_draws_its_rooms_and_names_every_module() -> None:
     assert not undescribed, "modules docs/dispatcher.md does not describe: " + ", ".join(
         undescribed
     )
+
+
+def test_every_module_the_code_names_in_its_comments_exists() -> None:
+    """Docstrings and comments point a reader to other modules by path; a move must take
+    them along (as the dispatcher's rooms did)."""
+    missing = []
+    for source in sorted(PACKAGE.rglob("*.py")):
+        # A migration names the code as it was when it was written.
+        if _SKIPPED.intersection(source.parts) or "migrations" in source.parts:
+            continue
+        where = source.relative_to(ROOT).as_posix()
+        for number, line in enumerate(source.read_text().splitlines(), 1):
+            for match in _MODULE.finditer(line):
+                name = match.group(1)
+                if name not in NOT_OURS and not _exists(name):
+                    missing.append(f"{where}:{number}: {name}")
+    assert not missing, "modules the code's comments name that the tree does not have:\n" + (
+        "\n".join(missing)
+    )

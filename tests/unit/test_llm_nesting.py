@@ -1,4 +1,4 @@
-"""The model's answers nested too deep (dispatcher/llmstream.py, llmtools.py): a malformed
+"""The model's answers nested too deep (dispatcher/llm/stream.py, tools.py): a malformed
 stream (another attempt may answer properly) or invalid arguments, never a RecursionError."""
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ INTEGRATION_KIND_GRPC_HANDLER and INTEGRATION_KIND_A2A_AGENT) in every
 process that serves it, so it reads them from the shared database, not from
 the integration service's memory.
 One statement per workspace, cached by the dispatcher
-(``dispatcher/experts.py``) until an INTEGRATION_CHANGED event of the
+(``dispatcher/handlers/experts.py``) until an INTEGRATION_CHANGED event of the
 workspace says otherwise. Rows never leave this module: the dispatcher gets
 plain values, with the credential opened (it is sent to the expert).
 """

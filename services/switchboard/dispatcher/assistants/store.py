@@ -1,7 +1,7 @@
 """The assistants table: SQL, idempotency, the quota, etags and the one default; plain records out.
 
 An assistant is stored as its serialized ``Assistant`` message (``data``, built
-and read by ``assistants.py``; this module never parses it) beside the columns
+and read by ``catalog.py``; this module never parses it) beside the columns
 that are queried. ``is_default`` is the only copy of ``workspace_default``, so
 clearing a previous default touches no blob. No ORM row leaves this module,
 and nothing here builds a resource name or raises a request-field error: the

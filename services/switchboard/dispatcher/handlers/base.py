@@ -26,7 +26,7 @@ Frame = handler_pb2.HandleResponse
 
 
 class ToolRunner(Protocol):
-    """Runs a handler's tool calls for its run (``dispatcher/toolrunner.py``).
+    """Runs a handler's tool calls for its run (``dispatcher/tools/runner.py``).
 
     ``run`` takes the calls a handler makes together (one model answer, or one
     request of an interactive expert), shows each as a run update, waits for a

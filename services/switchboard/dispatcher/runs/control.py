@@ -5,7 +5,7 @@ Not a stage a message passes through: a person acts on a run at any point of
 its life. The run's own reactions (its task cancelled, its pause lifted) are
 the execution stage's, and what they store and show is publishing's; this
 module decides whether the call is acceptable and where it must go. A run
-another replica owns is reached through ``peerport.py`` (``_owner``).
+another replica owns is reached through ``ports/peers.py`` (``_owner``).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Cancellation is the task's: ``cancel`` cancels the task, which raises
 ``CancelledError`` inside the handler (a remote handler's gRPC call or the
 LLM's HTTP response is closed by that), and the run ends CANCELLED. The
 deadline is an ``asyncio.timeout`` around the same task, stopped while the run
-waits for approvals (``runclock.py``), and remote handlers get the remaining
+waits for approvals (``clock.py``), and remote handlers get the remaining
 time as their gRPC deadline.
 """
 

@@ -12,7 +12,7 @@
 * ``start``: the scheduler gave it a slot; RUNNING is shown at once and stored
   once the run has read its context (``Execution._begin``: the writes waited
   for the reads on the path to the first delta).
-* ``pause``: tool calls wait for a person (``toolrunner.py``); stored with the
+* ``pause``: tool calls wait for a person (``tools/runner.py``); stored with the
   job's steps before it is shown, so a restart resumes it; the scheduler gives
   its slot to others.
 * ``resume``: every call decided; stored and shown.

@@ -1,7 +1,7 @@
 """Client spans of streaming calls that end when the call ends (``telemetry.client_interceptors``).
 
 Its own module so that ``platform/observe/telemetry.py`` does not import grpc: the llm
-handler's process side (``dispatcher/llmclient.py``) asks telemetry for its HTTP
+handler's process side (``dispatcher/llm/client.py``) asks telemetry for its HTTP
 instrumentation and must stay free of grpc.
 """
 

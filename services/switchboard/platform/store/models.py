@@ -303,7 +303,7 @@ class IdempotencyRow(Base):
 
 class RunRow(Base):
     """A dispatcher run; ``data`` is the serialized ``Run`` as last persisted,
-    ``job`` what is needed to (re)start it (``dispatcher/store.py``)."""
+    ``job`` what is needed to (re)start it (``dispatcher/runs/store.py``)."""
 
     __tablename__ = "runs"
     __table_args__ = (
@@ -416,7 +416,7 @@ class DispatcherLeaseRow(Base):
 
 
 class AssistantRow(Base):
-    """A workspace's assistant (``dispatcher/assistants.py``): the serialized
+    """A workspace's assistant (``dispatcher/assistants/catalog.py``): the serialized
     ``Assistant`` message (``data``) beside the columns that are queried.
     ``version`` is the etag's source; ``is_default`` marks the one used by
     messages that name no assistant (at most one per workspace)."""
