@@ -310,6 +310,7 @@ async def open_shared(
     )
     authenticator.on_revocation(access.revoked)
     resources.push_async_callback(access.close)
+    secret_box = SecretBox(settings.effective_secret_key())
     return Shared(
         settings=settings,
         sections=config,
@@ -324,12 +325,13 @@ async def open_shared(
         memberships=memberships,
         policy=policy,
         access=access,
+        secret_box=secret_box,
         page_tokens=PageTokens(settings.effective_secret_key()),
         instance_id=instance,
         metrics=metrics,
         # The webhook engine (integration) sends A2A push notifications without
         # importing the a2a package, whose feature they are: it is wired here.
-        push=PushDelivery(database, SecretBox(settings.effective_secret_key())),
+        push=PushDelivery(database, secret_box),
     )
 
 

@@ -46,6 +46,7 @@ from switchboard.platform.security.authenticator import CredentialAuthenticator
 from switchboard.platform.security.membership import MembershipStore
 from switchboard.platform.security.opaque import OpaqueSecrets
 from switchboard.platform.security.policy import Policy
+from switchboard.platform.security.secretbox import SecretBox
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.pagination import PageTokens
 
@@ -115,6 +116,9 @@ class Shared:
     keys: KeyRing
     tokens: AccessTokens
     secrets: OpaqueSecrets
+    #: Credentials at rest (integrations', push configs'), sealed under the server secret:
+    #: one box per process, its key derived once.
+    secret_box: SecretBox
     authenticator: CredentialAuthenticator
     memberships: MembershipStore
     policy: Policy

@@ -21,7 +21,6 @@ from switchboard.platform.config import ConfigError
 from switchboard.platform.rpc.peers import PeerSettings
 from switchboard.platform.rpc.server import ServiceRegistration, advertise_address
 from switchboard.platform.security.egress import EgressPolicy, EgressSettings
-from switchboard.platform.security.secretbox import SecretBox
 from switchboard.shared import Shared, setting
 
 
@@ -79,7 +78,7 @@ async def build(shared: Shared) -> tuple[ServiceRegistration, ...]:
         PushStore(shared.database),
         runs,
         shared.policy,
-        SecretBox(shared.settings.effective_secret_key()),
+        shared.secret_box,
         egress,
         shared.page_tokens,
         allow_plain_http=egress.allow_loopback or egress.allow_private,

@@ -43,7 +43,6 @@ from switchboard.platform.rpc.channels import RemoteHandlerSettings, parse_remot
 from switchboard.platform.rpc.peers import PeerSettings
 from switchboard.platform.rpc.server import ServiceRegistration, advertise_address
 from switchboard.platform.security.egress import EgressPolicy, EgressSettings
-from switchboard.platform.security.secretbox import SecretBox
 from switchboard.shared import Shared, setting
 
 
@@ -223,7 +222,7 @@ def _router(shared: Shared, registry: Registry, integration: IntegrationHub) -> 
         functools.partial(
             workspace_experts,
             shared.database,
-            SecretBox(shared.settings.effective_secret_key()),
+            shared.secret_box,
             limit=integration.limits.max_per_workspace,
         ),
         EgressPolicy.from_settings(shared.section(EgressSettings)),

@@ -20,7 +20,6 @@ from switchboard.platform.observe.metrics import Metrics
 from switchboard.platform.rpc.channels import RemoteHandlerSettings
 from switchboard.platform.rpc.server import ServiceRegistration
 from switchboard.platform.security.egress import EgressPolicy, EgressSettings
-from switchboard.platform.security.secretbox import SecretBox
 from switchboard.shared import Shared, setting
 
 
@@ -75,7 +74,7 @@ async def _open_hub(shared: Shared) -> IntegrationHub:
         if hub is not None:
             hub.tools_changed(name)
 
-    secrets = SecretBox(kernel.effective_secret_key())
+    secrets = shared.secret_box
     hub = IntegrationHub(
         IntegrationStore(database),
         shared.bus,
