@@ -4,6 +4,7 @@ of its current period as the ledger's windows hold it (docs/budgets.md)."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -37,6 +38,7 @@ from tests.service.contextkit import (
 )
 from tests.service.contextkit import Stub as ContextStub
 from tests.service.dispatchkit import Stub, limited
+from tests.service.eventkit import Subscriber, ws
 
 CODE = grpc.StatusCode
 LIMIT = 3
@@ -376,6 +378,29 @@ async def test_another_workspaces_budget_is_not_found_to_a_member_of_this_one(de
     await refused(get(d, f"{d.world.name}/budgets/{theirs.name.rsplit('/', 1)[1]}"), CODE.NOT_FOUND)
 
 
+async def test_members_see_every_change_on_the_workspace_stream(desk: Desk) -> None:
+    d = desk
+    async with aio.insecure_channel(d.server.address) as channel:
+        subscriber = Subscriber(
+            channel, d.world.viewer.token, scopes=[ws(d.world.id)], types=[BUDGET_CHANGED]
+        )
+        try:
+            await subscriber.live()
+            made = await create(d, budget_id="watched")
+            changed = await update(d, pb.Budget(name=made.name, display_name="New"))
+            await delete(d, made.name, changed.etag)
+            events = await subscriber.until(3)
+        finally:
+            subscriber.cancel()
+    assert [(e.budget_changed.change, e.budget_changed.budget.etag) for e in events] == [
+        (events_pb2.CHANGE_KIND_CREATED, '"1"'),
+        (events_pb2.CHANGE_KIND_UPDATED, '"2"'),
+        (events_pb2.CHANGE_KIND_DELETED, '"2"'),
+    ]
+    # Events carry the budget, not its usage (that is read when the budget is).
+    assert not events[0].budget_changed.budget.HasField("usage")
+
+
 # -- validation -------------------------------------------------------------------------------
 
 
@@ -513,6 +538,20 @@ async def test_malformed_ids_taken_ids_and_the_limit_per_workspace(any_desk: Des
     [violation] = detail(full, error_details_pb2.QuotaFailure).violations
     assert violation.subject == "budgets per workspace"
     assert len(await list_all(d)) == LIMIT
+
+
+async def test_concurrent_creates_keep_the_limit(any_desk: Desk) -> None:
+    d = any_desk
+    results = await asyncio.gather(
+        *(create(d, budget_id=f"race-{index}") for index in range(2 * LIMIT)),
+        return_exceptions=True,
+    )
+    made = [r for r in results if isinstance(r, pb.Budget)]
+    refusals = [r for r in results if isinstance(r, aio.AioRpcError)]
+    assert len(made) == LIMIT
+    assert {e.code() for e in refusals} == {CODE.RESOURCE_EXHAUSTED}
+    assert len(refusals) == LIMIT
+    assert await stored_count(d) == LIMIT
 
 
 async def test_a_retried_create_returns_the_first_budget_once(desk: Desk) -> None:

@@ -50,6 +50,13 @@ class Spent:
     world: World
     helper: str
     runs: list[str]
+    #: The UTC day each run ended, as its end_time says.
+    days: list[str]
+
+    @property
+    def day(self) -> str:
+        """The day the runs ended (``same_day`` makes it one day for all)."""
+        return self.days[0]
 
     async def query(self, **fields: Any) -> pb.QueryUsageResponse:
         return await self.stub.QueryUsage(
@@ -82,19 +89,19 @@ async def spent_mesh(database_url: str) -> AsyncIterator[Spent]:
         ).assistant.name
         conversation = (await create_conversation(context, world.editor, world.name)).name
         fake.script(Reply.text("One.", usage=(1000, 500)), Reply.text("Two.", usage=(100, 50)))
-        runs = []
+        messages = []
         for index in range(2):
             message = request(conversation, f"question {index}")
             message.assistant = helper
+            messages.append(message)
+        messages.append(request(conversation, "three words here", handler="handlers/echo"))
+        runs, days = [], []
+        for message in messages:
             sent = await send(stub, world.editor, message)
+            ended = await finished(stub, world.editor, sent.run.name)
             runs.append(sent.run.name)
-            await finished(stub, world.editor, sent.run.name)
-        echoed = await send(
-            stub, world.editor, request(conversation, "three words here", handler="handlers/echo")
-        )
-        runs.append(echoed.run.name)
-        await finished(stub, world.editor, echoed.run.name)
-        yield Spent(server, context, stub, world, helper, runs)
+            days.append(ended.end_time.ToDatetime(dt.UTC).date().isoformat())
+        yield Spent(server, context, stub, world, helper, runs, days)
 
 
 @pytest.fixture
@@ -109,10 +116,6 @@ def at(when: dt.datetime) -> timestamp_pb2.Timestamp:
     return stamp
 
 
-def today() -> str:
-    return dt.datetime.now(dt.UTC).date().isoformat()
-
-
 def sums(row: pb.UsageRow) -> tuple[int, int, int, int]:
     return (row.run_count, row.input_tokens, row.output_tokens, row.cost_micros)
 
@@ -122,6 +125,14 @@ async def move_run(s: Spent, run: str, day: str) -> None:
     run_id = run.rsplit("/", 1)[1]
     async with s.server.shared.database.sessions.begin() as db:
         await db.execute(update(RunRow).where(RunRow.id == run_id).values(usage_day=day))
+
+
+async def same_day(s: Spent) -> None:
+    """The runs as having ended on the first one's day (they did, unless they straddled a
+    UTC midnight: then the groups below would split, which is not what is tested)."""
+    for run, day in zip(s.runs, s.days, strict=True):
+        if day != s.day:
+            await move_run(s, run, s.day)
 
 
 async def test_a_runs_end_stores_its_usage_beside_it(spent: Spent) -> None:
@@ -141,14 +152,16 @@ async def test_a_runs_end_stores_its_usage_beside_it(spent: Spent) -> None:
         ).all()
     stored = {row.id: tuple(row[1:]) for row in rows}
     first, second, echoed = (run.rsplit("/", 1)[1] for run in spent.runs)
-    assert stored[first] == ("primary/a-1", 1000, 500, 2000, today(), "")
-    assert stored[second] == ("primary/a-1", 100, 50, 200, today(), "")
+    one, two, three = spent.days
+    assert stored[first] == ("primary/a-1", 1000, 500, 2000, one, "")
+    assert stored[second] == ("primary/a-1", 100, 50, 200, two, "")
     model, input_tokens, _, cost, day, key = stored[echoed]
-    assert (model, input_tokens, cost, day, key) == ("", 3, 0, today(), "")
+    assert (model, input_tokens, cost, day, key) == ("", 3, 0, three, "")
 
 
 async def test_usage_is_summed_and_grouped_by_assistant_model_and_day(spent: Spent) -> None:
     s = spent
+    await same_day(s)
     [total] = (await s.query()).rows
     assert total.run_count == 3
     assert total.cost_micros == 2200
@@ -162,18 +175,32 @@ async def test_usage_is_summed_and_grouped_by_assistant_model_and_day(spent: Spe
     ]
     by_model_and_day = (await s.query(group_by=[MODEL, DAY])).rows
     assert [(r.model, r.day, r.run_count) for r in by_model_and_day] == [
-        ("", today(), 1),
-        ("primary/a-1", today(), 2),
+        ("", s.day, 1),
+        ("primary/a-1", s.day, 2),
     ]
     # Runs started without an API key group under "".
     [keyless] = (await s.query(group_by=[API_KEY])).rows
     assert (keyless.api_key, keyless.run_count) == ("", 3)
+    # One run as started with the editor's key k1 (what admission stores for a key's runs).
+    first_id = s.runs[0].rsplit("/", 1)[1]
+    async with s.server.shared.database.sessions.begin() as db:
+        await db.execute(update(RunRow).where(RunRow.id == first_id).values(api_key_id="k1"))
+    key = f"users/{s.world.editor.id}/apiKeys/k1"
+    by_key = (await s.query(group_by=[API_KEY])).rows
+    assert [(r.api_key, r.run_count, r.cost_micros) for r in by_key] == [
+        ("", 2, 200),
+        (key, 1, 2000),
+    ]
+    [keyed] = (await s.query(api_key=key)).rows
+    assert sums(keyed) == (1, 1000, 500, 2000)
+    # The key's id under another user's name is another key.
+    assert (await s.query(api_key=f"users/{s.world.owner.id}/apiKeys/k1")).rows == []
 
     # Filters.
     [helped] = (await s.query(assistant=s.helper)).rows
     assert sums(helped) == (2, 1100, 550, 2200)
     [priced] = (await s.query(model="primary/a-1", group_by=[DAY])).rows
-    assert (priced.day, priced.cost_micros) == (today(), 2200)
+    assert (priced.day, priced.cost_micros) == (s.day, 2200)
     assert (await s.query(model="other/model")).rows == []
     assert (await s.query(api_key="users/u1/apiKeys/k1")).rows == []
     # Another assistant of the workspace that answered nothing.
@@ -182,15 +209,16 @@ async def test_usage_is_summed_and_grouped_by_assistant_model_and_day(spent: Spe
 
 async def test_the_range_is_whole_utc_days_and_days_page_in_order(spent: Spent) -> None:
     s = spent
+    await same_day(s)
     now = dt.datetime.now(dt.UTC)
-    midnight = dt.datetime.combine(now.date(), dt.time(), tzinfo=dt.UTC)
+    midnight = dt.datetime.combine(dt.date.fromisoformat(s.day), dt.time(), tzinfo=dt.UTC)
     first, second, _ = s.runs
     await move_run(s, first, (midnight - dt.timedelta(days=2)).date().isoformat())
     await move_run(s, second, (midnight - dt.timedelta(days=40)).date().isoformat())
 
     # The default range: the last 30 days.
     days = (await s.query(group_by=[DAY])).rows
-    assert [r.day for r in days] == [(midnight - dt.timedelta(days=2)).date().isoformat(), today()]
+    assert [r.day for r in days] == [(midnight - dt.timedelta(days=2)).date().isoformat(), s.day]
     # A range that ends at today's midnight leaves today out; one that begins late in a
     # day takes that day whole.
     earlier = (
