@@ -276,6 +276,9 @@ async def test_an_update_without_a_mask_changes_the_fields_it_sets(desk: Desk) -
     changed = await update(desk, pb.Budget(name=made.name, display_name="Renamed"))
     assert changed.display_name == "Renamed"
     assert changed.output_token_limit == 10
+    # An empty display name is the budget's id, as for assistants.
+    unnamed = await create(desk, daily(desk, display_name="  "), budget_id="unnamed")
+    assert unnamed.display_name == "unnamed"
     # A zero cap in the request is set (and refused), not ignored.
     error = await refused(
         update(desk, pb.Budget(name=made.name, output_token_limit=0)), CODE.INVALID_ARGUMENT

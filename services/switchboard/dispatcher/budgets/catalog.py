@@ -126,8 +126,11 @@ class Budgets:
     # -- validation -----------------------------------------------------------------------
 
     @staticmethod
-    def _check(given: pb.Budget, paths: Sequence[str], violations: Violations) -> pb.Budget:
-        """The stored form of ``given``'s ``paths``, each bad one a violation."""
+    def _check(
+        given: pb.Budget, paths: Sequence[str], fallback_name: str, violations: Violations
+    ) -> pb.Budget:
+        """The stored form of ``given``'s ``paths``, each bad one a violation (an empty
+        display name is ``fallback_name``, the budget's id, as for assistants)."""
         clean = pb.Budget()
         if "display_name" in paths:
             display_name = given.display_name.strip()
@@ -135,7 +138,7 @@ class Budgets:
                 violations.add(
                     "budget.display_name", f"is longer than {MAX_DISPLAY_NAME} characters"
                 )
-            clean.display_name = display_name
+            clean.display_name = display_name or fallback_name
         if "period" in paths:
             if given.period not in PERIODS:
                 violations.add("budget.period", "must be RUN, DAY, WEEK, MONTH or TOTAL")
@@ -166,9 +169,8 @@ class Budgets:
         description = "sets no cap: set at least one of " + ", ".join(CAPS)
         return InvalidArgument(f"budget {description}", [FieldViolation("budget", description)])
 
-    async def _scope(
-        self, workspace_id: str, scope: str, violations: Violations
-    ) -> tuple[str, str]:
+    @staticmethod
+    def _scope(workspace_id: str, scope: str, violations: Violations) -> tuple[str, str]:
         """The scope's (kind, id); ("", "") with its violation added if it is bad."""
         field = "budget.scope"
         if not scope:
@@ -235,8 +237,8 @@ class Budgets:
         key = idempotency(principal.user_id, "CreateBudget", request)
         budget_id = request.budget_id or names.new_id()
         given = request.budget
-        clean = self._check(given, MUTABLE, violations)
-        scope = await self._scope(workspace_id, given.scope, violations)
+        clean = self._check(given, MUTABLE, budget_id, violations)
+        scope = self._scope(workspace_id, given.scope, violations)
         if not self._has_cap(given):
             violations.add("budget", "sets no cap: set at least one of " + ", ".join(CAPS))
         violations.check()
@@ -316,7 +318,7 @@ class Budgets:
         paths = self._paths(request)
         names.checked_etag(given.etag, "budget.etag")
         violations = Violations()
-        clean = self._check(given, paths, violations)
+        clean = self._check(given, paths, budget_id, violations)
         violations.check()
         mask = field_mask_pb2.FieldMask(paths=[p for p in paths if p not in CAPS])
 
