@@ -21,6 +21,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.assistants.catalog import Assistants
+from switchboard.dispatcher.budgets.quotas import Quotas
 from switchboard.dispatcher.handlers.router import Router
 from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.ports.peers import PeerPort, Via
@@ -77,10 +78,12 @@ class Dispatcher:
         assistants: Assistants,
         tools: ToolPort,
         tool_limits: ToolLimits,
+        quotas: Quotas,
         peers: PeerPort | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.assistants = assistants
+        self.quotas = quotas
         self.tool_limits = tool_limits
         self.router = router
         self.scheduler = scheduler
@@ -116,6 +119,7 @@ class Dispatcher:
             start=self._execution.launch,
             cancel=self._execution.cancel,
             tracer=run_tracer,
+            quotas=quotas,
         )
         self._recovery = Recovery(
             common=common, publishing=self._publishing, admit=self._readmit, metrics=metrics

@@ -102,7 +102,16 @@ class DispatcherSettings(Section):
         default=6_000,
         ge=1,
         le=10_000_000,
-        description="SendMessage calls per workspace per minute",
+        description="SendMessage calls per workspace per minute, unless the workspace's quota "
+        "sets its own (`UpdateWorkspaceQuota`; RESOURCE_EXHAUSTED `RATE_LIMITED` with RetryInfo)",
+    )
+    dispatcher_max_active_runs_per_workspace: int = Field(
+        default=1_000,
+        ge=1,
+        le=1_000_000,
+        description="runs of one workspace queued or running at once, across replicas, unless "
+        "the workspace's quota sets its own; past it SendMessage answers RESOURCE_EXHAUSTED "
+        "`QUOTA_EXCEEDED` with RetryInfo",
     )
     dispatcher_content_policy: str = Field(
         default="builtin",

@@ -42,7 +42,6 @@ class RunLimits:
     instance_id: str
     max_input_chars: int
     messages_per_minute_per_user: int
-    messages_per_minute_per_workspace: int
     default_timeout_s: float
     max_timeout_s: float
     heartbeat_s: float

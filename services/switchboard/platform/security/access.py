@@ -135,6 +135,9 @@ RULES: Final[dict[str, Rule]] = {
     _DISPATCHER + "UpdateAssistant": resource("assistant.name", ADMIN),
     _DISPATCHER + "DeleteAssistant": resource("name", ADMIN),
     _DISPATCHER + "DescribeConversation": resource("conversation", READ),
+    # Quotas: members see what bounds them, owners set it.
+    _DISPATCHER + "GetWorkspaceQuota": resource("name", READ),
+    _DISPATCHER + "UpdateWorkspaceQuota": resource("quota.name", ADMIN),
     # Integration: registering external services is an owner's decision.
     _INTEGRATION + "CreateIntegration": resource("parent", ADMIN),
     _INTEGRATION + "GetIntegration": resource("name", READ),
