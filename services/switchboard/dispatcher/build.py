@@ -301,6 +301,7 @@ def _limits(shared: Shared) -> RunLimits:
         heartbeat_s=settings.dispatcher_heartbeat_s,
         recovery=settings.dispatcher_recovery,
         lease_s=settings.dispatcher_lease_s,
+        admitting_per_workspace=settings.dispatcher_max_admitting_per_workspace,
     )
 
 
