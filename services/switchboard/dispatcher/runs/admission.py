@@ -8,6 +8,10 @@ message stored through the context service's contract, the QUEUED run stored
 with its job, and last the run handed to the scheduler, whose start is the
 execution stage's (``execution.py``). Nothing is stored before every check
 has passed, and the run is handed over before anything else is awaited.
+
+A process admits a few of a workspace's messages at a time (``Turns``,
+``SWITCHBOARD_DISPATCHER_MAX_ADMITTING_PER_WORKSPACE``); the workspace's quotas
+(``budgets/quotas.py``) are among the filters.
 """
 
 from __future__ import annotations
