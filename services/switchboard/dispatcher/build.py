@@ -17,6 +17,8 @@ from switchboard.dispatcher import mapping, servicer
 from switchboard.dispatcher.assistants.catalog import AssistantLimits, Assistants
 from switchboard.dispatcher.assistants.store import AssistantStore
 from switchboard.dispatcher.budgets.catalog import Budgets
+from switchboard.dispatcher.budgets.quotas import QuotaDefaults, Quotas
+from switchboard.dispatcher.budgets.quotastore import QuotaStore
 from switchboard.dispatcher.budgets.store import BudgetStore, UsageStore
 from switchboard.dispatcher.budgets.usage import Usage
 from switchboard.dispatcher.handlers.echo import EchoHandler
@@ -198,6 +200,7 @@ async def dispatcher_service(
             approval_timeout_s=settings.dispatcher_approval_timeout_s,
             max_result_chars=settings.dispatcher_max_tool_result_chars,
         ),
+        quotas=_quotas(shared),
         peers=peers,
         metrics=shared.metrics,
     )
@@ -296,20 +299,32 @@ def _budgets(shared: Shared, assistants: Assistants) -> Budgets:
     )
 
 
+def _quotas(shared: Shared) -> Quotas:
+    """Workspaces' quotas, with the settings' defaults for what a workspace does not set."""
+    settings = shared.section(DispatcherSettings)
+    quotas = Quotas(
+        QuotaStore(shared.database),
+        QuotaDefaults(
+            messages_per_minute=settings.dispatcher_max_messages_per_minute_per_workspace,
+            max_concurrent_runs=settings.dispatcher_max_active_runs_per_workspace,
+        ),
+    )
+    shared.resources.push_async_callback(quotas.close)
+    return quotas
+
+
 def _limits(shared: Shared) -> RunLimits:
     settings = shared.section(DispatcherSettings)
     return RunLimits(
         instance_id=shared.instance_id,
         max_input_chars=settings.dispatcher_max_input_chars,
         messages_per_minute_per_user=settings.dispatcher_max_messages_per_minute_per_user,
-        messages_per_minute_per_workspace=(
-            settings.dispatcher_max_messages_per_minute_per_workspace
-        ),
         default_timeout_s=settings.dispatcher_default_timeout_s,
         max_timeout_s=settings.dispatcher_max_timeout_s,
         heartbeat_s=settings.dispatcher_heartbeat_s,
         recovery=settings.dispatcher_recovery,
         lease_s=settings.dispatcher_lease_s,
+        admitting_per_workspace=settings.dispatcher_max_admitting_per_workspace,
     )
 
 

@@ -22,6 +22,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.assistants.catalog import Assistants
 from switchboard.dispatcher.budgets.catalog import Budgets
+from switchboard.dispatcher.budgets.quotas import Quotas
 from switchboard.dispatcher.budgets.usage import Usage
 from switchboard.dispatcher.handlers.router import Router
 from switchboard.dispatcher.ports.context import ContextPort
@@ -81,12 +82,14 @@ class Dispatcher:
         usage: Usage,
         tools: ToolPort,
         tool_limits: ToolLimits,
+        quotas: Quotas,
         peers: PeerPort | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.assistants = assistants
         self.budgets = budgets
         self.usage = usage
+        self.quotas = quotas
         self.tool_limits = tool_limits
         self.router = router
         self.scheduler = scheduler
@@ -122,6 +125,7 @@ class Dispatcher:
             start=self._execution.launch,
             cancel=self._execution.cancel,
             tracer=run_tracer,
+            quotas=quotas,
         )
         self._recovery = Recovery(
             common=common, publishing=self._publishing, admit=self._readmit, metrics=metrics

@@ -149,6 +149,17 @@ class DispatcherServiceServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
     ) -> pb.QueryUsageResponse:
         return await self._dispatcher.usage.query(request)
 
+    async def GetWorkspaceQuota(
+        self, request: pb.GetWorkspaceQuotaRequest, context: Context
+    ) -> pb.GetWorkspaceQuotaResponse:
+        return pb.GetWorkspaceQuotaResponse(quota=await self._dispatcher.quotas.get(request.name))
+
+    async def UpdateWorkspaceQuota(
+        self, request: pb.UpdateWorkspaceQuotaRequest, context: Context
+    ) -> pb.UpdateWorkspaceQuotaResponse:
+        quota = await self._dispatcher.quotas.update(current_principal(), request)
+        return pb.UpdateWorkspaceQuotaResponse(quota=quota)
+
     async def DescribeConversation(
         self, request: pb.DescribeConversationRequest, context: Context
     ) -> pb.DescribeConversationResponse:

@@ -8,16 +8,21 @@ message stored through the context service's contract, the QUEUED run stored
 with its job, and last the run handed to the scheduler, whose start is the
 execution stage's (``execution.py``). Nothing is stored before every check
 has passed, and the run is handed over before anything else is awaited.
+
+A process admits a few of a workspace's messages at a time (``Turns``,
+``SWITCHBOARD_DISPATCHER_MAX_ADMITTING_PER_WORKSPACE``); the workspace's quotas
+(``budgets/quotas.py``) are among the filters.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Final
 
 from google.protobuf import struct_pb2
@@ -27,6 +32,7 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher import mapping
 from switchboard.dispatcher.assistants.catalog import Assistants
+from switchboard.dispatcher.budgets.quotas import Limits, Quotas
 from switchboard.dispatcher.handlers.base import Handler, text_of
 from switchboard.dispatcher.handlers.router import Choice, Router
 from switchboard.dispatcher.ports.context import ContextPort
@@ -44,6 +50,7 @@ from switchboard.platform.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
+    QuotaExceeded,
     RateLimited,
     RequestTooLarge,
     RunSuperseded,
@@ -59,6 +66,35 @@ HANDLER: Final = re.compile(rf"(handlers/)?{names.CLIENT_ID.pattern}")
 _POLICIES: Final = frozenset(pb.ConcurrencyPolicy.values())
 #: Parameters of one run, serialized.
 _MAX_PARAMETER_BYTES: Final = 16 * 1024
+
+
+class Turns:
+    """At most ``limit`` holders per workspace at once; the others wait (FIFO). The map
+    keeps only workspaces with a holder or a waiter."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._gates: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}
+
+    def holders(self, workspace: str) -> int:
+        """Holders and waiters of ``workspace``."""
+        gate = self._gates.get(workspace)
+        return gate[1][0] if gate is not None else 0
+
+    @contextlib.asynccontextmanager
+    async def held(self, workspace: str) -> AsyncIterator[None]:
+        gate = self._gates.get(workspace)
+        if gate is None:
+            gate = self._gates[workspace] = (asyncio.Semaphore(self.limit), [0])
+        semaphore, users = gate
+        users[0] += 1
+        try:
+            async with semaphore:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._gates[workspace]
 
 
 async def route(
@@ -115,6 +151,7 @@ class Admission:
         start: Callable[[Active, Ticket], asyncio.Task[None] | None],
         cancel: Callable[[Active, SwitchboardError], Awaitable[None]],
         tracer: Tracer | None,
+        quotas: Quotas,
     ) -> None:
         self._live = common.live
         self._store = common.store
@@ -133,8 +170,22 @@ class Admission:
         #: The execution stage's cancel (an INTERRUPT message supersedes the active runs).
         self._cancel = cancel
         self._tracer = tracer
+        self._quotas = quotas
+        # The rest of a workspace's messages wait their turn here, not in the database's
+        # queue ahead of other workspaces' messages.
+        self._turns = Turns(self._limits.admitting_per_workspace)
 
     async def send_message(
+        self, principal: Principal, request: pb.SendMessageRequest
+    ) -> pb.SendMessageResponse:
+        found = names.match(names.CONVERSATION, request.conversation, "conversation")
+        # A few of a workspace's messages at a time: admissions share the database's
+        # writers with every other workspace's, and a flood queued there would hold up
+        # the others' first tokens (bench/fairness.py).
+        async with self._turns.held(found[1]):
+            return await self._send_message(principal, request)
+
+    async def _send_message(
         self, principal: Principal, request: pb.SendMessageRequest
     ) -> pb.SendMessageResponse:
         found = names.match(names.CONVERSATION, request.conversation, "conversation")
@@ -171,6 +222,7 @@ class Admission:
                 workspace_id=workspace_id,
                 conversation_id=conversation_id,
                 creator=principal.user_id,
+                api_key_id=principal.api_key_id,
                 worker=self._limits.instance_id,
                 run=run,
                 job=job.SerializeToString(),
@@ -289,9 +341,11 @@ class Admission:
     async def _screen(
         self, principal: Principal, request: pb.SendMessageRequest, workspace_id: str
     ) -> list[str]:
-        """The pre-dispatch filters: size, rate limits, content policy; returns the flags."""
+        """The pre-dispatch filters: size, rate limits, content policy, the workspace's
+        concurrent runs; returns the flags."""
+        limits = await self._quotas.limits(workspace_id)
         # The rate limits first: a flood of refused messages is still a flood.
-        await self._rate_limit(principal, workspace_id, request.conversation)
+        await self._rate_limit(principal, workspace_id, request.conversation, limits)
         text = text_of(request.message)
         if len(text) > self._limits.max_input_chars:
             await self._filtered(principal, request.conversation, "size", RequestTooLarge.reason)
@@ -312,27 +366,49 @@ class Admission:
                 "the message was refused by the content policy",
                 [FieldViolation("message.parts", "matched a blocked term")],
             )
+        # Last, and counted in the database: the cheap refusals cost no query.
+        try:
+            await self._quotas.check_active(principal, workspace_id, limits)
+        except QuotaExceeded:
+            await self._filtered(
+                principal, request.conversation, "active-runs", QuotaExceeded.reason
+            )
+            raise
         return list(verdict.flags)
 
-    async def _rate_limit(self, principal: Principal, workspace_id: str, conversation: str) -> None:
-        for kind, key, limit in (
+    async def _rate_limit(
+        self, principal: Principal, workspace_id: str, conversation: str, limits: Limits
+    ) -> None:
+        checks = [
             (
                 "rate-user",
                 f"dispatch:user:{principal.user_id}",
                 self._limits.messages_per_minute_per_user,
+                "for you",
             ),
             (
                 "rate-workspace",
                 f"dispatch:workspace:{workspace_id}",
-                self._limits.messages_per_minute_per_workspace,
+                limits.messages_per_minute,
+                "in this workspace",
             ),
-        ):
+        ]
+        own = limits.keys.get(principal.api_key_name) if principal.api_key_id else None
+        if own is not None and own.messages_per_minute:
+            checks.append(
+                (
+                    "rate-api-key",
+                    f"dispatch:apikey:{workspace_id}:{principal.api_key_id}",
+                    own.messages_per_minute,
+                    "with this API key in this workspace",
+                )
+            )
+        for kind, key, limit, where in checks:
             count, reset_s = await self._counters.hit(key, 60)
             if count > limit:
                 await self._filtered(principal, conversation, kind, RateLimited.reason)
                 raise RateLimited(
-                    f"more than {limit} messages in a minute "
-                    f"({'for you' if kind == 'rate-user' else 'in this workspace'}); slow down",
+                    f"more than {limit} messages in a minute ({where}); slow down",
                     retry_after_s=max(reset_s, 1.0),
                 )
 

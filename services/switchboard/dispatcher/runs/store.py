@@ -137,6 +137,8 @@ class NewRun:
     idempotency: Idempotency | None = None
     #: Refuse (ConversationBusy) if the conversation has an active run.
     reject_if_active: bool = False
+    #: The API key the run was started with ("" for none): quotas count a key's runs.
+    api_key_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -197,6 +199,7 @@ class RunStore:
                     "state_time": state_time(new.run),
                     "data": new.run.SerializeToString(),
                     "job": new.job,
+                    "api_key_id": new.api_key_id,
                 },
             )
             return Stored(new.run, new.job, new.workspace_id, new.conversation_id), False

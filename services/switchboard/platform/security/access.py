@@ -142,6 +142,9 @@ RULES: Final[dict[str, Rule]] = {
     _DISPATCHER + "UpdateBudget": resource("budget.name", ADMIN),
     _DISPATCHER + "DeleteBudget": resource("name", ADMIN),
     _DISPATCHER + "QueryUsage": resource("parent", READ),
+    # Quotas: members see what bounds them, owners set it.
+    _DISPATCHER + "GetWorkspaceQuota": resource("name", READ),
+    _DISPATCHER + "UpdateWorkspaceQuota": resource("quota.name", ADMIN),
     # Integration: registering external services is an owner's decision.
     _INTEGRATION + "CreateIntegration": resource("parent", ADMIN),
     _INTEGRATION + "GetIntegration": resource("name", READ),

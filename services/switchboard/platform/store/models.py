@@ -314,6 +314,9 @@ class RunRow(Base):
         Index("ix_runs_workspace", "workspace_id", "assistant_id", "created_at", "id"),
         # QueryUsage: a workspace's ended runs by day.
         Index("ix_runs_usage", "workspace_id", "usage_day"),
+        # Quotas: a workspace's queued and running runs, and an API key's of them,
+        # counted on every SendMessage.
+        Index("ix_runs_quota", "workspace_id", "state", "api_key_id"),
     )
 
     id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)

@@ -36,6 +36,7 @@ def upgrade() -> None:
             sa.Column("usage_day", sa.String(length=10), nullable=False, server_default="")
         )
         batch.create_index("ix_runs_usage", ["workspace_id", "usage_day"])
+        batch.create_index("ix_runs_quota", ["workspace_id", "state", "api_key_id"])
     op.create_table(
         "budgets",
         sa.Column("workspace_id", sa.String(length=63), nullable=False),
@@ -124,6 +125,7 @@ def downgrade() -> None:
     op.drop_index("ix_budgets_scope", table_name="budgets")
     op.drop_table("budgets")
     with op.batch_alter_table("runs") as batch:
+        batch.drop_index("ix_runs_quota")
         batch.drop_index("ix_runs_usage")
         for column in (
             "usage_day",
