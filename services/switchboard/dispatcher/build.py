@@ -16,6 +16,8 @@ from switchboard.context.tokencount import ApproxTokenCounter
 from switchboard.dispatcher import servicer
 from switchboard.dispatcher.assistants.catalog import AssistantLimits, Assistants
 from switchboard.dispatcher.assistants.store import AssistantStore
+from switchboard.dispatcher.budgets.ledger import Ledger
+from switchboard.dispatcher.budgets.spending import Spending
 from switchboard.dispatcher.handlers.echo import EchoHandler
 from switchboard.dispatcher.handlers.experts import WorkspaceExperts
 from switchboard.dispatcher.handlers.remote import RemoteHandler
@@ -195,6 +197,12 @@ async def dispatcher_service(
         ),
         peers=peers,
         metrics=shared.metrics,
+        spending=Spending(
+            Ledger(shared.database),
+            shared.bus,
+            approval_timeout_s=settings.dispatcher_approval_timeout_s,
+            metrics=shared.metrics,
+        ),
     )
     await dispatcher.start()
     resources.push_async_callback(dispatcher.close)
