@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Final, Protocol
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
@@ -227,12 +227,23 @@ class Spending:
     # -- runs ------------------------------------------------------------------------------
 
     def run_budget(
-        self, budgets: Sequence[Applicable], run: pb.Run, workspace_id: str, host: Pauser
+        self,
+        budgets: Sequence[Applicable],
+        run: pb.Run,
+        workspace_id: str,
+        api_key_id: str,
+        host: Pauser,
     ) -> RunBudget | None:
         """The run's budget (None when no budget applies: nothing to reserve)."""
         if not budgets:
             return None
-        return RunBudget(self, tuple(budgets), run=run, workspace_id=workspace_id, host=host)
+
+        def reload() -> Awaitable[tuple[Applicable, ...]]:
+            return self.applicable(workspace_id, run.assistant, api_key_id)
+
+        return RunBudget(
+            self, tuple(budgets), run=run, workspace_id=workspace_id, host=host, reload=reload
+        )
 
 
 class RunBudget:
@@ -246,8 +257,11 @@ class RunBudget:
         run: pb.Run,
         workspace_id: str,
         host: Pauser,
+        reload: Callable[[], Awaitable[tuple[Applicable, ...]]],
     ) -> None:
         self._spending = spending
+        #: The budgets that apply now (a paused run reads them again: a cap may have changed).
+        self._reload = reload
         self._ledger = spending.ledger
         self.budgets = budgets
         self._run = run
@@ -278,6 +292,8 @@ class RunBudget:
         if kept is None:
             return
         settled = await self._ledger.settle(kept, Amount(cost_micros, input_tokens, output_tokens))
+        # What the hold kept beyond what was used is free again: runs paused here look.
+        self._spending.on_change(self._workspace_id)
         if settled.alerts:
             await self._spending.alerts(settled.alerts)
 
@@ -285,6 +301,7 @@ class RunBudget:
         kept = self._holds.pop(hold, None)
         if kept is not None:
             await self._ledger.release(kept)
+            self._spending.on_change(self._workspace_id)
 
     async def close(self) -> None:
         """The run ended: holds its steps did not settle (cancelled, failed) go back."""
@@ -327,13 +344,15 @@ class RunBudget:
         budget.input_tokens = ask.input_tokens
         budget.output_tokens = ask.output_tokens
         wait_s = max(0.0, (action.expire_time.ToDatetime(dt.UTC) - now).total_seconds())
-        if run.state == pb.RUN_STATE_RUNNING:
-            await self._host.pause()
+        # Logged before the pause is shown: whoever sees the run paused can find why.
         for item in full:
             await self._spending.publish(
                 alert_event(item.budget, events_pb2.BUDGET_ALERT_KIND_RUN_PAUSED, run=run.name)
             )
+        if run.state == pb.RUN_STATE_RUNNING:
+            await self._host.pause()
         hold: Hold | None = None
+        attempts = 0
         try:
             async with asyncio.timeout(wait_s):
                 while hold is None:
@@ -344,6 +363,9 @@ class RunBudget:
                     changed = self._spending.changed(self._workspace_id)
                     decided = self._decided
                     overdraft = decision == pb.BUDGET_DECISION_ALLOW_OVERDRAFT
+                    if attempts:
+                        self.budgets = await self._reload()
+                    attempts += 1
                     outcome = await self._ledger.reserve(
                         self.budgets, self._run_id, ask, overdraft=overdraft
                     )

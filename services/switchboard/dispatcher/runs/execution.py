@@ -276,7 +276,11 @@ class Execution:
                     request.model.CopyFrom(assistant.model)
             if budgets and self._spending is not None:
                 active.budget = self._spending.run_budget(
-                    budgets, run, active.workspace_id, _RunHost(self, active, clock)
+                    budgets,
+                    run,
+                    active.workspace_id,
+                    active.principal.api_key_id,
+                    _RunHost(self, active, clock),
                 )
             runner = self._runner(active, definitions, clock)
             if runner is not None:
