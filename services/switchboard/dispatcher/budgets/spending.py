@@ -311,7 +311,10 @@ class RunBudget:
         self._decided = asyncio.Event()
         #: One paused step at a time (concurrent tool calls of a step wait in turn).
         self._pausing = asyncio.Lock()
-        self.caps_cost = any(b.caps.cost is not None for b in budgets)
+
+    @property
+    def caps_cost(self) -> bool:
+        return any(b.caps.cost is not None for b in self.budgets)
 
     async def reserve(self, cost_micros: int, input_tokens: int, output_tokens: int) -> str:
         ask = Amount(max(0, cost_micros), max(0, input_tokens), max(0, output_tokens))
@@ -345,12 +348,12 @@ class RunBudget:
     async def close(self) -> None:
         """The run ended: holds its steps did not settle (cancelled, failed) go back."""
         holds, self._holds = list(self._holds.values()), {}
-        for hold in holds:
-            try:
+        try:
+            for hold in holds:
                 await self._ledger.release(hold)
-            except SwitchboardError:
-                # Its hold rows name the run: the next takeover or restart releases them.
-                log.warning("budget hold not released", extra={"run": self._run.name})
+        except SwitchboardError:
+            # Its hold rows name the run: the next takeover or restart releases them.
+            log.warning("budget holds not released", extra={"run": self._run.name})
 
     def decided(self) -> None:
         """An owner decided the budget action (``ResolveBudgetAction``)."""
