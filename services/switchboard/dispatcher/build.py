@@ -17,8 +17,10 @@ from switchboard.dispatcher import mapping, servicer
 from switchboard.dispatcher.assistants.catalog import AssistantLimits, Assistants
 from switchboard.dispatcher.assistants.store import AssistantStore
 from switchboard.dispatcher.budgets.catalog import Budgets
+from switchboard.dispatcher.budgets.ledger import Ledger
 from switchboard.dispatcher.budgets.quotas import QuotaDefaults, Quotas
 from switchboard.dispatcher.budgets.quotastore import QuotaStore
+from switchboard.dispatcher.budgets.spending import Spending
 from switchboard.dispatcher.budgets.store import BudgetStore, UsageStore
 from switchboard.dispatcher.budgets.usage import Usage
 from switchboard.dispatcher.handlers.echo import EchoHandler
@@ -167,6 +169,13 @@ async def dispatcher_service(
     # Closed after the dispatcher: a call forwarded while runs stop still gets its answer.
     peers = GrpcPeers()
     resources.push_async_callback(peers.close)
+    # Budgets: the catalog's changes wake runs paused at a cap (``spending.on_change``).
+    spending = Spending(
+        Ledger(shared.database),
+        shared.bus,
+        approval_timeout_s=settings.dispatcher_approval_timeout_s,
+        metrics=shared.metrics,
+    )
     dispatcher = Dispatcher(
         store=RunStore(shared.database),
         context=context,
@@ -191,7 +200,7 @@ async def dispatcher_service(
         limits=_limits(shared),
         page_tokens=shared.page_tokens,
         assistants=assistants,
-        budgets=_budgets(shared, assistants),
+        budgets=_budgets(shared, assistants, spending),
         usage=Usage(UsageStore(shared.database), shared.page_tokens),
         tools=LocalTools(integration, shared.policy),
         tool_limits=ToolLimits(
@@ -203,6 +212,7 @@ async def dispatcher_service(
         quotas=_quotas(shared),
         peers=peers,
         metrics=shared.metrics,
+        spending=spending,
     )
     await dispatcher.start()
     resources.push_async_callback(dispatcher.close)
@@ -281,8 +291,9 @@ async def _assistants(
     return assistants
 
 
-def _budgets(shared: Shared, assistants: Assistants) -> Budgets:
-    """The workspace's budgets; an assistant scope must name one of its assistants."""
+def _budgets(shared: Shared, assistants: Assistants, spending: Spending) -> Budgets:
+    """The workspace's budgets; an assistant scope must name one of its assistants, and
+    a change wakes the runs paused at a cap in this process (others poll)."""
 
     async def assistant_exists(workspace_id: str, assistant_id: str) -> bool:
         try:
@@ -296,6 +307,7 @@ def _budgets(shared: Shared, assistants: Assistants) -> Budgets:
         shared.bus,
         shared.page_tokens,
         assistant_exists=assistant_exists,
+        on_change=spending.on_change,
     )
 
 
