@@ -147,7 +147,7 @@ async def resolve(
     dstub: DStub, caller: Caller, run: str, decision: pb.BudgetDecision.ValueType
 ) -> pb.Run:
     response = await dstub.ResolveBudgetAction(
-        pb.ResolveBudgetActionRequest(run=run, decision=decision),
+        pb.ResolveBudgetActionRequest(name=run, decision=decision),
         metadata=caller.md,
         timeout=TIMEOUT_S,
     )

@@ -135,13 +135,13 @@ class Control:
         """Decide a run paused at a budget's cap: the step goes past it, or the run
         fails (BUDGET_EXHAUSTED). The run acts on it at once; the answer carries
         the decision."""
-        found = names.match(names.RUN, request.run, "run")
+        found = names.match(names.RUN, request.name, "name")
         if request.decision not in _BUDGET_DECISIONS:
             raise InvalidArgument(
                 "the decision is invalid",
                 [FieldViolation("decision", "must be ALLOW_OVERDRAFT or FAIL")],
             )
-        active = self._live.runs.get(request.run)
+        active = self._live.runs.get(request.name)
         if active is None:
             _, owner = await self._owner(found, via)
             if owner is None:

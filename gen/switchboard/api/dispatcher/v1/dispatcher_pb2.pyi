@@ -2190,9 +2190,9 @@ class ResolveBudgetActionRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    RUN_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
     DECISION_FIELD_NUMBER: _builtins.int
-    run: _builtins.str
+    name: _builtins.str
     """The run, `workspaces/{w}/conversations/{c}/runs/{run}`, REQUIRES_ACTION
     with a budget action (anything else is FAILED_PRECONDITION).
     """
@@ -2201,12 +2201,12 @@ class ResolveBudgetActionRequest(_message.Message):
     def __init__(
         self,
         *,
-        run: _builtins.str = ...,
+        name: _builtins.str = ...,
         decision: Global___BudgetDecision.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "run", b"run"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

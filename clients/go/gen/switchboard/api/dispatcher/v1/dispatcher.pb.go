@@ -4281,7 +4281,7 @@ type ResolveBudgetActionRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The run, `workspaces/{w}/conversations/{c}/runs/{run}`, REQUIRES_ACTION
 	// with a budget action (anything else is FAILED_PRECONDITION).
-	Run string `protobuf:"bytes,1,opt,name=run,proto3" json:"run,omitempty"`
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
 	// ALLOW_OVERDRAFT or FAIL.
 	Decision      BudgetDecision `protobuf:"varint,2,opt,name=decision,proto3,enum=switchboard.api.dispatcher.v1.BudgetDecision" json:"decision,omitempty"`
 	unknownFields protoimpl.UnknownFields
@@ -4318,9 +4318,9 @@ func (*ResolveBudgetActionRequest) Descriptor() ([]byte, []int) {
 	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{51}
 }
 
-func (x *ResolveBudgetActionRequest) GetRun() string {
+func (x *ResolveBudgetActionRequest) GetName() string {
 	if x != nil {
-		return x.Run
+		return x.Name
 	}
 	return ""
 }
@@ -5295,9 +5295,9 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\x13DeleteBudgetRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04etag\x18\x02 \x01(\tR\x04etag\"\x16\n" +
-	"\x14DeleteBudgetResponse\"y\n" +
-	"\x1aResolveBudgetActionRequest\x12\x10\n" +
-	"\x03run\x18\x01 \x01(\tR\x03run\x12I\n" +
+	"\x14DeleteBudgetResponse\"{\n" +
+	"\x1aResolveBudgetActionRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12I\n" +
 	"\bdecision\x18\x02 \x01(\x0e2-.switchboard.api.dispatcher.v1.BudgetDecisionR\bdecision\"S\n" +
 	"\x1bResolveBudgetActionResponse\x124\n" +
 	"\x03run\x18\x01 \x01(\v2\".switchboard.api.dispatcher.v1.RunR\x03run\"\xf0\x02\n" +
