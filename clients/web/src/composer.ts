@@ -5,7 +5,7 @@
 import type { JsonObject } from "@bufbuild/protobuf";
 import { type Api, PAGE_SIZE, requestId } from "./api";
 import { h } from "./dom";
-import { local } from "./errors";
+import { limitSummary, local, problem } from "./errors";
 import { MessageRole } from "./gen/switchboard/api/context/v1/context_pb";
 import type { SendMessageResponse } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import type { Page } from "./page";
@@ -17,6 +17,8 @@ export interface ComposerHost {
   conversation(): string;
   /** SendMessage answered for `conversation`, which may no longer be the open one. */
   sent(conversation: string, answer: SendMessageResponse): void;
+  /** A resource (a budget a refusal names) as the page calls it. */
+  title(name: string): string;
 }
 
 export class Composer {
@@ -125,15 +127,25 @@ export class Composer {
       }
     }
     await this.page.busy("send", async () => {
-      const answer = await this.api.dispatcher.sendMessage({
-        conversation,
-        message: { role: MessageRole.USER, parts: [{ part: { case: "text", value: text } }] },
-        handler,
-        assistant,
-        ...(parameters ? { parameters } : {}),
-        // Sending again after a lost answer must not start a second run.
-        requestId: requestId(),
-      });
+      let answer: SendMessageResponse;
+      try {
+        answer = await this.api.dispatcher.sendMessage({
+          conversation,
+          message: { role: MessageRole.USER, parts: [{ part: { case: "text", value: text } }] },
+          handler,
+          assistant,
+          ...(parameters ? { parameters } : {}),
+          // Sending again after a lost answer must not start a second run.
+          requestId: requestId(),
+        });
+      } catch (error) {
+        // A limit (a spent budget, a rate, too many runs) is said in words: which one and
+        // when it lets the message through; the text stays in the box to send again.
+        const refused = problem(error);
+        const summary = limitSummary(refused, (name) => this.host.title(name));
+        if (summary === undefined) throw error;
+        throw { ...refused, summary };
+      }
       this.text.value = "";
       this.host.sent(conversation, answer);
     });

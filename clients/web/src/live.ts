@@ -6,7 +6,7 @@ import { timestampDate } from "@bufbuild/protobuf/wkt";
 import { type Child, formatTime, h } from "./dom";
 import type { EventFeed, FeedState } from "./feed";
 import { type Event, EventType } from "./gen/switchboard/api/events/v1/events_pb";
-import { changeLabel, eventTypeLabel, messageRoleLabel, runUpdateLabel, securityLabel } from "./labels";
+import { budgetAlertLabel, changeLabel, eventTypeLabel, messageRoleLabel, runUpdateLabel, securityLabel } from "./labels";
 import type { Names } from "./names";
 import type { Page } from "./page";
 
@@ -116,6 +116,10 @@ function subject(event: Event): string {
       return payload.value.workspace?.name ?? "";
     case "toolInvoked":
       return payload.value.tool;
+    case "budgetChanged":
+      return payload.value.budget?.name ?? "";
+    case "budgetAlert":
+      return payload.value.budget;
     default:
       return event.conversation || event.workspace || event.user;
   }
@@ -176,6 +180,15 @@ function summarize(event: Event, names: Names): Child[] {
       return [
         `${payload.value.assistant?.displayName || names.title(payload.value.assistant?.name ?? "") || "an assistant"} ${changeLabel(payload.value.change)}${by}`,
       ];
+    case "budgetChanged":
+      return [
+        `${payload.value.budget?.displayName || names.title(payload.value.budget?.name ?? "") || "a budget"} ${changeLabel(payload.value.change)}${by}`,
+      ];
+    case "budgetAlert": {
+      const alert = payload.value;
+      const threshold = alert.percent ? ` (${alert.percent}%)` : "";
+      return [`${names.title(alert.budget) || "a budget"} ${budgetAlertLabel(alert.kind)}${threshold}`];
+    }
     case "messageFiltered":
       return [`${payload.value.rejected ? "refused" : "flagged"} by the content filter${by}`];
     default:
