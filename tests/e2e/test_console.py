@@ -50,6 +50,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, cast
 
@@ -2036,3 +2037,188 @@ def test_a_problem_goes_when_its_cause_does_and_covers_nothing(
         browser.wait("(s) => document.querySelector(s) === null", failed)
         assert browser.count(tid("error")) == 0
         assert problems(browser, outage=True) == []
+
+
+def _budget(server: Server, user: User, name: str) -> dispatcher_pb2.Budget:
+    found: dispatcher_pb2.Budget = server.dispatcher.GetBudget(
+        dispatcher_pb2.GetBudgetRequest(name=name), metadata=user.md, timeout=CALL_S
+    ).budget
+    return found
+
+
+def test_budgets_are_edited_on_their_page_the_chart_shows_the_days_spend_and_a_refusal_says_why(
+    stack: Stack, chromium: Chromium, server: Server, tmp_path: Path
+) -> None:
+    """The Budgets page (``#workspaces/w/budgets``): a budget created there (a time zone
+    that does not exist refused first, the server's violation beside its field), a priced
+    run on the local model server, then the day's spend in the chart and in the budget's
+    cost bar exactly as the server has them; the cap lowered on the page (UpdateBudget with
+    only that field and the etag) below what was spent, and the next message refused in
+    the composer with the budget's name and when it resets. A viewer reads the page and
+    gets no controls."""
+    shots = artifacts_dir(tmp_path) / "budgets"
+    shots.mkdir(parents=True, exist_ok=True)
+    owner = server.register("budgets")
+    viewer = server.register("budgets-viewer")
+    workspace, conversation = server.workspace(owner, f"budgets-{os.getpid()}")
+    server.context.AddWorkspaceMember(
+        context_pb2.AddWorkspaceMemberRequest(
+            parent=workspace, user=viewer.name, role=context_pb2.WORKSPACE_ROLE_VIEWER
+        ),
+        metadata=owner.md,
+        timeout=CALL_S,
+    )
+    # The llm handler on the local model server's priced echo model answers the messages.
+    assistant = server.dispatcher.CreateAssistant(
+        dispatcher_pb2.CreateAssistantRequest(
+            parent=workspace,
+            assistant_id="helper",
+            assistant=dispatcher_pb2.Assistant(display_name="Helper", workspace_default=True),
+        ),
+        metadata=owner.md,
+        timeout=CALL_S,
+    ).assistant.name
+    budget = f"{workspace}/budgets/daily"
+    page_link = tid("open-budgets")
+    editor = tid("budget-editor")
+    with chromium.open(stack.origin + "/") as browser:
+        sign_in(browser, owner.email)
+        browser.click(tid("workspace-item", name=workspace))
+        browser.click(page_link)
+        browser.wait_visible(tid("budgets-page"))
+        assert browser.eval("() => location.hash") == f"#{workspace}/budgets"
+        browser.wait_visible(tid("usage-empty"))
+        browser.wait_visible(tid("budgets-empty"))
+        assert not browser.visible(tid("composer"))
+
+        # Created on the page; the server's refusal first, beside the field it names.
+        browser.click(tid("new-budget"))
+        browser.wait_visible(editor)
+        browser.fill(f"{editor} {tid('budget-id')}", "daily")
+        browser.fill(f"{editor} {tid('budget-name')}", "Daily spend")
+        browser.select(f"{editor} {tid('budget-period')}", str(dispatcher_pb2.BUDGET_PERIOD_DAY))
+        browser.fill(f"{editor} {tid('budget-time-zone')}", "Mars/Olympus_Mons")
+        browser.fill(f"{editor} {tid('budget-cost')}", "5")
+        browser.fill(f"{editor} {tid('budget-thresholds')}", "50, 100")
+        browser.click(f"{editor} {tid('save-budget')}")
+        beside = f'{editor} label[data-field="time_zone"] {tid("field-violation")}'
+        browser.wait_for(beside)
+        refusal = browser.data(f"{editor} {tid('error')}")
+        assert refusal["code"] == "INVALID_ARGUMENT"
+        assert browser.data(beside)["field"].endswith("time_zone")
+        with pytest.raises(grpc.RpcError) as absent:
+            _budget(server, owner, budget)
+        assert absent.value.code() == grpc.StatusCode.NOT_FOUND
+        browser.shots(shots / "budget-refused.png")
+        browser.fill(f"{editor} {tid('budget-time-zone')}", "UTC")
+        browser.click(f"{editor} {tid('save-budget')}")
+        item = tid("budget", name=budget)
+        browser.wait_for(item)
+        assert not browser.visible(editor)
+        stored = _budget(server, owner, budget)
+        assert stored.display_name == "Daily spend"
+        assert stored.scope == workspace
+        assert stored.period == dispatcher_pb2.BUDGET_PERIOD_DAY
+        assert stored.time_zone == "UTC"
+        assert stored.cost_limit_micros == 5_000_000
+        assert not stored.HasField("input_token_limit")
+        assert list(stored.alert_thresholds) == [50, 100]
+        cost_cap = f"{item} {tid('budget-cap', cap='cost')}"
+        shown_cap = {k: v for k, v in browser.data(cost_cap).items() if k != "testid"}
+        assert shown_cap == {"cap": "cost", "used": "0", "held": "0", "limit": "5000000"}
+        reset = browser.data(f"{item} {tid('budget-reset')}")["reset"]
+        assert datetime.fromisoformat(reset) == stored.usage.reset_time.ToDatetime(tzinfo=UTC)
+        assert raw_text(browser) == []
+
+        # A run that costs something, then its spend on the page.
+        open_conversation(browser, workspace, conversation)
+        run = send(browser, "hello budgets")
+        run_state(browser, run, "RUN_STATE_SUCCEEDED")
+        spent = server.run(owner, run).usage.cost_micros
+        assert spent > 0
+        browser.click(page_link)
+        browser.wait_visible(tid("budgets-page"))
+        today = time.strftime("%Y-%m-%d", time.gmtime())
+        rows = server.dispatcher.QueryUsage(
+            dispatcher_pb2.QueryUsageRequest(
+                parent=workspace,
+                group_by=[
+                    dispatcher_pb2.USAGE_DIMENSION_DAY,
+                    dispatcher_pb2.USAGE_DIMENSION_ASSISTANT,
+                    dispatcher_pb2.USAGE_DIMENSION_MODEL,
+                ],
+            ),
+            metadata=owner.md,
+            timeout=CALL_S,
+        ).rows
+        [row] = [r for r in rows if r.day == today]
+        assert row.assistant == assistant
+        assert row.cost_micros == spent
+        bar = tid("usage-bar", day=today, assistant=assistant, model=row.model)
+        browser.wait_for(bar)
+        assert browser.data(bar)["costMicros"] == str(spent)
+        assert browser.data(tid("usage-total"))["todayMicros"] == str(spent)
+        legend = browser.eval(
+            "(s) => document.querySelector(s).textContent",
+            tid("usage-series", assistant=assistant, model=row.model),
+        )
+        assert legend == f"Helper · {row.model}: ${spent / 1e6:.4f}"
+        browser.wait_for(f"{cost_cap}[data-used='{spent}']")
+        assert browser.data(cost_cap)["held"] == "0"
+        assert raw_text(browser) == []
+        browser.shots(shots / "budgets-page.png")
+
+        # The cap lowered below what was spent: only that field changes, with the etag.
+        browser.click(f"{item} {tid('edit-budget')}")
+        browser.wait_visible(editor)
+        browser.fill(f"{editor} {tid('budget-cost')}", "0.000001")
+        browser.click(f"{editor} {tid('save-budget')}")
+        browser.wait_for(f"{tid('budget-cap', cap='cost')}[data-limit='1']")
+        lowered = _budget(server, owner, budget)
+        assert lowered.cost_limit_micros == 1
+        assert lowered.etag != stored.etag
+        assert (lowered.display_name, list(lowered.alert_thresholds)) == ("Daily spend", [50, 100])
+        update = [
+            n
+            for n in grpc_web_calls(browser.network(), stack.origin)
+            if method(n) == "UpdateBudget"
+        ]
+        assert len(update) == 1
+
+        # The next message is refused: the composer says which budget and when it resets.
+        open_conversation(browser, workspace, conversation)
+        before = server.messages(owner, conversation)
+        send(browser, "one more", expect_run=False)
+        shown = f"{tid('composer')} {tid('error')}"
+        browser.wait_for(shown)
+        assert browser.data(shown)["reason"] == "ERROR_REASON_BUDGET_EXHAUSTED"
+        assert browser.data(shown)["code"] == "RESOURCE_EXHAUSTED"
+        assert browser.data(f"{shown} {tid('error-violation')}")["field"] == budget
+        summary = browser.eval(
+            "(s) => document.querySelector(s).textContent", f"{shown} {tid('error-summary')}"
+        )
+        assert summary.startswith("Not sent: the budget “Daily spend” has no room left"), summary
+        assert "It resets " in summary, summary
+        assert (
+            browser.eval("(s) => document.querySelector(s).value", tid("message-input"))
+            == "one more"
+        )
+        assert [m.name for m in server.messages(owner, conversation)] == [m.name for m in before]
+        assert covers(browser, shown) == []
+        assert raw_text(browser) == []
+        browser.shots(shots / "message-refused.png")
+        assert problems(browser) == []
+
+    # A viewer reads the same page: the budget and its use, no controls.
+    with chromium.open(stack.origin + f"/#{workspace}/budgets") as browser:
+        sign_in(browser, viewer.email)
+        item = tid("budget", name=budget)
+        browser.wait_for(item)
+        browser.wait_for(tid("usage-bar", day=today))
+        assert not browser.visible(tid("new-budget"))
+        assert browser.count(f"{item} {tid('edit-budget')}") == 0
+        assert browser.count(f"{item} {tid('delete-budget')}") == 0
+        assert "Read only" in browser.eval(
+            "(s) => document.querySelector(s).textContent", tid("budgets-role")
+        )
+        assert problems(browser) == []
