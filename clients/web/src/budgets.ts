@@ -109,7 +109,7 @@ export class Budgets {
   private readonly role = h("p", { class: "muted", "data-testid": "budgets-role" });
   private readonly chart = h("div", { class: "usage", "data-testid": "usage" });
   private readonly list = h("ul", { class: "list budgets", "data-testid": "budgets" });
-  private readonly editor = h("form", { class: "inline editor", "data-testid": "budget-editor", hidden: true, novalidate: true });
+  private readonly editor = h("form", { class: "inline editor", "data-testid": "budget-editor", hidden: true });
   private readonly newButton = h(
     "button",
     { type: "button", class: "manage", "data-testid": "new-budget", hidden: true, onclick: () => this.edit(null) },
