@@ -277,7 +277,8 @@ export class Budgets {
     const left = 56;
     const bottom = 20;
     const plot = height - bottom - 6;
-    const step = (width - left) / DAYS;
+    // Room on the right for today's date, centred under its bar.
+    const step = (width - left - 16) / DAYS;
     const y = (micros: number): number => 6 + plot - (micros / peak) * plot;
     const chart = svg(
       "svg",
@@ -530,6 +531,7 @@ export class Budgets {
     ];
     fill(this.editor, ...rows);
     this.editor.hidden = false;
+    this.editor.scrollIntoView({ block: "nearest" });
   }
 
   /** The editor's values as a budget (the scope and id aside), or the local problem. */
