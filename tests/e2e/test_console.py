@@ -64,6 +64,7 @@ from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.context.v1 import context_pb2, context_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2, dispatcher_pb2_grpc
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
+from switchboard.api.handler.v1 import handler_pb2
 from switchboard.api.integration.v1 import integration_pb2, integration_pb2_grpc
 from switchboard.deploy.envoy import (
     CONSOLE_CSP,
@@ -2222,3 +2223,89 @@ def test_budgets_are_edited_on_their_page_the_chart_shows_the_days_spend_and_a_r
             "(s) => document.querySelector(s).textContent", tid("budgets-role")
         )
         assert problems(browser) == []
+
+
+def test_a_run_paused_at_a_budgets_cap_says_why_in_its_card_and_an_owner_allows_the_overdraft(
+    stack: Stack, chromium: Chromium, server: Server, tmp_path: Path
+) -> None:
+    """A run budget of 200 output tokens and an assistant whose model may write 200: the
+    first model call reserves all of it, so the call after its tool cannot be reserved and
+    the run pauses (REQUIRES_ACTION with a budget action). Its card says which budget and
+    what the step asks, with no tool approval beside it; "Allow overdraft" (an owner's
+    ResolveBudgetAction) lets it finish, and the server records who decided."""
+    shots = artifacts_dir(tmp_path) / "budgets"
+    shots.mkdir(parents=True, exist_ok=True)
+    owner = server.register("paused")
+    workspace, conversation = server.workspace(owner, f"paused-{os.getpid()}")
+    with McpTestServer() as mcp:
+        integration = server.integration.CreateIntegration(
+            integration_pb2.CreateIntegrationRequest(
+                parent=workspace,
+                integration_id="kit",
+                integration=integration_pb2.Integration(
+                    display_name="Tool kit",
+                    kind=integration_pb2.INTEGRATION_KIND_MCP_SERVER,
+                    endpoint=mcp.url,
+                ),
+            ),
+            metadata=owner.md,
+            timeout=CALL_S,
+        ).integration.name
+        server.dispatcher.CreateAssistant(
+            dispatcher_pb2.CreateAssistantRequest(
+                parent=workspace,
+                assistant_id="helper",
+                assistant=dispatcher_pb2.Assistant(
+                    display_name="Helper",
+                    model=handler_pb2.ModelSettings(max_output_tokens=200),
+                    tools=[dispatcher_pb2.AssistantTools(integration=integration, tools=["echo"])],
+                    workspace_default=True,
+                ),
+            ),
+            metadata=owner.md,
+            timeout=CALL_S,
+        )
+        budget = server.dispatcher.CreateBudget(
+            dispatcher_pb2.CreateBudgetRequest(
+                parent=workspace,
+                budget_id="per-run",
+                budget=dispatcher_pb2.Budget(
+                    display_name="Per run",
+                    scope=workspace,
+                    period=dispatcher_pb2.BUDGET_PERIOD_RUN,
+                    output_token_limit=200,
+                ),
+            ),
+            metadata=owner.md,
+            timeout=CALL_S,
+        ).budget.name
+        with chromium.open(stack.origin + "/") as browser:
+            sign_in(browser, owner.email)
+            open_conversation(browser, workspace, conversation)
+            run = send(browser, 'call kit__echo {"message": "over"}')
+            card = tid("run", run=run)
+            box = f"{card} {tid('budget-action')}"
+            browser.wait_for(box)
+            paused = server.run(owner, run)
+            assert paused.state == dispatcher_pb2.RUN_STATE_REQUIRES_ACTION
+            action = paused.required_action.budget
+            assert list(action.budgets) == [budget]
+            assert action.output_tokens == 200
+            assert browser.data(box)["budgets"] == budget
+            said = browser.eval("(s) => document.querySelector(s).textContent", box)
+            assert "does not fit in the budget Per run (it asks" in said, said
+            assert f"{action.input_tokens} input and 200 output tokens" in said, said
+            badge = browser.eval(
+                "(s) => document.querySelector(s).textContent", f"{card} {tid('run-state')}"
+            )
+            assert badge == "waiting for budget room"
+            assert browser.count(tid("approval")) == 0
+            assert raw_text(browser) == []
+            browser.shots(shots / "run-paused.png")
+            browser.click(f"{box} {tid('allow-overdraft')}")
+            run_state(browser, run, "RUN_STATE_SUCCEEDED")
+            browser.wait("(s) => document.querySelector(s) === null", box)
+            decided = server.run(owner, run).required_action.budget
+            assert decided.decision == dispatcher_pb2.BUDGET_DECISION_ALLOW_OVERDRAFT
+            assert decided.decided_by == owner.name
+            assert problems(browser) == []

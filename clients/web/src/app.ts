@@ -50,8 +50,7 @@ export class App {
       workspace: () => this.navigation.workspace,
       conversation: () => this.navigation.conversation,
       sent: (conversation, answer) => this.navigation.sent(conversation, answer),
-      title: (name) => this.names.title(name),
-    });
+    }, this.names);
     this.navigation = new Navigation(
       api,
       this.page,

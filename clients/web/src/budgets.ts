@@ -57,6 +57,23 @@ interface Cap {
   show: (n: bigint) => string;
 }
 
+/** Learns the titles of budgets a refusal or a paused run names, when the Budgets page has
+ *  not listed them yet (a few GetBudget calls). One that cannot be read keeps its
+ *  resource name's reading ("Acme › budget daily"): precise, if less friendly. */
+export async function learnBudgetTitles(api: Api, names: Names, budgets: string[]): Promise<void> {
+  const unknown = [...new Set(budgets)].filter((b) => !names.knows(b)).slice(0, 10);
+  await Promise.all(
+    unknown.map(async (name) => {
+      try {
+        const found = await api.dispatcher.getBudget({ name });
+        if (found.budget) names.learn(name, found.budget.displayName);
+      } catch {
+        // Only a title was wanted: the name stands in for it.
+      }
+    }),
+  );
+}
+
 function caps(b: Budget): Cap[] {
   const u = b.usage;
   const tokens = (n: bigint): string => `${n.toLocaleString()} tokens`;
@@ -394,7 +411,9 @@ export class Budgets {
         h("span", { class: "muted" }, `${periodLabel(b.period)} · ${this.scopeLabel(b.scope)}${b.timeZone ? ` · ${b.timeZone}` : ""}`),
       ),
       ...caps(b).map((cap) => {
-        const percent = cap.limit > 0n ? Math.round((Number(cap.used + cap.held) / Number(cap.limit)) * 100) : 0;
+        const share = cap.limit > 0n ? (Number(cap.used + cap.held) / Number(cap.limit)) * 100 : 0;
+        // A small share still shows (0.2%, not 0%).
+        const percent = share > 0 && share < 10 ? share.toFixed(1) : Math.round(share).toString();
         return h(
           "div",
           {

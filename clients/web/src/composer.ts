@@ -8,6 +8,8 @@ import { h } from "./dom";
 import { limitSummary, local, problem } from "./errors";
 import { MessageRole } from "./gen/switchboard/api/context/v1/context_pb";
 import type { SendMessageResponse } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
+import { learnBudgetTitles } from "./budgets";
+import type { Names } from "./names";
 import type { Page } from "./page";
 
 export interface ComposerHost {
@@ -17,8 +19,6 @@ export interface ComposerHost {
   conversation(): string;
   /** SendMessage answered for `conversation`, which may no longer be the open one. */
   sent(conversation: string, answer: SendMessageResponse): void;
-  /** A resource (a budget a refusal names) as the page calls it. */
-  title(name: string): string;
 }
 
 export class Composer {
@@ -38,6 +38,7 @@ export class Composer {
     private readonly api: Api,
     private readonly page: Page,
     private readonly host: ComposerHost,
+    private readonly names: Names,
   ) {
     this.element = h(
       "form",
@@ -142,7 +143,10 @@ export class Composer {
         // A limit (a spent budget, a rate, too many runs) is said in words: which one and
         // when it lets the message through; the text stays in the box to send again.
         const refused = problem(error);
-        const summary = limitSummary(refused, (name) => this.host.title(name));
+        if (refused.reason === "ERROR_REASON_BUDGET_EXHAUSTED") {
+          await learnBudgetTitles(this.api, this.names, refused.violations.map((v) => v.field));
+        }
+        const summary = limitSummary(refused, (name) => this.names.title(name));
         if (summary === undefined) throw error;
         throw { ...refused, summary };
       }

@@ -130,7 +130,10 @@ function subject(event: Event): string {
 function link(event: Event, names: Names): HTMLElement | null {
   const target = event.conversation || event.workspace;
   if (!target) return null;
-  return h("a", { href: `#${target}`, class: "event-link", "data-testid": "event-link", title: target }, ` → ${names.title(target)}`);
+  // A budget's events lead to the workspace's Budgets page.
+  const budget = !event.conversation && (event.payload.case === "budgetChanged" || event.payload.case === "budgetAlert");
+  const href = budget ? `#${target}/budgets` : `#${target}`;
+  return h("a", { href, class: "event-link", "data-testid": "event-link", title: target }, ` → ${names.title(target)}${budget ? " › budgets" : ""}`);
 }
 
 /** What happened, in words; what someone wrote is quoted as it is (data-content). */
@@ -160,7 +163,13 @@ function summarize(event: Event, names: Names): Child[] {
     case "runUpdated": {
       const update = payload.value.update;
       if (!update) return [];
-      return [`${update.run.split("/").pop()?.slice(0, 8) ?? ""} ${runUpdateLabel(update.update)}`];
+      const id = update.run.split("/").pop()?.slice(0, 8) ?? "";
+      // A tool's function name is quoted as the model called it (`kit__echo`), as code.
+      if (update.update.case === "toolCall") {
+        const call = update.update.value;
+        return [`${id} calls `, h("code", {}, call.functionName || call.tool.split("/").pop() || "a tool")];
+      }
+      return [`${id} ${runUpdateLabel(update.update)}`];
     }
     case "security":
       return [`${securityLabel(payload.value.kind)}${by}`];

@@ -4,6 +4,7 @@
 // following WatchRun; which runs to follow is the navigation's call.
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import type { Api } from "./api";
+import { learnBudgetTitles } from "./budgets";
 import { formatTime, h } from "./dom";
 import { renderProblem } from "./errors";
 import { BudgetDecision, type Run, RunState, ToolApprovalDecision } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
@@ -26,6 +27,8 @@ export class RunCards {
   private readonly reasons = new Map<string, string>();
   /** Messages the conversation shows: a run whose answer is one of them shows it there only. */
   private shownMessages = new Set<string>();
+  /** Budgets whose titles were asked for (GetBudget), so a failure is not asked again. */
+  private readonly askedTitles = new Set<string>();
   /** Whether the caller owns the workspace (owners decide runs paused at a budget). */
   private owner = false;
 
@@ -225,6 +228,15 @@ export class RunCards {
     if (box.dataset.key === key) return;
     box.dataset.key = key;
     if (!waiting) return box.replaceChildren();
+    const unknown = action.budgets.filter((b) => !this.names.knows(b) && !this.askedTitles.has(b));
+    if (unknown.length) {
+      // Said by their titles once known (each asked for once): shown now, again when they are.
+      for (const b of unknown) this.askedTitles.add(b);
+      void learnBudgetTitles(this.api, this.names, unknown).then(() => {
+        delete box.dataset.key;
+        this.renderBudgetAction(card, view);
+      });
+    }
     const expires = view.run?.requiredAction?.expireTime;
     const asks = [
       action.costMicros ? money(action.costMicros) : "",
