@@ -21,6 +21,8 @@ from collections.abc import AsyncGenerator, AsyncIterator
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.assistants.catalog import Assistants
+from switchboard.dispatcher.budgets.catalog import Budgets
+from switchboard.dispatcher.budgets.usage import Usage
 from switchboard.dispatcher.handlers.router import Router
 from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.ports.peers import PeerPort, Via
@@ -75,12 +77,16 @@ class Dispatcher:
         limits: RunLimits,
         page_tokens: pagination.PageTokens,
         assistants: Assistants,
+        budgets: Budgets,
+        usage: Usage,
         tools: ToolPort,
         tool_limits: ToolLimits,
         peers: PeerPort | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.assistants = assistants
+        self.budgets = budgets
+        self.usage = usage
         self.tool_limits = tool_limits
         self.router = router
         self.scheduler = scheduler
