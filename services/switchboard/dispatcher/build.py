@@ -17,6 +17,8 @@ from switchboard.dispatcher import mapping, servicer
 from switchboard.dispatcher.assistants.catalog import AssistantLimits, Assistants
 from switchboard.dispatcher.assistants.store import AssistantStore
 from switchboard.dispatcher.budgets.catalog import Budgets
+from switchboard.dispatcher.budgets.ledger import Ledger
+from switchboard.dispatcher.budgets.spending import Spending
 from switchboard.dispatcher.budgets.store import BudgetStore, UsageStore
 from switchboard.dispatcher.budgets.usage import Usage
 from switchboard.dispatcher.handlers.echo import EchoHandler
@@ -165,6 +167,13 @@ async def dispatcher_service(
     # Closed after the dispatcher: a call forwarded while runs stop still gets its answer.
     peers = GrpcPeers()
     resources.push_async_callback(peers.close)
+    # Budgets: the catalog's changes wake runs paused at a cap (``spending.on_change``).
+    spending = Spending(
+        Ledger(shared.database),
+        shared.bus,
+        approval_timeout_s=settings.dispatcher_approval_timeout_s,
+        metrics=shared.metrics,
+    )
     dispatcher = Dispatcher(
         store=RunStore(shared.database),
         context=context,
@@ -189,7 +198,7 @@ async def dispatcher_service(
         limits=_limits(shared),
         page_tokens=shared.page_tokens,
         assistants=assistants,
-        budgets=_budgets(shared, assistants),
+        budgets=_budgets(shared, assistants, spending.on_change),
         usage=Usage(UsageStore(shared.database), shared.page_tokens),
         tools=LocalTools(integration, shared.policy),
         tool_limits=ToolLimits(
@@ -200,6 +209,7 @@ async def dispatcher_service(
         ),
         peers=peers,
         metrics=shared.metrics,
+        spending=spending,
     )
     await dispatcher.start()
     resources.push_async_callback(dispatcher.close)
@@ -278,8 +288,9 @@ async def _assistants(
     return assistants
 
 
-def _budgets(shared: Shared, assistants: Assistants) -> Budgets:
-    """The workspace's budgets; an assistant scope must name one of its assistants."""
+def _budgets(shared: Shared, assistants: Assistants, on_change: Callable[[str], None]) -> Budgets:
+    """The workspace's budgets; an assistant scope must name one of its assistants; a
+    change wakes the runs paused at a cap (``on_change``)."""
 
     async def assistant_exists(workspace_id: str, assistant_id: str) -> bool:
         try:
@@ -293,6 +304,7 @@ def _budgets(shared: Shared, assistants: Assistants) -> Budgets:
         shared.bus,
         shared.page_tokens,
         assistant_exists=assistant_exists,
+        on_change=on_change,
     )
 
 

@@ -86,6 +86,14 @@ class DispatcherServiceServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
         )
         return pb.SubmitToolApprovalsResponse(run=run)
 
+    async def ResolveBudgetAction(
+        self, request: pb.ResolveBudgetActionRequest, context: Context
+    ) -> pb.ResolveBudgetActionResponse:
+        run = await self._dispatcher.resolve_budget_action(
+            current_principal(), request, _via(context)
+        )
+        return pb.ResolveBudgetActionResponse(run=run)
+
     async def CreateAssistant(
         self, request: pb.CreateAssistantRequest, context: Context
     ) -> pb.CreateAssistantResponse:

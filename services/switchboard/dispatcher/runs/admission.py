@@ -27,8 +27,10 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher import mapping
 from switchboard.dispatcher.assistants.catalog import Assistants
+from switchboard.dispatcher.budgets.spending import Read, Spending
 from switchboard.dispatcher.handlers.base import Handler, text_of
 from switchboard.dispatcher.handlers.router import Choice, Router
+from switchboard.dispatcher.llm.handler import LlmHandler
 from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.runs.content import ContentPolicy
 from switchboard.dispatcher.runs.lifecycle import Active
@@ -115,8 +117,11 @@ class Admission:
         start: Callable[[Active, Ticket], asyncio.Task[None] | None],
         cancel: Callable[[Active, SwitchboardError], Awaitable[None]],
         tracer: Tracer | None,
+        spending: Spending | None = None,
     ) -> None:
         self._live = common.live
+        #: Budgets: a message they have no room for is refused (None: no budgets).
+        self._spending = spending
         self._store = common.store
         self._context = context
         self._bus = common.bus
@@ -154,6 +159,7 @@ class Admission:
             raise_busy()
         # Refused before anything is stored; admission itself then cannot fail.
         self._scheduler.check_room(workspace_id)
+        budgets = await self._budgets(principal, workspace_id, assistant, choice)
 
         stored_message = await self._context.append_message(
             principal,
@@ -191,6 +197,7 @@ class Admission:
             handler=choice.handler,
             job=job,
             feed=self._feeds.open(run.name),
+            budgets=budgets,
         )
         self._live.runs[run.name] = active
         # QUEUED goes out with RUNNING if the run starts now (see ``Execution._begin``).
@@ -208,6 +215,33 @@ class Admission:
                 principal, request.conversation, "content", "", flags=flags, run=run.name
             )
         return response
+
+    async def _budgets(
+        self,
+        principal: Principal,
+        workspace_id: str,
+        assistant: pb.Assistant | None,
+        choice: Choice,
+    ) -> Read | None:
+        """The budgets the run will have; refuses the message when one has no room
+        left, or a cost cap applies and its model has no price (nothing stored)."""
+        if self._spending is None:
+            return None
+        read = await self._spending.read(
+            workspace_id, assistant.name if assistant is not None else "", principal.api_key_id
+        )
+        if read.budgets:
+            handler = choice.handler
+            priced: bool | None = None
+            if isinstance(handler, LlmHandler):
+                settings = (
+                    assistant.model
+                    if assistant is not None and assistant.HasField("model")
+                    else None
+                )
+                priced = handler.priced(settings)
+            await self._spending.admit(read.budgets, actor=mapping.actor(principal), priced=priced)
+        return read
 
     async def _supersede(self, conversation: str, name: str) -> None:
         """INTERRUPT: the conversation's active runs end RUN_SUPERSEDED, naming ``name``."""

@@ -128,6 +128,8 @@ RULES: Final[dict[str, Rule]] = {
     _DISPATCHER + "ListHandlers": resource("parent", READ),
     # Deciding what a run may do is an editor's, like sending it; viewers watch.
     _DISPATCHER + "SubmitToolApprovals": resource("name", WRITE),
+    # Spending past a cap is an owner's decision, like the cap itself.
+    _DISPATCHER + "ResolveBudgetAction": resource("run", ADMIN),
     # Assistants: members use them, owners define them.
     _DISPATCHER + "CreateAssistant": resource("parent", ADMIN),
     _DISPATCHER + "GetAssistant": resource("name", READ),
