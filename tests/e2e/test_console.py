@@ -2299,6 +2299,10 @@ def test_a_run_paused_at_a_budgets_cap_says_why_in_its_card_and_an_owner_allows_
                 "(s) => document.querySelector(s).textContent", f"{card} {tid('run-state')}"
             )
             assert badge == "waiting for budget room"
+            waited = [
+                e for e in timeline(browser, run) if e.get("state") == "RUN_STATE_REQUIRES_ACTION"
+            ]
+            assert ["waiting for budget room" in e["text"] for e in waited] == [True], waited
             assert browser.count(tid("approval")) == 0
             assert raw_text(browser) == []
             browser.shots(shots / "run-paused.png")

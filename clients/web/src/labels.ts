@@ -4,7 +4,7 @@
 // One module, so a value the contracts add is named once and the same everywhere.
 import { Code } from "@connectrpc/connect";
 import { MessageRole, WorkspaceRole } from "./gen/switchboard/api/context/v1/context_pb";
-import { BudgetPeriod, RunState, type RunUpdate } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
+import { BudgetPeriod, type Run, RunState, type RunUpdate } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import { BudgetAlertKind, ChangeKind, EventType, SecurityEventKind } from "./gen/switchboard/api/events/v1/events_pb";
 import { ToolOutcome } from "./gen/switchboard/api/handler/v1/handler_pb";
 import {
@@ -64,6 +64,11 @@ const RUN_STATE: Record<RunState, string> = {
   [RunState.REQUIRES_ACTION]: "waiting for approval",
 };
 export const runStateLabel = (value: RunState): string => label(RUN_STATE, value);
+
+/** A run's state in words, saying what a paused run waits for (a person, or budget room). */
+export function runLabel(run: Run): string {
+  return run.state === RunState.REQUIRES_ACTION && run.requiredAction?.budget ? "waiting for budget room" : runStateLabel(run.state);
+}
 
 const OUTCOME: Record<ToolOutcome, string> = {
   [ToolOutcome.UNSPECIFIED]: "ended",
@@ -169,7 +174,7 @@ export function money(micros: bigint | number): string {
 export function runUpdateLabel(update: RunUpdate["update"]): string {
   switch (update.case) {
     case "stateChange":
-      return update.value.run ? runStateLabel(update.value.run.state) : "changed state";
+      return update.value.run ? runLabel(update.value.run) : "changed state";
     case "delta":
       return "wrote text";
     case "progress":

@@ -9,7 +9,7 @@ import { formatTime, h } from "./dom";
 import { renderProblem } from "./errors";
 import { BudgetDecision, type Run, RunState, ToolApprovalDecision } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import { ToolOutcome } from "./gen/switchboard/api/handler/v1/handler_pb";
-import { money, outcomeLabel, runStateLabel } from "./labels";
+import { money, outcomeLabel, runLabel, runStateLabel } from "./labels";
 import type { Page } from "./page";
 import type { Names } from "./names";
 import { RunView, type TimelineEntry, forgetRuns, stateName } from "./runs";
@@ -170,7 +170,7 @@ export class RunCards {
     const badge = card.querySelector<HTMLElement>('[data-testid="run-state"]');
     if (badge) {
       badge.className = `state s-${RunState[view.state]?.toLowerCase() ?? "unspecified"}`;
-      badge.textContent = view.state === RunState.REQUIRES_ACTION && view.run?.requiredAction?.budget ? "waiting for budget room" : runStateLabel(view.state);
+      badge.textContent = view.run && view.run.state === view.state ? runLabel(view.run) : runStateLabel(view.state);
     }
     this.renderBudgetAction(card, view);
     setText(card, '[data-part="handler"]', view.run?.handler ?? "");
