@@ -27,6 +27,7 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher import mapping
 from switchboard.dispatcher.assistants.catalog import Assistants
+from switchboard.dispatcher.budgets.handed import HEADER, Handed
 from switchboard.dispatcher.budgets.ledger import Applicable
 from switchboard.dispatcher.budgets.spending import Spending
 from switchboard.dispatcher.handlers.base import Handler, text_of
@@ -43,6 +44,7 @@ from switchboard.internal.dispatcher.v1 import job_pb2
 from switchboard.platform import names, timefields
 from switchboard.platform.cache import Cache
 from switchboard.platform.errors import (
+    BudgetExhausted,
     ContentBlocked,
     FieldViolation,
     InvalidArgument,
@@ -141,8 +143,13 @@ class Admission:
         self._tracer = tracer
 
     async def send_message(
-        self, principal: Principal, request: pb.SendMessageRequest
+        self,
+        principal: Principal,
+        request: pb.SendMessageRequest,
+        handed: Handed | None = None,
     ) -> pb.SendMessageResponse:
+        """``handed``: the budget a caller handed over (``x-switchboard-budget``), one
+        more cap on the run; nothing left of it refuses the message."""
         found = names.match(names.CONVERSATION, request.conversation, "conversation")
         workspace_id, conversation_id = found[1], found[2]
         timeout = self._validate(request)
@@ -161,6 +168,11 @@ class Admission:
         # Refused before anything is stored; admission itself then cannot fail.
         self._scheduler.check_room(workspace_id)
         budgets = await self._budgets(principal, workspace_id, assistant, choice)
+        if handed is not None and handed.empty():
+            raise BudgetExhausted(
+                "the message was refused: the budget its caller handed over has nothing left",
+                subject=HEADER,
+            )
 
         stored_message = await self._context.append_message(
             principal,
@@ -172,6 +184,8 @@ class Admission:
             principal, request, stored_message, run_id, choice, assistant, flags, policy, timeout
         )
         _carry_trace(self._tracer, run, job)
+        if handed:
+            job.handed_budget.CopyFrom(job_pb2.HandedBudget(**handed.capped()))
         created, replayed = await self._store.create(
             NewRun(
                 run_id=run_id,
