@@ -14,16 +14,12 @@ same with separate processes.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import pytest
 from a2a.types import a2a_pb2 as a2a
 from a2a.types import a2a_pb2_grpc
-from google.protobuf import json_format
 from google.rpc import error_details_pb2
 from grpc import aio
 
@@ -33,6 +29,7 @@ from switchboard.dispatcher.budgets.handed import BUDGET_EXTENSION, HEADER
 from tests.e2e.expertkit import until_listed
 from tests.e2e.toolexpert import ToolExpert
 from tests.fakes.openai_server import FakeOpenAI
+from tests.infra.cardserver import card_server
 from tests.service.authkit import detail, reason
 from tests.service.contextkit import (
     TIMEOUT_S,
@@ -189,31 +186,6 @@ async def test_a_run_without_a_budget_hands_none() -> None:
 
 
 # -- the caller and the callee: an A2A agent that is a Switchboard deployment ----------------
-
-
-@contextlib.asynccontextmanager
-async def card_server(card: a2a.AgentCard) -> AsyncIterator[str]:
-    """``card`` as JSON at every path of an HTTP server on a free loopback port; its URL."""
-    body = json_format.MessageToJson(card).encode()
-
-    async def answer_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(
-                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                + f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode()
-                + body
-            )
-            await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(answer_one, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}/.well-known/agent-card.json"
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 async def callee_card(channel: aio.Channel, world: World, assistant_id: str) -> a2a.AgentCard:
