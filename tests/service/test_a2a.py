@@ -535,7 +535,7 @@ async def test_a_dropped_stream_resumes_exactly_with_the_extension(agent: Agent)
     extensions = {e.uri: e for e in agent.card.capabilities.extensions}
     # The budget extension is declared beside it (tests/service/test_budget_hops.py).
     assert set(extensions) == {RESUME, "https://switchboard.dev/a2a/extensions/budget/v1"}
-    extension = extensions[RESUME]
+    assert not extensions[RESUME].required
     client = agent.client(agent.world.editor)
     words = "alpha beta gamma delta epsilon zeta eta theta"
     first: list[a2a.StreamResponse] = []

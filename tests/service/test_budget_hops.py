@@ -252,7 +252,7 @@ async def test_an_a2a_hop_to_a_switchboard_deployment_spends_within_what_was_han
                     left = await holds(server)
                     callee_runs = await _runs_of(dstub, callee)
             finally:
-                await channel.close()
+                await channel.close(None)
 
     one, two, three = runs
     assert one.state == pb.RUN_STATE_SUCCEEDED, one.error.message

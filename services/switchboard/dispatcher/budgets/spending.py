@@ -53,7 +53,7 @@ log = logging.getLogger("switchboard.dispatcher.budgets")
 
 #: How often a run paused at a cap looks again (a cap raised through another replica).
 POLL_S: Final = 2.0
-#: Times a hop reads what is left and tries to hold it before it waits like any step.
+#: Times a hop reads what is left and loses it to another run before it waits like any step.
 REST_ATTEMPTS: Final = 4
 SYSTEM: Final = events_pb2.Actor(name="system")
 
@@ -313,14 +313,15 @@ class RunBudget:
         """Hold what is left of every cap, for a hop: the hold's id and the caps
         to hand over. Nothing left of a stored budget: the run pauses as at any
         cap (and goes on once there is room); of a handed one: BudgetExhausted."""
-        ask = Amount()
-        for _ in range(REST_ATTEMPTS):
+        races = 0
+        while True:
             room = await self._ledger.room(self.budgets, self._run_id) if self.budgets else {}
             for name, left in self._handed_left().items():
                 room[name] = min(room.get(name, left), left)
             empty = {name for name, left in room.items() if left <= 0}
             if empty:
-                # One unit of what has no room cannot fit: the step waits (or ends) there.
+                # One unit of what has no room cannot fit: the step waits there (until
+                # there is room, an owner decides, or the timeout) or ends.
                 needs_tokens = bool(empty & {"input_tokens", "total_tokens"})
                 hold = await self.reserve(
                     1 if "cost_micros" in empty else 0,
@@ -330,17 +331,16 @@ class RunBudget:
                 await self.release(hold)
                 continue
             ask = _rest(room)
+            if races >= REST_ATTEMPTS:
+                # Runs of the same budgets keep taking room first: wait like any step.
+                return await self.reserve(
+                    ask.cost_micros, ask.input_tokens, ask.output_tokens
+                ), Handed(**room)
             outcome = await self._hold(ask)
             if isinstance(outcome, Hold):
                 self._spending.reserved("reserved")
                 return self._keep(outcome), Handed(**room)
-            # Another run took some of it meanwhile: read again.
-        hold = await self.reserve(ask.cost_micros, ask.input_tokens, ask.output_tokens)
-        return hold, Handed(
-            cost_micros=ask.cost_micros if self.caps_cost else None,
-            input_tokens=ask.input_tokens,
-            output_tokens=ask.output_tokens,
-        )
+            races += 1  # another run took some of it meanwhile: read again
 
     async def settle(
         self, hold: str, cost_micros: int, input_tokens: int, output_tokens: int

@@ -14,6 +14,10 @@ each result is written back as a ``tool_result`` frame. The runner shows the
 calls and results as run updates, so those frames are not relayed. A run
 that may call no tools answers every request FAILED.
 
+A run with a budget holds what is left of it for the call and names it in the
+``x-switchboard-budget`` metadata; the result's ``usage`` is what the run is
+charged (``hops.py``, docs/budgets.md "Across hops").
+
 Operator-level experts are configured statically
 (``SWITCHBOARD_DISPATCHER_REMOTE_HANDLERS=id=host:port,...``); a workspace's
 own experts are integrations of the hub, built into the same class by
