@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
 from google.protobuf.message import DecodeError
-from sqlalchemy import and_, delete, insert, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, delete, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -37,7 +37,12 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.budgets.periods import period_of
 from switchboard.platform import names
 from switchboard.platform.store.db import Database
-from switchboard.platform.store.models import BudgetHoldRow, BudgetRow, BudgetWindowRow
+from switchboard.platform.store.models import (
+    BudgetHoldRow,
+    BudgetRow,
+    BudgetWindowRow,
+    table_of,
+)
 from switchboard.platform.store.storage import transaction
 
 log = logging.getLogger("switchboard.dispatcher.budgets.ledger")
@@ -50,6 +55,137 @@ MAX_APPLICABLE: Final = 100
 _RELEASE_BATCH: Final = 500
 
 W = BudgetWindowRow
+
+# A reservation is on every model call's path: Core statements built once (the
+# conditional UPDATE once per combination of caps), not per call. Building and
+# keying a statement costs several times what SQLite takes to run it.
+_WINDOWS: Final = table_of(BudgetWindowRow)
+_HOLDS: Final = table_of(BudgetHoldRow)
+_BUDGETS: Final = table_of(BudgetRow)
+_WC = _WINDOWS.c
+_KEY: Final = (
+    _WC.workspace_id == bindparam("ws"),
+    _WC.budget_id == bindparam("budget"),
+    _WC.window == bindparam("win"),
+)
+_NEW_WINDOW: Final = {
+    "workspace_id": bindparam("ws"),
+    "budget_id": bindparam("budget"),
+    "window": bindparam("win"),
+    "cost_used": 0,
+    "cost_held": 0,
+    "input_used": 0,
+    "input_held": 0,
+    "output_used": 0,
+    "output_held": 0,
+    "alerted": 0,
+    "created_at": bindparam("at"),
+}
+_OPEN_WINDOW: Final = {
+    "sqlite": sqlite_insert(_WINDOWS).values(_NEW_WINDOW).on_conflict_do_nothing(),
+    "postgresql": pg_insert(_WINDOWS).values(_NEW_WINDOW).on_conflict_do_nothing(),
+}
+_INSERT_HOLD: Final = _HOLDS.insert()
+_HOLD_KEY: Final = (
+    _HOLDS.c.id == bindparam("hold"),
+    _HOLDS.c.workspace_id == bindparam("ws"),
+    _HOLDS.c.budget_id == bindparam("budget"),
+)
+_DELETE_HOLD: Final = delete(_HOLDS).where(*_HOLD_KEY)
+_SETTLE: Final = (
+    update(_WINDOWS)
+    .where(*_KEY)
+    .values(
+        cost_held=_WC.cost_held - bindparam("held_cost"),
+        input_held=_WC.input_held - bindparam("held_in"),
+        output_held=_WC.output_held - bindparam("held_out"),
+        cost_used=_WC.cost_used + bindparam("used_cost"),
+        input_used=_WC.input_used + bindparam("used_in"),
+        output_used=_WC.output_used + bindparam("used_out"),
+    )
+)
+_READ_WINDOW: Final = select(
+    _WC.cost_used,
+    _WC.input_used,
+    _WC.output_used,
+    _WC.cost_held,
+    _WC.input_held,
+    _WC.output_held,
+    _WC.alerted,
+).where(*_KEY)
+_CLAIM: Final = (
+    update(_WINDOWS)
+    .where(*_KEY, _WC.alerted < bindparam("percent"))
+    .values(alerted=bindparam("percent"))
+)
+# Every kind of scope in one statement: no budget has an assistant or key scope with an
+# empty id, so "" (no assistant, no key) matches none of those.
+_APPLICABLE: Final = (
+    select(_BUDGETS.c.id, _BUDGETS.c.data)
+    .where(
+        _BUDGETS.c.workspace_id == bindparam("ws"),
+        or_(
+            _BUDGETS.c.scope_kind == "workspace",
+            and_(
+                _BUDGETS.c.scope_kind == "assistant", _BUDGETS.c.scope_id == bindparam("assistant")
+            ),
+            and_(_BUDGETS.c.scope_kind == "api_key", _BUDGETS.c.scope_id == bindparam("key")),
+        ),
+    )
+    .order_by(_BUDGETS.c.id)
+    .limit(MAX_APPLICABLE)
+)
+_RESERVES: dict[tuple[bool, bool, bool, bool], Any] = {}
+
+
+def _reserving(caps: Caps | None) -> Any:
+    """The conditional UPDATE that holds an ask if it fits ``caps`` (None: whatever they say)."""
+    shape = (
+        (False, False, False, False)
+        if caps is None
+        else (
+            caps.cost is not None,
+            caps.input_tokens is not None,
+            caps.output_tokens is not None,
+            caps.total_tokens is not None,
+        )
+    )
+    statement = _RESERVES.get(shape)
+    if statement is None:
+        has_cost, has_in, has_out, has_total = shape
+        conditions: list[Any] = []
+        if has_cost:
+            conditions.append(
+                _WC.cost_used + _WC.cost_held + bindparam("ask_cost") <= bindparam("cap_cost")
+            )
+        if has_in:
+            conditions.append(
+                _WC.input_used + _WC.input_held + bindparam("ask_in") <= bindparam("cap_in")
+            )
+        if has_out:
+            conditions.append(
+                _WC.output_used + _WC.output_held + bindparam("ask_out") <= bindparam("cap_out")
+            )
+        if has_total:
+            conditions.append(
+                _WC.input_used
+                + _WC.input_held
+                + _WC.output_used
+                + _WC.output_held
+                + bindparam("ask_in")
+                + bindparam("ask_out")
+                <= bindparam("cap_total")
+            )
+        statement = _RESERVES[shape] = (
+            update(_WINDOWS)
+            .where(*_KEY, *conditions)
+            .values(
+                cost_held=_WC.cost_held + bindparam("ask_cost"),
+                input_held=_WC.input_held + bindparam("ask_in"),
+                output_held=_WC.output_held + bindparam("ask_out"),
+            )
+        )
+    return statement
 
 
 @dataclass(frozen=True)
@@ -162,28 +298,6 @@ def applicable_of(workspace_id: str, budget_id: str, data: bytes) -> Applicable 
     )
 
 
-def _room(caps: Caps, ask: Amount) -> list[Any]:
-    """The conditions that ``ask`` fits in ``caps`` (used + held + ask <= cap each)."""
-    conditions: list[Any] = []
-    if caps.cost is not None:
-        conditions.append(W.cost_used + W.cost_held + ask.cost_micros <= caps.cost)
-    if caps.input_tokens is not None:
-        conditions.append(W.input_used + W.input_held + ask.input_tokens <= caps.input_tokens)
-    if caps.output_tokens is not None:
-        conditions.append(W.output_used + W.output_held + ask.output_tokens <= caps.output_tokens)
-    if caps.total_tokens is not None:
-        conditions.append(
-            W.input_used
-            + W.input_held
-            + W.output_used
-            + W.output_held
-            + ask.input_tokens
-            + ask.output_tokens
-            <= caps.total_tokens
-        )
-    return conditions
-
-
 def _fraction(caps: Caps, used: Amount) -> tuple[float, str]:
     """The largest share of a cap ``used`` takes, and that cap's name."""
     best, which = 0.0, ""
@@ -219,7 +333,7 @@ class Ledger:
 
     def __init__(self, database: Database, *, clock: Callable[[], dt.datetime] = names.now) -> None:
         self._database = database
-        self._insert = sqlite_insert if database.dialect_name == "sqlite" else pg_insert
+        self._dialect = database.dialect_name
         self._clock = clock
 
     async def _run(self, work: Callable[[Session], _T], *, write: bool) -> _T:
@@ -232,22 +346,10 @@ class Ledger:
     ) -> tuple[Applicable, ...]:
         """The budgets of ``workspace_id`` that apply to a run of ``assistant_id``
         started with ``api_key_id`` (either "" for none), in lock order."""
-        scopes: list[Any] = [BudgetRow.scope_kind == "workspace"]
-        if assistant_id:
-            scopes.append(
-                and_(BudgetRow.scope_kind == "assistant", BudgetRow.scope_id == assistant_id)
-            )
-        if api_key_id:
-            scopes.append(and_(BudgetRow.scope_kind == "api_key", BudgetRow.scope_id == api_key_id))
-        statement = (
-            select(BudgetRow.id, BudgetRow.data)
-            .where(BudgetRow.workspace_id == workspace_id, or_(*scopes))
-            .order_by(BudgetRow.id)
-            .limit(MAX_APPLICABLE)
-        )
+        values = {"ws": workspace_id, "assistant": assistant_id, "key": api_key_id}
 
         def work(db: Session) -> list[tuple[str, bytes]]:
-            return [(row[0], row[1]) for row in db.execute(statement)]
+            return [(row[0], row[1]) for row in db.connection().execute(_APPLICABLE, values)]
 
         found = []
         for budget_id, data in await self._run(work, write=False):
@@ -327,49 +429,38 @@ class Ledger:
         )
         hold_id = names.new_id()
 
+        opening = _OPEN_WINDOW[self._dialect]
+        asks = {
+            "ask_cost": ask.cost_micros,
+            "ask_in": ask.input_tokens,
+            "ask_out": ask.output_tokens,
+            "at": at,
+        }
+
         def work(db: Session) -> Hold:
+            connection = db.connection()
             no_room: list[Full] = []
             for budget, window in windows:
-                key = (
-                    W.workspace_id == budget.workspace_id,
-                    W.budget_id == budget.budget_id,
-                    W.window == window,
-                )
-                db.execute(
-                    self._insert(W)
-                    .values(
-                        workspace_id=budget.workspace_id,
-                        budget_id=budget.budget_id,
-                        window=window,
-                        cost_used=0,
-                        cost_held=0,
-                        input_used=0,
-                        input_held=0,
-                        output_used=0,
-                        output_held=0,
-                        alerted=0,
-                        created_at=at,
-                    )
-                    .on_conflict_do_nothing()
-                )
-                conditions = [] if overdraft else _room(budget.caps, ask)
-                result = db.execute(
-                    update(W)
-                    .where(*key, *conditions)
-                    .values(
-                        cost_held=W.cost_held + ask.cost_micros,
-                        input_held=W.input_held + ask.input_tokens,
-                        output_held=W.output_held + ask.output_tokens,
-                    )
-                    .execution_options(synchronize_session=False)
-                )
+                caps = budget.caps
+                values = {
+                    **asks,
+                    "ws": budget.workspace_id,
+                    "budget": budget.budget_id,
+                    "win": window,
+                    "cap_cost": caps.cost,
+                    "cap_in": caps.input_tokens,
+                    "cap_out": caps.output_tokens,
+                    "cap_total": caps.total_tokens,
+                }
+                connection.execute(opening, values)
+                result = connection.execute(_reserving(None if overdraft else caps), values)
                 if _rowcount(result) != 1:
                     no_room.append(Full(budget, self.reset_of(budget, at)))
             if no_room:
                 raise _NoRoom(no_room)
             if windows:
-                db.execute(
-                    insert(BudgetHoldRow),
+                connection.execute(
+                    _INSERT_HOLD,
                     [
                         {
                             "id": hold_id,
@@ -400,57 +491,42 @@ class Ledger:
         period, whichever replica crosses it). A hold already released (its run
         taken over meanwhile) only adds ``actual``."""
 
+        used = {
+            "used_cost": actual.cost_micros,
+            "used_in": actual.input_tokens,
+            "used_out": actual.output_tokens,
+        }
+        reserved = hold.amount
+
         def work(db: Session) -> list[Alert]:
+            connection = db.connection()
             alerts: list[Alert] = []
             for budget, window in hold.windows:
-                key = (
-                    W.workspace_id == budget.workspace_id,
-                    W.budget_id == budget.budget_id,
-                    W.window == window,
-                )
-                removed = db.execute(
-                    delete(BudgetHoldRow)
-                    .where(
-                        BudgetHoldRow.id == hold.id,
-                        BudgetHoldRow.workspace_id == budget.workspace_id,
-                        BudgetHoldRow.budget_id == budget.budget_id,
-                    )
-                    .execution_options(synchronize_session=False)
-                )
-                held = hold.amount if _rowcount(removed) == 1 else Amount()
-                db.execute(
-                    update(W)
-                    .where(*key)
-                    .values(
-                        cost_held=W.cost_held - held.cost_micros,
-                        input_held=W.input_held - held.input_tokens,
-                        output_held=W.output_held - held.output_tokens,
-                        cost_used=W.cost_used + actual.cost_micros,
-                        input_used=W.input_used + actual.input_tokens,
-                        output_used=W.output_used + actual.output_tokens,
-                    )
-                    .execution_options(synchronize_session=False)
+                key = {"ws": budget.workspace_id, "budget": budget.budget_id, "win": window}
+                removed = connection.execute(_DELETE_HOLD, {**key, "hold": hold.id})
+                held = reserved if _rowcount(removed) == 1 else Amount()
+                connection.execute(
+                    _SETTLE,
+                    {
+                        **key,
+                        **used,
+                        "held_cost": held.cost_micros,
+                        "held_in": held.input_tokens,
+                        "held_out": held.output_tokens,
+                    },
                 )
                 if budget.thresholds:
-                    alerts.extend(self._crossed(db, budget, window, key))
+                    alerts.extend(self._crossed(connection, budget, window, key))
             return alerts
 
         return Settled(tuple(await self._run(work, write=True)))
 
-    def _crossed(self, db: Session, budget: Applicable, window: str, key: Any) -> list[Alert]:
+    def _crossed(
+        self, connection: Connection, budget: Applicable, window: str, key: dict[str, str]
+    ) -> list[Alert]:
         """Claim the thresholds of ``budget`` its window's usage has reached and no
         one claimed yet (the row is locked by this transaction's update)."""
-        row = db.execute(
-            select(
-                W.cost_used,
-                W.input_used,
-                W.output_used,
-                W.cost_held,
-                W.input_held,
-                W.output_held,
-                W.alerted,
-            ).where(*key)
-        ).one_or_none()
+        row = connection.execute(_READ_WINDOW, key).one_or_none()
         if row is None:
             return []
         used, held = Amount(row[0], row[1], row[2]), Amount(row[3], row[4], row[5])
@@ -459,12 +535,7 @@ class Ledger:
         for percent in budget.thresholds:
             if percent <= row[6] or share * 100 < percent:
                 continue
-            claimed = db.execute(
-                update(W)
-                .where(*key, W.alerted < percent)
-                .values(alerted=percent)
-                .execution_options(synchronize_session=False)
-            )
+            claimed = connection.execute(_CLAIM, {**key, "percent": percent})
             if _rowcount(claimed) == 1:
                 alerts.append(Alert(budget, percent, cap, used, held, window))
         return alerts

@@ -31,6 +31,7 @@ import contextlib
 import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
@@ -128,6 +129,14 @@ def alert_event(
     return event
 
 
+@dataclass(frozen=True)
+class Read:
+    """The budgets that apply to a run, and the version of its workspace's they were read at."""
+
+    budgets: tuple[Applicable, ...]
+    version: int
+
+
 class Spending:
     """The process's side of budgets: which apply, refusals, alerts, wake-ups."""
 
@@ -147,14 +156,25 @@ class Spending:
         self.poll_s = poll_s
         #: Set (and replaced) when a budget of the workspace changes: paused runs look again.
         self._changed: dict[str, asyncio.Event] = {}
+        #: Counts each workspace's budget changes seen here: a run whose budgets were
+        #: read before the last one reads them again before its next reservation.
+        self._versions: dict[str, int] = {}
 
     # -- the catalog's hook ----------------------------------------------------------------
 
     def on_change(self, workspace_id: str) -> None:
         """A budget of ``workspace_id`` was created, updated or deleted."""
+        self._versions[workspace_id] = self._versions.get(workspace_id, 0) + 1
+        self.wake(workspace_id)
+
+    def wake(self, workspace_id: str) -> None:
+        """Room may have been freed in ``workspace_id``'s budgets: paused runs look again."""
         event = self._changed.pop(workspace_id, None)
         if event is not None:
             event.set()
+
+    def version(self, workspace_id: str) -> int:
+        return self._versions.get(workspace_id, 0)
 
     def changed(self, workspace_id: str) -> asyncio.Event:
         event = self._changed.get(workspace_id)
@@ -163,6 +183,15 @@ class Spending:
         return event
 
     # -- which apply -----------------------------------------------------------------------
+
+    async def read(self, workspace_id: str, assistant: str, api_key_id: str) -> Read:
+        """``applicable``, with the version of the workspace's budgets it read."""
+        version = self.version(workspace_id)
+        return Read(await self.applicable(workspace_id, assistant, api_key_id), version)
+
+    def fresh(self, read: Read, workspace_id: str) -> bool:
+        """Whether no budget of ``workspace_id`` changed here since ``read``."""
+        return read.version == self.version(workspace_id)
 
     async def applicable(
         self, workspace_id: str, assistant: str, api_key_id: str
@@ -236,7 +265,7 @@ class Spending:
 
     def run_budget(
         self,
-        budgets: Sequence[Applicable],
+        read: Read,
         run: pb.Run,
         workspace_id: str,
         api_key_id: str,
@@ -245,7 +274,7 @@ class Spending:
     ) -> RunBudget | None:
         """The run's budget (None when no budget applies and none was handed to
         it: nothing to reserve)."""
-        if not budgets and not handed:
+        if not read.budgets and not handed:
             return None
 
         def reload() -> Awaitable[tuple[Applicable, ...]]:
@@ -253,11 +282,12 @@ class Spending:
 
         return RunBudget(
             self,
-            tuple(budgets),
+            read.budgets,
             run=run,
             workspace_id=workspace_id,
             host=host,
             reload=reload,
+            version=read.version,
             handed=handed or None,
         )
 
@@ -274,9 +304,12 @@ class RunBudget:
         workspace_id: str,
         host: Pauser,
         reload: Callable[[], Awaitable[tuple[Applicable, ...]]],
+        version: int,
         handed: Handed | None = None,
     ) -> None:
         self._spending = spending
+        #: The workspace's budget version ``budgets`` were read at (``Spending.version``).
+        self._version = version
         #: The budgets that apply now (a paused run reads them again: a cap may have changed).
         self._reload = reload
         self._ledger = spending.ledger
@@ -294,13 +327,17 @@ class RunBudget:
         #: and what its steps used and hold of them (in memory: one run, one process).
         self.handed = handed
         self._handed_taken = Amount()
-        self.caps_cost = any(b.caps.cost is not None for b in budgets) or (
-            handed is not None and handed.cost_micros is not None
+
+    @property
+    def caps_cost(self) -> bool:
+        return any(b.caps.cost is not None for b in self.budgets) or (
+            self.handed is not None and self.handed.cost_micros is not None
         )
 
     async def reserve(self, cost_micros: int, input_tokens: int, output_tokens: int) -> str:
         ask = Amount(max(0, cost_micros), max(0, input_tokens), max(0, output_tokens))
         self._check_handed(ask)
+        await self._current()
         outcome = await self._hold(ask)
         if isinstance(outcome, Hold):
             self._spending.reserved("reserved")
@@ -315,6 +352,7 @@ class RunBudget:
         cap (and goes on once there is room); of a handed one: BudgetExhausted."""
         races = 0
         while True:
+            await self._current()
             room = await self._ledger.room(self.budgets, self._run_id) if self.budgets else {}
             for name, left in self._handed_left().items():
                 room[name] = min(room.get(name, left), left)
@@ -354,7 +392,7 @@ class RunBudget:
             return
         settled = await self._ledger.settle(kept, actual)
         # What the hold kept beyond what was used is free again: runs paused here look.
-        self._spending.on_change(self._workspace_id)
+        self._spending.wake(self._workspace_id)
         if settled.alerts:
             await self._spending.alerts(settled.alerts)
 
@@ -364,7 +402,7 @@ class RunBudget:
             self._handed_settle(kept.amount, Amount())
             if kept.windows:
                 await self._ledger.release(kept)
-                self._spending.on_change(self._workspace_id)
+                self._spending.wake(self._workspace_id)
 
     # -- the caps a caller handed over -----------------------------------------------------
 
@@ -429,17 +467,24 @@ class RunBudget:
     async def close(self) -> None:
         """The run ended: holds its steps did not settle (cancelled, failed) go back."""
         holds, self._holds = [h for h in self._holds.values() if h.windows], {}
-        for hold in holds:
-            try:
+        try:
+            for hold in holds:
                 await self._ledger.release(hold)
-            except SwitchboardError:
-                # Its hold rows name the run: the next takeover or restart releases them.
-                log.warning("budget hold not released", extra={"run": self._run.name})
+        except SwitchboardError:
+            # Its hold rows name the run: the next takeover or restart releases them.
+            log.warning("budget holds not released", extra={"run": self._run.name})
 
     def decided(self) -> None:
         """An owner decided the budget action (``ResolveBudgetAction``)."""
         event, self._decided = self._decided, asyncio.Event()
         event.set()
+
+    async def _current(self) -> None:
+        """Read the budgets again if one of the workspace changed since they were read."""
+        version = self._spending.version(self._workspace_id)
+        if version != self._version:
+            self._version = version
+            self.budgets = await self._reload()
 
     def _keep(self, hold: Hold) -> str:
         self._holds[hold.id] = hold
@@ -487,6 +532,7 @@ class RunBudget:
                     decided = self._decided
                     overdraft = decision == pb.BUDGET_DECISION_ALLOW_OVERDRAFT
                     if attempts:
+                        self._version = self._spending.version(self._workspace_id)
                         self.budgets = await self._reload()
                     attempts += 1
                     outcome = await self._hold(ask, overdraft=overdraft)

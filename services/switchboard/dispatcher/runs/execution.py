@@ -30,8 +30,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.dispatcher import mapping
 from switchboard.dispatcher.budgets.handed import Handed
-from switchboard.dispatcher.budgets.ledger import Applicable
-from switchboard.dispatcher.budgets.spending import Spending
+from switchboard.dispatcher.budgets.spending import Read, Spending
 from switchboard.dispatcher.handlers.base import HandleCall, HandlerFailure
 from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.runs.clock import RunClock
@@ -250,7 +249,7 @@ class Execution:
                 ),
             )
             definitions: list[handler_pb2.ToolDefinition] = []
-            budgets: Sequence[Applicable] = ()
+            budgets: Read | None = None
             if (assistant is not None and assistant.tools) or self._spending is not None:
                 (_, window), (definitions, _), budgets = await asyncio.gather(
                     reads,
@@ -276,15 +275,14 @@ class Execution:
                 request.instructions = assistant.instructions
                 if assistant.HasField("model"):
                     request.model.CopyFrom(assistant.model)
-            handed = _handed(active.job)
-            if (budgets or handed) and self._spending is not None:
+            if budgets is not None and self._spending is not None:
                 active.budget = self._spending.run_budget(
                     budgets,
                     run,
                     active.workspace_id,
                     active.principal.api_key_id,
                     _RunHost(self, active, clock),
-                    handed,
+                    _handed(active.job),
                 )
             runner = self._runner(active, definitions, clock)
             if runner is not None:
@@ -313,13 +311,14 @@ class Execution:
             )
         return output, result
 
-    async def _budgets(self, active: Active) -> Sequence[Applicable]:
+    async def _budgets(self, active: Active) -> Read | None:
         """The budgets that apply to the run, read once at its start."""
         if self._spending is None:
-            return ()
-        if active.budgets is not None:  # read by admission just now
-            return active.budgets
-        return await self._spending.applicable(
+            return None
+        admitted = active.budgets
+        if admitted is not None and self._spending.fresh(admitted, active.workspace_id):
+            return admitted  # admission's read, and nothing changed since
+        return await self._spending.read(
             active.workspace_id, active.run.assistant, active.principal.api_key_id
         )
 
