@@ -194,3 +194,19 @@ async def test_a_handed_cap_applies_beside_the_stored_budgets(
     assert await spending.ledger.room(budget.budgets, "r2") == {"cost_micros": 850}
     with pytest.raises(BudgetExhausted):
         await budget.reserve(300, 0, 0)  # 250 left of what was handed
+
+
+async def test_a_hop_that_holds_nothing_still_hands_what_is_left_and_is_charged(
+    database: Database, spending: Spending
+) -> None:
+    """An interactive expert's hop: its tool calls reserve from the same budget while it runs."""
+    await _budget(database, "daily", cost_limit_micros=1000)
+    hop, _ = await _run_budget(spending, "r1")
+
+    hold, handed = await hop.reserve_rest(hold=False)
+    tool = await hop.reserve(400, 0, 0)  # a priced tool call the expert asked for
+    await hop.settle(tool, 400, 0, 0)
+    await hop.settle(hold, 250, 0, 0)  # what the expert reported for itself
+
+    assert handed == Handed(cost_micros=1000)
+    assert await spending.ledger.room(hop.budgets, "r2") == {"cost_micros": 350}

@@ -346,10 +346,12 @@ class RunBudget:
         async with self._pausing:
             return self._keep(await self._paused(ask, outcome))
 
-    async def reserve_rest(self) -> tuple[str, Handed]:
+    async def reserve_rest(self, *, hold: bool = True) -> tuple[str, Handed]:
         """Hold what is left of every cap, for a hop: the hold's id and the caps
         to hand over. Nothing left of a stored budget: the run pauses as at any
-        cap (and goes on once there is room); of a handed one: BudgetExhausted."""
+        cap (and goes on once there is room); of a handed one: BudgetExhausted.
+        ``hold`` False: hold nothing (a hop whose callee has the run make priced
+        calls meanwhile, which reserve as they go); the id settles what it reports."""
         races = 0
         while True:
             await self._current()
@@ -361,14 +363,14 @@ class RunBudget:
                 # One unit of what has no room cannot fit: the step waits there (until
                 # there is room, an owner decides, or the timeout) or ends.
                 needs_tokens = bool(empty & {"input_tokens", "total_tokens"})
-                hold = await self.reserve(
+                waited = await self.reserve(
                     1 if "cost_micros" in empty else 0,
                     1 if needs_tokens else 0,
                     1 if "output_tokens" in empty else 0,
                 )
-                await self.release(hold)
+                await self.release(waited)
                 continue
-            ask = _rest(room)
+            ask = _rest(room) if hold else Amount()
             if races >= REST_ATTEMPTS:
                 # Runs of the same budgets keep taking room first: wait like any step.
                 return await self.reserve(

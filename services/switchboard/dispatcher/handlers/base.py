@@ -60,10 +60,11 @@ class StepBudget(Protocol):
 
     async def reserve(self, cost_micros: int, input_tokens: int, output_tokens: int) -> str: ...
 
-    async def reserve_rest(self) -> tuple[str, Handed]:
+    async def reserve_rest(self, *, hold: bool = True) -> tuple[str, Handed]:
         """Hold what is left of every cap for a hop to another agent: the hold's id
         and the caps to hand over (``budgets/handed.py``). Waits or raises as
-        ``reserve`` does when nothing is left."""
+        ``reserve`` does when nothing is left. ``hold`` False holds nothing (the
+        callee has the run make priced calls, which reserve as they go)."""
         ...
 
     async def settle(

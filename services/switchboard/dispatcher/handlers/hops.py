@@ -19,15 +19,20 @@ from switchboard.dispatcher.handlers.base import StepBudget
 class Hop:
     """One hop's hold: ``start`` before the call, ``settle`` with its result, ``close`` after."""
 
-    def __init__(self, budget: StepBudget | None) -> None:
+    def __init__(self, budget: StepBudget | None, *, hold: bool = True) -> None:
+        """``hold`` False: hand over what is left but hold none of it, for a callee
+        that has the run call tools meanwhile (an interactive expert): their prices
+        are reserved from the same budgets as they run, which a hold of everything
+        would leave no room for."""
         self._budget = budget
+        self._holds = hold
         self._hold = ""
 
     async def start(self) -> Handed | None:
         """Hold what is left and say what to hand over (None: the run has no budget)."""
         if self._budget is None:
             return None
-        self._hold, handed = await self._budget.reserve_rest()
+        self._hold, handed = await self._budget.reserve_rest(hold=self._holds)
         return handed
 
     async def settle(self, result: handler_pb2.HandleResult) -> None:

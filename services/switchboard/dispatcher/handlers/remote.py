@@ -207,7 +207,7 @@ class RemoteHandler:
         # The run's budget goes with the call (``hops.py``): what is left of it is
         # held for the expert and named in ``x-switchboard-budget``; its result's
         # usage is charged.
-        hop = Hop(call.budget)
+        hop = Hop(call.budget, hold=not self._capabilities.interactive)
         try:
             handed = await hop.start()
             metadata = self._metadata
