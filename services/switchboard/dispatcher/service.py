@@ -22,6 +22,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.assistants.catalog import Assistants
 from switchboard.dispatcher.budgets.catalog import Budgets
+from switchboard.dispatcher.budgets.handed import Handed
 from switchboard.dispatcher.budgets.quotas import Quotas
 from switchboard.dispatcher.budgets.spending import Spending
 from switchboard.dispatcher.budgets.usage import Usage
@@ -196,9 +197,13 @@ class Dispatcher:
     # -- the calls ----------------------------------------------------------------------
 
     async def send_message(
-        self, principal: Principal, request: pb.SendMessageRequest
+        self,
+        principal: Principal,
+        request: pb.SendMessageRequest,
+        handed: Handed | None = None,
     ) -> pb.SendMessageResponse:
-        return await self._admission.send_message(principal, request)
+        """``handed``: a budget the caller handed over across a hop (``budgets/handed.py``)."""
+        return await self._admission.send_message(principal, request, handed)
 
     async def get_run(self, name: str) -> pb.Run:
         return await self._queries.get_run(name)

@@ -14,6 +14,7 @@ from grpc import aio
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
+from switchboard.dispatcher.budgets.handed import HEADER, Handed, parse_header
 from switchboard.dispatcher.ports.peers import FORWARDED_KEY, Via
 from switchboard.dispatcher.service import Dispatcher
 from switchboard.platform.security.authn import bearer_credential, current_principal
@@ -38,6 +39,14 @@ def _via(context: Context, *, deadline: bool = True) -> Via:
     )
 
 
+def _handed(context: Context) -> Handed | None:
+    """The budget a caller handed over (``x-switchboard-budget``), if it sent one."""
+    for key, value in context.invocation_metadata() or ():
+        if key == HEADER:
+            return parse_header(value if isinstance(value, str) else value.decode("latin-1"))
+    return None
+
+
 class DispatcherServiceServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
     def __init__(self, dispatcher: Dispatcher) -> None:
         self._dispatcher = dispatcher
@@ -45,7 +54,7 @@ class DispatcherServiceServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
     async def SendMessage(
         self, request: pb.SendMessageRequest, context: Context
     ) -> pb.SendMessageResponse:
-        return await self._dispatcher.send_message(current_principal(), request)
+        return await self._dispatcher.send_message(current_principal(), request, _handed(context))
 
     async def GetRun(self, request: pb.GetRunRequest, context: Context) -> pb.GetRunResponse:
         return pb.GetRunResponse(run=await self._dispatcher.get_run(request.name))

@@ -598,6 +598,47 @@ class Ledger:
             released += await self._run(work, write=True)
         return released
 
+    async def room(self, budgets: Sequence[Applicable], run_id: str) -> dict[str, int]:
+        """What is left in the current period of ``budgets`` for ``run_id``, per cap
+        (``cost_micros``, ``input_tokens``, ``output_tokens``, ``total_tokens``):
+        the least room over the budgets that cap it, never negative; a cap no
+        budget sets is absent. Read, not held: a hop reserves it next."""
+        at = self._clock()
+        keyed = {(b.budget_id, self.window_of(b, run_id, at)): b for b in budgets}
+        if not keyed:
+            return {}
+        statement = select(
+            W.budget_id,
+            W.window,
+            W.cost_used + W.cost_held,
+            W.input_used + W.input_held,
+            W.output_used + W.output_held,
+        ).where(
+            W.workspace_id == budgets[0].workspace_id,
+            W.budget_id.in_(sorted({budget_id for budget_id, _ in keyed})),
+            W.window.in_(sorted({window for _, window in keyed})),
+        )
+
+        def work(db: Session) -> dict[tuple[str, str], Amount]:
+            rows = db.execute(statement)
+            return {(row[0], row[1]): Amount(row[2], row[3], row[4]) for row in rows}
+
+        taken = await self._run(work, write=False)
+        room: dict[str, int] = {}
+        for key, budget in keyed.items():
+            spent = taken.get(key, Amount())
+            caps = budget.caps
+            for name, cap, value in (
+                ("cost_micros", caps.cost, spent.cost_micros),
+                ("input_tokens", caps.input_tokens, spent.input_tokens),
+                ("output_tokens", caps.output_tokens, spent.output_tokens),
+                ("total_tokens", caps.total_tokens, spent.input_tokens + spent.output_tokens),
+            ):
+                if cap is not None:
+                    left = max(0, cap - value)
+                    room[name] = min(room.get(name, left), left)
+        return room
+
     async def window(self, budget: Applicable, window: str) -> tuple[Amount, Amount] | None:
         """``(used, held)`` of one period of ``budget`` (None: nothing reserved in it yet)."""
         statement = select(

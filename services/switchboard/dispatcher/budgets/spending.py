@@ -17,6 +17,11 @@
   ``POLL_S`` for changes made through another replica; an owner may allow the
   step past the cap or fail the run (``ResolveBudgetAction``). After the
   approval timeout it fails with BUDGET_EXHAUSTED.
+* **Across hops** (``handed.py``): a step that calls another agent reserves
+  what is left of every cap (``RunBudget.reserve_rest``) and hands that over;
+  a run started with a budget handed to it holds that as one more cap, in
+  memory. A handed cap has no owner to raise it: a step it has no room for
+  ends the run with BUDGET_EXHAUSTED, without pausing.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from typing import Any, Final, Protocol
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
+from switchboard.dispatcher.budgets.handed import HEADER, Handed
 from switchboard.dispatcher.budgets.ledger import (
     Alert,
     Amount,
@@ -48,6 +54,8 @@ log = logging.getLogger("switchboard.dispatcher.budgets")
 
 #: How often a run paused at a cap looks again (a cap raised through another replica).
 POLL_S: Final = 2.0
+#: Times a hop reads what is left and loses it to another run before it waits like any step.
+REST_ATTEMPTS: Final = 4
 SYSTEM: Final = events_pb2.Actor(name="system")
 
 
@@ -262,9 +270,11 @@ class Spending:
         workspace_id: str,
         api_key_id: str,
         host: Pauser,
+        handed: Handed | None = None,
     ) -> RunBudget | None:
-        """The run's budget (None when no budget applies: nothing to reserve)."""
-        if not read.budgets:
+        """The run's budget (None when no budget applies and none was handed to
+        it: nothing to reserve)."""
+        if not read.budgets and not handed:
             return None
 
         def reload() -> Awaitable[tuple[Applicable, ...]]:
@@ -278,6 +288,7 @@ class Spending:
             host=host,
             reload=reload,
             version=read.version,
+            handed=handed or None,
         )
 
 
@@ -294,6 +305,7 @@ class RunBudget:
         host: Pauser,
         reload: Callable[[], Awaitable[tuple[Applicable, ...]]],
         version: int,
+        handed: Handed | None = None,
     ) -> None:
         self._spending = spending
         #: The workspace's budget version ``budgets`` were read at (``Spending.version``).
@@ -311,15 +323,22 @@ class RunBudget:
         self._decided = asyncio.Event()
         #: One paused step at a time (concurrent tool calls of a step wait in turn).
         self._pausing = asyncio.Lock()
+        #: The caps a caller handed to this run (None: it was not called across a hop),
+        #: and what its steps used and hold of them (in memory: one run, one process).
+        self.handed = handed
+        self._handed_taken = Amount()
 
     @property
     def caps_cost(self) -> bool:
-        return any(b.caps.cost is not None for b in self.budgets)
+        return any(b.caps.cost is not None for b in self.budgets) or (
+            self.handed is not None and self.handed.cost_micros is not None
+        )
 
     async def reserve(self, cost_micros: int, input_tokens: int, output_tokens: int) -> str:
         ask = Amount(max(0, cost_micros), max(0, input_tokens), max(0, output_tokens))
+        self._check_handed(ask)
         await self._current()
-        outcome = await self._ledger.reserve(self.budgets, self._run_id, ask)
+        outcome = await self._hold(ask)
         if isinstance(outcome, Hold):
             self._spending.reserved("reserved")
             return self._keep(outcome)
@@ -327,13 +346,53 @@ class RunBudget:
         async with self._pausing:
             return self._keep(await self._paused(ask, outcome))
 
+    async def reserve_rest(self, *, hold: bool = True) -> tuple[str, Handed]:
+        """Hold what is left of every cap, for a hop: the hold's id and the caps
+        to hand over. Nothing left of a stored budget: the run pauses as at any
+        cap (and goes on once there is room); of a handed one: BudgetExhausted.
+        ``hold`` False: hold nothing (a hop whose callee has the run make priced
+        calls meanwhile, which reserve as they go); the id settles what it reports."""
+        races = 0
+        while True:
+            await self._current()
+            room = await self._ledger.room(self.budgets, self._run_id) if self.budgets else {}
+            for name, left in self._handed_left().items():
+                room[name] = min(room.get(name, left), left)
+            empty = {name for name, left in room.items() if left <= 0}
+            if empty:
+                # One unit of what has no room cannot fit: the step waits there (until
+                # there is room, an owner decides, or the timeout) or ends.
+                needs_tokens = bool(empty & {"input_tokens", "total_tokens"})
+                waited = await self.reserve(
+                    1 if "cost_micros" in empty else 0,
+                    1 if needs_tokens else 0,
+                    1 if "output_tokens" in empty else 0,
+                )
+                await self.release(waited)
+                continue
+            ask = _rest(room) if hold else Amount()
+            if races >= REST_ATTEMPTS:
+                # Runs of the same budgets keep taking room first: wait like any step.
+                return await self.reserve(
+                    ask.cost_micros, ask.input_tokens, ask.output_tokens
+                ), Handed(**room)
+            outcome = await self._hold(ask)
+            if isinstance(outcome, Hold):
+                self._spending.reserved("reserved")
+                return self._keep(outcome), Handed(**room)
+            races += 1  # another run took some of it meanwhile: read again
+
     async def settle(
         self, hold: str, cost_micros: int, input_tokens: int, output_tokens: int
     ) -> None:
         kept = self._holds.pop(hold, None)
         if kept is None:
             return
-        settled = await self._ledger.settle(kept, Amount(cost_micros, input_tokens, output_tokens))
+        actual = Amount(cost_micros, input_tokens, output_tokens)
+        self._handed_settle(kept.amount, actual)
+        if not kept.windows:
+            return
+        settled = await self._ledger.settle(kept, actual)
         # What the hold kept beyond what was used is free again: runs paused here look.
         self._spending.wake(self._workspace_id)
         if settled.alerts:
@@ -342,12 +401,74 @@ class RunBudget:
     async def release(self, hold: str) -> None:
         kept = self._holds.pop(hold, None)
         if kept is not None:
-            await self._ledger.release(kept)
-            self._spending.wake(self._workspace_id)
+            self._handed_settle(kept.amount, Amount())
+            if kept.windows:
+                await self._ledger.release(kept)
+                self._spending.wake(self._workspace_id)
+
+    # -- the caps a caller handed over -----------------------------------------------------
+
+    def _handed_left(self) -> dict[str, int]:
+        handed = self.handed
+        if handed is None:
+            return {}
+        taken = self._handed_taken
+        spent = {
+            "cost_micros": taken.cost_micros,
+            "input_tokens": taken.input_tokens,
+            "output_tokens": taken.output_tokens,
+            "total_tokens": taken.input_tokens + taken.output_tokens,
+        }
+        return {name: max(0, cap - spent[name]) for name, cap in handed.capped().items()}
+
+    def _check_handed(self, ask: Amount) -> None:
+        """A step with no room in a handed cap ends the run: no one here can raise it."""
+        left = self._handed_left()
+        if not left:
+            return
+        asks = {
+            "cost_micros": ask.cost_micros,
+            "input_tokens": ask.input_tokens,
+            "output_tokens": ask.output_tokens,
+            "total_tokens": ask.input_tokens + ask.output_tokens,
+        }
+        over = sorted(name for name, room in left.items() if asks[name] > room)
+        if over:
+            self._spending.reserved("refused")
+            self._spending.refused(BudgetExhausted.reason)
+            detail = ", ".join(f"{name} {left[name]} left, {asks[name]} asked" for name in over)
+            raise BudgetExhausted(
+                f"the step needs more than is left of the budget the run's caller handed "
+                f"over ({detail})",
+                subject=HEADER,
+                subjects=[(f"{HEADER}.{name}", f"{left[name]} left") for name in over],
+            )
+
+    def _handed_settle(self, held: Amount, actual: Amount) -> None:
+        if self.handed is None:
+            return
+        taken = self._handed_taken
+        self._handed_taken = Amount(
+            max(0, taken.cost_micros - held.cost_micros + actual.cost_micros),
+            max(0, taken.input_tokens - held.input_tokens + actual.input_tokens),
+            max(0, taken.output_tokens - held.output_tokens + actual.output_tokens),
+        )
+
+    async def _hold(self, ask: Amount, *, overdraft: bool = False) -> Hold | list[Full]:
+        """Hold ``ask`` in the stored budgets and the handed caps (checked before)."""
+        if self.budgets:
+            outcome = await self._ledger.reserve(
+                self.budgets, self._run_id, ask, overdraft=overdraft
+            )
+        else:
+            outcome = Hold(names.new_id(), self._run_id, ask, ())
+        if isinstance(outcome, Hold) and self.handed is not None:
+            self._handed_taken = self._handed_taken + ask
+        return outcome
 
     async def close(self) -> None:
         """The run ended: holds its steps did not settle (cancelled, failed) go back."""
-        holds, self._holds = list(self._holds.values()), {}
+        holds, self._holds = [h for h in self._holds.values() if h.windows], {}
         try:
             for hold in holds:
                 await self._ledger.release(hold)
@@ -416,9 +537,7 @@ class RunBudget:
                         self._version = self._spending.version(self._workspace_id)
                         self.budgets = await self._reload()
                     attempts += 1
-                    outcome = await self._ledger.reserve(
-                        self.budgets, self._run_id, ask, overdraft=overdraft
-                    )
+                    outcome = await self._hold(ask, overdraft=overdraft)
                     if isinstance(outcome, Hold):
                         hold = outcome
                         self._spending.reserved("overdraft" if overdraft else "reserved")
@@ -433,6 +552,25 @@ class RunBudget:
         if run.state == pb.RUN_STATE_REQUIRES_ACTION:
             await self._host.resume()
         return hold
+
+
+def _rest(room: dict[str, int]) -> Amount:
+    """What a hop holds of ``room``: all of it, with input and output tokens
+    together within a total cap (the hop settles what it used, however split)."""
+    inp, out, total = (room.get(k) for k in ("input_tokens", "output_tokens", "total_tokens"))
+    if total is not None:
+        if inp is None and out is None:
+            inp, out = total, 0
+        elif out is None:
+            inp = min(inp or 0, total)
+            out = total - inp
+        elif inp is None:
+            out = min(out, total)
+            inp = total - out
+        else:
+            out = min(out, total)
+            inp = min(inp, total - out)
+    return Amount(room.get("cost_micros", 0), inp or 0, out or 0)
 
 
 async def _first(*waits: Coroutine[Any, Any, object], timeout_s: float) -> None:

@@ -32,6 +32,7 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher import mapping
 from switchboard.dispatcher.assistants.catalog import Assistants
+from switchboard.dispatcher.budgets.handed import HEADER, Handed
 from switchboard.dispatcher.budgets.quotas import Limits, Quotas
 from switchboard.dispatcher.budgets.spending import Read, Spending
 from switchboard.dispatcher.handlers.base import Handler, text_of
@@ -48,6 +49,7 @@ from switchboard.internal.dispatcher.v1 import job_pb2
 from switchboard.platform import names, timefields
 from switchboard.platform.cache import Cache
 from switchboard.platform.errors import (
+    BudgetExhausted,
     ContentBlocked,
     FieldViolation,
     InvalidArgument,
@@ -181,17 +183,22 @@ class Admission:
         self._turns = Turns(self._limits.admitting_per_workspace)
 
     async def send_message(
-        self, principal: Principal, request: pb.SendMessageRequest
+        self,
+        principal: Principal,
+        request: pb.SendMessageRequest,
+        handed: Handed | None = None,
     ) -> pb.SendMessageResponse:
+        """``handed``: the budget a caller handed over (``x-switchboard-budget``), one
+        more cap on the run; nothing left of it refuses the message."""
         found = names.match(names.CONVERSATION, request.conversation, "conversation")
         # A few of a workspace's messages at a time: admissions share the database's
         # writers with every other workspace's, and a flood queued there would hold up
         # the others' first tokens (bench/fairness.py).
         async with self._turns.held(found[1]):
-            return await self._send_message(principal, request)
+            return await self._send_message(principal, request, handed)
 
     async def _send_message(
-        self, principal: Principal, request: pb.SendMessageRequest
+        self, principal: Principal, request: pb.SendMessageRequest, handed: Handed | None
     ) -> pb.SendMessageResponse:
         found = names.match(names.CONVERSATION, request.conversation, "conversation")
         workspace_id, conversation_id = found[1], found[2]
@@ -211,6 +218,11 @@ class Admission:
         # Refused before anything is stored; admission itself then cannot fail.
         self._scheduler.check_room(workspace_id)
         budgets = await self._budgets(principal, workspace_id, assistant, choice)
+        if handed is not None and handed.empty():
+            raise BudgetExhausted(
+                "the message was refused: the budget its caller handed over has nothing left",
+                subject=HEADER,
+            )
 
         stored_message = await self._context.append_message(
             principal,
@@ -222,6 +234,8 @@ class Admission:
             principal, request, stored_message, run_id, choice, assistant, flags, policy, timeout
         )
         _carry_trace(self._tracer, run, job)
+        if handed:
+            job.handed_budget.CopyFrom(job_pb2.HandedBudget(**handed.capped()))
         created, replayed = await self._store.create(
             NewRun(
                 run_id=run_id,

@@ -29,6 +29,7 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.dispatcher import mapping
+from switchboard.dispatcher.budgets.handed import Handed
 from switchboard.dispatcher.budgets.spending import Read, Spending
 from switchboard.dispatcher.handlers.base import HandleCall, HandlerFailure
 from switchboard.dispatcher.ports.context import ContextPort
@@ -48,6 +49,7 @@ from switchboard.dispatcher.runs.scheduler import Scheduler, Ticket
 from switchboard.dispatcher.runs.store import TERMINAL
 from switchboard.dispatcher.tools.port import ToolPort
 from switchboard.dispatcher.tools.runner import RunTools, ToolLimits, offered_tools
+from switchboard.internal.dispatcher.v1 import job_pb2
 from switchboard.platform import background, names
 from switchboard.platform.errors import (
     DeadlineExceeded,
@@ -280,6 +282,7 @@ class Execution:
                     active.workspace_id,
                     active.principal.api_key_id,
                     _RunHost(self, active, clock),
+                    _handed(active.job),
                 )
             runner = self._runner(active, definitions, clock)
             if runner is not None:
@@ -625,3 +628,20 @@ class _RunHost:
 
     def append(self, request: cpb.AppendMessageRequest) -> Awaitable[cpb.Message]:
         return self._execution.append(self._active, request)
+
+
+def _handed(job: job_pb2.RunJob) -> Handed | None:
+    """The budget the run's caller handed over, as its job keeps it (None: none)."""
+    if not job.HasField("handed_budget"):
+        return None
+    stored = job.handed_budget
+    return (
+        Handed(
+            **{
+                name: getattr(stored, name)
+                for name in ("cost_micros", "input_tokens", "output_tokens", "total_tokens")
+                if stored.HasField(name)
+            }
+        )
+        or None
+    )
