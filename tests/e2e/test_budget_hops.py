@@ -24,7 +24,7 @@ from sqlalchemy import create_engine, insert, select
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.integration.v1 import integration_pb2 as ipb
-from switchboard.dispatcher.budgets.handed import HEADER
+from switchboard.dispatcher.handlers.handed import HEADER
 from switchboard.platform.store.models import BudgetHoldRow, BudgetRow, BudgetWindowRow
 from tests.e2e.expertkit import until_listed
 from tests.e2e.procs import ServeProcess, shared_secrets

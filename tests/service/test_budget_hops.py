@@ -25,7 +25,7 @@ from grpc import aio
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.integration.v1 import integration_pb2 as ipb
-from switchboard.dispatcher.budgets.handed import BUDGET_EXTENSION, HEADER
+from switchboard.dispatcher.handlers.handed import BUDGET_EXTENSION, HEADER
 from tests.e2e.expertkit import until_listed
 from tests.e2e.toolexpert import ToolExpert
 from tests.fakes.openai_server import FakeOpenAI

@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.dispatcher.budgets.handed import HEADER, Handed
 from switchboard.dispatcher.budgets.ledger import Amount, Hold, Ledger
 from switchboard.dispatcher.budgets.spending import Read, RunBudget, Spending
+from switchboard.dispatcher.handlers.handed import HEADER, Handed
 from switchboard.platform.errors import BudgetExhausted
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.events.eventlog import LocalLog

@@ -1,5 +1,5 @@
 """Budgets across hops, the formats: the ``x-switchboard-budget`` metadata and the budget
-extension's object both ways (dispatcher/budgets/handed.py), the usage an A2A agent reports
+extension's object both ways (dispatcher/handlers/handed.py), the usage an A2A agent reports
 (integration/remote_a2a.py ``usage_of`` and the relay), the front door's reading of the
 extension and its report of an ended task's usage (a2a/mapping.py), and how a hop splits
 what is left of a total-token cap (spending.py ``_rest``)."""
@@ -14,7 +14,9 @@ from google.protobuf import json_format
 
 from switchboard.a2a import mapping
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.dispatcher.budgets.handed import (
+from switchboard.dispatcher.budgets.ledger import Amount
+from switchboard.dispatcher.budgets.spending import _rest
+from switchboard.dispatcher.handlers.handed import (
     BUDGET_EXTENSION,
     HEADER,
     MAX_VALUE,
@@ -24,8 +26,6 @@ from switchboard.dispatcher.budgets.handed import (
     parse_extension,
     parse_header,
 )
-from switchboard.dispatcher.budgets.ledger import Amount
-from switchboard.dispatcher.budgets.spending import _rest
 from switchboard.integration.remote_a2a import _Relay, usage_of
 from switchboard.platform.errors import InvalidArgument
 

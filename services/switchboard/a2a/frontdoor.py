@@ -23,7 +23,7 @@ from switchboard.a2a import errors, mapping
 from switchboard.a2a.push.configs import PushConfigs
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.dispatcher.budgets.handed import BUDGET_EXTENSION, HEADER, USAGE_KEY, Handed
+from switchboard.dispatcher.handlers.handed import BUDGET_EXTENSION, HEADER, USAGE_KEY, Handed
 from switchboard.platform.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from switchboard.platform.security.accesswatch import AccessWatch
 from switchboard.platform.security.policy import Permission, Policy, Principal

@@ -25,7 +25,7 @@ from a2a.types import a2a_pb2 as a2a
 from switchboard.a2a import errors
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.dispatcher.budgets.handed import (
+from switchboard.dispatcher.handlers.handed import (
     BUDGET_EXTENSION,
     USAGE_KEY,
     Handed,

@@ -29,7 +29,7 @@ from switchboard.api.context.v1 import context_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
 from switchboard.context.domain import ContextDomain
-from switchboard.dispatcher.budgets.handed import HEADER, Handed, header_value
+from switchboard.dispatcher.handlers.handed import HEADER, Handed, header_value
 from switchboard.dispatcher.service import Dispatcher
 from switchboard.platform.errors import DependencyUnavailable
 from switchboard.platform.rpc.peers import PeerService, TokenIssuer

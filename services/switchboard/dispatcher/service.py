@@ -22,10 +22,10 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.assistants.catalog import Assistants
 from switchboard.dispatcher.budgets.catalog import Budgets
-from switchboard.dispatcher.budgets.handed import Handed
 from switchboard.dispatcher.budgets.quotas import Quotas
 from switchboard.dispatcher.budgets.spending import Spending
 from switchboard.dispatcher.budgets.usage import Usage
+from switchboard.dispatcher.handlers.handed import Handed
 from switchboard.dispatcher.handlers.router import Router
 from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.ports.peers import PeerPort, Via
@@ -202,7 +202,7 @@ class Dispatcher:
         request: pb.SendMessageRequest,
         handed: Handed | None = None,
     ) -> pb.SendMessageResponse:
-        """``handed``: a budget the caller handed over across a hop (``budgets/handed.py``)."""
+        """``handed``: a budget the caller handed over across a hop (``handlers/handed.py``)."""
         return await self._admission.send_message(principal, request, handed)
 
     async def get_run(self, name: str) -> pb.Run:

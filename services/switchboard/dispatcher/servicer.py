@@ -14,7 +14,7 @@ from grpc import aio
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
-from switchboard.dispatcher.budgets.handed import HEADER, Handed, parse_header
+from switchboard.dispatcher.handlers.handed import HEADER, Handed, parse_header
 from switchboard.dispatcher.ports.peers import FORWARDED_KEY, Via
 from switchboard.dispatcher.service import Dispatcher
 from switchboard.platform.security.authn import bearer_credential, current_principal

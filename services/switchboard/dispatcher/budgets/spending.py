@@ -36,7 +36,6 @@ from typing import Any, Final, Protocol
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
-from switchboard.dispatcher.budgets.handed import HEADER, Handed
 from switchboard.dispatcher.budgets.ledger import (
     Alert,
     Amount,
@@ -45,6 +44,7 @@ from switchboard.dispatcher.budgets.ledger import (
     Hold,
     Ledger,
 )
+from switchboard.dispatcher.handlers.handed import HEADER, Handed
 from switchboard.platform import names
 from switchboard.platform.errors import BudgetExhausted, ModelNotPriced, SwitchboardError
 from switchboard.platform.events.bus import EventBus

@@ -21,7 +21,7 @@ from typing import Protocol, runtime_checkable
 from switchboard.api.context.v1 import context_pb2
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.handler.v1 import handler_pb2
-from switchboard.dispatcher.budgets.handed import Handed
+from switchboard.dispatcher.handlers.handed import Handed
 
 Frame = handler_pb2.HandleResponse
 
@@ -62,7 +62,7 @@ class StepBudget(Protocol):
 
     async def reserve_rest(self, *, hold: bool = True) -> tuple[str, Handed]:
         """Hold what is left of every cap for a hop to another agent: the hold's id
-        and the caps to hand over (``budgets/handed.py``). Waits or raises as
+        and the caps to hand over (``handlers/handed.py``). Waits or raises as
         ``reserve`` does when nothing is left. ``hold`` False holds nothing (the
         callee has the run make priced calls, which reserve as they go)."""
         ...

@@ -12,8 +12,8 @@ give).
 from __future__ import annotations
 
 from switchboard.api.handler.v1 import handler_pb2
-from switchboard.dispatcher.budgets.handed import Handed
 from switchboard.dispatcher.handlers.base import StepBudget
+from switchboard.dispatcher.handlers.handed import Handed
 
 
 class Hop:

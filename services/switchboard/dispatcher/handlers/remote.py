@@ -46,7 +46,6 @@ from grpc import aio
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.handler.v1 import handler_pb2, handler_pb2_grpc
-from switchboard.dispatcher.budgets.handed import HEADER, header_value
 from switchboard.dispatcher.handlers.base import (
     Frame,
     HandleCall,
@@ -54,6 +53,7 @@ from switchboard.dispatcher.handlers.base import (
     ToolRunner,
     capabilities,
 )
+from switchboard.dispatcher.handlers.handed import HEADER, header_value
 from switchboard.dispatcher.handlers.hops import Hop
 from switchboard.platform import background, jsonbounds
 from switchboard.platform.errors import FailedPrecondition, QuotaExceeded, SwitchboardError

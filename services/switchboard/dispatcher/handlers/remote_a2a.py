@@ -36,7 +36,6 @@ from google.protobuf import json_format
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.handler.v1 import handler_pb2
-from switchboard.dispatcher.budgets.handed import BUDGET_EXTENSION, extension_value
 from switchboard.dispatcher.handlers.base import (
     Frame,
     HandleCall,
@@ -44,6 +43,7 @@ from switchboard.dispatcher.handlers.base import (
     capabilities,
     text_of,
 )
+from switchboard.dispatcher.handlers.handed import BUDGET_EXTENSION, extension_value
 from switchboard.dispatcher.handlers.hops import Hop
 from switchboard.integration.connectors import ConnectorError
 from switchboard.integration.remote_a2a import (

@@ -32,10 +32,10 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher import mapping
 from switchboard.dispatcher.assistants.catalog import Assistants
-from switchboard.dispatcher.budgets.handed import HEADER, Handed
 from switchboard.dispatcher.budgets.quotas import Limits, Quotas
 from switchboard.dispatcher.budgets.spending import Read, Spending
 from switchboard.dispatcher.handlers.base import Handler, text_of
+from switchboard.dispatcher.handlers.handed import HEADER, Handed
 from switchboard.dispatcher.handlers.router import Choice, Router
 from switchboard.dispatcher.llm.handler import LlmHandler
 from switchboard.dispatcher.ports.context import ContextPort

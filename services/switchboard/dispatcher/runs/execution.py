@@ -29,9 +29,9 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.dispatcher import mapping
-from switchboard.dispatcher.budgets.handed import Handed
 from switchboard.dispatcher.budgets.spending import Read, Spending
 from switchboard.dispatcher.handlers.base import HandleCall, HandlerFailure
+from switchboard.dispatcher.handlers.handed import Handed
 from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.runs.clock import RunClock
 from switchboard.dispatcher.runs.lifecycle import Active
