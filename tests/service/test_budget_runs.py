@@ -84,7 +84,7 @@ async def mesh(
 async def add_budget(
     server: SwitchboardServer, workspace: str, budget_id: str, budget: pb.Budget
 ) -> None:
-    """A workspace budget, written as the budget catalog writes it."""
+    """A workspace budget, written as the budget catalog writes it, then the catalog's hook."""
     workspace_id = workspace.removeprefix("workspaces/")
     now = dt.datetime.now(dt.UTC)
     async with server.shared.database.sessions() as session:
@@ -100,6 +100,7 @@ async def add_budget(
             )
         )
         await session.commit()
+    built(server, Dispatcher).budgets_changed(workspace_id)
 
 
 async def set_cap(server: SwitchboardServer, workspace: str, budget_id: str, cost: int) -> None:
@@ -368,6 +369,7 @@ async def test_a_cost_cap_refuses_a_model_without_a_price() -> None:
                 row = await session.get(BudgetRow, (_id(world.name), "daily"))
                 await session.delete(row)
                 await session.commit()
+            built(server, Dispatcher).budgets_changed(_id(world.name))
             sent = await send(dstub, world.editor, request(conversation, "hello"))
             run = await finished(dstub, world.editor, sent.run.name)
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -13,7 +13,12 @@ Admission (``runs/admission.py``) asks ``limits`` on every SendMessage: a
 per-workspace cache kept ``CACHE_TTL_S``, dropped at once on this replica when
 the quota changes here; another replica sees a change within ``CACHE_TTL_S``.
 ``check_active`` counts the workspace's queued and running runs in the
-database (all replicas') and refuses past a concurrent-run quota.
+database (all replicas') and refuses past a concurrent-run quota. The count is
+kept ``COUNT_TTL_S`` and every admission here adds one to it, so a busy
+workspace far below its quota costs one count a second, not one a message; a
+count that reaches the quota is always read again (a run that ended frees its
+place at once), and runs admitted by other replicas meanwhile are seen at the
+next count.
 
 This module does not import grpc; the servicer is transport only.
 """
@@ -49,6 +54,11 @@ MAX_CONCURRENT_RUNS: Final = 1_000_000
 CACHE_TTL_S: Final = 5.0
 #: Workspaces kept in the cache; the least recently used beyond it are dropped.
 MAX_CACHED_WORKSPACES: Final = 10_000
+#: How long a count of active runs stands in for the database's (plus this
+#: replica's admissions since): the concurrent-run check's own cost on the hot path.
+COUNT_TTL_S: Final = 1.0
+#: Counts kept; past it they are all dropped (each is read again when needed).
+MAX_COUNTS: Final = 10_000
 #: The RetryInfo of a concurrent-run refusal: a run's end cannot be foreseen, so
 #: the caller is told to try again shortly.
 ACTIVE_RETRY_S: Final = 1.0
@@ -101,6 +111,9 @@ class Quotas:
         self._loading: dict[str, asyncio.Task[_Cached]] = {}
         #: The cache's clock (tests move it instead of sleeping).
         self.clock: Callable[[], float] = time.monotonic
+        #: Active runs by (workspace, API key id or ""): when counted, and how many
+        #: since (the count plus this replica's admissions after it).
+        self._counts: dict[tuple[str, str], _Count] = {}
 
     async def close(self) -> None:
         loading = list(self._loading.values())
@@ -240,9 +253,19 @@ class Quotas:
         if key_name:
             own = limits.keys.get(key_name)
             key_limit = own.max_concurrent_runs if own is not None else 0
-        active = await self._store.active_runs(
-            workspace_id, principal.api_key_id if key_limit else ""
-        )
+        counted_key = principal.api_key_id if key_limit else ""
+        known = self._counts.get((workspace_id, counted_key))
+        now = self.clock()
+        if (
+            known is not None
+            and now - known.at < COUNT_TTL_S
+            and known.workspace < limits.max_concurrent_runs
+            and (not key_limit or known.api_key < key_limit)
+        ):
+            known.workspace += 1
+            known.api_key += 1
+            return
+        active = await self._store.active_runs(workspace_id, counted_key)
         over: list[tuple[str, str]] = []
         if active.workspace >= limits.max_concurrent_runs:
             over.append(
@@ -267,6 +290,12 @@ class Quotas:
                 subjects=over,
                 retry_after_s=ACTIVE_RETRY_S,
             )
+        if len(self._counts) >= MAX_COUNTS:
+            self._counts.clear()
+        # This message's run counts from now on.
+        self._counts[workspace_id, counted_key] = _Count(
+            now, active.workspace + 1, active.api_key + 1
+        )
 
     async def _load(self, workspace_id: str) -> _Cached:
         started = self.clock()
@@ -289,6 +318,18 @@ class Quotas:
     def _forget(self, workspace_id: str) -> None:
         self._cache.pop(workspace_id, None)
         self._loading.pop(workspace_id, None)
+        for counted in [c for c in self._counts if c[0] == workspace_id]:
+            del self._counts[counted]
+
+
+@dataclass
+class _Count:
+    """A count of active runs (``at``: when it was read), plus this replica's
+    admissions since."""
+
+    at: float
+    workspace: int
+    api_key: int
 
 
 def _bounded(violations: Violations, path: str, value: int, ceiling: int, zero: str) -> None:

@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -54,6 +55,12 @@ log = logging.getLogger("switchboard.dispatcher.budgets")
 
 #: How often a run paused at a cap looks again (a cap raised through another replica).
 POLL_S: Final = 2.0
+#: How long the budgets read for a message stand for the next messages of the same
+#: workspace, assistant and key: a budget created, changed or deleted through another
+#: replica applies to new runs here within this time.
+READ_TTL_S: Final = 1.0
+#: Reads kept; past it they are all dropped.
+MAX_READS: Final = 10_000
 #: Times a hop reads what is left and loses it to another run before it waits like any step.
 REST_ATTEMPTS: Final = 4
 SYSTEM: Final = events_pb2.Actor(name="system")
@@ -159,6 +166,8 @@ class Spending:
         #: Counts each workspace's budget changes seen here: a run whose budgets were
         #: read before the last one reads them again before its next reservation.
         self._versions: dict[str, int] = {}
+        #: Budgets read lately, by (workspace, assistant, API key id): when, and what.
+        self._reads: dict[tuple[str, str, str], tuple[float, Read]] = {}
 
     # -- the catalog's hook ----------------------------------------------------------------
 
@@ -185,9 +194,26 @@ class Spending:
     # -- which apply -----------------------------------------------------------------------
 
     async def read(self, workspace_id: str, assistant: str, api_key_id: str) -> Read:
-        """``applicable``, with the version of the workspace's budgets it read."""
+        """``applicable``, with the version of the workspace's budgets it read.
+
+        Kept ``READ_TTL_S`` for the next message of the same workspace, assistant
+        and key (a read per message was a statement on every message's path, and
+        most workspaces have no budget at all); a change made here drops it at
+        once (the version), one made through another replica is seen within
+        ``READ_TTL_S``. What a reservation takes is still decided by the
+        database; a paused run reads its budgets afresh.
+        """
         version = self.version(workspace_id)
-        return Read(await self.applicable(workspace_id, assistant, api_key_id), version)
+        key = (workspace_id, assistant, api_key_id)
+        now = time.monotonic()
+        cached = self._reads.get(key)
+        if cached is not None and cached[1].version == version and now - cached[0] < READ_TTL_S:
+            return cached[1]
+        read = Read(await self.applicable(workspace_id, assistant, api_key_id), version)
+        if len(self._reads) >= MAX_READS:
+            self._reads.clear()
+        self._reads[key] = (now, read)
+        return read
 
     def fresh(self, read: Read, workspace_id: str) -> bool:
         """Whether no budget of ``workspace_id`` changed here since ``read``."""
