@@ -6,7 +6,8 @@ and a workspace cost budget made with CreateBudget.
 
 What docs/budgets.md promises: a call the tool answered costs its price (the tool's
 own, else the integration's), added to the run's ``usage.cost_micros`` and settled in
-the budget; a call that never reached the tool (refused by the hub) costs nothing; a
+the budget, even when the tool reports an error; a call that never reached the tool
+(refused by the hub) costs nothing; a
 budget without room for the price pauses the run at the cap before the call (the
 server never sees it), and raising the cap lets the call run and be charged.
 """
@@ -32,6 +33,7 @@ from switchboard.platform.rpc.server import SwitchboardServer
 from tests.conftest import make_settings
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.mcpeverything import EverythingServer
+from tests.infra.mcpserver import McpTestServer
 from tests.service.contextkit import World, context_stub, create_conversation, ctx_world
 from tests.service.dispatchkit import Stub as DStub
 from tests.service.dispatchkit import Watched, dispatcher_stub, until, watch_all
@@ -56,6 +58,7 @@ def everything() -> Iterator[EverythingServer]:
 
 @dataclass
 class Priced:
+    channel: aio.Channel
     server: SwitchboardServer
     fake: FakeOpenAI
     dstub: DStub
@@ -126,6 +129,7 @@ async def priced_mesh(everything: EverythingServer) -> AsyncIterator[Priced]:
                 )
                 conversation = await create_conversation(stub, world.editor, world.name)
                 yield Priced(
+                    channel,
                     server,
                     fake,
                     dstub,
@@ -285,5 +289,48 @@ async def test_a_budget_without_room_for_the_price_pauses_before_the_call(
     assert results(seen)["call_sum"].outcome == hpb.TOOL_OUTCOME_SUCCEEDED
     assert made_calls == 1
     assert final.usage.cost_micros == MODEL_COST + SUM_PRICE
+    assert spent.cost_micros == final.usage.cost_micros
+    assert spent.reserved_cost_micros == 0
+
+
+async def test_a_call_the_tool_answered_with_an_error_is_charged(
+    everything: EverythingServer,
+) -> None:
+    with McpTestServer() as failing:
+        async with priced_mesh(everything) as priced:
+            made = await budget(priced, 1_000_000)
+            integration = await create(
+                integration_stub(priced.channel),
+                priced.world.owner,
+                priced.world.name,
+                ipb.Integration(
+                    kind=ipb.INTEGRATION_KIND_MCP_SERVER,
+                    endpoint=failing.url,
+                    call_price_micros=30,
+                ),
+                integration_id="fl",
+            )
+            assistant = await priced.dstub.CreateAssistant(
+                pb.CreateAssistantRequest(
+                    parent=priced.world.name,
+                    assistant=pb.Assistant(
+                        tools=[pb.AssistantTools(integration=integration.name, tools=["fail"])]
+                    ),
+                ),
+                metadata=priced.world.owner.md,
+                timeout=TIMEOUT_S,
+            )
+            priced.assistant = assistant.assistant.name
+            priced.fake.script(
+                Reply.tool_calls([("fl__fail", {}, "call_fail")], usage=FIRST), answer
+            )
+            run = await send(priced, "Try it.")
+            seen = await watch_all(priced.dstub, priced.world.viewer, run.name)
+            spent = await usage(priced, made.name)
+
+    final = seen.final
+    assert final.state == pb.RUN_STATE_SUCCEEDED, final.error
+    assert results(seen)["call_fail"].outcome == hpb.TOOL_OUTCOME_ERROR
+    assert final.usage.cost_micros == MODEL_COST + 30
     assert spent.cost_micros == final.usage.cost_micros
     assert spent.reserved_cost_micros == 0
