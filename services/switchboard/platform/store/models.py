@@ -575,6 +575,13 @@ class IntegrationRow(Base):
     last_probe_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     last_error: Mapped[bytes] = mapped_column(LargeBinary, default=b"")
     failures: Mapped[int] = mapped_column(Integer, default=0)
+    # Tool call prices (micro-units, docs/integration.md "Prices"): the default as a
+    # column of its own, a number anyone can read or sum in SQL; the per-tool
+    # overrides as one JSON object of segment to price ("" for none), since they are
+    # only ever read and written whole with the integration, never queried by tool,
+    # and a JSON text column is the same on SQLite and PostgreSQL.
+    call_price_micros: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    tool_call_prices: Mapped[str] = mapped_column(Text, default="", server_default="")
 
 
 class WebhookDeliveryRow(Base):

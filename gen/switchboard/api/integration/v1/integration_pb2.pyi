@@ -509,7 +509,8 @@ class UpdateIntegrationRequest(_message.Message):
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """Fields to change: `display_name`, `endpoint`, `call_timeout`, `config`,
-        `credential`, `disabled`, `event_types`.
+        `credential`, `disabled`, `event_types`, `call_price_micros`,
+        `tool_call_price_micros`.
         """
 
     def __init__(

@@ -1,5 +1,6 @@
 """Budgets and quotas: budgets, their periods' counters and reservations in
-flight, a workspace's quotas, and what each run spent as columns of its row.
+flight, a workspace's quotas, what each run spent as columns of its row, and the
+prices of an integration's tool calls as columns of its row.
 
 Runs ended before this revision keep zero usage columns: their usage stays in
 the serialized run, and QueryUsage counts runs from this revision on.
@@ -37,6 +38,13 @@ def upgrade() -> None:
         )
         batch.create_index("ix_runs_usage", ["workspace_id", "usage_day"])
         batch.create_index("ix_runs_quota", ["workspace_id", "state", "api_key_id"])
+    with op.batch_alter_table("integrations") as batch:
+        batch.add_column(
+            sa.Column("call_price_micros", sa.BigInteger(), nullable=False, server_default="0")
+        )
+        batch.add_column(
+            sa.Column("tool_call_prices", sa.Text(), nullable=False, server_default="")
+        )
     op.create_table(
         "budgets",
         sa.Column("workspace_id", sa.String(length=63), nullable=False),
@@ -124,6 +132,9 @@ def downgrade() -> None:
     op.drop_table("budget_windows")
     op.drop_index("ix_budgets_scope", table_name="budgets")
     op.drop_table("budgets")
+    with op.batch_alter_table("integrations") as batch:
+        batch.drop_column("tool_call_prices")
+        batch.drop_column("call_price_micros")
     with op.batch_alter_table("runs") as batch:
         batch.drop_index("ix_runs_quota")
         batch.drop_index("ix_runs_usage")

@@ -886,7 +886,8 @@ type UpdateIntegrationRequest struct {
 	// The integration with `name`, optionally `etag`, and the new field values.
 	Integration *Integration `protobuf:"bytes,1,opt,name=integration,proto3" json:"integration,omitempty"`
 	// Fields to change: `display_name`, `endpoint`, `call_timeout`, `config`,
-	// `credential`, `disabled`, `event_types`.
+	// `credential`, `disabled`, `event_types`, `call_price_micros`,
+	// `tool_call_price_micros`.
 	UpdateMask    *fieldmaskpb.FieldMask `protobuf:"bytes,2,opt,name=update_mask,json=updateMask,proto3" json:"update_mask,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

@@ -398,7 +398,8 @@ export type UpdateIntegrationRequest = Message<"switchboard.api.integration.v1.U
 
   /**
    * Fields to change: `display_name`, `endpoint`, `call_timeout`, `config`,
-   * `credential`, `disabled`, `event_types`.
+   * `credential`, `disabled`, `event_types`, `call_price_micros`,
+   * `tool_call_price_micros`.
    *
    * @generated from field: google.protobuf.FieldMask update_mask = 2;
    */
