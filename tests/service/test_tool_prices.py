@@ -293,6 +293,38 @@ async def test_a_budget_without_room_for_the_price_pauses_before_the_call(
     assert spent.reserved_cost_micros == 0
 
 
+async def test_a_run_cancelled_at_the_cap_reports_what_it_was_charged(
+    everything: EverythingServer,
+) -> None:
+    async with priced_mesh(everything) as priced:
+        made = await budget(priced, SUM_PRICE)
+        priced.fake.script(
+            Reply.tool_calls([(SUM, {"a": 2, "b": 3}, "call_sum")], usage=FIRST), answer
+        )
+        run = await send(priced, "What is 2 + 3?")
+        call, _ = await until(
+            priced.dstub,
+            priced.world.viewer,
+            run.name,
+            "state_change",
+            state=pb.RUN_STATE_REQUIRES_ACTION,
+        )
+        call.cancel()
+        cancelled = await priced.dstub.CancelRun(
+            pb.CancelRunRequest(name=run.name),
+            metadata=priced.world.editor.md,
+            timeout=TIMEOUT_S,
+        )
+        spent = await usage(priced, made.name)
+
+    # No result carries its usage: the run still says what its budget was charged
+    # (the first model call), and nothing is left held.
+    assert cancelled.run.state == pb.RUN_STATE_CANCELLED
+    assert cancelled.run.usage.cost_micros == spent.cost_micros == 100 * 1 + 10 * 2
+    assert (cancelled.run.usage.input_tokens, cancelled.run.usage.output_tokens) == FIRST
+    assert spent.reserved_cost_micros == 0
+
+
 async def test_a_call_the_tool_answered_with_an_error_is_charged(
     everything: EverythingServer,
 ) -> None:

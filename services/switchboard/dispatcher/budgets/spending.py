@@ -353,6 +353,9 @@ class RunBudget:
         #: and what its steps used and hold of them (in memory: one run, one process).
         self.handed = handed
         self._handed_taken = Amount()
+        #: What the run's settled steps used: its charge, which a run that does not
+        #: succeed (no result to carry its usage) still reports (execution's ``_unwind``).
+        self.charged = Amount()
 
     @property
     def caps_cost(self) -> bool:
@@ -415,6 +418,7 @@ class RunBudget:
         if kept is None:
             return
         actual = Amount(cost_micros, input_tokens, output_tokens)
+        self.charged = self.charged + actual
         self._handed_settle(kept.amount, actual)
         if not kept.windows:
             return

@@ -65,6 +65,8 @@ from switchboard.platform.store.db import DatabaseUnavailable, is_outage
 
 log = logging.getLogger("switchboard.dispatcher")
 
+#: Usage travels as int32 fields.
+_INT32_MAX: Final = 2**31 - 1
 #: Largest delta made of merged ones (a bigger one goes out as it is).
 _MAX_MERGED_DELTA_CHARS: Final = 16 * 1024
 
@@ -217,6 +219,19 @@ class Execution:
         budget, active.budget = active.budget, None
         if budget is not None:
             await asyncio.shield(budget.close())
+            charged = budget.charged
+            usage = active.run.usage
+            if active.run.state != pb.RUN_STATE_SUCCEEDED and (
+                charged.cost_micros > usage.cost_micros
+                or charged.input_tokens + charged.output_tokens
+                > usage.input_tokens + usage.output_tokens
+            ):
+                # No result carries what a failed or cancelled run spent: its charge
+                # does, so the run (and QueryUsage) says what its budgets were charged.
+                usage.input_tokens = min(charged.input_tokens, _INT32_MAX)
+                usage.output_tokens = min(charged.output_tokens, _INT32_MAX)
+                usage.cost_micros = charged.cost_micros
+                usage.estimated_cost_usd = charged.cost_micros / 1e6
 
     async def _drive(self, active: Active) -> tuple[cpb.Message, handler_pb2.HandleResult]:
         """Context, handler, answer: everything a run does under its deadline."""
