@@ -13,11 +13,14 @@ from collections.abc import Callable
 
 from switchboard.context.build import context_domain
 from switchboard.context.tokencount import ApproxTokenCounter
-from switchboard.dispatcher import servicer
+from switchboard.dispatcher import mapping, servicer
 from switchboard.dispatcher.assistants.catalog import AssistantLimits, Assistants
 from switchboard.dispatcher.assistants.store import AssistantStore
+from switchboard.dispatcher.budgets.catalog import Budgets
 from switchboard.dispatcher.budgets.ledger import Ledger
 from switchboard.dispatcher.budgets.spending import Spending
+from switchboard.dispatcher.budgets.store import BudgetStore, UsageStore
+from switchboard.dispatcher.budgets.usage import Usage
 from switchboard.dispatcher.handlers.echo import EchoHandler
 from switchboard.dispatcher.handlers.experts import WorkspaceExperts
 from switchboard.dispatcher.handlers.remote import RemoteHandler
@@ -188,6 +191,8 @@ async def dispatcher_service(
         limits=_limits(shared),
         page_tokens=shared.page_tokens,
         assistants=assistants,
+        budgets=_budgets(shared, assistants),
+        usage=Usage(UsageStore(shared.database), shared.page_tokens),
         tools=LocalTools(integration, shared.policy),
         tool_limits=ToolLimits(
             max_steps=settings.dispatcher_max_tool_steps,
@@ -279,6 +284,24 @@ async def _assistants(
     await assistants.start()
     shared.resources.push_async_callback(assistants.close)
     return assistants
+
+
+def _budgets(shared: Shared, assistants: Assistants) -> Budgets:
+    """The workspace's budgets; an assistant scope must name one of its assistants."""
+
+    async def assistant_exists(workspace_id: str, assistant_id: str) -> bool:
+        try:
+            await assistants.get(mapping.assistant_name(workspace_id, assistant_id))
+        except NotFound:
+            return False
+        return True
+
+    return Budgets(
+        BudgetStore(shared.database),
+        shared.bus,
+        shared.page_tokens,
+        assistant_exists=assistant_exists,
+    )
 
 
 def _limits(shared: Shared) -> RunLimits:

@@ -21,7 +21,9 @@ from collections.abc import AsyncGenerator, AsyncIterator
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.assistants.catalog import Assistants
+from switchboard.dispatcher.budgets.catalog import Budgets
 from switchboard.dispatcher.budgets.spending import Spending
+from switchboard.dispatcher.budgets.usage import Usage
 from switchboard.dispatcher.handlers.router import Router
 from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.ports.peers import PeerPort, Via
@@ -76,6 +78,8 @@ class Dispatcher:
         limits: RunLimits,
         page_tokens: pagination.PageTokens,
         assistants: Assistants,
+        budgets: Budgets,
+        usage: Usage,
         tools: ToolPort,
         tool_limits: ToolLimits,
         peers: PeerPort | None = None,
@@ -85,6 +89,11 @@ class Dispatcher:
         self.assistants = assistants
         #: Budgets (None: none are enforced); its ``on_change`` is the budget catalog's hook.
         self.spending = spending
+        self.budgets = budgets
+        if spending is not None:
+            # A cap raised or a budget deleted here: runs paused at a cap look again now.
+            budgets.on_change = spending.on_change
+        self.usage = usage
         self.tool_limits = tool_limits
         self.router = router
         self.scheduler = scheduler

@@ -124,6 +124,39 @@ class DispatcherServiceServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
         await self._dispatcher.assistants.delete(current_principal(), request.name, request.etag)
         return pb.DeleteAssistantResponse()
 
+    async def CreateBudget(
+        self, request: pb.CreateBudgetRequest, context: Context
+    ) -> pb.CreateBudgetResponse:
+        budget = await self._dispatcher.budgets.create(current_principal(), request)
+        return pb.CreateBudgetResponse(budget=budget)
+
+    async def GetBudget(
+        self, request: pb.GetBudgetRequest, context: Context
+    ) -> pb.GetBudgetResponse:
+        return pb.GetBudgetResponse(budget=await self._dispatcher.budgets.get(request.name))
+
+    async def ListBudgets(
+        self, request: pb.ListBudgetsRequest, context: Context
+    ) -> pb.ListBudgetsResponse:
+        return await self._dispatcher.budgets.list_budgets(request)
+
+    async def UpdateBudget(
+        self, request: pb.UpdateBudgetRequest, context: Context
+    ) -> pb.UpdateBudgetResponse:
+        budget = await self._dispatcher.budgets.update(current_principal(), request)
+        return pb.UpdateBudgetResponse(budget=budget)
+
+    async def DeleteBudget(
+        self, request: pb.DeleteBudgetRequest, context: Context
+    ) -> pb.DeleteBudgetResponse:
+        await self._dispatcher.budgets.delete(current_principal(), request.name, request.etag)
+        return pb.DeleteBudgetResponse()
+
+    async def QueryUsage(
+        self, request: pb.QueryUsageRequest, context: Context
+    ) -> pb.QueryUsageResponse:
+        return await self._dispatcher.usage.query(request)
+
     async def DescribeConversation(
         self, request: pb.DescribeConversationRequest, context: Context
     ) -> pb.DescribeConversationResponse:

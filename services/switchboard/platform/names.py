@@ -92,6 +92,7 @@ RUN: Final = re.compile(rf"workspaces/({ID})/conversations/({ID})/runs/({ID})")
 MEMBER: Final = re.compile(rf"workspaces/({ID})/members/({ID})")
 ASSISTANT: Final = re.compile(rf"workspaces/({ID})/assistants/({ID})")
 INTEGRATION: Final = re.compile(rf"workspaces/({ID})/integrations/({ID})")
+BUDGET: Final = re.compile(rf"workspaces/({ID})/budgets/({ID})")
 #: A tool name as the MCP specification (2025-11-25) says it should be: 1-128 ASCII
 #: letters, digits, ``_``, ``-`` and ``.``, case-sensitive.
 TOOL_NAME: Final = re.compile(r"[A-Za-z0-9_.-]{1,128}")

@@ -137,6 +137,13 @@ RULES: Final[dict[str, Rule]] = {
     _DISPATCHER + "UpdateAssistant": resource("assistant.name", ADMIN),
     _DISPATCHER + "DeleteAssistant": resource("name", ADMIN),
     _DISPATCHER + "DescribeConversation": resource("conversation", READ),
+    # Budgets: owners set the caps, members see them and what was spent.
+    _DISPATCHER + "CreateBudget": resource("parent", ADMIN),
+    _DISPATCHER + "GetBudget": resource("name", READ),
+    _DISPATCHER + "ListBudgets": resource("parent", READ),
+    _DISPATCHER + "UpdateBudget": resource("budget.name", ADMIN),
+    _DISPATCHER + "DeleteBudget": resource("name", ADMIN),
+    _DISPATCHER + "QueryUsage": resource("parent", READ),
     # Integration: registering external services is an owner's decision.
     _INTEGRATION + "CreateIntegration": resource("parent", ADMIN),
     _INTEGRATION + "GetIntegration": resource("name", READ),
