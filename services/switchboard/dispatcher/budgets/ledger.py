@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
 from google.protobuf.message import DecodeError
-from sqlalchemy import and_, delete, insert, or_, select, update
+from sqlalchemy import BigInteger, Select, Update, and_, bindparam, delete, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -37,7 +37,12 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.budgets.periods import period_of
 from switchboard.platform import names
 from switchboard.platform.store.db import Database
-from switchboard.platform.store.models import BudgetHoldRow, BudgetRow, BudgetWindowRow
+from switchboard.platform.store.models import (
+    BudgetHoldRow,
+    BudgetRow,
+    BudgetWindowRow,
+    table_of,
+)
 from switchboard.platform.store.storage import transaction
 
 log = logging.getLogger("switchboard.dispatcher.budgets.ledger")
@@ -50,6 +55,123 @@ MAX_APPLICABLE: Final = 100
 _RELEASE_BATCH: Final = 500
 
 W = BudgetWindowRow
+
+# Reserve and settle run around every model call of a run with a budget, and the
+# budgets of every message are read: Core statements built once (executed with their
+# values), not the ORM's paths nor a statement built per call (which cost about half
+# of each call's CPU, bench/budgets.py).
+_WINDOWS: Final = table_of(BudgetWindowRow)
+_HOLDS: Final = table_of(BudgetHoldRow)
+_C: Final = _WINDOWS.c
+_WINDOW_KEY: Final = (
+    _C.workspace_id == bindparam("k_workspace"),
+    _C.budget_id == bindparam("k_budget"),
+    _C.window == bindparam("k_window"),
+)
+
+
+def _number(name: str) -> Any:
+    return bindparam(name, type_=BigInteger())
+
+
+def _hold_statement(cost: bool, input_: bool, output: bool, total: bool) -> Update:
+    """Add the ask to the window's held amounts where it fits each cap that is set."""
+    conditions: list[Any] = []
+    if cost:
+        conditions.append(_C.cost_used + _C.cost_held + _number("ask_cost") <= _number("cap_cost"))
+    if input_:
+        conditions.append(
+            _C.input_used + _C.input_held + _number("ask_input") <= _number("cap_input")
+        )
+    if output:
+        conditions.append(
+            _C.output_used + _C.output_held + _number("ask_output") <= _number("cap_output")
+        )
+    if total:
+        conditions.append(
+            _C.input_used
+            + _C.input_held
+            + _C.output_used
+            + _C.output_held
+            + _number("ask_input")
+            + _number("ask_output")
+            <= _number("cap_total")
+        )
+    return (
+        update(_WINDOWS)
+        .where(*_WINDOW_KEY, *conditions)
+        .values(
+            cost_held=_C.cost_held + _number("ask_cost"),
+            input_held=_C.input_held + _number("ask_input"),
+            output_held=_C.output_held + _number("ask_output"),
+        )
+    )
+
+
+#: By which caps are set (cost, input, output, total); none set: an overdraft.
+_HOLD: Final = {
+    (a, b, c, d): _hold_statement(a, b, c, d)
+    for a in (False, True)
+    for b in (False, True)
+    for c in (False, True)
+    for d in (False, True)
+}
+_DROP_HOLD: Final = _HOLDS.delete().where(
+    _HOLDS.c.id == bindparam("k_hold"),
+    _HOLDS.c.workspace_id == bindparam("k_workspace"),
+    _HOLDS.c.budget_id == bindparam("k_budget"),
+)
+_ADD_HOLDS: Final = _HOLDS.insert()
+#: The current windows of a run's budgets, read at admission.
+_WINDOW_ROWS: Final = select(
+    _C.budget_id,
+    _C.window,
+    _C.cost_used,
+    _C.cost_held,
+    _C.input_used,
+    _C.input_held,
+    _C.output_used,
+    _C.output_held,
+).where(
+    _C.workspace_id == bindparam("k_workspace"),
+    _C.budget_id.in_(bindparam("k_budgets", expanding=True)),
+    _C.window.in_(bindparam("k_windows", expanding=True)),
+)
+_BUDGETS: Final = table_of(BudgetRow)
+
+
+def _applicable_statement(assistant: bool, api_key: bool) -> Select[tuple[str, bytes]]:
+    """The budgets of a workspace that apply to a run (of an assistant, with a key)."""
+    b = _BUDGETS.c
+    scopes: list[Any] = [b.scope_kind == "workspace"]
+    if assistant:
+        scopes.append(and_(b.scope_kind == "assistant", b.scope_id == bindparam("k_assistant")))
+    if api_key:
+        scopes.append(and_(b.scope_kind == "api_key", b.scope_id == bindparam("k_key")))
+    return (
+        select(b.id, b.data)
+        .where(b.workspace_id == bindparam("k_workspace"), or_(*scopes))
+        .order_by(b.id)
+        .limit(MAX_APPLICABLE)
+    )
+
+
+#: By (an assistant given, an API key given): every message reads its budgets.
+_APPLICABLE: Final = {
+    (a, k): _applicable_statement(a, k) for a in (False, True) for k in (False, True)
+}
+_SETTLE: Final = (
+    update(_WINDOWS)
+    .where(*_WINDOW_KEY)
+    .values(
+        cost_held=_C.cost_held - _number("held_cost"),
+        input_held=_C.input_held - _number("held_input"),
+        output_held=_C.output_held - _number("held_output"),
+        cost_used=_C.cost_used + _number("used_cost"),
+        input_used=_C.input_used + _number("used_input"),
+        output_used=_C.output_used + _number("used_output"),
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -162,28 +284,6 @@ def applicable_of(workspace_id: str, budget_id: str, data: bytes) -> Applicable 
     )
 
 
-def _room(caps: Caps, ask: Amount) -> list[Any]:
-    """The conditions that ``ask`` fits in ``caps`` (used + held + ask <= cap each)."""
-    conditions: list[Any] = []
-    if caps.cost is not None:
-        conditions.append(W.cost_used + W.cost_held + ask.cost_micros <= caps.cost)
-    if caps.input_tokens is not None:
-        conditions.append(W.input_used + W.input_held + ask.input_tokens <= caps.input_tokens)
-    if caps.output_tokens is not None:
-        conditions.append(W.output_used + W.output_held + ask.output_tokens <= caps.output_tokens)
-    if caps.total_tokens is not None:
-        conditions.append(
-            W.input_used
-            + W.input_held
-            + W.output_used
-            + W.output_held
-            + ask.input_tokens
-            + ask.output_tokens
-            <= caps.total_tokens
-        )
-    return conditions
-
-
 def _fraction(caps: Caps, used: Amount) -> tuple[float, str]:
     """The largest share of a cap ``used`` takes, and that cap's name."""
     best, which = 0.0, ""
@@ -220,6 +320,8 @@ class Ledger:
     def __init__(self, database: Database, *, clock: Callable[[], dt.datetime] = names.now) -> None:
         self._database = database
         self._insert = sqlite_insert if database.dialect_name == "sqlite" else pg_insert
+        #: A period's row, made by its first reservation (two replicas may race to make it).
+        self._new_window = self._insert(_WINDOWS).on_conflict_do_nothing()
         self._clock = clock
 
     async def _run(self, work: Callable[[Session], _T], *, write: bool) -> _T:
@@ -232,22 +334,11 @@ class Ledger:
     ) -> tuple[Applicable, ...]:
         """The budgets of ``workspace_id`` that apply to a run of ``assistant_id``
         started with ``api_key_id`` (either "" for none), in lock order."""
-        scopes: list[Any] = [BudgetRow.scope_kind == "workspace"]
-        if assistant_id:
-            scopes.append(
-                and_(BudgetRow.scope_kind == "assistant", BudgetRow.scope_id == assistant_id)
-            )
-        if api_key_id:
-            scopes.append(and_(BudgetRow.scope_kind == "api_key", BudgetRow.scope_id == api_key_id))
-        statement = (
-            select(BudgetRow.id, BudgetRow.data)
-            .where(BudgetRow.workspace_id == workspace_id, or_(*scopes))
-            .order_by(BudgetRow.id)
-            .limit(MAX_APPLICABLE)
-        )
+        statement = _APPLICABLE[bool(assistant_id), bool(api_key_id)]
+        values = {"k_workspace": workspace_id, "k_assistant": assistant_id, "k_key": api_key_id}
 
         def work(db: Session) -> list[tuple[str, bytes]]:
-            return [(row[0], row[1]) for row in db.execute(statement)]
+            return [(row[0], row[1]) for row in db.connection().execute(statement, values)]
 
         found = []
         for budget_id, data in await self._run(work, write=False):
@@ -276,24 +367,14 @@ class Ledger:
         }
         if not keyed:
             return []
-        workspace_id = budgets[0].workspace_id
-        statement = select(
-            W.budget_id,
-            W.window,
-            W.cost_used,
-            W.cost_held,
-            W.input_used,
-            W.input_held,
-            W.output_used,
-            W.output_held,
-        ).where(
-            W.workspace_id == workspace_id,
-            W.budget_id.in_(sorted({budget_id for budget_id, _ in keyed})),
-            W.window.in_(sorted({window for _, window in keyed})),
-        )
+        values = {
+            "k_workspace": budgets[0].workspace_id,
+            "k_budgets": sorted({budget_id for budget_id, _ in keyed}),
+            "k_windows": sorted({window for _, window in keyed}),
+        }
 
         def work(db: Session) -> list[tuple[Any, ...]]:
-            return [tuple(row) for row in db.execute(statement)]
+            return [tuple(row) for row in db.connection().execute(_WINDOW_ROWS, values)]
 
         out: list[Full] = []
         for row in await self._run(work, write=False):
@@ -328,48 +409,56 @@ class Ledger:
         hold_id = names.new_id()
 
         def work(db: Session) -> Hold:
+            connection = db.connection()
             no_room: list[Full] = []
             for budget, window in windows:
-                key = (
-                    W.workspace_id == budget.workspace_id,
-                    W.budget_id == budget.budget_id,
-                    W.window == window,
+                caps = budget.caps
+                capped = not overdraft
+                statement = _HOLD[
+                    capped and caps.cost is not None,
+                    capped and caps.input_tokens is not None,
+                    capped and caps.output_tokens is not None,
+                    capped and caps.total_tokens is not None,
+                ]
+                values = {
+                    "k_workspace": budget.workspace_id,
+                    "k_budget": budget.budget_id,
+                    "k_window": window,
+                    "ask_cost": ask.cost_micros,
+                    "ask_input": ask.input_tokens,
+                    "ask_output": ask.output_tokens,
+                    "cap_cost": caps.cost or 0,
+                    "cap_input": caps.input_tokens or 0,
+                    "cap_output": caps.output_tokens or 0,
+                    "cap_total": caps.total_tokens or 0,
+                }
+                if _rowcount(connection.execute(statement, values)) == 1:
+                    continue
+                # No row for this period yet (its first reservation), or no room: make
+                # the row if it is missing, and ask once more.
+                connection.execute(
+                    self._new_window,
+                    {
+                        "workspace_id": budget.workspace_id,
+                        "budget_id": budget.budget_id,
+                        "window": window,
+                        "cost_used": 0,
+                        "cost_held": 0,
+                        "input_used": 0,
+                        "input_held": 0,
+                        "output_used": 0,
+                        "output_held": 0,
+                        "alerted": 0,
+                        "created_at": at,
+                    },
                 )
-                db.execute(
-                    self._insert(W)
-                    .values(
-                        workspace_id=budget.workspace_id,
-                        budget_id=budget.budget_id,
-                        window=window,
-                        cost_used=0,
-                        cost_held=0,
-                        input_used=0,
-                        input_held=0,
-                        output_used=0,
-                        output_held=0,
-                        alerted=0,
-                        created_at=at,
-                    )
-                    .on_conflict_do_nothing()
-                )
-                conditions = [] if overdraft else _room(budget.caps, ask)
-                result = db.execute(
-                    update(W)
-                    .where(*key, *conditions)
-                    .values(
-                        cost_held=W.cost_held + ask.cost_micros,
-                        input_held=W.input_held + ask.input_tokens,
-                        output_held=W.output_held + ask.output_tokens,
-                    )
-                    .execution_options(synchronize_session=False)
-                )
-                if _rowcount(result) != 1:
+                if _rowcount(connection.execute(statement, values)) != 1:
                     no_room.append(Full(budget, self.reset_of(budget, at)))
             if no_room:
                 raise _NoRoom(no_room)
             if windows:
-                db.execute(
-                    insert(BudgetHoldRow),
+                connection.execute(
+                    _ADD_HOLDS,
                     [
                         {
                             "id": hold_id,
@@ -401,38 +490,35 @@ class Ledger:
         taken over meanwhile) only adds ``actual``."""
 
         def work(db: Session) -> list[Alert]:
+            connection = db.connection()
             alerts: list[Alert] = []
             for budget, window in hold.windows:
-                key = (
-                    W.workspace_id == budget.workspace_id,
-                    W.budget_id == budget.budget_id,
-                    W.window == window,
-                )
-                removed = db.execute(
-                    delete(BudgetHoldRow)
-                    .where(
-                        BudgetHoldRow.id == hold.id,
-                        BudgetHoldRow.workspace_id == budget.workspace_id,
-                        BudgetHoldRow.budget_id == budget.budget_id,
-                    )
-                    .execution_options(synchronize_session=False)
-                )
+                key = {
+                    "k_workspace": budget.workspace_id,
+                    "k_budget": budget.budget_id,
+                    "k_window": window,
+                }
+                removed = connection.execute(_DROP_HOLD, {**key, "k_hold": hold.id})
                 held = hold.amount if _rowcount(removed) == 1 else Amount()
-                db.execute(
-                    update(W)
-                    .where(*key)
-                    .values(
-                        cost_held=W.cost_held - held.cost_micros,
-                        input_held=W.input_held - held.input_tokens,
-                        output_held=W.output_held - held.output_tokens,
-                        cost_used=W.cost_used + actual.cost_micros,
-                        input_used=W.input_used + actual.input_tokens,
-                        output_used=W.output_used + actual.output_tokens,
-                    )
-                    .execution_options(synchronize_session=False)
+                connection.execute(
+                    _SETTLE,
+                    {
+                        **key,
+                        "held_cost": held.cost_micros,
+                        "held_input": held.input_tokens,
+                        "held_output": held.output_tokens,
+                        "used_cost": actual.cost_micros,
+                        "used_input": actual.input_tokens,
+                        "used_output": actual.output_tokens,
+                    },
                 )
                 if budget.thresholds:
-                    alerts.extend(self._crossed(db, budget, window, key))
+                    where = (
+                        W.workspace_id == budget.workspace_id,
+                        W.budget_id == budget.budget_id,
+                        W.window == window,
+                    )
+                    alerts.extend(self._crossed(db, budget, window, where))
             return alerts
 
         return Settled(tuple(await self._run(work, write=True)))
