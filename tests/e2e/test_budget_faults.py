@@ -45,7 +45,7 @@ from tests.infra.redis import RedisServer
 from tests.service.authkit import PASSWORD, detail, reason, unique_email
 from tests.service.contextkit import Caller, context_stub, create_conversation, create_workspace
 from tests.service.dispatchkit import Stub as DStub
-from tests.service.dispatchkit import dispatcher_stub, request
+from tests.service.dispatchkit import dispatcher_stub, request, stored_running
 
 pytestmark = pytest.mark.e2e
 
@@ -408,6 +408,9 @@ async def test_a_replica_killed_holding_reservations_leaks_none(
             for name in names:
                 runs.watch(stubs[1], caller, name)
             await runs.until(lambda: all(n in runs.latest for n in names), "every run watched")
+            # Stored as RUNNING (else recovery runs a QUEUED one again whatever the policy).
+            for name in names[:on_dead]:
+                await stored_running(stubs[1], caller, name)
             assert doomed.proc is not None
             doomed.proc.kill()  # SIGKILL while its calls hold: no release, no shutdown code
             if recovery == "requeue":
