@@ -140,7 +140,7 @@ _WINDOW_ROWS: Final = select(
 _BUDGETS: Final = table_of(BudgetRow)
 
 
-def _applicable_statement(assistant: bool, api_key: bool) -> Select[tuple[str, bytes]]:
+def _applicable_statement(assistant: bool, api_key: bool) -> Select[str, bytes]:
     """The budgets of a workspace that apply to a run (of an assistant, with a key)."""
     b = _BUDGETS.c
     scopes: list[Any] = [b.scope_kind == "workspace"]
