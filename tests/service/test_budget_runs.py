@@ -32,7 +32,7 @@ from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.security.accesstokens import SigningKey, private_key_pem
 from switchboard.platform.store.db import DatabaseUnavailable
 from switchboard.platform.store.models import BudgetHoldRow, BudgetRow, BudgetWindowRow
-from tests.conftest import built, make_settings
+from tests.conftest import built, fresh_database_url, make_settings
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.redis import RedisServer
 from tests.service.authkit import detail, reason
@@ -429,3 +429,41 @@ async def test_a_dead_replicas_holds_are_released_when_its_runs_are_taken_over(
         finally:
             await a.shutdown(grace=0)
             await b.shutdown(grace=0)
+
+
+async def test_a_run_paused_at_its_cap_survives_a_restart_of_its_replica(tmp_path: Path) -> None:
+    key_file = tmp_path / "k1.pem"
+    key_file.write_bytes(private_key_pem(SigningKey.generate("k1")))
+    async with FakeOpenAI() as fake:
+        fake.default = answer()
+        common = _settings(
+            fake,
+            database_url=fresh_database_url(),
+            instance_id="budget-replica",
+            signing_keys=(str(key_file),),
+        )
+        server, _ = await create_server(make_settings(**common))
+        await server.start()
+        async with aio.insecure_channel(server.address) as channel:
+            stub, dstub = context_stub(channel), dispatcher_stub(channel)
+            world = await ctx_world(server, stub)
+            await add_budget(server, world.name, "daily", daily(150))
+            conversation = (await create_conversation(stub, world.editor, world.name)).name
+            sent = await send(dstub, world.editor, request(conversation, "hello"))
+            before = await paused(dstub, world.editor, sent.run.name)
+        await server.shutdown(grace=0)
+
+        again, _ = await create_server(make_settings(**common))
+        await again.start()
+        try:
+            async with aio.insecure_channel(again.address) as channel:
+                dstub = dispatcher_stub(channel)
+                after = await paused(dstub, world.editor, sent.run.name)
+                await set_cap(again, world.name, "daily", 10_000)
+                run = await finished(dstub, world.editor, sent.run.name)
+        finally:
+            await again.shutdown(grace=0)
+    # The pause kept its deadline across the restart.
+    assert after.required_action.expire_time == before.required_action.expire_time
+    assert run.state == pb.RUN_STATE_SUCCEEDED
+    assert len(fake.requests) == 1

@@ -199,7 +199,10 @@ def status(run: pb.Run) -> a2a.TaskStatus:
     found = a2a.TaskStatus(state=STATES.get(run.state, a2a.TASK_STATE_UNSPECIFIED))
     found.timestamp.CopyFrom(status_time(run))
     if run.state == pb.RUN_STATE_REQUIRES_ACTION:
-        found.message.CopyFrom(approval_request(run))
+        if run.required_action.HasField("budget"):
+            found.message.CopyFrom(budget_request(run))
+        else:
+            found.message.CopyFrom(approval_request(run))
     elif (
         run.state in (pb.RUN_STATE_FAILED, pb.RUN_STATE_CANCELLED, pb.RUN_STATE_DEADLINE_EXCEEDED)
         and run.error.code
@@ -289,6 +292,41 @@ DECISIONS: Final = {
     "deny": pb.TOOL_APPROVAL_DECISION_DENY,
 }
 MAX_REASON_CHARS: Final = 1000
+
+
+def budget_request(run: pb.Run) -> a2a.Message:
+    """An input-required task that waits for room in its budgets: what it asks, and
+    that an owner of the agent's workspace decides (not the caller's reply)."""
+    action = run.required_action
+    budget = action.budget
+    data = struct_pb2.Value()
+    data.struct_value.update(
+        {
+            "budget_action": {
+                "budgets": [errors.a2a_text(name) for name in budget.budgets],
+                "cost_micros": budget.cost_micros,
+                "input_tokens": budget.input_tokens,
+                "output_tokens": budget.output_tokens,
+                "expire_time": action.expire_time.ToJsonString(),
+            }
+        }
+    )
+    return a2a.Message(
+        message_id=f"{task_id(run.name)}.budget",
+        context_id=context_id(run.name),
+        task_id=task_id(run.name),
+        role=a2a.ROLE_AGENT,
+        parts=[
+            a2a.Part(
+                text=(
+                    "The task's next step does not fit in its budgets. It goes on when an "
+                    "owner of the agent's workspace raises a cap or allows the step, and "
+                    "fails with BUDGET_EXHAUSTED at expire_time otherwise."
+                )
+            ),
+            a2a.Part(data=data, media_type="application/json"),
+        ],
+    )
 
 
 def approval_request(run: pb.Run) -> a2a.Message:

@@ -167,6 +167,13 @@ async def dispatcher_service(
     # Closed after the dispatcher: a call forwarded while runs stop still gets its answer.
     peers = GrpcPeers()
     resources.push_async_callback(peers.close)
+    # Budgets: the catalog's changes wake runs paused at a cap (``spending.on_change``).
+    spending = Spending(
+        Ledger(shared.database),
+        shared.bus,
+        approval_timeout_s=settings.dispatcher_approval_timeout_s,
+        metrics=shared.metrics,
+    )
     dispatcher = Dispatcher(
         store=RunStore(shared.database),
         context=context,
@@ -202,12 +209,7 @@ async def dispatcher_service(
         ),
         peers=peers,
         metrics=shared.metrics,
-        spending=Spending(
-            Ledger(shared.database),
-            shared.bus,
-            approval_timeout_s=settings.dispatcher_approval_timeout_s,
-            metrics=shared.metrics,
-        ),
+        spending=spending,
     )
     await dispatcher.start()
     resources.push_async_callback(dispatcher.close)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
 from google.protobuf.message import DecodeError
-from sqlalchemy import BigInteger, Select, Update, and_, bindparam, delete, or_, select, update
+from sqlalchemy import Connection, and_, bindparam, delete, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -56,122 +56,136 @@ _RELEASE_BATCH: Final = 500
 
 W = BudgetWindowRow
 
-# Reserve and settle run around every model call of a run with a budget, and the
-# budgets of every message are read: Core statements built once (executed with their
-# values), not the ORM's paths nor a statement built per call (which cost about half
-# of each call's CPU, bench/budgets.py).
+# A reservation is on every model call's path: Core statements built once (the
+# conditional UPDATE once per combination of caps), not per call. Building and
+# keying a statement costs several times what SQLite takes to run it.
 _WINDOWS: Final = table_of(BudgetWindowRow)
 _HOLDS: Final = table_of(BudgetHoldRow)
-_C: Final = _WINDOWS.c
-_WINDOW_KEY: Final = (
-    _C.workspace_id == bindparam("k_workspace"),
-    _C.budget_id == bindparam("k_budget"),
-    _C.window == bindparam("k_window"),
-)
-
-
-def _number(name: str) -> Any:
-    return bindparam(name, type_=BigInteger())
-
-
-def _hold_statement(cost: bool, input_: bool, output: bool, total: bool) -> Update:
-    """Add the ask to the window's held amounts where it fits each cap that is set."""
-    conditions: list[Any] = []
-    if cost:
-        conditions.append(_C.cost_used + _C.cost_held + _number("ask_cost") <= _number("cap_cost"))
-    if input_:
-        conditions.append(
-            _C.input_used + _C.input_held + _number("ask_input") <= _number("cap_input")
-        )
-    if output:
-        conditions.append(
-            _C.output_used + _C.output_held + _number("ask_output") <= _number("cap_output")
-        )
-    if total:
-        conditions.append(
-            _C.input_used
-            + _C.input_held
-            + _C.output_used
-            + _C.output_held
-            + _number("ask_input")
-            + _number("ask_output")
-            <= _number("cap_total")
-        )
-    return (
-        update(_WINDOWS)
-        .where(*_WINDOW_KEY, *conditions)
-        .values(
-            cost_held=_C.cost_held + _number("ask_cost"),
-            input_held=_C.input_held + _number("ask_input"),
-            output_held=_C.output_held + _number("ask_output"),
-        )
-    )
-
-
-#: By which caps are set (cost, input, output, total); none set: an overdraft.
-_HOLD: Final = {
-    (a, b, c, d): _hold_statement(a, b, c, d)
-    for a in (False, True)
-    for b in (False, True)
-    for c in (False, True)
-    for d in (False, True)
-}
-_DROP_HOLD: Final = _HOLDS.delete().where(
-    _HOLDS.c.id == bindparam("k_hold"),
-    _HOLDS.c.workspace_id == bindparam("k_workspace"),
-    _HOLDS.c.budget_id == bindparam("k_budget"),
-)
-_ADD_HOLDS: Final = _HOLDS.insert()
-#: The current windows of a run's budgets, read at admission.
-_WINDOW_ROWS: Final = select(
-    _C.budget_id,
-    _C.window,
-    _C.cost_used,
-    _C.cost_held,
-    _C.input_used,
-    _C.input_held,
-    _C.output_used,
-    _C.output_held,
-).where(
-    _C.workspace_id == bindparam("k_workspace"),
-    _C.budget_id.in_(bindparam("k_budgets", expanding=True)),
-    _C.window.in_(bindparam("k_windows", expanding=True)),
-)
 _BUDGETS: Final = table_of(BudgetRow)
-
-
-def _applicable_statement(assistant: bool, api_key: bool) -> Select[str, bytes]:
-    """The budgets of a workspace that apply to a run (of an assistant, with a key)."""
-    b = _BUDGETS.c
-    scopes: list[Any] = [b.scope_kind == "workspace"]
-    if assistant:
-        scopes.append(and_(b.scope_kind == "assistant", b.scope_id == bindparam("k_assistant")))
-    if api_key:
-        scopes.append(and_(b.scope_kind == "api_key", b.scope_id == bindparam("k_key")))
-    return (
-        select(b.id, b.data)
-        .where(b.workspace_id == bindparam("k_workspace"), or_(*scopes))
-        .order_by(b.id)
-        .limit(MAX_APPLICABLE)
-    )
-
-
-#: By (an assistant given, an API key given): every message reads its budgets.
-_APPLICABLE: Final = {
-    (a, k): _applicable_statement(a, k) for a in (False, True) for k in (False, True)
+_WC = _WINDOWS.c
+_KEY: Final = (
+    _WC.workspace_id == bindparam("ws"),
+    _WC.budget_id == bindparam("budget"),
+    _WC.window == bindparam("win"),
+)
+_NEW_WINDOW: Final = {
+    "workspace_id": bindparam("ws"),
+    "budget_id": bindparam("budget"),
+    "window": bindparam("win"),
+    "cost_used": 0,
+    "cost_held": 0,
+    "input_used": 0,
+    "input_held": 0,
+    "output_used": 0,
+    "output_held": 0,
+    "alerted": 0,
+    "created_at": bindparam("at"),
 }
+_OPEN_WINDOW: Final = {
+    "sqlite": sqlite_insert(_WINDOWS).values(_NEW_WINDOW).on_conflict_do_nothing(),
+    "postgresql": pg_insert(_WINDOWS).values(_NEW_WINDOW).on_conflict_do_nothing(),
+}
+_INSERT_HOLD: Final = _HOLDS.insert()
+_HOLD_KEY: Final = (
+    _HOLDS.c.id == bindparam("hold"),
+    _HOLDS.c.workspace_id == bindparam("ws"),
+    _HOLDS.c.budget_id == bindparam("budget"),
+)
+_DELETE_HOLD: Final = delete(_HOLDS).where(*_HOLD_KEY)
 _SETTLE: Final = (
     update(_WINDOWS)
-    .where(*_WINDOW_KEY)
+    .where(*_KEY)
     .values(
-        cost_held=_C.cost_held - _number("held_cost"),
-        input_held=_C.input_held - _number("held_input"),
-        output_held=_C.output_held - _number("held_output"),
-        cost_used=_C.cost_used + _number("used_cost"),
-        input_used=_C.input_used + _number("used_input"),
-        output_used=_C.output_used + _number("used_output"),
+        cost_held=_WC.cost_held - bindparam("held_cost"),
+        input_held=_WC.input_held - bindparam("held_in"),
+        output_held=_WC.output_held - bindparam("held_out"),
+        cost_used=_WC.cost_used + bindparam("used_cost"),
+        input_used=_WC.input_used + bindparam("used_in"),
+        output_used=_WC.output_used + bindparam("used_out"),
     )
 )
+_READ_WINDOW: Final = select(
+    _WC.cost_used,
+    _WC.input_used,
+    _WC.output_used,
+    _WC.cost_held,
+    _WC.input_held,
+    _WC.output_held,
+    _WC.alerted,
+).where(*_KEY)
+_CLAIM: Final = (
+    update(_WINDOWS)
+    .where(*_KEY, _WC.alerted < bindparam("percent"))
+    .values(alerted=bindparam("percent"))
+)
+# Every kind of scope in one statement: no budget has an assistant or key scope with an
+# empty id, so "" (no assistant, no key) matches none of those.
+_APPLICABLE: Final = (
+    select(_BUDGETS.c.id, _BUDGETS.c.data)
+    .where(
+        _BUDGETS.c.workspace_id == bindparam("ws"),
+        or_(
+            _BUDGETS.c.scope_kind == "workspace",
+            and_(
+                _BUDGETS.c.scope_kind == "assistant", _BUDGETS.c.scope_id == bindparam("assistant")
+            ),
+            and_(_BUDGETS.c.scope_kind == "api_key", _BUDGETS.c.scope_id == bindparam("key")),
+        ),
+    )
+    .order_by(_BUDGETS.c.id)
+    .limit(MAX_APPLICABLE)
+)
+_RESERVES: dict[tuple[bool, bool, bool, bool], Any] = {}
+
+
+def _reserving(caps: Caps | None) -> Any:
+    """The conditional UPDATE that holds an ask if it fits ``caps`` (None: whatever they say)."""
+    shape = (
+        (False, False, False, False)
+        if caps is None
+        else (
+            caps.cost is not None,
+            caps.input_tokens is not None,
+            caps.output_tokens is not None,
+            caps.total_tokens is not None,
+        )
+    )
+    statement = _RESERVES.get(shape)
+    if statement is None:
+        has_cost, has_in, has_out, has_total = shape
+        conditions: list[Any] = []
+        if has_cost:
+            conditions.append(
+                _WC.cost_used + _WC.cost_held + bindparam("ask_cost") <= bindparam("cap_cost")
+            )
+        if has_in:
+            conditions.append(
+                _WC.input_used + _WC.input_held + bindparam("ask_in") <= bindparam("cap_in")
+            )
+        if has_out:
+            conditions.append(
+                _WC.output_used + _WC.output_held + bindparam("ask_out") <= bindparam("cap_out")
+            )
+        if has_total:
+            conditions.append(
+                _WC.input_used
+                + _WC.input_held
+                + _WC.output_used
+                + _WC.output_held
+                + bindparam("ask_in")
+                + bindparam("ask_out")
+                <= bindparam("cap_total")
+            )
+        statement = _RESERVES[shape] = (
+            update(_WINDOWS)
+            .where(*_KEY, *conditions)
+            .values(
+                cost_held=_WC.cost_held + bindparam("ask_cost"),
+                input_held=_WC.input_held + bindparam("ask_in"),
+                output_held=_WC.output_held + bindparam("ask_out"),
+            )
+        )
+    return statement
 
 
 @dataclass(frozen=True)
@@ -319,9 +333,7 @@ class Ledger:
 
     def __init__(self, database: Database, *, clock: Callable[[], dt.datetime] = names.now) -> None:
         self._database = database
-        self._insert = sqlite_insert if database.dialect_name == "sqlite" else pg_insert
-        #: A period's row, made by its first reservation (two replicas may race to make it).
-        self._new_window = self._insert(_WINDOWS).on_conflict_do_nothing()
+        self._dialect = database.dialect_name
         self._clock = clock
 
     async def _run(self, work: Callable[[Session], _T], *, write: bool) -> _T:
@@ -334,11 +346,10 @@ class Ledger:
     ) -> tuple[Applicable, ...]:
         """The budgets of ``workspace_id`` that apply to a run of ``assistant_id``
         started with ``api_key_id`` (either "" for none), in lock order."""
-        statement = _APPLICABLE[bool(assistant_id), bool(api_key_id)]
-        values = {"k_workspace": workspace_id, "k_assistant": assistant_id, "k_key": api_key_id}
+        values = {"ws": workspace_id, "assistant": assistant_id, "key": api_key_id}
 
         def work(db: Session) -> list[tuple[str, bytes]]:
-            return [(row[0], row[1]) for row in db.connection().execute(statement, values)]
+            return [(row[0], row[1]) for row in db.connection().execute(_APPLICABLE, values)]
 
         found = []
         for budget_id, data in await self._run(work, write=False):
@@ -367,14 +378,24 @@ class Ledger:
         }
         if not keyed:
             return []
-        values = {
-            "k_workspace": budgets[0].workspace_id,
-            "k_budgets": sorted({budget_id for budget_id, _ in keyed}),
-            "k_windows": sorted({window for _, window in keyed}),
-        }
+        workspace_id = budgets[0].workspace_id
+        statement = select(
+            W.budget_id,
+            W.window,
+            W.cost_used,
+            W.cost_held,
+            W.input_used,
+            W.input_held,
+            W.output_used,
+            W.output_held,
+        ).where(
+            W.workspace_id == workspace_id,
+            W.budget_id.in_(sorted({budget_id for budget_id, _ in keyed})),
+            W.window.in_(sorted({window for _, window in keyed})),
+        )
 
         def work(db: Session) -> list[tuple[Any, ...]]:
-            return [tuple(row) for row in db.connection().execute(_WINDOW_ROWS, values)]
+            return [tuple(row) for row in db.execute(statement)]
 
         out: list[Full] = []
         for row in await self._run(work, write=False):
@@ -408,57 +429,38 @@ class Ledger:
         )
         hold_id = names.new_id()
 
+        opening = _OPEN_WINDOW[self._dialect]
+        asks = {
+            "ask_cost": ask.cost_micros,
+            "ask_in": ask.input_tokens,
+            "ask_out": ask.output_tokens,
+            "at": at,
+        }
+
         def work(db: Session) -> Hold:
             connection = db.connection()
             no_room: list[Full] = []
             for budget, window in windows:
                 caps = budget.caps
-                capped = not overdraft
-                statement = _HOLD[
-                    capped and caps.cost is not None,
-                    capped and caps.input_tokens is not None,
-                    capped and caps.output_tokens is not None,
-                    capped and caps.total_tokens is not None,
-                ]
                 values = {
-                    "k_workspace": budget.workspace_id,
-                    "k_budget": budget.budget_id,
-                    "k_window": window,
-                    "ask_cost": ask.cost_micros,
-                    "ask_input": ask.input_tokens,
-                    "ask_output": ask.output_tokens,
-                    "cap_cost": caps.cost or 0,
-                    "cap_input": caps.input_tokens or 0,
-                    "cap_output": caps.output_tokens or 0,
-                    "cap_total": caps.total_tokens or 0,
+                    **asks,
+                    "ws": budget.workspace_id,
+                    "budget": budget.budget_id,
+                    "win": window,
+                    "cap_cost": caps.cost,
+                    "cap_in": caps.input_tokens,
+                    "cap_out": caps.output_tokens,
+                    "cap_total": caps.total_tokens,
                 }
-                if _rowcount(connection.execute(statement, values)) == 1:
-                    continue
-                # No row for this period yet (its first reservation), or no room: make
-                # the row if it is missing, and ask once more.
-                connection.execute(
-                    self._new_window,
-                    {
-                        "workspace_id": budget.workspace_id,
-                        "budget_id": budget.budget_id,
-                        "window": window,
-                        "cost_used": 0,
-                        "cost_held": 0,
-                        "input_used": 0,
-                        "input_held": 0,
-                        "output_used": 0,
-                        "output_held": 0,
-                        "alerted": 0,
-                        "created_at": at,
-                    },
-                )
-                if _rowcount(connection.execute(statement, values)) != 1:
+                connection.execute(opening, values)
+                result = connection.execute(_reserving(None if overdraft else caps), values)
+                if _rowcount(result) != 1:
                     no_room.append(Full(budget, self.reset_of(budget, at)))
             if no_room:
                 raise _NoRoom(no_room)
             if windows:
                 connection.execute(
-                    _ADD_HOLDS,
+                    _INSERT_HOLD,
                     [
                         {
                             "id": hold_id,
@@ -489,54 +491,42 @@ class Ledger:
         period, whichever replica crosses it). A hold already released (its run
         taken over meanwhile) only adds ``actual``."""
 
+        used = {
+            "used_cost": actual.cost_micros,
+            "used_in": actual.input_tokens,
+            "used_out": actual.output_tokens,
+        }
+        reserved = hold.amount
+
         def work(db: Session) -> list[Alert]:
             connection = db.connection()
             alerts: list[Alert] = []
             for budget, window in hold.windows:
-                key = {
-                    "k_workspace": budget.workspace_id,
-                    "k_budget": budget.budget_id,
-                    "k_window": window,
-                }
-                removed = connection.execute(_DROP_HOLD, {**key, "k_hold": hold.id})
-                held = hold.amount if _rowcount(removed) == 1 else Amount()
+                key = {"ws": budget.workspace_id, "budget": budget.budget_id, "win": window}
+                removed = connection.execute(_DELETE_HOLD, {**key, "hold": hold.id})
+                held = reserved if _rowcount(removed) == 1 else Amount()
                 connection.execute(
                     _SETTLE,
                     {
                         **key,
+                        **used,
                         "held_cost": held.cost_micros,
-                        "held_input": held.input_tokens,
-                        "held_output": held.output_tokens,
-                        "used_cost": actual.cost_micros,
-                        "used_input": actual.input_tokens,
-                        "used_output": actual.output_tokens,
+                        "held_in": held.input_tokens,
+                        "held_out": held.output_tokens,
                     },
                 )
                 if budget.thresholds:
-                    where = (
-                        W.workspace_id == budget.workspace_id,
-                        W.budget_id == budget.budget_id,
-                        W.window == window,
-                    )
-                    alerts.extend(self._crossed(db, budget, window, where))
+                    alerts.extend(self._crossed(connection, budget, window, key))
             return alerts
 
         return Settled(tuple(await self._run(work, write=True)))
 
-    def _crossed(self, db: Session, budget: Applicable, window: str, key: Any) -> list[Alert]:
+    def _crossed(
+        self, connection: Connection, budget: Applicable, window: str, key: dict[str, str]
+    ) -> list[Alert]:
         """Claim the thresholds of ``budget`` its window's usage has reached and no
         one claimed yet (the row is locked by this transaction's update)."""
-        row = db.execute(
-            select(
-                W.cost_used,
-                W.input_used,
-                W.output_used,
-                W.cost_held,
-                W.input_held,
-                W.output_held,
-                W.alerted,
-            ).where(*key)
-        ).one_or_none()
+        row = connection.execute(_READ_WINDOW, key).one_or_none()
         if row is None:
             return []
         used, held = Amount(row[0], row[1], row[2]), Amount(row[3], row[4], row[5])
@@ -545,12 +535,7 @@ class Ledger:
         for percent in budget.thresholds:
             if percent <= row[6] or share * 100 < percent:
                 continue
-            claimed = db.execute(
-                update(W)
-                .where(*key, W.alerted < percent)
-                .values(alerted=percent)
-                .execution_options(synchronize_session=False)
-            )
+            claimed = connection.execute(_CLAIM, {**key, "percent": percent})
             if _rowcount(claimed) == 1:
                 alerts.append(Alert(budget, percent, cap, used, held, window))
         return alerts

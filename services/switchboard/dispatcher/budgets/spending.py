@@ -26,6 +26,7 @@ import contextlib
 import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
@@ -120,6 +121,14 @@ def alert_event(
     return event
 
 
+@dataclass(frozen=True)
+class Read:
+    """The budgets that apply to a run, and the version of its workspace's they were read at."""
+
+    budgets: tuple[Applicable, ...]
+    version: int
+
+
 class Spending:
     """The process's side of budgets: which apply, refusals, alerts, wake-ups."""
 
@@ -139,14 +148,25 @@ class Spending:
         self.poll_s = poll_s
         #: Set (and replaced) when a budget of the workspace changes: paused runs look again.
         self._changed: dict[str, asyncio.Event] = {}
+        #: Counts each workspace's budget changes seen here: a run whose budgets were
+        #: read before the last one reads them again before its next reservation.
+        self._versions: dict[str, int] = {}
 
     # -- the catalog's hook ----------------------------------------------------------------
 
     def on_change(self, workspace_id: str) -> None:
         """A budget of ``workspace_id`` was created, updated or deleted."""
+        self._versions[workspace_id] = self._versions.get(workspace_id, 0) + 1
+        self.wake(workspace_id)
+
+    def wake(self, workspace_id: str) -> None:
+        """Room may have been freed in ``workspace_id``'s budgets: paused runs look again."""
         event = self._changed.pop(workspace_id, None)
         if event is not None:
             event.set()
+
+    def version(self, workspace_id: str) -> int:
+        return self._versions.get(workspace_id, 0)
 
     def changed(self, workspace_id: str) -> asyncio.Event:
         event = self._changed.get(workspace_id)
@@ -155,6 +175,15 @@ class Spending:
         return event
 
     # -- which apply -----------------------------------------------------------------------
+
+    async def read(self, workspace_id: str, assistant: str, api_key_id: str) -> Read:
+        """``applicable``, with the version of the workspace's budgets it read."""
+        version = self.version(workspace_id)
+        return Read(await self.applicable(workspace_id, assistant, api_key_id), version)
+
+    def fresh(self, read: Read, workspace_id: str) -> bool:
+        """Whether no budget of ``workspace_id`` changed here since ``read``."""
+        return read.version == self.version(workspace_id)
 
     async def applicable(
         self, workspace_id: str, assistant: str, api_key_id: str
@@ -228,21 +257,27 @@ class Spending:
 
     def run_budget(
         self,
-        budgets: Sequence[Applicable],
+        read: Read,
         run: pb.Run,
         workspace_id: str,
         api_key_id: str,
         host: Pauser,
     ) -> RunBudget | None:
         """The run's budget (None when no budget applies: nothing to reserve)."""
-        if not budgets:
+        if not read.budgets:
             return None
 
         def reload() -> Awaitable[tuple[Applicable, ...]]:
             return self.applicable(workspace_id, run.assistant, api_key_id)
 
         return RunBudget(
-            self, tuple(budgets), run=run, workspace_id=workspace_id, host=host, reload=reload
+            self,
+            read.budgets,
+            run=run,
+            workspace_id=workspace_id,
+            host=host,
+            reload=reload,
+            version=read.version,
         )
 
 
@@ -258,8 +293,11 @@ class RunBudget:
         workspace_id: str,
         host: Pauser,
         reload: Callable[[], Awaitable[tuple[Applicable, ...]]],
+        version: int,
     ) -> None:
         self._spending = spending
+        #: The workspace's budget version ``budgets`` were read at (``Spending.version``).
+        self._version = version
         #: The budgets that apply now (a paused run reads them again: a cap may have changed).
         self._reload = reload
         self._ledger = spending.ledger
@@ -273,10 +311,14 @@ class RunBudget:
         self._decided = asyncio.Event()
         #: One paused step at a time (concurrent tool calls of a step wait in turn).
         self._pausing = asyncio.Lock()
-        self.caps_cost = any(b.caps.cost is not None for b in budgets)
+
+    @property
+    def caps_cost(self) -> bool:
+        return any(b.caps.cost is not None for b in self.budgets)
 
     async def reserve(self, cost_micros: int, input_tokens: int, output_tokens: int) -> str:
         ask = Amount(max(0, cost_micros), max(0, input_tokens), max(0, output_tokens))
+        await self._current()
         outcome = await self._ledger.reserve(self.budgets, self._run_id, ask)
         if isinstance(outcome, Hold):
             self._spending.reserved("reserved")
@@ -293,7 +335,7 @@ class RunBudget:
             return
         settled = await self._ledger.settle(kept, Amount(cost_micros, input_tokens, output_tokens))
         # What the hold kept beyond what was used is free again: runs paused here look.
-        self._spending.on_change(self._workspace_id)
+        self._spending.wake(self._workspace_id)
         if settled.alerts:
             await self._spending.alerts(settled.alerts)
 
@@ -301,22 +343,29 @@ class RunBudget:
         kept = self._holds.pop(hold, None)
         if kept is not None:
             await self._ledger.release(kept)
-            self._spending.on_change(self._workspace_id)
+            self._spending.wake(self._workspace_id)
 
     async def close(self) -> None:
         """The run ended: holds its steps did not settle (cancelled, failed) go back."""
         holds, self._holds = list(self._holds.values()), {}
-        for hold in holds:
-            try:
+        try:
+            for hold in holds:
                 await self._ledger.release(hold)
-            except SwitchboardError:
-                # Its hold rows name the run: the next takeover or restart releases them.
-                log.warning("budget hold not released", extra={"run": self._run.name})
+        except SwitchboardError:
+            # Its hold rows name the run: the next takeover or restart releases them.
+            log.warning("budget holds not released", extra={"run": self._run.name})
 
     def decided(self) -> None:
         """An owner decided the budget action (``ResolveBudgetAction``)."""
         event, self._decided = self._decided, asyncio.Event()
         event.set()
+
+    async def _current(self) -> None:
+        """Read the budgets again if one of the workspace changed since they were read."""
+        version = self._spending.version(self._workspace_id)
+        if version != self._version:
+            self._version = version
+            self.budgets = await self._reload()
 
     def _keep(self, hold: Hold) -> str:
         self._holds[hold.id] = hold
@@ -364,6 +413,7 @@ class RunBudget:
                     decided = self._decided
                     overdraft = decision == pb.BUDGET_DECISION_ALLOW_OVERDRAFT
                     if attempts:
+                        self._version = self._spending.version(self._workspace_id)
                         self.budgets = await self._reload()
                     attempts += 1
                     outcome = await self._ledger.reserve(

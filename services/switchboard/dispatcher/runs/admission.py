@@ -27,8 +27,7 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher import mapping
 from switchboard.dispatcher.assistants.catalog import Assistants
-from switchboard.dispatcher.budgets.ledger import Applicable
-from switchboard.dispatcher.budgets.spending import Spending
+from switchboard.dispatcher.budgets.spending import Read, Spending
 from switchboard.dispatcher.handlers.base import Handler, text_of
 from switchboard.dispatcher.handlers.router import Choice, Router
 from switchboard.dispatcher.llm.handler import LlmHandler
@@ -223,15 +222,15 @@ class Admission:
         workspace_id: str,
         assistant: pb.Assistant | None,
         choice: Choice,
-    ) -> tuple[Applicable, ...] | None:
+    ) -> Read | None:
         """The budgets the run will have; refuses the message when one has no room
         left, or a cost cap applies and its model has no price (nothing stored)."""
         if self._spending is None:
             return None
-        budgets = await self._spending.applicable(
+        read = await self._spending.read(
             workspace_id, assistant.name if assistant is not None else "", principal.api_key_id
         )
-        if budgets:
+        if read.budgets:
             handler = choice.handler
             priced: bool | None = None
             if isinstance(handler, LlmHandler):
@@ -241,8 +240,8 @@ class Admission:
                     else None
                 )
                 priced = handler.priced(settings)
-            await self._spending.admit(budgets, actor=mapping.actor(principal), priced=priced)
-        return budgets
+            await self._spending.admit(read.budgets, actor=mapping.actor(principal), priced=priced)
+        return read
 
     async def _supersede(self, conversation: str, name: str) -> None:
         """INTERRUPT: the conversation's active runs end RUN_SUPERSEDED, naming ``name``."""

@@ -29,8 +29,7 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.dispatcher import mapping
-from switchboard.dispatcher.budgets.ledger import Applicable
-from switchboard.dispatcher.budgets.spending import Spending
+from switchboard.dispatcher.budgets.spending import Read, Spending
 from switchboard.dispatcher.handlers.base import HandleCall, HandlerFailure
 from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.runs.clock import RunClock
@@ -248,7 +247,7 @@ class Execution:
                 ),
             )
             definitions: list[handler_pb2.ToolDefinition] = []
-            budgets: Sequence[Applicable] = ()
+            budgets: Read | None = None
             if (assistant is not None and assistant.tools) or self._spending is not None:
                 (_, window), (definitions, _), budgets = await asyncio.gather(
                     reads,
@@ -274,7 +273,7 @@ class Execution:
                 request.instructions = assistant.instructions
                 if assistant.HasField("model"):
                     request.model.CopyFrom(assistant.model)
-            if budgets and self._spending is not None:
+            if budgets is not None and self._spending is not None:
                 active.budget = self._spending.run_budget(
                     budgets,
                     run,
@@ -309,13 +308,14 @@ class Execution:
             )
         return output, result
 
-    async def _budgets(self, active: Active) -> Sequence[Applicable]:
+    async def _budgets(self, active: Active) -> Read | None:
         """The budgets that apply to the run, read once at its start."""
         if self._spending is None:
-            return ()
-        if active.budgets is not None:  # read by admission just now
-            return active.budgets
-        return await self._spending.applicable(
+            return None
+        admitted = active.budgets
+        if admitted is not None and self._spending.fresh(admitted, active.workspace_id):
+            return admitted  # admission's read, and nothing changed since
+        return await self._spending.read(
             active.workspace_id, active.run.assistant, active.principal.api_key_id
         )
 
