@@ -56,7 +56,8 @@ _RELEASE_BATCH: Final = 500
 
 W = BudgetWindowRow
 
-# A reservation is on every model call's path: Core statements built once (the
+# A reservation is on every model call's path, and the admission's read of the
+# windows on every budgeted message's: Core statements built once (the
 # conditional UPDATE once per combination of caps), not per call. Building and
 # keying a statement costs several times what SQLite takes to run it.
 _WINDOWS: Final = table_of(BudgetWindowRow)
@@ -113,6 +114,21 @@ _READ_WINDOW: Final = select(
     _WC.output_held,
     _WC.alerted,
 ).where(*_KEY)
+#: The current windows of a message's budgets, read at its admission.
+_WINDOWS_OF: Final = select(
+    _WC.budget_id,
+    _WC.window,
+    _WC.cost_used,
+    _WC.cost_held,
+    _WC.input_used,
+    _WC.input_held,
+    _WC.output_used,
+    _WC.output_held,
+).where(
+    _WC.workspace_id == bindparam("ws"),
+    _WC.budget_id.in_(bindparam("budgets", expanding=True)),
+    _WC.window.in_(bindparam("windows", expanding=True)),
+)
 _CLAIM: Final = (
     update(_WINDOWS)
     .where(*_KEY, _WC.alerted < bindparam("percent"))
@@ -378,24 +394,14 @@ class Ledger:
         }
         if not keyed:
             return []
-        workspace_id = budgets[0].workspace_id
-        statement = select(
-            W.budget_id,
-            W.window,
-            W.cost_used,
-            W.cost_held,
-            W.input_used,
-            W.input_held,
-            W.output_used,
-            W.output_held,
-        ).where(
-            W.workspace_id == workspace_id,
-            W.budget_id.in_(sorted({budget_id for budget_id, _ in keyed})),
-            W.window.in_(sorted({window for _, window in keyed})),
-        )
+        values = {
+            "ws": budgets[0].workspace_id,
+            "budgets": sorted({budget_id for budget_id, _ in keyed}),
+            "windows": sorted({window for _, window in keyed}),
+        }
 
         def work(db: Session) -> list[tuple[Any, ...]]:
-            return [tuple(row) for row in db.execute(statement)]
+            return [tuple(row) for row in db.connection().execute(_WINDOWS_OF, values)]
 
         out: list[Full] = []
         for row in await self._run(work, write=False):
