@@ -125,9 +125,13 @@ class HandedBudget(_message.Message):
     OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     TOTAL_TOKENS_FIELD_NUMBER: _builtins.int
     cost_micros: _builtins.int
+    """Cost, in micro-units of the price table's currency."""
     input_tokens: _builtins.int
+    """Input (prompt) tokens."""
     output_tokens: _builtins.int
+    """Output (completion) tokens."""
     total_tokens: _builtins.int
+    """Input plus output tokens."""
     def __init__(
         self,
         *,
