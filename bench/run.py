@@ -17,7 +17,10 @@ minutes; ``--no-tools`` skips it), the Envoy section from ``bench/edge.py`` (abo
 minutes; ``--no-edge`` skips it), the tracing overhead section from
 ``bench/telemetry.py`` (about 4 minutes; ``--no-telemetry`` skips it), the A2A section from
 ``bench/frontdoor.py`` (about 1 minute; ``--no-frontdoor`` skips it), the streaming section
-from ``bench/streaming.py`` (about 8 minutes; ``--no-streaming`` skips it). Each of those
+from ``bench/streaming.py`` (about 8 minutes; ``--no-streaming`` skips it), the fairness
+between workspaces section from ``bench/fairness.py`` (about 90 s; ``--no-fairness`` skips
+it), the budgets section from ``bench/budgets.py`` (about 4 minutes; ``--no-budgets`` skips
+it). Each of those
 scripts also runs alone (``--write`` puts its section into BENCHMARKS.md). Every section
 replaces the one with its heading in BENCHMARKS.md (``bench/harness.py``); a skipped
 section keeps its earlier figures.
@@ -70,6 +73,8 @@ SECTIONS: Final = (
     ("telemetry", 1200),
     ("frontdoor", 600),
     ("streaming", 1200),
+    ("fairness", 600),
+    ("budgets", 900),
 )
 
 Figures = dict[str, float]

@@ -21,6 +21,9 @@ if git rev-parse --verify -q HEAD >/dev/null; then
   # - FILE_SAME_GO_PACKAGE against contracts whose go_package was
   #   `switchboard/gen/go/...`: that is not a Go import path, so no Go program could
   #   have imported it; the Go module is switchboard.dev/go (clients/go).
+  # - FIELD_SAME_NAME and FIELD_SAME_JSON_NAME against the drafts of issue 50's
+  #   contract where ResolveBudgetActionRequest's field 1 was `run`: it became
+  #   `name` (AIP-136, as SubmitToolApprovals) before any release carried it.
   config=$(mktemp --suffix=.yaml)
   ours=$(mktemp --suffix=.yaml)
   trap 'rm -f "$config" "$ours"' EXIT
@@ -33,6 +36,11 @@ if git rev-parse --verify -q HEAD >/dev/null; then
     git grep -q idempotency_level "$ref" -- proto || excepts+=(RPC_SAME_IDEMPOTENCY_LEVEL)
     git grep -q 'go_package = "switchboard/gen/go/switchboard/api/' "$ref" -- proto &&
       excepts+=(FILE_SAME_GO_PACKAGE)
+    if git show "$ref:proto/switchboard/api/dispatcher/v1/dispatcher.proto" 2>/dev/null |
+      awk '/^message ResolveBudgetActionRequest /{m = 1} m && /string run = 1;/{f = 1}
+           /^}/{m = 0} END{exit !f}'; then
+      excepts+=(FIELD_SAME_NAME FIELD_SAME_JSON_NAME)
+    fi
     cp "$ours" "$config"
     if ((${#excepts[@]} > 0)); then
       local rules

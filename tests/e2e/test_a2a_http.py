@@ -160,7 +160,10 @@ async def test_the_public_card_is_the_same_for_every_tenant_and_needs_no_credent
     ]
     assert card["capabilities"]["streaming"] is True
     assert card["capabilities"]["extendedAgentCard"] is True
-    assert [e["uri"] for e in card["capabilities"]["extensions"]] == [RESUME]
+    assert [e["uri"] for e in card["capabilities"]["extensions"]] == [
+        RESUME,
+        "https://switchboard.dev/a2a/extensions/budget/v1",
+    ]
     assert set(card["securitySchemes"]) == {"bearer", "apiKey"}
     # Nothing of the assistant itself: its name and description are for members.
     assert "Secret Echoer" not in mine.text

@@ -163,7 +163,10 @@ def test_the_card_comes_through_envoy_over_grpc_v1(agent: Agent, seen: Seen) -> 
     ]
     assert card["streaming"] is True
     assert sorted(card["securitySchemes"]) == ["apiKey", "bearer"]
-    assert card["extensions"] == ["https://switchboard.dev/a2a/extensions/resume/v1"]
+    assert card["extensions"] == [
+        "https://switchboard.dev/a2a/extensions/resume/v1",
+        "https://switchboard.dev/a2a/extensions/budget/v1",
+    ]
 
 
 def test_every_call_went_through_envoy(agent: Agent, seen: Seen) -> None:

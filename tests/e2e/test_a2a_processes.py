@@ -27,7 +27,7 @@ from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as dpb
 from tests.e2e.procs import ServeProcess, shared_env
 from tests.infra.redis import RedisServer
-from tests.service.authkit import PASSWORD, unique_email
+from tests.service.authkit import PASSWORD, reason, unique_email
 from tests.service.contextkit import Caller, context_stub, create_workspace, refused, violations
 from tests.service.dispatchkit import dispatcher_stub
 from tests.service.test_a2a import _Token, stub
@@ -35,6 +35,7 @@ from tests.service.test_a2a import _Token, stub
 pytestmark = pytest.mark.e2e
 
 TIMEOUT_S = 20.0
+BUDGET = "https://switchboard.dev/a2a/extensions/budget/v1"
 
 
 @pytest.fixture
@@ -169,3 +170,17 @@ async def test_the_front_door_in_its_own_process(
             grpc.StatusCode.INVALID_ARGUMENT,
         )
         assert violations(error) == ["message.message_id"]
+        # A budget handed in the budget extension reaches the dispatcher process as its
+        # x-switchboard-budget metadata: nothing left of it refuses the message there.
+        spent = a2a.SendMessageRequest(
+            tenant=tenant,
+            message=a2a.Message(
+                message_id=str(uuid.uuid4()), role=a2a.ROLE_USER, parts=[a2a.Part(text="x")]
+            ),
+        )
+        spent.message.metadata.update({BUDGET: {"cost_micros": 0}})
+        error = await refused(
+            stub(channel).SendMessage(spent, metadata=owner.md, timeout=TIMEOUT_S),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        )
+        assert reason(error) == "ERROR_REASON_BUDGET_EXHAUSTED"

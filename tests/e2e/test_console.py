@@ -50,6 +50,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, cast
 
@@ -63,6 +64,7 @@ from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.context.v1 import context_pb2, context_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2, dispatcher_pb2_grpc
 from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
+from switchboard.api.handler.v1 import handler_pb2
 from switchboard.api.integration.v1 import integration_pb2, integration_pb2_grpc
 from switchboard.deploy.envoy import (
     CONSOLE_CSP,
@@ -2036,3 +2038,278 @@ def test_a_problem_goes_when_its_cause_does_and_covers_nothing(
         browser.wait("(s) => document.querySelector(s) === null", failed)
         assert browser.count(tid("error")) == 0
         assert problems(browser, outage=True) == []
+
+
+def _budget(server: Server, user: User, name: str) -> dispatcher_pb2.Budget:
+    found: dispatcher_pb2.Budget = server.dispatcher.GetBudget(
+        dispatcher_pb2.GetBudgetRequest(name=name), metadata=user.md, timeout=CALL_S
+    ).budget
+    return found
+
+
+def test_budgets_are_edited_on_their_page_the_chart_shows_the_days_spend_and_a_refusal_says_why(
+    stack: Stack, chromium: Chromium, server: Server, tmp_path: Path
+) -> None:
+    """The Budgets page (``#workspaces/w/budgets``): a budget created there (a time zone
+    that does not exist refused first, the server's violation beside its field), a priced
+    run on the local model server, then the day's spend in the chart and in the budget's
+    cost bar exactly as the server has them; the cap lowered on the page (UpdateBudget with
+    only that field and the etag) below what was spent, and the next message refused in
+    the composer with the budget's name and when it resets. A viewer reads the page and
+    gets no controls."""
+    shots = artifacts_dir(tmp_path) / "budgets"
+    shots.mkdir(parents=True, exist_ok=True)
+    owner = server.register("budgets")
+    viewer = server.register("budgets-viewer")
+    workspace, conversation = server.workspace(owner, f"budgets-{os.getpid()}")
+    server.context.AddWorkspaceMember(
+        context_pb2.AddWorkspaceMemberRequest(
+            parent=workspace, user=viewer.name, role=context_pb2.WORKSPACE_ROLE_VIEWER
+        ),
+        metadata=owner.md,
+        timeout=CALL_S,
+    )
+    # The llm handler on the local model server's priced echo model answers the messages.
+    assistant = server.dispatcher.CreateAssistant(
+        dispatcher_pb2.CreateAssistantRequest(
+            parent=workspace,
+            assistant_id="helper",
+            assistant=dispatcher_pb2.Assistant(display_name="Helper", workspace_default=True),
+        ),
+        metadata=owner.md,
+        timeout=CALL_S,
+    ).assistant.name
+    budget = f"{workspace}/budgets/daily"
+    page_link = tid("open-budgets")
+    editor = tid("budget-editor")
+    with chromium.open(stack.origin + "/") as browser:
+        sign_in(browser, owner.email)
+        browser.click(tid("workspace-item", name=workspace))
+        browser.click(page_link)
+        browser.wait_visible(tid("budgets-page"))
+        assert browser.eval("() => location.hash") == f"#{workspace}/budgets"
+        browser.wait_visible(tid("usage-empty"))
+        browser.wait_visible(tid("budgets-empty"))
+        assert not browser.visible(tid("composer"))
+
+        # Created on the page; the server's refusal first, beside the field it names.
+        browser.click(tid("new-budget"))
+        browser.wait_visible(editor)
+        browser.fill(f"{editor} {tid('budget-id')}", "daily")
+        browser.fill(f"{editor} {tid('budget-name')}", "Daily spend")
+        browser.select(f"{editor} {tid('budget-period')}", str(dispatcher_pb2.BUDGET_PERIOD_DAY))
+        browser.fill(f"{editor} {tid('budget-time-zone')}", "Mars/Olympus_Mons")
+        browser.fill(f"{editor} {tid('budget-cost')}", "5")
+        browser.fill(f"{editor} {tid('budget-thresholds')}", "50, 100")
+        browser.click(f"{editor} {tid('save-budget')}")
+        beside = f'{editor} label[data-field="time_zone"] {tid("field-violation")}'
+        browser.wait_for(beside)
+        refusal = browser.data(f"{editor} {tid('error')}")
+        assert refusal["code"] == "INVALID_ARGUMENT"
+        assert browser.data(beside)["field"].endswith("time_zone")
+        with pytest.raises(grpc.RpcError) as absent:
+            _budget(server, owner, budget)
+        assert absent.value.code() == grpc.StatusCode.NOT_FOUND
+        browser.shots(shots / "budget-refused.png")
+        browser.fill(f"{editor} {tid('budget-time-zone')}", "UTC")
+        browser.click(f"{editor} {tid('save-budget')}")
+        item = tid("budget", name=budget)
+        browser.wait_for(item)
+        assert not browser.visible(editor)
+        stored = _budget(server, owner, budget)
+        assert stored.display_name == "Daily spend"
+        assert stored.scope == workspace
+        assert stored.period == dispatcher_pb2.BUDGET_PERIOD_DAY
+        assert stored.time_zone == "UTC"
+        assert stored.cost_limit_micros == 5_000_000
+        assert not stored.HasField("input_token_limit")
+        assert list(stored.alert_thresholds) == [50, 100]
+        cost_cap = f"{item} {tid('budget-cap', cap='cost')}"
+        shown_cap = {k: v for k, v in browser.data(cost_cap).items() if k != "testid"}
+        assert shown_cap == {"cap": "cost", "used": "0", "held": "0", "limit": "5000000"}
+        reset = browser.data(f"{item} {tid('budget-reset')}")["reset"]
+        assert datetime.fromisoformat(reset) == stored.usage.reset_time.ToDatetime(tzinfo=UTC)
+        assert raw_text(browser) == []
+
+        # A run that costs something, then its spend on the page.
+        open_conversation(browser, workspace, conversation)
+        run = send(browser, "hello budgets")
+        run_state(browser, run, "RUN_STATE_SUCCEEDED")
+        spent = server.run(owner, run).usage.cost_micros
+        assert spent > 0
+        browser.click(page_link)
+        browser.wait_visible(tid("budgets-page"))
+        today = time.strftime("%Y-%m-%d", time.gmtime())
+        rows = server.dispatcher.QueryUsage(
+            dispatcher_pb2.QueryUsageRequest(
+                parent=workspace,
+                group_by=[
+                    dispatcher_pb2.USAGE_DIMENSION_DAY,
+                    dispatcher_pb2.USAGE_DIMENSION_ASSISTANT,
+                    dispatcher_pb2.USAGE_DIMENSION_MODEL,
+                ],
+            ),
+            metadata=owner.md,
+            timeout=CALL_S,
+        ).rows
+        [row] = [r for r in rows if r.day == today]
+        assert row.assistant == assistant
+        assert row.cost_micros == spent
+        bar = tid("usage-bar", day=today, assistant=assistant, model=row.model)
+        browser.wait_for(bar)
+        assert browser.data(bar)["costMicros"] == str(spent)
+        assert browser.data(tid("usage-total"))["todayMicros"] == str(spent)
+        legend = browser.eval(
+            "(s) => document.querySelector(s).textContent",
+            tid("usage-series", assistant=assistant, model=row.model),
+        )
+        assert legend == f"Helper · {row.model}: ${spent / 1e6:.4f}"
+        browser.wait_for(f"{cost_cap}[data-used='{spent}']")
+        assert browser.data(cost_cap)["held"] == "0"
+        assert raw_text(browser) == []
+        browser.shots(shots / "budgets-page.png")
+
+        # The cap lowered below what was spent: only that field changes, with the etag.
+        browser.click(f"{item} {tid('edit-budget')}")
+        browser.wait_visible(editor)
+        browser.fill(f"{editor} {tid('budget-cost')}", "0.000001")
+        browser.click(f"{editor} {tid('save-budget')}")
+        browser.wait_for(f"{tid('budget-cap', cap='cost')}[data-limit='1']")
+        lowered = _budget(server, owner, budget)
+        assert lowered.cost_limit_micros == 1
+        assert lowered.etag != stored.etag
+        assert (lowered.display_name, list(lowered.alert_thresholds)) == ("Daily spend", [50, 100])
+        update = [
+            n
+            for n in grpc_web_calls(browser.network(), stack.origin)
+            if method(n) == "UpdateBudget"
+        ]
+        assert len(update) == 1
+
+        # The next message is refused: the composer says which budget and when it resets.
+        open_conversation(browser, workspace, conversation)
+        before = server.messages(owner, conversation)
+        send(browser, "one more", expect_run=False)
+        shown = f"{tid('composer')} {tid('error')}"
+        browser.wait_for(shown)
+        assert browser.data(shown)["reason"] == "ERROR_REASON_BUDGET_EXHAUSTED"
+        assert browser.data(shown)["code"] == "RESOURCE_EXHAUSTED"
+        assert browser.data(f"{shown} {tid('error-violation')}")["field"] == budget
+        summary = browser.eval(
+            "(s) => document.querySelector(s).textContent", f"{shown} {tid('error-summary')}"
+        )
+        assert summary.startswith("Not sent: the budget “Daily spend” has no room left"), summary
+        assert "It resets " in summary, summary
+        assert (
+            browser.eval("(s) => document.querySelector(s).value", tid("message-input"))
+            == "one more"
+        )
+        assert [m.name for m in server.messages(owner, conversation)] == [m.name for m in before]
+        assert covers(browser, shown) == []
+        assert raw_text(browser) == []
+        browser.shots(shots / "message-refused.png")
+        assert problems(browser) == []
+
+    # A viewer reads the same page: the budget and its use, no controls.
+    with chromium.open(stack.origin + f"/#{workspace}/budgets") as browser:
+        sign_in(browser, viewer.email)
+        item = tid("budget", name=budget)
+        browser.wait_for(item)
+        browser.wait_for(tid("usage-bar", day=today))
+        assert not browser.visible(tid("new-budget"))
+        assert browser.count(f"{item} {tid('edit-budget')}") == 0
+        assert browser.count(f"{item} {tid('delete-budget')}") == 0
+        assert "Read only" in browser.eval(
+            "(s) => document.querySelector(s).textContent", tid("budgets-role")
+        )
+        assert problems(browser) == []
+
+
+def test_a_run_paused_at_a_budgets_cap_says_why_in_its_card_and_an_owner_allows_the_overdraft(
+    stack: Stack, chromium: Chromium, server: Server, tmp_path: Path
+) -> None:
+    """A run budget of 200 output tokens and an assistant whose model may write 200: the
+    first model call reserves all of it, so the call after its tool cannot be reserved and
+    the run pauses (REQUIRES_ACTION with a budget action). Its card says which budget and
+    what the step asks, with no tool approval beside it; "Allow overdraft" (an owner's
+    ResolveBudgetAction) lets it finish, and the server records who decided."""
+    shots = artifacts_dir(tmp_path) / "budgets"
+    shots.mkdir(parents=True, exist_ok=True)
+    owner = server.register("paused")
+    workspace, conversation = server.workspace(owner, f"paused-{os.getpid()}")
+    with McpTestServer() as mcp:
+        integration = server.integration.CreateIntegration(
+            integration_pb2.CreateIntegrationRequest(
+                parent=workspace,
+                integration_id="kit",
+                integration=integration_pb2.Integration(
+                    display_name="Tool kit",
+                    kind=integration_pb2.INTEGRATION_KIND_MCP_SERVER,
+                    endpoint=mcp.url,
+                ),
+            ),
+            metadata=owner.md,
+            timeout=CALL_S,
+        ).integration.name
+        server.dispatcher.CreateAssistant(
+            dispatcher_pb2.CreateAssistantRequest(
+                parent=workspace,
+                assistant_id="helper",
+                assistant=dispatcher_pb2.Assistant(
+                    display_name="Helper",
+                    model=handler_pb2.ModelSettings(max_output_tokens=200),
+                    tools=[dispatcher_pb2.AssistantTools(integration=integration, tools=["echo"])],
+                    workspace_default=True,
+                ),
+            ),
+            metadata=owner.md,
+            timeout=CALL_S,
+        )
+        budget = server.dispatcher.CreateBudget(
+            dispatcher_pb2.CreateBudgetRequest(
+                parent=workspace,
+                budget_id="per-run",
+                budget=dispatcher_pb2.Budget(
+                    display_name="Per run",
+                    scope=workspace,
+                    period=dispatcher_pb2.BUDGET_PERIOD_RUN,
+                    output_token_limit=200,
+                ),
+            ),
+            metadata=owner.md,
+            timeout=CALL_S,
+        ).budget.name
+        with chromium.open(stack.origin + "/") as browser:
+            sign_in(browser, owner.email)
+            open_conversation(browser, workspace, conversation)
+            run = send(browser, 'call kit__echo {"message": "over"}')
+            card = tid("run", run=run)
+            box = f"{card} {tid('budget-action')}"
+            browser.wait_for(box)
+            paused = server.run(owner, run)
+            assert paused.state == dispatcher_pb2.RUN_STATE_REQUIRES_ACTION
+            action = paused.required_action.budget
+            assert list(action.budgets) == [budget]
+            assert action.output_tokens == 200
+            assert browser.data(box)["budgets"] == budget
+            said = browser.eval("(s) => document.querySelector(s).textContent", box)
+            assert "does not fit in the budget Per run (it asks" in said, said
+            assert f"{action.input_tokens} input and 200 output tokens" in said, said
+            badge = browser.eval(
+                "(s) => document.querySelector(s).textContent", f"{card} {tid('run-state')}"
+            )
+            assert badge == "waiting for budget room"
+            waited = [
+                e for e in timeline(browser, run) if e.get("state") == "RUN_STATE_REQUIRES_ACTION"
+            ]
+            assert ["waiting for budget room" in e["text"] for e in waited] == [True], waited
+            assert browser.count(tid("approval")) == 0
+            assert raw_text(browser) == []
+            browser.shots(shots / "run-paused.png")
+            browser.click(f"{box} {tid('allow-overdraft')}")
+            run_state(browser, run, "RUN_STATE_SUCCEEDED")
+            browser.wait("(s) => document.querySelector(s) === null", box)
+            decided = server.run(owner, run).required_action.budget
+            assert decided.decision == dispatcher_pb2.BUDGET_DECISION_ALLOW_OVERDRAFT
+            assert decided.decided_by == owner.name
+            assert problems(browser) == []

@@ -118,7 +118,10 @@ class ToolExpert(handler_pb2_grpc.HandlerServiceServicer):
     """The expert and its server: ``start()``/``stop()`` or ``async with``.
 
     ``handler_id`` is the id its capabilities give; ``integration`` names the
-    integration of a tool the request does not define.
+    integration of a tool the request does not define. ``cost_micros``: what each
+    answer reports it spent (``HandleResult.usage.cost_micros``), never more than
+    the ``cost_micros`` of the budget it was handed (``x-switchboard-budget``), as an
+    expert that honours it does.
     """
 
     def __init__(
@@ -127,7 +130,9 @@ class ToolExpert(handler_pb2_grpc.HandlerServiceServicer):
         *,
         interactive: bool = True,
         integration: str = "workspaces/test/integrations/calc",
+        cost_micros: int = 0,
     ) -> None:
+        self.cost_micros = cost_micros
         self.capabilities = handler_pb2.HandlerCapabilities(
             id=handler_id,
             display_name="Calculator expert",
@@ -242,7 +247,7 @@ class ToolExpert(handler_pb2_grpc.HandlerServiceServicer):
             seen.cancelled.set()
             raise
         seen.answered.set()
-        yield _result(answer)
+        yield _result(answer, self._spent(seen))
 
     async def HandleInteractive(
         self, request_iterator: Any, context: aio.ServicerContext[Any, Any]
@@ -302,14 +307,24 @@ class ToolExpert(handler_pb2_grpc.HandlerServiceServicer):
             seen.cancelled.set()
             raise
         seen.answered.set()
-        yield Response(frame=_result(answer))
+        yield Response(frame=_result(answer, self._spent(seen)))
+
+    def _spent(self, seen: ExpertCall) -> int:
+        """What the call reports it spent: ``cost_micros``, within what it was handed."""
+        for item in seen.metadata.get("x-switchboard-budget", "").split(";"):
+            name, _, value = item.partition("=")
+            if name == "cost_micros":
+                return min(self.cost_micros, int(value))
+        return self.cost_micros
 
 
-def _result(answer: str) -> Frame:
+def _result(answer: str, cost_micros: int = 0) -> Frame:
     return Frame(
         result=handler_pb2.HandleResult(
             parts=[context_pb2.ContentPart(text=answer)],
-            usage=handler_pb2.Usage(output_tokens=len(answer.split()), estimated=True),
+            usage=handler_pb2.Usage(
+                output_tokens=len(answer.split()), estimated=True, cost_micros=cost_micros
+            ),
             finish_reason="stop",
         )
     )

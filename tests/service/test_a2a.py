@@ -532,8 +532,10 @@ async def test_a_dropped_stream_resumes_exactly_with_the_extension(agent: Agent)
     """The resume extension, with the official client: its card declares it, a client
     activates it on SubscribeToTask with the last sequence it saw, and gets the rest
     of the answer once: nothing lost, nothing repeated."""
-    [extension] = agent.card.capabilities.extensions
-    assert extension.uri == RESUME
+    extensions = {e.uri: e for e in agent.card.capabilities.extensions}
+    # The budget extension is declared beside it (tests/service/test_budget_hops.py).
+    assert set(extensions) == {RESUME, "https://switchboard.dev/a2a/extensions/budget/v1"}
+    assert not extensions[RESUME].required
     client = agent.client(agent.world.editor)
     words = "alpha beta gamma delta epsilon zeta eta theta"
     first: list[a2a.StreamResponse] = []

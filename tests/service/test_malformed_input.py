@@ -237,6 +237,7 @@ def _populate(served: Served) -> None:
     user = f"users/{served.user.id}"
     served.names += [
         *workspaces,
+        f"{workspaces[0]}/quota",
         foreign,
         conversation,
         sent.message.name,

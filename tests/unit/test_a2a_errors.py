@@ -8,12 +8,19 @@ from collections.abc import Mapping
 
 import pytest
 from a2a.types import a2a_pb2 as a2a
+from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from switchboard.a2a import errors, mapping, servicer
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.platform.errors import FieldViolation, InvalidArgument, NotFound
+from switchboard.platform.errors import (
+    BudgetExhausted,
+    FieldViolation,
+    InvalidArgument,
+    ModelNotPriced,
+    NotFound,
+)
 
 _DATA = a2a.Part()
 _DATA.data.struct_value.update({"approvals": []})
@@ -127,3 +134,34 @@ def test_resource_names_become_a2a_ids() -> None:
         == "context c1 and agent acme.calc"
     )
     assert errors.a2a_text("workspaces/acme not found") == "the agent's workspace acme not found"
+
+
+def test_spending_errors_keep_only_switchboards_reason_and_name_the_budget() -> None:
+    spent = BudgetExhausted(
+        "the message was refused: workspaces/acme/budgets/daily has no room left",
+        subject="workspaces/acme/budgets/daily",
+    )
+    named = errors.tagged(errors.in_a2a_terms(spent, {}, set()), "SendMessage", names_task=True)
+    assert named.foreign is None
+    assert named.message == (
+        "the message was refused: budget daily of the agent's workspace acme has no room left"
+    )
+    unpriced = ModelNotPriced("a cost budget applies and primary/m-1 has no price")
+    # Not UNSUPPORTED_OPERATION: it says nothing about the task's state.
+    assert errors.tagged(unpriced, "SendMessage", names_task=True).foreign is None
+
+
+def test_a_task_waiting_for_room_in_its_budgets_says_so() -> None:
+    run = pb.Run(
+        name="workspaces/acme/conversations/c1/runs/r1", state=pb.RUN_STATE_REQUIRES_ACTION
+    )
+    run.required_action.budget.budgets.append("workspaces/acme/budgets/daily")
+    run.required_action.budget.cost_micros = 215
+    run.required_action.expire_time.FromSeconds(1_800_000_000)
+    status = mapping.status(run)
+    assert status.state == a2a.TASK_STATE_INPUT_REQUIRED
+    text, data = status.message.parts
+    assert "budgets" in text.text
+    action = json_format.MessageToDict(data.data)["budget_action"]
+    assert action["budgets"] == ["budget daily of the agent's workspace acme"]
+    assert action["cost_micros"] == 215

@@ -125,7 +125,17 @@ def test_the_tally_sums_reported_usage_and_prices_it() -> None:
     usage = tally.usage("p/m")
     assert (usage.input_tokens, usage.output_tokens) == (2000, 1000)
     assert usage.estimated_cost_usd == pytest.approx(0.004)
+    assert usage.cost_micros == 4000
     assert (usage.model, usage.estimated) == ("p/m", False)
+
+
+def test_a_cost_in_micro_dollars_is_rounded_up() -> None:
+    price = Price(input_per_mtok=0.15, output_per_mtok=0.6)
+    # 0.15 * 7 + 0.6 * 3 = 2.85 micro-dollars: a budget counts 3.
+    assert price.cost_micros(7, 3) == 3
+    assert price.cost_micros(0, 0) == 0
+    assert Price(input_per_mtok=0.7, output_per_mtok=0.0).cost_micros(10, 0) == 7
+    assert Price(input_per_mtok=2.0, output_per_mtok=8.0).cost_micros(1_000_000, 0) == 2_000_000
 
 
 def test_the_tally_estimates_what_was_not_reported() -> None:

@@ -103,6 +103,9 @@ def test_every_exposed_series_is_declared() -> None:
     metrics.run_queue_wait.observe(0.01)
     metrics.event_append.observe(0.001)
     metrics.tool_call("mcp_server", "ok", 0.2)
+    metrics.spend("p/m", 12)
+    metrics.budget_reservation("reserved")
+    metrics.budget_refusal("budget_exhausted")
     for spec in SPECS:
         if spec.scraped:
             metrics.observe(spec.name, functools.partial(_one, ("x",) * len(spec.labels)))

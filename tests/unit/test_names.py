@@ -29,6 +29,8 @@ SAMPLES = {
     "MEMBER": "workspaces/acme/members/u1",
     "ASSISTANT": "workspaces/acme/assistants/calc",
     "INTEGRATION": "workspaces/acme/integrations/mcp-1",
+    "BUDGET": "workspaces/acme/budgets/daily",
+    "WORKSPACE_QUOTA": "workspaces/acme/quota",
     "TOOL": "workspaces/acme/integrations/mcp-1/tools/get-sum",
     "TOOL_NAME": "get-sum",
     "TOOL_SEGMENT": "with~20space.Echo",

@@ -7,6 +7,7 @@ import type { Api } from "./api";
 import { Account } from "./account";
 import { Assistants } from "./assistants";
 import { AuthScreen } from "./auth";
+import { Budgets } from "./budgets";
 import { Composer } from "./composer";
 import { formatTime, h } from "./dom";
 import type { Problem } from "./errors";
@@ -30,6 +31,7 @@ export class App {
   private readonly integrations: Integrations;
   private readonly live: LiveEvents;
   private readonly assistants: Assistants;
+  private readonly budgets: Budgets;
   private readonly names = new Names();
   private readonly account: Account;
   private feed: EventFeed | null = null;
@@ -42,12 +44,13 @@ export class App {
     this.runs = new RunCards(api, this.page, this.names);
     this.integrations = new Integrations(api, this.page, this.names);
     this.live = new LiveEvents(this.page, this.names);
+    this.budgets = new Budgets(api, this.page, this.names);
     // The composer asks the navigation, built next, what is open when it needs to know.
     const composer = new Composer(api, this.page, {
       workspace: () => this.navigation.workspace,
       conversation: () => this.navigation.conversation,
       sent: (conversation, answer) => this.navigation.sent(conversation, answer),
-    });
+    }, this.names);
     this.navigation = new Navigation(
       api,
       this.page,
@@ -56,6 +59,7 @@ export class App {
       composer,
       (workspace) => this.followWorkspace(workspace),
       this.names,
+      (open) => this.budgets.show(open),
     );
     this.assistants = new Assistants(api, this.page, this.integrations, {
       workspace: () => this.navigation.workspace,
@@ -76,7 +80,7 @@ export class App {
       // Atop the columns, in the page's flow: a problem shown here covers nothing.
       h("div", { class: "problems", "data-testid": "problems", "aria-live": "polite" }),
       this.navigation.column,
-      h("section", { class: "column chat" }, ...this.navigation.chat, ...this.runs.elements, composer.element),
+      h("section", { class: "column chat" }, ...this.navigation.chat, this.budgets.element, ...this.runs.elements, composer.element),
       h("aside", { class: "column" }, ...this.assistants.elements, ...this.integrations.elements, ...this.live.elements),
     );
     root.replaceChildren(this.auth.element, this.consoleView);
@@ -152,6 +156,7 @@ export class App {
     feed?.stop();
     this.integrations.stop();
     this.assistants.clear();
+    this.budgets.clear();
     this.account.clear();
     this.runs.clear();
     this.navigation.clear();
@@ -176,6 +181,8 @@ export class App {
     this.integrations.canManage(owner);
     this.assistants.canManage(owner, owner || role === WorkspaceRole.EDITOR);
     this.account.open(workspace, owner);
+    this.budgets.open(workspace, owner);
+    this.runs.canResolve(owner);
     void this.assistants.load();
     const identity = this.api.tokens.identity;
     const scopes: Scope[] = [{ scope: { case: "workspace", value: workspace } } as Scope];
@@ -226,6 +233,7 @@ export class App {
       this.live.show(event);
       this.navigation.apply(event);
       this.assistants.apply(event);
+      this.budgets.apply(event);
     }
     if (this.feed !== null) this.live.cursor(this.feed.cursor);
   }

@@ -5,9 +5,11 @@
 import type { JsonObject } from "@bufbuild/protobuf";
 import { type Api, PAGE_SIZE, requestId } from "./api";
 import { h } from "./dom";
-import { local } from "./errors";
+import { limitSummary, local, problem } from "./errors";
 import { MessageRole } from "./gen/switchboard/api/context/v1/context_pb";
 import type { SendMessageResponse } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
+import { learnBudgetTitles } from "./budgets";
+import type { Names } from "./names";
 import type { Page } from "./page";
 
 export interface ComposerHost {
@@ -36,6 +38,7 @@ export class Composer {
     private readonly api: Api,
     private readonly page: Page,
     private readonly host: ComposerHost,
+    private readonly names: Names,
   ) {
     this.element = h(
       "form",
@@ -125,15 +128,28 @@ export class Composer {
       }
     }
     await this.page.busy("send", async () => {
-      const answer = await this.api.dispatcher.sendMessage({
-        conversation,
-        message: { role: MessageRole.USER, parts: [{ part: { case: "text", value: text } }] },
-        handler,
-        assistant,
-        ...(parameters ? { parameters } : {}),
-        // Sending again after a lost answer must not start a second run.
-        requestId: requestId(),
-      });
+      let answer: SendMessageResponse;
+      try {
+        answer = await this.api.dispatcher.sendMessage({
+          conversation,
+          message: { role: MessageRole.USER, parts: [{ part: { case: "text", value: text } }] },
+          handler,
+          assistant,
+          ...(parameters ? { parameters } : {}),
+          // Sending again after a lost answer must not start a second run.
+          requestId: requestId(),
+        });
+      } catch (error) {
+        // A limit (a spent budget, a rate, too many runs) is said in words: which one and
+        // when it lets the message through; the text stays in the box to send again.
+        const refused = problem(error);
+        if (refused.reason === "ERROR_REASON_BUDGET_EXHAUSTED") {
+          await learnBudgetTitles(this.api, this.names, refused.violations.map((v) => v.field));
+        }
+        const summary = limitSummary(refused, (name) => this.names.title(name));
+        if (summary === undefined) throw error;
+        throw { ...refused, summary };
+      }
       this.text.value = "";
       this.host.sent(conversation, answer);
     });

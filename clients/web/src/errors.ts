@@ -28,6 +28,8 @@ export interface Problem {
   retryAfterS?: number;
   /** True when the server (or Envoy) answered; false for a connection that failed. */
   wire: boolean;
+  /** What it means for the user, in a sentence, when the console knows (a limit hit). */
+  summary?: string;
 }
 
 /** `Code.PermissionDenied` -> "PERMISSION_DENIED". */
@@ -99,6 +101,7 @@ export function renderProblem(p: Problem, testid = "error"): HTMLElement {
     h("strong", {}, codeLabel(p.code)),
     h("code", { "data-testid": `${testid}-code` }, p.code),
     p.reason ? h("code", { "data-testid": `${testid}-reason` }, p.reason) : null,
+    p.summary ? h("p", { class: "problem-summary", "data-testid": `${testid}-summary` }, p.summary) : null,
     // The server's words, quoted as they came (they may name fields).
     h("span", { class: "problem-message", "data-testid": `${testid}-message`, "data-content": true }, p.message),
     p.retryAfterS !== undefined ? h("span", { class: "muted" }, `retry in ${p.retryAfterS.toFixed(1)} s`) : null,
@@ -118,6 +121,34 @@ export function renderProblem(p: Problem, testid = "error"): HTMLElement {
         )
       : null,
   );
+}
+
+/** A message refused at a limit, said in a sentence: which budgets have no room and when
+ *  they reset (BUDGET_EXHAUSTED: the QuotaFailure's subjects, ErrorInfo's `reset_time`),
+ *  or how long to wait (RATE_LIMITED, QUOTA_EXCEEDED: RetryInfo). `title` names a budget
+ *  as the page does. Undefined for any other problem. */
+export function limitSummary(p: Problem, title: (name: string) => string): string | undefined {
+  if (p.code !== "RESOURCE_EXHAUSTED") return undefined;
+  const wait = p.retryAfterS !== undefined ? ` Try again in ${Math.max(1, Math.ceil(p.retryAfterS))} s.` : "";
+  switch (p.reason) {
+    case "ERROR_REASON_BUDGET_EXHAUSTED": {
+      const budgets = p.violations.map((v) => `“${title(v.field)}”`);
+      const which =
+        budgets.length > 1 ? `the budgets ${budgets.join(", ")} have` : budgets.length ? `the budget ${budgets[0]} has` : "a budget has";
+      const reset = p.metadata.reset_time ? new Date(p.metadata.reset_time) : undefined;
+      const when =
+        reset && !Number.isNaN(reset.getTime())
+          ? ` It resets ${reset.toLocaleString([], { dateStyle: "medium", timeStyle: "short" })}.`
+          : " It does not reset by itself: an owner can raise the cap.";
+      return `Not sent: ${which} no room left for this message.${when}`;
+    }
+    case "ERROR_REASON_RATE_LIMITED":
+      return `Not sent: too many messages in this workspace for now.${wait}`;
+    case "ERROR_REASON_QUOTA_EXCEEDED":
+      return `Not sent: too many runs are going at once.${wait}`;
+    default:
+      return undefined;
+  }
 }
 
 /** A save refused because the thing changed elsewhere since its editor opened (an etag

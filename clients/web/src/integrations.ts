@@ -34,6 +34,19 @@ export function lastSegment(name: string): string {
   return last.replace(/~([0-9A-F]{2})/g, (_, hex: string) => String.fromCharCode(Number.parseInt(hex, 16)));
 }
 
+/** Micro-units of the price table's currency (US dollars) as dollars: 2500n is "0.0025". */
+function units(micros: bigint): string {
+  return (Number(micros) / 1e6).toLocaleString("en", { maximumFractionDigits: 6 });
+}
+
+/** What a tool call costs the run that makes it (docs/integration.md, "Prices"); "" if free. */
+export function pricesText(i: Integration): string {
+  const tools = Object.entries(i.toolCallPriceMicros).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
+  if (!i.callPriceMicros && !tools.length) return "";
+  const each = tools.map(([tool, price]) => `${lastSegment(tool)}: ${units(price)}`).join(", ");
+  return `price a tool call: ${units(i.callPriceMicros)}${each ? ` (${each})` : ""}`;
+}
+
 /** One integration's entry: its status line (re-rendered on every change) and the panes
  *  a person opened under it (tools, deliveries), which stay open across updates. */
 interface Entry {
@@ -318,6 +331,7 @@ export class Integrations {
       i.kind === IntegrationKind.WEBHOOK
         ? h("div", { class: "muted", "data-testid": "integration-event-types-shown" }, `events sent: ${i.eventTypes.length ? i.eventTypes.map(eventTypeNameLabel).join(", ") : "every kind"}`)
         : null,
+      pricesText(i) ? h("div", { class: "muted", "data-testid": "integration-prices-shown" }, pricesText(i)) : null,
       i.status?.lastError?.message
         ? h("div", { class: "muted", "data-testid": "integration-error", "data-content": true }, i.status.lastError.message)
         : null,

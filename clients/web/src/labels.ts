@@ -4,8 +4,8 @@
 // One module, so a value the contracts add is named once and the same everywhere.
 import { Code } from "@connectrpc/connect";
 import { MessageRole, WorkspaceRole } from "./gen/switchboard/api/context/v1/context_pb";
-import { RunState, type RunUpdate } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
-import { ChangeKind, EventType, SecurityEventKind } from "./gen/switchboard/api/events/v1/events_pb";
+import { BudgetPeriod, type Run, RunState, type RunUpdate } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
+import { BudgetAlertKind, ChangeKind, EventType, SecurityEventKind } from "./gen/switchboard/api/events/v1/events_pb";
 import { ToolOutcome } from "./gen/switchboard/api/handler/v1/handler_pb";
 import {
   CircuitState,
@@ -65,6 +65,11 @@ const RUN_STATE: Record<RunState, string> = {
 };
 export const runStateLabel = (value: RunState): string => label(RUN_STATE, value);
 
+/** A run's state in words, saying what a paused run waits for (a person, or budget room). */
+export function runLabel(run: Run): string {
+  return run.state === RunState.REQUIRES_ACTION && run.requiredAction?.budget ? "waiting for budget room" : runStateLabel(run.state);
+}
+
 const OUTCOME: Record<ToolOutcome, string> = {
   [ToolOutcome.UNSPECIFIED]: "ended",
   [ToolOutcome.SUCCEEDED]: "succeeded",
@@ -93,6 +98,8 @@ const EVENT_TYPE: Record<EventType, string> = {
   [EventType.MESSAGE_FILTERED]: "Message filtered",
   [EventType.TOOL_INVOKED]: "Tool call",
   [EventType.ASSISTANT_CHANGED]: "Assistant",
+  [EventType.BUDGET_CHANGED]: "Budget",
+  [EventType.BUDGET_ALERT]: "Budget alert",
 };
 /** An event type as the feed's entries and its filter name it. */
 export const eventTypeLabel = (value: EventType): string => label(EVENT_TYPE, value);
@@ -139,11 +146,35 @@ const MESSAGE_ROLE: Record<MessageRole, string> = {
 };
 export const messageRoleLabel = (value: MessageRole): string => label(MESSAGE_ROLE, value);
 
+const PERIOD: Record<BudgetPeriod, string> = {
+  [BudgetPeriod.UNSPECIFIED]: "no period",
+  [BudgetPeriod.RUN]: "per run",
+  [BudgetPeriod.DAY]: "per day",
+  [BudgetPeriod.WEEK]: "per week",
+  [BudgetPeriod.MONTH]: "per month",
+  [BudgetPeriod.TOTAL]: "in total",
+};
+export const periodLabel = (value: BudgetPeriod): string => label(PERIOD, value);
+
+const ALERT: Record<BudgetAlertKind, string> = {
+  [BudgetAlertKind.UNSPECIFIED]: "alert",
+  [BudgetAlertKind.THRESHOLD]: "reached a threshold",
+  [BudgetAlertKind.MESSAGE_REFUSED]: "refused a message",
+  [BudgetAlertKind.RUN_PAUSED]: "paused a run",
+};
+export const budgetAlertLabel = (value: BudgetAlertKind): string => label(ALERT, value);
+
+/** Micro-units of the price table's currency as money: 12300 -> "$0.0123". */
+export function money(micros: bigint | number): string {
+  const units = Number(micros) / 1e6;
+  return `$${units.toFixed(Math.abs(units) >= 100 ? 2 : 4)}`;
+}
+
 /** What a run update says, for the live feed: "succeeded", "wrote text", "calls echo". */
 export function runUpdateLabel(update: RunUpdate["update"]): string {
   switch (update.case) {
     case "stateChange":
-      return update.value.run ? runStateLabel(update.value.run.state) : "changed state";
+      return update.value.run ? runLabel(update.value.run) : "changed state";
     case "delta":
       return "wrote text";
     case "progress":

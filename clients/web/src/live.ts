@@ -6,7 +6,7 @@ import { timestampDate } from "@bufbuild/protobuf/wkt";
 import { type Child, formatTime, h } from "./dom";
 import type { EventFeed, FeedState } from "./feed";
 import { type Event, EventType } from "./gen/switchboard/api/events/v1/events_pb";
-import { changeLabel, eventTypeLabel, messageRoleLabel, runUpdateLabel, securityLabel } from "./labels";
+import { budgetAlertLabel, changeLabel, eventTypeLabel, messageRoleLabel, runUpdateLabel, securityLabel } from "./labels";
 import type { Names } from "./names";
 import type { Page } from "./page";
 
@@ -116,6 +116,10 @@ function subject(event: Event): string {
       return payload.value.workspace?.name ?? "";
     case "toolInvoked":
       return payload.value.tool;
+    case "budgetChanged":
+      return payload.value.budget?.name ?? "";
+    case "budgetAlert":
+      return payload.value.budget;
     default:
       return event.conversation || event.workspace || event.user;
   }
@@ -126,7 +130,10 @@ function subject(event: Event): string {
 function link(event: Event, names: Names): HTMLElement | null {
   const target = event.conversation || event.workspace;
   if (!target) return null;
-  return h("a", { href: `#${target}`, class: "event-link", "data-testid": "event-link", title: target }, ` → ${names.title(target)}`);
+  // A budget's events lead to the workspace's Budgets page.
+  const budget = !event.conversation && (event.payload.case === "budgetChanged" || event.payload.case === "budgetAlert");
+  const href = budget ? `#${target}/budgets` : `#${target}`;
+  return h("a", { href, class: "event-link", "data-testid": "event-link", title: target }, ` → ${names.title(target)}${budget ? " › budgets" : ""}`);
 }
 
 /** What happened, in words; what someone wrote is quoted as it is (data-content). */
@@ -156,7 +163,13 @@ function summarize(event: Event, names: Names): Child[] {
     case "runUpdated": {
       const update = payload.value.update;
       if (!update) return [];
-      return [`${update.run.split("/").pop()?.slice(0, 8) ?? ""} ${runUpdateLabel(update.update)}`];
+      const id = update.run.split("/").pop()?.slice(0, 8) ?? "";
+      // A tool's function name is quoted as the model called it (`kit__echo`), as code.
+      if (update.update.case === "toolCall") {
+        const call = update.update.value;
+        return [`${id} calls `, h("code", {}, call.functionName || call.tool.split("/").pop() || "a tool")];
+      }
+      return [`${id} ${runUpdateLabel(update.update)}`];
     }
     case "security":
       return [`${securityLabel(payload.value.kind)}${by}`];
@@ -176,6 +189,15 @@ function summarize(event: Event, names: Names): Child[] {
       return [
         `${payload.value.assistant?.displayName || names.title(payload.value.assistant?.name ?? "") || "an assistant"} ${changeLabel(payload.value.change)}${by}`,
       ];
+    case "budgetChanged":
+      return [
+        `${payload.value.budget?.displayName || names.title(payload.value.budget?.name ?? "") || "a budget"} ${changeLabel(payload.value.change)}${by}`,
+      ];
+    case "budgetAlert": {
+      const alert = payload.value;
+      const threshold = alert.percent ? ` (${alert.percent}%)` : "";
+      return [`${names.title(alert.budget) || "a budget"} ${budgetAlertLabel(alert.kind)}${threshold}`];
+    }
     case "messageFiltered":
       return [`${payload.value.rejected ? "refused" : "flagged"} by the content filter${by}`];
     default:

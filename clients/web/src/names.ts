@@ -8,6 +8,11 @@ export class Names {
     if (name && title) this.titles.set(name, title);
   }
 
+  /** Whether the console has learned `name`'s title. */
+  knows(name: string): boolean {
+    return this.titles.has(name);
+  }
+
   forget(): void {
     this.titles.clear();
   }

@@ -24,6 +24,8 @@ export class Navigation {
   workspace = "";
   /** The open conversation, "" before one is picked. */
   conversation = "";
+  /** Whether the open workspace's Budgets page is open (`#workspaces/w/budgets`). */
+  budgetsOpen = false;
   /** The left column: the lists, and the forms that add to them. */
   readonly column: HTMLElement;
   /** The open conversation's title and messages, atop the chat column. */
@@ -50,6 +52,12 @@ export class Navigation {
     "aria-label": "new conversation title",
     placeholder: "title",
   });
+  /** The open workspace's pages besides its conversations. */
+  private readonly pages = h(
+    "div",
+    { class: "pages", hidden: true },
+    h("a", { href: "#", class: "item", "data-testid": "open-budgets" }, "Budgets and spend"),
+  );
   private workspaces: Workspace[] = [];
   private conversations: Conversation[] = [];
   private readonly messages = new Map<string, Message>();
@@ -63,6 +71,8 @@ export class Navigation {
     /** A workspace opened: the feed should carry its events too. */
     private readonly opened: (workspace: string) => void,
     private readonly names: Names,
+    /** The Budgets page shown (true) or left (false). */
+    private readonly budgets: (open: boolean) => void = () => undefined,
   ) {
     const form = (action: () => Promise<void>, ...children: HTMLElement[]): HTMLElement =>
       h(
@@ -100,6 +110,7 @@ export class Navigation {
         this.newConversationTitle,
         h("button", { type: "submit", "data-testid": "create-conversation" }, "Create conversation"),
       ),
+      this.pages,
     );
     this.chat = [this.title, this.overview, this.messageList];
   }
@@ -115,9 +126,10 @@ export class Navigation {
 
   async followHash(): Promise<void> {
     const target = decodeURIComponent(location.hash.slice(1));
-    const match = /^(workspaces\/[^/]+)(?:\/conversations\/[^/]+)?$/.exec(target);
+    const match = /^(workspaces\/[^/]+)(?:\/conversations\/[^/]+|\/budgets)?$/.exec(target);
     if (match === null || !this.api.tokens.signedIn) return;
     const workspace = match[1] ?? "";
+    if (target === `${workspace}/budgets`) return this.openBudgets(workspace);
     await this.pickWorkspace(workspace, target === workspace ? "" : target);
   }
 
@@ -188,6 +200,9 @@ export class Navigation {
     this.workspaces = [];
     this.conversations = [];
     this.workspace = this.conversation = "";
+    this.budgetsOpen = false;
+    this.budgets(false);
+    this.pages.hidden = true;
     this.workspaceList.replaceChildren();
     this.conversationList.replaceChildren();
     this.messageList.replaceChildren();
@@ -212,6 +227,8 @@ export class Navigation {
   }
 
   private renderWorkspaces(): void {
+    this.pages.hidden = !this.workspace;
+    this.pages.querySelector("a")?.setAttribute("href", `#${this.workspace}/budgets`);
     if (this.workspaces.length === 0) {
       // The first sign-in: nothing to pick yet, so say what comes first.
       this.workspaceList.replaceChildren(
@@ -261,7 +278,26 @@ export class Navigation {
     });
   }
 
+  /** The workspace's Budgets page, in the centre where a conversation would be. */
+  private async openBudgets(workspace: string): Promise<void> {
+    await this.pickWorkspace(workspace);
+    if (workspace !== this.workspace) return;
+    this.conversation = "";
+    this.messages.clear();
+    this.runs.stop();
+    this.budgetsOpen = true;
+    this.renderConversations();
+    this.renderConversation();
+    history.replaceState(null, "", `#${workspace}/budgets`);
+    this.budgets(true);
+  }
+
   private async pickWorkspace(name: string, conversation = ""): Promise<void> {
+    if (this.budgetsOpen) {
+      this.budgetsOpen = false;
+      this.budgets(false);
+      this.renderConversation();
+    }
     if (name !== this.workspace) {
       this.workspace = name;
       this.conversation = "";
@@ -314,7 +350,7 @@ export class Navigation {
   }
 
   private renderOverview(): void {
-    const open = this.workspace !== "" && this.conversation === "";
+    const open = this.workspace !== "" && this.conversation === "" && !this.budgetsOpen;
     this.overview.hidden = !open;
     if (!open) return;
     const role = this.roleOf(this.workspace);
@@ -406,10 +442,13 @@ export class Navigation {
     const workspace = this.workspaces.find((w) => w.name === this.workspace);
     this.title.textContent = this.conversation
       ? conversation?.title || this.conversation
-      : this.workspace
+      : this.budgetsOpen
+        ? `Budgets · ${workspace?.displayName || this.workspace}`
+        : this.workspace
         ? workspace?.displayName || this.workspace
         : "Pick or create a workspace";
     this.renderOverview();
+    this.pages.querySelector("a")?.classList.toggle("current", this.budgetsOpen);
     this.composer.show(!!this.conversation);
     this.renderMessages();
     this.runs.render();

@@ -4,11 +4,12 @@
 // following WatchRun; which runs to follow is the navigation's call.
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import type { Api } from "./api";
+import { learnBudgetTitles } from "./budgets";
 import { formatTime, h } from "./dom";
 import { renderProblem } from "./errors";
-import { type Run, RunState, ToolApprovalDecision } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
+import { BudgetDecision, type Run, RunState, ToolApprovalDecision } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import { ToolOutcome } from "./gen/switchboard/api/handler/v1/handler_pb";
-import { outcomeLabel, runStateLabel } from "./labels";
+import { money, outcomeLabel, runLabel, runStateLabel } from "./labels";
 import type { Page } from "./page";
 import type { Names } from "./names";
 import { RunView, type TimelineEntry, forgetRuns, stateName } from "./runs";
@@ -26,6 +27,10 @@ export class RunCards {
   private readonly reasons = new Map<string, string>();
   /** Messages the conversation shows: a run whose answer is one of them shows it there only. */
   private shownMessages = new Set<string>();
+  /** Budgets whose titles were asked for (GetBudget), so a failure is not asked again. */
+  private readonly askedTitles = new Set<string>();
+  /** Whether the caller owns the workspace (owners decide runs paused at a budget). */
+  private owner = false;
 
   constructor(
     private readonly api: Api,
@@ -33,6 +38,14 @@ export class RunCards {
     private readonly names: Names,
   ) {
     this.elements = [this.earlierList, this.list, this.approvals];
+  }
+
+  /** Owners get "Allow overdraft" and "Fail run" on a run paused at a budget's cap. */
+  canResolve(owner: boolean): void {
+    if (this.owner === owner) return;
+    this.owner = owner;
+    for (const card of this.cards.values()) delete card.querySelector<HTMLElement>('[data-part="budget"]')?.dataset.key;
+    this.render();
   }
 
   has(name: string): boolean {
@@ -132,6 +145,7 @@ export class RunCards {
           h("button", { type: "button", "data-testid": "cancel-run", onclick: () => void this.cancel(view) }, "Cancel"),
         ),
         h("div", { "data-part": "tools" }),
+        h("div", { "data-part": "budget" }),
         h("div", { class: "answer", "data-testid": "run-answer", "data-content": true }),
         h("div", { "data-part": "end" }),
         h(
@@ -156,8 +170,9 @@ export class RunCards {
     const badge = card.querySelector<HTMLElement>('[data-testid="run-state"]');
     if (badge) {
       badge.className = `state s-${RunState[view.state]?.toLowerCase() ?? "unspecified"}`;
-      badge.textContent = runStateLabel(view.state);
+      badge.textContent = view.run && view.run.state === view.state ? runLabel(view.run) : runStateLabel(view.state);
     }
+    this.renderBudgetAction(card, view);
     setText(card, '[data-part="handler"]', view.run?.handler ?? "");
     setText(
       card,
@@ -199,6 +214,69 @@ export class RunCards {
           : []),
     );
     return card;
+  }
+
+  /** A run paused at a budget's cap: which budgets, what the step asks, and (owners)
+   *  Allow overdraft or Fail run. Rebuilt only when that changes: a button is not
+   *  replaced under the pointer. */
+  private renderBudgetAction(card: HTMLElement, view: RunView): void {
+    const box = card.querySelector<HTMLElement>('[data-part="budget"]');
+    if (!box) return;
+    const action = view.state === RunState.REQUIRES_ACTION ? view.run?.requiredAction?.budget : undefined;
+    const waiting = action !== undefined && action.decision === BudgetDecision.UNSPECIFIED;
+    const key = waiting ? `${action.budgets.join(",")}:${action.costMicros}:${this.owner}` : "";
+    if (box.dataset.key === key) return;
+    box.dataset.key = key;
+    if (!waiting) return box.replaceChildren();
+    const unknown = action.budgets.filter((b) => !this.names.knows(b) && !this.askedTitles.has(b));
+    if (unknown.length) {
+      // Said by their titles once known (each asked for once): shown now, again when they are.
+      for (const b of unknown) this.askedTitles.add(b);
+      void learnBudgetTitles(this.api, this.names, unknown).then(() => {
+        delete box.dataset.key;
+        this.renderBudgetAction(card, view);
+      });
+    }
+    const expires = view.run?.requiredAction?.expireTime;
+    const asks = [
+      action.costMicros ? money(action.costMicros) : "",
+      action.inputTokens || action.outputTokens ? `${action.inputTokens} input and ${action.outputTokens} output tokens` : "",
+    ].filter(Boolean);
+    box.replaceChildren(
+      h(
+        "div",
+        { class: "approval budget-action", "data-testid": "budget-action", "data-budgets": action.budgets.join(" ") },
+        h(
+          "p",
+          {},
+          `Paused: its next step does not fit in ${action.budgets.length > 1 ? "the budgets" : "the budget"} `,
+          ...action.budgets.flatMap((b, i) => [i ? ", " : "", h("a", { href: `#${b.split("/budgets/")[0] ?? ""}/budgets`, "data-testid": "budget-action-budget", "data-budget": b }, this.names.title(b))]),
+          asks.length ? ` (it asks ${asks.join(" and ")}).` : ".",
+          " Raising the cap lets it go on by itself",
+          expires ? `; undecided, it fails at ${formatTime(timestampDate(expires))}.` : ".",
+        ),
+        this.owner
+          ? h(
+              "div",
+              { class: "row" },
+              h("button", { type: "button", class: "approve", "data-testid": "allow-overdraft", onclick: (e: globalThis.Event) => void this.resolve(view, BudgetDecision.ALLOW_OVERDRAFT, e) }, "Allow overdraft"),
+              h("button", { type: "button", class: "danger", "data-testid": "fail-run", onclick: (e: globalThis.Event) => void this.resolve(view, BudgetDecision.FAIL, e) }, "Fail run"),
+            )
+          : h("p", { class: "muted" }, "An owner of the workspace can allow this step past the cap or fail the run."),
+      ),
+    );
+  }
+
+  private async resolve(view: RunView, decision: BudgetDecision, event: globalThis.Event): Promise<void> {
+    const button = event.currentTarget as HTMLButtonElement;
+    await this.page.busy(
+      decision === BudgetDecision.FAIL ? "fail-run" : "allow-overdraft",
+      async () => {
+        const answer = await this.api.dispatcher.resolveBudgetAction({ name: view.name, decision });
+        if (answer.run) view.adopt(answer.run);
+      },
+      { button },
+    );
   }
 
   /** The inspector: every entry of the run's timeline, rebuilt only when it changed; a
@@ -283,7 +361,8 @@ export class RunCards {
   }
 
   private renderApprovals(): void {
-    const waiting = [...this.runs.values()].filter((v) => v.state === RunState.REQUIRES_ACTION && v.run?.requiredAction);
+    // A run paused at a budget waits in its card (renderBudgetAction), not here.
+    const waiting = [...this.runs.values()].filter((v) => v.state === RunState.REQUIRES_ACTION && v.run?.requiredAction?.toolCalls.length);
     // Rebuilt only when what waits changes: a reason being typed stays where it is.
     const key = waiting
       .map((v) => `${v.name}:${v.run?.requiredAction?.toolCalls.map((c) => `${c.call?.id}=${c.decision}`).join(",")}`)

@@ -14,7 +14,7 @@ import {
 } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import { type ToolCall, ToolOutcome, type ToolResult, type Usage } from "./gen/switchboard/api/handler/v1/handler_pb";
 import { ToolApprovalDecision } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
-import { outcomeLabel, runStateLabel } from "./labels";
+import { outcomeLabel, runLabel } from "./labels";
 
 /** One line of the run inspector's timeline (plain data: it is kept across a reload). */
 export interface TimelineEntry {
@@ -287,7 +287,7 @@ export class RunView {
         const ms = this.lastStateAt && at ? at - this.lastStateAt : undefined;
         if (at) this.lastStateAt = at;
         const detail = run.state === RunState.QUEUED && run.routingReason ? run.routingReason : run.error?.message ?? "";
-        this.add({ kind: "state", sequence, at, label: runStateLabel(run.state), detail, state: stateName(run.state), ...(ms !== undefined ? { ms } : {}) });
+        this.add({ kind: "state", sequence, at, label: runLabel(run), detail, state: stateName(run.state), ...(ms !== undefined ? { ms } : {}) });
         this.noteDecisions(run, at, sequence);
         if (run.usage && TERMINAL.has(run.state) && !this.timeline.some((e) => e.kind === "usage") && (run.usage.inputTokens || run.usage.outputTokens || run.usage.estimatedCostUsd)) {
           this.usage = run.usage;

@@ -23,10 +23,12 @@ from typing import Final
 
 from switchboard.platform import names
 from switchboard.platform.errors import (
+    BudgetExhausted,
     FailedPrecondition,
     FieldViolation,
     ForeignReason,
     InvalidArgument,
+    ModelNotPriced,
     NotFound,
     SwitchboardError,
 )
@@ -46,6 +48,8 @@ VERSION_HEADER: Final = "a2a-version"
 VERSIONS: Final = frozenset({"1.0", "1"})
 #: The most of a caller's id an error message repeats.
 _ID_SHOWN: Final = 80
+#: A budget's resource name (``dispatcher/budgets/``), as error messages name it.
+_BUDGET: Final = re.compile(rf"workspaces/({names.ID})/budgets/({names.ID})")
 
 
 def check_version(value: str) -> None:
@@ -88,10 +92,18 @@ def tagged(error: SwitchboardError, method: str, *, names_task: bool) -> Switchb
         error.foreign = INVALID_PARAMS
     elif isinstance(error, NotFound):
         error.foreign = TASK_NOT_FOUND if names_task else INVALID_PARAMS
-    elif isinstance(error, FailedPrecondition) and names_task:
+    elif isinstance(error, FailedPrecondition) and names_task and not _about_spending(error):
         # A task that ended cannot be cancelled, subscribed to or continued.
         error.foreign = TASK_NOT_CANCELABLE if method == "CancelTask" else UNSUPPORTED_OPERATION
     return error
+
+
+def _about_spending(error: SwitchboardError) -> bool:
+    """A budget's refusal (RESOURCE_EXHAUSTED, BUDGET_EXHAUSTED) or an unpriced model under
+    a cost cap (FAILED_PRECONDITION, MODEL_NOT_PRICED): A2A has no error of its own for
+    either, so they keep only Switchboard's reason, as rate limits and quotas do; neither
+    says anything about the task's state."""
+    return isinstance(error, (BudgetExhausted, ModelNotPriced))
 
 
 _FIELD_ROOT: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -104,6 +116,7 @@ def a2a_text(text: str) -> str:
     text = names.RUN.sub(lambda m: f"task {m[2]}.{m[3]}", text)
     text = names.CONVERSATION.sub(lambda m: f"context {m[2]}", text)
     text = names.ASSISTANT.sub(lambda m: f"agent {m[1]}.{m[2]}", text)
+    text = _BUDGET.sub(lambda m: f"budget {m[2]} of the agent's workspace {m[1]}", text)
     return names.WORKSPACE.sub(lambda m: f"the agent's workspace {m[1]}", text)
 
 

@@ -23,6 +23,7 @@ from switchboard.a2a import errors, mapping
 from switchboard.a2a.push.configs import PushConfigs
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.dispatcher.handlers.handed import BUDGET_EXTENSION, HEADER, USAGE_KEY, Handed
 from switchboard.platform.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from switchboard.platform.security.accesswatch import AccessWatch
 from switchboard.platform.security.policy import Permission, Policy, Principal
@@ -60,7 +61,7 @@ class Runs(Protocol):
     """What the front door needs of the dispatcher (``ports``: in this process or another)."""
 
     def send_message(
-        self, principal: Principal, request: pb.SendMessageRequest
+        self, principal: Principal, request: pb.SendMessageRequest, handed: Handed | None = None
     ) -> Awaitable[pb.SendMessageResponse]: ...
 
     def get_run(self, principal: Principal, name: str) -> Awaitable[pb.Run]: ...
@@ -176,6 +177,7 @@ class FrontDoor:
         """A new task: the message admitted as ``DispatcherService.SendMessage`` admits it."""
         message = request.message
         parts = mapping.parts_in(message)
+        handed = mapping.handed_in(message)
         request_id = mapping.request_id(message.message_id)
         if message.context_id:
             conversation = mapping.conversation_name(
@@ -200,6 +202,7 @@ class FrontDoor:
                 # The request's metadata is the handler's parameters (docs/a2a.md).
                 parameters=request.metadata,
             ),
+            handed,
         )
         return sent.run, 0
 
@@ -563,7 +566,7 @@ def agent_card(
             streaming=True,
             push_notifications=True,
             extended_agent_card=True,
-            extensions=[resume_extension()],
+            extensions=[resume_extension(), budget_extension()],
         ),
         default_input_modes=["text/plain"],
         default_output_modes=["text/plain"],
@@ -595,4 +598,21 @@ def resume_extension() -> a2a.AgentExtension:
         required=False,
     )
     extension.params.update({"metadata_key": mapping.SEQUENCE_KEY, "header": mapping.AFTER_HEADER})
+    return extension
+
+
+def budget_extension() -> a2a.AgentExtension:
+    """The budget extension as a card declares it (docs/a2a.md, "Budgets across hops")."""
+    extension = a2a.AgentExtension(
+        uri=BUDGET_EXTENSION,
+        description=(
+            "Hand the task a budget: the message's metadata under this URI holds "
+            "{cost_micros, input_tokens, output_tokens, total_tokens} (non-negative integers, "
+            "only the caps that apply); the run never spends more, and an ended task's "
+            f"metadata[{USAGE_KEY!r}] reports input_tokens, output_tokens and cost_micros."
+        ),
+        required=False,
+    )
+    extension.params.update({"metadata_key": BUDGET_EXTENSION, "usage_key": USAGE_KEY})
+    extension.params.update({"grpc_metadata": HEADER})
     return extension

@@ -25,6 +25,13 @@ from a2a.types import a2a_pb2 as a2a
 from switchboard.a2a import errors
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.dispatcher.handlers.handed import (
+    BUDGET_EXTENSION,
+    USAGE_KEY,
+    Handed,
+    parse_extension,
+    usage_value,
+)
 from switchboard.platform import names
 from switchboard.platform.errors import FieldViolation, InvalidArgument, Violations
 
@@ -152,6 +159,15 @@ def context_id(run: str) -> str:
     return found[2]
 
 
+def handed_in(message: a2a.Message, field: str = "message") -> Handed | None:
+    """The budget a caller handed over in the message's metadata (the budget extension),
+    if any; a malformed one is INVALID_ARGUMENT (A2A's invalid params)."""
+    if BUDGET_EXTENSION not in message.metadata.fields:
+        return None
+    value = json_format.MessageToDict(message.metadata.fields[BUDGET_EXTENSION])
+    return parse_extension(value, f"{field}.metadata[{BUDGET_EXTENSION!r}]")
+
+
 def parts_in(message: a2a.Message, field: str = "message") -> list[cpb.ContentPart]:
     """The Switchboard content of an A2A user message: its text parts, in order."""
     violations = Violations()
@@ -199,7 +215,10 @@ def status(run: pb.Run) -> a2a.TaskStatus:
     found = a2a.TaskStatus(state=STATES.get(run.state, a2a.TASK_STATE_UNSPECIFIED))
     found.timestamp.CopyFrom(status_time(run))
     if run.state == pb.RUN_STATE_REQUIRES_ACTION:
-        found.message.CopyFrom(approval_request(run))
+        if run.required_action.HasField("budget"):
+            found.message.CopyFrom(budget_request(run))
+        else:
+            found.message.CopyFrom(approval_request(run))
     elif (
         run.state in (pb.RUN_STATE_FAILED, pb.RUN_STATE_CANCELLED, pb.RUN_STATE_DEADLINE_EXCEEDED)
         and run.error.code
@@ -238,8 +257,8 @@ def chunk(
 
 
 def status_event(run: pb.Run, cursor: Cursor) -> a2a.StreamResponse:
-    """A streamed state change of ``run``, with its cursor."""
-    return a2a.StreamResponse(
+    """A streamed state change of ``run``, with its cursor (and, once it ended, its usage)."""
+    event = a2a.StreamResponse(
         status_update=a2a.TaskStatusUpdateEvent(
             task_id=task_id(run.name),
             context_id=context_id(run.name),
@@ -247,6 +266,8 @@ def status_event(run: pb.Run, cursor: Cursor) -> a2a.StreamResponse:
             metadata=sequenced(cursor),
         )
     )
+    with_usage(event.status_update.metadata, run)
+    return event
 
 
 def task(run: pb.Run, question: str, answer_text: str | None) -> a2a.Task:
@@ -260,7 +281,24 @@ def task(run: pb.Run, question: str, answer_text: str | None) -> a2a.Task:
     if answer_text is not None:
         found.artifacts.append(answer(answer_text))
     found.metadata.update({"run": run.name, "assistant": run.assistant})
+    with_usage(found.metadata, run)
     return found
+
+
+def with_usage(metadata: struct_pb2.Struct, run: pb.Run) -> None:
+    """An ended run's usage in ``metadata["usage"]`` (docs/a2a.md, "Budgets across
+    hops"): what a caller that handed this run a budget charges to its own run."""
+    usage = run.usage
+    ended = run.state in (
+        pb.RUN_STATE_SUCCEEDED,
+        pb.RUN_STATE_FAILED,
+        pb.RUN_STATE_CANCELLED,
+        pb.RUN_STATE_DEADLINE_EXCEEDED,
+    )
+    if ended and (usage.cost_micros or usage.input_tokens or usage.output_tokens):
+        metadata.update(
+            {USAGE_KEY: usage_value(usage.cost_micros, usage.input_tokens, usage.output_tokens)}
+        )
 
 
 def cursor_text(cursor: Cursor) -> str:
@@ -289,6 +327,41 @@ DECISIONS: Final = {
     "deny": pb.TOOL_APPROVAL_DECISION_DENY,
 }
 MAX_REASON_CHARS: Final = 1000
+
+
+def budget_request(run: pb.Run) -> a2a.Message:
+    """An input-required task that waits for room in its budgets: what it asks, and
+    that an owner of the agent's workspace decides (not the caller's reply)."""
+    action = run.required_action
+    budget = action.budget
+    data = struct_pb2.Value()
+    data.struct_value.update(
+        {
+            "budget_action": {
+                "budgets": [errors.a2a_text(name) for name in budget.budgets],
+                "cost_micros": budget.cost_micros,
+                "input_tokens": budget.input_tokens,
+                "output_tokens": budget.output_tokens,
+                "expire_time": action.expire_time.ToJsonString(),
+            }
+        }
+    )
+    return a2a.Message(
+        message_id=f"{task_id(run.name)}.budget",
+        context_id=context_id(run.name),
+        task_id=task_id(run.name),
+        role=a2a.ROLE_AGENT,
+        parts=[
+            a2a.Part(
+                text=(
+                    "The task's next step does not fit in its budgets. It goes on when an "
+                    "owner of the agent's workspace raises a cap or allows the step, and "
+                    "fails with BUDGET_EXHAUSTED at expire_time otherwise."
+                )
+            ),
+            a2a.Part(data=data, media_type="application/json"),
+        ],
+    )
 
 
 def approval_request(run: pb.Run) -> a2a.Message:

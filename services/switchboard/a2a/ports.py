@@ -29,6 +29,7 @@ from switchboard.api.context.v1 import context_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
 from switchboard.context.domain import ContextDomain
+from switchboard.dispatcher.handlers.handed import HEADER, Handed, header_value
 from switchboard.dispatcher.service import Dispatcher
 from switchboard.platform.errors import DependencyUnavailable
 from switchboard.platform.rpc.peers import PeerService, TokenIssuer
@@ -47,9 +48,9 @@ class LocalRuns:
         self._dispatcher = dispatcher
 
     async def send_message(
-        self, principal: Principal, request: pb.SendMessageRequest
+        self, principal: Principal, request: pb.SendMessageRequest, handed: Handed | None = None
     ) -> pb.SendMessageResponse:
-        return await self._dispatcher.send_message(principal, request)
+        return await self._dispatcher.send_message(principal, request, handed)
 
     async def get_run(self, principal: Principal, name: str) -> pb.Run:
         return await self._dispatcher.get_run(name)
@@ -106,9 +107,13 @@ class RemoteRuns:
         await self._peer.close()
 
     async def send_message(
-        self, principal: Principal, request: pb.SendMessageRequest
+        self, principal: Principal, request: pb.SendMessageRequest, handed: Handed | None = None
     ) -> pb.SendMessageResponse:
-        return await self._peer.call(self._stub.SendMessage, request, principal, _CALL_TIMEOUT_S)
+        # A handed budget goes as the dispatcher's contract takes it: its metadata key.
+        extra = ((HEADER, header_value(handed)),) if handed else ()
+        return await self._peer.call(
+            self._stub.SendMessage, request, principal, _CALL_TIMEOUT_S, extra
+        )
 
     async def get_run(self, principal: Principal, name: str) -> pb.Run:
         request = pb.GetRunRequest(name=name)

@@ -281,6 +281,21 @@ class QuotaExceeded(ResourceExhausted):
     REASON = _Reason.ERROR_REASON_QUOTA_EXCEEDED
 
 
+class BudgetExhausted(QuotaExceeded):
+    """RESOURCE_EXHAUSTED ``BUDGET_EXHAUSTED``: a budget has no room;
+    ``quota_violations`` name the budgets, ``metadata["reset_time"]`` when the
+    earliest resets."""
+
+    REASON = _Reason.ERROR_REASON_BUDGET_EXHAUSTED
+
+
+class ModelNotPriced(FailedPrecondition):
+    """FAILED_PRECONDITION ``MODEL_NOT_PRICED``: a cost budget applies and the
+    model has no price."""
+
+    REASON = _Reason.ERROR_REASON_MODEL_NOT_PRICED
+
+
 class QueueFull(QuotaExceeded):
     """The run queue (global or the workspace's) is full."""
 

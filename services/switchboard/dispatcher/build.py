@@ -13,9 +13,16 @@ from collections.abc import Callable
 
 from switchboard.context.build import context_domain
 from switchboard.context.tokencount import ApproxTokenCounter
-from switchboard.dispatcher import servicer
+from switchboard.dispatcher import mapping, servicer
 from switchboard.dispatcher.assistants.catalog import AssistantLimits, Assistants
 from switchboard.dispatcher.assistants.store import AssistantStore
+from switchboard.dispatcher.budgets.catalog import Budgets
+from switchboard.dispatcher.budgets.ledger import Ledger
+from switchboard.dispatcher.budgets.quotas import QuotaDefaults, Quotas
+from switchboard.dispatcher.budgets.quotastore import QuotaStore
+from switchboard.dispatcher.budgets.spending import Spending
+from switchboard.dispatcher.budgets.store import BudgetStore, UsageStore
+from switchboard.dispatcher.budgets.usage import Usage
 from switchboard.dispatcher.handlers.echo import EchoHandler
 from switchboard.dispatcher.handlers.experts import WorkspaceExperts
 from switchboard.dispatcher.handlers.remote import RemoteHandler
@@ -162,6 +169,13 @@ async def dispatcher_service(
     # Closed after the dispatcher: a call forwarded while runs stop still gets its answer.
     peers = GrpcPeers()
     resources.push_async_callback(peers.close)
+    # Budgets: the catalog's changes wake runs paused at a cap (``spending.on_change``).
+    spending = Spending(
+        Ledger(shared.database),
+        shared.bus,
+        approval_timeout_s=settings.dispatcher_approval_timeout_s,
+        metrics=shared.metrics,
+    )
     dispatcher = Dispatcher(
         store=RunStore(shared.database),
         context=context,
@@ -186,6 +200,8 @@ async def dispatcher_service(
         limits=_limits(shared),
         page_tokens=shared.page_tokens,
         assistants=assistants,
+        budgets=_budgets(shared, assistants, spending),
+        usage=Usage(UsageStore(shared.database), shared.page_tokens),
         tools=LocalTools(integration, shared.policy),
         tool_limits=ToolLimits(
             max_steps=settings.dispatcher_max_tool_steps,
@@ -193,8 +209,10 @@ async def dispatcher_service(
             approval_timeout_s=settings.dispatcher_approval_timeout_s,
             max_result_chars=settings.dispatcher_max_tool_result_chars,
         ),
+        quotas=_quotas(shared),
         peers=peers,
         metrics=shared.metrics,
+        spending=spending,
     )
     await dispatcher.start()
     resources.push_async_callback(dispatcher.close)
@@ -273,20 +291,52 @@ async def _assistants(
     return assistants
 
 
+def _budgets(shared: Shared, assistants: Assistants, spending: Spending) -> Budgets:
+    """The workspace's budgets; an assistant scope must name one of its assistants, and
+    a change wakes the runs paused at a cap in this process (others poll)."""
+
+    async def assistant_exists(workspace_id: str, assistant_id: str) -> bool:
+        try:
+            await assistants.get(mapping.assistant_name(workspace_id, assistant_id))
+        except NotFound:
+            return False
+        return True
+
+    return Budgets(
+        BudgetStore(shared.database),
+        shared.bus,
+        shared.page_tokens,
+        assistant_exists=assistant_exists,
+        on_change=spending.on_change,
+    )
+
+
+def _quotas(shared: Shared) -> Quotas:
+    """Workspaces' quotas, with the settings' defaults for what a workspace does not set."""
+    settings = shared.section(DispatcherSettings)
+    quotas = Quotas(
+        QuotaStore(shared.database),
+        QuotaDefaults(
+            messages_per_minute=settings.dispatcher_max_messages_per_minute_per_workspace,
+            max_concurrent_runs=settings.dispatcher_max_active_runs_per_workspace,
+        ),
+    )
+    shared.resources.push_async_callback(quotas.close)
+    return quotas
+
+
 def _limits(shared: Shared) -> RunLimits:
     settings = shared.section(DispatcherSettings)
     return RunLimits(
         instance_id=shared.instance_id,
         max_input_chars=settings.dispatcher_max_input_chars,
         messages_per_minute_per_user=settings.dispatcher_max_messages_per_minute_per_user,
-        messages_per_minute_per_workspace=(
-            settings.dispatcher_max_messages_per_minute_per_workspace
-        ),
         default_timeout_s=settings.dispatcher_default_timeout_s,
         max_timeout_s=settings.dispatcher_max_timeout_s,
         heartbeat_s=settings.dispatcher_heartbeat_s,
         recovery=settings.dispatcher_recovery,
         lease_s=settings.dispatcher_lease_s,
+        admitting_per_workspace=settings.dispatcher_max_admitting_per_workspace,
     )
 
 

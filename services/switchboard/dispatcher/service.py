@@ -21,6 +21,11 @@ from collections.abc import AsyncGenerator, AsyncIterator
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.assistants.catalog import Assistants
+from switchboard.dispatcher.budgets.catalog import Budgets
+from switchboard.dispatcher.budgets.quotas import Quotas
+from switchboard.dispatcher.budgets.spending import Spending
+from switchboard.dispatcher.budgets.usage import Usage
+from switchboard.dispatcher.handlers.handed import Handed
 from switchboard.dispatcher.handlers.router import Router
 from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.ports.peers import PeerPort, Via
@@ -75,12 +80,21 @@ class Dispatcher:
         limits: RunLimits,
         page_tokens: pagination.PageTokens,
         assistants: Assistants,
+        budgets: Budgets,
+        usage: Usage,
         tools: ToolPort,
         tool_limits: ToolLimits,
+        quotas: Quotas,
         peers: PeerPort | None = None,
         metrics: Metrics | None = None,
+        spending: Spending | None = None,
     ) -> None:
         self.assistants = assistants
+        self.budgets = budgets
+        self.usage = usage
+        self.quotas = quotas
+        #: Budgets (None: none are enforced); its ``on_change`` is the budget catalog's hook.
+        self.spending = spending
         self.tool_limits = tool_limits
         self.router = router
         self.scheduler = scheduler
@@ -104,6 +118,7 @@ class Dispatcher:
             tool_limits=tool_limits,
             metrics=metrics,
             tracer=run_tracer,
+            spending=spending,
         )
         self._admission = Admission(
             common=common,
@@ -116,9 +131,15 @@ class Dispatcher:
             start=self._execution.launch,
             cancel=self._execution.cancel,
             tracer=run_tracer,
+            quotas=quotas,
+            spending=spending,
         )
         self._recovery = Recovery(
-            common=common, publishing=self._publishing, admit=self._readmit, metrics=metrics
+            common=common,
+            publishing=self._publishing,
+            admit=self._readmit,
+            metrics=metrics,
+            release_holds=spending.ledger.release_runs if spending is not None else None,
         )
         self._queries = Queries(
             common=common,
@@ -176,9 +197,13 @@ class Dispatcher:
     # -- the calls ----------------------------------------------------------------------
 
     async def send_message(
-        self, principal: Principal, request: pb.SendMessageRequest
+        self,
+        principal: Principal,
+        request: pb.SendMessageRequest,
+        handed: Handed | None = None,
     ) -> pb.SendMessageResponse:
-        return await self._admission.send_message(principal, request)
+        """``handed``: a budget the caller handed over across a hop (``handlers/handed.py``)."""
+        return await self._admission.send_message(principal, request, handed)
 
     async def get_run(self, name: str) -> pb.Run:
         return await self._queries.get_run(name)
@@ -219,3 +244,14 @@ class Dispatcher:
         self, principal: Principal, name: str, reason: str, via: Via = IN_PROCESS
     ) -> pb.Run:
         return await self._control.cancel_run(principal, name, reason, via)
+
+    async def resolve_budget_action(
+        self, principal: Principal, request: pb.ResolveBudgetActionRequest, via: Via = IN_PROCESS
+    ) -> pb.Run:
+        return await self._control.resolve_budget_action(principal, request, via)
+
+    def budgets_changed(self, workspace_id: str) -> None:
+        """A budget of ``workspace_id`` changed: runs paused at a cap look again
+        (the budget catalog's ``on_change``)."""
+        if self.spending is not None:
+            self.spending.on_change(workspace_id)

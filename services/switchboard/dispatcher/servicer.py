@@ -14,6 +14,7 @@ from grpc import aio
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
+from switchboard.dispatcher.handlers.handed import HEADER, Handed, parse_header
 from switchboard.dispatcher.ports.peers import FORWARDED_KEY, Via
 from switchboard.dispatcher.service import Dispatcher
 from switchboard.platform.security.authn import bearer_credential, current_principal
@@ -38,6 +39,14 @@ def _via(context: Context, *, deadline: bool = True) -> Via:
     )
 
 
+def _handed(context: Context) -> Handed | None:
+    """The budget a caller handed over (``x-switchboard-budget``), if it sent one."""
+    for key, value in context.invocation_metadata() or ():
+        if key == HEADER:
+            return parse_header(value if isinstance(value, str) else value.decode("latin-1"))
+    return None
+
+
 class DispatcherServiceServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
     def __init__(self, dispatcher: Dispatcher) -> None:
         self._dispatcher = dispatcher
@@ -45,7 +54,7 @@ class DispatcherServiceServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
     async def SendMessage(
         self, request: pb.SendMessageRequest, context: Context
     ) -> pb.SendMessageResponse:
-        return await self._dispatcher.send_message(current_principal(), request)
+        return await self._dispatcher.send_message(current_principal(), request, _handed(context))
 
     async def GetRun(self, request: pb.GetRunRequest, context: Context) -> pb.GetRunResponse:
         return pb.GetRunResponse(run=await self._dispatcher.get_run(request.name))
@@ -86,6 +95,14 @@ class DispatcherServiceServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
         )
         return pb.SubmitToolApprovalsResponse(run=run)
 
+    async def ResolveBudgetAction(
+        self, request: pb.ResolveBudgetActionRequest, context: Context
+    ) -> pb.ResolveBudgetActionResponse:
+        run = await self._dispatcher.resolve_budget_action(
+            current_principal(), request, _via(context)
+        )
+        return pb.ResolveBudgetActionResponse(run=run)
+
     async def CreateAssistant(
         self, request: pb.CreateAssistantRequest, context: Context
     ) -> pb.CreateAssistantResponse:
@@ -115,6 +132,50 @@ class DispatcherServiceServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
     ) -> pb.DeleteAssistantResponse:
         await self._dispatcher.assistants.delete(current_principal(), request.name, request.etag)
         return pb.DeleteAssistantResponse()
+
+    async def CreateBudget(
+        self, request: pb.CreateBudgetRequest, context: Context
+    ) -> pb.CreateBudgetResponse:
+        budget = await self._dispatcher.budgets.create(current_principal(), request)
+        return pb.CreateBudgetResponse(budget=budget)
+
+    async def GetBudget(
+        self, request: pb.GetBudgetRequest, context: Context
+    ) -> pb.GetBudgetResponse:
+        return pb.GetBudgetResponse(budget=await self._dispatcher.budgets.get(request.name))
+
+    async def ListBudgets(
+        self, request: pb.ListBudgetsRequest, context: Context
+    ) -> pb.ListBudgetsResponse:
+        return await self._dispatcher.budgets.list_budgets(request)
+
+    async def UpdateBudget(
+        self, request: pb.UpdateBudgetRequest, context: Context
+    ) -> pb.UpdateBudgetResponse:
+        budget = await self._dispatcher.budgets.update(current_principal(), request)
+        return pb.UpdateBudgetResponse(budget=budget)
+
+    async def DeleteBudget(
+        self, request: pb.DeleteBudgetRequest, context: Context
+    ) -> pb.DeleteBudgetResponse:
+        await self._dispatcher.budgets.delete(current_principal(), request.name, request.etag)
+        return pb.DeleteBudgetResponse()
+
+    async def QueryUsage(
+        self, request: pb.QueryUsageRequest, context: Context
+    ) -> pb.QueryUsageResponse:
+        return await self._dispatcher.usage.query(request)
+
+    async def GetWorkspaceQuota(
+        self, request: pb.GetWorkspaceQuotaRequest, context: Context
+    ) -> pb.GetWorkspaceQuotaResponse:
+        return pb.GetWorkspaceQuotaResponse(quota=await self._dispatcher.quotas.get(request.name))
+
+    async def UpdateWorkspaceQuota(
+        self, request: pb.UpdateWorkspaceQuotaRequest, context: Context
+    ) -> pb.UpdateWorkspaceQuotaResponse:
+        quota = await self._dispatcher.quotas.update(current_principal(), request)
+        return pb.UpdateWorkspaceQuotaResponse(quota=quota)
 
     async def DescribeConversation(
         self, request: pb.DescribeConversationRequest, context: Context

@@ -102,7 +102,24 @@ class DispatcherSettings(Section):
         default=6_000,
         ge=1,
         le=10_000_000,
-        description="SendMessage calls per workspace per minute",
+        description="SendMessage calls per workspace per minute, unless the workspace's quota "
+        "sets its own (`UpdateWorkspaceQuota`; RESOURCE_EXHAUSTED `RATE_LIMITED` with RetryInfo)",
+    )
+    dispatcher_max_admitting_per_workspace: int = Field(
+        default=4,
+        ge=1,
+        le=1_000,
+        description="SendMessage calls of one workspace this process admits (stores) at once; "
+        "the rest wait their turn, so a workspace sending thousands at once does not hold up "
+        "the others' messages in the database's queue",
+    )
+    dispatcher_max_active_runs_per_workspace: int = Field(
+        default=1_000,
+        ge=1,
+        le=1_000_000,
+        description="runs of one workspace queued or running at once, across replicas, unless "
+        "the workspace's quota sets its own; past it SendMessage answers RESOURCE_EXHAUSTED "
+        "`QUOTA_EXCEEDED` with RetryInfo",
     )
     dispatcher_content_policy: str = Field(
         default="builtin",

@@ -52,6 +52,8 @@ def integration_proto(
         etag=etag_of(record.version),
         has_credential=record.credential is not None,
         event_types=record.event_types,
+        call_price_micros=record.call_price_micros,
+        tool_call_price_micros=dict(record.tool_call_prices),
     )
     if record.call_timeout_ms:
         message.call_timeout.CopyFrom(

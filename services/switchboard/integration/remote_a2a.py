@@ -98,6 +98,15 @@ TOOL_NAME: Final = "send_message"
 TASK_KEY: Final = "a2a_task"
 #: ``finish_reason`` of an answer that is the agent's question (the task is input-required).
 INPUT_REQUIRED: Final = "input_required"
+#: Metadata key (of a task, message or status update) with the usage an agent reports.
+USAGE_KEY: Final = "usage"
+#: The budget extension (docs/a2a.md): a report of usage under its key is read too.
+USAGE_EXTENSION: Final = "https://switchboard.dev/a2a/extensions/budget/v1"
+#: Bounds of a reported usage (tokens are int32 in ``handler.v1.Usage``).
+_MAX_TOKENS: Final = (1 << 31) - 1
+_MAX_COST: Final = (1 << 53) - 1
+#: The header naming the extensions a request uses (A2A's ``A2A-Extensions``).
+EXTENSIONS_HEADER: Final = "a2a-extensions"
 
 GRPC: Final = "GRPC"
 JSONRPC: Final = "JSONRPC"
@@ -254,6 +263,9 @@ class _Relay:
     #: The agent answered with a Message instead of a task.
     message_text: str | None = None
     answered: bool = False
+    #: The last ``metadata`` an event carried with usage in it (the agent's report
+    #: of what it spent: ``usage_of``).
+    usage: dict[str, Any] = field(default_factory=dict)
 
     @property
     def over(self) -> bool:
@@ -266,6 +278,8 @@ class _Relay:
         self.answered = True
         kind = response.WhichOneof("payload")
         frames: list[handler_pb2.HandleResponse] = []
+        if kind is not None:
+            self._usage(getattr(response, kind).metadata)
         if kind == "task":
             task = response.task
             self._task(task.id, task.context_id)
@@ -288,6 +302,14 @@ class _Relay:
                 frames.append(_delta(self.message_text))
             self.extras.setdefault("", []).extend(_extras(message.parts))
         return frames
+
+    def _usage(self, metadata: struct_pb2.Struct) -> None:
+        """Keep the event's metadata when it reports usage (the last report wins:
+        a final task or status update says what the whole task spent)."""
+        if USAGE_KEY in metadata.fields or USAGE_EXTENSION in metadata.fields:
+            value = json_format.MessageToDict(metadata)
+            if isinstance(value, dict):
+                self.usage = value
 
     def _task(self, task_id: str, context_id: str) -> None:
         self.task_id = self.task_id or task_id
@@ -358,7 +380,9 @@ class _Relay:
             parts.append(context_pb2.ContentPart(data=tie))
         waiting = state == a2a.TASK_STATE_INPUT_REQUIRED and self.message_text is None
         return handler_pb2.HandleResult(
-            parts=parts, finish_reason=INPUT_REQUIRED if waiting else "stop"
+            parts=parts,
+            finish_reason=INPUT_REQUIRED if waiting else "stop",
+            usage=usage_of(self.usage),
         )
 
     def _failure(self, agent: str) -> str:
@@ -375,6 +399,39 @@ class _Relay:
         if self.state == a2a.TASK_STATE_FAILED:
             return f"A2A agent {agent} failed the task{detail}"
         return f"A2A agent {agent} ended its stream before the task ended"
+
+
+def usage_of(metadata: Mapping[str, Any]) -> handler_pb2.Usage:
+    """The usage an agent reported in an event's ``metadata``: its ``usage`` object,
+    else the budget extension's ``usage`` (docs/a2a.md, "Budgets across hops"), with
+    ``input_tokens``/``output_tokens`` (or ``prompt_tokens``/``completion_tokens``)
+    and ``cost_micros``; what is not a count in range is left out."""
+    found = metadata.get(USAGE_KEY)
+    if not isinstance(found, Mapping):
+        extension = metadata.get(USAGE_EXTENSION)
+        found = extension.get(USAGE_KEY) if isinstance(extension, Mapping) else None
+    if not isinstance(found, Mapping):
+        return handler_pb2.Usage()
+    cost = _count(found.get("cost_micros"), _MAX_COST)
+    return handler_pb2.Usage(
+        input_tokens=_count(found.get("input_tokens", found.get("prompt_tokens")), _MAX_TOKENS),
+        output_tokens=_count(
+            found.get("output_tokens", found.get("completion_tokens")), _MAX_TOKENS
+        ),
+        cost_micros=cost,
+        estimated_cost_usd=cost / 1e6,
+    )
+
+
+def _count(value: object, most: int) -> int:
+    """A reported count: a non-negative integer of at most ``most``, else 0."""
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and 0 <= value <= most:
+        return value
+    return 0
 
 
 def _text(parts: Any) -> str:
@@ -571,9 +628,13 @@ class A2AAgent:
                 self._link = None
         await link.close()
 
-    def _context(self, timeout_s: float) -> ClientCallContext:
-        parameters = {"authorization": f"Bearer {self._credential}"} if self._credential else None
-        return ClientCallContext(timeout=max(timeout_s, 0.001), service_parameters=parameters)
+    def _context(self, timeout_s: float, extensions: tuple[str, ...] = ()) -> ClientCallContext:
+        parameters = {"authorization": f"Bearer {self._credential}"} if self._credential else {}
+        if extensions:
+            parameters[EXTENSIONS_HEADER] = ",".join(extensions)
+        return ClientCallContext(
+            timeout=max(timeout_s, 0.001), service_parameters=parameters or None
+        )
 
     # -- calls -------------------------------------------------------------------------------
 
@@ -623,15 +684,22 @@ class A2AAgent:
         message_id: str = "",
         previous: PreviousTask | None = None,
         metadata: Mapping[str, Any] | None = None,
+        extensions: Mapping[str, Any] | None = None,
     ) -> AsyncGenerator[handler_pb2.HandleResponse, None]:
         """Send ``text`` and yield the task's frames, the last one its result.
+
+        ``extensions`` go in the message's metadata, each under its URI, and are
+        named in the ``a2a-extensions`` header (the budget handed over). The
+        result's ``usage`` is what the agent reported (``usage_of``).
 
         ``deadline`` is ``time.monotonic()``'s; past it, TimeoutError. A
         ``previous`` task in ``input-required`` is continued; otherwise its
         context is (the agent keeps its own history per context).
         """
         request = _request(text, message_id, previous, metadata)
-        call = _Call(await self._fresh(_left(deadline)), deadline)
+        if extensions:
+            request.message.metadata.update(dict(extensions))
+        call = _Call(await self._fresh(_left(deadline)), deadline, tuple(extensions or ()))
         try:
             async with contextlib.aclosing(self._frames(call, request)) as frames:
                 async for frame in frames:
@@ -659,7 +727,9 @@ class A2AAgent:
     ) -> AsyncGenerator[handler_pb2.HandleResponse, None]:
         """The task's frames until it is over, across dropped streams; the agent's own
         protocol errors (A2AError) pass through, transport ones become Unreachable."""
-        call.stream = call.link.client.send_message(request, context=self._context(call.left))
+        call.stream = call.link.client.send_message(
+            request, context=self._context(call.left, call.extensions)
+        )
         while True:
             # Bounded by the call's deadline (gRPC) or each read's timeout (HTTP),
             # and by the caller's own timeout around the whole exchange: a
@@ -699,7 +769,9 @@ class A2AAgent:
             call.retried = True
             await self._forget(call.link)
             call.link = await self._fresh(call.left)
-            call.stream = call.link.client.send_message(request, context=self._context(call.left))
+            call.stream = call.link.client.send_message(
+                request, context=self._context(call.left, call.extensions)
+            )
             return
         if not transport or not call.relay.task_id:
             await self._forget(call.link)
@@ -777,6 +849,8 @@ class _Call:
 
     link: _Link
     deadline: float
+    #: The extensions the message uses (named in each send's ``a2a-extensions``).
+    extensions: tuple[str, ...] = ()
     relay: _Relay = field(default_factory=_Relay)
     stream: AsyncIterator[a2a.StreamResponse] | None = None
     retried: bool = False

@@ -20,7 +20,7 @@ import contextlib
 import datetime as dt
 import logging
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Final, Protocol
 
 from google.protobuf import duration_pb2, struct_pb2
@@ -102,8 +102,18 @@ _MUTABLE: Final = (
     "credential",
     "disabled",
     "event_types",
+    "call_price_micros",
+    "tool_call_price_micros",
 )
 MAX_DISPLAY_NAME: Final = 200
+#: The most one tool call may cost: 1,000 units of the price table's currency. A
+#: price is reserved whole before each call, so a typo of a few digits would
+#: otherwise pause every run at its first call of the tool.
+MAX_CALL_PRICE_MICROS: Final = 1_000_000_000
+#: Per-tool prices one integration holds (the contract's bound).
+MAX_TOOL_PRICES: Final = 200
+#: Characters of a refused price key quoted in its field violation's path.
+_SHOWN_KEY: Final = 160
 MAX_CREDENTIAL: Final = 4096
 MAX_EVENT_TYPES: Final = 32
 #: Changes a watcher may have queued before it is ended as too slow.
@@ -397,6 +407,43 @@ class IntegrationHub:
                 violations.add(f"{field}[{index}]", "is not an event type, e.g. MESSAGE_CREATED")
         return " ".join(dict.fromkeys(v.removeprefix("EVENT_TYPE_") for v in values))
 
+    @staticmethod
+    def _price(kind: int, value: int, field: str, violations: Violations) -> int:
+        if value < 0:
+            violations.add(field, "must not be negative")
+        elif value > MAX_CALL_PRICE_MICROS:
+            violations.add(
+                field, f"must be at most {MAX_CALL_PRICE_MICROS:,} micro-units (1,000 units a call)"
+            )
+        elif value and kind == pb.INTEGRATION_KIND_WEBHOOK:
+            violations.add(field, "is only for integrations with tools; a webhook has none")
+        return value
+
+    @classmethod
+    def _tool_prices(
+        cls, kind: int, values: Mapping[str, int], field: str, violations: Violations
+    ) -> dict[str, int]:
+        """The per-tool prices, keyed by the tool's segment as ListTools names it."""
+        if len(values) > MAX_TOOL_PRICES:
+            violations.add(field, f"may price at most {MAX_TOOL_PRICES} tools")
+            return {}
+        if values and kind == pb.INTEGRATION_KIND_WEBHOOK:
+            violations.add(field, "is only for integrations with tools; a webhook has none")
+            return {}
+        prices: dict[str, int] = {}
+        for key in sorted(values):
+            shown = key if len(key) <= _SHOWN_KEY else key[:_SHOWN_KEY] + "..."
+            where = f"{field}[{shown}]"
+            if names.tool_from_segment(key) is None:
+                violations.add(
+                    where,
+                    "must be a tool's segment as ListTools names it: 1-128 letters, digits, "
+                    "'_', '.', '-' or ~XX escapes (upper-case hex) for any other byte",
+                )
+                continue
+            prices[key] = cls._price(kind, values[key], where, violations)
+        return prices
+
     def _seal(self, credential: str, name: str) -> bytes:
         return self._secrets.seal(credential, purpose=name)
 
@@ -429,6 +476,12 @@ class IntegrationHub:
         event_types = self._event_types(
             kind, given.event_types, "integration.event_types", violations
         )
+        call_price = self._price(
+            kind, given.call_price_micros, "integration.call_price_micros", violations
+        )
+        tool_prices = self._tool_prices(
+            kind, given.tool_call_price_micros, "integration.tool_call_price_micros", violations
+        )
         violations.check()
         config = self._config(given.config, "integration.config")
         endpoint = await self._endpoint(kind, given.endpoint, "integration.endpoint", violations)
@@ -460,6 +513,8 @@ class IntegrationHub:
                 "previous_until": None,
                 "disabled": given.disabled,
                 "creator": principal.user_name,
+                "call_price_micros": call_price,
+                "tool_call_prices": tool_prices,
             },
             key,
             self.limits.max_per_workspace,
@@ -525,6 +580,17 @@ class IntegrationHub:
             )
         if "disabled" in paths:
             changes["disabled"] = given.disabled
+        if "call_price_micros" in paths:
+            changes["call_price_micros"] = self._price(
+                kind, given.call_price_micros, "integration.call_price_micros", violations
+            )
+        if "tool_call_price_micros" in paths:
+            changes["tool_call_prices"] = self._tool_prices(
+                kind,
+                given.tool_call_price_micros,
+                "integration.tool_call_price_micros",
+                violations,
+            )
         credential: str | None = None
         if "credential" in paths:
             credential = self._credential(

@@ -9,6 +9,7 @@ in the same transaction, so every committed change has its INTEGRATION_CHANGED.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -54,6 +55,10 @@ class IntegrationRecord:
     last_probe_at: dt.datetime | None
     last_error: bytes
     failures: int
+    #: A tool call's price (micro-units) unless ``tool_call_prices`` names the tool.
+    call_price_micros: int = 0
+    #: ``(segment, price)`` by segment, sorted: the per-tool overrides.
+    tool_call_prices: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,28 @@ def _record(row: IntegrationRow) -> IntegrationRecord:
         last_probe_at=row.last_probe_at,
         last_error=row.last_error,
         failures=row.failures,
+        call_price_micros=row.call_price_micros,
+        tool_call_prices=_prices(row.tool_call_prices),
     )
+
+
+def _prices(text: str) -> tuple[tuple[str, int], ...]:
+    """The stored JSON object of per-tool prices, as sorted pairs."""
+    if not text:
+        return ()
+    data = json.loads(text)
+    return tuple(sorted((str(tool), int(price)) for tool, price in data.items()))
+
+
+def _columns(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with the per-tool prices (a mapping) as their column's JSON text."""
+    columns = dict(values)
+    if "tool_call_prices" in columns:
+        prices = dict(columns["tool_call_prices"])
+        columns["tool_call_prices"] = (
+            json.dumps(prices, sort_keys=True, separators=(",", ":")) if prices else ""
+        )
+    return columns
 
 
 def _check_etag(etag: str, version: int) -> None:
@@ -109,6 +135,8 @@ MUTABLE = frozenset(
         "previous_credential",
         "previous_until",
         "disabled",
+        "call_price_micros",
+        "tool_call_prices",
     }
 )
 
@@ -161,7 +189,7 @@ class IntegrationStore:
                 )
             stamp = now()
             row = IntegrationRow(
-                **values,
+                **_columns(values),
                 created_at=stamp,
                 updated_at=stamp,
                 version=1,
@@ -237,7 +265,7 @@ class IntegrationStore:
             unknown = set(values) - MUTABLE
             if unknown:
                 raise ValueError(f"not updatable: {sorted(unknown)}")
-            for key, value in values.items():
+            for key, value in _columns(values).items():
                 setattr(row, key, value)
             if "endpoint" in values or "disabled" in values:
                 # A new address (or a re-enabled one) has not been probed yet.

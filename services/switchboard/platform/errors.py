@@ -176,16 +176,39 @@ class RateLimited(SwitchboardError):
 
 
 class QuotaExceeded(SwitchboardError):
-    """A size, count or concurrency limit was hit; ``subject`` names the limit."""
+    """A size, count or concurrency limit was hit; ``subject`` names the limit
+    (``subjects`` several, each with what is wrong: one QuotaFailure violation
+    each). With ``retry_after_s`` the status carries RetryInfo too."""
 
     code = Code.RESOURCE_EXHAUSTED
     reason = "ERROR_REASON_QUOTA_EXCEEDED"
 
     def __init__(
-        self, message: str, *, subject: str, metadata: Mapping[str, str] | None = None
+        self,
+        message: str,
+        *,
+        subject: str,
+        subjects: Sequence[tuple[str, str]] = (),
+        retry_after_s: float | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message, metadata=metadata)
         self.subject = subject
+        self.subjects = tuple(subjects) or ((subject, message),)
+        self.retry_after_s = retry_after_s
+
+
+class BudgetExhausted(QuotaExceeded):
+    """A budget that applies has no room: one QuotaFailure violation per budget
+    (its name), metadata ``reset_time`` when the earliest of them resets."""
+
+    reason = "ERROR_REASON_BUDGET_EXHAUSTED"
+
+
+class ModelNotPriced(FailedPrecondition):
+    """A cost budget applies and the model has no price: its cost cannot be reserved."""
+
+    reason = "ERROR_REASON_MODEL_NOT_PRICED"
 
 
 class RequestTooLarge(SwitchboardError):

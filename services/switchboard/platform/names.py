@@ -92,6 +92,9 @@ RUN: Final = re.compile(rf"workspaces/({ID})/conversations/({ID})/runs/({ID})")
 MEMBER: Final = re.compile(rf"workspaces/({ID})/members/({ID})")
 ASSISTANT: Final = re.compile(rf"workspaces/({ID})/assistants/({ID})")
 INTEGRATION: Final = re.compile(rf"workspaces/({ID})/integrations/({ID})")
+BUDGET: Final = re.compile(rf"workspaces/({ID})/budgets/({ID})")
+#: A workspace's quotas: a singleton under it (AIP-156).
+WORKSPACE_QUOTA: Final = re.compile(rf"workspaces/({ID})/quota")
 #: A tool name as the MCP specification (2025-11-25) says it should be: 1-128 ASCII
 #: letters, digits, ``_``, ``-`` and ``.``, case-sensitive.
 TOOL_NAME: Final = re.compile(r"[A-Za-z0-9_.-]{1,128}")
@@ -109,9 +112,9 @@ MEMORY_ITEM: Final = re.compile(
     rf"(users/{ID}|workspaces/{ID}(?:/conversations/{ID})?)/memories/({ID})"
 )
 #: Any name under a workspace or a user (the owner is the first segment pair); a
-#: tool's name ends in its segment.
+#: tool's name ends in its segment, and a singleton (the quota) in its own word.
 UNDER_WORKSPACE: Final = re.compile(
-    rf"workspaces/({ID})(?:/[A-Za-z]+/{ID})*(?:/tools/{TOOL_SEGMENT.pattern})?"
+    rf"workspaces/({ID})(?:/[A-Za-z]+/{ID})*(?:/tools/{TOOL_SEGMENT.pattern}|/quota)?"
 )
 UNDER_USER: Final = re.compile(rf"users/({ID})(?:/[A-Za-z]+/{ID})*")
 

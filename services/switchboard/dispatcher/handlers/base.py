@@ -21,6 +21,7 @@ from typing import Protocol, runtime_checkable
 from switchboard.api.context.v1 import context_pb2
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.handler.v1 import handler_pb2
+from switchboard.dispatcher.handlers.handed import Handed
 
 Frame = handler_pb2.HandleResponse
 
@@ -41,6 +42,38 @@ class ToolRunner(Protocol):
     async def run(self, calls: Sequence[handler_pb2.ToolCall]) -> list[handler_pb2.ToolResult]: ...
 
 
+class StepBudget(Protocol):
+    """What a run may spend (``dispatcher/budgets/spending.py``): a handler reserves
+    each step's worst case before it and settles what it used after.
+
+    ``reserve`` returns the hold's id once the step fits in every budget that
+    applies; when one has no room the run pauses there (REQUIRES_ACTION) until
+    the cap is raised or an owner decides, and ``reserve`` raises
+    ``BudgetExhausted`` if the run must end instead. A hold neither settled nor
+    released is released when the run ends.
+    """
+
+    @property
+    def caps_cost(self) -> bool:
+        """Whether a cost cap applies (then a step without a price cannot run)."""
+        ...
+
+    async def reserve(self, cost_micros: int, input_tokens: int, output_tokens: int) -> str: ...
+
+    async def reserve_rest(self, *, hold: bool = True) -> tuple[str, Handed]:
+        """Hold what is left of every cap for a hop to another agent: the hold's id
+        and the caps to hand over (``handlers/handed.py``). Waits or raises as
+        ``reserve`` does when nothing is left. ``hold`` False holds nothing (the
+        callee has the run make priced calls, which reserve as they go)."""
+        ...
+
+    async def settle(
+        self, hold: str, cost_micros: int, input_tokens: int, output_tokens: int
+    ) -> None: ...
+
+    async def release(self, hold: str) -> None: ...
+
+
 @dataclass
 class HandleCall:
     """One invocation of a handler: the request and the run's deadline."""
@@ -52,6 +85,8 @@ class HandleCall:
     attributes: dict[str, str] = field(default_factory=dict)
     #: Runs tool calls; ``None`` when the run may call no tools.
     tools: ToolRunner | None = None
+    #: The run's budgets; ``None`` when none applies (then nothing is reserved).
+    budget: StepBudget | None = None
 
     def remaining(self) -> float:
         """Seconds left before the deadline (never negative)."""

@@ -14,6 +14,10 @@ each result is written back as a ``tool_result`` frame. The runner shows the
 calls and results as run updates, so those frames are not relayed. A run
 that may call no tools answers every request FAILED.
 
+A run with a budget holds what is left of it for the call and names it in the
+``x-switchboard-budget`` metadata; the result's ``usage`` is what the run is
+charged (``hops.py``, docs/budgets.md "Across hops").
+
 Operator-level experts are configured statically
 (``SWITCHBOARD_DISPATCHER_REMOTE_HANDLERS=id=host:port,...``); a workspace's
 own experts are integrations of the hub, built into the same class by
@@ -49,6 +53,8 @@ from switchboard.dispatcher.handlers.base import (
     ToolRunner,
     capabilities,
 )
+from switchboard.dispatcher.handlers.handed import HEADER, header_value
+from switchboard.dispatcher.handlers.hops import Hop
 from switchboard.platform import background, jsonbounds
 from switchboard.platform.errors import FailedPrecondition, QuotaExceeded, SwitchboardError
 from switchboard.platform.jsonbounds import JsonRejected
@@ -198,6 +204,27 @@ class RemoteHandler:
         await self._channel.close(grace=None)
 
     async def handle(self, call: HandleCall) -> AsyncIterator[Frame]:
+        # The run's budget goes with the call (``hops.py``): what is left of it is
+        # held for the expert and named in ``x-switchboard-budget``; its result's
+        # usage is charged.
+        hop = Hop(call.budget, hold=not self._capabilities.interactive)
+        try:
+            handed = await hop.start()
+            metadata = self._metadata
+            if handed:
+                metadata = (*metadata, (HEADER, header_value(handed)))
+            frames = self._attempts(call, metadata)
+            async with contextlib.aclosing(frames):
+                async for frame in frames:
+                    if frame.WhichOneof("frame") == "result":
+                        await hop.settle(frame.result)
+                    yield frame
+        finally:
+            await hop.close()
+
+    async def _attempts(
+        self, call: HandleCall, metadata: tuple[tuple[str, str], ...]
+    ) -> AsyncGenerator[Frame, None]:
         # One retry, for a call that failed UNAVAILABLE before the expert
         # answered anything: the connection looked alive but was gone (the
         # expert restarted). UNAVAILABLE is gRPC's code for "safe to retry".
@@ -215,9 +242,9 @@ class RemoteHandler:
                 raise TimeoutError
             progress = _Attempt()
             frames = (
-                self._interactive(call, remaining, progress)
+                self._interactive(call, remaining, progress, metadata)
                 if self._capabilities.interactive
-                else self._streamed(call, remaining, progress)
+                else self._streamed(call, remaining, progress, metadata)
             )
             try:
                 # Closing the frames on the way out (cancellation included)
@@ -249,10 +276,14 @@ class RemoteHandler:
             )
 
     async def _streamed(
-        self, call: HandleCall, remaining: float, progress: _Attempt
+        self,
+        call: HandleCall,
+        remaining: float,
+        progress: _Attempt,
+        metadata: tuple[tuple[str, str], ...],
     ) -> AsyncGenerator[Frame, None]:
         """``Handle``: every frame is relayed, tool calls as reports of what it did."""
-        stream = self._stub.Handle(call.request, timeout=remaining, metadata=self._metadata)
+        stream = self._stub.Handle(call.request, timeout=remaining, metadata=metadata)
         try:
             async for frame in stream:
                 progress.answered = True
@@ -261,7 +292,11 @@ class RemoteHandler:
             stream.cancel()
 
     async def _interactive(
-        self, call: HandleCall, remaining: float, progress: _Attempt
+        self,
+        call: HandleCall,
+        remaining: float,
+        progress: _Attempt,
+        metadata: tuple[tuple[str, str], ...],
     ) -> AsyncGenerator[Frame, None]:
         """``HandleInteractive``: tool calls are run for the expert, not relayed.
 
@@ -270,7 +305,7 @@ class RemoteHandler:
         exception of the runner (cancellation, the deadline, an expired
         approval) ends it with that exception.
         """
-        stream = self._stub.HandleInteractive(None, timeout=remaining, metadata=self._metadata)
+        stream = self._stub.HandleInteractive(None, timeout=remaining, metadata=metadata)
         tools = _ToolCalls(stream, call.tools, self._capabilities.id)
         read: asyncio.Task[object] | None = None
         try:

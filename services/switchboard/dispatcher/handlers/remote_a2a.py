@@ -43,6 +43,8 @@ from switchboard.dispatcher.handlers.base import (
     capabilities,
     text_of,
 )
+from switchboard.dispatcher.handlers.handed import BUDGET_EXTENSION, extension_value
+from switchboard.dispatcher.handlers.hops import Hop
 from switchboard.integration.connectors import ConnectorError
 from switchboard.integration.remote_a2a import (
     A2AAgent,
@@ -159,17 +161,26 @@ class A2AExpert:
     async def handle(self, call: HandleCall) -> AsyncIterator[Frame]:
         request = call.request
         metadata = json_format.MessageToDict(request.parameters) if request.parameters else None
-        frames = self._agent.exchange(
-            text_of(request.message),
-            deadline=call.deadline,
-            message_id=message_id(request.run),
-            previous=previous_task(request.context, self._author),
-            metadata=metadata,
-        )
         name = f"A2A expert {self._capabilities.id!r}"
+        # The run's budget goes with the message (``hops.py``): the budget
+        # extension names what is left, and the usage the agent reports is charged.
+        hop = Hop(call.budget)
+        # Outside the try: a run with nothing left ends (or waits) at its cap, not as a
+        # failure of the agent.
+        handed = await hop.start()
         try:
+            frames = self._agent.exchange(
+                text_of(request.message),
+                deadline=call.deadline,
+                message_id=message_id(request.run),
+                previous=previous_task(request.context, self._author),
+                metadata=metadata,
+                extensions={BUDGET_EXTENSION: extension_value(handed)} if handed else None,
+            )
             async with contextlib.aclosing(frames):
                 async for frame in frames:
+                    if frame.WhichOneof("frame") == "result":
+                        await hop.settle(frame.result)
                     yield frame
         except AgentFailed as failed:
             raise HandlerFailure(f"{name}: {failed}") from None
@@ -188,6 +199,8 @@ class A2AExpert:
             raise HandlerFailure(
                 f"{name} failed unexpectedly; the server's log has the details", retryable=True
             ) from None
+        finally:
+            await hop.close()
 
     async def close(self) -> None:
         self._closed = True

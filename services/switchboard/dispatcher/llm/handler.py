@@ -39,12 +39,19 @@ from google.protobuf import struct_pb2
 from switchboard.api.context.v1 import context_pb2
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.handler.v1 import handler_pb2
-from switchboard.dispatcher.handlers.base import Frame, HandleCall, HandlerFailure, capabilities
+from switchboard.dispatcher.handlers.base import (
+    Frame,
+    HandleCall,
+    HandlerFailure,
+    StepBudget,
+    capabilities,
+)
 from switchboard.dispatcher.llm.client import Answer, ProviderClient
 from switchboard.dispatcher.llm.config import LlmConfig, Provider, parse_prices, parse_providers
 from switchboard.dispatcher.llm.messages import build_messages
 from switchboard.dispatcher.llm.tools import ToolLoop
 from switchboard.dispatcher.llm.usage import Price, Tally, estimate_tokens
+from switchboard.platform.errors import ModelNotPriced
 
 __all__ = [
     "LlmConfig",
@@ -120,9 +127,18 @@ class LlmHandler:
         usage = Tally(self._count)
         messages = build_messages(request)
         tools = ToolLoop(call)
+        budget = call.budget
+        prices = self._prices(chain, budget)
         await tools.resume(messages)
         while True:
             extra = tools.offer()
+            hold = ""
+            if budget is not None:
+                hold = await budget.reserve(
+                    *_worst_case(
+                        prices, usage.prompt_tokens(messages, extra.get("tools")), sampling
+                    )
+                )
             answer = Answer(shown=shown)
             async with contextlib.aclosing(
                 self._client.ask(
@@ -136,7 +152,7 @@ class LlmHandler:
             if provider is None:
                 raise RuntimeError("a model call ended without an answer or a failure")
             made = outcome.tool_calls()
-            usage.add(
+            spent = usage.add(
                 reported=outcome.usage,
                 price=self._config.price_of(provider),
                 messages=messages,
@@ -144,6 +160,9 @@ class LlmHandler:
                 text="".join(outcome.pieces),
                 calls=((call_made.name, call_made.arguments) for call_made in made),
             )
+            if budget is not None:
+                input_tokens, output_tokens, micros = spent
+                await budget.settle(hold, micros, input_tokens, output_tokens)
             if not made:
                 yield Frame(
                     result=handler_pb2.HandleResult(
@@ -154,6 +173,30 @@ class LlmHandler:
                 )
                 return
             await tools.step(messages, "".join(outcome.pieces), made)
+
+    def _prices(self, chain: tuple[Provider, ...], budget: StepBudget | None) -> tuple[Price, ...]:
+        """The chain's prices, when a budget applies. Under a cost cap every
+        provider of the chain must have one: a fallback without a price could
+        spend what nothing counts (``ModelNotPriced``, before any call)."""
+        if budget is None:
+            return ()
+        prices = tuple(self._config.price_of(provider) for provider in chain)
+        if budget.caps_cost:
+            unpriced = [p.label for p, price in zip(chain, prices, strict=True) if price is None]
+            if unpriced:
+                raise ModelNotPriced(
+                    f"a cost budget applies and {', '.join(unpriced)} has no price "
+                    "(SWITCHBOARD_LLM_PRICES)"
+                )
+        return tuple(price for price in prices if price is not None)
+
+    def priced(self, settings: handler_pb2.ModelSettings | None) -> bool:
+        """Whether every provider a run with these settings may call has a price."""
+        try:
+            chain = self._chain(settings or handler_pb2.ModelSettings())
+        except HandlerFailure:
+            return True  # the run fails for that reason, not for its price
+        return all(self._config.price_of(provider) is not None for provider in chain)
 
     def model_label(self, settings: handler_pb2.ModelSettings | None) -> str:
         """``provider/model`` a run with these settings asks first (DescribeConversation)."""
@@ -179,6 +222,17 @@ class LlmHandler:
                 raise HandlerFailure("the assistant's model name must be 1 to 256 characters")
             providers[0] = replace(providers[0], model=settings.model)
         return tuple(providers)
+
+
+def _worst_case(
+    prices: tuple[Price, ...], prompt_tokens: int, sampling: Sampling
+) -> tuple[int, int, int]:
+    """What one model call may spend at most: its prompt's counted tokens and
+    ``max_tokens``, at the highest price of the chain (a fallback may answer)."""
+    cost = max(
+        (price.cost_micros(prompt_tokens, sampling.max_tokens) for price in prices), default=0
+    )
+    return cost, prompt_tokens, sampling.max_tokens
 
 
 @dataclass(frozen=True)

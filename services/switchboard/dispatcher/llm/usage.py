@@ -46,6 +46,14 @@ class Price:
     def cost(self, input_tokens: int, output_tokens: int) -> float:
         return (input_tokens * self.input_per_mtok + output_tokens * self.output_per_mtok) / 1e6
 
+    def cost_micros(self, input_tokens: int, output_tokens: int) -> int:
+        """The cost in micro-dollars (dollars per million tokens times tokens),
+        rounded up: budgets count integers, and a reservation never undercounts.
+        Rounded to a millionth first, so a float's error (0.7 * 10 is
+        7.000000000000001) does not add a micro-dollar."""
+        exact = input_tokens * self.input_per_mtok + output_tokens * self.output_per_mtok
+        return math.ceil(round(exact, 6))
+
 
 def _int32(value: object) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
@@ -72,7 +80,8 @@ class Tally:
     count: Callable[[str], int]
     input_tokens: int = 0
     output_tokens: int = 0
-    cost: float = 0.0
+    #: Cost in micro-dollars, each call's rounded up (``Price.cost_micros``).
+    cost_micros: int = 0
     estimated: bool = False
 
     def add(
@@ -84,31 +93,43 @@ class Tally:
         tools: object,
         text: str,
         calls: Iterable[tuple[str, str]],
-    ) -> None:
+    ) -> tuple[int, int, int]:
         """Add one model call: the provider's ``reported`` usage, else an estimate
         of the ``messages`` and ``tools`` sent and the ``text`` and
-        ``(name, arguments)`` calls received."""
+        ``(name, arguments)`` calls received. Returns the call's own
+        ``(input_tokens, output_tokens, cost_micros)`` (what its budget settles)."""
         if reported is not None:
             input_tokens, output_tokens = reported
         else:
-            input_tokens = sum(self._message_tokens(message) for message in messages)
-            if tools is not None:
-                input_tokens += self.count(json.dumps(tools, ensure_ascii=False))
+            input_tokens = self.prompt_tokens(messages, tools)
             output_tokens = self.count(text) + sum(
                 self.count(name) + self.count(arguments) for name, arguments in calls
             )
             self.estimated = True
         self.input_tokens += input_tokens
         self.output_tokens += output_tokens
-        if price is not None:
-            self.cost += price.cost(input_tokens, output_tokens)
+        micros = price.cost_micros(input_tokens, output_tokens) if price is not None else 0
+        self.cost_micros += micros
+        return input_tokens, output_tokens, micros
+
+    def prompt_tokens(self, messages: Iterable[dict[str, Any]], tools: object) -> int:
+        """The estimated tokens of a request's ``messages`` and ``tools``."""
+        tokens = sum(self._message_tokens(message) for message in messages)
+        if tools is not None:
+            tokens += self.count(json.dumps(tools, ensure_ascii=False))
+        return tokens
+
+    def add_cost(self, micros: int) -> None:
+        """Cost that is not a model call's (a priced tool call the run made)."""
+        self.cost_micros += micros
 
     def usage(self, model: str) -> handler_pb2.Usage:
         """The run's usage as its result reports it, for ``model`` (``provider/model``)."""
         return handler_pb2.Usage(
             input_tokens=min(self.input_tokens, INT32_MAX),
             output_tokens=min(self.output_tokens, INT32_MAX),
-            estimated_cost_usd=self.cost,
+            estimated_cost_usd=self.cost_micros / 1e6,
+            cost_micros=self.cost_micros,
             model=model,
             estimated=self.estimated,
         )

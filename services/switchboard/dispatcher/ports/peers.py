@@ -77,6 +77,10 @@ class PeerPort(Protocol):
         self, address: str, via: Via, request: pb.SubmitToolApprovalsRequest
     ) -> pb.Run: ...
 
+    async def resolve_budget_action(
+        self, address: str, via: Via, request: pb.ResolveBudgetActionRequest
+    ) -> pb.Run: ...
+
 
 class GrpcPeers:
     """``PeerPort`` over gRPC: one channel per peer address, kept open, closed on ``close``."""
@@ -130,6 +134,18 @@ class GrpcPeers:
         stub = self._stub(address)
         try:
             response: pb.SubmitToolApprovalsResponse = await stub.SubmitToolApprovals(
+                request, metadata=_metadata(via), timeout=via.budget()
+            )
+        except aio.AioRpcError as exc:
+            raise _mapped(exc) from None
+        return response.run
+
+    async def resolve_budget_action(
+        self, address: str, via: Via, request: pb.ResolveBudgetActionRequest
+    ) -> pb.Run:
+        stub = self._stub(address)
+        try:
+            response: pb.ResolveBudgetActionResponse = await stub.ResolveBudgetAction(
                 request, metadata=_metadata(via), timeout=via.budget()
             )
         except aio.AioRpcError as exc:

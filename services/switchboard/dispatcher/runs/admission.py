@@ -8,16 +8,21 @@ message stored through the context service's contract, the QUEUED run stored
 with its job, and last the run handed to the scheduler, whose start is the
 execution stage's (``execution.py``). Nothing is stored before every check
 has passed, and the run is handed over before anything else is awaited.
+
+A process admits a few of a workspace's messages at a time (``Turns``,
+``SWITCHBOARD_DISPATCHER_MAX_ADMITTING_PER_WORKSPACE``); the workspace's quotas
+(``budgets/quotas.py``) are among the filters.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Final
 
 from google.protobuf import struct_pb2
@@ -27,8 +32,12 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher import mapping
 from switchboard.dispatcher.assistants.catalog import Assistants
+from switchboard.dispatcher.budgets.quotas import Limits, Quotas
+from switchboard.dispatcher.budgets.spending import Read, Spending
 from switchboard.dispatcher.handlers.base import Handler, text_of
+from switchboard.dispatcher.handlers.handed import HEADER, Handed
 from switchboard.dispatcher.handlers.router import Choice, Router
+from switchboard.dispatcher.llm.handler import LlmHandler
 from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.runs.content import ContentPolicy
 from switchboard.dispatcher.runs.lifecycle import Active
@@ -40,10 +49,12 @@ from switchboard.internal.dispatcher.v1 import job_pb2
 from switchboard.platform import names, timefields
 from switchboard.platform.cache import Cache
 from switchboard.platform.errors import (
+    BudgetExhausted,
     ContentBlocked,
     FieldViolation,
     InvalidArgument,
     NotFound,
+    QuotaExceeded,
     RateLimited,
     RequestTooLarge,
     RunSuperseded,
@@ -59,6 +70,35 @@ HANDLER: Final = re.compile(rf"(handlers/)?{names.CLIENT_ID.pattern}")
 _POLICIES: Final = frozenset(pb.ConcurrencyPolicy.values())
 #: Parameters of one run, serialized.
 _MAX_PARAMETER_BYTES: Final = 16 * 1024
+
+
+class Turns:
+    """At most ``limit`` holders per workspace at once; the others wait (FIFO). The map
+    keeps only workspaces with a holder or a waiter."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._gates: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}
+
+    def holders(self, workspace: str) -> int:
+        """Holders and waiters of ``workspace``."""
+        gate = self._gates.get(workspace)
+        return gate[1][0] if gate is not None else 0
+
+    @contextlib.asynccontextmanager
+    async def held(self, workspace: str) -> AsyncIterator[None]:
+        gate = self._gates.get(workspace)
+        if gate is None:
+            gate = self._gates[workspace] = (asyncio.Semaphore(self.limit), [0])
+        semaphore, users = gate
+        users[0] += 1
+        try:
+            async with semaphore:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._gates[workspace]
 
 
 async def route(
@@ -115,8 +155,12 @@ class Admission:
         start: Callable[[Active, Ticket], asyncio.Task[None] | None],
         cancel: Callable[[Active, SwitchboardError], Awaitable[None]],
         tracer: Tracer | None,
+        quotas: Quotas,
+        spending: Spending | None = None,
     ) -> None:
         self._live = common.live
+        #: Budgets: a message they have no room for is refused (None: no budgets).
+        self._spending = spending
         self._store = common.store
         self._context = context
         self._bus = common.bus
@@ -133,9 +177,28 @@ class Admission:
         #: The execution stage's cancel (an INTERRUPT message supersedes the active runs).
         self._cancel = cancel
         self._tracer = tracer
+        self._quotas = quotas
+        # The rest of a workspace's messages wait their turn here, not in the database's
+        # queue ahead of other workspaces' messages.
+        self._turns = Turns(self._limits.admitting_per_workspace)
 
     async def send_message(
-        self, principal: Principal, request: pb.SendMessageRequest
+        self,
+        principal: Principal,
+        request: pb.SendMessageRequest,
+        handed: Handed | None = None,
+    ) -> pb.SendMessageResponse:
+        """``handed``: the budget a caller handed over (``x-switchboard-budget``), one
+        more cap on the run; nothing left of it refuses the message."""
+        found = names.match(names.CONVERSATION, request.conversation, "conversation")
+        # A few of a workspace's messages at a time: admissions share the database's
+        # writers with every other workspace's, and a flood queued there would hold up
+        # the others' first tokens (bench/fairness.py).
+        async with self._turns.held(found[1]):
+            return await self._send_message(principal, request, handed)
+
+    async def _send_message(
+        self, principal: Principal, request: pb.SendMessageRequest, handed: Handed | None
     ) -> pb.SendMessageResponse:
         found = names.match(names.CONVERSATION, request.conversation, "conversation")
         workspace_id, conversation_id = found[1], found[2]
@@ -154,6 +217,12 @@ class Admission:
             raise_busy()
         # Refused before anything is stored; admission itself then cannot fail.
         self._scheduler.check_room(workspace_id)
+        budgets = await self._budgets(principal, workspace_id, assistant, choice)
+        if handed is not None and handed.empty():
+            raise BudgetExhausted(
+                "the message was refused: the budget its caller handed over has nothing left",
+                subject=HEADER,
+            )
 
         stored_message = await self._context.append_message(
             principal,
@@ -165,12 +234,15 @@ class Admission:
             principal, request, stored_message, run_id, choice, assistant, flags, policy, timeout
         )
         _carry_trace(self._tracer, run, job)
+        if handed:
+            job.handed_budget.CopyFrom(job_pb2.HandedBudget(**handed.capped()))
         created, replayed = await self._store.create(
             NewRun(
                 run_id=run_id,
                 workspace_id=workspace_id,
                 conversation_id=conversation_id,
                 creator=principal.user_id,
+                api_key_id=principal.api_key_id,
                 worker=self._limits.instance_id,
                 run=run,
                 job=job.SerializeToString(),
@@ -191,6 +263,7 @@ class Admission:
             handler=choice.handler,
             job=job,
             feed=self._feeds.open(run.name),
+            budgets=budgets,
         )
         self._live.runs[run.name] = active
         # QUEUED goes out with RUNNING if the run starts now (see ``Execution._begin``).
@@ -208,6 +281,33 @@ class Admission:
                 principal, request.conversation, "content", "", flags=flags, run=run.name
             )
         return response
+
+    async def _budgets(
+        self,
+        principal: Principal,
+        workspace_id: str,
+        assistant: pb.Assistant | None,
+        choice: Choice,
+    ) -> Read | None:
+        """The budgets the run will have; refuses the message when one has no room
+        left, or a cost cap applies and its model has no price (nothing stored)."""
+        if self._spending is None:
+            return None
+        read = await self._spending.read(
+            workspace_id, assistant.name if assistant is not None else "", principal.api_key_id
+        )
+        if read.budgets:
+            handler = choice.handler
+            priced: bool | None = None
+            if isinstance(handler, LlmHandler):
+                settings = (
+                    assistant.model
+                    if assistant is not None and assistant.HasField("model")
+                    else None
+                )
+                priced = handler.priced(settings)
+            await self._spending.admit(read.budgets, actor=mapping.actor(principal), priced=priced)
+        return read
 
     async def _supersede(self, conversation: str, name: str) -> None:
         """INTERRUPT: the conversation's active runs end RUN_SUPERSEDED, naming ``name``."""
@@ -289,9 +389,11 @@ class Admission:
     async def _screen(
         self, principal: Principal, request: pb.SendMessageRequest, workspace_id: str
     ) -> list[str]:
-        """The pre-dispatch filters: size, rate limits, content policy; returns the flags."""
+        """The pre-dispatch filters: size, rate limits, content policy, the workspace's
+        concurrent runs; returns the flags."""
+        limits = await self._quotas.limits(workspace_id)
         # The rate limits first: a flood of refused messages is still a flood.
-        await self._rate_limit(principal, workspace_id, request.conversation)
+        await self._rate_limit(principal, workspace_id, request.conversation, limits)
         text = text_of(request.message)
         if len(text) > self._limits.max_input_chars:
             await self._filtered(principal, request.conversation, "size", RequestTooLarge.reason)
@@ -312,27 +414,49 @@ class Admission:
                 "the message was refused by the content policy",
                 [FieldViolation("message.parts", "matched a blocked term")],
             )
+        # Last, and counted in the database: the cheap refusals cost no query.
+        try:
+            await self._quotas.check_active(principal, workspace_id, limits)
+        except QuotaExceeded:
+            await self._filtered(
+                principal, request.conversation, "active-runs", QuotaExceeded.reason
+            )
+            raise
         return list(verdict.flags)
 
-    async def _rate_limit(self, principal: Principal, workspace_id: str, conversation: str) -> None:
-        for kind, key, limit in (
+    async def _rate_limit(
+        self, principal: Principal, workspace_id: str, conversation: str, limits: Limits
+    ) -> None:
+        checks = [
             (
                 "rate-user",
                 f"dispatch:user:{principal.user_id}",
                 self._limits.messages_per_minute_per_user,
+                "for you",
             ),
             (
                 "rate-workspace",
                 f"dispatch:workspace:{workspace_id}",
-                self._limits.messages_per_minute_per_workspace,
+                limits.messages_per_minute,
+                "in this workspace",
             ),
-        ):
+        ]
+        own = limits.keys.get(principal.api_key_name) if principal.api_key_id else None
+        if own is not None and own.messages_per_minute:
+            checks.append(
+                (
+                    "rate-api-key",
+                    f"dispatch:apikey:{workspace_id}:{principal.api_key_id}",
+                    own.messages_per_minute,
+                    "with this API key in this workspace",
+                )
+            )
+        for kind, key, limit, where in checks:
             count, reset_s = await self._counters.hit(key, 60)
             if count > limit:
                 await self._filtered(principal, conversation, kind, RateLimited.reason)
                 raise RateLimited(
-                    f"more than {limit} messages in a minute "
-                    f"({'for you' if kind == 'rate-user' else 'in this workspace'}); slow down",
+                    f"more than {limit} messages in a minute ({where}); slow down",
                     retry_after_s=max(reset_s, 1.0),
                 )
 

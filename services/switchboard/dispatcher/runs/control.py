@@ -35,6 +35,7 @@ from switchboard.platform.security.policy import Principal
 #: Decisions in one SubmitToolApprovals.
 _MAX_APPROVALS: Final = 128
 _DECISIONS: Final = frozenset({pb.TOOL_APPROVAL_DECISION_APPROVE, pb.TOOL_APPROVAL_DECISION_DENY})
+_BUDGET_DECISIONS: Final = frozenset({pb.BUDGET_DECISION_ALLOW_OVERDRAFT, pb.BUDGET_DECISION_FAIL})
 #: A call made in this process (no client credential): never forwarded.
 IN_PROCESS: Final = Via()
 
@@ -127,6 +128,44 @@ class Control:
             if runner is not None:
                 runner.decided()
         return self._live.current(active.run)
+
+    async def resolve_budget_action(
+        self, principal: Principal, request: pb.ResolveBudgetActionRequest, via: Via = IN_PROCESS
+    ) -> pb.Run:
+        """Decide a run paused at a budget's cap: the step goes past it, or the run
+        fails (BUDGET_EXHAUSTED). The run acts on it at once; the answer carries
+        the decision."""
+        found = names.match(names.RUN, request.name, "name")
+        if request.decision not in _BUDGET_DECISIONS:
+            raise InvalidArgument(
+                "the decision is invalid",
+                [FieldViolation("decision", "must be ALLOW_OVERDRAFT or FAIL")],
+            )
+        active = self._live.runs.get(request.name)
+        if active is None:
+            _, owner = await self._owner(found, via)
+            if owner is None:
+                raise FailedPrecondition("the run is not waiting at a budget's cap")
+            return await owner.peers.resolve_budget_action(owner.address, via, request)
+        run = active.run
+        action = run.required_action
+        if (
+            run.state != pb.RUN_STATE_REQUIRES_ACTION
+            or not action.HasField("budget")
+            or active.budget is None
+        ):
+            raise FailedPrecondition("the run is not waiting at a budget's cap")
+        budget = action.budget
+        if budget.decision not in (pb.BUDGET_DECISION_UNSPECIFIED, request.decision):
+            raise FailedPrecondition("the budget action was already decided the other way")
+        if budget.decision == pb.BUDGET_DECISION_UNSPECIFIED:
+            budget.decision = request.decision
+            budget.decided_by = principal.user_name
+            budget.decide_time.FromDatetime(names.now())
+            # Stored and shown before the run goes on: watchers see who decided.
+            await self._publishing.persist(active, "decisions")
+            active.budget.decided()
+        return self._live.current(run)
 
     async def cancel_run(
         self, principal: Principal, name: str, reason: str, via: Via = IN_PROCESS

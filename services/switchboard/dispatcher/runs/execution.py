@@ -29,7 +29,9 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.dispatcher import mapping
+from switchboard.dispatcher.budgets.spending import Read, Spending
 from switchboard.dispatcher.handlers.base import HandleCall, HandlerFailure
+from switchboard.dispatcher.handlers.handed import Handed
 from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.runs.clock import RunClock
 from switchboard.dispatcher.runs.lifecycle import Active
@@ -47,6 +49,7 @@ from switchboard.dispatcher.runs.scheduler import Scheduler, Ticket
 from switchboard.dispatcher.runs.store import TERMINAL
 from switchboard.dispatcher.tools.port import ToolPort
 from switchboard.dispatcher.tools.runner import RunTools, ToolLimits, offered_tools
+from switchboard.internal.dispatcher.v1 import job_pb2
 from switchboard.platform import background, names
 from switchboard.platform.errors import (
     DeadlineExceeded,
@@ -62,6 +65,8 @@ from switchboard.platform.store.db import DatabaseUnavailable, is_outage
 
 log = logging.getLogger("switchboard.dispatcher")
 
+#: Usage travels as int32 fields.
+_INT32_MAX: Final = 2**31 - 1
 #: Largest delta made of merged ones (a bigger one goes out as it is).
 _MAX_MERGED_DELTA_CHARS: Final = 16 * 1024
 
@@ -87,8 +92,10 @@ class Execution:
         tool_limits: ToolLimits,
         metrics: Metrics | None,
         tracer: Tracer | None,
+        spending: Spending | None = None,
     ) -> None:
         self._live = common.live
+        self._spending = spending
         self._publishing = publishing
         self._scheduler = scheduler
         self._store = common.store
@@ -202,8 +209,29 @@ class Execution:
                 error = InternalError("the handler failed unexpectedly")
             active.to(pb.RUN_STATE_FAILED)
         finally:
-            active.tools = None
+            await self._unwind(active)
         await self.finish(active, error)
+
+    async def _unwind(self, active: Active) -> None:
+        """The run's task is done with its runner and budget: holds of steps that
+        did not settle (cancelled, failed) go back."""
+        active.tools = None
+        budget, active.budget = active.budget, None
+        if budget is not None:
+            await asyncio.shield(budget.close())
+            charged = budget.charged
+            usage = active.run.usage
+            if active.run.state != pb.RUN_STATE_SUCCEEDED and (
+                charged.cost_micros > usage.cost_micros
+                or charged.input_tokens + charged.output_tokens
+                > usage.input_tokens + usage.output_tokens
+            ):
+                # No result carries what a failed or cancelled run spent: its charge
+                # does, so the run (and QueryUsage) says what its budgets were charged.
+                usage.input_tokens = min(charged.input_tokens, _INT32_MAX)
+                usage.output_tokens = min(charged.output_tokens, _INT32_MAX)
+                usage.cost_micros = charged.cost_micros
+                usage.estimated_cost_usd = charged.cost_micros / 1e6
 
     async def _drive(self, active: Active) -> tuple[cpb.Message, handler_pb2.HandleResult]:
         """Context, handler, answer: everything a run does under its deadline."""
@@ -236,9 +264,12 @@ class Execution:
                 ),
             )
             definitions: list[handler_pb2.ToolDefinition] = []
-            if assistant is not None and assistant.tools:
-                (_, window), (definitions, _) = await asyncio.gather(
-                    reads, offered_tools(self._tools, active.principal, assistant)
+            budgets: Read | None = None
+            if (assistant is not None and assistant.tools) or self._spending is not None:
+                (_, window), (definitions, _), budgets = await asyncio.gather(
+                    reads,
+                    offered_tools(self._tools, active.principal, assistant),
+                    self._budgets(active),
                 )
             else:
                 _, window = await reads
@@ -259,13 +290,26 @@ class Execution:
                 request.instructions = assistant.instructions
                 if assistant.HasField("model"):
                     request.model.CopyFrom(assistant.model)
+            if budgets is not None and self._spending is not None:
+                active.budget = self._spending.run_budget(
+                    budgets,
+                    run,
+                    active.workspace_id,
+                    active.principal.api_key_id,
+                    _RunHost(self, active, clock),
+                    _handed(active.job),
+                )
             runner = self._runner(active, definitions, clock)
             if runner is not None:
                 request.max_tool_steps = step_limit(self._tool_limits, assistant)
-            clock.call = HandleCall(request, clock.deadline, tools=runner)
+            clock.call = HandleCall(request, clock.deadline, tools=runner, budget=active.budget)
             result = await self._relay(active, clock.call)
             if runner is not None:
                 await runner.drain()
+                if runner.spent_micros:
+                    # Priced tool calls are the run's cost too.
+                    result.usage.cost_micros += runner.spent_micros
+                    result.usage.estimated_cost_usd = result.usage.cost_micros / 1e6
             output = await self._context.append_message(
                 active.principal,
                 cpb.AppendMessageRequest(
@@ -281,6 +325,17 @@ class Execution:
                 timeout_s=left(),
             )
         return output, result
+
+    async def _budgets(self, active: Active) -> Read | None:
+        """The budgets that apply to the run, read once at its start."""
+        if self._spending is None:
+            return None
+        admitted = active.budgets
+        if admitted is not None and self._spending.fresh(admitted, active.workspace_id):
+            return admitted  # admission's read, and nothing changed since
+        return await self._spending.read(
+            active.workspace_id, active.run.assistant, active.principal.api_key_id
+        )
 
     def _runner(
         self,
@@ -309,6 +364,7 @@ class Execution:
             open_workspace=interactive and assistant is None,
             max_steps=step_limit(self._tool_limits, assistant),
             deadline=clock.left,
+            budget=active.budget,
         )
         active.tools = runner
         return runner
@@ -435,6 +491,8 @@ class Execution:
             label = handler_label(self._router, active.handler.capabilities.id, active.handler)
             self._metrics.run_ended(label, run_state_label(state), duration)
         usage = run.usage
+        if self._metrics is not None:
+            self._metrics.spend(usage.model, usage.cost_micros)
         log.info(
             "run ended",
             extra={
@@ -585,3 +643,20 @@ class _RunHost:
 
     def append(self, request: cpb.AppendMessageRequest) -> Awaitable[cpb.Message]:
         return self._execution.append(self._active, request)
+
+
+def _handed(job: job_pb2.RunJob) -> Handed | None:
+    """The budget the run's caller handed over, as its job keeps it (None: none)."""
+    if not job.HasField("handed_budget"):
+        return None
+    stored = job.handed_budget
+    return (
+        Handed(
+            **{
+                name: getattr(stored, name)
+                for name in ("cost_micros", "input_tokens", "output_tokens", "total_tokens")
+                if stored.HasField(name)
+            }
+        )
+        or None
+    )

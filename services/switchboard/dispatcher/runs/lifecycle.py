@@ -40,6 +40,7 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.dispatcher import mapping
+from switchboard.dispatcher.budgets.spending import Read, RunBudget
 from switchboard.dispatcher.handlers.base import Handler
 from switchboard.dispatcher.runs.feed import Feed
 from switchboard.dispatcher.runs.scheduler import Ticket
@@ -98,6 +99,10 @@ class Active:
     logged: tuple[int, ...] = ()
     #: Its tool runner, while it executes with tools.
     tools: RunTools | None = None
+    #: Its budgets' reservations, while it executes with budgets that apply.
+    budget: RunBudget | None = None
+    #: The budgets that apply to it, when admission read them (None: read at its start).
+    budgets: Read | None = None
     #: Serializes stored state changes (a pause, decisions, the end), whose
     #: sequences are taken before their write and shown after it.
     persisting: asyncio.Lock = field(default_factory=asyncio.Lock)

@@ -42,13 +42,14 @@ class RunLimits:
     instance_id: str
     max_input_chars: int
     messages_per_minute_per_user: int
-    messages_per_minute_per_workspace: int
     default_timeout_s: float
     max_timeout_s: float
     heartbeat_s: float
     recovery: Literal["fail", "requeue"]
     #: How long this instance's runs are left alone after it stops renewing its lease.
     lease_s: float = 30.0
+    #: SendMessage calls of one workspace admitted at once (``admission.Turns``).
+    admitting_per_workspace: int = 4
 
 
 class Live:

@@ -16,7 +16,7 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from google.protobuf.message import DecodeError
 
@@ -64,6 +64,7 @@ class Recovery:
         publishing: Publishing,
         admit: Callable[[Active], None],
         metrics: Metrics | None,
+        release_holds: Callable[[Sequence[str]], Awaitable[int]] | None = None,
     ) -> None:
         self._live = common.live
         self._store = common.store
@@ -75,6 +76,8 @@ class Recovery:
         #: Back to the scheduler (``Admission.admit``, forced: the run is already stored).
         self._admit = admit
         self._metrics = metrics
+        #: Releases the budget holds of runs (``budgets/ledger.py``); None: no budgets.
+        self._release_holds = release_holds
         # Where other replicas reach this one (its lease says so); "" until known.
         self._address = ""
         self._leasing: asyncio.Task[None] | None = None
@@ -154,6 +157,23 @@ class Recovery:
     async def _recover(self, stored: Sequence[Stored], why: str) -> None:
         """Apply the recovery policy to ``stored`` (runs this instance now owns);
         a run the database refuses now is tried again by the lease loop."""
+        if self._release_holds is not None:
+            # What their last owner held for steps in flight went with it: the
+            # steps run again (or the runs end) and reserve anew.
+            run_ids = [
+                item.run.name.rsplit("/", 1)[-1]
+                for item in stored
+                if item.run.name not in self._live.runs
+            ]
+            if run_ids:
+                try:
+                    released = await self._release_holds(run_ids)
+                except SwitchboardError:
+                    log.warning("budget holds not released yet; retrying")
+                    self._unrecovered.extend((item, why) for item in stored)
+                    return
+                if released:
+                    log.info("budget holds released", extra={"count": released, "why": why})
         for item in stored:
             try:
                 await self._recover_one(item, why)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
-from sqlalchemy import and_, bindparam, delete, func, or_, select, update
+from sqlalchemy import BindParameter, Update, and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
@@ -58,29 +58,42 @@ TERMINAL: Final = frozenset(
 # once, not the ORM's unit of work or a statement built per call.
 _RUNS: Final = table_of(RunRow)
 _INSERT_RUN: Final = _RUNS.insert()
-# Fenced by the owner: a run another instance took over is not overwritten.
-_SAVE_RUN: Final = (
-    update(_RUNS)
-    .where(_RUNS.c.id == bindparam("run"), _RUNS.c.worker == bindparam("owner"))
-    .values(
-        state=bindparam("state"),
-        data=bindparam("data"),
-        state_time=bindparam("state_time"),
-        updated_at=bindparam("stamp"),
+_STATE: Final[dict[str, BindParameter[object]]] = {
+    "state": bindparam("state"),
+    "data": bindparam("data"),
+    "state_time": bindparam("state_time"),
+    "updated_at": bindparam("stamp"),
+}
+#: What a run's end stores beside its state, for QueryUsage (``budgets/usage.py``):
+#: in the same statement, so the end costs no second one. ``api_key_id`` is set at
+#: insert and never here.
+_USAGE: Final[dict[str, BindParameter[object]]] = {
+    "model": bindparam("model"),
+    "input_tokens": bindparam("input_tokens"),
+    "output_tokens": bindparam("output_tokens"),
+    "cost_micros": bindparam("cost_micros"),
+    "usage_day": bindparam("usage_day"),
+}
+
+
+def _save(*, job: bool, end: bool) -> Update:
+    # Fenced by the owner: a run another instance took over is not overwritten.
+    values: dict[str, object] = dict(_STATE)
+    if job:
+        values["job"] = bindparam("job")  # a run's tool steps, stored when it pauses
+    if end:
+        values.update(_USAGE)
+    return (
+        update(_RUNS)
+        .where(_RUNS.c.id == bindparam("run"), _RUNS.c.worker == bindparam("owner"))
+        .values(values)
     )
-)
-# The same with the job: a run's tool steps, stored when it pauses.
-_SAVE_RUN_AND_JOB: Final = (
-    update(_RUNS)
-    .where(_RUNS.c.id == bindparam("run"), _RUNS.c.worker == bindparam("owner"))
-    .values(
-        state=bindparam("state"),
-        data=bindparam("data"),
-        state_time=bindparam("state_time"),
-        job=bindparam("job"),
-        updated_at=bindparam("stamp"),
-    )
-)
+
+
+#: By (with the job, ended).
+_SAVE_RUN: Final = {
+    (job, end): _save(job=job, end=end) for job in (False, True) for end in (False, True)
+}
 _SAVE_JOB: Final = (
     update(_RUNS)
     .where(_RUNS.c.id == bindparam("run"), _RUNS.c.worker == bindparam("owner"))
@@ -124,6 +137,8 @@ class NewRun:
     idempotency: Idempotency | None = None
     #: Refuse (ConversationBusy) if the conversation has an active run.
     reject_if_active: bool = False
+    #: The API key the run was started with ("" for none): quotas count a key's runs.
+    api_key_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -184,6 +199,7 @@ class RunStore:
                     "state_time": state_time(new.run),
                     "data": new.run.SerializeToString(),
                     "job": new.job,
+                    "api_key_id": new.api_key_id,
                 },
             )
             return Stored(new.run, new.job, new.workspace_id, new.conversation_id), False
@@ -213,10 +229,12 @@ class RunStore:
             "state_time": state_time(run),
             "stamp": now(),
         }
-        statement = _SAVE_RUN
         if job is not None:
             values["job"] = job
-            statement = _SAVE_RUN_AND_JOB
+        ended = run.state in TERMINAL
+        if ended:
+            values.update(usage_values(run))
+        statement = _SAVE_RUN[job is not None, ended]
 
         def work(db: Session) -> bool:
             return bool(db.connection().execute(statement, values).rowcount)
@@ -377,6 +395,21 @@ class RunStore:
             )
 
         return [_stored(row) for row in await self._run(work, write=False)]
+
+
+def usage_values(run: pb.Run) -> dict[str, object]:
+    """The usage columns of an ended run: its model, tokens, cost in micro-units (the
+    handler's ``cost_micros``, else its estimate in US dollars) and the UTC day it ended."""
+    usage = run.usage
+    cost = usage.cost_micros or round(usage.estimated_cost_usd * 1_000_000)
+    ended = run.end_time.ToDatetime(dt.UTC) if run.HasField("end_time") else now()
+    return {
+        "model": usage.model[:256],
+        "input_tokens": usage.input_tokens,
+        "output_tokens": usage.output_tokens,
+        "cost_micros": cost,
+        "usage_day": ended.date().isoformat(),
+    }
 
 
 def raise_busy() -> None:

@@ -178,6 +178,19 @@ class RunHost(Protocol):
         ...
 
 
+class CallBudget(Protocol):
+    """The run's budgets, as a priced call reserves its price in them
+    (``budgets/spending.py``; the handlers' ``StepBudget``, seen from here)."""
+
+    async def reserve(self, cost_micros: int, input_tokens: int, output_tokens: int) -> str: ...
+
+    async def settle(
+        self, hold: str, cost_micros: int, input_tokens: int, output_tokens: int
+    ) -> None: ...
+
+    async def release(self, hold: str) -> None: ...
+
+
 class RunTools:
     """The ``ToolRunner`` of one run."""
 
@@ -195,8 +208,14 @@ class RunTools:
         open_workspace: bool,
         max_steps: int,
         deadline: Callable[[], float],
+        budget: CallBudget | None = None,
     ) -> None:
         self._host = host
+        self._budget = budget
+        #: Prices of the integrations this run called, by name (read once per run).
+        self._prices: dict[str, ipb.Integration | None] = {}
+        #: What the run's priced tool calls cost (added to its usage at its end).
+        self.spent_micros = 0
         self._port = port
         self._limits = limits
         self._principal = principal
@@ -406,10 +425,50 @@ class RunTools:
         self.flush()
         self._host.emit(update)
 
+    async def _price(self, call: hpb.ToolCall) -> int:
+        """The price of one call of ``call``'s tool: its integration's
+        ``tool_call_price_micros`` for it, else its ``call_price_micros``."""
+        integration = call.integration
+        if integration not in self._prices:
+            try:
+                self._prices[integration] = await self._port.integration(
+                    self._principal, integration
+                )
+            except SwitchboardError:
+                # The call itself fails the same way, and a failed call costs nothing.
+                self._prices[integration] = None
+        found = self._prices[integration]
+        if found is None:
+            return 0
+        return found.tool_call_price_micros.get(call.tool, found.call_price_micros)
+
     async def _invoke(self, call: hpb.ToolCall, tool: str, result: hpb.ToolResult) -> None:
+        price = await self._price(call)
+        hold = ""
+        if price and self._budget is not None:
+            # May pause the run at a cap, or end it (BudgetExhausted).
+            hold = await self._budget.reserve(price, 0, 0)
+        answered = False
+        try:
+            answered = await self._call(call, tool, result)
+        finally:
+            # A call the tool answered (even with an error result) owes its
+            # price; one that never reached it (refused, unreachable, timed
+            # out, cancelled) costs nothing.
+            if answered:
+                self.spent_micros += price
+            if hold and self._budget is not None:
+                if answered:
+                    await self._budget.settle(hold, price, 0, 0)
+                else:
+                    await asyncio.shield(self._budget.release(hold))
+
+    async def _call(self, call: hpb.ToolCall, tool: str, result: hpb.ToolResult) -> bool:
+        """Invoke the tool; whether it answered."""
         started = time.monotonic()
         request = ipb.InvokeToolRequest(name=tool)
         request.arguments.CopyFrom(call.arguments)
+        answered = False
         try:
             response = await self._port.invoke(
                 self._principal, request, deadline_s=self._remaining(), run=self._run.name
@@ -431,6 +490,7 @@ class RunTools:
             result.error.CopyFrom(_status(code_pb2.INTERNAL, "the tool call failed"))
             result.text = "The tool call failed."
         else:
+            answered = True
             result.outcome = (
                 hpb.TOOL_OUTCOME_ERROR if response.is_error else hpb.TOOL_OUTCOME_SUCCEEDED
             )
@@ -441,6 +501,7 @@ class RunTools:
                 text = json.dumps(json_format.MessageToDict(response.result), sort_keys=True)
             result.text = self._cut(text)
         result.duration.FromNanoseconds(int((time.monotonic() - started) * 1e9))
+        return answered
 
     def _cut(self, text: str) -> str:
         limit = self._limits.max_result_chars

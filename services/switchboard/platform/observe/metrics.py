@@ -198,6 +198,26 @@ SPECS: Final[tuple[Spec, ...]] = (
         ("kind", "outcome"),
         buckets=TOOL_BUCKETS,
     ),
+    # Budgets (dispatcher/budgets/): what runs spend and what their caps refuse.
+    Spec(
+        "switchboard_spend_micros_total",
+        "counter",
+        "Cost of ended runs in micro-units of the price table's currency, by model.",
+        ("model",),
+    ),
+    Spec(
+        "switchboard_budget_reservations_total",
+        "counter",
+        "Budget reservations of run steps, by outcome (reserved, refused, overdraft).",
+        ("outcome",),
+    ),
+    Spec(
+        "switchboard_budget_refusals_total",
+        "counter",
+        "Messages refused at admission by a budget, by reason "
+        "(budget_exhausted, model_not_priced).",
+        ("reason",),
+    ),
     # Dependencies (platform/store/db.py, mesh.py health entries).
     Spec(
         "switchboard_db_pool_connections",
@@ -296,6 +316,9 @@ class Metrics:
         self.run_queue_wait = self._histogram("switchboard_run_queue_wait_seconds")
         self.event_append = self._histogram("switchboard_event_append_seconds")
         self.tool_calls = self._histogram("switchboard_tool_call_duration_seconds")
+        self.spend_micros = self._counter("switchboard_spend_micros_total")
+        self.budget_reservations = self._counter("switchboard_budget_reservations_total")
+        self.budget_refusals = self._counter("switchboard_budget_refusals_total")
         registry.register(_Scraped(self))
         if process:
             # The process's CPU, memory and file descriptors (Linux /proc).
@@ -323,6 +346,19 @@ class Metrics:
 
     def tool_call(self, kind: str, outcome: str, duration_s: float) -> None:
         self.tool_calls.labels(kind, outcome).observe(duration_s)
+
+    def spend(self, model: str, micros: int) -> None:
+        """A run ended having spent ``micros`` on ``model`` (``provider/model``)."""
+        if micros > 0:
+            self.spend_micros.labels(model or "none").inc(micros)
+
+    def budget_reservation(self, outcome: str) -> None:
+        """``reserved``, ``refused`` or ``overdraft``."""
+        self.budget_reservations.labels(outcome).inc()
+
+    def budget_refusal(self, reason: str) -> None:
+        """``budget_exhausted`` or ``model_not_priced``."""
+        self.budget_refusals.labels(reason).inc()
 
     # -- scrape-time readings ------------------------------------------------------------
 

@@ -78,9 +78,13 @@ class PeerService:
         request: Any,
         principal: Principal,
         timeout_s: float,
+        extra: tuple[tuple[str, str], ...] = (),
     ) -> _R:
-        """A unary call of ``method`` (a stub's) as ``principal``, within ``timeout_s``."""
+        """A unary call of ``method`` (a stub's) as ``principal``, within ``timeout_s``;
+        ``extra``: more metadata to send with it."""
         try:
-            return await method(request, metadata=self.metadata(principal), timeout=timeout_s)
+            return await method(
+                request, metadata=(*self.metadata(principal), *extra), timeout=timeout_s
+            )
         except aio.AioRpcError as exc:
             raise self.error(exc) from None

@@ -92,6 +92,7 @@ def from_rpc_error(error: grpc.RpcError, *, peer: str) -> SwitchboardError:
     violations: list[FieldViolation] = []
     retry_after_s: float | None = None
     subject = ""
+    subjects: list[tuple[str, str]] = []
     for detail in status.details if status is not None else ():
         if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             bad = error_details_pb2.BadRequest()
@@ -105,6 +106,7 @@ def from_rpc_error(error: grpc.RpcError, *, peer: str) -> SwitchboardError:
             quota = error_details_pb2.QuotaFailure()
             detail.Unpack(quota)
             subject = quota.violations[0].subject if quota.violations else ""
+            subjects = [(v.subject, v.description) for v in quota.violations]
     cls = _BY_REASON.get(info.reason) if info.domain == ERROR_DOMAIN else None
     code_of: Any = getattr(error, "code", lambda: grpc.StatusCode.UNKNOWN)()
     code = int(code_of.value[0]) if isinstance(code_of, grpc.StatusCode) else Code.UNKNOWN
@@ -121,7 +123,13 @@ def from_rpc_error(error: grpc.RpcError, *, peer: str) -> SwitchboardError:
     elif issubclass(cls, RateLimited):
         made = cls(message, retry_after_s=retry_after_s or 1.0, metadata=metadata)
     elif issubclass(cls, QuotaExceeded):
-        made = cls(message, subject=subject, metadata=metadata)
+        made = cls(
+            message,
+            subject=subject,
+            subjects=subjects,
+            retry_after_s=retry_after_s,
+            metadata=metadata,
+        )
     else:
         made = cls(message, metadata=metadata)
     if retry_after_s is not None and hasattr(made, "retry_after_s"):

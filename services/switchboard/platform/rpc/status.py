@@ -69,9 +69,12 @@ def to_status_proto(error: SwitchboardError, request_id: str) -> status_pb2.Stat
                 )
             )
         )
-    if isinstance(error, RateLimited | DependencyUnavailable | CircuitOpen):
+    retry_after_s: float | None = getattr(error, "retry_after_s", None)
+    if retry_after_s is not None and isinstance(
+        error, RateLimited | DependencyUnavailable | CircuitOpen | QuotaExceeded
+    ):
         delay = duration_pb2.Duration()
-        delay.FromMilliseconds(max(1, round(error.retry_after_s * 1000)))
+        delay.FromMilliseconds(max(1, round(retry_after_s * 1000)))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     if isinstance(error, QuotaExceeded):
         details.append(
@@ -79,8 +82,9 @@ def to_status_proto(error: SwitchboardError, request_id: str) -> status_pb2.Stat
                 error_details_pb2.QuotaFailure(
                     violations=[
                         error_details_pb2.QuotaFailure.Violation(
-                            subject=error.subject, description=error.message
+                            subject=subject, description=description
                         )
+                        for subject, description in error.subjects
                     ]
                 )
             )

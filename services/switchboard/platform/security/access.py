@@ -128,6 +128,8 @@ RULES: Final[dict[str, Rule]] = {
     _DISPATCHER + "ListHandlers": resource("parent", READ),
     # Deciding what a run may do is an editor's, like sending it; viewers watch.
     _DISPATCHER + "SubmitToolApprovals": resource("name", WRITE),
+    # Spending past a cap is an owner's decision, like the cap itself.
+    _DISPATCHER + "ResolveBudgetAction": resource("name", ADMIN),
     # Assistants: members use them, owners define them.
     _DISPATCHER + "CreateAssistant": resource("parent", ADMIN),
     _DISPATCHER + "GetAssistant": resource("name", READ),
@@ -135,6 +137,16 @@ RULES: Final[dict[str, Rule]] = {
     _DISPATCHER + "UpdateAssistant": resource("assistant.name", ADMIN),
     _DISPATCHER + "DeleteAssistant": resource("name", ADMIN),
     _DISPATCHER + "DescribeConversation": resource("conversation", READ),
+    # Budgets: owners set the caps, members see them and what was spent.
+    _DISPATCHER + "CreateBudget": resource("parent", ADMIN),
+    _DISPATCHER + "GetBudget": resource("name", READ),
+    _DISPATCHER + "ListBudgets": resource("parent", READ),
+    _DISPATCHER + "UpdateBudget": resource("budget.name", ADMIN),
+    _DISPATCHER + "DeleteBudget": resource("name", ADMIN),
+    _DISPATCHER + "QueryUsage": resource("parent", READ),
+    # Quotas: members see what bounds them, owners set it.
+    _DISPATCHER + "GetWorkspaceQuota": resource("name", READ),
+    _DISPATCHER + "UpdateWorkspaceQuota": resource("quota.name", ADMIN),
     # Integration: registering external services is an owner's decision.
     _INTEGRATION + "CreateIntegration": resource("parent", ADMIN),
     _INTEGRATION + "GetIntegration": resource("name", READ),

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     ForeignKey,
+    ForeignKeyConstraint,
     Index,
     Integer,
     LargeBinary,
@@ -311,6 +312,11 @@ class RunRow(Base):
         Index("ix_runs_active", "worker", "state"),
         # ListRuns across a workspace's conversations, by assistant (A2A's ListTasks).
         Index("ix_runs_workspace", "workspace_id", "assistant_id", "created_at", "id"),
+        # QueryUsage: a workspace's ended runs by day.
+        Index("ix_runs_usage", "workspace_id", "usage_day"),
+        # Quotas: a workspace's queued and running runs, and an API key's of them,
+        # counted on every SendMessage.
+        Index("ix_runs_quota", "workspace_id", "state", "api_key_id"),
     )
 
     id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
@@ -332,6 +338,15 @@ class RunRow(Base):
     data: Mapped[bytes] = mapped_column(LargeBinary)
     # Serialized dispatcher ``Job`` (the input, parameters, credential ids).
     job: Mapped[bytes] = mapped_column(LargeBinary)
+    # What the run spent, stored with its end (QueryUsage sums these): the API key
+    # it was started with ("" for none), the model that answered, its tokens and
+    # its cost in micro-units, and the UTC day it ended ("" while active).
+    api_key_id: Mapped[str] = mapped_column(String(64), server_default="")
+    model: Mapped[str] = mapped_column(String(256), server_default="")
+    input_tokens: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    output_tokens: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    cost_micros: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    usage_day: Mapped[str] = mapped_column(String(10), server_default="")
 
 
 #: Schema the migrations create outside the models (full-text search); the drift
@@ -436,6 +451,91 @@ class AssistantRow(Base):
     version: Mapped[int] = mapped_column(Integer, default=1)
 
 
+class BudgetRow(Base):
+    """A workspace's budget (``dispatcher/budgets/``): the serialized ``Budget``
+    (``data``, without its usage) beside what finds the budgets of a run: the
+    kind of its scope (``workspace``, ``assistant``, ``api_key``) and the id of
+    what it names ("" for the workspace)."""
+
+    __tablename__ = "budgets"
+    __table_args__ = (Index("ix_budgets_scope", "workspace_id", "scope_kind", "scope_id"),)
+
+    workspace_id: Mapped[str] = mapped_column(
+        ForeignKey("workspaces.id", ondelete="CASCADE"), primary_key=True
+    )
+    id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    scope_kind: Mapped[str] = mapped_column(String(16))
+    scope_id: Mapped[str] = mapped_column(String(128))
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    creator: Mapped[str] = mapped_column(String(128), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    version: Mapped[int] = mapped_column(Integer, default=1)
+
+
+class BudgetWindowRow(Base):
+    """One period of a budget: what it used (settled) and holds (reserved by calls
+    in flight). A reservation is one conditional UPDATE of this row per budget
+    (``dispatcher/budgets/ledger.py``), so two replicas cannot both take the last
+    of it. ``window`` names the period: ``total``, ``d:2026-11-26``,
+    ``w:2026-11-23`` (its Monday), ``m:2026-11`` or ``r:{run}``. ``alerted`` is
+    the highest alert threshold already logged for it, in percent."""
+
+    __tablename__ = "budget_windows"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["workspace_id", "budget_id"],
+            ["budgets.workspace_id", "budgets.id"],
+            ondelete="CASCADE",
+        ),
+    )
+
+    workspace_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    budget_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    window: Mapped[str] = mapped_column(String(48), primary_key=True)
+    cost_used: Mapped[int] = mapped_column(BigInteger, default=0)
+    cost_held: Mapped[int] = mapped_column(BigInteger, default=0)
+    input_used: Mapped[int] = mapped_column(BigInteger, default=0)
+    input_held: Mapped[int] = mapped_column(BigInteger, default=0)
+    output_used: Mapped[int] = mapped_column(BigInteger, default=0)
+    output_held: Mapped[int] = mapped_column(BigInteger, default=0)
+    alerted: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+class BudgetHoldRow(Base):
+    """A reservation in flight: what one step of a run holds in one budget's
+    window until it settles. A replica that dies holding some has them released
+    when its runs are taken over (by ``run_id``)."""
+
+    __tablename__ = "budget_holds"
+    __table_args__ = (Index("ix_budget_holds_run", "run_id"),)
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    workspace_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    budget_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    window: Mapped[str] = mapped_column(String(48))
+    run_id: Mapped[str] = mapped_column(String(ID_LENGTH))
+    cost: Mapped[int] = mapped_column(BigInteger, default=0)
+    input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+class WorkspaceQuotaRow(Base):
+    """A workspace's quotas as its owners set them (the serialized
+    ``WorkspaceQuota``); a workspace without a row has the server's defaults."""
+
+    __tablename__ = "workspace_quotas"
+
+    workspace_id: Mapped[str] = mapped_column(
+        ForeignKey("workspaces.id", ondelete="CASCADE"), primary_key=True
+    )
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    version: Mapped[int] = mapped_column(Integer, default=1)
+
+
 class IntegrationRow(Base):
     """An external service registered in a workspace (``integration/``).
 
@@ -475,6 +575,13 @@ class IntegrationRow(Base):
     last_probe_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     last_error: Mapped[bytes] = mapped_column(LargeBinary, default=b"")
     failures: Mapped[int] = mapped_column(Integer, default=0)
+    # Tool call prices (micro-units, docs/integration.md "Prices"): the default as a
+    # column of its own, a number anyone can read or sum in SQL; the per-tool
+    # overrides as one JSON object of segment to price ("" for none), since they are
+    # only ever read and written whole with the integration, never queried by tool,
+    # and a JSON text column is the same on SQLite and PostgreSQL.
+    call_price_micros: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    tool_call_prices: Mapped[str] = mapped_column(Text, default="", server_default="")
 
 
 class WebhookDeliveryRow(Base):

@@ -93,6 +93,16 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     `oldest_cursor` the oldest retained one; resume after either, or without one.
     Since 0.2.0; before, such a cursor was answered CURSOR_EXPIRED.
     """
+    ERROR_REASON_BUDGET_EXHAUSTED: _ErrorReason.ValueType  # 32
+    """A budget that applies has no room: a google.rpc.QuotaFailure names each
+    budget (`subject`) and metadata `reset_time` says when its period resets
+    (RFC 3339; absent for budgets that never reset). Also the error of a run
+    that ended at a cap.
+    """
+    ERROR_REASON_MODEL_NOT_PRICED: _ErrorReason.ValueType  # 33
+    """A cost budget applies and the model has no price in the price table, so
+    its cost cannot be reserved (FAILED_PRECONDITION).
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the machine-readable cause of a failed call. Every error the
@@ -170,5 +180,15 @@ ERROR_REASON_CURSOR_AHEAD: ErrorReason.ValueType  # 31
 the log was reset. Metadata `head_cursor` is the newest position and
 `oldest_cursor` the oldest retained one; resume after either, or without one.
 Since 0.2.0; before, such a cursor was answered CURSOR_EXPIRED.
+"""
+ERROR_REASON_BUDGET_EXHAUSTED: ErrorReason.ValueType  # 32
+"""A budget that applies has no room: a google.rpc.QuotaFailure names each
+budget (`subject`) and metadata `reset_time` says when its period resets
+(RFC 3339; absent for budgets that never reset). Also the error of a run
+that ended at a cap.
+"""
+ERROR_REASON_MODEL_NOT_PRICED: ErrorReason.ValueType  # 33
+"""A cost budget applies and the model has no price in the price table, so
+its cost cannot be reserved (FAILED_PRECONDITION).
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -48,9 +48,11 @@ class _RunStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RunState.Val
     RUN_STATE_DEADLINE_EXCEEDED: _RunState.ValueType  # 6
     """Its deadline passed before it finished."""
     RUN_STATE_REQUIRES_ACTION: _RunState.ValueType  # 7
-    """Paused: tool calls wait for a person's decision (see Run.required_action).
-    Its deadline stops meanwhile; the pause ends with SubmitToolApprovals, a
-    cancel, or its expiry (then FAILED with reason APPROVAL_EXPIRED).
+    """Paused: tool calls wait for a person's decision, or the next step waits
+    for room in a budget (see Run.required_action). Its deadline stops
+    meanwhile; the pause ends with SubmitToolApprovals (or a raised cap, or
+    ResolveBudgetAction), a cancel, or its expiry (then FAILED with reason
+    APPROVAL_EXPIRED, or BUDGET_EXHAUSTED for a budget action).
     """
 
 class RunState(_RunState, metaclass=_RunStateEnumTypeWrapper):
@@ -71,11 +73,37 @@ RUN_STATE_CANCELLED: RunState.ValueType  # 5
 RUN_STATE_DEADLINE_EXCEEDED: RunState.ValueType  # 6
 """Its deadline passed before it finished."""
 RUN_STATE_REQUIRES_ACTION: RunState.ValueType  # 7
-"""Paused: tool calls wait for a person's decision (see Run.required_action).
-Its deadline stops meanwhile; the pause ends with SubmitToolApprovals, a
-cancel, or its expiry (then FAILED with reason APPROVAL_EXPIRED).
+"""Paused: tool calls wait for a person's decision, or the next step waits
+for room in a budget (see Run.required_action). Its deadline stops
+meanwhile; the pause ends with SubmitToolApprovals (or a raised cap, or
+ResolveBudgetAction), a cancel, or its expiry (then FAILED with reason
+APPROVAL_EXPIRED, or BUDGET_EXHAUSTED for a budget action).
 """
 Global___RunState: _TypeAlias = RunState  # noqa: Y015
+
+class _BudgetDecision:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BudgetDecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BudgetDecision.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BUDGET_DECISION_UNSPECIFIED: _BudgetDecision.ValueType  # 0
+    """Not decided yet."""
+    BUDGET_DECISION_ALLOW_OVERDRAFT: _BudgetDecision.ValueType  # 1
+    """Reserve this step past the cap (the overdraft is charged like any use)."""
+    BUDGET_DECISION_FAIL: _BudgetDecision.ValueType  # 2
+    """End the run FAILED with BUDGET_EXHAUSTED; its completed steps are kept."""
+
+class BudgetDecision(_BudgetDecision, metaclass=_BudgetDecisionEnumTypeWrapper):
+    """What to do with a run paused at a budget's cap."""
+
+BUDGET_DECISION_UNSPECIFIED: BudgetDecision.ValueType  # 0
+"""Not decided yet."""
+BUDGET_DECISION_ALLOW_OVERDRAFT: BudgetDecision.ValueType  # 1
+"""Reserve this step past the cap (the overdraft is charged like any use)."""
+BUDGET_DECISION_FAIL: BudgetDecision.ValueType  # 2
+"""End the run FAILED with BUDGET_EXHAUSTED; its completed steps are kept."""
+Global___BudgetDecision: _TypeAlias = BudgetDecision  # noqa: Y015
 
 class _ToolApprovalDecision:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -156,6 +184,74 @@ HANDLER_KIND_LLM: HandlerKind.ValueType  # 2
 HANDLER_KIND_REMOTE: HandlerKind.ValueType  # 3
 """A remote domain expert implementing HandlerService."""
 Global___HandlerKind: _TypeAlias = HandlerKind  # noqa: Y015
+
+class _BudgetPeriod:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BudgetPeriodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BudgetPeriod.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BUDGET_PERIOD_UNSPECIFIED: _BudgetPeriod.ValueType  # 0
+    """Not set (INVALID_ARGUMENT)."""
+    BUDGET_PERIOD_RUN: _BudgetPeriod.ValueType  # 1
+    """Each run on its own (and every hop it makes)."""
+    BUDGET_PERIOD_DAY: _BudgetPeriod.ValueType  # 2
+    """A calendar day in the budget's time zone."""
+    BUDGET_PERIOD_WEEK: _BudgetPeriod.ValueType  # 3
+    """A calendar week, Monday to Sunday, in the budget's time zone."""
+    BUDGET_PERIOD_MONTH: _BudgetPeriod.ValueType  # 4
+    """A calendar month in the budget's time zone."""
+    BUDGET_PERIOD_TOTAL: _BudgetPeriod.ValueType  # 5
+    """Never resets."""
+
+class BudgetPeriod(_BudgetPeriod, metaclass=_BudgetPeriodEnumTypeWrapper):
+    """The span of time a budget's caps cover."""
+
+BUDGET_PERIOD_UNSPECIFIED: BudgetPeriod.ValueType  # 0
+"""Not set (INVALID_ARGUMENT)."""
+BUDGET_PERIOD_RUN: BudgetPeriod.ValueType  # 1
+"""Each run on its own (and every hop it makes)."""
+BUDGET_PERIOD_DAY: BudgetPeriod.ValueType  # 2
+"""A calendar day in the budget's time zone."""
+BUDGET_PERIOD_WEEK: BudgetPeriod.ValueType  # 3
+"""A calendar week, Monday to Sunday, in the budget's time zone."""
+BUDGET_PERIOD_MONTH: BudgetPeriod.ValueType  # 4
+"""A calendar month in the budget's time zone."""
+BUDGET_PERIOD_TOTAL: BudgetPeriod.ValueType  # 5
+"""Never resets."""
+Global___BudgetPeriod: _TypeAlias = BudgetPeriod  # noqa: Y015
+
+class _UsageDimension:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _UsageDimensionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UsageDimension.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    USAGE_DIMENSION_UNSPECIFIED: _UsageDimension.ValueType  # 0
+    """Not set (INVALID_ARGUMENT)."""
+    USAGE_DIMENSION_DAY: _UsageDimension.ValueType  # 1
+    """By calendar day (UTC)."""
+    USAGE_DIMENSION_ASSISTANT: _UsageDimension.ValueType  # 2
+    """By assistant."""
+    USAGE_DIMENSION_API_KEY: _UsageDimension.ValueType  # 3
+    """By API key."""
+    USAGE_DIMENSION_MODEL: _UsageDimension.ValueType  # 4
+    """By model (`provider/model`)."""
+
+class UsageDimension(_UsageDimension, metaclass=_UsageDimensionEnumTypeWrapper):
+    """A way to group usage."""
+
+USAGE_DIMENSION_UNSPECIFIED: UsageDimension.ValueType  # 0
+"""Not set (INVALID_ARGUMENT)."""
+USAGE_DIMENSION_DAY: UsageDimension.ValueType  # 1
+"""By calendar day (UTC)."""
+USAGE_DIMENSION_ASSISTANT: UsageDimension.ValueType  # 2
+"""By assistant."""
+USAGE_DIMENSION_API_KEY: UsageDimension.ValueType  # 3
+"""By API key."""
+USAGE_DIMENSION_MODEL: UsageDimension.ValueType  # 4
+"""By model (`provider/model`)."""
+Global___UsageDimension: _TypeAlias = UsageDimension  # noqa: Y015
 
 @_typing.final
 class Run(_message.Message):
@@ -292,27 +388,90 @@ class RequiredAction(_message.Message):
 
     TOOL_CALLS_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    BUDGET_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___PendingToolCall]:
         """The calls that need a decision, in the order the handler made them."""
 
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
-        """When the run fails (APPROVAL_EXPIRED) if a call is still undecided."""
+        """When the run fails (APPROVAL_EXPIRED, or BUDGET_EXHAUSTED for a budget
+        action) if it is still undecided.
+        """
+
+    @_builtins.property
+    def budget(self) -> Global___BudgetAction:
+        """Set when the run waits for room in a budget (then `tool_calls` is empty)."""
 
     def __init__(
         self,
         *,
         tool_calls: _abc.Iterable[Global___PendingToolCall] | None = ...,
         expire_time: _timestamp_pb2.Timestamp | None = ...,
+        budget: Global___BudgetAction | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "tool_calls", b"tool_calls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "expire_time", b"expire_time", "tool_calls", b"tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RequiredAction: _TypeAlias = RequiredAction  # noqa: Y015
+
+@_typing.final
+class BudgetAction(_message.Message):
+    """A run's next step does not fit in its budgets: an owner raises a cap
+    (UpdateBudget), allows this one step past it, or fails the run
+    (ResolveBudgetAction).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUDGETS_FIELD_NUMBER: _builtins.int
+    COST_MICROS_FIELD_NUMBER: _builtins.int
+    INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    DECISION_FIELD_NUMBER: _builtins.int
+    DECIDED_BY_FIELD_NUMBER: _builtins.int
+    DECIDE_TIME_FIELD_NUMBER: _builtins.int
+    cost_micros: _builtins.int
+    """What the step asks to reserve: its worst-case cost in micro-units of the
+    price table's currency.
+    """
+    input_tokens: _builtins.int
+    """What the step asks to reserve: its prompt's counted tokens."""
+    output_tokens: _builtins.int
+    """What the step asks to reserve: its `max_tokens`."""
+    decision: Global___BudgetDecision.ValueType
+    """The decision; UNSPECIFIED while undecided."""
+    decided_by: _builtins.str
+    """Who decided, `users/{user}`."""
+    @_builtins.property
+    def budgets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The budgets without room, `workspaces/{w}/budgets/{b}`."""
+
+    @_builtins.property
+    def decide_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was decided."""
+
+    def __init__(
+        self,
+        *,
+        budgets: _abc.Iterable[_builtins.str] | None = ...,
+        cost_micros: _builtins.int = ...,
+        input_tokens: _builtins.int = ...,
+        output_tokens: _builtins.int = ...,
+        decision: Global___BudgetDecision.ValueType = ...,
+        decided_by: _builtins.str = ...,
+        decide_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["decide_time", b"decide_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budgets", b"budgets", "cost_micros", b"cost_micros", "decide_time", b"decide_time", "decided_by", b"decided_by", "decision", b"decision", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BudgetAction: _TypeAlias = BudgetAction  # noqa: Y015
 
 @_typing.final
 class PendingToolCall(_message.Message):
@@ -1590,3 +1749,808 @@ class DescribeConversationResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DescribeConversationResponse: _TypeAlias = DescribeConversationResponse  # noqa: Y015
+
+@_typing.final
+class Budget(_message.Message):
+    """A cap on what runs may spend. Every budget that applies to a run must hold:
+    before each model call the run reserves its worst case, before each priced
+    tool call that price, and settles what it used after.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    PERIOD_FIELD_NUMBER: _builtins.int
+    TIME_ZONE_FIELD_NUMBER: _builtins.int
+    COST_LIMIT_MICROS_FIELD_NUMBER: _builtins.int
+    INPUT_TOKEN_LIMIT_FIELD_NUMBER: _builtins.int
+    OUTPUT_TOKEN_LIMIT_FIELD_NUMBER: _builtins.int
+    TOTAL_TOKEN_LIMIT_FIELD_NUMBER: _builtins.int
+    ALERT_THRESHOLDS_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Resource name, `workspaces/{w}/budgets/{b}`."""
+    display_name: _builtins.str
+    """Human-readable name (at most 200 characters)."""
+    scope: _builtins.str
+    """What it applies to: `workspaces/{w}` (every run of the workspace),
+    `workspaces/{w}/assistants/{a}` (the runs of that assistant), or
+    `users/{u}/apiKeys/{k}` (the runs started with that API key in this
+    workspace). The workspace is the budget's own.
+    """
+    period: Global___BudgetPeriod.ValueType
+    """The span its caps cover."""
+    time_zone: _builtins.str
+    """IANA time zone in which days, weeks and months begin (for example
+    `Europe/Paris`); UTC if empty.
+    """
+    cost_limit_micros: _builtins.int
+    """Cap on cost, in micro-units of the price table's currency (1,000,000 is
+    one unit); unset for no cost cap. At least one cap must be set; a set cap
+    must be positive.
+    """
+    input_token_limit: _builtins.int
+    """Cap on input (prompt) tokens; unset for none."""
+    output_token_limit: _builtins.int
+    """Cap on output (completion) tokens; unset for none."""
+    total_token_limit: _builtins.int
+    """Cap on input plus output tokens; unset for none."""
+    etag: _builtins.str
+    """Checksum for optimistic concurrency (output only; send it back to update)."""
+    @_builtins.property
+    def alert_thresholds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Percentages of a cap (1-100, at most 10, each once) at which an event
+        (BUDGET_THRESHOLD_REACHED) is logged, once per period.
+        """
+
+    @_builtins.property
+    def usage(self) -> Global___BudgetUsage:
+        """The current period's usage (output only; empty for RUN budgets)."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was created (output only)."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When it last changed (output only)."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+        scope: _builtins.str = ...,
+        period: Global___BudgetPeriod.ValueType = ...,
+        time_zone: _builtins.str = ...,
+        cost_limit_micros: _builtins.int | None = ...,
+        input_token_limit: _builtins.int | None = ...,
+        output_token_limit: _builtins.int | None = ...,
+        total_token_limit: _builtins.int | None = ...,
+        alert_thresholds: _abc.Iterable[_builtins.int] | None = ...,
+        usage: Global___BudgetUsage | None = ...,
+        etag: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cost_limit_micros", b"_cost_limit_micros", "_input_token_limit", b"_input_token_limit", "_output_token_limit", b"_output_token_limit", "_total_token_limit", b"_total_token_limit", "cost_limit_micros", b"cost_limit_micros", "create_time", b"create_time", "input_token_limit", b"input_token_limit", "output_token_limit", b"output_token_limit", "total_token_limit", b"total_token_limit", "update_time", b"update_time", "usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cost_limit_micros", b"_cost_limit_micros", "_input_token_limit", b"_input_token_limit", "_output_token_limit", b"_output_token_limit", "_total_token_limit", b"_total_token_limit", "alert_thresholds", b"alert_thresholds", "cost_limit_micros", b"cost_limit_micros", "create_time", b"create_time", "display_name", b"display_name", "etag", b"etag", "input_token_limit", b"input_token_limit", "name", b"name", "output_token_limit", b"output_token_limit", "period", b"period", "scope", b"scope", "time_zone", b"time_zone", "total_token_limit", b"total_token_limit", "update_time", b"update_time", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__cost_limit_micros: _TypeAlias = _typing.Literal["cost_limit_micros"]  # noqa: Y015
+    _WhichOneofArgType__cost_limit_micros: _TypeAlias = _typing.Literal["_cost_limit_micros", b"_cost_limit_micros"]  # noqa: Y015
+    _WhichOneofReturnType__input_token_limit: _TypeAlias = _typing.Literal["input_token_limit"]  # noqa: Y015
+    _WhichOneofArgType__input_token_limit: _TypeAlias = _typing.Literal["_input_token_limit", b"_input_token_limit"]  # noqa: Y015
+    _WhichOneofReturnType__output_token_limit: _TypeAlias = _typing.Literal["output_token_limit"]  # noqa: Y015
+    _WhichOneofArgType__output_token_limit: _TypeAlias = _typing.Literal["_output_token_limit", b"_output_token_limit"]  # noqa: Y015
+    _WhichOneofReturnType__total_token_limit: _TypeAlias = _typing.Literal["total_token_limit"]  # noqa: Y015
+    _WhichOneofArgType__total_token_limit: _TypeAlias = _typing.Literal["_total_token_limit", b"_total_token_limit"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cost_limit_micros) -> _WhichOneofReturnType__cost_limit_micros | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__input_token_limit) -> _WhichOneofReturnType__input_token_limit | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__output_token_limit) -> _WhichOneofReturnType__output_token_limit | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__total_token_limit) -> _WhichOneofReturnType__total_token_limit | None: ...
+
+Global___Budget: _TypeAlias = Budget  # noqa: Y015
+
+@_typing.final
+class BudgetUsage(_message.Message):
+    """What a budget's current period has used and holds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PERIOD_START_TIME_FIELD_NUMBER: _builtins.int
+    RESET_TIME_FIELD_NUMBER: _builtins.int
+    COST_MICROS_FIELD_NUMBER: _builtins.int
+    INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    RESERVED_COST_MICROS_FIELD_NUMBER: _builtins.int
+    RESERVED_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    RESERVED_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    cost_micros: _builtins.int
+    """Cost settled, in micro-units."""
+    input_tokens: _builtins.int
+    """Input tokens settled."""
+    output_tokens: _builtins.int
+    """Output tokens settled."""
+    reserved_cost_micros: _builtins.int
+    """Cost reserved by calls in flight, in micro-units."""
+    reserved_input_tokens: _builtins.int
+    """Input tokens reserved by calls in flight."""
+    reserved_output_tokens: _builtins.int
+    """Output tokens reserved by calls in flight."""
+    @_builtins.property
+    def period_start_time(self) -> _timestamp_pb2.Timestamp:
+        """When the period began (unset for TOTAL)."""
+
+    @_builtins.property
+    def reset_time(self) -> _timestamp_pb2.Timestamp:
+        """When the next period begins (unset for TOTAL)."""
+
+    def __init__(
+        self,
+        *,
+        period_start_time: _timestamp_pb2.Timestamp | None = ...,
+        reset_time: _timestamp_pb2.Timestamp | None = ...,
+        cost_micros: _builtins.int = ...,
+        input_tokens: _builtins.int = ...,
+        output_tokens: _builtins.int = ...,
+        reserved_cost_micros: _builtins.int = ...,
+        reserved_input_tokens: _builtins.int = ...,
+        reserved_output_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["period_start_time", b"period_start_time", "reset_time", b"reset_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_micros", b"cost_micros", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "period_start_time", b"period_start_time", "reserved_cost_micros", b"reserved_cost_micros", "reserved_input_tokens", b"reserved_input_tokens", "reserved_output_tokens", b"reserved_output_tokens", "reset_time", b"reset_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BudgetUsage: _TypeAlias = BudgetUsage  # noqa: Y015
+
+@_typing.final
+class CreateBudgetRequest(_message.Message):
+    """Request for CreateBudget."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    BUDGET_FIELD_NUMBER: _builtins.int
+    BUDGET_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """`workspaces/{workspace}`."""
+    budget_id: _builtins.str
+    """Optional client-chosen id, as for assistants (`[a-z][a-z0-9-]{1,62}`); a
+    random id if empty.
+    """
+    request_id: _builtins.str
+    """Idempotency key: 1-64 ASCII letters, digits, `-` or `_`; empty for none.
+    Scoped to the caller and this method and kept for 24 hours.
+    """
+    @_builtins.property
+    def budget(self) -> Global___Budget:
+        """The budget; `name`, `usage`, `etag` and the times are assigned."""
+
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        budget: Global___Budget | None = ...,
+        budget_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "budget_id", b"budget_id", "parent", b"parent", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateBudgetRequest: _TypeAlias = CreateBudgetRequest  # noqa: Y015
+
+@_typing.final
+class CreateBudgetResponse(_message.Message):
+    """Response for CreateBudget."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUDGET_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def budget(self) -> Global___Budget:
+        """The new budget."""
+
+    def __init__(
+        self,
+        *,
+        budget: Global___Budget | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateBudgetResponse: _TypeAlias = CreateBudgetResponse  # noqa: Y015
+
+@_typing.final
+class GetBudgetRequest(_message.Message):
+    """Request for GetBudget."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`workspaces/{workspace}/budgets/{budget}`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBudgetRequest: _TypeAlias = GetBudgetRequest  # noqa: Y015
+
+@_typing.final
+class GetBudgetResponse(_message.Message):
+    """Response for GetBudget."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUDGET_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def budget(self) -> Global___Budget:
+        """The budget with its current usage."""
+
+    def __init__(
+        self,
+        *,
+        budget: Global___Budget | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBudgetResponse: _TypeAlias = GetBudgetResponse  # noqa: Y015
+
+@_typing.final
+class ListBudgetsRequest(_message.Message):
+    """Request for ListBudgets."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """`workspaces/{workspace}`."""
+    page_size: _builtins.int
+    """Maximum to return; capped at 100, default 50."""
+    page_token: _builtins.str
+    """Token from a previous response."""
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "parent", b"parent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListBudgetsRequest: _TypeAlias = ListBudgetsRequest  # noqa: Y015
+
+@_typing.final
+class ListBudgetsResponse(_message.Message):
+    """Response for ListBudgets."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUDGETS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def budgets(self) -> _containers.RepeatedCompositeFieldContainer[Global___Budget]:
+        """The budgets, by id, with their current usage."""
+
+    def __init__(
+        self,
+        *,
+        budgets: _abc.Iterable[Global___Budget] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budgets", b"budgets", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListBudgetsResponse: _TypeAlias = ListBudgetsResponse  # noqa: Y015
+
+@_typing.final
+class UpdateBudgetRequest(_message.Message):
+    """Request for UpdateBudget."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUDGET_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def budget(self) -> Global___Budget:
+        """The budget with `name`, optionally `etag`, and the new field values."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Fields to change: `display_name`, `period`, `time_zone`,
+        `cost_limit_micros`, `input_token_limit`, `output_token_limit`,
+        `total_token_limit`, `alert_thresholds` (a cap in the mask but unset in
+        `budget` is removed). The scope cannot change.
+        """
+
+    def __init__(
+        self,
+        *,
+        budget: Global___Budget | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateBudgetRequest: _TypeAlias = UpdateBudgetRequest  # noqa: Y015
+
+@_typing.final
+class UpdateBudgetResponse(_message.Message):
+    """Response for UpdateBudget."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUDGET_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def budget(self) -> Global___Budget:
+        """The updated budget."""
+
+    def __init__(
+        self,
+        *,
+        budget: Global___Budget | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateBudgetResponse: _TypeAlias = UpdateBudgetResponse  # noqa: Y015
+
+@_typing.final
+class DeleteBudgetRequest(_message.Message):
+    """Request for DeleteBudget."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`workspaces/{workspace}/budgets/{budget}`."""
+    etag: _builtins.str
+    """If set, must match the current etag."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteBudgetRequest: _TypeAlias = DeleteBudgetRequest  # noqa: Y015
+
+@_typing.final
+class DeleteBudgetResponse(_message.Message):
+    """Response for DeleteBudget."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteBudgetResponse: _TypeAlias = DeleteBudgetResponse  # noqa: Y015
+
+@_typing.final
+class ResolveBudgetActionRequest(_message.Message):
+    """Request for ResolveBudgetAction."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DECISION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The run, `workspaces/{w}/conversations/{c}/runs/{run}`, REQUIRES_ACTION
+    with a budget action (anything else is FAILED_PRECONDITION).
+    """
+    decision: Global___BudgetDecision.ValueType
+    """ALLOW_OVERDRAFT or FAIL."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        decision: Global___BudgetDecision.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveBudgetActionRequest: _TypeAlias = ResolveBudgetActionRequest  # noqa: Y015
+
+@_typing.final
+class ResolveBudgetActionResponse(_message.Message):
+    """Response for ResolveBudgetAction."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def run(self) -> Global___Run:
+        """The run after the decision."""
+
+    def __init__(
+        self,
+        *,
+        run: Global___Run | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveBudgetActionResponse: _TypeAlias = ResolveBudgetActionResponse  # noqa: Y015
+
+@_typing.final
+class QueryUsageRequest(_message.Message):
+    """Request for QueryUsage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    GROUP_BY_FIELD_NUMBER: _builtins.int
+    ASSISTANT_FIELD_NUMBER: _builtins.int
+    API_KEY_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """`workspaces/{workspace}`."""
+    assistant: _builtins.str
+    """Only runs of this assistant, `workspaces/{w}/assistants/{a}`."""
+    api_key: _builtins.str
+    """Only runs started with this API key, `users/{u}/apiKeys/{k}`."""
+    model: _builtins.str
+    """Only runs that used this model, `provider/model`."""
+    page_size: _builtins.int
+    """Maximum rows to return; capped at 1,000, default 500."""
+    page_token: _builtins.str
+    """Token from a previous response."""
+    @_builtins.property
+    def group_by(self) -> _containers.RepeatedScalarFieldContainer[Global___UsageDimension.ValueType]:
+        """How to group (each dimension once); one total row if empty."""
+
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Runs that ended at or after this time; 30 days before `end_time` if unset."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Runs that ended before this time; now if unset. At most 400 days after
+        `start_time`.
+        """
+
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        group_by: _abc.Iterable[Global___UsageDimension.ValueType] | None = ...,
+        assistant: _builtins.str = ...,
+        api_key: _builtins.str = ...,
+        model: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "assistant", b"assistant", "end_time", b"end_time", "group_by", b"group_by", "model", b"model", "page_size", b"page_size", "page_token", b"page_token", "parent", b"parent", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueryUsageRequest: _TypeAlias = QueryUsageRequest  # noqa: Y015
+
+@_typing.final
+class UsageRow(_message.Message):
+    """One group's usage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DAY_FIELD_NUMBER: _builtins.int
+    ASSISTANT_FIELD_NUMBER: _builtins.int
+    API_KEY_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    RUN_COUNT_FIELD_NUMBER: _builtins.int
+    INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    COST_MICROS_FIELD_NUMBER: _builtins.int
+    day: _builtins.str
+    """The day, `YYYY-MM-DD` (UTC), when grouped by day."""
+    assistant: _builtins.str
+    """The assistant, when grouped by assistant ("" for runs without one)."""
+    api_key: _builtins.str
+    """The API key, when grouped by API key ("" for runs started otherwise)."""
+    model: _builtins.str
+    """The model, when grouped by model ("" for runs without a model)."""
+    run_count: _builtins.int
+    """Runs in the group."""
+    input_tokens: _builtins.int
+    """Input tokens."""
+    output_tokens: _builtins.int
+    """Output tokens."""
+    cost_micros: _builtins.int
+    """Cost, in micro-units of the price table's currency."""
+    def __init__(
+        self,
+        *,
+        day: _builtins.str = ...,
+        assistant: _builtins.str = ...,
+        api_key: _builtins.str = ...,
+        model: _builtins.str = ...,
+        run_count: _builtins.int = ...,
+        input_tokens: _builtins.int = ...,
+        output_tokens: _builtins.int = ...,
+        cost_micros: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "assistant", b"assistant", "cost_micros", b"cost_micros", "day", b"day", "input_tokens", b"input_tokens", "model", b"model", "output_tokens", b"output_tokens", "run_count", b"run_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsageRow: _TypeAlias = UsageRow  # noqa: Y015
+
+@_typing.final
+class QueryUsageResponse(_message.Message):
+    """Response for QueryUsage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROWS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageRow]:
+        """The groups, ordered by the dimensions asked (day oldest first)."""
+
+    def __init__(
+        self,
+        *,
+        rows: _abc.Iterable[Global___UsageRow] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "rows", b"rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueryUsageResponse: _TypeAlias = QueryUsageResponse  # noqa: Y015
+
+@_typing.final
+class ApiKeyQuota(_message.Message):
+    """Limits on one API key's use of a workspace."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    API_KEY_FIELD_NUMBER: _builtins.int
+    MESSAGES_PER_MINUTE_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENT_RUNS_FIELD_NUMBER: _builtins.int
+    api_key: _builtins.str
+    """The API key, `users/{u}/apiKeys/{k}`."""
+    messages_per_minute: _builtins.int
+    """SendMessage calls per minute with this key; the workspace's if 0."""
+    max_concurrent_runs: _builtins.int
+    """Runs started with this key queued or running at once; the workspace's if 0."""
+    def __init__(
+        self,
+        *,
+        api_key: _builtins.str = ...,
+        messages_per_minute: _builtins.int = ...,
+        max_concurrent_runs: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "max_concurrent_runs", b"max_concurrent_runs", "messages_per_minute", b"messages_per_minute"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApiKeyQuota: _TypeAlias = ApiKeyQuota  # noqa: Y015
+
+@_typing.final
+class WorkspaceQuota(_message.Message):
+    """A workspace's quotas. Over one, SendMessage is RESOURCE_EXHAUSTED with
+    RetryInfo (RATE_LIMITED for messages per minute, QUOTA_EXCEEDED with a
+    QuotaFailure for concurrent runs).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    MESSAGES_PER_MINUTE_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENT_RUNS_FIELD_NUMBER: _builtins.int
+    API_KEYS_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Resource name, `workspaces/{w}/quota`."""
+    messages_per_minute: _builtins.int
+    """SendMessage calls per minute in the workspace; the server's default if 0."""
+    max_concurrent_runs: _builtins.int
+    """Runs queued or running at once in the workspace; the server's default if 0."""
+    etag: _builtins.str
+    """Checksum for optimistic concurrency (output only; send it back to update)."""
+    @_builtins.property
+    def api_keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApiKeyQuota]:
+        """Per API key (at most 100, each key once)."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When it last changed (output only; unset while it has the defaults)."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        messages_per_minute: _builtins.int = ...,
+        max_concurrent_runs: _builtins.int = ...,
+        api_keys: _abc.Iterable[Global___ApiKeyQuota] | None = ...,
+        etag: _builtins.str = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_keys", b"api_keys", "etag", b"etag", "max_concurrent_runs", b"max_concurrent_runs", "messages_per_minute", b"messages_per_minute", "name", b"name", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WorkspaceQuota: _TypeAlias = WorkspaceQuota  # noqa: Y015
+
+@_typing.final
+class GetWorkspaceQuotaRequest(_message.Message):
+    """Request for GetWorkspaceQuota."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`workspaces/{workspace}/quota`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetWorkspaceQuotaRequest: _TypeAlias = GetWorkspaceQuotaRequest  # noqa: Y015
+
+@_typing.final
+class GetWorkspaceQuotaResponse(_message.Message):
+    """Response for GetWorkspaceQuota."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUOTA_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def quota(self) -> Global___WorkspaceQuota:
+        """The quotas, with the server's defaults filled in where none is set."""
+
+    def __init__(
+        self,
+        *,
+        quota: Global___WorkspaceQuota | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["quota", b"quota"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["quota", b"quota"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetWorkspaceQuotaResponse: _TypeAlias = GetWorkspaceQuotaResponse  # noqa: Y015
+
+@_typing.final
+class UpdateWorkspaceQuotaRequest(_message.Message):
+    """Request for UpdateWorkspaceQuota."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUOTA_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def quota(self) -> Global___WorkspaceQuota:
+        """The quota with `name`, optionally `etag`, and the new values."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Fields to change: `messages_per_minute`, `max_concurrent_runs`, `api_keys`."""
+
+    def __init__(
+        self,
+        *,
+        quota: Global___WorkspaceQuota | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["quota", b"quota", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["quota", b"quota", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateWorkspaceQuotaRequest: _TypeAlias = UpdateWorkspaceQuotaRequest  # noqa: Y015
+
+@_typing.final
+class UpdateWorkspaceQuotaResponse(_message.Message):
+    """Response for UpdateWorkspaceQuota."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUOTA_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def quota(self) -> Global___WorkspaceQuota:
+        """The quotas after the change."""
+
+    def __init__(
+        self,
+        *,
+        quota: Global___WorkspaceQuota | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["quota", b"quota"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["quota", b"quota"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateWorkspaceQuotaResponse: _TypeAlias = UpdateWorkspaceQuotaResponse  # noqa: Y015

@@ -75,6 +75,34 @@ class DispatcherServiceStub:
     """What a message sent to a conversation now would use: the assistant, the
     handler, the model, the tools (with their approval rules) and the budget.
     """
+    CreateBudget: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.CreateBudgetRequest, _dispatcher_pb2.CreateBudgetResponse]
+    """Creates a budget: a cap on cost and/or tokens over a period, on a
+    workspace, one of its assistants or an API key (owners only).
+    """
+    GetBudget: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.GetBudgetRequest, _dispatcher_pb2.GetBudgetResponse]
+    """Returns a budget with its current period's usage (members of the workspace)."""
+    ListBudgets: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.ListBudgetsRequest, _dispatcher_pb2.ListBudgetsResponse]
+    """Lists a workspace's budgets with their usage (members of the workspace)."""
+    UpdateBudget: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.UpdateBudgetRequest, _dispatcher_pb2.UpdateBudgetResponse]
+    """Updates a budget (FieldMask, etag; owners only). A raised cap lets runs
+    paused at it (REQUIRES_ACTION with a budget action) go on.
+    """
+    DeleteBudget: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.DeleteBudgetRequest, _dispatcher_pb2.DeleteBudgetResponse]
+    """Deletes a budget (owners only); runs paused at it go on."""
+    ResolveBudgetAction: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.ResolveBudgetActionRequest, _dispatcher_pb2.ResolveBudgetActionResponse]
+    """Decides a run paused at a budget's cap: allow this step past the cap, or
+    end the run FAILED with BUDGET_EXHAUSTED (owners only).
+    """
+    QueryUsage: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.QueryUsageRequest, _dispatcher_pb2.QueryUsageResponse]
+    """Sums the stored usage of a workspace's runs, grouped by day, assistant,
+    API key and model as asked (members of the workspace).
+    """
+    GetWorkspaceQuota: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.GetWorkspaceQuotaRequest, _dispatcher_pb2.GetWorkspaceQuotaResponse]
+    """Returns a workspace's quotas: messages per minute and concurrent runs, for
+    the workspace and per API key (members of the workspace).
+    """
+    UpdateWorkspaceQuota: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.UpdateWorkspaceQuotaRequest, _dispatcher_pb2.UpdateWorkspaceQuotaResponse]
+    """Updates a workspace's quotas (FieldMask, etag; owners only)."""
 
 @_typing.type_check_only
 class DispatcherServiceAsyncStub(DispatcherServiceStub):
@@ -122,6 +150,34 @@ class DispatcherServiceAsyncStub(DispatcherServiceStub):
     """What a message sent to a conversation now would use: the assistant, the
     handler, the model, the tools (with their approval rules) and the budget.
     """
+    CreateBudget: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.CreateBudgetRequest, _dispatcher_pb2.CreateBudgetResponse]  # type: ignore[assignment]
+    """Creates a budget: a cap on cost and/or tokens over a period, on a
+    workspace, one of its assistants or an API key (owners only).
+    """
+    GetBudget: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.GetBudgetRequest, _dispatcher_pb2.GetBudgetResponse]  # type: ignore[assignment]
+    """Returns a budget with its current period's usage (members of the workspace)."""
+    ListBudgets: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.ListBudgetsRequest, _dispatcher_pb2.ListBudgetsResponse]  # type: ignore[assignment]
+    """Lists a workspace's budgets with their usage (members of the workspace)."""
+    UpdateBudget: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.UpdateBudgetRequest, _dispatcher_pb2.UpdateBudgetResponse]  # type: ignore[assignment]
+    """Updates a budget (FieldMask, etag; owners only). A raised cap lets runs
+    paused at it (REQUIRES_ACTION with a budget action) go on.
+    """
+    DeleteBudget: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.DeleteBudgetRequest, _dispatcher_pb2.DeleteBudgetResponse]  # type: ignore[assignment]
+    """Deletes a budget (owners only); runs paused at it go on."""
+    ResolveBudgetAction: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.ResolveBudgetActionRequest, _dispatcher_pb2.ResolveBudgetActionResponse]  # type: ignore[assignment]
+    """Decides a run paused at a budget's cap: allow this step past the cap, or
+    end the run FAILED with BUDGET_EXHAUSTED (owners only).
+    """
+    QueryUsage: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.QueryUsageRequest, _dispatcher_pb2.QueryUsageResponse]  # type: ignore[assignment]
+    """Sums the stored usage of a workspace's runs, grouped by day, assistant,
+    API key and model as asked (members of the workspace).
+    """
+    GetWorkspaceQuota: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.GetWorkspaceQuotaRequest, _dispatcher_pb2.GetWorkspaceQuotaResponse]  # type: ignore[assignment]
+    """Returns a workspace's quotas: messages per minute and concurrent runs, for
+    the workspace and per API key (members of the workspace).
+    """
+    UpdateWorkspaceQuota: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.UpdateWorkspaceQuotaRequest, _dispatcher_pb2.UpdateWorkspaceQuotaResponse]  # type: ignore[assignment]
+    """Updates a workspace's quotas (FieldMask, etag; owners only)."""
 
 class DispatcherServiceServicer(metaclass=_abc_1.ABCMeta):
     """DispatcherService takes a user message, routes it to a handler (built-in, an
@@ -250,5 +306,87 @@ class DispatcherServiceServicer(metaclass=_abc_1.ABCMeta):
         """What a message sent to a conversation now would use: the assistant, the
         handler, the model, the tools (with their approval rules) and the budget.
         """
+
+    @_abc_1.abstractmethod
+    def CreateBudget(
+        self,
+        request: _dispatcher_pb2.CreateBudgetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_pb2.CreateBudgetResponse, _abc.Awaitable[_dispatcher_pb2.CreateBudgetResponse]]:
+        """Creates a budget: a cap on cost and/or tokens over a period, on a
+        workspace, one of its assistants or an API key (owners only).
+        """
+
+    @_abc_1.abstractmethod
+    def GetBudget(
+        self,
+        request: _dispatcher_pb2.GetBudgetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_pb2.GetBudgetResponse, _abc.Awaitable[_dispatcher_pb2.GetBudgetResponse]]:
+        """Returns a budget with its current period's usage (members of the workspace)."""
+
+    @_abc_1.abstractmethod
+    def ListBudgets(
+        self,
+        request: _dispatcher_pb2.ListBudgetsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_pb2.ListBudgetsResponse, _abc.Awaitable[_dispatcher_pb2.ListBudgetsResponse]]:
+        """Lists a workspace's budgets with their usage (members of the workspace)."""
+
+    @_abc_1.abstractmethod
+    def UpdateBudget(
+        self,
+        request: _dispatcher_pb2.UpdateBudgetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_pb2.UpdateBudgetResponse, _abc.Awaitable[_dispatcher_pb2.UpdateBudgetResponse]]:
+        """Updates a budget (FieldMask, etag; owners only). A raised cap lets runs
+        paused at it (REQUIRES_ACTION with a budget action) go on.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteBudget(
+        self,
+        request: _dispatcher_pb2.DeleteBudgetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_pb2.DeleteBudgetResponse, _abc.Awaitable[_dispatcher_pb2.DeleteBudgetResponse]]:
+        """Deletes a budget (owners only); runs paused at it go on."""
+
+    @_abc_1.abstractmethod
+    def ResolveBudgetAction(
+        self,
+        request: _dispatcher_pb2.ResolveBudgetActionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_pb2.ResolveBudgetActionResponse, _abc.Awaitable[_dispatcher_pb2.ResolveBudgetActionResponse]]:
+        """Decides a run paused at a budget's cap: allow this step past the cap, or
+        end the run FAILED with BUDGET_EXHAUSTED (owners only).
+        """
+
+    @_abc_1.abstractmethod
+    def QueryUsage(
+        self,
+        request: _dispatcher_pb2.QueryUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_pb2.QueryUsageResponse, _abc.Awaitable[_dispatcher_pb2.QueryUsageResponse]]:
+        """Sums the stored usage of a workspace's runs, grouped by day, assistant,
+        API key and model as asked (members of the workspace).
+        """
+
+    @_abc_1.abstractmethod
+    def GetWorkspaceQuota(
+        self,
+        request: _dispatcher_pb2.GetWorkspaceQuotaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_pb2.GetWorkspaceQuotaResponse, _abc.Awaitable[_dispatcher_pb2.GetWorkspaceQuotaResponse]]:
+        """Returns a workspace's quotas: messages per minute and concurrent runs, for
+        the workspace and per API key (members of the workspace).
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateWorkspaceQuota(
+        self,
+        request: _dispatcher_pb2.UpdateWorkspaceQuotaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_pb2.UpdateWorkspaceQuotaResponse, _abc.Awaitable[_dispatcher_pb2.UpdateWorkspaceQuotaResponse]]:
+        """Updates a workspace's quotas (FieldMask, etag; owners only)."""
 
 def add_DispatcherServiceServicer_to_server(servicer: DispatcherServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

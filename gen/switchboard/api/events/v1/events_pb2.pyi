@@ -58,6 +58,12 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     """A tool of an integration was invoked (an audit record)."""
     EVENT_TYPE_ASSISTANT_CHANGED: _EventType.ValueType  # 11
     """An assistant was created, updated or deleted."""
+    EVENT_TYPE_BUDGET_CHANGED: _EventType.ValueType  # 12
+    """A budget was created, updated or deleted."""
+    EVENT_TYPE_BUDGET_ALERT: _EventType.ValueType  # 13
+    """A budget's usage reached one of its alert thresholds, or a message or a
+    run's step was refused at its cap.
+    """
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper):
     """What an event is about."""
@@ -86,6 +92,12 @@ EVENT_TYPE_TOOL_INVOKED: EventType.ValueType  # 10
 """A tool of an integration was invoked (an audit record)."""
 EVENT_TYPE_ASSISTANT_CHANGED: EventType.ValueType  # 11
 """An assistant was created, updated or deleted."""
+EVENT_TYPE_BUDGET_CHANGED: EventType.ValueType  # 12
+"""A budget was created, updated or deleted."""
+EVENT_TYPE_BUDGET_ALERT: EventType.ValueType  # 13
+"""A budget's usage reached one of its alert thresholds, or a message or a
+run's step was refused at its cap.
+"""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
 class _ChangeKind:
@@ -115,6 +127,34 @@ CHANGE_KIND_UPDATED: ChangeKind.ValueType  # 2
 CHANGE_KIND_DELETED: ChangeKind.ValueType  # 3
 """Deleted (or soft-deleted)."""
 Global___ChangeKind: _TypeAlias = ChangeKind  # noqa: Y015
+
+class _BudgetAlertKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BudgetAlertKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BudgetAlertKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BUDGET_ALERT_KIND_UNSPECIFIED: _BudgetAlertKind.ValueType  # 0
+    """Not set."""
+    BUDGET_ALERT_KIND_THRESHOLD: _BudgetAlertKind.ValueType  # 1
+    """Usage reached `percent` of a cap."""
+    BUDGET_ALERT_KIND_MESSAGE_REFUSED: _BudgetAlertKind.ValueType  # 2
+    """A message was refused because the budget has no room."""
+    BUDGET_ALERT_KIND_RUN_PAUSED: _BudgetAlertKind.ValueType  # 3
+    """A run paused because its next step does not fit."""
+
+class BudgetAlertKind(_BudgetAlertKind, metaclass=_BudgetAlertKindEnumTypeWrapper):
+    """What a budget alert is about."""
+
+BUDGET_ALERT_KIND_UNSPECIFIED: BudgetAlertKind.ValueType  # 0
+"""Not set."""
+BUDGET_ALERT_KIND_THRESHOLD: BudgetAlertKind.ValueType  # 1
+"""Usage reached `percent` of a cap."""
+BUDGET_ALERT_KIND_MESSAGE_REFUSED: BudgetAlertKind.ValueType  # 2
+"""A message was refused because the budget has no room."""
+BUDGET_ALERT_KIND_RUN_PAUSED: BudgetAlertKind.ValueType  # 3
+"""A run paused because its next step does not fit."""
+Global___BudgetAlertKind: _TypeAlias = BudgetAlertKind  # noqa: Y015
 
 class _SecurityEventKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -475,6 +515,78 @@ class AssistantChanged(_message.Message):
 Global___AssistantChanged: _TypeAlias = AssistantChanged  # noqa: Y015
 
 @_typing.final
+class BudgetChanged(_message.Message):
+    """Payload: a budget changed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGE_FIELD_NUMBER: _builtins.int
+    BUDGET_FIELD_NUMBER: _builtins.int
+    change: Global___ChangeKind.ValueType
+    """How it changed."""
+    @_builtins.property
+    def budget(self) -> _dispatcher_pb2.Budget:
+        """The budget after the change (before it, for a deletion)."""
+
+    def __init__(
+        self,
+        *,
+        change: Global___ChangeKind.ValueType = ...,
+        budget: _dispatcher_pb2.Budget | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "change", b"change"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BudgetChanged: _TypeAlias = BudgetChanged  # noqa: Y015
+
+@_typing.final
+class BudgetAlert(_message.Message):
+    """Payload: a budget alert."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    BUDGET_FIELD_NUMBER: _builtins.int
+    PERCENT_FIELD_NUMBER: _builtins.int
+    CAP_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    RUN_FIELD_NUMBER: _builtins.int
+    kind: Global___BudgetAlertKind.ValueType
+    """What happened."""
+    budget: _builtins.str
+    """The budget, `workspaces/{w}/budgets/{b}`."""
+    percent: _builtins.int
+    """The threshold reached (THRESHOLD), in percent of the cap named by `cap`."""
+    cap: _builtins.str
+    """The cap concerned: `cost`, `input_tokens`, `output_tokens` or `total_tokens`."""
+    run: _builtins.str
+    """The run concerned (RUN_PAUSED), if any."""
+    @_builtins.property
+    def usage(self) -> _dispatcher_pb2.BudgetUsage:
+        """The budget's usage when it happened."""
+
+    def __init__(
+        self,
+        *,
+        kind: Global___BudgetAlertKind.ValueType = ...,
+        budget: _builtins.str = ...,
+        percent: _builtins.int = ...,
+        cap: _builtins.str = ...,
+        usage: _dispatcher_pb2.BudgetUsage | None = ...,
+        run: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "cap", b"cap", "kind", b"kind", "percent", b"percent", "run", b"run", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BudgetAlert: _TypeAlias = BudgetAlert  # noqa: Y015
+
+@_typing.final
 class ToolInvoked(_message.Message):
     """Payload: a tool was invoked (who is the event's actor). The arguments and
     the credential are never recorded.
@@ -583,6 +695,8 @@ class Event(_message.Message):
     MESSAGE_FILTERED_FIELD_NUMBER: _builtins.int
     TOOL_INVOKED_FIELD_NUMBER: _builtins.int
     ASSISTANT_CHANGED_FIELD_NUMBER: _builtins.int
+    BUDGET_CHANGED_FIELD_NUMBER: _builtins.int
+    BUDGET_ALERT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Globally unique id (for deduplication by consumers)."""
     cursor: _builtins.str
@@ -647,6 +761,14 @@ class Event(_message.Message):
     def assistant_changed(self) -> Global___AssistantChanged:
         """An assistant changed."""
 
+    @_builtins.property
+    def budget_changed(self) -> Global___BudgetChanged:
+        """A budget changed."""
+
+    @_builtins.property
+    def budget_alert(self) -> Global___BudgetAlert:
+        """A budget alert."""
+
     def __init__(
         self,
         *,
@@ -669,12 +791,14 @@ class Event(_message.Message):
         message_filtered: Global___MessageFiltered | None = ...,
         tool_invoked: Global___ToolInvoked | None = ...,
         assistant_changed: Global___AssistantChanged | None = ...,
+        budget_changed: Global___BudgetChanged | None = ...,
+        budget_alert: Global___BudgetAlert | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "assistant_changed", b"assistant_changed", "conversation_changed", b"conversation_changed", "integration_changed", b"integration_changed", "member_changed", b"member_changed", "memory_changed", b"memory_changed", "message_created", b"message_created", "message_filtered", b"message_filtered", "payload", b"payload", "run_updated", b"run_updated", "security", b"security", "time", b"time", "tool_invoked", b"tool_invoked", "workspace_changed", b"workspace_changed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "assistant_changed", b"assistant_changed", "budget_alert", b"budget_alert", "budget_changed", b"budget_changed", "conversation_changed", b"conversation_changed", "integration_changed", b"integration_changed", "member_changed", b"member_changed", "memory_changed", b"memory_changed", "message_created", b"message_created", "message_filtered", b"message_filtered", "payload", b"payload", "run_updated", b"run_updated", "security", b"security", "time", b"time", "tool_invoked", b"tool_invoked", "workspace_changed", b"workspace_changed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "assistant_changed", b"assistant_changed", "conversation", b"conversation", "conversation_changed", b"conversation_changed", "cursor", b"cursor", "id", b"id", "integration_changed", b"integration_changed", "member_changed", b"member_changed", "memory_changed", b"memory_changed", "message_created", b"message_created", "message_filtered", b"message_filtered", "payload", b"payload", "run_updated", b"run_updated", "security", b"security", "time", b"time", "tool_invoked", b"tool_invoked", "type", b"type", "user", b"user", "workspace", b"workspace", "workspace_changed", b"workspace_changed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "assistant_changed", b"assistant_changed", "budget_alert", b"budget_alert", "budget_changed", b"budget_changed", "conversation", b"conversation", "conversation_changed", b"conversation_changed", "cursor", b"cursor", "id", b"id", "integration_changed", b"integration_changed", "member_changed", b"member_changed", "memory_changed", b"memory_changed", "message_created", b"message_created", "message_filtered", b"message_filtered", "payload", b"payload", "run_updated", b"run_updated", "security", b"security", "time", b"time", "tool_invoked", b"tool_invoked", "type", b"type", "user", b"user", "workspace", b"workspace", "workspace_changed", b"workspace_changed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["workspace_changed", "member_changed", "conversation_changed", "message_created", "memory_changed", "run_updated", "integration_changed", "security", "message_filtered", "tool_invoked", "assistant_changed"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["workspace_changed", "member_changed", "conversation_changed", "message_created", "memory_changed", "run_updated", "integration_changed", "security", "message_filtered", "tool_invoked", "assistant_changed", "budget_changed", "budget_alert"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 

@@ -437,6 +437,7 @@ class Usage(_message.Message):
     ESTIMATED_COST_USD_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     ESTIMATED_FIELD_NUMBER: _builtins.int
+    COST_MICROS_FIELD_NUMBER: _builtins.int
     input_tokens: _builtins.int
     """Tokens read (prompt)."""
     output_tokens: _builtins.int
@@ -447,6 +448,11 @@ class Usage(_message.Message):
     """The provider and model that did the work, `{provider}/{model}`, if any."""
     estimated: _builtins.bool
     """Whether the token counts are the offline estimator's rather than the provider's."""
+    cost_micros: _builtins.int
+    """Cost in micro-units of the price table's currency (1,000,000 is one unit),
+    counting every hop and priced tool call: what the run's budgets were
+    charged. A remote handler reports what it spent here (docs/budgets.md).
+    """
     def __init__(
         self,
         *,
@@ -455,10 +461,11 @@ class Usage(_message.Message):
         estimated_cost_usd: _builtins.float = ...,
         model: _builtins.str = ...,
         estimated: _builtins.bool = ...,
+        cost_micros: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["estimated", b"estimated", "estimated_cost_usd", b"estimated_cost_usd", "input_tokens", b"input_tokens", "model", b"model", "output_tokens", b"output_tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost_micros", b"cost_micros", "estimated", b"estimated", "estimated_cost_usd", b"estimated_cost_usd", "input_tokens", b"input_tokens", "model", b"model", "output_tokens", b"output_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -205,6 +205,26 @@ class Integration(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ToolCallPriceMicrosEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     DISPLAY_NAME_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
@@ -219,6 +239,8 @@ class Integration(_message.Message):
     ETAG_FIELD_NUMBER: _builtins.int
     HAS_CREDENTIAL_FIELD_NUMBER: _builtins.int
     EVENT_TYPES_FIELD_NUMBER: _builtins.int
+    CALL_PRICE_MICROS_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_PRICE_MICROS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `workspaces/{workspace}/integrations/{integration}`."""
     display_name: _builtins.str
@@ -235,6 +257,10 @@ class Integration(_message.Message):
     """Opaque version for optimistic concurrency."""
     has_credential: _builtins.bool
     """Whether a credential is set (output only; the credential itself is never returned)."""
+    call_price_micros: _builtins.int
+    """The price of one tool call, in micro-units of the price table's currency,
+    reserved before the call and charged to the run's budgets; 0 for free.
+    """
     @_builtins.property
     def call_timeout(self) -> _duration_pb2.Duration:
         """Per-call timeout; the server caps it."""
@@ -262,6 +288,12 @@ class Integration(_message.Message):
         workspace's if empty. Other kinds ignore it.
         """
 
+    @_builtins.property
+    def tool_call_price_micros(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Prices of single tools, by the last segment of the tool's name (as in
+        ListTools), overriding `call_price_micros` (at most 200 entries).
+        """
+
     def __init__(
         self,
         *,
@@ -279,10 +311,12 @@ class Integration(_message.Message):
         etag: _builtins.str = ...,
         has_credential: _builtins.bool = ...,
         event_types: _abc.Iterable[_builtins.str] | None = ...,
+        call_price_micros: _builtins.int = ...,
+        tool_call_price_micros: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["call_timeout", b"call_timeout", "config", b"config", "create_time", b"create_time", "status", b"status", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_timeout", b"call_timeout", "config", b"config", "create_time", b"create_time", "credential", b"credential", "disabled", b"disabled", "display_name", b"display_name", "endpoint", b"endpoint", "etag", b"etag", "event_types", b"event_types", "has_credential", b"has_credential", "kind", b"kind", "name", b"name", "status", b"status", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_price_micros", b"call_price_micros", "call_timeout", b"call_timeout", "config", b"config", "create_time", b"create_time", "credential", b"credential", "disabled", b"disabled", "display_name", b"display_name", "endpoint", b"endpoint", "etag", b"etag", "event_types", b"event_types", "has_credential", b"has_credential", "kind", b"kind", "name", b"name", "status", b"status", "tool_call_price_micros", b"tool_call_price_micros", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -475,7 +509,8 @@ class UpdateIntegrationRequest(_message.Message):
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """Fields to change: `display_name`, `endpoint`, `call_timeout`, `config`,
-        `credential`, `disabled`, `event_types`.
+        `credential`, `disabled`, `event_types`, `call_price_micros`,
+        `tool_call_price_micros`.
         """
 
     def __init__(

@@ -29,7 +29,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as switchboard_dot_api_
 from switchboard.api.handler.v1 import handler_pb2 as switchboard_dot_api_dot_handler_dot_v1_dot_handler__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,switchboard/internal/dispatcher/v1/job.proto\x12\"switchboard.internal.dispatcher.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a(switchboard/api/context/v1/context.proto\x1a.switchboard/api/dispatcher/v1/dispatcher.proto\x1a(switchboard/api/handler/v1/handler.proto\"\xe9\x02\n\x06RunJob\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61uth_method\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x12\n\napi_key_id\x18\x05 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x06 \x01(\x01\x12\x34\n\x07message\x18\x07 \x01(\x0b\x32#.switchboard.api.context.v1.Message\x12+\n\nparameters\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12;\n\tassistant\x18\t \x01(\x0b\x32(.switchboard.api.dispatcher.v1.Assistant\x12\x33\n\x05steps\x18\n \x03(\x0b\x32$.switchboard.api.handler.v1.ToolStep\x12\x13\n\x0btraceparent\x18\x0b \x01(\tBv\n&dev.switchboard.internal.dispatcher.v1P\x01ZJswitchboard/gen/go/switchboard/internal/dispatcher/v1;dispatcherinternalv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,switchboard/internal/dispatcher/v1/job.proto\x12\"switchboard.internal.dispatcher.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a(switchboard/api/context/v1/context.proto\x1a.switchboard/api/dispatcher/v1/dispatcher.proto\x1a(switchboard/api/handler/v1/handler.proto\"\xb2\x03\n\x06RunJob\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x13\n\x0b\x61uth_method\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x12\n\napi_key_id\x18\x05 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x06 \x01(\x01\x12\x34\n\x07message\x18\x07 \x01(\x0b\x32#.switchboard.api.context.v1.Message\x12+\n\nparameters\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12;\n\tassistant\x18\t \x01(\x0b\x32(.switchboard.api.dispatcher.v1.Assistant\x12\x33\n\x05steps\x18\n \x03(\x0b\x32$.switchboard.api.handler.v1.ToolStep\x12\x13\n\x0btraceparent\x18\x0b \x01(\t\x12G\n\rhanded_budget\x18\x0c \x01(\x0b\x32\x30.switchboard.internal.dispatcher.v1.HandedBudget\"\xbe\x01\n\x0cHandedBudget\x12\x18\n\x0b\x63ost_micros\x18\x01 \x01(\x03H\x00\x88\x01\x01\x12\x19\n\x0cinput_tokens\x18\x02 \x01(\x03H\x01\x88\x01\x01\x12\x1a\n\routput_tokens\x18\x03 \x01(\x03H\x02\x88\x01\x01\x12\x19\n\x0ctotal_tokens\x18\x04 \x01(\x03H\x03\x88\x01\x01\x42\x0e\n\x0c_cost_microsB\x0f\n\r_input_tokensB\x10\n\x0e_output_tokensB\x0f\n\r_total_tokensBv\n&dev.switchboard.internal.dispatcher.v1P\x01ZJswitchboard/gen/go/switchboard/internal/dispatcher/v1;dispatcherinternalv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,5 +38,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n&dev.switchboard.internal.dispatcher.v1P\001ZJswitchboard/gen/go/switchboard/internal/dispatcher/v1;dispatcherinternalv1'
   _globals['_RUNJOB']._serialized_start=247
-  _globals['_RUNJOB']._serialized_end=608
+  _globals['_RUNJOB']._serialized_end=681
+  _globals['_HANDEDBUDGET']._serialized_start=684
+  _globals['_HANDEDBUDGET']._serialized_end=874
 # @@protoc_insertion_point(module_scope)

@@ -43,6 +43,7 @@ class RunJob(_message.Message):
     ASSISTANT_FIELD_NUMBER: _builtins.int
     STEPS_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
+    HANDED_BUDGET_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The user the run acts for (an id, not a resource name)."""
     auth_method: _builtins.str
@@ -82,6 +83,13 @@ class RunJob(_message.Message):
         than calls was waiting for approvals (or running) when this was stored.
         """
 
+    @_builtins.property
+    def handed_budget(self) -> Global___HandedBudget:
+        """The budget the run's caller handed over (`x-switchboard-budget`), when it
+        was started across a hop: one more cap on every step, beside the stored
+        budgets (docs/budgets.md, "Across hops").
+        """
+
     def __init__(
         self,
         *,
@@ -96,11 +104,61 @@ class RunJob(_message.Message):
         assistant: _dispatcher_pb2.Assistant | None = ...,
         steps: _abc.Iterable[_handler_pb2.ToolStep] | None = ...,
         traceparent: _builtins.str = ...,
+        handed_budget: Global___HandedBudget | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "message", b"message", "parameters", b"parameters"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "handed_budget", b"handed_budget", "message", b"message", "parameters", b"parameters"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "assistant", b"assistant", "auth_method", b"auth_method", "message", b"message", "parameters", b"parameters", "scopes", b"scopes", "session_id", b"session_id", "steps", b"steps", "timeout_seconds", b"timeout_seconds", "traceparent", b"traceparent", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "assistant", b"assistant", "auth_method", b"auth_method", "handed_budget", b"handed_budget", "message", b"message", "parameters", b"parameters", "scopes", b"scopes", "session_id", b"session_id", "steps", b"steps", "timeout_seconds", b"timeout_seconds", "traceparent", b"traceparent", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RunJob: _TypeAlias = RunJob  # noqa: Y015
+
+@_typing.final
+class HandedBudget(_message.Message):
+    """Caps handed to a run by its caller; an unset field is not capped."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COST_MICROS_FIELD_NUMBER: _builtins.int
+    INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    TOTAL_TOKENS_FIELD_NUMBER: _builtins.int
+    cost_micros: _builtins.int
+    """Cost, in micro-units of the price table's currency."""
+    input_tokens: _builtins.int
+    """Input (prompt) tokens."""
+    output_tokens: _builtins.int
+    """Output (completion) tokens."""
+    total_tokens: _builtins.int
+    """Input plus output tokens."""
+    def __init__(
+        self,
+        *,
+        cost_micros: _builtins.int | None = ...,
+        input_tokens: _builtins.int | None = ...,
+        output_tokens: _builtins.int | None = ...,
+        total_tokens: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cost_micros", b"_cost_micros", "_input_tokens", b"_input_tokens", "_output_tokens", b"_output_tokens", "_total_tokens", b"_total_tokens", "cost_micros", b"cost_micros", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "total_tokens", b"total_tokens"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cost_micros", b"_cost_micros", "_input_tokens", b"_input_tokens", "_output_tokens", b"_output_tokens", "_total_tokens", b"_total_tokens", "cost_micros", b"cost_micros", "input_tokens", b"input_tokens", "output_tokens", b"output_tokens", "total_tokens", b"total_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__cost_micros: _TypeAlias = _typing.Literal["cost_micros"]  # noqa: Y015
+    _WhichOneofArgType__cost_micros: _TypeAlias = _typing.Literal["_cost_micros", b"_cost_micros"]  # noqa: Y015
+    _WhichOneofReturnType__input_tokens: _TypeAlias = _typing.Literal["input_tokens"]  # noqa: Y015
+    _WhichOneofArgType__input_tokens: _TypeAlias = _typing.Literal["_input_tokens", b"_input_tokens"]  # noqa: Y015
+    _WhichOneofReturnType__output_tokens: _TypeAlias = _typing.Literal["output_tokens"]  # noqa: Y015
+    _WhichOneofArgType__output_tokens: _TypeAlias = _typing.Literal["_output_tokens", b"_output_tokens"]  # noqa: Y015
+    _WhichOneofReturnType__total_tokens: _TypeAlias = _typing.Literal["total_tokens"]  # noqa: Y015
+    _WhichOneofArgType__total_tokens: _TypeAlias = _typing.Literal["_total_tokens", b"_total_tokens"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cost_micros) -> _WhichOneofReturnType__cost_micros | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__input_tokens) -> _WhichOneofReturnType__input_tokens | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__output_tokens) -> _WhichOneofReturnType__output_tokens | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__total_tokens) -> _WhichOneofReturnType__total_tokens | None: ...
+
+Global___HandedBudget: _TypeAlias = HandedBudget  # noqa: Y015

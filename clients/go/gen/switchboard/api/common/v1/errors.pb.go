@@ -96,6 +96,14 @@ const (
 	// `oldest_cursor` the oldest retained one; resume after either, or without one.
 	// Since 0.2.0; before, such a cursor was answered CURSOR_EXPIRED.
 	ErrorReason_ERROR_REASON_CURSOR_AHEAD ErrorReason = 31
+	// A budget that applies has no room: a google.rpc.QuotaFailure names each
+	// budget (`subject`) and metadata `reset_time` says when its period resets
+	// (RFC 3339; absent for budgets that never reset). Also the error of a run
+	// that ended at a cap.
+	ErrorReason_ERROR_REASON_BUDGET_EXHAUSTED ErrorReason = 32
+	// A cost budget applies and the model has no price in the price table, so
+	// its cost cannot be reserved (FAILED_PRECONDITION).
+	ErrorReason_ERROR_REASON_MODEL_NOT_PRICED ErrorReason = 33
 )
 
 // Enum value maps for ErrorReason.
@@ -133,6 +141,8 @@ var (
 		29: "ERROR_REASON_RESULT_TOO_LARGE",
 		30: "ERROR_REASON_APPROVAL_EXPIRED",
 		31: "ERROR_REASON_CURSOR_AHEAD",
+		32: "ERROR_REASON_BUDGET_EXHAUSTED",
+		33: "ERROR_REASON_MODEL_NOT_PRICED",
 	}
 	ErrorReason_value = map[string]int32{
 		"ERROR_REASON_UNSPECIFIED":            0,
@@ -167,6 +177,8 @@ var (
 		"ERROR_REASON_RESULT_TOO_LARGE":       29,
 		"ERROR_REASON_APPROVAL_EXPIRED":       30,
 		"ERROR_REASON_CURSOR_AHEAD":           31,
+		"ERROR_REASON_BUDGET_EXHAUSTED":       32,
+		"ERROR_REASON_MODEL_NOT_PRICED":       33,
 	}
 )
 
@@ -201,7 +213,7 @@ var File_switchboard_api_common_v1_errors_proto protoreflect.FileDescriptor
 
 const file_switchboard_api_common_v1_errors_proto_rawDesc = "" +
 	"\n" +
-	"&switchboard/api/common/v1/errors.proto\x12\x19switchboard.api.common.v1*\xbd\b\n" +
+	"&switchboard/api/common/v1/errors.proto\x12\x19switchboard.api.common.v1*\x83\t\n" +
 	"\vErrorReason\x12\x1c\n" +
 	"\x18ERROR_REASON_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dERROR_REASON_INVALID_ARGUMENT\x10\x01\x12 \n" +
@@ -235,7 +247,9 @@ const file_switchboard_api_common_v1_errors_proto_rawDesc = "" +
 	" ERROR_REASON_DESTINATION_BLOCKED\x10\x1c\x12!\n" +
 	"\x1dERROR_REASON_RESULT_TOO_LARGE\x10\x1d\x12!\n" +
 	"\x1dERROR_REASON_APPROVAL_EXPIRED\x10\x1e\x12\x1d\n" +
-	"\x19ERROR_REASON_CURSOR_AHEAD\x10\x1fB\\\n" +
+	"\x19ERROR_REASON_CURSOR_AHEAD\x10\x1f\x12!\n" +
+	"\x1dERROR_REASON_BUDGET_EXHAUSTED\x10 \x12!\n" +
+	"\x1dERROR_REASON_MODEL_NOT_PRICED\x10!B\\\n" +
 	"\x1ddev.switchboard.api.common.v1P\x01Z9switchboard.dev/go/gen/switchboard/api/common/v1;commonv1b\x06proto3"
 
 var (

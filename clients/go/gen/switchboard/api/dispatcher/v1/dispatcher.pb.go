@@ -46,9 +46,11 @@ const (
 	RunState_RUN_STATE_CANCELLED RunState = 5
 	// Its deadline passed before it finished.
 	RunState_RUN_STATE_DEADLINE_EXCEEDED RunState = 6
-	// Paused: tool calls wait for a person's decision (see Run.required_action).
-	// Its deadline stops meanwhile; the pause ends with SubmitToolApprovals, a
-	// cancel, or its expiry (then FAILED with reason APPROVAL_EXPIRED).
+	// Paused: tool calls wait for a person's decision, or the next step waits
+	// for room in a budget (see Run.required_action). Its deadline stops
+	// meanwhile; the pause ends with SubmitToolApprovals (or a raised cap, or
+	// ResolveBudgetAction), a cancel, or its expiry (then FAILED with reason
+	// APPROVAL_EXPIRED, or BUDGET_EXHAUSTED for a budget action).
 	RunState_RUN_STATE_REQUIRES_ACTION RunState = 7
 )
 
@@ -103,6 +105,59 @@ func (RunState) EnumDescriptor() ([]byte, []int) {
 	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{0}
 }
 
+// What to do with a run paused at a budget's cap.
+type BudgetDecision int32
+
+const (
+	// Not decided yet.
+	BudgetDecision_BUDGET_DECISION_UNSPECIFIED BudgetDecision = 0
+	// Reserve this step past the cap (the overdraft is charged like any use).
+	BudgetDecision_BUDGET_DECISION_ALLOW_OVERDRAFT BudgetDecision = 1
+	// End the run FAILED with BUDGET_EXHAUSTED; its completed steps are kept.
+	BudgetDecision_BUDGET_DECISION_FAIL BudgetDecision = 2
+)
+
+// Enum value maps for BudgetDecision.
+var (
+	BudgetDecision_name = map[int32]string{
+		0: "BUDGET_DECISION_UNSPECIFIED",
+		1: "BUDGET_DECISION_ALLOW_OVERDRAFT",
+		2: "BUDGET_DECISION_FAIL",
+	}
+	BudgetDecision_value = map[string]int32{
+		"BUDGET_DECISION_UNSPECIFIED":     0,
+		"BUDGET_DECISION_ALLOW_OVERDRAFT": 1,
+		"BUDGET_DECISION_FAIL":            2,
+	}
+)
+
+func (x BudgetDecision) Enum() *BudgetDecision {
+	p := new(BudgetDecision)
+	*p = x
+	return p
+}
+
+func (x BudgetDecision) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (BudgetDecision) Descriptor() protoreflect.EnumDescriptor {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[1].Descriptor()
+}
+
+func (BudgetDecision) Type() protoreflect.EnumType {
+	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[1]
+}
+
+func (x BudgetDecision) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use BudgetDecision.Descriptor instead.
+func (BudgetDecision) EnumDescriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{1}
+}
+
 // A decision on a tool call.
 type ToolApprovalDecision int32
 
@@ -140,11 +195,11 @@ func (x ToolApprovalDecision) String() string {
 }
 
 func (ToolApprovalDecision) Descriptor() protoreflect.EnumDescriptor {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[1].Descriptor()
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[2].Descriptor()
 }
 
 func (ToolApprovalDecision) Type() protoreflect.EnumType {
-	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[1]
+	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[2]
 }
 
 func (x ToolApprovalDecision) Number() protoreflect.EnumNumber {
@@ -153,7 +208,7 @@ func (x ToolApprovalDecision) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use ToolApprovalDecision.Descriptor instead.
 func (ToolApprovalDecision) EnumDescriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{1}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{2}
 }
 
 // What SendMessage does when the conversation already has a queued or running run.
@@ -197,11 +252,11 @@ func (x ConcurrencyPolicy) String() string {
 }
 
 func (ConcurrencyPolicy) Descriptor() protoreflect.EnumDescriptor {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[2].Descriptor()
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[3].Descriptor()
 }
 
 func (ConcurrencyPolicy) Type() protoreflect.EnumType {
-	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[2]
+	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[3]
 }
 
 func (x ConcurrencyPolicy) Number() protoreflect.EnumNumber {
@@ -210,7 +265,7 @@ func (x ConcurrencyPolicy) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use ConcurrencyPolicy.Descriptor instead.
 func (ConcurrencyPolicy) EnumDescriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{2}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{3}
 }
 
 // Where a handler runs.
@@ -254,11 +309,11 @@ func (x HandlerKind) String() string {
 }
 
 func (HandlerKind) Descriptor() protoreflect.EnumDescriptor {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[3].Descriptor()
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[4].Descriptor()
 }
 
 func (HandlerKind) Type() protoreflect.EnumType {
-	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[3]
+	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[4]
 }
 
 func (x HandlerKind) Number() protoreflect.EnumNumber {
@@ -267,7 +322,133 @@ func (x HandlerKind) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use HandlerKind.Descriptor instead.
 func (HandlerKind) EnumDescriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{3}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{4}
+}
+
+// The span of time a budget's caps cover.
+type BudgetPeriod int32
+
+const (
+	// Not set (INVALID_ARGUMENT).
+	BudgetPeriod_BUDGET_PERIOD_UNSPECIFIED BudgetPeriod = 0
+	// Each run on its own (and every hop it makes).
+	BudgetPeriod_BUDGET_PERIOD_RUN BudgetPeriod = 1
+	// A calendar day in the budget's time zone.
+	BudgetPeriod_BUDGET_PERIOD_DAY BudgetPeriod = 2
+	// A calendar week, Monday to Sunday, in the budget's time zone.
+	BudgetPeriod_BUDGET_PERIOD_WEEK BudgetPeriod = 3
+	// A calendar month in the budget's time zone.
+	BudgetPeriod_BUDGET_PERIOD_MONTH BudgetPeriod = 4
+	// Never resets.
+	BudgetPeriod_BUDGET_PERIOD_TOTAL BudgetPeriod = 5
+)
+
+// Enum value maps for BudgetPeriod.
+var (
+	BudgetPeriod_name = map[int32]string{
+		0: "BUDGET_PERIOD_UNSPECIFIED",
+		1: "BUDGET_PERIOD_RUN",
+		2: "BUDGET_PERIOD_DAY",
+		3: "BUDGET_PERIOD_WEEK",
+		4: "BUDGET_PERIOD_MONTH",
+		5: "BUDGET_PERIOD_TOTAL",
+	}
+	BudgetPeriod_value = map[string]int32{
+		"BUDGET_PERIOD_UNSPECIFIED": 0,
+		"BUDGET_PERIOD_RUN":         1,
+		"BUDGET_PERIOD_DAY":         2,
+		"BUDGET_PERIOD_WEEK":        3,
+		"BUDGET_PERIOD_MONTH":       4,
+		"BUDGET_PERIOD_TOTAL":       5,
+	}
+)
+
+func (x BudgetPeriod) Enum() *BudgetPeriod {
+	p := new(BudgetPeriod)
+	*p = x
+	return p
+}
+
+func (x BudgetPeriod) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (BudgetPeriod) Descriptor() protoreflect.EnumDescriptor {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[5].Descriptor()
+}
+
+func (BudgetPeriod) Type() protoreflect.EnumType {
+	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[5]
+}
+
+func (x BudgetPeriod) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use BudgetPeriod.Descriptor instead.
+func (BudgetPeriod) EnumDescriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{5}
+}
+
+// A way to group usage.
+type UsageDimension int32
+
+const (
+	// Not set (INVALID_ARGUMENT).
+	UsageDimension_USAGE_DIMENSION_UNSPECIFIED UsageDimension = 0
+	// By calendar day (UTC).
+	UsageDimension_USAGE_DIMENSION_DAY UsageDimension = 1
+	// By assistant.
+	UsageDimension_USAGE_DIMENSION_ASSISTANT UsageDimension = 2
+	// By API key.
+	UsageDimension_USAGE_DIMENSION_API_KEY UsageDimension = 3
+	// By model (`provider/model`).
+	UsageDimension_USAGE_DIMENSION_MODEL UsageDimension = 4
+)
+
+// Enum value maps for UsageDimension.
+var (
+	UsageDimension_name = map[int32]string{
+		0: "USAGE_DIMENSION_UNSPECIFIED",
+		1: "USAGE_DIMENSION_DAY",
+		2: "USAGE_DIMENSION_ASSISTANT",
+		3: "USAGE_DIMENSION_API_KEY",
+		4: "USAGE_DIMENSION_MODEL",
+	}
+	UsageDimension_value = map[string]int32{
+		"USAGE_DIMENSION_UNSPECIFIED": 0,
+		"USAGE_DIMENSION_DAY":         1,
+		"USAGE_DIMENSION_ASSISTANT":   2,
+		"USAGE_DIMENSION_API_KEY":     3,
+		"USAGE_DIMENSION_MODEL":       4,
+	}
+)
+
+func (x UsageDimension) Enum() *UsageDimension {
+	p := new(UsageDimension)
+	*p = x
+	return p
+}
+
+func (x UsageDimension) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (UsageDimension) Descriptor() protoreflect.EnumDescriptor {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[6].Descriptor()
+}
+
+func (UsageDimension) Type() protoreflect.EnumType {
+	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[6]
+}
+
+func (x UsageDimension) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use UsageDimension.Descriptor instead.
+func (UsageDimension) EnumDescriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{6}
 }
 
 // One execution of a handler answering one user message.
@@ -505,8 +686,11 @@ type RequiredAction struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The calls that need a decision, in the order the handler made them.
 	ToolCalls []*PendingToolCall `protobuf:"bytes,1,rep,name=tool_calls,json=toolCalls,proto3" json:"tool_calls,omitempty"`
-	// When the run fails (APPROVAL_EXPIRED) if a call is still undecided.
-	ExpireTime    *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=expire_time,json=expireTime,proto3" json:"expire_time,omitempty"`
+	// When the run fails (APPROVAL_EXPIRED, or BUDGET_EXHAUSTED for a budget
+	// action) if it is still undecided.
+	ExpireTime *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=expire_time,json=expireTime,proto3" json:"expire_time,omitempty"`
+	// Set when the run waits for room in a budget (then `tool_calls` is empty).
+	Budget        *BudgetAction `protobuf:"bytes,3,opt,name=budget,proto3" json:"budget,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -555,6 +739,116 @@ func (x *RequiredAction) GetExpireTime() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *RequiredAction) GetBudget() *BudgetAction {
+	if x != nil {
+		return x.Budget
+	}
+	return nil
+}
+
+// A run's next step does not fit in its budgets: an owner raises a cap
+// (UpdateBudget), allows this one step past it, or fails the run
+// (ResolveBudgetAction).
+type BudgetAction struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The budgets without room, `workspaces/{w}/budgets/{b}`.
+	Budgets []string `protobuf:"bytes,1,rep,name=budgets,proto3" json:"budgets,omitempty"`
+	// What the step asks to reserve: its worst-case cost in micro-units of the
+	// price table's currency.
+	CostMicros int64 `protobuf:"varint,2,opt,name=cost_micros,json=costMicros,proto3" json:"cost_micros,omitempty"`
+	// What the step asks to reserve: its prompt's counted tokens.
+	InputTokens int64 `protobuf:"varint,3,opt,name=input_tokens,json=inputTokens,proto3" json:"input_tokens,omitempty"`
+	// What the step asks to reserve: its `max_tokens`.
+	OutputTokens int64 `protobuf:"varint,4,opt,name=output_tokens,json=outputTokens,proto3" json:"output_tokens,omitempty"`
+	// The decision; UNSPECIFIED while undecided.
+	Decision BudgetDecision `protobuf:"varint,5,opt,name=decision,proto3,enum=switchboard.api.dispatcher.v1.BudgetDecision" json:"decision,omitempty"`
+	// Who decided, `users/{user}`.
+	DecidedBy string `protobuf:"bytes,6,opt,name=decided_by,json=decidedBy,proto3" json:"decided_by,omitempty"`
+	// When it was decided.
+	DecideTime    *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=decide_time,json=decideTime,proto3" json:"decide_time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BudgetAction) Reset() {
+	*x = BudgetAction{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BudgetAction) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BudgetAction) ProtoMessage() {}
+
+func (x *BudgetAction) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BudgetAction.ProtoReflect.Descriptor instead.
+func (*BudgetAction) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *BudgetAction) GetBudgets() []string {
+	if x != nil {
+		return x.Budgets
+	}
+	return nil
+}
+
+func (x *BudgetAction) GetCostMicros() int64 {
+	if x != nil {
+		return x.CostMicros
+	}
+	return 0
+}
+
+func (x *BudgetAction) GetInputTokens() int64 {
+	if x != nil {
+		return x.InputTokens
+	}
+	return 0
+}
+
+func (x *BudgetAction) GetOutputTokens() int64 {
+	if x != nil {
+		return x.OutputTokens
+	}
+	return 0
+}
+
+func (x *BudgetAction) GetDecision() BudgetDecision {
+	if x != nil {
+		return x.Decision
+	}
+	return BudgetDecision_BUDGET_DECISION_UNSPECIFIED
+}
+
+func (x *BudgetAction) GetDecidedBy() string {
+	if x != nil {
+		return x.DecidedBy
+	}
+	return ""
+}
+
+func (x *BudgetAction) GetDecideTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.DecideTime
+	}
+	return nil
+}
+
 // A tool call that needs a person's approval, and its decision so far.
 type PendingToolCall struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -574,7 +868,7 @@ type PendingToolCall struct {
 
 func (x *PendingToolCall) Reset() {
 	*x = PendingToolCall{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[2]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -586,7 +880,7 @@ func (x *PendingToolCall) String() string {
 func (*PendingToolCall) ProtoMessage() {}
 
 func (x *PendingToolCall) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[2]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -599,7 +893,7 @@ func (x *PendingToolCall) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PendingToolCall.ProtoReflect.Descriptor instead.
 func (*PendingToolCall) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{2}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *PendingToolCall) GetCall() *v1.ToolCall {
@@ -670,7 +964,7 @@ type SendMessageRequest struct {
 
 func (x *SendMessageRequest) Reset() {
 	*x = SendMessageRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[3]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -682,7 +976,7 @@ func (x *SendMessageRequest) String() string {
 func (*SendMessageRequest) ProtoMessage() {}
 
 func (x *SendMessageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[3]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -695,7 +989,7 @@ func (x *SendMessageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SendMessageRequest.ProtoReflect.Descriptor instead.
 func (*SendMessageRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{3}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *SendMessageRequest) GetConversation() string {
@@ -767,7 +1061,7 @@ type SendMessageResponse struct {
 
 func (x *SendMessageResponse) Reset() {
 	*x = SendMessageResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[4]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -779,7 +1073,7 @@ func (x *SendMessageResponse) String() string {
 func (*SendMessageResponse) ProtoMessage() {}
 
 func (x *SendMessageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[4]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -792,7 +1086,7 @@ func (x *SendMessageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SendMessageResponse.ProtoReflect.Descriptor instead.
 func (*SendMessageResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{4}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *SendMessageResponse) GetRun() *Run {
@@ -820,7 +1114,7 @@ type GetRunRequest struct {
 
 func (x *GetRunRequest) Reset() {
 	*x = GetRunRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[5]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -832,7 +1126,7 @@ func (x *GetRunRequest) String() string {
 func (*GetRunRequest) ProtoMessage() {}
 
 func (x *GetRunRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[5]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -845,7 +1139,7 @@ func (x *GetRunRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetRunRequest.ProtoReflect.Descriptor instead.
 func (*GetRunRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{5}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *GetRunRequest) GetName() string {
@@ -866,7 +1160,7 @@ type GetRunResponse struct {
 
 func (x *GetRunResponse) Reset() {
 	*x = GetRunResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[6]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -878,7 +1172,7 @@ func (x *GetRunResponse) String() string {
 func (*GetRunResponse) ProtoMessage() {}
 
 func (x *GetRunResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[6]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -891,7 +1185,7 @@ func (x *GetRunResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetRunResponse.ProtoReflect.Descriptor instead.
 func (*GetRunResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{6}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *GetRunResponse) GetRun() *Run {
@@ -927,7 +1221,7 @@ type ListRunsRequest struct {
 
 func (x *ListRunsRequest) Reset() {
 	*x = ListRunsRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[7]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -939,7 +1233,7 @@ func (x *ListRunsRequest) String() string {
 func (*ListRunsRequest) ProtoMessage() {}
 
 func (x *ListRunsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[7]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -952,7 +1246,7 @@ func (x *ListRunsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListRunsRequest.ProtoReflect.Descriptor instead.
 func (*ListRunsRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{7}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ListRunsRequest) GetParent() string {
@@ -1012,7 +1306,7 @@ type ListRunsResponse struct {
 
 func (x *ListRunsResponse) Reset() {
 	*x = ListRunsResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[8]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1024,7 +1318,7 @@ func (x *ListRunsResponse) String() string {
 func (*ListRunsResponse) ProtoMessage() {}
 
 func (x *ListRunsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[8]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1037,7 +1331,7 @@ func (x *ListRunsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListRunsResponse.ProtoReflect.Descriptor instead.
 func (*ListRunsResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{8}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ListRunsResponse) GetRuns() []*Run {
@@ -1074,7 +1368,7 @@ type CancelRunRequest struct {
 
 func (x *CancelRunRequest) Reset() {
 	*x = CancelRunRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[9]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1086,7 +1380,7 @@ func (x *CancelRunRequest) String() string {
 func (*CancelRunRequest) ProtoMessage() {}
 
 func (x *CancelRunRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[9]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1099,7 +1393,7 @@ func (x *CancelRunRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelRunRequest.ProtoReflect.Descriptor instead.
 func (*CancelRunRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{9}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *CancelRunRequest) GetName() string {
@@ -1127,7 +1421,7 @@ type CancelRunResponse struct {
 
 func (x *CancelRunResponse) Reset() {
 	*x = CancelRunResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[10]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1139,7 +1433,7 @@ func (x *CancelRunResponse) String() string {
 func (*CancelRunResponse) ProtoMessage() {}
 
 func (x *CancelRunResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[10]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1152,7 +1446,7 @@ func (x *CancelRunResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelRunResponse.ProtoReflect.Descriptor instead.
 func (*CancelRunResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{10}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *CancelRunResponse) GetRun() *Run {
@@ -1175,7 +1469,7 @@ type WatchRunRequest struct {
 
 func (x *WatchRunRequest) Reset() {
 	*x = WatchRunRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[11]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1187,7 +1481,7 @@ func (x *WatchRunRequest) String() string {
 func (*WatchRunRequest) ProtoMessage() {}
 
 func (x *WatchRunRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[11]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1200,7 +1494,7 @@ func (x *WatchRunRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchRunRequest.ProtoReflect.Descriptor instead.
 func (*WatchRunRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{11}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *WatchRunRequest) GetName() string {
@@ -1228,7 +1522,7 @@ type RunStateChange struct {
 
 func (x *RunStateChange) Reset() {
 	*x = RunStateChange{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[12]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1240,7 +1534,7 @@ func (x *RunStateChange) String() string {
 func (*RunStateChange) ProtoMessage() {}
 
 func (x *RunStateChange) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[12]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1253,7 +1547,7 @@ func (x *RunStateChange) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RunStateChange.ProtoReflect.Descriptor instead.
 func (*RunStateChange) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{12}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *RunStateChange) GetRun() *Run {
@@ -1293,7 +1587,7 @@ type RunUpdate struct {
 
 func (x *RunUpdate) Reset() {
 	*x = RunUpdate{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[13]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1305,7 +1599,7 @@ func (x *RunUpdate) String() string {
 func (*RunUpdate) ProtoMessage() {}
 
 func (x *RunUpdate) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[13]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1318,7 +1612,7 @@ func (x *RunUpdate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RunUpdate.ProtoReflect.Descriptor instead.
 func (*RunUpdate) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{13}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *RunUpdate) GetRun() string {
@@ -1465,7 +1759,7 @@ type WatchRunResponse struct {
 
 func (x *WatchRunResponse) Reset() {
 	*x = WatchRunResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[14]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1477,7 +1771,7 @@ func (x *WatchRunResponse) String() string {
 func (*WatchRunResponse) ProtoMessage() {}
 
 func (x *WatchRunResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[14]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1490,7 +1784,7 @@ func (x *WatchRunResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchRunResponse.ProtoReflect.Descriptor instead.
 func (*WatchRunResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{14}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *WatchRunResponse) GetFrame() isWatchRunResponse_Frame {
@@ -1547,7 +1841,7 @@ type Heartbeat struct {
 
 func (x *Heartbeat) Reset() {
 	*x = Heartbeat{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[15]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1559,7 +1853,7 @@ func (x *Heartbeat) String() string {
 func (*Heartbeat) ProtoMessage() {}
 
 func (x *Heartbeat) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[15]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1572,7 +1866,7 @@ func (x *Heartbeat) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Heartbeat.ProtoReflect.Descriptor instead.
 func (*Heartbeat) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{15}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Heartbeat) GetTime() *timestamppb.Timestamp {
@@ -1604,7 +1898,7 @@ type ConverseRequest struct {
 
 func (x *ConverseRequest) Reset() {
 	*x = ConverseRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[16]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1616,7 +1910,7 @@ func (x *ConverseRequest) String() string {
 func (*ConverseRequest) ProtoMessage() {}
 
 func (x *ConverseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[16]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1629,7 +1923,7 @@ func (x *ConverseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConverseRequest.ProtoReflect.Descriptor instead.
 func (*ConverseRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{16}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ConverseRequest) GetClientRequestId() string {
@@ -1736,7 +2030,7 @@ type ConverseResponse struct {
 
 func (x *ConverseResponse) Reset() {
 	*x = ConverseResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[17]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1748,7 +2042,7 @@ func (x *ConverseResponse) String() string {
 func (*ConverseResponse) ProtoMessage() {}
 
 func (x *ConverseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[17]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1761,7 +2055,7 @@ func (x *ConverseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConverseResponse.ProtoReflect.Descriptor instead.
 func (*ConverseResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{17}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ConverseResponse) GetClientRequestId() string {
@@ -1897,7 +2191,7 @@ type Handler struct {
 
 func (x *Handler) Reset() {
 	*x = Handler{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[18]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1909,7 +2203,7 @@ func (x *Handler) String() string {
 func (*Handler) ProtoMessage() {}
 
 func (x *Handler) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[18]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1922,7 +2216,7 @@ func (x *Handler) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Handler.ProtoReflect.Descriptor instead.
 func (*Handler) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{18}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Handler) GetName() string {
@@ -1975,7 +2269,7 @@ type ListHandlersRequest struct {
 
 func (x *ListHandlersRequest) Reset() {
 	*x = ListHandlersRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[19]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1987,7 +2281,7 @@ func (x *ListHandlersRequest) String() string {
 func (*ListHandlersRequest) ProtoMessage() {}
 
 func (x *ListHandlersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[19]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2000,7 +2294,7 @@ func (x *ListHandlersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListHandlersRequest.ProtoReflect.Descriptor instead.
 func (*ListHandlersRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{19}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ListHandlersRequest) GetParent() string {
@@ -2037,7 +2331,7 @@ type ListHandlersResponse struct {
 
 func (x *ListHandlersResponse) Reset() {
 	*x = ListHandlersResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[20]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2049,7 +2343,7 @@ func (x *ListHandlersResponse) String() string {
 func (*ListHandlersResponse) ProtoMessage() {}
 
 func (x *ListHandlersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[20]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2062,7 +2356,7 @@ func (x *ListHandlersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListHandlersResponse.ProtoReflect.Descriptor instead.
 func (*ListHandlersResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{20}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ListHandlersResponse) GetHandlers() []*Handler {
@@ -2094,7 +2388,7 @@ type ToolApproval struct {
 
 func (x *ToolApproval) Reset() {
 	*x = ToolApproval{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[21]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2106,7 +2400,7 @@ func (x *ToolApproval) String() string {
 func (*ToolApproval) ProtoMessage() {}
 
 func (x *ToolApproval) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[21]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2119,7 +2413,7 @@ func (x *ToolApproval) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolApproval.ProtoReflect.Descriptor instead.
 func (*ToolApproval) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{21}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ToolApproval) GetToolCallId() string {
@@ -2158,7 +2452,7 @@ type SubmitToolApprovalsRequest struct {
 
 func (x *SubmitToolApprovalsRequest) Reset() {
 	*x = SubmitToolApprovalsRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[22]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2170,7 +2464,7 @@ func (x *SubmitToolApprovalsRequest) String() string {
 func (*SubmitToolApprovalsRequest) ProtoMessage() {}
 
 func (x *SubmitToolApprovalsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[22]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2183,7 +2477,7 @@ func (x *SubmitToolApprovalsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitToolApprovalsRequest.ProtoReflect.Descriptor instead.
 func (*SubmitToolApprovalsRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{22}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *SubmitToolApprovalsRequest) GetName() string {
@@ -2212,7 +2506,7 @@ type SubmitToolApprovalsResponse struct {
 
 func (x *SubmitToolApprovalsResponse) Reset() {
 	*x = SubmitToolApprovalsResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[23]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2224,7 +2518,7 @@ func (x *SubmitToolApprovalsResponse) String() string {
 func (*SubmitToolApprovalsResponse) ProtoMessage() {}
 
 func (x *SubmitToolApprovalsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[23]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2237,7 +2531,7 @@ func (x *SubmitToolApprovalsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitToolApprovalsResponse.ProtoReflect.Descriptor instead.
 func (*SubmitToolApprovalsResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{23}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *SubmitToolApprovalsResponse) GetRun() *Run {
@@ -2265,7 +2559,7 @@ type AssistantTools struct {
 
 func (x *AssistantTools) Reset() {
 	*x = AssistantTools{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[24]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2277,7 +2571,7 @@ func (x *AssistantTools) String() string {
 func (*AssistantTools) ProtoMessage() {}
 
 func (x *AssistantTools) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[24]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2290,7 +2584,7 @@ func (x *AssistantTools) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AssistantTools.ProtoReflect.Descriptor instead.
 func (*AssistantTools) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{24}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *AssistantTools) GetIntegration() string {
@@ -2358,7 +2652,7 @@ type Assistant struct {
 
 func (x *Assistant) Reset() {
 	*x = Assistant{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[25]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2370,7 +2664,7 @@ func (x *Assistant) String() string {
 func (*Assistant) ProtoMessage() {}
 
 func (x *Assistant) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[25]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2383,7 +2677,7 @@ func (x *Assistant) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Assistant.ProtoReflect.Descriptor instead.
 func (*Assistant) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{25}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *Assistant) GetName() string {
@@ -2500,7 +2794,7 @@ type CreateAssistantRequest struct {
 
 func (x *CreateAssistantRequest) Reset() {
 	*x = CreateAssistantRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[26]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2512,7 +2806,7 @@ func (x *CreateAssistantRequest) String() string {
 func (*CreateAssistantRequest) ProtoMessage() {}
 
 func (x *CreateAssistantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[26]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2525,7 +2819,7 @@ func (x *CreateAssistantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateAssistantRequest.ProtoReflect.Descriptor instead.
 func (*CreateAssistantRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{26}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *CreateAssistantRequest) GetParent() string {
@@ -2567,7 +2861,7 @@ type CreateAssistantResponse struct {
 
 func (x *CreateAssistantResponse) Reset() {
 	*x = CreateAssistantResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[27]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2579,7 +2873,7 @@ func (x *CreateAssistantResponse) String() string {
 func (*CreateAssistantResponse) ProtoMessage() {}
 
 func (x *CreateAssistantResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[27]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2592,7 +2886,7 @@ func (x *CreateAssistantResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateAssistantResponse.ProtoReflect.Descriptor instead.
 func (*CreateAssistantResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{27}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *CreateAssistantResponse) GetAssistant() *Assistant {
@@ -2613,7 +2907,7 @@ type GetAssistantRequest struct {
 
 func (x *GetAssistantRequest) Reset() {
 	*x = GetAssistantRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[28]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2625,7 +2919,7 @@ func (x *GetAssistantRequest) String() string {
 func (*GetAssistantRequest) ProtoMessage() {}
 
 func (x *GetAssistantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[28]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2638,7 +2932,7 @@ func (x *GetAssistantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetAssistantRequest.ProtoReflect.Descriptor instead.
 func (*GetAssistantRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{28}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *GetAssistantRequest) GetName() string {
@@ -2659,7 +2953,7 @@ type GetAssistantResponse struct {
 
 func (x *GetAssistantResponse) Reset() {
 	*x = GetAssistantResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[29]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2671,7 +2965,7 @@ func (x *GetAssistantResponse) String() string {
 func (*GetAssistantResponse) ProtoMessage() {}
 
 func (x *GetAssistantResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[29]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2684,7 +2978,7 @@ func (x *GetAssistantResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetAssistantResponse.ProtoReflect.Descriptor instead.
 func (*GetAssistantResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{29}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *GetAssistantResponse) GetAssistant() *Assistant {
@@ -2709,7 +3003,7 @@ type ListAssistantsRequest struct {
 
 func (x *ListAssistantsRequest) Reset() {
 	*x = ListAssistantsRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[30]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2721,7 +3015,7 @@ func (x *ListAssistantsRequest) String() string {
 func (*ListAssistantsRequest) ProtoMessage() {}
 
 func (x *ListAssistantsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[30]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2734,7 +3028,7 @@ func (x *ListAssistantsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAssistantsRequest.ProtoReflect.Descriptor instead.
 func (*ListAssistantsRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{30}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *ListAssistantsRequest) GetParent() string {
@@ -2771,7 +3065,7 @@ type ListAssistantsResponse struct {
 
 func (x *ListAssistantsResponse) Reset() {
 	*x = ListAssistantsResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[31]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2783,7 +3077,7 @@ func (x *ListAssistantsResponse) String() string {
 func (*ListAssistantsResponse) ProtoMessage() {}
 
 func (x *ListAssistantsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[31]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2796,7 +3090,7 @@ func (x *ListAssistantsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAssistantsResponse.ProtoReflect.Descriptor instead.
 func (*ListAssistantsResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{31}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *ListAssistantsResponse) GetAssistants() []*Assistant {
@@ -2828,7 +3122,7 @@ type UpdateAssistantRequest struct {
 
 func (x *UpdateAssistantRequest) Reset() {
 	*x = UpdateAssistantRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[32]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2840,7 +3134,7 @@ func (x *UpdateAssistantRequest) String() string {
 func (*UpdateAssistantRequest) ProtoMessage() {}
 
 func (x *UpdateAssistantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[32]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2853,7 +3147,7 @@ func (x *UpdateAssistantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateAssistantRequest.ProtoReflect.Descriptor instead.
 func (*UpdateAssistantRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{32}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *UpdateAssistantRequest) GetAssistant() *Assistant {
@@ -2881,7 +3175,7 @@ type UpdateAssistantResponse struct {
 
 func (x *UpdateAssistantResponse) Reset() {
 	*x = UpdateAssistantResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[33]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2893,7 +3187,7 @@ func (x *UpdateAssistantResponse) String() string {
 func (*UpdateAssistantResponse) ProtoMessage() {}
 
 func (x *UpdateAssistantResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[33]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2906,7 +3200,7 @@ func (x *UpdateAssistantResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateAssistantResponse.ProtoReflect.Descriptor instead.
 func (*UpdateAssistantResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{33}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *UpdateAssistantResponse) GetAssistant() *Assistant {
@@ -2929,7 +3223,7 @@ type DeleteAssistantRequest struct {
 
 func (x *DeleteAssistantRequest) Reset() {
 	*x = DeleteAssistantRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[34]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2941,7 +3235,7 @@ func (x *DeleteAssistantRequest) String() string {
 func (*DeleteAssistantRequest) ProtoMessage() {}
 
 func (x *DeleteAssistantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[34]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2954,7 +3248,7 @@ func (x *DeleteAssistantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteAssistantRequest.ProtoReflect.Descriptor instead.
 func (*DeleteAssistantRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{34}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *DeleteAssistantRequest) GetName() string {
@@ -2980,7 +3274,7 @@ type DeleteAssistantResponse struct {
 
 func (x *DeleteAssistantResponse) Reset() {
 	*x = DeleteAssistantResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[35]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2992,7 +3286,7 @@ func (x *DeleteAssistantResponse) String() string {
 func (*DeleteAssistantResponse) ProtoMessage() {}
 
 func (x *DeleteAssistantResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[35]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3005,7 +3299,7 @@ func (x *DeleteAssistantResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteAssistantResponse.ProtoReflect.Descriptor instead.
 func (*DeleteAssistantResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{35}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{36}
 }
 
 // Request for DescribeConversation.
@@ -3023,7 +3317,7 @@ type DescribeConversationRequest struct {
 
 func (x *DescribeConversationRequest) Reset() {
 	*x = DescribeConversationRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[36]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3035,7 +3329,7 @@ func (x *DescribeConversationRequest) String() string {
 func (*DescribeConversationRequest) ProtoMessage() {}
 
 func (x *DescribeConversationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[36]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3048,7 +3342,7 @@ func (x *DescribeConversationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DescribeConversationRequest.ProtoReflect.Descriptor instead.
 func (*DescribeConversationRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{36}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *DescribeConversationRequest) GetConversation() string {
@@ -3096,7 +3390,7 @@ type DescribeConversationResponse struct {
 
 func (x *DescribeConversationResponse) Reset() {
 	*x = DescribeConversationResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[37]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3108,7 +3402,7 @@ func (x *DescribeConversationResponse) String() string {
 func (*DescribeConversationResponse) ProtoMessage() {}
 
 func (x *DescribeConversationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[37]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3121,7 +3415,7 @@ func (x *DescribeConversationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DescribeConversationResponse.ProtoReflect.Descriptor instead.
 func (*DescribeConversationResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{37}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *DescribeConversationResponse) GetAssistant() *Assistant {
@@ -3173,6 +3467,1550 @@ func (x *DescribeConversationResponse) GetMaxToolSteps() int32 {
 	return 0
 }
 
+// A cap on what runs may spend. Every budget that applies to a run must hold:
+// before each model call the run reserves its worst case, before each priced
+// tool call that price, and settles what it used after.
+type Budget struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Resource name, `workspaces/{w}/budgets/{b}`.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// Human-readable name (at most 200 characters).
+	DisplayName string `protobuf:"bytes,2,opt,name=display_name,json=displayName,proto3" json:"display_name,omitempty"`
+	// What it applies to: `workspaces/{w}` (every run of the workspace),
+	// `workspaces/{w}/assistants/{a}` (the runs of that assistant), or
+	// `users/{u}/apiKeys/{k}` (the runs started with that API key in this
+	// workspace). The workspace is the budget's own.
+	Scope string `protobuf:"bytes,3,opt,name=scope,proto3" json:"scope,omitempty"`
+	// The span its caps cover.
+	Period BudgetPeriod `protobuf:"varint,4,opt,name=period,proto3,enum=switchboard.api.dispatcher.v1.BudgetPeriod" json:"period,omitempty"`
+	// IANA time zone in which days, weeks and months begin (for example
+	// `Europe/Paris`); UTC if empty.
+	TimeZone string `protobuf:"bytes,5,opt,name=time_zone,json=timeZone,proto3" json:"time_zone,omitempty"`
+	// Cap on cost, in micro-units of the price table's currency (1,000,000 is
+	// one unit); unset for no cost cap. At least one cap must be set; a set cap
+	// must be positive.
+	CostLimitMicros *int64 `protobuf:"varint,6,opt,name=cost_limit_micros,json=costLimitMicros,proto3,oneof" json:"cost_limit_micros,omitempty"`
+	// Cap on input (prompt) tokens; unset for none.
+	InputTokenLimit *int64 `protobuf:"varint,7,opt,name=input_token_limit,json=inputTokenLimit,proto3,oneof" json:"input_token_limit,omitempty"`
+	// Cap on output (completion) tokens; unset for none.
+	OutputTokenLimit *int64 `protobuf:"varint,8,opt,name=output_token_limit,json=outputTokenLimit,proto3,oneof" json:"output_token_limit,omitempty"`
+	// Cap on input plus output tokens; unset for none.
+	TotalTokenLimit *int64 `protobuf:"varint,9,opt,name=total_token_limit,json=totalTokenLimit,proto3,oneof" json:"total_token_limit,omitempty"`
+	// Percentages of a cap (1-100, at most 10, each once) at which an event
+	// (BUDGET_THRESHOLD_REACHED) is logged, once per period.
+	AlertThresholds []int32 `protobuf:"varint,10,rep,packed,name=alert_thresholds,json=alertThresholds,proto3" json:"alert_thresholds,omitempty"`
+	// The current period's usage (output only; empty for RUN budgets).
+	Usage *BudgetUsage `protobuf:"bytes,11,opt,name=usage,proto3" json:"usage,omitempty"`
+	// Checksum for optimistic concurrency (output only; send it back to update).
+	Etag string `protobuf:"bytes,12,opt,name=etag,proto3" json:"etag,omitempty"`
+	// When it was created (output only).
+	CreateTime *timestamppb.Timestamp `protobuf:"bytes,13,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
+	// When it last changed (output only).
+	UpdateTime    *timestamppb.Timestamp `protobuf:"bytes,14,opt,name=update_time,json=updateTime,proto3" json:"update_time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Budget) Reset() {
+	*x = Budget{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Budget) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Budget) ProtoMessage() {}
+
+func (x *Budget) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Budget.ProtoReflect.Descriptor instead.
+func (*Budget) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *Budget) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Budget) GetDisplayName() string {
+	if x != nil {
+		return x.DisplayName
+	}
+	return ""
+}
+
+func (x *Budget) GetScope() string {
+	if x != nil {
+		return x.Scope
+	}
+	return ""
+}
+
+func (x *Budget) GetPeriod() BudgetPeriod {
+	if x != nil {
+		return x.Period
+	}
+	return BudgetPeriod_BUDGET_PERIOD_UNSPECIFIED
+}
+
+func (x *Budget) GetTimeZone() string {
+	if x != nil {
+		return x.TimeZone
+	}
+	return ""
+}
+
+func (x *Budget) GetCostLimitMicros() int64 {
+	if x != nil && x.CostLimitMicros != nil {
+		return *x.CostLimitMicros
+	}
+	return 0
+}
+
+func (x *Budget) GetInputTokenLimit() int64 {
+	if x != nil && x.InputTokenLimit != nil {
+		return *x.InputTokenLimit
+	}
+	return 0
+}
+
+func (x *Budget) GetOutputTokenLimit() int64 {
+	if x != nil && x.OutputTokenLimit != nil {
+		return *x.OutputTokenLimit
+	}
+	return 0
+}
+
+func (x *Budget) GetTotalTokenLimit() int64 {
+	if x != nil && x.TotalTokenLimit != nil {
+		return *x.TotalTokenLimit
+	}
+	return 0
+}
+
+func (x *Budget) GetAlertThresholds() []int32 {
+	if x != nil {
+		return x.AlertThresholds
+	}
+	return nil
+}
+
+func (x *Budget) GetUsage() *BudgetUsage {
+	if x != nil {
+		return x.Usage
+	}
+	return nil
+}
+
+func (x *Budget) GetEtag() string {
+	if x != nil {
+		return x.Etag
+	}
+	return ""
+}
+
+func (x *Budget) GetCreateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreateTime
+	}
+	return nil
+}
+
+func (x *Budget) GetUpdateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.UpdateTime
+	}
+	return nil
+}
+
+// What a budget's current period has used and holds.
+type BudgetUsage struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// When the period began (unset for TOTAL).
+	PeriodStartTime *timestamppb.Timestamp `protobuf:"bytes,1,opt,name=period_start_time,json=periodStartTime,proto3" json:"period_start_time,omitempty"`
+	// When the next period begins (unset for TOTAL).
+	ResetTime *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=reset_time,json=resetTime,proto3" json:"reset_time,omitempty"`
+	// Cost settled, in micro-units.
+	CostMicros int64 `protobuf:"varint,3,opt,name=cost_micros,json=costMicros,proto3" json:"cost_micros,omitempty"`
+	// Input tokens settled.
+	InputTokens int64 `protobuf:"varint,4,opt,name=input_tokens,json=inputTokens,proto3" json:"input_tokens,omitempty"`
+	// Output tokens settled.
+	OutputTokens int64 `protobuf:"varint,5,opt,name=output_tokens,json=outputTokens,proto3" json:"output_tokens,omitempty"`
+	// Cost reserved by calls in flight, in micro-units.
+	ReservedCostMicros int64 `protobuf:"varint,6,opt,name=reserved_cost_micros,json=reservedCostMicros,proto3" json:"reserved_cost_micros,omitempty"`
+	// Input tokens reserved by calls in flight.
+	ReservedInputTokens int64 `protobuf:"varint,7,opt,name=reserved_input_tokens,json=reservedInputTokens,proto3" json:"reserved_input_tokens,omitempty"`
+	// Output tokens reserved by calls in flight.
+	ReservedOutputTokens int64 `protobuf:"varint,8,opt,name=reserved_output_tokens,json=reservedOutputTokens,proto3" json:"reserved_output_tokens,omitempty"`
+	unknownFields        protoimpl.UnknownFields
+	sizeCache            protoimpl.SizeCache
+}
+
+func (x *BudgetUsage) Reset() {
+	*x = BudgetUsage{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[40]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BudgetUsage) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BudgetUsage) ProtoMessage() {}
+
+func (x *BudgetUsage) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[40]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BudgetUsage.ProtoReflect.Descriptor instead.
+func (*BudgetUsage) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{40}
+}
+
+func (x *BudgetUsage) GetPeriodStartTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.PeriodStartTime
+	}
+	return nil
+}
+
+func (x *BudgetUsage) GetResetTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ResetTime
+	}
+	return nil
+}
+
+func (x *BudgetUsage) GetCostMicros() int64 {
+	if x != nil {
+		return x.CostMicros
+	}
+	return 0
+}
+
+func (x *BudgetUsage) GetInputTokens() int64 {
+	if x != nil {
+		return x.InputTokens
+	}
+	return 0
+}
+
+func (x *BudgetUsage) GetOutputTokens() int64 {
+	if x != nil {
+		return x.OutputTokens
+	}
+	return 0
+}
+
+func (x *BudgetUsage) GetReservedCostMicros() int64 {
+	if x != nil {
+		return x.ReservedCostMicros
+	}
+	return 0
+}
+
+func (x *BudgetUsage) GetReservedInputTokens() int64 {
+	if x != nil {
+		return x.ReservedInputTokens
+	}
+	return 0
+}
+
+func (x *BudgetUsage) GetReservedOutputTokens() int64 {
+	if x != nil {
+		return x.ReservedOutputTokens
+	}
+	return 0
+}
+
+// Request for CreateBudget.
+type CreateBudgetRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// `workspaces/{workspace}`.
+	Parent string `protobuf:"bytes,1,opt,name=parent,proto3" json:"parent,omitempty"`
+	// The budget; `name`, `usage`, `etag` and the times are assigned.
+	Budget *Budget `protobuf:"bytes,2,opt,name=budget,proto3" json:"budget,omitempty"`
+	// Optional client-chosen id, as for assistants (`[a-z][a-z0-9-]{1,62}`); a
+	// random id if empty.
+	BudgetId string `protobuf:"bytes,3,opt,name=budget_id,json=budgetId,proto3" json:"budget_id,omitempty"`
+	// Idempotency key: 1-64 ASCII letters, digits, `-` or `_`; empty for none.
+	// Scoped to the caller and this method and kept for 24 hours.
+	RequestId     string `protobuf:"bytes,4,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateBudgetRequest) Reset() {
+	*x = CreateBudgetRequest{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[41]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateBudgetRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateBudgetRequest) ProtoMessage() {}
+
+func (x *CreateBudgetRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[41]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateBudgetRequest.ProtoReflect.Descriptor instead.
+func (*CreateBudgetRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{41}
+}
+
+func (x *CreateBudgetRequest) GetParent() string {
+	if x != nil {
+		return x.Parent
+	}
+	return ""
+}
+
+func (x *CreateBudgetRequest) GetBudget() *Budget {
+	if x != nil {
+		return x.Budget
+	}
+	return nil
+}
+
+func (x *CreateBudgetRequest) GetBudgetId() string {
+	if x != nil {
+		return x.BudgetId
+	}
+	return ""
+}
+
+func (x *CreateBudgetRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+// Response for CreateBudget.
+type CreateBudgetResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The new budget.
+	Budget        *Budget `protobuf:"bytes,1,opt,name=budget,proto3" json:"budget,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateBudgetResponse) Reset() {
+	*x = CreateBudgetResponse{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[42]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateBudgetResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateBudgetResponse) ProtoMessage() {}
+
+func (x *CreateBudgetResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[42]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateBudgetResponse.ProtoReflect.Descriptor instead.
+func (*CreateBudgetResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{42}
+}
+
+func (x *CreateBudgetResponse) GetBudget() *Budget {
+	if x != nil {
+		return x.Budget
+	}
+	return nil
+}
+
+// Request for GetBudget.
+type GetBudgetRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// `workspaces/{workspace}/budgets/{budget}`.
+	Name          string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetBudgetRequest) Reset() {
+	*x = GetBudgetRequest{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[43]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetBudgetRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetBudgetRequest) ProtoMessage() {}
+
+func (x *GetBudgetRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[43]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetBudgetRequest.ProtoReflect.Descriptor instead.
+func (*GetBudgetRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{43}
+}
+
+func (x *GetBudgetRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+// Response for GetBudget.
+type GetBudgetResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The budget with its current usage.
+	Budget        *Budget `protobuf:"bytes,1,opt,name=budget,proto3" json:"budget,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetBudgetResponse) Reset() {
+	*x = GetBudgetResponse{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[44]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetBudgetResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetBudgetResponse) ProtoMessage() {}
+
+func (x *GetBudgetResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[44]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetBudgetResponse.ProtoReflect.Descriptor instead.
+func (*GetBudgetResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{44}
+}
+
+func (x *GetBudgetResponse) GetBudget() *Budget {
+	if x != nil {
+		return x.Budget
+	}
+	return nil
+}
+
+// Request for ListBudgets.
+type ListBudgetsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// `workspaces/{workspace}`.
+	Parent string `protobuf:"bytes,1,opt,name=parent,proto3" json:"parent,omitempty"`
+	// Maximum to return; capped at 100, default 50.
+	PageSize int32 `protobuf:"varint,2,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	// Token from a previous response.
+	PageToken     string `protobuf:"bytes,3,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListBudgetsRequest) Reset() {
+	*x = ListBudgetsRequest{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[45]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListBudgetsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListBudgetsRequest) ProtoMessage() {}
+
+func (x *ListBudgetsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[45]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListBudgetsRequest.ProtoReflect.Descriptor instead.
+func (*ListBudgetsRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{45}
+}
+
+func (x *ListBudgetsRequest) GetParent() string {
+	if x != nil {
+		return x.Parent
+	}
+	return ""
+}
+
+func (x *ListBudgetsRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListBudgetsRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
+// Response for ListBudgets.
+type ListBudgetsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The budgets, by id, with their current usage.
+	Budgets []*Budget `protobuf:"bytes,1,rep,name=budgets,proto3" json:"budgets,omitempty"`
+	// Token for the next page; empty on the last page.
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListBudgetsResponse) Reset() {
+	*x = ListBudgetsResponse{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[46]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListBudgetsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListBudgetsResponse) ProtoMessage() {}
+
+func (x *ListBudgetsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[46]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListBudgetsResponse.ProtoReflect.Descriptor instead.
+func (*ListBudgetsResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{46}
+}
+
+func (x *ListBudgetsResponse) GetBudgets() []*Budget {
+	if x != nil {
+		return x.Budgets
+	}
+	return nil
+}
+
+func (x *ListBudgetsResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
+}
+
+// Request for UpdateBudget.
+type UpdateBudgetRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The budget with `name`, optionally `etag`, and the new field values.
+	Budget *Budget `protobuf:"bytes,1,opt,name=budget,proto3" json:"budget,omitempty"`
+	// Fields to change: `display_name`, `period`, `time_zone`,
+	// `cost_limit_micros`, `input_token_limit`, `output_token_limit`,
+	// `total_token_limit`, `alert_thresholds` (a cap in the mask but unset in
+	// `budget` is removed). The scope cannot change.
+	UpdateMask    *fieldmaskpb.FieldMask `protobuf:"bytes,2,opt,name=update_mask,json=updateMask,proto3" json:"update_mask,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdateBudgetRequest) Reset() {
+	*x = UpdateBudgetRequest{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[47]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateBudgetRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateBudgetRequest) ProtoMessage() {}
+
+func (x *UpdateBudgetRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[47]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateBudgetRequest.ProtoReflect.Descriptor instead.
+func (*UpdateBudgetRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{47}
+}
+
+func (x *UpdateBudgetRequest) GetBudget() *Budget {
+	if x != nil {
+		return x.Budget
+	}
+	return nil
+}
+
+func (x *UpdateBudgetRequest) GetUpdateMask() *fieldmaskpb.FieldMask {
+	if x != nil {
+		return x.UpdateMask
+	}
+	return nil
+}
+
+// Response for UpdateBudget.
+type UpdateBudgetResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The updated budget.
+	Budget        *Budget `protobuf:"bytes,1,opt,name=budget,proto3" json:"budget,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdateBudgetResponse) Reset() {
+	*x = UpdateBudgetResponse{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[48]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateBudgetResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateBudgetResponse) ProtoMessage() {}
+
+func (x *UpdateBudgetResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[48]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateBudgetResponse.ProtoReflect.Descriptor instead.
+func (*UpdateBudgetResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{48}
+}
+
+func (x *UpdateBudgetResponse) GetBudget() *Budget {
+	if x != nil {
+		return x.Budget
+	}
+	return nil
+}
+
+// Request for DeleteBudget.
+type DeleteBudgetRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// `workspaces/{workspace}/budgets/{budget}`.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// If set, must match the current etag.
+	Etag          string `protobuf:"bytes,2,opt,name=etag,proto3" json:"etag,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteBudgetRequest) Reset() {
+	*x = DeleteBudgetRequest{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[49]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteBudgetRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteBudgetRequest) ProtoMessage() {}
+
+func (x *DeleteBudgetRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[49]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteBudgetRequest.ProtoReflect.Descriptor instead.
+func (*DeleteBudgetRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{49}
+}
+
+func (x *DeleteBudgetRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *DeleteBudgetRequest) GetEtag() string {
+	if x != nil {
+		return x.Etag
+	}
+	return ""
+}
+
+// Response for DeleteBudget.
+type DeleteBudgetResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteBudgetResponse) Reset() {
+	*x = DeleteBudgetResponse{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[50]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteBudgetResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteBudgetResponse) ProtoMessage() {}
+
+func (x *DeleteBudgetResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[50]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteBudgetResponse.ProtoReflect.Descriptor instead.
+func (*DeleteBudgetResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{50}
+}
+
+// Request for ResolveBudgetAction.
+type ResolveBudgetActionRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The run, `workspaces/{w}/conversations/{c}/runs/{run}`, REQUIRES_ACTION
+	// with a budget action (anything else is FAILED_PRECONDITION).
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// ALLOW_OVERDRAFT or FAIL.
+	Decision      BudgetDecision `protobuf:"varint,2,opt,name=decision,proto3,enum=switchboard.api.dispatcher.v1.BudgetDecision" json:"decision,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ResolveBudgetActionRequest) Reset() {
+	*x = ResolveBudgetActionRequest{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[51]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ResolveBudgetActionRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ResolveBudgetActionRequest) ProtoMessage() {}
+
+func (x *ResolveBudgetActionRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[51]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ResolveBudgetActionRequest.ProtoReflect.Descriptor instead.
+func (*ResolveBudgetActionRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{51}
+}
+
+func (x *ResolveBudgetActionRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ResolveBudgetActionRequest) GetDecision() BudgetDecision {
+	if x != nil {
+		return x.Decision
+	}
+	return BudgetDecision_BUDGET_DECISION_UNSPECIFIED
+}
+
+// Response for ResolveBudgetAction.
+type ResolveBudgetActionResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The run after the decision.
+	Run           *Run `protobuf:"bytes,1,opt,name=run,proto3" json:"run,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ResolveBudgetActionResponse) Reset() {
+	*x = ResolveBudgetActionResponse{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[52]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ResolveBudgetActionResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ResolveBudgetActionResponse) ProtoMessage() {}
+
+func (x *ResolveBudgetActionResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[52]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ResolveBudgetActionResponse.ProtoReflect.Descriptor instead.
+func (*ResolveBudgetActionResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{52}
+}
+
+func (x *ResolveBudgetActionResponse) GetRun() *Run {
+	if x != nil {
+		return x.Run
+	}
+	return nil
+}
+
+// Request for QueryUsage.
+type QueryUsageRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// `workspaces/{workspace}`.
+	Parent string `protobuf:"bytes,1,opt,name=parent,proto3" json:"parent,omitempty"`
+	// How to group (each dimension once); one total row if empty.
+	GroupBy []UsageDimension `protobuf:"varint,2,rep,packed,name=group_by,json=groupBy,proto3,enum=switchboard.api.dispatcher.v1.UsageDimension" json:"group_by,omitempty"`
+	// Only runs of this assistant, `workspaces/{w}/assistants/{a}`.
+	Assistant string `protobuf:"bytes,3,opt,name=assistant,proto3" json:"assistant,omitempty"`
+	// Only runs started with this API key, `users/{u}/apiKeys/{k}`.
+	ApiKey string `protobuf:"bytes,4,opt,name=api_key,json=apiKey,proto3" json:"api_key,omitempty"`
+	// Only runs that used this model, `provider/model`.
+	Model string `protobuf:"bytes,5,opt,name=model,proto3" json:"model,omitempty"`
+	// Runs that ended at or after this time; 30 days before `end_time` if unset.
+	StartTime *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=start_time,json=startTime,proto3" json:"start_time,omitempty"`
+	// Runs that ended before this time; now if unset. At most 400 days after
+	// `start_time`.
+	EndTime *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=end_time,json=endTime,proto3" json:"end_time,omitempty"`
+	// Maximum rows to return; capped at 1,000, default 500.
+	PageSize int32 `protobuf:"varint,8,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	// Token from a previous response.
+	PageToken     string `protobuf:"bytes,9,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *QueryUsageRequest) Reset() {
+	*x = QueryUsageRequest{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[53]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *QueryUsageRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*QueryUsageRequest) ProtoMessage() {}
+
+func (x *QueryUsageRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[53]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use QueryUsageRequest.ProtoReflect.Descriptor instead.
+func (*QueryUsageRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{53}
+}
+
+func (x *QueryUsageRequest) GetParent() string {
+	if x != nil {
+		return x.Parent
+	}
+	return ""
+}
+
+func (x *QueryUsageRequest) GetGroupBy() []UsageDimension {
+	if x != nil {
+		return x.GroupBy
+	}
+	return nil
+}
+
+func (x *QueryUsageRequest) GetAssistant() string {
+	if x != nil {
+		return x.Assistant
+	}
+	return ""
+}
+
+func (x *QueryUsageRequest) GetApiKey() string {
+	if x != nil {
+		return x.ApiKey
+	}
+	return ""
+}
+
+func (x *QueryUsageRequest) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *QueryUsageRequest) GetStartTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.StartTime
+	}
+	return nil
+}
+
+func (x *QueryUsageRequest) GetEndTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.EndTime
+	}
+	return nil
+}
+
+func (x *QueryUsageRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *QueryUsageRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
+// One group's usage.
+type UsageRow struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The day, `YYYY-MM-DD` (UTC), when grouped by day.
+	Day string `protobuf:"bytes,1,opt,name=day,proto3" json:"day,omitempty"`
+	// The assistant, when grouped by assistant ("" for runs without one).
+	Assistant string `protobuf:"bytes,2,opt,name=assistant,proto3" json:"assistant,omitempty"`
+	// The API key, when grouped by API key ("" for runs started otherwise).
+	ApiKey string `protobuf:"bytes,3,opt,name=api_key,json=apiKey,proto3" json:"api_key,omitempty"`
+	// The model, when grouped by model ("" for runs without a model).
+	Model string `protobuf:"bytes,4,opt,name=model,proto3" json:"model,omitempty"`
+	// Runs in the group.
+	RunCount int64 `protobuf:"varint,5,opt,name=run_count,json=runCount,proto3" json:"run_count,omitempty"`
+	// Input tokens.
+	InputTokens int64 `protobuf:"varint,6,opt,name=input_tokens,json=inputTokens,proto3" json:"input_tokens,omitempty"`
+	// Output tokens.
+	OutputTokens int64 `protobuf:"varint,7,opt,name=output_tokens,json=outputTokens,proto3" json:"output_tokens,omitempty"`
+	// Cost, in micro-units of the price table's currency.
+	CostMicros    int64 `protobuf:"varint,8,opt,name=cost_micros,json=costMicros,proto3" json:"cost_micros,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UsageRow) Reset() {
+	*x = UsageRow{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[54]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UsageRow) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UsageRow) ProtoMessage() {}
+
+func (x *UsageRow) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[54]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UsageRow.ProtoReflect.Descriptor instead.
+func (*UsageRow) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{54}
+}
+
+func (x *UsageRow) GetDay() string {
+	if x != nil {
+		return x.Day
+	}
+	return ""
+}
+
+func (x *UsageRow) GetAssistant() string {
+	if x != nil {
+		return x.Assistant
+	}
+	return ""
+}
+
+func (x *UsageRow) GetApiKey() string {
+	if x != nil {
+		return x.ApiKey
+	}
+	return ""
+}
+
+func (x *UsageRow) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *UsageRow) GetRunCount() int64 {
+	if x != nil {
+		return x.RunCount
+	}
+	return 0
+}
+
+func (x *UsageRow) GetInputTokens() int64 {
+	if x != nil {
+		return x.InputTokens
+	}
+	return 0
+}
+
+func (x *UsageRow) GetOutputTokens() int64 {
+	if x != nil {
+		return x.OutputTokens
+	}
+	return 0
+}
+
+func (x *UsageRow) GetCostMicros() int64 {
+	if x != nil {
+		return x.CostMicros
+	}
+	return 0
+}
+
+// Response for QueryUsage.
+type QueryUsageResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The groups, ordered by the dimensions asked (day oldest first).
+	Rows []*UsageRow `protobuf:"bytes,1,rep,name=rows,proto3" json:"rows,omitempty"`
+	// Token for the next page; empty on the last page.
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *QueryUsageResponse) Reset() {
+	*x = QueryUsageResponse{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[55]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *QueryUsageResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*QueryUsageResponse) ProtoMessage() {}
+
+func (x *QueryUsageResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[55]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use QueryUsageResponse.ProtoReflect.Descriptor instead.
+func (*QueryUsageResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{55}
+}
+
+func (x *QueryUsageResponse) GetRows() []*UsageRow {
+	if x != nil {
+		return x.Rows
+	}
+	return nil
+}
+
+func (x *QueryUsageResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
+}
+
+// Limits on one API key's use of a workspace.
+type ApiKeyQuota struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The API key, `users/{u}/apiKeys/{k}`.
+	ApiKey string `protobuf:"bytes,1,opt,name=api_key,json=apiKey,proto3" json:"api_key,omitempty"`
+	// SendMessage calls per minute with this key; the workspace's if 0.
+	MessagesPerMinute int32 `protobuf:"varint,2,opt,name=messages_per_minute,json=messagesPerMinute,proto3" json:"messages_per_minute,omitempty"`
+	// Runs started with this key queued or running at once; the workspace's if 0.
+	MaxConcurrentRuns int32 `protobuf:"varint,3,opt,name=max_concurrent_runs,json=maxConcurrentRuns,proto3" json:"max_concurrent_runs,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *ApiKeyQuota) Reset() {
+	*x = ApiKeyQuota{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[56]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ApiKeyQuota) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ApiKeyQuota) ProtoMessage() {}
+
+func (x *ApiKeyQuota) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[56]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ApiKeyQuota.ProtoReflect.Descriptor instead.
+func (*ApiKeyQuota) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{56}
+}
+
+func (x *ApiKeyQuota) GetApiKey() string {
+	if x != nil {
+		return x.ApiKey
+	}
+	return ""
+}
+
+func (x *ApiKeyQuota) GetMessagesPerMinute() int32 {
+	if x != nil {
+		return x.MessagesPerMinute
+	}
+	return 0
+}
+
+func (x *ApiKeyQuota) GetMaxConcurrentRuns() int32 {
+	if x != nil {
+		return x.MaxConcurrentRuns
+	}
+	return 0
+}
+
+// A workspace's quotas. Over one, SendMessage is RESOURCE_EXHAUSTED with
+// RetryInfo (RATE_LIMITED for messages per minute, QUOTA_EXCEEDED with a
+// QuotaFailure for concurrent runs).
+type WorkspaceQuota struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Resource name, `workspaces/{w}/quota`.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// SendMessage calls per minute in the workspace; the server's default if 0.
+	MessagesPerMinute int32 `protobuf:"varint,2,opt,name=messages_per_minute,json=messagesPerMinute,proto3" json:"messages_per_minute,omitempty"`
+	// Runs queued or running at once in the workspace; the server's default if 0.
+	MaxConcurrentRuns int32 `protobuf:"varint,3,opt,name=max_concurrent_runs,json=maxConcurrentRuns,proto3" json:"max_concurrent_runs,omitempty"`
+	// Per API key (at most 100, each key once).
+	ApiKeys []*ApiKeyQuota `protobuf:"bytes,4,rep,name=api_keys,json=apiKeys,proto3" json:"api_keys,omitempty"`
+	// Checksum for optimistic concurrency (output only; send it back to update).
+	Etag string `protobuf:"bytes,5,opt,name=etag,proto3" json:"etag,omitempty"`
+	// When it last changed (output only; unset while it has the defaults).
+	UpdateTime    *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=update_time,json=updateTime,proto3" json:"update_time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WorkspaceQuota) Reset() {
+	*x = WorkspaceQuota{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[57]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WorkspaceQuota) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WorkspaceQuota) ProtoMessage() {}
+
+func (x *WorkspaceQuota) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[57]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WorkspaceQuota.ProtoReflect.Descriptor instead.
+func (*WorkspaceQuota) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{57}
+}
+
+func (x *WorkspaceQuota) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *WorkspaceQuota) GetMessagesPerMinute() int32 {
+	if x != nil {
+		return x.MessagesPerMinute
+	}
+	return 0
+}
+
+func (x *WorkspaceQuota) GetMaxConcurrentRuns() int32 {
+	if x != nil {
+		return x.MaxConcurrentRuns
+	}
+	return 0
+}
+
+func (x *WorkspaceQuota) GetApiKeys() []*ApiKeyQuota {
+	if x != nil {
+		return x.ApiKeys
+	}
+	return nil
+}
+
+func (x *WorkspaceQuota) GetEtag() string {
+	if x != nil {
+		return x.Etag
+	}
+	return ""
+}
+
+func (x *WorkspaceQuota) GetUpdateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.UpdateTime
+	}
+	return nil
+}
+
+// Request for GetWorkspaceQuota.
+type GetWorkspaceQuotaRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// `workspaces/{workspace}/quota`.
+	Name          string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetWorkspaceQuotaRequest) Reset() {
+	*x = GetWorkspaceQuotaRequest{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[58]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetWorkspaceQuotaRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetWorkspaceQuotaRequest) ProtoMessage() {}
+
+func (x *GetWorkspaceQuotaRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[58]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetWorkspaceQuotaRequest.ProtoReflect.Descriptor instead.
+func (*GetWorkspaceQuotaRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{58}
+}
+
+func (x *GetWorkspaceQuotaRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+// Response for GetWorkspaceQuota.
+type GetWorkspaceQuotaResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The quotas, with the server's defaults filled in where none is set.
+	Quota         *WorkspaceQuota `protobuf:"bytes,1,opt,name=quota,proto3" json:"quota,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetWorkspaceQuotaResponse) Reset() {
+	*x = GetWorkspaceQuotaResponse{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[59]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetWorkspaceQuotaResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetWorkspaceQuotaResponse) ProtoMessage() {}
+
+func (x *GetWorkspaceQuotaResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[59]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetWorkspaceQuotaResponse.ProtoReflect.Descriptor instead.
+func (*GetWorkspaceQuotaResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{59}
+}
+
+func (x *GetWorkspaceQuotaResponse) GetQuota() *WorkspaceQuota {
+	if x != nil {
+		return x.Quota
+	}
+	return nil
+}
+
+// Request for UpdateWorkspaceQuota.
+type UpdateWorkspaceQuotaRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The quota with `name`, optionally `etag`, and the new values.
+	Quota *WorkspaceQuota `protobuf:"bytes,1,opt,name=quota,proto3" json:"quota,omitempty"`
+	// Fields to change: `messages_per_minute`, `max_concurrent_runs`, `api_keys`.
+	UpdateMask    *fieldmaskpb.FieldMask `protobuf:"bytes,2,opt,name=update_mask,json=updateMask,proto3" json:"update_mask,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdateWorkspaceQuotaRequest) Reset() {
+	*x = UpdateWorkspaceQuotaRequest{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[60]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateWorkspaceQuotaRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateWorkspaceQuotaRequest) ProtoMessage() {}
+
+func (x *UpdateWorkspaceQuotaRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[60]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateWorkspaceQuotaRequest.ProtoReflect.Descriptor instead.
+func (*UpdateWorkspaceQuotaRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{60}
+}
+
+func (x *UpdateWorkspaceQuotaRequest) GetQuota() *WorkspaceQuota {
+	if x != nil {
+		return x.Quota
+	}
+	return nil
+}
+
+func (x *UpdateWorkspaceQuotaRequest) GetUpdateMask() *fieldmaskpb.FieldMask {
+	if x != nil {
+		return x.UpdateMask
+	}
+	return nil
+}
+
+// Response for UpdateWorkspaceQuota.
+type UpdateWorkspaceQuotaResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The quotas after the change.
+	Quota         *WorkspaceQuota `protobuf:"bytes,1,opt,name=quota,proto3" json:"quota,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdateWorkspaceQuotaResponse) Reset() {
+	*x = UpdateWorkspaceQuotaResponse{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[61]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateWorkspaceQuotaResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateWorkspaceQuotaResponse) ProtoMessage() {}
+
+func (x *UpdateWorkspaceQuotaResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[61]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateWorkspaceQuotaResponse.ProtoReflect.Descriptor instead.
+func (*UpdateWorkspaceQuotaResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{61}
+}
+
+func (x *UpdateWorkspaceQuotaResponse) GetQuota() *WorkspaceQuota {
+	if x != nil {
+		return x.Quota
+	}
+	return nil
+}
+
 var File_switchboard_api_dispatcher_v1_dispatcher_proto protoreflect.FileDescriptor
 
 const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
@@ -3202,12 +5040,24 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\x0frequired_action\x18\x12 \x01(\v2-.switchboard.api.dispatcher.v1.RequiredActionR\x0erequiredAction\x12\x1c\n" +
 	"\tassistant\x18\x13 \x01(\tR\tassistant\x12&\n" +
 	"\x0ftool_call_count\x18\x14 \x01(\x05R\rtoolCallCount\x12\x19\n" +
-	"\btrace_id\x18\x15 \x01(\tR\atraceId\"\x9c\x01\n" +
+	"\btrace_id\x18\x15 \x01(\tR\atraceId\"\xe1\x01\n" +
 	"\x0eRequiredAction\x12M\n" +
 	"\n" +
 	"tool_calls\x18\x01 \x03(\v2..switchboard.api.dispatcher.v1.PendingToolCallR\ttoolCalls\x12;\n" +
 	"\vexpire_time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"expireTime\"\x90\x02\n" +
+	"expireTime\x12C\n" +
+	"\x06budget\x18\x03 \x01(\v2+.switchboard.api.dispatcher.v1.BudgetActionR\x06budget\"\xb8\x02\n" +
+	"\fBudgetAction\x12\x18\n" +
+	"\abudgets\x18\x01 \x03(\tR\abudgets\x12\x1f\n" +
+	"\vcost_micros\x18\x02 \x01(\x03R\n" +
+	"costMicros\x12!\n" +
+	"\finput_tokens\x18\x03 \x01(\x03R\vinputTokens\x12#\n" +
+	"\routput_tokens\x18\x04 \x01(\x03R\foutputTokens\x12I\n" +
+	"\bdecision\x18\x05 \x01(\x0e2-.switchboard.api.dispatcher.v1.BudgetDecisionR\bdecision\x12\x1d\n" +
+	"\n" +
+	"decided_by\x18\x06 \x01(\tR\tdecidedBy\x12;\n" +
+	"\vdecide_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"decideTime\"\x90\x02\n" +
 	"\x0fPendingToolCall\x128\n" +
 	"\x04call\x18\x01 \x01(\v2$.switchboard.api.handler.v1.ToolCallR\x04call\x12O\n" +
 	"\bdecision\x18\x02 \x01(\x0e23.switchboard.api.dispatcher.v1.ToolApprovalDecisionR\bdecision\x12\x1d\n" +
@@ -3382,7 +5232,122 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\x05tools\x18\x04 \x03(\v2*.switchboard.api.handler.v1.ToolDefinitionR\x05tools\x12+\n" +
 	"\x11unavailable_tools\x18\x05 \x03(\tR\x10unavailableTools\x120\n" +
 	"\x14context_token_budget\x18\x06 \x01(\x05R\x12contextTokenBudget\x12$\n" +
-	"\x0emax_tool_steps\x18\a \x01(\x05R\fmaxToolSteps*\xda\x01\n" +
+	"\x0emax_tool_steps\x18\a \x01(\x05R\fmaxToolSteps\"\xd1\x05\n" +
+	"\x06Budget\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12!\n" +
+	"\fdisplay_name\x18\x02 \x01(\tR\vdisplayName\x12\x14\n" +
+	"\x05scope\x18\x03 \x01(\tR\x05scope\x12C\n" +
+	"\x06period\x18\x04 \x01(\x0e2+.switchboard.api.dispatcher.v1.BudgetPeriodR\x06period\x12\x1b\n" +
+	"\ttime_zone\x18\x05 \x01(\tR\btimeZone\x12/\n" +
+	"\x11cost_limit_micros\x18\x06 \x01(\x03H\x00R\x0fcostLimitMicros\x88\x01\x01\x12/\n" +
+	"\x11input_token_limit\x18\a \x01(\x03H\x01R\x0finputTokenLimit\x88\x01\x01\x121\n" +
+	"\x12output_token_limit\x18\b \x01(\x03H\x02R\x10outputTokenLimit\x88\x01\x01\x12/\n" +
+	"\x11total_token_limit\x18\t \x01(\x03H\x03R\x0ftotalTokenLimit\x88\x01\x01\x12)\n" +
+	"\x10alert_thresholds\x18\n" +
+	" \x03(\x05R\x0falertThresholds\x12@\n" +
+	"\x05usage\x18\v \x01(\v2*.switchboard.api.dispatcher.v1.BudgetUsageR\x05usage\x12\x12\n" +
+	"\x04etag\x18\f \x01(\tR\x04etag\x12;\n" +
+	"\vcreate_time\x18\r \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"createTime\x12;\n" +
+	"\vupdate_time\x18\x0e \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"updateTimeB\x14\n" +
+	"\x12_cost_limit_microsB\x14\n" +
+	"\x12_input_token_limitB\x15\n" +
+	"\x13_output_token_limitB\x14\n" +
+	"\x12_total_token_limit\"\x95\x03\n" +
+	"\vBudgetUsage\x12F\n" +
+	"\x11period_start_time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x0fperiodStartTime\x129\n" +
+	"\n" +
+	"reset_time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\tresetTime\x12\x1f\n" +
+	"\vcost_micros\x18\x03 \x01(\x03R\n" +
+	"costMicros\x12!\n" +
+	"\finput_tokens\x18\x04 \x01(\x03R\vinputTokens\x12#\n" +
+	"\routput_tokens\x18\x05 \x01(\x03R\foutputTokens\x120\n" +
+	"\x14reserved_cost_micros\x18\x06 \x01(\x03R\x12reservedCostMicros\x122\n" +
+	"\x15reserved_input_tokens\x18\a \x01(\x03R\x13reservedInputTokens\x124\n" +
+	"\x16reserved_output_tokens\x18\b \x01(\x03R\x14reservedOutputTokens\"\xa8\x01\n" +
+	"\x13CreateBudgetRequest\x12\x16\n" +
+	"\x06parent\x18\x01 \x01(\tR\x06parent\x12=\n" +
+	"\x06budget\x18\x02 \x01(\v2%.switchboard.api.dispatcher.v1.BudgetR\x06budget\x12\x1b\n" +
+	"\tbudget_id\x18\x03 \x01(\tR\bbudgetId\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x04 \x01(\tR\trequestId\"U\n" +
+	"\x14CreateBudgetResponse\x12=\n" +
+	"\x06budget\x18\x01 \x01(\v2%.switchboard.api.dispatcher.v1.BudgetR\x06budget\"&\n" +
+	"\x10GetBudgetRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"R\n" +
+	"\x11GetBudgetResponse\x12=\n" +
+	"\x06budget\x18\x01 \x01(\v2%.switchboard.api.dispatcher.v1.BudgetR\x06budget\"h\n" +
+	"\x12ListBudgetsRequest\x12\x16\n" +
+	"\x06parent\x18\x01 \x01(\tR\x06parent\x12\x1b\n" +
+	"\tpage_size\x18\x02 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x03 \x01(\tR\tpageToken\"~\n" +
+	"\x13ListBudgetsResponse\x12?\n" +
+	"\abudgets\x18\x01 \x03(\v2%.switchboard.api.dispatcher.v1.BudgetR\abudgets\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\x91\x01\n" +
+	"\x13UpdateBudgetRequest\x12=\n" +
+	"\x06budget\x18\x01 \x01(\v2%.switchboard.api.dispatcher.v1.BudgetR\x06budget\x12;\n" +
+	"\vupdate_mask\x18\x02 \x01(\v2\x1a.google.protobuf.FieldMaskR\n" +
+	"updateMask\"U\n" +
+	"\x14UpdateBudgetResponse\x12=\n" +
+	"\x06budget\x18\x01 \x01(\v2%.switchboard.api.dispatcher.v1.BudgetR\x06budget\"=\n" +
+	"\x13DeleteBudgetRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
+	"\x04etag\x18\x02 \x01(\tR\x04etag\"\x16\n" +
+	"\x14DeleteBudgetResponse\"{\n" +
+	"\x1aResolveBudgetActionRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12I\n" +
+	"\bdecision\x18\x02 \x01(\x0e2-.switchboard.api.dispatcher.v1.BudgetDecisionR\bdecision\"S\n" +
+	"\x1bResolveBudgetActionResponse\x124\n" +
+	"\x03run\x18\x01 \x01(\v2\".switchboard.api.dispatcher.v1.RunR\x03run\"\xf0\x02\n" +
+	"\x11QueryUsageRequest\x12\x16\n" +
+	"\x06parent\x18\x01 \x01(\tR\x06parent\x12H\n" +
+	"\bgroup_by\x18\x02 \x03(\x0e2-.switchboard.api.dispatcher.v1.UsageDimensionR\agroupBy\x12\x1c\n" +
+	"\tassistant\x18\x03 \x01(\tR\tassistant\x12\x17\n" +
+	"\aapi_key\x18\x04 \x01(\tR\x06apiKey\x12\x14\n" +
+	"\x05model\x18\x05 \x01(\tR\x05model\x129\n" +
+	"\n" +
+	"start_time\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\tstartTime\x125\n" +
+	"\bend_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\aendTime\x12\x1b\n" +
+	"\tpage_size\x18\b \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\t \x01(\tR\tpageToken\"\xef\x01\n" +
+	"\bUsageRow\x12\x10\n" +
+	"\x03day\x18\x01 \x01(\tR\x03day\x12\x1c\n" +
+	"\tassistant\x18\x02 \x01(\tR\tassistant\x12\x17\n" +
+	"\aapi_key\x18\x03 \x01(\tR\x06apiKey\x12\x14\n" +
+	"\x05model\x18\x04 \x01(\tR\x05model\x12\x1b\n" +
+	"\trun_count\x18\x05 \x01(\x03R\brunCount\x12!\n" +
+	"\finput_tokens\x18\x06 \x01(\x03R\vinputTokens\x12#\n" +
+	"\routput_tokens\x18\a \x01(\x03R\foutputTokens\x12\x1f\n" +
+	"\vcost_micros\x18\b \x01(\x03R\n" +
+	"costMicros\"y\n" +
+	"\x12QueryUsageResponse\x12;\n" +
+	"\x04rows\x18\x01 \x03(\v2'.switchboard.api.dispatcher.v1.UsageRowR\x04rows\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\x86\x01\n" +
+	"\vApiKeyQuota\x12\x17\n" +
+	"\aapi_key\x18\x01 \x01(\tR\x06apiKey\x12.\n" +
+	"\x13messages_per_minute\x18\x02 \x01(\x05R\x11messagesPerMinute\x12.\n" +
+	"\x13max_concurrent_runs\x18\x03 \x01(\x05R\x11maxConcurrentRuns\"\x9c\x02\n" +
+	"\x0eWorkspaceQuota\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12.\n" +
+	"\x13messages_per_minute\x18\x02 \x01(\x05R\x11messagesPerMinute\x12.\n" +
+	"\x13max_concurrent_runs\x18\x03 \x01(\x05R\x11maxConcurrentRuns\x12E\n" +
+	"\bapi_keys\x18\x04 \x03(\v2*.switchboard.api.dispatcher.v1.ApiKeyQuotaR\aapiKeys\x12\x12\n" +
+	"\x04etag\x18\x05 \x01(\tR\x04etag\x12;\n" +
+	"\vupdate_time\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"updateTime\".\n" +
+	"\x18GetWorkspaceQuotaRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"`\n" +
+	"\x19GetWorkspaceQuotaResponse\x12C\n" +
+	"\x05quota\x18\x01 \x01(\v2-.switchboard.api.dispatcher.v1.WorkspaceQuotaR\x05quota\"\x9f\x01\n" +
+	"\x1bUpdateWorkspaceQuotaRequest\x12C\n" +
+	"\x05quota\x18\x01 \x01(\v2-.switchboard.api.dispatcher.v1.WorkspaceQuotaR\x05quota\x12;\n" +
+	"\vupdate_mask\x18\x02 \x01(\v2\x1a.google.protobuf.FieldMaskR\n" +
+	"updateMask\"c\n" +
+	"\x1cUpdateWorkspaceQuotaResponse\x12C\n" +
+	"\x05quota\x18\x01 \x01(\v2-.switchboard.api.dispatcher.v1.WorkspaceQuotaR\x05quota*\xda\x01\n" +
 	"\bRunState\x12\x19\n" +
 	"\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10RUN_STATE_QUEUED\x10\x01\x12\x15\n" +
@@ -3391,7 +5356,11 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\x10RUN_STATE_FAILED\x10\x04\x12\x17\n" +
 	"\x13RUN_STATE_CANCELLED\x10\x05\x12\x1f\n" +
 	"\x1bRUN_STATE_DEADLINE_EXCEEDED\x10\x06\x12\x1d\n" +
-	"\x19RUN_STATE_REQUIRES_ACTION\x10\a*\x83\x01\n" +
+	"\x19RUN_STATE_REQUIRES_ACTION\x10\a*p\n" +
+	"\x0eBudgetDecision\x12\x1f\n" +
+	"\x1bBUDGET_DECISION_UNSPECIFIED\x10\x00\x12#\n" +
+	"\x1fBUDGET_DECISION_ALLOW_OVERDRAFT\x10\x01\x12\x18\n" +
+	"\x14BUDGET_DECISION_FAIL\x10\x02*\x83\x01\n" +
 	"\x14ToolApprovalDecision\x12&\n" +
 	"\"TOOL_APPROVAL_DECISION_UNSPECIFIED\x10\x00\x12\"\n" +
 	"\x1eTOOL_APPROVAL_DECISION_APPROVE\x10\x01\x12\x1f\n" +
@@ -3405,7 +5374,20 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\x18HANDLER_KIND_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14HANDLER_KIND_BUILTIN\x10\x01\x12\x14\n" +
 	"\x10HANDLER_KIND_LLM\x10\x02\x12\x17\n" +
-	"\x13HANDLER_KIND_REMOTE\x10\x032\xec\r\n" +
+	"\x13HANDLER_KIND_REMOTE\x10\x03*\xa5\x01\n" +
+	"\fBudgetPeriod\x12\x1d\n" +
+	"\x19BUDGET_PERIOD_UNSPECIFIED\x10\x00\x12\x15\n" +
+	"\x11BUDGET_PERIOD_RUN\x10\x01\x12\x15\n" +
+	"\x11BUDGET_PERIOD_DAY\x10\x02\x12\x16\n" +
+	"\x12BUDGET_PERIOD_WEEK\x10\x03\x12\x17\n" +
+	"\x13BUDGET_PERIOD_MONTH\x10\x04\x12\x17\n" +
+	"\x13BUDGET_PERIOD_TOTAL\x10\x05*\xa1\x01\n" +
+	"\x0eUsageDimension\x12\x1f\n" +
+	"\x1bUSAGE_DIMENSION_UNSPECIFIED\x10\x00\x12\x17\n" +
+	"\x13USAGE_DIMENSION_DAY\x10\x01\x12\x1d\n" +
+	"\x19USAGE_DIMENSION_ASSISTANT\x10\x02\x12\x1b\n" +
+	"\x17USAGE_DIMENSION_API_KEY\x10\x03\x12\x19\n" +
+	"\x15USAGE_DIMENSION_MODEL\x10\x042\xee\x16\n" +
 	"\x11DispatcherService\x12t\n" +
 	"\vSendMessage\x121.switchboard.api.dispatcher.v1.SendMessageRequest\x1a2.switchboard.api.dispatcher.v1.SendMessageResponse\x12j\n" +
 	"\x06GetRun\x12,.switchboard.api.dispatcher.v1.GetRunRequest\x1a-.switchboard.api.dispatcher.v1.GetRunResponse\"\x03\x90\x02\x01\x12p\n" +
@@ -3420,7 +5402,17 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\x0eListAssistants\x124.switchboard.api.dispatcher.v1.ListAssistantsRequest\x1a5.switchboard.api.dispatcher.v1.ListAssistantsResponse\"\x03\x90\x02\x01\x12\x80\x01\n" +
 	"\x0fUpdateAssistant\x125.switchboard.api.dispatcher.v1.UpdateAssistantRequest\x1a6.switchboard.api.dispatcher.v1.UpdateAssistantResponse\x12\x80\x01\n" +
 	"\x0fDeleteAssistant\x125.switchboard.api.dispatcher.v1.DeleteAssistantRequest\x1a6.switchboard.api.dispatcher.v1.DeleteAssistantResponse\x12\x94\x01\n" +
-	"\x14DescribeConversation\x12:.switchboard.api.dispatcher.v1.DescribeConversationRequest\x1a;.switchboard.api.dispatcher.v1.DescribeConversationResponse\"\x03\x90\x02\x01Bh\n" +
+	"\x14DescribeConversation\x12:.switchboard.api.dispatcher.v1.DescribeConversationRequest\x1a;.switchboard.api.dispatcher.v1.DescribeConversationResponse\"\x03\x90\x02\x01\x12w\n" +
+	"\fCreateBudget\x122.switchboard.api.dispatcher.v1.CreateBudgetRequest\x1a3.switchboard.api.dispatcher.v1.CreateBudgetResponse\x12s\n" +
+	"\tGetBudget\x12/.switchboard.api.dispatcher.v1.GetBudgetRequest\x1a0.switchboard.api.dispatcher.v1.GetBudgetResponse\"\x03\x90\x02\x01\x12y\n" +
+	"\vListBudgets\x121.switchboard.api.dispatcher.v1.ListBudgetsRequest\x1a2.switchboard.api.dispatcher.v1.ListBudgetsResponse\"\x03\x90\x02\x01\x12w\n" +
+	"\fUpdateBudget\x122.switchboard.api.dispatcher.v1.UpdateBudgetRequest\x1a3.switchboard.api.dispatcher.v1.UpdateBudgetResponse\x12w\n" +
+	"\fDeleteBudget\x122.switchboard.api.dispatcher.v1.DeleteBudgetRequest\x1a3.switchboard.api.dispatcher.v1.DeleteBudgetResponse\x12\x8c\x01\n" +
+	"\x13ResolveBudgetAction\x129.switchboard.api.dispatcher.v1.ResolveBudgetActionRequest\x1a:.switchboard.api.dispatcher.v1.ResolveBudgetActionResponse\x12v\n" +
+	"\n" +
+	"QueryUsage\x120.switchboard.api.dispatcher.v1.QueryUsageRequest\x1a1.switchboard.api.dispatcher.v1.QueryUsageResponse\"\x03\x90\x02\x01\x12\x8b\x01\n" +
+	"\x11GetWorkspaceQuota\x127.switchboard.api.dispatcher.v1.GetWorkspaceQuotaRequest\x1a8.switchboard.api.dispatcher.v1.GetWorkspaceQuotaResponse\"\x03\x90\x02\x01\x12\x8f\x01\n" +
+	"\x14UpdateWorkspaceQuota\x12:.switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest\x1a;.switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponseBh\n" +
 	"!dev.switchboard.api.dispatcher.v1P\x01ZAswitchboard.dev/go/gen/switchboard/api/dispatcher/v1;dispatcherv1b\x06proto3"
 
 var (
@@ -3435,168 +5427,241 @@ func file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP() []byte {
 	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescData
 }
 
-var file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes = make([]protoimpl.MessageInfo, 38)
+var file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes = make([]protoimpl.EnumInfo, 7)
+var file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes = make([]protoimpl.MessageInfo, 62)
 var file_switchboard_api_dispatcher_v1_dispatcher_proto_goTypes = []any{
 	(RunState)(0),                        // 0: switchboard.api.dispatcher.v1.RunState
-	(ToolApprovalDecision)(0),            // 1: switchboard.api.dispatcher.v1.ToolApprovalDecision
-	(ConcurrencyPolicy)(0),               // 2: switchboard.api.dispatcher.v1.ConcurrencyPolicy
-	(HandlerKind)(0),                     // 3: switchboard.api.dispatcher.v1.HandlerKind
-	(*Run)(nil),                          // 4: switchboard.api.dispatcher.v1.Run
-	(*RequiredAction)(nil),               // 5: switchboard.api.dispatcher.v1.RequiredAction
-	(*PendingToolCall)(nil),              // 6: switchboard.api.dispatcher.v1.PendingToolCall
-	(*SendMessageRequest)(nil),           // 7: switchboard.api.dispatcher.v1.SendMessageRequest
-	(*SendMessageResponse)(nil),          // 8: switchboard.api.dispatcher.v1.SendMessageResponse
-	(*GetRunRequest)(nil),                // 9: switchboard.api.dispatcher.v1.GetRunRequest
-	(*GetRunResponse)(nil),               // 10: switchboard.api.dispatcher.v1.GetRunResponse
-	(*ListRunsRequest)(nil),              // 11: switchboard.api.dispatcher.v1.ListRunsRequest
-	(*ListRunsResponse)(nil),             // 12: switchboard.api.dispatcher.v1.ListRunsResponse
-	(*CancelRunRequest)(nil),             // 13: switchboard.api.dispatcher.v1.CancelRunRequest
-	(*CancelRunResponse)(nil),            // 14: switchboard.api.dispatcher.v1.CancelRunResponse
-	(*WatchRunRequest)(nil),              // 15: switchboard.api.dispatcher.v1.WatchRunRequest
-	(*RunStateChange)(nil),               // 16: switchboard.api.dispatcher.v1.RunStateChange
-	(*RunUpdate)(nil),                    // 17: switchboard.api.dispatcher.v1.RunUpdate
-	(*WatchRunResponse)(nil),             // 18: switchboard.api.dispatcher.v1.WatchRunResponse
-	(*Heartbeat)(nil),                    // 19: switchboard.api.dispatcher.v1.Heartbeat
-	(*ConverseRequest)(nil),              // 20: switchboard.api.dispatcher.v1.ConverseRequest
-	(*ConverseResponse)(nil),             // 21: switchboard.api.dispatcher.v1.ConverseResponse
-	(*Handler)(nil),                      // 22: switchboard.api.dispatcher.v1.Handler
-	(*ListHandlersRequest)(nil),          // 23: switchboard.api.dispatcher.v1.ListHandlersRequest
-	(*ListHandlersResponse)(nil),         // 24: switchboard.api.dispatcher.v1.ListHandlersResponse
-	(*ToolApproval)(nil),                 // 25: switchboard.api.dispatcher.v1.ToolApproval
-	(*SubmitToolApprovalsRequest)(nil),   // 26: switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
-	(*SubmitToolApprovalsResponse)(nil),  // 27: switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
-	(*AssistantTools)(nil),               // 28: switchboard.api.dispatcher.v1.AssistantTools
-	(*Assistant)(nil),                    // 29: switchboard.api.dispatcher.v1.Assistant
-	(*CreateAssistantRequest)(nil),       // 30: switchboard.api.dispatcher.v1.CreateAssistantRequest
-	(*CreateAssistantResponse)(nil),      // 31: switchboard.api.dispatcher.v1.CreateAssistantResponse
-	(*GetAssistantRequest)(nil),          // 32: switchboard.api.dispatcher.v1.GetAssistantRequest
-	(*GetAssistantResponse)(nil),         // 33: switchboard.api.dispatcher.v1.GetAssistantResponse
-	(*ListAssistantsRequest)(nil),        // 34: switchboard.api.dispatcher.v1.ListAssistantsRequest
-	(*ListAssistantsResponse)(nil),       // 35: switchboard.api.dispatcher.v1.ListAssistantsResponse
-	(*UpdateAssistantRequest)(nil),       // 36: switchboard.api.dispatcher.v1.UpdateAssistantRequest
-	(*UpdateAssistantResponse)(nil),      // 37: switchboard.api.dispatcher.v1.UpdateAssistantResponse
-	(*DeleteAssistantRequest)(nil),       // 38: switchboard.api.dispatcher.v1.DeleteAssistantRequest
-	(*DeleteAssistantResponse)(nil),      // 39: switchboard.api.dispatcher.v1.DeleteAssistantResponse
-	(*DescribeConversationRequest)(nil),  // 40: switchboard.api.dispatcher.v1.DescribeConversationRequest
-	(*DescribeConversationResponse)(nil), // 41: switchboard.api.dispatcher.v1.DescribeConversationResponse
-	(*timestamppb.Timestamp)(nil),        // 42: google.protobuf.Timestamp
-	(*status.Status)(nil),                // 43: google.rpc.Status
-	(*v1.Progress)(nil),                  // 44: switchboard.api.handler.v1.Progress
-	(*v1.Usage)(nil),                     // 45: switchboard.api.handler.v1.Usage
-	(*v1.ToolCall)(nil),                  // 46: switchboard.api.handler.v1.ToolCall
-	(*v11.Message)(nil),                  // 47: switchboard.api.context.v1.Message
-	(*structpb.Struct)(nil),              // 48: google.protobuf.Struct
-	(*durationpb.Duration)(nil),          // 49: google.protobuf.Duration
-	(*v1.TextDelta)(nil),                 // 50: switchboard.api.handler.v1.TextDelta
-	(*v1.HandleResult)(nil),              // 51: switchboard.api.handler.v1.HandleResult
-	(*v1.ToolResult)(nil),                // 52: switchboard.api.handler.v1.ToolResult
-	(*v1.HandlerCapabilities)(nil),       // 53: switchboard.api.handler.v1.HandlerCapabilities
-	(*v1.ModelSettings)(nil),             // 54: switchboard.api.handler.v1.ModelSettings
-	(*fieldmaskpb.FieldMask)(nil),        // 55: google.protobuf.FieldMask
-	(*v1.ToolDefinition)(nil),            // 56: switchboard.api.handler.v1.ToolDefinition
+	(BudgetDecision)(0),                  // 1: switchboard.api.dispatcher.v1.BudgetDecision
+	(ToolApprovalDecision)(0),            // 2: switchboard.api.dispatcher.v1.ToolApprovalDecision
+	(ConcurrencyPolicy)(0),               // 3: switchboard.api.dispatcher.v1.ConcurrencyPolicy
+	(HandlerKind)(0),                     // 4: switchboard.api.dispatcher.v1.HandlerKind
+	(BudgetPeriod)(0),                    // 5: switchboard.api.dispatcher.v1.BudgetPeriod
+	(UsageDimension)(0),                  // 6: switchboard.api.dispatcher.v1.UsageDimension
+	(*Run)(nil),                          // 7: switchboard.api.dispatcher.v1.Run
+	(*RequiredAction)(nil),               // 8: switchboard.api.dispatcher.v1.RequiredAction
+	(*BudgetAction)(nil),                 // 9: switchboard.api.dispatcher.v1.BudgetAction
+	(*PendingToolCall)(nil),              // 10: switchboard.api.dispatcher.v1.PendingToolCall
+	(*SendMessageRequest)(nil),           // 11: switchboard.api.dispatcher.v1.SendMessageRequest
+	(*SendMessageResponse)(nil),          // 12: switchboard.api.dispatcher.v1.SendMessageResponse
+	(*GetRunRequest)(nil),                // 13: switchboard.api.dispatcher.v1.GetRunRequest
+	(*GetRunResponse)(nil),               // 14: switchboard.api.dispatcher.v1.GetRunResponse
+	(*ListRunsRequest)(nil),              // 15: switchboard.api.dispatcher.v1.ListRunsRequest
+	(*ListRunsResponse)(nil),             // 16: switchboard.api.dispatcher.v1.ListRunsResponse
+	(*CancelRunRequest)(nil),             // 17: switchboard.api.dispatcher.v1.CancelRunRequest
+	(*CancelRunResponse)(nil),            // 18: switchboard.api.dispatcher.v1.CancelRunResponse
+	(*WatchRunRequest)(nil),              // 19: switchboard.api.dispatcher.v1.WatchRunRequest
+	(*RunStateChange)(nil),               // 20: switchboard.api.dispatcher.v1.RunStateChange
+	(*RunUpdate)(nil),                    // 21: switchboard.api.dispatcher.v1.RunUpdate
+	(*WatchRunResponse)(nil),             // 22: switchboard.api.dispatcher.v1.WatchRunResponse
+	(*Heartbeat)(nil),                    // 23: switchboard.api.dispatcher.v1.Heartbeat
+	(*ConverseRequest)(nil),              // 24: switchboard.api.dispatcher.v1.ConverseRequest
+	(*ConverseResponse)(nil),             // 25: switchboard.api.dispatcher.v1.ConverseResponse
+	(*Handler)(nil),                      // 26: switchboard.api.dispatcher.v1.Handler
+	(*ListHandlersRequest)(nil),          // 27: switchboard.api.dispatcher.v1.ListHandlersRequest
+	(*ListHandlersResponse)(nil),         // 28: switchboard.api.dispatcher.v1.ListHandlersResponse
+	(*ToolApproval)(nil),                 // 29: switchboard.api.dispatcher.v1.ToolApproval
+	(*SubmitToolApprovalsRequest)(nil),   // 30: switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
+	(*SubmitToolApprovalsResponse)(nil),  // 31: switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
+	(*AssistantTools)(nil),               // 32: switchboard.api.dispatcher.v1.AssistantTools
+	(*Assistant)(nil),                    // 33: switchboard.api.dispatcher.v1.Assistant
+	(*CreateAssistantRequest)(nil),       // 34: switchboard.api.dispatcher.v1.CreateAssistantRequest
+	(*CreateAssistantResponse)(nil),      // 35: switchboard.api.dispatcher.v1.CreateAssistantResponse
+	(*GetAssistantRequest)(nil),          // 36: switchboard.api.dispatcher.v1.GetAssistantRequest
+	(*GetAssistantResponse)(nil),         // 37: switchboard.api.dispatcher.v1.GetAssistantResponse
+	(*ListAssistantsRequest)(nil),        // 38: switchboard.api.dispatcher.v1.ListAssistantsRequest
+	(*ListAssistantsResponse)(nil),       // 39: switchboard.api.dispatcher.v1.ListAssistantsResponse
+	(*UpdateAssistantRequest)(nil),       // 40: switchboard.api.dispatcher.v1.UpdateAssistantRequest
+	(*UpdateAssistantResponse)(nil),      // 41: switchboard.api.dispatcher.v1.UpdateAssistantResponse
+	(*DeleteAssistantRequest)(nil),       // 42: switchboard.api.dispatcher.v1.DeleteAssistantRequest
+	(*DeleteAssistantResponse)(nil),      // 43: switchboard.api.dispatcher.v1.DeleteAssistantResponse
+	(*DescribeConversationRequest)(nil),  // 44: switchboard.api.dispatcher.v1.DescribeConversationRequest
+	(*DescribeConversationResponse)(nil), // 45: switchboard.api.dispatcher.v1.DescribeConversationResponse
+	(*Budget)(nil),                       // 46: switchboard.api.dispatcher.v1.Budget
+	(*BudgetUsage)(nil),                  // 47: switchboard.api.dispatcher.v1.BudgetUsage
+	(*CreateBudgetRequest)(nil),          // 48: switchboard.api.dispatcher.v1.CreateBudgetRequest
+	(*CreateBudgetResponse)(nil),         // 49: switchboard.api.dispatcher.v1.CreateBudgetResponse
+	(*GetBudgetRequest)(nil),             // 50: switchboard.api.dispatcher.v1.GetBudgetRequest
+	(*GetBudgetResponse)(nil),            // 51: switchboard.api.dispatcher.v1.GetBudgetResponse
+	(*ListBudgetsRequest)(nil),           // 52: switchboard.api.dispatcher.v1.ListBudgetsRequest
+	(*ListBudgetsResponse)(nil),          // 53: switchboard.api.dispatcher.v1.ListBudgetsResponse
+	(*UpdateBudgetRequest)(nil),          // 54: switchboard.api.dispatcher.v1.UpdateBudgetRequest
+	(*UpdateBudgetResponse)(nil),         // 55: switchboard.api.dispatcher.v1.UpdateBudgetResponse
+	(*DeleteBudgetRequest)(nil),          // 56: switchboard.api.dispatcher.v1.DeleteBudgetRequest
+	(*DeleteBudgetResponse)(nil),         // 57: switchboard.api.dispatcher.v1.DeleteBudgetResponse
+	(*ResolveBudgetActionRequest)(nil),   // 58: switchboard.api.dispatcher.v1.ResolveBudgetActionRequest
+	(*ResolveBudgetActionResponse)(nil),  // 59: switchboard.api.dispatcher.v1.ResolveBudgetActionResponse
+	(*QueryUsageRequest)(nil),            // 60: switchboard.api.dispatcher.v1.QueryUsageRequest
+	(*UsageRow)(nil),                     // 61: switchboard.api.dispatcher.v1.UsageRow
+	(*QueryUsageResponse)(nil),           // 62: switchboard.api.dispatcher.v1.QueryUsageResponse
+	(*ApiKeyQuota)(nil),                  // 63: switchboard.api.dispatcher.v1.ApiKeyQuota
+	(*WorkspaceQuota)(nil),               // 64: switchboard.api.dispatcher.v1.WorkspaceQuota
+	(*GetWorkspaceQuotaRequest)(nil),     // 65: switchboard.api.dispatcher.v1.GetWorkspaceQuotaRequest
+	(*GetWorkspaceQuotaResponse)(nil),    // 66: switchboard.api.dispatcher.v1.GetWorkspaceQuotaResponse
+	(*UpdateWorkspaceQuotaRequest)(nil),  // 67: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest
+	(*UpdateWorkspaceQuotaResponse)(nil), // 68: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponse
+	(*timestamppb.Timestamp)(nil),        // 69: google.protobuf.Timestamp
+	(*status.Status)(nil),                // 70: google.rpc.Status
+	(*v1.Progress)(nil),                  // 71: switchboard.api.handler.v1.Progress
+	(*v1.Usage)(nil),                     // 72: switchboard.api.handler.v1.Usage
+	(*v1.ToolCall)(nil),                  // 73: switchboard.api.handler.v1.ToolCall
+	(*v11.Message)(nil),                  // 74: switchboard.api.context.v1.Message
+	(*structpb.Struct)(nil),              // 75: google.protobuf.Struct
+	(*durationpb.Duration)(nil),          // 76: google.protobuf.Duration
+	(*v1.TextDelta)(nil),                 // 77: switchboard.api.handler.v1.TextDelta
+	(*v1.HandleResult)(nil),              // 78: switchboard.api.handler.v1.HandleResult
+	(*v1.ToolResult)(nil),                // 79: switchboard.api.handler.v1.ToolResult
+	(*v1.HandlerCapabilities)(nil),       // 80: switchboard.api.handler.v1.HandlerCapabilities
+	(*v1.ModelSettings)(nil),             // 81: switchboard.api.handler.v1.ModelSettings
+	(*fieldmaskpb.FieldMask)(nil),        // 82: google.protobuf.FieldMask
+	(*v1.ToolDefinition)(nil),            // 83: switchboard.api.handler.v1.ToolDefinition
 }
 var file_switchboard_api_dispatcher_v1_dispatcher_proto_depIdxs = []int32{
-	0,  // 0: switchboard.api.dispatcher.v1.Run.state:type_name -> switchboard.api.dispatcher.v1.RunState
-	42, // 1: switchboard.api.dispatcher.v1.Run.create_time:type_name -> google.protobuf.Timestamp
-	42, // 2: switchboard.api.dispatcher.v1.Run.start_time:type_name -> google.protobuf.Timestamp
-	42, // 3: switchboard.api.dispatcher.v1.Run.end_time:type_name -> google.protobuf.Timestamp
-	42, // 4: switchboard.api.dispatcher.v1.Run.deadline:type_name -> google.protobuf.Timestamp
-	43, // 5: switchboard.api.dispatcher.v1.Run.error:type_name -> google.rpc.Status
-	44, // 6: switchboard.api.dispatcher.v1.Run.progress:type_name -> switchboard.api.handler.v1.Progress
-	45, // 7: switchboard.api.dispatcher.v1.Run.usage:type_name -> switchboard.api.handler.v1.Usage
-	2,  // 8: switchboard.api.dispatcher.v1.Run.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
-	5,  // 9: switchboard.api.dispatcher.v1.Run.required_action:type_name -> switchboard.api.dispatcher.v1.RequiredAction
-	6,  // 10: switchboard.api.dispatcher.v1.RequiredAction.tool_calls:type_name -> switchboard.api.dispatcher.v1.PendingToolCall
-	42, // 11: switchboard.api.dispatcher.v1.RequiredAction.expire_time:type_name -> google.protobuf.Timestamp
-	46, // 12: switchboard.api.dispatcher.v1.PendingToolCall.call:type_name -> switchboard.api.handler.v1.ToolCall
-	1,  // 13: switchboard.api.dispatcher.v1.PendingToolCall.decision:type_name -> switchboard.api.dispatcher.v1.ToolApprovalDecision
-	42, // 14: switchboard.api.dispatcher.v1.PendingToolCall.decide_time:type_name -> google.protobuf.Timestamp
-	47, // 15: switchboard.api.dispatcher.v1.SendMessageRequest.message:type_name -> switchboard.api.context.v1.Message
-	48, // 16: switchboard.api.dispatcher.v1.SendMessageRequest.parameters:type_name -> google.protobuf.Struct
-	49, // 17: switchboard.api.dispatcher.v1.SendMessageRequest.timeout:type_name -> google.protobuf.Duration
-	2,  // 18: switchboard.api.dispatcher.v1.SendMessageRequest.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
-	4,  // 19: switchboard.api.dispatcher.v1.SendMessageResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
-	47, // 20: switchboard.api.dispatcher.v1.SendMessageResponse.message:type_name -> switchboard.api.context.v1.Message
-	4,  // 21: switchboard.api.dispatcher.v1.GetRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
-	0,  // 22: switchboard.api.dispatcher.v1.ListRunsRequest.states:type_name -> switchboard.api.dispatcher.v1.RunState
-	42, // 23: switchboard.api.dispatcher.v1.ListRunsRequest.state_changed_after:type_name -> google.protobuf.Timestamp
-	4,  // 24: switchboard.api.dispatcher.v1.ListRunsResponse.runs:type_name -> switchboard.api.dispatcher.v1.Run
-	4,  // 25: switchboard.api.dispatcher.v1.CancelRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
-	4,  // 26: switchboard.api.dispatcher.v1.RunStateChange.run:type_name -> switchboard.api.dispatcher.v1.Run
-	42, // 27: switchboard.api.dispatcher.v1.RunUpdate.time:type_name -> google.protobuf.Timestamp
-	16, // 28: switchboard.api.dispatcher.v1.RunUpdate.state_change:type_name -> switchboard.api.dispatcher.v1.RunStateChange
-	44, // 29: switchboard.api.dispatcher.v1.RunUpdate.progress:type_name -> switchboard.api.handler.v1.Progress
-	50, // 30: switchboard.api.dispatcher.v1.RunUpdate.delta:type_name -> switchboard.api.handler.v1.TextDelta
-	46, // 31: switchboard.api.dispatcher.v1.RunUpdate.tool_call:type_name -> switchboard.api.handler.v1.ToolCall
-	51, // 32: switchboard.api.dispatcher.v1.RunUpdate.result:type_name -> switchboard.api.handler.v1.HandleResult
-	52, // 33: switchboard.api.dispatcher.v1.RunUpdate.tool_result:type_name -> switchboard.api.handler.v1.ToolResult
-	17, // 34: switchboard.api.dispatcher.v1.WatchRunResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
-	19, // 35: switchboard.api.dispatcher.v1.WatchRunResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
-	42, // 36: switchboard.api.dispatcher.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
-	7,  // 37: switchboard.api.dispatcher.v1.ConverseRequest.send_message:type_name -> switchboard.api.dispatcher.v1.SendMessageRequest
-	13, // 38: switchboard.api.dispatcher.v1.ConverseRequest.cancel_run:type_name -> switchboard.api.dispatcher.v1.CancelRunRequest
-	15, // 39: switchboard.api.dispatcher.v1.ConverseRequest.watch_run:type_name -> switchboard.api.dispatcher.v1.WatchRunRequest
-	26, // 40: switchboard.api.dispatcher.v1.ConverseRequest.submit_tool_approvals:type_name -> switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
-	8,  // 41: switchboard.api.dispatcher.v1.ConverseResponse.message_sent:type_name -> switchboard.api.dispatcher.v1.SendMessageResponse
-	14, // 42: switchboard.api.dispatcher.v1.ConverseResponse.run_cancelled:type_name -> switchboard.api.dispatcher.v1.CancelRunResponse
-	17, // 43: switchboard.api.dispatcher.v1.ConverseResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
-	43, // 44: switchboard.api.dispatcher.v1.ConverseResponse.error:type_name -> google.rpc.Status
-	19, // 45: switchboard.api.dispatcher.v1.ConverseResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
-	27, // 46: switchboard.api.dispatcher.v1.ConverseResponse.tool_approvals_submitted:type_name -> switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
-	3,  // 47: switchboard.api.dispatcher.v1.Handler.kind:type_name -> switchboard.api.dispatcher.v1.HandlerKind
-	53, // 48: switchboard.api.dispatcher.v1.Handler.capabilities:type_name -> switchboard.api.handler.v1.HandlerCapabilities
-	22, // 49: switchboard.api.dispatcher.v1.ListHandlersResponse.handlers:type_name -> switchboard.api.dispatcher.v1.Handler
-	1,  // 50: switchboard.api.dispatcher.v1.ToolApproval.decision:type_name -> switchboard.api.dispatcher.v1.ToolApprovalDecision
-	25, // 51: switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest.approvals:type_name -> switchboard.api.dispatcher.v1.ToolApproval
-	4,  // 52: switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
-	54, // 53: switchboard.api.dispatcher.v1.Assistant.model:type_name -> switchboard.api.handler.v1.ModelSettings
-	28, // 54: switchboard.api.dispatcher.v1.Assistant.tools:type_name -> switchboard.api.dispatcher.v1.AssistantTools
-	42, // 55: switchboard.api.dispatcher.v1.Assistant.create_time:type_name -> google.protobuf.Timestamp
-	42, // 56: switchboard.api.dispatcher.v1.Assistant.update_time:type_name -> google.protobuf.Timestamp
-	29, // 57: switchboard.api.dispatcher.v1.CreateAssistantRequest.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	29, // 58: switchboard.api.dispatcher.v1.CreateAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	29, // 59: switchboard.api.dispatcher.v1.GetAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	29, // 60: switchboard.api.dispatcher.v1.ListAssistantsResponse.assistants:type_name -> switchboard.api.dispatcher.v1.Assistant
-	29, // 61: switchboard.api.dispatcher.v1.UpdateAssistantRequest.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	55, // 62: switchboard.api.dispatcher.v1.UpdateAssistantRequest.update_mask:type_name -> google.protobuf.FieldMask
-	29, // 63: switchboard.api.dispatcher.v1.UpdateAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	29, // 64: switchboard.api.dispatcher.v1.DescribeConversationResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	22, // 65: switchboard.api.dispatcher.v1.DescribeConversationResponse.handler:type_name -> switchboard.api.dispatcher.v1.Handler
-	56, // 66: switchboard.api.dispatcher.v1.DescribeConversationResponse.tools:type_name -> switchboard.api.handler.v1.ToolDefinition
-	7,  // 67: switchboard.api.dispatcher.v1.DispatcherService.SendMessage:input_type -> switchboard.api.dispatcher.v1.SendMessageRequest
-	9,  // 68: switchboard.api.dispatcher.v1.DispatcherService.GetRun:input_type -> switchboard.api.dispatcher.v1.GetRunRequest
-	11, // 69: switchboard.api.dispatcher.v1.DispatcherService.ListRuns:input_type -> switchboard.api.dispatcher.v1.ListRunsRequest
-	13, // 70: switchboard.api.dispatcher.v1.DispatcherService.CancelRun:input_type -> switchboard.api.dispatcher.v1.CancelRunRequest
-	15, // 71: switchboard.api.dispatcher.v1.DispatcherService.WatchRun:input_type -> switchboard.api.dispatcher.v1.WatchRunRequest
-	20, // 72: switchboard.api.dispatcher.v1.DispatcherService.Converse:input_type -> switchboard.api.dispatcher.v1.ConverseRequest
-	23, // 73: switchboard.api.dispatcher.v1.DispatcherService.ListHandlers:input_type -> switchboard.api.dispatcher.v1.ListHandlersRequest
-	26, // 74: switchboard.api.dispatcher.v1.DispatcherService.SubmitToolApprovals:input_type -> switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
-	30, // 75: switchboard.api.dispatcher.v1.DispatcherService.CreateAssistant:input_type -> switchboard.api.dispatcher.v1.CreateAssistantRequest
-	32, // 76: switchboard.api.dispatcher.v1.DispatcherService.GetAssistant:input_type -> switchboard.api.dispatcher.v1.GetAssistantRequest
-	34, // 77: switchboard.api.dispatcher.v1.DispatcherService.ListAssistants:input_type -> switchboard.api.dispatcher.v1.ListAssistantsRequest
-	36, // 78: switchboard.api.dispatcher.v1.DispatcherService.UpdateAssistant:input_type -> switchboard.api.dispatcher.v1.UpdateAssistantRequest
-	38, // 79: switchboard.api.dispatcher.v1.DispatcherService.DeleteAssistant:input_type -> switchboard.api.dispatcher.v1.DeleteAssistantRequest
-	40, // 80: switchboard.api.dispatcher.v1.DispatcherService.DescribeConversation:input_type -> switchboard.api.dispatcher.v1.DescribeConversationRequest
-	8,  // 81: switchboard.api.dispatcher.v1.DispatcherService.SendMessage:output_type -> switchboard.api.dispatcher.v1.SendMessageResponse
-	10, // 82: switchboard.api.dispatcher.v1.DispatcherService.GetRun:output_type -> switchboard.api.dispatcher.v1.GetRunResponse
-	12, // 83: switchboard.api.dispatcher.v1.DispatcherService.ListRuns:output_type -> switchboard.api.dispatcher.v1.ListRunsResponse
-	14, // 84: switchboard.api.dispatcher.v1.DispatcherService.CancelRun:output_type -> switchboard.api.dispatcher.v1.CancelRunResponse
-	18, // 85: switchboard.api.dispatcher.v1.DispatcherService.WatchRun:output_type -> switchboard.api.dispatcher.v1.WatchRunResponse
-	21, // 86: switchboard.api.dispatcher.v1.DispatcherService.Converse:output_type -> switchboard.api.dispatcher.v1.ConverseResponse
-	24, // 87: switchboard.api.dispatcher.v1.DispatcherService.ListHandlers:output_type -> switchboard.api.dispatcher.v1.ListHandlersResponse
-	27, // 88: switchboard.api.dispatcher.v1.DispatcherService.SubmitToolApprovals:output_type -> switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
-	31, // 89: switchboard.api.dispatcher.v1.DispatcherService.CreateAssistant:output_type -> switchboard.api.dispatcher.v1.CreateAssistantResponse
-	33, // 90: switchboard.api.dispatcher.v1.DispatcherService.GetAssistant:output_type -> switchboard.api.dispatcher.v1.GetAssistantResponse
-	35, // 91: switchboard.api.dispatcher.v1.DispatcherService.ListAssistants:output_type -> switchboard.api.dispatcher.v1.ListAssistantsResponse
-	37, // 92: switchboard.api.dispatcher.v1.DispatcherService.UpdateAssistant:output_type -> switchboard.api.dispatcher.v1.UpdateAssistantResponse
-	39, // 93: switchboard.api.dispatcher.v1.DispatcherService.DeleteAssistant:output_type -> switchboard.api.dispatcher.v1.DeleteAssistantResponse
-	41, // 94: switchboard.api.dispatcher.v1.DispatcherService.DescribeConversation:output_type -> switchboard.api.dispatcher.v1.DescribeConversationResponse
-	81, // [81:95] is the sub-list for method output_type
-	67, // [67:81] is the sub-list for method input_type
-	67, // [67:67] is the sub-list for extension type_name
-	67, // [67:67] is the sub-list for extension extendee
-	0,  // [0:67] is the sub-list for field type_name
+	0,   // 0: switchboard.api.dispatcher.v1.Run.state:type_name -> switchboard.api.dispatcher.v1.RunState
+	69,  // 1: switchboard.api.dispatcher.v1.Run.create_time:type_name -> google.protobuf.Timestamp
+	69,  // 2: switchboard.api.dispatcher.v1.Run.start_time:type_name -> google.protobuf.Timestamp
+	69,  // 3: switchboard.api.dispatcher.v1.Run.end_time:type_name -> google.protobuf.Timestamp
+	69,  // 4: switchboard.api.dispatcher.v1.Run.deadline:type_name -> google.protobuf.Timestamp
+	70,  // 5: switchboard.api.dispatcher.v1.Run.error:type_name -> google.rpc.Status
+	71,  // 6: switchboard.api.dispatcher.v1.Run.progress:type_name -> switchboard.api.handler.v1.Progress
+	72,  // 7: switchboard.api.dispatcher.v1.Run.usage:type_name -> switchboard.api.handler.v1.Usage
+	3,   // 8: switchboard.api.dispatcher.v1.Run.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
+	8,   // 9: switchboard.api.dispatcher.v1.Run.required_action:type_name -> switchboard.api.dispatcher.v1.RequiredAction
+	10,  // 10: switchboard.api.dispatcher.v1.RequiredAction.tool_calls:type_name -> switchboard.api.dispatcher.v1.PendingToolCall
+	69,  // 11: switchboard.api.dispatcher.v1.RequiredAction.expire_time:type_name -> google.protobuf.Timestamp
+	9,   // 12: switchboard.api.dispatcher.v1.RequiredAction.budget:type_name -> switchboard.api.dispatcher.v1.BudgetAction
+	1,   // 13: switchboard.api.dispatcher.v1.BudgetAction.decision:type_name -> switchboard.api.dispatcher.v1.BudgetDecision
+	69,  // 14: switchboard.api.dispatcher.v1.BudgetAction.decide_time:type_name -> google.protobuf.Timestamp
+	73,  // 15: switchboard.api.dispatcher.v1.PendingToolCall.call:type_name -> switchboard.api.handler.v1.ToolCall
+	2,   // 16: switchboard.api.dispatcher.v1.PendingToolCall.decision:type_name -> switchboard.api.dispatcher.v1.ToolApprovalDecision
+	69,  // 17: switchboard.api.dispatcher.v1.PendingToolCall.decide_time:type_name -> google.protobuf.Timestamp
+	74,  // 18: switchboard.api.dispatcher.v1.SendMessageRequest.message:type_name -> switchboard.api.context.v1.Message
+	75,  // 19: switchboard.api.dispatcher.v1.SendMessageRequest.parameters:type_name -> google.protobuf.Struct
+	76,  // 20: switchboard.api.dispatcher.v1.SendMessageRequest.timeout:type_name -> google.protobuf.Duration
+	3,   // 21: switchboard.api.dispatcher.v1.SendMessageRequest.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
+	7,   // 22: switchboard.api.dispatcher.v1.SendMessageResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
+	74,  // 23: switchboard.api.dispatcher.v1.SendMessageResponse.message:type_name -> switchboard.api.context.v1.Message
+	7,   // 24: switchboard.api.dispatcher.v1.GetRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
+	0,   // 25: switchboard.api.dispatcher.v1.ListRunsRequest.states:type_name -> switchboard.api.dispatcher.v1.RunState
+	69,  // 26: switchboard.api.dispatcher.v1.ListRunsRequest.state_changed_after:type_name -> google.protobuf.Timestamp
+	7,   // 27: switchboard.api.dispatcher.v1.ListRunsResponse.runs:type_name -> switchboard.api.dispatcher.v1.Run
+	7,   // 28: switchboard.api.dispatcher.v1.CancelRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
+	7,   // 29: switchboard.api.dispatcher.v1.RunStateChange.run:type_name -> switchboard.api.dispatcher.v1.Run
+	69,  // 30: switchboard.api.dispatcher.v1.RunUpdate.time:type_name -> google.protobuf.Timestamp
+	20,  // 31: switchboard.api.dispatcher.v1.RunUpdate.state_change:type_name -> switchboard.api.dispatcher.v1.RunStateChange
+	71,  // 32: switchboard.api.dispatcher.v1.RunUpdate.progress:type_name -> switchboard.api.handler.v1.Progress
+	77,  // 33: switchboard.api.dispatcher.v1.RunUpdate.delta:type_name -> switchboard.api.handler.v1.TextDelta
+	73,  // 34: switchboard.api.dispatcher.v1.RunUpdate.tool_call:type_name -> switchboard.api.handler.v1.ToolCall
+	78,  // 35: switchboard.api.dispatcher.v1.RunUpdate.result:type_name -> switchboard.api.handler.v1.HandleResult
+	79,  // 36: switchboard.api.dispatcher.v1.RunUpdate.tool_result:type_name -> switchboard.api.handler.v1.ToolResult
+	21,  // 37: switchboard.api.dispatcher.v1.WatchRunResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
+	23,  // 38: switchboard.api.dispatcher.v1.WatchRunResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
+	69,  // 39: switchboard.api.dispatcher.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
+	11,  // 40: switchboard.api.dispatcher.v1.ConverseRequest.send_message:type_name -> switchboard.api.dispatcher.v1.SendMessageRequest
+	17,  // 41: switchboard.api.dispatcher.v1.ConverseRequest.cancel_run:type_name -> switchboard.api.dispatcher.v1.CancelRunRequest
+	19,  // 42: switchboard.api.dispatcher.v1.ConverseRequest.watch_run:type_name -> switchboard.api.dispatcher.v1.WatchRunRequest
+	30,  // 43: switchboard.api.dispatcher.v1.ConverseRequest.submit_tool_approvals:type_name -> switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
+	12,  // 44: switchboard.api.dispatcher.v1.ConverseResponse.message_sent:type_name -> switchboard.api.dispatcher.v1.SendMessageResponse
+	18,  // 45: switchboard.api.dispatcher.v1.ConverseResponse.run_cancelled:type_name -> switchboard.api.dispatcher.v1.CancelRunResponse
+	21,  // 46: switchboard.api.dispatcher.v1.ConverseResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
+	70,  // 47: switchboard.api.dispatcher.v1.ConverseResponse.error:type_name -> google.rpc.Status
+	23,  // 48: switchboard.api.dispatcher.v1.ConverseResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
+	31,  // 49: switchboard.api.dispatcher.v1.ConverseResponse.tool_approvals_submitted:type_name -> switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
+	4,   // 50: switchboard.api.dispatcher.v1.Handler.kind:type_name -> switchboard.api.dispatcher.v1.HandlerKind
+	80,  // 51: switchboard.api.dispatcher.v1.Handler.capabilities:type_name -> switchboard.api.handler.v1.HandlerCapabilities
+	26,  // 52: switchboard.api.dispatcher.v1.ListHandlersResponse.handlers:type_name -> switchboard.api.dispatcher.v1.Handler
+	2,   // 53: switchboard.api.dispatcher.v1.ToolApproval.decision:type_name -> switchboard.api.dispatcher.v1.ToolApprovalDecision
+	29,  // 54: switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest.approvals:type_name -> switchboard.api.dispatcher.v1.ToolApproval
+	7,   // 55: switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
+	81,  // 56: switchboard.api.dispatcher.v1.Assistant.model:type_name -> switchboard.api.handler.v1.ModelSettings
+	32,  // 57: switchboard.api.dispatcher.v1.Assistant.tools:type_name -> switchboard.api.dispatcher.v1.AssistantTools
+	69,  // 58: switchboard.api.dispatcher.v1.Assistant.create_time:type_name -> google.protobuf.Timestamp
+	69,  // 59: switchboard.api.dispatcher.v1.Assistant.update_time:type_name -> google.protobuf.Timestamp
+	33,  // 60: switchboard.api.dispatcher.v1.CreateAssistantRequest.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	33,  // 61: switchboard.api.dispatcher.v1.CreateAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	33,  // 62: switchboard.api.dispatcher.v1.GetAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	33,  // 63: switchboard.api.dispatcher.v1.ListAssistantsResponse.assistants:type_name -> switchboard.api.dispatcher.v1.Assistant
+	33,  // 64: switchboard.api.dispatcher.v1.UpdateAssistantRequest.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	82,  // 65: switchboard.api.dispatcher.v1.UpdateAssistantRequest.update_mask:type_name -> google.protobuf.FieldMask
+	33,  // 66: switchboard.api.dispatcher.v1.UpdateAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	33,  // 67: switchboard.api.dispatcher.v1.DescribeConversationResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	26,  // 68: switchboard.api.dispatcher.v1.DescribeConversationResponse.handler:type_name -> switchboard.api.dispatcher.v1.Handler
+	83,  // 69: switchboard.api.dispatcher.v1.DescribeConversationResponse.tools:type_name -> switchboard.api.handler.v1.ToolDefinition
+	5,   // 70: switchboard.api.dispatcher.v1.Budget.period:type_name -> switchboard.api.dispatcher.v1.BudgetPeriod
+	47,  // 71: switchboard.api.dispatcher.v1.Budget.usage:type_name -> switchboard.api.dispatcher.v1.BudgetUsage
+	69,  // 72: switchboard.api.dispatcher.v1.Budget.create_time:type_name -> google.protobuf.Timestamp
+	69,  // 73: switchboard.api.dispatcher.v1.Budget.update_time:type_name -> google.protobuf.Timestamp
+	69,  // 74: switchboard.api.dispatcher.v1.BudgetUsage.period_start_time:type_name -> google.protobuf.Timestamp
+	69,  // 75: switchboard.api.dispatcher.v1.BudgetUsage.reset_time:type_name -> google.protobuf.Timestamp
+	46,  // 76: switchboard.api.dispatcher.v1.CreateBudgetRequest.budget:type_name -> switchboard.api.dispatcher.v1.Budget
+	46,  // 77: switchboard.api.dispatcher.v1.CreateBudgetResponse.budget:type_name -> switchboard.api.dispatcher.v1.Budget
+	46,  // 78: switchboard.api.dispatcher.v1.GetBudgetResponse.budget:type_name -> switchboard.api.dispatcher.v1.Budget
+	46,  // 79: switchboard.api.dispatcher.v1.ListBudgetsResponse.budgets:type_name -> switchboard.api.dispatcher.v1.Budget
+	46,  // 80: switchboard.api.dispatcher.v1.UpdateBudgetRequest.budget:type_name -> switchboard.api.dispatcher.v1.Budget
+	82,  // 81: switchboard.api.dispatcher.v1.UpdateBudgetRequest.update_mask:type_name -> google.protobuf.FieldMask
+	46,  // 82: switchboard.api.dispatcher.v1.UpdateBudgetResponse.budget:type_name -> switchboard.api.dispatcher.v1.Budget
+	1,   // 83: switchboard.api.dispatcher.v1.ResolveBudgetActionRequest.decision:type_name -> switchboard.api.dispatcher.v1.BudgetDecision
+	7,   // 84: switchboard.api.dispatcher.v1.ResolveBudgetActionResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
+	6,   // 85: switchboard.api.dispatcher.v1.QueryUsageRequest.group_by:type_name -> switchboard.api.dispatcher.v1.UsageDimension
+	69,  // 86: switchboard.api.dispatcher.v1.QueryUsageRequest.start_time:type_name -> google.protobuf.Timestamp
+	69,  // 87: switchboard.api.dispatcher.v1.QueryUsageRequest.end_time:type_name -> google.protobuf.Timestamp
+	61,  // 88: switchboard.api.dispatcher.v1.QueryUsageResponse.rows:type_name -> switchboard.api.dispatcher.v1.UsageRow
+	63,  // 89: switchboard.api.dispatcher.v1.WorkspaceQuota.api_keys:type_name -> switchboard.api.dispatcher.v1.ApiKeyQuota
+	69,  // 90: switchboard.api.dispatcher.v1.WorkspaceQuota.update_time:type_name -> google.protobuf.Timestamp
+	64,  // 91: switchboard.api.dispatcher.v1.GetWorkspaceQuotaResponse.quota:type_name -> switchboard.api.dispatcher.v1.WorkspaceQuota
+	64,  // 92: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest.quota:type_name -> switchboard.api.dispatcher.v1.WorkspaceQuota
+	82,  // 93: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest.update_mask:type_name -> google.protobuf.FieldMask
+	64,  // 94: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponse.quota:type_name -> switchboard.api.dispatcher.v1.WorkspaceQuota
+	11,  // 95: switchboard.api.dispatcher.v1.DispatcherService.SendMessage:input_type -> switchboard.api.dispatcher.v1.SendMessageRequest
+	13,  // 96: switchboard.api.dispatcher.v1.DispatcherService.GetRun:input_type -> switchboard.api.dispatcher.v1.GetRunRequest
+	15,  // 97: switchboard.api.dispatcher.v1.DispatcherService.ListRuns:input_type -> switchboard.api.dispatcher.v1.ListRunsRequest
+	17,  // 98: switchboard.api.dispatcher.v1.DispatcherService.CancelRun:input_type -> switchboard.api.dispatcher.v1.CancelRunRequest
+	19,  // 99: switchboard.api.dispatcher.v1.DispatcherService.WatchRun:input_type -> switchboard.api.dispatcher.v1.WatchRunRequest
+	24,  // 100: switchboard.api.dispatcher.v1.DispatcherService.Converse:input_type -> switchboard.api.dispatcher.v1.ConverseRequest
+	27,  // 101: switchboard.api.dispatcher.v1.DispatcherService.ListHandlers:input_type -> switchboard.api.dispatcher.v1.ListHandlersRequest
+	30,  // 102: switchboard.api.dispatcher.v1.DispatcherService.SubmitToolApprovals:input_type -> switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
+	34,  // 103: switchboard.api.dispatcher.v1.DispatcherService.CreateAssistant:input_type -> switchboard.api.dispatcher.v1.CreateAssistantRequest
+	36,  // 104: switchboard.api.dispatcher.v1.DispatcherService.GetAssistant:input_type -> switchboard.api.dispatcher.v1.GetAssistantRequest
+	38,  // 105: switchboard.api.dispatcher.v1.DispatcherService.ListAssistants:input_type -> switchboard.api.dispatcher.v1.ListAssistantsRequest
+	40,  // 106: switchboard.api.dispatcher.v1.DispatcherService.UpdateAssistant:input_type -> switchboard.api.dispatcher.v1.UpdateAssistantRequest
+	42,  // 107: switchboard.api.dispatcher.v1.DispatcherService.DeleteAssistant:input_type -> switchboard.api.dispatcher.v1.DeleteAssistantRequest
+	44,  // 108: switchboard.api.dispatcher.v1.DispatcherService.DescribeConversation:input_type -> switchboard.api.dispatcher.v1.DescribeConversationRequest
+	48,  // 109: switchboard.api.dispatcher.v1.DispatcherService.CreateBudget:input_type -> switchboard.api.dispatcher.v1.CreateBudgetRequest
+	50,  // 110: switchboard.api.dispatcher.v1.DispatcherService.GetBudget:input_type -> switchboard.api.dispatcher.v1.GetBudgetRequest
+	52,  // 111: switchboard.api.dispatcher.v1.DispatcherService.ListBudgets:input_type -> switchboard.api.dispatcher.v1.ListBudgetsRequest
+	54,  // 112: switchboard.api.dispatcher.v1.DispatcherService.UpdateBudget:input_type -> switchboard.api.dispatcher.v1.UpdateBudgetRequest
+	56,  // 113: switchboard.api.dispatcher.v1.DispatcherService.DeleteBudget:input_type -> switchboard.api.dispatcher.v1.DeleteBudgetRequest
+	58,  // 114: switchboard.api.dispatcher.v1.DispatcherService.ResolveBudgetAction:input_type -> switchboard.api.dispatcher.v1.ResolveBudgetActionRequest
+	60,  // 115: switchboard.api.dispatcher.v1.DispatcherService.QueryUsage:input_type -> switchboard.api.dispatcher.v1.QueryUsageRequest
+	65,  // 116: switchboard.api.dispatcher.v1.DispatcherService.GetWorkspaceQuota:input_type -> switchboard.api.dispatcher.v1.GetWorkspaceQuotaRequest
+	67,  // 117: switchboard.api.dispatcher.v1.DispatcherService.UpdateWorkspaceQuota:input_type -> switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest
+	12,  // 118: switchboard.api.dispatcher.v1.DispatcherService.SendMessage:output_type -> switchboard.api.dispatcher.v1.SendMessageResponse
+	14,  // 119: switchboard.api.dispatcher.v1.DispatcherService.GetRun:output_type -> switchboard.api.dispatcher.v1.GetRunResponse
+	16,  // 120: switchboard.api.dispatcher.v1.DispatcherService.ListRuns:output_type -> switchboard.api.dispatcher.v1.ListRunsResponse
+	18,  // 121: switchboard.api.dispatcher.v1.DispatcherService.CancelRun:output_type -> switchboard.api.dispatcher.v1.CancelRunResponse
+	22,  // 122: switchboard.api.dispatcher.v1.DispatcherService.WatchRun:output_type -> switchboard.api.dispatcher.v1.WatchRunResponse
+	25,  // 123: switchboard.api.dispatcher.v1.DispatcherService.Converse:output_type -> switchboard.api.dispatcher.v1.ConverseResponse
+	28,  // 124: switchboard.api.dispatcher.v1.DispatcherService.ListHandlers:output_type -> switchboard.api.dispatcher.v1.ListHandlersResponse
+	31,  // 125: switchboard.api.dispatcher.v1.DispatcherService.SubmitToolApprovals:output_type -> switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
+	35,  // 126: switchboard.api.dispatcher.v1.DispatcherService.CreateAssistant:output_type -> switchboard.api.dispatcher.v1.CreateAssistantResponse
+	37,  // 127: switchboard.api.dispatcher.v1.DispatcherService.GetAssistant:output_type -> switchboard.api.dispatcher.v1.GetAssistantResponse
+	39,  // 128: switchboard.api.dispatcher.v1.DispatcherService.ListAssistants:output_type -> switchboard.api.dispatcher.v1.ListAssistantsResponse
+	41,  // 129: switchboard.api.dispatcher.v1.DispatcherService.UpdateAssistant:output_type -> switchboard.api.dispatcher.v1.UpdateAssistantResponse
+	43,  // 130: switchboard.api.dispatcher.v1.DispatcherService.DeleteAssistant:output_type -> switchboard.api.dispatcher.v1.DeleteAssistantResponse
+	45,  // 131: switchboard.api.dispatcher.v1.DispatcherService.DescribeConversation:output_type -> switchboard.api.dispatcher.v1.DescribeConversationResponse
+	49,  // 132: switchboard.api.dispatcher.v1.DispatcherService.CreateBudget:output_type -> switchboard.api.dispatcher.v1.CreateBudgetResponse
+	51,  // 133: switchboard.api.dispatcher.v1.DispatcherService.GetBudget:output_type -> switchboard.api.dispatcher.v1.GetBudgetResponse
+	53,  // 134: switchboard.api.dispatcher.v1.DispatcherService.ListBudgets:output_type -> switchboard.api.dispatcher.v1.ListBudgetsResponse
+	55,  // 135: switchboard.api.dispatcher.v1.DispatcherService.UpdateBudget:output_type -> switchboard.api.dispatcher.v1.UpdateBudgetResponse
+	57,  // 136: switchboard.api.dispatcher.v1.DispatcherService.DeleteBudget:output_type -> switchboard.api.dispatcher.v1.DeleteBudgetResponse
+	59,  // 137: switchboard.api.dispatcher.v1.DispatcherService.ResolveBudgetAction:output_type -> switchboard.api.dispatcher.v1.ResolveBudgetActionResponse
+	62,  // 138: switchboard.api.dispatcher.v1.DispatcherService.QueryUsage:output_type -> switchboard.api.dispatcher.v1.QueryUsageResponse
+	66,  // 139: switchboard.api.dispatcher.v1.DispatcherService.GetWorkspaceQuota:output_type -> switchboard.api.dispatcher.v1.GetWorkspaceQuotaResponse
+	68,  // 140: switchboard.api.dispatcher.v1.DispatcherService.UpdateWorkspaceQuota:output_type -> switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponse
+	118, // [118:141] is the sub-list for method output_type
+	95,  // [95:118] is the sub-list for method input_type
+	95,  // [95:95] is the sub-list for extension type_name
+	95,  // [95:95] is the sub-list for extension extendee
+	0,   // [0:95] is the sub-list for field type_name
 }
 
 func init() { file_switchboard_api_dispatcher_v1_dispatcher_proto_init() }
@@ -3604,7 +5669,7 @@ func file_switchboard_api_dispatcher_v1_dispatcher_proto_init() {
 	if File_switchboard_api_dispatcher_v1_dispatcher_proto != nil {
 		return
 	}
-	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[13].OneofWrappers = []any{
+	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[14].OneofWrappers = []any{
 		(*RunUpdate_StateChange)(nil),
 		(*RunUpdate_Progress)(nil),
 		(*RunUpdate_Delta)(nil),
@@ -3612,17 +5677,17 @@ func file_switchboard_api_dispatcher_v1_dispatcher_proto_init() {
 		(*RunUpdate_Result)(nil),
 		(*RunUpdate_ToolResult)(nil),
 	}
-	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[14].OneofWrappers = []any{
+	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[15].OneofWrappers = []any{
 		(*WatchRunResponse_Update)(nil),
 		(*WatchRunResponse_Heartbeat)(nil),
 	}
-	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[16].OneofWrappers = []any{
+	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[17].OneofWrappers = []any{
 		(*ConverseRequest_SendMessage)(nil),
 		(*ConverseRequest_CancelRun)(nil),
 		(*ConverseRequest_WatchRun)(nil),
 		(*ConverseRequest_SubmitToolApprovals)(nil),
 	}
-	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[17].OneofWrappers = []any{
+	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[18].OneofWrappers = []any{
 		(*ConverseResponse_MessageSent)(nil),
 		(*ConverseResponse_RunCancelled)(nil),
 		(*ConverseResponse_Update)(nil),
@@ -3630,13 +5695,14 @@ func file_switchboard_api_dispatcher_v1_dispatcher_proto_init() {
 		(*ConverseResponse_Heartbeat)(nil),
 		(*ConverseResponse_ToolApprovalsSubmitted)(nil),
 	}
+	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[39].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc), len(file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc)),
-			NumEnums:      4,
-			NumMessages:   38,
+			NumEnums:      7,
+			NumMessages:   62,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -33,6 +33,15 @@ const (
 	DispatcherService_UpdateAssistant_FullMethodName      = "/switchboard.api.dispatcher.v1.DispatcherService/UpdateAssistant"
 	DispatcherService_DeleteAssistant_FullMethodName      = "/switchboard.api.dispatcher.v1.DispatcherService/DeleteAssistant"
 	DispatcherService_DescribeConversation_FullMethodName = "/switchboard.api.dispatcher.v1.DispatcherService/DescribeConversation"
+	DispatcherService_CreateBudget_FullMethodName         = "/switchboard.api.dispatcher.v1.DispatcherService/CreateBudget"
+	DispatcherService_GetBudget_FullMethodName            = "/switchboard.api.dispatcher.v1.DispatcherService/GetBudget"
+	DispatcherService_ListBudgets_FullMethodName          = "/switchboard.api.dispatcher.v1.DispatcherService/ListBudgets"
+	DispatcherService_UpdateBudget_FullMethodName         = "/switchboard.api.dispatcher.v1.DispatcherService/UpdateBudget"
+	DispatcherService_DeleteBudget_FullMethodName         = "/switchboard.api.dispatcher.v1.DispatcherService/DeleteBudget"
+	DispatcherService_ResolveBudgetAction_FullMethodName  = "/switchboard.api.dispatcher.v1.DispatcherService/ResolveBudgetAction"
+	DispatcherService_QueryUsage_FullMethodName           = "/switchboard.api.dispatcher.v1.DispatcherService/QueryUsage"
+	DispatcherService_GetWorkspaceQuota_FullMethodName    = "/switchboard.api.dispatcher.v1.DispatcherService/GetWorkspaceQuota"
+	DispatcherService_UpdateWorkspaceQuota_FullMethodName = "/switchboard.api.dispatcher.v1.DispatcherService/UpdateWorkspaceQuota"
 )
 
 // DispatcherServiceClient is the client API for DispatcherService service.
@@ -77,6 +86,29 @@ type DispatcherServiceClient interface {
 	// What a message sent to a conversation now would use: the assistant, the
 	// handler, the model, the tools (with their approval rules) and the budget.
 	DescribeConversation(ctx context.Context, in *DescribeConversationRequest, opts ...grpc.CallOption) (*DescribeConversationResponse, error)
+	// Creates a budget: a cap on cost and/or tokens over a period, on a
+	// workspace, one of its assistants or an API key (owners only).
+	CreateBudget(ctx context.Context, in *CreateBudgetRequest, opts ...grpc.CallOption) (*CreateBudgetResponse, error)
+	// Returns a budget with its current period's usage (members of the workspace).
+	GetBudget(ctx context.Context, in *GetBudgetRequest, opts ...grpc.CallOption) (*GetBudgetResponse, error)
+	// Lists a workspace's budgets with their usage (members of the workspace).
+	ListBudgets(ctx context.Context, in *ListBudgetsRequest, opts ...grpc.CallOption) (*ListBudgetsResponse, error)
+	// Updates a budget (FieldMask, etag; owners only). A raised cap lets runs
+	// paused at it (REQUIRES_ACTION with a budget action) go on.
+	UpdateBudget(ctx context.Context, in *UpdateBudgetRequest, opts ...grpc.CallOption) (*UpdateBudgetResponse, error)
+	// Deletes a budget (owners only); runs paused at it go on.
+	DeleteBudget(ctx context.Context, in *DeleteBudgetRequest, opts ...grpc.CallOption) (*DeleteBudgetResponse, error)
+	// Decides a run paused at a budget's cap: allow this step past the cap, or
+	// end the run FAILED with BUDGET_EXHAUSTED (owners only).
+	ResolveBudgetAction(ctx context.Context, in *ResolveBudgetActionRequest, opts ...grpc.CallOption) (*ResolveBudgetActionResponse, error)
+	// Sums the stored usage of a workspace's runs, grouped by day, assistant,
+	// API key and model as asked (members of the workspace).
+	QueryUsage(ctx context.Context, in *QueryUsageRequest, opts ...grpc.CallOption) (*QueryUsageResponse, error)
+	// Returns a workspace's quotas: messages per minute and concurrent runs, for
+	// the workspace and per API key (members of the workspace).
+	GetWorkspaceQuota(ctx context.Context, in *GetWorkspaceQuotaRequest, opts ...grpc.CallOption) (*GetWorkspaceQuotaResponse, error)
+	// Updates a workspace's quotas (FieldMask, etag; owners only).
+	UpdateWorkspaceQuota(ctx context.Context, in *UpdateWorkspaceQuotaRequest, opts ...grpc.CallOption) (*UpdateWorkspaceQuotaResponse, error)
 }
 
 type dispatcherServiceClient struct {
@@ -239,6 +271,96 @@ func (c *dispatcherServiceClient) DescribeConversation(ctx context.Context, in *
 	return out, nil
 }
 
+func (c *dispatcherServiceClient) CreateBudget(ctx context.Context, in *CreateBudgetRequest, opts ...grpc.CallOption) (*CreateBudgetResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CreateBudgetResponse)
+	err := c.cc.Invoke(ctx, DispatcherService_CreateBudget_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *dispatcherServiceClient) GetBudget(ctx context.Context, in *GetBudgetRequest, opts ...grpc.CallOption) (*GetBudgetResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetBudgetResponse)
+	err := c.cc.Invoke(ctx, DispatcherService_GetBudget_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *dispatcherServiceClient) ListBudgets(ctx context.Context, in *ListBudgetsRequest, opts ...grpc.CallOption) (*ListBudgetsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListBudgetsResponse)
+	err := c.cc.Invoke(ctx, DispatcherService_ListBudgets_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *dispatcherServiceClient) UpdateBudget(ctx context.Context, in *UpdateBudgetRequest, opts ...grpc.CallOption) (*UpdateBudgetResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(UpdateBudgetResponse)
+	err := c.cc.Invoke(ctx, DispatcherService_UpdateBudget_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *dispatcherServiceClient) DeleteBudget(ctx context.Context, in *DeleteBudgetRequest, opts ...grpc.CallOption) (*DeleteBudgetResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DeleteBudgetResponse)
+	err := c.cc.Invoke(ctx, DispatcherService_DeleteBudget_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *dispatcherServiceClient) ResolveBudgetAction(ctx context.Context, in *ResolveBudgetActionRequest, opts ...grpc.CallOption) (*ResolveBudgetActionResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ResolveBudgetActionResponse)
+	err := c.cc.Invoke(ctx, DispatcherService_ResolveBudgetAction_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *dispatcherServiceClient) QueryUsage(ctx context.Context, in *QueryUsageRequest, opts ...grpc.CallOption) (*QueryUsageResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(QueryUsageResponse)
+	err := c.cc.Invoke(ctx, DispatcherService_QueryUsage_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *dispatcherServiceClient) GetWorkspaceQuota(ctx context.Context, in *GetWorkspaceQuotaRequest, opts ...grpc.CallOption) (*GetWorkspaceQuotaResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetWorkspaceQuotaResponse)
+	err := c.cc.Invoke(ctx, DispatcherService_GetWorkspaceQuota_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *dispatcherServiceClient) UpdateWorkspaceQuota(ctx context.Context, in *UpdateWorkspaceQuotaRequest, opts ...grpc.CallOption) (*UpdateWorkspaceQuotaResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(UpdateWorkspaceQuotaResponse)
+	err := c.cc.Invoke(ctx, DispatcherService_UpdateWorkspaceQuota_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // DispatcherServiceServer is the server API for DispatcherService service.
 // All implementations must embed UnimplementedDispatcherServiceServer
 // for forward compatibility.
@@ -281,6 +403,29 @@ type DispatcherServiceServer interface {
 	// What a message sent to a conversation now would use: the assistant, the
 	// handler, the model, the tools (with their approval rules) and the budget.
 	DescribeConversation(context.Context, *DescribeConversationRequest) (*DescribeConversationResponse, error)
+	// Creates a budget: a cap on cost and/or tokens over a period, on a
+	// workspace, one of its assistants or an API key (owners only).
+	CreateBudget(context.Context, *CreateBudgetRequest) (*CreateBudgetResponse, error)
+	// Returns a budget with its current period's usage (members of the workspace).
+	GetBudget(context.Context, *GetBudgetRequest) (*GetBudgetResponse, error)
+	// Lists a workspace's budgets with their usage (members of the workspace).
+	ListBudgets(context.Context, *ListBudgetsRequest) (*ListBudgetsResponse, error)
+	// Updates a budget (FieldMask, etag; owners only). A raised cap lets runs
+	// paused at it (REQUIRES_ACTION with a budget action) go on.
+	UpdateBudget(context.Context, *UpdateBudgetRequest) (*UpdateBudgetResponse, error)
+	// Deletes a budget (owners only); runs paused at it go on.
+	DeleteBudget(context.Context, *DeleteBudgetRequest) (*DeleteBudgetResponse, error)
+	// Decides a run paused at a budget's cap: allow this step past the cap, or
+	// end the run FAILED with BUDGET_EXHAUSTED (owners only).
+	ResolveBudgetAction(context.Context, *ResolveBudgetActionRequest) (*ResolveBudgetActionResponse, error)
+	// Sums the stored usage of a workspace's runs, grouped by day, assistant,
+	// API key and model as asked (members of the workspace).
+	QueryUsage(context.Context, *QueryUsageRequest) (*QueryUsageResponse, error)
+	// Returns a workspace's quotas: messages per minute and concurrent runs, for
+	// the workspace and per API key (members of the workspace).
+	GetWorkspaceQuota(context.Context, *GetWorkspaceQuotaRequest) (*GetWorkspaceQuotaResponse, error)
+	// Updates a workspace's quotas (FieldMask, etag; owners only).
+	UpdateWorkspaceQuota(context.Context, *UpdateWorkspaceQuotaRequest) (*UpdateWorkspaceQuotaResponse, error)
 	mustEmbedUnimplementedDispatcherServiceServer()
 }
 
@@ -332,6 +477,33 @@ func (UnimplementedDispatcherServiceServer) DeleteAssistant(context.Context, *De
 }
 func (UnimplementedDispatcherServiceServer) DescribeConversation(context.Context, *DescribeConversationRequest) (*DescribeConversationResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method DescribeConversation not implemented")
+}
+func (UnimplementedDispatcherServiceServer) CreateBudget(context.Context, *CreateBudgetRequest) (*CreateBudgetResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CreateBudget not implemented")
+}
+func (UnimplementedDispatcherServiceServer) GetBudget(context.Context, *GetBudgetRequest) (*GetBudgetResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetBudget not implemented")
+}
+func (UnimplementedDispatcherServiceServer) ListBudgets(context.Context, *ListBudgetsRequest) (*ListBudgetsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListBudgets not implemented")
+}
+func (UnimplementedDispatcherServiceServer) UpdateBudget(context.Context, *UpdateBudgetRequest) (*UpdateBudgetResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method UpdateBudget not implemented")
+}
+func (UnimplementedDispatcherServiceServer) DeleteBudget(context.Context, *DeleteBudgetRequest) (*DeleteBudgetResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DeleteBudget not implemented")
+}
+func (UnimplementedDispatcherServiceServer) ResolveBudgetAction(context.Context, *ResolveBudgetActionRequest) (*ResolveBudgetActionResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ResolveBudgetAction not implemented")
+}
+func (UnimplementedDispatcherServiceServer) QueryUsage(context.Context, *QueryUsageRequest) (*QueryUsageResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method QueryUsage not implemented")
+}
+func (UnimplementedDispatcherServiceServer) GetWorkspaceQuota(context.Context, *GetWorkspaceQuotaRequest) (*GetWorkspaceQuotaResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetWorkspaceQuota not implemented")
+}
+func (UnimplementedDispatcherServiceServer) UpdateWorkspaceQuota(context.Context, *UpdateWorkspaceQuotaRequest) (*UpdateWorkspaceQuotaResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method UpdateWorkspaceQuota not implemented")
 }
 func (UnimplementedDispatcherServiceServer) mustEmbedUnimplementedDispatcherServiceServer() {}
 func (UnimplementedDispatcherServiceServer) testEmbeddedByValue()                           {}
@@ -588,6 +760,168 @@ func _DispatcherService_DescribeConversation_Handler(srv interface{}, ctx contex
 	return interceptor(ctx, in, info, handler)
 }
 
+func _DispatcherService_CreateBudget_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CreateBudgetRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(DispatcherServiceServer).CreateBudget(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: DispatcherService_CreateBudget_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(DispatcherServiceServer).CreateBudget(ctx, req.(*CreateBudgetRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _DispatcherService_GetBudget_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetBudgetRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(DispatcherServiceServer).GetBudget(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: DispatcherService_GetBudget_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(DispatcherServiceServer).GetBudget(ctx, req.(*GetBudgetRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _DispatcherService_ListBudgets_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListBudgetsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(DispatcherServiceServer).ListBudgets(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: DispatcherService_ListBudgets_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(DispatcherServiceServer).ListBudgets(ctx, req.(*ListBudgetsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _DispatcherService_UpdateBudget_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(UpdateBudgetRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(DispatcherServiceServer).UpdateBudget(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: DispatcherService_UpdateBudget_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(DispatcherServiceServer).UpdateBudget(ctx, req.(*UpdateBudgetRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _DispatcherService_DeleteBudget_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeleteBudgetRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(DispatcherServiceServer).DeleteBudget(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: DispatcherService_DeleteBudget_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(DispatcherServiceServer).DeleteBudget(ctx, req.(*DeleteBudgetRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _DispatcherService_ResolveBudgetAction_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ResolveBudgetActionRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(DispatcherServiceServer).ResolveBudgetAction(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: DispatcherService_ResolveBudgetAction_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(DispatcherServiceServer).ResolveBudgetAction(ctx, req.(*ResolveBudgetActionRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _DispatcherService_QueryUsage_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(QueryUsageRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(DispatcherServiceServer).QueryUsage(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: DispatcherService_QueryUsage_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(DispatcherServiceServer).QueryUsage(ctx, req.(*QueryUsageRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _DispatcherService_GetWorkspaceQuota_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetWorkspaceQuotaRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(DispatcherServiceServer).GetWorkspaceQuota(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: DispatcherService_GetWorkspaceQuota_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(DispatcherServiceServer).GetWorkspaceQuota(ctx, req.(*GetWorkspaceQuotaRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _DispatcherService_UpdateWorkspaceQuota_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(UpdateWorkspaceQuotaRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(DispatcherServiceServer).UpdateWorkspaceQuota(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: DispatcherService_UpdateWorkspaceQuota_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(DispatcherServiceServer).UpdateWorkspaceQuota(ctx, req.(*UpdateWorkspaceQuotaRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // DispatcherService_ServiceDesc is the grpc.ServiceDesc for DispatcherService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -642,6 +976,42 @@ var DispatcherService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "DescribeConversation",
 			Handler:    _DispatcherService_DescribeConversation_Handler,
+		},
+		{
+			MethodName: "CreateBudget",
+			Handler:    _DispatcherService_CreateBudget_Handler,
+		},
+		{
+			MethodName: "GetBudget",
+			Handler:    _DispatcherService_GetBudget_Handler,
+		},
+		{
+			MethodName: "ListBudgets",
+			Handler:    _DispatcherService_ListBudgets_Handler,
+		},
+		{
+			MethodName: "UpdateBudget",
+			Handler:    _DispatcherService_UpdateBudget_Handler,
+		},
+		{
+			MethodName: "DeleteBudget",
+			Handler:    _DispatcherService_DeleteBudget_Handler,
+		},
+		{
+			MethodName: "ResolveBudgetAction",
+			Handler:    _DispatcherService_ResolveBudgetAction_Handler,
+		},
+		{
+			MethodName: "QueryUsage",
+			Handler:    _DispatcherService_QueryUsage_Handler,
+		},
+		{
+			MethodName: "GetWorkspaceQuota",
+			Handler:    _DispatcherService_GetWorkspaceQuota_Handler,
+		},
+		{
+			MethodName: "UpdateWorkspaceQuota",
+			Handler:    _DispatcherService_UpdateWorkspaceQuota_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -57,6 +57,11 @@ const (
 	EventType_EVENT_TYPE_TOOL_INVOKED EventType = 10
 	// An assistant was created, updated or deleted.
 	EventType_EVENT_TYPE_ASSISTANT_CHANGED EventType = 11
+	// A budget was created, updated or deleted.
+	EventType_EVENT_TYPE_BUDGET_CHANGED EventType = 12
+	// A budget's usage reached one of its alert thresholds, or a message or a
+	// run's step was refused at its cap.
+	EventType_EVENT_TYPE_BUDGET_ALERT EventType = 13
 )
 
 // Enum value maps for EventType.
@@ -74,6 +79,8 @@ var (
 		9:  "EVENT_TYPE_MESSAGE_FILTERED",
 		10: "EVENT_TYPE_TOOL_INVOKED",
 		11: "EVENT_TYPE_ASSISTANT_CHANGED",
+		12: "EVENT_TYPE_BUDGET_CHANGED",
+		13: "EVENT_TYPE_BUDGET_ALERT",
 	}
 	EventType_value = map[string]int32{
 		"EVENT_TYPE_UNSPECIFIED":          0,
@@ -88,6 +95,8 @@ var (
 		"EVENT_TYPE_MESSAGE_FILTERED":     9,
 		"EVENT_TYPE_TOOL_INVOKED":         10,
 		"EVENT_TYPE_ASSISTANT_CHANGED":    11,
+		"EVENT_TYPE_BUDGET_CHANGED":       12,
+		"EVENT_TYPE_BUDGET_ALERT":         13,
 	}
 )
 
@@ -175,6 +184,63 @@ func (ChangeKind) EnumDescriptor() ([]byte, []int) {
 	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{1}
 }
 
+// What a budget alert is about.
+type BudgetAlertKind int32
+
+const (
+	// Not set.
+	BudgetAlertKind_BUDGET_ALERT_KIND_UNSPECIFIED BudgetAlertKind = 0
+	// Usage reached `percent` of a cap.
+	BudgetAlertKind_BUDGET_ALERT_KIND_THRESHOLD BudgetAlertKind = 1
+	// A message was refused because the budget has no room.
+	BudgetAlertKind_BUDGET_ALERT_KIND_MESSAGE_REFUSED BudgetAlertKind = 2
+	// A run paused because its next step does not fit.
+	BudgetAlertKind_BUDGET_ALERT_KIND_RUN_PAUSED BudgetAlertKind = 3
+)
+
+// Enum value maps for BudgetAlertKind.
+var (
+	BudgetAlertKind_name = map[int32]string{
+		0: "BUDGET_ALERT_KIND_UNSPECIFIED",
+		1: "BUDGET_ALERT_KIND_THRESHOLD",
+		2: "BUDGET_ALERT_KIND_MESSAGE_REFUSED",
+		3: "BUDGET_ALERT_KIND_RUN_PAUSED",
+	}
+	BudgetAlertKind_value = map[string]int32{
+		"BUDGET_ALERT_KIND_UNSPECIFIED":     0,
+		"BUDGET_ALERT_KIND_THRESHOLD":       1,
+		"BUDGET_ALERT_KIND_MESSAGE_REFUSED": 2,
+		"BUDGET_ALERT_KIND_RUN_PAUSED":      3,
+	}
+)
+
+func (x BudgetAlertKind) Enum() *BudgetAlertKind {
+	p := new(BudgetAlertKind)
+	*p = x
+	return p
+}
+
+func (x BudgetAlertKind) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (BudgetAlertKind) Descriptor() protoreflect.EnumDescriptor {
+	return file_switchboard_api_events_v1_events_proto_enumTypes[2].Descriptor()
+}
+
+func (BudgetAlertKind) Type() protoreflect.EnumType {
+	return &file_switchboard_api_events_v1_events_proto_enumTypes[2]
+}
+
+func (x BudgetAlertKind) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use BudgetAlertKind.Descriptor instead.
+func (BudgetAlertKind) EnumDescriptor() ([]byte, []int) {
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{2}
+}
+
 // The kind of a security event.
 type SecurityEventKind int32
 
@@ -228,11 +294,11 @@ func (x SecurityEventKind) String() string {
 }
 
 func (SecurityEventKind) Descriptor() protoreflect.EnumDescriptor {
-	return file_switchboard_api_events_v1_events_proto_enumTypes[2].Descriptor()
+	return file_switchboard_api_events_v1_events_proto_enumTypes[3].Descriptor()
 }
 
 func (SecurityEventKind) Type() protoreflect.EnumType {
-	return &file_switchboard_api_events_v1_events_proto_enumTypes[2]
+	return &file_switchboard_api_events_v1_events_proto_enumTypes[3]
 }
 
 func (x SecurityEventKind) Number() protoreflect.EnumNumber {
@@ -241,7 +307,7 @@ func (x SecurityEventKind) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use SecurityEventKind.Descriptor instead.
 func (SecurityEventKind) EnumDescriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{2}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{3}
 }
 
 // Which log partition a subscription follows. Exactly one field is set.
@@ -916,6 +982,152 @@ func (x *AssistantChanged) GetAssistant() *v11.Assistant {
 	return nil
 }
 
+// Payload: a budget changed.
+type BudgetChanged struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// How it changed.
+	Change ChangeKind `protobuf:"varint,1,opt,name=change,proto3,enum=switchboard.api.events.v1.ChangeKind" json:"change,omitempty"`
+	// The budget after the change (before it, for a deletion).
+	Budget        *v11.Budget `protobuf:"bytes,2,opt,name=budget,proto3" json:"budget,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BudgetChanged) Reset() {
+	*x = BudgetChanged{}
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BudgetChanged) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BudgetChanged) ProtoMessage() {}
+
+func (x *BudgetChanged) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BudgetChanged.ProtoReflect.Descriptor instead.
+func (*BudgetChanged) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *BudgetChanged) GetChange() ChangeKind {
+	if x != nil {
+		return x.Change
+	}
+	return ChangeKind_CHANGE_KIND_UNSPECIFIED
+}
+
+func (x *BudgetChanged) GetBudget() *v11.Budget {
+	if x != nil {
+		return x.Budget
+	}
+	return nil
+}
+
+// Payload: a budget alert.
+type BudgetAlert struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// What happened.
+	Kind BudgetAlertKind `protobuf:"varint,1,opt,name=kind,proto3,enum=switchboard.api.events.v1.BudgetAlertKind" json:"kind,omitempty"`
+	// The budget, `workspaces/{w}/budgets/{b}`.
+	Budget string `protobuf:"bytes,2,opt,name=budget,proto3" json:"budget,omitempty"`
+	// The threshold reached (THRESHOLD), in percent of the cap named by `cap`.
+	Percent int32 `protobuf:"varint,3,opt,name=percent,proto3" json:"percent,omitempty"`
+	// The cap concerned: `cost`, `input_tokens`, `output_tokens` or `total_tokens`.
+	Cap string `protobuf:"bytes,4,opt,name=cap,proto3" json:"cap,omitempty"`
+	// The budget's usage when it happened.
+	Usage *v11.BudgetUsage `protobuf:"bytes,5,opt,name=usage,proto3" json:"usage,omitempty"`
+	// The run concerned (RUN_PAUSED), if any.
+	Run           string `protobuf:"bytes,6,opt,name=run,proto3" json:"run,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BudgetAlert) Reset() {
+	*x = BudgetAlert{}
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BudgetAlert) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BudgetAlert) ProtoMessage() {}
+
+func (x *BudgetAlert) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BudgetAlert.ProtoReflect.Descriptor instead.
+func (*BudgetAlert) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *BudgetAlert) GetKind() BudgetAlertKind {
+	if x != nil {
+		return x.Kind
+	}
+	return BudgetAlertKind_BUDGET_ALERT_KIND_UNSPECIFIED
+}
+
+func (x *BudgetAlert) GetBudget() string {
+	if x != nil {
+		return x.Budget
+	}
+	return ""
+}
+
+func (x *BudgetAlert) GetPercent() int32 {
+	if x != nil {
+		return x.Percent
+	}
+	return 0
+}
+
+func (x *BudgetAlert) GetCap() string {
+	if x != nil {
+		return x.Cap
+	}
+	return ""
+}
+
+func (x *BudgetAlert) GetUsage() *v11.BudgetUsage {
+	if x != nil {
+		return x.Usage
+	}
+	return nil
+}
+
+func (x *BudgetAlert) GetRun() string {
+	if x != nil {
+		return x.Run
+	}
+	return ""
+}
+
 // Payload: a tool was invoked (who is the event's actor). The arguments and
 // the credential are never recorded.
 type ToolInvoked struct {
@@ -936,7 +1148,7 @@ type ToolInvoked struct {
 
 func (x *ToolInvoked) Reset() {
 	*x = ToolInvoked{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[11]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -948,7 +1160,7 @@ func (x *ToolInvoked) String() string {
 func (*ToolInvoked) ProtoMessage() {}
 
 func (x *ToolInvoked) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[11]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -961,7 +1173,7 @@ func (x *ToolInvoked) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolInvoked.ProtoReflect.Descriptor instead.
 func (*ToolInvoked) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{11}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ToolInvoked) GetTool() string {
@@ -1018,7 +1230,7 @@ type SecurityEvent struct {
 
 func (x *SecurityEvent) Reset() {
 	*x = SecurityEvent{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[12]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1030,7 +1242,7 @@ func (x *SecurityEvent) String() string {
 func (*SecurityEvent) ProtoMessage() {}
 
 func (x *SecurityEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[12]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1043,7 +1255,7 @@ func (x *SecurityEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SecurityEvent.ProtoReflect.Descriptor instead.
 func (*SecurityEvent) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{12}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *SecurityEvent) GetKind() SecurityEventKind {
@@ -1115,6 +1327,8 @@ type Event struct {
 	//	*Event_MessageFiltered
 	//	*Event_ToolInvoked
 	//	*Event_AssistantChanged
+	//	*Event_BudgetChanged
+	//	*Event_BudgetAlert
 	Payload       isEvent_Payload `protobuf_oneof:"payload"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1122,7 +1336,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[13]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1134,7 +1348,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[13]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1147,7 +1361,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{13}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Event) GetId() string {
@@ -1312,6 +1526,24 @@ func (x *Event) GetAssistantChanged() *AssistantChanged {
 	return nil
 }
 
+func (x *Event) GetBudgetChanged() *BudgetChanged {
+	if x != nil {
+		if x, ok := x.Payload.(*Event_BudgetChanged); ok {
+			return x.BudgetChanged
+		}
+	}
+	return nil
+}
+
+func (x *Event) GetBudgetAlert() *BudgetAlert {
+	if x != nil {
+		if x, ok := x.Payload.(*Event_BudgetAlert); ok {
+			return x.BudgetAlert
+		}
+	}
+	return nil
+}
+
 type isEvent_Payload interface {
 	isEvent_Payload()
 }
@@ -1371,6 +1603,16 @@ type Event_AssistantChanged struct {
 	AssistantChanged *AssistantChanged `protobuf:"bytes,20,opt,name=assistant_changed,json=assistantChanged,proto3,oneof"`
 }
 
+type Event_BudgetChanged struct {
+	// A budget changed.
+	BudgetChanged *BudgetChanged `protobuf:"bytes,21,opt,name=budget_changed,json=budgetChanged,proto3,oneof"`
+}
+
+type Event_BudgetAlert struct {
+	// A budget alert.
+	BudgetAlert *BudgetAlert `protobuf:"bytes,22,opt,name=budget_alert,json=budgetAlert,proto3,oneof"`
+}
+
 func (*Event_WorkspaceChanged) isEvent_Payload() {}
 
 func (*Event_MemberChanged) isEvent_Payload() {}
@@ -1393,6 +1635,10 @@ func (*Event_ToolInvoked) isEvent_Payload() {}
 
 func (*Event_AssistantChanged) isEvent_Payload() {}
 
+func (*Event_BudgetChanged) isEvent_Payload() {}
+
+func (*Event_BudgetAlert) isEvent_Payload() {}
+
 // Request for Subscribe.
 type SubscribeRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1408,7 +1654,7 @@ type SubscribeRequest struct {
 
 func (x *SubscribeRequest) Reset() {
 	*x = SubscribeRequest{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[14]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1420,7 +1666,7 @@ func (x *SubscribeRequest) String() string {
 func (*SubscribeRequest) ProtoMessage() {}
 
 func (x *SubscribeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[14]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1433,7 +1679,7 @@ func (x *SubscribeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscribeRequest.ProtoReflect.Descriptor instead.
 func (*SubscribeRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{14}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *SubscribeRequest) GetScopes() []*Scope {
@@ -1470,7 +1716,7 @@ type EventBatch struct {
 
 func (x *EventBatch) Reset() {
 	*x = EventBatch{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[15]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1482,7 +1728,7 @@ func (x *EventBatch) String() string {
 func (*EventBatch) ProtoMessage() {}
 
 func (x *EventBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[15]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1495,7 +1741,7 @@ func (x *EventBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EventBatch.ProtoReflect.Descriptor instead.
 func (*EventBatch) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{15}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *EventBatch) GetEvents() []*Event {
@@ -1525,7 +1771,7 @@ type Heartbeat struct {
 
 func (x *Heartbeat) Reset() {
 	*x = Heartbeat{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[16]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1537,7 +1783,7 @@ func (x *Heartbeat) String() string {
 func (*Heartbeat) ProtoMessage() {}
 
 func (x *Heartbeat) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[16]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1550,7 +1796,7 @@ func (x *Heartbeat) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Heartbeat.ProtoReflect.Descriptor instead.
 func (*Heartbeat) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{16}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *Heartbeat) GetTime() *timestamppb.Timestamp {
@@ -1583,7 +1829,7 @@ type SubscribeResponse struct {
 
 func (x *SubscribeResponse) Reset() {
 	*x = SubscribeResponse{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[17]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1595,7 +1841,7 @@ func (x *SubscribeResponse) String() string {
 func (*SubscribeResponse) ProtoMessage() {}
 
 func (x *SubscribeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[17]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1608,7 +1854,7 @@ func (x *SubscribeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscribeResponse.ProtoReflect.Descriptor instead.
 func (*SubscribeResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{17}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *SubscribeResponse) GetFrame() isSubscribeResponse_Frame {
@@ -1671,7 +1917,7 @@ type AddSubscription struct {
 
 func (x *AddSubscription) Reset() {
 	*x = AddSubscription{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[18]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1683,7 +1929,7 @@ func (x *AddSubscription) String() string {
 func (*AddSubscription) ProtoMessage() {}
 
 func (x *AddSubscription) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[18]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1696,7 +1942,7 @@ func (x *AddSubscription) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddSubscription.ProtoReflect.Descriptor instead.
 func (*AddSubscription) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{18}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *AddSubscription) GetSubscriptionId() string {
@@ -1738,7 +1984,7 @@ type RemoveSubscription struct {
 
 func (x *RemoveSubscription) Reset() {
 	*x = RemoveSubscription{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[19]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1750,7 +1996,7 @@ func (x *RemoveSubscription) String() string {
 func (*RemoveSubscription) ProtoMessage() {}
 
 func (x *RemoveSubscription) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[19]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1763,7 +2009,7 @@ func (x *RemoveSubscription) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveSubscription.ProtoReflect.Descriptor instead.
 func (*RemoveSubscription) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{19}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *RemoveSubscription) GetSubscriptionId() string {
@@ -1787,7 +2033,7 @@ type Ack struct {
 
 func (x *Ack) Reset() {
 	*x = Ack{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[20]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1799,7 +2045,7 @@ func (x *Ack) String() string {
 func (*Ack) ProtoMessage() {}
 
 func (x *Ack) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[20]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1812,7 +2058,7 @@ func (x *Ack) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ack.ProtoReflect.Descriptor instead.
 func (*Ack) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{20}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *Ack) GetSubscriptionId() string {
@@ -1840,7 +2086,7 @@ type Ping struct {
 
 func (x *Ping) Reset() {
 	*x = Ping{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[21]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1852,7 +2098,7 @@ func (x *Ping) String() string {
 func (*Ping) ProtoMessage() {}
 
 func (x *Ping) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[21]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1865,7 +2111,7 @@ func (x *Ping) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ping.ProtoReflect.Descriptor instead.
 func (*Ping) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{21}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *Ping) GetNonce() string {
@@ -1893,7 +2139,7 @@ type StreamRequest struct {
 
 func (x *StreamRequest) Reset() {
 	*x = StreamRequest{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[22]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1905,7 +2151,7 @@ func (x *StreamRequest) String() string {
 func (*StreamRequest) ProtoMessage() {}
 
 func (x *StreamRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[22]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1918,7 +2164,7 @@ func (x *StreamRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamRequest.ProtoReflect.Descriptor instead.
 func (*StreamRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{22}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *StreamRequest) GetFrame() isStreamRequest_Frame {
@@ -2009,7 +2255,7 @@ type Pong struct {
 
 func (x *Pong) Reset() {
 	*x = Pong{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[23]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2021,7 +2267,7 @@ func (x *Pong) String() string {
 func (*Pong) ProtoMessage() {}
 
 func (x *Pong) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[23]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2034,7 +2280,7 @@ func (x *Pong) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Pong.ProtoReflect.Descriptor instead.
 func (*Pong) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{23}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *Pong) GetNonce() string {
@@ -2062,7 +2308,7 @@ type SubscriptionAdded struct {
 
 func (x *SubscriptionAdded) Reset() {
 	*x = SubscriptionAdded{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[24]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2074,7 +2320,7 @@ func (x *SubscriptionAdded) String() string {
 func (*SubscriptionAdded) ProtoMessage() {}
 
 func (x *SubscriptionAdded) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[24]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2087,7 +2333,7 @@ func (x *SubscriptionAdded) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscriptionAdded.ProtoReflect.Descriptor instead.
 func (*SubscriptionAdded) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{24}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *SubscriptionAdded) GetSubscriptionId() string {
@@ -2115,7 +2361,7 @@ type SubscriptionEnded struct {
 
 func (x *SubscriptionEnded) Reset() {
 	*x = SubscriptionEnded{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[25]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2127,7 +2373,7 @@ func (x *SubscriptionEnded) String() string {
 func (*SubscriptionEnded) ProtoMessage() {}
 
 func (x *SubscriptionEnded) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[25]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2140,7 +2386,7 @@ func (x *SubscriptionEnded) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscriptionEnded.ProtoReflect.Descriptor instead.
 func (*SubscriptionEnded) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{25}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *SubscriptionEnded) GetSubscriptionId() string {
@@ -2184,7 +2430,7 @@ type SubscriptionEvents struct {
 
 func (x *SubscriptionEvents) Reset() {
 	*x = SubscriptionEvents{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[26]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2196,7 +2442,7 @@ func (x *SubscriptionEvents) String() string {
 func (*SubscriptionEvents) ProtoMessage() {}
 
 func (x *SubscriptionEvents) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[26]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2209,7 +2455,7 @@ func (x *SubscriptionEvents) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscriptionEvents.ProtoReflect.Descriptor instead.
 func (*SubscriptionEvents) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{26}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *SubscriptionEvents) GetSubscriptionId() string {
@@ -2245,7 +2491,7 @@ type StreamResponse struct {
 
 func (x *StreamResponse) Reset() {
 	*x = StreamResponse{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[27]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2257,7 +2503,7 @@ func (x *StreamResponse) String() string {
 func (*StreamResponse) ProtoMessage() {}
 
 func (x *StreamResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[27]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2270,7 +2516,7 @@ func (x *StreamResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamResponse.ProtoReflect.Descriptor instead.
 func (*StreamResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{27}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *StreamResponse) GetFrame() isStreamResponse_Frame {
@@ -2383,7 +2629,7 @@ type ListEventsRequest struct {
 
 func (x *ListEventsRequest) Reset() {
 	*x = ListEventsRequest{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[28]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2395,7 +2641,7 @@ func (x *ListEventsRequest) String() string {
 func (*ListEventsRequest) ProtoMessage() {}
 
 func (x *ListEventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[28]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2408,7 +2654,7 @@ func (x *ListEventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListEventsRequest.ProtoReflect.Descriptor instead.
 func (*ListEventsRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{28}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *ListEventsRequest) GetScopes() []*Scope {
@@ -2461,7 +2707,7 @@ type ListEventsResponse struct {
 
 func (x *ListEventsResponse) Reset() {
 	*x = ListEventsResponse{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[29]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2473,7 +2719,7 @@ func (x *ListEventsResponse) String() string {
 func (*ListEventsResponse) ProtoMessage() {}
 
 func (x *ListEventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[29]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2486,7 +2732,7 @@ func (x *ListEventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListEventsResponse.ProtoReflect.Descriptor instead.
 func (*ListEventsResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{29}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *ListEventsResponse) GetEvents() []*Event {
@@ -2555,7 +2801,17 @@ const file_switchboard_api_events_v1_events_proto_rawDesc = "" +
 	"\vintegration\x18\x02 \x01(\v2+.switchboard.api.integration.v1.IntegrationR\vintegration\"\x99\x01\n" +
 	"\x10AssistantChanged\x12=\n" +
 	"\x06change\x18\x01 \x01(\x0e2%.switchboard.api.events.v1.ChangeKindR\x06change\x12F\n" +
-	"\tassistant\x18\x02 \x01(\v2(.switchboard.api.dispatcher.v1.AssistantR\tassistant\"\xb1\x01\n" +
+	"\tassistant\x18\x02 \x01(\v2(.switchboard.api.dispatcher.v1.AssistantR\tassistant\"\x8d\x01\n" +
+	"\rBudgetChanged\x12=\n" +
+	"\x06change\x18\x01 \x01(\x0e2%.switchboard.api.events.v1.ChangeKindR\x06change\x12=\n" +
+	"\x06budget\x18\x02 \x01(\v2%.switchboard.api.dispatcher.v1.BudgetR\x06budget\"\xe5\x01\n" +
+	"\vBudgetAlert\x12>\n" +
+	"\x04kind\x18\x01 \x01(\x0e2*.switchboard.api.events.v1.BudgetAlertKindR\x04kind\x12\x16\n" +
+	"\x06budget\x18\x02 \x01(\tR\x06budget\x12\x18\n" +
+	"\apercent\x18\x03 \x01(\x05R\apercent\x12\x10\n" +
+	"\x03cap\x18\x04 \x01(\tR\x03cap\x12@\n" +
+	"\x05usage\x18\x05 \x01(\v2*.switchboard.api.dispatcher.v1.BudgetUsageR\x05usage\x12\x10\n" +
+	"\x03run\x18\x06 \x01(\tR\x03run\"\xb1\x01\n" +
 	"\vToolInvoked\x12\x12\n" +
 	"\x04tool\x18\x01 \x01(\tR\x04tool\x125\n" +
 	"\bduration\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\bduration\x12*\n" +
@@ -2568,7 +2824,7 @@ const file_switchboard_api_events_v1_events_proto_rawDesc = "" +
 	"\aapi_key\x18\x03 \x01(\tR\x06apiKey\x12%\n" +
 	"\x0eclient_address\x18\x04 \x01(\tR\rclientAddress\x12D\n" +
 	"\vclient_info\x18\x05 \x01(\v2#.switchboard.api.auth.v1.ClientInfoR\n" +
-	"clientInfo\"\xe5\t\n" +
+	"clientInfo\"\x85\v\n" +
 	"\x05Event\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
 	"\x06cursor\x18\x02 \x01(\tR\x06cursor\x128\n" +
@@ -2590,7 +2846,9 @@ const file_switchboard_api_events_v1_events_proto_rawDesc = "" +
 	"\bsecurity\x18\x11 \x01(\v2(.switchboard.api.events.v1.SecurityEventH\x00R\bsecurity\x12W\n" +
 	"\x10message_filtered\x18\x12 \x01(\v2*.switchboard.api.events.v1.MessageFilteredH\x00R\x0fmessageFiltered\x12K\n" +
 	"\ftool_invoked\x18\x13 \x01(\v2&.switchboard.api.events.v1.ToolInvokedH\x00R\vtoolInvoked\x12Z\n" +
-	"\x11assistant_changed\x18\x14 \x01(\v2+.switchboard.api.events.v1.AssistantChangedH\x00R\x10assistantChangedB\t\n" +
+	"\x11assistant_changed\x18\x14 \x01(\v2+.switchboard.api.events.v1.AssistantChangedH\x00R\x10assistantChanged\x12Q\n" +
+	"\x0ebudget_changed\x18\x15 \x01(\v2(.switchboard.api.events.v1.BudgetChangedH\x00R\rbudgetChanged\x12K\n" +
+	"\fbudget_alert\x18\x16 \x01(\v2&.switchboard.api.events.v1.BudgetAlertH\x00R\vbudgetAlertB\t\n" +
 	"\apayload\"\xab\x01\n" +
 	"\x10SubscribeRequest\x128\n" +
 	"\x06scopes\x18\x01 \x03(\v2 .switchboard.api.events.v1.ScopeR\x06scopes\x12!\n" +
@@ -2655,7 +2913,7 @@ const file_switchboard_api_events_v1_events_proto_rawDesc = "" +
 	"\x12ListEventsResponse\x128\n" +
 	"\x06events\x18\x01 \x03(\v2 .switchboard.api.events.v1.EventR\x06events\x12&\n" +
 	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\x12#\n" +
-	"\roldest_cursor\x18\x03 \x01(\tR\foldestCursor*\x85\x03\n" +
+	"\roldest_cursor\x18\x03 \x01(\tR\foldestCursor*\xc1\x03\n" +
 	"\tEventType\x12\x1a\n" +
 	"\x16EVENT_TYPE_UNSPECIFIED\x10\x00\x12 \n" +
 	"\x1cEVENT_TYPE_WORKSPACE_CHANGED\x10\x01\x12\x1d\n" +
@@ -2669,13 +2927,20 @@ const file_switchboard_api_events_v1_events_proto_rawDesc = "" +
 	"\x1bEVENT_TYPE_MESSAGE_FILTERED\x10\t\x12\x1b\n" +
 	"\x17EVENT_TYPE_TOOL_INVOKED\x10\n" +
 	"\x12 \n" +
-	"\x1cEVENT_TYPE_ASSISTANT_CHANGED\x10\v*t\n" +
+	"\x1cEVENT_TYPE_ASSISTANT_CHANGED\x10\v\x12\x1d\n" +
+	"\x19EVENT_TYPE_BUDGET_CHANGED\x10\f\x12\x1b\n" +
+	"\x17EVENT_TYPE_BUDGET_ALERT\x10\r*t\n" +
 	"\n" +
 	"ChangeKind\x12\x1b\n" +
 	"\x17CHANGE_KIND_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13CHANGE_KIND_CREATED\x10\x01\x12\x17\n" +
 	"\x13CHANGE_KIND_UPDATED\x10\x02\x12\x17\n" +
-	"\x13CHANGE_KIND_DELETED\x10\x03*\xb2\x02\n" +
+	"\x13CHANGE_KIND_DELETED\x10\x03*\x9e\x01\n" +
+	"\x0fBudgetAlertKind\x12!\n" +
+	"\x1dBUDGET_ALERT_KIND_UNSPECIFIED\x10\x00\x12\x1f\n" +
+	"\x1bBUDGET_ALERT_KIND_THRESHOLD\x10\x01\x12%\n" +
+	"!BUDGET_ALERT_KIND_MESSAGE_REFUSED\x10\x02\x12 \n" +
+	"\x1cBUDGET_ALERT_KIND_RUN_PAUSED\x10\x03*\xb2\x02\n" +
 	"\x11SecurityEventKind\x12#\n" +
 	"\x1fSECURITY_EVENT_KIND_UNSPECIFIED\x10\x00\x12'\n" +
 	"#SECURITY_EVENT_KIND_LOGIN_SUCCEEDED\x10\x01\x12$\n" +
@@ -2703,123 +2968,134 @@ func file_switchboard_api_events_v1_events_proto_rawDescGZIP() []byte {
 	return file_switchboard_api_events_v1_events_proto_rawDescData
 }
 
-var file_switchboard_api_events_v1_events_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_switchboard_api_events_v1_events_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
+var file_switchboard_api_events_v1_events_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
+var file_switchboard_api_events_v1_events_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
 var file_switchboard_api_events_v1_events_proto_goTypes = []any{
 	(EventType)(0),                // 0: switchboard.api.events.v1.EventType
 	(ChangeKind)(0),               // 1: switchboard.api.events.v1.ChangeKind
-	(SecurityEventKind)(0),        // 2: switchboard.api.events.v1.SecurityEventKind
-	(*Scope)(nil),                 // 3: switchboard.api.events.v1.Scope
-	(*Actor)(nil),                 // 4: switchboard.api.events.v1.Actor
-	(*WorkspaceChanged)(nil),      // 5: switchboard.api.events.v1.WorkspaceChanged
-	(*MemberChanged)(nil),         // 6: switchboard.api.events.v1.MemberChanged
-	(*ConversationChanged)(nil),   // 7: switchboard.api.events.v1.ConversationChanged
-	(*MessageCreated)(nil),        // 8: switchboard.api.events.v1.MessageCreated
-	(*MemoryChanged)(nil),         // 9: switchboard.api.events.v1.MemoryChanged
-	(*RunUpdated)(nil),            // 10: switchboard.api.events.v1.RunUpdated
-	(*MessageFiltered)(nil),       // 11: switchboard.api.events.v1.MessageFiltered
-	(*IntegrationChanged)(nil),    // 12: switchboard.api.events.v1.IntegrationChanged
-	(*AssistantChanged)(nil),      // 13: switchboard.api.events.v1.AssistantChanged
-	(*ToolInvoked)(nil),           // 14: switchboard.api.events.v1.ToolInvoked
-	(*SecurityEvent)(nil),         // 15: switchboard.api.events.v1.SecurityEvent
-	(*Event)(nil),                 // 16: switchboard.api.events.v1.Event
-	(*SubscribeRequest)(nil),      // 17: switchboard.api.events.v1.SubscribeRequest
-	(*EventBatch)(nil),            // 18: switchboard.api.events.v1.EventBatch
-	(*Heartbeat)(nil),             // 19: switchboard.api.events.v1.Heartbeat
-	(*SubscribeResponse)(nil),     // 20: switchboard.api.events.v1.SubscribeResponse
-	(*AddSubscription)(nil),       // 21: switchboard.api.events.v1.AddSubscription
-	(*RemoveSubscription)(nil),    // 22: switchboard.api.events.v1.RemoveSubscription
-	(*Ack)(nil),                   // 23: switchboard.api.events.v1.Ack
-	(*Ping)(nil),                  // 24: switchboard.api.events.v1.Ping
-	(*StreamRequest)(nil),         // 25: switchboard.api.events.v1.StreamRequest
-	(*Pong)(nil),                  // 26: switchboard.api.events.v1.Pong
-	(*SubscriptionAdded)(nil),     // 27: switchboard.api.events.v1.SubscriptionAdded
-	(*SubscriptionEnded)(nil),     // 28: switchboard.api.events.v1.SubscriptionEnded
-	(*SubscriptionEvents)(nil),    // 29: switchboard.api.events.v1.SubscriptionEvents
-	(*StreamResponse)(nil),        // 30: switchboard.api.events.v1.StreamResponse
-	(*ListEventsRequest)(nil),     // 31: switchboard.api.events.v1.ListEventsRequest
-	(*ListEventsResponse)(nil),    // 32: switchboard.api.events.v1.ListEventsResponse
-	(*v1.Workspace)(nil),          // 33: switchboard.api.context.v1.Workspace
-	(*v1.WorkspaceMember)(nil),    // 34: switchboard.api.context.v1.WorkspaceMember
-	(*v1.Conversation)(nil),       // 35: switchboard.api.context.v1.Conversation
-	(*v1.Message)(nil),            // 36: switchboard.api.context.v1.Message
-	(*v1.MemoryItem)(nil),         // 37: switchboard.api.context.v1.MemoryItem
-	(*v11.RunUpdate)(nil),         // 38: switchboard.api.dispatcher.v1.RunUpdate
-	(v12.ErrorReason)(0),          // 39: switchboard.api.common.v1.ErrorReason
-	(*v13.Integration)(nil),       // 40: switchboard.api.integration.v1.Integration
-	(*v11.Assistant)(nil),         // 41: switchboard.api.dispatcher.v1.Assistant
-	(*durationpb.Duration)(nil),   // 42: google.protobuf.Duration
-	(*status.Status)(nil),         // 43: google.rpc.Status
-	(*v14.ClientInfo)(nil),        // 44: switchboard.api.auth.v1.ClientInfo
-	(*timestamppb.Timestamp)(nil), // 45: google.protobuf.Timestamp
+	(BudgetAlertKind)(0),          // 2: switchboard.api.events.v1.BudgetAlertKind
+	(SecurityEventKind)(0),        // 3: switchboard.api.events.v1.SecurityEventKind
+	(*Scope)(nil),                 // 4: switchboard.api.events.v1.Scope
+	(*Actor)(nil),                 // 5: switchboard.api.events.v1.Actor
+	(*WorkspaceChanged)(nil),      // 6: switchboard.api.events.v1.WorkspaceChanged
+	(*MemberChanged)(nil),         // 7: switchboard.api.events.v1.MemberChanged
+	(*ConversationChanged)(nil),   // 8: switchboard.api.events.v1.ConversationChanged
+	(*MessageCreated)(nil),        // 9: switchboard.api.events.v1.MessageCreated
+	(*MemoryChanged)(nil),         // 10: switchboard.api.events.v1.MemoryChanged
+	(*RunUpdated)(nil),            // 11: switchboard.api.events.v1.RunUpdated
+	(*MessageFiltered)(nil),       // 12: switchboard.api.events.v1.MessageFiltered
+	(*IntegrationChanged)(nil),    // 13: switchboard.api.events.v1.IntegrationChanged
+	(*AssistantChanged)(nil),      // 14: switchboard.api.events.v1.AssistantChanged
+	(*BudgetChanged)(nil),         // 15: switchboard.api.events.v1.BudgetChanged
+	(*BudgetAlert)(nil),           // 16: switchboard.api.events.v1.BudgetAlert
+	(*ToolInvoked)(nil),           // 17: switchboard.api.events.v1.ToolInvoked
+	(*SecurityEvent)(nil),         // 18: switchboard.api.events.v1.SecurityEvent
+	(*Event)(nil),                 // 19: switchboard.api.events.v1.Event
+	(*SubscribeRequest)(nil),      // 20: switchboard.api.events.v1.SubscribeRequest
+	(*EventBatch)(nil),            // 21: switchboard.api.events.v1.EventBatch
+	(*Heartbeat)(nil),             // 22: switchboard.api.events.v1.Heartbeat
+	(*SubscribeResponse)(nil),     // 23: switchboard.api.events.v1.SubscribeResponse
+	(*AddSubscription)(nil),       // 24: switchboard.api.events.v1.AddSubscription
+	(*RemoveSubscription)(nil),    // 25: switchboard.api.events.v1.RemoveSubscription
+	(*Ack)(nil),                   // 26: switchboard.api.events.v1.Ack
+	(*Ping)(nil),                  // 27: switchboard.api.events.v1.Ping
+	(*StreamRequest)(nil),         // 28: switchboard.api.events.v1.StreamRequest
+	(*Pong)(nil),                  // 29: switchboard.api.events.v1.Pong
+	(*SubscriptionAdded)(nil),     // 30: switchboard.api.events.v1.SubscriptionAdded
+	(*SubscriptionEnded)(nil),     // 31: switchboard.api.events.v1.SubscriptionEnded
+	(*SubscriptionEvents)(nil),    // 32: switchboard.api.events.v1.SubscriptionEvents
+	(*StreamResponse)(nil),        // 33: switchboard.api.events.v1.StreamResponse
+	(*ListEventsRequest)(nil),     // 34: switchboard.api.events.v1.ListEventsRequest
+	(*ListEventsResponse)(nil),    // 35: switchboard.api.events.v1.ListEventsResponse
+	(*v1.Workspace)(nil),          // 36: switchboard.api.context.v1.Workspace
+	(*v1.WorkspaceMember)(nil),    // 37: switchboard.api.context.v1.WorkspaceMember
+	(*v1.Conversation)(nil),       // 38: switchboard.api.context.v1.Conversation
+	(*v1.Message)(nil),            // 39: switchboard.api.context.v1.Message
+	(*v1.MemoryItem)(nil),         // 40: switchboard.api.context.v1.MemoryItem
+	(*v11.RunUpdate)(nil),         // 41: switchboard.api.dispatcher.v1.RunUpdate
+	(v12.ErrorReason)(0),          // 42: switchboard.api.common.v1.ErrorReason
+	(*v13.Integration)(nil),       // 43: switchboard.api.integration.v1.Integration
+	(*v11.Assistant)(nil),         // 44: switchboard.api.dispatcher.v1.Assistant
+	(*v11.Budget)(nil),            // 45: switchboard.api.dispatcher.v1.Budget
+	(*v11.BudgetUsage)(nil),       // 46: switchboard.api.dispatcher.v1.BudgetUsage
+	(*durationpb.Duration)(nil),   // 47: google.protobuf.Duration
+	(*status.Status)(nil),         // 48: google.rpc.Status
+	(*v14.ClientInfo)(nil),        // 49: switchboard.api.auth.v1.ClientInfo
+	(*timestamppb.Timestamp)(nil), // 50: google.protobuf.Timestamp
 }
 var file_switchboard_api_events_v1_events_proto_depIdxs = []int32{
 	1,  // 0: switchboard.api.events.v1.WorkspaceChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	33, // 1: switchboard.api.events.v1.WorkspaceChanged.workspace:type_name -> switchboard.api.context.v1.Workspace
+	36, // 1: switchboard.api.events.v1.WorkspaceChanged.workspace:type_name -> switchboard.api.context.v1.Workspace
 	1,  // 2: switchboard.api.events.v1.MemberChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	34, // 3: switchboard.api.events.v1.MemberChanged.member:type_name -> switchboard.api.context.v1.WorkspaceMember
+	37, // 3: switchboard.api.events.v1.MemberChanged.member:type_name -> switchboard.api.context.v1.WorkspaceMember
 	1,  // 4: switchboard.api.events.v1.ConversationChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	35, // 5: switchboard.api.events.v1.ConversationChanged.conversation:type_name -> switchboard.api.context.v1.Conversation
-	36, // 6: switchboard.api.events.v1.MessageCreated.message:type_name -> switchboard.api.context.v1.Message
+	38, // 5: switchboard.api.events.v1.ConversationChanged.conversation:type_name -> switchboard.api.context.v1.Conversation
+	39, // 6: switchboard.api.events.v1.MessageCreated.message:type_name -> switchboard.api.context.v1.Message
 	1,  // 7: switchboard.api.events.v1.MemoryChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	37, // 8: switchboard.api.events.v1.MemoryChanged.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
-	38, // 9: switchboard.api.events.v1.RunUpdated.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
-	39, // 10: switchboard.api.events.v1.MessageFiltered.reason:type_name -> switchboard.api.common.v1.ErrorReason
+	40, // 8: switchboard.api.events.v1.MemoryChanged.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	41, // 9: switchboard.api.events.v1.RunUpdated.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
+	42, // 10: switchboard.api.events.v1.MessageFiltered.reason:type_name -> switchboard.api.common.v1.ErrorReason
 	1,  // 11: switchboard.api.events.v1.IntegrationChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	40, // 12: switchboard.api.events.v1.IntegrationChanged.integration:type_name -> switchboard.api.integration.v1.Integration
+	43, // 12: switchboard.api.events.v1.IntegrationChanged.integration:type_name -> switchboard.api.integration.v1.Integration
 	1,  // 13: switchboard.api.events.v1.AssistantChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	41, // 14: switchboard.api.events.v1.AssistantChanged.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	42, // 15: switchboard.api.events.v1.ToolInvoked.duration:type_name -> google.protobuf.Duration
-	43, // 16: switchboard.api.events.v1.ToolInvoked.status:type_name -> google.rpc.Status
-	2,  // 17: switchboard.api.events.v1.SecurityEvent.kind:type_name -> switchboard.api.events.v1.SecurityEventKind
-	44, // 18: switchboard.api.events.v1.SecurityEvent.client_info:type_name -> switchboard.api.auth.v1.ClientInfo
-	0,  // 19: switchboard.api.events.v1.Event.type:type_name -> switchboard.api.events.v1.EventType
-	45, // 20: switchboard.api.events.v1.Event.time:type_name -> google.protobuf.Timestamp
-	4,  // 21: switchboard.api.events.v1.Event.actor:type_name -> switchboard.api.events.v1.Actor
-	5,  // 22: switchboard.api.events.v1.Event.workspace_changed:type_name -> switchboard.api.events.v1.WorkspaceChanged
-	6,  // 23: switchboard.api.events.v1.Event.member_changed:type_name -> switchboard.api.events.v1.MemberChanged
-	7,  // 24: switchboard.api.events.v1.Event.conversation_changed:type_name -> switchboard.api.events.v1.ConversationChanged
-	8,  // 25: switchboard.api.events.v1.Event.message_created:type_name -> switchboard.api.events.v1.MessageCreated
-	9,  // 26: switchboard.api.events.v1.Event.memory_changed:type_name -> switchboard.api.events.v1.MemoryChanged
-	10, // 27: switchboard.api.events.v1.Event.run_updated:type_name -> switchboard.api.events.v1.RunUpdated
-	12, // 28: switchboard.api.events.v1.Event.integration_changed:type_name -> switchboard.api.events.v1.IntegrationChanged
-	15, // 29: switchboard.api.events.v1.Event.security:type_name -> switchboard.api.events.v1.SecurityEvent
-	11, // 30: switchboard.api.events.v1.Event.message_filtered:type_name -> switchboard.api.events.v1.MessageFiltered
-	14, // 31: switchboard.api.events.v1.Event.tool_invoked:type_name -> switchboard.api.events.v1.ToolInvoked
-	13, // 32: switchboard.api.events.v1.Event.assistant_changed:type_name -> switchboard.api.events.v1.AssistantChanged
-	3,  // 33: switchboard.api.events.v1.SubscribeRequest.scopes:type_name -> switchboard.api.events.v1.Scope
-	0,  // 34: switchboard.api.events.v1.SubscribeRequest.types:type_name -> switchboard.api.events.v1.EventType
-	16, // 35: switchboard.api.events.v1.EventBatch.events:type_name -> switchboard.api.events.v1.Event
-	45, // 36: switchboard.api.events.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
-	18, // 37: switchboard.api.events.v1.SubscribeResponse.batch:type_name -> switchboard.api.events.v1.EventBatch
-	19, // 38: switchboard.api.events.v1.SubscribeResponse.heartbeat:type_name -> switchboard.api.events.v1.Heartbeat
-	3,  // 39: switchboard.api.events.v1.AddSubscription.scopes:type_name -> switchboard.api.events.v1.Scope
-	0,  // 40: switchboard.api.events.v1.AddSubscription.types:type_name -> switchboard.api.events.v1.EventType
-	21, // 41: switchboard.api.events.v1.StreamRequest.add:type_name -> switchboard.api.events.v1.AddSubscription
-	22, // 42: switchboard.api.events.v1.StreamRequest.remove:type_name -> switchboard.api.events.v1.RemoveSubscription
-	23, // 43: switchboard.api.events.v1.StreamRequest.ack:type_name -> switchboard.api.events.v1.Ack
-	24, // 44: switchboard.api.events.v1.StreamRequest.ping:type_name -> switchboard.api.events.v1.Ping
-	45, // 45: switchboard.api.events.v1.Pong.time:type_name -> google.protobuf.Timestamp
-	18, // 46: switchboard.api.events.v1.SubscriptionEvents.batch:type_name -> switchboard.api.events.v1.EventBatch
-	29, // 47: switchboard.api.events.v1.StreamResponse.events:type_name -> switchboard.api.events.v1.SubscriptionEvents
-	27, // 48: switchboard.api.events.v1.StreamResponse.added:type_name -> switchboard.api.events.v1.SubscriptionAdded
-	28, // 49: switchboard.api.events.v1.StreamResponse.ended:type_name -> switchboard.api.events.v1.SubscriptionEnded
-	26, // 50: switchboard.api.events.v1.StreamResponse.pong:type_name -> switchboard.api.events.v1.Pong
-	19, // 51: switchboard.api.events.v1.StreamResponse.heartbeat:type_name -> switchboard.api.events.v1.Heartbeat
-	3,  // 52: switchboard.api.events.v1.ListEventsRequest.scopes:type_name -> switchboard.api.events.v1.Scope
-	0,  // 53: switchboard.api.events.v1.ListEventsRequest.types:type_name -> switchboard.api.events.v1.EventType
-	16, // 54: switchboard.api.events.v1.ListEventsResponse.events:type_name -> switchboard.api.events.v1.Event
-	17, // 55: switchboard.api.events.v1.EventService.Subscribe:input_type -> switchboard.api.events.v1.SubscribeRequest
-	25, // 56: switchboard.api.events.v1.EventService.Stream:input_type -> switchboard.api.events.v1.StreamRequest
-	31, // 57: switchboard.api.events.v1.EventService.ListEvents:input_type -> switchboard.api.events.v1.ListEventsRequest
-	20, // 58: switchboard.api.events.v1.EventService.Subscribe:output_type -> switchboard.api.events.v1.SubscribeResponse
-	30, // 59: switchboard.api.events.v1.EventService.Stream:output_type -> switchboard.api.events.v1.StreamResponse
-	32, // 60: switchboard.api.events.v1.EventService.ListEvents:output_type -> switchboard.api.events.v1.ListEventsResponse
-	58, // [58:61] is the sub-list for method output_type
-	55, // [55:58] is the sub-list for method input_type
-	55, // [55:55] is the sub-list for extension type_name
-	55, // [55:55] is the sub-list for extension extendee
-	0,  // [0:55] is the sub-list for field type_name
+	44, // 14: switchboard.api.events.v1.AssistantChanged.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	1,  // 15: switchboard.api.events.v1.BudgetChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
+	45, // 16: switchboard.api.events.v1.BudgetChanged.budget:type_name -> switchboard.api.dispatcher.v1.Budget
+	2,  // 17: switchboard.api.events.v1.BudgetAlert.kind:type_name -> switchboard.api.events.v1.BudgetAlertKind
+	46, // 18: switchboard.api.events.v1.BudgetAlert.usage:type_name -> switchboard.api.dispatcher.v1.BudgetUsage
+	47, // 19: switchboard.api.events.v1.ToolInvoked.duration:type_name -> google.protobuf.Duration
+	48, // 20: switchboard.api.events.v1.ToolInvoked.status:type_name -> google.rpc.Status
+	3,  // 21: switchboard.api.events.v1.SecurityEvent.kind:type_name -> switchboard.api.events.v1.SecurityEventKind
+	49, // 22: switchboard.api.events.v1.SecurityEvent.client_info:type_name -> switchboard.api.auth.v1.ClientInfo
+	0,  // 23: switchboard.api.events.v1.Event.type:type_name -> switchboard.api.events.v1.EventType
+	50, // 24: switchboard.api.events.v1.Event.time:type_name -> google.protobuf.Timestamp
+	5,  // 25: switchboard.api.events.v1.Event.actor:type_name -> switchboard.api.events.v1.Actor
+	6,  // 26: switchboard.api.events.v1.Event.workspace_changed:type_name -> switchboard.api.events.v1.WorkspaceChanged
+	7,  // 27: switchboard.api.events.v1.Event.member_changed:type_name -> switchboard.api.events.v1.MemberChanged
+	8,  // 28: switchboard.api.events.v1.Event.conversation_changed:type_name -> switchboard.api.events.v1.ConversationChanged
+	9,  // 29: switchboard.api.events.v1.Event.message_created:type_name -> switchboard.api.events.v1.MessageCreated
+	10, // 30: switchboard.api.events.v1.Event.memory_changed:type_name -> switchboard.api.events.v1.MemoryChanged
+	11, // 31: switchboard.api.events.v1.Event.run_updated:type_name -> switchboard.api.events.v1.RunUpdated
+	13, // 32: switchboard.api.events.v1.Event.integration_changed:type_name -> switchboard.api.events.v1.IntegrationChanged
+	18, // 33: switchboard.api.events.v1.Event.security:type_name -> switchboard.api.events.v1.SecurityEvent
+	12, // 34: switchboard.api.events.v1.Event.message_filtered:type_name -> switchboard.api.events.v1.MessageFiltered
+	17, // 35: switchboard.api.events.v1.Event.tool_invoked:type_name -> switchboard.api.events.v1.ToolInvoked
+	14, // 36: switchboard.api.events.v1.Event.assistant_changed:type_name -> switchboard.api.events.v1.AssistantChanged
+	15, // 37: switchboard.api.events.v1.Event.budget_changed:type_name -> switchboard.api.events.v1.BudgetChanged
+	16, // 38: switchboard.api.events.v1.Event.budget_alert:type_name -> switchboard.api.events.v1.BudgetAlert
+	4,  // 39: switchboard.api.events.v1.SubscribeRequest.scopes:type_name -> switchboard.api.events.v1.Scope
+	0,  // 40: switchboard.api.events.v1.SubscribeRequest.types:type_name -> switchboard.api.events.v1.EventType
+	19, // 41: switchboard.api.events.v1.EventBatch.events:type_name -> switchboard.api.events.v1.Event
+	50, // 42: switchboard.api.events.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
+	21, // 43: switchboard.api.events.v1.SubscribeResponse.batch:type_name -> switchboard.api.events.v1.EventBatch
+	22, // 44: switchboard.api.events.v1.SubscribeResponse.heartbeat:type_name -> switchboard.api.events.v1.Heartbeat
+	4,  // 45: switchboard.api.events.v1.AddSubscription.scopes:type_name -> switchboard.api.events.v1.Scope
+	0,  // 46: switchboard.api.events.v1.AddSubscription.types:type_name -> switchboard.api.events.v1.EventType
+	24, // 47: switchboard.api.events.v1.StreamRequest.add:type_name -> switchboard.api.events.v1.AddSubscription
+	25, // 48: switchboard.api.events.v1.StreamRequest.remove:type_name -> switchboard.api.events.v1.RemoveSubscription
+	26, // 49: switchboard.api.events.v1.StreamRequest.ack:type_name -> switchboard.api.events.v1.Ack
+	27, // 50: switchboard.api.events.v1.StreamRequest.ping:type_name -> switchboard.api.events.v1.Ping
+	50, // 51: switchboard.api.events.v1.Pong.time:type_name -> google.protobuf.Timestamp
+	21, // 52: switchboard.api.events.v1.SubscriptionEvents.batch:type_name -> switchboard.api.events.v1.EventBatch
+	32, // 53: switchboard.api.events.v1.StreamResponse.events:type_name -> switchboard.api.events.v1.SubscriptionEvents
+	30, // 54: switchboard.api.events.v1.StreamResponse.added:type_name -> switchboard.api.events.v1.SubscriptionAdded
+	31, // 55: switchboard.api.events.v1.StreamResponse.ended:type_name -> switchboard.api.events.v1.SubscriptionEnded
+	29, // 56: switchboard.api.events.v1.StreamResponse.pong:type_name -> switchboard.api.events.v1.Pong
+	22, // 57: switchboard.api.events.v1.StreamResponse.heartbeat:type_name -> switchboard.api.events.v1.Heartbeat
+	4,  // 58: switchboard.api.events.v1.ListEventsRequest.scopes:type_name -> switchboard.api.events.v1.Scope
+	0,  // 59: switchboard.api.events.v1.ListEventsRequest.types:type_name -> switchboard.api.events.v1.EventType
+	19, // 60: switchboard.api.events.v1.ListEventsResponse.events:type_name -> switchboard.api.events.v1.Event
+	20, // 61: switchboard.api.events.v1.EventService.Subscribe:input_type -> switchboard.api.events.v1.SubscribeRequest
+	28, // 62: switchboard.api.events.v1.EventService.Stream:input_type -> switchboard.api.events.v1.StreamRequest
+	34, // 63: switchboard.api.events.v1.EventService.ListEvents:input_type -> switchboard.api.events.v1.ListEventsRequest
+	23, // 64: switchboard.api.events.v1.EventService.Subscribe:output_type -> switchboard.api.events.v1.SubscribeResponse
+	33, // 65: switchboard.api.events.v1.EventService.Stream:output_type -> switchboard.api.events.v1.StreamResponse
+	35, // 66: switchboard.api.events.v1.EventService.ListEvents:output_type -> switchboard.api.events.v1.ListEventsResponse
+	64, // [64:67] is the sub-list for method output_type
+	61, // [61:64] is the sub-list for method input_type
+	61, // [61:61] is the sub-list for extension type_name
+	61, // [61:61] is the sub-list for extension extendee
+	0,  // [0:61] is the sub-list for field type_name
 }
 
 func init() { file_switchboard_api_events_v1_events_proto_init() }
@@ -2832,7 +3108,7 @@ func file_switchboard_api_events_v1_events_proto_init() {
 		(*Scope_Workspace)(nil),
 		(*Scope_Conversation)(nil),
 	}
-	file_switchboard_api_events_v1_events_proto_msgTypes[13].OneofWrappers = []any{
+	file_switchboard_api_events_v1_events_proto_msgTypes[15].OneofWrappers = []any{
 		(*Event_WorkspaceChanged)(nil),
 		(*Event_MemberChanged)(nil),
 		(*Event_ConversationChanged)(nil),
@@ -2844,18 +3120,20 @@ func file_switchboard_api_events_v1_events_proto_init() {
 		(*Event_MessageFiltered)(nil),
 		(*Event_ToolInvoked)(nil),
 		(*Event_AssistantChanged)(nil),
+		(*Event_BudgetChanged)(nil),
+		(*Event_BudgetAlert)(nil),
 	}
-	file_switchboard_api_events_v1_events_proto_msgTypes[17].OneofWrappers = []any{
+	file_switchboard_api_events_v1_events_proto_msgTypes[19].OneofWrappers = []any{
 		(*SubscribeResponse_Batch)(nil),
 		(*SubscribeResponse_Heartbeat)(nil),
 	}
-	file_switchboard_api_events_v1_events_proto_msgTypes[22].OneofWrappers = []any{
+	file_switchboard_api_events_v1_events_proto_msgTypes[24].OneofWrappers = []any{
 		(*StreamRequest_Add)(nil),
 		(*StreamRequest_Remove)(nil),
 		(*StreamRequest_Ack)(nil),
 		(*StreamRequest_Ping)(nil),
 	}
-	file_switchboard_api_events_v1_events_proto_msgTypes[27].OneofWrappers = []any{
+	file_switchboard_api_events_v1_events_proto_msgTypes[29].OneofWrappers = []any{
 		(*StreamResponse_Events)(nil),
 		(*StreamResponse_Added)(nil),
 		(*StreamResponse_Ended)(nil),
@@ -2867,8 +3145,8 @@ func file_switchboard_api_events_v1_events_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_switchboard_api_events_v1_events_proto_rawDesc), len(file_switchboard_api_events_v1_events_proto_rawDesc)),
-			NumEnums:      3,
-			NumMessages:   30,
+			NumEnums:      4,
+			NumMessages:   32,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

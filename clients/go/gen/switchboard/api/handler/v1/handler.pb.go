@@ -783,7 +783,11 @@ type Usage struct {
 	// The provider and model that did the work, `{provider}/{model}`, if any.
 	Model string `protobuf:"bytes,4,opt,name=model,proto3" json:"model,omitempty"`
 	// Whether the token counts are the offline estimator's rather than the provider's.
-	Estimated     bool `protobuf:"varint,5,opt,name=estimated,proto3" json:"estimated,omitempty"`
+	Estimated bool `protobuf:"varint,5,opt,name=estimated,proto3" json:"estimated,omitempty"`
+	// Cost in micro-units of the price table's currency (1,000,000 is one unit),
+	// counting every hop and priced tool call: what the run's budgets were
+	// charged. A remote handler reports what it spent here (docs/budgets.md).
+	CostMicros    int64 `protobuf:"varint,6,opt,name=cost_micros,json=costMicros,proto3" json:"cost_micros,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -851,6 +855,13 @@ func (x *Usage) GetEstimated() bool {
 		return x.Estimated
 	}
 	return false
+}
+
+func (x *Usage) GetCostMicros() int64 {
+	if x != nil {
+		return x.CostMicros
+	}
+	return 0
 }
 
 // The final answer of a handler.
@@ -1425,13 +1436,15 @@ const file_switchboard_api_handler_v1_handler_proto_rawDesc = "" +
 	"\targuments\x18\x04 \x01(\v2\x17.google.protobuf.StructR\targuments\x12+\n" +
 	"\x11invalid_arguments\x18\x05 \x01(\tR\x10invalidArguments\x12+\n" +
 	"\x11requires_approval\x18\x06 \x01(\bR\x10requiresApproval\x12#\n" +
-	"\rfunction_name\x18\a \x01(\tR\ffunctionName\"\xb1\x01\n" +
+	"\rfunction_name\x18\a \x01(\tR\ffunctionName\"\xd2\x01\n" +
 	"\x05Usage\x12!\n" +
 	"\finput_tokens\x18\x01 \x01(\x05R\vinputTokens\x12#\n" +
 	"\routput_tokens\x18\x02 \x01(\x05R\foutputTokens\x12,\n" +
 	"\x12estimated_cost_usd\x18\x03 \x01(\x01R\x10estimatedCostUsd\x12\x14\n" +
 	"\x05model\x18\x04 \x01(\tR\x05model\x12\x1c\n" +
-	"\testimated\x18\x05 \x01(\bR\testimated\"\xab\x01\n" +
+	"\testimated\x18\x05 \x01(\bR\testimated\x12\x1f\n" +
+	"\vcost_micros\x18\x06 \x01(\x03R\n" +
+	"costMicros\"\xab\x01\n" +
 	"\fHandleResult\x12=\n" +
 	"\x05parts\x18\x01 \x03(\v2'.switchboard.api.context.v1.ContentPartR\x05parts\x127\n" +
 	"\x05usage\x18\x02 \x01(\v2!.switchboard.api.handler.v1.UsageR\x05usage\x12#\n" +

@@ -391,9 +391,15 @@ type Integration struct {
 	// Webhooks: the event types delivered, as `switchboard.api.events.v1.EventType`
 	// names without the prefix (for example `MESSAGE_CREATED`); all of the
 	// workspace's if empty. Other kinds ignore it.
-	EventTypes    []string `protobuf:"bytes,14,rep,name=event_types,json=eventTypes,proto3" json:"event_types,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	EventTypes []string `protobuf:"bytes,14,rep,name=event_types,json=eventTypes,proto3" json:"event_types,omitempty"`
+	// The price of one tool call, in micro-units of the price table's currency,
+	// reserved before the call and charged to the run's budgets; 0 for free.
+	CallPriceMicros int64 `protobuf:"varint,15,opt,name=call_price_micros,json=callPriceMicros,proto3" json:"call_price_micros,omitempty"`
+	// Prices of single tools, by the last segment of the tool's name (as in
+	// ListTools), overriding `call_price_micros` (at most 200 entries).
+	ToolCallPriceMicros map[string]int64 `protobuf:"bytes,16,rep,name=tool_call_price_micros,json=toolCallPriceMicros,proto3" json:"tool_call_price_micros,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
 }
 
 func (x *Integration) Reset() {
@@ -520,6 +526,20 @@ func (x *Integration) GetHasCredential() bool {
 func (x *Integration) GetEventTypes() []string {
 	if x != nil {
 		return x.EventTypes
+	}
+	return nil
+}
+
+func (x *Integration) GetCallPriceMicros() int64 {
+	if x != nil {
+		return x.CallPriceMicros
+	}
+	return 0
+}
+
+func (x *Integration) GetToolCallPriceMicros() map[string]int64 {
+	if x != nil {
+		return x.ToolCallPriceMicros
 	}
 	return nil
 }
@@ -866,7 +886,8 @@ type UpdateIntegrationRequest struct {
 	// The integration with `name`, optionally `etag`, and the new field values.
 	Integration *Integration `protobuf:"bytes,1,opt,name=integration,proto3" json:"integration,omitempty"`
 	// Fields to change: `display_name`, `endpoint`, `call_timeout`, `config`,
-	// `credential`, `disabled`, `event_types`.
+	// `credential`, `disabled`, `event_types`, `call_price_micros`,
+	// `tool_call_price_micros`.
 	UpdateMask    *fieldmaskpb.FieldMask `protobuf:"bytes,2,opt,name=update_mask,json=updateMask,proto3" json:"update_mask,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1857,7 +1878,7 @@ const file_switchboard_api_integration_v1_integration_proto_rawDesc = "" +
 	"last_error\x18\x04 \x01(\v2\x12.google.rpc.StatusR\tlastError\x121\n" +
 	"\x14consecutive_failures\x18\x05 \x01(\x05R\x13consecutiveFailures\x12=\n" +
 	"\fhealth_since\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\vhealthSince\x12H\n" +
-	"\x12circuit_retry_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\x10circuitRetryTime\"\xf1\x04\n" +
+	"\x12circuit_retry_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\x10circuitRetryTime\"\xe0\x06\n" +
 	"\vIntegration\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12!\n" +
 	"\fdisplay_name\x18\x02 \x01(\tR\vdisplayName\x12C\n" +
@@ -1878,7 +1899,12 @@ const file_switchboard_api_integration_v1_integration_proto_rawDesc = "" +
 	"\x04etag\x18\f \x01(\tR\x04etag\x12%\n" +
 	"\x0ehas_credential\x18\r \x01(\bR\rhasCredential\x12\x1f\n" +
 	"\vevent_types\x18\x0e \x03(\tR\n" +
-	"eventTypes\"\xc7\x01\n" +
+	"eventTypes\x12*\n" +
+	"\x11call_price_micros\x18\x0f \x01(\x03R\x0fcallPriceMicros\x12y\n" +
+	"\x16tool_call_price_micros\x18\x10 \x03(\v2D.switchboard.api.integration.v1.Integration.ToolCallPriceMicrosEntryR\x13toolCallPriceMicros\x1aF\n" +
+	"\x18ToolCallPriceMicrosEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"\xc7\x01\n" +
 	"\x18CreateIntegrationRequest\x12\x16\n" +
 	"\x06parent\x18\x01 \x01(\tR\x06parent\x12M\n" +
 	"\vintegration\x18\x02 \x01(\v2+.switchboard.api.integration.v1.IntegrationR\vintegration\x12%\n" +
@@ -2016,7 +2042,7 @@ func file_switchboard_api_integration_v1_integration_proto_rawDescGZIP() []byte 
 }
 
 var file_switchboard_api_integration_v1_integration_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_switchboard_api_integration_v1_integration_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
+var file_switchboard_api_integration_v1_integration_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
 var file_switchboard_api_integration_v1_integration_proto_goTypes = []any{
 	(IntegrationKind)(0),                  // 0: switchboard.api.integration.v1.IntegrationKind
 	(HealthState)(0),                      // 1: switchboard.api.integration.v1.HealthState
@@ -2046,71 +2072,73 @@ var file_switchboard_api_integration_v1_integration_proto_goTypes = []any{
 	(*ListWebhookDeliveriesResponse)(nil), // 25: switchboard.api.integration.v1.ListWebhookDeliveriesResponse
 	(*RedeliverWebhookRequest)(nil),       // 26: switchboard.api.integration.v1.RedeliverWebhookRequest
 	(*RedeliverWebhookResponse)(nil),      // 27: switchboard.api.integration.v1.RedeliverWebhookResponse
-	(*timestamppb.Timestamp)(nil),         // 28: google.protobuf.Timestamp
-	(*status.Status)(nil),                 // 29: google.rpc.Status
-	(*durationpb.Duration)(nil),           // 30: google.protobuf.Duration
-	(*structpb.Struct)(nil),               // 31: google.protobuf.Struct
-	(*fieldmaskpb.FieldMask)(nil),         // 32: google.protobuf.FieldMask
+	nil,                                   // 28: switchboard.api.integration.v1.Integration.ToolCallPriceMicrosEntry
+	(*timestamppb.Timestamp)(nil),         // 29: google.protobuf.Timestamp
+	(*status.Status)(nil),                 // 30: google.rpc.Status
+	(*durationpb.Duration)(nil),           // 31: google.protobuf.Duration
+	(*structpb.Struct)(nil),               // 32: google.protobuf.Struct
+	(*fieldmaskpb.FieldMask)(nil),         // 33: google.protobuf.FieldMask
 }
 var file_switchboard_api_integration_v1_integration_proto_depIdxs = []int32{
 	1,  // 0: switchboard.api.integration.v1.IntegrationStatus.health:type_name -> switchboard.api.integration.v1.HealthState
 	2,  // 1: switchboard.api.integration.v1.IntegrationStatus.circuit:type_name -> switchboard.api.integration.v1.CircuitState
-	28, // 2: switchboard.api.integration.v1.IntegrationStatus.last_probe_time:type_name -> google.protobuf.Timestamp
-	29, // 3: switchboard.api.integration.v1.IntegrationStatus.last_error:type_name -> google.rpc.Status
-	28, // 4: switchboard.api.integration.v1.IntegrationStatus.health_since:type_name -> google.protobuf.Timestamp
-	28, // 5: switchboard.api.integration.v1.IntegrationStatus.circuit_retry_time:type_name -> google.protobuf.Timestamp
+	29, // 2: switchboard.api.integration.v1.IntegrationStatus.last_probe_time:type_name -> google.protobuf.Timestamp
+	30, // 3: switchboard.api.integration.v1.IntegrationStatus.last_error:type_name -> google.rpc.Status
+	29, // 4: switchboard.api.integration.v1.IntegrationStatus.health_since:type_name -> google.protobuf.Timestamp
+	29, // 5: switchboard.api.integration.v1.IntegrationStatus.circuit_retry_time:type_name -> google.protobuf.Timestamp
 	0,  // 6: switchboard.api.integration.v1.Integration.kind:type_name -> switchboard.api.integration.v1.IntegrationKind
-	30, // 7: switchboard.api.integration.v1.Integration.call_timeout:type_name -> google.protobuf.Duration
-	31, // 8: switchboard.api.integration.v1.Integration.config:type_name -> google.protobuf.Struct
+	31, // 7: switchboard.api.integration.v1.Integration.call_timeout:type_name -> google.protobuf.Duration
+	32, // 8: switchboard.api.integration.v1.Integration.config:type_name -> google.protobuf.Struct
 	4,  // 9: switchboard.api.integration.v1.Integration.status:type_name -> switchboard.api.integration.v1.IntegrationStatus
-	28, // 10: switchboard.api.integration.v1.Integration.create_time:type_name -> google.protobuf.Timestamp
-	28, // 11: switchboard.api.integration.v1.Integration.update_time:type_name -> google.protobuf.Timestamp
-	5,  // 12: switchboard.api.integration.v1.CreateIntegrationRequest.integration:type_name -> switchboard.api.integration.v1.Integration
-	5,  // 13: switchboard.api.integration.v1.CreateIntegrationResponse.integration:type_name -> switchboard.api.integration.v1.Integration
-	5,  // 14: switchboard.api.integration.v1.GetIntegrationResponse.integration:type_name -> switchboard.api.integration.v1.Integration
-	5,  // 15: switchboard.api.integration.v1.ListIntegrationsResponse.integrations:type_name -> switchboard.api.integration.v1.Integration
-	5,  // 16: switchboard.api.integration.v1.UpdateIntegrationRequest.integration:type_name -> switchboard.api.integration.v1.Integration
-	32, // 17: switchboard.api.integration.v1.UpdateIntegrationRequest.update_mask:type_name -> google.protobuf.FieldMask
-	5,  // 18: switchboard.api.integration.v1.UpdateIntegrationResponse.integration:type_name -> switchboard.api.integration.v1.Integration
-	5,  // 19: switchboard.api.integration.v1.WatchIntegrationsResponse.integration:type_name -> switchboard.api.integration.v1.Integration
-	31, // 20: switchboard.api.integration.v1.Tool.input_schema:type_name -> google.protobuf.Struct
-	31, // 21: switchboard.api.integration.v1.Tool.output_schema:type_name -> google.protobuf.Struct
-	18, // 22: switchboard.api.integration.v1.ListToolsResponse.tools:type_name -> switchboard.api.integration.v1.Tool
-	31, // 23: switchboard.api.integration.v1.InvokeToolRequest.arguments:type_name -> google.protobuf.Struct
-	30, // 24: switchboard.api.integration.v1.InvokeToolRequest.timeout:type_name -> google.protobuf.Duration
-	31, // 25: switchboard.api.integration.v1.InvokeToolResponse.result:type_name -> google.protobuf.Struct
-	30, // 26: switchboard.api.integration.v1.InvokeToolResponse.latency:type_name -> google.protobuf.Duration
-	3,  // 27: switchboard.api.integration.v1.WebhookDelivery.state:type_name -> switchboard.api.integration.v1.DeliveryState
-	28, // 28: switchboard.api.integration.v1.WebhookDelivery.create_time:type_name -> google.protobuf.Timestamp
-	28, // 29: switchboard.api.integration.v1.WebhookDelivery.last_attempt_time:type_name -> google.protobuf.Timestamp
-	28, // 30: switchboard.api.integration.v1.WebhookDelivery.next_attempt_time:type_name -> google.protobuf.Timestamp
-	23, // 31: switchboard.api.integration.v1.ListWebhookDeliveriesResponse.deliveries:type_name -> switchboard.api.integration.v1.WebhookDelivery
-	23, // 32: switchboard.api.integration.v1.RedeliverWebhookResponse.delivery:type_name -> switchboard.api.integration.v1.WebhookDelivery
-	6,  // 33: switchboard.api.integration.v1.IntegrationService.CreateIntegration:input_type -> switchboard.api.integration.v1.CreateIntegrationRequest
-	8,  // 34: switchboard.api.integration.v1.IntegrationService.GetIntegration:input_type -> switchboard.api.integration.v1.GetIntegrationRequest
-	10, // 35: switchboard.api.integration.v1.IntegrationService.ListIntegrations:input_type -> switchboard.api.integration.v1.ListIntegrationsRequest
-	12, // 36: switchboard.api.integration.v1.IntegrationService.UpdateIntegration:input_type -> switchboard.api.integration.v1.UpdateIntegrationRequest
-	14, // 37: switchboard.api.integration.v1.IntegrationService.DeleteIntegration:input_type -> switchboard.api.integration.v1.DeleteIntegrationRequest
-	16, // 38: switchboard.api.integration.v1.IntegrationService.WatchIntegrations:input_type -> switchboard.api.integration.v1.WatchIntegrationsRequest
-	19, // 39: switchboard.api.integration.v1.IntegrationService.ListTools:input_type -> switchboard.api.integration.v1.ListToolsRequest
-	21, // 40: switchboard.api.integration.v1.IntegrationService.InvokeTool:input_type -> switchboard.api.integration.v1.InvokeToolRequest
-	24, // 41: switchboard.api.integration.v1.IntegrationService.ListWebhookDeliveries:input_type -> switchboard.api.integration.v1.ListWebhookDeliveriesRequest
-	26, // 42: switchboard.api.integration.v1.IntegrationService.RedeliverWebhook:input_type -> switchboard.api.integration.v1.RedeliverWebhookRequest
-	7,  // 43: switchboard.api.integration.v1.IntegrationService.CreateIntegration:output_type -> switchboard.api.integration.v1.CreateIntegrationResponse
-	9,  // 44: switchboard.api.integration.v1.IntegrationService.GetIntegration:output_type -> switchboard.api.integration.v1.GetIntegrationResponse
-	11, // 45: switchboard.api.integration.v1.IntegrationService.ListIntegrations:output_type -> switchboard.api.integration.v1.ListIntegrationsResponse
-	13, // 46: switchboard.api.integration.v1.IntegrationService.UpdateIntegration:output_type -> switchboard.api.integration.v1.UpdateIntegrationResponse
-	15, // 47: switchboard.api.integration.v1.IntegrationService.DeleteIntegration:output_type -> switchboard.api.integration.v1.DeleteIntegrationResponse
-	17, // 48: switchboard.api.integration.v1.IntegrationService.WatchIntegrations:output_type -> switchboard.api.integration.v1.WatchIntegrationsResponse
-	20, // 49: switchboard.api.integration.v1.IntegrationService.ListTools:output_type -> switchboard.api.integration.v1.ListToolsResponse
-	22, // 50: switchboard.api.integration.v1.IntegrationService.InvokeTool:output_type -> switchboard.api.integration.v1.InvokeToolResponse
-	25, // 51: switchboard.api.integration.v1.IntegrationService.ListWebhookDeliveries:output_type -> switchboard.api.integration.v1.ListWebhookDeliveriesResponse
-	27, // 52: switchboard.api.integration.v1.IntegrationService.RedeliverWebhook:output_type -> switchboard.api.integration.v1.RedeliverWebhookResponse
-	43, // [43:53] is the sub-list for method output_type
-	33, // [33:43] is the sub-list for method input_type
-	33, // [33:33] is the sub-list for extension type_name
-	33, // [33:33] is the sub-list for extension extendee
-	0,  // [0:33] is the sub-list for field type_name
+	29, // 10: switchboard.api.integration.v1.Integration.create_time:type_name -> google.protobuf.Timestamp
+	29, // 11: switchboard.api.integration.v1.Integration.update_time:type_name -> google.protobuf.Timestamp
+	28, // 12: switchboard.api.integration.v1.Integration.tool_call_price_micros:type_name -> switchboard.api.integration.v1.Integration.ToolCallPriceMicrosEntry
+	5,  // 13: switchboard.api.integration.v1.CreateIntegrationRequest.integration:type_name -> switchboard.api.integration.v1.Integration
+	5,  // 14: switchboard.api.integration.v1.CreateIntegrationResponse.integration:type_name -> switchboard.api.integration.v1.Integration
+	5,  // 15: switchboard.api.integration.v1.GetIntegrationResponse.integration:type_name -> switchboard.api.integration.v1.Integration
+	5,  // 16: switchboard.api.integration.v1.ListIntegrationsResponse.integrations:type_name -> switchboard.api.integration.v1.Integration
+	5,  // 17: switchboard.api.integration.v1.UpdateIntegrationRequest.integration:type_name -> switchboard.api.integration.v1.Integration
+	33, // 18: switchboard.api.integration.v1.UpdateIntegrationRequest.update_mask:type_name -> google.protobuf.FieldMask
+	5,  // 19: switchboard.api.integration.v1.UpdateIntegrationResponse.integration:type_name -> switchboard.api.integration.v1.Integration
+	5,  // 20: switchboard.api.integration.v1.WatchIntegrationsResponse.integration:type_name -> switchboard.api.integration.v1.Integration
+	32, // 21: switchboard.api.integration.v1.Tool.input_schema:type_name -> google.protobuf.Struct
+	32, // 22: switchboard.api.integration.v1.Tool.output_schema:type_name -> google.protobuf.Struct
+	18, // 23: switchboard.api.integration.v1.ListToolsResponse.tools:type_name -> switchboard.api.integration.v1.Tool
+	32, // 24: switchboard.api.integration.v1.InvokeToolRequest.arguments:type_name -> google.protobuf.Struct
+	31, // 25: switchboard.api.integration.v1.InvokeToolRequest.timeout:type_name -> google.protobuf.Duration
+	32, // 26: switchboard.api.integration.v1.InvokeToolResponse.result:type_name -> google.protobuf.Struct
+	31, // 27: switchboard.api.integration.v1.InvokeToolResponse.latency:type_name -> google.protobuf.Duration
+	3,  // 28: switchboard.api.integration.v1.WebhookDelivery.state:type_name -> switchboard.api.integration.v1.DeliveryState
+	29, // 29: switchboard.api.integration.v1.WebhookDelivery.create_time:type_name -> google.protobuf.Timestamp
+	29, // 30: switchboard.api.integration.v1.WebhookDelivery.last_attempt_time:type_name -> google.protobuf.Timestamp
+	29, // 31: switchboard.api.integration.v1.WebhookDelivery.next_attempt_time:type_name -> google.protobuf.Timestamp
+	23, // 32: switchboard.api.integration.v1.ListWebhookDeliveriesResponse.deliveries:type_name -> switchboard.api.integration.v1.WebhookDelivery
+	23, // 33: switchboard.api.integration.v1.RedeliverWebhookResponse.delivery:type_name -> switchboard.api.integration.v1.WebhookDelivery
+	6,  // 34: switchboard.api.integration.v1.IntegrationService.CreateIntegration:input_type -> switchboard.api.integration.v1.CreateIntegrationRequest
+	8,  // 35: switchboard.api.integration.v1.IntegrationService.GetIntegration:input_type -> switchboard.api.integration.v1.GetIntegrationRequest
+	10, // 36: switchboard.api.integration.v1.IntegrationService.ListIntegrations:input_type -> switchboard.api.integration.v1.ListIntegrationsRequest
+	12, // 37: switchboard.api.integration.v1.IntegrationService.UpdateIntegration:input_type -> switchboard.api.integration.v1.UpdateIntegrationRequest
+	14, // 38: switchboard.api.integration.v1.IntegrationService.DeleteIntegration:input_type -> switchboard.api.integration.v1.DeleteIntegrationRequest
+	16, // 39: switchboard.api.integration.v1.IntegrationService.WatchIntegrations:input_type -> switchboard.api.integration.v1.WatchIntegrationsRequest
+	19, // 40: switchboard.api.integration.v1.IntegrationService.ListTools:input_type -> switchboard.api.integration.v1.ListToolsRequest
+	21, // 41: switchboard.api.integration.v1.IntegrationService.InvokeTool:input_type -> switchboard.api.integration.v1.InvokeToolRequest
+	24, // 42: switchboard.api.integration.v1.IntegrationService.ListWebhookDeliveries:input_type -> switchboard.api.integration.v1.ListWebhookDeliveriesRequest
+	26, // 43: switchboard.api.integration.v1.IntegrationService.RedeliverWebhook:input_type -> switchboard.api.integration.v1.RedeliverWebhookRequest
+	7,  // 44: switchboard.api.integration.v1.IntegrationService.CreateIntegration:output_type -> switchboard.api.integration.v1.CreateIntegrationResponse
+	9,  // 45: switchboard.api.integration.v1.IntegrationService.GetIntegration:output_type -> switchboard.api.integration.v1.GetIntegrationResponse
+	11, // 46: switchboard.api.integration.v1.IntegrationService.ListIntegrations:output_type -> switchboard.api.integration.v1.ListIntegrationsResponse
+	13, // 47: switchboard.api.integration.v1.IntegrationService.UpdateIntegration:output_type -> switchboard.api.integration.v1.UpdateIntegrationResponse
+	15, // 48: switchboard.api.integration.v1.IntegrationService.DeleteIntegration:output_type -> switchboard.api.integration.v1.DeleteIntegrationResponse
+	17, // 49: switchboard.api.integration.v1.IntegrationService.WatchIntegrations:output_type -> switchboard.api.integration.v1.WatchIntegrationsResponse
+	20, // 50: switchboard.api.integration.v1.IntegrationService.ListTools:output_type -> switchboard.api.integration.v1.ListToolsResponse
+	22, // 51: switchboard.api.integration.v1.IntegrationService.InvokeTool:output_type -> switchboard.api.integration.v1.InvokeToolResponse
+	25, // 52: switchboard.api.integration.v1.IntegrationService.ListWebhookDeliveries:output_type -> switchboard.api.integration.v1.ListWebhookDeliveriesResponse
+	27, // 53: switchboard.api.integration.v1.IntegrationService.RedeliverWebhook:output_type -> switchboard.api.integration.v1.RedeliverWebhookResponse
+	44, // [44:54] is the sub-list for method output_type
+	34, // [34:44] is the sub-list for method input_type
+	34, // [34:34] is the sub-list for extension type_name
+	34, // [34:34] is the sub-list for extension extendee
+	0,  // [0:34] is the sub-list for field type_name
 }
 
 func init() { file_switchboard_api_integration_v1_integration_proto_init() }
@@ -2124,7 +2152,7 @@ func file_switchboard_api_integration_v1_integration_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_switchboard_api_integration_v1_integration_proto_rawDesc), len(file_switchboard_api_integration_v1_integration_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   24,
+			NumMessages:   25,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -1,0 +1,1 @@
+"""Budgets and quotas: caps on what runs spend, held by reservations in the database."""

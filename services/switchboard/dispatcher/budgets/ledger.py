@@ -1,0 +1,669 @@
+"""The budget ledger: reservations in the database (``budget_windows``,
+``budget_holds``); plain values out.
+
+A reservation is, per budget that applies, one conditional ``UPDATE`` of the
+budget's period row that adds the ask to what it holds only if used + held +
+ask stays within every cap, all in one transaction: a budget without room
+rolls the whole reservation back. It never reads and then writes: on
+PostgreSQL (READ COMMITTED) a second writer blocks on the row lock and
+re-evaluates the ``WHERE`` against the committed row before it updates
+(``EvalPlanQual``), and SQLite has one writer at a time, so two replicas
+cannot both take the last of a budget. Rows are taken in budget order, so two
+reservations over the same budgets cannot deadlock.
+
+Each reservation writes one ``budget_holds`` row per budget with the run's id:
+settling or releasing deletes them, and a replica that takes a dead one's runs
+over releases theirs (``release_runs``). Settling moves the hold to used by
+what the call actually used; a threshold crossed is claimed by a conditional
+``UPDATE ... SET alerted = :p WHERE alerted < :p``, so each is reported once
+per period across replicas.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, TypeVar
+
+from google.protobuf.message import DecodeError
+from sqlalchemy import Connection, and_, bindparam, delete, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.dispatcher.budgets.periods import period_of
+from switchboard.platform import names
+from switchboard.platform.store.db import Database
+from switchboard.platform.store.models import (
+    BudgetHoldRow,
+    BudgetRow,
+    BudgetWindowRow,
+    table_of,
+)
+from switchboard.platform.store.storage import transaction
+
+log = logging.getLogger("switchboard.dispatcher.budgets.ledger")
+
+_T = TypeVar("_T")
+
+#: Budgets one run can have apply (a workspace has at most this many, the crud's limit is lower).
+MAX_APPLICABLE: Final = 100
+#: Run ids released in one statement.
+_RELEASE_BATCH: Final = 500
+
+W = BudgetWindowRow
+
+# A reservation is on every model call's path, and the admission's read of the
+# windows on every budgeted message's: Core statements built once (the
+# conditional UPDATE once per combination of caps), not per call. Building and
+# keying a statement costs several times what SQLite takes to run it.
+_WINDOWS: Final = table_of(BudgetWindowRow)
+_HOLDS: Final = table_of(BudgetHoldRow)
+_BUDGETS: Final = table_of(BudgetRow)
+_WC = _WINDOWS.c
+_KEY: Final = (
+    _WC.workspace_id == bindparam("ws"),
+    _WC.budget_id == bindparam("budget"),
+    _WC.window == bindparam("win"),
+)
+_NEW_WINDOW: Final = {
+    "workspace_id": bindparam("ws"),
+    "budget_id": bindparam("budget"),
+    "window": bindparam("win"),
+    "cost_used": 0,
+    "cost_held": 0,
+    "input_used": 0,
+    "input_held": 0,
+    "output_used": 0,
+    "output_held": 0,
+    "alerted": 0,
+    "created_at": bindparam("at"),
+}
+_OPEN_WINDOW: Final = {
+    "sqlite": sqlite_insert(_WINDOWS).values(_NEW_WINDOW).on_conflict_do_nothing(),
+    "postgresql": pg_insert(_WINDOWS).values(_NEW_WINDOW).on_conflict_do_nothing(),
+}
+_INSERT_HOLD: Final = _HOLDS.insert()
+_HOLD_KEY: Final = (
+    _HOLDS.c.id == bindparam("hold"),
+    _HOLDS.c.workspace_id == bindparam("ws"),
+    _HOLDS.c.budget_id == bindparam("budget"),
+)
+_DELETE_HOLD: Final = delete(_HOLDS).where(*_HOLD_KEY)
+_SETTLE: Final = (
+    update(_WINDOWS)
+    .where(*_KEY)
+    .values(
+        cost_held=_WC.cost_held - bindparam("held_cost"),
+        input_held=_WC.input_held - bindparam("held_in"),
+        output_held=_WC.output_held - bindparam("held_out"),
+        cost_used=_WC.cost_used + bindparam("used_cost"),
+        input_used=_WC.input_used + bindparam("used_in"),
+        output_used=_WC.output_used + bindparam("used_out"),
+    )
+)
+_READ_WINDOW: Final = select(
+    _WC.cost_used,
+    _WC.input_used,
+    _WC.output_used,
+    _WC.cost_held,
+    _WC.input_held,
+    _WC.output_held,
+    _WC.alerted,
+).where(*_KEY)
+#: The current windows of a message's budgets, read at its admission.
+_WINDOWS_OF: Final = select(
+    _WC.budget_id,
+    _WC.window,
+    _WC.cost_used,
+    _WC.cost_held,
+    _WC.input_used,
+    _WC.input_held,
+    _WC.output_used,
+    _WC.output_held,
+).where(
+    _WC.workspace_id == bindparam("ws"),
+    _WC.budget_id.in_(bindparam("budgets", expanding=True)),
+    _WC.window.in_(bindparam("windows", expanding=True)),
+)
+_CLAIM: Final = (
+    update(_WINDOWS)
+    .where(*_KEY, _WC.alerted < bindparam("percent"))
+    .values(alerted=bindparam("percent"))
+)
+# Every kind of scope in one statement: no budget has an assistant or key scope with an
+# empty id, so "" (no assistant, no key) matches none of those.
+_APPLICABLE: Final = (
+    select(_BUDGETS.c.id, _BUDGETS.c.data)
+    .where(
+        _BUDGETS.c.workspace_id == bindparam("ws"),
+        or_(
+            _BUDGETS.c.scope_kind == "workspace",
+            and_(
+                _BUDGETS.c.scope_kind == "assistant", _BUDGETS.c.scope_id == bindparam("assistant")
+            ),
+            and_(_BUDGETS.c.scope_kind == "api_key", _BUDGETS.c.scope_id == bindparam("key")),
+        ),
+    )
+    .order_by(_BUDGETS.c.id)
+    .limit(MAX_APPLICABLE)
+)
+_RESERVES: dict[tuple[bool, bool, bool, bool], Any] = {}
+
+
+def _reserving(caps: Caps | None) -> Any:
+    """The conditional UPDATE that holds an ask if it fits ``caps`` (None: whatever they say)."""
+    shape = (
+        (False, False, False, False)
+        if caps is None
+        else (
+            caps.cost is not None,
+            caps.input_tokens is not None,
+            caps.output_tokens is not None,
+            caps.total_tokens is not None,
+        )
+    )
+    statement = _RESERVES.get(shape)
+    if statement is None:
+        has_cost, has_in, has_out, has_total = shape
+        conditions: list[Any] = []
+        if has_cost:
+            conditions.append(
+                _WC.cost_used + _WC.cost_held + bindparam("ask_cost") <= bindparam("cap_cost")
+            )
+        if has_in:
+            conditions.append(
+                _WC.input_used + _WC.input_held + bindparam("ask_in") <= bindparam("cap_in")
+            )
+        if has_out:
+            conditions.append(
+                _WC.output_used + _WC.output_held + bindparam("ask_out") <= bindparam("cap_out")
+            )
+        if has_total:
+            conditions.append(
+                _WC.input_used
+                + _WC.input_held
+                + _WC.output_used
+                + _WC.output_held
+                + bindparam("ask_in")
+                + bindparam("ask_out")
+                <= bindparam("cap_total")
+            )
+        statement = _RESERVES[shape] = (
+            update(_WINDOWS)
+            .where(*_KEY, *conditions)
+            .values(
+                cost_held=_WC.cost_held + bindparam("ask_cost"),
+                input_held=_WC.input_held + bindparam("ask_in"),
+                output_held=_WC.output_held + bindparam("ask_out"),
+            )
+        )
+    return statement
+
+
+@dataclass(frozen=True)
+class Caps:
+    """A budget's caps (None: not capped)."""
+
+    cost: int | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    total_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class Applicable:
+    """A budget that applies to a run, as the ledger needs it."""
+
+    workspace_id: str
+    budget_id: str
+    display_name: str
+    period: pb.BudgetPeriod.ValueType
+    time_zone: str
+    caps: Caps
+    thresholds: tuple[int, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return f"workspaces/{self.workspace_id}/budgets/{self.budget_id}"
+
+
+@dataclass(frozen=True)
+class Amount:
+    """Cost (micro-units) and tokens: what a step asks, holds or used."""
+
+    cost_micros: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    def __add__(self, other: Amount) -> Amount:
+        return Amount(
+            self.cost_micros + other.cost_micros,
+            self.input_tokens + other.input_tokens,
+            self.output_tokens + other.output_tokens,
+        )
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A reservation: what it holds in each budget's window (one ``budget_holds`` row each)."""
+
+    id: str
+    run_id: str
+    amount: Amount
+    #: ``(budget, window)`` of each budget it holds in, in lock order.
+    windows: tuple[tuple[Applicable, str], ...]
+
+
+@dataclass(frozen=True)
+class Full:
+    """A budget without room for a step, and when its period resets (None: never)."""
+
+    budget: Applicable
+    reset: dt.datetime | None
+
+
+@dataclass(frozen=True)
+class Alert:
+    """A threshold a settlement crossed (claimed once per period)."""
+
+    budget: Applicable
+    percent: int
+    cap: str
+    used: Amount
+    held: Amount
+    window: str
+
+
+@dataclass(frozen=True)
+class Settled:
+    alerts: tuple[Alert, ...] = ()
+
+
+@dataclass
+class _NoRoom(Exception):
+    """Raised inside a reservation's transaction to roll it back whole."""
+
+    full: list[Full] = field(default_factory=list)
+
+
+def applicable_of(workspace_id: str, budget_id: str, data: bytes) -> Applicable | None:
+    """A stored budget as the ledger reads it (None: unreadable, logged and skipped)."""
+    try:
+        budget = pb.Budget.FromString(data)
+    except DecodeError:
+        log.warning("budget not readable", extra={"budget": budget_id})
+        return None
+    caps = Caps(
+        cost=budget.cost_limit_micros if budget.HasField("cost_limit_micros") else None,
+        input_tokens=budget.input_token_limit if budget.HasField("input_token_limit") else None,
+        output_tokens=budget.output_token_limit if budget.HasField("output_token_limit") else None,
+        total_tokens=budget.total_token_limit if budget.HasField("total_token_limit") else None,
+    )
+    return Applicable(
+        workspace_id=workspace_id,
+        budget_id=budget_id,
+        display_name=budget.display_name,
+        period=budget.period,
+        time_zone=budget.time_zone,
+        caps=caps,
+        thresholds=tuple(sorted({t for t in budget.alert_thresholds if 1 <= t <= 100})),
+    )
+
+
+def _fraction(caps: Caps, used: Amount) -> tuple[float, str]:
+    """The largest share of a cap ``used`` takes, and that cap's name."""
+    best, which = 0.0, ""
+    for cap, value, label in (
+        (caps.cost, used.cost_micros, "cost"),
+        (caps.input_tokens, used.input_tokens, "input_tokens"),
+        (caps.output_tokens, used.output_tokens, "output_tokens"),
+        (caps.total_tokens, used.input_tokens + used.output_tokens, "total_tokens"),
+    ):
+        if cap:
+            share = value / cap
+            if share > best or not which:
+                best, which = share, label
+    return best, which
+
+
+def exhausted(caps: Caps, used: Amount, held: Amount) -> bool:
+    """Whether a window with ``used`` and ``held`` has no room left under ``caps``."""
+    total = used + held
+    return any(
+        cap is not None and value >= cap
+        for cap, value in (
+            (caps.cost, total.cost_micros),
+            (caps.input_tokens, total.input_tokens),
+            (caps.output_tokens, total.output_tokens),
+            (caps.total_tokens, total.input_tokens + total.output_tokens),
+        )
+    )
+
+
+class Ledger:
+    """The budgets of runs and their reservations, in one database."""
+
+    def __init__(self, database: Database, *, clock: Callable[[], dt.datetime] = names.now) -> None:
+        self._database = database
+        self._dialect = database.dialect_name
+        self._clock = clock
+
+    async def _run(self, work: Callable[[Session], _T], *, write: bool) -> _T:
+        return await transaction(self._database, work, write=write, log=log)
+
+    # -- which budgets apply -------------------------------------------------------------
+
+    async def applicable(
+        self, workspace_id: str, assistant_id: str = "", api_key_id: str = ""
+    ) -> tuple[Applicable, ...]:
+        """The budgets of ``workspace_id`` that apply to a run of ``assistant_id``
+        started with ``api_key_id`` (either "" for none), in lock order."""
+        values = {"ws": workspace_id, "assistant": assistant_id, "key": api_key_id}
+
+        def work(db: Session) -> list[tuple[str, bytes]]:
+            return [(row[0], row[1]) for row in db.connection().execute(_APPLICABLE, values)]
+
+        found = []
+        for budget_id, data in await self._run(work, write=False):
+            budget = applicable_of(workspace_id, budget_id, data)
+            if budget is not None:
+                found.append(budget)
+        return tuple(found)
+
+    def window_of(self, budget: Applicable, run_id: str, at: dt.datetime | None = None) -> str:
+        return period_of(budget.period, budget.time_zone, at or self._clock(), run_id).window
+
+    def reset_of(self, budget: Applicable, at: dt.datetime | None = None) -> dt.datetime | None:
+        """When the period of ``budget`` that ``at`` is in ends (None: never, or per run)."""
+        return period_of(budget.period, budget.time_zone, at or self._clock(), "").end
+
+    # -- room (admission) ----------------------------------------------------------------
+
+    async def full(self, budgets: Sequence[Applicable], run_id: str = "") -> list[Full]:
+        """The budgets of ``budgets`` whose current period has no room at all
+        (used + held reached a cap). Per-run budgets are never full before the run."""
+        at = self._clock()
+        keyed = {
+            (b.budget_id, self.window_of(b, run_id, at)): b
+            for b in budgets
+            if b.period != pb.BUDGET_PERIOD_RUN
+        }
+        if not keyed:
+            return []
+        values = {
+            "ws": budgets[0].workspace_id,
+            "budgets": sorted({budget_id for budget_id, _ in keyed}),
+            "windows": sorted({window for _, window in keyed}),
+        }
+
+        def work(db: Session) -> list[tuple[Any, ...]]:
+            return [tuple(row) for row in db.connection().execute(_WINDOWS_OF, values)]
+
+        out: list[Full] = []
+        for row in await self._run(work, write=False):
+            budget = keyed.get((row[0], row[1]))
+            if budget is None:
+                continue
+            used, held = Amount(row[2], row[4], row[6]), Amount(row[3], row[5], row[7])
+            if exhausted(budget.caps, used, held):
+                out.append(Full(budget, self.reset_of(budget, at)))
+        return out
+
+    # -- reserving -----------------------------------------------------------------------
+
+    async def reserve(
+        self,
+        budgets: Sequence[Applicable],
+        run_id: str,
+        ask: Amount,
+        *,
+        overdraft: bool = False,
+    ) -> Hold | list[Full]:
+        """Hold ``ask`` in every budget of ``budgets`` for ``run_id``, or in none.
+
+        Returns the hold, or the budgets that had no room (nothing written).
+        ``overdraft`` holds it whatever the caps say (an owner allowed it).
+        """
+        at = self._clock()
+        windows = tuple(
+            (budget, self.window_of(budget, run_id, at))
+            for budget in sorted(budgets, key=lambda b: b.budget_id)
+        )
+        hold_id = names.new_id()
+
+        opening = _OPEN_WINDOW[self._dialect]
+        asks = {
+            "ask_cost": ask.cost_micros,
+            "ask_in": ask.input_tokens,
+            "ask_out": ask.output_tokens,
+            "at": at,
+        }
+
+        def work(db: Session) -> Hold:
+            connection = db.connection()
+            no_room: list[Full] = []
+            for budget, window in windows:
+                caps = budget.caps
+                values = {
+                    **asks,
+                    "ws": budget.workspace_id,
+                    "budget": budget.budget_id,
+                    "win": window,
+                    "cap_cost": caps.cost,
+                    "cap_in": caps.input_tokens,
+                    "cap_out": caps.output_tokens,
+                    "cap_total": caps.total_tokens,
+                }
+                connection.execute(opening, values)
+                result = connection.execute(_reserving(None if overdraft else caps), values)
+                if _rowcount(result) != 1:
+                    no_room.append(Full(budget, self.reset_of(budget, at)))
+            if no_room:
+                raise _NoRoom(no_room)
+            if windows:
+                connection.execute(
+                    _INSERT_HOLD,
+                    [
+                        {
+                            "id": hold_id,
+                            "workspace_id": budget.workspace_id,
+                            "budget_id": budget.budget_id,
+                            "window": window,
+                            "run_id": run_id,
+                            "cost": ask.cost_micros,
+                            "input_tokens": ask.input_tokens,
+                            "output_tokens": ask.output_tokens,
+                            "created_at": at,
+                        }
+                        for budget, window in windows
+                    ],
+                )
+            return Hold(hold_id, run_id, ask, windows)
+
+        try:
+            return await self._run(work, write=True)
+        except _NoRoom as refused:
+            return refused.full
+
+    # -- settling and releasing ----------------------------------------------------------
+
+    async def settle(self, hold: Hold, actual: Amount) -> Settled:
+        """Move ``hold`` to used by ``actual`` (what the call used; the rest of the
+        hold is released) and report the thresholds this crossed (each once per
+        period, whichever replica crosses it). A hold already released (its run
+        taken over meanwhile) only adds ``actual``."""
+
+        used = {
+            "used_cost": actual.cost_micros,
+            "used_in": actual.input_tokens,
+            "used_out": actual.output_tokens,
+        }
+        reserved = hold.amount
+
+        def work(db: Session) -> list[Alert]:
+            connection = db.connection()
+            alerts: list[Alert] = []
+            for budget, window in hold.windows:
+                key = {"ws": budget.workspace_id, "budget": budget.budget_id, "win": window}
+                removed = connection.execute(_DELETE_HOLD, {**key, "hold": hold.id})
+                held = reserved if _rowcount(removed) == 1 else Amount()
+                connection.execute(
+                    _SETTLE,
+                    {
+                        **key,
+                        **used,
+                        "held_cost": held.cost_micros,
+                        "held_in": held.input_tokens,
+                        "held_out": held.output_tokens,
+                    },
+                )
+                if budget.thresholds:
+                    alerts.extend(self._crossed(connection, budget, window, key))
+            return alerts
+
+        return Settled(tuple(await self._run(work, write=True)))
+
+    def _crossed(
+        self, connection: Connection, budget: Applicable, window: str, key: dict[str, str]
+    ) -> list[Alert]:
+        """Claim the thresholds of ``budget`` its window's usage has reached and no
+        one claimed yet (the row is locked by this transaction's update)."""
+        row = connection.execute(_READ_WINDOW, key).one_or_none()
+        if row is None:
+            return []
+        used, held = Amount(row[0], row[1], row[2]), Amount(row[3], row[4], row[5])
+        share, cap = _fraction(budget.caps, used)
+        alerts = []
+        for percent in budget.thresholds:
+            if percent <= row[6] or share * 100 < percent:
+                continue
+            claimed = connection.execute(_CLAIM, {**key, "percent": percent})
+            if _rowcount(claimed) == 1:
+                alerts.append(Alert(budget, percent, cap, used, held, window))
+        return alerts
+
+    async def release(self, hold: Hold) -> None:
+        """Give ``hold`` back unused (its call was never made)."""
+        await self.settle(hold, Amount())
+
+    async def release_runs(self, run_ids: Sequence[str]) -> int:
+        """Release every hold of ``run_ids`` (runs taken over from a replica that
+        died holding them); returns how many hold rows there were."""
+        released = 0
+        for start in range(0, len(run_ids), _RELEASE_BATCH):
+            batch = list(run_ids[start : start + _RELEASE_BATCH])
+
+            def work(db: Session, batch: list[str] = batch) -> int:
+                rows = db.execute(
+                    select(
+                        BudgetHoldRow.id,
+                        BudgetHoldRow.workspace_id,
+                        BudgetHoldRow.budget_id,
+                        BudgetHoldRow.window,
+                        BudgetHoldRow.cost,
+                        BudgetHoldRow.input_tokens,
+                        BudgetHoldRow.output_tokens,
+                    )
+                    .where(BudgetHoldRow.run_id.in_(batch))
+                    .order_by(BudgetHoldRow.budget_id, BudgetHoldRow.id)
+                ).all()
+                count = 0
+                for hold_id, workspace_id, budget_id, window, cost, input_tokens, output in rows:
+                    removed = db.execute(
+                        delete(BudgetHoldRow)
+                        .where(
+                            BudgetHoldRow.id == hold_id,
+                            BudgetHoldRow.workspace_id == workspace_id,
+                            BudgetHoldRow.budget_id == budget_id,
+                        )
+                        .execution_options(synchronize_session=False)
+                    )
+                    if _rowcount(removed) != 1:
+                        continue  # settled meanwhile
+                    count += 1
+                    db.execute(
+                        update(W)
+                        .where(
+                            W.workspace_id == workspace_id,
+                            W.budget_id == budget_id,
+                            W.window == window,
+                        )
+                        .values(
+                            cost_held=W.cost_held - cost,
+                            input_held=W.input_held - input_tokens,
+                            output_held=W.output_held - output,
+                        )
+                        .execution_options(synchronize_session=False)
+                    )
+                return count
+
+            released += await self._run(work, write=True)
+        return released
+
+    async def room(self, budgets: Sequence[Applicable], run_id: str) -> dict[str, int]:
+        """What is left in the current period of ``budgets`` for ``run_id``, per cap
+        (``cost_micros``, ``input_tokens``, ``output_tokens``, ``total_tokens``):
+        the least room over the budgets that cap it, never negative; a cap no
+        budget sets is absent. Read, not held: a hop reserves it next."""
+        at = self._clock()
+        keyed = {(b.budget_id, self.window_of(b, run_id, at)): b for b in budgets}
+        if not keyed:
+            return {}
+        statement = select(
+            W.budget_id,
+            W.window,
+            W.cost_used + W.cost_held,
+            W.input_used + W.input_held,
+            W.output_used + W.output_held,
+        ).where(
+            W.workspace_id == budgets[0].workspace_id,
+            W.budget_id.in_(sorted({budget_id for budget_id, _ in keyed})),
+            W.window.in_(sorted({window for _, window in keyed})),
+        )
+
+        def work(db: Session) -> dict[tuple[str, str], Amount]:
+            rows = db.execute(statement)
+            return {(row[0], row[1]): Amount(row[2], row[3], row[4]) for row in rows}
+
+        taken = await self._run(work, write=False)
+        room: dict[str, int] = {}
+        for key, budget in keyed.items():
+            spent = taken.get(key, Amount())
+            caps = budget.caps
+            for name, cap, value in (
+                ("cost_micros", caps.cost, spent.cost_micros),
+                ("input_tokens", caps.input_tokens, spent.input_tokens),
+                ("output_tokens", caps.output_tokens, spent.output_tokens),
+                ("total_tokens", caps.total_tokens, spent.input_tokens + spent.output_tokens),
+            ):
+                if cap is not None:
+                    left = max(0, cap - value)
+                    room[name] = min(room.get(name, left), left)
+        return room
+
+    async def window(self, budget: Applicable, window: str) -> tuple[Amount, Amount] | None:
+        """``(used, held)`` of one period of ``budget`` (None: nothing reserved in it yet)."""
+        statement = select(
+            W.cost_used, W.input_used, W.output_used, W.cost_held, W.input_held, W.output_held
+        ).where(
+            W.workspace_id == budget.workspace_id,
+            W.budget_id == budget.budget_id,
+            W.window == window,
+        )
+
+        def work(db: Session) -> tuple[Any, ...] | None:
+            row = db.execute(statement).one_or_none()
+            return None if row is None else tuple(row)
+
+        row = await self._run(work, write=False)
+        if row is None:
+            return None
+        return Amount(row[0], row[1], row[2]), Amount(row[3], row[4], row[5])
+
+
+def _rowcount(result: object) -> int:
+    return int(getattr(result, "rowcount", 0) or 0)

@@ -1,0 +1,616 @@
+"""Spending: what runs do with the budgets that apply to them (the ledger holds the numbers).
+
+* **A message** whose budgets have no room left (used + held reached a cap) is
+  refused before anything is stored: ``BudgetExhausted`` with one violation
+  per budget and the earliest reset, and a BUDGET_ALERT (MESSAGE_REFUSED). So
+  is one routed to a model without a price while a cost cap applies
+  (``ModelNotPriced``).
+* **A run** reads its budgets once, when it starts (none: it gets no
+  ``RunBudget`` and makes no budget statement at all). Its handler reserves
+  each step's worst case through ``RunBudget`` (``handlers.StepBudget``) and
+  settles what the step used; a threshold a settlement crosses is logged once
+  per period (BUDGET_ALERT, THRESHOLD).
+* **At the cap** the run pauses like an approval: REQUIRES_ACTION with
+  ``required_action.budget``, its deadline stopped, a BUDGET_ALERT
+  (RUN_PAUSED). It tries again when a budget of its workspace changes in this
+  process (``on_change``, called by the budget catalog) and every
+  ``POLL_S`` for changes made through another replica; an owner may allow the
+  step past the cap or fail the run (``ResolveBudgetAction``). After the
+  approval timeout it fails with BUDGET_EXHAUSTED.
+* **Across hops** (``handed.py``): a step that calls another agent reserves
+  what is left of every cap (``RunBudget.reserve_rest``) and hands that over;
+  a run started with a budget handed to it holds that as one more cap, in
+  memory. A handed cap has no owner to raise it: a step it has no room for
+  ends the run with BUDGET_EXHAUSTED, without pausing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.api.events.v1 import events_pb2
+from switchboard.dispatcher.budgets.ledger import (
+    Alert,
+    Amount,
+    Applicable,
+    Full,
+    Hold,
+    Ledger,
+)
+from switchboard.dispatcher.handlers.handed import HEADER, Handed
+from switchboard.platform import names
+from switchboard.platform.errors import BudgetExhausted, ModelNotPriced, SwitchboardError
+from switchboard.platform.events.bus import EventBus
+from switchboard.platform.observe.metrics import Metrics
+
+log = logging.getLogger("switchboard.dispatcher.budgets")
+
+#: How often a run paused at a cap looks again (a cap raised through another replica).
+POLL_S: Final = 2.0
+#: How long the budgets read for a message stand for the next messages of the same
+#: workspace, assistant and key: a budget created, changed or deleted through another
+#: replica applies to new runs here within this time.
+READ_TTL_S: Final = 1.0
+#: Reads kept; past it they are all dropped.
+MAX_READS: Final = 10_000
+#: Times a hop reads what is left and loses it to another run before it waits like any step.
+REST_ATTEMPTS: Final = 4
+SYSTEM: Final = events_pb2.Actor(name="system")
+
+
+class Pauser(Protocol):
+    """The run's pause, as approvals use it (execution's ``_RunHost``)."""
+
+    async def pause(self) -> None: ...
+
+    async def resume(self) -> None: ...
+
+
+def rfc3339(at: dt.datetime) -> str:
+    return at.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def refusal(full: Sequence[Full], what: str) -> BudgetExhausted:
+    """``BudgetExhausted`` naming each budget of ``full`` and the earliest reset."""
+    subjects = [
+        (f.budget.name, f"the budget {f.budget.display_name or f.budget.budget_id} has no room")
+        for f in full
+    ]
+    resets = [f.reset for f in full if f.reset is not None]
+    metadata = {"reset_time": rfc3339(min(resets))} if resets else {}
+    return BudgetExhausted(
+        f"{what}: {len(full)} budget(s) that apply have no room left "
+        f"({', '.join(f.budget.name for f in full)})",
+        subject=full[0].budget.name,
+        subjects=subjects,
+        metadata=metadata,
+    )
+
+
+def _usage(used: Amount, held: Amount, reset: dt.datetime | None) -> pb.BudgetUsage:
+    usage = pb.BudgetUsage(
+        cost_micros=used.cost_micros,
+        input_tokens=used.input_tokens,
+        output_tokens=used.output_tokens,
+        reserved_cost_micros=held.cost_micros,
+        reserved_input_tokens=held.input_tokens,
+        reserved_output_tokens=held.output_tokens,
+    )
+    if reset is not None:
+        usage.reset_time.FromDatetime(reset)
+    return usage
+
+
+def alert_event(
+    budget: Applicable,
+    kind: events_pb2.BudgetAlertKind.ValueType,
+    *,
+    actor: events_pb2.Actor = SYSTEM,
+    run: str = "",
+    percent: int = 0,
+    cap: str = "",
+    usage: pb.BudgetUsage | None = None,
+) -> events_pb2.Event:
+    """A BUDGET_ALERT on the budget's workspace."""
+    event = events_pb2.Event(
+        type=events_pb2.EVENT_TYPE_BUDGET_ALERT,
+        actor=actor,
+        workspace=f"workspaces/{budget.workspace_id}",
+    )
+    payload = event.budget_alert
+    payload.kind = kind
+    payload.budget = budget.name
+    payload.percent = percent
+    payload.cap = cap
+    payload.run = run
+    if usage is not None:
+        payload.usage.CopyFrom(usage)
+    return event
+
+
+@dataclass(frozen=True)
+class Read:
+    """The budgets that apply to a run, and the version of its workspace's they were read at."""
+
+    budgets: tuple[Applicable, ...]
+    version: int
+
+
+class Spending:
+    """The process's side of budgets: which apply, refusals, alerts, wake-ups."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        bus: EventBus,
+        *,
+        approval_timeout_s: float,
+        metrics: Metrics | None = None,
+        poll_s: float = POLL_S,
+    ) -> None:
+        self.ledger = ledger
+        self._bus = bus
+        self._metrics = metrics
+        self.approval_timeout_s = approval_timeout_s
+        self.poll_s = poll_s
+        #: Set (and replaced) when a budget of the workspace changes: paused runs look again.
+        self._changed: dict[str, asyncio.Event] = {}
+        #: Counts each workspace's budget changes seen here: a run whose budgets were
+        #: read before the last one reads them again before its next reservation.
+        self._versions: dict[str, int] = {}
+        #: Budgets read lately, by (workspace, assistant, API key id): when, and what.
+        self._reads: dict[tuple[str, str, str], tuple[float, Read]] = {}
+
+    # -- the catalog's hook ----------------------------------------------------------------
+
+    def on_change(self, workspace_id: str) -> None:
+        """A budget of ``workspace_id`` was created, updated or deleted."""
+        self._versions[workspace_id] = self._versions.get(workspace_id, 0) + 1
+        self.wake(workspace_id)
+
+    def wake(self, workspace_id: str) -> None:
+        """Room may have been freed in ``workspace_id``'s budgets: paused runs look again."""
+        event = self._changed.pop(workspace_id, None)
+        if event is not None:
+            event.set()
+
+    def version(self, workspace_id: str) -> int:
+        return self._versions.get(workspace_id, 0)
+
+    def changed(self, workspace_id: str) -> asyncio.Event:
+        event = self._changed.get(workspace_id)
+        if event is None:
+            event = self._changed[workspace_id] = asyncio.Event()
+        return event
+
+    # -- which apply -----------------------------------------------------------------------
+
+    async def read(self, workspace_id: str, assistant: str, api_key_id: str) -> Read:
+        """``applicable``, with the version of the workspace's budgets it read.
+
+        Kept ``READ_TTL_S`` for the next message of the same workspace, assistant
+        and key (a read per message was a statement on every message's path, and
+        most workspaces have no budget at all); a change made here drops it at
+        once (the version), one made through another replica is seen within
+        ``READ_TTL_S``. What a reservation takes is still decided by the
+        database; a paused run reads its budgets afresh.
+        """
+        version = self.version(workspace_id)
+        key = (workspace_id, assistant, api_key_id)
+        now = time.monotonic()
+        cached = self._reads.get(key)
+        if cached is not None and cached[1].version == version and now - cached[0] < READ_TTL_S:
+            return cached[1]
+        read = Read(await self.applicable(workspace_id, assistant, api_key_id), version)
+        if len(self._reads) >= MAX_READS:
+            self._reads.clear()
+        self._reads[key] = (now, read)
+        return read
+
+    def fresh(self, read: Read, workspace_id: str) -> bool:
+        """Whether no budget of ``workspace_id`` changed here since ``read``."""
+        return read.version == self.version(workspace_id)
+
+    async def applicable(
+        self, workspace_id: str, assistant: str, api_key_id: str
+    ) -> tuple[Applicable, ...]:
+        """The budgets of a run of ``assistant`` (its name, or "") started with
+        ``api_key_id`` (or "")."""
+        assistant_id = assistant.rsplit("/", 1)[-1] if assistant else ""
+        return await self.ledger.applicable(
+            workspace_id, assistant_id, api_key_id.rsplit("/", 1)[-1]
+        )
+
+    # -- admission -------------------------------------------------------------------------
+
+    async def admit(
+        self,
+        budgets: Sequence[Applicable],
+        *,
+        actor: events_pb2.Actor,
+        priced: bool | None,
+    ) -> None:
+        """Refuse a message its budgets have no room for, or that a cost cap
+        cannot price (``priced`` False: routed to a model without a price)."""
+        if not budgets:
+            return
+        if priced is False and any(b.caps.cost is not None for b in budgets):
+            self.refused(ModelNotPriced.reason)
+            raise ModelNotPriced(
+                "a cost budget applies and the model the message is routed to has no price "
+                "(SWITCHBOARD_LLM_PRICES)"
+            )
+        full = await self.ledger.full(budgets)
+        if not full:
+            return
+        self.refused(BudgetExhausted.reason)
+        for item in full:
+            await self.publish(
+                alert_event(item.budget, events_pb2.BUDGET_ALERT_KIND_MESSAGE_REFUSED, actor=actor)
+            )
+        raise refusal(full, "the message was refused")
+
+    # -- events and metrics ----------------------------------------------------------------
+
+    async def publish(self, event: events_pb2.Event) -> None:
+        try:
+            await self._bus.publish(event)
+        except SwitchboardError:
+            log.warning("budget alert not published", extra={"budget": event.budget_alert.budget})
+
+    async def alerts(self, alerts: Sequence[Alert]) -> None:
+        for alert in alerts:
+            reset = self.ledger.reset_of(alert.budget)
+            await self.publish(
+                alert_event(
+                    alert.budget,
+                    events_pb2.BUDGET_ALERT_KIND_THRESHOLD,
+                    percent=alert.percent,
+                    cap=alert.cap,
+                    usage=_usage(alert.used, alert.held, reset),
+                )
+            )
+
+    def reserved(self, outcome: str) -> None:
+        if self._metrics is not None:
+            self._metrics.budget_reservation(outcome)
+
+    def refused(self, reason: str) -> None:
+        if self._metrics is not None:
+            self._metrics.budget_refusal(reason.removeprefix("ERROR_REASON_").lower())
+
+    # -- runs ------------------------------------------------------------------------------
+
+    def run_budget(
+        self,
+        read: Read,
+        run: pb.Run,
+        workspace_id: str,
+        api_key_id: str,
+        host: Pauser,
+        handed: Handed | None = None,
+    ) -> RunBudget | None:
+        """The run's budget (None when no budget applies and none was handed to
+        it: nothing to reserve)."""
+        if not read.budgets and not handed:
+            return None
+
+        def reload() -> Awaitable[tuple[Applicable, ...]]:
+            return self.applicable(workspace_id, run.assistant, api_key_id)
+
+        return RunBudget(
+            self,
+            read.budgets,
+            run=run,
+            workspace_id=workspace_id,
+            host=host,
+            reload=reload,
+            version=read.version,
+            handed=handed or None,
+        )
+
+
+class RunBudget:
+    """One run's reservations (``handlers.StepBudget``)."""
+
+    def __init__(
+        self,
+        spending: Spending,
+        budgets: tuple[Applicable, ...],
+        *,
+        run: pb.Run,
+        workspace_id: str,
+        host: Pauser,
+        reload: Callable[[], Awaitable[tuple[Applicable, ...]]],
+        version: int,
+        handed: Handed | None = None,
+    ) -> None:
+        self._spending = spending
+        #: The workspace's budget version ``budgets`` were read at (``Spending.version``).
+        self._version = version
+        #: The budgets that apply now (a paused run reads them again: a cap may have changed).
+        self._reload = reload
+        self._ledger = spending.ledger
+        self.budgets = budgets
+        self._run = run
+        self._run_id = run.name.rsplit("/", 1)[-1]
+        self._workspace_id = workspace_id
+        self._host = host
+        self._holds: dict[str, Hold] = {}
+        #: Set (and replaced) when an owner decides: the paused step looks again.
+        self._decided = asyncio.Event()
+        #: One paused step at a time (concurrent tool calls of a step wait in turn).
+        self._pausing = asyncio.Lock()
+        #: The caps a caller handed to this run (None: it was not called across a hop),
+        #: and what its steps used and hold of them (in memory: one run, one process).
+        self.handed = handed
+        self._handed_taken = Amount()
+        #: What the run's settled steps used: its charge, which a run that does not
+        #: succeed (no result to carry its usage) still reports (execution's ``_unwind``).
+        self.charged = Amount()
+
+    @property
+    def caps_cost(self) -> bool:
+        return any(b.caps.cost is not None for b in self.budgets) or (
+            self.handed is not None and self.handed.cost_micros is not None
+        )
+
+    async def reserve(self, cost_micros: int, input_tokens: int, output_tokens: int) -> str:
+        ask = Amount(max(0, cost_micros), max(0, input_tokens), max(0, output_tokens))
+        self._check_handed(ask)
+        await self._current()
+        outcome = await self._hold(ask)
+        if isinstance(outcome, Hold):
+            self._spending.reserved("reserved")
+            return self._keep(outcome)
+        self._spending.reserved("refused")
+        async with self._pausing:
+            return self._keep(await self._paused(ask, outcome))
+
+    async def reserve_rest(self, *, hold: bool = True) -> tuple[str, Handed]:
+        """Hold what is left of every cap, for a hop: the hold's id and the caps
+        to hand over. Nothing left of a stored budget: the run pauses as at any
+        cap (and goes on once there is room); of a handed one: BudgetExhausted.
+        ``hold`` False: hold nothing (a hop whose callee has the run make priced
+        calls meanwhile, which reserve as they go); the id settles what it reports."""
+        races = 0
+        while True:
+            await self._current()
+            room = await self._ledger.room(self.budgets, self._run_id) if self.budgets else {}
+            for name, left in self._handed_left().items():
+                room[name] = min(room.get(name, left), left)
+            empty = {name for name, left in room.items() if left <= 0}
+            if empty:
+                # One unit of what has no room cannot fit: the step waits there (until
+                # there is room, an owner decides, or the timeout) or ends.
+                needs_tokens = bool(empty & {"input_tokens", "total_tokens"})
+                waited = await self.reserve(
+                    1 if "cost_micros" in empty else 0,
+                    1 if needs_tokens else 0,
+                    1 if "output_tokens" in empty else 0,
+                )
+                await self.release(waited)
+                continue
+            ask = _rest(room) if hold else Amount()
+            if races >= REST_ATTEMPTS:
+                # Runs of the same budgets keep taking room first: wait like any step.
+                return await self.reserve(
+                    ask.cost_micros, ask.input_tokens, ask.output_tokens
+                ), Handed(**room)
+            outcome = await self._hold(ask)
+            if isinstance(outcome, Hold):
+                self._spending.reserved("reserved")
+                return self._keep(outcome), Handed(**room)
+            races += 1  # another run took some of it meanwhile: read again
+
+    async def settle(
+        self, hold: str, cost_micros: int, input_tokens: int, output_tokens: int
+    ) -> None:
+        kept = self._holds.pop(hold, None)
+        if kept is None:
+            return
+        actual = Amount(cost_micros, input_tokens, output_tokens)
+        self.charged = self.charged + actual
+        self._handed_settle(kept.amount, actual)
+        if not kept.windows:
+            return
+        settled = await self._ledger.settle(kept, actual)
+        # What the hold kept beyond what was used is free again: runs paused here look.
+        self._spending.wake(self._workspace_id)
+        if settled.alerts:
+            await self._spending.alerts(settled.alerts)
+
+    async def release(self, hold: str) -> None:
+        kept = self._holds.pop(hold, None)
+        if kept is not None:
+            self._handed_settle(kept.amount, Amount())
+            if kept.windows:
+                await self._ledger.release(kept)
+                self._spending.wake(self._workspace_id)
+
+    # -- the caps a caller handed over -----------------------------------------------------
+
+    def _handed_left(self) -> dict[str, int]:
+        handed = self.handed
+        if handed is None:
+            return {}
+        taken = self._handed_taken
+        spent = {
+            "cost_micros": taken.cost_micros,
+            "input_tokens": taken.input_tokens,
+            "output_tokens": taken.output_tokens,
+            "total_tokens": taken.input_tokens + taken.output_tokens,
+        }
+        return {name: max(0, cap - spent[name]) for name, cap in handed.capped().items()}
+
+    def _check_handed(self, ask: Amount) -> None:
+        """A step with no room in a handed cap ends the run: no one here can raise it."""
+        left = self._handed_left()
+        if not left:
+            return
+        asks = {
+            "cost_micros": ask.cost_micros,
+            "input_tokens": ask.input_tokens,
+            "output_tokens": ask.output_tokens,
+            "total_tokens": ask.input_tokens + ask.output_tokens,
+        }
+        over = sorted(name for name, room in left.items() if asks[name] > room)
+        if over:
+            self._spending.reserved("refused")
+            self._spending.refused(BudgetExhausted.reason)
+            detail = ", ".join(f"{name} {left[name]} left, {asks[name]} asked" for name in over)
+            raise BudgetExhausted(
+                f"the step needs more than is left of the budget the run's caller handed "
+                f"over ({detail})",
+                subject=HEADER,
+                subjects=[(f"{HEADER}.{name}", f"{left[name]} left") for name in over],
+            )
+
+    def _handed_settle(self, held: Amount, actual: Amount) -> None:
+        if self.handed is None:
+            return
+        taken = self._handed_taken
+        self._handed_taken = Amount(
+            max(0, taken.cost_micros - held.cost_micros + actual.cost_micros),
+            max(0, taken.input_tokens - held.input_tokens + actual.input_tokens),
+            max(0, taken.output_tokens - held.output_tokens + actual.output_tokens),
+        )
+
+    async def _hold(self, ask: Amount, *, overdraft: bool = False) -> Hold | list[Full]:
+        """Hold ``ask`` in the stored budgets and the handed caps (checked before)."""
+        if self.budgets:
+            outcome = await self._ledger.reserve(
+                self.budgets, self._run_id, ask, overdraft=overdraft
+            )
+        else:
+            outcome = Hold(names.new_id(), self._run_id, ask, ())
+        if isinstance(outcome, Hold) and self.handed is not None:
+            self._handed_taken = self._handed_taken + ask
+        return outcome
+
+    async def close(self) -> None:
+        """The run ended: holds its steps did not settle (cancelled, failed) go back."""
+        holds, self._holds = [h for h in self._holds.values() if h.windows], {}
+        try:
+            for hold in holds:
+                await self._ledger.release(hold)
+        except SwitchboardError:
+            # Its hold rows name the run: the next takeover or restart releases them.
+            log.warning("budget holds not released", extra={"run": self._run.name})
+
+    def decided(self) -> None:
+        """An owner decided the budget action (``ResolveBudgetAction``)."""
+        event, self._decided = self._decided, asyncio.Event()
+        event.set()
+
+    async def _current(self) -> None:
+        """Read the budgets again if one of the workspace changed since they were read."""
+        version = self._spending.version(self._workspace_id)
+        if version != self._version:
+            self._version = version
+            self.budgets = await self._reload()
+
+    def _keep(self, hold: Hold) -> str:
+        self._holds[hold.id] = hold
+        return hold.id
+
+    async def _paused(self, ask: Amount, full: list[Full]) -> Hold:
+        """Wait at the cap until the step fits, an owner decides, or the timeout."""
+        run = self._run
+        action = run.required_action
+        now = names.now()
+        # A run resumed after a restart keeps the pause it was stored with.
+        if not (
+            action.HasField("budget")
+            and action.budget.decision == pb.BUDGET_DECISION_UNSPECIFIED
+            and action.HasField("expire_time")
+        ):
+            action.Clear()
+            action.expire_time.FromDatetime(
+                now + dt.timedelta(seconds=self._spending.approval_timeout_s)
+            )
+        budget = action.budget
+        del budget.budgets[:]
+        budget.budgets.extend(f.budget.name for f in full)
+        budget.cost_micros = ask.cost_micros
+        budget.input_tokens = ask.input_tokens
+        budget.output_tokens = ask.output_tokens
+        wait_s = max(0.0, (action.expire_time.ToDatetime(dt.UTC) - now).total_seconds())
+        # Logged before the pause is shown: whoever sees the run paused can find why.
+        for item in full:
+            await self._spending.publish(
+                alert_event(item.budget, events_pb2.BUDGET_ALERT_KIND_RUN_PAUSED, run=run.name)
+            )
+        if run.state == pb.RUN_STATE_RUNNING:
+            await self._host.pause()
+        hold: Hold | None = None
+        attempts = 0
+        try:
+            async with asyncio.timeout(wait_s):
+                while hold is None:
+                    decision = budget.decision
+                    if decision == pb.BUDGET_DECISION_FAIL:
+                        raise refusal(full, f"the run was failed at its cap by {budget.decided_by}")
+                    # Taken before the attempt, so a change during it is not missed.
+                    changed = self._spending.changed(self._workspace_id)
+                    decided = self._decided
+                    overdraft = decision == pb.BUDGET_DECISION_ALLOW_OVERDRAFT
+                    if attempts:
+                        self._version = self._spending.version(self._workspace_id)
+                        self.budgets = await self._reload()
+                    attempts += 1
+                    outcome = await self._hold(ask, overdraft=overdraft)
+                    if isinstance(outcome, Hold):
+                        hold = outcome
+                        self._spending.reserved("overdraft" if overdraft else "reserved")
+                        break
+                    full = outcome
+                    await _first(changed.wait(), decided.wait(), timeout_s=self._spending.poll_s)
+        except TimeoutError:
+            raise refusal(
+                full,
+                f"the run waited at its cap longer than {self._spending.approval_timeout_s:g} s",
+            ) from None
+        if run.state == pb.RUN_STATE_REQUIRES_ACTION:
+            await self._host.resume()
+        return hold
+
+
+def _rest(room: dict[str, int]) -> Amount:
+    """What a hop holds of ``room``: all of it, with input and output tokens
+    together within a total cap (the hop settles what it used, however split)."""
+    inp, out, total = (room.get(k) for k in ("input_tokens", "output_tokens", "total_tokens"))
+    if total is not None:
+        if inp is None and out is None:
+            inp, out = total, 0
+        elif out is None:
+            inp = min(inp or 0, total)
+            out = total - inp
+        elif inp is None:
+            out = min(out, total)
+            inp = total - out
+        else:
+            out = min(out, total)
+            inp = min(inp, total - out)
+    return Amount(room.get("cost_micros", 0), inp or 0, out or 0)
+
+
+async def _first(*waits: Coroutine[Any, Any, object], timeout_s: float) -> None:
+    """Return when the first of ``waits`` finishes, or after ``timeout_s``."""
+    tasks = [asyncio.ensure_future(wait) for wait in waits]
+    try:
+        await asyncio.wait(tasks, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

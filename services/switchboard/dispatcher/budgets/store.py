@@ -1,0 +1,387 @@
+"""The budgets table, the read of their windows, and the usage sums over runs: SQL only.
+
+A budget is stored as its serialized ``Budget`` (``data``, without its usage;
+built and read by ``catalog.py``) beside the columns that find the budgets of a
+run: ``scope_kind`` and ``scope_id``. The ledger (the run side) writes the
+windows; this module only reads them to show a budget's usage. No ORM row
+leaves this module and nothing here builds a resource name or raises a
+request-field error: the domain does both. Writes stage their BUDGET_CHANGED
+events (``platform/store/outbox.py``) in the same transaction.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Final, TypeVar
+
+from sqlalchemy import and_, delete, func, or_, select
+from sqlalchemy.orm import Session
+
+from switchboard.platform.errors import EtagMismatch, NotFound, QuotaExceeded
+from switchboard.platform.names import etag_version, now
+from switchboard.platform.store.db import Database
+from switchboard.platform.store.models import BudgetRow, BudgetWindowRow, RunRow, WorkspaceRow
+from switchboard.platform.store.outbox import Staged, staging
+from switchboard.platform.store.storage import Idempotency, claim, retrying, transaction
+
+log = logging.getLogger("switchboard.dispatcher.budgets.store")
+
+_T = TypeVar("_T")
+
+#: ``scope_kind`` of each kind of scope. ``scope_id`` is "" for the workspace, the
+#: assistant's id, or the API key's id (the last segment of ``users/{u}/apiKeys/{k}``:
+#: key ids are unique, and ``runs.api_key_id`` holds the same id, so the ledger finds
+#: the budgets of a run by equality on both columns).
+WORKSPACE: Final = "workspace"
+ASSISTANT: Final = "assistant"
+API_KEY: Final = "api_key"
+
+
+@dataclass(frozen=True)
+class BudgetRecord:
+    """One budget as stored; ``data`` is the serialized ``Budget`` (without usage)."""
+
+    workspace_id: str
+    id: str
+    scope_kind: str
+    scope_id: str
+    data: bytes
+    creator: str
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    version: int
+
+
+@dataclass(frozen=True)
+class Window:
+    """What one period of a budget used (settled) and holds (reserved)."""
+
+    cost_used: int = 0
+    cost_held: int = 0
+    input_used: int = 0
+    input_held: int = 0
+    output_used: int = 0
+    output_held: int = 0
+
+
+@dataclass(frozen=True)
+class Created:
+    record: BudgetRecord
+    #: False when a create was the retry of an earlier one (nothing was written).
+    fresh: bool = True
+
+
+@dataclass(frozen=True)
+class NewBudget:
+    """What ``BudgetStore.create`` inserts."""
+
+    workspace_id: str
+    id: str
+    scope_kind: str
+    scope_id: str
+    data: bytes
+    creator: str
+
+
+class IdTaken(Exception):
+    """The id is in use in the workspace (the domain tells the client, with the name)."""
+
+
+def _record(row: BudgetRow) -> BudgetRecord:
+    return BudgetRecord(
+        workspace_id=row.workspace_id,
+        id=row.id,
+        scope_kind=row.scope_kind,
+        scope_id=row.scope_id,
+        data=row.data,
+        creator=row.creator,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        version=row.version,
+    )
+
+
+def _check_etag(etag: str, version: int) -> None:
+    if etag and etag_version(etag) != version:
+        raise EtagMismatch("the budget changed since the etag was read; read it again")
+
+
+class BudgetStore:
+    def __init__(self, database: Database) -> None:
+        self._database = database
+        self._sqlite = database.dialect_name == "sqlite"
+
+    async def _run(self, work: Callable[[Session], _T], *, write: bool) -> _T:
+        return await transaction(self._database, work, write=write, log=log)
+
+    async def create(
+        self,
+        record: NewBudget,
+        *,
+        idempotency: Idempotency | None,
+        max_per_workspace: int,
+        staged: Staged[Created] | None,
+    ) -> Created:
+        """Insert ``record``.
+
+        ``Created.fresh`` is False for the retry of an earlier create with the same key
+        (its budget as it now stands); NotFound if that one was deleted since. IdTaken
+        if the id is in use, QuotaExceeded past ``max_per_workspace``.
+        """
+        workspace_id, budget_id = record.workspace_id, record.id
+
+        def tx(db: Session) -> Created:
+            earlier = claim(db, idempotency, f"{workspace_id}/{budget_id}")
+            if earlier is not None:
+                found_ws, _, found_id = earlier.partition("/")
+                row = db.get(BudgetRow, (found_ws, found_id))
+                if row is None:
+                    raise NotFound("the budget this request created was deleted")
+                return Created(_record(row), fresh=False)
+            if not self._sqlite:
+                # Serializes the workspace's creates, so the count below holds
+                # (SQLite has one writer).
+                db.execute(
+                    select(WorkspaceRow.id).where(WorkspaceRow.id == workspace_id).with_for_update()
+                )
+            count = db.execute(
+                select(func.count())
+                .select_from(BudgetRow)
+                .where(BudgetRow.workspace_id == workspace_id)
+            ).scalar_one()
+            if count >= max_per_workspace:
+                raise QuotaExceeded(
+                    f"a workspace may hold at most {max_per_workspace} budgets",
+                    subject="budgets per workspace",
+                )
+            if db.get(BudgetRow, (workspace_id, budget_id)) is not None:
+                raise IdTaken(budget_id)
+            stamp = now()
+            row = BudgetRow(
+                workspace_id=workspace_id,
+                id=budget_id,
+                scope_kind=record.scope_kind,
+                scope_id=record.scope_id,
+                data=record.data,
+                creator=record.creator,
+                created_at=stamp,
+                updated_at=stamp,
+                version=1,
+            )
+            db.add(row)
+            db.flush()
+            return Created(_record(row))
+
+        async def run() -> Created:
+            return await self._run(staging(staged, tx), write=True)
+
+        return await retrying(run)
+
+    async def get(self, workspace_id: str, budget_id: str) -> BudgetRecord | None:
+        def tx(db: Session) -> BudgetRecord | None:
+            row = db.get(BudgetRow, (workspace_id, budget_id))
+            return _record(row) if row is not None else None
+
+        return await self._run(tx, write=False)
+
+    async def page(self, workspace_id: str, after: str | None, limit: int) -> list[BudgetRecord]:
+        """The workspace's budgets by id, after ``after`` (exclusive), at most ``limit``."""
+
+        def tx(db: Session) -> list[BudgetRecord]:
+            query = select(BudgetRow).where(BudgetRow.workspace_id == workspace_id)
+            if after is not None:
+                query = query.where(BudgetRow.id > after)
+            query = query.order_by(BudgetRow.id).limit(limit)
+            return [_record(row) for row in db.execute(query).scalars()]
+
+        return await self._run(tx, write=False)
+
+    async def update(
+        self,
+        workspace_id: str,
+        budget_id: str,
+        etag: str,
+        edit: Callable[[bytes], bytes],
+        staged: Staged[BudgetRecord | None] | None,
+    ) -> BudgetRecord | None:
+        """Replace ``data`` with ``edit(data)`` on the locked row (``edit`` may raise to
+        refuse the result: nothing is written) and bump the version; None if missing."""
+
+        def tx(db: Session) -> BudgetRecord | None:
+            row = db.get(BudgetRow, (workspace_id, budget_id), with_for_update=True)
+            if row is None:
+                return None
+            _check_etag(etag, row.version)
+            row.data = edit(row.data)
+            row.version += 1
+            row.updated_at = now()
+            db.flush()
+            return _record(row)
+
+        return await self._run(staging(staged, tx), write=True)
+
+    async def delete(
+        self,
+        workspace_id: str,
+        budget_id: str,
+        etag: str,
+        staged: Staged[BudgetRecord | None] | None,
+    ) -> BudgetRecord | None:
+        """Delete the budget (its windows and holds go with it, by cascade); the record
+        as it was, or None if it does not exist."""
+
+        def tx(db: Session) -> BudgetRecord | None:
+            row = db.get(BudgetRow, (workspace_id, budget_id), with_for_update=True)
+            if row is None:
+                return None
+            _check_etag(etag, row.version)
+            record = _record(row)
+            # Explicit: SQLite enforces the cascade only with foreign keys switched on.
+            db.execute(
+                delete(BudgetWindowRow).where(
+                    BudgetWindowRow.workspace_id == workspace_id,
+                    BudgetWindowRow.budget_id == budget_id,
+                )
+            )
+            db.execute(
+                delete(BudgetRow).where(
+                    BudgetRow.workspace_id == workspace_id, BudgetRow.id == budget_id
+                )
+            )
+            return record
+
+        return await self._run(staging(staged, tx), write=True)
+
+    async def windows(
+        self, workspace_id: str, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], Window]:
+        """The stored windows of ``keys`` ((budget id, window key) pairs) in one read;
+        a period nothing was reserved in yet has no row (and is not in the answer)."""
+        if not keys:
+            return {}
+        wanted = set(keys)
+
+        def tx(db: Session) -> dict[tuple[str, str], Window]:
+            rows = db.execute(
+                select(BudgetWindowRow).where(
+                    BudgetWindowRow.workspace_id == workspace_id,
+                    or_(
+                        *(
+                            and_(
+                                BudgetWindowRow.budget_id == budget_id,
+                                BudgetWindowRow.window == window,
+                            )
+                            for budget_id, window in wanted
+                        )
+                    ),
+                )
+            ).scalars()
+            return {
+                (row.budget_id, row.window): Window(
+                    cost_used=row.cost_used,
+                    cost_held=row.cost_held,
+                    input_used=row.input_used,
+                    input_held=row.input_held,
+                    output_used=row.output_used,
+                    output_held=row.output_held,
+                )
+                for row in rows
+            }
+
+        return await self._run(tx, write=False)
+
+
+# -- usage ------------------------------------------------------------------------------------
+
+#: The ``runs`` column of each grouping dimension (``usage.py`` names them).
+_COLUMNS: Final = {
+    "day": RunRow.usage_day,
+    "assistant": RunRow.assistant_id,
+    "api_key": RunRow.api_key_id,
+    "model": RunRow.model,
+}
+
+
+@dataclass(frozen=True)
+class UsageQuery:
+    """Which ended runs of a workspace to sum, and how to group them."""
+
+    workspace_id: str
+    #: Keys of ``_COLUMNS``, in the order the rows are sorted by.
+    group_by: Sequence[str]
+    #: ``usage_day`` from ``first_day`` to ``last_day`` (inclusive), ``YYYY-MM-DD``.
+    first_day: str
+    last_day: str
+    assistant_id: str | None = None
+    #: (user id, key id) of ``users/{u}/apiKeys/{k}``.
+    api_key: tuple[str, str] | None = None
+    model: str | None = None
+
+
+@dataclass(frozen=True)
+class UsageSum:
+    #: The group's values, by dimension (only those grouped by).
+    keys: dict[str, str]
+    #: The user whose API key the group's ``api_key`` is (grouped by API key).
+    key_user: str
+    run_count: int
+    input_tokens: int
+    output_tokens: int
+    cost_micros: int
+
+
+class UsageStore:
+    """Sums over the usage columns every run's end stores (``runs/store.py``)."""
+
+    def __init__(self, database: Database) -> None:
+        self._database = database
+
+    async def sums(self, query: UsageQuery, offset: int, limit: int) -> list[UsageSum]:
+        """Rows ``offset`` to ``offset + limit`` of the grouped sums, ordered by the groups."""
+        columns = [_COLUMNS[d].label(d) for d in query.group_by]
+        if "api_key" in query.group_by:
+            # A key is one user's: the run's creator names it (runs store the key's id).
+            columns.append(func.max(RunRow.creator).label("key_user"))
+
+        def tx(db: Session) -> list[UsageSum]:
+            statement = select(
+                *columns,
+                func.count().label("run_count"),
+                func.coalesce(func.sum(RunRow.input_tokens), 0).label("input_tokens"),
+                func.coalesce(func.sum(RunRow.output_tokens), 0).label("output_tokens"),
+                func.coalesce(func.sum(RunRow.cost_micros), 0).label("cost_micros"),
+            ).where(
+                RunRow.workspace_id == query.workspace_id,
+                # Ended runs only: an active run's day is "" and sorts before every date.
+                RunRow.usage_day >= query.first_day,
+                RunRow.usage_day <= query.last_day,
+            )
+            if query.assistant_id is not None:
+                statement = statement.where(RunRow.assistant_id == query.assistant_id)
+            if query.api_key is not None:
+                user_id, key_id = query.api_key
+                statement = statement.where(RunRow.api_key_id == key_id, RunRow.creator == user_id)
+            if query.model is not None:
+                statement = statement.where(RunRow.model == query.model)
+            if query.group_by:
+                plain = [_COLUMNS[d] for d in query.group_by]
+                statement = statement.group_by(*plain).order_by(*plain)
+            statement = statement.offset(offset).limit(limit)
+            return [
+                UsageSum(
+                    keys={d: str(getattr(row, d)) for d in query.group_by},
+                    key_user=str(row.key_user) if "api_key" in query.group_by else "",
+                    run_count=int(row.run_count),
+                    input_tokens=int(row.input_tokens),
+                    output_tokens=int(row.output_tokens),
+                    cost_micros=int(row.cost_micros),
+                )
+                for row in db.execute(statement)
+                # Ungrouped, no runs still make one row of zeros: no group, no row.
+                if row.run_count
+            ]
+
+        return await transaction(self._database, tx, write=False, log=log)
