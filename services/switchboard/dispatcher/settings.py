@@ -106,12 +106,13 @@ class DispatcherSettings(Section):
         "sets its own (`UpdateWorkspaceQuota`; RESOURCE_EXHAUSTED `RATE_LIMITED` with RetryInfo)",
     )
     dispatcher_max_admitting_per_workspace: int = Field(
-        default=4,
+        default=64,
         ge=1,
         le=1_000,
         description="SendMessage calls of one workspace this process admits (stores) at once; "
-        "the rest wait their turn, so a workspace sending thousands at once does not hold up "
-        "the others' messages in the database's queue",
+        "the rest wait their turn. Lower (4) keeps a workspace sending thousands at once from "
+        "holding up the others' messages in the database's queue, at about a fifth of a busy "
+        "workspace's runs per second (BENCHMARKS.md)",
     )
     dispatcher_max_active_runs_per_workspace: int = Field(
         default=1_000,

@@ -264,13 +264,20 @@ class Execution:
                 ),
             )
             definitions: list[handler_pb2.ToolDefinition] = []
-            budgets: Read | None = None
-            if (assistant is not None and assistant.tools) or self._spending is not None:
-                (_, window), (definitions, _), budgets = await asyncio.gather(
+            # Admission's read of the budgets, when nothing changed here since: the
+            # common case waits for nothing more than the window (each coroutine
+            # gathered is one more task on the path to the first delta).
+            budgets = self._admitted_budgets(active)
+            reread = self._spending is not None and budgets is None
+            if assistant is not None and assistant.tools:
+                (_, window), (definitions, _), read = await asyncio.gather(
                     reads,
                     offered_tools(self._tools, active.principal, assistant),
-                    self._budgets(active),
+                    self._budgets(active) if reread else _nothing(),
                 )
+                budgets = read if reread else budgets
+            elif reread:
+                (_, window), budgets = await asyncio.gather(reads, self._budgets(active))
             else:
                 _, window = await reads
             self._begin(active)
@@ -326,13 +333,23 @@ class Execution:
             )
         return output, result
 
+    def _admitted_budgets(self, active: Active) -> Read | None:
+        """Admission's read of the run's budgets if no budget of its workspace changed
+        here since (None: there is none, or it must be read again)."""
+        admitted = active.budgets
+        if (
+            self._spending is not None
+            and admitted is not None
+            and self._spending.fresh(admitted, active.workspace_id)
+        ):
+            return admitted
+        return None
+
     async def _budgets(self, active: Active) -> Read | None:
-        """The budgets that apply to the run, read once at its start."""
+        """The budgets that apply to the run, read at its start (a recovered run, or
+        one whose workspace's budgets changed since admission)."""
         if self._spending is None:
             return None
-        admitted = active.budgets
-        if admitted is not None and self._spending.fresh(admitted, active.workspace_id):
-            return admitted  # admission's read, and nothing changed since
         return await self._spending.read(
             active.workspace_id, active.run.assistant, active.principal.api_key_id
         )
@@ -608,6 +625,10 @@ class Execution:
         # Wait for the handler to stop and the run to be recorded, not longer:
         # CancelRun answers with the terminal run.
         await asyncio.wait([task], timeout=FINISH_TIMEOUT_S)
+
+
+async def _nothing() -> None:
+    return None
 
 
 def _ignore(_text: str) -> None:

@@ -49,7 +49,7 @@ class RunLimits:
     #: How long this instance's runs are left alone after it stops renewing its lease.
     lease_s: float = 30.0
     #: SendMessage calls of one workspace admitted at once (``admission.Turns``).
-    admitting_per_workspace: int = 4
+    admitting_per_workspace: int = 64
 
 
 class Live:
