@@ -43,9 +43,6 @@ class Price:
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError("prices must be finite and not negative")
 
-    def cost(self, input_tokens: int, output_tokens: int) -> float:
-        return (input_tokens * self.input_per_mtok + output_tokens * self.output_per_mtok) / 1e6
-
     def cost_micros(self, input_tokens: int, output_tokens: int) -> int:
         """The cost in micro-dollars (dollars per million tokens times tokens),
         rounded up: budgets count integers, and a reservation never undercounts.
@@ -118,10 +115,6 @@ class Tally:
         if tools is not None:
             tokens += self.count(json.dumps(tools, ensure_ascii=False))
         return tokens
-
-    def add_cost(self, micros: int) -> None:
-        """Cost that is not a model call's (a priced tool call the run made)."""
-        self.cost_micros += micros
 
     def usage(self, model: str) -> handler_pb2.Usage:
         """The run's usage as its result reports it, for ``model`` (``provider/model``)."""

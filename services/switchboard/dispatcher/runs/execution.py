@@ -32,6 +32,7 @@ from switchboard.dispatcher import mapping
 from switchboard.dispatcher.budgets.spending import Read, Spending
 from switchboard.dispatcher.handlers.base import HandleCall, HandlerFailure
 from switchboard.dispatcher.handlers.handed import Handed
+from switchboard.dispatcher.llm.usage import INT32_MAX
 from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.runs.clock import RunClock
 from switchboard.dispatcher.runs.lifecycle import Active
@@ -65,8 +66,6 @@ from switchboard.platform.store.db import DatabaseUnavailable, is_outage
 
 log = logging.getLogger("switchboard.dispatcher")
 
-#: Usage travels as int32 fields.
-_INT32_MAX: Final = 2**31 - 1
 #: Largest delta made of merged ones (a bigger one goes out as it is).
 _MAX_MERGED_DELTA_CHARS: Final = 16 * 1024
 
@@ -228,8 +227,8 @@ class Execution:
             ):
                 # No result carries what a failed or cancelled run spent: its charge
                 # does, so the run (and QueryUsage) says what its budgets were charged.
-                usage.input_tokens = min(charged.input_tokens, _INT32_MAX)
-                usage.output_tokens = min(charged.output_tokens, _INT32_MAX)
+                usage.input_tokens = min(charged.input_tokens, INT32_MAX)
+                usage.output_tokens = min(charged.output_tokens, INT32_MAX)
                 usage.cost_micros = charged.cost_micros
                 usage.estimated_cost_usd = charged.cost_micros / 1e6
 
