@@ -207,6 +207,18 @@ async def test_a_streamed_upload_downloads_as_the_same_bytes(
     assert [f.name for f in found.files] == [stored.name]
     assert found.workspace_usage_bytes == len(data)
 
+    # A request_id makes a retried upload return the first file.
+    small = content(100)
+    keyed = await upload(stub, world.editor, parent, small, request_id="up-1")
+    assert await upload(stub, world.editor, parent, small, request_id="up-1") == keyed
+    reused = await refused(
+        upload(stub, world.editor, parent, content(101), request_id="up-1"), INVALID
+    )
+    assert violations(reused) == ["request_id"]
+    found = await listed(stub, world.viewer, parent)
+    assert [f.name for f in found.files] == [keyed.name, stored.name]
+    assert file_events(events) == [(events_pb2.CHANGE_KIND_CREATED, keyed.name)]
+
 
 async def test_images_and_documents_get_their_kind_and_text(
     stub: Stub, world: World, mesh: SwitchboardServer

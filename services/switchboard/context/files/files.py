@@ -463,9 +463,13 @@ class Files(Domain):
         except BlobMismatch as mismatch:
             raise _checksum_mismatch(mismatch) from None
         except BlobNotFound:
-            await self._store.delete_upload(workspace_id, upload_id)
-            raise UploadExpired(
-                f"{request.name}'s bytes were discarded; start a new upload"
+            # Another FinishUpload took the staged bytes first: its file, once stored.
+            again = await stored(self._store.get_upload(workspace_id, upload_id))
+            if again is not None and again.file_id is not None:
+                return file_proto(await self._file(file_name(workspace_id, again.file_id), "name"))
+            raise FailedPrecondition(
+                f"{request.name} is being finished by another request, or its bytes were "
+                "discarded; GetUpload says which"
             ) from None
         head = b"".join([c async for c in self._blob_read(published.sha256, 0, HEAD_BYTES)])
         try:
