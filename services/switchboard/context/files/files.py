@@ -232,7 +232,8 @@ class Files(Domain):
             with _blob_errors():
                 for start in range(0, len(data), MAX_CHUNK):
                     await writer.write(data[start : start + MAX_CHUNK])
-                published = await writer.publish(hashlib.sha256(data).hexdigest())
+                digest = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
+                published = await writer.publish(digest)
         finally:
             if published is None:
                 await writer.discard()
