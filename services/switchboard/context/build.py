@@ -9,6 +9,7 @@ from __future__ import annotations
 from switchboard.context import servicer
 from switchboard.context.common import Limits
 from switchboard.context.domain import ContextDomain
+from switchboard.context.files.transcription import OpenAITranscriber
 from switchboard.context.plugins import load_entity_extractor, load_summarizer, load_token_counter
 from switchboard.context.settings import ContextSettings
 from switchboard.context.windowcache import WindowCache
@@ -16,6 +17,7 @@ from switchboard.platform.cache import Cache
 from switchboard.platform.config import KernelSettings
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.rpc.server import ServiceRegistration
+from switchboard.platform.security.egress import EgressPolicy, EgressSettings
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.pagination import PageTokens
 from switchboard.shared import Shared, setting
@@ -40,6 +42,24 @@ def context_limits(settings: ContextSettings) -> Limits:
         summary_tokens=settings.context_summary_tokens,
         purge_after_s=settings.context_purge_after_s,
         writes_per_minute=settings.context_max_writes_per_minute,
+    )
+
+
+def context_transcriber(
+    settings: ContextSettings, egress: EgressSettings
+) -> OpenAITranscriber | None:
+    """The audio transcriber the settings configure, or None (no URL: audio files get no
+    transcript). Its endpoint is reached through the egress policy like any other."""
+    if not settings.context_transcription_url:
+        return None
+    with setting("SWITCHBOARD_EGRESS_ALLOW_CIDRS"):
+        policy = EgressPolicy.from_settings(egress)
+    return OpenAITranscriber(
+        settings.context_transcription_url,
+        model=settings.context_transcription_model,
+        api_key=settings.context_transcription_api_key.get_secret_value(),
+        policy=policy,
+        max_bytes=settings.context_files_max_transcribe_bytes,
     )
 
 
