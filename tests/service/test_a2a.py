@@ -372,7 +372,7 @@ async def test_strangers_viewers_and_malformed_names(agent: Agent) -> None:
                     message=a2a.Message(
                         message_id="m-raw",
                         role=a2a.ROLE_AGENT,
-                        parts=[a2a.Part(raw=b"\x00")],
+                        parts=[a2a.Part(data=struct_pb2.Value(string_value="x"))],
                     ),
                 ),
                 ["message.role", "message.parts[0]"],
@@ -445,9 +445,14 @@ async def test_the_sdk_client_gets_a2a_typed_errors(agent: Agent) -> None:
         with pytest.raises(UnsupportedOperationError):
             async for _ in editor.send_message(again):
                 pass
-        raw = a2a.Message(message_id="m-raw", role=a2a.ROLE_USER, parts=[a2a.Part(raw=b"\x00")])
+        # Text and files are taken; a data part is not.
+        data = a2a.Message(
+            message_id="m-data",
+            role=a2a.ROLE_USER,
+            parts=[a2a.Part(data=struct_pb2.Value(string_value="x"))],
+        )
         with pytest.raises(ContentTypeNotSupportedError):
-            async for _ in editor.send_message(a2a.SendMessageRequest(message=raw)):
+            async for _ in editor.send_message(a2a.SendMessageRequest(message=data)):
                 pass
         old = ClientCallContext(service_parameters={"A2A-Version": "0.3"})
         with pytest.raises(VersionNotSupportedError):
