@@ -387,6 +387,23 @@ async def test_oversized_results_are_refused(sdk: McpConnector) -> None:
     assert fits.text == "x" * 1000
 
 
+async def test_audio_and_links_come_back_as_files_or_notes(sdk: McpConnector) -> None:
+    audio = await sdk.call_tool("media", {"kind": "audio"}, timeout_s=10, max_result_bytes=10_000)
+    (found,) = audio.files
+    assert (found.mime_type, found.display_name) == ("audio/wav", "audio-1.wav")
+    assert found.inline_data.startswith(b"RIFF")
+    assert audio.text == "[audio: audio-1.wav, audio/wav]"
+    # A link names something the server holds: nothing is read, nothing stored.
+    link = await sdk.call_tool("media", {"kind": "link"}, timeout_s=10, max_result_bytes=10_000)
+    assert link.files == ()
+    assert link.text == "[resource_link content]\nlinked"
+
+
+async def test_image_content_that_is_not_base64_is_a_malformed_answer(sdk: McpConnector) -> None:
+    with pytest.raises(Unreachable, match="image content that is not base64"):
+        await sdk.call_tool("media", {"kind": "bad-image"}, timeout_s=10, max_result_bytes=10_000)
+
+
 async def test_unknown_tool_is_not_found(sdk: McpConnector) -> None:
     with pytest.raises(ToolNotFound):
         await sdk.call_tool("nope", {}, timeout_s=10, max_result_bytes=1000)

@@ -1036,9 +1036,26 @@ def _file(data: str, mime_type: str, stem: str, kind: str) -> context_pb2.FileRe
     )
 
 
+#: Extensions of the types tools return most, where the platform's table has none or
+#: an unusual one (``mimetypes`` knows ``audio/x-wav``, not ``audio/wav``).
+_EXTENSIONS: Final = {
+    "audio/wav": ".wav",
+    "audio/mpeg": ".mp3",
+    "audio/ogg": ".ogg",
+    "audio/webm": ".webm",
+    "audio/flac": ".flac",
+    "image/jpeg": ".jpg",
+    "image/webp": ".webp",
+    "text/plain": ".txt",
+    "text/markdown": ".md",
+}
+
+
 def _file_name(stem: str, mime_type: str) -> str:
     """``stem``, with the media type's extension when it has none."""
-    name = stem if "." in stem else stem + (mimetypes.guess_extension(mime_type) or "")
+    kind = mime_type.split(";", 1)[0].strip().lower()
+    extension = _EXTENSIONS.get(kind) or mimetypes.guess_extension(kind) or ""
+    name = stem if "." in stem else stem + extension
     return name[:_MAX_NAME_CHARS]
 
 
