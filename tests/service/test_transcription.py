@@ -8,6 +8,7 @@ policy; nothing is mocked.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import logging
 import subprocess
@@ -17,16 +18,22 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from grpc import aio
 
+from switchboard.api.context.v1 import context_pb2 as cpb
+from switchboard.api.events.v1 import events_pb2
 from switchboard.context.files.transcriber import Transcriber
 from switchboard.context.files.transcription import (
     OpenAITranscriber,
     TranscriptionFailed,
     upload_name,
 )
+from switchboard.mesh import create_server
 from switchboard.platform.security.egress import EgressPolicy
+from tests.conftest import make_settings
 from tests.fakes.audio_server import FakeAudio
 from tests.infra.speech import COUNTING, says, speak
+from tests.service.contextkit import TIMEOUT_S, awaiting_event, context_stub, ctx_world
 
 ROOT = Path(__file__).resolve().parents[2]
 LOOPBACK = EgressPolicy(allow_loopback=True)
@@ -244,3 +251,117 @@ async def test_the_server_runs_on_its_own() -> None:
     finally:
         process.terminate()
         await process.wait()
+
+
+# -- end to end: an uploaded recording gets its transcript ------------------------------------
+
+
+def _upload_frames(parent: str, data: bytes) -> list[cpb.UploadFileRequest]:
+    frames = [
+        cpb.UploadFileRequest(
+            header=cpb.UploadFileHeader(
+                parent=parent,
+                file=cpb.File(
+                    display_name="memo.wav", media_type="audio/wav", size_bytes=len(data)
+                ),
+            )
+        )
+    ]
+    frames += [
+        cpb.UploadFileRequest(chunk=data[i : i + 65_536]) for i in range(0, len(data), 65_536)
+    ]
+    frames.append(cpb.UploadFileRequest(sha256=hashlib.sha256(data).hexdigest()))
+    return frames
+
+
+async def test_an_uploaded_recording_gets_its_transcript_and_an_updated_event(
+    database_url: str, counting: bytes
+) -> None:
+    """Through the real server: UploadFile, then the background transcription against
+    the local audio server, then GetFile's FULL view and the FILE_CHANGED UPDATED event."""
+    async with FakeAudio(api_key=KEY) as audio:
+        server, _ = await create_server(
+            make_settings(
+                database_url=database_url,
+                context_transcription_url=audio.url,
+                context_transcription_api_key=KEY,
+                egress_allow_loopback=True,
+            )
+        )
+        await server.start()
+        try:
+            async with aio.insecure_channel(server.address) as channel:
+                stub = context_stub(channel)
+                world = await ctx_world(server, stub)
+
+                def settled(event: events_pb2.Event) -> bool:
+                    return (
+                        event.type == events_pb2.EVENT_TYPE_FILE_CHANGED
+                        and event.file_changed.change == events_pb2.CHANGE_KIND_UPDATED
+                    )
+
+                async with awaiting_event(server, settled) as updated:
+
+                    async def frames() -> AsyncIterator[cpb.UploadFileRequest]:
+                        for frame in _upload_frames(world.name, counting):
+                            yield frame
+
+                    uploaded = await stub.UploadFile(
+                        frames(), metadata=world.editor.md, timeout=TIMEOUT_S
+                    )
+                    stored = uploaded.file
+                    assert stored.kind == cpb.FILE_KIND_AUDIO
+                    assert stored.text_state == cpb.FILE_TEXT_STATE_PENDING
+                    event = await asyncio.wait_for(updated, TIMEOUT_S)
+                assert event.file_changed.file.name == stored.name
+                assert event.file_changed.file.text_state == cpb.FILE_TEXT_STATE_READY
+                assert not event.file_changed.file.text  # the BASIC view
+                got = await stub.GetFile(
+                    cpb.GetFileRequest(name=stored.name, view=cpb.FILE_VIEW_FULL),
+                    metadata=world.viewer.md,
+                    timeout=TIMEOUT_S,
+                )
+                assert got.file.text_state == cpb.FILE_TEXT_STATE_READY
+                assert says(got.file.text), got.file.text
+                assert got.file.text_token_count > 0
+                (request,) = audio.requests
+                assert request.file_size == len(counting)
+                assert request.filename == "memo.wav"
+        finally:
+            await server.shutdown(grace=0)
+
+
+async def test_a_refused_endpoint_leaves_the_recording_failed_with_why(
+    database_url: str, counting: bytes
+) -> None:
+    """The default egress policy refuses loopback: the file is stored, its text FAILED."""
+    async with FakeAudio() as audio:
+        server, _ = await create_server(
+            make_settings(database_url=database_url, context_transcription_url=audio.url)
+        )
+        await server.start()
+        try:
+            async with aio.insecure_channel(server.address) as channel:
+                stub = context_stub(channel)
+                world = await ctx_world(server, stub)
+
+                def settled(event: events_pb2.Event) -> bool:
+                    return (
+                        event.type == events_pb2.EVENT_TYPE_FILE_CHANGED
+                        and event.file_changed.change == events_pb2.CHANGE_KIND_UPDATED
+                    )
+
+                async with awaiting_event(server, settled) as updated:
+
+                    async def frames() -> AsyncIterator[cpb.UploadFileRequest]:
+                        for frame in _upload_frames(world.name, counting):
+                            yield frame
+
+                    await stub.UploadFile(frames(), metadata=world.editor.md, timeout=TIMEOUT_S)
+                    event = await asyncio.wait_for(updated, TIMEOUT_S)
+            failed = event.file_changed.file
+            assert failed.text_state == cpb.FILE_TEXT_STATE_FAILED
+            assert "refused by the egress policy" in failed.text_error
+            assert audio.requests == []
+        finally:
+            await server.shutdown(grace=0)

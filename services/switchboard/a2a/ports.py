@@ -99,9 +99,7 @@ class LocalTexts:
         return await self._domain.messages.get(message)
 
     async def read_file(self, principal: Principal, file: str, limit: int) -> bytes:
-        # ContextDomain.files comes with the files domain (issue51-files).
-        found: bytes = await self._domain.files.read_all(file, limit=limit)  # type: ignore[attr-defined,unused-ignore]
-        return found
+        return await self._domain.files.read_all(file, limit=limit)
 
 
 class RemoteRuns:
