@@ -50,7 +50,7 @@ def test_data_parts_are_still_not_taken() -> None:
     with pytest.raises(InvalidArgument) as refused:
         mapping.parts_in(user(a2a.Part(text="x"), a2a.Part(data=struct_pb2.Value(number_value=1))))
     assert [v.field for v in refused.value.violations] == ["message.parts[1]"]
-    assert refused.value.foreign == errors.CONTENT_TYPE_NOT_SUPPORTED  # type: ignore[attr-defined]
+    assert refused.value.foreign == errors.CONTENT_TYPE_NOT_SUPPORTED
 
 
 def stored(name: str, size: int, kind: str = "image/png", display: str = "") -> cpb.ContentPart:

@@ -59,6 +59,8 @@ _RANK: Final[dict[int, int]] = {
 _FINAL_RANK: Final = 2
 #: A run update's stream events, each with its task state (None: an answer chunk).
 _Events = list[tuple[a2a.StreamResponse, int | None]]
+#: An answer's files as A2A parts (inside FrontDoor, ``list`` is a method).
+_Parts = list[a2a.Part]
 _PUSH_FIELD: Final = "configuration.task_push_notification_config"
 #: The media types a card says a message may carry (any other file is stored too).
 INPUT_MODES: Final = (
@@ -459,7 +461,7 @@ class FrontDoor:
             events.append((mapping.status_event(changed, status_at), state))
         return events
 
-    async def _answer(self, principal: Principal, run: pb.Run) -> tuple[str, list[a2a.Part]]:
+    async def _answer(self, principal: Principal, run: pb.Run) -> tuple[str, _Parts]:
         """The answer's text and its files as A2A parts (small ones with their bytes)."""
         if not run.output_message:
             return "", []
@@ -487,7 +489,7 @@ class FrontDoor:
         if history is None or history > 0:
             question = await self._texts.text(principal, run.input_message)
         text: str | None = None
-        files: list[a2a.Part] = []
+        files: _Parts = []
         if answer and artifacts and run.state == pb.RUN_STATE_SUCCEEDED:
             text, files = await self._answer(principal, run)
         return mapping.task(run, question, text, files)
