@@ -12,6 +12,7 @@ from switchboard.context.domain import ContextDomain
 from switchboard.context.files.files import FileLimits
 from switchboard.context.files.stores import open_blob_store
 from switchboard.context.files.transcriber import Transcriber
+from switchboard.context.files.transcription import OpenAITranscriber
 from switchboard.context.plugins import load_entity_extractor, load_summarizer, load_token_counter
 from switchboard.context.settings import ContextSettings
 from switchboard.context.windowcache import WindowCache
@@ -19,6 +20,7 @@ from switchboard.platform.cache import Cache
 from switchboard.platform.config import KernelSettings
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.rpc.server import ServiceRegistration
+from switchboard.platform.security.egress import EgressPolicy, EgressSettings
 from switchboard.platform.security.policy import Policy
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.pagination import PageTokens
@@ -60,6 +62,24 @@ def file_limits(settings: ContextSettings) -> FileLimits:
         transcribe_concurrency=settings.context_files_transcribe_concurrency,
         orphan_grace_s=settings.context_files_orphan_grace_s,
         purge_after_s=settings.context_purge_after_s,
+    )
+
+
+def context_transcriber(
+    settings: ContextSettings, egress: EgressSettings
+) -> OpenAITranscriber | None:
+    """The audio transcriber the settings configure, or None (no URL: audio files get no
+    transcript). Its endpoint is reached through the egress policy like any other."""
+    if not settings.context_transcription_url:
+        return None
+    with setting("SWITCHBOARD_EGRESS_ALLOW_CIDRS"):
+        policy = EgressPolicy.from_settings(egress)
+    return OpenAITranscriber(
+        settings.context_transcription_url,
+        model=settings.context_transcription_model,
+        api_key=settings.context_transcription_api_key.get_secret_value(),
+        policy=policy,
+        max_bytes=settings.context_files_max_transcribe_bytes,
     )
 
 
@@ -116,6 +136,12 @@ async def context_domain(shared: Shared) -> ContextDomain:
     """The process's one context domain, started the first time a service asks for it."""
 
     async def make() -> ContextDomain:
+        transcriber = context_transcriber(
+            shared.section(ContextSettings), shared.section(EgressSettings)
+        )
+        if transcriber is not None:
+            # Closed after the domain (the stack unwinds in reverse): transcriptions stop first.
+            shared.resources.push_async_callback(transcriber.close)
         domain = context_service(
             shared.section(ContextSettings),
             shared.settings,
@@ -124,6 +150,7 @@ async def context_domain(shared: Shared) -> ContextDomain:
             shared.cache,
             shared.page_tokens,
             policy=shared.policy,
+            transcriber=transcriber,
         )
         # Maintenance (pruning, purging) runs where the context service is served.
         await domain.start(maintain="context" in shared.settings.services)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, field_validator
 
 from switchboard.platform.config import MiB, Section
 
@@ -213,3 +215,34 @@ class ContextSettings(Section):
         description="how old a blob no file names (or staging no upload owns) must be before "
         "maintenance removes it",
     )
+    # Audio transcription (context/files/transcription.py): off unless a URL is set; the
+    # largest audio sent is context_files_max_transcribe_bytes.
+    context_transcription_url: str = Field(
+        default="",
+        max_length=512,
+        description="OpenAI-compatible API base for transcribing audio files, e.g. "
+        "`https://api.openai.com/v1` (requests go to `{url}/audio/transcriptions`, through "
+        "the egress policy); empty: audio files are stored without a transcript",
+    )
+    context_transcription_model: str = Field(
+        default="whisper-1",
+        min_length=1,
+        max_length=128,
+        description="model the transcription endpoint is asked for",
+    )
+    context_transcription_api_key: SecretStr = Field(
+        default=SecretStr(""),
+        description="the transcription endpoint's bearer key (a secret: never logged)",
+    )
+
+    @field_validator("context_transcription_url")
+    @classmethod
+    def _transcription_url(cls, value: str) -> str:
+        if not value:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("expected an http(s) URL, e.g. https://api.openai.com/v1")
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise ValueError("expected an http(s) URL without a query, fragment or user")
+        return value.rstrip("/")

@@ -173,8 +173,7 @@ class Execution:
             output, result = await self._drive(active)
             run.output_message = output.name
             run.usage.CopyFrom(result.usage)
-            final = pb.RunUpdate()
-            final.result.CopyFrom(result)
+            final = pb.RunUpdate(result=_as_shown(result, output))
             self._publishing.emit(active, final, with_end=True)
             active.to(pb.RUN_STATE_SUCCEEDED)
         except asyncio.CancelledError:
@@ -680,3 +679,21 @@ def _handed(job: job_pb2.RunJob) -> Handed | None:
         )
         or None
     )
+
+
+def _as_shown(result: handler_pb2.HandleResult, output: cpb.Message) -> handler_pb2.HandleResult:
+    """The result with its file parts as the stored message names them (the context
+    service stored their bytes as files), and never with bytes: watchers and the run's
+    feed get names, types and sizes (a handler may answer with megabytes of files)."""
+    shown = handler_pb2.HandleResult()
+    shown.CopyFrom(result)
+    stored = [p.file for p in output.parts if p.WhichOneof("part") == "file"]
+    given = [p.file for p in shown.parts if p.WhichOneof("part") == "file"]
+    if len(stored) == len(given):
+        for found, named in zip(given, stored, strict=True):
+            found.CopyFrom(named)
+    for found in given:
+        if found.inline_data:
+            found.size_bytes = found.size_bytes or len(found.inline_data)
+            found.ClearField("inline_data")
+    return shown
