@@ -765,10 +765,9 @@ def _invalid_messages(messages: list[Any]) -> Problem | None:
                 f"array of objects, but got {_json_type(content)} instead.",
                 f"{where}.content",
             )
-        if isinstance(content, list):
-            problem = _invalid_content(content, role, index)
-            if problem is not None:
-                return problem
+        problem = _invalid_content(content, role, index) if isinstance(content, list) else None
+        if problem is not None:
+            return problem
         if role == "tool":
             call_id = message.get("tool_call_id")
             if not isinstance(call_id, str):

@@ -516,16 +516,10 @@ def documents_conversations(draw: st.DrawFn) -> tuple[int, list[Candidate]]:
     budget, recent = draw(tool_conversations())
     with_floors = []
     for candidate in recent:
+        floor = None
         if draw(st.booleans()):
             floor = draw(st.integers(min_value=0, max_value=candidate.tokens))
-            candidate = Candidate(
-                candidate.key,
-                candidate.tokens,
-                calls=candidate.calls,
-                answers=candidate.answers,
-                floor=floor,
-            )
-        with_floors.append(candidate)
+        with_floors.append(replace(candidate, floor=floor))
     return budget, with_floors
 
 

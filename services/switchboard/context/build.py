@@ -34,6 +34,7 @@ def context_limits(settings: ContextSettings) -> Limits:
         max_memory_items=settings.context_max_memory_items,
         max_pinned=settings.context_max_pinned,
         max_window_tokens=settings.context_max_window_tokens,
+        image_tokens=settings.context_image_tokens,
         relevant_limit=settings.context_relevant_limit,
         auto_prune_messages=settings.context_auto_prune_messages,
         auto_prune_tokens=settings.context_auto_prune_tokens,

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from typing import Final
 
 from google.protobuf import struct_pb2
-
-from typing import Final
 
 from switchboard.api.context.v1 import context_pb2
 from switchboard.platform.structs import plain

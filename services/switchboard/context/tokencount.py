@@ -90,7 +90,5 @@ def message_tokens(
     what an image costs depends on the model and its size, so it is a fixed
     estimate (the setting ``SWITCHBOARD_CONTEXT_IMAGE_TOKENS``)."""
     parts = list(parts)
-    images = sum(
-        1 for part in parts if part.HasField("file") and is_vision_image(part.file)
-    )
+    images = sum(1 for part in parts if part.HasField("file") and is_vision_image(part.file))
     return counter.count(render_parts(parts)) + MESSAGE_OVERHEAD + images * image_tokens

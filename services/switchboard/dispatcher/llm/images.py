@@ -65,13 +65,15 @@ def image_parts(messages: Sequence[dict[str, Any]]) -> Iterator[ImagePart]:
 
 
 def _bound(parts: list[ImagePart], config: LlmConfig) -> list[ImagePart]:
-    """The parts within the limits; the others get their note."""
-    for part in parts[: max(0, len(parts) - config.max_images)]:
-        part.refuse(f"left out: more than {config.max_images} images in one call")
+    """The parts within the limits (the newest ``max_images`` of those small
+    enough); the others get their note."""
     for part in parts:
-        if part.sendable and part.size > config.max_image_bytes:
+        if part.size > config.max_image_bytes:
             part.refuse(f"larger than {config.max_image_bytes} bytes, not sent")
-    return [part for part in parts if part.sendable]
+    small = [part for part in parts if part.sendable]
+    for part in small[: max(0, len(small) - config.max_images)]:
+        part.refuse(f"left out: more than {config.max_images} images in one call")
+    return [part for part in small if part.sendable]
 
 
 def check_policy(
