@@ -27,7 +27,7 @@ text, a recording's transcript: ``files.texts``) and a fixed cost per image
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -42,6 +42,7 @@ from switchboard.platform.errors import (
     SwitchboardError,
     Violations,
 )
+from switchboard.platform.security.policy import Principal
 
 log = logging.getLogger("switchboard.context.files")
 
@@ -67,11 +68,9 @@ class FileStore(Protocol):
 
     async def resolve(self, workspace: str, name: str) -> pb.File: ...
 
-    async def texts(self, names: Sequence[str]) -> dict[str, tuple[str, int]]: ...
+    async def texts(self, names: Iterable[str]) -> dict[str, tuple[str, int]]: ...
 
-    async def discard(self, name: str) -> None:
-        """Delete a file this append stored, because the append failed."""
-        ...
+    def delete(self, principal: Principal, /, name: str) -> Awaitable[None]: ...
 
 
 def file_parts(
@@ -128,6 +127,17 @@ class Attached:
 
     stored: list[str] = field(default_factory=list)
     named: list[str] = field(default_factory=list)
+    #: Who appended (the files it stored are deleted in that name).
+    principal: Principal | None = None
+
+
+def _part_field(where: str, field: str) -> str:
+    """A field of the stored file (``file.media_type``) as the part's (``...mime_type``)."""
+    name = field.rsplit(".", 1)[-1]
+    return f"{where}.{_PART_FIELDS.get(name, name)}"
+
+
+_PART_FIELDS = {"media_type": "mime_type", "data": "inline_data"}
 
 
 class Attachments:
@@ -142,11 +152,15 @@ class Attachments:
         await self._fetcher.close()
 
     async def attach(
-        self, creator: str, workspace_id: str, parts: Sequence[pb.ContentPart]
+        self,
+        principal: Principal,
+        creator: str,
+        workspace_id: str,
+        parts: Sequence[pb.ContentPart],
     ) -> Attached:
         """Resolve every file reference of ``parts`` in place; on failure the files
         stored so far are deleted again and the error names the part."""
-        attached = Attached()
+        attached = Attached(principal=principal)
         try:
             for where, reference in file_parts(parts):
                 new = not reference.file
@@ -166,9 +180,12 @@ class Attachments:
 
     async def discard(self, attached: Attached) -> None:
         """Delete the files an append stored; best effort (an orphan is collected later)."""
+        principal = attached.principal
+        if principal is None:
+            return
         for name in attached.stored:
             try:
-                await self.files.discard(name)
+                await self.files.delete(principal, name)
             except SwitchboardError as exc:
                 log.warning(
                     "a file stored for a failed append was left behind",
@@ -206,10 +223,15 @@ class Attachments:
                 source_uri=reference.uri,
             )
         except InvalidArgument as exc:
-            # The store names its own fields (media_type...); the client named a part.
+            # The store names its own fields (file.media_type...); the client named a part.
             raise type(exc)(
                 f"{where}: {exc.message}",
-                [FieldViolation(f"{where}.{v.field}", v.description) for v in exc.violations],
+                [
+                    FieldViolation(_part_field(where, v.field), v.description)
+                    for v in exc.violations
+                ],
                 metadata=exc.metadata,
             ) from None
+        except RequestTooLarge as exc:
+            raise RequestTooLarge(f"{where}: {exc.message}", metadata=exc.metadata) from None
         return stored

@@ -19,6 +19,7 @@ from switchboard.platform.cache import Cache
 from switchboard.platform.config import KernelSettings
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.rpc.server import ServiceRegistration
+from switchboard.platform.security.egress import EgressPolicy, EgressSettings
 from switchboard.platform.security.policy import Policy
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.pagination import PageTokens
@@ -73,6 +74,7 @@ def context_service(
     *,
     policy: Policy | None = None,
     transcriber: Transcriber | None = None,
+    egress: EgressPolicy | None = None,
 ) -> ContextDomain:
     """The context domain with its configured plugins; raises ConfigError for unknown ones.
     Its window cache is in the kernel's Redis."""
@@ -109,6 +111,8 @@ def context_service(
         file_limits=file_limits(settings),
         policy=policy,
         transcriber=transcriber,
+        egress=egress,
+        fetch_timeout_s=settings.context_files_fetch_timeout_s,
     )
 
 
@@ -124,6 +128,7 @@ async def context_domain(shared: Shared) -> ContextDomain:
             shared.cache,
             shared.page_tokens,
             policy=shared.policy,
+            egress=EgressPolicy.from_settings(shared.section(EgressSettings)),
         )
         # Maintenance (pruning, purging) runs where the context service is served.
         await domain.start(maintain="context" in shared.settings.services)

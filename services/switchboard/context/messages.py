@@ -202,7 +202,9 @@ class Messages(Domain):
         if any(True for _ in file_parts(stored_message.parts)):
             if self._attachments is None:
                 raise FailedPrecondition("this server stores no files: file parts are refused")
-            attached = await self._attachments.attach(author, workspace_id, stored_message.parts)
+            attached = await self._attachments.attach(
+                principal, author, workspace_id, stored_message.parts
+            )
         try:
             return await self._append(principal, request, stored_message, attached)
         except BaseException:
