@@ -20,7 +20,14 @@ from grpc import aio
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.context.domain import ContextDomain
+from switchboard.context.files.files import FileLimits, Files
+from switchboard.context.files.filestore import FileStore
+from switchboard.dispatcher.ports.context import RemoteContext
+from switchboard.platform.errors import NotFound, RequestTooLarge
 from switchboard.platform.rpc.server import SwitchboardServer
+from switchboard.platform.security.policy import AuthMethod, Principal, Scope
+from tests.conftest import built
 from tests.fakes.openai_server import FakeOpenAI, Reply, images_of
 from tests.infra.httprecorder import Recorder, recording
 from tests.infra.httprecorder import Reply as HttpReply
@@ -41,6 +48,7 @@ from tests.service.contextkit import (
 from tests.service.dispatchkit import Stub as DStub
 from tests.service.dispatchkit import limited, reason_of, send, watch_all
 from tests.service.filekit import pdf, png
+from tests.service.test_files import Scripted, settle, wav
 
 pytestmark = pytest.mark.asyncio
 
@@ -413,3 +421,81 @@ async def test_the_window_cuts_a_big_document_with_a_note_within_budget(
     assert note.endswith(f"of {document.text_token_count:,} tokens shown]")
     # The older message did not fit after it (its stored count was not even needed).
     assert shown.omitted_messages + len(shown.excluded) == 1
+
+
+async def test_a_transcript_ready_later_shows_in_the_window_which_waited_for_it(
+    database_url: str,
+) -> None:
+    """A window naming a recording whose transcript is pending is served but not
+    cached; once the transcript is ready the next window shows it."""
+    async with mesh(database_url) as (server, stub, _dstub, world, conversation):
+        domain = built(server, ContextDomain)
+        speech = Scripted("the meeting moved to Thursday", hold=True)
+        # The same database and blobs as the mesh's, with a transcriber.
+        files = Files(
+            domain.files.common,
+            FileStore(server.shared.database),
+            domain.files.blobs,
+            limits=FileLimits(),
+            transcriber=speech,
+        )
+        try:
+            memo = await files.store_bytes(
+                world.editor.name,
+                world.workspace.name,
+                display_name="memo.wav",
+                media_type="audio/wav",
+                data=wav(),
+            )
+            assert memo.text_state == cpb.FILE_TEXT_STATE_PENDING
+            message = await append(stub, world.editor, conversation, named(memo.name))
+            cache = domain.windows.cache
+            before = await window(stub, world.viewer, conversation, 2000)
+            hits = cache.hits
+            again = await window(stub, world.viewer, conversation, 2000)
+            assert cache.hits == hits  # not cached while the transcript may come
+            assert before == again
+            assert before.included[0].message.parts[0].file.text == ""
+            await settle(server, memo.name, speech)
+            after = await window(stub, world.viewer, conversation, 2000)
+        finally:
+            await files.close()
+    [item] = after.included
+    assert item.message.name == message.name
+    assert item.message.parts[0].file.text == "the meeting moved to Thursday"
+    assert item.token_count > before.included[0].token_count
+
+
+async def test_the_dispatcher_reads_a_file_from_a_context_service_elsewhere(
+    database_url: str,
+) -> None:
+    """The remote shape of the context port: DownloadFile as the run's user."""
+    image = png(4, 4)
+    async with mesh(database_url) as (server, stub, _dstub, world, _conversation):
+        stored = await upload(stub, world.editor, world.workspace.name, image, "image/png", "a.png")
+        remote = RemoteContext(server.address, _OwnersToken(world.owner.token))
+        owner = Principal(
+            user_id=world.owner.id,
+            auth_method=AuthMethod.PASSWORD,
+            scopes=frozenset({Scope.READ, Scope.WRITE}),
+        )
+        try:
+            read = await remote.download(owner, stored.name, limit=len(image), timeout_s=10)
+            with pytest.raises(RequestTooLarge):
+                await remote.download(owner, stored.name, limit=len(image) - 1, timeout_s=10)
+            await rpc(stub.DeleteFile, cpb.DeleteFileRequest(name=stored.name), world.editor)
+            with pytest.raises(NotFound):
+                await remote.download(owner, stored.name, limit=len(image), timeout_s=10)
+        finally:
+            await remote.close()
+    assert read == image
+
+
+class _OwnersToken:
+    """Issues the signed-in owner's own access token (its session is real)."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def issue(self, **_claims: object) -> tuple[str, int]:
+        return self._token, 0
