@@ -317,13 +317,10 @@ async def test_a_file_part_is_stored_with_the_message(agent: Agent) -> None:
     text, file = stored.message.parts
     assert text.text == "what is this?"
     assert (file.file.mime_type, file.file.display_name) == ("image/png", "dot.png")
-    # Stored as the workspace's file on append, or, where the context service keeps
-    # parts as given, the bytes themselves.
-    if file.file.file:
-        assert file.file.file.startswith(f"{agent.world.name}/files/")
-        assert file.file.size_bytes == len(image)
-    else:
-        assert file.file.inline_data == image
+    # Stored as the workspace's file on append: the message names it, without the bytes.
+    assert file.file.file.startswith(f"{agent.world.name}/files/")
+    assert file.file.size_bytes == len(image)
+    assert not file.file.inline_data
 
 
 async def test_a_slow_task_is_cancelled(agent: Agent) -> None:

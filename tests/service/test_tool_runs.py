@@ -362,14 +362,11 @@ async def test_an_image_a_tool_returns_reaches_the_model_watchers_and_the_tool_m
         (stored,) = output.parts[0].tool_result.files
         assert stored.mime_type == "image/png"
         assert stored.display_name == "image-1.png"
-        # Stored as the workspace's file on append (the context service), or, where
-        # it does not store files, the bytes themselves: never lost, never others'.
-        if stored.file:
-            assert stored.file.startswith(f"{tools.world.name}/files/")
-            assert stored.size_bytes == file.size_bytes
-        else:
-            assert stored.inline_data.startswith(b"\x89PNG")
-            assert len(stored.inline_data) == file.size_bytes
+        # Stored as the workspace's file on append (the context service): the
+        # message names it and keeps no bytes.
+        assert stored.file.startswith(f"{tools.world.name}/files/")
+        assert stored.size_bytes == file.size_bytes
+        assert not stored.inline_data
 
 
 async def test_a_failing_tool_goes_back_to_the_model_as_a_result_not_a_failed_run(
