@@ -159,6 +159,7 @@ class S3BlobStore:
         secret_access_key: str,
         timeout_s: float,
         workers: int = DEFAULT_WORKERS,
+        read_window: int = READ_WINDOW,
     ) -> None:
         config = Config(
             region_name=region,
@@ -185,6 +186,7 @@ class S3BlobStore:
         )
         self._client: S3Client = session.client("s3", endpoint_url=endpoint, config=config)
         self._bucket = bucket
+        self._read_window = read_window
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3-blobs")
         self._bucket_ready = False
         self._bucket_lock = asyncio.Lock()
@@ -465,7 +467,8 @@ class S3BlobStore:
         position = offset
         end: int | None = offset + limit if limit else None
         while end is None or position < end:
-            last = position + READ_WINDOW if end is None else min(position + READ_WINDOW, end)
+            window_end = position + self._read_window
+            last = window_end if end is None else min(window_end, end)
             window = await self._get_range(key, position, last - 1)
             if window is None:
                 return  # the offset is at or past the end
