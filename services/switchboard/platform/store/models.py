@@ -577,7 +577,8 @@ class UploadRow(Base):
     """A resumable upload in progress: what was declared, and how many bytes
     are durable in the blob store's staging (``committed_size``). An expired
     upload's row stays a while after its staging is discarded, so a late
-    client hears UPLOAD_EXPIRED rather than NOT_FOUND."""
+    client hears UPLOAD_EXPIRED rather than NOT_FOUND; a finished one names
+    its file until it expires."""
 
     __tablename__ = "uploads"
     __table_args__ = (
@@ -595,6 +596,8 @@ class UploadRow(Base):
     creator: Mapped[str] = mapped_column(String(128), default="")
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    # The file it became; kept until expiry so a retried FinishUpload gets it again.
+    file_id: Mapped[str | None] = mapped_column(String(ID_LENGTH), nullable=True)
 
 
 class IntegrationRow(Base):
