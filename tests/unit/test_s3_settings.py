@@ -4,6 +4,7 @@ required outside dev mode."""
 from __future__ import annotations
 
 import pytest
+from pydantic import SecretStr
 
 from switchboard.context.files.s3blobs import S3BlobStore
 from switchboard.context.files.stores import open_blob_store
@@ -58,8 +59,8 @@ async def test_the_factory_opens_the_s3_store() -> None:
     settings = ContextSettings(
         context_blob_store="s3",
         context_s3_endpoint=ENDPOINT,
-        context_s3_access_key_id="key-id",
-        context_s3_secret_access_key=secret,
+        context_s3_access_key_id=SecretStr("key-id"),
+        context_s3_secret_access_key=SecretStr(secret),
     )
     assert secret not in repr(settings)
     for dev_mode in (False, True):
