@@ -8,7 +8,9 @@ import pytest
 
 from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.context.files.extract import extract
+from switchboard.context.files.files import MAX_CHUNK
 from switchboard.context.files.sniff import check, kind_of, normalize
+from switchboard.platform.config import KernelSettings
 from switchboard.platform.errors import InvalidArgument, MediaTypeMismatch
 from tests.service.filekit import elf, pdf, png
 
@@ -102,3 +104,13 @@ def test_text_is_decoded_and_cut() -> None:
     )
     bad = extract(io.BytesIO(b"ok\xff"), "text/plain", max_chars=100, max_pages=1)
     assert bad.error == "the content is not UTF-8 text"
+
+
+def test_the_server_takes_a_full_chunk_with_its_framing() -> None:
+    frame = pb.UploadFileRequest(chunk=b"x" * MAX_CHUNK)
+    append = pb.AppendUploadRequest(
+        name="workspaces/" + "w" * 63 + "/uploads/" + "u" * 63, offset=2**62, data=b"x" * MAX_CHUNK
+    )
+    limit = KernelSettings(dev_mode=True).max_receive_message_bytes
+    assert frame.ByteSize() < limit
+    assert append.ByteSize() < limit
