@@ -341,6 +341,38 @@ async def test_s3_collect_aborts_abandoned_multipart_uploads(
         await store.close()
 
 
+async def test_s3_streamed_blob_over_one_copy_is_copied_in_parts(
+    seaweedfs: SeaweedServer, s3_bucket: str
+) -> None:
+    # One CopyObject copies at most 5 GiB; past that the copy goes in ranged parts. The
+    # same path, with a limit of 5 MiB (the smallest part S3 takes).
+    store = S3BlobStore(
+        endpoint=seaweedfs.endpoint,
+        bucket=s3_bucket,
+        region="us-east-1",
+        access_key_id=seaweedfs.access_key,
+        secret_access_key=seaweedfs.secret_key,
+        timeout_s=10.0,
+        max_copy_size=5 * MiB,
+    )
+    try:
+        data = os.urandom(PART_SIZE + 5 * MiB + 3)
+        published = await publish(store, data)
+        assert await read_all(store, published.sha256) == data
+        assert await leftovers(store) == 1  # the blob alone
+    finally:
+        await store.close()
+
+
+async def test_a_closed_s3_store_is_unavailable(seaweedfs: SeaweedServer, s3_bucket: str) -> None:
+    store = s3_store(seaweedfs, s3_bucket)
+    digest = (await publish(store, b"closed")).sha256
+    await store.close()
+    await store.close()
+    with pytest.raises(BlobUnavailable):
+        await store.exists(digest)
+
+
 async def test_s3_store_outage_is_unavailable_in_bounded_time(
     private_seaweedfs: SeaweedServer,
 ) -> None:

@@ -160,6 +160,7 @@ class S3BlobStore:
         timeout_s: float,
         workers: int = DEFAULT_WORKERS,
         read_window: int = READ_WINDOW,
+        max_copy_size: int = MAX_COPY_SIZE,
     ) -> None:
         config = Config(
             region_name=region,
@@ -187,6 +188,7 @@ class S3BlobStore:
         self._client: S3Client = session.client("s3", endpoint_url=endpoint, config=config)
         self._bucket = bucket
         self._read_window = read_window
+        self._max_copy_size = max_copy_size
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="s3-blobs")
         self._bucket_ready = False
         self._bucket_lock = asyncio.Lock()
@@ -222,12 +224,14 @@ class S3BlobStore:
             raise BlobUnavailable("the blob store is closed")
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, partial(function, *args, **kwargs))
+            pending = loop.run_in_executor(self._executor, partial(function, *args, **kwargs))
+        except RuntimeError as exc:
+            # The executor refuses work once shut down (close() raced this call).
+            raise BlobUnavailable("the blob store is closed") from exc
+        try:
+            return await pending
         except (BotoCoreError, ClientError, Urllib3Error, OSError) as exc:
             raise _translate(exc) from exc
-        except RuntimeError as exc:
-            # The executor refuses work once shut down (close() raced a call).
-            raise BlobUnavailable("the blob store is closed") from exc
 
     async def _call(self, function: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
         """Like ``_run`` once the bucket is known to exist; a missing key is BlobNotFound."""
@@ -779,7 +783,8 @@ class S3BlobWriter:
         whole (a copy is atomic), and no byte passes through this process."""
         store = self._store
         source = {"Bucket": store._bucket, "Key": self._key}
-        if self._size <= MAX_COPY_SIZE:
+        piece = store._max_copy_size
+        if self._size <= piece:
             await store._call(
                 store._client.copy_object, Bucket=store._bucket, Key=target, CopySource=source
             )
@@ -790,8 +795,8 @@ class S3BlobWriter:
         upload_id = created["UploadId"]
         parts: list[CompletedPartTypeDef] = []
         try:
-            for number, first in enumerate(range(0, self._size, MAX_COPY_SIZE), start=1):
-                last = min(first + MAX_COPY_SIZE, self._size) - 1
+            for number, first in enumerate(range(0, self._size, piece), start=1):
+                last = min(first + piece, self._size) - 1
                 answer = await store._call(
                     store._client.upload_part_copy,
                     Bucket=store._bucket,
