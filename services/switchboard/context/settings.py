@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import re
+from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
-from switchboard.platform.config import MiB, Section
+from switchboard.platform.config import MiB, Section, shown
+
+# S3's rule for a bucket name that works everywhere (path-style and virtual hosts).
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
 class ContextSettings(Section):
@@ -261,3 +266,68 @@ class ContextSettings(Section):
         if parts.query or parts.fragment or parts.username or parts.password:
             raise ValueError("expected an http(s) URL without a query, fragment or user")
         return value.rstrip("/")
+
+    context_blob_store: Literal["directory", "s3"] = Field(
+        default="directory",
+        description="where file contents live: `directory` (beside the SQLite database, one "
+        "machine) or `s3` (an S3-compatible object store every replica shares: "
+        "[docs/files.md](docs/files.md))",
+    )
+    context_s3_endpoint: str = Field(
+        default="",
+        description="the object store's `http(s)://host:port` URL (required with `s3`)",
+    )
+    context_s3_bucket: str = Field(
+        default="switchboard-files",
+        description="the bucket of file contents; created at start if missing",
+    )
+    context_s3_region: str = Field(
+        default="us-east-1",
+        description="the bucket's region (S3-compatible servers mostly ignore it)",
+    )
+    context_s3_access_key_id: SecretStr = Field(
+        default=SecretStr(""),
+        description="the object store's access key id (with the secret; required with `s3` "
+        "outside dev mode, where empty uses the AWS SDK's own credential chain)",
+        json_schema_extra=shown("none"),
+    )
+    context_s3_secret_access_key: SecretStr = Field(
+        default=SecretStr(""),
+        description="the object store's secret access key (a secret: never logged)",
+        json_schema_extra=shown("none"),
+    )
+    context_s3_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="connect and read timeout of one object store request (each is tried "
+        "up to 3 times; beyond that UNAVAILABLE)",
+    )
+
+    @model_validator(mode="after")
+    def _check_s3(self) -> ContextSettings:
+        # Secrets are never quoted: a message names the variable, not its value.
+        if self.context_blob_store != "s3":
+            return self
+        problems = []
+        parts = urlsplit(self.context_s3_endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            problems.append(
+                "SWITCHBOARD_CONTEXT_S3_ENDPOINT must be an http(s)://host[:port] URL with "
+                "SWITCHBOARD_CONTEXT_BLOB_STORE=s3"
+            )
+        if not _BUCKET.fullmatch(self.context_s3_bucket) or ".." in self.context_s3_bucket:
+            problems.append(
+                "SWITCHBOARD_CONTEXT_S3_BUCKET must be 3 to 63 lowercase letters, digits, "
+                "dots and hyphens, starting and ending with a letter or digit"
+            )
+        key_id = self.context_s3_access_key_id.get_secret_value()
+        secret = self.context_s3_secret_access_key.get_secret_value()
+        if bool(key_id) != bool(secret):
+            problems.append(
+                "SWITCHBOARD_CONTEXT_S3_ACCESS_KEY_ID and SWITCHBOARD_CONTEXT_S3_SECRET_ACCESS_KEY "
+                "must be set together"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self

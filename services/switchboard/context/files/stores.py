@@ -1,4 +1,5 @@
-"""Which blob store a process opens: the directory beside the database by default."""
+"""Which blob store a process opens: the directory beside the database by default, or
+the S3-compatible object store that every replica of a scaled-out deployment shares."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 from switchboard.context.files.blobs import BlobStore
 from switchboard.context.files.dirblobs import DirectoryBlobStore
+from switchboard.context.files.s3blobs import S3BlobStore
 from switchboard.context.settings import ContextSettings
 from switchboard.platform.config import SQLITE_DRIVER, ConfigError
 from switchboard.platform.store.db import is_sqlite_memory, parse_database_url
@@ -39,6 +41,8 @@ def temporary_store() -> DirectoryBlobStore:
 
 
 def open_blob_store(settings: ContextSettings, *, database_url: str, dev_mode: bool) -> BlobStore:
-    """The configured blob store."""
+    """The configured blob store (``context_blob_store``)."""
+    if settings.context_blob_store == "s3":
+        return S3BlobStore.from_settings(settings, dev_mode=dev_mode)
     directory = files_directory(settings, database_url=database_url, dev_mode=dev_mode)
     return temporary_store() if directory is None else DirectoryBlobStore(directory)
