@@ -66,20 +66,42 @@ if [[ ! -x "$BIN/grpc-health-probe" || ! -e "$(stamp health-probe $HEALTH_PROBE_
   touch "$(stamp health-probe $HEALTH_PROBE_VERSION)"
 fi
 
-if [[ ! -x "$BIN/weed" || ! -e "$(stamp weed $SEAWEEDFS_VERSION)" ]]; then
+build_weed() {
   echo "tools: building SeaweedFS $SEAWEEDFS_VERSION (the slowest step: a few minutes)"
   info=$(go mod download -json "github.com/seaweedfs/seaweedfs@$SEAWEEDFS_VERSION")
   sum=$(printf '%s' "$info" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Sum"])')
   dir=$(printf '%s' "$info" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
   if [[ "$sum" != "$SEAWEEDFS_SUM" ]]; then
     echo "tools: SeaweedFS hash mismatch: got $sum, want $SEAWEEDFS_SUM" >&2
-    exit 1
+    return 1
   fi
   # -trimpath and no debug tables: a smaller binary, and the build does not depend on
   # where the module cache is.
   (cd "$dir" && go build -trimpath -ldflags "-s -w" -o "$BIN/weed.tmp" ./weed)
   mv "$BIN/weed.tmp" "$BIN/weed"
   touch "$(stamp weed $SEAWEEDFS_VERSION)"
+}
+
+# `--weed-in-background` (make test): the build runs beside everything else (the lint and
+# the type check use one core of two, the build the other), and tests/infra/seaweedfs.py
+# waits for it; its pid and log are in .tools/. Any later run of this script while it
+# builds leaves it alone.
+WEED_PID="$ROOT/.tools/weed-build.pid"
+WEED_LOG="$ROOT/.tools/weed-build.log"
+weed_building() { [[ -s "$WEED_PID" ]] && kill -0 "$(cat "$WEED_PID")" 2>/dev/null; }
+
+if [[ "${1:-}" == "--weed-only" ]]; then
+  build_weed
+  exit
+fi
+if [[ ! -x "$BIN/weed" || ! -e "$(stamp weed $SEAWEEDFS_VERSION)" ]] && ! weed_building; then
+  if [[ "${1:-}" == "--weed-in-background" ]]; then
+    echo "tools: building SeaweedFS in the background (log: .tools/weed-build.log)"
+    nohup bash "$ROOT/scripts/install-tools.sh" --weed-only >"$WEED_LOG" 2>&1 &
+    echo $! >"$WEED_PID"
+  else
+    build_weed
+  fi
 fi
 
 for plugin in "protoc-gen-go google.golang.org/protobuf/cmd/protoc-gen-go $PROTOC_GEN_GO_VERSION" \

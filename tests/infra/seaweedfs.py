@@ -363,8 +363,46 @@ class SeaweedServer:
             raise SeaweedUnavailable("the readiness probe read back other bytes")
 
 
+#: ``make test`` builds ``weed`` in the background (scripts/install-tools.sh
+#: --weed-in-background) while the lint and the type check run; its pid is here.
+_BUILD_PID: Final = ROOT / ".tools" / "weed-build.pid"
+_BUILD_LOG: Final = ROOT / ".tools" / "weed-build.log"
+#: How long a test waits for that build (a cold one took 7.5 minutes on two busy cores).
+_BUILD_WAIT_S: Final = 1800.0
+
+
+def _building() -> bool:
+    try:
+        pid = int(_BUILD_PID.read_text().strip() or "0")
+    except (OSError, ValueError):
+        return False
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Wait while the background build runs, before any test (a test's own timeout
+    would count the wait): polling its pid, as it is not our child. The lint and the
+    type check ran meanwhile, so little of the build is left by now."""
+    deadline = time.monotonic() + _BUILD_WAIT_S
+    while _building() and time.monotonic() < deadline:
+        time.sleep(1.0)  # another process's end; there is nothing to wait on instead
+
+
 def _require_weed() -> str:
+    if _building():
+        pytest.fail("the background build of SeaweedFS is still running", pytrace=False)
     executable = find_weed()
+    if executable is None and _BUILD_LOG.exists():
+        tail = "\n".join(_BUILD_LOG.read_text(errors="replace").splitlines()[-20:])
+        pytest.fail(f"the background build of SeaweedFS failed:\n{tail}", pytrace=False)
     if executable is None:
         pytest.fail(
             "SeaweedFS's `weed` is required for the S3 blob store's tests but is not in "
