@@ -6,7 +6,7 @@
 //	go run ./examples/files -addr 127.0.0.1:50051 -plaintext \
 //	    -email you@example.com -register -file report.pdf -out copy.pdf
 //
-// It writes one JSON object per line on stdout ("uploaded", "downloaded") and
+// It writes one JSON object per line on stdout, its "kind" "uploaded", then "downloaded", and
 // exits 0 when done, 1 on an error (an "error" line says which step failed and
 // why), 2 on bad usage. The password comes from -password or SB_PASSWORD.
 // Without -workspace it creates one.
@@ -75,9 +75,9 @@ func main() {
 	if err != nil {
 		fail("upload", err)
 	}
-	emit(map[string]any{"step": "uploaded", "name": stored.GetName(), "display_name": stored.GetDisplayName(),
+	emit(map[string]any{"kind": "uploaded", "name": stored.GetName(), "display_name": stored.GetDisplayName(),
 		"media_type": stored.GetMediaType(), "size_bytes": stored.GetSizeBytes(), "sha256": stored.GetSha256(),
-		"kind": stored.GetKind().String()})
+		"file_kind": stored.GetKind().String()})
 	f, err := os.Create(*out)
 	if err != nil {
 		fail("create output", err)
@@ -89,7 +89,7 @@ func main() {
 	if err != nil {
 		fail("download", err)
 	}
-	emit(map[string]any{"step": "downloaded", "name": got.GetName(), "size_bytes": got.GetSizeBytes(),
+	emit(map[string]any{"kind": "downloaded", "name": got.GetName(), "size_bytes": got.GetSizeBytes(),
 		"sha256": got.GetSha256(), "path": *out})
 }
 
@@ -99,7 +99,7 @@ func emit(line map[string]any) {
 }
 
 func fail(step string, err error) {
-	line := map[string]any{"step": step, "error": err.Error(), "code": status.Code(err).String()}
+	line := map[string]any{"kind": "error", "step": step, "error": err.Error(), "code": status.Code(err).String()}
 	if reason := switchboard.Reason(err); reason != 0 {
 		line["reason"] = reason.String()
 	}
