@@ -178,7 +178,7 @@ export async function downloadFile(api: Api, name: string, signal?: AbortSignal)
 }
 
 /** Saves a blob as the browser's download of `filename`. */
-function save(url: string, filename: string): void {
+export function save(url: string, filename: string): void {
   const link = h("a", { href: url, download: filename, hidden: true });
   document.body.append(link);
   link.click();
