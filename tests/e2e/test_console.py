@@ -2441,8 +2441,20 @@ def test_files_attached_in_the_page_show_inline_or_as_cards_and_download_byte_fo
             browser.click(f"{selector} {tid('file-download')}")
             guid = browser.call("downloaded", filename=name)
             assert (downloads / guid).read_bytes() == files[name]
+        # The workspace's files, listed beside its assistants; an owner deletes one.
+        browser.wait("() => document.querySelectorAll('[data-testid=\"file-entry\"]').length === 3")
+        blob = next(c["file"] for c in cards if c["name"] == "blob.bin")
+        browser.click(f"{tid('file-entry', file=blob)} {tid('delete-file')}")
+        browser.click(f"{tid('file-entry', file=blob)} {tid('confirm-delete')}")
+        browser.wait("() => document.querySelectorAll('[data-testid=\"file-entry\"]').length === 2")
         assert problems(browser) == []
         network = grpc_web_calls(browser.network(), stack.origin)
+    with pytest.raises(grpc.RpcError) as gone:
+        server.context.GetFile(
+            context_pb2.GetFileRequest(name=blob), metadata=user.md, timeout=CALL_S
+        )
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+    del files["blob.bin"]
     calls = [method(n) for n in network]
     # Resumable steps (grpc-web cannot stream a request): 1 + 1 + 3 chunks of 1 MiB at most.
     assert calls.count("StartUpload") == 3
@@ -2454,7 +2466,7 @@ def test_files_attached_in_the_page_show_inline_or_as_cards_and_download_byte_fo
     # The server holds the message with its three file parts, and the files.
     [message] = [m for m in server.messages(user, conversation) if m.parts[0].text == "three files"]
     named = {p.file.display_name: p.file for p in message.parts if p.HasField("file")}
-    assert set(named) == set(files)
+    assert set(named) == {*files, "blob.bin"}
     for name, data in files.items():
         stored = server.context.GetFile(
             context_pb2.GetFileRequest(name=named[name].file),
