@@ -109,6 +109,21 @@ const ops = {
     await input.uploadFile(...c.paths);
     await input.dispose();
   },
+  // From now on, the nth request whose URL ends with `suffix` fails as a reset connection
+  // would (the browser never sends it); every other request goes on unchanged.
+  failRequest: async (c) => {
+    const p = page(c);
+    let seen = 0;
+    await p.setRequestInterception(true);
+    p.on("request", (request) => {
+      if (request.isInterceptResolutionHandled()) return;
+      if (request.url().endsWith(c.suffix) && ++seen === c.nth) {
+        void request.abort("connectionreset");
+        return;
+      }
+      void request.continue();
+    });
+  },
   // Waits until a download named `filename` completes; its guid (the file's name on disk).
   downloaded: (c) =>
     new Promise((resolve, reject) => {

@@ -2371,9 +2371,10 @@ def test_files_attached_in_the_page_show_inline_or_as_cards_and_download_byte_fo
     stack: Stack, chromium: Chromium, server: Server, tmp_path: Path
 ) -> None:
     """A PNG, a PDF and a binary of 2.5 MiB attached from the page (the file chooser),
-    uploaded as resumable steps in 1 MiB chunks through Envoy's grpc-web, sent with a
-    message: the PNG shows inline from the bytes DownloadFile streamed, the PDF as a card
-    whose text is what the server extracted, and downloads are the bytes uploaded."""
+    uploaded as resumable steps in 1 MiB chunks through Envoy's grpc-web (one chunk failing
+    on the way, resumed from GetUpload's committed size), sent with a message: the PNG
+    shows inline from the bytes DownloadFile streamed, the PDF as a card whose text is what
+    the server extracted, and downloads are the bytes uploaded."""
     user = server.register("files")
     workspace, conversation = server.workspace(user, f"files-{os.getpid()}")
     phrase = "Quarterly otters report"
@@ -2391,15 +2392,21 @@ def test_files_attached_in_the_page_show_inline_or_as_cards_and_download_byte_fo
     with chromium.open(stack.origin + "/", downloads=downloads) as browser:
         sign_in(browser, user.email)
         open_conversation(browser, workspace, conversation)
+        # The second chunk sent fails on the way: its upload asks GetUpload where the server
+        # is and goes on from there.
+        browser.call("failRequest", suffix="/AppendUpload", nth=2)
         browser.call(
             "upload", selector=tid("attach-input"), paths=[str(uploads / n) for n in files]
         )
         # Each uploaded with its progress to the last byte.
+        resumes = 0
         for name, data in files.items():
             browser.wait_for(tid("attachment", filename=name, state="stored"))
             shown = browser.data(tid("attachment", filename=name))
             assert shown["sent"] == str(len(data))
             assert shown["file"].startswith(f"{workspace}/files/")
+            resumes += int(shown["resumes"])
+        assert resumes == 1
         browser.fill(tid("message-input"), "three files")
         browser.click(tid("send"))
         # The message, once stored, names the files; the composer is empty again.
@@ -2456,10 +2463,12 @@ def test_files_attached_in_the_page_show_inline_or_as_cards_and_download_byte_fo
     assert gone.value.code() == grpc.StatusCode.NOT_FOUND
     del files["blob.bin"]
     calls = [method(n) for n in network]
-    # Resumable steps (grpc-web cannot stream a request): 1 + 1 + 3 chunks of 1 MiB at most.
+    # Resumable steps (grpc-web cannot stream a request): 1 + 1 + 3 chunks of 1 MiB at most
+    # answered (the one that failed on the way never had an answer).
     assert calls.count("StartUpload") == 3
     assert calls.count("AppendUpload") == 5
     assert calls.count("FinishUpload") == 3
+    assert calls.count("GetUpload") == 1
     assert {n["status"] for n in network if method(n) == "AppendUpload"} == {200}
     assert all(n.get("grpcStatus", 0) == 0 for n in network if "Upload" in method(n))
     assert {n["protocol"] for n in network} == {"h2"}
