@@ -9,6 +9,9 @@ from __future__ import annotations
 from switchboard.context import servicer
 from switchboard.context.common import Limits
 from switchboard.context.domain import ContextDomain
+from switchboard.context.files.files import FileLimits
+from switchboard.context.files.stores import open_blob_store
+from switchboard.context.files.transcriber import Transcriber
 from switchboard.context.plugins import load_entity_extractor, load_summarizer, load_token_counter
 from switchboard.context.settings import ContextSettings
 from switchboard.context.windowcache import WindowCache
@@ -16,6 +19,7 @@ from switchboard.platform.cache import Cache
 from switchboard.platform.config import KernelSettings
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.rpc.server import ServiceRegistration
+from switchboard.platform.security.policy import Policy
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.pagination import PageTokens
 from switchboard.shared import Shared, setting
@@ -43,6 +47,21 @@ def context_limits(settings: ContextSettings) -> Limits:
     )
 
 
+def file_limits(settings: ContextSettings) -> FileLimits:
+    return FileLimits(
+        max_bytes=settings.context_files_max_bytes,
+        quota_bytes=settings.context_files_quota_bytes,
+        max_uploads=settings.context_files_max_uploads,
+        upload_expiry_s=settings.context_files_upload_expiry_s,
+        max_inline_bytes=settings.context_files_max_inline_bytes,
+        max_text_chars=settings.context_files_max_text_chars,
+        max_pdf_pages=settings.context_files_max_pdf_pages,
+        max_transcribe_bytes=settings.context_files_max_transcribe_bytes,
+        orphan_grace_s=settings.context_files_orphan_grace_s,
+        purge_after_s=settings.context_purge_after_s,
+    )
+
+
 def context_service(
     settings: ContextSettings,
     kernel: KernelSettings,
@@ -50,6 +69,9 @@ def context_service(
     bus: EventBus,
     counters: Cache,
     page_tokens: PageTokens,
+    *,
+    policy: Policy | None = None,
+    transcriber: Transcriber | None = None,
 ) -> ContextDomain:
     """The context domain with its configured plugins; raises ConfigError for unknown ones.
     Its window cache is in the kernel's Redis."""
@@ -66,6 +88,12 @@ def context_service(
         max_entries=settings.context_window_cache_entries,
         max_bytes=settings.context_window_cache_bytes,
     )
+    with setting("SWITCHBOARD_CONTEXT_FILES_DIR"):
+        blobs = open_blob_store(
+            settings,
+            database_url=kernel.database_url.get_secret_value(),
+            dev_mode=kernel.dev_mode,
+        )
     return ContextDomain(
         database,
         bus,
@@ -76,6 +104,10 @@ def context_service(
         extractor=extractor,
         limits=context_limits(settings),
         page_tokens=page_tokens,
+        blobs=blobs,
+        file_limits=file_limits(settings),
+        policy=policy,
+        transcriber=transcriber,
     )
 
 
@@ -90,6 +122,7 @@ async def context_domain(shared: Shared) -> ContextDomain:
             shared.bus,
             shared.cache,
             shared.page_tokens,
+            policy=shared.policy,
         )
         # Maintenance (pruning, purging) runs where the context service is served.
         await domain.start(maintain="context" in shared.settings.services)

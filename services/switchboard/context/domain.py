@@ -7,10 +7,18 @@ closing the background work.
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 from switchboard.context.common import Common, Limits
 from switchboard.context.conversations import Conversations
 from switchboard.context.conversationstore import ConversationStore
 from switchboard.context.entities import EntityExtractor
+from switchboard.context.files.blobs import BlobStore
+from switchboard.context.files.dirblobs import DirectoryBlobStore
+from switchboard.context.files.files import FileLimits, Files
+from switchboard.context.files.filestore import FileStore
+from switchboard.context.files.transcriber import Transcriber
 from switchboard.context.memory import Memory
 from switchboard.context.memorystore import MemoryStore
 from switchboard.context.messages import Messages
@@ -26,6 +34,7 @@ from switchboard.context.workspaces import Members, Workspaces
 from switchboard.context.workspacestore import WorkspaceStore
 from switchboard.platform.cache import Cache
 from switchboard.platform.events.bus import EventBus
+from switchboard.platform.security.policy import Policy
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.pagination import PageTokens
 
@@ -43,7 +52,12 @@ class ContextDomain:
         extractor: EntityExtractor,
         limits: Limits,
         page_tokens: PageTokens,
+        blobs: BlobStore | None = None,
+        file_limits: FileLimits | None = None,
+        policy: Policy | None = None,
+        transcriber: Transcriber | None = None,
     ) -> None:
+        """``blobs`` None: files in a fresh temporary directory (tests, benchmarks)."""
         common = Common(bus, counters, limits=limits, page_tokens=page_tokens, counter=counter)
         self.limits = limits
         workspace_store = WorkspaceStore(database)
@@ -59,11 +73,23 @@ class ContextDomain:
         )
         self.memory = Memory(common, MemoryStore(database))
         self.windows = Windows(common, WindowStore(database), cache)
+        if blobs is None:
+            blobs = DirectoryBlobStore(Path(tempfile.mkdtemp(prefix="switchboard-files-")))
+        self.files = Files(
+            common,
+            FileStore(database),
+            blobs,
+            limits=file_limits or FileLimits(purge_after_s=limits.purge_after_s),
+            policy=policy,
+            transcriber=transcriber,
+        )
 
     async def start(self, *, maintain: bool = True) -> None:
         """Start background work; ``maintain`` only in processes serving ContextService."""
         self.pruning.start(maintain=maintain)
+        await self.files.start(maintain=maintain)
 
     async def close(self) -> None:
         await self.pruning.close()
+        await self.files.close()
         await self.windows.cache.close()

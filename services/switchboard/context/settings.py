@@ -141,3 +141,68 @@ class ContextSettings(Section):
         description="how long soft-deleted workspaces and conversations can be restored "
         "before they are purged",
     )
+    context_files_max_bytes: int = Field(
+        default=1024 * MiB,
+        ge=1,
+        le=1024 * 1024 * MiB,
+        description="size of one stored file; a larger upload gets `RESOURCE_EXHAUSTED` "
+        "(`REQUEST_TOO_LARGE`)",
+    )
+    context_files_quota_bytes: int = Field(
+        default=10 * 1024 * MiB,
+        ge=0,
+        description="bytes a workspace's files may take, counting uploads in progress at "
+        "their declared size; beyond it `RESOURCE_EXHAUSTED` (`QUOTA_EXCEEDED`)",
+    )
+    context_files_max_uploads: int = Field(
+        default=100,
+        ge=1,
+        le=100_000,
+        description="resumable uploads in progress per workspace",
+    )
+    context_files_upload_expiry_s: int = Field(
+        default=86_400,
+        ge=60,
+        le=30 * 86_400,
+        description="how long a resumable upload may stay unfinished before it is discarded "
+        "(`FAILED_PRECONDITION`, `UPLOAD_EXPIRED`)",
+    )
+    context_files_max_inline_bytes: int = Field(
+        default=4 * MiB,
+        ge=1024,
+        le=64 * MiB,
+        description="size of a file stored from bytes in a request (an inline message part, a "
+        "tool's result) or fetched from a URL",
+    )
+    context_files_max_text_chars: int = Field(
+        default=1_000_000,
+        ge=1000,
+        le=100_000_000,
+        description="characters of text kept from one document or transcript (the rest is cut)",
+    )
+    context_files_max_pdf_pages: int = Field(
+        default=500,
+        ge=1,
+        le=100_000,
+        description="pages of a PDF whose text is extracted",
+    )
+    context_files_max_transcribe_bytes: int = Field(
+        default=25 * MiB,
+        ge=1024,
+        le=1024 * MiB,
+        description="size of an audio file sent for transcription (larger ones get no "
+        "transcript: text state FAILED)",
+    )
+    context_files_dir: str = Field(
+        default="",
+        description="directory of the directory blob store; empty: `files` beside the SQLite "
+        "database file (with PostgreSQL or an in-memory SQLite, empty is only allowed in dev "
+        "mode, which uses a temporary directory)",
+    )
+    context_files_orphan_grace_s: int = Field(
+        default=3600,
+        ge=60,
+        le=30 * 86_400,
+        description="how old a blob no file names (or staging no upload owns) must be before "
+        "maintenance removes it",
+    )
