@@ -91,7 +91,7 @@ async def test_upload_needs_a_name_for_bytes_and_a_seekable_file(
     with pytest.raises(ValueError, match="display_name"):
         await client.upload_file(ws, b"anonymous")
     read, write = os.pipe()
-    with os.fdopen(write, "wb") as w, os.fdopen(read, "rb") as r:
+    with os.fdopen(write, "wb", buffering=0) as w, os.fdopen(read, "rb") as r:
         w.write(b"x")
         with pytest.raises(ValueError, match="seekable"):
             await client.upload_file(ws, r, display_name="pipe.bin")
