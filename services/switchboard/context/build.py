@@ -19,6 +19,7 @@ from switchboard.platform.cache import Cache
 from switchboard.platform.config import KernelSettings
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.rpc.server import ServiceRegistration
+from switchboard.platform.security.egress import EgressPolicy, EgressSettings
 from switchboard.platform.security.policy import Policy
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.pagination import PageTokens
@@ -38,6 +39,7 @@ def context_limits(settings: ContextSettings) -> Limits:
         max_memory_items=settings.context_max_memory_items,
         max_pinned=settings.context_max_pinned,
         max_window_tokens=settings.context_max_window_tokens,
+        image_tokens=settings.context_image_tokens,
         relevant_limit=settings.context_relevant_limit,
         auto_prune_messages=settings.context_auto_prune_messages,
         auto_prune_tokens=settings.context_auto_prune_tokens,
@@ -72,6 +74,7 @@ def context_service(
     *,
     policy: Policy | None = None,
     transcriber: Transcriber | None = None,
+    egress: EgressPolicy | None = None,
 ) -> ContextDomain:
     """The context domain with its configured plugins; raises ConfigError for unknown ones.
     Its window cache is in the kernel's Redis."""
@@ -108,6 +111,8 @@ def context_service(
         file_limits=file_limits(settings),
         policy=policy,
         transcriber=transcriber,
+        egress=egress,
+        fetch_timeout_s=settings.context_files_fetch_timeout_s,
     )
 
 
@@ -123,6 +128,7 @@ async def context_domain(shared: Shared) -> ContextDomain:
             shared.cache,
             shared.page_tokens,
             policy=shared.policy,
+            egress=EgressPolicy.from_settings(shared.section(EgressSettings)),
         )
         # Maintenance (pruning, purging) runs where the context service is served.
         await domain.start(maintain="context" in shared.settings.services)

@@ -10,12 +10,14 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from switchboard.context.attachments import Attachments
 from switchboard.context.common import Common, Limits
 from switchboard.context.conversations import Conversations
 from switchboard.context.conversationstore import ConversationStore
 from switchboard.context.entities import EntityExtractor
 from switchboard.context.files.blobs import BlobStore
 from switchboard.context.files.dirblobs import DirectoryBlobStore
+from switchboard.context.files.fetch import UrlFetcher
 from switchboard.context.files.files import FileLimits, Files
 from switchboard.context.files.filestore import FileStore
 from switchboard.context.files.transcriber import Transcriber
@@ -34,6 +36,7 @@ from switchboard.context.workspaces import Members, Workspaces
 from switchboard.context.workspacestore import WorkspaceStore
 from switchboard.platform.cache import Cache
 from switchboard.platform.events.bus import EventBus
+from switchboard.platform.security.egress import EgressPolicy
 from switchboard.platform.security.policy import Policy
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.pagination import PageTokens
@@ -56,6 +59,8 @@ class ContextDomain:
         file_limits: FileLimits | None = None,
         policy: Policy | None = None,
         transcriber: Transcriber | None = None,
+        egress: EgressPolicy | None = None,
+        fetch_timeout_s: float = 30.0,
     ) -> None:
         """``blobs`` None: files in a fresh temporary directory (tests, benchmarks)."""
         common = Common(bus, counters, limits=limits, page_tokens=page_tokens, counter=counter)
@@ -68,11 +73,6 @@ class ContextDomain:
         self.pruning = Pruning(
             common, PruneStore(database), conversation_store, summarizer=summarizer
         )
-        self.messages = Messages(
-            common, MessageStore(database), extractor=extractor, appended=self.pruning.appended
-        )
-        self.memory = Memory(common, MemoryStore(database))
-        self.windows = Windows(common, WindowStore(database), cache)
         if blobs is None:
             blobs = DirectoryBlobStore(Path(tempfile.mkdtemp(prefix="switchboard-files-")))
         self.files = Files(
@@ -83,6 +83,22 @@ class ContextDomain:
             policy=policy,
             transcriber=transcriber,
         )
+        # A message's file parts become files of its workspace; URL parts are
+        # fetched under the egress policy (the strictest when none is given).
+        self._attachments = Attachments(
+            self.files,
+            UrlFetcher(egress or EgressPolicy(), timeout_s=fetch_timeout_s),
+            max_inline_bytes=self.files.file_limits.max_inline_bytes,
+        )
+        self.messages = Messages(
+            common,
+            MessageStore(database),
+            extractor=extractor,
+            appended=self.pruning.appended,
+            attachments=self._attachments,
+        )
+        self.memory = Memory(common, MemoryStore(database))
+        self.windows = Windows(common, WindowStore(database), cache, files=self.files)
 
     async def start(self, *, maintain: bool = True) -> None:
         """Start background work; ``maintain`` only in processes serving ContextService."""
@@ -92,4 +108,5 @@ class ContextDomain:
     async def close(self) -> None:
         await self.pruning.close()
         await self.files.close()
+        await self._attachments.close()
         await self.windows.cache.close()

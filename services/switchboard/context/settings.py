@@ -127,6 +127,21 @@ class ContextSettings(Section):
         le=86_400,
         description="lifetime of a cached context window in Redis",
     )
+    context_image_tokens: int = Field(
+        default=765,
+        ge=0,
+        le=100_000,
+        description="tokens an image (JPEG, PNG, GIF, WEBP) in a message counts for in a context "
+        "window: a fixed estimate, by default OpenAI's for a 1024x1024 image in high detail "
+        "(85 + 4 tiles x 170)",
+    )
+    context_files_fetch_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=600,
+        description="time to fetch a message's URL part (redirects included) before the "
+        "append fails `UNAVAILABLE`",
+    )
     context_max_writes_per_minute: int = Field(
         default=6000,
         ge=1,
