@@ -30,6 +30,7 @@ from switchboard.context.files.filestore import FileStore
 from switchboard.mesh import create_server
 from switchboard.platform.errors import NotFound, RequestTooLarge
 from switchboard.platform.rpc.server import SwitchboardServer
+from switchboard.platform.security.accesstokens import SigningKey, private_key_pem
 from switchboard.platform.store.models import UploadRow
 from switchboard.settings import Settings
 from tests.conftest import built, make_settings
@@ -73,10 +74,8 @@ stub, world, events = stub_fixture, world_fixture, events_fixture
 
 
 @asynccontextmanager
-async def limited_mesh(
-    database_url: str, **overrides: object
-) -> AsyncIterator[tuple[SwitchboardServer, Stub]]:
-    server, _port = await create_server(make_settings(database_url=database_url, **overrides))
+async def limited_mesh(**overrides: object) -> AsyncIterator[tuple[SwitchboardServer, Stub]]:
+    server, _port = await create_server(make_settings(**overrides))
     await server.start()
     try:
         async with aio.insecure_channel(server.address) as channel:
@@ -457,7 +456,7 @@ async def test_a_lying_media_type_or_checksum_stores_nothing(stub: Stub, world: 
 
 async def test_size_quota_and_uploads_in_flight_are_limited(database_url: str) -> None:
     async with limited_mesh(
-        database_url,
+        database_url=database_url,
         context_files_max_bytes=64 * 1024,
         context_files_quota_bytes=100 * 1024,
         context_files_max_uploads=2,
@@ -756,3 +755,61 @@ async def test_audio_is_transcribed_in_the_background(
         assert (await files.texts([stored.name]))[stored.name][0] == "picked up after a restart"
     finally:
         await files.close()
+
+
+async def test_an_upload_started_on_a_replica_that_dies_finishes_on_another(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Two replicas share the database and the files directory: the committed size is
+    the database's, the staged bytes the directory's, so the second continues the first's
+    upload, and no half-written blob is ever served."""
+    key_file = tmp_path / "k1.pem"
+    key_file.write_bytes(private_key_pem(SigningKey.generate("k1")))
+    common = {
+        "database_url": database_url,
+        "context_files_dir": str(tmp_path / "shared-files"),
+        # Both replicas accept the same tokens.
+        "signing_keys": (str(key_file),),
+    }
+    data = content(2 * MiB + 77)
+    first, _ = await create_server(make_settings(**common))
+    await first.start()
+    try:
+        async with aio.insecure_channel(first.address) as channel:
+            stub_a = context_stub(channel)
+            world = await ctx_world(first, stub_a)
+            started = await rpc(
+                stub_a.StartUpload,
+                pb.StartUploadRequest(
+                    parent=world.workspace.name,
+                    file=pb.File(
+                        display_name="r.bin",
+                        media_type="application/octet-stream",
+                        size_bytes=len(data),
+                    ),
+                ),
+                world.editor,
+            )
+            name = started.upload.name
+            await rpc(
+                stub_a.AppendUpload,
+                pb.AppendUploadRequest(name=name, offset=0, data=data[:MiB]),
+                world.editor,
+            )
+    finally:
+        await first.shutdown(grace=0)
+    async with limited_mesh(**common) as (_second, stub_b):
+        where = await rpc(stub_b.GetUpload, pb.GetUploadRequest(name=name), world.editor)
+        assert where.upload.committed_size == MiB
+        for offset in range(MiB, len(data), MiB):
+            await rpc(
+                stub_b.AppendUpload,
+                pb.AppendUploadRequest(name=name, offset=offset, data=data[offset : offset + MiB]),
+                world.editor,
+            )
+        await nothing_stored(stub_b, world.editor, world.workspace.name)
+        finished = await rpc(
+            stub_b.FinishUpload, pb.FinishUploadRequest(name=name, sha256=sha(data)), world.editor
+        )
+        _, body, _ = await download(stub_b, world.viewer, finished.file.name)
+        assert body == data

@@ -59,6 +59,7 @@ def file_limits(settings: ContextSettings) -> FileLimits:
         max_text_chars=settings.context_files_max_text_chars,
         max_pdf_pages=settings.context_files_max_pdf_pages,
         max_transcribe_bytes=settings.context_files_max_transcribe_bytes,
+        transcribe_concurrency=settings.context_files_transcribe_concurrency,
         orphan_grace_s=settings.context_files_orphan_grace_s,
         purge_after_s=settings.context_purge_after_s,
     )

@@ -208,6 +208,13 @@ class ContextSettings(Section):
         description="size of an audio file sent for transcription (larger ones get no "
         "transcript: text state FAILED)",
     )
+    context_files_transcribe_concurrency: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="audio files this process transcribes at once (each is held in memory "
+        "while it is sent)",
+    )
     context_files_dir: str = Field(
         default="",
         description="directory of the directory blob store; empty: `files` beside the SQLite "

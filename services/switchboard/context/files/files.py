@@ -94,8 +94,11 @@ MAX_DISPLAY_NAME_CHARS: Final = 255
 MAX_SOURCE_URI_CHARS: Final = 2048
 #: How often maintenance runs where the context service is served.
 MAINTAIN_EVERY_S: Final = 60.0
-#: Pending transcriptions picked up at start, at most.
+#: Pending transcriptions picked up at once, at most.
 _PICKUP: Final = 1000
+#: A file pending this long is taken for one whose transcription was lost (a replica
+#: died mid-way) and is transcribed again here.
+STALE_PENDING: Final = dt.timedelta(minutes=10)
 _SHA256: Final = re.compile(r"[0-9a-f]{64}")
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 _SYSTEM: Final = events_pb2.Actor(name="system")
@@ -113,6 +116,7 @@ class FileLimits:
     max_text_chars: int = 1_000_000
     max_pdf_pages: int = 500
     max_transcribe_bytes: int = 25 * MiB
+    transcribe_concurrency: int = 2
     orphan_grace_s: int = 3600
     purge_after_s: int = 30 * 86_400
 
@@ -186,6 +190,9 @@ class Files(Domain):
         self._policy = policy
         self._transcriber = transcriber
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Files being transcribed here, and how many may be at once (each holds its bytes).
+        self._transcribing: set[str] = set()
+        self._transcribers = asyncio.Semaphore(limits.transcribe_concurrency)
         self._maintenance: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -588,9 +595,10 @@ class Files(Domain):
             _, pending = await asyncio.wait(pending, timeout=0.1)
         await self.blobs.close()
 
-    async def maintain_once(self) -> int:
+    async def maintain_once(self, *, collect: bool = True) -> int:
         """Discard expired uploads' staging, forget old upload and deleted file rows, and
-        collect orphaned blobs; returns how many blobs and stagings were removed."""
+        (with ``collect``) collect orphaned blobs; returns how many blobs and stagings
+        were removed."""
         stamp = now()
         expiry = dt.timedelta(seconds=self.file_limits.upload_expiry_s)
         with _blob_errors():
@@ -600,37 +608,49 @@ class Files(Domain):
             await self._store.purge_files(
                 stamp - dt.timedelta(seconds=self.file_limits.purge_after_s)
             )
+            if not collect:
+                return 0
             return await self.blobs.collect(
                 _Referenced(self._store), grace_s=self.file_limits.orphan_grace_s
             )
 
     async def _maintain(self) -> None:
-        try:
-            await self._pick_up()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.warning("pending transcriptions were not picked up", exc_info=True)
+        # Listing every blob is the costly part: a few times per grace period is enough.
+        collect_every = max(MAINTAIN_EVERY_S, self.file_limits.orphan_grace_s / 4)
+        collected_at = -collect_every
+        loop = asyncio.get_running_loop()
+        stale_before: dt.datetime | None = None  # at start: every pending file
         while not self._closed:
             try:
-                await self.maintain_once()
+                await self._pick_up(stale_before)
+                due = loop.time() - collected_at >= collect_every
+                await self.maintain_once(collect=due)
+                if due:
+                    collected_at = loop.time()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.warning("files maintenance failed; retrying later", exc_info=True)
+            stale_before = now() - STALE_PENDING
             await asyncio.sleep(MAINTAIN_EVERY_S)
 
-    async def _pick_up(self) -> None:
-        for row in await self._store.pending_files(_PICKUP):
-            if self._transcriber is None:
+    async def _pick_up(self, before: dt.datetime | None) -> None:
+        """Transcribe files left pending (by a crash, or a replica that went away)."""
+        if self._transcriber is None:
+            for row in await self._store.pending_files(_PICKUP, now() - STALE_PENDING):
                 await self._set_text(row, Extracted(error="no transcription endpoint is set"))
-            else:
-                self._spawn(row, self._transcriber)
+            return
+        for row in await self._store.pending_files(_PICKUP, before):
+            self._spawn(row, self._transcriber)
 
     def _spawn(self, row: FileRecord, transcriber: Transcriber) -> None:
+        if row.id in self._transcribing:
+            return
+        self._transcribing.add(row.id)
         task = asyncio.create_task(self._transcribe(row, transcriber), name=f"transcribe-{row.id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _: self._transcribing.discard(row.id))
 
     async def _transcribe(self, row: FileRecord, transcriber: Transcriber) -> None:
         limit = self.file_limits.max_transcribe_bytes
@@ -640,10 +660,11 @@ class Files(Domain):
             )
             return
         try:
-            data = b"".join([c async for c in self._blob_read(row.sha256, 0, 0)])
-            text = await transcriber.transcribe(
-                data, media_type=row.media_type, filename=row.display_name
-            )
+            async with self._transcribers:
+                data = b"".join([c async for c in self._blob_read(row.sha256, 0, 0)])
+                text = await transcriber.transcribe(
+                    data, media_type=row.media_type, filename=row.display_name
+                )
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -345,13 +345,13 @@ class FileStore(StoreBase):
 
         return await self._run(staging(staged, tx), write=True)
 
-    async def pending_files(self, limit: int) -> list[FileRecord]:
-        """Live files whose text is still pending (a transcription a crash interrupted)."""
-        query = (
-            select(FileRow)
-            .where(FileRow.text_state == "pending", FileRow.deleted_at.is_(None))
-            .limit(limit)
-        )
+    async def pending_files(self, limit: int, before: dt.datetime | None) -> list[FileRecord]:
+        """Live files whose text is still pending (a transcription a crash interrupted),
+        stored before ``before`` (None: all)."""
+        query = select(FileRow).where(FileRow.text_state == "pending", FileRow.deleted_at.is_(None))
+        if before is not None:
+            query = query.where(FileRow.updated_at < before)
+        query = query.order_by(FileRow.updated_at).limit(limit)
         return await self._run(
             lambda db: [file_record(row) for row in db.execute(query).scalars()], write=False
         )
