@@ -7,19 +7,16 @@ closing the background work.
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 from switchboard.context.attachments import Attachments
 from switchboard.context.common import Common, Limits
 from switchboard.context.conversations import Conversations
 from switchboard.context.conversationstore import ConversationStore
 from switchboard.context.entities import EntityExtractor
 from switchboard.context.files.blobs import BlobStore
-from switchboard.context.files.dirblobs import DirectoryBlobStore
 from switchboard.context.files.fetch import UrlFetcher
 from switchboard.context.files.files import FileLimits, Files
 from switchboard.context.files.filestore import FileStore
+from switchboard.context.files.stores import temporary_store
 from switchboard.context.files.transcriber import Transcriber
 from switchboard.context.memory import Memory
 from switchboard.context.memorystore import MemoryStore
@@ -74,7 +71,7 @@ class ContextDomain:
             common, PruneStore(database), conversation_store, summarizer=summarizer
         )
         if blobs is None:
-            blobs = DirectoryBlobStore(Path(tempfile.mkdtemp(prefix="switchboard-files-")))
+            blobs = temporary_store()
         self.files = Files(
             common,
             FileStore(database),

@@ -219,7 +219,7 @@ class ContextSettings(Section):
         default="",
         description="directory of the directory blob store; empty: `files` beside the SQLite "
         "database file (with PostgreSQL or an in-memory SQLite, empty is only allowed in dev "
-        "mode, which uses a temporary directory)",
+        "mode, which uses a temporary directory removed when the process ends)",
     )
     context_files_orphan_grace_s: int = Field(
         default=3600,

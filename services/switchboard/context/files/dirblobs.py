@@ -28,6 +28,7 @@ import hashlib
 import os
 import re
 import secrets
+import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -71,8 +72,10 @@ class DirectoryBlobStore:
 
     kind = "directory"
 
-    def __init__(self, root: Path, *, threads: int = 4) -> None:
+    def __init__(self, root: Path, *, threads: int = 4, ephemeral: bool = False) -> None:
+        """``ephemeral``: ``root`` is this process's own temporary directory, removed on close."""
         self.root = root
+        self._ephemeral = ephemeral
         self._blobs = root / "blobs"
         self._staging = root / "staging"
         self._blobs.mkdir(parents=True, exist_ok=True)
@@ -236,6 +239,8 @@ class DirectoryBlobStore:
 
     async def close(self) -> None:
         self._pool.shutdown(wait=True)
+        if self._ephemeral:
+            await asyncio.to_thread(shutil.rmtree, self.root, True)
 
 
 def _old_files(root: Path, cutoff: float, *, nested: bool) -> list[Path]:

@@ -15,9 +15,9 @@ from switchboard.platform.store.db import is_sqlite_memory, parse_database_url
 log = logging.getLogger("switchboard.context.files")
 
 
-def files_directory(settings: ContextSettings, *, database_url: str, dev_mode: bool) -> Path:
+def files_directory(settings: ContextSettings, *, database_url: str, dev_mode: bool) -> Path | None:
     """The directory store's root: ``context_files_dir``, else ``files`` beside the
-    SQLite database file, else (dev mode only) a fresh temporary directory."""
+    SQLite database file, else (dev mode only) None: a temporary directory."""
     if settings.context_files_dir:
         return Path(settings.context_files_dir)
     parsed = parse_database_url(database_url)
@@ -28,13 +28,17 @@ def files_directory(settings: ContextSettings, *, database_url: str, dev_mode: b
             "SWITCHBOARD_CONTEXT_FILES_DIR must name the files directory when the database is "
             "not a SQLite file"
         )
+    return None
+
+
+def temporary_store() -> DirectoryBlobStore:
+    """A directory store of this process only, removed when it closes (dev mode, tests)."""
     directory = Path(tempfile.mkdtemp(prefix="switchboard-files-"))
-    log.warning("files are stored in a temporary directory, %s (dev mode)", directory)
-    return directory
+    log.warning("files are kept in a temporary directory, %s, until the process ends", directory)
+    return DirectoryBlobStore(directory, ephemeral=True)
 
 
 def open_blob_store(settings: ContextSettings, *, database_url: str, dev_mode: bool) -> BlobStore:
     """The configured blob store."""
-    return DirectoryBlobStore(
-        files_directory(settings, database_url=database_url, dev_mode=dev_mode)
-    )
+    directory = files_directory(settings, database_url=database_url, dev_mode=dev_mode)
+    return temporary_store() if directory is None else DirectoryBlobStore(directory)
