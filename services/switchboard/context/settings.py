@@ -225,8 +225,9 @@ class ContextSettings(Section):
     context_files_dir: str = Field(
         default="",
         description="directory of the directory blob store; empty: `files` beside the SQLite "
-        "database file (with PostgreSQL or an in-memory SQLite, empty is only allowed in dev "
-        "mode, which uses a temporary directory removed when the process ends)",
+        "database file (with PostgreSQL or an in-memory SQLite: `files` in the working "
+        "directory, said at start, or in dev mode a temporary directory removed when the "
+        "process ends)",
     )
     context_files_orphan_grace_s: int = Field(
         default=3600,

@@ -11,7 +11,7 @@ from switchboard.context.files.blobs import BlobStore
 from switchboard.context.files.dirblobs import DirectoryBlobStore
 from switchboard.context.files.s3blobs import S3BlobStore
 from switchboard.context.settings import ContextSettings
-from switchboard.platform.config import SQLITE_DRIVER, ConfigError
+from switchboard.platform.config import SQLITE_DRIVER
 from switchboard.platform.store.db import is_sqlite_memory, parse_database_url
 
 log = logging.getLogger("switchboard.context.files")
@@ -19,18 +19,24 @@ log = logging.getLogger("switchboard.context.files")
 
 def files_directory(settings: ContextSettings, *, database_url: str, dev_mode: bool) -> Path | None:
     """The directory store's root: ``context_files_dir``, else ``files`` beside the
-    SQLite database file, else (dev mode only) None: a temporary directory."""
+    SQLite database file; with another database, None in dev mode (a temporary
+    directory) and otherwise ``files`` in the working directory, said once at start:
+    a deployment that upgrades keeps starting, and its operator learns that replicas
+    on several machines need a shared directory or the S3 store."""
     if settings.context_files_dir:
         return Path(settings.context_files_dir)
     parsed = parse_database_url(database_url)
     if parsed.drivername == SQLITE_DRIVER and not is_sqlite_memory(parsed):
         return Path(parsed.database or "").resolve().parent / "files"
-    if not dev_mode:
-        raise ConfigError(
-            "SWITCHBOARD_CONTEXT_FILES_DIR must name the files directory when the database is "
-            "not a SQLite file"
-        )
-    return None
+    if dev_mode:
+        return None
+    directory = Path("files").resolve()
+    log.warning(
+        "files are kept in %s on this machine: replicas on several machines need "
+        "SWITCHBOARD_CONTEXT_FILES_DIR on a shared volume or SWITCHBOARD_CONTEXT_BLOB_STORE=s3",
+        directory,
+    )
+    return directory
 
 
 def temporary_store() -> DirectoryBlobStore:
