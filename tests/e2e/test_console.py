@@ -2298,7 +2298,13 @@ def test_a_run_paused_at_a_budgets_cap_says_why_in_its_card_and_an_owner_allows_
             assert list(action.budgets) == [budget]
             assert action.output_tokens == 200
             assert browser.data(box)["budgets"] == budget
-            said = browser.eval("(s) => document.querySelector(s).textContent", box)
+            # The card is shown at once, naming the budget by its resource name, and again
+            # once its title has been read (GetBudget): wait for the second.
+            said = browser.wait(
+                "(s) => { const t = document.querySelector(s)?.textContent ?? '';"
+                " return t.includes('the budget Per run') ? t : null; }",
+                box,
+            )
             assert "does not fit in the budget Per run (it asks" in said, said
             assert f"{action.input_tokens} input and 200 output tokens" in said, said
             badge = browser.eval(
