@@ -269,10 +269,21 @@ class DirectoryBlobWriter:
         self._digest = hashlib.sha256()
         self._size = 0
         self._done = False
+        # The chunk being hashed and written while the next one is received: one in
+        # flight overlaps the thread's work (no interpreter lock held) with the event
+        # loop's, which raised a streamed upload's rate by about a third.
+        self._pending: asyncio.Future[None] | None = None
 
     @property
     def size(self) -> int:
+        """Bytes accepted so far (the last chunk may still be being written)."""
         return self._size
+
+    async def _settle(self) -> None:
+        """Wait for the chunk in flight; its failure is raised here."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            await pending
 
     def _open(self) -> None:
         if self._fd < 0:
@@ -290,12 +301,18 @@ class DirectoryBlobWriter:
                 written += os.write(self._fd, view[written:])
             self._digest.update(data)
 
-        await self._store._io(work)
+        await self._settle()
+        self._pending = asyncio.ensure_future(self._store._io(work))
         self._size += len(data)
 
     async def publish(self, sha256: str) -> Published:
         if self._done:
             raise BlobUnavailable("the writer was published or discarded")
+        try:
+            await self._settle()
+        except BaseException:
+            await self.discard()
+            raise
         found = self._digest.hexdigest()
         if found != sha256:
             await self.discard()
@@ -316,18 +333,34 @@ class DirectoryBlobWriter:
         self._done = True
         return published
 
+    def _drop(self) -> None:
+        """Close and remove the staging file (in a pool thread)."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+        try:
+            self._path.unlink()
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+
     async def discard(self) -> None:
         self._done = True
-        fd, self._fd = self._fd, -1
-
-        def work() -> None:
-            if fd >= 0:
-                os.close(fd)
+        pending, self._pending = self._pending, None
+        if pending is not None:
             try:
-                self._path.unlink()
-            except OSError as exc:
-                if exc.errno != errno.ENOENT:
-                    raise
+                await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                # The chunk in flight still uses the file: it is dropped when that
+                # write ends, whatever becomes of this task.
+                def after(done: asyncio.Future[None]) -> None:
+                    if not done.cancelled():
+                        done.exception()  # retrieved: the bytes are dropped either way
+                    self._store._pool.submit(self._drop)
 
+                pending.add_done_callback(after)
+                raise
+            except BlobUnavailable:
+                pass  # the bytes are being dropped either way
         with contextlib.suppress(BlobUnavailable):
-            await self._store._io(work)
+            await self._store._io(self._drop)
