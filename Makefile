@@ -75,6 +75,8 @@ pytest: deps $(STAMP) tools
 # deps first, whatever -j says: the rest needs what it installs.
 test check:
 	@bash scripts/install-deps.sh
+	@$(MAKE) --no-print-directory $(STAMP)
+	@bash scripts/install-tools.sh --weed-in-background
 	$(MAKE) --no-print-directory lint typecheck contracts pytest
 
 bench: $(STAMP)

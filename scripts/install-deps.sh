@@ -3,7 +3,8 @@
 #   scripts/install-deps.sh        everything `make test` needs: git, make, Go, Node.js and npm,
 #                                  redis-server and PostgreSQL's server binaries (the suite
 #                                  starts its own servers and never skips them), Chromium (the
-#                                  browser test), jq (the docs' examples), python3-venv
+#                                  browser test), jq (the docs' examples), eSpeak NG (speech
+#                                  for the transcription tests), python3-venv
 #   scripts/install-deps.sh venv   only what creating .venv needs (`make run`)
 # `make test` and `.ci/run` both run it. Idempotent: nothing missing, nothing done (quick).
 # It installs with apt-get, as root or through sudo; where it cannot, it names the packages
@@ -49,6 +50,7 @@ if [[ $scope == test ]]; then
   postgres_present || want postgresql "initdb, pg_ctl, postgres (the suite starts its own)"
   absent chromium && want chromium "chromium (tests/e2e/test_browser.py drives it headless)"
   absent jq && want jq "jq (the README's examples keep values with it; tests/e2e/test_docs_run.py)"
+  absent espeak-ng && want espeak-ng "espeak-ng (speaks the audio the transcription tests transcribe)"
 fi
 ((${#missing[@]} == 0)) && exit 0
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the external tools the tests drive, into .tools/bin (pinned versions):
 #   grpcurl, grpc-health-probe, protoc-gen-go and protoc-gen-go-grpc (Go; `make gen`
-#   runs the last two), the Node client's packages, the A2A client's (clients/a2a-js:
+#   runs the last two), SeaweedFS's `weed` (Go; the S3-compatible server the blob
+#   store's tests run), the Node client's packages, the A2A client's (clients/a2a-js:
 #   the official @a2a-js/sdk and the peers of its gRPC transport), the browser console's
 #   packages (clients/web: protoc-gen-es, Connect-ES, esbuild, TypeScript), the MCP
 #   reference server the connector tests run (tests/mcp, npm ci) and puppeteer-core
@@ -33,6 +34,15 @@ PROTOC_GEN_GO_GRPC_VERSION=v1.6.1
 # database here, so `go install` refuses it; we download the module zip and pin
 # its hash ourselves instead of trusting whatever arrives.
 HEALTH_PROBE_SUM="h1:VHq7cgXihbKBxbFFT6p5ZptPNE1GOvDeStqQOa4024Y="
+# SeaweedFS (the S3-compatible server of the blob store's tests, tests/infra/seaweedfs.py).
+# Its release tags are not semantic versions, so the module proxy lists none: we pin a
+# commit's pseudo-version and its hash. Its go.mod has a replace directive, which
+# `go install module@version` refuses, so we build it from the downloaded module like
+# grpc-health-probe. It is the slowest step here: 7 min 35 s from nothing on a 2-core
+# machine that was busy with other work (2.2 GB of modules downloaded, then compiled),
+# 10 s again while Go's build cache is warm, nothing once its stamp is there.
+SEAWEEDFS_VERSION=v0.0.0-20261109003541-7506e5f91cd6
+SEAWEEDFS_SUM="h1:LOYZFToHq9F7pSR6lkPGfkM8RmHlVFrzndKdhmNZjrU="
 
 stamp() { echo "$BIN/.$1-$2"; }
 
@@ -54,6 +64,44 @@ if [[ ! -x "$BIN/grpc-health-probe" || ! -e "$(stamp health-probe $HEALTH_PROBE_
   fi
   (cd "$dir" && go build -o "$BIN/grpc-health-probe" .)
   touch "$(stamp health-probe $HEALTH_PROBE_VERSION)"
+fi
+
+build_weed() {
+  echo "tools: building SeaweedFS $SEAWEEDFS_VERSION (the slowest step: a few minutes)"
+  info=$(go mod download -json "github.com/seaweedfs/seaweedfs@$SEAWEEDFS_VERSION")
+  sum=$(printf '%s' "$info" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Sum"])')
+  dir=$(printf '%s' "$info" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')
+  if [[ "$sum" != "$SEAWEEDFS_SUM" ]]; then
+    echo "tools: SeaweedFS hash mismatch: got $sum, want $SEAWEEDFS_SUM" >&2
+    return 1
+  fi
+  # -trimpath and no debug tables: a smaller binary, and the build does not depend on
+  # where the module cache is.
+  (cd "$dir" && go build -trimpath -ldflags "-s -w" -o "$BIN/weed.tmp" ./weed)
+  mv "$BIN/weed.tmp" "$BIN/weed"
+  touch "$(stamp weed $SEAWEEDFS_VERSION)"
+}
+
+# `--weed-in-background` (make test): the build runs beside everything else (the lint and
+# the type check use one core of two, the build the other), and tests/infra/seaweedfs.py
+# waits for it; its pid and log are in .tools/. Any later run of this script while it
+# builds leaves it alone.
+WEED_PID="$ROOT/.tools/weed-build.pid"
+WEED_LOG="$ROOT/.tools/weed-build.log"
+weed_building() { [[ -s "$WEED_PID" ]] && kill -0 "$(cat "$WEED_PID")" 2>/dev/null; }
+
+if [[ "${1:-}" == "--weed-only" ]]; then
+  build_weed
+  exit
+fi
+if [[ ! -x "$BIN/weed" || ! -e "$(stamp weed $SEAWEEDFS_VERSION)" ]] && ! weed_building; then
+  if [[ "${1:-}" == "--weed-in-background" ]]; then
+    echo "tools: building SeaweedFS in the background (log: .tools/weed-build.log)"
+    nohup bash "$ROOT/scripts/install-tools.sh" --weed-only >"$WEED_LOG" 2>&1 &
+    echo $! >"$WEED_PID"
+  else
+    build_weed
+  fi
 fi
 
 for plugin in "protoc-gen-go google.golang.org/protobuf/cmd/protoc-gen-go $PROTOC_GEN_GO_VERSION" \

@@ -17,7 +17,12 @@ from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.settings import Settings
 from switchboard.shared import Shared
 
-pytest_plugins = ["tests.infra.leftovers", "tests.infra.postgres", "tests.infra.redis"]
+pytest_plugins = [
+    "tests.infra.leftovers",
+    "tests.infra.postgres",
+    "tests.infra.redis",
+    "tests.infra.seaweedfs",
+]
 
 _T = TypeVar("_T")
 

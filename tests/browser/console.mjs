@@ -17,9 +17,30 @@ const browser = await launch(config);
 const pages = [];
 const network = [];
 const messages = [];
+// Files the pages downloaded, by DevTools' download guid: {context, filename, state, path}.
+const downloads = new Map();
+const downloadWaiters = new Set();
+const browserSession = await browser.target().createCDPSession();
+browserSession.on("Browser.downloadWillBegin", ({ guid, suggestedFilename }) => {
+  downloads.set(guid, { ...(downloads.get(guid) ?? {}), filename: suggestedFilename, state: "inProgress" });
+});
+browserSession.on("Browser.downloadProgress", ({ guid, state }) => {
+  downloads.set(guid, { ...(downloads.get(guid) ?? {}), state });
+  for (const check of downloadWaiters) check();
+});
 
-async function open(url) {
+// A context that saves downloads into `directory`, each under its guid (DevTools' own
+// naming, so two downloads of one name cannot collide).
+async function open(url, directory) {
   const context = await browser.createBrowserContext();
+  if (directory) {
+    await browserSession.send("Browser.setDownloadBehavior", {
+      behavior: "allowAndName",
+      browserContextId: context.id,
+      downloadPath: directory,
+      eventsEnabled: true,
+    });
+  }
   const page = await context.newPage();
   const index = await attach(page);
   await page.goto(url, { waitUntil: "load" });
@@ -81,7 +102,49 @@ function fn(source) {
 }
 
 const ops = {
-  open: (c) => open(c.url),
+  open: (c) => open(c.url, c.downloads),
+  // Sets files on an <input type=file> as a person choosing them would (change event).
+  upload: async (c) => {
+    const input = await page(c).waitForSelector(c.selector);
+    await input.uploadFile(...c.paths);
+    await input.dispose();
+  },
+  // From now on, the nth request whose URL ends with `suffix` fails as a reset connection
+  // would (the browser never sends it); every other request goes on unchanged.
+  failRequest: async (c) => {
+    const p = page(c);
+    let seen = 0;
+    await p.setRequestInterception(true);
+    p.on("request", (request) => {
+      if (request.isInterceptResolutionHandled()) return;
+      if (request.url().endsWith(c.suffix) && ++seen === c.nth) {
+        void request.abort("connectionreset");
+        return;
+      }
+      void request.continue();
+    });
+  },
+  // Waits until a download named `filename` completes; its guid (the file's name on disk).
+  downloaded: (c) =>
+    new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        downloadWaiters.delete(check);
+        reject(new Error(`no completed download of ${c.filename} within ${config.waitMs} ms`));
+      }, c.timeoutMs ?? config.waitMs);
+      function check() {
+        for (const [guid, d] of downloads) {
+          if (d.filename === c.filename && d.state === "completed" && !d.taken) {
+            d.taken = true;
+            clearTimeout(timer);
+            downloadWaiters.delete(check);
+            resolve(guid);
+            return;
+          }
+        }
+      }
+      downloadWaiters.add(check);
+      check();
+    }),
   reload: async (c) => {
     await page(c).reload({ waitUntil: "load" });
   },

@@ -69,8 +69,13 @@ def gofmt(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def build_quickstart(directory: Path) -> Path:
-    binary = directory / "quickstart"
-    done = go("build", "-o", str(binary), "./examples/quickstart")
+    return build_example(directory, "quickstart")
+
+
+def build_example(directory: Path, name: str) -> Path:
+    """``go build ./examples/<name>`` into ``directory``; the binary."""
+    binary = directory / name
+    done = go("build", "-o", str(binary), f"./examples/{name}")
     if done.returncode != 0:
         pytest.fail(f"go build failed (run `make tools` for the modules):\n{done.stderr}")
     return binary

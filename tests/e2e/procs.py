@@ -130,6 +130,8 @@ class ServeProcess(ManagedProcess):
         )
         # A dispatcher replica's id is its own: two live processes may not share one.
         full_env["SWITCHBOARD_INSTANCE_ID"] = f"e2e-{os.path.basename(self._tmp.name)}"
+        # Files too (with PostgreSQL they would go to the working directory otherwise).
+        full_env["SWITCHBOARD_CONTEXT_FILES_DIR"] = f"{self._tmp.name}/files"
         full_env.update(env or {})
         self.env = full_env
         self.lines: queue.Queue[dict[str, Any] | None] = queue.Queue()

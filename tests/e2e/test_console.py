@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import itertools
 import json
 import os
@@ -41,11 +42,13 @@ import queue
 import re
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
@@ -299,8 +302,11 @@ class Chromium:
             )
         return answer["value"]
 
-    def open(self, url: str) -> Page:
-        return Page(self, self.call("open", url=url))
+    def open(self, url: str, *, downloads: Path | None = None) -> Page:
+        """A page in a context of its own; its downloads saved in ``downloads``."""
+        return Page(
+            self, self.call("open", url=url, downloads=str(downloads) if downloads else None)
+        )
 
     def close(self) -> None:
         if self.proc.poll() is None and self.proc.stdin is not None:
@@ -2292,7 +2298,13 @@ def test_a_run_paused_at_a_budgets_cap_says_why_in_its_card_and_an_owner_allows_
             assert list(action.budgets) == [budget]
             assert action.output_tokens == 200
             assert browser.data(box)["budgets"] == budget
-            said = browser.eval("(s) => document.querySelector(s).textContent", box)
+            # The card is shown at once, naming the budget by its resource name, and again
+            # once its title has been read (GetBudget): wait for the second.
+            said = browser.wait(
+                "(s) => { const t = document.querySelector(s)?.textContent ?? '';"
+                " return t.includes('the budget Per run') ? t : null; }",
+                box,
+            )
             assert "does not fit in the budget Per run (it asks" in said, said
             assert f"{action.input_tokens} input and 200 output tokens" in said, said
             badge = browser.eval(
@@ -2313,3 +2325,173 @@ def test_a_run_paused_at_a_budgets_cap_says_why_in_its_card_and_an_owner_allows_
             assert decided.decision == dispatcher_pb2.BUDGET_DECISION_ALLOW_OVERDRAFT
             assert decided.decided_by == owner.name
             assert problems(browser) == []
+
+
+# -- Files -----------------------------------------------------------------------------------
+
+
+def png_image(width: int, height: int) -> bytes:
+    """A real PNG (red pixels), built here: the test needs no image on disk."""
+    rows = b"".join(b"\x00" + bytes([200, 30, 30] * width) for _ in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+def pdf_document(text: str) -> bytes:
+    """A one-page PDF whose text layer is ``text`` (Helvetica), with a correct xref."""
+    content = f"BT /F1 18 Tf 20 80 Td ({text}) Tj ET".encode()
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 400 144] "
+        b"/Resources << /Font << /F1 4 0 R >> >> /Contents 5 0 R >>",
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+        b"<< /Length %d >>\nstream\n" % len(content) + content + b"\nendstream",
+    ]
+    out = b"%PDF-1.4\n"
+    offsets = []
+    for number, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
+        len(objects) + 1,
+        xref,
+    )
+    return out
+
+
+def test_files_attached_in_the_page_show_inline_or_as_cards_and_download_byte_for_byte(
+    stack: Stack, chromium: Chromium, server: Server, tmp_path: Path
+) -> None:
+    """A PNG, a PDF and a binary of 2.5 MiB attached from the page (the file chooser),
+    uploaded as resumable steps in 1 MiB chunks through Envoy's grpc-web (one chunk failing
+    on the way, resumed from GetUpload's committed size), sent with a message: the PNG
+    shows inline from the bytes DownloadFile streamed, the PDF as a card whose text is what
+    the server extracted, and downloads are the bytes uploaded."""
+    user = server.register("files")
+    workspace, conversation = server.workspace(user, f"files-{os.getpid()}")
+    phrase = "Quarterly otters report"
+    files = {
+        "otter.png": png_image(24, 16),
+        "report.pdf": pdf_document(phrase),
+        "blob.bin": os.urandom(5 * 1024 * 1024 // 2),
+    }
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    for name, data in files.items():
+        (uploads / name).write_bytes(data)
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    with chromium.open(stack.origin + "/", downloads=downloads) as browser:
+        sign_in(browser, user.email)
+        open_conversation(browser, workspace, conversation)
+        # The second chunk sent fails on the way: its upload asks GetUpload where the server
+        # is and goes on from there.
+        browser.call("failRequest", suffix="/AppendUpload", nth=2)
+        browser.call(
+            "upload", selector=tid("attach-input"), paths=[str(uploads / n) for n in files]
+        )
+        # Each uploaded with its progress to the last byte.
+        resumes = 0
+        for name, data in files.items():
+            browser.wait_for(tid("attachment", filename=name, state="stored"))
+            shown = browser.data(tid("attachment", filename=name))
+            assert shown["sent"] == str(len(data))
+            assert shown["file"].startswith(f"{workspace}/files/")
+            resumes += int(shown["resumes"])
+        assert resumes == 1
+        browser.fill(tid("message-input"), "three files")
+        browser.click(tid("send"))
+        # The message, once stored, names the files; the composer is empty again.
+        browser.wait_for(tid("file-image", state="shown"))
+        browser.wait("() => document.querySelectorAll('[data-testid=\"file\"]').length === 3")
+        assert browser.count(tid("attachment")) == 0
+        image = browser.eval(
+            "(s) => { const i = document.querySelector(s);"
+            " return { w: i.naturalWidth, h: i.naturalHeight, src: i.src.slice(0, 5) }; }",
+            tid("file-image"),
+        )
+        assert image == {"w": 24, "h": 16, "src": "blob:"}
+        # The document's text, collapsed until opened, is the server's extraction.
+        cards = browser.eval(
+            '() => [...document.querySelectorAll(\'[data-testid="file"][data-kind="document"]\')]'
+            ".map((c) => ({ file: c.dataset.file,"
+            " name: c.querySelector('[data-testid=\"file-name\"]').textContent,"
+            " open: c.querySelector('details').open }))"
+        )
+        assert {c["name"] for c in cards} == {"report.pdf", "blob.bin"}
+        assert not any(c["open"] for c in cards)
+        report = next(c["file"] for c in cards if c["name"] == "report.pdf")
+        browser.click(f"{tid('file', file=report)} summary")
+        text = browser.wait(
+            "(s) => { const t = document.querySelector(s)?.textContent ?? '';"
+            " return t.includes('otters') && t; }",
+            f"{tid('file', file=report)} {tid('file-text-body')}",
+        )
+        assert phrase in text
+        assert browser.data(f"{tid('file', file=report)} {tid('file-text')}")["textState"] == (
+            "READY"
+        )
+        browser.screenshot(artifacts_dir(tmp_path) / "console-files.png")
+        # Downloads are the bytes uploaded, whichever way the file is shown.
+        # The binary's come in 1 MiB frames of DownloadFile through Envoy's grpc-web.
+        blob = next(c["file"] for c in cards if c["name"] == "blob.bin")
+        for name, selector in (
+            ("report.pdf", tid("file", file=report)),
+            ("otter.png", tid("file", kind="image")),
+            ("blob.bin", tid("file", file=blob)),
+        ):
+            browser.click(f"{selector} {tid('file-download')}")
+            guid = browser.call("downloaded", filename=name)
+            assert (downloads / guid).read_bytes() == files[name]
+        # The workspace's files, listed beside its assistants; an owner deletes one.
+        browser.wait("() => document.querySelectorAll('[data-testid=\"file-entry\"]').length === 3")
+        browser.click(f"{tid('file-entry', file=blob)} {tid('delete-file')}")
+        browser.click(f"{tid('file-entry', file=blob)} {tid('confirm-delete')}")
+        browser.wait("() => document.querySelectorAll('[data-testid=\"file-entry\"]').length === 2")
+        # Nothing went wrong on the page but the chunk aborted on purpose, which Chromium logs.
+        [aborted] = problems(browser)
+        assert "net::ERR_CONNECTION_RESET" in aborted
+        network = grpc_web_calls(browser.network(), stack.origin)
+    with pytest.raises(grpc.RpcError) as gone:
+        server.context.GetFile(
+            context_pb2.GetFileRequest(name=blob), metadata=user.md, timeout=CALL_S
+        )
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+    del files["blob.bin"]
+    calls = [method(n) for n in network]
+    # Resumable steps (grpc-web cannot stream a request): 1 + 1 + 3 chunks of 1 MiB at most
+    # answered (the one that failed on the way never had an answer).
+    assert calls.count("StartUpload") == 3
+    assert calls.count("AppendUpload") == 5
+    assert calls.count("FinishUpload") == 3
+    assert calls.count("GetUpload") == 1
+    assert {n["status"] for n in network if method(n) == "AppendUpload"} == {200}
+    assert all(n.get("grpcStatus", 0) == 0 for n in network if "Upload" in method(n))
+    assert {n["protocol"] for n in network} == {"h2"}
+    # The server holds the message with its three file parts, and the files.
+    [message] = [m for m in server.messages(user, conversation) if m.parts[0].text == "three files"]
+    named = {p.file.display_name: p.file for p in message.parts if p.HasField("file")}
+    assert set(named) == {*files, "blob.bin"}
+    for name, data in files.items():
+        stored = server.context.GetFile(
+            context_pb2.GetFileRequest(name=named[name].file),
+            metadata=user.md,
+            timeout=CALL_S,
+        ).file
+        assert stored.sha256 == hashlib.sha256(data).hexdigest()
+    assert named["otter.png"].mime_type == "image/png"
+    assert named["report.pdf"].mime_type == "application/pdf"

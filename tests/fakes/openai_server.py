@@ -20,7 +20,9 @@ the API does (a model, a non-empty ``messages`` list, ``temperature`` in 0..2,
 ``top_p`` in 0..1, ``stream_options`` only with ``stream``, ``tools`` as
 function objects with valid names, ``tool_choice`` only with ``tools``, every
 assistant ``tool_calls`` answered by the ``tool`` messages right after it and
-every ``tool`` message answering such a call) and honours ``max_tokens`` by
+every ``tool`` message answering such a call; content arrays of typed parts:
+``text`` parts, and ``image_url`` parts in user messages only, with a
+``data:image/...;base64,`` or http(s) URL and an optional ``detail``) and honours ``max_tokens`` by
 cutting the answer with ``finish_reason: "length"``.
 
 Each request takes the next scripted ``Reply`` (or calls a scripted function of
@@ -763,6 +765,9 @@ def _invalid_messages(messages: list[Any]) -> Problem | None:
                 f"array of objects, but got {_json_type(content)} instead.",
                 f"{where}.content",
             )
+        problem = _invalid_content(content, role, index) if isinstance(content, list) else None
+        if problem is not None:
+            return problem
         if role == "tool":
             call_id = message.get("tool_call_id")
             if not isinstance(call_id, str):
@@ -791,6 +796,103 @@ def _invalid_messages(messages: list[Any]) -> Problem | None:
     if unanswered:
         return _unanswered(unanswered, opened_at)
     return None
+
+
+#: The part types each role's content array may hold, as the API accepts them.
+_PART_TYPES: Final = {
+    "user": frozenset({"text", "image_url", "input_audio", "file"}),
+    "system": frozenset({"text"}),
+    "developer": frozenset({"text"}),
+    "assistant": frozenset({"text", "refusal"}),
+    "tool": frozenset({"text"}),
+}
+_ALL_PART_TYPES: Final = ("text", "image_url", "input_audio", "refusal", "audio", "file")
+_IMAGE_DETAILS: Final = frozenset({"auto", "low", "high"})
+_DATA_URL: Final = re.compile(r"data:(image/[a-z0-9.+-]+);base64,([A-Za-z0-9+/]*={0,2})")
+
+
+def _invalid_content(content: list[Any], role: str, index: int) -> Problem | None:
+    """A content array as the API checks it: at least one part, each a known
+    ``type`` its role may carry; text parts with a string ``text``; image parts
+    (user messages only) with a ``data:image/...;base64,`` or http(s) ``url``,
+    the base64 well formed, and ``detail`` one of auto, low or high if given."""
+    where = f"messages[{index}].content"
+    if not content:
+        return (
+            f"Invalid '{where}': empty array. Expected an array with minimum length 1, "
+            "but got an empty array instead.",
+            where,
+        )
+    for number, part in enumerate(content):
+        at = f"{where}[{number}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if not isinstance(part, dict) or kind is None:
+            return f"Missing required parameter: '{at}.type'.", f"{at}.type"
+        if kind not in _ALL_PART_TYPES:
+            supported = ", ".join(f"'{name}'" for name in _ALL_PART_TYPES)
+            return f"Invalid value: {kind!r}. Supported values are: {supported}.", f"{at}.type"
+        if kind not in _PART_TYPES[role]:
+            if kind == "image_url":
+                return (
+                    f"Invalid 'messages[{index}]': Image URLs are only allowed for messages "
+                    f"with role 'user', but this message with role '{role}' contains an image "
+                    "URL.",
+                    f"messages[{index}]",
+                )
+            return (
+                f"Invalid value: {kind!r}. Supported values are: "
+                + ", ".join(f"'{name}'" for name in sorted(_PART_TYPES[role]))
+                + ".",
+                f"{at}.type",
+            )
+        if kind == "text" and not isinstance(part.get("text"), str):
+            return f"Missing required parameter: '{at}.text'.", f"{at}.text"
+        if kind == "image_url":
+            problem = _invalid_image(part.get("image_url"), at)
+            if problem is not None:
+                return problem
+    return None
+
+
+def _invalid_image(image: object, at: str) -> Problem | None:
+    if not isinstance(image, dict) or not isinstance(image.get("url"), str):
+        return f"Missing required parameter: '{at}.image_url.url'.", f"{at}.image_url.url"
+    url = image["url"]
+    if url.startswith("data:"):
+        found = _DATA_URL.fullmatch(url)
+        if found is None or len(found[2]) % 4:
+            return (
+                "Invalid image URL: the data URL must be data:image/<type>;base64,<data> "
+                "with valid base64.",
+                f"{at}.image_url.url",
+            )
+    elif not url.startswith(("http://", "https://")):
+        return (
+            f"Invalid '{at}.image_url.url'. Expected a valid URL, but got a value with an "
+            "invalid format.",
+            f"{at}.image_url.url",
+        )
+    detail = image.get("detail")
+    if detail is not None and detail not in _IMAGE_DETAILS:
+        return (
+            f"Invalid value: {detail!r}. Supported values are: 'auto', 'low', and 'high'.",
+            f"{at}.image_url.detail",
+        )
+    return None
+
+
+def images_of(body: dict[str, Any]) -> list[tuple[int, str]]:
+    """The image parts a request carried: (message index, url), in order."""
+    found: list[tuple[int, str]] = []
+    for index, message in enumerate(body.get("messages") or ()):
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            found.extend(
+                (index, part["image_url"]["url"])
+                for part in content
+                if isinstance(part, dict) and part.get("type") == "image_url"
+            )
+    return found
 
 
 def _unanswered(ids: list[str], index: int) -> Problem:

@@ -1,7 +1,8 @@
 """An HTTP server that records every request and answers from a table, in its own thread.
 
 The security tests use it as what the hub must never reach (a schema's remote
-``$ref``, a redirect's target) and as an endpoint that answers with a redirect.
+``$ref``, a redirect's target) and as an endpoint that answers with a redirect;
+the file tests as a URL a message names (a body streamed without a length).
 It runs on threads of its own, not on the test's event loop: a client that
 blocks the loop while it waits for an answer must still get one (and the test
 must see that it asked).
@@ -9,6 +10,7 @@ must see that it asked).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +27,11 @@ class Reply:
     #: it itself and answers, so a test can tell the hold ran out.
     hold: threading.Event | None = None
     hold_s: float = 20.0
+    #: Send the body with chunked transfer encoding (no length given up front),
+    #: in pieces of this many bytes; 0: with a content-length.
+    chunk_bytes: int = 0
+    #: After the body's chunks, wait for this before ending the body (as ``hold``).
+    hold_end: threading.Event | None = None
 
 
 @dataclass(frozen=True)
@@ -60,9 +67,28 @@ class Recorder:
                 self.send_response(reply.status)
                 for name, value in reply.headers.items():
                     self.send_header(name, value)
+                if reply.chunk_bytes:
+                    self._chunked(reply)
+                    return
                 self.send_header("content-length", str(len(reply.body)))
                 self.end_headers()
-                self.wfile.write(reply.body)
+                # The client may go away before the body (a length over its limit).
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    self.wfile.write(reply.body)
+
+            def _chunked(self, reply: Reply) -> None:
+                self.send_header("transfer-encoding", "chunked")
+                self.end_headers()
+                try:
+                    for start in range(0, len(reply.body), reply.chunk_bytes):
+                        piece = reply.body[start : start + reply.chunk_bytes]
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                        self.wfile.flush()
+                    if reply.hold_end is not None and not reply.hold_end.wait(reply.hold_s):
+                        reply.hold_end.set()
+                    self.wfile.write(b"0\r\n\r\n")
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client went away mid-body, as a size limit makes it
 
             def do_GET(self) -> None:
                 self._answer()

@@ -12,6 +12,8 @@ Tools (listed three per page, so every listing takes several pages):
   cancellation is recorded under ``tag`` (``stats().cancelled``).
 - ``fail()``: a tool error (``isError``).
 - ``big(size)``: ``size`` characters of text.
+- ``media(kind)``: ``audio`` (a WAV, base64), ``bad-image`` (image content that
+  is not base64) or ``link`` (a resource link).
 - ``crash()``: the process kills itself mid-call (the connection drops).
 - ``add_tool(name)``: adds a tool and sends ``notifications/tools/list_changed``
   on the session's standalone (GET) stream.
@@ -28,6 +30,7 @@ Tools (listed three per page, so every listing takes several pages):
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -79,6 +82,11 @@ STATIC_TOOLS: list[types.Tool] = [
         input_schema={"type": "object", "properties": {"size": {"type": "integer"}}},
     ),
     types.Tool(name="crash", description="Kills the server mid-call.", input_schema=_OBJECT),
+    types.Tool(
+        name="media",
+        description="Answers with audio, a broken image or a resource link.",
+        input_schema={"type": "object", "properties": {"kind": {"type": "string"}}},
+    ),
     types.Tool(
         name="add_tool",
         description="Adds a tool and announces the change.",
@@ -133,6 +141,36 @@ def _text(text: str) -> list[types.ContentBlock]:
     return [types.TextContent(type="text", text=text)]
 
 
+#: A WAV header and a few silent samples (16-bit mono, 8 kHz).
+WAV = (
+    b"RIFF"
+    + (44).to_bytes(4, "little")
+    + b"WAVEfmt "
+    + (16).to_bytes(4, "little")
+    + (1).to_bytes(2, "little")
+    + (1).to_bytes(2, "little")
+    + (8000).to_bytes(4, "little")
+    + (16000).to_bytes(4, "little")
+    + (2).to_bytes(2, "little")
+    + (16).to_bytes(2, "little")
+    + b"data"
+    + (8).to_bytes(4, "little")
+    + bytes(8)
+)
+
+
+def _media(kind: str) -> list[types.ContentBlock]:
+    if kind == "audio":
+        data = base64.b64encode(WAV).decode()
+        return [types.AudioContent(type="audio", data=data, mime_type="audio/wav")]
+    if kind == "bad-image":
+        return [types.ImageContent(type="image", data="not base64!", mime_type="image/png")]
+    return [
+        types.ResourceLink(type="resource_link", name="notes", uri="file:///notes.txt"),
+        types.TextContent(type="text", text="linked"),
+    ]
+
+
 async def list_tools(
     ctx: ServerRequestContext[Any], params: types.PaginatedRequestParams | None
 ) -> types.ListToolsResult:
@@ -145,7 +183,7 @@ async def list_tools(
     )
 
 
-async def call_tool(
+async def call_tool(  # noqa: PLR0912 - one branch per tool
     ctx: ServerRequestContext[Any], params: types.CallToolRequestParams
 ) -> types.CallToolResult:
     args = params.arguments or {}
@@ -174,6 +212,8 @@ async def call_tool(
         return types.CallToolResult(content=_text("x" * int(args.get("size", 0))))
     if name == "crash":
         os.kill(os.getpid(), signal.SIGKILL)
+    if name == "media":
+        return types.CallToolResult(content=_media(str(args.get("kind", ""))))
     if name == "add_tool":
         STATE.dynamic.append(str(args["name"]))
         await ctx.session.send_tool_list_changed()

@@ -39,6 +39,7 @@ from google.rpc import error_details_pb2
 from grpc import aio
 from grpc_status import rpc_status
 
+from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as dpb
 from switchboard.platform.rpc.server import SwitchboardServer
 from tests.fakes.openai_server import FakeOpenAI
@@ -46,6 +47,7 @@ from tests.infra.mcpserver import McpTestServer
 from tests.service.contextkit import TIMEOUT_S, Caller, World, context_stub, ctx_world, refused
 from tests.service.contextkit import violations as fields
 from tests.service.dispatchkit import careful_assistant, dispatcher_stub, script_two_echoes
+from tests.service.filekit import png
 from tests.service.integrationkit import hub_mesh, mcp_hub
 
 CODE = grpc.StatusCode
@@ -291,6 +293,36 @@ async def test_a_message_id_sent_twice_is_one_task(agent: Agent) -> None:
             assert first.task.context_id == second.task.context_id
 
 
+async def test_a_file_part_is_stored_with_the_message(agent: Agent) -> None:
+    """A ``raw`` part goes to the conversation as a file of the message (docs/a2a.md,
+    "Files"): its type and name as given, in order with the text."""
+    image = png()
+    sent = request("what is this?", agent.tenant)
+    sent.message.parts.append(a2a.Part(raw=image, media_type="image/png", filename="dot.png"))
+    async with aio.insecure_channel(agent.server.address) as channel:
+        answered = await agent.stub(channel).SendMessage(
+            sent, metadata=agent.world.editor.md, timeout=TIMEOUT_S
+        )
+        assert answered.task.status.state == a2a.TASK_STATE_COMPLETED
+        run = await dispatcher_stub(channel).GetRun(
+            dpb.GetRunRequest(name=answered.task.metadata["run"]),
+            metadata=agent.world.editor.md,
+            timeout=TIMEOUT_S,
+        )
+        stored = await context_stub(channel).GetMessage(
+            cpb.GetMessageRequest(name=run.run.input_message),
+            metadata=agent.world.viewer.md,
+            timeout=TIMEOUT_S,
+        )
+    text, file = stored.message.parts
+    assert text.text == "what is this?"
+    assert (file.file.mime_type, file.file.display_name) == ("image/png", "dot.png")
+    # Stored as the workspace's file on append: the message names it, without the bytes.
+    assert file.file.file.startswith(f"{agent.world.name}/files/")
+    assert file.file.size_bytes == len(image)
+    assert not file.file.inline_data
+
+
 async def test_a_slow_task_is_cancelled(agent: Agent) -> None:
     async with aio.insecure_channel(agent.server.address) as channel:
         stub = agent.stub(channel)
@@ -372,7 +404,7 @@ async def test_strangers_viewers_and_malformed_names(agent: Agent) -> None:
                     message=a2a.Message(
                         message_id="m-raw",
                         role=a2a.ROLE_AGENT,
-                        parts=[a2a.Part(raw=b"\x00")],
+                        parts=[a2a.Part(data=struct_pb2.Value(string_value="x"))],
                     ),
                 ),
                 ["message.role", "message.parts[0]"],
@@ -445,9 +477,14 @@ async def test_the_sdk_client_gets_a2a_typed_errors(agent: Agent) -> None:
         with pytest.raises(UnsupportedOperationError):
             async for _ in editor.send_message(again):
                 pass
-        raw = a2a.Message(message_id="m-raw", role=a2a.ROLE_USER, parts=[a2a.Part(raw=b"\x00")])
+        # Text and files are taken; a data part is not.
+        data = a2a.Message(
+            message_id="m-data",
+            role=a2a.ROLE_USER,
+            parts=[a2a.Part(data=struct_pb2.Value(string_value="x"))],
+        )
         with pytest.raises(ContentTypeNotSupportedError):
-            async for _ in editor.send_message(a2a.SendMessageRequest(message=raw)):
+            async for _ in editor.send_message(a2a.SendMessageRequest(message=data)):
                 pass
         old = ClientCallContext(service_parameters={"A2A-Version": "0.3"})
         with pytest.raises(VersionNotSupportedError):

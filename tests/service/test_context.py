@@ -1321,12 +1321,8 @@ async def test_messages_get_increasing_sequences_and_token_counts(stub: Stub, wo
         pb.Message(
             role=pb.MESSAGE_ROLE_USER,
             parts=[
-                pb.ContentPart(text="see the file"),
-                pb.ContentPart(
-                    file=pb.FileReference(
-                        uri="https://files.example.com/a.png", mime_type="image/png", size_bytes=9
-                    )
-                ),
+                # File parts become stored files on append: tests/service/test_files_runs.py.
+                pb.ContentPart(text="see the notes"),
             ],
             metadata=struct(client="pytest"),
         ),

@@ -160,6 +160,46 @@ async def test_everything_echo_and_add(everything_http: McpConnector) -> None:
     assert total.text == "The sum of 2 and 3 is 5."
 
 
+async def test_everything_image_comes_back_as_a_file(everything_http: McpConnector) -> None:
+    """server-everything's get-tiny-image: text, a PNG, text."""
+    result = await everything_http.call_tool(
+        "get-tiny-image", {}, timeout_s=10, max_result_bytes=100_000
+    )
+    (image,) = result.files
+    assert image.inline_data.startswith(b"\x89PNG\r\n\x1a\n")
+    assert (image.mime_type, image.display_name) == ("image/png", "image-1.png")
+    assert result.text.splitlines() == [
+        "Here's the image you requested:",
+        "[image: image-1.png, image/png]",
+        "The image above is the MCP logo.",
+    ]
+    assert not result.is_error
+    # The decoded image counts against the result's limit.
+    with pytest.raises(ResultTooLarge):
+        await everything_http.call_tool(
+            "get-tiny-image", {}, timeout_s=10, max_result_bytes=len(image.inline_data)
+        )
+
+
+@pytest.mark.parametrize("kind", ["Text", "Blob"])
+async def test_everything_embedded_resources_come_back_as_files(
+    everything_http: McpConnector, kind: str
+) -> None:
+    result = await everything_http.call_tool(
+        "get-resource-reference",
+        {"resourceType": kind, "resourceId": 3},
+        timeout_s=10,
+        max_result_bytes=100_000,
+    )
+    (found,) = result.files
+    assert found.mime_type == "text/plain"
+    assert found.display_name == "3.txt"  # the URI's last segment, and the type's extension
+    assert found.inline_data.startswith(b"Resource 3: This is a ")
+    # A text resource is also text the model reads; a blob is named in the text.
+    shown = found.inline_data.decode() if kind == "Text" else "[resource: 3.txt, text/plain]"
+    assert shown in result.text
+
+
 async def test_everything_unknown_tool_is_not_found(everything_http: McpConnector) -> None:
     with pytest.raises(ToolNotFound, match="no-such-tool"):
         await everything_http.call_tool("no-such-tool", {}, timeout_s=10, max_result_bytes=1000)
@@ -345,6 +385,23 @@ async def test_oversized_results_are_refused(sdk: McpConnector) -> None:
         await sdk.call_tool("big", {"size": 2_000_000}, timeout_s=10, max_result_bytes=1024)
     fits = await sdk.call_tool("big", {"size": 1000}, timeout_s=10, max_result_bytes=1024)
     assert fits.text == "x" * 1000
+
+
+async def test_audio_and_links_come_back_as_files_or_notes(sdk: McpConnector) -> None:
+    audio = await sdk.call_tool("media", {"kind": "audio"}, timeout_s=10, max_result_bytes=10_000)
+    (found,) = audio.files
+    assert (found.mime_type, found.display_name) == ("audio/wav", "audio-1.wav")
+    assert found.inline_data.startswith(b"RIFF")
+    assert audio.text == "[audio: audio-1.wav, audio/wav]"
+    # A link names something the server holds: nothing is read, nothing stored.
+    link = await sdk.call_tool("media", {"kind": "link"}, timeout_s=10, max_result_bytes=10_000)
+    assert link.files == ()
+    assert link.text == "[resource_link content]\nlinked"
+
+
+async def test_image_content_that_is_not_base64_is_a_malformed_answer(sdk: McpConnector) -> None:
+    with pytest.raises(Unreachable, match="image content that is not base64"):
+        await sdk.call_tool("media", {"kind": "bad-image"}, timeout_s=10, max_result_bytes=10_000)
 
 
 async def test_unknown_tool_is_not_found(sdk: McpConnector) -> None:

@@ -64,6 +64,7 @@ from tests.service.integrationkit import create, integration_stub
 TIMEOUT_S = 20.0
 SUM = "ev__get-sum"
 SLOW = "ev__trigger-long-running-operation"
+IMAGE = "ev__get-tiny-image"
 
 
 @pytest.fixture(scope="module")
@@ -105,9 +106,10 @@ async def _prepare(
     everything: EverythingServer,
     *,
     approval: tuple[str, ...] = (),
+    enabled: tuple[str, ...] = ("get-sum", "trigger-long-running-operation"),
 ) -> Tools:
     """A workspace with the reference MCP server as integration ``ev`` and an
-    assistant ``calc`` enabling two of its tools (``approval`` need a person)."""
+    assistant ``calc`` enabling ``enabled`` of its tools (``approval`` need a person)."""
     stub = context_stub(channel)
     world = await ctx_world(server, stub)
     conversation = (await create_conversation(stub, world.editor, world.name)).name
@@ -128,7 +130,7 @@ async def _prepare(
                 tools=[
                     pb.AssistantTools(
                         integration=made.name,
-                        tools=["get-sum", "trigger-long-running-operation"],
+                        tools=list(enabled),
                         approval_required_tools=list(approval),
                     )
                 ],
@@ -152,14 +154,20 @@ async def _prepare(
 
 @asynccontextmanager
 async def tool_mesh(
-    everything: EverythingServer, *, approval: tuple[str, ...] = (), **overrides: Any
+    everything: EverythingServer,
+    *,
+    approval: tuple[str, ...] = (),
+    enabled: tuple[str, ...] = ("get-sum", "trigger-long-running-operation"),
+    **overrides: Any,
 ) -> AsyncIterator[Tools]:
     async with FakeOpenAI() as fake:
         server, _ = await create_server(make_settings(**_settings(fake, **overrides)))
         await server.start()
         try:
             async with aio.insecure_channel(server.address) as channel:
-                yield await _prepare(server, channel, fake, everything, approval=approval)
+                yield await _prepare(
+                    server, channel, fake, everything, approval=approval, enabled=enabled
+                )
         finally:
             await server.shutdown(grace=0)
 
@@ -323,6 +331,42 @@ async def test_tool_messages_are_stored_and_the_next_run_sees_them(
         assert with_calls
         assert with_calls[0]["tool_calls"][0]["id"] == "call_a"
         assert any(m.get("tool_call_id") == "call_a" and "42" in m["content"] for m in history)
+
+
+async def test_an_image_a_tool_returns_reaches_the_model_watchers_and_the_tool_message(
+    everything: EverythingServer,
+) -> None:
+    """server-everything's get-tiny-image: the PNG is a file of the result all the way."""
+    async with tool_mesh(everything, enabled=("get-tiny-image",)) as tools:
+        tools.fake.script(
+            Reply.tool_calls([(IMAGE, {}, "call_img")]),
+            answer_with_tool_output,
+        )
+        run = await _send(tools, ask(tools, "Show me the logo."))
+        seen = await watch_all(tools.dstub, tools.world.viewer, run.name)
+        assert seen.final.state == pb.RUN_STATE_SUCCEEDED, seen.final.error
+
+        # Watchers see which file, never its bytes.
+        shown = next(u.tool_result for u in seen.updates if u.WhichOneof("update") == "tool_result")
+        (file,) = shown.files
+        assert (file.display_name, file.mime_type) == ("image-1.png", "image/png")
+        assert file.size_bytes > 100
+        assert not file.inline_data
+        # The model hears of it with the tool's text.
+        answered = tool_messages(tools.fake.requests[1].body)[-1]["content"]
+        assert "The image above is the MCP logo." in answered
+        assert f"image-1.png (image/png, {file.size_bytes} bytes)" in answered
+
+        messages = await all_messages(tools.stub, tools.world.editor, tools.conversation)
+        output = next(m for m in messages if m.role == cpb.MESSAGE_ROLE_TOOL)
+        (stored,) = output.parts[0].tool_result.files
+        assert stored.mime_type == "image/png"
+        assert stored.display_name == "image-1.png"
+        # Stored as the workspace's file on append (the context service): the
+        # message names it and keeps no bytes.
+        assert stored.file.startswith(f"{tools.world.name}/files/")
+        assert stored.size_bytes == file.size_bytes
+        assert not stored.inline_data
 
 
 async def test_a_failing_tool_goes_back_to_the_model_as_a_result_not_a_failed_run(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 from hypothesis import given, settings
@@ -470,3 +470,99 @@ def test_tool_results_are_never_separated_from_calls_that_are_left_out(
     assert _valid_run(list(reversed(recent[: len(shown)])), recent[len(shown) :])
     for longer in range(len(shown) + 1, fitting + 1):
         assert not _valid_run(list(reversed(recent[:longer])), recent[longer:]), longer
+
+
+# -- documents cut to fit (rule 5) ----------------------------------------------------------
+
+
+def document(key: str, tokens: int, floor: int, **links: str) -> Candidate:
+    """A message holding documents: ``floor`` is its cost with each cut to its note."""
+    plain = message(key, tokens, **links)
+    return Candidate(key, tokens, calls=plain.calls, answers=plain.answers, floor=floor)
+
+
+def test_a_message_with_a_document_too_big_is_cut_to_the_budget_left() -> None:
+    recent = [message("question", 10), document("pdf", 500, 30), message("older", 5)]
+    plan = messages_only(100, recent)
+    assert keys(plan.included) == ["pdf", "question"]
+    cut = plan.included[0]
+    assert (cut.truncated, cut.tokens, cut.candidate.tokens) == (True, 90, 500)
+    assert plan.total_tokens == 100
+    # The next one does not fit what is left: listed, and nothing older.
+    assert decisions(plan)[1] == [("older", OVER)]
+
+
+def test_a_document_whose_note_does_not_fit_is_left_out_whole() -> None:
+    plan = messages_only(100, [message("question", 80), document("pdf", 500, 30)])
+    assert keys(plan.included) == ["question"]
+    assert decisions(plan)[1] == [("pdf", OVER)]
+    assert not any(c.truncated for c in plan.included)
+
+
+def test_only_one_message_is_cut() -> None:
+    plan = messages_only(100, [document("a", 200, 0), document("b", 200, 0)])
+    assert [(c.candidate.key, c.tokens) for c in plan.included] == [("a", 100)]
+    assert decisions(plan)[1] == [("b", OVER)]
+
+
+def test_a_floor_outside_the_tokens_is_refused() -> None:
+    with pytest.raises(ValueError, match="floor"):
+        messages_only(10, [document("a", 5, 6)])
+
+
+@st.composite
+def documents_conversations(draw: st.DrawFn) -> tuple[int, list[Candidate]]:
+    """``tool_conversations`` where some messages hold documents (a floor)."""
+    budget, recent = draw(tool_conversations())
+    with_floors = []
+    for candidate in recent:
+        floor = None
+        if draw(st.booleans()):
+            floor = draw(st.integers(min_value=0, max_value=candidate.tokens))
+        with_floors.append(replace(candidate, floor=floor))
+    return budget, with_floors
+
+
+@settings(max_examples=500, deadline=None)
+@given(documents_conversations())
+def test_cutting_documents_keeps_the_budget_and_the_rules(
+    conversation: tuple[int, list[Candidate]],
+) -> None:
+    budget, recent = conversation
+    plan = messages_only(budget, recent)
+    shown = [c.candidate for c in plan.included]
+    # The budget holds, counted with what each message takes once cut.
+    assert plan.total_tokens == sum(c.tokens for c in plan.included) <= budget
+    # Still the newest messages, contiguous, oldest first; rule 6 still holds.
+    assert shown == list(reversed(recent[: len(shown)]))
+    assert _valid_run(list(reversed(recent[: len(shown)])), recent[len(shown) :])
+    # At most one message is cut, to no less than its floor and less than its whole.
+    cut = [c for c in plan.included if c.truncated]
+    assert len(cut) <= 1
+    for choice in cut:
+        floor = choice.candidate.floor
+        assert floor is not None
+        assert floor <= choice.tokens < choice.candidate.tokens
+        # It took every token left: nothing whole would have fitted in its place.
+        assert plan.total_tokens == budget or choice not in plan.included
+    # Replays rule 5: whole while they fit, then one cut if its floor fits.
+    used, fitting, cutting = 0, 0, None
+    for candidate in recent:
+        if used + candidate.tokens > budget:
+            floor = candidate.floor
+            if cutting is None and floor is not None and used + floor <= budget:
+                cutting = candidate.key
+                used = budget
+                fitting += 1
+                continue
+            break
+        fitting += 1
+        used += candidate.tokens
+    assert len(shown) <= fitting
+    if len(shown) == fitting:
+        assert [c.candidate.key for c in cut] == ([cutting] if cutting else [])
+    # Without floors nothing is cut, and a plan that cut nothing is the plan without floors.
+    plain = messages_only(budget, [replace(c, floor=None) for c in recent])
+    assert not any(c.truncated for c in plain.included)
+    if not cut and cutting is None:
+        assert decisions(plan) == decisions(plain)

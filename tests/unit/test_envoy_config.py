@@ -203,6 +203,31 @@ def test_health_and_reflection_go_to_edge_health_when_the_mesh_has_it() -> None:
         render(EdgeSpec(upstreams=_mesh(), edge_health=HostPort("127.0.0.1", 0)))
 
 
+def test_file_routes_stream_downloads_and_let_a_chunk_through() -> None:
+    limits = ServerLimits(max_receive_message_bytes=3 * 1024 * 1024)
+    routes = {
+        r["match"]["path"]: r
+        for r in _routes(_config(EdgeSpec.all_in_one(LOCAL, limits=limits)))
+        if "path" in r["match"]
+    }
+    context = "/switchboard.api.context.v1.ContextService"
+    # The download is a server stream: the streams cluster, no route timeout (the
+    # listener's stream idle timeout cuts a dead one), like WatchRun and Subscribe.
+    download = routes[f"{context}/DownloadFile"]["route"]
+    assert download["cluster"] == "switchboard_streams"
+    assert download["timeout"] == "0s"
+    assert download == routes["/switchboard.api.dispatcher.v1.DispatcherService/WatchRun"]["route"]
+    # A request carrying a chunk may be buffered whole for the unsent-request retry:
+    # a 1 MiB chunk and its framing fit, up to what the server takes.
+    for method in ("AppendUpload", "UploadFile"):
+        assert int(routes[f"{context}/{method}"]["request_body_buffer_limit"]) == 3 * 1024 * 1024
+        assert "retry_policy" not in routes[f"{context}/{method}"]["route"]
+    assert routes[f"{context}/AppendUpload"]["route"]["cluster"] == "switchboard"
+    assert routes[f"{context}/UploadFile"]["route"]["cluster"] == "switchboard_streams"
+    # Unsafe unary steps keep the prefix route (no retry after they reached a server).
+    assert f"{context}/FinishUpload" not in routes
+
+
 def test_dns_names_are_resolved_by_envoy_into_every_replica() -> None:
     named = (HostPort("events.switchboard.svc.cluster.local", 50051),)
     clusters = _clusters(_config(EdgeSpec(upstreams=_mesh(events=named))))

@@ -14,7 +14,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "install-deps.sh"
-TEST_COMMANDS = ("git", "make", "go", "node", "npm", "redis-server", "chromium", "jq")
+TEST_COMMANDS = (
+    "git",
+    "make",
+    "go",
+    "node",
+    "npm",
+    "redis-server",
+    "chromium",
+    "jq",
+    "espeak-ng",
+)
 # What each package provides, for the fake apt-get.
 PROVIDES = {
     "git": ["git"],
@@ -25,6 +35,7 @@ PROVIDES = {
     "redis-server": ["redis-server"],
     "chromium": ["chromium"],
     "jq": ["jq"],
+    "espeak-ng": ["espeak-ng"],
     "postgresql": ["pg/15/bin/initdb", "pg/15/bin/pg_ctl", "pg/15/bin/postgres"],
 }
 

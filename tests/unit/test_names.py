@@ -30,6 +30,8 @@ SAMPLES = {
     "ASSISTANT": "workspaces/acme/assistants/calc",
     "INTEGRATION": "workspaces/acme/integrations/mcp-1",
     "BUDGET": "workspaces/acme/budgets/daily",
+    "FILE": "workspaces/acme/files/report",
+    "UPLOAD": "workspaces/acme/uploads/u-1",
     "WORKSPACE_QUOTA": "workspaces/acme/quota",
     "TOOL": "workspaces/acme/integrations/mcp-1/tools/get-sum",
     "TOOL_NAME": "get-sum",

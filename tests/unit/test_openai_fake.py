@@ -14,7 +14,14 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.fakes.openai_server import FakeOpenAI, FakeToolCall, Reply, echo_reply, parse_call_lines
+from tests.fakes.openai_server import (
+    FakeOpenAI,
+    FakeToolCall,
+    Reply,
+    echo_reply,
+    images_of,
+    parse_call_lines,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 WAIT_S = 10.0
@@ -397,3 +404,89 @@ async def test_the_command_line_refuses_a_bad_script(tmp_path: Path) -> None:
     assert process.stderr is not None
     assert code == 2
     assert "needs 'text', 'tool_calls' or 'error'" in (await process.stderr.read()).decode()
+
+
+PNG_B64 = "iVBORw0KGgo="
+
+
+def picture(url: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "image_url", "image_url": {"url": url, **extra}}
+
+
+async def test_content_arrays_with_images_are_accepted_and_recorded(fake: FakeOpenAI) -> None:
+    fake.default = Reply.text("seen")
+    content = [
+        {"type": "text", "text": "What is this?"},
+        picture(f"data:image/png;base64,{PNG_B64}", detail="low"),
+        picture("https://example.com/cat.jpg"),
+    ]
+    response = await post(fake, {"messages": [{"role": "user", "content": content}]})
+    assert response.status_code == 200
+    assert fake.requests[0].body["messages"][0]["content"] == content
+    assert images_of(fake.requests[0].body) == [
+        (0, f"data:image/png;base64,{PNG_B64}"),
+        (0, "https://example.com/cat.jpg"),
+    ]
+    # The echo model reads the text parts.
+    assert echo_reply({"messages": [{"role": "user", "content": content}]}).content == (
+        "What is this?"
+    )
+
+
+@pytest.mark.parametrize(
+    ("message", "complaint", "param"),
+    [
+        ({"role": "user", "content": []}, "empty array", "messages[0].content"),
+        ({"role": "user", "content": [{"text": "x"}]}, "type", "messages[0].content[0].type"),
+        (
+            {"role": "user", "content": [{"type": "picture"}]},
+            "Supported values",
+            "messages[0].content[0].type",
+        ),
+        (
+            {"role": "user", "content": [{"type": "text"}]},
+            "text",
+            "messages[0].content[0].text",
+        ),
+        (
+            {"role": "system", "content": [picture(f"data:image/png;base64,{PNG_B64}")]},
+            "only allowed for messages with role 'user'",
+            "messages[0]",
+        ),
+        (
+            {"role": "user", "content": [picture("data:image/png;base64,not base64!")]},
+            "Invalid image URL",
+            "messages[0].content[0].image_url.url",
+        ),
+        (
+            {"role": "user", "content": [picture("data:text/plain;base64,aGk=")]},
+            "Invalid image URL",
+            "messages[0].content[0].image_url.url",
+        ),
+        (
+            {"role": "user", "content": [picture("ftp://example.com/a.png")]},
+            "Expected a valid URL",
+            "messages[0].content[0].image_url.url",
+        ),
+        (
+            {"role": "user", "content": [{"type": "image_url", "image_url": {}}]},
+            "Missing required parameter",
+            "messages[0].content[0].image_url.url",
+        ),
+        (
+            {"role": "user", "content": [picture("https://example.com/a.png", detail="max")]},
+            "'auto', 'low', and 'high'",
+            "messages[0].content[0].image_url.detail",
+        ),
+    ],
+)
+async def test_invalid_content_parts_are_the_apis_400(
+    fake: FakeOpenAI, message: dict[str, Any], complaint: str, param: str
+) -> None:
+    fake.default = Reply.text("never")
+    response = await post(fake, {"messages": [message]})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert complaint in error["message"]
+    assert error["param"] == param
+    assert error["type"] == "invalid_request_error"

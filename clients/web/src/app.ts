@@ -12,6 +12,7 @@ import { Composer } from "./composer";
 import { formatTime, h } from "./dom";
 import type { Problem } from "./errors";
 import { EventFeed, type FeedState } from "./feed";
+import { FilesPanel } from "./filespanel";
 import { WorkspaceRole } from "./gen/switchboard/api/context/v1/context_pb";
 import type { Event, Scope } from "./gen/switchboard/api/events/v1/events_pb";
 import { Integrations } from "./integrations";
@@ -32,6 +33,7 @@ export class App {
   private readonly live: LiveEvents;
   private readonly assistants: Assistants;
   private readonly budgets: Budgets;
+  private readonly files: FilesPanel;
   private readonly names = new Names();
   private readonly account: Account;
   private feed: EventFeed | null = null;
@@ -45,6 +47,7 @@ export class App {
     this.integrations = new Integrations(api, this.page, this.names);
     this.live = new LiveEvents(this.page, this.names);
     this.budgets = new Budgets(api, this.page, this.names);
+    this.files = new FilesPanel(api, this.page);
     // The composer asks the navigation, built next, what is open when it needs to know.
     const composer = new Composer(api, this.page, {
       workspace: () => this.navigation.workspace,
@@ -81,7 +84,7 @@ export class App {
       h("div", { class: "problems", "data-testid": "problems", "aria-live": "polite" }),
       this.navigation.column,
       h("section", { class: "column chat" }, ...this.navigation.chat, this.budgets.element, ...this.runs.elements, composer.element),
-      h("aside", { class: "column" }, ...this.assistants.elements, ...this.integrations.elements, ...this.live.elements),
+      h("aside", { class: "column" }, ...this.assistants.elements, ...this.files.elements, ...this.integrations.elements, ...this.live.elements),
     );
     root.replaceChildren(this.auth.element, this.consoleView);
     this.page.part("sign-out").addEventListener("click", () => void this.signOut());
@@ -157,6 +160,7 @@ export class App {
     this.integrations.stop();
     this.assistants.clear();
     this.budgets.clear();
+    this.files.clear();
     this.account.clear();
     this.runs.clear();
     this.navigation.clear();
@@ -182,6 +186,7 @@ export class App {
     this.assistants.canManage(owner, owner || role === WorkspaceRole.EDITOR);
     this.account.open(workspace, owner);
     this.budgets.open(workspace, owner);
+    this.files.open(workspace, owner || role === WorkspaceRole.EDITOR);
     this.runs.canResolve(owner);
     void this.assistants.load();
     const identity = this.api.tokens.identity;
@@ -234,6 +239,7 @@ export class App {
       this.navigation.apply(event);
       this.assistants.apply(event);
       this.budgets.apply(event);
+      this.files.apply(event);
     }
     if (this.feed !== null) this.live.cursor(this.feed.cursor);
   }

@@ -1,5 +1,6 @@
-// The composer under the open conversation: a message, the handler or assistant it goes
-// to (the workspace's, listed when it opens), handler parameters, and SendMessage. What
+// The composer under the open conversation: a message, the files attached to it (uploaded
+// as they are attached, files.ts), the handler or assistant it goes to (the workspace's,
+// listed when it opens), handler parameters, and SendMessage. What
 // is open, and what to do with the answer, is the host's (the navigation's): the composer
 // asks rather than keeps a copy that could fall behind.
 import type { JsonObject } from "@bufbuild/protobuf";
@@ -9,6 +10,7 @@ import { limitSummary, local, problem } from "./errors";
 import { MessageRole } from "./gen/switchboard/api/context/v1/context_pb";
 import type { SendMessageResponse } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import { learnBudgetTitles } from "./budgets";
+import { Attachments } from "./files";
 import type { Names } from "./names";
 import type { Page } from "./page";
 
@@ -33,6 +35,8 @@ export class Composer {
   private readonly handler = h("select", { "data-testid": "handler-select", "aria-label": "handler" });
   private readonly assistant = h("select", { "data-testid": "assistant-select", "aria-label": "assistant" });
   private readonly parameters = h("textarea", { "data-testid": "parameters-input", rows: 2, spellcheck: false });
+  private readonly attachments: Attachments;
+  private attachmentsWorkspace = "";
 
   constructor(
     private readonly api: Api,
@@ -40,6 +44,10 @@ export class Composer {
     private readonly host: ComposerHost,
     private readonly names: Names,
   ) {
+    // A message with files needs no text.
+    this.attachments = new Attachments(api, () => this.host.workspace(), () => {
+      this.text.required = this.attachments.count === 0;
+    });
     this.element = h(
       "form",
       {
@@ -52,6 +60,7 @@ export class Composer {
         },
       },
       this.text,
+      this.attachments.element,
       h("div", { class: "row" }, this.handler, this.assistant, h("button", { type: "submit", "data-testid": "send" }, "Send")),
       h(
         "details",
@@ -60,6 +69,7 @@ export class Composer {
         h("label", {}, "Handler parameters (JSON object, e.g. ", h("code", {}, '{"delay_ms": 200}'), ")", this.parameters),
       ),
     );
+    this.attachments.dropTarget(this.element);
   }
 
   /** Shown while a conversation is open. */
@@ -70,6 +80,9 @@ export class Composer {
   /** The open workspace's handlers and assistants, as the choices. */
   async load(): Promise<void> {
     const parent = this.host.workspace();
+    // Files stored in another workspace cannot go with a message here.
+    if (this.attachments.count > 0 && this.attachmentsWorkspace !== parent) this.attachments.clear();
+    this.attachmentsWorkspace = parent;
     await this.page.busy("list-handlers", async () => {
       const [handlers, assistants] = await Promise.all([
         this.api.dispatcher.listHandlers({ parent, pageSize: PAGE_SIZE }),
@@ -128,11 +141,17 @@ export class Composer {
       }
     }
     await this.page.busy("send", async () => {
+      // The message goes once every attached file is stored (a failed one is the failure).
+      const files = await this.attachments.references();
+      const parts = [
+        ...(text || files.length === 0 ? [{ part: { case: "text" as const, value: text } }] : []),
+        ...files.map((value) => ({ part: { case: "file" as const, value } })),
+      ];
       let answer: SendMessageResponse;
       try {
         answer = await this.api.dispatcher.sendMessage({
           conversation,
-          message: { role: MessageRole.USER, parts: [{ part: { case: "text", value: text } }] },
+          message: { role: MessageRole.USER, parts },
           handler,
           assistant,
           ...(parameters ? { parameters } : {}),
@@ -151,6 +170,7 @@ export class Composer {
         throw { ...refused, summary };
       }
       this.text.value = "";
+      this.attachments.clear();
       this.host.sent(conversation, answer);
     });
   }

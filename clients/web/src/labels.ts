@@ -100,6 +100,7 @@ const EVENT_TYPE: Record<EventType, string> = {
   [EventType.ASSISTANT_CHANGED]: "Assistant",
   [EventType.BUDGET_CHANGED]: "Budget",
   [EventType.BUDGET_ALERT]: "Budget alert",
+  [EventType.FILE_CHANGED]: "File",
 };
 /** An event type as the feed's entries and its filter name it. */
 export const eventTypeLabel = (value: EventType): string => label(EVENT_TYPE, value);

@@ -120,6 +120,8 @@ function subject(event: Event): string {
       return payload.value.budget?.name ?? "";
     case "budgetAlert":
       return payload.value.budget;
+    case "fileChanged":
+      return payload.value.file?.name ?? "";
     default:
       return event.conversation || event.workspace || event.user;
   }
@@ -154,7 +156,9 @@ function summarize(event: Event, names: Names): Child[] {
                 ? `${p.part.value.text}`
                 : p.part.case === "toolCall"
                   ? `${p.part.value.functionName || p.part.value.tool}(…)`
-                  : "",
+                  : p.part.case === "file"
+                    ? `[${p.part.value.displayName || "file"}]`
+                    : "",
           )
           .join(" ") ?? "";
       const role = message ? messageRoleLabel(message.role) : "a";
@@ -198,6 +202,8 @@ function summarize(event: Event, names: Names): Child[] {
       const threshold = alert.percent ? ` (${alert.percent}%)` : "";
       return [`${names.title(alert.budget) || "a budget"} ${budgetAlertLabel(alert.kind)}${threshold}`];
     }
+    case "fileChanged":
+      return [quote(payload.value.file?.displayName ?? ""), ` ${changeLabel(payload.value.change)}${by}`];
     case "messageFiltered":
       return [`${payload.value.rejected ? "refused" : "flagged"} by the content filter${by}`];
     default:

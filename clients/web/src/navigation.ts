@@ -7,6 +7,7 @@ import { type Api, PAGE_SIZE, requestId } from "./api";
 import type { Composer } from "./composer";
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import { fill, formatTime, h } from "./dom";
+import { FileViews } from "./files";
 import { local } from "./errors";
 import { idAttributes, idRule } from "./ids";
 import { messageRoleLabel, roleLabel, storedOutcomeLabel } from "./labels";
@@ -61,6 +62,7 @@ export class Navigation {
   private workspaces: Workspace[] = [];
   private conversations: Conversation[] = [];
   private readonly messages = new Map<string, Message>();
+  private readonly files: FileViews;
 
   constructor(
     private readonly api: Api,
@@ -74,6 +76,7 @@ export class Navigation {
     /** The Budgets page shown (true) or left (false). */
     private readonly budgets: (open: boolean) => void = () => undefined,
   ) {
+    this.files = new FileViews(api, page);
     const form = (action: () => Promise<void>, ...children: HTMLElement[]): HTMLElement =>
       h(
         "form",
@@ -197,6 +200,7 @@ export class Navigation {
   /** Signed out: nothing open, nothing listed. */
   clear(): void {
     this.messages.clear();
+    this.files.clear();
     this.workspaces = [];
     this.conversations = [];
     this.workspace = this.conversation = "";
@@ -284,6 +288,7 @@ export class Navigation {
     if (workspace !== this.workspace) return;
     this.conversation = "";
     this.messages.clear();
+    this.files.clear();
     this.runs.stop();
     this.budgetsOpen = true;
     this.renderConversations();
@@ -302,6 +307,7 @@ export class Navigation {
       this.workspace = name;
       this.conversation = "";
       this.messages.clear();
+      this.files.clear();
       this.runs.stop();
       this.renderWorkspaces();
       this.renderConversation();
@@ -409,6 +415,7 @@ export class Navigation {
     if (name === this.conversation) return;
     this.conversation = name;
     this.messages.clear();
+    this.files.clear();
     this.runs.stop();
     this.renderConversations();
     this.renderConversation();
@@ -472,6 +479,9 @@ export class Navigation {
           { "data-testid": "message", "data-name": m.name, "data-role": role, class: `message ${role}` },
           h("span", { class: "role" }, messageRoleLabel(m.role)),
           h("div", { class: "text", "data-testid": "message-text", "data-content": true }, messageText(m)),
+          ...m.parts.flatMap((part) =>
+            part.part.case === "file" && part.part.value.file ? [this.files.view(part.part.value, m.name)] : [],
+          ),
         );
       }),
     );
@@ -492,10 +502,12 @@ function messageText(message: Message): string {
         case "data":
           return JSON.stringify(part.part.value);
         case "file":
-          return `[file ${part.part.value.uri}]`;
+          // A stored file is shown beside the text (FileViews); a bare URL as itself.
+          return part.part.value.file ? "" : `[file ${part.part.value.uri}]`;
         default:
           return "";
       }
     })
+    .filter((text) => text !== "")
     .join("\n");
 }

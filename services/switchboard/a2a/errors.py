@@ -63,7 +63,8 @@ def check_version(value: str) -> None:
 
 
 def content_refused(violations: list[FieldViolation]) -> InvalidArgument:
-    """A message with parts of a kind the agent does not take (only text is)."""
+    """A message with parts of a kind the agent does not take (data parts: it takes
+    text and files)."""
     first = violations[0]
     error = InvalidArgument(f"{first.field} {first.description}", violations)
     error.foreign = CONTENT_TYPE_NOT_SUPPORTED

@@ -24,7 +24,12 @@ from switchboard.a2a.push.configs import PushConfigs
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.handlers.handed import BUDGET_EXTENSION, HEADER, USAGE_KEY, Handed
-from switchboard.platform.errors import FailedPrecondition, FieldViolation, InvalidArgument
+from switchboard.platform.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    SwitchboardError,
+)
 from switchboard.platform.security.accesswatch import AccessWatch
 from switchboard.platform.security.policy import Permission, Policy, Principal
 
@@ -54,7 +59,23 @@ _RANK: Final[dict[int, int]] = {
 _FINAL_RANK: Final = 2
 #: A run update's stream events, each with its task state (None: an answer chunk).
 _Events = list[tuple[a2a.StreamResponse, int | None]]
+#: An answer's files as A2A parts (inside FrontDoor, ``list`` is a method).
+_Parts = list[a2a.Part]
 _PUSH_FIELD: Final = "configuration.task_push_notification_config"
+#: The media types a card says a message may carry (any other file is stored too).
+INPUT_MODES: Final = (
+    "text/plain",
+    "image/png",
+    "image/jpeg",
+    "image/gif",
+    "image/webp",
+    "application/pdf",
+    "text/markdown",
+    "text/csv",
+    "application/json",
+    "audio/wav",
+    "audio/mpeg",
+)
 
 
 class Runs(Protocol):
@@ -84,13 +105,20 @@ class Runs(Protocol):
 
 
 class Texts(Protocol):
-    """What it needs of the context service: new conversations and messages' text."""
+    """What it needs of the context service: new conversations, messages and the
+    bytes of an answer's small files."""
 
     def create_conversation(
         self, principal: Principal, parent: str, request_id: str
     ) -> Awaitable[str]: ...
 
     def text(self, principal: Principal, message: str) -> Awaitable[str]: ...
+
+    def message(self, principal: Principal, message: str) -> Awaitable[cpb.Message]: ...
+
+    def read_file(self, principal: Principal, file: str, limit: int) -> Awaitable[bytes]:
+        """The whole content of a stored file of at most ``limit`` bytes."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -421,16 +449,32 @@ class FrontDoor:
         if changed.state == pb.RUN_STATE_SUCCEEDED:
             status_at = (update.sequence, 1)
             if first > after:
-                # The answer's last chunk: empty after streamed deltas, else all of it.
-                text = "" if streamed else await self._answer(principal, changed)
-                events.append((mapping.chunk(run, text, first, append=streamed, last=True), None))
+                # The answer's last chunk: empty after streamed deltas, else all of it;
+                # its files either way.
+                text, files = await self._answer(principal, changed)
+                chunk = mapping.chunk(
+                    run, "" if streamed else text, first, append=streamed, last=True, files=files
+                )
+                events.append((chunk, None))
         if status_at > after:
             state = mapping.STATES.get(changed.state, a2a.TASK_STATE_UNSPECIFIED)
             events.append((mapping.status_event(changed, status_at), state))
         return events
 
-    async def _answer(self, principal: Principal, run: pb.Run) -> str:
-        return await self._texts.text(principal, run.output_message) if run.output_message else ""
+    async def _answer(self, principal: Principal, run: pb.Run) -> tuple[str, _Parts]:
+        """The answer's text and its files as A2A parts (small ones with their bytes)."""
+        if not run.output_message:
+            return "", []
+        message = await self._texts.message(principal, run.output_message)
+        contents: dict[str, bytes] = {}
+        for name in mapping.inlined(message):
+            try:
+                contents[name] = await self._texts.read_file(
+                    principal, name, mapping.MAX_INLINE_FILE_BYTES
+                )
+            except SwitchboardError:
+                continue  # deleted meanwhile, or unreadable: named instead
+        return mapping.text_of(message), mapping.file_parts(message, contents)
 
     async def _task(
         self,
@@ -445,9 +489,10 @@ class FrontDoor:
         if history is None or history > 0:
             question = await self._texts.text(principal, run.input_message)
         text: str | None = None
+        files: _Parts = []
         if answer and artifacts and run.state == pb.RUN_STATE_SUCCEEDED:
-            text = await self._answer(principal, run)
-        return mapping.task(run, question, text)
+            text, files = await self._answer(principal, run)
+        return mapping.task(run, question, text, files)
 
 
 def _rank(state: int) -> int:
@@ -568,7 +613,9 @@ def agent_card(
             extended_agent_card=True,
             extensions=[resume_extension(), budget_extension()],
         ),
-        default_input_modes=["text/plain"],
+        # What a message's parts may hold: text, and files the context service stores
+        # (images go to vision models, documents and audio are read as text).
+        default_input_modes=list(INPUT_MODES),
         default_output_modes=["text/plain"],
         skills=[skill],
     )

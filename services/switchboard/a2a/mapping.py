@@ -168,8 +168,16 @@ def handed_in(message: a2a.Message, field: str = "message") -> Handed | None:
     return parse_extension(value, f"{field}.metadata[{BUDGET_EXTENSION!r}]")
 
 
+#: Characters of a part's ``filename`` kept as the file's display name.
+MAX_FILENAME_CHARS: Final = 255
+_SCHEMES: Final = ("http://", "https://")
+
+
 def parts_in(message: a2a.Message, field: str = "message") -> list[cpb.ContentPart]:
-    """The Switchboard content of an A2A user message: its text parts, in order."""
+    """The Switchboard content of an A2A user message, in order: text parts as text,
+    file parts as file references the context service stores on append (``raw``
+    bytes as ``inline_data``, a ``url`` fetched through its egress policy), each
+    with the part's ``media_type`` and ``filename``. ``data`` parts are refused."""
     violations = Violations()
     if message.role not in (a2a.ROLE_USER, a2a.ROLE_UNSPECIFIED):
         violations.add(f"{field}.role", "must be ROLE_USER: the client speaks for the user")
@@ -178,15 +186,35 @@ def parts_in(message: a2a.Message, field: str = "message") -> list[cpb.ContentPa
     parts: list[cpb.ContentPart] = []
     refused = False
     for index, part in enumerate(message.parts):
-        if part.WhichOneof("content") != "text":
-            violations.add(f"{field}.parts[{index}]", "only text parts are accepted (docs/a2a.md)")
-            refused = True
-        else:
+        at = f"{field}.parts[{index}]"
+        kind = part.WhichOneof("content")
+        if kind == "text":
             parts.append(cpb.ContentPart(text=part.text))
+        elif kind == "raw":
+            if not part.raw:
+                violations.add(f"{at}.raw", "must not be empty")
+                continue
+            parts.append(cpb.ContentPart(file=_file(part, inline_data=part.raw)))
+        elif kind == "url":
+            if not part.url.lower().startswith(_SCHEMES):
+                violations.add(f"{at}.url", "must be an http(s) URL")
+                continue
+            parts.append(cpb.ContentPart(file=_file(part, uri=part.url)))
+        else:
+            violations.add(at, "data parts are not accepted: text and files only (docs/a2a.md)")
+            refused = True
     if refused:
         raise errors.content_refused(violations.items)
     violations.check()
     return parts
+
+
+def _file(part: a2a.Part, **content: Any) -> cpb.FileReference:
+    return cpb.FileReference(
+        mime_type=part.media_type,
+        display_name=part.filename[:MAX_FILENAME_CHARS],
+        **content,
+    )
 
 
 def text_of(message: cpb.Message) -> str:
@@ -235,20 +263,88 @@ def status(run: pb.Run) -> a2a.TaskStatus:
     return found
 
 
-def answer(text: str) -> a2a.Artifact:
-    """The run's answer (or a chunk of it) as the task's one artifact."""
-    return a2a.Artifact(artifact_id=ANSWER_ARTIFACT, name="answer", parts=[a2a.Part(text=text)])
+#: A file of the answer at most this large goes in the artifact as its bytes (``raw``)...
+MAX_INLINE_FILE_BYTES: Final = 1024 * 1024
+#: ... while the answer's inlined files stay within this, all together; any other file
+#: is named (``file_reference``).
+MAX_INLINE_FILES_BYTES: Final = 4 * 1024 * 1024
+#: The data part that names a stored file instead of carrying it.
+FILE_REFERENCE_KEY: Final = "file_reference"
+
+
+def inlined(message: cpb.Message) -> list[str]:
+    """The stored files of ``message`` whose bytes go in its artifact, in order: each
+    within ``MAX_INLINE_FILE_BYTES``, all within ``MAX_INLINE_FILES_BYTES``."""
+    chosen: list[str] = []
+    total = 0
+    for part in message.parts:
+        found = part.file if part.WhichOneof("part") == "file" else None
+        if found is None or not found.file or not 0 < found.size_bytes <= MAX_INLINE_FILE_BYTES:
+            continue
+        if total + found.size_bytes > MAX_INLINE_FILES_BYTES:
+            break
+        total += found.size_bytes
+        chosen.append(found.file)
+    return chosen
+
+
+def file_parts(message: cpb.Message, contents: dict[str, bytes]) -> list[a2a.Part]:
+    """A2A file parts of ``message``'s files: the bytes (``raw``) of those in
+    ``contents``, a URL a file came from and was not stored from, and a data part
+    ``{"file_reference": {...}}`` naming any other stored file (read it with the
+    context service's DownloadFile; A2A has no URL for it)."""
+    parts: list[a2a.Part] = []
+    for part in message.parts:
+        if part.WhichOneof("part") != "file":
+            continue
+        found = part.file
+        kind, name = found.mime_type, found.display_name
+        if found.file in contents:
+            parts.append(a2a.Part(raw=contents[found.file], media_type=kind, filename=name))
+        elif found.inline_data:
+            parts.append(a2a.Part(raw=found.inline_data, media_type=kind, filename=name))
+        elif found.file:
+            data = struct_pb2.Value()
+            data.struct_value.update(
+                {
+                    FILE_REFERENCE_KEY: {
+                        "name": found.file,
+                        "media_type": kind,
+                        "size_bytes": found.size_bytes,
+                        "filename": name,
+                    }
+                }
+            )
+            parts.append(a2a.Part(data=data, media_type="application/json", filename=name))
+        elif found.uri:
+            parts.append(a2a.Part(url=found.uri, media_type=kind, filename=name))
+    return parts
+
+
+def answer(text: str, files: list[a2a.Part] | None = None) -> a2a.Artifact:
+    """The run's answer (or a chunk of it) as the task's one artifact: its text, then
+    its files."""
+    return a2a.Artifact(
+        artifact_id=ANSWER_ARTIFACT, name="answer", parts=[a2a.Part(text=text), *(files or [])]
+    )
 
 
 def chunk(
-    run: str, text: str, cursor: Cursor, *, append: bool, last: bool = False
+    run: str,
+    text: str,
+    cursor: Cursor,
+    *,
+    append: bool,
+    last: bool = False,
+    files: list[a2a.Part] | None = None,
 ) -> a2a.StreamResponse:
-    """A streamed piece of ``run``'s answer, with its cursor."""
+    """A streamed piece of ``run``'s answer, with its cursor (the last one with the
+    answer's files)."""
     return a2a.StreamResponse(
         artifact_update=a2a.TaskArtifactUpdateEvent(
             task_id=task_id(run),
             context_id=context_id(run),
-            artifact=answer(text),
+            artifact=answer(text, files),
             append=append,
             last_chunk=last,
             metadata=sequenced(cursor),
@@ -270,7 +366,9 @@ def status_event(run: pb.Run, cursor: Cursor) -> a2a.StreamResponse:
     return event
 
 
-def task(run: pb.Run, question: str, answer_text: str | None) -> a2a.Task:
+def task(
+    run: pb.Run, question: str, answer_text: str | None, files: list[a2a.Part] | None = None
+) -> a2a.Task:
     """The task of ``run``; ``answer_text`` None while it has no answer yet."""
     found = a2a.Task(
         id=task_id(run.name),
@@ -279,7 +377,7 @@ def task(run: pb.Run, question: str, answer_text: str | None) -> a2a.Task:
         history=[user_message(run, question)] if question else [],
     )
     if answer_text is not None:
-        found.artifacts.append(answer(answer_text))
+        found.artifacts.append(answer(answer_text, files))
     found.metadata.update({"run": run.name, "assistant": run.assistant})
     with_usage(found.metadata, run)
     return found

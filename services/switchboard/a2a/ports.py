@@ -31,7 +31,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
 from switchboard.context.domain import ContextDomain
 from switchboard.dispatcher.handlers.handed import HEADER, Handed, header_value
 from switchboard.dispatcher.service import Dispatcher
-from switchboard.platform.errors import DependencyUnavailable
+from switchboard.platform.errors import DependencyUnavailable, RequestTooLarge
 from switchboard.platform.rpc.peers import PeerService, TokenIssuer
 from switchboard.platform.security.policy import Principal
 
@@ -94,6 +94,12 @@ class LocalTexts:
 
     async def text(self, principal: Principal, message: str) -> str:
         return mapping.text_of(await self._domain.messages.get(message))
+
+    async def message(self, principal: Principal, message: str) -> cpb.Message:
+        return await self._domain.messages.get(message)
+
+    async def read_file(self, principal: Principal, file: str, limit: int) -> bytes:
+        return await self._domain.files.read_all(file, limit=limit)
 
 
 class RemoteRuns:
@@ -188,6 +194,28 @@ class RemoteTexts:
         return made.conversation.name
 
     async def text(self, principal: Principal, message: str) -> str:
+        return mapping.text_of(await self.message(principal, message))
+
+    async def message(self, principal: Principal, message: str) -> cpb.Message:
         request = cpb.GetMessageRequest(name=message)
         found = await self._peer.call(self._stub.GetMessage, request, principal, _CALL_TIMEOUT_S)
-        return mapping.text_of(found.message)
+        return found.message
+
+    async def read_file(self, principal: Principal, file: str, limit: int) -> bytes:
+        """DownloadFile's frames, refused past ``limit`` bytes."""
+        call = self._stub.DownloadFile(
+            cpb.DownloadFileRequest(name=file, read_limit=limit + 1),
+            metadata=self._peer.metadata(principal),
+            timeout=_CALL_TIMEOUT_S,
+        )
+        content = bytearray()
+        try:
+            async for frame in call:
+                content += frame.data
+                if len(content) > limit:
+                    raise RequestTooLarge(f"{file} is larger than {limit} bytes")
+        except aio.AioRpcError as exc:
+            raise self._peer.error(exc) from None
+        finally:
+            call.cancel()
+        return bytes(content)

@@ -20,6 +20,7 @@ from switchboard.client.errors import (
     AlreadyExists,
     ApprovalExpired,
     Cancelled,
+    ChecksumMismatch,
     CircuitOpen,
     ContentBlocked,
     ConversationBusy,
@@ -35,6 +36,8 @@ from switchboard.client.errors import (
     HandlerFailed,
     Internal,
     InvalidArgument,
+    MediaTypeMismatch,
+    ModalityUnsupported,
     NotFound,
     OutOfRange,
     PermissionDenied,
@@ -58,22 +61,27 @@ from switchboard.client.errors import (
     Unavailable,
     Unimplemented,
     Unknown,
+    UploadExpired,
+    UploadOffsetMismatch,
     from_rpc_error,
     from_status,
 )
 from switchboard.client.events import Follower, scope
+from switchboard.client.files import CHUNK_BYTES, TransferPolicy
 from switchboard.client.interceptors import RetryPolicy
 from switchboard.client.runs import Answer, RunWatch
 from switchboard.client.session import TokenKeeper
 from switchboard.client.streams import StreamPolicy
 
 __all__ = [
+    "CHUNK_BYTES",
     "Aborted",
     "AlreadyExists",
     "Answer",
     "ApprovalExpired",
     "Backoff",
     "Cancelled",
+    "ChecksumMismatch",
     "CircuitOpen",
     "Client",
     "ContentBlocked",
@@ -91,6 +99,8 @@ __all__ = [
     "HandlerFailed",
     "Internal",
     "InvalidArgument",
+    "MediaTypeMismatch",
+    "ModalityUnsupported",
     "NotFound",
     "OutOfRange",
     "PermissionDenied",
@@ -114,10 +124,13 @@ __all__ = [
     "SwitchboardError",
     "TokenExpired",
     "TokenKeeper",
+    "TransferPolicy",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
     "Unknown",
+    "UploadExpired",
+    "UploadOffsetMismatch",
     "channel_options",
     "from_rpc_error",
     "from_status",

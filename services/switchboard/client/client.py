@@ -21,6 +21,14 @@ from switchboard.api.events.v1 import events_pb2_grpc
 from switchboard.api.integration.v1 import integration_pb2_grpc
 from switchboard.client.errors import Unauthenticated, Unavailable
 from switchboard.client.events import Follower, ScopeLike, TypeLike
+from switchboard.client.files import (
+    Destination,
+    Source,
+    TransferPolicy,
+    download,
+    upload_resumable,
+    upload_streamed,
+)
 from switchboard.client.interceptors import CallPolicy, RetryPolicy
 from switchboard.client.runs import Answer, RunWatch
 from switchboard.client.session import (
@@ -136,12 +144,14 @@ class Client:
         # grpc.aio client interceptors (the type stubs' own type for them is unusable).
         interceptors: Sequence[Any] = (),
         user_agent: str = USER_AGENT,
+        transfers: TransferPolicy | None = None,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError("timeout_s must be positive")
         self.target = target
         self.timeout_s = timeout_s
         self._streams = streams or StreamPolicy()
+        self._transfers = transfers or TransferPolicy()
         self.tokens = TokenKeeper(
             self._exchange,
             margin_s=refresh_margin_s,
@@ -298,6 +308,7 @@ class Client:
         ),
         request_id: str | None = None,
         timeout_s: float | None = None,
+        files: Sequence[str | context_pb2.File] = (),
     ) -> dispatcher_pb2.Run:
         """Send a user message and start a run that answers it; the run (usually QUEUED).
 
@@ -305,10 +316,16 @@ class Client:
         given), so a retry after UNAVAILABLE returns the first run instead of
         starting a second. ``handler`` forces one (``echo`` or ``handlers/echo``);
         ``parameters`` are the handler's (``{"delay_ms": 200}`` for echo).
+        ``files`` are stored files of the conversation's workspace (``upload_file``'s
+        answers, or their names), sent as file parts after the text.
         """
+        parts = [context_pb2.ContentPart(text=text)]
+        for file in files:
+            name = file if isinstance(file, str) else file.name
+            parts.append(context_pb2.ContentPart(file=context_pb2.FileReference(file=name)))
         request = dispatcher_pb2.SendMessageRequest(
             conversation=conversation,
-            message=context_pb2.Message(parts=[context_pb2.ContentPart(text=text)]),
+            message=context_pb2.Message(parts=parts),
             handler=handler_name(handler),
             assistant=assistant,
             request_id=request_id or new_request_id(),
@@ -353,6 +370,54 @@ class Client:
             dispatcher_pb2.CancelRunRequest(name=name, reason=reason)
         )
         return response.run
+
+    # -- files --------------------------------------------------------------------------
+
+    async def upload_file(
+        self,
+        workspace: str,
+        source: Source,
+        *,
+        display_name: str | None = None,
+        media_type: str | None = None,
+        resumable: bool = False,
+        request_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> context_pb2.File:
+        """Store a file in ``workspace``: a path, bytes or a seekable binary file.
+
+        ``display_name`` defaults to the file's name (required for bytes),
+        ``media_type`` to what the name suggests (the server checks it against the
+        content). Streamed by default (one ``UploadFile`` call, no deadline unless
+        ``timeout_s``); ``resumable=True`` uses the unary steps and continues after
+        ``UNAVAILABLE`` from the committed size (docs/python-client.md, "Files").
+        """
+        request_id = request_id or new_request_id()
+        if resumable:
+            return await upload_resumable(
+                self.context,
+                workspace,
+                source,
+                display_name=display_name,
+                media_type=media_type,
+                request_id=request_id,
+                policy=self._transfers,
+            )
+        return await upload_streamed(
+            self.context,
+            workspace,
+            source,
+            display_name=display_name,
+            media_type=media_type,
+            request_id=request_id,
+            timeout_s=timeout_s,
+        )
+
+    async def download_file(self, name: str, destination: Destination) -> context_pb2.File:
+        """Write a stored file's bytes to ``destination`` (a path or a binary file),
+        resuming at the offset reached after a dropped stream; the file's metadata.
+        Raises ``DataLoss`` if what arrived does not have the file's size and SHA-256."""
+        return await download(self.context, name, destination, policy=self._transfers)
 
     # -- events -------------------------------------------------------------------------
 

@@ -296,6 +296,41 @@ class ModelNotPriced(FailedPrecondition):
     REASON = _Reason.ERROR_REASON_MODEL_NOT_PRICED
 
 
+class UploadOffsetMismatch(FailedPrecondition):
+    """FAILED_PRECONDITION ``UPLOAD_OFFSET_MISMATCH``: an upload step's offset is
+    not the committed size; ``metadata["committed_size"]`` says where to continue."""
+
+    REASON = _Reason.ERROR_REASON_UPLOAD_OFFSET_MISMATCH
+
+
+class UploadExpired(FailedPrecondition):
+    """FAILED_PRECONDITION ``UPLOAD_EXPIRED``: the upload was abandoned past its
+    expiry and discarded; start again."""
+
+    REASON = _Reason.ERROR_REASON_UPLOAD_EXPIRED
+
+
+class ChecksumMismatch(InvalidArgument):
+    """INVALID_ARGUMENT ``CHECKSUM_MISMATCH``: the bytes sent do not have the
+    SHA-256 given; nothing was stored."""
+
+    REASON = _Reason.ERROR_REASON_CHECKSUM_MISMATCH
+
+
+class MediaTypeMismatch(InvalidArgument):
+    """INVALID_ARGUMENT ``MEDIA_TYPE_MISMATCH``: the content contradicts the
+    declared media type; ``metadata["detected_media_type"]`` says what it is."""
+
+    REASON = _Reason.ERROR_REASON_MEDIA_TYPE_MISMATCH
+
+
+class ModalityUnsupported(FailedPrecondition):
+    """FAILED_PRECONDITION ``MODALITY_UNSUPPORTED``: the model cannot take a kind
+    of content in the window (an image for a model without vision)."""
+
+    REASON = _Reason.ERROR_REASON_MODALITY_UNSUPPORTED
+
+
 class QueueFull(QuotaExceeded):
     """The run queue (global or the workspace's) is full."""
 

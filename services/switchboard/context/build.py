@@ -9,6 +9,10 @@ from __future__ import annotations
 from switchboard.context import servicer
 from switchboard.context.common import Limits
 from switchboard.context.domain import ContextDomain
+from switchboard.context.files.files import FileLimits
+from switchboard.context.files.stores import open_blob_store
+from switchboard.context.files.transcriber import Transcriber
+from switchboard.context.files.transcription import OpenAITranscriber
 from switchboard.context.plugins import load_entity_extractor, load_summarizer, load_token_counter
 from switchboard.context.settings import ContextSettings
 from switchboard.context.windowcache import WindowCache
@@ -16,6 +20,8 @@ from switchboard.platform.cache import Cache
 from switchboard.platform.config import KernelSettings
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.rpc.server import ServiceRegistration
+from switchboard.platform.security.egress import EgressPolicy, EgressSettings
+from switchboard.platform.security.policy import Policy
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.pagination import PageTokens
 from switchboard.shared import Shared, setting
@@ -34,12 +40,47 @@ def context_limits(settings: ContextSettings) -> Limits:
         max_memory_items=settings.context_max_memory_items,
         max_pinned=settings.context_max_pinned,
         max_window_tokens=settings.context_max_window_tokens,
+        image_tokens=settings.context_image_tokens,
         relevant_limit=settings.context_relevant_limit,
         auto_prune_messages=settings.context_auto_prune_messages,
         auto_prune_tokens=settings.context_auto_prune_tokens,
         summary_tokens=settings.context_summary_tokens,
         purge_after_s=settings.context_purge_after_s,
         writes_per_minute=settings.context_max_writes_per_minute,
+    )
+
+
+def file_limits(settings: ContextSettings) -> FileLimits:
+    return FileLimits(
+        max_bytes=settings.context_files_max_bytes,
+        quota_bytes=settings.context_files_quota_bytes,
+        max_uploads=settings.context_files_max_uploads,
+        upload_expiry_s=settings.context_files_upload_expiry_s,
+        max_inline_bytes=settings.context_files_max_inline_bytes,
+        max_text_chars=settings.context_files_max_text_chars,
+        max_pdf_pages=settings.context_files_max_pdf_pages,
+        max_transcribe_bytes=settings.context_files_max_transcribe_bytes,
+        transcribe_concurrency=settings.context_files_transcribe_concurrency,
+        orphan_grace_s=settings.context_files_orphan_grace_s,
+        purge_after_s=settings.context_purge_after_s,
+    )
+
+
+def context_transcriber(
+    settings: ContextSettings, egress: EgressSettings
+) -> OpenAITranscriber | None:
+    """The audio transcriber the settings configure, or None (no URL: audio files get no
+    transcript). Its endpoint is reached through the egress policy like any other."""
+    if not settings.context_transcription_url:
+        return None
+    with setting("SWITCHBOARD_EGRESS_ALLOW_CIDRS"):
+        policy = EgressPolicy.from_settings(egress)
+    return OpenAITranscriber(
+        settings.context_transcription_url,
+        model=settings.context_transcription_model,
+        api_key=settings.context_transcription_api_key.get_secret_value(),
+        policy=policy,
+        max_bytes=settings.context_files_max_transcribe_bytes,
     )
 
 
@@ -50,6 +91,10 @@ def context_service(
     bus: EventBus,
     counters: Cache,
     page_tokens: PageTokens,
+    *,
+    policy: Policy | None = None,
+    transcriber: Transcriber | None = None,
+    egress: EgressPolicy | None = None,
 ) -> ContextDomain:
     """The context domain with its configured plugins; raises ConfigError for unknown ones.
     Its window cache is in the kernel's Redis."""
@@ -66,6 +111,12 @@ def context_service(
         max_entries=settings.context_window_cache_entries,
         max_bytes=settings.context_window_cache_bytes,
     )
+    with setting("SWITCHBOARD_CONTEXT_FILES_DIR"):
+        blobs = open_blob_store(
+            settings,
+            database_url=kernel.database_url.get_secret_value(),
+            dev_mode=kernel.dev_mode,
+        )
     return ContextDomain(
         database,
         bus,
@@ -76,6 +127,12 @@ def context_service(
         extractor=extractor,
         limits=context_limits(settings),
         page_tokens=page_tokens,
+        blobs=blobs,
+        file_limits=file_limits(settings),
+        policy=policy,
+        transcriber=transcriber,
+        egress=egress,
+        fetch_timeout_s=settings.context_files_fetch_timeout_s,
     )
 
 
@@ -83,6 +140,12 @@ async def context_domain(shared: Shared) -> ContextDomain:
     """The process's one context domain, started the first time a service asks for it."""
 
     async def make() -> ContextDomain:
+        transcriber = context_transcriber(
+            shared.section(ContextSettings), shared.section(EgressSettings)
+        )
+        if transcriber is not None:
+            # Closed after the domain (the stack unwinds in reverse): transcriptions stop first.
+            shared.resources.push_async_callback(transcriber.close)
         domain = context_service(
             shared.section(ContextSettings),
             shared.settings,
@@ -90,6 +153,9 @@ async def context_domain(shared: Shared) -> ContextDomain:
             shared.bus,
             shared.cache,
             shared.page_tokens,
+            policy=shared.policy,
+            transcriber=transcriber,
+            egress=EgressPolicy.from_settings(shared.section(EgressSettings)),
         )
         # Maintenance (pruning, purging) runs where the context service is served.
         await domain.start(maintain="context" in shared.settings.services)

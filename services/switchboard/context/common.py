@@ -77,6 +77,8 @@ class Limits:
     max_memory_items: int = 10_000
     max_pinned: int = 50
     max_window_tokens: int = 1_000_000
+    #: Tokens an image counts for in a message (a fixed estimate).
+    image_tokens: int = 765
     max_query_chars: int = 1000
     relevant_limit: int = 10
     auto_prune_messages: int = 5000

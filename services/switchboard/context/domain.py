@@ -7,10 +7,17 @@ closing the background work.
 
 from __future__ import annotations
 
+from switchboard.context.attachments import Attachments
 from switchboard.context.common import Common, Limits
 from switchboard.context.conversations import Conversations
 from switchboard.context.conversationstore import ConversationStore
 from switchboard.context.entities import EntityExtractor
+from switchboard.context.files.blobs import BlobStore
+from switchboard.context.files.fetch import UrlFetcher
+from switchboard.context.files.files import FileLimits, Files
+from switchboard.context.files.filestore import FileStore
+from switchboard.context.files.stores import temporary_store
+from switchboard.context.files.transcriber import Transcriber
 from switchboard.context.memory import Memory
 from switchboard.context.memorystore import MemoryStore
 from switchboard.context.messages import Messages
@@ -26,6 +33,8 @@ from switchboard.context.workspaces import Members, Workspaces
 from switchboard.context.workspacestore import WorkspaceStore
 from switchboard.platform.cache import Cache
 from switchboard.platform.events.bus import EventBus
+from switchboard.platform.security.egress import EgressPolicy
+from switchboard.platform.security.policy import Policy
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.pagination import PageTokens
 
@@ -43,7 +52,14 @@ class ContextDomain:
         extractor: EntityExtractor,
         limits: Limits,
         page_tokens: PageTokens,
+        blobs: BlobStore | None = None,
+        file_limits: FileLimits | None = None,
+        policy: Policy | None = None,
+        transcriber: Transcriber | None = None,
+        egress: EgressPolicy | None = None,
+        fetch_timeout_s: float = 30.0,
     ) -> None:
+        """``blobs`` None: files in a fresh temporary directory (tests, benchmarks)."""
         common = Common(bus, counters, limits=limits, page_tokens=page_tokens, counter=counter)
         self.limits = limits
         workspace_store = WorkspaceStore(database)
@@ -54,16 +70,40 @@ class ContextDomain:
         self.pruning = Pruning(
             common, PruneStore(database), conversation_store, summarizer=summarizer
         )
+        if blobs is None:
+            blobs = temporary_store()
+        self.files = Files(
+            common,
+            FileStore(database),
+            blobs,
+            limits=file_limits or FileLimits(purge_after_s=limits.purge_after_s),
+            policy=policy,
+            transcriber=transcriber,
+        )
+        # A message's file parts become files of its workspace; URL parts are
+        # fetched under the egress policy (the strictest when none is given).
+        self._attachments = Attachments(
+            self.files,
+            UrlFetcher(egress or EgressPolicy(), timeout_s=fetch_timeout_s),
+            max_inline_bytes=self.files.file_limits.max_inline_bytes,
+        )
         self.messages = Messages(
-            common, MessageStore(database), extractor=extractor, appended=self.pruning.appended
+            common,
+            MessageStore(database),
+            extractor=extractor,
+            appended=self.pruning.appended,
+            attachments=self._attachments,
         )
         self.memory = Memory(common, MemoryStore(database))
-        self.windows = Windows(common, WindowStore(database), cache)
+        self.windows = Windows(common, WindowStore(database), cache, files=self.files)
 
     async def start(self, *, maintain: bool = True) -> None:
         """Start background work; ``maintain`` only in processes serving ContextService."""
         self.pruning.start(maintain=maintain)
+        await self.files.start(maintain=maintain)
 
     async def close(self) -> None:
         await self.pruning.close()
+        await self.files.close()
+        await self._attachments.close()
         await self.windows.cache.close()

@@ -1,4 +1,7 @@
-"""Messages: validation (tool calls and results too), limits, entity memory, events.
+"""Messages: validation (tool calls and results too), limits, files, entity memory, events.
+
+File parts become stored files of the workspace before the message is stored
+(``attachments.py``), and the message's token count includes their text.
 
 An append stores the message, counts it into its conversation and remembers
 the entities its text mentions, in one transaction; a conversation over its
@@ -9,13 +12,20 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from google.protobuf import struct_pb2
 
 from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
+from switchboard.context.attachments import (
+    Attached,
+    Attachments,
+    check_inline_sizes,
+    check_references,
+    file_parts,
+)
 from switchboard.context.common import (
     Common,
     Domain,
@@ -26,14 +36,14 @@ from switchboard.context.common import (
     stored,
     write,
 )
+from switchboard.context.documents import measure
 from switchboard.context.entities import EntityExtractor
 from switchboard.context.mapping import MESSAGE_ROLES, message_proto, workspace_name
 from switchboard.context.messagestore import Appended, EntityRecord, MessageStore, NewMessage
 from switchboard.context.parttext import render_parts
 from switchboard.context.records import ConversationRecord
-from switchboard.context.tokencount import message_tokens
 from switchboard.platform import names
-from switchboard.platform.errors import RequestTooLarge, Violations
+from switchboard.platform.errors import FailedPrecondition, RequestTooLarge, Violations
 from switchboard.platform.names import new_id
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.store import pagination
@@ -128,10 +138,13 @@ class Messages(Domain):
         *,
         extractor: EntityExtractor,
         appended: Callable[[ConversationRecord], None],
+        attachments: Attachments | None = None,
     ) -> None:
         super().__init__(common)
         self._store = store
         self._extractor = extractor
+        # Resolves file parts to stored files (None: a server without files).
+        self._attachments = attachments
         # Told of every conversation an append grew (automatic pruning).
         self._appended = appended
 
@@ -149,13 +162,14 @@ class Messages(Domain):
             if part.WhichOneof("part") is None:
                 violations.add(f"message.parts[{index}]", "is empty")
             tools.check(index, part)
+        check_references(message.parts, violations)
         if message.role == pb.MESSAGE_ROLE_TOOL and message.parts and not tools.results:
             violations.add("message.parts", "needs a tool_result part in a tool message")
         author = message.author or principal.user_name
         if author != principal.user_name and not author.startswith("handlers/"):
             violations.add("message.author", "must be the caller or a handlers/ name")
         violations.check()
-        size = message.ByteSize()
+        size = self._stored_size(message)
         if size > self.limits.max_message_bytes:
             raise RequestTooLarge(
                 f"message is {size} bytes; the limit is {self.limits.max_message_bytes}"
@@ -174,17 +188,41 @@ class Messages(Domain):
 
     @write
     async def append(self, principal: Principal, request: pb.AppendMessageRequest) -> pb.Message:
-        found = names.match(names.CONVERSATION, request.parent, "parent")
-        workspace_id, conversation_id = found[1], found[2]
+        workspace_id = names.match(names.CONVERSATION, request.parent, "parent")[1]
         message = request.message
+        author = self._check(principal, message, workspace_id)
         stored_message = pb.Message(
             role=message.role,
-            author=self._check(principal, message, workspace_id),
+            author=author,
             parts=message.parts,
             metadata=message.metadata if message.HasField("metadata") else None,
             run=message.run,
-            token_count=message_tokens(self.common.counter, message.parts),
         )
+        attached = Attached()
+        if any(True for _ in file_parts(stored_message.parts)):
+            if self._attachments is None:
+                raise FailedPrecondition("this server stores no files: file parts are refused")
+            attached = await self._attachments.attach(
+                principal, author, workspace_id, stored_message.parts
+            )
+        try:
+            return await self._append(principal, request, stored_message, attached)
+        except BaseException:
+            if self._attachments is not None:
+                await self._attachments.discard(attached)
+            raise
+
+    async def _append(
+        self,
+        principal: Principal,
+        request: pb.AppendMessageRequest,
+        stored_message: pb.Message,
+        attached: Attached,
+    ) -> pb.Message:
+        found = names.match(names.CONVERSATION, request.parent, "parent")
+        workspace_id, conversation_id = found[1], found[2]
+        message = request.message
+        stored_message.token_count = await self._tokens(stored_message.parts, attached)
         message_id = new_id()
         stored_message.name = f"{request.parent}/messages/{message_id}"
 
@@ -223,9 +261,34 @@ class Messages(Domain):
         # A replay publishes what its first attempt left in the outbox, if anything.
         await self.common.announce(staged)
         if appended.replayed:
+            # The first attempt's message names its own files; this one's are unused.
+            if self._attachments is not None:
+                await self._attachments.discard(attached)
             return message_proto(appended.message, workspace_id)
         self._appended(appended.conversation)
         return staged.events[0].message_created.message
+
+    def _stored_size(self, message: pb.Message) -> int:
+        """The serialized size of ``message`` as stored: inline bytes become files
+        (within their own limit), so the message's limit is for the rest."""
+        if not any(reference.inline_data for _, reference in file_parts(message.parts)):
+            return message.ByteSize()
+        check_inline_sizes(
+            message.parts, self._attachments.max_inline_bytes if self._attachments else 0
+        )
+        stored = pb.Message()
+        stored.CopyFrom(message)
+        for _, reference in file_parts(stored.parts):
+            reference.ClearField("inline_data")
+        return stored.ByteSize()
+
+    async def _tokens(self, parts: Sequence[pb.ContentPart], attached: Attached) -> int:
+        """The message's tokens, its files' text included, as a window counts them
+        (``documents.measure``)."""
+        texts: dict[str, tuple[str, int]] = {}
+        if attached.named and self._attachments is not None:
+            texts = await self._attachments.files.texts(attached.named)
+        return measure(self.common.counter, parts, texts, self.limits.image_tokens).tokens
 
     def _entities(self, text: str) -> list[EntityRecord]:
         if not text:

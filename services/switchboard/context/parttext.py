@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from typing import Final
 
 from google.protobuf import struct_pb2
 
 from switchboard.api.context.v1 import context_pb2
 from switchboard.platform.structs import plain
+
+#: Images vision models take; each costs a fixed number of tokens in a window
+#: (``tokencount.message_tokens``) and goes to a vision model as an image.
+VISION_IMAGE_TYPES: Final = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 
 
 def compact_json(value: struct_pb2.Struct) -> str:
@@ -27,6 +32,23 @@ def compact_json(value: struct_pb2.Struct) -> str:
     """
     data = {key: plain(item) for key, item in value.fields.items()}
     return json.dumps(data, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+
+
+def render_file(reference: context_pb2.FileReference) -> str:
+    """A file part as the model reads it: ``[file <display_name> <mime_type>]`` and,
+    for a document or a transcribed recording, a newline and its text (as the
+    context window filled it in); a part that names no stored file (stored
+    before files were) is ``[file <mime_type> <uri>]``."""
+    if not reference.file:
+        return f"[file {reference.mime_type} {reference.uri}]"
+    name = reference.display_name or reference.file.rsplit("/", 1)[-1]
+    head = f"[file {name} {reference.mime_type}]"
+    return f"{head}\n{reference.text}" if reference.text else head
+
+
+def is_vision_image(reference: context_pb2.FileReference) -> bool:
+    """A stored image of a type vision models take (OpenAI's list)."""
+    return bool(reference.file) and reference.mime_type in VISION_IMAGE_TYPES
 
 
 def _tool_call_head(call: context_pb2.ToolCallContent) -> str:
@@ -46,7 +68,7 @@ def _render_part(part: context_pb2.ContentPart, *, brief: bool) -> str | None:
     if kind == "data":
         return compact_json(part.data)
     if kind == "file":
-        return f"[file {part.file.mime_type} {part.file.uri}]"
+        return render_file(part.file)
     if kind == "tool_call":
         if brief:
             return _tool_call_head(part.tool_call) + "]"
@@ -63,7 +85,10 @@ def render_parts(parts: Iterable[context_pb2.ContentPart]) -> str:
     """Render a message's content as the text a model sees, parts joined by newlines.
 
     Text parts are used as they are, ``data`` parts become compact JSON with
-    sorted keys, and ``file`` parts become ``[file <mime_type> <uri>]``. A
+    sorted keys, and ``file`` parts become ``[file <display_name> <mime_type>]``
+    followed by a newline and the file's text when the window filled it in
+    (``render_file``; ``[file <mime_type> <uri>]`` for a part naming no stored
+    file). A
     ``tool_call`` becomes ``[tool call <function_name>(<arguments as compact
     JSON>)]`` (the ``tool`` name when it has no function name), and a
     ``tool_result`` becomes ``[tool result <tool>: <outcome>]`` followed by a

@@ -6,6 +6,7 @@ here runs (``platform/security/access.py``); ``role_var`` holds the caller's rol
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 from grpc import aio
@@ -197,6 +198,64 @@ class ContextServiceServicer:
         self, request: pb.PruneConversationRequest, context: Context
     ) -> pb.PruneConversationResponse:
         return await self._domain.pruning.prune(current_principal(), request)
+
+    # Files.
+
+    async def UploadFile(
+        self, request_iterator: AsyncIterator[pb.UploadFileRequest], context: Context
+    ) -> pb.UploadFileResponse:
+        # The parent is in the first frame: the domain authorizes it (a per-item rule).
+        file = await self._domain.files.upload_stream(current_principal(), request_iterator)
+        return pb.UploadFileResponse(file=file)
+
+    async def StartUpload(
+        self, request: pb.StartUploadRequest, context: Context
+    ) -> pb.StartUploadResponse:
+        upload = await self._domain.files.start_upload(current_principal(), request)
+        return pb.StartUploadResponse(upload=upload)
+
+    async def AppendUpload(
+        self, request: pb.AppendUploadRequest, context: Context
+    ) -> pb.AppendUploadResponse:
+        upload = await self._domain.files.append_upload(current_principal(), request)
+        return pb.AppendUploadResponse(upload=upload)
+
+    async def GetUpload(
+        self, request: pb.GetUploadRequest, context: Context
+    ) -> pb.GetUploadResponse:
+        return pb.GetUploadResponse(upload=await self._domain.files.get_upload(request.name))
+
+    async def FinishUpload(
+        self, request: pb.FinishUploadRequest, context: Context
+    ) -> pb.FinishUploadResponse:
+        file = await self._domain.files.finish_upload(current_principal(), request)
+        return pb.FinishUploadResponse(file=file)
+
+    async def CancelUpload(
+        self, request: pb.CancelUploadRequest, context: Context
+    ) -> pb.CancelUploadResponse:
+        await self._domain.files.cancel_upload(current_principal(), request.name)
+        return pb.CancelUploadResponse()
+
+    async def GetFile(self, request: pb.GetFileRequest, context: Context) -> pb.GetFileResponse:
+        return pb.GetFileResponse(file=await self._domain.files.get(request))
+
+    async def ListFiles(
+        self, request: pb.ListFilesRequest, context: Context
+    ) -> pb.ListFilesResponse:
+        return await self._domain.files.list(request)
+
+    async def DownloadFile(
+        self, request: pb.DownloadFileRequest, context: Context
+    ) -> AsyncIterator[pb.DownloadFileResponse]:
+        async for frame in self._domain.files.download(request):
+            yield frame
+
+    async def DeleteFile(
+        self, request: pb.DeleteFileRequest, context: Context
+    ) -> pb.DeleteFileResponse:
+        await self._domain.files.delete(current_principal(), request.name)
+        return pb.DeleteFileResponse()
 
 
 #: Answered with the bytes a cached window was stored as.

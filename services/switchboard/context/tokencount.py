@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from typing import Final, Protocol
 
 from switchboard.api.context.v1 import context_pb2
-from switchboard.context.parttext import render_parts
+from switchboard.context.parttext import is_vision_image, render_parts
 
 # Chat formats wrap each message in a role marker and separators; counting them
 # keeps a window of many short messages from overflowing.
@@ -81,6 +81,14 @@ class ApproxTokenCounter:
         return total
 
 
-def message_tokens(counter: TokenCounter, parts: Iterable[context_pb2.ContentPart]) -> int:
-    """The tokens a message costs in a window: its rendered content plus framing."""
-    return counter.count(render_parts(parts)) + MESSAGE_OVERHEAD
+def message_tokens(
+    counter: TokenCounter, parts: Iterable[context_pb2.ContentPart], image_tokens: int = 0
+) -> int:
+    """The tokens a message costs in a window: its rendered content (with the
+    text of its files, where filled in) plus framing, plus ``image_tokens`` for
+    each image a vision model would be sent (``parttext.VISION_IMAGE_TYPES``):
+    what an image costs depends on the model and its size, so it is a fixed
+    estimate (the setting ``SWITCHBOARD_CONTEXT_IMAGE_TOKENS``)."""
+    parts = list(parts)
+    images = sum(1 for part in parts if part.HasField("file") and is_vision_image(part.file))
+    return counter.count(render_parts(parts)) + MESSAGE_OVERHEAD + images * image_tokens

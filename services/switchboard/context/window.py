@@ -32,11 +32,15 @@ Rules, applied in this order:
    dropped, so no memory is ever listed twice.)
 4. The summary, if it fits; otherwise ``excluded`` with ``OVER_BUDGET``.
 5. Recent messages, newest first, while they fit. The first one that does not
-   fit goes to ``excluded`` with ``OVER_BUDGET``; every live message older than
-   it (the rest of ``recent`` and ``older_messages``) is counted in
-   ``omitted_messages`` and not listed. Included messages are therefore always
-   a contiguous run of the newest live messages: a conversation with a hole in
-   the middle would mislead the model.
+   fit whole is included cut down to the budget left (``Choice.truncated``,
+   ``Choice.tokens`` the budget left) if it has documents to cut and its
+   ``floor`` (its tokens with every document cut to its note) fits; at most
+   one message is cut. Otherwise, and for the next one that does not fit
+   after a cut, it goes to ``excluded`` with ``OVER_BUDGET``; every live
+   message older than it (the rest of ``recent`` and ``older_messages``) is
+   counted in ``omitted_messages`` and not listed. Included messages are
+   therefore always a contiguous run of the newest live messages: a
+   conversation with a hole in the middle would mislead the model.
 6. A tool result is never shown without its call. An assistant message's tool
    calls (``calls``) and the tool messages answering them (``answers``) are a
    unit, so the run of messages from rule 5 loses its oldest messages, up to
@@ -53,8 +57,8 @@ Rules, applied in this order:
 ``included`` is in reading order for a handler: pinned, relevant (rank order),
 the summary, then messages oldest first (chronological). ``excluded`` is in the
 order the decisions were made (pinned, relevant, summary, messages newest
-first). ``total_tokens`` is the sum over ``included`` and never exceeds the
-budget. A budget of 0 with nothing pinned is valid: everything is excluded or
+first). ``total_tokens`` is the sum of ``Choice.tokens`` over ``included``
+and never exceeds the budget. A budget of 0 with nothing pinned is valid: everything is excluded or
 omitted. A negative budget, token count, ``older_messages`` or a
 ``relevant_share`` outside ``[0, 1]`` raises ``ValueError``.
 """
@@ -83,7 +87,9 @@ class Candidate:
     """Something that could go into a window: its key, its cost, and whether it expired.
 
     For messages, ``calls`` are the ids of the tool calls it makes (an assistant
-    message) and ``answers`` the ids of the calls it answers (a tool message).
+    message) and ``answers`` the ids of the calls it answers (a tool message);
+    ``floor`` is the fewest tokens it can be cut to when it holds documents
+    (each cut to a note saying so), ``None`` when it cannot be cut.
     """
 
     key: str
@@ -91,14 +97,26 @@ class Candidate:
     expired: bool = False
     calls: frozenset[str] = frozenset()
     answers: frozenset[str] = frozenset()
+    floor: int | None = None
 
 
 @dataclass(frozen=True)
 class Choice:
-    """One decision of the planner about one candidate."""
+    """One decision of the planner about one candidate; ``shown`` is what a
+    message cut to fit may take (``None``: all of it)."""
 
     candidate: Candidate
     reason: Reason
+    shown: int | None = None
+
+    @property
+    def tokens(self) -> int:
+        """The tokens it takes in the window."""
+        return self.candidate.tokens if self.shown is None else self.shown
+
+    @property
+    def truncated(self) -> bool:
+        return self.shown is not None
 
 
 @dataclass(frozen=True)
@@ -141,6 +159,12 @@ def _validate(
                 raise ValueError(
                     f"{slot} candidate {candidate.key!r} has negative tokens ({candidate.tokens})"
                 )
+            floor = candidate.floor
+            if floor is not None and not (0 <= floor <= candidate.tokens):
+                raise ValueError(
+                    f"{slot} candidate {candidate.key!r} has a floor ({floor}) outside "
+                    f"[0, {candidate.tokens}]"
+                )
 
 
 class _Planner:
@@ -157,9 +181,10 @@ class _Planner:
     def fits(self, candidate: Candidate) -> bool:
         return self.used + candidate.tokens <= self.budget
 
-    def include(self, candidate: Candidate, reason: Reason) -> None:
-        self.included.append(Choice(candidate, reason))
-        self.used += candidate.tokens
+    def include(self, candidate: Candidate, reason: Reason, shown: int | None = None) -> None:
+        choice = Choice(candidate, reason, shown)
+        self.included.append(choice)
+        self.used += choice.tokens
 
     def exclude(self, candidate: Candidate, reason: Reason) -> None:
         self.excluded.append(Choice(candidate, reason))
@@ -208,10 +233,18 @@ class _Planner:
         fitting: list[int] = []
         cut = len(recent)
         used = self.used
+        # The one message cut to fit, and what it may take.
+        shrunk: tuple[int, int] | None = None
         for index, candidate in enumerate(recent):
             if candidate.expired:
                 continue
             if used + candidate.tokens > self.budget:
+                floor = candidate.floor
+                if shrunk is None and floor is not None and used + floor <= self.budget:
+                    shrunk = (index, self.budget - used)
+                    fitting.append(index)
+                    used = self.budget
+                    continue
                 cut = index
                 break
             fitting.append(index)
@@ -234,6 +267,8 @@ class _Planner:
                 omitted += 1
             elif index == cut or index in separated:
                 self.exclude(candidate, Reason.OVER_BUDGET)
+            elif shrunk is not None and index == shrunk[0]:
+                self.include(candidate, Reason.RECENT, shrunk[1])
             else:
                 self.include(candidate, Reason.RECENT)
         # Decided newest first; a handler reads the conversation in order.

@@ -6,16 +6,29 @@ serialized response (``windowcache.py``) under the versions it was built from:
 any write to the conversation or to the memory it draws on changes a version,
 so a cached window is never stale; one is also dropped when a memory item in
 it expires.
+
+Files: each message's file parts get their file's text (``FileReference.text``:
+a document's extracted text, a recording's transcript), counted in the
+message's tokens, and the one message that does not fit whole may be shown
+with its documents cut to fit (``window.py`` rule 5, ``documents.py``). A
+file's text is written once, when it becomes ready, so the cache key needs no
+version of it: a window is not cached while a file it names may still get its
+text (a document or recording whose text is not ready), and a window that
+shows file text is kept at most ``FILE_TEXT_CACHE_S``, as deleting a file
+changes no version the key holds.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Protocol
 
 from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.context.common import Common, Domain, check_text, stored
+from switchboard.context.documents import Texts, cut, fill, measure
+from switchboard.context.files.sniff import kind_of
 from switchboard.context.mapping import (
     REASONS,
     conversation_name,
@@ -39,7 +52,32 @@ from switchboard.platform.names import now
 from switchboard.platform.security.policy import Principal
 
 # Bump when the cached window's shape or the planning rules change.
-_WINDOW_FORMAT: Final = "w2"
+_WINDOW_FORMAT: Final = "w3"
+#: How long a cached window showing file text may be served (a deleted file's
+#: text stops showing within this).
+FILE_TEXT_CACHE_S: Final = 60.0
+
+
+class FileTexts(Protocol):
+    """What a window needs of the files domain (``ContextDomain.files``)."""
+
+    async def texts(self, names: Sequence[str]) -> dict[str, tuple[str, int]]: ...
+
+
+def _file_names(message: pb.Message) -> list[str]:
+    return [part.file.file for part in message.parts if part.HasField("file") and part.file.file]
+
+
+def _may_get_text(message: pb.Message, texts: Texts) -> bool:
+    """Whether a file the message names may still get a text (not ready yet)."""
+    return any(
+        part.file.file not in texts and kind_of(part.file.mime_type) in _TEXT_KINDS
+        for part in message.parts
+        if part.HasField("file") and part.file.file
+    )
+
+
+_TEXT_KINDS: Final = frozenset({pb.FILE_KIND_DOCUMENT, pb.FILE_KIND_AUDIO})
 
 
 def _tool_links(message: pb.Message) -> tuple[frozenset[str], frozenset[str]]:
@@ -68,11 +106,18 @@ class _Memories:
 
 
 class Windows(Domain):
-    def __init__(self, common: Common, store: WindowStore, cache: WindowCache) -> None:
+    def __init__(
+        self,
+        common: Common,
+        store: WindowStore,
+        cache: WindowCache,
+        files: FileTexts | None = None,
+    ) -> None:
         super().__init__(common)
         self._store = store
         #: The windows already built, as served (bytes).
         self.cache = cache
+        self._files = files
 
     async def window(self, principal: Principal, request: pb.GetContextWindowRequest) -> bytes:
         """The serialized ``GetContextWindowResponse`` (cached as bytes, served as bytes)."""
@@ -110,8 +155,17 @@ class Windows(Domain):
         if cached is not None:
             return cached
         rows = await self._rows(workspace_id, conversation_id, scopes, request)
-        payload, valid_until = self._build(scopes.conversation, rows, request.token_budget)
-        if (rows.conversation.version, rows.workspace_version, rows.user_version) == versions:
+        messages = {seq: pb.Message.FromString(rows.bodies[seq]) for seq, _ in rows.recent}
+        texts = await self._texts(messages.values())
+        payload, valid_until = self._build(
+            scopes.conversation, rows, messages, texts, request.token_budget
+        )
+        settled = not any(_may_get_text(message, texts) for message in messages.values())
+        if texts:
+            valid_until = min(valid_until, now().timestamp() + FILE_TEXT_CACHE_S)
+        if settled and (
+            (rows.conversation.version, rows.workspace_version, rows.user_version) == versions
+        ):
             # Only a window built from exactly the versions in the key is cached
             # under it; one that saw a newer write is served but not stored.
             await self.cache.put(key, payload, valid_until)
@@ -148,16 +202,39 @@ class Windows(Domain):
                 "the query cannot be searched", [FieldViolation("query", "cannot be searched")]
             ) from None
 
-    def _build(self, conversation: str, rows: WindowRows, budget: int) -> tuple[bytes, float]:
-        """The serialized response of the window planned from ``rows``, and until when it holds."""
+    async def _texts(self, messages: Iterable[pb.Message]) -> Texts:
+        """The ready texts of the files the messages name."""
+        wanted = sorted({name for message in messages for name in _file_names(message)})
+        if not wanted or self._files is None:
+            return {}
+        return await self._files.texts(wanted)
+
+    def _build(
+        self,
+        conversation: str,
+        rows: WindowRows,
+        messages: dict[int, pb.Message],
+        texts: Texts,
+        budget: int,
+    ) -> tuple[bytes, float]:
+        """The serialized response of the window planned from ``rows``, and until when it holds.
+
+        ``messages``: every loaded body (most are shown, and the planner pairs
+        tool calls with their results, window.py rule 6); ``texts``: their files'."""
         memories = _Memories(stamp=now().timestamp())
-        # Every loaded body: most are shown, and the planner pairs tool calls
-        # with their results (window.py, rule 6).
-        messages = {seq: pb.Message.FromString(rows.bodies[seq]) for seq, _ in rows.recent}
+        counter, image_tokens = self.common.counter, self.limits.image_tokens
         recent = []
-        for seq, tokens in rows.recent:
-            calls, answers = _tool_links(messages[seq])
-            recent.append(Candidate(key=str(seq), tokens=tokens, calls=calls, answers=answers))
+        for seq, stored_tokens in rows.recent:
+            message = messages[seq]
+            calls, answers = _tool_links(message)
+            tokens, floor = stored_tokens, None
+            if _file_names(message):
+                # Counted with its files' text as it stands now, not as at append.
+                measured = measure(counter, message.parts, texts, image_tokens)
+                tokens, floor = measured.tokens, measured.floor
+            recent.append(
+                Candidate(key=str(seq), tokens=tokens, calls=calls, answers=answers, floor=floor)
+            )
         try:
             plan = plan_window(
                 budget=budget,
@@ -174,24 +251,34 @@ class Windows(Domain):
                 metadata={"pinned_tokens": str(exc.needed)},
             ) from None
 
-        def item(choice: Choice) -> pb.ContextItem:
-            entry = pb.ContextItem(
-                reason=REASONS[choice.reason], token_count=choice.candidate.tokens
-            )
+        def item(choice: Choice, shown: bool) -> pb.ContextItem:
+            entry = pb.ContextItem(reason=REASONS[choice.reason], token_count=choice.tokens)
             memory = memories.by_key.get(choice.candidate.key)
             if memory is not None:
                 entry.memory_item.CopyFrom(memory_proto(memory))
-            else:
-                entry.message.CopyFrom(messages[int(choice.candidate.key)])
+                return entry
+            entry.message.CopyFrom(messages[int(choice.candidate.key)])
+            if shown and texts and _file_names(entry.message):
+                parts = entry.message.parts
+                if choice.truncated:
+                    filled, entry.token_count = cut(
+                        counter, parts, texts, choice.tokens, image_tokens
+                    )
+                else:
+                    filled = fill(parts, texts)
+                del parts[:]
+                parts.extend(filled)
             return entry
 
+        included = [item(c, shown=True) for c in plan.included]
         window = pb.ContextWindow(
             conversation=conversation,
             conversation_version=rows.conversation.version,
             token_budget=budget,
-            total_tokens=plan.total_tokens,
-            included=[item(c) for c in plan.included],
-            excluded=[item(c) for c in plan.excluded],
+            # What a cut message takes once cut (at most what the plan gave it).
+            total_tokens=sum(entry.token_count for entry in included),
+            included=included,
+            excluded=[item(c, shown=False) for c in plan.excluded],
             tokenizer=self.common.counter.name,
             omitted_messages=plan.omitted_messages,
         )

@@ -184,6 +184,16 @@ _SAFE_LEVELS: Final = frozenset(
         descriptor_pb2.MethodOptions.IDEMPOTENT,
     }
 )
+#: Methods whose requests carry a file's bytes, up to a 1 MiB chunk per message. Their
+#: routes buffer a whole request message for the unsent-request retry: with Envoy's
+#: default (the 1 MiB connection buffer), a chunk with its framing would overflow it and
+#: lose the retry when a replica refuses the stream.
+CHUNK_METHODS: Final = frozenset(
+    {
+        "/switchboard.api.context.v1.ContextService/AppendUpload",
+        "/switchboard.api.context.v1.ContextService/UploadFile",
+    }
+)
 #: Retries for a request that never reached a server: safe for every method.
 _RETRY_UNSENT: Final = "connect-failure,refused-stream"
 #: ... and, for methods the contract marks safe to repeat, after UNAVAILABLE or a reset.
@@ -219,7 +229,9 @@ CONSOLE_CSP: Final = "; ".join(
         "default-src 'self'",
         "script-src 'self'",
         "style-src 'self'",
-        "img-src 'self'",
+        # blob: the console shows an image attachment from the bytes it downloaded
+        # (DownloadFile, then a Blob URL); nothing from another origin.
+        "img-src 'self' blob:",
         "connect-src 'self'",
         "font-src 'self'",
         "object-src 'none'",
@@ -1233,7 +1245,13 @@ def _service_routes(service: ServiceDescriptor, cluster: str, spec: EdgeSpec) ->
     routes: list[Route] = []
     for method in service.methods:
         path = f"/{service.full_name}/{method.name}"
-        if _streaming(method):
+        if path in CHUNK_METHODS:
+            route = _route(
+                RouteMatch(path=path), cluster, spec, unary=not _streaming(method), safe=False
+            )
+            route.request_body_buffer_limit = spec.limits.max_receive_message_bytes
+            routes.append(route)
+        elif _streaming(method):
             routes.append(_route(RouteMatch(path=path), cluster, spec, unary=False, safe=False))
         elif safe_to_retry(method):
             routes.append(_route(RouteMatch(path=path), cluster, spec, unary=True, safe=True))

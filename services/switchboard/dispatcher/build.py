@@ -113,6 +113,7 @@ def llm_config(settings: DispatcherSettings) -> LlmConfig:
             base_url=settings.llm_base_url,
             api_key=settings.llm_api_key.get_secret_value(),
             model=settings.llm_model,
+            vision=settings.llm_vision,
         )
     with setting("SWITCHBOARD_LLM_FALLBACKS"):
         fallbacks = parse_providers(settings.llm_fallbacks.get_secret_value() or "[]")
@@ -128,6 +129,9 @@ def llm_config(settings: DispatcherSettings) -> LlmConfig:
         breaker_reset_s=settings.llm_breaker_reset_s,
         max_output_tokens=settings.llm_max_output_tokens,
         max_connections=settings.llm_max_connections,
+        image_policy=settings.llm_image_policy,
+        max_image_bytes=settings.llm_max_image_bytes,
+        max_images=settings.llm_max_images,
     )
 
 

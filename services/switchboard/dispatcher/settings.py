@@ -207,10 +207,16 @@ class DispatcherSettings(Section):
         default="",
         description="model of the primary provider",
     )
+    llm_vision: bool = Field(
+        default=False,
+        description="the primary model sees images: messages' image files go to it as "
+        "`image_url` parts (docs/files.md)",
+    )
     llm_fallbacks: SecretStr = Field(
         default=SecretStr(""),
         description='JSON list of fallback providers, tried in order: `[{"name": "b", '
-        '"base_url": "...", "api_key": "...", "model": "..."}]` (a secret)',
+        '"base_url": "...", "api_key": "...", "model": "...", "vision": false}]` (a secret; '
+        "`vision`: the model sees images)",
     )
     llm_prices: str = Field(
         default="",
@@ -247,6 +253,24 @@ class DispatcherSettings(Section):
         ge=1,
         le=100_000,
         description="model connections open at once: at most this many llm runs stream at a time",
+    )
+
+    llm_image_policy: Literal["note", "refuse"] = Field(
+        default="note",
+        description="an image sent to a model without vision: `note` (a text note in its "
+        "place) or `refuse` (the run fails `FAILED_PRECONDITION`, `MODALITY_UNSUPPORTED`)",
+    )
+    llm_max_image_bytes: int = Field(
+        default=5 * MiB,
+        ge=1024,
+        le=64 * MiB,
+        description="largest image sent to a vision model; a larger one is a text note",
+    )
+    llm_max_images: int = Field(
+        default=16,
+        ge=0,
+        le=500,
+        description="images sent in one model call (the newest); older ones are text notes",
     )
 
     @model_validator(mode="after")

@@ -37,6 +37,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from switchboard.api.context.v1 import context_pb2
+
 
 @dataclass(frozen=True)
 class ToolSpec:
@@ -60,6 +62,10 @@ class ToolResult:
     text: str = ""
     #: The tool ran but reported an error.
     is_error: bool = False
+    #: Files it returned (MCP image, audio and embedded resource content), each with
+    #: ``inline_data``, ``mime_type`` and ``display_name``, or a ``uri``; counted in
+    #: the result's size.
+    files: tuple[context_pb2.FileReference, ...] = ()
 
 
 #: Progress reported by a running tool: (progress, total or None, message).

@@ -363,5 +363,13 @@ def _result(
     text = "".join(deltas)
     if not text:  # an expert that does not stream: the result's text parts
         text = "\n\n".join(p.text for p in result.parts if p.WhichOneof("part") == "text")
-    structured = json_format.MessageToDict(result, preserving_proto_field_name=True)
-    return ToolResult(structured=structured, text=text)
+    # File parts are the result's files; their bytes are not repeated in the
+    # structured result (base64 there, and counted twice).
+    files = tuple(part.file for part in result.parts if part.WhichOneof("part") == "file")
+    shown = handler_pb2.HandleResult()
+    shown.CopyFrom(result)
+    for part in shown.parts:
+        if part.WhichOneof("part") == "file":
+            part.file.ClearField("inline_data")
+    structured = json_format.MessageToDict(shown, preserving_proto_field_name=True)
+    return ToolResult(structured=structured, text=text, files=files)

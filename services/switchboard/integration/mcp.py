@@ -36,10 +36,13 @@ once), sends ``tools/call`` with a progress token and forwards
 ``notifications/progress``. A deadline or a cancelled caller makes the SDK
 send ``notifications/cancelled`` for the request before ``TimeoutError`` or
 ``CancelledError`` reaches the caller. Text content is joined by newlines,
+image and audio content and embedded resources become ``ToolResult.files``
+(base64 decoded; a blob resource named by its URI's last segment; a text
+resource stays in the text too, and is a file when it names a media type),
 ``structuredContent`` kept, ``isError`` becomes ``ToolResult.is_error``, and
 a JSON-RPC error the server answers the call with is a tool error too (an
 HTTP error status is ``Unreachable``). A result
-whose text plus serialized structured content exceeds ``max_result_bytes``
+whose text, files and serialized structured content exceed ``max_result_bytes``
 raises ``ResultTooLarge``; over HTTP the response is cut off once it carries
 ``raw_limit(max_result_bytes)`` bytes, and the server is told to stop.
 
@@ -66,14 +69,18 @@ credential. ``DestinationBlocked`` comes from the egress policy unchanged.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import contextvars
 import json
 import logging
+import mimetypes
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, Final, TypeVar
+from urllib.parse import unquote, urlsplit
 
 import anyio
 import httpx
@@ -85,6 +92,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 from pydantic import ValidationError
 
+from switchboard.api.context.v1 import context_pb2
 from switchboard.integration.connectors import (
     Malformed,
     Progress,
@@ -961,24 +969,98 @@ def _spec(tool: types.Tool) -> ToolSpec:
 
 def _result(result: types.CallToolResult, max_result_bytes: int) -> ToolResult:
     parts: list[str] = []
+    files: list[context_pb2.FileReference] = []
+    size = 0
     for block in result.content:
         if isinstance(block, types.TextContent):
             parts.append(block.text)
-        elif isinstance(block, types.EmbeddedResource) and isinstance(
-            block.resource, types.TextResourceContents
-        ):
-            parts.append(block.resource.text)
+        elif isinstance(block, types.ImageContent | types.AudioContent):
+            found = _file(block.data, block.mime_type, f"{block.type}-{len(files) + 1}", block.type)
+            files.append(found)
+            parts.append(f"[{block.type}: {found.display_name}, {found.mime_type}]")
+        elif isinstance(block, types.EmbeddedResource):
+            resource = block.resource
+            if isinstance(resource, types.TextResourceContents):
+                # Text the model reads, as before; with a media type it is a
+                # document too, stored like any file the tool returns.
+                parts.append(resource.text)
+                if resource.mime_type:
+                    files.append(
+                        context_pb2.FileReference(
+                            inline_data=resource.text.encode(),
+                            mime_type=resource.mime_type,
+                            display_name=_file_name(
+                                _resource_name(resource.uri, len(files) + 1), resource.mime_type
+                            ),
+                        )
+                    )
+            else:
+                found = _file(
+                    resource.blob,
+                    resource.mime_type or "application/octet-stream",
+                    _resource_name(resource.uri, len(files) + 1),
+                    "resource",
+                )
+                files.append(found)
+                parts.append(f"[resource: {found.display_name}, {found.mime_type}]")
         else:
-            # Images, audio, links and binary resources have no text form here.
+            # Links to resources the server holds: nothing to store without reading them.
             parts.append(f"[{block.type} content]")
     text = "\n".join(parts)
     # Parsed by pydantic, which stops at about 200 levels: within what json.dumps and
     # the hub walk; its depth is the hub's to measure, for every connector
     # (tools._check_result).
     structured = result.structured_content
-    size = len(text.encode())
+    size += len(text.encode()) + sum(len(found.inline_data) for found in files)
     if structured is not None:
         size += len(json.dumps(structured, separators=(",", ":")).encode())
     if size > max_result_bytes:
         raise ResultTooLarge(f"the tool's result is larger than {max_result_bytes} bytes")
-    return ToolResult(structured=structured, text=text, is_error=bool(result.is_error))
+    return ToolResult(
+        structured=structured, text=text, is_error=bool(result.is_error), files=tuple(files)
+    )
+
+
+#: Characters kept of a file name a server gives (a resource URI's last segment).
+_MAX_NAME_CHARS: Final = 200
+
+
+def _file(data: str, mime_type: str, stem: str, kind: str) -> context_pb2.FileReference:
+    """Base64 content as a file to store; Malformed when it is not base64."""
+    try:
+        content = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise Malformed(f"its tool answered with {kind} content that is not base64") from None
+    return context_pb2.FileReference(
+        inline_data=content, mime_type=mime_type, display_name=_file_name(stem, mime_type)
+    )
+
+
+#: Extensions of the types tools return most, where the platform's table has none or
+#: an unusual one (``mimetypes`` knows ``audio/x-wav``, not ``audio/wav``).
+_EXTENSIONS: Final = {
+    "audio/wav": ".wav",
+    "audio/mpeg": ".mp3",
+    "audio/ogg": ".ogg",
+    "audio/webm": ".webm",
+    "audio/flac": ".flac",
+    "image/jpeg": ".jpg",
+    "image/webp": ".webp",
+    "text/plain": ".txt",
+    "text/markdown": ".md",
+}
+
+
+def _file_name(stem: str, mime_type: str) -> str:
+    """``stem``, with the media type's extension when it has none."""
+    kind = mime_type.split(";", 1)[0].strip().lower()
+    extension = _EXTENSIONS.get(kind) or mimetypes.guess_extension(kind) or ""
+    name = stem if "." in stem else stem + extension
+    return name[:_MAX_NAME_CHARS]
+
+
+def _resource_name(uri: object, position: int) -> str:
+    """A resource's file name: its URI's last path segment, else ``resource-N``."""
+    segment = urlsplit(str(uri)).path.rstrip("/").rsplit("/", 1)[-1]
+    name = unquote(segment).strip()
+    return (name or f"resource-{position}")[:_MAX_NAME_CHARS]

@@ -92,6 +92,13 @@ CANCEL_TIMEOUT_S: Final = 5.0
 CARD_TTL_S: Final = 300.0
 #: Characters of the agent's own status message kept in a failure.
 MAX_DETAIL_CHARS: Final = 200
+#: Bytes of one ``raw`` file part kept to store with the answer (the context service's
+#: default inline file limit); a larger one keeps its name, type and size only.
+MAX_INLINE_BYTES: Final = 4 * 1_048_576
+#: Bytes of ``raw`` file parts kept for one answer, all together.
+MAX_ANSWER_FILE_BYTES: Final = 16 * 1_048_576
+#: Characters of a file part's ``filename`` kept as its display name.
+MAX_FILENAME_CHARS: Final = 200
 #: The one tool the hub lists for an agent.
 TOOL_NAME: Final = "send_message"
 #: Data part key that ties a conversation's answers to the agent's task and context.
@@ -366,6 +373,7 @@ class _Relay:
         parts = [context_pb2.ContentPart(text=text)]
         for extras in self.extras.values():
             parts.extend(extras)
+        _within_bound(parts)
         if self.context_id:
             tie = struct_pb2.Struct()
             tie.update(
@@ -439,7 +447,9 @@ def _text(parts: Any) -> str:
 
 
 def _extras(parts: Any) -> list[context_pb2.ContentPart]:
-    """Artifact parts other than text, as content parts (``raw`` bytes are not kept)."""
+    """Artifact parts other than text, as content parts: ``data`` as data, ``url``
+    and ``raw`` as files (a ``raw`` part's bytes kept up to ``MAX_INLINE_BYTES``,
+    stored by the context service with the answer)."""
     found: list[context_pb2.ContentPart] = []
     for part in parts:
         kind = part.WhichOneof("content")
@@ -457,18 +467,35 @@ def _extras(parts: Any) -> list[context_pb2.ContentPart]:
         elif kind == "url":
             found.append(
                 context_pb2.ContentPart(
-                    file=context_pb2.FileReference(uri=part.url, mime_type=part.media_type)
-                )
-            )
-        elif kind == "raw":
-            found.append(
-                context_pb2.ContentPart(
                     file=context_pb2.FileReference(
-                        mime_type=part.media_type, size_bytes=len(part.raw)
+                        uri=part.url,
+                        mime_type=part.media_type,
+                        display_name=part.filename[:MAX_FILENAME_CHARS],
                     )
                 )
             )
+        elif kind == "raw":
+            reference = context_pb2.FileReference(
+                mime_type=part.media_type,
+                size_bytes=len(part.raw),
+                display_name=part.filename[:MAX_FILENAME_CHARS],
+            )
+            if len(part.raw) <= MAX_INLINE_BYTES:
+                reference.inline_data = part.raw
+            found.append(context_pb2.ContentPart(file=reference))
     return found
+
+
+def _within_bound(parts: list[context_pb2.ContentPart]) -> None:
+    """Keep the bytes of inline files up to ``MAX_ANSWER_FILE_BYTES`` in all; later
+    ones keep their name, type and size only."""
+    kept = 0
+    for part in parts:
+        if part.WhichOneof("part") != "file" or not part.file.inline_data:
+            continue
+        kept += len(part.file.inline_data)
+        if kept > MAX_ANSWER_FILE_BYTES:
+            part.file.ClearField("inline_data")
 
 
 def _delta(text: str) -> handler_pb2.HandleResponse:
@@ -983,4 +1010,9 @@ def _tool_result(result: handler_pb2.HandleResult) -> ToolResult:
     for part in result.parts:
         if part.WhichOneof("part") == "data" and TASK_KEY in part.data.fields:
             structured.update(json_format.MessageToDict(part.data))
-    return ToolResult(text=text, structured=structured)
+    files = tuple(
+        part.file
+        for part in result.parts
+        if part.WhichOneof("part") == "file" and (part.file.inline_data or part.file.uri)
+    )
+    return ToolResult(text=text, structured=structured, files=files)

@@ -299,7 +299,9 @@ class Tools:
                 raise DependencyUnavailable(
                     "the tool answered with a structured result that is not a JSON object"
                 ) from None
+        response.files.extend(result.files)
         response.latency.FromNanoseconds(int(elapsed * 1e9))
+        # Files count: the dispatcher carries them to the handler and the stored message.
         if response.ByteSize() > limit:
             raise ResultTooLarge(f"the tool's result is larger than {limit} bytes")
         return response

@@ -211,6 +211,39 @@ class ModelNotPriced(FailedPrecondition):
     reason = "ERROR_REASON_MODEL_NOT_PRICED"
 
 
+class UploadOffsetMismatch(FailedPrecondition):
+    """An upload step's offset is not the committed size; metadata ``committed_size``
+    says where the client continues."""
+
+    reason = "ERROR_REASON_UPLOAD_OFFSET_MISMATCH"
+
+
+class UploadExpired(FailedPrecondition):
+    """A resumable upload was abandoned past its expiry and discarded."""
+
+    reason = "ERROR_REASON_UPLOAD_EXPIRED"
+
+
+class ChecksumMismatch(InvalidArgument):
+    """The bytes received do not have the SHA-256 the client gave; nothing is stored."""
+
+    reason = "ERROR_REASON_CHECKSUM_MISMATCH"
+
+
+class MediaTypeMismatch(InvalidArgument):
+    """The content's sniffed media type contradicts the declared one; metadata
+    ``detected_media_type``."""
+
+    reason = "ERROR_REASON_MEDIA_TYPE_MISMATCH"
+
+
+class ModalityUnsupported(FailedPrecondition):
+    """The model cannot take a kind of content the window holds (an image for a
+    model without vision); metadata ``media_type`` and ``model``."""
+
+    reason = "ERROR_REASON_MODALITY_UNSUPPORTED"
+
+
 class RequestTooLarge(SwitchboardError):
     """A field or message exceeds a documented size limit."""
 

@@ -93,6 +93,8 @@ MEMBER: Final = re.compile(rf"workspaces/({ID})/members/({ID})")
 ASSISTANT: Final = re.compile(rf"workspaces/({ID})/assistants/({ID})")
 INTEGRATION: Final = re.compile(rf"workspaces/({ID})/integrations/({ID})")
 BUDGET: Final = re.compile(rf"workspaces/({ID})/budgets/({ID})")
+FILE: Final = re.compile(rf"workspaces/({ID})/files/({ID})")
+UPLOAD: Final = re.compile(rf"workspaces/({ID})/uploads/({ID})")
 #: A workspace's quotas: a singleton under it (AIP-156).
 WORKSPACE_QUOTA: Final = re.compile(rf"workspaces/({ID})/quota")
 #: A tool name as the MCP specification (2025-11-25) says it should be: 1-128 ASCII

@@ -14,7 +14,7 @@ propagate (``finally`` may clean up) and must not start new work after it.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -74,6 +74,12 @@ class StepBudget(Protocol):
     async def release(self, hold: str) -> None: ...
 
 
+#: Reads a stored file the run's window names, as the run's user:
+#: ``await files(name, limit)`` is its whole content (RequestTooLarge past
+#: ``limit`` bytes, NotFound once deleted).
+FileReader = Callable[[str, int], Awaitable[bytes]]
+
+
 @dataclass
 class HandleCall:
     """One invocation of a handler: the request and the run's deadline."""
@@ -87,6 +93,9 @@ class HandleCall:
     tools: ToolRunner | None = None
     #: The run's budgets; ``None`` when none applies (then nothing is reserved).
     budget: StepBudget | None = None
+    #: Reads the files the window names (images for a vision model); ``None``
+    #: where files cannot be read (a handler then describes them in text).
+    files: FileReader | None = None
 
     def remaining(self) -> float:
         """Seconds left before the deadline (never negative)."""

@@ -32,6 +32,7 @@ import httpx
 
 from switchboard.dispatcher.handlers.base import HandlerFailure
 from switchboard.dispatcher.llm.config import LlmConfig, Provider
+from switchboard.dispatcher.llm.images import for_model
 from switchboard.dispatcher.llm.stream import (
     AttemptFailed,
     Outcome,
@@ -219,6 +220,9 @@ class ProviderClient:
         for provider in chain:
             breaker = self._breakers[provider.name]
             body: dict[str, Any] = {"model": provider.model, **request}
+            # Image parts for a model with vision, their notes for one without.
+            if "messages" in request:
+                body["messages"] = for_model(request["messages"], provider.vision)
             retry = 0
             while True:
                 if remaining() <= 0:

@@ -18,6 +18,8 @@ from switchboard.platform.jsonbounds import JsonRejected
 MIB: Final = 1024 * 1024
 #: A providers or prices setting longer than this is not a setting.
 MAX_SETTING_BYTES: Final = MIB
+#: What an image sent to a model without vision becomes.
+IMAGE_POLICIES: Final = ("note", "refuse")
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,9 @@ class Provider:
     base_url: str
     api_key: str = field(repr=False)
     model: str
+    #: Whether the model sees images (OpenAI-compatible ``image_url`` parts); a
+    #: model without vision gets a note or refuses (``LlmConfig.image_policy``).
+    vision: bool = False
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name != self.name.strip():
@@ -74,6 +79,13 @@ class LlmConfig:
     max_response_bytes: int = 4 * MIB
     #: Connections open at once, over all providers.
     max_connections: int = 64
+    #: What an image sent to a model without vision becomes: ``note`` (a text
+    #: note in its place) or ``refuse`` (the run fails ``MODALITY_UNSUPPORTED``).
+    image_policy: str = "note"
+    #: Larger images are not sent; the model reads a note instead.
+    max_image_bytes: int = 5 * MIB
+    #: Images sent in one model call at most (the newest); older ones become notes.
+    max_images: int = 16
 
     def __post_init__(self) -> None:
         if not self.providers:
@@ -90,6 +102,10 @@ class LlmConfig:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_connections < 1:
             raise ValueError("max_connections must be at least 1")
+        if self.image_policy not in IMAGE_POLICIES:
+            raise ValueError(f"image_policy must be one of {', '.join(IMAGE_POLICIES)}")
+        if self.max_image_bytes < 1 or self.max_images < 0:
+            raise ValueError("max_image_bytes must be at least 1 and max_images not negative")
         if self.breaker_reset_s < 0 or self.connect_timeout_s <= 0:
             raise ValueError("breaker_reset_s must be >= 0 and connect_timeout_s > 0")
 
@@ -99,7 +115,7 @@ class LlmConfig:
 
 # The parsers raise ValueError even for wrong JSON types: a settings validator
 # (pydantic) reports a ValueError as an invalid setting, a TypeError as a crash.
-_PROVIDER_KEYS: Final = frozenset({"name", "base_url", "api_key", "model"})
+_PROVIDER_KEYS: Final = frozenset({"name", "base_url", "api_key", "model", "vision"})
 _PRICE_KEYS: Final = frozenset({"input_per_mtok", "output_per_mtok"})
 
 
@@ -112,7 +128,7 @@ def _load_json(text: str, what: str) -> object:
 
 
 def parse_providers(text: str) -> tuple[Provider, ...]:
-    """Providers from a JSON list of ``{name, base_url, api_key?, model}`` objects.
+    """Providers from a JSON list of ``{name, base_url, api_key?, model, vision?}`` objects.
 
     Blank text means none. Unknown keys are refused (a misspelt ``api_key``
     would otherwise send requests without one).
@@ -136,8 +152,13 @@ def parse_providers(text: str) -> tuple[Provider, ...]:
         api_key = item.get("api_key", "")
         if not isinstance(api_key, str):
             raise ValueError(f"{where}: 'api_key' must be a string")  # noqa: TRY004
+        vision = item.get("vision", False)
+        if not isinstance(vision, bool):
+            raise ValueError(f"{where}: 'vision' must be true or false")  # noqa: TRY004
         try:
-            providers.append(Provider(item["name"], item["base_url"], api_key, item["model"]))
+            providers.append(
+                Provider(item["name"], item["base_url"], api_key, item["model"], vision)
+            )
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
     names = [provider.name for provider in providers]

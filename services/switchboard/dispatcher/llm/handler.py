@@ -7,7 +7,8 @@ token usage summed over every call and its price from the configured table.
 This module composes the handler from parts that each do one job:
 
 - ``config``: the providers, prices and limits, parsed from settings;
-- ``messages``: the run's context as Chat Completions messages;
+- ``messages``: the run's context as Chat Completions messages, and
+  ``images`` the image files in it for vision models (notes for the others);
 - ``tools``: the tools offered, each tool step of the run and the messages
   it adds to the conversation;
 - ``client``: one model call along the provider chain, with retries,
@@ -48,6 +49,7 @@ from switchboard.dispatcher.handlers.base import (
 )
 from switchboard.dispatcher.llm.client import Answer, ProviderClient
 from switchboard.dispatcher.llm.config import LlmConfig, Provider, parse_prices, parse_providers
+from switchboard.dispatcher.llm.images import check_policy, load
 from switchboard.dispatcher.llm.messages import build_messages
 from switchboard.dispatcher.llm.tools import ToolLoop
 from switchboard.dispatcher.llm.usage import Price, Tally, estimate_tokens
@@ -126,6 +128,9 @@ class LlmHandler:
         shown = any(step.text for step in request.steps)
         usage = Tally(self._count)
         messages = build_messages(request)
+        # Images: refused here under the refuse policy, else read once for the run's calls.
+        chain, images = check_policy(messages, chain, self._config)
+        await load(images, call.files, self._config)
         tools = ToolLoop(call)
         budget = call.budget
         prices = self._prices(chain, budget)

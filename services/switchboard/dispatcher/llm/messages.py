@@ -4,7 +4,9 @@ The context window comes from the context service: memory and summaries become
 one system message after the assistant's instructions, stored tool calls are
 paired with their results as the API requires, and the new message goes last.
 Rendering matches the context service's own, so the model reads what the
-window's budget counted.
+window's budget counted. A user message with image files becomes the Chat
+Completions content array, with an ``ImagePart`` per image (``images.py``
+reads them and decides, per provider, whether they go as images or notes).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from typing import Any, Final
 
 from switchboard.api.context.v1 import context_pb2
 from switchboard.api.handler.v1 import handler_pb2
-from switchboard.context.parttext import render_parts
+from switchboard.context.parttext import is_vision_image, render_parts
+from switchboard.dispatcher.llm.images import ImagePart
 from switchboard.dispatcher.llm.tools import assistant_calls, json_text, tool_message
 
 _TOOL_PARTS: Final = frozenset({"tool_call", "tool_result"})
@@ -37,11 +40,36 @@ def _short_tool(resource: str) -> str:
     return resource.rsplit("/", 1)[-1]
 
 
+def _user_content(parts: Sequence[context_pb2.ContentPart]) -> str | list[dict[str, Any]]:
+    """A user message's content: its text, or with image files, the Chat Completions
+    array of text parts and image parts in the parts' order (each image after
+    the text that names it, ``[file <name> <type>]``, as the window counted it)."""
+    kept = [part for part in parts if part.WhichOneof("part") not in _TOOL_PARTS]
+    if not any(part.WhichOneof("part") == "file" and is_vision_image(part.file) for part in kept):
+        return render_parts(kept)
+    content: list[dict[str, Any]] = []
+    pending: list[context_pb2.ContentPart] = []
+    for part in kept:
+        pending.append(part)
+        if part.WhichOneof("part") == "file" and is_vision_image(part.file):
+            content.append({"type": "text", "text": render_parts(pending)})
+            content.append(ImagePart(part.file))
+            pending = []
+    if pending:
+        text = render_parts(pending)
+        if text:
+            content.append({"type": "text", "text": text})
+    return content
+
+
 def _chat_message(message: context_pb2.Message) -> dict[str, Any] | None:
     if message.role == context_pb2.MESSAGE_ROLE_TOOL:
         return _orphan_tool_output(message.parts)
-    text = _text_of(message.parts)
     role = _ROLES.get(message.role, "user")
+    if role == "user":
+        content = _user_content(message.parts)
+        return {"role": role, "content": content} if content else None
+    text = _text_of(message.parts)
     return {"role": role, "content": text} if text else None
 
 
@@ -142,6 +170,7 @@ def build_messages(request: handler_pb2.HandleRequest) -> list[dict[str, Any]]:
     remembered: list[str] = []
     summaries: list[str] = []
     window: list[context_pb2.Message] = []
+    current_message = request.message
     for item in request.context.included:
         kind = item.WhichOneof("item")
         if kind == "memory_item":
@@ -156,6 +185,8 @@ def build_messages(request: handler_pb2.HandleRequest) -> list[dict[str, Any]]:
             # The dispatcher stores the message before the window is built, so
             # the window may already hold it; it is sent once, last.
             if request.message.name and item.message.name == request.message.name:
+                # The window's copy: its files' text is filled in (and cut to fit).
+                current_message = item.message
                 continue
             window.append(item.message)
     blocks: list[str] = []
@@ -169,6 +200,6 @@ def build_messages(request: handler_pb2.HandleRequest) -> list[dict[str, Any]]:
     if blocks:
         messages.append({"role": "system", "content": "\n\n".join(blocks)})
     messages.extend(_history(window))
-    current = _chat_message(request.message)
+    current = _chat_message(current_message)
     messages.append(current or {"role": "user", "content": ""})
     return messages

@@ -130,12 +130,18 @@ def _arguments(text: str) -> struct_pb2.Struct | None:
 
 
 def _result_text(result: handler_pb2.ToolResult) -> str:
-    """What the model reads of a result: its text, else its structured output."""
-    if result.text:
-        return result.text
-    if result.result.fields:
-        return json_text(result.result)
-    return ""
+    """What the model reads of a result: its text, else its structured output; and
+    which files it returned (stored in the conversation with the result)."""
+    text = result.text or (json_text(result.result) if result.result.fields else "")
+    if not result.files:
+        return text
+    files = ", ".join(
+        f"{found.display_name or 'file'} ({found.mime_type or 'unknown type'}, "
+        f"{len(found.inline_data) or found.size_bytes} bytes)"
+        for found in result.files
+    )
+    note = f"[the tool returned {len(result.files)} file(s): {files}]"
+    return f"{text}\n{note}" if text else note
 
 
 def _step_arguments(call: handler_pb2.ToolCall) -> str:

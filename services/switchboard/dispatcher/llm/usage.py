@@ -22,6 +22,9 @@ from switchboard.api.handler.v1 import handler_pb2
 # Chat formats wrap each message in role markers; the estimate counts them as
 # the context service's counter does, so estimates and window budgets agree.
 MESSAGE_OVERHEAD: Final = 4
+#: The tokens an image is estimated at: OpenAI's high-detail cost of a 1024x1024 image
+#: (4 tiles of 170 plus 85 = 765), the same fixed cost the context window counts.
+IMAGE_TOKENS: Final = 765
 # Usage travels as int32 fields; a provider's absurd count is capped, not wrapped.
 INT32_MAX: Final = 2**31 - 1
 
@@ -128,7 +131,18 @@ class Tally:
         )
 
     def _message_tokens(self, message: dict[str, Any]) -> int:
-        tokens = self.count(message.get("content") or "") + MESSAGE_OVERHEAD
+        content = message.get("content") or ""
+        if isinstance(content, list):
+            # A content array: its text parts, and each image at the fixed
+            # estimate the context service counts it at (docs/files.md).
+            tokens = MESSAGE_OVERHEAD
+            for part in content:
+                if part.get("type") == "image_url":
+                    tokens += IMAGE_TOKENS
+                else:
+                    tokens += self.count(part.get("text") or "")
+        else:
+            tokens = self.count(content) + MESSAGE_OVERHEAD
         for tool_call in message.get("tool_calls", ()):
             function = tool_call["function"]
             tokens += self.count(function["name"]) + self.count(function["arguments"])

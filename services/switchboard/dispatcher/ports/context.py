@@ -1,8 +1,9 @@
 """How the dispatcher reaches the context service: through its contract only.
 
-The dispatcher stores messages and reads context windows with the context
-service's own request and response messages (``AppendMessageRequest``,
-``GetContextWindowRequest``). Two adapters carry them:
+The dispatcher stores messages, reads context windows and reads the files a
+window names (an image for a vision model) with the context service's own
+request and response messages (``AppendMessageRequest``,
+``GetContextWindowRequest``, ``DownloadFileRequest``). Two adapters carry them:
 
 * ``LocalContext``: the context service runs in this process (the embedded
   default). The request goes straight to its domain object: the same
@@ -17,11 +18,15 @@ service's own request and response messages (``AppendMessageRequest``,
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable
 from typing import Protocol
 
+from grpc import aio
+
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.context.v1 import context_pb2_grpc
+from switchboard.platform.errors import RequestTooLarge
 from switchboard.platform.rpc.peers import PeerService, TokenIssuer
 from switchboard.platform.security.policy import Principal
 
@@ -42,6 +47,10 @@ class _Conversations(Protocol):
     def get(self, name: str) -> Awaitable[cpb.Conversation]: ...
 
 
+class _Files(Protocol):
+    def read_all(self, name: str, *, limit: int) -> Awaitable[bytes]: ...
+
+
 class ContextDomain(Protocol):
     """What ``LocalContext`` needs of the context service's domain (``context/domain.py``)."""
 
@@ -53,6 +62,9 @@ class ContextDomain(Protocol):
 
     @property
     def conversations(self) -> _Conversations: ...
+
+    @property
+    def files(self) -> _Files: ...
 
 
 class ContextPort(Protocol):
@@ -67,6 +79,13 @@ class ContextPort(Protocol):
     async def conversation(
         self, principal: Principal, name: str, *, timeout_s: float
     ) -> cpb.Conversation: ...
+
+    async def download(
+        self, principal: Principal, name: str, *, limit: int, timeout_s: float
+    ) -> bytes:
+        """A stored file's whole content; RequestTooLarge beyond ``limit`` bytes,
+        NotFound for a file that is gone."""
+        ...
 
 
 class LocalContext:
@@ -88,6 +107,14 @@ class LocalContext:
         self, principal: Principal, name: str, *, timeout_s: float
     ) -> cpb.Conversation:
         return await self._domain.conversations.get(name)
+
+    async def download(
+        self, principal: Principal, name: str, *, limit: int, timeout_s: float
+    ) -> bytes:
+        # The name comes from the run's window, which the user was authorized to
+        # read; in this process the domain reads the blob without a loopback call.
+        async with asyncio.timeout(timeout_s):
+            return await self._domain.files.read_all(name, limit=limit)
 
 
 class RemoteContext:
@@ -117,3 +144,24 @@ class RemoteContext:
             self._stub.GetConversation, cpb.GetConversationRequest(name=name), principal, timeout_s
         )
         return response.conversation
+
+    async def download(
+        self, principal: Principal, name: str, *, limit: int, timeout_s: float
+    ) -> bytes:
+        # One byte past the limit tells a file over it from one exactly at it,
+        # without streaming the rest.
+        request = cpb.DownloadFileRequest(name=name, read_limit=limit + 1)
+        data = bytearray()
+        try:
+            async with asyncio.timeout(timeout_s):
+                call = self._stub.DownloadFile(
+                    request, metadata=self._peer.metadata(principal), timeout=timeout_s
+                )
+                async for frame in call:
+                    data += frame.data
+                    if len(data) > limit:
+                        call.cancel()
+                        raise RequestTooLarge(f"{name} is larger than {limit} bytes")
+        except aio.AioRpcError as exc:
+            raise self._peer.error(exc) from None
+        return bytes(data)

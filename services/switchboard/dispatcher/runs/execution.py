@@ -20,7 +20,7 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
 
 from opentelemetry.trace import StatusCode, Tracer
@@ -30,7 +30,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.dispatcher import mapping
 from switchboard.dispatcher.budgets.spending import Read, Spending
-from switchboard.dispatcher.handlers.base import HandleCall, HandlerFailure
+from switchboard.dispatcher.handlers.base import FileReader, HandleCall, HandlerFailure
 from switchboard.dispatcher.handlers.handed import Handed
 from switchboard.dispatcher.llm.usage import INT32_MAX
 from switchboard.dispatcher.ports.context import ContextPort
@@ -173,8 +173,7 @@ class Execution:
             output, result = await self._drive(active)
             run.output_message = output.name
             run.usage.CopyFrom(result.usage)
-            final = pb.RunUpdate()
-            final.result.CopyFrom(result)
+            final = pb.RunUpdate(result=_as_shown(result, output))
             self._publishing.emit(active, final, with_end=True)
             active.to(pb.RUN_STATE_SUCCEEDED)
         except asyncio.CancelledError:
@@ -308,7 +307,13 @@ class Execution:
             runner = self._runner(active, definitions, clock)
             if runner is not None:
                 request.max_tool_steps = step_limit(self._tool_limits, assistant)
-            clock.call = HandleCall(request, clock.deadline, tools=runner, budget=active.budget)
+            clock.call = HandleCall(
+                request,
+                clock.deadline,
+                tools=runner,
+                budget=active.budget,
+                files=self._file_reader(active, left),
+            )
             result = await self._relay(active, clock.call)
             if runner is not None:
                 await runner.drain()
@@ -331,6 +336,15 @@ class Execution:
                 timeout_s=left(),
             )
         return output, result
+
+    def _file_reader(self, active: Active, left: Callable[[], float]) -> FileReader:
+        """Reads a file of the run's window as the run's user, within its deadline."""
+        context, principal = self._context, active.principal
+
+        async def read(name: str, limit: int) -> bytes:
+            return await context.download(principal, name, limit=limit, timeout_s=left())
+
+        return read
 
     def _admitted_budgets(self, active: Active) -> Read | None:
         """Admission's read of the run's budgets if no budget of its workspace changed
@@ -680,3 +694,21 @@ def _handed(job: job_pb2.RunJob) -> Handed | None:
         )
         or None
     )
+
+
+def _as_shown(result: handler_pb2.HandleResult, output: cpb.Message) -> handler_pb2.HandleResult:
+    """The result with its file parts as the stored message names them (the context
+    service stored their bytes as files), and never with bytes: watchers and the run's
+    feed get names, types and sizes (a handler may answer with megabytes of files)."""
+    shown = handler_pb2.HandleResult()
+    shown.CopyFrom(result)
+    stored = [p.file for p in output.parts if p.WhichOneof("part") == "file"]
+    given = [p.file for p in shown.parts if p.WhichOneof("part") == "file"]
+    if len(stored) == len(given):
+        for found, named in zip(given, stored, strict=True):
+            found.CopyFrom(named)
+    for found in given:
+        if found.inline_data:
+            found.size_bytes = found.size_bytes or len(found.inline_data)
+            found.ClearField("inline_data")
+    return shown

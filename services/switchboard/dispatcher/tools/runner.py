@@ -24,6 +24,13 @@ handler (``handlers.ToolRunner``):
   calls) and one TOOL message per result, written in the background in order
   (the next model request does not wait for them) and awaited before the final
   answer is stored, so the next run's context window holds them.
+* **Files** a tool returns (``InvokeToolResponse.files``: an MCP image, audio,
+  embedded resource) reach the handler in ``ToolResult.files`` with their bytes
+  and are stored with the TOOL message (``ToolResultContent.files``; the context
+  service stores inline bytes as the workspace's files on append). Watchers'
+  ``tool_result`` updates and the stored job carry only their names, types and
+  sizes, never the bytes. A file the context service refuses (its type or size)
+  does not lose the result: the message is stored again without it, with a note.
 """
 
 from __future__ import annotations
@@ -418,6 +425,7 @@ class RunTools:
             await self._invoke(call, tool, result)
         update = pb.RunUpdate()
         update.tool_result.CopyFrom(result)
+        _without_bytes(update.tool_result.files)
         self._emit(update)
         return result
 
@@ -496,6 +504,7 @@ class RunTools:
             )
             if response.HasField("result"):
                 result.result.CopyFrom(response.result)
+            result.files.extend(response.files)
             text = response.text
             if not text and response.HasField("result"):
                 text = json.dumps(json_format.MessageToDict(response.result), sort_keys=True)
@@ -524,7 +533,9 @@ class RunTools:
         try:
             await self._host.append(self._call_message(index, step))
             for position, result in enumerate(step.results):
-                await self._host.append(self._result_message(index, position, result))
+                stored = await self._store_result(index, position, result)
+                # The job keeps what the message names (stored files), not the bytes.
+                _named(result.files, stored)
             await self._host.save_job()
         except SwitchboardError as exc:
             # The run goes on; its messages are incomplete, which the final
@@ -552,6 +563,33 @@ class RunTools:
             parts.append(cpb.ContentPart(tool_call=content))
         return self._append_request(cpb.MESSAGE_ROLE_ASSISTANT, parts, f"s{index}-calls")
 
+    async def _store_result(
+        self, index: int, position: int, result: hpb.ToolResult
+    ) -> cpb.Message | None:
+        """Store the TOOL message of ``result``; with its files refused, once more
+        without them (the result's text says which were left out, and why)."""
+        request = self._result_message(index, position, result)
+        if not result.files:
+            await self._host.append(request)
+            return None
+        try:
+            return await self._host.append(request)
+        except SwitchboardError as exc:
+            if exc.code not in _FILE_REFUSALS:
+                raise
+            log.warning(
+                "a tool's files were not stored",
+                extra={"run": self._run.name, "reason": exc.reason},
+            )
+            content = request.message.parts[0].tool_result
+            names_ = ", ".join(f.display_name or f.mime_type or "file" for f in content.files)
+            note = f"[files not stored ({names_}): {exc.message[:_MAX_ERROR_CHARS]}]"
+            content.text = f"{content.text}\n{note}" if content.text else note
+            del content.files[:]
+            request.request_id = request.request_id[:60] + "-nf"
+            await self._host.append(request)
+            return None
+
     def _result_message(
         self, index: int, position: int, result: hpb.ToolResult
     ) -> cpb.AppendMessageRequest:
@@ -560,6 +598,7 @@ class RunTools:
             tool=result.tool,
             outcome=OUTCOMES.get(result.outcome, "failed"),
             text=result.text,
+            files=result.files,
         )
         return self._append_request(
             cpb.MESSAGE_ROLE_TOOL, [cpb.ContentPart(tool_result=content)], f"s{index}-r{position}"
@@ -585,3 +624,29 @@ def _status(code: int, message: str) -> status_pb2.Status:
 def _tool_name(call: hpb.ToolCall) -> str:
     """The call's tool resource name; empty when it names no integration or tool."""
     return f"{call.integration}/tools/{call.tool}" if call.integration and call.tool else ""
+
+
+#: What the context service answers for a file it will not store (a lying media
+#: type, too large, over the quota, a URL it may not fetch): the message is stored
+#: without the files rather than lost.
+_FILE_REFUSALS: Final = frozenset(
+    {code_pb2.INVALID_ARGUMENT, code_pb2.RESOURCE_EXHAUSTED, code_pb2.FAILED_PRECONDITION}
+)
+
+
+def _without_bytes(files: Sequence[cpb.FileReference]) -> None:
+    """Names, types and sizes only: what watchers and the stored job may hold."""
+    for found in files:
+        if found.inline_data:
+            found.size_bytes = found.size_bytes or len(found.inline_data)
+            found.ClearField("inline_data")
+
+
+def _named(files: Sequence[cpb.FileReference], stored: cpb.Message | None) -> None:
+    """``files`` as the stored message names them (``file`` set by the context
+    service), else without their bytes."""
+    kept = stored.parts[0].tool_result.files if stored is not None and stored.parts else []
+    if len(kept) == len(files):
+        for found, named in zip(files, kept, strict=True):
+            found.CopyFrom(named)
+    _without_bytes(files)

@@ -115,6 +115,19 @@ RULES: Final[dict[str, Rule]] = {
     _CONTEXT + "DeleteMemoryItem": resource("name", WRITE),
     _CONTEXT + "GetContextWindow": resource("conversation", READ),
     _CONTEXT + "PruneConversation": resource("conversation", WRITE),
+    # Files follow the workspace's roles: viewers read and download, editors write.
+    # UploadFile names its workspace in the stream's first frame: the domain
+    # authorizes it with the same policy.
+    _CONTEXT + "UploadFile": per_item(Scope.WRITE),
+    _CONTEXT + "StartUpload": resource("parent", WRITE),
+    _CONTEXT + "AppendUpload": resource("name", WRITE),
+    _CONTEXT + "GetUpload": resource("name", WRITE),
+    _CONTEXT + "FinishUpload": resource("name", WRITE),
+    _CONTEXT + "CancelUpload": resource("name", WRITE),
+    _CONTEXT + "GetFile": resource("name", READ),
+    _CONTEXT + "ListFiles": resource("parent", READ),
+    _CONTEXT + "DownloadFile": resource("name", READ),
+    _CONTEXT + "DeleteFile": resource("name", WRITE),
     # Dispatcher.
     _DISPATCHER + "SendMessage": resource("conversation", WRITE),
     _DISPATCHER + "GetRun": resource("name", READ),

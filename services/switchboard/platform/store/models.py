@@ -536,6 +536,70 @@ class WorkspaceQuotaRow(Base):
     version: Mapped[int] = mapped_column(Integer, default=1)
 
 
+class FileRow(Base):
+    """A stored file's metadata (``context/files/``); its bytes are the blob
+    named by ``sha256`` in the blob store. A deleted file keeps its row (with
+    ``deleted_at``) until maintenance purges it; only live rows hold a blob."""
+
+    __tablename__ = "files"
+    __table_args__ = (
+        Index("ix_files_listing", "workspace_id", "created_at", "id"),
+        # The quota's sum: live files of a workspace, by size.
+        Index("ix_files_usage", "workspace_id", "deleted_at", "size_bytes"),
+        Index("ix_files_sha256", "sha256"),
+        Index("ix_files_text_state", "text_state"),
+    )
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    workspace_id: Mapped[str] = mapped_column(ForeignKey("workspaces.id", ondelete="CASCADE"))
+    display_name: Mapped[str] = mapped_column(String(255))
+    media_type: Mapped[str] = mapped_column(String(255))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    # "image", "document", "audio" or "other".
+    kind: Mapped[str] = mapped_column(String(16))
+    # "none", "pending", "ready" or "failed".
+    text_state: Mapped[str] = mapped_column(String(16))
+    text: Mapped[str] = mapped_column(Text, default="")
+    text_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    text_error: Mapped[str] = mapped_column(String(512), default="")
+    # Serialized google.protobuf.Struct.
+    meta: Mapped[bytes] = mapped_column(LargeBinary, default=b"")
+    creator: Mapped[str] = mapped_column(String(128), default="")
+    source_uri: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    deleted_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+
+
+class UploadRow(Base):
+    """A resumable upload in progress: what was declared, and how many bytes
+    are durable in the blob store's staging (``committed_size``). An expired
+    upload's row stays a while after its staging is discarded, so a late
+    client hears UPLOAD_EXPIRED rather than NOT_FOUND; a finished one names
+    its file until it expires."""
+
+    __tablename__ = "uploads"
+    __table_args__ = (
+        Index("ix_uploads_workspace", "workspace_id", "expires_at"),
+        Index("ix_uploads_expiry", "expires_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    workspace_id: Mapped[str] = mapped_column(ForeignKey("workspaces.id", ondelete="CASCADE"))
+    display_name: Mapped[str] = mapped_column(String(255))
+    media_type: Mapped[str] = mapped_column(String(255))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    meta: Mapped[bytes] = mapped_column(LargeBinary, default=b"")
+    committed_size: Mapped[int] = mapped_column(BigInteger, default=0)
+    creator: Mapped[str] = mapped_column(String(128), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    # The file it became; kept until expiry so a retried FinishUpload gets it again.
+    file_id: Mapped[str | None] = mapped_column(String(ID_LENGTH), nullable=True)
+
+
 class IntegrationRow(Base):
     """An external service registered in a workspace (``integration/``).
 

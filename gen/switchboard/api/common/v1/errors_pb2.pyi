@@ -103,6 +103,27 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """A cost budget applies and the model has no price in the price table, so
     its cost cannot be reserved (FAILED_PRECONDITION).
     """
+    ERROR_REASON_UPLOAD_OFFSET_MISMATCH: _ErrorReason.ValueType  # 34
+    """An upload step's offset is not the upload's committed size
+    (FAILED_PRECONDITION); metadata `committed_size` says where to continue.
+    """
+    ERROR_REASON_CHECKSUM_MISMATCH: _ErrorReason.ValueType  # 35
+    """The bytes received do not have the SHA-256 the client gave
+    (INVALID_ARGUMENT on `sha256`); nothing is stored.
+    """
+    ERROR_REASON_MEDIA_TYPE_MISMATCH: _ErrorReason.ValueType  # 36
+    """The content's sniffed media type contradicts the declared one
+    (INVALID_ARGUMENT on the media type field); metadata `detected_media_type`.
+    """
+    ERROR_REASON_UPLOAD_EXPIRED: _ErrorReason.ValueType  # 37
+    """A resumable upload was abandoned past its expiry and was discarded
+    (FAILED_PRECONDITION); start a new upload.
+    """
+    ERROR_REASON_MODALITY_UNSUPPORTED: _ErrorReason.ValueType  # 38
+    """The model cannot take a kind of content the window holds, for example an
+    image sent to a model without vision (FAILED_PRECONDITION); metadata
+    `media_type` and `model`.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the machine-readable cause of a failed call. Every error the
@@ -190,5 +211,26 @@ that ended at a cap.
 ERROR_REASON_MODEL_NOT_PRICED: ErrorReason.ValueType  # 33
 """A cost budget applies and the model has no price in the price table, so
 its cost cannot be reserved (FAILED_PRECONDITION).
+"""
+ERROR_REASON_UPLOAD_OFFSET_MISMATCH: ErrorReason.ValueType  # 34
+"""An upload step's offset is not the upload's committed size
+(FAILED_PRECONDITION); metadata `committed_size` says where to continue.
+"""
+ERROR_REASON_CHECKSUM_MISMATCH: ErrorReason.ValueType  # 35
+"""The bytes received do not have the SHA-256 the client gave
+(INVALID_ARGUMENT on `sha256`); nothing is stored.
+"""
+ERROR_REASON_MEDIA_TYPE_MISMATCH: ErrorReason.ValueType  # 36
+"""The content's sniffed media type contradicts the declared one
+(INVALID_ARGUMENT on the media type field); metadata `detected_media_type`.
+"""
+ERROR_REASON_UPLOAD_EXPIRED: ErrorReason.ValueType  # 37
+"""A resumable upload was abandoned past its expiry and was discarded
+(FAILED_PRECONDITION); start a new upload.
+"""
+ERROR_REASON_MODALITY_UNSUPPORTED: ErrorReason.ValueType  # 38
+"""The model cannot take a kind of content the window holds, for example an
+image sent to a model without vision (FAILED_PRECONDITION); metadata
+`media_type` and `model`.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -83,6 +83,94 @@ MESSAGE_ROLE_TOOL: MessageRole.ValueType  # 4
 """The output of a tool call."""
 Global___MessageRole: _TypeAlias = MessageRole  # noqa: Y015
 
+class _FileKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FileKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FileKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FILE_KIND_UNSPECIFIED: _FileKind.ValueType  # 0
+    """Not set."""
+    FILE_KIND_IMAGE: _FileKind.ValueType  # 1
+    """An image (png, jpeg, gif, webp); sent to vision-capable models."""
+    FILE_KIND_DOCUMENT: _FileKind.ValueType  # 2
+    """A document with text: PDF, plain text, markdown, CSV or JSON."""
+    FILE_KIND_AUDIO: _FileKind.ValueType  # 3
+    """Audio; transcribed when a transcription endpoint is configured."""
+    FILE_KIND_OTHER: _FileKind.ValueType  # 4
+    """Anything else: stored and downloadable, not read by models."""
+
+class FileKind(_FileKind, metaclass=_FileKindEnumTypeWrapper):
+    """What a stored file holds, as the server understands it."""
+
+FILE_KIND_UNSPECIFIED: FileKind.ValueType  # 0
+"""Not set."""
+FILE_KIND_IMAGE: FileKind.ValueType  # 1
+"""An image (png, jpeg, gif, webp); sent to vision-capable models."""
+FILE_KIND_DOCUMENT: FileKind.ValueType  # 2
+"""A document with text: PDF, plain text, markdown, CSV or JSON."""
+FILE_KIND_AUDIO: FileKind.ValueType  # 3
+"""Audio; transcribed when a transcription endpoint is configured."""
+FILE_KIND_OTHER: FileKind.ValueType  # 4
+"""Anything else: stored and downloadable, not read by models."""
+Global___FileKind: _TypeAlias = FileKind  # noqa: Y015
+
+class _FileTextState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FileTextStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FileTextState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FILE_TEXT_STATE_UNSPECIFIED: _FileTextState.ValueType  # 0
+    """Not set."""
+    FILE_TEXT_STATE_NONE: _FileTextState.ValueType  # 1
+    """The kind has no text (images, other binaries)."""
+    FILE_TEXT_STATE_PENDING: _FileTextState.ValueType  # 2
+    """Text is being extracted or transcribed."""
+    FILE_TEXT_STATE_READY: _FileTextState.ValueType  # 3
+    """The text is ready."""
+    FILE_TEXT_STATE_FAILED: _FileTextState.ValueType  # 4
+    """Extraction or transcription failed; `text_error` says why."""
+
+class FileTextState(_FileTextState, metaclass=_FileTextStateEnumTypeWrapper):
+    """Whether a file's text (extracted or transcribed) is available."""
+
+FILE_TEXT_STATE_UNSPECIFIED: FileTextState.ValueType  # 0
+"""Not set."""
+FILE_TEXT_STATE_NONE: FileTextState.ValueType  # 1
+"""The kind has no text (images, other binaries)."""
+FILE_TEXT_STATE_PENDING: FileTextState.ValueType  # 2
+"""Text is being extracted or transcribed."""
+FILE_TEXT_STATE_READY: FileTextState.ValueType  # 3
+"""The text is ready."""
+FILE_TEXT_STATE_FAILED: FileTextState.ValueType  # 4
+"""Extraction or transcription failed; `text_error` says why."""
+Global___FileTextState: _TypeAlias = FileTextState  # noqa: Y015
+
+class _FileView:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FileViewEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FileView.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FILE_VIEW_UNSPECIFIED: _FileView.ValueType  # 0
+    """The default: BASIC."""
+    FILE_VIEW_BASIC: _FileView.ValueType  # 1
+    """Metadata without the text."""
+    FILE_VIEW_FULL: _FileView.ValueType  # 2
+    """Metadata and the extracted text."""
+
+class FileView(_FileView, metaclass=_FileViewEnumTypeWrapper):
+    """How much of a file GetFile and ListFiles return."""
+
+FILE_VIEW_UNSPECIFIED: FileView.ValueType  # 0
+"""The default: BASIC."""
+FILE_VIEW_BASIC: FileView.ValueType  # 1
+"""Metadata without the text."""
+FILE_VIEW_FULL: FileView.ValueType  # 2
+"""Metadata and the extracted text."""
+Global___FileView: _TypeAlias = FileView  # noqa: Y015
+
 class _MemoryKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -423,6 +511,7 @@ class ToolResultContent(_message.Message):
     TOOL_FIELD_NUMBER: _builtins.int
     OUTCOME_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The id of the call it answers."""
     tool: _builtins.str
@@ -431,6 +520,12 @@ class ToolResultContent(_message.Message):
     """"succeeded", "error", "failed" or "denied"."""
     text: _builtins.str
     """The text given to the model."""
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___FileReference]:
+        """Files the tool returned (images, documents), stored in the workspace on
+        append like file parts.
+        """
+
     def __init__(
         self,
         *,
@@ -438,10 +533,11 @@ class ToolResultContent(_message.Message):
         tool: _builtins.str = ...,
         outcome: _builtins.str = ...,
         text: _builtins.str = ...,
+        files: _abc.Iterable[Global___FileReference] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "outcome", b"outcome", "text", b"text", "tool", b"tool"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "id", b"id", "outcome", b"outcome", "text", b"text", "tool", b"tool"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -449,33 +545,210 @@ Global___ToolResultContent: _TypeAlias = ToolResultContent  # noqa: Y015
 
 @_typing.final
 class FileReference(_message.Message):
-    """A reference to a file or blob held outside the message."""
+    """A reference to a file held outside the message.
+
+    On append a part names its content in one of three ways: `file`, a stored
+    file of the same workspace (another workspace's is NOT_FOUND); `uri`, an
+    http(s) URL the server fetches through its egress policy and size limit and
+    stores; or `inline_data`, bytes the server stores. Either way the stored
+    message names the file in `file`, with `mime_type`, `size_bytes` and
+    `display_name` filled in from the stored file.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     URI_FIELD_NUMBER: _builtins.int
     MIME_TYPE_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    FILE_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    INLINE_DATA_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
     uri: _builtins.str
-    """Location of the content (for example an https or object-store URI)."""
+    """Location of the content: an https URL to fetch and store on append, or
+    the URL it was fetched from.
+    """
     mime_type: _builtins.str
-    """The content's media type, for example "image/png"."""
+    """The content's media type, for example "image/png" (output: the stored
+    file's, as sniffed from its content).
+    """
     size_bytes: _builtins.int
-    """The content's size in bytes, if known."""
+    """The content's size in bytes (output: the stored file's)."""
+    file: _builtins.str
+    """The stored file, `workspaces/{workspace}/files/{file}`."""
+    display_name: _builtins.str
+    """The file's name as shown to people, for example "report.pdf"."""
+    inline_data: _builtins.bytes
+    """Content to store as a file on append (bounded by the inline file limit);
+    never returned.
+    """
+    text: _builtins.str
+    """The file's text as a handler reads it (a document's extracted text or an
+    audio file's transcript), set only in context windows, cut to fit the
+    window's budget with a visible note when it does not (output only).
+    """
     def __init__(
         self,
         *,
         uri: _builtins.str = ...,
         mime_type: _builtins.str = ...,
         size_bytes: _builtins.int = ...,
+        file: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+        inline_data: _builtins.bytes = ...,
+        text: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["mime_type", b"mime_type", "size_bytes", b"size_bytes", "uri", b"uri"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["display_name", b"display_name", "file", b"file", "inline_data", b"inline_data", "mime_type", b"mime_type", "size_bytes", b"size_bytes", "text", b"text", "uri", b"uri"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FileReference: _TypeAlias = FileReference  # noqa: Y015
+
+@_typing.final
+class File(_message.Message):
+    """A file stored in a workspace: content-addressed bytes plus this metadata."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    MEDIA_TYPE_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    TEXT_STATE_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    TEXT_TOKEN_COUNT_FIELD_NUMBER: _builtins.int
+    TEXT_ERROR_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    CREATOR_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    SOURCE_URI_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Resource name, `workspaces/{workspace}/files/{file}`."""
+    display_name: _builtins.str
+    """The name shown to people, for example "report.pdf"."""
+    media_type: _builtins.str
+    """The media type, as declared and checked against the content (output: the
+    stored type).
+    """
+    size_bytes: _builtins.int
+    """Size in bytes (output only)."""
+    sha256: _builtins.str
+    """SHA-256 of the content, lowercase hex (output only)."""
+    kind: Global___FileKind.ValueType
+    """What the file holds (output only)."""
+    text_state: Global___FileTextState.ValueType
+    """Whether its text is available (output only)."""
+    text: _builtins.str
+    """The extracted text or transcript; only in the FULL view (output only)."""
+    text_token_count: _builtins.int
+    """Token count of `text` under the server's counter (output only)."""
+    text_error: _builtins.str
+    """Why extraction or transcription failed, when it did (output only)."""
+    creator: _builtins.str
+    """Who stored it, `users/{user}` or `handlers/{handler}` (output only)."""
+    source_uri: _builtins.str
+    """The URL it was fetched from, when it came from one (output only)."""
+    etag: _builtins.str
+    """Opaque version for optimistic concurrency (output only)."""
+    @_builtins.property
+    def metadata(self) -> _struct_pb2.Struct:
+        """Free-form client metadata (bounded in size)."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was stored (output only)."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+        media_type: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+        kind: Global___FileKind.ValueType = ...,
+        text_state: Global___FileTextState.ValueType = ...,
+        text: _builtins.str = ...,
+        text_token_count: _builtins.int = ...,
+        text_error: _builtins.str = ...,
+        metadata: _struct_pb2.Struct | None = ...,
+        creator: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        source_uri: _builtins.str = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "metadata", b"metadata"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "creator", b"creator", "display_name", b"display_name", "etag", b"etag", "kind", b"kind", "media_type", b"media_type", "metadata", b"metadata", "name", b"name", "sha256", b"sha256", "size_bytes", b"size_bytes", "source_uri", b"source_uri", "text", b"text", "text_error", b"text_error", "text_state", b"text_state", "text_token_count", b"text_token_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___File: _TypeAlias = File  # noqa: Y015
+
+@_typing.final
+class Upload(_message.Message):
+    """A resumable upload in progress."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    MEDIA_TYPE_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    COMMITTED_SIZE_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    CREATOR_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Resource name, `workspaces/{workspace}/uploads/{upload}`."""
+    display_name: _builtins.str
+    """The file's name as shown to people."""
+    media_type: _builtins.str
+    """The declared media type."""
+    size_bytes: _builtins.int
+    """The declared total size in bytes."""
+    committed_size: _builtins.int
+    """Bytes received and durable so far: the offset of the next AppendUpload (output only)."""
+    creator: _builtins.str
+    """Who started it, `users/{user}` (output only)."""
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the upload is discarded if not finished (output only)."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was started (output only)."""
+
+    @_builtins.property
+    def metadata(self) -> _struct_pb2.Struct:
+        """Free-form client metadata for the file (bounded in size)."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+        media_type: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        committed_size: _builtins.int = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        creator: _builtins.str = ...,
+        metadata: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "metadata", b"metadata"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed_size", b"committed_size", "create_time", b"create_time", "creator", b"creator", "display_name", b"display_name", "expire_time", b"expire_time", "media_type", b"media_type", "metadata", b"metadata", "name", b"name", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Upload: _TypeAlias = Upload  # noqa: Y015
 
 @_typing.final
 class Message(_message.Message):
@@ -2225,3 +2498,571 @@ class PruneConversationResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PruneConversationResponse: _TypeAlias = PruneConversationResponse  # noqa: Y015
+
+@_typing.final
+class UploadFileHeader(_message.Message):
+    """The first frame of an UploadFile stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    FILE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """The workspace, `workspaces/{workspace}`."""
+    request_id: _builtins.str
+    """Idempotency key: 1-64 ASCII letters, digits, `-` or `_` (anything else is
+    INVALID_ARGUMENT on `request_id`); empty for none. Scoped to the caller and
+    this method and kept for 24 hours: a retry with the same id within that time
+    returns the first result, and the same id with a different request is
+    INVALID_ARGUMENT.
+    """
+    @_builtins.property
+    def file(self) -> Global___File:
+        """The file: `display_name` (required), `media_type` (required), `size_bytes`
+        (required, the exact total) and `metadata`; the rest is output only.
+        """
+
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        file: Global___File | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["file", b"file"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file", b"file", "parent", b"parent", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadFileHeader: _TypeAlias = UploadFileHeader  # noqa: Y015
+
+@_typing.final
+class UploadFileRequest(_message.Message):
+    """One frame of an UploadFile stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    chunk: _builtins.bytes
+    """The next bytes of the content, 1 byte to 1 MiB."""
+    sha256: _builtins.str
+    """Last frame: the SHA-256 of the whole content, lowercase hex."""
+    @_builtins.property
+    def header(self) -> Global___UploadFileHeader:
+        """First frame: where and what."""
+
+    def __init__(
+        self,
+        *,
+        header: Global___UploadFileHeader | None = ...,
+        chunk: _builtins.bytes = ...,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "frame", b"frame", "header", b"header", "sha256", b"sha256"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "frame", b"frame", "header", b"header", "sha256", b"sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["header", "chunk", "sha256"]  # noqa: Y015
+    _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
+
+Global___UploadFileRequest: _TypeAlias = UploadFileRequest  # noqa: Y015
+
+@_typing.final
+class UploadFileResponse(_message.Message):
+    """Response for UploadFile."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def file(self) -> Global___File:
+        """The stored file."""
+
+    def __init__(
+        self,
+        *,
+        file: Global___File | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["file", b"file"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file", b"file"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadFileResponse: _TypeAlias = UploadFileResponse  # noqa: Y015
+
+@_typing.final
+class StartUploadRequest(_message.Message):
+    """Request for StartUpload."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    FILE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """The workspace, `workspaces/{workspace}`."""
+    request_id: _builtins.str
+    """Idempotency key: 1-64 ASCII letters, digits, `-` or `_` (anything else is
+    INVALID_ARGUMENT on `request_id`); empty for none. Scoped to the caller and
+    this method and kept for 24 hours: a retry with the same id within that time
+    returns the first result, and the same id with a different request is
+    INVALID_ARGUMENT.
+    """
+    @_builtins.property
+    def file(self) -> Global___File:
+        """The file: `display_name`, `media_type` and `size_bytes` (the exact total)
+        are required; `metadata` is optional.
+        """
+
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        file: Global___File | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["file", b"file"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file", b"file", "parent", b"parent", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartUploadRequest: _TypeAlias = StartUploadRequest  # noqa: Y015
+
+@_typing.final
+class StartUploadResponse(_message.Message):
+    """Response for StartUpload."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPLOAD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def upload(self) -> Global___Upload:
+        """The upload, with committed_size 0."""
+
+    def __init__(
+        self,
+        *,
+        upload: Global___Upload | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["upload", b"upload"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["upload", b"upload"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartUploadResponse: _TypeAlias = StartUploadResponse  # noqa: Y015
+
+@_typing.final
+class AppendUploadRequest(_message.Message):
+    """Request for AppendUpload."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`workspaces/{workspace}/uploads/{upload}`."""
+    offset: _builtins.int
+    """Where `data` starts; must equal the upload's committed size."""
+    data: _builtins.bytes
+    """The bytes, 1 byte to 1 MiB."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "name", b"name", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AppendUploadRequest: _TypeAlias = AppendUploadRequest  # noqa: Y015
+
+@_typing.final
+class AppendUploadResponse(_message.Message):
+    """Response for AppendUpload."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPLOAD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def upload(self) -> Global___Upload:
+        """The upload, with its new committed size."""
+
+    def __init__(
+        self,
+        *,
+        upload: Global___Upload | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["upload", b"upload"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["upload", b"upload"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AppendUploadResponse: _TypeAlias = AppendUploadResponse  # noqa: Y015
+
+@_typing.final
+class GetUploadRequest(_message.Message):
+    """Request for GetUpload."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`workspaces/{workspace}/uploads/{upload}`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUploadRequest: _TypeAlias = GetUploadRequest  # noqa: Y015
+
+@_typing.final
+class GetUploadResponse(_message.Message):
+    """Response for GetUpload."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPLOAD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def upload(self) -> Global___Upload:
+        """The upload."""
+
+    def __init__(
+        self,
+        *,
+        upload: Global___Upload | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["upload", b"upload"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["upload", b"upload"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUploadResponse: _TypeAlias = GetUploadResponse  # noqa: Y015
+
+@_typing.final
+class FinishUploadRequest(_message.Message):
+    """Request for FinishUpload."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`workspaces/{workspace}/uploads/{upload}`."""
+    sha256: _builtins.str
+    """SHA-256 of the whole content, lowercase hex."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "sha256", b"sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FinishUploadRequest: _TypeAlias = FinishUploadRequest  # noqa: Y015
+
+@_typing.final
+class FinishUploadResponse(_message.Message):
+    """Response for FinishUpload."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def file(self) -> Global___File:
+        """The stored file."""
+
+    def __init__(
+        self,
+        *,
+        file: Global___File | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["file", b"file"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file", b"file"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FinishUploadResponse: _TypeAlias = FinishUploadResponse  # noqa: Y015
+
+@_typing.final
+class CancelUploadRequest(_message.Message):
+    """Request for CancelUpload."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`workspaces/{workspace}/uploads/{upload}`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelUploadRequest: _TypeAlias = CancelUploadRequest  # noqa: Y015
+
+@_typing.final
+class CancelUploadResponse(_message.Message):
+    """Response for CancelUpload."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelUploadResponse: _TypeAlias = CancelUploadResponse  # noqa: Y015
+
+@_typing.final
+class GetFileRequest(_message.Message):
+    """Request for GetFile."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VIEW_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`workspaces/{workspace}/files/{file}`."""
+    view: Global___FileView.ValueType
+    """BASIC (the default) or FULL (with the text)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        view: Global___FileView.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "view", b"view"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetFileRequest: _TypeAlias = GetFileRequest  # noqa: Y015
+
+@_typing.final
+class GetFileResponse(_message.Message):
+    """Response for GetFile."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def file(self) -> Global___File:
+        """The file."""
+
+    def __init__(
+        self,
+        *,
+        file: Global___File | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["file", b"file"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file", b"file"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetFileResponse: _TypeAlias = GetFileResponse  # noqa: Y015
+
+@_typing.final
+class ListFilesRequest(_message.Message):
+    """Request for ListFiles."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    KINDS_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """The workspace, `workspaces/{workspace}`."""
+    page_size: _builtins.int
+    """Maximum to return; capped at 100, default 20."""
+    page_token: _builtins.str
+    """Token from a previous response."""
+    @_builtins.property
+    def kinds(self) -> _containers.RepeatedScalarFieldContainer[Global___FileKind.ValueType]:
+        """Only these kinds; all kinds if empty."""
+
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        kinds: _abc.Iterable[Global___FileKind.ValueType] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kinds", b"kinds", "page_size", b"page_size", "page_token", b"page_token", "parent", b"parent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListFilesRequest: _TypeAlias = ListFilesRequest  # noqa: Y015
+
+@_typing.final
+class ListFilesResponse(_message.Message):
+    """Response for ListFiles."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    WORKSPACE_USAGE_BYTES_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    workspace_usage_bytes: _builtins.int
+    """Bytes the workspace's files take, counted against its storage quota."""
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___File]:
+        """The files, newest first, in the BASIC view."""
+
+    def __init__(
+        self,
+        *,
+        files: _abc.Iterable[Global___File] | None = ...,
+        next_page_token: _builtins.str = ...,
+        workspace_usage_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "next_page_token", b"next_page_token", "workspace_usage_bytes", b"workspace_usage_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListFilesResponse: _TypeAlias = ListFilesResponse  # noqa: Y015
+
+@_typing.final
+class DownloadFileRequest(_message.Message):
+    """Request for DownloadFile."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    READ_OFFSET_FIELD_NUMBER: _builtins.int
+    READ_LIMIT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`workspaces/{workspace}/files/{file}`."""
+    read_offset: _builtins.int
+    """Where to start, in bytes (to resume a dropped download); 0 for the start."""
+    read_limit: _builtins.int
+    """At most this many bytes; 0 for the rest of the file."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        read_offset: _builtins.int = ...,
+        read_limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "read_limit", b"read_limit", "read_offset", b"read_offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadFileRequest: _TypeAlias = DownloadFileRequest  # noqa: Y015
+
+@_typing.final
+class DownloadFileResponse(_message.Message):
+    """One frame of a DownloadFile stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILE_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """The next bytes, at most 1 MiB."""
+    offset: _builtins.int
+    """Where `data` starts in the file."""
+    @_builtins.property
+    def file(self) -> Global___File:
+        """The file's metadata, in the first frame only."""
+
+    def __init__(
+        self,
+        *,
+        file: Global___File | None = ...,
+        data: _builtins.bytes = ...,
+        offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["file", b"file"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "file", b"file", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadFileResponse: _TypeAlias = DownloadFileResponse  # noqa: Y015
+
+@_typing.final
+class DeleteFileRequest(_message.Message):
+    """Request for DeleteFile."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`workspaces/{workspace}/files/{file}`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteFileRequest: _TypeAlias = DeleteFileRequest  # noqa: Y015
+
+@_typing.final
+class DeleteFileResponse(_message.Message):
+    """Response for DeleteFile."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteFileResponse: _TypeAlias = DeleteFileResponse  # noqa: Y015

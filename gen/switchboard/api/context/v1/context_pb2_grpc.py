@@ -175,6 +175,56 @@ class ContextServiceStub:
                 request_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.PruneConversationRequest.SerializeToString,
                 response_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.PruneConversationResponse.FromString,
                 _registered_method=True)
+        self.UploadFile = channel.stream_unary(
+                '/switchboard.api.context.v1.ContextService/UploadFile',
+                request_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.UploadFileRequest.SerializeToString,
+                response_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.UploadFileResponse.FromString,
+                _registered_method=True)
+        self.StartUpload = channel.unary_unary(
+                '/switchboard.api.context.v1.ContextService/StartUpload',
+                request_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.StartUploadRequest.SerializeToString,
+                response_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.StartUploadResponse.FromString,
+                _registered_method=True)
+        self.AppendUpload = channel.unary_unary(
+                '/switchboard.api.context.v1.ContextService/AppendUpload',
+                request_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.AppendUploadRequest.SerializeToString,
+                response_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.AppendUploadResponse.FromString,
+                _registered_method=True)
+        self.GetUpload = channel.unary_unary(
+                '/switchboard.api.context.v1.ContextService/GetUpload',
+                request_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.GetUploadRequest.SerializeToString,
+                response_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.GetUploadResponse.FromString,
+                _registered_method=True)
+        self.FinishUpload = channel.unary_unary(
+                '/switchboard.api.context.v1.ContextService/FinishUpload',
+                request_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.FinishUploadRequest.SerializeToString,
+                response_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.FinishUploadResponse.FromString,
+                _registered_method=True)
+        self.CancelUpload = channel.unary_unary(
+                '/switchboard.api.context.v1.ContextService/CancelUpload',
+                request_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.CancelUploadRequest.SerializeToString,
+                response_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.CancelUploadResponse.FromString,
+                _registered_method=True)
+        self.GetFile = channel.unary_unary(
+                '/switchboard.api.context.v1.ContextService/GetFile',
+                request_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.GetFileRequest.SerializeToString,
+                response_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.GetFileResponse.FromString,
+                _registered_method=True)
+        self.ListFiles = channel.unary_unary(
+                '/switchboard.api.context.v1.ContextService/ListFiles',
+                request_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.ListFilesRequest.SerializeToString,
+                response_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.ListFilesResponse.FromString,
+                _registered_method=True)
+        self.DownloadFile = channel.unary_stream(
+                '/switchboard.api.context.v1.ContextService/DownloadFile',
+                request_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.DownloadFileRequest.SerializeToString,
+                response_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.DownloadFileResponse.FromString,
+                _registered_method=True)
+        self.DeleteFile = channel.unary_unary(
+                '/switchboard.api.context.v1.ContextService/DeleteFile',
+                request_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.DeleteFileRequest.SerializeToString,
+                response_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.DeleteFileResponse.FromString,
+                _registered_method=True)
 
 
 class ContextServiceServicer:
@@ -374,6 +424,80 @@ class ContextServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadFile(self, request_iterator, context):
+        """Uploads a file in one client stream: a header frame, then chunks of at most
+        1 MiB in order, then the SHA-256 of the whole content. Browsers (grpc-web
+        cannot stream a request) use StartUpload, AppendUpload and FinishUpload.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartUpload(self, request, context):
+        """Starts a resumable upload; its bytes are appended with AppendUpload.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AppendUpload(self, request, context):
+        """Appends one chunk (at most 1 MiB) at the upload's committed size; the
+        chunk is durable when this returns, so a dropped client resumes after it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUpload(self, request, context):
+        """Gets a resumable upload, with its committed size (where to resume).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FinishUpload(self, request, context):
+        """Checks the content's SHA-256 and media type and stores it as a file.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelUpload(self, request, context):
+        """Abandons a resumable upload and discards its bytes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetFile(self, request, context):
+        """Gets a file's metadata (and, with the FULL view, its extracted text).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListFiles(self, request, context):
+        """Lists a workspace's files, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadFile(self, request, context):
+        """Streams a file's content in chunks of at most 1 MiB, from an offset.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteFile(self, request, context):
+        """Deletes a file. Messages that name it keep the reference; reading it is
+        NOT_FOUND from then on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ContextServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -511,6 +635,56 @@ def add_ContextServiceServicer_to_server(servicer, server):
                     servicer.PruneConversation,
                     request_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.PruneConversationRequest.FromString,
                     response_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.PruneConversationResponse.SerializeToString,
+            ),
+            'UploadFile': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadFile,
+                    request_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.UploadFileRequest.FromString,
+                    response_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.UploadFileResponse.SerializeToString,
+            ),
+            'StartUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartUpload,
+                    request_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.StartUploadRequest.FromString,
+                    response_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.StartUploadResponse.SerializeToString,
+            ),
+            'AppendUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.AppendUpload,
+                    request_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.AppendUploadRequest.FromString,
+                    response_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.AppendUploadResponse.SerializeToString,
+            ),
+            'GetUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUpload,
+                    request_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.GetUploadRequest.FromString,
+                    response_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.GetUploadResponse.SerializeToString,
+            ),
+            'FinishUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.FinishUpload,
+                    request_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.FinishUploadRequest.FromString,
+                    response_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.FinishUploadResponse.SerializeToString,
+            ),
+            'CancelUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelUpload,
+                    request_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.CancelUploadRequest.FromString,
+                    response_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.CancelUploadResponse.SerializeToString,
+            ),
+            'GetFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFile,
+                    request_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.GetFileRequest.FromString,
+                    response_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.GetFileResponse.SerializeToString,
+            ),
+            'ListFiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFiles,
+                    request_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.ListFilesRequest.FromString,
+                    response_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.ListFilesResponse.SerializeToString,
+            ),
+            'DownloadFile': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadFile,
+                    request_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.DownloadFileRequest.FromString,
+                    response_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.DownloadFileResponse.SerializeToString,
+            ),
+            'DeleteFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteFile,
+                    request_deserializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.DeleteFileRequest.FromString,
+                    response_serializer=switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.DeleteFileResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1247,6 +1421,276 @@ class ContextService:
             '/switchboard.api.context.v1.ContextService/PruneConversation',
             switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.PruneConversationRequest.SerializeToString,
             switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.PruneConversationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadFile(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/switchboard.api.context.v1.ContextService/UploadFile',
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.UploadFileRequest.SerializeToString,
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.UploadFileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.api.context.v1.ContextService/StartUpload',
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.StartUploadRequest.SerializeToString,
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.StartUploadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AppendUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.api.context.v1.ContextService/AppendUpload',
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.AppendUploadRequest.SerializeToString,
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.AppendUploadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.api.context.v1.ContextService/GetUpload',
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.GetUploadRequest.SerializeToString,
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.GetUploadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FinishUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.api.context.v1.ContextService/FinishUpload',
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.FinishUploadRequest.SerializeToString,
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.FinishUploadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.api.context.v1.ContextService/CancelUpload',
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.CancelUploadRequest.SerializeToString,
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.CancelUploadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.api.context.v1.ContextService/GetFile',
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.GetFileRequest.SerializeToString,
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.GetFileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.api.context.v1.ContextService/ListFiles',
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.ListFilesRequest.SerializeToString,
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.ListFilesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/switchboard.api.context.v1.ContextService/DownloadFile',
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.DownloadFileRequest.SerializeToString,
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.DownloadFileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.api.context.v1.ContextService/DeleteFile',
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.DeleteFileRequest.SerializeToString,
+            switchboard_dot_api_dot_context_dot_v1_dot_context__pb2.DeleteFileResponse.FromString,
             options,
             channel_credentials,
             insecure,

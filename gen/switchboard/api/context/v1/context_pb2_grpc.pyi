@@ -93,6 +93,33 @@ class ContextServiceStub:
     """Synthesizes the context a handler should see for a conversation, within a token budget."""
     PruneConversation: _grpc.UnaryUnaryMultiCallable[_context_pb2.PruneConversationRequest, _context_pb2.PruneConversationResponse]
     """Folds old messages into a summary memory item and archives them."""
+    UploadFile: _grpc.StreamUnaryMultiCallable[_context_pb2.UploadFileRequest, _context_pb2.UploadFileResponse]
+    """Uploads a file in one client stream: a header frame, then chunks of at most
+    1 MiB in order, then the SHA-256 of the whole content. Browsers (grpc-web
+    cannot stream a request) use StartUpload, AppendUpload and FinishUpload.
+    """
+    StartUpload: _grpc.UnaryUnaryMultiCallable[_context_pb2.StartUploadRequest, _context_pb2.StartUploadResponse]
+    """Starts a resumable upload; its bytes are appended with AppendUpload."""
+    AppendUpload: _grpc.UnaryUnaryMultiCallable[_context_pb2.AppendUploadRequest, _context_pb2.AppendUploadResponse]
+    """Appends one chunk (at most 1 MiB) at the upload's committed size; the
+    chunk is durable when this returns, so a dropped client resumes after it.
+    """
+    GetUpload: _grpc.UnaryUnaryMultiCallable[_context_pb2.GetUploadRequest, _context_pb2.GetUploadResponse]
+    """Gets a resumable upload, with its committed size (where to resume)."""
+    FinishUpload: _grpc.UnaryUnaryMultiCallable[_context_pb2.FinishUploadRequest, _context_pb2.FinishUploadResponse]
+    """Checks the content's SHA-256 and media type and stores it as a file."""
+    CancelUpload: _grpc.UnaryUnaryMultiCallable[_context_pb2.CancelUploadRequest, _context_pb2.CancelUploadResponse]
+    """Abandons a resumable upload and discards its bytes."""
+    GetFile: _grpc.UnaryUnaryMultiCallable[_context_pb2.GetFileRequest, _context_pb2.GetFileResponse]
+    """Gets a file's metadata (and, with the FULL view, its extracted text)."""
+    ListFiles: _grpc.UnaryUnaryMultiCallable[_context_pb2.ListFilesRequest, _context_pb2.ListFilesResponse]
+    """Lists a workspace's files, newest first."""
+    DownloadFile: _grpc.UnaryStreamMultiCallable[_context_pb2.DownloadFileRequest, _context_pb2.DownloadFileResponse]
+    """Streams a file's content in chunks of at most 1 MiB, from an offset."""
+    DeleteFile: _grpc.UnaryUnaryMultiCallable[_context_pb2.DeleteFileRequest, _context_pb2.DeleteFileResponse]
+    """Deletes a file. Messages that name it keep the reference; reading it is
+    NOT_FOUND from then on.
+    """
 
 @_typing.type_check_only
 class ContextServiceAsyncStub(ContextServiceStub):
@@ -158,6 +185,33 @@ class ContextServiceAsyncStub(ContextServiceStub):
     """Synthesizes the context a handler should see for a conversation, within a token budget."""
     PruneConversation: _aio.UnaryUnaryMultiCallable[_context_pb2.PruneConversationRequest, _context_pb2.PruneConversationResponse]  # type: ignore[assignment]
     """Folds old messages into a summary memory item and archives them."""
+    UploadFile: _aio.StreamUnaryMultiCallable[_context_pb2.UploadFileRequest, _context_pb2.UploadFileResponse]  # type: ignore[assignment]
+    """Uploads a file in one client stream: a header frame, then chunks of at most
+    1 MiB in order, then the SHA-256 of the whole content. Browsers (grpc-web
+    cannot stream a request) use StartUpload, AppendUpload and FinishUpload.
+    """
+    StartUpload: _aio.UnaryUnaryMultiCallable[_context_pb2.StartUploadRequest, _context_pb2.StartUploadResponse]  # type: ignore[assignment]
+    """Starts a resumable upload; its bytes are appended with AppendUpload."""
+    AppendUpload: _aio.UnaryUnaryMultiCallable[_context_pb2.AppendUploadRequest, _context_pb2.AppendUploadResponse]  # type: ignore[assignment]
+    """Appends one chunk (at most 1 MiB) at the upload's committed size; the
+    chunk is durable when this returns, so a dropped client resumes after it.
+    """
+    GetUpload: _aio.UnaryUnaryMultiCallable[_context_pb2.GetUploadRequest, _context_pb2.GetUploadResponse]  # type: ignore[assignment]
+    """Gets a resumable upload, with its committed size (where to resume)."""
+    FinishUpload: _aio.UnaryUnaryMultiCallable[_context_pb2.FinishUploadRequest, _context_pb2.FinishUploadResponse]  # type: ignore[assignment]
+    """Checks the content's SHA-256 and media type and stores it as a file."""
+    CancelUpload: _aio.UnaryUnaryMultiCallable[_context_pb2.CancelUploadRequest, _context_pb2.CancelUploadResponse]  # type: ignore[assignment]
+    """Abandons a resumable upload and discards its bytes."""
+    GetFile: _aio.UnaryUnaryMultiCallable[_context_pb2.GetFileRequest, _context_pb2.GetFileResponse]  # type: ignore[assignment]
+    """Gets a file's metadata (and, with the FULL view, its extracted text)."""
+    ListFiles: _aio.UnaryUnaryMultiCallable[_context_pb2.ListFilesRequest, _context_pb2.ListFilesResponse]  # type: ignore[assignment]
+    """Lists a workspace's files, newest first."""
+    DownloadFile: _aio.UnaryStreamMultiCallable[_context_pb2.DownloadFileRequest, _context_pb2.DownloadFileResponse]  # type: ignore[assignment]
+    """Streams a file's content in chunks of at most 1 MiB, from an offset."""
+    DeleteFile: _aio.UnaryUnaryMultiCallable[_context_pb2.DeleteFileRequest, _context_pb2.DeleteFileResponse]  # type: ignore[assignment]
+    """Deletes a file. Messages that name it keep the reference; reading it is
+    NOT_FOUND from then on.
+    """
 
 class ContextServiceServicer(metaclass=_abc_1.ABCMeta):
     """ContextService owns what a conversation knows: workspaces and their members,
@@ -382,5 +436,92 @@ class ContextServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_context_pb2.PruneConversationResponse, _abc.Awaitable[_context_pb2.PruneConversationResponse]]:
         """Folds old messages into a summary memory item and archives them."""
+
+    @_abc_1.abstractmethod
+    def UploadFile(
+        self,
+        request_iterator: _MaybeAsyncIterator[_context_pb2.UploadFileRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_context_pb2.UploadFileResponse, _abc.Awaitable[_context_pb2.UploadFileResponse]]:
+        """Uploads a file in one client stream: a header frame, then chunks of at most
+        1 MiB in order, then the SHA-256 of the whole content. Browsers (grpc-web
+        cannot stream a request) use StartUpload, AppendUpload and FinishUpload.
+        """
+
+    @_abc_1.abstractmethod
+    def StartUpload(
+        self,
+        request: _context_pb2.StartUploadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_context_pb2.StartUploadResponse, _abc.Awaitable[_context_pb2.StartUploadResponse]]:
+        """Starts a resumable upload; its bytes are appended with AppendUpload."""
+
+    @_abc_1.abstractmethod
+    def AppendUpload(
+        self,
+        request: _context_pb2.AppendUploadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_context_pb2.AppendUploadResponse, _abc.Awaitable[_context_pb2.AppendUploadResponse]]:
+        """Appends one chunk (at most 1 MiB) at the upload's committed size; the
+        chunk is durable when this returns, so a dropped client resumes after it.
+        """
+
+    @_abc_1.abstractmethod
+    def GetUpload(
+        self,
+        request: _context_pb2.GetUploadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_context_pb2.GetUploadResponse, _abc.Awaitable[_context_pb2.GetUploadResponse]]:
+        """Gets a resumable upload, with its committed size (where to resume)."""
+
+    @_abc_1.abstractmethod
+    def FinishUpload(
+        self,
+        request: _context_pb2.FinishUploadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_context_pb2.FinishUploadResponse, _abc.Awaitable[_context_pb2.FinishUploadResponse]]:
+        """Checks the content's SHA-256 and media type and stores it as a file."""
+
+    @_abc_1.abstractmethod
+    def CancelUpload(
+        self,
+        request: _context_pb2.CancelUploadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_context_pb2.CancelUploadResponse, _abc.Awaitable[_context_pb2.CancelUploadResponse]]:
+        """Abandons a resumable upload and discards its bytes."""
+
+    @_abc_1.abstractmethod
+    def GetFile(
+        self,
+        request: _context_pb2.GetFileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_context_pb2.GetFileResponse, _abc.Awaitable[_context_pb2.GetFileResponse]]:
+        """Gets a file's metadata (and, with the FULL view, its extracted text)."""
+
+    @_abc_1.abstractmethod
+    def ListFiles(
+        self,
+        request: _context_pb2.ListFilesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_context_pb2.ListFilesResponse, _abc.Awaitable[_context_pb2.ListFilesResponse]]:
+        """Lists a workspace's files, newest first."""
+
+    @_abc_1.abstractmethod
+    def DownloadFile(
+        self,
+        request: _context_pb2.DownloadFileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_context_pb2.DownloadFileResponse], _abc.AsyncIterator[_context_pb2.DownloadFileResponse]]:
+        """Streams a file's content in chunks of at most 1 MiB, from an offset."""
+
+    @_abc_1.abstractmethod
+    def DeleteFile(
+        self,
+        request: _context_pb2.DeleteFileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_context_pb2.DeleteFileResponse, _abc.Awaitable[_context_pb2.DeleteFileResponse]]:
+        """Deletes a file. Messages that name it keep the reference; reading it is
+        NOT_FOUND from then on.
+        """
 
 def add_ContextServiceServicer_to_server(servicer: ContextServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -64,6 +64,8 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     """A budget's usage reached one of its alert thresholds, or a message or a
     run's step was refused at its cap.
     """
+    EVENT_TYPE_FILE_CHANGED: _EventType.ValueType  # 14
+    """A file was stored or deleted, or its text became ready or failed."""
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper):
     """What an event is about."""
@@ -98,6 +100,8 @@ EVENT_TYPE_BUDGET_ALERT: EventType.ValueType  # 13
 """A budget's usage reached one of its alert thresholds, or a message or a
 run's step was refused at its cap.
 """
+EVENT_TYPE_FILE_CHANGED: EventType.ValueType  # 14
+"""A file was stored or deleted, or its text became ready or failed."""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
 class _ChangeKind:
@@ -389,6 +393,34 @@ class MemoryChanged(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MemoryChanged: _TypeAlias = MemoryChanged  # noqa: Y015
+
+@_typing.final
+class FileChanged(_message.Message):
+    """Payload: a file was stored or deleted, or its text state changed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGE_FIELD_NUMBER: _builtins.int
+    FILE_FIELD_NUMBER: _builtins.int
+    change: Global___ChangeKind.ValueType
+    """How it changed (UPDATED: its text became ready or failed)."""
+    @_builtins.property
+    def file(self) -> _context_pb2.File:
+        """The file, in the BASIC view."""
+
+    def __init__(
+        self,
+        *,
+        change: Global___ChangeKind.ValueType = ...,
+        file: _context_pb2.File | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["file", b"file"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "file", b"file"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FileChanged: _TypeAlias = FileChanged  # noqa: Y015
 
 @_typing.final
 class RunUpdated(_message.Message):
@@ -697,6 +729,7 @@ class Event(_message.Message):
     ASSISTANT_CHANGED_FIELD_NUMBER: _builtins.int
     BUDGET_CHANGED_FIELD_NUMBER: _builtins.int
     BUDGET_ALERT_FIELD_NUMBER: _builtins.int
+    FILE_CHANGED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Globally unique id (for deduplication by consumers)."""
     cursor: _builtins.str
@@ -769,6 +802,10 @@ class Event(_message.Message):
     def budget_alert(self) -> Global___BudgetAlert:
         """A budget alert."""
 
+    @_builtins.property
+    def file_changed(self) -> Global___FileChanged:
+        """A file changed."""
+
     def __init__(
         self,
         *,
@@ -793,12 +830,13 @@ class Event(_message.Message):
         assistant_changed: Global___AssistantChanged | None = ...,
         budget_changed: Global___BudgetChanged | None = ...,
         budget_alert: Global___BudgetAlert | None = ...,
+        file_changed: Global___FileChanged | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "assistant_changed", b"assistant_changed", "budget_alert", b"budget_alert", "budget_changed", b"budget_changed", "conversation_changed", b"conversation_changed", "integration_changed", b"integration_changed", "member_changed", b"member_changed", "memory_changed", b"memory_changed", "message_created", b"message_created", "message_filtered", b"message_filtered", "payload", b"payload", "run_updated", b"run_updated", "security", b"security", "time", b"time", "tool_invoked", b"tool_invoked", "workspace_changed", b"workspace_changed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "assistant_changed", b"assistant_changed", "budget_alert", b"budget_alert", "budget_changed", b"budget_changed", "conversation_changed", b"conversation_changed", "file_changed", b"file_changed", "integration_changed", b"integration_changed", "member_changed", b"member_changed", "memory_changed", b"memory_changed", "message_created", b"message_created", "message_filtered", b"message_filtered", "payload", b"payload", "run_updated", b"run_updated", "security", b"security", "time", b"time", "tool_invoked", b"tool_invoked", "workspace_changed", b"workspace_changed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "assistant_changed", b"assistant_changed", "budget_alert", b"budget_alert", "budget_changed", b"budget_changed", "conversation", b"conversation", "conversation_changed", b"conversation_changed", "cursor", b"cursor", "id", b"id", "integration_changed", b"integration_changed", "member_changed", b"member_changed", "memory_changed", b"memory_changed", "message_created", b"message_created", "message_filtered", b"message_filtered", "payload", b"payload", "run_updated", b"run_updated", "security", b"security", "time", b"time", "tool_invoked", b"tool_invoked", "type", b"type", "user", b"user", "workspace", b"workspace", "workspace_changed", b"workspace_changed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "assistant_changed", b"assistant_changed", "budget_alert", b"budget_alert", "budget_changed", b"budget_changed", "conversation", b"conversation", "conversation_changed", b"conversation_changed", "cursor", b"cursor", "file_changed", b"file_changed", "id", b"id", "integration_changed", b"integration_changed", "member_changed", b"member_changed", "memory_changed", b"memory_changed", "message_created", b"message_created", "message_filtered", b"message_filtered", "payload", b"payload", "run_updated", b"run_updated", "security", b"security", "time", b"time", "tool_invoked", b"tool_invoked", "type", b"type", "user", b"user", "workspace", b"workspace", "workspace_changed", b"workspace_changed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["workspace_changed", "member_changed", "conversation_changed", "message_created", "memory_changed", "run_updated", "integration_changed", "security", "message_filtered", "tool_invoked", "assistant_changed", "budget_changed", "budget_alert"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["workspace_changed", "member_changed", "conversation_changed", "message_created", "memory_changed", "run_updated", "integration_changed", "security", "message_filtered", "tool_invoked", "assistant_changed", "budget_changed", "budget_alert", "file_changed"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 

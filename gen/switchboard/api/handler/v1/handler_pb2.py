@@ -29,7 +29,7 @@ from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from switchboard.api.context.v1 import context_pb2 as switchboard_dot_api_dot_context_dot_v1_dot_context__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(switchboard/api/handler/v1/handler.proto\x12\x1aswitchboard.api.handler.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x17google/rpc/status.proto\x1a(switchboard/api/context/v1/context.proto\"\xb0\x03\n\rHandleRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x34\n\x07message\x18\x02 \x01(\x0b\x32#.switchboard.api.context.v1.Message\x12:\n\x07\x63ontext\x18\x03 \x01(\x0b\x32).switchboard.api.context.v1.ContextWindow\x12+\n\nparameters\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0c\n\x04user\x18\x05 \x01(\t\x12\r\n\x05\x66lags\x18\x06 \x03(\t\x12\x39\n\x05tools\x18\x07 \x03(\x0b\x32*.switchboard.api.handler.v1.ToolDefinition\x12\x33\n\x05steps\x18\x08 \x03(\x0b\x32$.switchboard.api.handler.v1.ToolStep\x12\x14\n\x0cinstructions\x18\t \x01(\t\x12\x38\n\x05model\x18\n \x01(\x0b\x32).switchboard.api.handler.v1.ModelSettings\x12\x16\n\x0emax_tool_steps\x18\x0b \x01(\x05\"\x94\x01\n\x0eToolDefinition\x12\x0c\n\x04tool\x18\x01 \x01(\t\x12\x15\n\rfunction_name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12-\n\x0cinput_schema\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x19\n\x11requires_approval\x18\x05 \x01(\x08\"\x93\x01\n\rModelSettings\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x0btemperature\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x19\n\x11max_output_tokens\x18\x05 \x01(\x05\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_p\"\xe7\x01\n\nToolResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04tool\x18\x02 \x01(\t\x12\x38\n\x07outcome\x18\x03 \x01(\x0e\x32\'.switchboard.api.handler.v1.ToolOutcome\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\'\n\x06result\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\x08\x64uration\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12!\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x12.google.rpc.Status\"\x86\x01\n\x08ToolStep\x12\x33\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32$.switchboard.api.handler.v1.ToolCall\x12\x37\n\x07results\x18\x02 \x03(\x0b\x32&.switchboard.api.handler.v1.ToolResult\x12\x0c\n\x04text\x18\x03 \x01(\t\"S\n\x08Progress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x10\n\x08\x66raction\x18\x02 \x01(\x01\x12&\n\x03\x65ta\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x19\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\"\xb2\x01\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0bintegration\x18\x02 \x01(\t\x12\x0c\n\x04tool\x18\x03 \x01(\t\x12*\n\targuments\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x19\n\x11invalid_arguments\x18\x05 \x01(\t\x12\x19\n\x11requires_approval\x18\x06 \x01(\x08\x12\x15\n\rfunction_name\x18\x07 \x01(\t\"\x87\x01\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x05\x12\x15\n\routput_tokens\x18\x02 \x01(\x05\x12\x1a\n\x12\x65stimated_cost_usd\x18\x03 \x01(\x01\x12\r\n\x05model\x18\x04 \x01(\t\x12\x11\n\testimated\x18\x05 \x01(\x08\x12\x13\n\x0b\x63ost_micros\x18\x06 \x01(\x03\"\x8f\x01\n\x0cHandleResult\x12\x36\n\x05parts\x18\x01 \x03(\x0b\x32\'.switchboard.api.context.v1.ContentPart\x12\x30\n\x05usage\x18\x02 \x01(\x0b\x32!.switchboard.api.handler.v1.Usage\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\"\x82\x02\n\x0eHandleResponse\x12\x38\n\x08progress\x18\x01 \x01(\x0b\x32$.switchboard.api.handler.v1.ProgressH\x00\x12\x36\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32%.switchboard.api.handler.v1.TextDeltaH\x00\x12\x39\n\ttool_call\x18\x03 \x01(\x0b\x32$.switchboard.api.handler.v1.ToolCallH\x00\x12:\n\x06result\x18\x04 \x01(\x0b\x32(.switchboard.api.handler.v1.HandleResultH\x00\x42\x07\n\x05\x66rame\"\x18\n\x16GetCapabilitiesRequest\"\xd4\x01\n\x13HandlerCapabilities\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0e\n\x06topics\x18\x04 \x03(\t\x12\x11\n\tstreaming\x18\x05 \x01(\x08\x12\x1a\n\x12max_context_tokens\x18\x06 \x01(\x05\x12\x32\n\x11parameters_schema\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x0binteractive\x18\x08 \x01(\x08\"\x9e\x01\n\x18HandleInteractiveRequest\x12:\n\x05start\x18\x01 \x01(\x0b\x32).switchboard.api.handler.v1.HandleRequestH\x00\x12=\n\x0btool_result\x18\x02 \x01(\x0b\x32&.switchboard.api.handler.v1.ToolResultH\x00\x42\x07\n\x05\x66rame\"V\n\x19HandleInteractiveResponse\x12\x39\n\x05\x66rame\x18\x01 \x01(\x0b\x32*.switchboard.api.handler.v1.HandleResponse\"`\n\x17GetCapabilitiesResponse\x12\x45\n\x0c\x63\x61pabilities\x18\x01 \x01(\x0b\x32/.switchboard.api.handler.v1.HandlerCapabilities*\x91\x01\n\x0bToolOutcome\x12\x1c\n\x18TOOL_OUTCOME_UNSPECIFIED\x10\x00\x12\x1a\n\x16TOOL_OUTCOME_SUCCEEDED\x10\x01\x12\x16\n\x12TOOL_OUTCOME_ERROR\x10\x02\x12\x17\n\x13TOOL_OUTCOME_FAILED\x10\x03\x12\x17\n\x13TOOL_OUTCOME_DENIED\x10\x04\x32\xf6\x02\n\x0eHandlerService\x12\x61\n\x06Handle\x12).switchboard.api.handler.v1.HandleRequest\x1a*.switchboard.api.handler.v1.HandleResponse0\x01\x12z\n\x0fGetCapabilities\x12\x32.switchboard.api.handler.v1.GetCapabilitiesRequest\x1a\x33.switchboard.api.handler.v1.GetCapabilitiesResponse\x12\x84\x01\n\x11HandleInteractive\x12\x34.switchboard.api.handler.v1.HandleInteractiveRequest\x1a\x35.switchboard.api.handler.v1.HandleInteractiveResponse(\x01\x30\x01\x42_\n\x1e\x64\x65v.switchboard.api.handler.v1P\x01Z;switchboard.dev/go/gen/switchboard/api/handler/v1;handlerv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(switchboard/api/handler/v1/handler.proto\x12\x1aswitchboard.api.handler.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x17google/rpc/status.proto\x1a(switchboard/api/context/v1/context.proto\"\xb0\x03\n\rHandleRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x34\n\x07message\x18\x02 \x01(\x0b\x32#.switchboard.api.context.v1.Message\x12:\n\x07\x63ontext\x18\x03 \x01(\x0b\x32).switchboard.api.context.v1.ContextWindow\x12+\n\nparameters\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0c\n\x04user\x18\x05 \x01(\t\x12\r\n\x05\x66lags\x18\x06 \x03(\t\x12\x39\n\x05tools\x18\x07 \x03(\x0b\x32*.switchboard.api.handler.v1.ToolDefinition\x12\x33\n\x05steps\x18\x08 \x03(\x0b\x32$.switchboard.api.handler.v1.ToolStep\x12\x14\n\x0cinstructions\x18\t \x01(\t\x12\x38\n\x05model\x18\n \x01(\x0b\x32).switchboard.api.handler.v1.ModelSettings\x12\x16\n\x0emax_tool_steps\x18\x0b \x01(\x05\"\x94\x01\n\x0eToolDefinition\x12\x0c\n\x04tool\x18\x01 \x01(\t\x12\x15\n\rfunction_name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12-\n\x0cinput_schema\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x19\n\x11requires_approval\x18\x05 \x01(\x08\"\x93\x01\n\rModelSettings\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x0btemperature\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x19\n\x11max_output_tokens\x18\x05 \x01(\x05\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_p\"\xa1\x02\n\nToolResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04tool\x18\x02 \x01(\t\x12\x38\n\x07outcome\x18\x03 \x01(\x0e\x32\'.switchboard.api.handler.v1.ToolOutcome\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\'\n\x06result\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\x08\x64uration\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12!\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x12.google.rpc.Status\x12\x38\n\x05\x66iles\x18\x08 \x03(\x0b\x32).switchboard.api.context.v1.FileReference\"\x86\x01\n\x08ToolStep\x12\x33\n\x05\x63\x61lls\x18\x01 \x03(\x0b\x32$.switchboard.api.handler.v1.ToolCall\x12\x37\n\x07results\x18\x02 \x03(\x0b\x32&.switchboard.api.handler.v1.ToolResult\x12\x0c\n\x04text\x18\x03 \x01(\t\"S\n\x08Progress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x10\n\x08\x66raction\x18\x02 \x01(\x01\x12&\n\x03\x65ta\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x19\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\"\xb2\x01\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0bintegration\x18\x02 \x01(\t\x12\x0c\n\x04tool\x18\x03 \x01(\t\x12*\n\targuments\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x19\n\x11invalid_arguments\x18\x05 \x01(\t\x12\x19\n\x11requires_approval\x18\x06 \x01(\x08\x12\x15\n\rfunction_name\x18\x07 \x01(\t\"\x87\x01\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x05\x12\x15\n\routput_tokens\x18\x02 \x01(\x05\x12\x1a\n\x12\x65stimated_cost_usd\x18\x03 \x01(\x01\x12\r\n\x05model\x18\x04 \x01(\t\x12\x11\n\testimated\x18\x05 \x01(\x08\x12\x13\n\x0b\x63ost_micros\x18\x06 \x01(\x03\"\x8f\x01\n\x0cHandleResult\x12\x36\n\x05parts\x18\x01 \x03(\x0b\x32\'.switchboard.api.context.v1.ContentPart\x12\x30\n\x05usage\x18\x02 \x01(\x0b\x32!.switchboard.api.handler.v1.Usage\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\"\x82\x02\n\x0eHandleResponse\x12\x38\n\x08progress\x18\x01 \x01(\x0b\x32$.switchboard.api.handler.v1.ProgressH\x00\x12\x36\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32%.switchboard.api.handler.v1.TextDeltaH\x00\x12\x39\n\ttool_call\x18\x03 \x01(\x0b\x32$.switchboard.api.handler.v1.ToolCallH\x00\x12:\n\x06result\x18\x04 \x01(\x0b\x32(.switchboard.api.handler.v1.HandleResultH\x00\x42\x07\n\x05\x66rame\"\x18\n\x16GetCapabilitiesRequest\"\xd4\x01\n\x13HandlerCapabilities\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0e\n\x06topics\x18\x04 \x03(\t\x12\x11\n\tstreaming\x18\x05 \x01(\x08\x12\x1a\n\x12max_context_tokens\x18\x06 \x01(\x05\x12\x32\n\x11parameters_schema\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x0binteractive\x18\x08 \x01(\x08\"\x9e\x01\n\x18HandleInteractiveRequest\x12:\n\x05start\x18\x01 \x01(\x0b\x32).switchboard.api.handler.v1.HandleRequestH\x00\x12=\n\x0btool_result\x18\x02 \x01(\x0b\x32&.switchboard.api.handler.v1.ToolResultH\x00\x42\x07\n\x05\x66rame\"V\n\x19HandleInteractiveResponse\x12\x39\n\x05\x66rame\x18\x01 \x01(\x0b\x32*.switchboard.api.handler.v1.HandleResponse\"`\n\x17GetCapabilitiesResponse\x12\x45\n\x0c\x63\x61pabilities\x18\x01 \x01(\x0b\x32/.switchboard.api.handler.v1.HandlerCapabilities*\x91\x01\n\x0bToolOutcome\x12\x1c\n\x18TOOL_OUTCOME_UNSPECIFIED\x10\x00\x12\x1a\n\x16TOOL_OUTCOME_SUCCEEDED\x10\x01\x12\x16\n\x12TOOL_OUTCOME_ERROR\x10\x02\x12\x17\n\x13TOOL_OUTCOME_FAILED\x10\x03\x12\x17\n\x13TOOL_OUTCOME_DENIED\x10\x04\x32\xf6\x02\n\x0eHandlerService\x12\x61\n\x06Handle\x12).switchboard.api.handler.v1.HandleRequest\x1a*.switchboard.api.handler.v1.HandleResponse0\x01\x12z\n\x0fGetCapabilities\x12\x32.switchboard.api.handler.v1.GetCapabilitiesRequest\x1a\x33.switchboard.api.handler.v1.GetCapabilitiesResponse\x12\x84\x01\n\x11HandleInteractive\x12\x34.switchboard.api.handler.v1.HandleInteractiveRequest\x1a\x35.switchboard.api.handler.v1.HandleInteractiveResponse(\x01\x30\x01\x42_\n\x1e\x64\x65v.switchboard.api.handler.v1P\x01Z;switchboard.dev/go/gen/switchboard/api/handler/v1;handlerv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,8 +37,8 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'switchboard.api.handler.v1.
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\036dev.switchboard.api.handler.v1P\001Z;switchboard.dev/go/gen/switchboard/api/handler/v1;handlerv1'
-  _globals['_TOOLOUTCOME']._serialized_start=2735
-  _globals['_TOOLOUTCOME']._serialized_end=2880
+  _globals['_TOOLOUTCOME']._serialized_start=2793
+  _globals['_TOOLOUTCOME']._serialized_end=2938
   _globals['_HANDLEREQUEST']._serialized_start=202
   _globals['_HANDLEREQUEST']._serialized_end=634
   _globals['_TOOLDEFINITION']._serialized_start=637
@@ -46,31 +46,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELSETTINGS']._serialized_start=788
   _globals['_MODELSETTINGS']._serialized_end=935
   _globals['_TOOLRESULT']._serialized_start=938
-  _globals['_TOOLRESULT']._serialized_end=1169
-  _globals['_TOOLSTEP']._serialized_start=1172
-  _globals['_TOOLSTEP']._serialized_end=1306
-  _globals['_PROGRESS']._serialized_start=1308
-  _globals['_PROGRESS']._serialized_end=1391
-  _globals['_TEXTDELTA']._serialized_start=1393
-  _globals['_TEXTDELTA']._serialized_end=1418
-  _globals['_TOOLCALL']._serialized_start=1421
-  _globals['_TOOLCALL']._serialized_end=1599
-  _globals['_USAGE']._serialized_start=1602
-  _globals['_USAGE']._serialized_end=1737
-  _globals['_HANDLERESULT']._serialized_start=1740
-  _globals['_HANDLERESULT']._serialized_end=1883
-  _globals['_HANDLERESPONSE']._serialized_start=1886
-  _globals['_HANDLERESPONSE']._serialized_end=2144
-  _globals['_GETCAPABILITIESREQUEST']._serialized_start=2146
-  _globals['_GETCAPABILITIESREQUEST']._serialized_end=2170
-  _globals['_HANDLERCAPABILITIES']._serialized_start=2173
-  _globals['_HANDLERCAPABILITIES']._serialized_end=2385
-  _globals['_HANDLEINTERACTIVEREQUEST']._serialized_start=2388
-  _globals['_HANDLEINTERACTIVEREQUEST']._serialized_end=2546
-  _globals['_HANDLEINTERACTIVERESPONSE']._serialized_start=2548
-  _globals['_HANDLEINTERACTIVERESPONSE']._serialized_end=2634
-  _globals['_GETCAPABILITIESRESPONSE']._serialized_start=2636
-  _globals['_GETCAPABILITIESRESPONSE']._serialized_end=2732
-  _globals['_HANDLERSERVICE']._serialized_start=2883
-  _globals['_HANDLERSERVICE']._serialized_end=3257
+  _globals['_TOOLRESULT']._serialized_end=1227
+  _globals['_TOOLSTEP']._serialized_start=1230
+  _globals['_TOOLSTEP']._serialized_end=1364
+  _globals['_PROGRESS']._serialized_start=1366
+  _globals['_PROGRESS']._serialized_end=1449
+  _globals['_TEXTDELTA']._serialized_start=1451
+  _globals['_TEXTDELTA']._serialized_end=1476
+  _globals['_TOOLCALL']._serialized_start=1479
+  _globals['_TOOLCALL']._serialized_end=1657
+  _globals['_USAGE']._serialized_start=1660
+  _globals['_USAGE']._serialized_end=1795
+  _globals['_HANDLERESULT']._serialized_start=1798
+  _globals['_HANDLERESULT']._serialized_end=1941
+  _globals['_HANDLERESPONSE']._serialized_start=1944
+  _globals['_HANDLERESPONSE']._serialized_end=2202
+  _globals['_GETCAPABILITIESREQUEST']._serialized_start=2204
+  _globals['_GETCAPABILITIESREQUEST']._serialized_end=2228
+  _globals['_HANDLERCAPABILITIES']._serialized_start=2231
+  _globals['_HANDLERCAPABILITIES']._serialized_end=2443
+  _globals['_HANDLEINTERACTIVEREQUEST']._serialized_start=2446
+  _globals['_HANDLEINTERACTIVEREQUEST']._serialized_end=2604
+  _globals['_HANDLEINTERACTIVERESPONSE']._serialized_start=2606
+  _globals['_HANDLEINTERACTIVERESPONSE']._serialized_end=2692
+  _globals['_GETCAPABILITIESRESPONSE']._serialized_start=2694
+  _globals['_GETCAPABILITIESRESPONSE']._serialized_end=2790
+  _globals['_HANDLERSERVICE']._serialized_start=2941
+  _globals['_HANDLERSERVICE']._serialized_end=3315
 # @@protoc_insertion_point(module_scope)

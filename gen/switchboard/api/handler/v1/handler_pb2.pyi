@@ -247,6 +247,7 @@ class ToolResult(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     DURATION_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The id of the ToolCall it answers."""
     tool: _builtins.str
@@ -269,6 +270,12 @@ class ToolResult(_message.Message):
     def error(self) -> _status_pb2.Status:
         """Why, for FAILED and DENIED."""
 
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[_context_pb2.FileReference]:
+        """Files the tool returned (for example an MCP image or resource), as inline
+        data or URLs; stored in the run's workspace with the tool's message.
+        """
+
     def __init__(
         self,
         *,
@@ -279,10 +286,11 @@ class ToolResult(_message.Message):
         result: _struct_pb2.Struct | None = ...,
         duration: _duration_pb2.Duration | None = ...,
         error: _status_pb2.Status | None = ...,
+        files: _abc.Iterable[_context_pb2.FileReference] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "error", b"error", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "error", b"error", "id", b"id", "outcome", b"outcome", "result", b"result", "text", b"text", "tool", b"tool"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "error", b"error", "files", b"files", "id", b"id", "outcome", b"outcome", "result", b"result", "text", b"text", "tool", b"tool"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

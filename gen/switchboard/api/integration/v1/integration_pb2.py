@@ -28,9 +28,10 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
+from switchboard.api.context.v1 import context_pb2 as switchboard_dot_api_dot_context_dot_v1_dot_context__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n0switchboard/api/integration/v1/integration.proto\x12\x1eswitchboard.api.integration.v1\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xf4\x02\n\x11IntegrationStatus\x12;\n\x06health\x18\x01 \x01(\x0e\x32+.switchboard.api.integration.v1.HealthState\x12=\n\x07\x63ircuit\x18\x02 \x01(\x0e\x32,.switchboard.api.integration.v1.CircuitState\x12\x33\n\x0flast_probe_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\nlast_error\x18\x04 \x01(\x0b\x32\x12.google.rpc.Status\x12\x1c\n\x14\x63onsecutive_failures\x18\x05 \x01(\x05\x12\x30\n\x0chealth_since\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x12\x63ircuit_retry_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9f\x05\n\x0bIntegration\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12=\n\x04kind\x18\x03 \x01(\x0e\x32/.switchboard.api.integration.v1.IntegrationKind\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\x12/\n\x0c\x63\x61ll_timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x06\x63onfig\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\ncredential\x18\x07 \x01(\t\x12\x41\n\x06status\x18\x08 \x01(\x0b\x32\x31.switchboard.api.integration.v1.IntegrationStatus\x12\x10\n\x08\x64isabled\x18\t \x01(\x08\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\x0c \x01(\t\x12\x16\n\x0ehas_credential\x18\r \x01(\x08\x12\x13\n\x0b\x65vent_types\x18\x0e \x03(\t\x12\x19\n\x11\x63\x61ll_price_micros\x18\x0f \x01(\x03\x12\x64\n\x16tool_call_price_micros\x18\x10 \x03(\x0b\x32\x44.switchboard.api.integration.v1.Integration.ToolCallPriceMicrosEntry\x1a:\n\x18ToolCallPriceMicrosEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x98\x01\n\x18\x43reateIntegrationRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12@\n\x0bintegration\x18\x02 \x01(\x0b\x32+.switchboard.api.integration.v1.Integration\x12\x16\n\x0eintegration_id\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"]\n\x19\x43reateIntegrationResponse\x12@\n\x0bintegration\x18\x01 \x01(\x0b\x32+.switchboard.api.integration.v1.Integration\"%\n\x15GetIntegrationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"Z\n\x16GetIntegrationResponse\x12@\n\x0bintegration\x18\x01 \x01(\x0b\x32+.switchboard.api.integration.v1.Integration\"P\n\x17ListIntegrationsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"v\n\x18ListIntegrationsResponse\x12\x41\n\x0cintegrations\x18\x01 \x03(\x0b\x32+.switchboard.api.integration.v1.Integration\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x8d\x01\n\x18UpdateIntegrationRequest\x12@\n\x0bintegration\x18\x01 \x01(\x0b\x32+.switchboard.api.integration.v1.Integration\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"]\n\x19UpdateIntegrationResponse\x12@\n\x0bintegration\x18\x01 \x01(\x0b\x32+.switchboard.api.integration.v1.Integration\"6\n\x18\x44\x65leteIntegrationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"\x1b\n\x19\x44\x65leteIntegrationResponse\"*\n\x18WatchIntegrationsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\"\x89\x01\n\x19WatchIntegrationsResponse\x12@\n\x0bintegration\x18\x01 \x01(\x0b\x32+.switchboard.api.integration.v1.Integration\x12\x0f\n\x07\x64\x65leted\x18\x02 \x01(\x08\x12\x19\n\x11snapshot_complete\x18\x03 \x01(\x08\"\x97\x01\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12-\n\x0cinput_schema\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05title\x18\x04 \x01(\t\x12.\n\routput_schema\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\"I\n\x10ListToolsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"a\n\x11ListToolsResponse\x12\x33\n\x05tools\x18\x01 \x03(\x0b\x32$.switchboard.api.integration.v1.Tool\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"y\n\x11InvokeToolRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\targuments\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12*\n\x07timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x89\x01\n\x12InvokeToolResponse\x12\'\n\x06result\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08is_error\x18\x03 \x01(\x08\x12*\n\x07latency\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xe2\x02\n\x0fWebhookDelivery\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x12\n\nevent_type\x18\x03 \x01(\t\x12<\n\x05state\x18\x04 \x01(\x0e\x32-.switchboard.api.integration.v1.DeliveryState\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\x05\x12\x18\n\x10last_http_status\x18\x06 \x01(\x05\x12\x12\n\nlast_error\x18\x07 \x01(\t\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11last_attempt_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11next_attempt_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"U\n\x1cListWebhookDeliveriesRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"}\n\x1dListWebhookDeliveriesResponse\x12\x43\n\ndeliveries\x18\x01 \x03(\x0b\x32/.switchboard.api.integration.v1.WebhookDelivery\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x17RedeliverWebhookRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"]\n\x18RedeliverWebhookResponse\x12\x41\n\x08\x64\x65livery\x18\x01 \x01(\x0b\x32/.switchboard.api.integration.v1.WebhookDelivery*\xb5\x01\n\x0fIntegrationKind\x12 \n\x1cINTEGRATION_KIND_UNSPECIFIED\x10\x00\x12!\n\x1dINTEGRATION_KIND_GRPC_HANDLER\x10\x01\x12\x1f\n\x1bINTEGRATION_KIND_MCP_SERVER\x10\x02\x12\x1c\n\x18INTEGRATION_KIND_WEBHOOK\x10\x03\x12\x1e\n\x1aINTEGRATION_KIND_A2A_AGENT\x10\x04*|\n\x0bHealthState\x12\x1c\n\x18HEALTH_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14HEALTH_STATE_HEALTHY\x10\x01\x12\x19\n\x15HEALTH_STATE_DEGRADED\x10\x02\x12\x1a\n\x16HEALTH_STATE_UNHEALTHY\x10\x03*|\n\x0c\x43ircuitState\x12\x1d\n\x19\x43IRCUIT_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43IRCUIT_STATE_CLOSED\x10\x01\x12\x16\n\x12\x43IRCUIT_STATE_OPEN\x10\x02\x12\x1b\n\x17\x43IRCUIT_STATE_HALF_OPEN\x10\x03*\x84\x01\n\rDeliveryState\x12\x1e\n\x1a\x44\x45LIVERY_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x44\x45LIVERY_STATE_PENDING\x10\x01\x12\x1c\n\x18\x44\x45LIVERY_STATE_SUCCEEDED\x10\x02\x12\x19\n\x15\x44\x45LIVERY_STATE_FAILED\x10\x03\x32\xe6\n\n\x12IntegrationService\x12\x88\x01\n\x11\x43reateIntegration\x12\x38.switchboard.api.integration.v1.CreateIntegrationRequest\x1a\x39.switchboard.api.integration.v1.CreateIntegrationResponse\x12\x84\x01\n\x0eGetIntegration\x12\x35.switchboard.api.integration.v1.GetIntegrationRequest\x1a\x36.switchboard.api.integration.v1.GetIntegrationResponse\"\x03\x90\x02\x01\x12\x8a\x01\n\x10ListIntegrations\x12\x37.switchboard.api.integration.v1.ListIntegrationsRequest\x1a\x38.switchboard.api.integration.v1.ListIntegrationsResponse\"\x03\x90\x02\x01\x12\x88\x01\n\x11UpdateIntegration\x12\x38.switchboard.api.integration.v1.UpdateIntegrationRequest\x1a\x39.switchboard.api.integration.v1.UpdateIntegrationResponse\x12\x88\x01\n\x11\x44\x65leteIntegration\x12\x38.switchboard.api.integration.v1.DeleteIntegrationRequest\x1a\x39.switchboard.api.integration.v1.DeleteIntegrationResponse\x12\x8a\x01\n\x11WatchIntegrations\x12\x38.switchboard.api.integration.v1.WatchIntegrationsRequest\x1a\x39.switchboard.api.integration.v1.WatchIntegrationsResponse0\x01\x12u\n\tListTools\x12\x30.switchboard.api.integration.v1.ListToolsRequest\x1a\x31.switchboard.api.integration.v1.ListToolsResponse\"\x03\x90\x02\x01\x12s\n\nInvokeTool\x12\x31.switchboard.api.integration.v1.InvokeToolRequest\x1a\x32.switchboard.api.integration.v1.InvokeToolResponse\x12\x99\x01\n\x15ListWebhookDeliveries\x12<.switchboard.api.integration.v1.ListWebhookDeliveriesRequest\x1a=.switchboard.api.integration.v1.ListWebhookDeliveriesResponse\"\x03\x90\x02\x01\x12\x85\x01\n\x10RedeliverWebhook\x12\x37.switchboard.api.integration.v1.RedeliverWebhookRequest\x1a\x38.switchboard.api.integration.v1.RedeliverWebhookResponseBk\n\"dev.switchboard.api.integration.v1P\x01ZCswitchboard.dev/go/gen/switchboard/api/integration/v1;integrationv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n0switchboard/api/integration/v1/integration.proto\x12\x1eswitchboard.api.integration.v1\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a(switchboard/api/context/v1/context.proto\"\xf4\x02\n\x11IntegrationStatus\x12;\n\x06health\x18\x01 \x01(\x0e\x32+.switchboard.api.integration.v1.HealthState\x12=\n\x07\x63ircuit\x18\x02 \x01(\x0e\x32,.switchboard.api.integration.v1.CircuitState\x12\x33\n\x0flast_probe_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\nlast_error\x18\x04 \x01(\x0b\x32\x12.google.rpc.Status\x12\x1c\n\x14\x63onsecutive_failures\x18\x05 \x01(\x05\x12\x30\n\x0chealth_since\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x12\x63ircuit_retry_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9f\x05\n\x0bIntegration\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12=\n\x04kind\x18\x03 \x01(\x0e\x32/.switchboard.api.integration.v1.IntegrationKind\x12\x10\n\x08\x65ndpoint\x18\x04 \x01(\t\x12/\n\x0c\x63\x61ll_timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x06\x63onfig\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\ncredential\x18\x07 \x01(\t\x12\x41\n\x06status\x18\x08 \x01(\x0b\x32\x31.switchboard.api.integration.v1.IntegrationStatus\x12\x10\n\x08\x64isabled\x18\t \x01(\x08\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\x0c \x01(\t\x12\x16\n\x0ehas_credential\x18\r \x01(\x08\x12\x13\n\x0b\x65vent_types\x18\x0e \x03(\t\x12\x19\n\x11\x63\x61ll_price_micros\x18\x0f \x01(\x03\x12\x64\n\x16tool_call_price_micros\x18\x10 \x03(\x0b\x32\x44.switchboard.api.integration.v1.Integration.ToolCallPriceMicrosEntry\x1a:\n\x18ToolCallPriceMicrosEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\x98\x01\n\x18\x43reateIntegrationRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12@\n\x0bintegration\x18\x02 \x01(\x0b\x32+.switchboard.api.integration.v1.Integration\x12\x16\n\x0eintegration_id\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"]\n\x19\x43reateIntegrationResponse\x12@\n\x0bintegration\x18\x01 \x01(\x0b\x32+.switchboard.api.integration.v1.Integration\"%\n\x15GetIntegrationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"Z\n\x16GetIntegrationResponse\x12@\n\x0bintegration\x18\x01 \x01(\x0b\x32+.switchboard.api.integration.v1.Integration\"P\n\x17ListIntegrationsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"v\n\x18ListIntegrationsResponse\x12\x41\n\x0cintegrations\x18\x01 \x03(\x0b\x32+.switchboard.api.integration.v1.Integration\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x8d\x01\n\x18UpdateIntegrationRequest\x12@\n\x0bintegration\x18\x01 \x01(\x0b\x32+.switchboard.api.integration.v1.Integration\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"]\n\x19UpdateIntegrationResponse\x12@\n\x0bintegration\x18\x01 \x01(\x0b\x32+.switchboard.api.integration.v1.Integration\"6\n\x18\x44\x65leteIntegrationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"\x1b\n\x19\x44\x65leteIntegrationResponse\"*\n\x18WatchIntegrationsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\"\x89\x01\n\x19WatchIntegrationsResponse\x12@\n\x0bintegration\x18\x01 \x01(\x0b\x32+.switchboard.api.integration.v1.Integration\x12\x0f\n\x07\x64\x65leted\x18\x02 \x01(\x08\x12\x19\n\x11snapshot_complete\x18\x03 \x01(\x08\"\x97\x01\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12-\n\x0cinput_schema\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05title\x18\x04 \x01(\t\x12.\n\routput_schema\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\"I\n\x10ListToolsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"a\n\x11ListToolsResponse\x12\x33\n\x05tools\x18\x01 \x03(\x0b\x32$.switchboard.api.integration.v1.Tool\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"y\n\x11InvokeToolRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\targuments\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12*\n\x07timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xc3\x01\n\x12InvokeToolResponse\x12\'\n\x06result\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08is_error\x18\x03 \x01(\x08\x12*\n\x07latency\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x38\n\x05\x66iles\x18\x05 \x03(\x0b\x32).switchboard.api.context.v1.FileReference\"\xe2\x02\n\x0fWebhookDelivery\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x12\n\nevent_type\x18\x03 \x01(\t\x12<\n\x05state\x18\x04 \x01(\x0e\x32-.switchboard.api.integration.v1.DeliveryState\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\x05\x12\x18\n\x10last_http_status\x18\x06 \x01(\x05\x12\x12\n\nlast_error\x18\x07 \x01(\t\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11last_attempt_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11next_attempt_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"U\n\x1cListWebhookDeliveriesRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"}\n\x1dListWebhookDeliveriesResponse\x12\x43\n\ndeliveries\x18\x01 \x03(\x0b\x32/.switchboard.api.integration.v1.WebhookDelivery\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x17RedeliverWebhookRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"]\n\x18RedeliverWebhookResponse\x12\x41\n\x08\x64\x65livery\x18\x01 \x01(\x0b\x32/.switchboard.api.integration.v1.WebhookDelivery*\xb5\x01\n\x0fIntegrationKind\x12 \n\x1cINTEGRATION_KIND_UNSPECIFIED\x10\x00\x12!\n\x1dINTEGRATION_KIND_GRPC_HANDLER\x10\x01\x12\x1f\n\x1bINTEGRATION_KIND_MCP_SERVER\x10\x02\x12\x1c\n\x18INTEGRATION_KIND_WEBHOOK\x10\x03\x12\x1e\n\x1aINTEGRATION_KIND_A2A_AGENT\x10\x04*|\n\x0bHealthState\x12\x1c\n\x18HEALTH_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14HEALTH_STATE_HEALTHY\x10\x01\x12\x19\n\x15HEALTH_STATE_DEGRADED\x10\x02\x12\x1a\n\x16HEALTH_STATE_UNHEALTHY\x10\x03*|\n\x0c\x43ircuitState\x12\x1d\n\x19\x43IRCUIT_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43IRCUIT_STATE_CLOSED\x10\x01\x12\x16\n\x12\x43IRCUIT_STATE_OPEN\x10\x02\x12\x1b\n\x17\x43IRCUIT_STATE_HALF_OPEN\x10\x03*\x84\x01\n\rDeliveryState\x12\x1e\n\x1a\x44\x45LIVERY_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x44\x45LIVERY_STATE_PENDING\x10\x01\x12\x1c\n\x18\x44\x45LIVERY_STATE_SUCCEEDED\x10\x02\x12\x19\n\x15\x44\x45LIVERY_STATE_FAILED\x10\x03\x32\xe6\n\n\x12IntegrationService\x12\x88\x01\n\x11\x43reateIntegration\x12\x38.switchboard.api.integration.v1.CreateIntegrationRequest\x1a\x39.switchboard.api.integration.v1.CreateIntegrationResponse\x12\x84\x01\n\x0eGetIntegration\x12\x35.switchboard.api.integration.v1.GetIntegrationRequest\x1a\x36.switchboard.api.integration.v1.GetIntegrationResponse\"\x03\x90\x02\x01\x12\x8a\x01\n\x10ListIntegrations\x12\x37.switchboard.api.integration.v1.ListIntegrationsRequest\x1a\x38.switchboard.api.integration.v1.ListIntegrationsResponse\"\x03\x90\x02\x01\x12\x88\x01\n\x11UpdateIntegration\x12\x38.switchboard.api.integration.v1.UpdateIntegrationRequest\x1a\x39.switchboard.api.integration.v1.UpdateIntegrationResponse\x12\x88\x01\n\x11\x44\x65leteIntegration\x12\x38.switchboard.api.integration.v1.DeleteIntegrationRequest\x1a\x39.switchboard.api.integration.v1.DeleteIntegrationResponse\x12\x8a\x01\n\x11WatchIntegrations\x12\x38.switchboard.api.integration.v1.WatchIntegrationsRequest\x1a\x39.switchboard.api.integration.v1.WatchIntegrationsResponse0\x01\x12u\n\tListTools\x12\x30.switchboard.api.integration.v1.ListToolsRequest\x1a\x31.switchboard.api.integration.v1.ListToolsResponse\"\x03\x90\x02\x01\x12s\n\nInvokeTool\x12\x31.switchboard.api.integration.v1.InvokeToolRequest\x1a\x32.switchboard.api.integration.v1.InvokeToolResponse\x12\x99\x01\n\x15ListWebhookDeliveries\x12<.switchboard.api.integration.v1.ListWebhookDeliveriesRequest\x1a=.switchboard.api.integration.v1.ListWebhookDeliveriesResponse\"\x03\x90\x02\x01\x12\x85\x01\n\x10RedeliverWebhook\x12\x37.switchboard.api.integration.v1.RedeliverWebhookRequest\x1a\x38.switchboard.api.integration.v1.RedeliverWebhookResponseBk\n\"dev.switchboard.api.integration.v1P\x01ZCswitchboard.dev/go/gen/switchboard/api/integration/v1;integrationv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,64 +49,64 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INTEGRATIONSERVICE'].methods_by_name['ListTools']._serialized_options = b'\220\002\001'
   _globals['_INTEGRATIONSERVICE'].methods_by_name['ListWebhookDeliveries']._loaded_options = None
   _globals['_INTEGRATIONSERVICE'].methods_by_name['ListWebhookDeliveries']._serialized_options = b'\220\002\001'
-  _globals['_INTEGRATIONKIND']._serialized_start=3677
-  _globals['_INTEGRATIONKIND']._serialized_end=3858
-  _globals['_HEALTHSTATE']._serialized_start=3860
-  _globals['_HEALTHSTATE']._serialized_end=3984
-  _globals['_CIRCUITSTATE']._serialized_start=3986
-  _globals['_CIRCUITSTATE']._serialized_end=4110
-  _globals['_DELIVERYSTATE']._serialized_start=4113
-  _globals['_DELIVERYSTATE']._serialized_end=4245
-  _globals['_INTEGRATIONSTATUS']._serialized_start=239
-  _globals['_INTEGRATIONSTATUS']._serialized_end=611
-  _globals['_INTEGRATION']._serialized_start=614
-  _globals['_INTEGRATION']._serialized_end=1285
-  _globals['_INTEGRATION_TOOLCALLPRICEMICROSENTRY']._serialized_start=1227
-  _globals['_INTEGRATION_TOOLCALLPRICEMICROSENTRY']._serialized_end=1285
-  _globals['_CREATEINTEGRATIONREQUEST']._serialized_start=1288
-  _globals['_CREATEINTEGRATIONREQUEST']._serialized_end=1440
-  _globals['_CREATEINTEGRATIONRESPONSE']._serialized_start=1442
-  _globals['_CREATEINTEGRATIONRESPONSE']._serialized_end=1535
-  _globals['_GETINTEGRATIONREQUEST']._serialized_start=1537
-  _globals['_GETINTEGRATIONREQUEST']._serialized_end=1574
-  _globals['_GETINTEGRATIONRESPONSE']._serialized_start=1576
-  _globals['_GETINTEGRATIONRESPONSE']._serialized_end=1666
-  _globals['_LISTINTEGRATIONSREQUEST']._serialized_start=1668
-  _globals['_LISTINTEGRATIONSREQUEST']._serialized_end=1748
-  _globals['_LISTINTEGRATIONSRESPONSE']._serialized_start=1750
-  _globals['_LISTINTEGRATIONSRESPONSE']._serialized_end=1868
-  _globals['_UPDATEINTEGRATIONREQUEST']._serialized_start=1871
-  _globals['_UPDATEINTEGRATIONREQUEST']._serialized_end=2012
-  _globals['_UPDATEINTEGRATIONRESPONSE']._serialized_start=2014
-  _globals['_UPDATEINTEGRATIONRESPONSE']._serialized_end=2107
-  _globals['_DELETEINTEGRATIONREQUEST']._serialized_start=2109
-  _globals['_DELETEINTEGRATIONREQUEST']._serialized_end=2163
-  _globals['_DELETEINTEGRATIONRESPONSE']._serialized_start=2165
-  _globals['_DELETEINTEGRATIONRESPONSE']._serialized_end=2192
-  _globals['_WATCHINTEGRATIONSREQUEST']._serialized_start=2194
-  _globals['_WATCHINTEGRATIONSREQUEST']._serialized_end=2236
-  _globals['_WATCHINTEGRATIONSRESPONSE']._serialized_start=2239
-  _globals['_WATCHINTEGRATIONSRESPONSE']._serialized_end=2376
-  _globals['_TOOL']._serialized_start=2379
-  _globals['_TOOL']._serialized_end=2530
-  _globals['_LISTTOOLSREQUEST']._serialized_start=2532
-  _globals['_LISTTOOLSREQUEST']._serialized_end=2605
-  _globals['_LISTTOOLSRESPONSE']._serialized_start=2607
-  _globals['_LISTTOOLSRESPONSE']._serialized_end=2704
-  _globals['_INVOKETOOLREQUEST']._serialized_start=2706
-  _globals['_INVOKETOOLREQUEST']._serialized_end=2827
-  _globals['_INVOKETOOLRESPONSE']._serialized_start=2830
-  _globals['_INVOKETOOLRESPONSE']._serialized_end=2967
-  _globals['_WEBHOOKDELIVERY']._serialized_start=2970
-  _globals['_WEBHOOKDELIVERY']._serialized_end=3324
-  _globals['_LISTWEBHOOKDELIVERIESREQUEST']._serialized_start=3326
-  _globals['_LISTWEBHOOKDELIVERIESREQUEST']._serialized_end=3411
-  _globals['_LISTWEBHOOKDELIVERIESRESPONSE']._serialized_start=3413
-  _globals['_LISTWEBHOOKDELIVERIESRESPONSE']._serialized_end=3538
-  _globals['_REDELIVERWEBHOOKREQUEST']._serialized_start=3540
-  _globals['_REDELIVERWEBHOOKREQUEST']._serialized_end=3579
-  _globals['_REDELIVERWEBHOOKRESPONSE']._serialized_start=3581
-  _globals['_REDELIVERWEBHOOKRESPONSE']._serialized_end=3674
-  _globals['_INTEGRATIONSERVICE']._serialized_start=4248
-  _globals['_INTEGRATIONSERVICE']._serialized_end=5630
+  _globals['_INTEGRATIONKIND']._serialized_start=3777
+  _globals['_INTEGRATIONKIND']._serialized_end=3958
+  _globals['_HEALTHSTATE']._serialized_start=3960
+  _globals['_HEALTHSTATE']._serialized_end=4084
+  _globals['_CIRCUITSTATE']._serialized_start=4086
+  _globals['_CIRCUITSTATE']._serialized_end=4210
+  _globals['_DELIVERYSTATE']._serialized_start=4213
+  _globals['_DELIVERYSTATE']._serialized_end=4345
+  _globals['_INTEGRATIONSTATUS']._serialized_start=281
+  _globals['_INTEGRATIONSTATUS']._serialized_end=653
+  _globals['_INTEGRATION']._serialized_start=656
+  _globals['_INTEGRATION']._serialized_end=1327
+  _globals['_INTEGRATION_TOOLCALLPRICEMICROSENTRY']._serialized_start=1269
+  _globals['_INTEGRATION_TOOLCALLPRICEMICROSENTRY']._serialized_end=1327
+  _globals['_CREATEINTEGRATIONREQUEST']._serialized_start=1330
+  _globals['_CREATEINTEGRATIONREQUEST']._serialized_end=1482
+  _globals['_CREATEINTEGRATIONRESPONSE']._serialized_start=1484
+  _globals['_CREATEINTEGRATIONRESPONSE']._serialized_end=1577
+  _globals['_GETINTEGRATIONREQUEST']._serialized_start=1579
+  _globals['_GETINTEGRATIONREQUEST']._serialized_end=1616
+  _globals['_GETINTEGRATIONRESPONSE']._serialized_start=1618
+  _globals['_GETINTEGRATIONRESPONSE']._serialized_end=1708
+  _globals['_LISTINTEGRATIONSREQUEST']._serialized_start=1710
+  _globals['_LISTINTEGRATIONSREQUEST']._serialized_end=1790
+  _globals['_LISTINTEGRATIONSRESPONSE']._serialized_start=1792
+  _globals['_LISTINTEGRATIONSRESPONSE']._serialized_end=1910
+  _globals['_UPDATEINTEGRATIONREQUEST']._serialized_start=1913
+  _globals['_UPDATEINTEGRATIONREQUEST']._serialized_end=2054
+  _globals['_UPDATEINTEGRATIONRESPONSE']._serialized_start=2056
+  _globals['_UPDATEINTEGRATIONRESPONSE']._serialized_end=2149
+  _globals['_DELETEINTEGRATIONREQUEST']._serialized_start=2151
+  _globals['_DELETEINTEGRATIONREQUEST']._serialized_end=2205
+  _globals['_DELETEINTEGRATIONRESPONSE']._serialized_start=2207
+  _globals['_DELETEINTEGRATIONRESPONSE']._serialized_end=2234
+  _globals['_WATCHINTEGRATIONSREQUEST']._serialized_start=2236
+  _globals['_WATCHINTEGRATIONSREQUEST']._serialized_end=2278
+  _globals['_WATCHINTEGRATIONSRESPONSE']._serialized_start=2281
+  _globals['_WATCHINTEGRATIONSRESPONSE']._serialized_end=2418
+  _globals['_TOOL']._serialized_start=2421
+  _globals['_TOOL']._serialized_end=2572
+  _globals['_LISTTOOLSREQUEST']._serialized_start=2574
+  _globals['_LISTTOOLSREQUEST']._serialized_end=2647
+  _globals['_LISTTOOLSRESPONSE']._serialized_start=2649
+  _globals['_LISTTOOLSRESPONSE']._serialized_end=2746
+  _globals['_INVOKETOOLREQUEST']._serialized_start=2748
+  _globals['_INVOKETOOLREQUEST']._serialized_end=2869
+  _globals['_INVOKETOOLRESPONSE']._serialized_start=2872
+  _globals['_INVOKETOOLRESPONSE']._serialized_end=3067
+  _globals['_WEBHOOKDELIVERY']._serialized_start=3070
+  _globals['_WEBHOOKDELIVERY']._serialized_end=3424
+  _globals['_LISTWEBHOOKDELIVERIESREQUEST']._serialized_start=3426
+  _globals['_LISTWEBHOOKDELIVERIESREQUEST']._serialized_end=3511
+  _globals['_LISTWEBHOOKDELIVERIESRESPONSE']._serialized_start=3513
+  _globals['_LISTWEBHOOKDELIVERIESRESPONSE']._serialized_end=3638
+  _globals['_REDELIVERWEBHOOKREQUEST']._serialized_start=3640
+  _globals['_REDELIVERWEBHOOKREQUEST']._serialized_end=3679
+  _globals['_REDELIVERWEBHOOKRESPONSE']._serialized_start=3681
+  _globals['_REDELIVERWEBHOOKRESPONSE']._serialized_end=3774
+  _globals['_INTEGRATIONSERVICE']._serialized_start=4348
+  _globals['_INTEGRATIONSERVICE']._serialized_end=5730
 # @@protoc_insertion_point(module_scope)

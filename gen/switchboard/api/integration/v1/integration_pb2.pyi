@@ -14,6 +14,7 @@ from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.rpc import status_pb2 as _status_pb2
+from switchboard.api.context.v1 import context_pb2 as _context_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -798,6 +799,7 @@ class InvokeToolResponse(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     IS_ERROR_FIELD_NUMBER: _builtins.int
     LATENCY_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """Text output, for tools that return text."""
     is_error: _builtins.bool
@@ -810,6 +812,12 @@ class InvokeToolResponse(_message.Message):
     def latency(self) -> _duration_pb2.Duration:
         """How long the call took."""
 
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[_context_pb2.FileReference]:
+        """Files the tool returned (MCP image, audio and embedded resource content),
+        as inline data, within the result size limit.
+        """
+
     def __init__(
         self,
         *,
@@ -817,10 +825,11 @@ class InvokeToolResponse(_message.Message):
         text: _builtins.str = ...,
         is_error: _builtins.bool = ...,
         latency: _duration_pb2.Duration | None = ...,
+        files: _abc.Iterable[_context_pb2.FileReference] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["is_error", b"is_error", "latency", b"latency", "result", b"result", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "is_error", b"is_error", "latency", b"latency", "result", b"result", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -104,6 +104,22 @@ const (
 	// A cost budget applies and the model has no price in the price table, so
 	// its cost cannot be reserved (FAILED_PRECONDITION).
 	ErrorReason_ERROR_REASON_MODEL_NOT_PRICED ErrorReason = 33
+	// An upload step's offset is not the upload's committed size
+	// (FAILED_PRECONDITION); metadata `committed_size` says where to continue.
+	ErrorReason_ERROR_REASON_UPLOAD_OFFSET_MISMATCH ErrorReason = 34
+	// The bytes received do not have the SHA-256 the client gave
+	// (INVALID_ARGUMENT on `sha256`); nothing is stored.
+	ErrorReason_ERROR_REASON_CHECKSUM_MISMATCH ErrorReason = 35
+	// The content's sniffed media type contradicts the declared one
+	// (INVALID_ARGUMENT on the media type field); metadata `detected_media_type`.
+	ErrorReason_ERROR_REASON_MEDIA_TYPE_MISMATCH ErrorReason = 36
+	// A resumable upload was abandoned past its expiry and was discarded
+	// (FAILED_PRECONDITION); start a new upload.
+	ErrorReason_ERROR_REASON_UPLOAD_EXPIRED ErrorReason = 37
+	// The model cannot take a kind of content the window holds, for example an
+	// image sent to a model without vision (FAILED_PRECONDITION); metadata
+	// `media_type` and `model`.
+	ErrorReason_ERROR_REASON_MODALITY_UNSUPPORTED ErrorReason = 38
 )
 
 // Enum value maps for ErrorReason.
@@ -143,6 +159,11 @@ var (
 		31: "ERROR_REASON_CURSOR_AHEAD",
 		32: "ERROR_REASON_BUDGET_EXHAUSTED",
 		33: "ERROR_REASON_MODEL_NOT_PRICED",
+		34: "ERROR_REASON_UPLOAD_OFFSET_MISMATCH",
+		35: "ERROR_REASON_CHECKSUM_MISMATCH",
+		36: "ERROR_REASON_MEDIA_TYPE_MISMATCH",
+		37: "ERROR_REASON_UPLOAD_EXPIRED",
+		38: "ERROR_REASON_MODALITY_UNSUPPORTED",
 	}
 	ErrorReason_value = map[string]int32{
 		"ERROR_REASON_UNSPECIFIED":            0,
@@ -179,6 +200,11 @@ var (
 		"ERROR_REASON_CURSOR_AHEAD":           31,
 		"ERROR_REASON_BUDGET_EXHAUSTED":       32,
 		"ERROR_REASON_MODEL_NOT_PRICED":       33,
+		"ERROR_REASON_UPLOAD_OFFSET_MISMATCH": 34,
+		"ERROR_REASON_CHECKSUM_MISMATCH":      35,
+		"ERROR_REASON_MEDIA_TYPE_MISMATCH":    36,
+		"ERROR_REASON_UPLOAD_EXPIRED":         37,
+		"ERROR_REASON_MODALITY_UNSUPPORTED":   38,
 	}
 )
 
@@ -213,7 +239,8 @@ var File_switchboard_api_common_v1_errors_proto protoreflect.FileDescriptor
 
 const file_switchboard_api_common_v1_errors_proto_rawDesc = "" +
 	"\n" +
-	"&switchboard/api/common/v1/errors.proto\x12\x19switchboard.api.common.v1*\x83\t\n" +
+	"&switchboard/api/common/v1/errors.proto\x12\x19switchboard.api.common.v1*\xbe\n" +
+	"\n" +
 	"\vErrorReason\x12\x1c\n" +
 	"\x18ERROR_REASON_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dERROR_REASON_INVALID_ARGUMENT\x10\x01\x12 \n" +
@@ -249,7 +276,12 @@ const file_switchboard_api_common_v1_errors_proto_rawDesc = "" +
 	"\x1dERROR_REASON_APPROVAL_EXPIRED\x10\x1e\x12\x1d\n" +
 	"\x19ERROR_REASON_CURSOR_AHEAD\x10\x1f\x12!\n" +
 	"\x1dERROR_REASON_BUDGET_EXHAUSTED\x10 \x12!\n" +
-	"\x1dERROR_REASON_MODEL_NOT_PRICED\x10!B\\\n" +
+	"\x1dERROR_REASON_MODEL_NOT_PRICED\x10!\x12'\n" +
+	"#ERROR_REASON_UPLOAD_OFFSET_MISMATCH\x10\"\x12\"\n" +
+	"\x1eERROR_REASON_CHECKSUM_MISMATCH\x10#\x12$\n" +
+	" ERROR_REASON_MEDIA_TYPE_MISMATCH\x10$\x12\x1f\n" +
+	"\x1bERROR_REASON_UPLOAD_EXPIRED\x10%\x12%\n" +
+	"!ERROR_REASON_MODALITY_UNSUPPORTED\x10&B\\\n" +
 	"\x1ddev.switchboard.api.common.v1P\x01Z9switchboard.dev/go/gen/switchboard/api/common/v1;commonv1b\x06proto3"
 
 var (

@@ -142,6 +142,181 @@ func (MessageRole) EnumDescriptor() ([]byte, []int) {
 	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{1}
 }
 
+// What a stored file holds, as the server understands it.
+type FileKind int32
+
+const (
+	// Not set.
+	FileKind_FILE_KIND_UNSPECIFIED FileKind = 0
+	// An image (png, jpeg, gif, webp); sent to vision-capable models.
+	FileKind_FILE_KIND_IMAGE FileKind = 1
+	// A document with text: PDF, plain text, markdown, CSV or JSON.
+	FileKind_FILE_KIND_DOCUMENT FileKind = 2
+	// Audio; transcribed when a transcription endpoint is configured.
+	FileKind_FILE_KIND_AUDIO FileKind = 3
+	// Anything else: stored and downloadable, not read by models.
+	FileKind_FILE_KIND_OTHER FileKind = 4
+)
+
+// Enum value maps for FileKind.
+var (
+	FileKind_name = map[int32]string{
+		0: "FILE_KIND_UNSPECIFIED",
+		1: "FILE_KIND_IMAGE",
+		2: "FILE_KIND_DOCUMENT",
+		3: "FILE_KIND_AUDIO",
+		4: "FILE_KIND_OTHER",
+	}
+	FileKind_value = map[string]int32{
+		"FILE_KIND_UNSPECIFIED": 0,
+		"FILE_KIND_IMAGE":       1,
+		"FILE_KIND_DOCUMENT":    2,
+		"FILE_KIND_AUDIO":       3,
+		"FILE_KIND_OTHER":       4,
+	}
+)
+
+func (x FileKind) Enum() *FileKind {
+	p := new(FileKind)
+	*p = x
+	return p
+}
+
+func (x FileKind) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (FileKind) Descriptor() protoreflect.EnumDescriptor {
+	return file_switchboard_api_context_v1_context_proto_enumTypes[2].Descriptor()
+}
+
+func (FileKind) Type() protoreflect.EnumType {
+	return &file_switchboard_api_context_v1_context_proto_enumTypes[2]
+}
+
+func (x FileKind) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use FileKind.Descriptor instead.
+func (FileKind) EnumDescriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{2}
+}
+
+// Whether a file's text (extracted or transcribed) is available.
+type FileTextState int32
+
+const (
+	// Not set.
+	FileTextState_FILE_TEXT_STATE_UNSPECIFIED FileTextState = 0
+	// The kind has no text (images, other binaries).
+	FileTextState_FILE_TEXT_STATE_NONE FileTextState = 1
+	// Text is being extracted or transcribed.
+	FileTextState_FILE_TEXT_STATE_PENDING FileTextState = 2
+	// The text is ready.
+	FileTextState_FILE_TEXT_STATE_READY FileTextState = 3
+	// Extraction or transcription failed; `text_error` says why.
+	FileTextState_FILE_TEXT_STATE_FAILED FileTextState = 4
+)
+
+// Enum value maps for FileTextState.
+var (
+	FileTextState_name = map[int32]string{
+		0: "FILE_TEXT_STATE_UNSPECIFIED",
+		1: "FILE_TEXT_STATE_NONE",
+		2: "FILE_TEXT_STATE_PENDING",
+		3: "FILE_TEXT_STATE_READY",
+		4: "FILE_TEXT_STATE_FAILED",
+	}
+	FileTextState_value = map[string]int32{
+		"FILE_TEXT_STATE_UNSPECIFIED": 0,
+		"FILE_TEXT_STATE_NONE":        1,
+		"FILE_TEXT_STATE_PENDING":     2,
+		"FILE_TEXT_STATE_READY":       3,
+		"FILE_TEXT_STATE_FAILED":      4,
+	}
+)
+
+func (x FileTextState) Enum() *FileTextState {
+	p := new(FileTextState)
+	*p = x
+	return p
+}
+
+func (x FileTextState) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (FileTextState) Descriptor() protoreflect.EnumDescriptor {
+	return file_switchboard_api_context_v1_context_proto_enumTypes[3].Descriptor()
+}
+
+func (FileTextState) Type() protoreflect.EnumType {
+	return &file_switchboard_api_context_v1_context_proto_enumTypes[3]
+}
+
+func (x FileTextState) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use FileTextState.Descriptor instead.
+func (FileTextState) EnumDescriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{3}
+}
+
+// How much of a file GetFile and ListFiles return.
+type FileView int32
+
+const (
+	// The default: BASIC.
+	FileView_FILE_VIEW_UNSPECIFIED FileView = 0
+	// Metadata without the text.
+	FileView_FILE_VIEW_BASIC FileView = 1
+	// Metadata and the extracted text.
+	FileView_FILE_VIEW_FULL FileView = 2
+)
+
+// Enum value maps for FileView.
+var (
+	FileView_name = map[int32]string{
+		0: "FILE_VIEW_UNSPECIFIED",
+		1: "FILE_VIEW_BASIC",
+		2: "FILE_VIEW_FULL",
+	}
+	FileView_value = map[string]int32{
+		"FILE_VIEW_UNSPECIFIED": 0,
+		"FILE_VIEW_BASIC":       1,
+		"FILE_VIEW_FULL":        2,
+	}
+)
+
+func (x FileView) Enum() *FileView {
+	p := new(FileView)
+	*p = x
+	return p
+}
+
+func (x FileView) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (FileView) Descriptor() protoreflect.EnumDescriptor {
+	return file_switchboard_api_context_v1_context_proto_enumTypes[4].Descriptor()
+}
+
+func (FileView) Type() protoreflect.EnumType {
+	return &file_switchboard_api_context_v1_context_proto_enumTypes[4]
+}
+
+func (x FileView) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use FileView.Descriptor instead.
+func (FileView) EnumDescriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{4}
+}
+
 // The kind of a memory item.
 type MemoryKind int32
 
@@ -191,11 +366,11 @@ func (x MemoryKind) String() string {
 }
 
 func (MemoryKind) Descriptor() protoreflect.EnumDescriptor {
-	return file_switchboard_api_context_v1_context_proto_enumTypes[2].Descriptor()
+	return file_switchboard_api_context_v1_context_proto_enumTypes[5].Descriptor()
 }
 
 func (MemoryKind) Type() protoreflect.EnumType {
-	return &file_switchboard_api_context_v1_context_proto_enumTypes[2]
+	return &file_switchboard_api_context_v1_context_proto_enumTypes[5]
 }
 
 func (x MemoryKind) Number() protoreflect.EnumNumber {
@@ -204,7 +379,7 @@ func (x MemoryKind) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use MemoryKind.Descriptor instead.
 func (MemoryKind) EnumDescriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{2}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{5}
 }
 
 // Why a candidate was included in or left out of a context window.
@@ -260,11 +435,11 @@ func (x ContextItemReason) String() string {
 }
 
 func (ContextItemReason) Descriptor() protoreflect.EnumDescriptor {
-	return file_switchboard_api_context_v1_context_proto_enumTypes[3].Descriptor()
+	return file_switchboard_api_context_v1_context_proto_enumTypes[6].Descriptor()
 }
 
 func (ContextItemReason) Type() protoreflect.EnumType {
-	return &file_switchboard_api_context_v1_context_proto_enumTypes[3]
+	return &file_switchboard_api_context_v1_context_proto_enumTypes[6]
 }
 
 func (x ContextItemReason) Number() protoreflect.EnumNumber {
@@ -273,7 +448,7 @@ func (x ContextItemReason) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use ContextItemReason.Descriptor instead.
 func (ContextItemReason) EnumDescriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{3}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{6}
 }
 
 // A tenant: members, conversations, memory and integrations live inside it.
@@ -825,7 +1000,10 @@ type ToolResultContent struct {
 	// "succeeded", "error", "failed" or "denied".
 	Outcome string `protobuf:"bytes,3,opt,name=outcome,proto3" json:"outcome,omitempty"`
 	// The text given to the model.
-	Text          string `protobuf:"bytes,4,opt,name=text,proto3" json:"text,omitempty"`
+	Text string `protobuf:"bytes,4,opt,name=text,proto3" json:"text,omitempty"`
+	// Files the tool returned (images, documents), stored in the workspace on
+	// append like file parts.
+	Files         []*FileReference `protobuf:"bytes,5,rep,name=files,proto3" json:"files,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -888,15 +1066,42 @@ func (x *ToolResultContent) GetText() string {
 	return ""
 }
 
-// A reference to a file or blob held outside the message.
+func (x *ToolResultContent) GetFiles() []*FileReference {
+	if x != nil {
+		return x.Files
+	}
+	return nil
+}
+
+// A reference to a file held outside the message.
+//
+// On append a part names its content in one of three ways: `file`, a stored
+// file of the same workspace (another workspace's is NOT_FOUND); `uri`, an
+// http(s) URL the server fetches through its egress policy and size limit and
+// stores; or `inline_data`, bytes the server stores. Either way the stored
+// message names the file in `file`, with `mime_type`, `size_bytes` and
+// `display_name` filled in from the stored file.
 type FileReference struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Location of the content (for example an https or object-store URI).
+	// Location of the content: an https URL to fetch and store on append, or
+	// the URL it was fetched from.
 	Uri string `protobuf:"bytes,1,opt,name=uri,proto3" json:"uri,omitempty"`
-	// The content's media type, for example "image/png".
+	// The content's media type, for example "image/png" (output: the stored
+	// file's, as sniffed from its content).
 	MimeType string `protobuf:"bytes,2,opt,name=mime_type,json=mimeType,proto3" json:"mime_type,omitempty"`
-	// The content's size in bytes, if known.
-	SizeBytes     int64 `protobuf:"varint,3,opt,name=size_bytes,json=sizeBytes,proto3" json:"size_bytes,omitempty"`
+	// The content's size in bytes (output: the stored file's).
+	SizeBytes int64 `protobuf:"varint,3,opt,name=size_bytes,json=sizeBytes,proto3" json:"size_bytes,omitempty"`
+	// The stored file, `workspaces/{workspace}/files/{file}`.
+	File string `protobuf:"bytes,4,opt,name=file,proto3" json:"file,omitempty"`
+	// The file's name as shown to people, for example "report.pdf".
+	DisplayName string `protobuf:"bytes,5,opt,name=display_name,json=displayName,proto3" json:"display_name,omitempty"`
+	// Content to store as a file on append (bounded by the inline file limit);
+	// never returned.
+	InlineData []byte `protobuf:"bytes,6,opt,name=inline_data,json=inlineData,proto3" json:"inline_data,omitempty"`
+	// The file's text as a handler reads it (a document's extracted text or an
+	// audio file's transcript), set only in context windows, cut to fit the
+	// window's budget with a visible note when it does not (output only).
+	Text          string `protobuf:"bytes,7,opt,name=text,proto3" json:"text,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -952,6 +1157,325 @@ func (x *FileReference) GetSizeBytes() int64 {
 	return 0
 }
 
+func (x *FileReference) GetFile() string {
+	if x != nil {
+		return x.File
+	}
+	return ""
+}
+
+func (x *FileReference) GetDisplayName() string {
+	if x != nil {
+		return x.DisplayName
+	}
+	return ""
+}
+
+func (x *FileReference) GetInlineData() []byte {
+	if x != nil {
+		return x.InlineData
+	}
+	return nil
+}
+
+func (x *FileReference) GetText() string {
+	if x != nil {
+		return x.Text
+	}
+	return ""
+}
+
+// A file stored in a workspace: content-addressed bytes plus this metadata.
+type File struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Resource name, `workspaces/{workspace}/files/{file}`.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// The name shown to people, for example "report.pdf".
+	DisplayName string `protobuf:"bytes,2,opt,name=display_name,json=displayName,proto3" json:"display_name,omitempty"`
+	// The media type, as declared and checked against the content (output: the
+	// stored type).
+	MediaType string `protobuf:"bytes,3,opt,name=media_type,json=mediaType,proto3" json:"media_type,omitempty"`
+	// Size in bytes (output only).
+	SizeBytes int64 `protobuf:"varint,4,opt,name=size_bytes,json=sizeBytes,proto3" json:"size_bytes,omitempty"`
+	// SHA-256 of the content, lowercase hex (output only).
+	Sha256 string `protobuf:"bytes,5,opt,name=sha256,proto3" json:"sha256,omitempty"`
+	// What the file holds (output only).
+	Kind FileKind `protobuf:"varint,6,opt,name=kind,proto3,enum=switchboard.api.context.v1.FileKind" json:"kind,omitempty"`
+	// Whether its text is available (output only).
+	TextState FileTextState `protobuf:"varint,7,opt,name=text_state,json=textState,proto3,enum=switchboard.api.context.v1.FileTextState" json:"text_state,omitempty"`
+	// The extracted text or transcript; only in the FULL view (output only).
+	Text string `protobuf:"bytes,8,opt,name=text,proto3" json:"text,omitempty"`
+	// Token count of `text` under the server's counter (output only).
+	TextTokenCount int32 `protobuf:"varint,9,opt,name=text_token_count,json=textTokenCount,proto3" json:"text_token_count,omitempty"`
+	// Why extraction or transcription failed, when it did (output only).
+	TextError string `protobuf:"bytes,10,opt,name=text_error,json=textError,proto3" json:"text_error,omitempty"`
+	// Free-form client metadata (bounded in size).
+	Metadata *structpb.Struct `protobuf:"bytes,11,opt,name=metadata,proto3" json:"metadata,omitempty"`
+	// Who stored it, `users/{user}` or `handlers/{handler}` (output only).
+	Creator string `protobuf:"bytes,12,opt,name=creator,proto3" json:"creator,omitempty"`
+	// When it was stored (output only).
+	CreateTime *timestamppb.Timestamp `protobuf:"bytes,13,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
+	// The URL it was fetched from, when it came from one (output only).
+	SourceUri string `protobuf:"bytes,14,opt,name=source_uri,json=sourceUri,proto3" json:"source_uri,omitempty"`
+	// Opaque version for optimistic concurrency (output only).
+	Etag          string `protobuf:"bytes,15,opt,name=etag,proto3" json:"etag,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *File) Reset() {
+	*x = File{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *File) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*File) ProtoMessage() {}
+
+func (x *File) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use File.ProtoReflect.Descriptor instead.
+func (*File) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *File) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *File) GetDisplayName() string {
+	if x != nil {
+		return x.DisplayName
+	}
+	return ""
+}
+
+func (x *File) GetMediaType() string {
+	if x != nil {
+		return x.MediaType
+	}
+	return ""
+}
+
+func (x *File) GetSizeBytes() int64 {
+	if x != nil {
+		return x.SizeBytes
+	}
+	return 0
+}
+
+func (x *File) GetSha256() string {
+	if x != nil {
+		return x.Sha256
+	}
+	return ""
+}
+
+func (x *File) GetKind() FileKind {
+	if x != nil {
+		return x.Kind
+	}
+	return FileKind_FILE_KIND_UNSPECIFIED
+}
+
+func (x *File) GetTextState() FileTextState {
+	if x != nil {
+		return x.TextState
+	}
+	return FileTextState_FILE_TEXT_STATE_UNSPECIFIED
+}
+
+func (x *File) GetText() string {
+	if x != nil {
+		return x.Text
+	}
+	return ""
+}
+
+func (x *File) GetTextTokenCount() int32 {
+	if x != nil {
+		return x.TextTokenCount
+	}
+	return 0
+}
+
+func (x *File) GetTextError() string {
+	if x != nil {
+		return x.TextError
+	}
+	return ""
+}
+
+func (x *File) GetMetadata() *structpb.Struct {
+	if x != nil {
+		return x.Metadata
+	}
+	return nil
+}
+
+func (x *File) GetCreator() string {
+	if x != nil {
+		return x.Creator
+	}
+	return ""
+}
+
+func (x *File) GetCreateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreateTime
+	}
+	return nil
+}
+
+func (x *File) GetSourceUri() string {
+	if x != nil {
+		return x.SourceUri
+	}
+	return ""
+}
+
+func (x *File) GetEtag() string {
+	if x != nil {
+		return x.Etag
+	}
+	return ""
+}
+
+// A resumable upload in progress.
+type Upload struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Resource name, `workspaces/{workspace}/uploads/{upload}`.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// The file's name as shown to people.
+	DisplayName string `protobuf:"bytes,2,opt,name=display_name,json=displayName,proto3" json:"display_name,omitempty"`
+	// The declared media type.
+	MediaType string `protobuf:"bytes,3,opt,name=media_type,json=mediaType,proto3" json:"media_type,omitempty"`
+	// The declared total size in bytes.
+	SizeBytes int64 `protobuf:"varint,4,opt,name=size_bytes,json=sizeBytes,proto3" json:"size_bytes,omitempty"`
+	// Bytes received and durable so far: the offset of the next AppendUpload (output only).
+	CommittedSize int64 `protobuf:"varint,5,opt,name=committed_size,json=committedSize,proto3" json:"committed_size,omitempty"`
+	// When the upload is discarded if not finished (output only).
+	ExpireTime *timestamppb.Timestamp `protobuf:"bytes,6,opt,name=expire_time,json=expireTime,proto3" json:"expire_time,omitempty"`
+	// When it was started (output only).
+	CreateTime *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
+	// Who started it, `users/{user}` (output only).
+	Creator string `protobuf:"bytes,8,opt,name=creator,proto3" json:"creator,omitempty"`
+	// Free-form client metadata for the file (bounded in size).
+	Metadata      *structpb.Struct `protobuf:"bytes,9,opt,name=metadata,proto3" json:"metadata,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Upload) Reset() {
+	*x = Upload{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Upload) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Upload) ProtoMessage() {}
+
+func (x *Upload) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Upload.ProtoReflect.Descriptor instead.
+func (*Upload) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *Upload) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Upload) GetDisplayName() string {
+	if x != nil {
+		return x.DisplayName
+	}
+	return ""
+}
+
+func (x *Upload) GetMediaType() string {
+	if x != nil {
+		return x.MediaType
+	}
+	return ""
+}
+
+func (x *Upload) GetSizeBytes() int64 {
+	if x != nil {
+		return x.SizeBytes
+	}
+	return 0
+}
+
+func (x *Upload) GetCommittedSize() int64 {
+	if x != nil {
+		return x.CommittedSize
+	}
+	return 0
+}
+
+func (x *Upload) GetExpireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpireTime
+	}
+	return nil
+}
+
+func (x *Upload) GetCreateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreateTime
+	}
+	return nil
+}
+
+func (x *Upload) GetCreator() string {
+	if x != nil {
+		return x.Creator
+	}
+	return ""
+}
+
+func (x *Upload) GetMetadata() *structpb.Struct {
+	if x != nil {
+		return x.Metadata
+	}
+	return nil
+}
+
 // One message in a conversation.
 type Message struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -983,7 +1507,7 @@ type Message struct {
 
 func (x *Message) Reset() {
 	*x = Message{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[7]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -995,7 +1519,7 @@ func (x *Message) String() string {
 func (*Message) ProtoMessage() {}
 
 func (x *Message) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[7]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1008,7 +1532,7 @@ func (x *Message) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Message.ProtoReflect.Descriptor instead.
 func (*Message) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{7}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Message) GetName() string {
@@ -1122,7 +1646,7 @@ type MemoryItem struct {
 
 func (x *MemoryItem) Reset() {
 	*x = MemoryItem{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[8]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1134,7 +1658,7 @@ func (x *MemoryItem) String() string {
 func (*MemoryItem) ProtoMessage() {}
 
 func (x *MemoryItem) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[8]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1147,7 +1671,7 @@ func (x *MemoryItem) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MemoryItem.ProtoReflect.Descriptor instead.
 func (*MemoryItem) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{8}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *MemoryItem) GetName() string {
@@ -1255,7 +1779,7 @@ type CreateWorkspaceRequest struct {
 
 func (x *CreateWorkspaceRequest) Reset() {
 	*x = CreateWorkspaceRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[9]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1267,7 +1791,7 @@ func (x *CreateWorkspaceRequest) String() string {
 func (*CreateWorkspaceRequest) ProtoMessage() {}
 
 func (x *CreateWorkspaceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[9]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1280,7 +1804,7 @@ func (x *CreateWorkspaceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateWorkspaceRequest.ProtoReflect.Descriptor instead.
 func (*CreateWorkspaceRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{9}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *CreateWorkspaceRequest) GetWorkspace() *Workspace {
@@ -1315,7 +1839,7 @@ type CreateWorkspaceResponse struct {
 
 func (x *CreateWorkspaceResponse) Reset() {
 	*x = CreateWorkspaceResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[10]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1327,7 +1851,7 @@ func (x *CreateWorkspaceResponse) String() string {
 func (*CreateWorkspaceResponse) ProtoMessage() {}
 
 func (x *CreateWorkspaceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[10]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1340,7 +1864,7 @@ func (x *CreateWorkspaceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateWorkspaceResponse.ProtoReflect.Descriptor instead.
 func (*CreateWorkspaceResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{10}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *CreateWorkspaceResponse) GetWorkspace() *Workspace {
@@ -1361,7 +1885,7 @@ type GetWorkspaceRequest struct {
 
 func (x *GetWorkspaceRequest) Reset() {
 	*x = GetWorkspaceRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[11]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1373,7 +1897,7 @@ func (x *GetWorkspaceRequest) String() string {
 func (*GetWorkspaceRequest) ProtoMessage() {}
 
 func (x *GetWorkspaceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[11]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1386,7 +1910,7 @@ func (x *GetWorkspaceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetWorkspaceRequest.ProtoReflect.Descriptor instead.
 func (*GetWorkspaceRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{11}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *GetWorkspaceRequest) GetName() string {
@@ -1407,7 +1931,7 @@ type GetWorkspaceResponse struct {
 
 func (x *GetWorkspaceResponse) Reset() {
 	*x = GetWorkspaceResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[12]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1419,7 +1943,7 @@ func (x *GetWorkspaceResponse) String() string {
 func (*GetWorkspaceResponse) ProtoMessage() {}
 
 func (x *GetWorkspaceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[12]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1432,7 +1956,7 @@ func (x *GetWorkspaceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetWorkspaceResponse.ProtoReflect.Descriptor instead.
 func (*GetWorkspaceResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{12}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *GetWorkspaceResponse) GetWorkspace() *Workspace {
@@ -1457,7 +1981,7 @@ type ListWorkspacesRequest struct {
 
 func (x *ListWorkspacesRequest) Reset() {
 	*x = ListWorkspacesRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[13]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1469,7 +1993,7 @@ func (x *ListWorkspacesRequest) String() string {
 func (*ListWorkspacesRequest) ProtoMessage() {}
 
 func (x *ListWorkspacesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[13]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1482,7 +2006,7 @@ func (x *ListWorkspacesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListWorkspacesRequest.ProtoReflect.Descriptor instead.
 func (*ListWorkspacesRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{13}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ListWorkspacesRequest) GetPageSize() int32 {
@@ -1519,7 +2043,7 @@ type ListWorkspacesResponse struct {
 
 func (x *ListWorkspacesResponse) Reset() {
 	*x = ListWorkspacesResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[14]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1531,7 +2055,7 @@ func (x *ListWorkspacesResponse) String() string {
 func (*ListWorkspacesResponse) ProtoMessage() {}
 
 func (x *ListWorkspacesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[14]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1544,7 +2068,7 @@ func (x *ListWorkspacesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListWorkspacesResponse.ProtoReflect.Descriptor instead.
 func (*ListWorkspacesResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{14}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ListWorkspacesResponse) GetWorkspaces() []*Workspace {
@@ -1574,7 +2098,7 @@ type UpdateWorkspaceRequest struct {
 
 func (x *UpdateWorkspaceRequest) Reset() {
 	*x = UpdateWorkspaceRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[15]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1586,7 +2110,7 @@ func (x *UpdateWorkspaceRequest) String() string {
 func (*UpdateWorkspaceRequest) ProtoMessage() {}
 
 func (x *UpdateWorkspaceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[15]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1599,7 +2123,7 @@ func (x *UpdateWorkspaceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateWorkspaceRequest.ProtoReflect.Descriptor instead.
 func (*UpdateWorkspaceRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{15}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *UpdateWorkspaceRequest) GetWorkspace() *Workspace {
@@ -1627,7 +2151,7 @@ type UpdateWorkspaceResponse struct {
 
 func (x *UpdateWorkspaceResponse) Reset() {
 	*x = UpdateWorkspaceResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[16]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1639,7 +2163,7 @@ func (x *UpdateWorkspaceResponse) String() string {
 func (*UpdateWorkspaceResponse) ProtoMessage() {}
 
 func (x *UpdateWorkspaceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[16]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1652,7 +2176,7 @@ func (x *UpdateWorkspaceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateWorkspaceResponse.ProtoReflect.Descriptor instead.
 func (*UpdateWorkspaceResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{16}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *UpdateWorkspaceResponse) GetWorkspace() *Workspace {
@@ -1675,7 +2199,7 @@ type DeleteWorkspaceRequest struct {
 
 func (x *DeleteWorkspaceRequest) Reset() {
 	*x = DeleteWorkspaceRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[17]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1687,7 +2211,7 @@ func (x *DeleteWorkspaceRequest) String() string {
 func (*DeleteWorkspaceRequest) ProtoMessage() {}
 
 func (x *DeleteWorkspaceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[17]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1700,7 +2224,7 @@ func (x *DeleteWorkspaceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteWorkspaceRequest.ProtoReflect.Descriptor instead.
 func (*DeleteWorkspaceRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{17}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *DeleteWorkspaceRequest) GetName() string {
@@ -1728,7 +2252,7 @@ type DeleteWorkspaceResponse struct {
 
 func (x *DeleteWorkspaceResponse) Reset() {
 	*x = DeleteWorkspaceResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[18]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1740,7 +2264,7 @@ func (x *DeleteWorkspaceResponse) String() string {
 func (*DeleteWorkspaceResponse) ProtoMessage() {}
 
 func (x *DeleteWorkspaceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[18]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1753,7 +2277,7 @@ func (x *DeleteWorkspaceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteWorkspaceResponse.ProtoReflect.Descriptor instead.
 func (*DeleteWorkspaceResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{18}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *DeleteWorkspaceResponse) GetWorkspace() *Workspace {
@@ -1776,7 +2300,7 @@ type UndeleteWorkspaceRequest struct {
 
 func (x *UndeleteWorkspaceRequest) Reset() {
 	*x = UndeleteWorkspaceRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[19]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1788,7 +2312,7 @@ func (x *UndeleteWorkspaceRequest) String() string {
 func (*UndeleteWorkspaceRequest) ProtoMessage() {}
 
 func (x *UndeleteWorkspaceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[19]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1801,7 +2325,7 @@ func (x *UndeleteWorkspaceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UndeleteWorkspaceRequest.ProtoReflect.Descriptor instead.
 func (*UndeleteWorkspaceRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{19}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *UndeleteWorkspaceRequest) GetName() string {
@@ -1829,7 +2353,7 @@ type UndeleteWorkspaceResponse struct {
 
 func (x *UndeleteWorkspaceResponse) Reset() {
 	*x = UndeleteWorkspaceResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[20]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1841,7 +2365,7 @@ func (x *UndeleteWorkspaceResponse) String() string {
 func (*UndeleteWorkspaceResponse) ProtoMessage() {}
 
 func (x *UndeleteWorkspaceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[20]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1854,7 +2378,7 @@ func (x *UndeleteWorkspaceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UndeleteWorkspaceResponse.ProtoReflect.Descriptor instead.
 func (*UndeleteWorkspaceResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{20}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *UndeleteWorkspaceResponse) GetWorkspace() *Workspace {
@@ -1879,7 +2403,7 @@ type AddWorkspaceMemberRequest struct {
 
 func (x *AddWorkspaceMemberRequest) Reset() {
 	*x = AddWorkspaceMemberRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[21]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1891,7 +2415,7 @@ func (x *AddWorkspaceMemberRequest) String() string {
 func (*AddWorkspaceMemberRequest) ProtoMessage() {}
 
 func (x *AddWorkspaceMemberRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[21]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1904,7 +2428,7 @@ func (x *AddWorkspaceMemberRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddWorkspaceMemberRequest.ProtoReflect.Descriptor instead.
 func (*AddWorkspaceMemberRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{21}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *AddWorkspaceMemberRequest) GetParent() string {
@@ -1939,7 +2463,7 @@ type AddWorkspaceMemberResponse struct {
 
 func (x *AddWorkspaceMemberResponse) Reset() {
 	*x = AddWorkspaceMemberResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[22]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1951,7 +2475,7 @@ func (x *AddWorkspaceMemberResponse) String() string {
 func (*AddWorkspaceMemberResponse) ProtoMessage() {}
 
 func (x *AddWorkspaceMemberResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[22]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1964,7 +2488,7 @@ func (x *AddWorkspaceMemberResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddWorkspaceMemberResponse.ProtoReflect.Descriptor instead.
 func (*AddWorkspaceMemberResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{22}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *AddWorkspaceMemberResponse) GetMember() *WorkspaceMember {
@@ -1987,7 +2511,7 @@ type UpdateWorkspaceMemberRequest struct {
 
 func (x *UpdateWorkspaceMemberRequest) Reset() {
 	*x = UpdateWorkspaceMemberRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[23]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1999,7 +2523,7 @@ func (x *UpdateWorkspaceMemberRequest) String() string {
 func (*UpdateWorkspaceMemberRequest) ProtoMessage() {}
 
 func (x *UpdateWorkspaceMemberRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[23]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2012,7 +2536,7 @@ func (x *UpdateWorkspaceMemberRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateWorkspaceMemberRequest.ProtoReflect.Descriptor instead.
 func (*UpdateWorkspaceMemberRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{23}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *UpdateWorkspaceMemberRequest) GetMember() *WorkspaceMember {
@@ -2040,7 +2564,7 @@ type UpdateWorkspaceMemberResponse struct {
 
 func (x *UpdateWorkspaceMemberResponse) Reset() {
 	*x = UpdateWorkspaceMemberResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[24]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2052,7 +2576,7 @@ func (x *UpdateWorkspaceMemberResponse) String() string {
 func (*UpdateWorkspaceMemberResponse) ProtoMessage() {}
 
 func (x *UpdateWorkspaceMemberResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[24]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2065,7 +2589,7 @@ func (x *UpdateWorkspaceMemberResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateWorkspaceMemberResponse.ProtoReflect.Descriptor instead.
 func (*UpdateWorkspaceMemberResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{24}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *UpdateWorkspaceMemberResponse) GetMember() *WorkspaceMember {
@@ -2086,7 +2610,7 @@ type RemoveWorkspaceMemberRequest struct {
 
 func (x *RemoveWorkspaceMemberRequest) Reset() {
 	*x = RemoveWorkspaceMemberRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[25]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2098,7 +2622,7 @@ func (x *RemoveWorkspaceMemberRequest) String() string {
 func (*RemoveWorkspaceMemberRequest) ProtoMessage() {}
 
 func (x *RemoveWorkspaceMemberRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[25]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2111,7 +2635,7 @@ func (x *RemoveWorkspaceMemberRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveWorkspaceMemberRequest.ProtoReflect.Descriptor instead.
 func (*RemoveWorkspaceMemberRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{25}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *RemoveWorkspaceMemberRequest) GetName() string {
@@ -2130,7 +2654,7 @@ type RemoveWorkspaceMemberResponse struct {
 
 func (x *RemoveWorkspaceMemberResponse) Reset() {
 	*x = RemoveWorkspaceMemberResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[26]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2142,7 +2666,7 @@ func (x *RemoveWorkspaceMemberResponse) String() string {
 func (*RemoveWorkspaceMemberResponse) ProtoMessage() {}
 
 func (x *RemoveWorkspaceMemberResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[26]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2155,7 +2679,7 @@ func (x *RemoveWorkspaceMemberResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveWorkspaceMemberResponse.ProtoReflect.Descriptor instead.
 func (*RemoveWorkspaceMemberResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{26}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{28}
 }
 
 // Request for ListWorkspaceMembers.
@@ -2173,7 +2697,7 @@ type ListWorkspaceMembersRequest struct {
 
 func (x *ListWorkspaceMembersRequest) Reset() {
 	*x = ListWorkspaceMembersRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[27]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2185,7 +2709,7 @@ func (x *ListWorkspaceMembersRequest) String() string {
 func (*ListWorkspaceMembersRequest) ProtoMessage() {}
 
 func (x *ListWorkspaceMembersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[27]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2198,7 +2722,7 @@ func (x *ListWorkspaceMembersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListWorkspaceMembersRequest.ProtoReflect.Descriptor instead.
 func (*ListWorkspaceMembersRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{27}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ListWorkspaceMembersRequest) GetParent() string {
@@ -2235,7 +2759,7 @@ type ListWorkspaceMembersResponse struct {
 
 func (x *ListWorkspaceMembersResponse) Reset() {
 	*x = ListWorkspaceMembersResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[28]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2247,7 +2771,7 @@ func (x *ListWorkspaceMembersResponse) String() string {
 func (*ListWorkspaceMembersResponse) ProtoMessage() {}
 
 func (x *ListWorkspaceMembersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[28]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2260,7 +2784,7 @@ func (x *ListWorkspaceMembersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListWorkspaceMembersResponse.ProtoReflect.Descriptor instead.
 func (*ListWorkspaceMembersResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{28}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *ListWorkspaceMembersResponse) GetMembers() []*WorkspaceMember {
@@ -2296,7 +2820,7 @@ type CreateConversationRequest struct {
 
 func (x *CreateConversationRequest) Reset() {
 	*x = CreateConversationRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[29]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2308,7 +2832,7 @@ func (x *CreateConversationRequest) String() string {
 func (*CreateConversationRequest) ProtoMessage() {}
 
 func (x *CreateConversationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[29]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2321,7 +2845,7 @@ func (x *CreateConversationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateConversationRequest.ProtoReflect.Descriptor instead.
 func (*CreateConversationRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{29}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *CreateConversationRequest) GetParent() string {
@@ -2356,7 +2880,7 @@ type CreateConversationResponse struct {
 
 func (x *CreateConversationResponse) Reset() {
 	*x = CreateConversationResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[30]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2368,7 +2892,7 @@ func (x *CreateConversationResponse) String() string {
 func (*CreateConversationResponse) ProtoMessage() {}
 
 func (x *CreateConversationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[30]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2381,7 +2905,7 @@ func (x *CreateConversationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateConversationResponse.ProtoReflect.Descriptor instead.
 func (*CreateConversationResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{30}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *CreateConversationResponse) GetConversation() *Conversation {
@@ -2402,7 +2926,7 @@ type GetConversationRequest struct {
 
 func (x *GetConversationRequest) Reset() {
 	*x = GetConversationRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[31]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2414,7 +2938,7 @@ func (x *GetConversationRequest) String() string {
 func (*GetConversationRequest) ProtoMessage() {}
 
 func (x *GetConversationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[31]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2427,7 +2951,7 @@ func (x *GetConversationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetConversationRequest.ProtoReflect.Descriptor instead.
 func (*GetConversationRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{31}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *GetConversationRequest) GetName() string {
@@ -2448,7 +2972,7 @@ type GetConversationResponse struct {
 
 func (x *GetConversationResponse) Reset() {
 	*x = GetConversationResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[32]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2460,7 +2984,7 @@ func (x *GetConversationResponse) String() string {
 func (*GetConversationResponse) ProtoMessage() {}
 
 func (x *GetConversationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[32]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2473,7 +2997,7 @@ func (x *GetConversationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetConversationResponse.ProtoReflect.Descriptor instead.
 func (*GetConversationResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{32}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *GetConversationResponse) GetConversation() *Conversation {
@@ -2502,7 +3026,7 @@ type ListConversationsRequest struct {
 
 func (x *ListConversationsRequest) Reset() {
 	*x = ListConversationsRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[33]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2514,7 +3038,7 @@ func (x *ListConversationsRequest) String() string {
 func (*ListConversationsRequest) ProtoMessage() {}
 
 func (x *ListConversationsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[33]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2527,7 +3051,7 @@ func (x *ListConversationsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListConversationsRequest.ProtoReflect.Descriptor instead.
 func (*ListConversationsRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{33}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *ListConversationsRequest) GetParent() string {
@@ -2578,7 +3102,7 @@ type ListConversationsResponse struct {
 
 func (x *ListConversationsResponse) Reset() {
 	*x = ListConversationsResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[34]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2590,7 +3114,7 @@ func (x *ListConversationsResponse) String() string {
 func (*ListConversationsResponse) ProtoMessage() {}
 
 func (x *ListConversationsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[34]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2603,7 +3127,7 @@ func (x *ListConversationsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListConversationsResponse.ProtoReflect.Descriptor instead.
 func (*ListConversationsResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{34}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *ListConversationsResponse) GetConversations() []*Conversation {
@@ -2633,7 +3157,7 @@ type UpdateConversationRequest struct {
 
 func (x *UpdateConversationRequest) Reset() {
 	*x = UpdateConversationRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[35]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2645,7 +3169,7 @@ func (x *UpdateConversationRequest) String() string {
 func (*UpdateConversationRequest) ProtoMessage() {}
 
 func (x *UpdateConversationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[35]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2658,7 +3182,7 @@ func (x *UpdateConversationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateConversationRequest.ProtoReflect.Descriptor instead.
 func (*UpdateConversationRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{35}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *UpdateConversationRequest) GetConversation() *Conversation {
@@ -2686,7 +3210,7 @@ type UpdateConversationResponse struct {
 
 func (x *UpdateConversationResponse) Reset() {
 	*x = UpdateConversationResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[36]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2698,7 +3222,7 @@ func (x *UpdateConversationResponse) String() string {
 func (*UpdateConversationResponse) ProtoMessage() {}
 
 func (x *UpdateConversationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[36]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2711,7 +3235,7 @@ func (x *UpdateConversationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateConversationResponse.ProtoReflect.Descriptor instead.
 func (*UpdateConversationResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{36}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *UpdateConversationResponse) GetConversation() *Conversation {
@@ -2734,7 +3258,7 @@ type DeleteConversationRequest struct {
 
 func (x *DeleteConversationRequest) Reset() {
 	*x = DeleteConversationRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[37]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2746,7 +3270,7 @@ func (x *DeleteConversationRequest) String() string {
 func (*DeleteConversationRequest) ProtoMessage() {}
 
 func (x *DeleteConversationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[37]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2759,7 +3283,7 @@ func (x *DeleteConversationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteConversationRequest.ProtoReflect.Descriptor instead.
 func (*DeleteConversationRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{37}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *DeleteConversationRequest) GetName() string {
@@ -2787,7 +3311,7 @@ type DeleteConversationResponse struct {
 
 func (x *DeleteConversationResponse) Reset() {
 	*x = DeleteConversationResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[38]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2799,7 +3323,7 @@ func (x *DeleteConversationResponse) String() string {
 func (*DeleteConversationResponse) ProtoMessage() {}
 
 func (x *DeleteConversationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[38]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2812,7 +3336,7 @@ func (x *DeleteConversationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteConversationResponse.ProtoReflect.Descriptor instead.
 func (*DeleteConversationResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{38}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *DeleteConversationResponse) GetConversation() *Conversation {
@@ -2835,7 +3359,7 @@ type UndeleteConversationRequest struct {
 
 func (x *UndeleteConversationRequest) Reset() {
 	*x = UndeleteConversationRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[39]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2847,7 +3371,7 @@ func (x *UndeleteConversationRequest) String() string {
 func (*UndeleteConversationRequest) ProtoMessage() {}
 
 func (x *UndeleteConversationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[39]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2860,7 +3384,7 @@ func (x *UndeleteConversationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UndeleteConversationRequest.ProtoReflect.Descriptor instead.
 func (*UndeleteConversationRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{39}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *UndeleteConversationRequest) GetName() string {
@@ -2888,7 +3412,7 @@ type UndeleteConversationResponse struct {
 
 func (x *UndeleteConversationResponse) Reset() {
 	*x = UndeleteConversationResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[40]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2900,7 +3424,7 @@ func (x *UndeleteConversationResponse) String() string {
 func (*UndeleteConversationResponse) ProtoMessage() {}
 
 func (x *UndeleteConversationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[40]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2913,7 +3437,7 @@ func (x *UndeleteConversationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UndeleteConversationResponse.ProtoReflect.Descriptor instead.
 func (*UndeleteConversationResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{40}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *UndeleteConversationResponse) GetConversation() *Conversation {
@@ -2942,7 +3466,7 @@ type AppendMessageRequest struct {
 
 func (x *AppendMessageRequest) Reset() {
 	*x = AppendMessageRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[41]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2954,7 +3478,7 @@ func (x *AppendMessageRequest) String() string {
 func (*AppendMessageRequest) ProtoMessage() {}
 
 func (x *AppendMessageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[41]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2967,7 +3491,7 @@ func (x *AppendMessageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AppendMessageRequest.ProtoReflect.Descriptor instead.
 func (*AppendMessageRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{41}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *AppendMessageRequest) GetParent() string {
@@ -3002,7 +3526,7 @@ type AppendMessageResponse struct {
 
 func (x *AppendMessageResponse) Reset() {
 	*x = AppendMessageResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[42]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3014,7 +3538,7 @@ func (x *AppendMessageResponse) String() string {
 func (*AppendMessageResponse) ProtoMessage() {}
 
 func (x *AppendMessageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[42]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3027,7 +3551,7 @@ func (x *AppendMessageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AppendMessageResponse.ProtoReflect.Descriptor instead.
 func (*AppendMessageResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{42}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *AppendMessageResponse) GetMessage() *Message {
@@ -3048,7 +3572,7 @@ type GetMessageRequest struct {
 
 func (x *GetMessageRequest) Reset() {
 	*x = GetMessageRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[43]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3060,7 +3584,7 @@ func (x *GetMessageRequest) String() string {
 func (*GetMessageRequest) ProtoMessage() {}
 
 func (x *GetMessageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[43]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3073,7 +3597,7 @@ func (x *GetMessageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetMessageRequest.ProtoReflect.Descriptor instead.
 func (*GetMessageRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{43}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *GetMessageRequest) GetName() string {
@@ -3094,7 +3618,7 @@ type GetMessageResponse struct {
 
 func (x *GetMessageResponse) Reset() {
 	*x = GetMessageResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[44]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3106,7 +3630,7 @@ func (x *GetMessageResponse) String() string {
 func (*GetMessageResponse) ProtoMessage() {}
 
 func (x *GetMessageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[44]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3119,7 +3643,7 @@ func (x *GetMessageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetMessageResponse.ProtoReflect.Descriptor instead.
 func (*GetMessageResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{44}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *GetMessageResponse) GetMessage() *Message {
@@ -3148,7 +3672,7 @@ type ListMessagesRequest struct {
 
 func (x *ListMessagesRequest) Reset() {
 	*x = ListMessagesRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[45]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3160,7 +3684,7 @@ func (x *ListMessagesRequest) String() string {
 func (*ListMessagesRequest) ProtoMessage() {}
 
 func (x *ListMessagesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[45]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3173,7 +3697,7 @@ func (x *ListMessagesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMessagesRequest.ProtoReflect.Descriptor instead.
 func (*ListMessagesRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{45}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *ListMessagesRequest) GetParent() string {
@@ -3224,7 +3748,7 @@ type ListMessagesResponse struct {
 
 func (x *ListMessagesResponse) Reset() {
 	*x = ListMessagesResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[46]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3236,7 +3760,7 @@ func (x *ListMessagesResponse) String() string {
 func (*ListMessagesResponse) ProtoMessage() {}
 
 func (x *ListMessagesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[46]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3249,7 +3773,7 @@ func (x *ListMessagesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMessagesResponse.ProtoReflect.Descriptor instead.
 func (*ListMessagesResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{46}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *ListMessagesResponse) GetMessages() []*Message {
@@ -3280,7 +3804,7 @@ type CreateMemoryItemRequest struct {
 
 func (x *CreateMemoryItemRequest) Reset() {
 	*x = CreateMemoryItemRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[47]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3292,7 +3816,7 @@ func (x *CreateMemoryItemRequest) String() string {
 func (*CreateMemoryItemRequest) ProtoMessage() {}
 
 func (x *CreateMemoryItemRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[47]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3305,7 +3829,7 @@ func (x *CreateMemoryItemRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateMemoryItemRequest.ProtoReflect.Descriptor instead.
 func (*CreateMemoryItemRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{47}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *CreateMemoryItemRequest) GetParent() string {
@@ -3333,7 +3857,7 @@ type CreateMemoryItemResponse struct {
 
 func (x *CreateMemoryItemResponse) Reset() {
 	*x = CreateMemoryItemResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[48]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3345,7 +3869,7 @@ func (x *CreateMemoryItemResponse) String() string {
 func (*CreateMemoryItemResponse) ProtoMessage() {}
 
 func (x *CreateMemoryItemResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[48]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3358,7 +3882,7 @@ func (x *CreateMemoryItemResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateMemoryItemResponse.ProtoReflect.Descriptor instead.
 func (*CreateMemoryItemResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{48}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *CreateMemoryItemResponse) GetMemoryItem() *MemoryItem {
@@ -3379,7 +3903,7 @@ type GetMemoryItemRequest struct {
 
 func (x *GetMemoryItemRequest) Reset() {
 	*x = GetMemoryItemRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[49]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3391,7 +3915,7 @@ func (x *GetMemoryItemRequest) String() string {
 func (*GetMemoryItemRequest) ProtoMessage() {}
 
 func (x *GetMemoryItemRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[49]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3404,7 +3928,7 @@ func (x *GetMemoryItemRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetMemoryItemRequest.ProtoReflect.Descriptor instead.
 func (*GetMemoryItemRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{49}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *GetMemoryItemRequest) GetName() string {
@@ -3425,7 +3949,7 @@ type GetMemoryItemResponse struct {
 
 func (x *GetMemoryItemResponse) Reset() {
 	*x = GetMemoryItemResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[50]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3437,7 +3961,7 @@ func (x *GetMemoryItemResponse) String() string {
 func (*GetMemoryItemResponse) ProtoMessage() {}
 
 func (x *GetMemoryItemResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[50]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3450,7 +3974,7 @@ func (x *GetMemoryItemResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetMemoryItemResponse.ProtoReflect.Descriptor instead.
 func (*GetMemoryItemResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{50}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *GetMemoryItemResponse) GetMemoryItem() *MemoryItem {
@@ -3473,7 +3997,7 @@ type UpdateMemoryItemRequest struct {
 
 func (x *UpdateMemoryItemRequest) Reset() {
 	*x = UpdateMemoryItemRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[51]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3485,7 +4009,7 @@ func (x *UpdateMemoryItemRequest) String() string {
 func (*UpdateMemoryItemRequest) ProtoMessage() {}
 
 func (x *UpdateMemoryItemRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[51]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3498,7 +4022,7 @@ func (x *UpdateMemoryItemRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateMemoryItemRequest.ProtoReflect.Descriptor instead.
 func (*UpdateMemoryItemRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{51}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *UpdateMemoryItemRequest) GetMemoryItem() *MemoryItem {
@@ -3526,7 +4050,7 @@ type UpdateMemoryItemResponse struct {
 
 func (x *UpdateMemoryItemResponse) Reset() {
 	*x = UpdateMemoryItemResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[52]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3538,7 +4062,7 @@ func (x *UpdateMemoryItemResponse) String() string {
 func (*UpdateMemoryItemResponse) ProtoMessage() {}
 
 func (x *UpdateMemoryItemResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[52]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3551,7 +4075,7 @@ func (x *UpdateMemoryItemResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateMemoryItemResponse.ProtoReflect.Descriptor instead.
 func (*UpdateMemoryItemResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{52}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *UpdateMemoryItemResponse) GetMemoryItem() *MemoryItem {
@@ -3580,7 +4104,7 @@ type ListMemoryItemsRequest struct {
 
 func (x *ListMemoryItemsRequest) Reset() {
 	*x = ListMemoryItemsRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[53]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3592,7 +4116,7 @@ func (x *ListMemoryItemsRequest) String() string {
 func (*ListMemoryItemsRequest) ProtoMessage() {}
 
 func (x *ListMemoryItemsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[53]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3605,7 +4129,7 @@ func (x *ListMemoryItemsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMemoryItemsRequest.ProtoReflect.Descriptor instead.
 func (*ListMemoryItemsRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{53}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *ListMemoryItemsRequest) GetParent() string {
@@ -3656,7 +4180,7 @@ type ListMemoryItemsResponse struct {
 
 func (x *ListMemoryItemsResponse) Reset() {
 	*x = ListMemoryItemsResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[54]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3668,7 +4192,7 @@ func (x *ListMemoryItemsResponse) String() string {
 func (*ListMemoryItemsResponse) ProtoMessage() {}
 
 func (x *ListMemoryItemsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[54]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3681,7 +4205,7 @@ func (x *ListMemoryItemsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListMemoryItemsResponse.ProtoReflect.Descriptor instead.
 func (*ListMemoryItemsResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{54}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *ListMemoryItemsResponse) GetMemoryItems() []*MemoryItem {
@@ -3717,7 +4241,7 @@ type SearchMemoryItemsRequest struct {
 
 func (x *SearchMemoryItemsRequest) Reset() {
 	*x = SearchMemoryItemsRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[55]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3729,7 +4253,7 @@ func (x *SearchMemoryItemsRequest) String() string {
 func (*SearchMemoryItemsRequest) ProtoMessage() {}
 
 func (x *SearchMemoryItemsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[55]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3742,7 +4266,7 @@ func (x *SearchMemoryItemsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SearchMemoryItemsRequest.ProtoReflect.Descriptor instead.
 func (*SearchMemoryItemsRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{55}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *SearchMemoryItemsRequest) GetParent() string {
@@ -3793,7 +4317,7 @@ type ScoredMemoryItem struct {
 
 func (x *ScoredMemoryItem) Reset() {
 	*x = ScoredMemoryItem{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[56]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3805,7 +4329,7 @@ func (x *ScoredMemoryItem) String() string {
 func (*ScoredMemoryItem) ProtoMessage() {}
 
 func (x *ScoredMemoryItem) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[56]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3818,7 +4342,7 @@ func (x *ScoredMemoryItem) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScoredMemoryItem.ProtoReflect.Descriptor instead.
 func (*ScoredMemoryItem) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{56}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *ScoredMemoryItem) GetMemoryItem() *MemoryItem {
@@ -3848,7 +4372,7 @@ type SearchMemoryItemsResponse struct {
 
 func (x *SearchMemoryItemsResponse) Reset() {
 	*x = SearchMemoryItemsResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[57]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3860,7 +4384,7 @@ func (x *SearchMemoryItemsResponse) String() string {
 func (*SearchMemoryItemsResponse) ProtoMessage() {}
 
 func (x *SearchMemoryItemsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[57]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3873,7 +4397,7 @@ func (x *SearchMemoryItemsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SearchMemoryItemsResponse.ProtoReflect.Descriptor instead.
 func (*SearchMemoryItemsResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{57}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *SearchMemoryItemsResponse) GetResults() []*ScoredMemoryItem {
@@ -3901,7 +4425,7 @@ type DeleteMemoryItemRequest struct {
 
 func (x *DeleteMemoryItemRequest) Reset() {
 	*x = DeleteMemoryItemRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[58]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3913,7 +4437,7 @@ func (x *DeleteMemoryItemRequest) String() string {
 func (*DeleteMemoryItemRequest) ProtoMessage() {}
 
 func (x *DeleteMemoryItemRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[58]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3926,7 +4450,7 @@ func (x *DeleteMemoryItemRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteMemoryItemRequest.ProtoReflect.Descriptor instead.
 func (*DeleteMemoryItemRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{58}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *DeleteMemoryItemRequest) GetName() string {
@@ -3945,7 +4469,7 @@ type DeleteMemoryItemResponse struct {
 
 func (x *DeleteMemoryItemResponse) Reset() {
 	*x = DeleteMemoryItemResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[59]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3957,7 +4481,7 @@ func (x *DeleteMemoryItemResponse) String() string {
 func (*DeleteMemoryItemResponse) ProtoMessage() {}
 
 func (x *DeleteMemoryItemResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[59]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3970,7 +4494,7 @@ func (x *DeleteMemoryItemResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteMemoryItemResponse.ProtoReflect.Descriptor instead.
 func (*DeleteMemoryItemResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{59}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{61}
 }
 
 // Request for GetContextWindow.
@@ -3988,7 +4512,7 @@ type GetContextWindowRequest struct {
 
 func (x *GetContextWindowRequest) Reset() {
 	*x = GetContextWindowRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[60]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4000,7 +4524,7 @@ func (x *GetContextWindowRequest) String() string {
 func (*GetContextWindowRequest) ProtoMessage() {}
 
 func (x *GetContextWindowRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[60]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4013,7 +4537,7 @@ func (x *GetContextWindowRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetContextWindowRequest.ProtoReflect.Descriptor instead.
 func (*GetContextWindowRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{60}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *GetContextWindowRequest) GetConversation() string {
@@ -4057,7 +4581,7 @@ type ContextItem struct {
 
 func (x *ContextItem) Reset() {
 	*x = ContextItem{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[61]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4069,7 +4593,7 @@ func (x *ContextItem) String() string {
 func (*ContextItem) ProtoMessage() {}
 
 func (x *ContextItem) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[61]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4082,7 +4606,7 @@ func (x *ContextItem) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContextItem.ProtoReflect.Descriptor instead.
 func (*ContextItem) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{61}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{63}
 }
 
 func (x *ContextItem) GetItem() isContextItem_Item {
@@ -4169,7 +4693,7 @@ type ContextWindow struct {
 
 func (x *ContextWindow) Reset() {
 	*x = ContextWindow{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[62]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[64]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4181,7 +4705,7 @@ func (x *ContextWindow) String() string {
 func (*ContextWindow) ProtoMessage() {}
 
 func (x *ContextWindow) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[62]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[64]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4194,7 +4718,7 @@ func (x *ContextWindow) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContextWindow.ProtoReflect.Descriptor instead.
 func (*ContextWindow) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{62}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{64}
 }
 
 func (x *ContextWindow) GetConversation() string {
@@ -4264,7 +4788,7 @@ type GetContextWindowResponse struct {
 
 func (x *GetContextWindowResponse) Reset() {
 	*x = GetContextWindowResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[63]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[65]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4276,7 +4800,7 @@ func (x *GetContextWindowResponse) String() string {
 func (*GetContextWindowResponse) ProtoMessage() {}
 
 func (x *GetContextWindowResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[63]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[65]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4289,7 +4813,7 @@ func (x *GetContextWindowResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetContextWindowResponse.ProtoReflect.Descriptor instead.
 func (*GetContextWindowResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{63}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{65}
 }
 
 func (x *GetContextWindowResponse) GetWindow() *ContextWindow {
@@ -4317,7 +4841,7 @@ type PruneConversationRequest struct {
 
 func (x *PruneConversationRequest) Reset() {
 	*x = PruneConversationRequest{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[64]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[66]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4329,7 +4853,7 @@ func (x *PruneConversationRequest) String() string {
 func (*PruneConversationRequest) ProtoMessage() {}
 
 func (x *PruneConversationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[64]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[66]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4342,7 +4866,7 @@ func (x *PruneConversationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PruneConversationRequest.ProtoReflect.Descriptor instead.
 func (*PruneConversationRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{64}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{66}
 }
 
 func (x *PruneConversationRequest) GetConversation() string {
@@ -4388,7 +4912,7 @@ type PruneConversationResponse struct {
 
 func (x *PruneConversationResponse) Reset() {
 	*x = PruneConversationResponse{}
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[65]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[67]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4400,7 +4924,7 @@ func (x *PruneConversationResponse) String() string {
 func (*PruneConversationResponse) ProtoMessage() {}
 
 func (x *PruneConversationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[65]
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[67]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4413,7 +4937,7 @@ func (x *PruneConversationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PruneConversationResponse.ProtoReflect.Descriptor instead.
 func (*PruneConversationResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{65}
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{67}
 }
 
 func (x *PruneConversationResponse) GetSummary() *MemoryItem {
@@ -4435,6 +4959,1175 @@ func (x *PruneConversationResponse) GetKeptMessageCount() int32 {
 		return x.KeptMessageCount
 	}
 	return 0
+}
+
+// The first frame of an UploadFile stream.
+type UploadFileHeader struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The workspace, `workspaces/{workspace}`.
+	Parent string `protobuf:"bytes,1,opt,name=parent,proto3" json:"parent,omitempty"`
+	// The file: `display_name` (required), `media_type` (required), `size_bytes`
+	// (required, the exact total) and `metadata`; the rest is output only.
+	File *File `protobuf:"bytes,2,opt,name=file,proto3" json:"file,omitempty"`
+	// Idempotency key: 1-64 ASCII letters, digits, `-` or `_` (anything else is
+	// INVALID_ARGUMENT on `request_id`); empty for none. Scoped to the caller and
+	// this method and kept for 24 hours: a retry with the same id within that time
+	// returns the first result, and the same id with a different request is
+	// INVALID_ARGUMENT.
+	RequestId     string `protobuf:"bytes,3,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UploadFileHeader) Reset() {
+	*x = UploadFileHeader{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[68]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UploadFileHeader) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UploadFileHeader) ProtoMessage() {}
+
+func (x *UploadFileHeader) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[68]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UploadFileHeader.ProtoReflect.Descriptor instead.
+func (*UploadFileHeader) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{68}
+}
+
+func (x *UploadFileHeader) GetParent() string {
+	if x != nil {
+		return x.Parent
+	}
+	return ""
+}
+
+func (x *UploadFileHeader) GetFile() *File {
+	if x != nil {
+		return x.File
+	}
+	return nil
+}
+
+func (x *UploadFileHeader) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+// One frame of an UploadFile stream.
+type UploadFileRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The frame: one header, then chunks in order, then the checksum.
+	//
+	// Types that are valid to be assigned to Frame:
+	//
+	//	*UploadFileRequest_Header
+	//	*UploadFileRequest_Chunk
+	//	*UploadFileRequest_Sha256
+	Frame         isUploadFileRequest_Frame `protobuf_oneof:"frame"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UploadFileRequest) Reset() {
+	*x = UploadFileRequest{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[69]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UploadFileRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UploadFileRequest) ProtoMessage() {}
+
+func (x *UploadFileRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[69]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UploadFileRequest.ProtoReflect.Descriptor instead.
+func (*UploadFileRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{69}
+}
+
+func (x *UploadFileRequest) GetFrame() isUploadFileRequest_Frame {
+	if x != nil {
+		return x.Frame
+	}
+	return nil
+}
+
+func (x *UploadFileRequest) GetHeader() *UploadFileHeader {
+	if x != nil {
+		if x, ok := x.Frame.(*UploadFileRequest_Header); ok {
+			return x.Header
+		}
+	}
+	return nil
+}
+
+func (x *UploadFileRequest) GetChunk() []byte {
+	if x != nil {
+		if x, ok := x.Frame.(*UploadFileRequest_Chunk); ok {
+			return x.Chunk
+		}
+	}
+	return nil
+}
+
+func (x *UploadFileRequest) GetSha256() string {
+	if x != nil {
+		if x, ok := x.Frame.(*UploadFileRequest_Sha256); ok {
+			return x.Sha256
+		}
+	}
+	return ""
+}
+
+type isUploadFileRequest_Frame interface {
+	isUploadFileRequest_Frame()
+}
+
+type UploadFileRequest_Header struct {
+	// First frame: where and what.
+	Header *UploadFileHeader `protobuf:"bytes,1,opt,name=header,proto3,oneof"`
+}
+
+type UploadFileRequest_Chunk struct {
+	// The next bytes of the content, 1 byte to 1 MiB.
+	Chunk []byte `protobuf:"bytes,2,opt,name=chunk,proto3,oneof"`
+}
+
+type UploadFileRequest_Sha256 struct {
+	// Last frame: the SHA-256 of the whole content, lowercase hex.
+	Sha256 string `protobuf:"bytes,3,opt,name=sha256,proto3,oneof"`
+}
+
+func (*UploadFileRequest_Header) isUploadFileRequest_Frame() {}
+
+func (*UploadFileRequest_Chunk) isUploadFileRequest_Frame() {}
+
+func (*UploadFileRequest_Sha256) isUploadFileRequest_Frame() {}
+
+// Response for UploadFile.
+type UploadFileResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The stored file.
+	File          *File `protobuf:"bytes,1,opt,name=file,proto3" json:"file,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UploadFileResponse) Reset() {
+	*x = UploadFileResponse{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[70]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UploadFileResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UploadFileResponse) ProtoMessage() {}
+
+func (x *UploadFileResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[70]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UploadFileResponse.ProtoReflect.Descriptor instead.
+func (*UploadFileResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{70}
+}
+
+func (x *UploadFileResponse) GetFile() *File {
+	if x != nil {
+		return x.File
+	}
+	return nil
+}
+
+// Request for StartUpload.
+type StartUploadRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The workspace, `workspaces/{workspace}`.
+	Parent string `protobuf:"bytes,1,opt,name=parent,proto3" json:"parent,omitempty"`
+	// The file: `display_name`, `media_type` and `size_bytes` (the exact total)
+	// are required; `metadata` is optional.
+	File *File `protobuf:"bytes,2,opt,name=file,proto3" json:"file,omitempty"`
+	// Idempotency key: 1-64 ASCII letters, digits, `-` or `_` (anything else is
+	// INVALID_ARGUMENT on `request_id`); empty for none. Scoped to the caller and
+	// this method and kept for 24 hours: a retry with the same id within that time
+	// returns the first result, and the same id with a different request is
+	// INVALID_ARGUMENT.
+	RequestId     string `protobuf:"bytes,3,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StartUploadRequest) Reset() {
+	*x = StartUploadRequest{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[71]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StartUploadRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StartUploadRequest) ProtoMessage() {}
+
+func (x *StartUploadRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[71]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StartUploadRequest.ProtoReflect.Descriptor instead.
+func (*StartUploadRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{71}
+}
+
+func (x *StartUploadRequest) GetParent() string {
+	if x != nil {
+		return x.Parent
+	}
+	return ""
+}
+
+func (x *StartUploadRequest) GetFile() *File {
+	if x != nil {
+		return x.File
+	}
+	return nil
+}
+
+func (x *StartUploadRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+// Response for StartUpload.
+type StartUploadResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The upload, with committed_size 0.
+	Upload        *Upload `protobuf:"bytes,1,opt,name=upload,proto3" json:"upload,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StartUploadResponse) Reset() {
+	*x = StartUploadResponse{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[72]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StartUploadResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StartUploadResponse) ProtoMessage() {}
+
+func (x *StartUploadResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[72]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StartUploadResponse.ProtoReflect.Descriptor instead.
+func (*StartUploadResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{72}
+}
+
+func (x *StartUploadResponse) GetUpload() *Upload {
+	if x != nil {
+		return x.Upload
+	}
+	return nil
+}
+
+// Request for AppendUpload.
+type AppendUploadRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// `workspaces/{workspace}/uploads/{upload}`.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// Where `data` starts; must equal the upload's committed size.
+	Offset int64 `protobuf:"varint,2,opt,name=offset,proto3" json:"offset,omitempty"`
+	// The bytes, 1 byte to 1 MiB.
+	Data          []byte `protobuf:"bytes,3,opt,name=data,proto3" json:"data,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AppendUploadRequest) Reset() {
+	*x = AppendUploadRequest{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[73]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AppendUploadRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AppendUploadRequest) ProtoMessage() {}
+
+func (x *AppendUploadRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[73]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AppendUploadRequest.ProtoReflect.Descriptor instead.
+func (*AppendUploadRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{73}
+}
+
+func (x *AppendUploadRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *AppendUploadRequest) GetOffset() int64 {
+	if x != nil {
+		return x.Offset
+	}
+	return 0
+}
+
+func (x *AppendUploadRequest) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+// Response for AppendUpload.
+type AppendUploadResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The upload, with its new committed size.
+	Upload        *Upload `protobuf:"bytes,1,opt,name=upload,proto3" json:"upload,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AppendUploadResponse) Reset() {
+	*x = AppendUploadResponse{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[74]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AppendUploadResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AppendUploadResponse) ProtoMessage() {}
+
+func (x *AppendUploadResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[74]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AppendUploadResponse.ProtoReflect.Descriptor instead.
+func (*AppendUploadResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{74}
+}
+
+func (x *AppendUploadResponse) GetUpload() *Upload {
+	if x != nil {
+		return x.Upload
+	}
+	return nil
+}
+
+// Request for GetUpload.
+type GetUploadRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// `workspaces/{workspace}/uploads/{upload}`.
+	Name          string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetUploadRequest) Reset() {
+	*x = GetUploadRequest{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[75]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetUploadRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetUploadRequest) ProtoMessage() {}
+
+func (x *GetUploadRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[75]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetUploadRequest.ProtoReflect.Descriptor instead.
+func (*GetUploadRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{75}
+}
+
+func (x *GetUploadRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+// Response for GetUpload.
+type GetUploadResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The upload.
+	Upload        *Upload `protobuf:"bytes,1,opt,name=upload,proto3" json:"upload,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetUploadResponse) Reset() {
+	*x = GetUploadResponse{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[76]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetUploadResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetUploadResponse) ProtoMessage() {}
+
+func (x *GetUploadResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[76]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetUploadResponse.ProtoReflect.Descriptor instead.
+func (*GetUploadResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{76}
+}
+
+func (x *GetUploadResponse) GetUpload() *Upload {
+	if x != nil {
+		return x.Upload
+	}
+	return nil
+}
+
+// Request for FinishUpload.
+type FinishUploadRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// `workspaces/{workspace}/uploads/{upload}`.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// SHA-256 of the whole content, lowercase hex.
+	Sha256        string `protobuf:"bytes,2,opt,name=sha256,proto3" json:"sha256,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FinishUploadRequest) Reset() {
+	*x = FinishUploadRequest{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[77]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FinishUploadRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FinishUploadRequest) ProtoMessage() {}
+
+func (x *FinishUploadRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[77]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FinishUploadRequest.ProtoReflect.Descriptor instead.
+func (*FinishUploadRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{77}
+}
+
+func (x *FinishUploadRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *FinishUploadRequest) GetSha256() string {
+	if x != nil {
+		return x.Sha256
+	}
+	return ""
+}
+
+// Response for FinishUpload.
+type FinishUploadResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The stored file.
+	File          *File `protobuf:"bytes,1,opt,name=file,proto3" json:"file,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FinishUploadResponse) Reset() {
+	*x = FinishUploadResponse{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[78]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FinishUploadResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FinishUploadResponse) ProtoMessage() {}
+
+func (x *FinishUploadResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[78]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FinishUploadResponse.ProtoReflect.Descriptor instead.
+func (*FinishUploadResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{78}
+}
+
+func (x *FinishUploadResponse) GetFile() *File {
+	if x != nil {
+		return x.File
+	}
+	return nil
+}
+
+// Request for CancelUpload.
+type CancelUploadRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// `workspaces/{workspace}/uploads/{upload}`.
+	Name          string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CancelUploadRequest) Reset() {
+	*x = CancelUploadRequest{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[79]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CancelUploadRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CancelUploadRequest) ProtoMessage() {}
+
+func (x *CancelUploadRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[79]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CancelUploadRequest.ProtoReflect.Descriptor instead.
+func (*CancelUploadRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{79}
+}
+
+func (x *CancelUploadRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+// Response for CancelUpload.
+type CancelUploadResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CancelUploadResponse) Reset() {
+	*x = CancelUploadResponse{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[80]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CancelUploadResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CancelUploadResponse) ProtoMessage() {}
+
+func (x *CancelUploadResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[80]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CancelUploadResponse.ProtoReflect.Descriptor instead.
+func (*CancelUploadResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{80}
+}
+
+// Request for GetFile.
+type GetFileRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// `workspaces/{workspace}/files/{file}`.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// BASIC (the default) or FULL (with the text).
+	View          FileView `protobuf:"varint,2,opt,name=view,proto3,enum=switchboard.api.context.v1.FileView" json:"view,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetFileRequest) Reset() {
+	*x = GetFileRequest{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[81]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetFileRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetFileRequest) ProtoMessage() {}
+
+func (x *GetFileRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[81]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetFileRequest.ProtoReflect.Descriptor instead.
+func (*GetFileRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{81}
+}
+
+func (x *GetFileRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *GetFileRequest) GetView() FileView {
+	if x != nil {
+		return x.View
+	}
+	return FileView_FILE_VIEW_UNSPECIFIED
+}
+
+// Response for GetFile.
+type GetFileResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The file.
+	File          *File `protobuf:"bytes,1,opt,name=file,proto3" json:"file,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetFileResponse) Reset() {
+	*x = GetFileResponse{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[82]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetFileResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetFileResponse) ProtoMessage() {}
+
+func (x *GetFileResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[82]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetFileResponse.ProtoReflect.Descriptor instead.
+func (*GetFileResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{82}
+}
+
+func (x *GetFileResponse) GetFile() *File {
+	if x != nil {
+		return x.File
+	}
+	return nil
+}
+
+// Request for ListFiles.
+type ListFilesRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The workspace, `workspaces/{workspace}`.
+	Parent string `protobuf:"bytes,1,opt,name=parent,proto3" json:"parent,omitempty"`
+	// Maximum to return; capped at 100, default 20.
+	PageSize int32 `protobuf:"varint,2,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	// Token from a previous response.
+	PageToken string `protobuf:"bytes,3,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	// Only these kinds; all kinds if empty.
+	Kinds         []FileKind `protobuf:"varint,4,rep,packed,name=kinds,proto3,enum=switchboard.api.context.v1.FileKind" json:"kinds,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListFilesRequest) Reset() {
+	*x = ListFilesRequest{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[83]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListFilesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListFilesRequest) ProtoMessage() {}
+
+func (x *ListFilesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[83]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListFilesRequest.ProtoReflect.Descriptor instead.
+func (*ListFilesRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{83}
+}
+
+func (x *ListFilesRequest) GetParent() string {
+	if x != nil {
+		return x.Parent
+	}
+	return ""
+}
+
+func (x *ListFilesRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListFilesRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
+func (x *ListFilesRequest) GetKinds() []FileKind {
+	if x != nil {
+		return x.Kinds
+	}
+	return nil
+}
+
+// Response for ListFiles.
+type ListFilesResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The files, newest first, in the BASIC view.
+	Files []*File `protobuf:"bytes,1,rep,name=files,proto3" json:"files,omitempty"`
+	// Token for the next page; empty on the last page.
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
+	// Bytes the workspace's files take, counted against its storage quota.
+	WorkspaceUsageBytes int64 `protobuf:"varint,3,opt,name=workspace_usage_bytes,json=workspaceUsageBytes,proto3" json:"workspace_usage_bytes,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
+}
+
+func (x *ListFilesResponse) Reset() {
+	*x = ListFilesResponse{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[84]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListFilesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListFilesResponse) ProtoMessage() {}
+
+func (x *ListFilesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[84]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListFilesResponse.ProtoReflect.Descriptor instead.
+func (*ListFilesResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{84}
+}
+
+func (x *ListFilesResponse) GetFiles() []*File {
+	if x != nil {
+		return x.Files
+	}
+	return nil
+}
+
+func (x *ListFilesResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
+}
+
+func (x *ListFilesResponse) GetWorkspaceUsageBytes() int64 {
+	if x != nil {
+		return x.WorkspaceUsageBytes
+	}
+	return 0
+}
+
+// Request for DownloadFile.
+type DownloadFileRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// `workspaces/{workspace}/files/{file}`.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// Where to start, in bytes (to resume a dropped download); 0 for the start.
+	ReadOffset int64 `protobuf:"varint,2,opt,name=read_offset,json=readOffset,proto3" json:"read_offset,omitempty"`
+	// At most this many bytes; 0 for the rest of the file.
+	ReadLimit     int64 `protobuf:"varint,3,opt,name=read_limit,json=readLimit,proto3" json:"read_limit,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DownloadFileRequest) Reset() {
+	*x = DownloadFileRequest{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[85]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DownloadFileRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DownloadFileRequest) ProtoMessage() {}
+
+func (x *DownloadFileRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[85]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DownloadFileRequest.ProtoReflect.Descriptor instead.
+func (*DownloadFileRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{85}
+}
+
+func (x *DownloadFileRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *DownloadFileRequest) GetReadOffset() int64 {
+	if x != nil {
+		return x.ReadOffset
+	}
+	return 0
+}
+
+func (x *DownloadFileRequest) GetReadLimit() int64 {
+	if x != nil {
+		return x.ReadLimit
+	}
+	return 0
+}
+
+// One frame of a DownloadFile stream.
+type DownloadFileResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The file's metadata, in the first frame only.
+	File *File `protobuf:"bytes,1,opt,name=file,proto3" json:"file,omitempty"`
+	// The next bytes, at most 1 MiB.
+	Data []byte `protobuf:"bytes,2,opt,name=data,proto3" json:"data,omitempty"`
+	// Where `data` starts in the file.
+	Offset        int64 `protobuf:"varint,3,opt,name=offset,proto3" json:"offset,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DownloadFileResponse) Reset() {
+	*x = DownloadFileResponse{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[86]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DownloadFileResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DownloadFileResponse) ProtoMessage() {}
+
+func (x *DownloadFileResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[86]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DownloadFileResponse.ProtoReflect.Descriptor instead.
+func (*DownloadFileResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{86}
+}
+
+func (x *DownloadFileResponse) GetFile() *File {
+	if x != nil {
+		return x.File
+	}
+	return nil
+}
+
+func (x *DownloadFileResponse) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+func (x *DownloadFileResponse) GetOffset() int64 {
+	if x != nil {
+		return x.Offset
+	}
+	return 0
+}
+
+// Request for DeleteFile.
+type DeleteFileRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// `workspaces/{workspace}/files/{file}`.
+	Name          string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteFileRequest) Reset() {
+	*x = DeleteFileRequest{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[87]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteFileRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteFileRequest) ProtoMessage() {}
+
+func (x *DeleteFileRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[87]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteFileRequest.ProtoReflect.Descriptor instead.
+func (*DeleteFileRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{87}
+}
+
+func (x *DeleteFileRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+// Response for DeleteFile.
+type DeleteFileResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteFileResponse) Reset() {
+	*x = DeleteFileResponse{}
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[88]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteFileResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteFileResponse) ProtoMessage() {}
+
+func (x *DeleteFileResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_context_v1_context_proto_msgTypes[88]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteFileResponse.ProtoReflect.Descriptor instead.
+func (*DeleteFileResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_context_v1_context_proto_rawDescGZIP(), []int{88}
 }
 
 var File_switchboard_api_context_v1_context_proto protoreflect.FileDescriptor
@@ -4491,17 +6184,60 @@ const file_switchboard_api_context_v1_context_proto_rawDesc = "" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04tool\x18\x02 \x01(\tR\x04tool\x12#\n" +
 	"\rfunction_name\x18\x03 \x01(\tR\ffunctionName\x125\n" +
-	"\targuments\x18\x04 \x01(\v2\x17.google.protobuf.StructR\targuments\"e\n" +
+	"\targuments\x18\x04 \x01(\v2\x17.google.protobuf.StructR\targuments\"\xa6\x01\n" +
 	"\x11ToolResultContent\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
 	"\x04tool\x18\x02 \x01(\tR\x04tool\x12\x18\n" +
 	"\aoutcome\x18\x03 \x01(\tR\aoutcome\x12\x12\n" +
-	"\x04text\x18\x04 \x01(\tR\x04text\"]\n" +
+	"\x04text\x18\x04 \x01(\tR\x04text\x12?\n" +
+	"\x05files\x18\x05 \x03(\v2).switchboard.api.context.v1.FileReferenceR\x05files\"\xc9\x01\n" +
 	"\rFileReference\x12\x10\n" +
 	"\x03uri\x18\x01 \x01(\tR\x03uri\x12\x1b\n" +
 	"\tmime_type\x18\x02 \x01(\tR\bmimeType\x12\x1d\n" +
 	"\n" +
-	"size_bytes\x18\x03 \x01(\x03R\tsizeBytes\"\xa8\x03\n" +
+	"size_bytes\x18\x03 \x01(\x03R\tsizeBytes\x12\x12\n" +
+	"\x04file\x18\x04 \x01(\tR\x04file\x12!\n" +
+	"\fdisplay_name\x18\x05 \x01(\tR\vdisplayName\x12\x1f\n" +
+	"\vinline_data\x18\x06 \x01(\fR\n" +
+	"inlineData\x12\x12\n" +
+	"\x04text\x18\a \x01(\tR\x04text\"\xb3\x04\n" +
+	"\x04File\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12!\n" +
+	"\fdisplay_name\x18\x02 \x01(\tR\vdisplayName\x12\x1d\n" +
+	"\n" +
+	"media_type\x18\x03 \x01(\tR\tmediaType\x12\x1d\n" +
+	"\n" +
+	"size_bytes\x18\x04 \x01(\x03R\tsizeBytes\x12\x16\n" +
+	"\x06sha256\x18\x05 \x01(\tR\x06sha256\x128\n" +
+	"\x04kind\x18\x06 \x01(\x0e2$.switchboard.api.context.v1.FileKindR\x04kind\x12H\n" +
+	"\n" +
+	"text_state\x18\a \x01(\x0e2).switchboard.api.context.v1.FileTextStateR\ttextState\x12\x12\n" +
+	"\x04text\x18\b \x01(\tR\x04text\x12(\n" +
+	"\x10text_token_count\x18\t \x01(\x05R\x0etextTokenCount\x12\x1d\n" +
+	"\n" +
+	"text_error\x18\n" +
+	" \x01(\tR\ttextError\x123\n" +
+	"\bmetadata\x18\v \x01(\v2\x17.google.protobuf.StructR\bmetadata\x12\x18\n" +
+	"\acreator\x18\f \x01(\tR\acreator\x12;\n" +
+	"\vcreate_time\x18\r \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"createTime\x12\x1d\n" +
+	"\n" +
+	"source_uri\x18\x0e \x01(\tR\tsourceUri\x12\x12\n" +
+	"\x04etag\x18\x0f \x01(\tR\x04etag\"\xed\x02\n" +
+	"\x06Upload\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12!\n" +
+	"\fdisplay_name\x18\x02 \x01(\tR\vdisplayName\x12\x1d\n" +
+	"\n" +
+	"media_type\x18\x03 \x01(\tR\tmediaType\x12\x1d\n" +
+	"\n" +
+	"size_bytes\x18\x04 \x01(\x03R\tsizeBytes\x12%\n" +
+	"\x0ecommitted_size\x18\x05 \x01(\x03R\rcommittedSize\x12;\n" +
+	"\vexpire_time\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"expireTime\x12;\n" +
+	"\vcreate_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"createTime\x12\x18\n" +
+	"\acreator\x18\b \x01(\tR\acreator\x123\n" +
+	"\bmetadata\x18\t \x01(\v2\x17.google.protobuf.StructR\bmetadata\"\xa8\x03\n" +
 	"\aMessage\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12;\n" +
 	"\x04role\x18\x02 \x01(\x0e2'.switchboard.api.context.v1.MessageRoleR\x04role\x12\x16\n" +
@@ -4734,7 +6470,72 @@ const file_switchboard_api_context_v1_context_proto_rawDesc = "" +
 	"\x19PruneConversationResponse\x12@\n" +
 	"\asummary\x18\x01 \x01(\v2&.switchboard.api.context.v1.MemoryItemR\asummary\x120\n" +
 	"\x14pruned_message_count\x18\x02 \x01(\x05R\x12prunedMessageCount\x12,\n" +
-	"\x12kept_message_count\x18\x03 \x01(\x05R\x10keptMessageCount*\x7f\n" +
+	"\x12kept_message_count\x18\x03 \x01(\x05R\x10keptMessageCount\"\x7f\n" +
+	"\x10UploadFileHeader\x12\x16\n" +
+	"\x06parent\x18\x01 \x01(\tR\x06parent\x124\n" +
+	"\x04file\x18\x02 \x01(\v2 .switchboard.api.context.v1.FileR\x04file\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x03 \x01(\tR\trequestId\"\x96\x01\n" +
+	"\x11UploadFileRequest\x12F\n" +
+	"\x06header\x18\x01 \x01(\v2,.switchboard.api.context.v1.UploadFileHeaderH\x00R\x06header\x12\x16\n" +
+	"\x05chunk\x18\x02 \x01(\fH\x00R\x05chunk\x12\x18\n" +
+	"\x06sha256\x18\x03 \x01(\tH\x00R\x06sha256B\a\n" +
+	"\x05frame\"J\n" +
+	"\x12UploadFileResponse\x124\n" +
+	"\x04file\x18\x01 \x01(\v2 .switchboard.api.context.v1.FileR\x04file\"\x81\x01\n" +
+	"\x12StartUploadRequest\x12\x16\n" +
+	"\x06parent\x18\x01 \x01(\tR\x06parent\x124\n" +
+	"\x04file\x18\x02 \x01(\v2 .switchboard.api.context.v1.FileR\x04file\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x03 \x01(\tR\trequestId\"Q\n" +
+	"\x13StartUploadResponse\x12:\n" +
+	"\x06upload\x18\x01 \x01(\v2\".switchboard.api.context.v1.UploadR\x06upload\"U\n" +
+	"\x13AppendUploadRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
+	"\x06offset\x18\x02 \x01(\x03R\x06offset\x12\x12\n" +
+	"\x04data\x18\x03 \x01(\fR\x04data\"R\n" +
+	"\x14AppendUploadResponse\x12:\n" +
+	"\x06upload\x18\x01 \x01(\v2\".switchboard.api.context.v1.UploadR\x06upload\"&\n" +
+	"\x10GetUploadRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"O\n" +
+	"\x11GetUploadResponse\x12:\n" +
+	"\x06upload\x18\x01 \x01(\v2\".switchboard.api.context.v1.UploadR\x06upload\"A\n" +
+	"\x13FinishUploadRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
+	"\x06sha256\x18\x02 \x01(\tR\x06sha256\"L\n" +
+	"\x14FinishUploadResponse\x124\n" +
+	"\x04file\x18\x01 \x01(\v2 .switchboard.api.context.v1.FileR\x04file\")\n" +
+	"\x13CancelUploadRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"\x16\n" +
+	"\x14CancelUploadResponse\"^\n" +
+	"\x0eGetFileRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x128\n" +
+	"\x04view\x18\x02 \x01(\x0e2$.switchboard.api.context.v1.FileViewR\x04view\"G\n" +
+	"\x0fGetFileResponse\x124\n" +
+	"\x04file\x18\x01 \x01(\v2 .switchboard.api.context.v1.FileR\x04file\"\xa2\x01\n" +
+	"\x10ListFilesRequest\x12\x16\n" +
+	"\x06parent\x18\x01 \x01(\tR\x06parent\x12\x1b\n" +
+	"\tpage_size\x18\x02 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x03 \x01(\tR\tpageToken\x12:\n" +
+	"\x05kinds\x18\x04 \x03(\x0e2$.switchboard.api.context.v1.FileKindR\x05kinds\"\xa7\x01\n" +
+	"\x11ListFilesResponse\x126\n" +
+	"\x05files\x18\x01 \x03(\v2 .switchboard.api.context.v1.FileR\x05files\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\x122\n" +
+	"\x15workspace_usage_bytes\x18\x03 \x01(\x03R\x13workspaceUsageBytes\"i\n" +
+	"\x13DownloadFileRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1f\n" +
+	"\vread_offset\x18\x02 \x01(\x03R\n" +
+	"readOffset\x12\x1d\n" +
+	"\n" +
+	"read_limit\x18\x03 \x01(\x03R\treadLimit\"x\n" +
+	"\x14DownloadFileResponse\x124\n" +
+	"\x04file\x18\x01 \x01(\v2 .switchboard.api.context.v1.FileR\x04file\x12\x12\n" +
+	"\x04data\x18\x02 \x01(\fR\x04data\x12\x16\n" +
+	"\x06offset\x18\x03 \x01(\x03R\x06offset\"'\n" +
+	"\x11DeleteFileRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"\x14\n" +
+	"\x12DeleteFileResponse*\x7f\n" +
 	"\rWorkspaceRole\x12\x1e\n" +
 	"\x1aWORKSPACE_ROLE_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15WORKSPACE_ROLE_VIEWER\x10\x01\x12\x19\n" +
@@ -4745,7 +6546,23 @@ const file_switchboard_api_context_v1_context_proto_rawDesc = "" +
 	"\x11MESSAGE_ROLE_USER\x10\x01\x12\x1a\n" +
 	"\x16MESSAGE_ROLE_ASSISTANT\x10\x02\x12\x17\n" +
 	"\x13MESSAGE_ROLE_SYSTEM\x10\x03\x12\x15\n" +
-	"\x11MESSAGE_ROLE_TOOL\x10\x04*\xa2\x01\n" +
+	"\x11MESSAGE_ROLE_TOOL\x10\x04*|\n" +
+	"\bFileKind\x12\x19\n" +
+	"\x15FILE_KIND_UNSPECIFIED\x10\x00\x12\x13\n" +
+	"\x0fFILE_KIND_IMAGE\x10\x01\x12\x16\n" +
+	"\x12FILE_KIND_DOCUMENT\x10\x02\x12\x13\n" +
+	"\x0fFILE_KIND_AUDIO\x10\x03\x12\x13\n" +
+	"\x0fFILE_KIND_OTHER\x10\x04*\x9e\x01\n" +
+	"\rFileTextState\x12\x1f\n" +
+	"\x1bFILE_TEXT_STATE_UNSPECIFIED\x10\x00\x12\x18\n" +
+	"\x14FILE_TEXT_STATE_NONE\x10\x01\x12\x1b\n" +
+	"\x17FILE_TEXT_STATE_PENDING\x10\x02\x12\x19\n" +
+	"\x15FILE_TEXT_STATE_READY\x10\x03\x12\x1a\n" +
+	"\x16FILE_TEXT_STATE_FAILED\x10\x04*N\n" +
+	"\bFileView\x12\x19\n" +
+	"\x15FILE_VIEW_UNSPECIFIED\x10\x00\x12\x13\n" +
+	"\x0fFILE_VIEW_BASIC\x10\x01\x12\x12\n" +
+	"\x0eFILE_VIEW_FULL\x10\x02*\xa2\x01\n" +
 	"\n" +
 	"MemoryKind\x12\x1b\n" +
 	"\x17MEMORY_KIND_UNSPECIFIED\x10\x00\x12\x14\n" +
@@ -4761,7 +6578,7 @@ const file_switchboard_api_context_v1_context_proto_rawDesc = "" +
 	"\x1bCONTEXT_ITEM_REASON_SUMMARY\x10\x03\x12\x1e\n" +
 	"\x1aCONTEXT_ITEM_REASON_RECENT\x10\x04\x12#\n" +
 	"\x1fCONTEXT_ITEM_REASON_OVER_BUDGET\x10\x05\x12\x1f\n" +
-	"\x1bCONTEXT_ITEM_REASON_EXPIRED\x10\x062\xc2\x1b\n" +
+	"\x1bCONTEXT_ITEM_REASON_EXPIRED\x10\x062\xa8$\n" +
 	"\x0eContextService\x12z\n" +
 	"\x0fCreateWorkspace\x122.switchboard.api.context.v1.CreateWorkspaceRequest\x1a3.switchboard.api.context.v1.CreateWorkspaceResponse\x12v\n" +
 	"\fGetWorkspace\x12/.switchboard.api.context.v1.GetWorkspaceRequest\x1a0.switchboard.api.context.v1.GetWorkspaceResponse\"\x03\x90\x02\x01\x12|\n" +
@@ -4790,7 +6607,19 @@ const file_switchboard_api_context_v1_context_proto_rawDesc = "" +
 	"\x11SearchMemoryItems\x124.switchboard.api.context.v1.SearchMemoryItemsRequest\x1a5.switchboard.api.context.v1.SearchMemoryItemsResponse\"\x03\x90\x02\x01\x12}\n" +
 	"\x10DeleteMemoryItem\x123.switchboard.api.context.v1.DeleteMemoryItemRequest\x1a4.switchboard.api.context.v1.DeleteMemoryItemResponse\x12\x82\x01\n" +
 	"\x10GetContextWindow\x123.switchboard.api.context.v1.GetContextWindowRequest\x1a4.switchboard.api.context.v1.GetContextWindowResponse\"\x03\x90\x02\x01\x12\x80\x01\n" +
-	"\x11PruneConversation\x124.switchboard.api.context.v1.PruneConversationRequest\x1a5.switchboard.api.context.v1.PruneConversationResponseB_\n" +
+	"\x11PruneConversation\x124.switchboard.api.context.v1.PruneConversationRequest\x1a5.switchboard.api.context.v1.PruneConversationResponse\x12m\n" +
+	"\n" +
+	"UploadFile\x12-.switchboard.api.context.v1.UploadFileRequest\x1a..switchboard.api.context.v1.UploadFileResponse(\x01\x12n\n" +
+	"\vStartUpload\x12..switchboard.api.context.v1.StartUploadRequest\x1a/.switchboard.api.context.v1.StartUploadResponse\x12q\n" +
+	"\fAppendUpload\x12/.switchboard.api.context.v1.AppendUploadRequest\x1a0.switchboard.api.context.v1.AppendUploadResponse\x12m\n" +
+	"\tGetUpload\x12,.switchboard.api.context.v1.GetUploadRequest\x1a-.switchboard.api.context.v1.GetUploadResponse\"\x03\x90\x02\x01\x12q\n" +
+	"\fFinishUpload\x12/.switchboard.api.context.v1.FinishUploadRequest\x1a0.switchboard.api.context.v1.FinishUploadResponse\x12q\n" +
+	"\fCancelUpload\x12/.switchboard.api.context.v1.CancelUploadRequest\x1a0.switchboard.api.context.v1.CancelUploadResponse\x12g\n" +
+	"\aGetFile\x12*.switchboard.api.context.v1.GetFileRequest\x1a+.switchboard.api.context.v1.GetFileResponse\"\x03\x90\x02\x01\x12m\n" +
+	"\tListFiles\x12,.switchboard.api.context.v1.ListFilesRequest\x1a-.switchboard.api.context.v1.ListFilesResponse\"\x03\x90\x02\x01\x12x\n" +
+	"\fDownloadFile\x12/.switchboard.api.context.v1.DownloadFileRequest\x1a0.switchboard.api.context.v1.DownloadFileResponse\"\x03\x90\x02\x010\x01\x12k\n" +
+	"\n" +
+	"DeleteFile\x12-.switchboard.api.context.v1.DeleteFileRequest\x1a..switchboard.api.context.v1.DeleteFileResponseB_\n" +
 	"\x1edev.switchboard.api.context.v1P\x01Z;switchboard.dev/go/gen/switchboard/api/context/v1;contextv1b\x06proto3"
 
 var (
@@ -4805,214 +6634,281 @@ func file_switchboard_api_context_v1_context_proto_rawDescGZIP() []byte {
 	return file_switchboard_api_context_v1_context_proto_rawDescData
 }
 
-var file_switchboard_api_context_v1_context_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_switchboard_api_context_v1_context_proto_msgTypes = make([]protoimpl.MessageInfo, 66)
+var file_switchboard_api_context_v1_context_proto_enumTypes = make([]protoimpl.EnumInfo, 7)
+var file_switchboard_api_context_v1_context_proto_msgTypes = make([]protoimpl.MessageInfo, 89)
 var file_switchboard_api_context_v1_context_proto_goTypes = []any{
 	(WorkspaceRole)(0),                    // 0: switchboard.api.context.v1.WorkspaceRole
 	(MessageRole)(0),                      // 1: switchboard.api.context.v1.MessageRole
-	(MemoryKind)(0),                       // 2: switchboard.api.context.v1.MemoryKind
-	(ContextItemReason)(0),                // 3: switchboard.api.context.v1.ContextItemReason
-	(*Workspace)(nil),                     // 4: switchboard.api.context.v1.Workspace
-	(*WorkspaceMember)(nil),               // 5: switchboard.api.context.v1.WorkspaceMember
-	(*Conversation)(nil),                  // 6: switchboard.api.context.v1.Conversation
-	(*ContentPart)(nil),                   // 7: switchboard.api.context.v1.ContentPart
-	(*ToolCallContent)(nil),               // 8: switchboard.api.context.v1.ToolCallContent
-	(*ToolResultContent)(nil),             // 9: switchboard.api.context.v1.ToolResultContent
-	(*FileReference)(nil),                 // 10: switchboard.api.context.v1.FileReference
-	(*Message)(nil),                       // 11: switchboard.api.context.v1.Message
-	(*MemoryItem)(nil),                    // 12: switchboard.api.context.v1.MemoryItem
-	(*CreateWorkspaceRequest)(nil),        // 13: switchboard.api.context.v1.CreateWorkspaceRequest
-	(*CreateWorkspaceResponse)(nil),       // 14: switchboard.api.context.v1.CreateWorkspaceResponse
-	(*GetWorkspaceRequest)(nil),           // 15: switchboard.api.context.v1.GetWorkspaceRequest
-	(*GetWorkspaceResponse)(nil),          // 16: switchboard.api.context.v1.GetWorkspaceResponse
-	(*ListWorkspacesRequest)(nil),         // 17: switchboard.api.context.v1.ListWorkspacesRequest
-	(*ListWorkspacesResponse)(nil),        // 18: switchboard.api.context.v1.ListWorkspacesResponse
-	(*UpdateWorkspaceRequest)(nil),        // 19: switchboard.api.context.v1.UpdateWorkspaceRequest
-	(*UpdateWorkspaceResponse)(nil),       // 20: switchboard.api.context.v1.UpdateWorkspaceResponse
-	(*DeleteWorkspaceRequest)(nil),        // 21: switchboard.api.context.v1.DeleteWorkspaceRequest
-	(*DeleteWorkspaceResponse)(nil),       // 22: switchboard.api.context.v1.DeleteWorkspaceResponse
-	(*UndeleteWorkspaceRequest)(nil),      // 23: switchboard.api.context.v1.UndeleteWorkspaceRequest
-	(*UndeleteWorkspaceResponse)(nil),     // 24: switchboard.api.context.v1.UndeleteWorkspaceResponse
-	(*AddWorkspaceMemberRequest)(nil),     // 25: switchboard.api.context.v1.AddWorkspaceMemberRequest
-	(*AddWorkspaceMemberResponse)(nil),    // 26: switchboard.api.context.v1.AddWorkspaceMemberResponse
-	(*UpdateWorkspaceMemberRequest)(nil),  // 27: switchboard.api.context.v1.UpdateWorkspaceMemberRequest
-	(*UpdateWorkspaceMemberResponse)(nil), // 28: switchboard.api.context.v1.UpdateWorkspaceMemberResponse
-	(*RemoveWorkspaceMemberRequest)(nil),  // 29: switchboard.api.context.v1.RemoveWorkspaceMemberRequest
-	(*RemoveWorkspaceMemberResponse)(nil), // 30: switchboard.api.context.v1.RemoveWorkspaceMemberResponse
-	(*ListWorkspaceMembersRequest)(nil),   // 31: switchboard.api.context.v1.ListWorkspaceMembersRequest
-	(*ListWorkspaceMembersResponse)(nil),  // 32: switchboard.api.context.v1.ListWorkspaceMembersResponse
-	(*CreateConversationRequest)(nil),     // 33: switchboard.api.context.v1.CreateConversationRequest
-	(*CreateConversationResponse)(nil),    // 34: switchboard.api.context.v1.CreateConversationResponse
-	(*GetConversationRequest)(nil),        // 35: switchboard.api.context.v1.GetConversationRequest
-	(*GetConversationResponse)(nil),       // 36: switchboard.api.context.v1.GetConversationResponse
-	(*ListConversationsRequest)(nil),      // 37: switchboard.api.context.v1.ListConversationsRequest
-	(*ListConversationsResponse)(nil),     // 38: switchboard.api.context.v1.ListConversationsResponse
-	(*UpdateConversationRequest)(nil),     // 39: switchboard.api.context.v1.UpdateConversationRequest
-	(*UpdateConversationResponse)(nil),    // 40: switchboard.api.context.v1.UpdateConversationResponse
-	(*DeleteConversationRequest)(nil),     // 41: switchboard.api.context.v1.DeleteConversationRequest
-	(*DeleteConversationResponse)(nil),    // 42: switchboard.api.context.v1.DeleteConversationResponse
-	(*UndeleteConversationRequest)(nil),   // 43: switchboard.api.context.v1.UndeleteConversationRequest
-	(*UndeleteConversationResponse)(nil),  // 44: switchboard.api.context.v1.UndeleteConversationResponse
-	(*AppendMessageRequest)(nil),          // 45: switchboard.api.context.v1.AppendMessageRequest
-	(*AppendMessageResponse)(nil),         // 46: switchboard.api.context.v1.AppendMessageResponse
-	(*GetMessageRequest)(nil),             // 47: switchboard.api.context.v1.GetMessageRequest
-	(*GetMessageResponse)(nil),            // 48: switchboard.api.context.v1.GetMessageResponse
-	(*ListMessagesRequest)(nil),           // 49: switchboard.api.context.v1.ListMessagesRequest
-	(*ListMessagesResponse)(nil),          // 50: switchboard.api.context.v1.ListMessagesResponse
-	(*CreateMemoryItemRequest)(nil),       // 51: switchboard.api.context.v1.CreateMemoryItemRequest
-	(*CreateMemoryItemResponse)(nil),      // 52: switchboard.api.context.v1.CreateMemoryItemResponse
-	(*GetMemoryItemRequest)(nil),          // 53: switchboard.api.context.v1.GetMemoryItemRequest
-	(*GetMemoryItemResponse)(nil),         // 54: switchboard.api.context.v1.GetMemoryItemResponse
-	(*UpdateMemoryItemRequest)(nil),       // 55: switchboard.api.context.v1.UpdateMemoryItemRequest
-	(*UpdateMemoryItemResponse)(nil),      // 56: switchboard.api.context.v1.UpdateMemoryItemResponse
-	(*ListMemoryItemsRequest)(nil),        // 57: switchboard.api.context.v1.ListMemoryItemsRequest
-	(*ListMemoryItemsResponse)(nil),       // 58: switchboard.api.context.v1.ListMemoryItemsResponse
-	(*SearchMemoryItemsRequest)(nil),      // 59: switchboard.api.context.v1.SearchMemoryItemsRequest
-	(*ScoredMemoryItem)(nil),              // 60: switchboard.api.context.v1.ScoredMemoryItem
-	(*SearchMemoryItemsResponse)(nil),     // 61: switchboard.api.context.v1.SearchMemoryItemsResponse
-	(*DeleteMemoryItemRequest)(nil),       // 62: switchboard.api.context.v1.DeleteMemoryItemRequest
-	(*DeleteMemoryItemResponse)(nil),      // 63: switchboard.api.context.v1.DeleteMemoryItemResponse
-	(*GetContextWindowRequest)(nil),       // 64: switchboard.api.context.v1.GetContextWindowRequest
-	(*ContextItem)(nil),                   // 65: switchboard.api.context.v1.ContextItem
-	(*ContextWindow)(nil),                 // 66: switchboard.api.context.v1.ContextWindow
-	(*GetContextWindowResponse)(nil),      // 67: switchboard.api.context.v1.GetContextWindowResponse
-	(*PruneConversationRequest)(nil),      // 68: switchboard.api.context.v1.PruneConversationRequest
-	(*PruneConversationResponse)(nil),     // 69: switchboard.api.context.v1.PruneConversationResponse
-	(*timestamppb.Timestamp)(nil),         // 70: google.protobuf.Timestamp
-	(*structpb.Struct)(nil),               // 71: google.protobuf.Struct
-	(*fieldmaskpb.FieldMask)(nil),         // 72: google.protobuf.FieldMask
+	(FileKind)(0),                         // 2: switchboard.api.context.v1.FileKind
+	(FileTextState)(0),                    // 3: switchboard.api.context.v1.FileTextState
+	(FileView)(0),                         // 4: switchboard.api.context.v1.FileView
+	(MemoryKind)(0),                       // 5: switchboard.api.context.v1.MemoryKind
+	(ContextItemReason)(0),                // 6: switchboard.api.context.v1.ContextItemReason
+	(*Workspace)(nil),                     // 7: switchboard.api.context.v1.Workspace
+	(*WorkspaceMember)(nil),               // 8: switchboard.api.context.v1.WorkspaceMember
+	(*Conversation)(nil),                  // 9: switchboard.api.context.v1.Conversation
+	(*ContentPart)(nil),                   // 10: switchboard.api.context.v1.ContentPart
+	(*ToolCallContent)(nil),               // 11: switchboard.api.context.v1.ToolCallContent
+	(*ToolResultContent)(nil),             // 12: switchboard.api.context.v1.ToolResultContent
+	(*FileReference)(nil),                 // 13: switchboard.api.context.v1.FileReference
+	(*File)(nil),                          // 14: switchboard.api.context.v1.File
+	(*Upload)(nil),                        // 15: switchboard.api.context.v1.Upload
+	(*Message)(nil),                       // 16: switchboard.api.context.v1.Message
+	(*MemoryItem)(nil),                    // 17: switchboard.api.context.v1.MemoryItem
+	(*CreateWorkspaceRequest)(nil),        // 18: switchboard.api.context.v1.CreateWorkspaceRequest
+	(*CreateWorkspaceResponse)(nil),       // 19: switchboard.api.context.v1.CreateWorkspaceResponse
+	(*GetWorkspaceRequest)(nil),           // 20: switchboard.api.context.v1.GetWorkspaceRequest
+	(*GetWorkspaceResponse)(nil),          // 21: switchboard.api.context.v1.GetWorkspaceResponse
+	(*ListWorkspacesRequest)(nil),         // 22: switchboard.api.context.v1.ListWorkspacesRequest
+	(*ListWorkspacesResponse)(nil),        // 23: switchboard.api.context.v1.ListWorkspacesResponse
+	(*UpdateWorkspaceRequest)(nil),        // 24: switchboard.api.context.v1.UpdateWorkspaceRequest
+	(*UpdateWorkspaceResponse)(nil),       // 25: switchboard.api.context.v1.UpdateWorkspaceResponse
+	(*DeleteWorkspaceRequest)(nil),        // 26: switchboard.api.context.v1.DeleteWorkspaceRequest
+	(*DeleteWorkspaceResponse)(nil),       // 27: switchboard.api.context.v1.DeleteWorkspaceResponse
+	(*UndeleteWorkspaceRequest)(nil),      // 28: switchboard.api.context.v1.UndeleteWorkspaceRequest
+	(*UndeleteWorkspaceResponse)(nil),     // 29: switchboard.api.context.v1.UndeleteWorkspaceResponse
+	(*AddWorkspaceMemberRequest)(nil),     // 30: switchboard.api.context.v1.AddWorkspaceMemberRequest
+	(*AddWorkspaceMemberResponse)(nil),    // 31: switchboard.api.context.v1.AddWorkspaceMemberResponse
+	(*UpdateWorkspaceMemberRequest)(nil),  // 32: switchboard.api.context.v1.UpdateWorkspaceMemberRequest
+	(*UpdateWorkspaceMemberResponse)(nil), // 33: switchboard.api.context.v1.UpdateWorkspaceMemberResponse
+	(*RemoveWorkspaceMemberRequest)(nil),  // 34: switchboard.api.context.v1.RemoveWorkspaceMemberRequest
+	(*RemoveWorkspaceMemberResponse)(nil), // 35: switchboard.api.context.v1.RemoveWorkspaceMemberResponse
+	(*ListWorkspaceMembersRequest)(nil),   // 36: switchboard.api.context.v1.ListWorkspaceMembersRequest
+	(*ListWorkspaceMembersResponse)(nil),  // 37: switchboard.api.context.v1.ListWorkspaceMembersResponse
+	(*CreateConversationRequest)(nil),     // 38: switchboard.api.context.v1.CreateConversationRequest
+	(*CreateConversationResponse)(nil),    // 39: switchboard.api.context.v1.CreateConversationResponse
+	(*GetConversationRequest)(nil),        // 40: switchboard.api.context.v1.GetConversationRequest
+	(*GetConversationResponse)(nil),       // 41: switchboard.api.context.v1.GetConversationResponse
+	(*ListConversationsRequest)(nil),      // 42: switchboard.api.context.v1.ListConversationsRequest
+	(*ListConversationsResponse)(nil),     // 43: switchboard.api.context.v1.ListConversationsResponse
+	(*UpdateConversationRequest)(nil),     // 44: switchboard.api.context.v1.UpdateConversationRequest
+	(*UpdateConversationResponse)(nil),    // 45: switchboard.api.context.v1.UpdateConversationResponse
+	(*DeleteConversationRequest)(nil),     // 46: switchboard.api.context.v1.DeleteConversationRequest
+	(*DeleteConversationResponse)(nil),    // 47: switchboard.api.context.v1.DeleteConversationResponse
+	(*UndeleteConversationRequest)(nil),   // 48: switchboard.api.context.v1.UndeleteConversationRequest
+	(*UndeleteConversationResponse)(nil),  // 49: switchboard.api.context.v1.UndeleteConversationResponse
+	(*AppendMessageRequest)(nil),          // 50: switchboard.api.context.v1.AppendMessageRequest
+	(*AppendMessageResponse)(nil),         // 51: switchboard.api.context.v1.AppendMessageResponse
+	(*GetMessageRequest)(nil),             // 52: switchboard.api.context.v1.GetMessageRequest
+	(*GetMessageResponse)(nil),            // 53: switchboard.api.context.v1.GetMessageResponse
+	(*ListMessagesRequest)(nil),           // 54: switchboard.api.context.v1.ListMessagesRequest
+	(*ListMessagesResponse)(nil),          // 55: switchboard.api.context.v1.ListMessagesResponse
+	(*CreateMemoryItemRequest)(nil),       // 56: switchboard.api.context.v1.CreateMemoryItemRequest
+	(*CreateMemoryItemResponse)(nil),      // 57: switchboard.api.context.v1.CreateMemoryItemResponse
+	(*GetMemoryItemRequest)(nil),          // 58: switchboard.api.context.v1.GetMemoryItemRequest
+	(*GetMemoryItemResponse)(nil),         // 59: switchboard.api.context.v1.GetMemoryItemResponse
+	(*UpdateMemoryItemRequest)(nil),       // 60: switchboard.api.context.v1.UpdateMemoryItemRequest
+	(*UpdateMemoryItemResponse)(nil),      // 61: switchboard.api.context.v1.UpdateMemoryItemResponse
+	(*ListMemoryItemsRequest)(nil),        // 62: switchboard.api.context.v1.ListMemoryItemsRequest
+	(*ListMemoryItemsResponse)(nil),       // 63: switchboard.api.context.v1.ListMemoryItemsResponse
+	(*SearchMemoryItemsRequest)(nil),      // 64: switchboard.api.context.v1.SearchMemoryItemsRequest
+	(*ScoredMemoryItem)(nil),              // 65: switchboard.api.context.v1.ScoredMemoryItem
+	(*SearchMemoryItemsResponse)(nil),     // 66: switchboard.api.context.v1.SearchMemoryItemsResponse
+	(*DeleteMemoryItemRequest)(nil),       // 67: switchboard.api.context.v1.DeleteMemoryItemRequest
+	(*DeleteMemoryItemResponse)(nil),      // 68: switchboard.api.context.v1.DeleteMemoryItemResponse
+	(*GetContextWindowRequest)(nil),       // 69: switchboard.api.context.v1.GetContextWindowRequest
+	(*ContextItem)(nil),                   // 70: switchboard.api.context.v1.ContextItem
+	(*ContextWindow)(nil),                 // 71: switchboard.api.context.v1.ContextWindow
+	(*GetContextWindowResponse)(nil),      // 72: switchboard.api.context.v1.GetContextWindowResponse
+	(*PruneConversationRequest)(nil),      // 73: switchboard.api.context.v1.PruneConversationRequest
+	(*PruneConversationResponse)(nil),     // 74: switchboard.api.context.v1.PruneConversationResponse
+	(*UploadFileHeader)(nil),              // 75: switchboard.api.context.v1.UploadFileHeader
+	(*UploadFileRequest)(nil),             // 76: switchboard.api.context.v1.UploadFileRequest
+	(*UploadFileResponse)(nil),            // 77: switchboard.api.context.v1.UploadFileResponse
+	(*StartUploadRequest)(nil),            // 78: switchboard.api.context.v1.StartUploadRequest
+	(*StartUploadResponse)(nil),           // 79: switchboard.api.context.v1.StartUploadResponse
+	(*AppendUploadRequest)(nil),           // 80: switchboard.api.context.v1.AppendUploadRequest
+	(*AppendUploadResponse)(nil),          // 81: switchboard.api.context.v1.AppendUploadResponse
+	(*GetUploadRequest)(nil),              // 82: switchboard.api.context.v1.GetUploadRequest
+	(*GetUploadResponse)(nil),             // 83: switchboard.api.context.v1.GetUploadResponse
+	(*FinishUploadRequest)(nil),           // 84: switchboard.api.context.v1.FinishUploadRequest
+	(*FinishUploadResponse)(nil),          // 85: switchboard.api.context.v1.FinishUploadResponse
+	(*CancelUploadRequest)(nil),           // 86: switchboard.api.context.v1.CancelUploadRequest
+	(*CancelUploadResponse)(nil),          // 87: switchboard.api.context.v1.CancelUploadResponse
+	(*GetFileRequest)(nil),                // 88: switchboard.api.context.v1.GetFileRequest
+	(*GetFileResponse)(nil),               // 89: switchboard.api.context.v1.GetFileResponse
+	(*ListFilesRequest)(nil),              // 90: switchboard.api.context.v1.ListFilesRequest
+	(*ListFilesResponse)(nil),             // 91: switchboard.api.context.v1.ListFilesResponse
+	(*DownloadFileRequest)(nil),           // 92: switchboard.api.context.v1.DownloadFileRequest
+	(*DownloadFileResponse)(nil),          // 93: switchboard.api.context.v1.DownloadFileResponse
+	(*DeleteFileRequest)(nil),             // 94: switchboard.api.context.v1.DeleteFileRequest
+	(*DeleteFileResponse)(nil),            // 95: switchboard.api.context.v1.DeleteFileResponse
+	(*timestamppb.Timestamp)(nil),         // 96: google.protobuf.Timestamp
+	(*structpb.Struct)(nil),               // 97: google.protobuf.Struct
+	(*fieldmaskpb.FieldMask)(nil),         // 98: google.protobuf.FieldMask
 }
 var file_switchboard_api_context_v1_context_proto_depIdxs = []int32{
-	70, // 0: switchboard.api.context.v1.Workspace.create_time:type_name -> google.protobuf.Timestamp
-	70, // 1: switchboard.api.context.v1.Workspace.update_time:type_name -> google.protobuf.Timestamp
-	70, // 2: switchboard.api.context.v1.Workspace.delete_time:type_name -> google.protobuf.Timestamp
-	0,  // 3: switchboard.api.context.v1.Workspace.caller_role:type_name -> switchboard.api.context.v1.WorkspaceRole
-	0,  // 4: switchboard.api.context.v1.WorkspaceMember.role:type_name -> switchboard.api.context.v1.WorkspaceRole
-	70, // 5: switchboard.api.context.v1.WorkspaceMember.create_time:type_name -> google.protobuf.Timestamp
-	70, // 6: switchboard.api.context.v1.WorkspaceMember.update_time:type_name -> google.protobuf.Timestamp
-	71, // 7: switchboard.api.context.v1.Conversation.metadata:type_name -> google.protobuf.Struct
-	70, // 8: switchboard.api.context.v1.Conversation.create_time:type_name -> google.protobuf.Timestamp
-	70, // 9: switchboard.api.context.v1.Conversation.update_time:type_name -> google.protobuf.Timestamp
-	70, // 10: switchboard.api.context.v1.Conversation.delete_time:type_name -> google.protobuf.Timestamp
-	71, // 11: switchboard.api.context.v1.ContentPart.data:type_name -> google.protobuf.Struct
-	10, // 12: switchboard.api.context.v1.ContentPart.file:type_name -> switchboard.api.context.v1.FileReference
-	8,  // 13: switchboard.api.context.v1.ContentPart.tool_call:type_name -> switchboard.api.context.v1.ToolCallContent
-	9,  // 14: switchboard.api.context.v1.ContentPart.tool_result:type_name -> switchboard.api.context.v1.ToolResultContent
-	71, // 15: switchboard.api.context.v1.ToolCallContent.arguments:type_name -> google.protobuf.Struct
-	1,  // 16: switchboard.api.context.v1.Message.role:type_name -> switchboard.api.context.v1.MessageRole
-	7,  // 17: switchboard.api.context.v1.Message.parts:type_name -> switchboard.api.context.v1.ContentPart
-	71, // 18: switchboard.api.context.v1.Message.metadata:type_name -> google.protobuf.Struct
-	70, // 19: switchboard.api.context.v1.Message.create_time:type_name -> google.protobuf.Timestamp
-	2,  // 20: switchboard.api.context.v1.MemoryItem.kind:type_name -> switchboard.api.context.v1.MemoryKind
-	71, // 21: switchboard.api.context.v1.MemoryItem.metadata:type_name -> google.protobuf.Struct
-	70, // 22: switchboard.api.context.v1.MemoryItem.create_time:type_name -> google.protobuf.Timestamp
-	70, // 23: switchboard.api.context.v1.MemoryItem.expire_time:type_name -> google.protobuf.Timestamp
-	70, // 24: switchboard.api.context.v1.MemoryItem.update_time:type_name -> google.protobuf.Timestamp
-	4,  // 25: switchboard.api.context.v1.CreateWorkspaceRequest.workspace:type_name -> switchboard.api.context.v1.Workspace
-	4,  // 26: switchboard.api.context.v1.CreateWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
-	4,  // 27: switchboard.api.context.v1.GetWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
-	4,  // 28: switchboard.api.context.v1.ListWorkspacesResponse.workspaces:type_name -> switchboard.api.context.v1.Workspace
-	4,  // 29: switchboard.api.context.v1.UpdateWorkspaceRequest.workspace:type_name -> switchboard.api.context.v1.Workspace
-	72, // 30: switchboard.api.context.v1.UpdateWorkspaceRequest.update_mask:type_name -> google.protobuf.FieldMask
-	4,  // 31: switchboard.api.context.v1.UpdateWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
-	4,  // 32: switchboard.api.context.v1.DeleteWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
-	4,  // 33: switchboard.api.context.v1.UndeleteWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
-	0,  // 34: switchboard.api.context.v1.AddWorkspaceMemberRequest.role:type_name -> switchboard.api.context.v1.WorkspaceRole
-	5,  // 35: switchboard.api.context.v1.AddWorkspaceMemberResponse.member:type_name -> switchboard.api.context.v1.WorkspaceMember
-	5,  // 36: switchboard.api.context.v1.UpdateWorkspaceMemberRequest.member:type_name -> switchboard.api.context.v1.WorkspaceMember
-	72, // 37: switchboard.api.context.v1.UpdateWorkspaceMemberRequest.update_mask:type_name -> google.protobuf.FieldMask
-	5,  // 38: switchboard.api.context.v1.UpdateWorkspaceMemberResponse.member:type_name -> switchboard.api.context.v1.WorkspaceMember
-	5,  // 39: switchboard.api.context.v1.ListWorkspaceMembersResponse.members:type_name -> switchboard.api.context.v1.WorkspaceMember
-	6,  // 40: switchboard.api.context.v1.CreateConversationRequest.conversation:type_name -> switchboard.api.context.v1.Conversation
-	6,  // 41: switchboard.api.context.v1.CreateConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
-	6,  // 42: switchboard.api.context.v1.GetConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
-	6,  // 43: switchboard.api.context.v1.ListConversationsResponse.conversations:type_name -> switchboard.api.context.v1.Conversation
-	6,  // 44: switchboard.api.context.v1.UpdateConversationRequest.conversation:type_name -> switchboard.api.context.v1.Conversation
-	72, // 45: switchboard.api.context.v1.UpdateConversationRequest.update_mask:type_name -> google.protobuf.FieldMask
-	6,  // 46: switchboard.api.context.v1.UpdateConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
-	6,  // 47: switchboard.api.context.v1.DeleteConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
-	6,  // 48: switchboard.api.context.v1.UndeleteConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
-	11, // 49: switchboard.api.context.v1.AppendMessageRequest.message:type_name -> switchboard.api.context.v1.Message
-	11, // 50: switchboard.api.context.v1.AppendMessageResponse.message:type_name -> switchboard.api.context.v1.Message
-	11, // 51: switchboard.api.context.v1.GetMessageResponse.message:type_name -> switchboard.api.context.v1.Message
-	11, // 52: switchboard.api.context.v1.ListMessagesResponse.messages:type_name -> switchboard.api.context.v1.Message
-	12, // 53: switchboard.api.context.v1.CreateMemoryItemRequest.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
-	12, // 54: switchboard.api.context.v1.CreateMemoryItemResponse.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
-	12, // 55: switchboard.api.context.v1.GetMemoryItemResponse.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
-	12, // 56: switchboard.api.context.v1.UpdateMemoryItemRequest.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
-	72, // 57: switchboard.api.context.v1.UpdateMemoryItemRequest.update_mask:type_name -> google.protobuf.FieldMask
-	12, // 58: switchboard.api.context.v1.UpdateMemoryItemResponse.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
-	2,  // 59: switchboard.api.context.v1.ListMemoryItemsRequest.kinds:type_name -> switchboard.api.context.v1.MemoryKind
-	12, // 60: switchboard.api.context.v1.ListMemoryItemsResponse.memory_items:type_name -> switchboard.api.context.v1.MemoryItem
-	2,  // 61: switchboard.api.context.v1.SearchMemoryItemsRequest.kinds:type_name -> switchboard.api.context.v1.MemoryKind
-	12, // 62: switchboard.api.context.v1.ScoredMemoryItem.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
-	60, // 63: switchboard.api.context.v1.SearchMemoryItemsResponse.results:type_name -> switchboard.api.context.v1.ScoredMemoryItem
-	11, // 64: switchboard.api.context.v1.ContextItem.message:type_name -> switchboard.api.context.v1.Message
-	12, // 65: switchboard.api.context.v1.ContextItem.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
-	3,  // 66: switchboard.api.context.v1.ContextItem.reason:type_name -> switchboard.api.context.v1.ContextItemReason
-	65, // 67: switchboard.api.context.v1.ContextWindow.included:type_name -> switchboard.api.context.v1.ContextItem
-	65, // 68: switchboard.api.context.v1.ContextWindow.excluded:type_name -> switchboard.api.context.v1.ContextItem
-	66, // 69: switchboard.api.context.v1.GetContextWindowResponse.window:type_name -> switchboard.api.context.v1.ContextWindow
-	12, // 70: switchboard.api.context.v1.PruneConversationResponse.summary:type_name -> switchboard.api.context.v1.MemoryItem
-	13, // 71: switchboard.api.context.v1.ContextService.CreateWorkspace:input_type -> switchboard.api.context.v1.CreateWorkspaceRequest
-	15, // 72: switchboard.api.context.v1.ContextService.GetWorkspace:input_type -> switchboard.api.context.v1.GetWorkspaceRequest
-	17, // 73: switchboard.api.context.v1.ContextService.ListWorkspaces:input_type -> switchboard.api.context.v1.ListWorkspacesRequest
-	19, // 74: switchboard.api.context.v1.ContextService.UpdateWorkspace:input_type -> switchboard.api.context.v1.UpdateWorkspaceRequest
-	21, // 75: switchboard.api.context.v1.ContextService.DeleteWorkspace:input_type -> switchboard.api.context.v1.DeleteWorkspaceRequest
-	23, // 76: switchboard.api.context.v1.ContextService.UndeleteWorkspace:input_type -> switchboard.api.context.v1.UndeleteWorkspaceRequest
-	25, // 77: switchboard.api.context.v1.ContextService.AddWorkspaceMember:input_type -> switchboard.api.context.v1.AddWorkspaceMemberRequest
-	27, // 78: switchboard.api.context.v1.ContextService.UpdateWorkspaceMember:input_type -> switchboard.api.context.v1.UpdateWorkspaceMemberRequest
-	29, // 79: switchboard.api.context.v1.ContextService.RemoveWorkspaceMember:input_type -> switchboard.api.context.v1.RemoveWorkspaceMemberRequest
-	31, // 80: switchboard.api.context.v1.ContextService.ListWorkspaceMembers:input_type -> switchboard.api.context.v1.ListWorkspaceMembersRequest
-	33, // 81: switchboard.api.context.v1.ContextService.CreateConversation:input_type -> switchboard.api.context.v1.CreateConversationRequest
-	35, // 82: switchboard.api.context.v1.ContextService.GetConversation:input_type -> switchboard.api.context.v1.GetConversationRequest
-	37, // 83: switchboard.api.context.v1.ContextService.ListConversations:input_type -> switchboard.api.context.v1.ListConversationsRequest
-	39, // 84: switchboard.api.context.v1.ContextService.UpdateConversation:input_type -> switchboard.api.context.v1.UpdateConversationRequest
-	41, // 85: switchboard.api.context.v1.ContextService.DeleteConversation:input_type -> switchboard.api.context.v1.DeleteConversationRequest
-	43, // 86: switchboard.api.context.v1.ContextService.UndeleteConversation:input_type -> switchboard.api.context.v1.UndeleteConversationRequest
-	45, // 87: switchboard.api.context.v1.ContextService.AppendMessage:input_type -> switchboard.api.context.v1.AppendMessageRequest
-	47, // 88: switchboard.api.context.v1.ContextService.GetMessage:input_type -> switchboard.api.context.v1.GetMessageRequest
-	49, // 89: switchboard.api.context.v1.ContextService.ListMessages:input_type -> switchboard.api.context.v1.ListMessagesRequest
-	51, // 90: switchboard.api.context.v1.ContextService.CreateMemoryItem:input_type -> switchboard.api.context.v1.CreateMemoryItemRequest
-	53, // 91: switchboard.api.context.v1.ContextService.GetMemoryItem:input_type -> switchboard.api.context.v1.GetMemoryItemRequest
-	55, // 92: switchboard.api.context.v1.ContextService.UpdateMemoryItem:input_type -> switchboard.api.context.v1.UpdateMemoryItemRequest
-	57, // 93: switchboard.api.context.v1.ContextService.ListMemoryItems:input_type -> switchboard.api.context.v1.ListMemoryItemsRequest
-	59, // 94: switchboard.api.context.v1.ContextService.SearchMemoryItems:input_type -> switchboard.api.context.v1.SearchMemoryItemsRequest
-	62, // 95: switchboard.api.context.v1.ContextService.DeleteMemoryItem:input_type -> switchboard.api.context.v1.DeleteMemoryItemRequest
-	64, // 96: switchboard.api.context.v1.ContextService.GetContextWindow:input_type -> switchboard.api.context.v1.GetContextWindowRequest
-	68, // 97: switchboard.api.context.v1.ContextService.PruneConversation:input_type -> switchboard.api.context.v1.PruneConversationRequest
-	14, // 98: switchboard.api.context.v1.ContextService.CreateWorkspace:output_type -> switchboard.api.context.v1.CreateWorkspaceResponse
-	16, // 99: switchboard.api.context.v1.ContextService.GetWorkspace:output_type -> switchboard.api.context.v1.GetWorkspaceResponse
-	18, // 100: switchboard.api.context.v1.ContextService.ListWorkspaces:output_type -> switchboard.api.context.v1.ListWorkspacesResponse
-	20, // 101: switchboard.api.context.v1.ContextService.UpdateWorkspace:output_type -> switchboard.api.context.v1.UpdateWorkspaceResponse
-	22, // 102: switchboard.api.context.v1.ContextService.DeleteWorkspace:output_type -> switchboard.api.context.v1.DeleteWorkspaceResponse
-	24, // 103: switchboard.api.context.v1.ContextService.UndeleteWorkspace:output_type -> switchboard.api.context.v1.UndeleteWorkspaceResponse
-	26, // 104: switchboard.api.context.v1.ContextService.AddWorkspaceMember:output_type -> switchboard.api.context.v1.AddWorkspaceMemberResponse
-	28, // 105: switchboard.api.context.v1.ContextService.UpdateWorkspaceMember:output_type -> switchboard.api.context.v1.UpdateWorkspaceMemberResponse
-	30, // 106: switchboard.api.context.v1.ContextService.RemoveWorkspaceMember:output_type -> switchboard.api.context.v1.RemoveWorkspaceMemberResponse
-	32, // 107: switchboard.api.context.v1.ContextService.ListWorkspaceMembers:output_type -> switchboard.api.context.v1.ListWorkspaceMembersResponse
-	34, // 108: switchboard.api.context.v1.ContextService.CreateConversation:output_type -> switchboard.api.context.v1.CreateConversationResponse
-	36, // 109: switchboard.api.context.v1.ContextService.GetConversation:output_type -> switchboard.api.context.v1.GetConversationResponse
-	38, // 110: switchboard.api.context.v1.ContextService.ListConversations:output_type -> switchboard.api.context.v1.ListConversationsResponse
-	40, // 111: switchboard.api.context.v1.ContextService.UpdateConversation:output_type -> switchboard.api.context.v1.UpdateConversationResponse
-	42, // 112: switchboard.api.context.v1.ContextService.DeleteConversation:output_type -> switchboard.api.context.v1.DeleteConversationResponse
-	44, // 113: switchboard.api.context.v1.ContextService.UndeleteConversation:output_type -> switchboard.api.context.v1.UndeleteConversationResponse
-	46, // 114: switchboard.api.context.v1.ContextService.AppendMessage:output_type -> switchboard.api.context.v1.AppendMessageResponse
-	48, // 115: switchboard.api.context.v1.ContextService.GetMessage:output_type -> switchboard.api.context.v1.GetMessageResponse
-	50, // 116: switchboard.api.context.v1.ContextService.ListMessages:output_type -> switchboard.api.context.v1.ListMessagesResponse
-	52, // 117: switchboard.api.context.v1.ContextService.CreateMemoryItem:output_type -> switchboard.api.context.v1.CreateMemoryItemResponse
-	54, // 118: switchboard.api.context.v1.ContextService.GetMemoryItem:output_type -> switchboard.api.context.v1.GetMemoryItemResponse
-	56, // 119: switchboard.api.context.v1.ContextService.UpdateMemoryItem:output_type -> switchboard.api.context.v1.UpdateMemoryItemResponse
-	58, // 120: switchboard.api.context.v1.ContextService.ListMemoryItems:output_type -> switchboard.api.context.v1.ListMemoryItemsResponse
-	61, // 121: switchboard.api.context.v1.ContextService.SearchMemoryItems:output_type -> switchboard.api.context.v1.SearchMemoryItemsResponse
-	63, // 122: switchboard.api.context.v1.ContextService.DeleteMemoryItem:output_type -> switchboard.api.context.v1.DeleteMemoryItemResponse
-	67, // 123: switchboard.api.context.v1.ContextService.GetContextWindow:output_type -> switchboard.api.context.v1.GetContextWindowResponse
-	69, // 124: switchboard.api.context.v1.ContextService.PruneConversation:output_type -> switchboard.api.context.v1.PruneConversationResponse
-	98, // [98:125] is the sub-list for method output_type
-	71, // [71:98] is the sub-list for method input_type
-	71, // [71:71] is the sub-list for extension type_name
-	71, // [71:71] is the sub-list for extension extendee
-	0,  // [0:71] is the sub-list for field type_name
+	96,  // 0: switchboard.api.context.v1.Workspace.create_time:type_name -> google.protobuf.Timestamp
+	96,  // 1: switchboard.api.context.v1.Workspace.update_time:type_name -> google.protobuf.Timestamp
+	96,  // 2: switchboard.api.context.v1.Workspace.delete_time:type_name -> google.protobuf.Timestamp
+	0,   // 3: switchboard.api.context.v1.Workspace.caller_role:type_name -> switchboard.api.context.v1.WorkspaceRole
+	0,   // 4: switchboard.api.context.v1.WorkspaceMember.role:type_name -> switchboard.api.context.v1.WorkspaceRole
+	96,  // 5: switchboard.api.context.v1.WorkspaceMember.create_time:type_name -> google.protobuf.Timestamp
+	96,  // 6: switchboard.api.context.v1.WorkspaceMember.update_time:type_name -> google.protobuf.Timestamp
+	97,  // 7: switchboard.api.context.v1.Conversation.metadata:type_name -> google.protobuf.Struct
+	96,  // 8: switchboard.api.context.v1.Conversation.create_time:type_name -> google.protobuf.Timestamp
+	96,  // 9: switchboard.api.context.v1.Conversation.update_time:type_name -> google.protobuf.Timestamp
+	96,  // 10: switchboard.api.context.v1.Conversation.delete_time:type_name -> google.protobuf.Timestamp
+	97,  // 11: switchboard.api.context.v1.ContentPart.data:type_name -> google.protobuf.Struct
+	13,  // 12: switchboard.api.context.v1.ContentPart.file:type_name -> switchboard.api.context.v1.FileReference
+	11,  // 13: switchboard.api.context.v1.ContentPart.tool_call:type_name -> switchboard.api.context.v1.ToolCallContent
+	12,  // 14: switchboard.api.context.v1.ContentPart.tool_result:type_name -> switchboard.api.context.v1.ToolResultContent
+	97,  // 15: switchboard.api.context.v1.ToolCallContent.arguments:type_name -> google.protobuf.Struct
+	13,  // 16: switchboard.api.context.v1.ToolResultContent.files:type_name -> switchboard.api.context.v1.FileReference
+	2,   // 17: switchboard.api.context.v1.File.kind:type_name -> switchboard.api.context.v1.FileKind
+	3,   // 18: switchboard.api.context.v1.File.text_state:type_name -> switchboard.api.context.v1.FileTextState
+	97,  // 19: switchboard.api.context.v1.File.metadata:type_name -> google.protobuf.Struct
+	96,  // 20: switchboard.api.context.v1.File.create_time:type_name -> google.protobuf.Timestamp
+	96,  // 21: switchboard.api.context.v1.Upload.expire_time:type_name -> google.protobuf.Timestamp
+	96,  // 22: switchboard.api.context.v1.Upload.create_time:type_name -> google.protobuf.Timestamp
+	97,  // 23: switchboard.api.context.v1.Upload.metadata:type_name -> google.protobuf.Struct
+	1,   // 24: switchboard.api.context.v1.Message.role:type_name -> switchboard.api.context.v1.MessageRole
+	10,  // 25: switchboard.api.context.v1.Message.parts:type_name -> switchboard.api.context.v1.ContentPart
+	97,  // 26: switchboard.api.context.v1.Message.metadata:type_name -> google.protobuf.Struct
+	96,  // 27: switchboard.api.context.v1.Message.create_time:type_name -> google.protobuf.Timestamp
+	5,   // 28: switchboard.api.context.v1.MemoryItem.kind:type_name -> switchboard.api.context.v1.MemoryKind
+	97,  // 29: switchboard.api.context.v1.MemoryItem.metadata:type_name -> google.protobuf.Struct
+	96,  // 30: switchboard.api.context.v1.MemoryItem.create_time:type_name -> google.protobuf.Timestamp
+	96,  // 31: switchboard.api.context.v1.MemoryItem.expire_time:type_name -> google.protobuf.Timestamp
+	96,  // 32: switchboard.api.context.v1.MemoryItem.update_time:type_name -> google.protobuf.Timestamp
+	7,   // 33: switchboard.api.context.v1.CreateWorkspaceRequest.workspace:type_name -> switchboard.api.context.v1.Workspace
+	7,   // 34: switchboard.api.context.v1.CreateWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
+	7,   // 35: switchboard.api.context.v1.GetWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
+	7,   // 36: switchboard.api.context.v1.ListWorkspacesResponse.workspaces:type_name -> switchboard.api.context.v1.Workspace
+	7,   // 37: switchboard.api.context.v1.UpdateWorkspaceRequest.workspace:type_name -> switchboard.api.context.v1.Workspace
+	98,  // 38: switchboard.api.context.v1.UpdateWorkspaceRequest.update_mask:type_name -> google.protobuf.FieldMask
+	7,   // 39: switchboard.api.context.v1.UpdateWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
+	7,   // 40: switchboard.api.context.v1.DeleteWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
+	7,   // 41: switchboard.api.context.v1.UndeleteWorkspaceResponse.workspace:type_name -> switchboard.api.context.v1.Workspace
+	0,   // 42: switchboard.api.context.v1.AddWorkspaceMemberRequest.role:type_name -> switchboard.api.context.v1.WorkspaceRole
+	8,   // 43: switchboard.api.context.v1.AddWorkspaceMemberResponse.member:type_name -> switchboard.api.context.v1.WorkspaceMember
+	8,   // 44: switchboard.api.context.v1.UpdateWorkspaceMemberRequest.member:type_name -> switchboard.api.context.v1.WorkspaceMember
+	98,  // 45: switchboard.api.context.v1.UpdateWorkspaceMemberRequest.update_mask:type_name -> google.protobuf.FieldMask
+	8,   // 46: switchboard.api.context.v1.UpdateWorkspaceMemberResponse.member:type_name -> switchboard.api.context.v1.WorkspaceMember
+	8,   // 47: switchboard.api.context.v1.ListWorkspaceMembersResponse.members:type_name -> switchboard.api.context.v1.WorkspaceMember
+	9,   // 48: switchboard.api.context.v1.CreateConversationRequest.conversation:type_name -> switchboard.api.context.v1.Conversation
+	9,   // 49: switchboard.api.context.v1.CreateConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
+	9,   // 50: switchboard.api.context.v1.GetConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
+	9,   // 51: switchboard.api.context.v1.ListConversationsResponse.conversations:type_name -> switchboard.api.context.v1.Conversation
+	9,   // 52: switchboard.api.context.v1.UpdateConversationRequest.conversation:type_name -> switchboard.api.context.v1.Conversation
+	98,  // 53: switchboard.api.context.v1.UpdateConversationRequest.update_mask:type_name -> google.protobuf.FieldMask
+	9,   // 54: switchboard.api.context.v1.UpdateConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
+	9,   // 55: switchboard.api.context.v1.DeleteConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
+	9,   // 56: switchboard.api.context.v1.UndeleteConversationResponse.conversation:type_name -> switchboard.api.context.v1.Conversation
+	16,  // 57: switchboard.api.context.v1.AppendMessageRequest.message:type_name -> switchboard.api.context.v1.Message
+	16,  // 58: switchboard.api.context.v1.AppendMessageResponse.message:type_name -> switchboard.api.context.v1.Message
+	16,  // 59: switchboard.api.context.v1.GetMessageResponse.message:type_name -> switchboard.api.context.v1.Message
+	16,  // 60: switchboard.api.context.v1.ListMessagesResponse.messages:type_name -> switchboard.api.context.v1.Message
+	17,  // 61: switchboard.api.context.v1.CreateMemoryItemRequest.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	17,  // 62: switchboard.api.context.v1.CreateMemoryItemResponse.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	17,  // 63: switchboard.api.context.v1.GetMemoryItemResponse.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	17,  // 64: switchboard.api.context.v1.UpdateMemoryItemRequest.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	98,  // 65: switchboard.api.context.v1.UpdateMemoryItemRequest.update_mask:type_name -> google.protobuf.FieldMask
+	17,  // 66: switchboard.api.context.v1.UpdateMemoryItemResponse.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	5,   // 67: switchboard.api.context.v1.ListMemoryItemsRequest.kinds:type_name -> switchboard.api.context.v1.MemoryKind
+	17,  // 68: switchboard.api.context.v1.ListMemoryItemsResponse.memory_items:type_name -> switchboard.api.context.v1.MemoryItem
+	5,   // 69: switchboard.api.context.v1.SearchMemoryItemsRequest.kinds:type_name -> switchboard.api.context.v1.MemoryKind
+	17,  // 70: switchboard.api.context.v1.ScoredMemoryItem.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	65,  // 71: switchboard.api.context.v1.SearchMemoryItemsResponse.results:type_name -> switchboard.api.context.v1.ScoredMemoryItem
+	16,  // 72: switchboard.api.context.v1.ContextItem.message:type_name -> switchboard.api.context.v1.Message
+	17,  // 73: switchboard.api.context.v1.ContextItem.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	6,   // 74: switchboard.api.context.v1.ContextItem.reason:type_name -> switchboard.api.context.v1.ContextItemReason
+	70,  // 75: switchboard.api.context.v1.ContextWindow.included:type_name -> switchboard.api.context.v1.ContextItem
+	70,  // 76: switchboard.api.context.v1.ContextWindow.excluded:type_name -> switchboard.api.context.v1.ContextItem
+	71,  // 77: switchboard.api.context.v1.GetContextWindowResponse.window:type_name -> switchboard.api.context.v1.ContextWindow
+	17,  // 78: switchboard.api.context.v1.PruneConversationResponse.summary:type_name -> switchboard.api.context.v1.MemoryItem
+	14,  // 79: switchboard.api.context.v1.UploadFileHeader.file:type_name -> switchboard.api.context.v1.File
+	75,  // 80: switchboard.api.context.v1.UploadFileRequest.header:type_name -> switchboard.api.context.v1.UploadFileHeader
+	14,  // 81: switchboard.api.context.v1.UploadFileResponse.file:type_name -> switchboard.api.context.v1.File
+	14,  // 82: switchboard.api.context.v1.StartUploadRequest.file:type_name -> switchboard.api.context.v1.File
+	15,  // 83: switchboard.api.context.v1.StartUploadResponse.upload:type_name -> switchboard.api.context.v1.Upload
+	15,  // 84: switchboard.api.context.v1.AppendUploadResponse.upload:type_name -> switchboard.api.context.v1.Upload
+	15,  // 85: switchboard.api.context.v1.GetUploadResponse.upload:type_name -> switchboard.api.context.v1.Upload
+	14,  // 86: switchboard.api.context.v1.FinishUploadResponse.file:type_name -> switchboard.api.context.v1.File
+	4,   // 87: switchboard.api.context.v1.GetFileRequest.view:type_name -> switchboard.api.context.v1.FileView
+	14,  // 88: switchboard.api.context.v1.GetFileResponse.file:type_name -> switchboard.api.context.v1.File
+	2,   // 89: switchboard.api.context.v1.ListFilesRequest.kinds:type_name -> switchboard.api.context.v1.FileKind
+	14,  // 90: switchboard.api.context.v1.ListFilesResponse.files:type_name -> switchboard.api.context.v1.File
+	14,  // 91: switchboard.api.context.v1.DownloadFileResponse.file:type_name -> switchboard.api.context.v1.File
+	18,  // 92: switchboard.api.context.v1.ContextService.CreateWorkspace:input_type -> switchboard.api.context.v1.CreateWorkspaceRequest
+	20,  // 93: switchboard.api.context.v1.ContextService.GetWorkspace:input_type -> switchboard.api.context.v1.GetWorkspaceRequest
+	22,  // 94: switchboard.api.context.v1.ContextService.ListWorkspaces:input_type -> switchboard.api.context.v1.ListWorkspacesRequest
+	24,  // 95: switchboard.api.context.v1.ContextService.UpdateWorkspace:input_type -> switchboard.api.context.v1.UpdateWorkspaceRequest
+	26,  // 96: switchboard.api.context.v1.ContextService.DeleteWorkspace:input_type -> switchboard.api.context.v1.DeleteWorkspaceRequest
+	28,  // 97: switchboard.api.context.v1.ContextService.UndeleteWorkspace:input_type -> switchboard.api.context.v1.UndeleteWorkspaceRequest
+	30,  // 98: switchboard.api.context.v1.ContextService.AddWorkspaceMember:input_type -> switchboard.api.context.v1.AddWorkspaceMemberRequest
+	32,  // 99: switchboard.api.context.v1.ContextService.UpdateWorkspaceMember:input_type -> switchboard.api.context.v1.UpdateWorkspaceMemberRequest
+	34,  // 100: switchboard.api.context.v1.ContextService.RemoveWorkspaceMember:input_type -> switchboard.api.context.v1.RemoveWorkspaceMemberRequest
+	36,  // 101: switchboard.api.context.v1.ContextService.ListWorkspaceMembers:input_type -> switchboard.api.context.v1.ListWorkspaceMembersRequest
+	38,  // 102: switchboard.api.context.v1.ContextService.CreateConversation:input_type -> switchboard.api.context.v1.CreateConversationRequest
+	40,  // 103: switchboard.api.context.v1.ContextService.GetConversation:input_type -> switchboard.api.context.v1.GetConversationRequest
+	42,  // 104: switchboard.api.context.v1.ContextService.ListConversations:input_type -> switchboard.api.context.v1.ListConversationsRequest
+	44,  // 105: switchboard.api.context.v1.ContextService.UpdateConversation:input_type -> switchboard.api.context.v1.UpdateConversationRequest
+	46,  // 106: switchboard.api.context.v1.ContextService.DeleteConversation:input_type -> switchboard.api.context.v1.DeleteConversationRequest
+	48,  // 107: switchboard.api.context.v1.ContextService.UndeleteConversation:input_type -> switchboard.api.context.v1.UndeleteConversationRequest
+	50,  // 108: switchboard.api.context.v1.ContextService.AppendMessage:input_type -> switchboard.api.context.v1.AppendMessageRequest
+	52,  // 109: switchboard.api.context.v1.ContextService.GetMessage:input_type -> switchboard.api.context.v1.GetMessageRequest
+	54,  // 110: switchboard.api.context.v1.ContextService.ListMessages:input_type -> switchboard.api.context.v1.ListMessagesRequest
+	56,  // 111: switchboard.api.context.v1.ContextService.CreateMemoryItem:input_type -> switchboard.api.context.v1.CreateMemoryItemRequest
+	58,  // 112: switchboard.api.context.v1.ContextService.GetMemoryItem:input_type -> switchboard.api.context.v1.GetMemoryItemRequest
+	60,  // 113: switchboard.api.context.v1.ContextService.UpdateMemoryItem:input_type -> switchboard.api.context.v1.UpdateMemoryItemRequest
+	62,  // 114: switchboard.api.context.v1.ContextService.ListMemoryItems:input_type -> switchboard.api.context.v1.ListMemoryItemsRequest
+	64,  // 115: switchboard.api.context.v1.ContextService.SearchMemoryItems:input_type -> switchboard.api.context.v1.SearchMemoryItemsRequest
+	67,  // 116: switchboard.api.context.v1.ContextService.DeleteMemoryItem:input_type -> switchboard.api.context.v1.DeleteMemoryItemRequest
+	69,  // 117: switchboard.api.context.v1.ContextService.GetContextWindow:input_type -> switchboard.api.context.v1.GetContextWindowRequest
+	73,  // 118: switchboard.api.context.v1.ContextService.PruneConversation:input_type -> switchboard.api.context.v1.PruneConversationRequest
+	76,  // 119: switchboard.api.context.v1.ContextService.UploadFile:input_type -> switchboard.api.context.v1.UploadFileRequest
+	78,  // 120: switchboard.api.context.v1.ContextService.StartUpload:input_type -> switchboard.api.context.v1.StartUploadRequest
+	80,  // 121: switchboard.api.context.v1.ContextService.AppendUpload:input_type -> switchboard.api.context.v1.AppendUploadRequest
+	82,  // 122: switchboard.api.context.v1.ContextService.GetUpload:input_type -> switchboard.api.context.v1.GetUploadRequest
+	84,  // 123: switchboard.api.context.v1.ContextService.FinishUpload:input_type -> switchboard.api.context.v1.FinishUploadRequest
+	86,  // 124: switchboard.api.context.v1.ContextService.CancelUpload:input_type -> switchboard.api.context.v1.CancelUploadRequest
+	88,  // 125: switchboard.api.context.v1.ContextService.GetFile:input_type -> switchboard.api.context.v1.GetFileRequest
+	90,  // 126: switchboard.api.context.v1.ContextService.ListFiles:input_type -> switchboard.api.context.v1.ListFilesRequest
+	92,  // 127: switchboard.api.context.v1.ContextService.DownloadFile:input_type -> switchboard.api.context.v1.DownloadFileRequest
+	94,  // 128: switchboard.api.context.v1.ContextService.DeleteFile:input_type -> switchboard.api.context.v1.DeleteFileRequest
+	19,  // 129: switchboard.api.context.v1.ContextService.CreateWorkspace:output_type -> switchboard.api.context.v1.CreateWorkspaceResponse
+	21,  // 130: switchboard.api.context.v1.ContextService.GetWorkspace:output_type -> switchboard.api.context.v1.GetWorkspaceResponse
+	23,  // 131: switchboard.api.context.v1.ContextService.ListWorkspaces:output_type -> switchboard.api.context.v1.ListWorkspacesResponse
+	25,  // 132: switchboard.api.context.v1.ContextService.UpdateWorkspace:output_type -> switchboard.api.context.v1.UpdateWorkspaceResponse
+	27,  // 133: switchboard.api.context.v1.ContextService.DeleteWorkspace:output_type -> switchboard.api.context.v1.DeleteWorkspaceResponse
+	29,  // 134: switchboard.api.context.v1.ContextService.UndeleteWorkspace:output_type -> switchboard.api.context.v1.UndeleteWorkspaceResponse
+	31,  // 135: switchboard.api.context.v1.ContextService.AddWorkspaceMember:output_type -> switchboard.api.context.v1.AddWorkspaceMemberResponse
+	33,  // 136: switchboard.api.context.v1.ContextService.UpdateWorkspaceMember:output_type -> switchboard.api.context.v1.UpdateWorkspaceMemberResponse
+	35,  // 137: switchboard.api.context.v1.ContextService.RemoveWorkspaceMember:output_type -> switchboard.api.context.v1.RemoveWorkspaceMemberResponse
+	37,  // 138: switchboard.api.context.v1.ContextService.ListWorkspaceMembers:output_type -> switchboard.api.context.v1.ListWorkspaceMembersResponse
+	39,  // 139: switchboard.api.context.v1.ContextService.CreateConversation:output_type -> switchboard.api.context.v1.CreateConversationResponse
+	41,  // 140: switchboard.api.context.v1.ContextService.GetConversation:output_type -> switchboard.api.context.v1.GetConversationResponse
+	43,  // 141: switchboard.api.context.v1.ContextService.ListConversations:output_type -> switchboard.api.context.v1.ListConversationsResponse
+	45,  // 142: switchboard.api.context.v1.ContextService.UpdateConversation:output_type -> switchboard.api.context.v1.UpdateConversationResponse
+	47,  // 143: switchboard.api.context.v1.ContextService.DeleteConversation:output_type -> switchboard.api.context.v1.DeleteConversationResponse
+	49,  // 144: switchboard.api.context.v1.ContextService.UndeleteConversation:output_type -> switchboard.api.context.v1.UndeleteConversationResponse
+	51,  // 145: switchboard.api.context.v1.ContextService.AppendMessage:output_type -> switchboard.api.context.v1.AppendMessageResponse
+	53,  // 146: switchboard.api.context.v1.ContextService.GetMessage:output_type -> switchboard.api.context.v1.GetMessageResponse
+	55,  // 147: switchboard.api.context.v1.ContextService.ListMessages:output_type -> switchboard.api.context.v1.ListMessagesResponse
+	57,  // 148: switchboard.api.context.v1.ContextService.CreateMemoryItem:output_type -> switchboard.api.context.v1.CreateMemoryItemResponse
+	59,  // 149: switchboard.api.context.v1.ContextService.GetMemoryItem:output_type -> switchboard.api.context.v1.GetMemoryItemResponse
+	61,  // 150: switchboard.api.context.v1.ContextService.UpdateMemoryItem:output_type -> switchboard.api.context.v1.UpdateMemoryItemResponse
+	63,  // 151: switchboard.api.context.v1.ContextService.ListMemoryItems:output_type -> switchboard.api.context.v1.ListMemoryItemsResponse
+	66,  // 152: switchboard.api.context.v1.ContextService.SearchMemoryItems:output_type -> switchboard.api.context.v1.SearchMemoryItemsResponse
+	68,  // 153: switchboard.api.context.v1.ContextService.DeleteMemoryItem:output_type -> switchboard.api.context.v1.DeleteMemoryItemResponse
+	72,  // 154: switchboard.api.context.v1.ContextService.GetContextWindow:output_type -> switchboard.api.context.v1.GetContextWindowResponse
+	74,  // 155: switchboard.api.context.v1.ContextService.PruneConversation:output_type -> switchboard.api.context.v1.PruneConversationResponse
+	77,  // 156: switchboard.api.context.v1.ContextService.UploadFile:output_type -> switchboard.api.context.v1.UploadFileResponse
+	79,  // 157: switchboard.api.context.v1.ContextService.StartUpload:output_type -> switchboard.api.context.v1.StartUploadResponse
+	81,  // 158: switchboard.api.context.v1.ContextService.AppendUpload:output_type -> switchboard.api.context.v1.AppendUploadResponse
+	83,  // 159: switchboard.api.context.v1.ContextService.GetUpload:output_type -> switchboard.api.context.v1.GetUploadResponse
+	85,  // 160: switchboard.api.context.v1.ContextService.FinishUpload:output_type -> switchboard.api.context.v1.FinishUploadResponse
+	87,  // 161: switchboard.api.context.v1.ContextService.CancelUpload:output_type -> switchboard.api.context.v1.CancelUploadResponse
+	89,  // 162: switchboard.api.context.v1.ContextService.GetFile:output_type -> switchboard.api.context.v1.GetFileResponse
+	91,  // 163: switchboard.api.context.v1.ContextService.ListFiles:output_type -> switchboard.api.context.v1.ListFilesResponse
+	93,  // 164: switchboard.api.context.v1.ContextService.DownloadFile:output_type -> switchboard.api.context.v1.DownloadFileResponse
+	95,  // 165: switchboard.api.context.v1.ContextService.DeleteFile:output_type -> switchboard.api.context.v1.DeleteFileResponse
+	129, // [129:166] is the sub-list for method output_type
+	92,  // [92:129] is the sub-list for method input_type
+	92,  // [92:92] is the sub-list for extension type_name
+	92,  // [92:92] is the sub-list for extension extendee
+	0,   // [0:92] is the sub-list for field type_name
 }
 
 func init() { file_switchboard_api_context_v1_context_proto_init() }
@@ -5027,17 +6923,22 @@ func file_switchboard_api_context_v1_context_proto_init() {
 		(*ContentPart_ToolCall)(nil),
 		(*ContentPart_ToolResult)(nil),
 	}
-	file_switchboard_api_context_v1_context_proto_msgTypes[61].OneofWrappers = []any{
+	file_switchboard_api_context_v1_context_proto_msgTypes[63].OneofWrappers = []any{
 		(*ContextItem_Message)(nil),
 		(*ContextItem_MemoryItem)(nil),
+	}
+	file_switchboard_api_context_v1_context_proto_msgTypes[69].OneofWrappers = []any{
+		(*UploadFileRequest_Header)(nil),
+		(*UploadFileRequest_Chunk)(nil),
+		(*UploadFileRequest_Sha256)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_switchboard_api_context_v1_context_proto_rawDesc), len(file_switchboard_api_context_v1_context_proto_rawDesc)),
-			NumEnums:      4,
-			NumMessages:   66,
+			NumEnums:      7,
+			NumMessages:   89,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

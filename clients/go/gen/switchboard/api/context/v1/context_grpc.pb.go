@@ -46,6 +46,16 @@ const (
 	ContextService_DeleteMemoryItem_FullMethodName      = "/switchboard.api.context.v1.ContextService/DeleteMemoryItem"
 	ContextService_GetContextWindow_FullMethodName      = "/switchboard.api.context.v1.ContextService/GetContextWindow"
 	ContextService_PruneConversation_FullMethodName     = "/switchboard.api.context.v1.ContextService/PruneConversation"
+	ContextService_UploadFile_FullMethodName            = "/switchboard.api.context.v1.ContextService/UploadFile"
+	ContextService_StartUpload_FullMethodName           = "/switchboard.api.context.v1.ContextService/StartUpload"
+	ContextService_AppendUpload_FullMethodName          = "/switchboard.api.context.v1.ContextService/AppendUpload"
+	ContextService_GetUpload_FullMethodName             = "/switchboard.api.context.v1.ContextService/GetUpload"
+	ContextService_FinishUpload_FullMethodName          = "/switchboard.api.context.v1.ContextService/FinishUpload"
+	ContextService_CancelUpload_FullMethodName          = "/switchboard.api.context.v1.ContextService/CancelUpload"
+	ContextService_GetFile_FullMethodName               = "/switchboard.api.context.v1.ContextService/GetFile"
+	ContextService_ListFiles_FullMethodName             = "/switchboard.api.context.v1.ContextService/ListFiles"
+	ContextService_DownloadFile_FullMethodName          = "/switchboard.api.context.v1.ContextService/DownloadFile"
+	ContextService_DeleteFile_FullMethodName            = "/switchboard.api.context.v1.ContextService/DeleteFile"
 )
 
 // ContextServiceClient is the client API for ContextService service.
@@ -112,6 +122,30 @@ type ContextServiceClient interface {
 	GetContextWindow(ctx context.Context, in *GetContextWindowRequest, opts ...grpc.CallOption) (*GetContextWindowResponse, error)
 	// Folds old messages into a summary memory item and archives them.
 	PruneConversation(ctx context.Context, in *PruneConversationRequest, opts ...grpc.CallOption) (*PruneConversationResponse, error)
+	// Uploads a file in one client stream: a header frame, then chunks of at most
+	// 1 MiB in order, then the SHA-256 of the whole content. Browsers (grpc-web
+	// cannot stream a request) use StartUpload, AppendUpload and FinishUpload.
+	UploadFile(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[UploadFileRequest, UploadFileResponse], error)
+	// Starts a resumable upload; its bytes are appended with AppendUpload.
+	StartUpload(ctx context.Context, in *StartUploadRequest, opts ...grpc.CallOption) (*StartUploadResponse, error)
+	// Appends one chunk (at most 1 MiB) at the upload's committed size; the
+	// chunk is durable when this returns, so a dropped client resumes after it.
+	AppendUpload(ctx context.Context, in *AppendUploadRequest, opts ...grpc.CallOption) (*AppendUploadResponse, error)
+	// Gets a resumable upload, with its committed size (where to resume).
+	GetUpload(ctx context.Context, in *GetUploadRequest, opts ...grpc.CallOption) (*GetUploadResponse, error)
+	// Checks the content's SHA-256 and media type and stores it as a file.
+	FinishUpload(ctx context.Context, in *FinishUploadRequest, opts ...grpc.CallOption) (*FinishUploadResponse, error)
+	// Abandons a resumable upload and discards its bytes.
+	CancelUpload(ctx context.Context, in *CancelUploadRequest, opts ...grpc.CallOption) (*CancelUploadResponse, error)
+	// Gets a file's metadata (and, with the FULL view, its extracted text).
+	GetFile(ctx context.Context, in *GetFileRequest, opts ...grpc.CallOption) (*GetFileResponse, error)
+	// Lists a workspace's files, newest first.
+	ListFiles(ctx context.Context, in *ListFilesRequest, opts ...grpc.CallOption) (*ListFilesResponse, error)
+	// Streams a file's content in chunks of at most 1 MiB, from an offset.
+	DownloadFile(ctx context.Context, in *DownloadFileRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[DownloadFileResponse], error)
+	// Deletes a file. Messages that name it keep the reference; reading it is
+	// NOT_FOUND from then on.
+	DeleteFile(ctx context.Context, in *DeleteFileRequest, opts ...grpc.CallOption) (*DeleteFileResponse, error)
 }
 
 type contextServiceClient struct {
@@ -392,6 +426,118 @@ func (c *contextServiceClient) PruneConversation(ctx context.Context, in *PruneC
 	return out, nil
 }
 
+func (c *contextServiceClient) UploadFile(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[UploadFileRequest, UploadFileResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &ContextService_ServiceDesc.Streams[0], ContextService_UploadFile_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[UploadFileRequest, UploadFileResponse]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type ContextService_UploadFileClient = grpc.ClientStreamingClient[UploadFileRequest, UploadFileResponse]
+
+func (c *contextServiceClient) StartUpload(ctx context.Context, in *StartUploadRequest, opts ...grpc.CallOption) (*StartUploadResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(StartUploadResponse)
+	err := c.cc.Invoke(ctx, ContextService_StartUpload_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *contextServiceClient) AppendUpload(ctx context.Context, in *AppendUploadRequest, opts ...grpc.CallOption) (*AppendUploadResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(AppendUploadResponse)
+	err := c.cc.Invoke(ctx, ContextService_AppendUpload_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *contextServiceClient) GetUpload(ctx context.Context, in *GetUploadRequest, opts ...grpc.CallOption) (*GetUploadResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetUploadResponse)
+	err := c.cc.Invoke(ctx, ContextService_GetUpload_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *contextServiceClient) FinishUpload(ctx context.Context, in *FinishUploadRequest, opts ...grpc.CallOption) (*FinishUploadResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(FinishUploadResponse)
+	err := c.cc.Invoke(ctx, ContextService_FinishUpload_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *contextServiceClient) CancelUpload(ctx context.Context, in *CancelUploadRequest, opts ...grpc.CallOption) (*CancelUploadResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CancelUploadResponse)
+	err := c.cc.Invoke(ctx, ContextService_CancelUpload_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *contextServiceClient) GetFile(ctx context.Context, in *GetFileRequest, opts ...grpc.CallOption) (*GetFileResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetFileResponse)
+	err := c.cc.Invoke(ctx, ContextService_GetFile_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *contextServiceClient) ListFiles(ctx context.Context, in *ListFilesRequest, opts ...grpc.CallOption) (*ListFilesResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListFilesResponse)
+	err := c.cc.Invoke(ctx, ContextService_ListFiles_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *contextServiceClient) DownloadFile(ctx context.Context, in *DownloadFileRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[DownloadFileResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &ContextService_ServiceDesc.Streams[1], ContextService_DownloadFile_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[DownloadFileRequest, DownloadFileResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type ContextService_DownloadFileClient = grpc.ServerStreamingClient[DownloadFileResponse]
+
+func (c *contextServiceClient) DeleteFile(ctx context.Context, in *DeleteFileRequest, opts ...grpc.CallOption) (*DeleteFileResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DeleteFileResponse)
+	err := c.cc.Invoke(ctx, ContextService_DeleteFile_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ContextServiceServer is the server API for ContextService service.
 // All implementations must embed UnimplementedContextServiceServer
 // for forward compatibility.
@@ -456,6 +602,30 @@ type ContextServiceServer interface {
 	GetContextWindow(context.Context, *GetContextWindowRequest) (*GetContextWindowResponse, error)
 	// Folds old messages into a summary memory item and archives them.
 	PruneConversation(context.Context, *PruneConversationRequest) (*PruneConversationResponse, error)
+	// Uploads a file in one client stream: a header frame, then chunks of at most
+	// 1 MiB in order, then the SHA-256 of the whole content. Browsers (grpc-web
+	// cannot stream a request) use StartUpload, AppendUpload and FinishUpload.
+	UploadFile(grpc.ClientStreamingServer[UploadFileRequest, UploadFileResponse]) error
+	// Starts a resumable upload; its bytes are appended with AppendUpload.
+	StartUpload(context.Context, *StartUploadRequest) (*StartUploadResponse, error)
+	// Appends one chunk (at most 1 MiB) at the upload's committed size; the
+	// chunk is durable when this returns, so a dropped client resumes after it.
+	AppendUpload(context.Context, *AppendUploadRequest) (*AppendUploadResponse, error)
+	// Gets a resumable upload, with its committed size (where to resume).
+	GetUpload(context.Context, *GetUploadRequest) (*GetUploadResponse, error)
+	// Checks the content's SHA-256 and media type and stores it as a file.
+	FinishUpload(context.Context, *FinishUploadRequest) (*FinishUploadResponse, error)
+	// Abandons a resumable upload and discards its bytes.
+	CancelUpload(context.Context, *CancelUploadRequest) (*CancelUploadResponse, error)
+	// Gets a file's metadata (and, with the FULL view, its extracted text).
+	GetFile(context.Context, *GetFileRequest) (*GetFileResponse, error)
+	// Lists a workspace's files, newest first.
+	ListFiles(context.Context, *ListFilesRequest) (*ListFilesResponse, error)
+	// Streams a file's content in chunks of at most 1 MiB, from an offset.
+	DownloadFile(*DownloadFileRequest, grpc.ServerStreamingServer[DownloadFileResponse]) error
+	// Deletes a file. Messages that name it keep the reference; reading it is
+	// NOT_FOUND from then on.
+	DeleteFile(context.Context, *DeleteFileRequest) (*DeleteFileResponse, error)
 	mustEmbedUnimplementedContextServiceServer()
 }
 
@@ -546,6 +716,36 @@ func (UnimplementedContextServiceServer) GetContextWindow(context.Context, *GetC
 }
 func (UnimplementedContextServiceServer) PruneConversation(context.Context, *PruneConversationRequest) (*PruneConversationResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method PruneConversation not implemented")
+}
+func (UnimplementedContextServiceServer) UploadFile(grpc.ClientStreamingServer[UploadFileRequest, UploadFileResponse]) error {
+	return status.Error(codes.Unimplemented, "method UploadFile not implemented")
+}
+func (UnimplementedContextServiceServer) StartUpload(context.Context, *StartUploadRequest) (*StartUploadResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method StartUpload not implemented")
+}
+func (UnimplementedContextServiceServer) AppendUpload(context.Context, *AppendUploadRequest) (*AppendUploadResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method AppendUpload not implemented")
+}
+func (UnimplementedContextServiceServer) GetUpload(context.Context, *GetUploadRequest) (*GetUploadResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetUpload not implemented")
+}
+func (UnimplementedContextServiceServer) FinishUpload(context.Context, *FinishUploadRequest) (*FinishUploadResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method FinishUpload not implemented")
+}
+func (UnimplementedContextServiceServer) CancelUpload(context.Context, *CancelUploadRequest) (*CancelUploadResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CancelUpload not implemented")
+}
+func (UnimplementedContextServiceServer) GetFile(context.Context, *GetFileRequest) (*GetFileResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetFile not implemented")
+}
+func (UnimplementedContextServiceServer) ListFiles(context.Context, *ListFilesRequest) (*ListFilesResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListFiles not implemented")
+}
+func (UnimplementedContextServiceServer) DownloadFile(*DownloadFileRequest, grpc.ServerStreamingServer[DownloadFileResponse]) error {
+	return status.Error(codes.Unimplemented, "method DownloadFile not implemented")
+}
+func (UnimplementedContextServiceServer) DeleteFile(context.Context, *DeleteFileRequest) (*DeleteFileResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DeleteFile not implemented")
 }
 func (UnimplementedContextServiceServer) mustEmbedUnimplementedContextServiceServer() {}
 func (UnimplementedContextServiceServer) testEmbeddedByValue()                        {}
@@ -1054,6 +1254,168 @@ func _ContextService_PruneConversation_Handler(srv interface{}, ctx context.Cont
 	return interceptor(ctx, in, info, handler)
 }
 
+func _ContextService_UploadFile_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(ContextServiceServer).UploadFile(&grpc.GenericServerStream[UploadFileRequest, UploadFileResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type ContextService_UploadFileServer = grpc.ClientStreamingServer[UploadFileRequest, UploadFileResponse]
+
+func _ContextService_StartUpload_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(StartUploadRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ContextServiceServer).StartUpload(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ContextService_StartUpload_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ContextServiceServer).StartUpload(ctx, req.(*StartUploadRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ContextService_AppendUpload_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AppendUploadRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ContextServiceServer).AppendUpload(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ContextService_AppendUpload_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ContextServiceServer).AppendUpload(ctx, req.(*AppendUploadRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ContextService_GetUpload_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetUploadRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ContextServiceServer).GetUpload(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ContextService_GetUpload_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ContextServiceServer).GetUpload(ctx, req.(*GetUploadRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ContextService_FinishUpload_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(FinishUploadRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ContextServiceServer).FinishUpload(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ContextService_FinishUpload_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ContextServiceServer).FinishUpload(ctx, req.(*FinishUploadRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ContextService_CancelUpload_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CancelUploadRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ContextServiceServer).CancelUpload(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ContextService_CancelUpload_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ContextServiceServer).CancelUpload(ctx, req.(*CancelUploadRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ContextService_GetFile_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetFileRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ContextServiceServer).GetFile(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ContextService_GetFile_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ContextServiceServer).GetFile(ctx, req.(*GetFileRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ContextService_ListFiles_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListFilesRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ContextServiceServer).ListFiles(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ContextService_ListFiles_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ContextServiceServer).ListFiles(ctx, req.(*ListFilesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ContextService_DownloadFile_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(DownloadFileRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(ContextServiceServer).DownloadFile(m, &grpc.GenericServerStream[DownloadFileRequest, DownloadFileResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type ContextService_DownloadFileServer = grpc.ServerStreamingServer[DownloadFileResponse]
+
+func _ContextService_DeleteFile_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeleteFileRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ContextServiceServer).DeleteFile(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ContextService_DeleteFile_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ContextServiceServer).DeleteFile(ctx, req.(*DeleteFileRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // ContextService_ServiceDesc is the grpc.ServiceDesc for ContextService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -1169,7 +1531,50 @@ var ContextService_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "PruneConversation",
 			Handler:    _ContextService_PruneConversation_Handler,
 		},
+		{
+			MethodName: "StartUpload",
+			Handler:    _ContextService_StartUpload_Handler,
+		},
+		{
+			MethodName: "AppendUpload",
+			Handler:    _ContextService_AppendUpload_Handler,
+		},
+		{
+			MethodName: "GetUpload",
+			Handler:    _ContextService_GetUpload_Handler,
+		},
+		{
+			MethodName: "FinishUpload",
+			Handler:    _ContextService_FinishUpload_Handler,
+		},
+		{
+			MethodName: "CancelUpload",
+			Handler:    _ContextService_CancelUpload_Handler,
+		},
+		{
+			MethodName: "GetFile",
+			Handler:    _ContextService_GetFile_Handler,
+		},
+		{
+			MethodName: "ListFiles",
+			Handler:    _ContextService_ListFiles_Handler,
+		},
+		{
+			MethodName: "DeleteFile",
+			Handler:    _ContextService_DeleteFile_Handler,
+		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "UploadFile",
+			Handler:       _ContextService_UploadFile_Handler,
+			ClientStreams: true,
+		},
+		{
+			StreamName:    "DownloadFile",
+			Handler:       _ContextService_DownloadFile_Handler,
+			ServerStreams: true,
+		},
+	},
 	Metadata: "switchboard/api/context/v1/context.proto",
 }

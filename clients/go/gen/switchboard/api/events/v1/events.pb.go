@@ -62,6 +62,8 @@ const (
 	// A budget's usage reached one of its alert thresholds, or a message or a
 	// run's step was refused at its cap.
 	EventType_EVENT_TYPE_BUDGET_ALERT EventType = 13
+	// A file was stored or deleted, or its text became ready or failed.
+	EventType_EVENT_TYPE_FILE_CHANGED EventType = 14
 )
 
 // Enum value maps for EventType.
@@ -81,6 +83,7 @@ var (
 		11: "EVENT_TYPE_ASSISTANT_CHANGED",
 		12: "EVENT_TYPE_BUDGET_CHANGED",
 		13: "EVENT_TYPE_BUDGET_ALERT",
+		14: "EVENT_TYPE_FILE_CHANGED",
 	}
 	EventType_value = map[string]int32{
 		"EVENT_TYPE_UNSPECIFIED":          0,
@@ -97,6 +100,7 @@ var (
 		"EVENT_TYPE_ASSISTANT_CHANGED":    11,
 		"EVENT_TYPE_BUDGET_CHANGED":       12,
 		"EVENT_TYPE_BUDGET_ALERT":         13,
+		"EVENT_TYPE_FILE_CHANGED":         14,
 	}
 )
 
@@ -735,6 +739,61 @@ func (x *MemoryChanged) GetMemoryItem() *v1.MemoryItem {
 	return nil
 }
 
+// Payload: a file was stored or deleted, or its text state changed.
+type FileChanged struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// How it changed (UPDATED: its text became ready or failed).
+	Change ChangeKind `protobuf:"varint,1,opt,name=change,proto3,enum=switchboard.api.events.v1.ChangeKind" json:"change,omitempty"`
+	// The file, in the BASIC view.
+	File          *v1.File `protobuf:"bytes,2,opt,name=file,proto3" json:"file,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FileChanged) Reset() {
+	*x = FileChanged{}
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FileChanged) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FileChanged) ProtoMessage() {}
+
+func (x *FileChanged) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FileChanged.ProtoReflect.Descriptor instead.
+func (*FileChanged) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *FileChanged) GetChange() ChangeKind {
+	if x != nil {
+		return x.Change
+	}
+	return ChangeKind_CHANGE_KIND_UNSPECIFIED
+}
+
+func (x *FileChanged) GetFile() *v1.File {
+	if x != nil {
+		return x.File
+	}
+	return nil
+}
+
 // Payload: a run produced an update.
 type RunUpdated struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -746,7 +805,7 @@ type RunUpdated struct {
 
 func (x *RunUpdated) Reset() {
 	*x = RunUpdated{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[7]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -758,7 +817,7 @@ func (x *RunUpdated) String() string {
 func (*RunUpdated) ProtoMessage() {}
 
 func (x *RunUpdated) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[7]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -771,7 +830,7 @@ func (x *RunUpdated) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RunUpdated.ProtoReflect.Descriptor instead.
 func (*RunUpdated) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{7}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *RunUpdated) GetUpdate() *v11.RunUpdate {
@@ -802,7 +861,7 @@ type MessageFiltered struct {
 
 func (x *MessageFiltered) Reset() {
 	*x = MessageFiltered{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[8]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -814,7 +873,7 @@ func (x *MessageFiltered) String() string {
 func (*MessageFiltered) ProtoMessage() {}
 
 func (x *MessageFiltered) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[8]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -827,7 +886,7 @@ func (x *MessageFiltered) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MessageFiltered.ProtoReflect.Descriptor instead.
 func (*MessageFiltered) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{8}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *MessageFiltered) GetConversation() string {
@@ -885,7 +944,7 @@ type IntegrationChanged struct {
 
 func (x *IntegrationChanged) Reset() {
 	*x = IntegrationChanged{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[9]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -897,7 +956,7 @@ func (x *IntegrationChanged) String() string {
 func (*IntegrationChanged) ProtoMessage() {}
 
 func (x *IntegrationChanged) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[9]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -910,7 +969,7 @@ func (x *IntegrationChanged) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IntegrationChanged.ProtoReflect.Descriptor instead.
 func (*IntegrationChanged) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{9}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *IntegrationChanged) GetChange() ChangeKind {
@@ -940,7 +999,7 @@ type AssistantChanged struct {
 
 func (x *AssistantChanged) Reset() {
 	*x = AssistantChanged{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[10]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -952,7 +1011,7 @@ func (x *AssistantChanged) String() string {
 func (*AssistantChanged) ProtoMessage() {}
 
 func (x *AssistantChanged) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[10]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -965,7 +1024,7 @@ func (x *AssistantChanged) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AssistantChanged.ProtoReflect.Descriptor instead.
 func (*AssistantChanged) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{10}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *AssistantChanged) GetChange() ChangeKind {
@@ -995,7 +1054,7 @@ type BudgetChanged struct {
 
 func (x *BudgetChanged) Reset() {
 	*x = BudgetChanged{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[11]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1007,7 +1066,7 @@ func (x *BudgetChanged) String() string {
 func (*BudgetChanged) ProtoMessage() {}
 
 func (x *BudgetChanged) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[11]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1020,7 +1079,7 @@ func (x *BudgetChanged) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BudgetChanged.ProtoReflect.Descriptor instead.
 func (*BudgetChanged) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{11}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *BudgetChanged) GetChange() ChangeKind {
@@ -1058,7 +1117,7 @@ type BudgetAlert struct {
 
 func (x *BudgetAlert) Reset() {
 	*x = BudgetAlert{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[12]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1070,7 +1129,7 @@ func (x *BudgetAlert) String() string {
 func (*BudgetAlert) ProtoMessage() {}
 
 func (x *BudgetAlert) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[12]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1083,7 +1142,7 @@ func (x *BudgetAlert) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BudgetAlert.ProtoReflect.Descriptor instead.
 func (*BudgetAlert) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{12}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *BudgetAlert) GetKind() BudgetAlertKind {
@@ -1148,7 +1207,7 @@ type ToolInvoked struct {
 
 func (x *ToolInvoked) Reset() {
 	*x = ToolInvoked{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[13]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1160,7 +1219,7 @@ func (x *ToolInvoked) String() string {
 func (*ToolInvoked) ProtoMessage() {}
 
 func (x *ToolInvoked) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[13]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1173,7 +1232,7 @@ func (x *ToolInvoked) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolInvoked.ProtoReflect.Descriptor instead.
 func (*ToolInvoked) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{13}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ToolInvoked) GetTool() string {
@@ -1230,7 +1289,7 @@ type SecurityEvent struct {
 
 func (x *SecurityEvent) Reset() {
 	*x = SecurityEvent{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[14]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1242,7 +1301,7 @@ func (x *SecurityEvent) String() string {
 func (*SecurityEvent) ProtoMessage() {}
 
 func (x *SecurityEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[14]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1255,7 +1314,7 @@ func (x *SecurityEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SecurityEvent.ProtoReflect.Descriptor instead.
 func (*SecurityEvent) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{14}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *SecurityEvent) GetKind() SecurityEventKind {
@@ -1329,6 +1388,7 @@ type Event struct {
 	//	*Event_AssistantChanged
 	//	*Event_BudgetChanged
 	//	*Event_BudgetAlert
+	//	*Event_FileChanged
 	Payload       isEvent_Payload `protobuf_oneof:"payload"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1336,7 +1396,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[15]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1348,7 +1408,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[15]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1361,7 +1421,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{15}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Event) GetId() string {
@@ -1544,6 +1604,15 @@ func (x *Event) GetBudgetAlert() *BudgetAlert {
 	return nil
 }
 
+func (x *Event) GetFileChanged() *FileChanged {
+	if x != nil {
+		if x, ok := x.Payload.(*Event_FileChanged); ok {
+			return x.FileChanged
+		}
+	}
+	return nil
+}
+
 type isEvent_Payload interface {
 	isEvent_Payload()
 }
@@ -1613,6 +1682,11 @@ type Event_BudgetAlert struct {
 	BudgetAlert *BudgetAlert `protobuf:"bytes,22,opt,name=budget_alert,json=budgetAlert,proto3,oneof"`
 }
 
+type Event_FileChanged struct {
+	// A file changed.
+	FileChanged *FileChanged `protobuf:"bytes,23,opt,name=file_changed,json=fileChanged,proto3,oneof"`
+}
+
 func (*Event_WorkspaceChanged) isEvent_Payload() {}
 
 func (*Event_MemberChanged) isEvent_Payload() {}
@@ -1639,6 +1713,8 @@ func (*Event_BudgetChanged) isEvent_Payload() {}
 
 func (*Event_BudgetAlert) isEvent_Payload() {}
 
+func (*Event_FileChanged) isEvent_Payload() {}
+
 // Request for Subscribe.
 type SubscribeRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1654,7 +1730,7 @@ type SubscribeRequest struct {
 
 func (x *SubscribeRequest) Reset() {
 	*x = SubscribeRequest{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[16]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1666,7 +1742,7 @@ func (x *SubscribeRequest) String() string {
 func (*SubscribeRequest) ProtoMessage() {}
 
 func (x *SubscribeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[16]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1679,7 +1755,7 @@ func (x *SubscribeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscribeRequest.ProtoReflect.Descriptor instead.
 func (*SubscribeRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{16}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *SubscribeRequest) GetScopes() []*Scope {
@@ -1716,7 +1792,7 @@ type EventBatch struct {
 
 func (x *EventBatch) Reset() {
 	*x = EventBatch{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[17]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1728,7 +1804,7 @@ func (x *EventBatch) String() string {
 func (*EventBatch) ProtoMessage() {}
 
 func (x *EventBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[17]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1741,7 +1817,7 @@ func (x *EventBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EventBatch.ProtoReflect.Descriptor instead.
 func (*EventBatch) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{17}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *EventBatch) GetEvents() []*Event {
@@ -1771,7 +1847,7 @@ type Heartbeat struct {
 
 func (x *Heartbeat) Reset() {
 	*x = Heartbeat{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[18]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1783,7 +1859,7 @@ func (x *Heartbeat) String() string {
 func (*Heartbeat) ProtoMessage() {}
 
 func (x *Heartbeat) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[18]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1796,7 +1872,7 @@ func (x *Heartbeat) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Heartbeat.ProtoReflect.Descriptor instead.
 func (*Heartbeat) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{18}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Heartbeat) GetTime() *timestamppb.Timestamp {
@@ -1829,7 +1905,7 @@ type SubscribeResponse struct {
 
 func (x *SubscribeResponse) Reset() {
 	*x = SubscribeResponse{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[19]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1841,7 +1917,7 @@ func (x *SubscribeResponse) String() string {
 func (*SubscribeResponse) ProtoMessage() {}
 
 func (x *SubscribeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[19]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1854,7 +1930,7 @@ func (x *SubscribeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscribeResponse.ProtoReflect.Descriptor instead.
 func (*SubscribeResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{19}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *SubscribeResponse) GetFrame() isSubscribeResponse_Frame {
@@ -1917,7 +1993,7 @@ type AddSubscription struct {
 
 func (x *AddSubscription) Reset() {
 	*x = AddSubscription{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[20]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1929,7 +2005,7 @@ func (x *AddSubscription) String() string {
 func (*AddSubscription) ProtoMessage() {}
 
 func (x *AddSubscription) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[20]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1942,7 +2018,7 @@ func (x *AddSubscription) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddSubscription.ProtoReflect.Descriptor instead.
 func (*AddSubscription) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{20}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *AddSubscription) GetSubscriptionId() string {
@@ -1984,7 +2060,7 @@ type RemoveSubscription struct {
 
 func (x *RemoveSubscription) Reset() {
 	*x = RemoveSubscription{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[21]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1996,7 +2072,7 @@ func (x *RemoveSubscription) String() string {
 func (*RemoveSubscription) ProtoMessage() {}
 
 func (x *RemoveSubscription) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[21]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2009,7 +2085,7 @@ func (x *RemoveSubscription) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveSubscription.ProtoReflect.Descriptor instead.
 func (*RemoveSubscription) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{21}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *RemoveSubscription) GetSubscriptionId() string {
@@ -2033,7 +2109,7 @@ type Ack struct {
 
 func (x *Ack) Reset() {
 	*x = Ack{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[22]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2045,7 +2121,7 @@ func (x *Ack) String() string {
 func (*Ack) ProtoMessage() {}
 
 func (x *Ack) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[22]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2058,7 +2134,7 @@ func (x *Ack) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ack.ProtoReflect.Descriptor instead.
 func (*Ack) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{22}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *Ack) GetSubscriptionId() string {
@@ -2086,7 +2162,7 @@ type Ping struct {
 
 func (x *Ping) Reset() {
 	*x = Ping{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[23]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2098,7 +2174,7 @@ func (x *Ping) String() string {
 func (*Ping) ProtoMessage() {}
 
 func (x *Ping) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[23]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2111,7 +2187,7 @@ func (x *Ping) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ping.ProtoReflect.Descriptor instead.
 func (*Ping) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{23}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *Ping) GetNonce() string {
@@ -2139,7 +2215,7 @@ type StreamRequest struct {
 
 func (x *StreamRequest) Reset() {
 	*x = StreamRequest{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[24]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2151,7 +2227,7 @@ func (x *StreamRequest) String() string {
 func (*StreamRequest) ProtoMessage() {}
 
 func (x *StreamRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[24]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2164,7 +2240,7 @@ func (x *StreamRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamRequest.ProtoReflect.Descriptor instead.
 func (*StreamRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{24}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *StreamRequest) GetFrame() isStreamRequest_Frame {
@@ -2255,7 +2331,7 @@ type Pong struct {
 
 func (x *Pong) Reset() {
 	*x = Pong{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[25]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2267,7 +2343,7 @@ func (x *Pong) String() string {
 func (*Pong) ProtoMessage() {}
 
 func (x *Pong) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[25]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2280,7 +2356,7 @@ func (x *Pong) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Pong.ProtoReflect.Descriptor instead.
 func (*Pong) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{25}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *Pong) GetNonce() string {
@@ -2308,7 +2384,7 @@ type SubscriptionAdded struct {
 
 func (x *SubscriptionAdded) Reset() {
 	*x = SubscriptionAdded{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[26]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2320,7 +2396,7 @@ func (x *SubscriptionAdded) String() string {
 func (*SubscriptionAdded) ProtoMessage() {}
 
 func (x *SubscriptionAdded) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[26]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2333,7 +2409,7 @@ func (x *SubscriptionAdded) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscriptionAdded.ProtoReflect.Descriptor instead.
 func (*SubscriptionAdded) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{26}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *SubscriptionAdded) GetSubscriptionId() string {
@@ -2361,7 +2437,7 @@ type SubscriptionEnded struct {
 
 func (x *SubscriptionEnded) Reset() {
 	*x = SubscriptionEnded{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[27]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2373,7 +2449,7 @@ func (x *SubscriptionEnded) String() string {
 func (*SubscriptionEnded) ProtoMessage() {}
 
 func (x *SubscriptionEnded) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[27]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2386,7 +2462,7 @@ func (x *SubscriptionEnded) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscriptionEnded.ProtoReflect.Descriptor instead.
 func (*SubscriptionEnded) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{27}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *SubscriptionEnded) GetSubscriptionId() string {
@@ -2430,7 +2506,7 @@ type SubscriptionEvents struct {
 
 func (x *SubscriptionEvents) Reset() {
 	*x = SubscriptionEvents{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[28]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2442,7 +2518,7 @@ func (x *SubscriptionEvents) String() string {
 func (*SubscriptionEvents) ProtoMessage() {}
 
 func (x *SubscriptionEvents) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[28]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2455,7 +2531,7 @@ func (x *SubscriptionEvents) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscriptionEvents.ProtoReflect.Descriptor instead.
 func (*SubscriptionEvents) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{28}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *SubscriptionEvents) GetSubscriptionId() string {
@@ -2491,7 +2567,7 @@ type StreamResponse struct {
 
 func (x *StreamResponse) Reset() {
 	*x = StreamResponse{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[29]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2503,7 +2579,7 @@ func (x *StreamResponse) String() string {
 func (*StreamResponse) ProtoMessage() {}
 
 func (x *StreamResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[29]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2516,7 +2592,7 @@ func (x *StreamResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamResponse.ProtoReflect.Descriptor instead.
 func (*StreamResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{29}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *StreamResponse) GetFrame() isStreamResponse_Frame {
@@ -2629,7 +2705,7 @@ type ListEventsRequest struct {
 
 func (x *ListEventsRequest) Reset() {
 	*x = ListEventsRequest{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[30]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2641,7 +2717,7 @@ func (x *ListEventsRequest) String() string {
 func (*ListEventsRequest) ProtoMessage() {}
 
 func (x *ListEventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[30]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2654,7 +2730,7 @@ func (x *ListEventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListEventsRequest.ProtoReflect.Descriptor instead.
 func (*ListEventsRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{30}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *ListEventsRequest) GetScopes() []*Scope {
@@ -2707,7 +2783,7 @@ type ListEventsResponse struct {
 
 func (x *ListEventsResponse) Reset() {
 	*x = ListEventsResponse{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[31]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2719,7 +2795,7 @@ func (x *ListEventsResponse) String() string {
 func (*ListEventsResponse) ProtoMessage() {}
 
 func (x *ListEventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[31]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2732,7 +2808,7 @@ func (x *ListEventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListEventsResponse.ProtoReflect.Descriptor instead.
 func (*ListEventsResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{31}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *ListEventsResponse) GetEvents() []*Event {
@@ -2785,7 +2861,10 @@ const file_switchboard_api_events_v1_events_proto_rawDesc = "" +
 	"\rMemoryChanged\x12=\n" +
 	"\x06change\x18\x01 \x01(\x0e2%.switchboard.api.events.v1.ChangeKindR\x06change\x12G\n" +
 	"\vmemory_item\x18\x02 \x01(\v2&.switchboard.api.context.v1.MemoryItemR\n" +
-	"memoryItem\"N\n" +
+	"memoryItem\"\x82\x01\n" +
+	"\vFileChanged\x12=\n" +
+	"\x06change\x18\x01 \x01(\x0e2%.switchboard.api.events.v1.ChangeKindR\x06change\x124\n" +
+	"\x04file\x18\x02 \x01(\v2 .switchboard.api.context.v1.FileR\x04file\"N\n" +
 	"\n" +
 	"RunUpdated\x12@\n" +
 	"\x06update\x18\x01 \x01(\v2(.switchboard.api.dispatcher.v1.RunUpdateR\x06update\"\xd1\x01\n" +
@@ -2824,7 +2903,7 @@ const file_switchboard_api_events_v1_events_proto_rawDesc = "" +
 	"\aapi_key\x18\x03 \x01(\tR\x06apiKey\x12%\n" +
 	"\x0eclient_address\x18\x04 \x01(\tR\rclientAddress\x12D\n" +
 	"\vclient_info\x18\x05 \x01(\v2#.switchboard.api.auth.v1.ClientInfoR\n" +
-	"clientInfo\"\x85\v\n" +
+	"clientInfo\"\xd2\v\n" +
 	"\x05Event\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
 	"\x06cursor\x18\x02 \x01(\tR\x06cursor\x128\n" +
@@ -2848,7 +2927,8 @@ const file_switchboard_api_events_v1_events_proto_rawDesc = "" +
 	"\ftool_invoked\x18\x13 \x01(\v2&.switchboard.api.events.v1.ToolInvokedH\x00R\vtoolInvoked\x12Z\n" +
 	"\x11assistant_changed\x18\x14 \x01(\v2+.switchboard.api.events.v1.AssistantChangedH\x00R\x10assistantChanged\x12Q\n" +
 	"\x0ebudget_changed\x18\x15 \x01(\v2(.switchboard.api.events.v1.BudgetChangedH\x00R\rbudgetChanged\x12K\n" +
-	"\fbudget_alert\x18\x16 \x01(\v2&.switchboard.api.events.v1.BudgetAlertH\x00R\vbudgetAlertB\t\n" +
+	"\fbudget_alert\x18\x16 \x01(\v2&.switchboard.api.events.v1.BudgetAlertH\x00R\vbudgetAlert\x12K\n" +
+	"\ffile_changed\x18\x17 \x01(\v2&.switchboard.api.events.v1.FileChangedH\x00R\vfileChangedB\t\n" +
 	"\apayload\"\xab\x01\n" +
 	"\x10SubscribeRequest\x128\n" +
 	"\x06scopes\x18\x01 \x03(\v2 .switchboard.api.events.v1.ScopeR\x06scopes\x12!\n" +
@@ -2913,7 +2993,7 @@ const file_switchboard_api_events_v1_events_proto_rawDesc = "" +
 	"\x12ListEventsResponse\x128\n" +
 	"\x06events\x18\x01 \x03(\v2 .switchboard.api.events.v1.EventR\x06events\x12&\n" +
 	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\x12#\n" +
-	"\roldest_cursor\x18\x03 \x01(\tR\foldestCursor*\xc1\x03\n" +
+	"\roldest_cursor\x18\x03 \x01(\tR\foldestCursor*\xde\x03\n" +
 	"\tEventType\x12\x1a\n" +
 	"\x16EVENT_TYPE_UNSPECIFIED\x10\x00\x12 \n" +
 	"\x1cEVENT_TYPE_WORKSPACE_CHANGED\x10\x01\x12\x1d\n" +
@@ -2929,7 +3009,8 @@ const file_switchboard_api_events_v1_events_proto_rawDesc = "" +
 	"\x12 \n" +
 	"\x1cEVENT_TYPE_ASSISTANT_CHANGED\x10\v\x12\x1d\n" +
 	"\x19EVENT_TYPE_BUDGET_CHANGED\x10\f\x12\x1b\n" +
-	"\x17EVENT_TYPE_BUDGET_ALERT\x10\r*t\n" +
+	"\x17EVENT_TYPE_BUDGET_ALERT\x10\r\x12\x1b\n" +
+	"\x17EVENT_TYPE_FILE_CHANGED\x10\x0e*t\n" +
 	"\n" +
 	"ChangeKind\x12\x1b\n" +
 	"\x17CHANGE_KIND_UNSPECIFIED\x10\x00\x12\x17\n" +
@@ -2969,7 +3050,7 @@ func file_switchboard_api_events_v1_events_proto_rawDescGZIP() []byte {
 }
 
 var file_switchboard_api_events_v1_events_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_switchboard_api_events_v1_events_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
+var file_switchboard_api_events_v1_events_proto_msgTypes = make([]protoimpl.MessageInfo, 33)
 var file_switchboard_api_events_v1_events_proto_goTypes = []any{
 	(EventType)(0),                // 0: switchboard.api.events.v1.EventType
 	(ChangeKind)(0),               // 1: switchboard.api.events.v1.ChangeKind
@@ -2982,120 +3063,125 @@ var file_switchboard_api_events_v1_events_proto_goTypes = []any{
 	(*ConversationChanged)(nil),   // 8: switchboard.api.events.v1.ConversationChanged
 	(*MessageCreated)(nil),        // 9: switchboard.api.events.v1.MessageCreated
 	(*MemoryChanged)(nil),         // 10: switchboard.api.events.v1.MemoryChanged
-	(*RunUpdated)(nil),            // 11: switchboard.api.events.v1.RunUpdated
-	(*MessageFiltered)(nil),       // 12: switchboard.api.events.v1.MessageFiltered
-	(*IntegrationChanged)(nil),    // 13: switchboard.api.events.v1.IntegrationChanged
-	(*AssistantChanged)(nil),      // 14: switchboard.api.events.v1.AssistantChanged
-	(*BudgetChanged)(nil),         // 15: switchboard.api.events.v1.BudgetChanged
-	(*BudgetAlert)(nil),           // 16: switchboard.api.events.v1.BudgetAlert
-	(*ToolInvoked)(nil),           // 17: switchboard.api.events.v1.ToolInvoked
-	(*SecurityEvent)(nil),         // 18: switchboard.api.events.v1.SecurityEvent
-	(*Event)(nil),                 // 19: switchboard.api.events.v1.Event
-	(*SubscribeRequest)(nil),      // 20: switchboard.api.events.v1.SubscribeRequest
-	(*EventBatch)(nil),            // 21: switchboard.api.events.v1.EventBatch
-	(*Heartbeat)(nil),             // 22: switchboard.api.events.v1.Heartbeat
-	(*SubscribeResponse)(nil),     // 23: switchboard.api.events.v1.SubscribeResponse
-	(*AddSubscription)(nil),       // 24: switchboard.api.events.v1.AddSubscription
-	(*RemoveSubscription)(nil),    // 25: switchboard.api.events.v1.RemoveSubscription
-	(*Ack)(nil),                   // 26: switchboard.api.events.v1.Ack
-	(*Ping)(nil),                  // 27: switchboard.api.events.v1.Ping
-	(*StreamRequest)(nil),         // 28: switchboard.api.events.v1.StreamRequest
-	(*Pong)(nil),                  // 29: switchboard.api.events.v1.Pong
-	(*SubscriptionAdded)(nil),     // 30: switchboard.api.events.v1.SubscriptionAdded
-	(*SubscriptionEnded)(nil),     // 31: switchboard.api.events.v1.SubscriptionEnded
-	(*SubscriptionEvents)(nil),    // 32: switchboard.api.events.v1.SubscriptionEvents
-	(*StreamResponse)(nil),        // 33: switchboard.api.events.v1.StreamResponse
-	(*ListEventsRequest)(nil),     // 34: switchboard.api.events.v1.ListEventsRequest
-	(*ListEventsResponse)(nil),    // 35: switchboard.api.events.v1.ListEventsResponse
-	(*v1.Workspace)(nil),          // 36: switchboard.api.context.v1.Workspace
-	(*v1.WorkspaceMember)(nil),    // 37: switchboard.api.context.v1.WorkspaceMember
-	(*v1.Conversation)(nil),       // 38: switchboard.api.context.v1.Conversation
-	(*v1.Message)(nil),            // 39: switchboard.api.context.v1.Message
-	(*v1.MemoryItem)(nil),         // 40: switchboard.api.context.v1.MemoryItem
-	(*v11.RunUpdate)(nil),         // 41: switchboard.api.dispatcher.v1.RunUpdate
-	(v12.ErrorReason)(0),          // 42: switchboard.api.common.v1.ErrorReason
-	(*v13.Integration)(nil),       // 43: switchboard.api.integration.v1.Integration
-	(*v11.Assistant)(nil),         // 44: switchboard.api.dispatcher.v1.Assistant
-	(*v11.Budget)(nil),            // 45: switchboard.api.dispatcher.v1.Budget
-	(*v11.BudgetUsage)(nil),       // 46: switchboard.api.dispatcher.v1.BudgetUsage
-	(*durationpb.Duration)(nil),   // 47: google.protobuf.Duration
-	(*status.Status)(nil),         // 48: google.rpc.Status
-	(*v14.ClientInfo)(nil),        // 49: switchboard.api.auth.v1.ClientInfo
-	(*timestamppb.Timestamp)(nil), // 50: google.protobuf.Timestamp
+	(*FileChanged)(nil),           // 11: switchboard.api.events.v1.FileChanged
+	(*RunUpdated)(nil),            // 12: switchboard.api.events.v1.RunUpdated
+	(*MessageFiltered)(nil),       // 13: switchboard.api.events.v1.MessageFiltered
+	(*IntegrationChanged)(nil),    // 14: switchboard.api.events.v1.IntegrationChanged
+	(*AssistantChanged)(nil),      // 15: switchboard.api.events.v1.AssistantChanged
+	(*BudgetChanged)(nil),         // 16: switchboard.api.events.v1.BudgetChanged
+	(*BudgetAlert)(nil),           // 17: switchboard.api.events.v1.BudgetAlert
+	(*ToolInvoked)(nil),           // 18: switchboard.api.events.v1.ToolInvoked
+	(*SecurityEvent)(nil),         // 19: switchboard.api.events.v1.SecurityEvent
+	(*Event)(nil),                 // 20: switchboard.api.events.v1.Event
+	(*SubscribeRequest)(nil),      // 21: switchboard.api.events.v1.SubscribeRequest
+	(*EventBatch)(nil),            // 22: switchboard.api.events.v1.EventBatch
+	(*Heartbeat)(nil),             // 23: switchboard.api.events.v1.Heartbeat
+	(*SubscribeResponse)(nil),     // 24: switchboard.api.events.v1.SubscribeResponse
+	(*AddSubscription)(nil),       // 25: switchboard.api.events.v1.AddSubscription
+	(*RemoveSubscription)(nil),    // 26: switchboard.api.events.v1.RemoveSubscription
+	(*Ack)(nil),                   // 27: switchboard.api.events.v1.Ack
+	(*Ping)(nil),                  // 28: switchboard.api.events.v1.Ping
+	(*StreamRequest)(nil),         // 29: switchboard.api.events.v1.StreamRequest
+	(*Pong)(nil),                  // 30: switchboard.api.events.v1.Pong
+	(*SubscriptionAdded)(nil),     // 31: switchboard.api.events.v1.SubscriptionAdded
+	(*SubscriptionEnded)(nil),     // 32: switchboard.api.events.v1.SubscriptionEnded
+	(*SubscriptionEvents)(nil),    // 33: switchboard.api.events.v1.SubscriptionEvents
+	(*StreamResponse)(nil),        // 34: switchboard.api.events.v1.StreamResponse
+	(*ListEventsRequest)(nil),     // 35: switchboard.api.events.v1.ListEventsRequest
+	(*ListEventsResponse)(nil),    // 36: switchboard.api.events.v1.ListEventsResponse
+	(*v1.Workspace)(nil),          // 37: switchboard.api.context.v1.Workspace
+	(*v1.WorkspaceMember)(nil),    // 38: switchboard.api.context.v1.WorkspaceMember
+	(*v1.Conversation)(nil),       // 39: switchboard.api.context.v1.Conversation
+	(*v1.Message)(nil),            // 40: switchboard.api.context.v1.Message
+	(*v1.MemoryItem)(nil),         // 41: switchboard.api.context.v1.MemoryItem
+	(*v1.File)(nil),               // 42: switchboard.api.context.v1.File
+	(*v11.RunUpdate)(nil),         // 43: switchboard.api.dispatcher.v1.RunUpdate
+	(v12.ErrorReason)(0),          // 44: switchboard.api.common.v1.ErrorReason
+	(*v13.Integration)(nil),       // 45: switchboard.api.integration.v1.Integration
+	(*v11.Assistant)(nil),         // 46: switchboard.api.dispatcher.v1.Assistant
+	(*v11.Budget)(nil),            // 47: switchboard.api.dispatcher.v1.Budget
+	(*v11.BudgetUsage)(nil),       // 48: switchboard.api.dispatcher.v1.BudgetUsage
+	(*durationpb.Duration)(nil),   // 49: google.protobuf.Duration
+	(*status.Status)(nil),         // 50: google.rpc.Status
+	(*v14.ClientInfo)(nil),        // 51: switchboard.api.auth.v1.ClientInfo
+	(*timestamppb.Timestamp)(nil), // 52: google.protobuf.Timestamp
 }
 var file_switchboard_api_events_v1_events_proto_depIdxs = []int32{
 	1,  // 0: switchboard.api.events.v1.WorkspaceChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	36, // 1: switchboard.api.events.v1.WorkspaceChanged.workspace:type_name -> switchboard.api.context.v1.Workspace
+	37, // 1: switchboard.api.events.v1.WorkspaceChanged.workspace:type_name -> switchboard.api.context.v1.Workspace
 	1,  // 2: switchboard.api.events.v1.MemberChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	37, // 3: switchboard.api.events.v1.MemberChanged.member:type_name -> switchboard.api.context.v1.WorkspaceMember
+	38, // 3: switchboard.api.events.v1.MemberChanged.member:type_name -> switchboard.api.context.v1.WorkspaceMember
 	1,  // 4: switchboard.api.events.v1.ConversationChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	38, // 5: switchboard.api.events.v1.ConversationChanged.conversation:type_name -> switchboard.api.context.v1.Conversation
-	39, // 6: switchboard.api.events.v1.MessageCreated.message:type_name -> switchboard.api.context.v1.Message
+	39, // 5: switchboard.api.events.v1.ConversationChanged.conversation:type_name -> switchboard.api.context.v1.Conversation
+	40, // 6: switchboard.api.events.v1.MessageCreated.message:type_name -> switchboard.api.context.v1.Message
 	1,  // 7: switchboard.api.events.v1.MemoryChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	40, // 8: switchboard.api.events.v1.MemoryChanged.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
-	41, // 9: switchboard.api.events.v1.RunUpdated.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
-	42, // 10: switchboard.api.events.v1.MessageFiltered.reason:type_name -> switchboard.api.common.v1.ErrorReason
-	1,  // 11: switchboard.api.events.v1.IntegrationChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	43, // 12: switchboard.api.events.v1.IntegrationChanged.integration:type_name -> switchboard.api.integration.v1.Integration
-	1,  // 13: switchboard.api.events.v1.AssistantChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	44, // 14: switchboard.api.events.v1.AssistantChanged.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	1,  // 15: switchboard.api.events.v1.BudgetChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	45, // 16: switchboard.api.events.v1.BudgetChanged.budget:type_name -> switchboard.api.dispatcher.v1.Budget
-	2,  // 17: switchboard.api.events.v1.BudgetAlert.kind:type_name -> switchboard.api.events.v1.BudgetAlertKind
-	46, // 18: switchboard.api.events.v1.BudgetAlert.usage:type_name -> switchboard.api.dispatcher.v1.BudgetUsage
-	47, // 19: switchboard.api.events.v1.ToolInvoked.duration:type_name -> google.protobuf.Duration
-	48, // 20: switchboard.api.events.v1.ToolInvoked.status:type_name -> google.rpc.Status
-	3,  // 21: switchboard.api.events.v1.SecurityEvent.kind:type_name -> switchboard.api.events.v1.SecurityEventKind
-	49, // 22: switchboard.api.events.v1.SecurityEvent.client_info:type_name -> switchboard.api.auth.v1.ClientInfo
-	0,  // 23: switchboard.api.events.v1.Event.type:type_name -> switchboard.api.events.v1.EventType
-	50, // 24: switchboard.api.events.v1.Event.time:type_name -> google.protobuf.Timestamp
-	5,  // 25: switchboard.api.events.v1.Event.actor:type_name -> switchboard.api.events.v1.Actor
-	6,  // 26: switchboard.api.events.v1.Event.workspace_changed:type_name -> switchboard.api.events.v1.WorkspaceChanged
-	7,  // 27: switchboard.api.events.v1.Event.member_changed:type_name -> switchboard.api.events.v1.MemberChanged
-	8,  // 28: switchboard.api.events.v1.Event.conversation_changed:type_name -> switchboard.api.events.v1.ConversationChanged
-	9,  // 29: switchboard.api.events.v1.Event.message_created:type_name -> switchboard.api.events.v1.MessageCreated
-	10, // 30: switchboard.api.events.v1.Event.memory_changed:type_name -> switchboard.api.events.v1.MemoryChanged
-	11, // 31: switchboard.api.events.v1.Event.run_updated:type_name -> switchboard.api.events.v1.RunUpdated
-	13, // 32: switchboard.api.events.v1.Event.integration_changed:type_name -> switchboard.api.events.v1.IntegrationChanged
-	18, // 33: switchboard.api.events.v1.Event.security:type_name -> switchboard.api.events.v1.SecurityEvent
-	12, // 34: switchboard.api.events.v1.Event.message_filtered:type_name -> switchboard.api.events.v1.MessageFiltered
-	17, // 35: switchboard.api.events.v1.Event.tool_invoked:type_name -> switchboard.api.events.v1.ToolInvoked
-	14, // 36: switchboard.api.events.v1.Event.assistant_changed:type_name -> switchboard.api.events.v1.AssistantChanged
-	15, // 37: switchboard.api.events.v1.Event.budget_changed:type_name -> switchboard.api.events.v1.BudgetChanged
-	16, // 38: switchboard.api.events.v1.Event.budget_alert:type_name -> switchboard.api.events.v1.BudgetAlert
-	4,  // 39: switchboard.api.events.v1.SubscribeRequest.scopes:type_name -> switchboard.api.events.v1.Scope
-	0,  // 40: switchboard.api.events.v1.SubscribeRequest.types:type_name -> switchboard.api.events.v1.EventType
-	19, // 41: switchboard.api.events.v1.EventBatch.events:type_name -> switchboard.api.events.v1.Event
-	50, // 42: switchboard.api.events.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
-	21, // 43: switchboard.api.events.v1.SubscribeResponse.batch:type_name -> switchboard.api.events.v1.EventBatch
-	22, // 44: switchboard.api.events.v1.SubscribeResponse.heartbeat:type_name -> switchboard.api.events.v1.Heartbeat
-	4,  // 45: switchboard.api.events.v1.AddSubscription.scopes:type_name -> switchboard.api.events.v1.Scope
-	0,  // 46: switchboard.api.events.v1.AddSubscription.types:type_name -> switchboard.api.events.v1.EventType
-	24, // 47: switchboard.api.events.v1.StreamRequest.add:type_name -> switchboard.api.events.v1.AddSubscription
-	25, // 48: switchboard.api.events.v1.StreamRequest.remove:type_name -> switchboard.api.events.v1.RemoveSubscription
-	26, // 49: switchboard.api.events.v1.StreamRequest.ack:type_name -> switchboard.api.events.v1.Ack
-	27, // 50: switchboard.api.events.v1.StreamRequest.ping:type_name -> switchboard.api.events.v1.Ping
-	50, // 51: switchboard.api.events.v1.Pong.time:type_name -> google.protobuf.Timestamp
-	21, // 52: switchboard.api.events.v1.SubscriptionEvents.batch:type_name -> switchboard.api.events.v1.EventBatch
-	32, // 53: switchboard.api.events.v1.StreamResponse.events:type_name -> switchboard.api.events.v1.SubscriptionEvents
-	30, // 54: switchboard.api.events.v1.StreamResponse.added:type_name -> switchboard.api.events.v1.SubscriptionAdded
-	31, // 55: switchboard.api.events.v1.StreamResponse.ended:type_name -> switchboard.api.events.v1.SubscriptionEnded
-	29, // 56: switchboard.api.events.v1.StreamResponse.pong:type_name -> switchboard.api.events.v1.Pong
-	22, // 57: switchboard.api.events.v1.StreamResponse.heartbeat:type_name -> switchboard.api.events.v1.Heartbeat
-	4,  // 58: switchboard.api.events.v1.ListEventsRequest.scopes:type_name -> switchboard.api.events.v1.Scope
-	0,  // 59: switchboard.api.events.v1.ListEventsRequest.types:type_name -> switchboard.api.events.v1.EventType
-	19, // 60: switchboard.api.events.v1.ListEventsResponse.events:type_name -> switchboard.api.events.v1.Event
-	20, // 61: switchboard.api.events.v1.EventService.Subscribe:input_type -> switchboard.api.events.v1.SubscribeRequest
-	28, // 62: switchboard.api.events.v1.EventService.Stream:input_type -> switchboard.api.events.v1.StreamRequest
-	34, // 63: switchboard.api.events.v1.EventService.ListEvents:input_type -> switchboard.api.events.v1.ListEventsRequest
-	23, // 64: switchboard.api.events.v1.EventService.Subscribe:output_type -> switchboard.api.events.v1.SubscribeResponse
-	33, // 65: switchboard.api.events.v1.EventService.Stream:output_type -> switchboard.api.events.v1.StreamResponse
-	35, // 66: switchboard.api.events.v1.EventService.ListEvents:output_type -> switchboard.api.events.v1.ListEventsResponse
-	64, // [64:67] is the sub-list for method output_type
-	61, // [61:64] is the sub-list for method input_type
-	61, // [61:61] is the sub-list for extension type_name
-	61, // [61:61] is the sub-list for extension extendee
-	0,  // [0:61] is the sub-list for field type_name
+	41, // 8: switchboard.api.events.v1.MemoryChanged.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	1,  // 9: switchboard.api.events.v1.FileChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
+	42, // 10: switchboard.api.events.v1.FileChanged.file:type_name -> switchboard.api.context.v1.File
+	43, // 11: switchboard.api.events.v1.RunUpdated.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
+	44, // 12: switchboard.api.events.v1.MessageFiltered.reason:type_name -> switchboard.api.common.v1.ErrorReason
+	1,  // 13: switchboard.api.events.v1.IntegrationChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
+	45, // 14: switchboard.api.events.v1.IntegrationChanged.integration:type_name -> switchboard.api.integration.v1.Integration
+	1,  // 15: switchboard.api.events.v1.AssistantChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
+	46, // 16: switchboard.api.events.v1.AssistantChanged.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	1,  // 17: switchboard.api.events.v1.BudgetChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
+	47, // 18: switchboard.api.events.v1.BudgetChanged.budget:type_name -> switchboard.api.dispatcher.v1.Budget
+	2,  // 19: switchboard.api.events.v1.BudgetAlert.kind:type_name -> switchboard.api.events.v1.BudgetAlertKind
+	48, // 20: switchboard.api.events.v1.BudgetAlert.usage:type_name -> switchboard.api.dispatcher.v1.BudgetUsage
+	49, // 21: switchboard.api.events.v1.ToolInvoked.duration:type_name -> google.protobuf.Duration
+	50, // 22: switchboard.api.events.v1.ToolInvoked.status:type_name -> google.rpc.Status
+	3,  // 23: switchboard.api.events.v1.SecurityEvent.kind:type_name -> switchboard.api.events.v1.SecurityEventKind
+	51, // 24: switchboard.api.events.v1.SecurityEvent.client_info:type_name -> switchboard.api.auth.v1.ClientInfo
+	0,  // 25: switchboard.api.events.v1.Event.type:type_name -> switchboard.api.events.v1.EventType
+	52, // 26: switchboard.api.events.v1.Event.time:type_name -> google.protobuf.Timestamp
+	5,  // 27: switchboard.api.events.v1.Event.actor:type_name -> switchboard.api.events.v1.Actor
+	6,  // 28: switchboard.api.events.v1.Event.workspace_changed:type_name -> switchboard.api.events.v1.WorkspaceChanged
+	7,  // 29: switchboard.api.events.v1.Event.member_changed:type_name -> switchboard.api.events.v1.MemberChanged
+	8,  // 30: switchboard.api.events.v1.Event.conversation_changed:type_name -> switchboard.api.events.v1.ConversationChanged
+	9,  // 31: switchboard.api.events.v1.Event.message_created:type_name -> switchboard.api.events.v1.MessageCreated
+	10, // 32: switchboard.api.events.v1.Event.memory_changed:type_name -> switchboard.api.events.v1.MemoryChanged
+	12, // 33: switchboard.api.events.v1.Event.run_updated:type_name -> switchboard.api.events.v1.RunUpdated
+	14, // 34: switchboard.api.events.v1.Event.integration_changed:type_name -> switchboard.api.events.v1.IntegrationChanged
+	19, // 35: switchboard.api.events.v1.Event.security:type_name -> switchboard.api.events.v1.SecurityEvent
+	13, // 36: switchboard.api.events.v1.Event.message_filtered:type_name -> switchboard.api.events.v1.MessageFiltered
+	18, // 37: switchboard.api.events.v1.Event.tool_invoked:type_name -> switchboard.api.events.v1.ToolInvoked
+	15, // 38: switchboard.api.events.v1.Event.assistant_changed:type_name -> switchboard.api.events.v1.AssistantChanged
+	16, // 39: switchboard.api.events.v1.Event.budget_changed:type_name -> switchboard.api.events.v1.BudgetChanged
+	17, // 40: switchboard.api.events.v1.Event.budget_alert:type_name -> switchboard.api.events.v1.BudgetAlert
+	11, // 41: switchboard.api.events.v1.Event.file_changed:type_name -> switchboard.api.events.v1.FileChanged
+	4,  // 42: switchboard.api.events.v1.SubscribeRequest.scopes:type_name -> switchboard.api.events.v1.Scope
+	0,  // 43: switchboard.api.events.v1.SubscribeRequest.types:type_name -> switchboard.api.events.v1.EventType
+	20, // 44: switchboard.api.events.v1.EventBatch.events:type_name -> switchboard.api.events.v1.Event
+	52, // 45: switchboard.api.events.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
+	22, // 46: switchboard.api.events.v1.SubscribeResponse.batch:type_name -> switchboard.api.events.v1.EventBatch
+	23, // 47: switchboard.api.events.v1.SubscribeResponse.heartbeat:type_name -> switchboard.api.events.v1.Heartbeat
+	4,  // 48: switchboard.api.events.v1.AddSubscription.scopes:type_name -> switchboard.api.events.v1.Scope
+	0,  // 49: switchboard.api.events.v1.AddSubscription.types:type_name -> switchboard.api.events.v1.EventType
+	25, // 50: switchboard.api.events.v1.StreamRequest.add:type_name -> switchboard.api.events.v1.AddSubscription
+	26, // 51: switchboard.api.events.v1.StreamRequest.remove:type_name -> switchboard.api.events.v1.RemoveSubscription
+	27, // 52: switchboard.api.events.v1.StreamRequest.ack:type_name -> switchboard.api.events.v1.Ack
+	28, // 53: switchboard.api.events.v1.StreamRequest.ping:type_name -> switchboard.api.events.v1.Ping
+	52, // 54: switchboard.api.events.v1.Pong.time:type_name -> google.protobuf.Timestamp
+	22, // 55: switchboard.api.events.v1.SubscriptionEvents.batch:type_name -> switchboard.api.events.v1.EventBatch
+	33, // 56: switchboard.api.events.v1.StreamResponse.events:type_name -> switchboard.api.events.v1.SubscriptionEvents
+	31, // 57: switchboard.api.events.v1.StreamResponse.added:type_name -> switchboard.api.events.v1.SubscriptionAdded
+	32, // 58: switchboard.api.events.v1.StreamResponse.ended:type_name -> switchboard.api.events.v1.SubscriptionEnded
+	30, // 59: switchboard.api.events.v1.StreamResponse.pong:type_name -> switchboard.api.events.v1.Pong
+	23, // 60: switchboard.api.events.v1.StreamResponse.heartbeat:type_name -> switchboard.api.events.v1.Heartbeat
+	4,  // 61: switchboard.api.events.v1.ListEventsRequest.scopes:type_name -> switchboard.api.events.v1.Scope
+	0,  // 62: switchboard.api.events.v1.ListEventsRequest.types:type_name -> switchboard.api.events.v1.EventType
+	20, // 63: switchboard.api.events.v1.ListEventsResponse.events:type_name -> switchboard.api.events.v1.Event
+	21, // 64: switchboard.api.events.v1.EventService.Subscribe:input_type -> switchboard.api.events.v1.SubscribeRequest
+	29, // 65: switchboard.api.events.v1.EventService.Stream:input_type -> switchboard.api.events.v1.StreamRequest
+	35, // 66: switchboard.api.events.v1.EventService.ListEvents:input_type -> switchboard.api.events.v1.ListEventsRequest
+	24, // 67: switchboard.api.events.v1.EventService.Subscribe:output_type -> switchboard.api.events.v1.SubscribeResponse
+	34, // 68: switchboard.api.events.v1.EventService.Stream:output_type -> switchboard.api.events.v1.StreamResponse
+	36, // 69: switchboard.api.events.v1.EventService.ListEvents:output_type -> switchboard.api.events.v1.ListEventsResponse
+	67, // [67:70] is the sub-list for method output_type
+	64, // [64:67] is the sub-list for method input_type
+	64, // [64:64] is the sub-list for extension type_name
+	64, // [64:64] is the sub-list for extension extendee
+	0,  // [0:64] is the sub-list for field type_name
 }
 
 func init() { file_switchboard_api_events_v1_events_proto_init() }
@@ -3108,7 +3194,7 @@ func file_switchboard_api_events_v1_events_proto_init() {
 		(*Scope_Workspace)(nil),
 		(*Scope_Conversation)(nil),
 	}
-	file_switchboard_api_events_v1_events_proto_msgTypes[15].OneofWrappers = []any{
+	file_switchboard_api_events_v1_events_proto_msgTypes[16].OneofWrappers = []any{
 		(*Event_WorkspaceChanged)(nil),
 		(*Event_MemberChanged)(nil),
 		(*Event_ConversationChanged)(nil),
@@ -3122,18 +3208,19 @@ func file_switchboard_api_events_v1_events_proto_init() {
 		(*Event_AssistantChanged)(nil),
 		(*Event_BudgetChanged)(nil),
 		(*Event_BudgetAlert)(nil),
+		(*Event_FileChanged)(nil),
 	}
-	file_switchboard_api_events_v1_events_proto_msgTypes[19].OneofWrappers = []any{
+	file_switchboard_api_events_v1_events_proto_msgTypes[20].OneofWrappers = []any{
 		(*SubscribeResponse_Batch)(nil),
 		(*SubscribeResponse_Heartbeat)(nil),
 	}
-	file_switchboard_api_events_v1_events_proto_msgTypes[24].OneofWrappers = []any{
+	file_switchboard_api_events_v1_events_proto_msgTypes[25].OneofWrappers = []any{
 		(*StreamRequest_Add)(nil),
 		(*StreamRequest_Remove)(nil),
 		(*StreamRequest_Ack)(nil),
 		(*StreamRequest_Ping)(nil),
 	}
-	file_switchboard_api_events_v1_events_proto_msgTypes[29].OneofWrappers = []any{
+	file_switchboard_api_events_v1_events_proto_msgTypes[30].OneofWrappers = []any{
 		(*StreamResponse_Events)(nil),
 		(*StreamResponse_Added)(nil),
 		(*StreamResponse_Ended)(nil),
@@ -3146,7 +3233,7 @@ func file_switchboard_api_events_v1_events_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_switchboard_api_events_v1_events_proto_rawDesc), len(file_switchboard_api_events_v1_events_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   32,
+			NumMessages:   33,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

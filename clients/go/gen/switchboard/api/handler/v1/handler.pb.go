@@ -412,7 +412,10 @@ type ToolResult struct {
 	// How long the call took (0 if it never ran).
 	Duration *durationpb.Duration `protobuf:"bytes,6,opt,name=duration,proto3" json:"duration,omitempty"`
 	// Why, for FAILED and DENIED.
-	Error         *status.Status `protobuf:"bytes,7,opt,name=error,proto3" json:"error,omitempty"`
+	Error *status.Status `protobuf:"bytes,7,opt,name=error,proto3" json:"error,omitempty"`
+	// Files the tool returned (for example an MCP image or resource), as inline
+	// data or URLs; stored in the run's workspace with the tool's message.
+	Files         []*v1.FileReference `protobuf:"bytes,8,rep,name=files,proto3" json:"files,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -492,6 +495,13 @@ func (x *ToolResult) GetDuration() *durationpb.Duration {
 func (x *ToolResult) GetError() *status.Status {
 	if x != nil {
 		return x.Error
+	}
+	return nil
+}
+
+func (x *ToolResult) GetFiles() []*v1.FileReference {
+	if x != nil {
+		return x.Files
 	}
 	return nil
 }
@@ -1409,7 +1419,7 @@ const file_switchboard_api_handler_v1_handler_proto_rawDesc = "" +
 	"\x05top_p\x18\x04 \x01(\x01H\x01R\x04topP\x88\x01\x01\x12*\n" +
 	"\x11max_output_tokens\x18\x05 \x01(\x05R\x0fmaxOutputTokensB\x0e\n" +
 	"\f_temperatureB\b\n" +
-	"\x06_top_p\"\x99\x02\n" +
+	"\x06_top_p\"\xda\x02\n" +
 	"\n" +
 	"ToolResult\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
@@ -1418,7 +1428,8 @@ const file_switchboard_api_handler_v1_handler_proto_rawDesc = "" +
 	"\x04text\x18\x04 \x01(\tR\x04text\x12/\n" +
 	"\x06result\x18\x05 \x01(\v2\x17.google.protobuf.StructR\x06result\x125\n" +
 	"\bduration\x18\x06 \x01(\v2\x19.google.protobuf.DurationR\bduration\x12(\n" +
-	"\x05error\x18\a \x01(\v2\x12.google.rpc.StatusR\x05error\"\x9c\x01\n" +
+	"\x05error\x18\a \x01(\v2\x12.google.rpc.StatusR\x05error\x12?\n" +
+	"\x05files\x18\b \x03(\v2).switchboard.api.context.v1.FileReferenceR\x05files\"\x9c\x01\n" +
 	"\bToolStep\x12:\n" +
 	"\x05calls\x18\x01 \x03(\v2$.switchboard.api.handler.v1.ToolCallR\x05calls\x12@\n" +
 	"\aresults\x18\x02 \x03(\v2&.switchboard.api.handler.v1.ToolResultR\aresults\x12\x12\n" +
@@ -1523,7 +1534,8 @@ var file_switchboard_api_handler_v1_handler_proto_goTypes = []any{
 	(*structpb.Struct)(nil),           // 19: google.protobuf.Struct
 	(*durationpb.Duration)(nil),       // 20: google.protobuf.Duration
 	(*status.Status)(nil),             // 21: google.rpc.Status
-	(*v1.ContentPart)(nil),            // 22: switchboard.api.context.v1.ContentPart
+	(*v1.FileReference)(nil),          // 22: switchboard.api.context.v1.FileReference
+	(*v1.ContentPart)(nil),            // 23: switchboard.api.context.v1.ContentPart
 }
 var file_switchboard_api_handler_v1_handler_proto_depIdxs = []int32{
 	17, // 0: switchboard.api.handler.v1.HandleRequest.message:type_name -> switchboard.api.context.v1.Message
@@ -1537,32 +1549,33 @@ var file_switchboard_api_handler_v1_handler_proto_depIdxs = []int32{
 	19, // 8: switchboard.api.handler.v1.ToolResult.result:type_name -> google.protobuf.Struct
 	20, // 9: switchboard.api.handler.v1.ToolResult.duration:type_name -> google.protobuf.Duration
 	21, // 10: switchboard.api.handler.v1.ToolResult.error:type_name -> google.rpc.Status
-	8,  // 11: switchboard.api.handler.v1.ToolStep.calls:type_name -> switchboard.api.handler.v1.ToolCall
-	4,  // 12: switchboard.api.handler.v1.ToolStep.results:type_name -> switchboard.api.handler.v1.ToolResult
-	20, // 13: switchboard.api.handler.v1.Progress.eta:type_name -> google.protobuf.Duration
-	19, // 14: switchboard.api.handler.v1.ToolCall.arguments:type_name -> google.protobuf.Struct
-	22, // 15: switchboard.api.handler.v1.HandleResult.parts:type_name -> switchboard.api.context.v1.ContentPart
-	9,  // 16: switchboard.api.handler.v1.HandleResult.usage:type_name -> switchboard.api.handler.v1.Usage
-	6,  // 17: switchboard.api.handler.v1.HandleResponse.progress:type_name -> switchboard.api.handler.v1.Progress
-	7,  // 18: switchboard.api.handler.v1.HandleResponse.delta:type_name -> switchboard.api.handler.v1.TextDelta
-	8,  // 19: switchboard.api.handler.v1.HandleResponse.tool_call:type_name -> switchboard.api.handler.v1.ToolCall
-	10, // 20: switchboard.api.handler.v1.HandleResponse.result:type_name -> switchboard.api.handler.v1.HandleResult
-	19, // 21: switchboard.api.handler.v1.HandlerCapabilities.parameters_schema:type_name -> google.protobuf.Struct
-	1,  // 22: switchboard.api.handler.v1.HandleInteractiveRequest.start:type_name -> switchboard.api.handler.v1.HandleRequest
-	4,  // 23: switchboard.api.handler.v1.HandleInteractiveRequest.tool_result:type_name -> switchboard.api.handler.v1.ToolResult
-	11, // 24: switchboard.api.handler.v1.HandleInteractiveResponse.frame:type_name -> switchboard.api.handler.v1.HandleResponse
-	13, // 25: switchboard.api.handler.v1.GetCapabilitiesResponse.capabilities:type_name -> switchboard.api.handler.v1.HandlerCapabilities
-	1,  // 26: switchboard.api.handler.v1.HandlerService.Handle:input_type -> switchboard.api.handler.v1.HandleRequest
-	12, // 27: switchboard.api.handler.v1.HandlerService.GetCapabilities:input_type -> switchboard.api.handler.v1.GetCapabilitiesRequest
-	14, // 28: switchboard.api.handler.v1.HandlerService.HandleInteractive:input_type -> switchboard.api.handler.v1.HandleInteractiveRequest
-	11, // 29: switchboard.api.handler.v1.HandlerService.Handle:output_type -> switchboard.api.handler.v1.HandleResponse
-	16, // 30: switchboard.api.handler.v1.HandlerService.GetCapabilities:output_type -> switchboard.api.handler.v1.GetCapabilitiesResponse
-	15, // 31: switchboard.api.handler.v1.HandlerService.HandleInteractive:output_type -> switchboard.api.handler.v1.HandleInteractiveResponse
-	29, // [29:32] is the sub-list for method output_type
-	26, // [26:29] is the sub-list for method input_type
-	26, // [26:26] is the sub-list for extension type_name
-	26, // [26:26] is the sub-list for extension extendee
-	0,  // [0:26] is the sub-list for field type_name
+	22, // 11: switchboard.api.handler.v1.ToolResult.files:type_name -> switchboard.api.context.v1.FileReference
+	8,  // 12: switchboard.api.handler.v1.ToolStep.calls:type_name -> switchboard.api.handler.v1.ToolCall
+	4,  // 13: switchboard.api.handler.v1.ToolStep.results:type_name -> switchboard.api.handler.v1.ToolResult
+	20, // 14: switchboard.api.handler.v1.Progress.eta:type_name -> google.protobuf.Duration
+	19, // 15: switchboard.api.handler.v1.ToolCall.arguments:type_name -> google.protobuf.Struct
+	23, // 16: switchboard.api.handler.v1.HandleResult.parts:type_name -> switchboard.api.context.v1.ContentPart
+	9,  // 17: switchboard.api.handler.v1.HandleResult.usage:type_name -> switchboard.api.handler.v1.Usage
+	6,  // 18: switchboard.api.handler.v1.HandleResponse.progress:type_name -> switchboard.api.handler.v1.Progress
+	7,  // 19: switchboard.api.handler.v1.HandleResponse.delta:type_name -> switchboard.api.handler.v1.TextDelta
+	8,  // 20: switchboard.api.handler.v1.HandleResponse.tool_call:type_name -> switchboard.api.handler.v1.ToolCall
+	10, // 21: switchboard.api.handler.v1.HandleResponse.result:type_name -> switchboard.api.handler.v1.HandleResult
+	19, // 22: switchboard.api.handler.v1.HandlerCapabilities.parameters_schema:type_name -> google.protobuf.Struct
+	1,  // 23: switchboard.api.handler.v1.HandleInteractiveRequest.start:type_name -> switchboard.api.handler.v1.HandleRequest
+	4,  // 24: switchboard.api.handler.v1.HandleInteractiveRequest.tool_result:type_name -> switchboard.api.handler.v1.ToolResult
+	11, // 25: switchboard.api.handler.v1.HandleInteractiveResponse.frame:type_name -> switchboard.api.handler.v1.HandleResponse
+	13, // 26: switchboard.api.handler.v1.GetCapabilitiesResponse.capabilities:type_name -> switchboard.api.handler.v1.HandlerCapabilities
+	1,  // 27: switchboard.api.handler.v1.HandlerService.Handle:input_type -> switchboard.api.handler.v1.HandleRequest
+	12, // 28: switchboard.api.handler.v1.HandlerService.GetCapabilities:input_type -> switchboard.api.handler.v1.GetCapabilitiesRequest
+	14, // 29: switchboard.api.handler.v1.HandlerService.HandleInteractive:input_type -> switchboard.api.handler.v1.HandleInteractiveRequest
+	11, // 30: switchboard.api.handler.v1.HandlerService.Handle:output_type -> switchboard.api.handler.v1.HandleResponse
+	16, // 31: switchboard.api.handler.v1.HandlerService.GetCapabilities:output_type -> switchboard.api.handler.v1.GetCapabilitiesResponse
+	15, // 32: switchboard.api.handler.v1.HandlerService.HandleInteractive:output_type -> switchboard.api.handler.v1.HandleInteractiveResponse
+	30, // [30:33] is the sub-list for method output_type
+	27, // [27:30] is the sub-list for method input_type
+	27, // [27:27] is the sub-list for extension type_name
+	27, // [27:27] is the sub-list for extension extendee
+	0,  // [0:27] is the sub-list for field type_name
 }
 
 func init() { file_switchboard_api_handler_v1_handler_proto_init() }

@@ -15,6 +15,7 @@ import (
 	structpb "google.golang.org/protobuf/types/known/structpb"
 	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
+	v1 "switchboard.dev/go/gen/switchboard/api/context/v1"
 	sync "sync"
 	unsafe "unsafe"
 )
@@ -1464,7 +1465,10 @@ type InvokeToolResponse struct {
 	// True if the tool ran but reported an error in its output.
 	IsError bool `protobuf:"varint,3,opt,name=is_error,json=isError,proto3" json:"is_error,omitempty"`
 	// How long the call took.
-	Latency       *durationpb.Duration `protobuf:"bytes,4,opt,name=latency,proto3" json:"latency,omitempty"`
+	Latency *durationpb.Duration `protobuf:"bytes,4,opt,name=latency,proto3" json:"latency,omitempty"`
+	// Files the tool returned (MCP image, audio and embedded resource content),
+	// as inline data, within the result size limit.
+	Files         []*v1.FileReference `protobuf:"bytes,5,rep,name=files,proto3" json:"files,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1523,6 +1527,13 @@ func (x *InvokeToolResponse) GetIsError() bool {
 func (x *InvokeToolResponse) GetLatency() *durationpb.Duration {
 	if x != nil {
 		return x.Latency
+	}
+	return nil
+}
+
+func (x *InvokeToolResponse) GetFiles() []*v1.FileReference {
+	if x != nil {
+		return x.Files
 	}
 	return nil
 }
@@ -1869,7 +1880,7 @@ var File_switchboard_api_integration_v1_integration_proto protoreflect.FileDescr
 
 const file_switchboard_api_integration_v1_integration_proto_rawDesc = "" +
 	"\n" +
-	"0switchboard/api/integration/v1/integration.proto\x12\x1eswitchboard.api.integration.v1\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xd3\x03\n" +
+	"0switchboard/api/integration/v1/integration.proto\x12\x1eswitchboard.api.integration.v1\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a(switchboard/api/context/v1/context.proto\"\xd3\x03\n" +
 	"\x11IntegrationStatus\x12C\n" +
 	"\x06health\x18\x01 \x01(\x0e2+.switchboard.api.integration.v1.HealthStateR\x06health\x12F\n" +
 	"\acircuit\x18\x02 \x01(\x0e2,.switchboard.api.integration.v1.CircuitStateR\acircuit\x12B\n" +
@@ -1958,12 +1969,13 @@ const file_switchboard_api_integration_v1_integration_proto_rawDesc = "" +
 	"\x11InvokeToolRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x125\n" +
 	"\targuments\x18\x02 \x01(\v2\x17.google.protobuf.StructR\targuments\x123\n" +
-	"\atimeout\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\atimeout\"\xa9\x01\n" +
+	"\atimeout\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\atimeout\"\xea\x01\n" +
 	"\x12InvokeToolResponse\x12/\n" +
 	"\x06result\x18\x01 \x01(\v2\x17.google.protobuf.StructR\x06result\x12\x12\n" +
 	"\x04text\x18\x02 \x01(\tR\x04text\x12\x19\n" +
 	"\bis_error\x18\x03 \x01(\bR\aisError\x123\n" +
-	"\alatency\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\alatency\"\xd6\x03\n" +
+	"\alatency\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\alatency\x12?\n" +
+	"\x05files\x18\x05 \x03(\v2).switchboard.api.context.v1.FileReferenceR\x05files\"\xd6\x03\n" +
 	"\x0fWebhookDelivery\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x19\n" +
 	"\bevent_id\x18\x02 \x01(\tR\aeventId\x12\x1d\n" +
@@ -2078,6 +2090,7 @@ var file_switchboard_api_integration_v1_integration_proto_goTypes = []any{
 	(*durationpb.Duration)(nil),           // 31: google.protobuf.Duration
 	(*structpb.Struct)(nil),               // 32: google.protobuf.Struct
 	(*fieldmaskpb.FieldMask)(nil),         // 33: google.protobuf.FieldMask
+	(*v1.FileReference)(nil),              // 34: switchboard.api.context.v1.FileReference
 }
 var file_switchboard_api_integration_v1_integration_proto_depIdxs = []int32{
 	1,  // 0: switchboard.api.integration.v1.IntegrationStatus.health:type_name -> switchboard.api.integration.v1.HealthState
@@ -2108,37 +2121,38 @@ var file_switchboard_api_integration_v1_integration_proto_depIdxs = []int32{
 	31, // 25: switchboard.api.integration.v1.InvokeToolRequest.timeout:type_name -> google.protobuf.Duration
 	32, // 26: switchboard.api.integration.v1.InvokeToolResponse.result:type_name -> google.protobuf.Struct
 	31, // 27: switchboard.api.integration.v1.InvokeToolResponse.latency:type_name -> google.protobuf.Duration
-	3,  // 28: switchboard.api.integration.v1.WebhookDelivery.state:type_name -> switchboard.api.integration.v1.DeliveryState
-	29, // 29: switchboard.api.integration.v1.WebhookDelivery.create_time:type_name -> google.protobuf.Timestamp
-	29, // 30: switchboard.api.integration.v1.WebhookDelivery.last_attempt_time:type_name -> google.protobuf.Timestamp
-	29, // 31: switchboard.api.integration.v1.WebhookDelivery.next_attempt_time:type_name -> google.protobuf.Timestamp
-	23, // 32: switchboard.api.integration.v1.ListWebhookDeliveriesResponse.deliveries:type_name -> switchboard.api.integration.v1.WebhookDelivery
-	23, // 33: switchboard.api.integration.v1.RedeliverWebhookResponse.delivery:type_name -> switchboard.api.integration.v1.WebhookDelivery
-	6,  // 34: switchboard.api.integration.v1.IntegrationService.CreateIntegration:input_type -> switchboard.api.integration.v1.CreateIntegrationRequest
-	8,  // 35: switchboard.api.integration.v1.IntegrationService.GetIntegration:input_type -> switchboard.api.integration.v1.GetIntegrationRequest
-	10, // 36: switchboard.api.integration.v1.IntegrationService.ListIntegrations:input_type -> switchboard.api.integration.v1.ListIntegrationsRequest
-	12, // 37: switchboard.api.integration.v1.IntegrationService.UpdateIntegration:input_type -> switchboard.api.integration.v1.UpdateIntegrationRequest
-	14, // 38: switchboard.api.integration.v1.IntegrationService.DeleteIntegration:input_type -> switchboard.api.integration.v1.DeleteIntegrationRequest
-	16, // 39: switchboard.api.integration.v1.IntegrationService.WatchIntegrations:input_type -> switchboard.api.integration.v1.WatchIntegrationsRequest
-	19, // 40: switchboard.api.integration.v1.IntegrationService.ListTools:input_type -> switchboard.api.integration.v1.ListToolsRequest
-	21, // 41: switchboard.api.integration.v1.IntegrationService.InvokeTool:input_type -> switchboard.api.integration.v1.InvokeToolRequest
-	24, // 42: switchboard.api.integration.v1.IntegrationService.ListWebhookDeliveries:input_type -> switchboard.api.integration.v1.ListWebhookDeliveriesRequest
-	26, // 43: switchboard.api.integration.v1.IntegrationService.RedeliverWebhook:input_type -> switchboard.api.integration.v1.RedeliverWebhookRequest
-	7,  // 44: switchboard.api.integration.v1.IntegrationService.CreateIntegration:output_type -> switchboard.api.integration.v1.CreateIntegrationResponse
-	9,  // 45: switchboard.api.integration.v1.IntegrationService.GetIntegration:output_type -> switchboard.api.integration.v1.GetIntegrationResponse
-	11, // 46: switchboard.api.integration.v1.IntegrationService.ListIntegrations:output_type -> switchboard.api.integration.v1.ListIntegrationsResponse
-	13, // 47: switchboard.api.integration.v1.IntegrationService.UpdateIntegration:output_type -> switchboard.api.integration.v1.UpdateIntegrationResponse
-	15, // 48: switchboard.api.integration.v1.IntegrationService.DeleteIntegration:output_type -> switchboard.api.integration.v1.DeleteIntegrationResponse
-	17, // 49: switchboard.api.integration.v1.IntegrationService.WatchIntegrations:output_type -> switchboard.api.integration.v1.WatchIntegrationsResponse
-	20, // 50: switchboard.api.integration.v1.IntegrationService.ListTools:output_type -> switchboard.api.integration.v1.ListToolsResponse
-	22, // 51: switchboard.api.integration.v1.IntegrationService.InvokeTool:output_type -> switchboard.api.integration.v1.InvokeToolResponse
-	25, // 52: switchboard.api.integration.v1.IntegrationService.ListWebhookDeliveries:output_type -> switchboard.api.integration.v1.ListWebhookDeliveriesResponse
-	27, // 53: switchboard.api.integration.v1.IntegrationService.RedeliverWebhook:output_type -> switchboard.api.integration.v1.RedeliverWebhookResponse
-	44, // [44:54] is the sub-list for method output_type
-	34, // [34:44] is the sub-list for method input_type
-	34, // [34:34] is the sub-list for extension type_name
-	34, // [34:34] is the sub-list for extension extendee
-	0,  // [0:34] is the sub-list for field type_name
+	34, // 28: switchboard.api.integration.v1.InvokeToolResponse.files:type_name -> switchboard.api.context.v1.FileReference
+	3,  // 29: switchboard.api.integration.v1.WebhookDelivery.state:type_name -> switchboard.api.integration.v1.DeliveryState
+	29, // 30: switchboard.api.integration.v1.WebhookDelivery.create_time:type_name -> google.protobuf.Timestamp
+	29, // 31: switchboard.api.integration.v1.WebhookDelivery.last_attempt_time:type_name -> google.protobuf.Timestamp
+	29, // 32: switchboard.api.integration.v1.WebhookDelivery.next_attempt_time:type_name -> google.protobuf.Timestamp
+	23, // 33: switchboard.api.integration.v1.ListWebhookDeliveriesResponse.deliveries:type_name -> switchboard.api.integration.v1.WebhookDelivery
+	23, // 34: switchboard.api.integration.v1.RedeliverWebhookResponse.delivery:type_name -> switchboard.api.integration.v1.WebhookDelivery
+	6,  // 35: switchboard.api.integration.v1.IntegrationService.CreateIntegration:input_type -> switchboard.api.integration.v1.CreateIntegrationRequest
+	8,  // 36: switchboard.api.integration.v1.IntegrationService.GetIntegration:input_type -> switchboard.api.integration.v1.GetIntegrationRequest
+	10, // 37: switchboard.api.integration.v1.IntegrationService.ListIntegrations:input_type -> switchboard.api.integration.v1.ListIntegrationsRequest
+	12, // 38: switchboard.api.integration.v1.IntegrationService.UpdateIntegration:input_type -> switchboard.api.integration.v1.UpdateIntegrationRequest
+	14, // 39: switchboard.api.integration.v1.IntegrationService.DeleteIntegration:input_type -> switchboard.api.integration.v1.DeleteIntegrationRequest
+	16, // 40: switchboard.api.integration.v1.IntegrationService.WatchIntegrations:input_type -> switchboard.api.integration.v1.WatchIntegrationsRequest
+	19, // 41: switchboard.api.integration.v1.IntegrationService.ListTools:input_type -> switchboard.api.integration.v1.ListToolsRequest
+	21, // 42: switchboard.api.integration.v1.IntegrationService.InvokeTool:input_type -> switchboard.api.integration.v1.InvokeToolRequest
+	24, // 43: switchboard.api.integration.v1.IntegrationService.ListWebhookDeliveries:input_type -> switchboard.api.integration.v1.ListWebhookDeliveriesRequest
+	26, // 44: switchboard.api.integration.v1.IntegrationService.RedeliverWebhook:input_type -> switchboard.api.integration.v1.RedeliverWebhookRequest
+	7,  // 45: switchboard.api.integration.v1.IntegrationService.CreateIntegration:output_type -> switchboard.api.integration.v1.CreateIntegrationResponse
+	9,  // 46: switchboard.api.integration.v1.IntegrationService.GetIntegration:output_type -> switchboard.api.integration.v1.GetIntegrationResponse
+	11, // 47: switchboard.api.integration.v1.IntegrationService.ListIntegrations:output_type -> switchboard.api.integration.v1.ListIntegrationsResponse
+	13, // 48: switchboard.api.integration.v1.IntegrationService.UpdateIntegration:output_type -> switchboard.api.integration.v1.UpdateIntegrationResponse
+	15, // 49: switchboard.api.integration.v1.IntegrationService.DeleteIntegration:output_type -> switchboard.api.integration.v1.DeleteIntegrationResponse
+	17, // 50: switchboard.api.integration.v1.IntegrationService.WatchIntegrations:output_type -> switchboard.api.integration.v1.WatchIntegrationsResponse
+	20, // 51: switchboard.api.integration.v1.IntegrationService.ListTools:output_type -> switchboard.api.integration.v1.ListToolsResponse
+	22, // 52: switchboard.api.integration.v1.IntegrationService.InvokeTool:output_type -> switchboard.api.integration.v1.InvokeToolResponse
+	25, // 53: switchboard.api.integration.v1.IntegrationService.ListWebhookDeliveries:output_type -> switchboard.api.integration.v1.ListWebhookDeliveriesResponse
+	27, // 54: switchboard.api.integration.v1.IntegrationService.RedeliverWebhook:output_type -> switchboard.api.integration.v1.RedeliverWebhookResponse
+	45, // [45:55] is the sub-list for method output_type
+	35, // [35:45] is the sub-list for method input_type
+	35, // [35:35] is the sub-list for extension type_name
+	35, // [35:35] is the sub-list for extension extendee
+	0,  // [0:35] is the sub-list for field type_name
 }
 
 func init() { file_switchboard_api_integration_v1_integration_proto_init() }

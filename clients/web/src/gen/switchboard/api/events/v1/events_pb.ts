@@ -12,7 +12,7 @@ import type { ClientInfo } from "../../auth/v1/auth_pb";
 import { file_switchboard_api_auth_v1_auth } from "../../auth/v1/auth_pb";
 import type { ErrorReason } from "../../common/v1/errors_pb";
 import { file_switchboard_api_common_v1_errors } from "../../common/v1/errors_pb";
-import type { Conversation, MemoryItem, Message as Message$1, Workspace, WorkspaceMember } from "../../context/v1/context_pb";
+import type { Conversation, File, MemoryItem, Message as Message$1, Workspace, WorkspaceMember } from "../../context/v1/context_pb";
 import { file_switchboard_api_context_v1_context } from "../../context/v1/context_pb";
 import type { Assistant, Budget, BudgetUsage, RunUpdate } from "../../dispatcher/v1/dispatcher_pb";
 import { file_switchboard_api_dispatcher_v1_dispatcher } from "../../dispatcher/v1/dispatcher_pb";
@@ -24,7 +24,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file switchboard/api/events/v1/events.proto.
  */
 export const file_switchboard_api_events_v1_events: GenFile = /*@__PURE__*/
-  fileDesc("CiZzd2l0Y2hib2FyZC9hcGkvZXZlbnRzL3YxL2V2ZW50cy5wcm90bxIZc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MSJNCgVTY29wZRIOCgR1c2VyGAEgASgJSAASEwoJd29ya3NwYWNlGAIgASgJSAASFgoMY29udmVyc2F0aW9uGAMgASgJSABCBwoFc2NvcGUiKQoFQWN0b3ISDAoEbmFtZRgBIAEoCRISCgpjcmVkZW50aWFsGAIgASgJIoMBChBXb3Jrc3BhY2VDaGFuZ2VkEjUKBmNoYW5nZRgBIAEoDjIlLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuQ2hhbmdlS2luZBI4Cgl3b3Jrc3BhY2UYAiABKAsyJS5zd2l0Y2hib2FyZC5hcGkuY29udGV4dC52MS5Xb3Jrc3BhY2UigwEKDU1lbWJlckNoYW5nZWQSNQoGY2hhbmdlGAEgASgOMiUuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5DaGFuZ2VLaW5kEjsKBm1lbWJlchgCIAEoCzIrLnN3aXRjaGJvYXJkLmFwaS5jb250ZXh0LnYxLldvcmtzcGFjZU1lbWJlciKMAQoTQ29udmVyc2F0aW9uQ2hhbmdlZBI1CgZjaGFuZ2UYASABKA4yJS5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkNoYW5nZUtpbmQSPgoMY29udmVyc2F0aW9uGAIgASgLMiguc3dpdGNoYm9hcmQuYXBpLmNvbnRleHQudjEuQ29udmVyc2F0aW9uIkYKDk1lc3NhZ2VDcmVhdGVkEjQKB21lc3NhZ2UYASABKAsyIy5zd2l0Y2hib2FyZC5hcGkuY29udGV4dC52MS5NZXNzYWdlIoMBCg1NZW1vcnlDaGFuZ2VkEjUKBmNoYW5nZRgBIAEoDjIlLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuQ2hhbmdlS2luZBI7CgttZW1vcnlfaXRlbRgCIAEoCzImLnN3aXRjaGJvYXJkLmFwaS5jb250ZXh0LnYxLk1lbW9yeUl0ZW0iRgoKUnVuVXBkYXRlZBI4CgZ1cGRhdGUYASABKAsyKC5zd2l0Y2hib2FyZC5hcGkuZGlzcGF0Y2hlci52MS5SdW5VcGRhdGUinQEKD01lc3NhZ2VGaWx0ZXJlZBIUCgxjb252ZXJzYXRpb24YASABKAkSDgoGZmlsdGVyGAIgASgJEhAKCHJlamVjdGVkGAMgASgIEjYKBnJlYXNvbhgEIAEoDjImLnN3aXRjaGJvYXJkLmFwaS5jb21tb24udjEuRXJyb3JSZWFzb24SDQoFZmxhZ3MYBSADKAkSCwoDcnVuGAYgASgJIo0BChJJbnRlZ3JhdGlvbkNoYW5nZWQSNQoGY2hhbmdlGAEgASgOMiUuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5DaGFuZ2VLaW5kEkAKC2ludGVncmF0aW9uGAIgASgLMisuc3dpdGNoYm9hcmQuYXBpLmludGVncmF0aW9uLnYxLkludGVncmF0aW9uIoYBChBBc3Npc3RhbnRDaGFuZ2VkEjUKBmNoYW5nZRgBIAEoDjIlLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuQ2hhbmdlS2luZBI7Cglhc3Npc3RhbnQYAiABKAsyKC5zd2l0Y2hib2FyZC5hcGkuZGlzcGF0Y2hlci52MS5Bc3Npc3RhbnQifQoNQnVkZ2V0Q2hhbmdlZBI1CgZjaGFuZ2UYASABKA4yJS5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkNoYW5nZUtpbmQSNQoGYnVkZ2V0GAIgASgLMiUuc3dpdGNoYm9hcmQuYXBpLmRpc3BhdGNoZXIudjEuQnVkZ2V0Ir0BCgtCdWRnZXRBbGVydBI4CgRraW5kGAEgASgOMiouc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5CdWRnZXRBbGVydEtpbmQSDgoGYnVkZ2V0GAIgASgJEg8KB3BlcmNlbnQYAyABKAUSCwoDY2FwGAQgASgJEjkKBXVzYWdlGAUgASgLMiouc3dpdGNoYm9hcmQuYXBpLmRpc3BhdGNoZXIudjEuQnVkZ2V0VXNhZ2USCwoDcnVuGAYgASgJIosBCgtUb29sSW52b2tlZBIMCgR0b29sGAEgASgJEisKCGR1cmF0aW9uGAIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEiIKBnN0YXR1cxgDIAEoCzISLmdvb2dsZS5ycGMuU3RhdHVzEhAKCGlzX2Vycm9yGAQgASgIEgsKA3J1bhgFIAEoCSK/AQoNU2VjdXJpdHlFdmVudBI6CgRraW5kGAEgASgOMiwuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5TZWN1cml0eUV2ZW50S2luZBIPCgdzZXNzaW9uGAIgASgJEg8KB2FwaV9rZXkYAyABKAkSFgoOY2xpZW50X2FkZHJlc3MYBCABKAkSOAoLY2xpZW50X2luZm8YBSABKAsyIy5zd2l0Y2hib2FyZC5hcGkuYXV0aC52MS5DbGllbnRJbmZvIvwICgVFdmVudBIKCgJpZBgBIAEoCRIOCgZjdXJzb3IYAiABKAkSMgoEdHlwZRgDIAEoDjIkLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuRXZlbnRUeXBlEigKBHRpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KBWFjdG9yGAUgASgLMiAuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5BY3RvchIMCgR1c2VyGAYgASgJEhEKCXdvcmtzcGFjZRgHIAEoCRIUCgxjb252ZXJzYXRpb24YCCABKAkSSAoRd29ya3NwYWNlX2NoYW5nZWQYCiABKAsyKy5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLldvcmtzcGFjZUNoYW5nZWRIABJCCg5tZW1iZXJfY2hhbmdlZBgLIAEoCzIoLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuTWVtYmVyQ2hhbmdlZEgAEk4KFGNvbnZlcnNhdGlvbl9jaGFuZ2VkGAwgASgLMi4uc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5Db252ZXJzYXRpb25DaGFuZ2VkSAASRAoPbWVzc2FnZV9jcmVhdGVkGA0gASgLMikuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5NZXNzYWdlQ3JlYXRlZEgAEkIKDm1lbW9yeV9jaGFuZ2VkGA4gASgLMiguc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5NZW1vcnlDaGFuZ2VkSAASPAoLcnVuX3VwZGF0ZWQYDyABKAsyJS5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlJ1blVwZGF0ZWRIABJMChNpbnRlZ3JhdGlvbl9jaGFuZ2VkGBAgASgLMi0uc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5JbnRlZ3JhdGlvbkNoYW5nZWRIABI8CghzZWN1cml0eRgRIAEoCzIoLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuU2VjdXJpdHlFdmVudEgAEkYKEG1lc3NhZ2VfZmlsdGVyZWQYEiABKAsyKi5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLk1lc3NhZ2VGaWx0ZXJlZEgAEj4KDHRvb2xfaW52b2tlZBgTIAEoCzImLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuVG9vbEludm9rZWRIABJIChFhc3Npc3RhbnRfY2hhbmdlZBgUIAEoCzIrLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuQXNzaXN0YW50Q2hhbmdlZEgAEkIKDmJ1ZGdldF9jaGFuZ2VkGBUgASgLMiguc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5CdWRnZXRDaGFuZ2VkSAASPgoMYnVkZ2V0X2FsZXJ0GBYgASgLMiYuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5CdWRnZXRBbGVydEgAQgkKB3BheWxvYWQijwEKEFN1YnNjcmliZVJlcXVlc3QSMAoGc2NvcGVzGAEgAygLMiAuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5TY29wZRIUCgxhZnRlcl9jdXJzb3IYAiABKAkSMwoFdHlwZXMYAyADKA4yJC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkV2ZW50VHlwZSJOCgpFdmVudEJhdGNoEjAKBmV2ZW50cxgBIAMoCzIgLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuRXZlbnQSDgoGY3Vyc29yGAIgASgJIkUKCUhlYXJ0YmVhdBIoCgR0aW1lGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIOCgZjdXJzb3IYAiABKAkijwEKEVN1YnNjcmliZVJlc3BvbnNlEjYKBWJhdGNoGAEgASgLMiUuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5FdmVudEJhdGNoSAASOQoJaGVhcnRiZWF0GAIgASgLMiQuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5IZWFydGJlYXRIAEIHCgVmcmFtZSKnAQoPQWRkU3Vic2NyaXB0aW9uEhcKD3N1YnNjcmlwdGlvbl9pZBgBIAEoCRIwCgZzY29wZXMYAiADKAsyIC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlNjb3BlEhQKDGFmdGVyX2N1cnNvchgDIAEoCRIzCgV0eXBlcxgEIAMoDjIkLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuRXZlbnRUeXBlIi0KElJlbW92ZVN1YnNjcmlwdGlvbhIXCg9zdWJzY3JpcHRpb25faWQYASABKAkiLgoDQWNrEhcKD3N1YnNjcmlwdGlvbl9pZBgBIAEoCRIOCgZjdXJzb3IYAiABKAkiFQoEUGluZxINCgVub25jZRgBIAEoCSL0AQoNU3RyZWFtUmVxdWVzdBI5CgNhZGQYASABKAsyKi5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkFkZFN1YnNjcmlwdGlvbkgAEj8KBnJlbW92ZRgCIAEoCzItLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuUmVtb3ZlU3Vic2NyaXB0aW9uSAASLQoDYWNrGAMgASgLMh4uc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5BY2tIABIvCgRwaW5nGAQgASgLMh8uc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5QaW5nSABCBwoFZnJhbWUiPwoEUG9uZxINCgVub25jZRgBIAEoCRIoCgR0aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCIsChFTdWJzY3JpcHRpb25BZGRlZBIXCg9zdWJzY3JpcHRpb25faWQYASABKAkiYgoRU3Vic2NyaXB0aW9uRW5kZWQSFwoPc3Vic2NyaXB0aW9uX2lkGAEgASgJEgwKBGNvZGUYAiABKAUSDwoHbWVzc2FnZRgDIAEoCRIVCg1yZXN1bWVfY3Vyc29yGAQgASgJImMKElN1YnNjcmlwdGlvbkV2ZW50cxIXCg9zdWJzY3JpcHRpb25faWQYASABKAkSNAoFYmF0Y2gYAiABKAsyJS5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkV2ZW50QmF0Y2gixAIKDlN0cmVhbVJlc3BvbnNlEj8KBmV2ZW50cxgBIAEoCzItLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuU3Vic2NyaXB0aW9uRXZlbnRzSAASPQoFYWRkZWQYAiABKAsyLC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlN1YnNjcmlwdGlvbkFkZGVkSAASPQoFZW5kZWQYAyABKAsyLC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlN1YnNjcmlwdGlvbkVuZGVkSAASLwoEcG9uZxgEIAEoCzIfLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuUG9uZ0gAEjkKCWhlYXJ0YmVhdBgFIAEoCzIkLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuSGVhcnRiZWF0SABCBwoFZnJhbWUitwEKEUxpc3RFdmVudHNSZXF1ZXN0EjAKBnNjb3BlcxgBIAMoCzIgLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuU2NvcGUSFAoMYWZ0ZXJfY3Vyc29yGAIgASgJEjMKBXR5cGVzGAMgAygOMiQuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5FdmVudFR5cGUSEQoJcGFnZV9zaXplGAQgASgFEhIKCnBhZ2VfdG9rZW4YBSABKAkidgoSTGlzdEV2ZW50c1Jlc3BvbnNlEjAKBmV2ZW50cxgBIAMoCzIgLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuRXZlbnQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJEhUKDW9sZGVzdF9jdXJzb3IYAyABKAkqwQMKCUV2ZW50VHlwZRIaChZFVkVOVF9UWVBFX1VOU1BFQ0lGSUVEEAASIAocRVZFTlRfVFlQRV9XT1JLU1BBQ0VfQ0hBTkdFRBABEh0KGUVWRU5UX1RZUEVfTUVNQkVSX0NIQU5HRUQQAhIjCh9FVkVOVF9UWVBFX0NPTlZFUlNBVElPTl9DSEFOR0VEEAMSHgoaRVZFTlRfVFlQRV9NRVNTQUdFX0NSRUFURUQQBBIdChlFVkVOVF9UWVBFX01FTU9SWV9DSEFOR0VEEAUSGgoWRVZFTlRfVFlQRV9SVU5fVVBEQVRFRBAGEiIKHkVWRU5UX1RZUEVfSU5URUdSQVRJT05fQ0hBTkdFRBAHEhcKE0VWRU5UX1RZUEVfU0VDVVJJVFkQCBIfChtFVkVOVF9UWVBFX01FU1NBR0VfRklMVEVSRUQQCRIbChdFVkVOVF9UWVBFX1RPT0xfSU5WT0tFRBAKEiAKHEVWRU5UX1RZUEVfQVNTSVNUQU5UX0NIQU5HRUQQCxIdChlFVkVOVF9UWVBFX0JVREdFVF9DSEFOR0VEEAwSGwoXRVZFTlRfVFlQRV9CVURHRVRfQUxFUlQQDSp0CgpDaGFuZ2VLaW5kEhsKF0NIQU5HRV9LSU5EX1VOU1BFQ0lGSUVEEAASFwoTQ0hBTkdFX0tJTkRfQ1JFQVRFRBABEhcKE0NIQU5HRV9LSU5EX1VQREFURUQQAhIXChNDSEFOR0VfS0lORF9ERUxFVEVEEAMqngEKD0J1ZGdldEFsZXJ0S2luZBIhCh1CVURHRVRfQUxFUlRfS0lORF9VTlNQRUNJRklFRBAAEh8KG0JVREdFVF9BTEVSVF9LSU5EX1RIUkVTSE9MRBABEiUKIUJVREdFVF9BTEVSVF9LSU5EX01FU1NBR0VfUkVGVVNFRBACEiAKHEJVREdFVF9BTEVSVF9LSU5EX1JVTl9QQVVTRUQQAyqyAgoRU2VjdXJpdHlFdmVudEtpbmQSIwofU0VDVVJJVFlfRVZFTlRfS0lORF9VTlNQRUNJRklFRBAAEicKI1NFQ1VSSVRZX0VWRU5UX0tJTkRfTE9HSU5fU1VDQ0VFREVEEAESJAogU0VDVVJJVFlfRVZFTlRfS0lORF9MT0dJTl9GQUlMRUQQAhIuCipTRUNVUklUWV9FVkVOVF9LSU5EX1JFRlJFU0hfUkVVU0VfREVURUNURUQQAxInCiNTRUNVUklUWV9FVkVOVF9LSU5EX1NFU1NJT05fUkVWT0tFRBAEEicKI1NFQ1VSSVRZX0VWRU5UX0tJTkRfQVBJX0tFWV9DUkVBVEVEEAUSJwojU0VDVVJJVFlfRVZFTlRfS0lORF9BUElfS0VZX1JFVk9LRUQQBjLLAgoMRXZlbnRTZXJ2aWNlEmgKCVN1YnNjcmliZRIrLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuU3Vic2NyaWJlUmVxdWVzdBosLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuU3Vic2NyaWJlUmVzcG9uc2UwARJhCgZTdHJlYW0SKC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlN0cmVhbVJlcXVlc3QaKS5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlN0cmVhbVJlc3BvbnNlKAEwARJuCgpMaXN0RXZlbnRzEiwuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5MaXN0RXZlbnRzUmVxdWVzdBotLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuTGlzdEV2ZW50c1Jlc3BvbnNlIgOQAgFCXAodZGV2LnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjFQAVo5c3dpdGNoYm9hcmQuZGV2L2dvL2dlbi9zd2l0Y2hib2FyZC9hcGkvZXZlbnRzL3YxO2V2ZW50c3YxYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_google_rpc_status, file_switchboard_api_auth_v1_auth, file_switchboard_api_common_v1_errors, file_switchboard_api_context_v1_context, file_switchboard_api_dispatcher_v1_dispatcher, file_switchboard_api_integration_v1_integration]);
+  fileDesc("CiZzd2l0Y2hib2FyZC9hcGkvZXZlbnRzL3YxL2V2ZW50cy5wcm90bxIZc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MSJNCgVTY29wZRIOCgR1c2VyGAEgASgJSAASEwoJd29ya3NwYWNlGAIgASgJSAASFgoMY29udmVyc2F0aW9uGAMgASgJSABCBwoFc2NvcGUiKQoFQWN0b3ISDAoEbmFtZRgBIAEoCRISCgpjcmVkZW50aWFsGAIgASgJIoMBChBXb3Jrc3BhY2VDaGFuZ2VkEjUKBmNoYW5nZRgBIAEoDjIlLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuQ2hhbmdlS2luZBI4Cgl3b3Jrc3BhY2UYAiABKAsyJS5zd2l0Y2hib2FyZC5hcGkuY29udGV4dC52MS5Xb3Jrc3BhY2UigwEKDU1lbWJlckNoYW5nZWQSNQoGY2hhbmdlGAEgASgOMiUuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5DaGFuZ2VLaW5kEjsKBm1lbWJlchgCIAEoCzIrLnN3aXRjaGJvYXJkLmFwaS5jb250ZXh0LnYxLldvcmtzcGFjZU1lbWJlciKMAQoTQ29udmVyc2F0aW9uQ2hhbmdlZBI1CgZjaGFuZ2UYASABKA4yJS5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkNoYW5nZUtpbmQSPgoMY29udmVyc2F0aW9uGAIgASgLMiguc3dpdGNoYm9hcmQuYXBpLmNvbnRleHQudjEuQ29udmVyc2F0aW9uIkYKDk1lc3NhZ2VDcmVhdGVkEjQKB21lc3NhZ2UYASABKAsyIy5zd2l0Y2hib2FyZC5hcGkuY29udGV4dC52MS5NZXNzYWdlIoMBCg1NZW1vcnlDaGFuZ2VkEjUKBmNoYW5nZRgBIAEoDjIlLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuQ2hhbmdlS2luZBI7CgttZW1vcnlfaXRlbRgCIAEoCzImLnN3aXRjaGJvYXJkLmFwaS5jb250ZXh0LnYxLk1lbW9yeUl0ZW0idAoLRmlsZUNoYW5nZWQSNQoGY2hhbmdlGAEgASgOMiUuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5DaGFuZ2VLaW5kEi4KBGZpbGUYAiABKAsyIC5zd2l0Y2hib2FyZC5hcGkuY29udGV4dC52MS5GaWxlIkYKClJ1blVwZGF0ZWQSOAoGdXBkYXRlGAEgASgLMiguc3dpdGNoYm9hcmQuYXBpLmRpc3BhdGNoZXIudjEuUnVuVXBkYXRlIp0BCg9NZXNzYWdlRmlsdGVyZWQSFAoMY29udmVyc2F0aW9uGAEgASgJEg4KBmZpbHRlchgCIAEoCRIQCghyZWplY3RlZBgDIAEoCBI2CgZyZWFzb24YBCABKA4yJi5zd2l0Y2hib2FyZC5hcGkuY29tbW9uLnYxLkVycm9yUmVhc29uEg0KBWZsYWdzGAUgAygJEgsKA3J1bhgGIAEoCSKNAQoSSW50ZWdyYXRpb25DaGFuZ2VkEjUKBmNoYW5nZRgBIAEoDjIlLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuQ2hhbmdlS2luZBJACgtpbnRlZ3JhdGlvbhgCIAEoCzIrLnN3aXRjaGJvYXJkLmFwaS5pbnRlZ3JhdGlvbi52MS5JbnRlZ3JhdGlvbiKGAQoQQXNzaXN0YW50Q2hhbmdlZBI1CgZjaGFuZ2UYASABKA4yJS5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkNoYW5nZUtpbmQSOwoJYXNzaXN0YW50GAIgASgLMiguc3dpdGNoYm9hcmQuYXBpLmRpc3BhdGNoZXIudjEuQXNzaXN0YW50In0KDUJ1ZGdldENoYW5nZWQSNQoGY2hhbmdlGAEgASgOMiUuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5DaGFuZ2VLaW5kEjUKBmJ1ZGdldBgCIAEoCzIlLnN3aXRjaGJvYXJkLmFwaS5kaXNwYXRjaGVyLnYxLkJ1ZGdldCK9AQoLQnVkZ2V0QWxlcnQSOAoEa2luZBgBIAEoDjIqLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuQnVkZ2V0QWxlcnRLaW5kEg4KBmJ1ZGdldBgCIAEoCRIPCgdwZXJjZW50GAMgASgFEgsKA2NhcBgEIAEoCRI5CgV1c2FnZRgFIAEoCzIqLnN3aXRjaGJvYXJkLmFwaS5kaXNwYXRjaGVyLnYxLkJ1ZGdldFVzYWdlEgsKA3J1bhgGIAEoCSKLAQoLVG9vbEludm9rZWQSDAoEdG9vbBgBIAEoCRIrCghkdXJhdGlvbhgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIiCgZzdGF0dXMYAyABKAsyEi5nb29nbGUucnBjLlN0YXR1cxIQCghpc19lcnJvchgEIAEoCBILCgNydW4YBSABKAkivwEKDVNlY3VyaXR5RXZlbnQSOgoEa2luZBgBIAEoDjIsLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuU2VjdXJpdHlFdmVudEtpbmQSDwoHc2Vzc2lvbhgCIAEoCRIPCgdhcGlfa2V5GAMgASgJEhYKDmNsaWVudF9hZGRyZXNzGAQgASgJEjgKC2NsaWVudF9pbmZvGAUgASgLMiMuc3dpdGNoYm9hcmQuYXBpLmF1dGgudjEuQ2xpZW50SW5mbyK8CQoFRXZlbnQSCgoCaWQYASABKAkSDgoGY3Vyc29yGAIgASgJEjIKBHR5cGUYAyABKA4yJC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkV2ZW50VHlwZRIoCgR0aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgVhY3RvchgFIAEoCzIgLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuQWN0b3ISDAoEdXNlchgGIAEoCRIRCgl3b3Jrc3BhY2UYByABKAkSFAoMY29udmVyc2F0aW9uGAggASgJEkgKEXdvcmtzcGFjZV9jaGFuZ2VkGAogASgLMisuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5Xb3Jrc3BhY2VDaGFuZ2VkSAASQgoObWVtYmVyX2NoYW5nZWQYCyABKAsyKC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLk1lbWJlckNoYW5nZWRIABJOChRjb252ZXJzYXRpb25fY2hhbmdlZBgMIAEoCzIuLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuQ29udmVyc2F0aW9uQ2hhbmdlZEgAEkQKD21lc3NhZ2VfY3JlYXRlZBgNIAEoCzIpLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuTWVzc2FnZUNyZWF0ZWRIABJCCg5tZW1vcnlfY2hhbmdlZBgOIAEoCzIoLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuTWVtb3J5Q2hhbmdlZEgAEjwKC3J1bl91cGRhdGVkGA8gASgLMiUuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5SdW5VcGRhdGVkSAASTAoTaW50ZWdyYXRpb25fY2hhbmdlZBgQIAEoCzItLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuSW50ZWdyYXRpb25DaGFuZ2VkSAASPAoIc2VjdXJpdHkYESABKAsyKC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlNlY3VyaXR5RXZlbnRIABJGChBtZXNzYWdlX2ZpbHRlcmVkGBIgASgLMiouc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5NZXNzYWdlRmlsdGVyZWRIABI+Cgx0b29sX2ludm9rZWQYEyABKAsyJi5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlRvb2xJbnZva2VkSAASSAoRYXNzaXN0YW50X2NoYW5nZWQYFCABKAsyKy5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkFzc2lzdGFudENoYW5nZWRIABJCCg5idWRnZXRfY2hhbmdlZBgVIAEoCzIoLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuQnVkZ2V0Q2hhbmdlZEgAEj4KDGJ1ZGdldF9hbGVydBgWIAEoCzImLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuQnVkZ2V0QWxlcnRIABI+CgxmaWxlX2NoYW5nZWQYFyABKAsyJi5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkZpbGVDaGFuZ2VkSABCCQoHcGF5bG9hZCKPAQoQU3Vic2NyaWJlUmVxdWVzdBIwCgZzY29wZXMYASADKAsyIC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlNjb3BlEhQKDGFmdGVyX2N1cnNvchgCIAEoCRIzCgV0eXBlcxgDIAMoDjIkLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuRXZlbnRUeXBlIk4KCkV2ZW50QmF0Y2gSMAoGZXZlbnRzGAEgAygLMiAuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5FdmVudBIOCgZjdXJzb3IYAiABKAkiRQoJSGVhcnRiZWF0EigKBHRpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBmN1cnNvchgCIAEoCSKPAQoRU3Vic2NyaWJlUmVzcG9uc2USNgoFYmF0Y2gYASABKAsyJS5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkV2ZW50QmF0Y2hIABI5CgloZWFydGJlYXQYAiABKAsyJC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkhlYXJ0YmVhdEgAQgcKBWZyYW1lIqcBCg9BZGRTdWJzY3JpcHRpb24SFwoPc3Vic2NyaXB0aW9uX2lkGAEgASgJEjAKBnNjb3BlcxgCIAMoCzIgLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuU2NvcGUSFAoMYWZ0ZXJfY3Vyc29yGAMgASgJEjMKBXR5cGVzGAQgAygOMiQuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5FdmVudFR5cGUiLQoSUmVtb3ZlU3Vic2NyaXB0aW9uEhcKD3N1YnNjcmlwdGlvbl9pZBgBIAEoCSIuCgNBY2sSFwoPc3Vic2NyaXB0aW9uX2lkGAEgASgJEg4KBmN1cnNvchgCIAEoCSIVCgRQaW5nEg0KBW5vbmNlGAEgASgJIvQBCg1TdHJlYW1SZXF1ZXN0EjkKA2FkZBgBIAEoCzIqLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuQWRkU3Vic2NyaXB0aW9uSAASPwoGcmVtb3ZlGAIgASgLMi0uc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5SZW1vdmVTdWJzY3JpcHRpb25IABItCgNhY2sYAyABKAsyHi5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkFja0gAEi8KBHBpbmcYBCABKAsyHy5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlBpbmdIAEIHCgVmcmFtZSI/CgRQb25nEg0KBW5vbmNlGAEgASgJEigKBHRpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIiwKEVN1YnNjcmlwdGlvbkFkZGVkEhcKD3N1YnNjcmlwdGlvbl9pZBgBIAEoCSJiChFTdWJzY3JpcHRpb25FbmRlZBIXCg9zdWJzY3JpcHRpb25faWQYASABKAkSDAoEY29kZRgCIAEoBRIPCgdtZXNzYWdlGAMgASgJEhUKDXJlc3VtZV9jdXJzb3IYBCABKAkiYwoSU3Vic2NyaXB0aW9uRXZlbnRzEhcKD3N1YnNjcmlwdGlvbl9pZBgBIAEoCRI0CgViYXRjaBgCIAEoCzIlLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuRXZlbnRCYXRjaCLEAgoOU3RyZWFtUmVzcG9uc2USPwoGZXZlbnRzGAEgASgLMi0uc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5TdWJzY3JpcHRpb25FdmVudHNIABI9CgVhZGRlZBgCIAEoCzIsLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuU3Vic2NyaXB0aW9uQWRkZWRIABI9CgVlbmRlZBgDIAEoCzIsLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuU3Vic2NyaXB0aW9uRW5kZWRIABIvCgRwb25nGAQgASgLMh8uc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5Qb25nSAASOQoJaGVhcnRiZWF0GAUgASgLMiQuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5IZWFydGJlYXRIAEIHCgVmcmFtZSK3AQoRTGlzdEV2ZW50c1JlcXVlc3QSMAoGc2NvcGVzGAEgAygLMiAuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5TY29wZRIUCgxhZnRlcl9jdXJzb3IYAiABKAkSMwoFdHlwZXMYAyADKA4yJC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkV2ZW50VHlwZRIRCglwYWdlX3NpemUYBCABKAUSEgoKcGFnZV90b2tlbhgFIAEoCSJ2ChJMaXN0RXZlbnRzUmVzcG9uc2USMAoGZXZlbnRzGAEgAygLMiAuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5FdmVudBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkSFQoNb2xkZXN0X2N1cnNvchgDIAEoCSreAwoJRXZlbnRUeXBlEhoKFkVWRU5UX1RZUEVfVU5TUEVDSUZJRUQQABIgChxFVkVOVF9UWVBFX1dPUktTUEFDRV9DSEFOR0VEEAESHQoZRVZFTlRfVFlQRV9NRU1CRVJfQ0hBTkdFRBACEiMKH0VWRU5UX1RZUEVfQ09OVkVSU0FUSU9OX0NIQU5HRUQQAxIeChpFVkVOVF9UWVBFX01FU1NBR0VfQ1JFQVRFRBAEEh0KGUVWRU5UX1RZUEVfTUVNT1JZX0NIQU5HRUQQBRIaChZFVkVOVF9UWVBFX1JVTl9VUERBVEVEEAYSIgoeRVZFTlRfVFlQRV9JTlRFR1JBVElPTl9DSEFOR0VEEAcSFwoTRVZFTlRfVFlQRV9TRUNVUklUWRAIEh8KG0VWRU5UX1RZUEVfTUVTU0FHRV9GSUxURVJFRBAJEhsKF0VWRU5UX1RZUEVfVE9PTF9JTlZPS0VEEAoSIAocRVZFTlRfVFlQRV9BU1NJU1RBTlRfQ0hBTkdFRBALEh0KGUVWRU5UX1RZUEVfQlVER0VUX0NIQU5HRUQQDBIbChdFVkVOVF9UWVBFX0JVREdFVF9BTEVSVBANEhsKF0VWRU5UX1RZUEVfRklMRV9DSEFOR0VEEA4qdAoKQ2hhbmdlS2luZBIbChdDSEFOR0VfS0lORF9VTlNQRUNJRklFRBAAEhcKE0NIQU5HRV9LSU5EX0NSRUFURUQQARIXChNDSEFOR0VfS0lORF9VUERBVEVEEAISFwoTQ0hBTkdFX0tJTkRfREVMRVRFRBADKp4BCg9CdWRnZXRBbGVydEtpbmQSIQodQlVER0VUX0FMRVJUX0tJTkRfVU5TUEVDSUZJRUQQABIfChtCVURHRVRfQUxFUlRfS0lORF9USFJFU0hPTEQQARIlCiFCVURHRVRfQUxFUlRfS0lORF9NRVNTQUdFX1JFRlVTRUQQAhIgChxCVURHRVRfQUxFUlRfS0lORF9SVU5fUEFVU0VEEAMqsgIKEVNlY3VyaXR5RXZlbnRLaW5kEiMKH1NFQ1VSSVRZX0VWRU5UX0tJTkRfVU5TUEVDSUZJRUQQABInCiNTRUNVUklUWV9FVkVOVF9LSU5EX0xPR0lOX1NVQ0NFRURFRBABEiQKIFNFQ1VSSVRZX0VWRU5UX0tJTkRfTE9HSU5fRkFJTEVEEAISLgoqU0VDVVJJVFlfRVZFTlRfS0lORF9SRUZSRVNIX1JFVVNFX0RFVEVDVEVEEAMSJwojU0VDVVJJVFlfRVZFTlRfS0lORF9TRVNTSU9OX1JFVk9LRUQQBBInCiNTRUNVUklUWV9FVkVOVF9LSU5EX0FQSV9LRVlfQ1JFQVRFRBAFEicKI1NFQ1VSSVRZX0VWRU5UX0tJTkRfQVBJX0tFWV9SRVZPS0VEEAYyywIKDEV2ZW50U2VydmljZRJoCglTdWJzY3JpYmUSKy5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlN1YnNjcmliZVJlcXVlc3QaLC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlN1YnNjcmliZVJlc3BvbnNlMAESYQoGU3RyZWFtEiguc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5TdHJlYW1SZXF1ZXN0Gikuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5TdHJlYW1SZXNwb25zZSgBMAESbgoKTGlzdEV2ZW50cxIsLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuTGlzdEV2ZW50c1JlcXVlc3QaLS5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkxpc3RFdmVudHNSZXNwb25zZSIDkAIBQlwKHWRldi5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxUAFaOXN3aXRjaGJvYXJkLmRldi9nby9nZW4vc3dpdGNoYm9hcmQvYXBpL2V2ZW50cy92MTtldmVudHN2MWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_google_rpc_status, file_switchboard_api_auth_v1_auth, file_switchboard_api_common_v1_errors, file_switchboard_api_context_v1_context, file_switchboard_api_dispatcher_v1_dispatcher, file_switchboard_api_integration_v1_integration]);
 
 /**
  * Which log partition a subscription follows. Exactly one field is set.
@@ -233,6 +233,34 @@ export const MemoryChangedSchema: GenMessage<MemoryChanged> = /*@__PURE__*/
   messageDesc(file_switchboard_api_events_v1_events, 6);
 
 /**
+ * Payload: a file was stored or deleted, or its text state changed.
+ *
+ * @generated from message switchboard.api.events.v1.FileChanged
+ */
+export type FileChanged = Message<"switchboard.api.events.v1.FileChanged"> & {
+  /**
+   * How it changed (UPDATED: its text became ready or failed).
+   *
+   * @generated from field: switchboard.api.events.v1.ChangeKind change = 1;
+   */
+  change: ChangeKind;
+
+  /**
+   * The file, in the BASIC view.
+   *
+   * @generated from field: switchboard.api.context.v1.File file = 2;
+   */
+  file?: File | undefined;
+};
+
+/**
+ * Describes the message switchboard.api.events.v1.FileChanged.
+ * Use `create(FileChangedSchema)` to create a new message.
+ */
+export const FileChangedSchema: GenMessage<FileChanged> = /*@__PURE__*/
+  messageDesc(file_switchboard_api_events_v1_events, 7);
+
+/**
  * Payload: a run produced an update.
  *
  * @generated from message switchboard.api.events.v1.RunUpdated
@@ -251,7 +279,7 @@ export type RunUpdated = Message<"switchboard.api.events.v1.RunUpdated"> & {
  * Use `create(RunUpdatedSchema)` to create a new message.
  */
 export const RunUpdatedSchema: GenMessage<RunUpdated> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 7);
+  messageDesc(file_switchboard_api_events_v1_events, 8);
 
 /**
  * Payload: a pre-dispatch filter refused or flagged a message.
@@ -307,7 +335,7 @@ export type MessageFiltered = Message<"switchboard.api.events.v1.MessageFiltered
  * Use `create(MessageFilteredSchema)` to create a new message.
  */
 export const MessageFilteredSchema: GenMessage<MessageFiltered> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 8);
+  messageDesc(file_switchboard_api_events_v1_events, 9);
 
 /**
  * Payload: an integration changed.
@@ -335,7 +363,7 @@ export type IntegrationChanged = Message<"switchboard.api.events.v1.IntegrationC
  * Use `create(IntegrationChangedSchema)` to create a new message.
  */
 export const IntegrationChangedSchema: GenMessage<IntegrationChanged> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 9);
+  messageDesc(file_switchboard_api_events_v1_events, 10);
 
 /**
  * Payload: an assistant changed.
@@ -363,7 +391,7 @@ export type AssistantChanged = Message<"switchboard.api.events.v1.AssistantChang
  * Use `create(AssistantChangedSchema)` to create a new message.
  */
 export const AssistantChangedSchema: GenMessage<AssistantChanged> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 10);
+  messageDesc(file_switchboard_api_events_v1_events, 11);
 
 /**
  * Payload: a budget changed.
@@ -391,7 +419,7 @@ export type BudgetChanged = Message<"switchboard.api.events.v1.BudgetChanged"> &
  * Use `create(BudgetChangedSchema)` to create a new message.
  */
 export const BudgetChangedSchema: GenMessage<BudgetChanged> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 11);
+  messageDesc(file_switchboard_api_events_v1_events, 12);
 
 /**
  * Payload: a budget alert.
@@ -447,7 +475,7 @@ export type BudgetAlert = Message<"switchboard.api.events.v1.BudgetAlert"> & {
  * Use `create(BudgetAlertSchema)` to create a new message.
  */
 export const BudgetAlertSchema: GenMessage<BudgetAlert> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 12);
+  messageDesc(file_switchboard_api_events_v1_events, 13);
 
 /**
  * Payload: a tool was invoked (who is the event's actor). The arguments and
@@ -497,7 +525,7 @@ export type ToolInvoked = Message<"switchboard.api.events.v1.ToolInvoked"> & {
  * Use `create(ToolInvokedSchema)` to create a new message.
  */
 export const ToolInvokedSchema: GenMessage<ToolInvoked> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 13);
+  messageDesc(file_switchboard_api_events_v1_events, 14);
 
 /**
  * Payload: a security-relevant action (never carries a secret).
@@ -546,7 +574,7 @@ export type SecurityEvent = Message<"switchboard.api.events.v1.SecurityEvent"> &
  * Use `create(SecurityEventSchema)` to create a new message.
  */
 export const SecurityEventSchema: GenMessage<SecurityEvent> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 14);
+  messageDesc(file_switchboard_api_events_v1_events, 15);
 
 /**
  * The one envelope of every event in the mesh.
@@ -719,6 +747,14 @@ export type Event = Message<"switchboard.api.events.v1.Event"> & {
      */
     value: BudgetAlert;
     case: "budgetAlert";
+  } | {
+    /**
+     * A file changed.
+     *
+     * @generated from field: switchboard.api.events.v1.FileChanged file_changed = 23;
+     */
+    value: FileChanged;
+    case: "fileChanged";
   } | { case: undefined; value?: undefined };
 };
 
@@ -727,7 +763,7 @@ export type Event = Message<"switchboard.api.events.v1.Event"> & {
  * Use `create(EventSchema)` to create a new message.
  */
 export const EventSchema: GenMessage<Event> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 15);
+  messageDesc(file_switchboard_api_events_v1_events, 16);
 
 /**
  * Request for Subscribe.
@@ -762,7 +798,7 @@ export type SubscribeRequest = Message<"switchboard.api.events.v1.SubscribeReque
  * Use `create(SubscribeRequestSchema)` to create a new message.
  */
 export const SubscribeRequestSchema: GenMessage<SubscribeRequest> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 16);
+  messageDesc(file_switchboard_api_events_v1_events, 17);
 
 /**
  * A batch of events delivered together (coalesced when the subscriber is behind).
@@ -790,7 +826,7 @@ export type EventBatch = Message<"switchboard.api.events.v1.EventBatch"> & {
  * Use `create(EventBatchSchema)` to create a new message.
  */
 export const EventBatchSchema: GenMessage<EventBatch> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 17);
+  messageDesc(file_switchboard_api_events_v1_events, 18);
 
 /**
  * Keep-alive sent when a stream is idle.
@@ -818,7 +854,7 @@ export type Heartbeat = Message<"switchboard.api.events.v1.Heartbeat"> & {
  * Use `create(HeartbeatSchema)` to create a new message.
  */
 export const HeartbeatSchema: GenMessage<Heartbeat> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 18);
+  messageDesc(file_switchboard_api_events_v1_events, 19);
 
 /**
  * Response for Subscribe: one frame.
@@ -855,7 +891,7 @@ export type SubscribeResponse = Message<"switchboard.api.events.v1.SubscribeResp
  * Use `create(SubscribeResponseSchema)` to create a new message.
  */
 export const SubscribeResponseSchema: GenMessage<SubscribeResponse> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 19);
+  messageDesc(file_switchboard_api_events_v1_events, 20);
 
 /**
  * Client frame: add a subscription to the stream.
@@ -897,7 +933,7 @@ export type AddSubscription = Message<"switchboard.api.events.v1.AddSubscription
  * Use `create(AddSubscriptionSchema)` to create a new message.
  */
 export const AddSubscriptionSchema: GenMessage<AddSubscription> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 20);
+  messageDesc(file_switchboard_api_events_v1_events, 21);
 
 /**
  * Client frame: remove a subscription.
@@ -918,7 +954,7 @@ export type RemoveSubscription = Message<"switchboard.api.events.v1.RemoveSubscr
  * Use `create(RemoveSubscriptionSchema)` to create a new message.
  */
 export const RemoveSubscriptionSchema: GenMessage<RemoveSubscription> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 21);
+  messageDesc(file_switchboard_api_events_v1_events, 22);
 
 /**
  * Client frame: acknowledge delivery up to a cursor (lets the server trim its
@@ -947,7 +983,7 @@ export type Ack = Message<"switchboard.api.events.v1.Ack"> & {
  * Use `create(AckSchema)` to create a new message.
  */
 export const AckSchema: GenMessage<Ack> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 22);
+  messageDesc(file_switchboard_api_events_v1_events, 23);
 
 /**
  * Client frame: liveness check; answered with a Pong carrying the same nonce.
@@ -968,7 +1004,7 @@ export type Ping = Message<"switchboard.api.events.v1.Ping"> & {
  * Use `create(PingSchema)` to create a new message.
  */
 export const PingSchema: GenMessage<Ping> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 23);
+  messageDesc(file_switchboard_api_events_v1_events, 24);
 
 /**
  * Request for Stream: one client frame.
@@ -1021,7 +1057,7 @@ export type StreamRequest = Message<"switchboard.api.events.v1.StreamRequest"> &
  * Use `create(StreamRequestSchema)` to create a new message.
  */
 export const StreamRequestSchema: GenMessage<StreamRequest> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 24);
+  messageDesc(file_switchboard_api_events_v1_events, 25);
 
 /**
  * Server frame: answers a Ping.
@@ -1049,7 +1085,7 @@ export type Pong = Message<"switchboard.api.events.v1.Pong"> & {
  * Use `create(PongSchema)` to create a new message.
  */
 export const PongSchema: GenMessage<Pong> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 25);
+  messageDesc(file_switchboard_api_events_v1_events, 26);
 
 /**
  * Server frame: a subscription was added and is live.
@@ -1070,7 +1106,7 @@ export type SubscriptionAdded = Message<"switchboard.api.events.v1.SubscriptionA
  * Use `create(SubscriptionAddedSchema)` to create a new message.
  */
 export const SubscriptionAddedSchema: GenMessage<SubscriptionAdded> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 26);
+  messageDesc(file_switchboard_api_events_v1_events, 27);
 
 /**
  * Server frame: a subscription ended, by request or by an error.
@@ -1113,7 +1149,7 @@ export type SubscriptionEnded = Message<"switchboard.api.events.v1.SubscriptionE
  * Use `create(SubscriptionEndedSchema)` to create a new message.
  */
 export const SubscriptionEndedSchema: GenMessage<SubscriptionEnded> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 27);
+  messageDesc(file_switchboard_api_events_v1_events, 28);
 
 /**
  * Server frame: events for one subscription.
@@ -1141,7 +1177,7 @@ export type SubscriptionEvents = Message<"switchboard.api.events.v1.Subscription
  * Use `create(SubscriptionEventsSchema)` to create a new message.
  */
 export const SubscriptionEventsSchema: GenMessage<SubscriptionEvents> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 28);
+  messageDesc(file_switchboard_api_events_v1_events, 29);
 
 /**
  * Response for Stream: one server frame.
@@ -1202,7 +1238,7 @@ export type StreamResponse = Message<"switchboard.api.events.v1.StreamResponse">
  * Use `create(StreamResponseSchema)` to create a new message.
  */
 export const StreamResponseSchema: GenMessage<StreamResponse> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 29);
+  messageDesc(file_switchboard_api_events_v1_events, 30);
 
 /**
  * Request for ListEvents.
@@ -1251,7 +1287,7 @@ export type ListEventsRequest = Message<"switchboard.api.events.v1.ListEventsReq
  * Use `create(ListEventsRequestSchema)` to create a new message.
  */
 export const ListEventsRequestSchema: GenMessage<ListEventsRequest> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 30);
+  messageDesc(file_switchboard_api_events_v1_events, 31);
 
 /**
  * Response for ListEvents.
@@ -1286,7 +1322,7 @@ export type ListEventsResponse = Message<"switchboard.api.events.v1.ListEventsRe
  * Use `create(ListEventsResponseSchema)` to create a new message.
  */
 export const ListEventsResponseSchema: GenMessage<ListEventsResponse> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 31);
+  messageDesc(file_switchboard_api_events_v1_events, 32);
 
 /**
  * What an event is about.
@@ -1392,6 +1428,13 @@ export enum EventType {
    * @generated from enum value: EVENT_TYPE_BUDGET_ALERT = 13;
    */
   BUDGET_ALERT = 13,
+
+  /**
+   * A file was stored or deleted, or its text became ready or failed.
+   *
+   * @generated from enum value: EVENT_TYPE_FILE_CHANGED = 14;
+   */
+  FILE_CHANGED = 14,
 }
 
 /**
