@@ -43,6 +43,7 @@ from switchboard.context.prunestore import PruneStore
 from switchboard.context.records import ConversationRecord, MemoryRecord, MessageRecord
 from switchboard.context.summarizer import Summarizer, SummaryInput
 from switchboard.platform import names
+from switchboard.platform.background import cancel_all
 from switchboard.platform.errors import FailedPrecondition, NotFound, Violations
 from switchboard.platform.names import new_id, now
 from switchboard.platform.security.policy import Principal
@@ -329,16 +330,8 @@ class Pruning(Domain):
 
     async def close(self) -> None:
         self._closed = True
-        pending: set[asyncio.Task[Any]] = {*self._pruning.values()}
-        if self._maintenance is not None:
-            pending.add(self._maintenance)
-        # One cancel() is not always enough on Python 3.11: asyncio.wait_for
-        # swallows a cancellation that races with its inner future finishing
-        # (every database call ends in one). So cancel until they are done.
-        while pending:
-            for task in pending:
-                task.cancel()
-            _, pending = await asyncio.wait(pending, timeout=0.1)
+        maintenance = [self._maintenance] if self._maintenance is not None else []
+        await cancel_all([*self._pruning.values(), *maintenance])
 
     async def _maintain(self) -> None:
         """Purge soft-deleted workspaces and conversations past their recovery window."""

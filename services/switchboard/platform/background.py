@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import traceback
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from typing import Any, Final, TypeVar
 
 _T = TypeVar("_T")
@@ -99,3 +99,18 @@ def _cause(error: BaseException) -> tuple[str, str]:
     frames = traceback.extract_tb(error.__traceback__)
     where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else ""
     return type(error).__qualname__, where
+
+
+async def cancel_all(tasks: Iterable[asyncio.Task[Any]], *, every_s: float = 0.1) -> None:
+    """Cancel ``tasks`` and wait until every one has ended.
+
+    One cancel() is not always enough on Python 3.11: ``asyncio.wait_for`` (in
+    redis-py's socket writes and at the end of every database call) swallows a
+    cancellation that races with its inner operation finishing. So the cancel is
+    repeated every ``every_s`` until each task is done.
+    """
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=every_s)

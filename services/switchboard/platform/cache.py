@@ -66,7 +66,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from switchboard.platform.background import FailureNotes
+from switchboard.platform.background import FailureNotes, cancel_all
 
 logger = logging.getLogger(__name__)
 
@@ -278,16 +278,10 @@ class Cache:
         if self._closed:
             return
         self._closed = True
-        # One cancel() is not always enough on Python 3.11: asyncio.wait_for
-        # (which redis-py uses for socket writes) swallows a cancellation that
-        # races with its inner operation finishing. So the loops also stop on
-        # ``_closed``, and the cancel is repeated until every task is done.
-        pending = set(self._tasks)
+        # The loops also stop on ``_closed``: a cancel may be swallowed (cancel_all).
+        tasks = list(self._tasks)
         self._tasks.clear()
-        while pending:
-            for task in pending:
-                task.cancel()
-            _, pending = await asyncio.wait(pending, timeout=self._interval_s)
+        await cancel_all(tasks, every_s=self._interval_s)
         self._last_confirmed = -math.inf
         if self._client is not None:
             # Closing sockets needs no answer from Redis, but bound it anyway.

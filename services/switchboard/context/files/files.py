@@ -67,6 +67,7 @@ from switchboard.context.files.filestore import FileRecord, FileStore, UploadRec
 from switchboard.context.files.sniff import HEAD_BYTES, Sniffed, check, normalize
 from switchboard.context.files.transcriber import Transcriber
 from switchboard.platform import names
+from switchboard.platform.background import cancel_all
 from switchboard.platform.errors import (
     ChecksumMismatch,
     DependencyUnavailable,
@@ -586,13 +587,8 @@ class Files(Domain):
 
     async def close(self) -> None:
         self._closed = True
-        pending: set[asyncio.Task[Any]] = set(self._tasks)
-        if self._maintenance is not None:
-            pending.add(self._maintenance)
-        while pending:
-            for task in pending:
-                task.cancel()
-            _, pending = await asyncio.wait(pending, timeout=0.1)
+        maintenance = [self._maintenance] if self._maintenance is not None else []
+        await cancel_all([*self._tasks, *maintenance])
         await self.blobs.close()
 
     async def maintain_once(self, *, collect: bool = True) -> int:

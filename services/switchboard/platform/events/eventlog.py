@@ -57,7 +57,7 @@ from sqlalchemy.orm import Session
 
 from switchboard.api.events.v1 import events_pb2
 from switchboard.platform import names
-from switchboard.platform.background import FailureNotes
+from switchboard.platform.background import FailureNotes, cancel_all
 from switchboard.platform.backoff import Backoff
 from switchboard.platform.cache import binary_client, redacted_url
 from switchboard.platform.errors import DependencyUnavailable
@@ -1036,11 +1036,7 @@ class RedisLog:
             *([self._flusher] if self._flusher else []),
             *([self._token_sender] if self._token_sender else []),
         ]
-        pending = {t for t in tasks if not t.done()}
-        while pending:  # see Cache.close: a single cancel may be swallowed on 3.11
-            for task in pending:
-                task.cancel()
-            _, pending = await asyncio.wait(pending, timeout=0.1)
+        await cancel_all(tasks)
         for client in (self._client, self._reader_client, self._token_client):
             with contextlib.suppress(*_REDIS_FAILURES):
                 async with asyncio.timeout(self._timeout_s):

@@ -29,6 +29,7 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from switchboard.api.events.v1 import events_pb2
+from switchboard.platform.background import cancel_all
 from switchboard.platform.errors import SwitchboardError
 from switchboard.platform.names import new_id, now, stamp_now
 from switchboard.platform.store.db import Database, log_failure
@@ -229,11 +230,7 @@ class Outbox:
         if self._landed:
             with contextlib.suppress(Exception):
                 await self._delete(self._landed[:_BATCH])
-        pending = {task for task in self._tasks if not task.done()}
-        while pending:  # see Cache.close: a single cancel may be swallowed on 3.11
-            for task in pending:
-                task.cancel()
-            _, pending = await asyncio.wait(pending, timeout=0.1)
+        await cancel_all(self._tasks)
 
 
 class Staged(Generic[_T]):
