@@ -7,10 +7,16 @@ import base64
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.handler.v1 import handler_pb2 as hpb
-from switchboard.dispatcher.runs.execution import _as_shown
+from switchboard.dispatcher.runs.execution import _show
 from switchboard.integration import experts
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(32)
+
+
+def _as_shown(answer: hpb.HandleResult, stored: cpb.Message) -> hpb.HandleResult:
+    shown = hpb.HandleResult()
+    _show(shown, answer, stored)
+    return shown
 
 
 def test_file_parts_are_files_and_not_repeated_in_the_structured_result() -> None:

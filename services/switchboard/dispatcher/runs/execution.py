@@ -173,7 +173,8 @@ class Execution:
             output, result = await self._drive(active)
             run.output_message = output.name
             run.usage.CopyFrom(result.usage)
-            final = pb.RunUpdate(result=_as_shown(result, output))
+            final = pb.RunUpdate()
+            _show(final.result, result, output)
             self._publishing.emit(active, final, with_end=True)
             active.to(pb.RUN_STATE_SUCCEEDED)
         except asyncio.CancelledError:
@@ -696,14 +697,18 @@ def _handed(job: job_pb2.RunJob) -> Handed | None:
     )
 
 
-def _as_shown(result: handler_pb2.HandleResult, output: cpb.Message) -> handler_pb2.HandleResult:
-    """The result with its file parts as the stored message names them (the context
-    service stored their bytes as files), and never with bytes: watchers and the run's
-    feed get names, types and sizes (a handler may answer with megabytes of files)."""
-    shown = handler_pb2.HandleResult()
+def _show(
+    shown: handler_pb2.HandleResult, result: handler_pb2.HandleResult, output: cpb.Message
+) -> None:
+    """Copy ``result`` into ``shown`` with its file parts as the stored message names
+    them (the context service stored their bytes as files), and never with bytes:
+    watchers and the run's feed get names, types and sizes (a handler may answer with
+    megabytes of files). One copy, as before files: this is every run's last update."""
     shown.CopyFrom(result)
-    stored = [p.file for p in output.parts if p.WhichOneof("part") == "file"]
     given = [p.file for p in shown.parts if p.WhichOneof("part") == "file"]
+    if not given:
+        return
+    stored = [p.file for p in output.parts if p.WhichOneof("part") == "file"]
     if len(stored) == len(given):
         for found, named in zip(given, stored, strict=True):
             found.CopyFrom(named)
@@ -711,4 +716,3 @@ def _as_shown(result: handler_pb2.HandleResult, output: cpb.Message) -> handler_
         if found.inline_data:
             found.size_bytes = found.size_bytes or len(found.inline_data)
             found.ClearField("inline_data")
-    return shown
