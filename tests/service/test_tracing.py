@@ -41,7 +41,7 @@ from tests.service.dispatchkit import (
     request,
     until,
 )
-from tests.service.tracekit import traced_server
+from tests.service.tracekit import Spans, traced_server
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -50,8 +50,8 @@ SLOW = 60_000  # ms between echoed words: the run lasts until it is cancelled
 
 
 @pytest.fixture
-def exporter() -> InMemorySpanExporter:
-    return InMemorySpanExporter()
+def exporter() -> Spans:
+    return Spans()
 
 
 @pytest.fixture
@@ -139,7 +139,7 @@ async def test_server_span_has_the_callers_parent_and_the_access_line_its_ids(
 
 
 async def test_error_statuses_are_unchanged_and_the_span_says_error(
-    channel: aio.Channel, exporter: InMemorySpanExporter
+    channel: aio.Channel, exporter: Spans
 ) -> None:
     stub = context_stub(channel)
     with pytest.raises(aio.AioRpcError) as caught:
@@ -148,7 +148,11 @@ async def test_error_statuses_are_unchanged_and_the_span_says_error(
         )
     assert code_of(caught.value) == grpc.StatusCode.UNAUTHENTICATED
     assert REQUEST_ID_KEY in str(caught.value.trailing_metadata())
-    span = only(server_spans(exporter, "GetWorkspace"))
+    # The server's span ends after the client has its status: wait for it.
+    found = await exporter.wait_for(
+        lambda _: server_spans(exporter, "GetWorkspace"), "the GetWorkspace server span"
+    )
+    span = only(found)
     assert span.attributes is not None
     assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.UNAUTHENTICATED.value[0]
     # A client's fault is not the server's error (OpenTelemetry's gRPC conventions).

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -25,8 +25,6 @@ import grpc
 import pytest
 from grpc import aio
 from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export import SpanExportResult
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
 from switchboard.api.context.v1 import context_pb2 as cpb
@@ -61,7 +59,7 @@ from tests.service.integrationkit import (
     webhook,
     webhook_secret,
 )
-from tests.service.tracekit import traced_server, watching
+from tests.service.tracekit import Spans, traced_server, watching
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -76,36 +74,6 @@ TIGHT = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
 # What read() returns once a stream has ended (not in the type stubs).
 _EOF: Any = getattr(grpc.aio, "EOF")  # noqa: B009
 Metadata = tuple[tuple[str, str], ...]
-
-
-class Spans(InMemorySpanExporter):
-    """The in-memory exporter, and a way to wait until a span has ended."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._changed = asyncio.Event()
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        result = super().export(spans)
-        # Spans end on the loop's thread (SimpleSpanProcessor exports at once).
-        self._changed.set()
-        return result
-
-    async def wait_for(
-        self, found: Callable[[list[ReadableSpan]], list[ReadableSpan]], what: str
-    ) -> list[ReadableSpan]:
-        """Until ``found`` picks something from the finished spans; returns it."""
-        async with asyncio.timeout(DEADLINE_S):
-            while True:
-                self._changed.clear()
-                picked = found(list(self.get_finished_spans()))
-                if picked:
-                    return picked
-                try:
-                    await self._changed.wait()
-                except TimeoutError:  # pragma: no cover - reported below
-                    break
-        raise AssertionError(f"no span: {what}")
 
 
 class Trouble(logging.Handler):

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-from opentelemetry.sdk.trace.export import SpanExporter
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from switchboard.mesh import create_server
 from switchboard.platform.observe.telemetry import Tracing, installed
@@ -17,6 +19,8 @@ from switchboard.platform.rpc.server import SwitchboardServer
 from tests.conftest import make_settings
 
 H = TypeVar("H", bound=logging.Handler)
+#: How long a test waits for a span to end.
+SPAN_WAIT_S = 20.0
 
 
 @asynccontextmanager
@@ -52,3 +56,33 @@ async def watching(handler: H) -> AsyncIterator[tuple[H, list[dict[str, Any]]]]:
         loop.set_exception_handler(previous)
         access.setLevel(level)
         root.removeHandler(handler)
+
+
+class Spans(InMemorySpanExporter):
+    """The in-memory exporter, and a way to wait until a span has ended."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._changed = asyncio.Event()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        result = super().export(spans)
+        # Spans end on the loop's thread (SimpleSpanProcessor exports at once).
+        self._changed.set()
+        return result
+
+    async def wait_for(
+        self, found: Callable[[list[ReadableSpan]], list[ReadableSpan]], what: str
+    ) -> list[ReadableSpan]:
+        """Until ``found`` picks something from the finished spans; returns it."""
+        async with asyncio.timeout(SPAN_WAIT_S):
+            while True:
+                self._changed.clear()
+                picked = found(list(self.get_finished_spans()))
+                if picked:
+                    return picked
+                try:
+                    await self._changed.wait()
+                except TimeoutError:  # pragma: no cover - reported below
+                    break
+        raise AssertionError(f"no span: {what}")
