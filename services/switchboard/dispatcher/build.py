@@ -37,6 +37,8 @@ from switchboard.dispatcher.runs.scheduler import CapacityLimits, Scheduler
 from switchboard.dispatcher.runs.store import RunStore
 from switchboard.dispatcher.service import Dispatcher, RunLimits
 from switchboard.dispatcher.settings import DispatcherSettings
+from switchboard.dispatcher.talk.session import TalkLimits
+from switchboard.dispatcher.talk.store import VoiceStore
 from switchboard.dispatcher.tools.port import LocalTools
 from switchboard.dispatcher.tools.runner import ToolLimits
 from switchboard.integration.build import integration_hub
@@ -217,6 +219,8 @@ async def dispatcher_service(
         peers=peers,
         metrics=shared.metrics,
         spending=spending,
+        voice_store=VoiceStore(shared.database),
+        talk_limits=_talk_limits(settings),
     )
     await dispatcher.start()
     resources.push_async_callback(dispatcher.close)
@@ -341,6 +345,19 @@ def _limits(shared: Shared) -> RunLimits:
         recovery=settings.dispatcher_recovery,
         lease_s=settings.dispatcher_lease_s,
         admitting_per_workspace=settings.dispatcher_max_admitting_per_workspace,
+    )
+
+
+def _talk_limits(settings: DispatcherSettings) -> TalkLimits:
+    return TalkLimits(
+        max_turn_s=settings.voice_max_turn_s,
+        max_frame_bytes=settings.voice_max_frame_bytes,
+        idle_timeout_s=settings.voice_idle_timeout_s,
+        resume_window_s=settings.voice_resume_window_s,
+        max_sessions=settings.voice_max_sessions,
+        max_sessions_per_user=settings.voice_max_sessions_per_user,
+        heartbeat_s=settings.dispatcher_heartbeat_s,
+        transcription_model=settings.voice_transcription_model,
     )
 
 

@@ -10,6 +10,7 @@
     live.py       what they share (``Common``): this process's live runs, the
                   store, the feeds, the bus, the router and the run limits
     streams.py    WatchRun and Converse, held to the caller's access
+    talk/         voice sessions (Talk): turns in, transcripts and runs' updates out
 
 ``Dispatcher`` builds them once and is what the servicer, the A2A front door
 (``a2a/ports.py``) and ``build.py`` call; it holds no logic of its own.
@@ -48,6 +49,8 @@ from switchboard.dispatcher.runs.recovery import Recovery
 from switchboard.dispatcher.runs.scheduler import Scheduler
 from switchboard.dispatcher.runs.store import RunStore
 from switchboard.dispatcher.runs.streams import Streams
+from switchboard.dispatcher.talk.session import TalkLimits, Talks
+from switchboard.dispatcher.talk.store import VoiceStore
 from switchboard.dispatcher.tools.port import ToolPort
 from switchboard.dispatcher.tools.runner import ToolLimits
 from switchboard.platform.cache import Cache
@@ -88,6 +91,8 @@ class Dispatcher:
         peers: PeerPort | None = None,
         metrics: Metrics | None = None,
         spending: Spending | None = None,
+        voice_store: VoiceStore,
+        talk_limits: TalkLimits | None = None,
     ) -> None:
         self.assistants = assistants
         self.budgets = budgets
@@ -157,6 +162,15 @@ class Dispatcher:
             peers=peers,
         )
         self._streams = Streams(actions=self, access=access, heartbeat_s=limits.heartbeat_s)
+        self.talks = Talks(
+            actions=self,
+            assistants=assistants,
+            context=context,
+            store=voice_store,
+            access=access,
+            engine=lambda: getattr(self, "speech_engine", None),
+            limits=talk_limits or TalkLimits(heartbeat_s=limits.heartbeat_s),
+        )
 
     def _readmit(self, active: Active) -> None:
         self._admission.admit(active, force=True)
@@ -234,6 +248,12 @@ class Dispatcher:
     ) -> AsyncGenerator[pb.ConverseResponse, None]:
         """Converse's frames for ``requests``, each action authorized as it arrives."""
         return self._streams.converse(principal, requests, via)
+
+    def talk(
+        self, principal: Principal, requests: AsyncIterator[pb.TalkRequest], via: Via
+    ) -> AsyncGenerator[pb.TalkResponse, None]:
+        """Talk's frames: a voice session on a conversation (``talk/session.py``)."""
+        return self.talks.talk(principal, requests, via)
 
     async def submit_tool_approvals(
         self, principal: Principal, request: pb.SubmitToolApprovalsRequest, via: Via = IN_PROCESS

@@ -191,3 +191,13 @@ class DispatcherServiceServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
         async with contextlib.aclosing(frames):
             async for frame in frames:
                 yield frame
+
+    async def Talk(
+        self, request_iterator: AsyncIterator[pb.TalkRequest], context: Context
+    ) -> AsyncIterator[pb.TalkResponse]:
+        # Like Converse: the stream's deadline is not an interrupt's.
+        via = _via(context, deadline=False)
+        frames = self._dispatcher.talk(current_principal(), request_iterator, via)
+        async with contextlib.aclosing(frames):
+            async for frame in frames:
+                yield frame
