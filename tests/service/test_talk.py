@@ -11,6 +11,7 @@ resumed; the process's session limits hold.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -41,15 +42,17 @@ from tests.service.contextkit import (
     violations,
 )
 from tests.service.dispatchkit import Stub, dispatcher_stub, limited
-from tests.service.talkkit import control as control_frame
 from tests.service.talkkit import (
+    audio,
     ended,
+    frames_of,
     open_talk,
     refused_talk,
     silence,
     start,
     updates_of,
 )
+from tests.service.talkkit import control as control_frame
 
 SHIFT = 40
 
@@ -191,6 +194,189 @@ async def test_a_typed_turn_is_a_message_and_a_run_numbered_from_its_turn(
         grpc.StatusCode.FAILED_PRECONDITION,
         pb.TalkRequest(resume=pb.TalkResume(session=session.name)),
     )
+    assert reason(error) == "ERROR_REASON_SESSION_ENDED"
+
+
+# -- a spoken turn, spoken back -------------------------------------------------------------
+
+
+async def test_a_spoken_question_becomes_a_message_and_a_spoken_answer(
+    stub: Stub, place: Place, channel: aio.Channel, counting: bytes, audio_server: FakeAudio
+) -> None:
+    editor = place.world.editor
+    talk = open_talk(
+        stub, editor, start(place.conversation, place.assistant, partial_transcripts=True)
+    )
+    session = await session_of(talk)
+    # As a microphone sends it: 20 ms at a time, in real time, then silence.
+    for frame in frames_of(silence(300) + counting + silence(1_200), 16_000):
+        await talk.send(audio(frame))
+        await asyncio.sleep(0.02)  # the pace of speech, not a wait for the server
+    final = await talk.until(lambda f: f.WhichOneof("frame") == "transcript" and f.transcript.final)
+    heard = final.transcript
+    assert says(heard.text), heard.text
+    assert heard.turn == 1
+    assert final.sequence == 1 << SHIFT
+    assert heard.recording.startswith(place.world.name + "/files/")
+    assert 2_500 <= heard.audio_ms <= 6_000
+    kinds = talk.kinds()
+    assert kinds.index("event:TALK_EVENT_KIND_SPEECH_STARTED") < kinds.index(
+        "event:TALK_EVENT_KIND_SPEECH_STOPPED"
+    )
+    assert "transcript:partial" in kinds
+    partial = next(f for f in talk.frames if f.WhichOneof("frame") == "transcript")
+    assert partial.sequence == 0
+    assert not partial.transcript.final
+
+    # The stored user message: the words, and the recording as a file.
+    message = (
+        await context_stub(channel).GetMessage(
+            cpb.GetMessageRequest(name=heard.message), metadata=editor.md, timeout=TIMEOUT_S
+        )
+    ).message
+    assert message.parts[0].text == heard.text
+    assert message.parts[1].file.file == heard.recording
+    assert message.parts[1].file.mime_type == "audio/wav"
+    assert message.parts[1].file.display_name == "turn-1.wav"
+    voice = message.metadata.fields["voice"].struct_value.fields
+    assert voice["session"].string_value == session.name
+    assert voice["audio_ms"].number_value == heard.audio_ms
+
+    # The echo's answer comes back spoken, and its first sentence says the words again.
+    last = await talk.until(ended)
+    assert last.update.state_change.run.state == pb.RUN_STATE_SUCCEEDED
+    relayed = updates_of(talk.frames, heard.run)
+    assert [f.sequence for f in relayed] == [(1 << SHIFT) + f.update.sequence for f in relayed]
+    first = b"".join(
+        f.update.speech.audio
+        for f in relayed
+        if f.update.WhichOneof("update") == "speech" and f.update.speech.segment == 0
+    )
+    rate = next(
+        f.update.speech.format.sample_rate_hz
+        for f in relayed
+        if f.update.WhichOneof("update") == "speech"
+    )
+    assert rate == 24_000
+    spoken, _ = await asyncio.to_thread(audio_server.recognizer.transcribe, pcm.to_wav(first, rate))
+    assert says(spoken), spoken
+    talk.cancel()
+
+
+async def test_silence_alone_is_no_turn_and_end_turn_without_one_is_empty(
+    stub: Stub, place: Place, mesh: SwitchboardServer
+) -> None:
+    talk = open_talk(stub, place.world.editor, start(place.conversation, place.assistant))
+    await session_of(talk)
+    await talk.send_audio(silence(2_000))
+    await talk.send(control_frame(pb.TALK_ACTION_END_TURN))
+    empty = await talk.until(lambda f: f.WhichOneof("frame") == "event")
+    assert empty.event.kind == pb.TALK_EVENT_KIND_TURN_EMPTY
+    assert empty.event.turn == 1
+    assert empty.sequence == 0
+    talk.half_close()
+    assert await talk.rest() == []
+    assert not [f for f in talk.frames if f.WhichOneof("frame") == "transcript"]
+    assert await stored_sessions(mesh) == 1  # the session, and no turn
+
+
+async def test_a_client_turn_of_silence_is_dropped_as_empty(stub: Stub, place: Place) -> None:
+    talk = open_talk(
+        stub,
+        place.world.editor,
+        start(place.conversation, place.assistant, turn_detection=pb.TURN_DETECTION_CLIENT),
+    )
+    await session_of(talk)
+    await talk.send(control_frame(pb.TALK_ACTION_START_TURN))
+    await talk.send_audio(silence(1_000))
+    await talk.send(control_frame(pb.TALK_ACTION_END_TURN))
+    empty = await talk.until(lambda f: f.WhichOneof("frame") == "event")
+    assert empty.event.kind == pb.TALK_EVENT_KIND_TURN_EMPTY
+    talk.cancel()
+
+
+# -- barge-in ------------------------------------------------------------------------------
+
+LONG = "one two three four five six seven eight nine ten. " * 3
+
+
+def first_speech(frame: pb.TalkResponse) -> bool:
+    return frame.WhichOneof("frame") == "update" and frame.update.WhichOneof("update") == "speech"
+
+
+def after_interrupt(frames: list[pb.TalkResponse], run: str) -> list[str]:
+    """What went out for ``run`` after its SPEECH_INTERRUPTED event."""
+    index = next(
+        i
+        for i, f in enumerate(frames)
+        if f.WhichOneof("frame") == "event"
+        and f.event.kind == pb.TALK_EVENT_KIND_SPEECH_INTERRUPTED
+        and f.event.run == run
+    )
+    return [
+        f.update.WhichOneof("update") or ""
+        for f in frames[index + 1 :]
+        if f.WhichOneof("frame") == "update" and f.update.run == run
+    ]
+
+
+async def test_an_interrupt_stops_the_speech_at_once_and_cancels_the_run(
+    stub: Stub, place: Place
+) -> None:
+    talk = open_talk(stub, place.world.editor, start(place.conversation, place.assistant))
+    await session_of(talk)
+    await talk.send(pb.TalkRequest(text=LONG))
+    transcript = await talk.until(lambda f: f.WhichOneof("frame") == "transcript")
+    run = transcript.transcript.run
+    heard = await talk.until(first_speech)
+    await talk.send(control_frame(pb.TALK_ACTION_INTERRUPT, heard.sequence))
+    last = await talk.until(ended)
+    assert last.update.state_change.run.state == pb.RUN_STATE_CANCELLED
+    after = after_interrupt(talk.frames, run)
+    assert "speech" not in after, after
+    assert after[-1] == "state_change"
+    talk.cancel()
+
+
+async def test_speech_interrupts_the_assistant_with_barge_in(
+    stub: Stub, place: Place, counting: bytes
+) -> None:
+    talk = open_talk(
+        stub, place.world.editor, start(place.conversation, place.assistant, barge_in=True)
+    )
+    await session_of(talk)
+    await talk.send(pb.TalkRequest(text=LONG))
+    transcript = await talk.until(lambda f: f.WhichOneof("frame") == "transcript")
+    run = transcript.transcript.run
+    await talk.until(first_speech)
+    await talk.send_audio(counting + silence(1_200))
+    interrupted = await talk.until(
+        lambda f: (
+            f.WhichOneof("frame") == "event"
+            and f.event.kind == pb.TALK_EVENT_KIND_SPEECH_INTERRUPTED
+        )
+    )
+    assert interrupted.event.run == run
+    # The user's words are the next turn; the interrupted run ended without more speech.
+    second = await talk.until(
+        lambda f: f.WhichOneof("frame") == "transcript" and f.transcript.final
+    )
+    assert second.transcript.turn == 2
+    assert says(second.transcript.text)
+    assert "speech" not in after_interrupt(talk.frames, run)
+    ends = [f for f in updates_of(talk.frames, run) if ended(f)]
+    assert ends[-1].update.state_change.run.state == pb.RUN_STATE_CANCELLED
+    talk.cancel()
+
+
+async def test_a_frame_after_end_session_is_session_ended(stub: Stub, place: Place) -> None:
+    talk = open_talk(stub, place.world.editor, start(place.conversation, place.assistant))
+    await session_of(talk)
+    await talk.send(pb.TalkRequest(text=LONG))
+    await talk.until(first_speech)  # the answer is still being spoken: a run is owed
+    await talk.send(control_frame(pb.TALK_ACTION_END_SESSION), audio(silence(20)))
+    error = await talk.failure()
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert reason(error) == "ERROR_REASON_SESSION_ENDED"
 
 
@@ -440,6 +626,3 @@ async def test_sessions_per_user_are_limited(stub: Stub, place: Place) -> None:
     await session_of(other)
     for talk in (*held, other):
         talk.cancel()
-
-
-__all__ = ["Caller", "says"]
