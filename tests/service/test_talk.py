@@ -34,7 +34,6 @@ from tests.infra.speech import COUNTING, says, speak
 from tests.service.authkit import detail, reason
 from tests.service.contextkit import (
     TIMEOUT_S,
-    Caller,
     World,
     context_stub,
     create_conversation,
