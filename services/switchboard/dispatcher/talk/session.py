@@ -58,6 +58,7 @@ from switchboard.platform.audio import pcm
 from switchboard.platform.errors import (
     FailedPrecondition,
     FieldViolation,
+    InternalError,
     InvalidArgument,
     NotFound,
     QuotaExceeded,
@@ -566,7 +567,7 @@ class _Session:
 
     def _idle_for(self) -> float | None:
         """Seconds until the session is idle (None while something is going on)."""
-        if self._busy or self._audio.open or not self._reading:
+        if self._busy or not self._reading:
             return None
         return self._last_frame + self._limits.idle_timeout_s - time.monotonic()
 
@@ -695,6 +696,9 @@ class _Session:
             self._end_turn()
         elif self._audio.full:
             self._end_turn()
+            if self._vad and detector is not None and detector.speaking:
+                # Still speaking at the limit: the rest is the next turn, not lost.
+                self._audio.begin(pre_roll=False)
         else:
             self._maybe_partial()
 
@@ -838,6 +842,11 @@ class _Session:
             except SwitchboardError as exc:
                 # The turn is dropped; the session goes on.
                 await self._put(mapping.error(exc))
+            except Exception:
+                # A fault of ours: said as INTERNAL, and the session ends (never hangs).
+                log.exception("a voice session's turn failed")
+                self._fail(InternalError("the turn failed on the server"))
+                return
             finally:
                 if not relayed:
                     self._turn_done()
@@ -925,6 +934,10 @@ class _Session:
             except SwitchboardError as exc:
                 if self._grant.error is None and self._hold.error is None:
                     await self._put(mapping.error(exc))
+            except Exception:
+                log.exception("a voice session's relay failed")
+                self._fail(InternalError("relaying the run failed on the server"))
+                return
             finally:
                 self._current = None
                 self._turn_done()
