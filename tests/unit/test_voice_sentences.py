@@ -33,7 +33,11 @@ def test_sentences_are_cut_as_soon_as_their_end_is_certain() -> None:
 def test_positions_are_characters_of_the_whole_answer() -> None:
     answer = "  Héllo wörld, this is one. And here is the second one?\nThird line"
     pieces = cut(*answer)  # one character at a time
-    assert texts(pieces) == ["Héllo wörld, this is one.", "And here is the second one?", "Third line"]
+    assert texts(pieces) == [
+        "Héllo wörld, this is one.",
+        "And here is the second one?",
+        "Third line",
+    ]
     for piece in pieces:
         assert answer[piece.start : piece.end] == piece.text
 
@@ -82,7 +86,7 @@ def test_blank_answers_give_nothing() -> None:
 
 
 def test_limits_are_checked() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="min_chars"):
         SentenceCutter(min_chars=10, max_chars=5)
 
 

@@ -27,7 +27,7 @@ MAX_CHARS: Final = 240
 _ENDS: Final = frozenset(".!?")
 _SOFT: Final = ",;:"
 #: Closing quotes and brackets that stay with the sentence they end.
-_CLOSERS: Final = frozenset("\"')]}»”’")
+_CLOSERS: Final = frozenset("\"')]}\u00bb\u201d\u2019")
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,38 @@ CHUNK_MS: Final = 200
 #: The contract's bound on one chunk's audio.
 MAX_CHUNK_BYTES: Final = 64 * 1024
 DEFAULT_RATE: Final = 24_000
+#: The unspoken text kept in a stored answer's metadata (the context service bounds
+#: a message's metadata, 16 KiB by default); ``unspoken_chars`` counts all of it.
+MAX_UNSPOKEN_CHARS: Final = 4_000
+
+
+@dataclass(frozen=True)
+class Speech:
+    """The server's speech: its engine (``SWITCHBOARD_VOICE_URL``), the defaults of
+    assistants whose ``voice`` leaves a field empty, and how far ahead of playback
+    runs send their speech (``SWITCHBOARD_VOICE_LEAD_MS``)."""
+
+    engine: SpeechEngine
+    transcription_model: str
+    speech_model: str
+    voice: str
+    lead_ms: int = 400
+
+    def speaking(self, settings: pb.VoiceSettings | None, sample_rate_hz: int) -> Voice:
+        """How a run whose assistant has ``settings`` speaks, at ``sample_rate_hz`` (0: 24 kHz)."""
+        return Voice(
+            engine=self.engine,
+            model=(settings.speech_model if settings is not None else "") or self.speech_model,
+            voice=(settings.voice if settings is not None else "") or self.voice,
+            sample_rate_hz=sample_rate_hz or DEFAULT_RATE,
+            lead_ms=self.lead_ms,
+        )
+
+    def transcribing(self, settings: pb.VoiceSettings | None) -> tuple[str, str]:
+        """The transcription model and language of an assistant with ``settings``."""
+        if settings is None:
+            return self.transcription_model, ""
+        return settings.transcription_model or self.transcription_model, settings.language
 
 
 @dataclass(frozen=True)
@@ -100,12 +132,12 @@ class _Audio:
 
 
 class Speaker:
-    """One run's speech; ``emit`` publishes a speech update and returns its sequence."""
+    """One run's speech; ``emit`` publishes a ``speech`` update and returns its sequence."""
 
     def __init__(
         self,
         voice: Voice,
-        emit: Callable[[pb.SpeechChunk], int],
+        emit: Callable[[pb.RunUpdate], int],
         on_failure: Callable[[str], None],
         *,
         clock: Callable[[], float] = time.monotonic,
@@ -169,11 +201,15 @@ class Speaker:
         """Until its speech is all sent (or stopped, or failed)."""
         await asyncio.wait({self._player, self._synthesizer})
 
-    async def stop(self) -> None:
-        """Stop at once: nothing more is sent."""
+    def halt(self) -> None:
+        """Stop at once: nothing more is sent from now on (its tasks end soon after)."""
         self.stopped = True
-        for task in (self._player, self._synthesizer):
-            task.cancel()
+        self._player.cancel()
+        self._synthesizer.cancel()
+
+    async def stop(self) -> None:
+        """``halt``, and wait for its tasks to end (an engine's stream closed)."""
+        self.halt()
         await asyncio.wait({self._player, self._synthesizer})
 
     def heard(self, through: int) -> Heard:
@@ -207,6 +243,22 @@ class Speaker:
             break
         return Heard(chars, audio)
 
+    def record(self, *, interrupted: bool, through: int = 0) -> tuple[str, dict[str, object]]:
+        """What a run stores of its spoken answer: the text heard (all of it unless
+        ``interrupted``) and the message's ``voice`` metadata (docs/voice.md)."""
+        heard = self.heard(through)
+        text = self.text
+        voice: dict[str, object] = {"spoken_chars": heard.chars, "audio_ms": heard.audio_ms}
+        if interrupted:
+            voice["interrupted"] = True
+        unspoken = text[heard.chars :]
+        if unspoken.strip():
+            voice["unspoken_text"] = unspoken[:MAX_UNSPOKEN_CHARS]
+            voice["unspoken_chars"] = len(unspoken)
+        if self.failure:
+            voice["speech_error"] = self.failure
+        return (text[: heard.chars] if interrupted else text), {"voice": voice}
+
     # -- the tasks ----------------------------------------------------------------------
 
     async def _synthesize(self) -> None:
@@ -215,7 +267,10 @@ class Speaker:
             audio = _Audio(piece)
             await self._ready.put(audio)
             stream = voice.engine.speak(
-                piece.text, model=voice.model, voice=voice.voice, sample_rate_hz=voice.sample_rate_hz
+                piece.text,
+                model=voice.model,
+                voice=voice.voice,
+                sample_rate_hz=voice.sample_rate_hz,
             )
             try:
                 async for data in stream:
@@ -286,20 +341,20 @@ class Speaker:
         offset_ms = self._samples * 1000 // rate
         self._samples += samples
         duration_ms = self._samples * 1000 // rate - offset_ms
-        chunk = pb.SpeechChunk(
-            audio=data,
-            segment=segment.index,
-            text_start=segment.piece.start,
-            text_end=segment.piece.end,
-            offset_ms=offset_ms,
-            duration_ms=duration_ms,
-            segment_end=last,
-        )
+        update = pb.RunUpdate()
+        chunk = update.speech  # built in place: the audio is not copied again
+        chunk.audio = data
         chunk.format.CopyFrom(self._format)
+        chunk.segment = segment.index
+        chunk.text_start = segment.piece.start
+        chunk.text_end = segment.piece.end
+        chunk.offset_ms = offset_ms
+        chunk.duration_ms = duration_ms
+        chunk.segment_end = last
         if not segment.chunks:
             chunk.text = segment.piece.text
             # Recorded before the first chunk goes: a cancel in between still finds it.
             self.segments.append(segment)
-        sequence = self._emit(chunk)
+        sequence = self._emit(update)
         segment.chunks.append((sequence, offset_ms, duration_ms))
         segment.ended = last
