@@ -445,10 +445,10 @@ async def test_transcription_errors_are_precise_and_store_nothing(counting: byte
         assert violations(error) == ["message.parts[0].file.file"]
         missing = cpb.ContentPart(file=cpb.FileReference(file=f"{r.world.name}/files/gone"))
         error = await refuses(transcribing(missing), CODE.NOT_FOUND)
-        assert "message.parts[0].file" in error.details()
+        assert "message.parts[0].file" in str(error.details())
         error = await refuses(transcribing(recording(silence)), CODE.INVALID_ARGUMENT)
         assert violations(error) == ["message.parts"]
-        assert "no words" in error.details()
+        assert "no words" in str(error.details())
         r.audio.fail_next(503)
         error = await refuses(transcribing(recording(counting)), CODE.UNAVAILABLE)
         assert reason(error) == "ERROR_REASON_SPEECH_UNAVAILABLE"
@@ -517,7 +517,7 @@ async def test_speech_needs_an_engine_and_an_assistant_with_a_voice() -> None:
             CODE.FAILED_PRECONDITION,
         )
         assert reason(error) == "ERROR_REASON_SPEECH_NOT_CONFIGURED"
-        assert "SWITCHBOARD_VOICE_URL" in error.details()
+        assert "SWITCHBOARD_VOICE_URL" in str(error.details())
         assert await all_messages(stub, world.editor, conversation) == []
 
 

@@ -344,7 +344,7 @@ class Execution:
                 # The answer is stored once it has been spoken (under the deadline).
                 speaker.finish()
                 await speaker.wait()
-                answer.metadata.update(speaker.record(interrupted=False)[1])
+                answer.metadata.CopyFrom(speaker.record(interrupted=False)[1])
             output = await self._context.append_message(
                 active.principal,
                 cpb.AppendMessageRequest(
@@ -401,7 +401,7 @@ class Execution:
             parts=[cpb.ContentPart(text=text)],
             run=active.run.name,
         )
-        answer.metadata.update(metadata)
+        answer.metadata.CopyFrom(metadata)
         try:
             output = await self._context.append_message(
                 active.principal,

@@ -27,7 +27,9 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
+
+from google.protobuf import struct_pb2
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.voice.ports import SpeechEngine
@@ -243,12 +245,12 @@ class Speaker:
             break
         return Heard(chars, audio)
 
-    def record(self, *, interrupted: bool, through: int = 0) -> tuple[str, dict[str, object]]:
+    def record(self, *, interrupted: bool, through: int = 0) -> tuple[str, struct_pb2.Struct]:
         """What a run stores of its spoken answer: the text heard (all of it unless
         ``interrupted``) and the message's ``voice`` metadata (docs/voice.md)."""
         heard = self.heard(through)
         text = self.text
-        voice: dict[str, object] = {"spoken_chars": heard.chars, "audio_ms": heard.audio_ms}
+        voice: dict[str, Any] = {"spoken_chars": heard.chars, "audio_ms": heard.audio_ms}
         if interrupted:
             voice["interrupted"] = True
         unspoken = text[heard.chars :]
@@ -257,7 +259,9 @@ class Speaker:
             voice["unspoken_chars"] = len(unspoken)
         if self.failure:
             voice["speech_error"] = self.failure
-        return (text[: heard.chars] if interrupted else text), {"voice": voice}
+        metadata = struct_pb2.Struct()
+        metadata.update({"voice": voice})
+        return (text[: heard.chars] if interrupted else text), metadata
 
     # -- the tasks ----------------------------------------------------------------------
 
