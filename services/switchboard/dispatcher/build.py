@@ -41,6 +41,7 @@ from switchboard.dispatcher.talk.session import TalkLimits
 from switchboard.dispatcher.talk.store import VoiceStore
 from switchboard.dispatcher.tools.port import LocalTools
 from switchboard.dispatcher.tools.runner import ToolLimits
+from switchboard.dispatcher.voice.speaker import Speech
 from switchboard.integration.build import integration_hub
 from switchboard.integration.directory import workspace_experts
 from switchboard.integration.service import IntegrationHub
@@ -219,12 +220,40 @@ async def dispatcher_service(
         peers=peers,
         metrics=shared.metrics,
         spending=spending,
+        speech=_speech(shared),
         voice_store=VoiceStore(shared.database),
         talk_limits=_talk_limits(settings),
     )
     await dispatcher.start()
     resources.push_async_callback(dispatcher.close)
     return dispatcher
+
+
+def _speech(shared: Shared) -> Speech | None:
+    """The speech engine at ``SWITCHBOARD_VOICE_URL`` and its defaults; None without one.
+    The audio API is the operator's, reached through the egress policy like every
+    outbound call (a local server needs ``SWITCHBOARD_EGRESS_ALLOW_LOOPBACK``)."""
+    settings = shared.section(DispatcherSettings)
+    if not settings.voice_url:
+        return None
+    from switchboard.platform.audio.openai import OpenAIAudio
+
+    engine = OpenAIAudio(
+        settings.voice_url,
+        api_key=settings.voice_api_key.get_secret_value(),
+        policy=EgressPolicy.from_settings(shared.section(EgressSettings)),
+        timeout_s=settings.voice_timeout_s,
+        max_retries=settings.voice_max_retries,
+    )
+    # Closed after the dispatcher (the stack unwinds in reverse): runs stop speaking first.
+    shared.resources.push_async_callback(engine.close)
+    return Speech(
+        engine=engine,
+        transcription_model=settings.voice_transcription_model,
+        speech_model=settings.voice_speech_model,
+        voice=settings.voice_voice,
+        lead_ms=settings.voice_lead_ms,
+    )
 
 
 def _router(shared: Shared, registry: Registry, integration: IntegrationHub) -> Router:

@@ -53,6 +53,8 @@ from switchboard.dispatcher.talk.session import TalkLimits, Talks
 from switchboard.dispatcher.talk.store import VoiceStore
 from switchboard.dispatcher.tools.port import ToolPort
 from switchboard.dispatcher.tools.runner import ToolLimits
+from switchboard.dispatcher.voice.ports import SpeechEngine
+from switchboard.dispatcher.voice.speaker import Speech
 from switchboard.platform.cache import Cache
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.observe.metrics import Metrics
@@ -91,10 +93,13 @@ class Dispatcher:
         peers: PeerPort | None = None,
         metrics: Metrics | None = None,
         spending: Spending | None = None,
+        speech: Speech | None = None,
         voice_store: VoiceStore,
         talk_limits: TalkLimits | None = None,
     ) -> None:
         self.assistants = assistants
+        #: The server's speech engine and its defaults (None: no speech configured).
+        self.speech = speech
         self.budgets = budgets
         self.usage = usage
         self.quotas = quotas
@@ -124,6 +129,7 @@ class Dispatcher:
             metrics=metrics,
             tracer=run_tracer,
             spending=spending,
+            speech=speech,
         )
         self._admission = Admission(
             common=common,
@@ -138,6 +144,7 @@ class Dispatcher:
             tracer=run_tracer,
             quotas=quotas,
             spending=spending,
+            speech=speech,
         )
         self._recovery = Recovery(
             common=common,
@@ -168,7 +175,7 @@ class Dispatcher:
             context=context,
             store=voice_store,
             access=access,
-            engine=lambda: getattr(self, "speech_engine", None),
+            engine=lambda: self.speech_engine,
             limits=talk_limits or TalkLimits(heartbeat_s=limits.heartbeat_s),
         )
 
@@ -176,6 +183,11 @@ class Dispatcher:
         self._admission.admit(active, force=True)
 
     # -- what tests and the build look at ------------------------------------------------
+
+    @property
+    def speech_engine(self) -> SpeechEngine | None:
+        """The speech engine (``SWITCHBOARD_VOICE_URL``); None when speech is off."""
+        return self.speech.engine if self.speech is not None else None
 
     @property
     def watchers(self) -> int:
@@ -261,9 +273,18 @@ class Dispatcher:
         return await self._control.submit_tool_approvals(principal, request, via)
 
     async def cancel_run(
-        self, principal: Principal, name: str, reason: str, via: Via = IN_PROCESS
+        self,
+        principal: Principal,
+        name: str,
+        reason: str,
+        via: Via = IN_PROCESS,
+        *,
+        heard_through_sequence: int = 0,
     ) -> pb.Run:
-        return await self._control.cancel_run(principal, name, reason, via)
+        """``heard_through_sequence``: a speaking run's last speech update heard (0: all)."""
+        return await self._control.cancel_run(
+            principal, name, reason, via, heard_through_sequence=heard_through_sequence
+        )
 
     async def resolve_budget_action(
         self, principal: Principal, request: pb.ResolveBudgetActionRequest, via: Via = IN_PROCESS

@@ -66,7 +66,11 @@ class DispatcherServiceServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
         self, request: pb.CancelRunRequest, context: Context
     ) -> pb.CancelRunResponse:
         run = await self._dispatcher.cancel_run(
-            current_principal(), request.name, request.reason, _via(context)
+            current_principal(),
+            request.name,
+            request.reason,
+            _via(context),
+            heard_through_sequence=request.heard_through_sequence,
         )
         return pb.CancelRunResponse(run=run)
 
