@@ -21,6 +21,7 @@ TALK_TIMEOUT_S = 60.0
 #: 20 ms of PCM16 at 16 kHz.
 FRAME_BYTES_16K = pcm.byte_count(20, 16_000)
 POSITION_MASK = (1 << 40) - 1
+_EOF: Any = getattr(aio, "EOF")  # noqa: B009 - not in grpc's stubs
 
 
 def frames_of(audio: bytes, rate: int, ms: int = 20) -> Iterator[bytes]:
@@ -74,7 +75,7 @@ class Talk:
         """The next frame other than a heartbeat; None when the stream ended OK."""
         while True:
             frame = await asyncio.wait_for(self.call.read(), TALK_TIMEOUT_S)
-            if frame is aio.EOF:
+            if frame is _EOF:
                 return None
             assert isinstance(frame, pb.TalkResponse)
             if frame.WhichOneof("frame") == "heartbeat":

@@ -596,7 +596,7 @@ async def test_a_resume_continues_after_the_last_frame_seen(stub: Stub, place: P
     )
     resumed = await session_of(again)
     assert resumed.turn_count == 2
-    replayed = []
+    replayed: list[pb.TalkResponse] = []
     while len(replayed) < len(numbered) - cut:
         frame = await again.next()
         assert frame is not None
