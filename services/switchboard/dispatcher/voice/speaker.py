@@ -50,7 +50,7 @@ DEFAULT_RATE: Final = 24_000
 _MS_PER_CHAR: Final = 65
 #: The unspoken text kept in a stored answer's metadata (the context service bounds
 #: a message's metadata, 16 KiB by default); ``unspoken_chars`` counts all of it.
-MAX_UNSPOKEN_CHARS: Final = 4_000
+MAX_UNSPOKEN_CHARS: Final = 3_000
 
 
 @dataclass(frozen=True)
