@@ -765,8 +765,13 @@ class _Session:
             self._partial = None
         self._partial_at_ms = 0
         audio = self._audio.end()
-        if audio is not None:
-            self._queue_turn(_Ended(audio=audio))
+        if audio is None:
+            return
+        if not audio:
+            # Nothing to transcribe: said at once, without asking the engine.
+            self._spawn(self._put(mapping.event(pb.TALK_EVENT_KIND_TURN_EMPTY, self._next_turn)))
+            return
+        self._queue_turn(_Ended(audio=audio))
 
     def _maybe_partial(self) -> None:
         if (
