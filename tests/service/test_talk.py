@@ -629,3 +629,39 @@ async def test_sessions_per_user_are_limited(stub: Stub, place: Place) -> None:
     await session_of(other)
     for talk in (*held, other):
         talk.cancel()
+
+
+async def test_sessions_in_the_process_are_limited_and_a_turn_at_its_limit_ends_there(
+    database_url: str, audio_server: FakeAudio, counting: bytes
+) -> None:
+    async with limited(
+        database_url=database_url,
+        voice_url=audio_server.url,
+        egress_allow_loopback=True,
+        voice_max_sessions=1,
+        voice_max_turn_s=1.0,
+    ) as (server, _context, dstub):
+        async with aio.insecure_channel(server.address) as channel:
+            place = await voice_place(server, channel)
+        talk = open_talk(
+            dstub,
+            place.world.editor,
+            start(place.conversation, place.assistant, turn_detection=pb.TURN_DETECTION_CLIENT),
+        )
+        await session_of(talk)
+        error = await refused_talk(
+            dstub,
+            place.world.owner,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            start(place.conversation, place.assistant),
+        )
+        assert "at most 1 voice sessions" in (error.details() or "")
+
+        # Three seconds of speech in a turn the client never ends: it ends at one.
+        await talk.send(control_frame(pb.TALK_ACTION_START_TURN))
+        await talk.send_audio(counting)
+        final = await talk.until(
+            lambda f: f.WhichOneof("frame") == "transcript" and f.transcript.final
+        )
+        assert final.transcript.audio_ms == 1_000
+        talk.cancel()
