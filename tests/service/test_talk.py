@@ -38,6 +38,7 @@ from tests.service.contextkit import (
     context_stub,
     create_conversation,
     ctx_world,
+    member_name,
     violations,
 )
 from tests.service.dispatchkit import Stub, dispatcher_stub, limited
@@ -489,6 +490,21 @@ async def test_a_server_without_a_speech_endpoint_is_speech_not_configured(
         )
         assert reason(error) == "ERROR_REASON_SPEECH_NOT_CONFIGURED"
         assert "SWITCHBOARD_VOICE_URL" in (error.details() or "")
+
+
+async def test_a_session_ends_when_its_user_loses_the_conversation(
+    stub: Stub, place: Place, channel: aio.Channel
+) -> None:
+    editor = place.world.editor
+    talk = open_talk(stub, editor, start(place.conversation, place.assistant))
+    await session_of(talk)
+    await context_stub(channel).RemoveWorkspaceMember(
+        cpb.RemoveWorkspaceMemberRequest(name=member_name(place.world.name, editor)),
+        metadata=place.world.owner.md,
+        timeout=TIMEOUT_S,
+    )
+    error = await talk.failure()
+    assert error.code() == grpc.StatusCode.NOT_FOUND
 
 
 # -- bad frames end the session --------------------------------------------------------------
