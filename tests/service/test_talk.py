@@ -384,6 +384,52 @@ async def test_a_frame_after_end_session_is_session_ended(stub: Stub, place: Pla
     assert reason(error) == "ERROR_REASON_SESSION_ENDED"
 
 
+async def test_a_failed_transcription_drops_the_turn_and_the_session_goes_on(
+    stub: Stub, place: Place, audio_server: FakeAudio, counting: bytes, mesh: SwitchboardServer
+) -> None:
+    talk = open_talk(stub, place.world.editor, start(place.conversation, place.assistant))
+    await session_of(talk)
+    audio_server.fail_next(503, count=10)  # past every retry
+    await talk.send_audio(counting + silence(1_200))
+    failed = await talk.until(lambda f: f.WhichOneof("frame") == "error")
+    assert failed.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
+    info = error_details_pb2.ErrorInfo()
+    assert any(d.Unpack(info) for d in failed.error.details)
+    assert info.reason == "ERROR_REASON_SPEECH_UNAVAILABLE"
+    assert await stored_sessions(mesh) == 1  # the session, no turn
+    # The next turn is taken as the first.
+    await talk.send(pb.TalkRequest(text="and now in writing"))
+    transcript = await talk.until(lambda f: f.WhichOneof("frame") == "transcript")
+    assert transcript.transcript.turn == 1
+    talk.cancel()
+
+
+async def test_a_refused_message_drops_the_turn_with_its_status(
+    stub: Stub, place: Place, mesh: SwitchboardServer
+) -> None:
+    talk = open_talk(
+        stub,
+        place.world.editor,
+        start(
+            place.conversation,
+            place.assistant,
+            concurrency_policy=pb.CONCURRENCY_POLICY_REJECT,
+        ),
+    )
+    await session_of(talk)
+    await talk.send(pb.TalkRequest(text=LONG))
+    await talk.until(first_speech)  # the first answer is still being spoken
+    await talk.send(pb.TalkRequest(text="a second question"))
+    refused = await talk.until(lambda f: f.WhichOneof("frame") == "error")
+    assert refused.error.code == grpc.StatusCode.ABORTED.value[0]
+    assert refused.sequence == 0
+    await talk.until(ended)
+    talk.half_close()
+    await talk.rest()
+    assert [f.transcript.turn for f in talk.frames if f.WhichOneof("frame") == "transcript"] == [1]
+    assert await stored_sessions(mesh) == 2  # the session and its one turn
+
+
 # -- bad starts: precise errors, nothing stored ------------------------------------------
 
 
