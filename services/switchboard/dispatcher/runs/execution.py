@@ -339,12 +339,9 @@ class Execution:
                 parts=result.parts,
                 run=run.name,
             )
-            speaker = active.speaker
-            if speaker is not None:
+            if active.speaker is not None:
                 # The answer is stored once it has been spoken (under the deadline).
-                speaker.finish()
-                await speaker.wait()
-                answer.metadata.CopyFrom(speaker.record(interrupted=False)[1])
+                await _spoken(active.speaker, result, answer)
             output = await self._context.append_message(
                 active.principal,
                 cpb.AppendMessageRequest(
@@ -734,6 +731,16 @@ async def _nothing() -> None:
 
 def _ignore(_text: str) -> None:
     pass
+
+
+async def _spoken(speaker: Speaker, result: handler_pb2.HandleResult, answer: cpb.Message) -> None:
+    """Wait until the answer is all spoken; its metadata then says what was."""
+    if not speaker.text:
+        # A handler that sent its answer whole, with no deltas: spoken whole.
+        speaker.feed("".join(p.text for p in result.parts if p.HasField("text")))
+    speaker.finish()
+    await speaker.wait()
+    answer.metadata.CopyFrom(speaker.record(interrupted=False)[1])
 
 
 def _text_sink(runner: RunTools | None, speaker: Speaker | None) -> Callable[[str], None]:

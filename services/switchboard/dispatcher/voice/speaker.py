@@ -45,6 +45,9 @@ CHUNK_MS: Final = 200
 #: The contract's bound on one chunk's audio.
 MAX_CHUNK_BYTES: Final = 64 * 1024
 DEFAULT_RATE: Final = 24_000
+#: About how long a character takes to say (15 a second), to place a cut in a sentence
+#: whose audio is not all synthesized.
+_MS_PER_CHAR: Final = 65
 #: The unspoken text kept in a stored answer's metadata (the context service bounds
 #: a message's metadata, 16 KiB by default); ``unspoken_chars`` counts all of it.
 MAX_UNSPOKEN_CHARS: Final = 4_000
@@ -91,20 +94,46 @@ class Voice:
     lead_ms: int = 400
 
 
+class _Audio:
+    """One sentence's audio as the synthesizer streams it to the player."""
+
+    def __init__(self, piece: Piece) -> None:
+        self.piece = piece
+        self.buffer = bytearray()
+        #: Bytes synthesized in all (the buffer is dropped once sent).
+        self.size = 0
+        self.done = False
+        self.changed = asyncio.Event()
+
+    def add(self, data: bytes) -> None:
+        self.buffer += data
+        self.size += len(data)
+        self.changed.set()
+
+    def close(self) -> None:
+        self.done = True
+        self.changed.set()
+
+
 @dataclass
 class Segment:
     """One sentence as it was sent."""
 
     index: int
     piece: Piece
+    #: Its audio as synthesized so far (all of it once ``done``).
+    audio: _Audio
     #: (sequence, offset_ms, duration_ms) of each chunk sent, in order.
     chunks: list[tuple[int, int, int]] = field(default_factory=list)
     #: Whether its last chunk was sent.
     ended: bool = False
 
-    @property
-    def audio_ms(self) -> int:
-        return sum(duration for _, _, duration in self.chunks)
+    def length_ms(self, rate: int) -> int:
+        """How long it is, or is expected to be while it is being synthesized."""
+        synthesized = pcm.duration_ms(self.audio.size, rate)
+        if self.audio.done:
+            return synthesized
+        return max(synthesized, len(self.piece.text) * _MS_PER_CHAR)
 
 
 @dataclass(frozen=True)
@@ -113,24 +142,6 @@ class Heard:
 
     chars: int
     audio_ms: int
-
-
-class _Audio:
-    """One sentence's audio as the synthesizer streams it to the player."""
-
-    def __init__(self, piece: Piece) -> None:
-        self.piece = piece
-        self.buffer = bytearray()
-        self.done = False
-        self.changed = asyncio.Event()
-
-    def add(self, data: bytes) -> None:
-        self.buffer += data
-        self.changed.set()
-
-    def close(self) -> None:
-        self.done = True
-        self.changed.set()
 
 
 class Speaker:
@@ -229,11 +240,8 @@ class Speaker:
             if len(heard) == len(segment.chunks) and segment.ended:
                 chars = piece.end
                 continue
-            total = segment.audio_ms
-            if not segment.ended:
-                # Not all of it was synthesized: its length is estimated from the text.
-                total = max(total, len(piece.text) * 60)
-            share = sum(duration for _, _, duration in heard) / total if total else 0.0
+            total = segment.length_ms(self._voice.sample_rate_hz)
+            share = min(1.0, sum(duration for _, _, duration in heard) / total) if total else 0.0
             cut = int(len(piece.text) * share)
             words = piece.text[:cut]
             # Back to the last whole word heard.
@@ -307,7 +315,7 @@ class Speaker:
         # When the audio sent so far ends, for a listener who plays it as it comes.
         played_until = 0.0
         while (audio := await self._ready.get()) is not None:
-            segment = Segment(len(self.segments), audio.piece)
+            segment = Segment(len(self.segments), audio.piece, audio)
             sent = 0
             while True:
                 waiting = len(audio.buffer) - sent
