@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from bench.voice import attribute, barge_in, bench_reply, wav_bytes
+from bench.voice import QUICK, attribute, barge_in, bench_reply, render, wav_bytes
 
 TURN_MS = 1000
 
@@ -85,3 +85,41 @@ def test_the_model_names_the_session_in_its_first_sentence() -> None:
     assert reply.interval_s == 0.02
     cpu = bench_reply(0.02, {"messages": [{"role": "system", "content": "bench cpu session 1"}]})
     assert "\n" in cpu.content
+
+
+def test_the_report_judges_the_goals_on_the_largest_row() -> None:
+    def row(sessions: int, own_p99: float, barge_p99: float) -> dict[str, Any]:
+        figures = attribute([], [], [], TURN_MS)
+        figures.update(barge_in([]))
+        figures.update(
+            sessions=sessions,
+            own_p99_ms=own_p99,
+            barge_p99_ms=barge_p99,
+            gaps={"to transcription": [1.0, 2.0]},
+            errors={},
+            server_cores=0.5,
+            audio_in_s=1.0,
+            audio_out_s=1.0,
+            other_cores=0.0,
+        )
+        return figures
+
+    results = {
+        "host": [{"loop_ms": 30.0, "hop_us": 25.0}] * 2,
+        "seconds": 100,
+        "loop": [row(1, 12.0, 3.0), row(50, 45.0, 20.0)],
+        "cpu": {
+            "audio_in_s": 10.0,
+            "audio_out_s": 20.0,
+            "server_ms_per_audio_s": 20.0,
+            "audio_ms_per_audio_s": 80.0,
+            "server_cores": 0.05,
+            "audio_cores": 0.2,
+            "errors": {},
+        },
+    }
+    text = render(results, "python bench/voice.py", QUICK)
+    assert text.startswith("## Voice\n")
+    assert "with 50 sessions: **missed** (45.0 ms)" in text
+    assert "p99 at most 50 ms with 50 sessions: met (20.0 ms)" in text
+    assert "| 10.0 / 20.0 | 20.0 | 80.0 | 0.25 |" in text
