@@ -1,12 +1,16 @@
 """Talk, the voice session, in one process against the local audio server: real speech
-(eSpeak NG), real recognition (PocketSphinx), real turn detection (webrtcvad).
+(eSpeak NG), real recognition (PocketSphinx), real synthesis (eSpeak NG), real turn
+detection (webrtcvad).
 
-A typed turn and a spoken turn each become a stored user message and a run whose
-updates come back numbered from the turn; the detector ends a spoken turn on
-silence; an interrupt stops the assistant's speech at once and cancels its run;
-every bad frame and bad start ends the stream with its precise status and
-leaves nothing half-stored; an idle session ends DEADLINE_EXCEEDED and can be
-resumed; the process's session limits hold.
+A typed turn and a spoken turn each become a stored user message (the spoken one with its
+recording as a file) and a run whose updates, speech included, come back numbered from the
+turn; the spoken answer is recognized as the words asked; the detector ends a spoken turn on
+silence; an interrupt, or speech with barge-in, stops the assistant's speech at once and
+cancels its run; a failed transcription or a refused message drops the turn and the session
+goes on; every bad frame and bad start ends the stream with its precise status and leaves
+nothing half-stored; lost access ends the session; an idle session ends DEADLINE_EXCEEDED and
+can be resumed, by its creator only, exactly after the last frame seen; the process's session
+limits and the longest turn hold.
 """
 
 from __future__ import annotations
