@@ -101,6 +101,10 @@ def test_with_client_turns_audio_outside_a_turn_is_not_kept() -> None:
     ledger = Ledger(CLIENT)
     ledger.audio(b"\x00\x01")
     assert ledger.unanswered == 0
+    # An end with no turn is answered (TURN_EMPTY) all the same.
+    ledger.end_turn()
+    ledger.take(_event(pb.TALK_EVENT_KIND_TURN_EMPTY, 1))
+    assert ledger.unanswered == 0
     ledger.start_turn()
     ledger.audio(b"\x00\x01" * 3)
     ledger.end_turn()
@@ -118,7 +122,7 @@ def test_a_resume_finds_the_turns_the_server_did_not_take() -> None:
     ledger.start_turn()
     ledger.audio(b"a" * 4)
     ledger.end_turn()  # turn 5: taken (the resumed session counts 5)
-    ledger.text("six")  # turn 6: its frame never arrived
+    ledger.text("six")  # its frame never arrived
     ledger.start_turn()
     ledger.audio(b"b" * 6)  # being spoken: discarded by the server
     lost = ledger.resumed(pb.VoiceSession(turn_count=5))
@@ -127,11 +131,24 @@ def test_a_resume_finds_the_turns_the_server_did_not_take() -> None:
         (b"b" * 6, "", False),
     ]
     # Turn 5 is still unanswered: its transcript comes (replayed or live).
-    assert [t.number for t in ledger.pending] == [5]
+    assert [bytes(t.audio) for t in ledger.pending] == [b"a" * 4]
     ledger.restore(lost)
     assert ledger.unanswered == 3
     assert ledger.open is not None
     assert bytes(ledger.open.audio) == b"b" * 6
+
+
+def test_empty_and_failed_turns_are_answers_that_take_no_number() -> None:
+    ledger = Ledger(CLIENT, turn_count=1)
+    for text in ("silence", "refused", "two", "three"):
+        ledger.text(text)
+    # An empty turn and a failed one give their number up to the next turn.
+    ledger.take(_event(pb.TALK_EVENT_KIND_TURN_EMPTY, 2))
+    ledger.take(pb.TalkResponse(error={"code": 14, "message": "speech unavailable"}))
+    ledger.take(_final(2))
+    # The server took turn 3 ("three") before the drop: nothing is lost.
+    assert ledger.resumed(pb.VoiceSession(turn_count=3)) == []
+    assert [t.text for t in ledger.pending] == ["three"]
 
 
 def test_with_server_turns_only_audio_heard_as_speech_is_a_lost_turn() -> None:
@@ -148,7 +165,7 @@ def test_with_server_turns_only_audio_heard_as_speech_is_a_lost_turn() -> None:
     # Turn 1 was taken; turn 2 was being spoken.
     lost = ledger.resumed(pb.VoiceSession(turn_count=1))
     assert [(bytes(t.audio), t.ended) for t in lost] == [(b"\x00" * 4 + b"\x02" * 4, False)]
-    assert [t.number for t in ledger.pending] == [1]
+    assert [bytes(t.audio) for t in ledger.pending] == [b"\x00" * 8 + b"\x01" * 8]
     ledger.take(_final(1))
     assert ledger.unanswered == 0
 

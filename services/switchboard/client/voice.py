@@ -324,8 +324,8 @@ class _Turn:
     audio: bytearray = field(default_factory=bytearray)
     text: str = ""
     ended: bool = False
-    #: The server's number for it, once known (0: not yet).
-    number: int = 0
+    #: Server turn detection heard speech in it (else it is silence, not a turn).
+    heard: bool = False
     truncated: bool = False
 
     def lost(self, *, resent: bool) -> LostTurn:
@@ -337,14 +337,19 @@ class Ledger:
 
     ``received`` is the last numbered frame taken in; a frame numbered at or
     before it is a replay and is dropped. A turn is kept from the moment it is
-    sent until the server answers it (its final transcript, or ``TURN_EMPTY``);
-    ``resumed`` then tells, from the session the server resumed (its
-    ``turn_count``: the turns it has taken), which of them it does not have.
+    sent until the server answers it: its final transcript, a ``TURN_EMPTY``
+    event, or an ``error`` frame (the server answers the turns it takes in the
+    order they ended, one answer each). ``resumed`` then tells, from the session
+    the server resumed, which of them it does not have: it has taken
+    ``turn_count`` turns, of which ``answered`` had their final transcript, so
+    the oldest ``turn_count - answered`` unanswered turns are still coming and
+    the rest are lost. (Counts, not the events' turn numbers: those are the
+    number a turn would get, which an empty turn gives up to the next one.)
 
     With server turn detection the client does not end turns itself: a turn is
-    the audio since the previous one ended, numbered when the detector reports
-    ``SPEECH_STARTED`` and ended at ``SPEECH_STOPPED``; audio with no speech
-    heard in it is not a turn and is never reported lost.
+    the audio since the previous one ended, heard as speech once the detector
+    reports ``SPEECH_STARTED``, and ended at ``SPEECH_STOPPED``; audio in which
+    no speech was heard is not a turn and is never reported lost.
     """
 
     def __init__(
@@ -357,7 +362,7 @@ class Ledger:
     ) -> None:
         self.detection = detection
         self.received = after_sequence
-        #: The highest turn the server has answered (or had taken, at the start).
+        #: The highest turn whose final transcript came (or taken, at the start).
         self.answered = turn_count
         self._max_turn_bytes = max_turn_bytes
         self.open: _Turn | None = None
@@ -379,9 +384,7 @@ class Ledger:
             if self.client_turns:
                 return  # outside a turn the server ignores audio: nothing to lose
             self.open = _Turn()
-        self._append(self.open, pcm)
-
-    def _append(self, turn: _Turn, pcm: bytes) -> None:
+        turn = self.open
         room = self._max_turn_bytes - len(turn.audio)
         if len(pcm) > room:
             turn.truncated = True
@@ -390,12 +393,16 @@ class Ledger:
     def start_turn(self) -> None:
         if self.open is None:
             self.open = _Turn()
+        self.open.heard = True
 
     def end_turn(self) -> None:
+        # Every end is answered once (a turn, or TURN_EMPTY when nothing was open):
+        # an end with no turn open is kept too, as an empty turn, to keep the count.
         turn, self.open = self.open, None
-        if turn is not None and (turn.audio or turn.number or self.client_turns):
-            turn.ended = True
-            self._remember(turn)
+        if turn is None or not (turn.heard or self.client_turns):
+            turn = _Turn()
+        turn.ended = True
+        self._remember(turn)
 
     def text(self, text: str) -> None:
         self._remember(_Turn(text=text, ended=True))
@@ -415,64 +422,45 @@ class Ledger:
             self.received = frame.sequence
         kind = frame.WhichOneof("frame")
         if kind == "transcript" and frame.transcript.final:
-            self._answered(frame.transcript.turn)
+            self.answered = max(self.answered, frame.transcript.turn)
+            self._answer_one()
+        elif kind == "error":
+            self._answer_one()
         elif kind == "event":
-            event = frame.event
-            if event.kind == dispatcher_pb2.TALK_EVENT_KIND_TURN_EMPTY:
-                self._answered(event.turn)
-            elif event.kind == dispatcher_pb2.TALK_EVENT_KIND_SPEECH_STARTED:
+            event = frame.event.kind
+            if event == dispatcher_pb2.TALK_EVENT_KIND_TURN_EMPTY:
+                self._answer_one()
+            elif event == dispatcher_pb2.TALK_EVENT_KIND_SPEECH_STARTED:
                 if self.open is None:
                     self.open = _Turn()
-                self.open.number = event.turn
-            elif (
-                event.kind == dispatcher_pb2.TALK_EVENT_KIND_SPEECH_STOPPED
-                and self.open is not None
-                and self.open.number in (0, event.turn)
-            ):
+                self.open.heard = True
+            elif event == dispatcher_pb2.TALK_EVENT_KIND_SPEECH_STOPPED:
                 # The detector ended the turn: the server's now, awaiting its answer.
-                self.open.number = event.turn
                 self.end_turn()
         return True
 
-    def _answered(self, turn: int) -> None:
-        self.answered = max(self.answered, turn)
-        numbered = [t for t in self.pending if t.number and t.number <= turn]
-        for done in numbered:
-            self.pending.remove(done)
-        if not numbered and self.pending and not self.pending[0].number:
-            # The server answers turns in the order it took them: this was the oldest.
+    def _answer_one(self) -> None:
+        if self.pending:
             self.pending.popleft()
-        if self.open is not None and self.open.number and self.open.number <= turn:
-            self.open = None
 
     def resumed(self, session: dispatcher_pb2.VoiceSession) -> list[_Turn]:
         """The session continues as ``session``: the turns it does not have, in the
         order they were sent, taken out of the ledger (``restore`` puts back those
         sent again). The open turn, if any, is always among them: the server
         discards the turn being spoken when the connection drops."""
-        taken = session.turn_count
-        lost: list[_Turn] = []
-        kept: deque[_Turn] = deque()
-        following = self.answered + 1
-        for turn in self.pending:
-            number = turn.number or following
-            following = number + 1
-            if number > taken:
-                lost.append(turn)
-            else:
-                turn.number = number
-                kept.append(turn)
-        self.pending = kept
+        coming = max(session.turn_count - self.answered, 0)
+        turns = list(self.pending)
+        self.pending = deque(turns[:coming])
+        # An end with nothing before it is no turn to resend.
+        lost = [turn for turn in turns[coming:] if turn.audio or turn.text]
         speaking, self.open = self.open, None
-        if speaking is not None and (self.client_turns or speaking.number):
-            speaking.number = 0
+        if speaking is not None and (speaking.heard or self.client_turns):
             lost.append(speaking)
         return lost
 
     def restore(self, turns: list[_Turn]) -> None:
         """``turns`` (from ``resumed``) were sent again, in order: unanswered again."""
         for turn in turns:
-            turn.number = 0
             if turn.ended:
                 self._remember(turn)
             else:
