@@ -161,9 +161,10 @@ async def test_a_connection_dropped_mid_answer_resumes_with_no_frame_repeated_or
                         if is_speech and not cut:
                             # The network goes, with the answer half spoken.
                             cut = await asyncio.to_thread(relay.cut)
-                        reply = builder.add(frame)
-                        if reply is not None:
+                        if builder.add(frame) is not None:
                             break
+            reply = builder.reply
+            assert reply is not None
             assert reply.run is not None
             watched = await _watched(client, reply.run.name)
 
