@@ -386,6 +386,29 @@ async def test_without_resending_a_lost_turn_is_reported_to_resend_by_hand(
     ]
 
 
+async def test_an_on_resume_hook_may_send_the_lost_turn_itself(
+    server: tuple[ScriptedTalk, Client],
+) -> None:
+    servicer, client = server
+    servicer.plan.after_audio = 1
+    talk: TalkSession
+    resent = asyncio.Event()
+
+    async def resend(resumed: Resumed) -> None:
+        for lost in resumed.lost:
+            await talk.resend(lost)
+        resent.set()
+
+    async with _talk(client, resend_lost=False, on_resume=resend) as talk:
+        await talk.start_turn()
+        await talk.send_audio(_pcm(3_000))
+        await asyncio.wait_for(resent.wait(), DEADLINE_S)
+        await talk.end_turn()
+        reply = await asyncio.wait_for(talk.reply(), DEADLINE_S)
+    assert reply.transcript == "heard 6000 bytes"
+    assert [lost.resent for lost in talk.lost_turns] == [False]
+
+
 async def test_an_interrupt_reaches_the_server_with_what_was_heard(
     server: tuple[ScriptedTalk, Client],
 ) -> None:

@@ -21,12 +21,13 @@ numbered frame twice and none lost. Frames the server does not number (partial
 transcripts, events, heartbeats) are not replayed.
 
 The server discards a turn the user was still speaking when the connection
-dropped, and never heard one whose end did not reach it. The session keeps the
-audio (or text) of every turn until the server has answered it (its final
-transcript, or a ``TURN_EMPTY`` event), so after a resume it can tell which
-turns the server does not have (``VoiceSession.turn_count``) and report them:
-``lost_turns``, ``on_resume``, and a ``session`` frame delivered after each
-resume. ``resend`` sends such a turn again.
+dropped, and never sees one whose frames were still in flight. The session
+keeps the audio (or text) of every turn until the server has answered it (its
+final transcript, ``TURN_EMPTY``, or an ``error`` frame), so after a resume it
+knows which turns the server lacks (``VoiceSession.turn_count``): it sends them
+again on the resumed call before anything else (``resend_lost``, the default)
+and reports them (``lost_turns``, ``on_resume``, and a ``session`` frame
+delivered after each resume); without ``resend_lost``, ``resend`` sends one.
 """
 
 from __future__ import annotations
@@ -504,6 +505,8 @@ class _EndedMeanwhile(Exception):
     """The session ended as the application asked while the connection was down."""
 
 
+#: Hears of each resume, on the session's reader once writers may go on again: it may
+#: send (``resend``), and should not wait long (nothing is read meanwhile).
 OnResume = Callable[[Resumed], Awaitable[None] | None]
 
 
@@ -806,16 +809,18 @@ class TalkSession:
         self._reauthenticated = False
         if not resuming:
             self.ledger.answered = session.turn_count
-        else:
-            self.resumes += 1
-            reported = tuple(turn.lost(resent=self._resend_lost) for turn in lost)
-            self.lost_turns += reported
-            self._deliver(dispatcher_pb2.TalkResponse(session=session))
-            if self._on_resume is not None:
-                outcome = self._on_resume(Resumed(session, self.ledger.received, reported))
-                if outcome is not None:
-                    await outcome
+            self._connected.set()
+            return
+        self.resumes += 1
+        reported = tuple(turn.lost(resent=self._resend_lost) for turn in lost)
+        self.lost_turns += reported
+        self._deliver(dispatcher_pb2.TalkResponse(session=session))
         self._connected.set()
+        if self._on_resume is not None:
+            # On the reader, once writers may go on: it may send (resend), not wait long.
+            outcome = self._on_resume(Resumed(session, self.ledger.received, reported))
+            if outcome is not None:
+                await outcome
 
     async def _handshake(self, call: Any) -> dispatcher_pb2.VoiceSession:
         """Send the first frame (start, or resume after the last numbered frame) and
