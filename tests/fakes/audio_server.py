@@ -126,6 +126,8 @@ class Timing:
     arrived: float
     first_byte: float | None = None
     last_byte: float | None = None
+    #: What the request was about: the text to speak, or the uploaded file's size.
+    detail: str = ""
 
 
 _Route = Callable[
@@ -333,6 +335,7 @@ class FakeAudio:
             await _send_error(writer, 400, "Could not parse multipart form", keep_alive=keep_alive)
             return
         fields, upload = form
+        timing.detail = str(len(upload[2])) if upload else ""
         self._received(
             Received(
                 method,
@@ -455,6 +458,7 @@ class FakeAudio:
                 )
                 return
         text: str = request["input"]
+        timing.detail = text
         if len(text) > MAX_SPEECH_CHARS:
             await _send_error(
                 writer,

@@ -38,6 +38,7 @@ from tests.service.contextkit import (
     context_stub,
     create_conversation,
     ctx_world,
+    member_name,
     violations,
 )
 from tests.service.dispatchkit import Stub, dispatcher_stub, limited
@@ -235,7 +236,7 @@ async def test_a_spoken_question_becomes_a_message_and_a_spoken_answer(
     ).message
     assert message.parts[0].text == heard.text
     assert message.parts[1].file.file == heard.recording
-    assert message.parts[1].file.mime_type == "audio/wav"
+    assert message.parts[1].file.mime_type in ("audio/wav", "audio/x-wav")
     assert message.parts[1].file.display_name == "turn-1.wav"
     voice = message.metadata.fields["voice"].struct_value.fields
     assert voice["session"].string_value == session.name
@@ -279,19 +280,23 @@ async def test_silence_alone_is_no_turn_and_end_turn_without_one_is_empty(
     assert await stored_sessions(mesh) == 1  # the session, and no turn
 
 
-async def test_a_client_turn_of_silence_is_dropped_as_empty(stub: Stub, place: Place) -> None:
+async def test_client_detection_ignores_audio_outside_a_turn(stub: Stub, place: Place) -> None:
     talk = open_talk(
         stub,
         place.world.editor,
         start(place.conversation, place.assistant, turn_detection=pb.TURN_DETECTION_CLIENT),
     )
     await session_of(talk)
-    await talk.send(control_frame(pb.TALK_ACTION_START_TURN))
-    await talk.send_audio(silence(1_000))
+    await talk.send_audio(silence(1_000))  # outside a turn: not taken
     await talk.send(control_frame(pb.TALK_ACTION_END_TURN))
-    empty = await talk.until(lambda f: f.WhichOneof("frame") == "event")
-    assert empty.event.kind == pb.TALK_EVENT_KIND_TURN_EMPTY
-    talk.cancel()
+    await talk.send(control_frame(pb.TALK_ACTION_START_TURN))
+    await talk.send(control_frame(pb.TALK_ACTION_END_TURN))  # a turn without audio
+    for _ in range(2):
+        empty = await talk.until(lambda f: f.WhichOneof("frame") in ("event", "error"))
+        assert empty.event.kind == pb.TALK_EVENT_KIND_TURN_EMPTY, empty
+    talk.half_close()
+    assert await talk.rest() == []
+    assert talk.kinds() == ["session", *["event:TALK_EVENT_KIND_TURN_EMPTY"] * 2]
 
 
 # -- barge-in ------------------------------------------------------------------------------
@@ -377,6 +382,52 @@ async def test_a_frame_after_end_session_is_session_ended(stub: Stub, place: Pla
     error = await talk.failure()
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert reason(error) == "ERROR_REASON_SESSION_ENDED"
+
+
+async def test_a_failed_transcription_drops_the_turn_and_the_session_goes_on(
+    stub: Stub, place: Place, audio_server: FakeAudio, counting: bytes, mesh: SwitchboardServer
+) -> None:
+    talk = open_talk(stub, place.world.editor, start(place.conversation, place.assistant))
+    await session_of(talk)
+    audio_server.fail_next(503, count=10)  # past every retry
+    await talk.send_audio(counting + silence(1_200))
+    failed = await talk.until(lambda f: f.WhichOneof("frame") == "error")
+    assert failed.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
+    info = error_details_pb2.ErrorInfo()
+    assert any(d.Unpack(info) for d in failed.error.details)
+    assert info.reason == "ERROR_REASON_SPEECH_UNAVAILABLE"
+    assert await stored_sessions(mesh) == 1  # the session, no turn
+    # The next turn is taken as the first.
+    await talk.send(pb.TalkRequest(text="and now in writing"))
+    transcript = await talk.until(lambda f: f.WhichOneof("frame") == "transcript")
+    assert transcript.transcript.turn == 1
+    talk.cancel()
+
+
+async def test_a_refused_message_drops_the_turn_with_its_status(
+    stub: Stub, place: Place, mesh: SwitchboardServer
+) -> None:
+    talk = open_talk(
+        stub,
+        place.world.editor,
+        start(
+            place.conversation,
+            place.assistant,
+            concurrency_policy=pb.CONCURRENCY_POLICY_REJECT,
+        ),
+    )
+    await session_of(talk)
+    await talk.send(pb.TalkRequest(text=LONG))
+    await talk.until(first_speech)  # the first answer is still being spoken
+    await talk.send(pb.TalkRequest(text="a second question"))
+    refused = await talk.until(lambda f: f.WhichOneof("frame") == "error")
+    assert refused.error.code == grpc.StatusCode.ABORTED.value[0]
+    assert refused.sequence == 0
+    await talk.until(ended)
+    talk.half_close()
+    await talk.rest()
+    assert [f.transcript.turn for f in talk.frames if f.WhichOneof("frame") == "transcript"] == [1]
+    assert await stored_sessions(mesh) == 2  # the session and its one turn
 
 
 # -- bad starts: precise errors, nothing stored ------------------------------------------
@@ -485,6 +536,21 @@ async def test_a_server_without_a_speech_endpoint_is_speech_not_configured(
         )
         assert reason(error) == "ERROR_REASON_SPEECH_NOT_CONFIGURED"
         assert "SWITCHBOARD_VOICE_URL" in (error.details() or "")
+
+
+async def test_a_session_ends_when_its_user_loses_the_conversation(
+    stub: Stub, place: Place, channel: aio.Channel
+) -> None:
+    editor = place.world.editor
+    talk = open_talk(stub, editor, start(place.conversation, place.assistant))
+    await session_of(talk)
+    await context_stub(channel).RemoveWorkspaceMember(
+        cpb.RemoveWorkspaceMemberRequest(name=member_name(place.world.name, editor)),
+        metadata=place.world.owner.md,
+        timeout=TIMEOUT_S,
+    )
+    error = await talk.failure()
+    assert error.code() == grpc.StatusCode.NOT_FOUND
 
 
 # -- bad frames end the session --------------------------------------------------------------
@@ -624,4 +690,40 @@ async def test_sessions_per_user_are_limited(stub: Stub, place: Place) -> None:
     other = open_talk(stub, place.world.owner, start(place.conversation, place.assistant))
     await session_of(other)
     for talk in (*held, other):
+        talk.cancel()
+
+
+async def test_sessions_in_the_process_are_limited_and_a_turn_at_its_limit_ends_there(
+    database_url: str, audio_server: FakeAudio, counting: bytes
+) -> None:
+    async with limited(
+        database_url=database_url,
+        voice_url=audio_server.url,
+        egress_allow_loopback=True,
+        voice_max_sessions=1,
+        voice_max_turn_s=1.0,
+    ) as (server, _context, dstub):
+        async with aio.insecure_channel(server.address) as channel:
+            place = await voice_place(server, channel)
+        talk = open_talk(
+            dstub,
+            place.world.editor,
+            start(place.conversation, place.assistant, turn_detection=pb.TURN_DETECTION_CLIENT),
+        )
+        await session_of(talk)
+        error = await refused_talk(
+            dstub,
+            place.world.owner,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            start(place.conversation, place.assistant),
+        )
+        assert "at most 1 voice sessions" in (error.details() or "")
+
+        # Three seconds of speech in a turn the client never ends: it ends at one.
+        await talk.send(control_frame(pb.TALK_ACTION_START_TURN))
+        await talk.send_audio(counting)
+        final = await talk.until(
+            lambda f: f.WhichOneof("frame") == "transcript" and f.transcript.final
+        )
+        assert final.transcript.audio_ms == 1_000
         talk.cancel()

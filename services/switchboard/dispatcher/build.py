@@ -46,6 +46,7 @@ from switchboard.integration.build import integration_hub
 from switchboard.integration.directory import workspace_experts
 from switchboard.integration.service import IntegrationHub
 from switchboard.platform import names
+from switchboard.platform.audio.openai import OpenAIAudio
 from switchboard.platform.config import ConfigError
 from switchboard.platform.errors import NotFound
 from switchboard.platform.observe.metrics import Metrics, run_state_label
@@ -236,8 +237,6 @@ def _speech(shared: Shared) -> Speech | None:
     settings = shared.section(DispatcherSettings)
     if not settings.voice_url:
         return None
-    from switchboard.platform.audio.openai import OpenAIAudio
-
     engine = OpenAIAudio(
         settings.voice_url,
         api_key=settings.voice_api_key.get_secret_value(),

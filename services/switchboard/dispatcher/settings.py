@@ -151,7 +151,7 @@ class DispatcherSettings(Section):
         default=15.0,
         gt=0,
         le=3600,
-        description="WatchRun and Converse keep-alive interval",
+        description="WatchRun, Converse and Talk keep-alive interval",
     )
     dispatcher_remote_timeout_s: float = Field(
         default=5.0,

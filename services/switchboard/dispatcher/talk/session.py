@@ -241,7 +241,10 @@ class Talks:
         principal = grant.principal
         found = names.match(names.CONVERSATION, start.conversation, "start.conversation")
         workspace_id, conversation_id = found[1], found[2]
-        hold = await grant.hold(((start.conversation, "start.conversation"),), Permission.WRITE)
+        waker = _Waker()
+        hold = await grant.hold(
+            ((start.conversation, "start.conversation"),), Permission.WRITE, waker
+        )
         settings = _settings(start)
         # NOT_FOUND for a conversation that does not exist (or was deleted).
         await self._context.conversation(
@@ -290,6 +293,7 @@ class Talks:
             talks=self,
             grant=grant,
             hold=hold,
+            waker=waker,
             via=via,
             record=record,
             settings=settings,
@@ -312,7 +316,8 @@ class Talks:
                 [FieldViolation("resume.after_sequence", "must not be negative")],
             )
         conversation = f"workspaces/{workspace_id}/conversations/{conversation_id}"
-        hold = await grant.hold(((conversation, "resume.session"),), Permission.WRITE)
+        waker = _Waker()
+        hold = await grant.hold(((conversation, "resume.session"),), Permission.WRITE, waker)
         record = await self._store.get(workspace_id, conversation_id, session_id)
         # Someone else's session is as good as absent: its name tells nothing.
         if record is None or record.creator != principal.user_name:
@@ -355,6 +360,7 @@ class Talks:
             talks=self,
             grant=grant,
             hold=hold,
+            waker=waker,
             via=via,
             record=record,
             settings=settings,
@@ -439,6 +445,18 @@ def _settings(start: pb.TalkStart) -> pb.VoiceSession:
     return settings
 
 
+class _Waker:
+    """The hold's listener, made before the session it wakes: a lost conversation
+    ends the session at once, not at its next frame."""
+
+    def __init__(self) -> None:
+        self.wake: Callable[[], None] | None = None
+
+    def __call__(self) -> None:
+        if self.wake is not None:
+            self.wake()
+
+
 @dataclass(frozen=True)
 class _Owed:
     """A turn's frames to relay: its final transcript (None when the client saw it),
@@ -465,6 +483,7 @@ class _Session:
         talks: Talks,
         grant: Grant,
         hold: Hold,
+        waker: _Waker,
         via: Via,
         record: SessionRecord,
         settings: pb.VoiceSession,
@@ -514,6 +533,7 @@ class _Session:
         self._partial_at_ms = 0
         self._tasks: set[asyncio.Task[None]] = set()
         grant.on_change(self._wake)
+        waker.wake = self._wake
 
     # -- the writer ------------------------------------------------------------------------
 
@@ -765,8 +785,13 @@ class _Session:
             self._partial = None
         self._partial_at_ms = 0
         audio = self._audio.end()
-        if audio is not None:
-            self._queue_turn(_Ended(audio=audio))
+        if audio is None:
+            return
+        if not audio:
+            # Nothing to transcribe: said at once, without asking the engine.
+            self._spawn(self._put(mapping.event(pb.TALK_EVENT_KIND_TURN_EMPTY, self._next_turn)))
+            return
+        self._queue_turn(_Ended(audio=audio))
 
     def _maybe_partial(self) -> None:
         if (
