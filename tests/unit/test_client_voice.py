@@ -1,7 +1,7 @@
 """switchboard.client.voice: the numbering, the turns a drop loses, and resuming.
 
 The pure parts (``Ledger``, ``ReplyBuilder``, the PCM helpers) directly; the session
-against a scripted Talk server (tests/unit/talkkit.py) on a real gRPC server, which
+against a scripted Talk server (tests/unit/scriptedtalk.py) on a real gRPC server, which
 drops the call at exact points: after so many numbered frames, or mid-turn. The same
 client against the real server: tests/service/test_client_voice.py.
 """
@@ -40,7 +40,7 @@ from switchboard.client.voice import (
 )
 from switchboard.platform import errors
 from switchboard.platform.rpc.status import to_grpc_status
-from tests.unit.talkkit import CONVERSATION, SPEECH_CHUNK, TURN, ScriptedTalk, scripted
+from tests.unit.scriptedtalk import CONVERSATION, SPEECH_CHUNK, TURN, ScriptedTalk, scripted
 
 DEADLINE_S = 10.0
 FAST = StreamPolicy(backoff=Backoff(initial_s=0.01, max_s=0.05), idle_timeout_s=5.0)
