@@ -11,6 +11,7 @@ real Talk server cannot be made to drop at such points; the client tests against
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -41,6 +42,9 @@ class Plan:
     after_numbered: int | None = None
     #: Abort with UNAVAILABLE after reading this many audio frames on the call.
     after_audio: int | None = None
+    #: After that many numbered frames, go silent with the call open (a proxy that
+    #: dropped the connection without a word; no heartbeat either).
+    stall_after_numbered: int | None = None
     #: Replay this many frames at or before ``after_sequence`` too (a careless server;
     #: the client must drop them).
     overlap: int = 0
@@ -81,6 +85,7 @@ class ScriptedTalk(dispatcher_pb2_grpc.DispatcherServiceServicer):
         self.sessions: dict[str, Session] = {}
         self.plan = Plan()
         self.refuse_start: RpcStatus | None = None
+        self.address = ""
         self._serial = itertools.count(1)
 
     @property
@@ -224,6 +229,10 @@ class ScriptedTalk(dispatcher_pb2_grpc.DispatcherServiceServicer):
             call.written += 1
             if self.plan.after_numbered is not None and call.written >= self.plan.after_numbered:
                 raise _Drop
+            stall = self.plan.stall_after_numbered
+            if stall is not None and call.written >= stall:
+                self.plan.stall_after_numbered = None
+                await asyncio.Event().wait()  # until the client gives up on the call
 
 
 @asynccontextmanager
@@ -235,6 +244,7 @@ async def scripted() -> AsyncIterator[tuple[ScriptedTalk, str]]:
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
-        yield servicer, f"127.0.0.1:{port}"
+        servicer.address = f"127.0.0.1:{port}"
+        yield servicer, servicer.address
     finally:
         await server.stop(0)

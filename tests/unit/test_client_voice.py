@@ -338,6 +338,26 @@ async def test_a_drop_mid_answer_resumes_with_no_frame_repeated_or_lost(
     assert talk.last_sequence == session.log[-1].sequence
 
 
+async def test_a_silent_stream_is_taken_for_dead_and_resumed(
+    server: tuple[ScriptedTalk, Client],
+) -> None:
+    servicer, _ = server
+    servicer.plan.stall_after_numbered = 4
+    quick = StreamPolicy(backoff=Backoff(initial_s=0.01, max_s=0.05), idle_timeout_s=0.5)
+    async with (
+        Client(servicer.address, streams=quick) as client,
+        _talk(client) as talk,
+    ):
+        await talk.say("hello")
+        reply = await asyncio.wait_for(talk.reply(), DEADLINE_S)
+    assert reply.transcript == "typed hello"
+    assert reply.speech == SPEECH_CHUNK * 3
+    assert talk.resumes == 1
+    assert talk.last_error is not None
+    assert "no frame on the voice session" in str(talk.last_error)
+    assert servicer.only.calls == ["start", f"resume:{TURN + 3}"]
+
+
 async def test_a_turn_being_spoken_when_the_connection_drops_is_sent_again(
     server: tuple[ScriptedTalk, Client],
 ) -> None:
