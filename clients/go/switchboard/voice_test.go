@@ -35,6 +35,7 @@ type scriptedTalk struct {
 	dropNumbered  int // abort after writing this many numbered frames (0: never)
 	dropAudio     int // abort after reading this many audio frames (0: never)
 	overlap       int // replay this many frames the client already had
+	stallNumbered int // go silent, the stream open, after this many numbered frames
 	audioFrameLen []int
 }
 
@@ -128,9 +129,17 @@ func (s *scriptedTalk) Talk(stream dispatcherv1.DispatcherService_TalkServer) er
 			if drop {
 				s.dropNumbered = 0
 			}
+			stall := s.stallNumbered > 0 && written >= s.stallNumbered
+			if stall {
+				s.stallNumbered = 0
+			}
 			s.mu.Unlock()
 			if drop {
 				return errDrop
+			}
+			if stall {
+				<-stream.Context().Done() // until the client gives up on the stream
+				return stream.Context().Err()
 			}
 		}
 	}
@@ -159,7 +168,7 @@ func (s *scriptedTalk) answer(said string) []*dispatcherv1.TalkResponse {
 	return frames
 }
 
-func scripted(t *testing.T, talk *scriptedTalk) *Client {
+func scripted(t *testing.T, talk *scriptedTalk, opts ...Option) *Client {
 	t.Helper()
 	listener, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -170,7 +179,8 @@ func scripted(t *testing.T, talk *scriptedTalk) *Client {
 	go func() { _ = server.Serve(listener) }()
 	t.Cleanup(server.Stop)
 	fast := Backoff{Initial: 10 * time.Millisecond, Max: 50 * time.Millisecond}
-	client, err := Dial(listener.Addr().String(), WithInsecure(), WithBackoff(fast), WithIdleTimeout(5*time.Second))
+	opts = append([]Option{WithInsecure(), WithBackoff(fast), WithIdleTimeout(5 * time.Second)}, opts...)
+	client, err := Dial(listener.Addr().String(), opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -307,6 +317,37 @@ func TestATurnBeingSpokenWhenTheStreamDropsIsSentAgain(t *testing.T) {
 	lost := session.LostTurns()
 	if len(lost) != 1 || !lost[0].Resent || len(lost[0].Audio) < 16_000 {
 		t.Errorf("lost turns %+v", lost)
+	}
+}
+
+func TestASilentStreamIsTakenForDeadAndResumed(t *testing.T) {
+	server := &scriptedTalk{stallNumbered: 4}
+	client := scripted(t, server, WithIdleTimeout(500*time.Millisecond))
+	var retried []error
+	opts := clientTurns()
+	opts.OnRetry = func(err error, _ time.Duration, _ int64) { retried = append(retried, err) }
+	session, err := client.Talk(within(t), "workspaces/w/conversations/c", opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer session.Close()
+	if err := session.Say("hello"); err != nil {
+		t.Fatal(err)
+	}
+	reply, err := session.Reply(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if reply.Transcript != "typed hello" || !bytes.Equal(reply.Speech, []byte{1, 0, 2, 0, 3, 0}) {
+		t.Errorf("reply %+v", reply)
+	}
+	if session.Resumes() != 1 || len(retried) != 1 || status.Code(retried[0]) != codes.Unavailable {
+		t.Errorf("%d resumes after %v", session.Resumes(), retried)
+	}
+	server.mu.Lock()
+	defer server.mu.Unlock()
+	if want := fmt.Sprintf("[start resume:%d]", int64(1)<<TurnBits+3); fmt.Sprint(server.calls) != want {
+		t.Errorf("calls %v, want %s", server.calls, want)
 	}
 }
 
