@@ -646,6 +646,10 @@ def test_the_docs_run_as_written(tmp_path: Path) -> None:
     # The Go quick start's answer came, and Ctrl-C ended it cleanly.
     assert '"kind":"run_done"' in printed
     assert '"kind":"done"' in printed
+    # The voice clients (docs/voice.md): the spoken question heard, the answer spoken back.
+    assert "heard: one two three four five" in printed
+    assert '"kind":"answer"' in printed
+    assert "written to answer.wav" in printed
 
 
 @pytest.fixture

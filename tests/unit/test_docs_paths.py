@@ -26,6 +26,7 @@ NOT_OURS = frozenset(
         "hello.py",
         "hello_a2a.py",
         "quickstart.py",
+        "voice_turn.py",
         "ada.py",
         "a2a_follow.py",
         "run_tck.py",

@@ -77,6 +77,14 @@ from switchboard.client.interceptors import RetryPolicy
 from switchboard.client.runs import Answer, RunWatch
 from switchboard.client.session import TokenKeeper
 from switchboard.client.streams import StreamPolicy
+from switchboard.client.voice import (
+    LostTurn,
+    Reply,
+    Resumed,
+    TalkSession,
+    pcm_from_wav,
+    pcm_to_wav,
+)
 
 __all__ = [
     "CHUNK_BYTES",
@@ -104,6 +112,7 @@ __all__ = [
     "HandlerFailed",
     "Internal",
     "InvalidArgument",
+    "LostTurn",
     "MediaTypeMismatch",
     "ModalityUnsupported",
     "NotFound",
@@ -113,9 +122,11 @@ __all__ = [
     "QuotaExceeded",
     "QuotaViolation",
     "RateLimited",
+    "Reply",
     "RequestTooLarge",
     "ResourceExhausted",
     "ResultTooLarge",
+    "Resumed",
     "RetryPolicy",
     "RunCancelled",
     "RunFailed",
@@ -132,6 +143,7 @@ __all__ = [
     "StreamPolicy",
     "SubscriberTooSlow",
     "SwitchboardError",
+    "TalkSession",
     "TokenExpired",
     "TokenKeeper",
     "TransferPolicy",
@@ -145,5 +157,7 @@ __all__ = [
     "from_rpc_error",
     "from_status",
     "new_request_id",
+    "pcm_from_wav",
+    "pcm_to_wav",
     "scope",
 ]
