@@ -290,6 +290,7 @@ export class Navigation {
     this.messages.clear();
     this.files.clear();
     this.runs.stop();
+    this.composer.left();
     this.budgetsOpen = true;
     this.renderConversations();
     this.renderConversation();
@@ -309,6 +310,7 @@ export class Navigation {
       this.messages.clear();
       this.files.clear();
       this.runs.stop();
+      this.composer.left();
       this.renderWorkspaces();
       this.renderConversation();
       this.opened(name);
@@ -417,6 +419,7 @@ export class Navigation {
     this.messages.clear();
     this.files.clear();
     this.runs.stop();
+    this.composer.left();
     this.renderConversations();
     this.renderConversation();
     await this.page.busy("list-messages", async () => {
