@@ -92,8 +92,11 @@ export class Recorder {
     }
     let stream: MediaStream;
     try {
+      // The voice as the microphone gave it: nothing plays while Talk records (pressing it
+      // stops the answer), so there is no echo to cancel, and a recogniser does better with
+      // the raw sound than with what noise suppression and gain control leave of it.
       stream = await navigator.mediaDevices.getUserMedia({
-        audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true, autoGainControl: true },
+        audio: { channelCount: 1, echoCancellation: false, noiseSuppression: false, autoGainControl: false },
       });
     } catch (error) {
       throw microphoneProblem(error);
