@@ -63,6 +63,10 @@ export function speechSummary(p: Problem): string | undefined {
     case "ERROR_REASON_SPEECH_REFUSED":
       return "The speech engine refused the recording or the voice; sending it again will not help.";
     default:
+      // The engine heard no words (a refusal of the recording itself, on its one part).
+      if (p.code === "INVALID_ARGUMENT" && p.violations.some((v) => v.field.startsWith("message.parts"))) {
+        return "The recording was not accepted as speech: hold Talk while you speak, close to the microphone.";
+      }
       return undefined;
   }
 }
