@@ -25,6 +25,7 @@ from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.runs.admission import HANDLER, route
 from switchboard.dispatcher.runs.execution import step_limit
 from switchboard.dispatcher.runs.live import FINISH_TIMEOUT_S, Common
+from switchboard.dispatcher.runs.publishing import is_token
 from switchboard.dispatcher.runs.store import TERMINAL, Listing
 from switchboard.dispatcher.tools.port import ToolPort
 from switchboard.dispatcher.tools.runner import ToolLimits, offered_tools
@@ -307,8 +308,8 @@ class Queries:
 
 class _InOrder:
     """Another replica's run, as this process hears it: its logged updates in log order,
-    its tokens over their own channel (``EventBus.announce``), which may overtake the
-    logged update before them. A token waits for the sequence it follows; a logged
+    its tokens (deltas, speech) over their own channel (``EventBus.announce``), which may
+    overtake the logged update before them. A token waits for the sequence it follows; a logged
     update never waits (a token lost on the way leaves a gap, not a stall)."""
 
     def __init__(self, position: int) -> None:
@@ -320,7 +321,7 @@ class _InOrder:
         if update.sequence <= self.position:
             return []
         early = self.early
-        if update.HasField("delta") and update.sequence > self.position + 1:
+        if is_token(update) and update.sequence > self.position + 1:
             early[update.sequence] = update
             return []
         ready = [early.pop(s) for s in sorted(early) if s < update.sequence]
