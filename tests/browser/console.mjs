@@ -145,17 +145,6 @@ const ops = {
       downloadWaiters.add(check);
       check();
     }),
-  // Sets a permission of the page's context as a person answering the browser's prompt
-  // would (`microphone` "denied": the microphone refused), overriding the fake UI's yes.
-  permission: async (c) => {
-    const p = page(c);
-    await browserSession.send("Browser.setPermission", {
-      permission: { name: c.name },
-      setting: c.setting,
-      origin: new URL(p.url()).origin,
-      browserContextId: p.browserContext().id,
-    });
-  },
   reload: async (c) => {
     await page(c).reload({ waitUntil: "load" });
   },
