@@ -68,11 +68,13 @@ TERMINAL: Final = frozenset(
 )
 #: Recorded beyond the spoken WAV's end, so its last word is whole.
 TAIL_MS: Final = 700
-#: The counting words PocketSphinx recognises after Chromium's audio path: the fake
-#: microphone resamples eSpeak's 22,050 Hz to the device's rate and the console band-limits
-#: it to 16 kHz, and through any clean resampling "five" comes back as other words (it is
-#: recognised from the WAV only through the audio server's own linear interpolation).
-HEARD: Final = ("two", "three", "four")
+#: The counting words PocketSphinx recognises after Chromium's audio path, every time: the
+#: fake microphone resamples eSpeak's 22,050 Hz to the device's rate and the console
+#: band-limits it to 16 kHz, and through clean resampling the first and the last word vary
+#: ("one" may come back as "well", "five" as "sawyer"); the WAV itself is recognised word for
+#: word only through the audio server's own linear interpolation, whose aliasing the model
+#: seems to have learned.
+HEARD: Final = ("three", "four")
 
 
 @dataclass
@@ -184,9 +186,9 @@ def server(stack: VoiceStack) -> Iterator[Server]:
     client.close()
 
 
-def _voice_assistant(server: Server, user: User, workspace: str) -> str:
-    """An assistant with a voice whose answers echo the message (the echo handler), the
-    workspace's default; its name."""
+def _voice_assistant(server: Server, user: User, workspace: str, *, voice: bool = True) -> str:
+    """An assistant whose answers echo the message (the echo handler), the workspace's
+    default, with a voice unless ``voice`` is false; its name."""
     made = server.dispatcher.CreateAssistant(
         dispatcher_pb2.CreateAssistantRequest(
             parent=workspace,
@@ -195,7 +197,7 @@ def _voice_assistant(server: Server, user: User, workspace: str) -> str:
                 display_name="Talker",
                 handler="handlers/echo",
                 workspace_default=True,
-                voice=dispatcher_pb2.VoiceSettings(language="en"),
+                voice=dispatcher_pb2.VoiceSettings(language="en") if voice else None,
             ),
         ),
         metadata=user.md,
@@ -253,13 +255,21 @@ def test_push_to_talk_sends_the_recording_and_plays_the_spoken_answer(
 ) -> None:
     user = server.register("talk")
     workspace, conversation = server.workspace(user, f"talk-{os.getpid()}")
-    _voice_assistant(server, user, workspace)
+    assistant = _voice_assistant(server, user, workspace, voice=False)
     shots = artifacts_dir(tmp_path) / "voice"
     shots.mkdir(parents=True, exist_ok=True)
     with chromium.open(stack.origin + "/") as browser:
         sign_in(browser, user.email)
         open_conversation(browser, workspace, conversation)
-        # The default assistant has a voice: Talk shows, labelled for a screen reader.
+        # Without a voice, no Talk; the owner gives the assistant one in its editor.
+        browser.wait_for(tid("assistant", name=assistant, voice="false"))
+        assert not browser.visible(tid("talk"))
+        browser.click(f"{tid('assistant', name=assistant)} {tid('edit-assistant')}")
+        browser.click(tid("assistant-voice-on"))
+        browser.fill(tid("assistant-voice-language"), "en")
+        browser.click(tid("save-assistant"))
+        browser.wait_for(tid("assistant", name=assistant, voice="true"))
+        # The default assistant has a voice now: Talk shows, labelled for a screen reader.
         browser.wait_visible(tid("talk"))
         label = browser.eval(
             "(s) => document.querySelector(s).getAttribute('aria-label')", tid("talk")
@@ -323,6 +333,11 @@ def test_push_to_talk_sends_the_recording_and_plays_the_spoken_answer(
         recorded_ms = 1000 * w.getnframes() / 16_000
     assert stack.speech_ms + TAIL_MS - 50 <= recorded_ms <= stack.speech_ms + TAIL_MS + 1000
     assert abs(recorded_ms - int(played["recordedMs"])) <= 1
+    given = server.dispatcher.GetAssistant(
+        dispatcher_pb2.GetAssistantRequest(name=assistant), metadata=user.md, timeout=CALL_S
+    ).assistant
+    assert given.HasField("voice")
+    assert given.voice.language == "en"
     stored = server.run(user, run)
     assert stored.speech.speak
     assert stored.speech.transcribe
