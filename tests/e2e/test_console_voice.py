@@ -9,12 +9,12 @@ One stack for the module: the console built into a temporary directory, the audi
 ``switchboard serve --dev`` with the voice settings, Envoy with ``--console`` on its TLS
 listener; one Chromium (tests/browser/console.mjs) started with the fake microphone.
 
-- A turn: Talk clicked, about the WAV's length recorded, Talk clicked again; the stored user
+- A turn: Talk shows once the owner gives the assistant a voice in its editor; Talk clicked, about the WAV's length recorded, Talk clicked again; the stored user
   message's text is the transcript (the counting words), on the page too, with the
   recording attached (a 16 kHz mono WAV, as long as what was recorded); every speech update
   of the run arrived and was played, back to back, as long as the server said; screenshots
   at a desktop's and a phone's width.
-- Stop while it speaks: the audio stops, CancelRun carries the last chunk played, the run is
+- Stop while it speaks (that turn recorded with Space held on Talk): the audio stops, CancelRun carries the last chunk played, the run is
   CANCELLED and the stored answer keeps what was heard and marks the rest unspoken.
 - The microphone refused: the page says so precisely, and nothing is sent.
 """
@@ -206,17 +206,24 @@ def _voice_assistant(server: Server, user: User, workspace: str, *, voice: bool 
     return str(made.assistant.name)
 
 
-def talk(browser: Page, stack: VoiceStack) -> str:
-    """Clicks Talk, records the spoken WAV to its end, clicks again; the run answering."""
+def talk(browser: Page, stack: VoiceStack, *, hold: bool = False) -> str:
+    """Clicks Talk, records the spoken WAV to its end, clicks again (or, ``hold``, holds
+    Space on Talk meanwhile); the run answering."""
     before = browser.eval("(s) => document.querySelector(s).dataset.run ?? ''", tid("talk-control"))
-    browser.click(tid("talk"))
+    if hold:
+        browser.call("key", selector=tid("talk"), key="Space", action="down")
+    else:
+        browser.click(tid("talk"))
     browser.wait_for(tid("talk-control", state="recording"))
     # The page's own count of what it recorded (no sleep): the WAV, then a little silence.
     browser.wait(
         "([s, ms]) => Number(document.querySelector(s).dataset.recordedMs) >= ms",
         [tid("talk-control"), stack.speech_ms + TAIL_MS],
     )
-    browser.click(tid("talk"))
+    if hold:
+        browser.call("key", key="Space", action="up")
+    else:
+        browser.click(tid("talk"))
     run: str = browser.wait(
         "([s, before]) => { const r = document.querySelector(s).dataset.run;"
         " return r && r !== before && r; }",
@@ -354,7 +361,8 @@ def test_stop_while_it_speaks_cancels_the_run_with_what_was_heard(
         sign_in(browser, user.email)
         open_conversation(browser, workspace, conversation)
         browser.wait_visible(tid("talk"))
-        run = talk(browser, stack)
+        # From the keyboard this time: Space held on Talk while the WAV plays.
+        run = talk(browser, stack, hold=True)
         # Stopped once the first chunk is playing: the rest of the answer is not spoken yet.
         browser.wait(
             "(s) => { const d = document.querySelector(s).dataset;"
