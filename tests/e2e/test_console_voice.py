@@ -9,13 +9,15 @@ One stack for the module: the console built into a temporary directory, the audi
 ``switchboard serve --dev`` with the voice settings, Envoy with ``--console`` on its TLS
 listener; one Chromium (tests/browser/console.mjs) started with the fake microphone.
 
-- A turn: Talk shows once the owner gives the assistant a voice in its editor; Talk clicked, about the WAV's length recorded, Talk clicked again; the stored user
-  message's text is the transcript (the counting words), on the page too, with the
-  recording attached (a 16 kHz mono WAV, as long as what was recorded); every speech update
-  of the run arrived and was played, back to back, as long as the server said; screenshots
-  at a desktop's and a phone's width.
-- Stop while it speaks (that turn recorded with Space held on Talk): the audio stops, CancelRun carries the last chunk played, the run is
-  CANCELLED and the stored answer keeps what was heard and marks the rest unspoken.
+- A turn: Talk shows once the owner gives the assistant a voice in its editor; Talk
+  clicked, about the WAV's length recorded, Talk clicked again; the stored user message's
+  text is the transcript (counting words), on the page too, with the recording attached (a
+  16 kHz mono WAV, as long as what was recorded); every speech update of the run arrived and
+  was played, back to back, as long as the server said; screenshots at a desktop's and a
+  phone's width.
+- Stop while it speaks (that turn recorded holding Space on Talk): the audio stops,
+  CancelRun carries the last chunk played, the run is CANCELLED and the stored answer keeps
+  what was heard and marks the rest unspoken.
 - The microphone refused: the page says so precisely, and nothing is sent.
 """
 
