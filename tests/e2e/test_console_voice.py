@@ -388,6 +388,8 @@ def test_stop_while_it_speaks_cancels_the_run_with_what_was_heard(
         assert not browser.visible(tid("talk-stop"))
         assert problems(browser) == []
     heard = int(stopped["heardThrough"])
+    # CancelRun was told the last chunk played.
+    assert stopped["cancelHeardThrough"] == stopped["heardThrough"]
     updates, answer = replay(server, user, run)
     heard_updates = [u for u in updates if u.sequence <= heard]
     # What the page played is what it told the server it heard: whole chunks, in order.

@@ -354,7 +354,8 @@ export class TalkControl {
     const view = this.view;
     if (player === null || !player.active) return;
     const heard = player.stop();
-    this.element.dataset.heardThrough = String(heard);
+    // What CancelRun is told (data-heard-through is the last chunk played, 0 for none).
+    this.element.dataset.cancelHeardThrough = String(heard);
     if (this.state === "answering") this.setState("idle");
     if (view === undefined || view.terminal) return;
     await this.page.busy(
@@ -410,7 +411,7 @@ export class TalkControl {
                 ? `Stopped after ${spoken}.`
                 : player.chunksReceived
                   ? `Spoke for ${spoken}.`
-                  : this.status.textContent;
+                  : "The answer came without speech (its run's card says why).";
       }
     }
   }
