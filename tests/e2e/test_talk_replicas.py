@@ -5,7 +5,8 @@ behind Envoy, with the local audio server for speech. A session on A takes a
 typed turn whose answer is spoken; the connection drops in the middle of the
 answer's speech, and the session is resumed on B with the last sequence the
 client saw. B rebuilds the frames from the stored turn and the run's updates
-(the shared log, and the speech it heard from A over Redis): the frames seen on
+(the shared log, and the speech it heard from A over Redis), whether the run is
+still speaking or has ended meanwhile: the frames seen on
 A and on B together are the run's updates exactly once each, in order, and the
 speech assembled from them is the speech an undisturbed watcher of the run got.
 """
@@ -55,9 +56,12 @@ def speech_bytes(updates: list[pb.RunUpdate]) -> bytes:
     return b"".join(u.speech.audio for u in updates if u.WhichOneof("update") == "speech")
 
 
+@pytest.mark.parametrize("after_the_end", [False, True], ids=["mid-answer", "after-the-end"])
 async def test_a_session_dropped_mid_answer_resumes_on_another_replica(
-    front: ServeProcess, env: dict[str, str], audio_server: FakeAudio
+    front: ServeProcess, env: dict[str, str], audio_server: FakeAudio, after_the_end: bool
 ) -> None:
+    """Resumed while the run still speaks, or after it ended (within the resume
+    window): B replays what it heard of A's run, speech included, up to the end."""
     who = await people(front)
     voice = {
         "SWITCHBOARD_VOICE_URL": audio_server.url,
@@ -95,6 +99,11 @@ async def test_a_session_dropped_mid_answer_resumes_on_another_replica(
             talk.cancel()
             seen_on_a = [f for f in talk.frames if f.sequence]
             last = seen_on_a[-1].sequence
+            if after_the_end:
+                # The run finishes speaking while the client is away.
+                assert (await watch_all(on_a, who.editor, run)).final.state == (
+                    pb.RUN_STATE_SUCCEEDED
+                )
 
             again = open_talk(
                 on_b,

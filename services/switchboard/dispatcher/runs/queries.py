@@ -163,8 +163,13 @@ class Queries:
             )
         feed = self._feeds.get(name)
         if feed is None:
-            stored = await self._store.get(found[1], found[2], found[3])
-            async for update in self._watch_stored(stored.run, after_sequence):
+            run = (await self._store.get(found[1], found[2], found[3])).run
+            if run.state in TERMINAL and run.last_sequence > after_sequence:
+                conversation = mapping.conversation_name(found[1], found[2])
+                for update in self._missed_end(run, conversation, after_sequence):
+                    yield update
+                return
+            async for update in self._watch_stored(run, after_sequence):
                 yield update
             return
         if after_sequence < feed.first - 1:
@@ -253,6 +258,19 @@ class Queries:
         finally:
             unsubscribe()
 
+    def _missed_end(
+        self, run: pb.Run, conversation: str, after_sequence: int
+    ) -> list[pb.RunUpdate]:
+        """What a watch behind an ended run of another replica gets: the run's updates
+        after ``after_sequence`` up to its end when this process still holds them all
+        (its ring keeps the logged ones and the tokens heard, speech included), exactly
+        what the owner's feed would replay; otherwise the run as stored stands for them."""
+        held = self._held(run.name, conversation, _InOrder(after_sequence))
+        for index, one in enumerate(held):
+            if _ends(one):
+                return held[: index + 1]
+        return [mapping.snapshot(run)]
+
     def _held(self, run: str, conversation: str, order: _InOrder) -> list[pb.RunUpdate]:
         """What this process already holds of another replica's ``run`` past ``order``'s
         position, ready to go out: its ring keeps the logged updates and the tokens heard
@@ -304,6 +322,12 @@ class Queries:
         if isinstance(handler, LlmHandler):
             response.model = handler.model_label(assistant.model if assistant is not None else None)
         return response
+
+
+def _ends(update: pb.RunUpdate) -> bool:
+    return (
+        update.WhichOneof("update") == "state_change" and update.state_change.run.state in TERMINAL
+    )
 
 
 class _InOrder:

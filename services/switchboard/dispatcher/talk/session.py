@@ -916,6 +916,22 @@ class _Session:
             speech=pb.SpeechOptions(speak=True, output_format=self._settings.output_format),
         )
         await self._hold.confirm()
+        # The message and its turn row are stored together as far as this stream goes: a
+        # drop that cancelled the worker between the two would leave a message the
+        # session does not count, and the client's resend would store it twice. So the
+        # pair finishes even when the stream is gone, and a replay of the same turn of
+        # the same session (two streams at once) is the same request.
+        request.request_id = f"talk-{self._record.id}-{turn}"
+        work = asyncio.ensure_future(self._store_turn(request, turn, text, audio_ms))
+        work.add_done_callback(_observed)
+        stored = await asyncio.shield(work)
+        self._turn_count = turn
+        self._relays.put_nowait(_Owed(turn, mapping.transcript(stored), stored.run, 0))
+        return True
+
+    async def _store_turn(
+        self, request: pb.SendMessageRequest, turn: int, text: str, audio_ms: int
+    ) -> TurnRecord:
         sent = await self._actions.send_message(self._principal, request)
         recording = next(
             (part.file.file for part in sent.message.parts if part.WhichOneof("part") == "file"),
@@ -932,9 +948,7 @@ class _Session:
             created_at=names.now(),
         )
         await self._store.add_turn(stored, self._talks.expiry())
-        self._turn_count = turn
-        self._relays.put_nowait(_Owed(turn, mapping.transcript(stored), sent.run.name, 0))
-        return True
+        return stored
 
     async def _transcribe(self, audio: bytes, turn: int, *, wrapped: bool = False) -> str:
         wav = audio if wrapped else pcm.to_wav(audio, self._rate)
@@ -983,3 +997,10 @@ class _Session:
                     sequence=mapping.sequence(owed.turn, update.sequence), update=update
                 )
             )
+
+
+def _observed(task: asyncio.Future[TurnRecord]) -> None:
+    """Reads the outcome of a turn's storing whose stream went away meanwhile, so a
+    failure nobody waits for any more is not reported as never retrieved."""
+    if not task.cancelled():
+        task.exception()
