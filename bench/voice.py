@@ -18,7 +18,8 @@ now.`` and more sentences) and conversation, and runs turns in a closed loop: ST
 a turn of PCM16 at 16 kHz sent in 20 ms frames at the pace of speech (each session's a
 different length, so the audio server's records tell whose a transcription was),
 END_TURN (``TURN_DETECTION_CLIENT``), read until the first ``speech`` update of the
-turn's run, INTERRUPT, read until the run ends.
+turn's run, listen to the answer a while (``listen_ms``, as it is played: the pace of a
+conversation), INTERRUPT, read until the run ends.
 
 - **The total**: from just before END_TURN is written to the first ``speech`` update read.
 - **The endpoints' share** on that path, from the fakes' own records on the same
@@ -140,6 +141,9 @@ class Plan:
     seconds: float
     #: The shortest turn; session i's is ``turn_ms + 20 * i``.
     turn_ms: int
+    #: How long a session listens to the answer before it interrupts (a conversation's
+    #: pace: the user speaks, hears some of the answer, speaks again).
+    listen_ms: int
     cpu_sessions: int
     cpu_warmup_s: float
     cpu_seconds: float
@@ -151,6 +155,7 @@ FULL: Final = Plan(
     warmup_s=5.0,
     seconds=30.0,
     turn_ms=1000,
+    listen_ms=3000,
     cpu_sessions=3,
     cpu_warmup_s=4.0,
     cpu_seconds=40.0,
@@ -161,6 +166,7 @@ QUICK: Final = Plan(
     warmup_s=3.0,
     seconds=10.0,
     turn_ms=600,
+    listen_ms=1000,
     cpu_sessions=2,
     cpu_warmup_s=3.0,
     cpu_seconds=12.0,
@@ -373,15 +379,26 @@ class Voice:
         return size
 
     async def interrupted_turn(
-        self, audio: bytes, sent: list[tuple[float, int]], heard: list[tuple[float, int]]
+        self,
+        audio: bytes,
+        listen_s: float,
+        sent: list[tuple[float, int]],
+        heard: list[tuple[float, int]],
     ) -> dict[str, Any]:
-        """Say ``audio``, wait for the answer's first speech, interrupt it, read to the
-        run's end: when each happened."""
+        """Say ``audio``, wait for the answer's first speech, listen ``listen_s``,
+        interrupt it, read to the run's end: when each happened."""
         end_turn = await self.say(audio, sent)
         run = await self.run_of_turn()
         size = await self.first_speech(run)
         first_speech = time.monotonic()
         heard.append((first_speech, size))
+        # Speech comes at the pace of playback: read it until the listening is over.
+        while time.monotonic() < first_speech + listen_s:
+            frame = await self.read()
+            if _ended(frame, run):
+                raise RuntimeError("the answer ended before the interrupt")
+            if (size := _speech_of(frame, run)) >= 0:
+                heard.append((time.monotonic(), size))
         interrupt = time.monotonic()
         await self.call.write(_control(pb.TALK_ACTION_INTERRUPT))
         last_speech = None
@@ -448,7 +465,7 @@ async def client_latency(spec: dict[str, Any]) -> dict[str, Any]:
             await voice.open(spec["conversations"][index], spec["assistants"][index])
             await asyncio.sleep(rng.uniform(0, 1.0))  # staggered starts
             while time.monotonic() < deadline:
-                turn = await voice.interrupted_turn(audio, sent, heard)
+                turn = await voice.interrupted_turn(audio, spec["listen_ms"] / 1000, sent, heard)
                 turns.append({**turn, "measured": begin <= turn["end_turn"] < deadline})
         except aio.AioRpcError as err:
             errors[f"Talk {err.code().name}"] += 1
@@ -731,6 +748,7 @@ async def latency_phase(
                     "warmup_s": plan.warmup_s,
                     "seconds": plan.seconds,
                     "turn_ms": plan.turn_ms,
+                    "listen_ms": plan.listen_ms,
                     "output_rate": 24_000,
                     "server_pid": server.pid,
                     "audio_pid": audio.pid,
@@ -886,7 +904,8 @@ def render(results: dict[str, Any], command: str, plan: Plan) -> str:
             "conversation, turns in a closed loop: START_TURN, "
             f"{plan.turn_ms} ms and more of PCM16 at 16 kHz in {FRAME_MS} ms frames at the "
             "pace of speech, END_TURN (`TURN_DETECTION_CLIENT`), the first `speech` update of "
-            "the turn's run, INTERRUPT, the run's end; the audio server's fast engine "
+            f"the turn's run, {plan.listen_ms} ms more of the answer (as it is played), "
+            "INTERRUPT, the run's end; the audio server's fast engine "
             "(`--engine tone`); "
             f"{plan.warmup_s:g} s warm-up, {plan.seconds:g} s measured (turns whose END_TURN "
             "was sent in it)",

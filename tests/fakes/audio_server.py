@@ -7,7 +7,9 @@ recognition and synthesis, on ``127.0.0.1``, with nothing hosted.
 answers ``{"text": ...}`` as the API does. The words are recognized by
 PocketSphinx (its PyPI package carries an English acoustic model, a language
 model and a dictionary): the file must be a WAV of 16-bit PCM, mono or stereo
-(mixed down), at any rate (resampled to the model's 16 kHz). Anything else
+(mixed down), at any rate (resampled to the model's 16 kHz); audio in which
+PocketSphinx's voice activity detector hears no speech is answered with empty
+text (its decoder alone guesses words even in digital silence). Anything else
 (MP3, Ogg, 8-bit or float WAV, not audio at all) is refused with the API's
 ``400`` ("Audio file might be corrupted or unsupported"), a request without
 a file or a model with the API's ``400`` naming the field, a body over the
@@ -114,6 +116,8 @@ class Received:
     filename: str = ""
     file_type: str = ""
     file_size: int = -1
+    #: A JSON request's parsed body (speech), as sent.
+    body: Any = None
 
 
 @dataclass
@@ -158,6 +162,7 @@ class Recognizer:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._decoder: Any = None
+        self._vad: Any = None
 
     def transcribe(self, data: bytes) -> tuple[str, float]:
         """The words in a WAV, and its duration in seconds; raises ``Unsupported``."""
@@ -166,9 +171,17 @@ class Recognizer:
         audio = pcm.resample(samples, rate, MODEL_RATE)
         with self._lock:
             if self._decoder is None:
-                from pocketsphinx import Decoder  # loads the model: once, when first needed
+                from pocketsphinx import Decoder, Vad  # loads the model: once, when first needed
 
                 self._decoder = Decoder(loglevel="FATAL")
+                self._vad = Vad(Vad.LOOSE, MODEL_RATE)
+            # No speech, no words: the decoder alone guesses some in silence ("dog").
+            size = self._vad.frame_bytes
+            if not any(
+                self._vad.is_speech(audio[start : start + size])
+                for start in range(0, len(audio) - size + 1, size)
+            ):
+                return "", duration
             decoder = self._decoder
             decoder.start_utt()
             decoder.process_raw(audio, full_utt=True)
@@ -431,6 +444,7 @@ class FakeAudio:
                 path,
                 headers,
                 {key: str(value) for key, value in request.items()},
+                body=request,
             )
         )
         for name in ("model", "input", "voice"):

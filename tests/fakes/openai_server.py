@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import contextvars
 import itertools
 import json
 import re
@@ -294,6 +295,11 @@ class Received:
     sent: list[tuple[float, str]] = field(default_factory=list)
 
 
+#: The request being answered's ``sent`` (each connection is a task of its own), so that
+#: ``_stream``, which subclasses override, keeps its signature.
+_SENT: contextvars.ContextVar[list[tuple[float, str]]] = contextvars.ContextVar("sent")
+
+
 class _Disconnected(Exception):
     """The client closed the connection while the fake was answering."""
 
@@ -481,7 +487,8 @@ class FakeOpenAI:
             return keep_alive
         body: dict[str, Any] = request.body
         if body.get("stream") is True and not reply.ignore_stream:
-            return await self._stream(reply, body, reader, writer, request.sent) and keep_alive
+            _SENT.set(request.sent)
+            return await self._stream(reply, body, reader, writer) and keep_alive
         await _send_json(writer, 200, self._completion(reply, body))
         return keep_alive
 
@@ -579,9 +586,9 @@ class FakeOpenAI:
         body: dict[str, Any],
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        sent_log: list[tuple[float, str]],
     ) -> bool:
         """Stream the answer as server-sent events; whether the connection stays open."""
+        sent_log = _SENT.get(None)
         pieces, finish = self._answer(reply, body)
         options = body.get("stream_options") or {}
         with_usage = bool(options.get("include_usage")) and reply.usage is not False
@@ -650,7 +657,7 @@ class FakeOpenAI:
             if reply.interval_s and sent:
                 await asyncio.sleep(reply.interval_s)  # the model's pace, not synchronisation
             await _send_event(writer, chunk(delta, None))
-            if "content" in delta:
+            if "content" in delta and sent_log is not None:
                 sent_log.append((time.monotonic(), delta["content"]))
         if reply.drop_after_chunks is not None:
             return False

@@ -334,3 +334,19 @@ async def test_the_server_runs_on_its_own_with_an_engine() -> None:
     finally:
         process.terminate()
         await process.wait()
+
+
+async def test_silence_is_no_words(audio: FakeAudio) -> None:
+    """The recognizer's voice activity detector hears no speech: empty text, not a guess."""
+    client = engine(audio.url)
+    try:
+        text = await client.transcribe(
+            pcm.to_wav(bytes(pcm.byte_count(1000, 16_000)), 16_000),
+            media_type="audio/wav",
+            filename="quiet.wav",
+            model="whisper-1",
+            language="",
+        )
+    finally:
+        await client.close()
+    assert text == ""

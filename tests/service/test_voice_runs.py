@@ -266,7 +266,7 @@ async def test_speech_at_another_rate_and_the_assistants_voice() -> None:
     assert says(spoken), spoken
     asked = [q for q in r.audio.requests if q.path.endswith("/audio/speech")]
     assert asked
-    assert all(q.fields["voice"] == "alloy" for q in asked)
+    assert all(q.body["voice"] == "alloy" for q in asked)
 
 
 # -- barge-in and the stored answer ----------------------------------------------------------
