@@ -166,8 +166,8 @@ class Queries:
             run = (await self._store.get(found[1], found[2], found[3])).run
             if run.state in TERMINAL and run.last_sequence > after_sequence:
                 conversation = mapping.conversation_name(found[1], found[2])
-                for update in self._missed_end(run, conversation, after_sequence):
-                    yield update
+                for missed in self._missed_end(run, conversation, after_sequence):
+                    yield missed
                 return
             async for update in self._watch_stored(run, after_sequence):
                 yield update
