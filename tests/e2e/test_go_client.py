@@ -506,7 +506,12 @@ def voice_server() -> Iterator[ServeProcess]:
         AudioServerProcess() as audio,
         ServeProcess(
             "--dev",
-            env={"SWITCHBOARD_VOICE_URL": audio.url, "SWITCHBOARD_EGRESS_ALLOW_LOOPBACK": "true"},
+            env={
+                "SWITCHBOARD_VOICE_URL": audio.url,
+                "SWITCHBOARD_EGRESS_ALLOW_LOOPBACK": "true",
+                # The echo answer's long note goes out ahead of playback, not waited out.
+                "SWITCHBOARD_VOICE_LEAD_MS": "10000",
+            },
         ) as server,
     ):
         yield server

@@ -66,6 +66,9 @@ async def test_a_session_dropped_mid_answer_resumes_on_another_replica(
     voice = {
         "SWITCHBOARD_VOICE_URL": audio_server.url,
         "SWITCHBOARD_EGRESS_ALLOW_LOOPBACK": "true",
+        # Most of the (long) answer goes out at once, the rest still paced: the drop
+        # lands mid-answer either way, without waiting out the speech.
+        "SWITCHBOARD_VOICE_LEAD_MS": "10000",
     }
     with replica(env, "talk-a", **voice) as a, replica(env, "talk-b", **voice) as b:
         async with stubs(a, b) as (on_a, on_b):

@@ -54,8 +54,13 @@ async def audio_server() -> AsyncIterator[FakeAudio]:
 
 @pytest.fixture
 def settings(database_url: str, audio_server: FakeAudio) -> Settings:
+    # Speech sent up to ten seconds ahead of playback: the echo assistant's answers end
+    # with a long note, which the tests need not wait out at the speed of speech.
     return make_settings(
-        database_url=database_url, voice_url=audio_server.url, egress_allow_loopback=True
+        database_url=database_url,
+        voice_url=audio_server.url,
+        egress_allow_loopback=True,
+        voice_lead_ms=10_000,
     )
 
 

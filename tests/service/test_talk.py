@@ -80,6 +80,10 @@ def voice_settings(database_url: str, url: str, **overrides: object) -> Settings
         "voice_url": url,
         "egress_allow_loopback": True,
         "voice_max_sessions_per_user": 2,
+        # The echo assistant's answers end with a long note (no model here): sent up to
+        # ten seconds ahead of playback, a run is not held for most of its speech, and
+        # one spoken in full still is for a while (the tests of a busy conversation).
+        "voice_lead_ms": 10_000,
     }
     values.update(overrides)
     return make_settings(**values)
