@@ -1,23 +1,27 @@
 #!/usr/bin/env bash
-# The two local servers the README's later sections talk to, in the background of the shell
+# The local servers the README's later sections talk to, in the background of the shell
 # that runs this, so that the README needs two terminals only (make run's, and yours):
 #
 #   - the local Chat Completions server, tests/fakes/openai_server.py, with its echo model
 #     (docs/local-model.md), on http://127.0.0.1:$MODEL_PORT/v1 (8400);
+#   - the local audio server, tests/fakes/audio_server.py (speech recognized by PocketSphinx,
+#     spoken by eSpeak NG; docs/local-model.md, "Local audio"), on
+#     http://127.0.0.1:$AUDIO_PORT/v1 (8091);
 #   - the MCP reference server (make tools installs it) on http://127.0.0.1:$MCP_PORT/mcp
 #     (3001), bound to loopback by tests/mcp/loopback.mjs: one of its tools answers with its
 #     whole environment, so it must stay off any network.
 #
-#   examples/local-servers.sh start   start each that is not running, and wait until both answer
+#   examples/local-servers.sh start   start each that is not running, and wait until all answer
 #   examples/local-servers.sh stop    stop them
 #
-# Their logs and process ids are in .local/ (model.log, mcp.log, *.pid).
+# Their logs and process ids are in .local/ (model.log, mcp.log, audio.log, *.pid).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DIR=.local
 MODEL_PORT=${MODEL_PORT:-8400}
 MCP_PORT=${MCP_PORT:-3001}
+AUDIO_PORT=${AUDIO_PORT:-8091}
 # How long a server may take to answer before start gives up on it.
 START_TIMEOUT_S=${START_TIMEOUT_S:-60}
 
@@ -28,6 +32,7 @@ command_of() {
     case $1 in
     model) echo tests.fakes.openai_server ;;
     mcp) echo server-everything ;;
+    audio) echo tests.fakes.audio_server ;;
     esac
 }
 
@@ -72,15 +77,24 @@ start() {
             >"$DIR/mcp.log" 2>&1 &
         echo $! >"$DIR/mcp.pid"
     fi
+    if running audio; then
+        echo "audio: already running (pid $(<"$DIR/audio.pid"))"
+    else
+        .venv/bin/python -m tests.fakes.audio_server --port "$AUDIO_PORT" \
+            >"$DIR/audio.log" 2>&1 &
+        echo $! >"$DIR/audio.pid"
+    fi
     await_ready model '^http://'
     await_ready mcp "listening on port $MCP_PORT"
+    await_ready audio '^http://'
     echo "model: http://127.0.0.1:$MODEL_PORT/v1 (the echo model; log $DIR/model.log)"
     echo "mcp:   http://127.0.0.1:$MCP_PORT/mcp (log $DIR/mcp.log)"
+    echo "audio: http://127.0.0.1:$AUDIO_PORT/v1 (speech in and out; log $DIR/audio.log)"
 }
 
 stop() {
     local name pid
-    for name in model mcp; do
+    for name in model mcp audio; do
         if running "$name"; then
             pid=$(<"$DIR/$name.pid")
             kill "$pid"

@@ -1,4 +1,5 @@
-// Builds the console into dist/ (or --outdir DIR): index.html, app.js, app.css, favicon.svg.
+// Builds the console into dist/ (or --outdir DIR): index.html, app.js, app.css, favicon.svg,
+// and capture.js (push-to-talk's AudioWorklet, which a browser loads from a URL of its own).
 //   node build.mjs [--outdir DIR] [--sourcemap]
 // What it writes is exactly what Envoy serves (`switchboard envoy --console DIR`): every
 // file of the directory becomes one route, so nothing else may land there.
@@ -21,7 +22,7 @@ const outdir = resolve(values.outdir);
 await rm(outdir, { recursive: true, force: true });
 await mkdir(outdir, { recursive: true });
 await build({
-  entryPoints: { app: join(here, "src", "main.ts"), },
+  entryPoints: { app: join(here, "src", "main.ts"), capture: join(here, "src", "capture.ts") },
   outdir,
   bundle: true,
   minify: true,

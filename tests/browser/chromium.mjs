@@ -1,7 +1,8 @@
 // Debian's Chromium as every browser test starts it (drive.mjs, console.mjs).
 import puppeteer from "puppeteer-core";
 
-// config: {chromium: its path, spki: the dev certificate's key hash, waitMs}
+// config: {chromium: its path, spki: the dev certificate's key hash, waitMs, args: more
+// flags (optional: the fake microphone of the push-to-talk test)}
 export function launch(config) {
   return puppeteer.launch({
     executablePath: config.chromium,
@@ -18,6 +19,7 @@ export function launch(config) {
       "--disable-background-networking",
       // Trust exactly the dev certificate's key, not every certificate.
       `--ignore-certificate-errors-spki-list=${config.spki}`,
+      ...(config.args ?? []),
     ],
     timeout: config.waitMs,
   });

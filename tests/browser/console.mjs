@@ -173,6 +173,13 @@ const ops = {
     pages[c.page] = null;
     await p.close();
   },
+  // A key pressed (`down`) or let go (`up`) on the element `selector` finds, focused first:
+  // a person holding Space on a button.
+  key: async (c) => {
+    const p = page(c);
+    if (c.selector) await p.focus(c.selector);
+    await (c.action === "up" ? p.keyboard.up(c.key) : p.keyboard.down(c.key));
+  },
   click: async (c) => {
     await page(c).locator(c.selector).click();
   },

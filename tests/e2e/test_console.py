@@ -49,7 +49,7 @@ import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -167,7 +167,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         )
         assert built.returncode == 0, built.stderr
         names = {p.name for p in console_dir.iterdir()}
-        assert names == {"index.html", "app.js", "app.css", "favicon.svg"}
+        assert names == {"index.html", "app.js", "app.css", "favicon.svg", "capture.js"}
         llm_url = cleanup.enter_context(_openai_server())
         # Both relays refuse connections until they have a target.
         upstream = cleanup.enter_context(TcpRelay())
@@ -250,11 +250,14 @@ class Chromium:
     """One Chromium for the module, driven step by step through tests/browser/console.mjs;
     each test opens its pages in a browser context of its own."""
 
-    def __init__(self, stack: Stack) -> None:
+    def __init__(self, cert_file: Path, *, args: Sequence[str] = ()) -> None:
+        """Trusting the certificate ``cert_file`` (Envoy's), with Chromium's own ``args``
+        besides the usual ones (chromium.mjs)."""
         config = {
             "chromium": required("chromium", "scripts/install-deps.sh"),
-            "spki": spki_sha256(stack.envoy.cert_file),
+            "spki": spki_sha256(cert_file),
             "waitMs": WAIT_MS,
+            "args": list(args),
         }
         self.proc = subprocess.Popen(
             [required("node", "scripts/install-deps.sh"), str(DRIVER), json.dumps(config)],
@@ -328,7 +331,7 @@ class Chromium:
 
 @pytest.fixture(scope="module")
 def chromium(stack: Stack) -> Iterator[Chromium]:
-    driver = Chromium(stack)
+    driver = Chromium(stack.envoy.cert_file)
     yield driver
     driver.close()
 

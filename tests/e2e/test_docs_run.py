@@ -25,8 +25,8 @@ files the docs make (``switchboard.db``, the dev signing key, ``.local/``, ``hel
 the test's own. The shell stops at the first command that fails (``set -euo pipefail``):
 grpcurl exits non-zero on any error status. Ports are free ones, given to the docs as the
 variables they read with defaults (``$SB`` and ``PORT`` for ``make run``, ``MODEL_PORT``,
-``MCP_PORT``, ``HOOK_URL``, ``$EDGE``). The walkthrough pages (``MARKED``) have a marker on
-every block, so an example added there cannot skip this.
+``MCP_PORT``, ``AUDIO_PORT``, ``HOOK_URL``, ``$EDGE``). The walkthrough pages (``MARKED``)
+have a marker on every block, so an example added there cannot skip this.
 """
 
 from __future__ import annotations
@@ -372,7 +372,19 @@ def run_script(text: str, env: dict[str, str]) -> subprocess.CompletedProcess[st
 
 #: Variables a reader's own environment might hold that the docs set or default.
 _DOCS_VARIABLES: Final = frozenset(
-    {"SB", "PORT", "MODEL_PORT", "MCP_PORT", "MCP_URL", "HOOK_URL", "EDGE", "TOKEN", "ME", "C"}
+    {
+        "SB",
+        "PORT",
+        "MODEL_PORT",
+        "MCP_PORT",
+        "AUDIO_PORT",
+        "MCP_URL",
+        "HOOK_URL",
+        "EDGE",
+        "TOKEN",
+        "ME",
+        "C",
+    }
 )
 
 
@@ -557,7 +569,7 @@ def _follow(
 
 @pytest.mark.timeout(RUN_TIMEOUT_S + 120)
 def test_the_docs_run_as_written(tmp_path: Path) -> None:
-    sb, model, mcp, hook = _free_ports(4)
+    sb, model, mcp, hook, audio = _free_ports(5)
     checkout = Checkout(tmp_path).path
     # What make run runs there: the server, and nothing else first.
     recipe = subprocess.run(
@@ -570,13 +582,15 @@ def test_the_docs_run_as_written(tmp_path: Path) -> None:
     (tmp_path / "walkthrough.sh").write_text(text)
     out, err = tmp_path / "stdout", tmp_path / "stderr"
     terminal = Terminal(
-        checkout, _environment(PORT=str(sb), MODEL_PORT=str(model), MCP_PORT=str(mcp))
+        checkout,
+        _environment(PORT=str(sb), MODEL_PORT=str(model), MCP_PORT=str(mcp), AUDIO_PORT=str(audio)),
     )
     go = {k: go_env()[k] for k in ("GOFLAGS", "GOPROXY", "GOTOOLCHAIN")}
     shell_env = _environment(
         SB=f"127.0.0.1:{sb}",
         MODEL_PORT=str(model),
         MCP_PORT=str(mcp),
+        AUDIO_PORT=str(audio),
         HOOK_URL=f"http://127.0.0.1:{hook}/hook",
         **go,
     )
@@ -616,10 +630,14 @@ def test_the_docs_run_as_written(tmp_path: Path) -> None:
         local = checkout / ".local"
         logs = "\n".join(
             f"--- .local/{name}:\n{(local / name).read_text(errors='replace')[-3000:]}"
-            for name in ("model.log", "mcp.log")
+            for name in ("model.log", "mcp.log", "audio.log")
             if (local / name).exists()
         )
-        assert stopped.stdout.splitlines() == ["model: stopped", "mcp: stopped"], (stopped, logs)
+        assert stopped.stdout.splitlines() == [
+            "model: stopped",
+            "mcp: stopped",
+            "audio: stopped",
+        ], (stopped, logs)
         assert terminal.stop() == "ok"
     printed = out.read_text()
     # The Python client's programs printed names, not numbers, and ended.
@@ -628,6 +646,10 @@ def test_the_docs_run_as_written(tmp_path: Path) -> None:
     # The Go quick start's answer came, and Ctrl-C ended it cleanly.
     assert '"kind":"run_done"' in printed
     assert '"kind":"done"' in printed
+    # The voice clients (docs/voice.md): the spoken question heard, the answer spoken back.
+    assert "heard: one two three four five" in printed
+    assert '"kind":"answer"' in printed
+    assert "written to answer.wav" in printed
 
 
 @pytest.fixture

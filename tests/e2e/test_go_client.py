@@ -19,7 +19,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import select
 import signal
+import subprocess
+import sys
+import wave
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -34,7 +38,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.events.v1 import events_pb2
 from switchboard.platform.security.accesstokens import SigningKey, private_key_pem
 from tests.e2e.goclient import Line, Quickstart, build_example, build_quickstart, go, gofmt
-from tests.e2e.procs import ServeProcess
+from tests.e2e.procs import ROOT, START_TIMEOUT_S, ManagedProcess, ServeProcess
 from tests.e2e.restarts import (
     CALL_TIMEOUT_S,
     HEARTBEAT_S,
@@ -43,6 +47,8 @@ from tests.e2e.restarts import (
     restart_env,
     restarted,
 )
+from tests.infra.speech import COUNTING, says, speak
+from tests.infra.tcprelay import TcpRelay
 from tests.service.authkit import PASSWORD, unique_email
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -459,3 +465,159 @@ def test_the_files_example_uploads_and_downloads_the_same_bytes(
     assert downloaded["name"] == uploaded["name"]
     assert downloaded["sha256"] == digest
     assert copy.read_bytes() == content
+
+
+# -- voice: examples/talk ---------------------------------------------------------------
+
+
+class AudioServerProcess(ManagedProcess):
+    """The local audio server (tests/fakes/audio_server.py) as a process of its own: the
+    Go example's test waits on lines in this process's thread, so the server cannot
+    share its event loop. Its first stdout line is its base URL."""
+
+    def __init__(self) -> None:
+        super().__init__("audio-server-")
+        self.url = ""
+
+    def start(self) -> AudioServerProcess:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.fakes.audio_server", "--port", "0"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], START_TIMEOUT_S)
+        assert ready, f"the audio server printed nothing within {START_TIMEOUT_S}s"
+        self.url = self.proc.stdout.readline().strip()
+        assert self.url.startswith("http://127.0.0.1:"), self.url
+        return self
+
+
+@pytest.fixture(scope="module")
+def talk_example(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_example(tmp_path_factory.mktemp("go-talk"), "talk")
+
+
+@pytest.fixture
+def voice_server() -> Iterator[ServeProcess]:
+    with (
+        AudioServerProcess() as audio,
+        ServeProcess(
+            "--dev",
+            env={
+                "SWITCHBOARD_VOICE_URL": audio.url,
+                "SWITCHBOARD_EGRESS_ALLOW_LOOPBACK": "true",
+                # The echo answer's long note goes out ahead of playback, not waited out.
+                "SWITCHBOARD_VOICE_LEAD_MS": "10000",
+            },
+        ) as server,
+    ):
+        yield server
+
+
+def _talk(binary: Path, address: str, email: str, *args: str) -> Quickstart:
+    return Quickstart(
+        binary,
+        "-addr",
+        address,
+        "-plaintext",
+        "-email",
+        email,
+        "-register",
+        *FAST_RESUME,
+        *args,
+        env={"SB_PASSWORD": PASSWORD},
+    )
+
+
+def _stored_run(server: ServeProcess, email: str, run: str) -> list[dispatcher_pb2.RunUpdate]:
+    """The run's updates as the server keeps them, watched from the start."""
+    with Caller(server, email) as python:
+        stream = python.dispatcher.WatchRun(
+            dispatcher_pb2.WatchRunRequest(name=run), metadata=python.md, timeout=SETTLE_S
+        )
+        return [frame.update for frame in stream if frame.HasField("update")]
+
+
+def _spoken(updates: list[dispatcher_pb2.RunUpdate]) -> bytes:
+    return b"".join(u.speech.audio for u in updates if u.HasField("speech"))
+
+
+def _check_turn(example: Quickstart, stored: list[dispatcher_pb2.RunUpdate]) -> None:
+    """The example got the turn's transcript and then each of the run's updates once, in
+    order, numbered from the turn (TalkResponse.sequence)."""
+    frames = example.of_kind("frame")
+    numbered = [f["sequence"] for f in frames if f["sequence"]]
+    assert numbered == sorted(set(numbered)), "a frame came twice, or out of order"
+    turn = frames[0]["turn"]
+    assert numbered == [turn << 40] + [(turn << 40) + u.sequence for u in stored]
+
+
+def test_the_talk_example_sends_a_wav_as_a_turn_and_writes_the_spoken_answer(
+    talk_example: Path, voice_server: ServeProcess, tmp_path: Path
+) -> None:
+    question, answer = tmp_path / "question.wav", tmp_path / "answer.wav"
+    question.write_bytes(speak(COUNTING))
+    email = unique_email("go-talk")
+    with _talk(
+        talk_example, voice_server.address, email, "-wav", str(question), "-out", str(answer)
+    ) as example:
+        session = example.wait_kind("session")
+        heard = example.wait_for(
+            lambda line: line["kind"] == "transcript" and line["final"], "the transcript", SETTLE_S
+        )
+        done = example.wait_kind("answer", SETTLE_S)
+        assert example.finish() == 0, example.describe()
+    stored = _stored_run(voice_server, email, done["run"])
+
+    assert session["name"].endswith("/voiceSessions/" + session["name"].rsplit("/", 1)[1])
+    assert says(heard["text"]), heard["text"]
+    assert heard["recording"].startswith("workspaces/")
+    assert done["transcript"] == heard["text"]
+    assert done["state"] == "RUN_STATE_SUCCEEDED"
+    assert done["text"].startswith(heard["text"])
+    assert done["resumes"] == 0
+    _check_turn(example, stored)
+    # The WAV holds exactly the speech the server sent, at the session's output rate.
+    with wave.open(str(answer), "rb") as wav:
+        assert (wav.getnchannels(), wav.getsampwidth(), wav.getframerate()) == (1, 2, 24_000)
+        assert wav.readframes(wav.getnframes()) == _spoken(stored)
+    assert done["speech_bytes"] == len(_spoken(stored)) > 0
+    assert example.lines[-1]["kind"] == "done"
+
+
+def test_the_talk_example_resumes_a_session_cut_mid_answer(
+    talk_example: Path, voice_server: ServeProcess, tmp_path: Path
+) -> None:
+    answer = tmp_path / "answer.wav"
+    email = unique_email("go-talk-cut")
+    said = "one two three. four five six. seven eight nine."
+    with (
+        TcpRelay(voice_server.port) as relay,
+        _talk(
+            talk_example, f"127.0.0.1:{relay.port}", email, "-say", said, "-out", str(answer)
+        ) as example,
+    ):
+        example.wait_for(
+            lambda line: line["kind"] == "frame" and line.get("update") == "speech",
+            "the answer's first speech",
+            SETTLE_S,
+        )
+        # The network goes with the answer half spoken; the session resumes by itself.
+        assert relay.cut() >= 1
+        retry = example.wait_kind("retry", SETTLE_S)
+        resumed = example.wait_kind("resumed", SETTLE_S)
+        done = example.wait_kind("answer", SETTLE_S)
+        assert example.finish() == 0, example.describe()
+    stored = _stored_run(voice_server, email, done["run"])
+
+    assert retry["code"] == "Unavailable"
+    assert resumed["after_sequence"] == retry["after_sequence"]
+    assert resumed["lost_turns"] == 0
+    assert done["resumes"] >= 1
+    assert done["state"] == "RUN_STATE_SUCCEEDED"
+    _check_turn(example, stored)
+    with wave.open(str(answer), "rb") as wav:
+        assert wav.readframes(wav.getnframes()) == _spoken(stored)

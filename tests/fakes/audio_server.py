@@ -1,5 +1,5 @@
 """A local server of the OpenAI audio API, for tests and local runs: real speech
-recognition, on ``127.0.0.1``, with nothing hosted.
+recognition and synthesis, on ``127.0.0.1``, with nothing hosted.
 
 ``POST /v1/audio/transcriptions`` takes the API's ``multipart/form-data`` request
 (``file``, ``model``, optional ``response_format`` ``json`` (the default),
@@ -7,21 +7,40 @@ recognition, on ``127.0.0.1``, with nothing hosted.
 answers ``{"text": ...}`` as the API does. The words are recognized by
 PocketSphinx (its PyPI package carries an English acoustic model, a language
 model and a dictionary): the file must be a WAV of 16-bit PCM, mono or stereo
-(mixed down), at any rate (resampled to the model's 16 kHz). Anything else
+(mixed down), at any rate (resampled to the model's 16 kHz); audio in which
+PocketSphinx's voice activity detector hears no speech is answered with empty
+text (its decoder alone guesses words even in digital silence). Anything else
 (MP3, Ogg, 8-bit or float WAV, not audio at all) is refused with the API's
 ``400`` ("Audio file might be corrupted or unsupported"), a request without
 a file or a model with the API's ``400`` naming the field, a body over the
 API's 25 MB with its ``413``. Errors are JSON ``{"error": {"message", "type",
 "param", "code"}}``.
 
+``POST /v1/audio/speech`` takes the API's JSON (``model``, ``input``, ``voice``,
+``response_format``, ``speed``) and answers with the text spoken by eSpeak NG
+(Debian's ``espeak-ng``), streamed with ``Transfer-Encoding: chunked`` as it
+is synthesized: ``espeak-ng --stdout`` runs as a subprocess, and its WAV
+stream (22,050 Hz) is converted to the API's 24 kHz 16-bit mono piece by piece
+and sent at once. ``response_format`` ``pcm`` is that raw PCM, ``wav`` the same
+after a header of unknown length; the API's other formats (``mp3``, its default,
+``opus``, ``aac``, ``flac``) are a ``400`` saying which are served. A missing
+``model``, ``input`` or ``voice``, an ``input`` over 4096 characters or a
+``speed`` outside 0.25 to 4 are the API's ``400``s naming the field. Every voice
+is eSpeak's ``en-us+m3`` at 140 words a minute (times ``speed``), after a short
+pause: what PocketSphinx recognizes (tests/infra/speech.py).
+
 Recognition runs in a worker thread, one request at a time (one decoder), so
 the server keeps accepting connections meanwhile. Tests can make the next
 requests fail (``fail_next``) to check a client's retries, and see every
-request (``requests``).
+request (``requests``) and when each arrived and its answer's first and last
+bytes left (``timings``, on ``time.monotonic()``: a benchmark in the same
+process takes the time spent in here out of its own). ``engine="tone"``
+swaps the engines for instant ones (a fixed transcript; a tone as long as the
+text for speech), so a benchmark measures its client, not them.
 
 Run on its own (from the repository root)::
 
-    .venv/bin/python -m tests.fakes.audio_server --port 0
+    .venv/bin/python -m tests.fakes.audio_server --port 0 [--engine tone]
 
 prints its base URL (``http://127.0.0.1:<port>/v1``) on the first line of
 stdout and serves until it is killed. See docs/local-model.md, "Local audio".
@@ -35,16 +54,20 @@ import asyncio
 import contextlib
 import email.parser
 import email.policy
-import io
 import json
+import math
+import shutil
 import signal
+import struct
 import sys
 import threading
-import wave
+import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Literal
+
+from switchboard.platform.audio import pcm
 
 _REASONS: Final = {
     200: "OK",
@@ -63,6 +86,21 @@ _MAX_HEADER_LINES: Final = 100
 MODEL_RATE: Final = 16_000
 _FORMATS: Final = frozenset({"json", "text", "verbose_json"})
 UNSUPPORTED: Final = "Audio file might be corrupted or unsupported"
+#: Speech: the formats served (the API's others, mp3 its default among them, are
+#: refused), their media types, and the API's limits.
+_SPEECH_FORMATS: Final = {"pcm": "audio/pcm", "wav": "audio/wav"}
+SPEECH_RATE: Final = 24_000
+MAX_SPEECH_CHARS: Final = 4096
+MIN_SPEED: Final = 0.25
+MAX_SPEED: Final = 4.0
+#: The voice PocketSphinx recognizes (tests/infra/speech.py), whatever voice is asked for.
+ESPEAK_VOICE: Final = "en-us+m3"
+ESPEAK_WPM: Final = 140
+_READ_BYTES: Final = 8192
+#: The fast engine: how long a character of text sounds (about eSpeak's pace at 140 wpm).
+TONE_MS_PER_CHAR: Final = 60
+TONE_TRANSCRIPT: Final = "what is the weather like today"
+Engine = Literal["real", "tone"]
 
 
 @dataclass(frozen=True)
@@ -78,54 +116,43 @@ class Received:
     filename: str = ""
     file_type: str = ""
     file_size: int = -1
+    #: A JSON request's parsed body (speech), as sent.
+    body: Any = None
+
+
+@dataclass
+class Timing:
+    """When a request arrived and its answer's first and last bytes went out
+    (``time.monotonic()``; for speech, the first audio), so a benchmark can take
+    the time spent in here out of its own figures."""
+
+    path: str
+    arrived: float
+    first_byte: float | None = None
+    last_byte: float | None = None
+    #: What the request was about: the text to speak, or the uploaded file's size.
+    detail: str = ""
+
+
+_Route = Callable[
+    [str, str, dict[str, str], bytes, asyncio.StreamWriter, bool, Timing], Awaitable[None]
+]
 
 
 class Unsupported(ValueError):
     """Audio the recognizer cannot read."""
 
 
-def pcm16_mono(data: bytes) -> tuple[array.array[int], int]:
+def pcm16_mono(data: bytes) -> tuple[bytes, int]:
     """The samples of a 16-bit PCM WAV mixed down to mono, and their rate; raises
     ``Unsupported`` for anything else."""
     try:
-        with wave.open(io.BytesIO(data), "rb") as audio:
-            channels, width, rate = (
-                audio.getnchannels(),
-                audio.getsampwidth(),
-                audio.getframerate(),
-            )
-            frames = audio.readframes(audio.getnframes())
-    except (wave.Error, EOFError) as exc:
+        samples, rate = pcm.from_wav(data)
+    except pcm.NotPcm as exc:
         raise Unsupported(str(exc)) from None
-    if width != 2 or channels not in (1, 2) or not 8_000 <= rate <= 192_000:
-        raise Unsupported(f"{width * 8}-bit, {channels} channels, {rate} Hz")
-    samples = array.array("h")
-    samples.frombytes(frames[: len(frames) - len(frames) % 2])
-    if sys.byteorder == "big":  # pragma: no cover - WAV is little-endian
-        samples.byteswap()
-    if channels == 2:
-        samples = array.array(
-            "h", ((a + b) // 2 for a, b in zip(samples[::2], samples[1::2], strict=False))
-        )
+    if not 8_000 <= rate <= 192_000:
+        raise Unsupported(f"{rate} Hz")
     return samples, rate
-
-
-def resample(samples: array.array[int], rate: int, target: int = MODEL_RATE) -> array.array[int]:
-    """``samples`` at ``target`` Hz, by linear interpolation (enough for speech the
-    recognizer reads: its features stop well below either Nyquist frequency)."""
-    if rate == target or not samples:
-        return samples
-    count = len(samples) * target // rate
-    step = rate / target
-    last = len(samples) - 1
-    out = array.array("h", bytes(2 * count))
-    for index in range(count):
-        position = index * step
-        left = int(position)
-        right = min(left + 1, last)
-        fraction = position - left
-        out[index] = int(samples[left] + (samples[right] - samples[left]) * fraction)
-    return out
 
 
 class Recognizer:
@@ -135,20 +162,29 @@ class Recognizer:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._decoder: Any = None
+        self._vad: Any = None
 
     def transcribe(self, data: bytes) -> tuple[str, float]:
         """The words in a WAV, and its duration in seconds; raises ``Unsupported``."""
         samples, rate = pcm16_mono(data)
-        duration = len(samples) / rate
-        pcm = resample(samples, rate).tobytes()
+        duration = len(samples) / 2 / rate
+        audio = pcm.resample(samples, rate, MODEL_RATE)
         with self._lock:
             if self._decoder is None:
-                from pocketsphinx import Decoder  # loads the model: once, when first needed
+                from pocketsphinx import Decoder, Vad  # loads the model: once, when first needed
 
                 self._decoder = Decoder(loglevel="FATAL")
+                self._vad = Vad(Vad.LOOSE, MODEL_RATE)
+            # No speech, no words: the decoder alone guesses some in silence ("dog").
+            size = self._vad.frame_bytes
+            if not any(
+                self._vad.is_speech(audio[start : start + size])
+                for start in range(0, len(audio) - size + 1, size)
+            ):
+                return "", duration
             decoder = self._decoder
             decoder.start_utt()
-            decoder.process_raw(pcm, full_utt=True)
+            decoder.process_raw(audio, full_utt=True)
             decoder.end_utt()
             hypothesis = decoder.hyp()
         return (hypothesis.hypstr if hypothesis is not None else ""), duration
@@ -159,16 +195,23 @@ class FakeAudio:
     """The fake server. ``async with FakeAudio() as fake:`` then use ``fake.url``.
 
     ``api_key``, if set, is required as ``Authorization: Bearer <key>`` (a 401
-    otherwise, as the API answers).
+    otherwise, as the API answers). ``engine="tone"`` swaps the real engines for
+    instant ones (a benchmark's, to measure its client rather than them):
+    transcription answers ``tone_transcript`` at once, speech is a tone as long as
+    the text would take to say, made as fast as it can be.
     """
 
     api_key: str | None = None
+    engine: Engine = "real"
+    tone_transcript: str = TONE_TRANSCRIPT
     host: str = "127.0.0.1"
     #: The port to listen on; 0 picks a free one.
     listen_port: int = 0
     #: Called with each request as it arrives (the command line logs them).
     on_request: Callable[[Received], None] | None = None
     requests: list[Received] = field(default_factory=list)
+    #: Every request to an endpoint, in order of arrival (a 404 or 401 is not).
+    timings: list[Timing] = field(default_factory=list)
     recognizer: Recognizer = field(default_factory=Recognizer)
     _failures: deque[int] = field(default_factory=deque)
     _server: asyncio.Server | None = None
@@ -227,13 +270,12 @@ class FakeAudio:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-    async def _one(  # noqa: PLR0912 - one branch per answer the API gives
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> bool:
+    async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         """Answer one request; whether the connection stays open."""
         head = await _read_head(reader)
         if head is None:
             return False
+        arrived = time.monotonic()
         method, path, headers = head
         keep_alive = headers.get("connection", "").lower() != "close"
         length = int(headers.get("content-length", "0") or 0)
@@ -246,7 +288,12 @@ class FakeAudio:
             )
             return False
         body = await reader.readexactly(length)
-        if method != "POST" or path != "/v1/audio/transcriptions":
+        routes: dict[str, _Route] = {
+            "/v1/audio/transcriptions": self._transcription,
+            "/v1/audio/speech": self._speech,
+        }
+        route = routes.get(path) if method == "POST" else None
+        if route is None:
             await _send_error(writer, 404, f"Invalid URL ({method} {path})", keep_alive=keep_alive)
             return keep_alive
         if self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":
@@ -258,28 +305,61 @@ class FakeAudio:
             )
             await _send_error(writer, 401, message, code="invalid_api_key", keep_alive=keep_alive)
             return keep_alive
-        form = _form(headers.get("content-type", ""), body)
-        if form is None:
-            await _send_error(
-                writer,
-                400,
-                "Could not parse multipart form",
-                keep_alive=keep_alive,
-            )
-            return keep_alive
-        fields, upload = form
-        received = Received(
-            method,
-            path,
-            headers,
-            fields,
-            filename=upload[0] if upload else "",
-            file_type=upload[1] if upload else "",
-            file_size=len(upload[2]) if upload else -1,
-        )
+        timing = Timing(path, arrived)
+        self.timings.append(timing)
+        await route(method, path, headers, body, writer, keep_alive, timing)
+        if timing.last_byte is None:  # a whole answer, written at once
+            timing.first_byte = timing.last_byte = time.monotonic()
+        return keep_alive
+
+    def _received(self, received: Received) -> None:
         self.requests.append(received)
         if self.on_request is not None:
             self.on_request(received)
+
+    async def _failed(self, writer: asyncio.StreamWriter, *, keep_alive: bool) -> bool:
+        """Answer with the next failure ``fail_next`` asked for; whether there was one."""
+        if not self._failures:
+            return False
+        status = self._failures.popleft()
+        extra = {"Retry-After": "0"} if status == 429 else {}
+        await _send_error(
+            writer,
+            status,
+            "Rate limit reached" if status == 429 else "The server had an error",
+            type_="requests" if status == 429 else "server_error",
+            keep_alive=keep_alive,
+            headers=extra,
+        )
+        return True
+
+    async def _transcription(
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        body: bytes,
+        writer: asyncio.StreamWriter,
+        keep_alive: bool,
+        timing: Timing,
+    ) -> None:
+        form = _form(headers.get("content-type", ""), body)
+        if form is None:
+            await _send_error(writer, 400, "Could not parse multipart form", keep_alive=keep_alive)
+            return
+        fields, upload = form
+        timing.detail = str(len(upload[2])) if upload else ""
+        self._received(
+            Received(
+                method,
+                path,
+                headers,
+                fields,
+                filename=upload[0] if upload else "",
+                file_type=upload[1] if upload else "",
+                file_size=len(upload[2]) if upload else -1,
+            )
+        )
         if not fields.get("model"):
             await _send_error(
                 writer,
@@ -288,7 +368,7 @@ class FakeAudio:
                 param="model",
                 keep_alive=keep_alive,
             )
-            return keep_alive
+            return
         if upload is None:
             await _send_error(
                 writer,
@@ -297,7 +377,7 @@ class FakeAudio:
                 param="file",
                 keep_alive=keep_alive,
             )
-            return keep_alive
+            return
         response_format = fields.get("response_format", "json") or "json"
         if response_format not in _FORMATS:
             await _send_error(
@@ -308,29 +388,22 @@ class FakeAudio:
                 param="response_format",
                 keep_alive=keep_alive,
             )
-            return keep_alive
-        if self._failures:
-            status = self._failures.popleft()
-            extra = {"Retry-After": "0"} if status == 429 else {}
-            await _send_error(
-                writer,
-                status,
-                "Rate limit reached" if status == 429 else "The server had an error",
-                type_="requests" if status == 429 else "server_error",
-                keep_alive=keep_alive,
-                headers=extra,
-            )
-            return keep_alive
+            return
+        if await self._failed(writer, keep_alive=keep_alive):
+            return
         try:
-            text, duration = await asyncio.to_thread(self.recognizer.transcribe, upload[2])
+            if self.engine == "tone":
+                text, duration = self.tone_transcript, len(upload[2]) / (2 * MODEL_RATE)
+            else:
+                text, duration = await asyncio.to_thread(self.recognizer.transcribe, upload[2])
         except Unsupported:
             await _send_error(
                 writer, 400, UNSUPPORTED, param="file", code="invalid_value", keep_alive=keep_alive
             )
-            return keep_alive
+            return
         if response_format == "text":
             await _send(writer, 200, (text + "\n").encode(), "text/plain", keep_alive=keep_alive)
-            return keep_alive
+            return
         answer: dict[str, Any] = {"text": text}
         if response_format == "verbose_json":
             answer = {
@@ -341,7 +414,239 @@ class FakeAudio:
                 "segments": [],
             }
         await _send_json(writer, 200, answer, keep_alive=keep_alive)
-        return keep_alive
+
+    async def _speech(  # noqa: PLR0912 - one branch per refusal the API gives
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        body: bytes,
+        writer: asyncio.StreamWriter,
+        keep_alive: bool,
+        timing: Timing,
+    ) -> None:
+        try:
+            request = json.loads(body)
+        except ValueError:
+            request = None
+        if not isinstance(request, dict):
+            await _send_error(
+                writer,
+                400,
+                "We could not parse the JSON body of your request. (HINT: This likely means "
+                "you aren't using your HTTP library correctly.)",
+                keep_alive=keep_alive,
+            )
+            return
+        self._received(
+            Received(
+                method,
+                path,
+                headers,
+                {key: str(value) for key, value in request.items()},
+                body=request,
+            )
+        )
+        for name in ("model", "input", "voice"):
+            if request.get(name) in (None, ""):
+                await _send_error(
+                    writer,
+                    400,
+                    "you must provide a model parameter"
+                    if name == "model"
+                    else f"Missing required parameter: '{name}'.",
+                    param=name,
+                    code=None if name == "model" else "missing_required_parameter",
+                    keep_alive=keep_alive,
+                )
+                return
+            if not isinstance(request[name], str):
+                await _send_error(
+                    writer,
+                    400,
+                    f"Invalid type for '{name}': expected a string, but got "
+                    f"{type(request[name]).__name__} instead.",
+                    param=name,
+                    code="invalid_type",
+                    keep_alive=keep_alive,
+                )
+                return
+        text: str = request["input"]
+        timing.detail = text
+        if len(text) > MAX_SPEECH_CHARS:
+            await _send_error(
+                writer,
+                400,
+                f"[{{'type': 'string_too_long', 'loc': ('body', 'input'), 'msg': 'String "
+                f"should have at most {MAX_SPEECH_CHARS} characters'}}]",
+                param="input",
+                code="string_too_long",
+                keep_alive=keep_alive,
+            )
+            return
+        response_format = request.get("response_format", "mp3")
+        if response_format not in _SPEECH_FORMATS:
+            await _send_error(
+                writer,
+                400,
+                f"response_format {response_format!r} is not supported by the local audio "
+                f"server; use one of {sorted(_SPEECH_FORMATS)}",
+                param="response_format",
+                keep_alive=keep_alive,
+            )
+            return
+        speed = request.get("speed", 1.0)
+        if (
+            isinstance(speed, bool)
+            or not isinstance(speed, int | float)
+            or not MIN_SPEED <= speed <= MAX_SPEED
+        ):
+            await _send_error(
+                writer,
+                400,
+                f"Invalid 'speed': {speed!r}. Expected a number between {MIN_SPEED} and "
+                f"{MAX_SPEED}.",
+                param="speed",
+                code="invalid_value",
+                keep_alive=keep_alive,
+            )
+            return
+        if await self._failed(writer, keep_alive=keep_alive):
+            return
+        lines = [
+            "HTTP/1.1 200 OK",
+            f"Content-Type: {_SPEECH_FORMATS[response_format]}",
+            "Transfer-Encoding: chunked",
+            f"Connection: {'keep-alive' if keep_alive else 'close'}",
+        ]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        if response_format == "wav":
+            writer.write(_chunk(_streamed_wav_header(SPEECH_RATE)))
+        voice = tone if self.engine == "tone" else espeak
+        pieces = voice(text, float(speed))
+        try:
+            async for piece in pieces:
+                if timing.first_byte is None:
+                    timing.first_byte = time.monotonic()
+                writer.write(_chunk(piece))
+                await writer.drain()
+        finally:
+            await pieces.aclose()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        timing.last_byte = time.monotonic()
+        if timing.first_byte is None:
+            timing.first_byte = timing.last_byte
+
+
+# -- speech -------------------------------------------------------------------
+
+
+async def espeak(text: str, speed: float) -> AsyncGenerator[bytes, None]:
+    """``text`` spoken by eSpeak NG, PCM16 at 24 kHz, as it synthesizes: its WAV
+    stream (22,050 Hz) read from the pipe and converted piece by piece."""
+    program = shutil.which("espeak-ng")
+    if program is None:
+        raise RuntimeError("espeak-ng is not installed; run scripts/install-deps.sh")
+    words_per_minute = max(80, min(450, round(ESPEAK_WPM * speed)))
+    process = await asyncio.create_subprocess_exec(
+        program,
+        "-v",
+        ESPEAK_VOICE,
+        "-s",
+        str(words_per_minute),
+        "--stdout",
+        "--stdin",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert process.stdin is not None
+    assert process.stdout is not None
+    try:
+        # The text on stdin, not the command line: it may start with a dash. The leading
+        # pause keeps the first word from being clipped (tests/infra/speech.py).
+        process.stdin.write(f". . {text}".encode())
+        await process.stdin.drain()
+        process.stdin.close()
+        rate = await _wav_stream_rate(process.stdout)
+        converter = pcm.Resampler(rate, SPEECH_RATE)
+        while data := await process.stdout.read(_READ_BYTES):
+            piece = converter.feed(data)
+            if piece:
+                yield piece
+        tail = converter.flush()
+        if tail:
+            yield tail
+    finally:
+        if process.returncode is None:  # the listener left: stop synthesizing
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+        # Read to the end, not only wait: a pipe whose reading was paused (its buffer full,
+        # nobody reading) never sees its end, and its transport would stay open.
+        await process.communicate()
+
+
+async def _wav_stream_rate(stdout: asyncio.StreamReader) -> int:
+    """Read a streamed WAV's header up to its ``data`` chunk; its rate (16-bit mono)."""
+    riff = await stdout.readexactly(12)
+    if riff[:4] != b"RIFF" or riff[8:12] != b"WAVE":
+        raise Unsupported("espeak-ng did not write a WAV")
+    rate = 0
+    for _ in range(16):
+        kind, size = struct.unpack("<4sI", await stdout.readexactly(8))
+        if kind == b"data":
+            if not rate:
+                raise Unsupported("espeak-ng's WAV has no format")
+            return rate
+        chunk = await stdout.readexactly(size + size % 2)
+        if kind == b"fmt ":
+            _format, channels, rate, _bytes, _align, bits = struct.unpack("<HHIIHH", chunk[:16])
+            if channels != 1 or bits != 16:
+                raise Unsupported(f"espeak-ng wrote {bits}-bit audio with {channels} channels")
+    raise Unsupported("espeak-ng's WAV has no data")
+
+
+async def tone(text: str, speed: float) -> AsyncGenerator[bytes, None]:
+    """The fast engine's speech: a 200 Hz tone as long as ``text`` would take to say
+    (``TONE_MS_PER_CHAR`` a character), made as fast as it can be, in 100 ms pieces."""
+    left = _tone_bytes(len(text) * TONE_MS_PER_CHAR / speed)
+    while left > 0:
+        piece = _TONE_PIECE[: min(left, len(_TONE_PIECE))]
+        left -= len(piece)
+        yield piece
+        await asyncio.sleep(0)  # let other requests in between pieces, as a real engine would
+
+
+def _tone_bytes(ms: float) -> int:
+    """Bytes of ``ms`` milliseconds of PCM16 at 24 kHz (whole samples)."""
+    return int(ms * SPEECH_RATE / 1000) * 2
+
+
+def _tone_piece() -> bytes:
+    period = [round(8000 * math.sin(2 * math.pi * i / 120)) for i in range(120)]  # 200 Hz
+    return array.array("h", period * 20).tobytes()  # 100 ms at 24 kHz
+
+
+_TONE_PIECE: Final = _tone_piece()
+
+
+def _chunk(data: bytes) -> bytes:
+    """``data`` as one chunk of a ``Transfer-Encoding: chunked`` body."""
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+def _streamed_wav_header(rate: int) -> bytes:
+    """A WAV header for PCM16 mono of unknown length (the sizes at their maximum, as
+    streaming encoders write them)."""
+    return (
+        b"RIFF"
+        + struct.pack("<I", 0xFFFFFFFF)
+        + b"WAVEfmt "
+        + struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16)
+        + b"data"
+        + struct.pack("<I", 0xFFFFFFFF)
+    )
 
 
 # -- HTTP/1.1 -----------------------------------------------------------------
@@ -454,9 +759,13 @@ async def _send_error(
 
 
 def _log_request(request: Received) -> None:
+    if request.path.endswith("/speech"):
+        text = request.fields.get("input", "")
+        detail = f"voice={request.fields.get('voice')!r} input={text[:60]!r} ({len(text)} chars)"
+    else:
+        detail = f"file={request.filename!r} ({request.file_type}, {request.file_size} bytes)"
     print(
-        f"{request.method} {request.path} model={request.fields.get('model')!r} "
-        f"file={request.filename!r} ({request.file_type}, {request.file_size} bytes)",
+        f"{request.method} {request.path} model={request.fields.get('model')!r} {detail}",
         file=sys.stderr,
         flush=True,
     )
@@ -465,6 +774,7 @@ def _log_request(request: Received) -> None:
 async def _serve(args: argparse.Namespace) -> None:
     fake = FakeAudio(
         api_key=args.api_key,
+        engine=args.engine,
         host=args.host,
         listen_port=args.port,
         on_request=None if args.quiet else _log_request,
@@ -484,13 +794,21 @@ async def _serve(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m tests.fakes.audio_server",
-        description="A local server of the OpenAI audio transcription API (speech recognized "
-        "by PocketSphinx from 16-bit PCM WAV). Prints its base URL on the first line of "
-        "stdout and serves until killed.",
+        description="A local server of the OpenAI audio API: transcriptions (speech "
+        "recognized by PocketSphinx from 16-bit PCM WAV) and speech (synthesized by eSpeak "
+        "NG, streamed as PCM or WAV). Prints its base URL on the first line of stdout and "
+        "serves until killed.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=0, help="port; 0 picks a free one")
     parser.add_argument("--api-key", help="require this bearer key")
+    parser.add_argument(
+        "--engine",
+        choices=["real", "tone"],
+        default="real",
+        help="real: PocketSphinx and eSpeak NG (the default); tone: instant, for benchmarks "
+        "(a fixed transcript, and a tone as long as the text for speech)",
+    )
     parser.add_argument("--quiet", action="store_true", help="do not log requests to stderr")
     args = parser.parse_args(argv)
     try:

@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import contextvars
 import itertools
 import json
 import re
@@ -287,6 +288,16 @@ class Received:
     headers: dict[str, str]
     #: The parsed JSON body, or ``None`` if it was not JSON.
     body: Any
+    #: When its request line was read (``time.monotonic()``), and each streamed content
+    #: chunk's text with when it was written: a benchmark in another process (the same
+    #: clock) takes the model's own time out of its figures.
+    arrived: float = 0.0
+    sent: list[tuple[float, str]] = field(default_factory=list)
+
+
+#: The request being answered's ``sent`` (each connection is a task of its own), so that
+#: ``_stream``, which subclasses override, keeps its signature.
+_SENT: contextvars.ContextVar[list[tuple[float, str]]] = contextvars.ContextVar("sent")
 
 
 class _Disconnected(Exception):
@@ -476,6 +487,7 @@ class FakeOpenAI:
             return keep_alive
         body: dict[str, Any] = request.body
         if body.get("stream") is True and not reply.ignore_stream:
+            _SENT.set(request.sent)
             return await self._stream(reply, body, reader, writer) and keep_alive
         await _send_json(writer, 200, self._completion(reply, body))
         return keep_alive
@@ -576,6 +588,7 @@ class FakeOpenAI:
         writer: asyncio.StreamWriter,
     ) -> bool:
         """Stream the answer as server-sent events; whether the connection stays open."""
+        sent_log = _SENT.get(None)
         pieces, finish = self._answer(reply, body)
         options = body.get("stream_options") or {}
         with_usage = bool(options.get("include_usage")) and reply.usage is not False
@@ -644,6 +657,8 @@ class FakeOpenAI:
             if reply.interval_s and sent:
                 await asyncio.sleep(reply.interval_s)  # the model's pace, not synchronisation
             await _send_event(writer, chunk(delta, None))
+            if "content" in delta and sent_log is not None:
+                sent_log.append((time.monotonic(), delta["content"]))
         if reply.drop_after_chunks is not None:
             return False
         await _send_event(writer, chunk({}, finish))
@@ -674,6 +689,7 @@ async def _read_request(reader: asyncio.StreamReader) -> Received | None:
     line = await reader.readline()
     if not line:
         return None
+    arrived = time.monotonic()
     method, path, _version = line.decode("latin-1").rstrip("\r\n").split(" ", 2)
     headers: dict[str, str] = {}
     for _ in range(_MAX_HEADER_LINES):
@@ -701,7 +717,9 @@ async def _read_request(reader: asyncio.StreamReader) -> Received | None:
         body = json.loads(data) if data else None
     except ValueError:
         body = None
-    return Received(method=method, path=path.split("?")[0], headers=headers, body=body)
+    return Received(
+        method=method, path=path.split("?")[0], headers=headers, body=body, arrived=arrived
+    )
 
 
 Problem: TypeAlias = tuple[str, "str | None"]

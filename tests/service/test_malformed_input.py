@@ -822,6 +822,31 @@ def test_a_malformed_frame_ends_a_busy_converse_with_invalid_argument(
     check(Answer(grpc.StatusCode.OK, ""), errors, "logs")
 
 
+def test_a_malformed_frame_ends_a_voice_session_with_invalid_argument(
+    served: Served, channel: Any, errors: Logged
+) -> None:
+    """Talk's first frame is read like any other: bytes that are no TalkRequest end
+    the stream before anything is stored."""
+    md = bearer(served.fresh_token())
+    pending, frames = _frames()
+    stream = channel.stream_stream("/switchboard.api.dispatcher.v1.DispatcherService/Talk")(
+        frames, metadata=md, timeout=60
+    )
+    pending.put(b"\xff\xff\xff")
+    try:
+        with pytest.raises(grpc.RpcError) as caught:
+            for _ in stream:
+                pass
+        error: Any = caught.value
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+        assert error.details() == "the request body is not a valid " + (
+            "switchboard.api.dispatcher.v1.TalkRequest"
+        )
+    finally:
+        pending.put(None)
+    check(Answer(grpc.StatusCode.OK, ""), errors, "logs")
+
+
 def test_a_malformed_frame_ends_an_event_stream_with_invalid_argument(
     served: Served, channel: Any, errors: Logged
 ) -> None:

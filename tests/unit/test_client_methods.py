@@ -31,6 +31,7 @@ def test_reads_and_idempotent_writes_may_be_repeated_others_not() -> None:
     assert not method_of(AUTH + "Login").repeatable  # a new session each time
     assert not method_of(AUTH + "RefreshToken").repeatable  # spends its token
     assert not method_of(DISPATCHER + "SendMessage").repeatable
+    assert not method_of(DISPATCHER + "Talk").repeatable  # each turn is a message
     assert method_of((AUTH + "Login").encode()).public
 
 

@@ -32,6 +32,7 @@ SAMPLES = {
     "BUDGET": "workspaces/acme/budgets/daily",
     "FILE": "workspaces/acme/files/report",
     "UPLOAD": "workspaces/acme/uploads/u-1",
+    "VOICE_SESSION": "workspaces/acme/conversations/c-1/voiceSessions/s-1",
     "WORKSPACE_QUOTA": "workspaces/acme/quota",
     "TOOL": "workspaces/acme/integrations/mcp-1/tools/get-sum",
     "TOOL_NAME": "get-sum",

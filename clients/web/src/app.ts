@@ -34,6 +34,7 @@ export class App {
   private readonly assistants: Assistants;
   private readonly budgets: Budgets;
   private readonly files: FilesPanel;
+  private readonly composer: Composer;
   private readonly names = new Names();
   private readonly account: Account;
   private feed: EventFeed | null = null;
@@ -49,11 +50,12 @@ export class App {
     this.budgets = new Budgets(api, this.page, this.names);
     this.files = new FilesPanel(api, this.page);
     // The composer asks the navigation, built next, what is open when it needs to know.
-    const composer = new Composer(api, this.page, {
+    const composer = (this.composer = new Composer(api, this.page, {
       workspace: () => this.navigation.workspace,
       conversation: () => this.navigation.conversation,
       sent: (conversation, answer) => this.navigation.sent(conversation, answer),
-    }, this.names);
+      listen: (run, listener) => this.runs.listen(run, listener),
+    }, this.names));
     this.navigation = new Navigation(
       api,
       this.page,
@@ -163,6 +165,7 @@ export class App {
     this.files.clear();
     this.account.clear();
     this.runs.clear();
+    this.composer.left();
     this.navigation.clear();
     this.live.clear();
     this.names.forget();

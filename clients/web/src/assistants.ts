@@ -33,6 +33,7 @@ const FIELDS = [
   "context_token_budget",
   "max_tool_steps",
   "workspace_default",
+  "voice",
 ];
 
 export class Assistants {
@@ -125,9 +126,10 @@ export class Assistants {
       ...this.assistants.map((a) =>
         h(
           "li",
-          { class: "assistant", "data-testid": "assistant", "data-name": a.name, "data-default": String(a.workspaceDefault) },
+          { class: "assistant", "data-testid": "assistant", "data-name": a.name, "data-default": String(a.workspaceDefault), "data-voice": String(a.voice !== undefined) },
           h("strong", {}, a.displayName || lastSegment(a.name)),
           a.workspaceDefault ? h("span", { class: "badge", "data-testid": "assistant-default" }, "default") : null,
+          a.voice ? h("span", { class: "badge", "data-testid": "assistant-speaks" }, "speaks") : null,
           h("span", { class: "muted" }, ` ${a.handler || "handlers/llm"}${a.tools.length ? ` · ${a.tools.length} integration${a.tools.length > 1 ? "s" : ""}` : ""}`),
           h(
             "div",
@@ -205,6 +207,7 @@ export class Assistants {
     );
     handler.value = a?.handler ?? "";
     const model = a?.model;
+    const voice = a?.voice;
     const numberInput = (value: number | undefined, attrs: Record<string, string | number> = {}): HTMLInputElement =>
       h("input", { type: "number", value: value ? String(value) : "", ...attrs });
     fill(
@@ -230,6 +233,36 @@ export class Assistants {
         field("assistant-steps", "Tool-step limit", numberInput(a?.maxToolSteps, { min: 0, max: 32 })),
       ),
       h("fieldset", { "data-testid": "assistant-tools" }, h("legend", {}, "Tools (✓ enables, ✋ needs approval)"), h("span", { class: "muted" }, "Loading…")),
+      // Voice settings (Assistant.voice): with them the assistant takes recordings and
+      // speaks its answers (push-to-talk here, Talk sessions elsewhere); each field left
+      // empty is the server's default.
+      h(
+        "fieldset",
+        { "data-testid": "assistant-voice" },
+        h("legend", {}, "Voice"),
+        h(
+          "label",
+          { class: "check" },
+          h("input", { type: "checkbox", "data-testid": "assistant-voice-on", checked: voice !== undefined }),
+          " It speaks: takes recordings and answers aloud (the server needs a speech engine)",
+        ),
+        h(
+          "div",
+          { class: "row" },
+          field("assistant-voice-name", "Voice", h("input", { value: voice?.voice ?? "", placeholder: "the server's", maxlength: 64 })),
+          field(
+            "assistant-voice-language",
+            "Language",
+            h("input", { value: voice?.language ?? "", placeholder: "detected", pattern: "[a-z]{2}", maxlength: 2, title: "Two lowercase letters (ISO 639-1), for example en." }),
+          ),
+          field("assistant-speech-model", "Speech model", h("input", { value: voice?.speechModel ?? "", placeholder: "the server's", maxlength: 256 })),
+          field(
+            "assistant-transcription-model",
+            "Transcription model",
+            h("input", { value: voice?.transcriptionModel ?? "", placeholder: "the server's", maxlength: 256 }),
+          ),
+        ),
+      ),
       h(
         "label",
         { class: "check" },
@@ -307,6 +340,7 @@ export class Assistants {
       }
     }
     const temperature = value("assistant-temperature");
+    const speaks = this.editor.querySelector<HTMLInputElement>('[data-testid="assistant-voice-on"]')?.checked ?? false;
     return {
       name: this.editing ?? "",
       displayName: value("assistant-name"),
@@ -322,6 +356,16 @@ export class Assistants {
       contextTokenBudget: num("assistant-budget"),
       maxToolSteps: num("assistant-steps"),
       workspaceDefault: this.editor.querySelector<HTMLInputElement>('[data-testid="assistant-default-input"]')?.checked ?? false,
+      ...(speaks
+        ? {
+            voice: {
+              voice: value("assistant-voice-name"),
+              language: value("assistant-voice-language"),
+              speechModel: value("assistant-speech-model"),
+              transcriptionModel: value("assistant-transcription-model"),
+            },
+          }
+        : {}),
       etag: this.etag,
     } as Assistant;
   }

@@ -8,11 +8,13 @@ import { type Api, PAGE_SIZE, requestId } from "./api";
 import { h } from "./dom";
 import { limitSummary, local, problem } from "./errors";
 import { MessageRole } from "./gen/switchboard/api/context/v1/context_pb";
-import type { SendMessageResponse } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
+import type { Assistant, SendMessageResponse } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import { learnBudgetTitles } from "./budgets";
 import { Attachments } from "./files";
 import type { Names } from "./names";
 import type { Page } from "./page";
+import type { RunListener, RunView } from "./runs";
+import { TalkControl } from "./talk";
 
 export interface ComposerHost {
   /** The open workspace's name ("" for none). */
@@ -21,6 +23,8 @@ export interface ComposerHost {
   conversation(): string;
   /** SendMessage answered for `conversation`, which may no longer be the open one. */
   sent(conversation: string, answer: SendMessageResponse): void;
+  /** Follows a run's updates beside its card (push-to-talk plays its speech). */
+  listen(run: string, listener: RunListener): RunView | undefined;
 }
 
 export class Composer {
@@ -37,6 +41,10 @@ export class Composer {
   private readonly parameters = h("textarea", { "data-testid": "parameters-input", rows: 2, spellcheck: false });
   private readonly attachments: Attachments;
   private attachmentsWorkspace = "";
+  /** Push-to-talk, shown when the chosen assistant has a voice. */
+  readonly talk: TalkControl;
+  /** The open workspace's assistants (whose `voice` says whether Talk shows). */
+  private assistants: Assistant[] = [];
 
   constructor(
     private readonly api: Api,
@@ -48,6 +56,18 @@ export class Composer {
     this.attachments = new Attachments(api, () => this.host.workspace(), () => {
       this.text.required = this.attachments.count === 0;
     });
+    this.talk = new TalkControl(api, page, {
+      target: () => ({
+        workspace: this.host.workspace(),
+        conversation: this.host.conversation(),
+        assistant: this.assistant.value,
+        handler: this.handler.value,
+      }),
+      sent: (conversation, answer) => this.host.sent(conversation, answer),
+      listen: (run, listener) => this.host.listen(run, listener),
+    });
+    this.handler.addEventListener("change", () => this.showTalk());
+    this.assistant.addEventListener("change", () => this.showTalk());
     this.element = h(
       "form",
       {
@@ -62,6 +82,7 @@ export class Composer {
       this.text,
       this.attachments.element,
       h("div", { class: "row" }, this.handler, this.assistant, h("button", { type: "submit", "data-testid": "send" }, "Send")),
+      this.talk.element,
       h(
         "details",
         { "data-testid": "advanced" },
@@ -75,6 +96,24 @@ export class Composer {
   /** Shown while a conversation is open. */
   show(visible: boolean): void {
     this.element.hidden = !visible;
+  }
+
+  /** The conversation open changed (or none is): a recording or a spoken answer of the one
+   *  before stops. */
+  left(): void {
+    this.talk.reset();
+  }
+
+  /** Talk shows when the message would go to an assistant with a voice: the one chosen,
+   *  or, when none is and no handler is forced, the workspace's default. */
+  private showTalk(): void {
+    const chosen = this.assistant.value;
+    const target = chosen
+      ? this.assistants.find((a) => a.name === chosen)
+      : this.handler.value
+        ? undefined
+        : this.assistants.find((a) => a.workspaceDefault);
+    this.talk.available(target?.voice !== undefined);
   }
 
   /** The open workspace's handlers and assistants, as the choices. */
@@ -103,6 +142,8 @@ export class Composer {
         ),
       );
       if (assistants.assistants.some((a) => a.name === chosen)) this.assistant.value = chosen;
+      this.assistants = assistants.assistants;
+      this.showTalk();
     });
   }
 
@@ -117,6 +158,7 @@ export class Composer {
     this.handler.value = "";
     this.assistant.value = assistant;
     this.assistant.dataset.chosen = assistant;
+    this.showTalk();
   }
 
   private async send(): Promise<void> {

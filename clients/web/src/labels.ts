@@ -186,6 +186,8 @@ export function runUpdateLabel(update: RunUpdate["update"]): string {
       return `tool ${outcomeLabel(update.value.outcome)}`;
     case "result":
       return "answered";
+    case "speech":
+      return "spoke";
     default:
       return "changed";
   }

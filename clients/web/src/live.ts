@@ -75,6 +75,19 @@ export class LiveEvents {
   show(event: Event): void {
     const list = this.list;
     const type = `EVENT_TYPE_${EventType[event.type] ?? "UNSPECIFIED"}`;
+    // A spoken answer sends a speech update every 200 ms or so: the run's consecutive ones
+    // fold into one line that counts them.
+    const update = event.payload.case === "runUpdated" ? event.payload.value.update : undefined;
+    if (update?.update.case === "speech") {
+      const top = list.firstElementChild as HTMLElement | null;
+      if (top?.dataset.speechRun === update.run) {
+        const count = Number(top.dataset.speechChunks ?? "1") + 1;
+        top.dataset.speechChunks = String(count);
+        const summary = top.querySelector<HTMLElement>('[data-testid="event-summary"]');
+        if (summary) summary.textContent = `${update.run.split("/").pop()?.slice(0, 8) ?? ""} spoke (${count} chunks)`;
+        return;
+      }
+    }
     const item = h(
       "li",
       { "data-testid": "event", "data-id": event.id, "data-cursor": event.cursor, "data-type": type, "data-subject": subject(event) },
@@ -85,6 +98,7 @@ export class LiveEvents {
       h("span", { class: "muted", "data-testid": "event-summary" }, ...summarize(event, this.names)),
       link(event, this.names),
     );
+    if (update?.update.case === "speech") Object.assign(item.dataset, { speechRun: update.run, speechChunks: "1" });
     if (this.filter.value && this.filter.value !== type) item.hidden = true;
     list.prepend(item);
     this.shown += 1;

@@ -290,6 +290,7 @@ export class Navigation {
     this.messages.clear();
     this.files.clear();
     this.runs.stop();
+    this.composer.left();
     this.budgetsOpen = true;
     this.renderConversations();
     this.renderConversation();
@@ -309,6 +310,7 @@ export class Navigation {
       this.messages.clear();
       this.files.clear();
       this.runs.stop();
+      this.composer.left();
       this.renderWorkspaces();
       this.renderConversation();
       this.opened(name);
@@ -417,6 +419,7 @@ export class Navigation {
     this.messages.clear();
     this.files.clear();
     this.runs.stop();
+    this.composer.left();
     this.renderConversations();
     this.renderConversation();
     await this.page.busy("list-messages", async () => {
@@ -479,6 +482,7 @@ export class Navigation {
           { "data-testid": "message", "data-name": m.name, "data-role": role, class: `message ${role}` },
           h("span", { class: "role" }, messageRoleLabel(m.role)),
           h("div", { class: "text", "data-testid": "message-text", "data-content": true }, messageText(m)),
+          spokenNote(m),
           ...m.parts.flatMap((part) =>
             part.part.case === "file" && part.part.value.file ? [this.files.view(part.part.value, m.name)] : [],
           ),
@@ -487,6 +491,40 @@ export class Navigation {
     );
     list.scrollTop = list.scrollHeight;
   }
+}
+
+/** An answer that was spoken (metadata `voice`, docs/voice.md): said when the listener
+ *  stopped it, with what was not spoken (the stored text is what was heard), or when its
+ *  speech failed. Nothing for any other message. */
+function spokenNote(message: Message): HTMLElement | null {
+  const voice = message.metadata?.voice;
+  if (typeof voice !== "object" || voice === null || Array.isArray(voice)) return null;
+  const interrupted = voice.interrupted === true;
+  const unspoken = typeof voice.unspoken_text === "string" ? voice.unspoken_text : "";
+  const unspokenChars = typeof voice.unspoken_chars === "number" ? voice.unspoken_chars : unspoken.length;
+  const error = typeof voice.speech_error === "string" ? voice.speech_error : "";
+  if (!interrupted && !unspoken && !error) return null;
+  const seconds = typeof voice.audio_ms === "number" ? ` after ${(voice.audio_ms / 1000).toFixed(1)} s` : "";
+  return h(
+    "div",
+    {
+      class: "spoken muted",
+      "data-testid": "message-spoken",
+      "data-interrupted": String(interrupted),
+      "data-spoken-chars": typeof voice.spoken_chars === "number" ? voice.spoken_chars : undefined,
+      "data-unspoken-chars": unspokenChars,
+    },
+    interrupted ? `Interrupted${seconds}: the text above is what was heard.` : "Not all of it was spoken.",
+    error ? h("span", {}, " Speech failed: ", h("q", { "data-content": true }, error)) : null,
+    unspoken
+      ? h(
+          "details",
+          {},
+          h("summary", {}, `Not spoken (${unspokenChars} ${unspokenChars === 1 ? "character" : "characters"})`),
+          h("div", { class: "text", "data-testid": "message-unspoken", "data-content": true }, unspoken),
+        )
+      : null,
+  );
 }
 
 function messageText(message: Message): string {

@@ -12,7 +12,7 @@ import { ToolOutcome } from "./gen/switchboard/api/handler/v1/handler_pb";
 import { money, outcomeLabel, runLabel, runStateLabel } from "./labels";
 import type { Page } from "./page";
 import type { Names } from "./names";
-import { RunView, type TimelineEntry, forgetRuns, stateName } from "./runs";
+import { type RunListener, RunView, type TimelineEntry, forgetRuns, stateName } from "./runs";
 
 export class RunCards {
   /** The cards, then the approvals. */
@@ -68,6 +68,14 @@ export class RunCards {
     if (run) view.adopt(run);
     this.render();
     view.watch(this.api);
+  }
+
+  /** Follows a followed run's updates too (push-to-talk plays its speech); its view, or
+   *  undefined when the run has no card here. */
+  listen(name: string, listener: RunListener): RunView | undefined {
+    const view = this.runs.get(name);
+    view?.listen(listener);
+    return view;
   }
 
   /** The conversation's recent runs: those not followed get an "inspect" button, which
@@ -163,6 +171,8 @@ export class RunCards {
       state,
       deltas: String(view.deltas),
       resumes: String(view.resumes),
+      speechChunks: String(view.speechChunks),
+      speechMs: String(view.speechMs),
       restored: String(view.restored),
       watchedAfter: view.firstAfter,
       live: String(view.live),
@@ -177,7 +187,7 @@ export class RunCards {
     setText(
       card,
       '[data-part="meta"]',
-      `${view.progress ? ` · ${view.progress}` : ""}${view.deltas ? ` · ${view.deltas} ${view.deltas === 1 ? "delta" : "deltas"}` : ""}`,
+      `${view.progress ? ` · ${view.progress}` : ""}${view.deltas ? ` · ${view.deltas} ${view.deltas === 1 ? "delta" : "deltas"}` : ""}${view.speechChunks ? ` · ${(view.speechMs / 1000).toFixed(1)} s of speech` : ""}`,
     );
     const cancel = card.querySelector<HTMLButtonElement>('[data-testid="cancel-run"]');
     if (cancel) cancel.hidden = view.terminal;
@@ -290,7 +300,7 @@ export class RunCards {
         ? (view.run?.requiredAction?.toolCalls ?? []).filter((c) => c.decision === ToolApprovalDecision.UNSPECIFIED).map((c) => c.call?.id ?? "")
         : [],
     );
-    const key = `${view.timeline.length}:${last?.detail.length ?? 0}:${[...pending].join(",")}`;
+    const key = `${view.timeline.length}:${last?.detail.length ?? 0}:${last?.count ?? 0}:${[...pending].join(",")}`;
     if (list.dataset.key === key) return;
     list.dataset.key = key;
     const usage = view.usage;
@@ -331,16 +341,22 @@ export class RunCards {
       h("strong", {}, entry.label),
       entry.kind === "text"
         ? h("span", { class: "muted" }, entry.count ? ` (${entry.count} ${entry.count === 1 ? "delta" : "deltas"})` : " (from the result)")
-        : null,
+        : entry.kind === "speech"
+          ? h("span", { class: "muted" }, ` (${entry.count ?? 1} ${entry.count === 1 ? "chunk" : "chunks"})`)
+          : null,
       entry.ms !== undefined
         ? h(
             "span",
-            { class: "muted", "data-testid": "entry-duration", title: entry.kind === "state" ? "since the previous state" : "how long the call took" },
+            {
+              class: "muted",
+              "data-testid": "entry-duration",
+              title: entry.kind === "state" ? "since the previous state" : entry.kind === "speech" ? "the audio's length" : "how long the call took",
+            },
             ` ${entry.ms} ms`,
           )
         : null,
       entry.by ? h("span", { "data-testid": "entry-by" }, ` by ${this.names.title(entry.by)}`) : null,
-      entry.detail ? h(entry.kind === "text" ? "div" : "code", { class: "detail", "data-content": true }, entry.detail) : null,
+      entry.detail ? h(entry.kind === "text" || entry.kind === "speech" ? "div" : "code", { class: "detail", "data-content": true }, entry.detail) : null,
       waiting
         ? h(
             "div",

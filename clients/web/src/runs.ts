@@ -18,7 +18,7 @@ import { outcomeLabel, runLabel } from "./labels";
 
 /** One line of the run inspector's timeline (plain data: it is kept across a reload). */
 export interface TimelineEntry {
-  kind: "state" | "text" | "progress" | "tool-call" | "tool-result" | "approval" | "usage" | "attempt";
+  kind: "state" | "text" | "progress" | "tool-call" | "tool-result" | "approval" | "usage" | "attempt" | "speech";
   sequence: string;
   /** When it happened (ms since the epoch), 0 if unknown. */
   at: number;
@@ -58,6 +58,18 @@ function usageLine(usage: Usage): string {
   return parts.join(" · ");
 }
 
+/** Who else follows a run's updates (push-to-talk plays its speech). */
+export interface RunListener {
+  /** An update, once, in order, after the view applied it. */
+  update(update: RunUpdate, view: RunView): void;
+  /** The view stopped following (another conversation opened, or signed out). */
+  closed(): void;
+}
+
+/** Speech updates kept for a listener that comes after them (a run followed from the
+ *  feed before SendMessage answered); the rest are dropped. */
+const MAX_EARLY_SPEECH = 256;
+
 /** Each attempt at a run numbers its updates in its own block of 2^32 sequences. */
 const ATTEMPT_BITS = 32n;
 
@@ -85,6 +97,12 @@ export class RunView {
    *  results with durations, approvals and who gave them, usage and cost. */
   timeline: TimelineEntry[] = [];
   usage: Usage | undefined;
+  /** Speech updates received, and the audio's length they said (SpeechChunk.duration_ms). */
+  speechChunks = 0;
+  speechMs = 0;
+  private readonly listeners = new Set<RunListener>();
+  /** Speech that came before anyone listened, replayed to the first listener. */
+  private early: RunUpdate[] = [];
   /** Decisions already on the timeline, `id=decision`. */
   private readonly decided = new Set<string>();
   private lastStateAt = 0;
@@ -187,6 +205,21 @@ export class RunView {
 
   stop(): void {
     this.stopper.abort();
+    for (const listener of [...this.listeners]) listener.closed();
+    this.listeners.clear();
+  }
+
+  /** Follows this run's updates from now on (and the speech that came before, if no one
+   *  listened yet). */
+  listen(listener: RunListener): void {
+    this.listeners.add(listener);
+    const early = this.early;
+    this.early = [];
+    for (const update of early) listener.update(update, this);
+  }
+
+  unlisten(listener: RunListener): void {
+    this.listeners.delete(listener);
   }
 
   /** A state the console learned elsewhere (an event, a CancelRun answer). */
@@ -262,6 +295,11 @@ export class RunView {
       case "toolResult":
         this.results.push(change.value);
         break;
+      case "speech":
+        this.speechChunks += 1;
+        this.speechMs += change.value.durationMs;
+        if (this.listeners.size === 0 && this.early.length < MAX_EARLY_SPEECH) this.early.push(update);
+        break;
       case "result": {
         const whole = change.value.parts
           .map((part) => (part.part.case === "text" ? part.part.value : ""))
@@ -276,6 +314,7 @@ export class RunView {
     }
     this.save();
     this.changed(this);
+    for (const listener of [...this.listeners]) listener.update(update, this);
   }
 
   private record(change: RunUpdate["update"], at: number, sequence: string): void {
@@ -307,6 +346,19 @@ export class RunView {
       case "progress":
         this.add({ kind: "progress", sequence, at, label: "progress", detail: change.value.stage });
         return;
+      case "speech": {
+        // A sentence's chunks fold into one entry: its text, how many, how long.
+        const chunk = change.value;
+        const segment = String(chunk.segment);
+        if (last?.kind === "speech" && last.id === segment) {
+          last.count = (last.count ?? 1) + 1;
+          last.ms = (last.ms ?? 0) + chunk.durationMs;
+          if (!last.detail && chunk.text) last.detail = chunk.text;
+        } else {
+          this.add({ kind: "speech", sequence, at, label: "speech", detail: chunk.text, count: 1, ms: chunk.durationMs, id: segment });
+        }
+        return;
+      }
       case "toolCall": {
         const call = change.value;
         this.add({

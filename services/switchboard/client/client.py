@@ -39,6 +39,13 @@ from switchboard.client.session import (
     TokensCallback,
 )
 from switchboard.client.streams import StreamPolicy
+from switchboard.client.voice import (
+    MAX_FRAME_BYTES,
+    OnResume,
+    TalkSession,
+    TurnDetectionLike,
+    talk_start,
+)
 
 if TYPE_CHECKING:
     from switchboard.api.auth.v1.auth_pb2_grpc import AuthServiceAsyncStub
@@ -418,6 +425,81 @@ class Client:
         resuming at the offset reached after a dropped stream; the file's metadata.
         Raises ``DataLoss`` if what arrived does not have the file's size and SHA-256."""
         return await download(self.context, name, destination, policy=self._transfers)
+
+    # -- voice --------------------------------------------------------------------------
+
+    def talk(
+        self,
+        conversation: str,
+        *,
+        assistant: str = "",
+        input_rate_hz: int = 16_000,
+        output_rate_hz: int = 24_000,
+        turn_detection: TurnDetectionLike = dispatcher_pb2.TURN_DETECTION_SERVER_VAD,
+        silence_s: float | None = None,
+        barge_in: bool = False,
+        partial_transcripts: bool = False,
+        concurrency_policy: dispatcher_pb2.ConcurrencyPolicy.ValueType = (
+            dispatcher_pb2.CONCURRENCY_POLICY_UNSPECIFIED
+        ),
+        max_frame_bytes: int = MAX_FRAME_BYTES,
+        resend_lost: bool = True,
+        on_resume: OnResume | None = None,
+    ) -> TalkSession:
+        """A voice session on ``conversation`` (``Talk``), resumed across dropped
+        connections; open it with ``async with``.
+
+        Audio goes in as 16-bit mono PCM at ``input_rate_hz``, speech comes back at
+        ``output_rate_hz`` (8000, 16000, 24000 or 48000). ``turn_detection``
+        ``"client"``: only ``end_turn`` ends a turn; ``"server_vad"`` (the default):
+        the server ends it after ``silence_s`` of silence too. ``barge_in``: the
+        user's speech stops the assistant's. ``max_frame_bytes`` is the server's
+        frame limit (SWITCHBOARD_VOICE_MAX_FRAME_BYTES). After a resume the session
+        sends the turns the server lost again unless ``resend_lost`` is False (then
+        ``resend`` them); ``on_resume`` hears of each resume (docs/voice.md).
+        """
+        start = talk_start(
+            conversation,
+            assistant=assistant,
+            input_rate_hz=input_rate_hz,
+            output_rate_hz=output_rate_hz,
+            turn_detection=turn_detection,
+            silence_s=silence_s,
+            barge_in=barge_in,
+            partial_transcripts=partial_transcripts,
+            concurrency_policy=concurrency_policy,
+        )
+        return TalkSession(
+            self.dispatcher,
+            self.tokens,
+            start=start,
+            policy=self._streams,
+            max_frame_bytes=max_frame_bytes,
+            resend_lost=resend_lost,
+            on_resume=on_resume,
+        )
+
+    def resume_talk(
+        self,
+        session: str,
+        *,
+        after_sequence: int,
+        turn_detection: TurnDetectionLike = dispatcher_pb2.TURN_DETECTION_SERVER_VAD,
+        max_frame_bytes: int = MAX_FRAME_BYTES,
+        on_resume: OnResume | None = None,
+    ) -> TalkSession:
+        """Continue a voice session another ``TalkSession`` (or process) left,
+        after the last numbered frame it received (its ``last_sequence``), within
+        the server's resume window (else ``SessionEnded``)."""
+        return TalkSession(
+            self.dispatcher,
+            self.tokens,
+            resume=dispatcher_pb2.TalkResume(session=session, after_sequence=after_sequence),
+            turn_detection=turn_detection,
+            policy=self._streams,
+            max_frame_bytes=max_frame_bytes,
+            on_resume=on_resume,
+        )
 
     # -- events -------------------------------------------------------------------------
 

@@ -331,6 +331,27 @@ class ModalityUnsupported(FailedPrecondition):
     REASON = _Reason.ERROR_REASON_MODALITY_UNSUPPORTED
 
 
+class SpeechNotConfigured(FailedPrecondition):
+    """FAILED_PRECONDITION ``SPEECH_NOT_CONFIGURED``: the assistant has no ``voice``
+    settings, or the server no audio endpoint."""
+
+    REASON = _Reason.ERROR_REASON_SPEECH_NOT_CONFIGURED
+
+
+class SpeechRefused(FailedPrecondition):
+    """FAILED_PRECONDITION ``SPEECH_REFUSED``: the speech endpoint refused the
+    request (the audio, the model or the voice)."""
+
+    REASON = _Reason.ERROR_REASON_SPEECH_REFUSED
+
+
+class SessionEnded(FailedPrecondition):
+    """FAILED_PRECONDITION ``SESSION_ENDED``: the voice session has ended or is past
+    its resume window; start a new one."""
+
+    REASON = _Reason.ERROR_REASON_SESSION_ENDED
+
+
 class QueueFull(QuotaExceeded):
     """The run queue (global or the workspace's) is full."""
 
@@ -392,6 +413,20 @@ class DependencyUnavailable(Unavailable):
     """A dependency of the server (database, cache, remote handler) is away."""
 
     REASON = _Reason.ERROR_REASON_DEPENDENCY_UNAVAILABLE
+
+
+class SpeechUnavailable(Unavailable):
+    """UNAVAILABLE ``SPEECH_UNAVAILABLE``: the speech recognition or synthesis
+    endpoint is down or failing; retry."""
+
+    REASON = _Reason.ERROR_REASON_SPEECH_UNAVAILABLE
+
+
+class SessionIdle(DeadlineExceeded):
+    """DEADLINE_EXCEEDED ``SESSION_IDLE``: the voice session sent nothing for too
+    long; resume it within its window."""
+
+    REASON = _Reason.ERROR_REASON_SESSION_IDLE
 
 
 class CircuitOpen(Unavailable):

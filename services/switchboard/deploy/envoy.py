@@ -249,7 +249,8 @@ CONSOLE_HEADERS: Final = (
     ("x-frame-options", "DENY"),
     ("cross-origin-opener-policy", "same-origin"),
     ("cross-origin-resource-policy", "same-origin"),
-    ("permissions-policy", "camera=(), microphone=(), geolocation=(), payment=(), usb=()"),
+    # The microphone for the console's own page only (push-to-talk); no frame, no other origin.
+    ("permissions-policy", "camera=(), microphone=(self), geolocation=(), payment=(), usb=()"),
     # Direct responses carry no validators (ETag, Last-Modified): every load asks again,
     # so a rebuilt console is never served stale from a browser's cache.
     ("cache-control", "no-cache"),

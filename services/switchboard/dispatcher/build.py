@@ -37,12 +37,16 @@ from switchboard.dispatcher.runs.scheduler import CapacityLimits, Scheduler
 from switchboard.dispatcher.runs.store import RunStore
 from switchboard.dispatcher.service import Dispatcher, RunLimits
 from switchboard.dispatcher.settings import DispatcherSettings
+from switchboard.dispatcher.talk.session import TalkLimits
+from switchboard.dispatcher.talk.store import VoiceStore
 from switchboard.dispatcher.tools.port import LocalTools
 from switchboard.dispatcher.tools.runner import ToolLimits
+from switchboard.dispatcher.voice.speaker import Speech
 from switchboard.integration.build import integration_hub
 from switchboard.integration.directory import workspace_experts
 from switchboard.integration.service import IntegrationHub
 from switchboard.platform import names
+from switchboard.platform.audio.openai import OpenAIAudio
 from switchboard.platform.config import ConfigError
 from switchboard.platform.errors import NotFound
 from switchboard.platform.observe.metrics import Metrics, run_state_label
@@ -217,10 +221,38 @@ async def dispatcher_service(
         peers=peers,
         metrics=shared.metrics,
         spending=spending,
+        speech=_speech(shared),
+        voice_store=VoiceStore(shared.database),
+        talk_limits=_talk_limits(settings),
     )
     await dispatcher.start()
     resources.push_async_callback(dispatcher.close)
     return dispatcher
+
+
+def _speech(shared: Shared) -> Speech | None:
+    """The speech engine at ``SWITCHBOARD_VOICE_URL`` and its defaults; None without one.
+    The audio API is the operator's, reached through the egress policy like every
+    outbound call (a local server needs ``SWITCHBOARD_EGRESS_ALLOW_LOOPBACK``)."""
+    settings = shared.section(DispatcherSettings)
+    if not settings.voice_url:
+        return None
+    engine = OpenAIAudio(
+        settings.voice_url,
+        api_key=settings.voice_api_key.get_secret_value(),
+        policy=EgressPolicy.from_settings(shared.section(EgressSettings)),
+        timeout_s=settings.voice_timeout_s,
+        max_retries=settings.voice_max_retries,
+    )
+    # Closed after the dispatcher (the stack unwinds in reverse): runs stop speaking first.
+    shared.resources.push_async_callback(engine.close)
+    return Speech(
+        engine=engine,
+        transcription_model=settings.voice_transcription_model,
+        speech_model=settings.voice_speech_model,
+        voice=settings.voice_voice,
+        lead_ms=settings.voice_lead_ms,
+    )
 
 
 def _router(shared: Shared, registry: Registry, integration: IntegrationHub) -> Router:
@@ -341,6 +373,19 @@ def _limits(shared: Shared) -> RunLimits:
         recovery=settings.dispatcher_recovery,
         lease_s=settings.dispatcher_lease_s,
         admitting_per_workspace=settings.dispatcher_max_admitting_per_workspace,
+    )
+
+
+def _talk_limits(settings: DispatcherSettings) -> TalkLimits:
+    return TalkLimits(
+        max_turn_s=settings.voice_max_turn_s,
+        max_frame_bytes=settings.voice_max_frame_bytes,
+        idle_timeout_s=settings.voice_idle_timeout_s,
+        resume_window_s=settings.voice_resume_window_s,
+        max_sessions=settings.voice_max_sessions,
+        max_sessions_per_user=settings.voice_max_sessions_per_user,
+        heartbeat_s=settings.dispatcher_heartbeat_s,
+        transcription_model=settings.voice_transcription_model,
     )
 
 

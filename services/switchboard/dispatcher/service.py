@@ -10,6 +10,7 @@
     live.py       what they share (``Common``): this process's live runs, the
                   store, the feeds, the bus, the router and the run limits
     streams.py    WatchRun and Converse, held to the caller's access
+    talk/         voice sessions (Talk): turns in, transcripts and runs' updates out
 
 ``Dispatcher`` builds them once and is what the servicer, the A2A front door
 (``a2a/ports.py``) and ``build.py`` call; it holds no logic of its own.
@@ -48,8 +49,12 @@ from switchboard.dispatcher.runs.recovery import Recovery
 from switchboard.dispatcher.runs.scheduler import Scheduler
 from switchboard.dispatcher.runs.store import RunStore
 from switchboard.dispatcher.runs.streams import Streams
+from switchboard.dispatcher.talk.session import TalkLimits, Talks
+from switchboard.dispatcher.talk.store import VoiceStore
 from switchboard.dispatcher.tools.port import ToolPort
 from switchboard.dispatcher.tools.runner import ToolLimits
+from switchboard.dispatcher.voice.ports import SpeechEngine
+from switchboard.dispatcher.voice.speaker import Speech
 from switchboard.platform.cache import Cache
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.observe.metrics import Metrics
@@ -88,8 +93,13 @@ class Dispatcher:
         peers: PeerPort | None = None,
         metrics: Metrics | None = None,
         spending: Spending | None = None,
+        speech: Speech | None = None,
+        voice_store: VoiceStore,
+        talk_limits: TalkLimits | None = None,
     ) -> None:
         self.assistants = assistants
+        #: The server's speech engine and its defaults (None: no speech configured).
+        self.speech = speech
         self.budgets = budgets
         self.usage = usage
         self.quotas = quotas
@@ -119,6 +129,7 @@ class Dispatcher:
             metrics=metrics,
             tracer=run_tracer,
             spending=spending,
+            speech=speech,
         )
         self._admission = Admission(
             common=common,
@@ -133,6 +144,7 @@ class Dispatcher:
             tracer=run_tracer,
             quotas=quotas,
             spending=spending,
+            speech=speech,
         )
         self._recovery = Recovery(
             common=common,
@@ -157,11 +169,25 @@ class Dispatcher:
             peers=peers,
         )
         self._streams = Streams(actions=self, access=access, heartbeat_s=limits.heartbeat_s)
+        self.talks = Talks(
+            actions=self,
+            assistants=assistants,
+            context=context,
+            store=voice_store,
+            access=access,
+            engine=lambda: self.speech_engine,
+            limits=talk_limits or TalkLimits(heartbeat_s=limits.heartbeat_s),
+        )
 
     def _readmit(self, active: Active) -> None:
         self._admission.admit(active, force=True)
 
     # -- what tests and the build look at ------------------------------------------------
+
+    @property
+    def speech_engine(self) -> SpeechEngine | None:
+        """The speech engine (``SWITCHBOARD_VOICE_URL``); None when speech is off."""
+        return self.speech.engine if self.speech is not None else None
 
     @property
     def watchers(self) -> int:
@@ -235,15 +261,30 @@ class Dispatcher:
         """Converse's frames for ``requests``, each action authorized as it arrives."""
         return self._streams.converse(principal, requests, via)
 
+    def talk(
+        self, principal: Principal, requests: AsyncIterator[pb.TalkRequest], via: Via
+    ) -> AsyncGenerator[pb.TalkResponse, None]:
+        """Talk's frames: a voice session on a conversation (``talk/session.py``)."""
+        return self.talks.talk(principal, requests, via)
+
     async def submit_tool_approvals(
         self, principal: Principal, request: pb.SubmitToolApprovalsRequest, via: Via = IN_PROCESS
     ) -> pb.Run:
         return await self._control.submit_tool_approvals(principal, request, via)
 
     async def cancel_run(
-        self, principal: Principal, name: str, reason: str, via: Via = IN_PROCESS
+        self,
+        principal: Principal,
+        name: str,
+        reason: str,
+        via: Via = IN_PROCESS,
+        *,
+        heard_through_sequence: int = 0,
     ) -> pb.Run:
-        return await self._control.cancel_run(principal, name, reason, via)
+        """``heard_through_sequence``: a speaking run's last speech update heard (0: all)."""
+        return await self._control.cancel_run(
+            principal, name, reason, via, heard_through_sequence=heard_through_sequence
+        )
 
     async def resolve_budget_action(
         self, principal: Principal, request: pb.ResolveBudgetActionRequest, via: Via = IN_PROCESS

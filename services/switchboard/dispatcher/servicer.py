@@ -66,7 +66,11 @@ class DispatcherServiceServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
         self, request: pb.CancelRunRequest, context: Context
     ) -> pb.CancelRunResponse:
         run = await self._dispatcher.cancel_run(
-            current_principal(), request.name, request.reason, _via(context)
+            current_principal(),
+            request.name,
+            request.reason,
+            _via(context),
+            heard_through_sequence=request.heard_through_sequence,
         )
         return pb.CancelRunResponse(run=run)
 
@@ -188,6 +192,16 @@ class DispatcherServiceServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
         # The stream's deadline is not an action's: each forwarded action gets its own.
         via = _via(context, deadline=False)
         frames = self._dispatcher.converse(current_principal(), request_iterator, via)
+        async with contextlib.aclosing(frames):
+            async for frame in frames:
+                yield frame
+
+    async def Talk(
+        self, request_iterator: AsyncIterator[pb.TalkRequest], context: Context
+    ) -> AsyncIterator[pb.TalkResponse]:
+        # Like Converse: the stream's deadline is not an interrupt's.
+        via = _via(context, deadline=False)
+        frames = self._dispatcher.talk(current_principal(), request_iterator, via)
         async with contextlib.aclosing(frames):
             async for frame in frames:
                 yield frame

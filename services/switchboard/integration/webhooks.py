@@ -504,7 +504,7 @@ class WebhookEngine:
             or (
                 self._push is not None
                 and event.type == events_pb2.EVENT_TYPE_RUN_UPDATED
-                and not event.run_updated.update.HasField("delta")
+                and event.run_updated.update.WhichOneof("update") not in ("delta", "speech")
             )
         ):
             self._feed_wake.set()

@@ -244,6 +244,26 @@ class ModalityUnsupported(FailedPrecondition):
     reason = "ERROR_REASON_MODALITY_UNSUPPORTED"
 
 
+class SpeechNotConfigured(FailedPrecondition):
+    """Speech was asked of an assistant without ``voice`` settings, or of a server
+    without an audio endpoint; metadata ``assistant`` when it is the assistant's."""
+
+    reason = "ERROR_REASON_SPEECH_NOT_CONFIGURED"
+
+
+class SessionEnded(FailedPrecondition):
+    """A voice session has ended or is past its resume window."""
+
+    reason = "ERROR_REASON_SESSION_ENDED"
+
+
+class SpeechRefused(FailedPrecondition):
+    """The speech recognition or synthesis endpoint refused the request (the audio,
+    the model or the voice); retrying it as it is will not help."""
+
+    reason = "ERROR_REASON_SPEECH_REFUSED"
+
+
 class RequestTooLarge(SwitchboardError):
     """A field or message exceeds a documented size limit."""
 
@@ -371,6 +391,19 @@ class DeadlineExceeded(SwitchboardError):
 
     code = Code.DEADLINE_EXCEEDED
     reason = "ERROR_REASON_DEADLINE_EXCEEDED"
+
+
+class SessionIdle(DeadlineExceeded):
+    """A voice session sent nothing for longer than its idle limit; metadata
+    ``idle_seconds``."""
+
+    reason = "ERROR_REASON_SESSION_IDLE"
+
+
+class SpeechUnavailable(DependencyUnavailable):
+    """The speech recognition or synthesis endpoint is down or failing; retry."""
+
+    reason = "ERROR_REASON_SPEECH_UNAVAILABLE"
 
 
 class NotImplementedYet(SwitchboardError):

@@ -72,6 +72,7 @@ MUTABLE: Final = (
     "context_token_budget",
     "max_tool_steps",
     "workspace_default",
+    "voice",
 )
 #: The fields kept in the stored blob (``workspace_default`` is a column).
 _SETTINGS: Final = tuple(path for path in MUTABLE if path != "workspace_default")
@@ -84,6 +85,10 @@ MAX_TOOLS_PER_ENTRY: Final = 128
 MIN_CONTEXT_BUDGET: Final = 100
 MAX_CONTEXT_BUDGET: Final = 1_000_000
 MAX_TEMPERATURE: Final = 2.0
+#: ``VoiceSettings``: a model's name, a voice's name, and a language (ISO-639-1).
+MAX_VOICE_MODEL: Final = 256
+MAX_VOICE_NAME: Final = 64
+_LANGUAGE: Final = re.compile(r"[a-z]{2}")
 #: A cached workspace is dropped on its ASSISTANT_CHANGED event; this is the
 #: backstop for an event from another process that never arrived.
 CACHE_TTL_S: Final = 5.0
@@ -116,6 +121,22 @@ class _Workspace:
     #: When its read started (monotonic): what it shows is at least that recent.
     loaded_at: float
     size: int
+
+
+def _voice(voice: pb.VoiceSettings, violations: Violations) -> None:
+    """Speech settings: names within their lengths, a language of two lowercase letters."""
+    for field in ("transcription_model", "speech_model"):
+        if len(getattr(voice, field)) > MAX_VOICE_MODEL:
+            violations.add(
+                f"assistant.voice.{field}", f"is longer than {MAX_VOICE_MODEL} characters"
+            )
+    if len(voice.voice) > MAX_VOICE_NAME:
+        violations.add("assistant.voice.voice", f"is longer than {MAX_VOICE_NAME} characters")
+    if voice.language and not _LANGUAGE.fullmatch(voice.language):
+        violations.add(
+            "assistant.voice.language",
+            "must be an ISO-639-1 code (two lowercase letters, for example en), or empty",
+        )
 
 
 def _copy(assistant: pb.Assistant) -> pb.Assistant:
@@ -206,6 +227,9 @@ class Assistants:
         if "model" in paths and given.HasField("model"):
             self._model(given.model, violations)
             clean.model.CopyFrom(given.model)
+        if "voice" in paths and given.HasField("voice"):
+            _voice(given.voice, violations)
+            clean.voice.CopyFrom(given.voice)
         lookups: dict[str, str] = {}
         if "tools" in paths:
             lookups = self._tools(workspace_id, given.tools, violations)

@@ -39,12 +39,14 @@ from switchboard.dispatcher.handlers.handed import HEADER, Handed
 from switchboard.dispatcher.handlers.router import Choice, Router
 from switchboard.dispatcher.llm.handler import LlmHandler
 from switchboard.dispatcher.ports.context import ContextPort
+from switchboard.dispatcher.runs import speech as spoken
 from switchboard.dispatcher.runs.content import ContentPolicy
 from switchboard.dispatcher.runs.lifecycle import Active
 from switchboard.dispatcher.runs.live import FINISH_TIMEOUT_S, Common
 from switchboard.dispatcher.runs.publishing import Publishing
 from switchboard.dispatcher.runs.scheduler import Scheduler, Ticket
 from switchboard.dispatcher.runs.store import NewRun, Stored, raise_busy
+from switchboard.dispatcher.voice.speaker import Speech
 from switchboard.internal.dispatcher.v1 import job_pb2
 from switchboard.platform import names, timefields
 from switchboard.platform.cache import Cache
@@ -157,8 +159,11 @@ class Admission:
         tracer: Tracer | None,
         quotas: Quotas,
         spending: Spending | None = None,
+        speech: Speech | None = None,
     ) -> None:
         self._live = common.live
+        #: The server's speech (None: ``speech`` is SPEECH_NOT_CONFIGURED).
+        self._speech = speech
         #: Budgets: a message they have no room for is refused (None: no budgets).
         self._spending = spending
         self._store = common.store
@@ -203,10 +208,16 @@ class Admission:
         found = names.match(names.CONVERSATION, request.conversation, "conversation")
         workspace_id, conversation_id = found[1], found[2]
         timeout = self._validate(request)
-        flags = await self._screen(principal, request, workspace_id)
-        assistant, choice = await self._choose(workspace_id, request)
-        policy = request.concurrency_policy or pb.CONCURRENCY_POLICY_ENQUEUE
+        # The key of the request as sent: a retry matches it before its recording
+        # is transcribed again.
         key = idempotency(principal.user_id, "SendMessage", request)
+        speech = request.HasField("speech") and spoken.wanted(request)
+        if speech:
+            request, flags, assistant, choice = await self._spoken(principal, request, workspace_id)
+        else:
+            flags = await self._screen(principal, request, workspace_id)
+            assistant, choice = await self._choose(workspace_id, request)
+        policy = request.concurrency_policy or pb.CONCURRENCY_POLICY_ENQUEUE
         if key is not None:
             earlier = await self._store.replayed(key)
             if earlier is not None:
@@ -234,6 +245,10 @@ class Admission:
             principal, request, stored_message, run_id, choice, assistant, flags, policy, timeout
         )
         _carry_trace(self._tracer, run, job)
+        if speech:
+            # Kept with the job: a run taken over by another replica still speaks.
+            run.speech.CopyFrom(spoken.echoed(request.speech))
+            job.speech.CopyFrom(run.speech)
         if handed:
             job.handed_budget.CopyFrom(job_pb2.HandedBudget(**handed.capped()))
         created, replayed = await self._store.create(
@@ -382,9 +397,35 @@ class Admission:
             violations.append(
                 FieldViolation("parameters", f"is larger than {_MAX_PARAMETER_BYTES} bytes")
             )
+        if request.HasField("speech"):
+            workspace = names.CONVERSATION.fullmatch(request.conversation)
+            violations += spoken.violations(request, workspace[1] if workspace else "")
         if violations:
             raise InvalidArgument("the request is invalid", violations)
         return timeout
+
+    async def _spoken(
+        self, principal: Principal, request: pb.SendMessageRequest, workspace_id: str
+    ) -> tuple[pb.SendMessageRequest, list[str], pb.Assistant | None, Choice]:
+        """``_screen`` and ``_choose`` for a message with speech (``runs/speech.py``): the
+        rate limits, then the assistant's voice, then the recording transcribed (the
+        request returned holds the transcript), then the filters on its text."""
+        speech = spoken.configured(self._speech)
+        limits = await self._quotas.limits(workspace_id)
+        await self._rate_limit(principal, workspace_id, request.conversation, limits)
+        # Routed on the message as sent: its transcript picks no handler (no /command).
+        assistant, choice = await self._choose(workspace_id, request)
+        settings = spoken.voice_of(assistant)
+        if request.speech.transcribe:
+            request = await spoken.transcribed(
+                request,
+                principal=principal,
+                context=self._context,
+                speech=speech,
+                settings=settings,
+            )
+        flags = await self._filters(principal, request, workspace_id, limits)
+        return request, flags, assistant, choice
 
     async def _screen(
         self, principal: Principal, request: pb.SendMessageRequest, workspace_id: str
@@ -394,6 +435,16 @@ class Admission:
         limits = await self._quotas.limits(workspace_id)
         # The rate limits first: a flood of refused messages is still a flood.
         await self._rate_limit(principal, workspace_id, request.conversation, limits)
+        return await self._filters(principal, request, workspace_id, limits)
+
+    async def _filters(
+        self,
+        principal: Principal,
+        request: pb.SendMessageRequest,
+        workspace_id: str,
+        limits: Limits,
+    ) -> list[str]:
+        """The filters after the rate limits: size, content policy, concurrent runs."""
         text = text_of(request.message)
         if len(text) > self._limits.max_input_chars:
             await self._filtered(principal, request.conversation, "size", RequestTooLarge.reason)

@@ -168,14 +168,27 @@ class Control:
         return self._live.current(run)
 
     async def cancel_run(
-        self, principal: Principal, name: str, reason: str, via: Via = IN_PROCESS
+        self,
+        principal: Principal,
+        name: str,
+        reason: str,
+        via: Via = IN_PROCESS,
+        *,
+        heard_through_sequence: int = 0,
     ) -> pb.Run:
-        """Cancel the run; ``via``: how the call came (see ``_owner``)."""
+        """Cancel the run; ``via``: how the call came (see ``_owner``);
+        ``heard_through_sequence``: a speaking run's last speech update its listener
+        heard (0: every one sent), which decides the answer it stores."""
         found = names.match(names.RUN, name, "name")
         if len(reason) > MAX_REASON_CHARS:
             raise InvalidArgument(
                 "reason is too long",
                 [FieldViolation("reason", f"has more than {MAX_REASON_CHARS} characters")],
+            )
+        if heard_through_sequence < 0:
+            raise InvalidArgument(
+                "heard_through_sequence must not be negative",
+                [FieldViolation("heard_through_sequence", "must not be negative")],
             )
         active = self._live.runs.get(name)
         if active is None:
@@ -184,10 +197,18 @@ class Control:
                 return stored.run
             # The owner holds the run's task; it answers with the ended run.
             return await owner.peers.cancel_run(
-                owner.address, via, pb.CancelRunRequest(name=name, reason=reason)
+                owner.address,
+                via,
+                pb.CancelRunRequest(
+                    name=name, reason=reason, heard_through_sequence=heard_through_sequence
+                ),
             )
         text = reason or "cancelled"
-        await self._execution.cancel(active, RunCancelled(f"{text} (by {principal.user_name})"))
+        await self._execution.cancel(
+            active,
+            RunCancelled(f"{text} (by {principal.user_name})"),
+            heard_through=heard_through_sequence,
+        )
         return self._live.current(active.run)
 
     async def _owner(self, found: re.Match[str], via: Via) -> tuple[Stored, _Peer | None]:

@@ -50,6 +50,7 @@ from switchboard.dispatcher.runs.scheduler import Scheduler, Ticket
 from switchboard.dispatcher.runs.store import TERMINAL
 from switchboard.dispatcher.tools.port import ToolPort
 from switchboard.dispatcher.tools.runner import RunTools, ToolLimits, offered_tools
+from switchboard.dispatcher.voice.speaker import Speaker, Speech
 from switchboard.internal.dispatcher.v1 import job_pb2
 from switchboard.platform import background, names
 from switchboard.platform.errors import (
@@ -92,8 +93,11 @@ class Execution:
         metrics: Metrics | None,
         tracer: Tracer | None,
         spending: Spending | None = None,
+        speech: Speech | None = None,
     ) -> None:
         self._live = common.live
+        #: The server's speech (None: no engine; a run asked to speak answers in text).
+        self._speech = speech
         self._spending = spending
         self._publishing = publishing
         self._scheduler = scheduler
@@ -212,9 +216,14 @@ class Execution:
         await self.finish(active, error)
 
     async def _unwind(self, active: Active) -> None:
-        """The run's task is done with its runner and budget: holds of steps that
-        did not settle (cancelled, failed) go back."""
+        """The run's task is done with its runner, speech and budget: holds of steps
+        that did not settle (cancelled, failed) go back."""
         active.tools = None
+        if active.speaker is not None:
+            if active.run.state == pb.RUN_STATE_CANCELLED:
+                await self._store_heard(active)
+            await active.speaker.stop()
+            active.speaker = None
         budget, active.budget = active.budget, None
         if budget is not None:
             await asyncio.shield(budget.close())
@@ -305,6 +314,8 @@ class Execution:
                     _RunHost(self, active, clock),
                     _handed(active.job),
                 )
+            if active.job.speech.speak:
+                self._speak(active)
             runner = self._runner(active, definitions, clock)
             if runner is not None:
                 request.max_tool_steps = step_limit(self._tool_limits, assistant)
@@ -322,21 +333,87 @@ class Execution:
                     # Priced tool calls are the run's cost too.
                     result.usage.cost_micros += runner.spent_micros
                     result.usage.estimated_cost_usd = result.usage.cost_micros / 1e6
+            answer = cpb.Message(
+                role=cpb.MESSAGE_ROLE_ASSISTANT,
+                author=run.handler,
+                parts=result.parts,
+                run=run.name,
+            )
+            if active.speaker is not None:
+                # The answer is stored once it has been spoken (under the deadline).
+                await _spoken(active.speaker, result, answer)
             output = await self._context.append_message(
                 active.principal,
                 cpb.AppendMessageRequest(
                     parent=active.conversation,
-                    message=cpb.Message(
-                        role=cpb.MESSAGE_ROLE_ASSISTANT,
-                        author=run.handler,
-                        parts=result.parts,
-                        run=run.name,
-                    ),
+                    message=answer,
                     request_id=f"run-{active.run_id}",
                 ),
                 timeout_s=left(),
             )
         return output, result
+
+    def _speak(self, active: Active) -> None:
+        """The run speaks its answer as it is written (``voice/speaker.py``)."""
+        speech = self._speech
+        if speech is None:
+            # Admitted where an engine is set up, run where none is (a takeover).
+            log.warning(
+                "a run asked to speak on a replica without a speech engine; it answers in text",
+                extra={"run": active.run.name},
+            )
+            return
+        assistant = active.assistant
+        voiced = assistant is not None and assistant.HasField("voice")
+        settings = assistant.voice if voiced and assistant is not None else None
+        voice = speech.speaking(settings, active.job.speech.output_format.sample_rate_hz)
+        emit = self._publishing.emit
+
+        def spoken(update: pb.RunUpdate) -> int:
+            emit(active, update)
+            return update.sequence
+
+        def failed(why: str) -> None:
+            update = pb.RunUpdate()
+            update.progress.stage = f"speech stopped: {why}"[:MAX_REASON_CHARS]
+            update.progress.fraction = -1
+            emit(active, update)
+
+        active.speaker = Speaker(voice, spoken, failed)
+
+    async def _store_heard(self, active: Active) -> None:
+        """A speaking run cancelled (or superseded): its speech stopped at once
+        (``cancel``), and the text its listener heard is stored as its answer, the
+        rest marked unspoken."""
+        speaker = active.speaker
+        if speaker is None:
+            return
+        await speaker.stop()
+        if not speaker.text.strip():
+            return
+        text, metadata = speaker.record(interrupted=True, through=active.heard_through)
+        answer = cpb.Message(
+            role=cpb.MESSAGE_ROLE_ASSISTANT,
+            author=active.run.handler,
+            parts=[cpb.ContentPart(text=text)],
+            run=active.run.name,
+        )
+        answer.metadata.CopyFrom(metadata)
+        try:
+            output = await self._context.append_message(
+                active.principal,
+                cpb.AppendMessageRequest(
+                    parent=active.conversation, message=answer, request_id=f"run-{active.run_id}"
+                ),
+                timeout_s=FINISH_TIMEOUT_S,
+            )
+        except SwitchboardError as exc:
+            log.warning(
+                "the heard part of a cancelled run's answer was not stored",
+                extra={"run": active.run.name, "error": type(exc).__name__},
+            )
+            return
+        active.run.output_message = output.name
 
     def _file_reader(self, active: Active, left: Callable[[], float]) -> FileReader:
         """Reads a file of the run's window as the run's user, within its deadline."""
@@ -422,7 +499,7 @@ class Execution:
                 emit(active, update)
 
         runner = active.tools
-        saw_text = runner.saw_text if runner is not None else _ignore
+        saw_text = _text_sink(runner, active.speaker)
         if runner is not None:
             runner.flush = flush  # a tool update goes after the text before it
         try:
@@ -619,11 +696,18 @@ class Execution:
 
     # -- cancelling -------------------------------------------------------------------
 
-    async def cancel(self, active: Active, error: SwitchboardError) -> None:
+    async def cancel(
+        self, active: Active, error: SwitchboardError, *, heard_through: int = 0
+    ) -> None:
         """End ``active`` with ``error``: withdrawn if still queued, else its task
-        is cancelled; returns once the run is recorded (not longer)."""
+        is cancelled; returns once the run is recorded (not longer).
+        ``heard_through``: the last speech update its listener heard (0: all sent)."""
         if active.run.state in TERMINAL:
             return
+        if active.speaker is not None and active.cancel_error is None:
+            # Before anything is awaited: not one more chunk of speech goes out.
+            active.heard_through = heard_through
+            active.speaker.halt()
         if active.ticket is not None and self._scheduler.withdraw(active.ticket):
             active.to(pb.RUN_STATE_CANCELLED)
             active.ticket = None
@@ -647,6 +731,32 @@ async def _nothing() -> None:
 
 def _ignore(_text: str) -> None:
     pass
+
+
+async def _spoken(speaker: Speaker, result: handler_pb2.HandleResult, answer: cpb.Message) -> None:
+    """Wait until the answer is all spoken; its metadata then says what was."""
+    if not speaker.text:
+        # A handler that sent its answer whole, with no deltas: spoken whole.
+        speaker.feed("".join(p.text for p in result.parts if p.HasField("text")))
+    speaker.finish()
+    await speaker.wait()
+    answer.metadata.CopyFrom(speaker.record(interrupted=False)[1])
+
+
+def _text_sink(runner: RunTools | None, speaker: Speaker | None) -> Callable[[str], None]:
+    """What sees each piece of the answer's text as the handler yields it: the tool
+    runner (the text said before a step's calls) and the speaker."""
+    if speaker is None:
+        return runner.saw_text if runner is not None else _ignore
+    if runner is None:
+        return speaker.feed
+    saw, feed = runner.saw_text, speaker.feed
+
+    def both(text: str) -> None:
+        saw(text)
+        feed(text)
+
+    return both
 
 
 class _RunHost:

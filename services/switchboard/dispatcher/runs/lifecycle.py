@@ -45,6 +45,7 @@ from switchboard.dispatcher.handlers.base import Handler
 from switchboard.dispatcher.runs.feed import Feed
 from switchboard.dispatcher.runs.scheduler import Ticket
 from switchboard.dispatcher.tools.runner import RunTools
+from switchboard.dispatcher.voice.speaker import Speaker
 from switchboard.internal.dispatcher.v1 import job_pb2
 from switchboard.platform.errors import SwitchboardError
 from switchboard.platform.security.policy import Principal
@@ -99,6 +100,10 @@ class Active:
     logged: tuple[int, ...] = ()
     #: Its tool runner, while it executes with tools.
     tools: RunTools | None = None
+    #: Its speech, while it speaks its answer (``SendMessageRequest.speech.speak``).
+    speaker: Speaker | None = None
+    #: A cancel's ``heard_through_sequence``: the last speech update its listener heard.
+    heard_through: int = 0
     #: Its budgets' reservations, while it executes with budgets that apply.
     budget: RunBudget | None = None
     #: The budgets that apply to it, when admission read them (None: read at its start).

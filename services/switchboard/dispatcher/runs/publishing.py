@@ -7,10 +7,11 @@ first and announced only once stored (``persist``): the feed and the events
 never say a run ended while the store says it runs (GetRun, ListRuns, the
 REJECT check, recovery).
 
-A token is not an event that must survive: a text delta is needed while its
-run is live, so it goes to the feed (WatchRun's replay ring) and is
-*announced* (``EventBus.announce``: this process's ring and subscribers, and
-the other processes' over an ephemeral channel), never to the log. State
+A token is not an event that must survive: a text delta (or a piece of the
+answer's ``speech``) is needed while its run is live, so it goes to the feed
+(WatchRun's replay ring) and is *announced* (``EventBus.announce``: this
+process's ring and subscribers, and the other processes' over an ephemeral
+channel), never to the log. State
 changes, progress, tool calls and results are logged; the result carries the
 whole answer, so a reader who comes late (ListEvents, a resume from an old
 cursor, a restart) reads what was said from it.
@@ -76,7 +77,7 @@ class Publishing:
         if (
             not active.outbox
             and not active.held
-            and update.HasField("delta")
+            and is_token(update)
             and (active.publisher is None or active.publisher.done())
         ):
             # Nothing of the run's waits to be logged: the token goes out now, in order.
@@ -243,6 +244,12 @@ class Publishing:
             await backoff.wait()
 
 
+def is_token(update: pb.RunUpdate) -> bool:
+    """A run's text delta or speech: announced, not logged. Speech is audio a listener
+    needs now or never; the stored answer says what was spoken (docs/voice.md)."""
+    kind = update.WhichOneof("update")
+    return kind in {"delta", "speech"}
+
+
 def _token(event: events_pb2.Event) -> bool:
-    """A run's text delta: announced, not logged."""
-    return event.run_updated.update.HasField("delta")
+    return is_token(event.run_updated.update)

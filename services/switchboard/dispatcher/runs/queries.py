@@ -25,6 +25,7 @@ from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.runs.admission import HANDLER, route
 from switchboard.dispatcher.runs.execution import step_limit
 from switchboard.dispatcher.runs.live import FINISH_TIMEOUT_S, Common
+from switchboard.dispatcher.runs.publishing import is_token
 from switchboard.dispatcher.runs.store import TERMINAL, Listing
 from switchboard.dispatcher.tools.port import ToolPort
 from switchboard.dispatcher.tools.runner import ToolLimits, offered_tools
@@ -162,8 +163,13 @@ class Queries:
             )
         feed = self._feeds.get(name)
         if feed is None:
-            stored = await self._store.get(found[1], found[2], found[3])
-            async for update in self._watch_stored(stored.run, after_sequence):
+            run = (await self._store.get(found[1], found[2], found[3])).run
+            if run.state in TERMINAL and run.last_sequence > after_sequence:
+                conversation = mapping.conversation_name(found[1], found[2])
+                for missed in self._missed_end(run, conversation, after_sequence):
+                    yield missed
+                return
+            async for update in self._watch_stored(run, after_sequence):
                 yield update
             return
         if after_sequence < feed.first - 1:
@@ -252,6 +258,19 @@ class Queries:
         finally:
             unsubscribe()
 
+    def _missed_end(
+        self, run: pb.Run, conversation: str, after_sequence: int
+    ) -> list[pb.RunUpdate]:
+        """What a watch behind an ended run of another replica gets: the run's updates
+        after ``after_sequence`` up to its end when this process still holds them all
+        (its ring keeps the logged ones and the tokens heard, speech included), exactly
+        what the owner's feed would replay; otherwise the run as stored stands for them."""
+        held = self._held(run.name, conversation, _InOrder(after_sequence))
+        for index, one in enumerate(held):
+            if _ends(one):
+                return held[: index + 1]
+        return [mapping.snapshot(run)]
+
     def _held(self, run: str, conversation: str, order: _InOrder) -> list[pb.RunUpdate]:
         """What this process already holds of another replica's ``run`` past ``order``'s
         position, ready to go out: its ring keeps the logged updates and the tokens heard
@@ -305,10 +324,16 @@ class Queries:
         return response
 
 
+def _ends(update: pb.RunUpdate) -> bool:
+    return (
+        update.WhichOneof("update") == "state_change" and update.state_change.run.state in TERMINAL
+    )
+
+
 class _InOrder:
     """Another replica's run, as this process hears it: its logged updates in log order,
-    its tokens over their own channel (``EventBus.announce``), which may overtake the
-    logged update before them. A token waits for the sequence it follows; a logged
+    its tokens (deltas, speech) over their own channel (``EventBus.announce``), which may
+    overtake the logged update before them. A token waits for the sequence it follows; a logged
     update never waits (a token lost on the way leaves a gap, not a stall)."""
 
     def __init__(self, position: int) -> None:
@@ -320,7 +345,7 @@ class _InOrder:
         if update.sequence <= self.position:
             return []
         early = self.early
-        if update.HasField("delta") and update.sequence > self.position + 1:
+        if is_token(update) and update.sequence > self.position + 1:
             early[update.sequence] = update
             return []
         ready = [early.pop(s) for s in sorted(early) if s < update.sequence]

@@ -68,7 +68,13 @@ class Actions(Protocol):
     ) -> pb.Run: ...
 
     async def cancel_run(
-        self, principal: Principal, name: str, reason: str, via: Via
+        self,
+        principal: Principal,
+        name: str,
+        reason: str,
+        via: Via,
+        *,
+        heard_through_sequence: int = 0,
     ) -> pb.Run: ...
 
 
@@ -214,7 +220,11 @@ class _Converse:
                 cancel = request.cancel_run
                 await self._grant.authorize(cancel.name, Permission.WRITE, "cancel_run.name")
                 run = await self._actions.cancel_run(
-                    self._principal, cancel.name, cancel.reason, self._via
+                    self._principal,
+                    cancel.name,
+                    cancel.reason,
+                    self._via,
+                    heard_through_sequence=cancel.heard_through_sequence,
                 )
                 await self._out.put(
                     pb.ConverseResponse(

@@ -138,6 +138,9 @@ RULES: Final[dict[str, Rule]] = {
     # would read the membership twice per stream.
     _DISPATCHER + "WatchRun": per_item(Scope.READ),
     _DISPATCHER + "Converse": per_item(Scope.READ),
+    # A voice session holds its conversation for WRITE through the stream's grant,
+    # checked when it starts or resumes (the session's own creator only).
+    _DISPATCHER + "Talk": per_item(Scope.WRITE),
     _DISPATCHER + "ListHandlers": resource("parent", READ),
     # Deciding what a run may do is an editor's, like sending it; viewers watch.
     _DISPATCHER + "SubmitToolApprovals": resource("name", WRITE),

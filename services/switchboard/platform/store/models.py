@@ -573,6 +573,47 @@ class FileRow(Base):
     version: Mapped[int] = mapped_column(Integer, default=1)
 
 
+class VoiceSessionRow(Base):
+    """A voice session (``dispatcher/voice/``): ``data`` is the serialized
+    ``VoiceSession`` as last stored; the session may be resumed on any replica
+    until ``expire_at``, unless ``ended_at`` is set."""
+
+    __tablename__ = "voice_sessions"
+    __table_args__ = (
+        Index("ix_voice_sessions_conversation", "conversation_id", "created_at", "id"),
+        Index("ix_voice_sessions_expiry", "expire_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    workspace_id: Mapped[str] = mapped_column(ForeignKey("workspaces.id", ondelete="CASCADE"))
+    conversation_id: Mapped[str] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
+    # Who started it, `users/{user}`: only they may resume it.
+    creator: Mapped[str] = mapped_column(String(128))
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    turn_count: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    expire_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    ended_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class VoiceTurnRow(Base):
+    """A stored turn of a voice session: its user message and the run answering
+    it, written once the message is stored (a resume replays from these)."""
+
+    __tablename__ = "voice_turns"
+
+    session_id: Mapped[str] = mapped_column(
+        ForeignKey("voice_sessions.id", ondelete="CASCADE"), primary_key=True
+    )
+    turn: Mapped[int] = mapped_column(Integer, primary_key=True)
+    message: Mapped[str] = mapped_column(String(255))
+    run: Mapped[str] = mapped_column(String(255))
+    recording: Mapped[str] = mapped_column(String(255), default="")
+    transcript: Mapped[str] = mapped_column(Text, default="")
+    audio_ms: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
 class UploadRow(Base):
     """A resumable upload in progress: what was declared, and how many bytes
     are durable in the blob store's staging (``committed_size``). An expired

@@ -124,6 +124,28 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     image sent to a model without vision (FAILED_PRECONDITION); metadata
     `media_type` and `model`.
     """
+    ERROR_REASON_SPEECH_NOT_CONFIGURED: _ErrorReason.ValueType  # 39
+    """Speech was asked of an assistant, or a server, without speech settings: the
+    assistant has no `voice`, or the server no audio endpoint
+    (FAILED_PRECONDITION); metadata `assistant` when it is the assistant's.
+    """
+    ERROR_REASON_SESSION_ENDED: _ErrorReason.ValueType  # 40
+    """A voice session has ended, or is past its resume window
+    (FAILED_PRECONDITION); start a new one.
+    """
+    ERROR_REASON_SESSION_IDLE: _ErrorReason.ValueType  # 41
+    """A voice session sent nothing for longer than its idle limit
+    (DEADLINE_EXCEEDED); metadata `idle_seconds`. Resume it within its window.
+    """
+    ERROR_REASON_SPEECH_UNAVAILABLE: _ErrorReason.ValueType  # 42
+    """The speech recognition or synthesis endpoint is down or failing
+    (UNAVAILABLE, with a retry delay).
+    """
+    ERROR_REASON_SPEECH_REFUSED: _ErrorReason.ValueType  # 43
+    """The speech recognition or synthesis endpoint refused the request: the
+    audio, the model or the voice (FAILED_PRECONDITION); retrying it as it is
+    will not help.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the machine-readable cause of a failed call. Every error the
@@ -232,5 +254,27 @@ ERROR_REASON_MODALITY_UNSUPPORTED: ErrorReason.ValueType  # 38
 """The model cannot take a kind of content the window holds, for example an
 image sent to a model without vision (FAILED_PRECONDITION); metadata
 `media_type` and `model`.
+"""
+ERROR_REASON_SPEECH_NOT_CONFIGURED: ErrorReason.ValueType  # 39
+"""Speech was asked of an assistant, or a server, without speech settings: the
+assistant has no `voice`, or the server no audio endpoint
+(FAILED_PRECONDITION); metadata `assistant` when it is the assistant's.
+"""
+ERROR_REASON_SESSION_ENDED: ErrorReason.ValueType  # 40
+"""A voice session has ended, or is past its resume window
+(FAILED_PRECONDITION); start a new one.
+"""
+ERROR_REASON_SESSION_IDLE: ErrorReason.ValueType  # 41
+"""A voice session sent nothing for longer than its idle limit
+(DEADLINE_EXCEEDED); metadata `idle_seconds`. Resume it within its window.
+"""
+ERROR_REASON_SPEECH_UNAVAILABLE: ErrorReason.ValueType  # 42
+"""The speech recognition or synthesis endpoint is down or failing
+(UNAVAILABLE, with a retry delay).
+"""
+ERROR_REASON_SPEECH_REFUSED: ErrorReason.ValueType  # 43
+"""The speech recognition or synthesis endpoint refused the request: the
+audio, the model or the voice (FAILED_PRECONDITION); retrying it as it is
+will not help.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -157,6 +157,26 @@ CONCURRENCY_POLICY_INTERRUPT: ConcurrencyPolicy.ValueType  # 3
 """Cancel the conversation's active runs (reason RUN_SUPERSEDED) and run this one."""
 Global___ConcurrencyPolicy: _TypeAlias = ConcurrencyPolicy  # noqa: Y015
 
+class _AudioEncoding:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AudioEncodingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AudioEncoding.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AUDIO_ENCODING_UNSPECIFIED: _AudioEncoding.ValueType  # 0
+    """Not set: PCM16."""
+    AUDIO_ENCODING_PCM16: _AudioEncoding.ValueType  # 1
+    """Signed 16-bit little-endian PCM, one channel, no header."""
+
+class AudioEncoding(_AudioEncoding, metaclass=_AudioEncodingEnumTypeWrapper):
+    """The encoding of an audio stream."""
+
+AUDIO_ENCODING_UNSPECIFIED: AudioEncoding.ValueType  # 0
+"""Not set: PCM16."""
+AUDIO_ENCODING_PCM16: AudioEncoding.ValueType  # 1
+"""Signed 16-bit little-endian PCM, one channel, no header."""
+Global___AudioEncoding: _TypeAlias = AudioEncoding  # noqa: Y015
+
 class _HandlerKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -253,6 +273,106 @@ USAGE_DIMENSION_MODEL: UsageDimension.ValueType  # 4
 """By model (`provider/model`)."""
 Global___UsageDimension: _TypeAlias = UsageDimension  # noqa: Y015
 
+class _TurnDetection:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TurnDetectionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TurnDetection.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TURN_DETECTION_UNSPECIFIED: _TurnDetection.ValueType  # 0
+    """Not set: SERVER_VAD."""
+    TURN_DETECTION_CLIENT: _TurnDetection.ValueType  # 1
+    """Only the client's `end_turn` control ends a turn."""
+    TURN_DETECTION_SERVER_VAD: _TurnDetection.ValueType  # 2
+    """A voice-activity detector ends a turn after speech followed by silence
+    (TalkStart.silence); the client's `end_turn` still ends it at once.
+    """
+
+class TurnDetection(_TurnDetection, metaclass=_TurnDetectionEnumTypeWrapper):
+    """How a voice session finds the end of a user's turn."""
+
+TURN_DETECTION_UNSPECIFIED: TurnDetection.ValueType  # 0
+"""Not set: SERVER_VAD."""
+TURN_DETECTION_CLIENT: TurnDetection.ValueType  # 1
+"""Only the client's `end_turn` control ends a turn."""
+TURN_DETECTION_SERVER_VAD: TurnDetection.ValueType  # 2
+"""A voice-activity detector ends a turn after speech followed by silence
+(TalkStart.silence); the client's `end_turn` still ends it at once.
+"""
+Global___TurnDetection: _TypeAlias = TurnDetection  # noqa: Y015
+
+class _TalkAction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TalkActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TalkAction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TALK_ACTION_UNSPECIFIED: _TalkAction.ValueType  # 0
+    """Not set; INVALID_ARGUMENT."""
+    TALK_ACTION_START_TURN: _TalkAction.ValueType  # 1
+    """The user starts speaking (optional with SERVER_VAD; with CLIENT detection,
+    audio outside a turn is ignored).
+    """
+    TALK_ACTION_END_TURN: _TalkAction.ValueType  # 2
+    """The user's turn is over: it is transcribed, stored and answered."""
+    TALK_ACTION_INTERRUPT: _TalkAction.ValueType  # 3
+    """Stop the assistant's speech now and cancel its run."""
+    TALK_ACTION_END_SESSION: _TalkAction.ValueType  # 4
+    """End the session: the server finishes sending what it owes and closes."""
+
+class TalkAction(_TalkAction, metaclass=_TalkActionEnumTypeWrapper):
+    """What a control frame asks."""
+
+TALK_ACTION_UNSPECIFIED: TalkAction.ValueType  # 0
+"""Not set; INVALID_ARGUMENT."""
+TALK_ACTION_START_TURN: TalkAction.ValueType  # 1
+"""The user starts speaking (optional with SERVER_VAD; with CLIENT detection,
+audio outside a turn is ignored).
+"""
+TALK_ACTION_END_TURN: TalkAction.ValueType  # 2
+"""The user's turn is over: it is transcribed, stored and answered."""
+TALK_ACTION_INTERRUPT: TalkAction.ValueType  # 3
+"""Stop the assistant's speech now and cancel its run."""
+TALK_ACTION_END_SESSION: TalkAction.ValueType  # 4
+"""End the session: the server finishes sending what it owes and closes."""
+Global___TalkAction: _TypeAlias = TalkAction  # noqa: Y015
+
+class _TalkEventKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TalkEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TalkEventKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TALK_EVENT_KIND_UNSPECIFIED: _TalkEventKind.ValueType  # 0
+    """Not set."""
+    TALK_EVENT_KIND_SPEECH_STARTED: _TalkEventKind.ValueType  # 1
+    """The detector heard speech begin (a turn started)."""
+    TALK_EVENT_KIND_SPEECH_STOPPED: _TalkEventKind.ValueType  # 2
+    """The detector heard the speech end (the turn ends)."""
+    TALK_EVENT_KIND_SPEECH_INTERRUPTED: _TalkEventKind.ValueType  # 3
+    """The assistant's speech was stopped (barge-in or interrupt); no more
+    `speech` of the run follows.
+    """
+    TALK_EVENT_KIND_TURN_EMPTY: _TalkEventKind.ValueType  # 4
+    """A turn had no words (silence, noise) and was dropped: nothing stored."""
+
+class TalkEventKind(_TalkEventKind, metaclass=_TalkEventKindEnumTypeWrapper):
+    """What a session noticed."""
+
+TALK_EVENT_KIND_UNSPECIFIED: TalkEventKind.ValueType  # 0
+"""Not set."""
+TALK_EVENT_KIND_SPEECH_STARTED: TalkEventKind.ValueType  # 1
+"""The detector heard speech begin (a turn started)."""
+TALK_EVENT_KIND_SPEECH_STOPPED: TalkEventKind.ValueType  # 2
+"""The detector heard the speech end (the turn ends)."""
+TALK_EVENT_KIND_SPEECH_INTERRUPTED: TalkEventKind.ValueType  # 3
+"""The assistant's speech was stopped (barge-in or interrupt); no more
+`speech` of the run follows.
+"""
+TALK_EVENT_KIND_TURN_EMPTY: TalkEventKind.ValueType  # 4
+"""A turn had no words (silence, noise) and was dropped: nothing stored."""
+Global___TalkEventKind: _TypeAlias = TalkEventKind  # noqa: Y015
+
 @_typing.final
 class Run(_message.Message):
     """One execution of a handler answering one user message."""
@@ -280,6 +400,7 @@ class Run(_message.Message):
     ASSISTANT_FIELD_NUMBER: _builtins.int
     TOOL_CALL_COUNT_FIELD_NUMBER: _builtins.int
     TRACE_ID_FIELD_NUMBER: _builtins.int
+    SPEECH_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `workspaces/{w}/conversations/{c}/runs/{run}`."""
     state: Global___RunState.ValueType
@@ -347,6 +468,12 @@ class Run(_message.Message):
         decisions made).
         """
 
+    @_builtins.property
+    def speech(self) -> Global___SpeechOptions:
+        """What the run was asked to do with speech (SendMessageRequest.speech); unset
+        for a text-only run.
+        """
+
     def __init__(
         self,
         *,
@@ -371,10 +498,11 @@ class Run(_message.Message):
         assistant: _builtins.str = ...,
         tool_call_count: _builtins.int = ...,
         trace_id: _builtins.str = ...,
+        speech: Global___SpeechOptions | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "deadline", b"deadline", "end_time", b"end_time", "error", b"error", "progress", b"progress", "required_action", b"required_action", "start_time", b"start_time", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "deadline", b"deadline", "end_time", b"end_time", "error", b"error", "progress", b"progress", "required_action", b"required_action", "speech", b"speech", "start_time", b"start_time", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "concurrency_policy", b"concurrency_policy", "create_time", b"create_time", "creator", b"creator", "deadline", b"deadline", "end_time", b"end_time", "error", b"error", "flags", b"flags", "handler", b"handler", "input_message", b"input_message", "last_sequence", b"last_sequence", "name", b"name", "output_message", b"output_message", "progress", b"progress", "required_action", b"required_action", "routing_reason", b"routing_reason", "start_time", b"start_time", "state", b"state", "tool_call_count", b"tool_call_count", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "concurrency_policy", b"concurrency_policy", "create_time", b"create_time", "creator", b"creator", "deadline", b"deadline", "end_time", b"end_time", "error", b"error", "flags", b"flags", "handler", b"handler", "input_message", b"input_message", "last_sequence", b"last_sequence", "name", b"name", "output_message", b"output_message", "progress", b"progress", "required_action", b"required_action", "routing_reason", b"routing_reason", "speech", b"speech", "start_time", b"start_time", "state", b"state", "tool_call_count", b"tool_call_count", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -529,6 +657,7 @@ class SendMessageRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     CONCURRENCY_POLICY_FIELD_NUMBER: _builtins.int
     ASSISTANT_FIELD_NUMBER: _builtins.int
+    SPEECH_FIELD_NUMBER: _builtins.int
     conversation: _builtins.str
     """The conversation, `workspaces/{w}/conversations/{c}`."""
     handler: _builtins.str
@@ -561,6 +690,13 @@ class SendMessageRequest(_message.Message):
     def timeout(self) -> _duration_pb2.Duration:
         """How long the run may take; the server caps it and applies a default."""
 
+    @_builtins.property
+    def speech(self) -> Global___SpeechOptions:
+        """Speech: transcribe the message's recording, and/or speak the answer as
+        `speech` updates. Needs the assistant's `voice` and the server's audio
+        endpoint (else FAILED_PRECONDITION, SPEECH_NOT_CONFIGURED).
+        """
+
     def __init__(
         self,
         *,
@@ -572,14 +708,183 @@ class SendMessageRequest(_message.Message):
         request_id: _builtins.str = ...,
         concurrency_policy: Global___ConcurrencyPolicy.ValueType = ...,
         assistant: _builtins.str = ...,
+        speech: Global___SpeechOptions | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "parameters", b"parameters", "timeout", b"timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "parameters", b"parameters", "speech", b"speech", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "concurrency_policy", b"concurrency_policy", "conversation", b"conversation", "handler", b"handler", "message", b"message", "parameters", b"parameters", "request_id", b"request_id", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "concurrency_policy", b"concurrency_policy", "conversation", b"conversation", "handler", b"handler", "message", b"message", "parameters", b"parameters", "request_id", b"request_id", "speech", b"speech", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SendMessageRequest: _TypeAlias = SendMessageRequest  # noqa: Y015
+
+@_typing.final
+class AudioFormat(_message.Message):
+    """The format of an audio stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENCODING_FIELD_NUMBER: _builtins.int
+    SAMPLE_RATE_HZ_FIELD_NUMBER: _builtins.int
+    encoding: Global___AudioEncoding.ValueType
+    """The encoding; PCM16 if unset."""
+    sample_rate_hz: _builtins.int
+    """Samples per second: 8000, 16000, 24000 or 48000 (anything else is
+    INVALID_ARGUMENT); 0 means the default of the field that holds it.
+    """
+    def __init__(
+        self,
+        *,
+        encoding: Global___AudioEncoding.ValueType = ...,
+        sample_rate_hz: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["encoding", b"encoding", "sample_rate_hz", b"sample_rate_hz"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AudioFormat: _TypeAlias = AudioFormat  # noqa: Y015
+
+@_typing.final
+class SpeechOptions(_message.Message):
+    """What a run does with speech."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPEAK_FIELD_NUMBER: _builtins.int
+    OUTPUT_FORMAT_FIELD_NUMBER: _builtins.int
+    TRANSCRIBE_FIELD_NUMBER: _builtins.int
+    speak: _builtins.bool
+    """Speak the answer: as the answer's text arrives it is cut at sentence
+    boundaries and each sentence is synthesized and streamed as `speech`
+    updates, paced at the speed of playback, while the model is still writing.
+    The run ends once its speech has been sent.
+    """
+    transcribe: _builtins.bool
+    """Transcribe the message: it must hold exactly one file part, a stored audio
+    file (WAV); its transcript becomes the message's text, and the file stays
+    in the message as its recording.
+    """
+    @_builtins.property
+    def output_format(self) -> Global___AudioFormat:
+        """The format of the speech sent; PCM16 at 24000 Hz if unset."""
+
+    def __init__(
+        self,
+        *,
+        speak: _builtins.bool = ...,
+        output_format: Global___AudioFormat | None = ...,
+        transcribe: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["output_format", b"output_format"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["output_format", b"output_format", "speak", b"speak", "transcribe", b"transcribe"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpeechOptions: _TypeAlias = SpeechOptions  # noqa: Y015
+
+@_typing.final
+class VoiceSettings(_message.Message):
+    """An assistant's speech settings: the models and voice of the audio endpoints
+    (OpenAI-compatible `/audio/transcriptions` and `/audio/speech`, at the
+    server's SWITCHBOARD_VOICE_URL).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSCRIPTION_MODEL_FIELD_NUMBER: _builtins.int
+    SPEECH_MODEL_FIELD_NUMBER: _builtins.int
+    VOICE_FIELD_NUMBER: _builtins.int
+    LANGUAGE_FIELD_NUMBER: _builtins.int
+    transcription_model: _builtins.str
+    """The transcription model; the server's default
+    (SWITCHBOARD_VOICE_TRANSCRIPTION_MODEL) if empty.
+    """
+    speech_model: _builtins.str
+    """The speech model; the server's default (SWITCHBOARD_VOICE_SPEECH_MODEL) if
+    empty.
+    """
+    voice: _builtins.str
+    """The voice, as the speech endpoint names it (at most 64 characters); the
+    server's default (SWITCHBOARD_VOICE_VOICE) if empty.
+    """
+    language: _builtins.str
+    """The language spoken to it, ISO-639-1 (for example "en"); the endpoint
+    detects it if empty.
+    """
+    def __init__(
+        self,
+        *,
+        transcription_model: _builtins.str = ...,
+        speech_model: _builtins.str = ...,
+        voice: _builtins.str = ...,
+        language: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["language", b"language", "speech_model", b"speech_model", "transcription_model", b"transcription_model", "voice", b"voice"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VoiceSettings: _TypeAlias = VoiceSettings  # noqa: Y015
+
+@_typing.final
+class SpeechChunk(_message.Message):
+    """A piece of a run's spoken answer: audio in the run's output format."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUDIO_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    SEGMENT_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    TEXT_START_FIELD_NUMBER: _builtins.int
+    TEXT_END_FIELD_NUMBER: _builtins.int
+    OFFSET_MS_FIELD_NUMBER: _builtins.int
+    DURATION_MS_FIELD_NUMBER: _builtins.int
+    SEGMENT_END_FIELD_NUMBER: _builtins.int
+    audio: _builtins.bytes
+    """The audio (PCM16 little-endian, one channel), at most 64 KiB."""
+    segment: _builtins.int
+    """The sentence (segment) of the answer this chunk speaks, from 0."""
+    text: _builtins.str
+    """The segment's text, on its first chunk only."""
+    text_start: _builtins.int
+    """Where the segment's text starts in the answer's text, in characters."""
+    text_end: _builtins.int
+    """Where the segment's text ends in the answer's text, in characters."""
+    offset_ms: _builtins.int
+    """Where this chunk starts in the answer's audio, in milliseconds."""
+    duration_ms: _builtins.int
+    """This chunk's length, in milliseconds."""
+    segment_end: _builtins.bool
+    """Whether this is the segment's last chunk."""
+    @_builtins.property
+    def format(self) -> Global___AudioFormat:
+        """The audio's format."""
+
+    def __init__(
+        self,
+        *,
+        audio: _builtins.bytes = ...,
+        format: Global___AudioFormat | None = ...,
+        segment: _builtins.int = ...,
+        text: _builtins.str = ...,
+        text_start: _builtins.int = ...,
+        text_end: _builtins.int = ...,
+        offset_ms: _builtins.int = ...,
+        duration_ms: _builtins.int = ...,
+        segment_end: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["format", b"format"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio", "duration_ms", b"duration_ms", "format", b"format", "offset_ms", b"offset_ms", "segment", b"segment", "segment_end", b"segment_end", "text", b"text", "text_end", b"text_end", "text_start", b"text_start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SpeechChunk: _TypeAlias = SpeechChunk  # noqa: Y015
 
 @_typing.final
 class SendMessageResponse(_message.Message):
@@ -752,19 +1057,27 @@ class CancelRunRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    HEARD_THROUGH_SEQUENCE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`workspaces/{w}/conversations/{c}/runs/{run}`."""
     reason: _builtins.str
     """Why, recorded on the run."""
+    heard_through_sequence: _builtins.int
+    """For a run that speaks: the sequence of the last `speech` update the
+    listener heard (0 if unknown: then the last one sent). The answer stored
+    for the cancelled run keeps the text spoken up to there and marks the rest
+    unspoken (docs/voice.md).
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         reason: _builtins.str = ...,
+        heard_through_sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heard_through_sequence", b"heard_through_sequence", "name", b"name", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -859,6 +1172,7 @@ class RunUpdate(_message.Message):
     TOOL_CALL_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
     TOOL_RESULT_FIELD_NUMBER: _builtins.int
+    SPEECH_FIELD_NUMBER: _builtins.int
     run: _builtins.str
     """The run, `workspaces/{w}/conversations/{c}/runs/{run}`."""
     sequence: _builtins.int
@@ -896,6 +1210,10 @@ class RunUpdate(_message.Message):
     def tool_result(self) -> _handler_pb2.ToolResult:
         """The outcome of a tool call (answers the `tool_call` with the same id)."""
 
+    @_builtins.property
+    def speech(self) -> Global___SpeechChunk:
+        """Synthesized speech of the answer (runs with `speech.speak`)."""
+
     def __init__(
         self,
         *,
@@ -908,12 +1226,13 @@ class RunUpdate(_message.Message):
         tool_call: _handler_pb2.ToolCall | None = ...,
         result: _handler_pb2.HandleResult | None = ...,
         tool_result: _handler_pb2.ToolResult | None = ...,
+        speech: Global___SpeechChunk | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "progress", b"progress", "result", b"result", "state_change", b"state_change", "time", b"time", "tool_call", b"tool_call", "tool_result", b"tool_result", "update", b"update"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "progress", b"progress", "result", b"result", "speech", b"speech", "state_change", b"state_change", "time", b"time", "tool_call", b"tool_call", "tool_result", b"tool_result", "update", b"update"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "progress", b"progress", "result", b"result", "run", b"run", "sequence", b"sequence", "state_change", b"state_change", "time", b"time", "tool_call", b"tool_call", "tool_result", b"tool_result", "update", b"update"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "progress", b"progress", "result", b"result", "run", b"run", "sequence", b"sequence", "speech", b"speech", "state_change", b"state_change", "time", b"time", "tool_call", b"tool_call", "tool_result", b"tool_result", "update", b"update"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_update: _TypeAlias = _typing.Literal["state_change", "progress", "delta", "tool_call", "result", "tool_result"]  # noqa: Y015
+    _WhichOneofReturnType_update: _TypeAlias = _typing.Literal["state_change", "progress", "delta", "tool_call", "result", "tool_result", "speech"]  # noqa: Y015
     _WhichOneofArgType_update: _TypeAlias = _typing.Literal["update", b"update"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_update) -> _WhichOneofReturnType_update | None: ...
 
@@ -1330,6 +1649,7 @@ class Assistant(_message.Message):
     ETAG_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    VOICE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `workspaces/{w}/assistants/{a}`."""
     display_name: _builtins.str
@@ -1367,6 +1687,12 @@ class Assistant(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When it last changed (output only)."""
 
+    @_builtins.property
+    def voice(self) -> Global___VoiceSettings:
+        """Speech settings; without them, its conversations take no audio and speak
+        no answers (SPEECH_NOT_CONFIGURED).
+        """
+
     def __init__(
         self,
         *,
@@ -1383,10 +1709,11 @@ class Assistant(_message.Message):
         etag: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        voice: Global___VoiceSettings | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "model", b"model", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "model", b"model", "update_time", b"update_time", "voice", b"voice"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_token_budget", b"context_token_budget", "create_time", b"create_time", "description", b"description", "display_name", b"display_name", "etag", b"etag", "handler", b"handler", "instructions", b"instructions", "max_tool_steps", b"max_tool_steps", "model", b"model", "name", b"name", "tools", b"tools", "update_time", b"update_time", "workspace_default", b"workspace_default"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context_token_budget", b"context_token_budget", "create_time", b"create_time", "description", b"description", "display_name", b"display_name", "etag", b"etag", "handler", b"handler", "instructions", b"instructions", "max_tool_steps", b"max_tool_steps", "model", b"model", "name", b"name", "tools", b"tools", "update_time", b"update_time", "voice", b"voice", "workspace_default", b"workspace_default"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2554,3 +2881,420 @@ class UpdateWorkspaceQuotaResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UpdateWorkspaceQuotaResponse: _TypeAlias = UpdateWorkspaceQuotaResponse  # noqa: Y015
+
+@_typing.final
+class TalkRequest(_message.Message):
+    """Request for Talk: one frame sent by the client. The first frame is `start`
+    or `resume`; audio, controls and text follow.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    RESUME_FIELD_NUMBER: _builtins.int
+    AUDIO_FIELD_NUMBER: _builtins.int
+    CONTROL_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """A typed message: a turn of its own (at most the server's input limit)."""
+    @_builtins.property
+    def start(self) -> Global___TalkStart:
+        """Start a new session (first frame only)."""
+
+    @_builtins.property
+    def resume(self) -> Global___TalkResume:
+        """Resume a dropped session (first frame only)."""
+
+    @_builtins.property
+    def audio(self) -> Global___AudioChunk:
+        """Audio of the user's current turn, in the session's input format: at most
+        64 KiB per frame (larger is INVALID_ARGUMENT and ends the session).
+        """
+
+    @_builtins.property
+    def control(self) -> Global___TalkControl:
+        """A control."""
+
+    def __init__(
+        self,
+        *,
+        start: Global___TalkStart | None = ...,
+        resume: Global___TalkResume | None = ...,
+        audio: Global___AudioChunk | None = ...,
+        control: Global___TalkControl | None = ...,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio", "control", b"control", "frame", b"frame", "resume", b"resume", "start", b"start", "text", b"text"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio", "control", b"control", "frame", b"frame", "resume", b"resume", "start", b"start", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["start", "resume", "audio", "control", "text"]  # noqa: Y015
+    _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
+
+Global___TalkRequest: _TypeAlias = TalkRequest  # noqa: Y015
+
+@_typing.final
+class TalkStart(_message.Message):
+    """The start of a voice session."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONVERSATION_FIELD_NUMBER: _builtins.int
+    ASSISTANT_FIELD_NUMBER: _builtins.int
+    INPUT_FORMAT_FIELD_NUMBER: _builtins.int
+    OUTPUT_FORMAT_FIELD_NUMBER: _builtins.int
+    TURN_DETECTION_FIELD_NUMBER: _builtins.int
+    SILENCE_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_POLICY_FIELD_NUMBER: _builtins.int
+    PARTIAL_TRANSCRIPTS_FIELD_NUMBER: _builtins.int
+    BARGE_IN_FIELD_NUMBER: _builtins.int
+    conversation: _builtins.str
+    """The conversation, `workspaces/{w}/conversations/{c}` (WRITE on it)."""
+    assistant: _builtins.str
+    """The assistant, `workspaces/{w}/assistants/{a}` (same workspace); the
+    workspace's default assistant if empty. It must have `voice` settings.
+    """
+    turn_detection: Global___TurnDetection.ValueType
+    """How a turn ends; SERVER_VAD if unset."""
+    concurrency_policy: Global___ConcurrencyPolicy.ValueType
+    """What a turn's message does when the conversation has an active run;
+    INTERRUPT if unset.
+    """
+    partial_transcripts: _builtins.bool
+    """Send partial transcripts while the user speaks."""
+    barge_in: _builtins.bool
+    """Whether the user's speech while the assistant speaks interrupts it
+    (barge-in); an `interrupt` control always does.
+    """
+    @_builtins.property
+    def input_format(self) -> Global___AudioFormat:
+        """The format of the audio sent; PCM16 at 16000 Hz if unset."""
+
+    @_builtins.property
+    def output_format(self) -> Global___AudioFormat:
+        """The format of the speech received; PCM16 at 24000 Hz if unset."""
+
+    @_builtins.property
+    def silence(self) -> _duration_pb2.Duration:
+        """SERVER_VAD: the silence after speech that ends a turn, 200 ms to 5 s
+        (700 ms if unset).
+        """
+
+    def __init__(
+        self,
+        *,
+        conversation: _builtins.str = ...,
+        assistant: _builtins.str = ...,
+        input_format: Global___AudioFormat | None = ...,
+        output_format: Global___AudioFormat | None = ...,
+        turn_detection: Global___TurnDetection.ValueType = ...,
+        silence: _duration_pb2.Duration | None = ...,
+        concurrency_policy: Global___ConcurrencyPolicy.ValueType = ...,
+        partial_transcripts: _builtins.bool = ...,
+        barge_in: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["input_format", b"input_format", "output_format", b"output_format", "silence", b"silence"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "barge_in", b"barge_in", "concurrency_policy", b"concurrency_policy", "conversation", b"conversation", "input_format", b"input_format", "output_format", b"output_format", "partial_transcripts", b"partial_transcripts", "silence", b"silence", "turn_detection", b"turn_detection"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TalkStart: _TypeAlias = TalkStart  # noqa: Y015
+
+@_typing.final
+class TalkResume(_message.Message):
+    """Resuming a voice session."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    session: _builtins.str
+    """The session, `workspaces/{w}/conversations/{c}/voiceSessions/{s}`."""
+    after_sequence: _builtins.int
+    """The sequence of the last numbered frame received (0: none); the session
+    continues after it. A turn the user was speaking when the connection
+    dropped is discarded: send it again.
+    """
+    def __init__(
+        self,
+        *,
+        session: _builtins.str = ...,
+        after_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TalkResume: _TypeAlias = TalkResume  # noqa: Y015
+
+@_typing.final
+class AudioChunk(_message.Message):
+    """Audio frames."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """The samples."""
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AudioChunk: _TypeAlias = AudioChunk  # noqa: Y015
+
+@_typing.final
+class TalkControl(_message.Message):
+    """A control frame."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTION_FIELD_NUMBER: _builtins.int
+    HEARD_THROUGH_SEQUENCE_FIELD_NUMBER: _builtins.int
+    action: Global___TalkAction.ValueType
+    """What to do."""
+    heard_through_sequence: _builtins.int
+    """INTERRUPT: the sequence of the last `speech` frame the user heard; the
+    stored answer marks the text after it unspoken (0: the last one sent).
+    """
+    def __init__(
+        self,
+        *,
+        action: Global___TalkAction.ValueType = ...,
+        heard_through_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "heard_through_sequence", b"heard_through_sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TalkControl: _TypeAlias = TalkControl  # noqa: Y015
+
+@_typing.final
+class TalkResponse(_message.Message):
+    """Response for Talk: one frame sent by the server."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    SESSION_FIELD_NUMBER: _builtins.int
+    TRANSCRIPT_FIELD_NUMBER: _builtins.int
+    UPDATE_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """Position in the session, for the frames a resume replays (final
+    `transcript`, `update`): strictly increasing; 0 for the others. A turn's
+    frames are numbered `turn * 2^40`, its final transcript, plus its run's
+    update sequence.
+    """
+    @_builtins.property
+    def session(self) -> Global___VoiceSession:
+        """The session (the first frame, after start or resume)."""
+
+    @_builtins.property
+    def transcript(self) -> Global___Transcript:
+        """A transcript of the user's speech: partial while they speak, then final."""
+
+    @_builtins.property
+    def update(self) -> Global___RunUpdate:
+        """An update of the run answering a turn: state, deltas, speech, result."""
+
+    @_builtins.property
+    def event(self) -> Global___TalkEvent:
+        """Something the session noticed (speech started, speech stopped, ...)."""
+
+    @_builtins.property
+    def error(self) -> _status_pb2.Status:
+        """A turn or control failed; the session stays open (errors that end the
+        session end the stream with a status instead).
+        """
+
+    @_builtins.property
+    def heartbeat(self) -> Global___Heartbeat:
+        """Keep-alive sent when idle."""
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        session: Global___VoiceSession | None = ...,
+        transcript: Global___Transcript | None = ...,
+        update: Global___RunUpdate | None = ...,
+        event: Global___TalkEvent | None = ...,
+        error: _status_pb2.Status | None = ...,
+        heartbeat: Global___Heartbeat | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "event", b"event", "frame", b"frame", "heartbeat", b"heartbeat", "session", b"session", "transcript", b"transcript", "update", b"update"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "event", b"event", "frame", b"frame", "heartbeat", b"heartbeat", "sequence", b"sequence", "session", b"session", "transcript", b"transcript", "update", b"update"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["session", "transcript", "update", "event", "error", "heartbeat"]  # noqa: Y015
+    _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
+
+Global___TalkResponse: _TypeAlias = TalkResponse  # noqa: Y015
+
+@_typing.final
+class VoiceSession(_message.Message):
+    """A voice session."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ASSISTANT_FIELD_NUMBER: _builtins.int
+    INPUT_FORMAT_FIELD_NUMBER: _builtins.int
+    OUTPUT_FORMAT_FIELD_NUMBER: _builtins.int
+    TURN_DETECTION_FIELD_NUMBER: _builtins.int
+    SILENCE_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_POLICY_FIELD_NUMBER: _builtins.int
+    TURN_COUNT_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    PARTIAL_TRANSCRIPTS_FIELD_NUMBER: _builtins.int
+    BARGE_IN_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Resource name, `workspaces/{w}/conversations/{c}/voiceSessions/{s}`."""
+    assistant: _builtins.str
+    """The assistant answering."""
+    turn_detection: Global___TurnDetection.ValueType
+    """How turns end."""
+    concurrency_policy: Global___ConcurrencyPolicy.ValueType
+    """The policy of each turn's message."""
+    turn_count: _builtins.int
+    """Turns taken so far."""
+    partial_transcripts: _builtins.bool
+    """Whether partial transcripts are sent."""
+    barge_in: _builtins.bool
+    """Whether speech interrupts the assistant."""
+    @_builtins.property
+    def input_format(self) -> Global___AudioFormat:
+        """The format of the audio the server takes."""
+
+    @_builtins.property
+    def output_format(self) -> Global___AudioFormat:
+        """The format of the speech it sends."""
+
+    @_builtins.property
+    def silence(self) -> _duration_pb2.Duration:
+        """SERVER_VAD: the silence that ends a turn."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it started."""
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """Until when a dropped session may be resumed (moves on with every frame)."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        assistant: _builtins.str = ...,
+        input_format: Global___AudioFormat | None = ...,
+        output_format: Global___AudioFormat | None = ...,
+        turn_detection: Global___TurnDetection.ValueType = ...,
+        silence: _duration_pb2.Duration | None = ...,
+        concurrency_policy: Global___ConcurrencyPolicy.ValueType = ...,
+        turn_count: _builtins.int = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        partial_transcripts: _builtins.bool = ...,
+        barge_in: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "input_format", b"input_format", "output_format", b"output_format", "silence", b"silence"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "barge_in", b"barge_in", "concurrency_policy", b"concurrency_policy", "create_time", b"create_time", "expire_time", b"expire_time", "input_format", b"input_format", "name", b"name", "output_format", b"output_format", "partial_transcripts", b"partial_transcripts", "silence", b"silence", "turn_count", b"turn_count", "turn_detection", b"turn_detection"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VoiceSession: _TypeAlias = VoiceSession  # noqa: Y015
+
+@_typing.final
+class Transcript(_message.Message):
+    """A transcript of a user's turn."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TURN_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    FINAL_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    RUN_FIELD_NUMBER: _builtins.int
+    RECORDING_FIELD_NUMBER: _builtins.int
+    AUDIO_MS_FIELD_NUMBER: _builtins.int
+    turn: _builtins.int
+    """The turn, from 1."""
+    text: _builtins.str
+    """The words recognized so far (partial) or in the whole turn (final)."""
+    final: _builtins.bool
+    """Whether this is the turn's final transcript."""
+    message: _builtins.str
+    """Final: the stored user message."""
+    run: _builtins.str
+    """Final: the run answering it."""
+    recording: _builtins.str
+    """Final: the stored recording of the turn, `workspaces/{w}/files/{f}`."""
+    audio_ms: _builtins.int
+    """The audio heard in the turn so far, in milliseconds."""
+    def __init__(
+        self,
+        *,
+        turn: _builtins.int = ...,
+        text: _builtins.str = ...,
+        final: _builtins.bool = ...,
+        message: _builtins.str = ...,
+        run: _builtins.str = ...,
+        recording: _builtins.str = ...,
+        audio_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio_ms", b"audio_ms", "final", b"final", "message", b"message", "recording", b"recording", "run", b"run", "text", b"text", "turn", b"turn"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Transcript: _TypeAlias = Transcript  # noqa: Y015
+
+@_typing.final
+class TalkEvent(_message.Message):
+    """A session event."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    TURN_FIELD_NUMBER: _builtins.int
+    RUN_FIELD_NUMBER: _builtins.int
+    kind: Global___TalkEventKind.ValueType
+    """What happened."""
+    turn: _builtins.int
+    """The turn it concerns."""
+    run: _builtins.str
+    """The run it concerns (SPEECH_INTERRUPTED)."""
+    def __init__(
+        self,
+        *,
+        kind: Global___TalkEventKind.ValueType = ...,
+        turn: _builtins.int = ...,
+        run: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "run", b"run", "turn", b"turn"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TalkEvent: _TypeAlias = TalkEvent  # noqa: Y015

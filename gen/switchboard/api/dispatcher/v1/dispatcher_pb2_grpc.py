@@ -30,7 +30,9 @@ class DispatcherServiceStub:
     """DispatcherService takes a user message, routes it to a handler (built-in, an
     LLM provider, or a remote domain expert) and runs it with progress, deadlines
     and real cancellation. Browsers use SendMessage, CancelRun and WatchRun;
-    native clients may do the same over one Converse stream.
+    native clients may do the same over one Converse stream. Voice: Talk for
+    native clients; browsers send a recorded turn with SendMessage `speech` and
+    hear the answer on WatchRun.
     """
 
     def __init__(self, channel):
@@ -68,6 +70,11 @@ class DispatcherServiceStub:
                 '/switchboard.api.dispatcher.v1.DispatcherService/Converse',
                 request_serializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ConverseRequest.SerializeToString,
                 response_deserializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ConverseResponse.FromString,
+                _registered_method=True)
+        self.Talk = channel.stream_stream(
+                '/switchboard.api.dispatcher.v1.DispatcherService/Talk',
+                request_serializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.TalkRequest.SerializeToString,
+                response_deserializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.TalkResponse.FromString,
                 _registered_method=True)
         self.ListHandlers = channel.unary_unary(
                 '/switchboard.api.dispatcher.v1.DispatcherService/ListHandlers',
@@ -160,7 +167,9 @@ class DispatcherServiceServicer:
     """DispatcherService takes a user message, routes it to a handler (built-in, an
     LLM provider, or a remote domain expert) and runs it with progress, deadlines
     and real cancellation. Browsers use SendMessage, CancelRun and WatchRun;
-    native clients may do the same over one Converse stream.
+    native clients may do the same over one Converse stream. Voice: Talk for
+    native clients; browsers send a recorded turn with SendMessage `speech` and
+    hear the answer on WatchRun.
     """
 
     def SendMessage(self, request, context):
@@ -202,6 +211,18 @@ class DispatcherServiceServicer:
     def Converse(self, request_iterator, context):
         """Bidirectional: send messages and cancels, receive updates of every run
         started on the stream. Equivalent to SendMessage + CancelRun + WatchRun.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Talk(self, request_iterator, context):
+        """Bidirectional: a voice session on a conversation. The client sends audio
+        and control frames; the server answers with transcripts, the runs' updates
+        (text deltas and synthesized `speech`) and session events, numbered so a
+        dropped session resumes exactly, on any replica (TalkResume). Each turn is
+        a stored user message and a run under the conversation's usual routing,
+        policies and budgets (docs/voice.md).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -367,6 +388,11 @@ def add_DispatcherServiceServicer_to_server(servicer, server):
                     request_deserializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ConverseRequest.FromString,
                     response_serializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ConverseResponse.SerializeToString,
             ),
+            'Talk': grpc.stream_stream_rpc_method_handler(
+                    servicer.Talk,
+                    request_deserializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.TalkRequest.FromString,
+                    response_serializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.TalkResponse.SerializeToString,
+            ),
             'ListHandlers': grpc.unary_unary_rpc_method_handler(
                     servicer.ListHandlers,
                     request_deserializer=switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ListHandlersRequest.FromString,
@@ -464,7 +490,9 @@ class DispatcherService:
     """DispatcherService takes a user message, routes it to a handler (built-in, an
     LLM provider, or a remote domain expert) and runs it with progress, deadlines
     and real cancellation. Browsers use SendMessage, CancelRun and WatchRun;
-    native clients may do the same over one Converse stream.
+    native clients may do the same over one Converse stream. Voice: Talk for
+    native clients; browsers send a recorded turn with SendMessage `speech` and
+    hear the answer on WatchRun.
     """
 
     @staticmethod
@@ -619,6 +647,33 @@ class DispatcherService:
             '/switchboard.api.dispatcher.v1.DispatcherService/Converse',
             switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ConverseRequest.SerializeToString,
             switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.ConverseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Talk(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/switchboard.api.dispatcher.v1.DispatcherService/Talk',
+            switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.TalkRequest.SerializeToString,
+            switchboard_dot_api_dot_dispatcher_dot_v1_dot_dispatcher__pb2.TalkResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -31,7 +31,9 @@ class DispatcherServiceStub:
     """DispatcherService takes a user message, routes it to a handler (built-in, an
     LLM provider, or a remote domain expert) and runs it with progress, deadlines
     and real cancellation. Browsers use SendMessage, CancelRun and WatchRun;
-    native clients may do the same over one Converse stream.
+    native clients may do the same over one Converse stream. Voice: Talk for
+    native clients; browsers send a recorded turn with SendMessage `speech` and
+    hear the answer on WatchRun.
     """
 
     @_typing.overload
@@ -53,6 +55,14 @@ class DispatcherServiceStub:
     Converse: _grpc.StreamStreamMultiCallable[_dispatcher_pb2.ConverseRequest, _dispatcher_pb2.ConverseResponse]
     """Bidirectional: send messages and cancels, receive updates of every run
     started on the stream. Equivalent to SendMessage + CancelRun + WatchRun.
+    """
+    Talk: _grpc.StreamStreamMultiCallable[_dispatcher_pb2.TalkRequest, _dispatcher_pb2.TalkResponse]
+    """Bidirectional: a voice session on a conversation. The client sends audio
+    and control frames; the server answers with transcripts, the runs' updates
+    (text deltas and synthesized `speech`) and session events, numbered so a
+    dropped session resumes exactly, on any replica (TalkResume). Each turn is
+    a stored user message and a run under the conversation's usual routing,
+    policies and budgets (docs/voice.md).
     """
     ListHandlers: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.ListHandlersRequest, _dispatcher_pb2.ListHandlersResponse]
     """Lists the handlers a workspace can route to."""
@@ -109,7 +119,9 @@ class DispatcherServiceAsyncStub(DispatcherServiceStub):
     """DispatcherService takes a user message, routes it to a handler (built-in, an
     LLM provider, or a remote domain expert) and runs it with progress, deadlines
     and real cancellation. Browsers use SendMessage, CancelRun and WatchRun;
-    native clients may do the same over one Converse stream.
+    native clients may do the same over one Converse stream. Voice: Talk for
+    native clients; browsers send a recorded turn with SendMessage `speech` and
+    hear the answer on WatchRun.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -128,6 +140,14 @@ class DispatcherServiceAsyncStub(DispatcherServiceStub):
     Converse: _aio.StreamStreamMultiCallable[_dispatcher_pb2.ConverseRequest, _dispatcher_pb2.ConverseResponse]  # type: ignore[assignment]
     """Bidirectional: send messages and cancels, receive updates of every run
     started on the stream. Equivalent to SendMessage + CancelRun + WatchRun.
+    """
+    Talk: _aio.StreamStreamMultiCallable[_dispatcher_pb2.TalkRequest, _dispatcher_pb2.TalkResponse]  # type: ignore[assignment]
+    """Bidirectional: a voice session on a conversation. The client sends audio
+    and control frames; the server answers with transcripts, the runs' updates
+    (text deltas and synthesized `speech`) and session events, numbered so a
+    dropped session resumes exactly, on any replica (TalkResume). Each turn is
+    a stored user message and a run under the conversation's usual routing,
+    policies and budgets (docs/voice.md).
     """
     ListHandlers: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.ListHandlersRequest, _dispatcher_pb2.ListHandlersResponse]  # type: ignore[assignment]
     """Lists the handlers a workspace can route to."""
@@ -183,7 +203,9 @@ class DispatcherServiceServicer(metaclass=_abc_1.ABCMeta):
     """DispatcherService takes a user message, routes it to a handler (built-in, an
     LLM provider, or a remote domain expert) and runs it with progress, deadlines
     and real cancellation. Browsers use SendMessage, CancelRun and WatchRun;
-    native clients may do the same over one Converse stream.
+    native clients may do the same over one Converse stream. Voice: Talk for
+    native clients; browsers send a recorded turn with SendMessage `speech` and
+    hear the answer on WatchRun.
     """
 
     @_abc_1.abstractmethod
@@ -236,6 +258,20 @@ class DispatcherServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_dispatcher_pb2.ConverseResponse], _abc.AsyncIterator[_dispatcher_pb2.ConverseResponse]]:
         """Bidirectional: send messages and cancels, receive updates of every run
         started on the stream. Equivalent to SendMessage + CancelRun + WatchRun.
+        """
+
+    @_abc_1.abstractmethod
+    def Talk(
+        self,
+        request_iterator: _MaybeAsyncIterator[_dispatcher_pb2.TalkRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_dispatcher_pb2.TalkResponse], _abc.AsyncIterator[_dispatcher_pb2.TalkResponse]]:
+        """Bidirectional: a voice session on a conversation. The client sends audio
+        and control frames; the server answers with transcripts, the runs' updates
+        (text deltas and synthesized `speech`) and session events, numbered so a
+        dropped session resumes exactly, on any replica (TalkResume). Each turn is
+        a stored user message and a run under the conversation's usual routing,
+        policies and budgets (docs/voice.md).
         """
 
     @_abc_1.abstractmethod

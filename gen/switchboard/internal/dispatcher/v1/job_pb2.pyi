@@ -44,6 +44,7 @@ class RunJob(_message.Message):
     STEPS_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
     HANDED_BUDGET_FIELD_NUMBER: _builtins.int
+    SPEECH_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The user the run acts for (an id, not a resource name)."""
     auth_method: _builtins.str
@@ -90,6 +91,12 @@ class RunJob(_message.Message):
         budgets (docs/budgets.md, "Across hops").
         """
 
+    @_builtins.property
+    def speech(self) -> _dispatcher_pb2.SpeechOptions:
+        """What the run does with speech (SendMessageRequest.speech), so a run taken
+        over by another replica still speaks its answer.
+        """
+
     def __init__(
         self,
         *,
@@ -105,10 +112,11 @@ class RunJob(_message.Message):
         steps: _abc.Iterable[_handler_pb2.ToolStep] | None = ...,
         traceparent: _builtins.str = ...,
         handed_budget: Global___HandedBudget | None = ...,
+        speech: _dispatcher_pb2.SpeechOptions | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "handed_budget", b"handed_budget", "message", b"message", "parameters", b"parameters"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "handed_budget", b"handed_budget", "message", b"message", "parameters", b"parameters", "speech", b"speech"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "assistant", b"assistant", "auth_method", b"auth_method", "handed_budget", b"handed_budget", "message", b"message", "parameters", b"parameters", "scopes", b"scopes", "session_id", b"session_id", "steps", b"steps", "timeout_seconds", b"timeout_seconds", "traceparent", b"traceparent", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "assistant", b"assistant", "auth_method", b"auth_method", "handed_budget", b"handed_budget", "message", b"message", "parameters", b"parameters", "scopes", b"scopes", "session_id", b"session_id", "speech", b"speech", "steps", b"steps", "timeout_seconds", b"timeout_seconds", "traceparent", b"traceparent", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -120,6 +120,23 @@ const (
 	// image sent to a model without vision (FAILED_PRECONDITION); metadata
 	// `media_type` and `model`.
 	ErrorReason_ERROR_REASON_MODALITY_UNSUPPORTED ErrorReason = 38
+	// Speech was asked of an assistant, or a server, without speech settings: the
+	// assistant has no `voice`, or the server no audio endpoint
+	// (FAILED_PRECONDITION); metadata `assistant` when it is the assistant's.
+	ErrorReason_ERROR_REASON_SPEECH_NOT_CONFIGURED ErrorReason = 39
+	// A voice session has ended, or is past its resume window
+	// (FAILED_PRECONDITION); start a new one.
+	ErrorReason_ERROR_REASON_SESSION_ENDED ErrorReason = 40
+	// A voice session sent nothing for longer than its idle limit
+	// (DEADLINE_EXCEEDED); metadata `idle_seconds`. Resume it within its window.
+	ErrorReason_ERROR_REASON_SESSION_IDLE ErrorReason = 41
+	// The speech recognition or synthesis endpoint is down or failing
+	// (UNAVAILABLE, with a retry delay).
+	ErrorReason_ERROR_REASON_SPEECH_UNAVAILABLE ErrorReason = 42
+	// The speech recognition or synthesis endpoint refused the request: the
+	// audio, the model or the voice (FAILED_PRECONDITION); retrying it as it is
+	// will not help.
+	ErrorReason_ERROR_REASON_SPEECH_REFUSED ErrorReason = 43
 )
 
 // Enum value maps for ErrorReason.
@@ -164,6 +181,11 @@ var (
 		36: "ERROR_REASON_MEDIA_TYPE_MISMATCH",
 		37: "ERROR_REASON_UPLOAD_EXPIRED",
 		38: "ERROR_REASON_MODALITY_UNSUPPORTED",
+		39: "ERROR_REASON_SPEECH_NOT_CONFIGURED",
+		40: "ERROR_REASON_SESSION_ENDED",
+		41: "ERROR_REASON_SESSION_IDLE",
+		42: "ERROR_REASON_SPEECH_UNAVAILABLE",
+		43: "ERROR_REASON_SPEECH_REFUSED",
 	}
 	ErrorReason_value = map[string]int32{
 		"ERROR_REASON_UNSPECIFIED":            0,
@@ -205,6 +227,11 @@ var (
 		"ERROR_REASON_MEDIA_TYPE_MISMATCH":    36,
 		"ERROR_REASON_UPLOAD_EXPIRED":         37,
 		"ERROR_REASON_MODALITY_UNSUPPORTED":   38,
+		"ERROR_REASON_SPEECH_NOT_CONFIGURED":  39,
+		"ERROR_REASON_SESSION_ENDED":          40,
+		"ERROR_REASON_SESSION_IDLE":           41,
+		"ERROR_REASON_SPEECH_UNAVAILABLE":     42,
+		"ERROR_REASON_SPEECH_REFUSED":         43,
 	}
 )
 
@@ -239,8 +266,7 @@ var File_switchboard_api_common_v1_errors_proto protoreflect.FileDescriptor
 
 const file_switchboard_api_common_v1_errors_proto_rawDesc = "" +
 	"\n" +
-	"&switchboard/api/common/v1/errors.proto\x12\x19switchboard.api.common.v1*\xbe\n" +
-	"\n" +
+	"&switchboard/api/common/v1/errors.proto\x12\x19switchboard.api.common.v1*\xeb\v\n" +
 	"\vErrorReason\x12\x1c\n" +
 	"\x18ERROR_REASON_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dERROR_REASON_INVALID_ARGUMENT\x10\x01\x12 \n" +
@@ -281,7 +307,12 @@ const file_switchboard_api_common_v1_errors_proto_rawDesc = "" +
 	"\x1eERROR_REASON_CHECKSUM_MISMATCH\x10#\x12$\n" +
 	" ERROR_REASON_MEDIA_TYPE_MISMATCH\x10$\x12\x1f\n" +
 	"\x1bERROR_REASON_UPLOAD_EXPIRED\x10%\x12%\n" +
-	"!ERROR_REASON_MODALITY_UNSUPPORTED\x10&B\\\n" +
+	"!ERROR_REASON_MODALITY_UNSUPPORTED\x10&\x12&\n" +
+	"\"ERROR_REASON_SPEECH_NOT_CONFIGURED\x10'\x12\x1e\n" +
+	"\x1aERROR_REASON_SESSION_ENDED\x10(\x12\x1d\n" +
+	"\x19ERROR_REASON_SESSION_IDLE\x10)\x12#\n" +
+	"\x1fERROR_REASON_SPEECH_UNAVAILABLE\x10*\x12\x1f\n" +
+	"\x1bERROR_REASON_SPEECH_REFUSED\x10+B\\\n" +
 	"\x1ddev.switchboard.api.common.v1P\x01Z9switchboard.dev/go/gen/switchboard/api/common/v1;commonv1b\x06proto3"
 
 var (

@@ -268,6 +268,55 @@ func (ConcurrencyPolicy) EnumDescriptor() ([]byte, []int) {
 	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{3}
 }
 
+// The encoding of an audio stream.
+type AudioEncoding int32
+
+const (
+	// Not set: PCM16.
+	AudioEncoding_AUDIO_ENCODING_UNSPECIFIED AudioEncoding = 0
+	// Signed 16-bit little-endian PCM, one channel, no header.
+	AudioEncoding_AUDIO_ENCODING_PCM16 AudioEncoding = 1
+)
+
+// Enum value maps for AudioEncoding.
+var (
+	AudioEncoding_name = map[int32]string{
+		0: "AUDIO_ENCODING_UNSPECIFIED",
+		1: "AUDIO_ENCODING_PCM16",
+	}
+	AudioEncoding_value = map[string]int32{
+		"AUDIO_ENCODING_UNSPECIFIED": 0,
+		"AUDIO_ENCODING_PCM16":       1,
+	}
+)
+
+func (x AudioEncoding) Enum() *AudioEncoding {
+	p := new(AudioEncoding)
+	*p = x
+	return p
+}
+
+func (x AudioEncoding) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (AudioEncoding) Descriptor() protoreflect.EnumDescriptor {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[4].Descriptor()
+}
+
+func (AudioEncoding) Type() protoreflect.EnumType {
+	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[4]
+}
+
+func (x AudioEncoding) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use AudioEncoding.Descriptor instead.
+func (AudioEncoding) EnumDescriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{4}
+}
+
 // Where a handler runs.
 type HandlerKind int32
 
@@ -309,11 +358,11 @@ func (x HandlerKind) String() string {
 }
 
 func (HandlerKind) Descriptor() protoreflect.EnumDescriptor {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[4].Descriptor()
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[5].Descriptor()
 }
 
 func (HandlerKind) Type() protoreflect.EnumType {
-	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[4]
+	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[5]
 }
 
 func (x HandlerKind) Number() protoreflect.EnumNumber {
@@ -322,7 +371,7 @@ func (x HandlerKind) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use HandlerKind.Descriptor instead.
 func (HandlerKind) EnumDescriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{4}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{5}
 }
 
 // The span of time a budget's caps cover.
@@ -374,11 +423,11 @@ func (x BudgetPeriod) String() string {
 }
 
 func (BudgetPeriod) Descriptor() protoreflect.EnumDescriptor {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[5].Descriptor()
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[6].Descriptor()
 }
 
 func (BudgetPeriod) Type() protoreflect.EnumType {
-	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[5]
+	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[6]
 }
 
 func (x BudgetPeriod) Number() protoreflect.EnumNumber {
@@ -387,7 +436,7 @@ func (x BudgetPeriod) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use BudgetPeriod.Descriptor instead.
 func (BudgetPeriod) EnumDescriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{5}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{6}
 }
 
 // A way to group usage.
@@ -435,11 +484,11 @@ func (x UsageDimension) String() string {
 }
 
 func (UsageDimension) Descriptor() protoreflect.EnumDescriptor {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[6].Descriptor()
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[7].Descriptor()
 }
 
 func (UsageDimension) Type() protoreflect.EnumType {
-	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[6]
+	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[7]
 }
 
 func (x UsageDimension) Number() protoreflect.EnumNumber {
@@ -448,7 +497,185 @@ func (x UsageDimension) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use UsageDimension.Descriptor instead.
 func (UsageDimension) EnumDescriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{6}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{7}
+}
+
+// How a voice session finds the end of a user's turn.
+type TurnDetection int32
+
+const (
+	// Not set: SERVER_VAD.
+	TurnDetection_TURN_DETECTION_UNSPECIFIED TurnDetection = 0
+	// Only the client's `end_turn` control ends a turn.
+	TurnDetection_TURN_DETECTION_CLIENT TurnDetection = 1
+	// A voice-activity detector ends a turn after speech followed by silence
+	// (TalkStart.silence); the client's `end_turn` still ends it at once.
+	TurnDetection_TURN_DETECTION_SERVER_VAD TurnDetection = 2
+)
+
+// Enum value maps for TurnDetection.
+var (
+	TurnDetection_name = map[int32]string{
+		0: "TURN_DETECTION_UNSPECIFIED",
+		1: "TURN_DETECTION_CLIENT",
+		2: "TURN_DETECTION_SERVER_VAD",
+	}
+	TurnDetection_value = map[string]int32{
+		"TURN_DETECTION_UNSPECIFIED": 0,
+		"TURN_DETECTION_CLIENT":      1,
+		"TURN_DETECTION_SERVER_VAD":  2,
+	}
+)
+
+func (x TurnDetection) Enum() *TurnDetection {
+	p := new(TurnDetection)
+	*p = x
+	return p
+}
+
+func (x TurnDetection) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (TurnDetection) Descriptor() protoreflect.EnumDescriptor {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[8].Descriptor()
+}
+
+func (TurnDetection) Type() protoreflect.EnumType {
+	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[8]
+}
+
+func (x TurnDetection) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use TurnDetection.Descriptor instead.
+func (TurnDetection) EnumDescriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{8}
+}
+
+// What a control frame asks.
+type TalkAction int32
+
+const (
+	// Not set; INVALID_ARGUMENT.
+	TalkAction_TALK_ACTION_UNSPECIFIED TalkAction = 0
+	// The user starts speaking (optional with SERVER_VAD; with CLIENT detection,
+	// audio outside a turn is ignored).
+	TalkAction_TALK_ACTION_START_TURN TalkAction = 1
+	// The user's turn is over: it is transcribed, stored and answered.
+	TalkAction_TALK_ACTION_END_TURN TalkAction = 2
+	// Stop the assistant's speech now and cancel its run.
+	TalkAction_TALK_ACTION_INTERRUPT TalkAction = 3
+	// End the session: the server finishes sending what it owes and closes.
+	TalkAction_TALK_ACTION_END_SESSION TalkAction = 4
+)
+
+// Enum value maps for TalkAction.
+var (
+	TalkAction_name = map[int32]string{
+		0: "TALK_ACTION_UNSPECIFIED",
+		1: "TALK_ACTION_START_TURN",
+		2: "TALK_ACTION_END_TURN",
+		3: "TALK_ACTION_INTERRUPT",
+		4: "TALK_ACTION_END_SESSION",
+	}
+	TalkAction_value = map[string]int32{
+		"TALK_ACTION_UNSPECIFIED": 0,
+		"TALK_ACTION_START_TURN":  1,
+		"TALK_ACTION_END_TURN":    2,
+		"TALK_ACTION_INTERRUPT":   3,
+		"TALK_ACTION_END_SESSION": 4,
+	}
+)
+
+func (x TalkAction) Enum() *TalkAction {
+	p := new(TalkAction)
+	*p = x
+	return p
+}
+
+func (x TalkAction) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (TalkAction) Descriptor() protoreflect.EnumDescriptor {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[9].Descriptor()
+}
+
+func (TalkAction) Type() protoreflect.EnumType {
+	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[9]
+}
+
+func (x TalkAction) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use TalkAction.Descriptor instead.
+func (TalkAction) EnumDescriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{9}
+}
+
+// What a session noticed.
+type TalkEventKind int32
+
+const (
+	// Not set.
+	TalkEventKind_TALK_EVENT_KIND_UNSPECIFIED TalkEventKind = 0
+	// The detector heard speech begin (a turn started).
+	TalkEventKind_TALK_EVENT_KIND_SPEECH_STARTED TalkEventKind = 1
+	// The detector heard the speech end (the turn ends).
+	TalkEventKind_TALK_EVENT_KIND_SPEECH_STOPPED TalkEventKind = 2
+	// The assistant's speech was stopped (barge-in or interrupt); no more
+	// `speech` of the run follows.
+	TalkEventKind_TALK_EVENT_KIND_SPEECH_INTERRUPTED TalkEventKind = 3
+	// A turn had no words (silence, noise) and was dropped: nothing stored.
+	TalkEventKind_TALK_EVENT_KIND_TURN_EMPTY TalkEventKind = 4
+)
+
+// Enum value maps for TalkEventKind.
+var (
+	TalkEventKind_name = map[int32]string{
+		0: "TALK_EVENT_KIND_UNSPECIFIED",
+		1: "TALK_EVENT_KIND_SPEECH_STARTED",
+		2: "TALK_EVENT_KIND_SPEECH_STOPPED",
+		3: "TALK_EVENT_KIND_SPEECH_INTERRUPTED",
+		4: "TALK_EVENT_KIND_TURN_EMPTY",
+	}
+	TalkEventKind_value = map[string]int32{
+		"TALK_EVENT_KIND_UNSPECIFIED":        0,
+		"TALK_EVENT_KIND_SPEECH_STARTED":     1,
+		"TALK_EVENT_KIND_SPEECH_STOPPED":     2,
+		"TALK_EVENT_KIND_SPEECH_INTERRUPTED": 3,
+		"TALK_EVENT_KIND_TURN_EMPTY":         4,
+	}
+)
+
+func (x TalkEventKind) Enum() *TalkEventKind {
+	p := new(TalkEventKind)
+	*p = x
+	return p
+}
+
+func (x TalkEventKind) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (TalkEventKind) Descriptor() protoreflect.EnumDescriptor {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[10].Descriptor()
+}
+
+func (TalkEventKind) Type() protoreflect.EnumType {
+	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[10]
+}
+
+func (x TalkEventKind) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use TalkEventKind.Descriptor instead.
+func (TalkEventKind) EnumDescriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{10}
 }
 
 // One execution of a handler answering one user message.
@@ -499,7 +726,10 @@ type Run struct {
 	// Output only. The W3C trace id (32 lowercase hex digits) of the trace the
 	// run's execution belongs to, the one of the SendMessage call that started
 	// it; empty when the server does not trace (docs/observability.md).
-	TraceId       string `protobuf:"bytes,21,opt,name=trace_id,json=traceId,proto3" json:"trace_id,omitempty"`
+	TraceId string `protobuf:"bytes,21,opt,name=trace_id,json=traceId,proto3" json:"trace_id,omitempty"`
+	// What the run was asked to do with speech (SendMessageRequest.speech); unset
+	// for a text-only run.
+	Speech        *SpeechOptions `protobuf:"bytes,22,opt,name=speech,proto3" json:"speech,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -679,6 +909,13 @@ func (x *Run) GetTraceId() string {
 		return x.TraceId
 	}
 	return ""
+}
+
+func (x *Run) GetSpeech() *SpeechOptions {
+	if x != nil {
+		return x.Speech
+	}
+	return nil
 }
 
 // The tool calls a paused run waits on.
@@ -957,7 +1194,11 @@ type SendMessageRequest struct {
 	// forced or the message picks a handler itself (metadata `handler`, a content
 	// type route, a `/command` prefix). With both set, `handler` must be the
 	// assistant's handler.
-	Assistant     string `protobuf:"bytes,8,opt,name=assistant,proto3" json:"assistant,omitempty"`
+	Assistant string `protobuf:"bytes,8,opt,name=assistant,proto3" json:"assistant,omitempty"`
+	// Speech: transcribe the message's recording, and/or speak the answer as
+	// `speech` updates. Needs the assistant's `voice` and the server's audio
+	// endpoint (else FAILED_PRECONDITION, SPEECH_NOT_CONFIGURED).
+	Speech        *SpeechOptions `protobuf:"bytes,9,opt,name=speech,proto3" json:"speech,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1048,6 +1289,335 @@ func (x *SendMessageRequest) GetAssistant() string {
 	return ""
 }
 
+func (x *SendMessageRequest) GetSpeech() *SpeechOptions {
+	if x != nil {
+		return x.Speech
+	}
+	return nil
+}
+
+// The format of an audio stream.
+type AudioFormat struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The encoding; PCM16 if unset.
+	Encoding AudioEncoding `protobuf:"varint,1,opt,name=encoding,proto3,enum=switchboard.api.dispatcher.v1.AudioEncoding" json:"encoding,omitempty"`
+	// Samples per second: 8000, 16000, 24000 or 48000 (anything else is
+	// INVALID_ARGUMENT); 0 means the default of the field that holds it.
+	SampleRateHz  int32 `protobuf:"varint,2,opt,name=sample_rate_hz,json=sampleRateHz,proto3" json:"sample_rate_hz,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AudioFormat) Reset() {
+	*x = AudioFormat{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AudioFormat) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AudioFormat) ProtoMessage() {}
+
+func (x *AudioFormat) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AudioFormat.ProtoReflect.Descriptor instead.
+func (*AudioFormat) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *AudioFormat) GetEncoding() AudioEncoding {
+	if x != nil {
+		return x.Encoding
+	}
+	return AudioEncoding_AUDIO_ENCODING_UNSPECIFIED
+}
+
+func (x *AudioFormat) GetSampleRateHz() int32 {
+	if x != nil {
+		return x.SampleRateHz
+	}
+	return 0
+}
+
+// What a run does with speech.
+type SpeechOptions struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Speak the answer: as the answer's text arrives it is cut at sentence
+	// boundaries and each sentence is synthesized and streamed as `speech`
+	// updates, paced at the speed of playback, while the model is still writing.
+	// The run ends once its speech has been sent.
+	Speak bool `protobuf:"varint,1,opt,name=speak,proto3" json:"speak,omitempty"`
+	// The format of the speech sent; PCM16 at 24000 Hz if unset.
+	OutputFormat *AudioFormat `protobuf:"bytes,2,opt,name=output_format,json=outputFormat,proto3" json:"output_format,omitempty"`
+	// Transcribe the message: it must hold exactly one file part, a stored audio
+	// file (WAV); its transcript becomes the message's text, and the file stays
+	// in the message as its recording.
+	Transcribe    bool `protobuf:"varint,3,opt,name=transcribe,proto3" json:"transcribe,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SpeechOptions) Reset() {
+	*x = SpeechOptions{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SpeechOptions) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SpeechOptions) ProtoMessage() {}
+
+func (x *SpeechOptions) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SpeechOptions.ProtoReflect.Descriptor instead.
+func (*SpeechOptions) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *SpeechOptions) GetSpeak() bool {
+	if x != nil {
+		return x.Speak
+	}
+	return false
+}
+
+func (x *SpeechOptions) GetOutputFormat() *AudioFormat {
+	if x != nil {
+		return x.OutputFormat
+	}
+	return nil
+}
+
+func (x *SpeechOptions) GetTranscribe() bool {
+	if x != nil {
+		return x.Transcribe
+	}
+	return false
+}
+
+// An assistant's speech settings: the models and voice of the audio endpoints
+// (OpenAI-compatible `/audio/transcriptions` and `/audio/speech`, at the
+// server's SWITCHBOARD_VOICE_URL).
+type VoiceSettings struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The transcription model; the server's default
+	// (SWITCHBOARD_VOICE_TRANSCRIPTION_MODEL) if empty.
+	TranscriptionModel string `protobuf:"bytes,1,opt,name=transcription_model,json=transcriptionModel,proto3" json:"transcription_model,omitempty"`
+	// The speech model; the server's default (SWITCHBOARD_VOICE_SPEECH_MODEL) if
+	// empty.
+	SpeechModel string `protobuf:"bytes,2,opt,name=speech_model,json=speechModel,proto3" json:"speech_model,omitempty"`
+	// The voice, as the speech endpoint names it (at most 64 characters); the
+	// server's default (SWITCHBOARD_VOICE_VOICE) if empty.
+	Voice string `protobuf:"bytes,3,opt,name=voice,proto3" json:"voice,omitempty"`
+	// The language spoken to it, ISO-639-1 (for example "en"); the endpoint
+	// detects it if empty.
+	Language      string `protobuf:"bytes,4,opt,name=language,proto3" json:"language,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VoiceSettings) Reset() {
+	*x = VoiceSettings{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VoiceSettings) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VoiceSettings) ProtoMessage() {}
+
+func (x *VoiceSettings) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VoiceSettings.ProtoReflect.Descriptor instead.
+func (*VoiceSettings) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *VoiceSettings) GetTranscriptionModel() string {
+	if x != nil {
+		return x.TranscriptionModel
+	}
+	return ""
+}
+
+func (x *VoiceSettings) GetSpeechModel() string {
+	if x != nil {
+		return x.SpeechModel
+	}
+	return ""
+}
+
+func (x *VoiceSettings) GetVoice() string {
+	if x != nil {
+		return x.Voice
+	}
+	return ""
+}
+
+func (x *VoiceSettings) GetLanguage() string {
+	if x != nil {
+		return x.Language
+	}
+	return ""
+}
+
+// A piece of a run's spoken answer: audio in the run's output format.
+type SpeechChunk struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The audio (PCM16 little-endian, one channel), at most 64 KiB.
+	Audio []byte `protobuf:"bytes,1,opt,name=audio,proto3" json:"audio,omitempty"`
+	// The audio's format.
+	Format *AudioFormat `protobuf:"bytes,2,opt,name=format,proto3" json:"format,omitempty"`
+	// The sentence (segment) of the answer this chunk speaks, from 0.
+	Segment int32 `protobuf:"varint,3,opt,name=segment,proto3" json:"segment,omitempty"`
+	// The segment's text, on its first chunk only.
+	Text string `protobuf:"bytes,4,opt,name=text,proto3" json:"text,omitempty"`
+	// Where the segment's text starts in the answer's text, in characters.
+	TextStart int32 `protobuf:"varint,5,opt,name=text_start,json=textStart,proto3" json:"text_start,omitempty"`
+	// Where the segment's text ends in the answer's text, in characters.
+	TextEnd int32 `protobuf:"varint,6,opt,name=text_end,json=textEnd,proto3" json:"text_end,omitempty"`
+	// Where this chunk starts in the answer's audio, in milliseconds.
+	OffsetMs int64 `protobuf:"varint,7,opt,name=offset_ms,json=offsetMs,proto3" json:"offset_ms,omitempty"`
+	// This chunk's length, in milliseconds.
+	DurationMs int32 `protobuf:"varint,8,opt,name=duration_ms,json=durationMs,proto3" json:"duration_ms,omitempty"`
+	// Whether this is the segment's last chunk.
+	SegmentEnd    bool `protobuf:"varint,9,opt,name=segment_end,json=segmentEnd,proto3" json:"segment_end,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SpeechChunk) Reset() {
+	*x = SpeechChunk{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SpeechChunk) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SpeechChunk) ProtoMessage() {}
+
+func (x *SpeechChunk) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SpeechChunk.ProtoReflect.Descriptor instead.
+func (*SpeechChunk) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *SpeechChunk) GetAudio() []byte {
+	if x != nil {
+		return x.Audio
+	}
+	return nil
+}
+
+func (x *SpeechChunk) GetFormat() *AudioFormat {
+	if x != nil {
+		return x.Format
+	}
+	return nil
+}
+
+func (x *SpeechChunk) GetSegment() int32 {
+	if x != nil {
+		return x.Segment
+	}
+	return 0
+}
+
+func (x *SpeechChunk) GetText() string {
+	if x != nil {
+		return x.Text
+	}
+	return ""
+}
+
+func (x *SpeechChunk) GetTextStart() int32 {
+	if x != nil {
+		return x.TextStart
+	}
+	return 0
+}
+
+func (x *SpeechChunk) GetTextEnd() int32 {
+	if x != nil {
+		return x.TextEnd
+	}
+	return 0
+}
+
+func (x *SpeechChunk) GetOffsetMs() int64 {
+	if x != nil {
+		return x.OffsetMs
+	}
+	return 0
+}
+
+func (x *SpeechChunk) GetDurationMs() int32 {
+	if x != nil {
+		return x.DurationMs
+	}
+	return 0
+}
+
+func (x *SpeechChunk) GetSegmentEnd() bool {
+	if x != nil {
+		return x.SegmentEnd
+	}
+	return false
+}
+
 // Response for SendMessage.
 type SendMessageResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1061,7 +1631,7 @@ type SendMessageResponse struct {
 
 func (x *SendMessageResponse) Reset() {
 	*x = SendMessageResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[5]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1073,7 +1643,7 @@ func (x *SendMessageResponse) String() string {
 func (*SendMessageResponse) ProtoMessage() {}
 
 func (x *SendMessageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[5]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1086,7 +1656,7 @@ func (x *SendMessageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SendMessageResponse.ProtoReflect.Descriptor instead.
 func (*SendMessageResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{5}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *SendMessageResponse) GetRun() *Run {
@@ -1114,7 +1684,7 @@ type GetRunRequest struct {
 
 func (x *GetRunRequest) Reset() {
 	*x = GetRunRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[6]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1126,7 +1696,7 @@ func (x *GetRunRequest) String() string {
 func (*GetRunRequest) ProtoMessage() {}
 
 func (x *GetRunRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[6]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1139,7 +1709,7 @@ func (x *GetRunRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetRunRequest.ProtoReflect.Descriptor instead.
 func (*GetRunRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{6}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *GetRunRequest) GetName() string {
@@ -1160,7 +1730,7 @@ type GetRunResponse struct {
 
 func (x *GetRunResponse) Reset() {
 	*x = GetRunResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[7]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1172,7 +1742,7 @@ func (x *GetRunResponse) String() string {
 func (*GetRunResponse) ProtoMessage() {}
 
 func (x *GetRunResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[7]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1185,7 +1755,7 @@ func (x *GetRunResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetRunResponse.ProtoReflect.Descriptor instead.
 func (*GetRunResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{7}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *GetRunResponse) GetRun() *Run {
@@ -1221,7 +1791,7 @@ type ListRunsRequest struct {
 
 func (x *ListRunsRequest) Reset() {
 	*x = ListRunsRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[8]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1233,7 +1803,7 @@ func (x *ListRunsRequest) String() string {
 func (*ListRunsRequest) ProtoMessage() {}
 
 func (x *ListRunsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[8]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1246,7 +1816,7 @@ func (x *ListRunsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListRunsRequest.ProtoReflect.Descriptor instead.
 func (*ListRunsRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{8}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ListRunsRequest) GetParent() string {
@@ -1306,7 +1876,7 @@ type ListRunsResponse struct {
 
 func (x *ListRunsResponse) Reset() {
 	*x = ListRunsResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[9]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1318,7 +1888,7 @@ func (x *ListRunsResponse) String() string {
 func (*ListRunsResponse) ProtoMessage() {}
 
 func (x *ListRunsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[9]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1331,7 +1901,7 @@ func (x *ListRunsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListRunsResponse.ProtoReflect.Descriptor instead.
 func (*ListRunsResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{9}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ListRunsResponse) GetRuns() []*Run {
@@ -1361,14 +1931,19 @@ type CancelRunRequest struct {
 	// `workspaces/{w}/conversations/{c}/runs/{run}`.
 	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
 	// Why, recorded on the run.
-	Reason        string `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Reason string `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	// For a run that speaks: the sequence of the last `speech` update the
+	// listener heard (0 if unknown: then the last one sent). The answer stored
+	// for the cancelled run keeps the text spoken up to there and marks the rest
+	// unspoken (docs/voice.md).
+	HeardThroughSequence int64 `protobuf:"varint,3,opt,name=heard_through_sequence,json=heardThroughSequence,proto3" json:"heard_through_sequence,omitempty"`
+	unknownFields        protoimpl.UnknownFields
+	sizeCache            protoimpl.SizeCache
 }
 
 func (x *CancelRunRequest) Reset() {
 	*x = CancelRunRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[10]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1380,7 +1955,7 @@ func (x *CancelRunRequest) String() string {
 func (*CancelRunRequest) ProtoMessage() {}
 
 func (x *CancelRunRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[10]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1393,7 +1968,7 @@ func (x *CancelRunRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelRunRequest.ProtoReflect.Descriptor instead.
 func (*CancelRunRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{10}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *CancelRunRequest) GetName() string {
@@ -1410,6 +1985,13 @@ func (x *CancelRunRequest) GetReason() string {
 	return ""
 }
 
+func (x *CancelRunRequest) GetHeardThroughSequence() int64 {
+	if x != nil {
+		return x.HeardThroughSequence
+	}
+	return 0
+}
+
 // Response for CancelRun.
 type CancelRunResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1421,7 +2003,7 @@ type CancelRunResponse struct {
 
 func (x *CancelRunResponse) Reset() {
 	*x = CancelRunResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[11]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1433,7 +2015,7 @@ func (x *CancelRunResponse) String() string {
 func (*CancelRunResponse) ProtoMessage() {}
 
 func (x *CancelRunResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[11]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1446,7 +2028,7 @@ func (x *CancelRunResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelRunResponse.ProtoReflect.Descriptor instead.
 func (*CancelRunResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{11}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *CancelRunResponse) GetRun() *Run {
@@ -1469,7 +2051,7 @@ type WatchRunRequest struct {
 
 func (x *WatchRunRequest) Reset() {
 	*x = WatchRunRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[12]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1481,7 +2063,7 @@ func (x *WatchRunRequest) String() string {
 func (*WatchRunRequest) ProtoMessage() {}
 
 func (x *WatchRunRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[12]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1494,7 +2076,7 @@ func (x *WatchRunRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchRunRequest.ProtoReflect.Descriptor instead.
 func (*WatchRunRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{12}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *WatchRunRequest) GetName() string {
@@ -1522,7 +2104,7 @@ type RunStateChange struct {
 
 func (x *RunStateChange) Reset() {
 	*x = RunStateChange{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[13]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1534,7 +2116,7 @@ func (x *RunStateChange) String() string {
 func (*RunStateChange) ProtoMessage() {}
 
 func (x *RunStateChange) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[13]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1547,7 +2129,7 @@ func (x *RunStateChange) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RunStateChange.ProtoReflect.Descriptor instead.
 func (*RunStateChange) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{13}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *RunStateChange) GetRun() *Run {
@@ -1580,6 +2162,7 @@ type RunUpdate struct {
 	//	*RunUpdate_ToolCall
 	//	*RunUpdate_Result
 	//	*RunUpdate_ToolResult
+	//	*RunUpdate_Speech
 	Update        isRunUpdate_Update `protobuf_oneof:"update"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1587,7 +2170,7 @@ type RunUpdate struct {
 
 func (x *RunUpdate) Reset() {
 	*x = RunUpdate{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[14]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1599,7 +2182,7 @@ func (x *RunUpdate) String() string {
 func (*RunUpdate) ProtoMessage() {}
 
 func (x *RunUpdate) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[14]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1612,7 +2195,7 @@ func (x *RunUpdate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RunUpdate.ProtoReflect.Descriptor instead.
 func (*RunUpdate) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{14}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *RunUpdate) GetRun() string {
@@ -1697,6 +2280,15 @@ func (x *RunUpdate) GetToolResult() *v1.ToolResult {
 	return nil
 }
 
+func (x *RunUpdate) GetSpeech() *SpeechChunk {
+	if x != nil {
+		if x, ok := x.Update.(*RunUpdate_Speech); ok {
+			return x.Speech
+		}
+	}
+	return nil
+}
+
 type isRunUpdate_Update interface {
 	isRunUpdate_Update()
 }
@@ -1731,6 +2323,11 @@ type RunUpdate_ToolResult struct {
 	ToolResult *v1.ToolResult `protobuf:"bytes,9,opt,name=tool_result,json=toolResult,proto3,oneof"`
 }
 
+type RunUpdate_Speech struct {
+	// Synthesized speech of the answer (runs with `speech.speak`).
+	Speech *SpeechChunk `protobuf:"bytes,10,opt,name=speech,proto3,oneof"`
+}
+
 func (*RunUpdate_StateChange) isRunUpdate_Update() {}
 
 func (*RunUpdate_Progress) isRunUpdate_Update() {}
@@ -1742,6 +2339,8 @@ func (*RunUpdate_ToolCall) isRunUpdate_Update() {}
 func (*RunUpdate_Result) isRunUpdate_Update() {}
 
 func (*RunUpdate_ToolResult) isRunUpdate_Update() {}
+
+func (*RunUpdate_Speech) isRunUpdate_Update() {}
 
 // Response for WatchRun: one frame of the watch stream.
 type WatchRunResponse struct {
@@ -1759,7 +2358,7 @@ type WatchRunResponse struct {
 
 func (x *WatchRunResponse) Reset() {
 	*x = WatchRunResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[15]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1771,7 +2370,7 @@ func (x *WatchRunResponse) String() string {
 func (*WatchRunResponse) ProtoMessage() {}
 
 func (x *WatchRunResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[15]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1784,7 +2383,7 @@ func (x *WatchRunResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchRunResponse.ProtoReflect.Descriptor instead.
 func (*WatchRunResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{15}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *WatchRunResponse) GetFrame() isWatchRunResponse_Frame {
@@ -1841,7 +2440,7 @@ type Heartbeat struct {
 
 func (x *Heartbeat) Reset() {
 	*x = Heartbeat{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[16]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1853,7 +2452,7 @@ func (x *Heartbeat) String() string {
 func (*Heartbeat) ProtoMessage() {}
 
 func (x *Heartbeat) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[16]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1866,7 +2465,7 @@ func (x *Heartbeat) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Heartbeat.ProtoReflect.Descriptor instead.
 func (*Heartbeat) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{16}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *Heartbeat) GetTime() *timestamppb.Timestamp {
@@ -1898,7 +2497,7 @@ type ConverseRequest struct {
 
 func (x *ConverseRequest) Reset() {
 	*x = ConverseRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[17]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1910,7 +2509,7 @@ func (x *ConverseRequest) String() string {
 func (*ConverseRequest) ProtoMessage() {}
 
 func (x *ConverseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[17]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1923,7 +2522,7 @@ func (x *ConverseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConverseRequest.ProtoReflect.Descriptor instead.
 func (*ConverseRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{17}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ConverseRequest) GetClientRequestId() string {
@@ -2030,7 +2629,7 @@ type ConverseResponse struct {
 
 func (x *ConverseResponse) Reset() {
 	*x = ConverseResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[18]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2042,7 +2641,7 @@ func (x *ConverseResponse) String() string {
 func (*ConverseResponse) ProtoMessage() {}
 
 func (x *ConverseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[18]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2055,7 +2654,7 @@ func (x *ConverseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConverseResponse.ProtoReflect.Descriptor instead.
 func (*ConverseResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{18}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ConverseResponse) GetClientRequestId() string {
@@ -2191,7 +2790,7 @@ type Handler struct {
 
 func (x *Handler) Reset() {
 	*x = Handler{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[19]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2203,7 +2802,7 @@ func (x *Handler) String() string {
 func (*Handler) ProtoMessage() {}
 
 func (x *Handler) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[19]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2216,7 +2815,7 @@ func (x *Handler) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Handler.ProtoReflect.Descriptor instead.
 func (*Handler) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{19}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *Handler) GetName() string {
@@ -2269,7 +2868,7 @@ type ListHandlersRequest struct {
 
 func (x *ListHandlersRequest) Reset() {
 	*x = ListHandlersRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[20]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2281,7 +2880,7 @@ func (x *ListHandlersRequest) String() string {
 func (*ListHandlersRequest) ProtoMessage() {}
 
 func (x *ListHandlersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[20]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2294,7 +2893,7 @@ func (x *ListHandlersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListHandlersRequest.ProtoReflect.Descriptor instead.
 func (*ListHandlersRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{20}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ListHandlersRequest) GetParent() string {
@@ -2331,7 +2930,7 @@ type ListHandlersResponse struct {
 
 func (x *ListHandlersResponse) Reset() {
 	*x = ListHandlersResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[21]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2343,7 +2942,7 @@ func (x *ListHandlersResponse) String() string {
 func (*ListHandlersResponse) ProtoMessage() {}
 
 func (x *ListHandlersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[21]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2356,7 +2955,7 @@ func (x *ListHandlersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListHandlersResponse.ProtoReflect.Descriptor instead.
 func (*ListHandlersResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{21}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ListHandlersResponse) GetHandlers() []*Handler {
@@ -2388,7 +2987,7 @@ type ToolApproval struct {
 
 func (x *ToolApproval) Reset() {
 	*x = ToolApproval{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[22]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2400,7 +2999,7 @@ func (x *ToolApproval) String() string {
 func (*ToolApproval) ProtoMessage() {}
 
 func (x *ToolApproval) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[22]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2413,7 +3012,7 @@ func (x *ToolApproval) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolApproval.ProtoReflect.Descriptor instead.
 func (*ToolApproval) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{22}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ToolApproval) GetToolCallId() string {
@@ -2452,7 +3051,7 @@ type SubmitToolApprovalsRequest struct {
 
 func (x *SubmitToolApprovalsRequest) Reset() {
 	*x = SubmitToolApprovalsRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[23]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2464,7 +3063,7 @@ func (x *SubmitToolApprovalsRequest) String() string {
 func (*SubmitToolApprovalsRequest) ProtoMessage() {}
 
 func (x *SubmitToolApprovalsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[23]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2477,7 +3076,7 @@ func (x *SubmitToolApprovalsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitToolApprovalsRequest.ProtoReflect.Descriptor instead.
 func (*SubmitToolApprovalsRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{23}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *SubmitToolApprovalsRequest) GetName() string {
@@ -2506,7 +3105,7 @@ type SubmitToolApprovalsResponse struct {
 
 func (x *SubmitToolApprovalsResponse) Reset() {
 	*x = SubmitToolApprovalsResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[24]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2518,7 +3117,7 @@ func (x *SubmitToolApprovalsResponse) String() string {
 func (*SubmitToolApprovalsResponse) ProtoMessage() {}
 
 func (x *SubmitToolApprovalsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[24]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2531,7 +3130,7 @@ func (x *SubmitToolApprovalsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitToolApprovalsResponse.ProtoReflect.Descriptor instead.
 func (*SubmitToolApprovalsResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{24}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *SubmitToolApprovalsResponse) GetRun() *Run {
@@ -2559,7 +3158,7 @@ type AssistantTools struct {
 
 func (x *AssistantTools) Reset() {
 	*x = AssistantTools{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[25]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2571,7 +3170,7 @@ func (x *AssistantTools) String() string {
 func (*AssistantTools) ProtoMessage() {}
 
 func (x *AssistantTools) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[25]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2584,7 +3183,7 @@ func (x *AssistantTools) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AssistantTools.ProtoReflect.Descriptor instead.
 func (*AssistantTools) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{25}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *AssistantTools) GetIntegration() string {
@@ -2645,14 +3244,17 @@ type Assistant struct {
 	// When it was created (output only).
 	CreateTime *timestamppb.Timestamp `protobuf:"bytes,12,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
 	// When it last changed (output only).
-	UpdateTime    *timestamppb.Timestamp `protobuf:"bytes,13,opt,name=update_time,json=updateTime,proto3" json:"update_time,omitempty"`
+	UpdateTime *timestamppb.Timestamp `protobuf:"bytes,13,opt,name=update_time,json=updateTime,proto3" json:"update_time,omitempty"`
+	// Speech settings; without them, its conversations take no audio and speak
+	// no answers (SPEECH_NOT_CONFIGURED).
+	Voice         *VoiceSettings `protobuf:"bytes,14,opt,name=voice,proto3" json:"voice,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Assistant) Reset() {
 	*x = Assistant{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[26]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2664,7 +3266,7 @@ func (x *Assistant) String() string {
 func (*Assistant) ProtoMessage() {}
 
 func (x *Assistant) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[26]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2677,7 +3279,7 @@ func (x *Assistant) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Assistant.ProtoReflect.Descriptor instead.
 func (*Assistant) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{26}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *Assistant) GetName() string {
@@ -2771,6 +3373,13 @@ func (x *Assistant) GetUpdateTime() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *Assistant) GetVoice() *VoiceSettings {
+	if x != nil {
+		return x.Voice
+	}
+	return nil
+}
+
 // Request for CreateAssistant.
 type CreateAssistantRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -2794,7 +3403,7 @@ type CreateAssistantRequest struct {
 
 func (x *CreateAssistantRequest) Reset() {
 	*x = CreateAssistantRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[27]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2806,7 +3415,7 @@ func (x *CreateAssistantRequest) String() string {
 func (*CreateAssistantRequest) ProtoMessage() {}
 
 func (x *CreateAssistantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[27]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2819,7 +3428,7 @@ func (x *CreateAssistantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateAssistantRequest.ProtoReflect.Descriptor instead.
 func (*CreateAssistantRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{27}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *CreateAssistantRequest) GetParent() string {
@@ -2861,7 +3470,7 @@ type CreateAssistantResponse struct {
 
 func (x *CreateAssistantResponse) Reset() {
 	*x = CreateAssistantResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[28]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2873,7 +3482,7 @@ func (x *CreateAssistantResponse) String() string {
 func (*CreateAssistantResponse) ProtoMessage() {}
 
 func (x *CreateAssistantResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[28]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2886,7 +3495,7 @@ func (x *CreateAssistantResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateAssistantResponse.ProtoReflect.Descriptor instead.
 func (*CreateAssistantResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{28}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *CreateAssistantResponse) GetAssistant() *Assistant {
@@ -2907,7 +3516,7 @@ type GetAssistantRequest struct {
 
 func (x *GetAssistantRequest) Reset() {
 	*x = GetAssistantRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[29]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2919,7 +3528,7 @@ func (x *GetAssistantRequest) String() string {
 func (*GetAssistantRequest) ProtoMessage() {}
 
 func (x *GetAssistantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[29]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2932,7 +3541,7 @@ func (x *GetAssistantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetAssistantRequest.ProtoReflect.Descriptor instead.
 func (*GetAssistantRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{29}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *GetAssistantRequest) GetName() string {
@@ -2953,7 +3562,7 @@ type GetAssistantResponse struct {
 
 func (x *GetAssistantResponse) Reset() {
 	*x = GetAssistantResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[30]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2965,7 +3574,7 @@ func (x *GetAssistantResponse) String() string {
 func (*GetAssistantResponse) ProtoMessage() {}
 
 func (x *GetAssistantResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[30]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2978,7 +3587,7 @@ func (x *GetAssistantResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetAssistantResponse.ProtoReflect.Descriptor instead.
 func (*GetAssistantResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{30}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *GetAssistantResponse) GetAssistant() *Assistant {
@@ -3003,7 +3612,7 @@ type ListAssistantsRequest struct {
 
 func (x *ListAssistantsRequest) Reset() {
 	*x = ListAssistantsRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[31]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3015,7 +3624,7 @@ func (x *ListAssistantsRequest) String() string {
 func (*ListAssistantsRequest) ProtoMessage() {}
 
 func (x *ListAssistantsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[31]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3028,7 +3637,7 @@ func (x *ListAssistantsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAssistantsRequest.ProtoReflect.Descriptor instead.
 func (*ListAssistantsRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{31}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *ListAssistantsRequest) GetParent() string {
@@ -3065,7 +3674,7 @@ type ListAssistantsResponse struct {
 
 func (x *ListAssistantsResponse) Reset() {
 	*x = ListAssistantsResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[32]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3077,7 +3686,7 @@ func (x *ListAssistantsResponse) String() string {
 func (*ListAssistantsResponse) ProtoMessage() {}
 
 func (x *ListAssistantsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[32]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3090,7 +3699,7 @@ func (x *ListAssistantsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAssistantsResponse.ProtoReflect.Descriptor instead.
 func (*ListAssistantsResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{32}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *ListAssistantsResponse) GetAssistants() []*Assistant {
@@ -3122,7 +3731,7 @@ type UpdateAssistantRequest struct {
 
 func (x *UpdateAssistantRequest) Reset() {
 	*x = UpdateAssistantRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[33]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3134,7 +3743,7 @@ func (x *UpdateAssistantRequest) String() string {
 func (*UpdateAssistantRequest) ProtoMessage() {}
 
 func (x *UpdateAssistantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[33]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3147,7 +3756,7 @@ func (x *UpdateAssistantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateAssistantRequest.ProtoReflect.Descriptor instead.
 func (*UpdateAssistantRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{33}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *UpdateAssistantRequest) GetAssistant() *Assistant {
@@ -3175,7 +3784,7 @@ type UpdateAssistantResponse struct {
 
 func (x *UpdateAssistantResponse) Reset() {
 	*x = UpdateAssistantResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[34]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3187,7 +3796,7 @@ func (x *UpdateAssistantResponse) String() string {
 func (*UpdateAssistantResponse) ProtoMessage() {}
 
 func (x *UpdateAssistantResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[34]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3200,7 +3809,7 @@ func (x *UpdateAssistantResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateAssistantResponse.ProtoReflect.Descriptor instead.
 func (*UpdateAssistantResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{34}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *UpdateAssistantResponse) GetAssistant() *Assistant {
@@ -3223,7 +3832,7 @@ type DeleteAssistantRequest struct {
 
 func (x *DeleteAssistantRequest) Reset() {
 	*x = DeleteAssistantRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[35]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3235,7 +3844,7 @@ func (x *DeleteAssistantRequest) String() string {
 func (*DeleteAssistantRequest) ProtoMessage() {}
 
 func (x *DeleteAssistantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[35]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3248,7 +3857,7 @@ func (x *DeleteAssistantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteAssistantRequest.ProtoReflect.Descriptor instead.
 func (*DeleteAssistantRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{35}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *DeleteAssistantRequest) GetName() string {
@@ -3274,7 +3883,7 @@ type DeleteAssistantResponse struct {
 
 func (x *DeleteAssistantResponse) Reset() {
 	*x = DeleteAssistantResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[36]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3286,7 +3895,7 @@ func (x *DeleteAssistantResponse) String() string {
 func (*DeleteAssistantResponse) ProtoMessage() {}
 
 func (x *DeleteAssistantResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[36]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3299,7 +3908,7 @@ func (x *DeleteAssistantResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteAssistantResponse.ProtoReflect.Descriptor instead.
 func (*DeleteAssistantResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{36}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{40}
 }
 
 // Request for DescribeConversation.
@@ -3317,7 +3926,7 @@ type DescribeConversationRequest struct {
 
 func (x *DescribeConversationRequest) Reset() {
 	*x = DescribeConversationRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[37]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3329,7 +3938,7 @@ func (x *DescribeConversationRequest) String() string {
 func (*DescribeConversationRequest) ProtoMessage() {}
 
 func (x *DescribeConversationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[37]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3342,7 +3951,7 @@ func (x *DescribeConversationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DescribeConversationRequest.ProtoReflect.Descriptor instead.
 func (*DescribeConversationRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{37}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *DescribeConversationRequest) GetConversation() string {
@@ -3390,7 +3999,7 @@ type DescribeConversationResponse struct {
 
 func (x *DescribeConversationResponse) Reset() {
 	*x = DescribeConversationResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[38]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3402,7 +4011,7 @@ func (x *DescribeConversationResponse) String() string {
 func (*DescribeConversationResponse) ProtoMessage() {}
 
 func (x *DescribeConversationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[38]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3415,7 +4024,7 @@ func (x *DescribeConversationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DescribeConversationResponse.ProtoReflect.Descriptor instead.
 func (*DescribeConversationResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{38}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *DescribeConversationResponse) GetAssistant() *Assistant {
@@ -3513,7 +4122,7 @@ type Budget struct {
 
 func (x *Budget) Reset() {
 	*x = Budget{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[39]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3525,7 +4134,7 @@ func (x *Budget) String() string {
 func (*Budget) ProtoMessage() {}
 
 func (x *Budget) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[39]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3538,7 +4147,7 @@ func (x *Budget) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Budget.ProtoReflect.Descriptor instead.
 func (*Budget) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{39}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *Budget) GetName() string {
@@ -3664,7 +4273,7 @@ type BudgetUsage struct {
 
 func (x *BudgetUsage) Reset() {
 	*x = BudgetUsage{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[40]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3676,7 +4285,7 @@ func (x *BudgetUsage) String() string {
 func (*BudgetUsage) ProtoMessage() {}
 
 func (x *BudgetUsage) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[40]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3689,7 +4298,7 @@ func (x *BudgetUsage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BudgetUsage.ProtoReflect.Descriptor instead.
 func (*BudgetUsage) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{40}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *BudgetUsage) GetPeriodStartTime() *timestamppb.Timestamp {
@@ -3767,7 +4376,7 @@ type CreateBudgetRequest struct {
 
 func (x *CreateBudgetRequest) Reset() {
 	*x = CreateBudgetRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[41]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3779,7 +4388,7 @@ func (x *CreateBudgetRequest) String() string {
 func (*CreateBudgetRequest) ProtoMessage() {}
 
 func (x *CreateBudgetRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[41]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3792,7 +4401,7 @@ func (x *CreateBudgetRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateBudgetRequest.ProtoReflect.Descriptor instead.
 func (*CreateBudgetRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{41}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *CreateBudgetRequest) GetParent() string {
@@ -3834,7 +4443,7 @@ type CreateBudgetResponse struct {
 
 func (x *CreateBudgetResponse) Reset() {
 	*x = CreateBudgetResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[42]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3846,7 +4455,7 @@ func (x *CreateBudgetResponse) String() string {
 func (*CreateBudgetResponse) ProtoMessage() {}
 
 func (x *CreateBudgetResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[42]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3859,7 +4468,7 @@ func (x *CreateBudgetResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateBudgetResponse.ProtoReflect.Descriptor instead.
 func (*CreateBudgetResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{42}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *CreateBudgetResponse) GetBudget() *Budget {
@@ -3880,7 +4489,7 @@ type GetBudgetRequest struct {
 
 func (x *GetBudgetRequest) Reset() {
 	*x = GetBudgetRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[43]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3892,7 +4501,7 @@ func (x *GetBudgetRequest) String() string {
 func (*GetBudgetRequest) ProtoMessage() {}
 
 func (x *GetBudgetRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[43]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3905,7 +4514,7 @@ func (x *GetBudgetRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetBudgetRequest.ProtoReflect.Descriptor instead.
 func (*GetBudgetRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{43}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *GetBudgetRequest) GetName() string {
@@ -3926,7 +4535,7 @@ type GetBudgetResponse struct {
 
 func (x *GetBudgetResponse) Reset() {
 	*x = GetBudgetResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[44]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3938,7 +4547,7 @@ func (x *GetBudgetResponse) String() string {
 func (*GetBudgetResponse) ProtoMessage() {}
 
 func (x *GetBudgetResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[44]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3951,7 +4560,7 @@ func (x *GetBudgetResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetBudgetResponse.ProtoReflect.Descriptor instead.
 func (*GetBudgetResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{44}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *GetBudgetResponse) GetBudget() *Budget {
@@ -3976,7 +4585,7 @@ type ListBudgetsRequest struct {
 
 func (x *ListBudgetsRequest) Reset() {
 	*x = ListBudgetsRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[45]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3988,7 +4597,7 @@ func (x *ListBudgetsRequest) String() string {
 func (*ListBudgetsRequest) ProtoMessage() {}
 
 func (x *ListBudgetsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[45]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4001,7 +4610,7 @@ func (x *ListBudgetsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListBudgetsRequest.ProtoReflect.Descriptor instead.
 func (*ListBudgetsRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{45}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *ListBudgetsRequest) GetParent() string {
@@ -4038,7 +4647,7 @@ type ListBudgetsResponse struct {
 
 func (x *ListBudgetsResponse) Reset() {
 	*x = ListBudgetsResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[46]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4050,7 +4659,7 @@ func (x *ListBudgetsResponse) String() string {
 func (*ListBudgetsResponse) ProtoMessage() {}
 
 func (x *ListBudgetsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[46]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4063,7 +4672,7 @@ func (x *ListBudgetsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListBudgetsResponse.ProtoReflect.Descriptor instead.
 func (*ListBudgetsResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{46}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *ListBudgetsResponse) GetBudgets() []*Budget {
@@ -4096,7 +4705,7 @@ type UpdateBudgetRequest struct {
 
 func (x *UpdateBudgetRequest) Reset() {
 	*x = UpdateBudgetRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[47]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4108,7 +4717,7 @@ func (x *UpdateBudgetRequest) String() string {
 func (*UpdateBudgetRequest) ProtoMessage() {}
 
 func (x *UpdateBudgetRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[47]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4121,7 +4730,7 @@ func (x *UpdateBudgetRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateBudgetRequest.ProtoReflect.Descriptor instead.
 func (*UpdateBudgetRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{47}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *UpdateBudgetRequest) GetBudget() *Budget {
@@ -4149,7 +4758,7 @@ type UpdateBudgetResponse struct {
 
 func (x *UpdateBudgetResponse) Reset() {
 	*x = UpdateBudgetResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[48]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4161,7 +4770,7 @@ func (x *UpdateBudgetResponse) String() string {
 func (*UpdateBudgetResponse) ProtoMessage() {}
 
 func (x *UpdateBudgetResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[48]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4174,7 +4783,7 @@ func (x *UpdateBudgetResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateBudgetResponse.ProtoReflect.Descriptor instead.
 func (*UpdateBudgetResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{48}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *UpdateBudgetResponse) GetBudget() *Budget {
@@ -4197,7 +4806,7 @@ type DeleteBudgetRequest struct {
 
 func (x *DeleteBudgetRequest) Reset() {
 	*x = DeleteBudgetRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[49]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4209,7 +4818,7 @@ func (x *DeleteBudgetRequest) String() string {
 func (*DeleteBudgetRequest) ProtoMessage() {}
 
 func (x *DeleteBudgetRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[49]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4222,7 +4831,7 @@ func (x *DeleteBudgetRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteBudgetRequest.ProtoReflect.Descriptor instead.
 func (*DeleteBudgetRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{49}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *DeleteBudgetRequest) GetName() string {
@@ -4248,7 +4857,7 @@ type DeleteBudgetResponse struct {
 
 func (x *DeleteBudgetResponse) Reset() {
 	*x = DeleteBudgetResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[50]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4260,7 +4869,7 @@ func (x *DeleteBudgetResponse) String() string {
 func (*DeleteBudgetResponse) ProtoMessage() {}
 
 func (x *DeleteBudgetResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[50]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4273,7 +4882,7 @@ func (x *DeleteBudgetResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteBudgetResponse.ProtoReflect.Descriptor instead.
 func (*DeleteBudgetResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{50}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{54}
 }
 
 // Request for ResolveBudgetAction.
@@ -4290,7 +4899,7 @@ type ResolveBudgetActionRequest struct {
 
 func (x *ResolveBudgetActionRequest) Reset() {
 	*x = ResolveBudgetActionRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[51]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4302,7 +4911,7 @@ func (x *ResolveBudgetActionRequest) String() string {
 func (*ResolveBudgetActionRequest) ProtoMessage() {}
 
 func (x *ResolveBudgetActionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[51]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4315,7 +4924,7 @@ func (x *ResolveBudgetActionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResolveBudgetActionRequest.ProtoReflect.Descriptor instead.
 func (*ResolveBudgetActionRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{51}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *ResolveBudgetActionRequest) GetName() string {
@@ -4343,7 +4952,7 @@ type ResolveBudgetActionResponse struct {
 
 func (x *ResolveBudgetActionResponse) Reset() {
 	*x = ResolveBudgetActionResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[52]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4355,7 +4964,7 @@ func (x *ResolveBudgetActionResponse) String() string {
 func (*ResolveBudgetActionResponse) ProtoMessage() {}
 
 func (x *ResolveBudgetActionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[52]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4368,7 +4977,7 @@ func (x *ResolveBudgetActionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResolveBudgetActionResponse.ProtoReflect.Descriptor instead.
 func (*ResolveBudgetActionResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{52}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *ResolveBudgetActionResponse) GetRun() *Run {
@@ -4406,7 +5015,7 @@ type QueryUsageRequest struct {
 
 func (x *QueryUsageRequest) Reset() {
 	*x = QueryUsageRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[53]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4418,7 +5027,7 @@ func (x *QueryUsageRequest) String() string {
 func (*QueryUsageRequest) ProtoMessage() {}
 
 func (x *QueryUsageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[53]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4431,7 +5040,7 @@ func (x *QueryUsageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use QueryUsageRequest.ProtoReflect.Descriptor instead.
 func (*QueryUsageRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{53}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *QueryUsageRequest) GetParent() string {
@@ -4522,7 +5131,7 @@ type UsageRow struct {
 
 func (x *UsageRow) Reset() {
 	*x = UsageRow{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[54]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4534,7 +5143,7 @@ func (x *UsageRow) String() string {
 func (*UsageRow) ProtoMessage() {}
 
 func (x *UsageRow) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[54]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4547,7 +5156,7 @@ func (x *UsageRow) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UsageRow.ProtoReflect.Descriptor instead.
 func (*UsageRow) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{54}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *UsageRow) GetDay() string {
@@ -4619,7 +5228,7 @@ type QueryUsageResponse struct {
 
 func (x *QueryUsageResponse) Reset() {
 	*x = QueryUsageResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[55]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4631,7 +5240,7 @@ func (x *QueryUsageResponse) String() string {
 func (*QueryUsageResponse) ProtoMessage() {}
 
 func (x *QueryUsageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[55]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4644,7 +5253,7 @@ func (x *QueryUsageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use QueryUsageResponse.ProtoReflect.Descriptor instead.
 func (*QueryUsageResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{55}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *QueryUsageResponse) GetRows() []*UsageRow {
@@ -4676,7 +5285,7 @@ type ApiKeyQuota struct {
 
 func (x *ApiKeyQuota) Reset() {
 	*x = ApiKeyQuota{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[56]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4688,7 +5297,7 @@ func (x *ApiKeyQuota) String() string {
 func (*ApiKeyQuota) ProtoMessage() {}
 
 func (x *ApiKeyQuota) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[56]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4701,7 +5310,7 @@ func (x *ApiKeyQuota) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApiKeyQuota.ProtoReflect.Descriptor instead.
 func (*ApiKeyQuota) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{56}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *ApiKeyQuota) GetApiKey() string {
@@ -4748,7 +5357,7 @@ type WorkspaceQuota struct {
 
 func (x *WorkspaceQuota) Reset() {
 	*x = WorkspaceQuota{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[57]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4760,7 +5369,7 @@ func (x *WorkspaceQuota) String() string {
 func (*WorkspaceQuota) ProtoMessage() {}
 
 func (x *WorkspaceQuota) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[57]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4773,7 +5382,7 @@ func (x *WorkspaceQuota) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WorkspaceQuota.ProtoReflect.Descriptor instead.
 func (*WorkspaceQuota) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{57}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{61}
 }
 
 func (x *WorkspaceQuota) GetName() string {
@@ -4829,7 +5438,7 @@ type GetWorkspaceQuotaRequest struct {
 
 func (x *GetWorkspaceQuotaRequest) Reset() {
 	*x = GetWorkspaceQuotaRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[58]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4841,7 +5450,7 @@ func (x *GetWorkspaceQuotaRequest) String() string {
 func (*GetWorkspaceQuotaRequest) ProtoMessage() {}
 
 func (x *GetWorkspaceQuotaRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[58]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4854,7 +5463,7 @@ func (x *GetWorkspaceQuotaRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetWorkspaceQuotaRequest.ProtoReflect.Descriptor instead.
 func (*GetWorkspaceQuotaRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{58}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *GetWorkspaceQuotaRequest) GetName() string {
@@ -4875,7 +5484,7 @@ type GetWorkspaceQuotaResponse struct {
 
 func (x *GetWorkspaceQuotaResponse) Reset() {
 	*x = GetWorkspaceQuotaResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[59]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4887,7 +5496,7 @@ func (x *GetWorkspaceQuotaResponse) String() string {
 func (*GetWorkspaceQuotaResponse) ProtoMessage() {}
 
 func (x *GetWorkspaceQuotaResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[59]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4900,7 +5509,7 @@ func (x *GetWorkspaceQuotaResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetWorkspaceQuotaResponse.ProtoReflect.Descriptor instead.
 func (*GetWorkspaceQuotaResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{59}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{63}
 }
 
 func (x *GetWorkspaceQuotaResponse) GetQuota() *WorkspaceQuota {
@@ -4923,7 +5532,7 @@ type UpdateWorkspaceQuotaRequest struct {
 
 func (x *UpdateWorkspaceQuotaRequest) Reset() {
 	*x = UpdateWorkspaceQuotaRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[60]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[64]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4935,7 +5544,7 @@ func (x *UpdateWorkspaceQuotaRequest) String() string {
 func (*UpdateWorkspaceQuotaRequest) ProtoMessage() {}
 
 func (x *UpdateWorkspaceQuotaRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[60]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[64]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4948,7 +5557,7 @@ func (x *UpdateWorkspaceQuotaRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateWorkspaceQuotaRequest.ProtoReflect.Descriptor instead.
 func (*UpdateWorkspaceQuotaRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{60}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{64}
 }
 
 func (x *UpdateWorkspaceQuotaRequest) GetQuota() *WorkspaceQuota {
@@ -4976,7 +5585,7 @@ type UpdateWorkspaceQuotaResponse struct {
 
 func (x *UpdateWorkspaceQuotaResponse) Reset() {
 	*x = UpdateWorkspaceQuotaResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[61]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[65]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4988,7 +5597,7 @@ func (x *UpdateWorkspaceQuotaResponse) String() string {
 func (*UpdateWorkspaceQuotaResponse) ProtoMessage() {}
 
 func (x *UpdateWorkspaceQuotaResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[61]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[65]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5001,7 +5610,7 @@ func (x *UpdateWorkspaceQuotaResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateWorkspaceQuotaResponse.ProtoReflect.Descriptor instead.
 func (*UpdateWorkspaceQuotaResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{61}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{65}
 }
 
 func (x *UpdateWorkspaceQuotaResponse) GetQuota() *WorkspaceQuota {
@@ -5011,11 +5620,909 @@ func (x *UpdateWorkspaceQuotaResponse) GetQuota() *WorkspaceQuota {
 	return nil
 }
 
+// Request for Talk: one frame sent by the client. The first frame is `start`
+// or `resume`; audio, controls and text follow.
+type TalkRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The frame.
+	//
+	// Types that are valid to be assigned to Frame:
+	//
+	//	*TalkRequest_Start
+	//	*TalkRequest_Resume
+	//	*TalkRequest_Audio
+	//	*TalkRequest_Control
+	//	*TalkRequest_Text
+	Frame         isTalkRequest_Frame `protobuf_oneof:"frame"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TalkRequest) Reset() {
+	*x = TalkRequest{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[66]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TalkRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TalkRequest) ProtoMessage() {}
+
+func (x *TalkRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[66]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TalkRequest.ProtoReflect.Descriptor instead.
+func (*TalkRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{66}
+}
+
+func (x *TalkRequest) GetFrame() isTalkRequest_Frame {
+	if x != nil {
+		return x.Frame
+	}
+	return nil
+}
+
+func (x *TalkRequest) GetStart() *TalkStart {
+	if x != nil {
+		if x, ok := x.Frame.(*TalkRequest_Start); ok {
+			return x.Start
+		}
+	}
+	return nil
+}
+
+func (x *TalkRequest) GetResume() *TalkResume {
+	if x != nil {
+		if x, ok := x.Frame.(*TalkRequest_Resume); ok {
+			return x.Resume
+		}
+	}
+	return nil
+}
+
+func (x *TalkRequest) GetAudio() *AudioChunk {
+	if x != nil {
+		if x, ok := x.Frame.(*TalkRequest_Audio); ok {
+			return x.Audio
+		}
+	}
+	return nil
+}
+
+func (x *TalkRequest) GetControl() *TalkControl {
+	if x != nil {
+		if x, ok := x.Frame.(*TalkRequest_Control); ok {
+			return x.Control
+		}
+	}
+	return nil
+}
+
+func (x *TalkRequest) GetText() string {
+	if x != nil {
+		if x, ok := x.Frame.(*TalkRequest_Text); ok {
+			return x.Text
+		}
+	}
+	return ""
+}
+
+type isTalkRequest_Frame interface {
+	isTalkRequest_Frame()
+}
+
+type TalkRequest_Start struct {
+	// Start a new session (first frame only).
+	Start *TalkStart `protobuf:"bytes,1,opt,name=start,proto3,oneof"`
+}
+
+type TalkRequest_Resume struct {
+	// Resume a dropped session (first frame only).
+	Resume *TalkResume `protobuf:"bytes,2,opt,name=resume,proto3,oneof"`
+}
+
+type TalkRequest_Audio struct {
+	// Audio of the user's current turn, in the session's input format: at most
+	// 64 KiB per frame (larger is INVALID_ARGUMENT and ends the session).
+	Audio *AudioChunk `protobuf:"bytes,3,opt,name=audio,proto3,oneof"`
+}
+
+type TalkRequest_Control struct {
+	// A control.
+	Control *TalkControl `protobuf:"bytes,4,opt,name=control,proto3,oneof"`
+}
+
+type TalkRequest_Text struct {
+	// A typed message: a turn of its own (at most the server's input limit).
+	Text string `protobuf:"bytes,5,opt,name=text,proto3,oneof"`
+}
+
+func (*TalkRequest_Start) isTalkRequest_Frame() {}
+
+func (*TalkRequest_Resume) isTalkRequest_Frame() {}
+
+func (*TalkRequest_Audio) isTalkRequest_Frame() {}
+
+func (*TalkRequest_Control) isTalkRequest_Frame() {}
+
+func (*TalkRequest_Text) isTalkRequest_Frame() {}
+
+// The start of a voice session.
+type TalkStart struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The conversation, `workspaces/{w}/conversations/{c}` (WRITE on it).
+	Conversation string `protobuf:"bytes,1,opt,name=conversation,proto3" json:"conversation,omitempty"`
+	// The assistant, `workspaces/{w}/assistants/{a}` (same workspace); the
+	// workspace's default assistant if empty. It must have `voice` settings.
+	Assistant string `protobuf:"bytes,2,opt,name=assistant,proto3" json:"assistant,omitempty"`
+	// The format of the audio sent; PCM16 at 16000 Hz if unset.
+	InputFormat *AudioFormat `protobuf:"bytes,3,opt,name=input_format,json=inputFormat,proto3" json:"input_format,omitempty"`
+	// The format of the speech received; PCM16 at 24000 Hz if unset.
+	OutputFormat *AudioFormat `protobuf:"bytes,4,opt,name=output_format,json=outputFormat,proto3" json:"output_format,omitempty"`
+	// How a turn ends; SERVER_VAD if unset.
+	TurnDetection TurnDetection `protobuf:"varint,5,opt,name=turn_detection,json=turnDetection,proto3,enum=switchboard.api.dispatcher.v1.TurnDetection" json:"turn_detection,omitempty"`
+	// SERVER_VAD: the silence after speech that ends a turn, 200 ms to 5 s
+	// (700 ms if unset).
+	Silence *durationpb.Duration `protobuf:"bytes,6,opt,name=silence,proto3" json:"silence,omitempty"`
+	// What a turn's message does when the conversation has an active run;
+	// INTERRUPT if unset.
+	ConcurrencyPolicy ConcurrencyPolicy `protobuf:"varint,7,opt,name=concurrency_policy,json=concurrencyPolicy,proto3,enum=switchboard.api.dispatcher.v1.ConcurrencyPolicy" json:"concurrency_policy,omitempty"`
+	// Send partial transcripts while the user speaks.
+	PartialTranscripts bool `protobuf:"varint,8,opt,name=partial_transcripts,json=partialTranscripts,proto3" json:"partial_transcripts,omitempty"`
+	// Whether the user's speech while the assistant speaks interrupts it
+	// (barge-in); an `interrupt` control always does.
+	BargeIn       bool `protobuf:"varint,9,opt,name=barge_in,json=bargeIn,proto3" json:"barge_in,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TalkStart) Reset() {
+	*x = TalkStart{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[67]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TalkStart) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TalkStart) ProtoMessage() {}
+
+func (x *TalkStart) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[67]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TalkStart.ProtoReflect.Descriptor instead.
+func (*TalkStart) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{67}
+}
+
+func (x *TalkStart) GetConversation() string {
+	if x != nil {
+		return x.Conversation
+	}
+	return ""
+}
+
+func (x *TalkStart) GetAssistant() string {
+	if x != nil {
+		return x.Assistant
+	}
+	return ""
+}
+
+func (x *TalkStart) GetInputFormat() *AudioFormat {
+	if x != nil {
+		return x.InputFormat
+	}
+	return nil
+}
+
+func (x *TalkStart) GetOutputFormat() *AudioFormat {
+	if x != nil {
+		return x.OutputFormat
+	}
+	return nil
+}
+
+func (x *TalkStart) GetTurnDetection() TurnDetection {
+	if x != nil {
+		return x.TurnDetection
+	}
+	return TurnDetection_TURN_DETECTION_UNSPECIFIED
+}
+
+func (x *TalkStart) GetSilence() *durationpb.Duration {
+	if x != nil {
+		return x.Silence
+	}
+	return nil
+}
+
+func (x *TalkStart) GetConcurrencyPolicy() ConcurrencyPolicy {
+	if x != nil {
+		return x.ConcurrencyPolicy
+	}
+	return ConcurrencyPolicy_CONCURRENCY_POLICY_UNSPECIFIED
+}
+
+func (x *TalkStart) GetPartialTranscripts() bool {
+	if x != nil {
+		return x.PartialTranscripts
+	}
+	return false
+}
+
+func (x *TalkStart) GetBargeIn() bool {
+	if x != nil {
+		return x.BargeIn
+	}
+	return false
+}
+
+// Resuming a voice session.
+type TalkResume struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The session, `workspaces/{w}/conversations/{c}/voiceSessions/{s}`.
+	Session string `protobuf:"bytes,1,opt,name=session,proto3" json:"session,omitempty"`
+	// The sequence of the last numbered frame received (0: none); the session
+	// continues after it. A turn the user was speaking when the connection
+	// dropped is discarded: send it again.
+	AfterSequence int64 `protobuf:"varint,2,opt,name=after_sequence,json=afterSequence,proto3" json:"after_sequence,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TalkResume) Reset() {
+	*x = TalkResume{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[68]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TalkResume) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TalkResume) ProtoMessage() {}
+
+func (x *TalkResume) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[68]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TalkResume.ProtoReflect.Descriptor instead.
+func (*TalkResume) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{68}
+}
+
+func (x *TalkResume) GetSession() string {
+	if x != nil {
+		return x.Session
+	}
+	return ""
+}
+
+func (x *TalkResume) GetAfterSequence() int64 {
+	if x != nil {
+		return x.AfterSequence
+	}
+	return 0
+}
+
+// Audio frames.
+type AudioChunk struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The samples.
+	Data          []byte `protobuf:"bytes,1,opt,name=data,proto3" json:"data,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AudioChunk) Reset() {
+	*x = AudioChunk{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[69]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AudioChunk) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AudioChunk) ProtoMessage() {}
+
+func (x *AudioChunk) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[69]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AudioChunk.ProtoReflect.Descriptor instead.
+func (*AudioChunk) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{69}
+}
+
+func (x *AudioChunk) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+// A control frame.
+type TalkControl struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// What to do.
+	Action TalkAction `protobuf:"varint,1,opt,name=action,proto3,enum=switchboard.api.dispatcher.v1.TalkAction" json:"action,omitempty"`
+	// INTERRUPT: the sequence of the last `speech` frame the user heard; the
+	// stored answer marks the text after it unspoken (0: the last one sent).
+	HeardThroughSequence int64 `protobuf:"varint,2,opt,name=heard_through_sequence,json=heardThroughSequence,proto3" json:"heard_through_sequence,omitempty"`
+	unknownFields        protoimpl.UnknownFields
+	sizeCache            protoimpl.SizeCache
+}
+
+func (x *TalkControl) Reset() {
+	*x = TalkControl{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[70]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TalkControl) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TalkControl) ProtoMessage() {}
+
+func (x *TalkControl) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[70]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TalkControl.ProtoReflect.Descriptor instead.
+func (*TalkControl) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{70}
+}
+
+func (x *TalkControl) GetAction() TalkAction {
+	if x != nil {
+		return x.Action
+	}
+	return TalkAction_TALK_ACTION_UNSPECIFIED
+}
+
+func (x *TalkControl) GetHeardThroughSequence() int64 {
+	if x != nil {
+		return x.HeardThroughSequence
+	}
+	return 0
+}
+
+// Response for Talk: one frame sent by the server.
+type TalkResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Position in the session, for the frames a resume replays (final
+	// `transcript`, `update`): strictly increasing; 0 for the others. A turn's
+	// frames are numbered `turn * 2^40`, its final transcript, plus its run's
+	// update sequence.
+	Sequence int64 `protobuf:"varint,1,opt,name=sequence,proto3" json:"sequence,omitempty"`
+	// The frame.
+	//
+	// Types that are valid to be assigned to Frame:
+	//
+	//	*TalkResponse_Session
+	//	*TalkResponse_Transcript
+	//	*TalkResponse_Update
+	//	*TalkResponse_Event
+	//	*TalkResponse_Error
+	//	*TalkResponse_Heartbeat
+	Frame         isTalkResponse_Frame `protobuf_oneof:"frame"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TalkResponse) Reset() {
+	*x = TalkResponse{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[71]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TalkResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TalkResponse) ProtoMessage() {}
+
+func (x *TalkResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[71]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TalkResponse.ProtoReflect.Descriptor instead.
+func (*TalkResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{71}
+}
+
+func (x *TalkResponse) GetSequence() int64 {
+	if x != nil {
+		return x.Sequence
+	}
+	return 0
+}
+
+func (x *TalkResponse) GetFrame() isTalkResponse_Frame {
+	if x != nil {
+		return x.Frame
+	}
+	return nil
+}
+
+func (x *TalkResponse) GetSession() *VoiceSession {
+	if x != nil {
+		if x, ok := x.Frame.(*TalkResponse_Session); ok {
+			return x.Session
+		}
+	}
+	return nil
+}
+
+func (x *TalkResponse) GetTranscript() *Transcript {
+	if x != nil {
+		if x, ok := x.Frame.(*TalkResponse_Transcript); ok {
+			return x.Transcript
+		}
+	}
+	return nil
+}
+
+func (x *TalkResponse) GetUpdate() *RunUpdate {
+	if x != nil {
+		if x, ok := x.Frame.(*TalkResponse_Update); ok {
+			return x.Update
+		}
+	}
+	return nil
+}
+
+func (x *TalkResponse) GetEvent() *TalkEvent {
+	if x != nil {
+		if x, ok := x.Frame.(*TalkResponse_Event); ok {
+			return x.Event
+		}
+	}
+	return nil
+}
+
+func (x *TalkResponse) GetError() *status.Status {
+	if x != nil {
+		if x, ok := x.Frame.(*TalkResponse_Error); ok {
+			return x.Error
+		}
+	}
+	return nil
+}
+
+func (x *TalkResponse) GetHeartbeat() *Heartbeat {
+	if x != nil {
+		if x, ok := x.Frame.(*TalkResponse_Heartbeat); ok {
+			return x.Heartbeat
+		}
+	}
+	return nil
+}
+
+type isTalkResponse_Frame interface {
+	isTalkResponse_Frame()
+}
+
+type TalkResponse_Session struct {
+	// The session (the first frame, after start or resume).
+	Session *VoiceSession `protobuf:"bytes,2,opt,name=session,proto3,oneof"`
+}
+
+type TalkResponse_Transcript struct {
+	// A transcript of the user's speech: partial while they speak, then final.
+	Transcript *Transcript `protobuf:"bytes,3,opt,name=transcript,proto3,oneof"`
+}
+
+type TalkResponse_Update struct {
+	// An update of the run answering a turn: state, deltas, speech, result.
+	Update *RunUpdate `protobuf:"bytes,4,opt,name=update,proto3,oneof"`
+}
+
+type TalkResponse_Event struct {
+	// Something the session noticed (speech started, speech stopped, ...).
+	Event *TalkEvent `protobuf:"bytes,5,opt,name=event,proto3,oneof"`
+}
+
+type TalkResponse_Error struct {
+	// A turn or control failed; the session stays open (errors that end the
+	// session end the stream with a status instead).
+	Error *status.Status `protobuf:"bytes,6,opt,name=error,proto3,oneof"`
+}
+
+type TalkResponse_Heartbeat struct {
+	// Keep-alive sent when idle.
+	Heartbeat *Heartbeat `protobuf:"bytes,7,opt,name=heartbeat,proto3,oneof"`
+}
+
+func (*TalkResponse_Session) isTalkResponse_Frame() {}
+
+func (*TalkResponse_Transcript) isTalkResponse_Frame() {}
+
+func (*TalkResponse_Update) isTalkResponse_Frame() {}
+
+func (*TalkResponse_Event) isTalkResponse_Frame() {}
+
+func (*TalkResponse_Error) isTalkResponse_Frame() {}
+
+func (*TalkResponse_Heartbeat) isTalkResponse_Frame() {}
+
+// A voice session.
+type VoiceSession struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Resource name, `workspaces/{w}/conversations/{c}/voiceSessions/{s}`.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// The assistant answering.
+	Assistant string `protobuf:"bytes,2,opt,name=assistant,proto3" json:"assistant,omitempty"`
+	// The format of the audio the server takes.
+	InputFormat *AudioFormat `protobuf:"bytes,3,opt,name=input_format,json=inputFormat,proto3" json:"input_format,omitempty"`
+	// The format of the speech it sends.
+	OutputFormat *AudioFormat `protobuf:"bytes,4,opt,name=output_format,json=outputFormat,proto3" json:"output_format,omitempty"`
+	// How turns end.
+	TurnDetection TurnDetection `protobuf:"varint,5,opt,name=turn_detection,json=turnDetection,proto3,enum=switchboard.api.dispatcher.v1.TurnDetection" json:"turn_detection,omitempty"`
+	// SERVER_VAD: the silence that ends a turn.
+	Silence *durationpb.Duration `protobuf:"bytes,6,opt,name=silence,proto3" json:"silence,omitempty"`
+	// The policy of each turn's message.
+	ConcurrencyPolicy ConcurrencyPolicy `protobuf:"varint,7,opt,name=concurrency_policy,json=concurrencyPolicy,proto3,enum=switchboard.api.dispatcher.v1.ConcurrencyPolicy" json:"concurrency_policy,omitempty"`
+	// Turns taken so far.
+	TurnCount int64 `protobuf:"varint,8,opt,name=turn_count,json=turnCount,proto3" json:"turn_count,omitempty"`
+	// When it started.
+	CreateTime *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
+	// Until when a dropped session may be resumed (moves on with every frame).
+	ExpireTime *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=expire_time,json=expireTime,proto3" json:"expire_time,omitempty"`
+	// Whether partial transcripts are sent.
+	PartialTranscripts bool `protobuf:"varint,11,opt,name=partial_transcripts,json=partialTranscripts,proto3" json:"partial_transcripts,omitempty"`
+	// Whether speech interrupts the assistant.
+	BargeIn       bool `protobuf:"varint,12,opt,name=barge_in,json=bargeIn,proto3" json:"barge_in,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VoiceSession) Reset() {
+	*x = VoiceSession{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[72]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VoiceSession) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VoiceSession) ProtoMessage() {}
+
+func (x *VoiceSession) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[72]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VoiceSession.ProtoReflect.Descriptor instead.
+func (*VoiceSession) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{72}
+}
+
+func (x *VoiceSession) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *VoiceSession) GetAssistant() string {
+	if x != nil {
+		return x.Assistant
+	}
+	return ""
+}
+
+func (x *VoiceSession) GetInputFormat() *AudioFormat {
+	if x != nil {
+		return x.InputFormat
+	}
+	return nil
+}
+
+func (x *VoiceSession) GetOutputFormat() *AudioFormat {
+	if x != nil {
+		return x.OutputFormat
+	}
+	return nil
+}
+
+func (x *VoiceSession) GetTurnDetection() TurnDetection {
+	if x != nil {
+		return x.TurnDetection
+	}
+	return TurnDetection_TURN_DETECTION_UNSPECIFIED
+}
+
+func (x *VoiceSession) GetSilence() *durationpb.Duration {
+	if x != nil {
+		return x.Silence
+	}
+	return nil
+}
+
+func (x *VoiceSession) GetConcurrencyPolicy() ConcurrencyPolicy {
+	if x != nil {
+		return x.ConcurrencyPolicy
+	}
+	return ConcurrencyPolicy_CONCURRENCY_POLICY_UNSPECIFIED
+}
+
+func (x *VoiceSession) GetTurnCount() int64 {
+	if x != nil {
+		return x.TurnCount
+	}
+	return 0
+}
+
+func (x *VoiceSession) GetCreateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreateTime
+	}
+	return nil
+}
+
+func (x *VoiceSession) GetExpireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExpireTime
+	}
+	return nil
+}
+
+func (x *VoiceSession) GetPartialTranscripts() bool {
+	if x != nil {
+		return x.PartialTranscripts
+	}
+	return false
+}
+
+func (x *VoiceSession) GetBargeIn() bool {
+	if x != nil {
+		return x.BargeIn
+	}
+	return false
+}
+
+// A transcript of a user's turn.
+type Transcript struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The turn, from 1.
+	Turn int64 `protobuf:"varint,1,opt,name=turn,proto3" json:"turn,omitempty"`
+	// The words recognized so far (partial) or in the whole turn (final).
+	Text string `protobuf:"bytes,2,opt,name=text,proto3" json:"text,omitempty"`
+	// Whether this is the turn's final transcript.
+	Final bool `protobuf:"varint,3,opt,name=final,proto3" json:"final,omitempty"`
+	// Final: the stored user message.
+	Message string `protobuf:"bytes,4,opt,name=message,proto3" json:"message,omitempty"`
+	// Final: the run answering it.
+	Run string `protobuf:"bytes,5,opt,name=run,proto3" json:"run,omitempty"`
+	// Final: the stored recording of the turn, `workspaces/{w}/files/{f}`.
+	Recording string `protobuf:"bytes,6,opt,name=recording,proto3" json:"recording,omitempty"`
+	// The audio heard in the turn so far, in milliseconds.
+	AudioMs       int64 `protobuf:"varint,7,opt,name=audio_ms,json=audioMs,proto3" json:"audio_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Transcript) Reset() {
+	*x = Transcript{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[73]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Transcript) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Transcript) ProtoMessage() {}
+
+func (x *Transcript) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[73]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Transcript.ProtoReflect.Descriptor instead.
+func (*Transcript) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{73}
+}
+
+func (x *Transcript) GetTurn() int64 {
+	if x != nil {
+		return x.Turn
+	}
+	return 0
+}
+
+func (x *Transcript) GetText() string {
+	if x != nil {
+		return x.Text
+	}
+	return ""
+}
+
+func (x *Transcript) GetFinal() bool {
+	if x != nil {
+		return x.Final
+	}
+	return false
+}
+
+func (x *Transcript) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+func (x *Transcript) GetRun() string {
+	if x != nil {
+		return x.Run
+	}
+	return ""
+}
+
+func (x *Transcript) GetRecording() string {
+	if x != nil {
+		return x.Recording
+	}
+	return ""
+}
+
+func (x *Transcript) GetAudioMs() int64 {
+	if x != nil {
+		return x.AudioMs
+	}
+	return 0
+}
+
+// A session event.
+type TalkEvent struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// What happened.
+	Kind TalkEventKind `protobuf:"varint,1,opt,name=kind,proto3,enum=switchboard.api.dispatcher.v1.TalkEventKind" json:"kind,omitempty"`
+	// The turn it concerns.
+	Turn int64 `protobuf:"varint,2,opt,name=turn,proto3" json:"turn,omitempty"`
+	// The run it concerns (SPEECH_INTERRUPTED).
+	Run           string `protobuf:"bytes,3,opt,name=run,proto3" json:"run,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TalkEvent) Reset() {
+	*x = TalkEvent{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[74]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TalkEvent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TalkEvent) ProtoMessage() {}
+
+func (x *TalkEvent) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[74]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TalkEvent.ProtoReflect.Descriptor instead.
+func (*TalkEvent) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{74}
+}
+
+func (x *TalkEvent) GetKind() TalkEventKind {
+	if x != nil {
+		return x.Kind
+	}
+	return TalkEventKind_TALK_EVENT_KIND_UNSPECIFIED
+}
+
+func (x *TalkEvent) GetTurn() int64 {
+	if x != nil {
+		return x.Turn
+	}
+	return 0
+}
+
+func (x *TalkEvent) GetRun() string {
+	if x != nil {
+		return x.Run
+	}
+	return ""
+}
+
 var File_switchboard_api_dispatcher_v1_dispatcher_proto protoreflect.FileDescriptor
 
 const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\n" +
-	".switchboard/api/dispatcher/v1/dispatcher.proto\x12\x1dswitchboard.api.dispatcher.v1\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a(switchboard/api/context/v1/context.proto\x1a(switchboard/api/handler/v1/handler.proto\"\xe0\a\n" +
+	".switchboard/api/dispatcher/v1/dispatcher.proto\x12\x1dswitchboard.api.dispatcher.v1\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a(switchboard/api/context/v1/context.proto\x1a(switchboard/api/handler/v1/handler.proto\"\xa6\b\n" +
 	"\x03Run\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12=\n" +
 	"\x05state\x18\x02 \x01(\x0e2'.switchboard.api.dispatcher.v1.RunStateR\x05state\x12\x18\n" +
@@ -5040,7 +6547,8 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\x0frequired_action\x18\x12 \x01(\v2-.switchboard.api.dispatcher.v1.RequiredActionR\x0erequiredAction\x12\x1c\n" +
 	"\tassistant\x18\x13 \x01(\tR\tassistant\x12&\n" +
 	"\x0ftool_call_count\x18\x14 \x01(\x05R\rtoolCallCount\x12\x19\n" +
-	"\btrace_id\x18\x15 \x01(\tR\atraceId\"\xe1\x01\n" +
+	"\btrace_id\x18\x15 \x01(\tR\atraceId\x12D\n" +
+	"\x06speech\x18\x16 \x01(\v2,.switchboard.api.dispatcher.v1.SpeechOptionsR\x06speech\"\xe1\x01\n" +
 	"\x0eRequiredAction\x12M\n" +
 	"\n" +
 	"tool_calls\x18\x01 \x03(\v2..switchboard.api.dispatcher.v1.PendingToolCallR\ttoolCalls\x12;\n" +
@@ -5065,7 +6573,7 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"decided_by\x18\x03 \x01(\tR\tdecidedBy\x12\x16\n" +
 	"\x06reason\x18\x04 \x01(\tR\x06reason\x12;\n" +
 	"\vdecide_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"decideTime\"\x9d\x03\n" +
+	"decideTime\"\xe3\x03\n" +
 	"\x12SendMessageRequest\x12\"\n" +
 	"\fconversation\x18\x01 \x01(\tR\fconversation\x12=\n" +
 	"\amessage\x18\x02 \x01(\v2#.switchboard.api.context.v1.MessageR\amessage\x12\x18\n" +
@@ -5077,7 +6585,35 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\n" +
 	"request_id\x18\x06 \x01(\tR\trequestId\x12_\n" +
 	"\x12concurrency_policy\x18\a \x01(\x0e20.switchboard.api.dispatcher.v1.ConcurrencyPolicyR\x11concurrencyPolicy\x12\x1c\n" +
-	"\tassistant\x18\b \x01(\tR\tassistant\"\x8a\x01\n" +
+	"\tassistant\x18\b \x01(\tR\tassistant\x12D\n" +
+	"\x06speech\x18\t \x01(\v2,.switchboard.api.dispatcher.v1.SpeechOptionsR\x06speech\"}\n" +
+	"\vAudioFormat\x12H\n" +
+	"\bencoding\x18\x01 \x01(\x0e2,.switchboard.api.dispatcher.v1.AudioEncodingR\bencoding\x12$\n" +
+	"\x0esample_rate_hz\x18\x02 \x01(\x05R\fsampleRateHz\"\x96\x01\n" +
+	"\rSpeechOptions\x12\x14\n" +
+	"\x05speak\x18\x01 \x01(\bR\x05speak\x12O\n" +
+	"\routput_format\x18\x02 \x01(\v2*.switchboard.api.dispatcher.v1.AudioFormatR\foutputFormat\x12\x1e\n" +
+	"\n" +
+	"transcribe\x18\x03 \x01(\bR\n" +
+	"transcribe\"\x95\x01\n" +
+	"\rVoiceSettings\x12/\n" +
+	"\x13transcription_model\x18\x01 \x01(\tR\x12transcriptionModel\x12!\n" +
+	"\fspeech_model\x18\x02 \x01(\tR\vspeechModel\x12\x14\n" +
+	"\x05voice\x18\x03 \x01(\tR\x05voice\x12\x1a\n" +
+	"\blanguage\x18\x04 \x01(\tR\blanguage\"\xae\x02\n" +
+	"\vSpeechChunk\x12\x14\n" +
+	"\x05audio\x18\x01 \x01(\fR\x05audio\x12B\n" +
+	"\x06format\x18\x02 \x01(\v2*.switchboard.api.dispatcher.v1.AudioFormatR\x06format\x12\x18\n" +
+	"\asegment\x18\x03 \x01(\x05R\asegment\x12\x12\n" +
+	"\x04text\x18\x04 \x01(\tR\x04text\x12\x1d\n" +
+	"\n" +
+	"text_start\x18\x05 \x01(\x05R\ttextStart\x12\x19\n" +
+	"\btext_end\x18\x06 \x01(\x05R\atextEnd\x12\x1b\n" +
+	"\toffset_ms\x18\a \x01(\x03R\boffsetMs\x12\x1f\n" +
+	"\vduration_ms\x18\b \x01(\x05R\n" +
+	"durationMs\x12\x1f\n" +
+	"\vsegment_end\x18\t \x01(\bR\n" +
+	"segmentEnd\"\x8a\x01\n" +
 	"\x13SendMessageResponse\x124\n" +
 	"\x03run\x18\x01 \x01(\v2\".switchboard.api.dispatcher.v1.RunR\x03run\x12=\n" +
 	"\amessage\x18\x02 \x01(\v2#.switchboard.api.context.v1.MessageR\amessage\"#\n" +
@@ -5097,17 +6633,18 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\x04runs\x18\x01 \x03(\v2\".switchboard.api.dispatcher.v1.RunR\x04runs\x12&\n" +
 	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\x12\x1d\n" +
 	"\n" +
-	"total_size\x18\x03 \x01(\x05R\ttotalSize\">\n" +
+	"total_size\x18\x03 \x01(\x05R\ttotalSize\"t\n" +
 	"\x10CancelRunRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
-	"\x06reason\x18\x02 \x01(\tR\x06reason\"I\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\x124\n" +
+	"\x16heard_through_sequence\x18\x03 \x01(\x03R\x14heardThroughSequence\"I\n" +
 	"\x11CancelRunResponse\x124\n" +
 	"\x03run\x18\x01 \x01(\v2\".switchboard.api.dispatcher.v1.RunR\x03run\"L\n" +
 	"\x0fWatchRunRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12%\n" +
 	"\x0eafter_sequence\x18\x02 \x01(\x03R\rafterSequence\"F\n" +
 	"\x0eRunStateChange\x124\n" +
-	"\x03run\x18\x01 \x01(\v2\".switchboard.api.dispatcher.v1.RunR\x03run\"\x9e\x04\n" +
+	"\x03run\x18\x01 \x01(\v2\".switchboard.api.dispatcher.v1.RunR\x03run\"\xe4\x04\n" +
 	"\tRunUpdate\x12\x10\n" +
 	"\x03run\x18\x01 \x01(\tR\x03run\x12\x1a\n" +
 	"\bsequence\x18\x02 \x01(\x03R\bsequence\x12.\n" +
@@ -5118,7 +6655,9 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\ttool_call\x18\a \x01(\v2$.switchboard.api.handler.v1.ToolCallH\x00R\btoolCall\x12B\n" +
 	"\x06result\x18\b \x01(\v2(.switchboard.api.handler.v1.HandleResultH\x00R\x06result\x12I\n" +
 	"\vtool_result\x18\t \x01(\v2&.switchboard.api.handler.v1.ToolResultH\x00R\n" +
-	"toolResultB\b\n" +
+	"toolResult\x12D\n" +
+	"\x06speech\x18\n" +
+	" \x01(\v2*.switchboard.api.dispatcher.v1.SpeechChunkH\x00R\x06speechB\b\n" +
 	"\x06update\"\xa9\x01\n" +
 	"\x10WatchRunResponse\x12B\n" +
 	"\x06update\x18\x01 \x01(\v2(.switchboard.api.dispatcher.v1.RunUpdateH\x00R\x06update\x12H\n" +
@@ -5171,7 +6710,7 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\vintegration\x18\x01 \x01(\tR\vintegration\x12\x14\n" +
 	"\x05tools\x18\x02 \x03(\tR\x05tools\x12+\n" +
 	"\x11requires_approval\x18\x03 \x01(\bR\x10requiresApproval\x126\n" +
-	"\x17approval_required_tools\x18\x04 \x03(\tR\x15approvalRequiredTools\"\xbb\x04\n" +
+	"\x17approval_required_tools\x18\x04 \x03(\tR\x15approvalRequiredTools\"\xff\x04\n" +
 	"\tAssistant\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12!\n" +
 	"\fdisplay_name\x18\x02 \x01(\tR\vdisplayName\x12 \n" +
@@ -5188,7 +6727,8 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\vcreate_time\x18\f \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"createTime\x12;\n" +
 	"\vupdate_time\x18\r \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"updateTime\"\xba\x01\n" +
+	"updateTime\x12B\n" +
+	"\x05voice\x18\x0e \x01(\v2,.switchboard.api.dispatcher.v1.VoiceSettingsR\x05voice\"\xba\x01\n" +
 	"\x16CreateAssistantRequest\x12\x16\n" +
 	"\x06parent\x18\x01 \x01(\tR\x06parent\x12F\n" +
 	"\tassistant\x18\x02 \x01(\v2(.switchboard.api.dispatcher.v1.AssistantR\tassistant\x12!\n" +
@@ -5347,7 +6887,75 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\vupdate_mask\x18\x02 \x01(\v2\x1a.google.protobuf.FieldMaskR\n" +
 	"updateMask\"c\n" +
 	"\x1cUpdateWorkspaceQuotaResponse\x12C\n" +
-	"\x05quota\x18\x01 \x01(\v2-.switchboard.api.dispatcher.v1.WorkspaceQuotaR\x05quota*\xda\x01\n" +
+	"\x05quota\x18\x01 \x01(\v2-.switchboard.api.dispatcher.v1.WorkspaceQuotaR\x05quota\"\xbe\x02\n" +
+	"\vTalkRequest\x12@\n" +
+	"\x05start\x18\x01 \x01(\v2(.switchboard.api.dispatcher.v1.TalkStartH\x00R\x05start\x12C\n" +
+	"\x06resume\x18\x02 \x01(\v2).switchboard.api.dispatcher.v1.TalkResumeH\x00R\x06resume\x12A\n" +
+	"\x05audio\x18\x03 \x01(\v2).switchboard.api.dispatcher.v1.AudioChunkH\x00R\x05audio\x12F\n" +
+	"\acontrol\x18\x04 \x01(\v2*.switchboard.api.dispatcher.v1.TalkControlH\x00R\acontrol\x12\x14\n" +
+	"\x04text\x18\x05 \x01(\tH\x00R\x04textB\a\n" +
+	"\x05frame\"\xa4\x04\n" +
+	"\tTalkStart\x12\"\n" +
+	"\fconversation\x18\x01 \x01(\tR\fconversation\x12\x1c\n" +
+	"\tassistant\x18\x02 \x01(\tR\tassistant\x12M\n" +
+	"\finput_format\x18\x03 \x01(\v2*.switchboard.api.dispatcher.v1.AudioFormatR\vinputFormat\x12O\n" +
+	"\routput_format\x18\x04 \x01(\v2*.switchboard.api.dispatcher.v1.AudioFormatR\foutputFormat\x12S\n" +
+	"\x0eturn_detection\x18\x05 \x01(\x0e2,.switchboard.api.dispatcher.v1.TurnDetectionR\rturnDetection\x123\n" +
+	"\asilence\x18\x06 \x01(\v2\x19.google.protobuf.DurationR\asilence\x12_\n" +
+	"\x12concurrency_policy\x18\a \x01(\x0e20.switchboard.api.dispatcher.v1.ConcurrencyPolicyR\x11concurrencyPolicy\x12/\n" +
+	"\x13partial_transcripts\x18\b \x01(\bR\x12partialTranscripts\x12\x19\n" +
+	"\bbarge_in\x18\t \x01(\bR\abargeIn\"M\n" +
+	"\n" +
+	"TalkResume\x12\x18\n" +
+	"\asession\x18\x01 \x01(\tR\asession\x12%\n" +
+	"\x0eafter_sequence\x18\x02 \x01(\x03R\rafterSequence\" \n" +
+	"\n" +
+	"AudioChunk\x12\x12\n" +
+	"\x04data\x18\x01 \x01(\fR\x04data\"\x86\x01\n" +
+	"\vTalkControl\x12A\n" +
+	"\x06action\x18\x01 \x01(\x0e2).switchboard.api.dispatcher.v1.TalkActionR\x06action\x124\n" +
+	"\x16heard_through_sequence\x18\x02 \x01(\x03R\x14heardThroughSequence\"\xc5\x03\n" +
+	"\fTalkResponse\x12\x1a\n" +
+	"\bsequence\x18\x01 \x01(\x03R\bsequence\x12G\n" +
+	"\asession\x18\x02 \x01(\v2+.switchboard.api.dispatcher.v1.VoiceSessionH\x00R\asession\x12K\n" +
+	"\n" +
+	"transcript\x18\x03 \x01(\v2).switchboard.api.dispatcher.v1.TranscriptH\x00R\n" +
+	"transcript\x12B\n" +
+	"\x06update\x18\x04 \x01(\v2(.switchboard.api.dispatcher.v1.RunUpdateH\x00R\x06update\x12@\n" +
+	"\x05event\x18\x05 \x01(\v2(.switchboard.api.dispatcher.v1.TalkEventH\x00R\x05event\x12*\n" +
+	"\x05error\x18\x06 \x01(\v2\x12.google.rpc.StatusH\x00R\x05error\x12H\n" +
+	"\theartbeat\x18\a \x01(\v2(.switchboard.api.dispatcher.v1.HeartbeatH\x00R\theartbeatB\a\n" +
+	"\x05frame\"\xb0\x05\n" +
+	"\fVoiceSession\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1c\n" +
+	"\tassistant\x18\x02 \x01(\tR\tassistant\x12M\n" +
+	"\finput_format\x18\x03 \x01(\v2*.switchboard.api.dispatcher.v1.AudioFormatR\vinputFormat\x12O\n" +
+	"\routput_format\x18\x04 \x01(\v2*.switchboard.api.dispatcher.v1.AudioFormatR\foutputFormat\x12S\n" +
+	"\x0eturn_detection\x18\x05 \x01(\x0e2,.switchboard.api.dispatcher.v1.TurnDetectionR\rturnDetection\x123\n" +
+	"\asilence\x18\x06 \x01(\v2\x19.google.protobuf.DurationR\asilence\x12_\n" +
+	"\x12concurrency_policy\x18\a \x01(\x0e20.switchboard.api.dispatcher.v1.ConcurrencyPolicyR\x11concurrencyPolicy\x12\x1d\n" +
+	"\n" +
+	"turn_count\x18\b \x01(\x03R\tturnCount\x12;\n" +
+	"\vcreate_time\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"createTime\x12;\n" +
+	"\vexpire_time\x18\n" +
+	" \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"expireTime\x12/\n" +
+	"\x13partial_transcripts\x18\v \x01(\bR\x12partialTranscripts\x12\x19\n" +
+	"\bbarge_in\x18\f \x01(\bR\abargeIn\"\xaf\x01\n" +
+	"\n" +
+	"Transcript\x12\x12\n" +
+	"\x04turn\x18\x01 \x01(\x03R\x04turn\x12\x12\n" +
+	"\x04text\x18\x02 \x01(\tR\x04text\x12\x14\n" +
+	"\x05final\x18\x03 \x01(\bR\x05final\x12\x18\n" +
+	"\amessage\x18\x04 \x01(\tR\amessage\x12\x10\n" +
+	"\x03run\x18\x05 \x01(\tR\x03run\x12\x1c\n" +
+	"\trecording\x18\x06 \x01(\tR\trecording\x12\x19\n" +
+	"\baudio_ms\x18\a \x01(\x03R\aaudioMs\"s\n" +
+	"\tTalkEvent\x12@\n" +
+	"\x04kind\x18\x01 \x01(\x0e2,.switchboard.api.dispatcher.v1.TalkEventKindR\x04kind\x12\x12\n" +
+	"\x04turn\x18\x02 \x01(\x03R\x04turn\x12\x10\n" +
+	"\x03run\x18\x03 \x01(\tR\x03run*\xda\x01\n" +
 	"\bRunState\x12\x19\n" +
 	"\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10RUN_STATE_QUEUED\x10\x01\x12\x15\n" +
@@ -5369,7 +6977,10 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\x1eCONCURRENCY_POLICY_UNSPECIFIED\x10\x00\x12\x1d\n" +
 	"\x19CONCURRENCY_POLICY_REJECT\x10\x01\x12\x1e\n" +
 	"\x1aCONCURRENCY_POLICY_ENQUEUE\x10\x02\x12 \n" +
-	"\x1cCONCURRENCY_POLICY_INTERRUPT\x10\x03*t\n" +
+	"\x1cCONCURRENCY_POLICY_INTERRUPT\x10\x03*I\n" +
+	"\rAudioEncoding\x12\x1e\n" +
+	"\x1aAUDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x18\n" +
+	"\x14AUDIO_ENCODING_PCM16\x10\x01*t\n" +
 	"\vHandlerKind\x12\x1c\n" +
 	"\x18HANDLER_KIND_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14HANDLER_KIND_BUILTIN\x10\x01\x12\x14\n" +
@@ -5387,14 +6998,32 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\x13USAGE_DIMENSION_DAY\x10\x01\x12\x1d\n" +
 	"\x19USAGE_DIMENSION_ASSISTANT\x10\x02\x12\x1b\n" +
 	"\x17USAGE_DIMENSION_API_KEY\x10\x03\x12\x19\n" +
-	"\x15USAGE_DIMENSION_MODEL\x10\x042\xee\x16\n" +
+	"\x15USAGE_DIMENSION_MODEL\x10\x04*i\n" +
+	"\rTurnDetection\x12\x1e\n" +
+	"\x1aTURN_DETECTION_UNSPECIFIED\x10\x00\x12\x19\n" +
+	"\x15TURN_DETECTION_CLIENT\x10\x01\x12\x1d\n" +
+	"\x19TURN_DETECTION_SERVER_VAD\x10\x02*\x97\x01\n" +
+	"\n" +
+	"TalkAction\x12\x1b\n" +
+	"\x17TALK_ACTION_UNSPECIFIED\x10\x00\x12\x1a\n" +
+	"\x16TALK_ACTION_START_TURN\x10\x01\x12\x18\n" +
+	"\x14TALK_ACTION_END_TURN\x10\x02\x12\x19\n" +
+	"\x15TALK_ACTION_INTERRUPT\x10\x03\x12\x1b\n" +
+	"\x17TALK_ACTION_END_SESSION\x10\x04*\xc0\x01\n" +
+	"\rTalkEventKind\x12\x1f\n" +
+	"\x1bTALK_EVENT_KIND_UNSPECIFIED\x10\x00\x12\"\n" +
+	"\x1eTALK_EVENT_KIND_SPEECH_STARTED\x10\x01\x12\"\n" +
+	"\x1eTALK_EVENT_KIND_SPEECH_STOPPED\x10\x02\x12&\n" +
+	"\"TALK_EVENT_KIND_SPEECH_INTERRUPTED\x10\x03\x12\x1e\n" +
+	"\x1aTALK_EVENT_KIND_TURN_EMPTY\x10\x042\xd3\x17\n" +
 	"\x11DispatcherService\x12t\n" +
 	"\vSendMessage\x121.switchboard.api.dispatcher.v1.SendMessageRequest\x1a2.switchboard.api.dispatcher.v1.SendMessageResponse\x12j\n" +
 	"\x06GetRun\x12,.switchboard.api.dispatcher.v1.GetRunRequest\x1a-.switchboard.api.dispatcher.v1.GetRunResponse\"\x03\x90\x02\x01\x12p\n" +
 	"\bListRuns\x12..switchboard.api.dispatcher.v1.ListRunsRequest\x1a/.switchboard.api.dispatcher.v1.ListRunsResponse\"\x03\x90\x02\x01\x12s\n" +
 	"\tCancelRun\x12/.switchboard.api.dispatcher.v1.CancelRunRequest\x1a0.switchboard.api.dispatcher.v1.CancelRunResponse\"\x03\x90\x02\x02\x12m\n" +
 	"\bWatchRun\x12..switchboard.api.dispatcher.v1.WatchRunRequest\x1a/.switchboard.api.dispatcher.v1.WatchRunResponse0\x01\x12o\n" +
-	"\bConverse\x12..switchboard.api.dispatcher.v1.ConverseRequest\x1a/.switchboard.api.dispatcher.v1.ConverseResponse(\x010\x01\x12|\n" +
+	"\bConverse\x12..switchboard.api.dispatcher.v1.ConverseRequest\x1a/.switchboard.api.dispatcher.v1.ConverseResponse(\x010\x01\x12c\n" +
+	"\x04Talk\x12*.switchboard.api.dispatcher.v1.TalkRequest\x1a+.switchboard.api.dispatcher.v1.TalkResponse(\x010\x01\x12|\n" +
 	"\fListHandlers\x122.switchboard.api.dispatcher.v1.ListHandlersRequest\x1a3.switchboard.api.dispatcher.v1.ListHandlersResponse\"\x03\x90\x02\x01\x12\x8c\x01\n" +
 	"\x13SubmitToolApprovals\x129.switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest\x1a:.switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse\x12\x80\x01\n" +
 	"\x0fCreateAssistant\x125.switchboard.api.dispatcher.v1.CreateAssistantRequest\x1a6.switchboard.api.dispatcher.v1.CreateAssistantResponse\x12|\n" +
@@ -5427,241 +7056,291 @@ func file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP() []byte {
 	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescData
 }
 
-var file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes = make([]protoimpl.EnumInfo, 7)
-var file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes = make([]protoimpl.MessageInfo, 62)
+var file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes = make([]protoimpl.EnumInfo, 11)
+var file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes = make([]protoimpl.MessageInfo, 75)
 var file_switchboard_api_dispatcher_v1_dispatcher_proto_goTypes = []any{
 	(RunState)(0),                        // 0: switchboard.api.dispatcher.v1.RunState
 	(BudgetDecision)(0),                  // 1: switchboard.api.dispatcher.v1.BudgetDecision
 	(ToolApprovalDecision)(0),            // 2: switchboard.api.dispatcher.v1.ToolApprovalDecision
 	(ConcurrencyPolicy)(0),               // 3: switchboard.api.dispatcher.v1.ConcurrencyPolicy
-	(HandlerKind)(0),                     // 4: switchboard.api.dispatcher.v1.HandlerKind
-	(BudgetPeriod)(0),                    // 5: switchboard.api.dispatcher.v1.BudgetPeriod
-	(UsageDimension)(0),                  // 6: switchboard.api.dispatcher.v1.UsageDimension
-	(*Run)(nil),                          // 7: switchboard.api.dispatcher.v1.Run
-	(*RequiredAction)(nil),               // 8: switchboard.api.dispatcher.v1.RequiredAction
-	(*BudgetAction)(nil),                 // 9: switchboard.api.dispatcher.v1.BudgetAction
-	(*PendingToolCall)(nil),              // 10: switchboard.api.dispatcher.v1.PendingToolCall
-	(*SendMessageRequest)(nil),           // 11: switchboard.api.dispatcher.v1.SendMessageRequest
-	(*SendMessageResponse)(nil),          // 12: switchboard.api.dispatcher.v1.SendMessageResponse
-	(*GetRunRequest)(nil),                // 13: switchboard.api.dispatcher.v1.GetRunRequest
-	(*GetRunResponse)(nil),               // 14: switchboard.api.dispatcher.v1.GetRunResponse
-	(*ListRunsRequest)(nil),              // 15: switchboard.api.dispatcher.v1.ListRunsRequest
-	(*ListRunsResponse)(nil),             // 16: switchboard.api.dispatcher.v1.ListRunsResponse
-	(*CancelRunRequest)(nil),             // 17: switchboard.api.dispatcher.v1.CancelRunRequest
-	(*CancelRunResponse)(nil),            // 18: switchboard.api.dispatcher.v1.CancelRunResponse
-	(*WatchRunRequest)(nil),              // 19: switchboard.api.dispatcher.v1.WatchRunRequest
-	(*RunStateChange)(nil),               // 20: switchboard.api.dispatcher.v1.RunStateChange
-	(*RunUpdate)(nil),                    // 21: switchboard.api.dispatcher.v1.RunUpdate
-	(*WatchRunResponse)(nil),             // 22: switchboard.api.dispatcher.v1.WatchRunResponse
-	(*Heartbeat)(nil),                    // 23: switchboard.api.dispatcher.v1.Heartbeat
-	(*ConverseRequest)(nil),              // 24: switchboard.api.dispatcher.v1.ConverseRequest
-	(*ConverseResponse)(nil),             // 25: switchboard.api.dispatcher.v1.ConverseResponse
-	(*Handler)(nil),                      // 26: switchboard.api.dispatcher.v1.Handler
-	(*ListHandlersRequest)(nil),          // 27: switchboard.api.dispatcher.v1.ListHandlersRequest
-	(*ListHandlersResponse)(nil),         // 28: switchboard.api.dispatcher.v1.ListHandlersResponse
-	(*ToolApproval)(nil),                 // 29: switchboard.api.dispatcher.v1.ToolApproval
-	(*SubmitToolApprovalsRequest)(nil),   // 30: switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
-	(*SubmitToolApprovalsResponse)(nil),  // 31: switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
-	(*AssistantTools)(nil),               // 32: switchboard.api.dispatcher.v1.AssistantTools
-	(*Assistant)(nil),                    // 33: switchboard.api.dispatcher.v1.Assistant
-	(*CreateAssistantRequest)(nil),       // 34: switchboard.api.dispatcher.v1.CreateAssistantRequest
-	(*CreateAssistantResponse)(nil),      // 35: switchboard.api.dispatcher.v1.CreateAssistantResponse
-	(*GetAssistantRequest)(nil),          // 36: switchboard.api.dispatcher.v1.GetAssistantRequest
-	(*GetAssistantResponse)(nil),         // 37: switchboard.api.dispatcher.v1.GetAssistantResponse
-	(*ListAssistantsRequest)(nil),        // 38: switchboard.api.dispatcher.v1.ListAssistantsRequest
-	(*ListAssistantsResponse)(nil),       // 39: switchboard.api.dispatcher.v1.ListAssistantsResponse
-	(*UpdateAssistantRequest)(nil),       // 40: switchboard.api.dispatcher.v1.UpdateAssistantRequest
-	(*UpdateAssistantResponse)(nil),      // 41: switchboard.api.dispatcher.v1.UpdateAssistantResponse
-	(*DeleteAssistantRequest)(nil),       // 42: switchboard.api.dispatcher.v1.DeleteAssistantRequest
-	(*DeleteAssistantResponse)(nil),      // 43: switchboard.api.dispatcher.v1.DeleteAssistantResponse
-	(*DescribeConversationRequest)(nil),  // 44: switchboard.api.dispatcher.v1.DescribeConversationRequest
-	(*DescribeConversationResponse)(nil), // 45: switchboard.api.dispatcher.v1.DescribeConversationResponse
-	(*Budget)(nil),                       // 46: switchboard.api.dispatcher.v1.Budget
-	(*BudgetUsage)(nil),                  // 47: switchboard.api.dispatcher.v1.BudgetUsage
-	(*CreateBudgetRequest)(nil),          // 48: switchboard.api.dispatcher.v1.CreateBudgetRequest
-	(*CreateBudgetResponse)(nil),         // 49: switchboard.api.dispatcher.v1.CreateBudgetResponse
-	(*GetBudgetRequest)(nil),             // 50: switchboard.api.dispatcher.v1.GetBudgetRequest
-	(*GetBudgetResponse)(nil),            // 51: switchboard.api.dispatcher.v1.GetBudgetResponse
-	(*ListBudgetsRequest)(nil),           // 52: switchboard.api.dispatcher.v1.ListBudgetsRequest
-	(*ListBudgetsResponse)(nil),          // 53: switchboard.api.dispatcher.v1.ListBudgetsResponse
-	(*UpdateBudgetRequest)(nil),          // 54: switchboard.api.dispatcher.v1.UpdateBudgetRequest
-	(*UpdateBudgetResponse)(nil),         // 55: switchboard.api.dispatcher.v1.UpdateBudgetResponse
-	(*DeleteBudgetRequest)(nil),          // 56: switchboard.api.dispatcher.v1.DeleteBudgetRequest
-	(*DeleteBudgetResponse)(nil),         // 57: switchboard.api.dispatcher.v1.DeleteBudgetResponse
-	(*ResolveBudgetActionRequest)(nil),   // 58: switchboard.api.dispatcher.v1.ResolveBudgetActionRequest
-	(*ResolveBudgetActionResponse)(nil),  // 59: switchboard.api.dispatcher.v1.ResolveBudgetActionResponse
-	(*QueryUsageRequest)(nil),            // 60: switchboard.api.dispatcher.v1.QueryUsageRequest
-	(*UsageRow)(nil),                     // 61: switchboard.api.dispatcher.v1.UsageRow
-	(*QueryUsageResponse)(nil),           // 62: switchboard.api.dispatcher.v1.QueryUsageResponse
-	(*ApiKeyQuota)(nil),                  // 63: switchboard.api.dispatcher.v1.ApiKeyQuota
-	(*WorkspaceQuota)(nil),               // 64: switchboard.api.dispatcher.v1.WorkspaceQuota
-	(*GetWorkspaceQuotaRequest)(nil),     // 65: switchboard.api.dispatcher.v1.GetWorkspaceQuotaRequest
-	(*GetWorkspaceQuotaResponse)(nil),    // 66: switchboard.api.dispatcher.v1.GetWorkspaceQuotaResponse
-	(*UpdateWorkspaceQuotaRequest)(nil),  // 67: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest
-	(*UpdateWorkspaceQuotaResponse)(nil), // 68: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponse
-	(*timestamppb.Timestamp)(nil),        // 69: google.protobuf.Timestamp
-	(*status.Status)(nil),                // 70: google.rpc.Status
-	(*v1.Progress)(nil),                  // 71: switchboard.api.handler.v1.Progress
-	(*v1.Usage)(nil),                     // 72: switchboard.api.handler.v1.Usage
-	(*v1.ToolCall)(nil),                  // 73: switchboard.api.handler.v1.ToolCall
-	(*v11.Message)(nil),                  // 74: switchboard.api.context.v1.Message
-	(*structpb.Struct)(nil),              // 75: google.protobuf.Struct
-	(*durationpb.Duration)(nil),          // 76: google.protobuf.Duration
-	(*v1.TextDelta)(nil),                 // 77: switchboard.api.handler.v1.TextDelta
-	(*v1.HandleResult)(nil),              // 78: switchboard.api.handler.v1.HandleResult
-	(*v1.ToolResult)(nil),                // 79: switchboard.api.handler.v1.ToolResult
-	(*v1.HandlerCapabilities)(nil),       // 80: switchboard.api.handler.v1.HandlerCapabilities
-	(*v1.ModelSettings)(nil),             // 81: switchboard.api.handler.v1.ModelSettings
-	(*fieldmaskpb.FieldMask)(nil),        // 82: google.protobuf.FieldMask
-	(*v1.ToolDefinition)(nil),            // 83: switchboard.api.handler.v1.ToolDefinition
+	(AudioEncoding)(0),                   // 4: switchboard.api.dispatcher.v1.AudioEncoding
+	(HandlerKind)(0),                     // 5: switchboard.api.dispatcher.v1.HandlerKind
+	(BudgetPeriod)(0),                    // 6: switchboard.api.dispatcher.v1.BudgetPeriod
+	(UsageDimension)(0),                  // 7: switchboard.api.dispatcher.v1.UsageDimension
+	(TurnDetection)(0),                   // 8: switchboard.api.dispatcher.v1.TurnDetection
+	(TalkAction)(0),                      // 9: switchboard.api.dispatcher.v1.TalkAction
+	(TalkEventKind)(0),                   // 10: switchboard.api.dispatcher.v1.TalkEventKind
+	(*Run)(nil),                          // 11: switchboard.api.dispatcher.v1.Run
+	(*RequiredAction)(nil),               // 12: switchboard.api.dispatcher.v1.RequiredAction
+	(*BudgetAction)(nil),                 // 13: switchboard.api.dispatcher.v1.BudgetAction
+	(*PendingToolCall)(nil),              // 14: switchboard.api.dispatcher.v1.PendingToolCall
+	(*SendMessageRequest)(nil),           // 15: switchboard.api.dispatcher.v1.SendMessageRequest
+	(*AudioFormat)(nil),                  // 16: switchboard.api.dispatcher.v1.AudioFormat
+	(*SpeechOptions)(nil),                // 17: switchboard.api.dispatcher.v1.SpeechOptions
+	(*VoiceSettings)(nil),                // 18: switchboard.api.dispatcher.v1.VoiceSettings
+	(*SpeechChunk)(nil),                  // 19: switchboard.api.dispatcher.v1.SpeechChunk
+	(*SendMessageResponse)(nil),          // 20: switchboard.api.dispatcher.v1.SendMessageResponse
+	(*GetRunRequest)(nil),                // 21: switchboard.api.dispatcher.v1.GetRunRequest
+	(*GetRunResponse)(nil),               // 22: switchboard.api.dispatcher.v1.GetRunResponse
+	(*ListRunsRequest)(nil),              // 23: switchboard.api.dispatcher.v1.ListRunsRequest
+	(*ListRunsResponse)(nil),             // 24: switchboard.api.dispatcher.v1.ListRunsResponse
+	(*CancelRunRequest)(nil),             // 25: switchboard.api.dispatcher.v1.CancelRunRequest
+	(*CancelRunResponse)(nil),            // 26: switchboard.api.dispatcher.v1.CancelRunResponse
+	(*WatchRunRequest)(nil),              // 27: switchboard.api.dispatcher.v1.WatchRunRequest
+	(*RunStateChange)(nil),               // 28: switchboard.api.dispatcher.v1.RunStateChange
+	(*RunUpdate)(nil),                    // 29: switchboard.api.dispatcher.v1.RunUpdate
+	(*WatchRunResponse)(nil),             // 30: switchboard.api.dispatcher.v1.WatchRunResponse
+	(*Heartbeat)(nil),                    // 31: switchboard.api.dispatcher.v1.Heartbeat
+	(*ConverseRequest)(nil),              // 32: switchboard.api.dispatcher.v1.ConverseRequest
+	(*ConverseResponse)(nil),             // 33: switchboard.api.dispatcher.v1.ConverseResponse
+	(*Handler)(nil),                      // 34: switchboard.api.dispatcher.v1.Handler
+	(*ListHandlersRequest)(nil),          // 35: switchboard.api.dispatcher.v1.ListHandlersRequest
+	(*ListHandlersResponse)(nil),         // 36: switchboard.api.dispatcher.v1.ListHandlersResponse
+	(*ToolApproval)(nil),                 // 37: switchboard.api.dispatcher.v1.ToolApproval
+	(*SubmitToolApprovalsRequest)(nil),   // 38: switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
+	(*SubmitToolApprovalsResponse)(nil),  // 39: switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
+	(*AssistantTools)(nil),               // 40: switchboard.api.dispatcher.v1.AssistantTools
+	(*Assistant)(nil),                    // 41: switchboard.api.dispatcher.v1.Assistant
+	(*CreateAssistantRequest)(nil),       // 42: switchboard.api.dispatcher.v1.CreateAssistantRequest
+	(*CreateAssistantResponse)(nil),      // 43: switchboard.api.dispatcher.v1.CreateAssistantResponse
+	(*GetAssistantRequest)(nil),          // 44: switchboard.api.dispatcher.v1.GetAssistantRequest
+	(*GetAssistantResponse)(nil),         // 45: switchboard.api.dispatcher.v1.GetAssistantResponse
+	(*ListAssistantsRequest)(nil),        // 46: switchboard.api.dispatcher.v1.ListAssistantsRequest
+	(*ListAssistantsResponse)(nil),       // 47: switchboard.api.dispatcher.v1.ListAssistantsResponse
+	(*UpdateAssistantRequest)(nil),       // 48: switchboard.api.dispatcher.v1.UpdateAssistantRequest
+	(*UpdateAssistantResponse)(nil),      // 49: switchboard.api.dispatcher.v1.UpdateAssistantResponse
+	(*DeleteAssistantRequest)(nil),       // 50: switchboard.api.dispatcher.v1.DeleteAssistantRequest
+	(*DeleteAssistantResponse)(nil),      // 51: switchboard.api.dispatcher.v1.DeleteAssistantResponse
+	(*DescribeConversationRequest)(nil),  // 52: switchboard.api.dispatcher.v1.DescribeConversationRequest
+	(*DescribeConversationResponse)(nil), // 53: switchboard.api.dispatcher.v1.DescribeConversationResponse
+	(*Budget)(nil),                       // 54: switchboard.api.dispatcher.v1.Budget
+	(*BudgetUsage)(nil),                  // 55: switchboard.api.dispatcher.v1.BudgetUsage
+	(*CreateBudgetRequest)(nil),          // 56: switchboard.api.dispatcher.v1.CreateBudgetRequest
+	(*CreateBudgetResponse)(nil),         // 57: switchboard.api.dispatcher.v1.CreateBudgetResponse
+	(*GetBudgetRequest)(nil),             // 58: switchboard.api.dispatcher.v1.GetBudgetRequest
+	(*GetBudgetResponse)(nil),            // 59: switchboard.api.dispatcher.v1.GetBudgetResponse
+	(*ListBudgetsRequest)(nil),           // 60: switchboard.api.dispatcher.v1.ListBudgetsRequest
+	(*ListBudgetsResponse)(nil),          // 61: switchboard.api.dispatcher.v1.ListBudgetsResponse
+	(*UpdateBudgetRequest)(nil),          // 62: switchboard.api.dispatcher.v1.UpdateBudgetRequest
+	(*UpdateBudgetResponse)(nil),         // 63: switchboard.api.dispatcher.v1.UpdateBudgetResponse
+	(*DeleteBudgetRequest)(nil),          // 64: switchboard.api.dispatcher.v1.DeleteBudgetRequest
+	(*DeleteBudgetResponse)(nil),         // 65: switchboard.api.dispatcher.v1.DeleteBudgetResponse
+	(*ResolveBudgetActionRequest)(nil),   // 66: switchboard.api.dispatcher.v1.ResolveBudgetActionRequest
+	(*ResolveBudgetActionResponse)(nil),  // 67: switchboard.api.dispatcher.v1.ResolveBudgetActionResponse
+	(*QueryUsageRequest)(nil),            // 68: switchboard.api.dispatcher.v1.QueryUsageRequest
+	(*UsageRow)(nil),                     // 69: switchboard.api.dispatcher.v1.UsageRow
+	(*QueryUsageResponse)(nil),           // 70: switchboard.api.dispatcher.v1.QueryUsageResponse
+	(*ApiKeyQuota)(nil),                  // 71: switchboard.api.dispatcher.v1.ApiKeyQuota
+	(*WorkspaceQuota)(nil),               // 72: switchboard.api.dispatcher.v1.WorkspaceQuota
+	(*GetWorkspaceQuotaRequest)(nil),     // 73: switchboard.api.dispatcher.v1.GetWorkspaceQuotaRequest
+	(*GetWorkspaceQuotaResponse)(nil),    // 74: switchboard.api.dispatcher.v1.GetWorkspaceQuotaResponse
+	(*UpdateWorkspaceQuotaRequest)(nil),  // 75: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest
+	(*UpdateWorkspaceQuotaResponse)(nil), // 76: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponse
+	(*TalkRequest)(nil),                  // 77: switchboard.api.dispatcher.v1.TalkRequest
+	(*TalkStart)(nil),                    // 78: switchboard.api.dispatcher.v1.TalkStart
+	(*TalkResume)(nil),                   // 79: switchboard.api.dispatcher.v1.TalkResume
+	(*AudioChunk)(nil),                   // 80: switchboard.api.dispatcher.v1.AudioChunk
+	(*TalkControl)(nil),                  // 81: switchboard.api.dispatcher.v1.TalkControl
+	(*TalkResponse)(nil),                 // 82: switchboard.api.dispatcher.v1.TalkResponse
+	(*VoiceSession)(nil),                 // 83: switchboard.api.dispatcher.v1.VoiceSession
+	(*Transcript)(nil),                   // 84: switchboard.api.dispatcher.v1.Transcript
+	(*TalkEvent)(nil),                    // 85: switchboard.api.dispatcher.v1.TalkEvent
+	(*timestamppb.Timestamp)(nil),        // 86: google.protobuf.Timestamp
+	(*status.Status)(nil),                // 87: google.rpc.Status
+	(*v1.Progress)(nil),                  // 88: switchboard.api.handler.v1.Progress
+	(*v1.Usage)(nil),                     // 89: switchboard.api.handler.v1.Usage
+	(*v1.ToolCall)(nil),                  // 90: switchboard.api.handler.v1.ToolCall
+	(*v11.Message)(nil),                  // 91: switchboard.api.context.v1.Message
+	(*structpb.Struct)(nil),              // 92: google.protobuf.Struct
+	(*durationpb.Duration)(nil),          // 93: google.protobuf.Duration
+	(*v1.TextDelta)(nil),                 // 94: switchboard.api.handler.v1.TextDelta
+	(*v1.HandleResult)(nil),              // 95: switchboard.api.handler.v1.HandleResult
+	(*v1.ToolResult)(nil),                // 96: switchboard.api.handler.v1.ToolResult
+	(*v1.HandlerCapabilities)(nil),       // 97: switchboard.api.handler.v1.HandlerCapabilities
+	(*v1.ModelSettings)(nil),             // 98: switchboard.api.handler.v1.ModelSettings
+	(*fieldmaskpb.FieldMask)(nil),        // 99: google.protobuf.FieldMask
+	(*v1.ToolDefinition)(nil),            // 100: switchboard.api.handler.v1.ToolDefinition
 }
 var file_switchboard_api_dispatcher_v1_dispatcher_proto_depIdxs = []int32{
 	0,   // 0: switchboard.api.dispatcher.v1.Run.state:type_name -> switchboard.api.dispatcher.v1.RunState
-	69,  // 1: switchboard.api.dispatcher.v1.Run.create_time:type_name -> google.protobuf.Timestamp
-	69,  // 2: switchboard.api.dispatcher.v1.Run.start_time:type_name -> google.protobuf.Timestamp
-	69,  // 3: switchboard.api.dispatcher.v1.Run.end_time:type_name -> google.protobuf.Timestamp
-	69,  // 4: switchboard.api.dispatcher.v1.Run.deadline:type_name -> google.protobuf.Timestamp
-	70,  // 5: switchboard.api.dispatcher.v1.Run.error:type_name -> google.rpc.Status
-	71,  // 6: switchboard.api.dispatcher.v1.Run.progress:type_name -> switchboard.api.handler.v1.Progress
-	72,  // 7: switchboard.api.dispatcher.v1.Run.usage:type_name -> switchboard.api.handler.v1.Usage
+	86,  // 1: switchboard.api.dispatcher.v1.Run.create_time:type_name -> google.protobuf.Timestamp
+	86,  // 2: switchboard.api.dispatcher.v1.Run.start_time:type_name -> google.protobuf.Timestamp
+	86,  // 3: switchboard.api.dispatcher.v1.Run.end_time:type_name -> google.protobuf.Timestamp
+	86,  // 4: switchboard.api.dispatcher.v1.Run.deadline:type_name -> google.protobuf.Timestamp
+	87,  // 5: switchboard.api.dispatcher.v1.Run.error:type_name -> google.rpc.Status
+	88,  // 6: switchboard.api.dispatcher.v1.Run.progress:type_name -> switchboard.api.handler.v1.Progress
+	89,  // 7: switchboard.api.dispatcher.v1.Run.usage:type_name -> switchboard.api.handler.v1.Usage
 	3,   // 8: switchboard.api.dispatcher.v1.Run.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
-	8,   // 9: switchboard.api.dispatcher.v1.Run.required_action:type_name -> switchboard.api.dispatcher.v1.RequiredAction
-	10,  // 10: switchboard.api.dispatcher.v1.RequiredAction.tool_calls:type_name -> switchboard.api.dispatcher.v1.PendingToolCall
-	69,  // 11: switchboard.api.dispatcher.v1.RequiredAction.expire_time:type_name -> google.protobuf.Timestamp
-	9,   // 12: switchboard.api.dispatcher.v1.RequiredAction.budget:type_name -> switchboard.api.dispatcher.v1.BudgetAction
-	1,   // 13: switchboard.api.dispatcher.v1.BudgetAction.decision:type_name -> switchboard.api.dispatcher.v1.BudgetDecision
-	69,  // 14: switchboard.api.dispatcher.v1.BudgetAction.decide_time:type_name -> google.protobuf.Timestamp
-	73,  // 15: switchboard.api.dispatcher.v1.PendingToolCall.call:type_name -> switchboard.api.handler.v1.ToolCall
-	2,   // 16: switchboard.api.dispatcher.v1.PendingToolCall.decision:type_name -> switchboard.api.dispatcher.v1.ToolApprovalDecision
-	69,  // 17: switchboard.api.dispatcher.v1.PendingToolCall.decide_time:type_name -> google.protobuf.Timestamp
-	74,  // 18: switchboard.api.dispatcher.v1.SendMessageRequest.message:type_name -> switchboard.api.context.v1.Message
-	75,  // 19: switchboard.api.dispatcher.v1.SendMessageRequest.parameters:type_name -> google.protobuf.Struct
-	76,  // 20: switchboard.api.dispatcher.v1.SendMessageRequest.timeout:type_name -> google.protobuf.Duration
-	3,   // 21: switchboard.api.dispatcher.v1.SendMessageRequest.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
-	7,   // 22: switchboard.api.dispatcher.v1.SendMessageResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
-	74,  // 23: switchboard.api.dispatcher.v1.SendMessageResponse.message:type_name -> switchboard.api.context.v1.Message
-	7,   // 24: switchboard.api.dispatcher.v1.GetRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
-	0,   // 25: switchboard.api.dispatcher.v1.ListRunsRequest.states:type_name -> switchboard.api.dispatcher.v1.RunState
-	69,  // 26: switchboard.api.dispatcher.v1.ListRunsRequest.state_changed_after:type_name -> google.protobuf.Timestamp
-	7,   // 27: switchboard.api.dispatcher.v1.ListRunsResponse.runs:type_name -> switchboard.api.dispatcher.v1.Run
-	7,   // 28: switchboard.api.dispatcher.v1.CancelRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
-	7,   // 29: switchboard.api.dispatcher.v1.RunStateChange.run:type_name -> switchboard.api.dispatcher.v1.Run
-	69,  // 30: switchboard.api.dispatcher.v1.RunUpdate.time:type_name -> google.protobuf.Timestamp
-	20,  // 31: switchboard.api.dispatcher.v1.RunUpdate.state_change:type_name -> switchboard.api.dispatcher.v1.RunStateChange
-	71,  // 32: switchboard.api.dispatcher.v1.RunUpdate.progress:type_name -> switchboard.api.handler.v1.Progress
-	77,  // 33: switchboard.api.dispatcher.v1.RunUpdate.delta:type_name -> switchboard.api.handler.v1.TextDelta
-	73,  // 34: switchboard.api.dispatcher.v1.RunUpdate.tool_call:type_name -> switchboard.api.handler.v1.ToolCall
-	78,  // 35: switchboard.api.dispatcher.v1.RunUpdate.result:type_name -> switchboard.api.handler.v1.HandleResult
-	79,  // 36: switchboard.api.dispatcher.v1.RunUpdate.tool_result:type_name -> switchboard.api.handler.v1.ToolResult
-	21,  // 37: switchboard.api.dispatcher.v1.WatchRunResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
-	23,  // 38: switchboard.api.dispatcher.v1.WatchRunResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
-	69,  // 39: switchboard.api.dispatcher.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
-	11,  // 40: switchboard.api.dispatcher.v1.ConverseRequest.send_message:type_name -> switchboard.api.dispatcher.v1.SendMessageRequest
-	17,  // 41: switchboard.api.dispatcher.v1.ConverseRequest.cancel_run:type_name -> switchboard.api.dispatcher.v1.CancelRunRequest
-	19,  // 42: switchboard.api.dispatcher.v1.ConverseRequest.watch_run:type_name -> switchboard.api.dispatcher.v1.WatchRunRequest
-	30,  // 43: switchboard.api.dispatcher.v1.ConverseRequest.submit_tool_approvals:type_name -> switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
-	12,  // 44: switchboard.api.dispatcher.v1.ConverseResponse.message_sent:type_name -> switchboard.api.dispatcher.v1.SendMessageResponse
-	18,  // 45: switchboard.api.dispatcher.v1.ConverseResponse.run_cancelled:type_name -> switchboard.api.dispatcher.v1.CancelRunResponse
-	21,  // 46: switchboard.api.dispatcher.v1.ConverseResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
-	70,  // 47: switchboard.api.dispatcher.v1.ConverseResponse.error:type_name -> google.rpc.Status
-	23,  // 48: switchboard.api.dispatcher.v1.ConverseResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
-	31,  // 49: switchboard.api.dispatcher.v1.ConverseResponse.tool_approvals_submitted:type_name -> switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
-	4,   // 50: switchboard.api.dispatcher.v1.Handler.kind:type_name -> switchboard.api.dispatcher.v1.HandlerKind
-	80,  // 51: switchboard.api.dispatcher.v1.Handler.capabilities:type_name -> switchboard.api.handler.v1.HandlerCapabilities
-	26,  // 52: switchboard.api.dispatcher.v1.ListHandlersResponse.handlers:type_name -> switchboard.api.dispatcher.v1.Handler
-	2,   // 53: switchboard.api.dispatcher.v1.ToolApproval.decision:type_name -> switchboard.api.dispatcher.v1.ToolApprovalDecision
-	29,  // 54: switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest.approvals:type_name -> switchboard.api.dispatcher.v1.ToolApproval
-	7,   // 55: switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
-	81,  // 56: switchboard.api.dispatcher.v1.Assistant.model:type_name -> switchboard.api.handler.v1.ModelSettings
-	32,  // 57: switchboard.api.dispatcher.v1.Assistant.tools:type_name -> switchboard.api.dispatcher.v1.AssistantTools
-	69,  // 58: switchboard.api.dispatcher.v1.Assistant.create_time:type_name -> google.protobuf.Timestamp
-	69,  // 59: switchboard.api.dispatcher.v1.Assistant.update_time:type_name -> google.protobuf.Timestamp
-	33,  // 60: switchboard.api.dispatcher.v1.CreateAssistantRequest.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	33,  // 61: switchboard.api.dispatcher.v1.CreateAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	33,  // 62: switchboard.api.dispatcher.v1.GetAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	33,  // 63: switchboard.api.dispatcher.v1.ListAssistantsResponse.assistants:type_name -> switchboard.api.dispatcher.v1.Assistant
-	33,  // 64: switchboard.api.dispatcher.v1.UpdateAssistantRequest.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	82,  // 65: switchboard.api.dispatcher.v1.UpdateAssistantRequest.update_mask:type_name -> google.protobuf.FieldMask
-	33,  // 66: switchboard.api.dispatcher.v1.UpdateAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	33,  // 67: switchboard.api.dispatcher.v1.DescribeConversationResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	26,  // 68: switchboard.api.dispatcher.v1.DescribeConversationResponse.handler:type_name -> switchboard.api.dispatcher.v1.Handler
-	83,  // 69: switchboard.api.dispatcher.v1.DescribeConversationResponse.tools:type_name -> switchboard.api.handler.v1.ToolDefinition
-	5,   // 70: switchboard.api.dispatcher.v1.Budget.period:type_name -> switchboard.api.dispatcher.v1.BudgetPeriod
-	47,  // 71: switchboard.api.dispatcher.v1.Budget.usage:type_name -> switchboard.api.dispatcher.v1.BudgetUsage
-	69,  // 72: switchboard.api.dispatcher.v1.Budget.create_time:type_name -> google.protobuf.Timestamp
-	69,  // 73: switchboard.api.dispatcher.v1.Budget.update_time:type_name -> google.protobuf.Timestamp
-	69,  // 74: switchboard.api.dispatcher.v1.BudgetUsage.period_start_time:type_name -> google.protobuf.Timestamp
-	69,  // 75: switchboard.api.dispatcher.v1.BudgetUsage.reset_time:type_name -> google.protobuf.Timestamp
-	46,  // 76: switchboard.api.dispatcher.v1.CreateBudgetRequest.budget:type_name -> switchboard.api.dispatcher.v1.Budget
-	46,  // 77: switchboard.api.dispatcher.v1.CreateBudgetResponse.budget:type_name -> switchboard.api.dispatcher.v1.Budget
-	46,  // 78: switchboard.api.dispatcher.v1.GetBudgetResponse.budget:type_name -> switchboard.api.dispatcher.v1.Budget
-	46,  // 79: switchboard.api.dispatcher.v1.ListBudgetsResponse.budgets:type_name -> switchboard.api.dispatcher.v1.Budget
-	46,  // 80: switchboard.api.dispatcher.v1.UpdateBudgetRequest.budget:type_name -> switchboard.api.dispatcher.v1.Budget
-	82,  // 81: switchboard.api.dispatcher.v1.UpdateBudgetRequest.update_mask:type_name -> google.protobuf.FieldMask
-	46,  // 82: switchboard.api.dispatcher.v1.UpdateBudgetResponse.budget:type_name -> switchboard.api.dispatcher.v1.Budget
-	1,   // 83: switchboard.api.dispatcher.v1.ResolveBudgetActionRequest.decision:type_name -> switchboard.api.dispatcher.v1.BudgetDecision
-	7,   // 84: switchboard.api.dispatcher.v1.ResolveBudgetActionResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
-	6,   // 85: switchboard.api.dispatcher.v1.QueryUsageRequest.group_by:type_name -> switchboard.api.dispatcher.v1.UsageDimension
-	69,  // 86: switchboard.api.dispatcher.v1.QueryUsageRequest.start_time:type_name -> google.protobuf.Timestamp
-	69,  // 87: switchboard.api.dispatcher.v1.QueryUsageRequest.end_time:type_name -> google.protobuf.Timestamp
-	61,  // 88: switchboard.api.dispatcher.v1.QueryUsageResponse.rows:type_name -> switchboard.api.dispatcher.v1.UsageRow
-	63,  // 89: switchboard.api.dispatcher.v1.WorkspaceQuota.api_keys:type_name -> switchboard.api.dispatcher.v1.ApiKeyQuota
-	69,  // 90: switchboard.api.dispatcher.v1.WorkspaceQuota.update_time:type_name -> google.protobuf.Timestamp
-	64,  // 91: switchboard.api.dispatcher.v1.GetWorkspaceQuotaResponse.quota:type_name -> switchboard.api.dispatcher.v1.WorkspaceQuota
-	64,  // 92: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest.quota:type_name -> switchboard.api.dispatcher.v1.WorkspaceQuota
-	82,  // 93: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest.update_mask:type_name -> google.protobuf.FieldMask
-	64,  // 94: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponse.quota:type_name -> switchboard.api.dispatcher.v1.WorkspaceQuota
-	11,  // 95: switchboard.api.dispatcher.v1.DispatcherService.SendMessage:input_type -> switchboard.api.dispatcher.v1.SendMessageRequest
-	13,  // 96: switchboard.api.dispatcher.v1.DispatcherService.GetRun:input_type -> switchboard.api.dispatcher.v1.GetRunRequest
-	15,  // 97: switchboard.api.dispatcher.v1.DispatcherService.ListRuns:input_type -> switchboard.api.dispatcher.v1.ListRunsRequest
-	17,  // 98: switchboard.api.dispatcher.v1.DispatcherService.CancelRun:input_type -> switchboard.api.dispatcher.v1.CancelRunRequest
-	19,  // 99: switchboard.api.dispatcher.v1.DispatcherService.WatchRun:input_type -> switchboard.api.dispatcher.v1.WatchRunRequest
-	24,  // 100: switchboard.api.dispatcher.v1.DispatcherService.Converse:input_type -> switchboard.api.dispatcher.v1.ConverseRequest
-	27,  // 101: switchboard.api.dispatcher.v1.DispatcherService.ListHandlers:input_type -> switchboard.api.dispatcher.v1.ListHandlersRequest
-	30,  // 102: switchboard.api.dispatcher.v1.DispatcherService.SubmitToolApprovals:input_type -> switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
-	34,  // 103: switchboard.api.dispatcher.v1.DispatcherService.CreateAssistant:input_type -> switchboard.api.dispatcher.v1.CreateAssistantRequest
-	36,  // 104: switchboard.api.dispatcher.v1.DispatcherService.GetAssistant:input_type -> switchboard.api.dispatcher.v1.GetAssistantRequest
-	38,  // 105: switchboard.api.dispatcher.v1.DispatcherService.ListAssistants:input_type -> switchboard.api.dispatcher.v1.ListAssistantsRequest
-	40,  // 106: switchboard.api.dispatcher.v1.DispatcherService.UpdateAssistant:input_type -> switchboard.api.dispatcher.v1.UpdateAssistantRequest
-	42,  // 107: switchboard.api.dispatcher.v1.DispatcherService.DeleteAssistant:input_type -> switchboard.api.dispatcher.v1.DeleteAssistantRequest
-	44,  // 108: switchboard.api.dispatcher.v1.DispatcherService.DescribeConversation:input_type -> switchboard.api.dispatcher.v1.DescribeConversationRequest
-	48,  // 109: switchboard.api.dispatcher.v1.DispatcherService.CreateBudget:input_type -> switchboard.api.dispatcher.v1.CreateBudgetRequest
-	50,  // 110: switchboard.api.dispatcher.v1.DispatcherService.GetBudget:input_type -> switchboard.api.dispatcher.v1.GetBudgetRequest
-	52,  // 111: switchboard.api.dispatcher.v1.DispatcherService.ListBudgets:input_type -> switchboard.api.dispatcher.v1.ListBudgetsRequest
-	54,  // 112: switchboard.api.dispatcher.v1.DispatcherService.UpdateBudget:input_type -> switchboard.api.dispatcher.v1.UpdateBudgetRequest
-	56,  // 113: switchboard.api.dispatcher.v1.DispatcherService.DeleteBudget:input_type -> switchboard.api.dispatcher.v1.DeleteBudgetRequest
-	58,  // 114: switchboard.api.dispatcher.v1.DispatcherService.ResolveBudgetAction:input_type -> switchboard.api.dispatcher.v1.ResolveBudgetActionRequest
-	60,  // 115: switchboard.api.dispatcher.v1.DispatcherService.QueryUsage:input_type -> switchboard.api.dispatcher.v1.QueryUsageRequest
-	65,  // 116: switchboard.api.dispatcher.v1.DispatcherService.GetWorkspaceQuota:input_type -> switchboard.api.dispatcher.v1.GetWorkspaceQuotaRequest
-	67,  // 117: switchboard.api.dispatcher.v1.DispatcherService.UpdateWorkspaceQuota:input_type -> switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest
-	12,  // 118: switchboard.api.dispatcher.v1.DispatcherService.SendMessage:output_type -> switchboard.api.dispatcher.v1.SendMessageResponse
-	14,  // 119: switchboard.api.dispatcher.v1.DispatcherService.GetRun:output_type -> switchboard.api.dispatcher.v1.GetRunResponse
-	16,  // 120: switchboard.api.dispatcher.v1.DispatcherService.ListRuns:output_type -> switchboard.api.dispatcher.v1.ListRunsResponse
-	18,  // 121: switchboard.api.dispatcher.v1.DispatcherService.CancelRun:output_type -> switchboard.api.dispatcher.v1.CancelRunResponse
-	22,  // 122: switchboard.api.dispatcher.v1.DispatcherService.WatchRun:output_type -> switchboard.api.dispatcher.v1.WatchRunResponse
-	25,  // 123: switchboard.api.dispatcher.v1.DispatcherService.Converse:output_type -> switchboard.api.dispatcher.v1.ConverseResponse
-	28,  // 124: switchboard.api.dispatcher.v1.DispatcherService.ListHandlers:output_type -> switchboard.api.dispatcher.v1.ListHandlersResponse
-	31,  // 125: switchboard.api.dispatcher.v1.DispatcherService.SubmitToolApprovals:output_type -> switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
-	35,  // 126: switchboard.api.dispatcher.v1.DispatcherService.CreateAssistant:output_type -> switchboard.api.dispatcher.v1.CreateAssistantResponse
-	37,  // 127: switchboard.api.dispatcher.v1.DispatcherService.GetAssistant:output_type -> switchboard.api.dispatcher.v1.GetAssistantResponse
-	39,  // 128: switchboard.api.dispatcher.v1.DispatcherService.ListAssistants:output_type -> switchboard.api.dispatcher.v1.ListAssistantsResponse
-	41,  // 129: switchboard.api.dispatcher.v1.DispatcherService.UpdateAssistant:output_type -> switchboard.api.dispatcher.v1.UpdateAssistantResponse
-	43,  // 130: switchboard.api.dispatcher.v1.DispatcherService.DeleteAssistant:output_type -> switchboard.api.dispatcher.v1.DeleteAssistantResponse
-	45,  // 131: switchboard.api.dispatcher.v1.DispatcherService.DescribeConversation:output_type -> switchboard.api.dispatcher.v1.DescribeConversationResponse
-	49,  // 132: switchboard.api.dispatcher.v1.DispatcherService.CreateBudget:output_type -> switchboard.api.dispatcher.v1.CreateBudgetResponse
-	51,  // 133: switchboard.api.dispatcher.v1.DispatcherService.GetBudget:output_type -> switchboard.api.dispatcher.v1.GetBudgetResponse
-	53,  // 134: switchboard.api.dispatcher.v1.DispatcherService.ListBudgets:output_type -> switchboard.api.dispatcher.v1.ListBudgetsResponse
-	55,  // 135: switchboard.api.dispatcher.v1.DispatcherService.UpdateBudget:output_type -> switchboard.api.dispatcher.v1.UpdateBudgetResponse
-	57,  // 136: switchboard.api.dispatcher.v1.DispatcherService.DeleteBudget:output_type -> switchboard.api.dispatcher.v1.DeleteBudgetResponse
-	59,  // 137: switchboard.api.dispatcher.v1.DispatcherService.ResolveBudgetAction:output_type -> switchboard.api.dispatcher.v1.ResolveBudgetActionResponse
-	62,  // 138: switchboard.api.dispatcher.v1.DispatcherService.QueryUsage:output_type -> switchboard.api.dispatcher.v1.QueryUsageResponse
-	66,  // 139: switchboard.api.dispatcher.v1.DispatcherService.GetWorkspaceQuota:output_type -> switchboard.api.dispatcher.v1.GetWorkspaceQuotaResponse
-	68,  // 140: switchboard.api.dispatcher.v1.DispatcherService.UpdateWorkspaceQuota:output_type -> switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponse
-	118, // [118:141] is the sub-list for method output_type
-	95,  // [95:118] is the sub-list for method input_type
-	95,  // [95:95] is the sub-list for extension type_name
-	95,  // [95:95] is the sub-list for extension extendee
-	0,   // [0:95] is the sub-list for field type_name
+	12,  // 9: switchboard.api.dispatcher.v1.Run.required_action:type_name -> switchboard.api.dispatcher.v1.RequiredAction
+	17,  // 10: switchboard.api.dispatcher.v1.Run.speech:type_name -> switchboard.api.dispatcher.v1.SpeechOptions
+	14,  // 11: switchboard.api.dispatcher.v1.RequiredAction.tool_calls:type_name -> switchboard.api.dispatcher.v1.PendingToolCall
+	86,  // 12: switchboard.api.dispatcher.v1.RequiredAction.expire_time:type_name -> google.protobuf.Timestamp
+	13,  // 13: switchboard.api.dispatcher.v1.RequiredAction.budget:type_name -> switchboard.api.dispatcher.v1.BudgetAction
+	1,   // 14: switchboard.api.dispatcher.v1.BudgetAction.decision:type_name -> switchboard.api.dispatcher.v1.BudgetDecision
+	86,  // 15: switchboard.api.dispatcher.v1.BudgetAction.decide_time:type_name -> google.protobuf.Timestamp
+	90,  // 16: switchboard.api.dispatcher.v1.PendingToolCall.call:type_name -> switchboard.api.handler.v1.ToolCall
+	2,   // 17: switchboard.api.dispatcher.v1.PendingToolCall.decision:type_name -> switchboard.api.dispatcher.v1.ToolApprovalDecision
+	86,  // 18: switchboard.api.dispatcher.v1.PendingToolCall.decide_time:type_name -> google.protobuf.Timestamp
+	91,  // 19: switchboard.api.dispatcher.v1.SendMessageRequest.message:type_name -> switchboard.api.context.v1.Message
+	92,  // 20: switchboard.api.dispatcher.v1.SendMessageRequest.parameters:type_name -> google.protobuf.Struct
+	93,  // 21: switchboard.api.dispatcher.v1.SendMessageRequest.timeout:type_name -> google.protobuf.Duration
+	3,   // 22: switchboard.api.dispatcher.v1.SendMessageRequest.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
+	17,  // 23: switchboard.api.dispatcher.v1.SendMessageRequest.speech:type_name -> switchboard.api.dispatcher.v1.SpeechOptions
+	4,   // 24: switchboard.api.dispatcher.v1.AudioFormat.encoding:type_name -> switchboard.api.dispatcher.v1.AudioEncoding
+	16,  // 25: switchboard.api.dispatcher.v1.SpeechOptions.output_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
+	16,  // 26: switchboard.api.dispatcher.v1.SpeechChunk.format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
+	11,  // 27: switchboard.api.dispatcher.v1.SendMessageResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
+	91,  // 28: switchboard.api.dispatcher.v1.SendMessageResponse.message:type_name -> switchboard.api.context.v1.Message
+	11,  // 29: switchboard.api.dispatcher.v1.GetRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
+	0,   // 30: switchboard.api.dispatcher.v1.ListRunsRequest.states:type_name -> switchboard.api.dispatcher.v1.RunState
+	86,  // 31: switchboard.api.dispatcher.v1.ListRunsRequest.state_changed_after:type_name -> google.protobuf.Timestamp
+	11,  // 32: switchboard.api.dispatcher.v1.ListRunsResponse.runs:type_name -> switchboard.api.dispatcher.v1.Run
+	11,  // 33: switchboard.api.dispatcher.v1.CancelRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
+	11,  // 34: switchboard.api.dispatcher.v1.RunStateChange.run:type_name -> switchboard.api.dispatcher.v1.Run
+	86,  // 35: switchboard.api.dispatcher.v1.RunUpdate.time:type_name -> google.protobuf.Timestamp
+	28,  // 36: switchboard.api.dispatcher.v1.RunUpdate.state_change:type_name -> switchboard.api.dispatcher.v1.RunStateChange
+	88,  // 37: switchboard.api.dispatcher.v1.RunUpdate.progress:type_name -> switchboard.api.handler.v1.Progress
+	94,  // 38: switchboard.api.dispatcher.v1.RunUpdate.delta:type_name -> switchboard.api.handler.v1.TextDelta
+	90,  // 39: switchboard.api.dispatcher.v1.RunUpdate.tool_call:type_name -> switchboard.api.handler.v1.ToolCall
+	95,  // 40: switchboard.api.dispatcher.v1.RunUpdate.result:type_name -> switchboard.api.handler.v1.HandleResult
+	96,  // 41: switchboard.api.dispatcher.v1.RunUpdate.tool_result:type_name -> switchboard.api.handler.v1.ToolResult
+	19,  // 42: switchboard.api.dispatcher.v1.RunUpdate.speech:type_name -> switchboard.api.dispatcher.v1.SpeechChunk
+	29,  // 43: switchboard.api.dispatcher.v1.WatchRunResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
+	31,  // 44: switchboard.api.dispatcher.v1.WatchRunResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
+	86,  // 45: switchboard.api.dispatcher.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
+	15,  // 46: switchboard.api.dispatcher.v1.ConverseRequest.send_message:type_name -> switchboard.api.dispatcher.v1.SendMessageRequest
+	25,  // 47: switchboard.api.dispatcher.v1.ConverseRequest.cancel_run:type_name -> switchboard.api.dispatcher.v1.CancelRunRequest
+	27,  // 48: switchboard.api.dispatcher.v1.ConverseRequest.watch_run:type_name -> switchboard.api.dispatcher.v1.WatchRunRequest
+	38,  // 49: switchboard.api.dispatcher.v1.ConverseRequest.submit_tool_approvals:type_name -> switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
+	20,  // 50: switchboard.api.dispatcher.v1.ConverseResponse.message_sent:type_name -> switchboard.api.dispatcher.v1.SendMessageResponse
+	26,  // 51: switchboard.api.dispatcher.v1.ConverseResponse.run_cancelled:type_name -> switchboard.api.dispatcher.v1.CancelRunResponse
+	29,  // 52: switchboard.api.dispatcher.v1.ConverseResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
+	87,  // 53: switchboard.api.dispatcher.v1.ConverseResponse.error:type_name -> google.rpc.Status
+	31,  // 54: switchboard.api.dispatcher.v1.ConverseResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
+	39,  // 55: switchboard.api.dispatcher.v1.ConverseResponse.tool_approvals_submitted:type_name -> switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
+	5,   // 56: switchboard.api.dispatcher.v1.Handler.kind:type_name -> switchboard.api.dispatcher.v1.HandlerKind
+	97,  // 57: switchboard.api.dispatcher.v1.Handler.capabilities:type_name -> switchboard.api.handler.v1.HandlerCapabilities
+	34,  // 58: switchboard.api.dispatcher.v1.ListHandlersResponse.handlers:type_name -> switchboard.api.dispatcher.v1.Handler
+	2,   // 59: switchboard.api.dispatcher.v1.ToolApproval.decision:type_name -> switchboard.api.dispatcher.v1.ToolApprovalDecision
+	37,  // 60: switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest.approvals:type_name -> switchboard.api.dispatcher.v1.ToolApproval
+	11,  // 61: switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
+	98,  // 62: switchboard.api.dispatcher.v1.Assistant.model:type_name -> switchboard.api.handler.v1.ModelSettings
+	40,  // 63: switchboard.api.dispatcher.v1.Assistant.tools:type_name -> switchboard.api.dispatcher.v1.AssistantTools
+	86,  // 64: switchboard.api.dispatcher.v1.Assistant.create_time:type_name -> google.protobuf.Timestamp
+	86,  // 65: switchboard.api.dispatcher.v1.Assistant.update_time:type_name -> google.protobuf.Timestamp
+	18,  // 66: switchboard.api.dispatcher.v1.Assistant.voice:type_name -> switchboard.api.dispatcher.v1.VoiceSettings
+	41,  // 67: switchboard.api.dispatcher.v1.CreateAssistantRequest.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	41,  // 68: switchboard.api.dispatcher.v1.CreateAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	41,  // 69: switchboard.api.dispatcher.v1.GetAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	41,  // 70: switchboard.api.dispatcher.v1.ListAssistantsResponse.assistants:type_name -> switchboard.api.dispatcher.v1.Assistant
+	41,  // 71: switchboard.api.dispatcher.v1.UpdateAssistantRequest.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	99,  // 72: switchboard.api.dispatcher.v1.UpdateAssistantRequest.update_mask:type_name -> google.protobuf.FieldMask
+	41,  // 73: switchboard.api.dispatcher.v1.UpdateAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	41,  // 74: switchboard.api.dispatcher.v1.DescribeConversationResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	34,  // 75: switchboard.api.dispatcher.v1.DescribeConversationResponse.handler:type_name -> switchboard.api.dispatcher.v1.Handler
+	100, // 76: switchboard.api.dispatcher.v1.DescribeConversationResponse.tools:type_name -> switchboard.api.handler.v1.ToolDefinition
+	6,   // 77: switchboard.api.dispatcher.v1.Budget.period:type_name -> switchboard.api.dispatcher.v1.BudgetPeriod
+	55,  // 78: switchboard.api.dispatcher.v1.Budget.usage:type_name -> switchboard.api.dispatcher.v1.BudgetUsage
+	86,  // 79: switchboard.api.dispatcher.v1.Budget.create_time:type_name -> google.protobuf.Timestamp
+	86,  // 80: switchboard.api.dispatcher.v1.Budget.update_time:type_name -> google.protobuf.Timestamp
+	86,  // 81: switchboard.api.dispatcher.v1.BudgetUsage.period_start_time:type_name -> google.protobuf.Timestamp
+	86,  // 82: switchboard.api.dispatcher.v1.BudgetUsage.reset_time:type_name -> google.protobuf.Timestamp
+	54,  // 83: switchboard.api.dispatcher.v1.CreateBudgetRequest.budget:type_name -> switchboard.api.dispatcher.v1.Budget
+	54,  // 84: switchboard.api.dispatcher.v1.CreateBudgetResponse.budget:type_name -> switchboard.api.dispatcher.v1.Budget
+	54,  // 85: switchboard.api.dispatcher.v1.GetBudgetResponse.budget:type_name -> switchboard.api.dispatcher.v1.Budget
+	54,  // 86: switchboard.api.dispatcher.v1.ListBudgetsResponse.budgets:type_name -> switchboard.api.dispatcher.v1.Budget
+	54,  // 87: switchboard.api.dispatcher.v1.UpdateBudgetRequest.budget:type_name -> switchboard.api.dispatcher.v1.Budget
+	99,  // 88: switchboard.api.dispatcher.v1.UpdateBudgetRequest.update_mask:type_name -> google.protobuf.FieldMask
+	54,  // 89: switchboard.api.dispatcher.v1.UpdateBudgetResponse.budget:type_name -> switchboard.api.dispatcher.v1.Budget
+	1,   // 90: switchboard.api.dispatcher.v1.ResolveBudgetActionRequest.decision:type_name -> switchboard.api.dispatcher.v1.BudgetDecision
+	11,  // 91: switchboard.api.dispatcher.v1.ResolveBudgetActionResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
+	7,   // 92: switchboard.api.dispatcher.v1.QueryUsageRequest.group_by:type_name -> switchboard.api.dispatcher.v1.UsageDimension
+	86,  // 93: switchboard.api.dispatcher.v1.QueryUsageRequest.start_time:type_name -> google.protobuf.Timestamp
+	86,  // 94: switchboard.api.dispatcher.v1.QueryUsageRequest.end_time:type_name -> google.protobuf.Timestamp
+	69,  // 95: switchboard.api.dispatcher.v1.QueryUsageResponse.rows:type_name -> switchboard.api.dispatcher.v1.UsageRow
+	71,  // 96: switchboard.api.dispatcher.v1.WorkspaceQuota.api_keys:type_name -> switchboard.api.dispatcher.v1.ApiKeyQuota
+	86,  // 97: switchboard.api.dispatcher.v1.WorkspaceQuota.update_time:type_name -> google.protobuf.Timestamp
+	72,  // 98: switchboard.api.dispatcher.v1.GetWorkspaceQuotaResponse.quota:type_name -> switchboard.api.dispatcher.v1.WorkspaceQuota
+	72,  // 99: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest.quota:type_name -> switchboard.api.dispatcher.v1.WorkspaceQuota
+	99,  // 100: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest.update_mask:type_name -> google.protobuf.FieldMask
+	72,  // 101: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponse.quota:type_name -> switchboard.api.dispatcher.v1.WorkspaceQuota
+	78,  // 102: switchboard.api.dispatcher.v1.TalkRequest.start:type_name -> switchboard.api.dispatcher.v1.TalkStart
+	79,  // 103: switchboard.api.dispatcher.v1.TalkRequest.resume:type_name -> switchboard.api.dispatcher.v1.TalkResume
+	80,  // 104: switchboard.api.dispatcher.v1.TalkRequest.audio:type_name -> switchboard.api.dispatcher.v1.AudioChunk
+	81,  // 105: switchboard.api.dispatcher.v1.TalkRequest.control:type_name -> switchboard.api.dispatcher.v1.TalkControl
+	16,  // 106: switchboard.api.dispatcher.v1.TalkStart.input_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
+	16,  // 107: switchboard.api.dispatcher.v1.TalkStart.output_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
+	8,   // 108: switchboard.api.dispatcher.v1.TalkStart.turn_detection:type_name -> switchboard.api.dispatcher.v1.TurnDetection
+	93,  // 109: switchboard.api.dispatcher.v1.TalkStart.silence:type_name -> google.protobuf.Duration
+	3,   // 110: switchboard.api.dispatcher.v1.TalkStart.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
+	9,   // 111: switchboard.api.dispatcher.v1.TalkControl.action:type_name -> switchboard.api.dispatcher.v1.TalkAction
+	83,  // 112: switchboard.api.dispatcher.v1.TalkResponse.session:type_name -> switchboard.api.dispatcher.v1.VoiceSession
+	84,  // 113: switchboard.api.dispatcher.v1.TalkResponse.transcript:type_name -> switchboard.api.dispatcher.v1.Transcript
+	29,  // 114: switchboard.api.dispatcher.v1.TalkResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
+	85,  // 115: switchboard.api.dispatcher.v1.TalkResponse.event:type_name -> switchboard.api.dispatcher.v1.TalkEvent
+	87,  // 116: switchboard.api.dispatcher.v1.TalkResponse.error:type_name -> google.rpc.Status
+	31,  // 117: switchboard.api.dispatcher.v1.TalkResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
+	16,  // 118: switchboard.api.dispatcher.v1.VoiceSession.input_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
+	16,  // 119: switchboard.api.dispatcher.v1.VoiceSession.output_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
+	8,   // 120: switchboard.api.dispatcher.v1.VoiceSession.turn_detection:type_name -> switchboard.api.dispatcher.v1.TurnDetection
+	93,  // 121: switchboard.api.dispatcher.v1.VoiceSession.silence:type_name -> google.protobuf.Duration
+	3,   // 122: switchboard.api.dispatcher.v1.VoiceSession.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
+	86,  // 123: switchboard.api.dispatcher.v1.VoiceSession.create_time:type_name -> google.protobuf.Timestamp
+	86,  // 124: switchboard.api.dispatcher.v1.VoiceSession.expire_time:type_name -> google.protobuf.Timestamp
+	10,  // 125: switchboard.api.dispatcher.v1.TalkEvent.kind:type_name -> switchboard.api.dispatcher.v1.TalkEventKind
+	15,  // 126: switchboard.api.dispatcher.v1.DispatcherService.SendMessage:input_type -> switchboard.api.dispatcher.v1.SendMessageRequest
+	21,  // 127: switchboard.api.dispatcher.v1.DispatcherService.GetRun:input_type -> switchboard.api.dispatcher.v1.GetRunRequest
+	23,  // 128: switchboard.api.dispatcher.v1.DispatcherService.ListRuns:input_type -> switchboard.api.dispatcher.v1.ListRunsRequest
+	25,  // 129: switchboard.api.dispatcher.v1.DispatcherService.CancelRun:input_type -> switchboard.api.dispatcher.v1.CancelRunRequest
+	27,  // 130: switchboard.api.dispatcher.v1.DispatcherService.WatchRun:input_type -> switchboard.api.dispatcher.v1.WatchRunRequest
+	32,  // 131: switchboard.api.dispatcher.v1.DispatcherService.Converse:input_type -> switchboard.api.dispatcher.v1.ConverseRequest
+	77,  // 132: switchboard.api.dispatcher.v1.DispatcherService.Talk:input_type -> switchboard.api.dispatcher.v1.TalkRequest
+	35,  // 133: switchboard.api.dispatcher.v1.DispatcherService.ListHandlers:input_type -> switchboard.api.dispatcher.v1.ListHandlersRequest
+	38,  // 134: switchboard.api.dispatcher.v1.DispatcherService.SubmitToolApprovals:input_type -> switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
+	42,  // 135: switchboard.api.dispatcher.v1.DispatcherService.CreateAssistant:input_type -> switchboard.api.dispatcher.v1.CreateAssistantRequest
+	44,  // 136: switchboard.api.dispatcher.v1.DispatcherService.GetAssistant:input_type -> switchboard.api.dispatcher.v1.GetAssistantRequest
+	46,  // 137: switchboard.api.dispatcher.v1.DispatcherService.ListAssistants:input_type -> switchboard.api.dispatcher.v1.ListAssistantsRequest
+	48,  // 138: switchboard.api.dispatcher.v1.DispatcherService.UpdateAssistant:input_type -> switchboard.api.dispatcher.v1.UpdateAssistantRequest
+	50,  // 139: switchboard.api.dispatcher.v1.DispatcherService.DeleteAssistant:input_type -> switchboard.api.dispatcher.v1.DeleteAssistantRequest
+	52,  // 140: switchboard.api.dispatcher.v1.DispatcherService.DescribeConversation:input_type -> switchboard.api.dispatcher.v1.DescribeConversationRequest
+	56,  // 141: switchboard.api.dispatcher.v1.DispatcherService.CreateBudget:input_type -> switchboard.api.dispatcher.v1.CreateBudgetRequest
+	58,  // 142: switchboard.api.dispatcher.v1.DispatcherService.GetBudget:input_type -> switchboard.api.dispatcher.v1.GetBudgetRequest
+	60,  // 143: switchboard.api.dispatcher.v1.DispatcherService.ListBudgets:input_type -> switchboard.api.dispatcher.v1.ListBudgetsRequest
+	62,  // 144: switchboard.api.dispatcher.v1.DispatcherService.UpdateBudget:input_type -> switchboard.api.dispatcher.v1.UpdateBudgetRequest
+	64,  // 145: switchboard.api.dispatcher.v1.DispatcherService.DeleteBudget:input_type -> switchboard.api.dispatcher.v1.DeleteBudgetRequest
+	66,  // 146: switchboard.api.dispatcher.v1.DispatcherService.ResolveBudgetAction:input_type -> switchboard.api.dispatcher.v1.ResolveBudgetActionRequest
+	68,  // 147: switchboard.api.dispatcher.v1.DispatcherService.QueryUsage:input_type -> switchboard.api.dispatcher.v1.QueryUsageRequest
+	73,  // 148: switchboard.api.dispatcher.v1.DispatcherService.GetWorkspaceQuota:input_type -> switchboard.api.dispatcher.v1.GetWorkspaceQuotaRequest
+	75,  // 149: switchboard.api.dispatcher.v1.DispatcherService.UpdateWorkspaceQuota:input_type -> switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest
+	20,  // 150: switchboard.api.dispatcher.v1.DispatcherService.SendMessage:output_type -> switchboard.api.dispatcher.v1.SendMessageResponse
+	22,  // 151: switchboard.api.dispatcher.v1.DispatcherService.GetRun:output_type -> switchboard.api.dispatcher.v1.GetRunResponse
+	24,  // 152: switchboard.api.dispatcher.v1.DispatcherService.ListRuns:output_type -> switchboard.api.dispatcher.v1.ListRunsResponse
+	26,  // 153: switchboard.api.dispatcher.v1.DispatcherService.CancelRun:output_type -> switchboard.api.dispatcher.v1.CancelRunResponse
+	30,  // 154: switchboard.api.dispatcher.v1.DispatcherService.WatchRun:output_type -> switchboard.api.dispatcher.v1.WatchRunResponse
+	33,  // 155: switchboard.api.dispatcher.v1.DispatcherService.Converse:output_type -> switchboard.api.dispatcher.v1.ConverseResponse
+	82,  // 156: switchboard.api.dispatcher.v1.DispatcherService.Talk:output_type -> switchboard.api.dispatcher.v1.TalkResponse
+	36,  // 157: switchboard.api.dispatcher.v1.DispatcherService.ListHandlers:output_type -> switchboard.api.dispatcher.v1.ListHandlersResponse
+	39,  // 158: switchboard.api.dispatcher.v1.DispatcherService.SubmitToolApprovals:output_type -> switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
+	43,  // 159: switchboard.api.dispatcher.v1.DispatcherService.CreateAssistant:output_type -> switchboard.api.dispatcher.v1.CreateAssistantResponse
+	45,  // 160: switchboard.api.dispatcher.v1.DispatcherService.GetAssistant:output_type -> switchboard.api.dispatcher.v1.GetAssistantResponse
+	47,  // 161: switchboard.api.dispatcher.v1.DispatcherService.ListAssistants:output_type -> switchboard.api.dispatcher.v1.ListAssistantsResponse
+	49,  // 162: switchboard.api.dispatcher.v1.DispatcherService.UpdateAssistant:output_type -> switchboard.api.dispatcher.v1.UpdateAssistantResponse
+	51,  // 163: switchboard.api.dispatcher.v1.DispatcherService.DeleteAssistant:output_type -> switchboard.api.dispatcher.v1.DeleteAssistantResponse
+	53,  // 164: switchboard.api.dispatcher.v1.DispatcherService.DescribeConversation:output_type -> switchboard.api.dispatcher.v1.DescribeConversationResponse
+	57,  // 165: switchboard.api.dispatcher.v1.DispatcherService.CreateBudget:output_type -> switchboard.api.dispatcher.v1.CreateBudgetResponse
+	59,  // 166: switchboard.api.dispatcher.v1.DispatcherService.GetBudget:output_type -> switchboard.api.dispatcher.v1.GetBudgetResponse
+	61,  // 167: switchboard.api.dispatcher.v1.DispatcherService.ListBudgets:output_type -> switchboard.api.dispatcher.v1.ListBudgetsResponse
+	63,  // 168: switchboard.api.dispatcher.v1.DispatcherService.UpdateBudget:output_type -> switchboard.api.dispatcher.v1.UpdateBudgetResponse
+	65,  // 169: switchboard.api.dispatcher.v1.DispatcherService.DeleteBudget:output_type -> switchboard.api.dispatcher.v1.DeleteBudgetResponse
+	67,  // 170: switchboard.api.dispatcher.v1.DispatcherService.ResolveBudgetAction:output_type -> switchboard.api.dispatcher.v1.ResolveBudgetActionResponse
+	70,  // 171: switchboard.api.dispatcher.v1.DispatcherService.QueryUsage:output_type -> switchboard.api.dispatcher.v1.QueryUsageResponse
+	74,  // 172: switchboard.api.dispatcher.v1.DispatcherService.GetWorkspaceQuota:output_type -> switchboard.api.dispatcher.v1.GetWorkspaceQuotaResponse
+	76,  // 173: switchboard.api.dispatcher.v1.DispatcherService.UpdateWorkspaceQuota:output_type -> switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponse
+	150, // [150:174] is the sub-list for method output_type
+	126, // [126:150] is the sub-list for method input_type
+	126, // [126:126] is the sub-list for extension type_name
+	126, // [126:126] is the sub-list for extension extendee
+	0,   // [0:126] is the sub-list for field type_name
 }
 
 func init() { file_switchboard_api_dispatcher_v1_dispatcher_proto_init() }
@@ -5669,25 +7348,26 @@ func file_switchboard_api_dispatcher_v1_dispatcher_proto_init() {
 	if File_switchboard_api_dispatcher_v1_dispatcher_proto != nil {
 		return
 	}
-	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[14].OneofWrappers = []any{
+	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[18].OneofWrappers = []any{
 		(*RunUpdate_StateChange)(nil),
 		(*RunUpdate_Progress)(nil),
 		(*RunUpdate_Delta)(nil),
 		(*RunUpdate_ToolCall)(nil),
 		(*RunUpdate_Result)(nil),
 		(*RunUpdate_ToolResult)(nil),
+		(*RunUpdate_Speech)(nil),
 	}
-	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[15].OneofWrappers = []any{
+	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[19].OneofWrappers = []any{
 		(*WatchRunResponse_Update)(nil),
 		(*WatchRunResponse_Heartbeat)(nil),
 	}
-	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[17].OneofWrappers = []any{
+	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[21].OneofWrappers = []any{
 		(*ConverseRequest_SendMessage)(nil),
 		(*ConverseRequest_CancelRun)(nil),
 		(*ConverseRequest_WatchRun)(nil),
 		(*ConverseRequest_SubmitToolApprovals)(nil),
 	}
-	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[18].OneofWrappers = []any{
+	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[22].OneofWrappers = []any{
 		(*ConverseResponse_MessageSent)(nil),
 		(*ConverseResponse_RunCancelled)(nil),
 		(*ConverseResponse_Update)(nil),
@@ -5695,14 +7375,29 @@ func file_switchboard_api_dispatcher_v1_dispatcher_proto_init() {
 		(*ConverseResponse_Heartbeat)(nil),
 		(*ConverseResponse_ToolApprovalsSubmitted)(nil),
 	}
-	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[39].OneofWrappers = []any{}
+	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[43].OneofWrappers = []any{}
+	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[66].OneofWrappers = []any{
+		(*TalkRequest_Start)(nil),
+		(*TalkRequest_Resume)(nil),
+		(*TalkRequest_Audio)(nil),
+		(*TalkRequest_Control)(nil),
+		(*TalkRequest_Text)(nil),
+	}
+	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[71].OneofWrappers = []any{
+		(*TalkResponse_Session)(nil),
+		(*TalkResponse_Transcript)(nil),
+		(*TalkResponse_Update)(nil),
+		(*TalkResponse_Event)(nil),
+		(*TalkResponse_Error)(nil),
+		(*TalkResponse_Heartbeat)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc), len(file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc)),
-			NumEnums:      7,
-			NumMessages:   62,
+			NumEnums:      11,
+			NumMessages:   75,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -25,6 +25,7 @@ const (
 	DispatcherService_CancelRun_FullMethodName            = "/switchboard.api.dispatcher.v1.DispatcherService/CancelRun"
 	DispatcherService_WatchRun_FullMethodName             = "/switchboard.api.dispatcher.v1.DispatcherService/WatchRun"
 	DispatcherService_Converse_FullMethodName             = "/switchboard.api.dispatcher.v1.DispatcherService/Converse"
+	DispatcherService_Talk_FullMethodName                 = "/switchboard.api.dispatcher.v1.DispatcherService/Talk"
 	DispatcherService_ListHandlers_FullMethodName         = "/switchboard.api.dispatcher.v1.DispatcherService/ListHandlers"
 	DispatcherService_SubmitToolApprovals_FullMethodName  = "/switchboard.api.dispatcher.v1.DispatcherService/SubmitToolApprovals"
 	DispatcherService_CreateAssistant_FullMethodName      = "/switchboard.api.dispatcher.v1.DispatcherService/CreateAssistant"
@@ -51,7 +52,9 @@ const (
 // DispatcherService takes a user message, routes it to a handler (built-in, an
 // LLM provider, or a remote domain expert) and runs it with progress, deadlines
 // and real cancellation. Browsers use SendMessage, CancelRun and WatchRun;
-// native clients may do the same over one Converse stream.
+// native clients may do the same over one Converse stream. Voice: Talk for
+// native clients; browsers send a recorded turn with SendMessage `speech` and
+// hear the answer on WatchRun.
 type DispatcherServiceClient interface {
 	// Stores a user message and starts a run that answers it.
 	SendMessage(ctx context.Context, in *SendMessageRequest, opts ...grpc.CallOption) (*SendMessageResponse, error)
@@ -67,6 +70,13 @@ type DispatcherServiceClient interface {
 	// Bidirectional: send messages and cancels, receive updates of every run
 	// started on the stream. Equivalent to SendMessage + CancelRun + WatchRun.
 	Converse(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[ConverseRequest, ConverseResponse], error)
+	// Bidirectional: a voice session on a conversation. The client sends audio
+	// and control frames; the server answers with transcripts, the runs' updates
+	// (text deltas and synthesized `speech`) and session events, numbered so a
+	// dropped session resumes exactly, on any replica (TalkResume). Each turn is
+	// a stored user message and a run under the conversation's usual routing,
+	// policies and budgets (docs/voice.md).
+	Talk(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[TalkRequest, TalkResponse], error)
 	// Lists the handlers a workspace can route to.
 	ListHandlers(ctx context.Context, in *ListHandlersRequest, opts ...grpc.CallOption) (*ListHandlersResponse, error)
 	// Approves or denies tool calls a run waits on (state REQUIRES_ACTION). The
@@ -190,6 +200,19 @@ func (c *dispatcherServiceClient) Converse(ctx context.Context, opts ...grpc.Cal
 
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type DispatcherService_ConverseClient = grpc.BidiStreamingClient[ConverseRequest, ConverseResponse]
+
+func (c *dispatcherServiceClient) Talk(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[TalkRequest, TalkResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &DispatcherService_ServiceDesc.Streams[2], DispatcherService_Talk_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[TalkRequest, TalkResponse]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type DispatcherService_TalkClient = grpc.BidiStreamingClient[TalkRequest, TalkResponse]
 
 func (c *dispatcherServiceClient) ListHandlers(ctx context.Context, in *ListHandlersRequest, opts ...grpc.CallOption) (*ListHandlersResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
@@ -368,7 +391,9 @@ func (c *dispatcherServiceClient) UpdateWorkspaceQuota(ctx context.Context, in *
 // DispatcherService takes a user message, routes it to a handler (built-in, an
 // LLM provider, or a remote domain expert) and runs it with progress, deadlines
 // and real cancellation. Browsers use SendMessage, CancelRun and WatchRun;
-// native clients may do the same over one Converse stream.
+// native clients may do the same over one Converse stream. Voice: Talk for
+// native clients; browsers send a recorded turn with SendMessage `speech` and
+// hear the answer on WatchRun.
 type DispatcherServiceServer interface {
 	// Stores a user message and starts a run that answers it.
 	SendMessage(context.Context, *SendMessageRequest) (*SendMessageResponse, error)
@@ -384,6 +409,13 @@ type DispatcherServiceServer interface {
 	// Bidirectional: send messages and cancels, receive updates of every run
 	// started on the stream. Equivalent to SendMessage + CancelRun + WatchRun.
 	Converse(grpc.BidiStreamingServer[ConverseRequest, ConverseResponse]) error
+	// Bidirectional: a voice session on a conversation. The client sends audio
+	// and control frames; the server answers with transcripts, the runs' updates
+	// (text deltas and synthesized `speech`) and session events, numbered so a
+	// dropped session resumes exactly, on any replica (TalkResume). Each turn is
+	// a stored user message and a run under the conversation's usual routing,
+	// policies and budgets (docs/voice.md).
+	Talk(grpc.BidiStreamingServer[TalkRequest, TalkResponse]) error
 	// Lists the handlers a workspace can route to.
 	ListHandlers(context.Context, *ListHandlersRequest) (*ListHandlersResponse, error)
 	// Approves or denies tool calls a run waits on (state REQUIRES_ACTION). The
@@ -453,6 +485,9 @@ func (UnimplementedDispatcherServiceServer) WatchRun(*WatchRunRequest, grpc.Serv
 }
 func (UnimplementedDispatcherServiceServer) Converse(grpc.BidiStreamingServer[ConverseRequest, ConverseResponse]) error {
 	return status.Error(codes.Unimplemented, "method Converse not implemented")
+}
+func (UnimplementedDispatcherServiceServer) Talk(grpc.BidiStreamingServer[TalkRequest, TalkResponse]) error {
+	return status.Error(codes.Unimplemented, "method Talk not implemented")
 }
 func (UnimplementedDispatcherServiceServer) ListHandlers(context.Context, *ListHandlersRequest) (*ListHandlersResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListHandlers not implemented")
@@ -615,6 +650,13 @@ func _DispatcherService_Converse_Handler(srv interface{}, stream grpc.ServerStre
 
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type DispatcherService_ConverseServer = grpc.BidiStreamingServer[ConverseRequest, ConverseResponse]
+
+func _DispatcherService_Talk_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(DispatcherServiceServer).Talk(&grpc.GenericServerStream[TalkRequest, TalkResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type DispatcherService_TalkServer = grpc.BidiStreamingServer[TalkRequest, TalkResponse]
 
 func _DispatcherService_ListHandlers_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(ListHandlersRequest)
@@ -1023,6 +1065,12 @@ var DispatcherService_ServiceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "Converse",
 			Handler:       _DispatcherService_Converse_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
+		},
+		{
+			StreamName:    "Talk",
+			Handler:       _DispatcherService_Talk_Handler,
 			ServerStreams: true,
 			ClientStreams: true,
 		},

@@ -1,0 +1,2 @@
+"""Voice sessions (``DispatcherService.Talk``): audio turns in, transcripts,
+run updates and speech out, resumable on any replica."""

@@ -1,0 +1,2 @@
+"""Audio for voice and transcription: PCM helpers and the OpenAI-compatible
+audio endpoints (``/audio/transcriptions``, ``/audio/speech``)."""
