@@ -247,8 +247,8 @@ class Publishing:
 def is_token(update: pb.RunUpdate) -> bool:
     """A run's text delta or speech: announced, not logged. Speech is audio a listener
     needs now or never; the stored answer says what was spoken (docs/voice.md)."""
-    kind = update.WhichOneof("update")
-    return kind in {"delta", "speech"}
+    # Deltas first and by HasField: this runs for every update of every run.
+    return update.HasField("delta") or update.HasField("speech")
 
 
 def _token(event: events_pb2.Event) -> bool:
