@@ -385,7 +385,6 @@ def _talk_limits(settings: DispatcherSettings) -> TalkLimits:
         max_sessions=settings.voice_max_sessions,
         max_sessions_per_user=settings.voice_max_sessions_per_user,
         heartbeat_s=settings.dispatcher_heartbeat_s,
-        transcription_model=settings.voice_transcription_model,
     )
 
 

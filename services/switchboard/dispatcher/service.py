@@ -53,7 +53,6 @@ from switchboard.dispatcher.talk.session import TalkLimits, Talks
 from switchboard.dispatcher.talk.store import VoiceStore
 from switchboard.dispatcher.tools.port import ToolPort
 from switchboard.dispatcher.tools.runner import ToolLimits
-from switchboard.dispatcher.voice.ports import SpeechEngine
 from switchboard.dispatcher.voice.speaker import Speech
 from switchboard.platform.cache import Cache
 from switchboard.platform.events.bus import EventBus
@@ -175,7 +174,7 @@ class Dispatcher:
             context=context,
             store=voice_store,
             access=access,
-            engine=lambda: self.speech_engine,
+            speech=lambda: self.speech,
             limits=talk_limits or TalkLimits(heartbeat_s=limits.heartbeat_s),
         )
 
@@ -183,11 +182,6 @@ class Dispatcher:
         self._admission.admit(active, force=True)
 
     # -- what tests and the build look at ------------------------------------------------
-
-    @property
-    def speech_engine(self) -> SpeechEngine | None:
-        """The speech engine (``SWITCHBOARD_VOICE_URL``); None when speech is off."""
-        return self.speech.engine if self.speech is not None else None
 
     @property
     def watchers(self) -> int:

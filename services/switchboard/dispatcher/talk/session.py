@@ -49,10 +49,11 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.assistants.catalog import Assistants
 from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.ports.peers import Via
+from switchboard.dispatcher.runs.speech import configured
 from switchboard.dispatcher.talk import mapping
 from switchboard.dispatcher.talk.store import SessionRecord, TurnRecord, VoiceStore
 from switchboard.dispatcher.talk.turns import Detector, TurnAudio
-from switchboard.dispatcher.voice.ports import SpeechEngine
+from switchboard.dispatcher.voice.speaker import Speech
 from switchboard.platform import background, names, timefields
 from switchboard.platform.audio import pcm
 from switchboard.platform.errors import (
@@ -134,8 +135,6 @@ class TalkLimits:
     max_sessions: int = 200
     max_sessions_per_user: int = 4
     heartbeat_s: float = 15.0
-    #: The transcription model of an assistant whose ``voice`` names none.
-    transcription_model: str = "whisper-1"
 
 
 class Talks:
@@ -149,7 +148,7 @@ class Talks:
         context: ContextPort,
         store: VoiceStore,
         access: AccessWatch,
-        engine: Callable[[], SpeechEngine | None],
+        speech: Callable[[], Speech | None],
         limits: TalkLimits,
     ) -> None:
         self._actions = actions
@@ -157,7 +156,7 @@ class Talks:
         self._context = context
         self._store = store
         self._access = access
-        self._engine = engine
+        self._speech = speech
         self.limits = limits
         self._open = 0
         self._by_user: dict[str, int] = {}
@@ -261,11 +260,7 @@ class Talks:
                 f"{assistant.name} has no voice settings",
                 metadata={"assistant": assistant.name},
             )
-        engine = self._engine()
-        if engine is None:
-            raise SpeechNotConfigured(
-                "this server has no speech endpoint (SWITCHBOARD_VOICE_URL is not set)"
-            )
+        speech = configured(self._speech())
         self._claim(principal)
         try:
             session_id = names.new_id()
@@ -297,7 +292,7 @@ class Talks:
             via=via,
             record=record,
             settings=settings,
-            engine=engine,
+            speech=speech,
             voice=assistant.voice,
             turn_count=0,
             owed=[],
@@ -342,11 +337,7 @@ class Talks:
                 f"{settings.assistant} has no voice settings any more",
                 metadata={"assistant": settings.assistant},
             )
-        engine = self._engine()
-        if engine is None:
-            raise SpeechNotConfigured(
-                "this server has no speech endpoint (SWITCHBOARD_VOICE_URL is not set)"
-            )
+        speech = configured(self._speech())
         owed: list[_Owed] = []
         for turn in await self._store.turns(session_id, max(after_turn, 1)):
             if turn.turn == after_turn:
@@ -364,7 +355,7 @@ class Talks:
             via=via,
             record=record,
             settings=settings,
-            engine=engine,
+            speech=speech,
             voice=assistant.voice,
             turn_count=record.turn_count,
             owed=owed,
@@ -487,7 +478,7 @@ class _Session:
         via: Via,
         record: SessionRecord,
         settings: pb.VoiceSession,
-        engine: SpeechEngine,
+        speech: Speech,
         voice: pb.VoiceSettings,
         turn_count: int,
         owed: list[_Owed],
@@ -504,7 +495,7 @@ class _Session:
         self._settings = settings
         self._name = settings.name
         self._conversation = mapping.conversation_name(record)
-        self._engine = engine
+        self._speech = speech
         self._voice = voice
         self._turn_count = turn_count
         rate = settings.input_format.sample_rate_hz
@@ -952,12 +943,9 @@ class _Session:
 
     async def _transcribe(self, audio: bytes, turn: int, *, wrapped: bool = False) -> str:
         wav = audio if wrapped else pcm.to_wav(audio, self._rate)
-        text = await self._engine.transcribe(
-            wav,
-            media_type="audio/wav",
-            filename=f"turn-{turn}.wav",
-            model=self._voice.transcription_model or self._limits.transcription_model,
-            language=self._voice.language,
+        model, language = self._speech.transcribing(self._voice)
+        text = await self._speech.engine.transcribe(
+            wav, media_type="audio/wav", filename=f"turn-{turn}.wav", model=model, language=language
         )
         return text.strip()
 
