@@ -354,7 +354,11 @@ async def client_switchboard(spec: dict[str, Any]) -> dict[str, Any]:
         ended = False
         try:
             async for frame in stub.WatchRun(
-                pb.WatchRunRequest(name=run, after_sequence=0), metadata=metadata, timeout=300
+                # Merged deltas, as the clients ask: a watcher behind takes fewer frames
+                # (a merged one counts the tokens of its text).
+                pb.WatchRunRequest(name=run, after_sequence=0, merge_deltas=True),
+                metadata=metadata,
+                timeout=300,
             ):
                 if frame.WhichOneof("frame") != "update":
                     continue
