@@ -18,16 +18,17 @@ import pytest
 from grpc import aio
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.api.events.v1 import events_pb2
+from switchboard.api.events.v1 import events_pb2, events_pb2_grpc
 from switchboard.dispatcher.runs.feed import MAX_MERGED_CHARS
 from switchboard.dispatcher.runs.store import TERMINAL
 from switchboard.settings import Settings
 from tests.conftest import make_settings
+from tests.service.authkit import bearer
 from tests.service.contextkit import Caller, World, create_conversation, stub_fixture, world_fixture
 from tests.service.contextkit import Stub as CStub
 from tests.service.dispatchkit import Stub as DStub
 from tests.service.dispatchkit import Watched, dispatcher_stub, request, send, watch_all
-from tests.service.eventkit import Subscriber, run_updates
+from tests.service.eventkit import Commands, Subscriber, run_updates
 
 WORDS = " ".join(f"w{i}" for i in range(12))
 
@@ -239,3 +240,46 @@ async def test_subscribe_merges_a_runs_deltas_and_resumes_exactly_by_cursor(
         resumed = await _subscribed(channel, world.editor, conversation, event.cursor, merge=True)
         rest = await _to_the_end(resumed, run)
         assert rest == merged[index + 1 :]
+
+
+async def test_a_stream_subscription_merges_when_added_with_the_flag(
+    channel: aio.Channel, dstub: DStub, world: World, conversation: str
+) -> None:
+    before = await _subscribed(channel, world.editor, conversation, "", merge=False)
+    start = await before.live()
+    before.cancel()
+    whole = await _paced_run(dstub, world, conversation)
+    run = whole.final.name
+    subscribed = await _subscribed(channel, world.editor, conversation, start, merge=True)
+    expected = await _to_the_end(subscribed, run)
+
+    commands = Commands()
+    call = events_pb2_grpc.EventServiceStub(channel).Stream(
+        commands.__aiter__(), metadata=bearer(world.editor.token)
+    )
+    for sid, merge in (("merged", True), ("plain", False)):
+        commands.send(
+            add=events_pb2.AddSubscription(
+                subscription_id=sid,
+                scopes=[events_pb2.Scope(conversation=conversation)],
+                types=[events_pb2.EVENT_TYPE_RUN_UPDATED],
+                after_cursor=start,
+                merge_deltas=merge,
+            )
+        )
+    got: dict[str, list[events_pb2.Event]] = {"merged": [], "plain": []}
+
+    def ended(sid: str) -> bool:
+        return any(u.state_change.run.state in TERMINAL for u in run_updates(got[sid], run))
+
+    async with asyncio.timeout(20):
+        async for frame in call:
+            if frame.WhichOneof("frame") == "events":
+                got[frame.events.subscription_id].extend(frame.events.batch.events)
+            if ended("merged") and ended("plain"):
+                break
+    commands.close()
+    call.cancel()
+
+    assert run_updates(got["merged"], run) == expected
+    assert run_updates(got["plain"], run) == whole.updates
