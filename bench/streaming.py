@@ -26,7 +26,8 @@ conversation to run at once) and C closed loops, one per conversation: SendMessa
 ``llm`` handler), then WatchRun with ``after_sequence=0`` to the run's end, again.
 
 Per row: first token p50/p99 (from just before the request to the first text), the gap
-between successive text frames the client sees minus the model's interval (p50/p99),
+between successive text frames the client sees minus the model's interval (p50/p99; a
+frame of k tokens, merged deltas, counts as k arriving together),
 runs/s (runs that ended in the measured window), server CPU per run and per token (its
 CPU over the window / runs or tokens delivered in the window), the model server's CPU per
 token, the server's peak RSS (VmHWM). CPU is read from /proc for the whole process.
@@ -225,8 +226,12 @@ class Load:
         self.started += 1
         if times:
             self.first_s.append(times[0][0] - started)
-        for (before, _), (after, _) in itertools.pairwise(times):
+        for (before, _), (after, tokens) in itertools.pairwise(times):
             self.gap_s.append(after - before - self.interval)
+            # A frame of several tokens (merged deltas) stands for that many arrivals at
+            # once, as one by one frames arriving together would be: the gap stays a
+            # per-token figure whether or not the server merges.
+            self.gap_s.extend([-self.interval] * (tokens - 1))
         if sum(tokens for _, tokens in times) != self.spec["tokens"]:
             self.short += 1
 
@@ -354,7 +359,11 @@ async def client_switchboard(spec: dict[str, Any]) -> dict[str, Any]:
         ended = False
         try:
             async for frame in stub.WatchRun(
-                pb.WatchRunRequest(name=run, after_sequence=0), metadata=metadata, timeout=300
+                # Merged deltas, as the clients ask: a watcher behind takes fewer frames
+                # (a merged one counts the tokens of its text).
+                pb.WatchRunRequest(name=run, after_sequence=0, merge_deltas=True),
+                metadata=metadata,
+                timeout=300,
             ):
                 if frame.WhichOneof("frame") != "update":
                     continue

@@ -8,6 +8,11 @@ from the stored run (``queries.py``).
 
 Appending never waits on a watcher: each watcher wakes on a shared
 ``asyncio.Event`` per run and reads what it has not yet seen.
+
+A watcher that asked for merged deltas (``WatchRunRequest.merge_deltas``) gets
+the text deltas that are ready for it when it reads, one after the other, as
+one update (``merged_delta``): a watcher that is behind takes fewer, larger
+frames, and a watcher that keeps up gets each delta as it is.
 """
 
 from __future__ import annotations
@@ -15,11 +20,66 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from typing import Final
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.platform.errors import CursorExpired
 from switchboard.platform.names import stamp_after
+
+#: A merged delta stops growing at this many characters (as the run's own merge of
+#: the deltas a handler yields together: ``execution.py``) ...
+MAX_MERGED_CHARS: Final = 16 * 1024
+#: ... and at this many updates, so one frame never stands for an unbounded range.
+MAX_MERGED_UPDATES: Final = 256
+
+
+def merged_delta(updates: Sequence[pb.RunUpdate], start: int) -> tuple[pb.RunUpdate, int]:
+    """The update at ``start`` and the index after what it covers: when it and the
+    updates after it are text deltas, those that fit the bounds joined into one
+    (``first_sequence`` .. ``sequence``, the last one's time); otherwise itself.
+
+    A non-delta update ends the merge, and so does a gap in the sequences (another
+    replica's token lost on the way: ``queries._InOrder``), which a merge must not
+    hide. The updates are shared with other watchers: a merge is a new message."""
+    first = updates[start]
+    end = start + 1
+    if not first.HasField("delta"):
+        return first, end
+    stop = min(len(updates), start + MAX_MERGED_UPDATES)
+    chars = len(first.delta.text)
+    follows = first.sequence + 1
+    while end < stop:
+        after = updates[end]
+        if not after.HasField("delta") or (after.first_sequence or after.sequence) != follows:
+            break
+        chars += len(after.delta.text)
+        if chars > MAX_MERGED_CHARS:
+            break
+        follows = after.sequence + 1
+        end += 1
+    if end == start + 1:
+        return first, end
+    last = updates[end - 1]
+    merged = pb.RunUpdate(
+        run=first.run,
+        sequence=last.sequence,
+        time=last.time,
+        first_sequence=first.first_sequence or first.sequence,
+    )
+    merged.delta.text = "".join(u.delta.text for u in updates[start:end])
+    return merged, end
+
+
+def merge_deltas(updates: Sequence[pb.RunUpdate]) -> list[pb.RunUpdate]:
+    """``updates`` (one run's, in order, ready to go out together) with each stretch
+    of consecutive text deltas merged (``merged_delta``)."""
+    out: list[pb.RunUpdate] = []
+    index = 0
+    while index < len(updates):
+        update, index = merged_delta(updates, index)
+        out.append(update)
+    return out
 
 
 class Feed:
@@ -83,8 +143,12 @@ class Feed:
             if not waiter.done():
                 waiter.set_result(None)
 
-    async def follow(self, after: int, *, heartbeat_s: float) -> AsyncIterator[pb.RunUpdate | None]:
-        """Updates after ``after`` until the run ends; ``None`` when idle for ``heartbeat_s``."""
+    async def follow(
+        self, after: int, *, heartbeat_s: float, merge: bool = False
+    ) -> AsyncIterator[pb.RunUpdate | None]:
+        """Updates after ``after`` until the run ends; ``None`` when idle for ``heartbeat_s``.
+
+        ``merge``: the text deltas ready when the watcher reads go out as one."""
         if after < self.first - 1:
             raise CursorExpired(
                 f"updates up to {self.first - 1} of this run are no longer kept; "
@@ -115,6 +179,8 @@ class Feed:
                             metadata={"oldest_sequence": str(self.first)},
                         )
                     update = self.updates[index]
+                    if merge and update.HasField("delta"):
+                        update = merged_delta(self.updates, index)[0]
                     position = update.sequence
                     yield update
                     quiet_since = loop.time()
