@@ -133,4 +133,4 @@ def test_what_cannot_run_on_the_driver_is_refused_when_compiled() -> None:
     # asyncpg converts a float by the cursor's column type, which is not read here.
     floating = Prepared(select(literal_column("1.5", Float)))
     with pytest.raises(NotPreparable, match="cursor's types"):
-        floating._compiled(asyncpg.dialect())
+        floating._compiled(asyncpg.dialect())  # type: ignore[no-untyped-call]
