@@ -12,8 +12,9 @@ import datetime as dt
 from collections.abc import AsyncIterator
 
 import pytest
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import Float, bindparam, func, literal_column, select
 from sqlalchemy.dialects import sqlite
+from sqlalchemy.dialects.postgresql import asyncpg
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -129,3 +130,7 @@ def test_what_cannot_run_on_the_driver_is_refused_when_compiled() -> None:
     expanding = Prepared(select(USERS.c.id).where(USERS.c.id.in_(bindparam("ids", expanding=True))))
     with pytest.raises(NotPreparable):
         expanding._compiled(sqlite.dialect())
+    # asyncpg converts a float by the cursor's column type, which is not read here.
+    floating = Prepared(select(literal_column("1.5", Float)))
+    with pytest.raises(NotPreparable, match="cursor's types"):
+        floating._compiled(asyncpg.dialect())  # type: ignore[no-untyped-call]

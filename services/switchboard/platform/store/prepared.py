@@ -33,9 +33,9 @@ from typing import Any, Final
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.expression import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.dml import Insert
+from sqlalchemy.sql.expression import ClauseElement
 
 Row = tuple[Any, ...]
 _Processor = Callable[[Any], Any]
@@ -173,9 +173,15 @@ class Prepared:
             elif bind is not None and bind.value is not None and not bind.required:
                 given = bind.value  # a literal the statement carries, e.g. LIMIT 1
             params.append((name, processor, given))
-        processors = [
-            column[3]._cached_result_processor(dialect, None) for column in compiled._result_columns
-        ]
+        try:
+            processors = [
+                column[3]._cached_result_processor(dialect, None)
+                for column in compiled._result_columns
+            ]
+        except TypeError as exc:
+            # A type whose conversion depends on the cursor's column type (a float
+            # on asyncpg): select it untyped and convert it in Python.
+            raise NotPreparable(f"a result column's type needs the cursor's types: {exc}") from exc
         results = tuple(processors) if any(p is not None for p in processors) else None
         return _Compiled(compiled.string, tuple(params), results)
 
