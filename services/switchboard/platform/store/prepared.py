@@ -33,9 +33,9 @@ from typing import Any, Final
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.expression import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.dml import Insert
+from sqlalchemy.sql.expression import ClauseElement
 
 Row = tuple[Any, ...]
 _Processor = Callable[[Any], Any]
