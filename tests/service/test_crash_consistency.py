@@ -34,7 +34,7 @@ from switchboard.dispatcher.runs.store import TERMINAL
 from switchboard.dispatcher.service import SEQUENCE_BLOCK, Dispatcher
 from switchboard.mesh import create_server
 from switchboard.platform.errors import DependencyUnavailable
-from switchboard.platform.events.eventlog import Logged
+from switchboard.platform.events.eventlog import LocalLog, Logged
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.security.accesstokens import SigningKey, private_key_pem
 from switchboard.platform.store.db import DatabaseUnavailable, Group
@@ -517,6 +517,31 @@ class FailsOnce:
             sql_event.remove(engine, "before_cursor_execute", self._before)
 
 
+class LogFailsOnce:
+    """The database goes away as the embedded log inserts a write's events in the
+    write's own transaction (``LocalLog.log_in``; its insert runs on the driver)."""
+
+    def __init__(self, server: SwitchboardServer) -> None:
+        self.failed = False
+        outbox = server.shared.bus.outbox
+        assert outbox is not None
+        log = outbox.inline
+        assert isinstance(log, LocalLog)
+        self._log = log
+        real = log.log_in
+
+        def log_in(session: Session, events: Sequence[events_pb2.Event]) -> bool:
+            if not self.failed:
+                self.failed = True
+                raise DatabaseUnavailable()
+            return real(session, events)
+
+        log.log_in = log_in  # type: ignore[method-assign]
+
+    def remove(self) -> None:
+        del self._log.log_in
+
+
 async def _users_with(server: SwitchboardServer, email: str) -> list[str]:
     async with server.shared.database.readers() as db:
         return list((await db.execute(select(UserRow.id).where(UserRow.email == email))).scalars())
@@ -550,10 +575,10 @@ async def test_a_first_sign_in_that_fails_midway_leaves_no_account_and_its_retry
 
         if how == "oidc-first-login":
             email = "federated@example.com"
-        prefix = _AFTER_THE_USER[step]
+        fault: FailsOnce | LogFailsOnce = FailsOnce(server, _AFTER_THE_USER[step])
         if step == "event" and inline(server):
-            prefix = "INSERT INTO EVENT_LOG"  # the event's row, in the sign-in's transaction
-        fault = FailsOnce(server, prefix)
+            fault.remove()
+            fault = LogFailsOnce(server)  # the event's row, in the sign-in's transaction
         try:
             with pytest.raises(aio.AioRpcError) as failed:
                 await sign_in()

@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 from sqlalchemy import event as sql_event
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from switchboard.api.events.v1 import events_pb2
-from switchboard.platform.errors import DatabaseUnavailable
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.events.eventlog import LocalLog
 from switchboard.platform.names import new_id, now
@@ -295,21 +295,21 @@ async def test_an_event_insert_that_fails_fails_its_change_and_the_log_goes_on(
     sqlite_log: Log,
 ) -> None:
     log = sqlite_log
-    engine = log.database._sync_engine
-    assert engine is not None
-    failed: list[str] = []
 
-    def refuse(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        if not failed and statement.lstrip().upper().startswith("INSERT INTO EVENT_LOG"):
-            failed.append(statement)
-            raise DatabaseUnavailable()
+    def refuse(db: Session) -> None:
+        # The database itself refuses the event's row (the insert runs on the driver).
+        db.connection().exec_driver_sql(
+            "CREATE TRIGGER refuse_events BEFORE INSERT ON event_log "
+            "BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        )
 
-    sql_event.listen(engine, "before_cursor_execute", refuse)
-    try:
-        with pytest.raises(DatabaseUnavailable):
-            await _write(log, "refused")
-    finally:
-        sql_event.remove(engine, "before_cursor_execute", refuse)
+    def allow(db: Session) -> None:
+        db.connection().exec_driver_sql("DROP TRIGGER refuse_events")
+
+    await log.database.run(refuse, write=True)
+    with pytest.raises(IntegrityError):
+        await _write(log, "refused")
+    await log.database.run(allow, write=True)
     await _write(log, "after")
     assert _notes(log.delivered) == ["after"]
     assert _notes([event for _, event in await _stored(log.database)]) == ["after"]

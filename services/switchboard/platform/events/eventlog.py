@@ -66,6 +66,7 @@ from switchboard.platform.observe import telemetry
 from switchboard.platform.store.db import Database, Group, after_commit, group_of, log_failure
 from switchboard.platform.store.models import EventLogRow, EventLogStateRow, table_of
 from switchboard.platform.store.outbox import Outbox, stamp
+from switchboard.platform.store.prepared import Prepared
 
 log = logging.getLogger("switchboard.eventlog")
 _UNREADABLE = FailureNotes(log)
@@ -86,8 +87,10 @@ _WRITE_BATCH: Final = 1000
 #: How often the retention trim runs, in events and in seconds.
 _TRIM_EVERY_EVENTS: Final = 1000
 _TRIM_EVERY_S: Final = 30.0
-#: Built once: building it per batch cost about as much as running it.
-_INSERT_EVENTS: Final = insert(table_of(EventLogRow))
+#: Every batch's insert, on the driver (``platform/store/prepared.py``): compiled once.
+_INSERT_EVENTS: Final = Prepared(
+    insert(table_of(EventLogRow)), columns=("seq", "data", "created_at"), name="event_log.insert"
+)
 #: ``Group.notes`` key: this group read back what a failed one may have committed.
 _READ_BACK: Final = "eventlog.read_back"
 #: ``Group.notes`` key: the first position a work of this group took.
@@ -488,9 +491,8 @@ class LocalLog:
         group.notes.setdefault(_FIRST, first)
         logged = [Logged((first + i, 0), event) for i, event in enumerate(events)]
         self._allocated = logged[-1].position[0]
-        # Core, not the ORM's bulk insert: a third of the cost, on every batch.
-        connection.execute(
-            _INSERT_EVENTS,
+        _INSERT_EVENTS.execute_many(
+            connection,
             [{"seq": item.position[0], "data": item.data, "created_at": now} for item in logged],
         )
         self._since_trim += len(logged)
@@ -586,7 +588,7 @@ class LocalLog:
                 {"seq": i.position[0], "data": i.data, "created_at": now}
                 for i in logged[len(landed) :]
             ]
-            session.connection().execute(_INSERT_EVENTS, rows)
+            _INSERT_EVENTS.execute_many(session, rows)
             return self._trim(session, logged[-1].position[0], now) if trim else None
 
         # No timer of its own around the write: the database gives up on work that
