@@ -389,8 +389,10 @@ class EventBus:
         """Publish events a write staged in its transaction (``platform/store/outbox.py``).
 
         Never raises: the write is committed, and an event the log did not
-        take now is published by the outbox relay later.
+        take now is published by the outbox relay later. Events that have their
+        cursor were logged in the write's own transaction, and delivered: passed by.
         """
+        events = [event for event in events if not event.cursor]
         outbox = self.outbox
         if outbox is not None:
             # Already being published here (a retry racing its first attempt).
