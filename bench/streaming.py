@@ -14,7 +14,7 @@
     python bench/streaming.py --replicas-row 20:100
                                              instead of the rows: that row on the scaled-out
                                              shape with 1 and 2 dispatcher replicas
-                                             (--replica-counts, --rounds; about 7 minutes),
+                                             (--replica-counts, --rounds; about 12 minutes),
                                              its own section
 
 The model is ``tests/fakes/openai_server.py``'s ``FakeOpenAI`` in its own process
