@@ -170,7 +170,7 @@ def loads_fast(
     What orjson refuses goes to ``loads``, which reads it as json does (``NaN``, a
     lone surrogate escaped, a UTF-16 body) or rejects it with the same reason, so
     rejections do not change. One value does: an integer past 64 bits reads as a
-    float (orjson's), as no count or index anyone sends does.
+    float (orjson's way); no count or index a model sends is that large.
     """
     if not isinstance(data, str | bytes):
         data = bytes(data)
