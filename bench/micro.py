@@ -1,5 +1,5 @@
-"""In-process costs, without the transport: the guard's credential check, and what
-the same write costs when the host was idle just before it.
+"""In-process costs, without the transport: the guard's credential check, what the
+same write costs when the host was idle just before it, and a write with an event.
 
     python bench/micro.py    prints one JSON line: microseconds per call
 
@@ -27,18 +27,23 @@ from sqlalchemy import bindparam
 from sqlalchemy.orm import Session
 
 from switchboard.api.auth.v1 import auth_pb2
+from switchboard.api.events.v1 import events_pb2
 from switchboard.auth.accounts import Accounts
 from switchboard.context.messagestore import MessageStore, NewMessage
 from switchboard.context.windowstore import WindowScopes, WindowStore
 from switchboard.mesh import create_server
+from switchboard.platform.events.bus import EventBus
+from switchboard.platform.events.eventlog import LocalLog
 from switchboard.platform.names import new_id, now
 from switchboard.platform.store.db import open_database
 from switchboard.platform.store.models import (
     ConversationRow,
     EventOutboxRow,
+    IdempotencyRow,
     WorkspaceRow,
     table_of,
 )
+from switchboard.platform.store.outbox import Outbox, Staged, staging
 from switchboard.platform.store.storage import Idempotency
 from switchboard.settings import Settings
 
@@ -165,6 +170,60 @@ async def context_calls(directory: Path, rounds: int = 3, samples: int = 200) ->
     return {name: round(statistics.median(cpu[name]) * 1e6) for name in cases}
 
 
+async def staged_change(
+    directory: Path, gaps_ms: Sequence[int] = (0, 5), rounds: int = 3, samples: int = 60
+) -> dict[str, float]:
+    """Median process CPU µs of one change with one event, by idle gap: a row inserted
+    and one event staged in its transaction (``Staged``), then ``publish_staged``
+    awaited, on the embedded log over a SQLite file. Everything a write with an event
+    costs until its event is in the log and delivered: on the outbox path a second
+    transaction (the event logged, its outbox row deleted), inline none."""
+    database = await open_database(
+        f"sqlite+aiosqlite:///{directory}/staged.db", timeout_s=10, migrate=True
+    )
+    outbox = Outbox(database)
+    local = LocalLog(database, retention=100_000, retention_s=3600, memory=1000, outbox=outbox)
+    bus = EventBus(local, memory=1000, outbox=outbox)
+    await bus.start()
+    keys = table_of(IdempotencyRow)
+
+    async def change() -> None:
+        staged: Staged[None] = Staged(
+            outbox,
+            lambda _: [
+                events_pb2.Event(
+                    type=events_pb2.EVENT_TYPE_CONVERSATION_CHANGED, workspace="workspaces/w"
+                )
+            ],
+        )
+
+        def work(session: Session) -> None:
+            session.connection().execute(
+                keys.insert(),
+                [{"key": new_id(), "fingerprint": "f", "resource": "r", "created_at": now()}],
+            )
+
+        await database.run(staging(staged, work), write=True)
+        await bus.publish_staged(staged.events)
+
+    cpu: dict[int, list[float]] = {gap: [] for gap in gaps_ms}
+    try:
+        for _ in range(samples):  # warm-up
+            await change()
+        for _ in range(rounds):
+            for gap in gaps_ms:
+                for _ in range(samples):
+                    if gap:
+                        await asyncio.sleep(gap / 1000)
+                    started = time.process_time()
+                    await change()
+                    cpu[gap].append(time.process_time() - started)
+    finally:
+        await bus.close()
+        await database.close()
+    return {str(gap): round(statistics.median(cpu[gap]) * 1e6) for gap in gaps_ms}
+
+
 async def main() -> None:
     logging.disable(logging.WARNING)
     directory = tempfile.mkdtemp(prefix="switchboard-micro-")
@@ -200,6 +259,7 @@ async def main() -> None:
         verify_us = (time.perf_counter() - started) / (CALLS // 10) * 1e6
         idle = await write_after_idle(Path(directory))
         context = await context_calls(Path(directory))
+        staged = await staged_change(Path(directory))
     finally:
         await server.shutdown(grace=0)
     print(
@@ -209,6 +269,7 @@ async def main() -> None:
                 "verify_us": round(verify_us, 1),
                 "write_after_idle_us": idle,
                 "context_calls_us": context,
+                "staged_change_us": staged,
             }
         )
     )
