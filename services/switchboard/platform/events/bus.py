@@ -297,7 +297,11 @@ class EventBus:
         memory: int,
         outbox: Outbox | None = None,
         metrics: Metrics | None = None,
+        hear_tokens: bool = True,
     ) -> None:
+        """``hear_tokens``: whether other processes' tokens reach this one (a process
+        that serves no WatchRun, Subscribe or A2A stream has no use for them)."""
+        self._hear_tokens = hear_tokens
         # Its appends are spans when tracing is on (``platform/events/logspans.py``).
         self._backend = traced(backend)
         self.outbox = outbox
@@ -319,7 +323,7 @@ class EventBus:
 
     async def start(self) -> None:
         await self._backend.start(self._deliver_logged, self.ring)
-        self.relay = self._backend.carry_tokens(self.heard)
+        self.relay = self._backend.carry_tokens(self.heard if self._hear_tokens else None)
         self._started = True
         if self.outbox is not None:
             self.outbox.start(self._backend.append_many)

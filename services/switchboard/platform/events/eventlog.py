@@ -289,9 +289,10 @@ class LogBackend(Protocol):
 
     def on_state_change(self, callback: Callable[[LogState], None]) -> None: ...
 
-    def carry_tokens(self, heard: Carry) -> Carry | None:
+    def carry_tokens(self, heard: Carry | None) -> Carry | None:
         """How tokens reach the other processes sharing this log: the function that
-        sends them (``heard`` is called with theirs), or None for one process."""
+        sends them (``heard`` is called with theirs; None: this process does not
+        listen), or None for one process."""
         ...
 
     @property
@@ -676,7 +677,7 @@ class LocalLog:
     def _bounded(self) -> Any:
         return asyncio.timeout(self._database.timeout_s)
 
-    def carry_tokens(self, heard: Carry) -> Carry | None:
+    def carry_tokens(self, heard: Carry | None) -> Carry | None:
         return None  # one process: nobody else to tell
 
     async def close(self) -> None:
@@ -1037,16 +1038,19 @@ class RedisLog:
 
     # -- tokens ------------------------------------------------------------------
 
-    def carry_tokens(self, heard: Carry) -> Carry | None:
+    def carry_tokens(self, heard: Carry | None) -> Carry | None:
         """Tokens cross processes over Redis pub/sub (``<key>:tokens``), not the stream.
 
         Pub/sub keeps nothing: a process that is not listening at that moment
         (restarting, Redis away) does not hear them, and the run's result,
         which is logged, carries its whole text. One sender task per process
-        keeps a process's tokens in the order it announced them.
+        keeps a process's tokens in the order it announced them. A process that
+        serves no stream of runs (``heard`` None) does not listen: it would decode
+        every token of every run only to drop it.
         """
-        self._heard = heard
-        self._tasks.append(asyncio.create_task(self._hear_loop(), name="eventlog-tokens"))
+        if heard is not None:
+            self._heard = heard
+            self._tasks.append(asyncio.create_task(self._hear_loop(), name="eventlog-tokens"))
         return self._relay
 
     def _relay(self, events: Sequence[events_pb2.Event]) -> None:
