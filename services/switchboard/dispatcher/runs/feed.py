@@ -122,6 +122,23 @@ class Feed:
         update.run = self.run
         update.sequence = self.last + 1
         self._last_stamp = stamp_after(update.time, self._last_stamp)
+        self._keep(update)
+        return update
+
+    def append_as_logged(self, update: pb.RunUpdate) -> bool:
+        """Keep ``update`` with the sequence and stamp it already has (an end logged in
+        its own save's transaction: the log's copy carries both) when they follow what
+        the feed holds; else number and stamp it as ``append`` does. Whether kept as is."""
+        stamp_ns = update.time.seconds * 1_000_000_000 + update.time.nanos
+        if update.sequence != self.last + 1 or stamp_ns < self._last_stamp:
+            self.append(update)
+            return False
+        update.run = self.run
+        self._last_stamp = stamp_ns
+        self._keep(update)
+        return True
+
+    def _keep(self, update: pb.RunUpdate) -> None:
         self.updates.append(update)
         if len(self.updates) > self.max_updates:
             # Keep memory bounded on endless streams: a watcher that far behind
@@ -130,7 +147,6 @@ class Feed:
             del self.updates[:drop]
             self.first += drop
         self._wake()
-        return update
 
     def finish(self) -> None:
         self.done = True

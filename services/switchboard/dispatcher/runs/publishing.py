@@ -200,8 +200,13 @@ class Publishing:
         data = active.job.SerializeToString() if job else None
         saved = await self.save_until_stored(active, what, staged, data)
         if saved and inline and events[-1].cursor:
-            # Logged and delivered with the end: the feed shows it now.
-            active.feed.append(update)
+            # Logged and delivered with the end: the feed shows it now, numbered and
+            # stamped as the log has it (WatchRun and Subscribe tell the same update).
+            if not active.feed.append_as_logged(update):
+                log.warning(
+                    "a run's end was logged before an update the feed took meanwhile",
+                    extra={"run": run.name, "what": what},
+                )
             active.logged = parse_cursor(events[-1].cursor) or active.logged
             active.ending.clear()
         elif saved:
