@@ -10,6 +10,7 @@ from switchboard.api.events.v1 import events_pb2
 from switchboard.dispatcher.runs import feed
 from switchboard.dispatcher.runs.queries import _InOrder
 from switchboard.events import subscriptions
+from switchboard.platform.events import deltas
 from switchboard.platform.events.eventlog import Logged
 
 RUN = "workspaces/w/conversations/c/runs/r"
@@ -63,13 +64,13 @@ def test_a_gap_is_never_hidden_in_a_merge() -> None:
 
 
 def test_a_merge_stops_at_its_bounds() -> None:
-    big = "x" * (feed.MAX_MERGED_CHARS // 2)
+    big = "x" * (deltas.MAX_MERGED_CHARS // 2)
     merged = feed.merge_deltas([_delta(1, big), _delta(2, big), _delta(3, "y")])
     assert _ranges(merged) == [(1, 2), (3, 3)]
-    many = [_delta(s) for s in range(1, feed.MAX_MERGED_UPDATES + 3)]
+    many = [_delta(s) for s in range(1, deltas.MAX_MERGED_UPDATES + 3)]
     assert _ranges(feed.merge_deltas(many)) == [
-        (1, feed.MAX_MERGED_UPDATES),
-        (feed.MAX_MERGED_UPDATES + 1, feed.MAX_MERGED_UPDATES + 2),
+        (1, deltas.MAX_MERGED_UPDATES),
+        (deltas.MAX_MERGED_UPDATES + 1, deltas.MAX_MERGED_UPDATES + 2),
     ]
 
 

@@ -45,6 +45,7 @@ from switchboard.platform.errors import (
     SubscriberTooSlow,
 )
 from switchboard.platform.events.bus import EventBus
+from switchboard.platform.events.deltas import delta_stretch, merge_into
 from switchboard.platform.events.eventlog import (
     Logged,
     Position,
@@ -59,10 +60,6 @@ from switchboard.platform.security.policy import Permission, Policy, Principal
 REPLAY_PAGE: Final = 500
 #: A coalesced batch stays well under the default 4 MiB message limit.
 MAX_BATCH_BYTES: Final = 1024 * 1024
-#: A merged delta event stops growing at this many characters of text (as the
-#: dispatcher's merges do) and at this many events.
-MAX_MERGED_CHARS: Final = 16 * 1024
-MAX_MERGED_EVENTS: Final = 256
 _RUN_UPDATED: Final = events_pb2.EVENT_TYPE_RUN_UPDATED
 
 _SCOPE_PATTERNS: Final = {
@@ -92,8 +89,9 @@ def _is_delta(item: Logged) -> bool:
 
 
 def merge_deltas(items: Sequence[Logged]) -> list[Logged]:
-    """``items`` (a batch, in log order) with each stretch of consecutive text-delta
-    RUN_UPDATED events of one run, its sequences following each other, as one event.
+    """``items`` (a batch, in log order) with each stretch of text-delta RUN_UPDATED
+    events that merge (``platform/events/deltas.py``: one run's, sequences following
+    each other) as one event.
 
     The merged event is the last one's (its id, time and cursor: what comes after it
     in the batch and the batch's own cursor are unchanged) with the run update's text
@@ -101,31 +99,12 @@ def merge_deltas(items: Sequence[Logged]) -> list[Logged]:
     with every subscriber: a merge is a new one."""
     if len(items) < 2:
         return list(items)
+    updates = [item.event.run_updated.update if _is_delta(item) else None for item in items]
     out: list[Logged] = []
-    index, count = 0, len(items)
-    while index < count:
-        item = items[index]
-        end = index + 1
-        if _is_delta(item):
-            first = item.event.run_updated.update
-            run, follows, chars = first.run, first.sequence + 1, len(first.delta.text)
-            stop = min(count, index + MAX_MERGED_EVENTS)
-            while end < stop:
-                after = items[end]
-                if not _is_delta(after):
-                    break
-                update = after.event.run_updated.update
-                if update.run != run or (update.first_sequence or update.sequence) != follows:
-                    break
-                chars += len(update.delta.text)
-                if chars > MAX_MERGED_CHARS:
-                    break
-                follows = update.sequence + 1
-                end += 1
-        if end == index + 1:
-            out.append(item)
-        else:
-            out.append(_merged(items[index:end]))
+    index = 0
+    while index < len(items):
+        end = delta_stretch(updates, index)
+        out.append(items[index] if end == index + 1 else _merged(items[index:end]))
         index = end
     return out
 
@@ -134,10 +113,7 @@ def _merged(stretch: Sequence[Logged]) -> Logged:
     last = stretch[-1]
     event = events_pb2.Event()
     event.CopyFrom(last.event)
-    update = event.run_updated.update
-    first = stretch[0].event.run_updated.update
-    update.first_sequence = first.first_sequence or first.sequence
-    update.delta.text = "".join(item.event.run_updated.update.delta.text for item in stretch)
+    merge_into(event.run_updated.update, [item.event.run_updated.update for item in stretch])
     return Logged(last.position, event)
 
 

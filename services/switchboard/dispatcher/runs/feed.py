@@ -21,53 +21,25 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
-from typing import Final
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.platform.errors import CursorExpired
+from switchboard.platform.events.deltas import delta_stretch, merge_into
 from switchboard.platform.names import stamp_after
-
-#: A merged delta stops growing at this many characters (as the run's own merge of
-#: the deltas a handler yields together: ``execution.py``) ...
-MAX_MERGED_CHARS: Final = 16 * 1024
-#: ... and at this many updates, so one frame never stands for an unbounded range.
-MAX_MERGED_UPDATES: Final = 256
 
 
 def merged_delta(updates: Sequence[pb.RunUpdate], start: int) -> tuple[pb.RunUpdate, int]:
     """The update at ``start`` and the index after what it covers: when it and the
-    updates after it are text deltas, those that fit the bounds joined into one
-    (``first_sequence`` .. ``sequence``, the last one's time); otherwise itself.
-
-    A non-delta update ends the merge, and so does a gap in the sequences (another
-    replica's token lost on the way: ``queries._InOrder``), which a merge must not
-    hide. The updates are shared with other watchers: a merge is a new message."""
+    updates after it are text deltas that merge (``platform/events/deltas.py``), them
+    joined into one (``first_sequence`` .. ``sequence``, the last one's time); otherwise
+    itself. The updates are shared with other watchers: a merge is a new message."""
+    end = delta_stretch(updates, start)
     first = updates[start]
-    end = start + 1
-    if not first.HasField("delta"):
-        return first, end
-    stop = min(len(updates), start + MAX_MERGED_UPDATES)
-    chars = len(first.delta.text)
-    follows = first.sequence + 1
-    while end < stop:
-        after = updates[end]
-        if not after.HasField("delta") or (after.first_sequence or after.sequence) != follows:
-            break
-        chars += len(after.delta.text)
-        if chars > MAX_MERGED_CHARS:
-            break
-        follows = after.sequence + 1
-        end += 1
     if end == start + 1:
         return first, end
     last = updates[end - 1]
-    merged = pb.RunUpdate(
-        run=first.run,
-        sequence=last.sequence,
-        time=last.time,
-        first_sequence=first.first_sequence or first.sequence,
-    )
-    merged.delta.text = "".join(u.delta.text for u in updates[start:end])
+    merged = pb.RunUpdate(run=first.run, sequence=last.sequence, time=last.time)
+    merge_into(merged, updates[start:end])
     return merged, end
 
 

@@ -110,34 +110,35 @@ class Prepared:
 
     def execute_many(self, db: Session | Connection, many: Sequence[Mapping[str, Any]]) -> None:
         """Run the statement once per parameter set (one ``executemany``)."""
-        if not many:
-            return
-        connection = db.connection() if isinstance(db, Session) else db
-        dialect = connection.dialect
-        compiled = self._compiled(dialect)
-        values = [_bind(compiled, params) for params in many]
-        driver = connection.connection.dbapi_connection
-        if driver is None:  # pragma: no cover - a connection is checked out while in use
-            raise RuntimeError("the session's connection is closed")
-        cursor = driver.cursor()
-        try:
-            cursor.executemany(compiled.sql, values)
-        except dialect.loaded_dbapi.Error as exc:
-            raise _wrapped(compiled.sql, exc, dialect) from exc
+        if many:
+            self._call(
+                db,
+                lambda cursor, compiled: cursor.executemany(
+                    compiled.sql, [_bind(compiled, params) for params in many]
+                ),
+            )
 
     def _execute(
         self, db: Session | Connection, params: Mapping[str, Any] | None
     ) -> tuple[Any, _Compiled]:
+        return self._call(
+            db, lambda cursor, compiled: cursor.execute(compiled.sql, _bind(compiled, params or {}))
+        )
+
+    def _call(
+        self, db: Session | Connection, run: Callable[[Any, _Compiled], object]
+    ) -> tuple[Any, _Compiled]:
+        """``run(cursor, compiled)`` on a cursor of ``db``'s own connection, a DB-API error
+        raised as SQLAlchemy's."""
         connection = db.connection() if isinstance(db, Session) else db
         dialect = connection.dialect
         compiled = self._compiled(dialect)
-        values = _bind(compiled, params or {})
         driver = connection.connection.dbapi_connection
         if driver is None:  # pragma: no cover - a connection is checked out while in use
             raise RuntimeError("the session's connection is closed")
         cursor = driver.cursor()
         try:
-            cursor.execute(compiled.sql, values)
+            run(cursor, compiled)
         except dialect.loaded_dbapi.Error as exc:
             raise _wrapped(compiled.sql, exc, dialect) from exc
         return cursor, compiled
