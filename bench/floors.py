@@ -1,15 +1,21 @@
 """What a streamed token costs at the least, in parts: the floors under ``bench/streaming.py``.
 
     python bench/floors.py          both, printed (about 1 minute)
-    python bench/floors.py http     an HTTP client's CPU per streamed chunk: httpx, aiohttp
+    python bench/floors.py http     an HTTP client's CPU per streamed chunk: httpx, aiohttp,
+                                    and the llm handler's provider client (switchboard)
+    python bench/floors.py aiohttp switchboard   some of them
     python bench/floors.py grpc     grpc.aio's server CPU per server-streamed message
 
 ``http``: C closed loops each stream one Chat Completions answer of ``TOKENS`` chunks, the
 interval apart, from ``bench/streaming.py``'s paced echo model (its own process); each chunk
-is read under an ``asyncio.timeout``, as the llm handler reads it. The client process's CPU
-over the measured window / chunks read. ``grpc``: a bare ``grpc.aio`` server (no
-Switchboard, no protobuf: 40-byte messages) whose server-streaming method writes ``TOKENS``
-messages the interval apart; C closed loops read them. The server process's CPU / messages.
+is read under an ``asyncio.timeout``, as the llm handler reads it. ``switchboard``: the same
+answers through the llm handler's provider client (``dispatcher/llm/client.py``) to the text
+of each chunk, what Switchboard adds to aiohttp's read on the way from socket to delta (its
+figure is per text: the 4 chunks of an answer without text are read too, about 3% more). The
+client process's CPU over the measured window / chunks read. ``grpc``: a bare ``grpc.aio``
+server (no Switchboard, no protobuf: 40-byte messages) whose server-streaming method writes
+``TOKENS`` messages the interval apart; C closed loops read them. The server process's CPU /
+messages.
 Together they are about what reading a token and writing its frame cannot cost less than
 in this runtime (decisions 44).
 """
@@ -21,7 +27,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -29,6 +35,9 @@ import aiohttp
 import grpc
 import httpx
 from grpc import aio
+
+from switchboard.dispatcher.llm.client import Answer, ProviderClient
+from switchboard.dispatcher.llm.config import LlmConfig, Provider
 
 TOKENS: Final = 128
 INTERVAL_S: Final = 0.033
@@ -96,8 +105,33 @@ async def _aiohttp(url: str, seconds: float) -> int:
         return await _loops(one, seconds)
 
 
+async def _switchboard(url: str, seconds: float) -> int:
+    """The llm handler's own path from socket to text: its provider client (aiohttp, one
+    timer per response, the events cut from each read, each chunk decoded and checked)."""
+    provider = Provider(name="bench", base_url=url, api_key="", model="bench-model")
+    client = ProviderClient(
+        LlmConfig(providers=(provider,), max_retries=0, max_connections=1000),
+        clock=time.monotonic,
+        sleep=asyncio.sleep,
+        rng=None,
+    )
+    request = {key: value for key, value in BODY.items() if key != "model"}
+    try:
+
+        async def one() -> int:
+            texts = client.ask((provider,), request, lambda: 30.0, Answer())
+            return len([text async for text in texts])
+
+        return await _loops(one, seconds)
+    finally:
+        await client.aclose()
+
+
+_CLIENTS: Final = {"httpx": _httpx, "aiohttp": _aiohttp, "switchboard": _switchboard}
+
+
 async def http_client(kind: str, url: str) -> str:
-    read = _httpx if kind == "httpx" else _aiohttp
+    read = _CLIENTS[kind]
     await read(url, WARMUP_S)
     began, cpu = time.monotonic(), _cpu()
     chunks = await read(url, SECONDS)
@@ -105,7 +139,7 @@ async def http_client(kind: str, url: str) -> str:
     return f"| {kind} | {chunks} | {used * 1e6 / max(chunks, 1):.1f} | {used / wall:.2f} |"
 
 
-def http_floor() -> list[str]:
+def http_floor(kinds: Sequence[str] = tuple(_CLIENTS)) -> list[str]:
     streaming = HERE.parent / "streaming.py"
     interval_ms = str(round(INTERVAL_S * 1000))
     lines = [
@@ -114,7 +148,7 @@ def http_floor() -> list[str]:
         "| client | chunks | client CPU µs/chunk | client cores |",
         "|---|---|---|---|",
     ]
-    for kind in ("httpx", "aiohttp"):
+    for kind in kinds:
         model = subprocess.Popen(
             [sys.executable, str(streaming), "model", interval_ms],
             stdin=subprocess.PIPE,
@@ -205,6 +239,8 @@ def main() -> int:
     lines: list[str] = []
     if "http" in which:
         lines += [*http_floor(), ""]
+    elif kinds := [kind for kind in which if kind in _CLIENTS]:
+        lines += [*http_floor(kinds), ""]
     if "grpc" in which:
         lines += grpc_floor()
     print("\n".join(lines))

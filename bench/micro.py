@@ -1,5 +1,5 @@
-"""In-process costs, without the transport: the guard's credential check, and what
-the same write costs when the host was idle just before it.
+"""In-process costs, without the transport: the guard's credential check, what the
+same write costs when the host was idle just before it, and a write with an event.
 
     python bench/micro.py    prints one JSON line: microseconds per call
 
@@ -7,6 +7,8 @@ Separates what authentication itself costs from the noise of two processes
 sharing two cores in the QPS figures. ``write_after_idle`` (also reported by
 ``bench/dispatcher.py``'s latency rows) explains why a run below capacity costs
 more CPU than one at capacity: the same code runs slower when it starts cold.
+``context_calls`` times what a run asks of the context store (a message appended,
+the window read) through the stores themselves.
 """
 
 from __future__ import annotations
@@ -25,11 +27,24 @@ from sqlalchemy import bindparam
 from sqlalchemy.orm import Session
 
 from switchboard.api.auth.v1 import auth_pb2
+from switchboard.api.events.v1 import events_pb2
 from switchboard.auth.accounts import Accounts
+from switchboard.context.messagestore import MessageStore, NewMessage
+from switchboard.context.windowstore import WindowScopes, WindowStore
 from switchboard.mesh import create_server
+from switchboard.platform.events.bus import EventBus
+from switchboard.platform.events.eventlog import LocalLog
 from switchboard.platform.names import new_id, now
 from switchboard.platform.store.db import open_database
-from switchboard.platform.store.models import EventOutboxRow, table_of
+from switchboard.platform.store.models import (
+    ConversationRow,
+    EventOutboxRow,
+    IdempotencyRow,
+    WorkspaceRow,
+    table_of,
+)
+from switchboard.platform.store.outbox import Outbox, Staged, staging
+from switchboard.platform.store.storage import Idempotency
 from switchboard.settings import Settings
 
 CALLS = 20_000
@@ -82,6 +97,133 @@ async def write_after_idle(
     return {str(gap): round(statistics.median(cpu[gap]) * 1e6) for gap in gaps_ms}
 
 
+async def context_calls(directory: Path, rounds: int = 3, samples: int = 200) -> dict[str, float]:
+    """Median process CPU µs of a run's context store calls, back to back, on SQLite.
+
+    What each run asks of the context store: a message appended (with a request_id,
+    as a run's answer has) and the window read, through ``MessageStore`` and
+    ``WindowStore`` and their ``Database.run`` (the thread hop counted too), on a
+    conversation that grows by one message each time. No events are staged: the
+    outbox's share is the same with or without the store's changes.
+    """
+    database = await open_database(
+        f"sqlite+aiosqlite:///{directory}/context.db", timeout_s=10, migrate=True
+    )
+    messages, windows = MessageStore(database), WindowStore(database)
+    stamp = now()
+
+    def conversation(session: Session) -> None:
+        session.add(WorkspaceRow(id="micro", created_at=stamp, updated_at=stamp, version=1))
+        session.flush()
+        session.add(
+            ConversationRow(
+                id="c1", workspace_id="micro", created_at=stamp, updated_at=stamp, version=1
+            )
+        )
+
+    await database.run(conversation, write=True)
+    scopes = WindowScopes("workspaces/micro/conversations/c1", "workspaces/micro", "users/u1")
+    text = b"the quick brown fox jumps over the lazy dog and then runs far away"
+
+    async def append() -> None:
+        message_id = new_id()
+        new = NewMessage(
+            id=message_id,
+            name=f"{scopes.conversation}/messages/{message_id}",
+            scope=scopes.conversation,
+            role="user",
+            tokens=13,
+            encode=lambda seq, when: text,
+            entities=(),
+            entity_creator="system",
+        )
+        key = Idempotency(f"u1/AppendMessage/{message_id}", "f" * 64)
+        await messages.append_message(
+            "micro", "c1", new, max_memory_per_scope=10_000, idempotency=key
+        )
+
+    async def window() -> None:
+        await windows.window_rows(
+            "micro",
+            "c1",
+            scopes,
+            budget=4000,
+            query=lambda latest: "quick brown fox",
+            relevant_limit=10,
+            max_pinned=50,
+        )
+
+    cases = {"append": append, "window": window}
+    cpu: dict[str, list[float]] = {name: [] for name in cases}
+    try:
+        for _ in range(samples // 4):  # warm-up: every statement compiled and cached
+            for call in cases.values():
+                await call()
+        for _ in range(rounds):
+            for name, call in cases.items():
+                for _ in range(samples):
+                    started = time.process_time()
+                    await call()
+                    cpu[name].append(time.process_time() - started)
+    finally:
+        await database.close()
+    return {name: round(statistics.median(cpu[name]) * 1e6) for name in cases}
+
+
+async def staged_change(
+    directory: Path, gaps_ms: Sequence[int] = (0, 5), rounds: int = 3, samples: int = 60
+) -> dict[str, float]:
+    """Median process CPU µs of one change with one event, by idle gap: a row inserted
+    and one event staged in its transaction (``Staged``), then ``publish_staged``
+    awaited, on the embedded log over a SQLite file. Everything a write with an event
+    costs until its event is in the log and delivered: on the outbox path a second
+    transaction (the event logged, its outbox row deleted), inline none."""
+    database = await open_database(
+        f"sqlite+aiosqlite:///{directory}/staged.db", timeout_s=10, migrate=True
+    )
+    outbox = Outbox(database)
+    local = LocalLog(database, retention=100_000, retention_s=3600, memory=1000, outbox=outbox)
+    bus = EventBus(local, memory=1000, outbox=outbox)
+    await bus.start()
+    keys = table_of(IdempotencyRow)
+
+    async def change() -> None:
+        staged: Staged[None] = Staged(
+            outbox,
+            lambda _: [
+                events_pb2.Event(
+                    type=events_pb2.EVENT_TYPE_CONVERSATION_CHANGED, workspace="workspaces/w"
+                )
+            ],
+        )
+
+        def work(session: Session) -> None:
+            session.connection().execute(
+                keys.insert(),
+                [{"key": new_id(), "fingerprint": "f", "resource": "r", "created_at": now()}],
+            )
+
+        await database.run(staging(staged, work), write=True)
+        await bus.publish_staged(staged.events)
+
+    cpu: dict[int, list[float]] = {gap: [] for gap in gaps_ms}
+    try:
+        for _ in range(samples):  # warm-up
+            await change()
+        for _ in range(rounds):
+            for gap in gaps_ms:
+                for _ in range(samples):
+                    if gap:
+                        await asyncio.sleep(gap / 1000)
+                    started = time.process_time()
+                    await change()
+                    cpu[gap].append(time.process_time() - started)
+    finally:
+        await bus.close()
+        await database.close()
+    return {str(gap): round(statistics.median(cpu[gap]) * 1e6) for gap in gaps_ms}
+
+
 async def main() -> None:
     logging.disable(logging.WARNING)
     directory = tempfile.mkdtemp(prefix="switchboard-micro-")
@@ -116,6 +258,8 @@ async def main() -> None:
             tokens.verify(token)
         verify_us = (time.perf_counter() - started) / (CALLS // 10) * 1e6
         idle = await write_after_idle(Path(directory))
+        context = await context_calls(Path(directory))
+        staged = await staged_change(Path(directory))
     finally:
         await server.shutdown(grace=0)
     print(
@@ -124,6 +268,8 @@ async def main() -> None:
                 "cached_authenticate_us": round(cached_us, 2),
                 "verify_us": round(verify_us, 1),
                 "write_after_idle_us": idle,
+                "context_calls_us": context,
+                "staged_change_us": staged,
             }
         )
     )

@@ -11,6 +11,11 @@
                                              ``## Streaming (L)``, kept beside this one
     python bench/streaming.py --profile      ... plus py-spy on the server in an extra,
                                              unmeasured run of the paced 100-conversation row
+    python bench/streaming.py --replicas-row 20:100
+                                             instead of the rows: that row on the scaled-out
+                                             shape with 1 and 2 dispatcher replicas
+                                             (--replica-counts, --rounds; about 12 minutes),
+                                             its own section
 
 The model is ``tests/fakes/openai_server.py``'s ``FakeOpenAI`` in its own process
 (``python bench/streaming.py model INTERVAL_MS``): the ``echo`` model, which streams the
@@ -26,10 +31,19 @@ conversation to run at once) and C closed loops, one per conversation: SendMessa
 ``llm`` handler), then WatchRun with ``after_sequence=0`` to the run's end, again.
 
 Per row: first token p50/p99 (from just before the request to the first text), the gap
-between successive text frames the client sees minus the model's interval (p50/p99),
+between successive text frames the client sees minus the model's interval (p50/p99; a
+frame of k tokens, merged deltas, counts as k arriving together),
 runs/s (runs that ended in the measured window), server CPU per run and per token (its
 CPU over the window / runs or tokens delivered in the window), the model server's CPU per
 token, the server's peak RSS (VmHWM). CPU is read from /proc for the whole process.
+
+``--replicas-row``: the row on ``switchboard mesh`` (PostgreSQL, Redis, one process per
+service, Envoy in front; a fresh mesh per case) with each count of dispatcher replicas,
+beside the model direct and the all-in-one server, in rounds whose order alternates. The
+client goes through Envoy, so SendMessage and WatchRun land on any replica (a WatchRun on
+one that does not own the run follows it over Redis). Server CPU is every process of the
+shape, PostgreSQL's backends included, split by process kind; the access lines each
+dispatcher replica logged show how Envoy spread the calls.
 """
 
 from __future__ import annotations
@@ -42,7 +56,11 @@ import dataclasses
 import json
 import os
 import random
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -50,6 +68,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import httpx
+from google.rpc import error_details_pb2
 from grpc import aio
 
 from switchboard.api.context.v1 import context_pb2 as cpb
@@ -70,8 +89,11 @@ from bench.harness import (
     clients,
     command_line,
     dedicated_channel,
+    errors_text,
     host_speed_line,
+    median,
     percentile,
+    process_cpu_s,
     provenance,
     python,
     report,
@@ -82,6 +104,8 @@ from bench.harness import (
     serve,
     session,
     settings_text,
+    spawn,
+    stop,
     verdict,
     wait_quiet,
 )
@@ -225,8 +249,12 @@ class Load:
         self.started += 1
         if times:
             self.first_s.append(times[0][0] - started)
-        for (before, _), (after, _) in itertools.pairwise(times):
+        for (before, _), (after, tokens) in itertools.pairwise(times):
             self.gap_s.append(after - before - self.interval)
+            # A frame of several tokens (merged deltas) stands for that many arrivals at
+            # once, as one by one frames arriving together would be: the gap stays a
+            # per-token figure whether or not the server merges.
+            self.gap_s.extend([-self.interval] * (tokens - 1))
         if sum(tokens for _, tokens in times) != self.spec["tokens"]:
             self.short += 1
 
@@ -239,7 +267,15 @@ class Load:
         if at in self.window:
             self.ended += 1
 
-    async def run(self, one: Any, names: Sequence[str], sources: Sequence[int]) -> dict[str, Any]:
+    async def run(
+        self,
+        one: Any,
+        names: Sequence[str],
+        sources: Sequence[int],
+        trees: dict[str, list[int]] | None = None,
+    ) -> dict[str, Any]:
+        """``sources``: the server's pid (if one) and the model's, last. ``trees``: the
+        scaled-out shape's processes by kind, each with its children (PostgreSQL's backends)."""
         self.window.start(self.spec["warmup_s"], self.spec["seconds"])
 
         async def loop(index: int, name: str) -> None:
@@ -251,10 +287,13 @@ class Load:
         tasks = [asyncio.create_task(loop(i, n)) for i, n in enumerate(names)]
         await self.window.warm_up()
         cpu = CpuMeter(*sources)
+        tree = TreeCpu(trees or {})
         cpu.start()
+        tree.start()
         async with pyspy.recording(self.spec.get("profile"), sources[0]):
             await self.window.measured()
             cpu.stop()
+            tree.stop()
             await asyncio.gather(*tasks)
         tokens = max(self.tokens, 1)
         figures: dict[str, Any] = {
@@ -280,11 +319,84 @@ class Load:
             figures["server_cores"] = cpu.cores(0)
             figures["server_ms_per_run"] = round(server_cpu * 1000 / max(self.ended, 1), 2)
             figures["server_us_per_token"] = round(server_cpu * 1e6 / tokens, 1)
+        if trees:
+            wall = max(cpu.wall, 1e-9)
+            runs = max(self.ended, 1)
+            server_cpu = sum(tree.used.values())
+            figures["server_cores"] = round(server_cpu / wall, 2)
+            figures["server_ms_per_run"] = round(server_cpu * 1000 / runs, 2)
+            figures["server_us_per_token"] = round(server_cpu * 1e6 / tokens, 1)
+            figures["ms_per_run_by_process"] = {
+                name: round(used * 1000 / runs, 2) for name, used in tree.used.items()
+            }
+            figures["cores_by_process"] = {
+                name: round(used / wall, 2) for name, used in tree.used.items()
+            }
+            figures["other_cores"] = round(max(0.0, cpu.others() - server_cpu) / wall, 2)
         return figures
+
+
+def _parents() -> dict[int, int]:
+    """Every process's parent, from /proc."""
+    parents = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = Path(entry.path, "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # it ended meanwhile
+        parents[int(entry.name)] = int(fields[1])
+    return parents
+
+
+class TreeCpu:
+    """CPU seconds of named process trees (a process and its descendants, so PostgreSQL's
+    postmaster with its backends) over the measured interval, pid by pid: a process that
+    started meanwhile counts from 0, one that ended meanwhile loses what it used in it
+    (the pools keep their connections, so neither is common). A walk stops at another
+    tree's root: the launcher's tree is the launcher alone."""
+
+    def __init__(self, trees: dict[str, list[int]]) -> None:
+        self.trees = trees
+        self.used = dict.fromkeys(trees, 0.0)
+        self._began: dict[str, dict[int, float]] = {}
+
+    def _sample(self) -> dict[str, dict[int, float]]:
+        children: dict[int, list[int]] = collections.defaultdict(list)
+        for pid, parent in _parents().items():
+            children[parent].append(pid)
+        roots = {pid for pids in self.trees.values() for pid in pids}
+        out = {}
+        for name, pids in self.trees.items():
+            found: dict[int, float] = {}
+            stack = list(pids)
+            while stack:
+                pid = stack.pop()
+                with contextlib.suppress(OSError, IndexError, ValueError):
+                    found[pid] = process_cpu_s(pid)
+                stack.extend(child for child in children.get(pid, ()) if child not in roots)
+            out[name] = found
+        return out
+
+    def start(self) -> None:
+        self._began = self._sample()
+
+    def stop(self) -> None:
+        for name, now in self._sample().items():
+            before = self._began.get(name, {})
+            self.used[name] += sum(cpu - before.get(pid, 0.0) for pid, cpu in now.items())
 
 
 def _ms(samples: Sequence[float], fraction: float) -> float:
     return round(percentile(samples, fraction) * 1000, 2) if samples else float("nan")
+
+
+def _failure(run: pb.Run) -> str:
+    """A run that did not succeed: its state and its error's reason."""
+    info = error_details_pb2.ErrorInfo()
+    reason = next((info.reason for packed in run.error.details if packed.Unpack(info)), "")
+    return " ".join(part for part in (pb.RunState.Name(run.state), reason) if part)
 
 
 def _tokens(text: str) -> int:
@@ -354,7 +466,11 @@ async def client_switchboard(spec: dict[str, Any]) -> dict[str, Any]:
         ended = False
         try:
             async for frame in stub.WatchRun(
-                pb.WatchRunRequest(name=run, after_sequence=0), metadata=metadata, timeout=300
+                # Merged deltas, as the clients ask: a watcher behind takes fewer frames
+                # (a merged one counts the tokens of its text).
+                pb.WatchRunRequest(name=run, after_sequence=0, merge_deltas=True),
+                metadata=metadata,
+                timeout=300,
             ):
                 if frame.WhichOneof("frame") != "update":
                     continue
@@ -368,7 +484,7 @@ async def client_switchboard(spec: dict[str, Any]) -> dict[str, Any]:
                 elif kind == "state_change" and update.state_change.run.state in TERMINAL:
                     ended = True
                     if update.state_change.run.state != pb.RUN_STATE_SUCCEEDED:
-                        load.errors[pb.RunState.Name(update.state_change.run.state)] += 1
+                        load.errors[_failure(update.state_change.run)] += 1
         except aio.AioRpcError as err:
             load.errors[f"WatchRun {err.code().name}"] += 1
         if not ended:
@@ -377,6 +493,8 @@ async def client_switchboard(spec: dict[str, Any]) -> dict[str, Any]:
         load.text(started, times)
 
     try:
+        if "trees" in spec:
+            return await load.run(one, names, [spec["model_pid"]], spec["trees"])
         return await load.run(one, names, [spec["server_pid"], spec["model_pid"]])
     finally:
         for channel in channels:
@@ -465,6 +583,186 @@ async def direct_case(sizes: Sizes, row: Row, model: Model) -> dict[str, Any]:
     return figures
 
 
+# ---------------------------------------------------------------------------------
+# The scaled-out shape: ``switchboard mesh`` (PostgreSQL, Redis, a process per service,
+# Envoy in front) with one dispatcher replica or more, the client through Envoy.
+
+#: Replicas of the other services: one each, whatever the dispatchers (the mesh's default
+#: runs two events replicas; the paced row subscribes to nothing).
+MESH_OTHERS: Final = ("auth=1", "context=1", "integration=1", "events=1", "a2a=1")
+MESH_READY_S: Final = 300.0
+MESH_STOP_S: Final = 120.0
+
+
+@dataclass(frozen=True)
+class MeshUp:
+    #: Envoy's plain listener (native gRPC).
+    address: str
+    #: Each process's pid by its name in mesh.json (``dispatcher-2``), and ``launcher``.
+    trees: dict[str, list[int]]
+    log: Path
+
+
+def _mesh_ready(process: subprocess.Popen[str], state_file: Path, log: Path) -> dict[str, Any]:
+    """mesh.json once the launcher says ``ready``."""
+    deadline = time.monotonic() + MESH_READY_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"switchboard mesh exited ({process.returncode}):\n{_last(log)}")
+        with contextlib.suppress(OSError, ValueError):
+            state: dict[str, Any] = json.loads(state_file.read_text())
+            if state["state"] == "ready":
+                return state
+        time.sleep(0.2)  # polling the launcher's state file
+    raise RuntimeError(f"switchboard mesh did not become ready:\n{_last(log)}")
+
+
+@contextlib.contextmanager
+def mesh(directory: Path, dispatchers: int, settings: dict[str, str]) -> Iterator[MeshUp]:
+    """``switchboard mesh`` with ``dispatchers`` dispatcher replicas, every port free, its
+    data in a fresh directory; SIGTERM (everything stops in order) and removed on exit."""
+    # Not under ``directory``: PostgreSQL runs as its own user under root, and mkdtemp's
+    # directories are owner-only; the launcher hands its data directory over itself.
+    data = Path(tempfile.mkdtemp(prefix="switchboard-stream-mesh-"))
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("SWITCHBOARD_")}
+    env.update(settings)
+    log = directory / f"mesh-{dispatchers}-{time.monotonic_ns()}.log"
+    replicas = [f"--replicas={one}" for one in (*MESH_OTHERS, f"dispatcher={dispatchers}")]
+    with log.open("w") as sink:
+        process = spawn(
+            python(
+                "-m",
+                "switchboard.cli",
+                "mesh",
+                f"--data-dir={data}",
+                "--listen=127.0.0.1:0",
+                "--admin=127.0.0.1:0",
+                *replicas,
+            ),
+            env=env,
+            cwd=directory,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        state = _mesh_ready(process, data / "mesh.json", log)
+        trees = {name: [one["pid"]] for name, one in state["processes"].items() if one["pid"]}
+        trees["launcher"] = [process.pid]
+        yield MeshUp(address=state["edge"]["grpc"], trees=trees, log=log)
+    finally:
+        stop(process, by="terminate", timeout_s=MESH_STOP_S)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def _last(log: Path, lines: int = 40) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+#: A warning or error line of a process: its logger and its message, without its fields.
+_COMPLAINT: Final = re.compile(r" (?:WARNING|ERROR|CRITICAL)\s+(\S+) (.*?)(?= [a-z_]+=|$)")
+
+
+def complaints(log: Path, most: int = 8) -> dict[str, int]:
+    """The warnings and errors the mesh's processes logged once it was ready (what the
+    load met, not the notes of a start), by process kind and message, the most frequent
+    first: why runs failed, or Redis timed out, when they did."""
+    counts: collections.Counter[str] = collections.Counter()
+    ready = False
+    for line in log.read_text(errors="replace").splitlines():
+        name, bar, rest = line.partition(" | ")
+        if not ready:
+            ready = name.strip() == "mesh" and rest.startswith("ready:")
+            continue
+        found = _COMPLAINT.search(rest) if bar else None
+        if found is not None:
+            counts[f"{kind_of(name.strip())}: {found.group(1)} {found.group(2)}"] += 1
+    return dict(counts.most_common(most))
+
+
+def calls_by_replica(log: Path, methods: Sequence[str]) -> dict[str, dict[str, int]]:
+    """How many calls of each of ``methods`` each dispatcher replica logged (its access
+    lines, prefixed with its name by the launcher): that Envoy spread the runs."""
+    counts: dict[str, dict[str, int]] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        name, bar, rest = line.partition(" | ")
+        if not bar or not name.strip().startswith("dispatcher"):
+            continue
+        if "switchboard.access" not in rest:
+            continue  # other lines of a call name its method too
+        for method in methods:
+            if f"DispatcherService/{method} " in rest:
+                per = counts.setdefault(name.strip(), dict.fromkeys(methods, 0))
+                per[method] += 1
+    return counts
+
+
+async def mesh_case(
+    sizes: Sizes, directory: Path, row: Row, model: Model, dispatchers: int
+) -> dict[str, Any]:
+    """A fresh mesh with ``dispatchers`` replicas on ``model``; C closed loops of
+    SendMessage + WatchRun through Envoy."""
+    settings = {**SERVER_SETTINGS, "SWITCHBOARD_LLM_BASE_URL": model.url}
+    with mesh(directory, dispatchers, settings) as up:
+        account, names = await _conversations(up.address, row.conversations)
+        waited = await wait_quiet(sizes.quiet_wait_s)
+        figures = await asyncio.to_thread(
+            run_client,
+            __file__,
+            {
+                "mode": "switchboard",
+                "interval_ms": row.interval_ms,
+                "tokens": row.tokens,
+                "warmup_s": sizes.warmup_s,
+                "seconds": sizes.seconds,
+                "address": up.address,
+                "token": account.token,
+                "trees": up.trees,
+                "model_pid": model.pid,
+                "conversations_names": names,
+            },
+        )
+        figures["peak_rss_mib"] = round(
+            sum(_peak_rss_kib(pids[0]) for pids in up.trees.values()) / 1024, 1
+        )
+        figures["quiet_wait_s"] = waited
+        log = up.log
+    # After the stop: every access line is in the log by then.
+    figures["calls_by_replica"] = calls_by_replica(log, ("SendMessage", "WatchRun"))
+    figures["complaints"] = complaints(log)
+    figures["dispatchers"] = dispatchers
+    return figures
+
+
+async def replicas_part(
+    sizes: Sizes, directory: Path, row: Row, counts: Sequence[int], rounds: int
+) -> list[dict[str, Any]]:
+    """Per round: the model direct, the all-in-one server (SQLite), then the mesh with each
+    count of dispatcher replicas, the counts' order reversed every other round (A B, B A)."""
+    measured = []
+    with model_server(row.interval_ms) as model:
+        for number in range(1, rounds + 1):
+            order = list(counts) if number % 2 else list(reversed(counts))
+            say(f"round {number}: the model, all-in-one, then {order} dispatcher replicas")
+            one: dict[str, Any] = {
+                "round": number,
+                "direct": await direct_case(sizes, row, model),
+                "all_in_one": await row_case(sizes, directory, row, model),
+                "mesh": {},
+            }
+            say(f"  direct {_brief(one['direct'])}")
+            say(f"  all-in-one {_brief(one['all_in_one'])}")
+            for count in order:
+                figures = await mesh_case(sizes, directory, row, model, count)
+                one["mesh"][str(count)] = figures
+                say(f"  mesh, {count} dispatcher(s): {_brief(figures)}")
+                say(f"    by process, ms/run: {figures['ms_per_run_by_process']}")
+                say(f"    calls by replica: {figures['calls_by_replica']}")
+                for complaint, times in figures["complaints"].items():
+                    say(f"    logged {times}x: {complaint}")
+            measured.append(one)
+    return measured
+
+
 async def drive(args: argparse.Namespace) -> int:
     sizes = QUICK if args.quick else FULL
     if args.rows:
@@ -476,6 +774,8 @@ async def drive(args: argparse.Namespace) -> int:
         "against_label": args.against_label if args.against else "",
         "rows": [],
     }
+    if args.replicas_row:
+        return await drive_replicas(args, sizes)
     async with session(results, "switchboard-stream-bench-") as directory:
         for row in sizes.rows:
             say(
@@ -517,6 +817,23 @@ async def drive(args: argparse.Namespace) -> int:
             }
             await pyspy.keep(args, directory, "profile-*.txt")
     text = render(results, command_line("bench/streaming.py"), sizes)
+    report(results, text, args)
+    return 0
+
+
+async def drive_replicas(args: argparse.Namespace, sizes: Sizes) -> int:
+    row = _row(args.replicas_row)
+    counts = tuple(int(n) for n in args.replica_counts.split(","))
+    rounds = args.rounds or (1 if args.quick else 2)
+    results: dict[str, Any] = {
+        "row": dataclasses.asdict(row),
+        "counts": counts,
+        "rounds": [],
+        "cores": os.cpu_count(),
+    }
+    async with session(results, "switchboard-stream-mesh-bench-") as directory:
+        results["rounds"] = await replicas_part(sizes, directory, row, counts, rounds)
+    text = render_replicas(results, command_line("bench/streaming.py"), sizes)
     report(results, text, args)
     return 0
 
@@ -733,6 +1050,186 @@ def render(results: dict[str, Any], command: str, sizes: Sizes) -> str:
     return "\n".join(lines)
 
 
+REPLICAS_SECTION: Final = "## Streaming: dispatcher replicas behind the edge"
+#: The columns of the CPU split, in order; ``rest``: the launcher and edge-health.
+KINDS: Final = (
+    "dispatcher",
+    "context",
+    "postgres",
+    "redis",
+    "envoy",
+    "auth",
+    "integration",
+    "events",
+    "a2a",
+)
+
+
+def kind_of(process: str) -> str:
+    """``dispatcher-2`` -> ``dispatcher``; ``edge-health`` stays itself."""
+    name, _, number = process.rpartition("-")
+    return name if number.isdigit() else process
+
+
+def by_kind(per_process: dict[str, float]) -> dict[str, float]:
+    kinds: dict[str, float] = collections.defaultdict(float)
+    for process, value in per_process.items():
+        kind = kind_of(process)
+        kinds[kind if kind in KINDS else "rest"] += value
+    return {kind: round(value, 2) for kind, value in kinds.items()}
+
+
+def _served(f: dict[str, Any]) -> str:
+    return (
+        f"{f['first_p50_ms']} / {f['first_p99_ms']} | {f['gap_p50_ms']} / {f['gap_p99_ms']} | "
+        f"{f['runs_per_s']}"
+    )
+
+
+def _problems(f: dict[str, Any]) -> str:
+    """Errors, and answers that reached the client short of a token (none may)."""
+    short = {"short answers": f["short_answers"]} if f.get("short_answers") else {}
+    return errors_text({**f["errors"], **short})
+
+
+def _replica_line(number: int, f: dict[str, Any]) -> str:
+    cores = f["cores_by_process"]
+    each = " + ".join(str(cores[name]) for name in sorted(cores) if kind_of(name) == "dispatcher")
+    calls = f["calls_by_replica"]
+    spread = " / ".join(
+        f"{calls[name]['SendMessage']}, {calls[name]['WatchRun']}" for name in sorted(calls)
+    )
+    return (
+        f"| {number} | mesh | {f['dispatchers']} | {_served(f)} | {f['server_ms_per_run']} | "
+        f"{f['server_cores']} | {each} | {spread} | {f['peak_rss_mib']} | "
+        f"{f['other_cores']} | {_problems(f)} |"
+    )
+
+
+def replicas_table(rounds: Sequence[dict[str, Any]], counts: Sequence[int]) -> list[str]:
+    lines = [
+        "| round | shape | dispatchers | first token p50 / p99 ms | gap - interval p50 / p99 ms "
+        "| runs/s | server CPU ms/run | server cores | dispatchers' cores | SendMessage, "
+        "WatchRun calls by replica | server peak RSS MiB | other cores | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for one in rounds:
+        d, a = one["direct"], one["all_in_one"]
+        lines.append(
+            f"| {one['round']} | model direct | | {_served(d)} | | | | | | {d['other_cores']} | |"
+        )
+        lines.append(
+            f"| {one['round']} | all-in-one (SQLite) | 1 | {_served(a)} | "
+            f"{a['server_ms_per_run']} | {a['server_cores']} | | | {a['peak_rss_mib']} | "
+            f"{a['other_cores']} | {_problems(a)} |"
+        )
+        for count in counts:
+            f = one["mesh"].get(str(count))
+            if f is not None:
+                lines.append(_replica_line(one["round"], f))
+    return lines
+
+
+def split_table(rounds: Sequence[dict[str, Any]], counts: Sequence[int]) -> list[str]:
+    """The mesh's server CPU per run by process kind."""
+    lines = [
+        "| round | dispatchers | " + " | ".join(KINDS) + " | rest | all |",
+        "|---|---|" + "---|" * (len(KINDS) + 2),
+    ]
+    for one in rounds:
+        for count in counts:
+            f = one["mesh"].get(str(count))
+            if f is None:
+                continue
+            kinds = by_kind(f["ms_per_run_by_process"])
+            cells = " | ".join(str(kinds.get(kind, 0.0)) for kind in (*KINDS, "rest"))
+            lines.append(f"| {one['round']} | {count} | {cells} | {f['server_ms_per_run']} |")
+    return lines
+
+
+def replicas_summary(rounds: Sequence[dict[str, Any]], counts: Sequence[int]) -> list[str]:
+    """Each count's median over the rounds, against the first count's."""
+
+    def med(count: int, key: str) -> float:
+        return median(one["mesh"][str(count)][key] for one in rounds)
+
+    first = counts[0]
+    lines = []
+    for count in counts:
+        runs, cpu = med(count, "runs_per_s"), med(count, "server_ms_per_run")
+        vs = (
+            f" ({runs / max(med(first, 'runs_per_s'), 1e-9):.2f}x the runs/s of {first}, "
+            f"{cpu / max(med(first, 'server_ms_per_run'), 1e-9):.2f}x its CPU per run)"
+            if count != first
+            else ""
+        )
+        lines.append(
+            f"- {count} dispatcher replica(s), the median of {len(rounds)} round(s): "
+            f"{runs:g} runs/s, {cpu:g} ms of server CPU per run, "
+            f"{med(count, 'server_cores'):g} server cores, first token p99 "
+            f"{med(count, 'first_p99_ms'):g} ms, gap p99 {med(count, 'gap_p99_ms'):g} ms{vs}."
+        )
+    aio_runs = median(one["all_in_one"]["runs_per_s"] for one in rounds)
+    lines.append(
+        f"- the all-in-one server (SQLite, one process) in the same rounds: {aio_runs:g} runs/s, "
+        f"{median(one['all_in_one']['server_ms_per_run'] for one in rounds):g} ms per run; "
+        f"the model alone {median(one['direct']['runs_per_s'] for one in rounds):g} runs/s."
+    )
+    return lines
+
+
+def complaint_lines(rounds: Sequence[dict[str, Any]], counts: Sequence[int]) -> list[str]:
+    """What the mesh's processes logged as warnings or errors, case by case."""
+    lines = []
+    for one in rounds:
+        for count in counts:
+            logged = one["mesh"].get(str(count), {}).get("complaints")
+            if logged:
+                said = "; ".join(f"{text} ({times}x)" for text, times in logged.items())
+                lines.append(f"- round {one['round']}, {count} dispatcher(s) logged: {said}")
+    return ["", "Warnings and errors the mesh logged:", "", *lines] if lines else []
+
+
+def render_replicas(results: dict[str, Any], command: str, sizes: Sizes) -> str:
+    row = Row(**results["row"])
+    counts = results["counts"]
+    apart = f"{row.interval_ms} ms apart" if row.interval_ms else "unpaced"
+    lines = [
+        REPLICAS_SECTION,
+        "",
+        *provenance(command, took_s=results.get("seconds")),
+        host_speed_line(results["host"]),
+        f"- the row: {row.conversations} conversations, {row.tokens} tokens {apart}, the model "
+        "and the client as in the Streaming section, on the same "
+        f"{results['cores']} cores as everything below",
+        "- `mesh`: a fresh `switchboard mesh` per case (PostgreSQL, Redis, one process per "
+        f"service: {', '.join(MESH_OTHERS)} and the dispatcher replicas given, Envoy in front; "
+        "its config rendered by `switchboard.deploy.envoy`, round robin over the replicas), "
+        f"the client through Envoy's plain listener; {settings_text(SERVER_SETTINGS)} reach "
+        "every service. SendMessage and WatchRun land on any replica: a WatchRun on a replica "
+        "that does not own the run follows it over Redis. `all-in-one`: `switchboard serve "
+        "--dev` on SQLite, as in the Streaming section",
+        "- server CPU: every process of the shape summed (PostgreSQL with its backends, the "
+        "launcher that relays the logs included) from /proc over the measured window; other "
+        "cores: the rest "
+        "of the machine (other jobs), neither the server nor the model nor the client",
+        f"- each case: {sizes.warmup_s:g} s warm-up, {sizes.seconds:g} s measured; per round "
+        f"the model direct, the all-in-one server, then the mesh with {counts} dispatcher "
+        "replicas, that order reversed every other round",
+        "",
+        *replicas_table(results["rounds"], counts),
+        "",
+        *replicas_summary(results["rounds"], counts),
+        "",
+        "Server CPU per run (ms) by process kind on the mesh (`rest`: the launcher, which "
+        "relays every process's log lines, and edge-health):",
+        "",
+        *split_table(results["rounds"], counts),
+        *complaint_lines(results["rounds"], counts),
+    ]
+    return "\n".join(lines)
+
+
 def options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label", default="current", help="the code measured (a section apart)")
     parser.add_argument("--rows", default="", help="only these rows: INTERVAL_MS:C[:TOKENS],...")
@@ -748,6 +1245,22 @@ def options(parser: argparse.ArgumentParser) -> None:
         "row by row after this code's (a before / after in one run)",
     )
     parser.add_argument("--against-label", default="before", help="how the table names it")
+    parser.add_argument(
+        "--replicas-row",
+        default="",
+        metavar="INTERVAL_MS:C[:TOKENS]",
+        help="instead of the rows: this row on the scaled-out shape (switchboard mesh: "
+        "PostgreSQL, Redis, Envoy) with each count of dispatcher replicas, its own section",
+    )
+    parser.add_argument(
+        "--replica-counts",
+        default="1,2",
+        metavar="N,N",
+        help="dispatcher replicas with --replicas-row (default 1,2)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=0, help="rounds with --replicas-row (default 2, quick 1)"
+    )
     pyspy.flags(parser, "an extra, unmeasured run of the paced 100-conversation row")
 
 

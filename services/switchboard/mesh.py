@@ -14,6 +14,7 @@ import logging
 import signal
 import socket
 from collections.abc import Awaitable, Callable, Iterator
+from typing import Final
 
 from google.protobuf.descriptor import ServiceDescriptor
 from sqlalchemy.exc import DBAPIError
@@ -93,6 +94,9 @@ SERVICES: dict[str, tuple[ServiceDescriptor, frozenset[str], Build]] = {
 #: Services a short name serves beside its main one, in the same process (its build
 #: registers them): Envoy routes them with it, the access table guards them.
 COMPANIONS: dict[str, tuple[ServiceDescriptor, ...]] = {"a2a": (card_servicer.SERVICE,)}
+#: Services that stream no run's tokens (WatchRun, Subscribe and A2A's streams do): a
+#: process serving only these does not listen to the other processes' tokens.
+TOKEN_DEAF: Final = frozenset({"auth", "context", "integration"})
 
 
 async def registrations(settings: KernelSettings, shared: Shared) -> list[ServiceRegistration]:
@@ -293,6 +297,8 @@ async def open_shared(
         memory=min(settings.events_memory, settings.events_retention),
         outbox=outbox,
         metrics=metrics,
+        # Tokens are only for streams of runs; elsewhere hearing them costs a decode each.
+        hear_tokens=not TOKEN_DEAF.issuperset(settings.services),
     )
     # A revocation's event backs up its message (lost if the revoker died in between).
     bus.listen(authenticator.on_event)

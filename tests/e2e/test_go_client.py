@@ -177,7 +177,8 @@ def test_quickstart_signs_in_sends_watches_and_follows(
     assert signed_in["user"].startswith("users/")
     assert sent["run"].startswith(conversation + "/runs/")
     updates = example.of_kind("run_update")
-    assert [u["sequence"] for u in updates] == list(range(1, len(updates) + 1))
+    # Gapless: each update (a merged delta covers first_sequence .. sequence) follows the last.
+    assert [u["first_sequence"] for u in updates] == [1, *(u["sequence"] + 1 for u in updates[:-1])]
     assert updates[0]["state"] == "RUN_STATE_QUEUED"
     assert updates[-1]["state"] == "RUN_STATE_SUCCEEDED"
     streamed = "".join(u["text"] for u in updates if u["update"] == "delta")

@@ -128,6 +128,13 @@ class TcpRelay:
             for pair in list(self._pairs):
                 pair.reset()
             self._pairs.clear()
+            # The connections' handlers end here, not when the stopped loop's tasks are
+            # collected: that logged "Task was destroyed but it is pending!" at ERROR
+            # into whichever test was running then.
+            handlers = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in handlers:
+                task.cancel()
+            await asyncio.gather(*handlers, return_exceptions=True)
 
         with contextlib.suppress(Exception):
             self._call(close())

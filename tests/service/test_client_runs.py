@@ -89,6 +89,32 @@ async def test_a_watch_resumes_after_the_sequence_it_is_given(
     assert watch.resumes == 0
 
 
+async def test_a_watch_behind_reads_merged_deltas_and_misses_nothing(
+    signed_in: tuple[Client, str, Wire],
+) -> None:
+    client, conversation, _ = signed_in
+    words = " ".join(f"w{i}" for i in range(10))
+    run = await client.send(conversation, words, handler="echo", parameters={"delay_ms": 1})
+    one_by_one = client.watch(run.name, merge_deltas=False)
+    plain = await asyncio.wait_for(_all(one_by_one), DEADLINE_S)
+    # The run has ended: a watch now is behind all of it, and is merged by default.
+    watch = client.watch(run.name)
+    merged = await asyncio.wait_for(_all(watch), DEADLINE_S)
+    assert len(merged) < len(plain)
+    assert any(u.first_sequence for u in merged)
+    assert not any(u.first_sequence for u in plain)
+    assert watch.missed == one_by_one.missed == 0
+    assert watch.last_sequence == one_by_one.last_sequence == plain[-1].sequence
+
+    def text(updates: list[pb.RunUpdate]) -> str:
+        return "".join(u.delta.text for u in updates if u.WhichOneof("update") == "delta")
+
+    assert text(merged) == text(plain)
+    async with client.watch(run.name) as again:
+        answer = await asyncio.wait_for(again.answer(), DEADLINE_S)
+    assert answer.text.startswith(words)
+
+
 async def test_the_same_request_id_is_one_run(signed_in: tuple[Client, str, Wire]) -> None:
     client, conversation, _ = signed_in
     first = await client.send(conversation, "once", handler="echo", request_id="send-1")

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,11 @@ from switchboard.dispatcher.runs.store import TERMINAL
 from switchboard.dispatcher.service import SEQUENCE_BLOCK, Dispatcher
 from switchboard.mesh import create_server
 from switchboard.platform.errors import DependencyUnavailable
+from switchboard.platform.events.eventlog import LocalLog, Logged
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.security.accesstokens import SigningKey, private_key_pem
-from switchboard.platform.store.db import DatabaseUnavailable
-from switchboard.platform.store.models import RunRow, UserRow
+from switchboard.platform.store.db import DatabaseUnavailable, Group
+from switchboard.platform.store.models import EventLogRow, EventOutboxRow, RunRow, UserRow
 from tests.conftest import built, make_settings
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.redis import RedisServer
@@ -101,6 +103,48 @@ class RefusedOnce:
 
         backend.append_many = refusing_many  # type: ignore[method-assign]
         backend.append = refusing  # type: ignore[method-assign]
+
+
+def inline(server: SwitchboardServer) -> bool:
+    """Whether a write's events go to the log in its own transaction (the embedded
+    log on a SQLite file: ``Outbox.inline``), so there is no outbox to lose them from."""
+    outbox = server.shared.bus.outbox
+    return outbox is not None and outbox.inline is not None
+
+
+class AnswerLostOnce:
+    """The first group commit that logs an event ``matches`` picks commits, and then its
+    answer is lost (the loop stopped waiting for the thread, as a timeout does): nobody
+    is told, its events are not delivered, and its writers see the write fail."""
+
+    def __init__(self, server: SwitchboardServer, matches: Callable[[events_pb2.Event], bool]):
+        database = server.shared.database
+        real = database._commit_group
+        self.lost: list[events_pb2.Event] = []
+
+        def commit_group(works: Any, group: Group) -> Any:
+            outcomes = real(works, group)
+            if not self.lost:
+                logged = [
+                    item.event
+                    for callback in group.after
+                    if isinstance(callback, partial)
+                    for item in (callback.args[0] if callback.args else ())
+                    if isinstance(item, Logged)
+                ]
+                if any(matches(event) for event in logged):
+                    self.lost.extend(logged)
+                    raise TimeoutError("committed, but the answer did not arrive in time")
+            return outcomes
+
+        database._commit_group = commit_group  # type: ignore[method-assign]
+
+
+async def _logged_ids(server: SwitchboardServer) -> list[str]:
+    """The ids of every event in the log table, in log order."""
+    async with server.shared.database.readers() as db:
+        rows = (await db.execute(select(EventLogRow.data).order_by(EventLogRow.seq))).scalars()
+        return [events_pb2.Event.FromString(data).id for data in rows]
 
 
 def logged(server: SwitchboardServer, kind: int, name: str) -> list[events_pb2.Event]:
@@ -391,10 +435,25 @@ async def test_an_auth_write_whose_event_was_lost_gets_it(
         assert outbox is not None
         # The relay takes rows this old (5 s in production) sooner, to keep the test short.
         outbox._grace_s = 1.0
-        refusal = RefusedOnce(
-            server,
-            lambda e: e.type == events_pb2.EVENT_TYPE_SECURITY and e.security.kind == kind,
-        )
+
+        def matches(e: events_pb2.Event) -> bool:
+            return e.type == events_pb2.EVENT_TYPE_SECURITY and e.security.kind == kind
+
+        if inline(server):
+            # Logged in the write's own transaction: what a crash right after the commit
+            # can lose is the delivery, and the next write reads back what was committed.
+            answer = AnswerLostOnce(server, matches)
+            with contextlib.suppress(aio.AioRpcError):
+                await act()
+            lost = [e for e in answer.lost if e.security.kind == kind]
+            assert lost, "the write logged no such event"
+            ids = {e.id for e in answer.lost}
+            await register(world.channel, unique_email("after"))  # a write after it
+            assert await eventually_delivered(server, ids)
+            async with server.shared.database.readers() as db:
+                assert not (await db.execute(select(EventOutboxRow.id))).all()
+            return
+        refusal = RefusedOnce(server, matches)
         code = grpc.StatusCode.OK
         try:
             await act()
@@ -413,6 +472,20 @@ async def test_an_auth_write_whose_event_was_lost_gets_it(
         assert sorted(logged_ids) == sorted(ids), "an event was published twice"
         # The write was committed: the client is answered as if nothing went wrong.
         assert code == answered
+
+
+async def eventually_delivered(server: SwitchboardServer, ids: set[str]) -> bool:
+    """Every one of ``ids`` delivered once, and in the log table once."""
+
+    async def delivered() -> bool:
+        return ids <= {e.id for e in server.shared.bus.recent()}
+
+    await eventually(delivered, "the lost write's events to be delivered")
+    recent = [e.id for e in server.shared.bus.recent() if e.id in ids]
+    assert sorted(recent) == sorted(ids), "an event was delivered twice"
+    stored = [one for one in await _logged_ids(server) if one in ids]
+    assert sorted(stored) == sorted(ids), "an event was logged twice"
+    return True
 
 
 class FailsOnce:
@@ -442,6 +515,31 @@ class FailsOnce:
     def remove(self) -> None:
         for engine in self._engines:
             sql_event.remove(engine, "before_cursor_execute", self._before)
+
+
+class LogFailsOnce:
+    """The database goes away as the embedded log inserts a write's events in the
+    write's own transaction (``LocalLog.log_in``; its insert runs on the driver)."""
+
+    def __init__(self, server: SwitchboardServer) -> None:
+        self.failed = False
+        outbox = server.shared.bus.outbox
+        assert outbox is not None
+        log = outbox.inline
+        assert isinstance(log, LocalLog)
+        self._log = log
+        real = log.log_in
+
+        def log_in(session: Session, events: Sequence[events_pb2.Event]) -> bool:
+            if not self.failed:
+                self.failed = True
+                raise DatabaseUnavailable()
+            return real(session, events)
+
+        log.log_in = log_in  # type: ignore[method-assign]
+
+    def remove(self) -> None:
+        del self._log.log_in
 
 
 async def _users_with(server: SwitchboardServer, email: str) -> list[str]:
@@ -477,7 +575,10 @@ async def test_a_first_sign_in_that_fails_midway_leaves_no_account_and_its_retry
 
         if how == "oidc-first-login":
             email = "federated@example.com"
-        fault = FailsOnce(server, _AFTER_THE_USER[step])
+        fault: FailsOnce | LogFailsOnce = FailsOnce(server, _AFTER_THE_USER[step])
+        if step == "event" and inline(server):
+            fault.remove()
+            fault = LogFailsOnce(server)  # the event's row, in the sign-in's transaction
         try:
             with pytest.raises(aio.AioRpcError) as failed:
                 await sign_in()
@@ -805,6 +906,17 @@ async def test_a_runs_result_and_its_end_reach_the_log_in_one_batch() -> None:
             return "result" in _kinds(_run_events(server, name))[-2:]
 
         await eventually(announced, "the run's end to be published")
+        if inline(server):
+            # Logged in the end's own transaction: adjacent in the log, no batch of their own.
+            assert not any("result" in _kinds(batch) for batch in batches)
+            ended_events = _run_events(server, name)[-2:]
+            assert _kinds(ended_events) == ["result", "state_change"]
+            seqs = [int(e.cursor.split("-")[0]) for e in ended_events]
+            assert seqs[1] == seqs[0] + 1
+            updates = [e.run_updated.update for e in ended_events]
+            assert updates[1].sequence == updates[0].sequence + 1
+            assert updates[1].state_change.run.state == pb.RUN_STATE_SUCCEEDED
+            return
         run_batches = [
             [e for e in batch if e.run_updated.update.run == name]
             for batch in batches
@@ -828,13 +940,30 @@ async def test_a_runs_result_is_written_with_its_end_so_a_lost_publish_loses_nei
         outbox = server.shared.bus.outbox
         assert outbox is not None
         outbox._grace_s = 1.0  # the relay's 5 s, shorter to keep the test short
-        refusal = RefusedOnce(
-            server,
-            lambda e: (
-                e.type == events_pb2.EVENT_TYPE_RUN_UPDATED
-                and e.run_updated.update.HasField("result")
-            ),
-        )
+
+        def matches(e: events_pb2.Event) -> bool:
+            return e.type == events_pb2.EVENT_TYPE_RUN_UPDATED and e.run_updated.update.HasField(
+                "result"
+            )
+
+        if inline(server):
+            # Logged with the end: the end's commit whose answer is lost is stored again
+            # (the save is retried), and its events, read back, are delivered once each.
+            answer = AnswerLostOnce(server, matches)
+            world, _, name = await _first_run(server, stub, dstub, "quick answer")
+
+            async def answer_lost() -> bool:
+                return bool(answer.lost)
+
+            await eventually(answer_lost, "the end's commit to lose its answer")
+            ended = [e for e in answer.lost if e.run_updated.update.run == name]
+            assert _kinds(ended)[-2:] == ["result", "state_change"]
+            ids = [e.id for e in ended[-2:]]
+            assert await eventually_delivered(server, set(ids))
+            assert [e.id for e in server.shared.bus.recent() if e.id in ids] == ids
+            assert (await get_run(dstub, world.editor, name)).state == pb.RUN_STATE_SUCCEEDED
+            return
+        refusal = RefusedOnce(server, matches)
         world, _, name = await _first_run(server, stub, dstub, "quick answer")
 
         async def refused() -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.events.v1 import events_pb2
 from switchboard.client.events import CursorTracker, event_type, scope
 
@@ -101,3 +102,27 @@ def test_event_types_by_number_or_name() -> None:
     assert event_type("EVENT_TYPE_MESSAGE_CREATED") == created
     with pytest.raises(ValueError, match="NOPE"):
         event_type("NOPE")
+
+
+def _delta_event(n: int, first: int, last: int, run: str = "r") -> events_pb2.Event:
+    update = dispatcher_pb2.RunUpdate(run=run, sequence=last, first_sequence=first)
+    update.delta.text = f"{first}-{last} "
+    return events_pb2.Event(
+        id=f"e{n}",
+        cursor=f"1-0-{n}",
+        type=events_pb2.EVENT_TYPE_RUN_UPDATED,
+        run_updated=events_pb2.RunUpdated(update=update),
+    )
+
+
+def test_deltas_delivered_merged_are_not_delivered_again_one_by_one() -> None:
+    tracker = CursorTracker()
+    for delivery in tracker.accept(_batch([_delta_event(5, 3, 5)], cursor="1-0-5")):
+        tracker.delivered(delivery)
+    # Resumed on another replica: the deltas after the cursor's logged event come
+    # again one by one, with ids this follower never saw (5's stood for 3 and 4).
+    again = [_delta_event(n, 0, n) for n in (3, 4, 5, 6)]
+    again.append(_delta_event(7, 0, 4, run="other"))
+    delivered = tracker.accept(_batch(again, cursor="1-0-7"))
+    assert [d.event.id for d in delivered] == ["e6", "e7"]
+    assert tracker.duplicates == 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 from switchboard.api.context.v1 import context_pb2
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.handler.v1 import handler_pb2
-from switchboard.client.runs import AnswerBuilder, is_terminal
+from switchboard.client.runs import ATTEMPT_BITS, AnswerBuilder, is_terminal, missing
 
 
 def _state(sequence: int, state: int) -> pb.RunUpdate:
@@ -85,3 +85,33 @@ def test_only_a_final_state_change_ends_a_run() -> None:
     assert not is_terminal(_state(9, pb.RUN_STATE_REQUIRES_ACTION))
     assert not is_terminal(_state(9, pb.RUN_STATE_RUNNING))
     assert not is_terminal(_delta(9, "x"))
+
+
+def _merged(first: int, last: int, text: str) -> pb.RunUpdate:
+    update = _delta(last, text)
+    update.first_sequence = first
+    return update
+
+
+def test_merged_deltas_follow_and_a_real_gap_is_still_seen() -> None:
+    updates = [
+        _state(1, pb.RUN_STATE_QUEUED),
+        _state(2, pb.RUN_STATE_RUNNING),
+        _merged(3, 6, "three words here"),
+        _delta(7, " and"),
+        _merged(8, 9, " more"),
+    ]
+    last, builder = 0, AnswerBuilder()
+    for update in updates:
+        assert missing(last, update) == 0
+        builder.add(update)
+        last = update.sequence
+    assert builder.text == "three words here and more"
+    # Sequences 10 and 11 never came: one by one or merged, the gap is counted.
+    assert missing(9, _delta(12, "!")) == 2
+    assert missing(9, _merged(12, 14, "!")) == 2
+    # A merged delta covering what was seen (first_sequence right after it) is no gap,
+    # a snapshot state change stands for what it skips, a newer attempt numbers anew.
+    assert missing(9, _merged(10, 20, "x")) == 0
+    assert missing(9, _state(30, pb.RUN_STATE_RUNNING)) == 0
+    assert missing(9, _delta((1 << ATTEMPT_BITS) + 5, "x")) == 0

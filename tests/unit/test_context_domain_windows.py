@@ -80,6 +80,21 @@ async def test_a_window_is_served_from_the_cache_until_the_conversation_changes(
     assert after.included[-1].message.name == newest.name
 
 
+async def test_a_window_read_again_and_again_follows_every_write(kit: Kit) -> None:
+    # A miss reads the versions with the rows; a window served from the cache is
+    # then asked for by its versions first: both must see each write at once.
+    caller, conversation, _ = await conversation_of(kit, 1)
+    cache = kit.domain.windows.cache
+    for turn in range(3):
+        newest = await kit.say(caller, conversation, f"Turn {turn}.")
+        built = await window(kit, caller, conversation, 500)
+        assert built.included[-1].message.name == newest.name
+        hits = cache.hits
+        assert await window(kit, caller, conversation, 500) == built
+        assert await window(kit, caller, conversation, 500) == built
+        assert cache.hits == hits + 2
+
+
 async def test_a_window_budget_must_be_positive_and_bounded(kit: Kit) -> None:
     caller, conversation, _ = await conversation_of(kit, 1)
     for budget, description in ((0, "must be positive"), (2_000_000, "must be at most 1000000")):

@@ -115,6 +115,7 @@ async def _open(
     retention: int = 10_000,
     memory: int = 100,
     timeout_s: float = TIMEOUT_S,
+    hear_tokens: bool = True,
 ) -> EventBus:
     log = RedisLog(
         url,
@@ -126,7 +127,7 @@ async def _open(
         outbox_limit=1_000,
         dedupe_window_s=60,
     )
-    bus = EventBus(log, memory=memory)
+    bus = EventBus(log, memory=memory, hear_tokens=hear_tokens)
     await bus.start()
     buses.append(bus)
     return bus
@@ -271,6 +272,33 @@ async def test_starting_while_redis_is_down_recovers_on_its_own(
     collector = _Collector(bus)
     new = await bus.publish(_event("new"))
     assert [i.event.id for i in await collector.until(1)] == [new.id]
+
+
+async def test_a_process_that_serves_no_stream_of_runs_sends_tokens_but_does_not_listen(
+    buses: list[EventBus], redis_server: RedisServer
+) -> None:
+    """A process that serves no WatchRun, Subscribe or A2A stream (``hear_tokens=False``:
+    auth, context, integration alone) still carries its own tokens to the others, but
+    never subscribes to theirs: it would decode every token of every run to drop it."""
+    deaf = await _open(buses, redis_server.url, hear_tokens=False)
+    hearing = await _open(buses, redis_server.url)
+    on_hearing = _Collector(hearing)
+    probe = redis.Redis.from_url(redis_server.url)
+    try:
+        # Pub/sub keeps nothing: the token is sent once the hearing process listens.
+        async with asyncio.timeout(TIMEOUT_S):
+            while (await probe.pubsub_numsub("test:events:tokens"))[0][1] < 1:  # noqa: ASYNC110 - Redis has no event for a subscription
+                await asyncio.sleep(0.01)
+        logged = await deaf.publish(_event("logged"))
+        position = parse_cursor(logged.cursor)
+        assert position is not None
+        deaf.announce([_event("token")], after=position)
+        seen = [item.event.actor.name for item in await on_hearing.until(2)]
+        listeners = await probe.pubsub_numsub("test:events:tokens")
+    finally:
+        await probe.aclose()
+    assert seen == ["logged", "token"]
+    assert listeners == [(b"test:events:tokens", 1)]  # the hearing process alone
 
 
 async def test_an_entry_or_a_message_that_is_not_ours_is_skipped_and_the_readers_go_on(

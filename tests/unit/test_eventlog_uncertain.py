@@ -25,18 +25,19 @@ from switchboard.platform.store.outbox import stamp
 
 
 class AnswerLost:
-    """``Database.run`` whose next write commits and then fails as a timeout would."""
+    """A group commit whose next write commits and then fails as a timeout would
+    (the thread committed after the loop stopped waiting: no after-commit callbacks)."""
 
     def __init__(self, database: Database) -> None:
-        self.real = database.run
+        self.real = database._commit_group
         self.lose_next = False
 
-    async def run(self, work: Any, *, write: bool, snapshot: bool = False) -> Any:
-        result = await self.real(work, write=write, snapshot=snapshot)
-        if write and self.lose_next:
+    def commit_group(self, works: Any, group: Any) -> Any:
+        outcomes = self.real(works, group)
+        if self.lose_next:
             self.lose_next = False
             raise TimeoutError("committed, but the answer did not arrive in time")
-        return result
+        return outcomes
 
 
 @pytest.fixture
@@ -45,7 +46,7 @@ async def log(tmp_path: pathlib.Path) -> AsyncIterator[tuple[LocalLog, AnswerLos
         f"sqlite+aiosqlite:///{tmp_path / 'log.db'}", timeout_s=5.0, migrate=True
     )
     lost = AnswerLost(database)
-    database.run = lost.run  # type: ignore[method-assign]
+    database._commit_group = lost.commit_group  # type: ignore[method-assign]
     local = LocalLog(database, retention=10_000, retention_s=3600, memory=1000)
     delivered: list[Logged] = []
     await local.start(delivered.extend, Ring(1000))

@@ -61,7 +61,7 @@ class ThisProcessesLog:
     def on_state_change(self, callback: Callable[[LogState], None]) -> None:
         return None
 
-    def carry_tokens(self, heard: Carry) -> Carry | None:
+    def carry_tokens(self, heard: Carry | None) -> Carry | None:
         self.heard = heard
         return self._relay
 

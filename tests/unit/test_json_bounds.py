@@ -156,6 +156,70 @@ def test_syntax_errors_name_a_position_never_the_text(text: str | bytes, reason:
     assert "secret" not in str(found.value)
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"a":',
+        '{"key": "secret-value"',
+        b"\xff\xfe\x00",
+        "9" * 5000,
+        "[" * 30 + "]" * 30,
+        b'{"a": 1} x',
+        b"x" * (MIB + 1),
+    ],
+)
+def test_loads_fast_rejects_what_loads_rejects_for_the_same_reason(text: str | bytes) -> None:
+    with pytest.raises(JsonRejected) as slow:
+        jsonbounds.loads(text, max_bytes=MIB)
+    with pytest.raises(JsonRejected) as fast:
+        jsonbounds.loads_fast(text, max_bytes=MIB)
+    assert (fast.value.problem, str(fast.value)) == (slow.value.problem, str(slow.value))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b'{"id": "c", "choices": [{"index": 0, "delta": {"content": "\xc3\xa9"}}], "usage": null}',
+        '{"a": 1, "a": [0.1, -0.0, 1e308, true, null, "\\u00e9\\n"]}',
+        # What orjson refuses and json reads: read as json reads them.
+        "[NaN, Infinity, -Infinity]",
+        b"[1e400]",
+        '"\\ud800"',
+        b'"\xed\xa0\x80"',
+        b"\xef\xbb\xbf{}",
+        '{"a": 1}'.encode("utf-16"),
+        bytearray(b"[1]"),
+    ],
+)
+def test_loads_fast_reads_what_loads_reads(text: str | bytes | bytearray) -> None:
+    assert repr(jsonbounds.loads_fast(text, max_bytes=MIB)) == repr(
+        jsonbounds.loads(text, max_bytes=MIB)
+    )
+
+
+_ANY_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=30,
+)
+
+
+def _read(load: Callable[[], Any]) -> str:
+    try:
+        return repr(load())
+    except JsonRejected as rejected:
+        return f"{rejected.problem}: {rejected}"
+
+
+@settings(max_examples=300, deadline=None)
+@given(_ANY_VALUES, st.booleans())
+def test_loads_fast_gives_the_values_loads_gives(value: Any, ascii_only: bool) -> None:
+    text = json.dumps(value, ensure_ascii=ascii_only)
+    assert _read(lambda: jsonbounds.loads_fast(text, max_bytes=MIB)) == _read(
+        lambda: jsonbounds.loads(text, max_bytes=MIB)
+    )
+
+
 def test_a_rejection_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="nested deeper"):
         jsonbounds.loads("[[[", max_bytes=10, max_depth=2)

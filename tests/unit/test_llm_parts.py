@@ -7,10 +7,13 @@ stream parser and the usage tally stand on their own, as the split promises.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from switchboard.dispatcher.llm.stream import (
     AttemptFailed,
@@ -34,7 +37,7 @@ def reader(pieces: Sequence[bytes]) -> Callable[[], Awaitable[bytes | None]]:
     return read
 
 
-async def datas(pieces: Sequence[bytes], limit: int = LIMIT) -> list[str]:
+async def datas(pieces: Sequence[bytes], limit: int = LIMIT) -> list[bytes]:
     return [data async for data in events(reader(pieces), limit)]
 
 
@@ -46,7 +49,21 @@ async def test_events_join_lines_split_across_reads_and_skip_comments() -> None:
         b"data: [DONE]",
     ]
     # The last event lacks its blank line: lenient servers end this way.
-    assert await datas(pieces) == ["one\ntwo", "[DONE]"]
+    assert await datas(pieces) == [b"one\ntwo", b"[DONE]"]
+
+
+async def test_events_whole_in_one_read_are_each_given() -> None:
+    # One read, many events (a fast model): one-line events, a comment, several lines.
+    body = b"data: a\n\n: ping\n\ndata:b\n\n\n\ndata: c\ndata: d\n\ndata:\n\nid: 7\ndata: e\n\n"
+    assert await datas([body]) == [b"a", b"b", b"c\nd", b"", b"e"]
+    assert await datas([body.replace(b"\n", b"\r\n")]) == [b"a", b"b", b"c\nd", b"", b"e"]
+
+
+async def test_events_cut_anywhere_read_as_one_body() -> None:
+    body = b'data: {"a": 1}\n\ndata: {"b": 2}\n\n: keep-alive\n\ndata: [DONE]\n\n'
+    for cut in range(1, len(body)):
+        assert await datas([body[:cut], body[cut:]]) == [b'{"a": 1}', b'{"b": 2}', b"[DONE]"]
+    assert await datas([bytes([byte]) for byte in body]) == [b'{"a": 1}', b'{"b": 2}', b"[DONE]"]
 
 
 async def test_events_refuse_a_body_over_the_limit() -> None:
@@ -55,9 +72,74 @@ async def test_events_refuse_a_body_over_the_limit() -> None:
     assert caught.value.retryable
 
 
-async def test_events_refuse_text_that_is_not_utf8() -> None:
+@pytest.mark.parametrize(
+    "pieces",
+    [[b"data: \xff\n\n"], [b"data: \xff\n", b"\n"], [b"data: a\ndata: \xc3\n\n"]],
+)
+async def test_events_refuse_text_that_is_not_utf8(pieces: list[bytes]) -> None:
     with pytest.raises(AttemptFailed, match="not UTF-8"):
-        await datas([b"data: \xff\n\n"])
+        await datas(pieces)
+
+
+async def test_events_take_utf8_text_and_a_last_event_as_it_comes() -> None:
+    assert await datas(["data: é\n\n".encode()]) == ["é".encode()]
+    # A last event without its blank line is read leniently, as it was.
+    assert await datas([b"data: \xff"]) == ["\N{REPLACEMENT CHARACTER}".encode()]
+
+
+def sse_rules(body: bytes) -> list[bytes] | str:
+    """The events of ``body`` line by line, as the SSE rules read them (and as the parser
+    read them before it cut whole events from a read): the reference."""
+    found: list[bytes] = []
+    data: list[bytes] = []
+    *lines, tail = body.split(b"\n")
+    for raw in lines:
+        line = raw.rstrip(b"\r")
+        if not line:
+            if data:
+                found.append(b"\n".join(data))
+                data = []
+            continue
+        name, _, value = line.partition(b":")
+        if name == b"data":
+            value = value.removeprefix(b" ")
+            try:
+                value.decode("utf-8")
+            except UnicodeDecodeError:
+                return "not UTF-8"
+            data.append(value)
+    tail = tail.rstrip(b"\r")
+    if tail.startswith(b"data:"):
+        data.append(tail[5:].removeprefix(b" ").decode("utf-8", "replace").encode())
+    if data:
+        found.append(b"\n".join(data))
+    return found
+
+
+_LINES = st.lists(
+    st.sampled_from(
+        [
+            *(b"data: x", b"data:{}", b"data:", b"data: \xc3\xa9", b"data: \xff", b": ping"),
+            *(b"id: 1", b"event: e", b"", b"\r", b"data: a\r", b"dat", b"a: y"),
+        ]
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_LINES, st.booleans(), st.lists(st.integers(0, 200), max_size=6))
+async def test_events_read_every_body_as_the_sse_rules_do_however_it_is_cut(
+    lines: list[bytes], ended: bool, cuts: list[int]
+) -> None:
+    body = b"\n".join(lines) + (b"\n\n" if ended else b"")
+    marks = sorted({0, len(body), *(cut % (len(body) + 1) for cut in cuts)})
+    pieces = [body[a:b] for a, b in itertools.pairwise(marks) if b > a]
+    try:
+        read: list[bytes] | str = await datas(pieces)
+    except AttemptFailed as failed:
+        read = "not UTF-8" if "not UTF-8" in failed.summary else failed.summary
+    assert read == sse_rules(body)
 
 
 def test_chunks_give_text_finish_usage_and_call_fragments() -> None:

@@ -9,6 +9,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	dispatcherv1 "switchboard.dev/go/gen/switchboard/api/dispatcher/v1"
 	eventsv1 "switchboard.dev/go/gen/switchboard/api/events/v1"
 )
 
@@ -21,6 +22,10 @@ type FollowOptions struct {
 	// AfterCursor resumes after a cursor saved earlier; empty starts at the
 	// live tail (what happens from now on).
 	AfterCursor string
+	// OneByOne turns merged deltas off: by default a run's consecutive text
+	// deltas delivered together come as one RUN_UPDATED event, the last one's,
+	// whose update covers FirstSequence(update) .. update.Sequence.
+	OneByOne bool
 
 	// OnSubscribed hears of each (re)subscription once the server has it live:
 	// the cursor asked to resume after, and where delivery starts.
@@ -108,7 +113,7 @@ func (c *Client) followOnce(ctx context.Context, opts FollowOptions, tracker *cu
 	defer dog.stop()
 	after := tracker.cursor
 	stream, err := c.Events.Subscribe(attempt, &eventsv1.SubscribeRequest{
-		Scopes: opts.Scopes, Types: opts.Types, AfterCursor: after,
+		Scopes: opts.Scopes, Types: opts.Types, AfterCursor: after, MergeDeltas: !opts.OneByOne,
 	})
 	if err != nil {
 		return false, used, dog.explain(err)
@@ -164,26 +169,65 @@ const dedupeWindow = 4096
 // lately. The position only moves to places whose events were all handed
 // over: an event's own cursor once it was handled, a batch's after all of
 // its events, a heartbeat's (nothing to deliver before it).
+//
+// One event id stands for several deltas once they are merged, so a run's
+// deltas are also remembered by sequence: one at or before the last delta of
+// its run delivered was delivered already, alone or merged (a resume on
+// another replica sends the deltas after the cursor's event again, one by
+// one, under ids this follower never saw). A run's deltas come in order among
+// themselves.
 type cursorTracker struct {
 	cursor   string
 	reported string // the last cursor OnCursor heard of
 	seen     map[string]struct{}
 	order    []string // ring of the ids in seen, oldest at next
 	next     int
+	deltas   map[string]int64 // each run's last delta sequence delivered
+	runs     []string         // ring of the runs in deltas, oldest at nextRun
+	nextRun  int
 }
 
 func newCursorTracker(cursor string, window int) *cursorTracker {
-	return &cursorTracker{cursor: cursor, reported: cursor, seen: make(map[string]struct{}, window), order: make([]string, window)}
+	return &cursorTracker{
+		cursor: cursor, reported: cursor, seen: make(map[string]struct{}, window), order: make([]string, window),
+		deltas: make(map[string]int64), runs: make([]string, window),
+	}
 }
 
 // fresh reports whether event was not delivered yet.
 func (t *cursorTracker) fresh(event *eventsv1.Event) bool {
+	if update := deltaOf(event); update != nil && update.GetSequence() <= t.deltas[update.GetRun()] {
+		return false
+	}
 	_, dup := t.seen[event.GetId()]
 	return !dup
 }
 
+// deltaOf is the run update of a text-delta RUN_UPDATED event, else nil.
+func deltaOf(event *eventsv1.Event) *dispatcherv1.RunUpdate {
+	if event.GetType() != eventsv1.EventType_EVENT_TYPE_RUN_UPDATED {
+		return nil
+	}
+	update := event.GetRunUpdated().GetUpdate()
+	if update.GetDelta() == nil {
+		return nil
+	}
+	return update
+}
+
 // delivered records a handled event.
 func (t *cursorTracker) delivered(event *eventsv1.Event) {
+	if update := deltaOf(event); update != nil {
+		run := update.GetRun()
+		if _, known := t.deltas[run]; !known {
+			if old := t.runs[t.nextRun]; old != "" {
+				delete(t.deltas, old)
+			}
+			t.runs[t.nextRun] = run
+			t.nextRun = (t.nextRun + 1) % len(t.runs)
+		}
+		t.deltas[run] = update.GetSequence()
+	}
 	if old := t.order[t.next]; old != "" {
 		delete(t.seen, old)
 	}

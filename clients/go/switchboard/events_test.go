@@ -4,7 +4,9 @@ import (
 	"fmt"
 	"testing"
 
+	dispatcherv1 "switchboard.dev/go/gen/switchboard/api/dispatcher/v1"
 	eventsv1 "switchboard.dev/go/gen/switchboard/api/events/v1"
+	handlerv1 "switchboard.dev/go/gen/switchboard/api/handler/v1"
 )
 
 func event(id, cursor string) *eventsv1.Event { return &eventsv1.Event{Id: id, Cursor: cursor} }
@@ -46,5 +48,27 @@ func TestTrackerDropsEventsItDeliveredAndForgetsOnlyBeyondItsWindow(t *testing.T
 	}
 	if tracker.fresh(event("3", "")) || tracker.fresh(event("1", "")) {
 		t.Error("a recent id was forgotten")
+	}
+}
+
+func deltaEvent(id string, run string, first, last int64) *eventsv1.Event {
+	update := &dispatcherv1.RunUpdate{Run: run, Sequence: last, FirstSequence: first,
+		Update: &dispatcherv1.RunUpdate_Delta{Delta: &handlerv1.TextDelta{Text: id}}}
+	return &eventsv1.Event{Id: id, Cursor: id, Type: eventsv1.EventType_EVENT_TYPE_RUN_UPDATED,
+		Payload: &eventsv1.Event_RunUpdated{RunUpdated: &eventsv1.RunUpdated{Update: update}}}
+}
+
+func TestTrackerDropsDeltasAMergedOneAlreadyCovered(t *testing.T) {
+	tracker := newCursorTracker("", 8)
+	tracker.delivered(deltaEvent("e5", "r", 3, 5))
+	// Resumed on another replica: the deltas come again one by one, under ids
+	// this follower never saw (e5 stood for 3, 4 and 5).
+	for _, sequence := range []int64{3, 4, 5} {
+		if tracker.fresh(deltaEvent(fmt.Sprint("again", sequence), "r", 0, sequence)) {
+			t.Errorf("delta %d delivered twice", sequence)
+		}
+	}
+	if !tracker.fresh(deltaEvent("e6", "r", 0, 6)) || !tracker.fresh(deltaEvent("o4", "other", 0, 4)) {
+		t.Error("a new delta, or another run's, was dropped")
 	}
 }

@@ -48,8 +48,37 @@ func (c *Client) SendMessage(ctx context.Context, req *dispatcherv1.SendMessageR
 type WatchOptions struct {
 	// AfterSequence resumes after this update; 0 replays the run from its start.
 	AfterSequence int64
+	// OneByOne turns merged deltas off: by default the watch asks for the text
+	// deltas ready together as one update (WatchRunRequest.merge_deltas), which
+	// covers FirstSequence(update) .. update.Sequence.
+	OneByOne bool
 	// OnRetry, if set, hears of each broken stream before the wait to resume it.
 	OnRetry func(err error, delay time.Duration, afterSequence int64)
+	// OnGap, if set, hears of sequences that never came (Missing: a delta of
+	// another replica's run lost on the way) before the update after them.
+	OnGap func(lastSeen int64, update *dispatcherv1.RunUpdate, missing int64)
+}
+
+// FirstSequence is the first sequence update covers: a merged delta's
+// first_sequence, else its own sequence (the last it covers).
+func FirstSequence(update *dispatcherv1.RunUpdate) int64 {
+	if first := update.GetFirstSequence(); first != 0 {
+		return first
+	}
+	return update.GetSequence()
+}
+
+// Missing is how many sequences are missing between last (the last seen, 0
+// for none) and update: 0 when it follows, merged or not; 0 when it opens a
+// newer attempt's block (a recovered run numbers on from there) and for a
+// state change, which carries the whole run (a snapshot standing for the
+// updates no longer kept).
+func Missing(last int64, update *dispatcherv1.RunUpdate) int64 {
+	first := FirstSequence(update)
+	if first <= last+1 || update.GetStateChange() != nil || attemptOf(first) > attemptOf(last) {
+		return 0
+	}
+	return first - last - 1
 }
 
 // WatchRun streams a run's updates to handle, in order and each once, until
@@ -67,7 +96,7 @@ func (c *Client) WatchRun(ctx context.Context, name string, opts WatchOptions, h
 	failures := 0
 	authRetried := false
 	for {
-		run, progressed, used, err := c.watchOnce(ctx, name, &last, handle)
+		run, progressed, used, err := c.watchOnce(ctx, name, &last, opts, handle)
 		if run != nil {
 			return run, nil
 		}
@@ -114,14 +143,16 @@ func (c *Client) WatchRun(ctx context.Context, name string, opts WatchOptions, h
 
 // watchOnce is one WatchRun stream: the terminal run if it got there, whether
 // any frame came, the token it was opened with, and why it stopped.
-func (c *Client) watchOnce(ctx context.Context, name string, last *int64,
+func (c *Client) watchOnce(ctx context.Context, name string, last *int64, opts WatchOptions,
 	handle func(*dispatcherv1.RunUpdate) error) (*dispatcherv1.Run, bool, string, error) {
 	var used string
 	attempt, cancel := context.WithCancel(withTokenSlot(ctx, &used))
 	defer cancel()
 	dog := startWatchdog(c.opts.idleTimeout, cancel)
 	defer dog.stop()
-	stream, err := c.Dispatcher.WatchRun(attempt, &dispatcherv1.WatchRunRequest{Name: name, AfterSequence: *last})
+	stream, err := c.Dispatcher.WatchRun(attempt, &dispatcherv1.WatchRunRequest{
+		Name: name, AfterSequence: *last, MergeDeltas: !opts.OneByOne,
+	})
 	if err != nil {
 		return nil, false, used, dog.explain(err)
 	}
@@ -139,6 +170,9 @@ func (c *Client) watchOnce(ctx context.Context, name string, last *int64,
 		update := frame.GetUpdate()
 		if update == nil || update.GetSequence() <= *last {
 			continue // a heartbeat, or an update already handled before a resume
+		}
+		if missing := Missing(*last, update); missing > 0 && opts.OnGap != nil {
+			opts.OnGap(*last, update, missing)
 		}
 		if err := handle(update); err != nil {
 			return nil, progressed, used, &handlerError{err}

@@ -89,3 +89,41 @@ func TestTerminalStates(t *testing.T) {
 		}
 	}
 }
+
+func merged(first, last int64, text string) *dispatcherv1.RunUpdate {
+	update := delta(last, text)
+	update.FirstSequence = first
+	return update
+}
+
+func TestMergedDeltasFollowAndARealGapIsStillSeen(t *testing.T) {
+	var tr Transcript
+	last := int64(0)
+	for _, update := range []*dispatcherv1.RunUpdate{
+		stateChange(1, dispatcherv1.RunState_RUN_STATE_QUEUED),
+		stateChange(2, dispatcherv1.RunState_RUN_STATE_RUNNING),
+		merged(3, 6, "three words here"),
+		delta(7, " and"),
+		merged(8, 9, " more"),
+	} {
+		if missing := Missing(last, update); missing != 0 {
+			t.Errorf("update %d after %d: %d missing", update.GetSequence(), last, missing)
+		}
+		tr.Add(update)
+		last = update.GetSequence()
+	}
+	if tr.Text() != "three words here and more" {
+		t.Errorf("text %q", tr.Text())
+	}
+	if FirstSequence(merged(3, 6, "")) != 3 || FirstSequence(delta(7, "")) != 7 {
+		t.Error("FirstSequence does not read first_sequence")
+	}
+	// 10 and 11 never came: one by one or merged, the gap is seen.
+	if Missing(9, delta(12, "!")) != 2 || Missing(9, merged(12, 14, "!")) != 2 {
+		t.Error("a gap before an update was not seen")
+	}
+	// A snapshot stands for what it skips; a newer attempt numbers anew.
+	if Missing(9, stateChange(30, dispatcherv1.RunState_RUN_STATE_RUNNING)) != 0 || Missing(9, delta(block+5, "x")) != 0 {
+		t.Error("a snapshot or a newer attempt counted as a gap")
+	}
+}

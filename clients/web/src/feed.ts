@@ -5,6 +5,11 @@
 // The cursor advances with each batch (EventBatch.cursor) and each heartbeat
 // (Heartbeat.cursor, which also covers other scopes' events). The first frame of every
 // stream is a heartbeat: that is when the feed is live again.
+//
+// It asks for merged deltas: a run's consecutive text deltas delivered together come as
+// one event, the last one's, whose update covers firstSequence .. sequence. One id then
+// stands for several deltas, so a delta its run's deltas shown already covered is dropped
+// too (a resume on another replica sends them again one by one, under ids not seen here).
 import { Code } from "@connectrpc/connect";
 import type { Api } from "./api";
 import { backoff, pause } from "./dom";
@@ -36,6 +41,8 @@ export class EventFeed {
   duplicates = 0;
   state: FeedState = "connecting";
   private readonly seen = new Set<string>();
+  /** Each run's last delta sequence shown, oldest run first. */
+  private readonly deltas = new Map<string, bigint>();
   private readonly stopper = new AbortController();
 
   constructor(
@@ -74,7 +81,7 @@ export class EventFeed {
         used = await this.api.tokens.token();
         if (opened++ > 0) this.resumedFrom.push(this.cursor);
         const stream = this.api.events.subscribe(
-          { scopes: this.scopes, afterCursor: this.cursor },
+          { scopes: this.scopes, afterCursor: this.cursor, mergeDeltas: true },
           { signal: stop, timeoutMs: 0, headers: { authorization: `Bearer ${used}` } },
         );
         for await (const response of stream) {
@@ -86,7 +93,7 @@ export class EventFeed {
             renewed = false;
             this.setState("live");
           } else if (frame.case === "batch") {
-            const fresh = frame.value.events.filter((event) => this.remember(event.id));
+            const fresh = frame.value.events.filter((event) => this.newDelta(event) && this.remember(event.id));
             this.duplicates += frame.value.events.length - fresh.length;
             if (fresh.length) this.handlers.events(fresh);
             if (frame.value.cursor) this.cursor = frame.value.cursor;
@@ -153,6 +160,21 @@ export class EventFeed {
     }
     this.setState("reconnecting", p);
     return "backoff";
+  }
+
+  /** False for a run's text delta at or before the last one of its run shown. */
+  private newDelta(event: Event): boolean {
+    if (event.payload.case !== "runUpdated") return true;
+    const update = event.payload.value.update;
+    if (update?.update.case !== "delta") return true;
+    if (update.sequence <= (this.deltas.get(update.run) ?? 0n)) return false;
+    this.deltas.delete(update.run);
+    this.deltas.set(update.run, update.sequence);
+    if (this.deltas.size > SEEN_LIMIT) {
+      const oldest = this.deltas.keys().next();
+      if (!oldest.done) this.deltas.delete(oldest.value);
+    }
+    return true;
   }
 
   private remember(id: string): boolean {

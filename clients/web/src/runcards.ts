@@ -170,6 +170,7 @@ export class RunCards {
     Object.assign(card.dataset, {
       state,
       deltas: String(view.deltas),
+      missed: String(view.missed),
       resumes: String(view.resumes),
       speechChunks: String(view.speechChunks),
       speechMs: String(view.speechMs),

@@ -84,12 +84,35 @@ export function stateName(state: RunState): string {
   return `RUN_STATE_${RunState[state] ?? "UNSPECIFIED"}`;
 }
 
+/** The first sequence an update covers: a merged delta's firstSequence (WatchRun's
+ *  merge_deltas: the deltas ready together as one), else its own sequence. */
+export function firstSequence(update: RunUpdate): bigint {
+  return update.firstSequence || update.sequence;
+}
+
+/** How many sequences are missing between the last seen and `update`: none when it
+ *  follows (merged or not), when it opens a newer attempt's block, and for a state change
+ *  (it carries the whole run: a snapshot standing for the updates no longer kept). */
+export function missing(last: bigint, update: RunUpdate): bigint {
+  const first = firstSequence(update);
+  if (first <= last + 1n || update.update.case === "stateChange") return 0n;
+  if (first >> ATTEMPT_BITS > last >> ATTEMPT_BITS) return 0n;
+  return first - last - 1n;
+}
+
+/** How many updates `update` stands for: a merged delta its range, any other one. */
+function covered(update: RunUpdate): number {
+  return Number(update.sequence - firstSequence(update)) + 1;
+}
+
 export class RunView {
   state: RunState = RunState.QUEUED;
   run: Run | undefined;
   text = "";
   deltas = 0;
   lastSequence = 0n;
+  /** Sequences that never came (`missing`: a delta of another replica's run lost on the way). */
+  missed = 0;
   progress = "";
   calls: ToolCall[] = [];
   results: ToolResult[] = [];
@@ -176,7 +199,8 @@ export class RunView {
           if (openings++ > 0) this.resumes += 1;
           else this.firstAfter = String(this.lastSequence);
           return api.dispatcher.watchRun(
-            { name: this.name, afterSequence: this.lastSequence },
+            // Merged deltas: a card that is behind (a run replayed, a busy tab) takes fewer frames.
+            { name: this.name, afterSequence: this.lastSequence, mergeDeltas: true },
             { headers, signal, timeoutMs: 0 },
           );
         },
@@ -264,11 +288,12 @@ export class RunView {
     if (update.sequence >> ATTEMPT_BITS > this.lastSequence >> ATTEMPT_BITS && this.lastSequence > 0n) {
       this.add({ kind: "attempt", sequence: String(update.sequence), at: 0, label: "new attempt", detail: "the run was recovered and starts over" });
     }
+    this.missed += Number(missing(this.lastSequence, update));
     this.lastSequence = update.sequence;
     const at = update.time ? timestampDate(update.time).getTime() : 0;
     const sequence = String(update.sequence);
     const change = update.update;
-    this.record(change, at, sequence);
+    this.record(change, at, sequence, covered(update));
     switch (change.case) {
       case "stateChange": {
         const run = change.value.run;
@@ -284,7 +309,7 @@ export class RunView {
       }
       case "delta":
         this.text += change.value.text;
-        this.deltas += 1;
+        this.deltas += covered(update);
         break;
       case "progress":
         this.progress = change.value.stage;
@@ -317,7 +342,7 @@ export class RunView {
     for (const listener of [...this.listeners]) listener.update(update, this);
   }
 
-  private record(change: RunUpdate["update"], at: number, sequence: string): void {
+  private record(change: RunUpdate["update"], at: number, sequence: string, deltas: number): void {
     const last = this.timeline[this.timeline.length - 1];
     switch (change.case) {
       case "stateChange": {
@@ -338,9 +363,9 @@ export class RunView {
         // Deltas fold into the text they write: one entry per stretch of text.
         if (last?.kind === "text") {
           last.detail += change.value.text;
-          last.count = (last.count ?? 1) + 1;
+          last.count = (last.count ?? 1) + deltas;
         } else {
-          this.add({ kind: "text", sequence, at, label: "text", detail: change.value.text, count: 1 });
+          this.add({ kind: "text", sequence, at, label: "text", detail: change.value.text, count: deltas });
         }
         return;
       case "progress":

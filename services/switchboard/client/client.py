@@ -347,8 +347,13 @@ class Client:
         response = await self.dispatcher.SendMessage(request, timeout=timeout_s)
         return response.run
 
-    def watch(self, run: str | dispatcher_pb2.Run, *, after_sequence: int = 0) -> RunWatch:
-        """The run's updates from after ``after_sequence`` to its end, resumed across breaks."""
+    def watch(
+        self, run: str | dispatcher_pb2.Run, *, after_sequence: int = 0, merge_deltas: bool = True
+    ) -> RunWatch:
+        """The run's updates from after ``after_sequence`` to its end, resumed across breaks.
+
+        ``merge_deltas``: the text deltas ready together come as one update
+        (``RunUpdate.first_sequence`` .. ``sequence``); False, one by one."""
         name = run if isinstance(run, str) else run.name
         return RunWatch(
             self.dispatcher,
@@ -357,6 +362,7 @@ class Client:
             after_sequence=after_sequence,
             policy=self._streams,
             call_timeout_s=self.timeout_s,
+            merge_deltas=merge_deltas,
         )
 
     async def ask(self, conversation: str, text: str, **send: Any) -> Answer:
@@ -509,12 +515,15 @@ class Client:
         *,
         after_cursor: str = "",
         types: Iterable[TypeLike] = (),
+        merge_deltas: bool = True,
     ) -> Follower:
         """Events of ``scopes`` (``users/u``, ``workspaces/w``, ``.../conversations/c``)
         after ``after_cursor`` ('' for from now on), resumed across breaks.
 
         ``types`` keeps only those event types (``"MESSAGE_CREATED"`` or the enum).
         The follower's ``cursor`` is where it stands; persist it to continue there.
+        ``merge_deltas``: a run's consecutive text deltas delivered together come as
+        one RUN_UPDATED event (its update's ``first_sequence`` .. ``sequence``).
         """
         return Follower(
             self.events,
@@ -523,4 +532,5 @@ class Client:
             after_cursor=after_cursor,
             types=types,
             policy=self._streams,
+            merge_deltas=merge_deltas,
         )

@@ -6,16 +6,24 @@ handed out (or the last heartbeat's), so nothing retained is skipped and no
 position is delivered twice; event ids are also remembered for a while, so a
 republished event (same id) is not delivered again. A cursor older than the
 retained log is never papered over: ``CursorExpired`` is raised.
+
+A follower asks for merged deltas (``SubscribeRequest.merge_deltas``; off with
+``merge_deltas=False``): a run's consecutive text deltas delivered together come
+as one RUN_UPDATED event, the last one's, whose update covers ``first_sequence``
+.. ``sequence``. Since one id then stands for several deltas, a delta is also
+dropped when its run's deltas were delivered up to its sequence already (a
+resume on another replica sends the deltas after the cursor's event again).
 """
 
 from __future__ import annotations
 
 import re
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
+from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.events.v1 import events_pb2
 from switchboard.client.session import TokenKeeper
 from switchboard.client.streams import ResumableStream, StreamPolicy
@@ -26,8 +34,10 @@ if TYPE_CHECKING:
 _USER: Final = re.compile(r"users/[^/]+")
 _WORKSPACE: Final = re.compile(r"workspaces/[^/]+")
 _CONVERSATION: Final = re.compile(r"workspaces/[^/]+/conversations/[^/]+")
-#: Event ids remembered per follower, to drop a republished event.
+#: Event ids remembered per follower, to drop a republished event (and as many
+#: runs' last delta sequences).
 DEDUPE_WINDOW: Final = 4096
+_RUN_UPDATED: Final = events_pb2.EVENT_TYPE_RUN_UPDATED
 
 ScopeLike = str | events_pb2.Scope
 TypeLike = int | str
@@ -77,6 +87,8 @@ class CursorTracker:
         self._window = dedupe_window
         self._ids: set[str] = set()
         self._order: deque[str] = deque()
+        #: Each run's last delta sequence handed on, oldest run first.
+        self._deltas: OrderedDict[str, int] = OrderedDict()
         #: Events dropped because their id was delivered already.
         self.duplicates = 0
 
@@ -103,6 +115,10 @@ class CursorTracker:
         self.cursor = delivery.cursor
 
     def _first_time(self, event: events_pb2.Event) -> bool:
+        update = event.run_updated.update
+        if event.type == _RUN_UPDATED and update.HasField("delta") and not self._new_delta(update):
+            self.duplicates += 1
+            return False
         if not event.id:
             return True
         if event.id in self._ids:
@@ -112,6 +128,18 @@ class CursorTracker:
         self._order.append(event.id)
         if len(self._order) > self._window:
             self._ids.discard(self._order.popleft())
+        return True
+
+    def _new_delta(self, update: dispatcher_pb2.RunUpdate) -> bool:
+        """A run's deltas come in order among themselves (one channel): one at or
+        before the last handed on was delivered already, alone or merged."""
+        runs = self._deltas
+        if update.sequence <= runs.get(update.run, 0):
+            return False
+        runs[update.run] = update.sequence
+        runs.move_to_end(update.run)
+        if len(runs) > self._window:
+            runs.popitem(last=False)
         return True
 
 
@@ -132,6 +160,7 @@ class Follower(ResumableStream[Delivery, events_pb2.Event]):
         after_cursor: str = "",
         types: Iterable[TypeLike] = (),
         policy: StreamPolicy | None = None,
+        merge_deltas: bool = True,
     ) -> None:
         super().__init__(keeper, policy or StreamPolicy(), "event")
         self._stub = stub
@@ -141,6 +170,7 @@ class Follower(ResumableStream[Delivery, events_pb2.Event]):
         self._types = [event_type(t) for t in types]
         self._tracker = CursorTracker(after_cursor)
         self._live = False
+        self._merge = merge_deltas
 
     @property
     def cursor(self) -> str:
@@ -154,7 +184,10 @@ class Follower(ResumableStream[Delivery, events_pb2.Event]):
     def _start(self, metadata: tuple[tuple[str, str], ...]) -> Any:
         self._live = False
         request = events_pb2.SubscribeRequest(
-            scopes=self._scopes, after_cursor=self._tracker.cursor, types=self._types
+            scopes=self._scopes,
+            after_cursor=self._tracker.cursor,
+            types=self._types,
+            merge_deltas=self._merge,
         )
         return self._stub.Subscribe(request, metadata=metadata)
 

@@ -5,6 +5,11 @@ A run's updates are numbered; a watch that breaks reopens with
 update is delivered twice (the server starts with a snapshot when the older
 updates are gone, e.g. after a restart). The watch ends after the update that
 puts the run in a terminal state.
+
+It asks for merged deltas (``WatchRunRequest.merge_deltas``; ``merge_deltas=False``
+turns that off): a watch that is behind gets the text deltas ready together as one
+update covering ``first_sequence`` .. ``sequence``. Resume is unchanged (after the
+last sequence), and ``missing`` tells whether sequences were skipped.
 """
 
 from __future__ import annotations
@@ -56,6 +61,25 @@ class Answer:
 
 #: Each attempt at a run numbers its updates in its own block of 2^32 sequences.
 ATTEMPT_BITS: Final = 32
+
+
+def first_sequence(update: dispatcher_pb2.RunUpdate) -> int:
+    """The first sequence ``update`` covers: a merged delta's ``first_sequence``, else
+    its own ``sequence`` (the last it covers)."""
+    return update.first_sequence or update.sequence
+
+
+def missing(last: int, update: dispatcher_pb2.RunUpdate) -> int:
+    """How many sequences are missing between ``last`` (the last seen; 0 for none)
+    and ``update``: 0 when it follows (merged or not), when it opens a newer attempt's
+    block (a recovered run numbers on from there), and for a state change, which
+    carries the whole run (a snapshot standing for the updates no longer kept)."""
+    first = first_sequence(update)
+    if first <= last + 1 or update.WhichOneof("update") == "state_change":
+        return 0
+    if first >> ATTEMPT_BITS > last >> ATTEMPT_BITS:
+        return 0
+    return first - last - 1
 
 
 class AnswerBuilder:
@@ -114,7 +138,10 @@ class RunWatch(ResumableStream[dispatcher_pb2.RunUpdate, dispatcher_pb2.RunUpdat
     """A run's updates in order, ending after its terminal state change.
 
     ``last_sequence`` is the last update handed out (resume there with
-    ``after_sequence``); ``run`` the run as its latest state change showed it.
+    ``after_sequence``); ``run`` the run as its latest state change showed it;
+    ``missed`` the sequences that never came (``missing``: a delta of another
+    replica's run lost on the way; 0 otherwise). ``merge_deltas`` asks the server
+    for the deltas ready together as one update (``first_sequence``).
     """
 
     def __init__(
@@ -126,6 +153,7 @@ class RunWatch(ResumableStream[dispatcher_pb2.RunUpdate, dispatcher_pb2.RunUpdat
         after_sequence: int = 0,
         policy: StreamPolicy | None = None,
         call_timeout_s: float = 30.0,
+        merge_deltas: bool = True,
     ) -> None:
         super().__init__(keeper, policy or StreamPolicy(), "run")
         if after_sequence < 0:
@@ -134,10 +162,14 @@ class RunWatch(ResumableStream[dispatcher_pb2.RunUpdate, dispatcher_pb2.RunUpdat
         self.name = name
         self.last_sequence = after_sequence
         self.run: dispatcher_pb2.Run | None = None
+        self.missed = 0
         self._call_timeout_s = call_timeout_s
+        self._merge = merge_deltas
 
     def _start(self, metadata: tuple[tuple[str, str], ...]) -> Any:
-        request = dispatcher_pb2.WatchRunRequest(name=self.name, after_sequence=self.last_sequence)
+        request = dispatcher_pb2.WatchRunRequest(
+            name=self.name, after_sequence=self.last_sequence, merge_deltas=self._merge
+        )
         return self._stub.WatchRun(request, metadata=metadata)
 
     def _accept(self, frame: dispatcher_pb2.WatchRunResponse) -> None:
@@ -150,6 +182,7 @@ class RunWatch(ResumableStream[dispatcher_pb2.RunUpdate, dispatcher_pb2.RunUpdat
             self._pending.append(update)
 
     def _delivered(self, item: dispatcher_pb2.RunUpdate) -> dispatcher_pb2.RunUpdate:
+        self.missed += missing(self.last_sequence, item)
         self.last_sequence = item.sequence
         if item.WhichOneof("update") == "state_change":
             self.run = item.state_change.run

@@ -19,7 +19,6 @@ from switchboard.context.records import (
 )
 from switchboard.context.storebase import (
     StoreBase,
-    conversation_record,
     memory_record,
     message_record,
 )
@@ -27,6 +26,7 @@ from switchboard.platform.errors import NotFound
 from switchboard.platform.names import new_id, now
 from switchboard.platform.store.models import ConversationRow, MemoryItemRow, MessageRow, table_of
 from switchboard.platform.store.outbox import Staged, staging
+from switchboard.platform.store.prepared import Prepared
 from switchboard.platform.store.storage import Idempotency, claim, retrying
 
 #: An entity memory item keeps the names of this many of the newest messages mentioning it.
@@ -34,10 +34,11 @@ MAX_SOURCES: Final = 20
 
 _MESSAGES: Final = table_of(MessageRow)
 _CONVERSATIONS: Final = table_of(ConversationRow)
-# An append's two writes in Core, built once: the ORM's unit of work and building
-# a statement each time cost more than running it from the cache (decisions 39).
-_INSERT_MESSAGE: Final = _MESSAGES.insert()
-_COUNT_MESSAGE: Final = (
+_MESSAGE_FIELDS: Final = tuple(MessageRecord.__dataclass_fields__)
+# An append's statements compiled once and run on the driver (``prepared.py``): the
+# ORM's unit of work, and even Core's execute, cost more than SQLite's own work.
+_INSERT_MESSAGE: Final = Prepared(_MESSAGES.insert(), columns=_MESSAGE_FIELDS)
+_COUNT_MESSAGE: Final = Prepared(
     update(_CONVERSATIONS)
     .where(_CONVERSATIONS.c.id == bindparam("conversation"))
     .values(
@@ -46,6 +47,12 @@ _COUNT_MESSAGE: Final = (
         updated_at=bindparam("stamp"),
         message_count=_CONVERSATIONS.c.message_count + 1,
         token_count=_CONVERSATIONS.c.token_count + bindparam("tokens"),
+    )
+)
+#: Every column of a ``MessageRecord``, in its order.
+_MESSAGE_BY_ID: Final = Prepared(
+    select(*(_MESSAGES.c[field] for field in _MESSAGE_FIELDS)).where(
+        _MESSAGES.c.id == bindparam("id")
     )
 )
 
@@ -100,17 +107,16 @@ class MessageStore(StoreBase):
         staged: Staged[Any] | None = None,
     ) -> Appended:
         def tx(db: Session) -> Appended:
-            conversation = self._conversation(
-                db, workspace_id, conversation_id, writable=True, lock=True
+            connection = db.connection()
+            conversation = self._conversation_record(
+                connection, workspace_id, conversation_id, writable=True, lock=True
             )
             earlier = claim(db, idempotency, new.id)
             if earlier is not None:
-                message = db.get(MessageRow, earlier)
+                message = _MESSAGE_BY_ID.first(connection, {"id": earlier})
                 if message is None:
                     raise NotFound("the message created by this request_id is gone")
-                return Appended(
-                    message_record(message), conversation_record(conversation), [], [], True
-                )
+                return Appended(MessageRecord(*message), conversation, [], [], True)
             stamp = now()
             seq = conversation.last_seq + 1
             values: dict[str, Any] = {
@@ -124,15 +130,14 @@ class MessageStore(StoreBase):
                 "created_at": stamp,
                 "data": new.encode(seq, stamp),
             }
-            connection = db.connection()
-            connection.execute(_INSERT_MESSAGE, values)
-            connection.execute(
-                _COUNT_MESSAGE,
+            _INSERT_MESSAGE.execute(connection, values)
+            _COUNT_MESSAGE.execute(
+                connection,
                 {"conversation": conversation_id, "seq": seq, "stamp": stamp, "tokens": new.tokens},
             )
-            # The conversation as the Core update left it (the session's row is stale).
+            # The conversation as the update left it.
             after = dataclasses.replace(
-                conversation_record(conversation),
+                conversation,
                 last_seq=seq,
                 version=conversation.version + 1,
                 updated_at=stamp,
@@ -149,7 +154,7 @@ class MessageStore(StoreBase):
     def _remember_entities(
         self,
         db: Session,
-        conversation: ConversationRow,
+        conversation: ConversationRecord,
         new: NewMessage,
         max_per_scope: int,
         stamp: dt.datetime,

@@ -23,9 +23,10 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Final, Protocol, TypeVar, TypeVarTuple
 
-from sqlalchemy import Select, and_, bindparam, func, or_, select, text, update
+from sqlalchemy import Select, and_, bindparam, column, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DataError, OperationalError, ProgrammingError
 from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
@@ -56,7 +57,9 @@ from switchboard.platform.store.models import (
     UserRow,
     WorkspaceMemberRow,
     WorkspaceRow,
+    table_of,
 )
+from switchboard.platform.store.prepared import Prepared
 from switchboard.platform.store.storage import transaction
 
 _T = TypeVar("_T")
@@ -69,6 +72,16 @@ _CONVERSATION_BY_ID: Final = select(ConversationRow).where(ConversationRow.id ==
 _CONVERSATION_FOR_UPDATE: Final = _CONVERSATION_BY_ID.with_for_update()
 _MEMORY_BY_IDS: Final = select(MemoryItemRow).where(
     MemoryItemRow.id.in_(bindparam("ids", expanding=True))
+)
+# The per-run path's conversation read on the driver (decisions 52): every column of
+# a ``ConversationRecord``, in its order, so a row is the record's arguments.
+_CONVERSATIONS: Final = table_of(ConversationRow)
+_CONVERSATION_RECORD: Final = select(
+    *(_CONVERSATIONS.c[field] for field in ConversationRecord.__dataclass_fields__)
+).where(_CONVERSATIONS.c.id == bindparam("id"))
+_RECORD_BY_ID: Final = Prepared(_CONVERSATION_RECORD, name="conversation")
+_RECORD_FOR_UPDATE: Final = Prepared(
+    _CONVERSATION_RECORD.with_for_update(), name="conversation for update"
 )
 
 
@@ -125,6 +138,58 @@ class StoreBase:
         if writable and row.archived:
             raise Archived("conversation", workspace_id, conversation_id)
         return row
+
+    def _conversation_record(
+        self,
+        db: Session | Connection,
+        workspace_id: str,
+        conversation_id: str,
+        *,
+        lock: bool = False,
+        writable: bool = False,
+    ) -> ConversationRecord:
+        """``_conversation`` for the per-run path: one statement on the driver, a record.
+
+        No ORM row: nothing in the session to flush or expire, and about a fifth of
+        the ORM select's Python. ``lock`` locks the row for update on PostgreSQL.
+        """
+        prepared = _RECORD_FOR_UPDATE if lock and not self._sqlite else _RECORD_BY_ID
+        row = prepared.first(db, {"id": conversation_id})
+        if row is None:
+            raise Missing("conversation", workspace_id, conversation_id)
+        record = ConversationRecord(*row)
+        if record.workspace_id != workspace_id or record.deleted_at is not None:
+            raise Missing("conversation", workspace_id, conversation_id)
+        if writable and record.archived:
+            raise Archived("conversation", workspace_id, conversation_id)
+        return record
+
+    def _search_window(
+        self, db: Session | Connection, scopes: Sequence[str], query: str, *, limit: int
+    ) -> list[tuple[MemoryRecord, float]]:
+        """``_search(db, scopes, query, kinds=(), limit=limit, exclude_kinds=("summary",),
+        unpinned_only=True)`` for a window's three scopes, on the driver, as records."""
+        match = self._match(query)
+        if not match:
+            return []
+        scope0, scope1, scope2 = scopes
+        params = {
+            "scope0": scope0,
+            "scope1": scope1,
+            "scope2": scope2,
+            "match": match,
+            "limit": limit,
+            "offset": 0,
+            "now": now(),
+            "exclude": "summary",
+        }
+        try:
+            rows = _WINDOW_SEARCH[self._sqlite].rows(db, params)
+        except (OperationalError, ProgrammingError, DataError) as exc:
+            if not any(word in str(exc.orig).lower() for word in ("fts5", "tsquery", "syntax")):
+                raise
+            raise Unsearchable() from None
+        return [(MemoryRecord(*row[:-1]), float(row[-1])) for row in rows]
 
     # -- memory rows (written by the memory, message and prune stores) ---------------------
 
@@ -229,21 +294,49 @@ class StoreBase:
         return [(rows[i], score) for i, score in ranked if i in rows]
 
 
-def _search_sql(where: str, *, sqlite: bool) -> str:
+_MEMORY: Final = table_of(MemoryItemRow)
+#: Every column of a ``MemoryRecord``, in its order.
+MEMORY_COLUMNS: Final = tuple(_MEMORY.c[field] for field in MemoryRecord.__dataclass_fields__)
+_MEMORY_SELECT: Final = ", ".join(f"m.{column.name}" for column in MEMORY_COLUMNS)
+
+
+def _window_search(sqlite: bool) -> Prepared:
+    """The window's search (``_search`` with its three scopes, no summaries, unpinned
+    only), on the driver: the items' columns with their score, in one statement."""
+    where = (
+        "m.scope IN (:scope0, :scope1, :scope2) "
+        "AND (m.expires_at IS NULL OR m.expires_at > :now) "
+        "AND m.kind NOT IN (:exclude) AND NOT m.pinned"
+    )
+    sql = _search_sql(where, sqlite=sqlite, columns=_MEMORY_SELECT)
+    statement = (
+        text(sql)
+        .bindparams(bindparam("now", type_=_MEMORY.c.expires_at.type))
+        # The score untyped: a float's result processor on asyncpg needs the cursor's
+        # column types, which ``Prepared`` does not read.
+        .columns(*MEMORY_COLUMNS, column("score"))
+    )
+    return Prepared(statement, name="window search")
+
+
+def _search_sql(where: str, *, sqlite: bool, columns: str = "m.id") -> str:
     # ``where`` is built from constant fragments; values are bound.
     if sqlite:
         return (
-            "SELECT m.id, -bm25(memory_fts) AS score FROM memory_fts "  # noqa: S608
+            f"SELECT {columns}, -bm25(memory_fts) AS score FROM memory_fts "  # noqa: S608
             "JOIN memory_items m ON m.fts_rowid = memory_fts.rowid "
             f"WHERE memory_fts MATCH :match AND {where} "
             "ORDER BY score DESC, m.id LIMIT :limit OFFSET :offset"
         )
     return (
-        "SELECT m.id, ts_rank_cd(m.search, q) AS score "  # noqa: S608
+        f"SELECT {columns}, ts_rank_cd(m.search, q) AS score "  # noqa: S608
         "FROM memory_items m, to_tsquery('english', :match) q "
         f"WHERE m.search @@ q AND {where} "
         "ORDER BY score DESC, m.id LIMIT :limit OFFSET :offset"
     )
+
+
+_WINDOW_SEARCH: Final = {True: _window_search(True), False: _window_search(False)}
 
 
 def check_etag(etag: str, version: int) -> None:

@@ -74,6 +74,18 @@ class WindowCache:
     def redis_up(self) -> bool:
         return self._client is not None and time.monotonic() >= self._down_until
 
+    @property
+    def shared(self) -> bool:
+        """Whether windows may be cached beyond this process's memory (Redis)."""
+        return self._client is not None
+
+    def holds(self, key: str) -> bool:
+        """Whether this process's memory has an entry under ``key`` (valid or not).
+
+        Safe from another thread: one dict lookup, no change to the cache.
+        """
+        return key in self._memory
+
     async def get(self, key: str) -> bytes | None:
         """The window stored under ``key`` if it is still valid, else None."""
         entry = self._memory.get(key)

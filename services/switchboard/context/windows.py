@@ -21,9 +21,10 @@ changes no version the key holds.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Final, Protocol, overload
 
 from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.context.common import Common, Domain, check_text, stored
@@ -53,6 +54,8 @@ from switchboard.platform.security.policy import Principal
 
 # Bump when the cached window's shape or the planning rules change.
 _WINDOW_FORMAT: Final = "w3"
+#: How many windows ``Windows`` remembers as last served from the cache.
+_POLLED: Final = 1024
 #: How long a cached window showing file text may be served (a deleted file's
 #: text stops showing within this).
 FILE_TEXT_CACHE_S: Final = 60.0
@@ -118,6 +121,9 @@ class Windows(Domain):
         #: The windows already built, as served (bytes).
         self.cache = cache
         self._files = files
+        #: The windows (all but their versions) last served from the cache, newest last:
+        #: read again, they are likely to be served from it again.
+        self._polled: OrderedDict[str, None] = OrderedDict()
 
     async def window(self, principal: Principal, request: pb.GetContextWindowRequest) -> bytes:
         """The serialized ``GetContextWindowResponse`` (cached as bytes, served as bytes)."""
@@ -135,26 +141,57 @@ class Windows(Domain):
             workspace=workspace_name(workspace_id),
             user=principal.user_name,
         )
-        versions = await stored(self._store.window_version(workspace_id, conversation_id, scopes))
-        version, workspace_version, user_version = versions
-        key = ":".join(
-            (
-                "ctxwin",
-                _WINDOW_FORMAT,
-                self.common.counter.name,
-                conversation_id,
-                str(version),
-                str(workspace_version),
-                principal.user_id,
-                str(user_version),
-                str(request.token_budget),
-                hashlib.sha256(request.query.encode()).hexdigest()[:16],
-            )
+        prefix = ("ctxwin", _WINDOW_FORMAT, self.common.counter.name, conversation_id)
+        suffix = (
+            str(request.token_budget),
+            hashlib.sha256(request.query.encode()).hexdigest()[:16],
         )
+
+        def key_of(versions: tuple[int, int, int]) -> str:
+            version, workspace_version, user_version = versions
+            return ":".join(
+                (
+                    *prefix,
+                    str(version),
+                    str(workspace_version),
+                    principal.user_id,
+                    str(user_version),
+                    *suffix,
+                )
+            )
+
+        rows: WindowRows | None = None
+        polled = ":".join((*prefix, principal.user_id, *suffix))
+        if self.cache.shared or polled in self._polled:
+            # Redis may hold a window this process never built, and a window read
+            # again without a write in between is served from the cache: read the
+            # versions alone first (one statement, no transaction).
+            versions = await stored(
+                self._store.window_version(workspace_id, conversation_id, scopes)
+            )
+        else:
+            # Whether this process caches the window is known in the database's
+            # thread: a miss (a run's read, right after its append) reads the
+            # versions and the rows in one snapshot and one thread hop.
+            cache = self.cache
+            versions, rows = await self._rows(
+                workspace_id,
+                conversation_id,
+                scopes,
+                request,
+                lambda found: cache.holds(key_of(found)),
+            )
+        key = key_of(versions)
         cached = await self.cache.get(key)
         if cached is not None:
+            self._polled[polled] = None
+            self._polled.move_to_end(polled)
+            if len(self._polled) > _POLLED:
+                self._polled.popitem(last=False)
             return cached
-        rows = await self._rows(workspace_id, conversation_id, scopes, request)
+        self._polled.pop(polled, None)
+        if rows is None:
+            rows = await self._rows(workspace_id, conversation_id, scopes, request)
         messages = {seq: pb.Message.FromString(rows.bodies[seq]) for seq, _ in rows.recent}
         texts = await self._texts(messages.values())
         payload, valid_until = self._build(
@@ -171,13 +208,36 @@ class Windows(Domain):
             await self.cache.put(key, payload, valid_until)
         return payload
 
+    @overload
     async def _rows(
         self,
         workspace_id: str,
         conversation_id: str,
         scopes: WindowScopes,
         request: pb.GetContextWindowRequest,
-    ) -> WindowRows:
+    ) -> WindowRows: ...
+
+    @overload
+    async def _rows(
+        self,
+        workspace_id: str,
+        conversation_id: str,
+        scopes: WindowScopes,
+        request: pb.GetContextWindowRequest,
+        cached: Callable[[tuple[int, int, int]], bool],
+    ) -> tuple[tuple[int, int, int], WindowRows | None]: ...
+
+    async def _rows(
+        self,
+        workspace_id: str,
+        conversation_id: str,
+        scopes: WindowScopes,
+        request: pb.GetContextWindowRequest,
+        cached: Callable[[tuple[int, int, int]], bool] | None = None,
+    ) -> WindowRows | tuple[tuple[int, int, int], WindowRows | None]:
+        """The window's rows; with ``cached``, its versions and its rows unless
+        ``cached(versions)`` (``WindowStore.window_read``)."""
+
         def query(latest: MessageRecord | None) -> str:
             """The request's query, else the text of the latest user message."""
             if request.query or latest is None:
@@ -185,16 +245,31 @@ class Windows(Domain):
             parts = message_proto(latest, workspace_id).parts
             return render_parts(p for p in parts if p.HasField("text"))
 
+        store = self._store
+        limits = self.limits
         try:
+            if cached is None:
+                return await stored(
+                    store.window_rows(
+                        workspace_id,
+                        conversation_id,
+                        scopes,
+                        budget=request.token_budget,
+                        query=query,
+                        relevant_limit=limits.relevant_limit,
+                        max_pinned=limits.max_pinned,
+                    )
+                )
             return await stored(
-                self._store.window_rows(
+                store.window_read(
                     workspace_id,
                     conversation_id,
                     scopes,
+                    cached=cached,
                     budget=request.token_budget,
                     query=query,
-                    relevant_limit=self.limits.relevant_limit,
-                    max_pinned=self.limits.max_pinned,
+                    relevant_limit=limits.relevant_limit,
+                    max_pinned=limits.max_pinned,
                 )
             )
         except Unsearchable:

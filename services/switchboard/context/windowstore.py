@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from sqlalchemy import bindparam, select, text
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from switchboard.context.records import (
@@ -15,15 +16,10 @@ from switchboard.context.records import (
     MessageRecord,
     Missing,
 )
-from switchboard.context.storebase import (
-    StoreBase,
-    conversation_record,
-    log,
-    memory_record,
-    message_record,
-)
+from switchboard.context.storebase import MEMORY_COLUMNS, StoreBase, log
 from switchboard.platform.store.db import DatabaseUnavailable, is_outage
-from switchboard.platform.store.models import ConversationRow, MemoryItemRow, MessageRow
+from switchboard.platform.store.models import MemoryItemRow, MessageRow, table_of
+from switchboard.platform.store.prepared import Prepared
 
 _WINDOW_VERSIONS: Final = (
     "SELECT c.workspace_id, c.deleted_at IS NOT NULL, c.version, "
@@ -31,32 +27,40 @@ _WINDOW_VERSIONS: Final = (
     "(SELECT version FROM memory_scopes WHERE scope = :user_scope) "
     "FROM conversations c WHERE c.id = :conversation"
 )
-_WINDOW_VERSIONS_TEXT: Final = text(_WINDOW_VERSIONS)
-# The window's reads, built once (one snapshot per window; see ``window_rows``).
-_PINNED: Final = (
-    select(MemoryItemRow)
+# The window's reads, compiled once and run on the driver (``prepared.py``), in one
+# snapshot per window (see ``window_rows``); rows are tuples in the records' order.
+_MESSAGES: Final = table_of(MessageRow)
+_WINDOW_VERSIONS_PREPARED: Final = Prepared(text(_WINDOW_VERSIONS), name="window versions")
+_PINNED: Final = Prepared(
+    select(*MEMORY_COLUMNS)
     .where(
-        MemoryItemRow.scope.in_(bindparam("scopes", expanding=True)),
+        MemoryItemRow.scope.in_([bindparam("scope0"), bindparam("scope1"), bindparam("scope2")]),
         MemoryItemRow.pinned.is_(True),
     )
     .order_by(MemoryItemRow.created_at, MemoryItemRow.id)
-    .limit(bindparam("limit"))
+    .limit(bindparam("limit")),
+    name="pinned memory",
 )
-_LATEST_USER_MESSAGE: Final = (
-    select(MessageRow)
-    .where(MessageRow.conversation_id == bindparam("conversation"), MessageRow.role == "user")
-    .order_by(MessageRow.seq.desc())
-    .limit(1)
+_LATEST_USER_MESSAGE: Final = Prepared(
+    select(*(_MESSAGES.c[field] for field in MessageRecord.__dataclass_fields__))
+    .where(_MESSAGES.c.conversation_id == bindparam("conversation"), _MESSAGES.c.role == "user")
+    .order_by(_MESSAGES.c.seq.desc())
+    .limit(1),
+    name="latest user message",
 )
-_RECENT_MESSAGES: Final = (
-    select(MessageRow.seq, MessageRow.token_count, MessageRow.data)
+_SUMMARY: Final = Prepared(
+    select(*MEMORY_COLUMNS).where(MemoryItemRow.id == bindparam("id")), name="summary"
+)
+_RECENT_MESSAGES: Final = Prepared(
+    select(_MESSAGES.c.seq, _MESSAGES.c.token_count, _MESSAGES.c.data)
     .where(
-        MessageRow.conversation_id == bindparam("conversation"),
-        MessageRow.archived.is_(False),
-        MessageRow.seq < bindparam("upper"),
+        _MESSAGES.c.conversation_id == bindparam("conversation"),
+        _MESSAGES.c.archived.is_(False),
+        _MESSAGES.c.seq < bindparam("upper"),
     )
-    .order_by(MessageRow.seq.desc())
-    .limit(bindparam("limit"))
+    .order_by(_MESSAGES.c.seq.desc())
+    .limit(bindparam("limit")),
+    name="recent messages",
 )
 _RECENT_PAGE: Final = 256
 _RECENT_FIRST_PAGE: Final = 32
@@ -125,48 +129,100 @@ class WindowStore(StoreBase):
         """
 
         def tx(db: Session) -> WindowRows:
-            conversation = self._conversation(db, workspace_id, conversation_id)
-            params = _window_params(conversation_id, scopes)
-            # Core statements on the connection: the ORM's execute costs more (decisions 39).
-            core = db.connection()
-            versions = [tuple(row) for row in core.execute(_WINDOW_VERSIONS_TEXT, params).all()]
-            _, workspace_version, user_version = _window_versions(
-                versions, workspace_id, conversation_id
+            connection = db.connection()
+            conversation = self._conversation_record(connection, workspace_id, conversation_id)
+            versions = _WINDOW_VERSIONS_PREPARED.rows(
+                connection, _window_params(conversation_id, scopes)
             )
-            limit = max_pinned * len(scopes.all())
-            pinned = list(db.execute(_PINNED, {"scopes": scopes.all(), "limit": limit}).scalars())
-            latest = db.execute(
-                _LATEST_USER_MESSAGE, {"conversation": conversation_id}
-            ).scalar_one_or_none()
-            relevant = self._search(
-                db,
-                scopes.all(),
-                query(message_record(latest) if latest is not None else None),
-                kinds=(),
-                limit=relevant_limit,
-                exclude_kinds=("summary",),
-                unpinned_only=True,
-            )
-            summary = (
-                db.get(MemoryItemRow, conversation.summary_id) if conversation.summary_id else None
-            )
-            recent, bodies = _recent(db, conversation, budget)
-            return WindowRows(
-                conversation=conversation_record(conversation),
-                workspace_version=workspace_version,
-                user_version=user_version,
-                pinned=[memory_record(row) for row in pinned],
-                relevant=[(memory_record(row), score) for row, score in relevant],
-                summary=memory_record(summary) if summary is not None else None,
-                recent=recent,
-                bodies=bodies,
+            found = _window_versions(versions, workspace_id, conversation_id)
+            return self._window_rows(
+                connection, conversation, found, scopes, budget, query, relevant_limit, max_pinned
             )
 
         return await self._run(tx, write=False, snapshot=True)
 
+    async def window_read(
+        self,
+        workspace_id: str,
+        conversation_id: str,
+        scopes: WindowScopes,
+        *,
+        cached: Callable[[tuple[int, int, int]], bool],
+        budget: int,
+        query: Callable[[MessageRecord | None], str],
+        relevant_limit: int,
+        max_pinned: int,
+    ) -> tuple[tuple[int, int, int], WindowRows | None]:
+        """``window_version`` and, unless ``cached(versions)``, ``window_rows``, in one
+        snapshot and one thread hop: a run reads its window right after appending to
+        the conversation, when no cached window can match.
+
+        ``cached`` runs in the database's thread: it may only read.
+        """
+
+        def tx(db: Session) -> tuple[tuple[int, int, int], WindowRows | None]:
+            connection = db.connection()
+            versions = _WINDOW_VERSIONS_PREPARED.rows(
+                connection, _window_params(conversation_id, scopes)
+            )
+            found = _window_versions(versions, workspace_id, conversation_id)
+            if cached(found):
+                return found, None
+            conversation = self._conversation_record(connection, workspace_id, conversation_id)
+            rows = self._window_rows(
+                connection, conversation, found, scopes, budget, query, relevant_limit, max_pinned
+            )
+            return found, rows
+
+        return await self._run(tx, write=False, snapshot=True)
+
+    def _window_rows(
+        self,
+        connection: Connection,
+        conversation: ConversationRecord,
+        versions: tuple[int, int, int],
+        scopes: WindowScopes,
+        budget: int,
+        query: Callable[[MessageRecord | None], str],
+        relevant_limit: int,
+        max_pinned: int,
+    ) -> WindowRows:
+        """The rest of a window's reads, in the snapshot ``versions`` were read in."""
+        every = scopes.all()
+        pinned = _PINNED.rows(
+            connection,
+            {
+                "scope0": every[0],
+                "scope1": every[1],
+                "scope2": every[2],
+                "limit": max_pinned * len(every),
+            },
+        )
+        latest = _LATEST_USER_MESSAGE.first(connection, {"conversation": conversation.id})
+        relevant = self._search_window(
+            connection,
+            every,
+            query(MessageRecord(*latest) if latest is not None else None),
+            limit=relevant_limit,
+        )
+        summary = None
+        if conversation.summary_id:
+            summary = _SUMMARY.first(connection, {"id": conversation.summary_id})
+        recent, bodies = _recent(connection, conversation, budget)
+        return WindowRows(
+            conversation=conversation,
+            workspace_version=versions[1],
+            user_version=versions[2],
+            pinned=[MemoryRecord(*row) for row in pinned],
+            relevant=relevant,
+            summary=MemoryRecord(*summary) if summary is not None else None,
+            recent=recent,
+            bodies=bodies,
+        )
+
 
 def _recent(
-    db: Session, conversation: ConversationRow, budget: int
+    connection: Connection, conversation: ConversationRecord, budget: int
 ) -> tuple[list[tuple[int, int]], dict[int, bytes]]:
     """(seq, tokens) of the newest live messages covering ``budget``, and their bodies.
 
@@ -174,20 +230,17 @@ def _recent(
     never loads more than what can fit (plus one page). The first page is what
     the budget holds at 16 tokens a message, then pages double: a small budget
     over a long conversation does not fetch hundreds of bodies it cannot use.
-    The bodies come along (Core rows, not ORM objects): nearly all of them end
-    up in the window.
+    The bodies come along: nearly all of them end up in the window.
     """
     recent: list[tuple[int, int]] = []
     bodies: dict[int, bytes] = {}
     covered = 0
-    core = db.connection()
     upper = conversation.last_seq + 1
     page_size = min(max(budget // 16, _RECENT_FIRST_PAGE), _RECENT_PAGE)
     while covered <= budget:
-        page = core.execute(
-            _RECENT_MESSAGES,
-            {"conversation": conversation.id, "upper": upper, "limit": page_size},
-        ).all()
+        page = _RECENT_MESSAGES.rows(
+            connection, {"conversation": conversation.id, "upper": upper, "limit": page_size}
+        )
         for seq, tokens, data in page:
             recent.append((int(seq), int(tokens)))
             bodies[int(seq)] = data

@@ -234,9 +234,12 @@ class Dispatcher:
     async def list_handlers(self, request: pb.ListHandlersRequest) -> pb.ListHandlersResponse:
         return await self._queries.list_handlers(request)
 
-    def watch(self, name: str, after_sequence: int) -> AsyncIterator[pb.RunUpdate | None]:
-        """The run's updates after ``after_sequence``; ``None`` for a heartbeat."""
-        return self._queries.watch(name, after_sequence)
+    def watch(
+        self, name: str, after_sequence: int, *, merge: bool = False
+    ) -> AsyncIterator[pb.RunUpdate | None]:
+        """The run's updates after ``after_sequence``; ``None`` for a heartbeat
+        (``merge``: the deltas ready together as one, ``WatchRunRequest.merge_deltas``)."""
+        return self._queries.watch(name, after_sequence, merge=merge)
 
     async def describe_conversation(
         self, principal: Principal, request: pb.DescribeConversationRequest
@@ -244,10 +247,10 @@ class Dispatcher:
         return await self._queries.describe_conversation(principal, request)
 
     def watch_run(
-        self, principal: Principal, name: str, after_sequence: int
+        self, principal: Principal, name: str, after_sequence: int, *, merge: bool = False
     ) -> AsyncGenerator[pb.WatchRunResponse, None]:
         """WatchRun's frames, for as long as ``principal`` may read the run."""
-        return self._streams.watch_run(principal, name, after_sequence)
+        return self._streams.watch_run(principal, name, after_sequence, merge=merge)
 
     def converse(
         self, principal: Principal, requests: AsyncIterator[pb.ConverseRequest], via: Via

@@ -80,7 +80,7 @@ class DispatcherServiceServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
         # Closed with this call, not left to the collector: its grant closes now,
         # and what its end raises is this call's.
         frames = self._dispatcher.watch_run(
-            current_principal(), request.name, request.after_sequence
+            current_principal(), request.name, request.after_sequence, merge=request.merge_deltas
         )
         async with contextlib.aclosing(frames):
             async for frame in frames:

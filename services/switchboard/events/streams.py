@@ -119,7 +119,13 @@ class Streams:
         self, principal: Principal, request: events_pb2.SubscribeRequest
     ) -> AsyncGenerator[bytes, None]:
         """Subscribe's frames: a heartbeat once registered, then batches and heartbeats."""
-        spec = parse_spec(request.scopes, request.after_cursor, request.types, self._limits)
+        spec = parse_spec(
+            request.scopes,
+            request.after_cursor,
+            request.types,
+            self._limits,
+            merge_deltas=request.merge_deltas,
+        )
         grant = self._access.open(principal)
         try:
             # Closed here, not left to the collector: the quota and the hold go with the call.
@@ -274,7 +280,14 @@ class _StreamSession:
                 [FieldViolation("add.subscription_id", "is already in use")],
             )
         try:
-            spec = parse_spec(add.scopes, add.after_cursor, add.types, self._limits, "add.")
+            spec = parse_spec(
+                add.scopes,
+                add.after_cursor,
+                add.types,
+                self._limits,
+                "add.",
+                merge_deltas=add.merge_deltas,
+            )
             subscription = Subscription(self._bus, self._principal, spec, self._limits, self._waker)
             # Authorized like a unary call now: the credential first, then each scope.
             hold = await self._grant.hold(spec.names("add."), Permission.READ, subscription.recheck)

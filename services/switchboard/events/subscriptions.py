@@ -18,6 +18,11 @@ in log order; a revocation; the credential's expiry; degraded mode; every
 is sent before the re-check passed; a failed one ends the subscription with
 the status a unary call would get.
 
+A subscription that asked for merged deltas (``merge_deltas``) gets the
+consecutive text-delta RUN_UPDATED events of one run in a batch as one event
+(``merge_deltas``): its update covers ``first_sequence`` .. ``sequence`` and it
+keeps the last one's id and cursor, so the batch's cursor resumes exactly.
+
 This module does not import grpc: ``streams.py`` turns batches into frames.
 """
 
@@ -40,6 +45,7 @@ from switchboard.platform.errors import (
     SubscriberTooSlow,
 )
 from switchboard.platform.events.bus import EventBus
+from switchboard.platform.events.deltas import delta_stretch, merge_into
 from switchboard.platform.events.eventlog import (
     Logged,
     Position,
@@ -54,6 +60,7 @@ from switchboard.platform.security.policy import Permission, Policy, Principal
 REPLAY_PAGE: Final = 500
 #: A coalesced batch stays well under the default 4 MiB message limit.
 MAX_BATCH_BYTES: Final = 1024 * 1024
+_RUN_UPDATED: Final = events_pb2.EVENT_TYPE_RUN_UPDATED
 
 _SCOPE_PATTERNS: Final = {
     "user": names.USER,
@@ -75,6 +82,39 @@ def _until_recheck(queue: Iterable[Logged | _Recheck]) -> Iterator[Logged]:
         if isinstance(entry, _Recheck):
             return
         yield entry
+
+
+def _is_delta(item: Logged) -> bool:
+    return item.type == _RUN_UPDATED and item.event.run_updated.update.HasField("delta")
+
+
+def merge_deltas(items: Sequence[Logged]) -> list[Logged]:
+    """``items`` (a batch, in log order) with each stretch of text-delta RUN_UPDATED
+    events that merge (``platform/events/deltas.py``: one run's, sequences following
+    each other) as one event.
+
+    The merged event is the last one's (its id, time and cursor: what comes after it
+    in the batch and the batch's own cursor are unchanged) with the run update's text
+    theirs joined and ``first_sequence`` the first one's. The events are shared
+    with every subscriber: a merge is a new one."""
+    if len(items) < 2:
+        return list(items)
+    updates = [item.event.run_updated.update if _is_delta(item) else None for item in items]
+    out: list[Logged] = []
+    index = 0
+    while index < len(items):
+        end = delta_stretch(updates, index)
+        out.append(items[index] if end == index + 1 else _merged(items[index:end]))
+        index = end
+    return out
+
+
+def _merged(stretch: Sequence[Logged]) -> Logged:
+    last = stretch[-1]
+    event = events_pb2.Event()
+    event.CopyFrom(last.event)
+    merge_into(event.run_updated.update, [item.event.run_updated.update for item in stretch])
+    return Logged(last.position, event)
 
 
 def matches(item: Logged, keys: frozenset[str], types: frozenset[int]) -> bool:
@@ -102,6 +142,8 @@ class Spec:
     scopes: tuple[tuple[str, str], ...]  # (kind, resource name)
     types: frozenset[int]
     after: Position | None
+    #: ``SubscribeRequest.merge_deltas``: consecutive deltas of a run in a batch as one.
+    merge_deltas: bool = False
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -120,6 +162,8 @@ def parse_spec(
     types: Sequence[int],
     limits: Limits,
     prefix: str = "",
+    *,
+    merge_deltas: bool = False,
 ) -> Spec:
     """Validate scopes, cursor and types; InvalidArgument lists every problem."""
     violations: list[FieldViolation] = []
@@ -155,7 +199,7 @@ def parse_spec(
             violations.append(FieldViolation(f"{prefix}types[{i}]", "is not a known event type"))
     if violations:
         raise InvalidArgument("invalid subscription", violations)
-    return Spec(tuple(dict.fromkeys(parsed)), frozenset(types), after)
+    return Spec(tuple(dict.fromkeys(parsed)), frozenset(types), after, merge_deltas)
 
 
 async def authorize(policy: Policy, principal: Principal, spec: Spec) -> None:
@@ -221,6 +265,7 @@ class Subscription:
         self.acked: Position | None = None
         self._replay_from: Position | None = None
         self._replay_upto: Position = (0, 0)
+        self._merge = spec.merge_deltas
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -239,6 +284,9 @@ class Subscription:
             # logged event before it; the tokens this process holds after that event are
             # sent again, with their ids (a consumer drops an id it has seen).
             after = logged_part(after)
+            # Not merged: the consumer may have had some of them already, one by one
+            # or merged there, and drops by sequence only what it can tell apart.
+            self._merge = False
         if after is not None:
             await self._bus.check_cursor(after)
         # No await between these lines: the mark and the attach are one step.
@@ -356,7 +404,7 @@ class Subscription:
             if matched:
                 self._replay_from = matched[-1].position
                 self.sent = matched[-1].position
-                return matched
+                return merge_deltas(matched) if self._merge else matched
         return []
 
     async def _drain(self) -> list[Logged]:
@@ -374,6 +422,8 @@ class Subscription:
             queue.popleft()
         if batch:
             self.sent = batch[-1].position
+            if self._merge:
+                return merge_deltas(batch)
         return batch
 
     def _fill(self, candidates: Iterable[Logged]) -> list[Logged]:

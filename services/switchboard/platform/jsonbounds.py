@@ -40,6 +40,7 @@ from array import array
 from collections.abc import Iterable
 from typing import Any, Final, Literal
 
+import orjson
 from google.protobuf import struct_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
@@ -158,6 +159,26 @@ def loads(
     except ValueError:
         # An integer of more digits than Python converts, and the like.
         raise JsonRejected("syntax", "not valid JSON (a value out of range)") from None
+
+
+def loads_fast(
+    data: str | bytes | bytearray | memoryview, *, max_bytes: int, max_depth: int = MAX_DEPTH
+) -> Any:
+    """``loads`` through orjson, for documents read by the thousand (a model's stream:
+    a chunk a token), where json's decoder is most of the cost.
+
+    What orjson refuses goes to ``loads``, which reads it as json does (``NaN``, a
+    lone surrogate escaped, a UTF-16 body) or rejects it with the same reason, so
+    rejections do not change. One value does: an integer past 64 bits reads as a
+    float (orjson's way); no count or index a model sends is that large.
+    """
+    if not isinstance(data, str | bytes):
+        data = bytes(data)
+    check_text(data, max_bytes=max_bytes, max_depth=max_depth)
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return loads(data, max_bytes=max_bytes, max_depth=max_depth)
 
 
 def check_value(value: object, *, max_depth: int = MAX_DEPTH) -> None:

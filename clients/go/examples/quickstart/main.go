@@ -398,7 +398,8 @@ func ask(ctx context.Context, client *switchboard.Client, cfg config, conversati
 		},
 	}, func(update *dispatcherv1.RunUpdate) error {
 		transcript.Add(update)
-		line := map[string]any{"sequence": update.GetSequence()}
+		// A merged delta covers first_sequence .. sequence (the deltas ready together).
+		line := map[string]any{"sequence": update.GetSequence(), "first_sequence": switchboard.FirstSequence(update)}
 		switch u := update.GetUpdate().(type) {
 		case *dispatcherv1.RunUpdate_StateChange:
 			line["update"], line["state"] = "state_change", u.StateChange.GetRun().GetState().String()

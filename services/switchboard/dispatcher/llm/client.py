@@ -349,7 +349,7 @@ class ProviderClient:
                 events(functools.partial(self._next, chunks, deadline), limit)
             ) as datas:
                 async for data in datas:
-                    if data == "[DONE]":
+                    if data == b"[DONE]":
                         outcome.done = True
                         break
                     for text in parse_chunk(data, outcome, limit, self._secrets):
@@ -405,7 +405,7 @@ class ProviderClient:
             raise self._transport_failure("connection failed", exc) from None
 
     async def _linger(
-        self, datas: AsyncGenerator[str, None], remaining: Callable[[], float]
+        self, datas: AsyncGenerator[bytes, None], remaining: Callable[[], float]
     ) -> None:
         """Read the body's end after ``[DONE]``, briefly, so the connection can be reused.
 

@@ -151,7 +151,11 @@ class LlmHandler:
                 )
             ) as texts:
                 async for text in texts:
-                    yield Frame(delta=handler_pb2.TextDelta(text=text))
+                    # Set in place: a ``TextDelta`` passed in is built, then copied, at
+                    # three to five times the CPU (measured), once per token.
+                    frame = Frame()
+                    frame.delta.text = text
+                    yield frame
             shown = answer.shown
             outcome, provider = answer.outcome, answer.provider
             if provider is None:

@@ -241,47 +241,101 @@ def parse_completion(body: bytes, outcome: Outcome, limit: int) -> str:
 
 async def events(
     read: Callable[[], Awaitable[bytes | None]], limit: int
-) -> AsyncGenerator[str, None]:
+) -> AsyncGenerator[bytes, None]:
     """The ``data`` of each server-sent event of the body ``read`` returns piece
-    by piece (``None`` at its end), bounded in total size by ``limit`` bytes."""
+    by piece (``None`` at its end), bounded in total size by ``limit`` bytes.
+
+    Bytes, not text: the JSON decoder reads UTF-8 itself (``parse_chunk``). A read
+    that holds whole events, each one ``data:`` line (what providers send, a chunk
+    an event), is cut into them by ``split`` without a Python step per line.
+    """
     received = 0
-    buffer = bytearray()
-    data: list[str] = []
+    # The body after its last line break: a line not complete yet.
+    partial = bytearray()
+    # The ``data`` lines of an event not complete yet.
+    data: list[bytes] = []
     while (chunk := await read()) is not None:
         received += len(chunk)
         if received > limit:
             raise AttemptFailed(f"response larger than {limit} bytes", retryable=True)
-        buffer += chunk
-        while (end := buffer.find(b"\n")) >= 0:
-            line = bytes(buffer[:end]).rstrip(b"\r")
-            del buffer[: end + 1]
-            if not line:
-                if data:
-                    yield "\n".join(data)
-                    data = []
-                continue
-            name, _, value = line.partition(b":")
-            if name == b"data":
-                try:
-                    data.append(value.removeprefix(b" ").decode("utf-8"))
-                except UnicodeDecodeError:
-                    raise malformed("not UTF-8") from None
-            # Comments (":" keep-alives), "event", "id" and "retry" carry
-            # nothing this API uses.
-    tail = bytes(buffer).rstrip(b"\r")
+        chunk = _whole_lines(chunk, partial)
+        if not data and chunk.endswith(b"\n\n") and b"\r" not in chunk:
+            # Whole events: each one line is its data; any other goes line by line.
+            for event in chunk[:-2].split(b"\n\n"):
+                if event.startswith(b"data:") and b"\n" not in event:
+                    yield _checked(event[5:].removeprefix(b" "))
+                elif event:
+                    _lines(event, data)
+                    if data:
+                        yield b"\n".join(data)
+                        data = []
+            continue
+        for ended in chunk.split(b"\n")[:-1]:
+            if line := ended.rstrip(b"\r"):
+                _line(line, data)
+            elif data:
+                yield b"\n".join(data)
+                data = []
+    tail = bytes(partial).rstrip(b"\r")
     if tail.startswith(b"data:"):
         # A last event without its blank line: lenient servers end this way.
-        data.append(tail[5:].removeprefix(b" ").decode("utf-8", errors="replace"))
+        value = tail[5:].removeprefix(b" ")
+        data.append(value.decode("utf-8", errors="replace").encode("utf-8"))
     if data:
-        yield "\n".join(data)
+        yield b"\n".join(data)
 
 
-def parse_chunk(data: str, outcome: Outcome, limit: int, secrets: tuple[str, ...]) -> list[str]:
+def _whole_lines(chunk: bytes, partial: bytearray) -> bytes:
+    """The whole lines of ``partial`` (a line not complete yet) and ``chunk`` after it,
+    empty if none; what follows the last line break is kept in ``partial``."""
+    if partial:
+        partial += chunk
+        if b"\n" not in chunk:
+            return b""
+        chunk = bytes(partial)
+        partial.clear()
+    end = chunk.rfind(b"\n") + 1
+    if end < len(chunk):
+        partial += chunk[end:]
+        return chunk[:end]
+    return chunk
+
+
+def _checked(value: bytes) -> bytes:
+    """An event's data, which must be UTF-8 (ASCII, as it is nearly always, needs no decoding)."""
+    if not value.isascii():
+        try:
+            value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise malformed("not UTF-8") from None
+    return value
+
+
+def _line(line: bytes, data: list[bytes]) -> None:
+    """One line of an event (not blank, without its line break): its data kept in ``data``."""
+    name, _, value = line.partition(b":")
+    if name == b"data":
+        data.append(_checked(value.removeprefix(b" ")))
+    # Comments (":" keep-alives), "event", "id" and "retry" carry nothing this API uses.
+
+
+def _lines(event: bytes, data: list[bytes]) -> None:
+    """The lines of one event (without the blank line that ends it): their data kept in
+    ``data``. A blank line here can only lead the event, after the one that ended the last."""
+    for line in event.split(b"\n"):
+        if line:
+            _line(line, data)
+
+
+def parse_chunk(
+    data: bytes | str, outcome: Outcome, limit: int, secrets: tuple[str, ...]
+) -> list[str]:
     """The text pieces of one ``chat.completion.chunk``; records finish and usage.
 
     ``secrets`` are scrubbed from an error the provider sends in the stream."""
     try:
-        chunk = jsonbounds.loads(data, max_bytes=limit)
+        # A chunk a token: orjson, a fifth of json's CPU (jsonbounds.loads_fast).
+        chunk = jsonbounds.loads_fast(data, max_bytes=limit)
     except JsonRejected as rejected:
         raise malformed(_rejected(rejected, "a chunk is not JSON", "a chunk")) from None
     if not isinstance(chunk, dict):

@@ -8,6 +8,11 @@ from the stored run (``queries.py``).
 
 Appending never waits on a watcher: each watcher wakes on a shared
 ``asyncio.Event`` per run and reads what it has not yet seen.
+
+A watcher that asked for merged deltas (``WatchRunRequest.merge_deltas``) gets
+the text deltas that are ready for it when it reads, one after the other, as
+one update (``merged_delta``): a watcher that is behind takes fewer, larger
+frames, and a watcher that keeps up gets each delta as it is.
 """
 
 from __future__ import annotations
@@ -15,11 +20,38 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.platform.errors import CursorExpired
+from switchboard.platform.events.deltas import delta_stretch, merge_into
 from switchboard.platform.names import stamp_after
+
+
+def merged_delta(updates: Sequence[pb.RunUpdate], start: int) -> tuple[pb.RunUpdate, int]:
+    """The update at ``start`` and the index after what it covers: when it and the
+    updates after it are text deltas that merge (``platform/events/deltas.py``), them
+    joined into one (``first_sequence`` .. ``sequence``, the last one's time); otherwise
+    itself. The updates are shared with other watchers: a merge is a new message."""
+    end = delta_stretch(updates, start)
+    first = updates[start]
+    if end == start + 1:
+        return first, end
+    last = updates[end - 1]
+    merged = pb.RunUpdate(run=first.run, sequence=last.sequence, time=last.time)
+    merge_into(merged, updates[start:end])
+    return merged, end
+
+
+def merge_deltas(updates: Sequence[pb.RunUpdate]) -> list[pb.RunUpdate]:
+    """``updates`` (one run's, in order, ready to go out together) with each stretch
+    of consecutive text deltas merged (``merged_delta``)."""
+    out: list[pb.RunUpdate] = []
+    index = 0
+    while index < len(updates):
+        update, index = merged_delta(updates, index)
+        out.append(update)
+    return out
 
 
 class Feed:
@@ -62,6 +94,23 @@ class Feed:
         update.run = self.run
         update.sequence = self.last + 1
         self._last_stamp = stamp_after(update.time, self._last_stamp)
+        self._keep(update)
+        return update
+
+    def append_as_logged(self, update: pb.RunUpdate) -> bool:
+        """Keep ``update`` with the sequence and stamp it already has (an end logged in
+        its own save's transaction: the log's copy carries both) when they follow what
+        the feed holds; else number and stamp it as ``append`` does. Whether kept as is."""
+        stamp_ns = update.time.seconds * 1_000_000_000 + update.time.nanos
+        if update.sequence != self.last + 1 or stamp_ns < self._last_stamp:
+            self.append(update)
+            return False
+        update.run = self.run
+        self._last_stamp = stamp_ns
+        self._keep(update)
+        return True
+
+    def _keep(self, update: pb.RunUpdate) -> None:
         self.updates.append(update)
         if len(self.updates) > self.max_updates:
             # Keep memory bounded on endless streams: a watcher that far behind
@@ -70,7 +119,6 @@ class Feed:
             del self.updates[:drop]
             self.first += drop
         self._wake()
-        return update
 
     def finish(self) -> None:
         self.done = True
@@ -83,8 +131,12 @@ class Feed:
             if not waiter.done():
                 waiter.set_result(None)
 
-    async def follow(self, after: int, *, heartbeat_s: float) -> AsyncIterator[pb.RunUpdate | None]:
-        """Updates after ``after`` until the run ends; ``None`` when idle for ``heartbeat_s``."""
+    async def follow(
+        self, after: int, *, heartbeat_s: float, merge: bool = False
+    ) -> AsyncIterator[pb.RunUpdate | None]:
+        """Updates after ``after`` until the run ends; ``None`` when idle for ``heartbeat_s``.
+
+        ``merge``: the text deltas ready when the watcher reads go out as one."""
         if after < self.first - 1:
             raise CursorExpired(
                 f"updates up to {self.first - 1} of this run are no longer kept; "
@@ -115,6 +167,8 @@ class Feed:
                             metadata={"oldest_sequence": str(self.first)},
                         )
                     update = self.updates[index]
+                    if merge and update.HasField("delta"):
+                        update = merged_delta(self.updates, index)[0]
                     position = update.sequence
                     yield update
                     quiet_since = loop.time()

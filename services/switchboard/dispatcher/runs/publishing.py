@@ -184,11 +184,32 @@ class Publishing:
         event = mapping.run_event(active.workspace_id, active.conversation_id, update)
         # The end carries the result's event: both in the end's transaction
         # (a crash right after it loses neither), then one log batch for both.
-        events = [*active.ending, event] if run.state in TERMINAL else [event]
-        staged: Staged[bool] = Staged(self._bus.outbox, lambda stored: events if stored else [])
+        ended = run.state in TERMINAL
+        events = [*active.ending, event] if ended else [event]
+        outbox = self._bus.outbox
+        # On the embedded log an end's events are logged in its own transaction
+        # (``Outbox.inline``): none of its own later to wait for, and no second
+        # write. The run's earlier events go first, so the log keeps its order.
+        inline = ended and outbox is not None and outbox.inline is not None
+        if inline:
+            await self._logged_so_far(active)
+            inline = not active.outbox and not active.held
+        staged: Staged[bool] = Staged(
+            outbox, lambda stored: events if stored else [], inline=inline
+        )
         data = active.job.SerializeToString() if job else None
         saved = await self.save_until_stored(active, what, staged, data)
-        if saved:
+        if saved and inline and events[-1].cursor:
+            # Logged and delivered with the end: the feed shows it now, numbered and
+            # stamped as the log has it (WatchRun and Subscribe tell the same update).
+            if not active.feed.append_as_logged(update):
+                log.warning(
+                    "a run's end was logged before an update the feed took meanwhile",
+                    extra={"run": run.name, "what": what},
+                )
+            active.logged = parse_cursor(events[-1].cursor) or active.logged
+            active.ending.clear()
+        elif saved:
             planned = update.sequence
             active.feed.append(update)
             # The feed stamps it as it takes it, after whatever it took while this
@@ -198,7 +219,6 @@ class Publishing:
                 # An interactive expert streamed while this was stored: the
                 # feed numbered it after those updates; the event says the same.
                 event.run_updated.update.sequence = update.sequence
-            outbox = self._bus.outbox
             if outbox is not None:
                 outbox.publishing(events)
             active.outbox.extend(events)
@@ -210,6 +230,11 @@ class Publishing:
                 "a run was taken over by another instance; its end here is not announced",
                 extra={"run": run.name, "what": what},
             )
+
+    async def _logged_so_far(self, active: Active) -> None:
+        """Wait until the run's publisher has logged everything emitted so far."""
+        while (publisher := active.publisher) is not None and not publisher.done():
+            await asyncio.wait((publisher,))
 
     async def save_until_stored(
         self, active: Active, what: str, staged: Staged[bool] | None, job: bytes | None = None

@@ -24,6 +24,7 @@ from switchboard.dispatcher.llm.handler import LlmHandler
 from switchboard.dispatcher.ports.context import ContextPort
 from switchboard.dispatcher.runs.admission import HANDLER, route
 from switchboard.dispatcher.runs.execution import step_limit
+from switchboard.dispatcher.runs.feed import merge_deltas
 from switchboard.dispatcher.runs.live import FINISH_TIMEOUT_S, Common
 from switchboard.dispatcher.runs.publishing import is_token
 from switchboard.dispatcher.runs.store import TERMINAL, Listing
@@ -145,16 +146,23 @@ class Queries:
             )
         return response
 
-    async def watch(self, name: str, after_sequence: int) -> AsyncIterator[pb.RunUpdate | None]:
-        """The run's updates after ``after_sequence``; ``None`` for a heartbeat."""
+    async def watch(
+        self, name: str, after_sequence: int, *, merge: bool = False
+    ) -> AsyncIterator[pb.RunUpdate | None]:
+        """The run's updates after ``after_sequence``; ``None`` for a heartbeat.
+
+        ``merge`` (``WatchRunRequest.merge_deltas``): the text deltas ready together
+        for this watcher go out as one update (``feed.merged_delta``)."""
         self.watchers += 1
         try:
-            async for update in self._watch(name, after_sequence):
+            async for update in self._watch(name, after_sequence, merge):
                 yield update
         finally:
             self.watchers -= 1
 
-    async def _watch(self, name: str, after_sequence: int) -> AsyncIterator[pb.RunUpdate | None]:
+    async def _watch(
+        self, name: str, after_sequence: int, merge: bool
+    ) -> AsyncIterator[pb.RunUpdate | None]:
         found = names.match(names.RUN, name, "name")
         if after_sequence < 0:
             raise InvalidArgument(
@@ -166,10 +174,11 @@ class Queries:
             run = (await self._store.get(found[1], found[2], found[3])).run
             if run.state in TERMINAL and run.last_sequence > after_sequence:
                 conversation = mapping.conversation_name(found[1], found[2])
-                for missed in self._missed_end(run, conversation, after_sequence):
-                    yield missed
+                missed = self._missed_end(run, conversation, after_sequence)
+                for one in merge_deltas(missed) if merge else missed:
+                    yield one
                 return
-            async for update in self._watch_stored(run, after_sequence):
+            async for update in self._watch_stored(run, after_sequence, merge):
                 yield update
             return
         if after_sequence < feed.first - 1:
@@ -186,7 +195,9 @@ class Queries:
             yield first
             after_sequence = first.sequence
         position, ended = after_sequence, False
-        async for update in feed.follow(after_sequence, heartbeat_s=self._limits.heartbeat_s):
+        async for update in feed.follow(
+            after_sequence, heartbeat_s=self._limits.heartbeat_s, merge=merge
+        ):
             if update is not None:
                 position = update.sequence
                 ended = update.state_change.run.state in TERMINAL
@@ -195,11 +206,11 @@ class Queries:
             # The feed closed without an end: another instance took the run over
             # (this one lost its lease). Its end comes from the new owner's events.
             stored = await self._store.get(found[1], found[2], found[3])
-            async for update in self._watch_stored(stored.run, position):
+            async for update in self._watch_stored(stored.run, position, merge):
                 yield update
 
     async def _watch_stored(
-        self, run: pb.Run, after_sequence: int
+        self, run: pb.Run, after_sequence: int, merge: bool
     ) -> AsyncIterator[pb.RunUpdate | None]:
         """A run without a feed here: finished long ago, or owned by another replica."""
         found = names.match(names.RUN, run.name, "name")
@@ -223,7 +234,8 @@ class Queries:
                 return
             order = _InOrder(position)
             conversation = mapping.conversation_name(found[1], found[2])
-            for one in self._held(run.name, conversation, order):
+            held = self._held(run.name, conversation, order)
+            for one in merge_deltas(held) if merge else held:
                 yield one
                 if one.state_change.run.state in TERMINAL:
                     return
@@ -237,7 +249,8 @@ class Queries:
                     if order.early:
                         # What they waited for is not coming (it was before this watch
                         # began, or lost on the way): the tokens go out as they are.
-                        for one in order.flush():
+                        flushed = order.flush()
+                        for one in merge_deltas(flushed) if merge else flushed:
                             yield one
                         continue
                     # Idle: did it end without this process hearing of it (its
@@ -248,7 +261,7 @@ class Queries:
                         return
                     yield None
                     continue
-                for one in order.take(update):
+                for one in _ready(order, update, queue, merge):
                     yield one
                     if (
                         one.WhichOneof("update") == "state_change"
@@ -328,6 +341,19 @@ def _ends(update: pb.RunUpdate) -> bool:
     return (
         update.WhichOneof("update") == "state_change" and update.state_change.run.state in TERMINAL
     )
+
+
+def _ready(
+    order: _InOrder, update: pb.RunUpdate, queue: asyncio.Queue[pb.RunUpdate], merge: bool
+) -> list[pb.RunUpdate]:
+    """What may go out now that ``update`` came; with ``merge``, what else has come
+    meanwhile too, its deltas ready together merged."""
+    ready = order.take(update)
+    if not merge:
+        return ready
+    while not queue.empty():
+        ready += order.take(queue.get_nowait())
+    return merge_deltas(ready)
 
 
 class _InOrder:

@@ -21,7 +21,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
-from sqlalchemy import BindParameter, Update, and_, bindparam, delete, func, or_, select, update
+from sqlalchemy import (
+    BindParameter,
+    Update,
+    and_,
+    bindparam,
+    delete,
+    func,
+    literal_column,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
@@ -31,6 +42,7 @@ from switchboard.platform.names import now
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.models import DispatcherLeaseRow, RunRow, table_of
 from switchboard.platform.store.outbox import Staged, staging
+from switchboard.platform.store.prepared import Prepared
 from switchboard.platform.store.storage import (
     Idempotency,
     claim,
@@ -54,10 +66,37 @@ TERMINAL: Final = frozenset(
     }
 )
 
-# A run is inserted once and saved twice (started, ended): Core statements built
-# once, not the ORM's unit of work or a statement built per call.
+# A run is inserted once and saved twice (started, ended): statements compiled once
+# and run on the driver (``platform/store/prepared.py``), not the ORM's unit of work or
+# ``Connection.execute``'s per-statement Python.
 _RUNS: Final = table_of(RunRow)
-_INSERT_RUN: Final = _RUNS.insert()
+_RUN_COLUMNS: Final = (
+    "id",
+    "workspace_id",
+    "conversation_id",
+    "state",
+    "worker",
+    "creator",
+    "created_at",
+    "updated_at",
+    "assistant_id",
+    "state_time",
+    "data",
+    "job",
+    "api_key_id",
+)
+_INSERT_RUN: Final = Prepared(_RUNS.insert(), columns=_RUN_COLUMNS, name="runs.insert")
+#: Active runs of a conversation (the REJECT check); the states inline, not an
+#: expanding IN list, so it compiles once.
+_BUSY: Final = Prepared(
+    select(func.count())
+    .select_from(_RUNS)
+    .where(
+        _RUNS.c.conversation_id == bindparam("conversation"),
+        _RUNS.c.state.in_([literal_column(str(int(state))) for state in ACTIVE]),
+    ),
+    name="runs.busy",
+)
 _STATE: Final[dict[str, BindParameter[object]]] = {
     "state": bindparam("state"),
     "data": bindparam("data"),
@@ -92,12 +131,15 @@ def _save(*, job: bool, end: bool) -> Update:
 
 #: By (with the job, ended).
 _SAVE_RUN: Final = {
-    (job, end): _save(job=job, end=end) for job in (False, True) for end in (False, True)
+    (job, end): Prepared(_save(job=job, end=end), name="runs.save")
+    for job in (False, True)
+    for end in (False, True)
 }
-_SAVE_JOB: Final = (
+_SAVE_JOB: Final = Prepared(
     update(_RUNS)
     .where(_RUNS.c.id == bindparam("run"), _RUNS.c.worker == bindparam("owner"))
-    .values(job=bindparam("job"))
+    .values(job=bindparam("job")),
+    name="runs.save_job",
 )
 
 
@@ -174,18 +216,11 @@ class RunStore:
                 if replayed is None:
                     raise NotFound("the run created by this request_id is gone")
                 return replayed, True
-            if new.reject_if_active:
-                busy = db.scalar(
-                    select(func.count())
-                    .select_from(RunRow)
-                    .where(RunRow.conversation_id == new.conversation_id)
-                    .where(RunRow.state.in_(ACTIVE))
-                )
-                if busy:
-                    raise_busy()
+            if new.reject_if_active and _BUSY.scalar(db, {"conversation": new.conversation_id}):
+                raise_busy()
             when = now()
-            db.connection().execute(
-                _INSERT_RUN,
+            _INSERT_RUN.execute(
+                db,
                 {
                     "id": new.run_id,
                     "workspace_id": new.workspace_id,
@@ -237,7 +272,7 @@ class RunStore:
         statement = _SAVE_RUN[job is not None, ended]
 
         def work(db: Session) -> bool:
-            return bool(db.connection().execute(statement, values).rowcount)
+            return bool(statement.execute(db, values))
 
         return await self._run(staging(staged, work), write=True)
 
@@ -246,7 +281,7 @@ class RunStore:
         values = {"run": run_id, "owner": owner, "job": job}
 
         def work(db: Session) -> bool:
-            return bool(db.connection().execute(_SAVE_JOB, values).rowcount)
+            return bool(_SAVE_JOB.execute(db, values))
 
         return await self._run(work, write=True)
 

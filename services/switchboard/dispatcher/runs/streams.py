@@ -61,7 +61,9 @@ class Actions(Protocol):
 
     async def get_run(self, name: str) -> pb.Run: ...
 
-    def watch(self, name: str, after_sequence: int) -> AsyncIterator[pb.RunUpdate | None]: ...
+    def watch(
+        self, name: str, after_sequence: int, *, merge: bool = False
+    ) -> AsyncIterator[pb.RunUpdate | None]: ...
 
     async def submit_tool_approvals(
         self, principal: Principal, request: pb.SubmitToolApprovalsRequest, via: Via
@@ -100,12 +102,13 @@ class Streams:
         self._heartbeat_s = heartbeat_s
 
     async def watch_run(
-        self, principal: Principal, name: str, after_sequence: int
+        self, principal: Principal, name: str, after_sequence: int, *, merge: bool = False
     ) -> AsyncGenerator[pb.WatchRunResponse, None]:
+        """``merge``: ``WatchRunRequest.merge_deltas``."""
         grant = self._access.open(principal)
         try:
             hold = await grant.hold(((name, "name"),), Permission.READ)
-            updates = self._actions.watch(name, after_sequence)
+            updates = self._actions.watch(name, after_sequence, merge=merge)
             async for update in hold.guard(updates):
                 if update is None:
                     yield pb.WatchRunResponse(heartbeat=_heartbeat())
@@ -254,7 +257,7 @@ class _Converse:
                 except BaseException:
                     hold.release()
                     raise
-                self._relay(hold, watch.name, watch.after_sequence)
+                self._relay(hold, watch.name, watch.after_sequence, merge=watch.merge_deltas)
             else:
                 raise InvalidArgument(
                     "the frame has no action", [FieldViolation("action", "is required")]
@@ -275,17 +278,19 @@ class _Converse:
         """Read access to ``run``, kept for as long as it is relayed."""
         return await self._grant.hold(((run, field),), Permission.READ)
 
-    def _relay(self, hold: Hold, run: str, after: int) -> None:
+    def _relay(self, hold: Hold, run: str, after: int, *, merge: bool = False) -> None:
         if run in self._relays:
             hold.release()
             return
         # Spawned: what _follow does not map is logged, not left unread in the task.
-        task = background.spawn(self._follow(hold, run, after), name="converse-relay", logger=log)
+        task = background.spawn(
+            self._follow(hold, run, after, merge), name="converse-relay", logger=log
+        )
         self._relays[run] = task
 
-    async def _follow(self, hold: Hold, run: str, after: int) -> None:
+    async def _follow(self, hold: Hold, run: str, after: int, merge: bool) -> None:
         try:
-            async for update in hold.guard(self._actions.watch(run, after)):
+            async for update in hold.guard(self._actions.watch(run, after, merge=merge)):
                 if update is not None:  # the stream has its own heartbeat
                     await self._out.put(pb.ConverseResponse(update=update))
         except SwitchboardError as exc:

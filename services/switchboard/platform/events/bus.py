@@ -297,7 +297,11 @@ class EventBus:
         memory: int,
         outbox: Outbox | None = None,
         metrics: Metrics | None = None,
+        hear_tokens: bool = True,
     ) -> None:
+        """``hear_tokens``: whether other processes' tokens reach this one (a process
+        that serves no WatchRun, Subscribe or A2A stream has no use for them)."""
+        self._hear_tokens = hear_tokens
         # Its appends are spans when tracing is on (``platform/events/logspans.py``).
         self._backend = traced(backend)
         self.outbox = outbox
@@ -319,7 +323,7 @@ class EventBus:
 
     async def start(self) -> None:
         await self._backend.start(self._deliver_logged, self.ring)
-        self.relay = self._backend.carry_tokens(self.heard)
+        self.relay = self._backend.carry_tokens(self.heard if self._hear_tokens else None)
         self._started = True
         if self.outbox is not None:
             self.outbox.start(self._backend.append_many)
@@ -389,8 +393,10 @@ class EventBus:
         """Publish events a write staged in its transaction (``platform/store/outbox.py``).
 
         Never raises: the write is committed, and an event the log did not
-        take now is published by the outbox relay later.
+        take now is published by the outbox relay later. Events that have their
+        cursor were logged in the write's own transaction, and delivered: passed by.
         """
+        events = [event for event in events if not event.cursor]
         outbox = self.outbox
         if outbox is not None:
             # Already being published here (a retry racing its first attempt).

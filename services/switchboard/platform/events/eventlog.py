@@ -47,6 +47,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, Final, Literal, Protocol
 
 from google.protobuf.message import DecodeError
@@ -62,9 +63,10 @@ from switchboard.platform.backoff import Backoff
 from switchboard.platform.cache import binary_client, redacted_url
 from switchboard.platform.errors import DependencyUnavailable
 from switchboard.platform.observe import telemetry
-from switchboard.platform.store.db import Database, log_failure
+from switchboard.platform.store.db import Database, Group, after_commit, group_of, log_failure
 from switchboard.platform.store.models import EventLogRow, EventLogStateRow, table_of
-from switchboard.platform.store.outbox import Outbox
+from switchboard.platform.store.outbox import Outbox, stamp
+from switchboard.platform.store.prepared import Prepared
 
 log = logging.getLogger("switchboard.eventlog")
 _UNREADABLE = FailureNotes(log)
@@ -85,8 +87,16 @@ _WRITE_BATCH: Final = 1000
 #: How often the retention trim runs, in events and in seconds.
 _TRIM_EVERY_EVENTS: Final = 1000
 _TRIM_EVERY_S: Final = 30.0
-#: Built once: building it per batch cost about as much as running it.
-_INSERT_EVENTS: Final = insert(table_of(EventLogRow))
+#: Every batch's insert, on the driver (``platform/store/prepared.py``): compiled once.
+_INSERT_EVENTS: Final = Prepared(
+    insert(table_of(EventLogRow)), columns=("seq", "data", "created_at"), name="event_log.insert"
+)
+#: ``Group.notes`` key: this group read back what a failed one may have committed.
+_READ_BACK: Final = "eventlog.read_back"
+#: ``Group.notes`` key: the first position a work of this group took.
+_FIRST: Final = "eventlog.first"
+#: Ids of events a readback found, kept for a publisher that logs them again.
+_RECOVERED_MAX: Final = 10_000
 #: Entries per XREAD / XRANGE / flush round trip.
 _REDIS_PAGE: Final = 1000
 #: How long one XREAD blocks server-side; the socket timeout adds the command timeout.
@@ -279,9 +289,10 @@ class LogBackend(Protocol):
 
     def on_state_change(self, callback: Callable[[LogState], None]) -> None: ...
 
-    def carry_tokens(self, heard: Carry) -> Carry | None:
+    def carry_tokens(self, heard: Carry | None) -> Carry | None:
         """How tokens reach the other processes sharing this log: the function that
-        sends them (``heard`` is called with theirs), or None for one process."""
+        sends them (``heard`` is called with theirs; None: this process does not
+        listen), or None for one process."""
         ...
 
     @property
@@ -316,7 +327,12 @@ class LocalLog:
         self._pending: list[tuple[events_pb2.Event, asyncio.Future[events_pb2.Event]]] = []
         self._writer: asyncio.Task[None] | None = None
         self._deliver: Deliver = _nowhere
+        #: The newest position delivered.
         self._head = 0
+        #: The newest position given to a row, committed or not (``_write_rows``): never
+        #: given twice in this process, so a position is never reused; one rolled back
+        #: is a gap nobody saw.
+        self._allocated = 0
         self._horizon = 0
         self._since_trim = 0
         self._last_trim = time.monotonic()
@@ -325,6 +341,16 @@ class LocalLog:
         #: lost at COMMIT): the next write first reads what the log holds past the head
         #: this process knows, so it neither reuses a position nor logs an event twice.
         self._uncertain = False
+        #: Event id -> cursor of the events such a readback found: a publisher that
+        #: retries them learns their cursor and does not log them twice.
+        self._recovered: dict[str, str] = {}
+        if database.group_commit:
+            # A failed group may have committed (its thread outlived the wait): the
+            # next write reads back what it did, whoever's write it was.
+            database.on_group_failure(self._group_failed)
+            if outbox is not None:
+                # A change's events go to the log in the change's own transaction.
+                outbox.inline = self
 
     @property
     def state(self) -> LogState:
@@ -353,6 +379,7 @@ class LocalLog:
             ).all()
         self._horizon = int(horizon or 0)
         self._head = max(int(head or 0), self._horizon)
+        self._allocated = self._head
         rows = list(reversed(rows))
         floor = (self._horizon, 0)
         if len(rows) > self._memory:
@@ -395,15 +422,114 @@ class LocalLog:
             )
         return futures
 
+    def log_in(self, session: Session, events: Sequence[events_pb2.Event]) -> bool:
+        """Log ``events`` (stamped) in ``session``'s transaction, the change's own:
+        delivered once it committed, never if it rolls back (``Group``).
+
+        False, with nothing done, outside a group commit (PostgreSQL, in-memory
+        SQLite) or once closed: the caller stages them in the outbox instead.
+        """
+        group = group_of(session)
+        if group is None or self._closed:
+            return False
+        for event in events:
+            stamp(event)
+        logged = self._write_rows(session, group, events, names.now())
+        if logged:
+            after_commit(session, partial(self._landed, logged))
+        return True
+
+    def _group_failed(self) -> None:
+        self._uncertain = True
+
+    def _landed(self, logged: list[Logged]) -> None:
+        """Committed: deliver (on the loop, in commit order, before the writers resume)."""
+        self._head = logged[-1].position[0]
+        self._deliver(logged)
+
+    def _write_rows(
+        self, session: Session, group: Group, events: Sequence[events_pb2.Event], now: dt.datetime
+    ) -> list[Logged]:
+        """Give ``events`` the next positions and insert them, in a group commit's work.
+
+        Positions are given in the order the works run, and one group commits at
+        a time in that order (SQLite has one writer, and the group holds the write
+        lock from its first statement to its COMMIT): position order is commit
+        order, and the group's callbacks deliver in it.
+        """
+        # Begun before a position is taken: the write lock is held from here on.
+        connection = session.connection()
+        if self._uncertain and _READ_BACK not in group.notes:
+            group.notes[_READ_BACK] = True
+            # Below the positions an earlier work of this group took: those are this
+            # transaction's own, delivered by their work.
+            landed = self._landed_after(session, before=group.notes.get(_FIRST))
+            if landed:
+                self._allocated = max(self._allocated, landed[-1].position[0])
+                recovered = self._recovered
+                for item in landed:
+                    recovered[item.event.id] = item.cursor
+                while len(recovered) > _RECOVERED_MAX:
+                    del recovered[next(iter(recovered))]
+            # The group's, not this work's: delivered even if this work rolls back, and
+            # first: what it found lies below every position this group took.
+            group.after.insert(0, partial(self._read_back, landed))
+        recovered = self._recovered
+        if recovered:
+            # A write retried after it failed uncertainly: what it did commit stays
+            # where it was logged, and its writer learns the cursor.
+            kept = []
+            for event in events:
+                cursor = recovered.pop(event.id, None)
+                if cursor is None:
+                    kept.append(event)
+                else:
+                    event.cursor = cursor
+            events = kept
+        if not events:
+            return []
+        first = self._allocated + 1
+        group.notes.setdefault(_FIRST, first)
+        logged = [Logged((first + i, 0), event) for i, event in enumerate(events)]
+        self._allocated = logged[-1].position[0]
+        _INSERT_EVENTS.execute_many(
+            connection,
+            [{"seq": item.position[0], "data": item.data, "created_at": now} for item in logged],
+        )
+        self._since_trim += len(logged)
+        if self._trim_due():
+            self._since_trim = 0
+            self._last_trim = time.monotonic()
+            cut = self._trim(session, self._allocated, now)
+            if cut is not None:
+                after_commit(session, partial(self._trimmed, cut))
+        return logged
+
+    def _read_back(self, landed: list[Logged]) -> None:
+        self._uncertain = False
+        if landed:
+            self._landed(landed)
+
+    def _trimmed(self, horizon: int) -> None:
+        self._horizon = max(self._horizon, horizon)
+
+    def _trim_due(self) -> bool:
+        return (
+            self._since_trim >= _TRIM_EVERY_EVENTS
+            or time.monotonic() - self._last_trim >= _TRIM_EVERY_S
+        )
+
     async def _write_loop(self) -> None:
         while self._pending:
             batch = self._pending[:_WRITE_BATCH]
             del self._pending[:_WRITE_BATCH]
             now = names.now()
             try:
-                logged = await self._store([event for event, _ in batch], now)
+                logged, delivered = await self._store([event for event, _ in batch], now)
             except _DB_FAILURES as exc:
-                self._uncertain = True
+                if not self._database.group_commit:
+                    # (In a group commit, the database said so when the group failed.)
+                    self._uncertain = True
                 log.error("event log write failed", extra={"error": type(exc).__name__})  # noqa: TRY400 - no stack for an outage
                 for _, future in batch:
                     if not future.done():
@@ -411,7 +537,7 @@ class LocalLog:
                             DependencyUnavailable("the event log is unavailable; retry")
                         )
                 continue
-            if logged:
+            if logged and not delivered:
                 self._head = logged[-1].position[0]
                 self._deliver(logged)
             # An event left out was logged before (an outbox event published twice).
@@ -419,74 +545,92 @@ class LocalLog:
                 if not future.done():
                     future.set_result(event)
 
-    async def _store(self, events: list[events_pb2.Event], now: dt.datetime) -> list[Logged]:
-        """Store ``events`` in one transaction; the ones stored, with their positions."""
-        self._since_trim += len(events)
-        trim = (
-            self._since_trim >= _TRIM_EVERY_EVENTS
-            or time.monotonic() - self._last_trim >= _TRIM_EVERY_S
-        )
+    async def _store(
+        self, events: list[events_pb2.Event], now: dt.datetime
+    ) -> tuple[list[Logged], bool]:
+        """Store ``events`` in one transaction; the ones stored, with their positions,
+        and whether the group commit delivered them already."""
         outbox = self._outbox
         retired: list[str] = []
         logged: list[Logged] = []
+        grouped = False
+        if not self._database.group_commit:
+            self._since_trim += len(events)  # in a group commit, ``_write_rows`` counts
+        trim = self._trim_due()
         uncertain = self._uncertain
 
         def write(session: Session) -> int | None:
-            first = self._head + 1
+            nonlocal grouped
+            kept: Sequence[events_pb2.Event] = events
+            group = group_of(session)
             landed: list[Logged] = []
-            kept = events
-            if uncertain:
+            if group is None and uncertain:
                 # What an earlier write that failed uncertainly did commit: delivered
                 # now (nobody heard of it), and not logged again if it is here again.
-                landed = self._landed_after(session)
-                if landed:
-                    first = landed[-1].position[0] + 1
-                    cursors = {item.event.id: item.cursor for item in landed}
-                    kept = []
-                    for event in events:
-                        if event.id in cursors:
-                            event.cursor = cursors[event.id]  # its publisher's, as logged
-                        else:
-                            kept.append(event)
+                # (In a group commit ``_write_rows`` reads back, whoever's write it was.)
+                landed, kept = self._read_back_here(session, events)
             if outbox is not None:
                 # In the same transaction: an outbox event is logged only by the
                 # transaction that deletes its row, so exactly once, however many
                 # publishers (a request, its retries, a relay) race to log it.
                 kept, retired[:] = outbox.retire_in(session, kept)
+            if group is not None:
+                grouped = True
+                logged[:] = self._write_rows(session, group, kept, now)
+                if logged:
+                    after_commit(session, partial(self._landed, list(logged)))
+                return None
+            first = max(self._allocated, landed[-1].position[0] if landed else 0) + 1
             logged[:] = [*landed, *(Logged((first + i, 0), e) for i, e in enumerate(kept))]
             if len(logged) == len(landed):
                 return None
+            self._allocated = logged[-1].position[0]
             rows = [
                 {"seq": i.position[0], "data": i.data, "created_at": now}
                 for i in logged[len(landed) :]
             ]
-            # Core, not the ORM's bulk insert: a third of the cost, on every batch.
-            session.connection().execute(_INSERT_EVENTS, rows)
+            _INSERT_EVENTS.execute_many(session, rows)
             return self._trim(session, logged[-1].position[0], now) if trim else None
 
         # No timer of its own around the write: the database gives up on work that
         # it has itself spent too long on (``Database.run``), never on a write that
         # merely waited its turn behind others or for a busy event loop.
         horizon = await self._database.run(write, write=True)
-        self._uncertain = False
+        if not grouped:
+            self._uncertain = False
+            if horizon is not None:
+                # Only once the trim is committed.
+                self._horizon = horizon
+            if trim:
+                self._since_trim = 0
+                self._last_trim = time.monotonic()
         if outbox is not None and retired:
             outbox.retired(retired)
-        if horizon is not None:
-            # Only once the trim is committed.
-            self._horizon = horizon
-        if trim:
-            self._since_trim = 0
-            self._last_trim = time.monotonic()
-        return logged
+        return logged, grouped
 
-    def _landed_after(self, session: Session) -> list[Logged]:
+    def _read_back_here(
+        self, session: Session, events: Sequence[events_pb2.Event]
+    ) -> tuple[list[Logged], list[events_pb2.Event]]:
+        """(What the log holds past the head, the ``events`` not among it)."""
+        landed = self._landed_after(session)
+        if not landed:
+            return [], list(events)
+        cursors = {item.event.id: item.cursor for item in landed}
+        kept = []
+        for event in events:
+            if event.id in cursors:
+                event.cursor = cursors[event.id]  # its publisher's, as logged
+            else:
+                kept.append(event)
+        return landed, kept
+
+    def _landed_after(self, session: Session, *, before: int | None = None) -> list[Logged]:
         """The events stored past this process's head (in ``session``): an earlier
         write's, which failed in a way that did not say whether it committed."""
-        rows = session.execute(
-            select(EventLogRow.seq, EventLogRow.data)
-            .where(EventLogRow.seq > self._head)
-            .order_by(EventLogRow.seq)
-        ).all()
+        query = select(EventLogRow.seq, EventLogRow.data).where(EventLogRow.seq > self._head)
+        if before is not None:
+            query = query.where(EventLogRow.seq < before)
+        rows = session.execute(query.order_by(EventLogRow.seq)).all()
         return [Logged.parse((row.seq, 0), row.data) for row in rows]
 
     def _trim(self, session: Session, head: int, now: dt.datetime) -> int | None:
@@ -533,7 +677,7 @@ class LocalLog:
     def _bounded(self) -> Any:
         return asyncio.timeout(self._database.timeout_s)
 
-    def carry_tokens(self, heard: Carry) -> Carry | None:
+    def carry_tokens(self, heard: Carry | None) -> Carry | None:
         return None  # one process: nobody else to tell
 
     async def close(self) -> None:
@@ -894,16 +1038,19 @@ class RedisLog:
 
     # -- tokens ------------------------------------------------------------------
 
-    def carry_tokens(self, heard: Carry) -> Carry | None:
+    def carry_tokens(self, heard: Carry | None) -> Carry | None:
         """Tokens cross processes over Redis pub/sub (``<key>:tokens``), not the stream.
 
         Pub/sub keeps nothing: a process that is not listening at that moment
         (restarting, Redis away) does not hear them, and the run's result,
         which is logged, carries its whole text. One sender task per process
-        keeps a process's tokens in the order it announced them.
+        keeps a process's tokens in the order it announced them. A process that
+        serves no stream of runs (``heard`` None) does not listen: it would decode
+        every token of every run only to drop it.
         """
-        self._heard = heard
-        self._tasks.append(asyncio.create_task(self._hear_loop(), name="eventlog-tokens"))
+        if heard is not None:
+            self._heard = heard
+            self._tasks.append(asyncio.create_task(self._hear_loop(), name="eventlog-tokens"))
         return self._relay
 
     def _relay(self, events: Sequence[events_pb2.Event]) -> None:

@@ -65,6 +65,7 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, NullPool
 from switchboard.platform.config import POSTGRES_DRIVER, SQLITE_DRIVER, ConfigError
 from switchboard.platform.errors import DatabaseUnavailable as DatabaseUnavailable  # noqa: PLC0414 - re-exported
 from switchboard.platform.observe import telemetry
+from switchboard.platform.store.prepared import Prepared
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +87,14 @@ _SQLITE_BEGIN_MODES: Final = frozenset({"DEFERRED", "IMMEDIATE", "EXCLUSIVE"})
 SQLITE_THREADS: Final = 2
 #: Most writes committed together (bounds one group's time in the thread).
 GROUP_COMMIT_MAX: Final = 128
+#: Distinct statements ``fetch`` keeps compiled (its callers pass a few constants).
+_FETCHED_MAX: Final = 64
 #: Errors after which a group's transaction cannot be trusted (locked, I/O, disk full).
 _GROUP_FATAL: Final = (OperationalError,)
+#: ``Session.info`` keys of a group commit's work: its ``Group``, and the callbacks the
+#: work asked for (``after_commit``), kept only if it succeeds.
+_GROUP: Final = "switchboard.group"
+_AFTER: Final = "switchboard.after_commit"
 
 _T = TypeVar("_T")
 
@@ -350,6 +357,35 @@ async def stop_task(task: asyncio.Task[None] | None) -> None:
             await task
 
 
+class Group:
+    """One group commit (``Database._group_write``), as the works in it see it.
+
+    ``after`` runs on the event loop once the group's transaction committed, before
+    any of its callers resumes and before the next group starts: in the order the
+    works ran, which (one writer at a time) is the order their writes committed in.
+    ``notes`` is for what a component does once per group (the event log's readback).
+    """
+
+    __slots__ = ("after", "notes")
+
+    def __init__(self) -> None:
+        self.after: list[Callable[[], None]] = []
+        self.notes: dict[str, Any] = {}
+
+
+def group_of(session: Session) -> Group | None:
+    """The group commit ``session``'s work runs in; None outside one (PostgreSQL,
+    in-memory SQLite, a session of one's own)."""
+    group: Group | None = session.info.get(_GROUP)
+    return group
+
+
+def after_commit(session: Session, callback: Callable[[], None]) -> None:
+    """Call ``callback`` on the loop once ``session``'s work committed (``Group``);
+    never if it rolls back. Only in a group commit's work (``group_of``)."""
+    session.info[_AFTER].append(callback)
+
+
 class Database:
     """One async engine and its session factory; open at start, close at shutdown."""
 
@@ -397,6 +433,9 @@ class Database:
             self._probe_executor = ThreadPoolExecutor(1, thread_name_prefix="sqlite-probe")
         self._write_queue: deque[tuple[Callable[[Session], Any], asyncio.Future[Any]]] = deque()
         self._writer: asyncio.Task[None] | None = None
+        #: Told when a group commit failed: it may have committed all the same (its
+        #: thread outlived the wait), without its ``after`` callbacks.
+        self._group_failures: list[Callable[[], None]] = []
         # ``fetch``: one stdlib connection per worker thread, closed with the database.
         self._sqlite_path = parsed.database or ""
         # The health probe's (a SQLite file's): opened read-write, never created.
@@ -404,6 +443,8 @@ class Database:
         if self._probe_executor is not None:
             self._sqlite_uri = f"{Path(self._sqlite_path).resolve().as_uri()}?mode=rw"
         self._thread_connections = threading.local()
+        #: ``fetch``'s statements on PostgreSQL, by their SQL (callers pass constants).
+        self._fetched: dict[str, Prepared] = {}
         self._raw_connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
         # Health probes connect on their own (PostgreSQL): a pool that is
@@ -441,6 +482,15 @@ class Database:
             idle += pool.checkedin()
             most += pool.size() + max(0, pool._max_overflow)
         return checked_out, idle, most
+
+    @property
+    def group_commit(self) -> bool:
+        """Whether writes run in group commits (a SQLite file): see ``Group``."""
+        return self._executor is not None
+
+    def on_group_failure(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` on the loop when a group commit fails (see ``Group``)."""
+        self._group_failures.append(listener)
 
     @property
     def dialect_name(self) -> str:
@@ -556,19 +606,36 @@ class Database:
             if executor is None:
                 _settle(batch, error=OperationalError("", {}, RuntimeError("database closed")))
                 continue
+            group = Group()
             try:
                 outcomes = await self._thread_call(
-                    executor, self._commit_group, [work for work, _ in batch]
+                    executor, self._commit_group, [work for work, _ in batch], group
                 )
             except asyncio.CancelledError as exc:
+                self._group_failed()
                 _settle(batch, error=exc)
                 raise
             except Exception as exc:  # noqa: BLE001 - BEGIN or COMMIT failed: the whole group did
+                self._group_failed()
                 _settle(batch, error=exc)
                 continue
+            for callback in group.after:
+                try:
+                    callback()
+                except Exception:  # one callback must not keep the callers from their results
+                    log.exception("a group commit's after-commit callback failed")
             _settle(batch, outcomes=outcomes)
 
-    def _commit_group(self, works: list[Callable[[Session], Any]]) -> list[tuple[bool, Any]]:
+    def _group_failed(self) -> None:
+        for listener in self._group_failures:
+            try:
+                listener()
+            except Exception:
+                log.exception("a group commit failure listener failed")
+
+    def _commit_group(
+        self, works: list[Callable[[Session], Any]], group: Group
+    ) -> list[tuple[bool, Any]]:
         """One transaction, a savepoint per work; runs in a worker thread."""
         engine = self._sync_engine
         if engine is None:
@@ -578,9 +645,11 @@ class Database:
             # work's own, so no savepoint is needed to roll it back alone.
             with (
                 engine.connect() as connection,
-                Session(bind=connection, expire_on_commit=False) as session,
+                Session(
+                    bind=connection, expire_on_commit=False, info={_GROUP: group, _AFTER: []}
+                ) as session,
             ):
-                return [_attempt(session, works[0])]
+                return [_attempt(session, works[0], group)]
         outcomes: list[tuple[bool, Any]] = []
         with engine.connect() as connection, connection.begin():
             for work in works:
@@ -588,8 +657,9 @@ class Database:
                     bind=connection,
                     join_transaction_mode="create_savepoint",
                     expire_on_commit=False,
+                    info={_GROUP: group, _AFTER: []},
                 ) as session:
-                    outcomes.append(_attempt(session, work))
+                    outcomes.append(_attempt(session, work, group))
         return outcomes
 
     async def fetch(self, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
@@ -607,6 +677,16 @@ class Database:
         try:
             if executor is not None:
                 return await self._thread_call(executor, self._fetch_sqlite, sql, params)
+            if self.dialect_name == "postgresql":
+                # On the driver (``prepared.py``), without a session: a third of the
+                # Python of an ORM session's execute, on every RPC's check.
+                statement = self._fetched.get(sql)
+                if statement is None:
+                    statement = Prepared(text(sql), name="fetch")
+                    if len(self._fetched) < _FETCHED_MAX:
+                        self._fetched[sql] = statement
+                async with self.engine.connect() as connection:
+                    return await connection.run_sync(partial(statement.rows, params=params))
             async with self.readers() as session:
                 rows = (await session.execute(text(sql), params)).all()
                 return [tuple(row) for row in rows]
@@ -931,11 +1011,12 @@ def _connect_aiosqlite(database: str, **kwargs: Any) -> _AiosqliteConnection:
     return _AiosqliteConnection(partial(sqlite3.connect, database, **kwargs), iter_chunk_size=64)
 
 
-def _attempt(session: Session, work: Callable[[Session], Any]) -> tuple[bool, Any]:
+def _attempt(session: Session, work: Callable[[Session], Any], group: Group) -> tuple[bool, Any]:
     """Run and commit ``work``: (True, its result), or (False, its own error) rolled back.
 
     Errors that may have ended the group's transaction itself (locked, I/O,
     disk full) are raised: everything in the group fails and may be retried.
+    The work's ``after_commit`` callbacks join the group's if it succeeds.
     """
     try:
         result = work(session)
@@ -945,6 +1026,7 @@ def _attempt(session: Session, work: Callable[[Session], Any]) -> tuple[bool, An
     except Exception as exc:  # noqa: BLE001 - the work's own error, to its caller
         session.rollback()
         return False, exc
+    group.after.extend(session.info[_AFTER])
     return True, result
 
 

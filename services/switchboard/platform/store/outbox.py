@@ -1,5 +1,11 @@
 """The transactional outbox: every committed change has its event, whatever crashes.
 
+On the embedded log in a group commit (a SQLite file: ``Outbox.inline``), a
+change's events go straight into the log in the change's own transaction
+(``LocalLog.log_in``) and are delivered once it committed: no outbox row, and no
+second transaction to log the event and delete the row. Everywhere else (Redis,
+PostgreSQL):
+
 A store writes the events of a change into ``event_outbox`` in the change's own
 transaction (``Staged``); after the commit the service publishes them
 (``EventBus.publish_staged``), and a row is deleted once its event is in the
@@ -23,7 +29,7 @@ import contextlib
 import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Final, Generic, TypeVar
+from typing import Final, Generic, Protocol, TypeVar
 
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
@@ -39,6 +45,15 @@ log = logging.getLogger("switchboard.outbox")
 
 _T = TypeVar("_T")
 Publish = Callable[[Sequence[events_pb2.Event]], Awaitable[None]]
+
+
+class InlineLog(Protocol):
+    """A log that takes a change's events in the change's own transaction."""
+
+    def log_in(self, session: Session, events: Sequence[events_pb2.Event]) -> bool:
+        """Log ``events`` in ``session``'s transaction; False if it cannot (stage them)."""
+        ...
+
 
 #: A row this old was not published by the process that wrote it (normally milliseconds).
 GRACE_S: Final = 5.0
@@ -74,6 +89,9 @@ class Outbox:
     def __init__(self, database: Database, *, grace_s: float = GRACE_S) -> None:
         self._database = database
         self._grace_s = grace_s
+        #: Set by the embedded log on a group-commit database: events go to the log
+        #: in their change's transaction, not to the outbox (see the module docstring).
+        self.inline: InlineLog | None = None
         #: Ids this process is publishing; the relay leaves them alone.
         self.pending: set[str] = set()
         self._landed: list[str] = []
@@ -247,22 +265,31 @@ class Staged(Generic[_T]):
         build: Callable[[_T], Sequence[events_pb2.Event] | None],
         *,
         key: str = "",
+        inline: bool = True,
     ) -> None:
         self._outbox = outbox
         self._build = build
         self._key = key
+        #: False: staged in the outbox even where the log could take them now (a
+        #: writer that must log them behind events of its own still queued).
+        self._inline = inline
         self.events: list[events_pb2.Event] = []
 
     def write(self, db: Session, result: _T) -> None:
-        """Build the events of ``result`` and write them in ``db``'s transaction."""
+        """Build the events of ``result`` and write them in ``db``'s transaction: to
+        the log itself where it can take them (they then have their cursor, and
+        ``EventBus.publish_staged`` passes them by), else to the outbox."""
         built = self._build(result)
         outbox = self._outbox
         if built is None:
+            # Logged with the first attempt, or left in the outbox by it.
             self.events = outbox.leftovers(db, self._key) if outbox and self._key else []
             return
         self.events = list(built)
         if outbox is not None:
-            outbox.stage(db, self.events, self._key)
+            inline = outbox.inline if self._inline else None
+            if inline is None or not self.events or not inline.log_in(db, self.events):
+                outbox.stage(db, self.events, self._key)
         else:
             for event in self.events:
                 stamp(event)

@@ -30,6 +30,7 @@ from switchboard.platform.errors import (
 )
 from switchboard.platform.store.db import Database, DatabaseUnavailable, is_outage
 from switchboard.platform.store.models import IdempotencyRow, table_of
+from switchboard.platform.store.prepared import Prepared
 
 _T = TypeVar("_T")
 
@@ -37,13 +38,16 @@ _T = TypeVar("_T")
 IDEMPOTENCY_TTL: Final = dt.timedelta(hours=24)
 
 # ``claim`` runs in every create with a request_id (each run's answer has one):
-# Core statements built once, not the ORM's unit of work.
+# statements compiled once and run on the driver (``prepared.py``).
 _KEYS: Final = table_of(IdempotencyRow)
-_KEY: Final = select(_KEYS.c.fingerprint, _KEYS.c.resource, _KEYS.c.created_at).where(
-    _KEYS.c.key == bindparam("key")
+_KEY: Final = Prepared(
+    select(_KEYS.c.fingerprint, _KEYS.c.resource, _KEYS.c.created_at).where(
+        _KEYS.c.key == bindparam("key")
+    ),
+    name="idempotency key",
 )
-_DROP_KEY: Final = _KEYS.delete().where(_KEYS.c.key == bindparam("key"))
-_ADD_KEY: Final = _KEYS.insert()
+_DROP_KEY: Final = Prepared(_KEYS.delete().where(_KEYS.c.key == bindparam("key")))
+_ADD_KEY: Final = Prepared(_KEYS.insert(), columns=("key", "fingerprint", "resource", "created_at"))
 
 
 async def transaction(
@@ -122,15 +126,15 @@ def claim(db: Session, key: Idempotency | None, resource: str) -> str | None:
     # One read decides: a second one could see a concurrent twin's key, just
     # committed, and take it for an expired one.
     connection = db.connection()
-    existing = connection.execute(_KEY, {"key": key.key}).first()
+    existing = _KEY.first(connection, {"key": key.key})
     if existing is not None:
-        found = _resource(existing.fingerprint, existing.resource, existing.created_at, key)
+        found = _resource(existing[0], existing[1], existing[2], key)
         if found is not None:
             return found
         # Expired: this request creates anew.
-        connection.execute(_DROP_KEY, {"key": key.key})
-    connection.execute(
-        _ADD_KEY,
+        _DROP_KEY.execute(connection, {"key": key.key})
+    _ADD_KEY.execute(
+        connection,
         {
             "key": key.key,
             "fingerprint": key.fingerprint,

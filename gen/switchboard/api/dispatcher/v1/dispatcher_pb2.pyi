@@ -1115,19 +1115,27 @@ class WatchRunRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    MERGE_DELTAS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`workspaces/{w}/conversations/{c}/runs/{run}`."""
     after_sequence: _builtins.int
     """Resume after this update sequence; 0 replays from the start."""
+    merge_deltas: _builtins.bool
+    """Merge the text deltas that are ready for this watcher together into one
+    update (its `first_sequence` .. `sequence`), so a watcher that is behind gets
+    fewer, larger frames. Off by default: a client that checks that sequences
+    follow each other by one must read `first_sequence` first.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         after_sequence: _builtins.int = ...,
+        merge_deltas: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "merge_deltas", b"merge_deltas", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1173,6 +1181,7 @@ class RunUpdate(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     TOOL_RESULT_FIELD_NUMBER: _builtins.int
     SPEECH_FIELD_NUMBER: _builtins.int
+    FIRST_SEQUENCE_FIELD_NUMBER: _builtins.int
     run: _builtins.str
     """The run, `workspaces/{w}/conversations/{c}/runs/{run}`."""
     sequence: _builtins.int
@@ -1181,6 +1190,13 @@ class RunUpdate(_message.Message):
     continues in the next block of 2^32 (the k-th recovery numbers from
     k * 2^32 + 1), so a watcher never sees a sequence twice; resume with the last
     sequence seen, whatever its block.
+    """
+    first_sequence: _builtins.int
+    """Set on a merged delta only (`WatchRunRequest.merge_deltas`): the first
+    sequence this update covers, `sequence` being the last; the delta's text is
+    theirs joined in order. 0 on an update that covers its own sequence alone.
+    Nothing is missing when `first_sequence` (or `sequence` when it is 0) is the
+    last sequence seen plus one.
     """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
@@ -1227,10 +1243,11 @@ class RunUpdate(_message.Message):
         result: _handler_pb2.HandleResult | None = ...,
         tool_result: _handler_pb2.ToolResult | None = ...,
         speech: Global___SpeechChunk | None = ...,
+        first_sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "progress", b"progress", "result", b"result", "speech", b"speech", "state_change", b"state_change", "time", b"time", "tool_call", b"tool_call", "tool_result", b"tool_result", "update", b"update"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "progress", b"progress", "result", b"result", "run", b"run", "sequence", b"sequence", "speech", b"speech", "state_change", b"state_change", "time", b"time", "tool_call", b"tool_call", "tool_result", b"tool_result", "update", b"update"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "first_sequence", b"first_sequence", "progress", b"progress", "result", b"result", "run", b"run", "sequence", b"sequence", "speech", b"speech", "state_change", b"state_change", "time", b"time", "tool_call", b"tool_call", "tool_result", b"tool_result", "update", b"update"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_update: _TypeAlias = _typing.Literal["state_change", "progress", "delta", "tool_call", "result", "tool_result", "speech"]  # noqa: Y015
     _WhichOneofArgType_update: _TypeAlias = _typing.Literal["update", b"update"]  # noqa: Y015

@@ -851,8 +851,14 @@ class SubscribeRequest(_message.Message):
     SCOPES_FIELD_NUMBER: _builtins.int
     AFTER_CURSOR_FIELD_NUMBER: _builtins.int
     TYPES_FIELD_NUMBER: _builtins.int
+    MERGE_DELTAS_FIELD_NUMBER: _builtins.int
     after_cursor: _builtins.str
     """Resume after this cursor; empty starts at the live tail."""
+    merge_deltas: _builtins.bool
+    """Merge the consecutive text-delta RUN_UPDATED events of one run that are
+    ready for this stream together into one event (its run update's
+    `first_sequence` .. `sequence`; see dispatcher.v1.RunUpdate). Off by default.
+    """
     @_builtins.property
     def scopes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Scope]:
         """The scopes to follow (at least one; capped per request)."""
@@ -867,10 +873,11 @@ class SubscribeRequest(_message.Message):
         scopes: _abc.Iterable[Global___Scope] | None = ...,
         after_cursor: _builtins.str = ...,
         types: _abc.Iterable[Global___EventType.ValueType] | None = ...,
+        merge_deltas: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_cursor", b"after_cursor", "scopes", b"scopes", "types", b"types"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_cursor", b"after_cursor", "merge_deltas", b"merge_deltas", "scopes", b"scopes", "types", b"types"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -974,10 +981,13 @@ class AddSubscription(_message.Message):
     SCOPES_FIELD_NUMBER: _builtins.int
     AFTER_CURSOR_FIELD_NUMBER: _builtins.int
     TYPES_FIELD_NUMBER: _builtins.int
+    MERGE_DELTAS_FIELD_NUMBER: _builtins.int
     subscription_id: _builtins.str
     """Client-chosen id, unique on the stream."""
     after_cursor: _builtins.str
     """Resume after this cursor; empty starts at the live tail."""
+    merge_deltas: _builtins.bool
+    """As SubscribeRequest.merge_deltas, for this subscription."""
     @_builtins.property
     def scopes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Scope]:
         """The scopes to follow."""
@@ -993,10 +1003,11 @@ class AddSubscription(_message.Message):
         scopes: _abc.Iterable[Global___Scope] | None = ...,
         after_cursor: _builtins.str = ...,
         types: _abc.Iterable[Global___EventType.ValueType] | None = ...,
+        merge_deltas: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_cursor", b"after_cursor", "scopes", b"scopes", "subscription_id", b"subscription_id", "types", b"types"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_cursor", b"after_cursor", "merge_deltas", b"merge_deltas", "scopes", b"scopes", "subscription_id", b"subscription_id", "types", b"types"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

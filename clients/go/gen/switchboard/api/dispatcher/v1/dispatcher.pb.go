@@ -2045,6 +2045,11 @@ type WatchRunRequest struct {
 	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
 	// Resume after this update sequence; 0 replays from the start.
 	AfterSequence int64 `protobuf:"varint,2,opt,name=after_sequence,json=afterSequence,proto3" json:"after_sequence,omitempty"`
+	// Merge the text deltas that are ready for this watcher together into one
+	// update (its `first_sequence` .. `sequence`), so a watcher that is behind gets
+	// fewer, larger frames. Off by default: a client that checks that sequences
+	// follow each other by one must read `first_sequence` first.
+	MergeDeltas   bool `protobuf:"varint,3,opt,name=merge_deltas,json=mergeDeltas,proto3" json:"merge_deltas,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2091,6 +2096,13 @@ func (x *WatchRunRequest) GetAfterSequence() int64 {
 		return x.AfterSequence
 	}
 	return 0
+}
+
+func (x *WatchRunRequest) GetMergeDeltas() bool {
+	if x != nil {
+		return x.MergeDeltas
+	}
+	return false
 }
 
 // A change to a run's state.
@@ -2163,7 +2175,13 @@ type RunUpdate struct {
 	//	*RunUpdate_Result
 	//	*RunUpdate_ToolResult
 	//	*RunUpdate_Speech
-	Update        isRunUpdate_Update `protobuf_oneof:"update"`
+	Update isRunUpdate_Update `protobuf_oneof:"update"`
+	// Set on a merged delta only (`WatchRunRequest.merge_deltas`): the first
+	// sequence this update covers, `sequence` being the last; the delta's text is
+	// theirs joined in order. 0 on an update that covers its own sequence alone.
+	// Nothing is missing when `first_sequence` (or `sequence` when it is 0) is the
+	// last sequence seen plus one.
+	FirstSequence int64 `protobuf:"varint,11,opt,name=first_sequence,json=firstSequence,proto3" json:"first_sequence,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2287,6 +2305,13 @@ func (x *RunUpdate) GetSpeech() *SpeechChunk {
 		}
 	}
 	return nil
+}
+
+func (x *RunUpdate) GetFirstSequence() int64 {
+	if x != nil {
+		return x.FirstSequence
+	}
+	return 0
 }
 
 type isRunUpdate_Update interface {
@@ -6639,12 +6664,13 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\x124\n" +
 	"\x16heard_through_sequence\x18\x03 \x01(\x03R\x14heardThroughSequence\"I\n" +
 	"\x11CancelRunResponse\x124\n" +
-	"\x03run\x18\x01 \x01(\v2\".switchboard.api.dispatcher.v1.RunR\x03run\"L\n" +
+	"\x03run\x18\x01 \x01(\v2\".switchboard.api.dispatcher.v1.RunR\x03run\"o\n" +
 	"\x0fWatchRunRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12%\n" +
-	"\x0eafter_sequence\x18\x02 \x01(\x03R\rafterSequence\"F\n" +
+	"\x0eafter_sequence\x18\x02 \x01(\x03R\rafterSequence\x12!\n" +
+	"\fmerge_deltas\x18\x03 \x01(\bR\vmergeDeltas\"F\n" +
 	"\x0eRunStateChange\x124\n" +
-	"\x03run\x18\x01 \x01(\v2\".switchboard.api.dispatcher.v1.RunR\x03run\"\xe4\x04\n" +
+	"\x03run\x18\x01 \x01(\v2\".switchboard.api.dispatcher.v1.RunR\x03run\"\x8b\x05\n" +
 	"\tRunUpdate\x12\x10\n" +
 	"\x03run\x18\x01 \x01(\tR\x03run\x12\x1a\n" +
 	"\bsequence\x18\x02 \x01(\x03R\bsequence\x12.\n" +
@@ -6657,7 +6683,8 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\vtool_result\x18\t \x01(\v2&.switchboard.api.handler.v1.ToolResultH\x00R\n" +
 	"toolResult\x12D\n" +
 	"\x06speech\x18\n" +
-	" \x01(\v2*.switchboard.api.dispatcher.v1.SpeechChunkH\x00R\x06speechB\b\n" +
+	" \x01(\v2*.switchboard.api.dispatcher.v1.SpeechChunkH\x00R\x06speech\x12%\n" +
+	"\x0efirst_sequence\x18\v \x01(\x03R\rfirstSequenceB\b\n" +
 	"\x06update\"\xa9\x01\n" +
 	"\x10WatchRunResponse\x12B\n" +
 	"\x06update\x18\x01 \x01(\v2(.switchboard.api.dispatcher.v1.RunUpdateH\x00R\x06update\x12H\n" +

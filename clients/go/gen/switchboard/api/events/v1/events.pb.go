@@ -1723,7 +1723,11 @@ type SubscribeRequest struct {
 	// Resume after this cursor; empty starts at the live tail.
 	AfterCursor string `protobuf:"bytes,2,opt,name=after_cursor,json=afterCursor,proto3" json:"after_cursor,omitempty"`
 	// Only these event types; all if empty.
-	Types         []EventType `protobuf:"varint,3,rep,packed,name=types,proto3,enum=switchboard.api.events.v1.EventType" json:"types,omitempty"`
+	Types []EventType `protobuf:"varint,3,rep,packed,name=types,proto3,enum=switchboard.api.events.v1.EventType" json:"types,omitempty"`
+	// Merge the consecutive text-delta RUN_UPDATED events of one run that are
+	// ready for this stream together into one event (its run update's
+	// `first_sequence` .. `sequence`; see dispatcher.v1.RunUpdate). Off by default.
+	MergeDeltas   bool `protobuf:"varint,4,opt,name=merge_deltas,json=mergeDeltas,proto3" json:"merge_deltas,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1777,6 +1781,13 @@ func (x *SubscribeRequest) GetTypes() []EventType {
 		return x.Types
 	}
 	return nil
+}
+
+func (x *SubscribeRequest) GetMergeDeltas() bool {
+	if x != nil {
+		return x.MergeDeltas
+	}
+	return false
 }
 
 // A batch of events delivered together (coalesced when the subscriber is behind).
@@ -1986,7 +1997,9 @@ type AddSubscription struct {
 	// Resume after this cursor; empty starts at the live tail.
 	AfterCursor string `protobuf:"bytes,3,opt,name=after_cursor,json=afterCursor,proto3" json:"after_cursor,omitempty"`
 	// Only these event types; all if empty.
-	Types         []EventType `protobuf:"varint,4,rep,packed,name=types,proto3,enum=switchboard.api.events.v1.EventType" json:"types,omitempty"`
+	Types []EventType `protobuf:"varint,4,rep,packed,name=types,proto3,enum=switchboard.api.events.v1.EventType" json:"types,omitempty"`
+	// As SubscribeRequest.merge_deltas, for this subscription.
+	MergeDeltas   bool `protobuf:"varint,5,opt,name=merge_deltas,json=mergeDeltas,proto3" json:"merge_deltas,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2047,6 +2060,13 @@ func (x *AddSubscription) GetTypes() []EventType {
 		return x.Types
 	}
 	return nil
+}
+
+func (x *AddSubscription) GetMergeDeltas() bool {
+	if x != nil {
+		return x.MergeDeltas
+	}
+	return false
 }
 
 // Client frame: remove a subscription.
@@ -2929,11 +2949,12 @@ const file_switchboard_api_events_v1_events_proto_rawDesc = "" +
 	"\x0ebudget_changed\x18\x15 \x01(\v2(.switchboard.api.events.v1.BudgetChangedH\x00R\rbudgetChanged\x12K\n" +
 	"\fbudget_alert\x18\x16 \x01(\v2&.switchboard.api.events.v1.BudgetAlertH\x00R\vbudgetAlert\x12K\n" +
 	"\ffile_changed\x18\x17 \x01(\v2&.switchboard.api.events.v1.FileChangedH\x00R\vfileChangedB\t\n" +
-	"\apayload\"\xab\x01\n" +
+	"\apayload\"\xce\x01\n" +
 	"\x10SubscribeRequest\x128\n" +
 	"\x06scopes\x18\x01 \x03(\v2 .switchboard.api.events.v1.ScopeR\x06scopes\x12!\n" +
 	"\fafter_cursor\x18\x02 \x01(\tR\vafterCursor\x12:\n" +
-	"\x05types\x18\x03 \x03(\x0e2$.switchboard.api.events.v1.EventTypeR\x05types\"^\n" +
+	"\x05types\x18\x03 \x03(\x0e2$.switchboard.api.events.v1.EventTypeR\x05types\x12!\n" +
+	"\fmerge_deltas\x18\x04 \x01(\bR\vmergeDeltas\"^\n" +
 	"\n" +
 	"EventBatch\x128\n" +
 	"\x06events\x18\x01 \x03(\v2 .switchboard.api.events.v1.EventR\x06events\x12\x16\n" +
@@ -2944,12 +2965,13 @@ const file_switchboard_api_events_v1_events_proto_rawDesc = "" +
 	"\x11SubscribeResponse\x12=\n" +
 	"\x05batch\x18\x01 \x01(\v2%.switchboard.api.events.v1.EventBatchH\x00R\x05batch\x12D\n" +
 	"\theartbeat\x18\x02 \x01(\v2$.switchboard.api.events.v1.HeartbeatH\x00R\theartbeatB\a\n" +
-	"\x05frame\"\xd3\x01\n" +
+	"\x05frame\"\xf6\x01\n" +
 	"\x0fAddSubscription\x12'\n" +
 	"\x0fsubscription_id\x18\x01 \x01(\tR\x0esubscriptionId\x128\n" +
 	"\x06scopes\x18\x02 \x03(\v2 .switchboard.api.events.v1.ScopeR\x06scopes\x12!\n" +
 	"\fafter_cursor\x18\x03 \x01(\tR\vafterCursor\x12:\n" +
-	"\x05types\x18\x04 \x03(\x0e2$.switchboard.api.events.v1.EventTypeR\x05types\"=\n" +
+	"\x05types\x18\x04 \x03(\x0e2$.switchboard.api.events.v1.EventTypeR\x05types\x12!\n" +
+	"\fmerge_deltas\x18\x05 \x01(\bR\vmergeDeltas\"=\n" +
 	"\x12RemoveSubscription\x12'\n" +
 	"\x0fsubscription_id\x18\x01 \x01(\tR\x0esubscriptionId\"F\n" +
 	"\x03Ack\x12'\n" +
