@@ -539,27 +539,44 @@ async def row_case(
         paths = [str(code / "gen"), str(code / "services"), os.environ.get("PYTHONPATH", "")]
         settings["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     with serve(directory, url, settings) as server:
-        account, names = await _conversations(server.address, row.conversations)
-        waited = await wait_quiet(sizes.quiet_wait_s)
-        figures = await asyncio.to_thread(
-            run_client,
-            __file__,
-            {
-                "mode": "switchboard",
-                "interval_ms": row.interval_ms,
-                "tokens": row.tokens,
-                "warmup_s": sizes.warmup_s,
-                "seconds": sizes.seconds if profile is None else sizes.profile_seconds,
-                "address": server.address,
-                "token": account.token,
-                "server_pid": server.pid,
-                "model_pid": model.pid,
-                "conversations_names": names,
-                "profile": profile,
-            },
+        figures = await _switchboard_client(
+            sizes,
+            row,
+            model,
+            server.address,
+            seconds=sizes.seconds if profile is None else sizes.profile_seconds,
+            server_pid=server.pid,
+            profile=profile,
         )
         figures["peak_rss_mib"] = round(_peak_rss_kib(server.pid) / 1024, 1)
-        figures["quiet_wait_s"] = waited
+    return figures
+
+
+async def _switchboard_client(
+    sizes: Sizes, row: Row, model: Model, address: str, *, seconds: float, **more: Any
+) -> dict[str, Any]:
+    """Make the row's conversations on the server at ``address``, wait for a quiet
+    machine, then run the measuring client's closed loops against it (``more``: what
+    this shape adds to the client's arguments)."""
+    account, names = await _conversations(address, row.conversations)
+    waited = await wait_quiet(sizes.quiet_wait_s)
+    figures: dict[str, Any] = await asyncio.to_thread(
+        run_client,
+        __file__,
+        {
+            "mode": "switchboard",
+            "interval_ms": row.interval_ms,
+            "tokens": row.tokens,
+            "warmup_s": sizes.warmup_s,
+            "seconds": seconds,
+            "address": address,
+            "token": account.token,
+            "model_pid": model.pid,
+            "conversations_names": names,
+            **more,
+        },
+    )
+    figures["quiet_wait_s"] = waited
     return figures
 
 
@@ -703,28 +720,12 @@ async def mesh_case(
     SendMessage + WatchRun through Envoy."""
     settings = {**SERVER_SETTINGS, "SWITCHBOARD_LLM_BASE_URL": model.url}
     with mesh(directory, dispatchers, settings) as up:
-        account, names = await _conversations(up.address, row.conversations)
-        waited = await wait_quiet(sizes.quiet_wait_s)
-        figures = await asyncio.to_thread(
-            run_client,
-            __file__,
-            {
-                "mode": "switchboard",
-                "interval_ms": row.interval_ms,
-                "tokens": row.tokens,
-                "warmup_s": sizes.warmup_s,
-                "seconds": sizes.seconds,
-                "address": up.address,
-                "token": account.token,
-                "trees": up.trees,
-                "model_pid": model.pid,
-                "conversations_names": names,
-            },
+        figures = await _switchboard_client(
+            sizes, row, model, up.address, seconds=sizes.seconds, trees=up.trees
         )
         figures["peak_rss_mib"] = round(
             sum(_peak_rss_kib(pids[0]) for pids in up.trees.values()) / 1024, 1
         )
-        figures["quiet_wait_s"] = waited
         log = up.log
     # After the stop: every access line is in the log by then.
     figures["calls_by_replica"] = calls_by_replica(log, ("SendMessage", "WatchRun"))
