@@ -19,7 +19,7 @@ import logging
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -80,20 +80,31 @@ async def write_after_idle(
         )
         connection.execute(delete, {"id": row_id})
 
-    cpu: dict[int, list[float]] = {gap: [] for gap in gaps_ms}
+    async def step() -> None:
+        await database.run(write, write=True)
+
     try:
-        for _ in range(samples):  # warm-up: every statement compiled and cached
-            await database.run(write, write=True)
-        for _ in range(rounds):
-            for gap in gaps_ms:
-                for _ in range(samples):
-                    if gap:
-                        await asyncio.sleep(gap / 1000)
-                    started = time.process_time()
-                    await database.run(write, write=True)
-                    cpu[gap].append(time.process_time() - started)
+        return await _cpu_after_gaps(step, gaps_ms, rounds, samples)
     finally:
         await database.close()
+
+
+async def _cpu_after_gaps(
+    step: Callable[[], Awaitable[None]], gaps_ms: Sequence[int], rounds: int, samples: int
+) -> dict[str, float]:
+    """Median process CPU µs of ``step`` by the idle gap before it: ``samples`` warm-up
+    calls (every statement compiled and cached), then ``rounds`` of ``samples`` per gap."""
+    cpu: dict[int, list[float]] = {gap: [] for gap in gaps_ms}
+    for _ in range(samples):
+        await step()
+    for _ in range(rounds):
+        for gap in gaps_ms:
+            for _ in range(samples):
+                if gap:
+                    await asyncio.sleep(gap / 1000)
+                started = time.process_time()
+                await step()
+                cpu[gap].append(time.process_time() - started)
     return {str(gap): round(statistics.median(cpu[gap]) * 1e6) for gap in gaps_ms}
 
 
@@ -206,22 +217,11 @@ async def staged_change(
         await database.run(staging(staged, work), write=True)
         await bus.publish_staged(staged.events)
 
-    cpu: dict[int, list[float]] = {gap: [] for gap in gaps_ms}
     try:
-        for _ in range(samples):  # warm-up
-            await change()
-        for _ in range(rounds):
-            for gap in gaps_ms:
-                for _ in range(samples):
-                    if gap:
-                        await asyncio.sleep(gap / 1000)
-                    started = time.process_time()
-                    await change()
-                    cpu[gap].append(time.process_time() - started)
+        return await _cpu_after_gaps(change, gaps_ms, rounds, samples)
     finally:
         await bus.close()
         await database.close()
-    return {str(gap): round(statistics.median(cpu[gap]) * 1e6) for gap in gaps_ms}
 
 
 async def main() -> None:
