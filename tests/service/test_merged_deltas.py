@@ -211,13 +211,20 @@ async def _to_the_end(sub: Subscriber, run: str) -> list[pb.RunUpdate]:
     return run_updates(sub.events, run)
 
 
-async def test_subscribe_merges_a_runs_deltas_and_resumes_exactly_by_cursor(
+async def _paced_run_after_a_cursor(
     channel: aio.Channel, dstub: DStub, world: World, conversation: str
-) -> None:
+) -> tuple[str, Watched]:
+    """The conversation's live cursor, then a paced run made after it (watched whole)."""
     before = await _subscribed(channel, world.editor, conversation, "", merge=False)
     start = await before.live()
     before.cancel()
-    whole = await _paced_run(dstub, world, conversation)
+    return start, await _paced_run(dstub, world, conversation)
+
+
+async def test_subscribe_merges_a_runs_deltas_and_resumes_exactly_by_cursor(
+    channel: aio.Channel, dstub: DStub, world: World, conversation: str
+) -> None:
+    start, whole = await _paced_run_after_a_cursor(channel, dstub, world, conversation)
     run = whole.final.name
 
     plain_sub = await _subscribed(channel, world.editor, conversation, start, merge=False)
@@ -245,10 +252,7 @@ async def test_subscribe_merges_a_runs_deltas_and_resumes_exactly_by_cursor(
 async def test_a_stream_subscription_merges_when_added_with_the_flag(
     channel: aio.Channel, dstub: DStub, world: World, conversation: str
 ) -> None:
-    before = await _subscribed(channel, world.editor, conversation, "", merge=False)
-    start = await before.live()
-    before.cancel()
-    whole = await _paced_run(dstub, world, conversation)
+    start, whole = await _paced_run_after_a_cursor(channel, dstub, world, conversation)
     run = whole.final.name
     subscribed = await _subscribed(channel, world.editor, conversation, start, merge=True)
     expected = await _to_the_end(subscribed, run)
