@@ -37,6 +37,7 @@ from tests.infra.mcpserver import McpTestServer
 from tests.infra.webhookreceiver import until as eventually
 from tests.service.dispatchkit import dispatcher_stub, get_run, reason_of, watch_all
 from tests.service.integrationkit import integration_stub
+from tests.service.test_budget_runs import add_budget, daily, window
 from tests.service.test_tool_runs import (
     SLOW,
     TIMEOUT_S,
@@ -78,6 +79,7 @@ async def stopped_mid_call(
     everything: EverythingServer,
     tmp_path: Path,
     *,
+    before: Callable[[Tools], Awaitable[None]] | None = None,
     during: Callable[[Tools], Awaitable[None]] | None = None,
     **overrides: Any,
 ) -> AsyncIterator[Restartable]:
@@ -97,20 +99,22 @@ async def stopped_mid_call(
             Reply.tool_calls([(SLOW, SLOW_ARGS, "slow_1")], usage=(100, 10)),
             answer_with_tool_output,
         )
-        before = everything.stderr().count(SLOW_CALLS)
+        calls_before = everything.stderr().count(SLOW_CALLS)
         server, _ = await create_server(make_settings(**common))
         await server.start()
         async with aio.insecure_channel(server.address) as channel:
             tools = await _prepare(server, channel, fake, everything)
+            if before is not None:
+                await before(tools)
             run = await _send(tools, ask(tools, "Take your time", timeout={"seconds": 60}))
             await eventually(
-                lambda: everything.stderr().count(SLOW_CALLS) > before,
+                lambda: everything.stderr().count(SLOW_CALLS) > calls_before,
                 "the slow tool's call at the MCP server",
             )
             if during is not None:
                 await during(tools)
         await server.shutdown(grace=0)
-        yield Restartable(common, fake, tools, run.name, before)
+        yield Restartable(common, fake, tools, run.name, calls_before)
 
 
 @asynccontextmanager
@@ -183,6 +187,29 @@ async def test_a_call_in_flight_at_a_restart_waits_for_a_person_who_completes_it
         # The run's usage is both model calls', across the two attempts.
         stored = await get_run(tools.dstub, tools.world.editor, run)
         assert (stored.usage.input_tokens, stored.usage.output_tokens) == (300, 30)
+
+
+async def test_a_run_stopped_again_while_it_waits_asks_the_same_question(
+    everything: EverythingServer, tmp_path: Path
+) -> None:
+    async with stopped_mid_call(everything, tmp_path) as stopped:
+        tools, run = stopped.tools, stopped.run
+        async with restarted(stopped):
+            call, first = await _paused(tools, run)
+            call.cancel()
+        # A second takeover: the same call, still undecided, nothing sent again.
+        async with restarted(stopped):
+            call, second = await _paused(tools, run)
+            call.cancel()
+            assert second.last_sequence > first.last_sequence
+            (pending,) = second.required_action.tool_calls
+            assert pending.outcome_unknown
+            assert pending.decision == pb.TOOL_APPROVAL_DECISION_UNSPECIFIED
+            await _decide(tools, run, pb.TOOL_APPROVAL_DECISION_COMPLETE, result_text="ok")
+            seen = await watch_all(tools.dstub, tools.world.editor, run)
+            assert seen.final.state == pb.RUN_STATE_SUCCEEDED
+        assert len(stopped.fake.requests) == 2
+        assert everything.stderr().count(SLOW_CALLS) == stopped.calls_before + 1
 
 
 async def test_retry_sends_the_call_again_and_fail_run_ends_the_run(
@@ -295,3 +322,25 @@ async def test_a_tool_gone_from_its_integration_ends_the_run_precisely(
                 assert reason_of(seen.final) == "ERROR_REASON_RUN_NOT_RESUMABLE"
                 assert "no longer offered" in seen.final.error.message
                 assert len(stopped.fake.requests) == 1
+
+
+async def test_a_journaled_step_is_charged_to_the_budget_once(
+    everything: EverythingServer, tmp_path: Path
+) -> None:
+    async def budgeted(tools: Tools) -> None:
+        await add_budget(tools.server, tools.world.name, "daily", daily(1_000_000))
+
+    async with (
+        stopped_mid_call(everything, tmp_path, before=budgeted) as stopped,
+        restarted(stopped) as again,
+    ):
+        tools, run = stopped.tools, stopped.run
+        call, _ = await _paused(tools, run)
+        call.cancel()
+        await _decide(tools, run, pb.TOOL_APPROVAL_DECISION_COMPLETE, result_text="done")
+        seen = await watch_all(tools.dstub, tools.world.editor, run)
+        assert seen.final.state == pb.RUN_STATE_SUCCEEDED
+        # Prices 1 and 2 per million tokens: 100 in + 10 out, then 200 in + 20 out.
+        assert seen.final.usage.cost_micros == 120 + 240
+        used, held = await window(again, "daily")
+        assert (used, held) == (360, 0)

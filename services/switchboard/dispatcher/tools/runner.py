@@ -436,10 +436,15 @@ class RunTools:
         """
         action = self._run.required_action
         if unknown:
-            # Whatever was decided for them before they were sent no longer applies:
-            # the question now is whether they took effect.
+            # An approval given before they were sent, or a RETRY that may have been
+            # sent again, no longer answers the question: did they take effect? A
+            # person's COMPLETE or FAIL_RUN still does (a crash came before it acted).
             ids = {call.id for call in unknown}
-            kept = [p for p in action.tool_calls if p.call.id not in ids]
+            kept = [
+                p
+                for p in action.tool_calls
+                if p.call.id not in ids or (p.outcome_unknown and not _sends(p))
+            ]
             del action.tool_calls[:]
             action.tool_calls.extend(kept)
             needs = [c for c in needs if c.id not in ids] + list(unknown)
@@ -526,13 +531,11 @@ class RunTools:
             # is theirs, and it is not sent again.
             result.outcome = hpb.TOOL_OUTCOME_SUCCEEDED
             result.text = self._cut(decision.result_text)
+            await self._journaled(call, result)
         else:
             await self._invoke(call, tool, result)
             # Journaled as it comes in: a crash from here on does not send it again.
-            journaled_result = self._journal.record(self._step_of(call.id)).results.add()
-            journaled_result.CopyFrom(result)
-            _without_bytes(journaled_result.files)
-            await self._journal.checkpoint()
+            await self._journaled(call, result)
         update = pb.RunUpdate()
         update.tool_result.CopyFrom(result)
         _without_bytes(update.tool_result.files)
@@ -542,6 +545,13 @@ class RunTools:
     def _emit(self, update: pb.RunUpdate) -> None:
         self.flush()
         self._host.emit(update)
+
+    async def _journaled(self, call: hpb.ToolCall, result: hpb.ToolResult) -> None:
+        """Return once ``result`` of ``call`` is in the stored journal."""
+        journaled = self._journal.record(self._step_of(call.id)).results.add()
+        journaled.CopyFrom(result)
+        _without_bytes(journaled.files)
+        await self._journal.checkpoint()
 
     def _step_of(self, call_id: str) -> int:
         """The index of the (last) step holding the call ``call_id``."""
