@@ -54,8 +54,11 @@ from switchboard.dispatcher.tools.runner import RunTools, ToolLimits, offered_to
 from switchboard.dispatcher.voice.speaker import Speaker, Speech
 from switchboard.internal.dispatcher.v1 import job_pb2
 from switchboard.platform import background, names
+from switchboard.platform.backoff import Backoff
 from switchboard.platform.errors import (
+    Conflict,
     DeadlineExceeded,
+    DependencyUnavailable,
     HandlerFailed,
     InternalError,
     RunInterrupted,
@@ -71,6 +74,8 @@ log = logging.getLogger("switchboard.dispatcher")
 
 #: Largest delta made of merged ones (a bigger one goes out as it is).
 _MAX_MERGED_DELTA_CHARS: Final = 16 * 1024
+#: How long a journal write is retried through a database outage before the run fails.
+_JOURNAL_PATIENCE_S: Final = 30.0
 #: Largest final answer journaled (with its files' bytes); a larger one is asked
 #: for again if a crash comes between it and its message.
 _MAX_JOURNALED_BYTES: Final = 1024 * 1024
@@ -421,11 +426,24 @@ class Execution:
         return journal
 
     async def _write_job(self, active: Active) -> bool:
-        """Store the run's job as it is now (after any state change being stored)."""
-        async with active.persisting:
-            return await self._store.save_job(
-                active.run_id, active.job.SerializeToString(), owner=self._limits.instance_id
-            )
+        """Store the run's job as it is now (after any state change being stored);
+        through a database outage of up to ``_JOURNAL_PATIENCE_S``: the run waits
+        rather than act on what is not journaled, or fail for a blip."""
+        backoff = Backoff(0.05, 2.0)
+        began = time.monotonic()
+        while True:
+            try:
+                async with active.persisting, asyncio.timeout(FINISH_TIMEOUT_S):
+                    return await self._store.save_job(
+                        active.run_id,
+                        active.job.SerializeToString(),
+                        owner=self._limits.instance_id,
+                    )
+            except (DependencyUnavailable, Conflict, TimeoutError):
+                if self._live.closing or time.monotonic() - began >= _JOURNAL_PATIENCE_S:
+                    raise
+                log.warning("could not journal a run; retrying", extra={"run": active.run.name})
+            await backoff.wait()
 
     async def _journal_answer(self, journal: Journal, result: handler_pb2.HandleResult) -> None:
         """Journal the final answer (a handler's files with their bytes only up to
