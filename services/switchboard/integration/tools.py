@@ -27,7 +27,7 @@ from switchboard.integration.connectors import Malformed, ToolNotFound, ToolResu
 from switchboard.integration.mapping import integration_name, name_of
 from switchboard.integration.schemas import Compiled, SchemaUnusable, compile_tools
 from switchboard.integration.store import IntegrationRecord, IntegrationStore
-from switchboard.platform import jsonbounds, names, timefields
+from switchboard.platform import idempotency, jsonbounds, names, timefields
 from switchboard.platform.cache import Cache
 from switchboard.platform.errors import (
     DependencyUnavailable,
@@ -52,6 +52,8 @@ TOOLS_TTL_S: Final = 300.0
 #: A record read for calls is dropped on its change's event; this is the backstop.
 RECORD_TTL_S: Final = 5.0
 MAX_RECORDS: Final = 10_000
+#: ``platform/idempotency.KEY`` in words (the contract's).
+KEY_RULE: Final = "must be 1-64 ASCII letters, digits, '-', '_', '.' or ':' (or empty for none)"
 
 
 def _jsonable(value: Any) -> Any:
@@ -206,6 +208,9 @@ class Tools:
         requested_s = timefields.seconds(request.timeout, "timeout")
         if requested_s < 0:
             violations.add("timeout", "must not be negative")
+        key = request.idempotency_key
+        if key and not idempotency.KEY.fullmatch(key):
+            violations.add("idempotency_key", KEY_RULE)
         violations.check()
         await self._spend(workspace_id)
         record = await self._record(workspace_id, integration_id)
@@ -227,7 +232,9 @@ class Tools:
             timeout_s = min(timeout_s, requested_s)
         if deadline_s is not None:
             timeout_s = min(timeout_s, max(deadline_s, 0.001))
-        return await self._call(principal, record, request.name, tool, arguments, timeout_s, run)
+        return await self._call(
+            principal, record, request.name, tool, arguments, timeout_s, run, key
+        )
 
     async def _call(
         self,
@@ -238,8 +245,10 @@ class Tools:
         arguments: Any,
         timeout_s: float,
         run: str,
+        key: str,
     ) -> pb.InvokeToolResponse:
-        """Call a validated tool through the breaker; audit it whatever the outcome."""
+        """Call a validated tool through the breaker; audit it whatever the outcome.
+        ``key`` (may be empty) is the call's idempotency key, sent the connector's way."""
         parent = name_of(record)
         tool_name = spec.name
         connector = self._connections.get(record)
@@ -250,7 +259,11 @@ class Tools:
 
         async def called() -> ToolResult:
             answer = await connector.call_tool(
-                tool_name, arguments, timeout_s=timeout_s, max_result_bytes=limit
+                tool_name,
+                arguments,
+                timeout_s=timeout_s,
+                max_result_bytes=limit,
+                idempotency_key=key,
             )
             _check_result(answer)
             return answer
