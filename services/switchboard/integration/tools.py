@@ -4,8 +4,10 @@ A tool list is cached per integration version for ``TOOLS_TTL_S`` and dropped
 when the integration says it changed (MCP ``list_changed``). A call is
 validated against the tool's JSON Schema with ``jsonschema`` before anything
 is sent, limited per workspace, bounded by the shortest of its timeouts, made
-through the integration's breaker, and audited (``TOOL_INVOKED``) whatever its
-outcome, never with its arguments, result or credential.
+through the integration's breaker with its idempotency key (checked against
+``platform/idempotency.KEY``; each connector sends it its own way), and audited
+(``TOOL_INVOKED``) whatever its outcome, never with its arguments, result or
+credential.
 """
 
 from __future__ import annotations
