@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2
 from google.rpc import error_details_pb2
 
 from switchboard.api.integration.v1 import integration_pb2 as ipb
@@ -22,7 +22,8 @@ from switchboard.platform.idempotency import METADATA, call_key
 from switchboard.platform.security.egress import EgressPolicy
 from tests.e2e.toolexpert import ToolExpert
 from tests.infra.mcpserver import McpTestServer
-from tests.service.contextkit import TIMEOUT_S, World, context_stub, ctx_world, detail, refused
+from tests.service.authkit import detail
+from tests.service.contextkit import TIMEOUT_S, World, context_stub, ctx_world, refused
 from tests.service.integrationkit import (
     McpHub,
     Stub,
@@ -73,7 +74,8 @@ async def _invoke(hub: McpHub, tool: str, key: str, **arguments: Any) -> ipb.Inv
 async def _seen(hub: McpHub) -> list[list[str]]:
     """Each call's tool and ``_meta`` key, as the MCP server recorded them."""
     stats = await _invoke(hub, "stats", "")
-    return [[str(item) for item in pair] for pair in stats.result["idempotency_keys"]]
+    found = json_format.MessageToDict(stats.result)["idempotency_keys"]
+    return [[str(item) for item in pair] for pair in found]
 
 
 async def test_a_key_reaches_the_mcp_server_in_meta(hub: McpHub) -> None:

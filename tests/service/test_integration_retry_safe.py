@@ -21,12 +21,12 @@ from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.integration.service import MAX_RETRY_SAFE_TOOLS
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.store.models import IntegrationRow
+from tests.service.authkit import detail
 from tests.service.contextkit import (
     TIMEOUT_S,
     World,
     context_stub,
     ctx_world,
-    detail,
     refused,
     tap,
     violations,
