@@ -20,8 +20,10 @@ Tools (listed three per page, so every listing takes several pages):
 - ``forget_sessions()``: the server forgets every session (their ids answer
   404 from then on), as a restarted server would.
 - ``stats()``: what the server saw: ``cancelled`` tags, ``get_streams`` and
-  ``initializes`` (POSTs without a session id), ``list_calls`` and the last
-  ``authorization`` and ``traceparent`` headers (a POST's).
+  ``initializes`` (POSTs without a session id), ``list_calls``, the last
+  ``authorization`` and ``traceparent`` headers (a POST's), and
+  ``idempotency_keys``: each call's tool and the idempotency key in its
+  ``_meta`` ("" for none), in order, ``stats`` calls left out.
 - ``filler1`` .. ``filler4``: more tools, for pagination.
 - extra tools from ``McpTestServer(extra_tools=...)`` (the environment variable
   ``MCP_TEST_SERVER_TOOLS``: a JSON list of ``{"name", "input_schema"}``):
@@ -50,6 +52,8 @@ from mcp.server.lowlevel.server import NotificationOptions, Server
 from mcp.server.models import InitializationOptions
 from mcp.shared.exceptions import MCPError
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from switchboard.platform.idempotency import MCP_META
 
 PAGE_SIZE = 3
 ROOT = Path(__file__).resolve().parents[2]
@@ -124,6 +128,7 @@ class _State:
         self.list_calls = 0
         self.authorization = ""
         self.traceparent = ""
+        self.idempotency_keys: list[list[str]] = []
         self.server: Server[Any] | None = None
 
     def tools(self) -> list[types.Tool]:
@@ -188,6 +193,9 @@ async def call_tool(  # noqa: PLR0912 - one branch per tool
 ) -> types.CallToolResult:
     args = params.arguments or {}
     name = params.name
+    if name != "stats":
+        meta: dict[str, Any] = dict(params.meta or {})
+        STATE.idempotency_keys.append([name, str(meta.get(MCP_META, ""))])
     if name not in {tool.name for tool in STATE.tools()}:
         raise MCPError(code=types.INVALID_PARAMS, message=f"Unknown tool: {name}")
     if name in {tool.name for tool in STATE.extra}:
@@ -231,6 +239,7 @@ async def call_tool(  # noqa: PLR0912 - one branch per tool
             "list_calls": STATE.list_calls,
             "authorization": STATE.authorization,
             "traceparent": STATE.traceparent,
+            "idempotency_keys": STATE.idempotency_keys,
         }
         return types.CallToolResult(content=_text("stats"), structured_content=stats)
     return types.CallToolResult(content=_text(name))

@@ -104,6 +104,8 @@ _MUTABLE: Final = (
     "event_types",
     "call_price_micros",
     "tool_call_price_micros",
+    "retry_safe",
+    "retry_safe_tools",
 )
 MAX_DISPLAY_NAME: Final = 200
 #: The most one tool call may cost: 1,000 units of the price table's currency. A
@@ -112,6 +114,13 @@ MAX_DISPLAY_NAME: Final = 200
 MAX_CALL_PRICE_MICROS: Final = 1_000_000_000
 #: Per-tool prices one integration holds (the contract's bound).
 MAX_TOOL_PRICES: Final = 200
+#: Retry-safe tools one integration names (the contract's bound).
+MAX_RETRY_SAFE_TOOLS: Final = 200
+#: A tool's segment as ListTools writes it, in words (a price key, a retry-safe tool).
+_SEGMENT_RULE: Final = (
+    "must be a tool's segment as ListTools names it: 1-128 letters, digits, "
+    "'_', '.', '-' or ~XX escapes (upper-case hex) for any other byte"
+)
 #: Characters of a refused price key quoted in its field violation's path.
 _SHOWN_KEY: Final = 160
 MAX_CREDENTIAL: Final = 4096
@@ -435,14 +444,53 @@ class IntegrationHub:
             shown = key if len(key) <= _SHOWN_KEY else key[:_SHOWN_KEY] + "..."
             where = f"{field}[{shown}]"
             if names.tool_from_segment(key) is None:
-                violations.add(
-                    where,
-                    "must be a tool's segment as ListTools names it: 1-128 letters, digits, "
-                    "'_', '.', '-' or ~XX escapes (upper-case hex) for any other byte",
-                )
+                violations.add(where, _SEGMENT_RULE)
                 continue
             prices[key] = cls._price(kind, values[key], where, violations)
         return prices
+
+    @staticmethod
+    def _retry_safe_tools(values: Sequence[str], field: str, violations: Violations) -> list[str]:
+        """The retry-safe tools by segment, as ListTools names them, in the order given.
+
+        Any kind may name them: a webhook's tools are its config's, which the
+        segments need not match now (tools come and go), as for prices."""
+        if len(values) > MAX_RETRY_SAFE_TOOLS:
+            violations.add(field, f"may name at most {MAX_RETRY_SAFE_TOOLS} tools")
+            return []
+        seen: set[str] = set()
+        for index, value in enumerate(values):
+            if names.tool_from_segment(value) is None:
+                violations.add(f"{field}[{index}]", _SEGMENT_RULE)
+            elif value in seen:
+                violations.add(f"{field}[{index}]", "names a tool an earlier entry names")
+            seen.add(value)
+        return list(values)
+
+    @classmethod
+    def _call_changes(
+        cls, kind: int, given: pb.Integration, paths: Sequence[str], violations: Violations
+    ) -> dict[str, Any]:
+        """An update's changes to how the tools are called: prices and retry safety."""
+        changes: dict[str, Any] = {}
+        if "call_price_micros" in paths:
+            changes["call_price_micros"] = cls._price(
+                kind, given.call_price_micros, "integration.call_price_micros", violations
+            )
+        if "tool_call_price_micros" in paths:
+            changes["tool_call_prices"] = cls._tool_prices(
+                kind,
+                given.tool_call_price_micros,
+                "integration.tool_call_price_micros",
+                violations,
+            )
+        if "retry_safe" in paths:
+            changes["retry_safe"] = given.retry_safe
+        if "retry_safe_tools" in paths:
+            changes["retry_safe_tools"] = cls._retry_safe_tools(
+                given.retry_safe_tools, "integration.retry_safe_tools", violations
+            )
+        return changes
 
     def _seal(self, credential: str, name: str) -> bytes:
         return self._secrets.seal(credential, purpose=name)
@@ -482,6 +530,9 @@ class IntegrationHub:
         tool_prices = self._tool_prices(
             kind, given.tool_call_price_micros, "integration.tool_call_price_micros", violations
         )
+        retry_safe_tools = self._retry_safe_tools(
+            given.retry_safe_tools, "integration.retry_safe_tools", violations
+        )
         violations.check()
         config = self._config(given.config, "integration.config")
         endpoint = await self._endpoint(kind, given.endpoint, "integration.endpoint", violations)
@@ -515,6 +566,8 @@ class IntegrationHub:
                 "creator": principal.user_name,
                 "call_price_micros": call_price,
                 "tool_call_prices": tool_prices,
+                "retry_safe": given.retry_safe,
+                "retry_safe_tools": retry_safe_tools,
             },
             key,
             self.limits.max_per_workspace,
@@ -580,17 +633,7 @@ class IntegrationHub:
             )
         if "disabled" in paths:
             changes["disabled"] = given.disabled
-        if "call_price_micros" in paths:
-            changes["call_price_micros"] = self._price(
-                kind, given.call_price_micros, "integration.call_price_micros", violations
-            )
-        if "tool_call_price_micros" in paths:
-            changes["tool_call_prices"] = self._tool_prices(
-                kind,
-                given.tool_call_price_micros,
-                "integration.tool_call_price_micros",
-                violations,
-            )
+        changes.update(self._call_changes(kind, given, paths, violations))
         credential: str | None = None
         if "credential" in paths:
             credential = self._credential(

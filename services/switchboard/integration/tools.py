@@ -4,8 +4,10 @@ A tool list is cached per integration version for ``TOOLS_TTL_S`` and dropped
 when the integration says it changed (MCP ``list_changed``). A call is
 validated against the tool's JSON Schema with ``jsonschema`` before anything
 is sent, limited per workspace, bounded by the shortest of its timeouts, made
-through the integration's breaker, and audited (``TOOL_INVOKED``) whatever its
-outcome, never with its arguments, result or credential.
+through the integration's breaker with its idempotency key (checked against
+``platform/idempotency.KEY``; each connector sends it its own way), and audited
+(``TOOL_INVOKED``) whatever its outcome, never with its arguments, result or
+credential.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from switchboard.integration.connectors import Malformed, ToolNotFound, ToolResu
 from switchboard.integration.mapping import integration_name, name_of
 from switchboard.integration.schemas import Compiled, SchemaUnusable, compile_tools
 from switchboard.integration.store import IntegrationRecord, IntegrationStore
-from switchboard.platform import jsonbounds, names, timefields
+from switchboard.platform import idempotency, jsonbounds, names, timefields
 from switchboard.platform.cache import Cache
 from switchboard.platform.errors import (
     DependencyUnavailable,
@@ -52,6 +54,8 @@ TOOLS_TTL_S: Final = 300.0
 #: A record read for calls is dropped on its change's event; this is the backstop.
 RECORD_TTL_S: Final = 5.0
 MAX_RECORDS: Final = 10_000
+#: ``platform/idempotency.KEY`` in words (the contract's).
+KEY_RULE: Final = "must be 1-64 ASCII letters, digits, '-', '_', '.' or ':' (or empty for none)"
 
 
 def _jsonable(value: Any) -> Any:
@@ -206,6 +210,9 @@ class Tools:
         requested_s = timefields.seconds(request.timeout, "timeout")
         if requested_s < 0:
             violations.add("timeout", "must not be negative")
+        key = request.idempotency_key
+        if key and not idempotency.KEY.fullmatch(key):
+            violations.add("idempotency_key", KEY_RULE)
         violations.check()
         await self._spend(workspace_id)
         record = await self._record(workspace_id, integration_id)
@@ -227,7 +234,9 @@ class Tools:
             timeout_s = min(timeout_s, requested_s)
         if deadline_s is not None:
             timeout_s = min(timeout_s, max(deadline_s, 0.001))
-        return await self._call(principal, record, request.name, tool, arguments, timeout_s, run)
+        return await self._call(
+            principal, record, request.name, tool, arguments, timeout_s, run, key
+        )
 
     async def _call(
         self,
@@ -238,8 +247,10 @@ class Tools:
         arguments: Any,
         timeout_s: float,
         run: str,
+        key: str,
     ) -> pb.InvokeToolResponse:
-        """Call a validated tool through the breaker; audit it whatever the outcome."""
+        """Call a validated tool through the breaker; audit it whatever the outcome.
+        ``key`` (may be empty) is the call's idempotency key, sent the connector's way."""
         parent = name_of(record)
         tool_name = spec.name
         connector = self._connections.get(record)
@@ -250,7 +261,11 @@ class Tools:
 
         async def called() -> ToolResult:
             answer = await connector.call_tool(
-                tool_name, arguments, timeout_s=timeout_s, max_result_bytes=limit
+                tool_name,
+                arguments,
+                timeout_s=timeout_s,
+                max_result_bytes=limit,
+                idempotency_key=key,
             )
             _check_result(answer)
             return answer
