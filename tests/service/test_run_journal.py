@@ -241,7 +241,8 @@ async def test_a_retry_safe_tool_in_flight_is_sent_again_without_asking(
     everything: EverythingServer, tmp_path: Path
 ) -> None:
     async def safe(tools: Tools) -> None:
-        # Marked safe by its owner (read when the run resumes).
+        # Marked safe by its owner before the run (changed while a call is in flight,
+        # the integration's connection is renewed, which ends the call).
         await integration_stub(tools.channel).UpdateIntegration(
             ipb.UpdateIntegrationRequest(
                 integration=ipb.Integration(name=tools.integration, retry_safe=True),
@@ -252,7 +253,7 @@ async def test_a_retry_safe_tool_in_flight_is_sent_again_without_asking(
         )
 
     async with (
-        stopped_mid_call(everything, tmp_path, during=safe) as stopped,
+        stopped_mid_call(everything, tmp_path, before=safe) as stopped,
         restarted(stopped),
     ):
         tools = stopped.tools
