@@ -45,6 +45,7 @@ from tests.service.contextkit import (
     context_stub,
     create_conversation,
     ctx_world,
+    mask,
     refused,
     violations,
 )
@@ -274,12 +275,12 @@ async def test_tools_declared_by_an_update_are_listed_at_once(hooks: Hooks) -> N
     updated = await hooks.stub.UpdateIntegration(
         ipb.UpdateIntegrationRequest(
             integration=ipb.Integration(name=name, config=config(TOOLS)),
-            update_mask={"paths": ["config"]},
+            update_mask=mask("config"),
         ),
         metadata=hooks.world.owner.md,
         timeout=TIMEOUT_S,
     )
-    assert len(updated.integration.config["tools"]) == 2
+    assert len(json_format.MessageToDict(updated.integration.config)["tools"]) == 2
     listed = await hooks.stub.ListTools(
         ipb.ListToolsRequest(parent=name), metadata=hooks.world.viewer.md, timeout=TIMEOUT_S
     )
@@ -355,7 +356,7 @@ async def test_bad_tools_in_an_update_change_nothing(hooks: Hooks) -> None:
         hooks.stub.UpdateIntegration(
             ipb.UpdateIntegrationRequest(
                 integration=ipb.Integration(name=name, config=config([{"name": "a b"}])),
-                update_mask={"paths": ["config"]},
+                update_mask=mask("config"),
             ),
             metadata=hooks.world.owner.md,
             timeout=TIMEOUT_S,
