@@ -187,6 +187,7 @@ async def test_answers_the_tool_refused_are_its_errors_and_failures_count(hooks:
             JSONResponse({"text": 3}),
             Response("{}", status_code=200, media_type="application/xml"),
             Response(status_code=204),
+            PlainTextResponse("slow down", status_code=429),
         ]
     )
     name, endpoint, _ = await hooks.declare("flaky", answer=lambda _: next(answers))
@@ -212,7 +213,11 @@ async def test_answers_the_tool_refused_are_its_errors_and_failures_count(hooks:
     assert hub.breakers.state(name).failures == 4
     empty = await hooks.invoke(tool, title="a")
     assert (empty.text, empty.is_error, empty.HasField("result")) == ("", False, False)
-    assert len(endpoint.accepted) == 8
+    assert hub.breakers.state(name).failures == 0  # failures are counted in a row
+    error = await refused(hooks.invoke(tool, title="a"), CODE.UNAVAILABLE)
+    assert "HTTP 429" in (error.details() or "")  # it cannot take calls now: not the call's fault
+    assert hub.breakers.state(name).failures == 1
+    assert len(endpoint.accepted) == 9
     assert endpoint.bad == []
 
 
