@@ -39,6 +39,7 @@ from switchboard.integration.health import Prober, WebhookHealth, status_bytes
 from switchboard.integration.mapping import integration_name, integration_proto, name_of
 from switchboard.integration.store import IntegrationRecord, IntegrationStore
 from switchboard.integration.tools import Tools
+from switchboard.integration.webhooktools import check_tools
 from switchboard.platform import names, timefields
 from switchboard.platform.breaker import Breakers, BreakerState
 from switchboard.platform.cache import Cache
@@ -381,6 +382,15 @@ class IntegrationHub:
             raise RequestTooLarge(f"{field} is larger than {self.limits.max_config_bytes} bytes")
         return data
 
+    async def _checked_config(self, kind: int, value: struct_pb2.Struct, field: str) -> bytes:
+        """``_config``, and a webhook's declared tools checked (webhooktools.py)."""
+        data = self._config(value, field)
+        if kind == pb.INTEGRATION_KIND_WEBHOOK:
+            violations = Violations()
+            await check_tools(value, field, violations)
+            violations.check()
+        return data
+
     def _credential(
         self, kind: int, credential: str, field: str, violations: Violations, *, required: bool
     ) -> str | None:
@@ -425,7 +435,7 @@ class IntegrationHub:
                 field, f"must be at most {MAX_CALL_PRICE_MICROS:,} micro-units (1,000 units a call)"
             )
         elif value and kind == pb.INTEGRATION_KIND_WEBHOOK:
-            violations.add(field, "is only for integrations with tools; a webhook has none")
+            violations.add(field, "is not for webhooks: their tools are not priced")
         return value
 
     @classmethod
@@ -437,7 +447,7 @@ class IntegrationHub:
             violations.add(field, f"may price at most {MAX_TOOL_PRICES} tools")
             return {}
         if values and kind == pb.INTEGRATION_KIND_WEBHOOK:
-            violations.add(field, "is only for integrations with tools; a webhook has none")
+            violations.add(field, "is not for webhooks: their tools are not priced")
             return {}
         prices: dict[str, int] = {}
         for key in sorted(values):
@@ -534,7 +544,7 @@ class IntegrationHub:
             given.retry_safe_tools, "integration.retry_safe_tools", violations
         )
         violations.check()
-        config = self._config(given.config, "integration.config")
+        config = await self._checked_config(kind, given.config, "integration.config")
         endpoint = await self._endpoint(kind, given.endpoint, "integration.endpoint", violations)
         violations.check()
         if endpoint is None:  # _endpoint added the violation
@@ -641,7 +651,7 @@ class IntegrationHub:
             )
         violations.check()
         if "config" in paths:
-            changes["config"] = self._config(given.config, "integration.config")
+            changes["config"] = await self._checked_config(kind, given.config, "integration.config")
         if "endpoint" in paths:
             endpoint = await self._endpoint(
                 kind, given.endpoint, "integration.endpoint", violations

@@ -24,11 +24,12 @@ from google.rpc import code_pb2, status_pb2
 
 from switchboard.api.events.v1 import events_pb2
 from switchboard.api.integration.v1 import integration_pb2 as pb
-from switchboard.integration.connections import Connections, Limits, find
+from switchboard.integration.connections import NO_TOOLS, Connections, Limits, find
 from switchboard.integration.connectors import Malformed, ToolNotFound, ToolResult, ToolSpec
 from switchboard.integration.mapping import integration_name, name_of
 from switchboard.integration.schemas import Compiled, SchemaUnusable, compile_tools
 from switchboard.integration.store import IntegrationRecord, IntegrationStore
+from switchboard.integration.webhooktools import declares_tools
 from switchboard.platform import idempotency, jsonbounds, names, timefields
 from switchboard.platform.cache import Cache
 from switchboard.platform.errors import (
@@ -163,7 +164,7 @@ class Tools:
     async def list_tools(self, request: pb.ListToolsRequest) -> pb.ListToolsResponse:
         record = await find(self._store, request.parent, "parent")
         size = pagination.page_size(request.page_size, default=50, maximum=200)
-        if record.kind == pb.INTEGRATION_KIND_WEBHOOK:
+        if record.kind == pb.INTEGRATION_KIND_WEBHOOK and not declares_tools(record.config):
             return pb.ListToolsResponse()
         listed = await self._tool_list(record)
         tools = sorted(listed.tools.items())
@@ -221,8 +222,8 @@ class Tools:
             raise NotFound(f"{parent} not found")
         if record.disabled:
             raise FailedPrecondition(f"{parent} is disabled; enable it to call its tools")
-        if record.kind == pb.INTEGRATION_KIND_WEBHOOK:
-            raise FailedPrecondition(f"{parent} is a webhook; webhooks offer no tools")
+        if record.kind == pb.INTEGRATION_KIND_WEBHOOK and not declares_tools(record.config):
+            raise FailedPrecondition(f"{parent} is a webhook that declares no tools; {NO_TOOLS}")
         listed = await self._tool_list(record)
         tool = listed.tools.get(segment)
         if tool is None:
