@@ -581,4 +581,6 @@ async def _run(
     assert tools == {"desk__create_ticket"}
     (received,) = endpoint.accepted
     assert received.body == {"tool": "create_ticket", "arguments": {"title": "Printer"}}
+    # The run's call carries the key of this run and call, the same on any attempt.
+    assert received.headers["idempotency-key"] == idempotency.call_key(sent.run.name, "call_1")
     assert endpoint.bad == []
