@@ -117,6 +117,9 @@ def _extra_tools() -> list[types.Tool]:
 class _State:
     def __init__(self) -> None:
         self.cancelled: list[str] = []
+        #: Tags of the ``slow`` calls that reached the server, in arrival order (a call sent
+        #: again, with the same tag, is there twice).
+        self.started: list[str] = []
         self.extra = _extra_tools()
         self.dynamic: list[str] = []
         self.get_streams = 0
@@ -197,6 +200,7 @@ async def call_tool(  # noqa: PLR0912 - one branch per tool
         return types.CallToolResult(content=_text(message), structured_content={"echo": message})
     if name == "slow":
         tag = str(args["tag"])
+        STATE.started.append(tag)
         steps = 4
         try:
             for step in range(1, steps + 1):
@@ -226,6 +230,7 @@ async def call_tool(  # noqa: PLR0912 - one branch per tool
     if name == "stats":
         stats = {
             "cancelled": STATE.cancelled,
+            "started": STATE.started,
             "get_streams": STATE.get_streams,
             "initializes": STATE.initializes,
             "list_calls": STATE.list_calls,
