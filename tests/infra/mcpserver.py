@@ -8,8 +8,9 @@ and stops it from a test.
 Tools (listed three per page, so every listing takes several pages):
 
 - ``echo(message)``: the message as text and as ``{"echo": message}``.
-- ``slow(seconds, tag)``: reports progress four times over ``seconds``; a
-  cancellation is recorded under ``tag`` (``stats().cancelled``).
+- ``slow(seconds, tag)``: reports progress four times over ``seconds``; its
+  ``tag`` is recorded as it arrives (``stats().started``, once per call) and a
+  cancellation under it (``stats().cancelled``).
 - ``fail()``: a tool error (``isError``).
 - ``big(size)``: ``size`` characters of text.
 - ``media(kind)``: ``audio`` (a WAV, base64), ``bad-image`` (image content that
