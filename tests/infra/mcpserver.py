@@ -8,8 +8,9 @@ and stops it from a test.
 Tools (listed three per page, so every listing takes several pages):
 
 - ``echo(message)``: the message as text and as ``{"echo": message}``.
-- ``slow(seconds, tag)``: reports progress four times over ``seconds``; a
-  cancellation is recorded under ``tag`` (``stats().cancelled``).
+- ``slow(seconds, tag)``: reports progress four times over ``seconds``; its
+  ``tag`` is recorded as it arrives (``stats().started``, once per call) and a
+  cancellation under it (``stats().cancelled``).
 - ``fail()``: a tool error (``isError``).
 - ``big(size)``: ``size`` characters of text.
 - ``media(kind)``: ``audio`` (a WAV, base64), ``bad-image`` (image content that
@@ -121,6 +122,9 @@ def _extra_tools() -> list[types.Tool]:
 class _State:
     def __init__(self) -> None:
         self.cancelled: list[str] = []
+        #: Tags of the ``slow`` calls that reached the server, in arrival order (a call sent
+        #: again, with the same tag, is there twice).
+        self.started: list[str] = []
         self.extra = _extra_tools()
         self.dynamic: list[str] = []
         self.get_streams = 0
@@ -205,6 +209,7 @@ async def call_tool(  # noqa: PLR0912 - one branch per tool
         return types.CallToolResult(content=_text(message), structured_content={"echo": message})
     if name == "slow":
         tag = str(args["tag"])
+        STATE.started.append(tag)
         steps = 4
         try:
             for step in range(1, steps + 1):
@@ -234,6 +239,7 @@ async def call_tool(  # noqa: PLR0912 - one branch per tool
     if name == "stats":
         stats = {
             "cancelled": STATE.cancelled,
+            "started": STATE.started,
             "get_streams": STATE.get_streams,
             "initializes": STATE.initializes,
             "list_calls": STATE.list_calls,
