@@ -683,8 +683,9 @@ class RunTools:
                 stored = await self._store_result(index, position, result)
                 # The job keeps what the message names (stored files), not the bytes.
                 _named(result.files, stored)
+            # Rides on the journal's next write (the next step's, or the answer's): a
+            # crash before that stores these messages again, under the same request ids.
             self._journal.record(index).stored = True
-            await self._journal.checkpoint()
         except SwitchboardError as exc:
             # The run goes on; its messages are incomplete, which the final
             # answer's own store (the same database) will report if it persists.
