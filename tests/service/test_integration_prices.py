@@ -206,7 +206,7 @@ _KEY_RULE = "must be a tool's segment as ListTools names it"
         (mcp(tool_call_price_micros={"a~2fb": 1}), [f"{PRICES}[a~2fb]"]),
         # A key too long to quote is cut in the path.
         (mcp(tool_call_price_micros={"y" * 1000: 1}), [f"{PRICES}[{'y' * 160}...]"]),
-        # Webhooks have no tools to price.
+        # Webhook tools are not priced.
         (webhook(call_price_micros=1), ["integration.call_price_micros"]),
         (webhook(tool_call_price_micros={"echo": 1}), [PRICES]),
         # Every bad one at once, keys in order.

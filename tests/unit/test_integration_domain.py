@@ -185,7 +185,7 @@ async def test_the_connector_gets_the_credential_sealed_for_its_integration(
 
 async def test_a_webhook_has_no_connector(built: tuple[Connections, Built]) -> None:
     connections, _ = built
-    with pytest.raises(FailedPrecondition, match="webhooks offer no tools"):
+    with pytest.raises(FailedPrecondition, match="webhook that declares no tools"):
         connections.get(record(kind=pb.INTEGRATION_KIND_WEBHOOK))
 
 

@@ -70,7 +70,8 @@ class DispatcherSettings(Section):
         description="runs that were RUNNING when the dispatcher stopped: `resume` (continue "
         "from the run's journal: no model or tool call made again; a call whose outcome is "
         "unknown is sent again only to a retry-safe tool, else the run waits for a person), "
-        "`fail` (FAILED, `RUN_INTERRUPTED`) or `requeue` (run again from its stored steps); "
+        "`fail` (FAILED, `RUN_INTERRUPTED`) or `requeue` (as `resume`, but a call in flight is "
+        "sent again whatever its tool); "
         "queued runs always run",
     )
     dispatcher_default_handler: str = Field(
