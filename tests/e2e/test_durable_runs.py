@@ -197,11 +197,20 @@ class Tally:
     decisions: list[tuple[str, str, str]] = field(default_factory=list)
     #: Pauses that were not an outcome-unknown call (none expected).
     other_pauses: list[str] = field(default_factory=list)
+    #: run name -> what its watcher saw (streams opened, updates, errors), for failures.
+    trails: dict[str, list[str]] = field(default_factory=dict)
     #: Streams and calls that broke and were tried again.
     retries: Counter[str] = field(default_factory=Counter)
     ended: int = 0
     #: Notified at each run's end.
     progress: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+
+def _step(update: pb.RunUpdate) -> str:
+    kind = update.WhichOneof("update")
+    if kind == "state_change":
+        return f"{update.sequence} {pb.RunState.Name(update.state_change.run.state)}"
+    return f"{update.sequence} {kind}"
 
 
 class Load:
@@ -263,6 +272,8 @@ class Load:
         for attempt in itertools.count():
             assert time.monotonic() < deadline, f"{name} never ended"
             replica = self.pick(turn + attempt)
+            trail = self.tally.trails.setdefault(name, [])
+            trail.append(f"watch on {replica.name} after {after}")
             call = replica.stub.WatchRun(
                 pb.WatchRunRequest(name=name, after_sequence=after),
                 metadata=self.caller.md,
@@ -275,6 +286,7 @@ class Load:
                     update = frame.update
                     after = max(after, update.sequence)
                     kind = update.WhichOneof("update")
+                    trail.append(_step(update))
                     if kind == "result":
                         self.tally.results[name] = "".join(p.text for p in update.result.parts)
                     elif kind == "state_change":
@@ -291,6 +303,7 @@ class Load:
             except aio.AioRpcError as error:
                 if error.code() not in RETRYABLE:
                     raise
+                trail.append(error.code().name)
             self.tally.retries["WatchRun"] += 1
             await asyncio.sleep(0.1)  # retry backoff: the other replica, or this one back
 
@@ -605,7 +618,7 @@ async def test_two_hundred_runs_survive_sigkills_without_repeating_a_step(
         for text in runs
         if tally.results.get(runs[text]) != expected_answer(text)
     }
-    assert wrong_results == {}
+    assert wrong_results == {}, {text: tally.trails[runs[text]] for text in wrong_results}
     wrong_messages = {
         text: messages.get(ends[text].output_message)
         for text in runs
