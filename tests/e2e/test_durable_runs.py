@@ -94,6 +94,15 @@ ONCE_FUNCTION: Final = "once__count_once"
 TOOLS: Final = (re.compile(r"count_safe-ok:\w+"), re.compile(r"count_once-ok:\w+"))
 
 
+def run_id(name: str) -> str:
+    return name.rsplit("/", 1)[-1]
+
+
+def reopened(trail: list[str]) -> int:
+    """How many times a watcher's stream was opened again."""
+    return sum(line.startswith("watch on") for line in trail) - 1
+
+
 def expected_answer(text: str) -> str:
     return f"{text} done: count_safe-ok:{text} count_once-ok:{text}"
 
@@ -190,11 +199,14 @@ class Tally:
     #: message text -> run name, and the replica that accepted its SendMessage.
     runs: dict[str, str] = field(default_factory=dict)
     accepted_by: dict[str, str] = field(default_factory=dict)
-    #: run name -> its end as last seen, and the text of the last result seen.
+    #: run name -> its end as seen, and the text of each result seen (one per attempt
+    #: that answered while a stream of its watcher was open).
     ends: dict[str, pb.Run] = field(default_factory=dict)
-    results: dict[str, str] = field(default_factory=dict)
+    results: dict[str, list[str]] = field(default_factory=dict)
     #: (run, call id, decision) of each outcome-unknown call decided.
     decisions: list[tuple[str, str, str]] = field(default_factory=list)
+    #: Updates a watcher got that did not come after the one before (none expected).
+    backwards: list[str] = field(default_factory=list)
     #: Pauses that were not an outcome-unknown call (none expected).
     other_pauses: list[str] = field(default_factory=list)
     #: run name -> what its watcher saw (streams opened, updates, errors), for failures.
@@ -284,11 +296,14 @@ class Load:
                     if frame.WhichOneof("frame") != "update":
                         continue
                     update = frame.update
-                    after = max(after, update.sequence)
+                    if update.sequence <= after:
+                        self.tally.backwards.append(f"{name}: {update.sequence} after {after}")
+                    after = update.sequence
                     kind = update.WhichOneof("update")
                     trail.append(_step(update))
                     if kind == "result":
-                        self.tally.results[name] = "".join(p.text for p in update.result.parts)
+                        text = "".join(p.text for p in update.result.parts)
+                        self.tally.results.setdefault(name, []).append(text)
                     elif kind == "state_change":
                         run = update.state_change.run
                         if run.state in TERMINAL:
@@ -410,9 +425,7 @@ async def owner_of_a_call_in_flight(
             async with database.connect() as db:
                 workers = (
                     await db.execute(
-                        select(RunRow.worker).where(
-                            RunRow.id.in_([name.rsplit("/", 1)[-1] for name in runs])
-                        )
+                        select(RunRow.worker).where(RunRow.id.in_([run_id(name) for name in runs]))
                     )
                 ).scalars()
                 for worker in workers:
@@ -581,9 +594,7 @@ async def test_two_hundred_runs_survive_sigkills_without_repeating_a_step(
     ends = {text: tally.ends[name] for text, name in runs.items()}
     retaken = {text for text, name in runs.items() if ends[text].last_sequence >= SEQUENCE_BLOCK}
     by_other = {
-        text
-        for text in retaken
-        if stored[runs[text].rsplit("/", 1)[-1]][1] != tally.accepted_by[runs[text]]
+        text for text in retaken if stored[run_id(runs[text])][1] != tally.accepted_by[runs[text]]
     }
     decided = Counter(decision for _, _, decision in tally.decisions)
     reasked = Counter((a.text, a.step) for a in model.asked)
@@ -595,7 +606,9 @@ async def test_two_hundred_runs_survive_sigkills_without_repeating_a_step(
         f"outcome-unknown pauses decided {dict(decided)}; "
         f"model steps asked again {sum(n - 1 for n in reasked.values())}; "
         f"count_safe calls sent again {resent}; "
-        f"retries {dict(tally.retries)}"
+        f"retries {dict(tally.retries)}; "
+        f"runs whose result their watcher missed (ended while it was away) "
+        f"{sum(not tally.results.get(name) for name in runs.values())}"
     )
 
     assert len(runs) == RUNS
@@ -605,20 +618,32 @@ async def test_two_hundred_runs_survive_sigkills_without_repeating_a_step(
     assert retaken
     assert tally.decisions
     assert tally.other_pauses == []
-    # Every run succeeded with the answer of an undisturbed run, as its result and as
-    # its stored message.
+    # Each watcher's sequences only went up, across its streams and the takeovers.
+    assert tally.backwards == []
+    # Every run succeeded with the answer of an undisturbed run: its result as
+    # journaled, every result its watcher was shown, and its stored message.
     failed = {
         text: (pb.RunState.Name(r.state), r.error.message)
         for text, r in ends.items()
         if r.state != pb.RUN_STATE_SUCCEEDED
     }
     assert failed == {}
+    journaled_answers = {
+        text: "".join(p.text for p in stored[run_id(name)][0].answer.result.parts)
+        for text, name in runs.items()
+    }
+    assert {t: a for t, a in journaled_answers.items() if a != expected_answer(t)} == {}
     wrong_results = {
-        text: tally.results.get(runs[text])
-        for text in runs
-        if tally.results.get(runs[text]) != expected_answer(text)
+        text: tally.results[name]
+        for text, name in runs.items()
+        if set(tally.results.get(name, [])) - {expected_answer(text)}
     }
     assert wrong_results == {}, {text: tally.trails[runs[text]] for text in wrong_results}
+    # A watcher is shown the result unless the run ended while it was away and it came
+    # back to a replica that no longer held the run's updates (restarted): that one
+    # sends the run as stored (docs/dispatcher.md, "Several replicas").
+    unshown = [text for text, name in runs.items() if not tally.results.get(name)]
+    assert [text for text in unshown if reopened(tally.trails[runs[text]]) < 1] == []
     wrong_messages = {
         text: messages.get(ends[text].output_message)
         for text in runs
@@ -639,7 +664,7 @@ async def test_two_hundred_runs_survive_sigkills_without_repeating_a_step(
     # The model: never asked for a step after the journal recorded that step's answer.
     late: list[str] = []
     for text, name in runs.items():
-        job = stored[name.rsplit("/", 1)[-1]][0]
+        job = stored[run_id(name)][0]
         journaled = [record.response_id for record in job.step_records]
         journaled.append(job.answer.response_id)
         assert len(journaled) == 3, (text, job)
