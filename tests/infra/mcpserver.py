@@ -43,7 +43,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import anyio
 import mcp_types as types
@@ -311,6 +311,8 @@ class McpTestServer:
     """``python -m tests.infra.mcpserver`` in a subprocess, restartable on its port."""
 
     START_TIMEOUT_S = 20.0
+    #: The server's module (``python -m``); a sibling server names its own.
+    MODULE = "tests.infra.mcpserver"
 
     def __init__(self, extra_tools: list[dict[str, Any]] | None = None) -> None:
         self.port = 0
@@ -325,7 +327,7 @@ class McpTestServer:
         """Start the server (again, on the same port, after the first start)."""
         self.kill()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.infra.mcpserver", str(self.port)],
+            [sys.executable, "-m", self.MODULE, str(self.port)],
             cwd=ROOT,
             env={**os.environ, "MCP_TEST_SERVER_TOOLS": json.dumps(self._extra_tools)},
             stdout=subprocess.PIPE,
@@ -352,7 +354,7 @@ class McpTestServer:
         if self.proc.stdout is not None:
             self.proc.stdout.close()
 
-    def __enter__(self) -> McpTestServer:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
