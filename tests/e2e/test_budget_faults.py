@@ -364,7 +364,7 @@ async def test_fifty_messages_on_two_replicas_never_charge_past_the_cap(
     assert after.used == at_rest.used
 
 
-@pytest.mark.parametrize("recovery", ["requeue", "fail"])
+@pytest.mark.parametrize("recovery", ["resume", "fail"])
 async def test_a_replica_killed_holding_reservations_leaks_none(
     env: dict[str, str], database: AsyncEngine, recovery: str
 ) -> None:
@@ -413,7 +413,7 @@ async def test_a_replica_killed_holding_reservations_leaks_none(
                 await stored_running(stubs[1], caller, name)
             assert doomed.proc is not None
             doomed.proc.kill()  # SIGKILL while its calls hold: no release, no shutdown code
-            if recovery == "requeue":
+            if recovery == "resume":
                 # Taken over and run again on the survivor: its calls are in flight again.
                 await fake.wait_requests(2 * on_dead + on_survivor)
             else:
@@ -440,7 +440,7 @@ async def test_a_replica_killed_holding_reservations_leaks_none(
     assert not dead & {hold_id for hold_id, _, _ in taken.holds}
     assert all(taken.workers[run_id] == "replica-2" for _, run_id, _ in taken.holds)
     assert taken.held == sum(cost for _, _, cost in taken.holds)
-    in_flight = run_ids if recovery == "requeue" else run_ids[on_dead:]
+    in_flight = run_ids if recovery == "resume" else run_ids[on_dead:]
     assert sorted(run_id for _, run_id, _ in taken.holds) == sorted(in_flight)
     assert taken.used == 0
     # When they end, nothing is held; only the calls that finished were charged.

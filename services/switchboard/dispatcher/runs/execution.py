@@ -313,7 +313,7 @@ class Execution:
             if active.handler.kind != pb.HANDLER_KIND_BUILTIN:
                 await self._start_stored(active)
                 journal = self._open_journal(active)
-                if journal is not None and journal.job.HasField("answer"):
+                if journal.job.HasField("answer"):
                     # Answered before a crash: the answer is stored now, not asked again.
                     return await self._replay_answer(active, journal, left)
             request = handler_pb2.HandleRequest(
@@ -403,7 +403,7 @@ class Execution:
         )
         return output, result
 
-    def _open_journal(self, active: Active) -> Journal | None:
+    def _open_journal(self, active: Active) -> Journal:
         """The run's journal for this attempt; RUN_NOT_RESUMABLE when its handler
         is not the one its first attempt called."""
         job = active.job

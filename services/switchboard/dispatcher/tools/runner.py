@@ -337,12 +337,15 @@ class RunTools:
         unknown: list[hpb.ToolCall] = []
         for call in calls:
             tool = _tool_name(call)
-            integration = await self._integration(call)
-            if integration is None:
+            # Only what is gone ends the run; an outage of the hub fails it as one.
+            try:
+                integration = await self._port.integration(self._principal, call.integration)
+            except NotFound:
                 raise RunNotResumable(
                     f"the integration {call.integration} of call {call.id}, in flight when "
                     "the run was interrupted, is gone"
-                )
+                ) from None
+            self._integrations[call.integration] = integration
             try:
                 offered = await self._port.tools(self._principal, call.integration)
             except NotFound:
