@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, field_mask_pb2
 from grpc import aio
 
 from switchboard.api.integration.v1 import integration_pb2 as ipb
@@ -33,6 +33,40 @@ def webhook_secret() -> str:
 def expert(endpoint: str = "127.0.0.1:1", **fields: Any) -> ipb.Integration:
     fields.setdefault("display_name", "Expert")
     return ipb.Integration(kind=ipb.INTEGRATION_KIND_GRPC_HANDLER, endpoint=endpoint, **fields)
+
+
+def mcp(endpoint: str = "http://127.0.0.1:1/mcp", **fields: Any) -> ipb.Integration:
+    return ipb.Integration(kind=ipb.INTEGRATION_KIND_MCP_SERVER, endpoint=endpoint, **fields)
+
+
+async def update_integration(
+    stub: Stub, world: World, integration: ipb.Integration, *paths: str
+) -> ipb.Integration:
+    """UpdateIntegration by the workspace's owner, changing ``paths``."""
+    response = await stub.UpdateIntegration(
+        ipb.UpdateIntegrationRequest(
+            integration=integration, update_mask=field_mask_pb2.FieldMask(paths=list(paths))
+        ),
+        metadata=world.owner.md,
+        timeout=TIMEOUT_S,
+    )
+    return response.integration
+
+
+async def list_integrations(stub: Stub, world: World) -> list[ipb.Integration]:
+    """The workspace's integrations, as a viewer lists them (one page)."""
+    page = await stub.ListIntegrations(
+        ipb.ListIntegrationsRequest(parent=world.name), metadata=world.viewer.md, timeout=TIMEOUT_S
+    )
+    return list(page.integrations)
+
+
+@asynccontextmanager
+async def hub_world(database_url: str) -> AsyncIterator[tuple[SwitchboardServer, Stub, World]]:
+    """A server on ``database_url``, an integration stub and a workspace with its members."""
+    async with hub_mesh(database_url=database_url) as (server, channel):
+        world = await ctx_world(server, context_stub(channel))
+        yield server, integration_stub(channel), world
 
 
 def webhook(endpoint: str = "http://127.0.0.1:1/hook", **fields: Any) -> ipb.Integration:

@@ -7,11 +7,9 @@ stored. Each test runs on SQLite and on PostgreSQL."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2
 from grpc import aio
 from sqlalchemy import select
@@ -25,13 +23,20 @@ from tests.service.authkit import detail
 from tests.service.contextkit import (
     TIMEOUT_S,
     World,
-    context_stub,
-    ctx_world,
     refused,
     tap,
     violations,
 )
-from tests.service.integrationkit import Stub, create, expert, hub_mesh, integration_stub, webhook
+from tests.service.integrationkit import (
+    Stub,
+    create,
+    expert,
+    hub_world,
+    list_integrations,
+    mcp,
+    update_integration,
+    webhook,
+)
 
 CODE = grpc.StatusCode
 TOOLS = "integration.retry_safe_tools"
@@ -39,37 +44,10 @@ SEGMENT_RULE = "must be a tool's segment as ListTools names it"
 DUPLICATE = "names a tool an earlier entry names"
 
 
-def mcp(**fields: Any) -> ipb.Integration:
-    return ipb.Integration(
-        kind=ipb.INTEGRATION_KIND_MCP_SERVER, endpoint="http://127.0.0.1:1/mcp", **fields
-    )
-
-
 @pytest.fixture
 async def hub(database_url: str) -> AsyncIterator[tuple[SwitchboardServer, Stub, World]]:
-    async with hub_mesh(database_url=database_url) as (server, channel):
-        world = await ctx_world(server, context_stub(channel))
-        yield server, integration_stub(channel), world
-
-
-async def _update(
-    stub: Stub, world: World, integration: ipb.Integration, *paths: str
-) -> ipb.Integration:
-    response = await stub.UpdateIntegration(
-        ipb.UpdateIntegrationRequest(
-            integration=integration, update_mask=field_mask_pb2.FieldMask(paths=list(paths))
-        ),
-        metadata=world.owner.md,
-        timeout=TIMEOUT_S,
-    )
-    return response.integration
-
-
-async def _listed(stub: Stub, world: World) -> list[ipb.Integration]:
-    page = await stub.ListIntegrations(
-        ipb.ListIntegrationsRequest(parent=world.name), metadata=world.viewer.md, timeout=TIMEOUT_S
-    )
-    return list(page.integrations)
+    async with hub_world(database_url) as found:
+        yield found
 
 
 async def _stored(server: SwitchboardServer) -> list[tuple[str, bool, str]]:
@@ -105,9 +83,9 @@ async def test_retry_safety_is_stored_returned_listed_changed_and_announced(
             ipb.GetIntegrationRequest(name=made.name), metadata=world.viewer.md, timeout=TIMEOUT_S
         )
         assert got.integration == made
-        assert await _listed(stub, world) == [made]
+        assert await list_integrations(stub, world) == [made]
         # The whole integration: the tools named stay.
-        safe = await _update(
+        safe = await update_integration(
             stub,
             world,
             ipb.Integration(name=made.name, etag=made.etag, retry_safe=True),
@@ -115,7 +93,7 @@ async def test_retry_safety_is_stored_returned_listed_changed_and_announced(
         )
         assert (safe.retry_safe, list(safe.retry_safe_tools)) == (True, tools)
         # The list is replaced whole, in its order; the flag and the price stay.
-        replaced = await _update(
+        replaced = await update_integration(
             stub,
             world,
             ipb.Integration(name=made.name, retry_safe_tools=["refund", "charge-card"]),
@@ -127,12 +105,12 @@ async def test_retry_safety_is_stored_returned_listed_changed_and_announced(
         )
         assert replaced.call_price_micros == 7
         # No mask: the fields the request sets.
-        unmasked = await _update(
+        unmasked = await update_integration(
             stub, world, ipb.Integration(name=made.name, retry_safe_tools=["echo"])
         )
         assert (unmasked.retry_safe, list(unmasked.retry_safe_tools)) == (True, ["echo"])
         # Not safe again: both in the mask and unset.
-        unsafe = await _update(
+        unsafe = await update_integration(
             stub, world, ipb.Integration(name=made.name), "retry_safe", "retry_safe_tools"
         )
         assert (unsafe.retry_safe, list(unsafe.retry_safe_tools)) == (False, [])
@@ -173,7 +151,7 @@ async def test_every_kind_may_be_retry_safe_and_none_is_by_default(
     assert (plain.retry_safe, list(plain.retry_safe_tools)) == (False, [])
     assert (sage.retry_safe, list(sage.retry_safe_tools)) == (True, [])
     assert (hook.retry_safe, list(hook.retry_safe_tools)) == (False, ["notify"])
-    assert await _listed(stub, world) == [plain, sage, hook]
+    assert await list_integrations(stub, world) == [plain, sage, hook]
     assert await _stored(server) == [
         ("hook", False, "notify"),
         ("plain", False, ""),
@@ -231,7 +209,7 @@ async def test_bad_retry_safe_tools_are_named_and_nothing_is_stored(
     assert [field for field, _ in found] == [field for field, _ in said]
     for (_, description), (_, expected) in zip(found, said, strict=True):
         assert description.startswith(expected), description
-    assert await _listed(stub, world) == []
+    assert await list_integrations(stub, world) == []
     assert await _stored(server) == []
 
 
@@ -267,7 +245,9 @@ async def test_a_bad_retry_safe_tool_in_an_update_changes_nothing(
     ]
     with tap(server) as events:
         for integration, paths, fields in cases:
-            error = await refused(_update(stub, world, integration, *paths), CODE.INVALID_ARGUMENT)
+            error = await refused(
+                update_integration(stub, world, integration, *paths), CODE.INVALID_ARGUMENT
+            )
             assert violations(error) == fields, paths
         assert not [
             e
@@ -275,5 +255,5 @@ async def test_a_bad_retry_safe_tool_in_an_update_changes_nothing(
             if e.type == events_pb2.EVENT_TYPE_INTEGRATION_CHANGED
             and e.integration_changed.change != events_pb2.CHANGE_KIND_CREATED
         ]
-    assert await _listed(stub, world) == [made]
+    assert await list_integrations(stub, world) == [made]
     assert await _stored(server) == [("tools", False, "echo")]
