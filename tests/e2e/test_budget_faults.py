@@ -32,8 +32,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc import aio
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.pool import NullPool
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
@@ -90,13 +89,9 @@ def env(tmp_path: Path, postgres_url: str, redis_server: RedisServer) -> dict[st
 
 
 @pytest.fixture
-async def database(postgres_url: str) -> AsyncIterator[AsyncEngine]:
+def database(postgres_engine: AsyncEngine) -> AsyncEngine:
     """The replicas' database, read by the test."""
-    engine = create_async_engine(postgres_url, poolclass=NullPool)
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
+    return postgres_engine
 
 
 @asynccontextmanager

@@ -33,7 +33,7 @@ import random
 import re
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -43,8 +43,7 @@ import httpx
 import pytest
 from grpc import aio
 from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.pool import NullPool
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
@@ -474,13 +473,9 @@ def env(tmp_path: Path, postgres_url: str, redis_server: RedisServer) -> dict[st
 
 
 @pytest.fixture
-async def database(postgres_url: str) -> AsyncIterator[AsyncEngine]:
-    """The replicas' database, read by the test (the journals, who holds which run)."""
-    engine = create_async_engine(postgres_url, poolclass=NullPool)
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
+def database(postgres_engine: AsyncEngine) -> AsyncEngine:
+    """The replicas' database, read by the test."""
+    return postgres_engine
 
 
 async def sign_up(address: str) -> Caller:

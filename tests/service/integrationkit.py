@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,7 +15,9 @@ from grpc import aio
 
 from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.api.integration.v1 import integration_pb2_grpc
+from switchboard.integration.store import IntegrationRecord
 from switchboard.mesh import create_server
+from switchboard.platform.names import now
 from switchboard.platform.rpc.server import SwitchboardServer
 from tests.conftest import make_settings
 from tests.service.contextkit import TIMEOUT_S, Caller, World, context_stub, ctx_world
@@ -33,6 +36,36 @@ def webhook_secret() -> str:
 def expert(endpoint: str = "127.0.0.1:1", **fields: Any) -> ipb.Integration:
     fields.setdefault("display_name", "Expert")
     return ipb.Integration(kind=ipb.INTEGRATION_KIND_GRPC_HANDLER, endpoint=endpoint, **fields)
+
+
+def integration_record(**changes: Any) -> IntegrationRecord:
+    """An integration as the store hands it out: a gRPC expert ``w/i`` never probed,
+    with ``changes``."""
+    stamp = now()
+    made = IntegrationRecord(
+        workspace_id="w",
+        id="i",
+        kind=ipb.INTEGRATION_KIND_GRPC_HANDLER,
+        display_name="I",
+        endpoint="127.0.0.1:50051",
+        call_timeout_ms=0,
+        config=b"",
+        event_types=(),
+        credential=None,
+        previous_credential=None,
+        previous_until=None,
+        disabled=False,
+        creator="users/u",
+        created_at=stamp,
+        updated_at=stamp,
+        version=1,
+        health=0,
+        health_since=None,
+        last_probe_at=None,
+        last_error=b"",
+        failures=0,
+    )
+    return dataclasses.replace(made, **changes)
 
 
 def mcp(endpoint: str = "http://127.0.0.1:1/mcp", **fields: Any) -> ipb.Integration:

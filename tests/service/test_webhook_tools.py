@@ -8,7 +8,6 @@ test says; the model is the local Chat Completions server (tests/fakes/openai_se
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -54,6 +53,7 @@ from tests.service.integrationkit import (
     Stub,
     create,
     hub_mesh,
+    integration_record,
     integration_stub,
     webhook,
     webhook_secret,
@@ -412,31 +412,16 @@ BOX = SecretBox("webhook-tools-test")
 
 
 def record(endpoint: str, secret: str, **changes: Any) -> IntegrationRecord:
-    stamp = now()
-    made = IntegrationRecord(
-        workspace_id="w",
-        id="desk",
-        kind=ipb.INTEGRATION_KIND_WEBHOOK,
-        display_name="Desk",
-        endpoint=endpoint,
-        call_timeout_ms=0,
-        config=config(TOOLS).SerializeToString(deterministic=True),
-        event_types=(),
-        credential=BOX.seal(secret, purpose=NAME),
-        previous_credential=None,
-        previous_until=None,
-        disabled=False,
-        creator="users/u",
-        created_at=stamp,
-        updated_at=stamp,
-        version=1,
-        health=0,
-        health_since=None,
-        last_probe_at=None,
-        last_error=b"",
-        failures=0,
-    )
-    return dataclasses.replace(made, **changes)
+    """The webhook ``w/desk`` declaring ``TOOLS``, its credential sealed as stored."""
+    fields: dict[str, Any] = {
+        "id": "desk",
+        "kind": ipb.INTEGRATION_KIND_WEBHOOK,
+        "display_name": "Desk",
+        "endpoint": endpoint,
+        "config": config(TOOLS).SerializeToString(deterministic=True),
+        "credential": BOX.seal(secret, purpose=NAME),
+    }
+    return integration_record(**(fields | changes))
 
 
 def factory(egress: EgressPolicy) -> Any:
