@@ -6,6 +6,7 @@ file, or the SWITCHBOARD_* variable), never a traceback and never a secret.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import queue
 import signal
@@ -177,7 +178,8 @@ def test_serve_refuses_a_bad_setting_by_name(
     def started(*_: object, **__: object) -> int:
         raise AssertionError("the server started: the setting was not refused first")
 
-    monkeypatch.setattr(switchboard_cli.asyncio, "run", started)
+    # The command starts its server with asyncio.run; a refusal comes before it.
+    monkeypatch.setattr(asyncio, "run", started)
     code = switchboard_cli.main(["serve", "--dev", "--port", "0"])
     _refusal_is_clean(code, capsys.readouterr().err, named)
 
