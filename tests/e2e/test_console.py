@@ -1272,6 +1272,21 @@ def _slow_calls_started(server: Server, user: User, integration: str) -> list[st
     return [tag.string_value for tag in answer.result.fields["started"].list_value.values]
 
 
+def _until_paused(server: Server, user: User, run: str) -> None:
+    """Return once ``run`` waits for a person (its WatchRun says REQUIRES_ACTION)."""
+    for response in server.dispatcher.WatchRun(
+        dispatcher_pb2.WatchRunRequest(name=run), metadata=user.md, timeout=60
+    ):
+        update = response.update
+        if (
+            response.WhichOneof("frame") == "update"
+            and update.WhichOneof("update") == "state_change"
+            and update.state_change.run.state == dispatcher_pb2.RUN_STATE_REQUIRES_ACTION
+        ):
+            return
+    pytest.fail(f"{run} ended its watch without pausing")
+
+
 def test_a_call_in_flight_at_a_crash_is_decided_on_the_page(
     stack: Stack, chromium: Chromium, server: Server
 ) -> None:
@@ -1351,6 +1366,10 @@ def test_a_call_in_flight_at_a_crash_is_decided_on_the_page(
             assert time.monotonic() < deadline, _slow_calls_started(server, user, integration.name)
             time.sleep(0.05)  # polling the tool server: it has no way to announce a call
         stack.crash_server()
+        # Every run paused before the page opens: one still pausing would redraw the
+        # approvals while the test reads them.
+        for run in runs:
+            _until_paused(server, user, run)
 
         with chromium.open(stack.origin + "/") as browser:
             sign_in(browser, user.email)
@@ -1360,7 +1379,7 @@ def test_a_call_in_flight_at_a_crash_is_decided_on_the_page(
             open_conversation(browser, workspace, conversations[0])
             pending = f"{tid('approval', run=done)} {tid('pending-call', outcome_unknown='true')}"
             browser.wait_for(pending)
-            shown = browser.eval("(s) => document.querySelector(s).textContent", pending)
+            shown = browser.eval("(s) => document.querySelector(s)?.textContent ?? ''", pending)
             assert "in flight when the server stopped" in shown
             assert "may or may not have happened" in shown
             assert browser.count(f"{tid('approval', run=done)} {tid('approve')}") == 0
