@@ -16,7 +16,8 @@ What it does depends on the message's first word:
 - anything else: ``you said`` and the text, in chunks.
 
 Every execute, cancel and subscribe is written to ``--side-effects`` as a line,
-so a test can see what reached the agent. With ``--token`` a message without
+so a test can see what reached the agent; each execute is preceded by a line
+``message <task id> <message id>`` (the id a client dedupes by). With ``--token`` a message without
 ``authorization: Bearer <token>`` is rejected (the task ends ``rejected``).
 """
 
@@ -68,6 +69,8 @@ class Agent(AgentExecutor):
         assert context.task_id is not None
         assert context.context_id is not None
         text = context.get_user_input()
+        assert context.message is not None
+        self.record(f"message {context.task_id} {context.message.message_id}")
         self.record(f"execute {context.task_id} {context.context_id} {text}")
         task = context.current_task
         if task is None:

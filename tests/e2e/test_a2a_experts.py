@@ -29,6 +29,7 @@ from switchboard.api.handler.v1 import handler_pb2
 from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.integration.remote_a2a import TOOL_NAME, A2AAgent, A2AAgentConnector
 from switchboard.platform.errors import DestinationBlocked
+from switchboard.platform.idempotency import call_key, handler_key
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.security.egress import EgressPolicy
 from tests.e2e.a2aproc import A2AAgentProcess
@@ -155,6 +156,8 @@ async def test_an_agent_registered_at_runtime_answers_runs_and_asks_for_input(
     # The credential reached the agent (it rejects a message without it).
     line = await agent.wait_for_line(lambda text: text.endswith("hello there"))
     assert line.split()[2] == first["context"]
+    # The message id is the run's idempotency key, the same on every attempt.
+    assert f"message {first['task']} {handler_key(sent.run.name)}" in agent.lines()
 
     # Input-required: the run's answer is the question; the next message answers it.
     sent = await send(dstub, world.editor, request(conversation, "ask", handler=handler))
@@ -174,6 +177,8 @@ async def test_an_agent_registered_at_runtime_answers_runs_and_asks_for_input(
     assert seen.text == "hello Ada"
     answered = _task_of(_result(seen.updates))
     assert answered == {**waiting, "state": "completed"}  # the same task, continued
+    # Continued under the continuing run's own key.
+    assert f"message {answered['task']} {handler_key(sent.run.name)}" in agent.lines()
 
     # A failed task fails the run with the agent's reason.
     sent = await send(dstub, world.editor, request(conversation, "fail", handler=handler))
@@ -322,18 +327,34 @@ async def test_the_connector_probes_lists_and_calls_the_agent(agent: A2AAgentPro
         await connector.probe(5)
         tools = await connector.list_tools(5)
         assert [(tool.name, tool.title) for tool in tools] == [(TOOL_NAME, "Test agent")]
+        key = call_key("workspaces/w1/runs/r1", "call-1")
         result = await connector.call_tool(
-            TOOL_NAME, {"input": "a tool call"}, timeout_s=10, max_result_bytes=10_000
+            TOOL_NAME,
+            {"input": "a tool call"},
+            timeout_s=10,
+            max_result_bytes=10_000,
+            idempotency_key=key,
         )
         assert not result.is_error
         assert result.text == "you said a tool call"
         assert result.structured is not None
         assert result.structured["a2a_task"]["state"] == "completed"
+        # The call's idempotency key is the message id.
+        task = result.structured["a2a_task"]["task"]
+        assert f"message {task} {key}" in agent.lines()
         failed = await connector.call_tool(
             TOOL_NAME, {"input": "fail"}, timeout_s=10, max_result_bytes=10_000
         )
         assert failed.is_error
         assert failed.text.endswith("failed the task: cannot do that")
+        # Without a key, an id of its own for each call.
+        unkeyed = await connector.call_tool(
+            TOOL_NAME, {"input": "no key"}, timeout_s=10, max_result_bytes=10_000
+        )
+        assert unkeyed.structured is not None
+        task = unkeyed.structured["a2a_task"]["task"]
+        (line,) = [line for line in agent.lines() if line.startswith(f"message {task} ")]
+        assert line.split()[2] not in {"", key}
     finally:
         await connector.close()
     # Without the credential the agent rejects the message: an error result, not an outage.

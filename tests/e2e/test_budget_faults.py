@@ -32,8 +32,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc import aio
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.pool import NullPool
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
@@ -90,13 +89,9 @@ def env(tmp_path: Path, postgres_url: str, redis_server: RedisServer) -> dict[st
 
 
 @pytest.fixture
-async def database(postgres_url: str) -> AsyncIterator[AsyncEngine]:
+def database(postgres_engine: AsyncEngine) -> AsyncEngine:
     """The replicas' database, read by the test."""
-    engine = create_async_engine(postgres_url, poolclass=NullPool)
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
+    return postgres_engine
 
 
 @asynccontextmanager
@@ -364,7 +359,7 @@ async def test_fifty_messages_on_two_replicas_never_charge_past_the_cap(
     assert after.used == at_rest.used
 
 
-@pytest.mark.parametrize("recovery", ["requeue", "fail"])
+@pytest.mark.parametrize("recovery", ["resume", "fail"])
 async def test_a_replica_killed_holding_reservations_leaks_none(
     env: dict[str, str], database: AsyncEngine, recovery: str
 ) -> None:
@@ -413,7 +408,7 @@ async def test_a_replica_killed_holding_reservations_leaks_none(
                 await stored_running(stubs[1], caller, name)
             assert doomed.proc is not None
             doomed.proc.kill()  # SIGKILL while its calls hold: no release, no shutdown code
-            if recovery == "requeue":
+            if recovery == "resume":
                 # Taken over and run again on the survivor: its calls are in flight again.
                 await fake.wait_requests(2 * on_dead + on_survivor)
             else:
@@ -440,7 +435,7 @@ async def test_a_replica_killed_holding_reservations_leaks_none(
     assert not dead & {hold_id for hold_id, _, _ in taken.holds}
     assert all(taken.workers[run_id] == "replica-2" for _, run_id, _ in taken.holds)
     assert taken.held == sum(cost for _, _, cost in taken.holds)
-    in_flight = run_ids if recovery == "requeue" else run_ids[on_dead:]
+    in_flight = run_ids if recovery == "resume" else run_ids[on_dead:]
     assert sorted(run_id for _, run_id, _ in taken.holds) == sorted(in_flight)
     assert taken.used == 0
     # When they end, nothing is held; only the calls that finished were charged.

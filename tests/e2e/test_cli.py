@@ -6,6 +6,7 @@ file, or the SWITCHBOARD_* variable), never a traceback and never a secret.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import queue
 import signal
@@ -18,6 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from switchboard import cli as switchboard_cli
 from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.platform.security.accesstokens import load_key_ring
 from tests.e2e.procs import START_TIMEOUT_S, cli
@@ -93,67 +95,101 @@ def test_keygen_explains_a_path_it_cannot_use(
 SECRET = "sk-live-do-not-print-me"
 
 
-@pytest.mark.parametrize(
-    ("variables", "named"),
-    [
-        ({"SWITCHBOARD_SECRET_KEY": SECRET[:12]}, "SWITCHBOARD_SECRET_KEY must be at least 32"),
-        ({"SWITCHBOARD_PROT": "50052"}, "SWITCHBOARD_PROT is not a setting; did you mean"),
-        ({"SWITCHBOARD_LLM_BASE_URL": "http://127.0.0.1:9/v1"}, "SWITCHBOARD_LLM_MODEL is missing"),
-        ({"SWITCHBOARD_LLM_API_KEY": SECRET}, "SWITCHBOARD_LLM_API_KEY needs"),
-        ({"SWITCHBOARD_DISPATCHER_ROUTES": "weather"}, "SWITCHBOARD_DISPATCHER_ROUTES: route"),
-        (
-            {"SWITCHBOARD_DISPATCHER_ROUTES": "/w=nosuch"},
-            "SWITCHBOARD_DISPATCHER_ROUTES: no handler",
-        ),
-        (
-            {"SWITCHBOARD_DISPATCHER_REMOTE_HANDLERS": "weather"},
-            "SWITCHBOARD_DISPATCHER_REMOTE_HANDLERS: remote handler",
-        ),
-        (
-            {"SWITCHBOARD_DISPATCHER_REMOTE_HANDLERS": "echo=127.0.0.1:9"},
-            "SWITCHBOARD_DISPATCHER_REMOTE_HANDLERS: two handlers claim the id 'echo'",
-        ),
-        (
-            {
-                "SWITCHBOARD_LLM_BASE_URL": "http://127.0.0.1:9/v1",
-                "SWITCHBOARD_LLM_MODEL": "m-1",
-                "SWITCHBOARD_LLM_FALLBACKS": f'[{{"name": "b", "api_key": "{SECRET}"',
-            },
-            "SWITCHBOARD_LLM_FALLBACKS: ",
-        ),
-        (
-            {
-                "SWITCHBOARD_LLM_BASE_URL": "http://127.0.0.1:9/v1",
-                "SWITCHBOARD_LLM_MODEL": "m-1",
-                "SWITCHBOARD_LLM_PRICES": '{"m-1": {"input_per_mtok": "free"}}',
-            },
-            "SWITCHBOARD_LLM_PRICES: ",
-        ),
-        ({"SWITCHBOARD_DISPATCHER_BLOCKLIST": "re:("}, "SWITCHBOARD_DISPATCHER_BLOCKLIST: "),
-        ({"SWITCHBOARD_CONTEXT_TOKENIZER": "nosuch"}, "SWITCHBOARD_CONTEXT_TOKENIZER: unknown"),
-        (
-            {"SWITCHBOARD_REDIS_URL": f"redis://:{SECRET}@cache:port/0"},
-            "SWITCHBOARD_REDIS_URL: not a valid Redis URL",
-        ),
-        (
-            {"SWITCHBOARD_DATABASE_URL": f"postgresql+asyncpg://app:{SECRET}@127.0.0.1:9/app"},
-            "SWITCHBOARD_DATABASE_URL: cannot open the database",
-        ),
-        (
-            {"SWITCHBOARD_DATABASE_URL": "sqlite+aiosqlite:////nonexistent/dir/x.db"},
-            "SWITCHBOARD_DATABASE_URL: ",
-        ),
-    ],
-)
+#: Refused while the settings are read, before anything starts: checked in this process
+#: through the command's own entry point (a process each would cost seconds to import the
+#: server), and one of them, below, through the real command.
+REFUSED_EARLY = [
+    ({"SWITCHBOARD_SECRET_KEY": SECRET[:12]}, "SWITCHBOARD_SECRET_KEY must be at least 32"),
+    ({"SWITCHBOARD_PROT": "50052"}, "SWITCHBOARD_PROT is not a setting; did you mean"),
+    ({"SWITCHBOARD_LLM_BASE_URL": "http://127.0.0.1:9/v1"}, "SWITCHBOARD_LLM_MODEL is missing"),
+    ({"SWITCHBOARD_LLM_API_KEY": SECRET}, "SWITCHBOARD_LLM_API_KEY needs"),
+    ({"SWITCHBOARD_DISPATCHER_ROUTES": "weather"}, "SWITCHBOARD_DISPATCHER_ROUTES: route"),
+    (
+        {"SWITCHBOARD_DISPATCHER_REMOTE_HANDLERS": "weather"},
+        "SWITCHBOARD_DISPATCHER_REMOTE_HANDLERS: remote handler",
+    ),
+    (
+        {
+            "SWITCHBOARD_LLM_BASE_URL": "http://127.0.0.1:9/v1",
+            "SWITCHBOARD_LLM_MODEL": "m-1",
+            "SWITCHBOARD_LLM_FALLBACKS": f'[{{"name": "b", "api_key": "{SECRET}"',
+        },
+        "SWITCHBOARD_LLM_FALLBACKS: ",
+    ),
+    (
+        {
+            "SWITCHBOARD_LLM_BASE_URL": "http://127.0.0.1:9/v1",
+            "SWITCHBOARD_LLM_MODEL": "m-1",
+            "SWITCHBOARD_LLM_PRICES": '{"m-1": {"input_per_mtok": "free"}}',
+        },
+        "SWITCHBOARD_LLM_PRICES: ",
+    ),
+    ({"SWITCHBOARD_DISPATCHER_BLOCKLIST": "re:("}, "SWITCHBOARD_DISPATCHER_BLOCKLIST: "),
+    (
+        {"SWITCHBOARD_REDIS_URL": f"redis://:{SECRET}@cache:port/0"},
+        "SWITCHBOARD_REDIS_URL: not a valid Redis URL",
+    ),
+]
+#: Refused once the server starts (it opens its database): the real command.
+REFUSED_AT_START = [
+    (
+        {"SWITCHBOARD_DATABASE_URL": f"postgresql+asyncpg://app:{SECRET}@127.0.0.1:9/app"},
+        "SWITCHBOARD_DATABASE_URL: cannot open the database",
+    ),
+    (
+        {"SWITCHBOARD_DATABASE_URL": "sqlite+aiosqlite:////nonexistent/dir/x.db"},
+        "SWITCHBOARD_DATABASE_URL: ",
+    ),
+    ({"SWITCHBOARD_SECRET_KEY": SECRET[:12]}, "SWITCHBOARD_SECRET_KEY must be at least 32"),
+    (
+        {"SWITCHBOARD_DISPATCHER_ROUTES": "/w=nosuch"},
+        "SWITCHBOARD_DISPATCHER_ROUTES: no handler",
+    ),
+    (
+        {"SWITCHBOARD_DISPATCHER_REMOTE_HANDLERS": "echo=127.0.0.1:9"},
+        "SWITCHBOARD_DISPATCHER_REMOTE_HANDLERS: two handlers claim the id 'echo'",
+    ),
+    ({"SWITCHBOARD_CONTEXT_TOKENIZER": "nosuch"}, "SWITCHBOARD_CONTEXT_TOKENIZER: unknown"),
+]
+
+
+def _refusal_is_clean(code: int, stderr: str, named: str) -> None:
+    assert code == EXIT_CONFIG, stderr[-2000:]
+    assert named in stderr
+    assert "Traceback" not in stderr
+    assert SECRET not in stderr
+    assert SECRET[:12] not in stderr
+
+
+@pytest.mark.parametrize(("variables", "named"), REFUSED_EARLY)
 def test_serve_refuses_a_bad_setting_by_name(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    variables: dict[str, str],
+    named: str,
+) -> None:
+    for key in [k for k in os.environ if k.upper().startswith("SWITCHBOARD_")]:
+        monkeypatch.delenv(key)
+    for key, value in _env(tmp_path, **variables).items():
+        if key.upper().startswith("SWITCHBOARD_"):
+            monkeypatch.setenv(key, value)
+
+    def started(*_: object, **__: object) -> int:
+        raise AssertionError("the server started: the setting was not refused first")
+
+    # The command starts its server with asyncio.run; a refusal comes before it.
+    monkeypatch.setattr(asyncio, "run", started)
+    code = switchboard_cli.main(["serve", "--dev", "--port", "0"])
+    _refusal_is_clean(code, capsys.readouterr().err, named)
+
+
+@pytest.mark.parametrize(("variables", "named"), REFUSED_AT_START)
+def test_the_command_refuses_a_bad_setting_by_name(
     tmp_path: Path, variables: dict[str, str], named: str
 ) -> None:
     done = cli("serve", "--dev", "--port", "0", env=_env(tmp_path, **variables))
-    assert done.returncode == EXIT_CONFIG, done.stderr[-2000:]
-    assert named in done.stderr
-    assert "Traceback" not in done.stderr
-    assert SECRET not in done.stderr
-    assert SECRET[:12] not in done.stderr
+    _refusal_is_clean(done.returncode, done.stderr, named)
 
 
 def test_migrate_names_a_database_it_cannot_open(tmp_path: Path) -> None:

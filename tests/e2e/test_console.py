@@ -24,6 +24,9 @@ one step at a time, and checks what the page shows against the server's own answ
 - Integrations and approvals: an MCP integration's health and circuit, updated live when
   its server goes away; a run paused for approval, denied with a reason and approved from
   the page, then completing.
+- Outcome unknown: runs whose calls to a tool not marked retry-safe were in flight when the
+  server was killed (SIGKILL) pause after the restart, and the page decides them with
+  Retry, Mark done (its result required) and Fail run instead of Approve and Deny.
 - Sessions: the session survives a reload (one renewal, the refresh token rotated); a
   duplicated tab leaves the session to its original; a replaced server that refuses the
   old access token gets exactly one more renewal while the streams resume; the spent
@@ -40,6 +43,7 @@ import json
 import os
 import queue
 import re
+import signal
 import socket
 import ssl
 import struct
@@ -136,6 +140,20 @@ class Stack:
         self.serve.start()
         self.upstream.retarget(self.serve.port)
         self.restarts.append(time.monotonic() - started)
+
+    def crash_server(self) -> None:
+        """SIGKILL the server mid-work, then a new process as the same dispatcher instance
+        (`SWITCHBOARD_INSTANCE_ID`) on the same database and signing key: at start it takes
+        its runs back and recovers them by the default policy (`resume`)."""
+        instance = self.serve.env["SWITCHBOARD_INSTANCE_ID"]
+        self.upstream.retarget(0)
+        assert self.serve.proc is not None
+        self.serve.proc.kill()
+        assert self.serve.proc.wait(timeout=30) == -signal.SIGKILL
+        self.serve.__exit__(None, None, None)
+        self.serve = ServeProcess("--dev", env={**self.env, "SWITCHBOARD_INSTANCE_ID": instance})
+        self.serve.start()
+        self.upstream.retarget(self.serve.port)
 
 
 @pytest.fixture(scope="module")
@@ -1241,6 +1259,191 @@ def test_integrations_show_their_status_live_and_tool_calls_wait_for_approval(
                 tid("integration", name=integration),
             )
             assert shown == status.last_error.message
+            assert problems(browser) == []
+
+
+def _slow_calls_started(server: Server, user: User, integration: str) -> list[str]:
+    """The tags of the ``slow`` calls the MCP test server has received, in order."""
+    answer = server.integration.InvokeTool(
+        integration_pb2.InvokeToolRequest(name=f"{integration}/tools/stats"),
+        metadata=user.md,
+        timeout=CALL_S,
+    )
+    return [tag.string_value for tag in answer.result.fields["started"].list_value.values]
+
+
+def _until_paused(server: Server, user: User, run: str) -> None:
+    """Return once ``run`` waits for a person (its WatchRun says REQUIRES_ACTION)."""
+    for response in server.dispatcher.WatchRun(
+        dispatcher_pb2.WatchRunRequest(name=run), metadata=user.md, timeout=60
+    ):
+        update = response.update
+        if (
+            response.WhichOneof("frame") == "update"
+            and update.WhichOneof("update") == "state_change"
+            and update.state_change.run.state == dispatcher_pb2.RUN_STATE_REQUIRES_ACTION
+        ):
+            return
+    pytest.fail(f"{run} ended its watch without pausing")
+
+
+def test_a_call_in_flight_at_a_crash_is_decided_on_the_page(
+    stack: Stack, chromium: Chromium, server: Server
+) -> None:
+    """Three runs, in three conversations, each call a slow MCP tool whose integration is
+    not marked retry-safe; the server is killed (SIGKILL) once the tool server has every
+    call, and started again as the same instance. Each run resumes from its journal and
+    pauses at its call, whose outcome is unknown. The page explains that and offers Retry,
+    Mark done and Fail run, never Approve or Deny: Mark done stays disabled until a result
+    is typed, and the model is given that result; Retry sends the call again (the tool
+    server sees it a second time); Fail run ends the run FAILED with TOOL_OUTCOME_UNKNOWN.
+    The server stored each decision as the page sent it."""
+    user = server.register("unknown")
+    workspace, first = server.workspace(user, f"unknown-{os.getpid()}")
+    conversations = [first] + [
+        server.context.CreateConversation(
+            context_pb2.CreateConversationRequest(
+                parent=workspace, conversation=context_pb2.Conversation(title=title)
+            ),
+            metadata=user.md,
+            timeout=CALL_S,
+        ).conversation.name
+        for title in ("Retried", "Failed")
+    ]
+    with McpTestServer() as mcp:
+        # retry_safe left false: a call in flight at a crash waits for a person.
+        integration = server.integration.CreateIntegration(
+            integration_pb2.CreateIntegrationRequest(
+                parent=workspace,
+                integration_id="booking",
+                integration=integration_pb2.Integration(
+                    display_name="Bookings",
+                    kind=integration_pb2.INTEGRATION_KIND_MCP_SERVER,
+                    endpoint=mcp.url,
+                ),
+            ),
+            metadata=user.md,
+            timeout=CALL_S,
+        ).integration
+        assert not integration.retry_safe
+        server.dispatcher.CreateAssistant(
+            dispatcher_pb2.CreateAssistantRequest(
+                parent=workspace,
+                assistant_id="booker",
+                assistant=dispatcher_pb2.Assistant(
+                    display_name="Booker",
+                    tools=[
+                        dispatcher_pb2.AssistantTools(integration=integration.name, tools=["slow"])
+                    ],
+                    workspace_default=True,
+                ),
+            ),
+            metadata=user.md,
+            timeout=CALL_S,
+        )
+        tags = ["done", "retried", "failed"]
+        runs = [
+            server.dispatcher.SendMessage(
+                dispatcher_pb2.SendMessageRequest(
+                    conversation=conversation,
+                    message=context_pb2.Message(
+                        parts=[
+                            context_pb2.ContentPart(
+                                text=f'call booking__slow {{"seconds": 8, "tag": "{tag}"}}'
+                            )
+                        ]
+                    ),
+                ),
+                metadata=user.md,
+                timeout=CALL_S,
+            ).run.name
+            for conversation, tag in zip(conversations, tags, strict=True)
+        ]
+        # A call is journaled as sent before it goes out: once the tool server has all
+        # three, each is in flight with no result.
+        deadline = time.monotonic() + 60
+        while sorted(_slow_calls_started(server, user, integration.name)) != sorted(tags):
+            assert time.monotonic() < deadline, _slow_calls_started(server, user, integration.name)
+            time.sleep(0.05)  # polling the tool server: it has no way to announce a call
+        stack.crash_server()
+        # Every run paused before the page opens: one still pausing would redraw the
+        # approvals while the test reads them.
+        for run in runs:
+            _until_paused(server, user, run)
+
+        with chromium.open(stack.origin + "/") as browser:
+            sign_in(browser, user.email)
+            done, retried, failed = runs
+
+            # Mark done: the result is required, and is what the model is given.
+            open_conversation(browser, workspace, conversations[0])
+            pending = f"{tid('approval', run=done)} {tid('pending-call', outcome_unknown='true')}"
+            browser.wait_for(pending)
+            shown = browser.eval("(s) => document.querySelector(s)?.textContent ?? ''", pending)
+            assert "in flight when the server stopped" in shown
+            assert "may or may not have happened" in shown
+            assert browser.count(f"{tid('approval', run=done)} {tid('approve')}") == 0
+            assert browser.count(f"{tid('approval', run=done)} {tid('deny')}") == 0
+            badge = f"{tid('run', run=done)} {tid('run-state')}"
+            assert browser.eval("(s) => document.querySelector(s).textContent", badge) == (
+                "waiting for a decision (outcome unknown)"
+            )
+            complete = f"{pending} {tid('outcome-complete')}"
+            disabled = "(s) => document.querySelector(s).disabled"
+            assert browser.eval(disabled, complete) is True
+            browser.fill(f"{pending} {tid('outcome-result')}", "   ")
+            assert browser.eval(disabled, complete) is True
+            assert (
+                browser.eval(
+                    "(s) => document.querySelector(s).maxLength",
+                    f"{pending} {tid('outcome-result')}",
+                )
+                == 16_000
+            )
+            browser.fill(f"{pending} {tid('outcome-result')}", "booked: reference 42")
+            assert browser.eval(disabled, complete) is False
+            browser.click(complete)
+            answer = run_state(browser, done, "RUN_STATE_SUCCEEDED")["answer"]
+            assert answer == "Tool booking__slow returned: booked: reference 42"
+            [decided] = server.run(user, done).required_action.tool_calls
+            assert decided.outcome_unknown
+            assert decided.decision == dispatcher_pb2.TOOL_APPROVAL_DECISION_COMPLETE
+            assert decided.result_text == "booked: reference 42"
+            assert decided.decided_by == user.name
+            [entry] = [e for e in timeline(browser, done) if e["kind"] == "approval"]
+            assert entry["decision"] == "TOOL_APPROVAL_DECISION_COMPLETE"
+            assert "outcome unknown: marked done" in entry["text"]
+            assert "booked: reference 42" in entry["text"]
+            assert browser.count(tid("approval", run=done)) == 0
+
+            # Retry: the same call sent again.
+            open_conversation(browser, workspace, conversations[1])
+            pending = (
+                f"{tid('approval', run=retried)} {tid('pending-call', outcome_unknown='true')}"
+            )
+            browser.wait_for(pending)
+            browser.click(f"{pending} {tid('outcome-retry')}")
+            answer = run_state(browser, retried, "RUN_STATE_SUCCEEDED")["answer"]
+            assert answer == "Tool booking__slow returned: slow retried done"
+            [decided] = server.run(user, retried).required_action.tool_calls
+            assert decided.decision == dispatcher_pb2.TOOL_APPROVAL_DECISION_RETRY
+            assert _slow_calls_started(server, user, integration.name).count("retried") == 2
+
+            # Fail run: it ends FAILED, the call not sent again.
+            open_conversation(browser, workspace, conversations[2])
+            pending = f"{tid('approval', run=failed)} {tid('pending-call', outcome_unknown='true')}"
+            browser.wait_for(pending)
+            browser.click(f"{pending} {tid('outcome-fail-run')}")
+            run_state(browser, failed, "RUN_STATE_FAILED")
+            stored = server.run(user, failed)
+            [decided] = stored.required_action.tool_calls
+            assert decided.decision == dispatcher_pb2.TOOL_APPROVAL_DECISION_FAIL_RUN
+            info = error_details_pb2.ErrorInfo()
+            assert any(d.Unpack(info) for d in stored.error.details)
+            assert info.reason == "ERROR_REASON_TOOL_OUTCOME_UNKNOWN"
+            browser.wait_for(f"{tid('run', run=failed)} {tid('run-error')}")
+            assert _slow_calls_started(server, user, integration.name).count("failed") == 1
+            assert raw_text(browser) == []
             assert problems(browser) == []
 
 

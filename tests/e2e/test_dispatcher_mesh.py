@@ -1,7 +1,8 @@
 """The mesh shape: the dispatcher in its own process reaches the context
 service in another only through its gRPC contract (SWITCHBOARD_CONTEXT_ADDRESS),
 with a token minted for the run's user; and a dispatcher killed mid-run
-fails that run (RUN_INTERRUPTED) and runs the queued ones when it is back.
+fails that run (RUN_INTERRUPTED, recovery policy ``fail``) and runs the queued
+ones when it is back.
 """
 
 from __future__ import annotations
@@ -109,6 +110,8 @@ async def test_a_killed_dispatcher_fails_running_runs_and_runs_queued_ones(
         workspace = await create_workspace(stub, owner, "Crash")
         conversation = (await create_conversation(stub, owner, workspace.name)).name
 
+    # `fail` (not the default `resume`, which would run the echo run again).
+    env = {**env, "SWITCHBOARD_DISPATCHER_RECOVERY": "fail"}
     with ServeProcess("--services", "dispatcher", env=env) as first:
         async with aio.insecure_channel(f"127.0.0.1:{first.port}") as channel:
             dstub = dispatcher_stub(channel)

@@ -9,8 +9,9 @@ while one replica is killed with SIGKILL. Then:
 - SendMessage keeps succeeding through Envoy, also while the replica is down,
   with at most ``MAX_UNAVAILABLE`` UNAVAILABLE answers, retried by the client
   with the same request id;
-- the killed replica's runs end FAILED ``RUN_INTERRUPTED`` (the default
-  recovery policy), the other replica's runs succeed, and every watcher sees
+- the killed replica's runs end FAILED ``RUN_INTERRUPTED`` (recovery policy
+  ``fail``, set for this test: a run that fails says which replica died), the
+  other replica's runs succeed, and every watcher sees
   sequences strictly increasing across its resumes;
 - the launcher restarts the replica (a new pid in mesh.json, the same port,
   SERVING);
@@ -106,9 +107,10 @@ TERMINAL = {
 class MeshProcess:
     """``switchboard mesh`` in a subprocess: its output lines, its state file, SIGINT."""
 
-    def __init__(self, data_dir: Path, *args: str) -> None:
+    def __init__(self, data_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
         self.args = args
+        self.extra_env = env or {}
         self.lines: list[str] = []
         self._changed = threading.Condition()
         self._ended = False
@@ -121,6 +123,7 @@ class MeshProcess:
         env["SWITCHBOARD_DISPATCHER_MAX_MESSAGES_PER_MINUTE_PER_USER"] = "100000"
         # The A2A push receiver listens on loopback.
         env["SWITCHBOARD_EGRESS_ALLOW_LOOPBACK"] = "true"
+        env.update(self.extra_env)
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -493,7 +496,8 @@ def data_dir() -> Iterator[Path]:
 
 
 async def test_the_mesh_keeps_serving_while_a_dispatcher_replica_is_killed(data_dir: Path) -> None:
-    with MeshProcess(data_dir) as mesh:
+    # `fail`, not the default `resume`: the killed replica's runs are told apart by their end.
+    with MeshProcess(data_dir, env={"SWITCHBOARD_DISPATCHER_RECOVERY": "fail"}) as mesh:
         ready = await asyncio.to_thread(
             mesh.wait_line,
             lambda line: line.startswith("mesh ") and "| ready:" in line,

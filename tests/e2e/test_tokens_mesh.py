@@ -14,7 +14,7 @@ tokens can be made while a client is away.
 - A Subscribe opened directly on the replica that does not own the run sees the run's
   tokens live (over Redis pub/sub) while the model still holds its answer.
 - The owning replica is killed mid-answer: the run ends for the client (FAILED
-  ``RUN_INTERRUPTED``, the default recovery policy) and the log holds its state changes
+  ``RUN_INTERRUPTED``, recovery policy ``fail``) and the log holds its state changes
   and nothing of the half answer.
 
 Which replica owns a run: the one that accepted SendMessage, found by its JSON log line
@@ -559,16 +559,21 @@ async def test_a_run_whose_replica_is_killed_mid_answer_ends_and_the_log_has_no_
     drops them, so its text stays "one two three"); a WatchRun resumed there after the
     last token's sequence is sent no token (there is none after it). Once the survivor has
     taken the run over (the dead replica's lease ran out), the run ends FAILED with
-    RUN_INTERRUPTED (the default recovery policy), numbered in the next attempt's block of
-    sequences (a watcher's sequences keep increasing, with a gap). So the three words are
-    all the client was ever shown of the answer, as tokens, never as a result, and the
-    run's end says it failed.
+    RUN_INTERRUPTED (recovery policy ``fail``, set for this test), numbered in the next
+    attempt's block of sequences (a watcher's sequences keep increasing, with a gap). So
+    the three words are all the client was ever shown of the answer, as tokens, never as
+    a result, and the run's end says it failed.
 
     The log (ListEvents afterwards) agrees: QUEUED, RUNNING, FAILED, no token and no
     result; each of those events is the one the client got, with the same id and update;
     and every non-token event the client got is in the log.
     """
-    env = {**env, "SWITCHBOARD_DISPATCHER_LEASE_S": "3"}
+    env = {
+        **env,
+        "SWITCHBOARD_DISPATCHER_LEASE_S": "3",
+        # Not the default `resume`: the half answer must end the run, not be finished.
+        "SWITCHBOARD_DISPATCHER_RECOVERY": "fail",
+    }
     rest = asyncio.Event()
     async with running_mesh(env) as mesh, aio.insecure_channel(mesh.edge) as channel:
         mesh.fake.script(Reply.text(ANSWER, hold_after_chunks=HELD_AFTER, hold=rest))

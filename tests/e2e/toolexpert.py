@@ -21,6 +21,9 @@ What it does is decided by the user message's text (its first word):
 - ``call NAME {json}``: one call ``NAME-1`` of ``NAME`` with those arguments;
 - ``drop``: one call ``wait-1`` of ``wait``, then it ends its stream without
   a result;
+- ``flaky``: the run's first call fails ``UNAVAILABLE`` before it answers
+  anything (gRPC's "not processed", which the dispatcher retries once); a
+  later one answers as with no tool calls;
 - anything else: no tool calls.
 
 A call names its tool by the ``HandleRequest.tools`` definition whose
@@ -225,6 +228,15 @@ class ToolExpert(handler_pb2_grpc.HandlerServiceServicer):
             id=call_id, integration=integration, tool=tool, arguments=_arguments(arguments)
         )
 
+    async def _flaky(
+        self, request: handler_pb2.HandleRequest, context: aio.ServicerContext[Any, Any]
+    ) -> None:
+        """Fail the run's first call of ``flaky`` UNAVAILABLE, before any answer."""
+        if _text_of(request.message).strip() != "flaky":
+            return
+        if sum(1 for call in self.calls if call.request.run == request.run) == 1:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "not yet")
+
     async def GetCapabilities(
         self,
         request: handler_pb2.GetCapabilitiesRequest,
@@ -236,6 +248,7 @@ class ToolExpert(handler_pb2_grpc.HandlerServiceServicer):
         self, request: handler_pb2.HandleRequest, context: aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Frame]:
         seen = self._record("Handle", request, context)
+        await self._flaky(request, context)
         try:
             calls, _ = self._plan(request)
             for tool_call in calls:
@@ -258,6 +271,7 @@ class ToolExpert(handler_pb2_grpc.HandlerServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first frame must be start")
         request = first.start
         seen = self._record("HandleInteractive", request, context)
+        await self._flaky(request, context)
         ended = asyncio.Event()
         # grpc-stubs declares the callback as a class of its own, not a callable.
         context.add_done_callback(lambda _: ended.set())  # type: ignore[arg-type]

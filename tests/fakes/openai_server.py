@@ -147,6 +147,8 @@ class Reply:
     chunk_chars: int = 8
     #: Seconds between content chunks after the first (a model's pace); 0: as fast as it can.
     interval_s: float = 0.0
+    #: The response's ``id`` (every chunk's); ``None``: a fresh ``chatcmpl-fake<n>``.
+    response_id: str | None = None
 
     @classmethod
     def text(
@@ -545,7 +547,7 @@ class FakeOpenAI:
                 for call, call_id in zip(reply.calls, self._call_ids(reply), strict=True)
             ]
         answer: dict[str, Any] = {
-            "id": f"chatcmpl-fake{next(self._ids)}",
+            "id": reply.response_id or f"chatcmpl-fake{next(self._ids)}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": body["model"],
@@ -593,7 +595,7 @@ class FakeOpenAI:
         options = body.get("stream_options") or {}
         with_usage = bool(options.get("include_usage")) and reply.usage is not False
         identity = {
-            "id": f"chatcmpl-fake{next(self._ids)}",
+            "id": reply.response_id or f"chatcmpl-fake{next(self._ids)}",
             "object": "chat.completion.chunk",
             "created": int(time.time()),
             "model": body["model"],

@@ -8,8 +8,9 @@ and stops it from a test.
 Tools (listed three per page, so every listing takes several pages):
 
 - ``echo(message)``: the message as text and as ``{"echo": message}``.
-- ``slow(seconds, tag)``: reports progress four times over ``seconds``; a
-  cancellation is recorded under ``tag`` (``stats().cancelled``).
+- ``slow(seconds, tag)``: reports progress four times over ``seconds``; its
+  ``tag`` is recorded as it arrives (``stats().started``, once per call) and a
+  cancellation under it (``stats().cancelled``).
 - ``fail()``: a tool error (``isError``).
 - ``big(size)``: ``size`` characters of text.
 - ``media(kind)``: ``audio`` (a WAV, base64), ``bad-image`` (image content that
@@ -20,8 +21,10 @@ Tools (listed three per page, so every listing takes several pages):
 - ``forget_sessions()``: the server forgets every session (their ids answer
   404 from then on), as a restarted server would.
 - ``stats()``: what the server saw: ``cancelled`` tags, ``get_streams`` and
-  ``initializes`` (POSTs without a session id), ``list_calls`` and the last
-  ``authorization`` and ``traceparent`` headers (a POST's).
+  ``initializes`` (POSTs without a session id), ``list_calls``, the last
+  ``authorization`` and ``traceparent`` headers (a POST's), and
+  ``idempotency_keys``: each call's tool and the idempotency key in its
+  ``_meta`` ("" for none), in order, ``stats`` calls left out.
 - ``filler1`` .. ``filler4``: more tools, for pagination.
 - extra tools from ``McpTestServer(extra_tools=...)`` (the environment variable
   ``MCP_TEST_SERVER_TOOLS``: a JSON list of ``{"name", "input_schema"}``):
@@ -40,7 +43,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import anyio
 import mcp_types as types
@@ -50,6 +53,8 @@ from mcp.server.lowlevel.server import NotificationOptions, Server
 from mcp.server.models import InitializationOptions
 from mcp.shared.exceptions import MCPError
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from switchboard.platform.idempotency import MCP_META
 
 PAGE_SIZE = 3
 ROOT = Path(__file__).resolve().parents[2]
@@ -117,6 +122,9 @@ def _extra_tools() -> list[types.Tool]:
 class _State:
     def __init__(self) -> None:
         self.cancelled: list[str] = []
+        #: Tags of the ``slow`` calls that reached the server, in arrival order (a call sent
+        #: again, with the same tag, is there twice).
+        self.started: list[str] = []
         self.extra = _extra_tools()
         self.dynamic: list[str] = []
         self.get_streams = 0
@@ -124,6 +132,7 @@ class _State:
         self.list_calls = 0
         self.authorization = ""
         self.traceparent = ""
+        self.idempotency_keys: list[list[str]] = []
         self.server: Server[Any] | None = None
 
     def tools(self) -> list[types.Tool]:
@@ -188,6 +197,9 @@ async def call_tool(  # noqa: PLR0912 - one branch per tool
 ) -> types.CallToolResult:
     args = params.arguments or {}
     name = params.name
+    if name != "stats":
+        meta: dict[str, Any] = dict(params.meta or {})
+        STATE.idempotency_keys.append([name, str(meta.get(MCP_META, ""))])
     if name not in {tool.name for tool in STATE.tools()}:
         raise MCPError(code=types.INVALID_PARAMS, message=f"Unknown tool: {name}")
     if name in {tool.name for tool in STATE.extra}:
@@ -197,6 +209,7 @@ async def call_tool(  # noqa: PLR0912 - one branch per tool
         return types.CallToolResult(content=_text(message), structured_content={"echo": message})
     if name == "slow":
         tag = str(args["tag"])
+        STATE.started.append(tag)
         steps = 4
         try:
             for step in range(1, steps + 1):
@@ -226,11 +239,13 @@ async def call_tool(  # noqa: PLR0912 - one branch per tool
     if name == "stats":
         stats = {
             "cancelled": STATE.cancelled,
+            "started": STATE.started,
             "get_streams": STATE.get_streams,
             "initializes": STATE.initializes,
             "list_calls": STATE.list_calls,
             "authorization": STATE.authorization,
             "traceparent": STATE.traceparent,
+            "idempotency_keys": STATE.idempotency_keys,
         }
         return types.CallToolResult(content=_text("stats"), structured_content=stats)
     return types.CallToolResult(content=_text(name))
@@ -296,6 +311,8 @@ class McpTestServer:
     """``python -m tests.infra.mcpserver`` in a subprocess, restartable on its port."""
 
     START_TIMEOUT_S = 20.0
+    #: The server's module (``python -m``); a sibling server names its own.
+    MODULE = "tests.infra.mcpserver"
 
     def __init__(self, extra_tools: list[dict[str, Any]] | None = None) -> None:
         self.port = 0
@@ -310,7 +327,7 @@ class McpTestServer:
         """Start the server (again, on the same port, after the first start)."""
         self.kill()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.infra.mcpserver", str(self.port)],
+            [sys.executable, "-m", self.MODULE, str(self.port)],
             cwd=ROOT,
             env={**os.environ, "MCP_TEST_SERVER_TOOLS": json.dumps(self._extra_tools)},
             stdout=subprocess.PIPE,
@@ -337,7 +354,7 @@ class McpTestServer:
         if self.proc.stdout is not None:
             self.proc.stdout.close()
 
-    def __enter__(self) -> McpTestServer:
+    def __enter__(self) -> Self:
         self.start()
         return self
 

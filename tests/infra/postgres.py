@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from switchboard.deploy.machine import MeshError, postgres_bin_dir
@@ -312,6 +312,17 @@ async def postgres_url(postgres_server: PostgresServer) -> AsyncIterator[str]:
     finally:
         # FORCE: a test that leaked a connection must not leak the database.
         await _admin(postgres_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+async def postgres_engine(postgres_url: str) -> AsyncIterator[AsyncEngine]:
+    """An engine on ``postgres_url``'s database, for a test that reads what the servers
+    it started wrote (no pool: nothing is held between the test's reads)."""
+    engine = create_async_engine(postgres_url, poolclass=NullPool)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

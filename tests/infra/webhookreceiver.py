@@ -7,6 +7,10 @@ longer verify, and a failure plan (the first N requests answer 503, or all
 of them). It records what it accepted in arrival order, how often each
 ``webhook-id`` was tried, and every request that did not verify (a test
 asserts there were none).
+
+An endpoint may also answer as a webhook tool does: ``answer`` makes the
+response of each accepted request (a path under the endpoint, as a tool's
+``path`` adds, is recorded with it).
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ class Received:
     webhook_id: str
     body: dict[str, Any]
     headers: dict[str, str]
+    #: What followed the endpoint's own path ("" for none).
+    path: str = ""
 
 
 @dataclass
@@ -56,6 +62,8 @@ class Endpoint:
     always_fail: bool = False
     #: Hold each answer this long (a slow receiver).
     delay_s: float = 0.0
+    #: The answer to each accepted request (a webhook tool's); None: 204.
+    answer: Callable[[Received], Response] | None = None
     requests: int = 0
     accepted: list[Received] = field(default_factory=list)
     attempts: collections.Counter[str] = field(default_factory=collections.Counter)
@@ -76,7 +84,12 @@ class WebhookReceiver:
 
     def __init__(self) -> None:
         self.endpoints: dict[str, Endpoint] = {}
-        app = Starlette(routes=[Route("/hooks/{name}", self._handle, methods=["POST"])])
+        app = Starlette(
+            routes=[
+                Route("/hooks/{name}", self._handle, methods=["POST"]),
+                Route("/hooks/{name}/{path:path}", self._handle, methods=["POST"]),
+            ]
+        )
         config = uvicorn.Config(
             app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", access_log=False
         )
@@ -142,7 +155,10 @@ class WebhookReceiver:
         if endpoint.always_fail or endpoint.requests <= endpoint.fail_first:
             extra = {"retry-after": endpoint.retry_after} if endpoint.retry_after else {}
             return Response("try later", status_code=endpoint.fail_status, headers=extra)
-        endpoint.accepted.append(Received(webhook_id, parsed, headers))
+        received = Received(webhook_id, parsed, headers, request.path_params.get("path", ""))
+        endpoint.accepted.append(received)
+        if endpoint.answer is not None:
+            return endpoint.answer(received)
         return Response(status_code=204)
 
 

@@ -684,7 +684,7 @@ async def test_a_run_whose_stored_job_cannot_be_read_fails_and_the_others_recove
             dstub = dispatcher_stub(channel)
             old = await get_run(dstub, world.editor, queued.run.name)
             assert old.state == pb.RUN_STATE_FAILED
-            assert reason_of(old) == "ERROR_REASON_RUN_INTERRUPTED"
+            assert reason_of(old) == "ERROR_REASON_RUN_NOT_RESUMABLE"
             assert "cannot be read" in old.error.message
             # The other run was recovered: queued again, it runs to its answer.
             other = await finished(dstub, world.editor, running.run.name)

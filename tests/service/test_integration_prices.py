@@ -6,11 +6,9 @@ violation with nothing stored. Each test runs on SQLite and on PostgreSQL."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import field_mask_pb2
 from sqlalchemy import select
 
 from switchboard.api.events.v1 import events_pb2
@@ -21,49 +19,29 @@ from switchboard.platform.store.models import IntegrationRow
 from tests.service.contextkit import (
     TIMEOUT_S,
     World,
-    context_stub,
-    ctx_world,
     refused,
     tap,
     violations,
 )
-from tests.service.integrationkit import Stub, create, expert, hub_mesh, integration_stub, webhook
+from tests.service.integrationkit import (
+    Stub,
+    create,
+    expert,
+    hub_world,
+    list_integrations,
+    mcp,
+    update_integration,
+    webhook,
+)
 
 CODE = grpc.StatusCode
 PRICES = "integration.tool_call_price_micros"
 
 
-def mcp(**fields: Any) -> ipb.Integration:
-    return ipb.Integration(
-        kind=ipb.INTEGRATION_KIND_MCP_SERVER, endpoint="http://127.0.0.1:1/mcp", **fields
-    )
-
-
 @pytest.fixture
 async def hub(database_url: str) -> AsyncIterator[tuple[SwitchboardServer, Stub, World]]:
-    async with hub_mesh(database_url=database_url) as (server, channel):
-        world = await ctx_world(server, context_stub(channel))
-        yield server, integration_stub(channel), world
-
-
-async def _update(
-    stub: Stub, world: World, integration: ipb.Integration, *paths: str
-) -> ipb.Integration:
-    response = await stub.UpdateIntegration(
-        ipb.UpdateIntegrationRequest(
-            integration=integration, update_mask=field_mask_pb2.FieldMask(paths=list(paths))
-        ),
-        metadata=world.owner.md,
-        timeout=TIMEOUT_S,
-    )
-    return response.integration
-
-
-async def _listed(stub: Stub, world: World) -> list[ipb.Integration]:
-    page = await stub.ListIntegrations(
-        ipb.ListIntegrationsRequest(parent=world.name), metadata=world.viewer.md, timeout=TIMEOUT_S
-    )
-    return list(page.integrations)
+    async with hub_world(database_url) as found:
+        yield found
 
 
 async def _stored(server: SwitchboardServer) -> list[tuple[str, int, str]]:
@@ -95,9 +73,9 @@ async def test_prices_are_stored_returned_listed_changed_and_announced(
             ipb.GetIntegrationRequest(name=made.name), metadata=world.viewer.md, timeout=TIMEOUT_S
         )
         assert got.integration == made
-        assert await _listed(stub, world) == [made]
+        assert await list_integrations(stub, world) == [made]
         # The default alone: the per-tool prices stay.
-        cheaper = await _update(
+        cheaper = await update_integration(
             stub,
             world,
             ipb.Integration(name=made.name, etag=made.etag, call_price_micros=1),
@@ -106,7 +84,7 @@ async def test_prices_are_stored_returned_listed_changed_and_announced(
         assert cheaper.call_price_micros == 1
         assert dict(cheaper.tool_call_price_micros) == tools
         # The map is replaced whole; the default stays.
-        replaced = await _update(
+        replaced = await update_integration(
             stub,
             world,
             ipb.Integration(name=made.name, tool_call_price_micros={"get-sum": 3}),
@@ -117,7 +95,7 @@ async def test_prices_are_stored_returned_listed_changed_and_announced(
             {"get-sum": 3},
         )
         # No mask: the fields the request sets.
-        unmasked = await _update(
+        unmasked = await update_integration(
             stub, world, ipb.Integration(name=made.name, tool_call_price_micros={"echo": 9})
         )
         assert (unmasked.call_price_micros, dict(unmasked.tool_call_price_micros)) == (
@@ -125,7 +103,7 @@ async def test_prices_are_stored_returned_listed_changed_and_announced(
             {"echo": 9},
         )
         # Free again: both in the mask and empty.
-        free = await _update(
+        free = await update_integration(
             stub,
             world,
             ipb.Integration(name=made.name),
@@ -165,7 +143,7 @@ async def test_an_integration_without_prices_is_free_and_an_expert_may_be_priced
     )
     assert (free.call_price_micros, dict(free.tool_call_price_micros)) == (0, {})
     assert (priced.call_price_micros, dict(priced.tool_call_price_micros)) == (40, {"handle": 50})
-    assert await _listed(stub, world) == [free, priced]
+    assert await list_integrations(stub, world) == [free, priced]
     assert await _stored(server) == [("free", 0, ""), ("sage", 40, '{"handle":50}')]
 
 
@@ -206,7 +184,7 @@ _KEY_RULE = "must be a tool's segment as ListTools names it"
         (mcp(tool_call_price_micros={"a~2fb": 1}), [f"{PRICES}[a~2fb]"]),
         # A key too long to quote is cut in the path.
         (mcp(tool_call_price_micros={"y" * 1000: 1}), [f"{PRICES}[{'y' * 160}...]"]),
-        # Webhooks have no tools to price.
+        # Webhook tools are not priced.
         (webhook(call_price_micros=1), ["integration.call_price_micros"]),
         (webhook(tool_call_price_micros={"echo": 1}), [PRICES]),
         # Every bad one at once, keys in order.
@@ -225,7 +203,7 @@ async def test_bad_prices_are_named_and_nothing_is_stored(
     server, stub, world = hub
     error = await refused(create(stub, world.owner, world.name, integration), CODE.INVALID_ARGUMENT)
     assert violations(error) == fields
-    assert await _listed(stub, world) == []
+    assert await list_integrations(stub, world) == []
     assert await _stored(server) == []
 
 
@@ -268,7 +246,9 @@ async def test_a_bad_price_in_an_update_changes_nothing(
     ]
     with tap(server) as events:
         for integration, paths, fields in cases:
-            error = await refused(_update(stub, world, integration, *paths), CODE.INVALID_ARGUMENT)
+            error = await refused(
+                update_integration(stub, world, integration, *paths), CODE.INVALID_ARGUMENT
+            )
             assert violations(error) == fields, paths
         # Only a change would say so: on PostgreSQL the creations' own events reach the
         # bus through the outbox, and may do so after the tap was attached.
@@ -278,5 +258,5 @@ async def test_a_bad_price_in_an_update_changes_nothing(
             if e.type == events_pb2.EVENT_TYPE_INTEGRATION_CHANGED
             and e.integration_changed.change != events_pb2.CHANGE_KIND_CREATED
         ]
-    assert await _listed(stub, world) == [made, hook]
+    assert await list_integrations(stub, world) == [made, hook]
     assert await _stored(server) == [("hook", 0, ""), ("priced", 5, '{"echo":6}')]

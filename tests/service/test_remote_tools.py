@@ -19,6 +19,7 @@ from switchboard.api.context.v1 import context_pb2
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.dispatcher.handlers.base import HandleCall, HandlerFailure, ToolRunner
 from switchboard.dispatcher.handlers.remote import MAX_TOOL_CALLS_IN_FLIGHT, RemoteHandler
+from switchboard.platform.idempotency import METADATA, handler_key
 from tests.e2e.expertproc import ExpertProcess
 from tests.e2e.toolexpert import ToolExpert
 
@@ -158,6 +159,8 @@ async def test_a_tool_result_goes_back_to_the_expert_and_into_its_answer(
     seen = await expert.call("runs/r1")
     assert seen.method == "HandleInteractive"
     assert seen.metadata["authorization"] == "Bearer s3cret"
+    # The run's key, beside the expert's own metadata (docs/integration.md).
+    assert seen.metadata[METADATA] == handler_key("runs/r1")
     assert seen.time_remaining is not None
     # The run's deadline, as gRPC carries it (its timeout header is rounded up).
     assert RUN_S - WAIT_S < seen.time_remaining <= RUN_S + DEADLINE_ROUNDING_S
@@ -320,11 +323,36 @@ async def test_a_non_interactive_expert_is_still_called_on_handle() -> None:
         seen = await expert.call("runs/r10")
 
     assert seen.method == "Handle"
+    assert seen.metadata[METADATA] == handler_key("runs/r10")
     # Its tool calls are reports of what it did, relayed as before, never run.
     assert kinds(frames) == ["tool_call", "delta", "result"]
     assert frames[0].tool_call.id == "add-1"
     assert answer_text(frames) == "reported 1 tool calls"
     assert tools.calls == []
+
+
+@pytest.mark.parametrize("interactive", [True, False])
+async def test_the_retry_of_a_call_not_processed_carries_the_same_key(interactive: bool) -> None:
+    """A call the expert failed UNAVAILABLE before answering is sent once more: both
+    attempts carry the run's key, so an expert that saw the first knows the second."""
+    async with ToolExpert("flaky", interactive=interactive) as expert:
+        remote = RemoteHandler("flaky", expert.address, timeout_s=WAIT_S)
+        try:
+            assert await remote.refresh()
+            frames = await collect(remote, handle_call("runs/r11", "flaky", ScriptedTools()))
+        finally:
+            await remote.close()
+    assert answer_text(frames) == ("heard: flaky" if interactive else "reported 0 tool calls")
+    attempts = [call for call in expert.calls if call.request.run == "runs/r11"]
+    assert [call.metadata[METADATA] for call in attempts] == [handler_key("runs/r11")] * 2
+
+
+async def test_a_call_without_a_run_carries_no_key(
+    expert: ToolExpert, remote: RemoteHandler
+) -> None:
+    await collect(remote, handle_call("", "hello", ScriptedTools()))
+    seen = await expert.call("")
+    assert METADATA not in seen.metadata
 
 
 def example_call(run: str, tools: ToolRunner | None, **params: Any) -> HandleCall:

@@ -53,6 +53,7 @@ from switchboard.platform.store.outbox import Outbox
 from switchboard.platform.store.pagination import PageTokens
 from tests.conftest import make_settings
 from tests.infra.clock import FakeClock
+from tests.service.integrationkit import integration_record
 
 NAME = "workspaces/w/integrations/i"
 SECRETS = SecretBox("unit-test-secret")
@@ -61,31 +62,7 @@ WHSEC = "whsec_" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVoxMjM0NTY="
 
 
 def record(**changes: Any) -> IntegrationRecord:
-    stamp = now()
-    made = IntegrationRecord(
-        workspace_id="w",
-        id="i",
-        kind=pb.INTEGRATION_KIND_GRPC_HANDLER,
-        display_name="I",
-        endpoint="127.0.0.1:50051",
-        call_timeout_ms=0,
-        config=b"",
-        event_types=(),
-        credential=None,
-        previous_credential=None,
-        previous_until=None,
-        disabled=False,
-        creator="users/u",
-        created_at=stamp,
-        updated_at=stamp,
-        version=1,
-        health=0,
-        health_since=None,
-        last_probe_at=None,
-        last_error=b"",
-        failures=0,
-    )
-    return dataclasses.replace(made, **changes)
+    return integration_record(**changes)
 
 
 class Remote:
@@ -185,7 +162,7 @@ async def test_the_connector_gets_the_credential_sealed_for_its_integration(
 
 async def test_a_webhook_has_no_connector(built: tuple[Connections, Built]) -> None:
     connections, _ = built
-    with pytest.raises(FailedPrecondition, match="webhooks offer no tools"):
+    with pytest.raises(FailedPrecondition, match="webhook that declares no tools"):
         connections.get(record(kind=pb.INTEGRATION_KIND_WEBHOOK))
 
 

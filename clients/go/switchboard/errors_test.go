@@ -71,6 +71,15 @@ func TestRunErrorDecodesRunErrorWithFromProto(t *testing.T) {
 	if _, ok := details[0].(*errdetails.ErrorInfo); !ok {
 		t.Errorf("detail is %T, not *errdetails.ErrorInfo", details[0])
 	}
+	// A run failed at a tool call whose outcome a crash left unknown (FAIL_RUN).
+	info, err = anypb.New(&errdetails.ErrorInfo{Reason: "ERROR_REASON_TOOL_OUTCOME_UNKNOWN", Domain: Domain})
+	if err != nil {
+		t.Fatal(err)
+	}
+	failed := &dispatcherv1.Run{Error: &spb.Status{Code: int32(codes.Aborted), Message: "failed at an unknown outcome", Details: []*anypb.Any{info}}}
+	if Reason(RunError(failed)) != commonv1.ErrorReason_ERROR_REASON_TOOL_OUTCOME_UNKNOWN {
+		t.Errorf("reason of a run failed at an unknown outcome = %v", Reason(RunError(failed)))
+	}
 	if RunError(&dispatcherv1.Run{}) != nil {
 		t.Error("a run without an error has one")
 	}
@@ -89,6 +98,9 @@ func TestTransientErrors(t *testing.T) {
 		{richError(t, codes.NotFound, "ERROR_REASON_NOT_FOUND"), false},
 		{richError(t, codes.OutOfRange, "ERROR_REASON_CURSOR_EXPIRED"), false},
 		{richError(t, codes.Internal, "ERROR_REASON_INTERNAL"), false},
+		// A run's decided end after a crash: calling again cannot change it.
+		{richError(t, codes.FailedPrecondition, "ERROR_REASON_RUN_NOT_RESUMABLE"), false},
+		{richError(t, codes.Aborted, "ERROR_REASON_TOOL_OUTCOME_UNKNOWN"), false},
 		{status.Error(codes.InvalidArgument, "bad"), false},
 		{errors.New("not a status"), false},
 	}

@@ -4,7 +4,7 @@
 // One module, so a value the contracts add is named once and the same everywhere.
 import { Code } from "@connectrpc/connect";
 import { MessageRole, WorkspaceRole } from "./gen/switchboard/api/context/v1/context_pb";
-import { BudgetPeriod, type Run, RunState, type RunUpdate } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
+import { BudgetPeriod, type Run, RunState, type RunUpdate, ToolApprovalDecision } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import { BudgetAlertKind, ChangeKind, EventType, SecurityEventKind } from "./gen/switchboard/api/events/v1/events_pb";
 import { ToolOutcome } from "./gen/switchboard/api/handler/v1/handler_pb";
 import {
@@ -67,8 +67,23 @@ export const runStateLabel = (value: RunState): string => label(RUN_STATE, value
 
 /** A run's state in words, saying what a paused run waits for (a person, or budget room). */
 export function runLabel(run: Run): string {
-  return run.state === RunState.REQUIRES_ACTION && run.requiredAction?.budget ? "waiting for budget room" : runStateLabel(run.state);
+  if (run.state !== RunState.REQUIRES_ACTION) return runStateLabel(run.state);
+  if (run.requiredAction?.budget) return "waiting for budget room";
+  // A call in flight at a crash: a person says what became of it, not whether to make it.
+  const unknown = run.requiredAction?.toolCalls.some((c) => c.outcomeUnknown && c.decision === ToolApprovalDecision.UNSPECIFIED);
+  return unknown ? "waiting for a decision (outcome unknown)" : runStateLabel(run.state);
 }
+
+const DECISION: Record<ToolApprovalDecision, string> = {
+  [ToolApprovalDecision.UNSPECIFIED]: "undecided",
+  [ToolApprovalDecision.APPROVE]: "approved",
+  [ToolApprovalDecision.DENY]: "denied",
+  [ToolApprovalDecision.RETRY]: "sent again",
+  [ToolApprovalDecision.COMPLETE]: "marked done",
+  [ToolApprovalDecision.FAIL_RUN]: "run failed",
+};
+/** A tool call's decision as the timeline and the approvals say it. */
+export const decisionLabel = (value: ToolApprovalDecision): string => label(DECISION, value);
 
 const OUTCOME: Record<ToolOutcome, string> = {
   [ToolOutcome.UNSPECIFIED]: "ended",

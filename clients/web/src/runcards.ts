@@ -1,18 +1,27 @@
 // The open conversation's runs, one card each (its state, the answer as it grows, its
 // tool calls and results, Cancel), and the tool calls that wait for a person's decision
-// (Approve, or Deny with a reason the model is told). Each run is a RunView (runs.ts)
-// following WatchRun; which runs to follow is the navigation's call.
+// (Approve, or Deny with a reason the model is told; for a call a crash left in flight, whose
+// outcome is unknown: Retry, Mark done with its result, or Fail run). Each run is a RunView
+// (runs.ts) following WatchRun; which runs to follow is the navigation's call.
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import type { Api } from "./api";
 import { learnBudgetTitles } from "./budgets";
 import { formatTime, h } from "./dom";
 import { renderProblem } from "./errors";
-import { BudgetDecision, type Run, RunState, ToolApprovalDecision } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
+import { BudgetDecision, type PendingToolCall, type Run, RunState, ToolApprovalDecision } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import { ToolOutcome } from "./gen/switchboard/api/handler/v1/handler_pb";
-import { money, outcomeLabel, runLabel, runStateLabel } from "./labels";
+import { decisionLabel, money, outcomeLabel, runLabel, runStateLabel } from "./labels";
 import type { Page } from "./page";
 import type { Names } from "./names";
 import { type RunListener, RunView, type TimelineEntry, forgetRuns, stateName } from "./runs";
+
+/** The most a call marked done may say it returned (`ToolApproval.result_text`). */
+export const MAX_RESULT_TEXT = 16_000;
+
+/** A decision as the contracts name it (`TOOL_APPROVAL_DECISION_COMPLETE`), for data-* attributes. */
+function decisionName(decision: ToolApprovalDecision): string {
+  return `TOOL_APPROVAL_DECISION_${ToolApprovalDecision[decision] ?? "UNSPECIFIED"}`;
+}
 
 export class RunCards {
   /** The cards, then the approvals. */
@@ -25,6 +34,8 @@ export class RunCards {
   private readonly cards = new Map<string, HTMLElement>();
   /** Denial reasons being typed, by tool call id. */
   private readonly reasons = new Map<string, string>();
+  /** Results being typed for calls of unknown outcome ("Mark done"), by tool call id. */
+  private readonly resultTexts = new Map<string, string>();
   /** Messages the conversation shows: a run whose answer is one of them shows it there only. */
   private shownMessages = new Set<string>();
   /** Budgets whose titles were asked for (GetBudget), so a failure is not asked again. */
@@ -117,6 +128,7 @@ export class RunCards {
     this.stop();
     forgetRuns(window.sessionStorage);
     this.reasons.clear();
+    this.resultTexts.clear();
     delete this.approvals.dataset.key;
     this.list.replaceChildren();
     this.approvals.replaceChildren();
@@ -296,12 +308,12 @@ export class RunCards {
     const list = card.querySelector<HTMLElement>('[data-testid="timeline"]');
     if (!list) return;
     const last = view.timeline[view.timeline.length - 1];
-    const pending = new Set(
+    const pending = new Map(
       view.state === RunState.REQUIRES_ACTION
-        ? (view.run?.requiredAction?.toolCalls ?? []).filter((c) => c.decision === ToolApprovalDecision.UNSPECIFIED).map((c) => c.call?.id ?? "")
+        ? (view.run?.requiredAction?.toolCalls ?? []).filter((c) => c.decision === ToolApprovalDecision.UNSPECIFIED).map((c) => [c.call?.id ?? "", c])
         : [],
     );
-    const key = `${view.timeline.length}:${last?.detail.length ?? 0}:${last?.count ?? 0}:${[...pending].join(",")}`;
+    const key = `${view.timeline.length}:${last?.detail.length ?? 0}:${last?.count ?? 0}:${[...pending.values()].map((c) => `${c.call?.id}${c.outcomeUnknown ? "?" : ""}`).join(",")}`;
     if (list.dataset.key === key) return;
     list.dataset.key = key;
     const usage = view.usage;
@@ -318,8 +330,9 @@ export class RunCards {
     list.replaceChildren(...view.timeline.map((entry) => this.entry(view, entry, start, pending)));
   }
 
-  private entry(view: RunView, entry: TimelineEntry, start: number, pending: Set<string>): HTMLElement {
-    const waiting = entry.kind === "tool-call" && entry.id !== undefined && pending.has(entry.id);
+  private entry(view: RunView, entry: TimelineEntry, start: number, pending: Map<string, PendingToolCall>): HTMLElement {
+    const call = entry.kind === "tool-call" && entry.id !== undefined ? pending.get(entry.id) : undefined;
+    const waiting = call !== undefined && !call.outcomeUnknown;
     const id = entry.id ?? "";
     const reason = waiting
       ? h("input", { "data-testid": "inspector-deny-reason", placeholder: "reason (shown to the model)", maxlength: 500 })
@@ -337,6 +350,7 @@ export class RunCards {
         "data-count": entry.count,
         "data-ms": entry.ms,
         "data-state": entry.state,
+        "data-decision": entry.decision,
       },
       h("span", { class: "muted when" }, entry.at && start ? `+${((entry.at - start) / 1000).toFixed(2)} s` : ""),
       h("strong", {}, entry.label),
@@ -366,7 +380,81 @@ export class RunCards {
             h("button", { type: "button", "data-testid": "inspector-approve", class: "approve", onclick: () => void this.decide(view, id, ToolApprovalDecision.APPROVE, "") }, "Approve"),
             h("button", { type: "button", "data-testid": "inspector-deny", onclick: () => void this.decide(view, id, ToolApprovalDecision.DENY, reason?.value ?? "") }, "Deny"),
           )
-        : null,
+        : call?.outcomeUnknown
+          ? this.outcomeControls(view, call, "inspector-")
+          : null,
+    );
+  }
+
+  /** What a person decides for a call a crash left in flight (outcome unknown): not whether
+   *  to make it, but what became of it. Approve and Deny would be refused for it. */
+  private outcomeControls(view: RunView, pending: PendingToolCall, prefix: string): HTMLElement {
+    const id = pending.call?.id ?? "";
+    const result: HTMLTextAreaElement = h("textarea", {
+      "data-testid": `${prefix}outcome-result`,
+      placeholder: "what the call returned (required for Mark done; the model is given it as its result)",
+      maxlength: MAX_RESULT_TEXT,
+      rows: 2,
+      value: this.resultTexts.get(id) ?? "",
+      oninput: () => {
+        this.resultTexts.set(id, result.value);
+        done.disabled = result.value.trim() === "";
+      },
+    });
+    const done = h(
+      "button",
+      {
+        type: "button",
+        "data-testid": `${prefix}outcome-complete`,
+        class: "approve",
+        title: "It took effect: the model is given the result above",
+        onclick: (e: globalThis.Event) => {
+          // Required, 1 to 16,000 characters (the field's maxlength keeps it under).
+          if (result.value.trim() === "") return;
+          void this.decide(view, id, ToolApprovalDecision.COMPLETE, "", e, result.value);
+        },
+      },
+      "Mark done",
+    );
+    done.disabled = result.value.trim() === "";
+    return h(
+      "div",
+      { class: "outcome-unknown", "data-testid": `${prefix}outcome-unknown`, "data-call-id": id },
+      h(
+        "p",
+        {},
+        h("strong", {}, "Outcome unknown. "),
+        "This call was in flight when the server stopped: it may or may not have happened, and its tool is not marked safe to call again. ",
+        "Retry sends it again with the same idempotency key (a tool that honours the key does it once); Mark done gives the model the result you enter; Fail run ends the run.",
+      ),
+      result,
+      h(
+        "div",
+        { class: "row" },
+        h("button", { type: "button", "data-testid": `${prefix}outcome-retry`, title: "Send it again, with the same idempotency key", onclick: (e: globalThis.Event) => void this.decide(view, id, ToolApprovalDecision.RETRY, "", e) }, "Retry"),
+        done,
+        h("button", { type: "button", "data-testid": `${prefix}outcome-fail-run`, class: "danger", title: "End the run FAILED without sending it again", onclick: (e: globalThis.Event) => void this.decide(view, id, ToolApprovalDecision.FAIL_RUN, "", e) }, "Fail run"),
+      ),
+    );
+  }
+
+  /** A call decided while its run still waits for others: what was decided, and by whom. */
+  private decided(pending: PendingToolCall): HTMLElement {
+    const call = pending.call;
+    const said = pending.decision === ToolApprovalDecision.COMPLETE ? pending.resultText : pending.reason;
+    return h(
+      "div",
+      {
+        class: "decided muted",
+        "data-testid": "decided-call",
+        "data-call-id": call?.id ?? "",
+        "data-decision": decisionName(pending.decision),
+        "data-outcome-unknown": String(pending.outcomeUnknown),
+      },
+      h("code", {}, call?.functionName || call?.tool || call?.id || ""),
+      ` ${pending.outcomeUnknown ? "outcome unknown: " : ""}${decisionLabel(pending.decision)}`,
+      pending.decidedBy ? ` by ${this.names.title(pending.decidedBy)}` : "",
+      said ? h("span", { "data-content": true }, `: ${said}`) : null,
     );
   }
 
@@ -391,6 +479,7 @@ export class RunCards {
       ...waiting.map((view) => {
         const action = view.run?.requiredAction;
         const calls = action?.toolCalls.filter((c) => c.decision === ToolApprovalDecision.UNSPECIFIED) ?? [];
+        const decided = action?.toolCalls.filter((c) => c.decision !== ToolApprovalDecision.UNSPECIFIED) ?? [];
         return h(
           "section",
           { class: "approval", "data-testid": "approval", "data-run": view.name },
@@ -403,6 +492,15 @@ export class RunCards {
           ...calls.map((pending) => {
             const call = pending.call;
             const id = call?.id ?? "";
+            if (pending.outcomeUnknown) {
+              return h(
+                "div",
+                { class: "pending unknown", "data-testid": "pending-call", "data-call-id": id, "data-tool": call?.tool ?? "", "data-outcome-unknown": "true" },
+                h("code", {}, call?.functionName || call?.tool || id),
+                h("pre", {}, JSON.stringify(call?.arguments ?? {}, null, 2)),
+                this.outcomeControls(view, pending, ""),
+              );
+            }
             const reason = h("input", {
               "data-testid": "deny-reason",
               placeholder: "reason (shown to the model)",
@@ -420,19 +518,33 @@ export class RunCards {
               h("button", { type: "button", "data-testid": "deny", onclick: () => void this.decide(view, id, ToolApprovalDecision.DENY, reason.value) }, "Deny"),
             );
           }),
+          ...decided.map((pending) => this.decided(pending)),
         );
       }),
     );
   }
 
-  private async decide(view: RunView, toolCallId: string, decision: ToolApprovalDecision, reason: string): Promise<void> {
-    await this.page.busy("approval", async () => {
-      const answer = await this.api.dispatcher.submitToolApprovals({
-        name: view.name,
-        approvals: [{ toolCallId, decision, reason }],
-      });
-      if (answer.run) view.adopt(answer.run);
-    });
+  private async decide(
+    view: RunView,
+    toolCallId: string,
+    decision: ToolApprovalDecision,
+    reason: string,
+    event?: globalThis.Event,
+    resultText = "",
+  ): Promise<void> {
+    const button = event?.currentTarget instanceof HTMLButtonElement ? event.currentTarget : undefined;
+    await this.page.busy(
+      "approval",
+      async () => {
+        const answer = await this.api.dispatcher.submitToolApprovals({
+          name: view.name,
+          approvals: [{ toolCallId, decision, reason, resultText }],
+        });
+        if (decision === ToolApprovalDecision.COMPLETE) this.resultTexts.delete(toolCallId);
+        if (answer.run) view.adopt(answer.run);
+      },
+      button ? { button } : {},
+    );
   }
 }
 

@@ -14,7 +14,7 @@ import {
 } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import { type ToolCall, ToolOutcome, type ToolResult, type Usage } from "./gen/switchboard/api/handler/v1/handler_pb";
 import { ToolApprovalDecision } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
-import { outcomeLabel, runLabel } from "./labels";
+import { decisionLabel, outcomeLabel, runLabel } from "./labels";
 
 /** One line of the run inspector's timeline (plain data: it is kept across a reload). */
 export interface TimelineEntry {
@@ -33,6 +33,8 @@ export interface TimelineEntry {
   outcome?: string;
   /** A state entry's state, as the contracts name it (`RUN_STATE_SUCCEEDED`). */
   state?: string;
+  /** An approval entry's decision, as the contracts name it (`TOOL_APPROVAL_DECISION_COMPLETE`). */
+  decision?: string;
 }
 
 /** What a reload keeps of a run still going: enough to resume after its last sequence. */
@@ -263,15 +265,17 @@ export class RunView {
       const key = `${id}=${pending.decision}`;
       if (this.decided.has(key) || this.timeline.some((e) => e.kind === "approval" && e.id === id)) continue;
       this.decided.add(key);
-      const approved = pending.decision === ToolApprovalDecision.APPROVE;
+      // A call marked done says what the model was given as its result; the others why.
+      const said = pending.decision === ToolApprovalDecision.COMPLETE ? pending.resultText : pending.reason;
       this.add({
         kind: "approval",
         sequence,
         at: pending.decideTime ? timestampDate(pending.decideTime).getTime() : at,
-        label: approved ? "approved" : "denied",
-        detail: `${pending.call?.functionName || pending.call?.tool || id}${pending.reason ? `: ${pending.reason}` : ""}`,
+        label: pending.outcomeUnknown ? `outcome unknown: ${decisionLabel(pending.decision)}` : decisionLabel(pending.decision),
+        detail: `${pending.call?.functionName || pending.call?.tool || id}${said ? `: ${said}` : ""}`,
         id,
         by: pending.decidedBy,
+        decision: `TOOL_APPROVAL_DECISION_${ToolApprovalDecision[pending.decision] ?? "UNSPECIFIED"}`,
       });
     }
   }
@@ -286,7 +290,7 @@ export class RunView {
       this.deltas = 0;
     }
     if (update.sequence >> ATTEMPT_BITS > this.lastSequence >> ATTEMPT_BITS && this.lastSequence > 0n) {
-      this.add({ kind: "attempt", sequence: String(update.sequence), at: 0, label: "new attempt", detail: "the run was recovered and starts over" });
+      this.add({ kind: "attempt", sequence: String(update.sequence), at: 0, label: "new attempt", detail: "the run was recovered after a restart" });
     }
     this.missed += Number(missing(this.lastSequence, update));
     this.lastSequence = update.sequence;

@@ -423,6 +423,10 @@ APPROVALS_KEY: Final = "approvals"
 DECISIONS: Final = {
     "approve": pb.TOOL_APPROVAL_DECISION_APPROVE,
     "deny": pb.TOOL_APPROVAL_DECISION_DENY,
+    # For a call whose outcome a crash left unknown (docs/dispatcher.md, "Durable runs").
+    "retry": pb.TOOL_APPROVAL_DECISION_RETRY,
+    "complete": pb.TOOL_APPROVAL_DECISION_COMPLETE,
+    "fail_run": pb.TOOL_APPROVAL_DECISION_FAIL_RUN,
 }
 MAX_REASON_CHARS: Final = 1000
 
@@ -469,6 +473,7 @@ def approval_request(run: pb.Run) -> a2a.Message:
             "tool_call_id": waiting.call.id,
             "tool": f"{waiting.call.integration}/tools/{waiting.call.tool}",
             "arguments": json_format.MessageToDict(waiting.call.arguments),
+            "outcome_unknown": waiting.outcome_unknown,
         }
         for waiting in run.required_action.tool_calls
         if waiting.decision == pb.TOOL_APPROVAL_DECISION_UNSPECIFIED
@@ -485,7 +490,9 @@ def approval_request(run: pb.Run) -> a2a.Message:
                 text=(
                     f"{len(pending)} tool call(s) wait for a person's decision. Reply on this "
                     'task with a data part {"approvals": [{"tool_call_id": ..., "decision": '
-                    '"approve" or "deny", "reason": ...}]}.'
+                    '"approve" or "deny", "reason": ...}]}; a call with "outcome_unknown" '
+                    'was in flight when the server stopped: decide it "retry", "fail_run" '
+                    'or "complete" with "result_text", what it returned.'
                 )
             ),
             a2a.Part(data=data, media_type="application/json"),
@@ -517,21 +524,31 @@ def approvals_in(message: a2a.Message, run: str) -> pb.SubmitToolApprovalsReques
         if not isinstance(item, dict):
             violations.add(at, "must be an object")
             continue
-        call_id, decision, reason = (
+        call_id, decision, reason, result_text = (
             item.get("tool_call_id"),
             item.get("decision"),
             item.get("reason", ""),
+            item.get("result_text", ""),
         )
         if not isinstance(call_id, str) or not call_id:
             violations.add(f"{at}.tool_call_id", "is required")
         if not isinstance(decision, str) or decision.lower() not in DECISIONS:
-            violations.add(f"{at}.decision", 'must be "approve" or "deny"')
+            violations.add(
+                f"{at}.decision",
+                'must be "approve" or "deny" ("retry", "complete" or "fail_run" for a call '
+                "whose outcome is unknown)",
+            )
         if not isinstance(reason, str) or len(reason) > MAX_REASON_CHARS:
             violations.add(f"{at}.reason", f"must be text of at most {MAX_REASON_CHARS} characters")
+        if not isinstance(result_text, str):
+            violations.add(f"{at}.result_text", "must be text")
         if violations.items:
             continue
         request.approvals.add(
-            tool_call_id=str(call_id), decision=DECISIONS[str(decision).lower()], reason=str(reason)
+            tool_call_id=str(call_id),
+            decision=DECISIONS[str(decision).lower()],
+            reason=str(reason),
+            result_text=str(result_text),
         )
     violations.check()
     return request

@@ -269,6 +269,13 @@ class RunInterrupted(Aborted):
     REASON = _Reason.ERROR_REASON_RUN_INTERRUPTED
 
 
+class ToolOutcomeUnknown(Aborted):
+    """A person failed the run at a tool call whose outcome a crash left unknown
+    (``SubmitToolApprovals`` with ``FAIL_RUN``)."""
+
+    REASON = _Reason.ERROR_REASON_TOOL_OUTCOME_UNKNOWN
+
+
 class RateLimited(ResourceExhausted):
     """A rate limit; ``retry_delay_s`` says when to try again."""
 
@@ -343,6 +350,15 @@ class SpeechRefused(FailedPrecondition):
     request (the audio, the model or the voice)."""
 
     REASON = _Reason.ERROR_REASON_SPEECH_REFUSED
+
+
+class RunNotResumable(FailedPrecondition):
+    """FAILED_PRECONDITION ``RUN_NOT_RESUMABLE``: a run taken over after a crash
+    could not continue from its journal (written by a release this one cannot read,
+    a tool a call was in flight to is gone, or its remote handler changed); the
+    message says which. The run is not started again."""
+
+    REASON = _Reason.ERROR_REASON_RUN_NOT_RESUMABLE
 
 
 class SessionEnded(FailedPrecondition):

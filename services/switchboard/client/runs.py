@@ -86,12 +86,15 @@ class AnswerBuilder:
     """Assembles a run's answer from its updates (pure, no I/O).
 
     The final ``result`` carries the whole answer and wins; until it comes, the
-    deltas joined. A run recovered with ``requeue`` runs again from the start,
-    numbering its updates in the next block of 2^32 sequences; its new attempt
-    opens with a state change back to QUEUED, but a watcher that resumed after
-    a restart may get the run as it then stands instead (docs/dispatcher.md,
-    Restarts). So the deltas of an earlier attempt are dropped at the first
-    update of a newer block, and at a QUEUED state change.
+    deltas joined. A run recovered with ``resume`` (the default recovery policy)
+    continues where it was, from its journal, numbering its updates in the next
+    block of 2^32 sequences as before; one recovered with ``requeue`` runs again
+    from the start, in the next block too, and its new attempt opens with a state
+    change back to QUEUED, but a watcher that resumed after a restart may get the
+    run as it then stands instead (docs/dispatcher.md, Restarts). Either way the
+    deltas of an earlier attempt are dropped at the first update of a newer block
+    (a resumed run's final ``result`` still carries its whole answer), and at a
+    QUEUED state change.
     """
 
     def __init__(self) -> None:

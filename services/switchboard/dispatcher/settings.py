@@ -65,10 +65,14 @@ class DispatcherSettings(Section):
         "this long has its runs taken over by another, as "
         "`SWITCHBOARD_DISPATCHER_RECOVERY` says",
     )
-    dispatcher_recovery: Literal["fail", "requeue"] = Field(
-        default="fail",
-        description="runs that were RUNNING when the dispatcher stopped: `fail` (FAILED, "
-        "`RUN_INTERRUPTED`) or `requeue` (run again); queued runs always run",
+    dispatcher_recovery: Literal["resume", "fail", "requeue"] = Field(
+        default="resume",
+        description="runs that were RUNNING when the dispatcher stopped: `resume` (continue "
+        "from the run's journal: no model or tool call made again; a call whose outcome is "
+        "unknown is sent again only to a retry-safe tool, else the run waits for a person), "
+        "`fail` (FAILED, `RUN_INTERRUPTED`) or `requeue` (as `resume`, but a call in flight is "
+        "sent again whatever its tool); "
+        "queued runs always run",
     )
     dispatcher_default_handler: str = Field(
         default="",

@@ -84,7 +84,7 @@ async def _open_hub(shared: Shared) -> IntegrationHub:
         egress,
         shared.page_tokens,
         integration_limits(settings, egress),
-        connector_factory(settings, egress, stdio, tools_changed),
+        connector_factory(settings, egress, stdio, tools_changed, secrets=secrets),
         stdio_servers=frozenset(stdio),
         reserved_handler_ids=reserved_handler_ids(shared.section(RemoteHandlerSettings)),
         metrics=shared.metrics,

@@ -35,6 +35,11 @@ log = logging.getLogger("switchboard.integration")
 
 INTEGRATION: Final = names.INTEGRATION
 
+#: How a webhook offers tools, for the refusal of one that declares none.
+NO_TOOLS: Final = (
+    'a webhook offers tools it declares in its config: {"tools": [{"name": ..., '
+    '"description": ..., "input_schema": {...}}]} (docs/integration.md, "Webhook tools")'
+)
 #: Builds the connector of a record, given its credential in clear (None if unset).
 ConnectorFactory = Callable[[IntegrationRecord, str | None], Connector | None]
 
@@ -96,7 +101,8 @@ class Connections:
             log.warning("closing an integration's connector failed", exc_info=True)
 
     def get(self, record: IntegrationRecord) -> Connector:
-        """The connector for ``record`` as it now stands (FAILED_PRECONDITION for webhooks)."""
+        """The connector for ``record`` as it now stands (FAILED_PRECONDITION for a
+        webhook without tools)."""
         name = name_of(record)
         live = self._live.get(name)
         if live is not None and live.version == record.version:
@@ -108,7 +114,7 @@ class Connections:
             credential = self._secrets.open(record.credential, purpose=name)
         connector = self._build(record, credential)
         if connector is None:
-            raise FailedPrecondition(f"{name} is a webhook; webhooks offer no tools")
+            raise FailedPrecondition(f"{name} is a webhook that declares no tools; {NO_TOOLS}")
         self._live[name] = _Live(record.version, connector)
         return connector
 

@@ -109,8 +109,11 @@ class Connector(Protocol):
         timeout_s: float,
         max_result_bytes: int,
         progress: Progress | None = None,
+        idempotency_key: str = "",
     ) -> ToolResult:
-        """Call one tool; see the module doc for how failures are raised."""
+        """Call one tool; see the module doc for how failures are raised.
+        ``idempotency_key`` (may be empty) goes with the call in the
+        integration's own way (``platform/idempotency.py``)."""
         ...
 
     async def close(self) -> None:

@@ -20,7 +20,9 @@ UNAVAILABLE before the expert answered anything is retried once on the fresh
 channel (gRPC's code for "not processed").
 
 The credential, if any, goes as ``authorization: Bearer <credential>`` with
-every call; it appears in no error or log.
+every call; it appears in no error or log. A tool call's idempotency key goes
+as ``idempotency-key`` metadata (``platform/idempotency.METADATA``) on its
+``Handle`` call, the retry on a fresh channel included.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from switchboard.integration.connectors import (
     ToolSpec,
     Unreachable,
 )
-from switchboard.platform import jsonbounds
+from switchboard.platform import idempotency, jsonbounds
 from switchboard.platform.errors import ResultTooLarge
 from switchboard.platform.jsonbounds import JsonRejected
 from switchboard.platform.rpc.channels import DOWN, expert_channel
@@ -240,6 +242,7 @@ class GrpcExpertConnector:
         timeout_s: float,
         max_result_bytes: int,
         progress: Progress | None = None,
+        idempotency_key: str = "",
     ) -> ToolResult:
         """One ``Handle`` call: ``input`` as the user message, ``parameters`` as its parameters."""
         async with asyncio.timeout(timeout_s):
@@ -259,9 +262,12 @@ class GrpcExpertConnector:
                 ),
             )
             request.parameters.CopyFrom(_struct(parameters))
+            metadata = self._metadata
+            if idempotency_key:
+                metadata = (*metadata, (idempotency.METADATA, idempotency_key))
 
             async def handle(channel: aio.Channel) -> ToolResult:
-                return await self._handle(channel, request, max_result_bytes, progress)
+                return await self._handle(channel, request, metadata, max_result_bytes, progress)
 
             try:
                 return await self._call("Handle", timeout_s, handle)
@@ -272,11 +278,12 @@ class GrpcExpertConnector:
         self,
         channel: aio.Channel,
         request: handler_pb2.HandleRequest,
+        metadata: tuple[tuple[str, str], ...],
         max_result_bytes: int,
         progress: Progress | None,
     ) -> ToolResult:
         stub = handler_pb2_grpc.HandlerServiceStub(channel)
-        stream = stub.Handle(request, metadata=self._metadata)
+        stream = stub.Handle(request, metadata=metadata)
         deltas: list[str] = []
         size = 0
         answered = False

@@ -2,13 +2,15 @@
 
 gRPC domain experts get a HandlerService channel (``experts.py``), MCP servers
 an MCP session through the official SDK (``mcp.py``), A2A agents the A2A SDK's
-client over the interface their card names (``remote_a2a.py``), webhooks no
-connector at all (they are only ever sent events, by ``webhooks.py``). Every
-connector dials through the egress policy.
+client over the interface their card names (``remote_a2a.py``), webhooks that
+declare tools in their config a signed POST per call (``webhooktools.py``), and
+other webhooks no connector at all (they are only ever sent events, by
+``webhooks.py``). Every connector dials through the egress policy.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 
 from switchboard.api.integration.v1 import integration_pb2 as pb
@@ -20,8 +22,14 @@ from switchboard.integration.mcp import McpConnector, StdioServer, parse_stdio_s
 from switchboard.integration.remote_a2a import A2AAgent, A2AAgentConnector
 from switchboard.integration.settings import IntegrationSettings
 from switchboard.integration.store import IntegrationRecord
+from switchboard.integration.webhooktools import (
+    WebhookToolsConnector,
+    declared,
+    signing_secrets,
+)
 from switchboard.platform.rpc.channels import RemoteHandlerSettings, parse_remotes
 from switchboard.platform.security.egress import EgressPolicy
+from switchboard.platform.security.secretbox import SecretBox
 
 #: Built-in handler ids a workspace's expert may not take.
 BUILTIN_HANDLERS = frozenset({"echo", "llm"})
@@ -45,7 +53,11 @@ def connector_factory(
     egress: EgressPolicy,
     stdio: Mapping[str, StdioServer],
     tools_changed: Callable[[str], None],
+    *,
+    secrets: SecretBox | None = None,
 ) -> ConnectorFactory:
+    """``secrets`` opens a webhook's previous signing secret (its calls are signed
+    with both during a rotation, as its deliveries are); without it, only the current."""
     connect_timeout_s = min(settings.integration_default_call_timeout_s, 10.0)
 
     def build(record: IntegrationRecord, credential: str | None) -> Connector | None:
@@ -76,6 +88,20 @@ def connector_factory(
                 allow_plain_http=egress.allow_loopback or egress.allow_private,
             )
             return A2AAgentConnector(agent)
+        if record.kind == pb.INTEGRATION_KIND_WEBHOOK:
+            tools = declared(record.config)
+            if not tools:
+                return None
+            previous: Callable[[], str] | None = None
+            if secrets is not None and record.previous_credential is not None:
+                previous = functools.partial(secrets.open, record.previous_credential, purpose=name)
+            return WebhookToolsConnector(
+                record.endpoint,
+                tools,
+                secrets=signing_secrets(credential, previous, record.previous_until),
+                egress=egress,
+                connect_timeout_s=connect_timeout_s,
+            )
         return None
 
     return build

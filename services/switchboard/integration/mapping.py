@@ -54,6 +54,8 @@ def integration_proto(
         event_types=record.event_types,
         call_price_micros=record.call_price_micros,
         tool_call_price_micros=dict(record.tool_call_prices),
+        retry_safe=record.retry_safe,
+        retry_safe_tools=record.retry_safe_tools,
     )
     if record.call_timeout_ms:
         message.call_timeout.CopyFrom(

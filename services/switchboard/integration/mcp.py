@@ -32,7 +32,8 @@ until the server sends ``notifications/tools/list_changed`` (the cache is
 dropped and ``on_tools_changed`` called) or a new session starts (the server
 may have changed while we were away). ``call_tool`` checks the name against
 the list first (``ToolNotFound`` without a call; a stale list is refreshed
-once), sends ``tools/call`` with a progress token and forwards
+once), sends ``tools/call`` with a progress token and the call's idempotency
+key in ``params._meta`` (``platform/idempotency.MCP_META``), and forwards
 ``notifications/progress``. A deadline or a cancelled caller makes the SDK
 send ``notifications/cancelled`` for the request before ``TimeoutError`` or
 ``CancelledError`` reaches the caller. Text content is joined by newlines,
@@ -79,7 +80,7 @@ import mimetypes
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 from urllib.parse import unquote, urlsplit
 
 import anyio
@@ -102,7 +103,7 @@ from switchboard.integration.connectors import (
     ToolSpec,
     Unreachable,
 )
-from switchboard.platform import jsonbounds, names
+from switchboard.platform import idempotency, jsonbounds, names
 from switchboard.platform.errors import (
     DestinationBlocked,
     FieldViolation,
@@ -577,6 +578,7 @@ class McpConnector:
         timeout_s: float,
         max_result_bytes: int,
         progress: Progress | None = None,
+        idempotency_key: str = "",
     ) -> ToolResult:
         async with asyncio.timeout(timeout_s):
             tools = self._tools
@@ -584,7 +586,7 @@ class McpConnector:
                 tools = await self._listing()
             if name not in tools:
                 raise ToolNotFound(f"MCP server {self._label} has no tool {name!r}")
-            return await self._call(name, arguments, max_result_bytes, progress)
+            return await self._call(name, arguments, max_result_bytes, progress, idempotency_key)
 
     async def close(self) -> None:
         self._closed = True
@@ -676,6 +678,7 @@ class McpConnector:
         arguments: Mapping[str, Any],
         max_result_bytes: int,
         on_progress: Progress | None,
+        key: str,
     ) -> ToolResult:
         finished = False
 
@@ -685,8 +688,12 @@ class McpConnector:
             if on_progress is not None and not finished:
                 await on_progress(progress, total, message or "")
 
+        # The SDK's own way to set a request's _meta (ClientSession.call_tool's
+        # ``meta``); it adds the progress token beside it when it sends. The
+        # cast: the type is an open TypedDict (PEP 728), which mypy cannot read.
+        meta = cast(types.RequestParamsMeta, {idempotency.MCP_META: key}) if key else None
         request = types.CallToolRequest(
-            params=types.CallToolRequestParams(name=name, arguments=dict(arguments))
+            params=types.CallToolRequestParams(name=name, arguments=dict(arguments), _meta=meta)
         )
         task = asyncio.current_task()
         try:

@@ -117,7 +117,6 @@ EXTENSIONS_HEADER: Final = "a2a-extensions"
 
 GRPC: Final = "GRPC"
 JSONRPC: Final = "JSONRPC"
-_NAMESPACE: Final = uuid.UUID("8f0c5a52-4b1e-4c71-9a7e-1d2a3b4c5d6e")
 
 _TERMINAL: Final = frozenset(
     {
@@ -163,11 +162,6 @@ def previous_task(window: context_pb2.ContextWindow, author: str) -> PreviousTas
                     str(found.get("task", "")), found["context"], str(found.get("state", ""))
                 )
     return None
-
-
-def message_id(run: str, attempt: str = "") -> str:
-    """A stable id for a run's message: an agent that dedupes sees a re-run as one."""
-    return str(uuid.uuid5(_NAMESPACE, f"{run}#{attempt}" if attempt else run)) if run else ""
 
 
 # -- the card -------------------------------------------------------------------------------
@@ -938,8 +932,9 @@ class A2AAgentConnector:
     """``Connector`` for an integration of kind INTEGRATION_KIND_A2A_AGENT.
 
     One tool, ``send_message``: ``input`` is sent as a user message (a new
-    task each call), the result's text is the answer, its structured content
-    the task's id, context and state.
+    task each call; its ``message_id`` the call's idempotency key when it has
+    one), the result's text is the answer, its structured content the task's
+    id, context and state.
     """
 
     def __init__(self, agent: A2AAgent) -> None:
@@ -973,6 +968,7 @@ class A2AAgentConnector:
         timeout_s: float,
         max_result_bytes: int,
         progress: Progress | None = None,
+        idempotency_key: str = "",
     ) -> ToolResult:
         if name != TOOL_NAME:
             raise ToolNotFound(f"an A2A agent offers one tool, {TOOL_NAME!r}")
@@ -981,7 +977,9 @@ class A2AAgentConnector:
             return ToolResult(text="input must be a string", is_error=True)
         deadline = time.monotonic() + timeout_s
         size = 0
-        frames = self._agent.exchange(text, deadline=deadline)
+        # The key is the message id: an agent that dedupes by it sees a call
+        # sent again as one (A2A names the message id for that).
+        frames = self._agent.exchange(text, deadline=deadline, message_id=idempotency_key)
         try:
             async with contextlib.aclosing(frames):
                 async for frame in frames:

@@ -39,6 +39,7 @@ from switchboard.integration.health import Prober, WebhookHealth, status_bytes
 from switchboard.integration.mapping import integration_name, integration_proto, name_of
 from switchboard.integration.store import IntegrationRecord, IntegrationStore
 from switchboard.integration.tools import Tools
+from switchboard.integration.webhooktools import check_tools
 from switchboard.platform import names, timefields
 from switchboard.platform.breaker import Breakers, BreakerState
 from switchboard.platform.cache import Cache
@@ -104,6 +105,8 @@ _MUTABLE: Final = (
     "event_types",
     "call_price_micros",
     "tool_call_price_micros",
+    "retry_safe",
+    "retry_safe_tools",
 )
 MAX_DISPLAY_NAME: Final = 200
 #: The most one tool call may cost: 1,000 units of the price table's currency. A
@@ -112,6 +115,13 @@ MAX_DISPLAY_NAME: Final = 200
 MAX_CALL_PRICE_MICROS: Final = 1_000_000_000
 #: Per-tool prices one integration holds (the contract's bound).
 MAX_TOOL_PRICES: Final = 200
+#: Retry-safe tools one integration names (the contract's bound).
+MAX_RETRY_SAFE_TOOLS: Final = 200
+#: A tool's segment as ListTools writes it, in words (a price key, a retry-safe tool).
+_SEGMENT_RULE: Final = (
+    "must be a tool's segment as ListTools names it: 1-128 letters, digits, "
+    "'_', '.', '-' or ~XX escapes (upper-case hex) for any other byte"
+)
 #: Characters of a refused price key quoted in its field violation's path.
 _SHOWN_KEY: Final = 160
 MAX_CREDENTIAL: Final = 4096
@@ -372,6 +382,15 @@ class IntegrationHub:
             raise RequestTooLarge(f"{field} is larger than {self.limits.max_config_bytes} bytes")
         return data
 
+    async def _checked_config(self, kind: int, value: struct_pb2.Struct, field: str) -> bytes:
+        """``_config``, and a webhook's declared tools checked (webhooktools.py)."""
+        data = self._config(value, field)
+        if kind == pb.INTEGRATION_KIND_WEBHOOK:
+            violations = Violations()
+            await check_tools(value, field, violations)
+            violations.check()
+        return data
+
     def _credential(
         self, kind: int, credential: str, field: str, violations: Violations, *, required: bool
     ) -> str | None:
@@ -416,7 +435,7 @@ class IntegrationHub:
                 field, f"must be at most {MAX_CALL_PRICE_MICROS:,} micro-units (1,000 units a call)"
             )
         elif value and kind == pb.INTEGRATION_KIND_WEBHOOK:
-            violations.add(field, "is only for integrations with tools; a webhook has none")
+            violations.add(field, "is not for webhooks: their tools are not priced")
         return value
 
     @classmethod
@@ -428,21 +447,60 @@ class IntegrationHub:
             violations.add(field, f"may price at most {MAX_TOOL_PRICES} tools")
             return {}
         if values and kind == pb.INTEGRATION_KIND_WEBHOOK:
-            violations.add(field, "is only for integrations with tools; a webhook has none")
+            violations.add(field, "is not for webhooks: their tools are not priced")
             return {}
         prices: dict[str, int] = {}
         for key in sorted(values):
             shown = key if len(key) <= _SHOWN_KEY else key[:_SHOWN_KEY] + "..."
             where = f"{field}[{shown}]"
             if names.tool_from_segment(key) is None:
-                violations.add(
-                    where,
-                    "must be a tool's segment as ListTools names it: 1-128 letters, digits, "
-                    "'_', '.', '-' or ~XX escapes (upper-case hex) for any other byte",
-                )
+                violations.add(where, _SEGMENT_RULE)
                 continue
             prices[key] = cls._price(kind, values[key], where, violations)
         return prices
+
+    @staticmethod
+    def _retry_safe_tools(values: Sequence[str], field: str, violations: Violations) -> list[str]:
+        """The retry-safe tools by segment, as ListTools names them, in the order given.
+
+        Any kind may name them: a webhook's tools are its config's, which the
+        segments need not match now (tools come and go), as for prices."""
+        if len(values) > MAX_RETRY_SAFE_TOOLS:
+            violations.add(field, f"may name at most {MAX_RETRY_SAFE_TOOLS} tools")
+            return []
+        seen: set[str] = set()
+        for index, value in enumerate(values):
+            if names.tool_from_segment(value) is None:
+                violations.add(f"{field}[{index}]", _SEGMENT_RULE)
+            elif value in seen:
+                violations.add(f"{field}[{index}]", "names a tool an earlier entry names")
+            seen.add(value)
+        return list(values)
+
+    @classmethod
+    def _call_changes(
+        cls, kind: int, given: pb.Integration, paths: Sequence[str], violations: Violations
+    ) -> dict[str, Any]:
+        """An update's changes to how the tools are called: prices and retry safety."""
+        changes: dict[str, Any] = {}
+        if "call_price_micros" in paths:
+            changes["call_price_micros"] = cls._price(
+                kind, given.call_price_micros, "integration.call_price_micros", violations
+            )
+        if "tool_call_price_micros" in paths:
+            changes["tool_call_prices"] = cls._tool_prices(
+                kind,
+                given.tool_call_price_micros,
+                "integration.tool_call_price_micros",
+                violations,
+            )
+        if "retry_safe" in paths:
+            changes["retry_safe"] = given.retry_safe
+        if "retry_safe_tools" in paths:
+            changes["retry_safe_tools"] = cls._retry_safe_tools(
+                given.retry_safe_tools, "integration.retry_safe_tools", violations
+            )
+        return changes
 
     def _seal(self, credential: str, name: str) -> bytes:
         return self._secrets.seal(credential, purpose=name)
@@ -482,8 +540,11 @@ class IntegrationHub:
         tool_prices = self._tool_prices(
             kind, given.tool_call_price_micros, "integration.tool_call_price_micros", violations
         )
+        retry_safe_tools = self._retry_safe_tools(
+            given.retry_safe_tools, "integration.retry_safe_tools", violations
+        )
         violations.check()
-        config = self._config(given.config, "integration.config")
+        config = await self._checked_config(kind, given.config, "integration.config")
         endpoint = await self._endpoint(kind, given.endpoint, "integration.endpoint", violations)
         violations.check()
         if endpoint is None:  # _endpoint added the violation
@@ -515,6 +576,8 @@ class IntegrationHub:
                 "creator": principal.user_name,
                 "call_price_micros": call_price,
                 "tool_call_prices": tool_prices,
+                "retry_safe": given.retry_safe,
+                "retry_safe_tools": retry_safe_tools,
             },
             key,
             self.limits.max_per_workspace,
@@ -580,17 +643,7 @@ class IntegrationHub:
             )
         if "disabled" in paths:
             changes["disabled"] = given.disabled
-        if "call_price_micros" in paths:
-            changes["call_price_micros"] = self._price(
-                kind, given.call_price_micros, "integration.call_price_micros", violations
-            )
-        if "tool_call_price_micros" in paths:
-            changes["tool_call_prices"] = self._tool_prices(
-                kind,
-                given.tool_call_price_micros,
-                "integration.tool_call_price_micros",
-                violations,
-            )
+        changes.update(self._call_changes(kind, given, paths, violations))
         credential: str | None = None
         if "credential" in paths:
             credential = self._credential(
@@ -598,7 +651,7 @@ class IntegrationHub:
             )
         violations.check()
         if "config" in paths:
-            changes["config"] = self._config(given.config, "integration.config")
+            changes["config"] = await self._checked_config(kind, given.config, "integration.config")
         if "endpoint" in paths:
             endpoint = await self._endpoint(
                 kind, given.endpoint, "integration.endpoint", violations

@@ -59,6 +59,10 @@ class IntegrationRecord:
     call_price_micros: int = 0
     #: ``(segment, price)`` by segment, sorted: the per-tool overrides.
     tool_call_prices: tuple[tuple[str, int], ...] = ()
+    #: Every tool may be sent again after a crash left a call in flight.
+    retry_safe: bool = False
+    #: Segments of single tools that may (as given, no duplicates).
+    retry_safe_tools: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,8 @@ def _record(row: IntegrationRow) -> IntegrationRecord:
         failures=row.failures,
         call_price_micros=row.call_price_micros,
         tool_call_prices=_prices(row.tool_call_prices),
+        retry_safe=row.retry_safe,
+        retry_safe_tools=tuple(row.retry_safe_tools.split()),
     )
 
 
@@ -108,8 +114,11 @@ def _prices(text: str) -> tuple[tuple[str, int], ...]:
 
 
 def _columns(values: Mapping[str, Any]) -> dict[str, Any]:
-    """``values`` with the per-tool prices (a mapping) as their column's JSON text."""
+    """``values`` with the per-tool prices (a mapping) as their column's JSON text,
+    and the retry-safe tools (segments) as theirs, space-separated."""
     columns = dict(values)
+    if "retry_safe_tools" in columns:
+        columns["retry_safe_tools"] = " ".join(columns["retry_safe_tools"])
     if "tool_call_prices" in columns:
         prices = dict(columns["tool_call_prices"])
         columns["tool_call_prices"] = (
@@ -137,6 +146,8 @@ MUTABLE = frozenset(
         "disabled",
         "call_price_micros",
         "tool_call_prices",
+        "retry_safe",
+        "retry_safe_tools",
     }
 )
 

@@ -4,8 +4,10 @@ A tool list is cached per integration version for ``TOOLS_TTL_S`` and dropped
 when the integration says it changed (MCP ``list_changed``). A call is
 validated against the tool's JSON Schema with ``jsonschema`` before anything
 is sent, limited per workspace, bounded by the shortest of its timeouts, made
-through the integration's breaker, and audited (``TOOL_INVOKED``) whatever its
-outcome, never with its arguments, result or credential.
+through the integration's breaker with its idempotency key (checked against
+``platform/idempotency.KEY``; each connector sends it its own way), and audited
+(``TOOL_INVOKED``) whatever its outcome, never with its arguments, result or
+credential.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from google.rpc import code_pb2, status_pb2
 
 from switchboard.api.events.v1 import events_pb2
 from switchboard.api.integration.v1 import integration_pb2 as pb
-from switchboard.integration.connections import Connections, Limits, find
+from switchboard.integration.connections import NO_TOOLS, Connections, Limits, find
 from switchboard.integration.connectors import Malformed, ToolNotFound, ToolResult, ToolSpec
 from switchboard.integration.mapping import integration_name, name_of
 from switchboard.integration.schemas import Compiled, SchemaUnusable, compile_tools
 from switchboard.integration.store import IntegrationRecord, IntegrationStore
-from switchboard.platform import jsonbounds, names, timefields
+from switchboard.integration.webhooktools import declares_tools
+from switchboard.platform import idempotency, jsonbounds, names, timefields
 from switchboard.platform.cache import Cache
 from switchboard.platform.errors import (
     DependencyUnavailable,
@@ -52,6 +55,8 @@ TOOLS_TTL_S: Final = 300.0
 #: A record read for calls is dropped on its change's event; this is the backstop.
 RECORD_TTL_S: Final = 5.0
 MAX_RECORDS: Final = 10_000
+#: ``platform/idempotency.KEY`` in words (the contract's).
+KEY_RULE: Final = "must be 1-64 ASCII letters, digits, '-', '_', '.' or ':' (or empty for none)"
 
 
 def _jsonable(value: Any) -> Any:
@@ -159,7 +164,7 @@ class Tools:
     async def list_tools(self, request: pb.ListToolsRequest) -> pb.ListToolsResponse:
         record = await find(self._store, request.parent, "parent")
         size = pagination.page_size(request.page_size, default=50, maximum=200)
-        if record.kind == pb.INTEGRATION_KIND_WEBHOOK:
+        if record.kind == pb.INTEGRATION_KIND_WEBHOOK and not declares_tools(record.config):
             return pb.ListToolsResponse()
         listed = await self._tool_list(record)
         tools = sorted(listed.tools.items())
@@ -206,6 +211,9 @@ class Tools:
         requested_s = timefields.seconds(request.timeout, "timeout")
         if requested_s < 0:
             violations.add("timeout", "must not be negative")
+        key = request.idempotency_key
+        if key and not idempotency.KEY.fullmatch(key):
+            violations.add("idempotency_key", KEY_RULE)
         violations.check()
         await self._spend(workspace_id)
         record = await self._record(workspace_id, integration_id)
@@ -214,8 +222,8 @@ class Tools:
             raise NotFound(f"{parent} not found")
         if record.disabled:
             raise FailedPrecondition(f"{parent} is disabled; enable it to call its tools")
-        if record.kind == pb.INTEGRATION_KIND_WEBHOOK:
-            raise FailedPrecondition(f"{parent} is a webhook; webhooks offer no tools")
+        if record.kind == pb.INTEGRATION_KIND_WEBHOOK and not declares_tools(record.config):
+            raise FailedPrecondition(f"{parent} is a webhook that declares no tools; {NO_TOOLS}")
         listed = await self._tool_list(record)
         tool = listed.tools.get(segment)
         if tool is None:
@@ -227,7 +235,9 @@ class Tools:
             timeout_s = min(timeout_s, requested_s)
         if deadline_s is not None:
             timeout_s = min(timeout_s, max(deadline_s, 0.001))
-        return await self._call(principal, record, request.name, tool, arguments, timeout_s, run)
+        return await self._call(
+            principal, record, request.name, tool, arguments, timeout_s, run, key
+        )
 
     async def _call(
         self,
@@ -238,8 +248,10 @@ class Tools:
         arguments: Any,
         timeout_s: float,
         run: str,
+        key: str,
     ) -> pb.InvokeToolResponse:
-        """Call a validated tool through the breaker; audit it whatever the outcome."""
+        """Call a validated tool through the breaker; audit it whatever the outcome.
+        ``key`` (may be empty) is the call's idempotency key, sent the connector's way."""
         parent = name_of(record)
         tool_name = spec.name
         connector = self._connections.get(record)
@@ -250,7 +262,11 @@ class Tools:
 
         async def called() -> ToolResult:
             answer = await connector.call_tool(
-                tool_name, arguments, timeout_s=timeout_s, max_result_bytes=limit
+                tool_name,
+                arguments,
+                timeout_s=timeout_s,
+                max_result_bytes=limit,
+                idempotency_key=key,
             )
             _check_result(answer)
             return answer

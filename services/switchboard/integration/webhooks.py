@@ -265,6 +265,28 @@ def signature(secrets: Sequence[str], msg_id: str, timestamp: dt.datetime, body:
     return " ".join(Webhook(secret).sign(msg_id, timestamp, body) for secret in secrets)
 
 
+def signed_headers(secrets: Sequence[str], msg_id: str, body: str) -> dict[str, str]:
+    """The Standard Webhooks headers of a request sent now: ``webhook-id``,
+    ``webhook-timestamp`` and, with secrets, ``webhook-signature``."""
+    sent_at = now()
+    headers = {"webhook-id": msg_id, "webhook-timestamp": str(int(sent_at.timestamp()))}
+    if secrets:
+        headers["webhook-signature"] = signature(secrets, msg_id, sent_at, body)
+    return headers
+
+
+def webhook_client(egress: EgressPolicy, *, timeout_s: float, in_flight: int) -> httpx.AsyncClient:
+    """The client webhook requests go out by (deliveries and webhook tools): the egress
+    policy checks every connection, redirects are returned and not followed, each phase
+    ends after ``timeout_s``, and ``in_flight`` requests are kept alive at most."""
+    return http_client(
+        egress,
+        timeout_s=timeout_s,
+        headers={"user-agent": USER_AGENT, "content-type": "application/json"},
+        limits=httpx.Limits(max_connections=in_flight * 2, max_keepalive_connections=in_flight),
+    )
+
+
 def retry_delay(
     failures: int,
     *,
@@ -362,7 +384,7 @@ def _delivery(subscriber: Subscriber, item: Logged) -> NewDelivery:
     )
 
 
-def _describe(exc: BaseException, timeout_s: float) -> str:
+def describe(exc: BaseException, timeout_s: float) -> str:
     """A failed attempt's cause, without addresses or exception text from the network."""
     if isinstance(exc, TimeoutError | httpx.TimeoutException):
         return f"timed out after {timeout_s:g} s"
@@ -446,14 +468,8 @@ class WebhookEngine:
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._client = http_client(
-            self._egress,
-            timeout_s=self.limits.timeout_s,
-            headers={"user-agent": USER_AGENT, "content-type": "application/json"},
-            limits=httpx.Limits(
-                max_connections=self.limits.max_in_flight * 2,
-                max_keepalive_connections=self.limits.max_in_flight,
-            ),
+        self._client = webhook_client(
+            self._egress, timeout_s=self.limits.timeout_s, in_flight=self.limits.max_in_flight
         )
         self._unlisten = self._bus.listen(self._on_event)
         loop = asyncio.get_running_loop()
@@ -813,10 +829,10 @@ class WebhookEngine:
         except DestinationBlocked as exc:
             # The receiver was never contacted: says nothing about its health.
             permit.released()
-            return self._failed(claimed, 0, _describe(exc, self.limits.timeout_s), None)
+            return self._failed(claimed, 0, describe(exc, self.limits.timeout_s), None)
         except (TimeoutError, httpx.HTTPError, OSError, SwitchboardError) as exc:
             await permit.failed()
-            return self._failed(claimed, 0, _describe(exc, self.limits.timeout_s), None)
+            return self._failed(claimed, 0, describe(exc, self.limits.timeout_s), None)
         except Exception:
             # Unforeseen (a bug, or what the receiver's answer did to the client): a
             # failed attempt like any other, counted, and retried on the schedule;
@@ -855,16 +871,10 @@ class WebhookEngine:
         client = self._client
         if client is None:
             raise RuntimeError("the webhook engine is not started")
-        sent_at = now()
         headers = {
             **request.headers,
-            "webhook-id": request.msg_id,
-            "webhook-timestamp": str(int(sent_at.timestamp())),
+            **signed_headers(request.secrets, request.msg_id, request.body),
         }
-        if request.secrets:
-            headers["webhook-signature"] = signature(
-                request.secrets, request.msg_id, sent_at, request.body
-            )
         body = request.body.encode()
         # The client's timeout bounds each phase; this bounds the whole attempt.
         async with (

@@ -450,6 +450,21 @@ class RunInterrupted(SwitchboardError):
     reason = "ERROR_REASON_RUN_INTERRUPTED"
 
 
+class RunNotResumable(SwitchboardError):
+    """A run taken over after a crash cannot continue from its journal (an
+    unreadable journal, a tool gone, its remote handler changed)."""
+
+    code = Code.FAILED_PRECONDITION
+    reason = "ERROR_REASON_RUN_NOT_RESUMABLE"
+
+
+class ToolOutcomeUnknown(SwitchboardError):
+    """A person failed the run at a tool call whose outcome a crash left unknown."""
+
+    code = Code.ABORTED
+    reason = "ERROR_REASON_TOOL_OUTCOME_UNKNOWN"
+
+
 class RunSuperseded(RunCancelled):
     """A newer message in the conversation interrupted the run (policy INTERRUPT)."""
 

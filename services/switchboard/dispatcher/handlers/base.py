@@ -96,6 +96,10 @@ class HandleCall:
     #: Reads the files the window names (images for a vision model); ``None``
     #: where files cannot be read (a handler then describes them in text).
     files: FileReader | None = None
+    #: Told of each model call the handler completed, before it acts on it: the
+    #: call's usage and the provider's response id. The run's journal keeps
+    #: them with the tool step or the answer the call made ("Durable runs").
+    model_call: Callable[[handler_pb2.Usage, str], None] | None = None
 
     def remaining(self) -> float:
         """Seconds left before the deadline (never negative)."""

@@ -14,6 +14,11 @@ each result is written back as a ``tool_result`` frame. The runner shows the
 calls and results as run updates, so those frames are not relayed. A run
 that may call no tools answers every request FAILED.
 
+Every call of a run (each attempt of the retry below, on either RPC) carries
+the run's idempotency key, ``handler_key(run)``, in the ``idempotency-key``
+metadata (``platform/idempotency.py``), so an expert can tell a run sent again
+(after a crash, another replica's takeover) from a new one.
+
 A run with a budget holds what is left of it for the call and names it in the
 ``x-switchboard-budget`` metadata; the result's ``usage`` is what the run is
 charged (``hops.py``, docs/budgets.md "Across hops").
@@ -55,7 +60,7 @@ from switchboard.dispatcher.handlers.base import (
 )
 from switchboard.dispatcher.handlers.handed import HEADER, header_value
 from switchboard.dispatcher.handlers.hops import Hop
-from switchboard.platform import background, jsonbounds
+from switchboard.platform import background, idempotency, jsonbounds
 from switchboard.platform.errors import FailedPrecondition, QuotaExceeded, SwitchboardError
 from switchboard.platform.jsonbounds import JsonRejected
 from switchboard.platform.rpc.channels import DOWN, READY, ChannelOptions, connected, expert_channel
@@ -211,6 +216,9 @@ class RemoteHandler:
         try:
             handed = await hop.start()
             metadata = self._metadata
+            if call.request.run:
+                key = idempotency.handler_key(call.request.run)
+                metadata = (*metadata, (idempotency.METADATA, key))
             if handed:
                 metadata = (*metadata, (HEADER, header_value(handed)))
             frames = self._attempts(call, metadata)

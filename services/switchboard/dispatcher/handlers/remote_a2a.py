@@ -49,10 +49,9 @@ from switchboard.integration.connectors import ConnectorError
 from switchboard.integration.remote_a2a import (
     A2AAgent,
     AgentFailed,
-    message_id,
     previous_task,
 )
-from switchboard.platform import background
+from switchboard.platform import background, idempotency
 from switchboard.platform.errors import SwitchboardError
 
 log = logging.getLogger("switchboard.dispatcher.handlers.remote_a2a")
@@ -172,7 +171,9 @@ class A2AExpert:
             frames = self._agent.exchange(
                 text_of(request.message),
                 deadline=call.deadline,
-                message_id=message_id(request.run),
+                # The run's key (every attempt of the run sends it): an agent
+                # that dedupes by message id sees a run sent again as one.
+                message_id=idempotency.handler_key(request.run) if request.run else "",
                 previous=previous_task(request.context, self._author),
                 metadata=metadata,
                 extensions={BUDGET_EXTENSION: extension_value(handed)} if handed else None,

@@ -52,7 +52,7 @@ from switchboard.dispatcher.llm.config import LlmConfig, Provider, parse_prices,
 from switchboard.dispatcher.llm.images import check_policy, load
 from switchboard.dispatcher.llm.messages import build_messages
 from switchboard.dispatcher.llm.tools import ToolLoop
-from switchboard.dispatcher.llm.usage import Price, Tally, estimate_tokens
+from switchboard.dispatcher.llm.usage import INT32_MAX, Price, Tally, estimate_tokens
 from switchboard.platform.errors import ModelNotPriced
 
 __all__ = [
@@ -169,9 +169,21 @@ class LlmHandler:
                 text="".join(outcome.pieces),
                 calls=((call_made.name, call_made.arguments) for call_made in made),
             )
+            input_tokens, output_tokens, micros = spent
             if budget is not None:
-                input_tokens, output_tokens, micros = spent
                 await budget.settle(hold, micros, input_tokens, output_tokens)
+            if call.model_call is not None:
+                call.model_call(
+                    handler_pb2.Usage(
+                        input_tokens=min(input_tokens, INT32_MAX),
+                        output_tokens=min(output_tokens, INT32_MAX),
+                        cost_micros=micros,
+                        estimated_cost_usd=micros / 1e6,
+                        model=provider.label,
+                        estimated=outcome.usage is None,
+                    ),
+                    outcome.response_id,
+                )
             if not made:
                 yield Frame(
                     result=handler_pb2.HandleResult(

@@ -90,6 +90,9 @@ class Outcome:
     #: Tool calls by the stream's ``index``.
     calls: dict[int, _CallParts] = field(default_factory=dict)
     argument_chars: int = 0
+    #: The provider's id of the response (``chatcmpl-...``), if it gave one:
+    #: journaled with the step it made (docs/dispatcher.md, "Durable runs").
+    response_id: str = ""
 
     def tool_calls(self) -> list[ModelCall]:
         return [
@@ -235,6 +238,7 @@ def parse_completion(body: bytes, outcome: Outcome, limit: int) -> str:
         _add_call_fragment(entry, position, outcome, limit)
     outcome.finish_reason = reason
     outcome.usage = read_usage(data.get("usage"))
+    outcome.response_id = _response_id(data)
     outcome.done = True
     return text
 
@@ -350,4 +354,18 @@ def parse_chunk(
     usage = read_usage(chunk.get("usage"))
     if usage is not None:
         outcome.usage = usage
+    if not outcome.response_id:
+        outcome.response_id = _response_id(chunk)
     return texts
+
+
+#: Longest response id kept (the journal stores it; providers use a few dozen characters).
+_MAX_RESPONSE_ID_CHARS = 200
+
+
+def _response_id(data: dict[str, object]) -> str:
+    """The response's ``id`` if it is a string of sane length, else ''."""
+    found = data.get("id")
+    if isinstance(found, str) and len(found) <= _MAX_RESPONSE_ID_CHARS:
+        return found
+    return ""

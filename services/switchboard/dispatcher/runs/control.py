@@ -35,6 +35,16 @@ from switchboard.platform.security.policy import Principal
 #: Decisions in one SubmitToolApprovals.
 _MAX_APPROVALS: Final = 128
 _DECISIONS: Final = frozenset({pb.TOOL_APPROVAL_DECISION_APPROVE, pb.TOOL_APPROVAL_DECISION_DENY})
+#: What decides a call whose outcome a crash left unknown (``tools/runner.py``).
+_UNKNOWN_DECISIONS: Final = frozenset(
+    {
+        pb.TOOL_APPROVAL_DECISION_RETRY,
+        pb.TOOL_APPROVAL_DECISION_COMPLETE,
+        pb.TOOL_APPROVAL_DECISION_FAIL_RUN,
+    }
+)
+#: A result a person gives for a call that took effect (the model reads no more of a tool's).
+MAX_RESULT_TEXT_CHARS: Final = 16_000
 _BUDGET_DECISIONS: Final = frozenset({pb.BUDGET_DECISION_ALLOW_OVERDRAFT, pb.BUDGET_DECISION_FAIL})
 #: A call made in this process (no client credential): never forwarded.
 IN_PROCESS: Final = Via()
@@ -89,18 +99,7 @@ class Control:
             raise FailedPrecondition("the run is not waiting for tool approvals")
         violations = Violations()
         for index, approval in enumerate(request.approvals):
-            pending = waiting.get(approval.tool_call_id)
-            if pending is None:
-                violations.add(
-                    f"approvals[{index}].tool_call_id", "is not a call this run waits on"
-                )
-            elif pending.decision not in (
-                pb.TOOL_APPROVAL_DECISION_UNSPECIFIED,
-                approval.decision,
-            ):
-                raise FailedPrecondition(
-                    f"the call {approval.tool_call_id} was already decided the other way"
-                )
+            _check_decision(index, approval, waiting.get(approval.tool_call_id), violations)
         violations.check()
         now = names.now()
         changed = False
@@ -110,6 +109,8 @@ class Control:
                 pending.decision = approval.decision
                 pending.decided_by = principal.user_name
                 pending.reason = approval.reason
+                if approval.decision == pb.TOOL_APPROVAL_DECISION_COMPLETE:
+                    pending.result_text = approval.result_text
                 pending.decide_time.FromDatetime(now)
                 changed = True
         if changed:
@@ -255,6 +256,30 @@ def _unavailable(message: str, *, retry_after_s: float = 1.0) -> DependencyUnava
     return error
 
 
+def _check_decision(
+    index: int,
+    approval: pb.ToolApproval,
+    pending: pb.PendingToolCall | None,
+    violations: Violations,
+) -> None:
+    """Whether ``approval`` may decide ``pending`` (None: the run does not wait on it)."""
+    if pending is None:
+        violations.add(f"approvals[{index}].tool_call_id", "is not a call this run waits on")
+    elif pending.decision not in (pb.TOOL_APPROVAL_DECISION_UNSPECIFIED, approval.decision):
+        raise FailedPrecondition(
+            f"the call {approval.tool_call_id} was already decided the other way"
+        )
+    elif pending.outcome_unknown and approval.decision not in _UNKNOWN_DECISIONS:
+        raise FailedPrecondition(
+            f"the outcome of call {approval.tool_call_id} is unknown: decide it with "
+            "RETRY, COMPLETE or FAIL_RUN"
+        )
+    elif not pending.outcome_unknown and approval.decision not in _DECISIONS:
+        raise FailedPrecondition(
+            f"the call {approval.tool_call_id} waits for approval: decide it with APPROVE or DENY"
+        )
+
+
 def _check_approvals(request: pb.SubmitToolApprovalsRequest) -> None:
     violations = Violations()
     if not request.approvals:
@@ -269,8 +294,21 @@ def _check_approvals(request: pb.SubmitToolApprovalsRequest) -> None:
         elif approval.tool_call_id in seen:
             violations.add(f"{where}.tool_call_id", "is decided twice in this request")
         seen.add(approval.tool_call_id)
-        if approval.decision not in _DECISIONS:
-            violations.add(f"{where}.decision", "must be APPROVE or DENY")
+        if approval.decision not in _DECISIONS | _UNKNOWN_DECISIONS:
+            violations.add(
+                f"{where}.decision",
+                "must be APPROVE or DENY (RETRY, COMPLETE or FAIL_RUN for a call whose "
+                "outcome is unknown)",
+            )
+        if approval.decision == pb.TOOL_APPROVAL_DECISION_COMPLETE:
+            if not approval.result_text.strip():
+                violations.add(f"{where}.result_text", "is required to COMPLETE a call")
+            elif len(approval.result_text) > MAX_RESULT_TEXT_CHARS:
+                violations.add(
+                    f"{where}.result_text", f"has more than {MAX_RESULT_TEXT_CHARS} characters"
+                )
+        elif approval.result_text:
+            violations.add(f"{where}.result_text", "is only given with COMPLETE")
         if len(approval.reason) > MAX_REASON_CHARS:
             violations.add(f"{where}.reason", f"has more than {MAX_REASON_CHARS} characters")
     violations.check()

@@ -30,7 +30,7 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.handler.v1 import handler_pb2
 from switchboard.dispatcher import mapping
 from switchboard.dispatcher.budgets.spending import Read, Spending
-from switchboard.dispatcher.handlers.base import FileReader, HandleCall, HandlerFailure
+from switchboard.dispatcher.handlers.base import FileReader, HandleCall, Handler, HandlerFailure
 from switchboard.dispatcher.handlers.handed import Handed
 from switchboard.dispatcher.llm.usage import INT32_MAX
 from switchboard.dispatcher.ports.context import ContextPort
@@ -48,16 +48,21 @@ from switchboard.dispatcher.runs.live import (
 from switchboard.dispatcher.runs.publishing import Publishing
 from switchboard.dispatcher.runs.scheduler import Scheduler, Ticket
 from switchboard.dispatcher.runs.store import TERMINAL
+from switchboard.dispatcher.tools.journal import Journal, add_usage
 from switchboard.dispatcher.tools.port import ToolPort
 from switchboard.dispatcher.tools.runner import RunTools, ToolLimits, offered_tools
 from switchboard.dispatcher.voice.speaker import Speaker, Speech
 from switchboard.internal.dispatcher.v1 import job_pb2
 from switchboard.platform import background, names
+from switchboard.platform.backoff import Backoff
 from switchboard.platform.errors import (
+    Conflict,
     DeadlineExceeded,
+    DependencyUnavailable,
     HandlerFailed,
     InternalError,
     RunInterrupted,
+    RunNotResumable,
     SwitchboardError,
 )
 from switchboard.platform.observe.metrics import Metrics, run_state_label
@@ -69,6 +74,21 @@ log = logging.getLogger("switchboard.dispatcher")
 
 #: Largest delta made of merged ones (a bigger one goes out as it is).
 _MAX_MERGED_DELTA_CHARS: Final = 16 * 1024
+#: How long a journal write is retried through a database outage before the run fails.
+_JOURNAL_PATIENCE_S: Final = 30.0
+#: Largest final answer journaled (with its files' bytes); a larger one is asked
+#: for again if a crash comes between it and its message.
+_MAX_JOURNALED_BYTES: Final = 1024 * 1024
+
+
+def _fingerprint(handler: Handler) -> str:
+    """What a resumed run's remote handler must still be: the same handler, speaking
+    the same protocol (plain or interactive); '' for handlers in the process."""
+    if handler.kind in (pb.HANDLER_KIND_BUILTIN, pb.HANDLER_KIND_LLM):
+        return ""
+    caps = handler.capabilities
+    style = "interactive" if caps.interactive else "streaming"
+    return f"{pb.HandlerKind.Name(handler.kind)}/{caps.id}/{style}"
 
 
 def step_limit(limits: ToolLimits, assistant: pb.Assistant | None) -> int:
@@ -188,7 +208,7 @@ class Execution:
                     # Stored paused with its steps: the restart resumes it.
                     await self._leave_paused(active)
                     return
-                if self._limits.recovery == "requeue" and run.state == pb.RUN_STATE_RUNNING:
+                if self._limits.recovery != "fail" and run.state == pb.RUN_STATE_RUNNING:
                     await self._requeue_at_shutdown(active)
                     return
                 error = RunInterrupted("the dispatcher stopped while the run was running")
@@ -289,8 +309,13 @@ class Execution:
             else:
                 _, window = await reads
             self._begin(active)
+            journal: Journal | None = None
             if active.handler.kind != pb.HANDLER_KIND_BUILTIN:
                 await self._start_stored(active)
+                journal = self._open_journal(active)
+                if journal.job.HasField("answer"):
+                    # Answered before a crash: the answer is stored now, not asked again.
+                    return await self._replay_answer(active, journal, left)
             request = handler_pb2.HandleRequest(
                 run=run.name,
                 message=active.message,
@@ -316,42 +341,139 @@ class Execution:
                 )
             if active.job.speech.speak:
                 self._speak(active)
-            runner = self._runner(active, definitions, clock)
+            runner = self._runner(active, definitions, clock, journal)
             if runner is not None:
                 request.max_tool_steps = step_limit(self._tool_limits, assistant)
+                if journal is not None and journal.resuming:
+                    runner.restore()
             clock.call = HandleCall(
                 request,
                 clock.deadline,
                 tools=runner,
                 budget=active.budget,
                 files=self._file_reader(active, left),
+                model_call=journal.model_call if journal is not None else None,
             )
             result = await self._relay(active, clock.call)
-            if runner is not None:
-                await runner.drain()
-                if runner.spent_micros:
-                    # Priced tool calls are the run's cost too.
-                    result.usage.cost_micros += runner.spent_micros
-                    result.usage.estimated_cost_usd = result.usage.cost_micros / 1e6
-            answer = cpb.Message(
-                role=cpb.MESSAGE_ROLE_ASSISTANT,
-                author=run.handler,
-                parts=result.parts,
-                run=run.name,
-            )
-            if active.speaker is not None:
-                # The answer is stored once it has been spoken (under the deadline).
-                await _spoken(active.speaker, result, answer)
-            output = await self._context.append_message(
-                active.principal,
-                cpb.AppendMessageRequest(
-                    parent=active.conversation,
-                    message=answer,
-                    request_id=f"run-{active.run_id}",
-                ),
-                timeout_s=left(),
-            )
+            await self._settled(result, runner, journal)
+            return await self._answer(active, result, left)
+
+    async def _settled(
+        self,
+        result: handler_pb2.HandleResult,
+        runner: RunTools | None,
+        journal: Journal | None,
+    ) -> None:
+        """The handler answered: its steps' messages stored, the run's whole usage
+        on ``result``, and the answer journaled before it is stored."""
+        if runner is not None:
+            await runner.drain()
+            if runner.spent_micros:
+                # Priced tool calls are the run's cost too.
+                result.usage.cost_micros += runner.spent_micros
+                result.usage.estimated_cost_usd = result.usage.cost_micros / 1e6
+        if journal is not None:
+            # What earlier attempts spent is the run's too; the answer is journaled
+            # before it is stored, so a crash does not ask for it again.
+            add_usage(result.usage, journal.earlier)
+            await self._journal_answer(journal, result)
+
+    async def _answer(
+        self, active: Active, result: handler_pb2.HandleResult, left: Callable[[], float]
+    ) -> tuple[cpb.Message, handler_pb2.HandleResult]:
+        """Store ``result`` as the run's answer (spoken first, if the run speaks)."""
+        run = active.run
+        answer = cpb.Message(
+            role=cpb.MESSAGE_ROLE_ASSISTANT,
+            author=run.handler,
+            parts=result.parts,
+            run=run.name,
+        )
+        if active.speaker is not None:
+            # The answer is stored once it has been spoken (under the deadline).
+            await _spoken(active.speaker, result, answer)
+        output = await self._context.append_message(
+            active.principal,
+            cpb.AppendMessageRequest(
+                parent=active.conversation,
+                message=answer,
+                request_id=f"run-{active.run_id}",
+            ),
+            timeout_s=left(),
+        )
         return output, result
+
+    def _open_journal(self, active: Active) -> Journal:
+        """The run's journal for this attempt; RUN_NOT_RESUMABLE when its handler
+        is not the one its first attempt called."""
+        job = active.job
+        handler = active.handler
+        mark = _fingerprint(handler)
+        if mark and handler.available():
+            if job.handler_fingerprint and job.handler_fingerprint != mark:
+                raise RunNotResumable(
+                    f"its handler {active.run.handler} changed since the run started "
+                    f"({job.handler_fingerprint} then, {mark} now)"
+                )
+            job.handler_fingerprint = mark
+        journal = Journal(
+            job,
+            lambda: self._write_job(active),
+            resuming=bool(active.recovered),
+            retry_all=active.recovered == "requeue",
+        )
+        active.journal = journal
+        return journal
+
+    async def _write_job(self, active: Active) -> bool:
+        """Store the run's job as it is now (after any state change being stored);
+        through a database outage of up to ``_JOURNAL_PATIENCE_S``: the run waits
+        rather than act on what is not journaled, or fail for a blip."""
+        backoff = Backoff(0.05, 2.0)
+        began = time.monotonic()
+        while True:
+            try:
+                async with active.persisting, asyncio.timeout(FINISH_TIMEOUT_S):
+                    return await self._store.save_job(
+                        active.run_id,
+                        active.job.SerializeToString(),
+                        owner=self._limits.instance_id,
+                    )
+            except (DependencyUnavailable, Conflict, TimeoutError):
+                if self._live.closing or time.monotonic() - began >= _JOURNAL_PATIENCE_S:
+                    raise
+                log.warning("could not journal a run; retrying", extra={"run": active.run.name})
+            await backoff.wait()
+
+    async def _journal_answer(self, journal: Journal, result: handler_pb2.HandleResult) -> None:
+        """Journal the final answer (a handler's files with their bytes only up to
+        ``_MAX_JOURNALED_BYTES``: beyond that a crash asks for the answer again)."""
+        if result.ByteSize() > _MAX_JOURNALED_BYTES:
+            journal.take_model_call()
+            return
+        _, response_id = journal.take_model_call()
+        journal.job.answer.result.CopyFrom(result)
+        journal.job.answer.response_id = response_id
+        await journal.checkpoint()
+
+    async def _replay_answer(
+        self, active: Active, journal: Journal, left: Callable[[], float]
+    ) -> tuple[cpb.Message, handler_pb2.HandleResult]:
+        """A journaled answer: shown again (this attempt's watchers start over),
+        stored as the run's message with the first attempt's request id."""
+        result = handler_pb2.HandleResult()
+        result.CopyFrom(journal.job.answer.result)
+        text = "".join(part.text for part in result.parts if part.HasField("text"))
+        if active.job.speech.speak:
+            self._speak(active)
+        if text:
+            update = pb.RunUpdate()
+            update.delta.text = text
+            self._publishing.emit(active, update)
+            if active.speaker is not None:
+                active.speaker.feed(text)
+        log.info("run answered from its journal", extra={"run": active.run.name})
+        return await self._answer(active, result, left)
 
     def _speak(self, active: Active) -> None:
         """The run speaks its answer as it is written (``voice/speaker.py``)."""
@@ -450,6 +572,7 @@ class Execution:
         active: Active,
         definitions: Sequence[handler_pb2.ToolDefinition],
         clock: RunClock,
+        journal: Journal | None,
     ) -> RunTools | None:
         """The run's tool runner: when its assistant offers tools, or its handler is
         an interactive expert (which may name any tool of the workspace when the
@@ -460,6 +583,9 @@ class Execution:
         # offered now: a call the model makes anyway is answered, not fatal.
         if not definitions and not interactive and not (assistant and assistant.tools):
             return None
+        if journal is None:
+            # Built-in handlers call no tools; one that did would be journaled too.
+            journal = Journal(active.job, lambda: self._write_job(active))
         runner = RunTools(
             _RunHost(self, active, clock),
             self._tools,
@@ -472,6 +598,7 @@ class Execution:
             open_workspace=interactive and assistant is None,
             max_steps=step_limit(self._tool_limits, assistant),
             deadline=clock.left,
+            journal=journal,
             budget=active.budget,
         )
         active.tools = runner
@@ -686,11 +813,6 @@ class Execution:
             self._scheduler.resumed(active.ticket)
         await self._publishing.persist(active, "resume")
 
-    async def save_job(self, active: Active) -> None:
-        await self._store.save_job(
-            active.run_id, active.job.SerializeToString(), owner=self._limits.instance_id
-        )
-
     def append(self, active: Active, request: cpb.AppendMessageRequest) -> Awaitable[cpb.Message]:
         return self._context.append_message(active.principal, request, timeout_s=FINISH_TIMEOUT_S)
 
@@ -782,9 +904,6 @@ class _RunHost:
             names.now() + dt.timedelta(seconds=self._clock.left())
         )
         await self._execution.resume(self._active)
-
-    def save_job(self) -> Awaitable[None]:
-        return self._execution.save_job(self._active)
 
     def append(self, request: cpb.AppendMessageRequest) -> Awaitable[cpb.Message]:
         return self._execution.append(self._active, request)

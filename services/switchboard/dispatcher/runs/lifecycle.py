@@ -17,8 +17,8 @@
   its slot to others.
 * ``resume``: every call decided; stored and shown.
 * ``requeue``: the dispatcher stopped while it ran (recovery policy
-  ``requeue``), or it is recovered after a restart: it starts again from its
-  stored steps.
+  ``resume`` or ``requeue``), or it is recovered after a restart: it
+  continues from its journal (``tools/journal.py``).
 * the terminal states are stored before they are shown, with their event
   (the outbox), and nothing follows them.
 
@@ -44,6 +44,7 @@ from switchboard.dispatcher.budgets.spending import Read, RunBudget
 from switchboard.dispatcher.handlers.base import Handler
 from switchboard.dispatcher.runs.feed import Feed
 from switchboard.dispatcher.runs.scheduler import Ticket
+from switchboard.dispatcher.tools.journal import Journal
 from switchboard.dispatcher.tools.runner import RunTools
 from switchboard.dispatcher.voice.speaker import Speaker
 from switchboard.internal.dispatcher.v1 import job_pb2
@@ -115,6 +116,12 @@ class Active:
     #: (0.0: not yet): its queue wait and its duration, for logs and metrics.
     queued_at: float = 0.0
     started_at: float = 0.0
+    #: How a recovered run continues from its journal (``recovery.py``): "" for a
+    #: run that was not interrupted, else the recovery policy that applies
+    #: ("resume" or "requeue"; a paused run recovered under "fail" resumes).
+    recovered: str = ""
+    #: Its journal, while a handler outside the process runs it (``tools/journal.py``).
+    journal: Journal | None = None
 
     @property
     def conversation(self) -> str:

@@ -45,7 +45,7 @@ class RunLimits:
     default_timeout_s: float
     max_timeout_s: float
     heartbeat_s: float
-    recovery: Literal["fail", "requeue"]
+    recovery: Literal["resume", "fail", "requeue"]
     #: How long this instance's runs are left alone after it stops renewing its lease.
     lease_s: float = 30.0
     #: SendMessage calls of one workspace admitted at once (``admission.Turns``).

@@ -3,8 +3,9 @@
 Runs belong to the instance that admitted them. Each instance renews a lease
 in the database; a restarted dispatcher takes its runs back (``recover``), and
 so does any other replica once the owner's lease has expired (it died and did
-not come back): queued ones are queued again; running ones fail with
-RUN_INTERRUPTED or are queued again, by ``SWITCHBOARD_DISPATCHER_RECOVERY``; a
+not come back): queued ones are queued again; running ones continue from
+their journal (``resume``, the default), fail with RUN_INTERRUPTED (``fail``)
+or are queued again (``requeue``), by ``SWITCHBOARD_DISPATCHER_RECOVERY``; a
 paused one resumes whatever the policy. A recovered run goes back through the
 scheduler (``Admission.admit``) and continues in the next sequence block
 (``live.py``).
@@ -32,9 +33,15 @@ from switchboard.dispatcher.runs.live import (
 )
 from switchboard.dispatcher.runs.publishing import Publishing
 from switchboard.dispatcher.runs.store import Stored
+from switchboard.dispatcher.tools.journal import unreadable
 from switchboard.internal.dispatcher.v1 import job_pb2
 from switchboard.platform import names
-from switchboard.platform.errors import HandlerFailed, RunInterrupted, SwitchboardError
+from switchboard.platform.errors import (
+    HandlerFailed,
+    RunInterrupted,
+    RunNotResumable,
+    SwitchboardError,
+)
 from switchboard.platform.observe.metrics import Metrics, run_state_label
 from switchboard.platform.security.policy import AuthMethod, Principal, Scope
 from switchboard.platform.store.db import log_failure
@@ -200,8 +207,18 @@ class Recovery:
         except DecodeError:
             # A job this version cannot read (one stored before runs had tools: its
             # reader is gone, docs/decisions.md): that run fails, the others recover.
-            error = RunInterrupted(f"{why}; its stored job cannot be read by this version")
-            await self._fail_unstarted(item, error, why="unreadable job")
+            await self._fail_unstarted(
+                item,
+                RunNotResumable(f"{why}; its stored job cannot be read by this version"),
+                why="unreadable job",
+            )
+            return
+        problem = unreadable(job)
+        if problem:
+            # Never a loop of attempts that cannot work: it ends, saying why.
+            await self._fail_unstarted(
+                item, RunNotResumable(f"{why}; {problem}"), why="unreadable journal"
+            )
             return
         handler = await self._router.find(item.workspace_id, run.handler.removeprefix("handlers/"))
         if handler is None:
@@ -233,6 +250,9 @@ class Recovery:
             handler=handler,
             job=job,
             feed=feed,
+            # It continues from its journal (a paused one whatever the policy; one
+            # queued again at a shutdown has one too).
+            recovered=self._limits.recovery if self._limits.recovery != "fail" else "resume",
         )
         if requeued:
             self._publishing.state_changed(active)  # the QUEUED update, at run.last_sequence

@@ -20,6 +20,12 @@ handler (``handlers.ToolRunner``):
   open circuit, a timeout, a denial: the handler gets a FAILED or DENIED
   result that explains it, and its model decides what to do. Only the run's
   own end (cancel, deadline, expired approval) raises.
+* **Journaled** (``journal.py``): a step's calls, and which of them are sent,
+  before any is sent; each result as it comes in. Resumed after a crash, a
+  call with a journaled result is not sent again, and one sent with none is
+  sent again (same idempotency key) only to a retry-safe tool; otherwise the
+  run pauses with the call ``outcome_unknown`` for a person to RETRY,
+  COMPLETE or FAIL_RUN. Every call carries ``idempotency.call_key``.
 * **Stored as messages.** Each step becomes an ASSISTANT message (its text and
   calls) and one TOOL message per result, written in the background in order
   (the next model request does not wait for them) and awaited before the final
@@ -53,10 +59,18 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.handler.v1 import handler_pb2 as hpb
 from switchboard.api.integration.v1 import integration_pb2 as ipb
+from switchboard.dispatcher.tools.journal import Journal
 from switchboard.dispatcher.tools.port import ToolPort
 from switchboard.internal.dispatcher.v1 import job_pb2
-from switchboard.platform import names
-from switchboard.platform.errors import ApprovalExpired, CircuitOpen, SwitchboardError
+from switchboard.platform import idempotency, names
+from switchboard.platform.errors import (
+    ApprovalExpired,
+    CircuitOpen,
+    NotFound,
+    RunNotResumable,
+    SwitchboardError,
+    ToolOutcomeUnknown,
+)
 from switchboard.platform.security.policy import Principal
 
 log = logging.getLogger("switchboard.dispatcher.tools")
@@ -176,10 +190,6 @@ class RunHost(Protocol):
         """RUNNING again, stored and announced."""
         ...
 
-    def save_job(self) -> Awaitable[None]:
-        """Store the job's steps (awaitable; the runner chains it after messages)."""
-        ...
-
     def append(self, request: cpb.AppendMessageRequest) -> Awaitable[cpb.Message]:
         """Store a message in the run's conversation as the run's user."""
         ...
@@ -215,12 +225,14 @@ class RunTools:
         open_workspace: bool,
         max_steps: int,
         deadline: Callable[[], float],
+        journal: Journal,
         budget: CallBudget | None = None,
     ) -> None:
         self._host = host
         self._budget = budget
-        #: Prices of the integrations this run called, by name (read once per run).
-        self._prices: dict[str, ipb.Integration | None] = {}
+        self._journal = journal
+        #: The integrations this run called, by name (read once per run: prices, retry safety).
+        self._integrations: dict[str, ipb.Integration | None] = {}
         #: What the run's priced tool calls cost (added to its usage at its end).
         self.spent_micros = 0
         self._port = port
@@ -264,25 +276,94 @@ class RunTools:
             and [c.id for c in calls] == [c.id for c in last.calls[len(last.results) :]]
         )
         errors: dict[str, status_pb2.Status] = {}
+        done: dict[str, hpb.ToolResult] = {}
+        unknown: list[hpb.ToolCall] = []
         if resumed and last is not None:
-            # The step a restart interrupted: its calls were shown and stored
-            # already; they run (or wait for their decisions) now.
+            # The step a restart interrupted: its calls were shown and journaled
+            # already; what has a result is not sent again, what was in flight is
+            # sent again only where that is safe (``_in_flight``).
             step, index = last, len(steps) - 1
+            record = self._journal.record(index)
             pending = list(step.calls[len(step.results) :])
+            done = {result.id: result for result in record.results}
+            sent = set(record.sent) if self._journal.resuming else set()
+            in_flight = [c for c in pending if c.id in sent and c.id not in done]
             for call in pending:
+                if call.id in done:
+                    continue
+                if call.id in sent:
+                    call.requires_approval = False  # asked before it was sent
+                    continue
                 problem = self._problem(call, set())
                 if problem is not None:
                     errors[call.id] = problem
+            unknown = await self._in_flight(in_flight)
         else:
             step, index, errors = self._open_step(calls)
+            record = self._journal.open_step(index)
             pending = list(step.calls)
-        decisions = await self._approve([c for c in pending if c.requires_approval])
+        decisions = await self._approve(
+            [c for c in pending if c.requires_approval and c.id not in done],
+            unknown=unknown,
+        )
+        # Journaled before anything is sent: the model's output (a fresh step) and
+        # which calls go out, so a crash from here on neither asks the model again
+        # nor loses that a call may have taken effect.
+        record.sent.extend(
+            call.id
+            for call in pending
+            if call.id not in done
+            and call.id not in errors
+            and call.id not in record.sent
+            and _sends(decisions.get(call.id))
+        )
+        await self._journal.checkpoint()
         results = await asyncio.gather(
-            *(self._one(call, errors.get(call.id), decisions.get(call.id)) for call in pending)
+            *(
+                self._one(call, errors.get(call.id), decisions.get(call.id), done.get(call.id))
+                for call in pending
+            )
         )
         step.results.extend(results)
+        del record.results[:]
         self._stored(index, step)
         return list(results)
+
+    async def _in_flight(self, calls: list[hpb.ToolCall]) -> list[hpb.ToolCall]:
+        """Of ``calls`` (sent before a crash, no result journaled), those a person
+        must decide; the others are sent again, with the same key. A call whose
+        tool is gone ends the run: it cannot be retried, and the model cannot be
+        told what happened."""
+        unknown: list[hpb.ToolCall] = []
+        for call in calls:
+            tool = _tool_name(call)
+            # Only what is gone ends the run; an outage of the hub fails it as one.
+            try:
+                integration = await self._port.integration(self._principal, call.integration)
+            except NotFound:
+                raise RunNotResumable(
+                    f"the integration {call.integration} of call {call.id}, in flight when "
+                    "the run was interrupted, is gone"
+                ) from None
+            self._integrations[call.integration] = integration
+            try:
+                offered = await self._port.tools(self._principal, call.integration)
+            except NotFound:
+                offered = []
+            if tool not in {found.name for found in offered}:
+                raise RunNotResumable(
+                    f"the tool {tool} of call {call.id}, in flight when the run was "
+                    "interrupted, is no longer offered by its integration"
+                )
+            safe = integration.retry_safe or call.tool in integration.retry_safe_tools
+            if not (safe or self._journal.retry_all):
+                unknown.append(call)
+            else:
+                log.info(
+                    "a call in flight at a crash is sent again (retry-safe)",
+                    extra={"run": self._run.name, "tool": tool},
+                )
+        return unknown
 
     def _open_step(
         self, calls: Sequence[hpb.ToolCall]
@@ -346,18 +427,35 @@ class RunTools:
 
     # -- approvals ----------------------------------------------------------------------
 
-    async def _approve(self, needs: list[hpb.ToolCall]) -> dict[str, pb.PendingToolCall]:
-        """Wait until every call of ``needs`` is decided; their decisions by call id.
+    async def _approve(
+        self, needs: list[hpb.ToolCall], *, unknown: Sequence[hpb.ToolCall] = ()
+    ) -> dict[str, pb.PendingToolCall]:
+        """Wait until every call of ``needs`` and ``unknown`` (calls whose outcome a
+        crash left unknown) is decided; their decisions by call id.
 
         Several steps may wait at once (an interactive expert's concurrent
         calls): the run pauses when the first starts waiting and resumes when
         nothing is left undecided.
         """
+        action = self._run.required_action
+        if unknown:
+            # An approval given before they were sent, or a RETRY that may have been
+            # sent again, no longer answers the question: did they take effect? A
+            # person's COMPLETE or FAIL_RUN still does (a crash came before it acted).
+            ids = {call.id for call in unknown}
+            kept = [
+                p
+                for p in action.tool_calls
+                if p.call.id not in ids or (p.outcome_unknown and not _sends(p))
+            ]
+            del action.tool_calls[:]
+            action.tool_calls.extend(kept)
+            needs = [c for c in needs if c.id not in ids] + list(unknown)
         if not needs:
             return {}
-        action = self._run.required_action
         known = {pending.call.id for pending in action.tool_calls}
         fresh = [call for call in needs if call.id not in known]
+        unknown_ids = {call.id for call in unknown}
         if fresh:
             if not self._undecided():
                 # A new pause; one resumed after a restart keeps its calls and decisions.
@@ -367,7 +465,8 @@ class RunTools:
                 wait_s = self._limits.approval_timeout_s
                 action.expire_time.FromDatetime(names.now() + dt.timedelta(seconds=wait_s))
             for call in fresh:
-                action.tool_calls.add().call.CopyFrom(call)
+                pending = action.tool_calls.add(outcome_unknown=call.id in unknown_ids)
+                pending.call.CopyFrom(call)
         ids = {call.id for call in needs}
         if self._undecided(ids):
             if self._run.state == pb.RUN_STATE_RUNNING:
@@ -407,9 +506,18 @@ class RunTools:
         call: hpb.ToolCall,
         problem: status_pb2.Status | None,
         decision: pb.PendingToolCall | None,
+        journaled: hpb.ToolResult | None = None,
     ) -> hpb.ToolResult:
+        if journaled is not None:
+            return journaled  # it ran before a crash: shown then, not sent again
         tool = _tool_name(call)
         result = hpb.ToolResult(id=call.id, tool=tool if problem is None else "")
+        verdict = decision.decision if decision is not None else None
+        if verdict == pb.TOOL_APPROVAL_DECISION_FAIL_RUN and decision is not None:
+            raise ToolOutcomeUnknown(
+                f"{decision.decided_by} failed the run: the outcome of call {call.id} "
+                f"({tool}) was unknown after a crash"
+            )
         if problem is not None:
             result.outcome = hpb.TOOL_OUTCOME_FAILED
             result.error.CopyFrom(problem)
@@ -421,8 +529,16 @@ class RunTools:
                 _status(code_pb2.PERMISSION_DENIED, f"denied by {decision.decided_by}: {why}")
             )
             result.text = f"The call was denied by a person ({why}). Do not retry it."
+        elif verdict == pb.TOOL_APPROVAL_DECISION_COMPLETE and decision is not None:
+            # A person says it took effect (it was in flight at a crash): its result
+            # is theirs, and it is not sent again.
+            result.outcome = hpb.TOOL_OUTCOME_SUCCEEDED
+            result.text = self._cut(decision.result_text)
+            await self._journaled(call, result)
         else:
             await self._invoke(call, tool, result)
+            # Journaled as it comes in: a crash from here on does not send it again.
+            await self._journaled(call, result)
         update = pb.RunUpdate()
         update.tool_result.CopyFrom(result)
         _without_bytes(update.tool_result.files)
@@ -433,19 +549,37 @@ class RunTools:
         self.flush()
         self._host.emit(update)
 
-    async def _price(self, call: hpb.ToolCall) -> int:
-        """The price of one call of ``call``'s tool: its integration's
-        ``tool_call_price_micros`` for it, else its ``call_price_micros``."""
+    async def _journaled(self, call: hpb.ToolCall, result: hpb.ToolResult) -> None:
+        """Return once ``result`` of ``call`` is in the stored journal."""
+        journaled = self._journal.record(self._step_of(call.id)).results.add()
+        journaled.CopyFrom(result)
+        _without_bytes(journaled.files)
+        await self._journal.checkpoint()
+
+    def _step_of(self, call_id: str) -> int:
+        """The index of the (last) step holding the call ``call_id``."""
+        for index in range(len(self._job.steps) - 1, -1, -1):
+            if any(c.id == call_id for c in self._job.steps[index].calls):
+                return index
+        raise LookupError(call_id)
+
+    async def _integration(self, call: hpb.ToolCall) -> ipb.Integration | None:
+        """``call``'s integration as the hub describes it (None: it cannot be read)."""
         integration = call.integration
-        if integration not in self._prices:
+        if integration not in self._integrations:
             try:
-                self._prices[integration] = await self._port.integration(
+                self._integrations[integration] = await self._port.integration(
                     self._principal, integration
                 )
             except SwitchboardError:
                 # The call itself fails the same way, and a failed call costs nothing.
-                self._prices[integration] = None
-        found = self._prices[integration]
+                self._integrations[integration] = None
+        return self._integrations[integration]
+
+    async def _price(self, call: hpb.ToolCall) -> int:
+        """The price of one call of ``call``'s tool: its integration's
+        ``tool_call_price_micros`` for it, else its ``call_price_micros``."""
+        found = await self._integration(call)
         if found is None:
             return 0
         return found.tool_call_price_micros.get(call.tool, found.call_price_micros)
@@ -465,6 +599,11 @@ class RunTools:
             # out, cancelled) costs nothing.
             if answered:
                 self.spent_micros += price
+                if price:
+                    # The step's share of the run's usage, kept for a later attempt.
+                    usage = self._journal.record(self._step_of(call.id)).usage
+                    usage.cost_micros += price
+                    usage.estimated_cost_usd = usage.cost_micros / 1e6
             if hold and self._budget is not None:
                 if answered:
                     await self._budget.settle(hold, price, 0, 0)
@@ -474,7 +613,10 @@ class RunTools:
     async def _call(self, call: hpb.ToolCall, tool: str, result: hpb.ToolResult) -> bool:
         """Invoke the tool; whether it answered."""
         started = time.monotonic()
-        request = ipb.InvokeToolRequest(name=tool)
+        # The same key on every attempt at this call (docs/integration.md).
+        request = ipb.InvokeToolRequest(
+            name=tool, idempotency_key=idempotency.call_key(self._run.name, call.id)
+        )
         request.arguments.CopyFrom(call.arguments)
         answered = False
         try:
@@ -520,6 +662,14 @@ class RunTools:
 
     # -- messages -----------------------------------------------------------------------
 
+    def restore(self) -> None:
+        """Store the messages of journaled steps a crash left unstored (their
+        request ids are the first attempt's: what was stored is not stored twice)."""
+        for index, step in enumerate(self._job.steps):
+            complete = len(step.results) == len(step.calls)
+            if complete and not self._journal.record(index).stored:
+                self._stored(index, step)
+
     def _stored(self, index: int, step: hpb.ToolStep) -> None:
         """Store the step's messages, then the job, after the steps before (in the background)."""
         previous = self._writes
@@ -536,7 +686,9 @@ class RunTools:
                 stored = await self._store_result(index, position, result)
                 # The job keeps what the message names (stored files), not the bytes.
                 _named(result.files, stored)
-            await self._host.save_job()
+            # Rides on the journal's next write (the next step's, or the answer's): a
+            # crash before that stores these messages again, under the same request ids.
+            self._journal.record(index).stored = True
         except SwitchboardError as exc:
             # The run goes on; its messages are incomplete, which the final
             # answer's own store (the same database) will report if it persists.
@@ -615,6 +767,14 @@ class RunTools:
             ),
             request_id=f"run-{self._run_id}-{suffix}"[:64],
         )
+
+
+def _sends(decision: pb.PendingToolCall | None) -> bool:
+    """Whether a call so decided (None: no decision needed) is sent to its tool."""
+    return decision is None or decision.decision in (
+        pb.TOOL_APPROVAL_DECISION_APPROVE,
+        pb.TOOL_APPROVAL_DECISION_RETRY,
+    )
 
 
 def _status(code: int, message: str) -> status_pb2.Status:

@@ -31,6 +31,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -687,6 +688,11 @@ class IntegrationRow(Base):
     # and a JSON text column is the same on SQLite and PostgreSQL.
     call_price_micros: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     tool_call_prices: Mapped[str] = mapped_column(Text, default="", server_default="")
+    # Whether a call left in flight by a crash may be sent again (docs/integration.md,
+    # "Idempotency keys and retry-safe tools"): every tool, or the tools named, by
+    # segment, space-separated (a segment holds no space), as event_types are.
+    retry_safe: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    retry_safe_tools: Mapped[str] = mapped_column(Text, default="", server_default="")
 
 
 class WebhookDeliveryRow(Base):

@@ -146,6 +146,16 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     audio, the model or the voice (FAILED_PRECONDITION); retrying it as it is
     will not help.
     """
+    ERROR_REASON_RUN_NOT_RESUMABLE: _ErrorReason.ValueType  # 44
+    """A run taken over after a crash cannot continue from its journal (FAILED
+    run, FAILED_PRECONDITION): the journal was written by a release this one
+    cannot read, a tool a call was in flight to is gone, or the run's remote
+    handler changed. The message says which; the run is not started again.
+    """
+    ERROR_REASON_TOOL_OUTCOME_UNKNOWN: _ErrorReason.ValueType  # 45
+    """A person failed the run at a tool call whose outcome was unknown after a
+    crash (SubmitToolApprovals with FAIL_RUN; ABORTED).
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the machine-readable cause of a failed call. Every error the
@@ -276,5 +286,15 @@ ERROR_REASON_SPEECH_REFUSED: ErrorReason.ValueType  # 43
 """The speech recognition or synthesis endpoint refused the request: the
 audio, the model or the voice (FAILED_PRECONDITION); retrying it as it is
 will not help.
+"""
+ERROR_REASON_RUN_NOT_RESUMABLE: ErrorReason.ValueType  # 44
+"""A run taken over after a crash cannot continue from its journal (FAILED
+run, FAILED_PRECONDITION): the journal was written by a release this one
+cannot read, a tool a call was in flight to is gone, or the run's remote
+handler changed. The message says which; the run is not started again.
+"""
+ERROR_REASON_TOOL_OUTCOME_UNKNOWN: ErrorReason.ValueType  # 45
+"""A person failed the run at a tool call whose outcome was unknown after a
+crash (SubmitToolApprovals with FAIL_RUN; ABORTED).
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

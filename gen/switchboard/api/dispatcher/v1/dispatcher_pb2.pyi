@@ -117,6 +117,18 @@ class _ToolApprovalDecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_
     """Run it."""
     TOOL_APPROVAL_DECISION_DENY: _ToolApprovalDecision.ValueType  # 2
     """Do not run it; the model is told it was denied."""
+    TOOL_APPROVAL_DECISION_RETRY: _ToolApprovalDecision.ValueType  # 3
+    """For a call whose outcome is unknown: send it again, with the same
+    idempotency key.
+    """
+    TOOL_APPROVAL_DECISION_COMPLETE: _ToolApprovalDecision.ValueType  # 4
+    """For a call whose outcome is unknown: it took effect; the model is given
+    `ToolApproval.result_text` as its result and it is not sent again.
+    """
+    TOOL_APPROVAL_DECISION_FAIL_RUN: _ToolApprovalDecision.ValueType  # 5
+    """For a call whose outcome is unknown: end the run FAILED
+    (TOOL_OUTCOME_UNKNOWN) without sending it again.
+    """
 
 class ToolApprovalDecision(_ToolApprovalDecision, metaclass=_ToolApprovalDecisionEnumTypeWrapper):
     """A decision on a tool call."""
@@ -127,6 +139,18 @@ TOOL_APPROVAL_DECISION_APPROVE: ToolApprovalDecision.ValueType  # 1
 """Run it."""
 TOOL_APPROVAL_DECISION_DENY: ToolApprovalDecision.ValueType  # 2
 """Do not run it; the model is told it was denied."""
+TOOL_APPROVAL_DECISION_RETRY: ToolApprovalDecision.ValueType  # 3
+"""For a call whose outcome is unknown: send it again, with the same
+idempotency key.
+"""
+TOOL_APPROVAL_DECISION_COMPLETE: ToolApprovalDecision.ValueType  # 4
+"""For a call whose outcome is unknown: it took effect; the model is given
+`ToolApproval.result_text` as its result and it is not sent again.
+"""
+TOOL_APPROVAL_DECISION_FAIL_RUN: ToolApprovalDecision.ValueType  # 5
+"""For a call whose outcome is unknown: end the run FAILED
+(TOOL_OUTCOME_UNKNOWN) without sending it again.
+"""
 Global___ToolApprovalDecision: _TypeAlias = ToolApprovalDecision  # noqa: Y015
 
 class _ConcurrencyPolicy:
@@ -612,12 +636,22 @@ class PendingToolCall(_message.Message):
     DECIDED_BY_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     DECIDE_TIME_FIELD_NUMBER: _builtins.int
+    OUTCOME_UNKNOWN_FIELD_NUMBER: _builtins.int
+    RESULT_TEXT_FIELD_NUMBER: _builtins.int
     decision: Global___ToolApprovalDecision.ValueType
     """The decision; UNSPECIFIED while undecided."""
     decided_by: _builtins.str
     """Who decided, `users/{user}`."""
     reason: _builtins.str
     """The reason they gave (a denial's reason is shown to the model)."""
+    outcome_unknown: _builtins.bool
+    """The call was sent before a crash and no result was recorded: it may or may
+    not have taken effect, and its tool is not safe to call again on its own
+    (`Integration.retry_safe`). Decided with RETRY, COMPLETE or FAIL_RUN, never
+    APPROVE or DENY.
+    """
+    result_text: _builtins.str
+    """For COMPLETE: the result the model was given."""
     @_builtins.property
     def call(self) -> _handler_pb2.ToolCall:
         """The call, with its tool and arguments."""
@@ -634,10 +668,12 @@ class PendingToolCall(_message.Message):
         decided_by: _builtins.str = ...,
         reason: _builtins.str = ...,
         decide_time: _timestamp_pb2.Timestamp | None = ...,
+        outcome_unknown: _builtins.bool = ...,
+        result_text: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "decide_time", b"decide_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "decide_time", b"decide_time", "decided_by", b"decided_by", "decision", b"decision", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "decide_time", b"decide_time", "decided_by", b"decided_by", "decision", b"decision", "outcome_unknown", b"outcome_unknown", "reason", b"reason", "result_text", b"result_text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1529,22 +1565,30 @@ class ToolApproval(_message.Message):
     TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
     DECISION_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    RESULT_TEXT_FIELD_NUMBER: _builtins.int
     tool_call_id: _builtins.str
     """The id of the pending call (`PendingToolCall.call.id`)."""
     decision: Global___ToolApprovalDecision.ValueType
-    """APPROVE or DENY."""
+    """APPROVE or DENY; for a call whose outcome is unknown, RETRY, COMPLETE or
+    FAIL_RUN.
+    """
     reason: _builtins.str
     """Why (at most 500 characters); a denial's reason is shown to the model."""
+    result_text: _builtins.str
+    """For COMPLETE: what the call returned, given to the model as its result
+    (1 to 16,000 characters).
+    """
     def __init__(
         self,
         *,
         tool_call_id: _builtins.str = ...,
         decision: Global___ToolApprovalDecision.ValueType = ...,
         reason: _builtins.str = ...,
+        result_text: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "reason", b"reason", "tool_call_id", b"tool_call_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "reason", b"reason", "result_text", b"result_text", "tool_call_id", b"tool_call_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

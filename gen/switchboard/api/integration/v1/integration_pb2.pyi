@@ -242,6 +242,8 @@ class Integration(_message.Message):
     EVENT_TYPES_FIELD_NUMBER: _builtins.int
     CALL_PRICE_MICROS_FIELD_NUMBER: _builtins.int
     TOOL_CALL_PRICE_MICROS_FIELD_NUMBER: _builtins.int
+    RETRY_SAFE_FIELD_NUMBER: _builtins.int
+    RETRY_SAFE_TOOLS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `workspaces/{workspace}/integrations/{integration}`."""
     display_name: _builtins.str
@@ -261,6 +263,12 @@ class Integration(_message.Message):
     call_price_micros: _builtins.int
     """The price of one tool call, in micro-units of the price table's currency,
     reserved before the call and charged to the run's budgets; 0 for free.
+    """
+    retry_safe: _builtins.bool
+    """Whether every tool of it is safe to call again when a crash left a run's
+    call in flight with no recorded result: the call is then sent again with
+    the same idempotency key. When false (the default) such a run pauses
+    (REQUIRES_ACTION, `PendingToolCall.outcome_unknown`) for a person to decide.
     """
     @_builtins.property
     def call_timeout(self) -> _duration_pb2.Duration:
@@ -295,6 +303,12 @@ class Integration(_message.Message):
         ListTools), overriding `call_price_micros` (at most 200 entries).
         """
 
+    @_builtins.property
+    def retry_safe_tools(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Single tools safe to call again, by the last segment of the tool's name
+        (as in ListTools), beside `retry_safe` (at most 200).
+        """
+
     def __init__(
         self,
         *,
@@ -314,10 +328,12 @@ class Integration(_message.Message):
         event_types: _abc.Iterable[_builtins.str] | None = ...,
         call_price_micros: _builtins.int = ...,
         tool_call_price_micros: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        retry_safe: _builtins.bool = ...,
+        retry_safe_tools: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["call_timeout", b"call_timeout", "config", b"config", "create_time", b"create_time", "status", b"status", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_price_micros", b"call_price_micros", "call_timeout", b"call_timeout", "config", b"config", "create_time", b"create_time", "credential", b"credential", "disabled", b"disabled", "display_name", b"display_name", "endpoint", b"endpoint", "etag", b"etag", "event_types", b"event_types", "has_credential", b"has_credential", "kind", b"kind", "name", b"name", "status", b"status", "tool_call_price_micros", b"tool_call_price_micros", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_price_micros", b"call_price_micros", "call_timeout", b"call_timeout", "config", b"config", "create_time", b"create_time", "credential", b"credential", "disabled", b"disabled", "display_name", b"display_name", "endpoint", b"endpoint", "etag", b"etag", "event_types", b"event_types", "has_credential", b"has_credential", "kind", b"kind", "name", b"name", "retry_safe", b"retry_safe", "retry_safe_tools", b"retry_safe_tools", "status", b"status", "tool_call_price_micros", b"tool_call_price_micros", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -764,8 +780,19 @@ class InvokeToolRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     ARGUMENTS_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`workspaces/{w}/integrations/{i}/tools/{tool}`."""
+    idempotency_key: _builtins.str
+    """A key the tool can dedupe the call by: 1-64 ASCII letters, digits, `-`,
+    `_`, `.` or `:` (anything else is INVALID_ARGUMENT on `idempotency_key`);
+    empty for none. A run's calls carry one derived from the run and the call,
+    the same on every attempt (docs/integration.md, "Idempotency keys"). It
+    reaches an MCP server in the request's `_meta` as
+    `dev.switchboard/idempotency-key`, a gRPC expert in the metadata
+    `idempotency-key`, an A2A agent as the message id, and a webhook tool as
+    the `Idempotency-Key` header.
+    """
     @_builtins.property
     def arguments(self) -> _struct_pb2.Struct:
         """Arguments matching the tool's input schema."""
@@ -780,10 +807,11 @@ class InvokeToolRequest(_message.Message):
         name: _builtins.str = ...,
         arguments: _struct_pb2.Struct | None = ...,
         timeout: _duration_pb2.Duration | None = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments", "name", b"name", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments", "idempotency_key", b"idempotency_key", "name", b"name", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -45,6 +45,10 @@ class RunJob(_message.Message):
     TRACEPARENT_FIELD_NUMBER: _builtins.int
     HANDED_BUDGET_FIELD_NUMBER: _builtins.int
     SPEECH_FIELD_NUMBER: _builtins.int
+    JOURNAL_VERSION_FIELD_NUMBER: _builtins.int
+    STEP_RECORDS_FIELD_NUMBER: _builtins.int
+    ANSWER_FIELD_NUMBER: _builtins.int
+    HANDLER_FINGERPRINT_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The user the run acts for (an id, not a resource name)."""
     auth_method: _builtins.str
@@ -59,6 +63,16 @@ class RunJob(_message.Message):
     """The W3C `traceparent` of the SendMessage call that started the run (empty
     when it was not traced): the execution continues that trace, in whichever
     process and attempt it runs.
+    """
+    journal_version: _builtins.int
+    """The journal's format (docs/dispatcher.md, "Durable runs"): 1 in the
+    release that added journals; 0 in a job stored before (steps only).
+    A run whose journal has a version this release does not know is not
+    resumed (RUN_NOT_RESUMABLE).
+    """
+    handler_fingerprint: _builtins.str
+    """The remote handler the run's first attempt called (its integration and
+    endpoint): a later attempt refuses a handler that changed since.
     """
     @_builtins.property
     def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -97,6 +111,16 @@ class RunJob(_message.Message):
         over by another replica still speaks its answer.
         """
 
+    @_builtins.property
+    def step_records(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepRecord]:
+        """What the journal keeps about each of `steps`, at the same index."""
+
+    @_builtins.property
+    def answer(self) -> Global___JournaledAnswer:
+        """The final answer, journaled before it is stored as the run's message: a
+        run taken over after that replays it instead of asking its handler again.
+        """
+
     def __init__(
         self,
         *,
@@ -113,14 +137,96 @@ class RunJob(_message.Message):
         traceparent: _builtins.str = ...,
         handed_budget: Global___HandedBudget | None = ...,
         speech: _dispatcher_pb2.SpeechOptions | None = ...,
+        journal_version: _builtins.int = ...,
+        step_records: _abc.Iterable[Global___StepRecord] | None = ...,
+        answer: Global___JournaledAnswer | None = ...,
+        handler_fingerprint: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "handed_budget", b"handed_budget", "message", b"message", "parameters", b"parameters", "speech", b"speech"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "assistant", b"assistant", "handed_budget", b"handed_budget", "message", b"message", "parameters", b"parameters", "speech", b"speech"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "assistant", b"assistant", "auth_method", b"auth_method", "handed_budget", b"handed_budget", "message", b"message", "parameters", b"parameters", "scopes", b"scopes", "session_id", b"session_id", "speech", b"speech", "steps", b"steps", "timeout_seconds", b"timeout_seconds", "traceparent", b"traceparent", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "api_key_id", b"api_key_id", "assistant", b"assistant", "auth_method", b"auth_method", "handed_budget", b"handed_budget", "handler_fingerprint", b"handler_fingerprint", "journal_version", b"journal_version", "message", b"message", "parameters", b"parameters", "scopes", b"scopes", "session_id", b"session_id", "speech", b"speech", "step_records", b"step_records", "steps", b"steps", "timeout_seconds", b"timeout_seconds", "traceparent", b"traceparent", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RunJob: _TypeAlias = RunJob  # noqa: Y015
+
+@_typing.final
+class StepRecord(_message.Message):
+    """The journal's record of one tool step."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USAGE_FIELD_NUMBER: _builtins.int
+    RESPONSE_ID_FIELD_NUMBER: _builtins.int
+    SENT_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
+    STORED_FIELD_NUMBER: _builtins.int
+    response_id: _builtins.str
+    """The provider's id of that model response, if it gave one."""
+    stored: _builtins.bool
+    """Whether the step's messages are stored in the conversation."""
+    @_builtins.property
+    def usage(self) -> _handler_pb2.Usage:
+        """What the model call that made the step used."""
+
+    @_builtins.property
+    def sent(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Ids of the step's calls that were sent to their tools: one sent with no
+        result in the step was in flight when the journal was last written.
+        """
+
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[_handler_pb2.ToolResult]:
+        """Results that came in before the whole step ended (it moves them to the
+        step's `results`, in call order, when the last one arrives).
+        """
+
+    def __init__(
+        self,
+        *,
+        usage: _handler_pb2.Usage | None = ...,
+        response_id: _builtins.str = ...,
+        sent: _abc.Iterable[_builtins.str] | None = ...,
+        results: _abc.Iterable[_handler_pb2.ToolResult] | None = ...,
+        stored: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["response_id", b"response_id", "results", b"results", "sent", b"sent", "stored", b"stored", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StepRecord: _TypeAlias = StepRecord  # noqa: Y015
+
+@_typing.final
+class JournaledAnswer(_message.Message):
+    """A final answer, journaled."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULT_FIELD_NUMBER: _builtins.int
+    RESPONSE_ID_FIELD_NUMBER: _builtins.int
+    response_id: _builtins.str
+    """The provider's id of the model response, if it gave one."""
+    @_builtins.property
+    def result(self) -> _handler_pb2.HandleResult:
+        """What the handler answered (its files without their bytes), with the
+        usage of the whole run so far.
+        """
+
+    def __init__(
+        self,
+        *,
+        result: _handler_pb2.HandleResult | None = ...,
+        response_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["response_id", b"response_id", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JournaledAnswer: _TypeAlias = JournaledAnswer  # noqa: Y015
 
 @_typing.final
 class HandedBudget(_message.Message):

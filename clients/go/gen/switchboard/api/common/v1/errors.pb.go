@@ -137,6 +137,14 @@ const (
 	// audio, the model or the voice (FAILED_PRECONDITION); retrying it as it is
 	// will not help.
 	ErrorReason_ERROR_REASON_SPEECH_REFUSED ErrorReason = 43
+	// A run taken over after a crash cannot continue from its journal (FAILED
+	// run, FAILED_PRECONDITION): the journal was written by a release this one
+	// cannot read, a tool a call was in flight to is gone, or the run's remote
+	// handler changed. The message says which; the run is not started again.
+	ErrorReason_ERROR_REASON_RUN_NOT_RESUMABLE ErrorReason = 44
+	// A person failed the run at a tool call whose outcome was unknown after a
+	// crash (SubmitToolApprovals with FAIL_RUN; ABORTED).
+	ErrorReason_ERROR_REASON_TOOL_OUTCOME_UNKNOWN ErrorReason = 45
 )
 
 // Enum value maps for ErrorReason.
@@ -186,6 +194,8 @@ var (
 		41: "ERROR_REASON_SESSION_IDLE",
 		42: "ERROR_REASON_SPEECH_UNAVAILABLE",
 		43: "ERROR_REASON_SPEECH_REFUSED",
+		44: "ERROR_REASON_RUN_NOT_RESUMABLE",
+		45: "ERROR_REASON_TOOL_OUTCOME_UNKNOWN",
 	}
 	ErrorReason_value = map[string]int32{
 		"ERROR_REASON_UNSPECIFIED":            0,
@@ -232,6 +242,8 @@ var (
 		"ERROR_REASON_SESSION_IDLE":           41,
 		"ERROR_REASON_SPEECH_UNAVAILABLE":     42,
 		"ERROR_REASON_SPEECH_REFUSED":         43,
+		"ERROR_REASON_RUN_NOT_RESUMABLE":      44,
+		"ERROR_REASON_TOOL_OUTCOME_UNKNOWN":   45,
 	}
 )
 
@@ -266,7 +278,7 @@ var File_switchboard_api_common_v1_errors_proto protoreflect.FileDescriptor
 
 const file_switchboard_api_common_v1_errors_proto_rawDesc = "" +
 	"\n" +
-	"&switchboard/api/common/v1/errors.proto\x12\x19switchboard.api.common.v1*\xeb\v\n" +
+	"&switchboard/api/common/v1/errors.proto\x12\x19switchboard.api.common.v1*\xb6\f\n" +
 	"\vErrorReason\x12\x1c\n" +
 	"\x18ERROR_REASON_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dERROR_REASON_INVALID_ARGUMENT\x10\x01\x12 \n" +
@@ -312,7 +324,9 @@ const file_switchboard_api_common_v1_errors_proto_rawDesc = "" +
 	"\x1aERROR_REASON_SESSION_ENDED\x10(\x12\x1d\n" +
 	"\x19ERROR_REASON_SESSION_IDLE\x10)\x12#\n" +
 	"\x1fERROR_REASON_SPEECH_UNAVAILABLE\x10*\x12\x1f\n" +
-	"\x1bERROR_REASON_SPEECH_REFUSED\x10+B\\\n" +
+	"\x1bERROR_REASON_SPEECH_REFUSED\x10+\x12\"\n" +
+	"\x1eERROR_REASON_RUN_NOT_RESUMABLE\x10,\x12%\n" +
+	"!ERROR_REASON_TOOL_OUTCOME_UNKNOWN\x10-B\\\n" +
 	"\x1ddev.switchboard.api.common.v1P\x01Z9switchboard.dev/go/gen/switchboard/api/common/v1;commonv1b\x06proto3"
 
 var (

@@ -168,6 +168,15 @@ const (
 	ToolApprovalDecision_TOOL_APPROVAL_DECISION_APPROVE ToolApprovalDecision = 1
 	// Do not run it; the model is told it was denied.
 	ToolApprovalDecision_TOOL_APPROVAL_DECISION_DENY ToolApprovalDecision = 2
+	// For a call whose outcome is unknown: send it again, with the same
+	// idempotency key.
+	ToolApprovalDecision_TOOL_APPROVAL_DECISION_RETRY ToolApprovalDecision = 3
+	// For a call whose outcome is unknown: it took effect; the model is given
+	// `ToolApproval.result_text` as its result and it is not sent again.
+	ToolApprovalDecision_TOOL_APPROVAL_DECISION_COMPLETE ToolApprovalDecision = 4
+	// For a call whose outcome is unknown: end the run FAILED
+	// (TOOL_OUTCOME_UNKNOWN) without sending it again.
+	ToolApprovalDecision_TOOL_APPROVAL_DECISION_FAIL_RUN ToolApprovalDecision = 5
 )
 
 // Enum value maps for ToolApprovalDecision.
@@ -176,11 +185,17 @@ var (
 		0: "TOOL_APPROVAL_DECISION_UNSPECIFIED",
 		1: "TOOL_APPROVAL_DECISION_APPROVE",
 		2: "TOOL_APPROVAL_DECISION_DENY",
+		3: "TOOL_APPROVAL_DECISION_RETRY",
+		4: "TOOL_APPROVAL_DECISION_COMPLETE",
+		5: "TOOL_APPROVAL_DECISION_FAIL_RUN",
 	}
 	ToolApprovalDecision_value = map[string]int32{
 		"TOOL_APPROVAL_DECISION_UNSPECIFIED": 0,
 		"TOOL_APPROVAL_DECISION_APPROVE":     1,
 		"TOOL_APPROVAL_DECISION_DENY":        2,
+		"TOOL_APPROVAL_DECISION_RETRY":       3,
+		"TOOL_APPROVAL_DECISION_COMPLETE":    4,
+		"TOOL_APPROVAL_DECISION_FAIL_RUN":    5,
 	}
 )
 
@@ -1098,7 +1113,14 @@ type PendingToolCall struct {
 	// The reason they gave (a denial's reason is shown to the model).
 	Reason string `protobuf:"bytes,4,opt,name=reason,proto3" json:"reason,omitempty"`
 	// When it was decided.
-	DecideTime    *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=decide_time,json=decideTime,proto3" json:"decide_time,omitempty"`
+	DecideTime *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=decide_time,json=decideTime,proto3" json:"decide_time,omitempty"`
+	// The call was sent before a crash and no result was recorded: it may or may
+	// not have taken effect, and its tool is not safe to call again on its own
+	// (`Integration.retry_safe`). Decided with RETRY, COMPLETE or FAIL_RUN, never
+	// APPROVE or DENY.
+	OutcomeUnknown bool `protobuf:"varint,6,opt,name=outcome_unknown,json=outcomeUnknown,proto3" json:"outcome_unknown,omitempty"`
+	// For COMPLETE: the result the model was given.
+	ResultText    string `protobuf:"bytes,7,opt,name=result_text,json=resultText,proto3" json:"result_text,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1166,6 +1188,20 @@ func (x *PendingToolCall) GetDecideTime() *timestamppb.Timestamp {
 		return x.DecideTime
 	}
 	return nil
+}
+
+func (x *PendingToolCall) GetOutcomeUnknown() bool {
+	if x != nil {
+		return x.OutcomeUnknown
+	}
+	return false
+}
+
+func (x *PendingToolCall) GetResultText() string {
+	if x != nil {
+		return x.ResultText
+	}
+	return ""
 }
 
 // Request for SendMessage.
@@ -3002,10 +3038,14 @@ type ToolApproval struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The id of the pending call (`PendingToolCall.call.id`).
 	ToolCallId string `protobuf:"bytes,1,opt,name=tool_call_id,json=toolCallId,proto3" json:"tool_call_id,omitempty"`
-	// APPROVE or DENY.
+	// APPROVE or DENY; for a call whose outcome is unknown, RETRY, COMPLETE or
+	// FAIL_RUN.
 	Decision ToolApprovalDecision `protobuf:"varint,2,opt,name=decision,proto3,enum=switchboard.api.dispatcher.v1.ToolApprovalDecision" json:"decision,omitempty"`
 	// Why (at most 500 characters); a denial's reason is shown to the model.
-	Reason        string `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	Reason string `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	// For COMPLETE: what the call returned, given to the model as its result
+	// (1 to 16,000 characters).
+	ResultText    string `protobuf:"bytes,4,opt,name=result_text,json=resultText,proto3" json:"result_text,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3057,6 +3097,13 @@ func (x *ToolApproval) GetDecision() ToolApprovalDecision {
 func (x *ToolApproval) GetReason() string {
 	if x != nil {
 		return x.Reason
+	}
+	return ""
+}
+
+func (x *ToolApproval) GetResultText() string {
+	if x != nil {
+		return x.ResultText
 	}
 	return ""
 }
@@ -6590,7 +6637,7 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\n" +
 	"decided_by\x18\x06 \x01(\tR\tdecidedBy\x12;\n" +
 	"\vdecide_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"decideTime\"\x90\x02\n" +
+	"decideTime\"\xda\x02\n" +
 	"\x0fPendingToolCall\x128\n" +
 	"\x04call\x18\x01 \x01(\v2$.switchboard.api.handler.v1.ToolCallR\x04call\x12O\n" +
 	"\bdecision\x18\x02 \x01(\x0e23.switchboard.api.dispatcher.v1.ToolApprovalDecisionR\bdecision\x12\x1d\n" +
@@ -6598,7 +6645,10 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"decided_by\x18\x03 \x01(\tR\tdecidedBy\x12\x16\n" +
 	"\x06reason\x18\x04 \x01(\tR\x06reason\x12;\n" +
 	"\vdecide_time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"decideTime\"\xe3\x03\n" +
+	"decideTime\x12'\n" +
+	"\x0foutcome_unknown\x18\x06 \x01(\bR\x0eoutcomeUnknown\x12\x1f\n" +
+	"\vresult_text\x18\a \x01(\tR\n" +
+	"resultText\"\xe3\x03\n" +
 	"\x12SendMessageRequest\x12\"\n" +
 	"\fconversation\x18\x01 \x01(\tR\fconversation\x12=\n" +
 	"\amessage\x18\x02 \x01(\v2#.switchboard.api.context.v1.MessageR\amessage\x12\x18\n" +
@@ -6722,12 +6772,14 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"page_token\x18\x03 \x01(\tR\tpageToken\"\x82\x01\n" +
 	"\x14ListHandlersResponse\x12B\n" +
 	"\bhandlers\x18\x01 \x03(\v2&.switchboard.api.dispatcher.v1.HandlerR\bhandlers\x12&\n" +
-	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\x99\x01\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\xba\x01\n" +
 	"\fToolApproval\x12 \n" +
 	"\ftool_call_id\x18\x01 \x01(\tR\n" +
 	"toolCallId\x12O\n" +
 	"\bdecision\x18\x02 \x01(\x0e23.switchboard.api.dispatcher.v1.ToolApprovalDecisionR\bdecision\x12\x16\n" +
-	"\x06reason\x18\x03 \x01(\tR\x06reason\"{\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\x12\x1f\n" +
+	"\vresult_text\x18\x04 \x01(\tR\n" +
+	"resultText\"{\n" +
 	"\x1aSubmitToolApprovalsRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12I\n" +
 	"\tapprovals\x18\x02 \x03(\v2+.switchboard.api.dispatcher.v1.ToolApprovalR\tapprovals\"S\n" +
@@ -6995,11 +7047,14 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\x0eBudgetDecision\x12\x1f\n" +
 	"\x1bBUDGET_DECISION_UNSPECIFIED\x10\x00\x12#\n" +
 	"\x1fBUDGET_DECISION_ALLOW_OVERDRAFT\x10\x01\x12\x18\n" +
-	"\x14BUDGET_DECISION_FAIL\x10\x02*\x83\x01\n" +
+	"\x14BUDGET_DECISION_FAIL\x10\x02*\xef\x01\n" +
 	"\x14ToolApprovalDecision\x12&\n" +
 	"\"TOOL_APPROVAL_DECISION_UNSPECIFIED\x10\x00\x12\"\n" +
 	"\x1eTOOL_APPROVAL_DECISION_APPROVE\x10\x01\x12\x1f\n" +
-	"\x1bTOOL_APPROVAL_DECISION_DENY\x10\x02*\x98\x01\n" +
+	"\x1bTOOL_APPROVAL_DECISION_DENY\x10\x02\x12 \n" +
+	"\x1cTOOL_APPROVAL_DECISION_RETRY\x10\x03\x12#\n" +
+	"\x1fTOOL_APPROVAL_DECISION_COMPLETE\x10\x04\x12#\n" +
+	"\x1fTOOL_APPROVAL_DECISION_FAIL_RUN\x10\x05*\x98\x01\n" +
 	"\x11ConcurrencyPolicy\x12\"\n" +
 	"\x1eCONCURRENCY_POLICY_UNSPECIFIED\x10\x00\x12\x1d\n" +
 	"\x19CONCURRENCY_POLICY_REJECT\x10\x01\x12\x1e\n" +

@@ -399,8 +399,16 @@ type Integration struct {
 	// Prices of single tools, by the last segment of the tool's name (as in
 	// ListTools), overriding `call_price_micros` (at most 200 entries).
 	ToolCallPriceMicros map[string]int64 `protobuf:"bytes,16,rep,name=tool_call_price_micros,json=toolCallPriceMicros,proto3" json:"tool_call_price_micros,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
-	unknownFields       protoimpl.UnknownFields
-	sizeCache           protoimpl.SizeCache
+	// Whether every tool of it is safe to call again when a crash left a run's
+	// call in flight with no recorded result: the call is then sent again with
+	// the same idempotency key. When false (the default) such a run pauses
+	// (REQUIRES_ACTION, `PendingToolCall.outcome_unknown`) for a person to decide.
+	RetrySafe bool `protobuf:"varint,17,opt,name=retry_safe,json=retrySafe,proto3" json:"retry_safe,omitempty"`
+	// Single tools safe to call again, by the last segment of the tool's name
+	// (as in ListTools), beside `retry_safe` (at most 200).
+	RetrySafeTools []string `protobuf:"bytes,18,rep,name=retry_safe_tools,json=retrySafeTools,proto3" json:"retry_safe_tools,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *Integration) Reset() {
@@ -541,6 +549,20 @@ func (x *Integration) GetCallPriceMicros() int64 {
 func (x *Integration) GetToolCallPriceMicros() map[string]int64 {
 	if x != nil {
 		return x.ToolCallPriceMicros
+	}
+	return nil
+}
+
+func (x *Integration) GetRetrySafe() bool {
+	if x != nil {
+		return x.RetrySafe
+	}
+	return false
+}
+
+func (x *Integration) GetRetrySafeTools() []string {
+	if x != nil {
+		return x.RetrySafeTools
 	}
 	return nil
 }
@@ -1399,9 +1421,18 @@ type InvokeToolRequest struct {
 	// Arguments matching the tool's input schema.
 	Arguments *structpb.Struct `protobuf:"bytes,2,opt,name=arguments,proto3" json:"arguments,omitempty"`
 	// How long the call may take; capped by the integration's call_timeout.
-	Timeout       *durationpb.Duration `protobuf:"bytes,3,opt,name=timeout,proto3" json:"timeout,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Timeout *durationpb.Duration `protobuf:"bytes,3,opt,name=timeout,proto3" json:"timeout,omitempty"`
+	// A key the tool can dedupe the call by: 1-64 ASCII letters, digits, `-`,
+	// `_`, `.` or `:` (anything else is INVALID_ARGUMENT on `idempotency_key`);
+	// empty for none. A run's calls carry one derived from the run and the call,
+	// the same on every attempt (docs/integration.md, "Idempotency keys"). It
+	// reaches an MCP server in the request's `_meta` as
+	// `dev.switchboard/idempotency-key`, a gRPC expert in the metadata
+	// `idempotency-key`, an A2A agent as the message id, and a webhook tool as
+	// the `Idempotency-Key` header.
+	IdempotencyKey string `protobuf:"bytes,4,opt,name=idempotency_key,json=idempotencyKey,proto3" json:"idempotency_key,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *InvokeToolRequest) Reset() {
@@ -1453,6 +1484,13 @@ func (x *InvokeToolRequest) GetTimeout() *durationpb.Duration {
 		return x.Timeout
 	}
 	return nil
+}
+
+func (x *InvokeToolRequest) GetIdempotencyKey() string {
+	if x != nil {
+		return x.IdempotencyKey
+	}
+	return ""
 }
 
 // Response for InvokeTool.
@@ -1889,7 +1927,7 @@ const file_switchboard_api_integration_v1_integration_proto_rawDesc = "" +
 	"last_error\x18\x04 \x01(\v2\x12.google.rpc.StatusR\tlastError\x121\n" +
 	"\x14consecutive_failures\x18\x05 \x01(\x05R\x13consecutiveFailures\x12=\n" +
 	"\fhealth_since\x18\x06 \x01(\v2\x1a.google.protobuf.TimestampR\vhealthSince\x12H\n" +
-	"\x12circuit_retry_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\x10circuitRetryTime\"\xe0\x06\n" +
+	"\x12circuit_retry_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\x10circuitRetryTime\"\xa9\a\n" +
 	"\vIntegration\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12!\n" +
 	"\fdisplay_name\x18\x02 \x01(\tR\vdisplayName\x12C\n" +
@@ -1912,7 +1950,10 @@ const file_switchboard_api_integration_v1_integration_proto_rawDesc = "" +
 	"\vevent_types\x18\x0e \x03(\tR\n" +
 	"eventTypes\x12*\n" +
 	"\x11call_price_micros\x18\x0f \x01(\x03R\x0fcallPriceMicros\x12y\n" +
-	"\x16tool_call_price_micros\x18\x10 \x03(\v2D.switchboard.api.integration.v1.Integration.ToolCallPriceMicrosEntryR\x13toolCallPriceMicros\x1aF\n" +
+	"\x16tool_call_price_micros\x18\x10 \x03(\v2D.switchboard.api.integration.v1.Integration.ToolCallPriceMicrosEntryR\x13toolCallPriceMicros\x12\x1d\n" +
+	"\n" +
+	"retry_safe\x18\x11 \x01(\bR\tretrySafe\x12(\n" +
+	"\x10retry_safe_tools\x18\x12 \x03(\tR\x0eretrySafeTools\x1aF\n" +
 	"\x18ToolCallPriceMicrosEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"\xc7\x01\n" +
@@ -1965,11 +2006,12 @@ const file_switchboard_api_integration_v1_integration_proto_rawDesc = "" +
 	"page_token\x18\x03 \x01(\tR\tpageToken\"w\n" +
 	"\x11ListToolsResponse\x12:\n" +
 	"\x05tools\x18\x01 \x03(\v2$.switchboard.api.integration.v1.ToolR\x05tools\x12&\n" +
-	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\x93\x01\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\xbc\x01\n" +
 	"\x11InvokeToolRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x125\n" +
 	"\targuments\x18\x02 \x01(\v2\x17.google.protobuf.StructR\targuments\x123\n" +
-	"\atimeout\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\atimeout\"\xea\x01\n" +
+	"\atimeout\x18\x03 \x01(\v2\x19.google.protobuf.DurationR\atimeout\x12'\n" +
+	"\x0fidempotency_key\x18\x04 \x01(\tR\x0eidempotencyKey\"\xea\x01\n" +
 	"\x12InvokeToolResponse\x12/\n" +
 	"\x06result\x18\x01 \x01(\v2\x17.google.protobuf.StructR\x06result\x12\x12\n" +
 	"\x04text\x18\x02 \x01(\tR\x04text\x12\x19\n" +
