@@ -388,8 +388,8 @@ class Chatter:
 def logged_for(error: aio.AioRpcError, lines: list[str]) -> str:
     """An unexpected status, with every output line that names its request id and the
     stack a line of it may start (an INTERNAL's cause is only in the server's log)."""
-    trailers = dict(error.trailing_metadata() or ())
-    request_id = str(trailers.get("x-request-id", ""))
+    trailers: Any = error.trailing_metadata() or ()
+    request_id = next((str(value) for key, value in trailers if key == "x-request-id"), "")
     said = [f"{error.code().name}: {error.details()} (request id {request_id or 'none'})"]
     if request_id:
         for number, line in enumerate(lines):
