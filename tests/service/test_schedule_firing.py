@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2
 
+from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.dispatcher.runs.store import RunStore
@@ -20,7 +22,7 @@ from switchboard.dispatcher.schedules.firing import creator_principal
 from switchboard.dispatcher.schedules.store import ScheduleStore
 from switchboard.platform.security.policy import Role
 from tests.infra.clock import FakeClock
-from tests.service.contextkit import TIMEOUT_S
+from tests.service.contextkit import TIMEOUT_S, struct
 from tests.service.dispatchkit import get_run
 from tests.service.eventkit import Subscriber, ws
 from tests.service.schedulekit import Desk, at, create, cron, desk_mesh, every, firings, loop
@@ -74,9 +76,7 @@ async def test_a_one_second_schedule_fires_runs_and_events() -> None:
         assert {f.schedule for f in fired} == {made.name}
         assert [f.firing.outcome for f in fired] == [STARTED] * 3
         times = [f.firing.fire_time.ToDatetime(dt.UTC) for f in fired]
-        assert [b - a for a, b in zip(times, times[1:], strict=False)] == [
-            dt.timedelta(seconds=1)
-        ] * 2
+        assert [b - a for a, b in itertools.pairwise(times)] == [dt.timedelta(seconds=1)] * 2
         for f in fired:
             run = await get_run(desk.stub, world.owner, f.firing.run)
             assert run.schedule == made.name
@@ -259,9 +259,9 @@ async def test_a_busy_conversation_under_reject_skips_the_tick(desk: Desk) -> No
     await desk.stub.SendMessage(
         pb.SendMessageRequest(
             conversation=made.conversation,
-            message={"parts": [{"text": " ".join(["word"] * 40)}]},
+            message=cpb.Message(parts=[cpb.ContentPart(text=" ".join(["word"] * 40))]),
             handler="handlers/echo",
-            parameters={"delay_ms": 50},
+            parameters=struct(delay_ms=50),
         ),
         metadata=desk.world.owner.md,
         timeout=TIMEOUT_S,

@@ -440,7 +440,8 @@ class Firing:
 
 
 def _status(error: SwitchboardError) -> bytes:
-    return mapping.error_status(error).SerializeToString()
+    status: bytes = mapping.error_status(error).SerializeToString()
+    return status
 
 
 def _key(firing: FiringRecord) -> tuple[str, str, int]:

@@ -146,6 +146,12 @@ def _firing(row: ScheduleFiringRow, creator: str = "") -> FiringRecord:
     )
 
 
+def _count(result: object) -> int:
+    """Rows an UPDATE matched (``CursorResult.rowcount``; ``Session.execute`` is typed
+    as returning a plain ``Result``)."""
+    return int(getattr(result, "rowcount", 0))
+
+
 def _check_etag(etag: str, version: int) -> None:
     if etag and etag_version(etag) != version:
         raise EtagMismatch("the schedule changed since the etag was read; read it again")
@@ -372,7 +378,7 @@ class ScheduleStore:
                 .values(next_fire_us=next_fire_us, last_fire_us=last_fire_us)
                 .execution_options(synchronize_session=False)
             )
-            if moved.rowcount != 1:
+            if _count(moved) != 1:
                 return False
             stamp = now()
             for new in firings:
@@ -498,7 +504,7 @@ class ScheduleStore:
                     .values(claimer=claimer)
                     .execution_options(synchronize_session=False)
                 )
-                if moved.rowcount == 1:
+                if _count(moved) == 1:
                     taken.append(_firing(row, creator))
             return taken
 

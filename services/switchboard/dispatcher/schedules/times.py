@@ -134,8 +134,8 @@ class Cadence:
         if self.interval is not None:
             step = self.interval
             count = (now - first) // step + 1
-            latest = first + step * (count - 1)
-            kept = [latest - step * i for i in range(min(count, keep))]
+            last = first + step * (count - 1)
+            kept = [last - step * i for i in range(min(count, keep))]
             return list(reversed(kept)), count > keep
         # Walked back from now, so a schedule stopped for long (a cron every second,
         # a day down) costs ``keep`` steps, not one per tick missed.
