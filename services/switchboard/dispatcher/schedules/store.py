@@ -33,7 +33,13 @@ from switchboard.platform.store.models import (
     WorkspaceRow,
 )
 from switchboard.platform.store.outbox import Staged, staging
-from switchboard.platform.store.storage import Idempotency, claim, retrying, transaction
+from switchboard.platform.store.storage import (
+    Idempotency,
+    claim,
+    earlier,
+    retrying,
+    transaction,
+)
 
 log = logging.getLogger("switchboard.dispatcher.schedules.store")
 
@@ -179,9 +185,9 @@ class ScheduleStore:
         with the same key. IdTaken if the id is in use, QuotaExceeded past the limit."""
 
         def tx(db: Session) -> Written:
-            earlier = claim(db, idempotency, f"{record.workspace_id}/{record.id}")
-            if earlier is not None:
-                found_ws, _, found_id = earlier.partition("/")
+            first = claim(db, idempotency, f"{record.workspace_id}/{record.id}")
+            if first is not None:
+                found_ws, _, found_id = first.partition("/")
                 row = db.get(ScheduleRow, (found_ws, found_id))
                 if row is None:
                     raise NotFound("the schedule this request created was deleted")
@@ -229,6 +235,23 @@ class ScheduleStore:
             return await self._run(staging(staged, tx), write=True)
 
         return await retrying(run)
+
+    async def replayed(self, key: Idempotency) -> ScheduleRecord | None:
+        """The schedule an earlier create with this key made, if the key is still kept
+        (INVALID_ARGUMENT if it was used for a different request; NotFound if that
+        schedule was deleted since)."""
+
+        def tx(db: Session) -> ScheduleRecord | None:
+            found = earlier(db, key)
+            if found is None:
+                return None
+            found_ws, _, found_id = found.partition("/")
+            row = db.get(ScheduleRow, (found_ws, found_id))
+            if row is None:
+                raise NotFound("the schedule this request created was deleted")
+            return _record(row)
+
+        return await self._run(tx, write=False)
 
     async def get(self, workspace_id: str, schedule_id: str) -> ScheduleRecord | None:
         def tx(db: Session) -> ScheduleRecord | None:
