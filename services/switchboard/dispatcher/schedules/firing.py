@@ -198,7 +198,18 @@ class Firing:
         due = await self._store.due(now_us, BATCH)
         claimed: list[FiringRecord] = []
         for record in due:
-            claimed.extend(await self.claim(record))
+            try:
+                claimed.extend(await self.claim(record))
+            except SwitchboardError:
+                raise  # the database away: the whole pass is retried with backoff
+            except Exception:
+                # One schedule this version cannot fire must not stop the others.
+                log.exception(
+                    "schedule tick not claimed",
+                    extra={
+                        "schedule": schedule_mapping.schedule_name(record.workspace_id, record.id)
+                    },
+                )
         await self._send_all(claimed)
         if len(due) == BATCH:
             return 0.0

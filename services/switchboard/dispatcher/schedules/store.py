@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, Select, and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
@@ -156,6 +156,20 @@ def _count(result: object) -> int:
     """Rows an UPDATE matched (``CursorResult.rowcount``; ``Session.execute`` is typed
     as returning a plain ``Result``)."""
     return int(getattr(result, "rowcount", 0))
+
+
+def _orphan_filter(claimer: str) -> tuple[ColumnElement[bool], ...]:
+    """Unsettled firings of claimers other than ``claimer`` with no live lease."""
+    live = select(DispatcherLeaseRow.instance).where(DispatcherLeaseRow.expires_at >= now())
+    return (
+        ScheduleFiringRow.outcome == CLAIMED,
+        ScheduleFiringRow.claimer != claimer,
+        ScheduleFiringRow.claimer.not_in(live),
+    )
+
+
+def _orphans(claimer: str) -> Select[int]:
+    return select(ScheduleFiringRow.fire_us).where(*_orphan_filter(claimer))
 
 
 def _check_etag(etag: str, version: int) -> None:
@@ -493,9 +507,14 @@ class ScheduleStore:
         expired (or was dropped when their runs were taken over); each moves once,
         conditional on the claimer it was read with."""
 
+        def orphaned(db: Session) -> bool:
+            return db.execute(_orphans(claimer).limit(1)).first() is not None
+
+        # Read first: a pass that finds nothing (nearly always) takes no write lock.
+        if not await self._run(orphaned, write=False):
+            return []
+
         def tx(db: Session) -> list[FiringRecord]:
-            stamp = now()
-            live = select(DispatcherLeaseRow.instance).where(DispatcherLeaseRow.expires_at >= stamp)
             rows = db.execute(
                 select(ScheduleFiringRow, ScheduleRow.creator)
                 .join(
@@ -505,11 +524,7 @@ class ScheduleStore:
                         ScheduleRow.id == ScheduleFiringRow.schedule_id,
                     ),
                 )
-                .where(
-                    ScheduleFiringRow.outcome == CLAIMED,
-                    ScheduleFiringRow.claimer != claimer,
-                    ScheduleFiringRow.claimer.not_in(live),
-                )
+                .where(*_orphan_filter(claimer))
                 .order_by(ScheduleFiringRow.fire_us)
                 .limit(limit)
             ).all()
