@@ -19,6 +19,7 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.dispatcher.runs.store import RunStore
+from switchboard.dispatcher.schedules import store as schedule_store
 from switchboard.dispatcher.schedules.firing import creator_principal
 from switchboard.dispatcher.schedules.store import ScheduleStore
 from switchboard.platform.security.policy import Role
@@ -338,3 +339,21 @@ async def _outage(
             )
         finally:
             stop()
+
+
+async def test_a_schedule_keeps_its_latest_firings(
+    desk: Desk, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(schedule_store, "MAX_FIRINGS_KEPT", 3)
+    clock = FakeClock(at(DAY))
+    on(desk, clock)
+    made = await create(desk, every(1))
+    firing = loop(desk, clock, "replica-a")
+    for _ in range(5):
+        clock.advance(1)
+        await firing.run_once()
+    found = await firings(desk, made.name)
+    base = at(DAY)
+    assert ticks(found) == [
+        (dt.datetime.fromtimestamp(base + s, dt.UTC).isoformat(), STARTED) for s in (5, 4, 3)
+    ]

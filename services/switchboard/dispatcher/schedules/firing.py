@@ -142,8 +142,7 @@ class Firing:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(self._task), timeout=SEND_TIMEOUT_S)
+            await asyncio.wait([self._task], timeout=SEND_TIMEOUT_S)
             self._task = None
 
     def wake(self) -> None:

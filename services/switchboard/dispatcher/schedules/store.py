@@ -46,6 +46,9 @@ log = logging.getLogger("switchboard.dispatcher.schedules.store")
 _T = TypeVar("_T")
 ACTIVE: Final = int(pb.SCHEDULE_STATE_ACTIVE)
 CLAIMED: Final = int(pb.FIRING_OUTCOME_CLAIMED)
+#: Settled firings kept per schedule (the oldest go as new ticks are claimed): a
+#: schedule firing every second would otherwise add 86,400 rows a day.
+MAX_FIRINGS_KEPT: Final = 1_000
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,29 @@ def _count(result: object) -> int:
     """Rows an UPDATE matched (``CursorResult.rowcount``; ``Session.execute`` is typed
     as returning a plain ``Result``)."""
     return int(getattr(result, "rowcount", 0))
+
+
+def _prune(db: Session, workspace_id: str, schedule_id: str) -> None:
+    """Drop the schedule's settled firings older than its ``MAX_FIRINGS_KEPT`` newest."""
+    mine = (
+        ScheduleFiringRow.workspace_id == workspace_id,
+        ScheduleFiringRow.schedule_id == schedule_id,
+    )
+    oldest_kept = db.execute(
+        select(ScheduleFiringRow.fire_us)
+        .where(*mine)
+        .order_by(ScheduleFiringRow.fire_us.desc())
+        .offset(MAX_FIRINGS_KEPT - 1)
+        .limit(1)
+    ).scalar_one_or_none()
+    if oldest_kept is not None:
+        db.execute(
+            delete(ScheduleFiringRow).where(
+                *mine,
+                ScheduleFiringRow.fire_us < oldest_kept,
+                ScheduleFiringRow.outcome != CLAIMED,
+            )
+        )
 
 
 def _orphan_filter(claimer: str) -> tuple[ColumnElement[bool], ...]:
@@ -435,6 +461,7 @@ class ScheduleStore:
                     )
                 )
             db.flush()
+            _prune(db, record.workspace_id, record.id)
             return True
 
         return await self._run(staging(staged, tx), write=True)
