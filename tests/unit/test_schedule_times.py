@@ -8,7 +8,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from switchboard.dispatcher.schedules.times import Cadence, cron_problem, from_us, to_us, zone
+from switchboard.dispatcher.schedules.times import Cadence, cron_problem, from_us, to_us
+from switchboard.platform.timefields import zone
 
 BERLIN = ZoneInfo("Europe/Berlin")
 

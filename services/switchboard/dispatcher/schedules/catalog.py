@@ -210,7 +210,7 @@ class Schedules:
             problem = times.cron_problem(given.cron)
             if problem:
                 violations.add("schedule.cron", problem)
-        if given.time_zone and times.zone(given.time_zone) is None:
+        if given.time_zone and timefields.zone(given.time_zone) is None:
             violations.add(
                 "schedule.time_zone",
                 "is not a known IANA time zone (for example Europe/Berlin); empty for UTC",

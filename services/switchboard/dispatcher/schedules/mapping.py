@@ -10,7 +10,7 @@ from switchboard.api.events.v1 import events_pb2
 from switchboard.dispatcher import mapping
 from switchboard.dispatcher.schedules import times
 from switchboard.dispatcher.schedules.store import FiringRecord, ScheduleRecord
-from switchboard.platform import names
+from switchboard.platform import names, timefields
 
 #: Fire times a schedule shows (``Schedule.upcoming_fire_times``).
 UPCOMING = 5
@@ -24,7 +24,9 @@ def cadence(schedule: pb.Schedule) -> times.Cadence:
     """The ticks of a schedule's stored settings (validated when they were stored)."""
     if schedule.HasField("interval"):
         return times.Cadence(interval=schedule.interval.ToTimedelta())
-    return times.Cadence(cron=schedule.cron, tz=times.zone(schedule.time_zone) or times.UTC_ZONE)
+    return times.Cadence(
+        cron=schedule.cron, tz=timefields.zone(schedule.time_zone) or timefields.UTC_ZONE
+    )
 
 
 def message(record: ScheduleRecord) -> pb.Schedule:

@@ -19,13 +19,14 @@ time that happens twice (the fall-back day) twice. The rules:
 from __future__ import annotations
 
 import datetime as dt
-import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
+from zoneinfo import ZoneInfo
 
 from croniter import CroniterBadCronError, CroniterBadDateError, CroniterError, croniter
+
+from switchboard.platform.timefields import UTC_ZONE
 
 #: Characters of a cron expression.
 MAX_CRON: Final = 200
@@ -34,31 +35,9 @@ CRON_FIELDS: Final = (5, 6)
 #: Wall times looked at to find one tick (a cron that matches no date in years ends here).
 _MAX_STEPS: Final = 10_000
 _UTC: Final = dt.UTC
-UTC_ZONE: Final = ZoneInfo("UTC")
 _EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 #: The resolution of ticks: one before another is at least this much before it.
 _TICK: Final = dt.timedelta(microseconds=1)
-
-
-def zone(name: str) -> ZoneInfo | None:
-    """The IANA zone ``name`` (UTC for ""), or None if there is no such zone.
-
-    Only the zones the system's database lists: ``ZoneInfo`` itself opens any file
-    under its directories (a directory such as "Europe" raises IsADirectoryError).
-    """
-    if not name:
-        return UTC_ZONE
-    if name not in _zones():
-        return None
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError, OSError):
-        return None
-
-
-@functools.cache
-def _zones() -> frozenset[str]:
-    return frozenset(available_timezones())
 
 
 def cron_problem(expression: str) -> str:
