@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -24,18 +25,33 @@ from grpc import aio
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from tests.fakes.openai_server import Reply
+from switchboard.mesh import create_server
+from switchboard.platform.security.accesstokens import SigningKey, private_key_pem
+from tests.conftest import fresh_database_url, make_settings
+from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.mcpeverything import EverythingServer
+from tests.infra.webhookreceiver import until as eventually
 from tests.service.authkit import detail
 from tests.service.contextkit import Caller, all_messages, refused, violations
 from tests.service.dispatchkit import get_run, watch_all
+from tests.service.test_run_journal import (
+    SLOW_ARGS,
+    SLOW_CALLS,
+    Restartable,
+    restarted,
+    stopped_mid_call,
+)
+from tests.service.test_run_journal import _decide as _decide_unknown
 from tests.service.test_tool_runs import (
+    SLOW,
     SUM,
     TIMEOUT_S,
     Tools,
     _decide,
     _paused,
+    _prepare,
     _send,
+    _settings,
     answer_with_tool_output,
     ask,
     tool_mesh,
@@ -436,3 +452,132 @@ async def test_a_steer_retried_with_its_request_id_is_one_steer(
         late = await _steer(tools, run.name, "once", request_id="steer-1")
         assert late.run.name == first.run.name
         assert late.run.steer.state == pb.STEER_STATE_CONSUMED
+
+
+async def test_a_steer_sent_while_its_target_waits_in_the_queue_is_read_once_at_step_1(
+    everything: EverythingServer,
+) -> None:
+    async with tool_mesh(everything) as tools:
+        hold = asyncio.Event()
+        tools.fake.script(
+            Reply.text("First answer.", hold_after_chunks=1, hold=hold),
+            Reply.text("Second answer."),
+        )
+        first = await _send(tools, ask(tools, "first question"))
+        await _request_count(tools, 1)
+        second = await _send(tools, ask(tools, "second question"))  # queued behind it
+        steered = await _steer(tools, second.name, "about the second: be brief")
+        hold.set()
+
+        seen = await watch_all(tools.dstub, tools.world.viewer, second.name)
+        assert seen.final.state == pb.RUN_STATE_SUCCEEDED, seen.final.error
+        contents = [m["content"] for m in tools.fake.requests[1].body["messages"]]
+        # The window held the steer (stored before it was read): given once, after
+        # the run's own message.
+        assert contents[-2:] == ["second question", "about the second: be brief"]
+        assert contents.count("about the second: be brief") == 1
+        assert _steers(seen.updates)[-1] == (steered.run.name, pb.STEER_STATE_CONSUMED, 1)
+        assert first.name != second.name
+
+
+# -- recovery ------------------------------------------------------------------------------
+
+
+async def test_a_steer_queued_when_the_replica_stopped_is_taken_by_the_resumed_run(
+    everything: EverythingServer, tmp_path: Path
+) -> None:
+    steered: list[pb.SteerRunResponse] = []
+
+    async def steer(tools: Tools) -> None:
+        runs = await tools.dstub.ListRuns(
+            pb.ListRunsRequest(parent=tools.conversation),
+            metadata=tools.world.editor.md,
+            timeout=TIMEOUT_S,
+        )
+        steered.append(await _steer(tools, runs.runs[0].name, "and then stop"))
+
+    async with (
+        stopped_mid_call(everything, tmp_path, during=steer) as stopped,
+        restarted(stopped),
+    ):
+        tools, run = stopped.tools, stopped.run
+        call, _ = await _paused(tools, run)
+        call.cancel()
+        await _decide_unknown(tools, run, pb.TOOL_APPROVAL_DECISION_COMPLETE, result_text="done")
+        seen = await watch_all(tools.dstub, tools.world.editor, run)
+        assert seen.final.state == pb.RUN_STATE_SUCCEEDED, seen.final.error
+        tool_result, steer_message = _tail(stopped.fake.requests[1].body, 2)
+        assert tool_result["role"] == "tool"
+        assert steer_message == {"role": "user", "content": "and then stop"}
+        mine = await get_run(tools.dstub, tools.world.editor, steered[0].run.name)
+        assert (mine.state, mine.steer.state, mine.steer.step) == (
+            pb.RUN_STATE_SUCCEEDED,
+            pb.STEER_STATE_CONSUMED,
+            2,
+        )
+        assert len(stopped.fake.requests) == 2
+
+
+async def test_a_resumed_run_gives_its_consumed_steer_to_the_model_again(
+    everything: EverythingServer, tmp_path: Path
+) -> None:
+    key_file = tmp_path / "k1.pem"
+    key_file.write_bytes(private_key_pem(SigningKey.generate("k1")))
+    async with FakeOpenAI() as fake:
+        common = _settings(
+            fake,
+            database_url=fresh_database_url(),
+            instance_id="steer-replica",
+            signing_keys=(str(key_file),),
+        )
+        hold = asyncio.Event()
+        fake.script(
+            _held_tool_call(hold),
+            Reply.tool_calls([(SLOW, SLOW_ARGS, "slow_1")], usage=(100, 10)),
+            answer_with_tool_output,
+        )
+        calls_before = everything.stderr().count(SLOW_CALLS)
+        server, _ = await create_server(make_settings(**common))
+        await server.start()
+        async with aio.insecure_channel(server.address) as channel:
+            tools = await _prepare(server, channel, fake, everything)
+            run = await _send(tools, ask(tools, "Add, then wait", timeout={"seconds": 60}))
+            await asyncio.wait_for(fake.wait_requests(1), TIMEOUT_S)
+            steered = await _steer(tools, run.name, "wait a little longer")
+            hold.set()
+            await eventually(
+                lambda: everything.stderr().count(SLOW_CALLS) > calls_before,
+                "the slow tool's call at the MCP server",
+            )
+        await server.shutdown(grace=0)
+        stopped = Restartable(common, fake, tools, run.name, calls_before)
+        async with restarted(stopped):
+            call, _ = await _paused(tools, run.name)
+            call.cancel()
+            await _decide_unknown(
+                tools, run.name, pb.TOOL_APPROVAL_DECISION_COMPLETE, result_text="waited"
+            )
+            seen = await watch_all(tools.dstub, tools.world.editor, run.name)
+            assert seen.final.state == pb.RUN_STATE_SUCCEEDED, seen.final.error
+            mine = await get_run(tools.dstub, tools.world.editor, steered.run.name)
+            assert (mine.state, mine.steer.state, mine.steer.step) == (
+                pb.RUN_STATE_SUCCEEDED,
+                pb.STEER_STATE_CONSUMED,
+                2,
+            )
+        # Three model calls in all: none made again; the third, after the restart,
+        # reads the steer where the second did (after step 1's result, before step 2).
+        assert len(fake.requests) == 3
+        second = fake.requests[1].body["messages"]
+        third = fake.requests[2].body["messages"]
+        assert second[-2]["role"] == "tool"
+        assert second[-1] == {"role": "user", "content": "wait a little longer"}
+        contents = [m.get("content") for m in third]
+        assert contents.count("wait a little longer") == 1
+        at = contents.index("wait a little longer")
+        assert third[at - 1] == {
+            "role": "tool",
+            "tool_call_id": "call_1",
+            "content": "The sum of 2 and 3 is 5.",
+        }
+        assert third[at + 1]["tool_calls"][0]["id"] == "slow_1"
