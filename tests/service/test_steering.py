@@ -33,7 +33,8 @@ from tests.infra.mcpeverything import EverythingServer
 from tests.infra.webhookreceiver import until as eventually
 from tests.service.authkit import detail
 from tests.service.contextkit import Caller, all_messages, refused, violations
-from tests.service.dispatchkit import get_run, watch_all
+from tests.service.dispatchkit import get_run, until, watch_all
+from tests.service.test_budget_runs import add_budget, daily, window
 from tests.service.test_run_journal import (
     SLOW_ARGS,
     SLOW_CALLS,
@@ -280,6 +281,57 @@ async def test_a_steer_of_a_cancelled_run_is_never_lost(everything: EverythingSe
         hold.set()
 
 
+async def test_restart_stream_cuts_the_model_call_and_asks_again_with_the_steer(
+    everything: EverythingServer,
+) -> None:
+    async with tool_mesh(everything) as tools:
+        never = asyncio.Event()
+        tools.fake.script(
+            Reply.text("The sum is five and I will go on", hold_after_chunks=3, hold=never),
+            Reply.text("Cinq.", usage=(50, 2)),
+        )
+        await add_budget(tools.server, tools.world.name, "daily", daily(10_000_000))
+        run = await _send(
+            tools, ask(tools, "What is 2 + 3?", steer_mode=pb.STEER_MODE_RESTART_STREAM)
+        )
+        assert run.steer_mode == pb.STEER_MODE_RESTART_STREAM
+        call, _ = await until(tools.dstub, tools.world.viewer, run.name, "delta")
+        call.cancel()
+        steered = await _steer(tools, run.name, "In French, please.")
+
+        seen = await watch_all(tools.dstub, tools.world.viewer, run.name)
+        assert seen.final.state == pb.RUN_STATE_SUCCEEDED, seen.final.error
+        (consumed,) = [u for u in seen.updates if u.steer.state == pb.STEER_STATE_CONSUMED]
+        assert consumed.steer.steer_run == steered.run.name
+        assert consumed.steer.step == 1
+        void = [
+            u.delta.text
+            for u in seen.updates
+            if u.WhichOneof("update") == "delta"
+            and consumed.steer.discarded_from_sequence <= u.sequence < consumed.sequence
+        ]
+        assert "".join(void) == "The sum is"
+        after = [
+            u.delta.text
+            for u in seen.updates
+            if u.WhichOneof("update") == "delta" and u.sequence > consumed.sequence
+        ]
+        assert "".join(after) == "Cinq."
+        assert seen.final.usage.input_tokens > 50  # the cut call is charged too
+        # Its reservation settled: the budget holds nothing, and was charged both calls.
+        used, held = await window(tools.server, "daily")
+        assert held == 0
+        assert used == seen.final.usage.cost_micros > 0
+        assert _tail(tools.fake.requests[1].body, 2) == [
+            {"role": "user", "content": "What is 2 + 3?"},
+            {"role": "user", "content": "In French, please."},
+        ]
+        await asyncio.wait_for(tools.fake.wait_client_closed(1), TIMEOUT_S)
+        messages = await all_messages(tools.stub, tools.world.viewer, tools.conversation)
+        answers = [m for m in messages if m.role == cpb.MESSAGE_ROLE_ASSISTANT]
+        assert [m.parts[0].text for m in answers] == ["Cinq."]
+
+
 # -- Converse ------------------------------------------------------------------------------
 
 
@@ -417,7 +469,7 @@ async def test_bad_steers_are_refused_precisely_with_nothing_stored(
         )
         error = await refused(
             tools.dstub.SendMessage(
-                ask(tools, "x", steer_mode=pb.STEER_MODE_RESTART_STREAM),
+                ask(tools, "x", steer_mode=7),
                 metadata=editor,
                 timeout=TIMEOUT_S,
             ),

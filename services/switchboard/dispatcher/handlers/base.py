@@ -89,6 +89,20 @@ class Steers(Protocol):
 
     async def take(self, step: int) -> list[context_pb2.Message]: ...
 
+    @property
+    def restart(self) -> bool:
+        """The run asked for STEER_MODE_RESTART_STREAM: a steer cuts the model call in
+        progress (``arrival``, ``cut``), which is then made again with it."""
+        ...
+
+    async def arrival(self) -> None:
+        """Return once a steer waits for the run (at once if one already does)."""
+        ...
+
+    def cut(self) -> None:
+        """The model call in progress was cut for a steer: what it streamed is void."""
+        ...
+
 
 #: Reads a stored file the run's window names, as the run's user:
 #: ``await files(name, limit)`` is its whole content (RequestTooLarge past

@@ -31,7 +31,7 @@ import contextlib
 import math
 import random
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -151,18 +151,36 @@ class LlmHandler:
                     )
                 )
             answer = Answer(shown=shown)
+            said: list[str] = []
             async with contextlib.aclosing(
                 self._client.ask(
                     chain, request_body(messages, sampling, extra), call.remaining, answer
                 )
             ) as texts:
-                async for text in texts:
+                async for text in steering.until_steered(texts):
                     # Set in place: a ``TextDelta`` passed in is built, then copied, at
                     # three to five times the CPU (measured), once per token.
                     frame = Frame()
                     frame.delta.text = text
+                    said.append(text)
                     yield frame
             shown = answer.shown
+            if steering.was_cut:
+                # RESTART_STREAM: the call was cut for a steer. What it used is charged
+                # (estimated: a cut stream reports no usage), and it is made again with
+                # the steer, at the top of the loop.
+                spent = usage.add(
+                    reported=None,
+                    price=self._config.price_of(answer.provider or chain[0]),
+                    messages=messages,
+                    tools=extra.get("tools"),
+                    text="".join(said),
+                    calls=(),
+                )
+                if budget is not None:
+                    cut_input, cut_output, cut_micros = spent
+                    await budget.settle(hold, cut_micros, cut_input, cut_output)
+                continue
             outcome, provider = answer.outcome, answer.provider
             if provider is None:
                 raise RuntimeError("a model call ended without an answer or a failure")
@@ -263,6 +281,8 @@ class _Steering:
         self._messages = messages
         self._window = window
         self._journaled: dict[int, list[context_pb2.Message]] = {}
+        #: The last model call was cut for a steer (RESTART_STREAM).
+        self.was_cut = False
         if self._steers is not None:
             for step, message in self._steers.journaled():
                 self._journaled.setdefault(step, []).append(message)
@@ -283,8 +303,38 @@ class _Steering:
         self._give(self._journaled.pop(step, []))
 
     async def take(self, step: int) -> None:
+        self.was_cut = False
         if self._steers is not None:
             self._give(await self._steers.take(step))
+
+    async def until_steered(self, texts: AsyncIterator[str]) -> AsyncIterator[str]:
+        """``texts``, cut short (``was_cut``) when a steer arrives, if the run asked
+        for STEER_MODE_RESTART_STREAM; else ``texts`` as they are."""
+        steers = self._steers
+        if steers is None or not steers.restart:
+            async for text in texts:
+                yield text
+            return
+        arrival = asyncio.ensure_future(steers.arrival())
+        try:
+            while True:
+                following = asyncio.ensure_future(anext(texts))
+                await asyncio.wait({following, arrival}, return_when=asyncio.FIRST_COMPLETED)
+                if following.done():
+                    try:
+                        text = following.result()
+                    except StopAsyncIteration:
+                        return
+                    yield text
+                    continue
+                following.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await following
+                self.was_cut = True
+                steers.cut()
+                return
+        finally:
+            arrival.cancel()
 
 
 def _worst_case(

@@ -89,18 +89,9 @@ class Steered:
 
 
 def steer_mode_violations(mode: int) -> list[FieldViolation]:
-    """``SendMessageRequest.steer_mode``: a known mode, and one this release does."""
+    """``SendMessageRequest.steer_mode``: a known mode."""
     if mode not in _STEER_MODES:
         return [FieldViolation("steer_mode", "is not a known mode")]
-    if mode == pb.STEER_MODE_RESTART_STREAM:
-        # docs/dispatcher.md, "Steering a live run": refused rather than taken as
-        # FINISH_STREAM, so a client that asks for a cut stream is never misled.
-        return [
-            FieldViolation(
-                "steer_mode",
-                "STEER_MODE_RESTART_STREAM is not supported yet; use STEER_MODE_FINISH_STREAM",
-            )
-        ]
     return []
 
 

@@ -4,6 +4,7 @@ docstring tells the whole story; docs/dispatcher.md, "Steering a live run")."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 
@@ -33,6 +34,8 @@ class SteerBook:
         self._publishing = publishing
         #: Target run name -> its steers' runs, in the order they were accepted.
         self._waiting: dict[str, list[Active]] = {}
+        #: Target run name -> set when a steer is accepted for it (RESTART_STREAM waits on it).
+        self._arrived: dict[str, asyncio.Event] = {}
 
     def waiting(self, target: str) -> int:
         """Steers waiting for ``target`` (tests, logs)."""
@@ -44,6 +47,17 @@ class SteerBook:
             return  # ended meanwhile: the steer runs as a queued run when its turn comes
         self._waiting.setdefault(target.run.name, []).append(steer)
         self._publishing.emit(target, _update(steer, _ACCEPTED))
+        arrived = self._arrived.get(target.run.name)
+        if arrived is not None:
+            arrived.set()
+
+    async def arrival(self, target: Active) -> None:
+        """Return once a steer waits for ``target``."""
+        name = target.run.name
+        while not self._waiting.get(name):
+            arrived = self._arrived.setdefault(name, asyncio.Event())
+            arrived.clear()
+            await arrived.wait()
 
     def relink(self, steer: Active) -> bool:
         """A recovered steer's run: waits for its recovered target again. True when the
@@ -87,6 +101,7 @@ class SteerBook:
         """``target`` ends with steers it did not take: each runs as a queued run
         when its turn comes; the target's watchers hear so before its end."""
         waiting = self._waiting.pop(target.run.name, None)
+        self._arrived.pop(target.run.name, None)
         for steer in waiting or ():
             if steer.run.state != pb.RUN_STATE_QUEUED or steer.run.steer.state != _ACCEPTED:
                 continue
@@ -95,9 +110,10 @@ class SteerBook:
             # Its own watchers too (stored with its start).
             self._publishing.state_changed(steer)
 
-    async def take(self, target: Active, step: int) -> list[cpb.Message]:
+    async def take(self, target: Active, step: int, discarded_from: int = 0) -> list[cpb.Message]:
         """The steers waiting for ``target``, in order, consumed before its model call
-        ``step``; their messages."""
+        ``step``; their messages. ``discarded_from``: the first sequence of a model
+        call cut for them (RESTART_STREAM), told with the first one's CONSUMED."""
         name = target.run.name
         taken: list[cpb.Message] = []
         while waiting := self._waiting.get(name):
@@ -110,11 +126,11 @@ class SteerBook:
                 or not self._scheduler.withdraw(steer.ticket)
             ):
                 continue  # cancelled, or started meanwhile: not the target's
-            await self._consume(target, steer, step)
+            await self._consume(target, steer, step, 0 if taken else discarded_from)
             taken.append(steer.job.message)
         return taken
 
-    async def _consume(self, target: Active, steer: Active, step: int) -> None:
+    async def _consume(self, target: Active, steer: Active, step: int, discarded_from: int) -> None:
         steer.ticket = None
         consumed = target.job.consumed_steers.add(run=steer.run.name, step=step)
         consumed.message.CopyFrom(steer.job.message)
@@ -132,6 +148,7 @@ class SteerBook:
         self._close(steer)
         update = _update(steer, pb.STEER_STATE_CONSUMED)
         update.steer.step = step
+        update.steer.discarded_from_sequence = discarded_from
         self._publishing.emit(target, update)
         log.info(
             "steer consumed", extra={"run": target.run.name, "steer": steer.run.name, "step": step}
@@ -157,12 +174,35 @@ class _RunSteers:
     def __init__(self, book: SteerBook, target: Active) -> None:
         self._book = book
         self._target = target
+        #: The feed's last sequence when the current model call began.
+        self._call_start = target.feed.last
+        #: The first sequence of a call cut for a steer (0: none cut).
+        self._discarded_from = 0
 
     def journaled(self) -> Sequence[tuple[int, cpb.Message]]:
         return [(c.step, c.message) for c in self._target.job.consumed_steers]
 
     async def take(self, step: int) -> list[cpb.Message]:
-        return await self._book.take(self._target, step)
+        discarded, self._discarded_from = self._discarded_from, 0
+        taken = await self._book.take(self._target, step, discarded)
+        self._call_start = self._target.feed.last
+        return taken
+
+    @property
+    def restart(self) -> bool:
+        return self._target.job.steer_mode == pb.STEER_MODE_RESTART_STREAM
+
+    async def arrival(self) -> None:
+        await self._book.arrival(self._target)
+
+    def cut(self) -> None:
+        # Its deltas were numbered after the call began (each delta is flushed to the
+        # feed before the handler's next wait, so they are all there by now).
+        if self._target.feed.last > self._call_start:
+            self._discarded_from = self._call_start + 1
+        runner = self._target.tools
+        if runner is not None:
+            runner.unsay()
 
 
 def _requeued(steer: Active) -> None:
