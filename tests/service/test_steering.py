@@ -32,13 +32,14 @@ from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.infra.mcpeverything import EverythingServer
 from tests.infra.webhookreceiver import until as eventually
 from tests.service.authkit import detail
-from tests.service.contextkit import Caller, all_messages, refused, violations
+from tests.service.contextkit import Caller, all_messages, context_stub, refused, violations
 from tests.service.dispatchkit import get_run, until, watch_all
 from tests.service.test_budget_runs import add_budget, daily, window
 from tests.service.test_run_journal import (
     SLOW_ARGS,
     SLOW_CALLS,
     Restartable,
+    _sql,
     restarted,
     stopped_mid_call,
 )
@@ -374,6 +375,8 @@ async def test_converse_steers_and_relays_the_steer_run(everything: EverythingSe
         assert steered is not None
         assert states[0] == (pb.RUN_STATE_QUEUED, pb.STEER_STATE_ACCEPTED)
         assert states[-1] == (pb.RUN_STATE_SUCCEEDED, pb.STEER_STATE_CONSUMED)
+        target = await watch_all(tools.dstub, tools.world.viewer, run.name)
+        assert target.final.state == pb.RUN_STATE_SUCCEEDED, target.final.error
         assert _tail(tools.fake.requests[1].body, 1) == [{"role": "user", "content": "steer me"}]
 
 
@@ -602,6 +605,24 @@ async def test_a_resumed_run_gives_its_consumed_steer_to_the_model_again(
                 "the slow tool's call at the MCP server",
             )
         await server.shutdown(grace=0)
+        # As if a crash had come between the target's journal and the steer's end (one
+        # transaction makes that impossible; recovery still holds to it): the steer is
+        # stored QUEUED/ACCEPTED again while the target's journal holds it.
+        steer_id = steered.run.name.rsplit("/", 1)[-1]
+        undone = pb.Run.FromString(
+            _sql(common["database_url"], "SELECT data FROM runs WHERE id = :id", id=steer_id)
+        )
+        assert undone.steer.state == pb.STEER_STATE_CONSUMED
+        undone.state = pb.RUN_STATE_QUEUED
+        undone.steer.state = pb.STEER_STATE_ACCEPTED
+        undone.ClearField("end_time")
+        _sql(
+            common["database_url"],
+            "UPDATE runs SET data = :data, state = :state WHERE id = :id",
+            data=undone.SerializeToString(),
+            state=int(pb.RUN_STATE_QUEUED),
+            id=steer_id,
+        )
         stopped = Restartable(common, fake, tools, run.name, calls_before)
         async with restarted(stopped):
             call, _ = await _paused(tools, run.name)
@@ -611,12 +632,20 @@ async def test_a_resumed_run_gives_its_consumed_steer_to_the_model_again(
             )
             seen = await watch_all(tools.dstub, tools.world.editor, run.name)
             assert seen.final.state == pb.RUN_STATE_SUCCEEDED, seen.final.error
-            mine = await get_run(tools.dstub, tools.world.editor, steered.run.name)
-            assert (mine.state, mine.steer.state, mine.steer.step) == (
+            # Completed as consumed, never run.
+            mine = await watch_all(tools.dstub, tools.world.editor, steered.run.name)
+            assert pb.RUN_STATE_RUNNING not in mine.states
+            assert (mine.final.state, mine.final.steer.state, mine.final.steer.step) == (
                 pb.RUN_STATE_SUCCEEDED,
                 pb.STEER_STATE_CONSUMED,
                 2,
             )
+            messages = await all_messages(
+                context_stub(tools.channel), tools.world.editor, tools.conversation
+            )
+            assert [m.run for m in messages if m.role == cpb.MESSAGE_ROLE_ASSISTANT][-1:] == [
+                run.name
+            ]
         # Three model calls in all: none made again; the third, after the restart,
         # reads the steer where the second did (after step 1's result, before step 2).
         assert len(fake.requests) == 3
