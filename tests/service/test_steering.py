@@ -333,6 +333,24 @@ async def test_restart_stream_cuts_the_model_call_and_asks_again_with_the_steer(
         assert [m.parts[0].text for m in answers] == ["Cinq."]
 
 
+async def test_a_restart_stream_run_cancelled_while_it_streams_ends_cancelled(
+    everything: EverythingServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with tool_mesh(everything) as tools:
+        never = asyncio.Event()
+        tools.fake.script(Reply.text("one two three four", hold_after_chunks=2, hold=never))
+        run = await _send(tools, ask(tools, "count", steer_mode=pb.STEER_MODE_RESTART_STREAM))
+        call, _ = await until(tools.dstub, tools.world.viewer, run.name, "delta")
+        call.cancel()
+        await tools.dstub.CancelRun(
+            pb.CancelRunRequest(name=run.name), metadata=tools.world.editor.md, timeout=TIMEOUT_S
+        )
+        seen = await watch_all(tools.dstub, tools.world.viewer, run.name)
+        assert seen.final.state == pb.RUN_STATE_CANCELLED
+        await asyncio.wait_for(tools.fake.wait_client_closed(1), TIMEOUT_S)
+        assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
 # -- Converse ------------------------------------------------------------------------------
 
 

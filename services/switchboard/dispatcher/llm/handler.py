@@ -316,6 +316,7 @@ class _Steering:
                 yield text
             return
         arrival = asyncio.ensure_future(steers.arrival())
+        following: asyncio.Future[str] | None = None
         try:
             while True:
                 following = asyncio.ensure_future(anext(texts))
@@ -327,14 +328,17 @@ class _Steering:
                         return
                     yield text
                     continue
-                following.cancel()
-                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                    await following
                 self.was_cut = True
                 steers.cut()
                 return
         finally:
             arrival.cancel()
+            if following is not None and not following.done():
+                # Cut, or the run cancelled: the stream's read ends here, before the
+                # stream itself is closed (it cannot be closed while it is read).
+                following.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await following
 
 
 def _worst_case(
