@@ -144,9 +144,7 @@ class Steering:
             raise InvalidArgument("the request is invalid", violations)
         key = idempotency(principal.user_id, "SendMessage", request)
         if key is not None and await self._store.replayed(key) is not None:
-            return await self._admission.send_message(
-                principal, request, handed, schedule=schedule
-            )
+            return await self._admission.send_message(principal, request, handed, schedule=schedule)
         target = active_in[0] if active_in else ""
         if not target:
             oldest = await self._store.oldest_active(found[1], found[2])
