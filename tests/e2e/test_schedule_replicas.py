@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import itertools
 import re
 import time
@@ -40,9 +39,10 @@ from typing import Final, TypeVar
 import grpc
 import pytest
 from google.protobuf import duration_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
 from grpc import aio
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
@@ -96,13 +96,13 @@ def env(tmp_path: Path, postgres_url: str, redis_server: RedisServer) -> dict[st
     }
 
 
-def at(stamp: dt.datetime | None) -> float:
-    assert stamp is not None
-    return stamp.timestamp()
+def tick(firing: pb.ScheduleFiring) -> int:
+    """A firing's tick, in microseconds since the epoch (as ticks are stored)."""
+    return firing.fire_time.ToMicroseconds()
 
 
-def tick(firing: pb.ScheduleFiring) -> float:
-    return firing.fire_time.ToNanoseconds() / 1e9
+def seconds(stamp: Timestamp) -> float:
+    return stamp.ToMicroseconds() / 1e6
 
 
 class Cluster:
@@ -291,7 +291,7 @@ class Orphan:
     victim: str
     killed_at: float
     #: (schedule, tick) of each.
-    ticks: list[tuple[str, float]]
+    ticks: list[tuple[str, int]]
 
 
 async def kill_a_claimer(cluster: Cluster, database: AsyncEngine, schedules: list[str]) -> Orphan:
@@ -318,9 +318,21 @@ async def kill_a_claimer(cluster: Cluster, database: AsyncEngine, schedules: lis
     return Orphan(victim_name, killed_at, ticks)
 
 
-async def claimers(db: object, schedules: list[str]) -> list[tuple[str, float, str]]:
-    """(schedule, tick, claiming replica) of each firing claimed and not yet started."""
-    raise NotImplementedError("the firings table: waiting for the schedules store")
+async def claimers(db: AsyncConnection, schedules: list[str]) -> list[tuple[str, int, str]]:
+    """(schedule, tick, claiming replica) of each firing claimed and not yet settled, as
+    stored (the claimer is in no response)."""
+    found: list[tuple[str, int, str]] = []
+    for schedule in schedules:
+        _, workspace_id, _, schedule_id = schedule.split("/")
+        rows = await db.execute(
+            text(
+                "SELECT fire_us, claimer FROM schedule_firings WHERE workspace_id = :w"
+                " AND schedule_id = :s AND outcome = :claimed ORDER BY fire_us"
+            ),
+            {"w": workspace_id, "s": schedule_id, "claimed": pb.FIRING_OUTCOME_CLAIMED},
+        )
+        found.extend((schedule, int(us), str(claimer)) for us, claimer in rows.all())
+    return found
 
 
 def letter(firing: pb.ScheduleFiring) -> str:
@@ -350,6 +362,29 @@ class Seen:
     restarted_at: float
 
 
+def lateness(seen: Seen) -> str:
+    """How late ticks' runs were created after their ticks, for the record: the orphaned
+    ticks' (taken over after the lease), and the others' (median, maximum)."""
+    runs = {run.name: run for run in seen.runs}
+    orphaned = set(seen.orphan.ticks)
+    late: list[float] = []
+    taken: list[float] = []
+    for name, found in seen.firings.items():
+        for firing in found:
+            run = runs.get(firing.run)
+            if run is None or firing.catch_up:
+                continue
+            delay = seconds(run.create_time) - seconds(firing.fire_time)
+            (taken if (name, tick(firing)) in orphaned else late).append(delay)
+    late.sort()
+    if not late:
+        return "no run"
+    return (
+        f"runs created after their ticks: median {late[len(late) // 2]:.3f} s, "
+        f"max {late[-1]:.3f} s; orphaned ticks' {[round(t, 2) for t in taken]} s"
+    )
+
+
 def check(seen: Seen) -> None:
     runs = {run.name: run for run in seen.runs}
     # Every run of the workspace is a schedule's, and succeeded.
@@ -357,7 +392,7 @@ def check(seen: Seen) -> None:
     assert {
         n: pb.RunState.Name(r.state) for n, r in runs.items() if r.state != pb.RUN_STATE_SUCCEEDED
     } == {}
-    by_tick: dict[tuple[str, float], pb.ScheduleFiring] = {}
+    by_tick: dict[tuple[str, int], pb.ScheduleFiring] = {}
     for name, found in seen.firings.items():
         ticks = [tick(f) for f in found]
         # Every tick from the first to the last, once: one interval apart, none twice.
@@ -378,9 +413,12 @@ def check(seen: Seen) -> None:
         letters = "".join(letter(f) for f in found)
         missed = [f for f in found if f.outcome == pb.FIRING_OUTCOME_SKIPPED or f.catch_up]
         assert missed, letters
-        assert all(seen.stopped_at - GRACE_S < tick(f) < seen.restarted_at for f in missed)
         assert all(
-            f.claim_time.ToNanoseconds() / 1e9 - tick(f) > GRACE_S
+            seen.stopped_at - GRACE_S < seconds(f.fire_time) < seen.restarted_at for f in missed
+        )
+        assert all(f.error.message for f in missed if f.outcome == pb.FIRING_OUTCOME_SKIPPED)
+        assert all(
+            seconds(f.claim_time) - seconds(f.fire_time) > GRACE_S
             for f in missed
             if f.outcome == pb.FIRING_OUTCOME_SKIPPED
         )
@@ -405,7 +443,7 @@ def check(seen: Seen) -> None:
     for orphaned in seen.orphan.ticks:
         firing = by_tick[orphaned]
         assert firing.outcome == pb.FIRING_OUTCOME_STARTED, summary(firing)
-        assert runs[firing.run].create_time.ToNanoseconds() / 1e9 > seen.orphan.killed_at
+        assert seconds(runs[firing.run].create_time) > seen.orphan.killed_at
     # One SCHEDULE_FIRED event per decided firing, saying what ListScheduleFirings says.
     final = Counter(
         (e.schedule, tick(e.firing), e.firing.outcome, e.firing.run, e.firing.catch_up)
@@ -478,7 +516,8 @@ async def test_ticks_run_exactly_once_through_a_sigkill_and_a_full_stop(
                     name,
                     lambda found: (
                         sum(
-                            f.outcome == pb.FIRING_OUTCOME_STARTED and tick(f) > restarted_at
+                            f.outcome == pb.FIRING_OUTCOME_STARTED
+                            and seconds(f.fire_time) > restarted_at
                             for f in found
                         )
                         >= AFTER
@@ -508,5 +547,7 @@ async def test_ticks_run_exactly_once_through_a_sigkill_and_a_full_stop(
             f"{name}: {''.join(letter(f) for f in found)}" for name, found in firings.items()
         )
     )
-    check(Seen(firings, runs, conversations, events, orphan, stopped_at, restarted_at))
+    seen = Seen(firings, runs, conversations, events, orphan, stopped_at, restarted_at)
+    print(lateness(seen))
+    check(seen)
     assert len(minute_firings) >= MINUTE
