@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import itertools
 import re
 import time
@@ -76,6 +77,8 @@ TEMPLATE: Final = "{{schedule}} at {{fire_time}}"
 DECIDED: Final = frozenset(
     {pb.FIRING_OUTCOME_STARTED, pb.FIRING_OUTCOME_SKIPPED, pb.FIRING_OUTCOME_FAILED}
 )
+
+EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 T = TypeVar("T")
 
@@ -458,8 +461,10 @@ def conversation_of(run: pb.Run) -> str:
 
 
 def rendered(schedule: str, firing: pb.ScheduleFiring) -> str:
-    """The template as the tick renders it."""
-    raise NotImplementedError("the template's fire_time format: waiting for the schedules code")
+    """The template as the tick renders it (the display name is the id; an interval
+    schedule's zone is UTC)."""
+    fire_time = EPOCH + dt.timedelta(microseconds=tick(firing))
+    return f"{schedule.rsplit('/', 1)[1]} at {fire_time.isoformat()}"
 
 
 async def test_ticks_run_exactly_once_through_a_sigkill_and_a_full_stop(
