@@ -78,7 +78,7 @@ def reason_in(status: status_pb2.Status) -> str:
 
 
 async def create_schedule(dstub: DStub, world: World, schedule_id: str) -> pb.Schedule:
-    """A schedule of the editor's: the echo handler every second, one conversation."""
+    """A schedule of the owner's: the echo handler every second, one conversation."""
     response = await dstub.CreateSchedule(
         pb.CreateScheduleRequest(
             parent=world.name,
@@ -91,7 +91,7 @@ async def create_schedule(dstub: DStub, world: World, schedule_id: str) -> pb.Sc
                 conversation_mode=pb.SCHEDULE_CONVERSATION_MODE_SHARED,
             ),
         ),
-        metadata=world.editor.md,
+        metadata=world.owner.md,
         timeout=TIMEOUT_S,
     )
     return response.schedule
@@ -122,7 +122,7 @@ async def firing(
         async with asyncio.timeout(FIRED_WITHIN_S):
             await enough.wait()
         await dstub.PauseSchedule(
-            pb.PauseScheduleRequest(name=schedule.name), metadata=world.editor.md, timeout=TIMEOUT_S
+            pb.PauseScheduleRequest(name=schedule.name), metadata=world.owner.md, timeout=TIMEOUT_S
         )
     finally:
         stop()
