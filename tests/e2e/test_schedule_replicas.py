@@ -8,14 +8,17 @@ and nothing else decides when it starts). ``minute`` skips missed ticks (SKIP),
 1. A minute of firing. About half way, one replica is SIGKILLed at the worst moment
    for a tick: PostgreSQL is made to hold every write of a run (the test takes a
    SHARE lock on ``runs``) until a tick has been claimed, and the replica that claimed
-   it is killed before its run could be stored. The survivor carries on firing, takes
-   the orphaned tick over once the dead replica's lease has run out, and the dead
-   replica is started again (same instance id) once it has.
+   it is killed with the tick's conversation and message stored and its run not. The
+   survivor carries on firing, takes the orphaned tick over once the dead replica's
+   lease has run out (replayed with the tick's request ids: the same conversation and
+   message, one run), and the dead replica is started again (same instance id) then.
 2. Both replicas are stopped (SIGTERM) for longer than the missed-tick grace, then
-   started again.
+   started again. The loop records at most the latest ``MAX_RECORDED_MISSED`` ticks of
+   an outage, the oldest saying that earlier ones were missed too.
 
 Then, from ListScheduleFirings, ListRuns, the conversations and the SCHEDULE_FIRED
-events: every tick from the first to the last has one firing; every tick of the
+events: every tick from the first to the last has one firing (but the outage's
+unrecorded ones); every tick of the
 minute (the orphaned one too) started exactly one run, no run exists that no tick
 started, every run SUCCEEDED with its own tick's message in a conversation of its
 own, and none started twice; the ticks missed while nothing ran are SKIPPED with no
@@ -62,8 +65,11 @@ INTERVAL_US: Final = INTERVAL_S * 1_000_000
 MINUTE: Final = 60
 LEASE_S: Final = 2.0
 #: A tick claimed this long after it was due is missed (SWITCHBOARD_SCHEDULES_MISSED_GRACE_S):
-#: well above what a loaded machine delays a tick by, well below the outage.
-GRACE_S: Final = 5.0
+#: well above what a loaded machine delays a claim by (up to 3.8 s seen at a load of 9 on
+#: 2 cores, while the killed replica started again), below the outage.
+GRACE_S: Final = 10.0
+#: An orphaned tick's run is created this soon after the kill (lease, scan, send; loaded).
+TAKEN_OVER_WITHIN_S: Final = 5 * LEASE_S
 #: Ticks missed past the grace while both replicas are away (at least).
 MISSED: Final = 2
 #: Ticks each schedule fires after the restart before the test stops them.
@@ -372,13 +378,13 @@ def lateness(seen: Seen) -> str:
     minute's and the restart's ticks, not the outage's): for the record."""
     runs = {run.name: run for run in seen.runs}
     orphaned = set(seen.orphan.ticks)
-    claimed: list[float] = []
+    claimed: list[tuple[float, int]] = []
     created: list[float] = []
     taken: list[float] = []
     for name, found in seen.firings.items():
-        for firing in found:
+        for index, firing in enumerate(found):
             if not seen.stopped_at - GRACE_S < seconds(firing.fire_time) < seen.restarted_at:
-                claimed.append(seconds(firing.claim_time) - seconds(firing.fire_time))
+                claimed.append((seconds(firing.claim_time) - seconds(firing.fire_time), index))
             run = runs.get(firing.run)
             if run is None or firing.catch_up:
                 continue
@@ -392,8 +398,8 @@ def lateness(seen: Seen) -> str:
     if not claimed or not created:
         return "nothing fired"
     return (
-        f"ticks claimed after: median {claimed[len(claimed) // 2]:.3f} s, "
-        f"max {claimed[-1]:.3f} s; runs created after: median "
+        f"ticks claimed after: median {claimed[len(claimed) // 2][0]:.3f} s, "
+        f"max {claimed[-1][0]:.3f} s (tick {claimed[-1][1]}); runs created after: median "
         f"{created[len(created) // 2]:.3f} s, max {created[-1]:.3f} s; "
         f"orphaned ticks' runs {[round(t, 2) for t in taken]} s"
     )
@@ -470,7 +476,10 @@ def check(seen: Seen) -> None:
     for orphaned in seen.orphan.ticks:
         firing = by_tick[orphaned]
         assert firing.outcome == pb.FIRING_OUTCOME_STARTED, summary(firing)
-        assert seconds(runs[firing.run].create_time) > seen.orphan.killed_at
+        # After the dead replica's lease ran out (a scan every third of a lease), not
+        # much later: a tick is late by what the kill costs, never lost.
+        taken_s = seconds(runs[firing.run].create_time) - seen.orphan.killed_at
+        assert 0 < taken_s < TAKEN_OVER_WITHIN_S, taken_s
     # One SCHEDULE_FIRED event per decided firing, saying what ListScheduleFirings says.
     final = Counter(
         (e.schedule, tick(e.firing), e.firing.outcome, e.firing.run, e.firing.catch_up)
