@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
@@ -89,13 +90,18 @@ async def test_create_get_list_update_delete_with_etags(desk: Desk) -> None:
 
         # From cron to interval: the zone must go too.
         bad = await refused(
-            update(desk, pb.Schedule(name=made.name, interval={"seconds": 60}), "cron", "interval"),
+            update(
+                desk,
+                pb.Schedule(name=made.name, interval=duration_pb2.Duration(seconds=60)),
+                "cron",
+                "interval",
+            ),
             CODE.INVALID_ARGUMENT,
         )
         assert violations(bad) == ["schedule.time_zone"]
         switched = await update(
             desk,
-            pb.Schedule(name=made.name, interval={"seconds": 60}),
+            pb.Schedule(name=made.name, interval=duration_pb2.Duration(seconds=60)),
             "cron",
             "interval",
             "time_zone",
@@ -181,13 +187,18 @@ async def test_only_owners_change_schedules_and_members_read_them(desk: Desk) ->
     )
     await refused(get(desk, made.name, world.outsider), CODE.NOT_FOUND)
     assert await firings(desk, made.name, caller=world.viewer) == []
-    for call in (desk.stub.PauseSchedule, desk.stub.ResumeSchedule):
-        await refused(
-            call(
-                pb.PauseScheduleRequest(name=made.name), metadata=world.editor.md, timeout=TIMEOUT_S
-            ),  # type: ignore[arg-type]
-            CODE.PERMISSION_DENIED,
-        )
+    await refused(
+        desk.stub.PauseSchedule(
+            pb.PauseScheduleRequest(name=made.name), metadata=world.editor.md, timeout=TIMEOUT_S
+        ),
+        CODE.PERMISSION_DENIED,
+    )
+    await refused(
+        desk.stub.ResumeSchedule(
+            pb.ResumeScheduleRequest(name=made.name), metadata=world.editor.md, timeout=TIMEOUT_S
+        ),
+        CODE.PERMISSION_DENIED,
+    )
 
 
 def _bad(**fields: object) -> pb.Schedule:
@@ -213,6 +224,7 @@ def _bad(**fields: object) -> pb.Schedule:
         (_bad(cron="0 0 30 2 *"), ["schedule.cron"]),
         (_bad(time_zone="Mars/Olympus"), ["schedule.time_zone"]),
         (_bad(time_zone="../../etc/passwd"), ["schedule.time_zone"]),
+        (_bad(time_zone="Europe"), ["schedule.time_zone"]),
         (_bad(interval=dt.timedelta(seconds=60), time_zone="UTC"), ["schedule.time_zone"]),
         (_bad(interval=dt.timedelta(milliseconds=500)), ["schedule.interval"]),
         (_bad(interval=dt.timedelta(days=367)), ["schedule.interval"]),
@@ -272,6 +284,8 @@ async def test_the_limit_per_workspace_and_idempotent_creates(desk: Desk) -> Non
     await refused(create(desk, every(3600), schedule_id="second"), CODE.ALREADY_EXISTS)
     await create(desk, every(3600))
     assert len(await listed(desk)) == QUOTA
+    # A retry still answers with its first schedule at the limit.
+    assert await create(desk, every(3600), request_id="once") == first
     before = await conversations(desk)
     error = await refused(create(desk, every(3600)), CODE.RESOURCE_EXHAUSTED)
     assert reason(error) == "ERROR_REASON_QUOTA_EXCEEDED"
