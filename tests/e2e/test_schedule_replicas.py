@@ -193,6 +193,18 @@ class Cluster:
 
         return await self.call("ListRuns", listed)
 
+    async def ended(self, workspace: str) -> list[pb.Run]:
+        """The workspace's runs once none is queued or running (polled, under a deadline):
+        a tick's firing is STARTED when its run is, not when the run ends."""
+        deadline = time.monotonic() + SETTLE_S
+        while True:
+            runs = await self.runs(workspace)
+            going = [r.name for r in runs if r.state in (pb.RUN_STATE_QUEUED, pb.RUN_STATE_RUNNING)]
+            if not going:
+                return runs
+            assert time.monotonic() < deadline, f"runs never ended: {going}"
+            await asyncio.sleep(0.2)  # polling the stored runs, under a deadline
+
     async def conversations(self, workspace: str) -> dict[str, list[tuple[str, str]]]:
         """Each conversation of the workspace, and its user messages (name, text)."""
 
@@ -603,7 +615,7 @@ async def test_ticks_run_exactly_once_through_a_sigkill_and_a_full_stop(
                 )
 
             firings = {name: await cluster.firings(name) for name in names}
-            runs = await cluster.runs(workspace)
+            runs = await cluster.ended(workspace)
             conversations = await cluster.conversations(workspace)
             events = await cluster.fired_events(workspace)
         finally:
