@@ -354,9 +354,11 @@ export class Schedules {
     const button = event.currentTarget as HTMLButtonElement;
     button.disabled = true;
     try {
+      // Without the etag: pausing or resuming is what the person wants whatever changed
+      // since the page read the schedule (a firing, an edit), and it overwrites nothing.
       const answer = pause
-        ? await this.api.dispatcher.pauseSchedule({ name: s.name, etag: s.etag })
-        : await this.api.dispatcher.resumeSchedule({ name: s.name, etag: s.etag });
+        ? await this.api.dispatcher.pauseSchedule({ name: s.name })
+        : await this.api.dispatcher.resumeSchedule({ name: s.name });
       this.problems.delete(s.name);
       if (answer.schedule) this.replace(answer.schedule);
     } catch (error) {
@@ -485,7 +487,7 @@ export class Schedules {
       byName("display_name"),
       targetField,
       byName("message_template"),
-      h("small", { class: "muted" }, "{{fire_time}}, {{date}} and {{schedule}} are filled in at each tick."),
+      h("small", { class: "muted" }, h("code", {}, "{{fire_time}}"), ", ", h("code", {}, "{{date}}"), " and ", h("code", {}, "{{schedule}}"), " are filled in at each tick."),
       h("label", {}, "Fires ", kind),
       cronRow,
       intervalRow,
