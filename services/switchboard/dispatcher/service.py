@@ -11,6 +11,8 @@
                   store, the feeds, the bus, the router and the run limits
     streams.py    WatchRun and Converse, held to the caller's access
     talk/         voice sessions (Talk): turns in, transcripts and runs' updates out
+    schedules/    schedules (the catalog) and their firing loop, which sends each
+                  tick through ``send_message`` (built in ``build.py``)
 
 ``Dispatcher`` builds them once and is what the servicer, the A2A front door
 (``a2a/ports.py``) and ``build.py`` call; it holds no logic of its own.
@@ -49,6 +51,7 @@ from switchboard.dispatcher.runs.recovery import Recovery
 from switchboard.dispatcher.runs.scheduler import Scheduler
 from switchboard.dispatcher.runs.store import RunStore
 from switchboard.dispatcher.runs.streams import Streams
+from switchboard.dispatcher.schedules.catalog import Schedules
 from switchboard.dispatcher.talk.session import TalkLimits, Talks
 from switchboard.dispatcher.talk.store import VoiceStore
 from switchboard.dispatcher.tools.port import ToolPort
@@ -95,8 +98,10 @@ class Dispatcher:
         speech: Speech | None = None,
         voice_store: VoiceStore,
         talk_limits: TalkLimits | None = None,
+        schedules: Schedules,
     ) -> None:
         self.assistants = assistants
+        self.schedules = schedules
         #: The server's speech engine and its defaults (None: no speech configured).
         self.speech = speech
         self.budgets = budgets
@@ -221,9 +226,12 @@ class Dispatcher:
         principal: Principal,
         request: pb.SendMessageRequest,
         handed: Handed | None = None,
+        *,
+        schedule: str = "",
     ) -> pb.SendMessageResponse:
-        """``handed``: a budget the caller handed over across a hop (``handlers/handed.py``)."""
-        return await self._admission.send_message(principal, request, handed)
+        """``handed``: a budget the caller handed over across a hop (``handlers/handed.py``);
+        ``schedule``: the schedule whose tick sends it (``schedules/firing.py``)."""
+        return await self._admission.send_message(principal, request, handed, schedule=schedule)
 
     async def get_run(self, name: str) -> pb.Run:
         return await self._queries.get_run(name)

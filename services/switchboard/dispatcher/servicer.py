@@ -205,3 +205,48 @@ class DispatcherServiceServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
         async with contextlib.aclosing(frames):
             async for frame in frames:
                 yield frame
+
+    async def CreateSchedule(
+        self, request: pb.CreateScheduleRequest, context: Context
+    ) -> pb.CreateScheduleResponse:
+        schedule = await self._dispatcher.schedules.create(current_principal(), request)
+        return pb.CreateScheduleResponse(schedule=schedule)
+
+    async def GetSchedule(
+        self, request: pb.GetScheduleRequest, context: Context
+    ) -> pb.GetScheduleResponse:
+        return pb.GetScheduleResponse(schedule=await self._dispatcher.schedules.get(request.name))
+
+    async def ListSchedules(
+        self, request: pb.ListSchedulesRequest, context: Context
+    ) -> pb.ListSchedulesResponse:
+        return await self._dispatcher.schedules.list_schedules(request)
+
+    async def UpdateSchedule(
+        self, request: pb.UpdateScheduleRequest, context: Context
+    ) -> pb.UpdateScheduleResponse:
+        schedule = await self._dispatcher.schedules.update(current_principal(), request)
+        return pb.UpdateScheduleResponse(schedule=schedule)
+
+    async def PauseSchedule(
+        self, request: pb.PauseScheduleRequest, context: Context
+    ) -> pb.PauseScheduleResponse:
+        schedule = await self._dispatcher.schedules.pause(current_principal(), request)
+        return pb.PauseScheduleResponse(schedule=schedule)
+
+    async def ResumeSchedule(
+        self, request: pb.ResumeScheduleRequest, context: Context
+    ) -> pb.ResumeScheduleResponse:
+        schedule = await self._dispatcher.schedules.resume(current_principal(), request)
+        return pb.ResumeScheduleResponse(schedule=schedule)
+
+    async def DeleteSchedule(
+        self, request: pb.DeleteScheduleRequest, context: Context
+    ) -> pb.DeleteScheduleResponse:
+        await self._dispatcher.schedules.delete(current_principal(), request.name, request.etag)
+        return pb.DeleteScheduleResponse()
+
+    async def ListScheduleFirings(
+        self, request: pb.ListScheduleFiringsRequest, context: Context
+    ) -> pb.ListScheduleFiringsResponse:
+        return await self._dispatcher.schedules.list_firings(request)

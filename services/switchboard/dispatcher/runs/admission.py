@@ -192,18 +192,25 @@ class Admission:
         principal: Principal,
         request: pb.SendMessageRequest,
         handed: Handed | None = None,
+        *,
+        schedule: str = "",
     ) -> pb.SendMessageResponse:
         """``handed``: the budget a caller handed over (``x-switchboard-budget``), one
-        more cap on the run; nothing left of it refuses the message."""
+        more cap on the run; nothing left of it refuses the message. ``schedule``: the
+        schedule whose tick sends it (``Run.schedule``; ``schedules/firing.py``)."""
         found = names.match(names.CONVERSATION, request.conversation, "conversation")
         # A few of a workspace's messages at a time: admissions share the database's
         # writers with every other workspace's, and a flood queued there would hold up
         # the others' first tokens (bench/fairness.py).
         async with self._turns.held(found[1]):
-            return await self._send_message(principal, request, handed)
+            return await self._send_message(principal, request, handed, schedule)
 
     async def _send_message(
-        self, principal: Principal, request: pb.SendMessageRequest, handed: Handed | None
+        self,
+        principal: Principal,
+        request: pb.SendMessageRequest,
+        handed: Handed | None,
+        schedule: str = "",
     ) -> pb.SendMessageResponse:
         found = names.match(names.CONVERSATION, request.conversation, "conversation")
         workspace_id, conversation_id = found[1], found[2]
@@ -245,6 +252,7 @@ class Admission:
             principal, request, stored_message, run_id, choice, assistant, flags, policy, timeout
         )
         _carry_trace(self._tracer, run, job)
+        run.schedule = schedule
         if speech:
             # Kept with the job: a run taken over by another replica still speaks.
             run.speech.CopyFrom(spoken.echoed(request.speech))

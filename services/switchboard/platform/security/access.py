@@ -163,6 +163,16 @@ RULES: Final[dict[str, Rule]] = {
     # Quotas: members see what bounds them, owners set it.
     _DISPATCHER + "GetWorkspaceQuota": resource("name", READ),
     _DISPATCHER + "UpdateWorkspaceQuota": resource("quota.name", ADMIN),
+    # Schedules: as assistants, members read them, owners define them (their runs act as
+    # their creator, who must still be able to write when a tick fires).
+    _DISPATCHER + "CreateSchedule": resource("parent", ADMIN),
+    _DISPATCHER + "GetSchedule": resource("name", READ),
+    _DISPATCHER + "ListSchedules": resource("parent", READ),
+    _DISPATCHER + "UpdateSchedule": resource("schedule.name", ADMIN),
+    _DISPATCHER + "PauseSchedule": resource("name", ADMIN),
+    _DISPATCHER + "ResumeSchedule": resource("name", ADMIN),
+    _DISPATCHER + "DeleteSchedule": resource("name", ADMIN),
+    _DISPATCHER + "ListScheduleFirings": resource("parent", READ),
     # Integration: registering external services is an owner's decision.
     _INTEGRATION + "CreateIntegration": resource("parent", ADMIN),
     _INTEGRATION + "GetIntegration": resource("name", READ),
