@@ -202,6 +202,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "SWITCHBOARD_SHUTDOWN_GRACE_S": "1",
             # Priced, so the run inspector has a cost to show.
             "SWITCHBOARD_LLM_PRICES": '{"echo": {"input_per_mtok": 1000, "output_per_mtok": 2000}}',
+            # A schedule may tick every 2 s, so the Schedules page sees one fire.
+            "SWITCHBOARD_SCHEDULES_MIN_INTERVAL_S": "1",
         }
         envoy = EnvoyProcess(
             f"127.0.0.1:{upstream.port}",

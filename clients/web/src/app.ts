@@ -201,7 +201,7 @@ export class App {
     this.assistants.canManage(owner, owner || role === WorkspaceRole.EDITOR);
     this.account.open(workspace, owner);
     this.budgets.open(workspace, owner);
-    this.schedules.open(workspace, owner || role === WorkspaceRole.EDITOR);
+    this.schedules.open(workspace, owner);
     this.files.open(workspace, owner || role === WorkspaceRole.EDITOR);
     this.runs.canResolve(owner);
     void this.assistants.load();

@@ -2,7 +2,7 @@
 // sends, to which assistant or handler, on which cron expression and time zone or interval,
 // whether it is active, when it fires next and what its last firing started), each one's
 // firings (the tick, what came of it, the run it started or why none), and, for the
-// workspace's writers, creating, editing (only the changed fields in the FieldMask, with the
+// workspace's owners, creating, editing (only the changed fields in the FieldMask, with the
 // etag it was opened at), pausing, resuming and deleting them. The server checks every
 // field (a cron that does not parse, a zone that does not exist, an interval under its
 // minimum): its violations are shown beside the fields they name.
@@ -82,7 +82,7 @@ export class Schedules {
     "New schedule",
   );
   private workspace = "";
-  private writer = false;
+  private owner = false;
   private visible = false;
   private schedules: Schedule[] = [];
   private assistants: Assistant[] = [];
@@ -121,9 +121,9 @@ export class Schedules {
     });
   }
 
-  /** The open workspace, and whether the caller may write in it (writers manage schedules;
-   *  viewers read them). */
-  open(workspace: string, writer: boolean): void {
+  /** The open workspace, and whether the caller owns it (owners manage schedules, as they
+   *  do assistants; every member reads them). */
+  open(workspace: string, owner: boolean): void {
     if (workspace !== this.workspace) {
       this.workspace = workspace;
       this.schedules = [];
@@ -131,12 +131,12 @@ export class Schedules {
       this.problems.clear();
       this.close();
     }
-    this.writer = writer;
-    this.newButton.hidden = !writer;
-    if (!writer) this.close();
-    this.role.textContent = writer
-      ? "You can write in this workspace: you can create, edit, pause and delete its schedules. Their runs run as whoever created them."
-      : "Read only: the workspace's editors and owners manage its schedules.";
+    this.owner = owner;
+    this.newButton.hidden = !owner;
+    if (!owner) this.close();
+    this.role.textContent = owner
+      ? "You own this workspace: you can create, edit, pause and delete its schedules. Their runs run as whoever created them."
+      : "Read only: the workspace's owners manage its schedules.";
     this.render();
   }
 
@@ -215,7 +215,7 @@ export class Schedules {
         h(
           "li",
           { class: "muted", "data-testid": "schedules-empty" },
-          this.writer ? "No schedules yet. Create one below." : "No schedules in this workspace.",
+          this.owner ? "No schedules yet. Create one below." : "No schedules in this workspace.",
         ),
       );
       return;
@@ -275,7 +275,7 @@ export class Schedules {
           { type: "button", "data-testid": "schedule-firings-toggle", "aria-expanded": String(firings !== undefined), onclick: () => void this.toggleFirings(s.name) },
           firings ? "Hide firings" : "Firings",
         ),
-        ...(this.writer
+        ...(this.owner
           ? [
               h("button", { type: "button", "data-testid": "edit-schedule", onclick: () => this.edit(s) }, "Edit"),
               paused
@@ -355,7 +355,7 @@ export class Schedules {
     button.disabled = true;
     try {
       // Without the etag: pausing or resuming is what the person wants whatever changed
-      // since the page read the schedule (a firing, an edit), and it overwrites nothing.
+      // since the page read the schedule (an edit elsewhere), and it overwrites nothing.
       const answer = pause
         ? await this.api.dispatcher.pauseSchedule({ name: s.name })
         : await this.api.dispatcher.resumeSchedule({ name: s.name });
@@ -374,7 +374,7 @@ export class Schedules {
   /** An etag conflict said in words: the schedule changed since this page read it. */
   private explain(p: Problem): Problem {
     if (p.reason !== "ERROR_REASON_ETAG_MISMATCH") return p;
-    return { ...p, summary: "This schedule changed elsewhere since the page read it (another tab, a script, a firing): it was reloaded; look at it again, then try again." };
+    return { ...p, summary: "This schedule changed elsewhere since the page read it (another tab, a script): it was reloaded; look at it again, then try again." };
   }
 
   private replace(s: Schedule): void {
