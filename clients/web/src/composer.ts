@@ -8,7 +8,7 @@ import { type Api, PAGE_SIZE, requestId } from "./api";
 import { h } from "./dom";
 import { limitSummary, local, problem } from "./errors";
 import { type Message, MessageRole } from "./gen/switchboard/api/context/v1/context_pb";
-import { type Assistant, type Run, type SendMessageResponse, SteerMode } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
+import type { Assistant, Run, SendMessageResponse } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import { learnBudgetTitles } from "./budgets";
 import { Attachments } from "./files";
 import type { Names } from "./names";
@@ -42,13 +42,6 @@ export class Composer {
   private readonly handler = h("select", { "data-testid": "handler-select", "aria-label": "handler" });
   private readonly assistant = h("select", { "data-testid": "assistant-select", "aria-label": "assistant" });
   private readonly parameters = h("textarea", { "data-testid": "parameters-input", rows: 2, spellcheck: false });
-  /** How the run this message starts takes steers that come while its model writes. */
-  private readonly steerMode = h(
-    "select",
-    { "data-testid": "steer-mode", "aria-label": "when steered while writing" },
-    h("option", { value: String(SteerMode.UNSPECIFIED) }, "finish what it is writing, then take the steer"),
-    h("option", { value: String(SteerMode.RESTART_STREAM) }, "stop writing and start again with the steer"),
-  );
   /** Hands the message to the run going (SteerRun), shown while one is. */
   private readonly steerButton = h(
     "button",
@@ -110,7 +103,6 @@ export class Composer {
         { "data-testid": "advanced" },
         h("summary", {}, "Advanced"),
         h("label", {}, "Handler parameters (JSON object, e.g. ", h("code", {}, '{"delay_ms": 200}'), ")", this.parameters),
-        h("label", {}, "When a steer comes while it writes: ", this.steerMode),
       ),
     );
     this.attachments.dropTarget(this.element);
@@ -229,7 +221,6 @@ export class Composer {
           handler,
           assistant,
           ...(parameters ? { parameters } : {}),
-          steerMode: Number(this.steerMode.value) as SteerMode,
           // Sending again after a lost answer must not start a second run.
           requestId: requestId(),
         });
