@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import itertools
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import pytest
@@ -18,10 +19,13 @@ from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.dispatcher.runs.store import RunStore
+from switchboard.dispatcher.schedules import store as schedule_store
 from switchboard.dispatcher.schedules.firing import creator_principal
 from switchboard.dispatcher.schedules.store import ScheduleStore
 from switchboard.platform.security.policy import Role
+from tests.infra import postgres as postgres_infra
 from tests.infra.clock import FakeClock
+from tests.infra.postgres import PostgresServer
 from tests.service.contextkit import TIMEOUT_S, struct
 from tests.service.dispatchkit import get_run
 from tests.service.eventkit import Subscriber, ws
@@ -271,3 +275,85 @@ async def test_a_busy_conversation_under_reject_skips_the_tick(desk: Desk) -> No
     [found] = await firings(desk, made.name)
     assert found.outcome == SKIPPED
     assert found.error.code == grpc.StatusCode.ABORTED.value[0]
+
+
+@pytest.fixture(scope="module")
+def own_postgres() -> Iterator[PostgresServer]:
+    """A cluster of this module's own: the outage test stops and restarts it."""
+    with postgres_infra.running_postgres() as server:
+        yield server
+
+
+async def test_the_loop_survives_a_database_outage(
+    own_postgres: PostgresServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="switchboard.dispatcher.schedules")
+    said = asyncio.Event()
+
+    class Noticed(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "cannot fire now" in record.getMessage():
+                said.set()
+
+    logging.getLogger("switchboard.dispatcher.schedules").addHandler(noticed := Noticed())
+    try:
+        await _outage(own_postgres, caplog, said)
+    finally:
+        logging.getLogger("switchboard.dispatcher.schedules").removeHandler(noticed)
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("cannot fire now" in m for m in messages) == 1, messages
+    assert "schedules fire again" in messages
+
+
+async def _outage(
+    own_postgres: PostgresServer, caplog: pytest.LogCaptureFixture, said: asyncio.Event
+) -> None:
+    async with desk_mesh(
+        database_url=own_postgres.url("postgres"), schedules_poll_s=0.2, database_timeout_s=2.0
+    ) as desk:
+        fired: asyncio.Queue[events_pb2.Event] = asyncio.Queue()
+        stop = desk.server.shared.bus.listen(
+            lambda e: fired.put_nowait(e) if e.type == FIRED else None
+        )
+        try:
+            made = await create(desk, every(1))
+            async with asyncio.timeout(TIMEOUT_S):
+                await fired.get()
+            await asyncio.to_thread(postgres_infra.stop_postgres, own_postgres)
+            try:
+                async with asyncio.timeout(TIMEOUT_S):
+                    await said.wait()
+            finally:
+                await asyncio.to_thread(postgres_infra.start_postgres, own_postgres)
+            back = dt.datetime.now(dt.UTC)
+            async with asyncio.timeout(TIMEOUT_S * 3):
+                while True:
+                    event = await fired.get()
+                    firing = event.schedule_fired.firing
+                    if firing.claim_time.ToDatetime(dt.UTC) >= back and firing.outcome == STARTED:
+                        break
+            await desk.stub.PauseSchedule(
+                pb.PauseScheduleRequest(name=made.name),
+                metadata=desk.world.owner.md,
+                timeout=TIMEOUT_S,
+            )
+        finally:
+            stop()
+
+
+async def test_a_schedule_keeps_its_latest_firings(
+    desk: Desk, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(schedule_store, "MAX_FIRINGS_KEPT", 3)
+    clock = FakeClock(at(DAY))
+    on(desk, clock)
+    made = await create(desk, every(1))
+    firing = loop(desk, clock, "replica-a")
+    for _ in range(5):
+        clock.advance(1)
+        await firing.run_once()
+    found = await firings(desk, made.name)
+    base = at(DAY)
+    assert ticks(found) == [
+        (dt.datetime.fromtimestamp(base + s, dt.UTC).isoformat(), STARTED) for s in (5, 4, 3)
+    ]

@@ -224,6 +224,7 @@ def _bad(**fields: object) -> pb.Schedule:
         (_bad(cron="0 0 30 2 *"), ["schedule.cron"]),
         (_bad(time_zone="Mars/Olympus"), ["schedule.time_zone"]),
         (_bad(time_zone="../../etc/passwd"), ["schedule.time_zone"]),
+        (_bad(time_zone="Europe"), ["schedule.time_zone"]),
         (_bad(interval=dt.timedelta(seconds=60), time_zone="UTC"), ["schedule.time_zone"]),
         (_bad(interval=dt.timedelta(milliseconds=500)), ["schedule.interval"]),
         (_bad(interval=dt.timedelta(days=367)), ["schedule.interval"]),
@@ -283,6 +284,8 @@ async def test_the_limit_per_workspace_and_idempotent_creates(desk: Desk) -> Non
     await refused(create(desk, every(3600), schedule_id="second"), CODE.ALREADY_EXISTS)
     await create(desk, every(3600))
     assert len(await listed(desk)) == QUOTA
+    # A retry still answers with its first schedule at the limit.
+    assert await create(desk, every(3600), request_id="once") == first
     before = await conversations(desk)
     error = await refused(create(desk, every(3600)), CODE.RESOURCE_EXHAUSTED)
     assert reason(error) == "ERROR_REASON_QUOTA_EXCEEDED"

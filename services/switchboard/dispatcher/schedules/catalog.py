@@ -297,10 +297,15 @@ class Schedules:
         settings = self._check(request.schedule, schedule_id, violations)
         violations.check()
         await self._routing(workspace_id, settings)
+        if key is not None:
+            # A retry answers with the first schedule before any check that the first
+            # one's existence would now fail (the limit, the id).
+            first = await self._store.replayed(key)
+            if first is not None:
+                return schedule_mapping.message(first)
         # What the store checks again under its lock, read first so that a refusal
         # makes no conversation.
-        if key is None or not request.schedule_id:
-            await self._room(workspace_id, schedule_id)
+        await self._room(workspace_id, schedule_id)
         conversation_id = ""
         if settings.conversation_mode == pb.SCHEDULE_CONVERSATION_MODE_SHARED:
             conversation_id = await self._conversation(principal, workspace_id, settings, request)

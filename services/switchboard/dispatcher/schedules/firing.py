@@ -142,8 +142,7 @@ class Firing:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(self._task), timeout=SEND_TIMEOUT_S)
+            await asyncio.wait([self._task], timeout=SEND_TIMEOUT_S)
             self._task = None
 
     def wake(self) -> None:
@@ -198,7 +197,18 @@ class Firing:
         due = await self._store.due(now_us, BATCH)
         claimed: list[FiringRecord] = []
         for record in due:
-            claimed.extend(await self.claim(record))
+            try:
+                claimed.extend(await self.claim(record))
+            except SwitchboardError:
+                raise  # the database away: the whole pass is retried with backoff
+            except Exception:
+                # One schedule this version cannot fire must not stop the others.
+                log.exception(
+                    "schedule tick not claimed",
+                    extra={
+                        "schedule": schedule_mapping.schedule_name(record.workspace_id, record.id)
+                    },
+                )
         await self._send_all(claimed)
         if len(due) == BATCH:
             return 0.0

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, Select, and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
@@ -33,13 +33,22 @@ from switchboard.platform.store.models import (
     WorkspaceRow,
 )
 from switchboard.platform.store.outbox import Staged, staging
-from switchboard.platform.store.storage import Idempotency, claim, retrying, transaction
+from switchboard.platform.store.storage import (
+    Idempotency,
+    claim,
+    earlier,
+    retrying,
+    transaction,
+)
 
 log = logging.getLogger("switchboard.dispatcher.schedules.store")
 
 _T = TypeVar("_T")
 ACTIVE: Final = int(pb.SCHEDULE_STATE_ACTIVE)
 CLAIMED: Final = int(pb.FIRING_OUTCOME_CLAIMED)
+#: Settled firings kept per schedule (the oldest go as new ticks are claimed): a
+#: schedule firing every second would otherwise add 86,400 rows a day.
+MAX_FIRINGS_KEPT: Final = 1_000
 
 
 @dataclass(frozen=True)
@@ -152,6 +161,43 @@ def _count(result: object) -> int:
     return int(getattr(result, "rowcount", 0))
 
 
+def _prune(db: Session, workspace_id: str, schedule_id: str) -> None:
+    """Drop the schedule's settled firings older than its ``MAX_FIRINGS_KEPT`` newest."""
+    mine = (
+        ScheduleFiringRow.workspace_id == workspace_id,
+        ScheduleFiringRow.schedule_id == schedule_id,
+    )
+    oldest_kept = db.execute(
+        select(ScheduleFiringRow.fire_us)
+        .where(*mine)
+        .order_by(ScheduleFiringRow.fire_us.desc())
+        .offset(MAX_FIRINGS_KEPT - 1)
+        .limit(1)
+    ).scalar_one_or_none()
+    if oldest_kept is not None:
+        db.execute(
+            delete(ScheduleFiringRow).where(
+                *mine,
+                ScheduleFiringRow.fire_us < oldest_kept,
+                ScheduleFiringRow.outcome != CLAIMED,
+            )
+        )
+
+
+def _orphan_filter(claimer: str) -> tuple[ColumnElement[bool], ...]:
+    """Unsettled firings of claimers other than ``claimer`` with no live lease."""
+    live = select(DispatcherLeaseRow.instance).where(DispatcherLeaseRow.expires_at >= now())
+    return (
+        ScheduleFiringRow.outcome == CLAIMED,
+        ScheduleFiringRow.claimer != claimer,
+        ScheduleFiringRow.claimer.not_in(live),
+    )
+
+
+def _orphans(claimer: str) -> Select[int]:
+    return select(ScheduleFiringRow.fire_us).where(*_orphan_filter(claimer))
+
+
 def _check_etag(etag: str, version: int) -> None:
     if etag and etag_version(etag) != version:
         raise EtagMismatch("the schedule changed since the etag was read; read it again")
@@ -179,9 +225,9 @@ class ScheduleStore:
         with the same key. IdTaken if the id is in use, QuotaExceeded past the limit."""
 
         def tx(db: Session) -> Written:
-            earlier = claim(db, idempotency, f"{record.workspace_id}/{record.id}")
-            if earlier is not None:
-                found_ws, _, found_id = earlier.partition("/")
+            first = claim(db, idempotency, f"{record.workspace_id}/{record.id}")
+            if first is not None:
+                found_ws, _, found_id = first.partition("/")
                 row = db.get(ScheduleRow, (found_ws, found_id))
                 if row is None:
                     raise NotFound("the schedule this request created was deleted")
@@ -229,6 +275,23 @@ class ScheduleStore:
             return await self._run(staging(staged, tx), write=True)
 
         return await retrying(run)
+
+    async def replayed(self, key: Idempotency) -> ScheduleRecord | None:
+        """The schedule an earlier create with this key made, if the key is still kept
+        (INVALID_ARGUMENT if it was used for a different request; NotFound if that
+        schedule was deleted since)."""
+
+        def tx(db: Session) -> ScheduleRecord | None:
+            found = earlier(db, key)
+            if found is None:
+                return None
+            found_ws, _, found_id = found.partition("/")
+            row = db.get(ScheduleRow, (found_ws, found_id))
+            if row is None:
+                raise NotFound("the schedule this request created was deleted")
+            return _record(row)
+
+        return await self._run(tx, write=False)
 
     async def get(self, workspace_id: str, schedule_id: str) -> ScheduleRecord | None:
         def tx(db: Session) -> ScheduleRecord | None:
@@ -398,6 +461,7 @@ class ScheduleStore:
                     )
                 )
             db.flush()
+            _prune(db, record.workspace_id, record.id)
             return True
 
         return await self._run(staging(staged, tx), write=True)
@@ -470,9 +534,14 @@ class ScheduleStore:
         expired (or was dropped when their runs were taken over); each moves once,
         conditional on the claimer it was read with."""
 
+        def orphaned(db: Session) -> bool:
+            return db.execute(_orphans(claimer).limit(1)).first() is not None
+
+        # Read first: a pass that finds nothing (nearly always) takes no write lock.
+        if not await self._run(orphaned, write=False):
+            return []
+
         def tx(db: Session) -> list[FiringRecord]:
-            stamp = now()
-            live = select(DispatcherLeaseRow.instance).where(DispatcherLeaseRow.expires_at >= stamp)
             rows = db.execute(
                 select(ScheduleFiringRow, ScheduleRow.creator)
                 .join(
@@ -482,11 +551,7 @@ class ScheduleStore:
                         ScheduleRow.id == ScheduleFiringRow.schedule_id,
                     ),
                 )
-                .where(
-                    ScheduleFiringRow.outcome == CLAIMED,
-                    ScheduleFiringRow.claimer != claimer,
-                    ScheduleFiringRow.claimer.not_in(live),
-                )
+                .where(*_orphan_filter(claimer))
                 .order_by(ScheduleFiringRow.fire_us)
                 .limit(limit)
             ).all()

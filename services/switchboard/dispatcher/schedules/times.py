@@ -19,10 +19,11 @@ time that happens twice (the fall-back day) twice. The rules:
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from croniter import CroniterBadCronError, CroniterBadDateError, CroniterError, croniter
 
@@ -40,16 +41,24 @@ _TICK: Final = dt.timedelta(microseconds=1)
 
 
 def zone(name: str) -> ZoneInfo | None:
-    """The IANA zone ``name`` (UTC for ""), or None if there is no such zone."""
+    """The IANA zone ``name`` (UTC for ""), or None if there is no such zone.
+
+    Only the zones the system's database lists: ``ZoneInfo`` itself opens any file
+    under its directories (a directory such as "Europe" raises IsADirectoryError).
+    """
     if not name:
         return UTC_ZONE
-    # zoneinfo reads files named by the key: refuse paths before it looks.
-    if name.startswith(("/", ".")) or ".." in name or "\\" in name or len(name) > 64:
+    if name not in _zones():
         return None
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):
         return None
+
+
+@functools.cache
+def _zones() -> frozenset[str]:
+    return frozenset(available_timezones())
 
 
 def cron_problem(expression: str) -> str:
@@ -67,8 +76,10 @@ def cron_problem(expression: str) -> str:
         walk.get_next(dt.datetime)
     except CroniterBadDateError:
         return "never matches a date"
-    except (CroniterBadCronError, CroniterError, ValueError, KeyError, IndexError):
+    except (CroniterBadCronError, CroniterError, ValueError, KeyError, IndexError, TypeError):
         return "does not parse as a cron expression"
+    except OverflowError:
+        return "does not parse as a cron expression (a value is out of range)"
     return ""
 
 
