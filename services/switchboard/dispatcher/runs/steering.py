@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Sequence
+from typing import Final
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
@@ -42,11 +43,15 @@ from switchboard.platform import names
 from switchboard.platform.errors import (
     FieldViolation,
     InvalidArgument,
+    QuotaExceeded,
     RunEnded,
     Violations,
 )
 from switchboard.platform.security.policy import Principal
 from switchboard.platform.store.storage import Idempotency, idempotency
+
+#: Steers one run may take (consumed or waiting): its journal keeps each message.
+MAX_STEERS: Final = 64
 
 
 def _append_id(request_id: str) -> str:
@@ -102,6 +107,12 @@ class Steering:
             return await owner.peers.steer_run(owner.address, via, request)
         if target.run.state in TERMINAL:
             raise RunEnded(f"{request.run} has ended; send the message as a new one")
+        if len(target.job.consumed_steers) + self._book.waiting(target.run.name) >= MAX_STEERS:
+            # Each consumed steer is kept in the target's journal (and read again on a resume).
+            raise QuotaExceeded(
+                f"a run takes at most {MAX_STEERS} steers; send the message as a new one",
+                subject="steers_per_run",
+            )
         steered = Steered(
             target=target, key=key, accepted=lambda steer: self._book.accepted(target, steer)
         )
