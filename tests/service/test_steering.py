@@ -673,6 +673,9 @@ async def test_a_resumed_run_gives_its_consumed_steer_to_the_model_again(
         assert second[-1] == {"role": "user", "content": "wait a little longer"}
         contents = [m.get("content") for m in third]
         assert contents.count("wait a little longer") == 1
+        # Step 1, stored before the restart, is in the window the resumed run read: it
+        # reaches the model once, from the journal, not again from the window.
+        assert contents.count("The sum of 2 and 3 is 5.") == 1
         at = contents.index("wait a little longer")
         assert third[at - 1] == {
             "role": "tool",

@@ -203,6 +203,10 @@ def build_messages(
                 # The window's copy: its files' text is filled in (and cut to fit).
                 current_message = item.message
                 continue
+            if request.steps and request.run and item.message.run == request.run:
+                # A resumed run's own steps, stored before the crash: the journal's
+                # steps give them to the model after the run's message, once.
+                continue
             window.append(item.message)
     blocks: list[str] = []
     if summaries:
