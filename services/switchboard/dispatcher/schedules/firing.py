@@ -54,6 +54,7 @@ from switchboard.dispatcher.schedules.store import (
     ScheduleRecord,
     ScheduleStore,
 )
+from switchboard.platform import background
 from switchboard.platform.errors import (
     Conflict,
     ConversationBusy,
@@ -133,6 +134,9 @@ class Firing:
         self._sending: set[tuple[str, str, int]] = set()
         self._scanned_at: float | None = None
         self._gate = asyncio.Semaphore(CONCURRENT_SENDS)
+        #: The loop's sends under way: a pass claims the next ticks without waiting
+        #: for the last pass's runs to start (a slow start must not make ticks late).
+        self._sends: set[asyncio.Task[None]] = set()
 
     # -- the process ------------------------------------------------------------------------
 
@@ -144,6 +148,13 @@ class Firing:
             self._task.cancel()
             await asyncio.wait([self._task], timeout=SEND_TIMEOUT_S)
             self._task = None
+        # A send cut here leaves its tick CLAIMED: replayed (same request id) after
+        # the restart, or taken over once this replica's lease expires.
+        sends = list(self._sends)
+        for send in sends:
+            send.cancel()
+        if sends:
+            await asyncio.wait(sends, timeout=SEND_TIMEOUT_S)
 
     def wake(self) -> None:
         """A schedule changed here: look again now rather than at the next poll."""
@@ -154,7 +165,7 @@ class Firing:
         backoff = self.settings.poll_s
         while True:
             try:
-                wait = await self.run_once()
+                wait = await self.run_once(wait=False)
                 if failing:
                     log.info("schedules fire again")
                 failing = False
@@ -185,13 +196,14 @@ class Firing:
 
     # -- one pass -------------------------------------------------------------------------
 
-    async def run_once(self) -> float:
+    async def run_once(self, *, wait: bool = True) -> float:
         """Claim and send what is due (and, now and then, leftover claims); returns the
-        seconds until the next pass is wanted."""
+        seconds until the next pass is wanted. ``wait``: until the sends are done (the
+        loop's own passes do not wait; a test's do)."""
         started = time.monotonic()
         scan_every = min(max(self.settings.lease_s / 3, 1.0), MAX_SCAN_S)
         if self._scanned_at is None or started - self._scanned_at >= scan_every:
-            await self.replay_claimed()
+            await self.replay_claimed(wait=wait)
             self._scanned_at = started
         now_us = times.to_us(self._now())
         due = await self._store.due(now_us, BATCH)
@@ -209,7 +221,7 @@ class Firing:
                         "schedule": schedule_mapping.schedule_name(record.workspace_id, record.id)
                     },
                 )
-        await self._send_all(claimed)
+        await self._send_all(claimed, wait=wait)
         if len(due) == BATCH:
             return 0.0
         next_us = await self._store.next_due()
@@ -217,9 +229,10 @@ class Firing:
             return self.settings.poll_s
         return min(max((next_us - times.to_us(self._now())) / 1e6, 0.0), self.settings.poll_s)
 
-    async def replay_claimed(self) -> int:
+    async def replay_claimed(self, *, wait: bool = True) -> int:
         """Send again the ticks this replica claimed and did not settle, and take over
-        those of replicas whose lease expired; returns how many were sent."""
+        those of replicas whose lease expired; returns how many were sent (``wait``: as
+        ``run_once``)."""
         own = [
             firing
             for firing in await self._store.claimed_by(self.settings.instance_id, BATCH)
@@ -231,7 +244,7 @@ class Firing:
                 "schedule ticks taken over from replicas whose lease expired",
                 extra={"count": len(taken), "from": sorted({f.claimer for f in taken})},
             )
-        await self._send_all([*own, *taken])
+        await self._send_all([*own, *taken], wait=wait)
         return len(own) + len(taken)
 
     # -- the claim ------------------------------------------------------------------------
@@ -386,9 +399,31 @@ class Firing:
 
     # -- sending --------------------------------------------------------------------------
 
-    async def _send_all(self, firings: Sequence[FiringRecord]) -> None:
-        if firings:
+    async def _send_all(self, firings: Sequence[FiringRecord], *, wait: bool) -> None:
+        if not firings:
+            return
+        if wait:
             await asyncio.gather(*(self._fire(firing) for firing in firings))
+            return
+        for firing in firings:
+            if _key(firing) not in self._sending:
+                background.spawn(
+                    self._fire_later(firing),
+                    name=f"schedule-tick-{firing.schedule_id}",
+                    logger=log,
+                    keep=self._sends,
+                )
+
+    async def _fire_later(self, firing: FiringRecord) -> None:
+        """``_fire`` off the loop's pass: a failure leaves the tick CLAIMED, and the
+        next scan replays it (the pass's own failures are the loop's backoff)."""
+        try:
+            await self._fire(firing)
+        except SwitchboardError as error:
+            log.info(
+                "schedule tick left claimed; replayed later",
+                extra={"schedule": firing.schedule_id, "reason": error.reason},
+            )
 
     async def _fire(self, firing: FiringRecord) -> None:
         key = _key(firing)
