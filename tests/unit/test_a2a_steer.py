@@ -7,9 +7,10 @@ import pytest
 from a2a.types import a2a_pb2 as a2a
 from google.protobuf import json_format
 
-from switchboard.a2a import mapping
+from switchboard.a2a import errors, mapping
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.platform.errors import RunEnded
 
 TARGET = "workspaces/w/conversations/c1/runs/r1"
 STEER_RUN = "workspaces/w/conversations/c1/runs/r2"
@@ -62,3 +63,9 @@ def test_a_cut_model_call_says_from_where_its_chunks_are_void() -> None:
     event = mapping.steer_event(TARGET, update, a2a.TASK_STATE_WORKING, (20, 0))
     data = json_format.MessageToDict(event.status_update.status.message.parts[1].data)["steer"]
     assert data["discarded_from_sequence"] == "12"
+
+
+def test_a_steer_of_a_run_that_ended_is_a2as_terminal_task_refusal() -> None:
+    error = errors.tagged(RunEnded(f"{TARGET} has ended"), "SendMessage", names_task=True)
+    assert error.foreign == errors.UNSUPPORTED_OPERATION
+    assert errors.in_a2a_terms(error, {}, set()).message == "task c1.r1 has ended"
