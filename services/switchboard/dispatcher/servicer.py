@@ -54,7 +54,14 @@ class DispatcherServiceServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
     async def SendMessage(
         self, request: pb.SendMessageRequest, context: Context
     ) -> pb.SendMessageResponse:
-        return await self._dispatcher.send_message(current_principal(), request, _handed(context))
+        return await self._dispatcher.send_message(
+            current_principal(), request, _handed(context), via=_via(context)
+        )
+
+    async def SteerRun(self, request: pb.SteerRunRequest, context: Context) -> pb.SteerRunResponse:
+        return await self._dispatcher.steer_run(
+            current_principal(), request, _via(context), handed=_handed(context)
+        )
 
     async def GetRun(self, request: pb.GetRunRequest, context: Context) -> pb.GetRunResponse:
         return pb.GetRunResponse(run=await self._dispatcher.get_run(request.name))

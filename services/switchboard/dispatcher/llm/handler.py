@@ -50,7 +50,7 @@ from switchboard.dispatcher.handlers.base import (
 from switchboard.dispatcher.llm.client import Answer, ProviderClient
 from switchboard.dispatcher.llm.config import LlmConfig, Provider, parse_prices, parse_providers
 from switchboard.dispatcher.llm.images import check_policy, load
-from switchboard.dispatcher.llm.messages import build_messages
+from switchboard.dispatcher.llm.messages import build_messages, user_message
 from switchboard.dispatcher.llm.tools import ToolLoop
 from switchboard.dispatcher.llm.usage import INT32_MAX, Price, Tally, estimate_tokens
 from switchboard.platform.errors import ModelNotPriced
@@ -127,15 +127,21 @@ class LlmHandler:
         # Text shown before a restart counts as shown: the run's answer has begun.
         shown = any(step.text for step in request.steps)
         usage = Tally(self._count)
-        messages = build_messages(request)
+        window: dict[str, dict[str, Any]] = {}
+        messages = build_messages(request, window)
+        steering = _Steering(call, messages, window)
         # Images: refused here under the refuse policy, else read once for the run's calls.
         chain, images = check_policy(messages, chain, self._config)
         await load(images, call.files, self._config)
         tools = ToolLoop(call)
         budget = call.budget
         prices = self._prices(chain, budget)
-        await tools.resume(messages)
+        await tools.resume(messages, steering.journaled_before)
+        steering.journaled_before(tools.steps + 1)
         while True:
+            # The step boundary: steers sent since the last model call go in now,
+            # after the step's tool results (docs/dispatcher.md, "Steering a live run").
+            await steering.take(tools.steps + 1)
             extra = tools.offer()
             hold = ""
             if budget is not None:
@@ -243,6 +249,42 @@ class LlmHandler:
                 raise HandlerFailure("the assistant's model name must be 1 to 256 characters")
             providers[0] = replace(providers[0], model=settings.model)
         return tuple(providers)
+
+
+class _Steering:
+    """A run's steers (``HandleCall.steers``) into its model's messages, each once, in
+    order, where the run took it: a steer whose message the window already holds (it
+    was stored before the window was read) is moved from there."""
+
+    def __init__(
+        self, call: HandleCall, messages: list[dict[str, Any]], window: dict[str, dict[str, Any]]
+    ) -> None:
+        self._steers = call.steers
+        self._messages = messages
+        self._window = window
+        self._journaled: dict[int, list[context_pb2.Message]] = {}
+        if self._steers is not None:
+            for step, message in self._steers.journaled():
+                self._journaled.setdefault(step, []).append(message)
+                self._drop(message.name)
+
+    def _drop(self, name: str) -> None:
+        found = self._window.pop(name, None) if name else None
+        if found is not None:
+            self._messages[:] = [m for m in self._messages if m is not found]
+
+    def _give(self, taken: list[context_pb2.Message]) -> None:
+        for message in taken:
+            self._drop(message.name)
+            self._messages.append(user_message(message))
+
+    def journaled_before(self, step: int) -> None:
+        """A resumed run: the steers its journal says model call ``step`` read."""
+        self._give(self._journaled.pop(step, []))
+
+    async def take(self, step: int) -> None:
+        if self._steers is not None:
+            self._give(await self._steers.take(step))
 
 
 def _worst_case(

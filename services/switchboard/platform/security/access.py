@@ -133,6 +133,8 @@ RULES: Final[dict[str, Rule]] = {
     _DISPATCHER + "GetRun": resource("name", READ),
     _DISPATCHER + "ListRuns": resource("parent", READ),
     _DISPATCHER + "CancelRun": resource("name", WRITE),
+    # Steering a run is sending a message into its conversation: an editor's.
+    _DISPATCHER + "SteerRun": resource("run", WRITE),
     # Authorized by the servicer's stream grant (platform/security/accesswatch.py), which
     # must hold the run for as long as it relays it: checking it here as well
     # would read the membership twice per stream.
