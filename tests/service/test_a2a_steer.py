@@ -59,6 +59,13 @@ def _steer_details(event: a2a.StreamResponse) -> dict[str, Any] | None:
     return None
 
 
+def _steer_task(message: a2a.Message) -> str:
+    """The steer's own task, as its message in a task's history names it."""
+    return str(
+        message.metadata.fields["switchboard.steer"].struct_value.fields["task_id"].string_value
+    )
+
+
 async def _tooled_agent(hub: McpHub) -> a2a.AgentCard:
     """An llm assistant that may call the MCP ``echo`` without asking, as an A2A agent."""
     world = hub.world
@@ -143,12 +150,12 @@ async def test_a_message_to_a_working_task_is_consumed_between_two_tool_steps() 
                     assert answered.status.state == a2a.TASK_STATE_WORKING
                     assert [m.parts[0].text for m in answered.history] == ["echo one", STEER]
                     assert [m.role for m in answered.history] == [a2a.ROLE_USER] * 2
-                    steer_task = answered.history[-1].metadata["switchboard.steer"]["task_id"]
+                    steer_task = _steer_task(answered.history[-1])
                     assert steer_task != started.id
                     # The same message id again is the same steer (idempotent), not a second.
                     [again] = [event.task async for event in client.send_message(steer)]
                     assert again.history[-1].message_id == answered.history[-1].message_id
-                    assert again.history[-1].metadata["switchboard.steer"]["task_id"] == steer_task
+                    assert _steer_task(again.history[-1]) == steer_task
 
                     gate.set()
                     streamed = await asyncio.wait_for(rest, TIMEOUT_S)

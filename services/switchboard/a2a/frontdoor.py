@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Final, Protocol, cast
 
 from a2a.types import a2a_pb2 as a2a
 from switchboard.a2a import errors, mapping
@@ -454,7 +454,7 @@ class FrontDoor:
             # A resumed stream replays history from its cursor: every event, as it was.
             rank = _rank(snapshot.task.status.state) if after is None else -1
             # The state a steer's status update repeats: the last one the stream sent.
-            now = snapshot.task.status.state
+            now: a2a.TaskState = snapshot.task.status.state
             if _rank(now) == _FINAL_RANK:
                 now = a2a.TASK_STATE_WORKING  # replayed from a cursor: it was going then
             async for update in _then(pending, updates):
@@ -467,7 +467,7 @@ class FrontDoor:
                         continue  # never backwards on one stream
                     if after is None:
                         rank = _rank(state)
-                    now = state
+                    now = cast("a2a.TaskState", state)
                     yield event
                 changed = update.state_change.run
                 if update.WhichOneof("update") == "state_change" and changed.state in _ENDED:
@@ -494,7 +494,7 @@ class FrontDoor:
         update: pb.RunUpdate,
         after: mapping.Cursor,
         streamed: bool,
-        now: int,
+        now: a2a.TaskState,
     ) -> _Events:
         """The stream events of one run update after ``after``: each with its task state,
         None for a chunk. ``streamed``: the client holds part of the answer already;
@@ -527,7 +527,11 @@ class FrontDoor:
         return events
 
     async def _steered(
-        self, principal: Principal, update: pb.RunUpdate, after: mapping.Cursor, now: int
+        self,
+        principal: Principal,
+        update: pb.RunUpdate,
+        after: mapping.Cursor,
+        now: a2a.TaskState,
     ) -> _Events:
         """A steer's update: a status update in the task's state ``now``. A steer is input,
         not output, so not an artifact (a client adds every chunk of one to the answer).

@@ -257,7 +257,7 @@ def steer_message(target: str, message: cpb.Message, steer_run: str) -> a2a.Mess
 
 
 def steer_event(
-    target: str, steer: pb.SteerUpdate, state: int, cursor: Cursor
+    target: str, steer: pb.SteerUpdate, state: a2a.TaskState, cursor: Cursor
 ) -> a2a.StreamResponse:
     """A steer of ``target`` accepted, consumed or requeued, as a status update that keeps
     the task's ``state``: its message (role agent) says what became of the steer in a text
