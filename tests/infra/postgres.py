@@ -36,7 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from switchboard.deploy.machine import MeshError, postgres_bin_dir
-from switchboard.platform.store.db import Database
+from tests.infra.migrated import migrate_now, sqlite_copy
 
 SUPERUSER = "postgres"
 HOST = "127.0.0.1"
@@ -326,17 +326,11 @@ def migrated_template(postgres_server: PostgresServer) -> str:
     """A database at the newest schema, migrated once per session (per xdist worker: each
     has its own cluster). Nothing connects to it afterwards, so it can be a template."""
 
-    async def make() -> None:
-        await _admin(postgres_server, f'CREATE DATABASE "{MIGRATED_TEMPLATE}"')
-        database = Database(postgres_server.url(MIGRATED_TEMPLATE), timeout_s=COMMAND_TIMEOUT_S)
-        try:
-            await database.migrate()
-        finally:
-            await database.close()
-
     # In a thread of its own: a session fixture may be set up while a test's loop runs.
+    create = _admin(postgres_server, f'CREATE DATABASE "{MIGRATED_TEMPLATE}"')
     with ThreadPoolExecutor(1) as pool:
-        pool.submit(asyncio.run, make()).result()
+        pool.submit(asyncio.run, create).result()
+    migrate_now(postgres_server.url(MIGRATED_TEMPLATE))
     return MIGRATED_TEMPLATE
 
 
@@ -367,13 +361,14 @@ async def postgres_engine(postgres_url: str) -> AsyncIterator[AsyncEngine]:
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A URL of a database without rows, once per backend: a new SQLite file (migrated by
-    whatever opens it), a PostgreSQL database already at the newest schema (a copy of
-    the migrated template: migrating each one from nothing took about 1.7 s of the
-    setup of every PostgreSQL case). Migrations themselves are tested on
+    """A URL of a database without rows, once per backend, already at the newest schema:
+    a copy of a SQLite file, a PostgreSQL database copied from a template (``CREATE
+    DATABASE ... TEMPLATE``), each migrated once per session. Migrating every case's
+    database from nothing took about 1-2 s of the setup of each PostgreSQL case and a
+    few tenths of a second of each SQLite one. Migrations themselves are tested on
     ``empty_database_url``."""
     if request.param == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path / 'switchboard.db'}"
+        return f"sqlite+aiosqlite:///{sqlite_copy(tmp_path / 'switchboard.db')}"
     # Looked up lazily so SQLite-only runs never start PostgreSQL.
     url: str = request.getfixturevalue("migrated_postgres_url")
     return url
