@@ -395,6 +395,7 @@ async def test_converse_steers_and_relays_the_steer_run(everything: EverythingSe
         assert states[-1] == (pb.RUN_STATE_SUCCEEDED, pb.STEER_STATE_CONSUMED)
         target = await watch_all(tools.dstub, tools.world.viewer, run.name)
         assert target.final.state == pb.RUN_STATE_SUCCEEDED, target.final.error
+        await _request_count(tools, 2)
         assert _tail(tools.fake.requests[1].body, 1) == [{"role": "user", "content": "steer me"}]
 
 
