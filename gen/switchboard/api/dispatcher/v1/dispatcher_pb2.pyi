@@ -3714,7 +3714,12 @@ class SteerRunRequest(_message.Message):
     decides nothing: the approval is still asked, and the steer goes in after.
     """
     request_id: _builtins.str
-    """Idempotency key, as SendMessageRequest.request_id (scoped to this method)."""
+    """Idempotency key: 1-64 ASCII letters, digits, `-` or `_` (anything else is
+    INVALID_ARGUMENT on `request_id`); empty for none. Scoped to the caller and
+    this method and kept for 24 hours: a retry with the same id within that time
+    returns the first steer, and the same id with a different request is
+    INVALID_ARGUMENT.
+    """
     @_builtins.property
     def message(self) -> _context_pb2.Message:
         """The user message; role must be USER or unset. It passes the same checks as
@@ -3976,7 +3981,12 @@ class CreateScheduleRequest(_message.Message):
     schedule_id: _builtins.str
     """Optional client-chosen id (`[a-z][a-z0-9-]{1,62}`); a random id if empty."""
     request_id: _builtins.str
-    """Idempotency key, as CreateAssistantRequest.request_id."""
+    """Idempotency key: 1-64 ASCII letters, digits, `-` or `_` (anything else is
+    INVALID_ARGUMENT on `request_id`); empty for none. Scoped to the caller and
+    this method and kept for 24 hours: a retry with the same id within that time
+    returns the first result, and the same id with a different request is
+    INVALID_ARGUMENT.
+    """
     @_builtins.property
     def schedule(self) -> Global___Schedule:
         """The schedule; output-only fields are ignored."""

@@ -7203,7 +7203,11 @@ type SteerRunRequest struct {
 	// The user message; role must be USER or unset. It passes the same checks as
 	// SendMessage's (size, rate limits, content policy, quotas, budgets).
 	Message *v11.Message `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
-	// Idempotency key, as SendMessageRequest.request_id (scoped to this method).
+	// Idempotency key: 1-64 ASCII letters, digits, `-` or `_` (anything else is
+	// INVALID_ARGUMENT on `request_id`); empty for none. Scoped to the caller and
+	// this method and kept for 24 hours: a retry with the same id within that time
+	// returns the first steer, and the same id with a different request is
+	// INVALID_ARGUMENT.
 	RequestId     string `protobuf:"bytes,3,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -7666,7 +7670,11 @@ type CreateScheduleRequest struct {
 	Schedule *Schedule `protobuf:"bytes,2,opt,name=schedule,proto3" json:"schedule,omitempty"`
 	// Optional client-chosen id (`[a-z][a-z0-9-]{1,62}`); a random id if empty.
 	ScheduleId string `protobuf:"bytes,3,opt,name=schedule_id,json=scheduleId,proto3" json:"schedule_id,omitempty"`
-	// Idempotency key, as CreateAssistantRequest.request_id.
+	// Idempotency key: 1-64 ASCII letters, digits, `-` or `_` (anything else is
+	// INVALID_ARGUMENT on `request_id`); empty for none. Scoped to the caller and
+	// this method and kept for 24 hours: a retry with the same id within that time
+	// returns the first result, and the same id with a different request is
+	// INVALID_ARGUMENT.
 	RequestId     string `protobuf:"bytes,4,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

@@ -3512,7 +3512,11 @@ export type SteerRunRequest = Message<"switchboard.api.dispatcher.v1.SteerRunReq
   message?: Message$1 | undefined;
 
   /**
-   * Idempotency key, as SendMessageRequest.request_id (scoped to this method).
+   * Idempotency key: 1-64 ASCII letters, digits, `-` or `_` (anything else is
+   * INVALID_ARGUMENT on `request_id`); empty for none. Scoped to the caller and
+   * this method and kept for 24 hours: a retry with the same id within that time
+   * returns the first steer, and the same id with a different request is
+   * INVALID_ARGUMENT.
    *
    * @generated from field: string request_id = 3;
    */
@@ -3822,7 +3826,11 @@ export type CreateScheduleRequest = Message<"switchboard.api.dispatcher.v1.Creat
   scheduleId: string;
 
   /**
-   * Idempotency key, as CreateAssistantRequest.request_id.
+   * Idempotency key: 1-64 ASCII letters, digits, `-` or `_` (anything else is
+   * INVALID_ARGUMENT on `request_id`); empty for none. Scoped to the caller and
+   * this method and kept for 24 hours: a retry with the same id within that time
+   * returns the first result, and the same id with a different request is
+   * INVALID_ARGUMENT.
    *
    * @generated from field: string request_id = 4;
    */
