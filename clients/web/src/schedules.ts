@@ -94,6 +94,9 @@ export class Schedules {
   /** The schedule being edited, null when the editor is closed or on a new one. */
   private editing: Schedule | null = null;
   private editingNew = false;
+  /** The open editor's "Answered by" choice: its options follow the assistants and
+   *  handlers as they load (an editor opened before the page's first load had none). */
+  private targetSelect: HTMLSelectElement | null = null;
   private reloadTimer: ReturnType<typeof setTimeout> | undefined;
 
   constructor(
@@ -160,6 +163,7 @@ export class Schedules {
       this.schedules = schedules;
       this.assistants = assistants.assistants;
       this.handlers = handlers.handlers;
+      this.refreshTargets();
       for (const s of schedules) this.names.learn(s.name, s.displayName);
       for (const a of this.assistants) this.names.learn(a.name, a.displayName);
       // Open firings follow what changed.
@@ -410,8 +414,29 @@ export class Schedules {
   private close(): void {
     this.editing = null;
     this.editingNew = false;
+    this.targetSelect = null;
     this.editor.hidden = true;
     this.editor.replaceChildren();
+  }
+
+  /** The choices for what answers: the workspace's default, an assistant, or a handler. */
+  private targets(): [string, string][] {
+    return [
+      ["", "the workspace's default assistant"],
+      ...this.assistants.map((a): [string, string] => [a.name, `assistant ${a.displayName || (a.name.split("/").pop() ?? a.name)}`]),
+      ...this.handlers.map((x): [string, string] => [x.name, `handler ${x.name.replace(/^handlers\//, "")}`]),
+    ];
+  }
+
+  /** The open editor's target choices, again from what was loaded; the choice made stays. */
+  private refreshTargets(): void {
+    const target = this.targetSelect;
+    if (target === null) return;
+    const chosen = target.value;
+    const options = this.targets();
+    if (!options.some(([value]) => value === chosen)) options.push([chosen, chosen]);
+    target.replaceChildren(...options.map(([value, text]) => h("option", { value }, text)));
+    target.value = chosen;
   }
 
   /** Opens the editor on `s` (null: a new one). */
@@ -424,14 +449,12 @@ export class Schedules {
       return element;
     };
     // One choice for what answers: the workspace's default, an assistant, or a handler.
-    const target = select(
-      [
-        ["", "the workspace's default assistant"],
-        ...this.assistants.map((a): [string, string] => [a.name, `assistant ${a.displayName || (a.name.split("/").pop() ?? a.name)}`]),
-        ...this.handlers.map((x): [string, string] => [x.name, `handler ${x.name.replace(/^handlers\//, "")}`]),
-      ],
-      s?.handler || s?.assistant || "",
-    );
+    const answeredBy = s?.handler || s?.assistant || "";
+    const choices = this.targets();
+    // Not loaded yet (or gone): still the schedule's own, never silently the default.
+    if (!choices.some(([value]) => value === answeredBy)) choices.push([answeredBy, answeredBy]);
+    const target = select(choices, answeredBy);
+    this.targetSelect = target;
     const kind = select(
       [
         ["cron", "on a cron expression"],
