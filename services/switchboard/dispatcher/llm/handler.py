@@ -157,7 +157,10 @@ class LlmHandler:
                     chain, request_body(messages, sampling, extra), call.remaining, answer
                 )
             ) as texts:
-                async for text in steering.until_steered(texts):
+                # The steer race only for a run that restarts its stream: a plain run's
+                # tokens pass no extra generator (one hop per token, issue 53's budget).
+                source = steering.until_steered(texts) if steering.restarts else texts
+                async for text in source:
                     # Set in place: a ``TextDelta`` passed in is built, then copied, at
                     # three to five times the CPU (measured), once per token.
                     frame = Frame()
@@ -287,6 +290,11 @@ class _Steering:
             for step, message in self._steers.journaled():
                 self._journaled.setdefault(step, []).append(message)
                 self._drop(message.name)
+
+    @property
+    def restarts(self) -> bool:
+        """The run cuts a model call in progress for a steer (STEER_MODE_RESTART_STREAM)."""
+        return self._steers is not None and self._steers.restart
 
     def _drop(self, name: str) -> None:
         found = self._window.pop(name, None) if name else None
