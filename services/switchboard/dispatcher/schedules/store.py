@@ -39,6 +39,7 @@ from switchboard.platform.store.storage import (
     earlier,
     retrying,
     transaction,
+    workspace_page,
 )
 
 log = logging.getLogger("switchboard.dispatcher.schedules.store")
@@ -304,10 +305,7 @@ class ScheduleStore:
         """The workspace's schedules by id, after ``after`` (exclusive), at most ``limit``."""
 
         def tx(db: Session) -> list[ScheduleRecord]:
-            query = select(ScheduleRow).where(ScheduleRow.workspace_id == workspace_id)
-            if after is not None:
-                query = query.where(ScheduleRow.id > after)
-            query = query.order_by(ScheduleRow.id).limit(limit)
+            query = workspace_page(ScheduleRow, workspace_id, after, limit)
             return [_record(row) for row in db.execute(query).scalars()]
 
         return await self._run(tx, write=False)
