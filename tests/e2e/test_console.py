@@ -2759,7 +2759,11 @@ def test_a_steer_sent_from_the_page_lands_in_the_running_run_at_its_next_step(
             open_conversation(browser, workspace, conversation)
             # No run going: nothing to steer.
             assert not browser.visible(tid("steer"))
+            # The run is asked to cut its answer for a steer (it is paused when the steer
+            # comes, so nothing is cut: the steer goes in at the same boundary).
+            browser.select(tid("steer-mode"), str(dispatcher_pb2.STEER_MODE_RESTART_STREAM))
             target = send(browser, 'call kit__echo {"message": "first"}')
+            assert server.run(user, target).steer_mode == dispatcher_pb2.STEER_MODE_RESTART_STREAM
             pending = f"{tid('approval', run=target)} {tid('pending-call')}"
             browser.wait_for(pending)
             browser.wait_visible(tid("steer", target=target))

@@ -9,6 +9,7 @@ import { h } from "./dom";
 import { limitSummary, local, problem } from "./errors";
 import { type Message, MessageRole } from "./gen/switchboard/api/context/v1/context_pb";
 import type { Assistant, Run, SendMessageResponse } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
+import { SteerMode } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import { learnBudgetTitles } from "./budgets";
 import { Attachments } from "./files";
 import type { Names } from "./names";
@@ -42,6 +43,14 @@ export class Composer {
   private readonly handler = h("select", { "data-testid": "handler-select", "aria-label": "handler" });
   private readonly assistant = h("select", { "data-testid": "assistant-select", "aria-label": "assistant" });
   private readonly parameters = h("textarea", { "data-testid": "parameters-input", rows: 2, spellcheck: false });
+  /** How the run a message starts takes a steer that comes while its model writes
+   *  (`SendMessageRequest.steer_mode`). */
+  private readonly steerMode = h(
+    "select",
+    { "data-testid": "steer-mode", "aria-label": "when steered while writing" },
+    h("option", { value: String(SteerMode.FINISH_STREAM) }, "finish the answer, then take the steer"),
+    h("option", { value: String(SteerMode.RESTART_STREAM) }, "cut the answer and start again with the steer"),
+  );
   /** Hands the message to the run going (SteerRun), shown while one is. */
   private readonly steerButton = h(
     "button",
@@ -103,6 +112,7 @@ export class Composer {
         { "data-testid": "advanced" },
         h("summary", {}, "Advanced"),
         h("label", {}, "Handler parameters (JSON object, e.g. ", h("code", {}, '{"delay_ms": 200}'), ")", this.parameters),
+        h("label", {}, "A steer that comes while the model writes: ", this.steerMode),
       ),
     );
     this.attachments.dropTarget(this.element);
@@ -221,6 +231,7 @@ export class Composer {
           handler,
           assistant,
           ...(parameters ? { parameters } : {}),
+          steerMode: Number(this.steerMode.value) as SteerMode,
           // Sending again after a lost answer must not start a second run.
           requestId: requestId(),
         });
