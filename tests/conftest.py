@@ -16,6 +16,7 @@ from switchboard.mesh import create_server
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.settings import Settings
 from switchboard.shared import Shared
+from tests.infra.migrated import sqlite_copy
 
 pytest_plugins = [
     "tests.infra.leftovers",
@@ -37,7 +38,9 @@ _instance_serial = itertools.count()
 
 
 def fresh_database_url() -> str:
-    return f"sqlite+aiosqlite:///{_DATABASES / f'test-{next(_database_serial)}.db'}"
+    """A new SQLite file already at the newest schema (``tests/infra/migrated.py``)."""
+    path = sqlite_copy(_DATABASES / f"test-{next(_database_serial)}.db")
+    return f"sqlite+aiosqlite:///{path}"
 
 
 def make_settings(**overrides: object) -> Settings:
@@ -47,9 +50,10 @@ def make_settings(**overrides: object) -> Settings:
         "host": "127.0.0.1",
         "port": 0,
         "dev_mode": True,
-        "database_url": fresh_database_url(),
         "instance_id": f"test-{next(_instance_serial)}",
     }
+    if "database_url" not in overrides:
+        values["database_url"] = fresh_database_url()
     values.update(overrides)
     return Settings.from_values(**values)
 

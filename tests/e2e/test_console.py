@@ -202,6 +202,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "SWITCHBOARD_SHUTDOWN_GRACE_S": "1",
             # Priced, so the run inspector has a cost to show.
             "SWITCHBOARD_LLM_PRICES": '{"echo": {"input_per_mtok": 1000, "output_per_mtok": 2000}}',
+            # A schedule may tick every 2 s, so the Schedules page sees one fire.
+            "SWITCHBOARD_SCHEDULES_MIN_INTERVAL_S": "1",
         }
         envoy = EnvoyProcess(
             f"127.0.0.1:{upstream.port}",
@@ -2701,3 +2703,283 @@ def test_files_attached_in_the_page_show_inline_or_as_cards_and_download_byte_fo
         assert stored.sha256 == hashlib.sha256(data).hexdigest()
     assert named["otter.png"].mime_type == "image/png"
     assert named["report.pdf"].mime_type == "application/pdf"
+
+
+def test_a_steer_sent_from_the_page_lands_in_the_running_run_at_its_next_step(
+    stack: Stack, chromium: Chromium, server: Server, tmp_path: Path
+) -> None:
+    """Steer, beside Send while a run is going: the run (the llm handler on the local model
+    server) waits for approval of its first step's tool call; a steer written in the
+    composer goes to it (SteerRun on that run), shows on its message and its own card as
+    accepted; the call approved, the run's second model call takes it: the inspector says
+    "steer consumed at step 2", the steer's message links to the run and the step, and the
+    server has the same (the steer's run SUCCEEDED, CONSUMED at step 2)."""
+    shots = artifacts_dir(tmp_path) / "steer"
+    shots.mkdir(parents=True, exist_ok=True)
+    user = server.register("steer")
+    workspace, conversation = server.workspace(user, f"steer-{os.getpid()}")
+    with McpTestServer() as mcp:
+        integration = server.integration.CreateIntegration(
+            integration_pb2.CreateIntegrationRequest(
+                parent=workspace,
+                integration_id="kit",
+                integration=integration_pb2.Integration(
+                    display_name="Tool kit",
+                    kind=integration_pb2.INTEGRATION_KIND_MCP_SERVER,
+                    endpoint=mcp.url,
+                ),
+            ),
+            metadata=user.md,
+            timeout=CALL_S,
+        ).integration.name
+        # Its echo tool needs a person: the run stops at its first step boundary until
+        # the call is approved, so the steer is there before the second model call.
+        server.dispatcher.CreateAssistant(
+            dispatcher_pb2.CreateAssistantRequest(
+                parent=workspace,
+                assistant_id="helper",
+                assistant=dispatcher_pb2.Assistant(
+                    display_name="Helper",
+                    instructions="Use the tools.",
+                    tools=[
+                        dispatcher_pb2.AssistantTools(
+                            integration=integration,
+                            tools=["echo"],
+                            approval_required_tools=["echo"],
+                        )
+                    ],
+                    workspace_default=True,
+                ),
+            ),
+            metadata=user.md,
+            timeout=CALL_S,
+        )
+        with chromium.open(stack.origin + "/") as browser:
+            sign_in(browser, user.email)
+            open_conversation(browser, workspace, conversation)
+            # No run going: nothing to steer.
+            assert not browser.visible(tid("steer"))
+            # The run is asked to cut its answer for a steer (it is paused when the steer
+            # comes, so nothing is cut: the steer goes in at the same boundary).
+            browser.select(tid("steer-mode"), str(dispatcher_pb2.STEER_MODE_RESTART_STREAM))
+            target = send(browser, 'call kit__echo {"message": "first"}')
+            assert server.run(user, target).steer_mode == dispatcher_pb2.STEER_MODE_RESTART_STREAM
+            pending = f"{tid('approval', run=target)} {tid('pending-call')}"
+            browser.wait_for(pending)
+            browser.wait_visible(tid("steer", target=target))
+
+            steer_text = "use the other account"
+            before = browser.count(tid("run"))
+            browser.fill(tid("message-input"), steer_text)
+            browser.click(tid("steer"))
+            steer_run: str = browser.wait(
+                "(n) => { const r = document.querySelectorAll('[data-testid=\"run\"]');"
+                " return r.length > n && r[r.length - 1].dataset.run; }",
+                before,
+            )
+            assert steer_run != target
+            # Stored at once: the message is in the conversation, waiting for the run.
+            landing = tid("steer-landing", target=target)
+            browser.wait_for(landing)
+            stored = server.run(user, steer_run)
+            assert stored.steer.target == target
+            assert stored.steer.state in (
+                dispatcher_pb2.STEER_STATE_ACCEPTED,
+                dispatcher_pb2.STEER_STATE_CONSUMED,
+            )
+            steer_message = stored.input_message
+            assert (
+                text_of(
+                    next(m for m in server.messages(user, conversation) if m.name == steer_message)
+                )
+                == steer_text
+            )
+            assert (
+                browser.eval("(s) => document.querySelector(s).value", tid("message-input")) == ""
+            )
+            # Steering decides nothing: the call still waits for its approval.
+            assert server.run(user, target).state == dispatcher_pb2.RUN_STATE_REQUIRES_ACTION
+            browser.shots(shots / "accepted.png")
+
+            browser.click(f"{pending} {tid('approve')}")
+            done = run_state(browser, target, "RUN_STATE_SUCCEEDED")
+            consumed = tid(
+                "timeline-entry", kind="steer", steer_state="STEER_STATE_CONSUMED", step="2"
+            )
+            entry = f"{tid('run', run=target)} {consumed}"
+            browser.wait_for(entry)
+            said = browser.eval("(s) => document.querySelector(s).textContent", entry)
+            assert "steer consumed at step 2" in said
+            link = f"{entry} {tid('steer-run')}"
+            assert browser.eval("(s) => document.querySelector(s).title", link) == steer_run
+            # The model saw the steer after the tool's result: the echo model repeats the
+            # last user message, which is the steer.
+            assert steer_text in done["answer"] or steer_text in text_of(
+                next(
+                    m
+                    for m in server.messages(user, conversation)
+                    if m.name == server.run(user, target).output_message
+                )
+            )
+            # The steer's own card and its message say where it went.
+            steer_card = run_state(browser, steer_run, "RUN_STATE_SUCCEEDED")
+            assert steer_card["steers"] == "0"
+            of = f"{tid('run', run=steer_run)} {tid('steer-of')}"
+            assert browser.data(of)["steerState"] == "STEER_STATE_CONSUMED"
+            assert browser.data(of)["step"] == "2"
+            browser.wait_for(
+                tid("steer-landing", target=target, steer_state="STEER_STATE_CONSUMED", step="2")
+            )
+            assert browser.data(landing)["steerRun"] == steer_run
+            assert (
+                browser.data(f"{tid('message', name=steer_message)} {tid('steer-landing')}")[
+                    "target"
+                ]
+                == target
+            )
+            # The server says the same.
+            stored = server.run(user, steer_run)
+            assert stored.state == dispatcher_pb2.RUN_STATE_SUCCEEDED
+            assert stored.steer.state == dispatcher_pb2.STEER_STATE_CONSUMED
+            assert stored.steer.step == 2
+            # Nothing going any more: nothing to steer.
+            browser.wait("(s) => document.querySelector(s).hidden", tid("steer"))
+            assert raw_text(browser) == []
+            browser.shots(shots / "consumed.png")
+            assert problems(browser) == []
+
+
+def test_schedules_are_made_on_their_page_fire_with_their_runs_and_pause(
+    stack: Stack, chromium: Chromium, server: Server, tmp_path: Path
+) -> None:
+    """The Schedules page (``#workspaces/w/schedules``): a schedule whose cron expression
+    does not parse is refused with the server's violation beside the cron field, nothing
+    stored; the same one at an interval of 2 s is created (ACTIVE, its next fire time
+    shown), its firings list the tick and the run it started (the link opens that run's
+    conversation with its card), a save from an editor opened before a change made
+    elsewhere is refused as changed elsewhere and done on the current version, and Pause
+    pauses it on the server."""
+    shots = artifacts_dir(tmp_path) / "schedules"
+    shots.mkdir(parents=True, exist_ok=True)
+    user = server.register("schedules")
+    workspace, _ = server.workspace(user, f"schedules-{os.getpid()}")
+    editor = tid("schedule-editor")
+    with chromium.open(stack.origin + "/") as browser:
+        sign_in(browser, user.email)
+        browser.click(tid("workspace-item", name=workspace))
+        browser.click(tid("open-schedules"))
+        browser.wait_visible(tid("schedules-page"))
+        browser.wait_for(tid("schedules-empty"))
+        assert browser.eval("() => location.hash") == f"#{workspace}/schedules"
+
+        browser.click(tid("new-schedule"))
+        browser.wait_visible(editor)
+        browser.fill(f"{editor} {tid('schedule-id')}", "ticker")
+        browser.fill(f"{editor} {tid('schedule-name')}", "Ticker")
+        browser.select(f"{editor} {tid('schedule-target')}", "handlers/echo")
+        browser.fill(f"{editor} {tid('schedule-template')}", "tick for {{schedule}}")
+        browser.select(f"{editor} {tid('schedule-kind')}", "cron")
+        browser.fill(f"{editor} {tid('schedule-cron')}", "every minute please")
+        browser.click(tid("save-schedule"))
+        violation = f'{editor} label[data-field="cron"] {tid("field-violation")}'
+        browser.wait_for(violation)
+        assert browser.data(violation)["field"] == "schedule.cron"
+        assert browser.data(f"{editor} {tid('error')}")["code"] == "INVALID_ARGUMENT"
+        listed = server.dispatcher.ListSchedules(
+            dispatcher_pb2.ListSchedulesRequest(parent=workspace),
+            metadata=user.md,
+            timeout=CALL_S,
+        )
+        assert list(listed.schedules) == []
+        browser.shots(shots / "bad-cron.png")
+
+        browser.select(f"{editor} {tid('schedule-kind')}", "interval")
+        browser.fill(f"{editor} {tid('schedule-interval')}", "2")
+        browser.click(tid("save-schedule"))
+        name = f"{workspace}/schedules/ticker"
+        entry = tid("schedule", name=name)
+        browser.wait_for(f'{entry}[data-state="SCHEDULE_STATE_ACTIVE"]')
+        assert not browser.visible(editor)
+        stored = server.dispatcher.GetSchedule(
+            dispatcher_pb2.GetScheduleRequest(name=name), metadata=user.md, timeout=CALL_S
+        ).schedule
+        assert stored.interval.seconds == 2
+        assert stored.handler == "handlers/echo"
+        assert stored.creator == user.name
+        assert browser.data(entry)["next"] != ""
+
+        # Its firings: the page follows SCHEDULE_FIRED and shows each tick's run.
+        browser.click(f"{entry} {tid('schedule-firings-toggle')}")
+        started = f'{entry} {tid("firing")}[data-outcome="FIRING_OUTCOME_STARTED"]'
+        browser.wait("(s) => [...document.querySelectorAll(s)].some((f) => f.dataset.run)", started)
+        run = browser.data(started)["run"]
+        firings = server.dispatcher.ListScheduleFirings(
+            dispatcher_pb2.ListScheduleFiringsRequest(parent=name),
+            metadata=user.md,
+            timeout=CALL_S,
+        ).firings
+        assert run in {f.run for f in firings}
+        assert server.run(user, run).schedule == name
+        assert raw_text(browser) == []
+        browser.shots(shots / "firings.png")
+
+        # Pause: nothing fires until it is resumed (and nothing changes it meanwhile).
+        browser.click(f"{entry} {tid('pause-schedule')}")
+        browser.wait_for(f'{entry}[data-state="SCHEDULE_STATE_PAUSED"]')
+        stored = server.dispatcher.GetSchedule(
+            dispatcher_pb2.GetScheduleRequest(name=name), metadata=user.md, timeout=CALL_S
+        ).schedule
+        assert stored.state == dispatcher_pb2.SCHEDULE_STATE_PAUSED
+        assert not stored.HasField("next_fire_time")
+        assert browser.visible(f"{entry} {tid('resume-schedule')}")
+        assert raw_text(browser) == []
+        browser.shots(shots / "paused.png")
+
+        # Changed elsewhere while the editor is open: refused as such, then saved on the
+        # current version.
+        browser.click(f"{entry} {tid('edit-schedule')}")
+        browser.wait_visible(editor)
+        current = server.dispatcher.GetSchedule(
+            dispatcher_pb2.GetScheduleRequest(name=name), metadata=user.md, timeout=CALL_S
+        ).schedule
+        server.dispatcher.UpdateSchedule(
+            dispatcher_pb2.UpdateScheduleRequest(
+                schedule=dispatcher_pb2.Schedule(
+                    name=name, etag=current.etag, display_name="Ticker (renamed elsewhere)"
+                ),
+                update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
+            ),
+            metadata=user.md,
+            timeout=CALL_S,
+        )
+        browser.fill(f"{editor} {tid('schedule-template')}", "tock for {{schedule}}")
+        browser.click(tid("save-schedule"))
+        conflict = f"{editor} {tid('etag-conflict')}"
+        browser.wait_for(conflict)
+        assert browser.data(f"{editor} {tid('error')}")["reason"] == "ERROR_REASON_ETAG_MISMATCH"
+        assert (
+            server.dispatcher.GetSchedule(
+                dispatcher_pb2.GetScheduleRequest(name=name), metadata=user.md, timeout=CALL_S
+            ).schedule.message_template
+            == "tick for {{schedule}}"
+        )
+        browser.click(tid("reload-schedule"))
+        browser.wait(
+            "(s) => document.querySelector(s)?.value === 'Ticker (renamed elsewhere)'",
+            f"{editor} {tid('schedule-name')}",
+        )
+        browser.fill(f"{editor} {tid('schedule-template')}", "tock for {{schedule}}")
+        browser.click(tid("save-schedule"))
+        browser.wait("(s) => document.querySelector(s).hidden", editor)
+        stored = server.dispatcher.GetSchedule(
+            dispatcher_pb2.GetScheduleRequest(name=name), metadata=user.md, timeout=CALL_S
+        ).schedule
+        assert stored.message_template == "tock for {{schedule}}"
+        assert stored.display_name == "Ticker (renamed elsewhere)"
+
+        # The firing's run link opens its conversation with the run's card.
+        browser.wait_for(f"{entry} {tid('firing-run', run=run)}")
+        browser.click(f"{entry} {tid('firing-run', run=run)}")
+        browser.wait_visible(tid("run", run=run))
+        assert browser.eval("() => location.hash") == f"#{run.split('/runs/')[0]}"
+        assert problems(browser) == []

@@ -42,21 +42,20 @@ import grpc
 import httpx
 import pytest
 from grpc import aio
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.api.integration.v1 import integration_pb2 as ipb
 from switchboard.dispatcher.runs.store import TERMINAL
 from switchboard.internal.dispatcher.v1 import job_pb2
 from switchboard.platform.idempotency import call_key
 from switchboard.platform.store.models import RunRow
-from tests.e2e.procs import ServeProcess, scaled_env
+from tests.e2e.procs import scaled_env
+from tests.e2e.replicas import Replica, sign_up, taken_over
 from tests.fakes.openai_server import FakeOpenAI, Reply, _text
 from tests.infra.mcpcounter import McpCounterServer
 from tests.infra.redis import RedisServer
-from tests.service.authkit import PASSWORD, unique_email
 from tests.service.contextkit import (
     Caller,
     all_messages,
@@ -64,7 +63,7 @@ from tests.service.contextkit import (
     create_conversation,
     create_workspace,
 )
-from tests.service.dispatchkit import Stub, dispatcher_stub, request
+from tests.service.dispatchkit import request
 from tests.service.integrationkit import create, integration_stub
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -86,7 +85,6 @@ SEQUENCE_BLOCK: Final = 2**32
 RETRYABLE: Final = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED}
 )
-ACTIVE: Final = (pb.RUN_STATE_QUEUED, pb.RUN_STATE_RUNNING)
 SAFE_FUNCTION: Final = "safe__count_safe"
 ONCE_FUNCTION: Final = "once__count_once"
 #: What each tool answers, as the model finds it in its results.
@@ -149,46 +147,6 @@ class Model:
             found = [match.group(0) for tool in TOOLS if (match := tool.search(said))]
             reply = Reply.text(f"{text} done: {' '.join(found)}")
         return dataclasses.replace(reply, response_id=response_id)
-
-
-class Replica:
-    """One `switchboard serve` process under a fixed instance id, killed and started
-    again (a new process, a new port) by the test."""
-
-    def __init__(self, name: str, env: dict[str, str], stack: contextlib.ExitStack) -> None:
-        self.name = name
-        self._env = {**env, "SWITCHBOARD_INSTANCE_ID": name}
-        self._stack = stack
-        self.process: ServeProcess | None = None
-        self.channel: aio.Channel | None = None
-        self._old: list[aio.Channel] = []
-        self.up = False
-
-    async def start(self) -> None:
-        process = ServeProcess(env=self._env)
-        self._stack.push(process)
-        await asyncio.to_thread(process.start)
-        self.process = process
-        if self.channel is not None:
-            self._old.append(self.channel)
-        self.channel = aio.insecure_channel(process.address)
-        self.up = True
-
-    def kill(self) -> None:
-        assert self.process is not None
-        assert self.process.proc is not None
-        self.up = False
-        self.process.proc.kill()  # SIGKILL: no drain, no shutdown code
-        self.process.proc.wait(timeout=CALL_TIMEOUT_S)
-
-    @property
-    def stub(self) -> Stub:
-        assert self.channel is not None
-        return dispatcher_stub(self.channel)
-
-    async def close(self) -> None:
-        for channel in [*self._old, *([self.channel] if self.channel else [])]:
-            await channel.close(None)
 
 
 @dataclass
@@ -403,7 +361,7 @@ async def chaos(
         victim.kill()
         killed = time.monotonic()
         if kind == "takeover":
-            await taken_over(database, victim.name)
+            await taken_over(database, victim.name, SETTLE_S)
         if kind == "restart" or number < KILLS - 1:
             await victim.start()
         kills.append(Kill(victim.name, kind, at_runs, time.monotonic() - killed))
@@ -435,24 +393,6 @@ async def owner_of_a_call_in_flight(
         await asyncio.sleep(0.02)  # polling the tool's state, under a deadline
 
 
-async def taken_over(database: AsyncEngine, instance: str) -> None:
-    """Return once no queued or running run is stored as ``instance``'s."""
-    deadline = time.monotonic() + SETTLE_S
-    while True:
-        async with database.connect() as db:
-            held = (
-                await db.execute(
-                    select(func.count())
-                    .select_from(RunRow)
-                    .where(RunRow.worker == instance, RunRow.state.in_(ACTIVE))
-                )
-            ).scalar_one()
-        if not held:
-            return
-        assert time.monotonic() < deadline, f"{held} runs of {instance} never taken over"
-        await asyncio.sleep(0.1)  # polling a stored state, under a deadline
-
-
 @pytest.fixture
 def env(tmp_path: Path, postgres_url: str, redis_server: RedisServer) -> dict[str, str]:
     return {
@@ -476,15 +416,6 @@ def env(tmp_path: Path, postgres_url: str, redis_server: RedisServer) -> dict[st
 def database(postgres_engine: AsyncEngine) -> AsyncEngine:
     """The replicas' database, read by the test."""
     return postgres_engine
-
-
-async def sign_up(address: str) -> Caller:
-    async with aio.insecure_channel(address) as channel:
-        response = await auth_pb2_grpc.AuthServiceStub(channel).Register(
-            auth_pb2.RegisterRequest(email=unique_email("durable"), password=PASSWORD),
-            timeout=CALL_TIMEOUT_S,
-        )
-    return Caller(response.user.name.removeprefix("users/"), response.tokens.access_token)
 
 
 async def journals(database: AsyncEngine, workspace: str) -> dict[str, tuple[job_pb2.RunJob, str]]:
@@ -515,7 +446,7 @@ async def test_two_hundred_runs_survive_sigkills_without_repeating_a_step(
                 first = replicas[0]
                 assert first.channel is not None
                 assert first.process is not None
-                caller = await sign_up(first.process.address)
+                caller = await sign_up(first.process.address, "durable")
                 cstub = context_stub(first.channel)
                 workspace = (await create_workspace(cstub, caller, "Durable")).name
                 hub = integration_stub(first.channel)

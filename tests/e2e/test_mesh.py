@@ -358,6 +358,8 @@ class Chatter:
     sent_at: list[float] = field(default_factory=list)
     unavailable: int = 0
     first: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The mesh's output so far, to explain an unexpected status with what the server logged.
+    output: Callable[[], list[str]] = list
 
     async def run(self) -> None:
         after_stop = 0
@@ -370,7 +372,7 @@ class Chatter:
                 except aio.AioRpcError as exc:
                     # Retried with the same request id: the first run comes back.
                     if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                        raise
+                        raise AssertionError(logged_for(exc, self.output())) from exc
                     self.unavailable += 1
                     assert self.unavailable <= MAX_UNAVAILABLE, "too many UNAVAILABLE"
             self.runs.append(run)
@@ -381,6 +383,23 @@ class Chatter:
                 if after_stop == 3:
                     return
         raise AssertionError(f"no restart within {MAX_CHATTER} messages")
+
+
+def logged_for(error: aio.AioRpcError, lines: list[str]) -> str:
+    """An unexpected status, with every output line that names its request id and the
+    stack a line of it may start (an INTERNAL's cause is only in the server's log)."""
+    trailers: Any = error.trailing_metadata() or ()
+    request_id = next((str(value) for key, value in trailers if key == "x-request-id"), "")
+    said = [f"{error.code().name}: {error.details()} (request id {request_id or 'none'})"]
+    if request_id:
+        for number, line in enumerate(lines):
+            if request_id in line:
+                said.extend(
+                    lines[number : number + 40]
+                    if "Traceback" in "".join(lines[number : number + 3])
+                    else [line]
+                )
+    return "\n".join(said)
 
 
 async def list_events(stub: Any, caller: Caller, scope: events_pb2.Scope, after: str) -> list[str]:
@@ -552,7 +571,9 @@ async def test_the_mesh_keeps_serving_while_a_dispatcher_replica_is_killed(data_
 
             chatting = await create_conversation(contexts, caller, workspace.name, "chatter")
             restarted = asyncio.Event()
-            chatter = Chatter(dispatcher, caller, chatting.name, restarted)
+            chatter = Chatter(
+                dispatcher, caller, chatting.name, restarted, output=lambda: list(mesh.lines)
+            )
             chatting_task = background.start(chatter.run())
             async with asyncio.timeout(CALL_TIMEOUT_S):
                 await chatter.first.wait()

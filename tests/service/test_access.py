@@ -28,7 +28,7 @@ from tests.conftest import make_settings
 from tests.service.authkit import bearer, quick_user, reason
 
 # Request fields that name a resource, by convention (AIP-122/131/133).
-RESOURCE_FIELD_NAMES = {"name", "parent", "conversation"}
+RESOURCE_FIELD_NAMES = {"name", "parent", "conversation", "run"}
 
 
 def _methods() -> list[MethodDescriptor]:

@@ -421,6 +421,8 @@ def _bad_cases(w: str) -> list[tuple[dict[str, Any], list[str]]]:
         ({"period": 42}, ["budget.period"]),
         ({"time_zone": "Mars/Olympus_Mons"}, ["budget.time_zone"]),
         ({"time_zone": "../../etc/passwd"}, ["budget.time_zone"]),
+        # A directory of the zone database, not a zone (ZoneInfo raised IsADirectoryError).
+        ({"time_zone": "Europe"}, ["budget.time_zone"]),
         ({"alert_thresholds": [0]}, ["budget.alert_thresholds[0]"]),
         ({"alert_thresholds": [50, 101]}, ["budget.alert_thresholds[1]"]),
         ({"alert_thresholds": [50, 80, 50]}, ["budget.alert_thresholds[2]"]),

@@ -19,6 +19,7 @@ from switchboard.client import (
     HandlerFailed,
     InvalidArgument,
     NotFound,
+    RunEnded,
     RunFailed,
     RunWatch,
 )
@@ -174,6 +175,39 @@ async def test_a_failing_handler_is_a_typed_run_failure(
     assert isinstance(failed.value.cause, HandlerFailed)
     assert failed.value.reason == "ERROR_REASON_HANDLER_FAILED"
     assert failed.value.run.state == pb.RUN_STATE_FAILED
+
+
+async def test_a_steer_of_a_run_without_step_boundaries_is_requeued_and_answers_itself(
+    signed_in: tuple[Client, str, Wire],
+) -> None:
+    """steer(): the message is stored at once and the steer's own run is ACCEPTED; the
+    echo handler has no step boundary, so once its run ends the steer runs on its own and
+    answers the message (REQUEUED, never lost). A run that has ended refuses a steer with
+    RunEnded, and nothing is stored."""
+    client, conversation, wire = signed_in
+    slow = " ".join(f"w{i}" for i in range(20))
+    target = await client.send(conversation, slow, handler="echo", parameters={"delay_ms": 50})
+    steered = await client.steer(target, "and then stop")
+    assert steered.run.steer.target == target.name
+    assert steered.run.steer.state == pb.STEER_STATE_ACCEPTED
+    assert steered.message.parts[0].text == "and then stop"
+    assert wire.count("/SteerRun") == 1
+    async with client.watch(target) as watch:
+        updates = [u async for u in watch]
+    assert updates[-1].state_change.run.state == pb.RUN_STATE_SUCCEEDED
+    requeued = [u.steer for u in updates if u.HasField("steer")]
+    assert [s.state for s in requeued][-1] == pb.STEER_STATE_REQUEUED
+    assert requeued[-1].steer_run == steered.run.name
+    async with client.watch(steered.run) as watch:
+        answer = await asyncio.wait_for(watch.answer(), DEADLINE_S)
+    assert answer.text.startswith("and then stop")
+    assert answer.run.steer.state == pb.STEER_STATE_REQUEUED
+
+    with pytest.raises(RunEnded) as ended:
+        await client.steer(target, "too late")
+    assert ended.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    stored = await client.context.ListMessages(cpb.ListMessagesRequest(parent=conversation))
+    assert "too late" not in [m.parts[0].text for m in stored.messages if m.parts]
 
 
 async def test_watching_a_run_that_does_not_exist_is_not_found(

@@ -41,6 +41,7 @@ _METHODS: list[tuple[str, Message, Mapping[str, str], tuple[type[Message], ...]]
             pb.SendMessageRequest,
             pb.GetRunRequest,
             pb.SubmitToolApprovalsRequest,
+            pb.SteerRunRequest,
             pb.WatchRunRequest,
         ),
     ),
@@ -103,6 +104,8 @@ def test_no_switchboard_field_reaches_an_a2a_caller(
         ("parameters.delay_ms", "metadata.delay_ms"),
         ("approvals[0].decision", "message.parts[1].data.approvals[0].decision"),
         ("name", "message.task_id"),
+        # SteerRun, for a message on a working task.
+        ("run", "message.task_id"),
         ("timeout", ""),
         ("message.parts[0]", "message.parts[0]"),
         ("configuration.accepted_output_modes", "configuration.accepted_output_modes"),

@@ -7,6 +7,7 @@ from switchboard.api.context.v1 import context_pb2
 from switchboard.api.dispatcher.v1 import dispatcher_pb2
 from switchboard.api.events.v1 import events_pb2
 from switchboard.api.integration.v1 import integration_pb2
+from switchboard.client import Client
 from switchboard.client.methods import METHODS, PUBLIC, method_of, safe_to_repeat
 
 AUTH = "/switchboard.api.auth.v1.AuthService/"
@@ -52,3 +53,36 @@ def test_a_method_the_contracts_do_not_know_is_never_repeated() -> None:
     assert not health.repeatable
     assert not health.public
     assert not safe_to_repeat(health, object())
+
+
+#: The RPCs the Client wraps in a method of its own (the others are reached through
+#: its typed stubs): steering and schedules, issue 55.
+WRAPPED = {
+    "SteerRun": "steer",
+    "CreateSchedule": "create_schedule",
+    "GetSchedule": "get_schedule",
+    "ListSchedules": "list_schedules",
+    "UpdateSchedule": "update_schedule",
+    "PauseSchedule": "pause_schedule",
+    "ResumeSchedule": "resume_schedule",
+    "DeleteSchedule": "delete_schedule",
+    "ListScheduleFirings": "schedule_firings",
+}
+
+
+def test_steering_and_schedules_have_client_methods_and_their_repeat_rules() -> None:
+    for rpc, attribute in WRAPPED.items():
+        assert DISPATCHER + rpc in METHODS, rpc
+        assert callable(getattr(Client, attribute)), attribute
+    # A steer and a create carry an idempotency key: repeated only with one.
+    steer = method_of(DISPATCHER + "SteerRun")
+    assert steer.keyed
+    assert not steer.repeatable
+    assert safe_to_repeat(steer, dispatcher_pb2.SteerRunRequest(request_id="s-1"))
+    assert not safe_to_repeat(steer, dispatcher_pb2.SteerRunRequest())
+    assert method_of(DISPATCHER + "CreateSchedule").keyed
+    for read in ("GetSchedule", "ListSchedules", "ListScheduleFirings"):
+        assert method_of(DISPATCHER + read).repeatable, read
+    # A pause, a resume or a delete with an etag fails the second time: sent once.
+    for write in ("UpdateSchedule", "PauseSchedule", "ResumeSchedule", "DeleteSchedule"):
+        assert not method_of(DISPATCHER + write).repeatable, write

@@ -54,9 +54,9 @@ NOW = dt.datetime(2026, 1, 2, 3, 4, 5, 678_000, tzinfo=dt.UTC)
 
 
 @pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
+async def db(empty_database_url: str) -> AsyncIterator[Database]:
     """An empty database (not migrated), on each backend."""
-    database = Database(database_url, timeout_s=TIMEOUT_S)
+    database = Database(empty_database_url, timeout_s=TIMEOUT_S)
     try:
         yield database
     finally:
@@ -136,7 +136,7 @@ async def test_migrate_creates_every_model_table(db: Database) -> None:
     await db.migrate()
 
     assert await table_names(db) == MODEL_TABLES | {"alembic_version"}
-    assert await current_revision(db) == head_revision() == "0014"
+    assert await current_revision(db) == head_revision() == "0015"
 
 
 async def test_migrating_twice_is_a_no_op_and_keeps_data(db: Database) -> None:
@@ -221,9 +221,9 @@ async def test_drift_check_notices_a_missing_migration(db: Database) -> None:
     assert {"add_table", "remove_table"} <= kinds
 
 
-async def test_concurrent_migrations_in_one_process(database_url: str) -> None:
+async def test_concurrent_migrations_in_one_process(empty_database_url: str) -> None:
     """Alembic's state is process-global; overlapping migrate() calls must not mix it up."""
-    databases = [Database(database_url, timeout_s=TIMEOUT_S) for _ in range(3)]
+    databases = [Database(empty_database_url, timeout_s=TIMEOUT_S) for _ in range(3)]
     try:
         await asyncio.gather(*(database.migrate() for database in databases))
         assert await table_names(databases[0]) == MODEL_TABLES | {"alembic_version"}
@@ -253,14 +253,14 @@ asyncio.run(main())
 """
 
 
-async def test_processes_migrating_at_once_are_serialized(database_url: str) -> None:
+async def test_processes_migrating_at_once_are_serialized(empty_database_url: str) -> None:
     """Mesh processes start together, each auto-migrating; exactly one creates the tables."""
     processes = [
         await asyncio.create_subprocess_exec(
             sys.executable,
             "-c",
             MIGRATE_WHEN_TOLD,
-            database_url,
+            empty_database_url,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -286,7 +286,7 @@ async def test_processes_migrating_at_once_are_serialized(database_url: str) -> 
                 await process.wait()
     for process, (_out, err) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, err.decode()
-    database = Database(database_url, timeout_s=TIMEOUT_S)
+    database = Database(empty_database_url, timeout_s=TIMEOUT_S)
     try:
         assert await table_names(database) == MODEL_TABLES | {"alembic_version"}
         assert await current_revision(database) == head_revision()
@@ -461,19 +461,19 @@ async def test_sqlite_deferred_begin_can_be_chosen_for_reads(tmp_path: Path) -> 
         await database.close()
 
 
-async def test_ping_and_dialect_name(database_url: str) -> None:
-    database = Database(database_url, timeout_s=TIMEOUT_S)
+async def test_ping_and_dialect_name(empty_database_url: str) -> None:
+    database = Database(empty_database_url, timeout_s=TIMEOUT_S)
     try:
         await database.ping()
-        assert database.dialect_name == database_url.split("+", 1)[0]
+        assert database.dialect_name == empty_database_url.split("+", 1)[0]
         assert await table_names(database) == set()  # never migrated
     finally:
         await database.close()
 
 
-async def test_opening_without_migrating_refuses_an_empty_database(database_url: str) -> None:
+async def test_opening_without_migrating_refuses_an_empty_database(empty_database_url: str) -> None:
     with pytest.raises(ConfigError, match="switchboard migrate"):
-        await open_database(database_url, timeout_s=TIMEOUT_S, migrate=False)
+        await open_database(empty_database_url, timeout_s=TIMEOUT_S, migrate=False)
 
 
 async def test_ping_is_bounded_by_the_timeout() -> None:
@@ -764,7 +764,7 @@ async def test_a_locked_sqlite_file_is_an_outage_and_a_missing_table_a_bug(
 
 
 async def test_a_statement_cancelled_twice_while_its_connection_closes_leaves_no_task_behind(
-    database_url: str,
+    empty_database_url: str,
 ) -> None:
     """A statement cancelled mid-flight (a client gone) and again while SQLAlchemy
     closes its connection (the server stopping), then the event loop shutting down:
@@ -772,7 +772,7 @@ async def test_a_statement_cancelled_twice_while_its_connection_closes_leaves_no
     force-stopped the connection's worker thread while the graceful close was still
     queued on it, and that close, cancelled in turn by the loop's shutdown, waited
     forever for a thread that no longer ran."""
-    database = Database(database_url, timeout_s=TIMEOUT_S)
+    database = Database(empty_database_url, timeout_s=TIMEOUT_S)
     sqlite = database.dialect_name == "sqlite"
     in_flight, release = threading.Event(), threading.Event()
     invalidated: list[object] = []

@@ -39,7 +39,8 @@ ENDS = (pb.RUN_STATE_FAILED, pb.RUN_STATE_CANCELLED, pb.RUN_STATE_DEADLINE_EXCEE
 STATES = (QUEUED, RUNNING, PAUSED, SUCCEEDED, *ENDS)
 #: The diagram of dispatcher/runs/lifecycle.py, written out: each state's next states.
 DIAGRAM = {
-    QUEUED: {RUNNING, *ENDS},
+    # SUCCEEDED from QUEUED: a steer's run, consumed by the run it steers.
+    QUEUED: {RUNNING, SUCCEEDED, *ENDS},
     RUNNING: {SUCCEEDED, PAUSED, QUEUED, *ENDS},
     PAUSED: {RUNNING, QUEUED, *ENDS},
 }

@@ -18,8 +18,8 @@ NOW = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)
 
 
 @pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    database = Database(database_url, timeout_s=10.0)
+async def db(empty_database_url: str) -> AsyncIterator[Database]:
+    database = Database(empty_database_url, timeout_s=10.0)
     try:
         yield database
     finally:

@@ -101,6 +101,8 @@ func TestTransientErrors(t *testing.T) {
 		// A run's decided end after a crash: calling again cannot change it.
 		{richError(t, codes.FailedPrecondition, "ERROR_REASON_RUN_NOT_RESUMABLE"), false},
 		{richError(t, codes.Aborted, "ERROR_REASON_TOOL_OUTCOME_UNKNOWN"), false},
+		// Steering a run that has ended: it stays ended, send a new message instead.
+		{richError(t, codes.FailedPrecondition, "ERROR_REASON_RUN_ENDED"), false},
 		{status.Error(codes.InvalidArgument, "bad"), false},
 		{errors.New("not a status"), false},
 	}

@@ -21,6 +21,7 @@ import { Names } from "./names";
 import { Navigation } from "./navigation";
 import { Page } from "./page";
 import { RunCards } from "./runcards";
+import { Schedules } from "./schedules";
 import type { SessionChange } from "./session";
 
 export class App {
@@ -33,6 +34,7 @@ export class App {
   private readonly live: LiveEvents;
   private readonly assistants: Assistants;
   private readonly budgets: Budgets;
+  private readonly schedules: Schedules;
   private readonly files: FilesPanel;
   private readonly composer: Composer;
   private readonly names = new Names();
@@ -48,6 +50,7 @@ export class App {
     this.integrations = new Integrations(api, this.page, this.names);
     this.live = new LiveEvents(this.page, this.names);
     this.budgets = new Budgets(api, this.page, this.names);
+    this.schedules = new Schedules(api, this.page, this.names, { openRun: (run) => void this.navigation.openRun(run) });
     this.files = new FilesPanel(api, this.page);
     // The composer asks the navigation, built next, what is open when it needs to know.
     const composer = (this.composer = new Composer(api, this.page, {
@@ -55,7 +58,14 @@ export class App {
       conversation: () => this.navigation.conversation,
       sent: (conversation, answer) => this.navigation.sent(conversation, answer),
       listen: (run, listener) => this.runs.listen(run, listener),
+      steerTarget: () => this.runs.steerTarget(),
     }, this.names));
+    // A run started or ended (Steer is offered while one goes), or a steer landed (its
+    // message says where).
+    this.runs.onChange = () => {
+      composer.offerSteer();
+      this.navigation.landingsChanged();
+    };
     this.navigation = new Navigation(
       api,
       this.page,
@@ -65,6 +75,7 @@ export class App {
       (workspace) => this.followWorkspace(workspace),
       this.names,
       (open) => this.budgets.show(open),
+      (open) => this.schedules.show(open),
     );
     this.assistants = new Assistants(api, this.page, this.integrations, {
       workspace: () => this.navigation.workspace,
@@ -85,7 +96,7 @@ export class App {
       // Atop the columns, in the page's flow: a problem shown here covers nothing.
       h("div", { class: "problems", "data-testid": "problems", "aria-live": "polite" }),
       this.navigation.column,
-      h("section", { class: "column chat" }, ...this.navigation.chat, this.budgets.element, ...this.runs.elements, composer.element),
+      h("section", { class: "column chat" }, ...this.navigation.chat, this.budgets.element, this.schedules.element, ...this.runs.elements, composer.element),
       h("aside", { class: "column" }, ...this.assistants.elements, ...this.files.elements, ...this.integrations.elements, ...this.live.elements),
     );
     root.replaceChildren(this.auth.element, this.consoleView);
@@ -162,6 +173,7 @@ export class App {
     this.integrations.stop();
     this.assistants.clear();
     this.budgets.clear();
+    this.schedules.clear();
     this.files.clear();
     this.account.clear();
     this.runs.clear();
@@ -189,6 +201,7 @@ export class App {
     this.assistants.canManage(owner, owner || role === WorkspaceRole.EDITOR);
     this.account.open(workspace, owner);
     this.budgets.open(workspace, owner);
+    this.schedules.open(workspace, owner);
     this.files.open(workspace, owner || role === WorkspaceRole.EDITOR);
     this.runs.canResolve(owner);
     void this.assistants.load();
@@ -242,6 +255,7 @@ export class App {
       this.navigation.apply(event);
       this.assistants.apply(event);
       this.budgets.apply(event);
+      this.schedules.apply(event);
       this.files.apply(event);
     }
     if (this.feed !== null) this.live.cursor(this.feed.cursor);

@@ -7,8 +7,9 @@ import type { JsonObject } from "@bufbuild/protobuf";
 import { type Api, PAGE_SIZE, requestId } from "./api";
 import { h } from "./dom";
 import { limitSummary, local, problem } from "./errors";
-import { MessageRole } from "./gen/switchboard/api/context/v1/context_pb";
-import type { Assistant, SendMessageResponse } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
+import { type Message, MessageRole } from "./gen/switchboard/api/context/v1/context_pb";
+import type { Assistant, Run, SendMessageResponse } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
+import { SteerMode } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import { learnBudgetTitles } from "./budgets";
 import { Attachments } from "./files";
 import type { Names } from "./names";
@@ -21,10 +22,13 @@ export interface ComposerHost {
   workspace(): string;
   /** The open conversation's name ("" for none). */
   conversation(): string;
-  /** SendMessage answered for `conversation`, which may no longer be the open one. */
-  sent(conversation: string, answer: SendMessageResponse): void;
+  /** SendMessage (or SteerRun) answered for `conversation`, which may no longer be the
+   *  open one: the stored message and the run that answers it (or the steer's own run). */
+  sent(conversation: string, answer: { run?: Run | undefined; message?: Message | undefined }): void;
   /** Follows a run's updates beside its card (push-to-talk plays its speech). */
   listen(run: string, listener: RunListener): RunView | undefined;
+  /** The open conversation's run a steer would go to, "" when none is going. */
+  steerTarget(): string;
 }
 
 export class Composer {
@@ -39,6 +43,26 @@ export class Composer {
   private readonly handler = h("select", { "data-testid": "handler-select", "aria-label": "handler" });
   private readonly assistant = h("select", { "data-testid": "assistant-select", "aria-label": "assistant" });
   private readonly parameters = h("textarea", { "data-testid": "parameters-input", rows: 2, spellcheck: false });
+  /** How the run a message starts takes a steer that comes while its model writes
+   *  (`SendMessageRequest.steer_mode`). */
+  private readonly steerMode = h(
+    "select",
+    { "data-testid": "steer-mode", "aria-label": "when steered while writing" },
+    h("option", { value: String(SteerMode.FINISH_STREAM) }, "finish the answer, then take the steer"),
+    h("option", { value: String(SteerMode.RESTART_STREAM) }, "cut the answer and start again with the steer"),
+  );
+  /** Hands the message to the run going (SteerRun), shown while one is. */
+  private readonly steerButton = h(
+    "button",
+    {
+      type: "button",
+      "data-testid": "steer",
+      hidden: true,
+      title: "Hand this message to the run going: it takes it before its next model call, without starting over",
+      onclick: () => void this.steer(),
+    },
+    "Steer",
+  );
   private readonly attachments: Attachments;
   private attachmentsWorkspace = "";
   /** Push-to-talk, shown when the chosen assistant has a voice. */
@@ -81,13 +105,14 @@ export class Composer {
       },
       this.text,
       this.attachments.element,
-      h("div", { class: "row" }, this.handler, this.assistant, h("button", { type: "submit", "data-testid": "send" }, "Send")),
+      h("div", { class: "row" }, this.handler, this.assistant, h("button", { type: "submit", "data-testid": "send" }, "Send"), this.steerButton),
       this.talk.element,
       h(
         "details",
         { "data-testid": "advanced" },
         h("summary", {}, "Advanced"),
         h("label", {}, "Handler parameters (JSON object, e.g. ", h("code", {}, '{"delay_ms": 200}'), ")", this.parameters),
+        h("label", {}, "A steer that comes while the model writes: ", this.steerMode),
       ),
     );
     this.attachments.dropTarget(this.element);
@@ -96,6 +121,15 @@ export class Composer {
   /** Shown while a conversation is open. */
   show(visible: boolean): void {
     this.element.hidden = !visible;
+    this.offerSteer();
+  }
+
+  /** Steer is offered while the open conversation has a run going (the run it would
+   *  steer in `data-target`). */
+  offerSteer(): void {
+    const target = this.host.conversation() ? this.host.steerTarget() : "";
+    this.steerButton.hidden = target === "";
+    this.steerButton.dataset.target = target;
   }
 
   /** The conversation open changed (or none is): a recording or a spoken answer of the one
@@ -197,6 +231,7 @@ export class Composer {
           handler,
           assistant,
           ...(parameters ? { parameters } : {}),
+          steerMode: Number(this.steerMode.value) as SteerMode,
           // Sending again after a lost answer must not start a second run.
           requestId: requestId(),
         });
@@ -214,6 +249,45 @@ export class Composer {
       this.text.value = "";
       this.attachments.clear();
       this.host.sent(conversation, answer);
+    });
+  }
+
+  /** SteerRun on the conversation's run going: the message is stored at once and the run
+   *  takes it at its next step boundary. A run that ended meanwhile refuses it (RUN_ENDED)
+   *  and nothing is stored: the text stays in the box, to send as a new message. */
+  private async steer(): Promise<void> {
+    const conversation = this.host.conversation();
+    const run = this.host.steerTarget();
+    const text = this.text.value;
+    if (!run) return this.offerSteer();
+    if (!text.trim() && this.attachments.count === 0) {
+      return this.page.showProblem(local("INVALID_ARGUMENT", "write the message to steer with", [{ field: "message", description: "must not be empty" }]), "steer");
+    }
+    await this.page.busy("steer", async () => {
+      const files = await this.attachments.references();
+      const parts = [
+        ...(text || files.length === 0 ? [{ part: { case: "text" as const, value: text } }] : []),
+        ...files.map((value) => ({ part: { case: "file" as const, value } })),
+      ];
+      try {
+        const answer = await this.api.dispatcher.steerRun({
+          run,
+          message: { role: MessageRole.USER, parts },
+          requestId: requestId(),
+        });
+        this.text.value = "";
+        this.attachments.clear();
+        this.host.sent(conversation, answer);
+      } catch (error) {
+        const refused = problem(error);
+        if (refused.reason === "ERROR_REASON_RUN_ENDED") {
+          this.offerSteer();
+          throw { ...refused, summary: "The run ended before the steer reached it: nothing was stored. Send the message as a new one." };
+        }
+        const summary = limitSummary(refused, (name) => this.names.title(name));
+        if (summary === undefined) throw error;
+        throw { ...refused, summary };
+      }
     });
   }
 }

@@ -4,7 +4,19 @@
 // One module, so a value the contracts add is named once and the same everywhere.
 import { Code } from "@connectrpc/connect";
 import { MessageRole, WorkspaceRole } from "./gen/switchboard/api/context/v1/context_pb";
-import { BudgetPeriod, type Run, RunState, type RunUpdate, ToolApprovalDecision } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
+import {
+  BudgetPeriod,
+  ConcurrencyPolicy,
+  FiringOutcome,
+  MissedTickPolicy,
+  type Run,
+  RunState,
+  type RunUpdate,
+  ScheduleConversationMode,
+  ScheduleState,
+  SteerState,
+  ToolApprovalDecision,
+} from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import { BudgetAlertKind, ChangeKind, EventType, SecurityEventKind } from "./gen/switchboard/api/events/v1/events_pb";
 import { ToolOutcome } from "./gen/switchboard/api/handler/v1/handler_pb";
 import {
@@ -67,6 +79,10 @@ export const runStateLabel = (value: RunState): string => label(RUN_STATE, value
 
 /** A run's state in words, saying what a paused run waits for (a person, or budget room). */
 export function runLabel(run: Run): string {
+  // A steer the run it steered took is done, but answered nothing itself: say where it went.
+  if (run.steer?.state === SteerState.CONSUMED && run.state === RunState.SUCCEEDED) {
+    return run.steer.step ? `steer consumed at step ${run.steer.step}` : "steer consumed";
+  }
   if (run.state !== RunState.REQUIRES_ACTION) return runStateLabel(run.state);
   if (run.requiredAction?.budget) return "waiting for budget room";
   // A call in flight at a crash: a person says what became of it, not whether to make it.
@@ -116,6 +132,8 @@ const EVENT_TYPE: Record<EventType, string> = {
   [EventType.BUDGET_CHANGED]: "Budget",
   [EventType.BUDGET_ALERT]: "Budget alert",
   [EventType.FILE_CHANGED]: "File",
+  [EventType.SCHEDULE_CHANGED]: "Schedule",
+  [EventType.SCHEDULE_FIRED]: "Schedule fired",
 };
 /** An event type as the feed's entries and its filter name it. */
 export const eventTypeLabel = (value: EventType): string => label(EVENT_TYPE, value);
@@ -180,6 +198,55 @@ const ALERT: Record<BudgetAlertKind, string> = {
 };
 export const budgetAlertLabel = (value: BudgetAlertKind): string => label(ALERT, value);
 
+const STEER: Record<SteerState, string> = {
+  [SteerState.UNSPECIFIED]: "steer",
+  [SteerState.ACCEPTED]: "steer accepted",
+  [SteerState.CONSUMED]: "steer consumed",
+  [SteerState.REQUEUED]: "steer requeued",
+};
+/** What became of a steer, as a run's timeline says it (its step is said beside). */
+export const steerLabel = (value: SteerState): string => label(STEER, value);
+
+const SCHEDULE_STATE: Record<ScheduleState, string> = {
+  [ScheduleState.UNSPECIFIED]: "unknown",
+  [ScheduleState.ACTIVE]: "active",
+  [ScheduleState.PAUSED]: "paused",
+};
+export const scheduleStateLabel = (value: ScheduleState): string => label(SCHEDULE_STATE, value);
+
+const CONVERSATION_MODE: Record<ScheduleConversationMode, string> = {
+  [ScheduleConversationMode.UNSPECIFIED]: "one conversation for all its runs",
+  [ScheduleConversationMode.SHARED]: "one conversation for all its runs",
+  [ScheduleConversationMode.PER_RUN]: "a new conversation for each run",
+};
+export const conversationModeLabel = (value: ScheduleConversationMode): string => label(CONVERSATION_MODE, value);
+
+const POLICY: Record<ConcurrencyPolicy, string> = {
+  [ConcurrencyPolicy.UNSPECIFIED]: "wait in line behind a run going",
+  [ConcurrencyPolicy.REJECT]: "skip the tick while a run is going",
+  [ConcurrencyPolicy.ENQUEUE]: "wait in line behind a run going",
+  [ConcurrencyPolicy.INTERRUPT]: "interrupt a run going",
+  [ConcurrencyPolicy.STEER]: "steer a run going",
+};
+/** A schedule's concurrency policy: what its tick does when its conversation is busy. */
+export const policyLabel = (value: ConcurrencyPolicy): string => label(POLICY, value);
+
+const MISSED: Record<MissedTickPolicy, string> = {
+  [MissedTickPolicy.UNSPECIFIED]: "skip missed ticks",
+  [MissedTickPolicy.SKIP]: "skip missed ticks",
+  [MissedTickPolicy.RUN_ONCE]: "run once for missed ticks",
+};
+export const missedTickLabel = (value: MissedTickPolicy): string => label(MISSED, value);
+
+const FIRING: Record<FiringOutcome, string> = {
+  [FiringOutcome.UNSPECIFIED]: "unknown",
+  [FiringOutcome.CLAIMED]: "starting",
+  [FiringOutcome.STARTED]: "started a run",
+  [FiringOutcome.SKIPPED]: "skipped",
+  [FiringOutcome.FAILED]: "refused",
+};
+export const firingLabel = (value: FiringOutcome): string => label(FIRING, value);
+
 /** Micro-units of the price table's currency as money: 12300 -> "$0.0123". */
 export function money(micros: bigint | number): string {
   const units = Number(micros) / 1e6;
@@ -203,6 +270,8 @@ export function runUpdateLabel(update: RunUpdate["update"]): string {
       return "answered";
     case "speech":
       return "spoke";
+    case "steer":
+      return update.value.step ? `${steerLabel(update.value.state)} at step ${update.value.step}` : steerLabel(update.value.state);
     default:
       return "changed";
   }

@@ -6,7 +6,7 @@ import { timestampDate } from "@bufbuild/protobuf/wkt";
 import { type Child, formatTime, h } from "./dom";
 import type { EventFeed, FeedState } from "./feed";
 import { type Event, EventType } from "./gen/switchboard/api/events/v1/events_pb";
-import { budgetAlertLabel, changeLabel, eventTypeLabel, messageRoleLabel, runUpdateLabel, securityLabel } from "./labels";
+import { budgetAlertLabel, changeLabel, eventTypeLabel, firingLabel, messageRoleLabel, runUpdateLabel, securityLabel } from "./labels";
 import type { Names } from "./names";
 import type { Page } from "./page";
 
@@ -136,6 +136,10 @@ function subject(event: Event): string {
       return payload.value.budget;
     case "fileChanged":
       return payload.value.file?.name ?? "";
+    case "scheduleChanged":
+      return payload.value.schedule?.name ?? "";
+    case "scheduleFired":
+      return payload.value.schedule;
     default:
       return event.conversation || event.workspace || event.user;
   }
@@ -148,8 +152,14 @@ function link(event: Event, names: Names): HTMLElement | null {
   if (!target) return null;
   // A budget's events lead to the workspace's Budgets page.
   const budget = !event.conversation && (event.payload.case === "budgetChanged" || event.payload.case === "budgetAlert");
-  const href = budget ? `#${target}/budgets` : `#${target}`;
-  return h("a", { href, class: "event-link", "data-testid": "event-link", title: target }, ` → ${names.title(target)}${budget ? " › budgets" : ""}`);
+  // And a schedule's to its Schedules page.
+  const schedule = !event.conversation && (event.payload.case === "scheduleChanged" || event.payload.case === "scheduleFired");
+  const href = budget ? `#${target}/budgets` : schedule ? `#${target}/schedules` : `#${target}`;
+  return h(
+    "a",
+    { href, class: "event-link", "data-testid": "event-link", title: target },
+    ` → ${names.title(target)}${budget ? " › budgets" : schedule ? " › schedules" : ""}`,
+  );
 }
 
 /** What happened, in words; what someone wrote is quoted as it is (data-content). */
@@ -218,6 +228,14 @@ function summarize(event: Event, names: Names): Child[] {
     }
     case "fileChanged":
       return [quote(payload.value.file?.displayName ?? ""), ` ${changeLabel(payload.value.change)}${by}`];
+    case "scheduleChanged":
+      return [
+        `${payload.value.schedule?.displayName || names.title(payload.value.schedule?.name ?? "") || "a schedule"} ${changeLabel(payload.value.change)}${by}`,
+      ];
+    case "scheduleFired": {
+      const firing = payload.value.firing;
+      return [`${names.title(payload.value.schedule) || "a schedule"} fired: ${firing ? firingLabel(firing.outcome) : "fired"}`];
+    }
     case "messageFiltered":
       return [`${payload.value.rejected ? "refused" : "flagged"} by the content filter${by}`];
     default:

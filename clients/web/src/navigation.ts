@@ -6,19 +6,19 @@
 import { type Api, PAGE_SIZE, requestId } from "./api";
 import type { Composer } from "./composer";
 import { timestampDate } from "@bufbuild/protobuf/wkt";
-import { fill, formatTime, h } from "./dom";
+import { type Child, fill, formatTime, h } from "./dom";
 import { FileViews } from "./files";
 import { local } from "./errors";
 import { idAttributes, idRule } from "./ids";
 import { messageRoleLabel, roleLabel, storedOutcomeLabel } from "./labels";
 import { type Conversation, type Message, MessageRole, type Workspace, WorkspaceRole } from "./gen/switchboard/api/context/v1/context_pb";
-import { RunState, type SendMessageResponse } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
+import { type Run, RunState, SteerState } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import type { Event } from "./gen/switchboard/api/events/v1/events_pb";
 import type { Integrations } from "./integrations";
 import type { Names } from "./names";
 import type { Page } from "./page";
 import type { RunCards } from "./runcards";
-import { TERMINAL } from "./runs";
+import { TERMINAL, steerStateName } from "./runs";
 
 export class Navigation {
   /** The open workspace, "" before one is picked. */
@@ -27,6 +27,8 @@ export class Navigation {
   conversation = "";
   /** Whether the open workspace's Budgets page is open (`#workspaces/w/budgets`). */
   budgetsOpen = false;
+  /** Whether the open workspace's Schedules page is open (`#workspaces/w/schedules`). */
+  schedulesOpen = false;
   /** The left column: the lists, and the forms that add to them. */
   readonly column: HTMLElement;
   /** The open conversation's title and messages, atop the chat column. */
@@ -58,6 +60,7 @@ export class Navigation {
     "div",
     { class: "pages", hidden: true },
     h("a", { href: "#", class: "item", "data-testid": "open-budgets" }, "Budgets and spend"),
+    h("a", { href: "#", class: "item", "data-testid": "open-schedules" }, "Schedules"),
   );
   private workspaces: Workspace[] = [];
   private conversations: Conversation[] = [];
@@ -75,6 +78,8 @@ export class Navigation {
     private readonly names: Names,
     /** The Budgets page shown (true) or left (false). */
     private readonly budgets: (open: boolean) => void = () => undefined,
+    /** The Schedules page shown (true) or left (false). */
+    private readonly schedules: (open: boolean) => void = () => undefined,
   ) {
     this.files = new FileViews(api, page);
     const form = (action: () => Promise<void>, ...children: HTMLElement[]): HTMLElement =>
@@ -129,10 +134,11 @@ export class Navigation {
 
   async followHash(): Promise<void> {
     const target = decodeURIComponent(location.hash.slice(1));
-    const match = /^(workspaces\/[^/]+)(?:\/conversations\/[^/]+|\/budgets)?$/.exec(target);
+    const match = /^(workspaces\/[^/]+)(?:\/conversations\/[^/]+|\/budgets|\/schedules)?$/.exec(target);
     if (match === null || !this.api.tokens.signedIn) return;
     const workspace = match[1] ?? "";
     if (target === `${workspace}/budgets`) return this.openBudgets(workspace);
+    if (target === `${workspace}/schedules`) return this.openSchedules(workspace);
     await this.pickWorkspace(workspace, target === workspace ? "" : target);
   }
 
@@ -191,10 +197,51 @@ export class Navigation {
     return name;
   }
 
-  /** SendMessage's answer, shown if its conversation is still the open one. */
-  sent(conversation: string, answer: SendMessageResponse): void {
+  /** SendMessage's (or SteerRun's) answer, shown if its conversation is still the open one. */
+  sent(conversation: string, answer: { run?: Run | undefined; message?: Message | undefined }): void {
     if (answer.message && conversation === this.conversation) this.addMessages([answer.message]);
     if (answer.run && conversation === this.conversation) this.runs.follow(answer.run.name, answer.run);
+  }
+
+  /** A steer of the open conversation landed (or was requeued): its message says so. */
+  landingsChanged(): void {
+    if (!this.conversation) return;
+    for (const item of this.messageList.querySelectorAll<HTMLElement>('[data-testid="message"]')) {
+      const name = item.dataset.name ?? "";
+      const note = this.landingNote(name);
+      const old = item.querySelector('[data-testid="steer-landing"]');
+      if (note === null) old?.remove();
+      else if (old === null) item.querySelector('[data-testid="message-text"]')?.after(note);
+      else if ((old as HTMLElement).dataset.key !== note.dataset.key) old.replaceWith(note);
+    }
+  }
+
+  /** Where a steer message went: the run it steered (a link to its card) and the step. */
+  private landingNote(message: string): HTMLElement | null {
+    const landing = this.runs.landing(message);
+    if (landing === undefined) return null;
+    const target = landing.target.split("/").pop()?.slice(0, 8) ?? "";
+    const link = (run: string, text: string): HTMLElement =>
+      h("a", { href: "#", title: run, "data-testid": "steer-landing-run", "data-run": run, onclick: (e: globalThis.Event) => { e.preventDefault(); this.runs.reveal(run); } }, text);
+    const words: Child[] =
+      landing.state === SteerState.CONSUMED
+        ? ["Steered run ", link(landing.target, target), landing.step ? `: taken at step ${landing.step}.` : ": taken."]
+        : landing.state === SteerState.REQUEUED
+          ? ["Run ", link(landing.target, target), " ended before taking this steer: ", link(landing.steerRun, "its own run"), " answers it."]
+          : ["Steering run ", link(landing.target, target), ": waiting for its next step."];
+    return h(
+      "div",
+      {
+        class: "steer-landing muted",
+        "data-testid": "steer-landing",
+        "data-target": landing.target,
+        "data-steer-run": landing.steerRun,
+        "data-steer-state": steerStateName(landing.state),
+        "data-step": landing.step || undefined,
+        "data-key": `${landing.target}:${landing.state}:${landing.step}`,
+      },
+      ...words,
+    );
   }
 
   /** Signed out: nothing open, nothing listed. */
@@ -206,6 +253,8 @@ export class Navigation {
     this.workspace = this.conversation = "";
     this.budgetsOpen = false;
     this.budgets(false);
+    this.schedulesOpen = false;
+    this.schedules(false);
     this.pages.hidden = true;
     this.workspaceList.replaceChildren();
     this.conversationList.replaceChildren();
@@ -232,7 +281,8 @@ export class Navigation {
 
   private renderWorkspaces(): void {
     this.pages.hidden = !this.workspace;
-    this.pages.querySelector("a")?.setAttribute("href", `#${this.workspace}/budgets`);
+    this.pages.querySelector('[data-testid="open-budgets"]')?.setAttribute("href", `#${this.workspace}/budgets`);
+    this.pages.querySelector('[data-testid="open-schedules"]')?.setAttribute("href", `#${this.workspace}/schedules`);
     if (this.workspaces.length === 0) {
       // The first sign-in: nothing to pick yet, so say what comes first.
       this.workspaceList.replaceChildren(
@@ -298,10 +348,41 @@ export class Navigation {
     this.budgets(true);
   }
 
+  /** The workspace's Schedules page, in the centre where a conversation would be. */
+  private async openSchedules(workspace: string): Promise<void> {
+    await this.pickWorkspace(workspace);
+    if (workspace !== this.workspace) return;
+    this.conversation = "";
+    this.messages.clear();
+    this.files.clear();
+    this.runs.stop();
+    this.composer.left();
+    this.schedulesOpen = true;
+    this.renderConversations();
+    this.renderConversation();
+    history.replaceState(null, "", `#${workspace}/schedules`);
+    this.schedules(true);
+  }
+
+  /** Opens the conversation of `run` (`workspaces/w/conversations/c/runs/r`) with the run's
+   *  card shown: a schedule's firing leads there. */
+  async openRun(run: string): Promise<void> {
+    const match = /^(workspaces\/[^/]+)\/(conversations\/[^/]+)\/runs\/[^/]+$/.exec(run);
+    if (match === null) return;
+    const workspace = match[1] ?? "";
+    await this.pickWorkspace(workspace, `${workspace}/${match[2] ?? ""}`);
+    this.runs.reveal(run);
+  }
+
   private async pickWorkspace(name: string, conversation = ""): Promise<void> {
     if (this.budgetsOpen) {
       this.budgetsOpen = false;
       this.budgets(false);
+      this.renderConversation();
+    }
+    if (this.schedulesOpen) {
+      this.schedulesOpen = false;
+      this.schedules(false);
       this.renderConversation();
     }
     if (name !== this.workspace) {
@@ -358,7 +439,7 @@ export class Navigation {
   }
 
   private renderOverview(): void {
-    const open = this.workspace !== "" && this.conversation === "" && !this.budgetsOpen;
+    const open = this.workspace !== "" && this.conversation === "" && !this.budgetsOpen && !this.schedulesOpen;
     this.overview.hidden = !open;
     if (!open) return;
     const role = this.roleOf(this.workspace);
@@ -444,6 +525,8 @@ export class Navigation {
       const recent = await this.api.dispatcher.listRuns({ parent: name, pageSize: 10 });
       if (name !== this.conversation) return;
       this.runs.earlier(recent.runs.filter((r) => TERMINAL.has(r.state)));
+      // Steers among them: their messages say where they went.
+      this.runs.learnLandings([...active.runs, ...recent.runs]);
     });
   }
 
@@ -454,11 +537,14 @@ export class Navigation {
       ? conversation?.title || this.conversation
       : this.budgetsOpen
         ? `Budgets · ${workspace?.displayName || this.workspace}`
+        : this.schedulesOpen
+        ? `Schedules · ${workspace?.displayName || this.workspace}`
         : this.workspace
         ? workspace?.displayName || this.workspace
         : "Pick or create a workspace";
     this.renderOverview();
-    this.pages.querySelector("a")?.classList.toggle("current", this.budgetsOpen);
+    this.pages.querySelector('[data-testid="open-budgets"]')?.classList.toggle("current", this.budgetsOpen);
+    this.pages.querySelector('[data-testid="open-schedules"]')?.classList.toggle("current", this.schedulesOpen);
     this.composer.show(!!this.conversation);
     this.renderMessages();
     this.runs.render();
@@ -482,6 +568,7 @@ export class Navigation {
           { "data-testid": "message", "data-name": m.name, "data-role": role, class: `message ${role}` },
           h("span", { class: "role" }, messageRoleLabel(m.role)),
           h("div", { class: "text", "data-testid": "message-text", "data-content": true }, messageText(m)),
+          this.landingNote(m.name),
           spokenNote(m),
           ...m.parts.flatMap((part) =>
             part.part.case === "file" && part.part.value.file ? [this.files.view(part.part.value, m.name)] : [],

@@ -8,12 +8,12 @@ import type { Api } from "./api";
 import { learnBudgetTitles } from "./budgets";
 import { formatTime, h } from "./dom";
 import { renderProblem } from "./errors";
-import { BudgetDecision, type PendingToolCall, type Run, RunState, ToolApprovalDecision } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
+import { BudgetDecision, type PendingToolCall, type Run, RunState, SteerState, ToolApprovalDecision } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import { ToolOutcome } from "./gen/switchboard/api/handler/v1/handler_pb";
 import { decisionLabel, money, outcomeLabel, runLabel, runStateLabel } from "./labels";
 import type { Page } from "./page";
 import type { Names } from "./names";
-import { type RunListener, RunView, type TimelineEntry, forgetRuns, stateName } from "./runs";
+import { type Landing, type RunListener, RunView, type TimelineEntry, forgetRuns, stateName, steerStateName } from "./runs";
 
 /** The most a call marked done may say it returned (`ToolApproval.result_text`). */
 export const MAX_RESULT_TEXT = 16_000;
@@ -42,6 +42,12 @@ export class RunCards {
   private readonly askedTitles = new Set<string>();
   /** Whether the caller owns the workspace (owners decide runs paused at a budget). */
   private owner = false;
+  /** Where each steer message went, by the message's name (from the steers' own runs and
+   *  from the SteerUpdates of the runs they steered). */
+  private readonly landings = new Map<string, Landing>();
+  /** Called when a run's state or a steer's landing changed (the composer offers Steer
+   *  while a run is going; the messages show where steers landed). */
+  onChange: () => void = () => undefined;
 
   constructor(
     private readonly api: Api,
@@ -61,6 +67,54 @@ export class RunCards {
 
   has(name: string): boolean {
     return this.runs.has(name);
+  }
+
+  /** The run a steer sent now would steer: the oldest followed run still going that is
+   *  not itself a steer waiting (as CONCURRENCY_POLICY_STEER picks); "" for none. */
+  steerTarget(): string {
+    const going = [...this.runs.values()].filter(
+      (v) => !v.terminal && v.run !== undefined && (v.run.steer === undefined || v.run.steer.state === SteerState.REQUEUED),
+    );
+    const created = (v: RunView): bigint => (v.run?.createTime ? v.run.createTime.seconds * 1_000_000_000n + BigInt(v.run.createTime.nanos) : 0n);
+    going.sort((a, b) => (created(a) < created(b) ? -1 : created(a) > created(b) ? 1 : 0));
+    return going[0]?.name ?? "";
+  }
+
+  /** Where the steer message `message` went, if it is one this page knows of. */
+  landing(message: string): Landing | undefined {
+    return this.landings.get(message);
+  }
+
+  /** Finished runs listed (ListRuns): the steers among them say where their messages went. */
+  learnLandings(runs: Run[]): void {
+    let changed = false;
+    for (const run of runs) changed = this.learnLanding(run) || changed;
+    if (changed) this.onChange();
+  }
+
+  private learnLanding(run: Run | undefined): boolean {
+    const steer = run?.steer;
+    if (!run || !steer || !run.inputMessage) return false;
+    return this.land(run.inputMessage, { steerRun: run.name, target: steer.target, state: steer.state, step: steer.step });
+  }
+
+  private land(message: string, landing: Landing): boolean {
+    const known = this.landings.get(message);
+    // A later word wins (accepted, then consumed or requeued); never back to accepted.
+    if (known && known.state !== SteerState.ACCEPTED && landing.state === SteerState.ACCEPTED) return false;
+    if (known && known.state === landing.state && known.step === landing.step && known.target === landing.target) return false;
+    this.landings.set(message, { ...landing, target: landing.target || known?.target || "" });
+    return true;
+  }
+
+  /** Shows a run's card (following it first if it is not), scrolled to and opened. */
+  reveal(name: string): void {
+    this.follow(name);
+    const card = this.cards.get(name);
+    if (!card) return;
+    card.scrollIntoView({ block: "nearest" });
+    card.classList.add("revealed");
+    setTimeout(() => card.classList.remove("revealed"), 1_500);
   }
 
   /** The conversation now shows these messages (its runs' answers among them). */
@@ -126,6 +180,7 @@ export class RunCards {
   /** Signed out: nothing followed, shown or remembered for the next session. */
   clear(): void {
     this.stop();
+    this.landings.clear();
     forgetRuns(window.sessionStorage);
     this.reasons.clear();
     this.resultTexts.clear();
@@ -145,6 +200,15 @@ export class RunCards {
     const card = this.card(view);
     if (!card.isConnected) this.list.append(card);
     this.renderApprovals();
+    let landed = this.learnLanding(view.run);
+    for (const steer of view.steers.values()) {
+      if (steer.message) landed = this.land(steer.message, { steerRun: steer.steerRun, target: view.name, state: steer.state, step: steer.step }) || landed;
+    }
+    const going = `${view.terminal}`;
+    if (landed || card.dataset.going !== going) {
+      card.dataset.going = going;
+      this.onChange();
+    }
   }
 
   /** The run's card, updated in place: a Cancel button must not be replaced under the
@@ -164,6 +228,7 @@ export class RunCards {
           h("span", { class: "muted", "data-part": "meta" }),
           h("button", { type: "button", "data-testid": "cancel-run", onclick: () => void this.cancel(view) }, "Cancel"),
         ),
+        h("div", { "data-part": "steer" }),
         h("div", { "data-part": "tools" }),
         h("div", { "data-part": "budget" }),
         h("div", { class: "answer", "data-testid": "run-answer", "data-content": true }),
@@ -189,7 +254,10 @@ export class RunCards {
       restored: String(view.restored),
       watchedAfter: view.firstAfter,
       live: String(view.live),
+      discarded: String(view.discarded),
+      steers: String(view.steers.size),
     });
+    this.renderSteer(card, view);
     const badge = card.querySelector<HTMLElement>('[data-testid="run-state"]');
     if (badge) {
       badge.className = `state s-${RunState[view.state]?.toLowerCase() ?? "unspecified"}`;
@@ -237,6 +305,42 @@ export class RunCards {
           : []),
     );
     return card;
+  }
+
+  /** A steer's own run: the run it steers and what became of it. Rebuilt only when that
+   *  changes. */
+  private renderSteer(card: HTMLElement, view: RunView): void {
+    const box = card.querySelector<HTMLElement>('[data-part="steer"]');
+    const steer = view.run?.steer;
+    if (!box) return;
+    const key = steer ? `${steer.target}:${steer.state}:${steer.step}` : "";
+    if (box.dataset.key === key) return;
+    box.dataset.key = key;
+    if (!steer) return box.replaceChildren();
+    const target = steer.target.split("/").pop()?.slice(0, 8) ?? "";
+    const said =
+      steer.state === SteerState.CONSUMED
+        ? steer.step
+          ? `: its model saw this message before step ${steer.step}, and its answer answers it.`
+          : ": it took this message."
+        : steer.state === SteerState.REQUEUED
+          ? " ended before taking it: this run answers the message on its own."
+          : ": waiting for its next step.";
+    box.replaceChildren(
+      h(
+        "p",
+        {
+          class: "muted steer",
+          "data-testid": "steer-of",
+          "data-target": steer.target,
+          "data-steer-state": steerStateName(steer.state),
+          "data-step": steer.step || undefined,
+        },
+        "A steer of run ",
+        h("a", { href: "#", "data-testid": "steer-target", title: steer.target, onclick: (e: globalThis.Event) => { e.preventDefault(); this.reveal(steer.target); } }, target),
+        said,
+      ),
+    );
   }
 
   /** A run paused at a budget's cap: which budgets, what the step asks, and (owners)
@@ -351,9 +455,24 @@ export class RunCards {
         "data-ms": entry.ms,
         "data-state": entry.state,
         "data-decision": entry.decision,
+        "data-steer-state": entry.steerState,
+        "data-step": entry.step,
+        "data-message": entry.message,
       },
       h("span", { class: "muted when" }, entry.at && start ? `+${((entry.at - start) / 1000).toFixed(2)} s` : ""),
       h("strong", {}, entry.label),
+      entry.kind === "steer" && entry.id
+        ? h(
+            "span",
+            {},
+            " ",
+            h(
+              "a",
+              { href: "#", "data-testid": "steer-run", title: entry.id, onclick: (e: globalThis.Event) => { e.preventDefault(); this.reveal(entry.id ?? ""); } },
+              `steer ${entry.id.split("/").pop()?.slice(0, 8) ?? ""}`,
+            ),
+          )
+        : null,
       entry.kind === "text"
         ? h("span", { class: "muted" }, entry.count ? ` (${entry.count} ${entry.count === 1 ? "delta" : "deltas"})` : " (from the result)")
         : entry.kind === "speech"

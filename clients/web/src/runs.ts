@@ -10,15 +10,17 @@ import {
   type Run,
   type RunUpdate,
   RunState,
+  SteerState,
+  type SteerUpdate,
   type WatchRunResponse,
 } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
 import { type ToolCall, ToolOutcome, type ToolResult, type Usage } from "./gen/switchboard/api/handler/v1/handler_pb";
 import { ToolApprovalDecision } from "./gen/switchboard/api/dispatcher/v1/dispatcher_pb";
-import { decisionLabel, outcomeLabel, runLabel } from "./labels";
+import { decisionLabel, outcomeLabel, runLabel, steerLabel } from "./labels";
 
 /** One line of the run inspector's timeline (plain data: it is kept across a reload). */
 export interface TimelineEntry {
-  kind: "state" | "text" | "progress" | "tool-call" | "tool-result" | "approval" | "usage" | "attempt" | "speech";
+  kind: "state" | "text" | "progress" | "tool-call" | "tool-result" | "approval" | "usage" | "attempt" | "speech" | "steer" | "discarded";
   sequence: string;
   /** When it happened (ms since the epoch), 0 if unknown. */
   at: number;
@@ -35,6 +37,32 @@ export interface TimelineEntry {
   state?: string;
   /** An approval entry's decision, as the contracts name it (`TOOL_APPROVAL_DECISION_COMPLETE`). */
   decision?: string;
+  /** A steer entry's state (`STEER_STATE_CONSUMED`), the step whose model call first held
+   *  it, and its stored message (`id` is the steer's own run). */
+  steerState?: string;
+  step?: number;
+  message?: string;
+}
+
+/** Where a steer went: the run it steered, what became of it, and at which step. */
+export interface Landing {
+  /** The steer's own run. */
+  steerRun: string;
+  /** The run it steered. */
+  target: string;
+  state: SteerState;
+  step: number;
+}
+
+export function steerStateName(state: SteerState): string {
+  return `STEER_STATE_${SteerState[state] ?? "UNSPECIFIED"}`;
+}
+
+/** A stretch of the answer one delta update wrote: its sequences and how much text. */
+interface Piece {
+  first: string;
+  last: string;
+  length: number;
 }
 
 /** What a reload keeps of a run still going: enough to resume after its last sequence. */
@@ -44,6 +72,7 @@ interface Saved {
   deltas: number;
   state: number;
   timeline: TimelineEntry[];
+  pieces?: Piece[];
 }
 
 const SAVED = "switchboard.console.run:";
@@ -122,6 +151,12 @@ export class RunView {
    *  results with durations, approvals and who gave them, usage and cost. */
   timeline: TimelineEntry[] = [];
   usage: Usage | undefined;
+  /** The steers this run was handed (SteerUpdate), by the steer's own run, as last said. */
+  readonly steers = new Map<string, SteerUpdate>();
+  /** Deltas found void (a model call cut by a RESTART_STREAM steer) and dropped from `text`. */
+  discarded = 0;
+  /** The current attempt's delta updates, in order: what to cut when deltas turn void. */
+  private pieces: Piece[] = [];
   /** Speech updates received, and the audio's length they said (SpeechChunk.duration_ms). */
   speechChunks = 0;
   speechMs = 0;
@@ -152,6 +187,7 @@ export class RunView {
         this.deltas = saved.deltas;
         this.state = saved.state as RunState;
         this.timeline = saved.timeline;
+        this.pieces = saved.pieces ?? [];
         this.restored = true;
       } catch {
         storage?.removeItem(SAVED + name);
@@ -176,6 +212,7 @@ export class RunView {
       deltas: this.deltas,
       state: this.state,
       timeline: this.timeline,
+      pieces: this.pieces,
     };
     try {
       this.storage.setItem(SAVED + this.name, JSON.stringify(saved));
@@ -288,6 +325,7 @@ export class RunView {
     if (update.sequence >> ATTEMPT_BITS > this.lastSequence >> ATTEMPT_BITS) {
       this.text = "";
       this.deltas = 0;
+      this.pieces = [];
     }
     if (update.sequence >> ATTEMPT_BITS > this.lastSequence >> ATTEMPT_BITS && this.lastSequence > 0n) {
       this.add({ kind: "attempt", sequence: String(update.sequence), at: 0, label: "new attempt", detail: "the run was recovered after a restart" });
@@ -306,6 +344,7 @@ export class RunView {
         if (run.state === RunState.QUEUED && this.state !== RunState.QUEUED) {
           this.text = "";
           this.deltas = 0;
+          this.pieces = [];
         }
         this.run = run;
         this.state = run.state;
@@ -314,6 +353,11 @@ export class RunView {
       case "delta":
         this.text += change.value.text;
         this.deltas += covered(update);
+        this.pieces.push({ first: String(firstSequence(update)), last: sequence, length: change.value.text.length });
+        break;
+      case "steer":
+        this.steers.set(change.value.steerRun, change.value);
+        if (change.value.discardedFromSequence > 0n) this.discard(change.value.discardedFromSequence, sequence, at);
         break;
       case "progress":
         this.progress = change.value.stage;
@@ -346,6 +390,45 @@ export class RunView {
     for (const listener of [...this.listeners]) listener.update(update, this);
   }
 
+  /** A model call was cut to take a steer (RESTART_STREAM): its deltas, from `from` on, are
+   *  void. They are the last ones written, so the answer (and the timeline's text) loses
+   *  its tail. A merged delta that began before `from` is kept whole: its split is not
+   *  known, and the run's final result, which carries the whole answer, replaces it. */
+  private discard(from: bigint, sequence: string, at: number): void {
+    let cut = 0;
+    let count = 0;
+    while (this.pieces.length) {
+      const piece = this.pieces[this.pieces.length - 1];
+      if (piece === undefined || BigInt(piece.first) < from) break;
+      this.pieces.pop();
+      cut += piece.length;
+      count += Number(BigInt(piece.last) - BigInt(piece.first)) + 1;
+    }
+    if (count === 0) return;
+    this.text = this.text.slice(0, Math.max(0, this.text.length - cut));
+    this.deltas = Math.max(0, this.deltas - count);
+    this.discarded += count;
+    // The timeline's text entries lose the same tail, newest first.
+    let left = cut;
+    for (let i = this.timeline.length - 1; i >= 0 && left > 0; i--) {
+      const entry = this.timeline[i];
+      if (entry === undefined || entry.kind === "attempt") break;
+      if (entry.kind !== "text") continue;
+      const keep = Math.max(0, entry.detail.length - left);
+      left -= entry.detail.length - keep;
+      entry.detail = entry.detail.slice(0, keep);
+    }
+    this.timeline = this.timeline.filter((e) => e.kind !== "text" || e.detail !== "" || e.count === 0);
+    this.add({
+      kind: "discarded",
+      sequence,
+      at,
+      label: "answer restarted",
+      detail: `${count} ${count === 1 ? "delta" : "deltas"} from sequence ${from} void: the model call was cut to take a steer and made again`,
+      count,
+    });
+  }
+
   private record(change: RunUpdate["update"], at: number, sequence: string, deltas: number): void {
     const last = this.timeline[this.timeline.length - 1];
     switch (change.case) {
@@ -375,6 +458,27 @@ export class RunView {
       case "progress":
         this.add({ kind: "progress", sequence, at, label: "progress", detail: change.value.stage });
         return;
+      case "steer": {
+        const steer = change.value;
+        const consumed = steer.state === SteerState.CONSUMED && steer.step > 0;
+        this.add({
+          kind: "steer",
+          sequence,
+          at,
+          label: consumed ? `${steerLabel(steer.state)} at step ${steer.step}` : steerLabel(steer.state),
+          detail:
+            steer.state === SteerState.REQUEUED
+              ? "this run ended before taking it: it runs on its own and answers the message"
+              : steer.state === SteerState.ACCEPTED
+                ? "waiting for this run's next step"
+                : "",
+          id: steer.steerRun,
+          steerState: steerStateName(steer.state),
+          ...(consumed ? { step: steer.step } : {}),
+          message: steer.message,
+        });
+        return;
+      }
       case "speech": {
         // A sentence's chunks fold into one entry: its text, how many, how long.
         const chunk = change.value;

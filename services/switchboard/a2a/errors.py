@@ -30,6 +30,7 @@ from switchboard.platform.errors import (
     InvalidArgument,
     ModelNotPriced,
     NotFound,
+    RunEnded,
     SwitchboardError,
 )
 
@@ -93,6 +94,9 @@ def tagged(error: SwitchboardError, method: str, *, names_task: bool) -> Switchb
         error.foreign = INVALID_PARAMS
     elif isinstance(error, NotFound):
         error.foreign = TASK_NOT_FOUND if names_task else INVALID_PARAMS
+    elif isinstance(error, RunEnded) and names_task:
+        # A steer of a task that ended meanwhile (SteerRun): A2A's terminal-task refusal.
+        error.foreign = UNSUPPORTED_OPERATION
     elif isinstance(error, FailedPrecondition) and names_task and not _about_spending(error):
         # A task that ended cannot be cancelled, subscribed to or continued.
         error.foreign = TASK_NOT_CANCELABLE if method == "CancelTask" else UNSUPPORTED_OPERATION

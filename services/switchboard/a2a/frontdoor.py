@@ -14,9 +14,9 @@ stream keeps its run authorized through an access grant, as ``WatchRun`` does.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Final, Protocol, cast
 
 from a2a.types import a2a_pb2 as a2a
 from switchboard.a2a import errors, mapping
@@ -101,6 +101,10 @@ class Runs(Protocol):
         self, principal: Principal, request: pb.SubmitToolApprovalsRequest
     ) -> Awaitable[pb.Run]: ...
 
+    def steer_run(
+        self, principal: Principal, request: pb.SteerRunRequest
+    ) -> Awaitable[pb.SteerRunResponse]: ...
+
     def assistant(self, principal: Principal, name: str) -> Awaitable[pb.Assistant]: ...
 
 
@@ -119,6 +123,20 @@ class Texts(Protocol):
     def read_file(self, principal: Principal, file: str, limit: int) -> Awaitable[bytes]:
         """The whole content of a stored file of at most ``limit`` bytes."""
         ...
+
+
+@dataclass(frozen=True)
+class _Admitted:
+    """What a message did: the task's run, the sequence to follow it after, and for a
+    steer the message as the task's history holds it."""
+
+    run: pb.Run
+    after: int
+    steer: a2a.Message | None = None
+
+    @property
+    def steers(self) -> list[a2a.Message]:
+        return [self.steer] if self.steer is not None else []
 
 
 @dataclass(frozen=True)
@@ -163,10 +181,9 @@ class FrontDoor:
 
     # -- sending ----------------------------------------------------------------------------
 
-    async def _admit(
-        self, principal: Principal, request: a2a.SendMessageRequest
-    ) -> tuple[pb.Run, int]:
-        """The run the message starts or continues, and the sequence to follow it after."""
+    async def _admit(self, principal: Principal, request: a2a.SendMessageRequest) -> _Admitted:
+        """The run the message starts, continues or steers, and the sequence to follow it
+        after."""
         workspace, assistant = mapping.agent(request.tenant)
         message = request.message
         if not request.HasField("message"):
@@ -182,18 +199,18 @@ class FrontDoor:
             # Refused before the run starts: a malformed or blocked config starts nothing.
             await self.push.validate(push, f"{_PUSH_FIELD}.")
         if message.task_id:
-            run, after = await self._continue(principal, workspace, message)
+            admitted = await self._continue(principal, workspace, request)
         else:
-            run, after = await self._start(principal, request, workspace, assistant)
+            admitted = await self._start(principal, request, workspace, assistant)
         if push is not None:
             await self.push.attach(
                 principal,
                 push,
-                run,
+                admitted.run,
                 prefix=f"{_PUSH_FIELD}.",
                 default_id=mapping.request_id(message.message_id) if not message.task_id else "",
             )
-        return run, after
+        return admitted
 
     async def _start(
         self,
@@ -201,7 +218,7 @@ class FrontDoor:
         request: a2a.SendMessageRequest,
         workspace: str,
         assistant: str,
-    ) -> tuple[pb.Run, int]:
+    ) -> _Admitted:
         """A new task: the message admitted as ``DispatcherService.SendMessage`` admits it."""
         message = request.message
         parts = mapping.parts_in(message)
@@ -232,17 +249,17 @@ class FrontDoor:
             ),
             handed,
         )
-        return sent.run, 0
+        return _Admitted(sent.run, 0)
 
     async def _continue(
-        self, principal: Principal, workspace: str, message: a2a.Message
-    ) -> tuple[pb.Run, int]:
-        """A message on an input-required task: the decisions on its pending tool calls.
-
-        A run is answered once; the only input a task asks for is a person's
-        decision on tool calls (``SubmitToolApprovals``), so a message on a task
-        in any other state is refused.
+        self, principal: Principal, workspace: str, request: a2a.SendMessageRequest
+    ) -> _Admitted:
+        """A message on a task: on an input-required one, the decisions on its pending
+        tool calls (``SubmitToolApprovals``); on a submitted or working one, a steer
+        (``SteerRun``: the run takes it before its next model call); on one that ended,
+        refused (A2A: a task in a terminal state takes no more messages).
         """
+        message = request.message
         name = mapping.run_name(workspace, message.task_id, "message.task_id")
         if message.context_id and message.context_id != mapping.context_id(name):
             # A2A: a context that is not the task's is refused, not ignored.
@@ -253,38 +270,62 @@ class FrontDoor:
             )
         await self._policy.authorize(principal, name, Permission.WRITE, "message.task_id")
         current = await self._runs.get_run(principal, name)
-        if current.state != pb.RUN_STATE_REQUIRES_ACTION:
-            # Whatever the message holds: A2A's UNSUPPORTED_OPERATION for a task that
-            # takes no more input (the servicer tags it), before its parts are read.
-            raise FailedPrecondition(
-                f"task {message.task_id} is not waiting for input (A2A state "
-                f"{a2a.TaskState.Name(mapping.STATES.get(current.state, 0))})"
-            )
-        approvals = mapping.approvals_in(message, name)
-        run = await self._runs.submit_tool_approvals(principal, approvals)
-        return run, run.last_sequence
+        if current.state == pb.RUN_STATE_REQUIRES_ACTION:
+            approvals = mapping.approvals_in(message, name)
+            run = await self._runs.submit_tool_approvals(principal, approvals)
+            return _Admitted(run, run.last_sequence)
+        if current.state in _ENDED:
+            try:
+                parts = _steer_parts(request)
+            except InvalidArgument:
+                # Whatever the message holds: A2A's UNSUPPORTED_OPERATION for a task that
+                # takes no more input (the servicer tags it), not a complaint about it.
+                state = a2a.TaskState.Name(mapping.STATES.get(current.state, 0))
+                raise FailedPrecondition(
+                    f"task {message.task_id} has ended (A2A state {state}): it takes no "
+                    "more messages"
+                ) from None
+            # A well-formed one still goes to SteerRun: a message id sent again after its
+            # steer was taken is answered as it was (idempotent); any other is RUN_ENDED,
+            # nothing stored (the servicer tags it UNSUPPORTED_OPERATION).
+        else:
+            parts = _steer_parts(request)
+        steered = await self._runs.steer_run(
+            principal,
+            pb.SteerRunRequest(
+                run=name,
+                message=cpb.Message(parts=parts),
+                request_id=mapping.request_id(message.message_id),
+            ),
+        )
+        # The task as it stood before the steer: a stream of it then shows the steer
+        # accepted (and consumed) as the run's updates say.
+        steer = mapping.steer_message(name, steered.message, steered.run.name)
+        return _Admitted(current, current.last_sequence, steer)
 
     async def send(
         self, principal: Principal, request: a2a.SendMessageRequest
     ) -> a2a.SendMessageResponse:
-        run, after = await self._admit(principal, request)
+        admitted = await self._admit(principal, request)
+        run = admitted.run
         if not request.configuration.return_immediately and run.state not in _SETTLED:
-            async for update in self._runs.watch(principal, run.name, after):
+            async for update in self._runs.watch(principal, run.name, admitted.after):
                 if update is None or update.WhichOneof("update") != "state_change":
                     continue
                 run = update.state_change.run
                 if run.state in _SETTLED:
                     break
         history = _history_length(request.configuration, "configuration.history_length")
-        return a2a.SendMessageResponse(task=await self._task(principal, run, history=history))
+        task = await self._task(principal, run, history=history, steers=admitted.steers)
+        return a2a.SendMessageResponse(task=task)
 
     async def stream(
         self, principal: Principal, request: a2a.SendMessageRequest
     ) -> AsyncIterator[a2a.StreamResponse]:
-        run, _ = await self._admit(principal, request)
-        # The task as admitted (or, for a message id sent again, as it stands now),
-        # then what happens next.
-        async for response in self._relay(principal, run, None):
+        admitted = await self._admit(principal, request)
+        # The task as admitted (or, for a message id sent again, as it stands now; for a
+        # steer, as it stood before it), then what happens next.
+        async for response in self._relay(principal, admitted.run, None, admitted.steers):
             yield response
 
     # -- tasks ------------------------------------------------------------------------------
@@ -373,7 +414,11 @@ class FrontDoor:
     # -- helpers ----------------------------------------------------------------------------
 
     async def _relay(
-        self, principal: Principal, run: pb.Run, after: mapping.Cursor | None
+        self,
+        principal: Principal,
+        run: pb.Run,
+        after: mapping.Cursor | None,
+        steers: Sequence[a2a.Message] = (),
     ) -> AsyncIterator[a2a.StreamResponse]:
         """The task first, then its events until it ends, under an access grant.
 
@@ -395,7 +440,7 @@ class FrontDoor:
                 seen: mapping.Cursor = (run.last_sequence, 1)
                 updates = hold.guard(self._runs.watch(principal, run.name, 0))
                 so_far, pending = await _history(updates, seen)
-                snapshot = await self._snapshot(principal, run, so_far)
+                snapshot = await self._snapshot(principal, run, so_far, steers)
                 streamed = bool(snapshot.task.artifacts)
             else:
                 sequence, part = seen = after
@@ -408,14 +453,21 @@ class FrontDoor:
             yield snapshot
             # A resumed stream replays history from its cursor: every event, as it was.
             rank = _rank(snapshot.task.status.state) if after is None else -1
+            # The state a steer's status update repeats: the last one the stream sent.
+            now: a2a.TaskState = snapshot.task.status.state
+            if _rank(now) == _FINAL_RANK:
+                now = a2a.TASK_STATE_WORKING  # replayed from a cursor: it was going then
             async for update in _then(pending, updates):
-                for event, state in await self._events(principal, update, seen, streamed):
+                for event, state in await self._events(principal, update, seen, streamed, now):
                     if state is None:
                         streamed = True
-                    elif after is None and _rank(state) < rank:
+                        yield event
+                        continue
+                    if after is None and _rank(state) < rank:
                         continue  # never backwards on one stream
-                    elif after is None:
+                    if after is None:
                         rank = _rank(state)
+                    now = cast("a2a.TaskState", state)
                     yield event
                 changed = update.state_change.run
                 if update.WhichOneof("update") == "state_change" and changed.state in _ENDED:
@@ -423,24 +475,37 @@ class FrontDoor:
         finally:
             grant.close()
 
-    async def _snapshot(self, principal: Principal, run: pb.Run, so_far: str) -> a2a.StreamResponse:
+    async def _snapshot(
+        self, principal: Principal, run: pb.Run, so_far: str, steers: Sequence[a2a.Message]
+    ) -> a2a.StreamResponse:
         """The task as a stream starts with it: a succeeded run's whole answer, else the
-        answer streamed so far (none: no artifact)."""
-        task = await self._task(principal, run, answer=run.state == pb.RUN_STATE_SUCCEEDED)
+        answer streamed so far (none: no artifact); a steer sent with the stream in its
+        history."""
+        task = await self._task(
+            principal, run, answer=run.state == pb.RUN_STATE_SUCCEEDED, steers=steers
+        )
         if run.state != pb.RUN_STATE_SUCCEEDED and so_far:
             task.artifacts.append(mapping.answer(so_far))
         return a2a.StreamResponse(task=task)
 
     async def _events(
-        self, principal: Principal, update: pb.RunUpdate, after: mapping.Cursor, streamed: bool
+        self,
+        principal: Principal,
+        update: pb.RunUpdate,
+        after: mapping.Cursor,
+        streamed: bool,
+        now: a2a.TaskState,
     ) -> _Events:
         """The stream events of one run update after ``after``: each with its task state,
-        None for a chunk. ``streamed``: the client holds part of the answer already."""
+        None for a chunk. ``streamed``: the client holds part of the answer already;
+        ``now``: the task's state as the stream last said it."""
         kind = update.WhichOneof("update")
         first: mapping.Cursor = (update.sequence, 0)
         run = update.run
         if kind == "delta" and update.delta.text and first > after:
             return [(mapping.chunk(run, update.delta.text, first, append=streamed), None)]
+        if kind == "steer":
+            return await self._steered(principal, update, after, now)
         if kind != "state_change":
             return []
         changed = update.state_change.run
@@ -460,6 +525,40 @@ class FrontDoor:
             state = mapping.STATES.get(changed.state, a2a.TASK_STATE_UNSPECIFIED)
             events.append((mapping.status_event(changed, status_at), state))
         return events
+
+    async def _steered(
+        self,
+        principal: Principal,
+        update: pb.RunUpdate,
+        after: mapping.Cursor,
+        now: a2a.TaskState,
+    ) -> _Events:
+        """A steer's update: a status update in the task's state ``now``. A steer is input,
+        not output, so not an artifact (a client adds every chunk of one to the answer).
+        One that cut a model call (RESTART_STREAM) first replaces the answer with what was
+        streamed before the cut (``append: false``): the cut call's chunks are void."""
+        events: _Events = []
+        first: mapping.Cursor = (update.sequence, 0)
+        status_at = first
+        cut = update.steer.discarded_from_sequence
+        if cut:
+            status_at = (update.sequence, 1)
+            if first > after:
+                kept = await self._kept(principal, update.run, cut, update.sequence)
+                events.append((mapping.chunk(update.run, kept, first, append=False), None))
+        if status_at > after:
+            events.append((mapping.steer_event(update.run, update.steer, now, status_at), now))
+        return events
+
+    async def _kept(self, principal: Principal, run: str, cut: int, upto: int) -> str:
+        """The answer streamed before sequence ``cut`` (read up to ``upto``)."""
+        parts: list[str] = []
+        async for update in self._runs.watch(principal, run, 0):
+            if update is None or update.sequence >= upto:
+                break
+            if update.WhichOneof("update") == "delta" and update.sequence < cut:
+                parts.append(update.delta.text)
+        return "".join(parts)
 
     async def _answer(self, principal: Principal, run: pb.Run) -> tuple[str, _Parts]:
         """The answer's text and its files as A2A parts (small ones with their bytes)."""
@@ -484,15 +583,19 @@ class FrontDoor:
         history: int | None = None,
         artifacts: bool = True,
         answer: bool = True,
+        steers: Sequence[a2a.Message] = (),
     ) -> a2a.Task:
-        question = ""
+        messages: list[a2a.Message] = []
         if history is None or history > 0:
             question = await self._texts.text(principal, run.input_message)
+            messages = [mapping.user_message(run, question)] if question else []
+            # A2A: history_length is how many of the most recent messages.
+            messages = [*messages, *steers][-history if history else None :]
         text: str | None = None
         files: _Parts = []
         if answer and artifacts and run.state == pb.RUN_STATE_SUCCEEDED:
             text, files = await self._answer(principal, run)
-        return mapping.task(run, question, text, files)
+        return mapping.task(run, "", text, files, history=messages)
 
 
 def _rank(state: int) -> int:
@@ -504,18 +607,26 @@ async def _history(
 ) -> tuple[str, pb.RunUpdate | None]:
     """The answer streamed up to ``seen`` (a snapshot's sequence), read from ``updates``
     until they reach it, go quiet (a heartbeat) or end; and the first update past it,
-    if that is what came."""
-    parts: list[str] = []
+    if that is what came. A model call a steer cut (RESTART_STREAM) streamed nothing of it."""
+    parts: list[tuple[int, str]] = []
+
+    def text() -> str:
+        return "".join(part for _, part in parts)
+
     async for update in updates:
         if update is None:
             break
         if (update.sequence, 1) > seen:
-            return "".join(parts), update
-        if update.WhichOneof("update") == "delta":
-            parts.append(update.delta.text)
+            return text(), update
+        kind = update.WhichOneof("update")
+        if kind == "delta":
+            parts.append((update.sequence, update.delta.text))
+        elif kind == "steer" and update.steer.discarded_from_sequence:
+            cut = update.steer.discarded_from_sequence
+            parts = [(sequence, part) for sequence, part in parts if sequence < cut]
         if (update.sequence, 1) == seen:
             break
-    return "".join(parts), None
+    return text(), None
 
 
 async def _then(
@@ -556,6 +667,23 @@ def _page_size(request: a2a.ListTasksRequest) -> int:
             f"page_size {description}", [FieldViolation("page_size", description)]
         )
     return request.page_size
+
+
+def _steer_parts(request: a2a.SendMessageRequest) -> list[cpb.ContentPart]:
+    """A steer's content (text and files, as a new message's), or INVALID_ARGUMENT for what
+    a steer cannot take: the run keeps its own parameters and budgets."""
+    parts = mapping.parts_in(request.message)
+    if request.metadata.fields:
+        description = (
+            "must be empty on a message to a working task: it steers the task, which "
+            "keeps its parameters"
+        )
+        raise InvalidArgument(f"metadata {description}", [FieldViolation("metadata", description)])
+    if BUDGET_EXTENSION in request.message.metadata.fields:
+        field = f"message.metadata[{BUDGET_EXTENSION!r}]"
+        description = "is not taken by a message to a working task: it spends the task's budgets"
+        raise InvalidArgument(f"{field} {description}", [FieldViolation(field, description)])
+    return parts
 
 
 def _acceptable(configuration: a2a.SendMessageConfiguration) -> None:

@@ -231,6 +231,76 @@ def user_message(run: pb.Run, text: str) -> a2a.Message:
     )
 
 
+#: Where a steer's message (history) and status events say which run took the message
+#: as its own task when the steered task ended first (docs/a2a.md, "Steering a working task").
+STEER_KEY: Final = "switchboard.steer"
+_STEER_STATES: Final = {
+    pb.STEER_STATE_ACCEPTED: "accepted",
+    pb.STEER_STATE_CONSUMED: "consumed",
+    pb.STEER_STATE_REQUEUED: "requeued",
+}
+
+
+def steer_message(target: str, message: cpb.Message, steer_run: str) -> a2a.Message:
+    """A steer as the steered task's history holds it: the user's message on that task,
+    its ``metadata["switchboard.steer"]`` naming the steer's own task (which answers it
+    if the steered task ends before taking it)."""
+    found = a2a.Message(
+        message_id=message.name.rsplit("/", 1)[-1],
+        context_id=context_id(target),
+        task_id=task_id(target),
+        role=a2a.ROLE_USER,
+        parts=[a2a.Part(text=text_of(message))],
+    )
+    found.metadata.update({STEER_KEY: {"task_id": task_id(steer_run)}})
+    return found
+
+
+def steer_event(
+    target: str, steer: pb.SteerUpdate, state: a2a.TaskState, cursor: Cursor
+) -> a2a.StreamResponse:
+    """A steer of ``target`` accepted, consumed or requeued, as a status update that keeps
+    the task's ``state``: its message (role agent) says what became of the steer in a text
+    part and a data part ``{"steer": {...}}``."""
+    what = _STEER_STATES.get(steer.state, "unspecified")
+    steer_task = task_id(steer.steer_run) if steer.steer_run else ""
+    message_id = steer.message.rsplit("/", 1)[-1]
+    if steer.state == pb.STEER_STATE_CONSUMED:
+        text = f"Steer {message_id} consumed: the model read it before step {steer.step}."
+    elif steer.state == pb.STEER_STATE_REQUEUED:
+        text = (
+            f"Steer {message_id} requeued: the task ended before taking it; "
+            f"task {steer_task} answers it."
+        )
+    else:
+        text = f"Steer {message_id} accepted: the task takes it before its next model call."
+    details: dict[str, Any] = {"message_id": message_id, "state": what, "task_id": steer_task}
+    if steer.state == pb.STEER_STATE_CONSUMED:
+        details["step"] = steer.step
+    if steer.discarded_from_sequence:
+        details["discarded_from_sequence"] = str(steer.discarded_from_sequence)
+    data = struct_pb2.Value()
+    data.struct_value.update({"steer": details})
+    status_ = a2a.TaskStatus(
+        state=state,
+        message=a2a.Message(
+            message_id=f"{task_id(target)}.steer.{message_id}.{what}",
+            context_id=context_id(target),
+            task_id=task_id(target),
+            role=a2a.ROLE_AGENT,
+            parts=[a2a.Part(text=text), a2a.Part(data=data, media_type="application/json")],
+        ),
+    )
+    return a2a.StreamResponse(
+        status_update=a2a.TaskStatusUpdateEvent(
+            task_id=task_id(target),
+            context_id=context_id(target),
+            status=status_,
+            metadata=sequenced(cursor),
+        )
+    )
+
+
 def status_time(run: pb.Run) -> timestamp_pb2.Timestamp:
     """When the task's status last changed: the run's end, else its start, else its creation."""
     if run.HasField("end_time"):
@@ -367,14 +437,24 @@ def status_event(run: pb.Run, cursor: Cursor) -> a2a.StreamResponse:
 
 
 def task(
-    run: pb.Run, question: str, answer_text: str | None, files: list[a2a.Part] | None = None
+    run: pb.Run,
+    question: str,
+    answer_text: str | None,
+    files: list[a2a.Part] | None = None,
+    *,
+    history: list[a2a.Message] | None = None,
 ) -> a2a.Task:
-    """The task of ``run``; ``answer_text`` None while it has no answer yet."""
+    """The task of ``run``; ``answer_text`` None while it has no answer yet; ``history``
+    (when given) instead of the question alone."""
     found = a2a.Task(
         id=task_id(run.name),
         context_id=context_id(run.name),
         status=status(run),
-        history=[user_message(run, question)] if question else [],
+        history=history
+        if history is not None
+        else [user_message(run, question)]
+        if question
+        else [],
     )
     if answer_text is not None:
         found.artifacts.append(answer(answer_text, files))

@@ -68,6 +68,11 @@ class LocalRuns:
     ) -> pb.Run:
         return await self._dispatcher.submit_tool_approvals(principal, request)
 
+    async def steer_run(
+        self, principal: Principal, request: pb.SteerRunRequest
+    ) -> pb.SteerRunResponse:
+        return await self._dispatcher.steer_run(principal, request)
+
     def watch(
         self, principal: Principal, name: str, after_sequence: int
     ) -> AsyncIterator[pb.RunUpdate | None]:
@@ -142,6 +147,11 @@ class RemoteRuns:
             self._stub.SubmitToolApprovals, request, principal, _CALL_TIMEOUT_S
         )
         return decided.run
+
+    async def steer_run(
+        self, principal: Principal, request: pb.SteerRunRequest
+    ) -> pb.SteerRunResponse:
+        return await self._peer.call(self._stub.SteerRun, request, principal, _CALL_TIMEOUT_S)
 
     async def assistant(self, principal: Principal, name: str) -> pb.Assistant:
         request = pb.GetAssistantRequest(name=name)

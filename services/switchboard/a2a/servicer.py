@@ -58,8 +58,8 @@ class _Tenanted(Protocol):
 
 
 def _send_renames(request: a2a.SendMessageRequest) -> Mapping[str, str]:
-    """A message becomes a conversation (if new), then SendMessage, or
-    SubmitToolApprovals for a message on a task (its decisions in the data part)."""
+    """A message becomes a conversation (if new), then SendMessage; a message on a task
+    SubmitToolApprovals (its decisions in the data part) or SteerRun (a working task)."""
     data = [i for i, part in enumerate(request.message.parts) if part.HasField("data")]
     return {
         "request_id": "message.message_id",
@@ -68,6 +68,8 @@ def _send_renames(request: a2a.SendMessageRequest) -> Mapping[str, str]:
         "assistant": "tenant",
         "parameters": "metadata",
         "name": "message.task_id",
+        # SteerRun, for a message on a working task.
+        "run": "message.task_id",
         "approvals": f"message.parts[{data[0]}].data.approvals" if data else "message.parts",
         "handler": "",
         "timeout": "",

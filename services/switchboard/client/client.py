@@ -98,6 +98,21 @@ def handler_name(handler: str) -> str:
     return f"handlers/{handler}"
 
 
+def _user_message(text: str, files: Sequence[str | context_pb2.File]) -> context_pb2.Message:
+    """A user message: its text, then a file part naming each stored file."""
+    parts = [context_pb2.ContentPart(text=text)]
+    for file in files:
+        name = file if isinstance(file, str) else file.name
+        parts.append(context_pb2.ContentPart(file=context_pb2.FileReference(file=name)))
+    return context_pb2.Message(parts=parts)
+
+
+def _name_and_etag(schedule: str | dispatcher_pb2.Schedule) -> tuple[str, str]:
+    if isinstance(schedule, str):
+        return schedule, ""
+    return schedule.name, schedule.etag
+
+
 async def connected(channel: aio.Channel, within_s: float) -> bool:
     """Whether ``channel`` is (or becomes, within ``within_s``) connected."""
     try:
@@ -316,6 +331,7 @@ class Client:
         request_id: str | None = None,
         timeout_s: float | None = None,
         files: Sequence[str | context_pb2.File] = (),
+        steer_mode: dispatcher_pb2.SteerMode.ValueType = dispatcher_pb2.STEER_MODE_UNSPECIFIED,
     ) -> dispatcher_pb2.Run:
         """Send a user message and start a run that answers it; the run (usually QUEUED).
 
@@ -325,18 +341,19 @@ class Client:
         ``parameters`` are the handler's (``{"delay_ms": 200}`` for echo).
         ``files`` are stored files of the conversation's workspace (``upload_file``'s
         answers, or their names), sent as file parts after the text.
+        ``concurrency_policy=CONCURRENCY_POLICY_STEER`` hands the message to the
+        conversation's run in progress (the answer is then the steer's own run,
+        ``Run.steer``); ``steer_mode`` is how the run this message starts takes
+        steers that arrive while its model writes.
         """
-        parts = [context_pb2.ContentPart(text=text)]
-        for file in files:
-            name = file if isinstance(file, str) else file.name
-            parts.append(context_pb2.ContentPart(file=context_pb2.FileReference(file=name)))
         request = dispatcher_pb2.SendMessageRequest(
             conversation=conversation,
-            message=context_pb2.Message(parts=parts),
+            message=_user_message(text, files),
             handler=handler_name(handler),
             assistant=assistant,
             request_id=request_id or new_request_id(),
             concurrency_policy=concurrency_policy,
+            steer_mode=steer_mode,
         )
         if parameters:
             struct = struct_pb2.Struct()
@@ -383,6 +400,177 @@ class Client:
             dispatcher_pb2.CancelRunRequest(name=name, reason=reason)
         )
         return response.run
+
+    async def steer(
+        self,
+        run: str | dispatcher_pb2.Run,
+        text: str,
+        *,
+        files: Sequence[str | context_pb2.File] = (),
+        request_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> dispatcher_pb2.SteerRunResponse:
+        """Hand a user message to a run that is going (``SteerRun``), without
+        cancelling it: the stored message and the steer's own run (QUEUED,
+        ``steer.state`` ACCEPTED).
+
+        Watch the steer's run to learn what became of it: SUCCEEDED with
+        ``steer.state`` CONSUMED (and the ``step`` whose model call first saw the
+        message) once the target took it, or REQUEUED if the target ended first,
+        when it runs and answers the message itself. A run that has already
+        ended raises ``RunEnded`` and stores nothing. Keyed like ``send``.
+        """
+        name = run if isinstance(run, str) else run.name
+        request = dispatcher_pb2.SteerRunRequest(
+            run=name,
+            message=_user_message(text, files),
+            request_id=request_id or new_request_id(),
+        )
+        response: dispatcher_pb2.SteerRunResponse = await self.dispatcher.SteerRun(
+            request, timeout=timeout_s
+        )
+        return response
+
+    # -- schedules ----------------------------------------------------------------------
+
+    async def create_schedule(
+        self,
+        workspace: str,
+        message_template: str,
+        *,
+        cron: str = "",
+        time_zone: str = "",
+        interval_s: float | None = None,
+        display_name: str = "",
+        assistant: str = "",
+        handler: str = "",
+        conversation_mode: dispatcher_pb2.ScheduleConversationMode.ValueType = (
+            dispatcher_pb2.SCHEDULE_CONVERSATION_MODE_UNSPECIFIED
+        ),
+        concurrency_policy: dispatcher_pb2.ConcurrencyPolicy.ValueType = (
+            dispatcher_pb2.CONCURRENCY_POLICY_UNSPECIFIED
+        ),
+        missed_tick_policy: dispatcher_pb2.MissedTickPolicy.ValueType = (
+            dispatcher_pb2.MISSED_TICK_POLICY_UNSPECIFIED
+        ),
+        run_timeout_s: float | None = None,
+        schedule_id: str = "",
+        request_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> dispatcher_pb2.Schedule:
+        """Create a schedule in ``workspace`` (``workspaces/w``): a message sent on a
+        ``cron`` expression (read in ``time_zone``, UTC if empty) or every
+        ``interval_s`` seconds (exactly one of the two). The server checks both
+        (a cron that does not parse, an unknown zone, an interval under its
+        minimum: ``InvalidArgument`` naming the field). Keyed like ``send``."""
+        schedule = dispatcher_pb2.Schedule(
+            display_name=display_name,
+            assistant=assistant,
+            handler=handler_name(handler),
+            message_template=message_template,
+            cron=cron,
+            time_zone=time_zone,
+            conversation_mode=conversation_mode,
+            concurrency_policy=concurrency_policy,
+            missed_tick_policy=missed_tick_policy,
+        )
+        if interval_s is not None:
+            schedule.interval.FromNanoseconds(round(interval_s * 1e9))
+        if run_timeout_s is not None:
+            schedule.timeout.FromNanoseconds(round(run_timeout_s * 1e9))
+        response = await self.dispatcher.CreateSchedule(
+            dispatcher_pb2.CreateScheduleRequest(
+                parent=workspace,
+                schedule=schedule,
+                schedule_id=schedule_id,
+                request_id=request_id or new_request_id(),
+            ),
+            timeout=timeout_s,
+        )
+        return response.schedule
+
+    async def get_schedule(self, name: str) -> dispatcher_pb2.Schedule:
+        """A schedule, with its next fire times (``upcoming_fire_times``)."""
+        response = await self.dispatcher.GetSchedule(dispatcher_pb2.GetScheduleRequest(name=name))
+        return response.schedule
+
+    async def list_schedules(
+        self, workspace: str, *, limit: int = 1000
+    ) -> list[dispatcher_pb2.Schedule]:
+        """A workspace's schedules by id, every page up to ``limit``."""
+        found: list[dispatcher_pb2.Schedule] = []
+        token = ""
+        while len(found) < limit:
+            response = await self.dispatcher.ListSchedules(
+                dispatcher_pb2.ListSchedulesRequest(
+                    parent=workspace, page_size=min(100, limit - len(found)), page_token=token
+                )
+            )
+            found += response.schedules
+            token = response.next_page_token
+            if not token:
+                break
+        return found[:limit]
+
+    async def update_schedule(
+        self, schedule: dispatcher_pb2.Schedule, fields: Sequence[str]
+    ) -> dispatcher_pb2.Schedule:
+        """Change ``fields`` of a schedule to ``schedule``'s values (its ``name``,
+        and its ``etag`` if set, say which version: a stale one is
+        ``EtagMismatch``); its next fire time is computed again."""
+        request = dispatcher_pb2.UpdateScheduleRequest(schedule=schedule)
+        request.update_mask.paths.extend(fields)
+        response = await self.dispatcher.UpdateSchedule(request)
+        return response.schedule
+
+    async def pause_schedule(
+        self, schedule: str | dispatcher_pb2.Schedule
+    ) -> dispatcher_pb2.Schedule:
+        """Pause a schedule (a ``Schedule`` sends its etag along); it fires nothing
+        until resumed."""
+        name, etag = _name_and_etag(schedule)
+        response = await self.dispatcher.PauseSchedule(
+            dispatcher_pb2.PauseScheduleRequest(name=name, etag=etag)
+        )
+        return response.schedule
+
+    async def resume_schedule(
+        self, schedule: str | dispatcher_pb2.Schedule
+    ) -> dispatcher_pb2.Schedule:
+        """Resume a paused schedule: it fires from its next tick after now (ticks
+        that fell while it was paused are never fired)."""
+        name, etag = _name_and_etag(schedule)
+        response = await self.dispatcher.ResumeSchedule(
+            dispatcher_pb2.ResumeScheduleRequest(name=name, etag=etag)
+        )
+        return response.schedule
+
+    async def delete_schedule(self, schedule: str | dispatcher_pb2.Schedule) -> None:
+        """Delete a schedule; the runs it started are kept."""
+        name, etag = _name_and_etag(schedule)
+        await self.dispatcher.DeleteSchedule(
+            dispatcher_pb2.DeleteScheduleRequest(name=name, etag=etag)
+        )
+
+    async def schedule_firings(
+        self, schedule: str | dispatcher_pb2.Schedule, *, limit: int = 100
+    ) -> list[dispatcher_pb2.ScheduleFiring]:
+        """A schedule's firings, newest tick first, up to ``limit``: each with its
+        outcome and the run it started (or why it started none)."""
+        name = schedule if isinstance(schedule, str) else schedule.name
+        found: list[dispatcher_pb2.ScheduleFiring] = []
+        token = ""
+        while len(found) < limit:
+            response = await self.dispatcher.ListScheduleFirings(
+                dispatcher_pb2.ListScheduleFiringsRequest(
+                    parent=name, page_size=min(100, limit - len(found)), page_token=token
+                )
+            )
+            found += response.firings
+            token = response.next_page_token
+            if not token:
+                break
+        return found[:limit]
 
     # -- files --------------------------------------------------------------------------
 

@@ -361,6 +361,13 @@ class RunNotResumable(FailedPrecondition):
     REASON = _Reason.ERROR_REASON_RUN_NOT_RESUMABLE
 
 
+class RunEnded(FailedPrecondition):
+    """FAILED_PRECONDITION ``RUN_ENDED``: the run named has ended, so it cannot be
+    steered (``SteerRun``); nothing was stored. Send the message as a new one."""
+
+    REASON = _Reason.ERROR_REASON_RUN_ENDED
+
+
 class SessionEnded(FailedPrecondition):
     """FAILED_PRECONDITION ``SESSION_ENDED``: the voice session has ended or is past
     its resume window; start a new one."""

@@ -8,9 +8,11 @@ integration hub, built here too when the integration service is not served.
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 from collections.abc import Callable
 
+from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.context.build import context_domain
 from switchboard.context.tokencount import ApproxTokenCounter
 from switchboard.dispatcher import mapping, servicer
@@ -35,6 +37,9 @@ from switchboard.dispatcher.runs.content import BuiltinContentPolicy, load_conte
 from switchboard.dispatcher.runs.feed import Feeds
 from switchboard.dispatcher.runs.scheduler import CapacityLimits, Scheduler
 from switchboard.dispatcher.runs.store import RunStore
+from switchboard.dispatcher.schedules.catalog import ScheduleLimits, Schedules
+from switchboard.dispatcher.schedules.firing import Firing, FiringSettings
+from switchboard.dispatcher.schedules.store import ScheduleStore
 from switchboard.dispatcher.service import Dispatcher, RunLimits
 from switchboard.dispatcher.settings import DispatcherSettings
 from switchboard.dispatcher.talk.session import TalkLimits
@@ -54,6 +59,7 @@ from switchboard.platform.rpc.channels import RemoteHandlerSettings, parse_remot
 from switchboard.platform.rpc.peers import PeerSettings
 from switchboard.platform.rpc.server import ServiceRegistration, advertise_address
 from switchboard.platform.security.egress import EgressPolicy, EgressSettings
+from switchboard.platform.security.policy import Principal
 from switchboard.shared import Shared, setting
 
 
@@ -174,6 +180,7 @@ async def dispatcher_service(
         )
     router = _router(shared, registry, integration)
     assistants = await _assistants(shared, registry, router, integration)
+    schedules = _schedules(shared, context, assistants, router)
     # Closed after the dispatcher: a call forwarded while runs stop still gets its answer.
     peers = GrpcPeers()
     resources.push_async_callback(peers.close)
@@ -224,9 +231,16 @@ async def dispatcher_service(
         speech=_speech(shared),
         voice_store=VoiceStore(shared.database),
         talk_limits=_talk_limits(settings),
+        schedules=schedules,
     )
     await dispatcher.start()
     resources.push_async_callback(dispatcher.close)
+    # After the dispatcher's start (its lease is renewed, its runs recovered), and
+    # stopped before it closes (the stack unwinds in reverse).
+    firing = _firing(shared, context, dispatcher)
+    schedules.on_change = firing.wake
+    firing.start()
+    resources.push_async_callback(firing.stop)
     return dispatcher
 
 
@@ -344,6 +358,56 @@ def _budgets(shared: Shared, assistants: Assistants, spending: Spending) -> Budg
         shared.page_tokens,
         assistant_exists=assistant_exists,
         on_change=spending.on_change,
+    )
+
+
+def _schedules(
+    shared: Shared, context: ContextPort, assistants: Assistants, router: Router
+) -> Schedules:
+    """A workspace's schedules; an assistant or a handler they name must exist."""
+    settings = shared.section(DispatcherSettings)
+
+    async def assistant(workspace_id: str, name: str) -> pb.Assistant | None:
+        return await assistants.resolve(workspace_id, name, "schedule.assistant")
+
+    async def handler_exists(workspace_id: str, handler_id: str) -> bool:
+        return await router.find(workspace_id, handler_id) is not None
+
+    return Schedules(
+        ScheduleStore(shared.database),
+        shared.bus,
+        shared.page_tokens,
+        context,
+        ScheduleLimits(
+            max_per_workspace=settings.schedules_max_per_workspace,
+            min_interval=dt.timedelta(seconds=settings.schedules_min_interval_s),
+        ),
+        assistant=assistant,
+        handler_exists=handler_exists,
+    )
+
+
+def _firing(shared: Shared, context: ContextPort, dispatcher: Dispatcher) -> Firing:
+    """The firing loop: each tick through the dispatcher's admission, as its creator."""
+    settings = shared.section(DispatcherSettings)
+
+    async def send(
+        principal: Principal, request: pb.SendMessageRequest, schedule: str
+    ) -> pb.SendMessageResponse:
+        return await dispatcher.send_message(principal, request, schedule=schedule)
+
+    return Firing(
+        store=ScheduleStore(shared.database),
+        bus=shared.bus,
+        context=context,
+        policy=shared.policy,
+        send=send,
+        settings=FiringSettings(
+            instance_id=shared.instance_id,
+            poll_s=settings.schedules_poll_s,
+            grace_s=settings.schedules_missed_grace_s,
+            lease_s=settings.dispatcher_lease_s,
+        ),
     )
 
 

@@ -7,10 +7,14 @@
     recovery.py   leases, takeover, reaping: runs back into the scheduler
     queries.py    get, list, watch, describe (read only)
     control.py    cancel and tool approvals, here or forwarded to the owner
+    steering.py   steers of a live run (SteerRun, policy STEER), taken at its
+                  step boundaries (``steerbook.py``), here or on the owner
     live.py       what they share (``Common``): this process's live runs, the
                   store, the feeds, the bus, the router and the run limits
     streams.py    WatchRun and Converse, held to the caller's access
     talk/         voice sessions (Talk): turns in, transcripts and runs' updates out
+    schedules/    schedules (the catalog) and their firing loop, which sends each
+                  tick through ``send_message`` (built in ``build.py``)
 
 ``Dispatcher`` builds them once and is what the servicer, the A2A front door
 (``a2a/ports.py``) and ``build.py`` call; it holds no logic of its own.
@@ -18,6 +22,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
@@ -47,13 +53,17 @@ from switchboard.dispatcher.runs.publishing import Publishing
 from switchboard.dispatcher.runs.queries import Queries
 from switchboard.dispatcher.runs.recovery import Recovery
 from switchboard.dispatcher.runs.scheduler import Scheduler
+from switchboard.dispatcher.runs.steerbook import SteerBook
+from switchboard.dispatcher.runs.steering import Steering
 from switchboard.dispatcher.runs.store import RunStore
 from switchboard.dispatcher.runs.streams import Streams
+from switchboard.dispatcher.schedules.catalog import Schedules
 from switchboard.dispatcher.talk.session import TalkLimits, Talks
 from switchboard.dispatcher.talk.store import VoiceStore
 from switchboard.dispatcher.tools.port import ToolPort
 from switchboard.dispatcher.tools.runner import ToolLimits
 from switchboard.dispatcher.voice.speaker import Speech
+from switchboard.platform import background
 from switchboard.platform.cache import Cache
 from switchboard.platform.events.bus import EventBus
 from switchboard.platform.observe.metrics import Metrics
@@ -63,6 +73,8 @@ from switchboard.platform.security.policy import Policy, Principal
 from switchboard.platform.store import pagination
 
 __all__ = ["SEQUENCE_BLOCK", "Dispatcher", "RunLimits"]
+
+log = logging.getLogger("switchboard.dispatcher")
 
 
 class Dispatcher:
@@ -95,8 +107,10 @@ class Dispatcher:
         speech: Speech | None = None,
         voice_store: VoiceStore,
         talk_limits: TalkLimits | None = None,
+        schedules: Schedules,
     ) -> None:
         self.assistants = assistants
+        self.schedules = schedules
         #: The server's speech engine and its defaults (None: no speech configured).
         self.speech = speech
         self.budgets = budgets
@@ -117,6 +131,9 @@ class Dispatcher:
         # None when tracing is off: runs then get no span (decided once, here).
         run_tracer = tracer("switchboard.dispatcher")
         self._publishing = Publishing(common=common)
+        self._steers = SteerBook(common=common, scheduler=scheduler, publishing=self._publishing)
+        #: Recovered steers being stored as consumed (``_readmit``).
+        self._completing: set[asyncio.Task[None]] = set()
         self._execution = Execution(
             common=common,
             publishing=self._publishing,
@@ -129,6 +146,7 @@ class Dispatcher:
             tracer=run_tracer,
             spending=spending,
             speech=speech,
+            steers=self._steers,
         )
         self._admission = Admission(
             common=common,
@@ -167,6 +185,9 @@ class Dispatcher:
             publishing=self._publishing,
             peers=peers,
         )
+        self._steering = Steering(
+            common=common, book=self._steers, admission=self._admission, control=self._control
+        )
         self._streams = Streams(actions=self, access=access, heartbeat_s=limits.heartbeat_s)
         self.talks = Talks(
             actions=self,
@@ -179,6 +200,15 @@ class Dispatcher:
         )
 
     def _readmit(self, active: Active) -> None:
+        if self._steers.relink(active):
+            # Its target's journal already holds it (a crash came between): consumed.
+            background.spawn(
+                self._steers.complete(active),
+                name="steer-complete",
+                logger=log,
+                keep=self._completing,
+            )
+            return
         self._admission.admit(active, force=True)
 
     # -- what tests and the build look at ------------------------------------------------
@@ -221,9 +251,34 @@ class Dispatcher:
         principal: Principal,
         request: pb.SendMessageRequest,
         handed: Handed | None = None,
+        *,
+        via: Via = IN_PROCESS,
+        schedule: str = "",
     ) -> pb.SendMessageResponse:
-        """``handed``: a budget the caller handed over across a hop (``handlers/handed.py``)."""
-        return await self._admission.send_message(principal, request, handed)
+        """``handed``: a budget the caller handed over across a hop (``handlers/handed.py``);
+        ``via``: how the call came (CONCURRENCY_POLICY_STEER may go to the target's owner);
+        ``schedule``: the schedule whose tick sends it (``schedules/firing.py``)."""
+        if request.concurrency_policy == pb.CONCURRENCY_POLICY_STEER:
+            return await self._steering.send_message(
+                principal,
+                request,
+                handed,
+                via,
+                self.scheduler.active_in(request.conversation),
+                schedule=schedule,
+            )
+        return await self._admission.send_message(principal, request, handed, schedule=schedule)
+
+    async def steer_run(
+        self,
+        principal: Principal,
+        request: pb.SteerRunRequest,
+        via: Via = IN_PROCESS,
+        *,
+        handed: Handed | None = None,
+    ) -> pb.SteerRunResponse:
+        """Steer a live run (``runs/steering.py``), here or on its owner."""
+        return await self._steering.steer_run(principal, request, via, handed=handed)
 
     async def get_run(self, name: str) -> pb.Run:
         return await self._queries.get_run(name)

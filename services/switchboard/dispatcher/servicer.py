@@ -54,7 +54,14 @@ class DispatcherServiceServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
     async def SendMessage(
         self, request: pb.SendMessageRequest, context: Context
     ) -> pb.SendMessageResponse:
-        return await self._dispatcher.send_message(current_principal(), request, _handed(context))
+        return await self._dispatcher.send_message(
+            current_principal(), request, _handed(context), via=_via(context)
+        )
+
+    async def SteerRun(self, request: pb.SteerRunRequest, context: Context) -> pb.SteerRunResponse:
+        return await self._dispatcher.steer_run(
+            current_principal(), request, _via(context), handed=_handed(context)
+        )
 
     async def GetRun(self, request: pb.GetRunRequest, context: Context) -> pb.GetRunResponse:
         return pb.GetRunResponse(run=await self._dispatcher.get_run(request.name))
@@ -205,3 +212,48 @@ class DispatcherServiceServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
         async with contextlib.aclosing(frames):
             async for frame in frames:
                 yield frame
+
+    async def CreateSchedule(
+        self, request: pb.CreateScheduleRequest, context: Context
+    ) -> pb.CreateScheduleResponse:
+        schedule = await self._dispatcher.schedules.create(current_principal(), request)
+        return pb.CreateScheduleResponse(schedule=schedule)
+
+    async def GetSchedule(
+        self, request: pb.GetScheduleRequest, context: Context
+    ) -> pb.GetScheduleResponse:
+        return pb.GetScheduleResponse(schedule=await self._dispatcher.schedules.get(request.name))
+
+    async def ListSchedules(
+        self, request: pb.ListSchedulesRequest, context: Context
+    ) -> pb.ListSchedulesResponse:
+        return await self._dispatcher.schedules.list_schedules(request)
+
+    async def UpdateSchedule(
+        self, request: pb.UpdateScheduleRequest, context: Context
+    ) -> pb.UpdateScheduleResponse:
+        schedule = await self._dispatcher.schedules.update(current_principal(), request)
+        return pb.UpdateScheduleResponse(schedule=schedule)
+
+    async def PauseSchedule(
+        self, request: pb.PauseScheduleRequest, context: Context
+    ) -> pb.PauseScheduleResponse:
+        schedule = await self._dispatcher.schedules.pause(current_principal(), request)
+        return pb.PauseScheduleResponse(schedule=schedule)
+
+    async def ResumeSchedule(
+        self, request: pb.ResumeScheduleRequest, context: Context
+    ) -> pb.ResumeScheduleResponse:
+        schedule = await self._dispatcher.schedules.resume(current_principal(), request)
+        return pb.ResumeScheduleResponse(schedule=schedule)
+
+    async def DeleteSchedule(
+        self, request: pb.DeleteScheduleRequest, context: Context
+    ) -> pb.DeleteScheduleResponse:
+        await self._dispatcher.schedules.delete(current_principal(), request.name, request.etag)
+        return pb.DeleteScheduleResponse()
+
+    async def ListScheduleFirings(
+        self, request: pb.ListScheduleFiringsRequest, context: Context
+    ) -> pb.ListScheduleFiringsResponse:
+        return await self._dispatcher.schedules.list_firings(request)

@@ -196,6 +196,34 @@ class DispatcherSettings(Section):
         le=10_000,
         description="assistants one workspace may define",
     )
+    schedules_max_per_workspace: int = Field(
+        default=100,
+        ge=1,
+        le=10_000,
+        description="schedules one workspace may hold (RESOURCE_EXHAUSTED `QUOTA_EXCEEDED` past "
+        "it; docs/schedules.md)",
+    )
+    schedules_min_interval_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=86_400,
+        description="the shortest `interval` a schedule may have (INVALID_ARGUMENT below it); "
+        "cron schedules may fire every second",
+    )
+    schedules_missed_grace_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=86_400,
+        description="a schedule's tick still unclaimed this long after it was due is missed: "
+        "the schedule's `missed_tick_policy` decides (SKIP or RUN_ONCE)",
+    )
+    schedules_poll_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description="how often each dispatcher replica looks for due schedule ticks, at most "
+        "(sooner when the next tick is sooner, or a schedule changed here)",
+    )
     # The LLM handler (OpenAI-compatible Chat Completions). Off unless a base URL is set.
     llm_base_url: str = Field(
         default="",

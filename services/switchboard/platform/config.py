@@ -264,7 +264,7 @@ class KernelSettings(Section):
     advertise_address: GrpcTarget = Field(
         default="",
         description="`host:port` other replicas reach this process at: a dispatcher that gets "
-        "`CancelRun` or `SubmitToolApprovals` for a run another replica runs "
+        "`CancelRun`, `SubmitToolApprovals` or `SteerRun` for a run another replica runs "
         "forwards it there (Kubernetes: the pod IP)",
         json_schema_extra=shown(
             "`SWITCHBOARD_HOST` and the bound port (the host name when bound to `0.0.0.0`)"

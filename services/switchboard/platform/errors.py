@@ -458,6 +458,13 @@ class RunNotResumable(SwitchboardError):
     reason = "ERROR_REASON_RUN_NOT_RESUMABLE"
 
 
+class RunEnded(SwitchboardError):
+    """The run a steer names has ended: nothing was stored; send a new message."""
+
+    code = Code.FAILED_PRECONDITION
+    reason = "ERROR_REASON_RUN_ENDED"
+
+
 class ToolOutcomeUnknown(SwitchboardError):
     """A person failed the run at a tool call whose outcome a crash left unknown."""
 

@@ -10,7 +10,9 @@ would surface as INTERNAL; here it is INVALID_ARGUMENT naming the field.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from typing import Final
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
@@ -23,6 +25,7 @@ MAX_TIMESTAMP_S: Final = 253_402_300_799
 MAX_DURATION_S: Final = 315_576_000_000
 _MAX_NANOS: Final = 999_999_999
 _EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+UTC_ZONE: Final = ZoneInfo("UTC")
 
 
 def _out_of_range(field: str, description: str) -> InvalidArgument:
@@ -54,3 +57,25 @@ def seconds(value: duration_pb2.Duration, field: str) -> float:
             f"seconds in +-{MAX_DURATION_S}, nanos in +-999999999 with the sign of seconds",
         )
     return whole + nanos / 1e9
+
+
+def zone(name: str) -> ZoneInfo | None:
+    """The IANA zone ``name`` (UTC for ""), or None if there is no such zone.
+
+    Only the zones the system's database lists: ``ZoneInfo`` itself opens any file
+    under its directories (a directory such as "Europe" raises IsADirectoryError,
+    which would surface as INTERNAL instead of a field violation).
+    """
+    if not name:
+        return UTC_ZONE
+    if name not in _zones():
+        return None
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        return None
+
+
+@functools.cache
+def _zones() -> frozenset[str]:
+    return frozenset(available_timezones())

@@ -25,7 +25,13 @@ from switchboard.platform.names import etag_version, now
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.models import AssistantRow, WorkspaceRow
 from switchboard.platform.store.outbox import Staged, staging
-from switchboard.platform.store.storage import Idempotency, claim, retrying, transaction
+from switchboard.platform.store.storage import (
+    Idempotency,
+    claim,
+    retrying,
+    transaction,
+    workspace_page,
+)
 
 log = logging.getLogger("switchboard.dispatcher.assistants.store")
 
@@ -198,10 +204,7 @@ class AssistantStore:
         """The workspace's assistants by id, after ``after`` (exclusive), at most ``limit``."""
 
         def tx(db: Session) -> list[AssistantRecord]:
-            query = select(AssistantRow).where(AssistantRow.workspace_id == workspace_id)
-            if after is not None:
-                query = query.where(AssistantRow.id > after)
-            query = query.order_by(AssistantRow.id).limit(limit)
+            query = workspace_page(AssistantRow, workspace_id, after, limit)
             return [_record(row) for row in db.execute(query).scalars()]
 
         return await self._run(tx, write=False)

@@ -38,7 +38,7 @@ from switchboard.dispatcher.budgets.store import (
     NewBudget,
     Window,
 )
-from switchboard.platform import names
+from switchboard.platform import names, timefields
 from switchboard.platform.errors import (
     AlreadyExists,
     FieldViolation,
@@ -144,7 +144,7 @@ class Budgets:
                 violations.add("budget.period", "must be RUN, DAY, WEEK, MONTH or TOTAL")
             clean.period = given.period
         if "time_zone" in paths:
-            if periods.zone(given.time_zone) is None:
+            if timefields.zone(given.time_zone) is None:
                 violations.add(
                     "budget.time_zone",
                     "is not a known IANA time zone (for example Europe/Paris); empty for UTC",

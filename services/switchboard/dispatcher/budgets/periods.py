@@ -12,9 +12,10 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 from typing import Final
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.platform.timefields import zone
 
 UTC: Final = dt.UTC
 TOTAL: Final = "total"
@@ -27,18 +28,6 @@ class Period:
     window: str
     start: dt.datetime | None
     end: dt.datetime | None
-
-
-def zone(name: str) -> ZoneInfo | None:
-    """The time zone called ``name`` (UTC for ""), or None if there is none such."""
-    if not name:
-        return ZoneInfo("UTC")
-    if len(name) > 64 or name.startswith(("/", ".")) or ".." in name:
-        return None
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        return None
 
 
 def period_of(

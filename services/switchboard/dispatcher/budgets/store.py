@@ -25,7 +25,13 @@ from switchboard.platform.names import etag_version, now
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.models import BudgetRow, BudgetWindowRow, RunRow, WorkspaceRow
 from switchboard.platform.store.outbox import Staged, staging
-from switchboard.platform.store.storage import Idempotency, claim, retrying, transaction
+from switchboard.platform.store.storage import (
+    Idempotency,
+    claim,
+    retrying,
+    transaction,
+    workspace_page,
+)
 
 log = logging.getLogger("switchboard.dispatcher.budgets.store")
 
@@ -191,10 +197,7 @@ class BudgetStore:
         """The workspace's budgets by id, after ``after`` (exclusive), at most ``limit``."""
 
         def tx(db: Session) -> list[BudgetRecord]:
-            query = select(BudgetRow).where(BudgetRow.workspace_id == workspace_id)
-            if after is not None:
-                query = query.where(BudgetRow.id > after)
-            query = query.order_by(BudgetRow.id).limit(limit)
+            query = workspace_page(BudgetRow, workspace_id, after, limit)
             return [_record(row) for row in db.execute(query).scalars()]
 
         return await self._run(tx, write=False)

@@ -74,6 +74,36 @@ class StepBudget(Protocol):
     async def release(self, hold: str) -> None: ...
 
 
+class Steers(Protocol):
+    """The messages people steer a run with (``dispatcher/runs/steering.py``), for a
+    handler with step boundaries (the ``llm`` handler: before each model call).
+
+    ``journaled`` is what an earlier attempt of the run took, ``(step, message)`` in
+    order: a resumed run gives each to its model again before the same step.
+    ``take(step)`` takes the steers waiting now, in order, before model call
+    ``step`` (from 1), and returns their messages once the run's journal holds
+    them (each is then the run's for good: never answered on its own).
+    """
+
+    def journaled(self) -> Sequence[tuple[int, context_pb2.Message]]: ...
+
+    async def take(self, step: int) -> list[context_pb2.Message]: ...
+
+    @property
+    def restart(self) -> bool:
+        """The run asked for STEER_MODE_RESTART_STREAM: a steer cuts the model call in
+        progress (``arrival``, ``cut``), which is then made again with it."""
+        ...
+
+    async def arrival(self) -> None:
+        """Return once a steer waits for the run (at once if one already does)."""
+        ...
+
+    def cut(self) -> None:
+        """The model call in progress was cut for a steer: what it streamed is void."""
+        ...
+
+
 #: Reads a stored file the run's window names, as the run's user:
 #: ``await files(name, limit)`` is its whole content (RequestTooLarge past
 #: ``limit`` bytes, NotFound once deleted).
@@ -100,6 +130,8 @@ class HandleCall:
     #: call's usage and the provider's response id. The run's journal keeps
     #: them with the tool step or the answer the call made ("Durable runs").
     model_call: Callable[[handler_pb2.Usage, str], None] | None = None
+    #: Steers of the run, for a handler with step boundaries; ``None``: none are taken.
+    steers: Steers | None = None
 
     def remaining(self) -> float:
         """Seconds left before the deadline (never negative)."""

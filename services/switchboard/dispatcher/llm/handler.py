@@ -31,7 +31,7 @@ import contextlib
 import math
 import random
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -50,7 +50,7 @@ from switchboard.dispatcher.handlers.base import (
 from switchboard.dispatcher.llm.client import Answer, ProviderClient
 from switchboard.dispatcher.llm.config import LlmConfig, Provider, parse_prices, parse_providers
 from switchboard.dispatcher.llm.images import check_policy, load
-from switchboard.dispatcher.llm.messages import build_messages
+from switchboard.dispatcher.llm.messages import build_messages, user_message
 from switchboard.dispatcher.llm.tools import ToolLoop
 from switchboard.dispatcher.llm.usage import INT32_MAX, Price, Tally, estimate_tokens
 from switchboard.platform.errors import ModelNotPriced
@@ -127,15 +127,21 @@ class LlmHandler:
         # Text shown before a restart counts as shown: the run's answer has begun.
         shown = any(step.text for step in request.steps)
         usage = Tally(self._count)
-        messages = build_messages(request)
+        window: dict[str, dict[str, Any]] = {}
+        messages = build_messages(request, window)
+        steering = _Steering(call, messages, window)
         # Images: refused here under the refuse policy, else read once for the run's calls.
         chain, images = check_policy(messages, chain, self._config)
         await load(images, call.files, self._config)
         tools = ToolLoop(call)
         budget = call.budget
         prices = self._prices(chain, budget)
-        await tools.resume(messages)
+        await tools.resume(messages, steering.journaled_before)
+        steering.journaled_before(tools.steps + 1)
         while True:
+            # The step boundary: steers sent since the last model call go in now,
+            # after the step's tool results (docs/dispatcher.md, "Steering a live run").
+            await steering.take(tools.steps + 1)
             extra = tools.offer()
             hold = ""
             if budget is not None:
@@ -145,18 +151,39 @@ class LlmHandler:
                     )
                 )
             answer = Answer(shown=shown)
+            said: list[str] = []
             async with contextlib.aclosing(
                 self._client.ask(
                     chain, request_body(messages, sampling, extra), call.remaining, answer
                 )
             ) as texts:
-                async for text in texts:
+                # The steer race only for a run that restarts its stream: a plain run's
+                # tokens pass no extra generator (one hop per token, issue 53's budget).
+                source = steering.until_steered(texts) if steering.restarts else texts
+                async for text in source:
                     # Set in place: a ``TextDelta`` passed in is built, then copied, at
                     # three to five times the CPU (measured), once per token.
                     frame = Frame()
                     frame.delta.text = text
+                    said.append(text)
                     yield frame
             shown = answer.shown
+            if steering.was_cut:
+                # RESTART_STREAM: the call was cut for a steer. What it used is charged
+                # (estimated: a cut stream reports no usage), and it is made again with
+                # the steer, at the top of the loop.
+                spent = usage.add(
+                    reported=None,
+                    price=self._config.price_of(answer.provider or chain[0]),
+                    messages=messages,
+                    tools=extra.get("tools"),
+                    text="".join(said),
+                    calls=(),
+                )
+                if budget is not None:
+                    cut_input, cut_output, cut_micros = spent
+                    await budget.settle(hold, cut_micros, cut_input, cut_output)
+                continue
             outcome, provider = answer.outcome, answer.provider
             if provider is None:
                 raise RuntimeError("a model call ended without an answer or a failure")
@@ -243,6 +270,83 @@ class LlmHandler:
                 raise HandlerFailure("the assistant's model name must be 1 to 256 characters")
             providers[0] = replace(providers[0], model=settings.model)
         return tuple(providers)
+
+
+class _Steering:
+    """A run's steers (``HandleCall.steers``) into its model's messages, each once, in
+    order, where the run took it: a steer whose message the window already holds (it
+    was stored before the window was read) is moved from there."""
+
+    def __init__(
+        self, call: HandleCall, messages: list[dict[str, Any]], window: dict[str, dict[str, Any]]
+    ) -> None:
+        self._steers = call.steers
+        self._messages = messages
+        self._window = window
+        self._journaled: dict[int, list[context_pb2.Message]] = {}
+        #: The last model call was cut for a steer (RESTART_STREAM).
+        self.was_cut = False
+        if self._steers is not None:
+            for step, message in self._steers.journaled():
+                self._journaled.setdefault(step, []).append(message)
+                self._drop(message.name)
+
+    @property
+    def restarts(self) -> bool:
+        """The run cuts a model call in progress for a steer (STEER_MODE_RESTART_STREAM)."""
+        return self._steers is not None and self._steers.restart
+
+    def _drop(self, name: str) -> None:
+        found = self._window.pop(name, None) if name else None
+        if found is not None:
+            self._messages[:] = [m for m in self._messages if m is not found]
+
+    def _give(self, taken: list[context_pb2.Message]) -> None:
+        for message in taken:
+            self._drop(message.name)
+            self._messages.append(user_message(message))
+
+    def journaled_before(self, step: int) -> None:
+        """A resumed run: the steers its journal says model call ``step`` read."""
+        self._give(self._journaled.pop(step, []))
+
+    async def take(self, step: int) -> None:
+        self.was_cut = False
+        if self._steers is not None:
+            self._give(await self._steers.take(step))
+
+    async def until_steered(self, texts: AsyncIterator[str]) -> AsyncIterator[str]:
+        """``texts``, cut short (``was_cut``) when a steer arrives, if the run asked
+        for STEER_MODE_RESTART_STREAM; else ``texts`` as they are."""
+        steers = self._steers
+        if steers is None or not steers.restart:
+            async for text in texts:
+                yield text
+            return
+        arrival = asyncio.ensure_future(steers.arrival())
+        following: asyncio.Future[str] | None = None
+        try:
+            while True:
+                following = asyncio.ensure_future(anext(texts))
+                await asyncio.wait({following, arrival}, return_when=asyncio.FIRST_COMPLETED)
+                if following.done():
+                    try:
+                        text = following.result()
+                    except StopAsyncIteration:
+                        return
+                    yield text
+                    continue
+                self.was_cut = True
+                steers.cut()
+                return
+        finally:
+            arrival.cancel()
+            if following is not None and not following.done():
+                # Cut, or the run cancelled: the stream's read ends here, before the
+                # stream itself is closed (it cannot be closed while it is read).
+                following.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await following
 
 
 def _worst_case(

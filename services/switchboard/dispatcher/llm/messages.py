@@ -143,7 +143,9 @@ def _tool_exchange(
     return rendered
 
 
-def _history(messages: Sequence[context_pb2.Message]) -> list[dict[str, Any]]:
+def _history(
+    messages: Sequence[context_pb2.Message], named: dict[str, dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
     rendered: list[dict[str, Any]] = []
     index = 0
     while index < len(messages):
@@ -160,13 +162,26 @@ def _history(messages: Sequence[context_pb2.Message]) -> list[dict[str, Any]]:
         chat = _chat_message(message)
         if chat is not None:
             rendered.append(chat)
+            if named is not None and message.name:
+                named[message.name] = chat
     return rendered
 
 
-def build_messages(request: handler_pb2.HandleRequest) -> list[dict[str, Any]]:
+def user_message(message: context_pb2.Message) -> dict[str, Any]:
+    """A steer's message (``runs/steering.py``) as the model reads it: a user message."""
+    return {"role": "user", "content": _user_content(message.parts) or ""}
+
+
+def build_messages(
+    request: handler_pb2.HandleRequest, index: dict[str, dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
     """The Chat Completions ``messages`` for a request: the assistant's
     instructions, what is remembered (one system message), the window's
-    messages (stored tool calls paired with their results), then the new message."""
+    messages (stored tool calls paired with their results), then the new message.
+
+    ``index``, if given, gets each window message's name with the dict it became
+    (a steer stored before the window was read is taken out of it by the handler,
+    to be given once, where the run takes it)."""
     remembered: list[str] = []
     summaries: list[str] = []
     window: list[context_pb2.Message] = []
@@ -188,6 +203,10 @@ def build_messages(request: handler_pb2.HandleRequest) -> list[dict[str, Any]]:
                 # The window's copy: its files' text is filled in (and cut to fit).
                 current_message = item.message
                 continue
+            if request.steps and request.run and item.message.run == request.run:
+                # A resumed run's own steps, stored before the crash: the journal's
+                # steps give them to the model after the run's message, once.
+                continue
             window.append(item.message)
     blocks: list[str] = []
     if summaries:
@@ -199,7 +218,7 @@ def build_messages(request: handler_pb2.HandleRequest) -> list[dict[str, Any]]:
         messages.append({"role": "system", "content": request.instructions})
     if blocks:
         messages.append({"role": "system", "content": "\n\n".join(blocks)})
-    messages.extend(_history(window))
+    messages.extend(_history(window, index))
     current = _chat_message(current_message)
     messages.append(current or {"role": "user", "content": ""})
     return messages

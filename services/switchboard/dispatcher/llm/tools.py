@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 
 from google.protobuf import struct_pb2
@@ -175,11 +175,23 @@ class ToolLoop:
         choice = "auto" if self._steps < self._limit else "none"
         return {"tools": self._toolbox.specs, "tool_choice": choice}
 
-    async def resume(self, messages: list[dict[str, Any]]) -> None:
+    @property
+    def steps(self) -> int:
+        """Tool steps taken so far (the next model call is step ``steps + 1``)."""
+        return self._steps
+
+    async def resume(
+        self,
+        messages: list[dict[str, Any]],
+        before: Callable[[int], None] | None = None,
+    ) -> None:
         """Append the steps the run already took to ``messages``, first running
-        the calls of an unfinished last step."""
+        the calls of an unfinished last step. ``before(n)`` is called before the
+        exchange of model call ``n`` is appended (the steers it took go there)."""
         steps = self._call.request.steps
         for position, step in enumerate(steps):
+            if before is not None:
+                before(position + 1)
             results = {result.id: result for result in reversed(step.results)}
             pending = [tool_call for tool_call in step.calls if tool_call.id not in results]
             if pending:

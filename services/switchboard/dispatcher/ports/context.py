@@ -46,6 +46,10 @@ class _Windows(Protocol):
 class _Conversations(Protocol):
     def get(self, name: str) -> Awaitable[cpb.Conversation]: ...
 
+    def create(
+        self, principal: Principal, request: cpb.CreateConversationRequest
+    ) -> Awaitable[cpb.Conversation]: ...
+
 
 class _Files(Protocol):
     def read_all(self, name: str, *, limit: int) -> Awaitable[bytes]: ...
@@ -80,6 +84,13 @@ class ContextPort(Protocol):
         self, principal: Principal, name: str, *, timeout_s: float
     ) -> cpb.Conversation: ...
 
+    async def create_conversation(
+        self, principal: Principal, request: cpb.CreateConversationRequest, *, timeout_s: float
+    ) -> cpb.Conversation:
+        """A new conversation (a schedule's), made as ``principal``; idempotent on the
+        request's ``request_id``."""
+        ...
+
     async def download(
         self, principal: Principal, name: str, *, limit: int, timeout_s: float
     ) -> bytes:
@@ -107,6 +118,12 @@ class LocalContext:
         self, principal: Principal, name: str, *, timeout_s: float
     ) -> cpb.Conversation:
         return await self._domain.conversations.get(name)
+
+    async def create_conversation(
+        self, principal: Principal, request: cpb.CreateConversationRequest, *, timeout_s: float
+    ) -> cpb.Conversation:
+        async with asyncio.timeout(timeout_s):
+            return await self._domain.conversations.create(principal, request)
 
     async def download(
         self, principal: Principal, name: str, *, limit: int, timeout_s: float
@@ -142,6 +159,14 @@ class RemoteContext:
     ) -> cpb.Conversation:
         response = await self._peer.call(
             self._stub.GetConversation, cpb.GetConversationRequest(name=name), principal, timeout_s
+        )
+        return response.conversation
+
+    async def create_conversation(
+        self, principal: Principal, request: cpb.CreateConversationRequest, *, timeout_s: float
+    ) -> cpb.Conversation:
+        response = await self._peer.call(
+            self._stub.CreateConversation, request, principal, timeout_s
         )
         return response.conversation
 

@@ -2,10 +2,11 @@
 
 Behind Envoy a call for a run lands on any dispatcher replica, but only the
 replica that owns the run (its ``worker``) holds the task to cancel and the
-pending tool calls to decide. ``CancelRun`` and ``SubmitToolApprovals`` that
-land elsewhere are sent on to the owner's advertised address
-(``SWITCHBOARD_ADVERTISE_ADDRESS``, kept in its lease) through the generated
-``DispatcherService`` stub, and the owner's answer is returned.
+pending tool calls to decide (and the queue a steer waits in). ``CancelRun``,
+``SubmitToolApprovals`` and ``SteerRun`` that land elsewhere are sent on to the
+owner's advertised address (``SWITCHBOARD_ADVERTISE_ADDRESS``, kept in its
+lease) through the generated ``DispatcherService`` stub, and the owner's answer
+is returned.
 
 The forwarded call carries the caller's own credential, so the owner
 authenticates and authorizes the caller itself, exactly as if the client had
@@ -81,6 +82,10 @@ class PeerPort(Protocol):
         self, address: str, via: Via, request: pb.ResolveBudgetActionRequest
     ) -> pb.Run: ...
 
+    async def steer_run(
+        self, address: str, via: Via, request: pb.SteerRunRequest
+    ) -> pb.SteerRunResponse: ...
+
 
 class GrpcPeers:
     """``PeerPort`` over gRPC: one channel per peer address, kept open, closed on ``close``."""
@@ -151,6 +156,18 @@ class GrpcPeers:
         except aio.AioRpcError as exc:
             raise _mapped(exc) from None
         return response.run
+
+    async def steer_run(
+        self, address: str, via: Via, request: pb.SteerRunRequest
+    ) -> pb.SteerRunResponse:
+        stub = self._stub(address)
+        try:
+            response: pb.SteerRunResponse = await stub.SteerRun(
+                request, metadata=_metadata(via), timeout=via.budget()
+            )
+        except aio.AioRpcError as exc:
+            raise _mapped(exc) from None
+        return response
 
 
 def _metadata(via: Via) -> tuple[tuple[str, str], ...]:

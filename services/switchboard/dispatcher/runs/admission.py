@@ -23,6 +23,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Final
 
 from google.protobuf import struct_pb2
@@ -64,14 +65,34 @@ from switchboard.platform.errors import (
 )
 from switchboard.platform.observe.telemetry import current_ids, traceparent
 from switchboard.platform.security.policy import Principal
-from switchboard.platform.store.storage import idempotency
+from switchboard.platform.store.storage import Idempotency, idempotency
 
 log = logging.getLogger("switchboard.dispatcher")
 
 HANDLER: Final = re.compile(rf"(handlers/)?{names.CLIENT_ID.pattern}")
 _POLICIES: Final = frozenset(pb.ConcurrencyPolicy.values())
+_STEER_MODES: Final = frozenset(pb.SteerMode.values())
 #: Parameters of one run, serialized.
 _MAX_PARAMETER_BYTES: Final = 16 * 1024
+
+
+@dataclass(frozen=True)
+class Steered:
+    """A message admitted as a steer of ``target`` (``steering.py``): the run it makes
+    uses the target's assistant and handler, and waits behind it."""
+
+    target: Active
+    #: The idempotency key of the call that sent it (SteerRun's, or SendMessage's).
+    key: Idempotency | None
+    #: Told once the steer's run is admitted (the target takes it from there).
+    accepted: Callable[[Active], None]
+
+
+def steer_mode_violations(mode: int) -> list[FieldViolation]:
+    """``SendMessageRequest.steer_mode``: a known mode."""
+    if mode not in _STEER_MODES:
+        return [FieldViolation("steer_mode", "is not a known mode")]
+    return []
 
 
 class Turns:
@@ -192,36 +213,47 @@ class Admission:
         principal: Principal,
         request: pb.SendMessageRequest,
         handed: Handed | None = None,
+        *,
+        schedule: str = "",
+        steer: Steered | None = None,
     ) -> pb.SendMessageResponse:
         """``handed``: the budget a caller handed over (``x-switchboard-budget``), one
-        more cap on the run; nothing left of it refuses the message."""
+        more cap on the run; nothing left of it refuses the message. ``schedule``: the
+        schedule whose tick sends it (``Run.schedule``; ``schedules/firing.py``).
+        ``steer``: the message steers a live run (``steering.py``), through the same
+        checks."""
         found = names.match(names.CONVERSATION, request.conversation, "conversation")
         # A few of a workspace's messages at a time: admissions share the database's
         # writers with every other workspace's, and a flood queued there would hold up
         # the others' first tokens (bench/fairness.py).
         async with self._turns.held(found[1]):
-            return await self._send_message(principal, request, handed)
+            return await self._send_message(principal, request, handed, schedule, steer)
 
     async def _send_message(
-        self, principal: Principal, request: pb.SendMessageRequest, handed: Handed | None
+        self,
+        principal: Principal,
+        request: pb.SendMessageRequest,
+        handed: Handed | None,
+        schedule: str = "",
+        steer: Steered | None = None,
     ) -> pb.SendMessageResponse:
         found = names.match(names.CONVERSATION, request.conversation, "conversation")
         workspace_id, conversation_id = found[1], found[2]
         timeout = self._validate(request)
         # The key of the request as sent: a retry matches it before its recording
         # is transcribed again.
-        key = idempotency(principal.user_id, "SendMessage", request)
+        key = _key(principal, request, steer)
         speech = request.HasField("speech") and spoken.wanted(request)
         if speech:
             request, flags, assistant, choice = await self._spoken(principal, request, workspace_id)
         else:
             flags = await self._screen(principal, request, workspace_id)
-            assistant, choice = await self._choose(workspace_id, request)
+            assistant, choice = await self._choose(workspace_id, request, steer)
         policy = request.concurrency_policy or pb.CONCURRENCY_POLICY_ENQUEUE
         if key is not None:
             earlier = await self._store.replayed(key)
             if earlier is not None:
-                return await self._replay(principal, request, earlier)
+                return await self.replay(principal, request, earlier)
         if policy == pb.CONCURRENCY_POLICY_REJECT and self._scheduler.active_in(
             request.conversation
         ):
@@ -245,6 +277,8 @@ class Admission:
             principal, request, stored_message, run_id, choice, assistant, flags, policy, timeout
         )
         _carry_trace(self._tracer, run, job)
+        run.schedule = schedule
+        _mark_steer(run, job, steer)
         if speech:
             # Kept with the job: a run taken over by another replica still speaks.
             run.speech.CopyFrom(spoken.echoed(request.speech))
@@ -266,7 +300,7 @@ class Admission:
             )
         )
         if replayed:
-            return await self._replay(principal, request, created)
+            return await self.replay(principal, request, created)
         if policy == pb.CONCURRENCY_POLICY_INTERRUPT:
             await self._supersede(request.conversation, run.name)
         active = Active(
@@ -291,6 +325,7 @@ class Admission:
         self.admit(active, force=True)
         if active.task is None:  # it waits its turn: say so now
             self._publishing.release(active)
+        _accepted(steer, active)
         if flags:
             await self._filtered(
                 principal, request.conversation, "content", "", flags=flags, run=run.name
@@ -358,9 +393,13 @@ class Admission:
         self._scheduler.admit(ticket, force=force)
 
     async def _choose(
-        self, workspace_id: str, request: pb.SendMessageRequest
+        self, workspace_id: str, request: pb.SendMessageRequest, steer: Steered | None = None
     ) -> tuple[pb.Assistant | None, Choice]:
         """The message's assistant (if any) and the handler that answers it."""
+        if steer is not None:
+            # The target's assistant and handler: the steer is its message.
+            target = steer.target
+            return target.assistant, Choice(target.handler, f"steers {target.run.name}")
         assistant, choice = await route(
             self._assistants, self._router, workspace_id, request, request.message
         )
@@ -387,6 +426,7 @@ class Admission:
             violations.append(FieldViolation("request_id", "must be 1-64 of [A-Za-z0-9_-]"))
         if request.concurrency_policy not in _POLICIES:
             violations.append(FieldViolation("concurrency_policy", "is not a known policy"))
+        violations += steer_mode_violations(request.steer_mode)
         timeout = self._limits.default_timeout_s
         if request.HasField("timeout"):
             requested = timefields.seconds(request.timeout, "timeout")
@@ -511,7 +551,7 @@ class Admission:
                     retry_after_s=max(reset_s, 1.0),
                 )
 
-    async def _replay(
+    async def replay(
         self, principal: Principal, request: pb.SendMessageRequest, earlier: Stored
     ) -> pb.SendMessageResponse:
         """The answer to a retry: the first run, and the first message (the context
@@ -542,6 +582,31 @@ class Admission:
             await self._bus.publish(event)
         except SwitchboardError:
             log.warning("filter event not published", extra={"filter": filter_name})
+
+
+def _key(
+    principal: Principal, request: pb.SendMessageRequest, steer: Steered | None
+) -> Idempotency | None:
+    """The call's idempotency key: a steer's is its own call's (SteerRun's)."""
+    if steer is not None:
+        return steer.key
+    return idempotency(principal.user_id, "SendMessage", request)
+
+
+def _mark_steer(run: pb.Run, job: job_pb2.RunJob, steer: Steered | None) -> None:
+    """A steer's run says what it steers (``Run.steer``, ``RunJob.steer_target``)."""
+    if steer is None:
+        return
+    run.concurrency_policy = pb.CONCURRENCY_POLICY_STEER
+    run.steer.target = steer.target.run.name
+    run.steer.state = pb.STEER_STATE_ACCEPTED
+    job.steer_target = steer.target.run.name
+
+
+def _accepted(steer: Steered | None, active: Active) -> None:
+    """A steer's run is admitted: its target takes it from here."""
+    if steer is not None:
+        steer.accepted(active)
 
 
 def _append_request(
@@ -583,6 +648,7 @@ def _new_run(
         flags=flags,
         last_sequence=1,
         assistant=assistant.name if assistant is not None else "",
+        steer_mode=request.steer_mode,
     )
     run.create_time.FromDatetime(names.now())
     params = struct_pb2.Struct()
@@ -594,7 +660,9 @@ def _new_run(
         _strip_prefix(stored_for_handler, choice.strip_prefix)
     else:
         stored_for_handler = stored_message
-    return run, _new_job(principal, stored_for_handler, params, timeout, assistant)
+    job = _new_job(principal, stored_for_handler, params, timeout, assistant)
+    job.steer_mode = request.steer_mode
+    return run, job
 
 
 def _new_job(

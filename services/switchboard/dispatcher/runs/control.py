@@ -212,6 +212,10 @@ class Control:
         )
         return self._live.current(active.run)
 
+    async def owner_of(self, found: re.Match[str], via: Via) -> tuple[Stored, _Peer | None]:
+        """``_owner``, for the other calls that act on a run where it runs (SteerRun)."""
+        return await self._owner(found, via)
+
     async def _owner(self, found: re.Match[str], via: Via) -> tuple[Stored, _Peer | None]:
         """A run that is not active here: the stored run and, unless it has ended
         (None), the replica that owns it, to forward the call to.

@@ -47,6 +47,7 @@ from switchboard.dispatcher.runs.live import (
 )
 from switchboard.dispatcher.runs.publishing import Publishing
 from switchboard.dispatcher.runs.scheduler import Scheduler, Ticket
+from switchboard.dispatcher.runs.steerbook import SteerBook
 from switchboard.dispatcher.runs.store import TERMINAL
 from switchboard.dispatcher.tools.journal import Journal, add_usage
 from switchboard.dispatcher.tools.port import ToolPort
@@ -114,8 +115,11 @@ class Execution:
         tracer: Tracer | None,
         spending: Spending | None = None,
         speech: Speech | None = None,
+        steers: SteerBook | None = None,
     ) -> None:
         self._live = common.live
+        #: The replica's steers (None: runs take none; their steers run as queued runs).
+        self._steers = steers
         #: The server's speech (None: no engine; a run asked to speak answers in text).
         self._speech = speech
         self._spending = spending
@@ -353,6 +357,7 @@ class Execution:
                 budget=active.budget,
                 files=self._file_reader(active, left),
                 model_call=journal.model_call if journal is not None else None,
+                steers=self._steers.source(active) if self._steers is not None else None,
             )
             result = await self._relay(active, clock.call)
             await self._settled(result, runner, journal)
@@ -691,6 +696,9 @@ class Execution:
         """The run's end: stored, announced, and its place given back."""
         run = active.run
         self._publishing.release(active)
+        if self._steers is not None:
+            # Steers it did not take run as queued runs; its watchers hear so first.
+            self._steers.target_ended(active)
         await self._started_saved(active)
         if error is not None:
             run.error.CopyFrom(mapping.error_status(error))
@@ -702,6 +710,9 @@ class Execution:
 
     def _started(self, active: Active) -> None:
         """Log and measure a run's start (its queue wait)."""
+        if self._steers is not None:
+            # A steer's run that starts was not taken by its target: it answers itself.
+            self._steers.starting(active)
         now = time.monotonic()
         active.started_at = now
         active.run.start_time.FromDatetime(names.now())

@@ -3,6 +3,7 @@
 ::
 
     QUEUED ──start──▶ RUNNING ──succeed──▶ SUCCEEDED
+      │ └─────────consume (a steer)─────────▲
       │  ▲               │  ▲
       │  └──requeue──────┤  └──resume──┐
       │                  └──pause──▶ REQUIRES_ACTION
@@ -16,6 +17,9 @@
   job's steps before it is shown, so a restart resumes it; the scheduler gives
   its slot to others.
 * ``resume``: every call decided; stored and shown.
+* ``consume``: a steer's run (``steering.py``) whose target took its message at
+  a step boundary: SUCCEEDED without starting, stored in the transaction that
+  journals it in the target's job.
 * ``requeue``: the dispatcher stopped while it ran (recovery policy
   ``resume`` or ``requeue``), or it is recovered after a restart: it
   continues from its journal (``tools/journal.py``).
@@ -58,7 +62,9 @@ _ENDS = (pb.RUN_STATE_FAILED, pb.RUN_STATE_CANCELLED, pb.RUN_STATE_DEADLINE_EXCE
 
 #: Each state's possible next states.
 TRANSITIONS: Final[dict[int, frozenset[int]]] = {
-    _QUEUED: frozenset({_RUNNING, *_ENDS}),
+    # SUCCEEDED straight from QUEUED: a steer's run its target consumed
+    # (``steering.py``); its answer is the target's.
+    _QUEUED: frozenset({_RUNNING, pb.RUN_STATE_SUCCEEDED, *_ENDS}),
     _RUNNING: frozenset({pb.RUN_STATE_SUCCEEDED, _PAUSED, _QUEUED, *_ENDS}),
     _PAUSED: frozenset({_RUNNING, _QUEUED, *_ENDS}),
 }

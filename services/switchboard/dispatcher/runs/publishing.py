@@ -161,7 +161,14 @@ class Publishing:
                 log.info("the run's updates were logged after all", extra={"run": active.run.name})
             return
 
-    async def persist(self, active: Active, what: str, *, job: bool = False) -> None:
+    async def persist(
+        self,
+        active: Active,
+        what: str,
+        *,
+        job: bool = False,
+        other_job: tuple[str, bytes] | None = None,
+    ) -> bool | None:
         """Store the run as it now stands, then announce it as a state change.
 
         Announced only once stored: the feed and the events never say a run
@@ -169,11 +176,16 @@ class Publishing:
         check, recovery). A save that fails is retried until the database
         answers; if this process stops first, nothing was announced and the
         next owner applies the recovery policy to what is stored.
+
+        ``other_job``: another run's job stored in the same transaction (``RunStore.save``).
+        Returns what ``save_until_stored`` does.
         """
         async with active.persisting:
-            await self._persist_now(active, what, job)
+            return await self._persist_now(active, what, job, other_job)
 
-    async def _persist_now(self, active: Active, what: str, job: bool) -> None:
+    async def _persist_now(
+        self, active: Active, what: str, job: bool, other_job: tuple[str, bytes] | None = None
+    ) -> bool | None:
         run = active.run
         run.last_sequence = active.feed.last + 1
         # Its event is written with it (the outbox): a crash right after the
@@ -198,7 +210,7 @@ class Publishing:
             outbox, lambda stored: events if stored else [], inline=inline
         )
         data = active.job.SerializeToString() if job else None
-        saved = await self.save_until_stored(active, what, staged, data)
+        saved = await self.save_until_stored(active, what, staged, data, other_job)
         if saved and inline and events[-1].cursor:
             # Logged and delivered with the end: the feed shows it now, numbered and
             # stamped as the log has it (WatchRun and Subscribe tell the same update).
@@ -230,6 +242,7 @@ class Publishing:
                 "a run was taken over by another instance; its end here is not announced",
                 extra={"run": run.name, "what": what},
             )
+        return saved
 
     async def _logged_so_far(self, active: Active) -> None:
         """Wait until the run's publisher has logged everything emitted so far."""
@@ -237,7 +250,12 @@ class Publishing:
             await asyncio.wait((publisher,))
 
     async def save_until_stored(
-        self, active: Active, what: str, staged: Staged[bool] | None, job: bytes | None = None
+        self,
+        active: Active,
+        what: str,
+        staged: Staged[bool] | None,
+        job: bytes | None = None,
+        other_job: tuple[str, bytes] | None = None,
     ) -> bool | None:
         """True once saved, False if another instance owns it now, None if stopping first."""
         backoff = Backoff(0.05, 2.0)
@@ -252,6 +270,7 @@ class Publishing:
                         owner=self._instance_id,
                         staged=staged,
                         job=job,
+                        other_job=other_job,
                     )
             except (DependencyUnavailable, Conflict, TimeoutError):
                 if self._live.closing and time.monotonic() - began >= FINISH_TIMEOUT_S:

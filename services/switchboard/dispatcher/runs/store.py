@@ -249,12 +249,16 @@ class RunStore:
         owner: str,
         staged: Staged[bool] | None = None,
         job: bytes | None = None,
+        other_job: tuple[str, bytes] | None = None,
     ) -> bool:
         """Persist the run's current state; False if ``owner`` no longer owns it
         (taken over by another instance, or purged with its conversation).
 
         ``staged``: events written in the same transaction (its build gets the result).
         ``job``: the restart data too, when it changed (a pause stores the steps).
+        ``other_job``: another run's id and job, stored in the same transaction and
+        fenced alike (a consumed steer: its end and the target's journal of it land
+        together or not at all; False, nothing stored, if either is not ``owner``'s).
         """
         values: dict[str, object] = {
             "run": run_id,
@@ -272,9 +276,35 @@ class RunStore:
         statement = _SAVE_RUN[job is not None, ended]
 
         def work(db: Session) -> bool:
-            return bool(statement.execute(db, values))
+            saved = bool(statement.execute(db, values))
+            if saved and other_job is not None:
+                other = {"run": other_job[0], "owner": owner, "job": other_job[1]}
+                if not _SAVE_JOB.execute(db, other):
+                    raise _Fenced  # rolls the run's save back with it
+            return saved
 
-        return await self._run(staging(staged, work), write=True)
+        try:
+            return await self._run(staging(staged, work), write=True)
+        except _Fenced:
+            return False
+
+    async def oldest_active(self, workspace_id: str, conversation_id: str) -> Stored | None:
+        """The conversation's oldest active run (any replica's), if it has one."""
+
+        def work(db: Session) -> RunRow | None:
+            return db.scalar(
+                select(RunRow)
+                .where(
+                    RunRow.workspace_id == workspace_id,
+                    RunRow.conversation_id == conversation_id,
+                    RunRow.state.in_(ACTIVE),
+                )
+                .order_by(RunRow.created_at, RunRow.id)
+                .limit(1)
+            )
+
+        row = await self._run(work, write=False)
+        return None if row is None else _stored(row)
 
     async def save_job(self, run_id: str, job: bytes, *, owner: str) -> bool:
         """Store the run's restart data (its tool steps so far); False if not ``owner``'s."""
@@ -430,6 +460,10 @@ class RunStore:
             )
 
         return [_stored(row) for row in await self._run(work, write=False)]
+
+
+class _Fenced(Exception):
+    """A save's second row was not the owner's: the transaction is rolled back."""
 
 
 def usage_values(run: pb.Run) -> dict[str, object]:

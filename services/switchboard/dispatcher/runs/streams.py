@@ -1,8 +1,8 @@
 """The dispatcher's two open streams, WatchRun and Converse, held to the caller's
 access as it changes.
 
-``Converse`` multiplexes SendMessage, CancelRun, SubmitToolApprovals and
-WatchRun on one stream.
+``Converse`` multiplexes SendMessage, SteerRun, CancelRun, SubmitToolApprovals
+and WatchRun on one stream.
 Each action is authorized like the unary RPC it stands for, at the moment it
 arrives (the access rule is ``per_item``); an action that fails answers with
 an ``error`` frame and the stream stays open. Its output is one bounded queue:
@@ -56,8 +56,12 @@ class Actions(Protocol):
     """What a stream's actions call: the dispatcher's own calls (``service.Dispatcher``)."""
 
     async def send_message(
-        self, principal: Principal, request: pb.SendMessageRequest
+        self, principal: Principal, request: pb.SendMessageRequest, *, via: Via
     ) -> pb.SendMessageResponse: ...
+
+    async def steer_run(
+        self, principal: Principal, request: pb.SteerRunRequest, via: Via
+    ) -> pb.SteerRunResponse: ...
 
     async def get_run(self, name: str) -> pb.Run: ...
 
@@ -213,12 +217,14 @@ class _Converse:
                     send.conversation, Permission.WRITE, "send_message.conversation"
                 )
                 self._room()
-                sent = await self._actions.send_message(self._principal, send)
+                sent = await self._actions.send_message(self._principal, send, via=self._via)
                 await self._out.put(
                     pb.ConverseResponse(client_request_id=client_id, message_sent=sent)
                 )
                 started = sent.run.name
                 self._relay(await self._hold(started, "message_sent.run.name"), started, 0)
+            elif action == "steer_run":
+                await self._steer(client_id, request.steer_run)
             elif action == "cancel_run":
                 cancel = request.cancel_run
                 await self._grant.authorize(cancel.name, Permission.WRITE, "cancel_run.name")
@@ -266,6 +272,16 @@ class _Converse:
             if self._grant.error is not None:
                 return  # the credential is gone: the stream ends with its status
             await self._out.put(_error_frame(exc, client_id))
+
+    async def _steer(self, client_id: str, steer: pb.SteerRunRequest) -> None:
+        """Steer a run; the steer's own run is relayed (consumed: it ends at once;
+        requeued: its answer follows)."""
+        await self._grant.authorize(steer.run, Permission.WRITE, "steer_run.run")
+        self._room()
+        steered = await self._actions.steer_run(self._principal, steer, self._via)
+        await self._out.put(pb.ConverseResponse(client_request_id=client_id, run_steered=steered))
+        started = steered.run.name
+        self._relay(await self._hold(started, "run_steered.run.name"), started, 0)
 
     def _room(self) -> None:
         if len(self._relays) >= CONVERSE_MAX_RELAYS:

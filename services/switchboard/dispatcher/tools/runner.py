@@ -260,6 +260,10 @@ class RunTools:
         """Answer text the handler streamed (the next step's text, if it calls tools)."""
         self._text.append(text)
 
+    def unsay(self) -> None:
+        """The text streamed since the last step is void (a model call cut for a steer)."""
+        self._text.clear()
+
     async def drain(self) -> None:
         """Wait for the steps' messages to be stored (before the final answer is)."""
         if self._writes is not None:

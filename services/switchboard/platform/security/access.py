@@ -133,6 +133,8 @@ RULES: Final[dict[str, Rule]] = {
     _DISPATCHER + "GetRun": resource("name", READ),
     _DISPATCHER + "ListRuns": resource("parent", READ),
     _DISPATCHER + "CancelRun": resource("name", WRITE),
+    # Steering a run is sending a message into its conversation: an editor's.
+    _DISPATCHER + "SteerRun": resource("run", WRITE),
     # Authorized by the servicer's stream grant (platform/security/accesswatch.py), which
     # must hold the run for as long as it relays it: checking it here as well
     # would read the membership twice per stream.
@@ -163,6 +165,16 @@ RULES: Final[dict[str, Rule]] = {
     # Quotas: members see what bounds them, owners set it.
     _DISPATCHER + "GetWorkspaceQuota": resource("name", READ),
     _DISPATCHER + "UpdateWorkspaceQuota": resource("quota.name", ADMIN),
+    # Schedules: as assistants, members read them, owners define them (their runs act as
+    # their creator, who must still be able to write when a tick fires).
+    _DISPATCHER + "CreateSchedule": resource("parent", ADMIN),
+    _DISPATCHER + "GetSchedule": resource("name", READ),
+    _DISPATCHER + "ListSchedules": resource("parent", READ),
+    _DISPATCHER + "UpdateSchedule": resource("schedule.name", ADMIN),
+    _DISPATCHER + "PauseSchedule": resource("name", ADMIN),
+    _DISPATCHER + "ResumeSchedule": resource("name", ADMIN),
+    _DISPATCHER + "DeleteSchedule": resource("name", ADMIN),
+    _DISPATCHER + "ListScheduleFirings": resource("parent", READ),
     # Integration: registering external services is an owner's decision.
     _INTEGRATION + "CreateIntegration": resource("parent", ADMIN),
     _INTEGRATION + "GetIntegration": resource("name", READ),

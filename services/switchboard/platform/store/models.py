@@ -537,6 +537,72 @@ class WorkspaceQuotaRow(Base):
     version: Mapped[int] = mapped_column(Integer, default=1)
 
 
+class ScheduleRow(Base):
+    """A workspace's schedule (``dispatcher/schedules/``): the serialized ``Schedule``
+    settings (``data``) beside the columns the firing loop queries. ``next_fire_us``
+    is the next tick in microseconds since the epoch (NULL while paused): a replica
+    claims a tick by moving it on, conditional on the value it read, so a tick is
+    claimed once. ``uid`` is unique to this schedule's life: the request ids of
+    its ticks derive from it, so a schedule deleted and made again with the same id
+    never replays the old one's runs. ``version`` is the etag's source (a claim
+    does not change it)."""
+
+    __tablename__ = "schedules"
+    __table_args__ = (Index("ix_schedules_due", "state", "next_fire_us"),)
+
+    workspace_id: Mapped[str] = mapped_column(
+        ForeignKey("workspaces.id", ondelete="CASCADE"), primary_key=True
+    )
+    id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    uid: Mapped[str] = mapped_column(String(ID_LENGTH))
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    # ScheduleState value.
+    state: Mapped[int] = mapped_column(Integer)
+    next_fire_us: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    last_fire_us: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    last_run: Mapped[str] = mapped_column(String(255), default="", server_default="")
+    # The SHARED conversation's id ("" for PER_RUN).
+    conversation_id: Mapped[str] = mapped_column(String(63), default="", server_default="")
+    # The creator's user id: its runs run as this user.
+    creator: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    version: Mapped[int] = mapped_column(Integer, default=1)
+
+
+class ScheduleFiringRow(Base):
+    """One tick of a schedule, claimed once: the primary key is the claim (two
+    replicas inserting the same tick cannot both commit). ``outcome`` is a
+    ``FiringOutcome`` value: CLAIMED while its run is being started by ``claimer``
+    (a dispatcher instance; a live one takes over a claim whose claimer's lease
+    expired), then STARTED (``run``), SKIPPED or FAILED (``error``, a serialized
+    ``google.rpc.Status``). ``request`` is the serialized ``SendMessageRequest`` the
+    tick sends, fixed at the claim so a replay is the same request."""
+
+    __tablename__ = "schedule_firings"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["workspace_id", "schedule_id"],
+            ["schedules.workspace_id", "schedules.id"],
+            ondelete="CASCADE",
+        ),
+        Index("ix_schedule_firings_claimed", "outcome", "claimer"),
+    )
+
+    workspace_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    schedule_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    fire_us: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    claim_time: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    claimer: Mapped[str] = mapped_column(String(64))
+    outcome: Mapped[int] = mapped_column(Integer)
+    catch_up: Mapped[bool] = mapped_column(Boolean, default=False)
+    run: Mapped[str] = mapped_column(String(255), default="")
+    error: Mapped[bytes] = mapped_column(LargeBinary, default=b"")
+    request: Mapped[bytes] = mapped_column(LargeBinary, default=b"")
+    # For PER_RUN: the title of the conversation the tick makes ("" for SHARED).
+    title: Mapped[str] = mapped_column(String(255), default="")
+
+
 class FileRow(Base):
     """A stored file's metadata (``context/files/``); its bytes are the blob
     named by ``sha256`` in the blob store. A deleted file keeps its row (with

@@ -156,6 +156,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """A person failed the run at a tool call whose outcome was unknown after a
     crash (SubmitToolApprovals with FAIL_RUN; ABORTED).
     """
+    ERROR_REASON_RUN_ENDED: _ErrorReason.ValueType  # 46
+    """The run named has ended, so it cannot be steered (SteerRun;
+    FAILED_PRECONDITION); nothing was stored. Send the message as a new one.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the machine-readable cause of a failed call. Every error the
@@ -296,5 +300,9 @@ handler changed. The message says which; the run is not started again.
 ERROR_REASON_TOOL_OUTCOME_UNKNOWN: ErrorReason.ValueType  # 45
 """A person failed the run at a tool call whose outcome was unknown after a
 crash (SubmitToolApprovals with FAIL_RUN; ABORTED).
+"""
+ERROR_REASON_RUN_ENDED: ErrorReason.ValueType  # 46
+"""The run named has ended, so it cannot be steered (SteerRun;
+FAILED_PRECONDITION); nothing was stored. Send the message as a new one.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

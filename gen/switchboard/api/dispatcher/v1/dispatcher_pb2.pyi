@@ -81,6 +81,80 @@ APPROVAL_EXPIRED, or BUDGET_EXHAUSTED for a budget action).
 """
 Global___RunState: _TypeAlias = RunState  # noqa: Y015
 
+class _SteerState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SteerStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SteerState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    STEER_STATE_UNSPECIFIED: _SteerState.ValueType  # 0
+    """Not set."""
+    STEER_STATE_ACCEPTED: _SteerState.ValueType  # 1
+    """Stored and waiting for the target run's next step boundary."""
+    STEER_STATE_CONSUMED: _SteerState.ValueType  # 2
+    """The target run took it: its model saw the message before step `step`. The
+    steer's run is SUCCEEDED; its answer is the target run's.
+    """
+    STEER_STATE_REQUEUED: _SteerState.ValueType  # 3
+    """The target run ended (or was cancelled) before a step boundary: the
+    steer's run is an ordinary queued run of the conversation and answers the
+    message itself.
+    """
+
+class SteerState(_SteerState, metaclass=_SteerStateEnumTypeWrapper):
+    """What became of a steer."""
+
+STEER_STATE_UNSPECIFIED: SteerState.ValueType  # 0
+"""Not set."""
+STEER_STATE_ACCEPTED: SteerState.ValueType  # 1
+"""Stored and waiting for the target run's next step boundary."""
+STEER_STATE_CONSUMED: SteerState.ValueType  # 2
+"""The target run took it: its model saw the message before step `step`. The
+steer's run is SUCCEEDED; its answer is the target run's.
+"""
+STEER_STATE_REQUEUED: SteerState.ValueType  # 3
+"""The target run ended (or was cancelled) before a step boundary: the
+steer's run is an ordinary queued run of the conversation and answers the
+message itself.
+"""
+Global___SteerState: _TypeAlias = SteerState  # noqa: Y015
+
+class _SteerMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SteerModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SteerMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    STEER_MODE_UNSPECIFIED: _SteerMode.ValueType  # 0
+    """Not set: FINISH_STREAM."""
+    STEER_MODE_FINISH_STREAM: _SteerMode.ValueType  # 1
+    """The model's answer in progress finishes; the steer goes in before the next
+    model call (after the step's tool calls). A steer that arrives while the
+    final answer is written is not consumed: it becomes a queued run.
+    """
+    STEER_MODE_RESTART_STREAM: _SteerMode.ValueType  # 2
+    """The model's call in progress is cut (its deltas are void: see
+    SteerUpdate.discarded_from_sequence) and made again at once with the
+    message; what the cut call used is charged.
+    """
+
+class SteerMode(_SteerMode, metaclass=_SteerModeEnumTypeWrapper):
+    """How a run takes a steer that arrives while its model is writing."""
+
+STEER_MODE_UNSPECIFIED: SteerMode.ValueType  # 0
+"""Not set: FINISH_STREAM."""
+STEER_MODE_FINISH_STREAM: SteerMode.ValueType  # 1
+"""The model's answer in progress finishes; the steer goes in before the next
+model call (after the step's tool calls). A steer that arrives while the
+final answer is written is not consumed: it becomes a queued run.
+"""
+STEER_MODE_RESTART_STREAM: SteerMode.ValueType  # 2
+"""The model's call in progress is cut (its deltas are void: see
+SteerUpdate.discarded_from_sequence) and made again at once with the
+message; what the cut call used is charged.
+"""
+Global___SteerMode: _TypeAlias = SteerMode  # noqa: Y015
+
 class _BudgetDecision:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -167,6 +241,10 @@ class _ConcurrencyPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Con
     """Store the message and run it after the conversation's earlier runs."""
     CONCURRENCY_POLICY_INTERRUPT: _ConcurrencyPolicy.ValueType  # 3
     """Cancel the conversation's active runs (reason RUN_SUPERSEDED) and run this one."""
+    CONCURRENCY_POLICY_STEER: _ConcurrencyPolicy.ValueType  # 4
+    """Steer the conversation's oldest active run with the message (as SteerRun on
+    it); if the conversation has none, as ENQUEUE.
+    """
 
 class ConcurrencyPolicy(_ConcurrencyPolicy, metaclass=_ConcurrencyPolicyEnumTypeWrapper):
     """What SendMessage does when the conversation already has a queued or running run."""
@@ -179,6 +257,10 @@ CONCURRENCY_POLICY_ENQUEUE: ConcurrencyPolicy.ValueType  # 2
 """Store the message and run it after the conversation's earlier runs."""
 CONCURRENCY_POLICY_INTERRUPT: ConcurrencyPolicy.ValueType  # 3
 """Cancel the conversation's active runs (reason RUN_SUPERSEDED) and run this one."""
+CONCURRENCY_POLICY_STEER: ConcurrencyPolicy.ValueType  # 4
+"""Steer the conversation's oldest active run with the message (as SteerRun on
+it); if the conversation has none, as ENQUEUE.
+"""
 Global___ConcurrencyPolicy: _TypeAlias = ConcurrencyPolicy  # noqa: Y015
 
 class _AudioEncoding:
@@ -397,6 +479,135 @@ TALK_EVENT_KIND_TURN_EMPTY: TalkEventKind.ValueType  # 4
 """A turn had no words (silence, noise) and was dropped: nothing stored."""
 Global___TalkEventKind: _TypeAlias = TalkEventKind  # noqa: Y015
 
+class _ScheduleState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ScheduleStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ScheduleState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SCHEDULE_STATE_UNSPECIFIED: _ScheduleState.ValueType  # 0
+    """Not set."""
+    SCHEDULE_STATE_ACTIVE: _ScheduleState.ValueType  # 1
+    """It fires at its ticks."""
+    SCHEDULE_STATE_PAUSED: _ScheduleState.ValueType  # 2
+    """It fires nothing until resumed."""
+
+class ScheduleState(_ScheduleState, metaclass=_ScheduleStateEnumTypeWrapper):
+    """Whether a schedule fires."""
+
+SCHEDULE_STATE_UNSPECIFIED: ScheduleState.ValueType  # 0
+"""Not set."""
+SCHEDULE_STATE_ACTIVE: ScheduleState.ValueType  # 1
+"""It fires at its ticks."""
+SCHEDULE_STATE_PAUSED: ScheduleState.ValueType  # 2
+"""It fires nothing until resumed."""
+Global___ScheduleState: _TypeAlias = ScheduleState  # noqa: Y015
+
+class _ScheduleConversationMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ScheduleConversationModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ScheduleConversationMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SCHEDULE_CONVERSATION_MODE_UNSPECIFIED: _ScheduleConversationMode.ValueType  # 0
+    """Not set: SHARED."""
+    SCHEDULE_CONVERSATION_MODE_SHARED: _ScheduleConversationMode.ValueType  # 1
+    """One conversation for the schedule, made when it is created
+    (`Schedule.conversation`); its runs follow each other there under the
+    schedule's concurrency policy.
+    """
+    SCHEDULE_CONVERSATION_MODE_PER_RUN: _ScheduleConversationMode.ValueType  # 2
+    """A new conversation for each run."""
+
+class ScheduleConversationMode(_ScheduleConversationMode, metaclass=_ScheduleConversationModeEnumTypeWrapper):
+    """Which conversation a schedule's runs use."""
+
+SCHEDULE_CONVERSATION_MODE_UNSPECIFIED: ScheduleConversationMode.ValueType  # 0
+"""Not set: SHARED."""
+SCHEDULE_CONVERSATION_MODE_SHARED: ScheduleConversationMode.ValueType  # 1
+"""One conversation for the schedule, made when it is created
+(`Schedule.conversation`); its runs follow each other there under the
+schedule's concurrency policy.
+"""
+SCHEDULE_CONVERSATION_MODE_PER_RUN: ScheduleConversationMode.ValueType  # 2
+"""A new conversation for each run."""
+Global___ScheduleConversationMode: _TypeAlias = ScheduleConversationMode  # noqa: Y015
+
+class _MissedTickPolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MissedTickPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MissedTickPolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MISSED_TICK_POLICY_UNSPECIFIED: _MissedTickPolicy.ValueType  # 0
+    """Not set: SKIP."""
+    MISSED_TICK_POLICY_SKIP: _MissedTickPolicy.ValueType  # 1
+    """Missed ticks are recorded as SKIPPED firings; the schedule goes on from the
+    next tick after now.
+    """
+    MISSED_TICK_POLICY_RUN_ONCE: _MissedTickPolicy.ValueType  # 2
+    """One run for all the missed ticks (for the latest of them), then on from the
+    next tick after now; the others are recorded as SKIPPED.
+    """
+
+class MissedTickPolicy(_MissedTickPolicy, metaclass=_MissedTickPolicyEnumTypeWrapper):
+    """What a schedule does with ticks that fell while no replica could fire them
+    (all stopped, or the database away) for longer than the grace
+    (SWITCHBOARD_SCHEDULES_MISSED_GRACE_S).
+    """
+
+MISSED_TICK_POLICY_UNSPECIFIED: MissedTickPolicy.ValueType  # 0
+"""Not set: SKIP."""
+MISSED_TICK_POLICY_SKIP: MissedTickPolicy.ValueType  # 1
+"""Missed ticks are recorded as SKIPPED firings; the schedule goes on from the
+next tick after now.
+"""
+MISSED_TICK_POLICY_RUN_ONCE: MissedTickPolicy.ValueType  # 2
+"""One run for all the missed ticks (for the latest of them), then on from the
+next tick after now; the others are recorded as SKIPPED.
+"""
+Global___MissedTickPolicy: _TypeAlias = MissedTickPolicy  # noqa: Y015
+
+class _FiringOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FiringOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FiringOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FIRING_OUTCOME_UNSPECIFIED: _FiringOutcome.ValueType  # 0
+    """Not set."""
+    FIRING_OUTCOME_CLAIMED: _FiringOutcome.ValueType  # 1
+    """Claimed; its run is being started (a replica that died here hands it over)."""
+    FIRING_OUTCOME_STARTED: _FiringOutcome.ValueType  # 2
+    """Its run was started (`run`)."""
+    FIRING_OUTCOME_SKIPPED: _FiringOutcome.ValueType  # 3
+    """No run: the tick was missed (MissedTickPolicy) or its conversation was busy
+    under REJECT (`error` says which).
+    """
+    FIRING_OUTCOME_FAILED: _FiringOutcome.ValueType  # 4
+    """No run: admission refused it (a quota, a budget, the creator's access);
+    `error` says why.
+    """
+
+class FiringOutcome(_FiringOutcome, metaclass=_FiringOutcomeEnumTypeWrapper):
+    """How a schedule's tick ended."""
+
+FIRING_OUTCOME_UNSPECIFIED: FiringOutcome.ValueType  # 0
+"""Not set."""
+FIRING_OUTCOME_CLAIMED: FiringOutcome.ValueType  # 1
+"""Claimed; its run is being started (a replica that died here hands it over)."""
+FIRING_OUTCOME_STARTED: FiringOutcome.ValueType  # 2
+"""Its run was started (`run`)."""
+FIRING_OUTCOME_SKIPPED: FiringOutcome.ValueType  # 3
+"""No run: the tick was missed (MissedTickPolicy) or its conversation was busy
+under REJECT (`error` says which).
+"""
+FIRING_OUTCOME_FAILED: FiringOutcome.ValueType  # 4
+"""No run: admission refused it (a quota, a budget, the creator's access);
+`error` says why.
+"""
+Global___FiringOutcome: _TypeAlias = FiringOutcome  # noqa: Y015
+
 @_typing.final
 class Run(_message.Message):
     """One execution of a handler answering one user message."""
@@ -425,6 +636,9 @@ class Run(_message.Message):
     TOOL_CALL_COUNT_FIELD_NUMBER: _builtins.int
     TRACE_ID_FIELD_NUMBER: _builtins.int
     SPEECH_FIELD_NUMBER: _builtins.int
+    STEER_FIELD_NUMBER: _builtins.int
+    STEER_MODE_FIELD_NUMBER: _builtins.int
+    SCHEDULE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `workspaces/{w}/conversations/{c}/runs/{run}`."""
     state: Global___RunState.ValueType
@@ -451,6 +665,14 @@ class Run(_message.Message):
     """Output only. The W3C trace id (32 lowercase hex digits) of the trace the
     run's execution belongs to, the one of the SendMessage call that started
     it; empty when the server does not trace (docs/observability.md).
+    """
+    steer_mode: Global___SteerMode.ValueType
+    """How this run takes steers that arrive while its model is writing
+    (SendMessageRequest.steer_mode).
+    """
+    schedule: _builtins.str
+    """The schedule that started it, `workspaces/{w}/schedules/{s}`; empty for a
+    run a caller started.
     """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
@@ -498,6 +720,13 @@ class Run(_message.Message):
         for a text-only run.
         """
 
+    @_builtins.property
+    def steer(self) -> Global___Steer:
+        """Set on a steer's run (SteerRun, or SendMessage with CONCURRENCY_POLICY_STEER
+        while the conversation had a run going): the run it steers and what became
+        of it.
+        """
+
     def __init__(
         self,
         *,
@@ -523,14 +752,96 @@ class Run(_message.Message):
         tool_call_count: _builtins.int = ...,
         trace_id: _builtins.str = ...,
         speech: Global___SpeechOptions | None = ...,
+        steer: Global___Steer | None = ...,
+        steer_mode: Global___SteerMode.ValueType = ...,
+        schedule: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "deadline", b"deadline", "end_time", b"end_time", "error", b"error", "progress", b"progress", "required_action", b"required_action", "speech", b"speech", "start_time", b"start_time", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "deadline", b"deadline", "end_time", b"end_time", "error", b"error", "progress", b"progress", "required_action", b"required_action", "speech", b"speech", "start_time", b"start_time", "steer", b"steer", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "concurrency_policy", b"concurrency_policy", "create_time", b"create_time", "creator", b"creator", "deadline", b"deadline", "end_time", b"end_time", "error", b"error", "flags", b"flags", "handler", b"handler", "input_message", b"input_message", "last_sequence", b"last_sequence", "name", b"name", "output_message", b"output_message", "progress", b"progress", "required_action", b"required_action", "routing_reason", b"routing_reason", "speech", b"speech", "start_time", b"start_time", "state", b"state", "tool_call_count", b"tool_call_count", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "concurrency_policy", b"concurrency_policy", "create_time", b"create_time", "creator", b"creator", "deadline", b"deadline", "end_time", b"end_time", "error", b"error", "flags", b"flags", "handler", b"handler", "input_message", b"input_message", "last_sequence", b"last_sequence", "name", b"name", "output_message", b"output_message", "progress", b"progress", "required_action", b"required_action", "routing_reason", b"routing_reason", "schedule", b"schedule", "speech", b"speech", "start_time", b"start_time", "state", b"state", "steer", b"steer", "steer_mode", b"steer_mode", "tool_call_count", b"tool_call_count", "trace_id", b"trace_id", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Run: _TypeAlias = Run  # noqa: Y015
+
+@_typing.final
+class Steer(_message.Message):
+    """A steer: a message handed to a run that is going."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARGET_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    DECIDE_TIME_FIELD_NUMBER: _builtins.int
+    target: _builtins.str
+    """The run steered, `workspaces/{w}/conversations/{c}/runs/{run}`."""
+    state: Global___SteerState.ValueType
+    """What became of it."""
+    step: _builtins.int
+    """For CONSUMED: the target's step (its model call, from 1) whose input first
+    held the message.
+    """
+    @_builtins.property
+    def decide_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was consumed or requeued."""
+
+    def __init__(
+        self,
+        *,
+        target: _builtins.str = ...,
+        state: Global___SteerState.ValueType = ...,
+        step: _builtins.int = ...,
+        decide_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["decide_time", b"decide_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decide_time", b"decide_time", "state", b"state", "step", b"step", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Steer: _TypeAlias = Steer  # noqa: Y015
+
+@_typing.final
+class SteerUpdate(_message.Message):
+    """A run update: a steer of this run was accepted, consumed or requeued."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEER_RUN_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    DISCARDED_FROM_SEQUENCE_FIELD_NUMBER: _builtins.int
+    steer_run: _builtins.str
+    """The steer's own run, `workspaces/{w}/conversations/{c}/runs/{run}`."""
+    message: _builtins.str
+    """The steer's stored message, `workspaces/{w}/conversations/{c}/messages/{m}`."""
+    state: Global___SteerState.ValueType
+    """What happened to it."""
+    step: _builtins.int
+    """For CONSUMED: the step (model call, from 1) whose input first holds it."""
+    discarded_from_sequence: _builtins.int
+    """For CONSUMED in STEER_MODE_RESTART_STREAM when a model call was cut: the
+    first sequence of this run's deltas that are void (the cut call's); the
+    answer continues after this update. 0 if nothing was cut.
+    """
+    def __init__(
+        self,
+        *,
+        steer_run: _builtins.str = ...,
+        message: _builtins.str = ...,
+        state: Global___SteerState.ValueType = ...,
+        step: _builtins.int = ...,
+        discarded_from_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["discarded_from_sequence", b"discarded_from_sequence", "message", b"message", "state", b"state", "steer_run", b"steer_run", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SteerUpdate: _TypeAlias = SteerUpdate  # noqa: Y015
 
 @_typing.final
 class RequiredAction(_message.Message):
@@ -694,6 +1005,7 @@ class SendMessageRequest(_message.Message):
     CONCURRENCY_POLICY_FIELD_NUMBER: _builtins.int
     ASSISTANT_FIELD_NUMBER: _builtins.int
     SPEECH_FIELD_NUMBER: _builtins.int
+    STEER_MODE_FIELD_NUMBER: _builtins.int
     conversation: _builtins.str
     """The conversation, `workspaces/{w}/conversations/{c}`."""
     handler: _builtins.str
@@ -713,6 +1025,10 @@ class SendMessageRequest(_message.Message):
     forced or the message picks a handler itself (metadata `handler`, a content
     type route, a `/command` prefix). With both set, `handler` must be the
     assistant's handler.
+    """
+    steer_mode: Global___SteerMode.ValueType
+    """How the run started by this message takes steers that arrive while its
+    model is writing.
     """
     @_builtins.property
     def message(self) -> _context_pb2.Message:
@@ -745,10 +1061,11 @@ class SendMessageRequest(_message.Message):
         concurrency_policy: Global___ConcurrencyPolicy.ValueType = ...,
         assistant: _builtins.str = ...,
         speech: Global___SpeechOptions | None = ...,
+        steer_mode: Global___SteerMode.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "parameters", b"parameters", "speech", b"speech", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "concurrency_policy", b"concurrency_policy", "conversation", b"conversation", "handler", b"handler", "message", b"message", "parameters", b"parameters", "request_id", b"request_id", "speech", b"speech", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "concurrency_policy", b"concurrency_policy", "conversation", b"conversation", "handler", b"handler", "message", b"message", "parameters", b"parameters", "request_id", b"request_id", "speech", b"speech", "steer_mode", b"steer_mode", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1217,6 +1534,7 @@ class RunUpdate(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     TOOL_RESULT_FIELD_NUMBER: _builtins.int
     SPEECH_FIELD_NUMBER: _builtins.int
+    STEER_FIELD_NUMBER: _builtins.int
     FIRST_SEQUENCE_FIELD_NUMBER: _builtins.int
     run: _builtins.str
     """The run, `workspaces/{w}/conversations/{c}/runs/{run}`."""
@@ -1266,6 +1584,10 @@ class RunUpdate(_message.Message):
     def speech(self) -> Global___SpeechChunk:
         """Synthesized speech of the answer (runs with `speech.speak`)."""
 
+    @_builtins.property
+    def steer(self) -> Global___SteerUpdate:
+        """A steer of this run was accepted, consumed or requeued."""
+
     def __init__(
         self,
         *,
@@ -1279,13 +1601,14 @@ class RunUpdate(_message.Message):
         result: _handler_pb2.HandleResult | None = ...,
         tool_result: _handler_pb2.ToolResult | None = ...,
         speech: Global___SpeechChunk | None = ...,
+        steer: Global___SteerUpdate | None = ...,
         first_sequence: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "progress", b"progress", "result", b"result", "speech", b"speech", "state_change", b"state_change", "time", b"time", "tool_call", b"tool_call", "tool_result", b"tool_result", "update", b"update"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "progress", b"progress", "result", b"result", "speech", b"speech", "state_change", b"state_change", "steer", b"steer", "time", b"time", "tool_call", b"tool_call", "tool_result", b"tool_result", "update", b"update"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "first_sequence", b"first_sequence", "progress", b"progress", "result", b"result", "run", b"run", "sequence", b"sequence", "speech", b"speech", "state_change", b"state_change", "time", b"time", "tool_call", b"tool_call", "tool_result", b"tool_result", "update", b"update"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "first_sequence", b"first_sequence", "progress", b"progress", "result", b"result", "run", b"run", "sequence", b"sequence", "speech", b"speech", "state_change", b"state_change", "steer", b"steer", "time", b"time", "tool_call", b"tool_call", "tool_result", b"tool_result", "update", b"update"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_update: _TypeAlias = _typing.Literal["state_change", "progress", "delta", "tool_call", "result", "tool_result", "speech"]  # noqa: Y015
+    _WhichOneofReturnType_update: _TypeAlias = _typing.Literal["state_change", "progress", "delta", "tool_call", "result", "tool_result", "speech", "steer"]  # noqa: Y015
     _WhichOneofArgType_update: _TypeAlias = _typing.Literal["update", b"update"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_update) -> _WhichOneofReturnType_update | None: ...
 
@@ -1358,6 +1681,7 @@ class ConverseRequest(_message.Message):
     CANCEL_RUN_FIELD_NUMBER: _builtins.int
     WATCH_RUN_FIELD_NUMBER: _builtins.int
     SUBMIT_TOOL_APPROVALS_FIELD_NUMBER: _builtins.int
+    STEER_RUN_FIELD_NUMBER: _builtins.int
     client_request_id: _builtins.str
     """Client-chosen id echoed in the matching response frame: any text of at most
     64 characters (longer is an INVALID_ARGUMENT error frame). Not an idempotency
@@ -1379,6 +1703,13 @@ class ConverseRequest(_message.Message):
     def submit_tool_approvals(self) -> Global___SubmitToolApprovalsRequest:
         """Approve or deny tool calls a run waits on."""
 
+    @_builtins.property
+    def steer_run(self) -> Global___SteerRunRequest:
+        """Steer a run that is going; the steer's own run's updates follow on this
+        stream (those of the target, if this stream relays it, show it accepted
+        and consumed).
+        """
+
     def __init__(
         self,
         *,
@@ -1387,12 +1718,13 @@ class ConverseRequest(_message.Message):
         cancel_run: Global___CancelRunRequest | None = ...,
         watch_run: Global___WatchRunRequest | None = ...,
         submit_tool_approvals: Global___SubmitToolApprovalsRequest | None = ...,
+        steer_run: Global___SteerRunRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "cancel_run", b"cancel_run", "send_message", b"send_message", "submit_tool_approvals", b"submit_tool_approvals", "watch_run", b"watch_run"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "cancel_run", b"cancel_run", "send_message", b"send_message", "steer_run", b"steer_run", "submit_tool_approvals", b"submit_tool_approvals", "watch_run", b"watch_run"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "cancel_run", b"cancel_run", "client_request_id", b"client_request_id", "send_message", b"send_message", "submit_tool_approvals", b"submit_tool_approvals", "watch_run", b"watch_run"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "cancel_run", b"cancel_run", "client_request_id", b"client_request_id", "send_message", b"send_message", "steer_run", b"steer_run", "submit_tool_approvals", b"submit_tool_approvals", "watch_run", b"watch_run"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["send_message", "cancel_run", "watch_run", "submit_tool_approvals"]  # noqa: Y015
+    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["send_message", "cancel_run", "watch_run", "submit_tool_approvals", "steer_run"]  # noqa: Y015
     _WhichOneofArgType_action: _TypeAlias = _typing.Literal["action", b"action"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_action) -> _WhichOneofReturnType_action | None: ...
 
@@ -1411,6 +1743,7 @@ class ConverseResponse(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
     TOOL_APPROVALS_SUBMITTED_FIELD_NUMBER: _builtins.int
+    RUN_STEERED_FIELD_NUMBER: _builtins.int
     client_request_id: _builtins.str
     """Echo of the request frame this answers; empty for run updates."""
     @_builtins.property
@@ -1437,6 +1770,10 @@ class ConverseResponse(_message.Message):
     def tool_approvals_submitted(self) -> Global___SubmitToolApprovalsResponse:
         """The result of a submit_tool_approvals action."""
 
+    @_builtins.property
+    def run_steered(self) -> Global___SteerRunResponse:
+        """The result of a steer_run action."""
+
     def __init__(
         self,
         *,
@@ -1447,12 +1784,13 @@ class ConverseResponse(_message.Message):
         error: _status_pb2.Status | None = ...,
         heartbeat: Global___Heartbeat | None = ...,
         tool_approvals_submitted: Global___SubmitToolApprovalsResponse | None = ...,
+        run_steered: Global___SteerRunResponse | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "frame", b"frame", "heartbeat", b"heartbeat", "message_sent", b"message_sent", "run_cancelled", b"run_cancelled", "tool_approvals_submitted", b"tool_approvals_submitted", "update", b"update"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "frame", b"frame", "heartbeat", b"heartbeat", "message_sent", b"message_sent", "run_cancelled", b"run_cancelled", "run_steered", b"run_steered", "tool_approvals_submitted", b"tool_approvals_submitted", "update", b"update"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_request_id", b"client_request_id", "error", b"error", "frame", b"frame", "heartbeat", b"heartbeat", "message_sent", b"message_sent", "run_cancelled", b"run_cancelled", "tool_approvals_submitted", b"tool_approvals_submitted", "update", b"update"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_request_id", b"client_request_id", "error", b"error", "frame", b"frame", "heartbeat", b"heartbeat", "message_sent", b"message_sent", "run_cancelled", b"run_cancelled", "run_steered", b"run_steered", "tool_approvals_submitted", b"tool_approvals_submitted", "update", b"update"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["message_sent", "run_cancelled", "update", "error", "heartbeat", "tool_approvals_submitted"]  # noqa: Y015
+    _WhichOneofReturnType_frame: _TypeAlias = _typing.Literal["message_sent", "run_cancelled", "update", "error", "heartbeat", "tool_approvals_submitted", "run_steered"]  # noqa: Y015
     _WhichOneofArgType_frame: _TypeAlias = _typing.Literal["frame", b"frame"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_frame) -> _WhichOneofReturnType_frame | None: ...
 
@@ -3359,3 +3697,698 @@ class TalkEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TalkEvent: _TypeAlias = TalkEvent  # noqa: Y015
+
+@_typing.final
+class SteerRunRequest(_message.Message):
+    """Request for SteerRun."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    run: _builtins.str
+    """The run to steer, `workspaces/{w}/conversations/{c}/runs/{run}`: QUEUED,
+    RUNNING or REQUIRES_ACTION (one that has ended is FAILED_PRECONDITION,
+    RUN_ENDED, and nothing is stored). Steering a run paused for approval
+    decides nothing: the approval is still asked, and the steer goes in after.
+    """
+    request_id: _builtins.str
+    """Idempotency key: 1-64 ASCII letters, digits, `-` or `_` (anything else is
+    INVALID_ARGUMENT on `request_id`); empty for none. Scoped to the caller and
+    this method and kept for 24 hours: a retry with the same id within that time
+    returns the first steer, and the same id with a different request is
+    INVALID_ARGUMENT.
+    """
+    @_builtins.property
+    def message(self) -> _context_pb2.Message:
+        """The user message; role must be USER or unset. It passes the same checks as
+        SendMessage's (size, rate limits, content policy, quotas, budgets).
+        """
+
+    def __init__(
+        self,
+        *,
+        run: _builtins.str = ...,
+        message: _context_pb2.Message | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "request_id", b"request_id", "run", b"run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SteerRunRequest: _TypeAlias = SteerRunRequest  # noqa: Y015
+
+@_typing.final
+class SteerRunResponse(_message.Message):
+    """Response for SteerRun."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def run(self) -> Global___Run:
+        """The steer's own run: QUEUED with `steer.state` ACCEPTED. Watch it to see it
+        consumed (SUCCEEDED) or requeued (it then runs and answers).
+        """
+
+    @_builtins.property
+    def message(self) -> _context_pb2.Message:
+        """The stored user message."""
+
+    def __init__(
+        self,
+        *,
+        run: Global___Run | None = ...,
+        message: _context_pb2.Message | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "run", b"run"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "run", b"run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SteerRunResponse: _TypeAlias = SteerRunResponse  # noqa: Y015
+
+@_typing.final
+class Schedule(_message.Message):
+    """Runs started without a person: on a cron expression in a time zone, or on a
+    fixed interval. Each tick is claimed once in the database (whatever the
+    number of replicas) and then is an ordinary message through SendMessage's
+    admission: the same routing, policies, quotas and budgets.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    ASSISTANT_FIELD_NUMBER: _builtins.int
+    HANDLER_FIELD_NUMBER: _builtins.int
+    MESSAGE_TEMPLATE_FIELD_NUMBER: _builtins.int
+    CRON_FIELD_NUMBER: _builtins.int
+    TIME_ZONE_FIELD_NUMBER: _builtins.int
+    INTERVAL_FIELD_NUMBER: _builtins.int
+    CONVERSATION_MODE_FIELD_NUMBER: _builtins.int
+    CONVERSATION_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_POLICY_FIELD_NUMBER: _builtins.int
+    MISSED_TICK_POLICY_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    NEXT_FIRE_TIME_FIELD_NUMBER: _builtins.int
+    UPCOMING_FIRE_TIMES_FIELD_NUMBER: _builtins.int
+    LAST_FIRE_TIME_FIELD_NUMBER: _builtins.int
+    LAST_RUN_FIELD_NUMBER: _builtins.int
+    CREATOR_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Resource name, `workspaces/{w}/schedules/{s}`."""
+    display_name: _builtins.str
+    """Human-readable name (at most 200 characters)."""
+    assistant: _builtins.str
+    """The assistant that answers, `workspaces/{w}/assistants/{a}` (same
+    workspace); the workspace's default if both this and `handler` are empty.
+    """
+    handler: _builtins.str
+    """Or a handler to force, `handlers/{handler}`."""
+    message_template: _builtins.str
+    """The message each tick sends (at most 16,000 characters). Placeholders
+    `{{fire_time}}` (RFC 3339, in the schedule's time zone), `{{date}}`
+    (YYYY-MM-DD there) and `{{schedule}}` (its display name) are filled in; a
+    template that renders empty is INVALID_ARGUMENT.
+    """
+    cron: _builtins.str
+    """A cron expression (five fields, minute first; or six, with seconds last),
+    read in `time_zone`. Exactly one of `cron` and `interval` is set.
+    """
+    time_zone: _builtins.str
+    """An IANA time zone for `cron` (for example "Europe/Berlin"); UTC if empty.
+    Must be empty with `interval`.
+    """
+    conversation_mode: Global___ScheduleConversationMode.ValueType
+    """Which conversation its runs use."""
+    conversation: _builtins.str
+    """Output only. For SHARED: the schedule's conversation,
+    `workspaces/{w}/conversations/{c}`.
+    """
+    concurrency_policy: Global___ConcurrencyPolicy.ValueType
+    """What a tick does when its conversation still has a run going (SHARED):
+    ENQUEUE (default), REJECT (the tick is SKIPPED), INTERRUPT or STEER.
+    """
+    missed_tick_policy: Global___MissedTickPolicy.ValueType
+    """What happens to ticks missed while nothing could fire them."""
+    state: Global___ScheduleState.ValueType
+    """Output only. Whether it fires (PauseSchedule, ResumeSchedule)."""
+    last_run: _builtins.str
+    """Output only. The run its latest firing started, if any."""
+    creator: _builtins.str
+    """Output only. Who created it, `users/{user}`: its runs run as this user, who
+    must still be able to write in the workspace when a tick fires.
+    """
+    etag: _builtins.str
+    """Checksum for optimistic concurrency (output only; send it back to update)."""
+    @_builtins.property
+    def interval(self) -> _duration_pb2.Duration:
+        """A fixed interval between ticks, at least the server's minimum
+        (SWITCHBOARD_SCHEDULES_MIN_INTERVAL_S), at most 366 days; the first tick is
+        one interval after the schedule is created (or resumed).
+        """
+
+    @_builtins.property
+    def next_fire_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When it fires next; unset while paused."""
+
+    @_builtins.property
+    def upcoming_fire_times(self) -> _containers.RepeatedCompositeFieldContainer[_timestamp_pb2.Timestamp]:
+        """Output only. Its next fire times (at most 5), the first being
+        `next_fire_time`, as the cron expression reads them in its time zone.
+        """
+
+    @_builtins.property
+    def last_fire_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. Its latest firing's tick."""
+
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """How long each run may take; the server's default if unset."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was created (output only)."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When it last changed (output only)."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+        assistant: _builtins.str = ...,
+        handler: _builtins.str = ...,
+        message_template: _builtins.str = ...,
+        cron: _builtins.str = ...,
+        time_zone: _builtins.str = ...,
+        interval: _duration_pb2.Duration | None = ...,
+        conversation_mode: Global___ScheduleConversationMode.ValueType = ...,
+        conversation: _builtins.str = ...,
+        concurrency_policy: Global___ConcurrencyPolicy.ValueType = ...,
+        missed_tick_policy: Global___MissedTickPolicy.ValueType = ...,
+        state: Global___ScheduleState.ValueType = ...,
+        next_fire_time: _timestamp_pb2.Timestamp | None = ...,
+        upcoming_fire_times: _abc.Iterable[_timestamp_pb2.Timestamp] | None = ...,
+        last_fire_time: _timestamp_pb2.Timestamp | None = ...,
+        last_run: _builtins.str = ...,
+        creator: _builtins.str = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+        etag: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "interval", b"interval", "last_fire_time", b"last_fire_time", "next_fire_time", b"next_fire_time", "timeout", b"timeout", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assistant", b"assistant", "concurrency_policy", b"concurrency_policy", "conversation", b"conversation", "conversation_mode", b"conversation_mode", "create_time", b"create_time", "creator", b"creator", "cron", b"cron", "display_name", b"display_name", "etag", b"etag", "handler", b"handler", "interval", b"interval", "last_fire_time", b"last_fire_time", "last_run", b"last_run", "message_template", b"message_template", "missed_tick_policy", b"missed_tick_policy", "name", b"name", "next_fire_time", b"next_fire_time", "state", b"state", "time_zone", b"time_zone", "timeout", b"timeout", "upcoming_fire_times", b"upcoming_fire_times", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Schedule: _TypeAlias = Schedule  # noqa: Y015
+
+@_typing.final
+class ScheduleFiring(_message.Message):
+    """One tick of a schedule, claimed once."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIRE_TIME_FIELD_NUMBER: _builtins.int
+    CLAIM_TIME_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    RUN_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    CATCH_UP_FIELD_NUMBER: _builtins.int
+    outcome: Global___FiringOutcome.ValueType
+    """How it ended."""
+    run: _builtins.str
+    """The run it started, `workspaces/{w}/conversations/{c}/runs/{run}`."""
+    catch_up: _builtins.bool
+    """It stands for ticks missed while nothing could fire them (RUN_ONCE)."""
+    @_builtins.property
+    def fire_time(self) -> _timestamp_pb2.Timestamp:
+        """The tick: when it was due."""
+
+    @_builtins.property
+    def claim_time(self) -> _timestamp_pb2.Timestamp:
+        """When a replica claimed it."""
+
+    @_builtins.property
+    def error(self) -> _status_pb2.Status:
+        """For SKIPPED and FAILED: why."""
+
+    def __init__(
+        self,
+        *,
+        fire_time: _timestamp_pb2.Timestamp | None = ...,
+        claim_time: _timestamp_pb2.Timestamp | None = ...,
+        outcome: Global___FiringOutcome.ValueType = ...,
+        run: _builtins.str = ...,
+        error: _status_pb2.Status | None = ...,
+        catch_up: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["claim_time", b"claim_time", "error", b"error", "fire_time", b"fire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["catch_up", b"catch_up", "claim_time", b"claim_time", "error", b"error", "fire_time", b"fire_time", "outcome", b"outcome", "run", b"run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScheduleFiring: _TypeAlias = ScheduleFiring  # noqa: Y015
+
+@_typing.final
+class CreateScheduleRequest(_message.Message):
+    """Request for CreateSchedule."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    SCHEDULE_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """`workspaces/{workspace}`."""
+    schedule_id: _builtins.str
+    """Optional client-chosen id (`[a-z][a-z0-9-]{1,62}`); a random id if empty."""
+    request_id: _builtins.str
+    """Idempotency key: 1-64 ASCII letters, digits, `-` or `_` (anything else is
+    INVALID_ARGUMENT on `request_id`); empty for none. Scoped to the caller and
+    this method and kept for 24 hours: a retry with the same id within that time
+    returns the first result, and the same id with a different request is
+    INVALID_ARGUMENT.
+    """
+    @_builtins.property
+    def schedule(self) -> Global___Schedule:
+        """The schedule; output-only fields are ignored."""
+
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        schedule: Global___Schedule | None = ...,
+        schedule_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["parent", b"parent", "request_id", b"request_id", "schedule", b"schedule", "schedule_id", b"schedule_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateScheduleRequest: _TypeAlias = CreateScheduleRequest  # noqa: Y015
+
+@_typing.final
+class CreateScheduleResponse(_message.Message):
+    """Response for CreateSchedule."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def schedule(self) -> Global___Schedule:
+        """The new schedule."""
+
+    def __init__(
+        self,
+        *,
+        schedule: Global___Schedule | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateScheduleResponse: _TypeAlias = CreateScheduleResponse  # noqa: Y015
+
+@_typing.final
+class GetScheduleRequest(_message.Message):
+    """Request for GetSchedule."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`workspaces/{workspace}/schedules/{schedule}`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetScheduleRequest: _TypeAlias = GetScheduleRequest  # noqa: Y015
+
+@_typing.final
+class GetScheduleResponse(_message.Message):
+    """Response for GetSchedule."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def schedule(self) -> Global___Schedule:
+        """The schedule."""
+
+    def __init__(
+        self,
+        *,
+        schedule: Global___Schedule | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetScheduleResponse: _TypeAlias = GetScheduleResponse  # noqa: Y015
+
+@_typing.final
+class ListSchedulesRequest(_message.Message):
+    """Request for ListSchedules."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """`workspaces/{workspace}`."""
+    page_size: _builtins.int
+    """Maximum to return; capped at 100, default 50."""
+    page_token: _builtins.str
+    """Token from a previous response."""
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "parent", b"parent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSchedulesRequest: _TypeAlias = ListSchedulesRequest  # noqa: Y015
+
+@_typing.final
+class ListSchedulesResponse(_message.Message):
+    """Response for ListSchedules."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def schedules(self) -> _containers.RepeatedCompositeFieldContainer[Global___Schedule]:
+        """The schedules, by id."""
+
+    def __init__(
+        self,
+        *,
+        schedules: _abc.Iterable[Global___Schedule] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "schedules", b"schedules"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSchedulesResponse: _TypeAlias = ListSchedulesResponse  # noqa: Y015
+
+@_typing.final
+class UpdateScheduleRequest(_message.Message):
+    """Request for UpdateSchedule."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def schedule(self) -> Global___Schedule:
+        """The schedule with `name`, optionally `etag`, and the new field values."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Fields to change: `display_name`, `assistant`, `handler`,
+        `message_template`, `cron`, `time_zone`, `interval`, `concurrency_policy`,
+        `missed_tick_policy`, `timeout`.
+        """
+
+    def __init__(
+        self,
+        *,
+        schedule: Global___Schedule | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateScheduleRequest: _TypeAlias = UpdateScheduleRequest  # noqa: Y015
+
+@_typing.final
+class UpdateScheduleResponse(_message.Message):
+    """Response for UpdateSchedule."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def schedule(self) -> Global___Schedule:
+        """The updated schedule."""
+
+    def __init__(
+        self,
+        *,
+        schedule: Global___Schedule | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateScheduleResponse: _TypeAlias = UpdateScheduleResponse  # noqa: Y015
+
+@_typing.final
+class PauseScheduleRequest(_message.Message):
+    """Request for PauseSchedule."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`workspaces/{workspace}/schedules/{schedule}`."""
+    etag: _builtins.str
+    """If set, must match the current etag."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseScheduleRequest: _TypeAlias = PauseScheduleRequest  # noqa: Y015
+
+@_typing.final
+class PauseScheduleResponse(_message.Message):
+    """Response for PauseSchedule."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def schedule(self) -> Global___Schedule:
+        """The paused schedule."""
+
+    def __init__(
+        self,
+        *,
+        schedule: Global___Schedule | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseScheduleResponse: _TypeAlias = PauseScheduleResponse  # noqa: Y015
+
+@_typing.final
+class ResumeScheduleRequest(_message.Message):
+    """Request for ResumeSchedule."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`workspaces/{workspace}/schedules/{schedule}`."""
+    etag: _builtins.str
+    """If set, must match the current etag."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeScheduleRequest: _TypeAlias = ResumeScheduleRequest  # noqa: Y015
+
+@_typing.final
+class ResumeScheduleResponse(_message.Message):
+    """Response for ResumeSchedule."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def schedule(self) -> Global___Schedule:
+        """The resumed schedule."""
+
+    def __init__(
+        self,
+        *,
+        schedule: Global___Schedule | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeScheduleResponse: _TypeAlias = ResumeScheduleResponse  # noqa: Y015
+
+@_typing.final
+class DeleteScheduleRequest(_message.Message):
+    """Request for DeleteSchedule."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`workspaces/{workspace}/schedules/{schedule}`."""
+    etag: _builtins.str
+    """If set, must match the current etag."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteScheduleRequest: _TypeAlias = DeleteScheduleRequest  # noqa: Y015
+
+@_typing.final
+class DeleteScheduleResponse(_message.Message):
+    """Response for DeleteSchedule."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteScheduleResponse: _TypeAlias = DeleteScheduleResponse  # noqa: Y015
+
+@_typing.final
+class ListScheduleFiringsRequest(_message.Message):
+    """Request for ListScheduleFirings."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """`workspaces/{workspace}/schedules/{schedule}`."""
+    page_size: _builtins.int
+    """Maximum to return; capped at 100, default 20."""
+    page_token: _builtins.str
+    """Token from a previous response."""
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "parent", b"parent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListScheduleFiringsRequest: _TypeAlias = ListScheduleFiringsRequest  # noqa: Y015
+
+@_typing.final
+class ListScheduleFiringsResponse(_message.Message):
+    """Response for ListScheduleFirings."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIRINGS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def firings(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScheduleFiring]:
+        """The firings, newest tick first."""
+
+    def __init__(
+        self,
+        *,
+        firings: _abc.Iterable[Global___ScheduleFiring] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["firings", b"firings", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListScheduleFiringsResponse: _TypeAlias = ListScheduleFiringsResponse  # noqa: Y015

@@ -113,6 +113,36 @@ class DispatcherServiceStub:
     """
     UpdateWorkspaceQuota: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.UpdateWorkspaceQuotaRequest, _dispatcher_pb2.UpdateWorkspaceQuotaResponse]
     """Updates a workspace's quotas (FieldMask, etag; owners only)."""
+    SteerRun: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.SteerRunRequest, _dispatcher_pb2.SteerRunResponse]
+    """Steers a run that is still going: the message is stored in the run's
+    conversation at once and handed to the run before its next model call (its
+    next step boundary), without cancelling it. The steer is a run of its own
+    (`Run.steer`): SUCCEEDED once the live run took it, or, if the live run ends
+    first, an ordinary queued run of the conversation that answers it. Forwarded
+    to the replica that runs the target, like CancelRun.
+    """
+    CreateSchedule: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.CreateScheduleRequest, _dispatcher_pb2.CreateScheduleResponse]
+    """Creates a schedule: runs started on a cron expression or an interval,
+    without a person.
+    """
+    GetSchedule: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.GetScheduleRequest, _dispatcher_pb2.GetScheduleResponse]
+    """Gets a schedule, with its next fire times."""
+    ListSchedules: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.ListSchedulesRequest, _dispatcher_pb2.ListSchedulesResponse]
+    """Lists a workspace's schedules, by id."""
+    UpdateSchedule: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.UpdateScheduleRequest, _dispatcher_pb2.UpdateScheduleResponse]
+    """Updates a schedule (FieldMask, etag); its next fire time is computed again."""
+    PauseSchedule: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.PauseScheduleRequest, _dispatcher_pb2.PauseScheduleResponse]
+    """Pauses a schedule: it fires no tick until resumed (etag)."""
+    ResumeSchedule: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.ResumeScheduleRequest, _dispatcher_pb2.ResumeScheduleResponse]
+    """Resumes a paused schedule: it fires from the next tick after now; ticks
+    that fell while it was paused are never fired (etag).
+    """
+    DeleteSchedule: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.DeleteScheduleRequest, _dispatcher_pb2.DeleteScheduleResponse]
+    """Deletes a schedule; runs it started are kept (etag)."""
+    ListScheduleFirings: _grpc.UnaryUnaryMultiCallable[_dispatcher_pb2.ListScheduleFiringsRequest, _dispatcher_pb2.ListScheduleFiringsResponse]
+    """Lists a schedule's firings, newest first: each tick claimed, with the run it
+    started or why it started none.
+    """
 
 @_typing.type_check_only
 class DispatcherServiceAsyncStub(DispatcherServiceStub):
@@ -198,6 +228,36 @@ class DispatcherServiceAsyncStub(DispatcherServiceStub):
     """
     UpdateWorkspaceQuota: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.UpdateWorkspaceQuotaRequest, _dispatcher_pb2.UpdateWorkspaceQuotaResponse]  # type: ignore[assignment]
     """Updates a workspace's quotas (FieldMask, etag; owners only)."""
+    SteerRun: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.SteerRunRequest, _dispatcher_pb2.SteerRunResponse]  # type: ignore[assignment]
+    """Steers a run that is still going: the message is stored in the run's
+    conversation at once and handed to the run before its next model call (its
+    next step boundary), without cancelling it. The steer is a run of its own
+    (`Run.steer`): SUCCEEDED once the live run took it, or, if the live run ends
+    first, an ordinary queued run of the conversation that answers it. Forwarded
+    to the replica that runs the target, like CancelRun.
+    """
+    CreateSchedule: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.CreateScheduleRequest, _dispatcher_pb2.CreateScheduleResponse]  # type: ignore[assignment]
+    """Creates a schedule: runs started on a cron expression or an interval,
+    without a person.
+    """
+    GetSchedule: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.GetScheduleRequest, _dispatcher_pb2.GetScheduleResponse]  # type: ignore[assignment]
+    """Gets a schedule, with its next fire times."""
+    ListSchedules: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.ListSchedulesRequest, _dispatcher_pb2.ListSchedulesResponse]  # type: ignore[assignment]
+    """Lists a workspace's schedules, by id."""
+    UpdateSchedule: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.UpdateScheduleRequest, _dispatcher_pb2.UpdateScheduleResponse]  # type: ignore[assignment]
+    """Updates a schedule (FieldMask, etag); its next fire time is computed again."""
+    PauseSchedule: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.PauseScheduleRequest, _dispatcher_pb2.PauseScheduleResponse]  # type: ignore[assignment]
+    """Pauses a schedule: it fires no tick until resumed (etag)."""
+    ResumeSchedule: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.ResumeScheduleRequest, _dispatcher_pb2.ResumeScheduleResponse]  # type: ignore[assignment]
+    """Resumes a paused schedule: it fires from the next tick after now; ticks
+    that fell while it was paused are never fired (etag).
+    """
+    DeleteSchedule: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.DeleteScheduleRequest, _dispatcher_pb2.DeleteScheduleResponse]  # type: ignore[assignment]
+    """Deletes a schedule; runs it started are kept (etag)."""
+    ListScheduleFirings: _aio.UnaryUnaryMultiCallable[_dispatcher_pb2.ListScheduleFiringsRequest, _dispatcher_pb2.ListScheduleFiringsResponse]  # type: ignore[assignment]
+    """Lists a schedule's firings, newest first: each tick claimed, with the run it
+    started or why it started none.
+    """
 
 class DispatcherServiceServicer(metaclass=_abc_1.ABCMeta):
     """DispatcherService takes a user message, routes it to a handler (built-in, an
@@ -424,5 +484,89 @@ class DispatcherServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_dispatcher_pb2.UpdateWorkspaceQuotaResponse, _abc.Awaitable[_dispatcher_pb2.UpdateWorkspaceQuotaResponse]]:
         """Updates a workspace's quotas (FieldMask, etag; owners only)."""
+
+    @_abc_1.abstractmethod
+    def SteerRun(
+        self,
+        request: _dispatcher_pb2.SteerRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_pb2.SteerRunResponse, _abc.Awaitable[_dispatcher_pb2.SteerRunResponse]]:
+        """Steers a run that is still going: the message is stored in the run's
+        conversation at once and handed to the run before its next model call (its
+        next step boundary), without cancelling it. The steer is a run of its own
+        (`Run.steer`): SUCCEEDED once the live run took it, or, if the live run ends
+        first, an ordinary queued run of the conversation that answers it. Forwarded
+        to the replica that runs the target, like CancelRun.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateSchedule(
+        self,
+        request: _dispatcher_pb2.CreateScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_pb2.CreateScheduleResponse, _abc.Awaitable[_dispatcher_pb2.CreateScheduleResponse]]:
+        """Creates a schedule: runs started on a cron expression or an interval,
+        without a person.
+        """
+
+    @_abc_1.abstractmethod
+    def GetSchedule(
+        self,
+        request: _dispatcher_pb2.GetScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_pb2.GetScheduleResponse, _abc.Awaitable[_dispatcher_pb2.GetScheduleResponse]]:
+        """Gets a schedule, with its next fire times."""
+
+    @_abc_1.abstractmethod
+    def ListSchedules(
+        self,
+        request: _dispatcher_pb2.ListSchedulesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_pb2.ListSchedulesResponse, _abc.Awaitable[_dispatcher_pb2.ListSchedulesResponse]]:
+        """Lists a workspace's schedules, by id."""
+
+    @_abc_1.abstractmethod
+    def UpdateSchedule(
+        self,
+        request: _dispatcher_pb2.UpdateScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_pb2.UpdateScheduleResponse, _abc.Awaitable[_dispatcher_pb2.UpdateScheduleResponse]]:
+        """Updates a schedule (FieldMask, etag); its next fire time is computed again."""
+
+    @_abc_1.abstractmethod
+    def PauseSchedule(
+        self,
+        request: _dispatcher_pb2.PauseScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_pb2.PauseScheduleResponse, _abc.Awaitable[_dispatcher_pb2.PauseScheduleResponse]]:
+        """Pauses a schedule: it fires no tick until resumed (etag)."""
+
+    @_abc_1.abstractmethod
+    def ResumeSchedule(
+        self,
+        request: _dispatcher_pb2.ResumeScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_pb2.ResumeScheduleResponse, _abc.Awaitable[_dispatcher_pb2.ResumeScheduleResponse]]:
+        """Resumes a paused schedule: it fires from the next tick after now; ticks
+        that fell while it was paused are never fired (etag).
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteSchedule(
+        self,
+        request: _dispatcher_pb2.DeleteScheduleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_pb2.DeleteScheduleResponse, _abc.Awaitable[_dispatcher_pb2.DeleteScheduleResponse]]:
+        """Deletes a schedule; runs it started are kept (etag)."""
+
+    @_abc_1.abstractmethod
+    def ListScheduleFirings(
+        self,
+        request: _dispatcher_pb2.ListScheduleFiringsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatcher_pb2.ListScheduleFiringsResponse, _abc.Awaitable[_dispatcher_pb2.ListScheduleFiringsResponse]]:
+        """Lists a schedule's firings, newest first: each tick claimed, with the run it
+        started or why it started none.
+        """
 
 def add_DispatcherServiceServicer_to_server(servicer: DispatcherServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

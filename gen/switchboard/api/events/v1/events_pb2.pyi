@@ -66,6 +66,10 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     """
     EVENT_TYPE_FILE_CHANGED: _EventType.ValueType  # 14
     """A file was stored or deleted, or its text became ready or failed."""
+    EVENT_TYPE_SCHEDULE_CHANGED: _EventType.ValueType  # 15
+    """A schedule was created, updated, paused, resumed or deleted."""
+    EVENT_TYPE_SCHEDULE_FIRED: _EventType.ValueType  # 16
+    """A schedule's tick was claimed and fired (or skipped, or refused)."""
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper):
     """What an event is about."""
@@ -102,6 +106,10 @@ run's step was refused at its cap.
 """
 EVENT_TYPE_FILE_CHANGED: EventType.ValueType  # 14
 """A file was stored or deleted, or its text became ready or failed."""
+EVENT_TYPE_SCHEDULE_CHANGED: EventType.ValueType  # 15
+"""A schedule was created, updated, paused, resumed or deleted."""
+EVENT_TYPE_SCHEDULE_FIRED: EventType.ValueType  # 16
+"""A schedule's tick was claimed and fired (or skipped, or refused)."""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
 class _ChangeKind:
@@ -423,6 +431,62 @@ class FileChanged(_message.Message):
 Global___FileChanged: _TypeAlias = FileChanged  # noqa: Y015
 
 @_typing.final
+class ScheduleChanged(_message.Message):
+    """Payload: a schedule changed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGE_FIELD_NUMBER: _builtins.int
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    change: Global___ChangeKind.ValueType
+    """How it changed (UPDATED for a pause or a resume too)."""
+    @_builtins.property
+    def schedule(self) -> _dispatcher_pb2.Schedule:
+        """The schedule after the change (before it, for a deletion)."""
+
+    def __init__(
+        self,
+        *,
+        change: Global___ChangeKind.ValueType = ...,
+        schedule: _dispatcher_pb2.Schedule | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "schedule", b"schedule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScheduleChanged: _TypeAlias = ScheduleChanged  # noqa: Y015
+
+@_typing.final
+class ScheduleFired(_message.Message):
+    """Payload: a schedule's tick fired."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    FIRING_FIELD_NUMBER: _builtins.int
+    schedule: _builtins.str
+    """The schedule, `workspaces/{w}/schedules/{s}`."""
+    @_builtins.property
+    def firing(self) -> _dispatcher_pb2.ScheduleFiring:
+        """The firing, as ListScheduleFirings shows it."""
+
+    def __init__(
+        self,
+        *,
+        schedule: _builtins.str = ...,
+        firing: _dispatcher_pb2.ScheduleFiring | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["firing", b"firing"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["firing", b"firing", "schedule", b"schedule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScheduleFired: _TypeAlias = ScheduleFired  # noqa: Y015
+
+@_typing.final
 class RunUpdated(_message.Message):
     """Payload: a run produced an update."""
 
@@ -730,6 +794,8 @@ class Event(_message.Message):
     BUDGET_CHANGED_FIELD_NUMBER: _builtins.int
     BUDGET_ALERT_FIELD_NUMBER: _builtins.int
     FILE_CHANGED_FIELD_NUMBER: _builtins.int
+    SCHEDULE_CHANGED_FIELD_NUMBER: _builtins.int
+    SCHEDULE_FIRED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Globally unique id (for deduplication by consumers)."""
     cursor: _builtins.str
@@ -806,6 +872,14 @@ class Event(_message.Message):
     def file_changed(self) -> Global___FileChanged:
         """A file changed."""
 
+    @_builtins.property
+    def schedule_changed(self) -> Global___ScheduleChanged:
+        """A schedule changed."""
+
+    @_builtins.property
+    def schedule_fired(self) -> Global___ScheduleFired:
+        """A schedule's tick fired."""
+
     def __init__(
         self,
         *,
@@ -831,12 +905,14 @@ class Event(_message.Message):
         budget_changed: Global___BudgetChanged | None = ...,
         budget_alert: Global___BudgetAlert | None = ...,
         file_changed: Global___FileChanged | None = ...,
+        schedule_changed: Global___ScheduleChanged | None = ...,
+        schedule_fired: Global___ScheduleFired | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "assistant_changed", b"assistant_changed", "budget_alert", b"budget_alert", "budget_changed", b"budget_changed", "conversation_changed", b"conversation_changed", "file_changed", b"file_changed", "integration_changed", b"integration_changed", "member_changed", b"member_changed", "memory_changed", b"memory_changed", "message_created", b"message_created", "message_filtered", b"message_filtered", "payload", b"payload", "run_updated", b"run_updated", "security", b"security", "time", b"time", "tool_invoked", b"tool_invoked", "workspace_changed", b"workspace_changed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "assistant_changed", b"assistant_changed", "budget_alert", b"budget_alert", "budget_changed", b"budget_changed", "conversation_changed", b"conversation_changed", "file_changed", b"file_changed", "integration_changed", b"integration_changed", "member_changed", b"member_changed", "memory_changed", b"memory_changed", "message_created", b"message_created", "message_filtered", b"message_filtered", "payload", b"payload", "run_updated", b"run_updated", "schedule_changed", b"schedule_changed", "schedule_fired", b"schedule_fired", "security", b"security", "time", b"time", "tool_invoked", b"tool_invoked", "workspace_changed", b"workspace_changed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "assistant_changed", b"assistant_changed", "budget_alert", b"budget_alert", "budget_changed", b"budget_changed", "conversation", b"conversation", "conversation_changed", b"conversation_changed", "cursor", b"cursor", "file_changed", b"file_changed", "id", b"id", "integration_changed", b"integration_changed", "member_changed", b"member_changed", "memory_changed", b"memory_changed", "message_created", b"message_created", "message_filtered", b"message_filtered", "payload", b"payload", "run_updated", b"run_updated", "security", b"security", "time", b"time", "tool_invoked", b"tool_invoked", "type", b"type", "user", b"user", "workspace", b"workspace", "workspace_changed", b"workspace_changed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "assistant_changed", b"assistant_changed", "budget_alert", b"budget_alert", "budget_changed", b"budget_changed", "conversation", b"conversation", "conversation_changed", b"conversation_changed", "cursor", b"cursor", "file_changed", b"file_changed", "id", b"id", "integration_changed", b"integration_changed", "member_changed", b"member_changed", "memory_changed", b"memory_changed", "message_created", b"message_created", "message_filtered", b"message_filtered", "payload", b"payload", "run_updated", b"run_updated", "schedule_changed", b"schedule_changed", "schedule_fired", b"schedule_fired", "security", b"security", "time", b"time", "tool_invoked", b"tool_invoked", "type", b"type", "user", b"user", "workspace", b"workspace", "workspace_changed", b"workspace_changed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["workspace_changed", "member_changed", "conversation_changed", "message_created", "memory_changed", "run_updated", "integration_changed", "security", "message_filtered", "tool_invoked", "assistant_changed", "budget_changed", "budget_alert", "file_changed"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["workspace_changed", "member_changed", "conversation_changed", "message_created", "memory_changed", "run_updated", "integration_changed", "security", "message_filtered", "tool_invoked", "assistant_changed", "budget_changed", "budget_alert", "file_changed", "schedule_changed", "schedule_fired"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 

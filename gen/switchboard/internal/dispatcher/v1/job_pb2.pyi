@@ -49,6 +49,9 @@ class RunJob(_message.Message):
     STEP_RECORDS_FIELD_NUMBER: _builtins.int
     ANSWER_FIELD_NUMBER: _builtins.int
     HANDLER_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    STEER_TARGET_FIELD_NUMBER: _builtins.int
+    STEER_MODE_FIELD_NUMBER: _builtins.int
+    CONSUMED_STEERS_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The user the run acts for (an id, not a resource name)."""
     auth_method: _builtins.str
@@ -74,6 +77,14 @@ class RunJob(_message.Message):
     """The remote handler the run's first attempt called (its integration and
     endpoint): a later attempt refuses a handler that changed since.
     """
+    steer_target: _builtins.str
+    """For a steer's run: the run it steers. It stays QUEUED behind that run
+    until the run takes it (then SUCCEEDED, in the same transaction that
+    journals it in the target's `consumed_steers`) or ends without taking it
+    (then it runs like any queued run).
+    """
+    steer_mode: _dispatcher_pb2.SteerMode.ValueType
+    """How the run takes steers that arrive while its model writes."""
     @_builtins.property
     def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The credential's scopes."""
@@ -121,6 +132,12 @@ class RunJob(_message.Message):
         run taken over after that replays it instead of asking its handler again.
         """
 
+    @_builtins.property
+    def consumed_steers(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConsumedSteer]:
+        """The steers this run took, in order: a resumed run gives each to its model
+        again before the same step.
+        """
+
     def __init__(
         self,
         *,
@@ -141,14 +158,49 @@ class RunJob(_message.Message):
         step_records: _abc.Iterable[Global___StepRecord] | None = ...,
         answer: Global___JournaledAnswer | None = ...,
         handler_fingerprint: _builtins.str = ...,
+        steer_target: _builtins.str = ...,
+        steer_mode: _dispatcher_pb2.SteerMode.ValueType = ...,
+        consumed_steers: _abc.Iterable[Global___ConsumedSteer] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "assistant", b"assistant", "handed_budget", b"handed_budget", "message", b"message", "parameters", b"parameters", "speech", b"speech"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "api_key_id", b"api_key_id", "assistant", b"assistant", "auth_method", b"auth_method", "handed_budget", b"handed_budget", "handler_fingerprint", b"handler_fingerprint", "journal_version", b"journal_version", "message", b"message", "parameters", b"parameters", "scopes", b"scopes", "session_id", b"session_id", "speech", b"speech", "step_records", b"step_records", "steps", b"steps", "timeout_seconds", b"timeout_seconds", "traceparent", b"traceparent", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "api_key_id", b"api_key_id", "assistant", b"assistant", "auth_method", b"auth_method", "consumed_steers", b"consumed_steers", "handed_budget", b"handed_budget", "handler_fingerprint", b"handler_fingerprint", "journal_version", b"journal_version", "message", b"message", "parameters", b"parameters", "scopes", b"scopes", "session_id", b"session_id", "speech", b"speech", "steer_mode", b"steer_mode", "steer_target", b"steer_target", "step_records", b"step_records", "steps", b"steps", "timeout_seconds", b"timeout_seconds", "traceparent", b"traceparent", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RunJob: _TypeAlias = RunJob  # noqa: Y015
+
+@_typing.final
+class ConsumedSteer(_message.Message):
+    """A steer a run took."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    run: _builtins.str
+    """The steer's run, `workspaces/{w}/conversations/{c}/runs/{run}`."""
+    step: _builtins.int
+    """The step (model call, from 1) whose input first held it."""
+    @_builtins.property
+    def message(self) -> _context_pb2.Message:
+        """Its stored message."""
+
+    def __init__(
+        self,
+        *,
+        run: _builtins.str = ...,
+        message: _context_pb2.Message | None = ...,
+        step: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "run", b"run", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConsumedSteer: _TypeAlias = ConsumedSteer  # noqa: Y015
 
 @_typing.final
 class StepRecord(_message.Message):

@@ -145,6 +145,9 @@ const (
 	// A person failed the run at a tool call whose outcome was unknown after a
 	// crash (SubmitToolApprovals with FAIL_RUN; ABORTED).
 	ErrorReason_ERROR_REASON_TOOL_OUTCOME_UNKNOWN ErrorReason = 45
+	// The run named has ended, so it cannot be steered (SteerRun;
+	// FAILED_PRECONDITION); nothing was stored. Send the message as a new one.
+	ErrorReason_ERROR_REASON_RUN_ENDED ErrorReason = 46
 )
 
 // Enum value maps for ErrorReason.
@@ -196,6 +199,7 @@ var (
 		43: "ERROR_REASON_SPEECH_REFUSED",
 		44: "ERROR_REASON_RUN_NOT_RESUMABLE",
 		45: "ERROR_REASON_TOOL_OUTCOME_UNKNOWN",
+		46: "ERROR_REASON_RUN_ENDED",
 	}
 	ErrorReason_value = map[string]int32{
 		"ERROR_REASON_UNSPECIFIED":            0,
@@ -244,6 +248,7 @@ var (
 		"ERROR_REASON_SPEECH_REFUSED":         43,
 		"ERROR_REASON_RUN_NOT_RESUMABLE":      44,
 		"ERROR_REASON_TOOL_OUTCOME_UNKNOWN":   45,
+		"ERROR_REASON_RUN_ENDED":              46,
 	}
 )
 
@@ -278,7 +283,7 @@ var File_switchboard_api_common_v1_errors_proto protoreflect.FileDescriptor
 
 const file_switchboard_api_common_v1_errors_proto_rawDesc = "" +
 	"\n" +
-	"&switchboard/api/common/v1/errors.proto\x12\x19switchboard.api.common.v1*\xb6\f\n" +
+	"&switchboard/api/common/v1/errors.proto\x12\x19switchboard.api.common.v1*\xd2\f\n" +
 	"\vErrorReason\x12\x1c\n" +
 	"\x18ERROR_REASON_UNSPECIFIED\x10\x00\x12!\n" +
 	"\x1dERROR_REASON_INVALID_ARGUMENT\x10\x01\x12 \n" +
@@ -326,7 +331,8 @@ const file_switchboard_api_common_v1_errors_proto_rawDesc = "" +
 	"\x1fERROR_REASON_SPEECH_UNAVAILABLE\x10*\x12\x1f\n" +
 	"\x1bERROR_REASON_SPEECH_REFUSED\x10+\x12\"\n" +
 	"\x1eERROR_REASON_RUN_NOT_RESUMABLE\x10,\x12%\n" +
-	"!ERROR_REASON_TOOL_OUTCOME_UNKNOWN\x10-B\\\n" +
+	"!ERROR_REASON_TOOL_OUTCOME_UNKNOWN\x10-\x12\x1a\n" +
+	"\x16ERROR_REASON_RUN_ENDED\x10.B\\\n" +
 	"\x1ddev.switchboard.api.common.v1P\x01Z9switchboard.dev/go/gen/switchboard/api/common/v1;commonv1b\x06proto3"
 
 var (

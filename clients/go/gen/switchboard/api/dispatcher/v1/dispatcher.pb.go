@@ -105,6 +105,123 @@ func (RunState) EnumDescriptor() ([]byte, []int) {
 	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{0}
 }
 
+// What became of a steer.
+type SteerState int32
+
+const (
+	// Not set.
+	SteerState_STEER_STATE_UNSPECIFIED SteerState = 0
+	// Stored and waiting for the target run's next step boundary.
+	SteerState_STEER_STATE_ACCEPTED SteerState = 1
+	// The target run took it: its model saw the message before step `step`. The
+	// steer's run is SUCCEEDED; its answer is the target run's.
+	SteerState_STEER_STATE_CONSUMED SteerState = 2
+	// The target run ended (or was cancelled) before a step boundary: the
+	// steer's run is an ordinary queued run of the conversation and answers the
+	// message itself.
+	SteerState_STEER_STATE_REQUEUED SteerState = 3
+)
+
+// Enum value maps for SteerState.
+var (
+	SteerState_name = map[int32]string{
+		0: "STEER_STATE_UNSPECIFIED",
+		1: "STEER_STATE_ACCEPTED",
+		2: "STEER_STATE_CONSUMED",
+		3: "STEER_STATE_REQUEUED",
+	}
+	SteerState_value = map[string]int32{
+		"STEER_STATE_UNSPECIFIED": 0,
+		"STEER_STATE_ACCEPTED":    1,
+		"STEER_STATE_CONSUMED":    2,
+		"STEER_STATE_REQUEUED":    3,
+	}
+)
+
+func (x SteerState) Enum() *SteerState {
+	p := new(SteerState)
+	*p = x
+	return p
+}
+
+func (x SteerState) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (SteerState) Descriptor() protoreflect.EnumDescriptor {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[1].Descriptor()
+}
+
+func (SteerState) Type() protoreflect.EnumType {
+	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[1]
+}
+
+func (x SteerState) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use SteerState.Descriptor instead.
+func (SteerState) EnumDescriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{1}
+}
+
+// How a run takes a steer that arrives while its model is writing.
+type SteerMode int32
+
+const (
+	// Not set: FINISH_STREAM.
+	SteerMode_STEER_MODE_UNSPECIFIED SteerMode = 0
+	// The model's answer in progress finishes; the steer goes in before the next
+	// model call (after the step's tool calls). A steer that arrives while the
+	// final answer is written is not consumed: it becomes a queued run.
+	SteerMode_STEER_MODE_FINISH_STREAM SteerMode = 1
+	// The model's call in progress is cut (its deltas are void: see
+	// SteerUpdate.discarded_from_sequence) and made again at once with the
+	// message; what the cut call used is charged.
+	SteerMode_STEER_MODE_RESTART_STREAM SteerMode = 2
+)
+
+// Enum value maps for SteerMode.
+var (
+	SteerMode_name = map[int32]string{
+		0: "STEER_MODE_UNSPECIFIED",
+		1: "STEER_MODE_FINISH_STREAM",
+		2: "STEER_MODE_RESTART_STREAM",
+	}
+	SteerMode_value = map[string]int32{
+		"STEER_MODE_UNSPECIFIED":    0,
+		"STEER_MODE_FINISH_STREAM":  1,
+		"STEER_MODE_RESTART_STREAM": 2,
+	}
+)
+
+func (x SteerMode) Enum() *SteerMode {
+	p := new(SteerMode)
+	*p = x
+	return p
+}
+
+func (x SteerMode) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (SteerMode) Descriptor() protoreflect.EnumDescriptor {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[2].Descriptor()
+}
+
+func (SteerMode) Type() protoreflect.EnumType {
+	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[2]
+}
+
+func (x SteerMode) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use SteerMode.Descriptor instead.
+func (SteerMode) EnumDescriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{2}
+}
+
 // What to do with a run paused at a budget's cap.
 type BudgetDecision int32
 
@@ -142,11 +259,11 @@ func (x BudgetDecision) String() string {
 }
 
 func (BudgetDecision) Descriptor() protoreflect.EnumDescriptor {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[1].Descriptor()
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[3].Descriptor()
 }
 
 func (BudgetDecision) Type() protoreflect.EnumType {
-	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[1]
+	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[3]
 }
 
 func (x BudgetDecision) Number() protoreflect.EnumNumber {
@@ -155,7 +272,7 @@ func (x BudgetDecision) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use BudgetDecision.Descriptor instead.
 func (BudgetDecision) EnumDescriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{1}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{3}
 }
 
 // A decision on a tool call.
@@ -210,11 +327,11 @@ func (x ToolApprovalDecision) String() string {
 }
 
 func (ToolApprovalDecision) Descriptor() protoreflect.EnumDescriptor {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[2].Descriptor()
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[4].Descriptor()
 }
 
 func (ToolApprovalDecision) Type() protoreflect.EnumType {
-	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[2]
+	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[4]
 }
 
 func (x ToolApprovalDecision) Number() protoreflect.EnumNumber {
@@ -223,7 +340,7 @@ func (x ToolApprovalDecision) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use ToolApprovalDecision.Descriptor instead.
 func (ToolApprovalDecision) EnumDescriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{2}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{4}
 }
 
 // What SendMessage does when the conversation already has a queued or running run.
@@ -238,6 +355,9 @@ const (
 	ConcurrencyPolicy_CONCURRENCY_POLICY_ENQUEUE ConcurrencyPolicy = 2
 	// Cancel the conversation's active runs (reason RUN_SUPERSEDED) and run this one.
 	ConcurrencyPolicy_CONCURRENCY_POLICY_INTERRUPT ConcurrencyPolicy = 3
+	// Steer the conversation's oldest active run with the message (as SteerRun on
+	// it); if the conversation has none, as ENQUEUE.
+	ConcurrencyPolicy_CONCURRENCY_POLICY_STEER ConcurrencyPolicy = 4
 )
 
 // Enum value maps for ConcurrencyPolicy.
@@ -247,12 +367,14 @@ var (
 		1: "CONCURRENCY_POLICY_REJECT",
 		2: "CONCURRENCY_POLICY_ENQUEUE",
 		3: "CONCURRENCY_POLICY_INTERRUPT",
+		4: "CONCURRENCY_POLICY_STEER",
 	}
 	ConcurrencyPolicy_value = map[string]int32{
 		"CONCURRENCY_POLICY_UNSPECIFIED": 0,
 		"CONCURRENCY_POLICY_REJECT":      1,
 		"CONCURRENCY_POLICY_ENQUEUE":     2,
 		"CONCURRENCY_POLICY_INTERRUPT":   3,
+		"CONCURRENCY_POLICY_STEER":       4,
 	}
 )
 
@@ -267,11 +389,11 @@ func (x ConcurrencyPolicy) String() string {
 }
 
 func (ConcurrencyPolicy) Descriptor() protoreflect.EnumDescriptor {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[3].Descriptor()
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[5].Descriptor()
 }
 
 func (ConcurrencyPolicy) Type() protoreflect.EnumType {
-	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[3]
+	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[5]
 }
 
 func (x ConcurrencyPolicy) Number() protoreflect.EnumNumber {
@@ -280,7 +402,7 @@ func (x ConcurrencyPolicy) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use ConcurrencyPolicy.Descriptor instead.
 func (ConcurrencyPolicy) EnumDescriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{3}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{5}
 }
 
 // The encoding of an audio stream.
@@ -316,11 +438,11 @@ func (x AudioEncoding) String() string {
 }
 
 func (AudioEncoding) Descriptor() protoreflect.EnumDescriptor {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[4].Descriptor()
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[6].Descriptor()
 }
 
 func (AudioEncoding) Type() protoreflect.EnumType {
-	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[4]
+	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[6]
 }
 
 func (x AudioEncoding) Number() protoreflect.EnumNumber {
@@ -329,7 +451,7 @@ func (x AudioEncoding) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use AudioEncoding.Descriptor instead.
 func (AudioEncoding) EnumDescriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{4}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{6}
 }
 
 // Where a handler runs.
@@ -373,11 +495,11 @@ func (x HandlerKind) String() string {
 }
 
 func (HandlerKind) Descriptor() protoreflect.EnumDescriptor {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[5].Descriptor()
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[7].Descriptor()
 }
 
 func (HandlerKind) Type() protoreflect.EnumType {
-	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[5]
+	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[7]
 }
 
 func (x HandlerKind) Number() protoreflect.EnumNumber {
@@ -386,7 +508,7 @@ func (x HandlerKind) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use HandlerKind.Descriptor instead.
 func (HandlerKind) EnumDescriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{5}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{7}
 }
 
 // The span of time a budget's caps cover.
@@ -438,11 +560,11 @@ func (x BudgetPeriod) String() string {
 }
 
 func (BudgetPeriod) Descriptor() protoreflect.EnumDescriptor {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[6].Descriptor()
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[8].Descriptor()
 }
 
 func (BudgetPeriod) Type() protoreflect.EnumType {
-	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[6]
+	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[8]
 }
 
 func (x BudgetPeriod) Number() protoreflect.EnumNumber {
@@ -451,7 +573,7 @@ func (x BudgetPeriod) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use BudgetPeriod.Descriptor instead.
 func (BudgetPeriod) EnumDescriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{6}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{8}
 }
 
 // A way to group usage.
@@ -499,11 +621,11 @@ func (x UsageDimension) String() string {
 }
 
 func (UsageDimension) Descriptor() protoreflect.EnumDescriptor {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[7].Descriptor()
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[9].Descriptor()
 }
 
 func (UsageDimension) Type() protoreflect.EnumType {
-	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[7]
+	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[9]
 }
 
 func (x UsageDimension) Number() protoreflect.EnumNumber {
@@ -512,7 +634,7 @@ func (x UsageDimension) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use UsageDimension.Descriptor instead.
 func (UsageDimension) EnumDescriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{7}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{9}
 }
 
 // How a voice session finds the end of a user's turn.
@@ -553,11 +675,11 @@ func (x TurnDetection) String() string {
 }
 
 func (TurnDetection) Descriptor() protoreflect.EnumDescriptor {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[8].Descriptor()
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[10].Descriptor()
 }
 
 func (TurnDetection) Type() protoreflect.EnumType {
-	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[8]
+	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[10]
 }
 
 func (x TurnDetection) Number() protoreflect.EnumNumber {
@@ -566,7 +688,7 @@ func (x TurnDetection) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use TurnDetection.Descriptor instead.
 func (TurnDetection) EnumDescriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{8}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{10}
 }
 
 // What a control frame asks.
@@ -615,11 +737,11 @@ func (x TalkAction) String() string {
 }
 
 func (TalkAction) Descriptor() protoreflect.EnumDescriptor {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[9].Descriptor()
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[11].Descriptor()
 }
 
 func (TalkAction) Type() protoreflect.EnumType {
-	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[9]
+	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[11]
 }
 
 func (x TalkAction) Number() protoreflect.EnumNumber {
@@ -628,7 +750,7 @@ func (x TalkAction) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use TalkAction.Descriptor instead.
 func (TalkAction) EnumDescriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{9}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{11}
 }
 
 // What a session noticed.
@@ -677,11 +799,11 @@ func (x TalkEventKind) String() string {
 }
 
 func (TalkEventKind) Descriptor() protoreflect.EnumDescriptor {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[10].Descriptor()
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[12].Descriptor()
 }
 
 func (TalkEventKind) Type() protoreflect.EnumType {
-	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[10]
+	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[12]
 }
 
 func (x TalkEventKind) Number() protoreflect.EnumNumber {
@@ -690,7 +812,235 @@ func (x TalkEventKind) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use TalkEventKind.Descriptor instead.
 func (TalkEventKind) EnumDescriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{10}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{12}
+}
+
+// Whether a schedule fires.
+type ScheduleState int32
+
+const (
+	// Not set.
+	ScheduleState_SCHEDULE_STATE_UNSPECIFIED ScheduleState = 0
+	// It fires at its ticks.
+	ScheduleState_SCHEDULE_STATE_ACTIVE ScheduleState = 1
+	// It fires nothing until resumed.
+	ScheduleState_SCHEDULE_STATE_PAUSED ScheduleState = 2
+)
+
+// Enum value maps for ScheduleState.
+var (
+	ScheduleState_name = map[int32]string{
+		0: "SCHEDULE_STATE_UNSPECIFIED",
+		1: "SCHEDULE_STATE_ACTIVE",
+		2: "SCHEDULE_STATE_PAUSED",
+	}
+	ScheduleState_value = map[string]int32{
+		"SCHEDULE_STATE_UNSPECIFIED": 0,
+		"SCHEDULE_STATE_ACTIVE":      1,
+		"SCHEDULE_STATE_PAUSED":      2,
+	}
+)
+
+func (x ScheduleState) Enum() *ScheduleState {
+	p := new(ScheduleState)
+	*p = x
+	return p
+}
+
+func (x ScheduleState) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (ScheduleState) Descriptor() protoreflect.EnumDescriptor {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[13].Descriptor()
+}
+
+func (ScheduleState) Type() protoreflect.EnumType {
+	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[13]
+}
+
+func (x ScheduleState) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use ScheduleState.Descriptor instead.
+func (ScheduleState) EnumDescriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{13}
+}
+
+// Which conversation a schedule's runs use.
+type ScheduleConversationMode int32
+
+const (
+	// Not set: SHARED.
+	ScheduleConversationMode_SCHEDULE_CONVERSATION_MODE_UNSPECIFIED ScheduleConversationMode = 0
+	// One conversation for the schedule, made when it is created
+	// (`Schedule.conversation`); its runs follow each other there under the
+	// schedule's concurrency policy.
+	ScheduleConversationMode_SCHEDULE_CONVERSATION_MODE_SHARED ScheduleConversationMode = 1
+	// A new conversation for each run.
+	ScheduleConversationMode_SCHEDULE_CONVERSATION_MODE_PER_RUN ScheduleConversationMode = 2
+)
+
+// Enum value maps for ScheduleConversationMode.
+var (
+	ScheduleConversationMode_name = map[int32]string{
+		0: "SCHEDULE_CONVERSATION_MODE_UNSPECIFIED",
+		1: "SCHEDULE_CONVERSATION_MODE_SHARED",
+		2: "SCHEDULE_CONVERSATION_MODE_PER_RUN",
+	}
+	ScheduleConversationMode_value = map[string]int32{
+		"SCHEDULE_CONVERSATION_MODE_UNSPECIFIED": 0,
+		"SCHEDULE_CONVERSATION_MODE_SHARED":      1,
+		"SCHEDULE_CONVERSATION_MODE_PER_RUN":     2,
+	}
+)
+
+func (x ScheduleConversationMode) Enum() *ScheduleConversationMode {
+	p := new(ScheduleConversationMode)
+	*p = x
+	return p
+}
+
+func (x ScheduleConversationMode) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (ScheduleConversationMode) Descriptor() protoreflect.EnumDescriptor {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[14].Descriptor()
+}
+
+func (ScheduleConversationMode) Type() protoreflect.EnumType {
+	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[14]
+}
+
+func (x ScheduleConversationMode) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use ScheduleConversationMode.Descriptor instead.
+func (ScheduleConversationMode) EnumDescriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{14}
+}
+
+// What a schedule does with ticks that fell while no replica could fire them
+// (all stopped, or the database away) for longer than the grace
+// (SWITCHBOARD_SCHEDULES_MISSED_GRACE_S).
+type MissedTickPolicy int32
+
+const (
+	// Not set: SKIP.
+	MissedTickPolicy_MISSED_TICK_POLICY_UNSPECIFIED MissedTickPolicy = 0
+	// Missed ticks are recorded as SKIPPED firings; the schedule goes on from the
+	// next tick after now.
+	MissedTickPolicy_MISSED_TICK_POLICY_SKIP MissedTickPolicy = 1
+	// One run for all the missed ticks (for the latest of them), then on from the
+	// next tick after now; the others are recorded as SKIPPED.
+	MissedTickPolicy_MISSED_TICK_POLICY_RUN_ONCE MissedTickPolicy = 2
+)
+
+// Enum value maps for MissedTickPolicy.
+var (
+	MissedTickPolicy_name = map[int32]string{
+		0: "MISSED_TICK_POLICY_UNSPECIFIED",
+		1: "MISSED_TICK_POLICY_SKIP",
+		2: "MISSED_TICK_POLICY_RUN_ONCE",
+	}
+	MissedTickPolicy_value = map[string]int32{
+		"MISSED_TICK_POLICY_UNSPECIFIED": 0,
+		"MISSED_TICK_POLICY_SKIP":        1,
+		"MISSED_TICK_POLICY_RUN_ONCE":    2,
+	}
+)
+
+func (x MissedTickPolicy) Enum() *MissedTickPolicy {
+	p := new(MissedTickPolicy)
+	*p = x
+	return p
+}
+
+func (x MissedTickPolicy) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (MissedTickPolicy) Descriptor() protoreflect.EnumDescriptor {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[15].Descriptor()
+}
+
+func (MissedTickPolicy) Type() protoreflect.EnumType {
+	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[15]
+}
+
+func (x MissedTickPolicy) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use MissedTickPolicy.Descriptor instead.
+func (MissedTickPolicy) EnumDescriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{15}
+}
+
+// How a schedule's tick ended.
+type FiringOutcome int32
+
+const (
+	// Not set.
+	FiringOutcome_FIRING_OUTCOME_UNSPECIFIED FiringOutcome = 0
+	// Claimed; its run is being started (a replica that died here hands it over).
+	FiringOutcome_FIRING_OUTCOME_CLAIMED FiringOutcome = 1
+	// Its run was started (`run`).
+	FiringOutcome_FIRING_OUTCOME_STARTED FiringOutcome = 2
+	// No run: the tick was missed (MissedTickPolicy) or its conversation was busy
+	// under REJECT (`error` says which).
+	FiringOutcome_FIRING_OUTCOME_SKIPPED FiringOutcome = 3
+	// No run: admission refused it (a quota, a budget, the creator's access);
+	// `error` says why.
+	FiringOutcome_FIRING_OUTCOME_FAILED FiringOutcome = 4
+)
+
+// Enum value maps for FiringOutcome.
+var (
+	FiringOutcome_name = map[int32]string{
+		0: "FIRING_OUTCOME_UNSPECIFIED",
+		1: "FIRING_OUTCOME_CLAIMED",
+		2: "FIRING_OUTCOME_STARTED",
+		3: "FIRING_OUTCOME_SKIPPED",
+		4: "FIRING_OUTCOME_FAILED",
+	}
+	FiringOutcome_value = map[string]int32{
+		"FIRING_OUTCOME_UNSPECIFIED": 0,
+		"FIRING_OUTCOME_CLAIMED":     1,
+		"FIRING_OUTCOME_STARTED":     2,
+		"FIRING_OUTCOME_SKIPPED":     3,
+		"FIRING_OUTCOME_FAILED":      4,
+	}
+)
+
+func (x FiringOutcome) Enum() *FiringOutcome {
+	p := new(FiringOutcome)
+	*p = x
+	return p
+}
+
+func (x FiringOutcome) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (FiringOutcome) Descriptor() protoreflect.EnumDescriptor {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[16].Descriptor()
+}
+
+func (FiringOutcome) Type() protoreflect.EnumType {
+	return &file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes[16]
+}
+
+func (x FiringOutcome) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use FiringOutcome.Descriptor instead.
+func (FiringOutcome) EnumDescriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{16}
 }
 
 // One execution of a handler answering one user message.
@@ -744,7 +1094,17 @@ type Run struct {
 	TraceId string `protobuf:"bytes,21,opt,name=trace_id,json=traceId,proto3" json:"trace_id,omitempty"`
 	// What the run was asked to do with speech (SendMessageRequest.speech); unset
 	// for a text-only run.
-	Speech        *SpeechOptions `protobuf:"bytes,22,opt,name=speech,proto3" json:"speech,omitempty"`
+	Speech *SpeechOptions `protobuf:"bytes,22,opt,name=speech,proto3" json:"speech,omitempty"`
+	// Set on a steer's run (SteerRun, or SendMessage with CONCURRENCY_POLICY_STEER
+	// while the conversation had a run going): the run it steers and what became
+	// of it.
+	Steer *Steer `protobuf:"bytes,23,opt,name=steer,proto3" json:"steer,omitempty"`
+	// How this run takes steers that arrive while its model is writing
+	// (SendMessageRequest.steer_mode).
+	SteerMode SteerMode `protobuf:"varint,24,opt,name=steer_mode,json=steerMode,proto3,enum=switchboard.api.dispatcher.v1.SteerMode" json:"steer_mode,omitempty"`
+	// The schedule that started it, `workspaces/{w}/schedules/{s}`; empty for a
+	// run a caller started.
+	Schedule      string `protobuf:"bytes,25,opt,name=schedule,proto3" json:"schedule,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -933,6 +1293,185 @@ func (x *Run) GetSpeech() *SpeechOptions {
 	return nil
 }
 
+func (x *Run) GetSteer() *Steer {
+	if x != nil {
+		return x.Steer
+	}
+	return nil
+}
+
+func (x *Run) GetSteerMode() SteerMode {
+	if x != nil {
+		return x.SteerMode
+	}
+	return SteerMode_STEER_MODE_UNSPECIFIED
+}
+
+func (x *Run) GetSchedule() string {
+	if x != nil {
+		return x.Schedule
+	}
+	return ""
+}
+
+// A steer: a message handed to a run that is going.
+type Steer struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The run steered, `workspaces/{w}/conversations/{c}/runs/{run}`.
+	Target string `protobuf:"bytes,1,opt,name=target,proto3" json:"target,omitempty"`
+	// What became of it.
+	State SteerState `protobuf:"varint,2,opt,name=state,proto3,enum=switchboard.api.dispatcher.v1.SteerState" json:"state,omitempty"`
+	// For CONSUMED: the target's step (its model call, from 1) whose input first
+	// held the message.
+	Step int32 `protobuf:"varint,3,opt,name=step,proto3" json:"step,omitempty"`
+	// When it was consumed or requeued.
+	DecideTime    *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=decide_time,json=decideTime,proto3" json:"decide_time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Steer) Reset() {
+	*x = Steer{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Steer) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Steer) ProtoMessage() {}
+
+func (x *Steer) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Steer.ProtoReflect.Descriptor instead.
+func (*Steer) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *Steer) GetTarget() string {
+	if x != nil {
+		return x.Target
+	}
+	return ""
+}
+
+func (x *Steer) GetState() SteerState {
+	if x != nil {
+		return x.State
+	}
+	return SteerState_STEER_STATE_UNSPECIFIED
+}
+
+func (x *Steer) GetStep() int32 {
+	if x != nil {
+		return x.Step
+	}
+	return 0
+}
+
+func (x *Steer) GetDecideTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.DecideTime
+	}
+	return nil
+}
+
+// A run update: a steer of this run was accepted, consumed or requeued.
+type SteerUpdate struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The steer's own run, `workspaces/{w}/conversations/{c}/runs/{run}`.
+	SteerRun string `protobuf:"bytes,1,opt,name=steer_run,json=steerRun,proto3" json:"steer_run,omitempty"`
+	// The steer's stored message, `workspaces/{w}/conversations/{c}/messages/{m}`.
+	Message string `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
+	// What happened to it.
+	State SteerState `protobuf:"varint,3,opt,name=state,proto3,enum=switchboard.api.dispatcher.v1.SteerState" json:"state,omitempty"`
+	// For CONSUMED: the step (model call, from 1) whose input first holds it.
+	Step int32 `protobuf:"varint,4,opt,name=step,proto3" json:"step,omitempty"`
+	// For CONSUMED in STEER_MODE_RESTART_STREAM when a model call was cut: the
+	// first sequence of this run's deltas that are void (the cut call's); the
+	// answer continues after this update. 0 if nothing was cut.
+	DiscardedFromSequence int64 `protobuf:"varint,5,opt,name=discarded_from_sequence,json=discardedFromSequence,proto3" json:"discarded_from_sequence,omitempty"`
+	unknownFields         protoimpl.UnknownFields
+	sizeCache             protoimpl.SizeCache
+}
+
+func (x *SteerUpdate) Reset() {
+	*x = SteerUpdate{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SteerUpdate) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SteerUpdate) ProtoMessage() {}
+
+func (x *SteerUpdate) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SteerUpdate.ProtoReflect.Descriptor instead.
+func (*SteerUpdate) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *SteerUpdate) GetSteerRun() string {
+	if x != nil {
+		return x.SteerRun
+	}
+	return ""
+}
+
+func (x *SteerUpdate) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+func (x *SteerUpdate) GetState() SteerState {
+	if x != nil {
+		return x.State
+	}
+	return SteerState_STEER_STATE_UNSPECIFIED
+}
+
+func (x *SteerUpdate) GetStep() int32 {
+	if x != nil {
+		return x.Step
+	}
+	return 0
+}
+
+func (x *SteerUpdate) GetDiscardedFromSequence() int64 {
+	if x != nil {
+		return x.DiscardedFromSequence
+	}
+	return 0
+}
+
 // The tool calls a paused run waits on.
 type RequiredAction struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -949,7 +1488,7 @@ type RequiredAction struct {
 
 func (x *RequiredAction) Reset() {
 	*x = RequiredAction{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[1]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -961,7 +1500,7 @@ func (x *RequiredAction) String() string {
 func (*RequiredAction) ProtoMessage() {}
 
 func (x *RequiredAction) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[1]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -974,7 +1513,7 @@ func (x *RequiredAction) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RequiredAction.ProtoReflect.Descriptor instead.
 func (*RequiredAction) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{1}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *RequiredAction) GetToolCalls() []*PendingToolCall {
@@ -1024,7 +1563,7 @@ type BudgetAction struct {
 
 func (x *BudgetAction) Reset() {
 	*x = BudgetAction{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[2]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1036,7 +1575,7 @@ func (x *BudgetAction) String() string {
 func (*BudgetAction) ProtoMessage() {}
 
 func (x *BudgetAction) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[2]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1049,7 +1588,7 @@ func (x *BudgetAction) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BudgetAction.ProtoReflect.Descriptor instead.
 func (*BudgetAction) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{2}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *BudgetAction) GetBudgets() []string {
@@ -1127,7 +1666,7 @@ type PendingToolCall struct {
 
 func (x *PendingToolCall) Reset() {
 	*x = PendingToolCall{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[3]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1139,7 +1678,7 @@ func (x *PendingToolCall) String() string {
 func (*PendingToolCall) ProtoMessage() {}
 
 func (x *PendingToolCall) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[3]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1152,7 +1691,7 @@ func (x *PendingToolCall) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PendingToolCall.ProtoReflect.Descriptor instead.
 func (*PendingToolCall) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{3}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *PendingToolCall) GetCall() *v1.ToolCall {
@@ -1234,14 +1773,17 @@ type SendMessageRequest struct {
 	// Speech: transcribe the message's recording, and/or speak the answer as
 	// `speech` updates. Needs the assistant's `voice` and the server's audio
 	// endpoint (else FAILED_PRECONDITION, SPEECH_NOT_CONFIGURED).
-	Speech        *SpeechOptions `protobuf:"bytes,9,opt,name=speech,proto3" json:"speech,omitempty"`
+	Speech *SpeechOptions `protobuf:"bytes,9,opt,name=speech,proto3" json:"speech,omitempty"`
+	// How the run started by this message takes steers that arrive while its
+	// model is writing.
+	SteerMode     SteerMode `protobuf:"varint,10,opt,name=steer_mode,json=steerMode,proto3,enum=switchboard.api.dispatcher.v1.SteerMode" json:"steer_mode,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *SendMessageRequest) Reset() {
 	*x = SendMessageRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[4]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1253,7 +1795,7 @@ func (x *SendMessageRequest) String() string {
 func (*SendMessageRequest) ProtoMessage() {}
 
 func (x *SendMessageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[4]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1266,7 +1808,7 @@ func (x *SendMessageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SendMessageRequest.ProtoReflect.Descriptor instead.
 func (*SendMessageRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{4}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *SendMessageRequest) GetConversation() string {
@@ -1332,6 +1874,13 @@ func (x *SendMessageRequest) GetSpeech() *SpeechOptions {
 	return nil
 }
 
+func (x *SendMessageRequest) GetSteerMode() SteerMode {
+	if x != nil {
+		return x.SteerMode
+	}
+	return SteerMode_STEER_MODE_UNSPECIFIED
+}
+
 // The format of an audio stream.
 type AudioFormat struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1346,7 +1895,7 @@ type AudioFormat struct {
 
 func (x *AudioFormat) Reset() {
 	*x = AudioFormat{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[5]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1358,7 +1907,7 @@ func (x *AudioFormat) String() string {
 func (*AudioFormat) ProtoMessage() {}
 
 func (x *AudioFormat) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[5]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1371,7 +1920,7 @@ func (x *AudioFormat) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AudioFormat.ProtoReflect.Descriptor instead.
 func (*AudioFormat) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{5}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *AudioFormat) GetEncoding() AudioEncoding {
@@ -1408,7 +1957,7 @@ type SpeechOptions struct {
 
 func (x *SpeechOptions) Reset() {
 	*x = SpeechOptions{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[6]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1420,7 +1969,7 @@ func (x *SpeechOptions) String() string {
 func (*SpeechOptions) ProtoMessage() {}
 
 func (x *SpeechOptions) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[6]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1433,7 +1982,7 @@ func (x *SpeechOptions) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SpeechOptions.ProtoReflect.Descriptor instead.
 func (*SpeechOptions) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{6}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *SpeechOptions) GetSpeak() bool {
@@ -1480,7 +2029,7 @@ type VoiceSettings struct {
 
 func (x *VoiceSettings) Reset() {
 	*x = VoiceSettings{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[7]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1492,7 +2041,7 @@ func (x *VoiceSettings) String() string {
 func (*VoiceSettings) ProtoMessage() {}
 
 func (x *VoiceSettings) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[7]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1505,7 +2054,7 @@ func (x *VoiceSettings) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VoiceSettings.ProtoReflect.Descriptor instead.
 func (*VoiceSettings) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{7}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *VoiceSettings) GetTranscriptionModel() string {
@@ -1563,7 +2112,7 @@ type SpeechChunk struct {
 
 func (x *SpeechChunk) Reset() {
 	*x = SpeechChunk{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[8]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1575,7 +2124,7 @@ func (x *SpeechChunk) String() string {
 func (*SpeechChunk) ProtoMessage() {}
 
 func (x *SpeechChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[8]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1588,7 +2137,7 @@ func (x *SpeechChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SpeechChunk.ProtoReflect.Descriptor instead.
 func (*SpeechChunk) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{8}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *SpeechChunk) GetAudio() []byte {
@@ -1667,7 +2216,7 @@ type SendMessageResponse struct {
 
 func (x *SendMessageResponse) Reset() {
 	*x = SendMessageResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[9]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1679,7 +2228,7 @@ func (x *SendMessageResponse) String() string {
 func (*SendMessageResponse) ProtoMessage() {}
 
 func (x *SendMessageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[9]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1692,7 +2241,7 @@ func (x *SendMessageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SendMessageResponse.ProtoReflect.Descriptor instead.
 func (*SendMessageResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{9}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *SendMessageResponse) GetRun() *Run {
@@ -1720,7 +2269,7 @@ type GetRunRequest struct {
 
 func (x *GetRunRequest) Reset() {
 	*x = GetRunRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[10]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1732,7 +2281,7 @@ func (x *GetRunRequest) String() string {
 func (*GetRunRequest) ProtoMessage() {}
 
 func (x *GetRunRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[10]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1745,7 +2294,7 @@ func (x *GetRunRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetRunRequest.ProtoReflect.Descriptor instead.
 func (*GetRunRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{10}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *GetRunRequest) GetName() string {
@@ -1766,7 +2315,7 @@ type GetRunResponse struct {
 
 func (x *GetRunResponse) Reset() {
 	*x = GetRunResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[11]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1778,7 +2327,7 @@ func (x *GetRunResponse) String() string {
 func (*GetRunResponse) ProtoMessage() {}
 
 func (x *GetRunResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[11]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1791,7 +2340,7 @@ func (x *GetRunResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetRunResponse.ProtoReflect.Descriptor instead.
 func (*GetRunResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{11}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *GetRunResponse) GetRun() *Run {
@@ -1827,7 +2376,7 @@ type ListRunsRequest struct {
 
 func (x *ListRunsRequest) Reset() {
 	*x = ListRunsRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[12]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1839,7 +2388,7 @@ func (x *ListRunsRequest) String() string {
 func (*ListRunsRequest) ProtoMessage() {}
 
 func (x *ListRunsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[12]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1852,7 +2401,7 @@ func (x *ListRunsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListRunsRequest.ProtoReflect.Descriptor instead.
 func (*ListRunsRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{12}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ListRunsRequest) GetParent() string {
@@ -1912,7 +2461,7 @@ type ListRunsResponse struct {
 
 func (x *ListRunsResponse) Reset() {
 	*x = ListRunsResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[13]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1924,7 +2473,7 @@ func (x *ListRunsResponse) String() string {
 func (*ListRunsResponse) ProtoMessage() {}
 
 func (x *ListRunsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[13]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1937,7 +2486,7 @@ func (x *ListRunsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListRunsResponse.ProtoReflect.Descriptor instead.
 func (*ListRunsResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{13}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ListRunsResponse) GetRuns() []*Run {
@@ -1979,7 +2528,7 @@ type CancelRunRequest struct {
 
 func (x *CancelRunRequest) Reset() {
 	*x = CancelRunRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[14]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1991,7 +2540,7 @@ func (x *CancelRunRequest) String() string {
 func (*CancelRunRequest) ProtoMessage() {}
 
 func (x *CancelRunRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[14]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2004,7 +2553,7 @@ func (x *CancelRunRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelRunRequest.ProtoReflect.Descriptor instead.
 func (*CancelRunRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{14}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *CancelRunRequest) GetName() string {
@@ -2039,7 +2588,7 @@ type CancelRunResponse struct {
 
 func (x *CancelRunResponse) Reset() {
 	*x = CancelRunResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[15]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2051,7 +2600,7 @@ func (x *CancelRunResponse) String() string {
 func (*CancelRunResponse) ProtoMessage() {}
 
 func (x *CancelRunResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[15]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2064,7 +2613,7 @@ func (x *CancelRunResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelRunResponse.ProtoReflect.Descriptor instead.
 func (*CancelRunResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{15}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *CancelRunResponse) GetRun() *Run {
@@ -2092,7 +2641,7 @@ type WatchRunRequest struct {
 
 func (x *WatchRunRequest) Reset() {
 	*x = WatchRunRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[16]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2104,7 +2653,7 @@ func (x *WatchRunRequest) String() string {
 func (*WatchRunRequest) ProtoMessage() {}
 
 func (x *WatchRunRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[16]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2117,7 +2666,7 @@ func (x *WatchRunRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchRunRequest.ProtoReflect.Descriptor instead.
 func (*WatchRunRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{16}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *WatchRunRequest) GetName() string {
@@ -2152,7 +2701,7 @@ type RunStateChange struct {
 
 func (x *RunStateChange) Reset() {
 	*x = RunStateChange{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[17]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2164,7 +2713,7 @@ func (x *RunStateChange) String() string {
 func (*RunStateChange) ProtoMessage() {}
 
 func (x *RunStateChange) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[17]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2177,7 +2726,7 @@ func (x *RunStateChange) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RunStateChange.ProtoReflect.Descriptor instead.
 func (*RunStateChange) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{17}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *RunStateChange) GetRun() *Run {
@@ -2211,6 +2760,7 @@ type RunUpdate struct {
 	//	*RunUpdate_Result
 	//	*RunUpdate_ToolResult
 	//	*RunUpdate_Speech
+	//	*RunUpdate_Steer
 	Update isRunUpdate_Update `protobuf_oneof:"update"`
 	// Set on a merged delta only (`WatchRunRequest.merge_deltas`): the first
 	// sequence this update covers, `sequence` being the last; the delta's text is
@@ -2224,7 +2774,7 @@ type RunUpdate struct {
 
 func (x *RunUpdate) Reset() {
 	*x = RunUpdate{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[18]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2236,7 +2786,7 @@ func (x *RunUpdate) String() string {
 func (*RunUpdate) ProtoMessage() {}
 
 func (x *RunUpdate) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[18]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2249,7 +2799,7 @@ func (x *RunUpdate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RunUpdate.ProtoReflect.Descriptor instead.
 func (*RunUpdate) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{18}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *RunUpdate) GetRun() string {
@@ -2343,6 +2893,15 @@ func (x *RunUpdate) GetSpeech() *SpeechChunk {
 	return nil
 }
 
+func (x *RunUpdate) GetSteer() *SteerUpdate {
+	if x != nil {
+		if x, ok := x.Update.(*RunUpdate_Steer); ok {
+			return x.Steer
+		}
+	}
+	return nil
+}
+
 func (x *RunUpdate) GetFirstSequence() int64 {
 	if x != nil {
 		return x.FirstSequence
@@ -2389,6 +2948,11 @@ type RunUpdate_Speech struct {
 	Speech *SpeechChunk `protobuf:"bytes,10,opt,name=speech,proto3,oneof"`
 }
 
+type RunUpdate_Steer struct {
+	// A steer of this run was accepted, consumed or requeued.
+	Steer *SteerUpdate `protobuf:"bytes,12,opt,name=steer,proto3,oneof"`
+}
+
 func (*RunUpdate_StateChange) isRunUpdate_Update() {}
 
 func (*RunUpdate_Progress) isRunUpdate_Update() {}
@@ -2402,6 +2966,8 @@ func (*RunUpdate_Result) isRunUpdate_Update() {}
 func (*RunUpdate_ToolResult) isRunUpdate_Update() {}
 
 func (*RunUpdate_Speech) isRunUpdate_Update() {}
+
+func (*RunUpdate_Steer) isRunUpdate_Update() {}
 
 // Response for WatchRun: one frame of the watch stream.
 type WatchRunResponse struct {
@@ -2419,7 +2985,7 @@ type WatchRunResponse struct {
 
 func (x *WatchRunResponse) Reset() {
 	*x = WatchRunResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[19]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2431,7 +2997,7 @@ func (x *WatchRunResponse) String() string {
 func (*WatchRunResponse) ProtoMessage() {}
 
 func (x *WatchRunResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[19]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2444,7 +3010,7 @@ func (x *WatchRunResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchRunResponse.ProtoReflect.Descriptor instead.
 func (*WatchRunResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{19}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *WatchRunResponse) GetFrame() isWatchRunResponse_Frame {
@@ -2501,7 +3067,7 @@ type Heartbeat struct {
 
 func (x *Heartbeat) Reset() {
 	*x = Heartbeat{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[20]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2513,7 +3079,7 @@ func (x *Heartbeat) String() string {
 func (*Heartbeat) ProtoMessage() {}
 
 func (x *Heartbeat) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[20]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2526,7 +3092,7 @@ func (x *Heartbeat) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Heartbeat.ProtoReflect.Descriptor instead.
 func (*Heartbeat) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{20}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *Heartbeat) GetTime() *timestamppb.Timestamp {
@@ -2551,6 +3117,7 @@ type ConverseRequest struct {
 	//	*ConverseRequest_CancelRun
 	//	*ConverseRequest_WatchRun
 	//	*ConverseRequest_SubmitToolApprovals
+	//	*ConverseRequest_SteerRun
 	Action        isConverseRequest_Action `protobuf_oneof:"action"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -2558,7 +3125,7 @@ type ConverseRequest struct {
 
 func (x *ConverseRequest) Reset() {
 	*x = ConverseRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[21]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2570,7 +3137,7 @@ func (x *ConverseRequest) String() string {
 func (*ConverseRequest) ProtoMessage() {}
 
 func (x *ConverseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[21]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2583,7 +3150,7 @@ func (x *ConverseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConverseRequest.ProtoReflect.Descriptor instead.
 func (*ConverseRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{21}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ConverseRequest) GetClientRequestId() string {
@@ -2636,6 +3203,15 @@ func (x *ConverseRequest) GetSubmitToolApprovals() *SubmitToolApprovalsRequest {
 	return nil
 }
 
+func (x *ConverseRequest) GetSteerRun() *SteerRunRequest {
+	if x != nil {
+		if x, ok := x.Action.(*ConverseRequest_SteerRun); ok {
+			return x.SteerRun
+		}
+	}
+	return nil
+}
+
 type isConverseRequest_Action interface {
 	isConverseRequest_Action()
 }
@@ -2660,6 +3236,13 @@ type ConverseRequest_SubmitToolApprovals struct {
 	SubmitToolApprovals *SubmitToolApprovalsRequest `protobuf:"bytes,5,opt,name=submit_tool_approvals,json=submitToolApprovals,proto3,oneof"`
 }
 
+type ConverseRequest_SteerRun struct {
+	// Steer a run that is going; the steer's own run's updates follow on this
+	// stream (those of the target, if this stream relays it, show it accepted
+	// and consumed).
+	SteerRun *SteerRunRequest `protobuf:"bytes,6,opt,name=steer_run,json=steerRun,proto3,oneof"`
+}
+
 func (*ConverseRequest_SendMessage) isConverseRequest_Action() {}
 
 func (*ConverseRequest_CancelRun) isConverseRequest_Action() {}
@@ -2667,6 +3250,8 @@ func (*ConverseRequest_CancelRun) isConverseRequest_Action() {}
 func (*ConverseRequest_WatchRun) isConverseRequest_Action() {}
 
 func (*ConverseRequest_SubmitToolApprovals) isConverseRequest_Action() {}
+
+func (*ConverseRequest_SteerRun) isConverseRequest_Action() {}
 
 // Response for Converse: one frame sent by the server.
 type ConverseResponse struct {
@@ -2683,6 +3268,7 @@ type ConverseResponse struct {
 	//	*ConverseResponse_Error
 	//	*ConverseResponse_Heartbeat
 	//	*ConverseResponse_ToolApprovalsSubmitted
+	//	*ConverseResponse_RunSteered
 	Frame         isConverseResponse_Frame `protobuf_oneof:"frame"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -2690,7 +3276,7 @@ type ConverseResponse struct {
 
 func (x *ConverseResponse) Reset() {
 	*x = ConverseResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[22]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2702,7 +3288,7 @@ func (x *ConverseResponse) String() string {
 func (*ConverseResponse) ProtoMessage() {}
 
 func (x *ConverseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[22]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2715,7 +3301,7 @@ func (x *ConverseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConverseResponse.ProtoReflect.Descriptor instead.
 func (*ConverseResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{22}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ConverseResponse) GetClientRequestId() string {
@@ -2786,6 +3372,15 @@ func (x *ConverseResponse) GetToolApprovalsSubmitted() *SubmitToolApprovalsRespo
 	return nil
 }
 
+func (x *ConverseResponse) GetRunSteered() *SteerRunResponse {
+	if x != nil {
+		if x, ok := x.Frame.(*ConverseResponse_RunSteered); ok {
+			return x.RunSteered
+		}
+	}
+	return nil
+}
+
 type isConverseResponse_Frame interface {
 	isConverseResponse_Frame()
 }
@@ -2820,6 +3415,11 @@ type ConverseResponse_ToolApprovalsSubmitted struct {
 	ToolApprovalsSubmitted *SubmitToolApprovalsResponse `protobuf:"bytes,7,opt,name=tool_approvals_submitted,json=toolApprovalsSubmitted,proto3,oneof"`
 }
 
+type ConverseResponse_RunSteered struct {
+	// The result of a steer_run action.
+	RunSteered *SteerRunResponse `protobuf:"bytes,8,opt,name=run_steered,json=runSteered,proto3,oneof"`
+}
+
 func (*ConverseResponse_MessageSent) isConverseResponse_Frame() {}
 
 func (*ConverseResponse_RunCancelled) isConverseResponse_Frame() {}
@@ -2831,6 +3431,8 @@ func (*ConverseResponse_Error) isConverseResponse_Frame() {}
 func (*ConverseResponse_Heartbeat) isConverseResponse_Frame() {}
 
 func (*ConverseResponse_ToolApprovalsSubmitted) isConverseResponse_Frame() {}
+
+func (*ConverseResponse_RunSteered) isConverseResponse_Frame() {}
 
 // A handler a workspace can route to.
 type Handler struct {
@@ -2851,7 +3453,7 @@ type Handler struct {
 
 func (x *Handler) Reset() {
 	*x = Handler{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[23]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2863,7 +3465,7 @@ func (x *Handler) String() string {
 func (*Handler) ProtoMessage() {}
 
 func (x *Handler) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[23]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2876,7 +3478,7 @@ func (x *Handler) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Handler.ProtoReflect.Descriptor instead.
 func (*Handler) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{23}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *Handler) GetName() string {
@@ -2929,7 +3531,7 @@ type ListHandlersRequest struct {
 
 func (x *ListHandlersRequest) Reset() {
 	*x = ListHandlersRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[24]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2941,7 +3543,7 @@ func (x *ListHandlersRequest) String() string {
 func (*ListHandlersRequest) ProtoMessage() {}
 
 func (x *ListHandlersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[24]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2954,7 +3556,7 @@ func (x *ListHandlersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListHandlersRequest.ProtoReflect.Descriptor instead.
 func (*ListHandlersRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{24}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *ListHandlersRequest) GetParent() string {
@@ -2991,7 +3593,7 @@ type ListHandlersResponse struct {
 
 func (x *ListHandlersResponse) Reset() {
 	*x = ListHandlersResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[25]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3003,7 +3605,7 @@ func (x *ListHandlersResponse) String() string {
 func (*ListHandlersResponse) ProtoMessage() {}
 
 func (x *ListHandlersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[25]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3016,7 +3618,7 @@ func (x *ListHandlersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListHandlersResponse.ProtoReflect.Descriptor instead.
 func (*ListHandlersResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{25}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *ListHandlersResponse) GetHandlers() []*Handler {
@@ -3052,7 +3654,7 @@ type ToolApproval struct {
 
 func (x *ToolApproval) Reset() {
 	*x = ToolApproval{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[26]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3064,7 +3666,7 @@ func (x *ToolApproval) String() string {
 func (*ToolApproval) ProtoMessage() {}
 
 func (x *ToolApproval) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[26]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3077,7 +3679,7 @@ func (x *ToolApproval) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolApproval.ProtoReflect.Descriptor instead.
 func (*ToolApproval) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{26}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ToolApproval) GetToolCallId() string {
@@ -3123,7 +3725,7 @@ type SubmitToolApprovalsRequest struct {
 
 func (x *SubmitToolApprovalsRequest) Reset() {
 	*x = SubmitToolApprovalsRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[27]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3135,7 +3737,7 @@ func (x *SubmitToolApprovalsRequest) String() string {
 func (*SubmitToolApprovalsRequest) ProtoMessage() {}
 
 func (x *SubmitToolApprovalsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[27]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3148,7 +3750,7 @@ func (x *SubmitToolApprovalsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitToolApprovalsRequest.ProtoReflect.Descriptor instead.
 func (*SubmitToolApprovalsRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{27}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *SubmitToolApprovalsRequest) GetName() string {
@@ -3177,7 +3779,7 @@ type SubmitToolApprovalsResponse struct {
 
 func (x *SubmitToolApprovalsResponse) Reset() {
 	*x = SubmitToolApprovalsResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[28]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3189,7 +3791,7 @@ func (x *SubmitToolApprovalsResponse) String() string {
 func (*SubmitToolApprovalsResponse) ProtoMessage() {}
 
 func (x *SubmitToolApprovalsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[28]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3202,7 +3804,7 @@ func (x *SubmitToolApprovalsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitToolApprovalsResponse.ProtoReflect.Descriptor instead.
 func (*SubmitToolApprovalsResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{28}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *SubmitToolApprovalsResponse) GetRun() *Run {
@@ -3230,7 +3832,7 @@ type AssistantTools struct {
 
 func (x *AssistantTools) Reset() {
 	*x = AssistantTools{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[29]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3242,7 +3844,7 @@ func (x *AssistantTools) String() string {
 func (*AssistantTools) ProtoMessage() {}
 
 func (x *AssistantTools) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[29]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3255,7 +3857,7 @@ func (x *AssistantTools) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AssistantTools.ProtoReflect.Descriptor instead.
 func (*AssistantTools) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{29}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *AssistantTools) GetIntegration() string {
@@ -3326,7 +3928,7 @@ type Assistant struct {
 
 func (x *Assistant) Reset() {
 	*x = Assistant{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[30]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3338,7 +3940,7 @@ func (x *Assistant) String() string {
 func (*Assistant) ProtoMessage() {}
 
 func (x *Assistant) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[30]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3351,7 +3953,7 @@ func (x *Assistant) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Assistant.ProtoReflect.Descriptor instead.
 func (*Assistant) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{30}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *Assistant) GetName() string {
@@ -3475,7 +4077,7 @@ type CreateAssistantRequest struct {
 
 func (x *CreateAssistantRequest) Reset() {
 	*x = CreateAssistantRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[31]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3487,7 +4089,7 @@ func (x *CreateAssistantRequest) String() string {
 func (*CreateAssistantRequest) ProtoMessage() {}
 
 func (x *CreateAssistantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[31]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3500,7 +4102,7 @@ func (x *CreateAssistantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateAssistantRequest.ProtoReflect.Descriptor instead.
 func (*CreateAssistantRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{31}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *CreateAssistantRequest) GetParent() string {
@@ -3542,7 +4144,7 @@ type CreateAssistantResponse struct {
 
 func (x *CreateAssistantResponse) Reset() {
 	*x = CreateAssistantResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[32]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3554,7 +4156,7 @@ func (x *CreateAssistantResponse) String() string {
 func (*CreateAssistantResponse) ProtoMessage() {}
 
 func (x *CreateAssistantResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[32]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3567,7 +4169,7 @@ func (x *CreateAssistantResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateAssistantResponse.ProtoReflect.Descriptor instead.
 func (*CreateAssistantResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{32}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *CreateAssistantResponse) GetAssistant() *Assistant {
@@ -3588,7 +4190,7 @@ type GetAssistantRequest struct {
 
 func (x *GetAssistantRequest) Reset() {
 	*x = GetAssistantRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[33]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3600,7 +4202,7 @@ func (x *GetAssistantRequest) String() string {
 func (*GetAssistantRequest) ProtoMessage() {}
 
 func (x *GetAssistantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[33]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3613,7 +4215,7 @@ func (x *GetAssistantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetAssistantRequest.ProtoReflect.Descriptor instead.
 func (*GetAssistantRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{33}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *GetAssistantRequest) GetName() string {
@@ -3634,7 +4236,7 @@ type GetAssistantResponse struct {
 
 func (x *GetAssistantResponse) Reset() {
 	*x = GetAssistantResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[34]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3646,7 +4248,7 @@ func (x *GetAssistantResponse) String() string {
 func (*GetAssistantResponse) ProtoMessage() {}
 
 func (x *GetAssistantResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[34]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3659,7 +4261,7 @@ func (x *GetAssistantResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetAssistantResponse.ProtoReflect.Descriptor instead.
 func (*GetAssistantResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{34}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *GetAssistantResponse) GetAssistant() *Assistant {
@@ -3684,7 +4286,7 @@ type ListAssistantsRequest struct {
 
 func (x *ListAssistantsRequest) Reset() {
 	*x = ListAssistantsRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[35]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3696,7 +4298,7 @@ func (x *ListAssistantsRequest) String() string {
 func (*ListAssistantsRequest) ProtoMessage() {}
 
 func (x *ListAssistantsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[35]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3709,7 +4311,7 @@ func (x *ListAssistantsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAssistantsRequest.ProtoReflect.Descriptor instead.
 func (*ListAssistantsRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{35}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *ListAssistantsRequest) GetParent() string {
@@ -3746,7 +4348,7 @@ type ListAssistantsResponse struct {
 
 func (x *ListAssistantsResponse) Reset() {
 	*x = ListAssistantsResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[36]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3758,7 +4360,7 @@ func (x *ListAssistantsResponse) String() string {
 func (*ListAssistantsResponse) ProtoMessage() {}
 
 func (x *ListAssistantsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[36]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3771,7 +4373,7 @@ func (x *ListAssistantsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAssistantsResponse.ProtoReflect.Descriptor instead.
 func (*ListAssistantsResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{36}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *ListAssistantsResponse) GetAssistants() []*Assistant {
@@ -3803,7 +4405,7 @@ type UpdateAssistantRequest struct {
 
 func (x *UpdateAssistantRequest) Reset() {
 	*x = UpdateAssistantRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[37]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3815,7 +4417,7 @@ func (x *UpdateAssistantRequest) String() string {
 func (*UpdateAssistantRequest) ProtoMessage() {}
 
 func (x *UpdateAssistantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[37]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3828,7 +4430,7 @@ func (x *UpdateAssistantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateAssistantRequest.ProtoReflect.Descriptor instead.
 func (*UpdateAssistantRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{37}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *UpdateAssistantRequest) GetAssistant() *Assistant {
@@ -3856,7 +4458,7 @@ type UpdateAssistantResponse struct {
 
 func (x *UpdateAssistantResponse) Reset() {
 	*x = UpdateAssistantResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[38]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3868,7 +4470,7 @@ func (x *UpdateAssistantResponse) String() string {
 func (*UpdateAssistantResponse) ProtoMessage() {}
 
 func (x *UpdateAssistantResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[38]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3881,7 +4483,7 @@ func (x *UpdateAssistantResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateAssistantResponse.ProtoReflect.Descriptor instead.
 func (*UpdateAssistantResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{38}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *UpdateAssistantResponse) GetAssistant() *Assistant {
@@ -3904,7 +4506,7 @@ type DeleteAssistantRequest struct {
 
 func (x *DeleteAssistantRequest) Reset() {
 	*x = DeleteAssistantRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[39]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3916,7 +4518,7 @@ func (x *DeleteAssistantRequest) String() string {
 func (*DeleteAssistantRequest) ProtoMessage() {}
 
 func (x *DeleteAssistantRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[39]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3929,7 +4531,7 @@ func (x *DeleteAssistantRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteAssistantRequest.ProtoReflect.Descriptor instead.
 func (*DeleteAssistantRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{39}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *DeleteAssistantRequest) GetName() string {
@@ -3955,7 +4557,7 @@ type DeleteAssistantResponse struct {
 
 func (x *DeleteAssistantResponse) Reset() {
 	*x = DeleteAssistantResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[40]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3967,7 +4569,7 @@ func (x *DeleteAssistantResponse) String() string {
 func (*DeleteAssistantResponse) ProtoMessage() {}
 
 func (x *DeleteAssistantResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[40]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3980,7 +4582,7 @@ func (x *DeleteAssistantResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteAssistantResponse.ProtoReflect.Descriptor instead.
 func (*DeleteAssistantResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{40}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{42}
 }
 
 // Request for DescribeConversation.
@@ -3998,7 +4600,7 @@ type DescribeConversationRequest struct {
 
 func (x *DescribeConversationRequest) Reset() {
 	*x = DescribeConversationRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[41]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4010,7 +4612,7 @@ func (x *DescribeConversationRequest) String() string {
 func (*DescribeConversationRequest) ProtoMessage() {}
 
 func (x *DescribeConversationRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[41]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4023,7 +4625,7 @@ func (x *DescribeConversationRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DescribeConversationRequest.ProtoReflect.Descriptor instead.
 func (*DescribeConversationRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{41}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *DescribeConversationRequest) GetConversation() string {
@@ -4071,7 +4673,7 @@ type DescribeConversationResponse struct {
 
 func (x *DescribeConversationResponse) Reset() {
 	*x = DescribeConversationResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[42]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4083,7 +4685,7 @@ func (x *DescribeConversationResponse) String() string {
 func (*DescribeConversationResponse) ProtoMessage() {}
 
 func (x *DescribeConversationResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[42]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4096,7 +4698,7 @@ func (x *DescribeConversationResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DescribeConversationResponse.ProtoReflect.Descriptor instead.
 func (*DescribeConversationResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{42}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *DescribeConversationResponse) GetAssistant() *Assistant {
@@ -4194,7 +4796,7 @@ type Budget struct {
 
 func (x *Budget) Reset() {
 	*x = Budget{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[43]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4206,7 +4808,7 @@ func (x *Budget) String() string {
 func (*Budget) ProtoMessage() {}
 
 func (x *Budget) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[43]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4219,7 +4821,7 @@ func (x *Budget) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Budget.ProtoReflect.Descriptor instead.
 func (*Budget) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{43}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *Budget) GetName() string {
@@ -4345,7 +4947,7 @@ type BudgetUsage struct {
 
 func (x *BudgetUsage) Reset() {
 	*x = BudgetUsage{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[44]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4357,7 +4959,7 @@ func (x *BudgetUsage) String() string {
 func (*BudgetUsage) ProtoMessage() {}
 
 func (x *BudgetUsage) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[44]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4370,7 +4972,7 @@ func (x *BudgetUsage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BudgetUsage.ProtoReflect.Descriptor instead.
 func (*BudgetUsage) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{44}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *BudgetUsage) GetPeriodStartTime() *timestamppb.Timestamp {
@@ -4448,7 +5050,7 @@ type CreateBudgetRequest struct {
 
 func (x *CreateBudgetRequest) Reset() {
 	*x = CreateBudgetRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[45]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4460,7 +5062,7 @@ func (x *CreateBudgetRequest) String() string {
 func (*CreateBudgetRequest) ProtoMessage() {}
 
 func (x *CreateBudgetRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[45]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4473,7 +5075,7 @@ func (x *CreateBudgetRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateBudgetRequest.ProtoReflect.Descriptor instead.
 func (*CreateBudgetRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{45}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *CreateBudgetRequest) GetParent() string {
@@ -4515,7 +5117,7 @@ type CreateBudgetResponse struct {
 
 func (x *CreateBudgetResponse) Reset() {
 	*x = CreateBudgetResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[46]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4527,7 +5129,7 @@ func (x *CreateBudgetResponse) String() string {
 func (*CreateBudgetResponse) ProtoMessage() {}
 
 func (x *CreateBudgetResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[46]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4540,7 +5142,7 @@ func (x *CreateBudgetResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateBudgetResponse.ProtoReflect.Descriptor instead.
 func (*CreateBudgetResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{46}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *CreateBudgetResponse) GetBudget() *Budget {
@@ -4561,7 +5163,7 @@ type GetBudgetRequest struct {
 
 func (x *GetBudgetRequest) Reset() {
 	*x = GetBudgetRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[47]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4573,7 +5175,7 @@ func (x *GetBudgetRequest) String() string {
 func (*GetBudgetRequest) ProtoMessage() {}
 
 func (x *GetBudgetRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[47]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4586,7 +5188,7 @@ func (x *GetBudgetRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetBudgetRequest.ProtoReflect.Descriptor instead.
 func (*GetBudgetRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{47}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *GetBudgetRequest) GetName() string {
@@ -4607,7 +5209,7 @@ type GetBudgetResponse struct {
 
 func (x *GetBudgetResponse) Reset() {
 	*x = GetBudgetResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[48]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4619,7 +5221,7 @@ func (x *GetBudgetResponse) String() string {
 func (*GetBudgetResponse) ProtoMessage() {}
 
 func (x *GetBudgetResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[48]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4632,7 +5234,7 @@ func (x *GetBudgetResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetBudgetResponse.ProtoReflect.Descriptor instead.
 func (*GetBudgetResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{48}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *GetBudgetResponse) GetBudget() *Budget {
@@ -4657,7 +5259,7 @@ type ListBudgetsRequest struct {
 
 func (x *ListBudgetsRequest) Reset() {
 	*x = ListBudgetsRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[49]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4669,7 +5271,7 @@ func (x *ListBudgetsRequest) String() string {
 func (*ListBudgetsRequest) ProtoMessage() {}
 
 func (x *ListBudgetsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[49]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4682,7 +5284,7 @@ func (x *ListBudgetsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListBudgetsRequest.ProtoReflect.Descriptor instead.
 func (*ListBudgetsRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{49}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *ListBudgetsRequest) GetParent() string {
@@ -4719,7 +5321,7 @@ type ListBudgetsResponse struct {
 
 func (x *ListBudgetsResponse) Reset() {
 	*x = ListBudgetsResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[50]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4731,7 +5333,7 @@ func (x *ListBudgetsResponse) String() string {
 func (*ListBudgetsResponse) ProtoMessage() {}
 
 func (x *ListBudgetsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[50]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4744,7 +5346,7 @@ func (x *ListBudgetsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListBudgetsResponse.ProtoReflect.Descriptor instead.
 func (*ListBudgetsResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{50}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *ListBudgetsResponse) GetBudgets() []*Budget {
@@ -4777,7 +5379,7 @@ type UpdateBudgetRequest struct {
 
 func (x *UpdateBudgetRequest) Reset() {
 	*x = UpdateBudgetRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[51]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4789,7 +5391,7 @@ func (x *UpdateBudgetRequest) String() string {
 func (*UpdateBudgetRequest) ProtoMessage() {}
 
 func (x *UpdateBudgetRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[51]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4802,7 +5404,7 @@ func (x *UpdateBudgetRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateBudgetRequest.ProtoReflect.Descriptor instead.
 func (*UpdateBudgetRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{51}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *UpdateBudgetRequest) GetBudget() *Budget {
@@ -4830,7 +5432,7 @@ type UpdateBudgetResponse struct {
 
 func (x *UpdateBudgetResponse) Reset() {
 	*x = UpdateBudgetResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[52]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4842,7 +5444,7 @@ func (x *UpdateBudgetResponse) String() string {
 func (*UpdateBudgetResponse) ProtoMessage() {}
 
 func (x *UpdateBudgetResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[52]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4855,7 +5457,7 @@ func (x *UpdateBudgetResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateBudgetResponse.ProtoReflect.Descriptor instead.
 func (*UpdateBudgetResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{52}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *UpdateBudgetResponse) GetBudget() *Budget {
@@ -4878,7 +5480,7 @@ type DeleteBudgetRequest struct {
 
 func (x *DeleteBudgetRequest) Reset() {
 	*x = DeleteBudgetRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[53]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4890,7 +5492,7 @@ func (x *DeleteBudgetRequest) String() string {
 func (*DeleteBudgetRequest) ProtoMessage() {}
 
 func (x *DeleteBudgetRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[53]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4903,7 +5505,7 @@ func (x *DeleteBudgetRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteBudgetRequest.ProtoReflect.Descriptor instead.
 func (*DeleteBudgetRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{53}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *DeleteBudgetRequest) GetName() string {
@@ -4929,7 +5531,7 @@ type DeleteBudgetResponse struct {
 
 func (x *DeleteBudgetResponse) Reset() {
 	*x = DeleteBudgetResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[54]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4941,7 +5543,7 @@ func (x *DeleteBudgetResponse) String() string {
 func (*DeleteBudgetResponse) ProtoMessage() {}
 
 func (x *DeleteBudgetResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[54]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4954,7 +5556,7 @@ func (x *DeleteBudgetResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteBudgetResponse.ProtoReflect.Descriptor instead.
 func (*DeleteBudgetResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{54}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{56}
 }
 
 // Request for ResolveBudgetAction.
@@ -4971,7 +5573,7 @@ type ResolveBudgetActionRequest struct {
 
 func (x *ResolveBudgetActionRequest) Reset() {
 	*x = ResolveBudgetActionRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[55]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4983,7 +5585,7 @@ func (x *ResolveBudgetActionRequest) String() string {
 func (*ResolveBudgetActionRequest) ProtoMessage() {}
 
 func (x *ResolveBudgetActionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[55]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4996,7 +5598,7 @@ func (x *ResolveBudgetActionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResolveBudgetActionRequest.ProtoReflect.Descriptor instead.
 func (*ResolveBudgetActionRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{55}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *ResolveBudgetActionRequest) GetName() string {
@@ -5024,7 +5626,7 @@ type ResolveBudgetActionResponse struct {
 
 func (x *ResolveBudgetActionResponse) Reset() {
 	*x = ResolveBudgetActionResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[56]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5036,7 +5638,7 @@ func (x *ResolveBudgetActionResponse) String() string {
 func (*ResolveBudgetActionResponse) ProtoMessage() {}
 
 func (x *ResolveBudgetActionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[56]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5049,7 +5651,7 @@ func (x *ResolveBudgetActionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResolveBudgetActionResponse.ProtoReflect.Descriptor instead.
 func (*ResolveBudgetActionResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{56}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{58}
 }
 
 func (x *ResolveBudgetActionResponse) GetRun() *Run {
@@ -5087,7 +5689,7 @@ type QueryUsageRequest struct {
 
 func (x *QueryUsageRequest) Reset() {
 	*x = QueryUsageRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[57]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5099,7 +5701,7 @@ func (x *QueryUsageRequest) String() string {
 func (*QueryUsageRequest) ProtoMessage() {}
 
 func (x *QueryUsageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[57]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5112,7 +5714,7 @@ func (x *QueryUsageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use QueryUsageRequest.ProtoReflect.Descriptor instead.
 func (*QueryUsageRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{57}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *QueryUsageRequest) GetParent() string {
@@ -5203,7 +5805,7 @@ type UsageRow struct {
 
 func (x *UsageRow) Reset() {
 	*x = UsageRow{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[58]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5215,7 +5817,7 @@ func (x *UsageRow) String() string {
 func (*UsageRow) ProtoMessage() {}
 
 func (x *UsageRow) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[58]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5228,7 +5830,7 @@ func (x *UsageRow) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UsageRow.ProtoReflect.Descriptor instead.
 func (*UsageRow) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{58}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *UsageRow) GetDay() string {
@@ -5300,7 +5902,7 @@ type QueryUsageResponse struct {
 
 func (x *QueryUsageResponse) Reset() {
 	*x = QueryUsageResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[59]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5312,7 +5914,7 @@ func (x *QueryUsageResponse) String() string {
 func (*QueryUsageResponse) ProtoMessage() {}
 
 func (x *QueryUsageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[59]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5325,7 +5927,7 @@ func (x *QueryUsageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use QueryUsageResponse.ProtoReflect.Descriptor instead.
 func (*QueryUsageResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{59}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{61}
 }
 
 func (x *QueryUsageResponse) GetRows() []*UsageRow {
@@ -5357,7 +5959,7 @@ type ApiKeyQuota struct {
 
 func (x *ApiKeyQuota) Reset() {
 	*x = ApiKeyQuota{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[60]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5369,7 +5971,7 @@ func (x *ApiKeyQuota) String() string {
 func (*ApiKeyQuota) ProtoMessage() {}
 
 func (x *ApiKeyQuota) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[60]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5382,7 +5984,7 @@ func (x *ApiKeyQuota) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApiKeyQuota.ProtoReflect.Descriptor instead.
 func (*ApiKeyQuota) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{60}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *ApiKeyQuota) GetApiKey() string {
@@ -5429,7 +6031,7 @@ type WorkspaceQuota struct {
 
 func (x *WorkspaceQuota) Reset() {
 	*x = WorkspaceQuota{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[61]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[63]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5441,7 +6043,7 @@ func (x *WorkspaceQuota) String() string {
 func (*WorkspaceQuota) ProtoMessage() {}
 
 func (x *WorkspaceQuota) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[61]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[63]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5454,7 +6056,7 @@ func (x *WorkspaceQuota) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WorkspaceQuota.ProtoReflect.Descriptor instead.
 func (*WorkspaceQuota) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{61}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{63}
 }
 
 func (x *WorkspaceQuota) GetName() string {
@@ -5510,7 +6112,7 @@ type GetWorkspaceQuotaRequest struct {
 
 func (x *GetWorkspaceQuotaRequest) Reset() {
 	*x = GetWorkspaceQuotaRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[62]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[64]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5522,7 +6124,7 @@ func (x *GetWorkspaceQuotaRequest) String() string {
 func (*GetWorkspaceQuotaRequest) ProtoMessage() {}
 
 func (x *GetWorkspaceQuotaRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[62]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[64]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5535,7 +6137,7 @@ func (x *GetWorkspaceQuotaRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetWorkspaceQuotaRequest.ProtoReflect.Descriptor instead.
 func (*GetWorkspaceQuotaRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{62}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{64}
 }
 
 func (x *GetWorkspaceQuotaRequest) GetName() string {
@@ -5556,7 +6158,7 @@ type GetWorkspaceQuotaResponse struct {
 
 func (x *GetWorkspaceQuotaResponse) Reset() {
 	*x = GetWorkspaceQuotaResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[63]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[65]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5568,7 +6170,7 @@ func (x *GetWorkspaceQuotaResponse) String() string {
 func (*GetWorkspaceQuotaResponse) ProtoMessage() {}
 
 func (x *GetWorkspaceQuotaResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[63]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[65]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5581,7 +6183,7 @@ func (x *GetWorkspaceQuotaResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetWorkspaceQuotaResponse.ProtoReflect.Descriptor instead.
 func (*GetWorkspaceQuotaResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{63}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{65}
 }
 
 func (x *GetWorkspaceQuotaResponse) GetQuota() *WorkspaceQuota {
@@ -5604,7 +6206,7 @@ type UpdateWorkspaceQuotaRequest struct {
 
 func (x *UpdateWorkspaceQuotaRequest) Reset() {
 	*x = UpdateWorkspaceQuotaRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[64]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[66]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5616,7 +6218,7 @@ func (x *UpdateWorkspaceQuotaRequest) String() string {
 func (*UpdateWorkspaceQuotaRequest) ProtoMessage() {}
 
 func (x *UpdateWorkspaceQuotaRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[64]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[66]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5629,7 +6231,7 @@ func (x *UpdateWorkspaceQuotaRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateWorkspaceQuotaRequest.ProtoReflect.Descriptor instead.
 func (*UpdateWorkspaceQuotaRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{64}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{66}
 }
 
 func (x *UpdateWorkspaceQuotaRequest) GetQuota() *WorkspaceQuota {
@@ -5657,7 +6259,7 @@ type UpdateWorkspaceQuotaResponse struct {
 
 func (x *UpdateWorkspaceQuotaResponse) Reset() {
 	*x = UpdateWorkspaceQuotaResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[65]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[67]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5669,7 +6271,7 @@ func (x *UpdateWorkspaceQuotaResponse) String() string {
 func (*UpdateWorkspaceQuotaResponse) ProtoMessage() {}
 
 func (x *UpdateWorkspaceQuotaResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[65]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[67]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5682,7 +6284,7 @@ func (x *UpdateWorkspaceQuotaResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateWorkspaceQuotaResponse.ProtoReflect.Descriptor instead.
 func (*UpdateWorkspaceQuotaResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{65}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{67}
 }
 
 func (x *UpdateWorkspaceQuotaResponse) GetQuota() *WorkspaceQuota {
@@ -5712,7 +6314,7 @@ type TalkRequest struct {
 
 func (x *TalkRequest) Reset() {
 	*x = TalkRequest{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[66]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[68]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5724,7 +6326,7 @@ func (x *TalkRequest) String() string {
 func (*TalkRequest) ProtoMessage() {}
 
 func (x *TalkRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[66]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[68]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5737,7 +6339,7 @@ func (x *TalkRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TalkRequest.ProtoReflect.Descriptor instead.
 func (*TalkRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{66}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{68}
 }
 
 func (x *TalkRequest) GetFrame() isTalkRequest_Frame {
@@ -5863,7 +6465,7 @@ type TalkStart struct {
 
 func (x *TalkStart) Reset() {
 	*x = TalkStart{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[67]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[69]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5875,7 +6477,7 @@ func (x *TalkStart) String() string {
 func (*TalkStart) ProtoMessage() {}
 
 func (x *TalkStart) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[67]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[69]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5888,7 +6490,7 @@ func (x *TalkStart) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TalkStart.ProtoReflect.Descriptor instead.
 func (*TalkStart) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{67}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{69}
 }
 
 func (x *TalkStart) GetConversation() string {
@@ -5969,7 +6571,7 @@ type TalkResume struct {
 
 func (x *TalkResume) Reset() {
 	*x = TalkResume{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[68]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[70]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -5981,7 +6583,7 @@ func (x *TalkResume) String() string {
 func (*TalkResume) ProtoMessage() {}
 
 func (x *TalkResume) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[68]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[70]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -5994,7 +6596,7 @@ func (x *TalkResume) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TalkResume.ProtoReflect.Descriptor instead.
 func (*TalkResume) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{68}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{70}
 }
 
 func (x *TalkResume) GetSession() string {
@@ -6022,7 +6624,7 @@ type AudioChunk struct {
 
 func (x *AudioChunk) Reset() {
 	*x = AudioChunk{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[69]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[71]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6034,7 +6636,7 @@ func (x *AudioChunk) String() string {
 func (*AudioChunk) ProtoMessage() {}
 
 func (x *AudioChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[69]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[71]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6047,7 +6649,7 @@ func (x *AudioChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AudioChunk.ProtoReflect.Descriptor instead.
 func (*AudioChunk) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{69}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{71}
 }
 
 func (x *AudioChunk) GetData() []byte {
@@ -6071,7 +6673,7 @@ type TalkControl struct {
 
 func (x *TalkControl) Reset() {
 	*x = TalkControl{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[70]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[72]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6083,7 +6685,7 @@ func (x *TalkControl) String() string {
 func (*TalkControl) ProtoMessage() {}
 
 func (x *TalkControl) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[70]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[72]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6096,7 +6698,7 @@ func (x *TalkControl) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TalkControl.ProtoReflect.Descriptor instead.
 func (*TalkControl) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{70}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{72}
 }
 
 func (x *TalkControl) GetAction() TalkAction {
@@ -6138,7 +6740,7 @@ type TalkResponse struct {
 
 func (x *TalkResponse) Reset() {
 	*x = TalkResponse{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[71]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[73]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6150,7 +6752,7 @@ func (x *TalkResponse) String() string {
 func (*TalkResponse) ProtoMessage() {}
 
 func (x *TalkResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[71]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[73]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6163,7 +6765,7 @@ func (x *TalkResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TalkResponse.ProtoReflect.Descriptor instead.
 func (*TalkResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{71}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{73}
 }
 
 func (x *TalkResponse) GetSequence() int64 {
@@ -6314,7 +6916,7 @@ type VoiceSession struct {
 
 func (x *VoiceSession) Reset() {
 	*x = VoiceSession{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[72]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[74]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6326,7 +6928,7 @@ func (x *VoiceSession) String() string {
 func (*VoiceSession) ProtoMessage() {}
 
 func (x *VoiceSession) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[72]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[74]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6339,7 +6941,7 @@ func (x *VoiceSession) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VoiceSession.ProtoReflect.Descriptor instead.
 func (*VoiceSession) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{72}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{74}
 }
 
 func (x *VoiceSession) GetName() string {
@@ -6449,7 +7051,7 @@ type Transcript struct {
 
 func (x *Transcript) Reset() {
 	*x = Transcript{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[73]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[75]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6461,7 +7063,7 @@ func (x *Transcript) String() string {
 func (*Transcript) ProtoMessage() {}
 
 func (x *Transcript) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[73]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[75]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6474,7 +7076,7 @@ func (x *Transcript) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Transcript.ProtoReflect.Descriptor instead.
 func (*Transcript) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{73}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{75}
 }
 
 func (x *Transcript) GetTurn() int64 {
@@ -6541,7 +7143,7 @@ type TalkEvent struct {
 
 func (x *TalkEvent) Reset() {
 	*x = TalkEvent{}
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[74]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[76]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -6553,7 +7155,7 @@ func (x *TalkEvent) String() string {
 func (*TalkEvent) ProtoMessage() {}
 
 func (x *TalkEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[74]
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[76]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -6566,7 +7168,7 @@ func (x *TalkEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TalkEvent.ProtoReflect.Descriptor instead.
 func (*TalkEvent) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{74}
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{76}
 }
 
 func (x *TalkEvent) GetKind() TalkEventKind {
@@ -6590,11 +7192,1330 @@ func (x *TalkEvent) GetRun() string {
 	return ""
 }
 
+// Request for SteerRun.
+type SteerRunRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The run to steer, `workspaces/{w}/conversations/{c}/runs/{run}`: QUEUED,
+	// RUNNING or REQUIRES_ACTION (one that has ended is FAILED_PRECONDITION,
+	// RUN_ENDED, and nothing is stored). Steering a run paused for approval
+	// decides nothing: the approval is still asked, and the steer goes in after.
+	Run string `protobuf:"bytes,1,opt,name=run,proto3" json:"run,omitempty"`
+	// The user message; role must be USER or unset. It passes the same checks as
+	// SendMessage's (size, rate limits, content policy, quotas, budgets).
+	Message *v11.Message `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
+	// Idempotency key: 1-64 ASCII letters, digits, `-` or `_` (anything else is
+	// INVALID_ARGUMENT on `request_id`); empty for none. Scoped to the caller and
+	// this method and kept for 24 hours: a retry with the same id within that time
+	// returns the first steer, and the same id with a different request is
+	// INVALID_ARGUMENT.
+	RequestId     string `protobuf:"bytes,3,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SteerRunRequest) Reset() {
+	*x = SteerRunRequest{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[77]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SteerRunRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SteerRunRequest) ProtoMessage() {}
+
+func (x *SteerRunRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[77]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SteerRunRequest.ProtoReflect.Descriptor instead.
+func (*SteerRunRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{77}
+}
+
+func (x *SteerRunRequest) GetRun() string {
+	if x != nil {
+		return x.Run
+	}
+	return ""
+}
+
+func (x *SteerRunRequest) GetMessage() *v11.Message {
+	if x != nil {
+		return x.Message
+	}
+	return nil
+}
+
+func (x *SteerRunRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+// Response for SteerRun.
+type SteerRunResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The steer's own run: QUEUED with `steer.state` ACCEPTED. Watch it to see it
+	// consumed (SUCCEEDED) or requeued (it then runs and answers).
+	Run *Run `protobuf:"bytes,1,opt,name=run,proto3" json:"run,omitempty"`
+	// The stored user message.
+	Message       *v11.Message `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SteerRunResponse) Reset() {
+	*x = SteerRunResponse{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[78]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SteerRunResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SteerRunResponse) ProtoMessage() {}
+
+func (x *SteerRunResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[78]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SteerRunResponse.ProtoReflect.Descriptor instead.
+func (*SteerRunResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{78}
+}
+
+func (x *SteerRunResponse) GetRun() *Run {
+	if x != nil {
+		return x.Run
+	}
+	return nil
+}
+
+func (x *SteerRunResponse) GetMessage() *v11.Message {
+	if x != nil {
+		return x.Message
+	}
+	return nil
+}
+
+// Runs started without a person: on a cron expression in a time zone, or on a
+// fixed interval. Each tick is claimed once in the database (whatever the
+// number of replicas) and then is an ordinary message through SendMessage's
+// admission: the same routing, policies, quotas and budgets.
+type Schedule struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Resource name, `workspaces/{w}/schedules/{s}`.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// Human-readable name (at most 200 characters).
+	DisplayName string `protobuf:"bytes,2,opt,name=display_name,json=displayName,proto3" json:"display_name,omitempty"`
+	// The assistant that answers, `workspaces/{w}/assistants/{a}` (same
+	// workspace); the workspace's default if both this and `handler` are empty.
+	Assistant string `protobuf:"bytes,3,opt,name=assistant,proto3" json:"assistant,omitempty"`
+	// Or a handler to force, `handlers/{handler}`.
+	Handler string `protobuf:"bytes,4,opt,name=handler,proto3" json:"handler,omitempty"`
+	// The message each tick sends (at most 16,000 characters). Placeholders
+	// `{{fire_time}}` (RFC 3339, in the schedule's time zone), `{{date}}`
+	// (YYYY-MM-DD there) and `{{schedule}}` (its display name) are filled in; a
+	// template that renders empty is INVALID_ARGUMENT.
+	MessageTemplate string `protobuf:"bytes,5,opt,name=message_template,json=messageTemplate,proto3" json:"message_template,omitempty"`
+	// A cron expression (five fields, minute first; or six, with seconds last),
+	// read in `time_zone`. Exactly one of `cron` and `interval` is set.
+	Cron string `protobuf:"bytes,6,opt,name=cron,proto3" json:"cron,omitempty"`
+	// An IANA time zone for `cron` (for example "Europe/Berlin"); UTC if empty.
+	// Must be empty with `interval`.
+	TimeZone string `protobuf:"bytes,7,opt,name=time_zone,json=timeZone,proto3" json:"time_zone,omitempty"`
+	// A fixed interval between ticks, at least the server's minimum
+	// (SWITCHBOARD_SCHEDULES_MIN_INTERVAL_S), at most 366 days; the first tick is
+	// one interval after the schedule is created (or resumed).
+	Interval *durationpb.Duration `protobuf:"bytes,8,opt,name=interval,proto3" json:"interval,omitempty"`
+	// Which conversation its runs use.
+	ConversationMode ScheduleConversationMode `protobuf:"varint,9,opt,name=conversation_mode,json=conversationMode,proto3,enum=switchboard.api.dispatcher.v1.ScheduleConversationMode" json:"conversation_mode,omitempty"`
+	// Output only. For SHARED: the schedule's conversation,
+	// `workspaces/{w}/conversations/{c}`.
+	Conversation string `protobuf:"bytes,10,opt,name=conversation,proto3" json:"conversation,omitempty"`
+	// What a tick does when its conversation still has a run going (SHARED):
+	// ENQUEUE (default), REJECT (the tick is SKIPPED), INTERRUPT or STEER.
+	ConcurrencyPolicy ConcurrencyPolicy `protobuf:"varint,11,opt,name=concurrency_policy,json=concurrencyPolicy,proto3,enum=switchboard.api.dispatcher.v1.ConcurrencyPolicy" json:"concurrency_policy,omitempty"`
+	// What happens to ticks missed while nothing could fire them.
+	MissedTickPolicy MissedTickPolicy `protobuf:"varint,12,opt,name=missed_tick_policy,json=missedTickPolicy,proto3,enum=switchboard.api.dispatcher.v1.MissedTickPolicy" json:"missed_tick_policy,omitempty"`
+	// Output only. Whether it fires (PauseSchedule, ResumeSchedule).
+	State ScheduleState `protobuf:"varint,13,opt,name=state,proto3,enum=switchboard.api.dispatcher.v1.ScheduleState" json:"state,omitempty"`
+	// Output only. When it fires next; unset while paused.
+	NextFireTime *timestamppb.Timestamp `protobuf:"bytes,14,opt,name=next_fire_time,json=nextFireTime,proto3" json:"next_fire_time,omitempty"`
+	// Output only. Its next fire times (at most 5), the first being
+	// `next_fire_time`, as the cron expression reads them in its time zone.
+	UpcomingFireTimes []*timestamppb.Timestamp `protobuf:"bytes,15,rep,name=upcoming_fire_times,json=upcomingFireTimes,proto3" json:"upcoming_fire_times,omitempty"`
+	// Output only. Its latest firing's tick.
+	LastFireTime *timestamppb.Timestamp `protobuf:"bytes,16,opt,name=last_fire_time,json=lastFireTime,proto3" json:"last_fire_time,omitempty"`
+	// Output only. The run its latest firing started, if any.
+	LastRun string `protobuf:"bytes,17,opt,name=last_run,json=lastRun,proto3" json:"last_run,omitempty"`
+	// Output only. Who created it, `users/{user}`: its runs run as this user, who
+	// must still be able to write in the workspace when a tick fires.
+	Creator string `protobuf:"bytes,18,opt,name=creator,proto3" json:"creator,omitempty"`
+	// How long each run may take; the server's default if unset.
+	Timeout *durationpb.Duration `protobuf:"bytes,19,opt,name=timeout,proto3" json:"timeout,omitempty"`
+	// Checksum for optimistic concurrency (output only; send it back to update).
+	Etag string `protobuf:"bytes,20,opt,name=etag,proto3" json:"etag,omitempty"`
+	// When it was created (output only).
+	CreateTime *timestamppb.Timestamp `protobuf:"bytes,21,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
+	// When it last changed (output only).
+	UpdateTime    *timestamppb.Timestamp `protobuf:"bytes,22,opt,name=update_time,json=updateTime,proto3" json:"update_time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Schedule) Reset() {
+	*x = Schedule{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[79]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Schedule) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Schedule) ProtoMessage() {}
+
+func (x *Schedule) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[79]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Schedule.ProtoReflect.Descriptor instead.
+func (*Schedule) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{79}
+}
+
+func (x *Schedule) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Schedule) GetDisplayName() string {
+	if x != nil {
+		return x.DisplayName
+	}
+	return ""
+}
+
+func (x *Schedule) GetAssistant() string {
+	if x != nil {
+		return x.Assistant
+	}
+	return ""
+}
+
+func (x *Schedule) GetHandler() string {
+	if x != nil {
+		return x.Handler
+	}
+	return ""
+}
+
+func (x *Schedule) GetMessageTemplate() string {
+	if x != nil {
+		return x.MessageTemplate
+	}
+	return ""
+}
+
+func (x *Schedule) GetCron() string {
+	if x != nil {
+		return x.Cron
+	}
+	return ""
+}
+
+func (x *Schedule) GetTimeZone() string {
+	if x != nil {
+		return x.TimeZone
+	}
+	return ""
+}
+
+func (x *Schedule) GetInterval() *durationpb.Duration {
+	if x != nil {
+		return x.Interval
+	}
+	return nil
+}
+
+func (x *Schedule) GetConversationMode() ScheduleConversationMode {
+	if x != nil {
+		return x.ConversationMode
+	}
+	return ScheduleConversationMode_SCHEDULE_CONVERSATION_MODE_UNSPECIFIED
+}
+
+func (x *Schedule) GetConversation() string {
+	if x != nil {
+		return x.Conversation
+	}
+	return ""
+}
+
+func (x *Schedule) GetConcurrencyPolicy() ConcurrencyPolicy {
+	if x != nil {
+		return x.ConcurrencyPolicy
+	}
+	return ConcurrencyPolicy_CONCURRENCY_POLICY_UNSPECIFIED
+}
+
+func (x *Schedule) GetMissedTickPolicy() MissedTickPolicy {
+	if x != nil {
+		return x.MissedTickPolicy
+	}
+	return MissedTickPolicy_MISSED_TICK_POLICY_UNSPECIFIED
+}
+
+func (x *Schedule) GetState() ScheduleState {
+	if x != nil {
+		return x.State
+	}
+	return ScheduleState_SCHEDULE_STATE_UNSPECIFIED
+}
+
+func (x *Schedule) GetNextFireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.NextFireTime
+	}
+	return nil
+}
+
+func (x *Schedule) GetUpcomingFireTimes() []*timestamppb.Timestamp {
+	if x != nil {
+		return x.UpcomingFireTimes
+	}
+	return nil
+}
+
+func (x *Schedule) GetLastFireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LastFireTime
+	}
+	return nil
+}
+
+func (x *Schedule) GetLastRun() string {
+	if x != nil {
+		return x.LastRun
+	}
+	return ""
+}
+
+func (x *Schedule) GetCreator() string {
+	if x != nil {
+		return x.Creator
+	}
+	return ""
+}
+
+func (x *Schedule) GetTimeout() *durationpb.Duration {
+	if x != nil {
+		return x.Timeout
+	}
+	return nil
+}
+
+func (x *Schedule) GetEtag() string {
+	if x != nil {
+		return x.Etag
+	}
+	return ""
+}
+
+func (x *Schedule) GetCreateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.CreateTime
+	}
+	return nil
+}
+
+func (x *Schedule) GetUpdateTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.UpdateTime
+	}
+	return nil
+}
+
+// One tick of a schedule, claimed once.
+type ScheduleFiring struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The tick: when it was due.
+	FireTime *timestamppb.Timestamp `protobuf:"bytes,1,opt,name=fire_time,json=fireTime,proto3" json:"fire_time,omitempty"`
+	// When a replica claimed it.
+	ClaimTime *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=claim_time,json=claimTime,proto3" json:"claim_time,omitempty"`
+	// How it ended.
+	Outcome FiringOutcome `protobuf:"varint,3,opt,name=outcome,proto3,enum=switchboard.api.dispatcher.v1.FiringOutcome" json:"outcome,omitempty"`
+	// The run it started, `workspaces/{w}/conversations/{c}/runs/{run}`.
+	Run string `protobuf:"bytes,4,opt,name=run,proto3" json:"run,omitempty"`
+	// For SKIPPED and FAILED: why.
+	Error *status.Status `protobuf:"bytes,5,opt,name=error,proto3" json:"error,omitempty"`
+	// It stands for ticks missed while nothing could fire them (RUN_ONCE).
+	CatchUp       bool `protobuf:"varint,6,opt,name=catch_up,json=catchUp,proto3" json:"catch_up,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ScheduleFiring) Reset() {
+	*x = ScheduleFiring{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[80]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ScheduleFiring) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ScheduleFiring) ProtoMessage() {}
+
+func (x *ScheduleFiring) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[80]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ScheduleFiring.ProtoReflect.Descriptor instead.
+func (*ScheduleFiring) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{80}
+}
+
+func (x *ScheduleFiring) GetFireTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.FireTime
+	}
+	return nil
+}
+
+func (x *ScheduleFiring) GetClaimTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ClaimTime
+	}
+	return nil
+}
+
+func (x *ScheduleFiring) GetOutcome() FiringOutcome {
+	if x != nil {
+		return x.Outcome
+	}
+	return FiringOutcome_FIRING_OUTCOME_UNSPECIFIED
+}
+
+func (x *ScheduleFiring) GetRun() string {
+	if x != nil {
+		return x.Run
+	}
+	return ""
+}
+
+func (x *ScheduleFiring) GetError() *status.Status {
+	if x != nil {
+		return x.Error
+	}
+	return nil
+}
+
+func (x *ScheduleFiring) GetCatchUp() bool {
+	if x != nil {
+		return x.CatchUp
+	}
+	return false
+}
+
+// Request for CreateSchedule.
+type CreateScheduleRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// `workspaces/{workspace}`.
+	Parent string `protobuf:"bytes,1,opt,name=parent,proto3" json:"parent,omitempty"`
+	// The schedule; output-only fields are ignored.
+	Schedule *Schedule `protobuf:"bytes,2,opt,name=schedule,proto3" json:"schedule,omitempty"`
+	// Optional client-chosen id (`[a-z][a-z0-9-]{1,62}`); a random id if empty.
+	ScheduleId string `protobuf:"bytes,3,opt,name=schedule_id,json=scheduleId,proto3" json:"schedule_id,omitempty"`
+	// Idempotency key: 1-64 ASCII letters, digits, `-` or `_` (anything else is
+	// INVALID_ARGUMENT on `request_id`); empty for none. Scoped to the caller and
+	// this method and kept for 24 hours: a retry with the same id within that time
+	// returns the first result, and the same id with a different request is
+	// INVALID_ARGUMENT.
+	RequestId     string `protobuf:"bytes,4,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateScheduleRequest) Reset() {
+	*x = CreateScheduleRequest{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[81]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateScheduleRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateScheduleRequest) ProtoMessage() {}
+
+func (x *CreateScheduleRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[81]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateScheduleRequest.ProtoReflect.Descriptor instead.
+func (*CreateScheduleRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{81}
+}
+
+func (x *CreateScheduleRequest) GetParent() string {
+	if x != nil {
+		return x.Parent
+	}
+	return ""
+}
+
+func (x *CreateScheduleRequest) GetSchedule() *Schedule {
+	if x != nil {
+		return x.Schedule
+	}
+	return nil
+}
+
+func (x *CreateScheduleRequest) GetScheduleId() string {
+	if x != nil {
+		return x.ScheduleId
+	}
+	return ""
+}
+
+func (x *CreateScheduleRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+// Response for CreateSchedule.
+type CreateScheduleResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The new schedule.
+	Schedule      *Schedule `protobuf:"bytes,1,opt,name=schedule,proto3" json:"schedule,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateScheduleResponse) Reset() {
+	*x = CreateScheduleResponse{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[82]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateScheduleResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateScheduleResponse) ProtoMessage() {}
+
+func (x *CreateScheduleResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[82]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateScheduleResponse.ProtoReflect.Descriptor instead.
+func (*CreateScheduleResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{82}
+}
+
+func (x *CreateScheduleResponse) GetSchedule() *Schedule {
+	if x != nil {
+		return x.Schedule
+	}
+	return nil
+}
+
+// Request for GetSchedule.
+type GetScheduleRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// `workspaces/{workspace}/schedules/{schedule}`.
+	Name          string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetScheduleRequest) Reset() {
+	*x = GetScheduleRequest{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[83]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetScheduleRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetScheduleRequest) ProtoMessage() {}
+
+func (x *GetScheduleRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[83]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetScheduleRequest.ProtoReflect.Descriptor instead.
+func (*GetScheduleRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{83}
+}
+
+func (x *GetScheduleRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+// Response for GetSchedule.
+type GetScheduleResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The schedule.
+	Schedule      *Schedule `protobuf:"bytes,1,opt,name=schedule,proto3" json:"schedule,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetScheduleResponse) Reset() {
+	*x = GetScheduleResponse{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[84]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetScheduleResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetScheduleResponse) ProtoMessage() {}
+
+func (x *GetScheduleResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[84]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetScheduleResponse.ProtoReflect.Descriptor instead.
+func (*GetScheduleResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{84}
+}
+
+func (x *GetScheduleResponse) GetSchedule() *Schedule {
+	if x != nil {
+		return x.Schedule
+	}
+	return nil
+}
+
+// Request for ListSchedules.
+type ListSchedulesRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// `workspaces/{workspace}`.
+	Parent string `protobuf:"bytes,1,opt,name=parent,proto3" json:"parent,omitempty"`
+	// Maximum to return; capped at 100, default 50.
+	PageSize int32 `protobuf:"varint,2,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	// Token from a previous response.
+	PageToken     string `protobuf:"bytes,3,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListSchedulesRequest) Reset() {
+	*x = ListSchedulesRequest{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[85]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListSchedulesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListSchedulesRequest) ProtoMessage() {}
+
+func (x *ListSchedulesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[85]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListSchedulesRequest.ProtoReflect.Descriptor instead.
+func (*ListSchedulesRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{85}
+}
+
+func (x *ListSchedulesRequest) GetParent() string {
+	if x != nil {
+		return x.Parent
+	}
+	return ""
+}
+
+func (x *ListSchedulesRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListSchedulesRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
+// Response for ListSchedules.
+type ListSchedulesResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The schedules, by id.
+	Schedules []*Schedule `protobuf:"bytes,1,rep,name=schedules,proto3" json:"schedules,omitempty"`
+	// Token for the next page; empty on the last page.
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListSchedulesResponse) Reset() {
+	*x = ListSchedulesResponse{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[86]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListSchedulesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListSchedulesResponse) ProtoMessage() {}
+
+func (x *ListSchedulesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[86]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListSchedulesResponse.ProtoReflect.Descriptor instead.
+func (*ListSchedulesResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{86}
+}
+
+func (x *ListSchedulesResponse) GetSchedules() []*Schedule {
+	if x != nil {
+		return x.Schedules
+	}
+	return nil
+}
+
+func (x *ListSchedulesResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
+}
+
+// Request for UpdateSchedule.
+type UpdateScheduleRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The schedule with `name`, optionally `etag`, and the new field values.
+	Schedule *Schedule `protobuf:"bytes,1,opt,name=schedule,proto3" json:"schedule,omitempty"`
+	// Fields to change: `display_name`, `assistant`, `handler`,
+	// `message_template`, `cron`, `time_zone`, `interval`, `concurrency_policy`,
+	// `missed_tick_policy`, `timeout`.
+	UpdateMask    *fieldmaskpb.FieldMask `protobuf:"bytes,2,opt,name=update_mask,json=updateMask,proto3" json:"update_mask,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdateScheduleRequest) Reset() {
+	*x = UpdateScheduleRequest{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[87]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateScheduleRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateScheduleRequest) ProtoMessage() {}
+
+func (x *UpdateScheduleRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[87]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateScheduleRequest.ProtoReflect.Descriptor instead.
+func (*UpdateScheduleRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{87}
+}
+
+func (x *UpdateScheduleRequest) GetSchedule() *Schedule {
+	if x != nil {
+		return x.Schedule
+	}
+	return nil
+}
+
+func (x *UpdateScheduleRequest) GetUpdateMask() *fieldmaskpb.FieldMask {
+	if x != nil {
+		return x.UpdateMask
+	}
+	return nil
+}
+
+// Response for UpdateSchedule.
+type UpdateScheduleResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The updated schedule.
+	Schedule      *Schedule `protobuf:"bytes,1,opt,name=schedule,proto3" json:"schedule,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdateScheduleResponse) Reset() {
+	*x = UpdateScheduleResponse{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[88]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateScheduleResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateScheduleResponse) ProtoMessage() {}
+
+func (x *UpdateScheduleResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[88]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateScheduleResponse.ProtoReflect.Descriptor instead.
+func (*UpdateScheduleResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{88}
+}
+
+func (x *UpdateScheduleResponse) GetSchedule() *Schedule {
+	if x != nil {
+		return x.Schedule
+	}
+	return nil
+}
+
+// Request for PauseSchedule.
+type PauseScheduleRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// `workspaces/{workspace}/schedules/{schedule}`.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// If set, must match the current etag.
+	Etag          string `protobuf:"bytes,2,opt,name=etag,proto3" json:"etag,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PauseScheduleRequest) Reset() {
+	*x = PauseScheduleRequest{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[89]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PauseScheduleRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PauseScheduleRequest) ProtoMessage() {}
+
+func (x *PauseScheduleRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[89]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PauseScheduleRequest.ProtoReflect.Descriptor instead.
+func (*PauseScheduleRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{89}
+}
+
+func (x *PauseScheduleRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *PauseScheduleRequest) GetEtag() string {
+	if x != nil {
+		return x.Etag
+	}
+	return ""
+}
+
+// Response for PauseSchedule.
+type PauseScheduleResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The paused schedule.
+	Schedule      *Schedule `protobuf:"bytes,1,opt,name=schedule,proto3" json:"schedule,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PauseScheduleResponse) Reset() {
+	*x = PauseScheduleResponse{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[90]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PauseScheduleResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PauseScheduleResponse) ProtoMessage() {}
+
+func (x *PauseScheduleResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[90]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PauseScheduleResponse.ProtoReflect.Descriptor instead.
+func (*PauseScheduleResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{90}
+}
+
+func (x *PauseScheduleResponse) GetSchedule() *Schedule {
+	if x != nil {
+		return x.Schedule
+	}
+	return nil
+}
+
+// Request for ResumeSchedule.
+type ResumeScheduleRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// `workspaces/{workspace}/schedules/{schedule}`.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// If set, must match the current etag.
+	Etag          string `protobuf:"bytes,2,opt,name=etag,proto3" json:"etag,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ResumeScheduleRequest) Reset() {
+	*x = ResumeScheduleRequest{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[91]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ResumeScheduleRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ResumeScheduleRequest) ProtoMessage() {}
+
+func (x *ResumeScheduleRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[91]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ResumeScheduleRequest.ProtoReflect.Descriptor instead.
+func (*ResumeScheduleRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{91}
+}
+
+func (x *ResumeScheduleRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ResumeScheduleRequest) GetEtag() string {
+	if x != nil {
+		return x.Etag
+	}
+	return ""
+}
+
+// Response for ResumeSchedule.
+type ResumeScheduleResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The resumed schedule.
+	Schedule      *Schedule `protobuf:"bytes,1,opt,name=schedule,proto3" json:"schedule,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ResumeScheduleResponse) Reset() {
+	*x = ResumeScheduleResponse{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[92]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ResumeScheduleResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ResumeScheduleResponse) ProtoMessage() {}
+
+func (x *ResumeScheduleResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[92]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ResumeScheduleResponse.ProtoReflect.Descriptor instead.
+func (*ResumeScheduleResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{92}
+}
+
+func (x *ResumeScheduleResponse) GetSchedule() *Schedule {
+	if x != nil {
+		return x.Schedule
+	}
+	return nil
+}
+
+// Request for DeleteSchedule.
+type DeleteScheduleRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// `workspaces/{workspace}/schedules/{schedule}`.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// If set, must match the current etag.
+	Etag          string `protobuf:"bytes,2,opt,name=etag,proto3" json:"etag,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteScheduleRequest) Reset() {
+	*x = DeleteScheduleRequest{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[93]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteScheduleRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteScheduleRequest) ProtoMessage() {}
+
+func (x *DeleteScheduleRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[93]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteScheduleRequest.ProtoReflect.Descriptor instead.
+func (*DeleteScheduleRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{93}
+}
+
+func (x *DeleteScheduleRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *DeleteScheduleRequest) GetEtag() string {
+	if x != nil {
+		return x.Etag
+	}
+	return ""
+}
+
+// Response for DeleteSchedule.
+type DeleteScheduleResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteScheduleResponse) Reset() {
+	*x = DeleteScheduleResponse{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[94]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteScheduleResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteScheduleResponse) ProtoMessage() {}
+
+func (x *DeleteScheduleResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[94]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteScheduleResponse.ProtoReflect.Descriptor instead.
+func (*DeleteScheduleResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{94}
+}
+
+// Request for ListScheduleFirings.
+type ListScheduleFiringsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// `workspaces/{workspace}/schedules/{schedule}`.
+	Parent string `protobuf:"bytes,1,opt,name=parent,proto3" json:"parent,omitempty"`
+	// Maximum to return; capped at 100, default 20.
+	PageSize int32 `protobuf:"varint,2,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	// Token from a previous response.
+	PageToken     string `protobuf:"bytes,3,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListScheduleFiringsRequest) Reset() {
+	*x = ListScheduleFiringsRequest{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[95]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListScheduleFiringsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListScheduleFiringsRequest) ProtoMessage() {}
+
+func (x *ListScheduleFiringsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[95]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListScheduleFiringsRequest.ProtoReflect.Descriptor instead.
+func (*ListScheduleFiringsRequest) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{95}
+}
+
+func (x *ListScheduleFiringsRequest) GetParent() string {
+	if x != nil {
+		return x.Parent
+	}
+	return ""
+}
+
+func (x *ListScheduleFiringsRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListScheduleFiringsRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
+// Response for ListScheduleFirings.
+type ListScheduleFiringsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The firings, newest tick first.
+	Firings []*ScheduleFiring `protobuf:"bytes,1,rep,name=firings,proto3" json:"firings,omitempty"`
+	// Token for the next page; empty on the last page.
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListScheduleFiringsResponse) Reset() {
+	*x = ListScheduleFiringsResponse{}
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[96]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListScheduleFiringsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListScheduleFiringsResponse) ProtoMessage() {}
+
+func (x *ListScheduleFiringsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[96]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListScheduleFiringsResponse.ProtoReflect.Descriptor instead.
+func (*ListScheduleFiringsResponse) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP(), []int{96}
+}
+
+func (x *ListScheduleFiringsResponse) GetFirings() []*ScheduleFiring {
+	if x != nil {
+		return x.Firings
+	}
+	return nil
+}
+
+func (x *ListScheduleFiringsResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
+}
+
 var File_switchboard_api_dispatcher_v1_dispatcher_proto protoreflect.FileDescriptor
 
 const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\n" +
-	".switchboard/api/dispatcher/v1/dispatcher.proto\x12\x1dswitchboard.api.dispatcher.v1\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a(switchboard/api/context/v1/context.proto\x1a(switchboard/api/handler/v1/handler.proto\"\xa6\b\n" +
+	".switchboard/api/dispatcher/v1/dispatcher.proto\x12\x1dswitchboard.api.dispatcher.v1\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a(switchboard/api/context/v1/context.proto\x1a(switchboard/api/handler/v1/handler.proto\"\xc7\t\n" +
 	"\x03Run\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12=\n" +
 	"\x05state\x18\x02 \x01(\x0e2'.switchboard.api.dispatcher.v1.RunStateR\x05state\x12\x18\n" +
@@ -6620,7 +8541,23 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\tassistant\x18\x13 \x01(\tR\tassistant\x12&\n" +
 	"\x0ftool_call_count\x18\x14 \x01(\x05R\rtoolCallCount\x12\x19\n" +
 	"\btrace_id\x18\x15 \x01(\tR\atraceId\x12D\n" +
-	"\x06speech\x18\x16 \x01(\v2,.switchboard.api.dispatcher.v1.SpeechOptionsR\x06speech\"\xe1\x01\n" +
+	"\x06speech\x18\x16 \x01(\v2,.switchboard.api.dispatcher.v1.SpeechOptionsR\x06speech\x12:\n" +
+	"\x05steer\x18\x17 \x01(\v2$.switchboard.api.dispatcher.v1.SteerR\x05steer\x12G\n" +
+	"\n" +
+	"steer_mode\x18\x18 \x01(\x0e2(.switchboard.api.dispatcher.v1.SteerModeR\tsteerMode\x12\x1a\n" +
+	"\bschedule\x18\x19 \x01(\tR\bschedule\"\xb1\x01\n" +
+	"\x05Steer\x12\x16\n" +
+	"\x06target\x18\x01 \x01(\tR\x06target\x12?\n" +
+	"\x05state\x18\x02 \x01(\x0e2).switchboard.api.dispatcher.v1.SteerStateR\x05state\x12\x12\n" +
+	"\x04step\x18\x03 \x01(\x05R\x04step\x12;\n" +
+	"\vdecide_time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"decideTime\"\xd1\x01\n" +
+	"\vSteerUpdate\x12\x1b\n" +
+	"\tsteer_run\x18\x01 \x01(\tR\bsteerRun\x12\x18\n" +
+	"\amessage\x18\x02 \x01(\tR\amessage\x12?\n" +
+	"\x05state\x18\x03 \x01(\x0e2).switchboard.api.dispatcher.v1.SteerStateR\x05state\x12\x12\n" +
+	"\x04step\x18\x04 \x01(\x05R\x04step\x126\n" +
+	"\x17discarded_from_sequence\x18\x05 \x01(\x03R\x15discardedFromSequence\"\xe1\x01\n" +
 	"\x0eRequiredAction\x12M\n" +
 	"\n" +
 	"tool_calls\x18\x01 \x03(\v2..switchboard.api.dispatcher.v1.PendingToolCallR\ttoolCalls\x12;\n" +
@@ -6648,7 +8585,7 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"decideTime\x12'\n" +
 	"\x0foutcome_unknown\x18\x06 \x01(\bR\x0eoutcomeUnknown\x12\x1f\n" +
 	"\vresult_text\x18\a \x01(\tR\n" +
-	"resultText\"\xe3\x03\n" +
+	"resultText\"\xac\x04\n" +
 	"\x12SendMessageRequest\x12\"\n" +
 	"\fconversation\x18\x01 \x01(\tR\fconversation\x12=\n" +
 	"\amessage\x18\x02 \x01(\v2#.switchboard.api.context.v1.MessageR\amessage\x12\x18\n" +
@@ -6661,7 +8598,10 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"request_id\x18\x06 \x01(\tR\trequestId\x12_\n" +
 	"\x12concurrency_policy\x18\a \x01(\x0e20.switchboard.api.dispatcher.v1.ConcurrencyPolicyR\x11concurrencyPolicy\x12\x1c\n" +
 	"\tassistant\x18\b \x01(\tR\tassistant\x12D\n" +
-	"\x06speech\x18\t \x01(\v2,.switchboard.api.dispatcher.v1.SpeechOptionsR\x06speech\"}\n" +
+	"\x06speech\x18\t \x01(\v2,.switchboard.api.dispatcher.v1.SpeechOptionsR\x06speech\x12G\n" +
+	"\n" +
+	"steer_mode\x18\n" +
+	" \x01(\x0e2(.switchboard.api.dispatcher.v1.SteerModeR\tsteerMode\"}\n" +
 	"\vAudioFormat\x12H\n" +
 	"\bencoding\x18\x01 \x01(\x0e2,.switchboard.api.dispatcher.v1.AudioEncodingR\bencoding\x12$\n" +
 	"\x0esample_rate_hz\x18\x02 \x01(\x05R\fsampleRateHz\"\x96\x01\n" +
@@ -6720,7 +8660,7 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\x0eafter_sequence\x18\x02 \x01(\x03R\rafterSequence\x12!\n" +
 	"\fmerge_deltas\x18\x03 \x01(\bR\vmergeDeltas\"F\n" +
 	"\x0eRunStateChange\x124\n" +
-	"\x03run\x18\x01 \x01(\v2\".switchboard.api.dispatcher.v1.RunR\x03run\"\x8b\x05\n" +
+	"\x03run\x18\x01 \x01(\v2\".switchboard.api.dispatcher.v1.RunR\x03run\"\xcf\x05\n" +
 	"\tRunUpdate\x12\x10\n" +
 	"\x03run\x18\x01 \x01(\tR\x03run\x12\x1a\n" +
 	"\bsequence\x18\x02 \x01(\x03R\bsequence\x12.\n" +
@@ -6733,7 +8673,8 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\vtool_result\x18\t \x01(\v2&.switchboard.api.handler.v1.ToolResultH\x00R\n" +
 	"toolResult\x12D\n" +
 	"\x06speech\x18\n" +
-	" \x01(\v2*.switchboard.api.dispatcher.v1.SpeechChunkH\x00R\x06speech\x12%\n" +
+	" \x01(\v2*.switchboard.api.dispatcher.v1.SpeechChunkH\x00R\x06speech\x12B\n" +
+	"\x05steer\x18\f \x01(\v2*.switchboard.api.dispatcher.v1.SteerUpdateH\x00R\x05steer\x12%\n" +
 	"\x0efirst_sequence\x18\v \x01(\x03R\rfirstSequenceB\b\n" +
 	"\x06update\"\xa9\x01\n" +
 	"\x10WatchRunResponse\x12B\n" +
@@ -6741,15 +8682,16 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\theartbeat\x18\x02 \x01(\v2(.switchboard.api.dispatcher.v1.HeartbeatH\x00R\theartbeatB\a\n" +
 	"\x05frame\";\n" +
 	"\tHeartbeat\x12.\n" +
-	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\"\xb1\x03\n" +
+	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\"\x80\x04\n" +
 	"\x0fConverseRequest\x12*\n" +
 	"\x11client_request_id\x18\x01 \x01(\tR\x0fclientRequestId\x12V\n" +
 	"\fsend_message\x18\x02 \x01(\v21.switchboard.api.dispatcher.v1.SendMessageRequestH\x00R\vsendMessage\x12P\n" +
 	"\n" +
 	"cancel_run\x18\x03 \x01(\v2/.switchboard.api.dispatcher.v1.CancelRunRequestH\x00R\tcancelRun\x12M\n" +
 	"\twatch_run\x18\x04 \x01(\v2..switchboard.api.dispatcher.v1.WatchRunRequestH\x00R\bwatchRun\x12o\n" +
-	"\x15submit_tool_approvals\x18\x05 \x01(\v29.switchboard.api.dispatcher.v1.SubmitToolApprovalsRequestH\x00R\x13submitToolApprovalsB\b\n" +
-	"\x06action\"\xab\x04\n" +
+	"\x15submit_tool_approvals\x18\x05 \x01(\v29.switchboard.api.dispatcher.v1.SubmitToolApprovalsRequestH\x00R\x13submitToolApprovals\x12M\n" +
+	"\tsteer_run\x18\x06 \x01(\v2..switchboard.api.dispatcher.v1.SteerRunRequestH\x00R\bsteerRunB\b\n" +
+	"\x06action\"\xff\x04\n" +
 	"\x10ConverseResponse\x12*\n" +
 	"\x11client_request_id\x18\x01 \x01(\tR\x0fclientRequestId\x12W\n" +
 	"\fmessage_sent\x18\x02 \x01(\v22.switchboard.api.dispatcher.v1.SendMessageResponseH\x00R\vmessageSent\x12W\n" +
@@ -6757,7 +8699,9 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\x06update\x18\x04 \x01(\v2(.switchboard.api.dispatcher.v1.RunUpdateH\x00R\x06update\x12*\n" +
 	"\x05error\x18\x05 \x01(\v2\x12.google.rpc.StatusH\x00R\x05error\x12H\n" +
 	"\theartbeat\x18\x06 \x01(\v2(.switchboard.api.dispatcher.v1.HeartbeatH\x00R\theartbeat\x12v\n" +
-	"\x18tool_approvals_submitted\x18\a \x01(\v2:.switchboard.api.dispatcher.v1.SubmitToolApprovalsResponseH\x00R\x16toolApprovalsSubmittedB\a\n" +
+	"\x18tool_approvals_submitted\x18\a \x01(\v2:.switchboard.api.dispatcher.v1.SubmitToolApprovalsResponseH\x00R\x16toolApprovalsSubmitted\x12R\n" +
+	"\vrun_steered\x18\b \x01(\v2/.switchboard.api.dispatcher.v1.SteerRunResponseH\x00R\n" +
+	"runSteeredB\a\n" +
 	"\x05frame\"\xf2\x01\n" +
 	"\aHandler\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12>\n" +
@@ -7034,7 +8978,98 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\tTalkEvent\x12@\n" +
 	"\x04kind\x18\x01 \x01(\x0e2,.switchboard.api.dispatcher.v1.TalkEventKindR\x04kind\x12\x12\n" +
 	"\x04turn\x18\x02 \x01(\x03R\x04turn\x12\x10\n" +
-	"\x03run\x18\x03 \x01(\tR\x03run*\xda\x01\n" +
+	"\x03run\x18\x03 \x01(\tR\x03run\"\x81\x01\n" +
+	"\x0fSteerRunRequest\x12\x10\n" +
+	"\x03run\x18\x01 \x01(\tR\x03run\x12=\n" +
+	"\amessage\x18\x02 \x01(\v2#.switchboard.api.context.v1.MessageR\amessage\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x03 \x01(\tR\trequestId\"\x87\x01\n" +
+	"\x10SteerRunResponse\x124\n" +
+	"\x03run\x18\x01 \x01(\v2\".switchboard.api.dispatcher.v1.RunR\x03run\x12=\n" +
+	"\amessage\x18\x02 \x01(\v2#.switchboard.api.context.v1.MessageR\amessage\"\xe2\b\n" +
+	"\bSchedule\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12!\n" +
+	"\fdisplay_name\x18\x02 \x01(\tR\vdisplayName\x12\x1c\n" +
+	"\tassistant\x18\x03 \x01(\tR\tassistant\x12\x18\n" +
+	"\ahandler\x18\x04 \x01(\tR\ahandler\x12)\n" +
+	"\x10message_template\x18\x05 \x01(\tR\x0fmessageTemplate\x12\x12\n" +
+	"\x04cron\x18\x06 \x01(\tR\x04cron\x12\x1b\n" +
+	"\ttime_zone\x18\a \x01(\tR\btimeZone\x125\n" +
+	"\binterval\x18\b \x01(\v2\x19.google.protobuf.DurationR\binterval\x12d\n" +
+	"\x11conversation_mode\x18\t \x01(\x0e27.switchboard.api.dispatcher.v1.ScheduleConversationModeR\x10conversationMode\x12\"\n" +
+	"\fconversation\x18\n" +
+	" \x01(\tR\fconversation\x12_\n" +
+	"\x12concurrency_policy\x18\v \x01(\x0e20.switchboard.api.dispatcher.v1.ConcurrencyPolicyR\x11concurrencyPolicy\x12]\n" +
+	"\x12missed_tick_policy\x18\f \x01(\x0e2/.switchboard.api.dispatcher.v1.MissedTickPolicyR\x10missedTickPolicy\x12B\n" +
+	"\x05state\x18\r \x01(\x0e2,.switchboard.api.dispatcher.v1.ScheduleStateR\x05state\x12@\n" +
+	"\x0enext_fire_time\x18\x0e \x01(\v2\x1a.google.protobuf.TimestampR\fnextFireTime\x12J\n" +
+	"\x13upcoming_fire_times\x18\x0f \x03(\v2\x1a.google.protobuf.TimestampR\x11upcomingFireTimes\x12@\n" +
+	"\x0elast_fire_time\x18\x10 \x01(\v2\x1a.google.protobuf.TimestampR\flastFireTime\x12\x19\n" +
+	"\blast_run\x18\x11 \x01(\tR\alastRun\x12\x18\n" +
+	"\acreator\x18\x12 \x01(\tR\acreator\x123\n" +
+	"\atimeout\x18\x13 \x01(\v2\x19.google.protobuf.DurationR\atimeout\x12\x12\n" +
+	"\x04etag\x18\x14 \x01(\tR\x04etag\x12;\n" +
+	"\vcreate_time\x18\x15 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"createTime\x12;\n" +
+	"\vupdate_time\x18\x16 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
+	"updateTime\"\xa3\x02\n" +
+	"\x0eScheduleFiring\x127\n" +
+	"\tfire_time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\bfireTime\x129\n" +
+	"\n" +
+	"claim_time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\tclaimTime\x12F\n" +
+	"\aoutcome\x18\x03 \x01(\x0e2,.switchboard.api.dispatcher.v1.FiringOutcomeR\aoutcome\x12\x10\n" +
+	"\x03run\x18\x04 \x01(\tR\x03run\x12(\n" +
+	"\x05error\x18\x05 \x01(\v2\x12.google.rpc.StatusR\x05error\x12\x19\n" +
+	"\bcatch_up\x18\x06 \x01(\bR\acatchUp\"\xb4\x01\n" +
+	"\x15CreateScheduleRequest\x12\x16\n" +
+	"\x06parent\x18\x01 \x01(\tR\x06parent\x12C\n" +
+	"\bschedule\x18\x02 \x01(\v2'.switchboard.api.dispatcher.v1.ScheduleR\bschedule\x12\x1f\n" +
+	"\vschedule_id\x18\x03 \x01(\tR\n" +
+	"scheduleId\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x04 \x01(\tR\trequestId\"]\n" +
+	"\x16CreateScheduleResponse\x12C\n" +
+	"\bschedule\x18\x01 \x01(\v2'.switchboard.api.dispatcher.v1.ScheduleR\bschedule\"(\n" +
+	"\x12GetScheduleRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"Z\n" +
+	"\x13GetScheduleResponse\x12C\n" +
+	"\bschedule\x18\x01 \x01(\v2'.switchboard.api.dispatcher.v1.ScheduleR\bschedule\"j\n" +
+	"\x14ListSchedulesRequest\x12\x16\n" +
+	"\x06parent\x18\x01 \x01(\tR\x06parent\x12\x1b\n" +
+	"\tpage_size\x18\x02 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x03 \x01(\tR\tpageToken\"\x86\x01\n" +
+	"\x15ListSchedulesResponse\x12E\n" +
+	"\tschedules\x18\x01 \x03(\v2'.switchboard.api.dispatcher.v1.ScheduleR\tschedules\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\x99\x01\n" +
+	"\x15UpdateScheduleRequest\x12C\n" +
+	"\bschedule\x18\x01 \x01(\v2'.switchboard.api.dispatcher.v1.ScheduleR\bschedule\x12;\n" +
+	"\vupdate_mask\x18\x02 \x01(\v2\x1a.google.protobuf.FieldMaskR\n" +
+	"updateMask\"]\n" +
+	"\x16UpdateScheduleResponse\x12C\n" +
+	"\bschedule\x18\x01 \x01(\v2'.switchboard.api.dispatcher.v1.ScheduleR\bschedule\">\n" +
+	"\x14PauseScheduleRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
+	"\x04etag\x18\x02 \x01(\tR\x04etag\"\\\n" +
+	"\x15PauseScheduleResponse\x12C\n" +
+	"\bschedule\x18\x01 \x01(\v2'.switchboard.api.dispatcher.v1.ScheduleR\bschedule\"?\n" +
+	"\x15ResumeScheduleRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
+	"\x04etag\x18\x02 \x01(\tR\x04etag\"]\n" +
+	"\x16ResumeScheduleResponse\x12C\n" +
+	"\bschedule\x18\x01 \x01(\v2'.switchboard.api.dispatcher.v1.ScheduleR\bschedule\"?\n" +
+	"\x15DeleteScheduleRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
+	"\x04etag\x18\x02 \x01(\tR\x04etag\"\x18\n" +
+	"\x16DeleteScheduleResponse\"p\n" +
+	"\x1aListScheduleFiringsRequest\x12\x16\n" +
+	"\x06parent\x18\x01 \x01(\tR\x06parent\x12\x1b\n" +
+	"\tpage_size\x18\x02 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x03 \x01(\tR\tpageToken\"\x8e\x01\n" +
+	"\x1bListScheduleFiringsResponse\x12G\n" +
+	"\afirings\x18\x01 \x03(\v2-.switchboard.api.dispatcher.v1.ScheduleFiringR\afirings\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken*\xda\x01\n" +
 	"\bRunState\x12\x19\n" +
 	"\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10RUN_STATE_QUEUED\x10\x01\x12\x15\n" +
@@ -7043,7 +9078,17 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\x10RUN_STATE_FAILED\x10\x04\x12\x17\n" +
 	"\x13RUN_STATE_CANCELLED\x10\x05\x12\x1f\n" +
 	"\x1bRUN_STATE_DEADLINE_EXCEEDED\x10\x06\x12\x1d\n" +
-	"\x19RUN_STATE_REQUIRES_ACTION\x10\a*p\n" +
+	"\x19RUN_STATE_REQUIRES_ACTION\x10\a*w\n" +
+	"\n" +
+	"SteerState\x12\x1b\n" +
+	"\x17STEER_STATE_UNSPECIFIED\x10\x00\x12\x18\n" +
+	"\x14STEER_STATE_ACCEPTED\x10\x01\x12\x18\n" +
+	"\x14STEER_STATE_CONSUMED\x10\x02\x12\x18\n" +
+	"\x14STEER_STATE_REQUEUED\x10\x03*d\n" +
+	"\tSteerMode\x12\x1a\n" +
+	"\x16STEER_MODE_UNSPECIFIED\x10\x00\x12\x1c\n" +
+	"\x18STEER_MODE_FINISH_STREAM\x10\x01\x12\x1d\n" +
+	"\x19STEER_MODE_RESTART_STREAM\x10\x02*p\n" +
 	"\x0eBudgetDecision\x12\x1f\n" +
 	"\x1bBUDGET_DECISION_UNSPECIFIED\x10\x00\x12#\n" +
 	"\x1fBUDGET_DECISION_ALLOW_OVERDRAFT\x10\x01\x12\x18\n" +
@@ -7054,12 +9099,13 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\x1bTOOL_APPROVAL_DECISION_DENY\x10\x02\x12 \n" +
 	"\x1cTOOL_APPROVAL_DECISION_RETRY\x10\x03\x12#\n" +
 	"\x1fTOOL_APPROVAL_DECISION_COMPLETE\x10\x04\x12#\n" +
-	"\x1fTOOL_APPROVAL_DECISION_FAIL_RUN\x10\x05*\x98\x01\n" +
+	"\x1fTOOL_APPROVAL_DECISION_FAIL_RUN\x10\x05*\xb6\x01\n" +
 	"\x11ConcurrencyPolicy\x12\"\n" +
 	"\x1eCONCURRENCY_POLICY_UNSPECIFIED\x10\x00\x12\x1d\n" +
 	"\x19CONCURRENCY_POLICY_REJECT\x10\x01\x12\x1e\n" +
 	"\x1aCONCURRENCY_POLICY_ENQUEUE\x10\x02\x12 \n" +
-	"\x1cCONCURRENCY_POLICY_INTERRUPT\x10\x03*I\n" +
+	"\x1cCONCURRENCY_POLICY_INTERRUPT\x10\x03\x12\x1c\n" +
+	"\x18CONCURRENCY_POLICY_STEER\x10\x04*I\n" +
 	"\rAudioEncoding\x12\x1e\n" +
 	"\x1aAUDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14AUDIO_ENCODING_PCM16\x10\x01*t\n" +
@@ -7097,7 +9143,25 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\x1eTALK_EVENT_KIND_SPEECH_STARTED\x10\x01\x12\"\n" +
 	"\x1eTALK_EVENT_KIND_SPEECH_STOPPED\x10\x02\x12&\n" +
 	"\"TALK_EVENT_KIND_SPEECH_INTERRUPTED\x10\x03\x12\x1e\n" +
-	"\x1aTALK_EVENT_KIND_TURN_EMPTY\x10\x042\xd3\x17\n" +
+	"\x1aTALK_EVENT_KIND_TURN_EMPTY\x10\x04*e\n" +
+	"\rScheduleState\x12\x1e\n" +
+	"\x1aSCHEDULE_STATE_UNSPECIFIED\x10\x00\x12\x19\n" +
+	"\x15SCHEDULE_STATE_ACTIVE\x10\x01\x12\x19\n" +
+	"\x15SCHEDULE_STATE_PAUSED\x10\x02*\x95\x01\n" +
+	"\x18ScheduleConversationMode\x12*\n" +
+	"&SCHEDULE_CONVERSATION_MODE_UNSPECIFIED\x10\x00\x12%\n" +
+	"!SCHEDULE_CONVERSATION_MODE_SHARED\x10\x01\x12&\n" +
+	"\"SCHEDULE_CONVERSATION_MODE_PER_RUN\x10\x02*t\n" +
+	"\x10MissedTickPolicy\x12\"\n" +
+	"\x1eMISSED_TICK_POLICY_UNSPECIFIED\x10\x00\x12\x1b\n" +
+	"\x17MISSED_TICK_POLICY_SKIP\x10\x01\x12\x1f\n" +
+	"\x1bMISSED_TICK_POLICY_RUN_ONCE\x10\x02*\x9e\x01\n" +
+	"\rFiringOutcome\x12\x1e\n" +
+	"\x1aFIRING_OUTCOME_UNSPECIFIED\x10\x00\x12\x1a\n" +
+	"\x16FIRING_OUTCOME_CLAIMED\x10\x01\x12\x1a\n" +
+	"\x16FIRING_OUTCOME_STARTED\x10\x02\x12\x1a\n" +
+	"\x16FIRING_OUTCOME_SKIPPED\x10\x03\x12\x19\n" +
+	"\x15FIRING_OUTCOME_FAILED\x10\x042\xc8 \n" +
 	"\x11DispatcherService\x12t\n" +
 	"\vSendMessage\x121.switchboard.api.dispatcher.v1.SendMessageRequest\x1a2.switchboard.api.dispatcher.v1.SendMessageResponse\x12j\n" +
 	"\x06GetRun\x12,.switchboard.api.dispatcher.v1.GetRunRequest\x1a-.switchboard.api.dispatcher.v1.GetRunResponse\"\x03\x90\x02\x01\x12p\n" +
@@ -7123,7 +9187,16 @@ const file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc = "" +
 	"\n" +
 	"QueryUsage\x120.switchboard.api.dispatcher.v1.QueryUsageRequest\x1a1.switchboard.api.dispatcher.v1.QueryUsageResponse\"\x03\x90\x02\x01\x12\x8b\x01\n" +
 	"\x11GetWorkspaceQuota\x127.switchboard.api.dispatcher.v1.GetWorkspaceQuotaRequest\x1a8.switchboard.api.dispatcher.v1.GetWorkspaceQuotaResponse\"\x03\x90\x02\x01\x12\x8f\x01\n" +
-	"\x14UpdateWorkspaceQuota\x12:.switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest\x1a;.switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponseBh\n" +
+	"\x14UpdateWorkspaceQuota\x12:.switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest\x1a;.switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponse\x12k\n" +
+	"\bSteerRun\x12..switchboard.api.dispatcher.v1.SteerRunRequest\x1a/.switchboard.api.dispatcher.v1.SteerRunResponse\x12}\n" +
+	"\x0eCreateSchedule\x124.switchboard.api.dispatcher.v1.CreateScheduleRequest\x1a5.switchboard.api.dispatcher.v1.CreateScheduleResponse\x12y\n" +
+	"\vGetSchedule\x121.switchboard.api.dispatcher.v1.GetScheduleRequest\x1a2.switchboard.api.dispatcher.v1.GetScheduleResponse\"\x03\x90\x02\x01\x12\x7f\n" +
+	"\rListSchedules\x123.switchboard.api.dispatcher.v1.ListSchedulesRequest\x1a4.switchboard.api.dispatcher.v1.ListSchedulesResponse\"\x03\x90\x02\x01\x12}\n" +
+	"\x0eUpdateSchedule\x124.switchboard.api.dispatcher.v1.UpdateScheduleRequest\x1a5.switchboard.api.dispatcher.v1.UpdateScheduleResponse\x12z\n" +
+	"\rPauseSchedule\x123.switchboard.api.dispatcher.v1.PauseScheduleRequest\x1a4.switchboard.api.dispatcher.v1.PauseScheduleResponse\x12}\n" +
+	"\x0eResumeSchedule\x124.switchboard.api.dispatcher.v1.ResumeScheduleRequest\x1a5.switchboard.api.dispatcher.v1.ResumeScheduleResponse\x12}\n" +
+	"\x0eDeleteSchedule\x124.switchboard.api.dispatcher.v1.DeleteScheduleRequest\x1a5.switchboard.api.dispatcher.v1.DeleteScheduleResponse\x12\x91\x01\n" +
+	"\x13ListScheduleFirings\x129.switchboard.api.dispatcher.v1.ListScheduleFiringsRequest\x1a:.switchboard.api.dispatcher.v1.ListScheduleFiringsResponse\"\x03\x90\x02\x01Bh\n" +
 	"!dev.switchboard.api.dispatcher.v1P\x01ZAswitchboard.dev/go/gen/switchboard/api/dispatcher/v1;dispatcherv1b\x06proto3"
 
 var (
@@ -7138,291 +9211,374 @@ func file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescGZIP() []byte {
 	return file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDescData
 }
 
-var file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes = make([]protoimpl.EnumInfo, 11)
-var file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes = make([]protoimpl.MessageInfo, 75)
+var file_switchboard_api_dispatcher_v1_dispatcher_proto_enumTypes = make([]protoimpl.EnumInfo, 17)
+var file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes = make([]protoimpl.MessageInfo, 97)
 var file_switchboard_api_dispatcher_v1_dispatcher_proto_goTypes = []any{
 	(RunState)(0),                        // 0: switchboard.api.dispatcher.v1.RunState
-	(BudgetDecision)(0),                  // 1: switchboard.api.dispatcher.v1.BudgetDecision
-	(ToolApprovalDecision)(0),            // 2: switchboard.api.dispatcher.v1.ToolApprovalDecision
-	(ConcurrencyPolicy)(0),               // 3: switchboard.api.dispatcher.v1.ConcurrencyPolicy
-	(AudioEncoding)(0),                   // 4: switchboard.api.dispatcher.v1.AudioEncoding
-	(HandlerKind)(0),                     // 5: switchboard.api.dispatcher.v1.HandlerKind
-	(BudgetPeriod)(0),                    // 6: switchboard.api.dispatcher.v1.BudgetPeriod
-	(UsageDimension)(0),                  // 7: switchboard.api.dispatcher.v1.UsageDimension
-	(TurnDetection)(0),                   // 8: switchboard.api.dispatcher.v1.TurnDetection
-	(TalkAction)(0),                      // 9: switchboard.api.dispatcher.v1.TalkAction
-	(TalkEventKind)(0),                   // 10: switchboard.api.dispatcher.v1.TalkEventKind
-	(*Run)(nil),                          // 11: switchboard.api.dispatcher.v1.Run
-	(*RequiredAction)(nil),               // 12: switchboard.api.dispatcher.v1.RequiredAction
-	(*BudgetAction)(nil),                 // 13: switchboard.api.dispatcher.v1.BudgetAction
-	(*PendingToolCall)(nil),              // 14: switchboard.api.dispatcher.v1.PendingToolCall
-	(*SendMessageRequest)(nil),           // 15: switchboard.api.dispatcher.v1.SendMessageRequest
-	(*AudioFormat)(nil),                  // 16: switchboard.api.dispatcher.v1.AudioFormat
-	(*SpeechOptions)(nil),                // 17: switchboard.api.dispatcher.v1.SpeechOptions
-	(*VoiceSettings)(nil),                // 18: switchboard.api.dispatcher.v1.VoiceSettings
-	(*SpeechChunk)(nil),                  // 19: switchboard.api.dispatcher.v1.SpeechChunk
-	(*SendMessageResponse)(nil),          // 20: switchboard.api.dispatcher.v1.SendMessageResponse
-	(*GetRunRequest)(nil),                // 21: switchboard.api.dispatcher.v1.GetRunRequest
-	(*GetRunResponse)(nil),               // 22: switchboard.api.dispatcher.v1.GetRunResponse
-	(*ListRunsRequest)(nil),              // 23: switchboard.api.dispatcher.v1.ListRunsRequest
-	(*ListRunsResponse)(nil),             // 24: switchboard.api.dispatcher.v1.ListRunsResponse
-	(*CancelRunRequest)(nil),             // 25: switchboard.api.dispatcher.v1.CancelRunRequest
-	(*CancelRunResponse)(nil),            // 26: switchboard.api.dispatcher.v1.CancelRunResponse
-	(*WatchRunRequest)(nil),              // 27: switchboard.api.dispatcher.v1.WatchRunRequest
-	(*RunStateChange)(nil),               // 28: switchboard.api.dispatcher.v1.RunStateChange
-	(*RunUpdate)(nil),                    // 29: switchboard.api.dispatcher.v1.RunUpdate
-	(*WatchRunResponse)(nil),             // 30: switchboard.api.dispatcher.v1.WatchRunResponse
-	(*Heartbeat)(nil),                    // 31: switchboard.api.dispatcher.v1.Heartbeat
-	(*ConverseRequest)(nil),              // 32: switchboard.api.dispatcher.v1.ConverseRequest
-	(*ConverseResponse)(nil),             // 33: switchboard.api.dispatcher.v1.ConverseResponse
-	(*Handler)(nil),                      // 34: switchboard.api.dispatcher.v1.Handler
-	(*ListHandlersRequest)(nil),          // 35: switchboard.api.dispatcher.v1.ListHandlersRequest
-	(*ListHandlersResponse)(nil),         // 36: switchboard.api.dispatcher.v1.ListHandlersResponse
-	(*ToolApproval)(nil),                 // 37: switchboard.api.dispatcher.v1.ToolApproval
-	(*SubmitToolApprovalsRequest)(nil),   // 38: switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
-	(*SubmitToolApprovalsResponse)(nil),  // 39: switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
-	(*AssistantTools)(nil),               // 40: switchboard.api.dispatcher.v1.AssistantTools
-	(*Assistant)(nil),                    // 41: switchboard.api.dispatcher.v1.Assistant
-	(*CreateAssistantRequest)(nil),       // 42: switchboard.api.dispatcher.v1.CreateAssistantRequest
-	(*CreateAssistantResponse)(nil),      // 43: switchboard.api.dispatcher.v1.CreateAssistantResponse
-	(*GetAssistantRequest)(nil),          // 44: switchboard.api.dispatcher.v1.GetAssistantRequest
-	(*GetAssistantResponse)(nil),         // 45: switchboard.api.dispatcher.v1.GetAssistantResponse
-	(*ListAssistantsRequest)(nil),        // 46: switchboard.api.dispatcher.v1.ListAssistantsRequest
-	(*ListAssistantsResponse)(nil),       // 47: switchboard.api.dispatcher.v1.ListAssistantsResponse
-	(*UpdateAssistantRequest)(nil),       // 48: switchboard.api.dispatcher.v1.UpdateAssistantRequest
-	(*UpdateAssistantResponse)(nil),      // 49: switchboard.api.dispatcher.v1.UpdateAssistantResponse
-	(*DeleteAssistantRequest)(nil),       // 50: switchboard.api.dispatcher.v1.DeleteAssistantRequest
-	(*DeleteAssistantResponse)(nil),      // 51: switchboard.api.dispatcher.v1.DeleteAssistantResponse
-	(*DescribeConversationRequest)(nil),  // 52: switchboard.api.dispatcher.v1.DescribeConversationRequest
-	(*DescribeConversationResponse)(nil), // 53: switchboard.api.dispatcher.v1.DescribeConversationResponse
-	(*Budget)(nil),                       // 54: switchboard.api.dispatcher.v1.Budget
-	(*BudgetUsage)(nil),                  // 55: switchboard.api.dispatcher.v1.BudgetUsage
-	(*CreateBudgetRequest)(nil),          // 56: switchboard.api.dispatcher.v1.CreateBudgetRequest
-	(*CreateBudgetResponse)(nil),         // 57: switchboard.api.dispatcher.v1.CreateBudgetResponse
-	(*GetBudgetRequest)(nil),             // 58: switchboard.api.dispatcher.v1.GetBudgetRequest
-	(*GetBudgetResponse)(nil),            // 59: switchboard.api.dispatcher.v1.GetBudgetResponse
-	(*ListBudgetsRequest)(nil),           // 60: switchboard.api.dispatcher.v1.ListBudgetsRequest
-	(*ListBudgetsResponse)(nil),          // 61: switchboard.api.dispatcher.v1.ListBudgetsResponse
-	(*UpdateBudgetRequest)(nil),          // 62: switchboard.api.dispatcher.v1.UpdateBudgetRequest
-	(*UpdateBudgetResponse)(nil),         // 63: switchboard.api.dispatcher.v1.UpdateBudgetResponse
-	(*DeleteBudgetRequest)(nil),          // 64: switchboard.api.dispatcher.v1.DeleteBudgetRequest
-	(*DeleteBudgetResponse)(nil),         // 65: switchboard.api.dispatcher.v1.DeleteBudgetResponse
-	(*ResolveBudgetActionRequest)(nil),   // 66: switchboard.api.dispatcher.v1.ResolveBudgetActionRequest
-	(*ResolveBudgetActionResponse)(nil),  // 67: switchboard.api.dispatcher.v1.ResolveBudgetActionResponse
-	(*QueryUsageRequest)(nil),            // 68: switchboard.api.dispatcher.v1.QueryUsageRequest
-	(*UsageRow)(nil),                     // 69: switchboard.api.dispatcher.v1.UsageRow
-	(*QueryUsageResponse)(nil),           // 70: switchboard.api.dispatcher.v1.QueryUsageResponse
-	(*ApiKeyQuota)(nil),                  // 71: switchboard.api.dispatcher.v1.ApiKeyQuota
-	(*WorkspaceQuota)(nil),               // 72: switchboard.api.dispatcher.v1.WorkspaceQuota
-	(*GetWorkspaceQuotaRequest)(nil),     // 73: switchboard.api.dispatcher.v1.GetWorkspaceQuotaRequest
-	(*GetWorkspaceQuotaResponse)(nil),    // 74: switchboard.api.dispatcher.v1.GetWorkspaceQuotaResponse
-	(*UpdateWorkspaceQuotaRequest)(nil),  // 75: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest
-	(*UpdateWorkspaceQuotaResponse)(nil), // 76: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponse
-	(*TalkRequest)(nil),                  // 77: switchboard.api.dispatcher.v1.TalkRequest
-	(*TalkStart)(nil),                    // 78: switchboard.api.dispatcher.v1.TalkStart
-	(*TalkResume)(nil),                   // 79: switchboard.api.dispatcher.v1.TalkResume
-	(*AudioChunk)(nil),                   // 80: switchboard.api.dispatcher.v1.AudioChunk
-	(*TalkControl)(nil),                  // 81: switchboard.api.dispatcher.v1.TalkControl
-	(*TalkResponse)(nil),                 // 82: switchboard.api.dispatcher.v1.TalkResponse
-	(*VoiceSession)(nil),                 // 83: switchboard.api.dispatcher.v1.VoiceSession
-	(*Transcript)(nil),                   // 84: switchboard.api.dispatcher.v1.Transcript
-	(*TalkEvent)(nil),                    // 85: switchboard.api.dispatcher.v1.TalkEvent
-	(*timestamppb.Timestamp)(nil),        // 86: google.protobuf.Timestamp
-	(*status.Status)(nil),                // 87: google.rpc.Status
-	(*v1.Progress)(nil),                  // 88: switchboard.api.handler.v1.Progress
-	(*v1.Usage)(nil),                     // 89: switchboard.api.handler.v1.Usage
-	(*v1.ToolCall)(nil),                  // 90: switchboard.api.handler.v1.ToolCall
-	(*v11.Message)(nil),                  // 91: switchboard.api.context.v1.Message
-	(*structpb.Struct)(nil),              // 92: google.protobuf.Struct
-	(*durationpb.Duration)(nil),          // 93: google.protobuf.Duration
-	(*v1.TextDelta)(nil),                 // 94: switchboard.api.handler.v1.TextDelta
-	(*v1.HandleResult)(nil),              // 95: switchboard.api.handler.v1.HandleResult
-	(*v1.ToolResult)(nil),                // 96: switchboard.api.handler.v1.ToolResult
-	(*v1.HandlerCapabilities)(nil),       // 97: switchboard.api.handler.v1.HandlerCapabilities
-	(*v1.ModelSettings)(nil),             // 98: switchboard.api.handler.v1.ModelSettings
-	(*fieldmaskpb.FieldMask)(nil),        // 99: google.protobuf.FieldMask
-	(*v1.ToolDefinition)(nil),            // 100: switchboard.api.handler.v1.ToolDefinition
+	(SteerState)(0),                      // 1: switchboard.api.dispatcher.v1.SteerState
+	(SteerMode)(0),                       // 2: switchboard.api.dispatcher.v1.SteerMode
+	(BudgetDecision)(0),                  // 3: switchboard.api.dispatcher.v1.BudgetDecision
+	(ToolApprovalDecision)(0),            // 4: switchboard.api.dispatcher.v1.ToolApprovalDecision
+	(ConcurrencyPolicy)(0),               // 5: switchboard.api.dispatcher.v1.ConcurrencyPolicy
+	(AudioEncoding)(0),                   // 6: switchboard.api.dispatcher.v1.AudioEncoding
+	(HandlerKind)(0),                     // 7: switchboard.api.dispatcher.v1.HandlerKind
+	(BudgetPeriod)(0),                    // 8: switchboard.api.dispatcher.v1.BudgetPeriod
+	(UsageDimension)(0),                  // 9: switchboard.api.dispatcher.v1.UsageDimension
+	(TurnDetection)(0),                   // 10: switchboard.api.dispatcher.v1.TurnDetection
+	(TalkAction)(0),                      // 11: switchboard.api.dispatcher.v1.TalkAction
+	(TalkEventKind)(0),                   // 12: switchboard.api.dispatcher.v1.TalkEventKind
+	(ScheduleState)(0),                   // 13: switchboard.api.dispatcher.v1.ScheduleState
+	(ScheduleConversationMode)(0),        // 14: switchboard.api.dispatcher.v1.ScheduleConversationMode
+	(MissedTickPolicy)(0),                // 15: switchboard.api.dispatcher.v1.MissedTickPolicy
+	(FiringOutcome)(0),                   // 16: switchboard.api.dispatcher.v1.FiringOutcome
+	(*Run)(nil),                          // 17: switchboard.api.dispatcher.v1.Run
+	(*Steer)(nil),                        // 18: switchboard.api.dispatcher.v1.Steer
+	(*SteerUpdate)(nil),                  // 19: switchboard.api.dispatcher.v1.SteerUpdate
+	(*RequiredAction)(nil),               // 20: switchboard.api.dispatcher.v1.RequiredAction
+	(*BudgetAction)(nil),                 // 21: switchboard.api.dispatcher.v1.BudgetAction
+	(*PendingToolCall)(nil),              // 22: switchboard.api.dispatcher.v1.PendingToolCall
+	(*SendMessageRequest)(nil),           // 23: switchboard.api.dispatcher.v1.SendMessageRequest
+	(*AudioFormat)(nil),                  // 24: switchboard.api.dispatcher.v1.AudioFormat
+	(*SpeechOptions)(nil),                // 25: switchboard.api.dispatcher.v1.SpeechOptions
+	(*VoiceSettings)(nil),                // 26: switchboard.api.dispatcher.v1.VoiceSettings
+	(*SpeechChunk)(nil),                  // 27: switchboard.api.dispatcher.v1.SpeechChunk
+	(*SendMessageResponse)(nil),          // 28: switchboard.api.dispatcher.v1.SendMessageResponse
+	(*GetRunRequest)(nil),                // 29: switchboard.api.dispatcher.v1.GetRunRequest
+	(*GetRunResponse)(nil),               // 30: switchboard.api.dispatcher.v1.GetRunResponse
+	(*ListRunsRequest)(nil),              // 31: switchboard.api.dispatcher.v1.ListRunsRequest
+	(*ListRunsResponse)(nil),             // 32: switchboard.api.dispatcher.v1.ListRunsResponse
+	(*CancelRunRequest)(nil),             // 33: switchboard.api.dispatcher.v1.CancelRunRequest
+	(*CancelRunResponse)(nil),            // 34: switchboard.api.dispatcher.v1.CancelRunResponse
+	(*WatchRunRequest)(nil),              // 35: switchboard.api.dispatcher.v1.WatchRunRequest
+	(*RunStateChange)(nil),               // 36: switchboard.api.dispatcher.v1.RunStateChange
+	(*RunUpdate)(nil),                    // 37: switchboard.api.dispatcher.v1.RunUpdate
+	(*WatchRunResponse)(nil),             // 38: switchboard.api.dispatcher.v1.WatchRunResponse
+	(*Heartbeat)(nil),                    // 39: switchboard.api.dispatcher.v1.Heartbeat
+	(*ConverseRequest)(nil),              // 40: switchboard.api.dispatcher.v1.ConverseRequest
+	(*ConverseResponse)(nil),             // 41: switchboard.api.dispatcher.v1.ConverseResponse
+	(*Handler)(nil),                      // 42: switchboard.api.dispatcher.v1.Handler
+	(*ListHandlersRequest)(nil),          // 43: switchboard.api.dispatcher.v1.ListHandlersRequest
+	(*ListHandlersResponse)(nil),         // 44: switchboard.api.dispatcher.v1.ListHandlersResponse
+	(*ToolApproval)(nil),                 // 45: switchboard.api.dispatcher.v1.ToolApproval
+	(*SubmitToolApprovalsRequest)(nil),   // 46: switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
+	(*SubmitToolApprovalsResponse)(nil),  // 47: switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
+	(*AssistantTools)(nil),               // 48: switchboard.api.dispatcher.v1.AssistantTools
+	(*Assistant)(nil),                    // 49: switchboard.api.dispatcher.v1.Assistant
+	(*CreateAssistantRequest)(nil),       // 50: switchboard.api.dispatcher.v1.CreateAssistantRequest
+	(*CreateAssistantResponse)(nil),      // 51: switchboard.api.dispatcher.v1.CreateAssistantResponse
+	(*GetAssistantRequest)(nil),          // 52: switchboard.api.dispatcher.v1.GetAssistantRequest
+	(*GetAssistantResponse)(nil),         // 53: switchboard.api.dispatcher.v1.GetAssistantResponse
+	(*ListAssistantsRequest)(nil),        // 54: switchboard.api.dispatcher.v1.ListAssistantsRequest
+	(*ListAssistantsResponse)(nil),       // 55: switchboard.api.dispatcher.v1.ListAssistantsResponse
+	(*UpdateAssistantRequest)(nil),       // 56: switchboard.api.dispatcher.v1.UpdateAssistantRequest
+	(*UpdateAssistantResponse)(nil),      // 57: switchboard.api.dispatcher.v1.UpdateAssistantResponse
+	(*DeleteAssistantRequest)(nil),       // 58: switchboard.api.dispatcher.v1.DeleteAssistantRequest
+	(*DeleteAssistantResponse)(nil),      // 59: switchboard.api.dispatcher.v1.DeleteAssistantResponse
+	(*DescribeConversationRequest)(nil),  // 60: switchboard.api.dispatcher.v1.DescribeConversationRequest
+	(*DescribeConversationResponse)(nil), // 61: switchboard.api.dispatcher.v1.DescribeConversationResponse
+	(*Budget)(nil),                       // 62: switchboard.api.dispatcher.v1.Budget
+	(*BudgetUsage)(nil),                  // 63: switchboard.api.dispatcher.v1.BudgetUsage
+	(*CreateBudgetRequest)(nil),          // 64: switchboard.api.dispatcher.v1.CreateBudgetRequest
+	(*CreateBudgetResponse)(nil),         // 65: switchboard.api.dispatcher.v1.CreateBudgetResponse
+	(*GetBudgetRequest)(nil),             // 66: switchboard.api.dispatcher.v1.GetBudgetRequest
+	(*GetBudgetResponse)(nil),            // 67: switchboard.api.dispatcher.v1.GetBudgetResponse
+	(*ListBudgetsRequest)(nil),           // 68: switchboard.api.dispatcher.v1.ListBudgetsRequest
+	(*ListBudgetsResponse)(nil),          // 69: switchboard.api.dispatcher.v1.ListBudgetsResponse
+	(*UpdateBudgetRequest)(nil),          // 70: switchboard.api.dispatcher.v1.UpdateBudgetRequest
+	(*UpdateBudgetResponse)(nil),         // 71: switchboard.api.dispatcher.v1.UpdateBudgetResponse
+	(*DeleteBudgetRequest)(nil),          // 72: switchboard.api.dispatcher.v1.DeleteBudgetRequest
+	(*DeleteBudgetResponse)(nil),         // 73: switchboard.api.dispatcher.v1.DeleteBudgetResponse
+	(*ResolveBudgetActionRequest)(nil),   // 74: switchboard.api.dispatcher.v1.ResolveBudgetActionRequest
+	(*ResolveBudgetActionResponse)(nil),  // 75: switchboard.api.dispatcher.v1.ResolveBudgetActionResponse
+	(*QueryUsageRequest)(nil),            // 76: switchboard.api.dispatcher.v1.QueryUsageRequest
+	(*UsageRow)(nil),                     // 77: switchboard.api.dispatcher.v1.UsageRow
+	(*QueryUsageResponse)(nil),           // 78: switchboard.api.dispatcher.v1.QueryUsageResponse
+	(*ApiKeyQuota)(nil),                  // 79: switchboard.api.dispatcher.v1.ApiKeyQuota
+	(*WorkspaceQuota)(nil),               // 80: switchboard.api.dispatcher.v1.WorkspaceQuota
+	(*GetWorkspaceQuotaRequest)(nil),     // 81: switchboard.api.dispatcher.v1.GetWorkspaceQuotaRequest
+	(*GetWorkspaceQuotaResponse)(nil),    // 82: switchboard.api.dispatcher.v1.GetWorkspaceQuotaResponse
+	(*UpdateWorkspaceQuotaRequest)(nil),  // 83: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest
+	(*UpdateWorkspaceQuotaResponse)(nil), // 84: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponse
+	(*TalkRequest)(nil),                  // 85: switchboard.api.dispatcher.v1.TalkRequest
+	(*TalkStart)(nil),                    // 86: switchboard.api.dispatcher.v1.TalkStart
+	(*TalkResume)(nil),                   // 87: switchboard.api.dispatcher.v1.TalkResume
+	(*AudioChunk)(nil),                   // 88: switchboard.api.dispatcher.v1.AudioChunk
+	(*TalkControl)(nil),                  // 89: switchboard.api.dispatcher.v1.TalkControl
+	(*TalkResponse)(nil),                 // 90: switchboard.api.dispatcher.v1.TalkResponse
+	(*VoiceSession)(nil),                 // 91: switchboard.api.dispatcher.v1.VoiceSession
+	(*Transcript)(nil),                   // 92: switchboard.api.dispatcher.v1.Transcript
+	(*TalkEvent)(nil),                    // 93: switchboard.api.dispatcher.v1.TalkEvent
+	(*SteerRunRequest)(nil),              // 94: switchboard.api.dispatcher.v1.SteerRunRequest
+	(*SteerRunResponse)(nil),             // 95: switchboard.api.dispatcher.v1.SteerRunResponse
+	(*Schedule)(nil),                     // 96: switchboard.api.dispatcher.v1.Schedule
+	(*ScheduleFiring)(nil),               // 97: switchboard.api.dispatcher.v1.ScheduleFiring
+	(*CreateScheduleRequest)(nil),        // 98: switchboard.api.dispatcher.v1.CreateScheduleRequest
+	(*CreateScheduleResponse)(nil),       // 99: switchboard.api.dispatcher.v1.CreateScheduleResponse
+	(*GetScheduleRequest)(nil),           // 100: switchboard.api.dispatcher.v1.GetScheduleRequest
+	(*GetScheduleResponse)(nil),          // 101: switchboard.api.dispatcher.v1.GetScheduleResponse
+	(*ListSchedulesRequest)(nil),         // 102: switchboard.api.dispatcher.v1.ListSchedulesRequest
+	(*ListSchedulesResponse)(nil),        // 103: switchboard.api.dispatcher.v1.ListSchedulesResponse
+	(*UpdateScheduleRequest)(nil),        // 104: switchboard.api.dispatcher.v1.UpdateScheduleRequest
+	(*UpdateScheduleResponse)(nil),       // 105: switchboard.api.dispatcher.v1.UpdateScheduleResponse
+	(*PauseScheduleRequest)(nil),         // 106: switchboard.api.dispatcher.v1.PauseScheduleRequest
+	(*PauseScheduleResponse)(nil),        // 107: switchboard.api.dispatcher.v1.PauseScheduleResponse
+	(*ResumeScheduleRequest)(nil),        // 108: switchboard.api.dispatcher.v1.ResumeScheduleRequest
+	(*ResumeScheduleResponse)(nil),       // 109: switchboard.api.dispatcher.v1.ResumeScheduleResponse
+	(*DeleteScheduleRequest)(nil),        // 110: switchboard.api.dispatcher.v1.DeleteScheduleRequest
+	(*DeleteScheduleResponse)(nil),       // 111: switchboard.api.dispatcher.v1.DeleteScheduleResponse
+	(*ListScheduleFiringsRequest)(nil),   // 112: switchboard.api.dispatcher.v1.ListScheduleFiringsRequest
+	(*ListScheduleFiringsResponse)(nil),  // 113: switchboard.api.dispatcher.v1.ListScheduleFiringsResponse
+	(*timestamppb.Timestamp)(nil),        // 114: google.protobuf.Timestamp
+	(*status.Status)(nil),                // 115: google.rpc.Status
+	(*v1.Progress)(nil),                  // 116: switchboard.api.handler.v1.Progress
+	(*v1.Usage)(nil),                     // 117: switchboard.api.handler.v1.Usage
+	(*v1.ToolCall)(nil),                  // 118: switchboard.api.handler.v1.ToolCall
+	(*v11.Message)(nil),                  // 119: switchboard.api.context.v1.Message
+	(*structpb.Struct)(nil),              // 120: google.protobuf.Struct
+	(*durationpb.Duration)(nil),          // 121: google.protobuf.Duration
+	(*v1.TextDelta)(nil),                 // 122: switchboard.api.handler.v1.TextDelta
+	(*v1.HandleResult)(nil),              // 123: switchboard.api.handler.v1.HandleResult
+	(*v1.ToolResult)(nil),                // 124: switchboard.api.handler.v1.ToolResult
+	(*v1.HandlerCapabilities)(nil),       // 125: switchboard.api.handler.v1.HandlerCapabilities
+	(*v1.ModelSettings)(nil),             // 126: switchboard.api.handler.v1.ModelSettings
+	(*fieldmaskpb.FieldMask)(nil),        // 127: google.protobuf.FieldMask
+	(*v1.ToolDefinition)(nil),            // 128: switchboard.api.handler.v1.ToolDefinition
 }
 var file_switchboard_api_dispatcher_v1_dispatcher_proto_depIdxs = []int32{
 	0,   // 0: switchboard.api.dispatcher.v1.Run.state:type_name -> switchboard.api.dispatcher.v1.RunState
-	86,  // 1: switchboard.api.dispatcher.v1.Run.create_time:type_name -> google.protobuf.Timestamp
-	86,  // 2: switchboard.api.dispatcher.v1.Run.start_time:type_name -> google.protobuf.Timestamp
-	86,  // 3: switchboard.api.dispatcher.v1.Run.end_time:type_name -> google.protobuf.Timestamp
-	86,  // 4: switchboard.api.dispatcher.v1.Run.deadline:type_name -> google.protobuf.Timestamp
-	87,  // 5: switchboard.api.dispatcher.v1.Run.error:type_name -> google.rpc.Status
-	88,  // 6: switchboard.api.dispatcher.v1.Run.progress:type_name -> switchboard.api.handler.v1.Progress
-	89,  // 7: switchboard.api.dispatcher.v1.Run.usage:type_name -> switchboard.api.handler.v1.Usage
-	3,   // 8: switchboard.api.dispatcher.v1.Run.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
-	12,  // 9: switchboard.api.dispatcher.v1.Run.required_action:type_name -> switchboard.api.dispatcher.v1.RequiredAction
-	17,  // 10: switchboard.api.dispatcher.v1.Run.speech:type_name -> switchboard.api.dispatcher.v1.SpeechOptions
-	14,  // 11: switchboard.api.dispatcher.v1.RequiredAction.tool_calls:type_name -> switchboard.api.dispatcher.v1.PendingToolCall
-	86,  // 12: switchboard.api.dispatcher.v1.RequiredAction.expire_time:type_name -> google.protobuf.Timestamp
-	13,  // 13: switchboard.api.dispatcher.v1.RequiredAction.budget:type_name -> switchboard.api.dispatcher.v1.BudgetAction
-	1,   // 14: switchboard.api.dispatcher.v1.BudgetAction.decision:type_name -> switchboard.api.dispatcher.v1.BudgetDecision
-	86,  // 15: switchboard.api.dispatcher.v1.BudgetAction.decide_time:type_name -> google.protobuf.Timestamp
-	90,  // 16: switchboard.api.dispatcher.v1.PendingToolCall.call:type_name -> switchboard.api.handler.v1.ToolCall
-	2,   // 17: switchboard.api.dispatcher.v1.PendingToolCall.decision:type_name -> switchboard.api.dispatcher.v1.ToolApprovalDecision
-	86,  // 18: switchboard.api.dispatcher.v1.PendingToolCall.decide_time:type_name -> google.protobuf.Timestamp
-	91,  // 19: switchboard.api.dispatcher.v1.SendMessageRequest.message:type_name -> switchboard.api.context.v1.Message
-	92,  // 20: switchboard.api.dispatcher.v1.SendMessageRequest.parameters:type_name -> google.protobuf.Struct
-	93,  // 21: switchboard.api.dispatcher.v1.SendMessageRequest.timeout:type_name -> google.protobuf.Duration
-	3,   // 22: switchboard.api.dispatcher.v1.SendMessageRequest.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
-	17,  // 23: switchboard.api.dispatcher.v1.SendMessageRequest.speech:type_name -> switchboard.api.dispatcher.v1.SpeechOptions
-	4,   // 24: switchboard.api.dispatcher.v1.AudioFormat.encoding:type_name -> switchboard.api.dispatcher.v1.AudioEncoding
-	16,  // 25: switchboard.api.dispatcher.v1.SpeechOptions.output_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
-	16,  // 26: switchboard.api.dispatcher.v1.SpeechChunk.format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
-	11,  // 27: switchboard.api.dispatcher.v1.SendMessageResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
-	91,  // 28: switchboard.api.dispatcher.v1.SendMessageResponse.message:type_name -> switchboard.api.context.v1.Message
-	11,  // 29: switchboard.api.dispatcher.v1.GetRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
-	0,   // 30: switchboard.api.dispatcher.v1.ListRunsRequest.states:type_name -> switchboard.api.dispatcher.v1.RunState
-	86,  // 31: switchboard.api.dispatcher.v1.ListRunsRequest.state_changed_after:type_name -> google.protobuf.Timestamp
-	11,  // 32: switchboard.api.dispatcher.v1.ListRunsResponse.runs:type_name -> switchboard.api.dispatcher.v1.Run
-	11,  // 33: switchboard.api.dispatcher.v1.CancelRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
-	11,  // 34: switchboard.api.dispatcher.v1.RunStateChange.run:type_name -> switchboard.api.dispatcher.v1.Run
-	86,  // 35: switchboard.api.dispatcher.v1.RunUpdate.time:type_name -> google.protobuf.Timestamp
-	28,  // 36: switchboard.api.dispatcher.v1.RunUpdate.state_change:type_name -> switchboard.api.dispatcher.v1.RunStateChange
-	88,  // 37: switchboard.api.dispatcher.v1.RunUpdate.progress:type_name -> switchboard.api.handler.v1.Progress
-	94,  // 38: switchboard.api.dispatcher.v1.RunUpdate.delta:type_name -> switchboard.api.handler.v1.TextDelta
-	90,  // 39: switchboard.api.dispatcher.v1.RunUpdate.tool_call:type_name -> switchboard.api.handler.v1.ToolCall
-	95,  // 40: switchboard.api.dispatcher.v1.RunUpdate.result:type_name -> switchboard.api.handler.v1.HandleResult
-	96,  // 41: switchboard.api.dispatcher.v1.RunUpdate.tool_result:type_name -> switchboard.api.handler.v1.ToolResult
-	19,  // 42: switchboard.api.dispatcher.v1.RunUpdate.speech:type_name -> switchboard.api.dispatcher.v1.SpeechChunk
-	29,  // 43: switchboard.api.dispatcher.v1.WatchRunResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
-	31,  // 44: switchboard.api.dispatcher.v1.WatchRunResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
-	86,  // 45: switchboard.api.dispatcher.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
-	15,  // 46: switchboard.api.dispatcher.v1.ConverseRequest.send_message:type_name -> switchboard.api.dispatcher.v1.SendMessageRequest
-	25,  // 47: switchboard.api.dispatcher.v1.ConverseRequest.cancel_run:type_name -> switchboard.api.dispatcher.v1.CancelRunRequest
-	27,  // 48: switchboard.api.dispatcher.v1.ConverseRequest.watch_run:type_name -> switchboard.api.dispatcher.v1.WatchRunRequest
-	38,  // 49: switchboard.api.dispatcher.v1.ConverseRequest.submit_tool_approvals:type_name -> switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
-	20,  // 50: switchboard.api.dispatcher.v1.ConverseResponse.message_sent:type_name -> switchboard.api.dispatcher.v1.SendMessageResponse
-	26,  // 51: switchboard.api.dispatcher.v1.ConverseResponse.run_cancelled:type_name -> switchboard.api.dispatcher.v1.CancelRunResponse
-	29,  // 52: switchboard.api.dispatcher.v1.ConverseResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
-	87,  // 53: switchboard.api.dispatcher.v1.ConverseResponse.error:type_name -> google.rpc.Status
-	31,  // 54: switchboard.api.dispatcher.v1.ConverseResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
-	39,  // 55: switchboard.api.dispatcher.v1.ConverseResponse.tool_approvals_submitted:type_name -> switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
-	5,   // 56: switchboard.api.dispatcher.v1.Handler.kind:type_name -> switchboard.api.dispatcher.v1.HandlerKind
-	97,  // 57: switchboard.api.dispatcher.v1.Handler.capabilities:type_name -> switchboard.api.handler.v1.HandlerCapabilities
-	34,  // 58: switchboard.api.dispatcher.v1.ListHandlersResponse.handlers:type_name -> switchboard.api.dispatcher.v1.Handler
-	2,   // 59: switchboard.api.dispatcher.v1.ToolApproval.decision:type_name -> switchboard.api.dispatcher.v1.ToolApprovalDecision
-	37,  // 60: switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest.approvals:type_name -> switchboard.api.dispatcher.v1.ToolApproval
-	11,  // 61: switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
-	98,  // 62: switchboard.api.dispatcher.v1.Assistant.model:type_name -> switchboard.api.handler.v1.ModelSettings
-	40,  // 63: switchboard.api.dispatcher.v1.Assistant.tools:type_name -> switchboard.api.dispatcher.v1.AssistantTools
-	86,  // 64: switchboard.api.dispatcher.v1.Assistant.create_time:type_name -> google.protobuf.Timestamp
-	86,  // 65: switchboard.api.dispatcher.v1.Assistant.update_time:type_name -> google.protobuf.Timestamp
-	18,  // 66: switchboard.api.dispatcher.v1.Assistant.voice:type_name -> switchboard.api.dispatcher.v1.VoiceSettings
-	41,  // 67: switchboard.api.dispatcher.v1.CreateAssistantRequest.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	41,  // 68: switchboard.api.dispatcher.v1.CreateAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	41,  // 69: switchboard.api.dispatcher.v1.GetAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	41,  // 70: switchboard.api.dispatcher.v1.ListAssistantsResponse.assistants:type_name -> switchboard.api.dispatcher.v1.Assistant
-	41,  // 71: switchboard.api.dispatcher.v1.UpdateAssistantRequest.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	99,  // 72: switchboard.api.dispatcher.v1.UpdateAssistantRequest.update_mask:type_name -> google.protobuf.FieldMask
-	41,  // 73: switchboard.api.dispatcher.v1.UpdateAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	41,  // 74: switchboard.api.dispatcher.v1.DescribeConversationResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	34,  // 75: switchboard.api.dispatcher.v1.DescribeConversationResponse.handler:type_name -> switchboard.api.dispatcher.v1.Handler
-	100, // 76: switchboard.api.dispatcher.v1.DescribeConversationResponse.tools:type_name -> switchboard.api.handler.v1.ToolDefinition
-	6,   // 77: switchboard.api.dispatcher.v1.Budget.period:type_name -> switchboard.api.dispatcher.v1.BudgetPeriod
-	55,  // 78: switchboard.api.dispatcher.v1.Budget.usage:type_name -> switchboard.api.dispatcher.v1.BudgetUsage
-	86,  // 79: switchboard.api.dispatcher.v1.Budget.create_time:type_name -> google.protobuf.Timestamp
-	86,  // 80: switchboard.api.dispatcher.v1.Budget.update_time:type_name -> google.protobuf.Timestamp
-	86,  // 81: switchboard.api.dispatcher.v1.BudgetUsage.period_start_time:type_name -> google.protobuf.Timestamp
-	86,  // 82: switchboard.api.dispatcher.v1.BudgetUsage.reset_time:type_name -> google.protobuf.Timestamp
-	54,  // 83: switchboard.api.dispatcher.v1.CreateBudgetRequest.budget:type_name -> switchboard.api.dispatcher.v1.Budget
-	54,  // 84: switchboard.api.dispatcher.v1.CreateBudgetResponse.budget:type_name -> switchboard.api.dispatcher.v1.Budget
-	54,  // 85: switchboard.api.dispatcher.v1.GetBudgetResponse.budget:type_name -> switchboard.api.dispatcher.v1.Budget
-	54,  // 86: switchboard.api.dispatcher.v1.ListBudgetsResponse.budgets:type_name -> switchboard.api.dispatcher.v1.Budget
-	54,  // 87: switchboard.api.dispatcher.v1.UpdateBudgetRequest.budget:type_name -> switchboard.api.dispatcher.v1.Budget
-	99,  // 88: switchboard.api.dispatcher.v1.UpdateBudgetRequest.update_mask:type_name -> google.protobuf.FieldMask
-	54,  // 89: switchboard.api.dispatcher.v1.UpdateBudgetResponse.budget:type_name -> switchboard.api.dispatcher.v1.Budget
-	1,   // 90: switchboard.api.dispatcher.v1.ResolveBudgetActionRequest.decision:type_name -> switchboard.api.dispatcher.v1.BudgetDecision
-	11,  // 91: switchboard.api.dispatcher.v1.ResolveBudgetActionResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
-	7,   // 92: switchboard.api.dispatcher.v1.QueryUsageRequest.group_by:type_name -> switchboard.api.dispatcher.v1.UsageDimension
-	86,  // 93: switchboard.api.dispatcher.v1.QueryUsageRequest.start_time:type_name -> google.protobuf.Timestamp
-	86,  // 94: switchboard.api.dispatcher.v1.QueryUsageRequest.end_time:type_name -> google.protobuf.Timestamp
-	69,  // 95: switchboard.api.dispatcher.v1.QueryUsageResponse.rows:type_name -> switchboard.api.dispatcher.v1.UsageRow
-	71,  // 96: switchboard.api.dispatcher.v1.WorkspaceQuota.api_keys:type_name -> switchboard.api.dispatcher.v1.ApiKeyQuota
-	86,  // 97: switchboard.api.dispatcher.v1.WorkspaceQuota.update_time:type_name -> google.protobuf.Timestamp
-	72,  // 98: switchboard.api.dispatcher.v1.GetWorkspaceQuotaResponse.quota:type_name -> switchboard.api.dispatcher.v1.WorkspaceQuota
-	72,  // 99: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest.quota:type_name -> switchboard.api.dispatcher.v1.WorkspaceQuota
-	99,  // 100: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest.update_mask:type_name -> google.protobuf.FieldMask
-	72,  // 101: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponse.quota:type_name -> switchboard.api.dispatcher.v1.WorkspaceQuota
-	78,  // 102: switchboard.api.dispatcher.v1.TalkRequest.start:type_name -> switchboard.api.dispatcher.v1.TalkStart
-	79,  // 103: switchboard.api.dispatcher.v1.TalkRequest.resume:type_name -> switchboard.api.dispatcher.v1.TalkResume
-	80,  // 104: switchboard.api.dispatcher.v1.TalkRequest.audio:type_name -> switchboard.api.dispatcher.v1.AudioChunk
-	81,  // 105: switchboard.api.dispatcher.v1.TalkRequest.control:type_name -> switchboard.api.dispatcher.v1.TalkControl
-	16,  // 106: switchboard.api.dispatcher.v1.TalkStart.input_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
-	16,  // 107: switchboard.api.dispatcher.v1.TalkStart.output_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
-	8,   // 108: switchboard.api.dispatcher.v1.TalkStart.turn_detection:type_name -> switchboard.api.dispatcher.v1.TurnDetection
-	93,  // 109: switchboard.api.dispatcher.v1.TalkStart.silence:type_name -> google.protobuf.Duration
-	3,   // 110: switchboard.api.dispatcher.v1.TalkStart.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
-	9,   // 111: switchboard.api.dispatcher.v1.TalkControl.action:type_name -> switchboard.api.dispatcher.v1.TalkAction
-	83,  // 112: switchboard.api.dispatcher.v1.TalkResponse.session:type_name -> switchboard.api.dispatcher.v1.VoiceSession
-	84,  // 113: switchboard.api.dispatcher.v1.TalkResponse.transcript:type_name -> switchboard.api.dispatcher.v1.Transcript
-	29,  // 114: switchboard.api.dispatcher.v1.TalkResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
-	85,  // 115: switchboard.api.dispatcher.v1.TalkResponse.event:type_name -> switchboard.api.dispatcher.v1.TalkEvent
-	87,  // 116: switchboard.api.dispatcher.v1.TalkResponse.error:type_name -> google.rpc.Status
-	31,  // 117: switchboard.api.dispatcher.v1.TalkResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
-	16,  // 118: switchboard.api.dispatcher.v1.VoiceSession.input_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
-	16,  // 119: switchboard.api.dispatcher.v1.VoiceSession.output_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
-	8,   // 120: switchboard.api.dispatcher.v1.VoiceSession.turn_detection:type_name -> switchboard.api.dispatcher.v1.TurnDetection
-	93,  // 121: switchboard.api.dispatcher.v1.VoiceSession.silence:type_name -> google.protobuf.Duration
-	3,   // 122: switchboard.api.dispatcher.v1.VoiceSession.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
-	86,  // 123: switchboard.api.dispatcher.v1.VoiceSession.create_time:type_name -> google.protobuf.Timestamp
-	86,  // 124: switchboard.api.dispatcher.v1.VoiceSession.expire_time:type_name -> google.protobuf.Timestamp
-	10,  // 125: switchboard.api.dispatcher.v1.TalkEvent.kind:type_name -> switchboard.api.dispatcher.v1.TalkEventKind
-	15,  // 126: switchboard.api.dispatcher.v1.DispatcherService.SendMessage:input_type -> switchboard.api.dispatcher.v1.SendMessageRequest
-	21,  // 127: switchboard.api.dispatcher.v1.DispatcherService.GetRun:input_type -> switchboard.api.dispatcher.v1.GetRunRequest
-	23,  // 128: switchboard.api.dispatcher.v1.DispatcherService.ListRuns:input_type -> switchboard.api.dispatcher.v1.ListRunsRequest
-	25,  // 129: switchboard.api.dispatcher.v1.DispatcherService.CancelRun:input_type -> switchboard.api.dispatcher.v1.CancelRunRequest
-	27,  // 130: switchboard.api.dispatcher.v1.DispatcherService.WatchRun:input_type -> switchboard.api.dispatcher.v1.WatchRunRequest
-	32,  // 131: switchboard.api.dispatcher.v1.DispatcherService.Converse:input_type -> switchboard.api.dispatcher.v1.ConverseRequest
-	77,  // 132: switchboard.api.dispatcher.v1.DispatcherService.Talk:input_type -> switchboard.api.dispatcher.v1.TalkRequest
-	35,  // 133: switchboard.api.dispatcher.v1.DispatcherService.ListHandlers:input_type -> switchboard.api.dispatcher.v1.ListHandlersRequest
-	38,  // 134: switchboard.api.dispatcher.v1.DispatcherService.SubmitToolApprovals:input_type -> switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
-	42,  // 135: switchboard.api.dispatcher.v1.DispatcherService.CreateAssistant:input_type -> switchboard.api.dispatcher.v1.CreateAssistantRequest
-	44,  // 136: switchboard.api.dispatcher.v1.DispatcherService.GetAssistant:input_type -> switchboard.api.dispatcher.v1.GetAssistantRequest
-	46,  // 137: switchboard.api.dispatcher.v1.DispatcherService.ListAssistants:input_type -> switchboard.api.dispatcher.v1.ListAssistantsRequest
-	48,  // 138: switchboard.api.dispatcher.v1.DispatcherService.UpdateAssistant:input_type -> switchboard.api.dispatcher.v1.UpdateAssistantRequest
-	50,  // 139: switchboard.api.dispatcher.v1.DispatcherService.DeleteAssistant:input_type -> switchboard.api.dispatcher.v1.DeleteAssistantRequest
-	52,  // 140: switchboard.api.dispatcher.v1.DispatcherService.DescribeConversation:input_type -> switchboard.api.dispatcher.v1.DescribeConversationRequest
-	56,  // 141: switchboard.api.dispatcher.v1.DispatcherService.CreateBudget:input_type -> switchboard.api.dispatcher.v1.CreateBudgetRequest
-	58,  // 142: switchboard.api.dispatcher.v1.DispatcherService.GetBudget:input_type -> switchboard.api.dispatcher.v1.GetBudgetRequest
-	60,  // 143: switchboard.api.dispatcher.v1.DispatcherService.ListBudgets:input_type -> switchboard.api.dispatcher.v1.ListBudgetsRequest
-	62,  // 144: switchboard.api.dispatcher.v1.DispatcherService.UpdateBudget:input_type -> switchboard.api.dispatcher.v1.UpdateBudgetRequest
-	64,  // 145: switchboard.api.dispatcher.v1.DispatcherService.DeleteBudget:input_type -> switchboard.api.dispatcher.v1.DeleteBudgetRequest
-	66,  // 146: switchboard.api.dispatcher.v1.DispatcherService.ResolveBudgetAction:input_type -> switchboard.api.dispatcher.v1.ResolveBudgetActionRequest
-	68,  // 147: switchboard.api.dispatcher.v1.DispatcherService.QueryUsage:input_type -> switchboard.api.dispatcher.v1.QueryUsageRequest
-	73,  // 148: switchboard.api.dispatcher.v1.DispatcherService.GetWorkspaceQuota:input_type -> switchboard.api.dispatcher.v1.GetWorkspaceQuotaRequest
-	75,  // 149: switchboard.api.dispatcher.v1.DispatcherService.UpdateWorkspaceQuota:input_type -> switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest
-	20,  // 150: switchboard.api.dispatcher.v1.DispatcherService.SendMessage:output_type -> switchboard.api.dispatcher.v1.SendMessageResponse
-	22,  // 151: switchboard.api.dispatcher.v1.DispatcherService.GetRun:output_type -> switchboard.api.dispatcher.v1.GetRunResponse
-	24,  // 152: switchboard.api.dispatcher.v1.DispatcherService.ListRuns:output_type -> switchboard.api.dispatcher.v1.ListRunsResponse
-	26,  // 153: switchboard.api.dispatcher.v1.DispatcherService.CancelRun:output_type -> switchboard.api.dispatcher.v1.CancelRunResponse
-	30,  // 154: switchboard.api.dispatcher.v1.DispatcherService.WatchRun:output_type -> switchboard.api.dispatcher.v1.WatchRunResponse
-	33,  // 155: switchboard.api.dispatcher.v1.DispatcherService.Converse:output_type -> switchboard.api.dispatcher.v1.ConverseResponse
-	82,  // 156: switchboard.api.dispatcher.v1.DispatcherService.Talk:output_type -> switchboard.api.dispatcher.v1.TalkResponse
-	36,  // 157: switchboard.api.dispatcher.v1.DispatcherService.ListHandlers:output_type -> switchboard.api.dispatcher.v1.ListHandlersResponse
-	39,  // 158: switchboard.api.dispatcher.v1.DispatcherService.SubmitToolApprovals:output_type -> switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
-	43,  // 159: switchboard.api.dispatcher.v1.DispatcherService.CreateAssistant:output_type -> switchboard.api.dispatcher.v1.CreateAssistantResponse
-	45,  // 160: switchboard.api.dispatcher.v1.DispatcherService.GetAssistant:output_type -> switchboard.api.dispatcher.v1.GetAssistantResponse
-	47,  // 161: switchboard.api.dispatcher.v1.DispatcherService.ListAssistants:output_type -> switchboard.api.dispatcher.v1.ListAssistantsResponse
-	49,  // 162: switchboard.api.dispatcher.v1.DispatcherService.UpdateAssistant:output_type -> switchboard.api.dispatcher.v1.UpdateAssistantResponse
-	51,  // 163: switchboard.api.dispatcher.v1.DispatcherService.DeleteAssistant:output_type -> switchboard.api.dispatcher.v1.DeleteAssistantResponse
-	53,  // 164: switchboard.api.dispatcher.v1.DispatcherService.DescribeConversation:output_type -> switchboard.api.dispatcher.v1.DescribeConversationResponse
-	57,  // 165: switchboard.api.dispatcher.v1.DispatcherService.CreateBudget:output_type -> switchboard.api.dispatcher.v1.CreateBudgetResponse
-	59,  // 166: switchboard.api.dispatcher.v1.DispatcherService.GetBudget:output_type -> switchboard.api.dispatcher.v1.GetBudgetResponse
-	61,  // 167: switchboard.api.dispatcher.v1.DispatcherService.ListBudgets:output_type -> switchboard.api.dispatcher.v1.ListBudgetsResponse
-	63,  // 168: switchboard.api.dispatcher.v1.DispatcherService.UpdateBudget:output_type -> switchboard.api.dispatcher.v1.UpdateBudgetResponse
-	65,  // 169: switchboard.api.dispatcher.v1.DispatcherService.DeleteBudget:output_type -> switchboard.api.dispatcher.v1.DeleteBudgetResponse
-	67,  // 170: switchboard.api.dispatcher.v1.DispatcherService.ResolveBudgetAction:output_type -> switchboard.api.dispatcher.v1.ResolveBudgetActionResponse
-	70,  // 171: switchboard.api.dispatcher.v1.DispatcherService.QueryUsage:output_type -> switchboard.api.dispatcher.v1.QueryUsageResponse
-	74,  // 172: switchboard.api.dispatcher.v1.DispatcherService.GetWorkspaceQuota:output_type -> switchboard.api.dispatcher.v1.GetWorkspaceQuotaResponse
-	76,  // 173: switchboard.api.dispatcher.v1.DispatcherService.UpdateWorkspaceQuota:output_type -> switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponse
-	150, // [150:174] is the sub-list for method output_type
-	126, // [126:150] is the sub-list for method input_type
-	126, // [126:126] is the sub-list for extension type_name
-	126, // [126:126] is the sub-list for extension extendee
-	0,   // [0:126] is the sub-list for field type_name
+	114, // 1: switchboard.api.dispatcher.v1.Run.create_time:type_name -> google.protobuf.Timestamp
+	114, // 2: switchboard.api.dispatcher.v1.Run.start_time:type_name -> google.protobuf.Timestamp
+	114, // 3: switchboard.api.dispatcher.v1.Run.end_time:type_name -> google.protobuf.Timestamp
+	114, // 4: switchboard.api.dispatcher.v1.Run.deadline:type_name -> google.protobuf.Timestamp
+	115, // 5: switchboard.api.dispatcher.v1.Run.error:type_name -> google.rpc.Status
+	116, // 6: switchboard.api.dispatcher.v1.Run.progress:type_name -> switchboard.api.handler.v1.Progress
+	117, // 7: switchboard.api.dispatcher.v1.Run.usage:type_name -> switchboard.api.handler.v1.Usage
+	5,   // 8: switchboard.api.dispatcher.v1.Run.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
+	20,  // 9: switchboard.api.dispatcher.v1.Run.required_action:type_name -> switchboard.api.dispatcher.v1.RequiredAction
+	25,  // 10: switchboard.api.dispatcher.v1.Run.speech:type_name -> switchboard.api.dispatcher.v1.SpeechOptions
+	18,  // 11: switchboard.api.dispatcher.v1.Run.steer:type_name -> switchboard.api.dispatcher.v1.Steer
+	2,   // 12: switchboard.api.dispatcher.v1.Run.steer_mode:type_name -> switchboard.api.dispatcher.v1.SteerMode
+	1,   // 13: switchboard.api.dispatcher.v1.Steer.state:type_name -> switchboard.api.dispatcher.v1.SteerState
+	114, // 14: switchboard.api.dispatcher.v1.Steer.decide_time:type_name -> google.protobuf.Timestamp
+	1,   // 15: switchboard.api.dispatcher.v1.SteerUpdate.state:type_name -> switchboard.api.dispatcher.v1.SteerState
+	22,  // 16: switchboard.api.dispatcher.v1.RequiredAction.tool_calls:type_name -> switchboard.api.dispatcher.v1.PendingToolCall
+	114, // 17: switchboard.api.dispatcher.v1.RequiredAction.expire_time:type_name -> google.protobuf.Timestamp
+	21,  // 18: switchboard.api.dispatcher.v1.RequiredAction.budget:type_name -> switchboard.api.dispatcher.v1.BudgetAction
+	3,   // 19: switchboard.api.dispatcher.v1.BudgetAction.decision:type_name -> switchboard.api.dispatcher.v1.BudgetDecision
+	114, // 20: switchboard.api.dispatcher.v1.BudgetAction.decide_time:type_name -> google.protobuf.Timestamp
+	118, // 21: switchboard.api.dispatcher.v1.PendingToolCall.call:type_name -> switchboard.api.handler.v1.ToolCall
+	4,   // 22: switchboard.api.dispatcher.v1.PendingToolCall.decision:type_name -> switchboard.api.dispatcher.v1.ToolApprovalDecision
+	114, // 23: switchboard.api.dispatcher.v1.PendingToolCall.decide_time:type_name -> google.protobuf.Timestamp
+	119, // 24: switchboard.api.dispatcher.v1.SendMessageRequest.message:type_name -> switchboard.api.context.v1.Message
+	120, // 25: switchboard.api.dispatcher.v1.SendMessageRequest.parameters:type_name -> google.protobuf.Struct
+	121, // 26: switchboard.api.dispatcher.v1.SendMessageRequest.timeout:type_name -> google.protobuf.Duration
+	5,   // 27: switchboard.api.dispatcher.v1.SendMessageRequest.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
+	25,  // 28: switchboard.api.dispatcher.v1.SendMessageRequest.speech:type_name -> switchboard.api.dispatcher.v1.SpeechOptions
+	2,   // 29: switchboard.api.dispatcher.v1.SendMessageRequest.steer_mode:type_name -> switchboard.api.dispatcher.v1.SteerMode
+	6,   // 30: switchboard.api.dispatcher.v1.AudioFormat.encoding:type_name -> switchboard.api.dispatcher.v1.AudioEncoding
+	24,  // 31: switchboard.api.dispatcher.v1.SpeechOptions.output_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
+	24,  // 32: switchboard.api.dispatcher.v1.SpeechChunk.format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
+	17,  // 33: switchboard.api.dispatcher.v1.SendMessageResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
+	119, // 34: switchboard.api.dispatcher.v1.SendMessageResponse.message:type_name -> switchboard.api.context.v1.Message
+	17,  // 35: switchboard.api.dispatcher.v1.GetRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
+	0,   // 36: switchboard.api.dispatcher.v1.ListRunsRequest.states:type_name -> switchboard.api.dispatcher.v1.RunState
+	114, // 37: switchboard.api.dispatcher.v1.ListRunsRequest.state_changed_after:type_name -> google.protobuf.Timestamp
+	17,  // 38: switchboard.api.dispatcher.v1.ListRunsResponse.runs:type_name -> switchboard.api.dispatcher.v1.Run
+	17,  // 39: switchboard.api.dispatcher.v1.CancelRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
+	17,  // 40: switchboard.api.dispatcher.v1.RunStateChange.run:type_name -> switchboard.api.dispatcher.v1.Run
+	114, // 41: switchboard.api.dispatcher.v1.RunUpdate.time:type_name -> google.protobuf.Timestamp
+	36,  // 42: switchboard.api.dispatcher.v1.RunUpdate.state_change:type_name -> switchboard.api.dispatcher.v1.RunStateChange
+	116, // 43: switchboard.api.dispatcher.v1.RunUpdate.progress:type_name -> switchboard.api.handler.v1.Progress
+	122, // 44: switchboard.api.dispatcher.v1.RunUpdate.delta:type_name -> switchboard.api.handler.v1.TextDelta
+	118, // 45: switchboard.api.dispatcher.v1.RunUpdate.tool_call:type_name -> switchboard.api.handler.v1.ToolCall
+	123, // 46: switchboard.api.dispatcher.v1.RunUpdate.result:type_name -> switchboard.api.handler.v1.HandleResult
+	124, // 47: switchboard.api.dispatcher.v1.RunUpdate.tool_result:type_name -> switchboard.api.handler.v1.ToolResult
+	27,  // 48: switchboard.api.dispatcher.v1.RunUpdate.speech:type_name -> switchboard.api.dispatcher.v1.SpeechChunk
+	19,  // 49: switchboard.api.dispatcher.v1.RunUpdate.steer:type_name -> switchboard.api.dispatcher.v1.SteerUpdate
+	37,  // 50: switchboard.api.dispatcher.v1.WatchRunResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
+	39,  // 51: switchboard.api.dispatcher.v1.WatchRunResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
+	114, // 52: switchboard.api.dispatcher.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
+	23,  // 53: switchboard.api.dispatcher.v1.ConverseRequest.send_message:type_name -> switchboard.api.dispatcher.v1.SendMessageRequest
+	33,  // 54: switchboard.api.dispatcher.v1.ConverseRequest.cancel_run:type_name -> switchboard.api.dispatcher.v1.CancelRunRequest
+	35,  // 55: switchboard.api.dispatcher.v1.ConverseRequest.watch_run:type_name -> switchboard.api.dispatcher.v1.WatchRunRequest
+	46,  // 56: switchboard.api.dispatcher.v1.ConverseRequest.submit_tool_approvals:type_name -> switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
+	94,  // 57: switchboard.api.dispatcher.v1.ConverseRequest.steer_run:type_name -> switchboard.api.dispatcher.v1.SteerRunRequest
+	28,  // 58: switchboard.api.dispatcher.v1.ConverseResponse.message_sent:type_name -> switchboard.api.dispatcher.v1.SendMessageResponse
+	34,  // 59: switchboard.api.dispatcher.v1.ConverseResponse.run_cancelled:type_name -> switchboard.api.dispatcher.v1.CancelRunResponse
+	37,  // 60: switchboard.api.dispatcher.v1.ConverseResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
+	115, // 61: switchboard.api.dispatcher.v1.ConverseResponse.error:type_name -> google.rpc.Status
+	39,  // 62: switchboard.api.dispatcher.v1.ConverseResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
+	47,  // 63: switchboard.api.dispatcher.v1.ConverseResponse.tool_approvals_submitted:type_name -> switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
+	95,  // 64: switchboard.api.dispatcher.v1.ConverseResponse.run_steered:type_name -> switchboard.api.dispatcher.v1.SteerRunResponse
+	7,   // 65: switchboard.api.dispatcher.v1.Handler.kind:type_name -> switchboard.api.dispatcher.v1.HandlerKind
+	125, // 66: switchboard.api.dispatcher.v1.Handler.capabilities:type_name -> switchboard.api.handler.v1.HandlerCapabilities
+	42,  // 67: switchboard.api.dispatcher.v1.ListHandlersResponse.handlers:type_name -> switchboard.api.dispatcher.v1.Handler
+	4,   // 68: switchboard.api.dispatcher.v1.ToolApproval.decision:type_name -> switchboard.api.dispatcher.v1.ToolApprovalDecision
+	45,  // 69: switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest.approvals:type_name -> switchboard.api.dispatcher.v1.ToolApproval
+	17,  // 70: switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
+	126, // 71: switchboard.api.dispatcher.v1.Assistant.model:type_name -> switchboard.api.handler.v1.ModelSettings
+	48,  // 72: switchboard.api.dispatcher.v1.Assistant.tools:type_name -> switchboard.api.dispatcher.v1.AssistantTools
+	114, // 73: switchboard.api.dispatcher.v1.Assistant.create_time:type_name -> google.protobuf.Timestamp
+	114, // 74: switchboard.api.dispatcher.v1.Assistant.update_time:type_name -> google.protobuf.Timestamp
+	26,  // 75: switchboard.api.dispatcher.v1.Assistant.voice:type_name -> switchboard.api.dispatcher.v1.VoiceSettings
+	49,  // 76: switchboard.api.dispatcher.v1.CreateAssistantRequest.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	49,  // 77: switchboard.api.dispatcher.v1.CreateAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	49,  // 78: switchboard.api.dispatcher.v1.GetAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	49,  // 79: switchboard.api.dispatcher.v1.ListAssistantsResponse.assistants:type_name -> switchboard.api.dispatcher.v1.Assistant
+	49,  // 80: switchboard.api.dispatcher.v1.UpdateAssistantRequest.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	127, // 81: switchboard.api.dispatcher.v1.UpdateAssistantRequest.update_mask:type_name -> google.protobuf.FieldMask
+	49,  // 82: switchboard.api.dispatcher.v1.UpdateAssistantResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	49,  // 83: switchboard.api.dispatcher.v1.DescribeConversationResponse.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	42,  // 84: switchboard.api.dispatcher.v1.DescribeConversationResponse.handler:type_name -> switchboard.api.dispatcher.v1.Handler
+	128, // 85: switchboard.api.dispatcher.v1.DescribeConversationResponse.tools:type_name -> switchboard.api.handler.v1.ToolDefinition
+	8,   // 86: switchboard.api.dispatcher.v1.Budget.period:type_name -> switchboard.api.dispatcher.v1.BudgetPeriod
+	63,  // 87: switchboard.api.dispatcher.v1.Budget.usage:type_name -> switchboard.api.dispatcher.v1.BudgetUsage
+	114, // 88: switchboard.api.dispatcher.v1.Budget.create_time:type_name -> google.protobuf.Timestamp
+	114, // 89: switchboard.api.dispatcher.v1.Budget.update_time:type_name -> google.protobuf.Timestamp
+	114, // 90: switchboard.api.dispatcher.v1.BudgetUsage.period_start_time:type_name -> google.protobuf.Timestamp
+	114, // 91: switchboard.api.dispatcher.v1.BudgetUsage.reset_time:type_name -> google.protobuf.Timestamp
+	62,  // 92: switchboard.api.dispatcher.v1.CreateBudgetRequest.budget:type_name -> switchboard.api.dispatcher.v1.Budget
+	62,  // 93: switchboard.api.dispatcher.v1.CreateBudgetResponse.budget:type_name -> switchboard.api.dispatcher.v1.Budget
+	62,  // 94: switchboard.api.dispatcher.v1.GetBudgetResponse.budget:type_name -> switchboard.api.dispatcher.v1.Budget
+	62,  // 95: switchboard.api.dispatcher.v1.ListBudgetsResponse.budgets:type_name -> switchboard.api.dispatcher.v1.Budget
+	62,  // 96: switchboard.api.dispatcher.v1.UpdateBudgetRequest.budget:type_name -> switchboard.api.dispatcher.v1.Budget
+	127, // 97: switchboard.api.dispatcher.v1.UpdateBudgetRequest.update_mask:type_name -> google.protobuf.FieldMask
+	62,  // 98: switchboard.api.dispatcher.v1.UpdateBudgetResponse.budget:type_name -> switchboard.api.dispatcher.v1.Budget
+	3,   // 99: switchboard.api.dispatcher.v1.ResolveBudgetActionRequest.decision:type_name -> switchboard.api.dispatcher.v1.BudgetDecision
+	17,  // 100: switchboard.api.dispatcher.v1.ResolveBudgetActionResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
+	9,   // 101: switchboard.api.dispatcher.v1.QueryUsageRequest.group_by:type_name -> switchboard.api.dispatcher.v1.UsageDimension
+	114, // 102: switchboard.api.dispatcher.v1.QueryUsageRequest.start_time:type_name -> google.protobuf.Timestamp
+	114, // 103: switchboard.api.dispatcher.v1.QueryUsageRequest.end_time:type_name -> google.protobuf.Timestamp
+	77,  // 104: switchboard.api.dispatcher.v1.QueryUsageResponse.rows:type_name -> switchboard.api.dispatcher.v1.UsageRow
+	79,  // 105: switchboard.api.dispatcher.v1.WorkspaceQuota.api_keys:type_name -> switchboard.api.dispatcher.v1.ApiKeyQuota
+	114, // 106: switchboard.api.dispatcher.v1.WorkspaceQuota.update_time:type_name -> google.protobuf.Timestamp
+	80,  // 107: switchboard.api.dispatcher.v1.GetWorkspaceQuotaResponse.quota:type_name -> switchboard.api.dispatcher.v1.WorkspaceQuota
+	80,  // 108: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest.quota:type_name -> switchboard.api.dispatcher.v1.WorkspaceQuota
+	127, // 109: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest.update_mask:type_name -> google.protobuf.FieldMask
+	80,  // 110: switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponse.quota:type_name -> switchboard.api.dispatcher.v1.WorkspaceQuota
+	86,  // 111: switchboard.api.dispatcher.v1.TalkRequest.start:type_name -> switchboard.api.dispatcher.v1.TalkStart
+	87,  // 112: switchboard.api.dispatcher.v1.TalkRequest.resume:type_name -> switchboard.api.dispatcher.v1.TalkResume
+	88,  // 113: switchboard.api.dispatcher.v1.TalkRequest.audio:type_name -> switchboard.api.dispatcher.v1.AudioChunk
+	89,  // 114: switchboard.api.dispatcher.v1.TalkRequest.control:type_name -> switchboard.api.dispatcher.v1.TalkControl
+	24,  // 115: switchboard.api.dispatcher.v1.TalkStart.input_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
+	24,  // 116: switchboard.api.dispatcher.v1.TalkStart.output_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
+	10,  // 117: switchboard.api.dispatcher.v1.TalkStart.turn_detection:type_name -> switchboard.api.dispatcher.v1.TurnDetection
+	121, // 118: switchboard.api.dispatcher.v1.TalkStart.silence:type_name -> google.protobuf.Duration
+	5,   // 119: switchboard.api.dispatcher.v1.TalkStart.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
+	11,  // 120: switchboard.api.dispatcher.v1.TalkControl.action:type_name -> switchboard.api.dispatcher.v1.TalkAction
+	91,  // 121: switchboard.api.dispatcher.v1.TalkResponse.session:type_name -> switchboard.api.dispatcher.v1.VoiceSession
+	92,  // 122: switchboard.api.dispatcher.v1.TalkResponse.transcript:type_name -> switchboard.api.dispatcher.v1.Transcript
+	37,  // 123: switchboard.api.dispatcher.v1.TalkResponse.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
+	93,  // 124: switchboard.api.dispatcher.v1.TalkResponse.event:type_name -> switchboard.api.dispatcher.v1.TalkEvent
+	115, // 125: switchboard.api.dispatcher.v1.TalkResponse.error:type_name -> google.rpc.Status
+	39,  // 126: switchboard.api.dispatcher.v1.TalkResponse.heartbeat:type_name -> switchboard.api.dispatcher.v1.Heartbeat
+	24,  // 127: switchboard.api.dispatcher.v1.VoiceSession.input_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
+	24,  // 128: switchboard.api.dispatcher.v1.VoiceSession.output_format:type_name -> switchboard.api.dispatcher.v1.AudioFormat
+	10,  // 129: switchboard.api.dispatcher.v1.VoiceSession.turn_detection:type_name -> switchboard.api.dispatcher.v1.TurnDetection
+	121, // 130: switchboard.api.dispatcher.v1.VoiceSession.silence:type_name -> google.protobuf.Duration
+	5,   // 131: switchboard.api.dispatcher.v1.VoiceSession.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
+	114, // 132: switchboard.api.dispatcher.v1.VoiceSession.create_time:type_name -> google.protobuf.Timestamp
+	114, // 133: switchboard.api.dispatcher.v1.VoiceSession.expire_time:type_name -> google.protobuf.Timestamp
+	12,  // 134: switchboard.api.dispatcher.v1.TalkEvent.kind:type_name -> switchboard.api.dispatcher.v1.TalkEventKind
+	119, // 135: switchboard.api.dispatcher.v1.SteerRunRequest.message:type_name -> switchboard.api.context.v1.Message
+	17,  // 136: switchboard.api.dispatcher.v1.SteerRunResponse.run:type_name -> switchboard.api.dispatcher.v1.Run
+	119, // 137: switchboard.api.dispatcher.v1.SteerRunResponse.message:type_name -> switchboard.api.context.v1.Message
+	121, // 138: switchboard.api.dispatcher.v1.Schedule.interval:type_name -> google.protobuf.Duration
+	14,  // 139: switchboard.api.dispatcher.v1.Schedule.conversation_mode:type_name -> switchboard.api.dispatcher.v1.ScheduleConversationMode
+	5,   // 140: switchboard.api.dispatcher.v1.Schedule.concurrency_policy:type_name -> switchboard.api.dispatcher.v1.ConcurrencyPolicy
+	15,  // 141: switchboard.api.dispatcher.v1.Schedule.missed_tick_policy:type_name -> switchboard.api.dispatcher.v1.MissedTickPolicy
+	13,  // 142: switchboard.api.dispatcher.v1.Schedule.state:type_name -> switchboard.api.dispatcher.v1.ScheduleState
+	114, // 143: switchboard.api.dispatcher.v1.Schedule.next_fire_time:type_name -> google.protobuf.Timestamp
+	114, // 144: switchboard.api.dispatcher.v1.Schedule.upcoming_fire_times:type_name -> google.protobuf.Timestamp
+	114, // 145: switchboard.api.dispatcher.v1.Schedule.last_fire_time:type_name -> google.protobuf.Timestamp
+	121, // 146: switchboard.api.dispatcher.v1.Schedule.timeout:type_name -> google.protobuf.Duration
+	114, // 147: switchboard.api.dispatcher.v1.Schedule.create_time:type_name -> google.protobuf.Timestamp
+	114, // 148: switchboard.api.dispatcher.v1.Schedule.update_time:type_name -> google.protobuf.Timestamp
+	114, // 149: switchboard.api.dispatcher.v1.ScheduleFiring.fire_time:type_name -> google.protobuf.Timestamp
+	114, // 150: switchboard.api.dispatcher.v1.ScheduleFiring.claim_time:type_name -> google.protobuf.Timestamp
+	16,  // 151: switchboard.api.dispatcher.v1.ScheduleFiring.outcome:type_name -> switchboard.api.dispatcher.v1.FiringOutcome
+	115, // 152: switchboard.api.dispatcher.v1.ScheduleFiring.error:type_name -> google.rpc.Status
+	96,  // 153: switchboard.api.dispatcher.v1.CreateScheduleRequest.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	96,  // 154: switchboard.api.dispatcher.v1.CreateScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	96,  // 155: switchboard.api.dispatcher.v1.GetScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	96,  // 156: switchboard.api.dispatcher.v1.ListSchedulesResponse.schedules:type_name -> switchboard.api.dispatcher.v1.Schedule
+	96,  // 157: switchboard.api.dispatcher.v1.UpdateScheduleRequest.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	127, // 158: switchboard.api.dispatcher.v1.UpdateScheduleRequest.update_mask:type_name -> google.protobuf.FieldMask
+	96,  // 159: switchboard.api.dispatcher.v1.UpdateScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	96,  // 160: switchboard.api.dispatcher.v1.PauseScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	96,  // 161: switchboard.api.dispatcher.v1.ResumeScheduleResponse.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	97,  // 162: switchboard.api.dispatcher.v1.ListScheduleFiringsResponse.firings:type_name -> switchboard.api.dispatcher.v1.ScheduleFiring
+	23,  // 163: switchboard.api.dispatcher.v1.DispatcherService.SendMessage:input_type -> switchboard.api.dispatcher.v1.SendMessageRequest
+	29,  // 164: switchboard.api.dispatcher.v1.DispatcherService.GetRun:input_type -> switchboard.api.dispatcher.v1.GetRunRequest
+	31,  // 165: switchboard.api.dispatcher.v1.DispatcherService.ListRuns:input_type -> switchboard.api.dispatcher.v1.ListRunsRequest
+	33,  // 166: switchboard.api.dispatcher.v1.DispatcherService.CancelRun:input_type -> switchboard.api.dispatcher.v1.CancelRunRequest
+	35,  // 167: switchboard.api.dispatcher.v1.DispatcherService.WatchRun:input_type -> switchboard.api.dispatcher.v1.WatchRunRequest
+	40,  // 168: switchboard.api.dispatcher.v1.DispatcherService.Converse:input_type -> switchboard.api.dispatcher.v1.ConverseRequest
+	85,  // 169: switchboard.api.dispatcher.v1.DispatcherService.Talk:input_type -> switchboard.api.dispatcher.v1.TalkRequest
+	43,  // 170: switchboard.api.dispatcher.v1.DispatcherService.ListHandlers:input_type -> switchboard.api.dispatcher.v1.ListHandlersRequest
+	46,  // 171: switchboard.api.dispatcher.v1.DispatcherService.SubmitToolApprovals:input_type -> switchboard.api.dispatcher.v1.SubmitToolApprovalsRequest
+	50,  // 172: switchboard.api.dispatcher.v1.DispatcherService.CreateAssistant:input_type -> switchboard.api.dispatcher.v1.CreateAssistantRequest
+	52,  // 173: switchboard.api.dispatcher.v1.DispatcherService.GetAssistant:input_type -> switchboard.api.dispatcher.v1.GetAssistantRequest
+	54,  // 174: switchboard.api.dispatcher.v1.DispatcherService.ListAssistants:input_type -> switchboard.api.dispatcher.v1.ListAssistantsRequest
+	56,  // 175: switchboard.api.dispatcher.v1.DispatcherService.UpdateAssistant:input_type -> switchboard.api.dispatcher.v1.UpdateAssistantRequest
+	58,  // 176: switchboard.api.dispatcher.v1.DispatcherService.DeleteAssistant:input_type -> switchboard.api.dispatcher.v1.DeleteAssistantRequest
+	60,  // 177: switchboard.api.dispatcher.v1.DispatcherService.DescribeConversation:input_type -> switchboard.api.dispatcher.v1.DescribeConversationRequest
+	64,  // 178: switchboard.api.dispatcher.v1.DispatcherService.CreateBudget:input_type -> switchboard.api.dispatcher.v1.CreateBudgetRequest
+	66,  // 179: switchboard.api.dispatcher.v1.DispatcherService.GetBudget:input_type -> switchboard.api.dispatcher.v1.GetBudgetRequest
+	68,  // 180: switchboard.api.dispatcher.v1.DispatcherService.ListBudgets:input_type -> switchboard.api.dispatcher.v1.ListBudgetsRequest
+	70,  // 181: switchboard.api.dispatcher.v1.DispatcherService.UpdateBudget:input_type -> switchboard.api.dispatcher.v1.UpdateBudgetRequest
+	72,  // 182: switchboard.api.dispatcher.v1.DispatcherService.DeleteBudget:input_type -> switchboard.api.dispatcher.v1.DeleteBudgetRequest
+	74,  // 183: switchboard.api.dispatcher.v1.DispatcherService.ResolveBudgetAction:input_type -> switchboard.api.dispatcher.v1.ResolveBudgetActionRequest
+	76,  // 184: switchboard.api.dispatcher.v1.DispatcherService.QueryUsage:input_type -> switchboard.api.dispatcher.v1.QueryUsageRequest
+	81,  // 185: switchboard.api.dispatcher.v1.DispatcherService.GetWorkspaceQuota:input_type -> switchboard.api.dispatcher.v1.GetWorkspaceQuotaRequest
+	83,  // 186: switchboard.api.dispatcher.v1.DispatcherService.UpdateWorkspaceQuota:input_type -> switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaRequest
+	94,  // 187: switchboard.api.dispatcher.v1.DispatcherService.SteerRun:input_type -> switchboard.api.dispatcher.v1.SteerRunRequest
+	98,  // 188: switchboard.api.dispatcher.v1.DispatcherService.CreateSchedule:input_type -> switchboard.api.dispatcher.v1.CreateScheduleRequest
+	100, // 189: switchboard.api.dispatcher.v1.DispatcherService.GetSchedule:input_type -> switchboard.api.dispatcher.v1.GetScheduleRequest
+	102, // 190: switchboard.api.dispatcher.v1.DispatcherService.ListSchedules:input_type -> switchboard.api.dispatcher.v1.ListSchedulesRequest
+	104, // 191: switchboard.api.dispatcher.v1.DispatcherService.UpdateSchedule:input_type -> switchboard.api.dispatcher.v1.UpdateScheduleRequest
+	106, // 192: switchboard.api.dispatcher.v1.DispatcherService.PauseSchedule:input_type -> switchboard.api.dispatcher.v1.PauseScheduleRequest
+	108, // 193: switchboard.api.dispatcher.v1.DispatcherService.ResumeSchedule:input_type -> switchboard.api.dispatcher.v1.ResumeScheduleRequest
+	110, // 194: switchboard.api.dispatcher.v1.DispatcherService.DeleteSchedule:input_type -> switchboard.api.dispatcher.v1.DeleteScheduleRequest
+	112, // 195: switchboard.api.dispatcher.v1.DispatcherService.ListScheduleFirings:input_type -> switchboard.api.dispatcher.v1.ListScheduleFiringsRequest
+	28,  // 196: switchboard.api.dispatcher.v1.DispatcherService.SendMessage:output_type -> switchboard.api.dispatcher.v1.SendMessageResponse
+	30,  // 197: switchboard.api.dispatcher.v1.DispatcherService.GetRun:output_type -> switchboard.api.dispatcher.v1.GetRunResponse
+	32,  // 198: switchboard.api.dispatcher.v1.DispatcherService.ListRuns:output_type -> switchboard.api.dispatcher.v1.ListRunsResponse
+	34,  // 199: switchboard.api.dispatcher.v1.DispatcherService.CancelRun:output_type -> switchboard.api.dispatcher.v1.CancelRunResponse
+	38,  // 200: switchboard.api.dispatcher.v1.DispatcherService.WatchRun:output_type -> switchboard.api.dispatcher.v1.WatchRunResponse
+	41,  // 201: switchboard.api.dispatcher.v1.DispatcherService.Converse:output_type -> switchboard.api.dispatcher.v1.ConverseResponse
+	90,  // 202: switchboard.api.dispatcher.v1.DispatcherService.Talk:output_type -> switchboard.api.dispatcher.v1.TalkResponse
+	44,  // 203: switchboard.api.dispatcher.v1.DispatcherService.ListHandlers:output_type -> switchboard.api.dispatcher.v1.ListHandlersResponse
+	47,  // 204: switchboard.api.dispatcher.v1.DispatcherService.SubmitToolApprovals:output_type -> switchboard.api.dispatcher.v1.SubmitToolApprovalsResponse
+	51,  // 205: switchboard.api.dispatcher.v1.DispatcherService.CreateAssistant:output_type -> switchboard.api.dispatcher.v1.CreateAssistantResponse
+	53,  // 206: switchboard.api.dispatcher.v1.DispatcherService.GetAssistant:output_type -> switchboard.api.dispatcher.v1.GetAssistantResponse
+	55,  // 207: switchboard.api.dispatcher.v1.DispatcherService.ListAssistants:output_type -> switchboard.api.dispatcher.v1.ListAssistantsResponse
+	57,  // 208: switchboard.api.dispatcher.v1.DispatcherService.UpdateAssistant:output_type -> switchboard.api.dispatcher.v1.UpdateAssistantResponse
+	59,  // 209: switchboard.api.dispatcher.v1.DispatcherService.DeleteAssistant:output_type -> switchboard.api.dispatcher.v1.DeleteAssistantResponse
+	61,  // 210: switchboard.api.dispatcher.v1.DispatcherService.DescribeConversation:output_type -> switchboard.api.dispatcher.v1.DescribeConversationResponse
+	65,  // 211: switchboard.api.dispatcher.v1.DispatcherService.CreateBudget:output_type -> switchboard.api.dispatcher.v1.CreateBudgetResponse
+	67,  // 212: switchboard.api.dispatcher.v1.DispatcherService.GetBudget:output_type -> switchboard.api.dispatcher.v1.GetBudgetResponse
+	69,  // 213: switchboard.api.dispatcher.v1.DispatcherService.ListBudgets:output_type -> switchboard.api.dispatcher.v1.ListBudgetsResponse
+	71,  // 214: switchboard.api.dispatcher.v1.DispatcherService.UpdateBudget:output_type -> switchboard.api.dispatcher.v1.UpdateBudgetResponse
+	73,  // 215: switchboard.api.dispatcher.v1.DispatcherService.DeleteBudget:output_type -> switchboard.api.dispatcher.v1.DeleteBudgetResponse
+	75,  // 216: switchboard.api.dispatcher.v1.DispatcherService.ResolveBudgetAction:output_type -> switchboard.api.dispatcher.v1.ResolveBudgetActionResponse
+	78,  // 217: switchboard.api.dispatcher.v1.DispatcherService.QueryUsage:output_type -> switchboard.api.dispatcher.v1.QueryUsageResponse
+	82,  // 218: switchboard.api.dispatcher.v1.DispatcherService.GetWorkspaceQuota:output_type -> switchboard.api.dispatcher.v1.GetWorkspaceQuotaResponse
+	84,  // 219: switchboard.api.dispatcher.v1.DispatcherService.UpdateWorkspaceQuota:output_type -> switchboard.api.dispatcher.v1.UpdateWorkspaceQuotaResponse
+	95,  // 220: switchboard.api.dispatcher.v1.DispatcherService.SteerRun:output_type -> switchboard.api.dispatcher.v1.SteerRunResponse
+	99,  // 221: switchboard.api.dispatcher.v1.DispatcherService.CreateSchedule:output_type -> switchboard.api.dispatcher.v1.CreateScheduleResponse
+	101, // 222: switchboard.api.dispatcher.v1.DispatcherService.GetSchedule:output_type -> switchboard.api.dispatcher.v1.GetScheduleResponse
+	103, // 223: switchboard.api.dispatcher.v1.DispatcherService.ListSchedules:output_type -> switchboard.api.dispatcher.v1.ListSchedulesResponse
+	105, // 224: switchboard.api.dispatcher.v1.DispatcherService.UpdateSchedule:output_type -> switchboard.api.dispatcher.v1.UpdateScheduleResponse
+	107, // 225: switchboard.api.dispatcher.v1.DispatcherService.PauseSchedule:output_type -> switchboard.api.dispatcher.v1.PauseScheduleResponse
+	109, // 226: switchboard.api.dispatcher.v1.DispatcherService.ResumeSchedule:output_type -> switchboard.api.dispatcher.v1.ResumeScheduleResponse
+	111, // 227: switchboard.api.dispatcher.v1.DispatcherService.DeleteSchedule:output_type -> switchboard.api.dispatcher.v1.DeleteScheduleResponse
+	113, // 228: switchboard.api.dispatcher.v1.DispatcherService.ListScheduleFirings:output_type -> switchboard.api.dispatcher.v1.ListScheduleFiringsResponse
+	196, // [196:229] is the sub-list for method output_type
+	163, // [163:196] is the sub-list for method input_type
+	163, // [163:163] is the sub-list for extension type_name
+	163, // [163:163] is the sub-list for extension extendee
+	0,   // [0:163] is the sub-list for field type_name
 }
 
 func init() { file_switchboard_api_dispatcher_v1_dispatcher_proto_init() }
@@ -7430,7 +9586,7 @@ func file_switchboard_api_dispatcher_v1_dispatcher_proto_init() {
 	if File_switchboard_api_dispatcher_v1_dispatcher_proto != nil {
 		return
 	}
-	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[18].OneofWrappers = []any{
+	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[20].OneofWrappers = []any{
 		(*RunUpdate_StateChange)(nil),
 		(*RunUpdate_Progress)(nil),
 		(*RunUpdate_Delta)(nil),
@@ -7438,34 +9594,37 @@ func file_switchboard_api_dispatcher_v1_dispatcher_proto_init() {
 		(*RunUpdate_Result)(nil),
 		(*RunUpdate_ToolResult)(nil),
 		(*RunUpdate_Speech)(nil),
+		(*RunUpdate_Steer)(nil),
 	}
-	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[19].OneofWrappers = []any{
+	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[21].OneofWrappers = []any{
 		(*WatchRunResponse_Update)(nil),
 		(*WatchRunResponse_Heartbeat)(nil),
 	}
-	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[21].OneofWrappers = []any{
+	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[23].OneofWrappers = []any{
 		(*ConverseRequest_SendMessage)(nil),
 		(*ConverseRequest_CancelRun)(nil),
 		(*ConverseRequest_WatchRun)(nil),
 		(*ConverseRequest_SubmitToolApprovals)(nil),
+		(*ConverseRequest_SteerRun)(nil),
 	}
-	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[22].OneofWrappers = []any{
+	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[24].OneofWrappers = []any{
 		(*ConverseResponse_MessageSent)(nil),
 		(*ConverseResponse_RunCancelled)(nil),
 		(*ConverseResponse_Update)(nil),
 		(*ConverseResponse_Error)(nil),
 		(*ConverseResponse_Heartbeat)(nil),
 		(*ConverseResponse_ToolApprovalsSubmitted)(nil),
+		(*ConverseResponse_RunSteered)(nil),
 	}
-	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[43].OneofWrappers = []any{}
-	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[66].OneofWrappers = []any{
+	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[45].OneofWrappers = []any{}
+	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[68].OneofWrappers = []any{
 		(*TalkRequest_Start)(nil),
 		(*TalkRequest_Resume)(nil),
 		(*TalkRequest_Audio)(nil),
 		(*TalkRequest_Control)(nil),
 		(*TalkRequest_Text)(nil),
 	}
-	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[71].OneofWrappers = []any{
+	file_switchboard_api_dispatcher_v1_dispatcher_proto_msgTypes[73].OneofWrappers = []any{
 		(*TalkResponse_Session)(nil),
 		(*TalkResponse_Transcript)(nil),
 		(*TalkResponse_Update)(nil),
@@ -7478,8 +9637,8 @@ func file_switchboard_api_dispatcher_v1_dispatcher_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc), len(file_switchboard_api_dispatcher_v1_dispatcher_proto_rawDesc)),
-			NumEnums:      11,
-			NumMessages:   75,
+			NumEnums:      17,
+			NumMessages:   97,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

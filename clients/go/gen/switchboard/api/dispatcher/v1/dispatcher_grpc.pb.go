@@ -43,6 +43,15 @@ const (
 	DispatcherService_QueryUsage_FullMethodName           = "/switchboard.api.dispatcher.v1.DispatcherService/QueryUsage"
 	DispatcherService_GetWorkspaceQuota_FullMethodName    = "/switchboard.api.dispatcher.v1.DispatcherService/GetWorkspaceQuota"
 	DispatcherService_UpdateWorkspaceQuota_FullMethodName = "/switchboard.api.dispatcher.v1.DispatcherService/UpdateWorkspaceQuota"
+	DispatcherService_SteerRun_FullMethodName             = "/switchboard.api.dispatcher.v1.DispatcherService/SteerRun"
+	DispatcherService_CreateSchedule_FullMethodName       = "/switchboard.api.dispatcher.v1.DispatcherService/CreateSchedule"
+	DispatcherService_GetSchedule_FullMethodName          = "/switchboard.api.dispatcher.v1.DispatcherService/GetSchedule"
+	DispatcherService_ListSchedules_FullMethodName        = "/switchboard.api.dispatcher.v1.DispatcherService/ListSchedules"
+	DispatcherService_UpdateSchedule_FullMethodName       = "/switchboard.api.dispatcher.v1.DispatcherService/UpdateSchedule"
+	DispatcherService_PauseSchedule_FullMethodName        = "/switchboard.api.dispatcher.v1.DispatcherService/PauseSchedule"
+	DispatcherService_ResumeSchedule_FullMethodName       = "/switchboard.api.dispatcher.v1.DispatcherService/ResumeSchedule"
+	DispatcherService_DeleteSchedule_FullMethodName       = "/switchboard.api.dispatcher.v1.DispatcherService/DeleteSchedule"
+	DispatcherService_ListScheduleFirings_FullMethodName  = "/switchboard.api.dispatcher.v1.DispatcherService/ListScheduleFirings"
 )
 
 // DispatcherServiceClient is the client API for DispatcherService service.
@@ -119,6 +128,32 @@ type DispatcherServiceClient interface {
 	GetWorkspaceQuota(ctx context.Context, in *GetWorkspaceQuotaRequest, opts ...grpc.CallOption) (*GetWorkspaceQuotaResponse, error)
 	// Updates a workspace's quotas (FieldMask, etag; owners only).
 	UpdateWorkspaceQuota(ctx context.Context, in *UpdateWorkspaceQuotaRequest, opts ...grpc.CallOption) (*UpdateWorkspaceQuotaResponse, error)
+	// Steers a run that is still going: the message is stored in the run's
+	// conversation at once and handed to the run before its next model call (its
+	// next step boundary), without cancelling it. The steer is a run of its own
+	// (`Run.steer`): SUCCEEDED once the live run took it, or, if the live run ends
+	// first, an ordinary queued run of the conversation that answers it. Forwarded
+	// to the replica that runs the target, like CancelRun.
+	SteerRun(ctx context.Context, in *SteerRunRequest, opts ...grpc.CallOption) (*SteerRunResponse, error)
+	// Creates a schedule: runs started on a cron expression or an interval,
+	// without a person.
+	CreateSchedule(ctx context.Context, in *CreateScheduleRequest, opts ...grpc.CallOption) (*CreateScheduleResponse, error)
+	// Gets a schedule, with its next fire times.
+	GetSchedule(ctx context.Context, in *GetScheduleRequest, opts ...grpc.CallOption) (*GetScheduleResponse, error)
+	// Lists a workspace's schedules, by id.
+	ListSchedules(ctx context.Context, in *ListSchedulesRequest, opts ...grpc.CallOption) (*ListSchedulesResponse, error)
+	// Updates a schedule (FieldMask, etag); its next fire time is computed again.
+	UpdateSchedule(ctx context.Context, in *UpdateScheduleRequest, opts ...grpc.CallOption) (*UpdateScheduleResponse, error)
+	// Pauses a schedule: it fires no tick until resumed (etag).
+	PauseSchedule(ctx context.Context, in *PauseScheduleRequest, opts ...grpc.CallOption) (*PauseScheduleResponse, error)
+	// Resumes a paused schedule: it fires from the next tick after now; ticks
+	// that fell while it was paused are never fired (etag).
+	ResumeSchedule(ctx context.Context, in *ResumeScheduleRequest, opts ...grpc.CallOption) (*ResumeScheduleResponse, error)
+	// Deletes a schedule; runs it started are kept (etag).
+	DeleteSchedule(ctx context.Context, in *DeleteScheduleRequest, opts ...grpc.CallOption) (*DeleteScheduleResponse, error)
+	// Lists a schedule's firings, newest first: each tick claimed, with the run it
+	// started or why it started none.
+	ListScheduleFirings(ctx context.Context, in *ListScheduleFiringsRequest, opts ...grpc.CallOption) (*ListScheduleFiringsResponse, error)
 }
 
 type dispatcherServiceClient struct {
@@ -384,6 +419,96 @@ func (c *dispatcherServiceClient) UpdateWorkspaceQuota(ctx context.Context, in *
 	return out, nil
 }
 
+func (c *dispatcherServiceClient) SteerRun(ctx context.Context, in *SteerRunRequest, opts ...grpc.CallOption) (*SteerRunResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SteerRunResponse)
+	err := c.cc.Invoke(ctx, DispatcherService_SteerRun_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *dispatcherServiceClient) CreateSchedule(ctx context.Context, in *CreateScheduleRequest, opts ...grpc.CallOption) (*CreateScheduleResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CreateScheduleResponse)
+	err := c.cc.Invoke(ctx, DispatcherService_CreateSchedule_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *dispatcherServiceClient) GetSchedule(ctx context.Context, in *GetScheduleRequest, opts ...grpc.CallOption) (*GetScheduleResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetScheduleResponse)
+	err := c.cc.Invoke(ctx, DispatcherService_GetSchedule_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *dispatcherServiceClient) ListSchedules(ctx context.Context, in *ListSchedulesRequest, opts ...grpc.CallOption) (*ListSchedulesResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListSchedulesResponse)
+	err := c.cc.Invoke(ctx, DispatcherService_ListSchedules_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *dispatcherServiceClient) UpdateSchedule(ctx context.Context, in *UpdateScheduleRequest, opts ...grpc.CallOption) (*UpdateScheduleResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(UpdateScheduleResponse)
+	err := c.cc.Invoke(ctx, DispatcherService_UpdateSchedule_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *dispatcherServiceClient) PauseSchedule(ctx context.Context, in *PauseScheduleRequest, opts ...grpc.CallOption) (*PauseScheduleResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(PauseScheduleResponse)
+	err := c.cc.Invoke(ctx, DispatcherService_PauseSchedule_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *dispatcherServiceClient) ResumeSchedule(ctx context.Context, in *ResumeScheduleRequest, opts ...grpc.CallOption) (*ResumeScheduleResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ResumeScheduleResponse)
+	err := c.cc.Invoke(ctx, DispatcherService_ResumeSchedule_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *dispatcherServiceClient) DeleteSchedule(ctx context.Context, in *DeleteScheduleRequest, opts ...grpc.CallOption) (*DeleteScheduleResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DeleteScheduleResponse)
+	err := c.cc.Invoke(ctx, DispatcherService_DeleteSchedule_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *dispatcherServiceClient) ListScheduleFirings(ctx context.Context, in *ListScheduleFiringsRequest, opts ...grpc.CallOption) (*ListScheduleFiringsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListScheduleFiringsResponse)
+	err := c.cc.Invoke(ctx, DispatcherService_ListScheduleFirings_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // DispatcherServiceServer is the server API for DispatcherService service.
 // All implementations must embed UnimplementedDispatcherServiceServer
 // for forward compatibility.
@@ -458,6 +583,32 @@ type DispatcherServiceServer interface {
 	GetWorkspaceQuota(context.Context, *GetWorkspaceQuotaRequest) (*GetWorkspaceQuotaResponse, error)
 	// Updates a workspace's quotas (FieldMask, etag; owners only).
 	UpdateWorkspaceQuota(context.Context, *UpdateWorkspaceQuotaRequest) (*UpdateWorkspaceQuotaResponse, error)
+	// Steers a run that is still going: the message is stored in the run's
+	// conversation at once and handed to the run before its next model call (its
+	// next step boundary), without cancelling it. The steer is a run of its own
+	// (`Run.steer`): SUCCEEDED once the live run took it, or, if the live run ends
+	// first, an ordinary queued run of the conversation that answers it. Forwarded
+	// to the replica that runs the target, like CancelRun.
+	SteerRun(context.Context, *SteerRunRequest) (*SteerRunResponse, error)
+	// Creates a schedule: runs started on a cron expression or an interval,
+	// without a person.
+	CreateSchedule(context.Context, *CreateScheduleRequest) (*CreateScheduleResponse, error)
+	// Gets a schedule, with its next fire times.
+	GetSchedule(context.Context, *GetScheduleRequest) (*GetScheduleResponse, error)
+	// Lists a workspace's schedules, by id.
+	ListSchedules(context.Context, *ListSchedulesRequest) (*ListSchedulesResponse, error)
+	// Updates a schedule (FieldMask, etag); its next fire time is computed again.
+	UpdateSchedule(context.Context, *UpdateScheduleRequest) (*UpdateScheduleResponse, error)
+	// Pauses a schedule: it fires no tick until resumed (etag).
+	PauseSchedule(context.Context, *PauseScheduleRequest) (*PauseScheduleResponse, error)
+	// Resumes a paused schedule: it fires from the next tick after now; ticks
+	// that fell while it was paused are never fired (etag).
+	ResumeSchedule(context.Context, *ResumeScheduleRequest) (*ResumeScheduleResponse, error)
+	// Deletes a schedule; runs it started are kept (etag).
+	DeleteSchedule(context.Context, *DeleteScheduleRequest) (*DeleteScheduleResponse, error)
+	// Lists a schedule's firings, newest first: each tick claimed, with the run it
+	// started or why it started none.
+	ListScheduleFirings(context.Context, *ListScheduleFiringsRequest) (*ListScheduleFiringsResponse, error)
 	mustEmbedUnimplementedDispatcherServiceServer()
 }
 
@@ -539,6 +690,33 @@ func (UnimplementedDispatcherServiceServer) GetWorkspaceQuota(context.Context, *
 }
 func (UnimplementedDispatcherServiceServer) UpdateWorkspaceQuota(context.Context, *UpdateWorkspaceQuotaRequest) (*UpdateWorkspaceQuotaResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method UpdateWorkspaceQuota not implemented")
+}
+func (UnimplementedDispatcherServiceServer) SteerRun(context.Context, *SteerRunRequest) (*SteerRunResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method SteerRun not implemented")
+}
+func (UnimplementedDispatcherServiceServer) CreateSchedule(context.Context, *CreateScheduleRequest) (*CreateScheduleResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CreateSchedule not implemented")
+}
+func (UnimplementedDispatcherServiceServer) GetSchedule(context.Context, *GetScheduleRequest) (*GetScheduleResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetSchedule not implemented")
+}
+func (UnimplementedDispatcherServiceServer) ListSchedules(context.Context, *ListSchedulesRequest) (*ListSchedulesResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListSchedules not implemented")
+}
+func (UnimplementedDispatcherServiceServer) UpdateSchedule(context.Context, *UpdateScheduleRequest) (*UpdateScheduleResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method UpdateSchedule not implemented")
+}
+func (UnimplementedDispatcherServiceServer) PauseSchedule(context.Context, *PauseScheduleRequest) (*PauseScheduleResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method PauseSchedule not implemented")
+}
+func (UnimplementedDispatcherServiceServer) ResumeSchedule(context.Context, *ResumeScheduleRequest) (*ResumeScheduleResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ResumeSchedule not implemented")
+}
+func (UnimplementedDispatcherServiceServer) DeleteSchedule(context.Context, *DeleteScheduleRequest) (*DeleteScheduleResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DeleteSchedule not implemented")
+}
+func (UnimplementedDispatcherServiceServer) ListScheduleFirings(context.Context, *ListScheduleFiringsRequest) (*ListScheduleFiringsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListScheduleFirings not implemented")
 }
 func (UnimplementedDispatcherServiceServer) mustEmbedUnimplementedDispatcherServiceServer() {}
 func (UnimplementedDispatcherServiceServer) testEmbeddedByValue()                           {}
@@ -964,6 +1142,168 @@ func _DispatcherService_UpdateWorkspaceQuota_Handler(srv interface{}, ctx contex
 	return interceptor(ctx, in, info, handler)
 }
 
+func _DispatcherService_SteerRun_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SteerRunRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(DispatcherServiceServer).SteerRun(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: DispatcherService_SteerRun_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(DispatcherServiceServer).SteerRun(ctx, req.(*SteerRunRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _DispatcherService_CreateSchedule_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CreateScheduleRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(DispatcherServiceServer).CreateSchedule(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: DispatcherService_CreateSchedule_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(DispatcherServiceServer).CreateSchedule(ctx, req.(*CreateScheduleRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _DispatcherService_GetSchedule_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetScheduleRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(DispatcherServiceServer).GetSchedule(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: DispatcherService_GetSchedule_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(DispatcherServiceServer).GetSchedule(ctx, req.(*GetScheduleRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _DispatcherService_ListSchedules_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListSchedulesRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(DispatcherServiceServer).ListSchedules(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: DispatcherService_ListSchedules_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(DispatcherServiceServer).ListSchedules(ctx, req.(*ListSchedulesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _DispatcherService_UpdateSchedule_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(UpdateScheduleRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(DispatcherServiceServer).UpdateSchedule(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: DispatcherService_UpdateSchedule_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(DispatcherServiceServer).UpdateSchedule(ctx, req.(*UpdateScheduleRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _DispatcherService_PauseSchedule_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(PauseScheduleRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(DispatcherServiceServer).PauseSchedule(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: DispatcherService_PauseSchedule_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(DispatcherServiceServer).PauseSchedule(ctx, req.(*PauseScheduleRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _DispatcherService_ResumeSchedule_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ResumeScheduleRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(DispatcherServiceServer).ResumeSchedule(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: DispatcherService_ResumeSchedule_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(DispatcherServiceServer).ResumeSchedule(ctx, req.(*ResumeScheduleRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _DispatcherService_DeleteSchedule_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeleteScheduleRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(DispatcherServiceServer).DeleteSchedule(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: DispatcherService_DeleteSchedule_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(DispatcherServiceServer).DeleteSchedule(ctx, req.(*DeleteScheduleRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _DispatcherService_ListScheduleFirings_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListScheduleFiringsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(DispatcherServiceServer).ListScheduleFirings(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: DispatcherService_ListScheduleFirings_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(DispatcherServiceServer).ListScheduleFirings(ctx, req.(*ListScheduleFiringsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // DispatcherService_ServiceDesc is the grpc.ServiceDesc for DispatcherService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -1054,6 +1394,42 @@ var DispatcherService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "UpdateWorkspaceQuota",
 			Handler:    _DispatcherService_UpdateWorkspaceQuota_Handler,
+		},
+		{
+			MethodName: "SteerRun",
+			Handler:    _DispatcherService_SteerRun_Handler,
+		},
+		{
+			MethodName: "CreateSchedule",
+			Handler:    _DispatcherService_CreateSchedule_Handler,
+		},
+		{
+			MethodName: "GetSchedule",
+			Handler:    _DispatcherService_GetSchedule_Handler,
+		},
+		{
+			MethodName: "ListSchedules",
+			Handler:    _DispatcherService_ListSchedules_Handler,
+		},
+		{
+			MethodName: "UpdateSchedule",
+			Handler:    _DispatcherService_UpdateSchedule_Handler,
+		},
+		{
+			MethodName: "PauseSchedule",
+			Handler:    _DispatcherService_PauseSchedule_Handler,
+		},
+		{
+			MethodName: "ResumeSchedule",
+			Handler:    _DispatcherService_ResumeSchedule_Handler,
+		},
+		{
+			MethodName: "DeleteSchedule",
+			Handler:    _DispatcherService_DeleteSchedule_Handler,
+		},
+		{
+			MethodName: "ListScheduleFirings",
+			Handler:    _DispatcherService_ListScheduleFirings_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -64,6 +64,10 @@ const (
 	EventType_EVENT_TYPE_BUDGET_ALERT EventType = 13
 	// A file was stored or deleted, or its text became ready or failed.
 	EventType_EVENT_TYPE_FILE_CHANGED EventType = 14
+	// A schedule was created, updated, paused, resumed or deleted.
+	EventType_EVENT_TYPE_SCHEDULE_CHANGED EventType = 15
+	// A schedule's tick was claimed and fired (or skipped, or refused).
+	EventType_EVENT_TYPE_SCHEDULE_FIRED EventType = 16
 )
 
 // Enum value maps for EventType.
@@ -84,6 +88,8 @@ var (
 		12: "EVENT_TYPE_BUDGET_CHANGED",
 		13: "EVENT_TYPE_BUDGET_ALERT",
 		14: "EVENT_TYPE_FILE_CHANGED",
+		15: "EVENT_TYPE_SCHEDULE_CHANGED",
+		16: "EVENT_TYPE_SCHEDULE_FIRED",
 	}
 	EventType_value = map[string]int32{
 		"EVENT_TYPE_UNSPECIFIED":          0,
@@ -101,6 +107,8 @@ var (
 		"EVENT_TYPE_BUDGET_CHANGED":       12,
 		"EVENT_TYPE_BUDGET_ALERT":         13,
 		"EVENT_TYPE_FILE_CHANGED":         14,
+		"EVENT_TYPE_SCHEDULE_CHANGED":     15,
+		"EVENT_TYPE_SCHEDULE_FIRED":       16,
 	}
 )
 
@@ -794,6 +802,116 @@ func (x *FileChanged) GetFile() *v1.File {
 	return nil
 }
 
+// Payload: a schedule changed.
+type ScheduleChanged struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// How it changed (UPDATED for a pause or a resume too).
+	Change ChangeKind `protobuf:"varint,1,opt,name=change,proto3,enum=switchboard.api.events.v1.ChangeKind" json:"change,omitempty"`
+	// The schedule after the change (before it, for a deletion).
+	Schedule      *v11.Schedule `protobuf:"bytes,2,opt,name=schedule,proto3" json:"schedule,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ScheduleChanged) Reset() {
+	*x = ScheduleChanged{}
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ScheduleChanged) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ScheduleChanged) ProtoMessage() {}
+
+func (x *ScheduleChanged) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ScheduleChanged.ProtoReflect.Descriptor instead.
+func (*ScheduleChanged) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *ScheduleChanged) GetChange() ChangeKind {
+	if x != nil {
+		return x.Change
+	}
+	return ChangeKind_CHANGE_KIND_UNSPECIFIED
+}
+
+func (x *ScheduleChanged) GetSchedule() *v11.Schedule {
+	if x != nil {
+		return x.Schedule
+	}
+	return nil
+}
+
+// Payload: a schedule's tick fired.
+type ScheduleFired struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The schedule, `workspaces/{w}/schedules/{s}`.
+	Schedule string `protobuf:"bytes,1,opt,name=schedule,proto3" json:"schedule,omitempty"`
+	// The firing, as ListScheduleFirings shows it.
+	Firing        *v11.ScheduleFiring `protobuf:"bytes,2,opt,name=firing,proto3" json:"firing,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ScheduleFired) Reset() {
+	*x = ScheduleFired{}
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ScheduleFired) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ScheduleFired) ProtoMessage() {}
+
+func (x *ScheduleFired) ProtoReflect() protoreflect.Message {
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ScheduleFired.ProtoReflect.Descriptor instead.
+func (*ScheduleFired) Descriptor() ([]byte, []int) {
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *ScheduleFired) GetSchedule() string {
+	if x != nil {
+		return x.Schedule
+	}
+	return ""
+}
+
+func (x *ScheduleFired) GetFiring() *v11.ScheduleFiring {
+	if x != nil {
+		return x.Firing
+	}
+	return nil
+}
+
 // Payload: a run produced an update.
 type RunUpdated struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -805,7 +923,7 @@ type RunUpdated struct {
 
 func (x *RunUpdated) Reset() {
 	*x = RunUpdated{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[8]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -817,7 +935,7 @@ func (x *RunUpdated) String() string {
 func (*RunUpdated) ProtoMessage() {}
 
 func (x *RunUpdated) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[8]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -830,7 +948,7 @@ func (x *RunUpdated) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RunUpdated.ProtoReflect.Descriptor instead.
 func (*RunUpdated) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{8}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *RunUpdated) GetUpdate() *v11.RunUpdate {
@@ -861,7 +979,7 @@ type MessageFiltered struct {
 
 func (x *MessageFiltered) Reset() {
 	*x = MessageFiltered{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[9]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -873,7 +991,7 @@ func (x *MessageFiltered) String() string {
 func (*MessageFiltered) ProtoMessage() {}
 
 func (x *MessageFiltered) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[9]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -886,7 +1004,7 @@ func (x *MessageFiltered) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MessageFiltered.ProtoReflect.Descriptor instead.
 func (*MessageFiltered) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{9}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *MessageFiltered) GetConversation() string {
@@ -944,7 +1062,7 @@ type IntegrationChanged struct {
 
 func (x *IntegrationChanged) Reset() {
 	*x = IntegrationChanged{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[10]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -956,7 +1074,7 @@ func (x *IntegrationChanged) String() string {
 func (*IntegrationChanged) ProtoMessage() {}
 
 func (x *IntegrationChanged) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[10]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -969,7 +1087,7 @@ func (x *IntegrationChanged) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IntegrationChanged.ProtoReflect.Descriptor instead.
 func (*IntegrationChanged) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{10}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *IntegrationChanged) GetChange() ChangeKind {
@@ -999,7 +1117,7 @@ type AssistantChanged struct {
 
 func (x *AssistantChanged) Reset() {
 	*x = AssistantChanged{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[11]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1011,7 +1129,7 @@ func (x *AssistantChanged) String() string {
 func (*AssistantChanged) ProtoMessage() {}
 
 func (x *AssistantChanged) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[11]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1024,7 +1142,7 @@ func (x *AssistantChanged) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AssistantChanged.ProtoReflect.Descriptor instead.
 func (*AssistantChanged) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{11}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *AssistantChanged) GetChange() ChangeKind {
@@ -1054,7 +1172,7 @@ type BudgetChanged struct {
 
 func (x *BudgetChanged) Reset() {
 	*x = BudgetChanged{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[12]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1066,7 +1184,7 @@ func (x *BudgetChanged) String() string {
 func (*BudgetChanged) ProtoMessage() {}
 
 func (x *BudgetChanged) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[12]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1079,7 +1197,7 @@ func (x *BudgetChanged) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BudgetChanged.ProtoReflect.Descriptor instead.
 func (*BudgetChanged) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{12}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *BudgetChanged) GetChange() ChangeKind {
@@ -1117,7 +1235,7 @@ type BudgetAlert struct {
 
 func (x *BudgetAlert) Reset() {
 	*x = BudgetAlert{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[13]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1129,7 +1247,7 @@ func (x *BudgetAlert) String() string {
 func (*BudgetAlert) ProtoMessage() {}
 
 func (x *BudgetAlert) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[13]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1142,7 +1260,7 @@ func (x *BudgetAlert) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BudgetAlert.ProtoReflect.Descriptor instead.
 func (*BudgetAlert) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{13}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *BudgetAlert) GetKind() BudgetAlertKind {
@@ -1207,7 +1325,7 @@ type ToolInvoked struct {
 
 func (x *ToolInvoked) Reset() {
 	*x = ToolInvoked{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[14]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1219,7 +1337,7 @@ func (x *ToolInvoked) String() string {
 func (*ToolInvoked) ProtoMessage() {}
 
 func (x *ToolInvoked) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[14]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1232,7 +1350,7 @@ func (x *ToolInvoked) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ToolInvoked.ProtoReflect.Descriptor instead.
 func (*ToolInvoked) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{14}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ToolInvoked) GetTool() string {
@@ -1289,7 +1407,7 @@ type SecurityEvent struct {
 
 func (x *SecurityEvent) Reset() {
 	*x = SecurityEvent{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[15]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1301,7 +1419,7 @@ func (x *SecurityEvent) String() string {
 func (*SecurityEvent) ProtoMessage() {}
 
 func (x *SecurityEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[15]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1314,7 +1432,7 @@ func (x *SecurityEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SecurityEvent.ProtoReflect.Descriptor instead.
 func (*SecurityEvent) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{15}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *SecurityEvent) GetKind() SecurityEventKind {
@@ -1389,6 +1507,8 @@ type Event struct {
 	//	*Event_BudgetChanged
 	//	*Event_BudgetAlert
 	//	*Event_FileChanged
+	//	*Event_ScheduleChanged
+	//	*Event_ScheduleFired
 	Payload       isEvent_Payload `protobuf_oneof:"payload"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1396,7 +1516,7 @@ type Event struct {
 
 func (x *Event) Reset() {
 	*x = Event{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[16]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1408,7 +1528,7 @@ func (x *Event) String() string {
 func (*Event) ProtoMessage() {}
 
 func (x *Event) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[16]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1421,7 +1541,7 @@ func (x *Event) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Event.ProtoReflect.Descriptor instead.
 func (*Event) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{16}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *Event) GetId() string {
@@ -1613,6 +1733,24 @@ func (x *Event) GetFileChanged() *FileChanged {
 	return nil
 }
 
+func (x *Event) GetScheduleChanged() *ScheduleChanged {
+	if x != nil {
+		if x, ok := x.Payload.(*Event_ScheduleChanged); ok {
+			return x.ScheduleChanged
+		}
+	}
+	return nil
+}
+
+func (x *Event) GetScheduleFired() *ScheduleFired {
+	if x != nil {
+		if x, ok := x.Payload.(*Event_ScheduleFired); ok {
+			return x.ScheduleFired
+		}
+	}
+	return nil
+}
+
 type isEvent_Payload interface {
 	isEvent_Payload()
 }
@@ -1687,6 +1825,16 @@ type Event_FileChanged struct {
 	FileChanged *FileChanged `protobuf:"bytes,23,opt,name=file_changed,json=fileChanged,proto3,oneof"`
 }
 
+type Event_ScheduleChanged struct {
+	// A schedule changed.
+	ScheduleChanged *ScheduleChanged `protobuf:"bytes,24,opt,name=schedule_changed,json=scheduleChanged,proto3,oneof"`
+}
+
+type Event_ScheduleFired struct {
+	// A schedule's tick fired.
+	ScheduleFired *ScheduleFired `protobuf:"bytes,25,opt,name=schedule_fired,json=scheduleFired,proto3,oneof"`
+}
+
 func (*Event_WorkspaceChanged) isEvent_Payload() {}
 
 func (*Event_MemberChanged) isEvent_Payload() {}
@@ -1715,6 +1863,10 @@ func (*Event_BudgetAlert) isEvent_Payload() {}
 
 func (*Event_FileChanged) isEvent_Payload() {}
 
+func (*Event_ScheduleChanged) isEvent_Payload() {}
+
+func (*Event_ScheduleFired) isEvent_Payload() {}
+
 // Request for Subscribe.
 type SubscribeRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1734,7 +1886,7 @@ type SubscribeRequest struct {
 
 func (x *SubscribeRequest) Reset() {
 	*x = SubscribeRequest{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[17]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1746,7 +1898,7 @@ func (x *SubscribeRequest) String() string {
 func (*SubscribeRequest) ProtoMessage() {}
 
 func (x *SubscribeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[17]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1759,7 +1911,7 @@ func (x *SubscribeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscribeRequest.ProtoReflect.Descriptor instead.
 func (*SubscribeRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{17}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *SubscribeRequest) GetScopes() []*Scope {
@@ -1803,7 +1955,7 @@ type EventBatch struct {
 
 func (x *EventBatch) Reset() {
 	*x = EventBatch{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[18]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1815,7 +1967,7 @@ func (x *EventBatch) String() string {
 func (*EventBatch) ProtoMessage() {}
 
 func (x *EventBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[18]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1828,7 +1980,7 @@ func (x *EventBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EventBatch.ProtoReflect.Descriptor instead.
 func (*EventBatch) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{18}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *EventBatch) GetEvents() []*Event {
@@ -1858,7 +2010,7 @@ type Heartbeat struct {
 
 func (x *Heartbeat) Reset() {
 	*x = Heartbeat{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[19]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1870,7 +2022,7 @@ func (x *Heartbeat) String() string {
 func (*Heartbeat) ProtoMessage() {}
 
 func (x *Heartbeat) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[19]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1883,7 +2035,7 @@ func (x *Heartbeat) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Heartbeat.ProtoReflect.Descriptor instead.
 func (*Heartbeat) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{19}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *Heartbeat) GetTime() *timestamppb.Timestamp {
@@ -1916,7 +2068,7 @@ type SubscribeResponse struct {
 
 func (x *SubscribeResponse) Reset() {
 	*x = SubscribeResponse{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[20]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1928,7 +2080,7 @@ func (x *SubscribeResponse) String() string {
 func (*SubscribeResponse) ProtoMessage() {}
 
 func (x *SubscribeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[20]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1941,7 +2093,7 @@ func (x *SubscribeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscribeResponse.ProtoReflect.Descriptor instead.
 func (*SubscribeResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{20}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *SubscribeResponse) GetFrame() isSubscribeResponse_Frame {
@@ -2006,7 +2158,7 @@ type AddSubscription struct {
 
 func (x *AddSubscription) Reset() {
 	*x = AddSubscription{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[21]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2018,7 +2170,7 @@ func (x *AddSubscription) String() string {
 func (*AddSubscription) ProtoMessage() {}
 
 func (x *AddSubscription) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[21]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2031,7 +2183,7 @@ func (x *AddSubscription) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddSubscription.ProtoReflect.Descriptor instead.
 func (*AddSubscription) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{21}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *AddSubscription) GetSubscriptionId() string {
@@ -2080,7 +2232,7 @@ type RemoveSubscription struct {
 
 func (x *RemoveSubscription) Reset() {
 	*x = RemoveSubscription{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[22]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2092,7 +2244,7 @@ func (x *RemoveSubscription) String() string {
 func (*RemoveSubscription) ProtoMessage() {}
 
 func (x *RemoveSubscription) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[22]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2105,7 +2257,7 @@ func (x *RemoveSubscription) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveSubscription.ProtoReflect.Descriptor instead.
 func (*RemoveSubscription) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{22}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *RemoveSubscription) GetSubscriptionId() string {
@@ -2129,7 +2281,7 @@ type Ack struct {
 
 func (x *Ack) Reset() {
 	*x = Ack{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[23]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2141,7 +2293,7 @@ func (x *Ack) String() string {
 func (*Ack) ProtoMessage() {}
 
 func (x *Ack) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[23]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2154,7 +2306,7 @@ func (x *Ack) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ack.ProtoReflect.Descriptor instead.
 func (*Ack) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{23}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *Ack) GetSubscriptionId() string {
@@ -2182,7 +2334,7 @@ type Ping struct {
 
 func (x *Ping) Reset() {
 	*x = Ping{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[24]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2194,7 +2346,7 @@ func (x *Ping) String() string {
 func (*Ping) ProtoMessage() {}
 
 func (x *Ping) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[24]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2207,7 +2359,7 @@ func (x *Ping) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Ping.ProtoReflect.Descriptor instead.
 func (*Ping) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{24}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *Ping) GetNonce() string {
@@ -2235,7 +2387,7 @@ type StreamRequest struct {
 
 func (x *StreamRequest) Reset() {
 	*x = StreamRequest{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[25]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2247,7 +2399,7 @@ func (x *StreamRequest) String() string {
 func (*StreamRequest) ProtoMessage() {}
 
 func (x *StreamRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[25]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2260,7 +2412,7 @@ func (x *StreamRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamRequest.ProtoReflect.Descriptor instead.
 func (*StreamRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{25}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *StreamRequest) GetFrame() isStreamRequest_Frame {
@@ -2351,7 +2503,7 @@ type Pong struct {
 
 func (x *Pong) Reset() {
 	*x = Pong{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[26]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2363,7 +2515,7 @@ func (x *Pong) String() string {
 func (*Pong) ProtoMessage() {}
 
 func (x *Pong) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[26]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2376,7 +2528,7 @@ func (x *Pong) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Pong.ProtoReflect.Descriptor instead.
 func (*Pong) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{26}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *Pong) GetNonce() string {
@@ -2404,7 +2556,7 @@ type SubscriptionAdded struct {
 
 func (x *SubscriptionAdded) Reset() {
 	*x = SubscriptionAdded{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[27]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2416,7 +2568,7 @@ func (x *SubscriptionAdded) String() string {
 func (*SubscriptionAdded) ProtoMessage() {}
 
 func (x *SubscriptionAdded) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[27]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2429,7 +2581,7 @@ func (x *SubscriptionAdded) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscriptionAdded.ProtoReflect.Descriptor instead.
 func (*SubscriptionAdded) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{27}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *SubscriptionAdded) GetSubscriptionId() string {
@@ -2457,7 +2609,7 @@ type SubscriptionEnded struct {
 
 func (x *SubscriptionEnded) Reset() {
 	*x = SubscriptionEnded{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[28]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2469,7 +2621,7 @@ func (x *SubscriptionEnded) String() string {
 func (*SubscriptionEnded) ProtoMessage() {}
 
 func (x *SubscriptionEnded) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[28]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2482,7 +2634,7 @@ func (x *SubscriptionEnded) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscriptionEnded.ProtoReflect.Descriptor instead.
 func (*SubscriptionEnded) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{28}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *SubscriptionEnded) GetSubscriptionId() string {
@@ -2526,7 +2678,7 @@ type SubscriptionEvents struct {
 
 func (x *SubscriptionEvents) Reset() {
 	*x = SubscriptionEvents{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[29]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2538,7 +2690,7 @@ func (x *SubscriptionEvents) String() string {
 func (*SubscriptionEvents) ProtoMessage() {}
 
 func (x *SubscriptionEvents) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[29]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2551,7 +2703,7 @@ func (x *SubscriptionEvents) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscriptionEvents.ProtoReflect.Descriptor instead.
 func (*SubscriptionEvents) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{29}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *SubscriptionEvents) GetSubscriptionId() string {
@@ -2587,7 +2739,7 @@ type StreamResponse struct {
 
 func (x *StreamResponse) Reset() {
 	*x = StreamResponse{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[30]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2599,7 +2751,7 @@ func (x *StreamResponse) String() string {
 func (*StreamResponse) ProtoMessage() {}
 
 func (x *StreamResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[30]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2612,7 +2764,7 @@ func (x *StreamResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamResponse.ProtoReflect.Descriptor instead.
 func (*StreamResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{30}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *StreamResponse) GetFrame() isStreamResponse_Frame {
@@ -2725,7 +2877,7 @@ type ListEventsRequest struct {
 
 func (x *ListEventsRequest) Reset() {
 	*x = ListEventsRequest{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[31]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2737,7 +2889,7 @@ func (x *ListEventsRequest) String() string {
 func (*ListEventsRequest) ProtoMessage() {}
 
 func (x *ListEventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[31]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2750,7 +2902,7 @@ func (x *ListEventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListEventsRequest.ProtoReflect.Descriptor instead.
 func (*ListEventsRequest) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{31}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *ListEventsRequest) GetScopes() []*Scope {
@@ -2803,7 +2955,7 @@ type ListEventsResponse struct {
 
 func (x *ListEventsResponse) Reset() {
 	*x = ListEventsResponse{}
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[32]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2815,7 +2967,7 @@ func (x *ListEventsResponse) String() string {
 func (*ListEventsResponse) ProtoMessage() {}
 
 func (x *ListEventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[32]
+	mi := &file_switchboard_api_events_v1_events_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2828,7 +2980,7 @@ func (x *ListEventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListEventsResponse.ProtoReflect.Descriptor instead.
 func (*ListEventsResponse) Descriptor() ([]byte, []int) {
-	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{32}
+	return file_switchboard_api_events_v1_events_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *ListEventsResponse) GetEvents() []*Event {
@@ -2884,7 +3036,13 @@ const file_switchboard_api_events_v1_events_proto_rawDesc = "" +
 	"memoryItem\"\x82\x01\n" +
 	"\vFileChanged\x12=\n" +
 	"\x06change\x18\x01 \x01(\x0e2%.switchboard.api.events.v1.ChangeKindR\x06change\x124\n" +
-	"\x04file\x18\x02 \x01(\v2 .switchboard.api.context.v1.FileR\x04file\"N\n" +
+	"\x04file\x18\x02 \x01(\v2 .switchboard.api.context.v1.FileR\x04file\"\x95\x01\n" +
+	"\x0fScheduleChanged\x12=\n" +
+	"\x06change\x18\x01 \x01(\x0e2%.switchboard.api.events.v1.ChangeKindR\x06change\x12C\n" +
+	"\bschedule\x18\x02 \x01(\v2'.switchboard.api.dispatcher.v1.ScheduleR\bschedule\"r\n" +
+	"\rScheduleFired\x12\x1a\n" +
+	"\bschedule\x18\x01 \x01(\tR\bschedule\x12E\n" +
+	"\x06firing\x18\x02 \x01(\v2-.switchboard.api.dispatcher.v1.ScheduleFiringR\x06firing\"N\n" +
 	"\n" +
 	"RunUpdated\x12@\n" +
 	"\x06update\x18\x01 \x01(\v2(.switchboard.api.dispatcher.v1.RunUpdateR\x06update\"\xd1\x01\n" +
@@ -2923,7 +3081,7 @@ const file_switchboard_api_events_v1_events_proto_rawDesc = "" +
 	"\aapi_key\x18\x03 \x01(\tR\x06apiKey\x12%\n" +
 	"\x0eclient_address\x18\x04 \x01(\tR\rclientAddress\x12D\n" +
 	"\vclient_info\x18\x05 \x01(\v2#.switchboard.api.auth.v1.ClientInfoR\n" +
-	"clientInfo\"\xd2\v\n" +
+	"clientInfo\"\xfe\f\n" +
 	"\x05Event\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
 	"\x06cursor\x18\x02 \x01(\tR\x06cursor\x128\n" +
@@ -2948,7 +3106,9 @@ const file_switchboard_api_events_v1_events_proto_rawDesc = "" +
 	"\x11assistant_changed\x18\x14 \x01(\v2+.switchboard.api.events.v1.AssistantChangedH\x00R\x10assistantChanged\x12Q\n" +
 	"\x0ebudget_changed\x18\x15 \x01(\v2(.switchboard.api.events.v1.BudgetChangedH\x00R\rbudgetChanged\x12K\n" +
 	"\fbudget_alert\x18\x16 \x01(\v2&.switchboard.api.events.v1.BudgetAlertH\x00R\vbudgetAlert\x12K\n" +
-	"\ffile_changed\x18\x17 \x01(\v2&.switchboard.api.events.v1.FileChangedH\x00R\vfileChangedB\t\n" +
+	"\ffile_changed\x18\x17 \x01(\v2&.switchboard.api.events.v1.FileChangedH\x00R\vfileChanged\x12W\n" +
+	"\x10schedule_changed\x18\x18 \x01(\v2*.switchboard.api.events.v1.ScheduleChangedH\x00R\x0fscheduleChanged\x12Q\n" +
+	"\x0eschedule_fired\x18\x19 \x01(\v2(.switchboard.api.events.v1.ScheduleFiredH\x00R\rscheduleFiredB\t\n" +
 	"\apayload\"\xce\x01\n" +
 	"\x10SubscribeRequest\x128\n" +
 	"\x06scopes\x18\x01 \x03(\v2 .switchboard.api.events.v1.ScopeR\x06scopes\x12!\n" +
@@ -3015,7 +3175,7 @@ const file_switchboard_api_events_v1_events_proto_rawDesc = "" +
 	"\x12ListEventsResponse\x128\n" +
 	"\x06events\x18\x01 \x03(\v2 .switchboard.api.events.v1.EventR\x06events\x12&\n" +
 	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\x12#\n" +
-	"\roldest_cursor\x18\x03 \x01(\tR\foldestCursor*\xde\x03\n" +
+	"\roldest_cursor\x18\x03 \x01(\tR\foldestCursor*\x9e\x04\n" +
 	"\tEventType\x12\x1a\n" +
 	"\x16EVENT_TYPE_UNSPECIFIED\x10\x00\x12 \n" +
 	"\x1cEVENT_TYPE_WORKSPACE_CHANGED\x10\x01\x12\x1d\n" +
@@ -3032,7 +3192,9 @@ const file_switchboard_api_events_v1_events_proto_rawDesc = "" +
 	"\x1cEVENT_TYPE_ASSISTANT_CHANGED\x10\v\x12\x1d\n" +
 	"\x19EVENT_TYPE_BUDGET_CHANGED\x10\f\x12\x1b\n" +
 	"\x17EVENT_TYPE_BUDGET_ALERT\x10\r\x12\x1b\n" +
-	"\x17EVENT_TYPE_FILE_CHANGED\x10\x0e*t\n" +
+	"\x17EVENT_TYPE_FILE_CHANGED\x10\x0e\x12\x1f\n" +
+	"\x1bEVENT_TYPE_SCHEDULE_CHANGED\x10\x0f\x12\x1d\n" +
+	"\x19EVENT_TYPE_SCHEDULE_FIRED\x10\x10*t\n" +
 	"\n" +
 	"ChangeKind\x12\x1b\n" +
 	"\x17CHANGE_KIND_UNSPECIFIED\x10\x00\x12\x17\n" +
@@ -3072,7 +3234,7 @@ func file_switchboard_api_events_v1_events_proto_rawDescGZIP() []byte {
 }
 
 var file_switchboard_api_events_v1_events_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_switchboard_api_events_v1_events_proto_msgTypes = make([]protoimpl.MessageInfo, 33)
+var file_switchboard_api_events_v1_events_proto_msgTypes = make([]protoimpl.MessageInfo, 35)
 var file_switchboard_api_events_v1_events_proto_goTypes = []any{
 	(EventType)(0),                // 0: switchboard.api.events.v1.EventType
 	(ChangeKind)(0),               // 1: switchboard.api.events.v1.ChangeKind
@@ -3086,124 +3248,133 @@ var file_switchboard_api_events_v1_events_proto_goTypes = []any{
 	(*MessageCreated)(nil),        // 9: switchboard.api.events.v1.MessageCreated
 	(*MemoryChanged)(nil),         // 10: switchboard.api.events.v1.MemoryChanged
 	(*FileChanged)(nil),           // 11: switchboard.api.events.v1.FileChanged
-	(*RunUpdated)(nil),            // 12: switchboard.api.events.v1.RunUpdated
-	(*MessageFiltered)(nil),       // 13: switchboard.api.events.v1.MessageFiltered
-	(*IntegrationChanged)(nil),    // 14: switchboard.api.events.v1.IntegrationChanged
-	(*AssistantChanged)(nil),      // 15: switchboard.api.events.v1.AssistantChanged
-	(*BudgetChanged)(nil),         // 16: switchboard.api.events.v1.BudgetChanged
-	(*BudgetAlert)(nil),           // 17: switchboard.api.events.v1.BudgetAlert
-	(*ToolInvoked)(nil),           // 18: switchboard.api.events.v1.ToolInvoked
-	(*SecurityEvent)(nil),         // 19: switchboard.api.events.v1.SecurityEvent
-	(*Event)(nil),                 // 20: switchboard.api.events.v1.Event
-	(*SubscribeRequest)(nil),      // 21: switchboard.api.events.v1.SubscribeRequest
-	(*EventBatch)(nil),            // 22: switchboard.api.events.v1.EventBatch
-	(*Heartbeat)(nil),             // 23: switchboard.api.events.v1.Heartbeat
-	(*SubscribeResponse)(nil),     // 24: switchboard.api.events.v1.SubscribeResponse
-	(*AddSubscription)(nil),       // 25: switchboard.api.events.v1.AddSubscription
-	(*RemoveSubscription)(nil),    // 26: switchboard.api.events.v1.RemoveSubscription
-	(*Ack)(nil),                   // 27: switchboard.api.events.v1.Ack
-	(*Ping)(nil),                  // 28: switchboard.api.events.v1.Ping
-	(*StreamRequest)(nil),         // 29: switchboard.api.events.v1.StreamRequest
-	(*Pong)(nil),                  // 30: switchboard.api.events.v1.Pong
-	(*SubscriptionAdded)(nil),     // 31: switchboard.api.events.v1.SubscriptionAdded
-	(*SubscriptionEnded)(nil),     // 32: switchboard.api.events.v1.SubscriptionEnded
-	(*SubscriptionEvents)(nil),    // 33: switchboard.api.events.v1.SubscriptionEvents
-	(*StreamResponse)(nil),        // 34: switchboard.api.events.v1.StreamResponse
-	(*ListEventsRequest)(nil),     // 35: switchboard.api.events.v1.ListEventsRequest
-	(*ListEventsResponse)(nil),    // 36: switchboard.api.events.v1.ListEventsResponse
-	(*v1.Workspace)(nil),          // 37: switchboard.api.context.v1.Workspace
-	(*v1.WorkspaceMember)(nil),    // 38: switchboard.api.context.v1.WorkspaceMember
-	(*v1.Conversation)(nil),       // 39: switchboard.api.context.v1.Conversation
-	(*v1.Message)(nil),            // 40: switchboard.api.context.v1.Message
-	(*v1.MemoryItem)(nil),         // 41: switchboard.api.context.v1.MemoryItem
-	(*v1.File)(nil),               // 42: switchboard.api.context.v1.File
-	(*v11.RunUpdate)(nil),         // 43: switchboard.api.dispatcher.v1.RunUpdate
-	(v12.ErrorReason)(0),          // 44: switchboard.api.common.v1.ErrorReason
-	(*v13.Integration)(nil),       // 45: switchboard.api.integration.v1.Integration
-	(*v11.Assistant)(nil),         // 46: switchboard.api.dispatcher.v1.Assistant
-	(*v11.Budget)(nil),            // 47: switchboard.api.dispatcher.v1.Budget
-	(*v11.BudgetUsage)(nil),       // 48: switchboard.api.dispatcher.v1.BudgetUsage
-	(*durationpb.Duration)(nil),   // 49: google.protobuf.Duration
-	(*status.Status)(nil),         // 50: google.rpc.Status
-	(*v14.ClientInfo)(nil),        // 51: switchboard.api.auth.v1.ClientInfo
-	(*timestamppb.Timestamp)(nil), // 52: google.protobuf.Timestamp
+	(*ScheduleChanged)(nil),       // 12: switchboard.api.events.v1.ScheduleChanged
+	(*ScheduleFired)(nil),         // 13: switchboard.api.events.v1.ScheduleFired
+	(*RunUpdated)(nil),            // 14: switchboard.api.events.v1.RunUpdated
+	(*MessageFiltered)(nil),       // 15: switchboard.api.events.v1.MessageFiltered
+	(*IntegrationChanged)(nil),    // 16: switchboard.api.events.v1.IntegrationChanged
+	(*AssistantChanged)(nil),      // 17: switchboard.api.events.v1.AssistantChanged
+	(*BudgetChanged)(nil),         // 18: switchboard.api.events.v1.BudgetChanged
+	(*BudgetAlert)(nil),           // 19: switchboard.api.events.v1.BudgetAlert
+	(*ToolInvoked)(nil),           // 20: switchboard.api.events.v1.ToolInvoked
+	(*SecurityEvent)(nil),         // 21: switchboard.api.events.v1.SecurityEvent
+	(*Event)(nil),                 // 22: switchboard.api.events.v1.Event
+	(*SubscribeRequest)(nil),      // 23: switchboard.api.events.v1.SubscribeRequest
+	(*EventBatch)(nil),            // 24: switchboard.api.events.v1.EventBatch
+	(*Heartbeat)(nil),             // 25: switchboard.api.events.v1.Heartbeat
+	(*SubscribeResponse)(nil),     // 26: switchboard.api.events.v1.SubscribeResponse
+	(*AddSubscription)(nil),       // 27: switchboard.api.events.v1.AddSubscription
+	(*RemoveSubscription)(nil),    // 28: switchboard.api.events.v1.RemoveSubscription
+	(*Ack)(nil),                   // 29: switchboard.api.events.v1.Ack
+	(*Ping)(nil),                  // 30: switchboard.api.events.v1.Ping
+	(*StreamRequest)(nil),         // 31: switchboard.api.events.v1.StreamRequest
+	(*Pong)(nil),                  // 32: switchboard.api.events.v1.Pong
+	(*SubscriptionAdded)(nil),     // 33: switchboard.api.events.v1.SubscriptionAdded
+	(*SubscriptionEnded)(nil),     // 34: switchboard.api.events.v1.SubscriptionEnded
+	(*SubscriptionEvents)(nil),    // 35: switchboard.api.events.v1.SubscriptionEvents
+	(*StreamResponse)(nil),        // 36: switchboard.api.events.v1.StreamResponse
+	(*ListEventsRequest)(nil),     // 37: switchboard.api.events.v1.ListEventsRequest
+	(*ListEventsResponse)(nil),    // 38: switchboard.api.events.v1.ListEventsResponse
+	(*v1.Workspace)(nil),          // 39: switchboard.api.context.v1.Workspace
+	(*v1.WorkspaceMember)(nil),    // 40: switchboard.api.context.v1.WorkspaceMember
+	(*v1.Conversation)(nil),       // 41: switchboard.api.context.v1.Conversation
+	(*v1.Message)(nil),            // 42: switchboard.api.context.v1.Message
+	(*v1.MemoryItem)(nil),         // 43: switchboard.api.context.v1.MemoryItem
+	(*v1.File)(nil),               // 44: switchboard.api.context.v1.File
+	(*v11.Schedule)(nil),          // 45: switchboard.api.dispatcher.v1.Schedule
+	(*v11.ScheduleFiring)(nil),    // 46: switchboard.api.dispatcher.v1.ScheduleFiring
+	(*v11.RunUpdate)(nil),         // 47: switchboard.api.dispatcher.v1.RunUpdate
+	(v12.ErrorReason)(0),          // 48: switchboard.api.common.v1.ErrorReason
+	(*v13.Integration)(nil),       // 49: switchboard.api.integration.v1.Integration
+	(*v11.Assistant)(nil),         // 50: switchboard.api.dispatcher.v1.Assistant
+	(*v11.Budget)(nil),            // 51: switchboard.api.dispatcher.v1.Budget
+	(*v11.BudgetUsage)(nil),       // 52: switchboard.api.dispatcher.v1.BudgetUsage
+	(*durationpb.Duration)(nil),   // 53: google.protobuf.Duration
+	(*status.Status)(nil),         // 54: google.rpc.Status
+	(*v14.ClientInfo)(nil),        // 55: switchboard.api.auth.v1.ClientInfo
+	(*timestamppb.Timestamp)(nil), // 56: google.protobuf.Timestamp
 }
 var file_switchboard_api_events_v1_events_proto_depIdxs = []int32{
 	1,  // 0: switchboard.api.events.v1.WorkspaceChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	37, // 1: switchboard.api.events.v1.WorkspaceChanged.workspace:type_name -> switchboard.api.context.v1.Workspace
+	39, // 1: switchboard.api.events.v1.WorkspaceChanged.workspace:type_name -> switchboard.api.context.v1.Workspace
 	1,  // 2: switchboard.api.events.v1.MemberChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	38, // 3: switchboard.api.events.v1.MemberChanged.member:type_name -> switchboard.api.context.v1.WorkspaceMember
+	40, // 3: switchboard.api.events.v1.MemberChanged.member:type_name -> switchboard.api.context.v1.WorkspaceMember
 	1,  // 4: switchboard.api.events.v1.ConversationChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	39, // 5: switchboard.api.events.v1.ConversationChanged.conversation:type_name -> switchboard.api.context.v1.Conversation
-	40, // 6: switchboard.api.events.v1.MessageCreated.message:type_name -> switchboard.api.context.v1.Message
+	41, // 5: switchboard.api.events.v1.ConversationChanged.conversation:type_name -> switchboard.api.context.v1.Conversation
+	42, // 6: switchboard.api.events.v1.MessageCreated.message:type_name -> switchboard.api.context.v1.Message
 	1,  // 7: switchboard.api.events.v1.MemoryChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	41, // 8: switchboard.api.events.v1.MemoryChanged.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
+	43, // 8: switchboard.api.events.v1.MemoryChanged.memory_item:type_name -> switchboard.api.context.v1.MemoryItem
 	1,  // 9: switchboard.api.events.v1.FileChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	42, // 10: switchboard.api.events.v1.FileChanged.file:type_name -> switchboard.api.context.v1.File
-	43, // 11: switchboard.api.events.v1.RunUpdated.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
-	44, // 12: switchboard.api.events.v1.MessageFiltered.reason:type_name -> switchboard.api.common.v1.ErrorReason
-	1,  // 13: switchboard.api.events.v1.IntegrationChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	45, // 14: switchboard.api.events.v1.IntegrationChanged.integration:type_name -> switchboard.api.integration.v1.Integration
-	1,  // 15: switchboard.api.events.v1.AssistantChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	46, // 16: switchboard.api.events.v1.AssistantChanged.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
-	1,  // 17: switchboard.api.events.v1.BudgetChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
-	47, // 18: switchboard.api.events.v1.BudgetChanged.budget:type_name -> switchboard.api.dispatcher.v1.Budget
-	2,  // 19: switchboard.api.events.v1.BudgetAlert.kind:type_name -> switchboard.api.events.v1.BudgetAlertKind
-	48, // 20: switchboard.api.events.v1.BudgetAlert.usage:type_name -> switchboard.api.dispatcher.v1.BudgetUsage
-	49, // 21: switchboard.api.events.v1.ToolInvoked.duration:type_name -> google.protobuf.Duration
-	50, // 22: switchboard.api.events.v1.ToolInvoked.status:type_name -> google.rpc.Status
-	3,  // 23: switchboard.api.events.v1.SecurityEvent.kind:type_name -> switchboard.api.events.v1.SecurityEventKind
-	51, // 24: switchboard.api.events.v1.SecurityEvent.client_info:type_name -> switchboard.api.auth.v1.ClientInfo
-	0,  // 25: switchboard.api.events.v1.Event.type:type_name -> switchboard.api.events.v1.EventType
-	52, // 26: switchboard.api.events.v1.Event.time:type_name -> google.protobuf.Timestamp
-	5,  // 27: switchboard.api.events.v1.Event.actor:type_name -> switchboard.api.events.v1.Actor
-	6,  // 28: switchboard.api.events.v1.Event.workspace_changed:type_name -> switchboard.api.events.v1.WorkspaceChanged
-	7,  // 29: switchboard.api.events.v1.Event.member_changed:type_name -> switchboard.api.events.v1.MemberChanged
-	8,  // 30: switchboard.api.events.v1.Event.conversation_changed:type_name -> switchboard.api.events.v1.ConversationChanged
-	9,  // 31: switchboard.api.events.v1.Event.message_created:type_name -> switchboard.api.events.v1.MessageCreated
-	10, // 32: switchboard.api.events.v1.Event.memory_changed:type_name -> switchboard.api.events.v1.MemoryChanged
-	12, // 33: switchboard.api.events.v1.Event.run_updated:type_name -> switchboard.api.events.v1.RunUpdated
-	14, // 34: switchboard.api.events.v1.Event.integration_changed:type_name -> switchboard.api.events.v1.IntegrationChanged
-	19, // 35: switchboard.api.events.v1.Event.security:type_name -> switchboard.api.events.v1.SecurityEvent
-	13, // 36: switchboard.api.events.v1.Event.message_filtered:type_name -> switchboard.api.events.v1.MessageFiltered
-	18, // 37: switchboard.api.events.v1.Event.tool_invoked:type_name -> switchboard.api.events.v1.ToolInvoked
-	15, // 38: switchboard.api.events.v1.Event.assistant_changed:type_name -> switchboard.api.events.v1.AssistantChanged
-	16, // 39: switchboard.api.events.v1.Event.budget_changed:type_name -> switchboard.api.events.v1.BudgetChanged
-	17, // 40: switchboard.api.events.v1.Event.budget_alert:type_name -> switchboard.api.events.v1.BudgetAlert
-	11, // 41: switchboard.api.events.v1.Event.file_changed:type_name -> switchboard.api.events.v1.FileChanged
-	4,  // 42: switchboard.api.events.v1.SubscribeRequest.scopes:type_name -> switchboard.api.events.v1.Scope
-	0,  // 43: switchboard.api.events.v1.SubscribeRequest.types:type_name -> switchboard.api.events.v1.EventType
-	20, // 44: switchboard.api.events.v1.EventBatch.events:type_name -> switchboard.api.events.v1.Event
-	52, // 45: switchboard.api.events.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
-	22, // 46: switchboard.api.events.v1.SubscribeResponse.batch:type_name -> switchboard.api.events.v1.EventBatch
-	23, // 47: switchboard.api.events.v1.SubscribeResponse.heartbeat:type_name -> switchboard.api.events.v1.Heartbeat
-	4,  // 48: switchboard.api.events.v1.AddSubscription.scopes:type_name -> switchboard.api.events.v1.Scope
-	0,  // 49: switchboard.api.events.v1.AddSubscription.types:type_name -> switchboard.api.events.v1.EventType
-	25, // 50: switchboard.api.events.v1.StreamRequest.add:type_name -> switchboard.api.events.v1.AddSubscription
-	26, // 51: switchboard.api.events.v1.StreamRequest.remove:type_name -> switchboard.api.events.v1.RemoveSubscription
-	27, // 52: switchboard.api.events.v1.StreamRequest.ack:type_name -> switchboard.api.events.v1.Ack
-	28, // 53: switchboard.api.events.v1.StreamRequest.ping:type_name -> switchboard.api.events.v1.Ping
-	52, // 54: switchboard.api.events.v1.Pong.time:type_name -> google.protobuf.Timestamp
-	22, // 55: switchboard.api.events.v1.SubscriptionEvents.batch:type_name -> switchboard.api.events.v1.EventBatch
-	33, // 56: switchboard.api.events.v1.StreamResponse.events:type_name -> switchboard.api.events.v1.SubscriptionEvents
-	31, // 57: switchboard.api.events.v1.StreamResponse.added:type_name -> switchboard.api.events.v1.SubscriptionAdded
-	32, // 58: switchboard.api.events.v1.StreamResponse.ended:type_name -> switchboard.api.events.v1.SubscriptionEnded
-	30, // 59: switchboard.api.events.v1.StreamResponse.pong:type_name -> switchboard.api.events.v1.Pong
-	23, // 60: switchboard.api.events.v1.StreamResponse.heartbeat:type_name -> switchboard.api.events.v1.Heartbeat
-	4,  // 61: switchboard.api.events.v1.ListEventsRequest.scopes:type_name -> switchboard.api.events.v1.Scope
-	0,  // 62: switchboard.api.events.v1.ListEventsRequest.types:type_name -> switchboard.api.events.v1.EventType
-	20, // 63: switchboard.api.events.v1.ListEventsResponse.events:type_name -> switchboard.api.events.v1.Event
-	21, // 64: switchboard.api.events.v1.EventService.Subscribe:input_type -> switchboard.api.events.v1.SubscribeRequest
-	29, // 65: switchboard.api.events.v1.EventService.Stream:input_type -> switchboard.api.events.v1.StreamRequest
-	35, // 66: switchboard.api.events.v1.EventService.ListEvents:input_type -> switchboard.api.events.v1.ListEventsRequest
-	24, // 67: switchboard.api.events.v1.EventService.Subscribe:output_type -> switchboard.api.events.v1.SubscribeResponse
-	34, // 68: switchboard.api.events.v1.EventService.Stream:output_type -> switchboard.api.events.v1.StreamResponse
-	36, // 69: switchboard.api.events.v1.EventService.ListEvents:output_type -> switchboard.api.events.v1.ListEventsResponse
-	67, // [67:70] is the sub-list for method output_type
-	64, // [64:67] is the sub-list for method input_type
-	64, // [64:64] is the sub-list for extension type_name
-	64, // [64:64] is the sub-list for extension extendee
-	0,  // [0:64] is the sub-list for field type_name
+	44, // 10: switchboard.api.events.v1.FileChanged.file:type_name -> switchboard.api.context.v1.File
+	1,  // 11: switchboard.api.events.v1.ScheduleChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
+	45, // 12: switchboard.api.events.v1.ScheduleChanged.schedule:type_name -> switchboard.api.dispatcher.v1.Schedule
+	46, // 13: switchboard.api.events.v1.ScheduleFired.firing:type_name -> switchboard.api.dispatcher.v1.ScheduleFiring
+	47, // 14: switchboard.api.events.v1.RunUpdated.update:type_name -> switchboard.api.dispatcher.v1.RunUpdate
+	48, // 15: switchboard.api.events.v1.MessageFiltered.reason:type_name -> switchboard.api.common.v1.ErrorReason
+	1,  // 16: switchboard.api.events.v1.IntegrationChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
+	49, // 17: switchboard.api.events.v1.IntegrationChanged.integration:type_name -> switchboard.api.integration.v1.Integration
+	1,  // 18: switchboard.api.events.v1.AssistantChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
+	50, // 19: switchboard.api.events.v1.AssistantChanged.assistant:type_name -> switchboard.api.dispatcher.v1.Assistant
+	1,  // 20: switchboard.api.events.v1.BudgetChanged.change:type_name -> switchboard.api.events.v1.ChangeKind
+	51, // 21: switchboard.api.events.v1.BudgetChanged.budget:type_name -> switchboard.api.dispatcher.v1.Budget
+	2,  // 22: switchboard.api.events.v1.BudgetAlert.kind:type_name -> switchboard.api.events.v1.BudgetAlertKind
+	52, // 23: switchboard.api.events.v1.BudgetAlert.usage:type_name -> switchboard.api.dispatcher.v1.BudgetUsage
+	53, // 24: switchboard.api.events.v1.ToolInvoked.duration:type_name -> google.protobuf.Duration
+	54, // 25: switchboard.api.events.v1.ToolInvoked.status:type_name -> google.rpc.Status
+	3,  // 26: switchboard.api.events.v1.SecurityEvent.kind:type_name -> switchboard.api.events.v1.SecurityEventKind
+	55, // 27: switchboard.api.events.v1.SecurityEvent.client_info:type_name -> switchboard.api.auth.v1.ClientInfo
+	0,  // 28: switchboard.api.events.v1.Event.type:type_name -> switchboard.api.events.v1.EventType
+	56, // 29: switchboard.api.events.v1.Event.time:type_name -> google.protobuf.Timestamp
+	5,  // 30: switchboard.api.events.v1.Event.actor:type_name -> switchboard.api.events.v1.Actor
+	6,  // 31: switchboard.api.events.v1.Event.workspace_changed:type_name -> switchboard.api.events.v1.WorkspaceChanged
+	7,  // 32: switchboard.api.events.v1.Event.member_changed:type_name -> switchboard.api.events.v1.MemberChanged
+	8,  // 33: switchboard.api.events.v1.Event.conversation_changed:type_name -> switchboard.api.events.v1.ConversationChanged
+	9,  // 34: switchboard.api.events.v1.Event.message_created:type_name -> switchboard.api.events.v1.MessageCreated
+	10, // 35: switchboard.api.events.v1.Event.memory_changed:type_name -> switchboard.api.events.v1.MemoryChanged
+	14, // 36: switchboard.api.events.v1.Event.run_updated:type_name -> switchboard.api.events.v1.RunUpdated
+	16, // 37: switchboard.api.events.v1.Event.integration_changed:type_name -> switchboard.api.events.v1.IntegrationChanged
+	21, // 38: switchboard.api.events.v1.Event.security:type_name -> switchboard.api.events.v1.SecurityEvent
+	15, // 39: switchboard.api.events.v1.Event.message_filtered:type_name -> switchboard.api.events.v1.MessageFiltered
+	20, // 40: switchboard.api.events.v1.Event.tool_invoked:type_name -> switchboard.api.events.v1.ToolInvoked
+	17, // 41: switchboard.api.events.v1.Event.assistant_changed:type_name -> switchboard.api.events.v1.AssistantChanged
+	18, // 42: switchboard.api.events.v1.Event.budget_changed:type_name -> switchboard.api.events.v1.BudgetChanged
+	19, // 43: switchboard.api.events.v1.Event.budget_alert:type_name -> switchboard.api.events.v1.BudgetAlert
+	11, // 44: switchboard.api.events.v1.Event.file_changed:type_name -> switchboard.api.events.v1.FileChanged
+	12, // 45: switchboard.api.events.v1.Event.schedule_changed:type_name -> switchboard.api.events.v1.ScheduleChanged
+	13, // 46: switchboard.api.events.v1.Event.schedule_fired:type_name -> switchboard.api.events.v1.ScheduleFired
+	4,  // 47: switchboard.api.events.v1.SubscribeRequest.scopes:type_name -> switchboard.api.events.v1.Scope
+	0,  // 48: switchboard.api.events.v1.SubscribeRequest.types:type_name -> switchboard.api.events.v1.EventType
+	22, // 49: switchboard.api.events.v1.EventBatch.events:type_name -> switchboard.api.events.v1.Event
+	56, // 50: switchboard.api.events.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
+	24, // 51: switchboard.api.events.v1.SubscribeResponse.batch:type_name -> switchboard.api.events.v1.EventBatch
+	25, // 52: switchboard.api.events.v1.SubscribeResponse.heartbeat:type_name -> switchboard.api.events.v1.Heartbeat
+	4,  // 53: switchboard.api.events.v1.AddSubscription.scopes:type_name -> switchboard.api.events.v1.Scope
+	0,  // 54: switchboard.api.events.v1.AddSubscription.types:type_name -> switchboard.api.events.v1.EventType
+	27, // 55: switchboard.api.events.v1.StreamRequest.add:type_name -> switchboard.api.events.v1.AddSubscription
+	28, // 56: switchboard.api.events.v1.StreamRequest.remove:type_name -> switchboard.api.events.v1.RemoveSubscription
+	29, // 57: switchboard.api.events.v1.StreamRequest.ack:type_name -> switchboard.api.events.v1.Ack
+	30, // 58: switchboard.api.events.v1.StreamRequest.ping:type_name -> switchboard.api.events.v1.Ping
+	56, // 59: switchboard.api.events.v1.Pong.time:type_name -> google.protobuf.Timestamp
+	24, // 60: switchboard.api.events.v1.SubscriptionEvents.batch:type_name -> switchboard.api.events.v1.EventBatch
+	35, // 61: switchboard.api.events.v1.StreamResponse.events:type_name -> switchboard.api.events.v1.SubscriptionEvents
+	33, // 62: switchboard.api.events.v1.StreamResponse.added:type_name -> switchboard.api.events.v1.SubscriptionAdded
+	34, // 63: switchboard.api.events.v1.StreamResponse.ended:type_name -> switchboard.api.events.v1.SubscriptionEnded
+	32, // 64: switchboard.api.events.v1.StreamResponse.pong:type_name -> switchboard.api.events.v1.Pong
+	25, // 65: switchboard.api.events.v1.StreamResponse.heartbeat:type_name -> switchboard.api.events.v1.Heartbeat
+	4,  // 66: switchboard.api.events.v1.ListEventsRequest.scopes:type_name -> switchboard.api.events.v1.Scope
+	0,  // 67: switchboard.api.events.v1.ListEventsRequest.types:type_name -> switchboard.api.events.v1.EventType
+	22, // 68: switchboard.api.events.v1.ListEventsResponse.events:type_name -> switchboard.api.events.v1.Event
+	23, // 69: switchboard.api.events.v1.EventService.Subscribe:input_type -> switchboard.api.events.v1.SubscribeRequest
+	31, // 70: switchboard.api.events.v1.EventService.Stream:input_type -> switchboard.api.events.v1.StreamRequest
+	37, // 71: switchboard.api.events.v1.EventService.ListEvents:input_type -> switchboard.api.events.v1.ListEventsRequest
+	26, // 72: switchboard.api.events.v1.EventService.Subscribe:output_type -> switchboard.api.events.v1.SubscribeResponse
+	36, // 73: switchboard.api.events.v1.EventService.Stream:output_type -> switchboard.api.events.v1.StreamResponse
+	38, // 74: switchboard.api.events.v1.EventService.ListEvents:output_type -> switchboard.api.events.v1.ListEventsResponse
+	72, // [72:75] is the sub-list for method output_type
+	69, // [69:72] is the sub-list for method input_type
+	69, // [69:69] is the sub-list for extension type_name
+	69, // [69:69] is the sub-list for extension extendee
+	0,  // [0:69] is the sub-list for field type_name
 }
 
 func init() { file_switchboard_api_events_v1_events_proto_init() }
@@ -3216,7 +3387,7 @@ func file_switchboard_api_events_v1_events_proto_init() {
 		(*Scope_Workspace)(nil),
 		(*Scope_Conversation)(nil),
 	}
-	file_switchboard_api_events_v1_events_proto_msgTypes[16].OneofWrappers = []any{
+	file_switchboard_api_events_v1_events_proto_msgTypes[18].OneofWrappers = []any{
 		(*Event_WorkspaceChanged)(nil),
 		(*Event_MemberChanged)(nil),
 		(*Event_ConversationChanged)(nil),
@@ -3231,18 +3402,20 @@ func file_switchboard_api_events_v1_events_proto_init() {
 		(*Event_BudgetChanged)(nil),
 		(*Event_BudgetAlert)(nil),
 		(*Event_FileChanged)(nil),
+		(*Event_ScheduleChanged)(nil),
+		(*Event_ScheduleFired)(nil),
 	}
-	file_switchboard_api_events_v1_events_proto_msgTypes[20].OneofWrappers = []any{
+	file_switchboard_api_events_v1_events_proto_msgTypes[22].OneofWrappers = []any{
 		(*SubscribeResponse_Batch)(nil),
 		(*SubscribeResponse_Heartbeat)(nil),
 	}
-	file_switchboard_api_events_v1_events_proto_msgTypes[25].OneofWrappers = []any{
+	file_switchboard_api_events_v1_events_proto_msgTypes[27].OneofWrappers = []any{
 		(*StreamRequest_Add)(nil),
 		(*StreamRequest_Remove)(nil),
 		(*StreamRequest_Ack)(nil),
 		(*StreamRequest_Ping)(nil),
 	}
-	file_switchboard_api_events_v1_events_proto_msgTypes[30].OneofWrappers = []any{
+	file_switchboard_api_events_v1_events_proto_msgTypes[32].OneofWrappers = []any{
 		(*StreamResponse_Events)(nil),
 		(*StreamResponse_Added)(nil),
 		(*StreamResponse_Ended)(nil),
@@ -3255,7 +3428,7 @@ func file_switchboard_api_events_v1_events_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_switchboard_api_events_v1_events_proto_rawDesc), len(file_switchboard_api_events_v1_events_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   33,
+			NumMessages:   35,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -14,7 +14,7 @@ import type { ErrorReason } from "../../common/v1/errors_pb";
 import { file_switchboard_api_common_v1_errors } from "../../common/v1/errors_pb";
 import type { Conversation, File, MemoryItem, Message as Message$1, Workspace, WorkspaceMember } from "../../context/v1/context_pb";
 import { file_switchboard_api_context_v1_context } from "../../context/v1/context_pb";
-import type { Assistant, Budget, BudgetUsage, RunUpdate } from "../../dispatcher/v1/dispatcher_pb";
+import type { Assistant, Budget, BudgetUsage, RunUpdate, Schedule, ScheduleFiring } from "../../dispatcher/v1/dispatcher_pb";
 import { file_switchboard_api_dispatcher_v1_dispatcher } from "../../dispatcher/v1/dispatcher_pb";
 import type { Integration } from "../../integration/v1/integration_pb";
 import { file_switchboard_api_integration_v1_integration } from "../../integration/v1/integration_pb";
@@ -24,7 +24,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file switchboard/api/events/v1/events.proto.
  */
 export const file_switchboard_api_events_v1_events: GenFile = /*@__PURE__*/
-  fileDesc("CiZzd2l0Y2hib2FyZC9hcGkvZXZlbnRzL3YxL2V2ZW50cy5wcm90bxIZc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MSJNCgVTY29wZRIOCgR1c2VyGAEgASgJSAASEwoJd29ya3NwYWNlGAIgASgJSAASFgoMY29udmVyc2F0aW9uGAMgASgJSABCBwoFc2NvcGUiKQoFQWN0b3ISDAoEbmFtZRgBIAEoCRISCgpjcmVkZW50aWFsGAIgASgJIoMBChBXb3Jrc3BhY2VDaGFuZ2VkEjUKBmNoYW5nZRgBIAEoDjIlLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuQ2hhbmdlS2luZBI4Cgl3b3Jrc3BhY2UYAiABKAsyJS5zd2l0Y2hib2FyZC5hcGkuY29udGV4dC52MS5Xb3Jrc3BhY2UigwEKDU1lbWJlckNoYW5nZWQSNQoGY2hhbmdlGAEgASgOMiUuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5DaGFuZ2VLaW5kEjsKBm1lbWJlchgCIAEoCzIrLnN3aXRjaGJvYXJkLmFwaS5jb250ZXh0LnYxLldvcmtzcGFjZU1lbWJlciKMAQoTQ29udmVyc2F0aW9uQ2hhbmdlZBI1CgZjaGFuZ2UYASABKA4yJS5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkNoYW5nZUtpbmQSPgoMY29udmVyc2F0aW9uGAIgASgLMiguc3dpdGNoYm9hcmQuYXBpLmNvbnRleHQudjEuQ29udmVyc2F0aW9uIkYKDk1lc3NhZ2VDcmVhdGVkEjQKB21lc3NhZ2UYASABKAsyIy5zd2l0Y2hib2FyZC5hcGkuY29udGV4dC52MS5NZXNzYWdlIoMBCg1NZW1vcnlDaGFuZ2VkEjUKBmNoYW5nZRgBIAEoDjIlLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuQ2hhbmdlS2luZBI7CgttZW1vcnlfaXRlbRgCIAEoCzImLnN3aXRjaGJvYXJkLmFwaS5jb250ZXh0LnYxLk1lbW9yeUl0ZW0idAoLRmlsZUNoYW5nZWQSNQoGY2hhbmdlGAEgASgOMiUuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5DaGFuZ2VLaW5kEi4KBGZpbGUYAiABKAsyIC5zd2l0Y2hib2FyZC5hcGkuY29udGV4dC52MS5GaWxlIkYKClJ1blVwZGF0ZWQSOAoGdXBkYXRlGAEgASgLMiguc3dpdGNoYm9hcmQuYXBpLmRpc3BhdGNoZXIudjEuUnVuVXBkYXRlIp0BCg9NZXNzYWdlRmlsdGVyZWQSFAoMY29udmVyc2F0aW9uGAEgASgJEg4KBmZpbHRlchgCIAEoCRIQCghyZWplY3RlZBgDIAEoCBI2CgZyZWFzb24YBCABKA4yJi5zd2l0Y2hib2FyZC5hcGkuY29tbW9uLnYxLkVycm9yUmVhc29uEg0KBWZsYWdzGAUgAygJEgsKA3J1bhgGIAEoCSKNAQoSSW50ZWdyYXRpb25DaGFuZ2VkEjUKBmNoYW5nZRgBIAEoDjIlLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuQ2hhbmdlS2luZBJACgtpbnRlZ3JhdGlvbhgCIAEoCzIrLnN3aXRjaGJvYXJkLmFwaS5pbnRlZ3JhdGlvbi52MS5JbnRlZ3JhdGlvbiKGAQoQQXNzaXN0YW50Q2hhbmdlZBI1CgZjaGFuZ2UYASABKA4yJS5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkNoYW5nZUtpbmQSOwoJYXNzaXN0YW50GAIgASgLMiguc3dpdGNoYm9hcmQuYXBpLmRpc3BhdGNoZXIudjEuQXNzaXN0YW50In0KDUJ1ZGdldENoYW5nZWQSNQoGY2hhbmdlGAEgASgOMiUuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5DaGFuZ2VLaW5kEjUKBmJ1ZGdldBgCIAEoCzIlLnN3aXRjaGJvYXJkLmFwaS5kaXNwYXRjaGVyLnYxLkJ1ZGdldCK9AQoLQnVkZ2V0QWxlcnQSOAoEa2luZBgBIAEoDjIqLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuQnVkZ2V0QWxlcnRLaW5kEg4KBmJ1ZGdldBgCIAEoCRIPCgdwZXJjZW50GAMgASgFEgsKA2NhcBgEIAEoCRI5CgV1c2FnZRgFIAEoCzIqLnN3aXRjaGJvYXJkLmFwaS5kaXNwYXRjaGVyLnYxLkJ1ZGdldFVzYWdlEgsKA3J1bhgGIAEoCSKLAQoLVG9vbEludm9rZWQSDAoEdG9vbBgBIAEoCRIrCghkdXJhdGlvbhgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIiCgZzdGF0dXMYAyABKAsyEi5nb29nbGUucnBjLlN0YXR1cxIQCghpc19lcnJvchgEIAEoCBILCgNydW4YBSABKAkivwEKDVNlY3VyaXR5RXZlbnQSOgoEa2luZBgBIAEoDjIsLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuU2VjdXJpdHlFdmVudEtpbmQSDwoHc2Vzc2lvbhgCIAEoCRIPCgdhcGlfa2V5GAMgASgJEhYKDmNsaWVudF9hZGRyZXNzGAQgASgJEjgKC2NsaWVudF9pbmZvGAUgASgLMiMuc3dpdGNoYm9hcmQuYXBpLmF1dGgudjEuQ2xpZW50SW5mbyK8CQoFRXZlbnQSCgoCaWQYASABKAkSDgoGY3Vyc29yGAIgASgJEjIKBHR5cGUYAyABKA4yJC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkV2ZW50VHlwZRIoCgR0aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgVhY3RvchgFIAEoCzIgLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuQWN0b3ISDAoEdXNlchgGIAEoCRIRCgl3b3Jrc3BhY2UYByABKAkSFAoMY29udmVyc2F0aW9uGAggASgJEkgKEXdvcmtzcGFjZV9jaGFuZ2VkGAogASgLMisuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5Xb3Jrc3BhY2VDaGFuZ2VkSAASQgoObWVtYmVyX2NoYW5nZWQYCyABKAsyKC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLk1lbWJlckNoYW5nZWRIABJOChRjb252ZXJzYXRpb25fY2hhbmdlZBgMIAEoCzIuLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuQ29udmVyc2F0aW9uQ2hhbmdlZEgAEkQKD21lc3NhZ2VfY3JlYXRlZBgNIAEoCzIpLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuTWVzc2FnZUNyZWF0ZWRIABJCCg5tZW1vcnlfY2hhbmdlZBgOIAEoCzIoLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuTWVtb3J5Q2hhbmdlZEgAEjwKC3J1bl91cGRhdGVkGA8gASgLMiUuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5SdW5VcGRhdGVkSAASTAoTaW50ZWdyYXRpb25fY2hhbmdlZBgQIAEoCzItLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuSW50ZWdyYXRpb25DaGFuZ2VkSAASPAoIc2VjdXJpdHkYESABKAsyKC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlNlY3VyaXR5RXZlbnRIABJGChBtZXNzYWdlX2ZpbHRlcmVkGBIgASgLMiouc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5NZXNzYWdlRmlsdGVyZWRIABI+Cgx0b29sX2ludm9rZWQYEyABKAsyJi5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlRvb2xJbnZva2VkSAASSAoRYXNzaXN0YW50X2NoYW5nZWQYFCABKAsyKy5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkFzc2lzdGFudENoYW5nZWRIABJCCg5idWRnZXRfY2hhbmdlZBgVIAEoCzIoLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuQnVkZ2V0Q2hhbmdlZEgAEj4KDGJ1ZGdldF9hbGVydBgWIAEoCzImLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuQnVkZ2V0QWxlcnRIABI+CgxmaWxlX2NoYW5nZWQYFyABKAsyJi5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkZpbGVDaGFuZ2VkSABCCQoHcGF5bG9hZCKlAQoQU3Vic2NyaWJlUmVxdWVzdBIwCgZzY29wZXMYASADKAsyIC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlNjb3BlEhQKDGFmdGVyX2N1cnNvchgCIAEoCRIzCgV0eXBlcxgDIAMoDjIkLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuRXZlbnRUeXBlEhQKDG1lcmdlX2RlbHRhcxgEIAEoCCJOCgpFdmVudEJhdGNoEjAKBmV2ZW50cxgBIAMoCzIgLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuRXZlbnQSDgoGY3Vyc29yGAIgASgJIkUKCUhlYXJ0YmVhdBIoCgR0aW1lGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIOCgZjdXJzb3IYAiABKAkijwEKEVN1YnNjcmliZVJlc3BvbnNlEjYKBWJhdGNoGAEgASgLMiUuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5FdmVudEJhdGNoSAASOQoJaGVhcnRiZWF0GAIgASgLMiQuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5IZWFydGJlYXRIAEIHCgVmcmFtZSK9AQoPQWRkU3Vic2NyaXB0aW9uEhcKD3N1YnNjcmlwdGlvbl9pZBgBIAEoCRIwCgZzY29wZXMYAiADKAsyIC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlNjb3BlEhQKDGFmdGVyX2N1cnNvchgDIAEoCRIzCgV0eXBlcxgEIAMoDjIkLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuRXZlbnRUeXBlEhQKDG1lcmdlX2RlbHRhcxgFIAEoCCItChJSZW1vdmVTdWJzY3JpcHRpb24SFwoPc3Vic2NyaXB0aW9uX2lkGAEgASgJIi4KA0FjaxIXCg9zdWJzY3JpcHRpb25faWQYASABKAkSDgoGY3Vyc29yGAIgASgJIhUKBFBpbmcSDQoFbm9uY2UYASABKAki9AEKDVN0cmVhbVJlcXVlc3QSOQoDYWRkGAEgASgLMiouc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5BZGRTdWJzY3JpcHRpb25IABI/CgZyZW1vdmUYAiABKAsyLS5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlJlbW92ZVN1YnNjcmlwdGlvbkgAEi0KA2FjaxgDIAEoCzIeLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuQWNrSAASLwoEcGluZxgEIAEoCzIfLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuUGluZ0gAQgcKBWZyYW1lIj8KBFBvbmcSDQoFbm9uY2UYASABKAkSKAoEdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiLAoRU3Vic2NyaXB0aW9uQWRkZWQSFwoPc3Vic2NyaXB0aW9uX2lkGAEgASgJImIKEVN1YnNjcmlwdGlvbkVuZGVkEhcKD3N1YnNjcmlwdGlvbl9pZBgBIAEoCRIMCgRjb2RlGAIgASgFEg8KB21lc3NhZ2UYAyABKAkSFQoNcmVzdW1lX2N1cnNvchgEIAEoCSJjChJTdWJzY3JpcHRpb25FdmVudHMSFwoPc3Vic2NyaXB0aW9uX2lkGAEgASgJEjQKBWJhdGNoGAIgASgLMiUuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5FdmVudEJhdGNoIsQCCg5TdHJlYW1SZXNwb25zZRI/CgZldmVudHMYASABKAsyLS5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlN1YnNjcmlwdGlvbkV2ZW50c0gAEj0KBWFkZGVkGAIgASgLMiwuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5TdWJzY3JpcHRpb25BZGRlZEgAEj0KBWVuZGVkGAMgASgLMiwuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5TdWJzY3JpcHRpb25FbmRlZEgAEi8KBHBvbmcYBCABKAsyHy5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlBvbmdIABI5CgloZWFydGJlYXQYBSABKAsyJC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkhlYXJ0YmVhdEgAQgcKBWZyYW1lIrcBChFMaXN0RXZlbnRzUmVxdWVzdBIwCgZzY29wZXMYASADKAsyIC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlNjb3BlEhQKDGFmdGVyX2N1cnNvchgCIAEoCRIzCgV0eXBlcxgDIAMoDjIkLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuRXZlbnRUeXBlEhEKCXBhZ2Vfc2l6ZRgEIAEoBRISCgpwYWdlX3Rva2VuGAUgASgJInYKEkxpc3RFdmVudHNSZXNwb25zZRIwCgZldmVudHMYASADKAsyIC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkV2ZW50EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCRIVCg1vbGRlc3RfY3Vyc29yGAMgASgJKt4DCglFdmVudFR5cGUSGgoWRVZFTlRfVFlQRV9VTlNQRUNJRklFRBAAEiAKHEVWRU5UX1RZUEVfV09SS1NQQUNFX0NIQU5HRUQQARIdChlFVkVOVF9UWVBFX01FTUJFUl9DSEFOR0VEEAISIwofRVZFTlRfVFlQRV9DT05WRVJTQVRJT05fQ0hBTkdFRBADEh4KGkVWRU5UX1RZUEVfTUVTU0FHRV9DUkVBVEVEEAQSHQoZRVZFTlRfVFlQRV9NRU1PUllfQ0hBTkdFRBAFEhoKFkVWRU5UX1RZUEVfUlVOX1VQREFURUQQBhIiCh5FVkVOVF9UWVBFX0lOVEVHUkFUSU9OX0NIQU5HRUQQBxIXChNFVkVOVF9UWVBFX1NFQ1VSSVRZEAgSHwobRVZFTlRfVFlQRV9NRVNTQUdFX0ZJTFRFUkVEEAkSGwoXRVZFTlRfVFlQRV9UT09MX0lOVk9LRUQQChIgChxFVkVOVF9UWVBFX0FTU0lTVEFOVF9DSEFOR0VEEAsSHQoZRVZFTlRfVFlQRV9CVURHRVRfQ0hBTkdFRBAMEhsKF0VWRU5UX1RZUEVfQlVER0VUX0FMRVJUEA0SGwoXRVZFTlRfVFlQRV9GSUxFX0NIQU5HRUQQDip0CgpDaGFuZ2VLaW5kEhsKF0NIQU5HRV9LSU5EX1VOU1BFQ0lGSUVEEAASFwoTQ0hBTkdFX0tJTkRfQ1JFQVRFRBABEhcKE0NIQU5HRV9LSU5EX1VQREFURUQQAhIXChNDSEFOR0VfS0lORF9ERUxFVEVEEAMqngEKD0J1ZGdldEFsZXJ0S2luZBIhCh1CVURHRVRfQUxFUlRfS0lORF9VTlNQRUNJRklFRBAAEh8KG0JVREdFVF9BTEVSVF9LSU5EX1RIUkVTSE9MRBABEiUKIUJVREdFVF9BTEVSVF9LSU5EX01FU1NBR0VfUkVGVVNFRBACEiAKHEJVREdFVF9BTEVSVF9LSU5EX1JVTl9QQVVTRUQQAyqyAgoRU2VjdXJpdHlFdmVudEtpbmQSIwofU0VDVVJJVFlfRVZFTlRfS0lORF9VTlNQRUNJRklFRBAAEicKI1NFQ1VSSVRZX0VWRU5UX0tJTkRfTE9HSU5fU1VDQ0VFREVEEAESJAogU0VDVVJJVFlfRVZFTlRfS0lORF9MT0dJTl9GQUlMRUQQAhIuCipTRUNVUklUWV9FVkVOVF9LSU5EX1JFRlJFU0hfUkVVU0VfREVURUNURUQQAxInCiNTRUNVUklUWV9FVkVOVF9LSU5EX1NFU1NJT05fUkVWT0tFRBAEEicKI1NFQ1VSSVRZX0VWRU5UX0tJTkRfQVBJX0tFWV9DUkVBVEVEEAUSJwojU0VDVVJJVFlfRVZFTlRfS0lORF9BUElfS0VZX1JFVk9LRUQQBjLLAgoMRXZlbnRTZXJ2aWNlEmgKCVN1YnNjcmliZRIrLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuU3Vic2NyaWJlUmVxdWVzdBosLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuU3Vic2NyaWJlUmVzcG9uc2UwARJhCgZTdHJlYW0SKC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlN0cmVhbVJlcXVlc3QaKS5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlN0cmVhbVJlc3BvbnNlKAEwARJuCgpMaXN0RXZlbnRzEiwuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5MaXN0RXZlbnRzUmVxdWVzdBotLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuTGlzdEV2ZW50c1Jlc3BvbnNlIgOQAgFCXAodZGV2LnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjFQAVo5c3dpdGNoYm9hcmQuZGV2L2dvL2dlbi9zd2l0Y2hib2FyZC9hcGkvZXZlbnRzL3YxO2V2ZW50c3YxYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_google_rpc_status, file_switchboard_api_auth_v1_auth, file_switchboard_api_common_v1_errors, file_switchboard_api_context_v1_context, file_switchboard_api_dispatcher_v1_dispatcher, file_switchboard_api_integration_v1_integration]);
+  fileDesc("CiZzd2l0Y2hib2FyZC9hcGkvZXZlbnRzL3YxL2V2ZW50cy5wcm90bxIZc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MSJNCgVTY29wZRIOCgR1c2VyGAEgASgJSAASEwoJd29ya3NwYWNlGAIgASgJSAASFgoMY29udmVyc2F0aW9uGAMgASgJSABCBwoFc2NvcGUiKQoFQWN0b3ISDAoEbmFtZRgBIAEoCRISCgpjcmVkZW50aWFsGAIgASgJIoMBChBXb3Jrc3BhY2VDaGFuZ2VkEjUKBmNoYW5nZRgBIAEoDjIlLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuQ2hhbmdlS2luZBI4Cgl3b3Jrc3BhY2UYAiABKAsyJS5zd2l0Y2hib2FyZC5hcGkuY29udGV4dC52MS5Xb3Jrc3BhY2UigwEKDU1lbWJlckNoYW5nZWQSNQoGY2hhbmdlGAEgASgOMiUuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5DaGFuZ2VLaW5kEjsKBm1lbWJlchgCIAEoCzIrLnN3aXRjaGJvYXJkLmFwaS5jb250ZXh0LnYxLldvcmtzcGFjZU1lbWJlciKMAQoTQ29udmVyc2F0aW9uQ2hhbmdlZBI1CgZjaGFuZ2UYASABKA4yJS5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkNoYW5nZUtpbmQSPgoMY29udmVyc2F0aW9uGAIgASgLMiguc3dpdGNoYm9hcmQuYXBpLmNvbnRleHQudjEuQ29udmVyc2F0aW9uIkYKDk1lc3NhZ2VDcmVhdGVkEjQKB21lc3NhZ2UYASABKAsyIy5zd2l0Y2hib2FyZC5hcGkuY29udGV4dC52MS5NZXNzYWdlIoMBCg1NZW1vcnlDaGFuZ2VkEjUKBmNoYW5nZRgBIAEoDjIlLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuQ2hhbmdlS2luZBI7CgttZW1vcnlfaXRlbRgCIAEoCzImLnN3aXRjaGJvYXJkLmFwaS5jb250ZXh0LnYxLk1lbW9yeUl0ZW0idAoLRmlsZUNoYW5nZWQSNQoGY2hhbmdlGAEgASgOMiUuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5DaGFuZ2VLaW5kEi4KBGZpbGUYAiABKAsyIC5zd2l0Y2hib2FyZC5hcGkuY29udGV4dC52MS5GaWxlIoMBCg9TY2hlZHVsZUNoYW5nZWQSNQoGY2hhbmdlGAEgASgOMiUuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5DaGFuZ2VLaW5kEjkKCHNjaGVkdWxlGAIgASgLMicuc3dpdGNoYm9hcmQuYXBpLmRpc3BhdGNoZXIudjEuU2NoZWR1bGUiYAoNU2NoZWR1bGVGaXJlZBIQCghzY2hlZHVsZRgBIAEoCRI9CgZmaXJpbmcYAiABKAsyLS5zd2l0Y2hib2FyZC5hcGkuZGlzcGF0Y2hlci52MS5TY2hlZHVsZUZpcmluZyJGCgpSdW5VcGRhdGVkEjgKBnVwZGF0ZRgBIAEoCzIoLnN3aXRjaGJvYXJkLmFwaS5kaXNwYXRjaGVyLnYxLlJ1blVwZGF0ZSKdAQoPTWVzc2FnZUZpbHRlcmVkEhQKDGNvbnZlcnNhdGlvbhgBIAEoCRIOCgZmaWx0ZXIYAiABKAkSEAoIcmVqZWN0ZWQYAyABKAgSNgoGcmVhc29uGAQgASgOMiYuc3dpdGNoYm9hcmQuYXBpLmNvbW1vbi52MS5FcnJvclJlYXNvbhINCgVmbGFncxgFIAMoCRILCgNydW4YBiABKAkijQEKEkludGVncmF0aW9uQ2hhbmdlZBI1CgZjaGFuZ2UYASABKA4yJS5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkNoYW5nZUtpbmQSQAoLaW50ZWdyYXRpb24YAiABKAsyKy5zd2l0Y2hib2FyZC5hcGkuaW50ZWdyYXRpb24udjEuSW50ZWdyYXRpb24ihgEKEEFzc2lzdGFudENoYW5nZWQSNQoGY2hhbmdlGAEgASgOMiUuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5DaGFuZ2VLaW5kEjsKCWFzc2lzdGFudBgCIAEoCzIoLnN3aXRjaGJvYXJkLmFwaS5kaXNwYXRjaGVyLnYxLkFzc2lzdGFudCJ9Cg1CdWRnZXRDaGFuZ2VkEjUKBmNoYW5nZRgBIAEoDjIlLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuQ2hhbmdlS2luZBI1CgZidWRnZXQYAiABKAsyJS5zd2l0Y2hib2FyZC5hcGkuZGlzcGF0Y2hlci52MS5CdWRnZXQivQEKC0J1ZGdldEFsZXJ0EjgKBGtpbmQYASABKA4yKi5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkJ1ZGdldEFsZXJ0S2luZBIOCgZidWRnZXQYAiABKAkSDwoHcGVyY2VudBgDIAEoBRILCgNjYXAYBCABKAkSOQoFdXNhZ2UYBSABKAsyKi5zd2l0Y2hib2FyZC5hcGkuZGlzcGF0Y2hlci52MS5CdWRnZXRVc2FnZRILCgNydW4YBiABKAkiiwEKC1Rvb2xJbnZva2VkEgwKBHRvb2wYASABKAkSKwoIZHVyYXRpb24YAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SIgoGc3RhdHVzGAMgASgLMhIuZ29vZ2xlLnJwYy5TdGF0dXMSEAoIaXNfZXJyb3IYBCABKAgSCwoDcnVuGAUgASgJIr8BCg1TZWN1cml0eUV2ZW50EjoKBGtpbmQYASABKA4yLC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlNlY3VyaXR5RXZlbnRLaW5kEg8KB3Nlc3Npb24YAiABKAkSDwoHYXBpX2tleRgDIAEoCRIWCg5jbGllbnRfYWRkcmVzcxgEIAEoCRI4CgtjbGllbnRfaW5mbxgFIAEoCzIjLnN3aXRjaGJvYXJkLmFwaS5hdXRoLnYxLkNsaWVudEluZm8iyAoKBUV2ZW50EgoKAmlkGAEgASgJEg4KBmN1cnNvchgCIAEoCRIyCgR0eXBlGAMgASgOMiQuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5FdmVudFR5cGUSKAoEdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoFYWN0b3IYBSABKAsyIC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkFjdG9yEgwKBHVzZXIYBiABKAkSEQoJd29ya3NwYWNlGAcgASgJEhQKDGNvbnZlcnNhdGlvbhgIIAEoCRJIChF3b3Jrc3BhY2VfY2hhbmdlZBgKIAEoCzIrLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuV29ya3NwYWNlQ2hhbmdlZEgAEkIKDm1lbWJlcl9jaGFuZ2VkGAsgASgLMiguc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5NZW1iZXJDaGFuZ2VkSAASTgoUY29udmVyc2F0aW9uX2NoYW5nZWQYDCABKAsyLi5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkNvbnZlcnNhdGlvbkNoYW5nZWRIABJECg9tZXNzYWdlX2NyZWF0ZWQYDSABKAsyKS5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLk1lc3NhZ2VDcmVhdGVkSAASQgoObWVtb3J5X2NoYW5nZWQYDiABKAsyKC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLk1lbW9yeUNoYW5nZWRIABI8CgtydW5fdXBkYXRlZBgPIAEoCzIlLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuUnVuVXBkYXRlZEgAEkwKE2ludGVncmF0aW9uX2NoYW5nZWQYECABKAsyLS5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkludGVncmF0aW9uQ2hhbmdlZEgAEjwKCHNlY3VyaXR5GBEgASgLMiguc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5TZWN1cml0eUV2ZW50SAASRgoQbWVzc2FnZV9maWx0ZXJlZBgSIAEoCzIqLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuTWVzc2FnZUZpbHRlcmVkSAASPgoMdG9vbF9pbnZva2VkGBMgASgLMiYuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5Ub29sSW52b2tlZEgAEkgKEWFzc2lzdGFudF9jaGFuZ2VkGBQgASgLMisuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5Bc3Npc3RhbnRDaGFuZ2VkSAASQgoOYnVkZ2V0X2NoYW5nZWQYFSABKAsyKC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkJ1ZGdldENoYW5nZWRIABI+CgxidWRnZXRfYWxlcnQYFiABKAsyJi5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkJ1ZGdldEFsZXJ0SAASPgoMZmlsZV9jaGFuZ2VkGBcgASgLMiYuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5GaWxlQ2hhbmdlZEgAEkYKEHNjaGVkdWxlX2NoYW5nZWQYGCABKAsyKi5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlNjaGVkdWxlQ2hhbmdlZEgAEkIKDnNjaGVkdWxlX2ZpcmVkGBkgASgLMiguc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5TY2hlZHVsZUZpcmVkSABCCQoHcGF5bG9hZCKlAQoQU3Vic2NyaWJlUmVxdWVzdBIwCgZzY29wZXMYASADKAsyIC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlNjb3BlEhQKDGFmdGVyX2N1cnNvchgCIAEoCRIzCgV0eXBlcxgDIAMoDjIkLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuRXZlbnRUeXBlEhQKDG1lcmdlX2RlbHRhcxgEIAEoCCJOCgpFdmVudEJhdGNoEjAKBmV2ZW50cxgBIAMoCzIgLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuRXZlbnQSDgoGY3Vyc29yGAIgASgJIkUKCUhlYXJ0YmVhdBIoCgR0aW1lGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIOCgZjdXJzb3IYAiABKAkijwEKEVN1YnNjcmliZVJlc3BvbnNlEjYKBWJhdGNoGAEgASgLMiUuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5FdmVudEJhdGNoSAASOQoJaGVhcnRiZWF0GAIgASgLMiQuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5IZWFydGJlYXRIAEIHCgVmcmFtZSK9AQoPQWRkU3Vic2NyaXB0aW9uEhcKD3N1YnNjcmlwdGlvbl9pZBgBIAEoCRIwCgZzY29wZXMYAiADKAsyIC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlNjb3BlEhQKDGFmdGVyX2N1cnNvchgDIAEoCRIzCgV0eXBlcxgEIAMoDjIkLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuRXZlbnRUeXBlEhQKDG1lcmdlX2RlbHRhcxgFIAEoCCItChJSZW1vdmVTdWJzY3JpcHRpb24SFwoPc3Vic2NyaXB0aW9uX2lkGAEgASgJIi4KA0FjaxIXCg9zdWJzY3JpcHRpb25faWQYASABKAkSDgoGY3Vyc29yGAIgASgJIhUKBFBpbmcSDQoFbm9uY2UYASABKAki9AEKDVN0cmVhbVJlcXVlc3QSOQoDYWRkGAEgASgLMiouc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5BZGRTdWJzY3JpcHRpb25IABI/CgZyZW1vdmUYAiABKAsyLS5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlJlbW92ZVN1YnNjcmlwdGlvbkgAEi0KA2FjaxgDIAEoCzIeLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuQWNrSAASLwoEcGluZxgEIAEoCzIfLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuUGluZ0gAQgcKBWZyYW1lIj8KBFBvbmcSDQoFbm9uY2UYASABKAkSKAoEdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiLAoRU3Vic2NyaXB0aW9uQWRkZWQSFwoPc3Vic2NyaXB0aW9uX2lkGAEgASgJImIKEVN1YnNjcmlwdGlvbkVuZGVkEhcKD3N1YnNjcmlwdGlvbl9pZBgBIAEoCRIMCgRjb2RlGAIgASgFEg8KB21lc3NhZ2UYAyABKAkSFQoNcmVzdW1lX2N1cnNvchgEIAEoCSJjChJTdWJzY3JpcHRpb25FdmVudHMSFwoPc3Vic2NyaXB0aW9uX2lkGAEgASgJEjQKBWJhdGNoGAIgASgLMiUuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5FdmVudEJhdGNoIsQCCg5TdHJlYW1SZXNwb25zZRI/CgZldmVudHMYASABKAsyLS5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlN1YnNjcmlwdGlvbkV2ZW50c0gAEj0KBWFkZGVkGAIgASgLMiwuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5TdWJzY3JpcHRpb25BZGRlZEgAEj0KBWVuZGVkGAMgASgLMiwuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5TdWJzY3JpcHRpb25FbmRlZEgAEi8KBHBvbmcYBCABKAsyHy5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlBvbmdIABI5CgloZWFydGJlYXQYBSABKAsyJC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkhlYXJ0YmVhdEgAQgcKBWZyYW1lIrcBChFMaXN0RXZlbnRzUmVxdWVzdBIwCgZzY29wZXMYASADKAsyIC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlNjb3BlEhQKDGFmdGVyX2N1cnNvchgCIAEoCRIzCgV0eXBlcxgDIAMoDjIkLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuRXZlbnRUeXBlEhEKCXBhZ2Vfc2l6ZRgEIAEoBRISCgpwYWdlX3Rva2VuGAUgASgJInYKEkxpc3RFdmVudHNSZXNwb25zZRIwCgZldmVudHMYASADKAsyIC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkV2ZW50EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCRIVCg1vbGRlc3RfY3Vyc29yGAMgASgJKp4ECglFdmVudFR5cGUSGgoWRVZFTlRfVFlQRV9VTlNQRUNJRklFRBAAEiAKHEVWRU5UX1RZUEVfV09SS1NQQUNFX0NIQU5HRUQQARIdChlFVkVOVF9UWVBFX01FTUJFUl9DSEFOR0VEEAISIwofRVZFTlRfVFlQRV9DT05WRVJTQVRJT05fQ0hBTkdFRBADEh4KGkVWRU5UX1RZUEVfTUVTU0FHRV9DUkVBVEVEEAQSHQoZRVZFTlRfVFlQRV9NRU1PUllfQ0hBTkdFRBAFEhoKFkVWRU5UX1RZUEVfUlVOX1VQREFURUQQBhIiCh5FVkVOVF9UWVBFX0lOVEVHUkFUSU9OX0NIQU5HRUQQBxIXChNFVkVOVF9UWVBFX1NFQ1VSSVRZEAgSHwobRVZFTlRfVFlQRV9NRVNTQUdFX0ZJTFRFUkVEEAkSGwoXRVZFTlRfVFlQRV9UT09MX0lOVk9LRUQQChIgChxFVkVOVF9UWVBFX0FTU0lTVEFOVF9DSEFOR0VEEAsSHQoZRVZFTlRfVFlQRV9CVURHRVRfQ0hBTkdFRBAMEhsKF0VWRU5UX1RZUEVfQlVER0VUX0FMRVJUEA0SGwoXRVZFTlRfVFlQRV9GSUxFX0NIQU5HRUQQDhIfChtFVkVOVF9UWVBFX1NDSEVEVUxFX0NIQU5HRUQQDxIdChlFVkVOVF9UWVBFX1NDSEVEVUxFX0ZJUkVEEBAqdAoKQ2hhbmdlS2luZBIbChdDSEFOR0VfS0lORF9VTlNQRUNJRklFRBAAEhcKE0NIQU5HRV9LSU5EX0NSRUFURUQQARIXChNDSEFOR0VfS0lORF9VUERBVEVEEAISFwoTQ0hBTkdFX0tJTkRfREVMRVRFRBADKp4BCg9CdWRnZXRBbGVydEtpbmQSIQodQlVER0VUX0FMRVJUX0tJTkRfVU5TUEVDSUZJRUQQABIfChtCVURHRVRfQUxFUlRfS0lORF9USFJFU0hPTEQQARIlCiFCVURHRVRfQUxFUlRfS0lORF9NRVNTQUdFX1JFRlVTRUQQAhIgChxCVURHRVRfQUxFUlRfS0lORF9SVU5fUEFVU0VEEAMqsgIKEVNlY3VyaXR5RXZlbnRLaW5kEiMKH1NFQ1VSSVRZX0VWRU5UX0tJTkRfVU5TUEVDSUZJRUQQABInCiNTRUNVUklUWV9FVkVOVF9LSU5EX0xPR0lOX1NVQ0NFRURFRBABEiQKIFNFQ1VSSVRZX0VWRU5UX0tJTkRfTE9HSU5fRkFJTEVEEAISLgoqU0VDVVJJVFlfRVZFTlRfS0lORF9SRUZSRVNIX1JFVVNFX0RFVEVDVEVEEAMSJwojU0VDVVJJVFlfRVZFTlRfS0lORF9TRVNTSU9OX1JFVk9LRUQQBBInCiNTRUNVUklUWV9FVkVOVF9LSU5EX0FQSV9LRVlfQ1JFQVRFRBAFEicKI1NFQ1VSSVRZX0VWRU5UX0tJTkRfQVBJX0tFWV9SRVZPS0VEEAYyywIKDEV2ZW50U2VydmljZRJoCglTdWJzY3JpYmUSKy5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlN1YnNjcmliZVJlcXVlc3QaLC5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLlN1YnNjcmliZVJlc3BvbnNlMAESYQoGU3RyZWFtEiguc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5TdHJlYW1SZXF1ZXN0Gikuc3dpdGNoYm9hcmQuYXBpLmV2ZW50cy52MS5TdHJlYW1SZXNwb25zZSgBMAESbgoKTGlzdEV2ZW50cxIsLnN3aXRjaGJvYXJkLmFwaS5ldmVudHMudjEuTGlzdEV2ZW50c1JlcXVlc3QaLS5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxLkxpc3RFdmVudHNSZXNwb25zZSIDkAIBQlwKHWRldi5zd2l0Y2hib2FyZC5hcGkuZXZlbnRzLnYxUAFaOXN3aXRjaGJvYXJkLmRldi9nby9nZW4vc3dpdGNoYm9hcmQvYXBpL2V2ZW50cy92MTtldmVudHN2MWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_google_rpc_status, file_switchboard_api_auth_v1_auth, file_switchboard_api_common_v1_errors, file_switchboard_api_context_v1_context, file_switchboard_api_dispatcher_v1_dispatcher, file_switchboard_api_integration_v1_integration]);
 
 /**
  * Which log partition a subscription follows. Exactly one field is set.
@@ -261,6 +261,62 @@ export const FileChangedSchema: GenMessage<FileChanged> = /*@__PURE__*/
   messageDesc(file_switchboard_api_events_v1_events, 7);
 
 /**
+ * Payload: a schedule changed.
+ *
+ * @generated from message switchboard.api.events.v1.ScheduleChanged
+ */
+export type ScheduleChanged = Message<"switchboard.api.events.v1.ScheduleChanged"> & {
+  /**
+   * How it changed (UPDATED for a pause or a resume too).
+   *
+   * @generated from field: switchboard.api.events.v1.ChangeKind change = 1;
+   */
+  change: ChangeKind;
+
+  /**
+   * The schedule after the change (before it, for a deletion).
+   *
+   * @generated from field: switchboard.api.dispatcher.v1.Schedule schedule = 2;
+   */
+  schedule?: Schedule | undefined;
+};
+
+/**
+ * Describes the message switchboard.api.events.v1.ScheduleChanged.
+ * Use `create(ScheduleChangedSchema)` to create a new message.
+ */
+export const ScheduleChangedSchema: GenMessage<ScheduleChanged> = /*@__PURE__*/
+  messageDesc(file_switchboard_api_events_v1_events, 8);
+
+/**
+ * Payload: a schedule's tick fired.
+ *
+ * @generated from message switchboard.api.events.v1.ScheduleFired
+ */
+export type ScheduleFired = Message<"switchboard.api.events.v1.ScheduleFired"> & {
+  /**
+   * The schedule, `workspaces/{w}/schedules/{s}`.
+   *
+   * @generated from field: string schedule = 1;
+   */
+  schedule: string;
+
+  /**
+   * The firing, as ListScheduleFirings shows it.
+   *
+   * @generated from field: switchboard.api.dispatcher.v1.ScheduleFiring firing = 2;
+   */
+  firing?: ScheduleFiring | undefined;
+};
+
+/**
+ * Describes the message switchboard.api.events.v1.ScheduleFired.
+ * Use `create(ScheduleFiredSchema)` to create a new message.
+ */
+export const ScheduleFiredSchema: GenMessage<ScheduleFired> = /*@__PURE__*/
+  messageDesc(file_switchboard_api_events_v1_events, 9);
+
+/**
  * Payload: a run produced an update.
  *
  * @generated from message switchboard.api.events.v1.RunUpdated
@@ -279,7 +335,7 @@ export type RunUpdated = Message<"switchboard.api.events.v1.RunUpdated"> & {
  * Use `create(RunUpdatedSchema)` to create a new message.
  */
 export const RunUpdatedSchema: GenMessage<RunUpdated> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 8);
+  messageDesc(file_switchboard_api_events_v1_events, 10);
 
 /**
  * Payload: a pre-dispatch filter refused or flagged a message.
@@ -335,7 +391,7 @@ export type MessageFiltered = Message<"switchboard.api.events.v1.MessageFiltered
  * Use `create(MessageFilteredSchema)` to create a new message.
  */
 export const MessageFilteredSchema: GenMessage<MessageFiltered> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 9);
+  messageDesc(file_switchboard_api_events_v1_events, 11);
 
 /**
  * Payload: an integration changed.
@@ -363,7 +419,7 @@ export type IntegrationChanged = Message<"switchboard.api.events.v1.IntegrationC
  * Use `create(IntegrationChangedSchema)` to create a new message.
  */
 export const IntegrationChangedSchema: GenMessage<IntegrationChanged> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 10);
+  messageDesc(file_switchboard_api_events_v1_events, 12);
 
 /**
  * Payload: an assistant changed.
@@ -391,7 +447,7 @@ export type AssistantChanged = Message<"switchboard.api.events.v1.AssistantChang
  * Use `create(AssistantChangedSchema)` to create a new message.
  */
 export const AssistantChangedSchema: GenMessage<AssistantChanged> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 11);
+  messageDesc(file_switchboard_api_events_v1_events, 13);
 
 /**
  * Payload: a budget changed.
@@ -419,7 +475,7 @@ export type BudgetChanged = Message<"switchboard.api.events.v1.BudgetChanged"> &
  * Use `create(BudgetChangedSchema)` to create a new message.
  */
 export const BudgetChangedSchema: GenMessage<BudgetChanged> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 12);
+  messageDesc(file_switchboard_api_events_v1_events, 14);
 
 /**
  * Payload: a budget alert.
@@ -475,7 +531,7 @@ export type BudgetAlert = Message<"switchboard.api.events.v1.BudgetAlert"> & {
  * Use `create(BudgetAlertSchema)` to create a new message.
  */
 export const BudgetAlertSchema: GenMessage<BudgetAlert> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 13);
+  messageDesc(file_switchboard_api_events_v1_events, 15);
 
 /**
  * Payload: a tool was invoked (who is the event's actor). The arguments and
@@ -525,7 +581,7 @@ export type ToolInvoked = Message<"switchboard.api.events.v1.ToolInvoked"> & {
  * Use `create(ToolInvokedSchema)` to create a new message.
  */
 export const ToolInvokedSchema: GenMessage<ToolInvoked> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 14);
+  messageDesc(file_switchboard_api_events_v1_events, 16);
 
 /**
  * Payload: a security-relevant action (never carries a secret).
@@ -574,7 +630,7 @@ export type SecurityEvent = Message<"switchboard.api.events.v1.SecurityEvent"> &
  * Use `create(SecurityEventSchema)` to create a new message.
  */
 export const SecurityEventSchema: GenMessage<SecurityEvent> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 15);
+  messageDesc(file_switchboard_api_events_v1_events, 17);
 
 /**
  * The one envelope of every event in the mesh.
@@ -755,6 +811,22 @@ export type Event = Message<"switchboard.api.events.v1.Event"> & {
      */
     value: FileChanged;
     case: "fileChanged";
+  } | {
+    /**
+     * A schedule changed.
+     *
+     * @generated from field: switchboard.api.events.v1.ScheduleChanged schedule_changed = 24;
+     */
+    value: ScheduleChanged;
+    case: "scheduleChanged";
+  } | {
+    /**
+     * A schedule's tick fired.
+     *
+     * @generated from field: switchboard.api.events.v1.ScheduleFired schedule_fired = 25;
+     */
+    value: ScheduleFired;
+    case: "scheduleFired";
   } | { case: undefined; value?: undefined };
 };
 
@@ -763,7 +835,7 @@ export type Event = Message<"switchboard.api.events.v1.Event"> & {
  * Use `create(EventSchema)` to create a new message.
  */
 export const EventSchema: GenMessage<Event> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 16);
+  messageDesc(file_switchboard_api_events_v1_events, 18);
 
 /**
  * Request for Subscribe.
@@ -807,7 +879,7 @@ export type SubscribeRequest = Message<"switchboard.api.events.v1.SubscribeReque
  * Use `create(SubscribeRequestSchema)` to create a new message.
  */
 export const SubscribeRequestSchema: GenMessage<SubscribeRequest> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 17);
+  messageDesc(file_switchboard_api_events_v1_events, 19);
 
 /**
  * A batch of events delivered together (coalesced when the subscriber is behind).
@@ -835,7 +907,7 @@ export type EventBatch = Message<"switchboard.api.events.v1.EventBatch"> & {
  * Use `create(EventBatchSchema)` to create a new message.
  */
 export const EventBatchSchema: GenMessage<EventBatch> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 18);
+  messageDesc(file_switchboard_api_events_v1_events, 20);
 
 /**
  * Keep-alive sent when a stream is idle.
@@ -863,7 +935,7 @@ export type Heartbeat = Message<"switchboard.api.events.v1.Heartbeat"> & {
  * Use `create(HeartbeatSchema)` to create a new message.
  */
 export const HeartbeatSchema: GenMessage<Heartbeat> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 19);
+  messageDesc(file_switchboard_api_events_v1_events, 21);
 
 /**
  * Response for Subscribe: one frame.
@@ -900,7 +972,7 @@ export type SubscribeResponse = Message<"switchboard.api.events.v1.SubscribeResp
  * Use `create(SubscribeResponseSchema)` to create a new message.
  */
 export const SubscribeResponseSchema: GenMessage<SubscribeResponse> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 20);
+  messageDesc(file_switchboard_api_events_v1_events, 22);
 
 /**
  * Client frame: add a subscription to the stream.
@@ -949,7 +1021,7 @@ export type AddSubscription = Message<"switchboard.api.events.v1.AddSubscription
  * Use `create(AddSubscriptionSchema)` to create a new message.
  */
 export const AddSubscriptionSchema: GenMessage<AddSubscription> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 21);
+  messageDesc(file_switchboard_api_events_v1_events, 23);
 
 /**
  * Client frame: remove a subscription.
@@ -970,7 +1042,7 @@ export type RemoveSubscription = Message<"switchboard.api.events.v1.RemoveSubscr
  * Use `create(RemoveSubscriptionSchema)` to create a new message.
  */
 export const RemoveSubscriptionSchema: GenMessage<RemoveSubscription> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 22);
+  messageDesc(file_switchboard_api_events_v1_events, 24);
 
 /**
  * Client frame: acknowledge delivery up to a cursor (lets the server trim its
@@ -999,7 +1071,7 @@ export type Ack = Message<"switchboard.api.events.v1.Ack"> & {
  * Use `create(AckSchema)` to create a new message.
  */
 export const AckSchema: GenMessage<Ack> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 23);
+  messageDesc(file_switchboard_api_events_v1_events, 25);
 
 /**
  * Client frame: liveness check; answered with a Pong carrying the same nonce.
@@ -1020,7 +1092,7 @@ export type Ping = Message<"switchboard.api.events.v1.Ping"> & {
  * Use `create(PingSchema)` to create a new message.
  */
 export const PingSchema: GenMessage<Ping> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 24);
+  messageDesc(file_switchboard_api_events_v1_events, 26);
 
 /**
  * Request for Stream: one client frame.
@@ -1073,7 +1145,7 @@ export type StreamRequest = Message<"switchboard.api.events.v1.StreamRequest"> &
  * Use `create(StreamRequestSchema)` to create a new message.
  */
 export const StreamRequestSchema: GenMessage<StreamRequest> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 25);
+  messageDesc(file_switchboard_api_events_v1_events, 27);
 
 /**
  * Server frame: answers a Ping.
@@ -1101,7 +1173,7 @@ export type Pong = Message<"switchboard.api.events.v1.Pong"> & {
  * Use `create(PongSchema)` to create a new message.
  */
 export const PongSchema: GenMessage<Pong> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 26);
+  messageDesc(file_switchboard_api_events_v1_events, 28);
 
 /**
  * Server frame: a subscription was added and is live.
@@ -1122,7 +1194,7 @@ export type SubscriptionAdded = Message<"switchboard.api.events.v1.SubscriptionA
  * Use `create(SubscriptionAddedSchema)` to create a new message.
  */
 export const SubscriptionAddedSchema: GenMessage<SubscriptionAdded> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 27);
+  messageDesc(file_switchboard_api_events_v1_events, 29);
 
 /**
  * Server frame: a subscription ended, by request or by an error.
@@ -1165,7 +1237,7 @@ export type SubscriptionEnded = Message<"switchboard.api.events.v1.SubscriptionE
  * Use `create(SubscriptionEndedSchema)` to create a new message.
  */
 export const SubscriptionEndedSchema: GenMessage<SubscriptionEnded> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 28);
+  messageDesc(file_switchboard_api_events_v1_events, 30);
 
 /**
  * Server frame: events for one subscription.
@@ -1193,7 +1265,7 @@ export type SubscriptionEvents = Message<"switchboard.api.events.v1.Subscription
  * Use `create(SubscriptionEventsSchema)` to create a new message.
  */
 export const SubscriptionEventsSchema: GenMessage<SubscriptionEvents> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 29);
+  messageDesc(file_switchboard_api_events_v1_events, 31);
 
 /**
  * Response for Stream: one server frame.
@@ -1254,7 +1326,7 @@ export type StreamResponse = Message<"switchboard.api.events.v1.StreamResponse">
  * Use `create(StreamResponseSchema)` to create a new message.
  */
 export const StreamResponseSchema: GenMessage<StreamResponse> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 30);
+  messageDesc(file_switchboard_api_events_v1_events, 32);
 
 /**
  * Request for ListEvents.
@@ -1303,7 +1375,7 @@ export type ListEventsRequest = Message<"switchboard.api.events.v1.ListEventsReq
  * Use `create(ListEventsRequestSchema)` to create a new message.
  */
 export const ListEventsRequestSchema: GenMessage<ListEventsRequest> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 31);
+  messageDesc(file_switchboard_api_events_v1_events, 33);
 
 /**
  * Response for ListEvents.
@@ -1338,7 +1410,7 @@ export type ListEventsResponse = Message<"switchboard.api.events.v1.ListEventsRe
  * Use `create(ListEventsResponseSchema)` to create a new message.
  */
 export const ListEventsResponseSchema: GenMessage<ListEventsResponse> = /*@__PURE__*/
-  messageDesc(file_switchboard_api_events_v1_events, 32);
+  messageDesc(file_switchboard_api_events_v1_events, 34);
 
 /**
  * What an event is about.
@@ -1451,6 +1523,20 @@ export enum EventType {
    * @generated from enum value: EVENT_TYPE_FILE_CHANGED = 14;
    */
   FILE_CHANGED = 14,
+
+  /**
+   * A schedule was created, updated, paused, resumed or deleted.
+   *
+   * @generated from enum value: EVENT_TYPE_SCHEDULE_CHANGED = 15;
+   */
+  SCHEDULE_CHANGED = 15,
+
+  /**
+   * A schedule's tick was claimed and fired (or skipped, or refused).
+   *
+   * @generated from enum value: EVENT_TYPE_SCHEDULE_FIRED = 16;
+   */
+  SCHEDULE_FIRED = 16,
 }
 
 /**

@@ -1,0 +1,493 @@
+"""The firing loop: each schedule's ticks claimed once in the database, then sent as
+ordinary messages through admission (docs/schedules.md).
+
+One loop per dispatcher replica, started and stopped with the dispatcher. Each
+pass:
+
+1. finds the schedules due (ACTIVE, next tick at or before now) and **claims**
+   each tick in one transaction: the firing row inserted (its primary key is
+   (schedule, tick)) and the schedule's next tick moved on, conditional on the
+   tick it read. Two replicas never both claim a tick: one update matches
+   nothing, or one insert fails. A tick older than the grace is *missed*: SKIP
+   records it (and at most ``MAX_RECORDED_MISSED`` in all) SKIPPED and goes on
+   from now; RUN_ONCE fires the latest missed tick once (``catch_up``) and
+   records the others SKIPPED;
+2. sends each claimed tick through admission (``Admission.send_message``) as
+   the schedule's creator, re-authorized for WRITE first, with a request id
+   derived from the schedule and the tick, and records the outcome on the
+   firing (STARTED with its run, SKIPPED, FAILED with the status) with its
+   SCHEDULE_FIRED event;
+3. now and then, replays the ticks this replica claimed and did not settle
+   (it restarted, or the database was away), and takes over those claimed by
+   a replica whose dispatcher lease expired: replayed with the same request
+   id, so admission answers with the run the first attempt made, if it made
+   one: a tick never runs twice.
+
+The loop survives a database outage (logged once, retried with backoff) and
+never waits on the network without a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from google.protobuf import struct_pb2
+
+from switchboard.api.context.v1 import context_pb2 as cpb
+from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.dispatcher import mapping
+from switchboard.dispatcher.ports.context import ContextPort
+from switchboard.dispatcher.schedules import mapping as schedule_mapping
+from switchboard.dispatcher.schedules import times
+from switchboard.dispatcher.schedules.catalog import derived_id, render
+from switchboard.dispatcher.schedules.store import (
+    CLAIMED,
+    FiringRecord,
+    NewFiring,
+    ScheduleRecord,
+    ScheduleStore,
+)
+from switchboard.platform import background
+from switchboard.platform.errors import (
+    Conflict,
+    ConversationBusy,
+    DependencyUnavailable,
+    FailedPrecondition,
+    SwitchboardError,
+)
+from switchboard.platform.events.bus import EventBus
+from switchboard.platform.security.policy import AuthMethod, Permission, Policy, Principal, Scope
+from switchboard.platform.store.outbox import Staged
+
+log = logging.getLogger("switchboard.dispatcher.schedules")
+
+#: Missed ticks recorded per claim (SKIPPED, or SKIPPED and the one RUN_ONCE fires);
+#: a longer gap is said in the oldest one's error.
+MAX_RECORDED_MISSED: Final = 5
+#: Schedules claimed, and leftover claims replayed, per pass.
+BATCH: Final = 100
+#: Claimed ticks sent at once.
+CONCURRENT_SENDS: Final = 8
+#: The longest wait for one tick's start (authorization, conversation, admission).
+SEND_TIMEOUT_S: Final = 30.0
+#: The longest wait between passes after failures (the database away).
+MAX_BACKOFF_S: Final = 30.0
+#: How often leftover and orphaned claims are looked for, at most.
+MAX_SCAN_S: Final = 10.0
+_SCOPES: Final = frozenset({Scope.READ, Scope.WRITE})
+
+Send = Callable[[Principal, pb.SendMessageRequest, str], Awaitable[pb.SendMessageResponse]]
+
+
+@dataclass(frozen=True)
+class FiringSettings:
+    instance_id: str
+    #: Seconds between passes at most (``SWITCHBOARD_SCHEDULES_POLL_S``).
+    poll_s: float = 1.0
+    #: A tick older than this when claimed is missed (``SWITCHBOARD_SCHEDULES_MISSED_GRACE_S``).
+    grace_s: float = 60.0
+    #: The dispatcher's lease: claims of a replica whose lease expired are taken over.
+    lease_s: float = 30.0
+
+
+class _Later(Exception):
+    """The tick cannot be started now (a dependency is away): it stays CLAIMED and is
+    replayed on a later pass."""
+
+
+def creator_principal(user_id: str) -> Principal:
+    """The schedule's creator, as its runs act: read and write, no session or key (its
+    right to write in the workspace is checked again at each tick)."""
+    return Principal(user_id=user_id, auth_method=AuthMethod.PASSWORD, scopes=_SCOPES)
+
+
+class Firing:
+    def __init__(
+        self,
+        *,
+        store: ScheduleStore,
+        bus: EventBus,
+        context: ContextPort,
+        policy: Policy,
+        send: Send,
+        settings: FiringSettings,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._bus = bus
+        self._context = context
+        self._policy = policy
+        self._send = send
+        self.settings = settings
+        #: Seconds since the epoch: what "now" is for ticks (tests move it).
+        self.clock = clock
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        #: Ticks being sent by this process: (workspace, schedule, tick).
+        self._sending: set[tuple[str, str, int]] = set()
+        self._scanned_at: float | None = None
+        self._gate = asyncio.Semaphore(CONCURRENT_SENDS)
+        #: The loop's sends under way: a pass claims the next ticks without waiting
+        #: for the last pass's runs to start (a slow start must not make ticks late).
+        self._sends: set[asyncio.Task[None]] = set()
+
+    # -- the process ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="schedule-firing")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait([self._task], timeout=SEND_TIMEOUT_S)
+            self._task = None
+        # A send cut here leaves its tick CLAIMED: replayed (same request id) after
+        # the restart, or taken over once this replica's lease expires.
+        sends = list(self._sends)
+        for send in sends:
+            send.cancel()
+        if sends:
+            await asyncio.wait(sends, timeout=SEND_TIMEOUT_S)
+
+    def wake(self) -> None:
+        """A schedule changed here: look again now rather than at the next poll."""
+        self._wake.set()
+
+    async def _loop(self) -> None:
+        failing = False
+        backoff = self.settings.poll_s
+        while True:
+            try:
+                wait = await self.run_once(wait=False)
+                if failing:
+                    log.info("schedules fire again")
+                failing = False
+                backoff = self.settings.poll_s
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # logged once per outage, then retried
+                if not failing:
+                    log.warning(
+                        "schedules cannot fire now (%s); retrying with backoff",
+                        type(exc).__name__,
+                        exc_info=not isinstance(exc, SwitchboardError),
+                    )
+                failing = True
+                wait = backoff
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+            await self._sleep(wait)
+
+    async def _sleep(self, seconds: float) -> None:
+        # A periodic job's wait, cut short by ``wake``: not synchronization.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(seconds, 0.0)):
+                await self._wake.wait()
+        self._wake.clear()
+
+    def _now(self) -> dt.datetime:
+        return dt.datetime.fromtimestamp(self.clock(), dt.UTC)
+
+    # -- one pass -------------------------------------------------------------------------
+
+    async def run_once(self, *, wait: bool = True) -> float:
+        """Claim and send what is due (and, now and then, leftover claims); returns the
+        seconds until the next pass is wanted. ``wait``: until the sends are done (the
+        loop's own passes do not wait; a test's do)."""
+        started = time.monotonic()
+        scan_every = min(max(self.settings.lease_s / 3, 1.0), MAX_SCAN_S)
+        if self._scanned_at is None or started - self._scanned_at >= scan_every:
+            await self.replay_claimed(wait=wait)
+            self._scanned_at = started
+        now_us = times.to_us(self._now())
+        due = await self._store.due(now_us, BATCH)
+        claimed: list[FiringRecord] = []
+        for record in due:
+            try:
+                claimed.extend(await self.claim(record))
+            except SwitchboardError:
+                raise  # the database away: the whole pass is retried with backoff
+            except Exception:
+                # One schedule this version cannot fire must not stop the others.
+                log.exception(
+                    "schedule tick not claimed",
+                    extra={
+                        "schedule": schedule_mapping.schedule_name(record.workspace_id, record.id)
+                    },
+                )
+        await self._send_all(claimed, wait=wait)
+        if len(due) == BATCH:
+            return 0.0
+        next_us = await self._store.next_due()
+        if next_us is None:
+            return self.settings.poll_s
+        return min(max((next_us - times.to_us(self._now())) / 1e6, 0.0), self.settings.poll_s)
+
+    async def replay_claimed(self, *, wait: bool = True) -> int:
+        """Send again the ticks this replica claimed and did not settle, and take over
+        those of replicas whose lease expired; returns how many were sent (``wait``: as
+        ``run_once``)."""
+        own = [
+            firing
+            for firing in await self._store.claimed_by(self.settings.instance_id, BATCH)
+            if _key(firing) not in self._sending
+        ]
+        taken = await self._store.take_over(self.settings.instance_id, BATCH)
+        if taken:
+            log.warning(
+                "schedule ticks taken over from replicas whose lease expired",
+                extra={"count": len(taken), "from": sorted({f.claimer for f in taken})},
+            )
+        await self._send_all([*own, *taken], wait=wait)
+        return len(own) + len(taken)
+
+    # -- the claim ------------------------------------------------------------------------
+
+    async def claim(self, record: ScheduleRecord) -> list[FiringRecord]:
+        """Claim ``record``'s due tick (and record the ticks it missed); the claimed tick
+        to send, if any (none if another replica claimed it first, or all were skipped)."""
+        if record.next_fire_us is None:
+            return []
+        settings = pb.Schedule.FromString(record.data)
+        cadence = schedule_mapping.cadence(settings)
+        tick = times.from_us(record.next_fire_us)
+        now = self._now()
+        fire: dt.datetime | None = tick
+        catch_up = False
+        skipped: list[dt.datetime] = []
+        more = False
+        if (now - tick).total_seconds() > self.settings.grace_s:
+            ticks, more = cadence.missed(tick, now, MAX_RECORDED_MISSED)
+            if settings.missed_tick_policy == pb.MISSED_TICK_POLICY_RUN_ONCE:
+                fire, skipped, catch_up = ticks[-1], ticks[:-1], True
+            else:
+                fire, skipped = None, ticks
+            last = ticks[-1]
+        else:
+            last = tick
+        following = cadence.after(last)
+        rows = [self._skipped(at, more and i == 0) for i, at in enumerate(skipped)]
+        fired: FiringRecord | None = None
+        if fire is not None:
+            request, title = self._request(record, settings, fire)
+            new = NewFiring(
+                fire_us=times.to_us(fire),
+                outcome=CLAIMED,
+                catch_up=catch_up,
+                request=request.SerializeToString(deterministic=True),
+                title=title,
+            )
+            rows.append(new)
+            fired = FiringRecord(
+                workspace_id=record.workspace_id,
+                schedule_id=record.id,
+                fire_us=new.fire_us,
+                claim_time=now,
+                claimer=self.settings.instance_id,
+                outcome=CLAIMED,
+                catch_up=catch_up,
+                run="",
+                error=b"",
+                request=new.request,
+                title=title,
+                creator=record.creator,
+            )
+        events = [
+            schedule_mapping.fired_event(
+                FiringRecord(
+                    workspace_id=record.workspace_id,
+                    schedule_id=record.id,
+                    fire_us=row.fire_us,
+                    claim_time=now,
+                    claimer=self.settings.instance_id,
+                    outcome=row.outcome,
+                    catch_up=False,
+                    run="",
+                    error=row.error,
+                    request=b"",
+                    title="",
+                    creator=record.creator,
+                )
+            )
+            for row in rows
+            if row.outcome != CLAIMED
+        ]
+        staged: Staged[bool] = Staged(self._bus.outbox, lambda won: events if won else [])
+        try:
+            won = await self._store.claim(
+                record,
+                next_fire_us=times.to_us(following) if following is not None else None,
+                last_fire_us=times.to_us(last),
+                firings=rows,
+                claimer=self.settings.instance_id,
+                staged=staged,
+            )
+        except Conflict:
+            won = False  # another replica inserted the same tick first
+        if not won:
+            return []
+        await self._bus.publish_staged(staged.events)
+        if skipped:
+            log.warning(
+                "schedule ticks missed",
+                extra={
+                    "schedule": schedule_mapping.schedule_name(record.workspace_id, record.id),
+                    "recorded": len(skipped),
+                    "more": more,
+                    "policy": pb.MissedTickPolicy.Name(settings.missed_tick_policy),
+                },
+            )
+        return [fired] if fired is not None else []
+
+    def _skipped(self, tick: dt.datetime, more_before: bool) -> NewFiring:
+        why = (
+            "missed: no replica could fire it within SWITCHBOARD_SCHEDULES_MISSED_GRACE_S "
+            f"({self.settings.grace_s:g} s)"
+        )
+        if more_before:
+            why += (
+                f"; earlier ticks were missed too (the latest {MAX_RECORDED_MISSED} are recorded)"
+            )
+        status = mapping.error_status(FailedPrecondition(why))
+        return NewFiring(
+            fire_us=times.to_us(tick),
+            outcome=int(pb.FIRING_OUTCOME_SKIPPED),
+            error=status.SerializeToString(),
+        )
+
+    @staticmethod
+    def _request(
+        record: ScheduleRecord, settings: pb.Schedule, tick: dt.datetime
+    ) -> tuple[pb.SendMessageRequest, str]:
+        """The message a tick sends, fixed at its claim (a replay sends the same bytes),
+        and for PER_RUN the title of the conversation it makes."""
+        cadence = schedule_mapping.cadence(settings)
+        local = tick.astimezone(cadence.tz)
+        name = schedule_mapping.schedule_name(record.workspace_id, record.id)
+        metadata = struct_pb2.Struct()
+        metadata.update({"schedule": name, "fire_time": local.isoformat()})
+        request = pb.SendMessageRequest(
+            message=cpb.Message(
+                parts=[
+                    cpb.ContentPart(
+                        text=render(settings.message_template, local, settings.display_name)
+                    )
+                ],
+                metadata=metadata,
+            ),
+            assistant=settings.assistant,
+            handler=settings.handler,
+            request_id=derived_id(record.uid, times.to_us(tick)),
+            concurrency_policy=settings.concurrency_policy,
+        )
+        if settings.HasField("timeout"):
+            request.timeout.CopyFrom(settings.timeout)
+        title = ""
+        if record.conversation_id:
+            request.conversation = mapping.conversation_name(
+                record.workspace_id, record.conversation_id
+            )
+        else:
+            title = f"{settings.display_name} · {local.isoformat()}"[:200]
+        return request, title
+
+    # -- sending --------------------------------------------------------------------------
+
+    async def _send_all(self, firings: Sequence[FiringRecord], *, wait: bool) -> None:
+        if not firings:
+            return
+        if wait:
+            await asyncio.gather(*(self._fire(firing) for firing in firings))
+            return
+        for firing in firings:
+            if _key(firing) not in self._sending:
+                background.spawn(
+                    self._fire_later(firing),
+                    name=f"schedule-tick-{firing.schedule_id}",
+                    logger=log,
+                    keep=self._sends,
+                )
+
+    async def _fire_later(self, firing: FiringRecord) -> None:
+        """``_fire`` off the loop's pass: a failure leaves the tick CLAIMED, and the
+        next scan replays it (the pass's own failures are the loop's backoff)."""
+        try:
+            await self._fire(firing)
+        except SwitchboardError as error:
+            log.info(
+                "schedule tick left claimed; replayed later",
+                extra={"schedule": firing.schedule_id, "reason": error.reason},
+            )
+
+    async def _fire(self, firing: FiringRecord) -> None:
+        key = _key(firing)
+        if key in self._sending:
+            return
+        self._sending.add(key)
+        try:
+            async with self._gate:
+                try:
+                    outcome, run, error = await self._start(firing)
+                except _Later as later:
+                    log.info(
+                        "schedule tick not started yet; retrying",
+                        extra={"schedule": firing.schedule_id, "why": str(later)},
+                    )
+                    return
+                staged: Staged[FiringRecord | None] = Staged(
+                    self._bus.outbox,
+                    lambda done: [schedule_mapping.fired_event(done)] if done else [],
+                )
+                await self._store.settle(
+                    firing, outcome=outcome, run=run, error=error, staged=staged
+                )
+                await self._bus.publish_staged(staged.events)
+        finally:
+            self._sending.discard(key)
+
+    async def _start(self, firing: FiringRecord) -> tuple[int, str, bytes]:
+        """Start the tick's run: (outcome, run, error status)."""
+        principal = creator_principal(firing.creator)
+        request = pb.SendMessageRequest.FromString(firing.request)
+        workspace = mapping.workspace_name(firing.workspace_id)
+        schedule = schedule_mapping.schedule_name(firing.workspace_id, firing.schedule_id)
+        try:
+            async with asyncio.timeout(SEND_TIMEOUT_S):
+                # Its runs act as its creator, who must still be able to write here.
+                await self._policy.authorize(principal, workspace, Permission.WRITE, "schedule")
+                if not request.conversation:
+                    made = await self._context.create_conversation(
+                        principal,
+                        cpb.CreateConversationRequest(
+                            parent=workspace,
+                            conversation=cpb.Conversation(title=firing.title),
+                            request_id=derived_id("conversation", request.request_id),
+                        ),
+                        timeout_s=SEND_TIMEOUT_S,
+                    )
+                    request.conversation = made.name
+                response = await self._send(principal, request, schedule)
+        except TimeoutError:
+            raise _Later("timed out") from None
+        except ConversationBusy as busy:
+            return int(pb.FIRING_OUTCOME_SKIPPED), "", _status(busy)
+        except DependencyUnavailable as away:
+            raise _Later(type(away).__name__) from None
+        except SwitchboardError as refused:
+            return int(pb.FIRING_OUTCOME_FAILED), "", _status(refused)
+        return int(pb.FIRING_OUTCOME_STARTED), response.run.name, b""
+
+
+def _status(error: SwitchboardError) -> bytes:
+    status: bytes = mapping.error_status(error).SerializeToString()
+    return status
+
+
+def _key(firing: FiringRecord) -> tuple[str, str, int]:
+    return (firing.workspace_id, firing.schedule_id, firing.fire_us)

@@ -1,0 +1,574 @@
+"""The schedules and schedule_firings tables: SQL, idempotency, the quota, etags, the claim.
+
+A schedule is stored as its serialized ``Schedule`` settings (``data``, built and
+read by ``catalog.py``; never parsed here) beside the columns that are queried.
+Ticks are microseconds since the epoch. A tick is **claimed** in one
+transaction that moves the schedule's ``next_fire_us`` on, conditional on the
+value the claimer read, and inserts the tick's firing row, whose primary key
+(schedule, tick) is the claim: two replicas cannot both commit one tick.
+
+No ORM row leaves this module, and nothing here builds a resource name or
+raises a request-field error.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Final, TypeVar
+
+from sqlalchemy import ColumnElement, Select, and_, delete, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.platform.errors import EtagMismatch, NotFound, QuotaExceeded
+from switchboard.platform.names import etag_version, now
+from switchboard.platform.store.db import Database
+from switchboard.platform.store.models import (
+    DispatcherLeaseRow,
+    ScheduleFiringRow,
+    ScheduleRow,
+    WorkspaceRow,
+)
+from switchboard.platform.store.outbox import Staged, staging
+from switchboard.platform.store.storage import (
+    Idempotency,
+    claim,
+    earlier,
+    retrying,
+    transaction,
+    workspace_page,
+)
+
+log = logging.getLogger("switchboard.dispatcher.schedules.store")
+
+_T = TypeVar("_T")
+ACTIVE: Final = int(pb.SCHEDULE_STATE_ACTIVE)
+CLAIMED: Final = int(pb.FIRING_OUTCOME_CLAIMED)
+#: Settled firings kept per schedule (the oldest go as new ticks are claimed): a
+#: schedule firing every second would otherwise add 86,400 rows a day.
+MAX_FIRINGS_KEPT: Final = 1_000
+
+
+@dataclass(frozen=True)
+class ScheduleRecord:
+    """One schedule as stored; ``data`` is the serialized ``Schedule`` (its settings)."""
+
+    workspace_id: str
+    id: str
+    uid: str
+    data: bytes
+    state: int
+    next_fire_us: int | None
+    last_fire_us: int | None
+    last_run: str
+    conversation_id: str
+    creator: str
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    version: int
+
+
+@dataclass(frozen=True)
+class FiringRecord:
+    """One claimed tick; ``creator`` and ``uid`` are its schedule's."""
+
+    workspace_id: str
+    schedule_id: str
+    fire_us: int
+    claim_time: dt.datetime
+    claimer: str
+    outcome: int
+    catch_up: bool
+    run: str
+    error: bytes
+    request: bytes
+    title: str
+    creator: str = ""
+
+
+@dataclass(frozen=True)
+class NewFiring:
+    """A firing a claim inserts: the tick it fires (CLAIMED) or one it skips."""
+
+    fire_us: int
+    outcome: int
+    catch_up: bool = False
+    error: bytes = b""
+    request: bytes = b""
+    title: str = ""
+
+
+@dataclass(frozen=True)
+class Edit:
+    """What an update, a pause or a resume stores (``data`` None: unchanged)."""
+
+    data: bytes | None
+    state: int
+    next_fire_us: int | None
+
+
+@dataclass(frozen=True)
+class Written:
+    record: ScheduleRecord
+    #: False when a create was the retry of an earlier one (nothing was written).
+    fresh: bool = True
+
+
+class IdTaken(Exception):
+    """The id is in use in the workspace (the domain tells the client, with the name)."""
+
+
+def _record(row: ScheduleRow) -> ScheduleRecord:
+    return ScheduleRecord(
+        workspace_id=row.workspace_id,
+        id=row.id,
+        uid=row.uid,
+        data=row.data,
+        state=row.state,
+        next_fire_us=row.next_fire_us,
+        last_fire_us=row.last_fire_us,
+        last_run=row.last_run,
+        conversation_id=row.conversation_id,
+        creator=row.creator,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        version=row.version,
+    )
+
+
+def _firing(row: ScheduleFiringRow, creator: str = "") -> FiringRecord:
+    return FiringRecord(
+        workspace_id=row.workspace_id,
+        schedule_id=row.schedule_id,
+        fire_us=row.fire_us,
+        claim_time=row.claim_time,
+        claimer=row.claimer,
+        outcome=row.outcome,
+        catch_up=row.catch_up,
+        run=row.run,
+        error=row.error,
+        request=row.request,
+        title=row.title,
+        creator=creator,
+    )
+
+
+def _count(result: object) -> int:
+    """Rows an UPDATE matched (``CursorResult.rowcount``; ``Session.execute`` is typed
+    as returning a plain ``Result``)."""
+    return int(getattr(result, "rowcount", 0))
+
+
+def _prune(db: Session, workspace_id: str, schedule_id: str) -> None:
+    """Drop the schedule's settled firings older than its ``MAX_FIRINGS_KEPT`` newest."""
+    mine = (
+        ScheduleFiringRow.workspace_id == workspace_id,
+        ScheduleFiringRow.schedule_id == schedule_id,
+    )
+    oldest_kept = db.execute(
+        select(ScheduleFiringRow.fire_us)
+        .where(*mine)
+        .order_by(ScheduleFiringRow.fire_us.desc())
+        .offset(MAX_FIRINGS_KEPT - 1)
+        .limit(1)
+    ).scalar_one_or_none()
+    if oldest_kept is not None:
+        db.execute(
+            delete(ScheduleFiringRow).where(
+                *mine,
+                ScheduleFiringRow.fire_us < oldest_kept,
+                ScheduleFiringRow.outcome != CLAIMED,
+            )
+        )
+
+
+def _orphan_filter(claimer: str) -> tuple[ColumnElement[bool], ...]:
+    """Unsettled firings of claimers other than ``claimer`` with no live lease."""
+    live = select(DispatcherLeaseRow.instance).where(DispatcherLeaseRow.expires_at >= now())
+    return (
+        ScheduleFiringRow.outcome == CLAIMED,
+        ScheduleFiringRow.claimer != claimer,
+        ScheduleFiringRow.claimer.not_in(live),
+    )
+
+
+def _orphans(claimer: str) -> Select[int]:
+    return select(ScheduleFiringRow.fire_us).where(*_orphan_filter(claimer))
+
+
+def _check_etag(etag: str, version: int) -> None:
+    if etag and etag_version(etag) != version:
+        raise EtagMismatch("the schedule changed since the etag was read; read it again")
+
+
+class ScheduleStore:
+    def __init__(self, database: Database) -> None:
+        self._database = database
+        self._sqlite = database.dialect_name == "sqlite"
+
+    async def _run(self, work: Callable[[Session], _T], *, write: bool) -> _T:
+        return await transaction(self._database, work, write=write, log=log)
+
+    # -- the resource -----------------------------------------------------------------------
+
+    async def create(
+        self,
+        record: ScheduleRecord,
+        *,
+        idempotency: Idempotency | None,
+        max_per_workspace: int,
+        staged: Staged[Written] | None,
+    ) -> Written:
+        """Insert ``record``; ``Written.fresh`` False for the retry of an earlier create
+        with the same key. IdTaken if the id is in use, QuotaExceeded past the limit."""
+
+        def tx(db: Session) -> Written:
+            first = claim(db, idempotency, f"{record.workspace_id}/{record.id}")
+            if first is not None:
+                found_ws, _, found_id = first.partition("/")
+                row = db.get(ScheduleRow, (found_ws, found_id))
+                if row is None:
+                    raise NotFound("the schedule this request created was deleted")
+                return Written(_record(row), fresh=False)
+            if not self._sqlite:
+                # Serializes the workspace's creates, so the limit holds (SQLite
+                # serializes writers).
+                db.execute(
+                    select(WorkspaceRow.id)
+                    .where(WorkspaceRow.id == record.workspace_id)
+                    .with_for_update()
+                )
+            count = db.execute(
+                select(func.count())
+                .select_from(ScheduleRow)
+                .where(ScheduleRow.workspace_id == record.workspace_id)
+            ).scalar_one()
+            if count >= max_per_workspace:
+                raise QuotaExceeded(
+                    f"a workspace may hold at most {max_per_workspace} schedules",
+                    subject="schedules per workspace",
+                )
+            if db.get(ScheduleRow, (record.workspace_id, record.id)) is not None:
+                raise IdTaken(record.id)
+            row = ScheduleRow(
+                workspace_id=record.workspace_id,
+                id=record.id,
+                uid=record.uid,
+                data=record.data,
+                state=record.state,
+                next_fire_us=record.next_fire_us,
+                last_fire_us=None,
+                last_run="",
+                conversation_id=record.conversation_id,
+                creator=record.creator,
+                created_at=record.created_at,
+                updated_at=record.updated_at,
+                version=1,
+            )
+            db.add(row)
+            db.flush()
+            return Written(_record(row))
+
+        async def run() -> Written:
+            return await self._run(staging(staged, tx), write=True)
+
+        return await retrying(run)
+
+    async def replayed(self, key: Idempotency) -> ScheduleRecord | None:
+        """The schedule an earlier create with this key made, if the key is still kept
+        (INVALID_ARGUMENT if it was used for a different request; NotFound if that
+        schedule was deleted since)."""
+
+        def tx(db: Session) -> ScheduleRecord | None:
+            found = earlier(db, key)
+            if found is None:
+                return None
+            found_ws, _, found_id = found.partition("/")
+            row = db.get(ScheduleRow, (found_ws, found_id))
+            if row is None:
+                raise NotFound("the schedule this request created was deleted")
+            return _record(row)
+
+        return await self._run(tx, write=False)
+
+    async def get(self, workspace_id: str, schedule_id: str) -> ScheduleRecord | None:
+        def tx(db: Session) -> ScheduleRecord | None:
+            row = db.get(ScheduleRow, (workspace_id, schedule_id))
+            return _record(row) if row is not None else None
+
+        return await self._run(tx, write=False)
+
+    async def page(self, workspace_id: str, after: str | None, limit: int) -> list[ScheduleRecord]:
+        """The workspace's schedules by id, after ``after`` (exclusive), at most ``limit``."""
+
+        def tx(db: Session) -> list[ScheduleRecord]:
+            query = workspace_page(ScheduleRow, workspace_id, after, limit)
+            return [_record(row) for row in db.execute(query).scalars()]
+
+        return await self._run(tx, write=False)
+
+    async def update(
+        self,
+        workspace_id: str,
+        schedule_id: str,
+        etag: str,
+        edit: Callable[[ScheduleRecord], Edit],
+        staged: Staged[ScheduleRecord | None] | None,
+    ) -> ScheduleRecord | None:
+        """Store ``edit(record)`` on the locked row and bump the version; None if missing."""
+
+        def tx(db: Session) -> ScheduleRecord | None:
+            row = db.get(ScheduleRow, (workspace_id, schedule_id), with_for_update=True)
+            if row is None:
+                return None
+            _check_etag(etag, row.version)
+            change = edit(_record(row))
+            if change.data is not None:
+                row.data = change.data
+            row.state = change.state
+            row.next_fire_us = change.next_fire_us
+            row.version += 1
+            row.updated_at = now()
+            db.flush()
+            return _record(row)
+
+        return await self._run(staging(staged, tx), write=True)
+
+    async def delete(
+        self,
+        workspace_id: str,
+        schedule_id: str,
+        etag: str,
+        staged: Staged[ScheduleRecord | None] | None,
+    ) -> ScheduleRecord | None:
+        """Delete the schedule and its firings; the record as it was, or None."""
+
+        def tx(db: Session) -> ScheduleRecord | None:
+            row = db.get(ScheduleRow, (workspace_id, schedule_id), with_for_update=True)
+            if row is None:
+                return None
+            _check_etag(etag, row.version)
+            record = _record(row)
+            # Explicitly: SQLite enforces the cascade only with foreign keys on.
+            db.execute(
+                delete(ScheduleFiringRow).where(
+                    ScheduleFiringRow.workspace_id == workspace_id,
+                    ScheduleFiringRow.schedule_id == schedule_id,
+                )
+            )
+            db.execute(
+                delete(ScheduleRow).where(
+                    ScheduleRow.workspace_id == workspace_id, ScheduleRow.id == schedule_id
+                )
+            )
+            return record
+
+        return await self._run(staging(staged, tx), write=True)
+
+    async def firings(
+        self, workspace_id: str, schedule_id: str, before_us: int | None, limit: int
+    ) -> list[FiringRecord]:
+        """The schedule's firings, newest tick first, before ``before_us`` (exclusive)."""
+
+        def tx(db: Session) -> list[FiringRecord]:
+            query = select(ScheduleFiringRow).where(
+                ScheduleFiringRow.workspace_id == workspace_id,
+                ScheduleFiringRow.schedule_id == schedule_id,
+            )
+            if before_us is not None:
+                query = query.where(ScheduleFiringRow.fire_us < before_us)
+            query = query.order_by(ScheduleFiringRow.fire_us.desc()).limit(limit)
+            return [_firing(row) for row in db.execute(query).scalars()]
+
+        return await self._run(tx, write=False)
+
+    # -- the firing loop ------------------------------------------------------------------
+
+    async def due(self, now_us: int, limit: int) -> list[ScheduleRecord]:
+        """Active schedules whose next tick is at or before ``now_us``, soonest first."""
+
+        def tx(db: Session) -> list[ScheduleRecord]:
+            query = (
+                select(ScheduleRow)
+                .where(ScheduleRow.state == ACTIVE, ScheduleRow.next_fire_us <= now_us)
+                .order_by(ScheduleRow.next_fire_us)
+                .limit(limit)
+            )
+            return [_record(row) for row in db.execute(query).scalars()]
+
+        return await self._run(tx, write=False)
+
+    async def next_due(self) -> int | None:
+        """The soonest next tick of any active schedule."""
+
+        def tx(db: Session) -> int | None:
+            value = db.execute(
+                select(func.min(ScheduleRow.next_fire_us)).where(ScheduleRow.state == ACTIVE)
+            ).scalar_one_or_none()
+            return int(value) if value is not None else None
+
+        return await self._run(tx, write=False)
+
+    async def claim(
+        self,
+        record: ScheduleRecord,
+        *,
+        next_fire_us: int | None,
+        last_fire_us: int,
+        firings: Sequence[NewFiring],
+        claimer: str,
+        staged: Staged[bool] | None,
+    ) -> bool:
+        """Claim ticks of ``record``: move its next tick on, conditional on the one it
+        was read with, and insert ``firings``; False if another claimer (or a change)
+        got there first. A concurrent insert of the same tick fails the transaction
+        (Conflict from ``transaction``): the caller treats that as False too."""
+
+        def tx(db: Session) -> bool:
+            moved = db.execute(
+                update(ScheduleRow)
+                .where(
+                    ScheduleRow.workspace_id == record.workspace_id,
+                    ScheduleRow.id == record.id,
+                    ScheduleRow.state == ACTIVE,
+                    ScheduleRow.next_fire_us == record.next_fire_us,
+                )
+                .values(next_fire_us=next_fire_us, last_fire_us=last_fire_us)
+                .execution_options(synchronize_session=False)
+            )
+            if _count(moved) != 1:
+                return False
+            stamp = now()
+            for new in firings:
+                db.add(
+                    ScheduleFiringRow(
+                        workspace_id=record.workspace_id,
+                        schedule_id=record.id,
+                        fire_us=new.fire_us,
+                        claim_time=stamp,
+                        claimer=claimer,
+                        outcome=new.outcome,
+                        catch_up=new.catch_up,
+                        run="",
+                        error=new.error,
+                        request=new.request,
+                        title=new.title,
+                    )
+                )
+            db.flush()
+            _prune(db, record.workspace_id, record.id)
+            return True
+
+        return await self._run(staging(staged, tx), write=True)
+
+    async def settle(
+        self,
+        firing: FiringRecord,
+        *,
+        outcome: int,
+        run: str,
+        error: bytes,
+        staged: Staged[FiringRecord | None] | None,
+    ) -> FiringRecord | None:
+        """Record a claimed tick's outcome (and its run as the schedule's last); None if
+        it was settled already (a replay by another replica) or is gone."""
+
+        def tx(db: Session) -> FiringRecord | None:
+            row = db.get(
+                ScheduleFiringRow,
+                (firing.workspace_id, firing.schedule_id, firing.fire_us),
+                with_for_update=True,
+            )
+            if row is None or row.outcome != CLAIMED:
+                return None
+            row.outcome = outcome
+            row.run = run
+            row.error = error
+            if run:
+                db.execute(
+                    update(ScheduleRow)
+                    .where(
+                        ScheduleRow.workspace_id == firing.workspace_id,
+                        ScheduleRow.id == firing.schedule_id,
+                        or_(
+                            ScheduleRow.last_fire_us.is_(None),
+                            ScheduleRow.last_fire_us <= firing.fire_us,
+                        ),
+                    )
+                    .values(last_run=run)
+                    .execution_options(synchronize_session=False)
+                )
+            db.flush()
+            return _firing(row, firing.creator)
+
+        return await self._run(staging(staged, tx), write=True)
+
+    async def claimed_by(self, claimer: str, limit: int) -> list[FiringRecord]:
+        """Firings ``claimer`` claimed and has not settled, oldest first."""
+
+        def tx(db: Session) -> list[FiringRecord]:
+            rows = db.execute(
+                select(ScheduleFiringRow, ScheduleRow.creator)
+                .join(
+                    ScheduleRow,
+                    and_(
+                        ScheduleRow.workspace_id == ScheduleFiringRow.workspace_id,
+                        ScheduleRow.id == ScheduleFiringRow.schedule_id,
+                    ),
+                )
+                .where(ScheduleFiringRow.outcome == CLAIMED, ScheduleFiringRow.claimer == claimer)
+                .order_by(ScheduleFiringRow.fire_us)
+                .limit(limit)
+            ).all()
+            return [_firing(row, creator) for row, creator in rows]
+
+        return await self._run(tx, write=False)
+
+    async def take_over(self, claimer: str, limit: int) -> list[FiringRecord]:
+        """Move to ``claimer`` the unsettled firings of claimers whose dispatcher lease
+        expired (or was dropped when their runs were taken over); each moves once,
+        conditional on the claimer it was read with."""
+
+        def orphaned(db: Session) -> bool:
+            return db.execute(_orphans(claimer).limit(1)).first() is not None
+
+        # Read first: a pass that finds nothing (nearly always) takes no write lock.
+        if not await self._run(orphaned, write=False):
+            return []
+
+        def tx(db: Session) -> list[FiringRecord]:
+            rows = db.execute(
+                select(ScheduleFiringRow, ScheduleRow.creator)
+                .join(
+                    ScheduleRow,
+                    and_(
+                        ScheduleRow.workspace_id == ScheduleFiringRow.workspace_id,
+                        ScheduleRow.id == ScheduleFiringRow.schedule_id,
+                    ),
+                )
+                .where(*_orphan_filter(claimer))
+                .order_by(ScheduleFiringRow.fire_us)
+                .limit(limit)
+            ).all()
+            taken = []
+            for row, creator in rows:
+                moved = db.execute(
+                    update(ScheduleFiringRow)
+                    .where(
+                        ScheduleFiringRow.workspace_id == row.workspace_id,
+                        ScheduleFiringRow.schedule_id == row.schedule_id,
+                        ScheduleFiringRow.fire_us == row.fire_us,
+                        ScheduleFiringRow.claimer == row.claimer,
+                        ScheduleFiringRow.outcome == CLAIMED,
+                    )
+                    .values(claimer=claimer)
+                    .execution_options(synchronize_session=False)
+                )
+                if _count(moved) == 1:
+                    taken.append(_firing(row, creator))
+            return taken
+
+        return await self._run(tx, write=True)
