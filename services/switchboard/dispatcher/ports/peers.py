@@ -25,8 +25,9 @@ import asyncio
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
+from google.protobuf.message import Message
 from grpc import aio
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
@@ -124,50 +125,39 @@ class GrpcPeers:
             await asyncio.wait(set(self._closing), timeout=PEER_TIMEOUT_S)
 
     async def cancel_run(self, address: str, via: Via, request: pb.CancelRunRequest) -> pb.Run:
-        stub = self._stub(address)
-        try:
-            response: pb.CancelRunResponse = await stub.CancelRun(
-                request, metadata=_metadata(via), timeout=via.budget()
-            )
-        except aio.AioRpcError as exc:
-            raise _mapped(exc) from None
+        response: pb.CancelRunResponse = await self._forward(address, via, "CancelRun", request)
         return response.run
 
     async def submit_tool_approvals(
         self, address: str, via: Via, request: pb.SubmitToolApprovalsRequest
     ) -> pb.Run:
-        stub = self._stub(address)
-        try:
-            response: pb.SubmitToolApprovalsResponse = await stub.SubmitToolApprovals(
-                request, metadata=_metadata(via), timeout=via.budget()
-            )
-        except aio.AioRpcError as exc:
-            raise _mapped(exc) from None
+        response: pb.SubmitToolApprovalsResponse = await self._forward(
+            address, via, "SubmitToolApprovals", request
+        )
         return response.run
 
     async def resolve_budget_action(
         self, address: str, via: Via, request: pb.ResolveBudgetActionRequest
     ) -> pb.Run:
-        stub = self._stub(address)
-        try:
-            response: pb.ResolveBudgetActionResponse = await stub.ResolveBudgetAction(
-                request, metadata=_metadata(via), timeout=via.budget()
-            )
-        except aio.AioRpcError as exc:
-            raise _mapped(exc) from None
+        response: pb.ResolveBudgetActionResponse = await self._forward(
+            address, via, "ResolveBudgetAction", request
+        )
         return response.run
 
     async def steer_run(
         self, address: str, via: Via, request: pb.SteerRunRequest
     ) -> pb.SteerRunResponse:
-        stub = self._stub(address)
+        response: pb.SteerRunResponse = await self._forward(address, via, "SteerRun", request)
+        return response
+
+    async def _forward(self, address: str, via: Via, method: str, request: Message) -> Any:
+        """``method`` on the owner at ``address``, with the caller's credential, marked
+        forwarded, within the caller's budget; its error mapped back by its reason."""
+        call = getattr(self._stub(address), method)
         try:
-            response: pb.SteerRunResponse = await stub.SteerRun(
-                request, metadata=_metadata(via), timeout=via.budget()
-            )
+            return await call(request, metadata=_metadata(via), timeout=via.budget())
         except aio.AioRpcError as exc:
             raise _mapped(exc) from None
-        return response
 
 
 def _metadata(via: Via) -> tuple[tuple[str, str], ...]:
