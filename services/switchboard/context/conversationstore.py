@@ -12,7 +12,6 @@ from switchboard.context.records import Archived, ConversationRecord
 from switchboard.context.storebase import (
     StoreBase,
     apply_changes,
-    check_etag,
     conversation_record,
     counted,
     keyset,
@@ -23,7 +22,7 @@ from switchboard.platform.errors import NotFound
 from switchboard.platform.names import new_id, now
 from switchboard.platform.store.models import ConversationRow
 from switchboard.platform.store.outbox import Staged, staging
-from switchboard.platform.store.storage import Idempotency, claim, retrying
+from switchboard.platform.store.storage import Idempotency, check_etag, claim, retrying
 
 
 class ConversationStore(StoreBase):

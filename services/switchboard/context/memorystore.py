@@ -17,7 +17,6 @@ from switchboard.context.records import MemoryRecord, Missing, Scope
 from switchboard.context.storebase import (
     StoreBase,
     apply_changes,
-    check_etag,
     counted,
     keyset,
     memory_record,
@@ -28,6 +27,7 @@ from switchboard.context.storebase import (
 from switchboard.platform.errors import QuotaExceeded
 from switchboard.platform.store.models import ConversationRow, MemoryItemRow
 from switchboard.platform.store.outbox import Staged, staging
+from switchboard.platform.store.storage import check_etag
 
 
 class MemoryStore(StoreBase):

@@ -46,8 +46,8 @@ from switchboard.context.records import (
     WorkspaceRecord,
 )
 from switchboard.context.search import fts5_match, pg_tsquery, query_terms
-from switchboard.platform.errors import EtagMismatch, QuotaExceeded
-from switchboard.platform.names import etag_version, now
+from switchboard.platform.errors import QuotaExceeded
+from switchboard.platform.names import now
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.models import (
     Base,
@@ -337,12 +337,6 @@ def _search_sql(where: str, *, sqlite: bool, columns: str = "m.id") -> str:
 
 
 _WINDOW_SEARCH: Final = {True: _window_search(True), False: _window_search(False)}
-
-
-def check_etag(etag: str, version: int) -> None:
-    """Raise ABORTED unless ``etag`` (if given; the domain checked its form) names ``version``."""
-    if etag and etag_version(etag) != version:
-        raise EtagMismatch("the resource changed since the etag was read; read it again")
 
 
 class _Versioned(Protocol):

@@ -17,7 +17,6 @@ from switchboard.context.records import (
 from switchboard.context.storebase import (
     StoreBase,
     apply_changes,
-    check_etag,
     counted,
     keyset,
     member_record,
@@ -29,7 +28,7 @@ from switchboard.platform.errors import FailedPrecondition
 from switchboard.platform.names import now
 from switchboard.platform.store.models import UserRow, WorkspaceMemberRow, WorkspaceRow
 from switchboard.platform.store.outbox import Staged, staging
-from switchboard.platform.store.storage import Idempotency, claim, retrying
+from switchboard.platform.store.storage import Idempotency, check_etag, claim, retrying
 
 
 class WorkspaceStore(StoreBase):

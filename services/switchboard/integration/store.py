@@ -18,12 +18,12 @@ from typing import Any, TypeVar
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from switchboard.platform.errors import AlreadyExists, EtagMismatch, NotFound, QuotaExceeded
-from switchboard.platform.names import etag_version, now
+from switchboard.platform.errors import AlreadyExists, NotFound, QuotaExceeded
+from switchboard.platform.names import now
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.models import IntegrationRow, WebhookDeliveryRow, WorkspaceRow
 from switchboard.platform.store.outbox import Staged, staging
-from switchboard.platform.store.storage import Idempotency, claim, retrying, transaction
+from switchboard.platform.store.storage import Idempotency, check_etag, claim, retrying, transaction
 
 log = logging.getLogger("switchboard.integration.store")
 
@@ -125,11 +125,6 @@ def _columns(values: Mapping[str, Any]) -> dict[str, Any]:
             json.dumps(prices, sort_keys=True, separators=(",", ":")) if prices else ""
         )
     return columns
-
-
-def _check_etag(etag: str, version: int) -> None:
-    if etag and etag_version(etag) != version:
-        raise EtagMismatch("the integration changed since the etag was read; read it again")
 
 
 #: Columns an update may set (the service decides which from the update mask).
@@ -271,7 +266,7 @@ class IntegrationStore:
             row = db.get(IntegrationRow, (workspace_id, integration_id), with_for_update=True)
             if row is None:
                 raise NotFound(f"workspaces/{workspace_id}/integrations/{integration_id} not found")
-            _check_etag(etag, row.version)
+            check_etag(etag, row.version, "integration")
             values = changes(_record(row)) if callable(changes) else changes
             unknown = set(values) - MUTABLE
             if unknown:
@@ -302,7 +297,7 @@ class IntegrationStore:
             row = db.get(IntegrationRow, (workspace_id, integration_id), with_for_update=True)
             if row is None:
                 raise NotFound(f"workspaces/{workspace_id}/integrations/{integration_id} not found")
-            _check_etag(etag, row.version)
+            check_etag(etag, row.version, "integration")
             record = _record(row)
             # Deliveries are no foreign key's to cascade (a push config's are in
             # the same table, models.WebhookDeliveryRow).

@@ -20,13 +20,14 @@ from typing import TypeVar
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from switchboard.platform.errors import EtagMismatch, NotFound, QuotaExceeded
-from switchboard.platform.names import etag_version, now
+from switchboard.platform.errors import NotFound, QuotaExceeded
+from switchboard.platform.names import now
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.models import AssistantRow, WorkspaceRow
 from switchboard.platform.store.outbox import Staged, staging
 from switchboard.platform.store.storage import (
     Idempotency,
+    check_etag,
     claim,
     retrying,
     transaction,
@@ -78,11 +79,6 @@ def _record(row: AssistantRow) -> AssistantRecord:
         updated_at=row.updated_at,
         version=row.version,
     )
-
-
-def _check_etag(etag: str, version: int) -> None:
-    if etag and etag_version(etag) != version:
-        raise EtagMismatch("the assistant changed since the etag was read; read it again")
 
 
 class AssistantStore:
@@ -227,7 +223,7 @@ class AssistantStore:
             row = db.get(AssistantRow, (workspace_id, assistant_id), with_for_update=True)
             if row is None:
                 return None
-            _check_etag(etag, row.version)
+            check_etag(etag, row.version, "assistant")
             stamp = now()
             cleared = (
                 self._clear_default(db, workspace_id, assistant_id, stamp) if is_default else ()
@@ -255,7 +251,7 @@ class AssistantStore:
             row = db.get(AssistantRow, (workspace_id, assistant_id), with_for_update=True)
             if row is None:
                 return None
-            _check_etag(etag, row.version)
+            check_etag(etag, row.version, "assistant")
             record = _record(row)
             db.execute(
                 delete(AssistantRow).where(

@@ -20,13 +20,14 @@ from typing import Final, TypeVar
 from sqlalchemy import and_, delete, func, or_, select
 from sqlalchemy.orm import Session
 
-from switchboard.platform.errors import EtagMismatch, NotFound, QuotaExceeded
-from switchboard.platform.names import etag_version, now
+from switchboard.platform.errors import NotFound, QuotaExceeded
+from switchboard.platform.names import now
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.models import BudgetRow, BudgetWindowRow, RunRow, WorkspaceRow
 from switchboard.platform.store.outbox import Staged, staging
 from switchboard.platform.store.storage import (
     Idempotency,
+    check_etag,
     claim,
     retrying,
     transaction,
@@ -108,11 +109,6 @@ def _record(row: BudgetRow) -> BudgetRecord:
         updated_at=row.updated_at,
         version=row.version,
     )
-
-
-def _check_etag(etag: str, version: int) -> None:
-    if etag and etag_version(etag) != version:
-        raise EtagMismatch("the budget changed since the etag was read; read it again")
 
 
 class BudgetStore:
@@ -217,7 +213,7 @@ class BudgetStore:
             row = db.get(BudgetRow, (workspace_id, budget_id), with_for_update=True)
             if row is None:
                 return None
-            _check_etag(etag, row.version)
+            check_etag(etag, row.version, "budget")
             row.data = edit(row.data)
             row.version += 1
             row.updated_at = now()
@@ -240,7 +236,7 @@ class BudgetStore:
             row = db.get(BudgetRow, (workspace_id, budget_id), with_for_update=True)
             if row is None:
                 return None
-            _check_etag(etag, row.version)
+            check_etag(etag, row.version, "budget")
             record = _record(row)
             # Explicit: SQLite enforces the cascade only with foreign keys switched on.
             db.execute(

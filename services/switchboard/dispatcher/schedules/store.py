@@ -23,8 +23,8 @@ from sqlalchemy import ColumnElement, Select, and_, delete, func, or_, select, u
 from sqlalchemy.orm import Session
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
-from switchboard.platform.errors import EtagMismatch, NotFound, QuotaExceeded
-from switchboard.platform.names import etag_version, now
+from switchboard.platform.errors import NotFound, QuotaExceeded
+from switchboard.platform.names import now
 from switchboard.platform.store.db import Database
 from switchboard.platform.store.models import (
     DispatcherLeaseRow,
@@ -35,6 +35,7 @@ from switchboard.platform.store.models import (
 from switchboard.platform.store.outbox import Staged, staging
 from switchboard.platform.store.storage import (
     Idempotency,
+    check_etag,
     claim,
     earlier,
     retrying,
@@ -199,11 +200,6 @@ def _orphans(claimer: str) -> Select[int]:
     return select(ScheduleFiringRow.fire_us).where(*_orphan_filter(claimer))
 
 
-def _check_etag(etag: str, version: int) -> None:
-    if etag and etag_version(etag) != version:
-        raise EtagMismatch("the schedule changed since the etag was read; read it again")
-
-
 class ScheduleStore:
     def __init__(self, database: Database) -> None:
         self._database = database
@@ -324,7 +320,7 @@ class ScheduleStore:
             row = db.get(ScheduleRow, (workspace_id, schedule_id), with_for_update=True)
             if row is None:
                 return None
-            _check_etag(etag, row.version)
+            check_etag(etag, row.version, "schedule")
             change = edit(_record(row))
             if change.data is not None:
                 row.data = change.data
@@ -350,7 +346,7 @@ class ScheduleStore:
             row = db.get(ScheduleRow, (workspace_id, schedule_id), with_for_update=True)
             if row is None:
                 return None
-            _check_etag(etag, row.version)
+            check_etag(etag, row.version, "schedule")
             record = _record(row)
             # Explicitly: SQLite enforces the cascade only with foreign keys on.
             db.execute(

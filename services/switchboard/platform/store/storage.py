@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from switchboard.platform import names
 from switchboard.platform.errors import (
     Conflict,
+    EtagMismatch,
     FieldViolation,
     InvalidArgument,
 )
@@ -166,3 +167,10 @@ def workspace_page(row: Any, workspace_id: str, after: str | None, limit: int) -
     if after is not None:
         query = query.where(row.id > after)
     return query.order_by(row.id).limit(limit)
+
+
+def check_etag(etag: str, version: int, what: str = "resource") -> None:
+    """Raise ABORTED unless ``etag`` (if given; the domain checked its form) names
+    ``version`` of the ``what`` a store is about to change."""
+    if etag and names.etag_version(etag) != version:
+        raise EtagMismatch(f"the {what} changed since the etag was read; read it again")
