@@ -24,6 +24,8 @@ from switchboard.context.messages import Messages
 from switchboard.context.messagestore import MessageStore
 from switchboard.context.prunestore import PruneStore
 from switchboard.context.pruning import Pruning
+from switchboard.context.semantic.indexes import SemanticIndexes
+from switchboard.context.semantic.search import Search
 from switchboard.context.summarizer import Summarizer
 from switchboard.context.tokencount import TokenCounter
 from switchboard.context.windowcache import WindowCache
@@ -96,6 +98,8 @@ class ContextDomain:
         )
         self.memory = Memory(common, MemoryStore(database))
         self.windows = Windows(common, WindowStore(database), cache, files=self.files)
+        self.search = Search()
+        self.semantic = SemanticIndexes()
 
     async def start(self, *, maintain: bool = True) -> None:
         """Start background work; ``maintain`` only in processes serving ContextService."""
