@@ -14,6 +14,9 @@ from switchboard.context.files.stores import open_blob_store
 from switchboard.context.files.transcriber import Transcriber
 from switchboard.context.files.transcription import OpenAITranscriber
 from switchboard.context.plugins import load_entity_extractor, load_summarizer, load_token_counter
+from switchboard.context.semantic.chunkstore import ChunkStore
+from switchboard.context.semantic.search import DefaultIndexSettings, SearchParts, VectorProbe
+from switchboard.context.semantic.searchstore import SearchStore
 from switchboard.context.settings import ContextSettings
 from switchboard.context.windowcache import WindowCache
 from switchboard.platform.cache import Cache
@@ -63,6 +66,23 @@ def file_limits(settings: ContextSettings) -> FileLimits:
         transcribe_concurrency=settings.context_files_transcribe_concurrency,
         orphan_grace_s=settings.context_files_orphan_grace_s,
         purge_after_s=settings.context_purge_after_s,
+    )
+
+
+def search_parts(settings: ContextSettings, database: Database) -> SearchParts:
+    """What semantic search reads: the chunk store, the database's vector engine, the
+    workspaces' models; without an embeddings URL, search is full-text only."""
+    return SearchParts(
+        settings=DefaultIndexSettings(
+            SearchStore(database),
+            model=settings.context_embeddings_model,
+            dimensions=settings.context_embeddings_dimensions,
+        ),
+        chunks=ChunkStore(database),
+        vectors=VectorProbe(database),
+        candidates=settings.context_semantic_candidates,
+        ef_search=settings.context_semantic_ef_search,
+        embed_timeout_s=settings.context_embeddings_timeout_s,
     )
 
 
@@ -133,6 +153,7 @@ def context_service(
         transcriber=transcriber,
         egress=egress,
         fetch_timeout_s=settings.context_files_fetch_timeout_s,
+        search=search_parts(settings, database),
     )
 
 

@@ -226,6 +226,8 @@ _ABSENT: Final = object()
 
 def memory_matches(conditions: SearchFilter, record: MemoryRecord) -> bool:
     """A hydrated memory item against the filter (a chunk's copy may be older)."""
+    if conditions.files is not None:
+        return False
     if conditions.labels is not None and record.kind not in conditions.labels:
         return False
     if record.kind in conditions.exclude_labels:
@@ -523,8 +525,11 @@ class Search:
         document chunks (the chunk store's), merged by score."""
         limit = self._candidates
         entries: list[tuple[Key, float, int | None]] = []
-        sources = conditions.sources
-        if sources is None or "memory" in sources:
+        memory_wanted = (
+            conditions.sources is None or "memory" in conditions.sources
+        ) and "memory" not in conditions.exclude_sources
+        # A `file` condition holds only for document passages.
+        if memory_wanted and conditions.files is None:
             if where.memory_scope is not None:
                 scope = Scope(
                     where.memory_scope,
