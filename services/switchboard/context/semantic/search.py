@@ -36,6 +36,7 @@ from switchboard.context.records import MemoryRecord, Scope, Unsearchable
 from switchboard.context.search import query_terms
 from switchboard.context.semantic.filters import ParsedFilter, parse_filter, restrict_sources
 from switchboard.context.semantic.fusion import Fused, fuse, single
+from switchboard.context.semantic.indexer import Indexer
 from switchboard.context.semantic.ports import (
     Comparison,
     Embedder,
@@ -50,8 +51,6 @@ from switchboard.context.semantic.searchstore import SearchStore, Sources
 from switchboard.platform import names
 from switchboard.platform.errors import FieldViolation, InvalidArgument, Violations
 from switchboard.platform.store import pagination
-from switchboard.platform.store.db import Database
-from switchboard.platform.store.vectors import vector_support
 
 log = logging.getLogger("switchboard.context.search")
 
@@ -95,42 +94,20 @@ class ChunkIndex(Protocol):
     ) -> list[Hit]: ...
 
 
-class VectorEngine(Protocol):
-    async def available(self) -> bool:
-        """Whether the database has a vector engine (pgvector, sqlite-vec)."""
-        ...
+class IndexerSettings:
+    """The model a workspace's passages are embedded with, as the indexer decides it
+    (its settings row, else the server's default; a user's memory: the default)."""
 
-
-class VectorProbe:
-    """``vectors.vector_support`` asked once per process (an outage: asked again)."""
-
-    def __init__(self, database: Database) -> None:
-        self._database = database
-        self._known: bool | None = None
-
-    async def available(self) -> bool:
-        if self._known is None:
-            self._known = (await vector_support(self._database)).available
-        return self._known
-
-
-class DefaultIndexSettings:
-    """A workspace's model from its ``semantic_indexes`` row, else the server's
-    default; a user's memory uses the server's default (generation 1)."""
-
-    def __init__(self, store: SearchStore, *, model: str, dimensions: int) -> None:
-        self._store = store
-        self._model = model
-        self._dimensions = dimensions
+    def __init__(self, indexer: Indexer) -> None:
+        self._indexer = indexer
 
     async def effective(self, owner: str) -> tuple[EmbeddingModel, int] | None:
         kind, _, owner_id = owner.partition("/")
-        row = await self._store.index_row(owner_id) if kind == "workspaces" else None
-        model = (row.model if row is not None else "") or self._model
-        if not model:
-            return None
-        dimensions = (row.dimensions if row is not None else 0) or self._dimensions
-        return EmbeddingModel(model, dimensions), row.generation if row is not None else 1
+        index = None
+        if kind == "workspaces":
+            index = (await self._indexer.store.settings([owner_id])).get(owner_id)
+        model, generation = self._indexer.model_of(index)
+        return (model, generation) if model.name else None
 
 
 @dataclass(frozen=True)
@@ -140,7 +117,8 @@ class SearchParts:
     embedder: Embedder | None = None
     settings: IndexSettings | None = None
     chunks: ChunkIndex | None = None
-    vectors: VectorEngine | None = None
+    #: Whether the database has a vector engine (pgvector, sqlite-vec).
+    vectors: bool = False
     #: pgvector's ``hnsw.ef_search`` for the semantic list.
     ef_search: int = 100
     #: Results each ranked list contributes before fusion.
@@ -478,7 +456,7 @@ class Search:
                 pb.SEARCH_FALLBACK_REASON_NOT_CONFIGURED,
                 "no embedding endpoint or model is configured for this workspace",
             )
-        if self._chunks is None or self._vectors is None or not await self._vectors.available():
+        if self._chunks is None or not self._vectors:
             if asked == pb.SEARCH_MODE_UNSPECIFIED:
                 return _Plan(FULL_TEXT)
             return _Plan(
