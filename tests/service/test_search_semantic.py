@@ -16,12 +16,14 @@ import grpc
 import pytest
 
 from switchboard.api.context.v1 import context_pb2 as pb
+from switchboard.context import build
 from switchboard.context.semantic.ports import (
     Embedded,
     EmbeddingModel,
     EmbeddingsBudgetExhausted,
     EmbeddingsUnavailable,
 )
+from switchboard.platform.store.vectors import VectorSupport
 from tests.service.contextkit import (
     TIMEOUT_S,
     append,
@@ -266,3 +268,28 @@ async def test_window_retrieval_by_meaning(
         assert source_names(i.retrieved for i in retrieved)[0] == note.name
         assert retrieved[0].retrieved.scores.HasField("semantic_rank")
         assert sum(i.token_count for i in retrieved) <= 100
+
+
+async def test_without_a_vector_engine_search_says_so(
+    monkeypatch: pytest.MonkeyPatch, database_url: str
+) -> None:
+    # A database without pgvector or sqlite-vec, as the start-up detection reports it.
+    async def no_engine(database: object) -> VectorSupport:
+        return VectorSupport(False, reason="no vector engine in this database")
+
+    monkeypatch.setattr(build, "vector_support", no_engine)
+    async with semantic_mesh(monkeypatch, database_url, ConceptEmbedder()) as (mesh, stub, domain):
+        world = await indexed_world(stub, mesh, domain)
+        note = await remember(stub, world.editor, world.name, "car tyres for winter")
+        default = await search_memory(stub, world.viewer, world.name, "car")
+        assert (default.mode, default.fallback_reason) == (
+            FULL_TEXT,
+            pb.SEARCH_FALLBACK_REASON_UNSPECIFIED,
+        )
+        for mode in (SEMANTIC, HYBRID):
+            found = await search_context(stub, world.viewer, world.name, "car", mode=mode)
+            assert (found.mode, found.fallback_reason) == (
+                FULL_TEXT,
+                pb.SEARCH_FALLBACK_REASON_NO_VECTOR_ENGINE,
+            )
+            assert source_names(found.results) == [note.name]
