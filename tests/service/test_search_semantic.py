@@ -5,6 +5,8 @@ that knows a few synonyms, fallbacks when it cannot embed.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import math
 import re
@@ -68,8 +70,12 @@ class ConceptEmbedder(WordEmbedder):
 
     dims: int = DIMS
     broke: bool = False
+    #: Set: every call waits until it is cleared (an endpoint that never answers).
+    hang: asyncio.Event | None = None
 
     async def embed(self, owner: str, texts: Sequence[str], model: EmbeddingModel) -> Embedded:
+        if self.hang is not None:
+            await self.hang.wait()
         if self.down:
             raise EmbeddingsUnavailable("the connection was refused")
         if self.broke:
@@ -100,11 +106,19 @@ async def indexed_world(stub: Any, mesh: Any, domain: Any, name: str = "World") 
     return world
 
 
-async def ready(stub: Any, domain: Any, world: Any) -> None:
-    """Every item indexed: the indexer settled and the index says READY."""
-    await settled(domain)
-    index = await get_index(stub, world.viewer, world.name)
-    assert index.state == pb.SEMANTIC_INDEX_STATE_READY, index
+async def ready(stub: Any, domain: Any, world: Any, timeout_s: float = 30.0) -> None:
+    """Every item indexed: the indexer settled and GetSemanticIndex says READY."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            await settled(domain)
+            index = await get_index(stub, world.viewer, world.name)
+            if index.state == pb.SEMANTIC_INDEX_STATE_READY:
+                return
+            # Not yet: the indexer's next round says when to look again.
+            domain.indexer.progressed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await domain.indexer.progressed.wait()
 
 
 async def test_a_paraphrase_is_found_by_meaning_and_missed_by_words(
@@ -293,3 +307,26 @@ async def test_without_a_vector_engine_search_says_so(
                 pb.SEARCH_FALLBACK_REASON_NO_VECTOR_ENGINE,
             )
             assert source_names(found.results) == [note.name]
+
+
+async def test_an_endpoint_that_never_answers_falls_back_in_time(
+    monkeypatch: pytest.MonkeyPatch, database_url: str
+) -> None:
+    embedder = ConceptEmbedder()
+    async with semantic_mesh(
+        monkeypatch, database_url, embedder, context_embeddings_timeout_s=0.3
+    ) as (mesh, stub, domain):
+        world = await indexed_world(stub, mesh, domain)
+        note = await remember(stub, world.editor, world.name, "car tyres for winter")
+        await ready(stub, domain, world)
+        embedder.hang = asyncio.Event()
+        try:
+            found = await search_context(stub, world.viewer, world.name, "car", mode=HYBRID)
+        finally:
+            embedder.hang.set()
+        assert (found.mode, found.fallback_reason) == (
+            FULL_TEXT,
+            pb.SEARCH_FALLBACK_REASON_EMBEDDINGS_UNAVAILABLE,
+        )
+        assert "timed out" in found.fallback_detail
+        assert source_names(found.results) == [note.name]

@@ -19,7 +19,7 @@ from switchboard.context.plugins import load_entity_extractor, load_summarizer, 
 from switchboard.context.semantic.chunkstore import ChunkStore
 from switchboard.context.semantic.indexer import IndexerLimits
 from switchboard.context.semantic.ports import Embedder
-from switchboard.context.semantic.search import SearchParts
+from switchboard.context.semantic.search import SEARCH_EMBED_TIMEOUT_S, SearchParts
 from switchboard.context.settings import ContextSettings
 from switchboard.context.windowcache import WindowCache
 from switchboard.platform.cache import Cache
@@ -153,7 +153,9 @@ def context_service(
         search=SearchParts(
             candidates=settings.context_semantic_candidates,
             ef_search=settings.context_semantic_ef_search,
-            embed_timeout_s=settings.context_embeddings_timeout_s,
+            # A search waits on its query's embedding at most this, then falls back:
+            # a reader is waiting, unlike the indexer.
+            embed_timeout_s=min(settings.context_embeddings_timeout_s, SEARCH_EMBED_TIMEOUT_S),
         ),
     )
 

@@ -56,6 +56,8 @@ log = logging.getLogger("switchboard.context.search")
 
 #: Ranked results page by position, and only this deep.
 MAX_SEARCH_RESULTS: Final = 500
+#: Longest a search waits for its query's embedding before falling back to full-text.
+SEARCH_EMBED_TIMEOUT_S: Final = 10.0
 
 FULL_TEXT: Final = pb.SEARCH_MODE_FULL_TEXT
 SEMANTIC: Final = pb.SEARCH_MODE_SEMANTIC
@@ -124,7 +126,7 @@ class SearchParts:
     #: Results each ranked list contributes before fusion.
     candidates: int = 100
     #: Most time a query's embedding may take before the search falls back.
-    embed_timeout_s: float = 10.0
+    embed_timeout_s: float = SEARCH_EMBED_TIMEOUT_S
 
 
 @dataclass(frozen=True)
