@@ -12,9 +12,11 @@ the call (the thread hop and the transaction included). The RPC end to end,
 embedding included, is measured by the search benchmarks.
 
 Data: memory-item chunks of one workspace, 384 dimensions, deterministic: 200
-cluster centres (seeded Gaussian unit vectors) and each chunk its centre plus
-Gaussian noise of the same scale, normalized (real embeddings cluster by topic;
-uniform random vectors would make every neighbour equally far). Queries are drawn
+topics, 25 subtopics each (seeded Gaussian unit vectors), each chunk its topic
++ 0.7 x a subtopic + Gaussian noise of norm 0.5, normalized: real embeddings
+cluster by topic and subtopic, so a chunk has a few clearly near neighbours
+(uniform random vectors, or one level of clusters, make every neighbour about
+equally far, which no ANN index and no real corpus looks like). Queries are drawn
 the same way from other seeds. Recall@10 is ``nearest`` against ``exact_nearest``
 (a full scan) on the same queries.
 
@@ -67,6 +69,10 @@ from switchboard.platform.store.vectors import vector_support
 SECTION: Final = "## Semantic index engines"
 DIMS: Final = 384
 CLUSTERS: Final = 200
+#: Subtopics per topic, their weight and the noise's (norms relative to the topic's).
+SUBTOPICS: Final = 25
+SUB_WEIGHT: Final = 0.7
+NOISE: Final = 0.5
 OWNER: Final = "workspaces/bench"
 KEY: Final = f"bench-model/{DIMS}/1"
 K: Final = 10
@@ -85,18 +91,25 @@ def _unit(values: list[float]) -> list[float]:
     return [value / norm for value in values]
 
 
-_CENTRES: Final = [
-    _unit([random.Random(1_000_000 + c).gauss(0, 1) for _ in range(DIMS)])  # noqa: S311 - data
-    for c in range(CLUSTERS)
-]
+def _gaussian_unit(seed: int) -> list[float]:
+    rng = random.Random(seed)  # noqa: S311 - deterministic data, not secrets
+    return _unit([rng.gauss(0, 1) for _ in range(DIMS)])
+
+
+_TOPICS: Final = [_gaussian_unit(1_000_000 + t) for t in range(CLUSTERS)]
+_SUBTOPICS: Final = [_gaussian_unit(2_000_000 + s) for s in range(CLUSTERS * SUBTOPICS)]
 
 
 def vector(seed: int) -> array[float]:
-    """The deterministic vector ``seed``: a cluster centre plus noise, normalized."""
+    """The deterministic vector ``seed``: a topic, one of its subtopics, and noise, normalized."""
     rng = random.Random(seed)  # noqa: S311 - deterministic data, not secrets
-    centre = _CENTRES[rng.randrange(CLUSTERS)]
-    scale = 1 / math.sqrt(DIMS)
-    return array("f", _unit([c + rng.gauss(0, scale) for c in centre]))
+    subtopic = rng.randrange(CLUSTERS * SUBTOPICS)
+    topic, sub = _TOPICS[subtopic // SUBTOPICS], _SUBTOPICS[subtopic]
+    scale = NOISE / math.sqrt(DIMS)
+    return array(
+        "f",
+        _unit([t + SUB_WEIGHT * u + rng.gauss(0, scale) for t, u in zip(topic, sub, strict=True)]),
+    )
 
 
 def record(index: int) -> ChunkRecord:
@@ -242,8 +255,8 @@ def render(results: dict[str, Any], command: str) -> str:
         "",
         *provenance(command, took_s=results.get("seconds")),
         host_speed_line(results["host"]),
-        f"- data: one workspace's memory chunks, {DIMS} dimensions, {CLUSTERS} seeded "
-        "clusters (bench/semantic.py's docstring); k = 10; "
+        f"- data: one workspace's memory chunks, {DIMS} dimensions, {CLUSTERS} seeded topics "
+        f"x {SUBTOPICS} subtopics (bench/semantic.py's docstring); k = 10; "
         f"`hnsw.ef_search` {EF_SEARCH} (PostgreSQL); one query at a time, in process",
     ]
     if "postgres" in results:
