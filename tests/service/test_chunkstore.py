@@ -424,3 +424,33 @@ async def test_the_migration_downgrades_with_vector_tables_in_place(
     fresh = ChunkStore(database)
     await put(fresh, chunk("memories/a"), unit(1))
     assert len(await fresh.exact_nearest([OWNER], unit(1), DIMS, KEY, 5, EVERYTHING)) == 1
+
+
+async def test_a_role_that_may_not_create_pgvector_gets_the_reason_not_an_error(
+    migrated_postgres_url: str,
+) -> None:
+    """The server has pgvector, this database does not, and the service's role may not
+    create it (pgvector is not a trusted extension): full-text only, said in one sentence."""
+    admin = Database(migrated_postgres_url, timeout_s=TIMEOUT_S)
+    role = f"app_{random.randrange(10**9)}"  # noqa: S311 - a name
+
+    def make_role(db: Session) -> None:
+        db.execute(text(f"CREATE ROLE {role} LOGIN"))
+
+    try:
+        await admin.run(make_role, write=True)
+    finally:
+        await admin.close()
+    database = Database(
+        migrated_postgres_url.replace("//postgres@", f"//{role}@"), timeout_s=TIMEOUT_S
+    )
+    try:
+        support = await vector_support(database)
+    finally:
+        await database.close()
+    assert not support.available
+    assert support.reason == (
+        "the server has pgvector but this database does not, and CREATE EXTENSION vector "
+        "failed (42501; a superuser or the database owner can run it); semantic search is "
+        "off and search is full-text only"
+    )
