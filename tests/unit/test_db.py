@@ -915,5 +915,5 @@ def test_an_existing_cluster_keeps_the_major_version_that_made_it() -> None:
     newest = machine.postgres_bin_dir()
     assert machine.server_major(newest) == "16"
     assert machine.postgres_bin_dir("16") == newest
-    with pytest.raises(machine.MeshError, match="made by PostgreSQL 99.*postgresql-99"):
+    with pytest.raises(machine.MeshError, match=r"made by PostgreSQL 99.*postgresql-99"):
         machine.postgres_bin_dir("99")
