@@ -215,6 +215,20 @@ class IndexStore:
 
         return await self._run(work, write=True)
 
+    async def messaging_workspaces(self) -> set[str]:
+        """The workspaces whose messages are indexed."""
+
+        def work(db: Session) -> set[str]:
+            return set(
+                db.execute(
+                    select(SemanticIndexRow.workspace_id).where(
+                        SemanticIndexRow.index_messages.is_(True)
+                    )
+                ).scalars()
+            )
+
+        return await self._run(work, write=False)
+
     # -- the feeder's lease and cursor ---------------------------------------------------
 
     async def take_lease(self, holder: str, until: dt.datetime) -> str | None:
@@ -480,13 +494,12 @@ class IndexStore:
         made = self._enqueue_select(db, self._memory_query().where(MemoryItemRow.id.is_not(None)))
         made += self._enqueue_select(
             db,
-            self._message_query().join(
+            self._message_query()
+            .join(
                 SemanticIndexRow,
-                and_(
-                    SemanticIndexRow.workspace_id == ConversationRow.workspace_id,
-                    SemanticIndexRow.index_messages.is_(True),
-                ),
-            ),
+                SemanticIndexRow.workspace_id == ConversationRow.workspace_id,
+            )
+            .where(SemanticIndexRow.index_messages.is_(True)),
         )
         made += self._enqueue_select(db, self._document_query())
         return made + self._enqueue_chunk_sources(db, SemanticChunkRow.id.is_not(None))
