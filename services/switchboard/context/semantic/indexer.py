@@ -119,9 +119,9 @@ class IndexerLimits:
     batch: int = 32
     poll_s: float = 2.0
     lease_s: float = 15.0
-    #: How long a claim holds its jobs; a worker that would write after
-    #: ``claim_s * 3/4`` gives its jobs up instead (another may hold them by then).
-    claim_s: float = 120.0
+    #: How long a claim holds its jobs unless renewed (every third of it while the
+    #: batch is worked on): a dead replica's jobs are retaken this long after.
+    claim_s: float = 15.0
     backoff_base_s: float = 1.0
     backoff_max_s: float = 300.0
     #: The server's defaults for a workspace that names none.
@@ -130,14 +130,13 @@ class IndexerLimits:
 
     @classmethod
     def from_settings(cls, settings: ContextSettings) -> IndexerLimits:
-        request_s = settings.context_embeddings_timeout_s * settings.context_embeddings_attempts
         return cls(
             chunk_chars=settings.context_semantic_chunk_chars,
             chunk_overlap=settings.context_semantic_chunk_overlap,
             max_chunks=settings.context_semantic_max_chunks,
             poll_s=settings.context_semantic_poll_s,
             lease_s=settings.context_semantic_lease_s,
-            claim_s=max(120.0, 4 * request_s),
+            claim_s=max(3.0, settings.context_semantic_lease_s),
             default_model=settings.context_embeddings_model,
             default_dimensions=settings.context_embeddings_dimensions,
         )
@@ -255,6 +254,8 @@ class Indexer:
         self._renew_at = 0.0
         #: Jobs this process holds now (released at a clean close).
         self._held: list[Job] = []
+        #: Held while claims are renewed or given back, so both see the same expiry.
+        self._claims = asyncio.Lock()
         #: Test hook: called (and awaited if it returns an awaitable) between
         #: embedding a batch and writing its passages.
         self.before_write: Callable[[], object] | None = None
@@ -502,12 +503,30 @@ class Indexer:
         if not jobs:
             return 0, later
         self._held = jobs
+        renewing = asyncio.get_running_loop().create_task(self._renew(jobs))
         try:
             await self._do(jobs)
         finally:
+            renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewing
             self._held = []
             self.progressed.set()
         return len(jobs), later
+
+    async def _renew(self, jobs: Sequence[Job]) -> None:
+        """Keep the batch's claims while it is worked on (a large document may take
+        many embeddings requests)."""
+        while True:
+            await asyncio.sleep(self.limits.claim_s / 3)  # a period, not synchronization
+            until = now() + dt.timedelta(seconds=self.limits.claim_s)
+            try:
+                async with self._claims:
+                    await self.store.renew(jobs, until)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the write guard skips lapsed claims
+                log_failure(log, "semantic job claims not renewed", exc)
 
     def _passages(self, source: Source) -> list[ChunkRecord]:
         workspace_id = source.owner.removeprefix("workspaces/")
@@ -581,7 +600,8 @@ class Indexer:
             model, generation = self.model_of(index)
             to_embed.setdefault((source.owner, model, generation), []).append((job, passages))
         if done:
-            await self.store.finish(done)
+            async with self._claims:
+                await self.store.finish(done)
         for (owner, model, generation), group in to_embed.items():
             await self._embed_group(owner, model, generation, group)
 
@@ -606,7 +626,8 @@ class Indexer:
             retry = [
                 (job, now() + dt.timedelta(seconds=self._delay(job.attempts))) for job, _ in group
             ]
-            await self.store.retry(retry, reason)
+            async with self._claims:
+                await self.store.retry(retry, reason)
             log.info(
                 "semantic indexing waits for the embeddings endpoint",
                 extra={"owner": owner, "jobs": len(group), "reason": reason},
@@ -623,11 +644,12 @@ class Indexer:
             mine = vectors[offset : offset + len(passages)]
             offset += len(passages)
             if now() > job.claimed_until - dt.timedelta(seconds=self.limits.claim_s / 4):
-                continue  # the claim is about to lapse: another worker may hold the job
+                continue  # the claim lapsed or is about to: another worker may hold the job
             await self._write(job, passages, mine, key)
             finished.append(job)
         if finished:
-            await self.store.finish(finished)
+            async with self._claims:
+                await self.store.finish(finished)
 
     async def _write(
         self,

@@ -87,9 +87,9 @@ class NewJob:
         return _owner_ids(self.owner)[0]
 
 
-@dataclass(frozen=True)
+@dataclass
 class Job:
-    """A job a worker holds until ``claimed_until``."""
+    """A job a worker holds until ``claimed_until`` (moved on by ``renew``)."""
 
     source_kind: SourceKind
     source: str
@@ -623,6 +623,29 @@ class IndexStore:
             return claimed
 
         return await self._run(work, write=True), later
+
+    async def renew(self, jobs: Sequence[Job], until: dt.datetime) -> None:
+        """Extend the claims still held on ``jobs`` to ``until`` (a long batch); a job
+        whose claim was lost keeps its old ``claimed_until`` (its write is skipped)."""
+
+        def work(db: Session) -> list[Job]:
+            kept = []
+            for job in jobs:
+                moved = db.execute(
+                    update(SemanticJobRow)
+                    .where(
+                        SemanticJobRow.source_kind == job.source_kind,
+                        SemanticJobRow.source == job.source,
+                        SemanticJobRow.not_before == job.claimed_until,
+                    )
+                    .values(not_before=until)
+                )
+                if _count(moved):
+                    kept.append(job)
+            return kept
+
+        for job in await self._run(work, write=True):
+            job.claimed_until = until
 
     async def finish(self, jobs: Sequence[Job]) -> int:
         """Delete the jobs done, unless enqueued again meanwhile (those are released to be
