@@ -34,6 +34,7 @@ from switchboard.context.common import Common, check_text, stored
 from switchboard.context.mapping import memory_proto, message_proto
 from switchboard.context.records import MemoryRecord, Scope, Unsearchable
 from switchboard.context.search import query_terms
+from switchboard.context.semantic.chunkstore import MAX_K
 from switchboard.context.semantic.filters import ParsedFilter, parse_filter, restrict_sources
 from switchboard.context.semantic.fusion import Fused, fuse, single
 from switchboard.context.semantic.indexer import Indexer
@@ -56,6 +57,9 @@ log = logging.getLogger("switchboard.context.search")
 
 #: Ranked results page by position, and only this deep.
 MAX_SEARCH_RESULTS: Final = 500
+#: How much deeper the semantic list of a workspace's own memory asks (see
+#: ``Search._semantic_depth``).
+WORKSPACE_MEMORY_DEPTH: Final = 4
 #: Longest a search waits for its query's embedding before falling back to full-text.
 SEARCH_EMBED_TIMEOUT_S: Final = 10.0
 
@@ -606,7 +610,7 @@ class Search:
                         plan.vector,
                         len(plan.vector),
                         plan.model.key(plan.generation),
-                        self._candidates,
+                        self._semantic_depth(where),
                         ask,
                         self._ef_search,
                     )
@@ -614,6 +618,15 @@ class Search:
                 raise _unsearchable() from None
             lists.append(hits)
         return _merge(lists)
+
+    def _semantic_depth(self, where: _Where) -> int:
+        """How many passages the semantic list asks for. A workspace's own memory
+        (SearchMemoryItems on `workspaces/{w}`) shares its index with every
+        conversation's memory, which the chunk store cannot leave out (the filter has
+        no "no conversation"); those are dropped when read, so it asks deeper."""
+        if where.memory_scope is not None and where.conversation_id is None and where.workspace_id:
+            return min(self._candidates * WORKSPACE_MEMORY_DEPTH, MAX_K)
+        return self._candidates
 
     async def _hydrate(
         self,
