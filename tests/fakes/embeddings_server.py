@@ -171,57 +171,12 @@ CONCEPTS: Final[tuple[tuple[str, ...], ...]] = (
     ("invoice", "invoices", "bill", "billing", "payment", "pay", "paid", "charge"),
 )
 _CONCEPT_OF: Final = {word: group[0] for group in CONCEPTS for word in group}
-_STOP: Final = frozenset(
-    [
-        "a",
-        "an",
-        "and",
-        "are",
-        "as",
-        "at",
-        "be",
-        "by",
-        "do",
-        "does",
-        "did",
-        "for",
-        "from",
-        "has",
-        "have",
-        "i",
-        "in",
-        "is",
-        "it",
-        "its",
-        "me",
-        "my",
-        "of",
-        "on",
-        "or",
-        "our",
-        "over",
-        "than",
-        "that",
-        "the",
-        "their",
-        "them",
-        "this",
-        "to",
-        "was",
-        "we",
-        "were",
-        "what",
-        "which",
-        "who",
-        "why",
-        "with",
-        "you",
-        "your",
-        "over",
-        "under",
-        "about",
-    ]
+_STOP_WORDS: Final = (
+    "a an and are as at be by do does did for from has have i in is it its me my of on or our "
+    "over than that the their them this to was we were what which who why with you your under "
+    "about"
 )
+_STOP: Final = frozenset(_STOP_WORDS.split(" "))
 
 
 def count_tokens(text: str) -> int:
