@@ -160,8 +160,10 @@ class IndexStore:
         self._database = database
         self._sqlite = database.dialect_name == "sqlite"
 
-    async def _run(self, work: Callable[[Session], _T], *, write: bool) -> _T:
-        return await transaction(self._database, work, write=write, log=log)
+    async def _run(
+        self, work: Callable[[Session], _T], *, write: bool, snapshot: bool = False
+    ) -> _T:
+        return await transaction(self._database, work, write=write, snapshot=snapshot, log=log)
 
     def _insert(self) -> Any:
         return sqlite_insert if self._sqlite else pg_insert
@@ -762,7 +764,7 @@ class IndexStore:
                     stored[found] = Stored(tuple(chunks))
             return sources, stored
 
-        return await self._run(work, write=False)
+        return await self._run(work, write=False, snapshot=True)
 
     # -- status ----------------------------------------------------------------------------
 
@@ -789,7 +791,7 @@ class IndexStore:
             )
             return Status(indexed, pending, error or "")
 
-        return await self._run(work, write=False)
+        return await self._run(work, write=False, snapshot=True)
 
 
 def _settings_of(row: SemanticIndexRow) -> IndexSettings:
