@@ -347,7 +347,8 @@ class ChunkStore:
     def _vector_param(self, vector: Sequence[float]) -> bytes | str:
         if self._sqlite:
             return array("f", vector).tobytes()
-        return "[" + ",".join(repr(float(value)) for value in vector) + "]"
+        # Nine significant digits round-trip a float4, which is what pgvector keeps.
+        return "[" + ",".join(format(value, ".9g") for value in vector) + "]"
 
     # -- reads -------------------------------------------------------------------------
 
@@ -383,6 +384,8 @@ class ChunkStore:
             if len(hits.hits) < k and hits.full:
                 # The filters (or stale rows) dropped too many of a full candidate list:
                 # the true top k may lie beyond it.
+                if self._sqlite:
+                    return self._filtered_knn(db, owners, vector, dims, embedding_key, k, filter)
                 return self._exact(db, owners, vector, dims, embedding_key, k, filter)
             return hits.hits
 
@@ -508,10 +511,43 @@ class ChunkStore:
             f"WHERE c.owner IN :owners AND c.embedding = :key AND {where} "
             # "+ 0": an expression the HNSW index cannot serve, so this is a scan of the
             # filtered chunks (the point is the exact answer).
-            "ORDER BY distance + 0, c.id LIMIT :k"
+            f"ORDER BY {distance} + 0, c.id LIMIT :k"
         )
         statement = text(sql).bindparams(*binds, bindparam("owners", expanding=True))
         return [_hit(row) for row in db.execute(statement, params).all()]
+
+    def _filtered_knn(
+        self,
+        db: Session,
+        owners: Sequence[str],
+        vector: bytes | str,
+        dims: int,
+        key: str,
+        k: int,
+        search: SearchFilter,
+    ) -> list[Hit]:
+        """SQLite's exact filtered answer: vec0's KNN restricted to the chunks that pass
+        (``chunk_id IN (subquery)``, which vec0 applies while it scans), per owner.
+
+        Several times faster than ``_exact``'s join, whose per-row reads of a vec0
+        table are point lookups into its chunked storage.
+        """
+        table = vector_table(dims)
+        where, params, binds = _conditions(search, sqlite=True)
+        params.update({"key": key, "k": k, "q": vector})
+        sql = (
+            "SELECT c.id, c.source_kind, c.source, n.distance FROM ("  # noqa: S608
+            f"SELECT chunk_id, distance FROM {table} WHERE embedding MATCH :q AND k = :k "
+            "AND owner = :owner AND chunk_id IN (SELECT c.id FROM semantic_chunks c "
+            f"WHERE c.owner = :owner AND c.embedding = :key AND {where})) n "
+            "JOIN semantic_chunks c ON c.id = n.chunk_id"
+        )
+        statement = text(sql).bindparams(*binds)
+        rows: list[Any] = []
+        for owner in dict.fromkeys(owners):
+            rows.extend(db.execute(statement, {**params, "owner": owner}).all())
+        rows.sort(key=lambda row: (float(row[3]), int(row[0])))
+        return [_hit(row) for row in rows[:k]]
 
     async def fulltext(
         self,
