@@ -467,3 +467,35 @@ async def test_a_users_own_memory_is_indexed_under_the_servers_default_model(
         index = await get_index(stub, world.viewer, world.name)
         assert index.effective_model == "default-embed/8"
         assert index.state == pb.SEMANTIC_INDEX_STATE_READY
+
+
+async def test_passages_indexed_without_embeddings_get_vectors_once_they_are_configured(
+    monkeypatch: pytest.MonkeyPatch, database_url: str
+) -> None:
+    async with semantic_mesh(monkeypatch, database_url, None) as (mesh, stub, domain):
+        world = await ctx_world(mesh, stub)
+        stored = await upload(
+            stub,
+            world.editor,
+            world.name,
+            b"The harbour crane is serviced every March.",
+            media_type="text/plain",
+            display_name="crane.txt",
+        )
+        note = await remember(stub, world.editor, world.name, "Cranes need a permit")
+        await settled(domain)
+        assert [(c.source, c.embedding) for c in await chunk_rows(domain)] == [(stored.name, "")]
+    # The same database, now with an endpoint and a default model: the replica that
+    # takes the lease reconciles what was indexed without them.
+    embedder = WordEmbedder()
+    async with semantic_mesh(
+        monkeypatch,
+        database_url,
+        embedder,
+        context_embeddings_model="default-embed",
+        context_embeddings_dimensions=8,
+    ) as (mesh, stub, domain):
+        await settled(domain)
+        chunks = by_source(await chunk_rows(domain))
+        assert set(chunks) == {stored.name, note.name}
+        assert {c.embedding for rows in chunks.values() for c in rows} == {"default-embed/8/1"}

@@ -381,15 +381,16 @@ class Indexer:
                 self.feeding = False
                 self._cursor = self._stored = None
                 return False
-            fresh = not self.feeding
-            self.feeding = True
-            self._cursor = self._stored = taken
-            self._renew_at = time.monotonic() + self.limits.lease_s / 3
-            if fresh and self.semantic:
+            if not self.feeding and self.semantic:
+                # Taken (not renewed): repair what the index lacks before feeding,
+                # and again should this fail (feeding stays off until it is done).
                 made = await self.store.reconcile(self._key_for_owner)
                 if made:
                     log.info("semantic index reconciled", extra={"jobs": made})
                     self._work_wake.set()
+            self.feeding = True
+            self._cursor = self._stored = taken
+            self._renew_at = time.monotonic() + self.limits.lease_s / 3
         self._messaging = await self.store.messaging_workspaces()
         return True
 
