@@ -80,6 +80,8 @@ log = logging.getLogger("switchboard.context.semantic")
 
 #: Events read from the log per feeder transaction.
 FEED_BATCH: Final = 500
+#: How often the replica feeding looks for passages of purged conversations.
+SWEEP_EVERY_S: Final = 300.0
 CLOSE_TIMEOUT_S: Final = 5.0
 
 _MEMORY: Final = events_pb2.EVENT_TYPE_MEMORY_CHANGED
@@ -252,6 +254,7 @@ class Indexer:
         #: message wakes the feeder; the feed transaction reads the settings).
         self._messaging: set[str] = set()
         self._renew_at = 0.0
+        self._sweep_at = 0.0
         #: Jobs this process holds now (released at a clean close).
         self._held: list[Job] = []
         #: Held while claims are renewed or given back, so both see the same expiry.
@@ -391,6 +394,10 @@ class Indexer:
             self.feeding = True
             self._cursor = self._stored = taken
             self._renew_at = time.monotonic() + self.limits.lease_s / 3
+        if time.monotonic() >= self._sweep_at:
+            self._sweep_at = time.monotonic() + SWEEP_EVERY_S
+            if await self.store.enqueue_orphans():
+                self._work_wake.set()
         self._messaging = await self.store.messaging_workspaces()
         return True
 
