@@ -1,6 +1,7 @@
-"""Search through the real embeddings client and the test kit's local embeddings
-server over HTTP (``sb-concept-384``: synonyms share a concept), on SQLite
-(sqlite-vec) and PostgreSQL (pgvector), items indexed by the real indexer.
+"""Search through the real embeddings client (configured by settings, as deployed)
+and the test kit's local embeddings server over HTTP (``sb-concept-384``: synonyms
+share a concept), on SQLite (sqlite-vec) and PostgreSQL (pgvector), items indexed by
+the real indexer.
 """
 
 from __future__ import annotations
@@ -13,11 +14,8 @@ import pytest
 from grpc import aio
 
 from switchboard.api.context.v1 import context_pb2 as pb
-from switchboard.context import build
 from switchboard.context.domain import ContextDomain
-from switchboard.context.semantic.embedder import OpenAIEmbedder
 from switchboard.mesh import create_server
-from switchboard.platform.security.egress import EgressPolicy
 from tests.conftest import built, make_settings
 from tests.fakes.embeddings_server import FakeEmbeddings
 from tests.service.contextkit import Stub, context_stub, ctx_world, remember
@@ -35,21 +33,20 @@ HYBRID = pb.SEARCH_MODE_HYBRID
 
 @asynccontextmanager
 async def http_mesh(
-    monkeypatch: pytest.MonkeyPatch, database_url: str
+    database_url: str,
 ) -> AsyncIterator[tuple[FakeEmbeddings, Stub, ContextDomain, Any]]:
-    """A server embedding through the HTTP client, against the local embeddings server."""
+    """A server configured as a deployment is (``SWITCHBOARD_CONTEXT_EMBEDDINGS_URL``),
+    against the local embeddings server over HTTP."""
     async with FakeEmbeddings() as fake:
-        embedder = OpenAIEmbedder(
-            fake.url,
-            api_key="",
-            policy=EgressPolicy(allow_loopback=True),
-            attempts=1,
-            timeout_s=5.0,
-            connect_timeout_s=2.0,
-        )
-        monkeypatch.setattr(build, "context_embedder", lambda settings, shared: embedder)
         server, _port = await create_server(
-            make_settings(database_url=database_url, context_semantic_poll_s=0.2)
+            make_settings(
+                database_url=database_url,
+                context_embeddings_url=fake.url,
+                context_embeddings_attempts=1,
+                context_embeddings_timeout_s=5.0,
+                context_semantic_poll_s=0.2,
+                egress_allow_loopback=True,
+            )
         )
         await server.start()
         try:
@@ -57,13 +54,12 @@ async def http_mesh(
                 yield fake, context_stub(channel), built(server, ContextDomain), server
         finally:
             await server.shutdown(grace=0)
-            await embedder.close()
 
 
 async def test_over_http_a_paraphrase_is_found_hybrid_ranks_keywords_and_an_outage_falls_back(
-    monkeypatch: pytest.MonkeyPatch, database_url: str
+    database_url: str,
 ) -> None:
-    async with http_mesh(monkeypatch, database_url) as (fake, stub, domain, mesh):
+    async with http_mesh(database_url) as (fake, stub, domain, mesh):
         world = await ctx_world(mesh, stub)
         other = await ctx_world(mesh, stub, "Other")
         for each in (world, other):
