@@ -324,7 +324,8 @@ class FakeEmbeddings:
         finally:
             self._tasks.discard(task)
             writer.close()
-            with contextlib.suppress(ConnectionError):
+            # close() cancels this task: its wait for the socket to close is cut short too.
+            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
                 await writer.wait_closed()
 
     async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:

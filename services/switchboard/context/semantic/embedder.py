@@ -263,16 +263,12 @@ class OpenAIEmbedder:
                         f"the embeddings endpoint {retry.reason}{tries}"
                     ) from None
                 delay = backoff.full_jitter(
-                    attempt - 1,
-                    base_s=self._backoff[0],
-                    max_s=self._backoff[1],
-                    rng=self._rng,
-                    at_least_s=(
-                        min(retry.retry_after_s, self._retry_after_cap_s)
-                        if retry.retry_after_s is not None
-                        else None
-                    ),
+                    attempt - 1, base_s=self._backoff[0], max_s=self._backoff[1], rng=self._rng
                 )
+                if retry.retry_after_s is not None:
+                    # The endpoint's own word, capped on its own (not at the backoff's
+                    # ceiling): a rate limit's reset is often longer than our backoff.
+                    delay = max(delay, min(retry.retry_after_s, self._retry_after_cap_s))
                 log.warning(
                     "embeddings attempt failed; retrying",
                     extra={"reason": retry.reason, "attempt": attempt, "delay_s": delay},
