@@ -43,7 +43,7 @@ from switchboard.platform.breaker import CircuitBreaker
 from switchboard.platform.errors import DestinationBlocked, ResolutionFailed
 from switchboard.platform.security.egress import EgressPolicy, http_client
 
-from .ports import Embedded, EmbeddingModel, EmbeddingsUnavailable
+from .ports import Embedded, EmbeddingModel, EmbeddingsBudgetExhausted, EmbeddingsUnavailable
 
 __all__ = [
     "Charger",
@@ -69,31 +69,31 @@ def estimate_tokens(text: str) -> int:
 
 
 class Charger(Protocol):
-    """Charges a workspace's embedding calls to its budgets (the composition
-    root's adapter over the budget ledger; the context service imports no
-    dispatcher module)."""
+    """Charges a workspace's embedding calls to its budgets: the composition
+    root's adapter over the budget ledger (``dispatcher/budgets/embeddings.py``).
+    Plain values only, so neither side imports the other's types."""
 
-    async def reserve(self, workspace_id: str, *, model: str, input_tokens: int) -> object:
-        """Hold the worst case of one request; raises ``EmbeddingsBudgetExhausted``
-        when a budget of the workspace has no room. Returns the hold."""
+    async def reserve(self, workspace_id: str, *, model: str, input_tokens: int) -> object | None:
+        """Hold the worst case of one request in every budget of the whole
+        workspace, or in none: the hold, or None when a budget has no room."""
         ...
 
-    async def settle(self, hold: object, *, input_tokens: int) -> None:
-        """Charge the actual tokens and free the rest of the hold."""
+    async def settle(self, hold: object, *, model: str, input_tokens: int) -> None:
+        """Charge the tokens the endpoint counted and free the rest of the hold."""
         ...
 
     async def release(self, hold: object) -> None:
-        """Free the hold: the request failed, nothing was used."""
+        """Free the hold: the request failed, nothing is charged."""
         ...
 
 
 class NoCharge:
-    """No budgets: nothing reserved, nothing charged (usage is still logged)."""
+    """No budgets: nothing held, nothing charged (usage is still logged)."""
 
-    async def reserve(self, workspace_id: str, *, model: str, input_tokens: int) -> object:
-        return None
+    async def reserve(self, workspace_id: str, *, model: str, input_tokens: int) -> object | None:
+        return ()
 
-    async def settle(self, hold: object, *, input_tokens: int) -> None:
+    async def settle(self, hold: object, *, model: str, input_tokens: int) -> None:
         return None
 
     async def release(self, hold: object) -> None:
@@ -224,6 +224,11 @@ class OpenAIEmbedder:
                 model=model.name,
                 input_tokens=sum(estimate_tokens(text) for text in texts),
             )
+            if hold is None:
+                raise EmbeddingsBudgetExhausted(
+                    f"a budget of workspace {workspace} has no room for embedding "
+                    f"{len(texts)} texts"
+                )
         try:
             async with self._slots:
                 embedded = await self._with_retries(texts, model)
@@ -232,7 +237,7 @@ class OpenAIEmbedder:
                 await asyncio.shield(self._charger.release(hold))
             raise
         if workspace is not None:
-            await self._charger.settle(hold, input_tokens=embedded.input_tokens)
+            await self._charger.settle(hold, model=model.name, input_tokens=embedded.input_tokens)
         log.info(
             "embedded",
             extra={
