@@ -33,6 +33,7 @@ import logging
 import math
 import random
 import time
+from array import array
 from collections.abc import Sequence
 from typing import Any, Final, Protocol
 
@@ -362,12 +363,19 @@ class OpenAIEmbedder:
                     f"the embeddings endpoint answered a vector of {len(vector)} dimensions, "
                     f"not the expected {expected}"
                 )
-            if not all(type(x) in (float, int) and math.isfinite(x) for x in vector):
+            # array() refuses anything but numbers at C speed; a NaN or an infinity
+            # anywhere makes the sum one too (the vectors are short and near unit length,
+            # so a finite sum never overflows).
+            try:
+                values = array("d", vector)
+            except TypeError:
+                values = None
+            if values is None or not math.isfinite(sum(values)):
                 raise EmbeddingsUnavailable(
                     "the embeddings endpoint answered a vector with a value that is not a "
                     "finite number"
                 )
-            vectors[index] = [float(x) for x in vector]
+            vectors[index] = values.tolist()
         if model.dimensions == 0:
             self._learned.setdefault(model.name, expected)
         usage = answer.get("usage")
