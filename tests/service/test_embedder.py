@@ -15,7 +15,7 @@ from switchboard.context.semantic.ports import (
     EmbeddingsUnavailable,
 )
 from switchboard.platform.security.egress import EgressPolicy
-from tests.fakes.embeddings_server import CONCEPT_MODEL, HASH_MODEL, FakeEmbeddings
+from tests.fakes.embeddings_server import CONCEPT_MODEL, HASH_MODEL, MINILM_MODEL, FakeEmbeddings
 
 pytestmark = pytest.mark.asyncio
 
@@ -244,3 +244,20 @@ async def test_concept_model_finds_the_paraphrase(server: FakeEmbeddings) -> Non
 
 
 _ = EmbeddingsBudgetExhausted
+
+
+async def test_the_sentence_model_finds_the_paraphrase(server: FakeEmbeddings) -> None:
+    embedder = _embedder(server)
+    note = "The user prefers tea over coffee"
+    query = "What drink does the user like?"
+    other = "The deploy failed on Tuesday"
+    try:
+        embedded = await embedder.embed(OWNER, [note, query, other], EmbeddingModel(MINILM_MODEL))
+    finally:
+        await embedder.close()
+    note_v, query_v, other_v = embedded.vectors
+    assert len(note_v) == 384
+    # all-MiniLM-L6-v2's own judgement (0.53 against -0.11 when measured), not a lexicon's.
+    assert _cosine(query_v, note_v) > 0.4
+    assert _cosine(query_v, other_v) < 0.1
+    assert _cosine(query_v, note_v) - _cosine(query_v, other_v) > 0.3
