@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import math
+import struct
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
 
 from switchboard.context.semantic.embedder import OpenAIEmbedder
 from switchboard.context.semantic.ports import (
     EmbeddingModel,
-    EmbeddingsBudgetExhausted,
     EmbeddingsUnavailable,
 )
 from switchboard.platform.security.egress import EgressPolicy
@@ -243,9 +245,6 @@ async def test_concept_model_finds_the_paraphrase(server: FakeEmbeddings) -> Non
     assert _cosine(query_v, other_v) < 0.3
 
 
-_ = EmbeddingsBudgetExhausted
-
-
 async def test_the_sentence_model_finds_the_paraphrase(server: FakeEmbeddings) -> None:
     embedder = _embedder(server)
     note = "The user prefers tea over coffee"
@@ -261,3 +260,45 @@ async def test_the_sentence_model_finds_the_paraphrase(server: FakeEmbeddings) -
     assert _cosine(query_v, note_v) > 0.4
     assert _cosine(query_v, other_v) < 0.1
     assert _cosine(query_v, note_v) - _cosine(query_v, other_v) > 0.3
+
+
+async def test_the_server_speaks_the_api(server: FakeEmbeddings) -> None:
+    """The fake's answers as the API shapes them: base64 floats, usage, error bodies."""
+    auth = {"authorization": "Bearer sk-test-secret"}
+    async with httpx.AsyncClient(base_url=server.url, headers=auth) as client:
+        as_floats = await client.post(
+            "/embeddings", json={"model": HASH_MODEL, "input": "tea time", "dimensions": 16}
+        )
+        as_base64 = await client.post(
+            "/embeddings",
+            json={"model": HASH_MODEL, "input": ["tea time"], "encoding_format": "base64"},
+        )
+        unknown = await client.post("/embeddings", json={"model": "nope", "input": "x"})
+        too_wide = await client.post(
+            "/embeddings", json={"model": HASH_MODEL, "input": "x", "dimensions": 385}
+        )
+        empty = await client.post("/embeddings", json={"model": HASH_MODEL, "input": []})
+        no_key = await client.post(
+            "/embeddings",
+            json={"model": HASH_MODEL, "input": "x"},
+            headers={"authorization": ""},
+        )
+    body = as_floats.json()
+    assert body["object"] == "list"
+    assert body["model"] == HASH_MODEL
+    assert body["usage"] == {"prompt_tokens": 2, "total_tokens": 2}
+    assert body["data"][0]["object"] == "embedding"
+    assert body["data"][0]["index"] == 0
+    assert len(body["data"][0]["embedding"]) == 16
+    packed = base64.b64decode(as_base64.json()["data"][0]["embedding"])
+    decoded = struct.unpack(f"<{len(packed) // 4}f", packed)
+    assert len(decoded) == 384
+    assert math.isclose(sum(x * x for x in decoded), 1.0, rel_tol=1e-5)
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["code"] == "model_not_found"
+    assert too_wide.status_code == 400
+    assert too_wide.json()["error"]["param"] == "dimensions"
+    assert empty.status_code == 400
+    assert empty.json()["error"]["param"] == "input"
+    assert no_key.status_code == 401
+    assert no_key.json()["error"]["code"] == "invalid_api_key"
