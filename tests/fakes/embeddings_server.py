@@ -39,7 +39,7 @@ Every model counts tokens as words and punctuation marks (``count_tokens``).
 
 Faults a test can drive: ``fail_next(status, count, retry_after=...)`` (a 500,
 503 or 429 with ``Retry-After``), ``delay_s`` (every answer waits that long:
-slower than a client's timeout), ``corrupt_next("dimension" | "count",
+slower than a client's timeout), ``corrupt_next("dimension" | "count" | "nan",
 count)`` (vectors one shorter than asked, or one vector fewer than inputs), and
 ``close()`` (the port refuses connections). ``requests`` holds every request
 that reached the endpoint; ``batches`` their inputs.
@@ -93,7 +93,7 @@ MINILM_MODEL: Final = "all-minilm-l6-v2"
 _HASH_NAME: Final = re.compile(r"sb-hash-(\d{1,4})")
 _WORD: Final = re.compile(r"[a-z0-9]+")
 _TOKEN: Final = re.compile(r"\w+|[^\w\s]")
-Corruption = Literal["dimension", "count"]
+Corruption = Literal["dimension", "count", "nan"]
 
 #: Synonym groups of the concept model: every word of a group is one concept.
 CONCEPTS: Final[tuple[tuple[str, ...], ...]] = (
@@ -242,6 +242,15 @@ def embed(model: str, text: str, dims: int) -> list[float]:
     return [x / norm for x in total]
 
 
+def _corrupted(vectors: list[list[float]], how: Corruption) -> list[list[float]]:
+    if how == "dimension":
+        return [vector[:-1] for vector in vectors]
+    if how == "count":
+        return vectors[:-1]
+    vectors[0][0] = math.nan
+    return vectors
+
+
 def _shortened(vector: list[float], dims: int) -> list[float]:
     """The first ``dims`` components, renormalised (as OpenAI's v3 models shorten)."""
     if dims >= len(vector):
@@ -328,7 +337,9 @@ class FakeEmbeddings:
 
     def corrupt_next(self, how: Corruption, count: int = 1) -> None:
         """Answer the next ``count`` requests with vectors one dimension short
-        (``dimension``) or one vector fewer than inputs (``count``)."""
+        (``dimension``), one vector fewer than inputs (``count``), or a NaN in the
+        first vector (``nan``, written as JavaScript's ``NaN``, which JSON parsers
+        of Python and others accept)."""
         self._corruptions.extend([how] * count)
 
     # -- connections -------------------------------------------------------
@@ -445,10 +456,8 @@ class FakeEmbeddings:
             vectors = [_shortened(vector, dims) for vector in minilm().embed(texts)]
         else:
             vectors = [embed(model, text, dims) for text in texts]
-        if corruption == "dimension":
-            vectors = [vector[:-1] for vector in vectors]
-        elif corruption == "count":
-            vectors = vectors[:-1]
+        if corruption is not None:
+            vectors = _corrupted(vectors, corruption)
         data = [
             {
                 "object": "embedding",

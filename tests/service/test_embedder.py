@@ -188,6 +188,16 @@ async def test_wrong_count(server: FakeEmbeddings) -> None:
         await embedder.close()
 
 
+async def test_a_value_that_is_not_a_number(server: FakeEmbeddings) -> None:
+    embedder = _embedder(server)
+    server.corrupt_next("nan")
+    try:
+        with pytest.raises(EmbeddingsUnavailable, match="not a finite number"):
+            await embedder.embed(OWNER, ["a", "b"], HASH)
+    finally:
+        await embedder.close()
+
+
 async def test_refusal_names_no_secret(server: FakeEmbeddings) -> None:
     embedder = _embedder(server, api_key="sk-wrong-key-123456")
     try:
