@@ -40,7 +40,7 @@ Every model counts tokens as words and punctuation marks (``count_tokens``).
 Faults a test can drive: ``fail_next(status, count, retry_after=...)`` (a 500,
 503 or 429 with ``Retry-After``), ``delay_s`` (every answer waits that long:
 slower than a client's timeout), ``corrupt_next("dimension" | "count" | "nan",
-count)`` (vectors one shorter than asked, or one vector fewer than inputs), and
+count)`` (vectors one shorter than asked, one vector fewer than inputs, or a NaN), and
 ``close()`` (the port refuses connections). ``requests`` holds every request
 that reached the endpoint; ``batches`` their inputs.
 
