@@ -31,6 +31,7 @@ from sqlalchemy import Connection, delete, event, inspect, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, StatementError
 from sqlalchemy.orm import Session
 
+from switchboard.deploy import machine
 from switchboard.platform.config import ConfigError
 from switchboard.platform.errors import Code
 from switchboard.platform.events.loglock import DatabaseInUse, lock_sqlite_file
@@ -544,6 +545,7 @@ def test_missing_postgres_binaries_fail_loudly(monkeypatch: pytest.MonkeyPatch) 
     """Without a server the PostgreSQL fixtures fail (with the fix), never skip."""
     monkeypatch.setattr(shutil, "which", lambda _name: None)
     monkeypatch.setattr(glob, "glob", lambda _pattern: [])
+    monkeypatch.setattr(machine, "pgserver_bin_dir", lambda: None)
     with pytest.raises(postgres_infra.PostgresUnavailable, match="apt-get install postgresql"):
         postgres_infra.find_bin_dir()
 
