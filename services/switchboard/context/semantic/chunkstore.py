@@ -508,7 +508,7 @@ class ChunkStore:
             f"WHERE c.owner IN :owners AND c.embedding = :key AND {where} "
             # "+ 0": an expression the HNSW index cannot serve, so this is a scan of the
             # filtered chunks (the point is the exact answer).
-            "ORDER BY distance + 0, c.id LIMIT :k"
+            f"ORDER BY {distance} + 0, c.id LIMIT :k"
         )
         statement = text(sql).bindparams(*binds, bindparam("owners", expanding=True))
         return [_hit(row) for row in db.execute(statement, params).all()]
