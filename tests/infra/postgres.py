@@ -5,9 +5,12 @@ exactly the places stores get wrong (time zones, constraint errors, locking).
 A throwaway cluster is created per test session in a temporary directory,
 tuned for speed rather than durability, and each test gets its own database.
 
-The server binaries must be installed (Debian: ``apt-get install postgresql``,
-which ``.ci/run`` does). When they are missing the fixtures fail instead of
-skipping: a skipped backend would let store bugs through unnoticed.
+The server binaries are those ``switchboard mesh`` uses (``postgres_bin_dir``):
+the ``pgserver`` wheel's PostgreSQL 16 with pgvector first (a dev dependency, so
+the semantic index's HNSW tests run on a real pgvector), else the system's
+(Debian: ``apt-get install postgresql``, which ``.ci/run`` does, and which also
+makes the ``postgres`` user below). When none is found the fixtures fail instead
+of skipping: a skipped backend would let store bugs through unnoticed.
 
 initdb refuses to run as root, and CI runs tests as root, so under root the
 cluster belongs to the ``postgres`` system user and every server command runs

@@ -880,3 +880,30 @@ def test_an_outage_is_logged_as_one_line_without_its_stack_and_a_bug_with_it(
         (logging.DEBUG, False),
         (logging.ERROR, True),
     ]
+
+
+def test_pgserver_is_preferred_and_copied_where_the_postgres_user_can_reach_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pgserver's PostgreSQL (it has pgvector) comes first; installed under a directory
+    others cannot enter (a venv in root's home), it is copied once to a readable place."""
+    assert machine.postgres_bin_dir() == machine.pgserver_bin_dir()
+    closed = tmp_path / "home"
+    install = closed / "site-packages" / "pgserver" / "pginstall"
+    (install / "bin").mkdir(parents=True)
+    (install / "lib").mkdir()
+    for tool in ("initdb", "pg_ctl", "postgres"):
+        (install / "bin" / tool).write_text("#!/bin/sh\n")
+        (install / "bin" / tool).chmod(0o700)
+    (install / "lib" / "vector.so").write_text("")
+    (install / "lib" / "vector.so").chmod(0o600)
+    closed.chmod(0o700)
+    tmp_path.chmod(0o755)
+    monkeypatch.setattr(machine, "PGSERVER_COPY_ROOT", tmp_path / "cache")
+    copy = machine._reachable(install)
+    assert copy.parent == tmp_path / "cache"
+    assert machine._reachable(install) == copy  # once
+    assert (copy / "bin" / "postgres").stat().st_mode & 0o005 == 0o005
+    assert (copy / "lib" / "vector.so").stat().st_mode & 0o004
+    assert (copy / "lib").stat().st_mode & 0o755 == 0o755
+    closed.chmod(0o755)

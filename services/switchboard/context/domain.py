@@ -25,7 +25,8 @@ from switchboard.context.messagestore import MessageStore
 from switchboard.context.prunestore import PruneStore
 from switchboard.context.pruning import Pruning
 from switchboard.context.semantic.indexes import SemanticIndexes
-from switchboard.context.semantic.search import Search
+from switchboard.context.semantic.search import Search, SearchParts
+from switchboard.context.semantic.searchstore import SearchStore
 from switchboard.context.summarizer import Summarizer
 from switchboard.context.tokencount import TokenCounter
 from switchboard.context.windowcache import WindowCache
@@ -60,8 +61,10 @@ class ContextDomain:
         transcriber: Transcriber | None = None,
         egress: EgressPolicy | None = None,
         fetch_timeout_s: float = 30.0,
+        search: SearchParts | None = None,
     ) -> None:
-        """``blobs`` None: files in a fresh temporary directory (tests, benchmarks)."""
+        """``blobs`` None: files in a fresh temporary directory (tests, benchmarks);
+        ``search`` None: full-text search only."""
         common = Common(bus, counters, limits=limits, page_tokens=page_tokens, counter=counter)
         self.limits = limits
         workspace_store = WorkspaceStore(database)
@@ -96,9 +99,9 @@ class ContextDomain:
             appended=self.pruning.appended,
             attachments=self._attachments,
         )
-        self.memory = Memory(common, MemoryStore(database))
+        self.search = Search(common, SearchStore(database), search)
+        self.memory = Memory(common, MemoryStore(database), self.search)
         self.windows = Windows(common, WindowStore(database), cache, files=self.files)
-        self.search = Search()
         self.semantic = SemanticIndexes()
 
     async def start(self, *, maintain: bool = True) -> None:

@@ -223,7 +223,10 @@ def _reachable(install: Path) -> Path:
         for name in files:
             path = Path(directory) / name
             if not path.is_symlink():
-                path.chmod(path.stat().st_mode | stat.S_IROTH | stat.S_IRGRP)
+                mode = path.stat().st_mode | stat.S_IRGRP | stat.S_IROTH
+                if mode & stat.S_IXUSR:
+                    mode |= stat.S_IXGRP | stat.S_IXOTH
+                path.chmod(mode)
     try:
         staging.rename(target)
     except OSError:  # another process copied it first
