@@ -116,6 +116,8 @@ VARIANTS: Final = ("off", "on")
 class Sizes:
     items: int
     queries: int
+    #: Queries also answered by the exact scan (the first ones): recall is over these.
+    exact_queries: int
     #: A second pgvector ``hnsw.ef_search`` measured besides the default.
     ef_search_more: int
     indexing_items: int
@@ -128,18 +130,20 @@ class Sizes:
 
 FULL: Final = Sizes(
     items=100_000,
-    queries=300,
+    queries=200,
+    exact_queries=60,
     ef_search_more=200,
     indexing_items=5_000,
     rounds=4,
     writers=8,
     warmup_s=2.0,
-    seconds=8.0,
+    seconds=6.0,
     quiet_wait_s=5.0,
 )
 QUICK: Final = Sizes(
     items=10_000,
-    queries=100,
+    queries=60,
+    exact_queries=30,
     ef_search_more=200,
     indexing_items=500,
     rounds=2,
@@ -437,44 +441,56 @@ def _insert_memory(table: Any, rows: list[dict[str, Any]], sqlite: bool, db: Any
 # The engine, in this process.
 
 
-async def engine_queries(url: str, queries: Sequence[str], ef_more: int) -> dict[str, Any]:
+async def engine_queries(
+    url: str, queries: Sequence[str], exact_count: int, ef_more: int
+) -> dict[str, Any]:
     """``nearest`` (on PostgreSQL at the default ``ef_search`` and others) and
-    ``exact_nearest``, one query at a time: latencies, and recall@K of the index."""
+    ``exact_nearest`` (the first ``exact_count`` queries: a full scan is slow), one query
+    at a time: latencies, and recall@K of the index over those queries. Also ``nearest``
+    as search asks it: the ``candidates`` setting's count, not K."""
     from switchboard.context.semantic.chunkstore import ChunkStore
     from switchboard.context.semantic.ports import EmbeddingModel, SearchFilter
     from switchboard.context.settings import ContextSettings
     from switchboard.platform.store.db import Database
 
-    default_ef = ContextSettings.model_fields["context_semantic_ef_search"].default
+    fields = ContextSettings.model_fields
+    default_ef = fields["context_semantic_ef_search"].default
+    candidates = fields["context_semantic_candidates"].default
     database = Database(url, timeout_s=60.0)
     store = ChunkStore(database)
     key = EmbeddingModel(MODEL, DIMENSIONS).key(1)
     owners = [f"workspaces/{WORKSPACE}"]
     everything = SearchFilter(sources=frozenset({"memory"}))
     vectors = hashed_vectors(queries)
-    settings = [default_ef]
-    if database.dialect_name != "sqlite":
-        settings += [40, ef_more]  # pgvector's own default, and more
+    sqlite = database.dialect_name == "sqlite"
+    settings = [default_ef] if sqlite else [default_ef, 40, ef_more]  # 40: pgvector's own
     out: dict[str, Any] = {}
 
-    def nearest(vector: list[float], ef: int) -> Any:
-        return store.nearest(owners, vector, DIMENSIONS, key, K, everything, ef_search=ef)
+    def nearest(vector: list[float], ef: int, k: int = K) -> Any:
+        return store.nearest(owners, vector, DIMENSIONS, key, k, everything, ef_search=ef)
 
     def exact(vector: list[float]) -> Any:
         return store.exact_nearest(owners, vector, DIMENSIONS, key, K, everything)
 
     try:
-        for vector in vectors[:10]:  # warm-up: statements prepared, pages cached
+        for vector in vectors[-5:]:  # warm-up: statements prepared, pages cached
             await nearest(vector, default_ef)
             await exact(vector)
-        exact_s, exact_ids = await _timed([functools.partial(exact, v) for v in vectors])
+        exact_s, truth = await _timed([functools.partial(exact, v) for v in vectors[:exact_count]])
         out["exact"] = summary(exact_s)
         for ef in settings:
-            index_s, index_ids = await _timed([functools.partial(nearest, v, ef) for v in vectors])
-            label = f"ef_search={ef}" + (" (default)" if ef == default_ef else "")
-            if database.dialect_name == "sqlite":
-                label = "vec0"
-            out[label] = {**summary(index_s), "recall": recall(index_ids, exact_ids)}
+            index_s, found = await _timed([functools.partial(nearest, v, ef) for v in vectors])
+            label = "vec0" if sqlite else f"ef_search={ef}"
+            out[label] = {
+                **summary(index_s),
+                "ef_search": ef,
+                "default": ef == default_ef,
+                "recall": recall(found[:exact_count], truth),
+            }
+        asked_s, _ = await _timed(
+            [functools.partial(nearest, v, default_ef, candidates) for v in vectors]
+        )
+        out["candidates"] = {**summary(asked_s), "k": candidates}
     finally:
         await database.close()
     return out
@@ -514,7 +530,7 @@ async def index_part(
     say(f"index ({backend}): loaded {json.dumps(loaded)}")
     queries = query_texts(sizes.queries, seed=7)
     await wait_quiet(sizes.quiet_wait_s)
-    engine = await engine_queries(url, queries, sizes.ef_search_more)
+    engine = await engine_queries(url, queries, sizes.exact_queries, sizes.ef_search_more)
     say(f"index ({backend}): engine {json.dumps(engine)}")
     with serve(directory, url, settings) as server:
         await wait_quiet(sizes.quiet_wait_s)
@@ -856,35 +872,47 @@ def _index_lines(results: dict[str, Any], sizes: Sizes) -> list[str]:
         "",
         f"### The index at {sizes.items:,} items",
         "",
-        f"{sizes.queries} queries, k={K}, one at a time; recall@{K} of the index against the "
-        "exact scan over the same queries.",
+        f"{sizes.queries} queries one at a time, k={K}; recall@{K} of `nearest` against "
+        f"`exact_nearest` (a full scan) over the first {sizes.exact_queries}. The engine rows "
+        "are the chunk store's calls in the bench's process; the last row is the whole "
+        "served search.",
         "",
-        "| database | load items/s | query path | p50 ms | p99 ms | recall@10 | goal |",
+        "| database | loaded items/s | call | p50 ms | p99 ms | recall@10 | goal |",
         "|---|---|---|---|---|---|---|",
     ]
     for one in results["index"]:
         backend, engine, served = one["backend"], one["engine"], one["served"]
         goal = P99_GOAL_MS[backend]
-        for label, figures in engine.items():
-            if label == "exact":
+        load = one["load"]
+        built = f" (HNSW built in {load['hnsw_build_s']:.0f} s)" if "hnsw_build_s" in load else ""
+        first = f"{load['load_items_per_s']}{built}"
+        for label, f in engine.items():
+            if label in ("exact", "candidates"):
                 continue
-            met = figures["p99_ms"] < goal and figures["recall"] >= RECALL_GOAL
+            met = f["p99_ms"] < goal and f["recall"] >= RECALL_GOAL
+            default = ", the default" if f["default"] and backend != "sqlite" else ""
             lines.append(
-                f"| {backend} | {one['load']['load_items_per_s']} | `nearest` ({label}) | "
-                f"{figures['p50_ms']} | {figures['p99_ms']} | {figures['recall']} | p99 < "
-                f"{goal:g} ms, recall >= {RECALL_GOAL:g}: {verdict(met)} |"
+                f"| {backend} | {first} | `nearest` k={K} ({label}{default}) | {f['p50_ms']} | "
+                f"{f['p99_ms']} | {f['recall']} | p99 < {goal:g} ms, recall >= "
+                f"{RECALL_GOAL:g}: {verdict(met)} |"
             )
-        exact = engine["exact"]
+            first = ""
+        f = engine["candidates"]
         lines.append(
-            f"| {backend} | | `exact_nearest` (full scan) | {exact['p50_ms']} | "
-            f"{exact['p99_ms']} | 1 | |"
+            f"| {backend} | | `nearest` k={f['k']} (as search asks it: the candidates "
+            f"setting) | {f['p50_ms']} | {f['p99_ms']} | | |"
+        )
+        f = engine["exact"]
+        lines.append(
+            f"| {backend} | | `exact_nearest` k={K} (full scan) | {f['p50_ms']} | "
+            f"{f['p99_ms']} | 1 | |"
         )
         lines.append(
-            f"| {backend} | | SearchMemoryItems(SEMANTIC) over gRPC, query embedded over HTTP | "
+            f"| {backend} | | SearchMemoryItems(SEMANTIC) through gRPC, the query embedded over "
+            f"HTTP; {served['results_per_query']} results per query, errors "
+            f"{errors_text(served['errors'])}, fallbacks {errors_text(served['fallbacks'])} | "
             f"{served['p50_ms']} | {served['p99_ms']} | | p99 < {goal:g} ms: "
-            f"{verdict(served['p99_ms'] < goal)}; errors {errors_text(served['errors'])}, "
-            f"fallbacks {errors_text(served['fallbacks'])}, {served['results_per_query']} "
-            "results per query |"
+            f"{verdict(served['p99_ms'] < goal)} |"
         )
     return lines
 
