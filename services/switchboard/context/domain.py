@@ -24,7 +24,10 @@ from switchboard.context.messages import Messages
 from switchboard.context.messagestore import MessageStore
 from switchboard.context.prunestore import PruneStore
 from switchboard.context.pruning import Pruning
+from switchboard.context.semantic.indexer import ChunkWriter, Indexer, IndexerLimits
 from switchboard.context.semantic.indexes import SemanticIndexes
+from switchboard.context.semantic.indexstore import IndexStore
+from switchboard.context.semantic.ports import Embedder
 from switchboard.context.semantic.search import Search, SearchParts
 from switchboard.context.semantic.searchstore import SearchStore
 from switchboard.context.summarizer import Summarizer
@@ -62,9 +65,15 @@ class ContextDomain:
         egress: EgressPolicy | None = None,
         fetch_timeout_s: float = 30.0,
         search: SearchParts | None = None,
+        chunks: ChunkWriter | None = None,
+        embedder: Embedder | None = None,
+        vectors: bool = False,
+        indexer_limits: IndexerLimits | None = None,
+        instance_id: str = "context",
     ) -> None:
         """``blobs`` None: files in a fresh temporary directory (tests, benchmarks);
-        ``search`` None: full-text search only."""
+        ``search`` None: full-text search only. ``chunks`` None: nothing is indexed (the
+        semantic index's settings still are)."""
         common = Common(bus, counters, limits=limits, page_tokens=page_tokens, counter=counter)
         self.limits = limits
         workspace_store = WorkspaceStore(database)
@@ -102,15 +111,38 @@ class ContextDomain:
         self.search = Search(common, SearchStore(database), search)
         self.memory = Memory(common, MemoryStore(database), self.search)
         self.windows = Windows(common, WindowStore(database), cache, files=self.files)
-        self.semantic = SemanticIndexes()
+        self._chunks = chunks
+        self.indexer = Indexer(
+            database,
+            bus,
+            chunks or _NoChunks(),
+            embedder,
+            indexer_limits or IndexerLimits(),
+            instance_id=instance_id,
+            vectors=vectors,
+        )
+        self.semantic = SemanticIndexes(IndexStore(database), self.indexer)
 
     async def start(self, *, maintain: bool = True) -> None:
         """Start background work; ``maintain`` only in processes serving ContextService."""
         self.pruning.start(maintain=maintain)
         await self.files.start(maintain=maintain)
+        if maintain and self._chunks is not None:
+            await self.indexer.start()
 
     async def close(self) -> None:
+        await self.indexer.close()
         await self.pruning.close()
         await self.files.close()
         await self._attachments.close()
         await self.windows.cache.close()
+
+
+class _NoChunks:
+    """The chunk store of a domain that indexes nothing (its indexer is not started)."""
+
+    async def replace_source(self, *args: object) -> list[int]:
+        raise RuntimeError("this context domain has no chunk store")
+
+    async def delete_source(self, *args: object) -> int:
+        raise RuntimeError("this context domain has no chunk store")
