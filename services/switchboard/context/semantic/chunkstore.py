@@ -347,7 +347,8 @@ class ChunkStore:
     def _vector_param(self, vector: Sequence[float]) -> bytes | str:
         if self._sqlite:
             return array("f", vector).tobytes()
-        return "[" + ",".join(repr(float(value)) for value in vector) + "]"
+        # Nine significant digits round-trip a float4, which is what pgvector keeps.
+        return "[" + ",".join(format(value, ".9g") for value in vector) + "]"
 
     # -- reads -------------------------------------------------------------------------
 
