@@ -102,6 +102,8 @@ P99_GOAL_MS: Final = {"postgresql": 20.0, "sqlite": 50.0}
 RECALL_GOAL: Final = 0.95
 #: Memory rows written per transaction while loading.
 LOAD_BATCH: Final = 1000
+#: Writers of the steady-state inserts (``replace_source`` with the index in place).
+STEADY_WRITERS: Final = 16
 #: Settings every served process gets: one account writes as fast as it can, into one scope.
 BASE_SETTINGS: Final[dict[str, str]] = {
     "SWITCHBOARD_CONTEXT_MAX_WRITES_PER_MINUTE": "10000000",
@@ -247,45 +249,21 @@ class Backend:
 @contextlib.asynccontextmanager
 async def backends(directory: Path, with_postgres: bool) -> AsyncIterator[list[Backend]]:
     """SQLite files in ``directory`` and, if asked, databases on a throwaway PostgreSQL
-    cluster (the test suite's, with pgvector)."""
+    cluster (the test suite's, with pgvector; durable settings, ``bench/context.py``)."""
     import sqlite3
+
+    from bench.context import postgres
 
     found = [Backend("sqlite", f"SQLite {sqlite3.sqlite_version}, a file", directory)]
     if not with_postgres:
         yield found
         return
-    from tests.infra.postgres import PostgresUnavailable, running_postgres
-
-    try:
-        with running_postgres() as server:
-            yield [*found, await _postgres(server.url("postgres"), directory)]
-    except PostgresUnavailable as exc:
-        say(f"PostgreSQL not measured: {exc}")
-        yield found
-
-
-async def _postgres(url: str, directory: Path) -> Backend:
-    from sqlalchemy.ext.asyncio import create_async_engine
-    from sqlalchemy.pool import NullPool
-
-    engine = create_async_engine(url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    try:
-        async with engine.connect() as connection:
-            version = (await connection.exec_driver_sql("SHOW server_version")).scalar()
-            vector = (
-                await connection.exec_driver_sql(
-                    "SELECT default_version FROM pg_available_extensions WHERE name = 'vector'"
-                )
-            ).scalar()
-    finally:
-        await engine.dispose()
-    return Backend(
-        "postgresql",
-        f"PostgreSQL {version} with pgvector {vector} (the suite's throwaway cluster: "
-        "fsync off), on loopback",
-        directory,
-        admin_url=url,
-    )
+    async with postgres() as (url, description):
+        if url is None:
+            say(description)
+            yield found
+            return
+        yield [*found, Backend("postgresql", description, directory, admin_url=url)]
 
 
 async def setup_workspace(
@@ -306,56 +284,25 @@ async def setup_workspace(
 async def load(url: str, account: Account, count: int) -> dict[str, Any]:
     """``count`` memory items in the workspace, with their chunks and vectors."""
     from switchboard.context.semantic.chunkstore import ChunkStore
-    from switchboard.context.semantic.ports import ChunkRecord, EmbeddingModel
-    from switchboard.platform.names import new_id
+    from switchboard.context.semantic.ports import EmbeddingModel
     from switchboard.platform.store.db import Database
     from switchboard.platform.store.models import MemoryItemRow
-    from switchboard.platform.store.vectors import vector_support
 
     database = Database(url, timeout_s=600.0)
     store = ChunkStore(database)
     sqlite = database.dialect_name == "sqlite"
-    support = await vector_support(database)  # creates pgvector in the database
-    if not support.available:
-        raise RuntimeError(support.reason)
-    await store.ensure_dimensions(DIMENSIONS)
-    if not sqlite:
-        # An HNSW index is built faster over the loaded rows than grown row by row.
-        await database.run(_drop_hnsw, write=True)
+    engine = await _vector_table(database, store)
     model_key = EmbeddingModel(MODEL, DIMENSIONS).key(1)
-    owner = f"workspaces/{WORKSPACE}"
     texts = memory_texts(count, seed=56)
     started = time.monotonic()
     spent = {"embed_s": 0.0, "memory_s": 0.0, "chunks_s": 0.0}
-    base = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    # The last items go in one by one with the index in place: the steady state.
+    bulk = count - max(LOAD_BATCH, count // 20) // LOAD_BATCH * LOAD_BATCH
+    steady_chunks: list[tuple[Any, list[float]]] = []
     try:
         for first in range(0, count, LOAD_BATCH):
             batch = texts[first : first + LOAD_BATCH]
-            rows = []
-            for offset, (kind, content) in enumerate(batch):
-                index = first + offset
-                stamp = base + dt.timedelta(seconds=index)
-                rows.append(
-                    {
-                        "id": new_id(),
-                        "scope": owner,
-                        "workspace_id": WORKSPACE,
-                        "conversation_id": None,
-                        "user_id": None,
-                        "kind": kind,
-                        "content": content,
-                        "pinned": False,
-                        "meta": b"",
-                        "sources": "",
-                        "creator": account.user,
-                        "created_at": stamp,
-                        "updated_at": stamp,
-                        "expires_at": None,
-                        "token_count": len(content.split()),
-                        "version": 1,
-                        "fts_rowid": index + 1 if sqlite else None,
-                    }
-                )
+            rows = _memory_rows(batch, first, account, sqlite=sqlite)
             clock = time.monotonic()
             vectors = hashed_vectors([content for _, content in batch])
             spent["embed_s"] += time.monotonic() - clock
@@ -364,41 +311,123 @@ async def load(url: str, account: Account, count: int) -> dict[str, Any]:
                 functools.partial(_insert_memory, MemoryItemRow, rows, sqlite), write=True
             )
             spent["memory_s"] += time.monotonic() - clock
-            chunks = [
-                ChunkRecord(
-                    owner=owner,
-                    source_kind="memory",
-                    source=f"{owner}/memories/{row['id']}",
-                    chunk_index=0,
-                    start_offset=0,
-                    end_offset=len(row["content"]),
-                    text=row["content"],
-                    created_at=row["created_at"],
-                    label=row["kind"],
-                    workspace_id=WORKSPACE,
+            chunks = _chunk_records(rows)
+            if first + len(batch) <= bulk:
+                clock = time.monotonic()
+                await database.run(
+                    functools.partial(_insert_chunks, store, chunks, vectors, model_key),
+                    write=True,
                 )
-                for row in rows
-            ]
-            clock = time.monotonic()
-            await database.run(
-                functools.partial(_insert_chunks, store, chunks, vectors, model_key), write=True
-            )
-            spent["chunks_s"] += time.monotonic() - clock
+                spent["chunks_s"] += time.monotonic() - clock
+            else:
+                steady_chunks += list(zip(chunks, vectors, strict=True))
             if (first // LOAD_BATCH) % 10 == 9:
                 say(f"  loaded {first + len(batch)} items ({time.monotonic() - started:.0f} s)")
         if not sqlite:
             clock = time.monotonic()
             await database.run(functools.partial(_build_hnsw, store), write=True)
             spent["hnsw_build_s"] = time.monotonic() - clock
+        clock = time.monotonic()
+        await _replace_each(store, steady_chunks, model_key)
+        steady_s = time.monotonic() - clock
     finally:
         await database.close()
     took = time.monotonic() - started
     return {
+        "engine": engine,
         "items": count,
         "load_s": round(took, 1),
         "load_items_per_s": round(count / took),
+        "bulk_chunks_per_s": round(bulk / max(spent["chunks_s"], 1e-9)),
+        "steady": count - bulk,
+        "steady_per_s": round((count - bulk) / max(steady_s, 1e-9)),
         **{k: round(v, 1) for k, v in spent.items()},
     }
+
+
+async def _vector_table(database: Any, store: Any) -> str:
+    """The vector table, without its HNSW index on PostgreSQL: one is built faster over
+    the loaded rows than grown row by row."""
+    from switchboard.platform.store.vectors import vector_support
+
+    support = await vector_support(database)  # creates pgvector in the database
+    if not support.available:
+        raise RuntimeError(support.reason)
+    await store.ensure_dimensions(DIMENSIONS)
+    if database.dialect_name != "sqlite":
+        await database.run(_drop_hnsw, write=True)
+    return support.engine
+
+
+def _memory_rows(
+    batch: Sequence[tuple[str, str]], first: int, account: Account, *, sqlite: bool
+) -> list[dict[str, Any]]:
+    """The memory_items rows of ``batch`` (items ``first``... of the load)."""
+    from switchboard.platform.names import new_id
+
+    owner = f"workspaces/{WORKSPACE}"
+    base = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    rows = []
+    for offset, (kind, content) in enumerate(batch):
+        index = first + offset
+        stamp = base + dt.timedelta(seconds=index)
+        rows.append(
+            {
+                "id": new_id(),
+                "scope": owner,
+                "workspace_id": WORKSPACE,
+                "conversation_id": None,
+                "user_id": None,
+                "kind": kind,
+                "content": content,
+                "pinned": False,
+                "meta": b"",
+                "sources": "",
+                "creator": account.user,
+                "created_at": stamp,
+                "updated_at": stamp,
+                "expires_at": None,
+                "token_count": len(content.split()),
+                "version": 1,
+                "fts_rowid": index + 1 if sqlite else None,
+            }
+        )
+    return rows
+
+
+def _chunk_records(rows: Sequence[dict[str, Any]]) -> list[Any]:
+    """One chunk per memory row, as the indexer cuts an item shorter than a chunk."""
+    from switchboard.context.semantic.ports import ChunkRecord
+
+    owner = f"workspaces/{WORKSPACE}"
+    return [
+        ChunkRecord(
+            owner=owner,
+            source_kind="memory",
+            source=f"{owner}/memories/{row['id']}",
+            chunk_index=0,
+            start_offset=0,
+            end_offset=len(row["content"]),
+            text=row["content"],
+            created_at=row["created_at"],
+            label=row["kind"],
+            workspace_id=WORKSPACE,
+        )
+        for row in rows
+    ]
+
+
+async def _replace_each(store: Any, chunks: list[tuple[Any, list[float]]], key: str) -> None:
+    """Each chunk as the indexer writes it: ``replace_source``, a source per transaction,
+    ``STEADY_WRITERS`` at once."""
+    queue = list(reversed(chunks))
+
+    async def writer() -> None:
+        while queue:
+            chunk, vector = queue.pop()
+            await store.replace_source("memory", chunk.source, [chunk], [vector], key, DIMENSIONS)
+
+    await asyncio.gather(*(writer() for _ in range(STEADY_WRITERS)))
 
 
 def _insert_chunks(
@@ -421,9 +450,13 @@ def _build_hnsw(store: Any, db: Any) -> None:
     """The index again, by the chunk store's own DDL, with room to build it in memory."""
     from sqlalchemy import text
 
+    from switchboard.context.semantic.chunkstore import vector_table
+
     db.execute(text("SET LOCAL maintenance_work_mem = '1GB'"))
     db.execute(text("SET LOCAL max_parallel_maintenance_workers = 2"))
     store._create_table(db, DIMENSIONS)
+    db.execute(text(f"ANALYZE {vector_table(DIMENSIONS)}"))
+    db.execute(text("ANALYZE semantic_chunks"))
 
 
 def _insert_memory(table: Any, rows: list[dict[str, Any]], sqlite: bool, db: Any) -> None:
@@ -491,6 +524,17 @@ async def engine_queries(
             [functools.partial(nearest, v, default_ef, candidates) for v in vectors]
         )
         out["candidates"] = {**summary(asked_s), "k": candidates}
+        # A fifth of the items (their kind): the index's candidates are filtered after it.
+        preferences = SearchFilter(labels=frozenset({"preference"}))
+        filtered_s, _ = await _timed(
+            [
+                functools.partial(
+                    store.nearest, owners, v, DIMENSIONS, key, K, preferences, ef_search=default_ef
+                )
+                for v in vectors
+            ]
+        )
+        out["filtered"] = summary(filtered_s)
     finally:
         await database.close()
     return out
@@ -877,15 +921,19 @@ def _index_lines(results: dict[str, Any], sizes: Sizes) -> list[str]:
         "are the chunk store's calls in the bench's process; the last row is the whole "
         "served search.",
         "",
-        "| database | loaded items/s | call | p50 ms | p99 ms | recall@10 | goal |",
+        "| database | chunks written /s | call | p50 ms | p99 ms | recall@10 | goal |",
         "|---|---|---|---|---|---|---|",
     ]
     for one in results["index"]:
         backend, engine, served = one["backend"], one["engine"], one["served"]
         goal = P99_GOAL_MS[backend]
         load = one["load"]
-        built = f" (HNSW built in {load['hnsw_build_s']:.0f} s)" if "hnsw_build_s" in load else ""
-        first = f"{load['load_items_per_s']}{built}"
+        built = f"; HNSW built in {load['hnsw_build_s']:.0f} s" if "hnsw_build_s" in load else ""
+        first = (
+            f"{load['engine']}: {load['bulk_chunks_per_s']} in bulk{built}; "
+            f"{load['steady_per_s']} one by one (`replace_source`, {STEADY_WRITERS} at once, "
+            "the index in place)"
+        )
         for label, f in engine.items():
             if label in ("exact", "candidates"):
                 continue
@@ -897,6 +945,11 @@ def _index_lines(results: dict[str, Any], sizes: Sizes) -> list[str]:
                 f"{RECALL_GOAL:g}: {verdict(met)} |"
             )
             first = ""
+        f = engine["filtered"]
+        lines.append(
+            f"| {backend} | | `nearest` k={K}, filtered to a fifth (`kind = preference`) | "
+            f"{f['p50_ms']} | {f['p99_ms']} | | |"
+        )
         f = engine["candidates"]
         lines.append(
             f"| {backend} | | `nearest` k={f['k']} (as search asks it: the candidates "
