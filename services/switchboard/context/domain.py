@@ -110,7 +110,9 @@ class ContextDomain:
         )
         self.search = Search(common, SearchStore(database), search)
         self.memory = Memory(common, MemoryStore(database), self.search)
-        self.windows = Windows(common, WindowStore(database), cache, files=self.files)
+        self.windows = Windows(
+            common, WindowStore(database), cache, files=self.files, search=self.search
+        )
         self._chunks = chunks
         self.indexer = Indexer(
             database,

@@ -33,6 +33,7 @@ from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.context.common import Common, check_text, stored
 from switchboard.context.mapping import memory_proto, message_proto
 from switchboard.context.records import MemoryRecord, Scope, Unsearchable
+from switchboard.context.search import query_terms
 from switchboard.context.semantic.filters import ParsedFilter, parse_filter, restrict_sources
 from switchboard.context.semantic.fusion import Fused, fuse, single
 from switchboard.context.semantic.ports import (
@@ -49,6 +50,8 @@ from switchboard.context.semantic.searchstore import SearchStore, Sources
 from switchboard.platform import names
 from switchboard.platform.errors import FieldViolation, InvalidArgument, Violations
 from switchboard.platform.store import pagination
+from switchboard.platform.store.db import Database
+from switchboard.platform.store.vectors import vector_support
 
 log = logging.getLogger("switchboard.context.search")
 
@@ -74,31 +77,41 @@ class IndexSettings(Protocol):
 
 
 class ChunkIndex(Protocol):
-    """The chunk store's ranked lists (``chunkstore.py``), owner by owner."""
-
-    @property
-    def vectors(self) -> bool:
-        """Whether the database has a vector engine (pgvector, sqlite-vec)."""
-        ...
+    """The chunk store's ranked lists (``chunkstore.ChunkStore``)."""
 
     async def fulltext(
-        self, owner: str, query: str, conditions: SearchFilter, *, limit: int
-    ) -> list[Hit]:
-        """Chunks of ``owner`` matching ``query``'s words, best first."""
-        ...
+        self, owners: Sequence[str], terms: Sequence[str], filter: SearchFilter, limit: int
+    ) -> list[Hit]: ...
 
     async def nearest(
         self,
-        owner: str,
-        vector: Sequence[float],
-        *,
-        embedding: str,
-        conditions: SearchFilter,
-        limit: int,
-    ) -> list[Hit]:
-        """Chunks of ``owner`` embedded under ``embedding`` nearest to ``vector``, best
-        first; ``Hit.score`` is the cosine similarity."""
+        owners: Sequence[str],
+        query: Sequence[float],
+        dims: int,
+        embedding_key: str,
+        k: int,
+        filter: SearchFilter,
+        ef_search: int = 40,
+    ) -> list[Hit]: ...
+
+
+class VectorEngine(Protocol):
+    async def available(self) -> bool:
+        """Whether the database has a vector engine (pgvector, sqlite-vec)."""
         ...
+
+
+class VectorProbe:
+    """``vectors.vector_support`` asked once per process (an outage: asked again)."""
+
+    def __init__(self, database: Database) -> None:
+        self._database = database
+        self._known: bool | None = None
+
+    async def available(self) -> bool:
+        if self._known is None:
+            self._known = (await vector_support(self._database)).available
+        return self._known
 
 
 class DefaultIndexSettings:
@@ -127,6 +140,9 @@ class SearchParts:
     embedder: Embedder | None = None
     settings: IndexSettings | None = None
     chunks: ChunkIndex | None = None
+    vectors: VectorEngine | None = None
+    #: pgvector's ``hnsw.ef_search`` for the semantic list.
+    ef_search: int = 100
     #: Results each ranked list contributes before fusion.
     candidates: int = 100
     #: Most time a query's embedding may take before the search falls back.
@@ -210,6 +226,8 @@ _ABSENT: Final = object()
 
 def memory_matches(conditions: SearchFilter, record: MemoryRecord) -> bool:
     """A hydrated memory item against the filter (a chunk's copy may be older)."""
+    if conditions.files is not None:
+        return False
     if conditions.labels is not None and record.kind not in conditions.labels:
         return False
     if record.kind in conditions.exclude_labels:
@@ -261,6 +279,8 @@ class Search:
         self._embedder = parts.embedder
         self._settings = parts.settings
         self._chunks = parts.chunks
+        self._vectors = parts.vectors
+        self._ef_search = parts.ef_search
         self._candidates = parts.candidates
         self._embed_timeout_s = parts.embed_timeout_s
 
@@ -458,7 +478,7 @@ class Search:
                 pb.SEARCH_FALLBACK_REASON_NOT_CONFIGURED,
                 "no embedding endpoint or model is configured for this workspace",
             )
-        if self._chunks is None or not self._chunks.vectors:
+        if self._chunks is None or self._vectors is None or not await self._vectors.available():
             if asked == pb.SEARCH_MODE_UNSPECIFIED:
                 return _Plan(FULL_TEXT)
             return _Plan(
@@ -485,11 +505,16 @@ class Search:
                 pb.SEARCH_FALLBACK_REASON_EMBEDDINGS_UNAVAILABLE,
                 f"the query could not be embedded: {reason or 'the endpoint failed'}"[:200],
             )
-        if len(embedded.vectors) != 1 or not embedded.vectors[0]:
+        if (
+            len(embedded.vectors) != 1
+            or not embedded.vectors[0]
+            or model.dimensions not in (0, len(embedded.vectors[0]))
+        ):
             return _Plan(
                 FULL_TEXT,
                 pb.SEARCH_FALLBACK_REASON_EMBEDDINGS_UNAVAILABLE,
-                "the query could not be embedded: the endpoint answered no vector",
+                "the query could not be embedded: the endpoint answered no vector of the "
+                "model's dimensions",
             )
         return _Plan(mode, model=model, generation=generation, vector=tuple(embedded.vectors[0]))
 
@@ -500,8 +525,11 @@ class Search:
         document chunks (the chunk store's), merged by score."""
         limit = self._candidates
         entries: list[tuple[Key, float, int | None]] = []
-        sources = conditions.sources
-        if sources is None or "memory" in sources:
+        memory_wanted = (
+            conditions.sources is None or "memory" in conditions.sources
+        ) and "memory" not in conditions.exclude_sources
+        # A `file` condition holds only for document passages.
+        if memory_wanted and conditions.files is None:
             if where.memory_scope is not None:
                 scope = Scope(
                     where.memory_scope,
@@ -585,20 +613,26 @@ class Search:
                 continue
             if ask.conversation_ids is not None and not ask.conversation_ids:
                 continue
-            if plan is None:
-                lists.append(await chunks.fulltext(where.owner, query, ask, limit=self._candidates))
-            else:
-                assert plan.model is not None  # noqa: S101 (a semantic plan has both)
-                assert plan.vector is not None  # noqa: S101
-                lists.append(
-                    await chunks.nearest(
-                        where.owner,
-                        plan.vector,
-                        embedding=plan.model.key(plan.generation),
-                        conditions=ask,
-                        limit=self._candidates,
+            try:
+                if plan is None:
+                    hits = await chunks.fulltext(
+                        [where.owner], query_terms(query), ask, self._candidates
                     )
-                )
+                else:
+                    assert plan.model is not None  # noqa: S101 (a semantic plan has both)
+                    assert plan.vector is not None  # noqa: S101
+                    hits = await chunks.nearest(
+                        [where.owner],
+                        plan.vector,
+                        len(plan.vector),
+                        plan.model.key(plan.generation),
+                        self._candidates,
+                        ask,
+                        self._ef_search,
+                    )
+            except Unsearchable:
+                raise _unsearchable() from None
+            lists.append(hits)
         return _merge(lists)
 
     async def _hydrate(
