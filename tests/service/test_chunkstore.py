@@ -58,14 +58,14 @@ async def store(database: Database) -> ChunkStore:
 
 
 def unit(seed: int, dims: int = DIMS) -> list[float]:
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # noqa: S311 - test data
     vector = [rng.gauss(0, 1) for _ in range(dims)]
     norm = math.sqrt(sum(value * value for value in vector))
     return [value / norm for value in vector]
 
 
 def near(vector: Sequence[float], seed: int, noise: float = 0.05) -> list[float]:
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # noqa: S311 - test data
     return [value + rng.gauss(0, noise) for value in vector]
 
 
@@ -116,7 +116,7 @@ async def test_the_engine_is_there_and_postgres_uses_the_hnsw_index(
         db.execute(text("SET LOCAL enable_seqscan = off"))
         rows = db.execute(
             text(
-                f"EXPLAIN SELECT chunk_id FROM semantic_vec_{DIMS} WHERE owner IN ('x') "
+                f"EXPLAIN SELECT chunk_id FROM semantic_vec_{DIMS} WHERE owner IN ('x') "  # noqa: S608
                 f"ORDER BY embedding <=> CAST(:q AS vector({DIMS})) LIMIT 10"
             ),
             {"q": str(unit(1))},
@@ -148,7 +148,8 @@ async def test_replace_twice_leaves_one_copy_and_delete_removes_everything(
     assert await store.fulltext([OWNER], ["zebra"], EVERYTHING, 10) == []
 
     def leftovers(db: Session) -> int:
-        return int(db.execute(text(f"SELECT count(*) FROM semantic_vec_{DIMS}")).scalar_one())
+        sql = f"SELECT count(*) FROM semantic_vec_{DIMS}"  # noqa: S608 - a constant
+        return int(db.execute(text(sql)).scalar_one())
 
     assert await database.run(leftovers, write=False) == 0
 
@@ -212,7 +213,7 @@ async def test_scores_are_cosine_similarities_and_other_owners_never_appear(
     await put(store, chunk("memories/far"), unit(99))
     for search in (store.nearest, store.exact_nearest):
         hits = await search([OWNER], target, DIMS, KEY, 10, EVERYTHING)
-        assert [hit.source for hit in hits][0] == "memories/mine"
+        assert hits[0].source == "memories/mine"
         assert "memories/theirs" not in {hit.source for hit in hits}
         assert hits[0].chunk_id == mine
         assert 0.95 < hits[0].score <= 1.0
@@ -368,7 +369,7 @@ async def test_each_filter_is_applied_exactly(store: ChunkStore) -> None:
 async def test_nearest_equals_exact_on_small_data_with_and_without_filters(
     store: ChunkStore,
 ) -> None:
-    rng = random.Random(11)
+    rng = random.Random(11)  # noqa: S311 - test data
     for index in range(120):
         kind: SourceKind = "memory" if index % 3 else "message"
         await put(
@@ -400,3 +401,56 @@ async def test_delete_owner_and_unsearchable_terms(store: ChunkStore) -> None:
     assert await store.counts(OTHER, KEY) == ChunkCounts(1, 1)
     # Operators in terms stay words: no error, just no match.
     assert await store.fulltext([OTHER], ['"NEAR(', "*", "a:b"], EVERYTHING, 5) == []
+
+
+async def test_the_migration_downgrades_with_vector_tables_in_place(
+    store: ChunkStore, database: Database
+) -> None:
+    """Vector tables are the store's, not the migration's; on PostgreSQL they reference
+    semantic_chunks, so 0016's downgrade must drop them first."""
+    await put(store, chunk("memories/a"), unit(1))
+    await database.downgrade("0015")
+
+    def tables(db: Session) -> list[str]:
+        sql = (
+            "SELECT name FROM sqlite_master WHERE type = 'table'"
+            if database.dialect_name == "sqlite"
+            else "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+        )
+        return [name for name in db.execute(text(sql)).scalars() if "semantic" in name]
+
+    assert await database.run(tables, write=False) == []
+    await database.migrate()
+    fresh = ChunkStore(database)
+    await put(fresh, chunk("memories/a"), unit(1))
+    assert len(await fresh.exact_nearest([OWNER], unit(1), DIMS, KEY, 5, EVERYTHING)) == 1
+
+
+async def test_a_role_that_may_not_create_pgvector_gets_the_reason_not_an_error(
+    migrated_postgres_url: str,
+) -> None:
+    """The server has pgvector, this database does not, and the service's role may not
+    create it (pgvector is not a trusted extension): full-text only, said in one sentence."""
+    admin = Database(migrated_postgres_url, timeout_s=TIMEOUT_S)
+    role = f"app_{random.randrange(10**9)}"  # noqa: S311 - a name
+
+    def make_role(db: Session) -> None:
+        db.execute(text(f"CREATE ROLE {role} LOGIN"))
+
+    try:
+        await admin.run(make_role, write=True)
+    finally:
+        await admin.close()
+    database = Database(
+        migrated_postgres_url.replace("//postgres@", f"//{role}@"), timeout_s=TIMEOUT_S
+    )
+    try:
+        support = await vector_support(database)
+    finally:
+        await database.close()
+    assert not support.available
+    assert support.reason == (
+        "the server has pgvector but this database does not, and CREATE EXTENSION vector "
+        "failed (42501; a superuser or the database owner can run it); semantic search is "
+        "off and search is full-text only"
+    )

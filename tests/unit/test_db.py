@@ -907,3 +907,13 @@ def test_pgserver_is_preferred_and_copied_where_the_postgres_user_can_reach_it(
     assert (copy / "lib" / "vector.so").stat().st_mode & 0o004
     assert (copy / "lib").stat().st_mode & 0o755 == 0o755
     closed.chmod(0o755)
+
+
+def test_an_existing_cluster_keeps_the_major_version_that_made_it() -> None:
+    """pgserver's 16 comes first for a new cluster; one made by another major version
+    gets that version's binaries, or an error naming it (never a server that refuses it)."""
+    newest = machine.postgres_bin_dir()
+    assert machine.server_major(newest) == "16"
+    assert machine.postgres_bin_dir("16") == newest
+    with pytest.raises(machine.MeshError, match=r"made by PostgreSQL 99.*postgresql-99"):
+        machine.postgres_bin_dir("99")

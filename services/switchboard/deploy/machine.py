@@ -30,6 +30,7 @@ import shutil
 import signal
 import socket
 import stat
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -243,22 +244,23 @@ def _open_to_others(install: Path) -> bool:
     return bool((install / "bin" / "postgres").stat().st_mode & stat.S_IXOTH)
 
 
-def postgres_bin_dir() -> Path:
+def postgres_bin_dir(major: str | None = None) -> Path:
     """The directory holding initdb and postgres.
 
     pgserver's PostgreSQL first when that package is installed (the dev
     dependencies have it): it carries pgvector, which Debian's packages for this
-    release do not. Then PATH, then Debian's layout. Raises MeshError naming what
-    to install.
+    release do not. Then PATH, then Debian's layout. ``major`` (an existing
+    cluster's ``PG_VERSION``) keeps only servers of that major version: a cluster
+    made by 15 does not start on 16. Raises MeshError naming what to install.
     """
 
     def version(path: str) -> tuple[int, ...]:
         return tuple(int(part) for part in re.findall(r"\d+", path))
 
+    candidates: list[Path] = []
     bundled = pgserver_bin_dir()
     if bundled is not None:
-        return bundled
-    candidates: list[Path] = []
+        candidates.append(bundled)
     on_path = shutil.which("initdb")
     if on_path:
         # Debian puts symlinks (or nothing) on PATH; initdb needs its siblings.
@@ -266,13 +268,37 @@ def postgres_bin_dir() -> Path:
     debian = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=version, reverse=True)
     candidates.extend(Path(path) for path in debian)
     for candidate in candidates:
-        if all((candidate / tool).is_file() for tool in _SERVER_TOOLS):
+        if all((candidate / tool).is_file() for tool in _SERVER_TOOLS) and (
+            major is None or server_major(candidate) == major
+        ):
             return candidate
+    if major is not None:
+        raise MeshError(
+            f"the PostgreSQL cluster was made by PostgreSQL {major}, whose server binaries "
+            "were not found (pgserver's, PATH, /usr/lib/postgresql/*/bin); install them "
+            f"(Debian/Ubuntu: apt-get install postgresql-{major})"
+        )
     raise MeshError(
         "PostgreSQL server binaries (initdb, pg_ctl, postgres) not found on PATH or in "
         "/usr/lib/postgresql/*/bin; install them (Debian/Ubuntu: apt-get install postgresql, "
         "or pip install pgserver for PostgreSQL 16 with pgvector)"
     )
+
+
+def server_major(bin_dir: Path) -> str:
+    """The major version of the server in ``bin_dir`` ("16"), from ``postgres --version``."""
+    try:
+        shown = subprocess.run(  # noqa: S603 - a binary we found, no shell
+            [str(bin_dir / "postgres"), "--version"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    found = re.search(r"\(PostgreSQL\) (\d+)", shown)
+    return found[1] if found else ""
 
 
 def redis_server_binary() -> str:

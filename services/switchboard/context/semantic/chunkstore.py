@@ -384,6 +384,8 @@ class ChunkStore:
             if len(hits.hits) < k and hits.full:
                 # The filters (or stale rows) dropped too many of a full candidate list:
                 # the true top k may lie beyond it.
+                if self._sqlite:
+                    return self._filtered_knn(db, owners, vector, dims, embedding_key, k, filter)
                 return self._exact(db, owners, vector, dims, embedding_key, k, filter)
             return hits.hits
 
@@ -513,6 +515,39 @@ class ChunkStore:
         )
         statement = text(sql).bindparams(*binds, bindparam("owners", expanding=True))
         return [_hit(row) for row in db.execute(statement, params).all()]
+
+    def _filtered_knn(
+        self,
+        db: Session,
+        owners: Sequence[str],
+        vector: bytes | str,
+        dims: int,
+        key: str,
+        k: int,
+        search: SearchFilter,
+    ) -> list[Hit]:
+        """SQLite's exact filtered answer: vec0's KNN restricted to the chunks that pass
+        (``chunk_id IN (subquery)``, which vec0 applies while it scans), per owner.
+
+        Several times faster than ``_exact``'s join, whose per-row reads of a vec0
+        table are point lookups into its chunked storage.
+        """
+        table = vector_table(dims)
+        where, params, binds = _conditions(search, sqlite=True)
+        params.update({"key": key, "k": k, "q": vector})
+        sql = (
+            "SELECT c.id, c.source_kind, c.source, n.distance FROM ("  # noqa: S608
+            f"SELECT chunk_id, distance FROM {table} WHERE embedding MATCH :q AND k = :k "
+            "AND owner = :owner AND chunk_id IN (SELECT c.id FROM semantic_chunks c "
+            f"WHERE c.owner = :owner AND c.embedding = :key AND {where})) n "
+            "JOIN semantic_chunks c ON c.id = n.chunk_id"
+        )
+        statement = text(sql).bindparams(*binds)
+        rows: list[Any] = []
+        for owner in dict.fromkeys(owners):
+            rows.extend(db.execute(statement, {**params, "owner": owner}).all())
+        rows.sort(key=lambda row: (float(row[3]), int(row[0])))
+        return [_hit(row) for row in rows[:k]]
 
     async def fulltext(
         self,

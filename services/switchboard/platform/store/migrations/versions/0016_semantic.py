@@ -10,6 +10,7 @@ Create Date: 2026-11-26
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import sqlalchemy as sa
@@ -127,7 +128,13 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    if op.get_bind().dialect.name == "sqlite":
+    bind = op.get_bind()
+    # The chunk store's vector tables (``semantic_vec_<dims>``); on PostgreSQL they
+    # reference semantic_chunks, which could not be dropped before them.
+    for table in sa.inspect(bind).get_table_names():
+        if re.fullmatch(r"semantic_vec_\d+", table):
+            op.execute(f"DROP TABLE {table}")
+    if bind.dialect.name == "sqlite":
         op.execute("DROP TABLE semantic_chunks_fts")
     op.drop_index("ix_semantic_chunks_conversation", table_name="semantic_chunks")
     op.drop_index("ix_semantic_chunks_embedding", table_name="semantic_chunks")
