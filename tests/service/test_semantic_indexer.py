@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from dataclasses import replace
 
 import grpc
@@ -416,3 +417,53 @@ async def test_the_cursor_advances_only_by_compare_and_set(
             [],
         )
         assert fed is None
+
+
+@pytest.mark.parametrize("configured", [False, True])
+async def test_whether_semantic_search_is_on_is_said_once_at_start(
+    monkeypatch: pytest.MonkeyPatch,
+    database_url: str,
+    caplog: pytest.LogCaptureFixture,
+    configured: bool,
+) -> None:
+    caplog.set_level(logging.INFO, logger="switchboard.context.semantic")
+    embedder = WordEmbedder() if configured else None
+    async with semantic_mesh(monkeypatch, database_url, embedder) as (mesh, stub, _domain):
+        world = await ctx_world(mesh, stub)
+        await remember(stub, world.editor, world.name, "Something to index")
+    said = [
+        record.getMessage()
+        for record in caplog.records
+        if record.name == "switchboard.context.semantic"
+        and "semantic search is" in record.getMessage()
+    ]
+    assert len(said) == 1, said
+    if configured:
+        assert said[0].startswith("semantic search is on (")
+        assert ("sqlite-vec" if "sqlite" in database_url else "pgvector") in said[0]
+    else:
+        assert said[0].startswith("no embeddings endpoint is configured")
+
+
+async def test_a_users_own_memory_is_indexed_under_the_servers_default_model(
+    monkeypatch: pytest.MonkeyPatch, database_url: str
+) -> None:
+    async with semantic_mesh(
+        monkeypatch,
+        database_url,
+        WordEmbedder(),
+        context_embeddings_model="default-embed",
+        context_embeddings_dimensions=8,
+    ) as (mesh, stub, domain):
+        world = await ctx_world(mesh, stub)
+        mine = await remember(stub, world.viewer, world.viewer.name, "I prefer tea to coffee")
+        await settled(domain)
+        [chunk] = await chunk_rows(domain)
+        assert (chunk.source, chunk.owner, chunk.embedding) == (
+            mine.name,
+            world.viewer.name,
+            "default-embed/8/1",
+        )
+        index = await get_index(stub, world.viewer, world.name)
+        assert index.effective_model == "default-embed/8"
+        assert index.state == pb.SEMANTIC_INDEX_STATE_READY

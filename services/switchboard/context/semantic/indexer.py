@@ -119,9 +119,9 @@ class IndexerLimits:
     batch: int = 32
     poll_s: float = 2.0
     lease_s: float = 15.0
-    #: How long a claim holds its jobs; a worker that would write after
-    #: ``claim_s * 3/4`` gives its jobs up instead (another may hold them by then).
-    claim_s: float = 120.0
+    #: How long a claim holds its jobs unless renewed (every third of it while the
+    #: batch is worked on): a dead replica's jobs are retaken this long after.
+    claim_s: float = 15.0
     backoff_base_s: float = 1.0
     backoff_max_s: float = 300.0
     #: The server's defaults for a workspace that names none.
@@ -130,14 +130,13 @@ class IndexerLimits:
 
     @classmethod
     def from_settings(cls, settings: ContextSettings) -> IndexerLimits:
-        request_s = settings.context_embeddings_timeout_s * settings.context_embeddings_attempts
         return cls(
             chunk_chars=settings.context_semantic_chunk_chars,
             chunk_overlap=settings.context_semantic_chunk_overlap,
             max_chunks=settings.context_semantic_max_chunks,
             poll_s=settings.context_semantic_poll_s,
             lease_s=settings.context_semantic_lease_s,
-            claim_s=max(120.0, 4 * request_s),
+            claim_s=max(3.0, settings.context_semantic_lease_s),
             default_model=settings.context_embeddings_model,
             default_dimensions=settings.context_embeddings_dimensions,
         )
@@ -245,10 +244,18 @@ class Indexer:
         self._tasks: list[asyncio.Task[None]] = []
         self._unlisten: Callable[[], None] | None = None
         self.feeding = False
+        #: How far this replica has fed (ahead of the stored cursor while the events
+        #: read since made no job: no transaction for them) and the stored cursor.
         self._cursor: str | None = None
+        self._stored: str | None = None
+        #: Workspaces that index messages, as last read (only decides whether a
+        #: message wakes the feeder; the feed transaction reads the settings).
+        self._messaging: set[str] = set()
         self._renew_at = 0.0
         #: Jobs this process holds now (released at a clean close).
         self._held: list[Job] = []
+        #: Held while claims are renewed or given back, so both see the same expiry.
+        self._claims = asyncio.Lock()
         #: Test hook: called (and awaited if it returns an awaitable) between
         #: embedding a batch and writing its passages.
         self.before_write: Callable[[], object] | None = None
@@ -308,11 +315,28 @@ class Indexer:
                 log_failure(log, "semantic indexer lease not released at close", exc)
         self._held = []
         self.feeding = False
-        self._cursor = None
+        self._cursor = self._stored = None
 
     def _on_event(self, event: events_pb2.Event) -> None:
-        if event.type in _WANTED:
+        # A message wakes the feeder only where messages are indexed; the others
+        # are read in its next round (a write is never followed by a transaction).
+        if event.type == _MESSAGE:
+            if _workspace_of(event.workspace) in self._messaging:
+                self._feed_wake.set()
+        elif event.type in _WANTED:
             self._feed_wake.set()
+
+    def messages_indexed(self, workspace_id: str, on: bool) -> None:
+        """This replica changed a workspace's ``index_messages``."""
+        if on:
+            self._messaging.add(workspace_id)
+        else:
+            self._messaging.discard(workspace_id)
+
+    @property
+    def fed(self) -> str | None:
+        """How far this replica has fed the log, if it holds the lease."""
+        return self._cursor if self.feeding else None
 
     def wake(self) -> None:
         """Look for jobs now (settings changed on this replica)."""
@@ -329,7 +353,7 @@ class Indexer:
                 raise
             except Exception as exc:  # noqa: BLE001 - an outage or a bug must not stop it
                 log_failure(log, "semantic feeder round failed", exc)
-                self._cursor = None
+                self._cursor = self._stored = None  # the round may have committed
                 await backoff.wait()
                 continue
             backoff.reset()
@@ -344,29 +368,45 @@ class Indexer:
     def _lease_until(self) -> dt.datetime:
         return now() + dt.timedelta(seconds=self.limits.lease_s)
 
-    async def feed_once(self) -> bool:
-        """One feeder round; True if there may be more to read at once."""
-        if not self.feeding or self._cursor is None or time.monotonic() >= self._renew_at:
+    async def _hold_lease(self) -> bool:
+        """Take or renew the feeder's lease; whether this replica holds it."""
+        stored, fed = self._stored, self._cursor
+        if self.feeding and stored is not None and fed is not None and fed != stored:
+            # Renewing the lease stores how far the passed-over events went.
+            if not await self._advance(stored, fed, []):
+                return False
+        else:
             taken = await self.store.take_lease(self._me, self._lease_until())
             if taken is None:
                 self.feeding = False
-                self._cursor = None
+                self._cursor = self._stored = None
                 return False
             fresh = not self.feeding
             self.feeding = True
-            self._cursor = taken
+            self._cursor = self._stored = taken
             self._renew_at = time.monotonic() + self.limits.lease_s / 3
             if fresh and self.semantic:
                 made = await self.store.reconcile(self._key_for_owner)
                 if made:
                     log.info("semantic index reconciled", extra={"jobs": made})
                     self._work_wake.set()
-        cursor = self._cursor
+        self._messaging = await self.store.messaging_workspaces()
+        return True
+
+    async def feed_once(self) -> bool:
+        """One feeder round; True if there may be more to read at once."""
+        if (
+            not self.feeding or self._cursor is None or time.monotonic() >= self._renew_at
+        ) and not await self._hold_lease():
+            return False
+        cursor, stored = self._cursor, self._stored
+        if cursor is None or stored is None:
+            return False
         position = parse_cursor(cursor)
         if position is None:
             # First run of the deployment: from the head on (existing sources are
             # enqueued when an index is configured, or by the reconcile above).
-            return await self._advance(cursor, format_cursor(logged_part(self._bus.head)), [])
+            return await self._advance(stored, format_cursor(logged_part(self._bus.head)), [])
         try:
             await self._bus.check_cursor(position)
         except (CursorExpired, CursorAhead):
@@ -376,14 +416,20 @@ class Indexer:
                 "is enqueued again instead",
                 extra={"cursor": cursor, "resume_after": format_cursor(horizon)},
             )
-            return await self._advance(cursor, format_cursor(horizon), [], rescan=True)
+            return await self._advance(stored, format_cursor(horizon), [], rescan=True)
         upto = logged_part(self._bus.head)
         if position >= upto:
             return False
         items = await self._bus.read(position, upto, FEED_BATCH)
         if not items:
             return False
-        await self._advance(cursor, items[-1].cursor, items)
+        if _sorted(items).empty:
+            # Nothing that is indexed changed: no transaction; the cursor is stored
+            # with the next batch that makes jobs, or the lease renewal.
+            self._cursor = items[-1].cursor
+            self.progressed.set()
+            return len(items) == FEED_BATCH
+        await self._advance(stored, items[-1].cursor, items)
         return len(items) == FEED_BATCH
 
     def _key_for_owner(self, owner: str, index: IndexSettings | None) -> str | None:
@@ -415,10 +461,10 @@ class Indexer:
             rescan,
         )
         if made is None:
-            self.feeding = False
-            self._cursor = None
+            self.feeding = False  # another replica took over meanwhile
+            self._cursor = self._stored = None
             return False
-        self._cursor = new
+        self._cursor = self._stored = new
         self._renew_at = time.monotonic() + self.limits.lease_s / 3
         if made:
             self._work_wake.set()
@@ -457,12 +503,30 @@ class Indexer:
         if not jobs:
             return 0, later
         self._held = jobs
+        renewing = asyncio.get_running_loop().create_task(self._renew(jobs))
         try:
             await self._do(jobs)
         finally:
+            renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewing
             self._held = []
             self.progressed.set()
         return len(jobs), later
+
+    async def _renew(self, jobs: Sequence[Job]) -> None:
+        """Keep the batch's claims while it is worked on (a large document may take
+        many embeddings requests)."""
+        while True:
+            await asyncio.sleep(self.limits.claim_s / 3)  # a period, not synchronization
+            until = now() + dt.timedelta(seconds=self.limits.claim_s)
+            try:
+                async with self._claims:
+                    await self.store.renew(jobs, until)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the write guard skips lapsed claims
+                log_failure(log, "semantic job claims not renewed", exc)
 
     def _passages(self, source: Source) -> list[ChunkRecord]:
         workspace_id = source.owner.removeprefix("workspaces/")
@@ -536,7 +600,8 @@ class Indexer:
             model, generation = self.model_of(index)
             to_embed.setdefault((source.owner, model, generation), []).append((job, passages))
         if done:
-            await self.store.finish(done)
+            async with self._claims:
+                await self.store.finish(done)
         for (owner, model, generation), group in to_embed.items():
             await self._embed_group(owner, model, generation, group)
 
@@ -561,7 +626,8 @@ class Indexer:
             retry = [
                 (job, now() + dt.timedelta(seconds=self._delay(job.attempts))) for job, _ in group
             ]
-            await self.store.retry(retry, reason)
+            async with self._claims:
+                await self.store.retry(retry, reason)
             log.info(
                 "semantic indexing waits for the embeddings endpoint",
                 extra={"owner": owner, "jobs": len(group), "reason": reason},
@@ -578,11 +644,12 @@ class Indexer:
             mine = vectors[offset : offset + len(passages)]
             offset += len(passages)
             if now() > job.claimed_until - dt.timedelta(seconds=self.limits.claim_s / 4):
-                continue  # the claim is about to lapse: another worker may hold the job
+                continue  # the claim lapsed or is about to: another worker may hold the job
             await self._write(job, passages, mine, key)
             finished.append(job)
         if finished:
-            await self.store.finish(finished)
+            async with self._claims:
+                await self.store.finish(finished)
 
     async def _write(
         self,

@@ -86,6 +86,7 @@ class SemanticIndexes:
         stored, made = await self._store.update_settings(
             workspace_id, given.etag, edit, enqueue, unindex_messages
         )
+        indexer.messages_indexed(workspace_id, stored.index_messages)
         if made:
             indexer.wake()
         return await self._message(stored)

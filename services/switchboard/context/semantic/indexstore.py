@@ -87,9 +87,9 @@ class NewJob:
         return _owner_ids(self.owner)[0]
 
 
-@dataclass(frozen=True)
+@dataclass
 class Job:
-    """A job a worker holds until ``claimed_until``."""
+    """A job a worker holds until ``claimed_until`` (moved on by ``renew``)."""
 
     source_kind: SourceKind
     source: str
@@ -160,8 +160,10 @@ class IndexStore:
         self._database = database
         self._sqlite = database.dialect_name == "sqlite"
 
-    async def _run(self, work: Callable[[Session], _T], *, write: bool) -> _T:
-        return await transaction(self._database, work, write=write, log=log)
+    async def _run(
+        self, work: Callable[[Session], _T], *, write: bool, snapshot: bool = False
+    ) -> _T:
+        return await transaction(self._database, work, write=write, snapshot=snapshot, log=log)
 
     def _insert(self) -> Any:
         return sqlite_insert if self._sqlite else pg_insert
@@ -214,6 +216,20 @@ class IndexStore:
             return after, made
 
         return await self._run(work, write=True)
+
+    async def messaging_workspaces(self) -> set[str]:
+        """The workspaces whose messages are indexed."""
+
+        def work(db: Session) -> set[str]:
+            return set(
+                db.execute(
+                    select(SemanticIndexRow.workspace_id).where(
+                        SemanticIndexRow.index_messages.is_(True)
+                    )
+                ).scalars()
+            )
+
+        return await self._run(work, write=False)
 
     # -- the feeder's lease and cursor ---------------------------------------------------
 
@@ -480,13 +496,12 @@ class IndexStore:
         made = self._enqueue_select(db, self._memory_query().where(MemoryItemRow.id.is_not(None)))
         made += self._enqueue_select(
             db,
-            self._message_query().join(
+            self._message_query()
+            .join(
                 SemanticIndexRow,
-                and_(
-                    SemanticIndexRow.workspace_id == ConversationRow.workspace_id,
-                    SemanticIndexRow.index_messages.is_(True),
-                ),
-            ),
+                SemanticIndexRow.workspace_id == ConversationRow.workspace_id,
+            )
+            .where(SemanticIndexRow.index_messages.is_(True)),
         )
         made += self._enqueue_select(db, self._document_query())
         return made + self._enqueue_chunk_sources(db, SemanticChunkRow.id.is_not(None))
@@ -611,6 +626,29 @@ class IndexStore:
 
         return await self._run(work, write=True), later
 
+    async def renew(self, jobs: Sequence[Job], until: dt.datetime) -> None:
+        """Extend the claims still held on ``jobs`` to ``until`` (a long batch); a job
+        whose claim was lost keeps its old ``claimed_until`` (its write is skipped)."""
+
+        def work(db: Session) -> list[Job]:
+            kept = []
+            for job in jobs:
+                moved = db.execute(
+                    update(SemanticJobRow)
+                    .where(
+                        SemanticJobRow.source_kind == job.source_kind,
+                        SemanticJobRow.source == job.source,
+                        SemanticJobRow.not_before == job.claimed_until,
+                    )
+                    .values(not_before=until)
+                )
+                if _count(moved):
+                    kept.append(job)
+            return kept
+
+        for job in await self._run(work, write=True):
+            job.claimed_until = until
+
     async def finish(self, jobs: Sequence[Job]) -> int:
         """Delete the jobs done, unless enqueued again meanwhile (those are released to be
         done again at once); the number deleted."""
@@ -726,7 +764,7 @@ class IndexStore:
                     stored[found] = Stored(tuple(chunks))
             return sources, stored
 
-        return await self._run(work, write=False)
+        return await self._run(work, write=False, snapshot=True)
 
     # -- status ----------------------------------------------------------------------------
 
@@ -753,7 +791,7 @@ class IndexStore:
             )
             return Status(indexed, pending, error or "")
 
-        return await self._run(work, write=False)
+        return await self._run(work, write=False, snapshot=True)
 
 
 def _settings_of(row: SemanticIndexRow) -> IndexSettings:
