@@ -6,7 +6,6 @@ it, and an in-process dispatcher reaches it through ``LocalContext``.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 from switchboard.context import servicer
@@ -20,8 +19,7 @@ from switchboard.context.plugins import load_entity_extractor, load_summarizer, 
 from switchboard.context.semantic.chunkstore import ChunkStore
 from switchboard.context.semantic.indexer import IndexerLimits
 from switchboard.context.semantic.ports import Embedder
-from switchboard.context.semantic.search import DefaultIndexSettings, SearchParts, VectorProbe
-from switchboard.context.semantic.searchstore import SearchStore
+from switchboard.context.semantic.search import SEARCH_EMBED_TIMEOUT_S, SearchParts
 from switchboard.context.settings import ContextSettings
 from switchboard.context.windowcache import WindowCache
 from switchboard.platform.cache import Cache
@@ -74,23 +72,6 @@ def file_limits(settings: ContextSettings) -> FileLimits:
         transcribe_concurrency=settings.context_files_transcribe_concurrency,
         orphan_grace_s=settings.context_files_orphan_grace_s,
         purge_after_s=settings.context_purge_after_s,
-    )
-
-
-def search_parts(settings: ContextSettings, database: Database) -> SearchParts:
-    """What semantic search reads: the chunk store, the database's vector engine, the
-    workspaces' models; without an embeddings URL, search is full-text only."""
-    return SearchParts(
-        settings=DefaultIndexSettings(
-            SearchStore(database),
-            model=settings.context_embeddings_model,
-            dimensions=settings.context_embeddings_dimensions,
-        ),
-        chunks=ChunkStore(database),
-        vectors=VectorProbe(database),
-        candidates=settings.context_semantic_candidates,
-        ef_search=settings.context_semantic_ef_search,
-        embed_timeout_s=settings.context_embeddings_timeout_s,
     )
 
 
@@ -169,7 +150,13 @@ def context_service(
         vectors=vectors,
         indexer_limits=IndexerLimits.from_settings(settings),
         instance_id=instance_id,
-        search=dataclasses.replace(search_parts(settings, database), embedder=embedder),
+        search=SearchParts(
+            candidates=settings.context_semantic_candidates,
+            ef_search=settings.context_semantic_ef_search,
+            # A search waits on its query's embedding at most this, then falls back:
+            # a reader is waiting, unlike the indexer.
+            embed_timeout_s=min(settings.context_embeddings_timeout_s, SEARCH_EMBED_TIMEOUT_S),
+        ),
     )
 
 

@@ -34,8 +34,10 @@ from switchboard.context.common import Common, check_text, stored
 from switchboard.context.mapping import memory_proto, message_proto
 from switchboard.context.records import MemoryRecord, Scope, Unsearchable
 from switchboard.context.search import query_terms
+from switchboard.context.semantic.chunkstore import MAX_K
 from switchboard.context.semantic.filters import ParsedFilter, parse_filter, restrict_sources
 from switchboard.context.semantic.fusion import Fused, fuse, single
+from switchboard.context.semantic.indexer import Indexer
 from switchboard.context.semantic.ports import (
     Comparison,
     Embedder,
@@ -50,13 +52,16 @@ from switchboard.context.semantic.searchstore import SearchStore, Sources
 from switchboard.platform import names
 from switchboard.platform.errors import FieldViolation, InvalidArgument, Violations
 from switchboard.platform.store import pagination
-from switchboard.platform.store.db import Database
-from switchboard.platform.store.vectors import vector_support
 
 log = logging.getLogger("switchboard.context.search")
 
 #: Ranked results page by position, and only this deep.
 MAX_SEARCH_RESULTS: Final = 500
+#: How much deeper the semantic list of a workspace's own memory asks (see
+#: ``Search._semantic_depth``).
+WORKSPACE_MEMORY_DEPTH: Final = 4
+#: Longest a search waits for its query's embedding before falling back to full-text.
+SEARCH_EMBED_TIMEOUT_S: Final = 10.0
 
 FULL_TEXT: Final = pb.SEARCH_MODE_FULL_TEXT
 SEMANTIC: Final = pb.SEARCH_MODE_SEMANTIC
@@ -95,42 +100,20 @@ class ChunkIndex(Protocol):
     ) -> list[Hit]: ...
 
 
-class VectorEngine(Protocol):
-    async def available(self) -> bool:
-        """Whether the database has a vector engine (pgvector, sqlite-vec)."""
-        ...
+class IndexerSettings:
+    """The model a workspace's passages are embedded with, as the indexer decides it
+    (its settings row, else the server's default; a user's memory: the default)."""
 
-
-class VectorProbe:
-    """``vectors.vector_support`` asked once per process (an outage: asked again)."""
-
-    def __init__(self, database: Database) -> None:
-        self._database = database
-        self._known: bool | None = None
-
-    async def available(self) -> bool:
-        if self._known is None:
-            self._known = (await vector_support(self._database)).available
-        return self._known
-
-
-class DefaultIndexSettings:
-    """A workspace's model from its ``semantic_indexes`` row, else the server's
-    default; a user's memory uses the server's default (generation 1)."""
-
-    def __init__(self, store: SearchStore, *, model: str, dimensions: int) -> None:
-        self._store = store
-        self._model = model
-        self._dimensions = dimensions
+    def __init__(self, indexer: Indexer) -> None:
+        self._indexer = indexer
 
     async def effective(self, owner: str) -> tuple[EmbeddingModel, int] | None:
         kind, _, owner_id = owner.partition("/")
-        row = await self._store.index_row(owner_id) if kind == "workspaces" else None
-        model = (row.model if row is not None else "") or self._model
-        if not model:
-            return None
-        dimensions = (row.dimensions if row is not None else 0) or self._dimensions
-        return EmbeddingModel(model, dimensions), row.generation if row is not None else 1
+        index = None
+        if kind == "workspaces":
+            index = (await self._indexer.store.settings([owner_id])).get(owner_id)
+        model, generation = self._indexer.model_of(index)
+        return (model, generation) if model.name else None
 
 
 @dataclass(frozen=True)
@@ -140,13 +123,14 @@ class SearchParts:
     embedder: Embedder | None = None
     settings: IndexSettings | None = None
     chunks: ChunkIndex | None = None
-    vectors: VectorEngine | None = None
+    #: Whether the database has a vector engine (pgvector, sqlite-vec).
+    vectors: bool = False
     #: pgvector's ``hnsw.ef_search`` for the semantic list.
     ef_search: int = 100
     #: Results each ranked list contributes before fusion.
     candidates: int = 100
     #: Most time a query's embedding may take before the search falls back.
-    embed_timeout_s: float = 10.0
+    embed_timeout_s: float = SEARCH_EMBED_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -478,7 +462,7 @@ class Search:
                 pb.SEARCH_FALLBACK_REASON_NOT_CONFIGURED,
                 "no embedding endpoint or model is configured for this workspace",
             )
-        if self._chunks is None or self._vectors is None or not await self._vectors.available():
+        if self._chunks is None or not self._vectors:
             if asked == pb.SEARCH_MODE_UNSPECIFIED:
                 return _Plan(FULL_TEXT)
             return _Plan(
@@ -626,7 +610,7 @@ class Search:
                         plan.vector,
                         len(plan.vector),
                         plan.model.key(plan.generation),
-                        self._candidates,
+                        self._semantic_depth(where),
                         ask,
                         self._ef_search,
                     )
@@ -634,6 +618,15 @@ class Search:
                 raise _unsearchable() from None
             lists.append(hits)
         return _merge(lists)
+
+    def _semantic_depth(self, where: _Where) -> int:
+        """How many passages the semantic list asks for. A workspace's own memory
+        (SearchMemoryItems on `workspaces/{w}`) shares its index with every
+        conversation's memory, which the chunk store cannot leave out (the filter has
+        no "no conversation"); those are dropped when read, so it asks deeper."""
+        if where.memory_scope is not None and where.conversation_id is None and where.workspace_id:
+            return min(self._candidates * WORKSPACE_MEMORY_DEPTH, MAX_K)
+        return self._candidates
 
     async def _hydrate(
         self,

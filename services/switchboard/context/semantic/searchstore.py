@@ -1,7 +1,6 @@
 """The reads of a search (``search.py``) besides the chunk store's ranked lists:
-memory items' full-text search over a workspace or a conversation, the sources of
-ranked chunks (memory items, messages, files, the chunks themselves), and a
-workspace's index settings.
+memory items' full-text search over a workspace or a conversation, and the sources
+of ranked chunks (memory items, messages, files, the chunks themselves).
 
 Hydration is where visibility is decided: a source that is gone (deleted
 item, deleted conversation or file, expired item) or outside the searched
@@ -28,7 +27,6 @@ from switchboard.platform.store.models import (
     MemoryItemRow,
     MessageRow,
     SemanticChunkRow,
-    SemanticIndexRow,
 )
 
 _Id = TypeVar("_Id", str, int)
@@ -50,13 +48,6 @@ class ChunkInfo:
     start_offset: int
     end_offset: int
     text: str
-
-
-@dataclass(frozen=True)
-class IndexRow:
-    model: str
-    dimensions: int
-    generation: int
 
 
 @dataclass
@@ -207,17 +198,6 @@ class SearchStore(StoreBase):
 
         if not (memory_ids or message_ids or file_ids or chunk_ids):
             return Sources()
-        return await self._run(tx, write=False)
-
-    async def index_row(self, workspace_id: str) -> IndexRow | None:
-        """A workspace's semantic index settings; None: the server's defaults."""
-
-        def tx(db: Session) -> IndexRow | None:
-            row = db.get(SemanticIndexRow, workspace_id)
-            if row is None:
-                return None
-            return IndexRow(row.model, row.dimensions, row.generation)
-
         return await self._run(tx, write=False)
 
 
