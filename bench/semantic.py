@@ -60,6 +60,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from google.protobuf import field_mask_pb2
 from grpc import aio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: bench.*, tests.*
@@ -197,7 +198,7 @@ def hashed_vectors(texts: Sequence[str]) -> list[list[float]]:
 
 def memory_texts(count: int, seed: int) -> list[tuple[str, str]]:
     """(kind, content) of ``count`` memory items, the kind as the store spells it."""
-    kinds = {
+    kinds: dict[int, str] = {
         pb.MEMORY_KIND_FACT: "fact",
         pb.MEMORY_KIND_PREFERENCE: "preference",
         pb.MEMORY_KIND_NOTE: "note",
@@ -206,7 +207,7 @@ def memory_texts(count: int, seed: int) -> list[tuple[str, str]]:
     out = []
     for _ in range(count):
         kind, content = corpus.memory()
-        out.append((kinds[kind], content))
+        out.append((kinds[int(kind)], content))
     return out
 
 
@@ -277,6 +278,22 @@ async def setup_workspace(
     return account
 
 
+async def login(address: str, email: str) -> str:
+    """An access token from this server for the account ``email``."""
+    from bench.fixtures import PASSWORD
+    from switchboard.api.auth.v1 import auth_pb2, auth_pb2_grpc
+
+    async with dedicated_channel(address) as channel:
+        response = await auth_pb2_grpc.AuthServiceStub(channel).Login(
+            auth_pb2.LoginRequest(
+                password=auth_pb2.PasswordCredential(email=email, password=PASSWORD)
+            ),
+            timeout=60,
+        )
+    token: str = response.tokens.access_token
+    return token
+
+
 # ---------------------------------------------------------------------------------
 # Loading N items in this process.
 
@@ -297,7 +314,7 @@ async def load(url: str, account: Account, count: int) -> dict[str, Any]:
     started = time.monotonic()
     spent = {"embed_s": 0.0, "memory_s": 0.0, "chunks_s": 0.0}
     # The last items go in one by one with the index in place: the steady state.
-    bulk = count - max(LOAD_BATCH, count // 20) // LOAD_BATCH * LOAD_BATCH
+    bulk = count - max(LOAD_BATCH, count // 50) // LOAD_BATCH * LOAD_BATCH
     steady_chunks: list[tuple[Any, list[float]]] = []
     try:
         for first in range(0, count, LOAD_BATCH):
@@ -577,6 +594,8 @@ async def index_part(
     engine = await engine_queries(url, queries, sizes.exact_queries, sizes.ef_search_more)
     say(f"index ({backend}): engine {json.dumps(engine)}")
     with serve(directory, url, settings) as server:
+        # A server without a configured key signs with its own: log in to this one.
+        token = await login(server.address, f"index-{backend}@example.com")
         await wait_quiet(sizes.quiet_wait_s)
         served = await asyncio.to_thread(
             run_client,
@@ -584,7 +603,7 @@ async def index_part(
             {
                 "mode": "search",
                 "address": server.address,
-                "token": account.token,
+                "token": token,
                 "server_pid": server.pid,
                 "parent": f"workspaces/{WORKSPACE}",
                 "queries": queries,
@@ -647,7 +666,7 @@ INDEXED_TIMEOUT_S: Final = 600.0
 
 
 async def _indexed(
-    stub: context_pb2_grpc.ContextServiceStub, account: Account, workspace: str, count: int
+    stub: context_pb2_grpc.ContextServiceAsyncStub, account: Account, workspace: str, count: int
 ) -> pb.SemanticIndex:
     """GetSemanticIndex, read every 100 ms until ``count`` passages are embedded."""
     deadline = time.monotonic() + INDEXED_TIMEOUT_S
@@ -684,7 +703,7 @@ async def writes_case(
                         semantic_index=pb.SemanticIndex(
                             name=f"{workspace}/semanticIndex", index_messages=True
                         ),
-                        update_mask={"paths": ["index_messages"]},
+                        update_mask=field_mask_pb2.FieldMask(paths=["index_messages"]),
                     ),
                     metadata=account.metadata,
                     timeout=30,
