@@ -134,10 +134,10 @@ class Sizes:
 
 FULL: Final = Sizes(
     items=100_000,
-    queries=200,
-    exact_queries=60,
+    queries=150,
+    exact_queries=50,
     ef_search_more=200,
-    indexing_items=5_000,
+    indexing_items=2_000,
     rounds=4,
     writers=8,
     warmup_s=2.0,
@@ -146,14 +146,14 @@ FULL: Final = Sizes(
 )
 QUICK: Final = Sizes(
     items=10_000,
-    queries=60,
-    exact_queries=30,
+    queries=40,
+    exact_queries=20,
     ef_search_more=200,
-    indexing_items=500,
+    indexing_items=300,
     rounds=2,
     writers=8,
     warmup_s=1.0,
-    seconds=3.0,
+    seconds=2.0,
     quiet_wait_s=2.0,
 )
 
