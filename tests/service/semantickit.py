@@ -115,7 +115,8 @@ async def quiet(domain: ContextDomain) -> bool:
     fed = domain.indexer.fed
     database = domain.indexer.store._database
     outbox, head, jobs, cursor = await database.run(work, write=False, snapshot=True)
-    return outbox == 0 and jobs == 0 and (fed or cursor) == f"{head}-0"
+    # This process must have taken the lease (its reconcile is done by then).
+    return outbox == 0 and jobs == 0 and fed is not None and fed == f"{head}-0" and bool(cursor)
 
 
 async def settled(domain: ContextDomain, timeout_s: float = 30.0) -> None:

@@ -161,9 +161,9 @@ def context_service(
 
 
 def context_embedder(settings: ContextSettings, shared: Shared) -> Embedder | None:
-    """The embeddings client the settings configure; None without a URL."""
-    if not settings.context_embeddings_url:
-        return None
+    """The embeddings client for ``SWITCHBOARD_CONTEXT_EMBEDDINGS_URL`` (None without a
+    URL). The client is ``semantic/embedder.py``'s; a build without it has none."""
+    del settings, shared
     return None
 
 
@@ -175,7 +175,9 @@ async def semantic_engines(
     embedder = context_embedder(settings, shared)
     support = await vector_support(shared.database)
     if say:
-        if embedder is None:
+        if embedder is None and settings.context_embeddings_url:
+            log.warning("no embeddings client is available in this build: %s", FULL_TEXT_ONLY)
+        elif embedder is None:
             log.info(
                 "no embeddings endpoint is configured (SWITCHBOARD_CONTEXT_EMBEDDINGS_URL): "
                 "%s; documents are still indexed for full-text search",

@@ -506,6 +506,25 @@ class IndexStore:
         made += self._enqueue_select(db, self._document_query())
         return made + self._enqueue_chunk_sources(db, SemanticChunkRow.id.is_not(None))
 
+    def _enqueue_orphans(self, db: Session) -> int:
+        gone = (
+            ~select(ConversationRow.id)
+            .where(ConversationRow.id == SemanticChunkRow.conversation_id)
+            .exists()
+        )
+        return self._enqueue_chunk_sources(
+            db, and_(SemanticChunkRow.conversation_id.is_not(None), gone)
+        )
+
+    async def enqueue_orphans(self) -> int:
+        """Enqueue the passages of conversations purged for good (no event says so, and
+        passages have no foreign key to conversations): their removal."""
+
+        def work(db: Session) -> int:
+            return self._enqueue_orphans(db)
+
+        return await self._run(work, write=True)
+
     async def reconcile(
         self, current_keys: Callable[[str, IndexSettings | None], str | None]
     ) -> int:
@@ -539,14 +558,7 @@ class IndexStore:
                             SemanticChunkRow.owner == owner, SemanticChunkRow.embedding == embedding
                         ),
                     )
-            gone = (
-                ~select(ConversationRow.id)
-                .where(ConversationRow.id == SemanticChunkRow.conversation_id)
-                .exists()
-            )
-            made += self._enqueue_chunk_sources(
-                db, and_(SemanticChunkRow.conversation_id.is_not(None), gone)
-            )
+            made += self._enqueue_orphans(db)
             indexed = select(SemanticChunkRow.id).where(
                 SemanticChunkRow.source_kind == "memory",
                 SemanticChunkRow.source == MemoryItemRow.scope + "/memories/" + MemoryItemRow.id,
