@@ -333,6 +333,10 @@ async def test_context_search_finds_messages_and_document_passages(
         timeout=TIMEOUT_S,
     )
     assert set(await found("")) == {memory.name, f"{document}#1"}
+    await refused(
+        search_context(stub, world.viewer, conversation.name, "kestrel", filter="source = message"),
+        NOT_FOUND,
+    )
 
 
 async def test_paging_by_position(stub: Stub, world: World) -> None:
@@ -487,6 +491,17 @@ async def test_window_retrieval_marks_results_retrieved_within_budget(
     left_out = [i for i in tight.excluded if i.HasField("retrieved")]
     assert set(source_names(i.retrieved for i in left_out)) == {old.name, f"{document}#0"}
     assert {i.reason for i in left_out} == {OVER_BUDGET}
+    # The retrieval's filter narrows what is retrieved.
+    documents_only = await get_window(
+        stub,
+        world.viewer,
+        conversation.name,
+        400,
+        pb.RetrievalOptions(top_k=5, token_budget=200, filter="source = document"),
+    )
+    assert source_names(i.retrieved for i in documents_only.included if i.reason == RETRIEVED) == [
+        f"{document}#0"
+    ]
     # Without retrieval, nothing is retrieved and no mode is said.
     plain = await get_window(stub, world.viewer, conversation.name, 400)
     assert not [i for i in plain.included if i.reason == RETRIEVED]

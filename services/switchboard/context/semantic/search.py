@@ -329,9 +329,11 @@ class Search:
         if offset >= MAX_SEARCH_RESULTS:
             return pb.SearchMemoryItemsResponse()
         owner = _owner(scope)
-        plan = await self._plan(request.mode, owner, request.query)
-        if plan.mode == FULL_TEXT and not parsed.filter.metadata:
+        plan = await self._plan(request.mode, owner, request.query, embed=not parsed.impossible)
+        if plan.mode == FULL_TEXT and not parsed.filter.metadata and not parsed.impossible:
+            # Checks the scope itself, in the search's transaction.
             return await self._memory_full_text(request, scope, parsed, plan, size, offset, token)
+        await stored(self._store.check_live(scope))
         where = _Where(owner, scope.workspace_id, scope.conversation_id, memory_scope=scope.scope)
         ranking = await self._ranked(where, request.query, plan, parsed)
         response = pb.SearchMemoryItemsResponse(
@@ -358,11 +360,9 @@ class Search:
         token: str,
     ) -> pb.SearchMemoryItemsResponse:
         """Today's memory search, the filter's conditions in its SQL, paged in SQL."""
-        rows: list[tuple[MemoryRecord, float]] = []
-        if not parsed.impossible:
-            rows = await self._memory_rows(
-                scope, request.query, parsed.filter, limit=size + 1, offset=offset
-            )
+        rows = await self._memory_rows(
+            scope, request.query, parsed.filter, limit=size + 1, offset=offset
+        )
         response = pb.SearchMemoryItemsResponse(
             results=[
                 pb.ScoredMemoryItem(
@@ -417,7 +417,7 @@ class Search:
                     )
                 )
             )
-        plan = await self._plan(asked, where.owner, query)
+        plan = await self._plan(asked, where.owner, query, embed=not parsed.impossible)
         return await self._ranked(where, query, plan, parsed)
 
     async def _ranked(
@@ -447,8 +447,9 @@ class Search:
         results = await self._hydrate(where, conditions, fused, chunks)
         return replace(ranking, results=tuple(results[:MAX_SEARCH_RESULTS]))
 
-    async def _plan(self, asked: Mode, owner: str, query: str) -> _Plan:
-        """The mode a search runs in, with the query's vector when it needs one."""
+    async def _plan(self, asked: Mode, owner: str, query: str, *, embed: bool = True) -> _Plan:
+        """The mode a search runs in, with the query's vector when it needs one
+        (``embed`` False: a search that cannot match anything is not charged for one)."""
         if asked == FULL_TEXT:
             return _Plan(FULL_TEXT)
         settled = None
@@ -472,6 +473,8 @@ class Search:
             )
         model, generation = settled
         mode = HYBRID if asked == pb.SEARCH_MODE_UNSPECIFIED else asked
+        if not embed:
+            return _Plan(mode)
         assert self._embedder is not None  # noqa: S101 (checked above)
         try:
             async with asyncio.timeout(self._embed_timeout_s):
