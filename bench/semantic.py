@@ -8,9 +8,9 @@
     python bench/semantic.py --no-postgres SQLite only
 
 Every embedding comes from ``tests/fakes/embeddings_server.py``'s deterministic hashing
-model (384 dimensions): over HTTP from its own process when the server embeds (indexing,
+model (``sb-hash-384``): over HTTP from its own process when the server embeds (indexing,
 a search's query), or the same function called in this process when the bench loads the
-100k items (``hashed_vector``: an HTTP round trip per batch would only slow the load).
+100k items (its ``embed``: an HTTP round trip per batch would only slow the load).
 
 ``index``: on SQLite (a file; sqlite-vec's ``vec0``) and on PostgreSQL (the suite's
 throwaway cluster, ``tests/infra/postgres.py``, with pgvector's HNSW index), one workspace
@@ -68,6 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: 
 from bench.context import Corpus
 from bench.fixtures import Account, create_conversations, create_workspace, register
 from bench.harness import (
+    ROOT,
     CpuMeter,
     clients,
     command_line,
@@ -81,11 +82,12 @@ from bench.harness import (
     quiet_gc,
     report,
     run_client,
-    running,
     say,
     section_main,
     serve,
     session,
+    spawn,
+    stop,
     summary,
     verdict,
     wait_quiet,
@@ -96,7 +98,8 @@ from switchboard.context.semantic.search import WORKSPACE_MEMORY_DEPTH
 
 SECTION: Final = "## Semantic memory: the vector index, indexing and the write path"
 WORKSPACE: Final = "semantic"
-MODEL: Final = "bench-hash"
+#: The test kit's hashing model (``tests/fakes/embeddings_server.py``): words' seeded vectors.
+MODEL: Final = "sb-hash-384"
 DIMENSIONS: Final = 384
 K: Final = 10
 #: The issue's goals.
@@ -171,10 +174,16 @@ class Embeddings:
 @contextlib.contextmanager
 def embeddings_server() -> Iterator[Embeddings]:
     """The test kit's local embeddings server in its own process, on a free port."""
-    with running(python("-m", "tests.fakes.embeddings_server", "--port", "0")) as process:
+    argv = python("-m", "tests.fakes.embeddings_server", "--port", "0", "--quiet")
+    process = spawn(argv, cwd=ROOT)
+    try:
         assert process.stdout is not None
-        port = int(process.stdout.readline().split()[-1])
-        yield Embeddings(f"http://127.0.0.1:{port}/v1", process.pid)
+        url = process.stdout.readline().strip()
+        if not url.startswith("http"):
+            raise RuntimeError(f"the embeddings server said {url!r}")
+        yield Embeddings(url, process.pid)
+    finally:
+        stop(process, by="terminate")
 
 
 def embedded_settings(embeddings: Embeddings) -> dict[str, str]:
@@ -188,9 +197,9 @@ def embedded_settings(embeddings: Embeddings) -> dict[str, str]:
 
 def hashed_vectors(texts: Sequence[str]) -> list[list[float]]:
     """What the embeddings server answers for ``texts`` (the same function, in process)."""
-    from tests.fakes.embeddings_server import hashed_vector
+    from tests.fakes.embeddings_server import embed
 
-    return [hashed_vector(text, DIMENSIONS) for text in texts]
+    return [embed(MODEL, text, DIMENSIONS) for text in texts]
 
 
 # ---------------------------------------------------------------------------------
@@ -1075,9 +1084,9 @@ def render(results: dict[str, Any], command: str, sizes: Sizes) -> str:
         "",
         *provenance(command, took_s=results.get("seconds")),
         host_speed_line(results["host"]),
-        f"- embeddings: `tests/fakes/embeddings_server.py`'s deterministic hashing model, "
-        f"{DIMENSIONS} dimensions, in its own process (the bulk load calls the same function "
-        "in the bench's process)",
+        f"- embeddings: `tests/fakes/embeddings_server.py`'s deterministic hashing model "
+        f"`{MODEL}`, {DIMENSIONS} dimensions, in its own process (the bulk load calls the "
+        "same function in the bench's process)",
         f"- databases: {databases or 'none measured'}",
         "- text: `bench/context.py`'s work-chat vocabulary; queries are questions built from "
         "it, never stored text",
