@@ -48,11 +48,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime as dt
 import functools
 import json
+import math
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -196,10 +198,30 @@ def embedded_settings(embeddings: Embeddings) -> dict[str, str]:
 
 
 def hashed_vectors(texts: Sequence[str]) -> list[list[float]]:
-    """What the embeddings server answers for ``texts`` (the same function, in process)."""
+    """What the embeddings server answers for ``texts``, computed in process.
+
+    Its ``embed``, with the per-dimension sums done by ``sum`` over the columns instead
+    of a Python loop (5x faster: 100k texts in seconds, not minutes); the same additions
+    in the same order, so the same floats (``check_hashed_vectors``).
+    """
+    from tests.fakes.embeddings_server import _terms, _unit
+
+    out = []
+    for text in texts:
+        terms = _terms(MODEL, text) or ["\x00empty"]
+        units = [_unit(term, DIMENSIONS) for term in terms]
+        total = [sum(column) for column in zip(*units, strict=True)]
+        norm = math.sqrt(sum(x * x for x in total)) or 1.0
+        out.append([x / norm for x in total])
+    return out
+
+
+def check_hashed_vectors(texts: Sequence[str]) -> None:
+    """``hashed_vectors`` agrees with the server's own function, bit for bit."""
     from tests.fakes.embeddings_server import embed
 
-    return [embed(MODEL, text, DIMENSIONS) for text in texts]
+    if hashed_vectors(texts) != [embed(MODEL, text, DIMENSIONS) for text in texts]:
+        raise RuntimeError("hashed_vectors differs from tests/fakes/embeddings_server.embed")
 
 
 # ---------------------------------------------------------------------------------
@@ -321,8 +343,15 @@ async def load(url: str, account: Account, count: int) -> dict[str, Any]:
     engine = await _vector_table(database, store)
     model_key = EmbeddingModel(MODEL, DIMENSIONS).key(1)
     texts = memory_texts(count, seed=56)
+    check_hashed_vectors([content for _, content in texts[:50]])
+    # Vectors computed in other processes while this one writes (the cores overlap).
+    pool = concurrent.futures.ProcessPoolExecutor(max_workers=2)
+    pending = [
+        pool.submit(hashed_vectors, [content for _, content in texts[first : first + LOAD_BATCH]])
+        for first in range(0, count, LOAD_BATCH)
+    ]
     started = time.monotonic()
-    spent = {"embed_s": 0.0, "memory_s": 0.0, "chunks_s": 0.0}
+    spent = {"vectors_wait_s": 0.0, "memory_s": 0.0, "chunks_s": 0.0}
     # The last items go in one by one with the index in place: the steady state.
     bulk = count - max(LOAD_BATCH, count // 50) // LOAD_BATCH * LOAD_BATCH
     steady_chunks: list[tuple[Any, list[float]]] = []
@@ -331,8 +360,8 @@ async def load(url: str, account: Account, count: int) -> dict[str, Any]:
             batch = texts[first : first + LOAD_BATCH]
             rows = _memory_rows(batch, first, account, sqlite=sqlite)
             clock = time.monotonic()
-            vectors = hashed_vectors([content for _, content in batch])
-            spent["embed_s"] += time.monotonic() - clock
+            vectors = await asyncio.wrap_future(pending[first // LOAD_BATCH])
+            spent["vectors_wait_s"] += time.monotonic() - clock
             clock = time.monotonic()
             await database.run(
                 functools.partial(_insert_memory, MemoryItemRow, rows, sqlite), write=True
@@ -358,6 +387,7 @@ async def load(url: str, account: Account, count: int) -> dict[str, Any]:
         await _replace_each(store, steady_chunks, model_key)
         steady_s = time.monotonic() - clock
     finally:
+        pool.shutdown(cancel_futures=True)
         await database.close()
     took = time.monotonic() - started
     return {
