@@ -17,11 +17,14 @@ from switchboard.context.files.transcriber import Transcriber
 from switchboard.context.files.transcription import OpenAITranscriber
 from switchboard.context.plugins import load_entity_extractor, load_summarizer, load_token_counter
 from switchboard.context.semantic.chunkstore import ChunkStore
+from switchboard.context.semantic.embedder import OpenAIEmbedder
 from switchboard.context.semantic.indexer import IndexerLimits
 from switchboard.context.semantic.ports import Embedder
 from switchboard.context.semantic.search import SEARCH_EMBED_TIMEOUT_S, SearchParts
 from switchboard.context.settings import ContextSettings
 from switchboard.context.windowcache import WindowCache
+from switchboard.dispatcher.budgets.embeddings import LedgerCharger, parse_embedding_prices
+from switchboard.dispatcher.budgets.ledger import Ledger
 from switchboard.platform.cache import Cache
 from switchboard.platform.config import KernelSettings
 from switchboard.platform.events.bus import EventBus
@@ -162,9 +165,28 @@ def context_service(
 
 def context_embedder(settings: ContextSettings, shared: Shared) -> Embedder | None:
     """The embeddings client for ``SWITCHBOARD_CONTEXT_EMBEDDINGS_URL`` (None without a
-    URL). The client is ``semantic/embedder.py``'s; a build without it has none."""
-    del settings, shared
-    return None
+    URL), reached through the egress policy like any other endpoint; closed with the
+    process (after the domain that uses it)."""
+    if not settings.context_embeddings_url:
+        return None
+    with setting("SWITCHBOARD_EGRESS_ALLOW_CIDRS"):
+        policy = EgressPolicy.from_settings(shared.section(EgressSettings))
+    with setting("SWITCHBOARD_CONTEXT_EMBEDDINGS_PRICES"):
+        prices = parse_embedding_prices(settings.context_embeddings_prices)
+    embedder = OpenAIEmbedder(
+        settings.context_embeddings_url,
+        api_key=settings.context_embeddings_api_key.get_secret_value(),
+        policy=policy,
+        # The database is the dispatcher's too: a workspace's embedding calls are held
+        # and charged in its budgets like model calls (docs/semantic.md, "Embeddings").
+        charger=LedgerCharger(Ledger(shared.database), prices),
+        batch=settings.context_embeddings_batch,
+        timeout_s=settings.context_embeddings_timeout_s,
+        attempts=settings.context_embeddings_attempts,
+        concurrency=settings.context_embeddings_concurrency,
+    )
+    shared.resources.push_async_callback(embedder.close)
+    return embedder
 
 
 async def semantic_engines(
@@ -175,9 +197,7 @@ async def semantic_engines(
     embedder = context_embedder(settings, shared)
     support = await vector_support(shared.database)
     if say:
-        if embedder is None and settings.context_embeddings_url:
-            log.warning("no embeddings client is available in this build: %s", FULL_TEXT_ONLY)
-        elif embedder is None:
+        if embedder is None:
             log.info(
                 "no embeddings endpoint is configured (SWITCHBOARD_CONTEXT_EMBEDDINGS_URL): "
                 "%s; documents are still indexed for full-text search",
