@@ -138,14 +138,14 @@ class Sizes:
 
 FULL: Final = Sizes(
     items=100_000,
-    queries=150,
+    queries=100,
     exact_queries=50,
     ef_search_more=200,
-    indexing_items=2_000,
+    indexing_items=1_000,
     rounds=4,
     writers=8,
     warmup_s=2.0,
-    seconds=6.0,
+    seconds=5.0,
     quiet_wait_s=5.0,
 )
 QUICK: Final = Sizes(
