@@ -2265,7 +2265,7 @@ class SearchMemoryItemsRequest(_message.Message):
     parent: _builtins.str
     """The scope to search, as in CreateMemoryItemRequest.parent."""
     query: _builtins.str
-    """Free-text query (at most the server's query limit, 2,000 characters by default)."""
+    """Free-text query (at most 1,000 characters)."""
     page_size: _builtins.int
     """Maximum results; capped at 50, default 10."""
     page_token: _builtins.str
@@ -2438,7 +2438,7 @@ class SearchContextRequest(_message.Message):
     messages and memory items, and the workspace's memory and files).
     """
     query: _builtins.str
-    """Free-text query (at most the server's query limit, 2,000 characters by default)."""
+    """Free-text query (at most 1,000 characters)."""
     mode: Global___SearchMode.ValueType
     """How to rank; as in SearchMemoryItemsRequest.mode."""
     filter: _builtins.str

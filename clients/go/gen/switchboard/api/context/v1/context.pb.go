@@ -4412,7 +4412,7 @@ type SearchMemoryItemsRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The scope to search, as in CreateMemoryItemRequest.parent.
 	Parent string `protobuf:"bytes,1,opt,name=parent,proto3" json:"parent,omitempty"`
-	// Free-text query (at most the server's query limit, 2,000 characters by default).
+	// Free-text query (at most 1,000 characters).
 	Query string `protobuf:"bytes,2,opt,name=query,proto3" json:"query,omitempty"`
 	// Only these kinds; all kinds if empty.
 	Kinds []MemoryKind `protobuf:"varint,3,rep,packed,name=kinds,proto3,enum=switchboard.api.context.v1.MemoryKind" json:"kinds,omitempty"`
@@ -4729,7 +4729,7 @@ type SearchContextRequest struct {
 	// `workspaces/{workspace}/conversations/{conversation}` (that conversation's
 	// messages and memory items, and the workspace's memory and files).
 	Parent string `protobuf:"bytes,1,opt,name=parent,proto3" json:"parent,omitempty"`
-	// Free-text query (at most the server's query limit, 2,000 characters by default).
+	// Free-text query (at most 1,000 characters).
 	Query string `protobuf:"bytes,2,opt,name=query,proto3" json:"query,omitempty"`
 	// How to rank; as in SearchMemoryItemsRequest.mode.
 	Mode SearchMode `protobuf:"varint,3,opt,name=mode,proto3,enum=switchboard.api.context.v1.SearchMode" json:"mode,omitempty"`

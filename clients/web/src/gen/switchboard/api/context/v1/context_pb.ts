@@ -2095,7 +2095,7 @@ export type SearchMemoryItemsRequest = Message$1<"switchboard.api.context.v1.Sea
   parent: string;
 
   /**
-   * Free-text query (at most the server's query limit, 2,000 characters by default).
+   * Free-text query (at most 1,000 characters).
    *
    * @generated from field: string query = 2;
    */
@@ -2284,7 +2284,7 @@ export type SearchContextRequest = Message$1<"switchboard.api.context.v1.SearchC
   parent: string;
 
   /**
-   * Free-text query (at most the server's query limit, 2,000 characters by default).
+   * Free-text query (at most 1,000 characters).
    *
    * @generated from field: string query = 2;
    */
