@@ -171,6 +171,8 @@ _KIND_WORDS: Final = {
     context_pb2.MEMORY_KIND_FACT: "fact",
     context_pb2.MEMORY_KIND_PREFERENCE: "preference",
     context_pb2.MEMORY_KIND_SUMMARY: "summary",
+    context_pb2.MEMORY_KIND_ENTITY: "entity",
+    context_pb2.MEMORY_KIND_NOTE: "note",
 }
 _ROLE_WORDS: Final = {
     context_pb2.MESSAGE_ROLE_USER: "user",
