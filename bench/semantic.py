@@ -5,6 +5,7 @@
     python bench/semantic.py --write        ... and put the report into BENCHMARKS.md
     python bench/semantic.py --json         one JSON line: the figures and the report
     python bench/semantic.py --no-postgres  SQLite only
+    python bench/semantic.py --no-sqlite    PostgreSQL only
 
 The engine, not the RPC: ``ChunkStore.nearest`` (``context/semantic/chunkstore.py``)
 called in this process on a migrated database, one query at a time, timed around
@@ -235,8 +236,9 @@ async def drive(args: argparse.Namespace) -> int:
     chunks, queries = (10_000, 200) if args.quick else (100_000, 1000)
     results: dict[str, Any] = {"backends": {}}
     async with session(results, "switchboard-bench-semantic-") as directory:
-        async with opened(f"sqlite+aiosqlite:///{directory / 'semantic.db'}") as database:
-            results["backends"]["sqlite"] = await measure(database, chunks, queries)
+        if not args.no_sqlite:
+            async with opened(f"sqlite+aiosqlite:///{directory / 'semantic.db'}") as database:
+                results["backends"]["sqlite"] = await measure(database, chunks, queries)
         if not args.no_postgres:
             async with postgres() as (url, description):
                 results["postgres"] = description
@@ -289,6 +291,7 @@ def render(results: dict[str, Any], command: str) -> str:
 def main() -> int:
     def options(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
+        parser.add_argument("--no-sqlite", action="store_true", help="PostgreSQL only")
 
     return section_main(__doc__, drive, quick="10k chunks, 200 queries", options=options)
 

@@ -26,9 +26,10 @@ from switchboard.context.semantic.ports import (
     EmbeddingsUnavailable,
 )
 from switchboard.mesh import create_server
-from switchboard.platform.events.eventlog import format_cursor, logged_part
 from switchboard.platform.rpc.server import SwitchboardServer
 from switchboard.platform.store.models import (
+    EventLogRow,
+    EventOutboxRow,
     SemanticChunkRow,
     SemanticCursorRow,
     SemanticJobRow,
@@ -98,17 +99,24 @@ async def semantic_mesh(
 
 
 async def quiet(domain: ContextDomain) -> bool:
-    """No job waits and the stored cursor is at the log's head."""
-    head = format_cursor(logged_part(domain.indexer._bus.head))
+    """No event waits to be logged, the indexer has read the log to its stored head
+    (the embedded log's table: this process may not have been handed its own latest
+    event yet), and no job waits; read in one snapshot."""
 
-    def work(db: Any) -> tuple[int, str | None]:
+    def work(db: Any) -> tuple[int, int, int, str | None]:
+        outbox = int(db.scalar(select(func.count()).select_from(EventOutboxRow)) or 0)
+        head = int(db.scalar(select(func.max(EventLogRow.seq))) or 0)
         jobs = int(db.scalar(select(func.count()).select_from(SemanticJobRow)) or 0)
         cursor = db.scalar(select(SemanticCursorRow.cursor))
-        return jobs, cursor
+        return outbox, head, jobs, cursor
 
-    jobs, cursor = await domain.indexer.store._database.run(work, write=False)
-    # The replica feeding may be ahead of the stored cursor (no job since).
-    return jobs == 0 and (domain.indexer.fed or cursor) == head
+    # The replica feeding may be ahead of the stored cursor (no job since). Read
+    # before the snapshot: how far it fed was committed by then.
+    fed = domain.indexer.fed
+    database = domain.indexer.store._database
+    outbox, head, jobs, cursor = await database.run(work, write=False, snapshot=True)
+    # This process must have taken the lease (its reconcile is done by then).
+    return outbox == 0 and jobs == 0 and fed is not None and fed == f"{head}-0" and bool(cursor)
 
 
 async def settled(domain: ContextDomain, timeout_s: float = 30.0) -> None:

@@ -454,3 +454,31 @@ async def test_a_role_that_may_not_create_pgvector_gets_the_reason_not_an_error(
         "failed (42501; a superuser or the database owner can run it); semantic search is "
         "off and search is full-text only"
     )
+
+
+async def test_a_selective_filter_beyond_every_candidate_list_is_still_answered_exactly(
+    store: ChunkStore,
+) -> None:
+    """The five chunks passing the filter are the farthest of 1100 from the query: no
+    candidate list holds them (vec0's 512, HNSW's 40 then 1000), so only the fallback
+    to the exact answer over the filtered chunks finds them."""
+    query = unit(42)
+    opposite = [-value for value in query]
+    for batch in range(11):
+        records = [
+            chunk(f"memories/b{batch}", index, label="rare" if batch == 0 and index < 5 else "")
+            for index in range(100)
+        ]
+        vectors = [
+            near(opposite, index, noise=0.01)
+            if batch == 0 and index < 5
+            else near(query, 1000 * batch + index, noise=0.4)
+            for index in range(100)
+        ]
+        await store.replace_source("memory", f"memories/b{batch}", records, vectors, KEY, DIMS)
+    rare = SearchFilter(labels=frozenset({"rare"}))
+    fast = await store.nearest([OWNER], query, DIMS, KEY, 10, rare)
+    exact = await store.exact_nearest([OWNER], query, DIMS, KEY, 10, rare)
+    assert len(fast) == 5
+    assert [hit.chunk_id for hit in fast] == [hit.chunk_id for hit in exact]
+    assert all(hit.score < -0.9 for hit in fast)

@@ -333,6 +333,10 @@ async def test_context_search_finds_messages_and_document_passages(
         timeout=TIMEOUT_S,
     )
     assert set(await found("")) == {memory.name, f"{document}#1"}
+    await refused(
+        search_context(stub, world.viewer, conversation.name, "kestrel", filter="source = message"),
+        NOT_FOUND,
+    )
 
 
 async def test_paging_by_position(stub: Stub, world: World) -> None:

@@ -157,8 +157,9 @@ async def test_hybrid_ranks_an_exact_keyword_match_first(
     async with semantic_mesh(monkeypatch, database_url, ConceptEmbedder()) as (mesh, stub, domain):
         world = await indexed_world(stub, mesh, domain)
         exact = await remember(stub, world.editor, world.name, "invoice zx81 payment received")
+        # Near the query in meaning, but sharing none of its words.
         for text in (
-            "payment settlement remittance",
+            "settlement remittance",
             "the settlement and the remittance",
             "remittance paid in full",
         ):

@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from dataclasses import replace
+from typing import Any
 
 import grpc
 import pytest
-from sqlalchemy import update
+from sqlalchemy import delete, update
 
 from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.api.events.v1 import events_pb2
 from switchboard.context.semantic.chunking import chunk_text
-from switchboard.platform.store.models import SemanticCursorRow
+from switchboard.platform.store.models import ConversationRow, SemanticCursorRow
 from tests.service.contextkit import (
     append,
     create_conversation,
@@ -416,3 +418,114 @@ async def test_the_cursor_advances_only_by_compare_and_set(
             [],
         )
         assert fed is None
+
+
+@pytest.mark.parametrize("configured", [False, True])
+async def test_whether_semantic_search_is_on_is_said_once_at_start(
+    monkeypatch: pytest.MonkeyPatch,
+    database_url: str,
+    caplog: pytest.LogCaptureFixture,
+    configured: bool,
+) -> None:
+    caplog.set_level(logging.INFO, logger="switchboard.context.semantic")
+    embedder = WordEmbedder() if configured else None
+    async with semantic_mesh(monkeypatch, database_url, embedder) as (mesh, stub, _domain):
+        world = await ctx_world(mesh, stub)
+        await remember(stub, world.editor, world.name, "Something to index")
+    said = [
+        record.getMessage()
+        for record in caplog.records
+        if record.name == "switchboard.context.semantic"
+        and "semantic search is" in record.getMessage()
+    ]
+    assert len(said) == 1, said
+    if configured:
+        assert said[0].startswith("semantic search is on (")
+        assert ("sqlite-vec" if "sqlite" in database_url else "pgvector") in said[0]
+    else:
+        assert said[0].startswith("no embeddings endpoint is configured")
+
+
+async def test_a_users_own_memory_is_indexed_under_the_servers_default_model(
+    monkeypatch: pytest.MonkeyPatch, database_url: str
+) -> None:
+    async with semantic_mesh(
+        monkeypatch,
+        database_url,
+        WordEmbedder(),
+        context_embeddings_model="default-embed",
+        context_embeddings_dimensions=8,
+    ) as (mesh, stub, domain):
+        world = await ctx_world(mesh, stub)
+        mine = await remember(stub, world.viewer, world.viewer.name, "I prefer tea to coffee")
+        await settled(domain)
+        [chunk] = await chunk_rows(domain)
+        assert (chunk.source, chunk.owner, chunk.embedding) == (
+            mine.name,
+            world.viewer.name,
+            "default-embed/8/1",
+        )
+        index = await get_index(stub, world.viewer, world.name)
+        assert index.effective_model == "default-embed/8"
+        assert index.state == pb.SEMANTIC_INDEX_STATE_READY
+
+
+async def test_passages_indexed_without_embeddings_get_vectors_once_they_are_configured(
+    monkeypatch: pytest.MonkeyPatch, database_url: str
+) -> None:
+    async with semantic_mesh(monkeypatch, database_url, None) as (mesh, stub, domain):
+        world = await ctx_world(mesh, stub)
+        stored = await upload(
+            stub,
+            world.editor,
+            world.name,
+            b"The harbour crane is serviced every March.",
+            media_type="text/plain",
+            display_name="crane.txt",
+        )
+        note = await remember(stub, world.editor, world.name, "Cranes need a permit")
+        await settled(domain)
+        assert [(c.source, c.embedding) for c in await chunk_rows(domain)] == [(stored.name, "")]
+    # The same database, now with an endpoint and a default model: the replica that
+    # takes the lease reconciles what was indexed without them.
+    embedder = WordEmbedder()
+    async with semantic_mesh(
+        monkeypatch,
+        database_url,
+        embedder,
+        context_embeddings_model="default-embed",
+        context_embeddings_dimensions=8,
+    ) as (mesh, stub, domain):
+        await settled(domain)
+        chunks = by_source(await chunk_rows(domain))
+        assert set(chunks) == {stored.name, note.name}
+        assert {c.embedding for rows in chunks.values() for c in rows} == {"default-embed/8/1"}
+
+
+async def test_passages_of_a_conversation_purged_without_an_event_are_removed(
+    monkeypatch: pytest.MonkeyPatch, database_url: str
+) -> None:
+    async with semantic_mesh(monkeypatch, database_url, WordEmbedder()) as (mesh, stub, domain):
+        world = await ctx_world(mesh, stub)
+        await set_index(
+            stub, world.owner, world.name, embedding_model=MODEL, dimensions=8, index_messages=True
+        )
+        chat = await create_conversation(stub, world.editor, world.name)
+        await append(stub, world.editor, chat.name, "Rotate the keys on Friday")
+        await remember(stub, world.editor, chat.name, "Keys rotate weekly")
+        kept = await remember(stub, world.editor, world.name, "The office opens at nine")
+        await settled(domain)
+        assert len(await chunk_rows(domain)) == 3
+
+        # A purge deletes the row outright and says nothing in the log.
+        await domain.indexer.close()
+
+        def purge(db: Any) -> None:
+            db.execute(
+                delete(ConversationRow).where(ConversationRow.id == chat.name.rsplit("/", 1)[1])
+            )
+
+        await domain.indexer.store._database.run(purge, write=True)
+        await domain.indexer.start()
+        await settled(domain)
+        assert [c.source for c in await chunk_rows(domain)] == [kept.name]

@@ -17,6 +17,7 @@ from switchboard.context.files.transcriber import Transcriber
 from switchboard.context.files.transcription import OpenAITranscriber
 from switchboard.context.plugins import load_entity_extractor, load_summarizer, load_token_counter
 from switchboard.context.semantic.chunkstore import ChunkStore
+from switchboard.context.semantic.embedder import OpenAIEmbedder
 from switchboard.context.semantic.indexer import IndexerLimits
 from switchboard.context.semantic.ports import Embedder
 from switchboard.context.semantic.search import SEARCH_EMBED_TIMEOUT_S, SearchParts
@@ -161,10 +162,24 @@ def context_service(
 
 
 def context_embedder(settings: ContextSettings, shared: Shared) -> Embedder | None:
-    """The embeddings client the settings configure; None without a URL."""
+    """The embeddings client for ``SWITCHBOARD_CONTEXT_EMBEDDINGS_URL`` (None without a
+    URL), reached through the egress policy like any other endpoint; closed with the
+    process (after the domain that uses it)."""
     if not settings.context_embeddings_url:
         return None
-    return None
+    with setting("SWITCHBOARD_EGRESS_ALLOW_CIDRS"):
+        policy = EgressPolicy.from_settings(shared.section(EgressSettings))
+    embedder = OpenAIEmbedder(
+        settings.context_embeddings_url,
+        api_key=settings.context_embeddings_api_key.get_secret_value(),
+        policy=policy,
+        batch=settings.context_embeddings_batch,
+        timeout_s=settings.context_embeddings_timeout_s,
+        attempts=settings.context_embeddings_attempts,
+        concurrency=settings.context_embeddings_concurrency,
+    )
+    shared.resources.push_async_callback(embedder.close)
+    return embedder
 
 
 async def semantic_engines(

@@ -14,11 +14,12 @@ the store deletes a chunk's vector itself, in every dimension's table.
 
 Filtered nearest-neighbour queries (``nearest``). The ANN index does not know
 the filters (pgvector 0.6 has no iterative scan), so the store asks it for
-more candidates than wanted (``over_fetch``, and ``hnsw.ef_search`` at least
-that many), keeps those that pass the filters, and when fewer than ``k``
-survive out of a full candidate list, answers by an exact scan of the filtered
-chunks instead: a selective filter costs a scan of what it selects, never a
-wrong answer. Scores are cosine similarities (1 - cosine distance).
+more candidates than wanted (``OVER_FETCH``, and ``hnsw.ef_search`` at least
+that many), keeps those that pass the filters; when fewer than ``k`` survive
+out of a full candidate list it asks again with the widest search (1000), and
+if that is still short it answers by an exact scan of the filtered chunks: a
+selective filter costs a scan of what it selects, never a wrong answer. Scores
+are cosine similarities (1 - cosine distance).
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ MAX_CHUNKS_PER_SOURCE: Final = 4096
 MAX_K: Final = 1000
 #: Candidates asked of the ANN index per wanted result when filters may drop some.
 OVER_FETCH: Final = 4
+#: Candidates asked of vec0 at least (its brute-force scan costs the same for any k).
+SQLITE_FETCH: Final = 512
 #: pgvector caps ``hnsw.ef_search`` at 1000.
 MAX_EF_SEARCH: Final = 1000
 #: vec0 caps a KNN query's ``k`` at 4096.
@@ -376,14 +379,23 @@ class ChunkStore:
             return []
         # Always over-fetched: besides the filters, a deleted conversation's chunks and
         # those of another embedding (a re-embed half done) are dropped after the index.
-        fetch = min(k * OVER_FETCH, MAX_EF_SEARCH if not self._sqlite else _VEC0_MAX_K)
+        # vec0's cost is its scan, whatever k: there, fetch many at once.
+        if self._sqlite:
+            fetch = min(max(k * OVER_FETCH, SQLITE_FETCH), _VEC0_MAX_K)
+        else:
+            fetch = min(k * OVER_FETCH, MAX_EF_SEARCH)
         vector = self._vector_param(query)
 
         def work(db: Session) -> list[Hit]:
             hits = self._ann(db, owners, vector, dims, embedding_key, fetch, k, filter, ef_search)
+            if len(hits.hits) < k and hits.full and not self._sqlite and fetch < MAX_EF_SEARCH:
+                # The filters dropped too many: once more with the widest HNSW search.
+                hits = self._ann(
+                    db, owners, vector, dims, embedding_key, MAX_EF_SEARCH, k, filter, ef_search
+                )
             if len(hits.hits) < k and hits.full:
-                # The filters (or stale rows) dropped too many of a full candidate list:
-                # the true top k may lie beyond it.
+                # Still too few out of a full candidate list: the true top k may lie
+                # beyond it, so the exact answer over what the filters select.
                 if self._sqlite:
                     return self._filtered_knn(db, owners, vector, dims, embedding_key, k, filter)
                 return self._exact(db, owners, vector, dims, embedding_key, k, filter)

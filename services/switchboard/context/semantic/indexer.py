@@ -80,6 +80,8 @@ log = logging.getLogger("switchboard.context.semantic")
 
 #: Events read from the log per feeder transaction.
 FEED_BATCH: Final = 500
+#: How often the replica feeding looks for passages of purged conversations.
+SWEEP_EVERY_S: Final = 300.0
 CLOSE_TIMEOUT_S: Final = 5.0
 
 _MEMORY: Final = events_pb2.EVENT_TYPE_MEMORY_CHANGED
@@ -252,6 +254,7 @@ class Indexer:
         #: message wakes the feeder; the feed transaction reads the settings).
         self._messaging: set[str] = set()
         self._renew_at = 0.0
+        self._sweep_at = 0.0
         #: Jobs this process holds now (released at a clean close).
         self._held: list[Job] = []
         #: Held while claims are renewed or given back, so both see the same expiry.
@@ -381,15 +384,20 @@ class Indexer:
                 self.feeding = False
                 self._cursor = self._stored = None
                 return False
-            fresh = not self.feeding
-            self.feeding = True
-            self._cursor = self._stored = taken
-            self._renew_at = time.monotonic() + self.limits.lease_s / 3
-            if fresh and self.semantic:
+            if not self.feeding and self.semantic:
+                # Taken (not renewed): repair what the index lacks before feeding,
+                # and again should this fail (feeding stays off until it is done).
                 made = await self.store.reconcile(self._key_for_owner)
                 if made:
                     log.info("semantic index reconciled", extra={"jobs": made})
                     self._work_wake.set()
+            self.feeding = True
+            self._cursor = self._stored = taken
+            self._renew_at = time.monotonic() + self.limits.lease_s / 3
+        if time.monotonic() >= self._sweep_at:
+            self._sweep_at = time.monotonic() + SWEEP_EVERY_S
+            if await self.store.enqueue_orphans():
+                self._work_wake.set()
         self._messaging = await self.store.messaging_workspaces()
         return True
 

@@ -160,8 +160,10 @@ class IndexStore:
         self._database = database
         self._sqlite = database.dialect_name == "sqlite"
 
-    async def _run(self, work: Callable[[Session], _T], *, write: bool) -> _T:
-        return await transaction(self._database, work, write=write, log=log)
+    async def _run(
+        self, work: Callable[[Session], _T], *, write: bool, snapshot: bool = False
+    ) -> _T:
+        return await transaction(self._database, work, write=write, snapshot=snapshot, log=log)
 
     def _insert(self) -> Any:
         return sqlite_insert if self._sqlite else pg_insert
@@ -504,6 +506,25 @@ class IndexStore:
         made += self._enqueue_select(db, self._document_query())
         return made + self._enqueue_chunk_sources(db, SemanticChunkRow.id.is_not(None))
 
+    def _enqueue_orphans(self, db: Session) -> int:
+        gone = (
+            ~select(ConversationRow.id)
+            .where(ConversationRow.id == SemanticChunkRow.conversation_id)
+            .exists()
+        )
+        return self._enqueue_chunk_sources(
+            db, and_(SemanticChunkRow.conversation_id.is_not(None), gone)
+        )
+
+    async def enqueue_orphans(self) -> int:
+        """Enqueue the passages of conversations purged for good (no event says so, and
+        passages have no foreign key to conversations): their removal."""
+
+        def work(db: Session) -> int:
+            return self._enqueue_orphans(db)
+
+        return await self._run(work, write=True)
+
     async def reconcile(
         self, current_keys: Callable[[str, IndexSettings | None], str | None]
     ) -> int:
@@ -537,14 +558,7 @@ class IndexStore:
                             SemanticChunkRow.owner == owner, SemanticChunkRow.embedding == embedding
                         ),
                     )
-            gone = (
-                ~select(ConversationRow.id)
-                .where(ConversationRow.id == SemanticChunkRow.conversation_id)
-                .exists()
-            )
-            made += self._enqueue_chunk_sources(
-                db, and_(SemanticChunkRow.conversation_id.is_not(None), gone)
-            )
+            made += self._enqueue_orphans(db)
             indexed = select(SemanticChunkRow.id).where(
                 SemanticChunkRow.source_kind == "memory",
                 SemanticChunkRow.source == MemoryItemRow.scope + "/memories/" + MemoryItemRow.id,
@@ -762,7 +776,7 @@ class IndexStore:
                     stored[found] = Stored(tuple(chunks))
             return sources, stored
 
-        return await self._run(work, write=False)
+        return await self._run(work, write=False, snapshot=True)
 
     # -- status ----------------------------------------------------------------------------
 
@@ -789,7 +803,7 @@ class IndexStore:
             )
             return Status(indexed, pending, error or "")
 
-        return await self._run(work, write=False)
+        return await self._run(work, write=False, snapshot=True)
 
 
 def _settings_of(row: SemanticIndexRow) -> IndexSettings:
