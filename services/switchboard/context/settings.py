@@ -281,6 +281,13 @@ class ContextSettings(Section):
         description="the default embeddings' dimensions (sent as `dimensions`); 0: the "
         "model's own, learned from its first answer",
     )
+    context_embeddings_prices: str = Field(
+        default="",
+        max_length=4096,
+        description="JSON prices of embedding models in USD per million input tokens, e.g. "
+        '`{"text-embedding-3-small": 0.02}`: a workspace\'s embedding calls are held and '
+        "charged to its whole-workspace budgets at that price (tokens are always counted)",
+    )
     context_embeddings_batch: int = Field(
         default=64,
         ge=1,

@@ -33,6 +33,7 @@ import logging
 import math
 import random
 import time
+from array import array
 from collections.abc import Sequence
 from typing import Any, Final, Protocol
 
@@ -43,7 +44,7 @@ from switchboard.platform.breaker import CircuitBreaker
 from switchboard.platform.errors import DestinationBlocked, ResolutionFailed
 from switchboard.platform.security.egress import EgressPolicy, http_client
 
-from .ports import Embedded, EmbeddingModel, EmbeddingsUnavailable
+from .ports import Embedded, EmbeddingModel, EmbeddingsBudgetExhausted, EmbeddingsUnavailable
 
 __all__ = [
     "Charger",
@@ -69,31 +70,31 @@ def estimate_tokens(text: str) -> int:
 
 
 class Charger(Protocol):
-    """Charges a workspace's embedding calls to its budgets (the composition
-    root's adapter over the budget ledger; the context service imports no
-    dispatcher module)."""
+    """Charges a workspace's embedding calls to its budgets: the composition
+    root's adapter over the budget ledger (``dispatcher/budgets/embeddings.py``).
+    Plain values only, so neither side imports the other's types."""
 
-    async def reserve(self, workspace_id: str, *, model: str, input_tokens: int) -> object:
-        """Hold the worst case of one request; raises ``EmbeddingsBudgetExhausted``
-        when a budget of the workspace has no room. Returns the hold."""
+    async def reserve(self, workspace_id: str, *, model: str, input_tokens: int) -> object | None:
+        """Hold the worst case of one request in every budget of the whole
+        workspace, or in none: the hold, or None when a budget has no room."""
         ...
 
-    async def settle(self, hold: object, *, input_tokens: int) -> None:
-        """Charge the actual tokens and free the rest of the hold."""
+    async def settle(self, hold: object, *, model: str, input_tokens: int) -> None:
+        """Charge the tokens the endpoint counted and free the rest of the hold."""
         ...
 
     async def release(self, hold: object) -> None:
-        """Free the hold: the request failed, nothing was used."""
+        """Free the hold: the request failed, nothing is charged."""
         ...
 
 
 class NoCharge:
-    """No budgets: nothing reserved, nothing charged (usage is still logged)."""
+    """No budgets: nothing held, nothing charged (usage is still logged)."""
 
-    async def reserve(self, workspace_id: str, *, model: str, input_tokens: int) -> object:
-        return None
+    async def reserve(self, workspace_id: str, *, model: str, input_tokens: int) -> object | None:
+        return ()
 
-    async def settle(self, hold: object, *, input_tokens: int) -> None:
+    async def settle(self, hold: object, *, model: str, input_tokens: int) -> None:
         return None
 
     async def release(self, hold: object) -> None:
@@ -224,6 +225,11 @@ class OpenAIEmbedder:
                 model=model.name,
                 input_tokens=sum(estimate_tokens(text) for text in texts),
             )
+            if hold is None:
+                raise EmbeddingsBudgetExhausted(
+                    f"a budget of workspace {workspace} has no room for embedding "
+                    f"{len(texts)} texts"
+                )
         try:
             async with self._slots:
                 embedded = await self._with_retries(texts, model)
@@ -232,7 +238,7 @@ class OpenAIEmbedder:
                 await asyncio.shield(self._charger.release(hold))
             raise
         if workspace is not None:
-            await self._charger.settle(hold, input_tokens=embedded.input_tokens)
+            await self._charger.settle(hold, model=model.name, input_tokens=embedded.input_tokens)
         log.info(
             "embedded",
             extra={
@@ -263,16 +269,12 @@ class OpenAIEmbedder:
                         f"the embeddings endpoint {retry.reason}{tries}"
                     ) from None
                 delay = backoff.full_jitter(
-                    attempt - 1,
-                    base_s=self._backoff[0],
-                    max_s=self._backoff[1],
-                    rng=self._rng,
-                    at_least_s=(
-                        min(retry.retry_after_s, self._retry_after_cap_s)
-                        if retry.retry_after_s is not None
-                        else None
-                    ),
+                    attempt - 1, base_s=self._backoff[0], max_s=self._backoff[1], rng=self._rng
                 )
+                if retry.retry_after_s is not None:
+                    # The endpoint's own word, capped on its own (not at the backoff's
+                    # ceiling): a rate limit's reset is often longer than our backoff.
+                    delay = max(delay, min(retry.retry_after_s, self._retry_after_cap_s))
                 log.warning(
                     "embeddings attempt failed; retrying",
                     extra={"reason": retry.reason, "attempt": attempt, "delay_s": delay},
@@ -361,12 +363,19 @@ class OpenAIEmbedder:
                     f"the embeddings endpoint answered a vector of {len(vector)} dimensions, "
                     f"not the expected {expected}"
                 )
-            if not all(type(x) in (float, int) and math.isfinite(x) for x in vector):
+            # array() refuses anything but numbers at C speed; a NaN or an infinity
+            # anywhere makes the sum one too (the vectors are short and near unit length,
+            # so a finite sum never overflows).
+            try:
+                values = array("d", vector)
+            except TypeError:
+                values = None
+            if values is None or not math.isfinite(sum(values)):
                 raise EmbeddingsUnavailable(
                     "the embeddings endpoint answered a vector with a value that is not a "
                     "finite number"
                 )
-            vectors[index] = [float(x) for x in vector]
+            vectors[index] = values.tolist()
         if model.dimensions == 0:
             self._learned.setdefault(model.name, expected)
         usage = answer.get("usage")
