@@ -1,16 +1,15 @@
 """Helpers for the semantic indexer's tests: a server whose context domain embeds
-through a given embedder, waiting for the indexer to settle, and the index's rows."""
+through the real client on the local embeddings server, waiting for the indexer to
+settle, and the index's rows."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import math
 import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -20,13 +19,10 @@ from sqlalchemy import func, select
 from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.context import build
 from switchboard.context.domain import ContextDomain
-from switchboard.context.semantic.ports import (
-    Embedded,
-    EmbeddingModel,
-    EmbeddingsUnavailable,
-)
+from switchboard.context.semantic.embedder import OpenAIEmbedder
 from switchboard.mesh import create_server
 from switchboard.platform.rpc.server import SwitchboardServer
+from switchboard.platform.security.egress import EgressPolicy
 from switchboard.platform.store.models import (
     EventLogRow,
     EventOutboxRow,
@@ -35,57 +31,35 @@ from switchboard.platform.store.models import (
     SemanticJobRow,
 )
 from tests.conftest import built, make_settings
+from tests.fakes.embeddings_server import FakeEmbeddings
 from tests.service.contextkit import Caller, Stub, context_stub, mask, rpc
 
 _WORD = re.compile(r"\w+")
 
 
-@dataclass
-class WordEmbedder:
-    """An ``Embedder`` in the process: each word hashed into a dimension, normalized.
-
-    ``down`` makes every call fail as an unreachable endpoint would; ``calls``
-    and ``texts`` count what was asked of it.
-    """
-
-    dims: int = 16
-    down: bool = False
-    #: Answer vectors of this size whatever was asked (a misconfigured endpoint).
-    wrong_dims: int = 0
-    calls: int = 0
-    texts: list[str] = field(default_factory=list)
-
-    @property
-    def configured(self) -> bool:
-        return True
-
-    async def embed(self, owner: str, texts: Sequence[str], model: EmbeddingModel) -> Embedded:
-        if self.down:
-            raise EmbeddingsUnavailable("the connection failed")
-        self.calls += 1
-        self.texts.extend(texts)
-        dims = self.wrong_dims or model.dimensions or self.dims
-        vectors = []
-        for text in texts:
-            vector = [0.0] * dims
-            for word in _WORD.findall(text.lower()):
-                slot = int.from_bytes(hashlib.sha256(word.encode()).digest()[:4], "big") % dims
-                vector[slot] += 1.0
-            norm = math.sqrt(sum(v * v for v in vector)) or 1.0
-            vectors.append([v / norm if norm else 0.0 for v in vector])
-            if not any(vector):
-                vectors[-1][0] = 1.0
-        return Embedded(vectors=vectors, input_tokens=sum(len(t.split()) for t in texts))
+def client(fake: FakeEmbeddings) -> OpenAIEmbedder:
+    """The real embeddings client on the local server, with a quick breaker and no
+    retries of its own (the indexer's backoff is under test)."""
+    return OpenAIEmbedder(
+        fake.url,
+        api_key="",
+        policy=EgressPolicy(allow_loopback=True),
+        attempts=1,
+        timeout_s=5.0,
+        breaker_reset_s=0.2,
+    )
 
 
 @asynccontextmanager
 async def semantic_mesh(
     monkeypatch: pytest.MonkeyPatch,
     database_url: str,
-    embedder: WordEmbedder | None,
+    embeddings: FakeEmbeddings | None,
     **overrides: object,
 ) -> AsyncIterator[tuple[SwitchboardServer, Stub, ContextDomain]]:
-    """A server whose context domain embeds with ``embedder`` (None: no endpoint)."""
+    """A server whose context domain embeds through the local embeddings server
+    ``embeddings`` (None: no endpoint)."""
+    embedder = client(embeddings) if embeddings is not None else None
     monkeypatch.setattr(build, "context_embedder", lambda settings, shared: embedder)
     values: dict[str, object] = {"context_semantic_poll_s": 0.2}
     values.update(overrides)
@@ -96,6 +70,8 @@ async def semantic_mesh(
             yield server, context_stub(channel), built(server, ContextDomain)
     finally:
         await server.shutdown(grace=0)
+        if embedder is not None:
+            await embedder.close()
 
 
 async def quiet(domain: ContextDomain) -> bool:
