@@ -10,6 +10,8 @@ itself, with bad arguments answered to the model rather than failing the run.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,9 +22,11 @@ from grpc import aio
 
 from switchboard.api.context.v1 import context_pb2 as cpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
+from switchboard.context.domain import ContextDomain
 from switchboard.mesh import create_server
 from switchboard.platform.rpc.server import SwitchboardServer
-from tests.conftest import make_settings
+from tests.conftest import built, make_settings
+from tests.fakes.embeddings_server import FakeEmbeddings
 from tests.fakes.openai_server import FakeOpenAI, Reply
 from tests.service.contextkit import (
     Stub,
@@ -36,9 +40,11 @@ from tests.service.contextkit import (
 )
 from tests.service.dispatchkit import Stub as DStub
 from tests.service.dispatchkit import dispatcher_stub, watch_all
+from tests.service.semantickit import get_index, set_index, settled
 from tests.service.test_search import add_document
 
 TIMEOUT_S = 20.0
+MODEL = "sb-concept-384"
 
 
 @dataclass
@@ -53,9 +59,11 @@ class Desk:
 
 
 @asynccontextmanager
-async def desk(database_url: str, retrieval: pb.RetrievalSettings) -> AsyncIterator[Desk]:
+async def desk(
+    database_url: str, retrieval: pb.RetrievalSettings, embeddings: str = ""
+) -> AsyncIterator[Desk]:
     """A workspace with a document about a glacier trip, a conversation, and an
-    assistant ``finder`` with ``retrieval``."""
+    assistant ``finder`` with ``retrieval``; ``embeddings``: the embeddings endpoint."""
     async with FakeOpenAI() as fake:
         settings = make_settings(
             database_url=database_url,
@@ -63,6 +71,9 @@ async def desk(database_url: str, retrieval: pb.RetrievalSettings) -> AsyncItera
             llm_model="m-1",
             llm_max_retries=0,
             egress_allow_loopback=True,
+            context_embeddings_url=embeddings,
+            context_embeddings_attempts=1,
+            context_semantic_poll_s=0.2,
         )
         server, _ = await create_server(settings)
         await server.start()
@@ -111,6 +122,21 @@ async def run(d: Desk, text: str) -> pb.Run:
     seen = await watch_all(d.dstub, d.world.viewer, sent.run.name)
     assert seen.final.state == pb.RUN_STATE_SUCCEEDED, seen.final.error
     return seen.final
+
+
+async def ready(d: Desk, domain: ContextDomain) -> None:
+    """Every item indexed: the indexer settled and GetSemanticIndex says READY."""
+    async with asyncio.timeout(30.0):
+        while True:
+            await settled(domain)
+            index = await get_index(d.stub, d.world.viewer, d.world.name)
+            if index.state == cpb.SEMANTIC_INDEX_STATE_READY:
+                return
+            # Not yet: the indexer's next round says when to look again.
+            domain.indexer.progressed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await domain.indexer.progressed.wait()
 
 
 def system_texts(body: dict[str, Any]) -> list[str]:
@@ -209,3 +235,22 @@ async def test_the_model_searches_memory_itself_and_bad_arguments_are_tool_error
             "limit": ("error", ""),
             "filter": ("error", ""),
         }
+
+
+async def test_semantic_retrieval_finds_a_paraphrase_for_the_model(database_url: str) -> None:
+    """With the local embeddings server: the note shares no word with the question, and
+    the model still gets it, retrieved by meaning."""
+    retrieval = pb.RetrievalSettings(enabled=True, top_k=2, mode=cpb.SEARCH_MODE_SEMANTIC)
+    async with FakeEmbeddings() as embeddings, desk(database_url, retrieval, embeddings.url) as d:
+        domain = built(d.server, ContextDomain)
+        await set_index(d.stub, d.world.owner, d.world.name, embedding_model=MODEL, dimensions=64)
+        tea = await remember(
+            d.stub, d.world.editor, d.world.name, "The user prefers tea over coffee"
+        )
+        await ready(d, domain)
+        d.fake.script(Reply.text("Tea.", usage=(50, 5)))
+        await run(d, "What drink does the customer like?")
+        retrieved = next(
+            t for t in system_texts(d.fake.requests[0].body) if t.startswith("Retrieved context")
+        )
+        assert f"[1] memory fact {tea.name}: The user prefers tea over coffee" in retrieved

@@ -176,7 +176,6 @@ export class SearchPage {
     this.results.replaceChildren();
     this.status.textContent = "";
     const box = renderProblem(p, "error");
-    box.dataset.action = "run-search";
     this.problemBox.replaceChildren(box);
     const fields = new Set(p.violations.map((v) => v.field));
     this.filter.setAttribute("aria-invalid", String(fields.has("filter")));
