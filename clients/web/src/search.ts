@@ -247,7 +247,7 @@ export class SearchPage {
       { class: "item result", "data-testid": "search-result", "data-kind": kind },
       h("div", { class: "row" }, h("strong", {}, `${rank}.`), " ", h("span", { class: "muted", "data-testid": "result-source" }, ...where)),
       h("p", { "data-testid": "result-text" }, text.length > 600 ? `${text.slice(0, 600)}…` : text),
-      h("small", { class: "muted", "data-testid": "result-score" }, `score ${result.score.toFixed(4)}`, ranks.length ? ` · ${ranks.join(" · ")}` : ""),
+      h("small", { class: "muted", "data-testid": "result-score" }, `score ${result.score.toPrecision(3)}`, ranks.length ? ` · ${ranks.join(" · ")}` : ""),
     );
   }
 }
