@@ -15,7 +15,11 @@ from switchboard.context.semantic.ports import (
     EmbeddingsBudgetExhausted,
     EmbeddingsUnavailable,
 )
-from switchboard.dispatcher.budgets.embeddings import LedgerCharger, parse_embedding_prices
+from switchboard.dispatcher.budgets.embeddings import (
+    STALE_HOLD_S,
+    LedgerCharger,
+    parse_embedding_prices,
+)
 from switchboard.dispatcher.budgets.ledger import Amount, Ledger
 from switchboard.platform.security.egress import EgressPolicy
 from switchboard.platform.store.db import Database
@@ -136,6 +140,34 @@ async def test_a_failed_call_releases_its_hold(db: Database, server: FakeEmbeddi
     assert await _holds(db) == 0
     (budget,) = await ledger.applicable("acme")
     assert await ledger.window(budget, WINDOW) == (Amount(), Amount())
+
+
+async def test_a_hold_left_by_a_dead_process_is_released_once_stale(db: Database) -> None:
+    """A process killed between reserving and settling leaves its hold; a later
+    reservation (of any process) releases it once older than STALE_HOLD_S, never
+    a younger one, which may be a live call of another replica."""
+    await _budget(db, "month", input_token_limit=1_000)
+    now = [NOW]
+    ledger = Ledger(db, clock=lambda: now[0])
+    dead = LedgerCharger(ledger, PRICES, clock=lambda: now[0])
+    assert await dead.reserve("acme", model=HASH_MODEL, input_tokens=600) is not None
+    # The dead process's 600 leave no room for 600 more ...
+    live = LedgerCharger(ledger, PRICES, clock=lambda: now[0])
+    assert await live.reserve("acme", model=HASH_MODEL, input_tokens=600) is None
+    assert await _holds(db) == 1
+    # ... still not a minute short of stale (another process's first reservation sweeps) ...
+    now[0] = NOW + dt.timedelta(seconds=STALE_HOLD_S - 60)
+    third = LedgerCharger(ledger, PRICES, clock=lambda: now[0])
+    assert await third.reserve("acme", model=HASH_MODEL, input_tokens=600) is None
+    assert await _holds(db) == 1
+    # ... and once it is stale, the next reservation finds the room.
+    now[0] = NOW + dt.timedelta(seconds=STALE_HOLD_S + 1)
+    held = await live.reserve("acme", model=HASH_MODEL, input_tokens=600)
+    assert held is not None
+    await live.settle(held, model=HASH_MODEL, input_tokens=500)
+    assert await _holds(db) == 0
+    (budget,) = await ledger.applicable("acme")
+    assert await ledger.window(budget, WINDOW) == (Amount(500, 500, 0), Amount())
 
 
 async def test_a_user_s_memory_is_not_charged(db: Database, server: FakeEmbeddings) -> None:

@@ -16,17 +16,25 @@ through its composition root (context/build.py).
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
 from switchboard.api.dispatcher.v1 import dispatcher_pb2 as pb
 from switchboard.dispatcher.budgets.ledger import Amount, Hold, Ledger
+from switchboard.platform import names
 
 #: The run id of embedding holds (no run: the window is the budget's period's).
 RUN_ID: Final = "embeddings"
+#: An embedding hold older than this belongs to a call whose process died between
+#: reserving and settling (a call lasts at most its attempts' timeouts and backoff,
+#: minutes): released, so a crash cannot keep a budget's room held for ever.
+STALE_HOLD_S: Final = 3600.0
+#: How often one process looks for such holds (on its next reservation).
+_SWEEP_EVERY_S: Final = 600.0
 
 
 def parse_embedding_prices(text: str) -> dict[str, float]:
@@ -62,9 +70,25 @@ class _Charge:
 class LedgerCharger:
     """Holds and settles embedding calls in the workspace's whole-workspace budgets."""
 
-    def __init__(self, ledger: Ledger, prices: Mapping[str, float] | None = None) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        prices: Mapping[str, float] | None = None,
+        *,
+        clock: Callable[[], dt.datetime] = names.now,
+    ) -> None:
         self._ledger = ledger
         self._prices = dict(prices or {})
+        self._clock = clock
+        self._swept: dt.datetime | None = None
+
+    async def release_stale(self) -> int:
+        """Release embedding holds older than ``STALE_HOLD_S`` (their process died
+        mid-call); how many there were."""
+        self._swept = self._clock()
+        return await self._ledger.release_runs(
+            [RUN_ID], created_before=self._swept - dt.timedelta(seconds=STALE_HOLD_S)
+        )
 
     def cost_micros(self, model: str, input_tokens: int) -> int:
         """Micro-dollars, rounded up (a hold never undercounts); 0 for an unpriced model."""
@@ -81,6 +105,8 @@ class LedgerCharger:
         ]
         if not budgets:
             return ()
+        if self._swept is None or (self._clock() - self._swept).total_seconds() >= _SWEEP_EVERY_S:
+            await self.release_stale()
         ask = Amount(self.cost_micros(model, input_tokens), input_tokens, 0)
         held = await self._ledger.reserve(budgets, RUN_ID, ask)
         if isinstance(held, list):
