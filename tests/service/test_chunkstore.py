@@ -154,6 +154,37 @@ async def test_replace_twice_leaves_one_copy_and_delete_removes_everything(
     assert await database.run(leftovers, write=False) == 0
 
 
+async def test_a_batch_of_sources_is_replaced_in_one_write_and_stays_one_copy(
+    store: ChunkStore, database: Database
+) -> None:
+    batch: list[tuple[SourceKind, str, Sequence[ChunkRecord]]] = [
+        ("memory", "memories/a", [chunk("memories/a", i, text_=f"okapi {i}") for i in range(2)]),
+        ("memory", "memories/b", [chunk("memories/b", 0, text_="okapi b")]),
+    ]
+    vectors = [[unit(1), unit(2)], [unit(3)]]
+    await store.replace_sources(batch, vectors, KEY, DIMS)
+    await store.replace_sources(batch, vectors, KEY, DIMS)  # a repeated batch: still one copy
+    assert await store.counts(OWNER, KEY) == ChunkCounts(indexed=3, total=3)
+    hits = await store.exact_nearest([OWNER], unit(3), DIMS, KEY, 10, EVERYTHING)
+    assert len(hits) == 3
+    assert hits[0].source == "memories/b"
+    # A vector that does not fit refuses the whole batch before anything is written.
+    with pytest.raises(VectorMismatch):
+        await store.replace_sources(
+            [("memory", "memories/c", [chunk("memories/c")]), *batch[:1]],
+            [[unit(4)], [unit(1), [1.0, 2.0]]],
+            KEY,
+            DIMS,
+        )
+    assert await store.counts(OWNER, KEY) == ChunkCounts(indexed=3, total=3)
+
+    def vector_rows(db: Session) -> int:
+        sql = f"SELECT count(*) FROM semantic_vec_{DIMS}"  # noqa: S608 - a constant
+        return int(db.execute(text(sql)).scalar_one())
+
+    assert await database.run(vector_rows, write=False) == 3
+
+
 async def test_chunks_without_vectors_are_full_text_only(store: ChunkStore) -> None:
     ids = await store.replace_source(
         "message",

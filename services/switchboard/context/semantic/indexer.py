@@ -107,6 +107,17 @@ class ChunkWriter(Protocol):
         passages, in one transaction."""
         ...
 
+    async def replace_sources(
+        self,
+        replacements: Sequence[tuple[SourceKind, str, Sequence[ChunkRecord]]],
+        vectors: Sequence[Sequence[Sequence[float]]],
+        embedding_key: str,
+        dims: int,
+    ) -> None:
+        """``replace_source`` for several sources embedded with one model, in one
+        transaction."""
+        ...
+
     async def delete_source(self, source_kind: SourceKind, source: str) -> int:
         """Remove every passage of the source (nothing if it has none)."""
         ...
@@ -647,14 +658,21 @@ class Indexer:
                 await result
         key = model.key(generation)
         finished: list[Job] = []
+        replacements: list[tuple[SourceKind, str, Sequence[ChunkRecord]]] = []
+        grouped: list[Sequence[Sequence[float]]] = []
         offset = 0
         for job, passages in group:
             mine = vectors[offset : offset + len(passages)]
             offset += len(passages)
             if now() > job.claimed_until - dt.timedelta(seconds=self.limits.claim_s / 4):
                 continue  # the claim lapsed or is about to: another worker may hold the job
-            await self._write(job, passages, mine, key)
+            replacements.append((job.source_kind, job.source, passages))
+            grouped.append(mine)
             finished.append(job)
+        if replacements:
+            # One write for the batch (every passage here has a vector: empty sources
+            # were deleted above), so the service's own writes wait once, not per source.
+            await self._chunks.replace_sources(replacements, grouped, key, len(grouped[0][0]))
         if finished:
             async with self._claims:
                 await self.store.finish(finished)
