@@ -66,7 +66,7 @@ from switchboard.platform.config import POSTGRES_DRIVER, SQLITE_DRIVER, ConfigEr
 from switchboard.platform.errors import DatabaseUnavailable as DatabaseUnavailable  # noqa: PLC0414 - re-exported
 from switchboard.platform.observe import telemetry
 from switchboard.platform.store.prepared import Prepared
-from switchboard.platform.store.vectors import register_sqlite_vec
+from switchboard.platform.store.sqlitevec import register_sqlite_vec
 
 log = logging.getLogger(__name__)
 

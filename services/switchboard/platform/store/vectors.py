@@ -4,8 +4,8 @@ SQLite. Python's ``sqlite3`` here is built without ``enable_load_extension``,
 but it links the system ``libsqlite3``, so sqlite-vec is registered with that
 library's ``sqlite3_auto_extension``: every connection opened afterwards in
 this process (the stdlib driver's and aiosqlite's alike) has ``vec0`` and the
-``vec_*`` functions. ``register_sqlite_vec`` does it once per process and is
-called when a SQLite ``Database`` is made, before its first connection.
+``vec_*`` functions. ``sqlitevec.register_sqlite_vec`` does it once per process
+and is called when a SQLite ``Database`` is made, before its first connection.
 
 PostgreSQL. pgvector is a server extension a deployment brings (or not);
 ``vector_support`` finds it, creating it in the database if the server has it
@@ -18,27 +18,21 @@ and the caller runs full-text only.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
-import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-if TYPE_CHECKING:  # db.py imports this module to register sqlite-vec
-    from switchboard.platform.store.db import Database
+from switchboard.platform.store.db import Database
+from switchboard.platform.store.sqlitevec import register_sqlite_vec
 
 log = logging.getLogger(__name__)
 
 #: What follows every reason: what the service does without the engine.
 FULL_TEXT_ONLY: Final = "semantic search is off and search is full-text only"
-
-_lock = threading.Lock()
-_registered: str | None = None  # the reason it failed, "" once registered
 
 
 @dataclass(frozen=True)
@@ -50,38 +44,6 @@ class VectorSupport:
     engine: str = ""
     #: One sentence for the start log when not available ("" otherwise).
     reason: str = ""
-
-
-def register_sqlite_vec() -> str:
-    """Register sqlite-vec with the process's libsqlite3; "" on success, else why not.
-
-    Idempotent and thread-safe; only connections opened afterwards have it.
-    """
-    global _registered  # noqa: PLW0603 - once per process, by design
-    with _lock:
-        if _registered is None:
-            _registered = _register()
-        return _registered
-
-
-def _register() -> str:
-    try:
-        import sqlite_vec  # type: ignore[import-untyped]
-
-        engine = ctypes.CDLL(sqlite_vec.loadable_path() + ".so")
-        name = ctypes.util.find_library("sqlite3")
-        if name is None:
-            return "the system libsqlite3 was not found"
-        library = ctypes.CDLL(name)
-        init = engine.sqlite3_vec_init
-        library.sqlite3_auto_extension.argtypes = [ctypes.c_void_p]
-        library.sqlite3_auto_extension.restype = ctypes.c_int
-        code = library.sqlite3_auto_extension(ctypes.cast(init, ctypes.c_void_p))
-    except (ImportError, OSError, AttributeError) as exc:
-        return f"sqlite-vec could not be loaded ({type(exc).__name__}: {exc})"
-    if code != 0:
-        return f"sqlite3_auto_extension refused sqlite-vec (code {code})"
-    return ""
 
 
 def _sqlite_support(db: Session) -> VectorSupport:
