@@ -159,5 +159,8 @@ class _NoChunks:
     async def replace_source(self, *args: object) -> list[int]:
         raise RuntimeError("this context domain has no chunk store")
 
+    async def replace_sources(self, *args: object) -> None:
+        raise RuntimeError("this context domain has no chunk store")
+
     async def delete_source(self, *args: object) -> int:
         raise RuntimeError("this context domain has no chunk store")
