@@ -303,7 +303,7 @@ export class Assistants {
           "label",
           { class: "check" },
           h("input", { type: "checkbox", "data-testid": "assistant-search-tool", checked: retrieval?.searchTool ?? false }),
-          " Let the model search itself (the search_memory tool)",
+          " Let the model search memory itself (a search tool it can call)",
         ),
       ),
       h(
