@@ -1,106 +1,82 @@
 """Semantic and hybrid search end to end, on SQLite (sqlite-vec) and PostgreSQL
-(pgvector): items indexed by the real indexer, queries embedded by an embedder
-that knows a few synonyms, fallbacks when it cannot embed.
+(pgvector): the server configured as a deployment is (``SWITCHBOARD_CONTEXT_EMBEDDINGS_URL``),
+embedding through the real client on the test kit's local embeddings server over HTTP
+(``sb-concept-384``: words of one meaning share a concept), items indexed by the real
+indexer, and the fallbacks when a query cannot be embedded (the endpoint down or slow,
+a budget with no room, no vector engine).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import math
-import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
 import pytest
+from grpc import aio
 
 from switchboard.api.context.v1 import context_pb2 as pb
+from switchboard.api.dispatcher.v1 import dispatcher_pb2 as dpb
+from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
 from switchboard.context import build
-from switchboard.context.semantic.ports import (
-    Embedded,
-    EmbeddingModel,
-    EmbeddingsBudgetExhausted,
-    EmbeddingsUnavailable,
-)
+from switchboard.context.domain import ContextDomain
+from switchboard.mesh import create_server
 from switchboard.platform.store.vectors import VectorSupport
+from tests.conftest import built, make_settings
+from tests.fakes.embeddings_server import CONCEPT_MODEL, FakeEmbeddings
 from tests.service.contextkit import (
     TIMEOUT_S,
+    Stub,
     append,
+    context_stub,
     create_conversation,
     ctx_world,
     refused,
     remember,
     rpc,
 )
-from tests.service.semantickit import (
-    WordEmbedder,
-    by_source,
-    chunk_rows,
-    get_index,
-    semantic_mesh,
-    set_index,
-    settled,
-)
+from tests.service.semantickit import by_source, chunk_rows, get_index, set_index, settled
 from tests.service.test_search import search_context, search_memory, source_names
 
 pytestmark = pytest.mark.asyncio
 
-MODEL = "concepts"
-DIMS = 32
+MODEL = CONCEPT_MODEL
+DIMS = 64
 FULL_TEXT = pb.SEARCH_MODE_FULL_TEXT
 SEMANTIC = pb.SEARCH_MODE_SEMANTIC
 HYBRID = pb.SEARCH_MODE_HYBRID
-_WORD = re.compile(r"\w+")
-# Words of one meaning share a dimension: a paraphrase lands near its original.
-_CONCEPTS = [
-    {"car", "automobile", "vehicle", "cars"},
-    {"tyres", "tires", "wheels"},
-    {"payment", "settlement", "remittance", "paid"},
-    {"winter", "snow", "frost"},
-]
+NOTE = "The user prefers tea over coffee"
+QUESTION = "What drink does the customer like?"
 
 
-@dataclass
-class ConceptEmbedder(WordEmbedder):
-    """``WordEmbedder`` whose synonyms share a dimension; ``broke`` raises a budget's
-    refusal instead of embedding."""
-
-    dims: int = DIMS
-    broke: bool = False
-    #: Set: every call waits until it is cleared (an endpoint that never answers).
-    hang: asyncio.Event | None = None
-
-    async def embed(self, owner: str, texts: Sequence[str], model: EmbeddingModel) -> Embedded:
-        if self.hang is not None:
-            await self.hang.wait()
-        if self.down:
-            raise EmbeddingsUnavailable("the connection was refused")
-        if self.broke:
-            raise EmbeddingsBudgetExhausted()
-        self.calls += 1
-        dims = model.dimensions or self.dims
-        vectors = []
-        for text in texts:
-            vector = [0.0] * dims
-            for word in _WORD.findall(text.lower()):
-                slot = next((i for i, group in enumerate(_CONCEPTS) if word in group), None)
-                if slot is None:
-                    digest = hashlib.sha256(word.encode()).digest()
-                    slot = len(_CONCEPTS) + int.from_bytes(digest[:4], "big") % (
-                        dims - len(_CONCEPTS)
-                    )
-                vector[slot] += 1.0
-            norm = math.sqrt(sum(v * v for v in vector)) or 1.0
-            vectors.append(
-                [v / norm for v in vector] if any(vector) else [1.0] + [0.0] * (dims - 1)
-            )
-        return Embedded(vectors=vectors, input_tokens=sum(len(t.split()) for t in texts))
+@asynccontextmanager
+async def semantic_mesh(
+    database_url: str, **overrides: object
+) -> AsyncIterator[tuple[FakeEmbeddings, Any, Stub, ContextDomain]]:
+    """A server embedding through the local embeddings server, configured by settings."""
+    async with FakeEmbeddings() as fake:
+        values: dict[str, object] = {
+            "database_url": database_url,
+            "context_embeddings_url": fake.url,
+            "context_embeddings_attempts": 1,
+            "context_embeddings_timeout_s": 5.0,
+            "context_semantic_poll_s": 0.2,
+            "egress_allow_loopback": True,
+        }
+        values.update(overrides)
+        server, _port = await create_server(make_settings(**values))
+        await server.start()
+        try:
+            async with aio.insecure_channel(server.address) as channel:
+                yield fake, server, context_stub(channel), built(server, ContextDomain)
+        finally:
+            await server.shutdown(grace=0)
 
 
-async def indexed_world(stub: Any, mesh: Any, domain: Any, name: str = "World") -> Any:
+async def indexed_world(stub: Any, mesh: Any, name: str = "World") -> Any:
     world = await ctx_world(mesh, stub, name)
     await set_index(stub, world.owner, world.name, embedding_model=MODEL, dimensions=DIMS)
     return world
@@ -121,23 +97,15 @@ async def ready(stub: Any, domain: Any, world: Any, timeout_s: float = 30.0) -> 
                     await domain.indexer.progressed.wait()
 
 
-async def test_a_paraphrase_is_found_by_meaning_and_missed_by_words(
-    monkeypatch: pytest.MonkeyPatch, database_url: str
-) -> None:
-    async with semantic_mesh(monkeypatch, database_url, ConceptEmbedder()) as (mesh, stub, domain):
-        world = await indexed_world(stub, mesh, domain)
-        note = await remember(
-            stub, world.editor, world.name, "The car needs new tyres before winter"
-        )
-        await remember(stub, world.editor, world.name, "Lunch is at noon on Fridays")
+async def test_a_paraphrase_is_found_by_meaning_and_missed_by_words(database_url: str) -> None:
+    async with semantic_mesh(database_url) as (_fake, mesh, stub, domain):
+        world = await indexed_world(stub, mesh)
+        note = await remember(stub, world.editor, world.name, NOTE)
+        await remember(stub, world.editor, world.name, "Lunch is at noon")
         await ready(stub, domain, world)
-        words = await search_memory(
-            stub, world.viewer, world.name, "automobile tires", mode=FULL_TEXT
-        )
+        words = await search_memory(stub, world.viewer, world.name, QUESTION, mode=FULL_TEXT)
         assert list(words.results) == []
-        meaning = await search_memory(
-            stub, world.viewer, world.name, "automobile tires", mode=SEMANTIC
-        )
+        meaning = await search_memory(stub, world.viewer, world.name, QUESTION, mode=SEMANTIC)
         assert meaning.mode == SEMANTIC
         assert meaning.fallback_reason == pb.SEARCH_FALLBACK_REASON_UNSPECIFIED
         assert meaning.results[0].memory_item.name == note.name
@@ -146,23 +114,17 @@ async def test_a_paraphrase_is_found_by_meaning_and_missed_by_words(
         assert 0.5 < scores.similarity <= 1.0
         assert not scores.HasField("full_text_rank")
         # Unspecified is hybrid once the index is configured.
-        default = await search_context(stub, world.viewer, world.name, "automobile tires")
+        default = await search_context(stub, world.viewer, world.name, QUESTION)
         assert default.mode == HYBRID
         assert source_names(default.results)[0] == note.name
 
 
-async def test_hybrid_ranks_an_exact_keyword_match_first(
-    monkeypatch: pytest.MonkeyPatch, database_url: str
-) -> None:
-    async with semantic_mesh(monkeypatch, database_url, ConceptEmbedder()) as (mesh, stub, domain):
-        world = await indexed_world(stub, mesh, domain)
+async def test_hybrid_ranks_an_exact_keyword_match_first(database_url: str) -> None:
+    async with semantic_mesh(database_url) as (_fake, mesh, stub, domain):
+        world = await indexed_world(stub, mesh)
         exact = await remember(stub, world.editor, world.name, "invoice zx81 payment received")
-        # Near the query in meaning, but sharing none of its words.
-        for text in (
-            "settlement remittance",
-            "the settlement and the remittance",
-            "remittance paid in full",
-        ):
+        # Near the query in meaning (the invoice concept), but sharing none of its words.
+        for text in ("the bill was paid", "billing charge for the bill", "pay the bill in full"):
             await remember(stub, world.editor, world.name, text)
         await ready(stub, domain, world)
         hybrid = await search_context(stub, world.viewer, world.name, "zx81 payment", mode=HYBRID)
@@ -177,42 +139,39 @@ async def test_hybrid_ranks_an_exact_keyword_match_first(
         assert scores == sorted(scores, reverse=True)
 
 
-async def test_another_workspaces_items_never_appear(
-    monkeypatch: pytest.MonkeyPatch, database_url: str
-) -> None:
-    async with semantic_mesh(monkeypatch, database_url, ConceptEmbedder()) as (mesh, stub, domain):
-        mine = await indexed_world(stub, mesh, domain, "Mine")
-        theirs = await indexed_world(stub, mesh, domain, "Theirs")
-        text = "the vehicle wheels squeak in frost"
-        own = await remember(stub, mine.editor, mine.name, text)
-        other = await remember(stub, theirs.editor, theirs.name, text)
+async def test_another_workspaces_items_never_appear(database_url: str) -> None:
+    async with semantic_mesh(database_url) as (_fake, mesh, stub, domain):
+        mine = await indexed_world(stub, mesh, "Mine")
+        theirs = await indexed_world(stub, mesh, "Theirs")
+        own = await remember(stub, mine.editor, mine.name, NOTE)
+        other = await remember(stub, theirs.editor, theirs.name, NOTE)
         conversation = await create_conversation(stub, theirs.editor, theirs.name)
-        await append(stub, theirs.editor, conversation.name, text)
+        await append(stub, theirs.editor, conversation.name, NOTE)
         await ready(stub, domain, mine)
         await ready(stub, domain, theirs)
         for mode in (SEMANTIC, HYBRID):
-            found = await search_context(stub, mine.viewer, mine.name, "car tires snow", mode=mode)
+            found = await search_context(stub, mine.viewer, mine.name, QUESTION, mode=mode)
             assert found.mode == mode
             assert source_names(found.results) == [own.name]
-            memory = await search_memory(stub, mine.viewer, mine.name, "car tires", mode=mode)
+            memory = await search_memory(stub, mine.viewer, mine.name, "tea drinks", mode=mode)
             assert [r.memory_item.name for r in memory.results] == [own.name]
-            found = await search_context(stub, theirs.viewer, theirs.name, "car tires", mode=mode)
+            found = await search_context(stub, theirs.viewer, theirs.name, QUESTION, mode=mode)
             assert other.name in source_names(found.results)
             assert own.name not in source_names(found.results)
             await refused(
-                search_context(stub, mine.outsider, mine.name, "car", mode=mode),
+                search_context(stub, mine.outsider, mine.name, "tea", mode=mode),
                 grpc.StatusCode.NOT_FOUND,
             )
 
 
 async def test_a_deleted_item_is_never_returned_even_with_its_chunks_left(
-    monkeypatch: pytest.MonkeyPatch, database_url: str
+    database_url: str,
 ) -> None:
-    async with semantic_mesh(monkeypatch, database_url, ConceptEmbedder()) as (mesh, stub, domain):
-        world = await indexed_world(stub, mesh, domain)
+    async with semantic_mesh(database_url) as (_fake, mesh, stub, domain):
+        world = await indexed_world(stub, mesh)
         conversation = await create_conversation(stub, world.editor, world.name)
-        kept = await remember(stub, world.editor, world.name, "car tyres for winter")
-        gone = await remember(stub, world.editor, conversation.name, "car tyres in the snow")
+        kept = await remember(stub, world.editor, world.name, "she drives a car to work")
+        gone = await remember(stub, world.editor, conversation.name, "a vehicle for the city")
         await ready(stub, domain, world)
         # The indexer stops (as if it were behind): the deletion leaves the chunk there.
         await domain.indexer.close()
@@ -227,46 +186,65 @@ async def test_a_deleted_item_is_never_returned_even_with_its_chunks_left(
         assert [r.memory_item.name for r in memory.results] == [kept.name]
 
 
-async def test_an_endpoint_down_or_no_budget_falls_back_to_full_text(
-    monkeypatch: pytest.MonkeyPatch, database_url: str
+async def test_an_endpoint_down_or_a_budget_without_room_falls_back_to_full_text(
+    database_url: str,
 ) -> None:
-    embedder = ConceptEmbedder()
-    async with semantic_mesh(monkeypatch, database_url, embedder) as (mesh, stub, domain):
-        world = await indexed_world(stub, mesh, domain)
-        note = await remember(stub, world.editor, world.name, "car tyres for winter")
+    async with semantic_mesh(database_url) as (fake, mesh, stub, domain):
+        world = await indexed_world(stub, mesh)
+        note = await remember(stub, world.editor, world.name, "tea and coffee for the office")
         await ready(stub, domain, world)
-        words = await search_memory(stub, world.viewer, world.name, "car tyres", mode=FULL_TEXT)
-        for attribute, reason in (
-            ("down", pb.SEARCH_FALLBACK_REASON_EMBEDDINGS_UNAVAILABLE),
-            ("broke", pb.SEARCH_FALLBACK_REASON_BUDGET_EXHAUSTED),
-        ):
-            setattr(embedder, attribute, True)
+        words = await search_memory(stub, world.viewer, world.name, "coffee", mode=FULL_TEXT)
+        assert [r.memory_item.name for r in words.results] == [note.name]
+
+        async def falls_back(reason: int, detail: str) -> None:
             for mode in (pb.SEARCH_MODE_UNSPECIFIED, SEMANTIC, HYBRID):
-                found = await search_memory(stub, world.viewer, world.name, "car tyres", mode=mode)
-                assert found.mode == FULL_TEXT
-                assert found.fallback_reason == reason
-                assert found.fallback_detail
+                found = await search_memory(stub, world.viewer, world.name, "coffee", mode=mode)
+                assert (found.mode, found.fallback_reason) == (FULL_TEXT, reason)
+                assert detail in found.fallback_detail
                 assert list(found.results) == list(words.results)
-                context = await search_context(stub, world.viewer, world.name, "car", mode=mode)
+                context = await search_context(
+                    stub, world.viewer, world.name, "tea for everyone", mode=mode
+                )
                 assert (context.mode, context.fallback_reason) == (FULL_TEXT, reason)
                 assert source_names(context.results) == [note.name]
-            setattr(embedder, attribute, False)
-        embedder.down = True
-        found = await search_memory(stub, world.viewer, world.name, "car", mode=SEMANTIC)
-        assert "could not be embedded" in found.fallback_detail
-        assert "refused" in found.fallback_detail
+
+        # A budget of the whole workspace with no room for the query's embedding: the
+        # query is refused before it is sent (the ledger's reservation, as for a model call).
+        async with aio.insecure_channel(mesh.address) as channel:
+            budgets = dispatcher_pb2_grpc.DispatcherServiceStub(channel)
+            tiny = await budgets.CreateBudget(
+                dpb.CreateBudgetRequest(
+                    parent=world.name,
+                    budget_id="tiny",
+                    budget=dpb.Budget(
+                        display_name="Tiny",
+                        scope=world.name,
+                        period=dpb.BUDGET_PERIOD_DAY,
+                        input_token_limit=1,
+                    ),
+                ),
+                metadata=world.owner.md,
+                timeout=TIMEOUT_S,
+            )
+            sent = len(fake.requests)
+            await falls_back(pb.SEARCH_FALLBACK_REASON_BUDGET_EXHAUSTED, "no room")
+            assert len(fake.requests) == sent
+            await budgets.DeleteBudget(
+                dpb.DeleteBudgetRequest(name=tiny.budget.name),
+                metadata=world.owner.md,
+                timeout=TIMEOUT_S,
+            )
+        # The budget gone, the endpoint goes away.
+        await fake.close()
+        await falls_back(pb.SEARCH_FALLBACK_REASON_EMBEDDINGS_UNAVAILABLE, "could not be embedded")
 
 
-async def test_window_retrieval_by_meaning(
-    monkeypatch: pytest.MonkeyPatch, database_url: str
-) -> None:
-    async with semantic_mesh(monkeypatch, database_url, ConceptEmbedder()) as (mesh, stub, domain):
-        world = await indexed_world(stub, mesh, domain)
-        note = await remember(
-            stub, world.editor, world.name, "The car needs new tyres before winter"
-        )
+async def test_window_retrieval_by_meaning(database_url: str) -> None:
+    async with semantic_mesh(database_url) as (_fake, mesh, stub, domain):
+        world = await indexed_world(stub, mesh)
+        note = await remember(stub, world.editor, world.name, NOTE)
         conversation = await create_conversation(stub, world.editor, world.name)
-        await append(stub, world.editor, conversation.name, "what about my automobile tires?")
+        await append(stub, world.editor, conversation.name, QUESTION)
         await ready(stub, domain, world)
         response = await stub.GetContextWindow(
             pb.GetContextWindowRequest(
@@ -288,43 +266,43 @@ async def test_window_retrieval_by_meaning(
 async def test_without_a_vector_engine_search_says_so(
     monkeypatch: pytest.MonkeyPatch, database_url: str
 ) -> None:
-    # A database without pgvector or sqlite-vec, as the start-up detection reports it.
+    # The start-up detection's answer for a database without an engine (a real
+    # PostgreSQL without pgvector: tests/service/test_no_vector_engine.py); here on
+    # both backends, for SearchContext in each mode that needs vectors.
     async def no_engine(database: object) -> VectorSupport:
         return VectorSupport(False, reason="no vector engine in this database")
 
     monkeypatch.setattr(build, "vector_support", no_engine)
-    async with semantic_mesh(monkeypatch, database_url, ConceptEmbedder()) as (mesh, stub, domain):
-        world = await indexed_world(stub, mesh, domain)
-        note = await remember(stub, world.editor, world.name, "car tyres for winter")
-        default = await search_memory(stub, world.viewer, world.name, "car")
+    async with semantic_mesh(database_url) as (fake, mesh, stub, _domain):
+        world = await indexed_world(stub, mesh)
+        note = await remember(stub, world.editor, world.name, "tea for the office")
+        default = await search_memory(stub, world.viewer, world.name, "tea")
         assert (default.mode, default.fallback_reason) == (
             FULL_TEXT,
             pb.SEARCH_FALLBACK_REASON_UNSPECIFIED,
         )
         for mode in (SEMANTIC, HYBRID):
-            found = await search_context(stub, world.viewer, world.name, "car", mode=mode)
+            found = await search_context(stub, world.viewer, world.name, "tea", mode=mode)
             assert (found.mode, found.fallback_reason) == (
                 FULL_TEXT,
                 pb.SEARCH_FALLBACK_REASON_NO_VECTOR_ENGINE,
             )
             assert source_names(found.results) == [note.name]
+        assert fake.requests == []
 
 
-async def test_an_endpoint_that_never_answers_falls_back_in_time(
-    monkeypatch: pytest.MonkeyPatch, database_url: str
-) -> None:
-    embedder = ConceptEmbedder()
-    async with semantic_mesh(
-        monkeypatch, database_url, embedder, context_embeddings_timeout_s=0.3
-    ) as (mesh, stub, domain):
-        world = await indexed_world(stub, mesh, domain)
-        note = await remember(stub, world.editor, world.name, "car tyres for winter")
+async def test_an_endpoint_that_never_answers_falls_back_in_time(database_url: str) -> None:
+    async with semantic_mesh(database_url, context_embeddings_timeout_s=0.3) as (
+        fake,
+        mesh,
+        stub,
+        domain,
+    ):
+        world = await indexed_world(stub, mesh)
+        note = await remember(stub, world.editor, world.name, "tea for the office")
         await ready(stub, domain, world)
-        embedder.hang = asyncio.Event()
-        try:
-            found = await search_context(stub, world.viewer, world.name, "car", mode=HYBRID)
-        finally:
-            embedder.hang.set()
+        fake.delay_s = 30.0  # far past the query's wait
+        found = await search_context(stub, world.viewer, world.name, "tea", mode=HYBRID)
         assert (found.mode, found.fallback_reason) == (
             FULL_TEXT,
             pb.SEARCH_FALLBACK_REASON_EMBEDDINGS_UNAVAILABLE,
