@@ -95,7 +95,6 @@ from bench.harness import (
 )
 from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.api.context.v1 import context_pb2_grpc
-from switchboard.context.semantic.search import WORKSPACE_MEMORY_DEPTH
 
 SECTION: Final = "## Semantic memory: the vector index, indexing and the write path"
 WORKSPACE: Final = "semantic"
@@ -516,7 +515,7 @@ async def engine_queries(
     ``exact_nearest`` (the first ``exact_count`` queries: a full scan is slow), one query
     at a time: latencies, and recall@K of the index over those queries. Also ``nearest``
     as search asks it: the ``candidates`` setting's count, not K."""
-    from switchboard.context.semantic.chunkstore import MAX_K, ChunkStore
+    from switchboard.context.semantic.chunkstore import ChunkStore
     from switchboard.context.semantic.ports import EmbeddingModel, SearchFilter
     from switchboard.context.settings import ContextSettings
     from switchboard.platform.store.db import Database
@@ -534,8 +533,8 @@ async def engine_queries(
     settings = [default_ef] if sqlite else [default_ef, 40, ef_more]  # 40: pgvector's own
     out: dict[str, Any] = {}
 
-    def nearest(vector: list[float], ef: int, k: int = K) -> Any:
-        return store.nearest(owners, vector, DIMENSIONS, key, k, everything, ef_search=ef)
+    def nearest(vector: list[float], ef: int, k: int = K, where: SearchFilter = everything) -> Any:
+        return store.nearest(owners, vector, DIMENSIONS, key, k, where, ef_search=ef)
 
     def exact(vector: list[float]) -> Any:
         return store.exact_nearest(owners, vector, DIMENSIONS, key, K, everything)
@@ -559,11 +558,12 @@ async def engine_queries(
             [functools.partial(nearest, v, default_ef, candidates) for v in vectors]
         )
         out["candidates"] = {**summary(asked_s), "k": candidates}
-        deeper = min(candidates * WORKSPACE_MEMORY_DEPTH, MAX_K)
+        # SearchMemoryItems on a workspace: its own memory, no conversation's.
+        own = SearchFilter(sources=frozenset({"memory"}), without_conversation=True)
         asked_s, _ = await _timed(
-            [functools.partial(nearest, v, default_ef, deeper) for v in vectors]
+            [functools.partial(nearest, v, default_ef, candidates, own) for v in vectors]
         )
-        out["workspace_memory"] = {**summary(asked_s), "k": deeper}
+        out["workspace_memory"] = {**summary(asked_s), "k": candidates}
         # A fifth of the items (their kind): the index's candidates are filtered after it.
         preferences = SearchFilter(labels=frozenset({"preference"}))
         filtered_s, _ = await _timed(
@@ -1002,8 +1002,8 @@ def _index_lines(results: dict[str, Any], sizes: Sizes) -> list[str]:
         )
         f = engine["workspace_memory"]
         lines.append(
-            f"| {backend} | | `nearest` k={f['k']} (what SearchMemoryItems asks on a "
-            f"workspace: candidates x {WORKSPACE_MEMORY_DEPTH}) | {f['p50_ms']} | "
+            f"| {backend} | | `nearest` k={f['k']}, no conversation's passages (what "
+            f"SearchMemoryItems asks on a workspace) | {f['p50_ms']} | "
             f"{f['p99_ms']} | | |"
         )
         f = engine["exact"]

@@ -354,6 +354,10 @@ async def test_each_filter_is_applied_exactly(store: ChunkStore) -> None:
             SearchFilter(exclude_conversation_ids=frozenset({"c1"})),
             {"memories/fact", "memories/pref", "files/f1", "files/f2"},
         ),
+        (
+            SearchFilter(without_conversation=True),
+            {"memories/fact", "memories/pref", "files/f1", "files/f2"},
+        ),
         (SearchFilter(files=frozenset({"files/f2"})), {"files/f2"}),
         (
             SearchFilter(exclude_files=frozenset({"files/f2"})),

@@ -716,6 +716,8 @@ def _conditions(
     one_of("f_xlabels", "c.label", search.exclude_labels, True)
     one_of("f_convs", "c.conversation_id", search.conversation_ids, False)
     one_of("f_xconvs", "c.conversation_id", search.exclude_conversation_ids, True)
+    if search.without_conversation:
+        where.append("c.conversation_id IS NULL")
     if search.files is not None:
         one_of("f_files", "c.source", search.files, False)
         where.append("c.source_kind = 'document'")

@@ -109,6 +109,8 @@ class SearchFilter:
     exclude_labels: frozenset[str] = frozenset()
     conversation_ids: frozenset[str] | None = None
     exclude_conversation_ids: frozenset[str] = frozenset()
+    #: Only passages of no conversation (a workspace's own memory, its documents).
+    without_conversation: bool = False
     #: Files (their resource names) a document chunk must come from.
     files: frozenset[str] | None = None
     exclude_files: frozenset[str] = frozenset()

@@ -22,6 +22,7 @@ says why (``fallback_reason``).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -34,7 +35,6 @@ from switchboard.context.common import Common, check_text, stored
 from switchboard.context.mapping import memory_proto, message_proto
 from switchboard.context.records import MemoryRecord, Scope, Unsearchable
 from switchboard.context.search import query_terms
-from switchboard.context.semantic.chunkstore import MAX_K
 from switchboard.context.semantic.filters import ParsedFilter, parse_filter, restrict_sources
 from switchboard.context.semantic.fusion import Fused, fuse, single
 from switchboard.context.semantic.indexer import Indexer
@@ -57,9 +57,6 @@ log = logging.getLogger("switchboard.context.search")
 
 #: Ranked results page by position, and only this deep.
 MAX_SEARCH_RESULTS: Final = 500
-#: How much deeper the semantic list of a workspace's own memory asks (see
-#: ``Search._semantic_depth``).
-WORKSPACE_MEMORY_DEPTH: Final = 4
 #: Longest a search waits for its query's embedding before falling back to full-text.
 SEARCH_EMBED_TIMEOUT_S: Final = 10.0
 
@@ -582,7 +579,13 @@ class Search:
         if chunks is None:
             return []
         asks: list[SearchFilter] = []
-        if where.conversation_id is None:
+        if where.memory_scope is not None and where.conversation_id is None and where.workspace_id:
+            # A workspace's own memory (SearchMemoryItems on `workspaces/{w}`) shares its
+            # index with every conversation's memory: asked without those.
+            asks.append(
+                dataclasses.replace(_narrowed(conditions, kinds, None), without_conversation=True)
+            )
+        elif where.conversation_id is None:
             asks.append(_narrowed(conditions, kinds, None))
         else:
             asks.append(
@@ -613,7 +616,7 @@ class Search:
                         plan.vector,
                         len(plan.vector),
                         plan.model.key(plan.generation),
-                        self._semantic_depth(where),
+                        self._candidates,
                         ask,
                         self._ef_search,
                     )
@@ -621,15 +624,6 @@ class Search:
                 raise _unsearchable() from None
             lists.append(hits)
         return _merge(lists)
-
-    def _semantic_depth(self, where: _Where) -> int:
-        """How many passages the semantic list asks for. A workspace's own memory
-        (SearchMemoryItems on `workspaces/{w}`) shares its index with every
-        conversation's memory, which the chunk store cannot leave out (the filter has
-        no "no conversation"); those are dropped when read, so it asks deeper."""
-        if where.memory_scope is not None and where.conversation_id is None and where.workspace_id:
-            return min(self._candidates * WORKSPACE_MEMORY_DEPTH, MAX_K)
-        return self._candidates
 
     async def _hydrate(
         self,
