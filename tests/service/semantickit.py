@@ -74,6 +74,31 @@ async def semantic_mesh(
             await embedder.close()
 
 
+@asynccontextmanager
+async def deployed_mesh(
+    database_url: str, fake: FakeEmbeddings, **overrides: object
+) -> AsyncIterator[tuple[SwitchboardServer, Stub, ContextDomain]]:
+    """A server configured as a deployment is (``SWITCHBOARD_CONTEXT_EMBEDDINGS_URL``
+    naming the local embeddings server ``fake``, loopback allowed by the egress
+    policy): the real build wires the real client and its budget charger."""
+    values: dict[str, object] = {
+        "database_url": database_url,
+        "context_embeddings_url": fake.url,
+        "context_embeddings_attempts": 1,
+        "context_embeddings_timeout_s": 5.0,
+        "context_semantic_poll_s": 0.2,
+        "egress_allow_loopback": True,
+    }
+    values.update(overrides)
+    server, _port = await create_server(make_settings(**values))
+    await server.start()
+    try:
+        async with aio.insecure_channel(server.address) as channel:
+            yield server, context_stub(channel), built(server, ContextDomain)
+    finally:
+        await server.shutdown(grace=0)
+
+
 async def quiet(domain: ContextDomain) -> bool:
     """No event waits to be logged, the indexer has read the log to its stored head
     (the embedded log's table: this process may not have been handed its own latest

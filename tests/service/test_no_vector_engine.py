@@ -12,13 +12,9 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from grpc import aio
 
 from switchboard.api.context.v1 import context_pb2 as pb
-from switchboard.context.domain import ContextDomain
-from switchboard.mesh import create_server
 from switchboard.platform.store.vectors import FULL_TEXT_ONLY
-from tests.conftest import built, make_settings
 from tests.fakes.embeddings_server import FakeEmbeddings
 from tests.infra.postgres import (
     PostgresServer,
@@ -27,8 +23,8 @@ from tests.infra.postgres import (
     debian_bin_dir,
     running_postgres,
 )
-from tests.service.contextkit import context_stub, ctx_world, mask, remember, rpc
-from tests.service.semantickit import get_index, set_index, settled
+from tests.service.contextkit import ctx_world, mask, remember, rpc
+from tests.service.semantickit import deployed_mesh, get_index, set_index, settled
 from tests.service.test_search import search_memory
 
 pytestmark = pytest.mark.asyncio
@@ -65,69 +61,55 @@ async def test_without_pgvector_the_service_says_so_once_and_searches_full_text(
     no_vector_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    async with FakeEmbeddings() as fake:
-        # Configured as a deployment is: an endpoint, reachable on loopback.
-        server, _port = await create_server(
-            make_settings(
-                database_url=no_vector_url,
-                context_embeddings_url=fake.url,
-                context_embeddings_attempts=1,
-                context_embeddings_timeout_s=5.0,
-                context_semantic_poll_s=0.2,
-                egress_allow_loopback=True,
-            )
+    # Configured as a deployment is: an endpoint, reachable on loopback.
+    async with (
+        FakeEmbeddings() as fake,
+        deployed_mesh(no_vector_url, fake) as (
+            server,
+            stub,
+            domain,
+        ),
+    ):
+        world = await ctx_world(server, stub)
+        await set_index(stub, world.owner, world.name, embedding_model=MODEL, dimensions=64)
+        index = await get_index(stub, world.viewer, world.name)
+        assert index.state == pb.SEMANTIC_INDEX_STATE_DISABLED
+
+        # Memory writes work: create, update, delete.
+        tea = await remember(stub, world.editor, world.name, "The user prefers jasmine tea")
+        gone = await remember(stub, world.editor, world.name, "Scratch note to delete")
+        edited = pb.MemoryItem(name=tea.name, content="The user prefers oolong tea")
+        updated = await rpc(
+            stub.UpdateMemoryItem,
+            pb.UpdateMemoryItemRequest(memory_item=edited, update_mask=mask("content")),
+            world.editor,
         )
-        await server.start()
-        try:
-            async with aio.insecure_channel(server.address) as channel:
-                stub = context_stub(channel)
-                domain = built(server, ContextDomain)
-                world = await ctx_world(server, stub)
-                await set_index(stub, world.owner, world.name, embedding_model=MODEL, dimensions=64)
-                index = await get_index(stub, world.viewer, world.name)
-                assert index.state == pb.SEMANTIC_INDEX_STATE_DISABLED
+        assert updated.memory_item.content == "The user prefers oolong tea"
+        await rpc(stub.DeleteMemoryItem, pb.DeleteMemoryItemRequest(name=gone.name), world.editor)
+        await settled(domain)
 
-                # Memory writes work: create, update, delete.
-                tea = await remember(stub, world.editor, world.name, "The user prefers jasmine tea")
-                gone = await remember(stub, world.editor, world.name, "Scratch note to delete")
-                edited = pb.MemoryItem(name=tea.name, content="The user prefers oolong tea")
-                updated = await rpc(
-                    stub.UpdateMemoryItem,
-                    pb.UpdateMemoryItemRequest(memory_item=edited, update_mask=mask("content")),
-                    world.editor,
-                )
-                assert updated.memory_item.content == "The user prefers oolong tea"
-                await rpc(
-                    stub.DeleteMemoryItem, pb.DeleteMemoryItemRequest(name=gone.name), world.editor
-                )
-                await settled(domain)
+        semantic = await search_memory(stub, world.viewer, world.name, "oolong tea", mode=SEMANTIC)
+        assert (semantic.mode, semantic.fallback_reason) == (
+            FULL_TEXT,
+            pb.SEARCH_FALLBACK_REASON_NO_VECTOR_ENGINE,
+        )
+        assert "no vector engine" in semantic.fallback_detail
+        assert [r.memory_item.name for r in semantic.results] == [tea.name]
 
-                semantic = await search_memory(
-                    stub, world.viewer, world.name, "oolong tea", mode=SEMANTIC
-                )
-                assert (semantic.mode, semantic.fallback_reason) == (
-                    FULL_TEXT,
-                    pb.SEARCH_FALLBACK_REASON_NO_VECTOR_ENGINE,
-                )
-                assert "no vector engine" in semantic.fallback_detail
-                assert [r.memory_item.name for r in semantic.results] == [tea.name]
+        default = await search_memory(stub, world.viewer, world.name, "oolong tea")
+        assert (default.mode, default.fallback_reason) == (
+            FULL_TEXT,
+            pb.SEARCH_FALLBACK_REASON_UNSPECIFIED,
+        )
+        assert default.fallback_detail == ""
+        assert [r.memory_item.name for r in default.results] == [tea.name]
+        deleted = await search_memory(stub, world.viewer, world.name, "scratch")
+        assert list(deleted.results) == []
 
-                default = await search_memory(stub, world.viewer, world.name, "oolong tea")
-                assert (default.mode, default.fallback_reason) == (
-                    FULL_TEXT,
-                    pb.SEARCH_FALLBACK_REASON_UNSPECIFIED,
-                )
-                assert default.fallback_detail == ""
-                assert [r.memory_item.name for r in default.results] == [tea.name]
-                deleted = await search_memory(stub, world.viewer, world.name, "scratch")
-                assert list(deleted.results) == []
-
-                index = await get_index(stub, world.viewer, world.name)
-                assert index.state == pb.SEMANTIC_INDEX_STATE_DISABLED
-                # Nothing was sent to the endpoint: with no engine there is nothing to embed for.
-                assert fake.requests == []
-        finally:
-            await server.shutdown(grace=0)
+        index = await get_index(stub, world.viewer, world.name)
+        assert index.state == pb.SEMANTIC_INDEX_STATE_DISABLED
+        # Nothing was sent to the endpoint: with no engine there is nothing to embed for.
+        assert fake.requests == []
 
     said = [
         record

@@ -11,15 +11,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from grpc import aio
 
 from switchboard.api.context.v1 import context_pb2 as pb
 from switchboard.context.domain import ContextDomain
-from switchboard.mesh import create_server
-from tests.conftest import built, make_settings
 from tests.fakes.embeddings_server import FakeEmbeddings
-from tests.service.contextkit import Stub, context_stub, ctx_world, remember
-from tests.service.semantickit import set_index
+from tests.service.contextkit import Stub, ctx_world, remember
+from tests.service.semantickit import deployed_mesh, set_index
 from tests.service.test_search import search_context, search_memory, source_names
 from tests.service.test_search_semantic import ready
 
@@ -35,25 +32,12 @@ HYBRID = pb.SEARCH_MODE_HYBRID
 async def http_mesh(
     database_url: str,
 ) -> AsyncIterator[tuple[FakeEmbeddings, Stub, ContextDomain, Any]]:
-    """A server configured as a deployment is (``SWITCHBOARD_CONTEXT_EMBEDDINGS_URL``),
-    against the local embeddings server over HTTP."""
-    async with FakeEmbeddings() as fake:
-        server, _port = await create_server(
-            make_settings(
-                database_url=database_url,
-                context_embeddings_url=fake.url,
-                context_embeddings_attempts=1,
-                context_embeddings_timeout_s=5.0,
-                context_semantic_poll_s=0.2,
-                egress_allow_loopback=True,
-            )
-        )
-        await server.start()
-        try:
-            async with aio.insecure_channel(server.address) as channel:
-                yield fake, context_stub(channel), built(server, ContextDomain), server
-        finally:
-            await server.shutdown(grace=0)
+    """A server configured as a deployment is, against the local embeddings server."""
+    async with (
+        FakeEmbeddings() as fake,
+        deployed_mesh(database_url, fake) as (server, stub, domain),
+    ):
+        yield fake, stub, domain, server
 
 
 async def test_over_http_a_paraphrase_is_found_hybrid_ranks_keywords_and_an_outage_falls_back(

@@ -23,22 +23,26 @@ from switchboard.api.dispatcher.v1 import dispatcher_pb2 as dpb
 from switchboard.api.dispatcher.v1 import dispatcher_pb2_grpc
 from switchboard.context import build
 from switchboard.context.domain import ContextDomain
-from switchboard.mesh import create_server
 from switchboard.platform.store.vectors import VectorSupport
-from tests.conftest import built, make_settings
 from tests.fakes.embeddings_server import CONCEPT_MODEL, FakeEmbeddings
 from tests.service.contextkit import (
     TIMEOUT_S,
     Stub,
     append,
-    context_stub,
     create_conversation,
     ctx_world,
     refused,
     remember,
     rpc,
 )
-from tests.service.semantickit import by_source, chunk_rows, get_index, set_index, settled
+from tests.service.semantickit import (
+    by_source,
+    chunk_rows,
+    deployed_mesh,
+    get_index,
+    set_index,
+    settled,
+)
 from tests.service.test_search import search_context, search_memory, source_names
 
 pytestmark = pytest.mark.asyncio
@@ -57,23 +61,15 @@ async def semantic_mesh(
     database_url: str, **overrides: object
 ) -> AsyncIterator[tuple[FakeEmbeddings, Any, Stub, ContextDomain]]:
     """A server embedding through the local embeddings server, configured by settings."""
-    async with FakeEmbeddings() as fake:
-        values: dict[str, object] = {
-            "database_url": database_url,
-            "context_embeddings_url": fake.url,
-            "context_embeddings_attempts": 1,
-            "context_embeddings_timeout_s": 5.0,
-            "context_semantic_poll_s": 0.2,
-            "egress_allow_loopback": True,
-        }
-        values.update(overrides)
-        server, _port = await create_server(make_settings(**values))
-        await server.start()
-        try:
-            async with aio.insecure_channel(server.address) as channel:
-                yield fake, server, context_stub(channel), built(server, ContextDomain)
-        finally:
-            await server.shutdown(grace=0)
+    async with (
+        FakeEmbeddings() as fake,
+        deployed_mesh(database_url, fake, **overrides) as (
+            server,
+            stub,
+            domain,
+        ),
+    ):
+        yield fake, server, stub, domain
 
 
 async def indexed_world(stub: Any, mesh: Any, name: str = "World") -> Any:
